@@ -1,0 +1,62 @@
+"""npbgpp_core: NPBG++ / NPBG neural point-based rendering, shared by the Blender add-on
+and ``headless_train``. Never imports ``bpy``.
+
+Public API (others rely on these names)::
+
+    Camera                 PyTorch3D-convention pinhole camera, exact OpenCV conversions
+    rasterize              nearest-point index per pixel at several scales (-1 = empty)
+    rasterize_features     (C+1, h, w) feature + mask images per scale, differentiable
+    DEFAULT_SCALES         (1, 1/2, 1/4, 1/8, 1/16)
+    NPBGPlusPlus           the NPBG++ network (extractor, view-dependent aggregator, refiner)
+    NPBG                   per-scene learnable descriptors + the same refiner
+    NeuralScene            points + coefficients/descriptors + weights in one safe file
+    load_ply, save_ply     PLY point clouds; PointCloud holds one
+
+Example::
+
+    import torch, npbgpp_core as nc
+    cam = nc.Camera.look_at(eye=(0, 0, -3), target=(0, 0, 0), image_size=(240, 320))
+    pts = torch.randn(10_000, 3)
+    index = nc.rasterize(pts, cam)[0]          # (240, 320) LongTensor, -1 where empty
+
+Names resolve lazily so that importing the package is cheap (Blender starts fast).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "Camera": ".camera",
+    "OpenCVIntrinsics": ".camera",
+    "rasterize": ".rasterizer",
+    "rasterize_keys": ".rasterizer",
+    "rasterize_features": ".rasterizer",
+    "DEFAULT_SCALES": ".rasterizer",
+    "load_ply": ".ply",
+    "save_ply": ".ply",
+    "PointCloud": ".ply",
+    "NPBGPlusPlus": ".models",
+    "NPBGPlusPlusConfig": ".models",
+    "NPBG": ".models",
+    "NPBGConfig": ".models",
+    "NeuralScene": ".scene",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'npbgpp_core' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,329 @@
+"""Pinhole cameras in the PyTorch3D convention, with exact OpenCV conversions.
+
+Inside, a :class:`Camera` holds what PyTorch3D's ``PerspectiveCameras(in_ndc=True)``
+holds: a row-vector world-to-view rotation ``R`` and translation ``T``
+(``x_view = x_world @ R + T``; view space +X left, +Y up, +Z forward) and NDC
+intrinsics where the shorter image side spans [-1, 1].
+
+Pixel frame used by :meth:`Camera.project` and the rasterizer is OpenCV's:
+``u = fx * x / z + cx``, ``v = fy * y / z + cy`` with camera axes x right, y down,
+z forward, and the centre of pixel (row i, column j) at ``(u, v) = (j, i)``.
+
+NDC <-> pixels follows the published rasterizer (SPEC section 1): with
+``s = (min(H, W) - 1) / 2``, ``u = (W - 1) / 2 - s * ndc_x`` and
+``v = (H - 1) / 2 - s * ndc_y``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+# diag(-1, -1, 1): OpenCV camera axes <-> PyTorch3D view axes.
+_FLIP = torch.tensor([-1.0, -1.0, 1.0], dtype=torch.float64)
+
+ArrayLike = torch.Tensor | np.ndarray | Sequence
+
+
+def _as64(x: ArrayLike) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.detach().to(device="cpu", dtype=torch.float64)
+    return torch.as_tensor(np.asarray(x, dtype=np.float64))
+
+
+def _check_size(image_size: Sequence[int]) -> tuple[int, int]:
+    if len(image_size) != 2:
+        raise ValueError(f"image_size must be (H, W), got {tuple(image_size)!r}")
+    h, w = int(image_size[0]), int(image_size[1])
+    if h != image_size[0] or w != image_size[1]:
+        raise ValueError(f"image_size must hold integers, got {tuple(image_size)!r}")
+    if h < 2 or w < 2:
+        raise ValueError(f"image_size must be at least 2x2 pixels, got {(h, w)}")
+    return h, w
+
+
+@dataclass(frozen=True)
+class OpenCVIntrinsics:
+    """fx, fy, cx, cy in pixels of an image of ``width`` x ``height``."""
+
+    fx: float
+    fy: float
+    cx: float
+    cy: float
+    width: int
+    height: int
+
+
+class Camera:
+    """One perspective camera (PyTorch3D convention, NDC intrinsics).
+
+    Parameters are float tensors: ``R`` (3, 3), ``T`` (3,), ``focal_ndc`` (2,),
+    ``principal_ndc`` (2,); ``image_size`` is ``(H, W)`` in pixels.
+    """
+
+    __slots__ = ("R", "T", "focal_ndc", "principal_ndc", "image_size")
+
+    def __init__(
+        self,
+        R: ArrayLike,
+        T: ArrayLike,
+        focal_ndc: ArrayLike,
+        principal_ndc: ArrayLike = (0.0, 0.0),
+        image_size: Sequence[int] = (256, 256),
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        R = _as64(R)
+        T = _as64(T).reshape(-1)
+        f = _as64(focal_ndc).reshape(-1)
+        p = _as64(principal_ndc).reshape(-1)
+        if R.shape != (3, 3) or T.shape != (3,):
+            raise ValueError(f"R must be 3x3 and T a 3-vector, got {tuple(R.shape)} and {tuple(T.shape)}")
+        if f.numel() == 1:
+            f = f.repeat(2)
+        if f.shape != (2,) or p.shape != (2,):
+            raise ValueError("focal_ndc and principal_ndc must be 2-vectors")
+        for name, value in (("R", R), ("T", T), ("focal_ndc", f), ("principal_ndc", p)):
+            if not torch.isfinite(value).all():
+                raise ValueError(f"camera {name} has non-finite values: {value.tolist()}")
+        if (f <= 0).any():
+            raise ValueError(f"focal length must be positive, got focal_ndc={f.tolist()}")
+        self.image_size: tuple[int, int] = _check_size(image_size)
+        self.R = R.to(dtype=dtype, device=device)
+        self.T = T.to(dtype=dtype, device=device)
+        self.focal_ndc = f.to(dtype=dtype, device=device)
+        self.principal_ndc = p.to(dtype=dtype, device=device)
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def device(self) -> torch.device:
+        return self.R.device
+
+    @property
+    def height(self) -> int:
+        return self.image_size[0]
+
+    @property
+    def width(self) -> int:
+        return self.image_size[1]
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Camera":
+        return Camera(
+            self.R, self.T, self.focal_ndc, self.principal_ndc, self.image_size,
+            dtype=dtype or self.R.dtype, device=device or self.device,
+        )
+
+    def __repr__(self) -> str:
+        k = self.intrinsics()
+        return (
+            f"Camera(image_size={self.image_size}, fx={k.fx:.3f}, fy={k.fy:.3f}, "
+            f"cx={k.cx:.3f}, cy={k.cy:.3f}, center={self.center().tolist()})"
+        )
+
+    def state_dict(self) -> dict:
+        """Plain-python form (lists), safe to JSON-encode."""
+        return {
+            "R": self.R.double().cpu().tolist(),
+            "T": self.T.double().cpu().tolist(),
+            "focal_ndc": self.focal_ndc.double().cpu().tolist(),
+            "principal_ndc": self.principal_ndc.double().cpu().tolist(),
+            "image_size": list(self.image_size),
+        }
+
+    @classmethod
+    def from_state_dict(cls, d: dict, **kwargs) -> "Camera":
+        return cls(d["R"], d["T"], d["focal_ndc"], d["principal_ndc"], d["image_size"], **kwargs)
+
+    # -------------------------------------------------------------- OpenCV I/O
+    @staticmethod
+    def _ndc_scale(h: int, w: int) -> float:
+        return (min(h, w) - 1) / 2.0
+
+    @classmethod
+    def from_opencv(
+        cls,
+        K: ArrayLike,
+        R: ArrayLike,
+        t: ArrayLike,
+        image_size: Sequence[int],
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> "Camera":
+        """Build from OpenCV ``K`` (3x3), world-to-camera ``R`` (3x3) and ``t`` (3,)."""
+        K = _as64(K)
+        R_cv = _as64(R)
+        t_cv = _as64(t).reshape(-1)
+        if K.shape != (3, 3):
+            raise ValueError(f"K must be 3x3, got {tuple(K.shape)}")
+        if R_cv.shape != (3, 3) or t_cv.shape != (3,):
+            raise ValueError("R must be 3x3 and t a 3-vector")
+        if not (torch.isfinite(K).all() and torch.isfinite(R_cv).all() and torch.isfinite(t_cv).all()):
+            raise ValueError("camera matrices contain non-finite values")
+        if abs(float(K[0, 1])) > 1e-9 * max(1.0, abs(float(K[0, 0]))):
+            raise ValueError(f"skewed intrinsics (K[0,1]={float(K[0, 1])}) are not supported")
+        h, w = _check_size(image_size)
+        fx, fy, cx, cy = float(K[0, 0]), float(K[1, 1]), float(K[0, 2]), float(K[1, 2])
+        if fx <= 0 or fy <= 0:
+            raise ValueError(f"focal length must be positive, got fx={fx}, fy={fy}")
+        s = cls._ndc_scale(h, w)
+        focal = (fx / s, fy / s)
+        principal = (((w - 1) / 2.0 - cx) / s, ((h - 1) / 2.0 - cy) / s)
+        R_p3d = (torch.diag(_FLIP) @ R_cv).T
+        T_p3d = _FLIP * t_cv
+        return cls(R_p3d, T_p3d, focal, principal, (h, w), dtype=dtype, device=device)
+
+    def intrinsics(self) -> OpenCVIntrinsics:
+        """OpenCV intrinsics as Python floats (computed in float64)."""
+        h, w = self.image_size
+        s = self._ndc_scale(h, w)
+        f = self.focal_ndc.double().cpu()
+        p = self.principal_ndc.double().cpu()
+        return OpenCVIntrinsics(
+            fx=float(f[0]) * s,
+            fy=float(f[1]) * s,
+            cx=(w - 1) / 2.0 - float(p[0]) * s,
+            cy=(h - 1) / 2.0 - float(p[1]) * s,
+            width=w,
+            height=h,
+        )
+
+    def to_opencv(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Return float64 numpy ``K`` (3x3), ``R`` (3x3), ``t`` (3,) in OpenCV semantics."""
+        k = self.intrinsics()
+        K = np.array([[k.fx, 0.0, k.cx], [0.0, k.fy, k.cy], [0.0, 0.0, 1.0]])
+        R_p3d = self.R.double().cpu()
+        R_cv = (torch.diag(_FLIP) @ R_p3d.T).numpy()
+        t_cv = (_FLIP * self.T.double().cpu()).numpy()
+        return K, R_cv, t_cv
+
+    # ---------------------------------------------------------------- geometry
+    def center(self) -> torch.Tensor:
+        """Camera centre in world coordinates (3,): solves ``C @ R + T = 0``."""
+        return -(self.T @ self.R.T)
+
+    def world_to_view(self, points: torch.Tensor) -> torch.Tensor:
+        """(N, 3) world points to PyTorch3D view space, computed elementwise in a fixed
+        order so that every backend (and the CUDA kernel) gets bit-identical values."""
+        R = self.R.to(points.dtype)
+        T = self.T.to(points.dtype)
+        x, y, z = points[:, 0], points[:, 1], points[:, 2]
+        cols = [x * R[0, j] + y * R[1, j] + z * R[2, j] + T[j] for j in range(3)]
+        return torch.stack(cols, dim=1)
+
+    def project(self, points: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Project (N, 3) world points: OpenCV pixel coordinates (N, 2) and view depth (N,).
+
+        Points at or behind the camera plane get non-finite or meaningless pixel
+        coordinates; callers filter by ``depth``.
+        """
+        pts = torch.as_tensor(points)
+        if pts.ndim != 2 or pts.shape[-1] != 3:
+            raise ValueError(f"points must be (N, 3), got {tuple(pts.shape)}")
+        if not pts.is_floating_point():
+            pts = pts.float()
+        pts = pts.to(self.device)
+        view = self.world_to_view(pts)
+        k = self.intrinsics()
+        depth = view[:, 2]
+        # OpenCV camera x = -view x, y = -view y.
+        u = (-view[:, 0] / depth) * k.fx + k.cx
+        v = (-view[:, 1] / depth) * k.fy + k.cy
+        return torch.stack([u, v], dim=1), depth
+
+    def unproject_pixels(self, uv: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`project`: pixel coordinates (N, 2) and depth (N,) to world points."""
+        k = self.intrinsics()
+        xc = (uv[:, 0] - k.cx) / k.fx * depth
+        yc = (uv[:, 1] - k.cy) / k.fy * depth
+        view = torch.stack([-xc, -yc, depth], dim=1).to(self.R.dtype)
+        return (view - self.T) @ self.R.T
+
+    def view_directions(self, points: torch.Tensor) -> torch.Tensor:
+        """Unit vectors from the camera centre to each point (N, 3)."""
+        d = points - self.center().to(points.dtype)
+        return d / d.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    # ------------------------------------------------------------ derived cams
+    def scaled(self, scale: float | tuple[int, int]) -> "Camera":
+        """Camera of the same view at another resolution.
+
+        ``scale`` is a factor (image ``int(scale*H) x int(scale*W)``, as in the
+        rasterizer's pyramid) or an explicit ``(h, w)``. Pixel areas map exactly: full
+        resolution pixel coordinate ``u`` becomes ``(u + 0.5) * w / W - 0.5``.
+        """
+        H, W = self.image_size
+        if isinstance(scale, tuple | list):
+            h, w = int(scale[0]), int(scale[1])
+        else:
+            if not scale > 0:
+                raise ValueError(f"scale must be positive, got {scale}")
+            h, w = int(scale * H), int(scale * W)
+        h, w = _check_size((h, w))
+        sx, sy = w / W, h / H
+        k = self.intrinsics()
+        K = np.array(
+            [
+                [k.fx * sx, 0.0, (k.cx + 0.5) * sx - 0.5],
+                [0.0, k.fy * sy, (k.cy + 0.5) * sy - 0.5],
+                [0.0, 0.0, 1.0],
+            ]
+        )
+        _, R_cv, t_cv = self.to_opencv()
+        return Camera.from_opencv(K, R_cv, t_cv, (h, w), dtype=self.R.dtype, device=self.device)
+
+    def cropped(self, top: int, left: int, height: int, width: int) -> "Camera":
+        """Camera seeing the window ``[top, top+height) x [left, left+width)`` of this one's
+        image (the window may extend beyond the image: padding)."""
+        k = self.intrinsics()
+        K = np.array([[k.fx, 0.0, k.cx - left], [0.0, k.fy, k.cy - top], [0.0, 0.0, 1.0]])
+        _, R_cv, t_cv = self.to_opencv()
+        return Camera.from_opencv(K, R_cv, t_cv, (height, width), dtype=self.R.dtype, device=self.device)
+
+    def rotated_in_plane(self, angle: float, image_size: Sequence[int] | None = None) -> "Camera":
+        """Camera rolled by ``angle`` radians about its optical axis (the image content
+        turns by ``-angle``), principal point moved to the centre of ``image_size``."""
+        h, w = _check_size(image_size or self.image_size)
+        k = self.intrinsics()
+        c, s = math.cos(angle), math.sin(angle)
+        roll = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+        _, R_cv, t_cv = self.to_opencv()
+        # Principal point offset from the image centre turns with the image.
+        ox, oy = k.cx - (self.width - 1) / 2.0, k.cy - (self.height - 1) / 2.0
+        ox2, oy2 = c * ox - s * oy, s * ox + c * oy
+        K = np.array(
+            [[k.fx, 0.0, (w - 1) / 2.0 + ox2], [0.0, k.fy, (h - 1) / 2.0 + oy2], [0.0, 0.0, 1.0]]
+        )
+        return Camera.from_opencv(K, roll @ R_cv, roll @ t_cv, (h, w), dtype=self.R.dtype, device=self.device)
+
+    @classmethod
+    def look_at(
+        cls,
+        eye: ArrayLike,
+        target: ArrayLike,
+        up: ArrayLike = (0.0, 1.0, 0.0),
+        fov_x_deg: float = 50.0,
+        image_size: Sequence[int] = (256, 256),
+        **kwargs,
+    ) -> "Camera":
+        """Camera at ``eye`` looking at ``target`` with ``up`` roughly up in the image."""
+        eye_ = _as64(eye).reshape(3)
+        z = _as64(target).reshape(3) - eye_
+        if float(z.norm()) == 0:
+            raise ValueError("look_at: eye and target coincide")
+        z = z / z.norm()
+        up_ = _as64(up).reshape(3)
+        x = torch.linalg.cross(z, -up_)  # OpenCV x right = forward x down
+        if float(x.norm()) < 1e-9:
+            raise ValueError("look_at: up is parallel to the viewing direction")
+        x = x / x.norm()
+        y = torch.linalg.cross(z, x)
+        R_cv = torch.stack([x, y, z])
+        t_cv = -R_cv @ eye_
+        h, w = _check_size(image_size)
+        fx = (w / 2.0) / math.tan(math.radians(fov_x_deg) / 2.0)
+        K = [[fx, 0, (w - 1) / 2.0], [0, fx, (h - 1) / 2.0], [0, 0, 1]]
+        return cls.from_opencv(K, R_cv, t_cv, (h, w), **kwargs)

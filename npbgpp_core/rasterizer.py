@@ -1,0 +1,280 @@
+"""Multi-scale nearest-point rasterization (SPEC section 2), pure-PyTorch reference.
+
+Contract (shared with the CUDA kernel in ``kernels/``, which must give identical
+indices): a point with full-resolution OpenCV pixel coordinates ``(u, v)`` and view
+depth ``z`` lands at scale ``(h_s, w_s)`` on column ``floor(((u + 0.5) / W) * w_s)`` and
+row ``floor(((v + 0.5) / H) * h_s)``; it counts iff ``z > near``, everything is finite
+and it lands inside. Per pixel the smallest depth wins, equal depths go to the lowest
+point index. All arithmetic is float32 in a fixed order (see :func:`project_for_raster`).
+
+Implementation: depth and index pack into one int64 key (positive float32 bits keep
+their order as integers), so one ``scatter_reduce_('amin')`` builds a z-buffer. A
+coarser scale whose size divides a finer one's by a power of two in both axes is
+reduced from the finer key image (exactly the same result, much less work).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .camera import Camera
+
+DEFAULT_SCALES: tuple[float, ...] = (1.0, 1 / 2, 1 / 4, 1 / 8, 1 / 16)
+EMPTY_KEY = torch.iinfo(torch.int64).max
+_log = logging.getLogger("npbgpp_core.rasterizer")
+
+
+@dataclass(frozen=True)
+class RasterParams:
+    """The float32 numbers both backends use; computed once per call."""
+
+    R: torch.Tensor  # (3, 3) float32 on the points' device
+    T: torch.Tensor  # (3,)
+    fx: float  # float32-representable
+    fy: float
+    cx: float
+    cy: float
+    height: int
+    width: int
+    near: float
+    sizes: tuple[tuple[int, int], ...]
+
+
+def _f32(x: float) -> float:
+    return float(np.float32(x))
+
+
+def scale_sizes(image_size: Sequence[int], scales: Sequence[float]) -> tuple[tuple[int, int], ...]:
+    """Image sizes ``(int(s*H), int(s*W))`` of the pyramid; each must be at least 1x1."""
+    H, W = int(image_size[0]), int(image_size[1])
+    sizes = []
+    for s in scales:
+        if not (isinstance(s, int | float) and s > 0):
+            raise ValueError(f"scales must be positive numbers, got {s!r}")
+        h, w = int(s * H), int(s * W)
+        if h < 1 or w < 1:
+            raise ValueError(f"scale {s} of a {H}x{W} image gives an empty {h}x{w} image")
+        sizes.append((h, w))
+    if not sizes:
+        raise ValueError("scales must not be empty")
+    return tuple(sizes)
+
+
+def raster_params(camera: Camera, scales: Sequence[float], near: float, device: torch.device) -> RasterParams:
+    if not near >= 0 or not np.isfinite(near):
+        raise ValueError(f"near must be a finite number >= 0, got {near}")
+    k = camera.intrinsics()
+    return RasterParams(
+        R=camera.R.to(device=device, dtype=torch.float32),
+        T=camera.T.to(device=device, dtype=torch.float32),
+        fx=_f32(k.fx),
+        fy=_f32(k.fy),
+        cx=_f32(k.cx),
+        cy=_f32(k.cy),
+        height=camera.height,
+        width=camera.width,
+        near=_f32(near),
+        sizes=scale_sizes(camera.image_size, scales),
+    )
+
+
+def project_for_raster(points: torch.Tensor, p: RasterParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float32 ``(u, v, z)`` for (N, 3) float32 points, each op rounded to float32 in the
+    order the CUDA kernel uses (no fused multiply-add)."""
+    R, T = p.R, p.T
+    x, y, z = points[:, 0], points[:, 1], points[:, 2]
+    xv = x * R[0, 0] + y * R[1, 0] + z * R[2, 0] + T[0]
+    yv = x * R[0, 1] + y * R[1, 1] + z * R[2, 1] + T[1]
+    zv = x * R[0, 2] + y * R[1, 2] + z * R[2, 2] + T[2]
+    u = (-xv / zv) * p.fx + p.cx
+    v = (-yv / zv) * p.fy + p.cy
+    return u, v, zv
+
+
+def _keys_direct(qx, qy, depth_bits, index, valid, size: tuple[int, int]) -> torch.Tensor:
+    h, w = size
+    col = torch.floor(qx * w)
+    row = torch.floor(qy * h)
+    ok = valid & (col >= 0) & (col < w) & (row >= 0) & (row < h)
+    pix = (row[ok].long() * w + col[ok].long())
+    key = (depth_bits[ok] << 32) | index[ok]
+    buf = torch.full((h * w,), EMPTY_KEY, dtype=torch.int64, device=qx.device)
+    buf.scatter_reduce_(0, pix, key, reduce="amin", include_self=True)
+    return buf.view(h, w)
+
+
+def _pow2_ratio(fine: int, coarse: int) -> int | None:
+    if coarse <= 0 or fine % coarse:
+        return None
+    r = fine // coarse
+    return r if r & (r - 1) == 0 else None
+
+
+def _keys_from_finer(fine: torch.Tensor, size: tuple[int, int]) -> torch.Tensor | None:
+    hf, wf = fine.shape
+    h, w = size
+    ry, rx = _pow2_ratio(hf, h), _pow2_ratio(wf, w)
+    if ry is None or rx is None:
+        return None
+    return fine.view(h, ry, w, rx).amin(dim=(1, 3))
+
+
+def rasterize_keys_torch(points: torch.Tensor, p: RasterParams) -> list[torch.Tensor]:
+    """Packed (depth bits << 32 | index) key images per scale; EMPTY_KEY where empty."""
+    n = points.shape[0]
+    if n >= 2**31:
+        raise ValueError("at most 2**31 - 1 points per rasterization")
+    u, v, z = project_for_raster(points, p)
+    valid = torch.isfinite(u) & torch.isfinite(v) & (z > p.near)
+    qx = (u + 0.5) / p.width
+    qy = (v + 0.5) / p.height
+    depth_bits = z.view(torch.int32).to(torch.int64)
+    index = torch.arange(n, device=points.device, dtype=torch.int64)
+    order = sorted(range(len(p.sizes)), key=lambda i: -p.sizes[i][0] * p.sizes[i][1])
+    out: list[torch.Tensor | None] = [None] * len(p.sizes)
+    done: list[torch.Tensor] = []
+    for i in order:
+        size = p.sizes[i]
+        keys = None
+        for finer in done:
+            keys = _keys_from_finer(finer, size)
+            if keys is not None:
+                break
+        if keys is None:
+            keys = _keys_direct(qx, qy, depth_bits, index, valid, size)
+        out[i] = keys
+        done.append(keys)
+    return [k for k in out if k is not None]
+
+
+def keys_to_index(keys: torch.Tensor) -> torch.Tensor:
+    idx = keys & 0xFFFFFFFF
+    return torch.where(keys == EMPTY_KEY, torch.full_like(idx, -1), idx)
+
+
+def _prepare_points(points: torch.Tensor) -> torch.Tensor:
+    if not isinstance(points, torch.Tensor):
+        points = torch.as_tensor(np.asarray(points))
+    if points.ndim != 2 or points.shape[1] != 3:
+        raise ValueError(f"points must be (N, 3), got {tuple(points.shape)}")
+    if not points.is_floating_point():
+        raise TypeError(f"points must be a floating-point tensor, got {points.dtype}")
+    points = points.detach().to(torch.float32).contiguous()
+    if points.shape[0] and not torch.isfinite(points).all():
+        bad = int((~torch.isfinite(points).all(dim=1)).sum())
+        warnings.warn(f"rasterize: dropping {bad} points with NaN/inf coordinates", stacklevel=3)
+    return points
+
+
+_announced: set[str] = set()
+
+
+def _choose_backend(backend: str, points: torch.Tensor) -> str:
+    from . import _backend
+
+    if backend not in ("auto", "torch", "cuda"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'cuda', got {backend!r}")
+    if backend == "torch":
+        return "torch"
+    available = points.is_cuda and _backend.cuda_rasterizer() is not None
+    if backend == "cuda":
+        if not points.is_cuda:
+            raise ValueError("backend='cuda' needs points on a CUDA device")
+        if not available:
+            raise RuntimeError(f"backend='cuda' requested but the CUDA kernel is unavailable: {_backend.why_unavailable()}")
+        return "cuda"
+    chosen = "cuda" if available else "torch"
+    if chosen not in _announced:
+        _announced.add(chosen)
+        why = "" if chosen == "cuda" else f" ({_backend.why_unavailable() if points.is_cuda else 'points not on CUDA'})"
+        _log.info("rasterizer backend: %s%s", chosen, why)
+    return chosen
+
+
+def rasterize_keys(
+    points: torch.Tensor,
+    camera: Camera,
+    scales: Sequence[float] = DEFAULT_SCALES,
+    near: float = 1e-3,
+    backend: str = "auto",
+) -> list[torch.Tensor]:
+    """Packed z-buffer keys per scale (see module doc); used to get depth and index."""
+    points = _prepare_points(points)
+    p = raster_params(camera, scales, near, points.device)
+    if points.shape[0] == 0:
+        return [torch.full(s, EMPTY_KEY, dtype=torch.int64, device=points.device) for s in p.sizes]
+    if _choose_backend(backend, points) == "cuda":
+        from . import _backend
+
+        return _backend.cuda_rasterizer().rasterize_keys(points, p)  # type: ignore[union-attr]
+    return rasterize_keys_torch(points, p)
+
+
+def rasterize(
+    points: torch.Tensor,
+    camera: Camera,
+    scales: Sequence[float] = DEFAULT_SCALES,
+    near: float = 1e-3,
+    backend: str = "auto",
+) -> list[torch.Tensor]:
+    """Index of the nearest point per pixel per scale (LongTensor ``(h_s, w_s)``, -1 empty)."""
+    return [keys_to_index(k) for k in rasterize_keys(points, camera, scales, near, backend)]
+
+
+def keys_to_depth(keys: torch.Tensor) -> torch.Tensor:
+    """View depth of the winning point per pixel (float32), +inf where empty."""
+    bits = (keys >> 32).to(torch.int32)
+    depth = bits.view(torch.float32).clone()
+    depth[keys == EMPTY_KEY] = float("inf")
+    return depth
+
+
+def gather_features(
+    index: torch.Tensor, features: torch.Tensor, background: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(C+1, h, w): features of the winning points (background where empty) and a mask
+    channel. Differentiable w.r.t. ``features`` and ``background``."""
+    h, w = index.shape
+    c = features.shape[1]
+    flat = index.reshape(-1)
+    hit = flat >= 0
+    if features.shape[0] == 0:
+        gathered = features.new_zeros(h * w, c)
+    else:
+        gathered = features[flat.clamp_min(0)]
+    if background is None:
+        background = features.new_zeros(c)
+    img = torch.where(hit[:, None], gathered, background.to(features.dtype).reshape(1, c))
+    mask = hit.to(features.dtype)[:, None]
+    return torch.cat([img, mask], dim=1).T.reshape(c + 1, h, w)
+
+
+def rasterize_features(
+    points: torch.Tensor,
+    features: torch.Tensor,
+    camera: Camera,
+    scales: Sequence[float] = DEFAULT_SCALES,
+    background: torch.Tensor | None = None,
+    near: float = 1e-3,
+    backend: str = "auto",
+) -> list[torch.Tensor]:
+    """Per scale a ``(C+1, h_s, w_s)`` image: winning point features, then a 0/1 mask."""
+    if features.ndim != 2 or features.shape[0] != points.shape[0]:
+        raise ValueError(
+            f"features must be (N, C) with N={points.shape[0]} matching points, got {tuple(features.shape)}"
+        )
+    if background is not None and background.numel() != features.shape[1]:
+        raise ValueError(f"background must have C={features.shape[1]} values, got {background.numel()}")
+    indices = rasterize(points, camera, scales, near, backend)
+    from . import _backend
+
+    gather = gather_features
+    if features.is_cuda and backend != "torch" and _backend.cuda_rasterizer() is not None:
+        gather = _backend.cuda_rasterizer().gather_features  # type: ignore[union-attr]
+    return [gather(idx, features, background) for idx in indices]
