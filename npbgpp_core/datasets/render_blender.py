@@ -35,8 +35,9 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -316,7 +317,9 @@ def _parse_size(text: str) -> tuple[int, int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m npbgpp_core.datasets.render_blender", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m npbgpp_core.datasets.render_blender", description=__doc__.split("\n")[0]
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--blend", help="render the active scene of this .blend file")
     src.add_argument("--procedural", help="procedural scene name, or random_<seed>")

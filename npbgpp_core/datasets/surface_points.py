@@ -27,7 +27,7 @@ def _base_color_source(mat) -> tuple:
     if mat is None:
         return ("none",)
     fallback = ("const", linear_to_srgb(np.asarray(mat.diffuse_color[:3])))
-    if not mat.use_nodes or mat.node_tree is None:
+    if mat.node_tree is None:
         return fallback
     out = mat.node_tree.get_output_node("CYCLES")
     if out is None or not out.inputs["Surface"].is_linked:
