@@ -225,3 +225,74 @@ def test_intrinsics_match_blender(fit, res, shift, aspect):
     bpy.data.objects.remove(cam)
     bpy.data.cameras.remove(cam_data)
     bpy.data.scenes.remove(scene)
+
+
+def test_every_procedural_scene_builds_and_random_is_seeded():
+    from npbgpp_core.datasets import PROCEDURAL_SCENES
+    from npbgpp_core.datasets.procedural import build_procedural_scene
+    from npbgpp_core.datasets.surface_points import sample_surface_points
+
+    assert len(PROCEDURAL_SCENES) >= 6
+    for name in PROCEDURAL_SCENES:
+        scene = build_procedural_scene(name)
+        assert sum(o.type == "MESH" for o in scene.objects) >= 2, name
+        remove_scene(scene)
+    clouds = []
+    for _ in range(2):
+        scene = build_procedural_scene("random_17")
+        clouds.append(sample_surface_points(scene, 500, seed=2))
+        remove_scene(scene)
+    np.testing.assert_array_equal(clouds[0][0], clouds[1][0])
+    np.testing.assert_array_equal(clouds[0][1], clouds[1][1])
+    other = build_procedural_scene("random_18")
+    assert not np.array_equal(sample_surface_points(other, 500, seed=2)[0], clouds[0][0])
+    remove_scene(other)
+    with pytest.raises(ValueError, match="unknown procedural scene"):
+        build_procedural_scene("nope")
+
+
+def test_command_line_blend_file(tmp_path):
+    """--blend renders the saved file's scene through main(); run in a fresh process."""
+    import subprocess
+    import sys
+
+    blend = tmp_path / "scene.blend"
+    make = (
+        "import bpy; from npbgpp_core.datasets.procedural import build_procedural_scene; "
+        "s = build_procedural_scene('ring_and_cone'); bpy.context.window.scene = s; "
+        f"bpy.ops.wm.save_as_mainfile(filepath={str(blend)!r})"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root}
+    subprocess.run([sys.executable, "-c", make], check=True, env=env, capture_output=True, timeout=120)
+    out = tmp_path / "out"
+    res = subprocess.run(
+        [sys.executable, "-m", "npbgpp_core.datasets.render_blender", "--blend", str(blend), "--views", "3",
+         "--size", "24x16", "--samples", "1", "--points", "200", "--out", str(out), "--test", "1", "--val", "0",
+         "--hemisphere"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    data = load_scene(str(out))
+    assert data.views[0].camera.image_size == (16, 24)
+    assert (len(data.train), len(data.test), data.points.shape) == (2, 1, (200, 3))
+    assert all(float(v.camera.center()[2]) > data.points[:, 2].mean() for v in data.views)  # upper hemisphere
+    again = subprocess.run(
+        [sys.executable, "-m", "npbgpp_core.datasets.render_blender", "--blend", str(blend), "--views", "3",
+         "--size", "24x16", "--out", str(out)], env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert again.returncode != 0 and "not empty" in again.stderr
+
+
+def test_render_restores_scene_settings(tmp_path):
+    from npbgpp_core.datasets.procedural import build_procedural_scene
+
+    scene = build_procedural_scene("checker_cube")
+    before = (scene.render.engine, scene.render.resolution_x, scene.view_settings.view_transform, scene.camera)
+    n_objects = len(bpy.data.objects)
+    render_views_of_current_scene(scene, str(tmp_path / "o"), views=2, size=(8, 8), samples=1, points=10,
+                                  val_views=0, test_views=0)
+    after = (scene.render.engine, scene.render.resolution_x, scene.view_settings.view_transform, scene.camera)
+    assert before == after and len(bpy.data.objects) == n_objects
+    assert not [p for p in os.listdir(tmp_path) if "partial" in p]
+    remove_scene(scene)
