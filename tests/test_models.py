@@ -445,3 +445,28 @@ def test_bad_images_raise():
         model.begin_scene(torch.zeros(10, 2))
     with pytest.raises(ValueError, match="points"):
         NPBG(10).render(torch.zeros(9, 3), cams[0])
+
+
+def test_rasterize_descriptors_matches_rasterize_features():
+    """Descriptors computed only for winning points give the same rasters and gradients
+    as rasterizing every point's descriptor."""
+    from npbgpp_core.models.npbgpp import rasterize_descriptors
+    from npbgpp_core.rasterizer import DEFAULT_SCALES, rasterize_features
+
+    pts, _, cams, _ = sphere_scene()
+    feats = torch.randn(len(pts), 8, requires_grad=True)
+    bg = torch.randn(8)
+    asked = []
+
+    def fn(rows):
+        asked.append(rows)
+        return feats[rows] * 2
+
+    got = rasterize_descriptors(pts, cams[0], DEFAULT_SCALES, 1e-3, fn, bg)
+    ref = rasterize_features(pts, feats * 2, cams[0], DEFAULT_SCALES, bg)
+    for g, r in zip(got, ref, strict=True):
+        assert torch.equal(g, r)
+    assert len(asked[0]) < len(pts) // 2  # only the front hemisphere's winners
+    (g_got,) = torch.autograd.grad(sum(g.sum() for g in got), feats)
+    (g_ref,) = torch.autograd.grad(sum(r.sum() for r in ref), feats)
+    assert torch.equal(g_got, g_ref)
