@@ -1,0 +1,81 @@
+"""In-plane alignment of views (SPEC section 3, step 2): pad to a square of side
+ceil(sqrt(H^2 + W^2)) and roll the camera so that world +Y projects straight up.
+
+Images are warped exactly (any fx, fy, principal point): a pixel of the aligned
+camera maps to the original camera's pixel through the affine map
+``K_orig @ roll^T @ K_aligned^-1`` (rolling about the optical axis keeps z).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..camera import Camera
+
+WORLD_UP = (0.0, 1.0, 0.0)
+
+
+def alignment_angle(camera: Camera) -> float:
+    """Roll angle (radians, for :meth:`Camera.rotated_in_plane`) that makes world +Y
+    point up in the image; 0 when +Y is (nearly) along the optical axis."""
+    _, R_cv, _ = camera.to_opencv()
+    up = R_cv @ np.asarray(WORLD_UP)
+    if math.hypot(up[0], up[1]) < 1e-9:
+        return 0.0
+    return -math.pi / 2 - math.atan2(up[1], up[0])
+
+
+def aligned_size(image_size: tuple[int, int]) -> int:
+    h, w = image_size
+    return int(math.ceil(math.sqrt(h * h + w * w) - 1e-9))
+
+
+def align_camera(camera: Camera) -> tuple[Camera, float]:
+    """The aligned square camera of ``camera`` and the roll angle used."""
+    angle = alignment_angle(camera)
+    side = aligned_size(camera.image_size)
+    return camera.rotated_in_plane(angle, (side, side)), angle
+
+
+def _pixel_map(src: Camera, dst: Camera) -> np.ndarray:
+    """3x3 affine map taking ``dst`` pixel coordinates to ``src`` pixel coordinates (both
+    cameras share a centre and differ by a roll about the optical axis)."""
+    K_s, R_s, _ = src.to_opencv()
+    K_d, R_d, _ = dst.to_opencv()
+    rel = R_s @ R_d.T  # dst camera coords -> src camera coords
+    return K_s @ rel @ np.linalg.inv(K_d)
+
+
+def _normalizer(size: tuple[int, int]) -> np.ndarray:
+    """Pixel coordinates -> grid_sample coordinates (align_corners=False: -1 is the outer
+    edge of pixel 0, pixel centres at integers)."""
+    h, w = size
+    return np.array([[2.0 / w, 0.0, 1.0 / w - 1.0], [0.0, 2.0 / h, 1.0 / h - 1.0], [0.0, 0.0, 1.0]])
+
+
+def warp_images(images: torch.Tensor, src: Camera, dst: Camera, mode: str = "bilinear") -> torch.Tensor:
+    """Resample images (K, C, H_src, W_src) seen by ``src`` into ``dst``'s pixel grid.
+    Pixels of ``dst`` outside ``src``'s image become 0."""
+    theta = _normalizer(src.image_size) @ _pixel_map(src, dst) @ np.linalg.inv(_normalizer(dst.image_size))
+    dtype = images.dtype if images.is_floating_point() else torch.float32
+    if dtype in (torch.float16, torch.bfloat16):
+        dtype = torch.float32
+    theta_t = torch.as_tensor(theta[:2], dtype=dtype, device=images.device)
+    k, c = images.shape[:2]
+    h, w = dst.image_size
+    grid = F.affine_grid(theta_t.unsqueeze(0).expand(k, -1, -1), [k, c, h, w], align_corners=False)
+    return F.grid_sample(images.to(dtype), grid, mode=mode, padding_mode="zeros", align_corners=False)
+
+
+def align_views(images: torch.Tensor, cameras: list[Camera]) -> tuple[torch.Tensor, list[Camera]]:
+    """Align a batch of views (K, C, H, W) with their cameras: square images, rolled cameras."""
+    out, cams = [], []
+    for k, cam in enumerate(cameras):
+        acam, _ = align_camera(cam)
+        out.append(warp_images(images[k : k + 1], cam, acam))
+        cams.append(acam)
+    return torch.cat(out, 0), cams
