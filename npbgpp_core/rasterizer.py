@@ -132,8 +132,13 @@ def rasterize_keys_torch(points: torch.Tensor, p: RasterParams) -> list[torch.Te
         raise ValueError("at most 2**31 - 1 points per rasterization")
     u, v, z = project_for_raster(points, p)
     valid = torch.isfinite(u) & torch.isfinite(v) & (z > p.near)
-    qx = (u + 0.5) / p.width
-    qy = (v + 0.5) / p.height
+    # Divide by 0-dim tensors, not Python numbers: on CUDA torch computes a division by a
+    # CPU scalar as a multiplication by its float32 reciprocal (an ulp off at times), which
+    # would make the reference device-dependent; this way CPU, GPU and kernel all divide.
+    width = torch.tensor(float(p.width), dtype=torch.float32, device=points.device)
+    height = torch.tensor(float(p.height), dtype=torch.float32, device=points.device)
+    qx = (u + 0.5) / width
+    qy = (v + 0.5) / height
     depth_bits = z.view(torch.int32).to(torch.int64)
     index = torch.arange(n, device=points.device, dtype=torch.int64)
     order = sorted(range(len(p.sizes)), key=lambda i: -p.sizes[i][0] * p.sizes[i][1])
@@ -175,25 +180,35 @@ def _prepare_points(points: torch.Tensor) -> torch.Tensor:
 _announced: set[str] = set()
 
 
+def _announce(chosen: str, why: str) -> None:
+    """Log one line per backend actually used (the first time it is used)."""
+    if chosen not in _announced:
+        _announced.add(chosen)
+        _log.info("rasterizer backend: %s%s", chosen, f" ({why})" if why else "")
+
+
 def _choose_backend(backend: str, points: torch.Tensor) -> str:
     from . import _backend
 
     if backend not in ("auto", "torch", "cuda"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'cuda', got {backend!r}")
     if backend == "torch":
+        _announce("torch", "requested")
         return "torch"
-    available = points.is_cuda and _backend.cuda_rasterizer() is not None
     if backend == "cuda":
         if not points.is_cuda:
-            raise ValueError("backend='cuda' needs points on a CUDA device")
-        if not available:
-            raise RuntimeError(f"backend='cuda' requested but the CUDA kernel is unavailable: {_backend.why_unavailable()}")
+            raise ValueError(
+                f"backend='cuda' needs points on a CUDA device, got points on {points.device}; "
+                "move them with points.cuda() or use backend='auto'"
+            )
+        if _backend.cuda_rasterizer() is None:
+            why = _backend.why_unavailable()
+            raise RuntimeError(f"backend='cuda' requested but the CUDA kernel is unavailable: {why}")
+        _announce("cuda", "")
         return "cuda"
+    available = points.is_cuda and _backend.cuda_rasterizer() is not None
     chosen = "cuda" if available else "torch"
-    if chosen not in _announced:
-        _announced.add(chosen)
-        why = "" if chosen == "cuda" else f" ({_backend.why_unavailable() if points.is_cuda else 'points not on CUDA'})"
-        _log.info("rasterizer backend: %s%s", chosen, why)
+    _announce(chosen, "" if available else (_backend.why_unavailable() if points.is_cuda else "points not on CUDA"))
     return chosen
 
 
