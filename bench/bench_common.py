@@ -101,11 +101,11 @@ def peak_memory(device: torch.device) -> Iterator[dict[str, int]]:
 
 def time_call(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 1) -> tuple[float, int]:
     """(median seconds over ``repeats`` runs after ``warmup`` runs, peak extra bytes)."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
     times = []
-    with peak_memory(device) as mem:
+    with peak_memory(device) as mem:  # the warm-up counts too: allocators keep memory afterwards
+        for _ in range(warmup):
+            fn()
+        synchronize(device)
         for _ in range(max(1, repeats)):
             t0 = time.perf_counter()
             fn()

@@ -97,16 +97,17 @@ def project_for_raster(points: torch.Tensor, p: RasterParams) -> tuple[torch.Ten
     return u, v, zv
 
 
-def _keys_direct(qx, qy, depth_bits, index, valid, size: tuple[int, int]) -> torch.Tensor:
+def _keys_direct(qx, qy, key, valid, size: tuple[int, int]) -> torch.Tensor:
     h, w = size
     col = torch.floor(qx * w)
     row = torch.floor(qy * h)
     ok = valid & (col >= 0) & (col < w) & (row >= 0) & (row < h)
-    pix = (row[ok].long() * w + col[ok].long())
-    key = (depth_bits[ok] << 32) | index[ok]
-    buf = torch.full((h * w,), EMPTY_KEY, dtype=torch.int64, device=qx.device)
+    # Culled points go to a spare slot h*w (dropped below) instead of being filtered out:
+    # no boolean indexing (nonzero + 4 gathers, a host sync on GPU), same keys.
+    pix = torch.where(ok, row, h).long() * w + torch.where(ok, col, 0).long()
+    buf = torch.full((h * w + 1,), EMPTY_KEY, dtype=torch.int64, device=qx.device)
     buf.scatter_reduce_(0, pix, key, reduce="amin", include_self=True)
-    return buf.view(h, w)
+    return buf[: h * w].view(h, w)
 
 
 def _pow2_ratio(fine: int, coarse: int) -> int | None:
@@ -140,7 +141,7 @@ def rasterize_keys_torch(points: torch.Tensor, p: RasterParams) -> list[torch.Te
     qx = (u + 0.5) / width
     qy = (v + 0.5) / height
     depth_bits = z.view(torch.int32).to(torch.int64)
-    index = torch.arange(n, device=points.device, dtype=torch.int64)
+    key = (depth_bits << 32) | torch.arange(n, device=points.device, dtype=torch.int64)
     order = sorted(range(len(p.sizes)), key=lambda i: -p.sizes[i][0] * p.sizes[i][1])
     out: list[torch.Tensor | None] = [None] * len(p.sizes)
     done: list[torch.Tensor] = []
@@ -152,7 +153,7 @@ def rasterize_keys_torch(points: torch.Tensor, p: RasterParams) -> list[torch.Te
             if keys is not None:
                 break
         if keys is None:
-            keys = _keys_direct(qx, qy, depth_bits, index, valid, size)
+            keys = _keys_direct(qx, qy, key, valid, size)
         out[i] = keys
         done.append(keys)
     return [k for k in out if k is not None]
