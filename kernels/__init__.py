@@ -33,8 +33,9 @@ EXTENSION_NAME = "npbgpp_rasterizer"
 SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
 SOURCES = (SOURCE_DIR / "rasterizer_binding.cpp", SOURCE_DIR / "rasterizer_kernels.cu")
 # -fmad=false: no FMA contraction anywhere (the kernel also uses explicitly rounded ops).
-CUDA_FLAGS = ("-O3", "-std=c++17", "-fmad=false")
-CXX_FLAGS = ("-O3", "-std=c++17")
+# The C++ standard is torch's choice (it adds -std=c++20 itself).
+CUDA_FLAGS = ("-O3", "-fmad=false")
+CXX_FLAGS = ("-O3",)
 DEFAULT_CHUNK_POINTS = 1 << 22
 EMPTY_KEY = torch.iinfo(torch.int64).max
 

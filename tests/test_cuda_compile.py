@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch.utils.cpp_extension as cpp_extension
 
+import kernels
+
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "kernels" / "csrc"
 KERNEL_SOURCE = CSRC / "rasterizer_kernels.cu"
@@ -47,7 +49,8 @@ def _torch_includes(flag: str) -> list[str]:
 
 def _nvcc_base() -> list[str]:
     assert NVCC is not None
-    return [NVCC, "-std=c++17", "-O3", "-fmad=false", "-Werror", "all-warnings",
+    # torch's own nvcc flags for extensions (C++20, no implicit half conversions), plus ours
+    return [NVCC, "-std=c++20", *cpp_extension.COMMON_NVCC_FLAGS, *kernels.CUDA_FLAGS, "-Werror", "all-warnings",
             "-Xcompiler", "-Wall,-Wextra,-Werror", "-I", str(CSRC), *_torch_includes("-I")]
 
 
@@ -90,7 +93,7 @@ def test_binding_compiles_against_torch_headers(tmp_path: Path) -> None:
         stub.parent.mkdir(parents=True)
         stub.write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
         extra = ["-isystem", str(tmp_path / "stub")]
-    cmd = [cxx, "-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-Werror",
+    cmd = [cxx, "-std=c++20", *kernels.CXX_FLAGS, "-fsyntax-only", "-Wall", "-Wextra", "-Werror",
            "-DTORCH_EXTENSION_NAME=npbgpp_rasterizer", "-DTORCH_API_INCLUDE_EXTENSION_H",
            *_torch_includes("-isystem"), *extra, "-isystem", sysconfig.get_paths()["include"],
            "-isystem", str(cuda_include), "-I", str(CSRC), str(BINDING_SOURCE)]
@@ -99,8 +102,6 @@ def test_binding_compiles_against_torch_headers(tmp_path: Path) -> None:
 
 
 def test_loader_reports_why_it_cannot_build_here() -> None:
-    import kernels
-
     problem = kernels.toolchain_problem()
     if problem is None:
         pytest.skip("this machine can build and run the kernel")
