@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -99,8 +100,21 @@ def peak_memory(device: torch.device) -> Iterator[dict[str, int]]:
         result["bytes"] = max(0, peak[0] - start)
 
 
-def time_call(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 1) -> tuple[float, int]:
-    """(median seconds over ``repeats`` runs after ``warmup`` runs, peak extra bytes)."""
+@dataclass(frozen=True)
+class Timing:
+    """Seconds of the best and the median timed run, and the peak extra memory (bytes)."""
+
+    best: float
+    median: float
+    peak_bytes: int
+
+    def ms(self) -> str:
+        """'best / median' in milliseconds (best is robust to other jobs on shared cores)."""
+        return f"{self.best * 1e3:.1f} / {self.median * 1e3:.1f}"
+
+
+def time_call(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 1) -> Timing:
+    """Best and median over ``repeats`` runs after ``warmup`` runs, and peak extra memory."""
     times = []
     with peak_memory(device) as mem:  # the warm-up counts too: allocators keep memory afterwards
         for _ in range(warmup):
@@ -111,11 +125,15 @@ def time_call(fn: Callable[[], Any], device: torch.device, repeats: int, warmup:
             fn()
             synchronize(device)
             times.append(time.perf_counter() - t0)
-    return statistics.median(times), mem["bytes"]
+    return Timing(min(times), statistics.median(times), mem["bytes"])
 
 
-def fmt_ms(seconds: float | None) -> str:
-    return "n/a" if seconds is None else f"{seconds * 1e3:.1f}"
+def fmt_ms(timing: Timing | float | None) -> str:
+    if timing is None:
+        return "n/a"
+    if isinstance(timing, Timing):
+        return timing.ms()
+    return f"{timing * 1e3:.1f}"
 
 
 def fmt_mb(num_bytes: int | None) -> str:

@@ -68,11 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", help=f"view size WxH (default GPU {GPU_SIZE}, CPU {CPU_SIZE})")
     parser.add_argument("--points", help=f"cloud size (default GPU {GPU_POINTS}, CPU {CPU_POINTS})")
     parser.add_argument("--batch", type=int, help=f"views per add_views call (GPU {GPU_BATCH}, CPU {CPU_BATCH})")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (1 avoids stalls on busy shared cores)")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run; writes nothing")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
 
     device = pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     gpu = device.type == "cuda"
     if args.quick:
         view_counts, size, n, batch = [2], (32, 32), 2000, 2

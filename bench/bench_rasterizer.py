@@ -42,18 +42,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--points", help=f"point counts (default GPU {GPU_POINTS}, CPU {CPU_POINTS})")
     parser.add_argument("--sizes", help=f"image sizes WxH (default GPU {GPU_SIZES}, CPU {CPU_SIZES})")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per case (median)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (1 avoids stalls on busy shared cores)")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run; writes nothing")
     parser.add_argument("--no-write", action="store_true", help="do not append to BENCHMARKS.md")
     args = parser.parse_args(argv)
 
     device = pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     gpu = device.type == "cuda"
     if args.quick:
         counts, sizes, repeats = [2000], [(48, 64)], 1
     else:
         counts = parse_ints(args.points or (GPU_POINTS if gpu else CPU_POINTS))
         sizes = parse_sizes(args.sizes or (GPU_SIZES if gpu else CPU_SIZES))
-        repeats = args.repeats or (10 if gpu else 3)
+        repeats = args.repeats or (10 if gpu else 5)
 
     kernel, why = None, "CPU run"
     if gpu:
@@ -68,23 +71,25 @@ def main(argv: list[str] | None = None) -> int:
         for h, w in sizes:
             camera = bench_camera(h, w, device)
             params = R.raster_params(camera, R.DEFAULT_SCALES, 1e-3, device)
-            t_ref, m_ref = time_call(partial(R.rasterize_keys_torch, points, params), device, repeats)
-            t_cu = m_cu = None
+            ref = time_call(partial(R.rasterize_keys_torch, points, params), device, repeats)
+            cu = None
             if kernel is not None:
-                t_cu, m_cu = time_call(partial(kernel.rasterize_keys, points, params), device, repeats)
-            speedup = f"{t_ref / t_cu:.1f}x" if t_cu else "n/a"
-            rows.append([f"{n:,}", f"{w}x{h}", fmt_ms(t_ref), fmt_mb(m_ref), fmt_ms(t_cu), fmt_mb(m_cu), speedup])
+                cu = time_call(partial(kernel.rasterize_keys, points, params), device, repeats)
+            speedup = f"{ref.median / cu.median:.1f}x" if cu else "n/a"
+            rows.append([f"{n:,}", f"{w}x{h}", fmt_ms(ref), fmt_mb(ref.peak_bytes), fmt_ms(cu),
+                         fmt_mb(cu.peak_bytes if cu else None), speedup])
             print(" | ".join(str(c) for c in rows[-1]), flush=True)
         if gpu:
             torch.cuda.empty_cache()
 
-    headers = ["points", "image WxH", "torch ms", "torch peak MB", "kernel ms", "kernel peak MB", "speedup"]
+    headers = ["points", "image WxH", "torch ms best / median", "torch peak MB", "kernel ms best / median",
+               "kernel peak MB", "speedup (median)"]
     table = markdown_table(headers, rows)
     print()
     print(table)
     if not args.quick and not args.no_write:
         notes = [
-            f"device {device}, 5 scales (1, 1/2, 1/4, 1/8, 1/16), median of {repeats} runs after 1 warm-up",
+            f"device {device}, 5 scales (1, 1/2, 1/4, 1/8, 1/16), best and median of {repeats} runs after 1 warm-up",
             "peak MB: torch.cuda.max_memory_allocated growth on GPU, RSS growth (sampled 1 ms) on CPU",
         ]
         if kernel is None:

@@ -91,11 +91,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", help=f"image sizes WxH (default GPU {GPU_SIZES}, CPU {CPU_SIZES})")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant (slow to build)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (1 avoids stalls on busy shared cores)")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run; writes nothing")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
 
     device = pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     gpu = device.type == "cuda"
     if args.quick:
         counts, sizes, repeats = [2000], [(64, 64)], 1
@@ -127,10 +130,10 @@ def main(argv: list[str] | None = None) -> int:
                 desc = model.descriptors(scene, camera)
                 index = rasterize(points, camera, scales, near)
                 rasters = rasterize_features(points, desc, camera, scales, near=near)
-                t_rast, m_rast = time_call(partial(rasterize, points, camera, scales, near), device, repeats)
-                t_desc, _ = time_call(partial(model.descriptors, scene, camera), device, repeats)
-                t_gath, _ = time_call(lambda: [gather_features(i, desc) for i in index], device, repeats)  # noqa: B023
-                stage_rows.append([f"{n:,}", f"{w}x{h}", fmt_ms(t_rast), fmt_mb(m_rast), fmt_ms(t_desc),
+                t_rast = time_call(partial(rasterize, points, camera, scales, near), device, repeats)
+                t_desc = time_call(partial(model.descriptors, scene, camera), device, repeats)
+                t_gath = time_call(lambda: [gather_features(i, desc) for i in index], device, repeats)  # noqa: B023
+                stage_rows.append([f"{n:,}", f"{w}x{h}", fmt_ms(t_rast), fmt_mb(t_rast.peak_bytes), fmt_ms(t_desc),
                                    fmt_ms(t_gath)])
                 for name, dtype, channels_last, mode in variants:
                     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -146,25 +149,27 @@ def main(argv: list[str] | None = None) -> int:
                         rs = rasterize_features(scene.points, d, camera, scales, near=near)
                         return run_refiner([r.unsqueeze(0).to(dtype).contiguous(memory_format=fmt) for r in rs])
 
-                    t_ref, _ = time_call(partial(run_refiner, example), device, repeats)
-                    t_frame, m_frame = time_call(frame, device, repeats)
+                    t_ref = time_call(partial(run_refiner, example), device, repeats)
+                    t_frame = time_call(frame, device, repeats)
                     frame_rows.append([f"{n:,}", f"{w}x{h}", name, fmt_ms(t_ref), fmt_ms(t_frame),
-                                       f"{1 / t_frame:.1f}", fmt_mb(m_frame)])
+                                       f"{1 / t_frame.median:.1f}", fmt_mb(t_frame.peak_bytes)])
                     print(" | ".join(frame_rows[-1]), flush=True)
-            t_render, m_render = time_call(partial(model.render, scene, camera), device, repeats)
+            t_render = time_call(partial(model.render, scene, camera), device, repeats)
             frame_rows.append([f"{n:,}", f"{w}x{h}", "model.render fp32 (aligned square)", "", fmt_ms(t_render),
-                               f"{1 / t_render:.1f}", fmt_mb(m_render)])
+                               f"{1 / t_render.median:.1f}", fmt_mb(t_render.peak_bytes)])
             print(" | ".join(frame_rows[-1]), flush=True)
             if gpu:
-                t_r16, m_r16 = time_call(partial(model.render, scene, camera, torch.float16), device, repeats)
+                t_r16 = time_call(partial(model.render, scene, camera, torch.float16), device, repeats)
                 frame_rows.append([f"{n:,}", f"{w}x{h}", "model.render fp16 autocast (aligned square)", "",
-                                   fmt_ms(t_r16), f"{1 / t_r16:.1f}", fmt_mb(m_r16)])
+                                   fmt_ms(t_r16), f"{1 / t_r16.median:.1f}", fmt_mb(t_r16.peak_bytes)])
 
     frame_table = markdown_table(
-        ["points", "image WxH", "variant", "refiner ms", "frame ms", "FPS", "frame peak MB"], frame_rows
+        ["points", "image WxH", "variant", "refiner ms best / median", "frame ms best / median", "FPS (median)",
+         "frame peak MB"], frame_rows
     )
     stage_table = markdown_table(
-        ["points", "image WxH", "rasterize ms (5 scales)", "rasterize peak MB", "descriptors ms", "gather ms"],
+        ["points", "image WxH", "rasterize ms (5 scales)", "rasterize peak MB", "descriptors ms",
+         "gather ms (5 scales)"],
         stage_rows,
     )
     print()
@@ -174,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quick and not args.no_write:
         notes = [
             f"device {device}, NPBG++ default config (sphere aggregator, 8 features, 5 scales), random weights",
-            f"median of {repeats} runs after 1 warm-up; frame = descriptors + rasterize + gather + refiner, "
+            f"ms as best / median of {repeats} runs after 1 warm-up; "
+            "frame = descriptors + rasterize + gather + refiner, "
             "no alignment; model.render includes in-plane alignment (renders a sqrt(H^2+W^2) square, then warps)",
         ]
         if not gpu:
