@@ -22,6 +22,7 @@ the key images on the GPU still rasterize.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 from pathlib import Path
@@ -32,6 +33,7 @@ import torch
 EXTENSION_NAME = "npbgpp_rasterizer"
 SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
 SOURCES = (SOURCE_DIR / "rasterizer_binding.cpp", SOURCE_DIR / "rasterizer_kernels.cu")
+HEADERS = ("rasterizer_kernels.h", "rasterizer_math.h", "rasterizer_types.h")
 # -fmad=false: no FMA contraction anywhere (the kernel also uses explicitly rounded ops).
 # The C++ standard is torch's choice (it adds -std=c++20 itself).
 CUDA_FLAGS = ("-O3", "-fmad=false")
@@ -60,7 +62,7 @@ def toolchain_problem(need_gpu: bool = True) -> str | None:
         return "no CUDA GPU is visible (torch.cuda.is_available() is False)"
     if CUDA_HOME is None or not (Path(CUDA_HOME) / "bin" / "nvcc").exists():
         return "nvcc not found: install the CUDA toolkit and set CUDA_HOME (e.g. /usr/local/cuda)"
-    for src in SOURCES:
+    for src in (*SOURCES, *(SOURCE_DIR / h for h in HEADERS)):
         if not src.exists():
             return f"kernel source missing: {src}"
     return None
@@ -73,14 +75,20 @@ def build_extension(verbose: bool = False, need_gpu: bool = True) -> Any:
         raise RuntimeError(f"CUDA rasterizer unavailable: {problem}")
     from torch.utils.cpp_extension import load
 
+    # torch rebuilds when the sources or the flags change; the digest of every file in
+    # csrc/ (headers included) as a define makes a header edit trigger a rebuild too.
+    digest = hashlib.sha256()
+    for name in sorted(p.name for p in SOURCE_DIR.iterdir() if p.is_file()):
+        digest.update(name.encode() + b"\0" + (SOURCE_DIR / name).read_bytes())
+    stamp = f"-DNPBGPP_SOURCES_SHA256={digest.hexdigest()[:16]}"
     directory = build_directory()
     directory.mkdir(parents=True, exist_ok=True)
     try:
         return load(
             name=EXTENSION_NAME,
             sources=[str(s) for s in SOURCES],
-            extra_cflags=list(CXX_FLAGS),
-            extra_cuda_cflags=list(CUDA_FLAGS),
+            extra_cflags=[*CXX_FLAGS, stamp],
+            extra_cuda_cflags=[*CUDA_FLAGS, stamp],
             extra_include_paths=[str(SOURCE_DIR)],
             build_directory=str(directory),
             verbose=verbose,
@@ -154,17 +162,22 @@ class CudaRasterizer:
     def __init__(self, ext: Any) -> None:
         self.ext = ext
 
-    def rasterize_keys(self, points: torch.Tensor, params: Any, chunk_points: int | None = None) -> list[torch.Tensor]:
-        """Key images per scale of ``params.sizes``; points (N, 3) on a CUDA device, or on
-        the CPU (then streamed in chunks to ``params.R``'s device, or the current GPU)."""
+    def rasterize_keys(
+        self, points: torch.Tensor, params: Any, chunk_points: int | None = None, device: torch.device | None = None
+    ) -> list[torch.Tensor]:
+        """Key images per scale of ``params.sizes`` on ``device`` (default: the points' GPU,
+        else ``params.R``'s GPU, else the current one). Points elsewhere than ``device``, or
+        any points when ``chunk_points`` is given, go in chunks of ``chunk_points``."""
         if points.ndim != 2 or points.shape[1] != 3:
             raise ValueError(f"points must be (N, 3), got {tuple(points.shape)}")
         n = points.shape[0]
         if n >= 2**31:
             raise ValueError("at most 2**31 - 1 points per rasterization")
-        device = points.device if points.is_cuda else (params.R.device if params.R.is_cuda else None)
+        if device is None:
+            device = points.device if points.is_cuda else (params.R.device if params.R.is_cuda else None)
         if device is None:
             device = torch.device("cuda", torch.cuda.current_device())
+        device = torch.device(device)
         rotation = params.R.to(device=device, dtype=torch.float32).contiguous()
         translation = params.T.to(device=device, dtype=torch.float32).contiguous()
         keys: list[torch.Tensor | None] = [None] * len(params.sizes)
@@ -180,13 +193,13 @@ class CudaRasterizer:
                 params.width, params.height, params.near, direct, offset,
             )
 
-        if points.is_cuda:
+        if points.device == device and chunk_points is None:
             run(points.to(torch.float32).contiguous(), 0)
         else:
             step = max(1, int(chunk_points or DEFAULT_CHUNK_POINTS))
             for start in range(0, n, step):
                 chunk = points[start : start + step].to(torch.float32).contiguous()
-                run(chunk.to(device, non_blocking=False), start)
+                run(chunk.to(device), start)
         for i, source in plan:
             if source is not None:
                 out = torch.empty(params.sizes[i], dtype=torch.int64, device=device)

@@ -1,10 +1,11 @@
 // CUDA multi-scale nearest-point rasterizer and feature gather for npbgpp_core.
 //
-// Bit-exact contract with npbgpp_core.rasterizer.rasterize_keys_torch: every float32
-// operation below is an explicitly rounded intrinsic (__fmul_rn/__fadd_rn/__fdiv_rn) in
-// the reference's order, so neither FMA contraction nor fast division can change a
-// result (the build also passes -fmad=false as a second guard).
+// Bit-exact contract with npbgpp_core.rasterizer.rasterize_keys_torch: the arithmetic
+// lives in rasterizer_math.h, where every float32 operation is an explicitly rounded
+// intrinsic (__fmul_rn/__fadd_rn/__fdiv_rn) in the reference's order, so neither FMA
+// contraction nor fast division can change a result (the build also passes -fmad=false).
 #include "rasterizer_kernels.h"
+#include "rasterizer_math.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -30,46 +31,24 @@ __device__ __forceinline__ long long grid_stride() {
   return static_cast<long long>(gridDim.x) * blockDim.x;
 }
 
-// x*r0 + y*r1 + z*r2 + t, left to right, each op rounded to float32 (as torch does it).
-__device__ __forceinline__ float dot_plus(float x, float y, float z, float r0, float r1, float r2,
-                                          float t) {
-  float acc = __fadd_rn(__fmul_rn(x, r0), __fmul_rn(y, r1));
-  acc = __fadd_rn(acc, __fmul_rn(z, r2));
-  return __fadd_rn(acc, t);
-}
-
 __global__ void rasterize_points_kernel(const float* __restrict__ points, long long n,
                                         long long index_offset, const float* __restrict__ rotation,
                                         const float* __restrict__ translation, ProjectionParams p,
                                         KeyImages images) {
-  // R is row-major (3,3): x_view = x_world @ R + T, so column j of R makes view axis j.
-  const float r00 = rotation[0], r01 = rotation[1], r02 = rotation[2];
-  const float r10 = rotation[3], r11 = rotation[4], r12 = rotation[5];
-  const float r20 = rotation[6], r21 = rotation[7], r22 = rotation[8];
-  const float t0 = translation[0], t1 = translation[1], t2 = translation[2];
+  float rot[9], trans[3];
+  for (int k = 0; k < 9; ++k) rot[k] = rotation[k];
+  for (int k = 0; k < 3; ++k) trans[k] = translation[k];
   for (long long i = grid_start(); i < n; i += grid_stride()) {
-    const float x = points[3 * i], y = points[3 * i + 1], z = points[3 * i + 2];
-    const float xv = dot_plus(x, y, z, r00, r10, r20, t0);
-    const float yv = dot_plus(x, y, z, r01, r11, r21, t1);
-    const float zv = dot_plus(x, y, z, r02, r12, r22, t2);
-    const float u = __fadd_rn(__fmul_rn(__fdiv_rn(-xv, zv), p.fx), p.cx);
-    const float v = __fadd_rn(__fmul_rn(__fdiv_rn(-yv, zv), p.fy), p.cy);
-    if (!(isfinite(u) && isfinite(v) && zv > p.near_depth)) continue;
-    const float qx = __fdiv_rn(__fadd_rn(u, 0.5f), p.width);
-    const float qy = __fdiv_rn(__fadd_rn(v, 0.5f), p.height);
-    // zv > near >= 0, so its bits are a non-negative int32 ordered like the depths.
-    const long long key = (static_cast<long long>(__float_as_int(zv)) << 32) | (index_offset + i);
+    const ProjectedPoint q =
+        project_point(points[3 * i], points[3 * i + 1], points[3 * i + 2], rot, trans, p, index_offset + i);
+    if (!q.valid) continue;
     for (int s = 0; s < images.count; ++s) {
       const KeyImage img = images.image[s];
-      const float w = static_cast<float>(img.width);
-      const float h = static_cast<float>(img.height);
-      const float col = floorf(__fmul_rn(qx, w));
-      const float row = floorf(__fmul_rn(qy, h));
-      if (!(col >= 0.0f && col < w && row >= 0.0f && row < h)) continue;
-      long long* slot =
-          img.keys + static_cast<long long>(row) * img.width + static_cast<long long>(col);
+      const long long pixel = pixel_of(q.qx, q.qy, img.height, img.width);
+      if (pixel < 0) continue;
+      long long* slot = img.keys + pixel;
       // Keys only ever decrease, so a (possibly stale) value <= key means nothing to do.
-      if (key < __ldcg(slot)) atomicMin(slot, key);
+      if (q.key < __ldcg(slot)) atomicMin(slot, q.key);
     }
   }
 }
@@ -79,14 +58,7 @@ __global__ void min_pool_keys_kernel(const long long* __restrict__ fine, int fin
                                      int coarse_width, int ratio_y, int ratio_x) {
   const long long total = static_cast<long long>(coarse_height) * coarse_width;
   for (long long p = grid_start(); p < total; p += grid_stride()) {
-    const long long r = p / coarse_width;
-    const long long c = p - r * coarse_width;
-    long long best = 0x7fffffffffffffffLL;
-    for (int dy = 0; dy < ratio_y; ++dy) {
-      const long long* line = fine + (r * ratio_y + dy) * fine_width + c * ratio_x;
-      for (int dx = 0; dx < ratio_x; ++dx) best = min(best, line[dx]);
-    }
-    coarse[p] = best;
+    coarse[p] = pooled_key(fine, fine_width, coarse_width, ratio_y, ratio_x, p);
   }
 }
 

@@ -8,29 +8,9 @@
 
 #include <cuda_runtime_api.h>
 
+#include "rasterizer_types.h"
+
 namespace npbgpp {
-
-// At most this many scales are rasterized by one launch (more: several launches).
-constexpr int kMaxScalesPerLaunch = 8;
-
-// One output key image: h x w packed (depth bits << 32 | index) int64 keys.
-struct KeyImage {
-  long long* keys;
-  int height;
-  int width;
-};
-
-struct KeyImages {
-  KeyImage image[kMaxScalesPerLaunch];
-  int count;
-};
-
-// The float32 camera numbers of RasterParams (R and T stay on the device).
-struct ProjectionParams {
-  float fx, fy, cx, cy;
-  float width, height;  // full-resolution image size W, H as float32
-  float near_depth;
-};
 
 // Projects points[0..n) (float32 (n,3) row-major) with R (3,3) row-major and T (3,) on the
 // device and atomically keeps the smallest key per pixel of every image in `images`.
@@ -44,8 +24,6 @@ cudaError_t launch_rasterize_points(const float* points, long long n, long long 
 cudaError_t launch_min_pool_keys(const long long* fine, int fine_width, long long* coarse,
                                  int coarse_height, int coarse_width, int ratio_y, int ratio_x,
                                  int max_blocks, cudaStream_t stream);
-
-enum class FeatureType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
 
 // out (C+1, hw): out[c, p] = features[index[p], c] if 0 <= index[p] < n else background[c]
 // (0 when background is null); out[C, p] = 1 where a point landed, else 0.
