@@ -140,17 +140,19 @@ def main(argv: list[str] | None = None) -> int:
                     example = [r.unsqueeze(0).to(dtype).contiguous(memory_format=fmt) for r in rasters]
                     try:
                         run_refiner = refiner_runner(model, mode, dtype, channels_last, example)
+
+                        def frame(dtype=dtype, fmt=fmt, run_refiner=run_refiner, camera=camera, scene=scene):
+                            d = model.descriptors(scene, camera)
+                            rs = rasterize_features(scene.points, d, camera, scales, near=near)
+                            return run_refiner([r.unsqueeze(0).to(dtype).contiguous(memory_format=fmt) for r in rs])
+
+                        t_ref = time_call(partial(run_refiner, example), device, repeats)
+                        t_frame = time_call(frame, device, repeats)
                     except Exception as exc:  # noqa: BLE001 - report and go on with the other variants
-                        frame_rows.append([f"{n:,}", f"{w}x{h}", name, f"failed: {type(exc).__name__}", "", "", ""])
+                        frame_rows.append([f"{n:,}", f"{w}x{h}", name, f"failed: {type(exc).__name__}: {exc}"[:80],
+                                           "", "", ""])
+                        print(" | ".join(frame_rows[-1]), flush=True)
                         continue
-
-                    def frame(dtype=dtype, fmt=fmt, run_refiner=run_refiner, camera=camera, scene=scene):
-                        d = model.descriptors(scene, camera)
-                        rs = rasterize_features(scene.points, d, camera, scales, near=near)
-                        return run_refiner([r.unsqueeze(0).to(dtype).contiguous(memory_format=fmt) for r in rs])
-
-                    t_ref = time_call(partial(run_refiner, example), device, repeats)
-                    t_frame = time_call(frame, device, repeats)
                     frame_rows.append([f"{n:,}", f"{w}x{h}", name, fmt_ms(t_ref), fmt_ms(t_frame),
                                        f"{1 / t_frame.median:.1f}", fmt_mb(t_frame.peak_bytes)])
                     print(" | ".join(frame_rows[-1]), flush=True)
