@@ -23,6 +23,7 @@ the key images on the GPU still rasterize.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import threading
 from pathlib import Path
@@ -41,6 +42,7 @@ CXX_FLAGS = ("-O3",)
 DEFAULT_CHUNK_POINTS = 1 << 22
 EMPTY_KEY = torch.iinfo(torch.int64).max
 
+_log = logging.getLogger("kernels")
 _lock = threading.Lock()
 _loaded: dict[str, Any] = {}
 
@@ -83,6 +85,7 @@ def build_extension(verbose: bool = False, need_gpu: bool = True) -> Any:
     stamp = f"-DNPBGPP_SOURCES_SHA256={digest.hexdigest()[:16]}"
     directory = build_directory()
     directory.mkdir(parents=True, exist_ok=True)
+    _log.info("loading the CUDA rasterizer from %s (compiled there on first use, about a minute)", directory)
     try:
         return load(
             name=EXTENSION_NAME,
