@@ -288,9 +288,25 @@ def rasterize_features(
     if background is not None and background.numel() != features.shape[1]:
         raise ValueError(f"background must have C={features.shape[1]} values, got {background.numel()}")
     indices = rasterize(points, camera, scales, near, backend)
+    return [gather(idx, features, background, backend) for idx in indices]
+
+
+def gather(
+    index: torch.Tensor, features: torch.Tensor, background: torch.Tensor | None = None, backend: str = "auto"
+) -> torch.Tensor:
+    """:func:`gather_features` on a backend: the CUDA kernel for CUDA features when it
+    loads ('auto' or 'cuda'; its backward is a scatter-add), else the torch reference."""
     from . import _backend
 
-    gather = gather_features
-    if features.is_cuda and backend != "torch" and _backend.cuda_rasterizer() is not None:
-        gather = _backend.cuda_rasterizer().gather_features  # type: ignore[union-attr]
-    return [gather(idx, features, background) for idx in indices]
+    if backend not in ("auto", "torch", "cuda"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'cuda', got {backend!r}")
+    if backend != "torch" and features.is_cuda:
+        op = _backend.cuda_rasterizer()
+        if op is not None:
+            return op.gather_features(index, features, background)
+        if backend == "cuda":
+            why = _backend.why_unavailable()
+            raise RuntimeError(f"backend='cuda' requested but the CUDA kernel is unavailable: {why}")
+    elif backend == "cuda":
+        raise ValueError(f"backend='cuda' needs features on a CUDA device, got features on {features.device}")
+    return gather_features(index, features, background)

@@ -260,3 +260,14 @@ def test_rasterize_features_cuda_equals_torch() -> None:
     )
     for g_, w_ in zip(got, want, strict=True):
         assert torch.equal(g_.cpu(), w_)
+
+
+def test_gather_dispatch_on_cpu_is_the_reference() -> None:
+    g = torch.Generator().manual_seed(8)
+    features, background = torch.randn(30, 3, generator=g), torch.randn(3, generator=g)
+    index = torch.randint(-1, 30, (5, 7), generator=g)
+    want = R.gather_features(index, features, background)
+    assert torch.equal(R.gather(index, features, background), want)
+    assert torch.equal(R.gather(index, features, background, backend="torch"), want)
+    with pytest.raises(ValueError, match="needs features on a CUDA device"):
+        R.gather(index, features, background, backend="cuda")
