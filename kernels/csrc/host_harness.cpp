@@ -32,4 +32,38 @@ void npbgpp_host_min_pool(const long long* fine, int fine_width, long long* coar
   }
 }
 
+// float32 gather forward: out (C+1, pixels); background may be null.
+void npbgpp_host_gather_forward(const long long* index, long long pixels, const float* features,
+                                long long num_points, long long channels, const float* background, float* out) {
+  const long long total = (channels + 1) * pixels;
+  for (long long e = 0; e < total; ++e) {
+    const npbgpp::GatherSource s =
+        npbgpp::gather_source(index, pixels, num_points, channels, background != nullptr, e);
+    switch (s.from) {
+      case npbgpp::GatherFrom::kFeature:
+        out[e] = features[s.offset];
+        break;
+      case npbgpp::GatherFrom::kBackground:
+        out[e] = background[s.offset];
+        break;
+      case npbgpp::GatherFrom::kOne:
+        out[e] = 1.0f;
+        break;
+      default:
+        out[e] = 0.0f;
+        break;
+    }
+  }
+}
+
+// float32 scatter-add of grad_out (C+1, pixels) into grad_accum (N, C), zero-initialised.
+void npbgpp_host_gather_backward(const long long* index, long long pixels, const float* grad_out,
+                                 long long num_points, long long channels, float* grad_accum) {
+  const long long total = channels * pixels;
+  for (long long e = 0; e < total; ++e) {
+    const long long target = npbgpp::scatter_target(index, pixels, num_points, channels, e);
+    if (target >= 0) grad_accum[target] += grad_out[e];
+  }
+}
+
 }  // extern "C"

@@ -103,18 +103,23 @@ __global__ void gather_forward_kernel(const long long* __restrict__ index, long 
                                       long long channels, const T* __restrict__ background,
                                       T* __restrict__ out) {
   const long long total = (channels + 1) * pixels;
+  const bool has_background = background != nullptr;
   for (long long e = grid_start(); e < total; e += grid_stride()) {
-    const long long c = e / pixels;
-    const long long p = e - c * pixels;
-    const long long idx = index[p];
-    const bool hit = idx >= 0 && idx < num_points;
+    const GatherSource source = gather_source(index, pixels, num_points, channels, has_background, e);
     T value;
-    if (c == channels) {
-      value = hit ? FeatureTraits<T>::one() : FeatureTraits<T>::zero();
-    } else if (hit) {
-      value = features[idx * channels + c];
-    } else {
-      value = background != nullptr ? background[c] : FeatureTraits<T>::zero();
+    switch (source.from) {
+      case GatherFrom::kFeature:
+        value = features[source.offset];
+        break;
+      case GatherFrom::kBackground:
+        value = background[source.offset];
+        break;
+      case GatherFrom::kOne:
+        value = FeatureTraits<T>::one();
+        break;
+      default:
+        value = FeatureTraits<T>::zero();
+        break;
     }
     out[e] = value;
   }
@@ -127,12 +132,8 @@ __global__ void gather_backward_kernel(const long long* __restrict__ index, long
                                        typename FeatureTraits<T>::Accum* __restrict__ grad_accum) {
   const long long total = channels * pixels;
   for (long long e = grid_start(); e < total; e += grid_stride()) {
-    const long long c = e / pixels;
-    const long long p = e - c * pixels;
-    const long long idx = index[p];
-    if (idx >= 0 && idx < num_points) {
-      atomicAdd(grad_accum + idx * channels + c, FeatureTraits<T>::to_accum(grad_out[e]));
-    }
+    const long long target = scatter_target(index, pixels, num_points, channels, e);
+    if (target >= 0) atomicAdd(grad_accum + target, FeatureTraits<T>::to_accum(grad_out[e]));
   }
 }
 

@@ -119,4 +119,35 @@ NPBGPP_HD long long pooled_key(const long long* fine, int fine_width, int coarse
   return best;
 }
 
+// Where element e of the gather output (C+1, pixels) comes from: a feature value (offset
+// into the (N, C) features), a background value (offset = channel), or the constants 1/0
+// (the mask channel C is 1 where a point landed; empty pixels without background are 0).
+enum class GatherFrom : int { kFeature = 0, kBackground = 1, kOne = 2, kZero = 3 };
+
+struct GatherSource {
+  GatherFrom from;
+  long long offset;
+};
+
+NPBGPP_HD GatherSource gather_source(const long long* index, long long pixels, long long num_points,
+                                     long long channels, bool has_background, long long e) {
+  const long long c = e / pixels;
+  const long long p = e - c * pixels;
+  const long long idx = index[p];
+  const bool hit = idx >= 0 && idx < num_points;  // anything else counts as empty
+  if (c == channels) return GatherSource{hit ? GatherFrom::kOne : GatherFrom::kZero, 0};
+  if (hit) return GatherSource{GatherFrom::kFeature, idx * channels + c};
+  return has_background ? GatherSource{GatherFrom::kBackground, c} : GatherSource{GatherFrom::kZero, 0};
+}
+
+// The (N, C) feature offset that element e of the feature gradient (C, pixels) adds to,
+// or -1 for an empty pixel (its gradient belongs to the background).
+NPBGPP_HD long long scatter_target(const long long* index, long long pixels, long long num_points,
+                                   long long channels, long long e) {
+  const long long c = e / pixels;
+  const long long p = e - c * pixels;
+  const long long idx = index[p];
+  return (idx >= 0 && idx < num_points) ? idx * channels + c : -1;
+}
+
 }  // namespace npbgpp
