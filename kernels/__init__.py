@@ -9,9 +9,9 @@
 - ``gather_features(index, features, background) -> (C+1, h, w)``: differentiable
   w.r.t. ``features`` and ``background`` (backward is a scatter-add to the winners).
 
-Build cache: ``$TORCH_EXTENSIONS_DIR/npbgpp_rasterizer`` when that variable is set,
-otherwise ``$NPBGPP_KERNELS_DIR`` or ``~/.cache/npbgpp_kernels``. torch rebuilds when
-the sources change. Ahead of time: ``python -m kernels.build`` (see kernels/build.py).
+Build cache: ``<root>/npbgpp_rasterizer`` with root ``$TORCH_EXTENSIONS_DIR`` when set,
+else ``$NPBGPP_KERNELS_DIR`` when set, else ``~/.cache/npbgpp_kernels``. torch rebuilds
+when a file in csrc/ changes. Ahead of time: ``python -m kernels.build`` (see kernels/build.py).
 
 Memory: the kernel needs no per-point scratch; besides the points it allocates only the
 key images (8 bytes per pixel per scale). Points already on the GPU go in one
