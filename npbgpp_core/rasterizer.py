@@ -97,16 +97,17 @@ def project_for_raster(points: torch.Tensor, p: RasterParams) -> tuple[torch.Ten
     return u, v, zv
 
 
-def _keys_direct(qx, qy, depth_bits, index, valid, size: tuple[int, int]) -> torch.Tensor:
+def _keys_direct(qx, qy, key, valid, size: tuple[int, int]) -> torch.Tensor:
     h, w = size
     col = torch.floor(qx * w)
     row = torch.floor(qy * h)
     ok = valid & (col >= 0) & (col < w) & (row >= 0) & (row < h)
-    pix = (row[ok].long() * w + col[ok].long())
-    key = (depth_bits[ok] << 32) | index[ok]
-    buf = torch.full((h * w,), EMPTY_KEY, dtype=torch.int64, device=qx.device)
+    # Culled points go to a spare slot h*w (dropped below) instead of being filtered out:
+    # no boolean indexing (nonzero + 4 gathers, a host sync on GPU), same keys.
+    pix = torch.where(ok, row, h).long() * w + torch.where(ok, col, 0).long()
+    buf = torch.full((h * w + 1,), EMPTY_KEY, dtype=torch.int64, device=qx.device)
     buf.scatter_reduce_(0, pix, key, reduce="amin", include_self=True)
-    return buf.view(h, w)
+    return buf[: h * w].view(h, w)
 
 
 def _pow2_ratio(fine: int, coarse: int) -> int | None:
@@ -132,10 +133,15 @@ def rasterize_keys_torch(points: torch.Tensor, p: RasterParams) -> list[torch.Te
         raise ValueError("at most 2**31 - 1 points per rasterization")
     u, v, z = project_for_raster(points, p)
     valid = torch.isfinite(u) & torch.isfinite(v) & (z > p.near)
-    qx = (u + 0.5) / p.width
-    qy = (v + 0.5) / p.height
+    # Divide by 0-dim tensors, not Python numbers: on CUDA torch computes a division by a
+    # CPU scalar as a multiplication by its float32 reciprocal (an ulp off at times), which
+    # would make the reference device-dependent; this way CPU, GPU and kernel all divide.
+    width = torch.tensor(float(p.width), dtype=torch.float32, device=points.device)
+    height = torch.tensor(float(p.height), dtype=torch.float32, device=points.device)
+    qx = (u + 0.5) / width
+    qy = (v + 0.5) / height
     depth_bits = z.view(torch.int32).to(torch.int64)
-    index = torch.arange(n, device=points.device, dtype=torch.int64)
+    key = (depth_bits << 32) | torch.arange(n, device=points.device, dtype=torch.int64)
     order = sorted(range(len(p.sizes)), key=lambda i: -p.sizes[i][0] * p.sizes[i][1])
     out: list[torch.Tensor | None] = [None] * len(p.sizes)
     done: list[torch.Tensor] = []
@@ -147,7 +153,7 @@ def rasterize_keys_torch(points: torch.Tensor, p: RasterParams) -> list[torch.Te
             if keys is not None:
                 break
         if keys is None:
-            keys = _keys_direct(qx, qy, depth_bits, index, valid, size)
+            keys = _keys_direct(qx, qy, key, valid, size)
         out[i] = keys
         done.append(keys)
     return [k for k in out if k is not None]
@@ -175,26 +181,35 @@ def _prepare_points(points: torch.Tensor) -> torch.Tensor:
 _announced: set[str] = set()
 
 
+def _announce(chosen: str, why: str) -> None:
+    """Log one line per backend actually used (the first time it is used)."""
+    if chosen not in _announced:
+        _announced.add(chosen)
+        _log.info("rasterizer backend: %s%s", chosen, f" ({why})" if why else "")
+
+
 def _choose_backend(backend: str, points: torch.Tensor) -> str:
     from . import _backend
 
     if backend not in ("auto", "torch", "cuda"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'cuda', got {backend!r}")
     if backend == "torch":
+        _announce("torch", "requested")
         return "torch"
-    available = points.is_cuda and _backend.cuda_rasterizer() is not None
     if backend == "cuda":
         if not points.is_cuda:
-            raise ValueError("backend='cuda' needs points on a CUDA device")
-        if not available:
+            raise ValueError(
+                f"backend='cuda' needs points on a CUDA device, got points on {points.device}; "
+                "move them with points.cuda() or use backend='auto'"
+            )
+        if _backend.cuda_rasterizer() is None:
             why = _backend.why_unavailable()
             raise RuntimeError(f"backend='cuda' requested but the CUDA kernel is unavailable: {why}")
+        _announce("cuda", "")
         return "cuda"
+    available = points.is_cuda and _backend.cuda_rasterizer() is not None
     chosen = "cuda" if available else "torch"
-    if chosen not in _announced:
-        _announced.add(chosen)
-        why = "" if chosen == "cuda" else f" ({_backend.why_unavailable() if points.is_cuda else 'points not on CUDA'})"
-        _log.info("rasterizer backend: %s%s", chosen, why)
+    _announce(chosen, "" if available else (_backend.why_unavailable() if points.is_cuda else "points not on CUDA"))
     return chosen
 
 
@@ -273,9 +288,25 @@ def rasterize_features(
     if background is not None and background.numel() != features.shape[1]:
         raise ValueError(f"background must have C={features.shape[1]} values, got {background.numel()}")
     indices = rasterize(points, camera, scales, near, backend)
+    return [gather(idx, features, background, backend) for idx in indices]
+
+
+def gather(
+    index: torch.Tensor, features: torch.Tensor, background: torch.Tensor | None = None, backend: str = "auto"
+) -> torch.Tensor:
+    """:func:`gather_features` on a backend: the CUDA kernel for CUDA features when it
+    loads ('auto' or 'cuda'; its backward is a scatter-add), else the torch reference."""
     from . import _backend
 
-    gather = gather_features
-    if features.is_cuda and backend != "torch" and _backend.cuda_rasterizer() is not None:
-        gather = _backend.cuda_rasterizer().gather_features  # type: ignore[union-attr]
-    return [gather(idx, features, background) for idx in indices]
+    if backend not in ("auto", "torch", "cuda"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'cuda', got {backend!r}")
+    if backend != "torch" and features.is_cuda:
+        op = _backend.cuda_rasterizer()
+        if op is not None:
+            return op.gather_features(index, features, background)
+        if backend == "cuda":
+            why = _backend.why_unavailable()
+            raise RuntimeError(f"backend='cuda' requested but the CUDA kernel is unavailable: {why}")
+    elif backend == "cuda":
+        raise ValueError(f"backend='cuda' needs features on a CUDA device, got features on {features.device}")
+    return gather_features(index, features, background)
