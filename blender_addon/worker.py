@@ -99,15 +99,15 @@ class RenderService:
         st = os.stat(path)
         key = (os.path.abspath(path), st.st_size, st.st_mtime_ns, device, precision)
         if key != self.bundle_key:
-            from npbgpp_core.scene import NeuralScene
-
             self.bundle = None
             self.renderer = None
             dev = pick_device(device)
             try:
+                from npbgpp_core.scene import NeuralScene
+
                 bundle = NeuralScene.load(path)
             except Exception as exc:  # noqa: BLE001 - any parse failure is a bad file
-                raise ValueError(f"cannot read NeuralScene bundle {path}: {exc}") from exc
+                raise ValueError(f"cannot read NeuralScene bundle {path}: {type(exc).__name__}: {exc}") from exc
             self.bundle = bundle
             self.renderer = bundle.renderer(dev)
             self.device = dev
