@@ -37,6 +37,18 @@ from typing import Any
 import numpy as np
 
 FRAME_CHANNELS = 8
+
+
+class _LazyDtypes:
+    """precision name -> torch dtype (torch imported on first use)."""
+
+    def get(self, name: str) -> Any:
+        import torch
+
+        return {"FP16": torch.float16, "BF16": torch.bfloat16}.get(name)
+
+
+_DTYPES = _LazyDtypes()
 NEURAL = slice(0, 3)
 POINTS_RGBA = slice(3, 7)
 DEPTH = 7
@@ -109,7 +121,7 @@ class RenderService:
             except Exception as exc:  # noqa: BLE001 - any parse failure is a bad file
                 raise ValueError(f"cannot read NeuralScene bundle {path}: {type(exc).__name__}: {exc}") from exc
             self.bundle = bundle
-            self.renderer = bundle.renderer(dev)
+            self.renderer = bundle.renderer(dev, dtype=_DTYPES.get(precision))
             self.device = dev
             self.precision = precision
             self.bundle_key = key
@@ -165,14 +177,9 @@ class RenderService:
     def _neural(self, camera: Any) -> np.ndarray:
         import torch
 
-        dtype = {"FP16": torch.float16, "BF16": torch.bfloat16}.get(self.precision)
         cam = camera.to(self.device)
         with torch.inference_mode():
-            if dtype is None:
-                img = self.renderer.render(cam)
-            else:
-                with torch.autocast(device_type=self.device.split(":")[0], dtype=dtype):
-                    img = self.renderer.render(cam)
+            img = self.renderer.render(cam)
         img = img.detach().float().clamp(0, 1).cpu()
         if img.shape[0] != 3:
             img = img[:3]
@@ -223,6 +230,7 @@ class Aggregation:
 
     def __init__(self, path: str, fmt: str | None, weights: str, device: str, max_points: int) -> None:
         import torch
+
         from npbgpp_core.datasets import load_scene
         from npbgpp_core.models import NPBGPlusPlus, NPBGPlusPlusConfig
 
@@ -235,8 +243,7 @@ class Aggregation:
         self.model.to(self.device).eval()
         self.data = load_scene(path, format=fmt)
         if max_points:
-            sub = self.data.subsample_points(max_points)
-            self.data = sub if sub is not None else self.data
+            self.data = self.data.subsample_points(max_points)
         points = torch.as_tensor(np.asarray(self.data.points, np.float32), device=self.device)
         with torch.no_grad():
             self.state = self.model.begin_scene(points)
@@ -252,15 +259,14 @@ class Aggregation:
 
     def finish(self, out: str) -> dict:
         import torch
+
         from npbgpp_core.scene import NeuralScene
 
         with torch.no_grad():
             agg = self.state.finish()
-        colors = None if self.data.colors is None else np.asarray(self.data.colors, np.float32)
-        scene = NeuralScene(
-            points=agg.points.cpu(), colors=None if colors is None else torch.from_numpy(colors), kind="npbgpp",
-            features=agg.coefficients.cpu(), valid=agg.valid.cpu(), model_config=self.model.config.to_dict(),
-            model_state={k: v.cpu() for k, v in self.model.state_dict().items()},
+        colors = None if self.data.colors is None else torch.from_numpy(np.asarray(self.data.colors, np.float32))
+        scene = NeuralScene.from_aggregated(
+            self.model, agg, colors, name=self.data.name,
             metadata={"dataset": str(self.data.root), "views": len(self.views)},
         )
         scene.save(out)
@@ -272,8 +278,7 @@ def load_dataset(path: str, fmt: str | None, max_points: int) -> dict:
 
     data = load_scene(path, format=fmt)
     if max_points:
-        sub = data.subsample_points(max_points)
-        data = sub if sub is not None else data
+        data = data.subsample_points(max_points)
     views = []
     for v in data.views:
         K, R, t = v.camera.to_opencv()
