@@ -65,7 +65,9 @@ def create_camera(
     M = np.eye(4)
     M[:3, :3] = R_blender.T
     M[:3, 3] = center
-    obj.matrix_world = [list(row) for row in M]
+    from mathutils import Matrix
+
+    obj.matrix_world = Matrix([list(map(float, row)) for row in M])  # a plain list would be read column-major
     context.collection.objects.link(obj)
     return obj
 
@@ -221,7 +223,7 @@ def _base_color_and_image(obj: Any) -> tuple[np.ndarray, Any]:
     if mat is None:
         return color, None
     color = linear_to_srgb(np.array(mat.diffuse_color[:3], np.float32))
-    if mat.use_nodes and mat.node_tree is not None:
+    if mat.node_tree is not None:
         for node in mat.node_tree.nodes:
             if node.type == "BSDF_PRINCIPLED":
                 socket = node.inputs["Base Color"]

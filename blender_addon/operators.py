@@ -6,7 +6,7 @@ import os
 from typing import Any
 
 import bpy
-from bpy.props import IntProperty, StringProperty
+from bpy.props import BoolProperty, IntProperty, StringProperty
 
 
 class NPBGPP_OT_aggregate(bpy.types.Operator):
@@ -63,6 +63,11 @@ class NPBGPP_OT_export_dataset(bpy.types.Operator):
     bl_label = "Export Dataset"
     directory: StringProperty(subtype="DIR_PATH")  # type: ignore[valid-type]
     views: IntProperty(name="Views", default=50, min=1)  # type: ignore[valid-type]
+    width: IntProperty(name="Width", default=256, min=8)  # type: ignore[valid-type]
+    height: IntProperty(name="Height", default=256, min=8)  # type: ignore[valid-type]
+    samples: IntProperty(name="Samples", default=16, min=1)  # type: ignore[valid-type]
+    points: IntProperty(name="Points", default=100_000, min=1)  # type: ignore[valid-type]
+    overwrite: BoolProperty(name="Overwrite", default=False)  # type: ignore[valid-type]
 
     def invoke(self, context: Any, event: Any) -> set[str]:
         context.window_manager.fileselect_add(self)
@@ -78,10 +83,14 @@ class NPBGPP_OT_export_dataset(bpy.types.Operator):
             self.report({"ERROR"}, f"the dataset renderer is unavailable: {exc}")
             return {"CANCELLED"}
         try:
-            render_views_of_current_scene(bpy.path.abspath(self.directory), views=self.views)
-        except (ValueError, RuntimeError, OSError) as exc:
-            self.report({"ERROR"}, f"Export dataset failed: {exc}")
+            summary = render_views_of_current_scene(
+                context.scene, bpy.path.abspath(self.directory), views=self.views, size=(self.height, self.width),
+                samples=self.samples, points=self.points, overwrite=self.overwrite,
+            )
+        except Exception as exc:  # noqa: BLE001 - the renderer is other code: report anything it raises
+            self.report({"ERROR"}, f"Export dataset failed: {type(exc).__name__}: {exc}")
             return {"CANCELLED"}
+        self.report({"INFO"}, f"exported {summary}")
         return {"FINISHED"}
 
 
