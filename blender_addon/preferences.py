@@ -74,7 +74,10 @@ class _Install:
 
 
 def _pip_install(python: str, target: str) -> None:
-    cmd = [python, "-m", "pip", "install", "--no-input", "--disable-pip-version-check", "--target", target, TORCH_PIN]
+    cmd = [
+        python, "-m", "pip", "install", "--no-input", "--disable-pip-version-check", "--retries", "1",
+        "--timeout", "20", "--target", target, TORCH_PIN,
+    ]
     try:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         assert proc.stdout is not None

@@ -236,3 +236,47 @@ def test_render_service_depth_is_view_depth():
         assert frame[r, c, 6] == 1.0
         assert frame[r, c, 7] == pytest.approx(d, rel=1e-6)
     assert np.isinf(frame[0, 0, 7]) and frame[0, 0, 6] == 0.0
+
+
+def test_pip_install_failure_is_explained(tmp_path):
+    from blender_addon import preferences
+
+    preferences._Install.running = True
+    preferences._pip_install(str(tmp_path / "no-python"), str(tmp_path / "deps"))
+    assert not preferences._Install.running
+    assert preferences._Install.message.startswith("cannot run pip")
+    assert str(tmp_path / "no-python") in preferences._Install.message
+
+
+class _Engine:
+    """Stands in for the RenderEngine's only use here (redraw requests)."""
+
+    def __init__(self) -> None:
+        self.redraws = 0
+
+    def tag_redraw(self) -> None:
+        self.redraws += 1
+
+
+def test_viewport_session_renders_jobs_off_thread_and_drops_stale():
+    from blender_addon.render_job import SceneSnapshot
+    from blender_addon.viewport import ViewportSession
+    from blender_addon.worker_client import HUB
+
+    pts = np.random.default_rng(0).uniform(-1, 1, (200, 3)).astype(np.float32)
+    snap = SceneSnapshot(output="POINTS", mode="IN_PROCESS", points=pts, colors=None, points_key="k")
+    K = opencv_intrinsics(50, 36, 24, "AUTO", 0, 0, 80, 60)
+    geo = CameraGeometry(K, np.diag([1.0, -1.0, -1.0]), np.array([0.0, 0.0, 5.0]), (60, 80))
+    session = ViewportSession(_Engine())
+    try:
+        job = session.scheduler.request("view-1", (60, 80))
+        session._run(job, geo.scaled(*job.size), snap, True)
+        assert session.frame is not None and session.frame[1].shape == (15, 20, 4)
+        assert session.frame[1][..., 3].max() == 1.0
+        job2 = session.scheduler.request("view-1", (60, 80))  # still: full resolution
+        assert job2.size == (60, 80)
+        session.scheduler.request("view-2", (60, 80))  # the view moves while job2 renders
+        session._run(job2, geo.scaled(*job2.size), snap, True)
+        assert session.frame[0] == job.frame_id  # job2's frame was stale: dropped
+    finally:
+        HUB.shutdown()
