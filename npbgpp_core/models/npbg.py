@@ -115,7 +115,8 @@ class NPBG(nn.Module):
         """Inference render (3, H, W) clamped to [0, 1]."""
         with torch.inference_mode(), autocast_context(self.device, dtype):
             out = self.render_raw(points, camera)
-        return out[:3].float().clamp(0, 1)
+        # A normal tensor (clone outside inference mode): callers may edit it in place.
+        return out[:3].float().clamp(0, 1).clone()
 
     def refine_feature_map(
         self, feature_map: torch.Tensor, drop_prob: float = 0.5, detach: bool = True

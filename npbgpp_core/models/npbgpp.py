@@ -205,7 +205,8 @@ class NPBGPlusPlus(nn.Module):
         GPU) enables autocast."""
         with torch.inference_mode(), autocast_context(self.device, dtype):
             out = self.render_raw(scene, camera)
-        return out[:3].float().clamp(0, 1)
+        # A normal tensor (clone outside inference mode): callers may edit it in place.
+        return out[:3].float().clamp(0, 1).clone()
 
     # -------------------------------------------------------- auxiliary loss
     def refine_feature_map(
