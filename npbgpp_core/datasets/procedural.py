@@ -80,7 +80,8 @@ def make_material(name: str, rng: np.random.Generator, kind: str | None = None):
 
     kind = kind or str(rng.choice(["flat", "glossy", "metal", "checker", "stripes", "rings", "noise"]))
     mat = bpy.data.materials.new(name)
-    mat.use_nodes = True
+    if mat.node_tree is None:  # Blender < 5 creates node trees on request
+        mat.use_nodes = True
     nodes = mat.node_tree.nodes
     bsdf = next(n for n in nodes if n.type == "BSDF_PRINCIPLED")
     srgb = rng.uniform(0.1, 0.95, 3)
@@ -185,7 +186,7 @@ def make_mesh_object(scene, name: str, shape: str, material, location=(0, 0, 0),
 
 
 def _uses_vertex_colors(material) -> bool:
-    return material.use_nodes and any(n.type == "VERTEX_COLOR" for n in material.node_tree.nodes)
+    return material.node_tree is not None and any(n.type == "VERTEX_COLOR" for n in material.node_tree.nodes)
 
 
 def _add_vertex_colors(mesh, rng: np.random.Generator) -> None:
@@ -210,7 +211,8 @@ def _lights(scene, rng: np.random.Generator) -> None:
     from mathutils import Euler
 
     world = bpy.data.worlds.new(f"{scene.name}_world")
-    world.use_nodes = True
+    if world.node_tree is None:  # Blender < 5 creates node trees on request
+        world.use_nodes = True
     bg = next(n for n in world.node_tree.nodes if n.type == "BACKGROUND")
     bg.inputs["Color"].default_value = (0.35, 0.35, 0.38, 1.0)
     bg.inputs["Strength"].default_value = 1.0

@@ -35,8 +35,9 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -77,6 +78,16 @@ def blender_camera_intrinsics(cam_data, width: int, height: int, pixel_aspect_x:
     cx = width / 2.0 - cam_data.shift_x * view_fac - 0.5
     cy = height / 2.0 + cam_data.shift_y * view_fac / ycor - 0.5
     return fx, fy, cx, cy
+
+
+def oidn_available() -> bool:
+    """Whether this Blender's Cycles was built with OpenImageDenoise."""
+    try:
+        import _cycles
+
+        return bool(getattr(_cycles, "with_openimagedenoise", False))
+    except ImportError:
+        return False
 
 
 def camera_directions(count: int, seed: int, hemisphere: bool) -> np.ndarray:
@@ -125,9 +136,16 @@ def _configure(bpy_scene, settings: _Settings, size: tuple[int, int], samples: i
     settings.set(c, "samples", int(samples))
     settings.set(c, "use_adaptive_sampling", False)
     settings.set(c, "use_denoising", bool(denoise))
+    if denoise:
+        settings.set(c, "denoiser", "OPENIMAGEDENOISE")
+        settings.set(c, "denoising_input_passes", "RGB_ALBEDO_NORMAL")
     settings.set(c, "seed", int(seed))
     settings.set(c, "use_animated_seed", False)
-    settings.set(c, "max_bounces", 4)
+    # Short light paths: these scenes have no glass or volumes, and speed matters more.
+    for attr, value in (("max_bounces", 4), ("diffuse_bounces", 1), ("glossy_bounces", 2),
+                        ("transmission_bounces", 2), ("volume_bounces", 0), ("transparent_max_bounces", 4),
+                        ("caustics_reflective", False), ("caustics_refractive", False)):
+        settings.set(c, attr, value)
     settings.set(r, "resolution_x", int(size[1]))
     settings.set(r, "resolution_y", int(size[0]))
     settings.set(r, "resolution_percentage", 100)
@@ -178,7 +196,7 @@ def render_views_of_current_scene(
     val_views: int | None = None,
     test_views: int | None = None,
     fov_deg: float = 40.0,
-    denoise: bool = False,
+    denoise: bool | None = False,
     overwrite: bool = False,
     keep_camera: bool = False,
     center: Sequence[float] | None = None,
@@ -186,7 +204,9 @@ def render_views_of_current_scene(
 ) -> RenderSummary:
     """Render ``views`` views of an open bpy scene into ``out_dir`` (NeRF-Synthetic layout
     + ``points3d.ply``). ``size=(height, width)``; ``fov_deg`` is the horizontal field of
-    view; ``center``/``radius`` override the bounding sphere the cameras frame. The
+    view; ``center``/``radius`` override the bounding sphere the cameras frame;
+    ``denoise=True`` uses OpenImageDenoise (off by default: on 2 busy CPU cores it took
+    ~4.5 s per 256x256 view against ~0.6 s without), ``None`` uses it when available. The
     scene's render settings and active camera are restored afterwards; the temporary
     camera object is removed unless ``keep_camera`` (then its name is returned). Output is
     written to a temporary folder and moved into place at the end."""
@@ -195,6 +215,8 @@ def render_views_of_current_scene(
     from ..ply import save_ply
     from .surface_points import sample_surface_points, scene_bounds
 
+    if denoise is None:
+        denoise = oidn_available()
     h, w = int(size[0]), int(size[1])
     if h < 2 or w < 2:
         raise ValueError(f"size must be at least 2x2, got {(h, w)}")
@@ -316,7 +338,9 @@ def _parse_size(text: str) -> tuple[int, int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m npbgpp_core.datasets.render_blender", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m npbgpp_core.datasets.render_blender", description=__doc__.split("\n")[0]
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--blend", help="render the active scene of this .blend file")
     src.add_argument("--procedural", help="procedural scene name, or random_<seed>")
@@ -330,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--val", type=int, default=None, help="number of val views (default views//10)")
     p.add_argument("--test", type=int, default=None, help="number of test views (default views//10)")
     p.add_argument("--fov", type=float, default=40.0, help="horizontal field of view in degrees")
-    p.add_argument("--denoise", action="store_true", help="use Cycles' denoiser (OpenImageDenoise)")
+    p.add_argument("--denoise", action="store_true", help="denoise with OpenImageDenoise (slow on CPU)")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
     opts = dict(samples=args.samples, hemisphere=args.hemisphere, points=args.points, val_views=args.val,

@@ -27,7 +27,7 @@ def _base_color_source(mat) -> tuple:
     if mat is None:
         return ("none",)
     fallback = ("const", linear_to_srgb(np.asarray(mat.diffuse_color[:3])))
-    if not mat.use_nodes or mat.node_tree is None:
+    if mat.node_tree is None:
         return fallback
     out = mat.node_tree.get_output_node("CYCLES")
     if out is None or not out.inputs["Surface"].is_linked:
@@ -135,10 +135,32 @@ class _MeshTris:
                 self.color_attrs[attr.name] = (attr.domain, linear_to_srgb(c.reshape(n, 4)[:, :3]))
             active = _color_attribute(mesh, None)
             self.active_color = active.name if active is not None else None
+            self._canonical_order()
             slots = obj_eval.material_slots
             self.sources = [_base_color_source(s.material) for s in slots] or [("none",)]
         finally:
             obj_eval.to_mesh_clear()
+
+    def _canonical_order(self) -> None:
+        """Order triangles (and each triangle's corners, winding kept) by position, so
+        that seeded sampling does not depend on the mesh's internal element order, which
+        Blender does not keep stable between builds of the same geometry."""
+        if len(self.tri_verts) == 0:
+            return
+        key = np.round(self.world, 6)
+        vkey = np.lexsort((key[:, 2], key[:, 1], key[:, 0]))
+        rank = np.empty(len(vkey), np.int64)
+        rank[vkey] = np.arange(len(vkey))
+        first = np.argmin(rank[self.tri_verts], axis=1)
+        roll = (np.arange(3)[None, :] + first[:, None]) % 3
+        rows = np.arange(len(self.tri_verts))[:, None]
+        self.tri_verts = self.tri_verts[rows, roll]
+        self.tri_loops = self.tri_loops[rows, roll]
+        c = key[self.tri_verts].reshape(len(self.tri_verts), 9)
+        order = np.lexsort(tuple(c[:, k] for k in range(8, -1, -1)))
+        self.tri_verts = self.tri_verts[order]
+        self.tri_loops = self.tri_loops[order]
+        self.material_index = self.material_index[order]
 
     def corners(self) -> np.ndarray:
         return self.world[self.tri_verts]  # (T, 3, 3)
