@@ -225,7 +225,7 @@ class WorkerHub:
     def get(self, mode: str, env_path: str, extra_paths: list[str]) -> ProcessWorker | InProcessWorker:
         with self.lock:
             python = python_for_worker(env_path) if mode == "PROCESS" else ""
-            wanted = (mode, python)
+            wanted = (mode, python, tuple(extra_paths))
             if self.worker is None or self.mode != wanted:
                 self.shutdown()
                 self.worker = ProcessWorker(python, extra_paths) if mode == "PROCESS" else InProcessWorker()
