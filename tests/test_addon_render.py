@@ -208,7 +208,8 @@ def passes(exr: dict[str, np.ndarray], name: str, layer: str = "ViewLayer") -> n
 def test_installed_as_extension(addon):
     assert addon.__name__ == MODULE
     assert hasattr(bpy.types.Scene, "npbgpp")
-    assert "NPBGPP" in bpy.types.RenderEngine.bl_rna.functions.keys() or True
+    bpy.context.scene.render.engine = "NPBGPP"  # raises TypeError for an unknown engine
+    assert bpy.context.scene.render.engine == "NPBGPP"
     assert os.path.isdir(os.path.join(os.path.dirname(addon.__file__), "vendor", "npbgpp_core"))
 
 
