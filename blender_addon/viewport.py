@@ -19,6 +19,7 @@ import numpy as np
 from .camera_bridge import CameraGeometry, viewport_geometry
 
 MOVING_SCALE = 0.25
+HALF_MAX = 65504.0
 
 
 @dataclass(frozen=True)
@@ -178,7 +179,6 @@ class ViewportSession:
 
     def _draw_frame(self, scene: Any, region: Any) -> None:
         import gpu
-        from gpu_extras.presets import draw_texture_2d
 
         with self.lock:
             frame = self.frame
@@ -186,13 +186,28 @@ class ViewportSession:
             return
         frame_id, image = frame
         if frame_id != self.texture_id:
-            h, w = image.shape[:2]
-            data = np.clip(image[::-1], -65504.0, 65504.0).astype(np.float32).ravel()
-            buffer = gpu.types.Buffer("FLOAT", data.size, data)
-            self.texture = gpu.types.GPUTexture((w, h), format="RGBA16F", data=buffer)
+            self.texture = make_texture(image)
             self.texture_id = frame_id
         gpu.state.blend_set("ALPHA_PREMULT")
         self.engine.bind_display_space_shader(scene)
-        draw_texture_2d(self.texture, (0, 0), region.width, region.height)
+        draw_texture(self.texture, region.width, region.height)
         self.engine.unbind_display_space_shader()
         gpu.state.blend_set("NONE")
+
+
+def make_texture(image: np.ndarray) -> Any:
+    """Half-float RGBA texture of a top-down (H, W, 4) image (values clamped to the half
+    range; OpenGL textures are bottom row first). Needs a GPU context."""
+    import gpu
+
+    h, w = image.shape[:2]
+    data = np.ascontiguousarray(np.clip(image[::-1], -HALF_MAX, HALF_MAX), dtype=np.float32).ravel()
+    buffer = gpu.types.Buffer("FLOAT", data.size, data)
+    return gpu.types.GPUTexture((w, h), format="RGBA16F", data=buffer)
+
+
+def draw_texture(texture: Any, width: int, height: int) -> None:
+    """Stretch the texture over a ``width`` x ``height`` region (coarse frames scale up)."""
+    from gpu_extras.presets import draw_texture_2d
+
+    draw_texture_2d(texture, (0, 0), width, height)

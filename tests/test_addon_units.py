@@ -280,3 +280,66 @@ def test_viewport_session_renders_jobs_off_thread_and_drops_stale():
         assert session.frame[0] == job.frame_id  # job2's frame was stale: dropped
     finally:
         HUB.shutdown()
+
+
+_GPU_SCRIPT = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import bpy, numpy as np
+from mathutils import Matrix
+from blender_addon.viewport import make_texture, draw_texture
+out = {}
+class ProbeEngine(bpy.types.RenderEngine):
+    bl_idname = "NPBGPP_GPU_PROBE"
+    bl_label = "probe"
+    bl_use_gpu_context = True
+    def render(self, depsgraph):
+        import gpu
+        img = np.zeros((6, 8, 4), np.float32)
+        img[0, 0] = (1, 0, 0, 1)
+        img[5, 7] = (0, 0.5, 1e6, 1)
+        img[2, 3] = (0.25, 0.75, 0.125, 1)
+        off = gpu.types.GPUOffScreen(8, 6, format="RGBA32F")
+        with off.bind():
+            fb = gpu.state.active_framebuffer_get()
+            fb.clear(color=(0, 0, 0, 0))
+            with gpu.matrix.push_pop():
+                gpu.matrix.load_matrix(Matrix.Identity(4))
+                gpu.matrix.load_projection_matrix(Matrix.Identity(4))
+                gpu.matrix.translate((-1, -1))
+                gpu.matrix.scale((2 / 8, 2 / 6))
+                draw_texture(make_texture(img), 8, 6)
+            buf = fb.read_color(0, 0, 8, 6, 4, 0, "FLOAT")
+        off.free()
+        buf.dimensions = 8 * 6 * 4
+        out["px"] = np.array(buf, np.float32).reshape(6, 8, 4)[::-1]
+bpy.utils.register_class(ProbeEngine)
+sc = bpy.context.scene
+sc.render.engine = "NPBGPP_GPU_PROBE"
+sc.render.resolution_x, sc.render.resolution_y = 8, 6
+bpy.ops.render.render()
+np.save(sys.argv[2], out["px"])
+"""
+
+
+def test_viewport_texture_upload_and_draw(tmp_path):
+    """The viewport's half-float texture path, drawn into an offscreen buffer under a
+    headless GPU context (Mesa EGL); a separate process, since a missing EGL aborts."""
+    import ctypes.util
+    import subprocess
+
+    if ctypes.util.find_library("EGL") is None:
+        pytest.skip("no EGL library: no headless GPU context")
+    script = tmp_path / "gpu_probe.py"
+    script.write_text(_GPU_SCRIPT)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "px.npy"
+    proc = subprocess.run([sys.executable, str(script), root, str(out)], capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0 and "EGL" in proc.stderr + proc.stdout and not out.exists():
+        pytest.skip(f"headless GPU context unavailable: {proc.stderr[-300:]}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    px = np.load(out)
+    np.testing.assert_array_equal(px[0, 0], [1, 0, 0, 1])  # top-left stays top-left
+    np.testing.assert_array_equal(px[2, 3], [0.25, 0.75, 0.125, 1])
+    np.testing.assert_array_equal(px[5, 7], [0, 0.5, 65504.0, 1])  # clamped to the half range
+    assert px[1, 1].tolist() == [0, 0, 0, 0]
