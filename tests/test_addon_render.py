@@ -406,6 +406,8 @@ def _residue() -> dict:
         "menu": [f.__module__ for f in draw_funcs if "npbgpp" in (f.__module__ or "")],
         "engine_ops": hasattr(bpy.ops.import_scene, "npbgpp_ply") and "npbgpp_ply" in dir(bpy.ops.import_scene),
         "vendor_paths": [p for p in sys.path if p.endswith(os.path.join("npbgpp", "vendor"))],
+        "panels": sorted(p.__name__ for p in bpy.types.Panel.__subclasses__()
+                         if "NPBGPP" in getattr(p, "COMPAT_ENGINES", ()) and "npbgpp" not in p.__module__),
     }
 
 
@@ -414,11 +416,12 @@ def test_register_unregister_twice_leaves_no_residue(addon):
 
     enabled = _residue()
     assert enabled["classes"] and enabled["scene_prop"] and enabled["handlers"] and enabled["menu"]
+    assert "DATA_PT_lens" in enabled["panels"]  # Blender's camera panels show for NPBG++
     for _ in range(2):
         addon_utils.disable(MODULE)
         gone = _residue()
         assert gone == {"classes": [], "scene_prop": False, "handlers": [], "menu": [], "engine_ops": False,
-                        "vendor_paths": []}
+                        "vendor_paths": [], "panels": []}
         addon_utils.enable(MODULE)
         assert _residue() == enabled
 
