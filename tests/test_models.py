@@ -445,3 +445,75 @@ def test_bad_images_raise():
         model.begin_scene(torch.zeros(10, 2))
     with pytest.raises(ValueError, match="points"):
         NPBG(10).render(torch.zeros(9, 3), cams[0])
+
+
+def test_rasterize_descriptors_matches_rasterize_features():
+    """Descriptors computed only for winning points give the same rasters and gradients
+    as rasterizing every point's descriptor."""
+    from npbgpp_core.models.npbgpp import rasterize_descriptors
+    from npbgpp_core.rasterizer import DEFAULT_SCALES, rasterize_features
+
+    pts, _, cams, _ = sphere_scene()
+    feats = torch.randn(len(pts), 8, requires_grad=True)
+    bg = torch.randn(8)
+    asked = []
+
+    def fn(rows):
+        asked.append(rows)
+        return feats[rows] * 2
+
+    got = rasterize_descriptors(pts, cams[0], DEFAULT_SCALES, 1e-3, fn, bg)
+    ref = rasterize_features(pts, feats * 2, cams[0], DEFAULT_SCALES, bg)
+    for g, r in zip(got, ref, strict=True):
+        assert torch.equal(g, r)
+    assert len(asked[0]) < len(pts) // 2  # only the front hemisphere's winners
+    (g_got,) = torch.autograd.grad(sum(g.sum() for g in got), feats)
+    (g_ref,) = torch.autograd.grad(sum(r.sum() for r in ref), feats)
+    assert torch.equal(g_got, g_ref)
+
+
+def test_alignment_points_world_up_upwards_and_warps_exactly():
+    from npbgpp_core.models import align_camera, warp_images
+
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        eye = rng.normal(size=3) * 3
+        up = rng.normal(size=3)  # arbitrary roll
+        cam = Camera.look_at(eye, (0, 0, 0), up=up, image_size=(30, 44), dtype=torch.float64)
+        aligned, _ = align_camera(cam)
+        side = math.ceil(math.hypot(30, 44))
+        assert aligned.image_size == (side, side)
+        uv, _ = aligned.project(torch.tensor([[0.0, 0.0, 0.0], [0.0, 1e-3, 0.0]], dtype=torch.float64))
+        du, dv = (uv[1] - uv[0]).tolist()
+        assert dv < 0 and abs(du) < 1e-6 * abs(dv) + 1e-12
+        np.testing.assert_allclose(aligned.center().numpy(), cam.center().numpy(), atol=1e-9)
+    cam = Camera.look_at((1.0, 2.0, -3.0), (0, 0, 0), image_size=(20, 20))
+    img = torch.rand(1, 3, 20, 20)
+    torch.testing.assert_close(warp_images(img, cam, cam), img, atol=1e-5, rtol=0)
+    rolled = cam.rotated_in_plane(math.pi / 2)
+    torch.testing.assert_close(warp_images(img, cam, rolled), torch.rot90(img, k=-1, dims=(2, 3)), atol=1e-5, rtol=0)
+    # Warping a smooth image into the padded square and back restores it.
+    yy, xx = torch.meshgrid(torch.arange(20.0), torch.arange(20.0), indexing="ij")
+    smooth = (0.5 + 0.25 * torch.sin(xx / 4) + 0.2 * torch.cos(yy / 5)).expand(1, 3, 20, 20)
+    aligned, _ = align_camera(cam)
+    there = warp_images(smooth, cam, aligned)
+    assert there.shape == (1, 3, 29, 29) and (there == 0).any()  # padded corners
+    back = warp_images(there, aligned, cam)
+    inner = (back - smooth)[..., 1:-1, 1:-1].abs()
+    assert inner.max() < 0.03
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu_and_autocast():
+    pts, _, cams, images = sphere_scene()
+    model = seeded_model().eval()
+    scene = model.aggregate(pts, images, cams)
+    ref = model.render(scene, cams[0])
+    gpu = model.to("cuda")
+    scene_gpu = gpu.aggregate(pts.cuda(), images.cuda(), cams)
+    torch.testing.assert_close(scene_gpu.coefficients.cpu(), scene.coefficients, atol=1e-3, rtol=1e-3)
+    out = gpu.render(scene_gpu, cams[0])
+    assert out.device.type == "cuda"
+    torch.testing.assert_close(out.cpu(), ref, atol=2e-3, rtol=0)
+    half = gpu.render(scene_gpu, cams[0], dtype=torch.float16)
+    assert half.dtype == torch.float32 and (half.cpu() - ref).abs().max() < 0.05

@@ -43,8 +43,11 @@ def npbgpp_bundle():
     torch.manual_seed(0)
     pts, colors, cams, images = small_scene()
     model = NPBGPlusPlus().eval()
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
     with torch.no_grad():
         aggregated = model.aggregate(pts, images, cams)
+    torch.set_num_threads(before)
     bundle = NeuralScene.from_aggregated(model, aggregated, colors=colors, name="sphere", metadata={"source": "test"})
     return model, aggregated, bundle, cams
 

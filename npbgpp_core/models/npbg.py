@@ -11,10 +11,9 @@ import torch
 from torch import nn
 
 from ..camera import Camera
-from ..rasterizer import rasterize_features
 from .aggregator import BasisMLP, descriptors_from_coefficients
 from .config import NPBGConfig, NPBGPlusPlusConfig
-from .npbgpp import autocast_context, check_points, refine_dense
+from .npbgpp import autocast_context, check_points, rasterize_descriptors, refine_dense
 from .refiner import Refiner
 
 
@@ -102,9 +101,9 @@ class NPBG(nn.Module):
             raise ValueError(f"this NPBG model has {self.num_points} points, got {points.shape[0]}")
         camera = camera.to(dev)
         index = torch.nonzero(self.active).squeeze(1)
-        desc = self.point_descriptors(points, camera, index)
-        rasters = rasterize_features(
-            points[index], desc, camera, self.config.scales, background=self.background, near=self.config.near
+        rasters = rasterize_descriptors(
+            points[index], camera, self.config.scales, self.config.near,
+            lambda rows: self.point_descriptors(points, camera, index[rows]), background=self.background,
         )
         return self.refiner([r.unsqueeze(0) for r in rasters])[0]
 
