@@ -618,3 +618,50 @@ def test_export_dataset_renders_views(scene):
     assert result == {"FINISHED"}
     assert (out / "points3d.ply").is_file()
     assert sc.render.engine == "NPBGPP"  # restored
+
+
+def _plane_selected(sc):
+    bpy.ops.mesh.primitive_plane_add(size=2.0)
+    plane = bpy.context.active_object
+    for o in sc.objects:
+        o.select_set(o == plane)
+    return plane
+
+
+def test_points_from_meshes_vertex_colours(scene):
+    sc = scene["scene"]
+    plane = _plane_selected(sc)
+    attr = plane.data.color_attributes.new("Col", "FLOAT_COLOR", "POINT")
+    attr.data.foreach_set("color_srgb", np.tile([0.2, 0.6, 0.9, 1.0], len(plane.data.vertices)).astype(np.float32))
+    plane.data.color_attributes.active_color = attr
+    assert bpy.ops.npbgpp.points_from_meshes(count=50, seed=2) == {"FINISHED"}
+    from blender_addon.point_source import object_points
+
+    _, col = object_points(sc.npbgpp.point_object)
+    np.testing.assert_allclose(col, np.broadcast_to([0.2, 0.6, 0.9], col.shape), atol=2e-3)
+
+
+def test_points_from_meshes_image_texture(scene):
+    sc = scene["scene"]
+    plane = _plane_selected(sc)
+    image = bpy.data.images.new("T", 2, 2, alpha=True)
+    texels = np.array([[[1, 0, 0, 1], [0, 1, 0, 1]], [[0, 0, 1, 1], [1, 1, 0, 1]]], np.float32)  # rows bottom-up
+    image.pixels.foreach_set(texels.ravel())
+    mat = bpy.data.materials.new("Tex")
+    plane.data.materials.append(mat)
+    tree = mat.node_tree
+    bsdf = tree.nodes.get("Principled BSDF")
+    if bsdf is None:
+        pytest.skip("no Principled BSDF in a new material")
+    tex = tree.nodes.new("ShaderNodeTexImage")
+    tex.image = image
+    tree.links.new(tex.outputs["Color"], bsdf.inputs["Base Color"])
+    assert bpy.ops.npbgpp.points_from_meshes(count=200, seed=3) == {"FINISHED"}
+    from blender_addon.point_source import object_points
+
+    pts, col = object_points(sc.npbgpp.point_object)
+    u, v = (pts[:, 0] + 1) / 2, (pts[:, 1] + 1) / 2  # the default plane's UVs
+    keep = (np.abs(u - 0.5) > 0.01) & (np.abs(v - 0.5) > 0.01)  # away from texel borders
+    want = texels[np.floor(v * 2).astype(int), np.floor(u * 2).astype(int), :3]
+    np.testing.assert_allclose(col[keep], want[keep], atol=2e-3)
+    assert keep.sum() > 150
