@@ -12,6 +12,8 @@ from bpy.props import StringProperty
 
 ADDON_ID = __package__ or "npbgpp"
 TORCH_PIN = "torch==2.13.0"
+# What the worker imports besides torch (NeuralScene files, PLY files, dataset images).
+WORKER_REQUIREMENTS = (TORCH_PIN, "safetensors==0.8.0", "plyfile==1.0.3", "pillow==11.3.0")
 
 
 def deps_dir() -> str:
@@ -76,7 +78,7 @@ class _Install:
 def _pip_install(python: str, target: str) -> None:
     cmd = [
         python, "-m", "pip", "install", "--no-input", "--disable-pip-version-check", "--retries", "1",
-        "--timeout", "20", "--target", target, TORCH_PIN,
+        "--timeout", "20", "--target", target, *WORKER_REQUIREMENTS,
     ]
     try:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -88,7 +90,7 @@ def _pip_install(python: str, target: str) -> None:
             _Install.progress = min(0.95, _Install.progress + 0.02)
         code = proc.wait()
         if code == 0:
-            _Install.message = f"Installed {TORCH_PIN} into {target}"
+            _Install.message = f"Installed {', '.join(WORKER_REQUIREMENTS)} into {target}"
             _torch_status.clear()
         else:
             joined = " ".join(tail)
@@ -103,7 +105,8 @@ def _pip_install(python: str, target: str) -> None:
 
 
 class NPBGPP_OT_install_torch(bpy.types.Operator):
-    """Install PyTorch with pip into a folder this add-on owns (runs in the background)"""
+    """Install PyTorch (and safetensors, plyfile, pillow) with pip into a folder this add-on owns,
+    in the background"""
 
     bl_idname = "npbgpp.install_torch"
     bl_label = "Install PyTorch"
