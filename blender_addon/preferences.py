@@ -50,15 +50,22 @@ def torch_status(refresh: bool = False) -> str:
     try:
         python = python_for_worker(key)
         code = (
-            "import torch;d=['CPU']\n"
+            "import importlib.util as u, torch;d=['CPU']\n"
             "d=(['CUDA'] if torch.cuda.is_available() else [])+"
             "(['MPS'] if getattr(torch.backends,'mps',None) and torch.backends.mps.is_available() else [])+d\n"
-            "print(torch.__version__, ','.join(d))"
+            "m=[n for n in ('safetensors','plyfile','PIL') if u.find_spec(n) is None]\n"
+            "print(torch.__version__, ','.join(d), ','.join(m) or '-')"
         )
-        out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120)
+        env = dict(os.environ)
+        deps = deps_dir()
+        if os.path.isdir(deps):
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (deps, env.get("PYTHONPATH", "")) if p)
+        out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120, env=env)
         if out.returncode == 0:
-            version, devices = out.stdout.split()[-2:]
+            version, devices, missing = out.stdout.split()[-3:]
             line = f"torch {version} ({devices}) in {python}"
+            if missing != "-":
+                line += f"; missing {missing}: use Install PyTorch"
         else:
             line = f"torch not importable in {python}"
     except (WorkerError, OSError, subprocess.SubprocessError) as exc:

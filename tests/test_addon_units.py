@@ -343,3 +343,10 @@ def test_viewport_texture_upload_and_draw(tmp_path):
     np.testing.assert_array_equal(px[2, 3], [0.25, 0.75, 0.125, 1])
     np.testing.assert_array_equal(px[5, 7], [0, 0.5, 65504.0, 1])  # clamped to the half range
     assert px[1, 1].tolist() == [0, 0, 0, 0]
+
+
+def test_torch_status_names_the_worker_torch():
+    from blender_addon import preferences
+
+    line = preferences.torch_status(refresh=True)
+    assert line.startswith(f"torch {torch.__version__} (") and sys.executable in line and "missing" not in line
