@@ -9,6 +9,7 @@ import os
 import secrets
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -60,6 +61,17 @@ class ProcessWorker:
         self.lock = threading.RLock()
         self.info: dict = {}
         self.loaded_key: str | None = None  # content key of the points the worker holds
+        self.log_path = ""
+
+    def log_tail(self, chars: int = 400) -> str:
+        """The end of the worker's output (tracebacks, CUDA errors), for error messages."""
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as f:
+                text = f.read()
+        except OSError:
+            return ""
+        text = text.strip()
+        return text[-chars:] if text else ""
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None and self.conn is not None
@@ -80,10 +92,13 @@ class ProcessWorker:
             env = dict(os.environ)
             if self.extra_paths:
                 env["PYTHONPATH"] = os.pathsep.join(self.extra_paths + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+            fd, self.log_path = tempfile.mkstemp(prefix="npbgpp-worker-", suffix=".log")
             try:
-                self.proc = subprocess.Popen(
-                    [self.python, WORKER_SCRIPT, str(address)], stdin=subprocess.PIPE, env=env,
-                )
+                with os.fdopen(fd, "wb") as log:
+                    self.proc = subprocess.Popen(
+                        [self.python, WORKER_SCRIPT, str(address)], stdin=subprocess.PIPE, env=env,
+                        stdout=log, stderr=subprocess.STDOUT,
+                    )
                 assert self.proc.stdin is not None
                 self.proc.stdin.write((authkey.hex() + "\n").encode())
                 self.proc.stdin.close()
@@ -106,9 +121,12 @@ class ProcessWorker:
             if not accepted or isinstance(accepted[0], Exception):
                 code = self.proc.poll()
                 listener.close()
+                tail = self.log_tail()
                 self.stop()
                 why = f"it exited with code {code}" if code is not None else "it did not connect in time"
-                raise WorkerError(f"the NPBG++ worker ({self.python}) failed to start: {why}")
+                raise WorkerError(
+                    f"the NPBG++ worker ({self.python}) failed to start: {why}" + (f"\n{tail}" if tail else "")
+                )
             listener.close()
             self.conn = accepted[0]
             self.info = self._request({"op": "hello"}, None)
@@ -126,16 +144,21 @@ class ProcessWorker:
             while not self.conn.poll(0.05):
                 if self.proc is None or self.proc.poll() is not None:
                     code = None if self.proc is None else self.proc.returncode
+                    tail = self.log_tail()
                     self.stop()
-                    raise WorkerError(f"the NPBG++ worker died (exit code {code}); it restarts on the next render")
+                    raise WorkerError(
+                        f"the NPBG++ worker died (exit code {code}); it restarts on the next render"
+                        + (f"\n{tail}" if tail else "")
+                    )
                 if should_cancel is not None and should_cancel():
                     # The answer is still coming: drop the connection rather than mix it up.
                     self.stop()
                     raise Cancelled("cancelled")
             reply = self.conn.recv()
         except (EOFError, OSError, BrokenPipeError) as exc:
+            tail = self.log_tail()
             self.stop()
-            raise WorkerError(f"lost the NPBG++ worker: {exc}") from exc
+            raise WorkerError(f"lost the NPBG++ worker: {exc}" + (f"\n{tail}" if tail else "")) from exc
         if not reply.get("ok"):
             raise WorkerError(reply.get("error", "unknown worker error"))
         if "shm" in reply:
@@ -164,6 +187,12 @@ class ProcessWorker:
                     self.proc.kill()
                     self.proc.wait(timeout=3.0)
                 self.proc = None
+            if self.log_path:
+                try:
+                    os.remove(self.log_path)
+                except OSError:
+                    pass
+                self.log_path = ""
 
 
 def _read_shared(name: str, shape: tuple[int, ...]) -> np.ndarray:

@@ -350,3 +350,22 @@ def test_torch_status_names_the_worker_torch():
 
     line = preferences.torch_status(refresh=True)
     assert line.startswith(f"torch {torch.__version__} (") and sys.executable in line and "missing" not in line
+
+
+def test_worker_in_env_without_packages_explains(tmp_path):
+    """A Python environment lacking numpy/torch: the start fails with the worker's own
+    error message, and nothing is left running."""
+    import subprocess
+    import venv
+
+    base = getattr(sys, "_base_executable", sys.executable)
+    env_dir = tmp_path / "bare"
+    venv.EnvBuilder(with_pip=False).create(env_dir)
+    python = python_for_worker(str(env_dir))
+    probe = subprocess.run([python, "-c", "import numpy"], capture_output=True)
+    if probe.returncode == 0:
+        pytest.skip(f"the base interpreter {base} has numpy")
+    worker = ProcessWorker(python)
+    with pytest.raises(WorkerError, match="(?s)failed to start.*No module named"):
+        worker.start(timeout=60)
+    assert worker.proc is None and worker.log_path == ""
