@@ -3,12 +3,17 @@ projection matrices, the viewport scheduler, frame composition, the worker proto
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 
-if "bpy" not in sys.modules:
-    os.environ.setdefault("BLENDER_USER_RESOURCES", tempfile.mkdtemp(prefix="npbgpp-bpy-user-"))
+if "bpy" not in sys.modules and "BLENDER_USER_RESOURCES" not in os.environ:
+    # A private Blender user folder (installed extensions, preferences), removed at exit.
+    _user_dir = tempfile.mkdtemp(prefix="npbgpp-bpy-user-")
+    os.environ["BLENDER_USER_RESOURCES"] = _user_dir
+    atexit.register(shutil.rmtree, _user_dir, True)
 
 import numpy as np
 import pytest
