@@ -670,3 +670,20 @@ def test_points_from_meshes_image_texture(scene):
     want = texels[np.floor(v * 2).astype(int), np.floor(u * 2).astype(int), :3]
     np.testing.assert_allclose(col[keep], want[keep], atol=2e-3)
     assert keep.sum() > 150
+
+
+def test_import_bundle_creates_points_and_sets_scene(scene):
+    sc = scene["scene"]
+    bundle = str(scene["dir"] / "tiny.npbgpp")
+    _tiny_bundle(bundle, scene["points"], scene["colors"])
+    sc.npbgpp.output = "POINTS"
+    assert bpy.ops.import_scene.npbgpp_bundle(filepath=bundle) == {"FINISHED"}
+    assert sc.npbgpp.bundle == bundle and sc.npbgpp.output == "NEURAL"
+    obj = sc.npbgpp.point_object
+    from blender_addon.point_source import object_points
+
+    pts, col = object_points(obj)
+    np.testing.assert_allclose(pts, scene["points"], atol=1e-6)
+    np.testing.assert_allclose(col, scene["colors"], atol=2e-3)
+    with pytest.raises(RuntimeError, match="nope.npbgpp"):
+        bpy.ops.import_scene.npbgpp_bundle(filepath=str(scene["dir"] / "nope.npbgpp"))
