@@ -43,6 +43,7 @@ class FrameScheduler:
         self.last_target: Hashable | None = None
         self.in_flight: Job | None = None
         self.shown: Job | None = None
+        self.failed_target: Hashable | None = None  # not retried until the view or scene changes
         self.next_id = 0
 
     def request(self, view_key: Hashable, size: tuple[int, int]) -> Job | None:
@@ -51,7 +52,7 @@ class FrameScheduler:
         target = (view_key, tuple(size))
         moving = target != self.last_target
         self.last_target = target
-        if self.in_flight is not None:
+        if self.in_flight is not None or target == self.failed_target:
             return None
         if self.shown is not None and self.shown.target == target and self.shown.scale >= self.still_scale:
             return None
@@ -72,12 +73,15 @@ class FrameScheduler:
         return True
 
     def failed(self, frame_id: int) -> None:
+        """A job raised: forget it, and do not ask again for the same view (no retry loop)."""
         if self.in_flight is not None and self.in_flight.frame_id == frame_id:
+            self.failed_target = self.in_flight.target
             self.in_flight = None
 
     def invalidate(self) -> None:
         """The scene changed: the frame on screen must be re-rendered."""
         self.shown = None
+        self.failed_target = None
 
 
 def region_geometry(region_data: Any, width: int, height: int) -> CameraGeometry:

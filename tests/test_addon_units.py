@@ -152,6 +152,8 @@ def test_scheduler_invalidate_and_failure():
     job = s.request("A", (10, 10))
     assert job.scale == 0.5
     s.failed(job.frame_id)
+    assert s.request("A", (10, 10)) is None  # a failing view is not retried in a loop
+    s.invalidate()  # ... until the scene changes (or the view moves)
     again = s.request("A", (10, 10))
     assert again is not None and again.frame_id != job.frame_id
     assert s.result(again.frame_id)
