@@ -132,6 +132,7 @@ class ViewportSession:
             with self.lock:
                 if self.scheduler.result(job.frame_id):
                     self.frame = (job.frame_id, image)
+                    self.message = ""
         except Exception as exc:  # noqa: BLE001 - shown in the viewport header, never raised
             with self.lock:
                 self.scheduler.failed(job.frame_id)
