@@ -67,6 +67,12 @@ class NPBGPPRenderEngine(bpy.types.RenderEngine):
 
     # ------------------------------------------------------------------ final
     def render(self, depsgraph: bpy.types.Depsgraph) -> None:  # type: ignore[override]
+        try:
+            self._render(depsgraph)
+        except Exception as exc:  # noqa: BLE001 - Blender would swallow it: report instead
+            self.report({"ERROR"}, f"NPBG++: {type(exc).__name__}: {exc}")
+
+    def _render(self, depsgraph: bpy.types.Depsgraph) -> None:
         scene = depsgraph.scene
         try:
             camera = self.camera_override or scene.camera
