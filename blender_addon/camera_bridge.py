@@ -1,0 +1,210 @@
+"""Blender camera -> NPBG++ camera (OpenCV K, R, t and the core ``Camera`` state dict).
+
+The maths is split from bpy: :func:`opencv_intrinsics` and :func:`opencv_extrinsics` take
+plain numbers, so they are tested against ``world_to_camera_view`` and need no torch.
+Blender's viewplane (``BKE_camera_params_compute_viewplane``): with sensor fit
+horizontal the sensor spans ``winx`` pixels, vertical it spans ``winy * ycor`` with
+``ycor = pixel_aspect_y / pixel_aspect_x``; lens shift moves the plane by
+``shift * viewfac`` pixels. Pixel (row i, column j) has its centre at ``(u, v) = (j, i)``,
+rows top-down as in OpenCV.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+# Blender camera axes (x right, y up, looking down -z) -> OpenCV (x right, y down, z forward).
+BLENDER_TO_OPENCV = np.diag([1.0, -1.0, -1.0])
+_P3D_FLIP = np.array([-1.0, -1.0, 1.0])
+
+
+@dataclass(frozen=True)
+class CameraGeometry:
+    """An OpenCV camera: ``K`` (3, 3), world-to-camera ``R`` (3, 3), ``t`` (3,), ``(H, W)``."""
+
+    K: np.ndarray
+    R: np.ndarray
+    t: np.ndarray
+    image_size: tuple[int, int]
+
+    def state_dict(self) -> dict:
+        """Same dict as ``npbgpp_core.Camera.from_opencv(...).state_dict()`` (computed
+        without torch so that Blender needs no torch when the network runs elsewhere)."""
+        h, w = self.image_size
+        s = (min(h, w) - 1) / 2.0
+        fx, fy, cx, cy = self.K[0, 0], self.K[1, 1], self.K[0, 2], self.K[1, 2]
+        R_p3d = (np.diag(_P3D_FLIP) @ self.R).T
+        T_p3d = _P3D_FLIP * self.t
+        return {
+            "R": R_p3d.tolist(),
+            "T": T_p3d.tolist(),
+            "focal_ndc": [fx / s, fy / s],
+            "principal_ndc": [((w - 1) / 2.0 - cx) / s, ((h - 1) / 2.0 - cy) / s],
+            "image_size": [h, w],
+        }
+
+    def project(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Pixel coordinates (N, 2) and view depth (N,) of world points (float64)."""
+        cam = np.asarray(points, dtype=np.float64) @ self.R.T + self.t
+        z = cam[:, 2]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            u = self.K[0, 0] * cam[:, 0] / z + self.K[0, 2]
+            v = self.K[1, 1] * cam[:, 1] / z + self.K[1, 2]
+        return np.stack([u, v], axis=1), z
+
+    def scaled(self, height: int, width: int) -> CameraGeometry:
+        """Same view at ``height`` x ``width`` pixels (pixel areas map exactly)."""
+        h0, w0 = self.image_size
+        sx, sy = width / w0, height / h0
+        K = np.array(
+            [[self.K[0, 0] * sx, 0.0, (self.K[0, 2] + 0.5) * sx - 0.5],
+             [0.0, self.K[1, 1] * sy, (self.K[1, 2] + 0.5) * sy - 0.5],
+             [0.0, 0.0, 1.0]]
+        )
+        return CameraGeometry(K, self.R, self.t, (int(height), int(width)))
+
+    def cropped(self, top: int, left: int, height: int, width: int) -> CameraGeometry:
+        """The window ``[top, top+height) x [left, left+width)`` of this image."""
+        K = self.K.copy()
+        K[0, 2] -= left
+        K[1, 2] -= top
+        return CameraGeometry(K, self.R, self.t, (int(height), int(width)))
+
+
+def render_size(resolution_x: int, resolution_y: int, percentage: int) -> tuple[int, int]:
+    """Blender's render size ``(winx, winy)`` (integer maths, as Blender does it)."""
+    return max(1, resolution_x * percentage // 100), max(1, resolution_y * percentage // 100)
+
+
+def opencv_intrinsics(
+    lens: float,
+    sensor_width: float,
+    sensor_height: float,
+    sensor_fit: str,
+    shift_x: float,
+    shift_y: float,
+    width: int,
+    height: int,
+    pixel_aspect_x: float = 1.0,
+    pixel_aspect_y: float = 1.0,
+) -> np.ndarray:
+    """OpenCV K of a perspective Blender camera rendering ``width`` x ``height`` pixels."""
+    if lens <= 0:
+        raise ValueError(f"camera focal length must be positive, got {lens} mm")
+    if pixel_aspect_x <= 0 or pixel_aspect_y <= 0:
+        raise ValueError(f"pixel aspect must be positive, got {pixel_aspect_x} x {pixel_aspect_y}")
+    ycor = pixel_aspect_y / pixel_aspect_x
+    fit = sensor_fit
+    if fit == "AUTO":
+        fit = "HORIZONTAL" if pixel_aspect_x * width >= pixel_aspect_y * height else "VERTICAL"
+        sensor = sensor_width
+    elif fit == "HORIZONTAL":
+        sensor = sensor_width
+    elif fit == "VERTICAL":
+        sensor = sensor_height
+    else:
+        raise ValueError(f"unknown sensor fit {sensor_fit!r}")
+    viewfac = width if fit == "HORIZONTAL" else ycor * height
+    fx = lens * viewfac / sensor
+    fy = fx / ycor
+    cx = width / 2.0 - 0.5 - shift_x * viewfac
+    cy = height / 2.0 - 0.5 + shift_y * viewfac / ycor
+    return np.array([[fx, 0.0, cx], [0.0, fy, cy], [0.0, 0.0, 1.0]])
+
+
+def opencv_extrinsics(matrix_world: Any) -> tuple[np.ndarray, np.ndarray]:
+    """World-to-camera ``R``, ``t`` (OpenCV axes) of a camera object's ``matrix_world``.
+
+    Object scale is removed (a scaled camera object renders the same image in Blender)."""
+    M = np.array(matrix_world, dtype=np.float64).reshape(4, 4)
+    axes = M[:3, :3]
+    norms = np.linalg.norm(axes, axis=0)
+    if np.any(norms < 1e-12):
+        raise ValueError("camera object has zero scale")
+    rot = axes / norms  # camera-to-world rotation (columns: camera x, y, z in world)
+    center = M[:3, 3]
+    R_w2c = rot.T
+    R = BLENDER_TO_OPENCV @ R_w2c
+    t = -R @ center
+    return R, t
+
+
+def border_window(render: Any, width: int, height: int) -> tuple[int, int, int, int] | None:
+    """``(top, left, h, w)`` of the render border in a ``width`` x ``height`` image, as
+    Blender rounds it (float32 products truncated), or None without a border."""
+    if not render.use_border:
+        return None
+    f32 = np.float32
+    xmin = int(f32(render.border_min_x) * f32(width))
+    xmax = int(f32(render.border_max_x) * f32(width))
+    ymin = int(f32(render.border_min_y) * f32(height))
+    ymax = int(f32(render.border_max_y) * f32(height))
+    if xmax <= xmin or ymax <= ymin:
+        return None
+    return height - ymax, xmin, ymax - ymin, xmax - xmin
+
+
+def scene_camera_geometry(camera_object: Any, scene: Any, use_border: bool = True) -> CameraGeometry:
+    """Geometry of ``camera_object`` (evaluated: animation applied) as ``scene`` renders it,
+    border window included when ``use_border``."""
+    cam = camera_object.data
+    if cam.type != "PERSP":
+        raise ValueError(
+            f"camera {camera_object.name!r} is {cam.type.lower()}: NPBG++ renders perspective cameras only"
+        )
+    r = scene.render
+    width, height = render_size(r.resolution_x, r.resolution_y, r.resolution_percentage)
+    K = opencv_intrinsics(
+        cam.lens, cam.sensor_width, cam.sensor_height, cam.sensor_fit, cam.shift_x, cam.shift_y,
+        width, height, r.pixel_aspect_x, r.pixel_aspect_y,
+    )
+    R, t = opencv_extrinsics(camera_object.matrix_world)
+    geo = CameraGeometry(K, R, t, (height, width))
+    window = border_window(r, width, height) if use_border else None
+    if window is not None:
+        geo = geo.cropped(*window)
+    return geo
+
+
+def viewport_geometry(window_matrix: Any, view_matrix: Any, width: int, height: int) -> CameraGeometry:
+    """Camera of a 3D viewport from ``region_data.window_matrix`` (an OpenGL projection) and
+    ``view_matrix`` (world to view). Lens shift and sensor fit are in the projection.
+
+    OpenGL: ``x_ndc = (P00 x + P02 z) / -z``; pixel ``u = (x_ndc + 1) / 2 * width - 0.5``.
+    """
+    P = np.array(window_matrix, dtype=np.float64).reshape(4, 4)
+    V = np.array(view_matrix, dtype=np.float64).reshape(4, 4)
+    if abs(P[3, 3]) > 1e-9 or abs(P[3, 2] + 1.0) > 1e-6:
+        raise ValueError("orthographic views cannot be rendered by NPBG++: switch the viewport to perspective")
+    if width < 2 or height < 2:
+        raise ValueError(f"viewport too small: {width}x{height}")
+    # x_ndc = -(P00 X + P02 Z)/Z with camera-space X, Z (OpenGL, Z < 0 in front).
+    # OpenCV: x = X, z = -Z -> x_ndc = P00 x/z - P02, y_ndc = -P11 y_cv/z - P12 (y_cv = -Y).
+    fx = P[0, 0] * width / 2.0
+    fy = P[1, 1] * height / 2.0
+    cx = (1.0 - P[0, 2]) * width / 2.0 - 0.5
+    cy = (1.0 + P[1, 2]) * height / 2.0 - 0.5
+    K = np.array([[fx, 0.0, cx], [0.0, fy, cy], [0.0, 0.0, 1.0]])
+    R = BLENDER_TO_OPENCV @ V[:3, :3]
+    t = BLENDER_TO_OPENCV @ V[:3, 3]
+    return CameraGeometry(K, R, t, (int(height), int(width)))
+
+
+def object_local_geometry(geo: CameraGeometry, matrix_world: Any) -> tuple[CameraGeometry, float]:
+    """Camera seeing an object's local space as ``geo`` sees the object in the world.
+
+    Returns the camera and the object's uniform scale ``s`` (local depth * s = world
+    depth). Non-uniform scale cannot be folded into a pinhole camera: ValueError."""
+    M = np.array(matrix_world, dtype=np.float64).reshape(4, 4)
+    lin = M[:3, :3]
+    scales = np.linalg.norm(lin, axis=0)
+    s = float(scales.mean())
+    if s <= 0 or np.ptp(scales) > 1e-5 * s or abs(np.linalg.det(lin / s) - 1.0) > 1e-4:
+        raise ValueError("the point object must have a uniform, positive scale to render a neural bundle")
+    rot = lin / s
+    R = geo.R @ rot
+    t = (geo.R @ M[:3, 3] + geo.t) / s
+    return CameraGeometry(geo.K, R, t, geo.image_size), s

@@ -1,0 +1,161 @@
+"""The "NPBG++" render engine: F12 / animation renders and the interactive viewport."""
+
+from __future__ import annotations
+
+import os
+
+import bpy
+import numpy as np
+
+from . import frames
+from .camera_bridge import scene_camera_geometry
+from .render_job import SceneSnapshot, render_frame
+from .worker_client import Cancelled, WorkerError
+
+POINTS_PASS = "NPBG Points"
+
+
+def snapshot(scene: bpy.types.Scene, depsgraph: bpy.types.Depsgraph | None = None) -> SceneSnapshot:
+    """Read everything a render needs from bpy (main thread only)."""
+    from . import preferences
+    from .point_source import object_points, points_key
+
+    s = scene.npbgpp
+    snap = SceneSnapshot(
+        output=s.output, bundle_path=bpy.path.abspath(s.bundle) if s.bundle else "", device=s.device,
+        precision=s.precision, mode=s.worker_mode, env_path=preferences.env_path(),
+    )
+    deps = preferences.deps_dir()
+    if os.path.isdir(deps):
+        snap.extra_paths.append(deps)
+    obj = s.point_object
+    if obj is not None:
+        evaluated = obj.evaluated_get(depsgraph) if depsgraph is not None else obj
+        snap.object_matrix = np.array(evaluated.matrix_world, dtype=np.float64)
+        if snap.output != "NEURAL" or not snap.bundle_path:
+            snap.points, snap.colors = object_points(evaluated)
+            snap.points_key = points_key(snap.points, snap.colors)
+    return snap
+
+
+class NPBGPPRenderEngine(bpy.types.RenderEngine):
+    """Neural point-based rendering (NPBG++)."""
+
+    bl_idname = "NPBGPP"
+    bl_label = "NPBG++"
+    bl_use_preview = False
+    bl_use_postprocess = True
+    bl_use_shading_nodes_custom = False
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.viewport = None
+
+    def __del__(self) -> None:
+        viewport = getattr(self, "viewport", None)
+        if viewport is not None:
+            viewport.close()
+
+    # ----------------------------------------------------------------- passes
+    def update_render_passes(
+        self, scene: bpy.types.Scene | None = None, renderlayer: bpy.types.ViewLayer | None = None
+    ) -> None:
+        self.register_pass(scene, renderlayer, "Combined", 4, "RGBA", "COLOR")
+        if renderlayer is not None and renderlayer.use_pass_z:
+            self.register_pass(scene, renderlayer, "Depth", 1, "Z", "VALUE")
+        self.register_pass(scene, renderlayer, POINTS_PASS, 4, "RGBA", "COLOR")
+
+    # ------------------------------------------------------------------ final
+    def render(self, depsgraph: bpy.types.Depsgraph) -> None:  # type: ignore[override]
+        try:
+            self._render(depsgraph)
+        except Exception as exc:  # noqa: BLE001 - Blender would swallow it: report instead
+            self.report({"ERROR"}, f"NPBG++: {type(exc).__name__}: {exc}")
+
+    def _render(self, depsgraph: bpy.types.Depsgraph) -> None:
+        scene = depsgraph.scene
+        try:
+            camera = self.camera_override or scene.camera
+            if camera is None:
+                raise ValueError("the scene has no camera")
+            camera_eval = camera.evaluated_get(depsgraph)
+            geo = scene_camera_geometry(camera_eval, scene)
+            snap = snapshot(scene, depsgraph)
+        except (ValueError, RuntimeError, OSError) as exc:
+            self.report({"ERROR"}, f"NPBG++: {exc}")
+            return
+        self.update_stats("", f"NPBG++: rendering {geo.image_size[1]}x{geo.image_size[0]}")
+        self.update_progress(0.0)
+        try:
+            frame, depth_scale = render_frame(snap, geo, self.test_break)
+        except Cancelled:
+            return
+        except (WorkerError, ValueError, RuntimeError, OSError) as exc:
+            self.report({"ERROR"}, f"NPBG++: {exc}")
+            return
+        self.update_progress(0.8)
+        out = frames.compose(frame, snap.output, scene.render.film_transparent, depth_scale)
+        h, w = geo.image_size
+        result = self.begin_result(0, 0, self.resolution_x, self.resolution_y)
+        try:
+            if (result.resolution_y, result.resolution_x) != (h, w):
+                self.report({"ERROR"}, f"NPBG++: result is {result.resolution_x}x{result.resolution_y}, camera {w}x{h}")
+                return
+            for layer in result.layers:
+                passes = layer.passes
+                passes["Combined"].rect.foreach_set(frames.to_blender(out["combined"]))
+                points_pass = passes.get(POINTS_PASS)
+                if points_pass is not None:
+                    points_pass.rect.foreach_set(frames.to_blender(out["points"]))
+                depth_pass = passes.get("Depth")
+                if depth_pass is not None:
+                    depth_pass.rect.foreach_set(frames.to_blender(out["depth"]))
+        finally:
+            self.end_result(result)
+        self.update_progress(1.0)
+
+    # --------------------------------------------------------------- viewport
+    def view_update(self, context: bpy.types.Context, depsgraph: bpy.types.Depsgraph) -> None:
+        from .viewport import ViewportSession
+
+        if self.viewport is None:
+            self.viewport = ViewportSession(self)
+        self.viewport.scene_changed(context, depsgraph)
+
+    def view_draw(self, context: bpy.types.Context, depsgraph: bpy.types.Depsgraph) -> None:
+        from .viewport import ViewportSession
+
+        if self.viewport is None:
+            self.viewport = ViewportSession(self)
+            self.viewport.scene_changed(context, depsgraph)
+        self.viewport.draw(context, depsgraph)
+
+
+def get_panels() -> list[type]:
+    """Blender's own panels that make sense for this engine (camera, output, dimensions)."""
+    keep = {"RENDER_PT_format", "RENDER_PT_frame_range", "RENDER_PT_output", "RENDER_PT_color_management",
+            "DATA_PT_lens", "DATA_PT_camera", "DATA_PT_camera_display", "VIEWLAYER_PT_layer_passes",
+            "RENDER_PT_format_presets", "RENDER_PT_stamp", "RENDER_PT_encoding", "DATA_PT_context_camera"}
+    panels = []
+    for panel in bpy.types.Panel.__subclasses__():
+        engines = getattr(panel, "COMPAT_ENGINES", None)
+        if engines is not None and "BLENDER_RENDER" in engines and panel.__name__ in keep:
+            panels.append(panel)
+    return panels
+
+
+CLASSES = (NPBGPPRenderEngine,)
+
+
+def register() -> None:
+    for cls in CLASSES:
+        bpy.utils.register_class(cls)
+    for panel in get_panels():
+        panel.COMPAT_ENGINES.add("NPBGPP")
+
+
+def unregister() -> None:
+    for panel in get_panels():
+        panel.COMPAT_ENGINES.discard("NPBGPP")
+    for cls in reversed(CLASSES):
+        bpy.utils.unregister_class(cls)

@@ -1,0 +1,68 @@
+"""Worker frames -> Blender pass buffers (pure numpy, no bpy).
+
+Network output and point colours are display sRGB; Blender's buffers hold scene-linear
+values, so they go through the inverse sRGB transfer function (with the Standard view
+transform Blender re-encodes them to the same 8-bit values). Blender buffers are
+bottom row first; frames from the worker are top row first.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .worker import DEPTH, NEURAL, POINTS_RGBA
+
+EMPTY_DEPTH = 1.0e10  # Blender's Z for pixels nothing covers
+HALF_MAX = 65504.0
+
+
+def srgb_to_linear(x: np.ndarray) -> np.ndarray:
+    """Inverse sRGB EOTF (IEC 61966-2-1), float32."""
+    x = np.clip(np.asarray(x, dtype=np.float32), 0.0, 1.0)
+    return np.where(x <= 0.04045, x / 12.92, ((x + 0.055) / 1.055) ** 2.4).astype(np.float32)
+
+
+def linear_to_srgb(x: np.ndarray) -> np.ndarray:
+    x = np.clip(np.asarray(x, dtype=np.float32), 0.0, 1.0)
+    return np.where(x <= 0.0031308, x * 12.92, 1.055 * x ** (1 / 2.4) - 0.055).astype(np.float32)
+
+
+def depth_preview(depth: np.ndarray, hit: np.ndarray) -> np.ndarray:
+    """Grey display image of view depth: near white, far dark, empty black."""
+    out = np.zeros(depth.shape, dtype=np.float32)
+    if hit.any():
+        d = depth[hit]
+        lo, hi = float(d.min()), float(d.max())
+        out[hit] = 1.0 - 0.9 * (d - lo) / (hi - lo) if hi > lo else 1.0
+    return out
+
+
+def compose(frame: np.ndarray, output: str, transparent: bool, depth_scale: float = 1.0) -> dict[str, np.ndarray]:
+    """Top-down images for Blender: 'combined' (H, W, 4) scene-linear premultiplied RGBA,
+    'points' (H, W, 4), 'depth' (H, W) in scene units (``depth_scale`` folds an object's
+    uniform scale back in)."""
+    points_rgb = frame[..., POINTS_RGBA.start : POINTS_RGBA.start + 3]
+    hit = frame[..., POINTS_RGBA.stop - 1] > 0.5
+    depth = np.where(hit, frame[..., DEPTH] * np.float32(depth_scale), np.float32(EMPTY_DEPTH)).astype(np.float32)
+    if output == "NEURAL":
+        display = frame[..., NEURAL]
+    elif output == "POINTS":
+        display = points_rgb
+    elif output == "DEPTH":
+        display = np.repeat(depth_preview(depth, hit)[..., None], 3, axis=2)
+    else:
+        raise ValueError(f"unknown output {output!r}")
+    alpha = hit.astype(np.float32) if transparent else np.ones(hit.shape, np.float32)
+    combined = np.empty(frame.shape[:2] + (4,), np.float32)
+    combined[..., :3] = srgb_to_linear(display) * alpha[..., None]
+    combined[..., 3] = alpha
+    points = np.empty_like(combined)
+    points[..., :3] = srgb_to_linear(points_rgb) * hit[..., None]
+    points[..., 3] = hit
+    return {"combined": combined, "points": points, "depth": depth}
+
+
+def to_blender(image: np.ndarray) -> np.ndarray:
+    """Flip rows (Blender is bottom row first) and flatten to contiguous float32 1-D,
+    the only form ``foreach_set`` accepts safely."""
+    return np.ascontiguousarray(image[::-1], dtype=np.float32).ravel()

@@ -1,0 +1,343 @@
+"""File > Import: PLY points, NeuralScene bundles, dataset folders; points from meshes."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import bpy
+import numpy as np
+from bpy.props import IntProperty, StringProperty
+from bpy_extras.io_utils import ImportHelper
+
+from .camera_bridge import BLENDER_TO_OPENCV
+
+COLOR_ATTRIBUTE = "Col"
+
+
+# --------------------------------------------------------------------------- helpers
+def make_point_object(name: str, points: np.ndarray, colors: np.ndarray | None, context: Any) -> bpy.types.Object:
+    """A point cloud object from (N, 3) points and display-sRGB colours (N, 3) or None
+    (a vertex-only mesh converted to a point cloud; a mesh if conversion is unavailable)."""
+    pts = np.ascontiguousarray(points, dtype=np.float32).reshape(-1, 3)
+    mesh = bpy.data.meshes.new(name)
+    mesh.vertices.add(len(pts))
+    mesh.attributes["position"].data.foreach_set("vector", pts.ravel())
+    if colors is not None:
+        attr = mesh.color_attributes.new(COLOR_ATTRIBUTE, "FLOAT_COLOR", "POINT")
+        rgba = np.ones((len(pts), 4), np.float32)
+        rgba[:, :3] = np.clip(colors, 0.0, 1.0)
+        attr.data.foreach_set("color_srgb", rgba.ravel())
+    mesh.update()
+    obj = bpy.data.objects.new(name, mesh)
+    context.collection.objects.link(obj)
+    for other in context.view_layer.objects:
+        other.select_set(False)
+    obj.select_set(True)
+    context.view_layer.objects.active = obj
+    try:
+        with context.temp_override(selected_objects=[obj], active_object=obj, object=obj):
+            bpy.ops.object.convert(target="POINTCLOUD")
+    except RuntimeError:
+        pass  # keep the mesh: it renders the same
+    return context.view_layer.objects.active or obj
+
+
+def use_point_object(context: Any, obj: bpy.types.Object) -> None:
+    context.scene.npbgpp.point_object = obj
+
+
+def create_camera(
+    name: str, K: np.ndarray, R: np.ndarray, t: np.ndarray, size: tuple[int, int], context: Any
+) -> bpy.types.Object:
+    """A Blender camera object reproducing an OpenCV camera (square pixels assumed:
+    horizontal sensor fit, 36 mm sensor, lens shift for the principal point)."""
+    h, w = size
+    cam = bpy.data.cameras.new(name)
+    cam.sensor_fit = "HORIZONTAL"
+    cam.sensor_width = 36.0
+    cam.lens = float(K[0, 0]) * 36.0 / w
+    cam.shift_x = (w / 2.0 - 0.5 - float(K[0, 2])) / w
+    cam.shift_y = (float(K[1, 2]) - h / 2.0 + 0.5) / w
+    obj = bpy.data.objects.new(name, cam)
+    R_blender = BLENDER_TO_OPENCV @ np.asarray(R, np.float64)  # world -> Blender camera axes
+    center = -np.asarray(R, np.float64).T @ np.asarray(t, np.float64)
+    M = np.eye(4)
+    M[:3, :3] = R_blender.T
+    M[:3, 3] = center
+    from mathutils import Matrix
+
+    obj.matrix_world = Matrix([list(map(float, row)) for row in M])  # a plain list would be read column-major
+    context.collection.objects.link(obj)
+    return obj
+
+
+def _worker(context: Any) -> Any:
+    from .engine import snapshot
+    from .worker_client import HUB
+
+    snap = snapshot(context.scene)
+    return HUB.get(snap.mode, snap.env_path, snap.extra_paths)
+
+
+# --------------------------------------------------------------------------- PLY
+class IMPORT_SCENE_OT_npbgpp_ply(bpy.types.Operator, ImportHelper):
+    """Import a PLY point cloud (with colours) for NPBG++"""
+
+    bl_idname = "import_scene.npbgpp_ply"
+    bl_label = "Import NPBG++ Points (.ply)"
+    bl_options = {"REGISTER", "UNDO"}
+    filename_ext = ".ply"
+    filter_glob: StringProperty(default="*.ply", options={"HIDDEN"})  # type: ignore[valid-type]
+
+    def execute(self, context: Any) -> set[str]:
+        path = bpy.path.abspath(self.filepath)
+        if not os.path.isfile(path):
+            self.report({"ERROR"}, f"PLY file not found: {path}")
+            return {"CANCELLED"}
+        before = set(bpy.data.objects)
+        try:
+            bpy.ops.wm.ply_import(filepath=path, import_colors="SRGB")
+        except RuntimeError as exc:
+            self.report({"ERROR"}, f"cannot read PLY {path}: {exc}")
+            return {"CANCELLED"}
+        new = [o for o in bpy.data.objects if o not in before]
+        if not new:
+            self.report({"ERROR"}, f"no points in PLY {path}")
+            return {"CANCELLED"}
+        obj = new[0]
+        if obj.type == "MESH" and len(obj.data.polygons) == 0:
+            with context.temp_override(selected_objects=[obj], active_object=obj, object=obj):
+                try:
+                    bpy.ops.object.convert(target="POINTCLOUD")
+                except RuntimeError:
+                    pass
+            obj = context.view_layer.objects.active or obj
+        use_point_object(context, obj)
+        self.report({"INFO"}, f"imported {obj.name}")
+        return {"FINISHED"}
+
+
+# --------------------------------------------------------------------------- bundle
+class IMPORT_SCENE_OT_npbgpp_bundle(bpy.types.Operator, ImportHelper):
+    """Import a NeuralScene bundle: its points as an object, the bundle as the scene's renderer"""
+
+    bl_idname = "import_scene.npbgpp_bundle"
+    bl_label = "Import NPBG++ Bundle"
+    bl_options = {"REGISTER", "UNDO"}
+    filename_ext = ".npbgpp"
+    filter_glob: StringProperty(default="*.npbgpp;*.safetensors", options={"HIDDEN"})  # type: ignore[valid-type]
+
+    def execute(self, context: Any) -> set[str]:
+        from .worker_client import WorkerError
+
+        path = bpy.path.abspath(self.filepath)
+        s = context.scene.npbgpp
+        try:
+            worker = _worker(context)
+            worker.request({"op": "load_bundle", "path": path, "device": "CPU", "precision": "FP32"})
+            reply = worker.request({"op": "bundle_points"})
+        except (WorkerError, ValueError, OSError) as exc:
+            self.report({"ERROR"}, f"cannot import bundle {path}: {exc}")
+            return {"CANCELLED"}
+        name = os.path.splitext(os.path.basename(path))[0]
+        obj = make_point_object(name, reply["points"], reply.get("colors"), context)
+        s.bundle = path
+        s.point_object = obj
+        s.output = "NEURAL"
+        return {"FINISHED"}
+
+
+# --------------------------------------------------------------------------- dataset
+class IMPORT_SCENE_OT_npbgpp_dataset(bpy.types.Operator):
+    """Import a dataset folder (NeRF-Synthetic, DTU, ScanNet, H3DS, COLMAP): points and input cameras"""
+
+    bl_idname = "import_scene.npbgpp_dataset"
+    bl_label = "Import NPBG++ Dataset"
+    bl_options = {"REGISTER", "UNDO"}
+    directory: StringProperty(subtype="DIR_PATH")  # type: ignore[valid-type]
+    format: StringProperty(name="Format", default="", description="Empty: detect")  # type: ignore[valid-type]
+    max_points: IntProperty(name="Max Points", default=0, min=0, description="0: all")  # type: ignore[valid-type]
+
+    def invoke(self, context: Any, event: Any) -> set[str]:
+        context.window_manager.fileselect_add(self)
+        return {"RUNNING_MODAL"}
+
+    def execute(self, context: Any) -> set[str]:
+        from .worker_client import WorkerError
+
+        path = bpy.path.abspath(self.directory)
+        try:
+            reply = _worker(context).request(
+                {"op": "dataset", "path": path, "format": self.format or None, "max_points": self.max_points}
+            )
+        except (WorkerError, ValueError, OSError) as exc:
+            self.report({"ERROR"}, f"cannot import dataset {path}: {exc}")
+            return {"CANCELLED"}
+        name = reply["name"] or os.path.basename(os.path.normpath(path))
+        obj = make_point_object(name, reply["points"], reply.get("colors"), context)
+        use_point_object(context, obj)
+        collection = bpy.data.collections.new(f"{name} cameras")
+        context.scene.collection.children.link(collection)
+        for view in reply["views"]:
+            cam = create_camera(view["name"], view["K"], view["R"], view["t"], tuple(view["size"]), context)
+            for col in list(cam.users_collection):
+                col.objects.unlink(cam)
+            collection.objects.link(cam)
+            cam["npbgpp_image"] = view["image_path"]
+        context.scene.npbgpp.dataset_path = path
+        context.scene.npbgpp.dataset_format = reply["format"] or ""
+        if reply["views"]:
+            first = reply["views"][0]
+            context.scene.render.resolution_x, context.scene.render.resolution_y = first["size"][1], first["size"][0]
+            context.scene.render.resolution_percentage = 100
+            context.scene.camera = collection.objects[0]
+        self.report({"INFO"}, f"imported {len(reply['points'])} points and {len(reply['views'])} cameras")
+        return {"FINISHED"}
+
+
+# --------------------------------------------------------------------------- meshes
+def _triangles(obj: Any, depsgraph: Any) -> tuple[np.ndarray, np.ndarray, Any, Any]:
+    """World-space triangle corners (T, 3, 3), loop indices (T, 3), evaluated mesh."""
+    ev = obj.evaluated_get(depsgraph)
+    mesh = ev.to_mesh()
+    mesh.calc_loop_triangles()
+    n_tri = len(mesh.loop_triangles)
+    verts = np.empty(len(mesh.vertices) * 3, np.float32)
+    mesh.vertices.foreach_get("co", verts)
+    tri_v = np.empty(n_tri * 3, np.int64)
+    mesh.loop_triangles.foreach_get("vertices", tri_v)
+    tri_l = np.empty(n_tri * 3, np.int64)
+    mesh.loop_triangles.foreach_get("loops", tri_l)
+    M = np.array(ev.matrix_world)
+    world = verts.reshape(-1, 3) @ M[:3, :3].T + M[:3, 3]
+    return world[tri_v.reshape(-1, 3)], tri_l.reshape(-1, 3), ev, mesh
+
+
+def _base_color_and_image(obj: Any) -> tuple[np.ndarray, Any]:
+    """Material base colour (sRGB) and the image texture feeding it, if any."""
+    from .frames import linear_to_srgb
+
+    mat = obj.active_material
+    color = np.array([0.8, 0.8, 0.8], np.float32)
+    if mat is None:
+        return color, None
+    color = linear_to_srgb(np.array(mat.diffuse_color[:3], np.float32))
+    if mat.node_tree is not None:
+        for node in mat.node_tree.nodes:
+            if node.type == "BSDF_PRINCIPLED":
+                socket = node.inputs["Base Color"]
+                color = linear_to_srgb(np.array(socket.default_value[:3], np.float32))
+                for link in socket.links:
+                    if link.from_node.type == "TEX_IMAGE" and link.from_node.image is not None:
+                        return color, link.from_node.image
+    return color, None
+
+
+def sample_mesh_points(obj: Any, depsgraph: Any, count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` points uniformly on the surface (by area) with colours from the colour
+    attribute, else the base colour's image texture (via the UVs), else the base colour."""
+    from .frames import linear_to_srgb
+
+    tris, loops, ev, mesh = _triangles(obj, depsgraph)
+    try:
+        if len(tris) == 0:
+            return np.zeros((0, 3), np.float32), np.zeros((0, 3), np.float32)
+        area = 0.5 * np.linalg.norm(np.cross(tris[:, 1] - tris[:, 0], tris[:, 2] - tris[:, 0]), axis=1)
+        prob = area / area.sum() if area.sum() > 0 else None
+        pick = rng.choice(len(tris), size=count, p=prob)
+        r1, r2 = np.sqrt(rng.random(count)), rng.random(count)
+        bary = np.stack([1 - r1, r1 * (1 - r2), r1 * r2], axis=1)
+        pts = np.einsum("nk,nkc->nc", bary, tris[pick]).astype(np.float32)
+        colors = None
+        attr = mesh.color_attributes.active_color
+        if attr is not None:
+            rgba = np.empty(len(attr.data) * 4, np.float32)
+            attr.data.foreach_get("color", rgba)
+            rgba = rgba.reshape(-1, 4)[:, :3]
+            if attr.domain == "CORNER":
+                corner = rgba[loops[pick]]
+            else:
+                loop_vert = np.empty(len(mesh.loops), np.int64)
+                mesh.loops.foreach_get("vertex_index", loop_vert)
+                corner = rgba[loop_vert[loops[pick]]]
+            colors = linear_to_srgb(np.einsum("nk,nkc->nc", bary, corner))
+        if colors is None:
+            base, image = _base_color_and_image(ev)
+            uv_layer = mesh.uv_layers.active
+            if image is not None and uv_layer is not None and image.size[0] > 0:
+                uv = np.empty(len(mesh.loops) * 2, np.float32)
+                uv_layer.uv.foreach_get("vector", uv)
+                uvp = np.einsum("nk,nkc->nc", bary, uv.reshape(-1, 2)[loops[pick]])
+                w, h = image.size
+                px = np.empty(w * h * 4, np.float32)
+                image.pixels.foreach_get(px)
+                px = px.reshape(h, w, 4)
+                col = np.clip((uvp[:, 0] % 1.0) * w, 0, w - 1).astype(int)
+                row = np.clip((uvp[:, 1] % 1.0) * h, 0, h - 1).astype(int)
+                texel = px[row, col, :3]
+                # Byte images hold their (sRGB) values as stored; float images are linear.
+                colors = linear_to_srgb(texel) if image.is_float else texel
+            else:
+                colors = np.repeat(base[None], count, axis=0)
+        return pts, np.clip(colors, 0, 1).astype(np.float32)
+    finally:
+        ev.to_mesh_clear()
+
+
+class NPBGPP_OT_points_from_meshes(bpy.types.Operator):
+    """Sample points (with colours) on the surfaces of the selected meshes"""
+
+    bl_idname = "npbgpp.points_from_meshes"
+    bl_label = "Points from Selected Meshes"
+    bl_options = {"REGISTER", "UNDO"}
+    count: IntProperty(name="Points", default=100_000, min=1)  # type: ignore[valid-type]
+    seed: IntProperty(name="Seed", default=0)  # type: ignore[valid-type]
+
+    def execute(self, context: Any) -> set[str]:
+        meshes = [o for o in context.selected_objects if o.type == "MESH"]
+        if not meshes:
+            self.report({"ERROR"}, "select one or more mesh objects")
+            return {"CANCELLED"}
+        depsgraph = context.evaluated_depsgraph_get()
+        areas = []
+        for o in meshes:
+            tris = _triangles(o, depsgraph)
+            tris[2].to_mesh_clear()
+            a = tris[0]
+            areas.append(float((0.5 * np.linalg.norm(np.cross(a[:, 1] - a[:, 0], a[:, 2] - a[:, 0]), axis=1)).sum()))
+        total = sum(areas) or 1.0
+        rng = np.random.default_rng(self.seed)
+        all_pts, all_col = [], []
+        for o, a in zip(meshes, areas, strict=True):
+            n = max(1, int(round(self.count * a / total)))
+            p, c = sample_mesh_points(o, depsgraph, n, rng)
+            all_pts.append(p)
+            all_col.append(c)
+        obj = make_point_object("NPBG++ Points", np.concatenate(all_pts), np.concatenate(all_col), context)
+        use_point_object(context, obj)
+        return {"FINISHED"}
+
+
+def menu_import(self: Any, context: Any) -> None:
+    self.layout.operator(IMPORT_SCENE_OT_npbgpp_ply.bl_idname, text="NPBG++ Points (.ply)")
+    self.layout.operator(IMPORT_SCENE_OT_npbgpp_bundle.bl_idname, text="NPBG++ Bundle")
+    self.layout.operator(IMPORT_SCENE_OT_npbgpp_dataset.bl_idname, text="NPBG++ Dataset Folder")
+
+
+CLASSES = (
+    IMPORT_SCENE_OT_npbgpp_ply, IMPORT_SCENE_OT_npbgpp_bundle, IMPORT_SCENE_OT_npbgpp_dataset,
+    NPBGPP_OT_points_from_meshes,
+)
+
+
+def register() -> None:
+    for cls in CLASSES:
+        bpy.utils.register_class(cls)
+    bpy.types.TOPBAR_MT_file_import.append(menu_import)
+
+
+def unregister() -> None:
+    bpy.types.TOPBAR_MT_file_import.remove(menu_import)
+    for cls in reversed(CLASSES):
+        bpy.utils.unregister_class(cls)

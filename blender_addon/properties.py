@@ -1,0 +1,83 @@
+"""Scene settings: ``scene.npbgpp``."""
+
+from __future__ import annotations
+
+import bpy
+from bpy.props import EnumProperty, FloatProperty, PointerProperty, StringProperty
+
+
+def _is_point_object(_self: bpy.types.PropertyGroup, obj: bpy.types.Object) -> bool:
+    return obj.type in {"MESH", "POINTCLOUD"}
+
+
+class NPBGPPSceneSettings(bpy.types.PropertyGroup):
+    """What NPBG++ renders and how."""
+
+    output: EnumProperty(  # type: ignore[valid-type]
+        name="Output",
+        description="What the Combined pass and the viewport show",
+        items=[
+            ("NEURAL", "Neural", "The NPBG++ network's image (needs a bundle)"),
+            ("POINTS", "Points", "Raw nearest-point colours, no network"),
+            ("DEPTH", "Depth", "View depth of the nearest point as grey"),
+        ],
+        default="NEURAL",
+    )
+    bundle: StringProperty(  # type: ignore[valid-type]
+        name="Bundle", description="NeuralScene bundle file (points, descriptors, network weights)",
+        subtype="FILE_PATH", default="",
+    )
+    weights: StringProperty(  # type: ignore[valid-type]
+        name="Weights", description="NPBG++ network weights (a checkpoint) used to aggregate descriptors",
+        subtype="FILE_PATH", default="",
+    )
+    device: EnumProperty(  # type: ignore[valid-type]
+        name="Device",
+        items=[
+            ("AUTO", "Auto", "CUDA, then Metal, then CPU"),
+            ("CUDA", "CUDA", ""), ("MPS", "Metal", ""), ("CPU", "CPU", ""),
+        ],
+        default="AUTO",
+    )
+    precision: EnumProperty(  # type: ignore[valid-type]
+        name="Precision",
+        items=[("FP32", "FP32", "Full precision"), ("FP16", "FP16", "Half precision"), ("BF16", "BF16", "bfloat16")],
+        default="FP32",
+    )
+    preview_scale: FloatProperty(  # type: ignore[valid-type]
+        name="Preview Scale", description="Viewport resolution scale once the view stops moving",
+        default=1.0, min=0.1, max=1.0, subtype="FACTOR",
+    )
+    point_object: PointerProperty(  # type: ignore[valid-type]
+        name="Point Object", description="Mesh or point cloud holding the points (its transform is applied)",
+        type=bpy.types.Object, poll=_is_point_object,
+    )
+    dataset_path: StringProperty(  # type: ignore[valid-type]
+        name="Dataset", description="Dataset folder the input cameras came from (Aggregate reads its images)",
+        subtype="DIR_PATH", default="",
+    )
+    dataset_format: StringProperty(name="Dataset Format", default="")  # type: ignore[valid-type]
+    worker_mode: EnumProperty(  # type: ignore[valid-type]
+        name="Worker",
+        items=[
+            ("PROCESS", "Separate Process", "Run the network in a subprocess: a crash or OOM never takes Blender down"),
+            ("IN_PROCESS", "In Blender", "Run the network inside Blender (torch must be importable here)"),
+        ],
+        default="PROCESS",
+    )
+
+
+CLASSES = (NPBGPPSceneSettings,)
+
+
+def register() -> None:
+    for cls in CLASSES:
+        bpy.utils.register_class(cls)
+    bpy.types.Scene.npbgpp = PointerProperty(type=NPBGPPSceneSettings)
+
+
+def unregister() -> None:
+    if hasattr(bpy.types.Scene, "npbgpp"):
+        del bpy.types.Scene.npbgpp
+    for cls in reversed(CLASSES):
+        bpy.utils.unregister_class(cls)

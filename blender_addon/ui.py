@@ -1,0 +1,80 @@
+"""Render Properties panels for the NPBG++ engine."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import bpy
+
+
+class _NPBGPPPanel:
+    bl_space_type = "PROPERTIES"
+    bl_region_type = "WINDOW"
+    bl_context = "render"
+    COMPAT_ENGINES = {"NPBGPP"}
+
+    @classmethod
+    def poll(cls, context: Any) -> bool:
+        return context.engine in cls.COMPAT_ENGINES
+
+
+class RENDER_PT_npbgpp(_NPBGPPPanel, bpy.types.Panel):
+    bl_label = "NPBG++"
+
+    def draw(self, context: Any) -> None:
+        layout = self.layout
+        layout.use_property_split = True
+        s = context.scene.npbgpp
+        layout.prop(s, "output")
+        layout.prop(s, "point_object")
+        layout.prop(s, "bundle")
+        if s.output == "NEURAL" and not s.bundle:
+            layout.label(text="Neural output needs a bundle (Import or Aggregate)", icon="INFO")
+
+
+class RENDER_PT_npbgpp_data(_NPBGPPPanel, bpy.types.Panel):
+    bl_label = "Data"
+    bl_parent_id = "RENDER_PT_npbgpp"
+
+    def draw(self, context: Any) -> None:
+        layout = self.layout
+        layout.use_property_split = True
+        s = context.scene.npbgpp
+        layout.prop(s, "weights")
+        layout.prop(s, "dataset_path")
+        col = layout.column(align=True)
+        col.operator("import_scene.npbgpp_ply", icon="IMPORT")
+        col.operator("import_scene.npbgpp_bundle", icon="IMPORT")
+        col.operator("import_scene.npbgpp_dataset", icon="IMPORT")
+        col.operator("npbgpp.points_from_meshes", icon="OUTLINER_OB_POINTCLOUD")
+        col.operator("npbgpp.aggregate", icon="MOD_PARTICLES")
+        col.operator("npbgpp.export_dataset", icon="EXPORT")
+
+
+class RENDER_PT_npbgpp_performance(_NPBGPPPanel, bpy.types.Panel):
+    bl_label = "Performance"
+    bl_parent_id = "RENDER_PT_npbgpp"
+    bl_options = {"DEFAULT_CLOSED"}
+
+    def draw(self, context: Any) -> None:
+        layout = self.layout
+        layout.use_property_split = True
+        s = context.scene.npbgpp
+        layout.prop(s, "device")
+        layout.prop(s, "precision")
+        layout.prop(s, "preview_scale")
+        layout.prop(s, "worker_mode")
+        layout.operator("npbgpp.stop_worker", icon="CANCEL")
+
+
+CLASSES = (RENDER_PT_npbgpp, RENDER_PT_npbgpp_data, RENDER_PT_npbgpp_performance)
+
+
+def register() -> None:
+    for cls in CLASSES:
+        bpy.utils.register_class(cls)
+
+
+def unregister() -> None:
+    for cls in reversed(CLASSES):
+        bpy.utils.unregister_class(cls)

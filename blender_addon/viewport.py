@@ -1,0 +1,218 @@
+"""Interactive viewport: camera maths, frame scheduling and the render thread.
+
+:class:`FrameScheduler` is a small state machine with no bpy and no clock: the view
+drawn at ``request`` decides the next job (coarse while the view moves, full resolution
+once the same view is asked for again), and ``result`` drops frames whose view is gone.
+:class:`ViewportSession` runs jobs on a background thread against the worker and draws
+the newest frame with the ``gpu`` module (never in background mode).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .camera_bridge import CameraGeometry, viewport_geometry
+
+MOVING_SCALE = 0.25
+HALF_MAX = 65504.0
+
+
+@dataclass(frozen=True)
+class Job:
+    frame_id: int
+    target: Hashable  # (view key, (H, W))
+    size: tuple[int, int]  # pixels to render (H, W)
+    scale: float
+
+
+def scaled_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
+    return max(2, int(round(size[0] * scale))), max(2, int(round(size[1] * scale)))
+
+
+class FrameScheduler:
+    """Which resolution to render next; which finished frames are still wanted."""
+
+    def __init__(self, moving_scale: float = MOVING_SCALE, still_scale: float = 1.0) -> None:
+        self.moving_scale = moving_scale
+        self.still_scale = still_scale
+        self.last_target: Hashable | None = None
+        self.in_flight: Job | None = None
+        self.shown: Job | None = None
+        self.failed_target: Hashable | None = None  # not retried until the view or scene changes
+        self.next_id = 0
+
+    def request(self, view_key: Hashable, size: tuple[int, int]) -> Job | None:
+        """Called on every draw with the current view: a job to start, or None (one is
+        running, or the frame on screen is already the best for this view)."""
+        target = (view_key, tuple(size))
+        moving = target != self.last_target
+        self.last_target = target
+        if self.in_flight is not None or target == self.failed_target:
+            return None
+        if self.shown is not None and self.shown.target == target and self.shown.scale >= self.still_scale:
+            return None
+        scale = min(self.moving_scale, self.still_scale) if moving else self.still_scale
+        self.next_id += 1
+        self.in_flight = Job(self.next_id, target, scaled_size(tuple(size), scale), scale)
+        return self.in_flight
+
+    def result(self, frame_id: int) -> bool:
+        """A job finished: True to show its frame, False to drop it (stale or unknown)."""
+        job = self.in_flight
+        if job is None or job.frame_id != frame_id:
+            return False
+        self.in_flight = None
+        if job.target != self.last_target:
+            return False
+        self.shown = job
+        return True
+
+    def failed(self, frame_id: int) -> None:
+        """A job raised: forget it, and do not ask again for the same view (no retry loop)."""
+        if self.in_flight is not None and self.in_flight.frame_id == frame_id:
+            self.failed_target = self.in_flight.target
+            self.in_flight = None
+
+    def invalidate(self) -> None:
+        """The scene changed: the frame on screen must be re-rendered."""
+        self.shown = None
+        self.failed_target = None
+
+
+def region_geometry(region_data: Any, width: int, height: int) -> CameraGeometry:
+    """Camera of a 3D viewport region (perspective only; ValueError otherwise)."""
+    if not region_data.is_perspective:
+        raise ValueError("orthographic views cannot be rendered by NPBG++: switch the viewport to perspective")
+    return viewport_geometry(region_data.window_matrix, region_data.view_matrix, width, height)
+
+
+class ViewportSession:
+    """One viewport's renderer: snapshot on the main thread, render on a thread, draw."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.scheduler = FrameScheduler()
+        self.lock = threading.Lock()
+        self.snapshot: Any = None
+        self.scene_version = 0
+        self.frame: tuple[int, np.ndarray] | None = None  # (frame_id, display RGBA top-down)
+        self.texture: Any = None
+        self.texture_id = -1
+        self.message = ""
+        self.thread: threading.Thread | None = None
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+    def scene_changed(self, context: Any, depsgraph: Any) -> None:
+        from .engine import snapshot
+
+        try:
+            self.snapshot = snapshot(depsgraph.scene, depsgraph)
+            self.message = ""
+        except (ValueError, RuntimeError, OSError) as exc:
+            self.snapshot = None
+            self.message = str(exc)
+        self.scene_version += 1
+        self.scheduler.invalidate()
+
+    def _run(self, job: Job, geo: CameraGeometry, snap: Any, transparent: bool) -> None:
+        from . import frames
+        from .render_job import render_frame
+
+        try:
+            frame, depth_scale = render_frame(snap, geo)
+            image = frames.compose(frame, snap.output, transparent, depth_scale)["combined"]
+            with self.lock:
+                if self.scheduler.result(job.frame_id):
+                    self.frame = (job.frame_id, image)
+                    self.message = ""
+        except Exception as exc:  # noqa: BLE001 - shown in the viewport header, never raised
+            with self.lock:
+                self.scheduler.failed(job.frame_id)
+                self.message = str(exc)
+        self._redraw_later()
+
+    def _redraw_later(self) -> None:
+        import bpy
+
+        engine = self.engine
+
+        def tag() -> None:
+            try:
+                engine.tag_redraw()
+            except ReferenceError:
+                pass
+            return None
+
+        bpy.app.timers.register(tag, first_interval=0.0)
+
+    def draw(self, context: Any, depsgraph: Any) -> None:
+        import bpy
+
+        if bpy.app.background:
+            return
+        region, rv3d = context.region, context.region_data
+        scene = depsgraph.scene
+        try:
+            geo = region_geometry(rv3d, region.width, region.height)
+        except ValueError as exc:
+            self.engine.update_stats("", f"NPBG++: {exc}")
+            return
+        if self.snapshot is None:
+            self.engine.update_stats("", f"NPBG++: {self.message}")
+            return
+        key = (tuple(map(tuple, rv3d.view_matrix)), tuple(map(tuple, rv3d.window_matrix)), self.scene_version)
+        with self.lock:
+            self.scheduler.still_scale = float(scene.npbgpp.preview_scale)
+            job = self.scheduler.request(key, (region.height, region.width))
+        if job is not None:
+            sub = geo.scaled(*job.size)
+            self.thread = threading.Thread(
+                target=self._run, args=(job, sub, self.snapshot, scene.render.film_transparent), daemon=True
+            )
+            self.thread.start()
+        if self.message:
+            self.engine.update_stats("", f"NPBG++: {self.message}")
+        self._draw_frame(scene, region)
+
+    def _draw_frame(self, scene: Any, region: Any) -> None:
+        import gpu
+
+        with self.lock:
+            frame = self.frame
+        if frame is None:
+            return
+        frame_id, image = frame
+        if frame_id != self.texture_id:
+            self.texture = make_texture(image)
+            self.texture_id = frame_id
+        gpu.state.blend_set("ALPHA_PREMULT")
+        self.engine.bind_display_space_shader(scene)
+        draw_texture(self.texture, region.width, region.height)
+        self.engine.unbind_display_space_shader()
+        gpu.state.blend_set("NONE")
+
+
+def make_texture(image: np.ndarray) -> Any:
+    """Half-float RGBA texture of a top-down (H, W, 4) image (values clamped to the half
+    range; OpenGL textures are bottom row first). Needs a GPU context."""
+    import gpu
+
+    h, w = image.shape[:2]
+    data = np.ascontiguousarray(np.clip(image[::-1], -HALF_MAX, HALF_MAX), dtype=np.float32).ravel()
+    buffer = gpu.types.Buffer("FLOAT", data.size, data)
+    return gpu.types.GPUTexture((w, h), format="RGBA16F", data=buffer)
+
+
+def draw_texture(texture: Any, width: int, height: int) -> None:
+    """Stretch the texture over a ``width`` x ``height`` region (coarse frames scale up)."""
+    from gpu_extras.presets import draw_texture_2d
+
+    draw_texture_2d(texture, (0, 0), width, height)

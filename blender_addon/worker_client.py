@@ -1,0 +1,272 @@
+"""Blender's side of the renderer: a worker subprocess (default) or the same service
+in-process. Never imports torch itself in process mode, so a CUDA error, an OOM or a
+crash in the network only ends the worker; Blender reports it and restarts it lazily."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+WORKER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worker.py")
+
+
+class WorkerError(RuntimeError):
+    """The worker answered with an error, died, or could not be started."""
+
+
+class Cancelled(RuntimeError):
+    """The caller asked to stop waiting (Esc during a render)."""
+
+
+def python_for_worker(env_path: str = "") -> str:
+    """The Python that runs the worker: the preferences' environment (a python executable
+    or a venv folder), else this interpreter when it can import torch."""
+    if env_path:
+        path = os.path.abspath(os.path.expanduser(env_path))
+        if os.path.isdir(path):
+            for rel in ("bin/python3", "bin/python", "Scripts/python.exe", "python.exe", "python3"):
+                candidate = os.path.join(path, rel)
+                if os.path.isfile(candidate):
+                    return candidate
+            raise WorkerError(f"no python executable found in the environment folder {path}")
+        if os.path.isfile(path):
+            return path
+        raise WorkerError(f"python environment path does not exist: {path}")
+    if importlib.util.find_spec("torch") is not None:
+        return sys.executable
+    raise WorkerError(
+        "PyTorch is not available: install it from the add-on preferences (Install PyTorch) "
+        "or set the preferences' Python environment to one that has torch"
+    )
+
+
+class ProcessWorker:
+    """One worker subprocess, started lazily and reused; requests are serialised."""
+
+    def __init__(self, python: str, extra_paths: list[str] | None = None) -> None:
+        self.python = python
+        self.extra_paths = list(extra_paths or [])
+        self.proc: subprocess.Popen | None = None
+        self.conn: Any = None
+        self.lock = threading.RLock()
+        self.info: dict = {}
+        self.loaded_key: str | None = None  # content key of the points the worker holds
+        self.log_path = ""
+
+    def log_tail(self, chars: int = 400) -> str:
+        """The end of the worker's output (tracebacks, CUDA errors), for error messages."""
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as f:
+                text = f.read()
+        except OSError:
+            return ""
+        text = text.strip()
+        return text[-chars:] if text else ""
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None and self.conn is not None
+
+    def start(self, timeout: float = 120.0) -> dict:
+        from multiprocessing.connection import Listener
+
+        with self.lock:
+            if self.alive():
+                return self.info
+            self.stop()
+            self.loaded_key = None
+            authkey = secrets.token_bytes(32)
+            listener = Listener(authkey=authkey)
+            address = listener.address
+            if isinstance(address, tuple):
+                address = f"tcp:{address[0]}:{address[1]}"
+            env = dict(os.environ)
+            if self.extra_paths:
+                env["PYTHONPATH"] = os.pathsep.join(self.extra_paths + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+            fd, self.log_path = tempfile.mkstemp(prefix="npbgpp-worker-", suffix=".log")
+            try:
+                with os.fdopen(fd, "wb") as log:
+                    self.proc = subprocess.Popen(
+                        [self.python, WORKER_SCRIPT, str(address)], stdin=subprocess.PIPE, env=env,
+                        stdout=log, stderr=subprocess.STDOUT,
+                    )
+                assert self.proc.stdin is not None
+                self.proc.stdin.write((authkey.hex() + "\n").encode())
+                self.proc.stdin.close()
+            except OSError as exc:
+                listener.close()
+                raise WorkerError(f"cannot start the NPBG++ worker with {self.python}: {exc}") from exc
+            accepted: list[Any] = []
+
+            def accept() -> None:
+                try:
+                    accepted.append(listener.accept())
+                except Exception as exc:  # noqa: BLE001
+                    accepted.append(exc)
+
+            thread = threading.Thread(target=accept, daemon=True)
+            thread.start()
+            end = time.monotonic() + timeout
+            while thread.is_alive() and time.monotonic() < end and self.proc.poll() is None:
+                thread.join(0.05)
+            if not accepted or isinstance(accepted[0], Exception):
+                code = self.proc.poll()
+                listener.close()
+                tail = self.log_tail()
+                self.stop()
+                why = f"it exited with code {code}" if code is not None else "it did not connect in time"
+                raise WorkerError(
+                    f"the NPBG++ worker ({self.python}) failed to start: {why}" + (f"\n{tail}" if tail else "")
+                )
+            listener.close()
+            self.conn = accepted[0]
+            self.info = self._request({"op": "hello"}, None)
+            return self.info
+
+    def request(self, msg: dict, should_cancel: Callable[[], bool] | None = None) -> dict:
+        with self.lock:
+            if not self.alive():
+                self.start()
+            return self._request(msg, should_cancel)
+
+    def _request(self, msg: dict, should_cancel: Callable[[], bool] | None) -> dict:
+        try:
+            self.conn.send(msg)
+            while not self.conn.poll(0.05):
+                if self.proc is None or self.proc.poll() is not None:
+                    code = None if self.proc is None else self.proc.returncode
+                    tail = self.log_tail()
+                    self.stop()
+                    raise WorkerError(
+                        f"the NPBG++ worker died (exit code {code}); it restarts on the next render"
+                        + (f"\n{tail}" if tail else "")
+                    )
+                if should_cancel is not None and should_cancel():
+                    # The answer is still coming: drop the connection rather than mix it up.
+                    self.stop()
+                    raise Cancelled("cancelled")
+            reply = self.conn.recv()
+        except (EOFError, OSError, BrokenPipeError) as exc:
+            tail = self.log_tail()
+            self.stop()
+            raise WorkerError(f"lost the NPBG++ worker: {exc}" + (f"\n{tail}" if tail else "")) from exc
+        if not reply.get("ok"):
+            raise WorkerError(reply.get("error", "unknown worker error"))
+        if "shm" in reply:
+            reply["frame"] = _read_shared(reply.pop("shm"), tuple(reply.pop("shape")))
+        return reply
+
+    def stop(self) -> None:
+        with self.lock:
+            if self.conn is not None:
+                try:
+                    if self.proc is not None and self.proc.poll() is None:
+                        self.conn.send({"op": "shutdown"})
+                        if self.conn.poll(2.0):
+                            self.conn.recv()
+                except Exception:  # noqa: BLE001 - best effort
+                    pass
+                try:
+                    self.conn.close()
+                except Exception:  # noqa: BLE001
+                    pass
+                self.conn = None
+            if self.proc is not None:
+                try:
+                    self.proc.wait(timeout=3.0)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(timeout=3.0)
+                self.proc = None
+            if self.log_path:
+                try:
+                    os.remove(self.log_path)
+                except OSError:
+                    pass
+                self.log_path = ""
+
+
+def _read_shared(name: str, shape: tuple[int, ...]) -> np.ndarray:
+    from multiprocessing import resource_tracker, shared_memory
+
+    shm = shared_memory.SharedMemory(name=name)
+    try:
+        # Python < 3.13 registers attached blocks too; the worker owns and unlinks it.
+        resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        return np.ndarray(shape, dtype=np.float32, buffer=shm.buf).copy()
+    finally:
+        shm.close()
+
+
+class InProcessWorker:
+    """The same service in Blender's own process (needs torch importable here)."""
+
+    def __init__(self) -> None:
+        from .worker import RenderService
+
+        self.service = RenderService()
+        self.lock = threading.RLock()
+        self.info: dict = {}
+        self.loaded_key: str | None = None
+
+    def alive(self) -> bool:
+        return True
+
+    def start(self) -> dict:
+        from .worker import torch_info
+
+        self.info = torch_info()
+        return self.info
+
+    def request(self, msg: dict, should_cancel: Callable[[], bool] | None = None) -> dict:
+        from .worker import handle
+
+        with self.lock:
+            try:
+                return handle(self.service, msg, None)
+            except Exception as exc:  # noqa: BLE001
+                raise WorkerError(f"{type(exc).__name__}: {exc}") from exc
+
+    def stop(self) -> None:
+        pass
+
+
+class WorkerHub:
+    """The add-on's one renderer connection: chooses the mode, remembers what was sent."""
+
+    def __init__(self) -> None:
+        self.worker: ProcessWorker | InProcessWorker | None = None
+        self.mode: Any = ""
+        self.lock = threading.RLock()
+
+    def get(self, mode: str, env_path: str, extra_paths: list[str]) -> ProcessWorker | InProcessWorker:
+        with self.lock:
+            python = python_for_worker(env_path) if mode == "PROCESS" else ""
+            wanted = (mode, python, tuple(extra_paths))
+            if self.worker is None or self.mode != wanted:
+                self.shutdown()
+                self.worker = ProcessWorker(python, extra_paths) if mode == "PROCESS" else InProcessWorker()
+                self.mode = wanted
+            return self.worker
+
+    def shutdown(self) -> None:
+        with self.lock:
+            if self.worker is not None:
+                self.worker.stop()
+            self.worker = None
+            self.mode = ""
+
+
+HUB = WorkerHub()

@@ -1,0 +1,63 @@
+"""The same zip installs through the legacy add-on installer (bl_info) and works."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import sys
+import tempfile
+
+if "bpy" not in sys.modules and "BLENDER_USER_RESOURCES" not in os.environ:
+    # A private Blender user folder (installed extensions, preferences), removed at exit.
+    _user_dir = tempfile.mkdtemp(prefix="npbgpp-bpy-user-")
+    os.environ["BLENDER_USER_RESOURCES"] = _user_dir
+    atexit.register(shutil.rmtree, _user_dir, True)
+
+import pytest
+
+bpy = pytest.importorskip("bpy")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_legacy_addon_install_enable_render_disable(tmp_path):
+    import addon_utils
+
+    if "bl_ext.user_default.npbgpp" in bpy.context.preferences.addons:
+        pytest.skip("the extension build is enabled in this process")
+    sys.path.insert(0, ROOT)
+    import build_addon
+    from npbgpp_core.ply import save_ply
+
+    zip_path = build_addon.build(str(tmp_path / "dist"))
+    assert bpy.ops.preferences.addon_install(filepath=zip_path, overwrite=True) == {"FINISHED"}
+    module = addon_utils.enable("npbgpp", default_set=True)
+    try:
+        assert module is not None and module.bl_info["blender"] == (4, 2, 0)
+        bpy.ops.wm.read_homefile(use_empty=True)
+        save_ply(str(tmp_path / "p.ply"), [[0.0, 0.0, 0.0]], [[1.0, 0.5, 0.0]])
+        assert bpy.ops.import_scene.npbgpp_ply(filepath=str(tmp_path / "p.ply")) == {"FINISHED"}
+        sc = bpy.context.scene
+        cam = bpy.data.objects.new("C", bpy.data.cameras.new("C"))
+        sc.collection.objects.link(cam)
+        cam.location = (0.0, -5.0, 0.0)
+        cam.rotation_euler = (1.5707963, 0.0, 0.0)
+        sc.camera = cam
+        sc.render.engine = "NPBGPP"
+        sc.npbgpp.output = "POINTS"
+        sc.npbgpp.worker_mode = "IN_PROCESS"
+        sc.render.resolution_x, sc.render.resolution_y = 33, 21
+        sc.render.film_transparent = True
+        sc.view_settings.view_transform = "Standard"
+        sc.render.dither_intensity = 0.0
+        sc.render.filepath = str(tmp_path / "o.png")
+        bpy.ops.render.render(write_still=True)
+        import numpy as np
+        from PIL import Image
+
+        img = np.asarray(Image.open(tmp_path / "o.png"))
+        assert np.argwhere(img[..., 3] > 0).tolist() == [[10, 16]]  # the centre pixel
+        assert img[10, 16].tolist() == [255, 128, 0, 255]
+    finally:
+        addon_utils.disable("npbgpp", default_set=True)
+    assert not hasattr(bpy.types.Scene, "npbgpp")

@@ -1,0 +1,378 @@
+"""Add-on pieces that need no installed add-on: camera maths against Blender's own
+projection matrices, the viewport scheduler, frame composition, the worker protocol."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import sys
+import tempfile
+
+if "bpy" not in sys.modules and "BLENDER_USER_RESOURCES" not in os.environ:
+    # A private Blender user folder (installed extensions, preferences), removed at exit.
+    _user_dir = tempfile.mkdtemp(prefix="npbgpp-bpy-user-")
+    os.environ["BLENDER_USER_RESOURCES"] = _user_dir
+    atexit.register(shutil.rmtree, _user_dir, True)
+
+import numpy as np
+import pytest
+import torch
+
+bpy = pytest.importorskip("bpy")
+
+from blender_addon import frames  # noqa: E402
+from blender_addon.camera_bridge import (  # noqa: E402
+    CameraGeometry,
+    object_local_geometry,
+    opencv_intrinsics,
+    scene_camera_geometry,
+    viewport_geometry,
+)
+from blender_addon.viewport import FrameScheduler, scaled_size  # noqa: E402
+from blender_addon.worker import RenderService  # noqa: E402
+from blender_addon.worker_client import ProcessWorker, WorkerError, python_for_worker  # noqa: E402
+from npbgpp_core import Camera  # noqa: E402
+
+
+# --------------------------------------------------------------------------- camera maths
+def test_state_dict_equals_core_camera():
+    K = opencv_intrinsics(35.0, 36.0, 24.0, "AUTO", 0.1, -0.2, 64, 48, 1.0, 1.3)
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    R = q * np.sign(np.linalg.det(q))
+    t = rng.normal(size=3)
+    geo = CameraGeometry(K, R, t, (48, 64))
+    want = Camera.from_opencv(K, R, t, (48, 64), dtype=torch.float64).state_dict()
+    got = geo.state_dict()
+    for key in want:
+        np.testing.assert_allclose(np.array(got[key]), np.array(want[key]), atol=1e-12)
+    pts = rng.normal(size=(20, 3)) + [0, 0, 6]
+    uv, z = geo.project(pts)
+    cam = Camera.from_state_dict(got, dtype=torch.float64)
+    uv2, z2 = cam.project(torch.from_numpy(pts))
+    np.testing.assert_allclose(uv, uv2.numpy(), atol=1e-9)
+    np.testing.assert_allclose(z, z2.numpy(), atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "fit,size,shift,lens",
+    [("AUTO", (64, 48), (0.0, 0.0), 50.0), ("AUTO", (40, 70), (0.1, -0.05), 30.0),
+     ("VERTICAL", (64, 48), (-0.1, 0.2), 45.0), ("HORIZONTAL", (50, 90), (0.03, 0.04), 85.0)],
+)
+def test_viewport_geometry_matches_blender_projection(fit, size, shift, lens):
+    """The viewport path (window_matrix from calc_matrix_camera) gives the same camera as
+    the render path: both equal Blender's own projection."""
+    bpy.ops.wm.read_homefile(use_empty=True)
+    scene = bpy.context.scene
+    cam = bpy.data.objects.new("C", bpy.data.cameras.new("C"))
+    scene.collection.objects.link(cam)
+    cam.data.sensor_fit, cam.data.lens = fit, lens
+    cam.data.shift_x, cam.data.shift_y = shift
+    cam.location = (1.0, -5.0, 2.0)
+    cam.rotation_euler = (1.2, 0.1, 0.2)
+    scene.render.resolution_x, scene.render.resolution_y = size
+    scene.render.resolution_percentage = 100
+    bpy.context.view_layer.update()
+    depsgraph = bpy.context.evaluated_depsgraph_get()
+    w, h = size
+    P = cam.calc_matrix_camera(depsgraph, x=w, y=h)
+    V = cam.matrix_world.inverted()
+    a = viewport_geometry(P, V, w, h)
+    b = scene_camera_geometry(cam, scene)
+    np.testing.assert_allclose(a.K, b.K, atol=1e-4)
+    np.testing.assert_allclose(a.R, b.R, atol=1e-6)
+    np.testing.assert_allclose(a.t, b.t, atol=1e-5)
+    from bpy_extras.object_utils import world_to_camera_view
+    from mathutils import Vector
+
+    pts = np.random.default_rng(1).uniform(-1, 1, (10, 3))
+    uv, _ = b.project(pts)
+    ref = np.array([tuple(world_to_camera_view(scene, cam, Vector(p))) for p in pts])
+    np.testing.assert_allclose(uv[:, 0], ref[:, 0] * w - 0.5, atol=1e-4)
+    np.testing.assert_allclose(uv[:, 1], (1 - ref[:, 1]) * h - 0.5, atol=1e-4)
+
+
+def test_orthographic_viewport_refused():
+    P = np.eye(4)
+    P[2, 2] = -0.1
+    with pytest.raises(ValueError, match="orthographic"):
+        viewport_geometry(P, np.eye(4), 64, 48)
+
+
+def test_object_local_geometry_folds_transform():
+    from mathutils import Euler, Matrix
+
+    M = Matrix.LocRotScale((0.5, -1.0, 2.0), Euler((0.3, 0.2, 0.1)), (2.0, 2.0, 2.0))
+    K = opencv_intrinsics(50, 36, 24, "AUTO", 0, 0, 64, 48)
+    geo = CameraGeometry(K, np.diag([1.0, -1.0, -1.0]), np.array([0.0, 0.0, 8.0]), (48, 64))
+    local, s = object_local_geometry(geo, M)
+    assert s == pytest.approx(2.0)
+    pts = np.random.default_rng(2).uniform(-1, 1, (10, 3))
+    world = pts @ np.array(M)[:3, :3].T + np.array(M)[:3, 3]
+    uv_w, z_w = geo.project(world)
+    uv_l, z_l = local.project(pts)
+    np.testing.assert_allclose(uv_l, uv_w, atol=1e-9)
+    np.testing.assert_allclose(z_l * s, z_w, atol=1e-9)
+    with pytest.raises(ValueError, match="uniform"):
+        object_local_geometry(geo, Matrix.Diagonal((1.0, 2.0, 1.0, 1.0)))
+
+
+def test_scaled_geometry_matches_core():
+    K = opencv_intrinsics(50, 36, 24, "AUTO", 0.1, 0.05, 64, 48)
+    geo = CameraGeometry(K, np.eye(3), np.array([0.0, 0.0, 3.0]), (48, 64))
+    small = geo.scaled(12, 16)
+    core = Camera.from_state_dict(geo.state_dict(), dtype=torch.float64).scaled((12, 16))
+    np.testing.assert_allclose(small.K, core.to_opencv()[0], atol=1e-9)
+
+
+# --------------------------------------------------------------------------- scheduler
+def test_scheduler_coarse_while_moving_full_when_still():
+    s = FrameScheduler(moving_scale=0.25, still_scale=1.0)
+    size = (100, 200)
+    job = s.request("A", size)
+    assert job is not None and job.scale == 0.25 and job.size == (25, 50)
+    assert s.request("B", size) is None  # busy: nothing new starts
+    assert s.result(job.frame_id) is False  # the view moved on: stale frame dropped
+    job2 = s.request("B", size)  # same view as the last draw: still -> full resolution
+    assert job2 is not None and job2.scale == 1.0 and job2.size == size
+    assert s.result(job2.frame_id) is True
+    assert s.request("B", size) is None  # best frame already on screen
+    job3 = s.request("C", size)  # moving again
+    assert job3 is not None and job3.scale == 0.25
+    assert s.result(job3.frame_id) is True
+    job4 = s.request("C", size)  # stopped: refine
+    assert job4.scale == 1.0
+    assert s.result(job4.frame_id + 100) is False  # unknown ids are ignored
+    assert s.in_flight is job4
+
+
+def test_scheduler_invalidate_and_failure():
+    s = FrameScheduler(moving_scale=0.5, still_scale=0.5)
+    job = s.request("A", (10, 10))
+    assert job.scale == 0.5
+    s.failed(job.frame_id)
+    assert s.request("A", (10, 10)) is None  # a failing view is not retried in a loop
+    s.invalidate()  # ... until the scene changes (or the view moves)
+    again = s.request("A", (10, 10))
+    assert again is not None and again.frame_id != job.frame_id
+    assert s.result(again.frame_id)
+    assert s.request("A", (10, 10)) is None
+    s.invalidate()
+    assert s.request("A", (10, 10)) is not None
+    assert scaled_size((3, 3), 0.1) == (2, 2)
+
+
+# --------------------------------------------------------------------------- frames
+def test_srgb_round_trip_and_reference_values():
+    x = np.linspace(0, 1, 256, dtype=np.float32)
+    np.testing.assert_allclose(frames.linear_to_srgb(frames.srgb_to_linear(x)), x, atol=1e-5)
+    assert frames.srgb_to_linear(np.float32(0.5)) == pytest.approx(0.214041, abs=1e-5)
+    assert frames.srgb_to_linear(np.float32(0.04)) == pytest.approx(0.04 / 12.92)
+
+
+def test_compose_alpha_depth_and_flip():
+    f = np.zeros((3, 4, 8), np.float32)
+    f[..., 0:3] = 0.5
+    f[1, 2, 3:6] = (1.0, 0.0, 0.5)
+    f[1, 2, 6] = 1.0
+    f[..., 7] = np.inf
+    f[1, 2, 7] = 2.5
+    out = frames.compose(f, "NEURAL", transparent=True, depth_scale=2.0)
+    assert out["depth"][1, 2] == 5.0 and out["depth"][0, 0] == frames.EMPTY_DEPTH
+    assert out["combined"][1, 2, 3] == 1.0 and out["combined"][0, 0].tolist() == [0, 0, 0, 0]
+    np.testing.assert_allclose(out["combined"][1, 2, :3], frames.srgb_to_linear(np.full(3, 0.5, np.float32)))
+    opaque = frames.compose(f, "POINTS", transparent=False)
+    assert opaque["combined"][0, 0, 3] == 1.0
+    np.testing.assert_allclose(opaque["points"][1, 2], [1.0, 0.0, frames.srgb_to_linear(np.float32(0.5)), 1.0])
+    flat = frames.to_blender(out["depth"])
+    assert flat.dtype == np.float32 and flat.ndim == 1 and flat.flags.c_contiguous
+    assert flat[1 * 4 + 2] == 5.0  # row 1 of 3 stays row 1 when flipped
+    flat_c = frames.to_blender(out["combined"]).reshape(3, 4, 4)
+    np.testing.assert_array_equal(flat_c[::-1], out["combined"])
+    with pytest.raises(ValueError):
+        frames.compose(f, "BOGUS", True)
+
+
+# --------------------------------------------------------------------------- worker
+def test_python_for_worker(tmp_path):
+    assert python_for_worker("") == sys.executable  # torch importable here
+    (tmp_path / "bin").mkdir()
+    exe = tmp_path / "bin" / "python3"
+    exe.write_text("")
+    assert python_for_worker(str(tmp_path)) == str(exe)
+    with pytest.raises(WorkerError, match="does not exist"):
+        python_for_worker(str(tmp_path / "nope"))
+
+
+def test_process_worker_equals_in_process_and_cleans_up(tmp_path):
+    rng = np.random.default_rng(0)
+    pts = rng.uniform(-1, 1, (300, 3)).astype(np.float32)
+    col = rng.uniform(0, 1, (300, 3)).astype(np.float32)
+    cam = Camera.look_at((0, -4, 1), (0, 0, 0), (0, 0, 1), 50.0, (24, 40)).state_dict()
+    local = RenderService()
+    local.set_points(pts, col)
+    want = local.render(cam)
+    worker = ProcessWorker(sys.executable)
+    try:
+        info = worker.start()
+        assert "CPU" in info["devices"]
+        worker.request({"op": "set_points", "points": pts, "colors": col})
+        got = worker.request({"op": "render", "camera": cam})["frame"]
+        np.testing.assert_array_equal(got, want)
+        with pytest.raises(WorkerError, match="needs a NeuralScene bundle"):
+            worker.request({"op": "render", "camera": cam, "neural": True})
+        assert worker.alive()  # errors do not end the worker
+        with pytest.raises(WorkerError, match="not found"):
+            worker.request({"op": "load_bundle", "path": str(tmp_path / "missing.npbgpp")})
+        proc = worker.proc
+    finally:
+        worker.stop()
+    assert proc.poll() is not None and worker.proc is None
+
+
+def test_render_service_depth_is_view_depth():
+    pts = np.array([[0.0, 0.0, 0.0], [0.3, 0.2, 1.0]], np.float32)
+    cam = Camera.look_at((0, -5, 0), (0, 0, 0), (0, 0, 1), 60.0, (32, 32))
+    service = RenderService()
+    service.set_points(pts, None)
+    frame = service.render(cam.state_dict())
+    uv, z = cam.project(torch.from_numpy(pts))
+    for (u, v), d in zip(uv.tolist(), z.tolist(), strict=True):
+        r, c = int(np.floor(v + 0.5)), int(np.floor(u + 0.5))
+        assert frame[r, c, 6] == 1.0
+        assert frame[r, c, 7] == pytest.approx(d, rel=1e-6)
+    assert np.isinf(frame[0, 0, 7]) and frame[0, 0, 6] == 0.0
+
+
+def test_pip_install_failure_is_explained(tmp_path):
+    from blender_addon import preferences
+
+    preferences._Install.running = True
+    preferences._pip_install(str(tmp_path / "no-python"), str(tmp_path / "deps"))
+    assert not preferences._Install.running
+    assert preferences._Install.message.startswith("cannot run pip")
+    assert str(tmp_path / "no-python") in preferences._Install.message
+
+
+class _Engine:
+    """Stands in for the RenderEngine's only use here (redraw requests)."""
+
+    def __init__(self) -> None:
+        self.redraws = 0
+
+    def tag_redraw(self) -> None:
+        self.redraws += 1
+
+
+def test_viewport_session_renders_jobs_off_thread_and_drops_stale():
+    from blender_addon.render_job import SceneSnapshot
+    from blender_addon.viewport import ViewportSession
+    from blender_addon.worker_client import HUB
+
+    pts = np.random.default_rng(0).uniform(-1, 1, (200, 3)).astype(np.float32)
+    snap = SceneSnapshot(output="POINTS", mode="IN_PROCESS", points=pts, colors=None, points_key="k")
+    K = opencv_intrinsics(50, 36, 24, "AUTO", 0, 0, 80, 60)
+    geo = CameraGeometry(K, np.diag([1.0, -1.0, -1.0]), np.array([0.0, 0.0, 5.0]), (60, 80))
+    session = ViewportSession(_Engine())
+    try:
+        job = session.scheduler.request("view-1", (60, 80))
+        session._run(job, geo.scaled(*job.size), snap, True)
+        assert session.frame is not None and session.frame[1].shape == (15, 20, 4)
+        assert session.frame[1][..., 3].max() == 1.0
+        job2 = session.scheduler.request("view-1", (60, 80))  # still: full resolution
+        assert job2.size == (60, 80)
+        session.scheduler.request("view-2", (60, 80))  # the view moves while job2 renders
+        session._run(job2, geo.scaled(*job2.size), snap, True)
+        assert session.frame[0] == job.frame_id  # job2's frame was stale: dropped
+    finally:
+        HUB.shutdown()
+
+
+_GPU_SCRIPT = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import bpy, numpy as np
+from mathutils import Matrix
+from blender_addon.viewport import make_texture, draw_texture
+out = {}
+class ProbeEngine(bpy.types.RenderEngine):
+    bl_idname = "NPBGPP_GPU_PROBE"
+    bl_label = "probe"
+    bl_use_gpu_context = True
+    def render(self, depsgraph):
+        import gpu
+        img = np.zeros((6, 8, 4), np.float32)
+        img[0, 0] = (1, 0, 0, 1)
+        img[5, 7] = (0, 0.5, 1e6, 1)
+        img[2, 3] = (0.25, 0.75, 0.125, 1)
+        off = gpu.types.GPUOffScreen(8, 6, format="RGBA32F")
+        with off.bind():
+            fb = gpu.state.active_framebuffer_get()
+            fb.clear(color=(0, 0, 0, 0))
+            with gpu.matrix.push_pop():
+                gpu.matrix.load_matrix(Matrix.Identity(4))
+                gpu.matrix.load_projection_matrix(Matrix.Identity(4))
+                gpu.matrix.translate((-1, -1))
+                gpu.matrix.scale((2 / 8, 2 / 6))
+                draw_texture(make_texture(img), 8, 6)
+            buf = fb.read_color(0, 0, 8, 6, 4, 0, "FLOAT")
+        off.free()
+        buf.dimensions = 8 * 6 * 4
+        out["px"] = np.array(buf, np.float32).reshape(6, 8, 4)[::-1]
+bpy.utils.register_class(ProbeEngine)
+sc = bpy.context.scene
+sc.render.engine = "NPBGPP_GPU_PROBE"
+sc.render.resolution_x, sc.render.resolution_y = 8, 6
+bpy.ops.render.render()
+np.save(sys.argv[2], out["px"])
+"""
+
+
+def test_viewport_texture_upload_and_draw(tmp_path):
+    """The viewport's half-float texture path, drawn into an offscreen buffer under a
+    headless GPU context (Mesa EGL); a separate process, since a missing EGL aborts."""
+    import ctypes.util
+    import subprocess
+
+    if ctypes.util.find_library("EGL") is None:
+        pytest.skip("no EGL library: no headless GPU context")
+    script = tmp_path / "gpu_probe.py"
+    script.write_text(_GPU_SCRIPT)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "px.npy"
+    proc = subprocess.run([sys.executable, str(script), root, str(out)], capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0 and "EGL" in proc.stderr + proc.stdout and not out.exists():
+        pytest.skip(f"headless GPU context unavailable: {proc.stderr[-300:]}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    px = np.load(out)
+    np.testing.assert_array_equal(px[0, 0], [1, 0, 0, 1])  # top-left stays top-left
+    np.testing.assert_array_equal(px[2, 3], [0.25, 0.75, 0.125, 1])
+    np.testing.assert_array_equal(px[5, 7], [0, 0.5, 65504.0, 1])  # clamped to the half range
+    assert px[1, 1].tolist() == [0, 0, 0, 0]
+
+
+def test_torch_status_names_the_worker_torch():
+    from blender_addon import preferences
+
+    line = preferences.torch_status(refresh=True)
+    assert line.startswith(f"torch {torch.__version__} (") and sys.executable in line and "missing" not in line
+
+
+def test_worker_in_env_without_packages_explains(tmp_path):
+    """A Python environment lacking numpy/torch: the start fails with the worker's own
+    error message, and nothing is left running."""
+    import subprocess
+    import venv
+
+    base = getattr(sys, "_base_executable", sys.executable)
+    env_dir = tmp_path / "bare"
+    venv.EnvBuilder(with_pip=False).create(env_dir)
+    python = python_for_worker(str(env_dir))
+    probe = subprocess.run([python, "-c", "import numpy"], capture_output=True)
+    if probe.returncode == 0:
+        pytest.skip(f"the base interpreter {base} has numpy")
+    worker = ProcessWorker(python)
+    with pytest.raises(WorkerError, match="(?s)failed to start.*No module named"):
+        worker.start(timeout=60)
+    assert worker.proc is None and worker.log_path == ""
