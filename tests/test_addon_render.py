@@ -610,9 +610,9 @@ def test_aggregate_writes_a_bundle(scene):
 def test_export_dataset_renders_views(scene):
     sc = scene["scene"]
     bpy.ops.mesh.primitive_cube_add(size=1.0)
-    # The renderer sets file_format="PNG", which Blender 5.0 refuses while the media type
-    # is multi-layer (reported to the datasets owner).
-    sc.render.image_settings.media_type = "IMAGE"
+    # Blender 5.0 refuses file_format="PNG" while the media type is multi-layer: the
+    # renderer must switch it and put it back.
+    sc.render.image_settings.media_type = "MULTI_LAYER_IMAGE"
     out = scene["dir"] / "export"
     try:
         result = bpy.ops.npbgpp.export_dataset(directory=str(out), views=2, width=16, height=12, samples=1, points=50)
@@ -623,6 +623,7 @@ def test_export_dataset_renders_views(scene):
     assert result == {"FINISHED"}
     assert (out / "points3d.ply").is_file()
     assert sc.render.engine == "NPBGPP"  # restored
+    assert sc.render.image_settings.media_type == "MULTI_LAYER_IMAGE"
 
 
 def _plane_selected(sc):

@@ -164,6 +164,8 @@ def _configure(bpy_scene, settings: _Settings, size: tuple[int, int], samples: i
     settings.set(v, "gamma", 1.0)
     settings.set(v, "use_curve_mapping", False)
     im = r.image_settings
+    if hasattr(im, "media_type"):  # Blender 5.0: PNG is refused while media_type is multilayer
+        settings.set(im, "media_type", "IMAGE")
     settings.set(im, "file_format", "PNG")
     settings.set(im, "color_mode", "RGBA")
     settings.set(im, "color_depth", "8")
