@@ -17,8 +17,8 @@ NDC <-> pixels follows the published rasterizer (SPEC section 1): with
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -111,7 +111,7 @@ class Camera:
     def width(self) -> int:
         return self.image_size[1]
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Camera":
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Camera:
         return Camera(
             self.R, self.T, self.focal_ndc, self.principal_ndc, self.image_size,
             dtype=dtype or self.R.dtype, device=device or self.device,
@@ -135,7 +135,7 @@ class Camera:
         }
 
     @classmethod
-    def from_state_dict(cls, d: dict, **kwargs) -> "Camera":
+    def from_state_dict(cls, d: dict, **kwargs) -> Camera:
         return cls(d["R"], d["T"], d["focal_ndc"], d["principal_ndc"], d["image_size"], **kwargs)
 
     # -------------------------------------------------------------- OpenCV I/O
@@ -152,7 +152,7 @@ class Camera:
         image_size: Sequence[int],
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
-    ) -> "Camera":
+    ) -> Camera:
         """Build from OpenCV ``K`` (3x3), world-to-camera ``R`` (3x3) and ``t`` (3,)."""
         K = _as64(K)
         R_cv = _as64(R)
@@ -248,7 +248,7 @@ class Camera:
         return d / d.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
     # ------------------------------------------------------------ derived cams
-    def scaled(self, scale: float | tuple[int, int]) -> "Camera":
+    def scaled(self, scale: float | tuple[int, int]) -> Camera:
         """Camera of the same view at another resolution.
 
         ``scale`` is a factor (image ``int(scale*H) x int(scale*W)``, as in the
@@ -275,7 +275,7 @@ class Camera:
         _, R_cv, t_cv = self.to_opencv()
         return Camera.from_opencv(K, R_cv, t_cv, (h, w), dtype=self.R.dtype, device=self.device)
 
-    def cropped(self, top: int, left: int, height: int, width: int) -> "Camera":
+    def cropped(self, top: int, left: int, height: int, width: int) -> Camera:
         """Camera seeing the window ``[top, top+height) x [left, left+width)`` of this one's
         image (the window may extend beyond the image: padding)."""
         k = self.intrinsics()
@@ -283,7 +283,7 @@ class Camera:
         _, R_cv, t_cv = self.to_opencv()
         return Camera.from_opencv(K, R_cv, t_cv, (height, width), dtype=self.R.dtype, device=self.device)
 
-    def rotated_in_plane(self, angle: float, image_size: Sequence[int] | None = None) -> "Camera":
+    def rotated_in_plane(self, angle: float, image_size: Sequence[int] | None = None) -> Camera:
         """Camera rolled by ``angle`` radians about its optical axis (the image content
         turns by ``-angle``), principal point moved to the centre of ``image_size``."""
         h, w = _check_size(image_size or self.image_size)
@@ -308,7 +308,7 @@ class Camera:
         fov_x_deg: float = 50.0,
         image_size: Sequence[int] = (256, 256),
         **kwargs,
-    ) -> "Camera":
+    ) -> Camera:
         """Camera at ``eye`` looking at ``target`` with ``up`` roughly up in the image."""
         eye_ = _as64(eye).reshape(3)
         z = _as64(target).reshape(3) - eye_
@@ -316,7 +316,7 @@ class Camera:
             raise ValueError("look_at: eye and target coincide")
         z = z / z.norm()
         up_ = _as64(up).reshape(3)
-        x = torch.linalg.cross(z, -up_)  # OpenCV x right = forward x down
+        x = torch.linalg.cross(z, up_)  # OpenCV x right = down x forward = forward x up
         if float(x.norm()) < 1e-9:
             raise ValueError("look_at: up is parallel to the viewing direction")
         x = x / x.norm()

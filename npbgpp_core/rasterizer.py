@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -187,7 +187,8 @@ def _choose_backend(backend: str, points: torch.Tensor) -> str:
         if not points.is_cuda:
             raise ValueError("backend='cuda' needs points on a CUDA device")
         if not available:
-            raise RuntimeError(f"backend='cuda' requested but the CUDA kernel is unavailable: {_backend.why_unavailable()}")
+            why = _backend.why_unavailable()
+            raise RuntimeError(f"backend='cuda' requested but the CUDA kernel is unavailable: {why}")
         return "cuda"
     chosen = "cuda" if available else "torch"
     if chosen not in _announced:

@@ -1,0 +1,114 @@
+"""Configuration dataclasses for NPBG++ and NPBG (plain data, JSON-friendly)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..rasterizer import DEFAULT_SCALES
+
+AGGREGATORS = ("sphere", "mean")
+
+
+def _from_dict(cls: type, d: dict[str, Any] | None) -> Any:
+    """Build dataclass ``cls`` from a dict, rejecting unknown keys with a clear message."""
+    d = dict(d or {})
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown option(s) {unknown}; known: {sorted(names)}")
+    if "scales" in d and d["scales"] is not None:
+        d["scales"] = tuple(float(s) for s in d["scales"])
+    return cls(**d)
+
+
+def _check_scales(scales: tuple[float, ...]) -> None:
+    if len(scales) != 5 or any(not (0 < s <= 1) for s in scales):
+        raise ValueError(f"scales must be 5 numbers in (0, 1] (the refiner has 5 levels), got {scales}")
+
+
+@dataclass
+class NPBGPlusPlusConfig:
+    """Options of :class:`NPBGPlusPlus` (SPEC section 3)."""
+
+    feature_dim: int = 8
+    aggregator: str = "sphere"  # 'sphere' (learnable_v, view dependent) or 'mean'
+    basis_dim: int = 6
+    ridge_alpha: float = 1.0
+    visibility_scale: float = 1.0
+    align_input_views: bool = True
+    align_during_rendering: bool = True
+    scales: tuple[float, ...] = field(default_factory=lambda: tuple(DEFAULT_SCALES))
+    predict_mask: bool = False
+    min_view_depth: float = 0.0  # published quirk drops input-view depth <= 1; off by default
+    near: float = 1e-3
+    extractor_weights: str | None = None  # local file with encoder weights (optional)
+
+    def __post_init__(self) -> None:
+        self.scales = tuple(float(s) for s in self.scales)
+        if self.aggregator not in AGGREGATORS:
+            raise ValueError(f"aggregator must be one of {AGGREGATORS}, got {self.aggregator!r}")
+        if self.feature_dim < 1 or self.basis_dim < 1:
+            raise ValueError("feature_dim and basis_dim must be positive")
+        if not self.ridge_alpha > 0:
+            raise ValueError(f"ridge_alpha must be > 0, got {self.ridge_alpha}")
+        if not 0 < self.visibility_scale <= 1:
+            raise ValueError(f"visibility_scale must be in (0, 1], got {self.visibility_scale}")
+        _check_scales(self.scales)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> NPBGPlusPlusConfig:
+        return _from_dict(cls, d)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["scales"] = list(self.scales)
+        return d
+
+    @property
+    def coefficient_rows(self) -> int:
+        """Rows of the saved coefficients: 1 + basis_dim (sphere) or 1 (mean)."""
+        return 1 + self.basis_dim if self.aggregator == "sphere" else 1
+
+
+@dataclass
+class NPBGConfig:
+    """Options of :class:`NPBG` (SPEC section 4).
+
+    ``descriptor_dim`` is the per-point learnable size: ``feature_dim`` for plain NPBG,
+    ``(1 + basis_dim) * feature_dim`` with ``use_basis=True`` for coefficients_ft (the
+    frozen NPBG++ basis MLP turns the coefficients into ``feature_dim`` descriptors).
+    """
+
+    descriptor_dim: int = 8
+    feature_dim: int = 8
+    use_basis: bool = False
+    basis_dim: int = 6
+    scales: tuple[float, ...] = field(default_factory=lambda: tuple(DEFAULT_SCALES))
+    predict_mask: bool = False
+    near: float = 1e-3
+
+    def __post_init__(self) -> None:
+        self.scales = tuple(float(s) for s in self.scales)
+        _check_scales(self.scales)
+        if self.use_basis:
+            want = (1 + self.basis_dim) * self.feature_dim
+            if self.descriptor_dim != want:
+                raise ValueError(
+                    f"with use_basis the descriptors are (1 + basis_dim) * feature_dim = {want} numbers, "
+                    f"got descriptor_dim={self.descriptor_dim}"
+                )
+        elif self.descriptor_dim != self.feature_dim:
+            raise ValueError(
+                f"without use_basis descriptor_dim ({self.descriptor_dim}) must equal feature_dim ({self.feature_dim})"
+            )
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> NPBGConfig:
+        return _from_dict(cls, d)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["scales"] = list(self.scales)
+        return d

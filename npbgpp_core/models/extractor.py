@@ -1,0 +1,156 @@
+"""Per-image feature extractor: a small from-scratch encoder (strides 2..32 with
+16/24/40/96/320 channels, inverted-residual blocks) and the SPEC decoder
+(5 x [bilinear x2, concat skip, 3x3 conv without bias, LeakyReLU], widths
+256/128/64/32/16, raw RGB as the last skip, 1x1 head to ``out_channels``)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+ENCODER_CHANNELS = (16, 24, 40, 96, 320)
+DECODER_CHANNELS = (256, 128, 64, 32, 16)
+
+
+def _conv_bn_act(
+    cin: int, cout: int, kernel: int = 3, stride: int = 1, groups: int = 1, act: bool = True
+) -> nn.Sequential:
+    layers: list[nn.Module] = [
+        nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(cout),
+    ]
+    if act:
+        layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2-style block: 1x1 expand, depthwise kxk (stride), 1x1 project."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, expand: int = 3, kernel: int = 3) -> None:
+        super().__init__()
+        mid = cin * expand
+        layers: list[nn.Module] = []
+        if expand != 1:
+            layers.append(_conv_bn_act(cin, mid, 1))
+        layers.append(_conv_bn_act(mid, mid, kernel, stride, groups=mid))
+        layers.append(_conv_bn_act(mid, cout, 1, act=False))
+        self.body = nn.Sequential(*layers)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.body(x)
+        return x + y if self.residual else y
+
+
+class Encoder(nn.Module):
+    """Five feature levels at strides 2, 4, 8, 16, 32 with 16/24/40/96/320 channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        c1, c2, c3, c4, c5 = ENCODER_CHANNELS
+        self.stages = nn.ModuleList(
+            [
+                nn.Sequential(_conv_bn_act(3, 32, 3, 2), InvertedResidual(32, c1, 1, expand=1)),
+                nn.Sequential(InvertedResidual(c1, c2, 2, 3), InvertedResidual(c2, c2, 1, 3)),
+                nn.Sequential(InvertedResidual(c2, c3, 2, 3, kernel=5), InvertedResidual(c3, c3, 1, 3, kernel=5)),
+                nn.Sequential(InvertedResidual(c3, c4, 2, 6), InvertedResidual(c4, c4, 1, 3)),
+                nn.Sequential(InvertedResidual(c4, c5, 2, 6, kernel=5)),
+            ]
+        )
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        feats = []
+        for stage in self.stages:
+            x = stage(x)
+            feats.append(x)
+        return feats
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, cin: int, cskip: int, cout: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cin + cskip, cout, 3, padding=1, bias=False)
+        self.act = nn.LeakyReLU(0.2, inplace=True)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+        return self.act(self.conv(torch.cat([x, skip], dim=1)))
+
+
+class FeatureExtractor(nn.Module):
+    """U-Net: image (K, 3, H, W) in [0, 1] -> feature map (K, out_channels, H, W).
+
+    The image is ImageNet-normalised and zero-padded (after normalisation) at the
+    bottom/right to a multiple of 32; the output is cropped back to H x W.
+    """
+
+    def __init__(self, out_channels: int = 8, weights: str | os.PathLike | None = None) -> None:
+        super().__init__()
+        self.encoder = Encoder()
+        skips = list(reversed(ENCODER_CHANNELS[:-1])) + [3]
+        cin = ENCODER_CHANNELS[-1]
+        blocks = []
+        for cskip, cout in zip(skips, DECODER_CHANNELS, strict=True):
+            blocks.append(DecoderBlock(cin, cskip, cout))
+            cin = cout
+        self.decoder = nn.ModuleList(blocks)
+        self.head = nn.Conv2d(cin, out_channels, 1)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        if weights:
+            self.load_encoder_weights(weights)
+
+    def load_encoder_weights(self, path: str | os.PathLike) -> None:
+        """Load encoder weights from a local ``.safetensors`` or torch state-dict file
+        (keys as in ``self.encoder.state_dict()``, optionally prefixed ``encoder.``)."""
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"extractor_weights: file not found: {path} (nothing is downloaded; give a local encoder weight file)"
+            )
+        try:
+            if path.endswith(".safetensors"):
+                from safetensors.torch import load_file
+
+                state = load_file(path)
+            else:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any read failure is a bad file
+            raise ValueError(f"extractor_weights: cannot read {path}: {type(exc).__name__}: {exc}") from exc
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict):
+            raise ValueError(f"extractor_weights: {path} does not hold a state dict")
+        state = {k[len("encoder."):] if k.startswith("encoder.") else k: v for k, v in state.items()}
+        own = self.encoder.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        wrong = sorted(k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape))
+        if missing or unexpected or wrong:
+            raise ValueError(
+                f"extractor_weights: {path} does not match this encoder: {len(missing)} missing "
+                f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}), "
+                f"{len(wrong)} with wrong shapes (e.g. {wrong[:3]})"
+            )
+        self.encoder.load_state_dict(state)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"extractor expects images (K, 3, H, W), got {tuple(images.shape)}")
+        h, w = images.shape[-2:]
+        x = (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+        ph, pw = (-h) % 32, (-w) % 32
+        x = F.pad(x, (0, pw, 0, ph))
+        raw = F.pad(images, (0, pw, 0, ph))
+        feats = self.encoder(x)
+        skips = list(reversed(feats[:-1])) + [raw]
+        y = feats[-1]
+        for block, skip in zip(self.decoder, skips, strict=True):
+            y = block(y, skip)
+        return self.head(y)[..., :h, :w]

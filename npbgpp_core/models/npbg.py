@@ -1,0 +1,133 @@
+"""NPBG (SPEC section 4): learnable per-point descriptors and background, the same
+rasterizer and refiner as NPBG++, no view alignment. With ``use_basis`` the
+descriptors are NPBG++ coefficients [ym; beta] (coefficients_ft) turned into
+per-camera descriptors by a frozen basis MLP."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..camera import Camera
+from ..rasterizer import rasterize_features
+from .aggregator import BasisMLP, descriptors_from_coefficients
+from .config import NPBGConfig, NPBGPlusPlusConfig
+from .npbgpp import autocast_context, check_points, refine_dense
+from .refiner import Refiner
+
+
+class NPBG(nn.Module):
+    """``.descriptors`` (N, D) (zeros), ``.background`` (feature_dim,) (zeros),
+    ``.refiner``; ``.basis`` (frozen) only with ``use_basis``. ``.active`` (N,) bool
+    buffer: points that are rasterized (all by default)."""
+
+    def __init__(self, num_points: int, config: NPBGConfig | dict | None = None) -> None:
+        super().__init__()
+        if not isinstance(config, NPBGConfig):
+            config = NPBGConfig.from_dict(config)
+        if num_points < 0:
+            raise ValueError(f"num_points must be >= 0, got {num_points}")
+        self.config = config
+        self.num_points = int(num_points)
+        self.descriptors = nn.Parameter(torch.zeros(num_points, config.descriptor_dim))
+        self.background = nn.Parameter(torch.zeros(config.feature_dim))
+        self.register_buffer("active", torch.ones(num_points, dtype=torch.bool))
+        self.basis: BasisMLP | None = None
+        if config.use_basis:
+            self.basis = BasisMLP(config.basis_dim)
+            self.basis.requires_grad_(False)
+        self.refiner = Refiner(config.feature_dim + 1, 4 if config.predict_mask else 3)
+
+    @property
+    def device(self) -> torch.device:
+        return self.descriptors.device
+
+    @classmethod
+    def from_npbgpp_coefficients(
+        cls,
+        points: torch.Tensor,
+        coefficients: torch.Tensor,
+        basis_state: dict[str, torch.Tensor],
+        refiner_state: dict[str, torch.Tensor],
+        config: NPBGPlusPlusConfig | dict | None = None,
+        valid: torch.Tensor | None = None,
+    ) -> NPBG:
+        """coefficients_ft: descriptors = the NPBG++ coefficients (N, 1 + m, C) flattened,
+        the basis MLP from ``basis_state`` (frozen), the refiner from ``refiner_state``.
+        ``config`` is the NPBG++ model's config; ``valid`` marks the points to render."""
+        if not isinstance(config, NPBGPlusPlusConfig):
+            config = NPBGPlusPlusConfig.from_dict(config)
+        if config.aggregator != "sphere":
+            raise ValueError("coefficients_ft needs the 'sphere' aggregator (the mean variant has no basis)")
+        points = check_points(points)
+        n, rows, c = coefficients.shape
+        if n != points.shape[0] or rows != 1 + config.basis_dim or c != config.feature_dim:
+            raise ValueError(
+                f"coefficients must be (N={points.shape[0]}, {1 + config.basis_dim}, {config.feature_dim}), "
+                f"got {tuple(coefficients.shape)}"
+            )
+        ncfg = NPBGConfig(
+            descriptor_dim=rows * c, feature_dim=c, use_basis=True, basis_dim=config.basis_dim,
+            scales=config.scales, predict_mask=config.predict_mask, near=config.near,
+        )
+        model = cls(n, ncfg)
+        with torch.no_grad():
+            model.descriptors.copy_(coefficients.detach().reshape(n, rows * c))
+            if valid is not None:
+                model.active.copy_(valid.to(torch.bool).reshape(n))
+        assert model.basis is not None
+        model.basis.load_state_dict(_strip(basis_state, "basis."))
+        model.refiner.load_state_dict(_strip(refiner_state, "refiner."))
+        return model
+
+    def point_descriptors(
+        self, points: torch.Tensor, camera: Camera, index: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(N, feature_dim) descriptors for ``camera`` (rows ``index`` only if given)."""
+        desc = self.descriptors if index is None else self.descriptors[index]
+        if self.basis is None:
+            return desc
+        pts = points if index is None else points[index]
+        c = self.config.feature_dim
+        coefficients = desc.view(desc.shape[0], -1, c)
+        return descriptors_from_coefficients(coefficients, self.basis(camera.view_directions(pts)))
+
+    def render_raw(self, points: torch.Tensor, camera: Camera) -> torch.Tensor:
+        """Unclamped, differentiable render (3 or 4, H, W)."""
+        dev = self.device
+        points = check_points(points).to(dev)
+        if points.shape[0] != self.num_points:
+            raise ValueError(f"this NPBG model has {self.num_points} points, got {points.shape[0]}")
+        camera = camera.to(dev)
+        index = torch.nonzero(self.active).squeeze(1)
+        desc = self.point_descriptors(points, camera, index)
+        rasters = rasterize_features(
+            points[index], desc, camera, self.config.scales, background=self.background, near=self.config.near
+        )
+        return self.refiner([r.unsqueeze(0) for r in rasters])[0]
+
+    def forward(self, points: torch.Tensor, camera: Camera) -> torch.Tensor:
+        return self.render_raw(points, camera)
+
+    def render(self, points: torch.Tensor, camera: Camera, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Inference render (3, H, W) clamped to [0, 1]."""
+        with torch.inference_mode(), autocast_context(self.device, dtype):
+            out = self.render_raw(points, camera)
+        return out[:3].float().clamp(0, 1)
+
+    def refine_feature_map(
+        self, feature_map: torch.Tensor, drop_prob: float = 0.5, detach: bool = True
+    ) -> torch.Tensor:
+        return refine_dense(self.refiner, feature_map, self.config.scales, drop_prob, detach)
+
+    def descriptor_parameters(self) -> list[nn.Parameter]:
+        """Parameters for the descriptor optimiser (RMSprop in the published recipe)."""
+        return [self.descriptors, self.background]
+
+
+def _strip(state: dict[str, Any], prefix: str) -> dict[str, Any]:
+    if any(k.startswith(prefix) for k in state):
+        return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return dict(state)

@@ -1,0 +1,242 @@
+"""NPBG++ (SPEC section 3): per-image feature extraction, view-dependent streaming
+aggregation of point descriptors, multi-scale rasterization and the refiner."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..camera import Camera
+from ..rasterizer import rasterize, rasterize_features
+from .aggregator import AggregatedScene, BasisMLP, RunningSums, descriptors_from_coefficients
+from .alignment import align_camera, align_views, warp_images
+from .config import NPBGPlusPlusConfig
+from .refiner import Refiner
+
+
+def check_points(points: torch.Tensor | Any) -> torch.Tensor:
+    """(N, 3) floating points as a float32 tensor (NaN/inf rows are kept; the
+    rasterizer drops them with a warning)."""
+    if not isinstance(points, torch.Tensor):
+        points = torch.as_tensor(points)
+    if points.ndim != 2 or points.shape[1] != 3:
+        raise ValueError(f"points must be (N, 3), got {tuple(points.shape)}")
+    if not points.is_floating_point():
+        raise ValueError(f"points must be floating point, got {points.dtype}")
+    return points.detach().to(torch.float32)
+
+
+def check_images(images: torch.Tensor, cameras: Sequence[Camera] | Camera) -> tuple[torch.Tensor, list[Camera]]:
+    """Validate a batch of input views: float (K, 3, H, W) in [0, 1], one camera per image
+    with the image's size. A single (3, H, W) image with one camera is accepted too."""
+    if isinstance(cameras, Camera):
+        cameras = [cameras]
+    cameras = list(cameras)
+    if not isinstance(images, torch.Tensor):
+        raise ValueError(f"images must be a torch tensor (K, 3, H, W), got {type(images).__name__}")
+    if images.ndim == 3:
+        images = images.unsqueeze(0)
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be RGB (K, 3, H, W), got shape {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise ValueError(f"images must be float RGB in [0, 1], got dtype {images.dtype} (divide uint8 by 255)")
+    if len(cameras) != images.shape[0]:
+        raise ValueError(f"got {images.shape[0]} images but {len(cameras)} cameras")
+    if images.numel():
+        lo, hi = float(images.min()), float(images.max())
+        if not (lo >= -1e-3 and hi <= 1 + 1e-3):
+            raise ValueError(f"images must be float RGB in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")
+    h, w = images.shape[-2:]
+    for k, cam in enumerate(cameras):
+        if not isinstance(cam, Camera):
+            raise ValueError(f"camera {k} is a {type(cam).__name__}, not a Camera")
+        if tuple(cam.image_size) != (h, w):
+            raise ValueError(f"camera {k} is for a {cam.image_size} image but the image is {(h, w)}")
+    return images, cameras
+
+
+def sample_features(feature_map: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
+    """Bilinear samples (M, C) of a (C, h, w) map at OpenCV pixel coordinates (M, 2)
+    (pixel centres at integers)."""
+    c, h, w = feature_map.shape
+    grid = torch.stack([(uv[:, 0] + 0.5) / w * 2 - 1, (uv[:, 1] + 0.5) / h * 2 - 1], dim=1)
+    grid = grid.to(feature_map.dtype).view(1, 1, -1, 2)
+    out = F.grid_sample(feature_map[None], grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out.view(c, -1).T
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class SceneAggregation:
+    """Streaming aggregation for one point cloud: call :meth:`add_views` any number of
+    times (any order, any grouping), then :meth:`finish`."""
+
+    def __init__(self, model: NPBGPlusPlus, points: torch.Tensor) -> None:
+        self.model = model
+        self.device = model.device
+        self.points = check_points(points).to(self.device)
+        cfg = model.config
+        basis_dim = cfg.basis_dim if cfg.aggregator == "sphere" else None
+        self.sums = RunningSums(self.points.shape[0], cfg.feature_dim, basis_dim, self.device)
+        self.views_added = 0
+
+    def add_views(self, images: torch.Tensor, cameras: Sequence[Camera] | Camera) -> None:
+        """Accumulate the features of K input views (images (K, 3, H, W) in [0, 1])."""
+        images, cameras = check_images(images, cameras)
+        self.views_added += len(cameras)
+        if self.points.shape[0] == 0 or not cameras:
+            return
+        model, cfg = self.model, self.model.config
+        images = images.to(self.device, torch.float32)
+        cameras = [c.to(self.device) for c in cameras]
+        if cfg.align_input_views:
+            feat_images, feat_cams = align_views(images, cameras)
+        else:
+            feat_images, feat_cams = images, cameras
+        features = model.extractor(feat_images)
+        for k, cam in enumerate(cameras):
+            index = model.visible_points(self.points, cam)
+            if index.numel() == 0:
+                continue
+            pts = self.points[index]
+            uv, _ = feat_cams[k].project(pts)
+            y = sample_features(features[k], uv)
+            x = model.basis(cam.view_directions(pts)) if model.basis is not None else None
+            self.sums.add(index, y, x)
+
+    def finish(self) -> AggregatedScene:
+        coefficients, valid = self.sums.solve(self.model.config.ridge_alpha)
+        return AggregatedScene(self.points, coefficients, valid, self.sums.count.detach().long())
+
+
+class NPBGPlusPlus(nn.Module):
+    """The NPBG++ network: ``.extractor`` (U-Net), ``.basis`` (direction MLP, None for the
+    mean aggregator) and ``.refiner`` (5-scale gated U-Net).
+
+    Typical use::
+
+        state = model.begin_scene(points)
+        state.add_views(images, cameras)        # as often as needed
+        scene = state.finish()
+        image = model.render(scene, camera)     # (3, H, W) in [0, 1]
+    """
+
+    def __init__(self, config: NPBGPlusPlusConfig | dict | None = None) -> None:
+        super().__init__()
+        if not isinstance(config, NPBGPlusPlusConfig):
+            config = NPBGPlusPlusConfig.from_dict(config)
+        self.config = config
+        from .extractor import FeatureExtractor
+
+        self.extractor = FeatureExtractor(config.feature_dim, weights=config.extractor_weights)
+        self.basis = BasisMLP(config.basis_dim) if config.aggregator == "sphere" else None
+        self.refiner = Refiner(config.feature_dim + 1, 4 if config.predict_mask else 3)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # ------------------------------------------------------------ aggregation
+    def visible_points(self, points: torch.Tensor, camera: Camera) -> torch.Tensor:
+        """Indices of the points that win their pixel on a z-buffer at
+        ``visibility_scale`` x the camera's resolution (SPEC section 3, step 3)."""
+        cfg = self.config
+        near = max(cfg.near, cfg.min_view_depth)
+        index = rasterize(points, camera.to(points.device), scales=(cfg.visibility_scale,), near=near)[0]
+        return index[index >= 0]
+
+    def begin_scene(self, points: torch.Tensor) -> SceneAggregation:
+        return SceneAggregation(self, points)
+
+    def aggregate(self, points: torch.Tensor, images: torch.Tensor, cameras: Sequence[Camera]) -> AggregatedScene:
+        """begin_scene + add_views + finish in one call."""
+        state = self.begin_scene(points)
+        state.add_views(images, cameras)
+        return state.finish()
+
+    # --------------------------------------------------------------- rendering
+    def descriptors(self, scene: AggregatedScene, camera: Camera, index: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-point descriptors ``ym + beta^T x(d)`` for the target ``camera`` (N, C),
+        zero for invalid points (or only the rows ``index``)."""
+        dev = self.device
+        points = scene.points.to(dev)
+        coefficients = scene.coefficients.to(dev)
+        if index is not None:
+            points, coefficients = points[index], coefficients[index]
+        x = None
+        if self.basis is not None and coefficients.shape[1] > 1:
+            x = self.basis(camera.to(dev).view_directions(points))
+        desc = descriptors_from_coefficients(coefficients, x)
+        if index is None:
+            desc = desc * scene.valid.to(dev)[:, None].to(desc.dtype)
+        return desc
+
+    def _render_direct(self, scene: AggregatedScene, camera: Camera) -> torch.Tensor:
+        dev = self.device
+        index = torch.nonzero(scene.valid.to(dev)).squeeze(1)
+        points = scene.points.to(dev)[index]
+        desc = self.descriptors(scene, camera, index)
+        rasters = rasterize_features(points, desc, camera, self.config.scales, near=self.config.near)
+        return self.refiner([r.unsqueeze(0) for r in rasters])[0]
+
+    def render_raw(self, scene: AggregatedScene, camera: Camera) -> torch.Tensor:
+        """Unclamped, differentiable render (3 or 4, H, W) of the target ``camera``."""
+        camera = camera.to(self.device)
+        if not self.config.align_during_rendering:
+            return self._render_direct(scene, camera)
+        aligned, _ = align_camera(camera)
+        out = self._render_direct(scene, aligned)
+        return warp_images(out.unsqueeze(0), aligned, camera)[0]
+
+    def forward(self, scene: AggregatedScene, camera: Camera) -> torch.Tensor:
+        return self.render_raw(scene, camera)
+
+    def render(self, scene: AggregatedScene, camera: Camera, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Inference render (3, H, W) clamped to [0, 1]; ``dtype`` (e.g. torch.float16 on a
+        GPU) enables autocast."""
+        with torch.inference_mode(), autocast_context(self.device, dtype):
+            out = self.render_raw(scene, camera)
+        return out[:3].float().clamp(0, 1)
+
+    # -------------------------------------------------------- auxiliary loss
+    def refine_feature_map(
+        self, feature_map: torch.Tensor, drop_prob: float = 0.5, detach: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Run the refiner on 5-scale rasters built from a dense feature map (B, C, H, W):
+        nearest-neighbour downsampling to ``int(s*H) x int(s*W)``, then per scale each
+        pixel is dropped with probability ``drop_prob`` (features 0, mask 0). With
+        ``detach`` gradients reach only the refiner (SPEC section 5 auxiliary loss)."""
+        return refine_dense(self.refiner, feature_map, self.config.scales, drop_prob, detach, generator)
+
+
+def refine_dense(
+    refiner: Refiner, feature_map: torch.Tensor, scales: Sequence[float], drop_prob: float,
+    detach: bool = True, generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    if feature_map.ndim != 4:
+        raise ValueError(f"feature_map must be (B, C, H, W), got {tuple(feature_map.shape)}")
+    if not 0 <= drop_prob < 1:
+        raise ValueError(f"drop_prob must be in [0, 1), got {drop_prob}")
+    if detach:
+        feature_map = feature_map.detach()
+    b, _, h, w = feature_map.shape
+    rasters = []
+    for s in scales:
+        size = (max(1, int(s * h)), max(1, int(s * w)))
+        level = feature_map if size == (h, w) else F.interpolate(feature_map, size=size, mode="nearest")
+        keep = torch.rand((b, 1, *size), device=level.device, generator=generator) >= drop_prob
+        keep = keep.to(level.dtype)
+        rasters.append(torch.cat([level * keep, keep], dim=1))
+    return refiner(rasters)
+
+

@@ -1,0 +1,83 @@
+"""The rendering network: a light gated U-Net over the 5-scale descriptor rasters
+(SPEC section 3, step 7): about 0.46 M parameters, no normalisation, reflect padding."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LEVEL_CHANNELS = (16, 32, 48, 64, 80)
+DECODER_CHANNELS = (48, 24, 12, 6)
+
+
+def _pad(x: torch.Tensor) -> torch.Tensor:
+    # Reflect needs at least 2 pixels per side; tiny pyramid levels fall back to replicate.
+    mode = "reflect" if min(x.shape[-2:]) >= 2 else "replicate"
+    return F.pad(x, (1, 1, 1, 1), mode=mode)
+
+
+class GatedBlock(nn.Module):
+    """ELU(conv3x3_f(x)) * sigmoid(conv3x3_m(x)), reflect padding."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.feature = nn.Conv2d(cin, cout, 3)
+        self.gate = nn.Conv2d(cin, cout, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _pad(x)
+        return F.elu(self.feature(x)) * torch.sigmoid(self.gate(x))
+
+
+class Refiner(nn.Module):
+    """Gated U-Net: 5 rasters (B, C_in, h_i, w_i) (feature channels + mask; level i at
+    ``int(scale_i * H)``) -> (B, 3 [+1 mask], H, W), unbounded (clamp for display)."""
+
+    def __init__(self, in_channels: int = 9, out_channels: int = 3) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        c = LEVEL_CHANNELS
+        if c[1] <= in_channels:
+            raise ValueError(f"refiner input has too many channels ({in_channels})")
+        self.first = GatedBlock(in_channels, c[0])
+        self.down = nn.ModuleList([GatedBlock(c[i - 1], c[i] - in_channels) for i in range(1, 5)])
+        self.center = GatedBlock(c[4], c[4])
+        ups = []
+        cin = c[4]
+        for skip, cout in zip(reversed(c[:4]), DECODER_CHANNELS, strict=True):
+            ups.append(GatedBlock(cin + skip, cout))
+            cin = cout
+        self.up = nn.ModuleList(ups)
+        self.head = nn.Conv2d(cin, out_channels, 1)
+        with torch.no_grad():
+            self.head.bias.fill_(0.5)
+
+    def forward(self, rasters: Sequence[torch.Tensor]) -> torch.Tensor:
+        if len(rasters) != 5:
+            raise ValueError(f"refiner takes 5 rasters (one per scale), got {len(rasters)}")
+        rasters = [r if r.ndim == 4 else r.unsqueeze(0) for r in rasters]
+        for r in rasters:
+            if r.shape[1] != self.in_channels:
+                raise ValueError(f"refiner rasters must have {self.in_channels} channels, got {tuple(r.shape)}")
+        x = self.first(rasters[0])
+        skips = [x]
+        for i, block in enumerate(self.down, start=1):
+            x = F.avg_pool2d(x, 2)
+            r = rasters[i]
+            if r.shape[-2:] != x.shape[-2:]:
+                r = F.interpolate(r, size=x.shape[-2:], mode="nearest")
+            x = torch.cat([block(x), r.to(x.dtype)], dim=1)
+            skips.append(x)
+        x = self.center(x)
+        for block, skip in zip(self.up, reversed(skips[:4]), strict=True):
+            x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            x = block(torch.cat([x, skip], dim=1))
+        return self.head(x)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
