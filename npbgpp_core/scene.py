@@ -1,0 +1,262 @@
+"""One-file neural scenes: points, colours, per-point coefficients or descriptors and
+the network weights needed to render them, stored as safetensors (plain tensors plus a
+JSON header; loading never executes code)."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from typing import Any
+
+import torch
+
+from .camera import Camera
+from .rasterizer import rasterize
+
+FORMAT_NAME = "npbgpp-neural-scene"
+FORMAT_VERSION = 1
+KINDS = ("npbgpp", "npbg", "coefficients")
+_MODEL_PREFIX = "model."
+
+
+class NeuralScene:
+    """A renderable scene.
+
+    ``kind='npbgpp'``: ``features`` are NPBG++ coefficients (N, R, C) ([ym; beta] or
+    [ym]) and ``model_state`` holds the basis MLP and refiner weights.
+    ``kind='npbg'`` / ``'coefficients'``: ``features`` are NPBG descriptors (N, D) and
+    ``model_state`` holds the refiner, background (and frozen basis) weights.
+    ``valid`` (N,) marks the points that are rendered.
+    """
+
+    def __init__(
+        self,
+        points: torch.Tensor,
+        colors: torch.Tensor | None = None,
+        kind: str = "npbgpp",
+        features: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None,
+        model_config: dict[str, Any] | None = None,
+        model_state: dict[str, torch.Tensor] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        points = torch.as_tensor(points)
+        if points.ndim != 2 or points.shape[1] != 3 or not points.is_floating_point():
+            raise ValueError(f"points must be a float (N, 3) tensor, got {tuple(points.shape)} {points.dtype}")
+        n = points.shape[0]
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        if features is None:
+            raise ValueError("features (coefficients or descriptors) are required")
+        features = torch.as_tensor(features)
+        want_ndim = 3 if kind == "npbgpp" else 2
+        if features.ndim != want_ndim or features.shape[0] != n:
+            shape = "(N, R, C)" if kind == "npbgpp" else "(N, D)"
+            raise ValueError(f"{kind} features must be {shape} with N={n}, got {tuple(features.shape)}")
+        if colors is not None:
+            colors = torch.as_tensor(colors)
+            if colors.shape != (n, 3):
+                raise ValueError(f"colors must be (N, 3) = ({n}, 3), got {tuple(colors.shape)}")
+        valid = torch.ones(n, dtype=torch.bool) if valid is None else torch.as_tensor(valid).to(torch.bool)
+        if valid.shape != (n,):
+            raise ValueError(f"valid must be (N,) = ({n},), got {tuple(valid.shape)}")
+        self.points = points.detach().cpu()
+        self.colors = None if colors is None else colors.detach().cpu()
+        self.kind = kind
+        self.features = features.detach().cpu()
+        self.valid = valid.detach().cpu()
+        self.model_config = dict(model_config or {})
+        self.model_state = {k: v.detach().cpu() for k, v in (model_state or {}).items()}
+        self.metadata = dict(metadata or {})
+
+    def __len__(self) -> int:
+        return int(self.points.shape[0])
+
+    def __repr__(self) -> str:
+        return (
+            f"NeuralScene(kind={self.kind!r}, points={len(self)}, features={tuple(self.features.shape)}, "
+            f"valid={int(self.valid.sum())}, name={self.metadata.get('name')!r})"
+        )
+
+    # ------------------------------------------------------------ builders
+    @classmethod
+    def from_aggregated(
+        cls, model: Any, aggregated: Any, colors: torch.Tensor | None = None, name: str = "scene",
+        metadata: dict[str, Any] | None = None,
+    ) -> NeuralScene:
+        """Bundle an NPBG++ ``AggregatedScene`` with the model's basis and refiner weights."""
+        config = model.config.to_dict()
+        config["extractor_weights"] = None  # rendering needs no extractor
+        state = {k: v for k, v in model.state_dict().items() if k.startswith(("basis.", "refiner."))}
+        return cls(
+            aggregated.points, colors, "npbgpp", aggregated.coefficients, aggregated.valid,
+            config, state, {**(metadata or {}), "name": name},
+        )
+
+    @classmethod
+    def from_npbg(
+        cls, model: Any, points: torch.Tensor, colors: torch.Tensor | None = None, name: str = "scene",
+        metadata: dict[str, Any] | None = None,
+    ) -> NeuralScene:
+        """Bundle an :class:`NPBG` model (descriptors become the features)."""
+        state = {k: v for k, v in model.state_dict().items() if k not in ("descriptors", "active")}
+        kind = "coefficients" if model.config.use_basis else "npbg"
+        return cls(
+            points, colors, kind, model.descriptors, model.active, model.config.to_dict(), state,
+            {**(metadata or {}), "name": name},
+        )
+
+    # ------------------------------------------------------------------ I/O
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {"points": self.points, "features": self.features, "valid": self.valid}
+        if self.colors is not None:
+            tensors["colors"] = self.colors
+        for k, v in self.model_state.items():
+            tensors[_MODEL_PREFIX + k] = v
+        return {k: v.contiguous().clone() for k, v in tensors.items()}
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the scene atomically (temporary file in the same folder, then rename)."""
+        from safetensors.torch import save
+
+        path = os.fspath(path)
+        header = {
+            "format": FORMAT_NAME,
+            "format_version": str(FORMAT_VERSION),
+            "kind": self.kind,
+            "model_config": json.dumps(self.model_config),
+            "metadata": json.dumps(self.metadata),
+        }
+        data = save(self._tensors(), metadata=header)
+        folder = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npbgpp", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> NeuralScene:
+        """Read a scene written by :meth:`save`; raises ``ValueError`` naming the file for
+        corrupt, truncated, foreign or other-version files."""
+        from safetensors.torch import load
+
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"neural scene file not found: {path}")
+        with open(path, "rb") as f:
+            data = f.read()
+        meta = _read_header_metadata(data, path)
+        if meta.get("format") != FORMAT_NAME:
+            raise ValueError(f"{path}: not an NPBG++ neural scene file (format {meta.get('format')!r})")
+        version = meta.get("format_version")
+        if version != str(FORMAT_VERSION):
+            raise ValueError(
+                f"{path}: mismatched bundle version: the file has format version {version}, "
+                f"this code reads version {FORMAT_VERSION}"
+            )
+        try:
+            tensors = load(data)
+            model_config = json.loads(meta.get("model_config", "{}"))
+            metadata = json.loads(meta.get("metadata", "{}"))
+        except Exception as exc:  # noqa: BLE001 - any decoding failure means a corrupt file
+            raise ValueError(f"{path}: corrupt or truncated neural scene file ({type(exc).__name__}: {exc})") from exc
+        missing = [k for k in ("points", "features", "valid") if k not in tensors]
+        if missing:
+            raise ValueError(f"{path}: neural scene file lacks tensors {missing}")
+        state = {k[len(_MODEL_PREFIX):]: v for k, v in tensors.items() if k.startswith(_MODEL_PREFIX)}
+        try:
+            return cls(
+                tensors["points"], tensors.get("colors"), meta.get("kind", ""), tensors["features"], tensors["valid"],
+                model_config, state, metadata,
+            )
+        except ValueError as exc:
+            raise ValueError(f"{path}: inconsistent neural scene file: {exc}") from exc
+
+    # ------------------------------------------------------------ rendering
+    def renderer(self, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> SceneRenderer:
+        return SceneRenderer(self, device, dtype)
+
+
+def _read_header_metadata(data: bytes, path: str) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors header, validating its framing."""
+    if len(data) < 8:
+        raise ValueError(f"{path}: corrupt or truncated neural scene file ({len(data)} bytes)")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > len(data) - 8 or n > 100_000_000:
+        raise ValueError(f"{path}: corrupt or truncated neural scene file (header of {n} bytes, file {len(data)})")
+    try:
+        header = json.loads(data[8 : 8 + n].decode("utf-8"))
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(f"{path}: corrupt neural scene file (unreadable header: {exc})") from exc
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: not an NPBG++ neural scene file (no metadata)")
+    return meta
+
+
+class SceneRenderer:
+    """Renders a :class:`NeuralScene` on one device: ``render(camera)`` (3, H, W) in [0, 1],
+    ``render_raw(camera)`` unclamped, ``render_points(camera)`` nearest-point colours."""
+
+    def __init__(self, scene: NeuralScene, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
+        from .models import NPBG, AggregatedScene, NPBGConfig, NPBGPlusPlus
+
+        self.scene = scene
+        self.device = torch.device(device)
+        self.dtype = dtype
+        if not scene.model_state:
+            raise ValueError("neural scene has no network weights (model_state is empty)")
+        n = len(scene)
+        if scene.kind == "npbgpp":
+            config = dict(scene.model_config)
+            config["extractor_weights"] = None
+            model = NPBGPlusPlus(config)
+            need = {k for k in model.state_dict() if k.startswith(("basis.", "refiner."))}
+            _check_state(scene.model_state, need, "NPBG++")
+            model.load_state_dict(scene.model_state, strict=False)
+            self.aggregated = AggregatedScene(
+                scene.points.float().to(self.device), scene.features.float().to(self.device),
+                scene.valid.to(self.device),
+            )
+        else:
+            model = NPBG(n, NPBGConfig.from_dict(scene.model_config))
+            state = dict(scene.model_state)
+            state["descriptors"] = scene.features.float()
+            state["active"] = scene.valid
+            _check_state(state, set(model.state_dict()), "NPBG")
+            model.load_state_dict(state)
+        self.model = model.to(self.device).eval()
+        self.points = scene.points.float().to(self.device)
+        colors = scene.colors if scene.colors is not None else torch.ones(n, 3)
+        self.colors = colors.float().to(self.device)
+
+    def render_raw(self, camera: Camera) -> torch.Tensor:
+        if self.scene.kind == "npbgpp":
+            return self.model.render_raw(self.aggregated, camera)
+        return self.model.render_raw(self.points, camera)
+
+    def render(self, camera: Camera) -> torch.Tensor:
+        if self.scene.kind == "npbgpp":
+            return self.model.render(self.aggregated, camera, dtype=self.dtype)
+        return self.model.render(self.points, camera, dtype=self.dtype)
+
+    def render_points(self, camera: Camera) -> torch.Tensor:
+        """(3, H, W): colour of the nearest point per pixel, black where empty (no network)."""
+        with torch.inference_mode():
+            index = rasterize(self.points, camera.to(self.device), scales=(1.0,))[0]
+            hit = index >= 0
+            img = torch.zeros(*index.shape, 3, device=self.device)
+            img[hit] = self.colors[index[hit]]
+            return img.permute(2, 0, 1).contiguous()
+
+
+def _check_state(state: dict[str, torch.Tensor], need: set[str], what: str) -> None:
+    missing = sorted(need - set(state))
+    if missing:
+        raise ValueError(f"neural scene lacks {what} weights: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
