@@ -1,0 +1,310 @@
+"""COLMAP sparse models: ``<scene>/sparse/`` or ``<scene>/sparse/0/`` holding
+``cameras``, ``images`` and ``points3D`` as ``.bin`` or ``.txt``; photos in
+``<scene>/images/`` (``images_dir=`` to change).
+
+COLMAP's pixel convention puts the centre of the top-left pixel at (0.5, 0.5); ours puts
+it at (0, 0), so the principal point becomes ``cx - 0.5, cy - 0.5``.
+Supported models: PINHOLE, SIMPLE_PINHOLE, and (with distortion) SIMPLE_RADIAL and
+OPENCV. Distorted cameras are refused unless ``undistort=True``, which remaps each image
+on load to the pinhole camera with the same K (see ``distortion.py``). Other models
+(RADIAL, fisheye, ...) raise an error naming the model. Views are sorted by image name;
+default split: every 8th view (0, 8, 16, ...) is test (``holdout_every=0`` disables).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import numpy as np
+
+from .common import camera_from_opencv, check_options, check_points, load_point_cloud, make_splits
+from .errors import DatasetError
+from .images import image_size_of
+from .scene_data import Distortion, SceneData, View
+
+# model id -> (name, number of params), from COLMAP's camera model list.
+CAMERA_MODELS = {
+    0: ("SIMPLE_PINHOLE", 3),
+    1: ("PINHOLE", 4),
+    2: ("SIMPLE_RADIAL", 4),
+    3: ("RADIAL", 5),
+    4: ("OPENCV", 8),
+    5: ("OPENCV_FISHEYE", 8),
+    6: ("FULL_OPENCV", 12),
+    7: ("FOV", 5),
+    8: ("SIMPLE_RADIAL_FISHEYE", 4),
+    9: ("RADIAL_FISHEYE", 5),
+    10: ("THIN_PRISM_FISHEYE", 12),
+    11: ("RAD_TAN_THIN_PRISM_FISHEYE", 16),
+}
+MODEL_PARAMS = {name: n for name, n in CAMERA_MODELS.values()}
+SUPPORTED = ("SIMPLE_PINHOLE", "PINHOLE", "SIMPLE_RADIAL", "OPENCV")
+OPTIONS = (
+    "pc_name", "require_points", "train_indices", "val_indices", "test_indices",
+    "images_dir", "undistort", "holdout_every",
+)
+
+
+class _Reader:
+    """Bounds-checked little-endian reader for COLMAP .bin files."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        with open(path, "rb") as f:
+            self.data = f.read()
+        self.pos = 0
+
+    def read(self, fmt: str) -> tuple:
+        size = struct.calcsize("<" + fmt)
+        if self.pos + size > len(self.data):
+            raise DatasetError(f"{self.path}: file is truncated (at byte {self.pos}, need {size} more)")
+        out = struct.unpack_from("<" + fmt, self.data, self.pos)
+        self.pos += size
+        return out
+
+    def read_cstring(self) -> str:
+        end = self.data.find(b"\0", self.pos)
+        if end < 0:
+            raise DatasetError(f"{self.path}: unterminated image name at byte {self.pos}")
+        s = self.data[self.pos:end].decode("utf-8", errors="replace")
+        self.pos = end + 1
+        return s
+
+    def finish(self) -> None:
+        if self.pos != len(self.data):
+            raise DatasetError(f"{self.path}: {len(self.data) - self.pos} unexpected trailing bytes")
+
+
+def _read_cameras_bin(path: str) -> dict[int, tuple[str, int, int, tuple[float, ...]]]:
+    r = _Reader(path)
+    (n,) = r.read("Q")
+    cams = {}
+    for _ in range(n):
+        cam_id, model_id, width, height = r.read("iiQQ")
+        if model_id not in CAMERA_MODELS:
+            raise DatasetError(f"{path}: camera {cam_id} has unknown model id {model_id}")
+        name, k = CAMERA_MODELS[model_id]
+        cams[cam_id] = (name, int(width), int(height), r.read("d" * k))
+    r.finish()
+    return cams
+
+
+def _read_images_bin(path: str) -> dict[int, tuple[np.ndarray, np.ndarray, int, str]]:
+    r = _Reader(path)
+    (n,) = r.read("Q")
+    images = {}
+    for _ in range(n):
+        (image_id,) = r.read("i")
+        q = np.array(r.read("dddd"))
+        t = np.array(r.read("ddd"))
+        (cam_id,) = r.read("i")
+        name = r.read_cstring()
+        (n2d,) = r.read("Q")
+        r.read("ddq" * n2d) if n2d else None
+        images[image_id] = (q, t, cam_id, name)
+    r.finish()
+    return images
+
+
+def _read_points_bin(path: str) -> tuple[np.ndarray, np.ndarray]:
+    r = _Reader(path)
+    (n,) = r.read("Q")
+    pts = np.empty((n, 3), np.float64)
+    cols = np.empty((n, 3), np.float64)
+    for i in range(n):
+        r.read("Q")
+        pts[i] = r.read("ddd")
+        cols[i] = r.read("BBB")
+        r.read("d")
+        (track,) = r.read("Q")
+        if track:
+            r.read("ii" * track)
+    r.finish()
+    return pts, cols / 255.0
+
+
+def _text_lines(path: str) -> list[tuple[int, list[str]]]:
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for no, line in enumerate(f, 1):
+            s = line.strip()
+            if s.startswith("#"):
+                continue
+            out.append((no, s.split()))
+    return out
+
+
+def _read_cameras_txt(path: str) -> dict[int, tuple[str, int, int, tuple[float, ...]]]:
+    cams = {}
+    for no, tok in _text_lines(path):
+        if not tok:
+            continue
+        try:
+            cam_id, model, width, height = int(tok[0]), tok[1], int(tok[2]), int(tok[3])
+            params = tuple(float(x) for x in tok[4:])
+        except (ValueError, IndexError) as exc:
+            raise DatasetError(f"{path}:{no}: malformed camera line ({exc})") from exc
+        if model not in MODEL_PARAMS:
+            raise DatasetError(f"{path}:{no}: unknown camera model {model!r}")
+        if len(params) != MODEL_PARAMS[model]:
+            raise DatasetError(f"{path}:{no}: {model} needs {MODEL_PARAMS[model]} params, got {len(params)}")
+        cams[cam_id] = (model, width, height, params)
+    return cams
+
+
+def _read_images_txt(path: str) -> dict[int, tuple[np.ndarray, np.ndarray, int, str]]:
+    images = {}
+    lines = _text_lines(path)
+    # Image lines alternate with POINTS2D lines (which may be empty).
+    k = 0
+    while k < len(lines):
+        no, tok = lines[k]
+        if not tok:
+            k += 1
+            continue
+        try:
+            image_id = int(tok[0])
+            q = np.array([float(x) for x in tok[1:5]])
+            t = np.array([float(x) for x in tok[5:8]])
+            cam_id = int(tok[8])
+            name = " ".join(tok[9:])
+        except (ValueError, IndexError) as exc:
+            raise DatasetError(f"{path}:{no}: malformed image line ({exc})") from exc
+        if not name or q.shape != (4,) or t.shape != (3,):
+            raise DatasetError(f"{path}:{no}: malformed image line")
+        images[image_id] = (q, t, cam_id, name)
+        k += 2  # skip the POINTS2D line
+    return images
+
+
+def _read_points_txt(path: str) -> tuple[np.ndarray, np.ndarray]:
+    pts, cols = [], []
+    for no, tok in _text_lines(path):
+        if not tok:
+            continue
+        try:
+            pts.append([float(x) for x in tok[1:4]])
+            cols.append([int(x) for x in tok[4:7]])
+        except (ValueError, IndexError) as exc:
+            raise DatasetError(f"{path}:{no}: malformed point line ({exc})") from exc
+    return np.asarray(pts, np.float64).reshape(-1, 3), np.asarray(cols, np.float64).reshape(-1, 3) / 255.0
+
+
+def quaternion_to_rotation(q: np.ndarray) -> np.ndarray:
+    """Rotation matrix of a (w, x, y, z) quaternion (normalised first)."""
+    w, x, y, z = q / np.linalg.norm(q)
+    return np.array([
+        [1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
+        [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
+        [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)],
+    ])
+
+
+def find_sparse_dir(root: str) -> str | None:
+    for d in (os.path.join(root, "sparse", "0"), os.path.join(root, "sparse")):
+        if any(os.path.isfile(os.path.join(d, f"cameras.{e}")) for e in ("bin", "txt")):
+            return d
+    return None
+
+
+def _read_model(sparse: str):
+    out = []
+    for stem, rb, rt in (
+        ("cameras", _read_cameras_bin, _read_cameras_txt),
+        ("images", _read_images_bin, _read_images_txt),
+        ("points3D", _read_points_bin, _read_points_txt),
+    ):
+        b, t = os.path.join(sparse, stem + ".bin"), os.path.join(sparse, stem + ".txt")
+        if os.path.isfile(b):
+            out.append(rb(b))
+        elif os.path.isfile(t):
+            out.append(rt(t))
+        elif stem == "points3D":
+            out.append(None)
+        else:
+            raise DatasetError(f"{sparse}: {stem}.bin / {stem}.txt not found")
+    return out
+
+
+def _intrinsics(model: str, params: tuple[float, ...], cam_id: int, source: str, undistort: bool):
+    if model not in SUPPORTED:
+        raise DatasetError(
+            f"{source}: camera {cam_id} uses COLMAP model {model}, which is not supported "
+            f"(supported: {', '.join(SUPPORTED)}). Undistort with COLMAP first: colmap image_undistorter "
+            "--image_path images --input_path sparse/0 --output_path undistorted --output_type COLMAP"
+        )
+    if model == "SIMPLE_PINHOLE":
+        f, cx, cy = params
+        fx, fy, dist = f, f, Distortion()
+    elif model == "PINHOLE":
+        fx, fy, cx, cy = params
+        dist = Distortion()
+    elif model == "SIMPLE_RADIAL":
+        f, cx, cy, k = params
+        fx, fy, dist = f, f, Distortion(k1=k)
+    else:
+        fx, fy, cx, cy, k1, k2, p1, p2 = params
+        dist = Distortion(k1, k2, p1, p2)
+    if not dist.is_identity() and not undistort:
+        raise DatasetError(
+            f"{source}: camera {cam_id} ({model}) has lens distortion {params[-4 if model == 'OPENCV' else -1:]}; "
+            "pass undistort=True to remap images on load, or undistort with COLMAP: colmap image_undistorter "
+            "--image_path images --input_path sparse/0 --output_path undistorted --output_type COLMAP"
+        )
+    K = np.array([[fx, 0.0, cx - 0.5], [0.0, fy, cy - 0.5], [0.0, 0.0, 1.0]])
+    return K, (None if dist.is_identity() else dist)
+
+
+def load_colmap(root: str, **options) -> SceneData:
+    check_options("colmap", options, OPTIONS)
+    sparse = find_sparse_dir(root)
+    if sparse is None:
+        raise DatasetError(f"{root}: no sparse/cameras.(bin|txt) or sparse/0/cameras.(bin|txt)")
+    cams, images, points = _read_model(sparse)
+    if not images:
+        raise DatasetError(f"{sparse}: images file lists no images")
+    image_dir = os.path.join(root, options.get("images_dir", "images"))
+    if not os.path.isdir(image_dir):
+        raise DatasetError(f"{image_dir}: image folder not found")
+    undistort = bool(options.get("undistort", False))
+    views = []
+    for image_id, (q, t, cam_id, name) in sorted(images.items(), key=lambda kv: kv[1][3]):
+        source = f"{sparse} image {image_id} ({name})"
+        if cam_id not in cams:
+            raise DatasetError(f"{source}: refers to camera {cam_id}, not in cameras file")
+        model, width, height, params = cams[cam_id]
+        if not (np.isfinite(q).all() and np.isfinite(t).all() and np.isfinite(params).all()):
+            raise DatasetError(f"{source}: non-finite pose or camera parameters")
+        if np.linalg.norm(q) < 1e-12:
+            raise DatasetError(f"{source}: zero quaternion")
+        K, dist = _intrinsics(model, params, cam_id, f"{sparse} cameras", undistort)
+        path = os.path.join(image_dir, name)
+        size = image_size_of(path)
+        if size != (height, width):
+            sx, sy = size[1] / width, size[0] / height
+            if abs(sx - sy) > 0.01:
+                raise DatasetError(f"{path}: image is {size[1]}x{size[0]} but camera {cam_id} is {width}x{height}")
+            K = np.array([[K[0, 0] * sx, 0, (K[0, 2] + 0.5) * sx - 0.5], [0, K[1, 1] * sy, (K[1, 2] + 0.5) * sy - 0.5],
+                          [0, 0, 1.0]])
+        cam = camera_from_opencv(K, quaternion_to_rotation(q), t, size, source)
+        views.append(View(os.path.splitext(name)[0], path, None, cam, distortion=dist))
+    every = int(options.get("holdout_every", 8) or 0)
+    train, val, test = make_splits(
+        len(views), root, (), list(range(0, len(views), every)) if every > 0 else [],
+        options.get("train_indices"), options.get("val_indices"), options.get("test_indices"),
+    )
+    require = options.get("require_points", True)
+    if options.get("pc_name") is not None:
+        pts, cols, pc_path = load_point_cloud(root, options["pc_name"], (), require)
+    elif points is None or len(points[0]) == 0:
+        if require:
+            raise DatasetError(f"{sparse}: points3D file is missing or has no points (pass pc_name= for a .ply)")
+        pts, cols, pc_path = np.zeros((0, 3), np.float32), None, None
+    else:
+        pts, cols, pc_path = check_points(points[0], points[1], os.path.join(sparse, "points3D"))
+    return SceneData(
+        name=os.path.basename(os.path.normpath(root)), root=root, format="colmap",
+        points=pts, colors=cols, views=views, train=train, val=val, test=test,
+        background=None, metadata={"point_cloud": pc_path, "sparse": sparse},
+    )

@@ -1,0 +1,159 @@
+"""Helpers shared by the loaders: point clouds, split lists, matrix checks, P = K[R|t]."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+from ..camera import Camera
+from .errors import DatasetError
+
+
+def check_options(fmt: str, options: dict, allowed: Iterable[str]) -> None:
+    """Reject unknown keyword options by name (typos would otherwise pass silently)."""
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise TypeError(f"{fmt} loader: unknown option(s) {unknown}; allowed: {sorted(allowed)}")
+
+
+def load_point_cloud(
+    root: str, pc_name: str | None, defaults: Sequence[str], require_points: bool = True
+) -> tuple[np.ndarray, np.ndarray | None, str | None]:
+    """Find and read the scene's point cloud.
+
+    ``pc_name`` (with or without ``.ply``, relative to ``root`` or absolute) wins; else
+    the first existing of ``defaults``; else the only ``.ply`` file in ``root``.
+    Returns ``(points, colors, path)``; with ``require_points=False`` a missing cloud
+    gives ``(zeros (0, 3), None, None)``.
+    """
+    from ..ply import load_ply
+
+    if pc_name is not None:
+        name = pc_name if pc_name.endswith(".ply") else pc_name + ".ply"
+        path = name if os.path.isabs(name) else os.path.join(root, name)
+        if not os.path.isfile(path):
+            raise DatasetError(f"{path}: point cloud file not found (pc_name={pc_name!r})")
+    else:
+        path = next((os.path.join(root, d) for d in defaults if os.path.isfile(os.path.join(root, d))), None)
+        if path is None:
+            plys = sorted(f for f in os.listdir(root) if f.lower().endswith(".ply"))
+            if len(plys) == 1:
+                path = os.path.join(root, plys[0])
+            elif not require_points:
+                return np.zeros((0, 3), np.float32), None, None
+            elif plys:
+                raise DatasetError(f"{root}: several point clouds {plys}; choose one with pc_name=")
+            else:
+                raise DatasetError(
+                    f"{root}: no point cloud found (looked for {list(defaults)} and any *.ply); "
+                    "pass pc_name= or require_points=False"
+                )
+    try:
+        pc = load_ply(path)
+    except (ValueError, FileNotFoundError) as exc:
+        raise DatasetError(str(exc)) from exc
+    return check_points(pc.points, pc.colors, path)
+
+
+def check_points(points: np.ndarray, colors: np.ndarray | None, path: str) -> tuple[np.ndarray, np.ndarray | None, str]:
+    points = np.asarray(points, dtype=np.float32).reshape(-1, 3)
+    if points.shape[0] == 0:
+        raise DatasetError(f"{path}: point cloud is empty")
+    if not np.isfinite(points).all():
+        bad = int((~np.isfinite(points).all(axis=1)).sum())
+        raise DatasetError(f"{path}: {bad} point(s) have non-finite coordinates")
+    if colors is not None:
+        colors = np.clip(np.asarray(colors, dtype=np.float32).reshape(-1, 3), 0.0, 1.0)
+    return points, colors, path
+
+
+def make_splits(
+    n: int,
+    source: str,
+    default_val: Sequence[int] = (),
+    default_test: Sequence[int] = (),
+    train_indices: Sequence[int] | None = None,
+    val_indices: Sequence[int] | None = None,
+    test_indices: Sequence[int] | None = None,
+) -> tuple[list[int], list[int], list[int]]:
+    """Train/val/test lists: val and test from the options or defaults (indices beyond
+    ``n`` in the defaults are dropped), train = given or everything not in val/test."""
+    def checked(name: str, idx: Sequence[int]) -> list[int]:
+        out = [int(i) for i in idx]
+        bad = [i for i in out if not 0 <= i < n]
+        if bad:
+            raise DatasetError(f"{source}: {name} indices {bad} out of range for {n} views")
+        return out
+
+    val = checked("val", val_indices) if val_indices is not None else [i for i in default_val if 0 <= i < n]
+    test = checked("test", test_indices) if test_indices is not None else [i for i in default_test if 0 <= i < n]
+    if train_indices is not None:
+        train = checked("train", train_indices)
+    else:
+        held = set(val) | set(test)
+        train = [i for i in range(n) if i not in held]
+    return train, val, test
+
+
+def finite_matrix(m: object, shape_options: Sequence[tuple[int, int]], source: str) -> np.ndarray:
+    a = np.asarray(m, dtype=np.float64)
+    if a.shape not in [tuple(s) for s in shape_options]:
+        shapes = " or ".join(map(str, shape_options))
+        raise DatasetError(f"{source}: expected a matrix of shape {shapes}, got {a.shape}")
+    if not np.isfinite(a).all():
+        raise DatasetError(f"{source}: matrix has non-finite values")
+    return a
+
+
+def check_rotation(R: np.ndarray, source: str, tol: float = 1e-4) -> None:
+    if np.abs(R @ R.T - np.eye(3)).max() > tol or abs(np.linalg.det(R) - 1.0) > tol:
+        raise DatasetError(f"{source}: rotation part is not orthonormal with determinant 1 (scaled or sheared?)")
+
+
+def decompose_projection(P: np.ndarray, source: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Split a 3x4 (or 4x4) projection ``P = K [R | t]`` (any non-zero scale) into K
+    (upper triangular, positive diagonal, K[2,2]=1), R (rotation) and t, with an RQ
+    decomposition of the left 3x3 block."""
+    P = np.asarray(P, dtype=np.float64)[:3, :4]
+    M = P[:, :3]
+    det = np.linalg.det(M)
+    if not np.isfinite(det) or abs(det) < 1e-12 * max(1.0, np.abs(M).max() ** 3):
+        raise DatasetError(f"{source}: projection matrix is singular")
+    if det < 0:  # P is defined up to scale: choose the sign giving a proper rotation
+        P = -P
+        M = -M
+    # RQ via QR of the row/column-reversed transpose.
+    flip = np.eye(3)[::-1]
+    q, r = np.linalg.qr((flip @ M).T)
+    K = flip @ r.T @ flip
+    R = flip @ q.T
+    signs = np.diag(np.sign(np.diag(K)))
+    K = K @ signs
+    R = signs @ R
+    if np.linalg.det(R) < 0:  # cannot happen when det(M) > 0 and diag(K) > 0
+        raise DatasetError(f"{source}: could not decompose projection into a proper rotation")
+    t = np.linalg.solve(K, P[:, 3])
+    K = K / K[2, 2]
+    skew = K[0, 1]
+    if abs(skew) > 1e-6 * K[0, 0]:
+        raise DatasetError(f"{source}: intrinsics have skew {skew:g} (not supported)")
+    K[0, 1] = 0.0
+    return K, R, t
+
+
+def camera_from_opencv(K: np.ndarray, R: np.ndarray, t: np.ndarray, size: tuple[int, int], source: str) -> Camera:
+    try:
+        return Camera.from_opencv(K, R, t, size)
+    except ValueError as exc:
+        raise DatasetError(f"{source}: {exc}") from exc
+
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".exr", ".bmp", ".tif", ".tiff")
+
+
+def listdir_images(folder: str, exts: Sequence[str] = IMAGE_EXTENSIONS) -> list[str]:
+    if not os.path.isdir(folder):
+        raise DatasetError(f"{folder}: image folder not found")
+    return sorted(f for f in os.listdir(folder) if f.lower().endswith(tuple(exts)) and not f.startswith("."))

@@ -1,0 +1,133 @@
+"""Reading images and masks from disk lazily, resized on demand, as float tensors.
+
+Images come back as ``(3, H, W)`` float32 in [0, 1] (sRGB values as stored, no
+linearisation); RGBA images are composited over a background colour. Masks come back as
+``(1, H, W)`` float32 in [0, 1]. Resizing uses an area-averaging filter (PIL ``BOX``) so
+that a downscaled image is the mean of the full-resolution pixels it covers, which
+matches how :meth:`npbgpp_core.camera.Camera.scaled` maps pixel areas.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from .errors import DatasetError
+
+
+def _open(path: str):
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.isfile(path):
+        raise DatasetError(f"{path}: image file not found")
+    try:
+        img = Image.open(path)
+        img.load()
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise DatasetError(f"{path}: unreadable image ({type(exc).__name__}: {exc})") from exc
+    return img
+
+
+def image_size_of(path: str) -> tuple[int, int]:
+    """``(H, W)`` of an image file, reading only its header. Raises DatasetError when the
+    file is missing or not an image."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.isfile(path):
+        raise DatasetError(f"{path}: image file not found")
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise DatasetError(f"{path}: unreadable image ({type(exc).__name__}: {exc})") from exc
+    return int(h), int(w)
+
+
+def _resize(arr: np.ndarray, size: Sequence[int] | None) -> np.ndarray:
+    """Area-resize an (H, W, C) float32 array to ``size=(h, w)``."""
+    if size is None:
+        return arr
+    h, w = int(size[0]), int(size[1])
+    if (h, w) == arr.shape[:2]:
+        return arr
+    if h < 1 or w < 1:
+        raise ValueError(f"resize target must be positive, got {(h, w)}")
+    from PIL import Image
+
+    channels = [
+        np.asarray(Image.fromarray(arr[:, :, c]).resize((w, h), Image.Resampling.BOX), dtype=np.float32)
+        for c in range(arr.shape[2])
+    ]
+    return np.stack(channels, axis=2)
+
+
+def _to_float(img) -> np.ndarray:
+    """PIL image -> (H, W, C) float32 in [0, 1] with C in {1, 2, 3, 4}."""
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I"):
+        a = np.asarray(img, dtype=np.float32)
+        return (a / (65535.0 if a.max() > 255 else 255.0))[:, :, None]
+    if mode == "F":
+        return np.asarray(img, dtype=np.float32)[:, :, None]
+    if mode not in ("L", "LA", "RGB", "RGBA"):
+        img = img.convert("RGBA" if "A" in mode or "transparency" in img.info else "RGB")
+    a = np.asarray(img, dtype=np.float32) / 255.0
+    return a[:, :, None] if a.ndim == 2 else a
+
+
+def read_image(
+    path: str,
+    size: Sequence[int] | None = None,
+    background: Sequence[float] | None = (1.0, 1.0, 1.0),
+) -> torch.Tensor:
+    """Read an image as ``(3, H, W)`` float32 in [0, 1], resized to ``size=(h, w)``.
+
+    An alpha channel is composited over ``background`` (``None`` keeps the colour
+    channels unchanged, i.e. drops alpha).
+    """
+    arr = _to_float(_open(path))
+    c = arr.shape[2]
+    if c in (2, 4):
+        rgb, alpha = arr[:, :, : c - 1], arr[:, :, c - 1 :]
+        if rgb.shape[2] == 1:
+            rgb = np.repeat(rgb, 3, axis=2)
+        if background is not None:
+            bg = np.asarray(background, dtype=np.float32).reshape(1, 1, 3)
+            rgb = rgb * alpha + bg * (1.0 - alpha)
+        arr = rgb
+    elif c == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    arr = _resize(np.ascontiguousarray(arr, dtype=np.float32), size)
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))).clamp_(0.0, 1.0)
+
+
+def has_alpha(path: str) -> bool:
+    """Whether an image file stores an alpha channel (header only)."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info
+
+
+def read_alpha(path: str, size: Sequence[int] | None = None) -> torch.Tensor:
+    """The alpha channel of an RGBA image as ``(1, H, W)`` float32."""
+    arr = _to_float(_open(path))
+    if arr.shape[2] not in (2, 4):
+        raise DatasetError(f"{path}: image has no alpha channel to use as a mask")
+    a = _resize(np.ascontiguousarray(arr[:, :, -1:]), size)
+    return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
+
+
+def read_mask(path: str, size: Sequence[int] | None = None) -> torch.Tensor:
+    """A mask image as ``(1, H, W)`` float32 in [0, 1] (first channel; alpha if it is
+    the only varying channel of an RGBA mask)."""
+    arr = _to_float(_open(path))
+    if arr.shape[2] == 4 and float(arr[:, :, :3].max() - arr[:, :, :3].min()) == 0.0:
+        m = arr[:, :, 3:4]
+    else:
+        m = arr[:, :, :1]
+    m = _resize(np.ascontiguousarray(m), size)
+    return torch.from_numpy(np.ascontiguousarray(m.transpose(2, 0, 1))).clamp_(0.0, 1.0)

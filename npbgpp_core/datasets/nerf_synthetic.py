@@ -1,0 +1,143 @@
+"""NeRF-Synthetic / Blender layout: ``transforms_{train,val,test}.json`` + RGBA PNGs.
+
+Each json has ``camera_angle_x`` (horizontal field of view, radians) and ``frames`` with
+``file_path`` (relative to the scene, extension optional) and ``transform_matrix``:
+camera-to-world with OpenGL camera axes (x right, y up, z backward). Optional
+instant-ngp style keys ``fl_x, fl_y, cx, cy, w, h`` (top level or per frame) override
+the field of view; ``cx, cy`` there use the pixel-corner convention (image centre at
+``w/2``), so the OpenCV principal point is ``cx - 0.5``. Without them the principal
+point is the image centre and ``fy = fx``.
+
+Splits are the json files: views are train frames, then val, then test, in file order
+(0-99 / 100-199 / 200-399 for the published scenes). RGBA is composited over white
+(``white_bg=True``) or black; the mask is the alpha channel.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+
+from .common import (
+    camera_from_opencv,
+    check_options,
+    check_rotation,
+    finite_matrix,
+    load_point_cloud,
+    make_splits,
+)
+from .errors import DatasetError
+from .images import has_alpha, image_size_of
+from .scene_data import SceneData, View
+
+SPLITS = ("train", "val", "test")
+OPTIONS = ("white_bg", "pc_name", "require_points", "train_indices", "val_indices", "test_indices")
+DEFAULT_PC_NAMES = ("points3d.ply", "points3D.ply", "pointcloud.ply", "point_cloud.ply")
+_OPENGL_TO_OPENCV = np.diag([1.0, -1.0, -1.0])
+
+
+def _resolve_image(root: str, file_path: str, source: str) -> str:
+    base = os.path.normpath(os.path.join(root, file_path))
+    if os.path.splitext(base)[1] and os.path.isfile(base):
+        return base
+    for ext in (".png", ".PNG", ".jpg", ".jpeg", ".exr"):
+        if os.path.isfile(base + ext):
+            return base + ext
+    raise DatasetError(f"{source}: image for file_path {file_path!r} not found (tried {base}[.png|.jpg])")
+
+
+def _intrinsics(meta: dict, frame: dict, w: int, h: int, source: str) -> np.ndarray:
+    def get(key: str):
+        return frame.get(key, meta.get(key))
+
+    for key in ("w", "h"):
+        val = get(key)
+        if val is not None and int(val) != (w if key == "w" else h):
+            raise DatasetError(f"{source}: {key}={val} but the image is {w}x{h}")
+    fl_x, fl_y = get("fl_x"), get("fl_y")
+    if fl_x is None:
+        angle = get("camera_angle_x")
+        if angle is None:
+            raise DatasetError(f"{source}: neither camera_angle_x nor fl_x given")
+        angle = float(angle)
+        if not (0.0 < angle < math.pi):
+            raise DatasetError(f"{source}: camera_angle_x={angle} is not in (0, pi)")
+        fl_x = 0.5 * w / math.tan(0.5 * angle)
+    fl_x = float(fl_x)
+    if fl_y is None:
+        angle_y = get("camera_angle_y")
+        fl_y = 0.5 * h / math.tan(0.5 * float(angle_y)) if angle_y is not None and get("fl_x") is None else fl_x
+    fl_y = float(fl_y)
+    cx = float(get("cx")) - 0.5 if get("cx") is not None else (w - 1) / 2.0
+    cy = float(get("cy")) - 0.5 if get("cy") is not None else (h - 1) / 2.0
+    K = np.array([[fl_x, 0.0, cx], [0.0, fl_y, cy], [0.0, 0.0, 1.0]])
+    if not np.isfinite(K).all() or fl_x <= 0 or fl_y <= 0:
+        raise DatasetError(f"{source}: bad intrinsics fl_x={fl_x}, fl_y={fl_y}, cx={cx}, cy={cy}")
+    return K
+
+
+def load_nerf_synthetic(root: str, **options) -> SceneData:
+    check_options("nerf_synthetic", options, OPTIONS)
+    white_bg = bool(options.get("white_bg", True))
+    present = [s for s in SPLITS if os.path.isfile(os.path.join(root, f"transforms_{s}.json"))]
+    if "train" not in present:
+        raise DatasetError(f"{os.path.join(root, 'transforms_train.json')}: file not found")
+    views: list[View] = []
+    split_lists: dict[str, list[int]] = {s: [] for s in SPLITS}
+    for split in present:
+        path = os.path.join(root, f"transforms_{split}.json")
+        try:
+            with open(path, encoding="utf-8") as f:
+                meta = json.load(f)
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise DatasetError(f"{path}: not readable JSON ({exc})") from exc
+        frames = meta.get("frames") if isinstance(meta, dict) else None
+        if not isinstance(frames, list):
+            raise DatasetError(f"{path}: no 'frames' list")
+        for k, frame in enumerate(frames):
+            source = f"{path} frames[{k}]"
+            if not isinstance(frame, dict) or "file_path" not in frame or "transform_matrix" not in frame:
+                raise DatasetError(f"{source}: needs 'file_path' and 'transform_matrix'")
+            image_path = _resolve_image(root, str(frame["file_path"]), source)
+            h, w = image_size_of(image_path)
+            c2w = finite_matrix(frame["transform_matrix"], [(4, 4), (3, 4)], f"{source} transform_matrix")
+            rot_gl = c2w[:3, :3]
+            check_rotation(rot_gl, f"{source} transform_matrix")
+            R_c2w = rot_gl @ _OPENGL_TO_OPENCV
+            R = R_c2w.T
+            t = -R @ c2w[:3, 3]
+            K = _intrinsics(meta, frame, w, h, source)
+            cam = camera_from_opencv(K, R, t, (h, w), source)
+            name = os.path.splitext(os.path.relpath(image_path, root))[0]
+            split_lists[split].append(len(views))
+            views.append(View(name, image_path, None, cam, mask_from_alpha=has_alpha(image_path)))
+    if not views:
+        raise DatasetError(f"{root}: the transforms files list no frames")
+    train, val, test = make_splits(
+        len(views),
+        root,
+        split_lists["val"],
+        split_lists["test"],
+        options.get("train_indices", split_lists["train"]),
+        options.get("val_indices"),
+        options.get("test_indices"),
+    )
+    points, colors, pc_path = load_point_cloud(
+        root, options.get("pc_name"), DEFAULT_PC_NAMES, options.get("require_points", True)
+    )
+    return SceneData(
+        name=os.path.basename(os.path.normpath(root)),
+        root=root,
+        format="nerf_synthetic",
+        points=points,
+        colors=colors,
+        views=views,
+        train=train,
+        val=val,
+        test=test,
+        background=(1.0, 1.0, 1.0) if white_bg else (0.0, 0.0, 0.0),
+        metadata={"point_cloud": pc_path},
+    )

@@ -1,0 +1,105 @@
+"""Preprocessed ScanNet: ``images/<int>.jpg``, ``intrinsics.npy``, ``extrinsics.npy``,
+``full.ply``.
+
+``intrinsics.npy`` is a *pickled* dict ``{"K": 3x3, "height": h, "width": w}`` in the
+published preprocessing, so this loader (and only this one, for this one documented
+file) loads it with ``allow_pickle=True``: unpickling can run code, so load only files
+you trust. A plain 3x3 (or 4x4) array is also accepted and needs no pickle. We use fx,
+fy *and* K's principal point (the published loader assumed a centred one); K is scaled
+if the images are not ``width x height``.
+``extrinsics.npy``: (num_images, 4, 4) OpenCV world-to-camera, in the order of the
+sorted integer image names. Splits: all train unless ``test_every=k`` (every k-th view,
+starting at 0, is test) or explicit index lists.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .common import camera_from_opencv, check_options, check_rotation, finite_matrix, load_point_cloud, make_splits
+from .errors import DatasetError
+from .images import image_size_of
+from .scene_data import SceneData, View
+
+OPTIONS = ("pc_name", "require_points", "train_indices", "val_indices", "test_indices", "test_every")
+
+
+def _read_intrinsics(path: str) -> tuple[np.ndarray, tuple[int, int] | None]:
+    if not os.path.isfile(path):
+        raise DatasetError(f"{path}: intrinsics file not found")
+    try:
+        arr = np.load(path, allow_pickle=False)
+        return finite_matrix(arr, [(3, 3), (4, 4)], path)[:3, :3], None
+    except ValueError as exc:
+        if "pickle" not in str(exc).lower():
+            raise DatasetError(f"{path}: not a readable .npy file ({exc})") from exc
+    try:
+        # Documented format: a pickled dict (see module docstring).
+        obj = np.load(path, allow_pickle=True).item()
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file
+        raise DatasetError(f"{path}: not a readable pickled intrinsics dict ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(obj, dict) or "K" not in obj:
+        raise DatasetError(f"{path}: expected a dict with 'K' (and 'height', 'width')")
+    K = finite_matrix(obj["K"], [(3, 3), (4, 4)], f"{path} K")[:3, :3]
+    size = None
+    if "height" in obj and "width" in obj:
+        size = (int(obj["height"]), int(obj["width"]))
+    return K, size
+
+
+def load_scannet(root: str, **options) -> SceneData:
+    check_options("scannet", options, OPTIONS)
+    image_dir = os.path.join(root, "images")
+    if not os.path.isdir(image_dir):
+        raise DatasetError(f"{image_dir}: image folder not found")
+    files = [f for f in os.listdir(image_dir) if not f.startswith(".")]
+    bad = [f for f in files if not os.path.splitext(f)[0].isdigit()]
+    if bad:
+        raise DatasetError(f"{image_dir}: image names must be integers, got {bad[:5]}")
+    files.sort(key=lambda f: int(os.path.splitext(f)[0]))
+    if not files:
+        raise DatasetError(f"{image_dir}: no images")
+    K, k_size = _read_intrinsics(os.path.join(root, "intrinsics.npy"))
+    ext_path = os.path.join(root, "extrinsics.npy")
+    if not os.path.isfile(ext_path):
+        raise DatasetError(f"{ext_path}: extrinsics file not found")
+    try:
+        ext = np.load(ext_path, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise DatasetError(f"{ext_path}: not a readable .npy array ({exc})") from exc
+    if ext.ndim != 3 or ext.shape[1:] not in ((4, 4), (3, 4)):
+        raise DatasetError(f"{ext_path}: expected (num_images, 4, 4), got {ext.shape}")
+    if ext.shape[0] != len(files):
+        raise DatasetError(f"{ext_path}: {ext.shape[0]} matrices but {len(files)} images in {image_dir}")
+    views = []
+    for i, f in enumerate(files):
+        source = f"{ext_path}[{i}]"
+        w2c = finite_matrix(ext[i], [(4, 4), (3, 4)], source)
+        check_rotation(w2c[:3, :3], source)
+        path = os.path.join(image_dir, f)
+        size = image_size_of(path)
+        Ki = K.copy()
+        if k_size is not None and k_size != size:
+            sy, sx = size[0] / k_size[0], size[1] / k_size[1]
+            Ki[0, 0] *= sx
+            Ki[1, 1] *= sy
+            Ki[0, 2] = (Ki[0, 2] + 0.5) * sx - 0.5
+            Ki[1, 2] = (Ki[1, 2] + 0.5) * sy - 0.5
+        cam = camera_from_opencv(Ki, w2c[:3, :3], w2c[:3, 3], size, source)
+        views.append(View(os.path.splitext(f)[0], path, None, cam))
+    every = int(options.get("test_every", 0) or 0)
+    default_test = list(range(0, len(views), every)) if every > 0 else []
+    train, val, test = make_splits(
+        len(views), root, (), default_test,
+        options.get("train_indices"), options.get("val_indices"), options.get("test_indices"),
+    )
+    points, colors, pc_path = load_point_cloud(
+        root, options.get("pc_name"), ("full.ply",), options.get("require_points", True)
+    )
+    return SceneData(
+        name=os.path.basename(os.path.normpath(root)), root=root, format="scannet",
+        points=points, colors=colors, views=views, train=train, val=val, test=test,
+        background=None, metadata={"point_cloud": pc_path},
+    )

@@ -1,0 +1,152 @@
+"""What every loader returns: views (image path, optional mask path, Camera) plus a point
+cloud and train/val/test index lists."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..camera import Camera
+from .errors import DatasetError
+from .images import read_alpha, read_image, read_mask
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Distortion:
+    """Lens distortion of the source image (OpenCV / COLMAP radial-tangential model):
+    ``k1, k2, p1, p2`` on normalised camera coordinates. The View's camera is the
+    undistorted pinhole camera; images are remapped on load."""
+
+    k1: float = 0.0
+    k2: float = 0.0
+    p1: float = 0.0
+    p2: float = 0.0
+
+    def is_identity(self) -> bool:
+        return self.k1 == 0.0 and self.k2 == 0.0 and self.p1 == 0.0 and self.p2 == 0.0
+
+
+@dataclass
+class View:
+    """One photograph: where its image (and mask) lives and the camera that took it.
+
+    ``camera.image_size`` is the native size of the image file. ``mask_from_alpha``
+    means the mask is the image's own alpha channel (NeRF-Synthetic / Blender renders).
+    """
+
+    name: str
+    image_path: str
+    mask_path: str | None
+    camera: Camera
+    mask_from_alpha: bool = False
+    distortion: Distortion | None = None
+
+
+@dataclass
+class SceneData:
+    """A loaded scene. ``points`` (N, 3) float32, ``colors`` (N, 3) float32 in [0, 1] or
+    None, ``views`` in file order, ``train``/``val``/``test`` index lists into ``views``.
+    ``background`` is the colour RGBA images are composited on (None: alpha dropped)."""
+
+    name: str
+    root: str
+    format: str
+    points: np.ndarray
+    colors: np.ndarray | None
+    views: list[View]
+    train: list[int]
+    val: list[int]
+    test: list[int]
+    background: tuple[float, float, float] | None = (1.0, 1.0, 1.0)
+    metadata: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.views)
+
+    @property
+    def cameras(self) -> list[Camera]:
+        return [v.camera for v in self.views]
+
+    def _check_index(self, i: int) -> View:
+        if not 0 <= i < len(self.views):
+            raise IndexError(f"view index {i} out of range for {len(self.views)} views of {self.root}")
+        return self.views[i]
+
+    def camera(self, i: int, size: Sequence[int] | None = None) -> Camera:
+        """Camera of view ``i``, for an image resized to ``size=(h, w)`` when given."""
+        cam = self._check_index(i).camera
+        return cam if size is None else cam.scaled((int(size[0]), int(size[1])))
+
+    def load_image(self, i: int, size: Sequence[int] | None = None) -> torch.Tensor:
+        """Image of view ``i`` as ``(3, H, W)`` float32 in [0, 1] (native size, or resized
+        to ``size=(h, w)``; the matching camera is ``self.camera(i, size)``)."""
+        v = self._check_index(i)
+        if v.distortion is not None and not v.distortion.is_identity():
+            from .distortion import undistort
+
+            img = read_image(v.image_path, None, self.background)
+            img = undistort(img, v.camera, v.distortion)
+            return _resize_tensor(img, size)
+        return read_image(v.image_path, size, self.background)
+
+    def load_mask(self, i: int, size: Sequence[int] | None = None) -> torch.Tensor | None:
+        """Mask of view ``i`` as ``(1, H, W)`` float32 in [0, 1], or None when the view
+        has none."""
+        v = self._check_index(i)
+        if v.mask_path is None and not v.mask_from_alpha:
+            return None
+        undistorted = v.distortion is not None and not v.distortion.is_identity()
+        load_size = None if undistorted else size
+        if v.mask_path is not None:
+            m = read_mask(v.mask_path, load_size)
+        else:
+            m = read_alpha(v.image_path, load_size)
+        if undistorted:
+            from .distortion import undistort
+
+            m = _resize_tensor(undistort(m, v.camera, v.distortion), size)
+        h, w = m.shape[1:]
+        expected = tuple(size) if size is not None else v.camera.image_size
+        if (h, w) != tuple(int(s) for s in expected):
+            raise DatasetError(f"{v.mask_path}: mask is {w}x{h} but its image is {expected[1]}x{expected[0]}")
+        return m
+
+    def subsample_points(self, max_points: int, seed: int = 123) -> SceneData:
+        """A copy with at most ``max_points`` points, chosen uniformly at random (seeded).
+        The number dropped is logged and stored in ``metadata['points_dropped']``."""
+        n = int(self.points.shape[0])
+        if max_points <= 0:
+            raise ValueError(f"max_points must be positive, got {max_points}")
+        if n <= max_points:
+            return dataclasses.replace(self, metadata={**self.metadata, "points_dropped": 0})
+        keep = np.sort(np.random.default_rng(seed).choice(n, size=max_points, replace=False))
+        dropped = n - max_points
+        log.info("%s: kept %d of %d points (dropped %d)", self.name, max_points, n, dropped)
+        return dataclasses.replace(
+            self,
+            points=self.points[keep],
+            colors=None if self.colors is None else self.colors[keep],
+            metadata={**self.metadata, "points_dropped": dropped},
+        )
+
+    def scene_center(self) -> np.ndarray:
+        """Centre of the scene: the point cloud's mean, or the camera centres' mean."""
+        if self.points.shape[0] > 0:
+            return self.points.astype(np.float64).mean(axis=0)
+        return np.stack([v.camera.center().double().numpy() for v in self.views]).mean(axis=0)
+
+
+def _resize_tensor(img: torch.Tensor, size: Sequence[int] | None) -> torch.Tensor:
+    if size is None or tuple(img.shape[1:]) == (int(size[0]), int(size[1])):
+        return img
+    from .images import _resize
+
+    arr = _resize(np.ascontiguousarray(img.permute(1, 2, 0).numpy()), size)
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))

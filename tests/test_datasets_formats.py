@@ -1,0 +1,499 @@
+"""Every dataset layout: a tiny scene is written by a writer built from the format's own
+definition (not from the loader), loaded back, and checked: cameras project known 3D
+points to the pixels computed independently with numpy from the writer's K, R, t;
+splits, masks and format detection are right; bad inputs raise DatasetError naming the
+file."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from npbgpp_core.datasets import DatasetError, detect_format, load_scene
+from npbgpp_core.ply import save_ply
+
+H, W = 30, 40
+POINTS = np.random.default_rng(7).uniform(-0.5, 0.5, size=(50, 3))
+COLORS = np.random.default_rng(8).uniform(0, 1, size=(50, 3))
+
+
+def look_at_cv(eye: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """OpenCV world-to-camera R, t for a camera at ``eye`` looking at the origin (world up +z)."""
+    z = -eye.astype(np.float64)
+    z /= np.linalg.norm(z)
+    x = np.cross(z, [0.0, 0.0, -1.0])
+    x /= np.linalg.norm(x)
+    y = np.cross(z, x)
+    R = np.stack([x, y, z])
+    return R, -R @ eye
+
+
+def make_cameras(n: int, seed: int = 0, square_focal: bool = False) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    cams = []
+    for i in range(n):
+        phi = 2 * math.pi * i / n
+        eye = np.array([4 * math.cos(phi), 4 * math.sin(phi), 1.0 + 0.3 * rng.standard_normal()])
+        R, t = look_at_cv(eye)
+        fx = 35.0 + 5 * rng.random()
+        fy = fx if square_focal else fx * (1.0 + 0.05 * rng.random())
+        K = np.array([[fx, 0, W / 2 + rng.uniform(-3, 3)], [0, fy, H / 2 + rng.uniform(-3, 3)], [0, 0, 1.0]])
+        cams.append((K, R, t))
+    return cams
+
+
+def expected_pixels(K: np.ndarray, R: np.ndarray, t: np.ndarray, points: np.ndarray = POINTS) -> np.ndarray:
+    cam = points @ R.T + t
+    return np.stack([K[0, 0] * cam[:, 0] / cam[:, 2] + K[0, 2], K[1, 1] * cam[:, 1] / cam[:, 2] + K[1, 2]], axis=1)
+
+
+def assert_projects(camera, K, R, t, points=POINTS) -> None:
+    uv, depth = camera.project(torch.as_tensor(points, dtype=torch.float64))
+    assert (depth > 0).all()
+    np.testing.assert_allclose(uv.double().numpy(), expected_pixels(K, R, t, points), atol=1e-3, rtol=0)
+
+
+def write_png(path: str, array: np.ndarray) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def image_pattern(i: int, channels: int = 3) -> np.ndarray:
+    rng = np.random.default_rng(100 + i)
+    return rng.integers(0, 256, size=(H, W, channels), dtype=np.uint8)
+
+
+def mask_pattern(i: int) -> np.ndarray:
+    m = np.zeros((H, W), np.uint8)
+    m[5 + i % 5 : 20, 8:30] = 255
+    return m
+
+
+# ---------------------------------------------------------------- NeRF-Synthetic
+def write_nerf(root: str, counts=(3, 2, 2), extra_keys: bool = False) -> list[tuple]:
+    """transforms_{split}.json: camera_angle_x, frames with file_path (no extension) and
+    camera-to-world transform_matrix in OpenGL axes (x right, y up, z back)."""
+    all_cams = []
+    k = 0
+    for split, n in zip(("train", "val", "test"), counts, strict=True):
+        cams = make_cameras(n, seed=len(all_cams) + 1, square_focal=True)
+        frames = []
+        for K, R, t in cams:
+            c2w = np.eye(4)
+            c2w[:3, :3] = R.T
+            c2w[:3, 3] = -R.T @ t
+            c2w[:3, 1:3] *= -1.0  # OpenCV y down, z forward -> OpenGL y up, z back
+            frame = {"file_path": f"./{split}/r_{k}", "transform_matrix": c2w.tolist()}
+            if extra_keys:
+                # instant-ngp keys: principal point with the pixel-corner origin
+                frame.update(fl_x=K[0, 0], fl_y=K[1, 1], cx=K[0, 2] + 0.5, cy=K[1, 2] + 0.5, w=W, h=H)
+            else:
+                K[0, 2], K[1, 2] = (W - 1) / 2, (H - 1) / 2  # centred principal point
+            frames.append(frame)
+            rgba = image_pattern(k, 4)
+            rgba[:, :, 3] = mask_pattern(k)
+            write_png(os.path.join(root, split, f"r_{k}.png"), rgba)
+            k += 1
+        all_cams += cams
+        angle = 2 * math.atan(W / (2 * cams[0][0][0, 0])) if cams else 0.7
+        if not extra_keys:
+            # one focal per file (camera_angle_x): use the first camera's for all of them
+            for c in cams:
+                c[0][0, 0] = c[0][1, 1] = cams[0][0][0, 0]
+        with open(os.path.join(root, f"transforms_{split}.json"), "w") as f:
+            json.dump({"camera_angle_x": angle, "frames": frames}, f)
+    save_ply(os.path.join(root, "points3d.ply"), POINTS.astype(np.float32), COLORS)
+    return all_cams
+
+
+@pytest.mark.parametrize("extra_keys", [False, True])
+def test_nerf_synthetic(tmp_path, extra_keys):
+    root = str(tmp_path / "lego")
+    cams = write_nerf(root, extra_keys=extra_keys)
+    assert detect_format(root) == "nerf_synthetic"
+    scene = load_scene(root)
+    assert scene.format == "nerf_synthetic"
+    assert (scene.train, scene.val, scene.test) == ([0, 1, 2], [3, 4], [5, 6])
+    for view, (K, R, t) in zip(scene.views, cams, strict=True):
+        assert view.camera.image_size == (H, W)
+        assert_projects(view.camera, K, R, t)
+    np.testing.assert_allclose(scene.points, POINTS, atol=1e-6)
+    np.testing.assert_allclose(scene.colors, np.round(COLORS * 255) / 255, atol=1e-6)
+    # white compositing and alpha mask
+    rgba = image_pattern(4, 4).astype(np.float64) / 255
+    alpha = mask_pattern(4) / 255.0
+    img = scene.load_image(4).numpy().transpose(1, 2, 0)
+    np.testing.assert_allclose(img, rgba[:, :, :3] * alpha[..., None] + (1 - alpha[..., None]), atol=1e-6)
+    np.testing.assert_allclose(scene.load_mask(4)[0].numpy(), alpha, atol=1e-6)
+    black = load_scene(root, white_bg=False).load_image(4).numpy().transpose(1, 2, 0)
+    np.testing.assert_allclose(black, rgba[:, :, :3] * alpha[..., None], atol=1e-6)
+
+
+def test_nerf_resized_image_matches_scaled_camera(tmp_path):
+    root = str(tmp_path / "s")
+    write_nerf(root)
+    scene = load_scene(root)
+    img = scene.load_image(0, size=(15, 20))
+    assert img.shape == (3, 15, 20)
+    full = scene.load_image(0)
+    np.testing.assert_allclose(img.numpy(), full.reshape(3, 15, 2, 20, 2).mean(dim=(2, 4)).numpy(), atol=2e-6)
+    cam = scene.camera(0, (15, 20))
+    uv_full, _ = scene.views[0].camera.project(torch.as_tensor(POINTS))
+    uv_half, _ = cam.project(torch.as_tensor(POINTS))
+    np.testing.assert_allclose(uv_half.numpy(), ((uv_full + 0.5) / 2 - 0.5).numpy(), atol=1e-4)
+
+
+# ---------------------------------------------------------------- DTU / H3DS (IDR)
+def write_idr(root: str, cams, image_names, mask_names, scale_mat: np.ndarray | None = None, p_shape=(4, 4)):
+    """cameras.npz with world_mat_i = P = K[R|t] (arbitrary non-zero scale) and scale_mat_i."""
+    rng = np.random.default_rng(3)
+    os.makedirs(root, exist_ok=True)
+    arrays = {}
+    for i, (K, R, t) in enumerate(cams):
+        P = np.eye(4)
+        P[:3, :4] = K @ np.hstack([R, t[:, None]]) * rng.choice([-1.0, 1.0]) * rng.uniform(0.5, 3.0)
+        arrays[f"world_mat_{i}"] = P[: p_shape[0]]
+        arrays[f"scale_mat_{i}"] = np.eye(4) if scale_mat is None else scale_mat
+    np.savez(os.path.join(root, "cameras.npz"), **arrays)
+    for i, name in enumerate(image_names):
+        write_png(os.path.join(root, "image", name), image_pattern(i))
+    for i, name in enumerate(mask_names or []):
+        write_png(os.path.join(root, "mask", name), mask_pattern(i))
+
+
+@pytest.mark.parametrize("p_shape", [(4, 4), (3, 4)])
+def test_dtu(tmp_path, p_shape):
+    root = str(tmp_path / "scan1")
+    cams = make_cameras(49, seed=2)
+    names = [f"{i:06d}.png" for i in range(49)]
+    write_idr(root, cams, names, [f"{i:03d}.png" for i in range(49)], p_shape=p_shape)
+    save_ply(os.path.join(root, "points3d.ply"), POINTS.astype(np.float32), COLORS)
+    assert detect_format(root) == "dtu"
+    scene = load_scene(root)
+    assert scene.val == [5, 15, 25, 35, 45]
+    assert scene.test == [7, 12, 17, 22, 27, 32, 37, 42, 47]
+    assert scene.train == [i for i in range(49) if i not in scene.val + scene.test]
+    for view, (K, R, t) in zip(scene.views, cams, strict=True):
+        assert_projects(view.camera, K, R, t)
+    np.testing.assert_array_equal(scene.load_mask(3)[0].numpy(), mask_pattern(3) / 255.0)
+    np.testing.assert_allclose(scene.load_image(3).numpy().transpose(1, 2, 0), image_pattern(3) / 255.0, atol=1e-6)
+    custom = load_scene(root, format="dtu", val_indices=[0], test_indices=[1, 2])
+    assert (custom.val, custom.test, custom.train[:2]) == ([0], [1, 2], [3, 4])
+
+
+def test_dtu_scale_mat_normalised_frame(tmp_path):
+    root = str(tmp_path / "scan2")
+    cams = make_cameras(4, seed=4)
+    S = np.diag([2.0, 2.0, 2.0, 1.0])
+    S[:3, 3] = [0.1, -0.2, 0.3]
+    write_idr(root, cams, [f"{i}.png" for i in range(4)], None, scale_mat=S)
+    save_ply(os.path.join(root, "cloud.ply"), POINTS.astype(np.float32))
+    scene = load_scene(root, use_scale_mat=True, pc_name="cloud")
+    unit = (POINTS - S[:3, 3]) / 2.0
+    np.testing.assert_allclose(scene.points, unit, atol=1e-6)
+    for view, (K, R, t) in zip(scene.views, cams, strict=True):
+        uv, _ = view.camera.project(torch.as_tensor(unit))
+        np.testing.assert_allclose(uv.numpy(), expected_pixels(K, R, t), atol=1e-3)
+
+
+def test_h3ds_views_config(tmp_path):
+    root = str(tmp_path / "h3ds_scene")
+    cams = make_cameras(8, seed=5)
+    write_idr(root, cams, [f"img_{i:04d}.jpg" for i in range(8)], [f"mask_{i:04d}.png" for i in range(8)])
+    save_ply(os.path.join(root, "points3d.ply"), POINTS.astype(np.float32))
+    assert detect_format(root) == "h3ds"
+    scene = load_scene(root)
+    assert (scene.train, scene.val, scene.test) == (list(range(8)), [], [])
+    for view, (K, R, t) in zip(scene.views, cams, strict=True):
+        assert_projects(view.camera, K, R, t)
+    np.testing.assert_array_equal(scene.load_mask(2)[0].numpy(), mask_pattern(2) / 255.0)
+    picked = load_scene(root, views_config=[1, 4, 6])
+    assert (picked.train, picked.test) == ([1, 4, 6], [0, 2, 3, 5, 7])
+    cfg = tmp_path / "views.json"
+    cfg.write_text(json.dumps({"3": [0, 3, 5], "4": [0, 2, 4, 6]}))
+    assert load_scene(root, views_config=str(cfg), num_views=4).train == [0, 2, 4, 6]
+    with pytest.raises(DatasetError, match="num_views"):
+        load_scene(root, views_config=str(cfg))
+    with pytest.raises(DatasetError, match="out of range"):
+        load_scene(root, views_config=[0, 9])
+
+
+# ---------------------------------------------------------------- ScanNet
+def write_scannet(root: str, names=(0, 2, 10, 11), k_size=(H, W)) -> list[tuple]:
+    cams = make_cameras(len(names), seed=6)
+    K = cams[0][0]
+    for c in cams:
+        c[0][:] = K
+    os.makedirs(os.path.join(root, "images"))
+    for i, n in enumerate(names):
+        Image.fromarray(image_pattern(i)).save(os.path.join(root, "images", f"{n}.jpg"), quality=95)
+    with open(os.path.join(root, "intrinsics.npy"), "wb") as f:
+        # the published preprocessing stores a pickled dict via np.save
+        np.save(f, np.array({"K": K, "height": k_size[0], "width": k_size[1]}, dtype=object), allow_pickle=True)
+    ext = np.stack([np.vstack([np.hstack([R, t[:, None]]), [0, 0, 0, 1]]) for _, R, t in cams])
+    np.save(os.path.join(root, "extrinsics.npy"), ext)
+    save_ply(os.path.join(root, "full.ply"), POINTS.astype(np.float32), COLORS)
+    return cams
+
+
+def test_scannet(tmp_path):
+    root = str(tmp_path / "scene0000_00")
+    cams = write_scannet(root)
+    assert detect_format(root) == "scannet"
+    scene = load_scene(root)
+    assert [v.name for v in scene.views] == ["0", "2", "10", "11"]  # integer order, not lexical
+    for view, (K, R, t) in zip(scene.views, cams, strict=True):
+        assert_projects(view.camera, K, R, t)
+    assert scene.colors is not None and scene.load_mask(0) is None
+    assert load_scene(root, test_every=2).test == [0, 2]
+
+
+def test_scannet_intrinsics_for_other_size_are_scaled(tmp_path):
+    root = str(tmp_path / "s")
+    cams = write_scannet(root, k_size=(2 * H, 2 * W))
+    scene = load_scene(root)
+    K, R, t = cams[1]
+    K2 = K.copy()
+    K2[:2, :2] /= 2
+    K2[0, 2], K2[1, 2] = (K[0, 2] + 0.5) / 2 - 0.5, (K[1, 2] + 0.5) / 2 - 0.5
+    assert_projects(scene.views[1].camera, K2, R, t)
+
+
+# ---------------------------------------------------------------- COLMAP
+COLMAP_IDS = {"SIMPLE_PINHOLE": 0, "PINHOLE": 1, "SIMPLE_RADIAL": 2, "RADIAL": 3, "OPENCV": 4}
+
+
+def rotation_to_quaternion(R: np.ndarray) -> np.ndarray:
+    """(w, x, y, z) via the trace method (R proper rotation, w > 0 in our cases)."""
+    w = math.sqrt(max(0.0, 1 + R[0, 0] + R[1, 1] + R[2, 2])) / 2
+    x = math.copysign(math.sqrt(max(0.0, 1 + R[0, 0] - R[1, 1] - R[2, 2])) / 2, R[2, 1] - R[1, 2])
+    y = math.copysign(math.sqrt(max(0.0, 1 - R[0, 0] + R[1, 1] - R[2, 2])) / 2, R[0, 2] - R[2, 0])
+    z = math.copysign(math.sqrt(max(0.0, 1 - R[0, 0] - R[1, 1] + R[2, 2])) / 2, R[1, 0] - R[0, 1])
+    return np.array([w, x, y, z])
+
+
+def colmap_params(model: str, K: np.ndarray, dist: tuple[float, ...]) -> list[float]:
+    # COLMAP principal points use the pixel-corner origin: ours + 0.5
+    f, cx, cy = K[0, 0], K[0, 2] + 0.5, K[1, 2] + 0.5
+    return {
+        "SIMPLE_PINHOLE": [f, cx, cy],
+        "PINHOLE": [K[0, 0], K[1, 1], cx, cy],
+        "SIMPLE_RADIAL": [f, cx, cy, *dist[:1]],
+        "RADIAL": [f, cx, cy, *dist[:2]],
+        "OPENCV": [K[0, 0], K[1, 1], cx, cy, *dist[:4]],
+    }[model]
+
+
+def write_colmap(root: str, binary: bool, models=("PINHOLE", "SIMPLE_PINHOLE"), dist=(0.0, 0.0, 0.0, 0.0),
+                 sub: str = "sparse/0", points: np.ndarray = POINTS) -> list[tuple]:
+    """cameras / images / points3D per COLMAP's documented text and binary layouts."""
+    n = 3
+    cams = make_cameras(n, seed=9, square_focal=True)
+    sparse = os.path.join(root, sub)
+    os.makedirs(sparse)
+    os.makedirs(os.path.join(root, "images"))
+    cam_rows = []
+    for i, (K, _, _) in enumerate(cams):
+        model = models[i % len(models)]
+        cam_rows.append((i + 1, model, colmap_params(model, K, dist)))
+    names = [f"frame_{i:03d}.png" for i in range(n)]
+    for i, name in enumerate(names):
+        write_png(os.path.join(root, "images", name), image_pattern(i))
+    # image ids in a different order from names, to check sorting by name
+    img_rows = [(10 - i, rotation_to_quaternion(cams[i][1]), cams[i][2], i + 1, names[i]) for i in range(n)]
+    pts = [(j + 1, points[j], np.round(COLORS[j] * 255).astype(int)) for j in range(len(points))]
+    if binary:
+        with open(os.path.join(sparse, "cameras.bin"), "wb") as f:
+            f.write(struct.pack("<Q", len(cam_rows)))
+            for cid, model, params in cam_rows:
+                f.write(struct.pack("<iiQQ", cid, COLMAP_IDS[model], W, H))
+                f.write(struct.pack("<" + "d" * len(params), *params))
+        with open(os.path.join(sparse, "images.bin"), "wb") as f:
+            f.write(struct.pack("<Q", len(img_rows)))
+            for iid, q, t, cid, name in img_rows:
+                f.write(struct.pack("<idddddddi", iid, *q, *t, cid))
+                f.write(name.encode() + b"\0")
+                f.write(struct.pack("<Q", 2))
+                f.write(struct.pack("<ddqddq", 1.0, 2.0, 1, 3.0, 4.0, -1))
+        with open(os.path.join(sparse, "points3D.bin"), "wb") as f:
+            f.write(struct.pack("<Q", len(pts)))
+            for pid, xyz, rgb in pts:
+                f.write(struct.pack("<QdddBBBdQ", pid, *xyz, *rgb, 0.5, 2))
+                f.write(struct.pack("<iiii", 10, 0, 9, 1))
+    else:
+        with open(os.path.join(sparse, "cameras.txt"), "w") as f:
+            f.write("# Camera list with one line of data per camera:\n")
+            for cid, model, params in cam_rows:
+                f.write(f"{cid} {model} {W} {H} {' '.join(repr(float(p)) for p in params)}\n")
+        with open(os.path.join(sparse, "images.txt"), "w") as f:
+            f.write("# IMAGE_ID, QW, QX, QY, QZ, TX, TY, TZ, CAMERA_ID, NAME\n# POINTS2D[] as (X, Y, POINT3D_ID)\n")
+            for k, (iid, q, t, cid, name) in enumerate(img_rows):
+                f.write(f"{iid} {' '.join(repr(float(v)) for v in (*q, *t))} {cid} {name}\n")
+                f.write("1.0 2.0 1 3.0 4.0 -1\n" if k % 2 == 0 else "\n")
+        with open(os.path.join(sparse, "points3D.txt"), "w") as f:
+            f.write("# 3D point list\n")
+            for pid, xyz, rgb in pts:
+                f.write(f"{pid} {' '.join(repr(float(v)) for v in xyz)} {rgb[0]} {rgb[1]} {rgb[2]} 0.5 10 0 9 1\n")
+    return cams
+
+
+@pytest.mark.parametrize("binary", [True, False])
+@pytest.mark.parametrize("sub", ["sparse/0", "sparse"])
+def test_colmap(tmp_path, binary, sub):
+    root = str(tmp_path / "garden")
+    cams = write_colmap(root, binary, sub=sub)
+    assert detect_format(root) == "colmap"
+    scene = load_scene(root)
+    assert [v.name for v in scene.views] == ["frame_000", "frame_001", "frame_002"]
+    for view, (K, R, t) in zip(scene.views, cams, strict=True):
+        assert_projects(view.camera, K, R, t)
+    np.testing.assert_allclose(scene.points, POINTS, atol=1e-6)
+    np.testing.assert_allclose(scene.colors, np.round(COLORS * 255) / 255, atol=1e-6)
+    assert (scene.train, scene.test) == ([1, 2], [0])
+    assert load_scene(root, holdout_every=0).test == []
+
+
+@pytest.mark.parametrize("model", ["SIMPLE_RADIAL", "OPENCV"])
+def test_colmap_distortion_refused_or_undistorted(tmp_path, model):
+    root = str(tmp_path / "d")
+    dist = (0.05, -0.01, 0.002, -0.001)
+    cams = write_colmap(root, True, models=(model,), dist=dist)
+    with pytest.raises(DatasetError, match=f"{model}.*image_undistorter"):
+        load_scene(root)
+    scene = load_scene(root, undistort=True)
+    for view, (K, R, t) in zip(scene.views, cams, strict=True):
+        assert_projects(view.camera, K, R, t)  # the undistorted pinhole camera
+    # Remap check: an undistorted pixel (u, v) samples the source where the lens put it.
+    K = cams[0][0]
+    src = scene.views[0].image_path
+    raw = np.asarray(Image.open(src), dtype=np.float64) / 255
+    und = scene.load_image(0).numpy().transpose(1, 2, 0)
+    v, u = 15, 20
+    x, y = (u - K[0, 2]) / K[0, 0], (v - K[1, 2]) / K[1, 1]
+    k1, k2, p1, p2 = dist if model == "OPENCV" else (dist[0], 0, 0, 0)
+    r2 = x * x + y * y
+    xd = x * (1 + k1 * r2 + k2 * r2 * r2) + 2 * p1 * x * y + p2 * (r2 + 2 * x * x)
+    yd = y * (1 + k1 * r2 + k2 * r2 * r2) + p1 * (r2 + 2 * y * y) + 2 * p2 * x * y
+    us, vs = xd * K[0, 0] + K[0, 2], yd * K[1, 1] + K[1, 2]
+    j, i = int(math.floor(us)), int(math.floor(vs))
+    a, b = us - j, vs - i
+    bilinear = (raw[i, j] * (1 - a) * (1 - b) + raw[i, j + 1] * a * (1 - b)
+                + raw[i + 1, j] * (1 - a) * b + raw[i + 1, j + 1] * a * b)
+    np.testing.assert_allclose(und[v, u], bilinear, atol=1e-5)
+
+
+def test_colmap_unsupported_model(tmp_path):
+    root = str(tmp_path / "r")
+    write_colmap(root, False, models=("RADIAL",), dist=(0.1, 0.01))
+    with pytest.raises(DatasetError, match="RADIAL.*not supported"):
+        load_scene(root)
+
+
+# ---------------------------------------------------------------- bad input
+def _break(tmp_path, what: str) -> tuple[str, str]:
+    """Build a scene and break it; returns (root, text the error must contain)."""
+    root = str(tmp_path / "bad")
+    if what == "missing_image":
+        write_nerf(root)
+        os.remove(os.path.join(root, "val", "r_3.png"))
+        return root, "r_3"
+    if what == "unreadable_image":
+        write_nerf(root)
+        with open(os.path.join(root, "train", "r_1.png"), "wb") as f:
+            f.write(b"not a png")
+        return root, "r_1.png"
+    if what == "nonfinite_matrix":
+        write_nerf(root)
+        p = os.path.join(root, "transforms_test.json")
+        meta = json.load(open(p))
+        meta["frames"][1]["transform_matrix"][0][3] = float("nan")
+        json.dump(meta, open(p, "w"))
+        return root, "transforms_test.json frames[1]"
+    if what == "bad_json":
+        write_nerf(root)
+        open(os.path.join(root, "transforms_val.json"), "w").write("{")
+        return root, "transforms_val.json"
+    if what == "count_mismatch":
+        write_idr(root, make_cameras(5), [f"{i}.png" for i in range(6)], None)
+        save_ply(os.path.join(root, "points3d.ply"), POINTS.astype(np.float32))
+        return root, "cameras.npz: 5 cameras but 6 images"
+    if what == "mask_count":
+        write_idr(root, make_cameras(3), [f"{i}.png" for i in range(3)], ["0.png", "1.png"])
+        save_ply(os.path.join(root, "points3d.ply"), POINTS.astype(np.float32))
+        return root, "2 masks but 3 images"
+    if what == "empty_points":
+        write_nerf(root)
+        save_ply(os.path.join(root, "points3d.ply"), np.zeros((0, 3), np.float32))
+        return root, "points3d.ply: point cloud is empty"
+    if what == "no_points":
+        write_nerf(root)
+        os.remove(os.path.join(root, "points3d.ply"))
+        return root, "no point cloud found"
+    if what == "scannet_extrinsics":
+        write_scannet(root)
+        np.save(os.path.join(root, "extrinsics.npy"), np.zeros((3, 4, 4)))
+        return root, "extrinsics.npy: 3 matrices but 4 images"
+    if what == "colmap_truncated":
+        write_colmap(root, True)
+        p = os.path.join(root, "sparse", "0", "images.bin")
+        data = open(p, "rb").read()
+        open(p, "wb").write(data[:-7])
+        return root, "images.bin: file is truncated"
+    if what == "colmap_extra_bytes":
+        write_colmap(root, True)
+        with open(os.path.join(root, "sparse", "0", "cameras.bin"), "ab") as f:
+            f.write(b"\0\0")
+        return root, "cameras.bin: 2 unexpected trailing bytes"
+    if what == "dtu_missing_world_mat":
+        write_idr(root, make_cameras(3), [f"{i}.png" for i in range(3)], None)
+        d = dict(np.load(os.path.join(root, "cameras.npz")))
+        del d["world_mat_1"]
+        np.savez(os.path.join(root, "cameras.npz"), **d)
+        save_ply(os.path.join(root, "points3d.ply"), POINTS.astype(np.float32))
+        return root, "missing [1]"
+    if what == "nothing":
+        os.makedirs(root)
+        return root, "no known dataset layout"
+    raise AssertionError(what)
+
+
+@pytest.mark.parametrize(
+    "what",
+    ["missing_image", "unreadable_image", "nonfinite_matrix", "bad_json", "count_mismatch", "mask_count",
+     "empty_points", "no_points", "scannet_extrinsics", "colmap_truncated", "colmap_extra_bytes",
+     "dtu_missing_world_mat", "nothing"],
+)
+def test_bad_input_names_file_and_problem(tmp_path, what):
+    root, text = _break(tmp_path, what)
+    with pytest.raises(DatasetError) as info:
+        load_scene(root)
+    assert text in str(info.value)
+    assert isinstance(info.value, ValueError)
+
+
+def test_wrong_format_and_options(tmp_path):
+    root = str(tmp_path / "n")
+    write_nerf(root)
+    with pytest.raises(DatasetError, match="unknown format 'llff'"):
+        load_scene(root, format="llff")
+    with pytest.raises(DatasetError, match="image folder not found"):
+        load_scene(root, format="dtu")
+    with pytest.raises(TypeError, match="white_background"):
+        load_scene(root, white_background=True)
+
+
+def test_scannet_refuses_no_pickle_garbage(tmp_path):
+    root = str(tmp_path / "s")
+    write_scannet(root)
+    with open(os.path.join(root, "intrinsics.npy"), "wb") as f:
+        np.save(f, np.array([pickle.dumps("x")], dtype=object), allow_pickle=True)
+    with pytest.raises(DatasetError, match="intrinsics.npy"):
+        load_scene(root)
