@@ -187,7 +187,7 @@ class EpochAndLastCheckpoint(pl.Callback):
         self._save_last(trainer)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        if isinstance(exception, KeyboardInterrupt | SystemExit) or not isinstance(exception, OSError):
+        if not isinstance(exception, OSError | FloatingPointError):  # not after a full disk or a NaN loss
             try:
                 self._save_last(trainer)
                 log.warning("interrupted (%s): saved %s at step %d", type(exception).__name__, self.last_path,

@@ -130,7 +130,7 @@ def hydra_main(cfg: DictConfig) -> None:
     from .data import DataConfigError
 
     run_dir = HydraConfig.get().runtime.output_dir
-    expected = (UsageError, CheckpointError, DataConfigError, FileNotFoundError, ValueError)
+    expected = (UsageError, CheckpointError, DataConfigError, FileNotFoundError, ValueError, TypeError)
     try:
         from npbgpp_core.datasets import DatasetError
 

@@ -235,7 +235,7 @@ class SceneDataModule(pl.LightningDataModule):
         zoom = d.train_random_zoom
         self.opts = SampleOptions(
             image_size=size,
-            zoom_range=None if zoom is None else tuple(float(z) for z in zoom),
+            zoom_range=(1.0, 1.0) if zoom is None else tuple(float(z) for z in zoom),
             random_shift=bool(d.train_random_shift),
             selection_count=int(d.selection_count),
             input_view_max_side=_as_int_or_none(d.input_view_max_side),

@@ -33,6 +33,15 @@ class NPBGPlusPlusSystem(BaseSystem):
         self.aux_weight = float(lcfg.get("aux_weight", 1000.0))
         self.aux_drop_prob = float(lcfg.get("aux_drop_prob", 0.5))
 
+    def freeze_batchnorm(self) -> None:
+        """BatchNorms of the extractor stay in eval mode (SPEC 3.1; also lets tiny crops train)."""
+        for m in self.model.extractor.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self.freeze_batchnorm()
+
     def configure_optimizers(self):
         return torch.optim.Adam(self.model.parameters(), lr=float(self.scfg.get("lr", 1e-4)))
 
@@ -43,6 +52,7 @@ class NPBGPlusPlusSystem(BaseSystem):
         return state.finish()
 
     def sample_loss(self, sample: dict):
+        self.freeze_batchnorm()
         if "input_images" not in sample:
             raise ValueError("NPBG++ needs input views: datasets.selection_count must be >= 1")
         agg = self.aggregate_inputs(int(sample["scene"]), sample["input_images"], sample["input_cameras"])
