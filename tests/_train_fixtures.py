@@ -48,7 +48,7 @@ def make_tiny_scene(
         rgba[hit, :3] = dense_c[index[hit]]
         rgba[hit, 3] = 1.0
         name = f"images/r_{i}"
-        Image.fromarray((rgba * 255 + 0.5).astype(np.uint8), "RGBA").save(os.path.join(folder, name + ".png"))
+        Image.fromarray((rgba * 255 + 0.5).astype(np.uint8)).save(os.path.join(folder, name + ".png"))
         _, R_cv, t_cv = cam.to_opencv()
         w2c = np.eye(4)
         w2c[:3, :3], w2c[:3, 3] = R_cv, t_cv

@@ -1,0 +1,274 @@
+"""Training systems on a tiny rendered scene (32x32 images, 300 points): losses go down,
+fine-tuning / coefficient fine-tuning / evaluation / resume / export / DDP run end to end,
+bad inputs give clear errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+from _train_fixtures import make_dataset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ["trainer.enable_progress_bar=false", "trainer.limit_val_batches=0", "dataloader=small",
+        "datasets.train_image_size=16", "datasets.train_random_zoom=[0.75,1.0]", "trainer.log_every_n_steps=1"]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> str:
+    return make_dataset(str(tmp_path_factory.mktemp("tinydata")), ("sceneA", "sceneB"))
+
+
+def cli(args: list[str], cwd: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "headless_train", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def compose_cfg(overrides: list[str]):
+    with initialize_config_module("headless_train.conf", version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+def step_count(path: str) -> int:
+    return int(torch.load(path, map_location="cpu", weights_only=False)["global_step"])
+
+
+# ------------------------------------------------------------------ in-process
+def _fixed_batch_descent(system_name: str, data_root: str, tmp_path, extra: list[str]) -> tuple[float, float]:
+    from headless_train.data import SceneDataModule
+    from headless_train.systems import build_system
+
+    torch.manual_seed(0)
+    cfg = compose_cfg([f"system={system_name}", "datasets=nerf_blender_pretrain", f"datasets.data_root={data_root}",
+                       f"system.descriptors_save_dir={tmp_path}/d", "datasets.train_num_samples=2",
+                       "datasets.color_jitter_prob=0", *FAST[1:], *extra])
+    dm = SceneDataModule(cfg, seed=3407)
+    system = build_system(OmegaConf.to_container(cfg, resolve=True), dm.scenes)
+    batch = next(iter(dm.train_dataloader()))  # fixed batch, fixed seeds: deterministic
+    opts = system.configure_optimizers()
+    opts = opts if isinstance(opts, list) else [opts]
+
+    def loss_now() -> torch.Tensor:
+        torch.manual_seed(1)  # same auxiliary-loss pixel dropout every time
+        return system.batch_loss(batch)[0]
+
+    with torch.no_grad():
+        start = float(loss_now())
+    for _ in range(6):
+        for o in opts:
+            o.zero_grad()
+        loss_now().backward()
+        for o in opts:
+            o.step()
+    with torch.no_grad():
+        end = float(loss_now())
+    return start, end
+
+
+def test_npbgpp_pretraining_lowers_the_loss(data_root, tmp_path):
+    # lr 1e-3 instead of the recipe's 1e-4 so that six steps make a clear difference.
+    start, end = _fixed_batch_descent("npbgpp_sphere", data_root, tmp_path, ["system.lr=1e-3"])
+    assert math.isfinite(start) and end < 0.8 * start
+
+
+def test_npbg_training_lowers_the_loss(data_root, tmp_path):
+    start, end = _fixed_batch_descent("npbg", data_root, tmp_path, ["datasets.selection_count=0"])
+    assert math.isfinite(start) and end < 0.8 * start
+
+
+# ------------------------------------------------------------------ end to end
+@pytest.fixture(scope="module")
+def npbgpp_run(data_root, tmp_path_factory) -> str:
+    """NPBG++ pretraining for 2 steps, then resumed to 4 steps."""
+    work = str(tmp_path_factory.mktemp("npbgpp"))
+    args = ["hydra.run.dir=exp/pre", "datasets=nerf_blender_pretrain", f"datasets.data_root={data_root}",
+            "system=npbgpp_sphere", "datasets.train_num_samples=3", "trainer.max_epochs=5",
+            "dataloader.train_data_mode=each", "trainer.reload_dataloaders_every_n_epochs=1",
+            "system.max_scenes_per_train_epoch=1", *FAST]
+    ok(cli([*args, "trainer.max_steps=2"], work))
+    ckpts = os.path.join(work, "exp/pre/checkpoints")
+    assert step_count(os.path.join(ckpts, "last.ckpt")) == 2
+    proc = ok(cli([*args, "trainer.max_steps=4", "resume=true"], work))
+    assert "no VGG-19 weights" in proc.stderr + proc.stdout  # the fallback loss is announced
+    return work
+
+
+def test_resume_continues_the_step_count(npbgpp_run):
+    ckpts = os.path.join(npbgpp_run, "exp/pre/checkpoints")
+    assert step_count(os.path.join(ckpts, "last.ckpt")) == 4
+    ckpt = torch.load(os.path.join(ckpts, "last.ckpt"), map_location="cpu", weights_only=False)
+    assert ckpt["optimizer_states"][0]["state"]  # Adam moments travel with the checkpoint
+    assert ckpt["npbgpp"]["system"] == "npbgpp" and ckpt["npbgpp"]["config"]["aggregator"] == "sphere"
+    assert {"epoch0.ckpt", "last.ckpt"} <= set(os.listdir(ckpts))
+    assert os.listdir(os.path.join(npbgpp_run, "exp/pre/tensorboard"))
+
+
+@pytest.fixture(scope="module")
+def npbgpp_eval(npbgpp_run, data_root) -> str:
+    ok(cli(["hydra.run.dir=exp/eval", "datasets=nerf_blender_one_scene", f"datasets.data_root={data_root}",
+            "datasets.scene_name=sceneA", "system=npbgpp_sphere", "eval_only=true", "dataloader=small",
+            "weights_path=exp/pre/checkpoints/last.ckpt", "trainer.enable_progress_bar=false"], npbgpp_run))
+    return os.path.join(npbgpp_run, "exp/eval")
+
+
+def test_eval_only_writes_metrics_renders_and_coefficients(npbgpp_eval):
+    with open(os.path.join(npbgpp_eval, "metrics.json")) as f:
+        metrics = json.load(f)
+    scene = metrics["scenes"]["sceneA"]
+    assert scene["views"] == 1 and "LPIPS skipped" in metrics["lpips"]
+    for image in scene["images"].values():
+        assert math.isfinite(image["psnr"]) and -1 <= image["ssim"] <= 1 and image["lpips"] is None
+    assert set(os.listdir(os.path.join(npbgpp_eval, "renders/sceneA"))) == {"r_5_pred.png", "r_5_gt.png"}
+    from headless_train.checkpoints import load_descriptors
+
+    coef = load_descriptors(os.path.join(npbgpp_eval, "descriptors"), "sceneA", n_points=300)
+    assert coef.shape == (300, 56) and torch.isfinite(coef).all() and coef.abs().sum() > 0
+
+
+def test_coefficients_ft_trains_and_evaluates(npbgpp_eval, npbgpp_run, data_root):
+    common = ["datasets=h3ds_one_scene", "datasets.format=nerf_synthetic", f"datasets.data_root={data_root}",
+              "datasets.scene_name=sceneA", "datasets.selection_count=0", "system=coefficients_ft",
+              "system.max_points=1e6", "system.descriptors_save_dir=${hydra:run.dir}/descriptors", "dataloader=small",
+              "trainer.enable_progress_bar=false"]
+    ok(cli(["hydra.run.dir=exp/ft", *common, "datasets.train_num_samples=2", "datasets.train_image_size=null",
+            "datasets.train_random_shift=false", "datasets.train_random_zoom=[0.5,1.0]", "trainer.max_epochs=1",
+            "system.descriptors_pretrained_dir=exp/eval/descriptors",
+            "weights_path=${hydra:runtime.cwd}/exp/pre/checkpoints/last.ckpt", "trainer.limit_val_batches=0"],
+           npbgpp_run))
+    from headless_train.checkpoints import load_descriptors
+
+    before = load_descriptors(os.path.join(npbgpp_run, "exp/eval/descriptors"), "sceneA")
+    after = load_descriptors(os.path.join(npbgpp_run, "exp/ft/descriptors"), "sceneA")
+    assert after.shape == before.shape and not torch.equal(after, before)  # RMSprop moved them
+    ok(cli(["hydra.run.dir=exp/ft_test", *common, "system.descriptors_pretrained_dir=exp/ft/descriptors",
+            "weights_path=exp/ft/checkpoints/last.ckpt", "eval_only=true"], npbgpp_run))
+    with open(os.path.join(npbgpp_run, "exp/ft_test/metrics.json")) as f:
+        assert math.isfinite(json.load(f)["mean"]["psnr"])
+
+
+def test_export_bundles_render(npbgpp_run, data_root, tmp_path):
+    from npbgpp_core import Camera
+    from npbgpp_core.scene import NeuralScene
+
+    out = str(tmp_path / "a.npbgpp")
+    ok(cli(["export", "--checkpoint", "exp/pre/checkpoints/last.ckpt", "--scene", f"{data_root}/sceneA",
+            "--out", out], npbgpp_run))
+    scene = NeuralScene.load(out)
+    assert scene.kind == "npbgpp" and tuple(scene.features.shape) == (300, 7, 8)
+    img = scene.renderer("cpu").render(Camera.look_at((0, 0.5, -3), (0, 0, 0), image_size=(32, 32)))
+    assert img.shape == (3, 32, 32) and torch.isfinite(img).all()
+    bad = cli(["export", "--checkpoint", f"{data_root}/sceneA/points3d.ply", "--scene", f"{data_root}/sceneA",
+               "--out", out], npbgpp_run)
+    assert bad.returncode == 2 and "points3d.ply" in bad.stderr
+
+
+def test_npbg_pretrain_then_fine_tune_and_export(data_root, tmp_path):
+    work = str(tmp_path)
+    ok(cli(["hydra.run.dir=exp/npbg", "datasets=nerf_blender_pretrain", f"datasets.data_root={data_root}",
+            "datasets.selection_count=0", "system=npbg", "system.descriptors_save_dir=exp/npbg/result/descriptors",
+            "trainer.max_epochs=2", "dataloader.train_data_mode=each", "trainer.reload_dataloaders_every_n_epochs=1",
+            "system.max_points=120", "datasets.train_num_samples=1", *FAST], work))
+    assert os.listdir(os.path.join(work, "exp/npbg/result/descriptors")) in (["sceneA", "sceneB"], ["sceneB", "sceneA"])
+    proc = ok(cli(["hydra.run.dir=exp/npbg_b", "datasets=nerf_blender_one_scene", f"datasets.data_root={data_root}",
+                   "datasets.scene_name=sceneB", "datasets.selection_count=0", "system=npbg",
+                   "system.descriptors_save_dir=exp/npbg_b/result/descriptors", "system.max_scenes_per_train_epoch=1",
+                   "trainer.max_epochs=1", "weights_path=exp/npbg/checkpoints/epoch1.ckpt", "system.max_points=6e6",
+                   "datasets.train_num_samples=2", *FAST], work))
+    assert "loaded" in proc.stderr  # the refiner came from the pretraining checkpoint
+    from headless_train.checkpoints import load_descriptors
+
+    assert load_descriptors(os.path.join(work, "exp/npbg_b/result/descriptors"), "sceneB").shape == (300, 8)
+    assert load_descriptors(os.path.join(work, "exp/npbg/result/descriptors"), "sceneA").shape == (120, 8)
+    out = os.path.join(work, "b.npbgpp")
+    ok(cli(["export", "--checkpoint", "exp/npbg_b/checkpoints/last.ckpt", "--scene", f"{data_root}/sceneB",
+            "--out", out], work))
+    from npbgpp_core.scene import NeuralScene
+
+    assert NeuralScene.load(out).kind == "npbg"
+    # An NPBG checkpoint cannot seed NPBG++: refused, naming both systems.
+    bad = cli(["hydra.run.dir=exp/bad", "datasets=nerf_blender_one_scene", f"datasets.data_root={data_root}",
+               "datasets.scene_name=sceneB", "weights_path=exp/npbg/checkpoints/epoch1.ckpt", *FAST], work)
+    assert bad.returncode == 2 and "trained by system 'npbg'" in bad.stderr
+
+
+def test_bad_inputs_give_clear_errors(data_root, tmp_path):
+    work = str(tmp_path)
+    proc = cli(["datasets=dtu_one_scene", f"datasets.data_root={tmp_path}/nowhere", *FAST], work)
+    assert proc.returncode == 2 and "nowhere" in proc.stderr
+    proc = cli(["hydra.run.dir=exp/x", "datasets=nerf_blender_one_scene", f"datasets.data_root={data_root}",
+                "datasets.scene_name=sceneA", "resume=true", *FAST], work)
+    assert proc.returncode == 2 and "last.ckpt" in proc.stderr
+    corrupt = tmp_path / "corrupt.ckpt"
+    corrupt.write_bytes(b"PK\x03\x04 truncated")
+    proc = cli(["datasets=nerf_blender_one_scene", f"datasets.data_root={data_root}", "datasets.scene_name=sceneA",
+                f"weights_path={corrupt}", *FAST], work)
+    assert proc.returncode == 2 and "corrupt.ckpt" in proc.stderr and "corrupt" in proc.stderr
+    empty = make_dataset(str(tmp_path / "empty"), ("sceneE",))
+    from npbgpp_core import save_ply
+
+    save_ply(os.path.join(empty, "sceneE", "points3d.ply"), torch.zeros(0, 3).numpy())
+    proc = cli(["datasets=nerf_blender_one_scene", f"datasets.data_root={empty}", "datasets.scene_name=sceneE",
+                *FAST], work)
+    assert proc.returncode == 2 and "point" in proc.stderr and "sceneE" in proc.stderr
+
+
+def test_ctrl_c_leaves_a_usable_last_checkpoint(data_root, tmp_path):
+    work = str(tmp_path)
+    args = ["hydra.run.dir=exp/int", "datasets=nerf_blender_one_scene", f"datasets.data_root={data_root}",
+            "datasets.scene_name=sceneA", "system=npbg", "datasets.selection_count=0",
+            "datasets.train_num_samples=100000", "trainer.max_epochs=1", *FAST]
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "headless_train", *args], cwd=work, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen = threading.Event()
+    lines: list[str] = []
+
+    def watch() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            lines.append(line)
+            if "train/loss" in line or "Training:" in line or "scene" in line and "rank 0" in line:
+                seen.set()
+
+    threading.Thread(target=watch, daemon=True).start()
+    last = os.path.join(work, "exp/int/checkpoints/last.ckpt")
+    tb = os.path.join(work, "exp/int/tensorboard")
+    for _ in range(1200):  # wait for training to be under way (bounded polling, no timing assertion)
+        if os.path.isdir(tb) and seen.is_set():
+            break
+        if proc.poll() is not None:
+            break
+        threading.Event().wait(0.1)
+    assert proc.poll() is None, "".join(lines)[-2000:]
+    threading.Event().wait(1.0)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    assert os.path.isfile(last), "".join(lines)[-2000:]
+    steps = step_count(last)
+    ok(cli([*args, "resume=true", f"trainer.max_steps={steps + 1}"], work))
+    assert step_count(last) == steps + 1
+
+
+def test_two_process_ddp_on_cpu(data_root, tmp_path):
+    work = str(tmp_path)
+    ok(cli(["hydra.run.dir=exp/ddp", "datasets=nerf_blender_pretrain", f"datasets.data_root={data_root}",
+            "system=npbg", "datasets.selection_count=0", "datasets.train_num_samples=2",
+            "dataloader.train_data_mode=each", "trainer.cpu_processes=2", "trainer.max_steps=2",
+            "trainer.max_epochs=1", *FAST], work, timeout=400))
+    assert step_count(os.path.join(work, "exp/ddp/checkpoints/last.ckpt")) == 2
