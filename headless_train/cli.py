@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger("headless_train")
 
 
-class UsageError(RuntimeError):
+class UsageError(ValueError):
     """A configuration that cannot run; the message says what to change."""
 
 
@@ -91,7 +91,8 @@ def run(cfg: DictConfig, run_dir: str) -> dict | None:
         system.load_initial_weights(source_ckpt, str(cfg.weights_path))
     elif name == "coefficients_ft" and resume_path is None:
         raise UsageError("system=coefficients_ft needs weights_path=<NPBG++ checkpoint> (its frozen basis MLP)")
-    if name == "coefficients_ft" and not scfg.get("descriptors_pretrained_dir") and resume_path is None:
+    seeded_by_npbgpp = source_ckpt is not None and source_ckpt["npbgpp"]["system"] == "npbgpp"
+    if name == "coefficients_ft" and not scfg.get("descriptors_pretrained_dir") and seeded_by_npbgpp:
         raise UsageError("system=coefficients_ft needs system.descriptors_pretrained_dir (coefficients written "
                          "by an NPBG++ eval_only run)")
     del source_ckpt

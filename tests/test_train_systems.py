@@ -14,10 +14,9 @@ import threading
 
 import pytest
 import torch
+from _train_fixtures import make_dataset
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
-
-from _train_fixtures import make_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["trainer.enable_progress_bar=false", "trainer.limit_val_batches=0", "dataloader=small",
@@ -93,19 +92,28 @@ def test_npbg_training_lowers_the_loss(data_root, tmp_path):
 
 
 # ------------------------------------------------------------------ end to end
+def run_inproc(overrides: list[str], run_dir: str):
+    """The CLI's run() in this process (no interpreter start-up); paths absolute."""
+    from headless_train.cli import run
+
+    if not any(o.startswith("system.descriptors_save_dir=") for o in overrides):
+        overrides = [*overrides, f"system.descriptors_save_dir={run_dir}/descriptors"]
+    return run(compose_cfg(overrides), run_dir)
+
+
 @pytest.fixture(scope="module")
 def npbgpp_run(data_root, tmp_path_factory) -> str:
-    """NPBG++ pretraining for 2 steps, then resumed to 4 steps."""
+    """NPBG++ pretraining for 2 steps through ``python -m headless_train``, then resumed to 4 steps."""
     work = str(tmp_path_factory.mktemp("npbgpp"))
-    args = ["hydra.run.dir=exp/pre", "datasets=nerf_blender_pretrain", f"datasets.data_root={data_root}",
+    args = ["datasets=nerf_blender_pretrain", f"datasets.data_root={data_root}",
             "system=npbgpp_sphere", "datasets.train_num_samples=3", "trainer.max_epochs=5",
             "dataloader.train_data_mode=each", "trainer.reload_dataloaders_every_n_epochs=1",
             "system.max_scenes_per_train_epoch=1", *FAST]
-    ok(cli([*args, "trainer.max_steps=2"], work))
+    proc = ok(cli(["hydra.run.dir=exp/pre", *args, "trainer.max_steps=2"], work))
+    assert "no VGG-19 weights" in proc.stdout + proc.stderr  # the fallback loss is announced
     ckpts = os.path.join(work, "exp/pre/checkpoints")
     assert step_count(os.path.join(ckpts, "last.ckpt")) == 2
-    proc = ok(cli([*args, "trainer.max_steps=4", "resume=true"], work))
-    assert "no VGG-19 weights" in proc.stderr + proc.stdout  # the fallback loss is announced
+    run_inproc([*args, "trainer.max_steps=4", "resume=true"], os.path.join(work, "exp/pre"))
     return work
 
 
@@ -121,10 +129,11 @@ def test_resume_continues_the_step_count(npbgpp_run):
 
 @pytest.fixture(scope="module")
 def npbgpp_eval(npbgpp_run, data_root) -> str:
-    ok(cli(["hydra.run.dir=exp/eval", "datasets=nerf_blender_one_scene", f"datasets.data_root={data_root}",
-            "datasets.scene_name=sceneA", "system=npbgpp_sphere", "eval_only=true", "dataloader=small",
-            "weights_path=exp/pre/checkpoints/last.ckpt", "trainer.enable_progress_bar=false"], npbgpp_run))
-    return os.path.join(npbgpp_run, "exp/eval")
+    run_dir = os.path.join(npbgpp_run, "exp/eval")
+    run_inproc(["datasets=nerf_blender_one_scene", f"datasets.data_root={data_root}", "datasets.scene_name=sceneA",
+                "system=npbgpp_sphere", "eval_only=true", "dataloader=small",
+                f"weights_path={npbgpp_run}/exp/pre/checkpoints/last.ckpt"], run_dir)
+    return run_dir
 
 
 def test_eval_only_writes_metrics_renders_and_coefficients(npbgpp_eval):
@@ -144,22 +153,24 @@ def test_eval_only_writes_metrics_renders_and_coefficients(npbgpp_eval):
 def test_coefficients_ft_trains_and_evaluates(npbgpp_eval, npbgpp_run, data_root):
     common = ["datasets=h3ds_one_scene", "datasets.format=nerf_synthetic", f"datasets.data_root={data_root}",
               "datasets.scene_name=sceneA", "datasets.selection_count=0", "system=coefficients_ft",
-              "system.max_points=1e6", "system.descriptors_save_dir=${hydra:run.dir}/descriptors", "dataloader=small",
-              "trainer.enable_progress_bar=false"]
-    ok(cli(["hydra.run.dir=exp/ft", *common, "datasets.train_num_samples=2", "datasets.train_image_size=null",
-            "datasets.train_random_shift=false", "datasets.train_random_zoom=[0.5,1.0]", "trainer.max_epochs=1",
-            "system.descriptors_pretrained_dir=exp/eval/descriptors",
-            "weights_path=${hydra:runtime.cwd}/exp/pre/checkpoints/last.ckpt", "trainer.limit_val_batches=0"],
-           npbgpp_run))
+              "system.max_points=1e6", "dataloader=small", "trainer.enable_progress_bar=false"]
+    ft = os.path.join(npbgpp_run, "exp/ft")
+    run_inproc([*common, "datasets.train_num_samples=2", "datasets.train_image_size=null",
+                "datasets.train_random_shift=false", "datasets.train_random_zoom=[0.5,1.0]", "trainer.max_epochs=1",
+                f"system.descriptors_pretrained_dir={npbgpp_eval}/descriptors",
+                f"weights_path={npbgpp_run}/exp/pre/checkpoints/last.ckpt", "trainer.limit_val_batches=0"], ft)
     from headless_train.checkpoints import load_descriptors
 
-    before = load_descriptors(os.path.join(npbgpp_run, "exp/eval/descriptors"), "sceneA")
-    after = load_descriptors(os.path.join(npbgpp_run, "exp/ft/descriptors"), "sceneA")
+    before = load_descriptors(os.path.join(npbgpp_eval, "descriptors"), "sceneA")
+    after = load_descriptors(os.path.join(ft, "descriptors"), "sceneA")
     assert after.shape == before.shape and not torch.equal(after, before)  # RMSprop moved them
-    ok(cli(["hydra.run.dir=exp/ft_test", *common, "system.descriptors_pretrained_dir=exp/ft/descriptors",
-            "weights_path=exp/ft/checkpoints/last.ckpt", "eval_only=true"], npbgpp_run))
-    with open(os.path.join(npbgpp_run, "exp/ft_test/metrics.json")) as f:
-        assert math.isfinite(json.load(f)["mean"]["psnr"])
+    result = run_inproc([*common, f"system.descriptors_pretrained_dir={ft}/descriptors",
+                         f"weights_path={ft}/checkpoints/last.ckpt", "eval_only=true"],
+                        os.path.join(npbgpp_run, "exp/ft_test"))
+    assert math.isfinite(result["mean"]["psnr"])
+    with pytest.raises(ValueError, match="descriptors_pretrained_dir"):
+        run_inproc([*common, f"weights_path={npbgpp_run}/exp/pre/checkpoints/last.ckpt", "eval_only=true"],
+                   os.path.join(npbgpp_run, "exp/ft_bad"))
 
 
 def test_export_bundles_render(npbgpp_run, data_root, tmp_path):
@@ -173,59 +184,69 @@ def test_export_bundles_render(npbgpp_run, data_root, tmp_path):
     assert scene.kind == "npbgpp" and tuple(scene.features.shape) == (300, 7, 8)
     img = scene.renderer("cpu").render(Camera.look_at((0, 0.5, -3), (0, 0, 0), image_size=(32, 32)))
     assert img.shape == (3, 32, 32) and torch.isfinite(img).all()
-    bad = cli(["export", "--checkpoint", f"{data_root}/sceneA/points3d.ply", "--scene", f"{data_root}/sceneA",
-               "--out", out], npbgpp_run)
-    assert bad.returncode == 2 and "points3d.ply" in bad.stderr
+    from headless_train.export import main as export_main
+
+    bad = export_main(["--checkpoint", f"{data_root}/sceneA/points3d.ply", "--scene", f"{data_root}/sceneA",
+                       "--out", out])
+    assert bad == 2
 
 
-def test_npbg_pretrain_then_fine_tune_and_export(data_root, tmp_path):
-    work = str(tmp_path)
-    ok(cli(["hydra.run.dir=exp/npbg", "datasets=nerf_blender_pretrain", f"datasets.data_root={data_root}",
-            "datasets.selection_count=0", "system=npbg", "system.descriptors_save_dir=exp/npbg/result/descriptors",
-            "trainer.max_epochs=2", "dataloader.train_data_mode=each", "trainer.reload_dataloaders_every_n_epochs=1",
-            "system.max_points=120", "datasets.train_num_samples=1", *FAST], work))
-    assert os.listdir(os.path.join(work, "exp/npbg/result/descriptors")) in (["sceneA", "sceneB"], ["sceneB", "sceneA"])
-    proc = ok(cli(["hydra.run.dir=exp/npbg_b", "datasets=nerf_blender_one_scene", f"datasets.data_root={data_root}",
-                   "datasets.scene_name=sceneB", "datasets.selection_count=0", "system=npbg",
-                   "system.descriptors_save_dir=exp/npbg_b/result/descriptors", "system.max_scenes_per_train_epoch=1",
-                   "trainer.max_epochs=1", "weights_path=exp/npbg/checkpoints/epoch1.ckpt", "system.max_points=6e6",
-                   "datasets.train_num_samples=2", *FAST], work))
-    assert "loaded" in proc.stderr  # the refiner came from the pretraining checkpoint
-    from headless_train.checkpoints import load_descriptors
+def test_npbg_pretrain_then_fine_tune_and_export(data_root, tmp_path, caplog):
+    import logging
 
-    assert load_descriptors(os.path.join(work, "exp/npbg_b/result/descriptors"), "sceneB").shape == (300, 8)
-    assert load_descriptors(os.path.join(work, "exp/npbg/result/descriptors"), "sceneA").shape == (120, 8)
-    out = os.path.join(work, "b.npbgpp")
-    ok(cli(["export", "--checkpoint", "exp/npbg_b/checkpoints/last.ckpt", "--scene", f"{data_root}/sceneB",
-            "--out", out], work))
+    from headless_train.checkpoints import CheckpointError, load_descriptors
+    from headless_train.export import main as export_main
     from npbgpp_core.scene import NeuralScene
 
+    work = str(tmp_path)
+    caplog.set_level(logging.INFO)
+    run_inproc(["datasets=nerf_blender_pretrain", f"datasets.data_root={data_root}", "datasets.selection_count=0",
+                "system=npbg", f"system.descriptors_save_dir={work}/npbg/result/descriptors", "trainer.max_epochs=2",
+                "dataloader.train_data_mode=each", "trainer.reload_dataloaders_every_n_epochs=1",
+                "system.max_points=120", "datasets.train_num_samples=1", *FAST], f"{work}/npbg")
+    assert sorted(os.listdir(f"{work}/npbg/result/descriptors")) == ["sceneA", "sceneB"]
+    assert "kept a random subset (seed 123)" in caplog.text  # max_points < cloud is reported
+    run_inproc(["datasets=nerf_blender_one_scene", f"datasets.data_root={data_root}", "datasets.scene_name=sceneB",
+                "datasets.selection_count=0", "system=npbg", "system.max_scenes_per_train_epoch=1",
+                "trainer.max_epochs=1", f"weights_path={work}/npbg/checkpoints/epoch1.ckpt", "system.max_points=6e6",
+                "datasets.train_num_samples=2", *FAST], f"{work}/npbg_b")
+    assert "loaded" in caplog.text  # the refiner came from the pretraining checkpoint
+    assert load_descriptors(f"{work}/npbg_b/descriptors", "sceneB").shape == (300, 8)
+    assert load_descriptors(f"{work}/npbg/result/descriptors", "sceneA").shape == (120, 8)
+    out = os.path.join(work, "b.npbgpp")
+    assert export_main(["--checkpoint", f"{work}/npbg_b/checkpoints/last.ckpt", "--scene", f"{data_root}/sceneB",
+                        "--out", out]) == 0
     assert NeuralScene.load(out).kind == "npbg"
     # An NPBG checkpoint cannot seed NPBG++: refused, naming both systems.
-    bad = cli(["hydra.run.dir=exp/bad", "datasets=nerf_blender_one_scene", f"datasets.data_root={data_root}",
-               "datasets.scene_name=sceneB", "weights_path=exp/npbg/checkpoints/epoch1.ckpt", *FAST], work)
-    assert bad.returncode == 2 and "trained by system 'npbg'" in bad.stderr
+    with pytest.raises(CheckpointError, match="trained by system 'npbg'.*'npbgpp'"):
+        run_inproc(["datasets=nerf_blender_one_scene", f"datasets.data_root={data_root}",
+                    "datasets.scene_name=sceneB", f"weights_path={work}/npbg/checkpoints/epoch1.ckpt", *FAST],
+                   f"{work}/bad")
 
 
 def test_bad_inputs_give_clear_errors(data_root, tmp_path):
-    work = str(tmp_path)
-    proc = cli(["datasets=dtu_one_scene", f"datasets.data_root={tmp_path}/nowhere", *FAST], work)
-    assert proc.returncode == 2 and "nowhere" in proc.stderr
-    proc = cli(["hydra.run.dir=exp/x", "datasets=nerf_blender_one_scene", f"datasets.data_root={data_root}",
-                "datasets.scene_name=sceneA", "resume=true", *FAST], work)
-    assert proc.returncode == 2 and "last.ckpt" in proc.stderr
-    corrupt = tmp_path / "corrupt.ckpt"
-    corrupt.write_bytes(b"PK\x03\x04 truncated")
-    proc = cli(["datasets=nerf_blender_one_scene", f"datasets.data_root={data_root}", "datasets.scene_name=sceneA",
-                f"weights_path={corrupt}", *FAST], work)
-    assert proc.returncode == 2 and "corrupt.ckpt" in proc.stderr and "corrupt" in proc.stderr
+    from headless_train.checkpoints import CheckpointError
+    from headless_train.data import DataConfigError
+
+    with pytest.raises(DataConfigError, match="nowhere"):
+        run_inproc(["datasets=dtu_one_scene", f"datasets.data_root={tmp_path}/nowhere", *FAST], str(tmp_path / "r"))
+    with pytest.raises(CheckpointError, match="last.ckpt"):
+        run_inproc(["datasets=nerf_blender_one_scene", f"datasets.data_root={data_root}",
+                    "datasets.scene_name=sceneA", "resume=true", *FAST], str(tmp_path / "r"))
     empty = make_dataset(str(tmp_path / "empty"), ("sceneE",))
     from npbgpp_core import save_ply
 
     save_ply(os.path.join(empty, "sceneE", "points3d.ply"), torch.zeros(0, 3).numpy())
-    proc = cli(["datasets=nerf_blender_one_scene", f"datasets.data_root={empty}", "datasets.scene_name=sceneE",
-                *FAST], work)
-    assert proc.returncode == 2 and "point" in proc.stderr and "sceneE" in proc.stderr
+    with pytest.raises(Exception, match="point") as info:
+        run_inproc(["datasets=nerf_blender_one_scene", f"datasets.data_root={empty}", "datasets.scene_name=sceneE",
+                    *FAST], str(tmp_path / "r"))
+    assert "sceneE" in str(info.value)
+    # Through the command line: exit status 2 and the file named.
+    corrupt = tmp_path / "corrupt.ckpt"
+    corrupt.write_bytes(b"PK\x03\x04 truncated")
+    proc = cli(["hydra.run.dir=exp/c", "datasets=nerf_blender_one_scene", f"datasets.data_root={data_root}",
+                "datasets.scene_name=sceneA", f"weights_path={corrupt}", *FAST], str(tmp_path))
+    assert proc.returncode == 2 and "corrupt.ckpt is corrupt" in proc.stderr
 
 
 def test_ctrl_c_leaves_a_usable_last_checkpoint(data_root, tmp_path):
@@ -234,34 +255,27 @@ def test_ctrl_c_leaves_a_usable_last_checkpoint(data_root, tmp_path):
             "datasets.scene_name=sceneA", "system=npbg", "datasets.selection_count=0",
             "datasets.train_num_samples=100000", "trainer.max_epochs=1", *FAST]
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "headless_train", *args], cwd=work, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    seen = threading.Event()
-    lines: list[str] = []
-
-    def watch() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            lines.append(line)
-            if "train/loss" in line or "Training:" in line or "scene" in line and "rank 0" in line:
-                seen.set()
-
-    threading.Thread(target=watch, daemon=True).start()
+    # last.ckpt is refreshed every 2 steps; its first appearance means training is under way.
+    proc = subprocess.Popen([sys.executable, "-m", "headless_train", *args, "trainer.last_checkpoint_every_n_steps=2"],
+                            cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output: list[str] = []
+    reader = threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True)  # type: ignore[arg-type]
+    reader.start()
     last = os.path.join(work, "exp/int/checkpoints/last.ckpt")
-    tb = os.path.join(work, "exp/int/tensorboard")
-    for _ in range(1200):  # wait for training to be under way (bounded polling, no timing assertion)
-        if os.path.isdir(tb) and seen.is_set():
+    waited = threading.Event()
+    for _ in range(3000):  # bounded polling for the first checkpoint (no timing assertion)
+        if os.path.isfile(last) or proc.poll() is not None:
             break
-        if proc.poll() is not None:
-            break
-        threading.Event().wait(0.1)
-    assert proc.poll() is None, "".join(lines)[-2000:]
-    threading.Event().wait(1.0)
+        waited.wait(0.1)
+    assert proc.poll() is None, "".join(output)[-2000:]
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=120)
-    assert os.path.isfile(last), "".join(lines)[-2000:]
+    reader.join(timeout=10)
+    text = "".join(output)
+    assert "interrupted (KeyboardInterrupt): saved" in text, text[-2000:]
     steps = step_count(last)
-    ok(cli([*args, "resume=true", f"trainer.max_steps={steps + 1}"], work))
+    assert steps >= 2
+    run_inproc([*args[1:], "resume=true", f"trainer.max_steps={steps + 1}"], os.path.join(work, "exp/int"))
     assert step_count(last) == steps + 1
 
 
