@@ -46,9 +46,14 @@ class NPBGPlusPlusSystem(BaseSystem):
         return torch.optim.Adam(self.model.parameters(), lr=float(self.scfg.get("lr", 1e-4)))
 
     def aggregate_inputs(self, scene_id: int, images: list[torch.Tensor], cameras: list):
+        """Aggregate a sample's input views; views of equal size go through the extractor together."""
         state = self.model.begin_scene(self.points(scene_id))
-        for img, cam in zip(images, cameras, strict=True):
-            state.add_views(img.to(self.device).unsqueeze(0), [cam.to(self.device)])
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for k, img in enumerate(images):
+            groups.setdefault(tuple(img.shape), []).append(k)
+        for members in groups.values():
+            batch = torch.stack([images[k] for k in members]).to(self.device)
+            state.add_views(batch, [cameras[k].to(self.device) for k in members])
         return state.finish()
 
     def sample_loss(self, sample: dict):
