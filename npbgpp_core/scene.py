@@ -253,7 +253,7 @@ class SceneRenderer:
             hit = index >= 0
             img = torch.zeros(*index.shape, 3, device=self.device)
             img[hit] = self.colors[index[hit]]
-            return img.permute(2, 0, 1).contiguous()
+        return img.permute(2, 0, 1).clone()
 
 
 def _check_state(state: dict[str, torch.Tensor], need: set[str], what: str) -> None:

@@ -73,6 +73,7 @@ class RunningSums:
     def __init__(self, n: int, feature_dim: int, basis_dim: int | None, device: torch.device, dtype=torch.float32):
         self.n = n
         self.basis_dim = basis_dim
+        self._tracked = False  # True once a differentiable sample was added
         self.count = torch.zeros(n, device=device, dtype=dtype)
         self.sum_y = torch.zeros(n, feature_dim, device=device, dtype=dtype)
         if basis_dim is not None:
@@ -85,14 +86,22 @@ class RunningSums:
         if index.numel() == 0:
             return
         y = y.to(self.sum_y.dtype)
-        self.count = self.count.index_add(0, index, torch.ones_like(index, dtype=self.count.dtype))
-        self.sum_y = self.sum_y.index_add(0, index, y)
+        if x is not None:
+            x = x.to(self.sum_y.dtype)
+        # Out of place only when autograd needs it (in place avoids copying N-sized sums).
+        grad = torch.is_grad_enabled() and (y.requires_grad or (x is not None and x.requires_grad) or self._tracked)
+        self._tracked = grad
+
+        def acc(total: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+            return total.index_add(0, index, values) if grad else total.index_add_(0, index, values)
+
+        self.count = self.count.index_add_(0, index, torch.ones_like(index, dtype=self.count.dtype))
+        self.sum_y = acc(self.sum_y, y)
         if self.basis_dim is not None:
             assert x is not None
-            x = x.to(self.sum_x.dtype)
-            self.sum_x = self.sum_x.index_add(0, index, x)
-            self.sum_xx = self.sum_xx.index_add(0, index, x[:, :, None] * x[:, None, :])
-            self.sum_xy = self.sum_xy.index_add(0, index, x[:, :, None] * y[:, None, :])
+            self.sum_x = acc(self.sum_x, x)
+            self.sum_xx = acc(self.sum_xx, x[:, :, None] * x[:, None, :])
+            self.sum_xy = acc(self.sum_xy, x[:, :, None] * y[:, None, :])
 
     def solve(self, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Coefficients (N, R, C) and valid mask (N,)."""

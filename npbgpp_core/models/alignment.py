@@ -50,24 +50,25 @@ def _pixel_map(src: Camera, dst: Camera) -> np.ndarray:
     return K_s @ rel @ np.linalg.inv(K_d)
 
 
+def _normalizer(size: tuple[int, int]) -> np.ndarray:
+    """Pixel coordinates -> grid_sample coordinates (align_corners=False: -1 is the outer
+    edge of pixel 0, pixel centres at integers)."""
+    h, w = size
+    return np.array([[2.0 / w, 0.0, 1.0 / w - 1.0], [0.0, 2.0 / h, 1.0 / h - 1.0], [0.0, 0.0, 1.0]])
+
+
 def warp_images(images: torch.Tensor, src: Camera, dst: Camera, mode: str = "bilinear") -> torch.Tensor:
     """Resample images (K, C, H_src, W_src) seen by ``src`` into ``dst``'s pixel grid.
     Pixels of ``dst`` outside ``src``'s image become 0."""
-    M = _pixel_map(src, dst)
+    theta = _normalizer(src.image_size) @ _pixel_map(src, dst) @ np.linalg.inv(_normalizer(dst.image_size))
+    dtype = images.dtype if images.is_floating_point() else torch.float32
+    if dtype in (torch.float16, torch.bfloat16):
+        dtype = torch.float32
+    theta_t = torch.as_tensor(theta[:2], dtype=dtype, device=images.device)
+    k, c = images.shape[:2]
     h, w = dst.image_size
-    hs, ws = src.image_size
-    dev = images.device
-    v, u = torch.meshgrid(
-        torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij"
-    )
-    Mt = torch.as_tensor(M)
-    us = Mt[0, 0] * u + Mt[0, 1] * v + Mt[0, 2]
-    vs = Mt[1, 0] * u + Mt[1, 1] * v + Mt[1, 2]
-    # grid_sample, align_corners=False: normalised -1 is the outer edge of pixel 0.
-    grid = torch.stack([(us + 0.5) / ws * 2 - 1, (vs + 0.5) / hs * 2 - 1], dim=-1)
-    grid = grid.to(device=dev, dtype=images.dtype if images.is_floating_point() else torch.float32)
-    grid = grid.unsqueeze(0).expand(images.shape[0], -1, -1, -1)
-    return F.grid_sample(images, grid, mode=mode, padding_mode="zeros", align_corners=False)
+    grid = F.affine_grid(theta_t.unsqueeze(0).expand(k, -1, -1), [k, c, h, w], align_corners=False)
+    return F.grid_sample(images.to(dtype), grid, mode=mode, padding_mode="zeros", align_corners=False)
 
 
 def align_views(images: torch.Tensor, cameras: list[Camera]) -> tuple[torch.Tensor, list[Camera]]:

@@ -1,5 +1,7 @@
 """Per-image feature extractor: a small from-scratch encoder (strides 2..32 with
-16/24/40/96/320 channels, inverted-residual blocks) and the SPEC decoder
+16/24/40/96/320 channels, inverted-residual blocks with GroupNorm, so each image's
+features depend on that image only, in training too: streaming aggregation gives the
+same result for any grouping of views) and the SPEC decoder
 (5 x [bilinear x2, concat skip, 3x3 conv without bias, LeakyReLU], widths
 256/128/64/32/16, raw RGB as the last skip, 1x1 head to ``out_channels``)."""
 
@@ -15,6 +17,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 ENCODER_CHANNELS = (16, 24, 40, 96, 320)
 DECODER_CHANNELS = (256, 128, 64, 32, 16)
+NORM_GROUPS = 8
 
 
 def _conv_bn_act(
@@ -22,7 +25,7 @@ def _conv_bn_act(
 ) -> nn.Sequential:
     layers: list[nn.Module] = [
         nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False),
-        nn.BatchNorm2d(cout),
+        nn.GroupNorm(NORM_GROUPS, cout),
     ]
     if act:
         layers.append(nn.ReLU(inplace=True))

@@ -11,10 +11,9 @@ import torch
 from torch import nn
 
 from ..camera import Camera
-from ..rasterizer import rasterize_features
 from .aggregator import BasisMLP, descriptors_from_coefficients
 from .config import NPBGConfig, NPBGPlusPlusConfig
-from .npbgpp import autocast_context, check_points, refine_dense
+from .npbgpp import autocast_context, check_points, rasterize_descriptors, refine_dense
 from .refiner import Refiner
 
 
@@ -102,9 +101,9 @@ class NPBG(nn.Module):
             raise ValueError(f"this NPBG model has {self.num_points} points, got {points.shape[0]}")
         camera = camera.to(dev)
         index = torch.nonzero(self.active).squeeze(1)
-        desc = self.point_descriptors(points, camera, index)
-        rasters = rasterize_features(
-            points[index], desc, camera, self.config.scales, background=self.background, near=self.config.near
+        rasters = rasterize_descriptors(
+            points[index], camera, self.config.scales, self.config.near,
+            lambda rows: self.point_descriptors(points, camera, index[rows]), background=self.background,
         )
         return self.refiner([r.unsqueeze(0) for r in rasters])[0]
 
@@ -115,7 +114,8 @@ class NPBG(nn.Module):
         """Inference render (3, H, W) clamped to [0, 1]."""
         with torch.inference_mode(), autocast_context(self.device, dtype):
             out = self.render_raw(points, camera)
-        return out[:3].float().clamp(0, 1)
+        # A normal tensor (clone outside inference mode): callers may edit it in place.
+        return out[:3].float().clamp(0, 1).clone()
 
     def refine_feature_map(
         self, feature_map: torch.Tensor, drop_prob: float = 0.5, detach: bool = True

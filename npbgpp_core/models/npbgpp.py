@@ -4,7 +4,7 @@ aggregation of point descriptors, multi-scale rasterization and the refiner."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..camera import Camera
-from ..rasterizer import rasterize, rasterize_features
+from ..rasterizer import gather_features, rasterize
 from .aggregator import AggregatedScene, BasisMLP, RunningSums, descriptors_from_coefficients
 from .alignment import align_camera, align_views, warp_images
 from .config import NPBGPlusPlusConfig
@@ -88,6 +88,7 @@ class SceneAggregation:
         basis_dim = cfg.basis_dim if cfg.aggregator == "sphere" else None
         self.sums = RunningSums(self.points.shape[0], cfg.feature_dim, basis_dim, self.device)
         self.views_added = 0
+        self.max_batch = 4  # views per extractor call (bounds memory for many large views)
 
     def add_views(self, images: torch.Tensor, cameras: Sequence[Camera] | Camera) -> None:
         """Accumulate the features of K input views (images (K, 3, H, W) in [0, 1])."""
@@ -95,18 +96,24 @@ class SceneAggregation:
         self.views_added += len(cameras)
         if self.points.shape[0] == 0 or not cameras:
             return
-        model, cfg = self.model, self.model.config
         images = images.to(self.device, torch.float32)
         cameras = [c.to(self.device) for c in cameras]
+        for start in range(0, len(cameras), self.max_batch):
+            self._add_batch(images[start : start + self.max_batch], cameras[start : start + self.max_batch])
+
+    def _add_batch(self, images: torch.Tensor, cameras: list[Camera]) -> None:
+        model, cfg = self.model, self.model.config
+        visible = [model.visible_points(self.points, cam) for cam in cameras]
+        keep = [k for k, index in enumerate(visible) if index.numel() > 0]
+        if not keep:
+            return
+        images, cameras, visible = images[keep], [cameras[k] for k in keep], [visible[k] for k in keep]
         if cfg.align_input_views:
             feat_images, feat_cams = align_views(images, cameras)
         else:
             feat_images, feat_cams = images, cameras
         features = model.extractor(feat_images)
-        for k, cam in enumerate(cameras):
-            index = model.visible_points(self.points, cam)
-            if index.numel() == 0:
-                continue
+        for k, (cam, index) in enumerate(zip(cameras, visible, strict=True)):
             pts = self.points[index]
             uv, _ = feat_cams[k].project(pts)
             y = sample_features(features[k], uv)
@@ -184,8 +191,10 @@ class NPBGPlusPlus(nn.Module):
         dev = self.device
         index = torch.nonzero(scene.valid.to(dev)).squeeze(1)
         points = scene.points.to(dev)[index]
-        desc = self.descriptors(scene, camera, index)
-        rasters = rasterize_features(points, desc, camera, self.config.scales, near=self.config.near)
+        rasters = rasterize_descriptors(
+            points, camera, self.config.scales, self.config.near,
+            lambda rows: self.descriptors(scene, camera, index[rows]),
+        )
         return self.refiner([r.unsqueeze(0) for r in rasters])[0]
 
     def render_raw(self, scene: AggregatedScene, camera: Camera) -> torch.Tensor:
@@ -205,7 +214,8 @@ class NPBGPlusPlus(nn.Module):
         GPU) enables autocast."""
         with torch.inference_mode(), autocast_context(self.device, dtype):
             out = self.render_raw(scene, camera)
-        return out[:3].float().clamp(0, 1)
+        # A normal tensor (clone outside inference mode): callers may edit it in place.
+        return out[:3].float().clamp(0, 1).clone()
 
     # -------------------------------------------------------- auxiliary loss
     def refine_feature_map(
@@ -217,6 +227,27 @@ class NPBGPlusPlus(nn.Module):
         pixel is dropped with probability ``drop_prob`` (features 0, mask 0). With
         ``detach`` gradients reach only the refiner (SPEC section 5 auxiliary loss)."""
         return refine_dense(self.refiner, feature_map, self.config.scales, drop_prob, detach, generator)
+
+
+def rasterize_descriptors(
+    points: torch.Tensor,
+    camera: Camera,
+    scales: Sequence[float],
+    near: float,
+    descriptor_fn: Callable[[torch.Tensor], torch.Tensor],
+    background: torch.Tensor | None = None,
+) -> list[torch.Tensor]:
+    """Like :func:`rasterize_features`, but descriptors are computed (``descriptor_fn(rows)``
+    -> (M, C)) only for the points that win at least one pixel: rendering cost does not
+    grow with hidden or off-screen points. Differentiable w.r.t. the descriptors."""
+    indices = rasterize(points, camera, scales, near)
+    flat = torch.cat([i.reshape(-1) for i in indices])
+    used = torch.unique(flat[flat >= 0])
+    desc = descriptor_fn(used)
+    remap = torch.full((points.shape[0] + 1,), -1, dtype=torch.long, device=points.device)
+    remap[used] = torch.arange(used.numel(), device=points.device)
+    # index -1 maps through the extra last slot to -1 (empty).
+    return [gather_features(remap[i], desc, background) for i in indices]
 
 
 def refine_dense(

@@ -1,0 +1,94 @@
+"""PLY I/O: binary/ASCII, float/double coordinates, uchar/float colours, a hand-written
+ASCII file, extra properties and broken files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from npbgpp_core.ply import load_ply, save_ply
+
+
+@pytest.mark.parametrize("binary", [True, False])
+@pytest.mark.parametrize("coord_dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("color_dtype", ["u1", "f4", None])
+def test_round_trip(tmp_path, binary, coord_dtype, color_dtype):
+    rng = np.random.default_rng(0)
+    pts = rng.normal(size=(57, 3)).astype(coord_dtype)
+    colors = rng.uniform(size=(57, 3)) if color_dtype else None
+    path = tmp_path / "cloud.ply"
+    kwargs = {"color_dtype": color_dtype} if color_dtype else {}
+    save_ply(path, pts, colors, binary=binary, **kwargs)
+    pc = load_ply(path)
+    assert pc.points.dtype == np.float32 and pc.points.shape == (57, 3)
+    np.testing.assert_array_equal(pc.points, pts.astype(np.float32))
+    if colors is None:
+        assert pc.colors is None
+    elif color_dtype == "u1":
+        np.testing.assert_array_equal(pc.colors, (np.round(colors * 255) / 255).astype(np.float32))
+    else:
+        np.testing.assert_allclose(pc.colors, colors, atol=1e-7)
+    header = path.read_bytes()[:300]
+    assert (b"format binary" in header) == binary
+    assert (b"property double x" in header) == (coord_dtype == np.float64)
+
+
+def test_extra_properties(tmp_path):
+    pts = np.arange(12, dtype=np.float32).reshape(4, 3)
+    save_ply(tmp_path / "e.ply", pts, extra={"confidence": np.array([0.5, 1, 2, 3])})
+    pc = load_ply(tmp_path / "e.ply")
+    np.testing.assert_array_equal(pc.extra["confidence"], [0.5, 1, 2, 3])
+    assert len(pc) == 4
+
+
+def test_hand_written_ascii(tmp_path):
+    text = """ply
+format ascii 1.0
+comment written by hand
+element vertex 3
+property float x
+property float y
+property float z
+property uchar red
+property uchar green
+property uchar blue
+property float nx
+element face 1
+property list uchar int vertex_indices
+end_header
+0 0 0 255 0 0 0.5
+1.5 -2 3.25 0 255 51 0.25
+-1 2 -3 0 0 0 1
+3 0 1 2
+"""
+    path = tmp_path / "hand.ply"
+    path.write_text(text)
+    pc = load_ply(path)
+    np.testing.assert_array_equal(pc.points, [[0, 0, 0], [1.5, -2, 3.25], [-1, 2, -3]])
+    np.testing.assert_allclose(pc.colors, [[1, 0, 0], [0, 1, 0.2], [0, 0, 0]], atol=1e-7)
+    np.testing.assert_array_equal(pc.extra["nx"], [0.5, 0.25, 1])
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.ply"):
+        load_ply(tmp_path / "missing.ply")
+    junk = tmp_path / "junk.ply"
+    junk.write_bytes(b"this is not a ply file\n")
+    with pytest.raises(ValueError, match="junk.ply"):
+        load_ply(junk)
+    good = tmp_path / "good.ply"
+    save_ply(good, np.random.default_rng(1).normal(size=(100, 3)), binary=True)
+    data = good.read_bytes()
+    truncated = tmp_path / "truncated.ply"
+    truncated.write_bytes(data[: len(data) - 200])
+    with pytest.raises(ValueError, match="truncated.ply"):
+        load_ply(truncated)
+    noxyz = tmp_path / "noxyz.ply"
+    noxyz.write_text("ply\nformat ascii 1.0\nelement vertex 1\nproperty float x\nproperty float y\nend_header\n1 2\n")
+    with pytest.raises(ValueError, match="lacks coordinate"):
+        load_ply(noxyz)
+    with pytest.raises(ValueError, match=r"\(N, 3\)"):
+        save_ply(tmp_path / "x.ply", np.zeros((3, 2)))
+    with pytest.raises(ValueError, match="colors"):
+        save_ply(tmp_path / "x.ply", np.zeros((3, 3)), colors=np.zeros((2, 3)))
+    assert not (tmp_path / "x.ply").exists()

@@ -1,0 +1,200 @@
+"""NeuralScene bundles: bit-exact round trips for every kind, renders identical after
+reload, atomic writes, and clear errors for corrupt, truncated, foreign and
+other-version files."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from npbgpp_core import scene as scene_module
+from npbgpp_core.camera import Camera
+from npbgpp_core.models import NPBG, NPBGPlusPlus
+from npbgpp_core.scene import FORMAT_VERSION, NeuralScene
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def small_scene(n: int = 800):
+    g = torch.Generator().manual_seed(0)
+    pts = torch.randn(n, 3, generator=g)
+    pts = pts / pts.norm(dim=1, keepdim=True)
+    colors = torch.rand(n, 3, generator=g)
+    cams = [Camera.look_at((3 * math.sin(a), 0.4, 3 * math.cos(a)), (0, 0, 0), fov_x_deg=45, image_size=(24, 24))
+            for a in (0.0, 0.6, 1.2)]
+    images = torch.rand(3, 3, 24, 24, generator=g)
+    return pts, colors, cams, images
+
+
+@pytest.fixture(scope="module")
+def npbgpp_bundle():
+    torch.manual_seed(0)
+    pts, colors, cams, images = small_scene()
+    model = NPBGPlusPlus().eval()
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with torch.no_grad():
+        aggregated = model.aggregate(pts, images, cams)
+    torch.set_num_threads(before)
+    bundle = NeuralScene.from_aggregated(model, aggregated, colors=colors, name="sphere", metadata={"source": "test"})
+    return model, aggregated, bundle, cams
+
+
+def assert_same_scene(a: NeuralScene, b: NeuralScene) -> None:
+    assert a.kind == b.kind
+    for name in ("points", "features", "valid"):
+        ta, tb = getattr(a, name), getattr(b, name)
+        assert ta.dtype == tb.dtype and torch.equal(ta, tb), name
+    assert (a.colors is None) == (b.colors is None)
+    if a.colors is not None:
+        assert torch.equal(a.colors, b.colors)
+    assert a.model_config == b.model_config
+    assert a.metadata == b.metadata
+    assert a.model_state.keys() == b.model_state.keys()
+    for k in a.model_state:
+        assert torch.equal(a.model_state[k], b.model_state[k]), k
+
+
+def test_npbgpp_round_trip_is_bit_exact(tmp_path, npbgpp_bundle):
+    model, aggregated, bundle, cams = npbgpp_bundle
+    path = tmp_path / "scene.npbgpp"
+    bundle.save(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["scene.npbgpp"]  # no temp files left
+    loaded = NeuralScene.load(path)
+    assert_same_scene(bundle, loaded)
+    assert loaded.metadata == {"source": "test", "name": "sphere"}
+    assert not any(k.startswith("extractor.") for k in loaded.model_state)  # rendering needs no extractor
+    target = Camera.look_at((1.0, 1.0, -2.5), (0, 0, 0), image_size=(20, 28))
+    image = loaded.renderer().render(target)
+    assert image.shape == (3, 20, 28)
+    assert torch.equal(image, model.render(aggregated, target))
+    raw = loaded.renderer().render_raw(target)
+    assert raw.shape == (3, 20, 28)
+    half = loaded.renderer(dtype=torch.bfloat16).render(target)
+    assert (half - image).abs().max() < 0.1
+
+
+@pytest.mark.parametrize("use_basis", [False, True])
+def test_npbg_round_trip(tmp_path, npbgpp_bundle, use_basis):
+    model, aggregated, _, cams = npbgpp_bundle
+    pts = aggregated.points
+    if use_basis:
+        npbg = NPBG.from_npbgpp_coefficients(
+            pts, aggregated.coefficients, model.basis.state_dict(), model.refiner.state_dict(), model.config,
+            valid=aggregated.valid,
+        )
+    else:
+        torch.manual_seed(1)
+        npbg = NPBG(len(pts))
+        with torch.no_grad():
+            npbg.descriptors.normal_()
+            npbg.background.fill_(0.3)
+    bundle = NeuralScene.from_npbg(npbg, pts, name="n")
+    assert bundle.kind == ("coefficients" if use_basis else "npbg")
+    bundle.save(tmp_path / "n.npbgpp")
+    loaded = NeuralScene.load(tmp_path / "n.npbgpp")
+    assert_same_scene(bundle, loaded)
+    assert torch.equal(loaded.renderer().render(cams[0]), npbg.render(pts, cams[0]))
+
+
+def test_render_points_nearest_colour():
+    cam = Camera.look_at((0, 0, -3), (0, 0, 0), fov_x_deg=40, image_size=(16, 16))
+    pts = torch.tensor([[0.0, 0.0, 0.5], [0.0, 0.0, 0.0], [0.0, 0.0, -4.0]])  # far, near, behind the camera
+    colors = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    feats = torch.zeros(3, 1, 8)
+    bundle = NeuralScene(pts, colors, "npbgpp", feats, model_state=NPBGPlusPlus().state_dict())
+    img = bundle.renderer().render_points(cam)
+    uv, _ = cam.project(pts[1:2])
+    j, i = (int(round(float(x))) for x in uv[0])
+    assert torch.equal(img[:, i, j], colors[1])
+    img[:, i, j] = 0
+    assert (img == 0).all()  # the far point is hidden, the point behind is not drawn
+    state = NPBGPlusPlus().state_dict()
+    empty = NeuralScene(torch.zeros(0, 3), None, "npbgpp", torch.zeros(0, 1, 8), model_state=state)
+    assert (empty.renderer().render_points(cam) == 0).all()
+    assert empty.renderer().render(cam).shape == (3, 16, 16)
+
+
+def test_corrupt_and_truncated_files(tmp_path, npbgpp_bundle):
+    _, _, bundle, _ = npbgpp_bundle
+    good = tmp_path / "good.npbgpp"
+    bundle.save(good)
+    data = good.read_bytes()
+    for cut in (0, 5, 100, len(data) // 2, len(data) - 1):
+        bad = tmp_path / f"cut{cut}.npbgpp"
+        bad.write_bytes(data[:cut])
+        with pytest.raises(ValueError, match=f"cut{cut}.npbgpp.*(corrupt|truncated)"):
+            NeuralScene.load(bad)
+    junk = tmp_path / "junk.npbgpp"
+    junk.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(ValueError, match="junk.npbgpp"):
+        NeuralScene.load(junk)
+    # A pickle (what torch.save writes) is rejected, never unpickled.
+    pickled = tmp_path / "pickle.npbgpp"
+    torch.save({"points": torch.zeros(2, 3)}, pickled)
+    with pytest.raises(ValueError, match="pickle.npbgpp"):
+        NeuralScene.load(pickled)
+    with pytest.raises(FileNotFoundError, match="missing.npbgpp"):
+        NeuralScene.load(tmp_path / "missing.npbgpp")
+
+
+def test_foreign_and_other_version_files(tmp_path, npbgpp_bundle):
+    _, _, bundle, _ = npbgpp_bundle
+    tensors = {"points": torch.zeros(2, 3), "features": torch.zeros(2, 7, 8), "valid": torch.ones(2, dtype=torch.bool)}
+    foreign = tmp_path / "foreign.safetensors"
+    save_file(tensors, str(foreign))
+    with pytest.raises(ValueError, match="foreign.safetensors.*not an NPBG"):
+        NeuralScene.load(foreign)
+    newer = tmp_path / "newer.npbgpp"
+    meta = {"format": "npbgpp-neural-scene", "format_version": "2", "kind": "npbgpp", "model_config": "{}",
+            "metadata": json.dumps({})}
+    save_file(tensors, str(newer), metadata=meta)
+    expected = rf"newer.npbgpp: mismatched bundle version.*version 2.*version {FORMAT_VERSION}"
+    with pytest.raises(ValueError, match=expected):
+        NeuralScene.load(newer)
+    inconsistent = tmp_path / "inconsistent.npbgpp"
+    wrong_valid = {**tensors, "valid": torch.ones(3, dtype=torch.bool)}
+    save_file(wrong_valid, str(inconsistent), metadata={**meta, "format_version": "1"})
+    with pytest.raises(ValueError, match="inconsistent.npbgpp.*valid"):
+        NeuralScene.load(inconsistent)
+
+
+def test_failed_save_keeps_the_old_file(tmp_path, npbgpp_bundle, monkeypatch):
+    _, _, bundle, _ = npbgpp_bundle
+    path = tmp_path / "keep.npbgpp"
+    path.write_bytes(b"old contents")
+
+    def failing_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(scene_module.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        bundle.save(path)
+    assert path.read_bytes() == b"old contents"
+    assert os.listdir(tmp_path) == ["keep.npbgpp"]
+
+
+def test_constructor_and_renderer_errors():
+    with pytest.raises(ValueError, match="kind"):
+        NeuralScene(torch.zeros(2, 3), kind="nerf", features=torch.zeros(2, 8))
+    with pytest.raises(ValueError, match=r"\(N, R, C\)"):
+        NeuralScene(torch.zeros(2, 3), kind="npbgpp", features=torch.zeros(2, 8))
+    with pytest.raises(ValueError, match="colors"):
+        NeuralScene(torch.zeros(2, 3), torch.zeros(3, 3), kind="npbg", features=torch.zeros(2, 8))
+    with pytest.raises(ValueError, match="no network weights"):
+        NeuralScene(torch.zeros(2, 3), kind="npbgpp", features=torch.zeros(2, 7, 8)).renderer()
+    with pytest.raises(ValueError, match="lacks NPBG"):
+        NeuralScene(torch.zeros(2, 3), kind="npbgpp", features=torch.zeros(2, 7, 8),
+                    model_state={"basis.net.0.weight": torch.zeros(16, 18)}).renderer()
