@@ -185,6 +185,10 @@ def test_dtu(tmp_path, p_shape):
         assert_projects(view.camera, K, R, t)
     np.testing.assert_array_equal(scene.load_mask(3)[0].numpy(), mask_pattern(3) / 255.0)
     np.testing.assert_allclose(scene.load_image(3).numpy().transpose(1, 2, 0), image_pattern(3) / 255.0, atol=1e-6)
+    averaged = load_scene(root, average_intrinsics=True)
+    K_mean = np.mean([K for K, _, _ in cams], axis=0)
+    for view in averaged.views:
+        np.testing.assert_allclose(view.camera.to_opencv()[0], K_mean, atol=1e-3)
     custom = load_scene(root, format="dtu", val_indices=[0], test_indices=[1, 2])
     assert (custom.val, custom.test, custom.train[:2]) == ([0], [1, 2], [3, 4])
 

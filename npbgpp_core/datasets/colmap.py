@@ -63,6 +63,11 @@ class _Reader:
         self.pos += size
         return out
 
+    def skip(self, size: int) -> None:
+        if self.pos + size > len(self.data):
+            raise DatasetError(f"{self.path}: file is truncated (at byte {self.pos}, need {size} more)")
+        self.pos += size
+
     def read_cstring(self) -> str:
         end = self.data.find(b"\0", self.pos)
         if end < 0:
@@ -101,7 +106,7 @@ def _read_images_bin(path: str) -> dict[int, tuple[np.ndarray, np.ndarray, int, 
         (cam_id,) = r.read("i")
         name = r.read_cstring()
         (n2d,) = r.read("Q")
-        r.read("ddq" * n2d) if n2d else None
+        r.skip(24 * n2d)  # (x, y, point3D_id) per 2D point: not needed
         images[image_id] = (q, t, cam_id, name)
     r.finish()
     return images
@@ -112,14 +117,18 @@ def _read_points_bin(path: str) -> tuple[np.ndarray, np.ndarray]:
     (n,) = r.read("Q")
     pts = np.empty((n, 3), np.float64)
     cols = np.empty((n, 3), np.float64)
+    record = struct.Struct("<QdddBBBdQ")  # id, xyz, rgb, error, track length
+    data, pos, size = r.data, r.pos, len(r.data)
     for i in range(n):
-        r.read("Q")
-        pts[i] = r.read("ddd")
-        cols[i] = r.read("BBB")
-        r.read("d")
-        (track,) = r.read("Q")
-        if track:
-            r.read("ii" * track)
+        if pos + record.size > size:
+            raise DatasetError(f"{path}: file is truncated (point {i} of {n})")
+        _, x, y, z, cr, cg, cb, _, track = record.unpack_from(data, pos)
+        pts[i] = (x, y, z)
+        cols[i] = (cr, cg, cb)
+        pos += record.size + 8 * track  # (image_id, point2D_idx) int32 pairs: not needed
+    if pos > size:
+        raise DatasetError(f"{path}: file is truncated (last point's track)")
+    r.pos = pos
     r.finish()
     return pts, cols / 255.0
 

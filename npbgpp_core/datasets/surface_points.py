@@ -1,0 +1,258 @@
+"""Sampling coloured points on the visible mesh surfaces of a bpy scene (for the point
+cloud written next to Blender renders). bpy is imported inside functions only.
+
+Points: evaluated meshes (modifiers applied, instances expanded), world space,
+area-weighted uniform sampling over all triangles (seeded). Colours are the surface
+albedo as sRGB in [0, 1]: the material's base colour input (Principled BSDF "Base
+Color", Diffuse/Emission "Color"): an Image Texture node is looked up by UV (bilinear,
+repeat/clip), a Color Attribute / Attribute node reads the mesh's colour attribute,
+otherwise the constant colour; meshes without a material use their active colour
+attribute or mid grey. Lighting and shading are not included.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+GEOMETRY_TYPES = {"MESH", "CURVE", "SURFACE", "META", "FONT"}
+
+
+def linear_to_srgb(c: np.ndarray) -> np.ndarray:
+    c = np.clip(np.asarray(c, dtype=np.float64), 0.0, 1.0)
+    return np.where(c <= 0.0031308, c * 12.92, 1.055 * np.power(c, 1 / 2.4) - 0.055)
+
+
+def _base_color_source(mat) -> tuple:
+    """('const', srgb) | ('image', image, uv_name, extension) | ('attr', name)."""
+    if mat is None:
+        return ("none",)
+    fallback = ("const", linear_to_srgb(np.asarray(mat.diffuse_color[:3])))
+    if mat.node_tree is None:
+        return fallback
+    out = mat.node_tree.get_output_node("CYCLES")
+    if out is None or not out.inputs["Surface"].is_linked:
+        return fallback
+    shader = out.inputs["Surface"].links[0].from_node
+    inp = None
+    for key in ("Base Color", "Color"):
+        if key in shader.inputs:
+            inp = shader.inputs[key]
+            break
+    if inp is None:
+        return fallback
+    if not inp.is_linked:
+        return ("const", linear_to_srgb(np.asarray(inp.default_value[:3])))
+    node = inp.links[0].from_node
+    if node.type == "TEX_IMAGE" and node.image is not None:
+        uv_name = None
+        vec = node.inputs["Vector"]
+        if vec.is_linked and vec.links[0].from_node.type == "UVMAP":
+            uv_name = vec.links[0].from_node.uv_map or None
+        return ("image", node.image, uv_name, node.extension)
+    if node.type == "VERTEX_COLOR":
+        return ("attr", node.layer_name or None)
+    if node.type == "ATTRIBUTE":
+        return ("attr", node.attribute_name or None)
+    return fallback
+
+
+def _image_pixels(image, cache: dict) -> np.ndarray:
+    """(h, w, 3) sRGB float array of a bpy image, bottom row first."""
+    key = image.name
+    if key not in cache:
+        w, h = image.size
+        if w == 0 or h == 0:
+            cache[key] = np.full((1, 1, 3), 0.8)
+        else:
+            buf = np.empty(w * h * image.channels, np.float32)
+            image.pixels.foreach_get(buf)
+            px = buf.reshape(h, w, image.channels)[:, :, :3].astype(np.float64)
+            if image.is_float or image.colorspace_settings.name not in ("sRGB", "Non-Color"):
+                px = linear_to_srgb(px)
+            cache[key] = px
+    return cache[key]
+
+
+def _sample_image(px: np.ndarray, uv: np.ndarray, extension: str) -> np.ndarray:
+    h, w = px.shape[:2]
+    x = uv[:, 0] * w - 0.5
+    y = uv[:, 1] * h - 0.5
+    x0, y0 = np.floor(x).astype(np.int64), np.floor(y).astype(np.int64)
+    fx, fy = (x - x0)[:, None], (y - y0)[:, None]
+
+    def at(i, j):
+        if extension == "REPEAT":
+            return px[j % h, i % w]
+        return px[np.clip(j, 0, h - 1), np.clip(i, 0, w - 1)]
+
+    return (at(x0, y0) * (1 - fx) * (1 - fy) + at(x0 + 1, y0) * fx * (1 - fy)
+            + at(x0, y0 + 1) * (1 - fx) * fy + at(x0 + 1, y0 + 1) * fx * fy)
+
+
+def _color_attribute(mesh, name: str | None):
+    attrs = mesh.color_attributes
+    if name:
+        return attrs.get(name)
+    idx = attrs.active_color_index
+    if 0 <= idx < len(attrs):
+        return attrs[idx]
+    return attrs[0] if len(attrs) else None
+
+
+class _MeshTris:
+    """World-space triangles of one evaluated mesh plus what colouring needs."""
+
+    def __init__(self, obj_eval, matrix) -> None:
+        mesh = obj_eval.to_mesh()
+        try:
+            mesh.calc_loop_triangles()
+            nv, nt = len(mesh.vertices), len(mesh.loop_triangles)
+            co = np.empty(nv * 3, np.float32)
+            mesh.vertices.foreach_get("co", co)
+            co = co.reshape(nv, 3).astype(np.float64)
+            M = np.array(matrix, dtype=np.float64)
+            self.world = co @ M[:3, :3].T + M[:3, 3]
+            tv = np.empty(nt * 3, np.int64)
+            mesh.loop_triangles.foreach_get("vertices", tv)
+            self.tri_verts = tv.reshape(nt, 3)
+            tl = np.empty(nt * 3, np.int64)
+            mesh.loop_triangles.foreach_get("loops", tl)
+            self.tri_loops = tl.reshape(nt, 3)
+            mi = np.empty(nt, np.int64)
+            mesh.loop_triangles.foreach_get("material_index", mi)
+            self.material_index = mi
+            self.uv_layers = {}
+            for layer in mesh.uv_layers:
+                uv = np.empty(len(mesh.loops) * 2, np.float32)
+                layer.data.foreach_get("uv", uv)
+                self.uv_layers[layer.name] = uv.reshape(-1, 2).astype(np.float64)
+            self.active_uv = next((ly.name for ly in mesh.uv_layers if ly.active_render), None)
+            self.color_attrs = {}
+            for attr in mesh.color_attributes:
+                n = len(attr.data)
+                c = np.empty(n * 4, np.float32)
+                attr.data.foreach_get("color", c)
+                self.color_attrs[attr.name] = (attr.domain, linear_to_srgb(c.reshape(n, 4)[:, :3]))
+            active = _color_attribute(mesh, None)
+            self.active_color = active.name if active is not None else None
+            self._canonical_order()
+            slots = obj_eval.material_slots
+            self.sources = [_base_color_source(s.material) for s in slots] or [("none",)]
+        finally:
+            obj_eval.to_mesh_clear()
+
+    def _canonical_order(self) -> None:
+        """Order triangles (and each triangle's corners, winding kept) by position, so
+        that seeded sampling does not depend on the mesh's internal element order, which
+        Blender does not keep stable between builds of the same geometry."""
+        if len(self.tri_verts) == 0:
+            return
+        key = np.round(self.world, 6)
+        vkey = np.lexsort((key[:, 2], key[:, 1], key[:, 0]))
+        rank = np.empty(len(vkey), np.int64)
+        rank[vkey] = np.arange(len(vkey))
+        first = np.argmin(rank[self.tri_verts], axis=1)
+        roll = (np.arange(3)[None, :] + first[:, None]) % 3
+        rows = np.arange(len(self.tri_verts))[:, None]
+        self.tri_verts = self.tri_verts[rows, roll]
+        self.tri_loops = self.tri_loops[rows, roll]
+        c = key[self.tri_verts].reshape(len(self.tri_verts), 9)
+        order = np.lexsort(tuple(c[:, k] for k in range(8, -1, -1)))
+        self.tri_verts = self.tri_verts[order]
+        self.tri_loops = self.tri_loops[order]
+        self.material_index = self.material_index[order]
+
+    def corners(self) -> np.ndarray:
+        return self.world[self.tri_verts]  # (T, 3, 3)
+
+    def colors(self, tri: np.ndarray, bary: np.ndarray, cache: dict) -> np.ndarray:
+        out = np.full((len(tri), 3), 0.8)
+        mats = np.clip(self.material_index[tri], 0, len(self.sources) - 1)
+        for m, src in enumerate(self.sources):
+            sel = np.nonzero(mats == m)[0]
+            if len(sel) == 0:
+                continue
+            t, b = tri[sel], bary[sel]
+            if src[0] == "none":
+                src = ("attr", self.active_color) if self.active_color else ("const", np.full(3, 0.8))
+            if src[0] == "const":
+                out[sel] = src[1]
+            elif src[0] == "image":
+                uv_name = src[2] if src[2] in self.uv_layers else self.active_uv
+                if uv_name is None:
+                    continue
+                uv = np.einsum("nk,nkc->nc", b, self.uv_layers[uv_name][self.tri_loops[t]])
+                out[sel] = _sample_image(_image_pixels(src[1], cache), uv, src[3])
+            elif src[0] == "attr":
+                name = src[1] or self.active_color
+                if name not in self.color_attrs:
+                    continue
+                domain, values = self.color_attrs[name]
+                idx = self.tri_loops[t] if domain == "CORNER" else self.tri_verts[t]
+                out[sel] = np.einsum("nk,nkc->nc", b, values[idx])
+        return np.clip(out, 0.0, 1.0)
+
+
+def evaluated_depsgraph(bpy_scene):
+    """The evaluated dependency graph of ``bpy_scene``'s first view layer (works for a
+    scene that is not the window's current one)."""
+    import bpy
+
+    with bpy.context.temp_override(scene=bpy_scene, view_layer=bpy_scene.view_layers[0]):
+        return bpy.context.evaluated_depsgraph_get()
+
+
+def scene_triangles(bpy_scene) -> list[_MeshTris]:
+    """Evaluated world-space triangles of every render-visible geometry object
+    (instances included) of ``bpy_scene``'s first view layer."""
+    depsgraph = evaluated_depsgraph(bpy_scene)
+    out = []
+    for inst in depsgraph.object_instances:
+        obj = inst.object
+        if obj.type not in GEOMETRY_TYPES or obj.original.hide_render:
+            continue
+        tris = _MeshTris(obj, inst.matrix_world.copy())
+        if len(tris.tri_verts):
+            out.append(tris)
+    return out
+
+
+def sample_surface_points(bpy_scene, count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` points (float32 (N, 3)) uniformly on the render-visible surfaces and
+    their sRGB albedo colours (float32 (N, 3) in [0, 1])."""
+    meshes = scene_triangles(bpy_scene)
+    if not meshes:
+        raise ValueError(f"scene {bpy_scene.name!r} has no visible mesh surfaces to sample points on")
+    corners = [m.corners() for m in meshes]
+    areas = np.concatenate([0.5 * np.linalg.norm(np.cross(c[:, 1] - c[:, 0], c[:, 2] - c[:, 0]), axis=1)
+                            for c in corners])
+    total = areas.sum()
+    if not total > 0:
+        raise ValueError(f"scene {bpy_scene.name!r}: visible meshes have zero surface area")
+    rng = np.random.default_rng(seed)
+    picked = rng.choice(len(areas), size=count, p=areas / total)
+    r1, r2 = rng.random(count), rng.random(count)
+    s1 = np.sqrt(r1)
+    bary = np.stack([1 - s1, s1 * (1 - r2), s1 * r2], axis=1)
+    offsets = np.cumsum([0] + [len(c) for c in corners])
+    points = np.empty((count, 3))
+    colors = np.empty((count, 3))
+    cache: dict = {}
+    for k, (m, c) in enumerate(zip(meshes, corners, strict=True)):
+        sel = np.nonzero((picked >= offsets[k]) & (picked < offsets[k + 1]))[0]
+        if len(sel) == 0:
+            continue
+        tri = picked[sel] - offsets[k]
+        points[sel] = np.einsum("nk,nkc->nc", bary[sel], c[tri])
+        colors[sel] = m.colors(tri, bary[sel], cache)
+    return points.astype(np.float32), colors.astype(np.float32)
+
+
+def scene_bounds(bpy_scene) -> tuple[np.ndarray, float]:
+    """Centre and radius of a sphere around all visible mesh vertices."""
+    meshes = scene_triangles(bpy_scene)
+    if not meshes:
+        raise ValueError(f"scene {bpy_scene.name!r} has no visible mesh surfaces")
+    verts = np.concatenate([m.world for m in meshes])
+    center = 0.5 * (verts.min(axis=0) + verts.max(axis=0))
+    return center, float(np.linalg.norm(verts - center, axis=1).max())

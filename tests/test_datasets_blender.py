@@ -1,0 +1,298 @@
+"""Blender-rendered scenes: the written cameras agree with Blender's own projection
+(world_to_camera_view), the point cloud lies on the mesh surfaces (BVHTree), and point
+colours come from the materials. One small render per test session (module fixture)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+bpy = pytest.importorskip("bpy")
+
+from bpy_extras.object_utils import world_to_camera_view  # noqa: E402
+from mathutils import Matrix, Vector  # noqa: E402
+from mathutils.bvhtree import BVHTree  # noqa: E402
+
+from npbgpp_core.datasets import load_scene  # noqa: E402
+from npbgpp_core.datasets.procedural import remove_scene, srgb_to_linear  # noqa: E402
+from npbgpp_core.datasets.render_blender import (  # noqa: E402
+    blender_camera_intrinsics,
+    render_procedural_scene,
+    render_views_of_current_scene,
+)
+
+pytestmark = pytest.mark.blender
+H, W = 48, 64
+
+
+def _world_meshes(scene) -> list[tuple[np.ndarray, list[tuple[int, ...]]]]:
+    """World-space vertices and polygons of the scene's evaluated meshes (done here with
+    plain bpy/mathutils calls, independent of the module under test)."""
+    with bpy.context.temp_override(scene=scene, view_layer=scene.view_layers[0]):
+        dg = bpy.context.evaluated_depsgraph_get()
+    out = []
+    for obj in scene.objects:
+        if obj.type != "MESH":
+            continue
+        ev = obj.evaluated_get(dg)
+        mesh = ev.to_mesh()
+        verts = np.array([tuple(ev.matrix_world @ v.co) for v in mesh.vertices])
+        polys = [tuple(p.vertices) for p in mesh.polygons]
+        ev.to_mesh_clear()
+        out.append((verts, polys))
+    return out
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("blender") / "thin_table")
+    summary = render_procedural_scene(
+        "thin_table", out, views=4, size=(H, W), seed=3, keep_scene=True, keep_camera=True, samples=8,
+        points=3000, val_views=1, test_views=1,
+    )
+    scene = bpy.data.scenes[summary.extra["scene"]]
+    yield summary, scene
+    cam = bpy.data.objects.get(summary.camera_object)
+    if cam is not None:
+        bpy.data.objects.remove(cam)
+    remove_scene(scene)
+
+
+def test_layout_and_splits(rendered):
+    summary, _ = rendered
+    data = load_scene(summary.out_dir)
+    assert data.format == "nerf_synthetic"
+    assert (len(data.train), len(data.val), len(data.test)) == (2, 1, 1)
+    assert data.points.shape == (3000, 3) and data.colors is not None
+    for i in range(len(data.views)):
+        assert data.views[i].camera.image_size == (H, W)
+        alpha = data.load_mask(i)
+        assert 0.02 < float(alpha.mean()) < 0.98  # the object is in view and does not fill it
+
+
+def test_cameras_match_world_to_camera_view(rendered):
+    summary, scene = rendered
+    data = load_scene(summary.out_dir)
+    cam_obj = bpy.data.objects[summary.camera_object]
+    scene.render.resolution_x, scene.render.resolution_y, scene.render.resolution_percentage = W, H, 100
+    verts = np.concatenate([v for v, _ in _world_meshes(scene)])
+    frames = []
+    for split in ("train", "val", "test"):
+        with open(os.path.join(summary.out_dir, f"transforms_{split}.json")) as f:
+            frames += json.load(f)["frames"]
+    assert len(frames) == len(data.views) == 4
+    for view, frame in zip(data.views, frames, strict=True):
+        cam_obj.matrix_world = Matrix(frame["transform_matrix"])
+        ref = np.array([tuple(world_to_camera_view(scene, cam_obj, Vector(p))) for p in verts])
+        expected = np.stack([ref[:, 0] * W - 0.5, (1.0 - ref[:, 1]) * H - 0.5], axis=1)
+        uv, depth = view.camera.project(torch.as_tensor(verts, dtype=torch.float64))
+        np.testing.assert_allclose(uv.double().numpy(), expected, atol=1e-3, rtol=0)
+        np.testing.assert_allclose(depth.double().numpy(), ref[:, 2], rtol=1e-5)
+
+
+def test_points_lie_on_surfaces_and_inside_silhouettes(rendered):
+    summary, scene = rendered
+    data = load_scene(summary.out_dir)
+    trees = [BVHTree.FromPolygons([tuple(v) for v in verts], polys) for verts, polys in _world_meshes(scene)]
+    dist = np.array([min(t.find_nearest(Vector(p))[3] for t in trees) for p in data.points.astype(np.float64)])
+    assert dist.max() < 1e-4  # scene radius ~1; quads may triangulate differently
+    # every point projects onto (or next to) the rendered object
+    for i in range(len(data.views)):
+        uv, _ = data.views[i].camera.project(torch.as_tensor(data.points))
+        cols, rows = np.round(uv.numpy()).astype(int).T
+        inside = (cols >= 0) & (cols < W) & (rows >= 0) & (rows < H)
+        alpha = np.pad(data.load_mask(i)[0].numpy(), 1)
+        # thin parts (legs ~0.3 px wide here) may miss their own pixel: allow a 1-pixel neighbourhood
+        near = np.max([alpha[1 + dr : 1 + dr + H, 1 + dc : 1 + dc + W] for dr in (-1, 0, 1) for dc in (-1, 0, 1)], 0)
+        assert inside.mean() > 0.99
+        assert (near[rows[inside], cols[inside]] > 0).mean() > 0.995
+
+
+def test_point_colors_from_texture_vertex_colors_and_constant(tmp_path):
+    import bmesh
+
+    scene = bpy.data.scenes.new("color_check")
+    # plane z=0 over [-1,1]^2, UV = ((x+1)/2, (y+1)/2), image texture colour = (u, v, 0.5) in sRGB
+    n = 256
+    img = bpy.data.images.new("grad", n, n, alpha=False)
+    yy, xx = np.mgrid[0:n, 0:n]
+    rgba = np.stack([(xx + 0.5) / n, (yy + 0.5) / n, np.full((n, n), 0.5), np.ones((n, n))], axis=2)
+    img.pixels.foreach_set(rgba.astype(np.float32).ravel())  # bottom row first: row index = v
+    tex_mat = bpy.data.materials.new("tex")
+    if tex_mat.node_tree is None:  # Blender < 5 creates node trees on request
+        tex_mat.use_nodes = True
+    tex = tex_mat.node_tree.nodes.new("ShaderNodeTexImage")
+    tex.image = img
+    tex.extension = "EXTEND"
+    bsdf = tex_mat.node_tree.nodes["Principled BSDF"]
+    tex_mat.node_tree.links.new(tex.outputs["Color"], bsdf.inputs["Base Color"])
+    bm = bmesh.new()
+    uv_layer = bm.loops.layers.uv.new("UVMap")
+    vs = [bm.verts.new(c) for c in ((-1, -1, 0), (1, -1, 0), (1, 1, 0), (-1, 1, 0))]
+    face = bm.faces.new(vs)
+    for loop in face.loops:
+        loop[uv_layer].uv = ((loop.vert.co.x + 1) / 2, (loop.vert.co.y + 1) / 2)
+    plane = bpy.data.meshes.new("plane")
+    bm.to_mesh(plane)
+    bm.free()
+    plane.materials.append(tex_mat)
+    scene.collection.objects.link(bpy.data.objects.new("plane", plane))
+    # a second plane at z=1 with vertex colours linear in position (given as sRGB)
+    vc = bpy.data.meshes.new("vc")
+    vc.from_pydata([(-1, -1, 1), (1, -1, 1), (1, 1, 1), (-1, 1, 1)], [], [(0, 1, 2, 3)])
+    attr = vc.color_attributes.new("Col", "FLOAT_COLOR", "POINT")
+    srgb = np.array([[0.1, 0.2, 0.9], [0.9, 0.2, 0.1], [0.5, 0.8, 0.3], [0.3, 0.6, 0.7]])
+    linear_rgba = np.concatenate([srgb_to_linear(srgb), np.ones((4, 1))], 1).astype(np.float32)
+    attr.data.foreach_set("color", linear_rgba.ravel())
+    vc_mat = bpy.data.materials.new("vcmat")
+    if vc_mat.node_tree is None:  # Blender < 5 creates node trees on request
+        vc_mat.use_nodes = True
+    node = vc_mat.node_tree.nodes.new("ShaderNodeVertexColor")
+    node.layer_name = "Col"
+    vc_mat.node_tree.links.new(node.outputs["Color"], vc_mat.node_tree.nodes["Principled BSDF"].inputs["Base Color"])
+    vc.materials.append(vc_mat)
+    scene.collection.objects.link(bpy.data.objects.new("vc", vc))
+    # a third plane at z=2 with a constant base colour
+    const = bpy.data.meshes.new("const")
+    const.from_pydata([(-1, -1, 2), (1, -1, 2), (1, 1, 2), (-1, 1, 2)], [], [(0, 1, 2, 3)])
+    c_mat = bpy.data.materials.new("cmat")
+    if c_mat.node_tree is None:  # Blender < 5 creates node trees on request
+        c_mat.use_nodes = True
+    c_mat.node_tree.nodes["Principled BSDF"].inputs["Base Color"].default_value = (0.2, 0.05, 0.6, 1.0)
+    const.materials.append(c_mat)
+    scene.collection.objects.link(bpy.data.objects.new("const", const))
+
+    summary = render_views_of_current_scene(scene, str(tmp_path / "out"), views=2, size=(8, 8), samples=1,
+                                            points=3000, val_views=0, test_views=0, seed=1)
+    data = load_scene(summary.out_dir)
+    p, c = data.points.astype(np.float64), data.colors.astype(np.float64)
+    on = {z: np.abs(p[:, 2] - z) < 1e-6 for z in (0, 1, 2)}
+    assert all(m.sum() > 500 for m in on.values())
+    tol = 0.5 / 255 + 1e-3  # colours are stored as 8-bit
+    u, v = (p[on[0], 0] + 1) / 2, (p[on[0], 1] + 1) / 2
+    np.testing.assert_allclose(c[on[0]], np.stack([u, v, np.full_like(u, 0.5)], 1), atol=tol + 1.0 / n)
+    # bilinear interpolation of the four corner colours (a planar quad split into triangles:
+    # the colour is barycentric per triangle, exact for colours affine in position only,
+    # so compare per triangle using the triangle's three corners)
+    x, y = p[on[1], 0], p[on[1], 1]
+    corners = np.array([(-1, -1), (1, -1), (1, 1), (-1, 1)], float)
+    got = c[on[1]]
+    ok = 0
+    for tri in ((0, 1, 2), (0, 2, 3), (0, 1, 3), (1, 2, 3)):
+        A = np.column_stack([corners[list(tri)], np.ones(3)])
+        bary = np.linalg.solve(A.T, np.stack([x, y, np.ones_like(x)]))
+        inside = (bary > -1e-9).all(axis=0)
+        pred = bary.T @ srgb[list(tri)]
+        ok = np.maximum(ok, (inside & (np.abs(pred - got).max(axis=1) < tol)).astype(int))
+    assert ok.mean() > 0.999
+    expected_const = np.where(np.array([0.2, 0.05, 0.6]) <= 0.0031308, np.array([0.2, 0.05, 0.6]) * 12.92,
+                              1.055 * np.array([0.2, 0.05, 0.6]) ** (1 / 2.4) - 0.055)
+    np.testing.assert_allclose(c[on[2]], np.broadcast_to(expected_const, c[on[2]].shape), atol=tol)
+    remove_scene(scene)
+
+
+@pytest.mark.parametrize(
+    "fit, res, shift, aspect",
+    [("AUTO", (64, 48), (0, 0), (1, 1)), ("AUTO", (40, 70), (0.1, -0.05), (1, 1)),
+     ("VERTICAL", (64, 48), (-0.2, 0.1), (1, 1)), ("HORIZONTAL", (50, 80), (0.05, 0.2), (1, 1)),
+     ("AUTO", (60, 40), (0.1, 0.1), (2, 1))],
+)
+def test_intrinsics_match_blender(fit, res, shift, aspect):
+    scene = bpy.data.scenes.new("intr")
+    cam_data = bpy.data.cameras.new("c")
+    cam_data.sensor_fit, cam_data.lens, cam_data.sensor_height = fit, 30.0, 20.0
+    cam_data.shift_x, cam_data.shift_y = shift
+    cam = bpy.data.objects.new("c", cam_data)
+    cam.matrix_world = Matrix.Translation((0.2, -0.1, 4.0))
+    scene.collection.objects.link(cam)
+    r = scene.render
+    r.resolution_x, r.resolution_y, r.resolution_percentage = *res, 100
+    r.pixel_aspect_x, r.pixel_aspect_y = aspect
+    fx, fy, cx, cy = blender_camera_intrinsics(cam_data, *res, *aspect)
+    pts = np.random.default_rng(0).uniform(-1, 1, (20, 3))
+    for p in pts:
+        x, y, z = world_to_camera_view(scene, cam, Vector(p))
+        rel = np.array(p) - np.array([0.2, -0.1, 4.0])  # camera looks down -Z, up +Y
+        u = fx * rel[0] / -rel[2] + cx
+        v = fy * -rel[1] / -rel[2] + cy
+        assert math.isclose(u, x * res[0] - 0.5, abs_tol=1e-3)
+        assert math.isclose(v, (1 - y) * res[1] - 0.5, abs_tol=1e-3)
+    bpy.data.objects.remove(cam)
+    bpy.data.cameras.remove(cam_data)
+    bpy.data.scenes.remove(scene)
+
+
+def test_every_procedural_scene_builds_and_random_is_seeded():
+    from npbgpp_core.datasets import PROCEDURAL_SCENES
+    from npbgpp_core.datasets.procedural import build_procedural_scene
+    from npbgpp_core.datasets.surface_points import sample_surface_points
+
+    assert len(PROCEDURAL_SCENES) >= 6
+    for name in PROCEDURAL_SCENES:
+        scene = build_procedural_scene(name)
+        assert sum(o.type == "MESH" for o in scene.objects) >= 2, name
+        remove_scene(scene)
+    clouds = []
+    for _ in range(2):
+        scene = build_procedural_scene("random_17")
+        clouds.append(sample_surface_points(scene, 500, seed=2))
+        remove_scene(scene)
+    np.testing.assert_array_equal(clouds[0][0], clouds[1][0])
+    np.testing.assert_array_equal(clouds[0][1], clouds[1][1])
+    other = build_procedural_scene("random_18")
+    assert not np.array_equal(sample_surface_points(other, 500, seed=2)[0], clouds[0][0])
+    remove_scene(other)
+    with pytest.raises(ValueError, match="unknown procedural scene"):
+        build_procedural_scene("nope")
+
+
+def test_command_line_blend_file(tmp_path):
+    """--blend renders the saved file's scene through main(); run in a fresh process."""
+    import subprocess
+    import sys
+
+    blend = tmp_path / "scene.blend"
+    make = (
+        "import bpy; from npbgpp_core.datasets.procedural import build_procedural_scene; "
+        "s = build_procedural_scene('ring_and_cone'); bpy.context.window.scene = s; "
+        f"bpy.ops.wm.save_as_mainfile(filepath={str(blend)!r})"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root}
+    subprocess.run([sys.executable, "-c", make], check=True, env=env, capture_output=True, timeout=120)
+    out = tmp_path / "out"
+    res = subprocess.run(
+        [sys.executable, "-m", "npbgpp_core.datasets.render_blender", "--blend", str(blend), "--views", "3",
+         "--size", "24x16", "--samples", "1", "--points", "200", "--out", str(out), "--test", "1", "--val", "0",
+         "--hemisphere"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    data = load_scene(str(out))
+    assert data.views[0].camera.image_size == (16, 24)
+    assert (len(data.train), len(data.test), data.points.shape) == (2, 1, (200, 3))
+    assert all(float(v.camera.center()[2]) > data.points[:, 2].mean() for v in data.views)  # upper hemisphere
+    again = subprocess.run(
+        [sys.executable, "-m", "npbgpp_core.datasets.render_blender", "--blend", str(blend), "--views", "3",
+         "--size", "24x16", "--out", str(out)], env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert again.returncode != 0 and "not empty" in again.stderr
+
+
+def test_render_restores_scene_settings(tmp_path):
+    from npbgpp_core.datasets.procedural import build_procedural_scene
+
+    scene = build_procedural_scene("checker_cube")
+    before = (scene.render.engine, scene.render.resolution_x, scene.view_settings.view_transform, scene.camera)
+    n_objects = len(bpy.data.objects)
+    render_views_of_current_scene(scene, str(tmp_path / "o"), views=2, size=(8, 8), samples=1, points=10,
+                                  val_views=0, test_views=0)
+    after = (scene.render.engine, scene.render.resolution_x, scene.view_settings.view_transform, scene.camera)
+    assert before == after and len(bpy.data.objects) == n_objects
+    assert not [p for p in os.listdir(tmp_path) if "partial" in p]
+    remove_scene(scene)
