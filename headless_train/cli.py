@@ -105,12 +105,18 @@ def run(cfg: DictConfig, run_dir: str) -> dict | None:
         out_dir = scfg.get("descriptors_save_dir") if name == "npbgpp" else None
         return evaluate(system, container, run_dir, write_descriptors=out_dir)
 
+    tcfg = container["trainer"]
+    per_epoch = datamodule.per_epoch
+    if per_epoch and per_epoch < len(datamodule.scenes) and int(tcfg["reload_dataloaders_every_n_epochs"]) == 0:
+        log.info("rotating %d of %d scenes per epoch: dataloaders are rebuilt every epoch", per_epoch,
+                 len(datamodule.scenes))
+        tcfg["reload_dataloaders_every_n_epochs"] = 1
     trainer = pl.Trainer(
         default_root_dir=run_dir,
         logger=TensorBoardLogger(save_dir=run_dir, name="", version="tensorboard"),
         callbacks=[EpochAndLastCheckpoint(ckpt_dir, int(cfg.trainer.last_checkpoint_every_n_steps or 0))],
         plugins=[AtomicCheckpointIO()],
-        **trainer_kwargs(container["trainer"], name),
+        **trainer_kwargs(tcfg, name),
     )
     trainer.fit(system, datamodule=datamodule, ckpt_path=resume_path)
     if trainer.is_global_zero and name in ("npbg", "coefficients_ft") and scfg.get("descriptors_save_dir"):
@@ -131,7 +137,7 @@ def hydra_main(cfg: DictConfig) -> None:
     from .data import DataConfigError
 
     run_dir = HydraConfig.get().runtime.output_dir
-    expected = (UsageError, CheckpointError, DataConfigError, FileNotFoundError, ValueError, TypeError)
+    expected = (UsageError, CheckpointError, DataConfigError, OSError, ValueError, TypeError)
     try:
         from npbgpp_core.datasets import DatasetError
 

@@ -147,6 +147,44 @@ def load_input_views(scene, indices: list[int], max_side: int | None) -> tuple[l
     return images, cams
 
 
+def _in_image(uv: torch.Tensor, depth: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    return (depth > 0) & (uv[:, 0] >= -0.5) & (uv[:, 0] < w - 0.5) & (uv[:, 1] >= -0.5) & (uv[:, 1] < h - 0.5)
+
+
+def crop_input_views(
+    scene, indices: list[int], target_camera, points: torch.Tensor, max_side: int | None = None
+) -> tuple[list[torch.Tensor], list]:
+    """Input views around what the target crop shows (SPEC 5): each view is resized by the
+    target's zoom (ratio of focal lengths) and cropped to twice the target crop, centred on
+    the projections of the points inside the target crop (the image centre when none)."""
+    th, tw = target_camera.image_size
+    uv_t, d_t = target_camera.project(points)
+    seen = points[_in_image(uv_t, d_t, th, tw)]
+    target_f = target_camera.intrinsics().fx
+    images, cams = [], []
+    for i in indices:
+        native = scene.views[i].camera
+        zoom = target_f / native.intrinsics().fx
+        nh, nw = native.image_size
+        h, w = max(2, round(nh * zoom)), max(2, round(nw * zoom))
+        if max_side is not None and max(h, w) > max_side:
+            h, w = _fit_size((h, w), max_side)
+        cam = native.scaled((h, w))
+        ch, cw = min(h, 2 * th), min(w, 2 * tw)
+        cy, cx = h / 2.0, w / 2.0
+        if seen.shape[0] > 0:
+            uv, d = cam.project(seen)
+            inside = _in_image(uv, d, h, w)
+            if bool(inside.any()):
+                cx, cy = (float(c) for c in uv[inside].median(0).values)
+        top = int(min(max(round(cy - ch / 2), 0), h - ch))
+        left = int(min(max(round(cx - cw / 2), 0), w - cw))
+        image = scene.load_image(i, (h, w))[:, top : top + ch, left : left + cw].contiguous()
+        images.append(image)
+        cams.append(cam.cropped(top, left, ch, cw))
+    return images, cams
+
+
 class TrainSamples(Dataset):
     """``num_samples`` random crops per active scene for one epoch (deterministic in seed, epoch, rank)."""
 
@@ -174,8 +212,12 @@ class TrainSamples(Dataset):
         if self.opts.selection_count > 0:
             candidates = [int(t) for t in scene.train if int(t) != target] or [target]
             chosen = select_input_views(scene, target, candidates, self.opts.selection_count, rng)
-            max_side = self.opts.input_view_max_side or 2 * max(image.shape[-2:])
-            inputs, cams = load_input_views(scene, [int(c) for c in chosen], max_side)
+            chosen = [int(c) for c in chosen]
+            if self.opts.image_size is None:  # whole target image: whole input views
+                inputs, cams = load_input_views(scene, chosen, self.opts.input_view_max_side)
+            else:
+                pts = torch.from_numpy(np.ascontiguousarray(scene.points, dtype=np.float32))
+                inputs, cams = crop_input_views(scene, chosen, camera, pts, self.opts.input_view_max_side)
             sample["input_cameras"] = cams
         jittered = color_jitter([image] + inputs, rng, self.opts.jitter_prob)
         sample["image"] = jittered[0]

@@ -181,3 +181,37 @@ def test_scene_discovery_errors_name_the_folder(tmp_path):
         discover_scene_dirs({"data_root": str(tmp_path), "scene_name": "scan999"})
     with pytest.raises(DataConfigError, match="c"):
         discover_scene_dirs({"data_root": str(tmp_path), "scene_names": ["a", "c"]})
+
+
+def test_input_views_are_cropped_around_the_target_content(tmp_path):
+    import numpy as np
+    import torch
+    from _train_fixtures import make_tiny_scene
+
+    from headless_train.data import crop_input_views
+    from npbgpp_core.datasets import load_scene, sample_crop
+
+    scene = load_scene(make_tiny_scene(str(tmp_path / "s"), views=6, size=32, n_points=3000))
+    image, _, target = sample_crop(scene, 0, np.random.default_rng(3), image_size=8, zoom_range=(4.0, 4.0),
+                                 random_shift=False)
+    assert target.image_size == (8, 8)
+    points = torch.from_numpy(scene.points)
+    images, cams = crop_input_views(scene, [1, 2], target, points)
+    for k, (img, cam) in enumerate(zip(images, cams, strict=True)):
+        assert img.shape == (3, 16, 16) and cam.image_size == (16, 16)  # twice the target crop
+        full_cam = scene.views[1 + k].camera.scaled((128, 128))  # the target's zoom (4x)
+        full = scene.load_image(1 + k, (128, 128))
+        uv_full, _ = full_cam.project(points[:5])
+        uv_crop, _ = cam.project(points[:5])
+        left, top = (uv_full - uv_crop)[0].round().int().tolist()
+        torch.testing.assert_close((uv_full - uv_crop), torch.tensor([[left, top]] * 5, dtype=uv_full.dtype))
+        torch.testing.assert_close(img, full[:, top : top + 16, left : left + 16])
+        # The crop is centred on what the target crop shows (the median of those points' projections).
+        uv_t, d_t = target.project(points)
+        seen = points[(d_t > 0) & (uv_t >= -0.5).all(1) & (uv_t < 7.5).all(1)]
+        assert seen.shape[0] > 0
+        uv_s, d_s = full_cam.project(seen)
+        inside = (d_s > 0) & (uv_s >= -0.5).all(1) & (uv_s < 127.5).all(1)
+        centre = uv_s[inside].median(0).values
+        assert abs(left + 8 - float(centre[0])) <= 1 or left in (0, 112)
+        assert abs(top + 8 - float(centre[1])) <= 1 or top in (0, 112)
