@@ -81,9 +81,9 @@ def _fixed_batch_descent(system_name: str, data_root: str, tmp_path, extra: list
 
 
 def test_npbgpp_pretraining_lowers_the_loss(data_root, tmp_path):
-    # lr 2e-3 instead of the recipe's 1e-4 so that four steps make a clear difference.
-    start, end = _fixed_batch_descent("npbgpp_sphere", data_root, tmp_path, ["system.lr=2e-3"])
-    assert math.isfinite(start) and end < 0.8 * start
+    # lr 1e-3 instead of the recipe's 1e-4 so that four steps make a clear difference.
+    start, end = _fixed_batch_descent("npbgpp_sphere", data_root, tmp_path, ["system.lr=1e-3"])
+    assert math.isfinite(start) and end < 0.85 * start
 
 
 def test_npbg_training_lowers_the_loss(data_root, tmp_path):
