@@ -189,7 +189,10 @@ class EpochAndLastCheckpoint(pl.Callback):
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if not isinstance(exception, OSError | FloatingPointError):  # not after a full disk or a NaN loss
             try:
-                self._save_last(trainer)
+                # No barrier here: under DDP the other processes may not have failed.
+                if trainer.global_rank == 0:
+                    state = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+                    atomic_torch_save(state, self.last_path)
                 log.warning("interrupted (%s): saved %s at step %d", type(exception).__name__, self.last_path,
                             trainer.global_step)
             except Exception as exc:  # noqa: BLE001 - the original error matters more

@@ -307,3 +307,28 @@ def test_training_and_eval_on_a_blender_rendered_scene(tmp_path):
                         str(tmp_path / "eval"))
     cube = result["scenes"]["cube"]
     assert cube["views"] >= 1 and math.isfinite(cube["mean"]["psnr"]) and math.isfinite(cube["mean"]["ssim"])
+
+
+def test_full_disk_during_training_keeps_the_previous_checkpoint(data_root, tmp_path, monkeypatch):
+    import errno
+
+    from headless_train import checkpoints as ck
+
+    args = ["datasets=nerf_blender_one_scene", f"datasets.data_root={data_root}", "datasets.scene_name=sceneA",
+            "system=npbg", "datasets.selection_count=0", "datasets.train_num_samples=50", "trainer.max_epochs=3",
+            *FAST]
+    run_dir = str(tmp_path / "run")
+    run_inproc([*args, "trainer.max_steps=2"], run_dir)
+    last = os.path.join(run_dir, "checkpoints/last.ckpt")
+    assert step_count(last) == 2
+
+    def full_disk(fileobj, data: bytes) -> None:
+        fileobj.write(data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ck, "_write_bytes", full_disk)
+    with pytest.raises(OSError, match="disk full while writing .*last.ckpt"):
+        run_inproc([*args, "trainer.max_steps=4", "trainer.last_checkpoint_every_n_steps=1", "resume=true"], run_dir)
+    monkeypatch.undo()
+    assert step_count(last) == 2  # the previous checkpoint is intact and loads
+    assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["epoch0.ckpt", "last.ckpt"]
