@@ -281,11 +281,14 @@ def test_ctrl_c_leaves_a_usable_last_checkpoint(data_root, tmp_path):
 
 def test_two_process_ddp_on_cpu(data_root, tmp_path):
     work = str(tmp_path)
-    ok(cli(["hydra.run.dir=exp/ddp", "datasets=nerf_blender_pretrain", f"datasets.data_root={data_root}",
+    proc = ok(cli(["hydra.run.dir=exp/ddp", "datasets=nerf_blender_pretrain", f"datasets.data_root={data_root}",
             "system=npbg", "datasets.selection_count=0", "datasets.train_num_samples=2",
             "dataloader.train_data_mode=each", "trainer.cpu_processes=2", "trainer.max_steps=2",
             "trainer.max_epochs=1", *FAST], work, timeout=400))
     assert step_count(os.path.join(work, "exp/ddp/checkpoints/last.ckpt")) == 2
+    text = proc.stdout + proc.stderr
+    # train_data_mode=each: every process trains on its own scene.
+    assert "rank 0: scenes ['sceneA']" in text and "rank 1: scenes ['sceneB']" in text, text[-3000:]
 
 
 @pytest.mark.blender
