@@ -137,7 +137,7 @@ def hydra_main(cfg: DictConfig) -> None:
     from .data import DataConfigError
 
     run_dir = HydraConfig.get().runtime.output_dir
-    expected = (UsageError, CheckpointError, DataConfigError, OSError, ValueError, TypeError)
+    expected = (UsageError, CheckpointError, DataConfigError, OSError, ValueError, TypeError, FloatingPointError)
     try:
         from npbgpp_core.datasets import DatasetError
 
