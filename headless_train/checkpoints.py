@@ -1,0 +1,199 @@
+"""Checkpoint files: atomic writes (temp file + os.replace, the previous file survives any
+failure), clear errors for corrupt / foreign checkpoints, per-scene descriptor files."""
+
+from __future__ import annotations
+
+import errno
+import io
+import logging
+import os
+import tempfile
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+META_KEY = "npbgpp"
+FORMAT_VERSION = 1
+
+# Which system's weights each system can start from (weights_path).
+COMPATIBLE_SOURCES = {
+    "npbgpp": {"npbgpp"},
+    "npbg": {"npbg"},
+    "coefficients_ft": {"npbgpp", "coefficients_ft"},
+}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: missing, corrupt, or from another system."""
+
+
+def _write_bytes(fileobj, data: bytes) -> None:
+    """Write ``data`` to an open file (a seam so tests can simulate a full disk)."""
+    fileobj.write(data)
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same folder, fsync, os.replace.
+
+    On any error (e.g. ENOSPC) the temp file is removed and an existing ``path`` is untouched."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            _write_bytes(f, data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, f"disk full while writing {path}; the previous file is kept") from exc
+        raise
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    """torch.save into memory, then :func:`atomic_write_bytes`."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint_file(path: str, map_location: Any = "cpu") -> dict:
+    """Load a checkpoint dict with a clear error for missing or corrupt files."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - every parse failure means a damaged file
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a torch checkpoint: {exc}") from exc
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(f"checkpoint {path} has no state_dict (not a Lightning checkpoint)")
+    return ckpt
+
+
+def checkpoint_system(ckpt: dict, path: str) -> tuple[str, dict]:
+    """(system name, system config) stored by headless_train in a checkpoint."""
+    meta = ckpt.get(META_KEY)
+    if not isinstance(meta, dict) or "system" not in meta:
+        raise CheckpointError(f"checkpoint {path} was not written by headless_train (no '{META_KEY}' metadata)")
+    return str(meta["system"]), dict(meta.get("config", {}))
+
+
+def check_compatible(ckpt: dict, path: str, system_name: str, system_config: dict | None = None) -> str:
+    """Raise CheckpointError unless the checkpoint's system can seed ``system_name``.
+
+    For NPBG++ the aggregator must match too (sphere vs mean have different modules)."""
+    source, source_cfg = checkpoint_system(ckpt, path)
+    allowed = COMPATIBLE_SOURCES.get(system_name, {system_name})
+    if source not in allowed:
+        raise CheckpointError(
+            f"checkpoint {path} was trained by system '{source}', which cannot seed system '{system_name}' "
+            f"(expected one of: {', '.join(sorted(allowed))})"
+        )
+    if system_config is not None and source == "npbgpp" and system_name == "npbgpp":
+        a, b = source_cfg.get("aggregator"), system_config.get("aggregator")
+        if a and b and a != b:
+            raise CheckpointError(
+                f"checkpoint {path} is NPBG++ with aggregator '{a}' but system=npbgpp_{b} was requested"
+            )
+    return source
+
+
+def save_descriptors(folder: str, scene_name: str, tensor: torch.Tensor) -> str:
+    """Write a float32 [n_points, D] tensor to ``<folder>/<scene_name>`` (safetensors, atomic)."""
+    from safetensors.torch import save as st_save
+
+    t = tensor.detach().float().cpu().contiguous()
+    if t.dim() != 2:
+        t = t.reshape(t.shape[0], -1)
+    path = os.path.join(folder, scene_name)
+    atomic_write_bytes(path, st_save({"descriptors": t}))
+    return path
+
+
+def load_descriptors(folder: str, scene_name: str, n_points: int | None = None) -> torch.Tensor:
+    """Read ``<folder>/<scene_name>`` (safetensors, or a torch.save'd plain tensor) -> float32 [N, D]."""
+    path = os.path.join(folder, scene_name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"descriptor file not found: {path} (run the NPBG++ evaluation first?)")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    try:
+        if len(head) == 8 and int.from_bytes(head, "little") < 100_000_000 and not head.startswith(b"PK"):
+            from safetensors.torch import load_file
+
+            t = load_file(path)["descriptors"]
+        else:
+            t = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(f"cannot read descriptor file {path}: {exc}") from exc
+    if not isinstance(t, torch.Tensor) or t.dim() != 2:
+        raise ValueError(f"descriptor file {path} must hold one 2-D tensor [n_points, D]")
+    if n_points is not None and t.shape[0] != n_points:
+        raise ValueError(
+            f"descriptor file {path} has {t.shape[0]} rows but the scene's cloud has {n_points} points "
+            "(same max_points / n_point as when it was written?)"
+        )
+    return t.float()
+
+
+# ----------------------------------------------------------------------------------------
+# Lightning integration
+import pytorch_lightning as pl  # noqa: E402
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO  # noqa: E402
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning CheckpointIO that never leaves a half-written file."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        atomic_torch_save(checkpoint, str(path))
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        return load_checkpoint_file(str(path), map_location=map_location or "cpu")
+
+
+class EpochAndLastCheckpoint(pl.Callback):
+    """Writes checkpoints/epoch{N}.ckpt and last.ckpt after every training epoch, refreshes
+    last.ckpt every ``every_n_steps`` optimizer steps, and on Ctrl-C / a crash writes
+    last.ckpt before the process ends (so ``resume=true`` can continue)."""
+
+    def __init__(self, dirpath: str, every_n_steps: int = 0):
+        self.dirpath = dirpath
+        self.every_n_steps = int(every_n_steps or 0)
+        self._last_saved_step = -1
+
+    @property
+    def last_path(self) -> str:
+        return os.path.join(self.dirpath, "last.ckpt")
+
+    def _save_last(self, trainer: pl.Trainer) -> None:
+        trainer.save_checkpoint(self.last_path)
+        self._last_saved_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0 and step != self._last_saved_step:
+            self._save_last(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        trainer.save_checkpoint(os.path.join(self.dirpath, f"epoch{trainer.current_epoch}.ckpt"))
+        self._save_last(trainer)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if not isinstance(exception, OSError | FloatingPointError):  # not after a full disk or a NaN loss
+            try:
+                # No barrier here: under DDP the other processes may not have failed.
+                if trainer.global_rank == 0:
+                    state = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+                    atomic_torch_save(state, self.last_path)
+                log.warning("interrupted (%s): saved %s at step %d", type(exception).__name__, self.last_path,
+                            trainer.global_step)
+            except Exception as exc:  # noqa: BLE001 - the original error matters more
+                log.error("could not save %s after %s: %s", self.last_path, type(exception).__name__, exc)

@@ -1,0 +1,163 @@
+"""``python -m headless_train <hydra overrides>``: train or evaluate one system on one or many
+scenes. The config tree is ``headless_train/conf`` (struct mode: unknown keys are errors)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("headless_train")
+
+
+class UsageError(ValueError):
+    """A configuration that cannot run; the message says what to change."""
+
+
+def trainer_kwargs(tcfg: dict, system_name: str) -> dict:
+    """Map the published trainer.* keys (trainer.gpus, ...) onto Lightning 2 Trainer arguments."""
+    import torch
+    from pytorch_lightning.strategies import DDPStrategy
+
+    gpus = int(tcfg.get("gpus") or 0)
+    if gpus > 0:
+        if not torch.cuda.is_available():
+            raise UsageError(f"trainer.gpus={gpus} but no CUDA GPU is available here; use trainer.gpus=0 (CPU)")
+        if gpus > torch.cuda.device_count():
+            raise UsageError(f"trainer.gpus={gpus} but only {torch.cuda.device_count()} GPU(s) are visible")
+        accelerator, devices = "gpu", gpus
+    else:
+        accelerator, devices = "cpu", int(tcfg.get("cpu_processes") or 1)
+    num_nodes = int(tcfg.get("num_nodes") or 1)
+    strategy = tcfg.get("strategy") or "auto"
+    if strategy in ("auto", "ddp") and devices * num_nodes > 1:
+        # Scenes differ per process (train_data_mode=each), so some parameters see no gradient.
+        strategy = DDPStrategy(find_unused_parameters=True)
+    return dict(
+        accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
+        max_epochs=int(tcfg["max_epochs"]), max_steps=int(tcfg["max_steps"]),
+        limit_train_batches=tcfg["limit_train_batches"], limit_val_batches=tcfg["limit_val_batches"],
+        check_val_every_n_epoch=int(tcfg["check_val_every_n_epoch"]),
+        reload_dataloaders_every_n_epochs=int(tcfg["reload_dataloaders_every_n_epochs"]),
+        log_every_n_steps=int(tcfg["log_every_n_steps"]), enable_progress_bar=bool(tcfg["enable_progress_bar"]),
+        num_sanity_val_steps=int(tcfg["num_sanity_val_steps"]), use_distributed_sampler=False,
+        enable_checkpointing=False,
+    )
+
+
+def run(cfg: DictConfig, run_dir: str) -> dict | None:
+    """Train (or evaluate with eval_only=true) as configured; ``run_dir`` receives checkpoints/,
+    tensorboard/, descriptors/, renders/ and metrics.json."""
+    import pytorch_lightning as pl
+    import torch
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    from .checkpoints import AtomicCheckpointIO, EpochAndLastCheckpoint, check_compatible, load_checkpoint_file
+    from .data import SceneDataModule
+    from .evaluate import evaluate
+    from .systems import build_system
+
+    container = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(container, dict)
+    scfg = container["system"]
+    name = scfg["name"]
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+
+    source_ckpt = None
+    if cfg.weights_path:
+        wp = str(cfg.weights_path)
+        source_ckpt = load_checkpoint_file(wp)
+        check_compatible(source_ckpt, wp, name, scfg)
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    resume_path = None
+    if cfg.resume:
+        resume_path = os.path.join(ckpt_dir, "last.ckpt")
+        resume_ckpt = load_checkpoint_file(resume_path)  # fails clearly when missing/corrupt
+        check_compatible(resume_ckpt, resume_path, name, scfg)
+        if resume_ckpt["npbgpp"]["system"] != name:
+            raise UsageError(f"{resume_path} belongs to system '{resume_ckpt['npbgpp']['system']}', not '{name}'")
+        if source_ckpt is None:
+            source_ckpt = resume_ckpt
+        del resume_ckpt
+
+    datamodule = SceneDataModule(cfg, seed=int(cfg.seed))
+    system = build_system(container, datamodule.scenes, source_ckpt)
+    if system.loss_message():
+        log.warning(system.loss_message())
+    if cfg.weights_path:
+        system.load_initial_weights(source_ckpt, str(cfg.weights_path))
+    elif name == "coefficients_ft" and resume_path is None:
+        raise UsageError("system=coefficients_ft needs weights_path=<NPBG++ checkpoint> (its frozen basis MLP)")
+    seeded_by_npbgpp = source_ckpt is not None and source_ckpt["npbgpp"]["system"] == "npbgpp"
+    if name == "coefficients_ft" and not scfg.get("descriptors_pretrained_dir") and seeded_by_npbgpp:
+        raise UsageError("system=coefficients_ft needs system.descriptors_pretrained_dir (coefficients written "
+                         "by an NPBG++ eval_only run)")
+    del source_ckpt
+
+    if cfg.eval_only:
+        device = torch.device("cuda") if int(cfg.trainer.gpus or 0) > 0 and torch.cuda.is_available() else "cpu"
+        if resume_path is not None:
+            system.load_state_dict(load_checkpoint_file(resume_path)["state_dict"])
+        system.to(device)
+        out_dir = scfg.get("descriptors_save_dir") if name == "npbgpp" else None
+        return evaluate(system, container, run_dir, write_descriptors=out_dir)
+
+    tcfg = container["trainer"]
+    per_epoch = datamodule.per_epoch
+    if per_epoch and per_epoch < len(datamodule.scenes) and int(tcfg["reload_dataloaders_every_n_epochs"]) == 0:
+        log.info("rotating %d of %d scenes per epoch: dataloaders are rebuilt every epoch", per_epoch,
+                 len(datamodule.scenes))
+        tcfg["reload_dataloaders_every_n_epochs"] = 1
+    trainer = pl.Trainer(
+        default_root_dir=run_dir,
+        logger=TensorBoardLogger(save_dir=run_dir, name="", version="tensorboard"),
+        callbacks=[EpochAndLastCheckpoint(ckpt_dir, int(cfg.trainer.last_checkpoint_every_n_steps or 0))],
+        plugins=[AtomicCheckpointIO()],
+        **trainer_kwargs(tcfg, name),
+    )
+    trainer.fit(system, datamodule=datamodule, ckpt_path=resume_path)
+    if trainer.is_global_zero and name in ("npbg", "coefficients_ft") and scfg.get("descriptors_save_dir"):
+        paths = system.save_descriptors(str(scfg["descriptors_save_dir"]))
+        log.info("descriptors written: %s", ", ".join(paths))
+    return None
+
+
+def _friendly(exc: BaseException) -> str:
+    return f"error: {exc}"
+
+
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+def hydra_main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from .checkpoints import CheckpointError
+    from .data import DataConfigError
+
+    run_dir = HydraConfig.get().runtime.output_dir
+    expected = (UsageError, CheckpointError, DataConfigError, OSError, ValueError, TypeError, FloatingPointError)
+    try:
+        from npbgpp_core.datasets import DatasetError
+
+        expected = expected + (DatasetError,)
+    except ImportError:
+        pass
+    try:
+        run(cfg, run_dir)
+    except expected as exc:
+        log.error(_friendly(exc))
+        print(_friendly(exc), file=sys.stderr)
+        sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: ``export`` subcommand, otherwise Hydra."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "export":
+        from .export import main as export_main
+
+        sys.exit(export_main(argv[1:]))
+    logging.basicConfig(level=logging.INFO)
+    hydra_main()

@@ -1,0 +1,1 @@
+"""Hydra config tree of headless_train (package so Hydra finds it via the module)."""

@@ -1,0 +1,323 @@
+"""Lightning DataModule over npbgpp_core.datasets: scene discovery (one scene, a list, or
+every subfolder), point subsampling, per-epoch scene rotation, training crops with input
+views and colour jitter, and full-image validation views."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+log = logging.getLogger(__name__)
+
+
+class DataConfigError(ValueError):
+    """A dataset configuration that cannot work (missing folder, empty scene, ...)."""
+
+
+def _as_int_or_none(value: Any) -> int | None:
+    return None if value is None else int(float(value))
+
+
+def discover_scene_dirs(dcfg: dict) -> list[tuple[str, str]]:
+    """(name, folder) of every scene the dataset config names.
+
+    ``scene_name`` picks one scene folder under ``data_root`` (or ``data_root`` itself when
+    it is already a scene and has no such subfolder); otherwise ``scene_names`` lists them,
+    or, when null, every subfolder of ``data_root`` is a scene."""
+    root = dcfg.get("data_root")
+    if not root:
+        raise DataConfigError("datasets.data_root is not set")
+    root = os.path.abspath(str(root))
+    if not os.path.isdir(root):
+        raise DataConfigError(f"dataset folder not found: {root} (datasets.data_root)")
+    exclude = set(dcfg.get("exclude_scenes") or [])
+    if dcfg.get("scene_name") not in (None, ""):
+        name = str(dcfg["scene_name"])
+        folder = os.path.join(root, name)
+        if not os.path.isdir(folder):
+            raise DataConfigError(f"scene folder not found: {folder} (datasets.scene_name={name})")
+        return [(name, folder)]
+    names = dcfg.get("scene_names")
+    if names:
+        names = [str(n) for n in names]
+        missing = [n for n in names if not os.path.isdir(os.path.join(root, n))]
+        if missing:
+            raise DataConfigError(f"scene folders not found under {root}: {', '.join(missing)}")
+    else:
+        names = sorted(n for n in os.listdir(root) if os.path.isdir(os.path.join(root, n)) and not n.startswith("."))
+        if not names:
+            raise DataConfigError(f"no scene folders under {root}")
+    return [(n, os.path.join(root, n)) for n in names if n not in exclude]
+
+
+def load_scenes(dcfg: dict, max_points: int | None) -> list:
+    """Load every configured scene as SceneData, subsampled to ``n_point`` / ``max_points`` (seed 123)."""
+    from npbgpp_core.datasets import load_scene
+
+    options = dict(dcfg.get("options") or {})
+    if dcfg.get("pc_name"):
+        options.setdefault("pc_name", dcfg["pc_name"])
+    limits = [v for v in (_as_int_or_none(dcfg.get("n_point")), max_points) if v is not None]
+    limit = min(limits) if limits else None
+    scenes = []
+    for name, folder in discover_scene_dirs(dcfg):
+        scene = load_scene(folder, format=dcfg.get("format"), **options)
+        scene.name = name
+        n = int(scene.points.shape[0])
+        if n == 0:
+            raise DataConfigError(f"scene {folder} has no points (point cloud is empty)")
+        if limit is not None and n > limit:
+            scene = scene.subsample_points(limit, seed=123)
+            log.warning("scene %s: %d points exceed the limit %d; kept a random subset (seed 123)", name, n, limit)
+        if not scene.train:
+            raise DataConfigError(f"scene {folder} has no training views")
+        scenes.append(scene)
+    return scenes
+
+
+def scenes_for_epoch(n_scenes: int, per_epoch: int | None, epoch: int, seed: int) -> list[int]:
+    """Active scene indices of an epoch: consecutive windows of a seeded permutation, so
+    every scene is visited once before any repeats."""
+    if not per_epoch or per_epoch >= n_scenes:
+        return list(range(n_scenes))
+    perm = np.random.default_rng(seed).permutation(n_scenes)
+    start = (epoch * per_epoch) % n_scenes
+    return [int(perm[(start + k) % n_scenes]) for k in range(per_epoch)]
+
+
+def scenes_for_rank(active: list[int], rank: int, world: int, mode: str) -> list[int]:
+    """train_data_mode=each: every process gets its own scene(s); all: every process samples all."""
+    if mode == "all" or world <= 1:
+        return list(active)
+    if mode != "each":
+        raise DataConfigError(f"dataloader.train_data_mode must be 'all' or 'each', got {mode!r}")
+    mine = active[rank::world]
+    return mine if mine else [active[rank % len(active)]]
+
+
+def color_jitter(images: list[torch.Tensor], rng: np.random.Generator, prob: float) -> list[torch.Tensor]:
+    """Same random brightness / contrast / saturation change on every image, with probability ``prob``."""
+    if prob <= 0 or rng.random() >= prob:
+        return images
+    b, c, s = rng.uniform(0.8, 1.2, size=3)
+    out = []
+    for img in images:
+        x = img * b
+        mean = x.mean()
+        x = (x - mean) * c + mean
+        gray = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]).unsqueeze(0)
+        x = (x - gray) * s + gray
+        out.append(x.clamp(0, 1))
+    return out
+
+
+@dataclass
+class SampleOptions:
+    image_size: Any
+    zoom_range: Any
+    random_shift: bool
+    selection_count: int
+    input_view_max_side: int | None
+    jitter_prob: float
+
+
+def _fit_size(size: tuple[int, int], max_side: int | None) -> tuple[int, int]:
+    h, w = size
+    if max_side is None or max(h, w) <= max_side:
+        return h, w
+    s = max_side / max(h, w)
+    return max(1, round(h * s)), max(1, round(w * s))
+
+
+def load_input_views(scene, indices: list[int], max_side: int | None) -> tuple[list[torch.Tensor], list]:
+    """Images (3,h,w) and matching cameras of input views, long side at most ``max_side``."""
+    images, cams = [], []
+    for i in indices:
+        size = _fit_size(tuple(scene.views[i].camera.image_size), max_side)
+        images.append(scene.load_image(i, size))
+        cams.append(scene.camera(i, size))
+    return images, cams
+
+
+def _in_image(uv: torch.Tensor, depth: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    return (depth > 0) & (uv[:, 0] >= -0.5) & (uv[:, 0] < w - 0.5) & (uv[:, 1] >= -0.5) & (uv[:, 1] < h - 0.5)
+
+
+def crop_input_views(
+    scene, indices: list[int], target_camera, points: torch.Tensor, max_side: int | None = None
+) -> tuple[list[torch.Tensor], list]:
+    """Input views around what the target crop shows (SPEC 5): each view is resized by the
+    target's zoom (ratio of focal lengths) and cropped to twice the target crop, centred on
+    the projections of the points inside the target crop (the image centre when none)."""
+    th, tw = target_camera.image_size
+    uv_t, d_t = target_camera.project(points)
+    seen = points[_in_image(uv_t, d_t, th, tw)]
+    target_f = target_camera.intrinsics().fx
+    images, cams = [], []
+    for i in indices:
+        native = scene.views[i].camera
+        zoom = target_f / native.intrinsics().fx
+        nh, nw = native.image_size
+        h, w = max(2, round(nh * zoom)), max(2, round(nw * zoom))
+        if max_side is not None and max(h, w) > max_side:
+            h, w = _fit_size((h, w), max_side)
+        cam = native.scaled((h, w))
+        ch, cw = min(h, 2 * th), min(w, 2 * tw)
+        cy, cx = h / 2.0, w / 2.0
+        if seen.shape[0] > 0:
+            uv, d = cam.project(seen)
+            inside = _in_image(uv, d, h, w)
+            if bool(inside.any()):
+                cx, cy = (float(c) for c in uv[inside].median(0).values)
+        top = int(min(max(round(cy - ch / 2), 0), h - ch))
+        left = int(min(max(round(cx - cw / 2), 0), w - cw))
+        image = scene.load_image(i, (h, w))[:, top : top + ch, left : left + cw].contiguous()
+        images.append(image)
+        cams.append(cam.cropped(top, left, ch, cw))
+    return images, cams
+
+
+class TrainSamples(Dataset):
+    """``num_samples`` random crops per active scene for one epoch (deterministic in seed, epoch, rank)."""
+
+    def __init__(self, scenes: list, active: list[int], num_samples: int, opts: SampleOptions, seed: int):
+        self.scenes, self.active, self.num_samples, self.opts, self.seed = scenes, active, num_samples, opts, seed
+
+    def __len__(self) -> int:
+        return len(self.active) * self.num_samples
+
+    def __getitem__(self, i: int) -> dict:
+        from npbgpp_core.datasets import sample_crop, select_input_views
+
+        scene_id = self.active[i // self.num_samples]
+        scene = self.scenes[scene_id]
+        rng = np.random.default_rng([self.seed, i])
+        target = int(scene.train[int(rng.integers(len(scene.train)))])
+        image, mask, camera = sample_crop(
+            scene, target, rng, image_size=self.opts.image_size, zoom_range=self.opts.zoom_range,
+            random_shift=self.opts.random_shift,
+        )
+        if mask is None:
+            mask = torch.ones_like(image[:1])
+        sample = {"scene": scene_id, "view": target, "image": image, "mask": mask, "camera": camera}
+        inputs: list[torch.Tensor] = []
+        if self.opts.selection_count > 0:
+            candidates = [int(t) for t in scene.train if int(t) != target] or [target]
+            chosen = select_input_views(scene, target, candidates, self.opts.selection_count, rng)
+            chosen = [int(c) for c in chosen]
+            if self.opts.image_size is None:  # whole target image: whole input views
+                inputs, cams = load_input_views(scene, chosen, self.opts.input_view_max_side)
+            else:
+                pts = torch.from_numpy(np.ascontiguousarray(scene.points, dtype=np.float32))
+                inputs, cams = crop_input_views(scene, chosen, camera, pts, self.opts.input_view_max_side)
+            sample["input_cameras"] = cams
+        jittered = color_jitter([image] + inputs, rng, self.opts.jitter_prob)
+        sample["image"] = jittered[0]
+        if inputs:
+            sample["input_images"] = jittered[1:]
+        return sample
+
+
+class EvalViews(Dataset):
+    """Full-resolution views (validation or held-out test) of the given scenes."""
+
+    def __init__(self, scenes: list, split: str, max_views: int | None = None):
+        self.items: list[tuple[int, int]] = []
+        for s, scene in enumerate(scenes):
+            views = list(getattr(scene, split)) or list(scene.val) or list(scene.test)
+            if max_views is not None:
+                views = views[:max_views]
+            self.items += [(s, int(v)) for v in views]
+        self.scenes = scenes
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        s, v = self.items[i]
+        scene = self.scenes[s]
+        image = scene.load_image(v)
+        return {"scene": s, "view": v, "image": image, "mask": torch.ones_like(image[:1]), "camera": scene.camera(v)}
+
+
+def collate_samples(samples: list[dict]) -> list[dict]:
+    """Samples differ in size and carry cameras: keep the list as is."""
+    return samples
+
+
+class SceneDataModule(pl.LightningDataModule):
+    """Scenes + per-epoch datasets. Scenes are loaded at construction (the systems need
+    their point counts to build per-point parameters)."""
+
+    def __init__(self, cfg, seed: int = 3407):
+        super().__init__()
+        d = cfg.datasets
+        self.dcfg = dict(d)
+        self.seed = int(seed)
+        sys_cfg = cfg.system
+        self.scenes = load_scenes(self.dcfg, _as_int_or_none(sys_cfg.get("max_points")))
+        self.per_epoch = _as_int_or_none(sys_cfg.get("max_scenes_per_train_epoch"))
+        self.batch_size = int(cfg.dataloader.batch_size)
+        self.num_workers = int(cfg.dataloader.num_workers)
+        self.mode = str(cfg.dataloader.train_data_mode)
+        self.num_samples = int(float(d.train_num_samples))
+        size = d.train_image_size
+        if size is not None and not isinstance(size, int | float):
+            size = tuple(int(s) for s in size)
+        elif size is not None:
+            size = int(size)
+        zoom = d.train_random_zoom
+        self.opts = SampleOptions(
+            image_size=size,
+            zoom_range=(1.0, 1.0) if zoom is None else tuple(float(z) for z in zoom),
+            random_shift=bool(d.train_random_shift),
+            selection_count=int(d.selection_count),
+            input_view_max_side=_as_int_or_none(d.input_view_max_side),
+            jitter_prob=float(d.color_jitter_prob),
+        )
+        self.val_max = _as_int_or_none(d.val_num_samples)
+        self.eval_max = _as_int_or_none(d.max_eval_views)
+
+    @property
+    def scene_names(self) -> list[str]:
+        return [s.name for s in self.scenes]
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 1
+        return int(trainer.global_rank), int(trainer.world_size)
+
+    def active_scenes(self, epoch: int) -> list[int]:
+        rank, world = self._rank_world()
+        active = scenes_for_epoch(len(self.scenes), self.per_epoch, epoch, self.seed)
+        return scenes_for_rank(active, rank, world, self.mode)
+
+    def train_dataloader(self) -> DataLoader:
+        epoch = int(self.trainer.current_epoch) if getattr(self, "trainer", None) is not None else 0
+        rank, world = self._rank_world()
+        active = self.active_scenes(epoch)
+        if len(self.scenes) > 1:
+            log.info("epoch %d, rank %d: scenes %s", epoch, rank, [self.scenes[i].name for i in active])
+        per_rank = self.num_samples if self.mode == "each" else max(1, math.ceil(self.num_samples / world))
+        ds = TrainSamples(self.scenes, active, per_rank, self.opts, seed=self.seed + 1000 * epoch + 7919 * rank)
+        gen = torch.Generator().manual_seed(self.seed + epoch * 131 + rank)
+        return DataLoader(
+            ds, batch_size=self.batch_size, shuffle=True, generator=gen, num_workers=self.num_workers,
+            collate_fn=collate_samples, persistent_workers=False, drop_last=False,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        ds = EvalViews(self.scenes, "val", self.val_max)
+        rank, world = self._rank_world()
+        if world > 1:
+            ds.items = ds.items[rank::world]
+        return DataLoader(ds, batch_size=1, shuffle=False, num_workers=self.num_workers, collate_fn=collate_samples)

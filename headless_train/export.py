@@ -1,0 +1,162 @@
+"""``python -m headless_train export --checkpoint C --scene DIR --out scene.npbgpp``: turn a
+trained NPBG++ checkpoint + a scene (aggregated from its views), or a fitted NPBG /
+coefficients_ft checkpoint + its scene, into a NeuralScene bundle the Blender add-on opens."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import torch
+
+log = logging.getLogger("headless_train.export")
+
+
+class ExportError(RuntimeError):
+    """Inputs that cannot be exported; the message says which and why."""
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m headless_train export", description=__doc__)
+    p.add_argument("--checkpoint", required=True, help="a checkpoint written by headless_train")
+    p.add_argument("--scene", required=True, help="scene folder (any format load_scene reads)")
+    p.add_argument("--out", required=True, help="output NeuralScene file (e.g. scene.npbgpp)")
+    p.add_argument("--format", default=None, help="scene format (default: detected)")
+    p.add_argument("--scene-name", default=None, help="NPBG/coefficients_ft: scene name in the checkpoint "
+                   "(default: the folder name)")
+    p.add_argument("--max-points", type=float, default=None, help="NPBG++: subsample the cloud (seed 123)")
+    p.add_argument("--views", choices=("non-held-out", "all", "train"), default="non-held-out",
+                   help="NPBG++: which views are aggregated")
+    p.add_argument("--max-side", type=int, default=None, help="NPBG++: downscale input views to this long side")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p.parse_args(argv)
+
+
+def _colors(scene) -> torch.Tensor | None:
+    return None if scene.colors is None else torch.from_numpy(scene.colors).float()
+
+
+def export_npbgpp(ckpt: dict, scene, args, name: str):
+    from npbgpp_core.models import NPBGPlusPlus
+    from npbgpp_core.scene import NeuralScene
+
+    from .data import _fit_size
+    from .systems.npbgpp import model_config
+
+    model = NPBGPlusPlus(model_config(ckpt["npbgpp"]["config"]))
+    state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ExportError(f"{args.checkpoint}: weights do not fit the NPBG++ model: {exc}") from exc
+    model.to(args.device).eval()
+    if args.views == "all":
+        views = list(range(len(scene.views)))
+    elif args.views == "train":
+        views = list(scene.train)
+    else:
+        held = set(scene.test) if scene.test else set()
+        views = [i for i in range(len(scene.views)) if i not in held]
+    if not views:
+        raise ExportError(f"scene {scene.root} has no views to aggregate")
+    points = torch.from_numpy(scene.points).float().to(args.device)
+    with torch.no_grad():
+        state_agg = model.begin_scene(points)
+        for i in views:
+            size = _fit_size(tuple(scene.views[i].camera.image_size), args.max_side)
+            state_agg.add_views(scene.load_image(i, size).unsqueeze(0).to(args.device), [scene.camera(i, size)])
+        agg = state_agg.finish()
+    n_valid = int(agg.valid.sum())
+    log.info("aggregated %d views; %d of %d points seen", len(views), n_valid, len(agg))
+    if n_valid == 0:
+        raise ExportError(f"no point of {scene.root} is visible in any of its {len(views)} views")
+    meta = {"source_checkpoint": os.path.abspath(args.checkpoint), "scene_root": scene.root,
+            "views_aggregated": len(views)}
+    return NeuralScene.from_aggregated(model, agg.to("cpu"), _colors(scene), name=name, metadata=meta)
+
+
+def export_npbg(ckpt: dict, scene, args, name: str):
+    from npbgpp_core.models import NPBG, NPBGConfig
+    from npbgpp_core.scene import NeuralScene
+
+    from .systems.base import module_key
+
+    meta = ckpt["npbgpp"]
+    system = meta["system"]
+    scenes = list(meta.get("scenes", []))
+    if name not in scenes:
+        raise ExportError(f"{args.checkpoint} ({system}) holds scenes {scenes}, not '{name}' (use --scene-name)")
+    n = int(meta["points"][scenes.index(name)])
+    if scene.points.shape[0] > n:
+        scene = scene.subsample_points(n, seed=123)  # the same subset the trainer used
+    if scene.points.shape[0] != n:
+        raise ExportError(f"scene {scene.root} has {scene.points.shape[0]} points but the checkpoint's '{name}' "
+                          f"has {n} descriptors")
+    cfg = meta["config"]
+    if system == "coefficients_ft":
+        c, m = int(cfg.get("feature_dim", 8)), int(cfg.get("basis_dim", 6))
+        ncfg = NPBGConfig(descriptor_dim=(1 + m) * c, feature_dim=c, use_basis=True, basis_dim=m)
+    else:
+        d = int(cfg.get("descriptor_dim", 8))
+        ncfg = NPBGConfig(descriptor_dim=d, feature_dim=d)
+    model = NPBG(n, ncfg)
+    prefix = f"scene_models.{module_key(name)}."
+    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ExportError(f"{args.checkpoint}: scene '{name}' weights do not fit: {exc}") from exc
+    return NeuralScene.from_npbg(model, torch.from_numpy(scene.points).float(), _colors(scene), name=name,
+                                 metadata={"source_checkpoint": os.path.abspath(args.checkpoint),
+                                           "scene_root": scene.root})
+
+
+def export(args: argparse.Namespace) -> str:
+    from npbgpp_core.datasets import load_scene
+
+    from .checkpoints import checkpoint_system, load_checkpoint_file
+
+    ckpt = load_checkpoint_file(args.checkpoint)
+    system, _ = checkpoint_system(ckpt, args.checkpoint)
+    if not os.path.isdir(args.scene):
+        raise ExportError(f"scene folder not found: {args.scene}")
+    scene = load_scene(args.scene, format=args.format)
+    if scene.points.shape[0] == 0:
+        raise ExportError(f"scene {args.scene} has no points")
+    name = args.scene_name or os.path.basename(os.path.normpath(args.scene))
+    if system == "npbgpp":
+        if args.max_points is not None and scene.points.shape[0] > int(args.max_points):
+            log.warning("subsampling %d points to %d (seed 123)", scene.points.shape[0], int(args.max_points))
+            scene = scene.subsample_points(int(args.max_points), seed=123)
+        bundle = export_npbgpp(ckpt, scene, args, name)
+    elif system in ("npbg", "coefficients_ft"):
+        bundle = export_npbg(ckpt, scene, args, name)
+    else:
+        raise ExportError(f"{args.checkpoint}: cannot export system '{system}'")
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        raise ExportError(f"output folder does not exist: {out_dir}")
+    bundle.save(args.out)
+    log.info("wrote %s (%s)", args.out, bundle)
+    return args.out
+
+
+def main(argv: list[str]) -> int:
+    """Run the export; 0 on success, 2 with a message on bad input."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_args(argv)
+    from .checkpoints import CheckpointError
+
+    try:
+        from npbgpp_core.datasets import DatasetError
+    except ImportError:  # pragma: no cover
+        DatasetError = ValueError  # noqa: N806
+    try:
+        path = export(args)
+    except (ExportError, CheckpointError, DatasetError, FileNotFoundError, ValueError, TypeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0

@@ -1,0 +1,165 @@
+"""What every training system shares: manual optimisation (several optimisers, one step
+count), per-scene point tensors, the render loss, validation PSNR, checkpoint metadata."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+
+from npbgpp_core.losses import RenderLoss
+from npbgpp_core.metrics import psnr
+
+from ..checkpoints import FORMAT_VERSION, META_KEY
+
+log = logging.getLogger(__name__)
+
+
+def module_key(scene_name: str) -> str:
+    """A scene name usable as an nn.ModuleDict key (no dots)."""
+    return "s_" + re.sub(r"[^0-9A-Za-z_]", "_", scene_name)
+
+
+class BaseSystem(pl.LightningModule):
+    """Subclasses implement ``sample_loss``, ``prepare_eval``, ``render_eval``,
+    ``configure_optimizers`` and ``load_initial_weights``."""
+
+    system_name = "base"
+
+    def __init__(self, cfg: dict, scenes: list):
+        super().__init__()
+        self.automatic_optimization = False
+        self.cfg = cfg
+        self.scfg = dict(cfg["system"])
+        self.scenes = scenes  # SceneData list (not a module; cameras and image paths)
+        self.scene_names = [s.name for s in scenes]
+        self._points_cpu = [torch.from_numpy(np.ascontiguousarray(s.points, dtype=np.float32)) for s in scenes]
+        self._points_dev: dict[tuple[int, str], torch.Tensor] = {}
+        lcfg = cfg.get("loss", {})
+        self._holder: dict[str, Any] = {}
+        if self.uses_render_loss:
+            self._holder["loss"] = RenderLoss(
+                vgg_weights=lcfg.get("vgg_weights"), vgg_weight=lcfg.get("vgg_weight", 1.0),
+                l1_weight=lcfg.get("l1_weight", 2500.0), l1_downsample=lcfg.get("l1_downsample", 4),
+                ssim_weight=lcfg.get("ssim_weight", 0.2),
+            )
+        self._eval_cache: dict[int, Any] = {}
+
+    uses_render_loss = True
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def loss_fn(self) -> RenderLoss:
+        loss = self._holder["loss"]
+        if self._holder.get("loss_device") != self.device:
+            loss.to(self.device)
+            self._holder["loss_device"] = self.device
+        return loss
+
+    def points(self, scene_id: int) -> torch.Tensor:
+        key = (scene_id, str(self.device))
+        if key not in self._points_dev:
+            self._points_dev = {k: v for k, v in self._points_dev.items() if k[1] == str(self.device)}
+            self._points_dev[key] = self._points_cpu[scene_id].to(self.device)
+        return self._points_dev[key]
+
+    def loss_message(self) -> str | None:
+        loss = self._holder.get("loss")
+        return None if loss is None else loss.message
+
+    def metadata(self) -> dict:
+        return {"system": self.system_name, "config": self.scfg, "scenes": self.scene_names,
+                "points": [int(p.shape[0]) for p in self._points_cpu], "version": FORMAT_VERSION}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[META_KEY] = self.metadata()
+
+    # ----------------------------------------------------------------- training
+    def sample_loss(self, sample: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def optimizer_list(self) -> list:
+        opts = self.optimizers()
+        return list(opts) if isinstance(opts, list | tuple) else [opts]
+
+    def batch_loss(self, batch: list[dict]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Mean loss over the samples of a batch (samples may differ in size)."""
+        total, parts = None, {}
+        for sample in batch:
+            loss, logs = self.sample_loss(sample)
+            total = loss if total is None else total + loss
+            for k, v in logs.items():
+                parts[k] = parts.get(k, 0.0) + v.detach() / len(batch)
+        assert total is not None
+        return total / len(batch), parts
+
+    def training_step(self, batch: list[dict], batch_idx: int) -> torch.Tensor:
+        loss, parts = self.batch_loss(batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss is {loss.item()} at step {self.global_step}")
+        opts = self.optimizer_list()
+        for o in opts:
+            o.zero_grad()
+        self.manual_backward(loss)
+        opts[0].step()  # the Lightning-wrapped step counts global_step once per batch
+        for o in opts[1:]:
+            o.optimizer.step()
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(batch))
+        for k, v in parts.items():
+            self.log(f"train/{k}", v, batch_size=len(batch))
+        return loss.detach()
+
+    # --------------------------------------------------------------- evaluation
+    def prepare_eval(self, scene_id: int) -> None:
+        """Build whatever rendering a scene needs (NPBG++: aggregate its input views)."""
+
+    def render_eval(self, scene_id: int, camera) -> torch.Tensor:
+        raise NotImplementedError
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_cache.clear()
+
+    def validation_step(self, batch: list[dict], batch_idx: int) -> None:
+        for sample in batch:
+            scene_id = int(sample["scene"])
+            if scene_id not in self._eval_cache:
+                self.prepare_eval(scene_id)
+            pred = self.render_eval(scene_id, sample["camera"])
+            value = psnr(pred, sample["image"].to(pred.device))[0]
+            self.log("val/psnr", value, prog_bar=True, batch_size=1, sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_cache.clear()
+
+    # ----------------------------------------------------------------- weights
+    def load_initial_weights(self, ckpt: dict, path: str) -> None:
+        raise NotImplementedError
+
+    def load_matching(self, state: dict[str, torch.Tensor], path: str, required_prefixes: tuple[str, ...]) -> None:
+        """Copy every tensor whose name and shape match; fail if a required part is absent."""
+        own = self.state_dict()
+        loaded, skipped = {}, []
+        for k, v in state.items():
+            if k in own and own[k].shape == v.shape:
+                loaded[k] = v
+            elif k in own:
+                skipped.append(f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}")
+        for prefix in required_prefixes:
+            if not any(k.startswith(prefix) for k in loaded):
+                raise ValueError(f"checkpoint {path} has no usable weights for '{prefix}*'")
+        self.load_state_dict(loaded, strict=False)
+        log.info("loaded %d tensors from %s (%d skipped for shape)", len(loaded), path, len(skipped))
+        for s in skipped[:5]:
+            log.info("  shape differs: %s", s)
+
+    def save_scene_descriptors(self, folder: str, scene_id: int) -> str:
+        """Write one scene's per-point descriptors/coefficients to ``<folder>/<scene>``."""
+        raise NotImplementedError
+
+    def save_descriptors(self, folder: str) -> list[str]:
+        """Write every scene's descriptors/coefficients; returns the paths."""
+        return [self.save_scene_descriptors(folder, sid) for sid in range(len(self.scene_names))]

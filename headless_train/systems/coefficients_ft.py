@@ -1,0 +1,74 @@
+"""coefficients_ft (SPEC section 4): NPBG machinery on the 56 NPBG++ coefficients per point
+(from ``descriptors_pretrained_dir``) with the NPBG++ basis MLP frozen; RMSprop 0.1 on the
+coefficients, Adam 1e-4 on the refiner, L1 at full, 1/2 and 1/4 resolution."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from npbgpp_core.losses import multiscale_l1
+from npbgpp_core.models import NPBG, NPBGConfig
+
+from .base import module_key
+from .npbg import NPBGSystem
+
+log = logging.getLogger(__name__)
+
+
+class CoefficientsFTSystem(NPBGSystem):
+    system_name = "coefficients_ft"
+    uses_render_loss = False
+
+    def __init__(self, cfg: dict, scenes: list, source_config: dict | None = None):
+        self._source = dict(source_config or {})
+        super().__init__(cfg, scenes)
+        self.basis = self.scene_model(0).basis
+        for sid in range(1, len(self.scene_names)):
+            self.scene_model(sid).basis = self.basis
+        self.loss_factors = tuple(int(f) for f in self.scfg.get("loss_factors", (1, 2, 4)))
+
+    def npbg_config(self) -> NPBGConfig:
+        c = int(self._source.get("feature_dim", 8))
+        m = int(self._source.get("basis_dim", 6))
+        return NPBGConfig(descriptor_dim=(1 + m) * c, feature_dim=c, use_basis=True, basis_dim=m)
+
+    def metadata(self) -> dict:
+        meta = super().metadata()
+        meta["config"] = {**self.scfg, "feature_dim": self.npbg_config().feature_dim,
+                          "basis_dim": self.npbg_config().basis_dim}
+        return meta
+
+    def after_descriptors_loaded(self, model: NPBG, descriptors: torch.Tensor) -> None:
+        seen = descriptors.abs().sum(1) > 0  # NPBG++ writes zeros for points no input view saw
+        with torch.no_grad():
+            model.active.copy_(seen if bool(seen.any()) else torch.ones_like(seen))
+
+    def sample_loss(self, sample: dict):
+        pred = self.render_train(sample)
+        target = sample["image"].to(self.device).unsqueeze(0)
+        mask = sample["mask"].to(self.device).unsqueeze(0)
+        loss = multiscale_l1(pred, target, mask, self.loss_factors)
+        return loss, {"l1": loss}
+
+    def load_initial_weights(self, ckpt: dict, path: str) -> None:
+        state = ckpt["state_dict"]
+        if ckpt.get("npbgpp", {}).get("system") == "npbgpp":
+            basis = {k[len("model.basis."):]: v for k, v in state.items() if k.startswith("model.basis.")}
+            refiner = {k[len("model.refiner."):]: v for k, v in state.items() if k.startswith("model.refiner.")}
+            if not basis:
+                raise ValueError(f"checkpoint {path} has no basis MLP (NPBG++ with aggregator 'mean'?); "
+                                 "coefficients_ft needs the 'sphere' aggregator")
+            try:
+                self.basis.load_state_dict(basis)
+                self.refiner.load_state_dict(refiner)
+            except RuntimeError as exc:
+                raise ValueError(f"checkpoint {path}: NPBG++ weights do not fit: {exc}") from exc
+            log.info("coefficients_ft: basis MLP and refiner from NPBG++ checkpoint %s", path)
+        else:
+            self.load_matching(state, path, required_prefixes=("refiner.", "basis."))
+        self.basis.requires_grad_(False)
+
+
+__all__ = ["CoefficientsFTSystem", "module_key"]

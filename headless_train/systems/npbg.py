@@ -1,0 +1,91 @@
+"""NPBG (SPEC section 4): learnable descriptors + background per scene (RMSprop lr 0.1,
+state reset every epoch) and one refiner shared by all scenes (Adam 1e-4)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from npbgpp_core.models import NPBG, NPBGConfig
+
+from ..checkpoints import load_descriptors, save_descriptors
+from .base import BaseSystem, module_key
+
+log = logging.getLogger(__name__)
+
+
+class NPBGSystem(BaseSystem):
+    system_name = "npbg"
+
+    def __init__(self, cfg: dict, scenes: list):
+        super().__init__(cfg, scenes)
+        self.scene_models = nn.ModuleDict()
+        for sid, name in enumerate(self.scene_names):
+            self.scene_models[module_key(name)] = NPBG(int(self._points_cpu[sid].shape[0]), self.npbg_config())
+        first = self.scene_model(0)
+        self.refiner = first.refiner  # one refiner shared by every scene
+        for sid in range(1, len(self.scene_names)):
+            self.scene_model(sid).refiner = self.refiner
+        pretrained = self.scfg.get("descriptors_pretrained_dir")
+        if pretrained:
+            self.load_pretrained_descriptors(str(pretrained))
+
+    def npbg_config(self) -> NPBGConfig:
+        d = int(self.scfg.get("descriptor_dim", 8))
+        return NPBGConfig(descriptor_dim=d, feature_dim=d)
+
+    def scene_model(self, scene_id: int) -> NPBG:
+        return self.scene_models[module_key(self.scene_names[scene_id])]
+
+    def load_pretrained_descriptors(self, folder: str) -> None:
+        for sid, name in enumerate(self.scene_names):
+            m = self.scene_model(sid)
+            t = load_descriptors(folder, name, m.num_points)
+            if t.shape[1] != m.descriptors.shape[1]:
+                raise ValueError(
+                    f"descriptor file {folder}/{name} has {t.shape[1]} numbers per point, "
+                    f"system {self.system_name} needs {m.descriptors.shape[1]}"
+                )
+            with torch.no_grad():
+                m.descriptors.copy_(t)
+            self.after_descriptors_loaded(m, t)
+        log.info("descriptors of %d scene(s) loaded from %s", len(self.scene_names), folder)
+
+    def after_descriptors_loaded(self, model: NPBG, descriptors: torch.Tensor) -> None:
+        """Hook (coefficients_ft marks unseen points inactive)."""
+
+    def descriptor_params(self) -> list[nn.Parameter]:
+        return [p for sid in range(len(self.scene_names)) for p in self.scene_model(sid).descriptor_parameters()]
+
+    def configure_optimizers(self):
+        rms = torch.optim.RMSprop(self.descriptor_params(), lr=float(self.scfg.get("lr_descriptors", 0.1)))
+        adam = torch.optim.Adam(
+            [p for p in self.refiner.parameters() if p.requires_grad], lr=float(self.scfg.get("lr_refiner", 1e-4))
+        )
+        return [rms, adam]
+
+    def on_train_epoch_start(self) -> None:
+        # The published recipe restarts the descriptor optimiser every epoch.
+        self.optimizer_list()[0].optimizer.state.clear()
+
+    def render_train(self, sample: dict) -> torch.Tensor:
+        sid = int(sample["scene"])
+        return self.scene_model(sid).render_raw(self.points(sid), sample["camera"].to(self.device))[:3].unsqueeze(0)
+
+    def sample_loss(self, sample: dict):
+        pred = self.render_train(sample)
+        target = sample["image"].to(self.device).unsqueeze(0)
+        mask = sample["mask"].to(self.device).unsqueeze(0)
+        loss = self.loss_fn(pred, target, mask)
+        return loss, {"render": loss}
+
+    def render_eval(self, scene_id: int, camera) -> torch.Tensor:
+        return self.scene_model(scene_id).render(self.points(scene_id), camera.to(self.device))
+
+    def save_scene_descriptors(self, folder: str, scene_id: int) -> str:
+        return save_descriptors(folder, self.scene_names[scene_id], self.scene_model(scene_id).descriptors)
+
+    def load_initial_weights(self, ckpt: dict, path: str) -> None:
+        self.load_matching(ckpt["state_dict"], path, required_prefixes=("refiner.",))

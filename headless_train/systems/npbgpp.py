@@ -1,0 +1,122 @@
+"""NPBG++ training (SPEC sections 3 and 5): extractor + basis MLP + refiner, Adam 1e-4,
+render loss on the target crop + auxiliary loss (refiner on the target's own feature map)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from npbgpp_core.losses import masked_l1
+from npbgpp_core.models import NPBGPlusPlus, NPBGPlusPlusConfig
+
+from ..checkpoints import save_descriptors
+from .base import BaseSystem
+
+log = logging.getLogger(__name__)
+
+MODEL_KEYS = ("feature_dim", "aggregator", "basis_dim", "ridge_alpha", "visibility_scale", "align_input_views",
+              "align_during_rendering", "predict_mask", "min_view_depth")
+
+
+def model_config(scfg: dict) -> NPBGPlusPlusConfig:
+    return NPBGPlusPlusConfig.from_dict({k: scfg[k] for k in MODEL_KEYS if k in scfg})
+
+
+class NPBGPlusPlusSystem(BaseSystem):
+    system_name = "npbgpp"
+
+    def __init__(self, cfg: dict, scenes: list):
+        super().__init__(cfg, scenes)
+        self.model = NPBGPlusPlus(model_config(self.scfg))
+        lcfg = cfg.get("loss", {})
+        self.aux_weight = float(lcfg.get("aux_weight", 1000.0))
+        self.aux_drop_prob = float(lcfg.get("aux_drop_prob", 0.5))
+
+    def freeze_batchnorm(self) -> None:
+        """BatchNorms of the extractor stay in eval mode (SPEC 3.1; also lets tiny crops train)."""
+        for m in self.model.extractor.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self.freeze_batchnorm()
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.model.parameters(), lr=float(self.scfg.get("lr", 1e-4)))
+
+    def aggregate_inputs(self, scene_id: int, images: list[torch.Tensor], cameras: list):
+        """Aggregate a sample's input views; views of equal size go through the extractor together."""
+        state = self.model.begin_scene(self.points(scene_id))
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for k, img in enumerate(images):
+            groups.setdefault(tuple(img.shape), []).append(k)
+        for members in groups.values():
+            batch = torch.stack([images[k] for k in members]).to(self.device)
+            state.add_views(batch, [cameras[k].to(self.device) for k in members])
+        return state.finish()
+
+    def sample_loss(self, sample: dict):
+        self.freeze_batchnorm()
+        if "input_images" not in sample:
+            raise ValueError("NPBG++ needs input views: datasets.selection_count must be >= 1")
+        agg = self.aggregate_inputs(int(sample["scene"]), sample["input_images"], sample["input_cameras"])
+        target = sample["image"].to(self.device).unsqueeze(0)
+        mask = sample["mask"].to(self.device).unsqueeze(0)
+        pred = self.model.render_raw(agg, sample["camera"].to(self.device))[:3].unsqueeze(0)
+        main = self.loss_fn(pred, target, mask)
+        logs = {"render": main}
+        loss = main
+        if self.aux_weight > 0:
+            feats = self.model.extractor(target)
+            aux_pred = self.model.refine_feature_map(feats, self.aux_drop_prob, detach=True)[:, :3]
+            aux = masked_l1(aux_pred, target, mask)
+            logs["aux"] = aux
+            loss = loss + self.aux_weight * aux
+        return loss, logs
+
+    # ------------------------------------------------------------------ eval
+    def eval_views(self, scene_id: int) -> list[int]:
+        """Aggregation views: every view that is not held out (test, or val when there is no test)."""
+        scene = self.scenes[scene_id]
+        held = set(scene.test) if scene.test else set(scene.val)
+        views = [i for i in range(len(scene.views)) if i not in held]
+        return views or list(scene.train)
+
+    @torch.no_grad()
+    def prepare_eval(self, scene_id: int) -> None:
+        scene = self.scenes[scene_id]
+        state = self.model.begin_scene(self.points(scene_id))
+        for i in self.eval_views(scene_id):
+            state.add_views(scene.load_image(i).to(self.device).unsqueeze(0), [scene.camera(i).to(self.device)])
+        agg = state.finish()
+        n_valid = int(agg.valid.sum())
+        if n_valid == 0:
+            log.warning("scene %s: no point is visible in any input view", scene.name)
+        self._eval_cache[scene_id] = agg
+
+    def render_eval(self, scene_id: int, camera) -> torch.Tensor:
+        if scene_id not in self._eval_cache:
+            self.prepare_eval(scene_id)
+        return self.model.render(self._eval_cache[scene_id], camera.to(self.device))
+
+    def coefficients(self, scene_id: int) -> torch.Tensor:
+        """Saved descriptive coefficients [ym; beta] of a scene (N, rows*C), zero for unseen points."""
+        if scene_id not in self._eval_cache:
+            self.prepare_eval(scene_id)
+        agg = self._eval_cache[scene_id]
+        coef = agg.coefficients * agg.valid[:, None, None].to(agg.coefficients.dtype)
+        return coef.reshape(coef.shape[0], -1)
+
+    def save_scene_descriptors(self, folder: str, scene_id: int) -> str:
+        return save_descriptors(folder, self.scene_names[scene_id], self.coefficients(scene_id))
+
+    def load_initial_weights(self, ckpt: dict, path: str) -> None:
+        state = {k: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        missing = [k for k in missing if k.startswith("model.")]
+        if missing or unexpected:
+            raise ValueError(
+                f"checkpoint {path} does not fit this NPBG++ model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+        log.info("loaded NPBG++ weights from %s", path)

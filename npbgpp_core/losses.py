@@ -1,0 +1,213 @@
+"""Training losses (SPEC section 5): VGG-19 perceptual L1 (local torchvision-format weights,
+max pools replaced by average pools, features relu1_1..relu5_1) plus L1 between the 4x
+downsampled render and target. Without VGG weights: L1 + SSIM instead (announced once).
+Masks mark valid pixels; pixels outside them never contribute.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+# torchvision `features` indices: convs and the ReLU after which a feature is taken.
+_VGG_CFG = {
+    "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
+    "vgg19": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
+              512, 512, 512, 512, "M"],
+}
+VGG19_LAYERS = (1, 6, 11, 20, 29)  # relu1_1, relu2_1, relu3_1, relu4_1, relu5_1
+VGG16_LAYERS = (3, 8, 15, 22, 29)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
+    """Tensors from a local ``.safetensors`` or torch file (loaded with weights_only=True)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file not found: {path}")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any parse failure is a bad file
+        raise ValueError(f"cannot read weights file {path}: {exc}") from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} does not hold a state dict (got {type(state).__name__})")
+    return state
+
+
+class VGGFeatures(nn.Module):
+    """The convolutional part of torchvision's VGG, cut after the last requested ReLU."""
+
+    def __init__(self, arch: str, layers: tuple[int, ...], pool: str = "avg"):
+        super().__init__()
+        self.layers = tuple(layers)
+        modules: list[nn.Module] = []
+        in_ch = 3
+        for v in _VGG_CFG[arch]:
+            if len(modules) > max(self.layers):
+                break
+            if v == "M":
+                modules.append(nn.AvgPool2d(2, 2) if pool == "avg" else nn.MaxPool2d(2, 2))
+            else:
+                modules += [nn.Conv2d(in_ch, int(v), 3, padding=1), nn.ReLU(inplace=False)]
+                in_ch = int(v)
+        self.body = nn.Sequential(*modules[: max(self.layers) + 1])
+        self.register_buffer("mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    def load_file(self, path: str) -> None:
+        """Load torchvision-format weights: keys ``features.<i>.weight`` (full model) or ``<i>.weight``."""
+        state = load_state_dict_file(path)
+        own = {}
+        for i, m in enumerate(self.body):
+            if isinstance(m, nn.Conv2d):
+                for name in ("weight", "bias"):
+                    for key in (f"features.{i}.{name}", f"{i}.{name}"):
+                        if key in state:
+                            own[f"{i}.{name}"] = state[key]
+                            break
+                    else:
+                        raise ValueError(f"{path}: missing VGG key features.{i}.{name} (torchvision layout expected)")
+        try:
+            self.body.load_state_dict(own)
+        except RuntimeError as exc:
+            raise ValueError(f"{path}: VGG weights do not fit: {exc}") from exc
+
+    def forward(self, x: torch.Tensor, normalize: bool = True) -> list[torch.Tensor]:
+        if normalize:
+            x = (x - self.mean) / self.std
+        out = []
+        for i, m in enumerate(self.body):
+            x = m(x)
+            if i in self.layers:
+                out.append(x)
+        return out
+
+
+def masked_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean absolute error over valid pixels (mask (B,1,H,W) of 0/1; None = all valid)."""
+    diff = (pred - target).abs()
+    if mask is None:
+        return diff.mean()
+    weight = mask.expand_as(diff)
+    return (diff * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+def downsample(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """Average-pool by ``factor`` (no-op for 1)."""
+    return x if factor == 1 else F.avg_pool2d(x, factor, factor, ceil_mode=True)
+
+
+def masked_l1_downsampled(pred, target, mask, factor: int) -> torch.Tensor:
+    """L1 after ``factor``x average downsampling; the mask is downsampled too (partial pixels weigh less)."""
+    if mask is None:
+        return masked_l1(downsample(pred, factor), downsample(target, factor))
+    m = downsample(mask, factor)
+    p = downsample(pred * mask, factor)
+    t = downsample(target * mask, factor)
+    diff = (p - t).abs()
+    return diff.sum() / m.expand_as(diff).sum().clamp_min(1e-6)
+
+
+def ssim_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """1 - mean SSIM (Gaussian 11x11, sigma 1.5; falls back to a 3x3 window on tiny crops)."""
+    from .metrics import gaussian_window
+
+    size = 11 if min(pred.shape[-2:]) >= 11 else 3
+    c = pred.shape[1]
+    g = gaussian_window(size, 1.5).to(pred)
+    win = (g[:, None] * g[None, :]).expand(c, 1, size, size)
+    if mask is not None:
+        pred, target = pred * mask, target * mask
+
+    def blur(x):
+        return F.conv2d(x, win, groups=c)
+
+    mu_x, mu_y = blur(pred), blur(target)
+    sxx = blur(pred * pred) - mu_x**2
+    syy = blur(target * target) - mu_y**2
+    sxy = blur(pred * target) - mu_x * mu_y
+    c1, c2 = 0.01**2, 0.03**2
+    s = ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (sxx + syy + c2))
+    return 1.0 - s.mean()
+
+
+class RenderLoss(nn.Module):
+    """``vgg_weight * perceptual + l1_weight * L1(4x down)``; without VGG weights
+    ``l1_weight * (L1(4x down) + ssim_weight * (1 - SSIM))``.
+
+    ``mode`` says which one is active ("vgg" or "l1+ssim") and ``message`` why.
+    """
+
+    def __init__(
+        self,
+        vgg_weights: str | None = None,
+        vgg_weight: float = 1.0,
+        l1_weight: float = 2500.0,
+        l1_downsample: int = 4,
+        ssim_weight: float = 0.2,
+    ):
+        super().__init__()
+        self.vgg_weight, self.l1_weight = float(vgg_weight), float(l1_weight)
+        self.l1_downsample, self.ssim_weight = int(l1_downsample), float(ssim_weight)
+        self.vgg: VGGFeatures | None = None
+        if vgg_weights:
+            self.vgg = VGGFeatures("vgg19", VGG19_LAYERS, pool="avg")
+            self.vgg.load_file(vgg_weights)
+            self.vgg.eval()
+            self.mode = "vgg"
+            self.message = (
+                f"loss: VGG-19 perceptual L1 (weights {vgg_weights}) + {l1_weight:g} x L1 at 1/{l1_downsample}"
+            )
+        else:
+            self.mode = "l1+ssim"
+            self.message = (
+                "loss: no VGG-19 weights configured (loss.vgg_weights=<local torchvision vgg19 file>): "
+                f"using {l1_weight:g} x (L1 at 1/{l1_downsample} + {ssim_weight:g} x (1 - SSIM)) instead of the "
+                "perceptual loss"
+            )
+
+    def train(self, mode: bool = True) -> RenderLoss:
+        super().train(mode)
+        if self.vgg is not None:
+            self.vgg.eval()  # frozen feature extractor
+        return self
+
+    def perceptual(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        assert self.vgg is not None
+        if mask is not None:
+            pred, target = pred * mask, target * mask
+        total = pred.new_zeros(())
+        for fp, ft in zip(self.vgg(pred), self.vgg(target), strict=True):
+            total = total + (fp - ft).abs().mean()
+        return total
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Loss of a batch (B,3,H,W) against targets (B,3,H,W); mask (B,1,H,W) of valid pixels."""
+        if pred.shape != target.shape:
+            raise ValueError(f"render {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
+        l1 = masked_l1_downsampled(pred, target, mask, self.l1_downsample)
+        if self.vgg is not None:
+            return self.vgg_weight * self.perceptual(pred, target, mask) + self.l1_weight * l1
+        return self.l1_weight * (l1 + self.ssim_weight * ssim_loss(pred, target, mask))
+
+
+def multiscale_l1(
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None, factors=(1, 2, 4)
+) -> torch.Tensor:
+    """Sum of masked L1 at full, 1/2 and 1/4 resolution (coefficient fine-tuning)."""
+    return sum(masked_l1_downsampled(pred, target, mask, f) for f in factors)

@@ -1,0 +1,72 @@
+"""Tiny NeRF-Synthetic-layout scenes for the trainer tests, made without Blender: a
+coloured sphere seen by cameras on a ring, images from the project's own rasterizer
+(a dense cloud, so every object pixel is covered), a sparse point cloud beside them."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+from npbgpp_core import Camera, rasterize, save_ply
+
+
+def sphere_points(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    p = rng.normal(size=(n, 3))
+    return (p / np.linalg.norm(p, axis=1, keepdims=True)).astype(np.float32)
+
+
+def sphere_colors(p: np.ndarray) -> np.ndarray:
+    """A smooth pattern so views differ and there is something to learn."""
+    return np.stack([0.5 + 0.4 * np.sin(3 * p[:, 0]), 0.5 + 0.4 * np.cos(2 * p[:, 1]),
+                     0.5 + 0.4 * p[:, 2]], 1).astype(np.float32)
+
+
+def make_tiny_scene(
+    folder: str, views: int = 6, size: int = 32, n_points: int = 300, seed: int = 0,
+    splits: tuple[int, int, int] = (4, 1, 1),
+) -> str:
+    """Write ``folder`` (transforms_{train,val,test}.json, RGBA PNGs, points3d.ply); returns it."""
+    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+    dense = sphere_points(20000, seed + 1)
+    dense_t = torch.from_numpy(dense)
+    dense_c = sphere_colors(dense)
+    fov = 50.0
+    frames = []
+    for i in range(views):
+        a = 2 * math.pi * i / views
+        eye = (3.0 * math.sin(a), 0.6 + 0.2 * (i % 2), -3.0 * math.cos(a))
+        cam = Camera.look_at(eye=eye, target=(0, 0, 0), fov_x_deg=fov, image_size=(size, size))
+        index = rasterize(dense_t, cam, scales=(1.0,))[0].numpy()
+        rgba = np.zeros((size, size, 4), np.float32)
+        hit = index >= 0
+        rgba[hit, :3] = dense_c[index[hit]]
+        rgba[hit, 3] = 1.0
+        name = f"images/r_{i}"
+        Image.fromarray((rgba * 255 + 0.5).astype(np.uint8)).save(os.path.join(folder, name + ".png"))
+        _, R_cv, t_cv = cam.to_opencv()
+        w2c = np.eye(4)
+        w2c[:3, :3], w2c[:3, 3] = R_cv, t_cv
+        c2w = np.linalg.inv(w2c) @ np.diag([1.0, -1.0, -1.0, 1.0])  # OpenCV -> OpenGL camera axes
+        frames.append({"file_path": "./" + name, "transform_matrix": c2w.tolist()})
+    start = 0
+    for split, count in zip(("train", "val", "test"), splits, strict=True):
+        meta = {"camera_angle_x": math.radians(fov), "frames": frames[start : start + count]}
+        start += count
+        with open(os.path.join(folder, f"transforms_{split}.json"), "w") as f:
+            json.dump(meta, f)
+    pts = sphere_points(n_points, seed + 2)
+    save_ply(os.path.join(folder, "points3d.ply"), pts, sphere_colors(pts))
+    return folder
+
+
+def make_dataset(root: str, names: tuple[str, ...] = ("sceneA",), **kwargs) -> str:
+    """A data_root holding one tiny scene per name."""
+    for k, name in enumerate(names):
+        make_tiny_scene(os.path.join(root, name), seed=10 * k, **kwargs)
+    return root

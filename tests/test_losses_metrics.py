@@ -1,0 +1,165 @@
+"""Losses and metrics against hand-computed values and a brute-force SSIM."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from npbgpp_core.losses import (
+    VGG19_LAYERS,
+    RenderLoss,
+    VGGFeatures,
+    masked_l1,
+    masked_l1_downsampled,
+    multiscale_l1,
+)
+from npbgpp_core.metrics import MetricSuite, crop_border, mean_finite, psnr, ssim
+
+
+def brute_force_ssim(x: np.ndarray, y: np.ndarray, size: int = 11, sigma: float = 1.5) -> float:
+    """SSIM with explicit loops over every valid 11x11 window (Wang et al. 2004)."""
+    ax = np.arange(size) - (size - 1) / 2
+    g = np.exp(-(ax**2) / (2 * sigma**2))
+    w = np.outer(g, g)
+    w /= w.sum()
+    c1, c2 = 0.01**2, 0.03**2
+    vals = []
+    for c in range(x.shape[0]):
+        for i in range(x.shape[1] - size + 1):
+            for j in range(x.shape[2] - size + 1):
+                a = x[c, i : i + size, j : j + size]
+                b = y[c, i : i + size, j : j + size]
+                ma, mb = (w * a).sum(), (w * b).sum()
+                va, vb = (w * (a - ma) ** 2).sum(), (w * (b - mb) ** 2).sum()
+                cov = (w * (a - ma) * (b - mb)).sum()
+                vals.append(((2 * ma * mb + c1) * (2 * cov + c2)) / ((ma**2 + mb**2 + c1) * (va + vb + c2)))
+    return float(np.mean(vals))
+
+
+def test_psnr_hand_computed():
+    gt = torch.full((3, 8, 8), 0.5)
+    assert psnr(gt + 0.1, gt)[0].item() == pytest.approx(20.0, abs=1e-4)  # mse 0.01 -> 20 dB
+    assert math.isinf(psnr(gt, gt)[0].item())
+
+
+def test_ssim_matches_brute_force():
+    rng = np.random.default_rng(0)
+    x = rng.random((2, 16, 15))
+    y = np.clip(x + 0.2 * rng.standard_normal(x.shape), 0, 1)
+    ours = ssim(torch.from_numpy(x).float(), torch.from_numpy(y).float())[0].item()
+    assert ours == pytest.approx(brute_force_ssim(x, y), abs=1e-5)
+    assert ssim(torch.from_numpy(x), torch.from_numpy(x))[0].item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_crop_border_and_mean():
+    img = torch.arange(2 * 50 * 60, dtype=torch.float32).reshape(2, 50, 60)
+    out = crop_border(img, 20)
+    assert out.shape == (2, 10, 20) and out[0, 0, 0] == img[0, 20, 20]
+    with pytest.raises(ValueError, match="border"):
+        crop_border(img, 25)
+    assert mean_finite([1.0, None, float("inf"), 3.0]) == 2.0
+
+
+def test_masked_l1_ignores_invalid_pixels():
+    pred = torch.zeros(1, 3, 4, 4)
+    target = torch.ones(1, 3, 4, 4)
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[..., :2, :] = 1
+    pred[..., 2:, :] = 123.0  # garbage where the mask is 0 must not matter
+    target[..., 2:, :] = -7.0
+    assert masked_l1(pred, target, mask).item() == pytest.approx(1.0)
+    assert masked_l1_downsampled(pred, target, mask, 2).item() == pytest.approx(1.0)
+
+
+def test_l1_downsampled_is_block_mean():
+    rng = torch.Generator().manual_seed(0)
+    pred, target = torch.rand(1, 3, 8, 8, generator=rng), torch.rand(1, 3, 8, 8, generator=rng)
+    p4 = pred.reshape(1, 3, 2, 4, 2, 4).mean((3, 5))
+    t4 = target.reshape(1, 3, 2, 4, 2, 4).mean((3, 5))
+    expected = (p4 - t4).abs().mean()
+    assert masked_l1_downsampled(pred, target, None, 4).item() == pytest.approx(expected.item(), rel=1e-6)
+    both = multiscale_l1(pred, target, None, (1, 4))
+    assert both.item() == pytest.approx((pred - target).abs().mean().item() + expected.item(), rel=1e-6)
+
+
+def _random_vgg19_file(path, seed=0) -> dict:
+    torch.manual_seed(seed)
+    ref = VGGFeatures("vgg19", VGG19_LAYERS)
+    state = {f"features.{k}": v.clone() for k, v in ref.body.state_dict().items()}
+    state["classifier.0.weight"] = torch.zeros(2, 2)  # a full torchvision file has more keys
+    torch.save(state, path)
+    return state
+
+
+def test_render_loss_without_vgg_announces_fallback():
+    loss = RenderLoss(vgg_weights=None)
+    assert loss.mode == "l1+ssim" and "no VGG-19 weights" in loss.message
+    x = torch.rand(2, 3, 16, 16)
+    assert loss(x, x).item() == pytest.approx(0.0, abs=1e-5)
+    assert loss(x, 1 - x).item() > 0
+
+
+def test_render_loss_with_local_vgg_weights(tmp_path):
+    path = str(tmp_path / "vgg19.pth")
+    state = _random_vgg19_file(path)
+    loss = RenderLoss(vgg_weights=path, l1_weight=0.0)
+    assert loss.mode == "vgg"
+    torch.testing.assert_close(loss.vgg.body[0].weight, state["features.0.weight"])
+    pools = [type(m).__name__ for m in loss.vgg.body if "Pool" in type(m).__name__]
+    assert pools == ["AvgPool2d"] * 4  # relu5_1 comes after the 4th pool; max pools replaced
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.rand(1, 3, 32, 32, generator=g), torch.rand(1, 3, 32, 32, generator=g)
+    assert loss(x, x).item() == 0.0
+    mask = torch.ones(1, 1, 32, 32)
+    mask[..., 16:] = 0
+    y2 = y.clone()
+    y2[..., 16:] = x[..., 16:] + 0.5  # change only masked-out pixels
+    assert loss(x, y, mask).item() == pytest.approx(loss(x, y2, mask).item(), rel=1e-6)
+    # Hand check of the first feature: relu1_1 = relu(conv(normalised x)).
+    feats = loss.vgg(x)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    ref = torch.relu(torch.nn.functional.conv2d((x - mean) / std, state["features.0.weight"],
+                                                state["features.0.bias"], padding=1))
+    torch.testing.assert_close(feats[0], ref)
+    assert [f.shape[1] for f in feats] == [64, 128, 256, 512, 512]
+
+
+def test_vgg_weights_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        RenderLoss(vgg_weights=str(tmp_path / "nope.pth"))
+    bad = tmp_path / "bad.pth"
+    torch.save({"features.0.weight": torch.zeros(64, 3, 3, 3)}, bad)
+    with pytest.raises(ValueError, match="features.0.bias"):
+        RenderLoss(vgg_weights=str(bad))
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="garbage.pth"):
+        RenderLoss(vgg_weights=str(garbage))
+
+
+def test_lpips_skipped_without_weights_and_computed_with_them(tmp_path):
+    suite = MetricSuite.create(None, None)
+    x = torch.rand(3, 24, 24)
+    m = suite(x, x)
+    assert m["lpips"] is None and "LPIPS skipped" in suite.lpips_skip_reason
+    assert m["ssim"] == pytest.approx(1.0)
+
+    from npbgpp_core.losses import VGG16_LAYERS
+
+    torch.manual_seed(0)
+    vgg = VGGFeatures("vgg16", VGG16_LAYERS, pool="max")
+    torch.save({f"features.{k}": v for k, v in vgg.body.state_dict().items()}, tmp_path / "vgg16.pth")
+    lin = {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate((64, 128, 256, 512, 512))}
+    torch.save(lin, tmp_path / "lin.pth")
+    suite = MetricSuite.create(str(tmp_path / "vgg16.pth"), str(tmp_path / "lin.pth"))
+    assert suite.lpips is not None and suite.lpips_skip_reason is None
+    y = torch.rand(3, 24, 24)
+    assert suite(x, x)["lpips"] == pytest.approx(0.0, abs=1e-6)
+    d1, d2 = suite(x, y)["lpips"], suite(y, x)["lpips"]
+    assert d1 > 0 and d1 == pytest.approx(d2, rel=1e-5)
+    missing = MetricSuite.create(str(tmp_path / "vgg16.pth"), str(tmp_path / "missing.pth"))
+    assert missing.lpips is None and "missing.pth" in missing.lpips_skip_reason

@@ -1,0 +1,83 @@
+"""Checkpoint files: atomic writes survive a full disk, corrupt / foreign checkpoints are
+refused with the file named, descriptor files round-trip."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+import torch
+
+from headless_train import checkpoints as ck
+
+
+def _full_disk_after(nbytes: int):
+    def writer(fileobj, data: bytes) -> None:
+        fileobj.write(data[:nbytes])  # part of the file reaches the disk, then it is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    return writer
+
+
+def test_atomic_write_keeps_previous_file_on_full_disk(tmp_path, monkeypatch):
+    path = str(tmp_path / "last.ckpt")
+    ck.atomic_torch_save({"state_dict": {"w": torch.ones(3)}, "global_step": 7}, path)
+    before = open(path, "rb").read()
+    monkeypatch.setattr(ck, "_write_bytes", _full_disk_after(10))
+    with pytest.raises(OSError, match="disk full") as info:
+        ck.atomic_torch_save({"state_dict": {"w": torch.zeros(3)}, "global_step": 8}, path)
+    assert info.value.errno == errno.ENOSPC
+    assert open(path, "rb").read() == before
+    assert os.listdir(tmp_path) == ["last.ckpt"]  # no temp file left behind
+    assert ck.load_checkpoint_file(path)["global_step"] == 7
+
+
+def test_checkpoint_io_used_by_lightning_is_atomic(tmp_path, monkeypatch):
+    io = ck.AtomicCheckpointIO()
+    path = tmp_path / "epoch0.ckpt"
+    io.save_checkpoint({"state_dict": {"a": torch.arange(4)}}, path)
+    monkeypatch.setattr(ck, "_write_bytes", _full_disk_after(3))
+    with pytest.raises(OSError):
+        io.save_checkpoint({"state_dict": {"a": torch.zeros(4)}}, path)
+    torch.testing.assert_close(io.load_checkpoint(path)["state_dict"]["a"], torch.arange(4))
+
+
+def test_corrupt_and_missing_checkpoints_are_named(tmp_path):
+    bad = tmp_path / "broken.ckpt"
+    bad.write_bytes(b"\x00garbage")
+    with pytest.raises(ck.CheckpointError, match="broken.ckpt.*corrupt"):
+        ck.load_checkpoint_file(str(bad))
+    with pytest.raises(ck.CheckpointError, match="not found.*nothere.ckpt"):
+        ck.load_checkpoint_file(str(tmp_path / "nothere.ckpt"))
+    torch.save({"weights": 1}, tmp_path / "plain.ckpt")
+    with pytest.raises(ck.CheckpointError, match="no state_dict"):
+        ck.load_checkpoint_file(str(tmp_path / "plain.ckpt"))
+
+
+def test_system_compatibility():
+    npbg = {"state_dict": {}, "npbgpp": {"system": "npbg", "config": {}}}
+    sphere = {"state_dict": {}, "npbgpp": {"system": "npbgpp", "config": {"aggregator": "sphere"}}}
+    with pytest.raises(ck.CheckpointError, match="trained by system 'npbg'.*'npbgpp'"):
+        ck.check_compatible(npbg, "x.ckpt", "npbgpp")
+    assert ck.check_compatible(sphere, "x.ckpt", "coefficients_ft") == "npbgpp"
+    assert ck.check_compatible(sphere, "x.ckpt", "npbgpp", {"aggregator": "sphere"}) == "npbgpp"
+    with pytest.raises(ck.CheckpointError, match="aggregator 'sphere'"):
+        ck.check_compatible(sphere, "x.ckpt", "npbgpp", {"aggregator": "mean"})
+    with pytest.raises(ck.CheckpointError, match="not written by headless_train"):
+        ck.check_compatible({"state_dict": {}}, "x.ckpt", "npbg")
+
+
+def test_descriptor_files_round_trip(tmp_path):
+    t = torch.randn(5, 56, dtype=torch.float64)
+    path = ck.save_descriptors(str(tmp_path / "descriptors"), "scan118", t)
+    assert path.endswith(os.path.join("descriptors", "scan118"))
+    back = ck.load_descriptors(str(tmp_path / "descriptors"), "scan118", n_points=5)
+    assert back.dtype == torch.float32
+    torch.testing.assert_close(back, t.float())
+    torch.save(torch.ones(4, 8), tmp_path / "descriptors" / "plain")  # published-style plain tensor
+    assert ck.load_descriptors(str(tmp_path / "descriptors"), "plain").shape == (4, 8)
+    with pytest.raises(ValueError, match="5 rows but the scene's cloud has 6"):
+        ck.load_descriptors(str(tmp_path / "descriptors"), "scan118", n_points=6)
+    with pytest.raises(FileNotFoundError, match="missing"):
+        ck.load_descriptors(str(tmp_path / "descriptors"), "missing")

@@ -1,0 +1,217 @@
+"""Config tree and command lines: every published command line parses (Hydra ``--cfg job``),
+unknown keys are named, trainer.gpus maps onto Lightning, scene rotation is seeded."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from headless_train.data import DataConfigError, discover_scene_dirs, scenes_for_epoch, scenes_for_rank
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The published command lines (seed README), ``python train_net.py`` replaced by ``python -m headless_train``.
+SEED_LINES = r"""
+trainer.gpus=4 hydra.run.dir=experiments/npbgpp_scannet datasets=scannet_pretrain datasets.n_point=6e6 \
+system=npbgpp_sphere system.visibility_scale=0.5 trainer.max_epochs=39 dataloader.train_data_mode=each \
+trainer.reload_dataloaders_every_n_epochs=1
+trainer.gpus=4 hydra.run.dir=experiments/npbgpp_nerf datasets=nerf_blender_pretrain system=npbgpp_sphere \
+system.visibility_scale=1.0 trainer.max_epochs=24 dataloader.train_data_mode=each \
+weights_path=experiments/npbgpp_scannet/checkpoints/epoch38.ckpt
+trainer.gpus=4 hydra.run.dir=experiments/npbgpp_h3ds datasets=h3ds_pretrain system=npbgpp_sphere \
+system.visibility_scale=1.0 trainer.max_epochs=24 dataloader.train_data_mode=each \
+trainer.reload_dataloaders_every_n_epochs=1 weights_path=experiments/npbgpp_scannet/checkpoints/epoch38.ckpt
+trainer.gpus=4 hydra.run.dir=experiments/npbgpp_dtu datasets=dtu_pretrain system=npbgpp_sphere \
+system.visibility_scale=1.0 trainer.max_epochs=36 dataloader.train_data_mode=each \
+trainer.reload_dataloaders_every_n_epochs=1  weights_path=experiments/npbgpp_scannet/checkpoints/epoch38.ckpt
+trainer.gpus=1 hydra.run.dir=experiments/npbgpp_eval_scan118 datasets=dtu_one_scene \
+datasets.data_root=$\{hydra:runtime.cwd\}/example/DTU_masked datasets.scene_name=scan118 system=npbgpp_sphere \
+system.visibility_scale=1.0 weights_path=./checkpoints/npbgpp_dtu_nm_mvs_ft_epoch35.ckpt eval_only=true \
+dataloader=small
+trainer.gpus=1 hydra.run.dir=experiments/npbgpp_5ae021f2805c0854_ft datasets=h3ds_one_scene \
+datasets.data_root=$\{hydra:runtime.cwd\}/example/H3DS datasets.selection_count=0 \
+datasets.train_num_samples=2000 datasets.train_image_size=null datasets.train_random_shift=false \
+datasets.train_random_zoom=[0.5,2.0] datasets.scene_name=5ae021f2805c0854 system=coefficients_ft \
+system.max_points=1e6 system.descriptors_save_dir=$\{hydra:run.dir\}/descriptors trainer.max_epochs=20 \
+system.descriptors_pretrained_dir=experiments/npbgpp_eval_5ae021f2805c0854/descriptors \
+weights_path=$\{hydra:runtime.cwd\}/checkpoints/npbgpp_h3ds.ckpt dataloader=small
+trainer.gpus=1 hydra.run.dir=experiments/npbgpp_5ae021f2805c0854_test datasets=h3ds_one_scene \
+datasets.data_root=$\{hydra:runtime.cwd\}/example/H3DS datasets.selection_count=0 \
+datasets.scene_name=5ae021f2805c0854 system=coefficients_ft system.max_points=1e6 \
+system.descriptors_save_dir=$\{hydra:run.dir\}/descriptors \
+system.descriptors_pretrained_dir=experiments/npbgpp_5ae021f2805c0854_ft/descriptors \
+weights_path=experiments/npbgpp_5ae021f2805c0854_ft/checkpoints/last.ckpt dataloader=small eval_only=true
+trainer.gpus=4 hydra.run.dir=experiments/npbg_scannet datasets=scannet_pretrain \
+datasets.train_random_zoom=[0.5,2.0] datasets.train_image_size=512 datasets.selection_count=0 system=npbg \
+system.descriptors_save_dir=experiments/npbg_scannet/result/descriptors trainer.max_epochs=39 \
+dataloader.train_data_mode=each trainer.reload_dataloaders_every_n_epochs=1 trainer.limit_val_batches=0 \
+system.max_points=11e6
+trainer.gpus=4 hydra.run.dir=experiments/npbg_nerf datasets=nerf_blender_pretrain \
+datasets.train_random_zoom=[0.5,2.0] datasets.train_image_size=512 datasets.selection_count=0 system=npbg \
+system.descriptors_save_dir=experiments/npbg_nerf/result/descriptors trainer.max_epochs=24 \
+dataloader.train_data_mode=each trainer.reload_dataloaders_every_n_epochs=1 trainer.limit_val_batches=0 \
+system.max_points=4e6
+trainer.gpus=4 hydra.run.dir=experiments/npbg_h3ds datasets=h3ds_pretrain datasets.train_random_zoom=[0.5,2.0] \
+datasets.train_image_size=null datasets.train_random_shift=false datasets.selection_count=0 system=npbg \
+system.descriptors_save_dir=experiments/npbg_h3ds/result/descriptors trainer.max_epochs=24 \
+dataloader.train_data_mode=each trainer.reload_dataloaders_every_n_epochs=1 trainer.limit_val_batches=0 \
+system.max_points=3e6  # Submitted batch job 1175175
+trainer.gpus=4 hydra.run.dir=experiments/npbg_dtu_nm datasets=dtu_pretrain \
+datasets.train_random_zoom=[0.5,2.0] datasets.train_image_size=512 datasets.selection_count=0 system=npbg \
+system.descriptors_save_dir=experiments/npbg_dtu_nm/result/descriptors trainer.max_epochs=36 \
+dataloader.train_data_mode=each trainer.reload_dataloaders_every_n_epochs=1 trainer.limit_val_batches=0 \
+system.max_points=3e6
+trainer.gpus=4 hydra.run.dir=experiments/npbg_scannet_0045 datasets=scannet_one_scene \
+datasets.scene_name=scene0045_00 datasets.n_point=6e6 datasets.train_random_zoom=[0.5,2.0] \
+datasets.train_image_size=512 datasets.selection_count=0 system=npbg \
+system.descriptors_save_dir=experiments/npbg_scannet_0045/result/descriptors \
+system.max_scenes_per_train_epoch=1 trainer.max_epochs=20 \
+weights_path=experiments/npbg_scannet/result/checkpoints/epoch38.ckpt system.max_points=6e6
+trainer.gpus=4 hydra.run.dir=experiments/npbg_nerf_hotdog datasets=nerf_blender_one_scene \
+datasets.scene_name=hotdog datasets.train_random_zoom=[0.5,2.0] datasets.train_image_size=512 \
+datasets.selection_count=0 system=npbg \
+system.descriptors_save_dir=npbgplusplus/experiments/npbg_nerf_hotdog/result/descriptors \
+system.max_scenes_per_train_epoch=1 trainer.max_epochs=20 \
+weights_path=experiments/npbg_nerf/result/checkpoints/epoch23.ckpt system.max_points=4e6
+trainer.gpus=4 hydra.run.dir=experiments/npbg_h3ds_5ae021f2805c0854 datasets=h3ds_one_scene \
+datasets.scene_name=5ae021f2805c0854 datasets.train_random_zoom=[0.5,2.0] datasets.train_image_size=null \
+datasets.train_random_shift=false datasets.selection_count=0 system=npbg \
+system.descriptors_save_dir=experiments/npbg_h3ds_5ae021f2805c0854/result/descriptors \
+system.max_scenes_per_train_epoch=1 trainer.max_epochs=20 \
+weights_path=experiments/npbg_h3ds/result/checkpoints/epoch23.ckpt system.max_points=3e6
+trainer.gpus=4 hydra.run.dir=experiments/npbg_dtu_nm_scan110 datasets=dtu_one_scene \
+datasets.scene_name=scan110 datasets.train_random_zoom=[0.5,2.0] datasets.train_image_size=512 \
+datasets.selection_count=0 system=npbg \
+system.descriptors_save_dir=experiments/npbg_dtu_nm_scan110/result/descriptors \
+system.max_scenes_per_train_epoch=1 trainer.max_epochs=20 \
+weights_path=experiments/npbg_dtu_nm/result/checkpoints/epoch35.ckpt system.max_points=3e6
+""".strip().replace(" \\\n", " ").splitlines()
+
+
+def cfg_job(args: list[str], cwd: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, "-m", "headless_train", *args, "--cfg", "job", "--resolve"],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def _value(d: dict, dotted: str):
+    for part in dotted.split("."):
+        d = d[part]
+    return d
+
+
+@pytest.mark.parametrize("line", SEED_LINES, ids=[f"seed{i}" for i in range(len(SEED_LINES))])
+def test_seed_command_line_parses(line, tmp_path):
+    args = shlex.split(line, comments=True)
+    if not any(a.startswith("datasets.data_root=") for a in args):
+        args.append(f"datasets.data_root={tmp_path}/data")  # point at test data
+    proc = cfg_job(args, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    cfg = yaml.safe_load(proc.stdout)
+    for a in args:
+        key, value = a.split("=", 1)
+        if key.startswith("hydra.") or key in ("datasets", "system", "dataloader"):
+            continue
+        got = _value(cfg, key)
+        if "${hydra:runtime.cwd}" in value:
+            assert got == value.replace("${hydra:runtime.cwd}", str(tmp_path))
+        elif "${hydra:run.dir}" in value:
+            run_dir = next(x.split("=", 1)[1] for x in args if x.startswith("hydra.run.dir="))
+            assert got == value.replace("${hydra:run.dir}", run_dir)
+        else:
+            assert str(got).lower() == str(yaml.safe_load(value)).lower() or float(got) == float(value)
+    system = next(a.split("=", 1)[1] for a in args if a.startswith("system="))
+    assert cfg["system"]["name"] == {"npbgpp_sphere": "npbgpp", "npbg": "npbg"}.get(system, system)
+
+
+def test_unknown_key_is_named(tmp_path):
+    proc = cfg_job(["trainer.gpuz=1"], cwd=str(tmp_path))
+    assert proc.returncode != 0 and "trainer.gpuz" in proc.stderr
+    proc = cfg_job(["system=npbg", "system.aggregator=mean"], cwd=str(tmp_path))
+    assert proc.returncode != 0 and "system.aggregator" in proc.stderr
+    proc = cfg_job(["datasets=no_such_dataset"], cwd=str(tmp_path))
+    assert proc.returncode != 0 and "no_such_dataset" in proc.stderr
+
+
+def test_trainer_gpus_maps_to_lightning():
+    from pytorch_lightning.strategies import DDPStrategy
+
+    from headless_train.cli import UsageError, trainer_kwargs
+
+    base = {"max_epochs": 2, "max_steps": -1, "limit_train_batches": 1.0, "limit_val_batches": 0,
+            "check_val_every_n_epoch": 1, "reload_dataloaders_every_n_epochs": 1, "log_every_n_steps": 5,
+            "enable_progress_bar": False, "num_sanity_val_steps": 0}
+    kw = trainer_kwargs({**base, "gpus": 0}, "npbg")
+    assert kw["accelerator"] == "cpu" and kw["devices"] == 1 and kw["strategy"] == "auto"
+    kw = trainer_kwargs({**base, "gpus": 0, "cpu_processes": 2, "strategy": "auto"}, "npbg")
+    assert kw["devices"] == 2 and isinstance(kw["strategy"], DDPStrategy)
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="trainer.gpus=4"):
+            trainer_kwargs({**base, "gpus": 4}, "npbg")
+
+
+def test_scene_rotation_is_a_seeded_permutation():
+    epochs = [scenes_for_epoch(10, 4, e, seed=3407) for e in range(5)]
+    assert all(len(e) == 4 for e in epochs)
+    first_pass = epochs[0] + epochs[1] + epochs[2][:2]
+    assert sorted(first_pass) == list(range(10))  # every scene once before any repeats
+    assert epochs == [scenes_for_epoch(10, 4, e, seed=3407) for e in range(5)]
+    assert scenes_for_epoch(10, 4, 0, seed=1) != epochs[0] or scenes_for_epoch(10, 4, 1, seed=1) != epochs[1]
+    assert scenes_for_epoch(3, None, 0, 0) == [0, 1, 2]
+    assert scenes_for_rank([5, 7, 9, 11], 1, 2, "each") == [7, 11]
+    assert scenes_for_rank([5], 1, 2, "each") == [5]
+    assert scenes_for_rank([5, 7], 1, 2, "all") == [5, 7]
+
+
+def test_scene_discovery_errors_name_the_folder(tmp_path):
+    with pytest.raises(DataConfigError, match="dataset folder not found.*missing_root"):
+        discover_scene_dirs({"data_root": str(tmp_path / "missing_root")})
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    assert [n for n, _ in discover_scene_dirs({"data_root": str(tmp_path)})] == ["a", "b"]
+    assert [n for n, _ in discover_scene_dirs({"data_root": str(tmp_path), "exclude_scenes": ["a"]})] == ["b"]
+    with pytest.raises(DataConfigError, match="scan999"):
+        discover_scene_dirs({"data_root": str(tmp_path), "scene_name": "scan999"})
+    with pytest.raises(DataConfigError, match="c"):
+        discover_scene_dirs({"data_root": str(tmp_path), "scene_names": ["a", "c"]})
+
+
+def test_input_views_are_cropped_around_the_target_content(tmp_path):
+    import numpy as np
+    import torch
+    from _train_fixtures import make_tiny_scene
+
+    from headless_train.data import crop_input_views
+    from npbgpp_core.datasets import load_scene, sample_crop
+
+    scene = load_scene(make_tiny_scene(str(tmp_path / "s"), views=6, size=32, n_points=3000))
+    image, _, target = sample_crop(scene, 0, np.random.default_rng(3), image_size=8, zoom_range=(4.0, 4.0),
+                                 random_shift=False)
+    assert target.image_size == (8, 8)
+    points = torch.from_numpy(scene.points)
+    images, cams = crop_input_views(scene, [1, 2], target, points)
+    for k, (img, cam) in enumerate(zip(images, cams, strict=True)):
+        assert img.shape == (3, 16, 16) and cam.image_size == (16, 16)  # twice the target crop
+        full_cam = scene.views[1 + k].camera.scaled((128, 128))  # the target's zoom (4x)
+        full = scene.load_image(1 + k, (128, 128))
+        uv_full, _ = full_cam.project(points[:5])
+        uv_crop, _ = cam.project(points[:5])
+        left, top = (uv_full - uv_crop)[0].round().int().tolist()
+        torch.testing.assert_close((uv_full - uv_crop), torch.tensor([[left, top]] * 5, dtype=uv_full.dtype))
+        torch.testing.assert_close(img, full[:, top : top + 16, left : left + 16])
+        # The crop is centred on what the target crop shows (the median of those points' projections).
+        uv_t, d_t = target.project(points)
+        seen = points[(d_t > 0) & (uv_t >= -0.5).all(1) & (uv_t < 7.5).all(1)]
+        assert seen.shape[0] > 0
+        uv_s, d_s = full_cam.project(seen)
+        inside = (d_s > 0) & (uv_s >= -0.5).all(1) & (uv_s < 127.5).all(1)
+        centre = uv_s[inside].median(0).values
+        assert abs(left + 8 - float(centre[0])) <= 1 or left in (0, 112)
+        assert abs(top + 8 - float(centre[1])) <= 1 or top in (0, 112)

@@ -1,0 +1,337 @@
+"""Training systems on a tiny rendered scene (32x32 images, 300 points): losses go down,
+fine-tuning / coefficient fine-tuning / evaluation / resume / export / DDP run end to end,
+bad inputs give clear errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+from _train_fixtures import make_dataset
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ["trainer.enable_progress_bar=false", "trainer.limit_val_batches=0", "dataloader=small",
+        "datasets.train_image_size=16", "datasets.train_random_zoom=[0.75,1.0]", "trainer.log_every_n_steps=1"]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> str:
+    return make_dataset(str(tmp_path_factory.mktemp("tinydata")), ("sceneA", "sceneB"))
+
+
+def cli(args: list[str], cwd: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "headless_train", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def compose_cfg(overrides: list[str]):
+    with initialize_config_module("headless_train.conf", version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+def step_count(path: str) -> int:
+    return int(torch.load(path, map_location="cpu", weights_only=False)["global_step"])
+
+
+# ------------------------------------------------------------------ in-process
+def _fixed_batch_descent(system_name: str, data_root: str, tmp_path, extra: list[str]) -> tuple[float, float]:
+    from headless_train.data import SceneDataModule
+    from headless_train.systems import build_system
+
+    torch.manual_seed(0)
+    cfg = compose_cfg([f"system={system_name}", "datasets=nerf_blender_pretrain", f"datasets.data_root={data_root}",
+                       f"system.descriptors_save_dir={tmp_path}/d", "datasets.train_num_samples=2",
+                       "datasets.color_jitter_prob=0", *FAST[1:], *extra])
+    dm = SceneDataModule(cfg, seed=3407)
+    system = build_system(OmegaConf.to_container(cfg, resolve=True), dm.scenes)
+    batch = next(iter(dm.train_dataloader()))  # fixed batch, fixed seeds: deterministic
+    opts = system.configure_optimizers()
+    opts = opts if isinstance(opts, list) else [opts]
+
+    def loss_now() -> torch.Tensor:
+        torch.manual_seed(1)  # same auxiliary-loss pixel dropout every time
+        return system.batch_loss(batch)[0]
+
+    with torch.no_grad():
+        start = float(loss_now())
+    for _ in range(4):
+        for o in opts:
+            o.zero_grad()
+        loss_now().backward()
+        for o in opts:
+            o.step()
+    with torch.no_grad():
+        end = float(loss_now())
+    return start, end
+
+
+def test_npbgpp_pretraining_lowers_the_loss(data_root, tmp_path):
+    # lr 1e-3 instead of the recipe's 1e-4 so that four steps make a clear difference.
+    start, end = _fixed_batch_descent("npbgpp_sphere", data_root, tmp_path, ["system.lr=1e-3"])
+    assert math.isfinite(start) and end < 0.85 * start
+
+
+def test_npbg_training_lowers_the_loss(data_root, tmp_path):
+    start, end = _fixed_batch_descent("npbg", data_root, tmp_path, ["datasets.selection_count=0"])
+    assert math.isfinite(start) and end < 0.8 * start
+
+
+# ------------------------------------------------------------------ end to end
+def run_inproc(overrides: list[str], run_dir: str):
+    """The CLI's run() in this process (no interpreter start-up); paths absolute."""
+    from headless_train.cli import run
+
+    if not any(o.startswith("system.descriptors_save_dir=") for o in overrides):
+        overrides = [*overrides, f"system.descriptors_save_dir={run_dir}/descriptors"]
+    return run(compose_cfg(overrides), run_dir)
+
+
+@pytest.fixture(scope="module")
+def npbgpp_run(data_root, tmp_path_factory) -> str:
+    """NPBG++ pretraining for 2 steps through ``python -m headless_train``, then resumed to 4 steps."""
+    work = str(tmp_path_factory.mktemp("npbgpp"))
+    args = ["datasets=nerf_blender_pretrain", f"datasets.data_root={data_root}",
+            "system=npbgpp_sphere", "datasets.train_num_samples=3", "trainer.max_epochs=5",
+            "dataloader.train_data_mode=each", "trainer.reload_dataloaders_every_n_epochs=1",
+            "system.max_scenes_per_train_epoch=1", *FAST]
+    proc = ok(cli(["hydra.run.dir=exp/pre", *args, "trainer.max_steps=2"], work))
+    assert "no VGG-19 weights" in proc.stdout + proc.stderr  # the fallback loss is announced
+    ckpts = os.path.join(work, "exp/pre/checkpoints")
+    assert step_count(os.path.join(ckpts, "last.ckpt")) == 2
+    run_inproc([*args, "trainer.max_steps=4", "resume=true"], os.path.join(work, "exp/pre"))
+    return work
+
+
+def test_resume_continues_the_step_count(npbgpp_run):
+    ckpts = os.path.join(npbgpp_run, "exp/pre/checkpoints")
+    assert step_count(os.path.join(ckpts, "last.ckpt")) == 4
+    ckpt = torch.load(os.path.join(ckpts, "last.ckpt"), map_location="cpu", weights_only=False)
+    assert ckpt["optimizer_states"][0]["state"]  # Adam moments travel with the checkpoint
+    assert ckpt["npbgpp"]["system"] == "npbgpp" and ckpt["npbgpp"]["config"]["aggregator"] == "sphere"
+    assert {"epoch0.ckpt", "last.ckpt"} <= set(os.listdir(ckpts))
+    assert os.listdir(os.path.join(npbgpp_run, "exp/pre/tensorboard"))
+
+
+@pytest.fixture(scope="module")
+def npbgpp_eval(npbgpp_run, data_root) -> str:
+    run_dir = os.path.join(npbgpp_run, "exp/eval")
+    run_inproc(["datasets=nerf_blender_one_scene", f"datasets.data_root={data_root}", "datasets.scene_name=sceneA",
+                "system=npbgpp_sphere", "eval_only=true", "dataloader=small",
+                f"weights_path={npbgpp_run}/exp/pre/checkpoints/last.ckpt"], run_dir)
+    return run_dir
+
+
+def test_eval_only_writes_metrics_renders_and_coefficients(npbgpp_eval):
+    with open(os.path.join(npbgpp_eval, "metrics.json")) as f:
+        metrics = json.load(f)
+    scene = metrics["scenes"]["sceneA"]
+    assert scene["views"] == 1 and "LPIPS skipped" in metrics["lpips"]
+    for image in scene["images"].values():
+        assert math.isfinite(image["psnr"]) and -1 <= image["ssim"] <= 1 and image["lpips"] is None
+    assert set(os.listdir(os.path.join(npbgpp_eval, "renders/sceneA"))) == {"r_5_pred.png", "r_5_gt.png"}
+    from headless_train.checkpoints import load_descriptors
+
+    coef = load_descriptors(os.path.join(npbgpp_eval, "descriptors"), "sceneA", n_points=300)
+    assert coef.shape == (300, 56) and torch.isfinite(coef).all() and coef.abs().sum() > 0
+
+
+def test_coefficients_ft_trains_and_evaluates(npbgpp_eval, npbgpp_run, data_root):
+    common = ["datasets=h3ds_one_scene", "datasets.format=nerf_synthetic", f"datasets.data_root={data_root}",
+              "datasets.scene_name=sceneA", "datasets.selection_count=0", "system=coefficients_ft",
+              "system.max_points=1e6", "dataloader=small", "trainer.enable_progress_bar=false"]
+    ft = os.path.join(npbgpp_run, "exp/ft")
+    run_inproc([*common, "datasets.train_num_samples=2", "datasets.train_image_size=null",
+                "datasets.train_random_shift=false", "datasets.train_random_zoom=[0.5,1.0]", "trainer.max_epochs=1",
+                f"system.descriptors_pretrained_dir={npbgpp_eval}/descriptors",
+                f"weights_path={npbgpp_run}/exp/pre/checkpoints/last.ckpt", "trainer.limit_val_batches=0"], ft)
+    from headless_train.checkpoints import load_descriptors
+
+    before = load_descriptors(os.path.join(npbgpp_eval, "descriptors"), "sceneA")
+    after = load_descriptors(os.path.join(ft, "descriptors"), "sceneA")
+    assert after.shape == before.shape and not torch.equal(after, before)  # RMSprop moved them
+    result = run_inproc([*common, f"system.descriptors_pretrained_dir={ft}/descriptors",
+                         f"weights_path={ft}/checkpoints/last.ckpt", "eval_only=true"],
+                        os.path.join(npbgpp_run, "exp/ft_test"))
+    assert math.isfinite(result["mean"]["psnr"])
+    with pytest.raises(ValueError, match="descriptors_pretrained_dir"):
+        run_inproc([*common, f"weights_path={npbgpp_run}/exp/pre/checkpoints/last.ckpt", "eval_only=true"],
+                   os.path.join(npbgpp_run, "exp/ft_bad"))
+
+
+def test_export_bundles_render(npbgpp_run, data_root, tmp_path):
+    from npbgpp_core import Camera
+    from npbgpp_core.scene import NeuralScene
+
+    out = str(tmp_path / "a.npbgpp")
+    ok(cli(["export", "--checkpoint", "exp/pre/checkpoints/last.ckpt", "--scene", f"{data_root}/sceneA",
+            "--out", out], npbgpp_run))
+    scene = NeuralScene.load(out)
+    assert scene.kind == "npbgpp" and tuple(scene.features.shape) == (300, 7, 8)
+    img = scene.renderer("cpu").render(Camera.look_at((0, 0.5, -3), (0, 0, 0), image_size=(32, 32)))
+    assert img.shape == (3, 32, 32) and torch.isfinite(img).all()
+    from headless_train.export import main as export_main
+
+    bad = export_main(["--checkpoint", f"{data_root}/sceneA/points3d.ply", "--scene", f"{data_root}/sceneA",
+                       "--out", out])
+    assert bad == 2
+
+
+def test_npbg_pretrain_then_fine_tune_and_export(data_root, tmp_path, caplog):
+    import logging
+
+    from headless_train.checkpoints import CheckpointError, load_descriptors
+    from headless_train.export import main as export_main
+    from npbgpp_core.scene import NeuralScene
+
+    work = str(tmp_path)
+    caplog.set_level(logging.INFO)
+    run_inproc(["datasets=nerf_blender_pretrain", f"datasets.data_root={data_root}", "datasets.selection_count=0",
+                "system=npbg", f"system.descriptors_save_dir={work}/npbg/result/descriptors", "trainer.max_epochs=2",
+                "dataloader.train_data_mode=each", "trainer.reload_dataloaders_every_n_epochs=1",
+                "system.max_points=120", "datasets.train_num_samples=1", *FAST], f"{work}/npbg")
+    assert sorted(os.listdir(f"{work}/npbg/result/descriptors")) == ["sceneA", "sceneB"]
+    assert "kept a random subset (seed 123)" in caplog.text  # max_points < cloud is reported
+    run_inproc(["datasets=nerf_blender_one_scene", f"datasets.data_root={data_root}", "datasets.scene_name=sceneB",
+                "datasets.selection_count=0", "system=npbg", "system.max_scenes_per_train_epoch=1",
+                "trainer.max_epochs=1", f"weights_path={work}/npbg/checkpoints/epoch1.ckpt", "system.max_points=6e6",
+                "datasets.train_num_samples=2", *FAST], f"{work}/npbg_b")
+    assert "loaded" in caplog.text  # the refiner came from the pretraining checkpoint
+    assert load_descriptors(f"{work}/npbg_b/descriptors", "sceneB").shape == (300, 8)
+    assert load_descriptors(f"{work}/npbg/result/descriptors", "sceneA").shape == (120, 8)
+    out = os.path.join(work, "b.npbgpp")
+    assert export_main(["--checkpoint", f"{work}/npbg_b/checkpoints/last.ckpt", "--scene", f"{data_root}/sceneB",
+                        "--out", out]) == 0
+    assert NeuralScene.load(out).kind == "npbg"
+    # An NPBG checkpoint cannot seed NPBG++: refused, naming both systems.
+    with pytest.raises(CheckpointError, match="trained by system 'npbg'.*'npbgpp'"):
+        run_inproc(["datasets=nerf_blender_one_scene", f"datasets.data_root={data_root}",
+                    "datasets.scene_name=sceneB", f"weights_path={work}/npbg/checkpoints/epoch1.ckpt", *FAST],
+                   f"{work}/bad")
+
+
+def test_bad_inputs_give_clear_errors(data_root, tmp_path):
+    from headless_train.checkpoints import CheckpointError
+    from headless_train.data import DataConfigError
+
+    with pytest.raises(DataConfigError, match="nowhere"):
+        run_inproc(["datasets=dtu_one_scene", f"datasets.data_root={tmp_path}/nowhere", *FAST], str(tmp_path / "r"))
+    with pytest.raises(CheckpointError, match="last.ckpt"):
+        run_inproc(["datasets=nerf_blender_one_scene", f"datasets.data_root={data_root}",
+                    "datasets.scene_name=sceneA", "resume=true", *FAST], str(tmp_path / "r"))
+    empty = make_dataset(str(tmp_path / "empty"), ("sceneE",))
+    from npbgpp_core import save_ply
+
+    save_ply(os.path.join(empty, "sceneE", "points3d.ply"), torch.zeros(0, 3).numpy())
+    with pytest.raises(Exception, match="point") as info:
+        run_inproc(["datasets=nerf_blender_one_scene", f"datasets.data_root={empty}", "datasets.scene_name=sceneE",
+                    *FAST], str(tmp_path / "r"))
+    assert "sceneE" in str(info.value)
+    # Through the command line: exit status 2 and the file named.
+    corrupt = tmp_path / "corrupt.ckpt"
+    corrupt.write_bytes(b"PK\x03\x04 truncated")
+    proc = cli(["hydra.run.dir=exp/c", "datasets=nerf_blender_one_scene", f"datasets.data_root={data_root}",
+                "datasets.scene_name=sceneA", f"weights_path={corrupt}", *FAST], str(tmp_path))
+    assert proc.returncode == 2 and "corrupt.ckpt is corrupt" in proc.stderr
+
+
+def test_ctrl_c_leaves_a_usable_last_checkpoint(data_root, tmp_path):
+    work = str(tmp_path)
+    args = ["hydra.run.dir=exp/int", "datasets=nerf_blender_one_scene", f"datasets.data_root={data_root}",
+            "datasets.scene_name=sceneA", "system=npbg", "datasets.selection_count=0",
+            "datasets.train_num_samples=100000", "trainer.max_epochs=1", *FAST]
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    # last.ckpt is refreshed every 2 steps; its first appearance means training is under way.
+    proc = subprocess.Popen([sys.executable, "-m", "headless_train", *args, "trainer.last_checkpoint_every_n_steps=2"],
+                            cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output: list[str] = []
+    reader = threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True)  # type: ignore[arg-type]
+    reader.start()
+    last = os.path.join(work, "exp/int/checkpoints/last.ckpt")
+    waited = threading.Event()
+    for _ in range(3000):  # bounded polling for the first checkpoint (no timing assertion)
+        if os.path.isfile(last) or proc.poll() is not None:
+            break
+        waited.wait(0.1)
+    assert proc.poll() is None, "".join(output)[-2000:]
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    reader.join(timeout=10)
+    text = "".join(output)
+    assert "interrupted (KeyboardInterrupt): saved" in text, text[-2000:]
+    steps = step_count(last)
+    assert steps >= 2
+    run_inproc([*args[1:], "resume=true", f"trainer.max_steps={steps + 1}"], os.path.join(work, "exp/int"))
+    assert step_count(last) == steps + 1
+
+
+def test_two_process_ddp_on_cpu(data_root, tmp_path):
+    work = str(tmp_path)
+    proc = ok(cli(["hydra.run.dir=exp/ddp", "datasets=nerf_blender_pretrain", f"datasets.data_root={data_root}",
+            "system=npbg", "datasets.selection_count=0", "datasets.train_num_samples=2",
+            "dataloader.train_data_mode=each", "trainer.cpu_processes=2", "trainer.max_steps=2",
+            "trainer.max_epochs=1", *FAST], work, timeout=400))
+    assert step_count(os.path.join(work, "exp/ddp/checkpoints/last.ckpt")) == 2
+    text = proc.stdout + proc.stderr
+    # train_data_mode=each: every process trains on its own scene.
+    assert "rank 0: scenes ['sceneA']" in text and "rank 1: scenes ['sceneB']" in text, text[-3000:]
+
+
+@pytest.mark.blender
+def test_training_and_eval_on_a_blender_rendered_scene(tmp_path):
+    """The published pipeline on a scene Blender rendered (6 views, 32x32, 400 surface points)."""
+    root = tmp_path / "blender"
+    code = ("from npbgpp_core.datasets import render_procedural_scene; "
+            f"render_procedural_scene('checker_cube', {str(root / 'cube')!r}, views=6, size=(32, 32), seed=0, "
+            "points=400)")
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    render = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert render.returncode == 0, render.stderr[-2000:]  # bpy runs in its own process
+    common = ["datasets=blender_one_scene", f"datasets.data_root={root}", "datasets.scene_name=cube",
+              "system=npbgpp_sphere", *FAST]
+    run_dir = str(tmp_path / "run")
+    run_inproc([*common, "datasets.train_num_samples=2", "trainer.max_steps=2"], run_dir)
+    assert step_count(os.path.join(run_dir, "checkpoints/last.ckpt")) == 2
+    result = run_inproc([*common, "eval_only=true", f"weights_path={run_dir}/checkpoints/last.ckpt"],
+                        str(tmp_path / "eval"))
+    cube = result["scenes"]["cube"]
+    assert cube["views"] >= 1 and math.isfinite(cube["mean"]["psnr"]) and math.isfinite(cube["mean"]["ssim"])
+
+
+def test_full_disk_during_training_keeps_the_previous_checkpoint(data_root, tmp_path, monkeypatch):
+    import errno
+
+    from headless_train import checkpoints as ck
+
+    args = ["datasets=nerf_blender_one_scene", f"datasets.data_root={data_root}", "datasets.scene_name=sceneA",
+            "system=npbg", "datasets.selection_count=0", "datasets.train_num_samples=50", "trainer.max_epochs=3",
+            *FAST]
+    run_dir = str(tmp_path / "run")
+    run_inproc([*args, "trainer.max_steps=2"], run_dir)
+    last = os.path.join(run_dir, "checkpoints/last.ckpt")
+    assert step_count(last) == 2
+
+    def full_disk(fileobj, data: bytes) -> None:
+        fileobj.write(data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ck, "_write_bytes", full_disk)
+    with pytest.raises(OSError, match="disk full while writing .*last.ckpt"):
+        run_inproc([*args, "trainer.max_steps=4", "trainer.last_checkpoint_every_n_steps=1", "resume=true"], run_dir)
+    monkeypatch.undo()
+    assert step_count(last) == 2  # the previous checkpoint is intact and loads
+    assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["epoch0.ckpt", "last.ckpt"]
