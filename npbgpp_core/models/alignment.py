@@ -41,6 +41,39 @@ def align_camera(camera: Camera) -> tuple[Camera, float]:
     return camera.rotated_in_plane(angle, (side, side)), angle
 
 
+RENDER_CANVASES = ("bounds", "square")
+RIGHT_ANGLE_TOLERANCE = 1e-6  # radians: rolls this close to k * 90 degrees are snapped
+
+
+def render_canvas_camera(camera: Camera, canvas: str = "bounds") -> tuple[Camera, int | None]:
+    """The aligned camera a target view is rendered with (``align_during_rendering``)
+    and, when the roll is a multiple of 90 degrees, the ``k`` of the exact
+    ``torch.rot90(render, k, dims=(-2, -1))`` that turns its image into the target's
+    (None: resample with :func:`warp_images`).
+
+    ``canvas='square'`` (published): a ceil(sqrt(H^2 + W^2)) square, always resampled.
+    ``canvas='bounds'``: only the bounding box of the rolled target image plus one pixel
+    on each side for bilinear sampling; a roll within :data:`RIGHT_ANGLE_TOLERANCE` of a
+    multiple of 90 degrees is snapped to it and the canvas is exactly H x W or W x H.
+    Rolling the target camera by any angle gives the same aligned camera and canvas, so
+    renders stay roll invariant."""
+    if canvas not in RENDER_CANVASES:
+        raise ValueError(f"render canvas must be one of {RENDER_CANVASES}, got {canvas!r}")
+    if canvas == "square":
+        return align_camera(camera)[0], None
+    angle = alignment_angle(camera)
+    h, w = camera.image_size
+    quarter = round(angle / (math.pi / 2))
+    if abs(angle - quarter * (math.pi / 2)) <= RIGHT_ANGLE_TOLERANCE:
+        k = quarter % 4
+        size = (h, w) if k % 2 == 0 else (w, h)
+        return camera.rotated_in_plane(quarter * (math.pi / 2), size), k
+    c, s = abs(math.cos(angle)), abs(math.sin(angle))
+    bw = int(math.ceil(w * c + h * s - 1e-6)) + 2
+    bh = int(math.ceil(w * s + h * c - 1e-6)) + 2
+    return camera.rotated_in_plane(angle, (bh, bw)), None
+
+
 def _pixel_map(src: Camera, dst: Camera) -> np.ndarray:
     """3x3 affine map taking ``dst`` pixel coordinates to ``src`` pixel coordinates (both
     cameras share a centre and differ by a roll about the optical axis)."""

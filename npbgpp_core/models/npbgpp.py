@@ -14,7 +14,7 @@ from torch import nn
 from ..camera import Camera
 from ..rasterizer import gather_features, rasterize
 from .aggregator import AggregatedScene, BasisMLP, RunningSums, descriptors_from_coefficients
-from .alignment import align_camera, align_views, warp_images
+from .alignment import align_views, render_canvas_camera, warp_images
 from .config import NPBGPlusPlusConfig
 from .refiner import Refiner
 
@@ -202,8 +202,10 @@ class NPBGPlusPlus(nn.Module):
         camera = camera.to(self.device)
         if not self.config.align_during_rendering:
             return self._render_direct(scene, camera)
-        aligned, _ = align_camera(camera)
+        aligned, quarter_turns = render_canvas_camera(camera, self.config.render_canvas)
         out = self._render_direct(scene, aligned)
+        if quarter_turns is not None:
+            return torch.rot90(out, quarter_turns, dims=(1, 2)).contiguous()
         return warp_images(out.unsqueeze(0), aligned, camera)[0]
 
     def forward(self, scene: AggregatedScene, camera: Camera) -> torch.Tensor:
