@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..camera import Camera
-from ..rasterizer import gather_features, rasterize
+from ..rasterizer import rasterize
 from .aggregator import AggregatedScene, BasisMLP, RunningSums, descriptors_from_coefficients
 from .alignment import align_views, render_canvas_camera, warp_images
 from .config import NPBGPlusPlusConfig
@@ -177,8 +177,8 @@ class NPBGPlusPlus(nn.Module):
         dev = self.device
         points = scene.points.to(dev)
         coefficients = scene.coefficients.to(dev)
-        if index is not None:
-            points, coefficients = points[index], coefficients[index]
+        if index is not None:  # index_select: several times faster than advanced indexing
+            points, coefficients = points.index_select(0, index), coefficients.index_select(0, index)
         x = None
         if self.basis is not None and coefficients.shape[1] > 1:
             x = self.basis(camera.to(dev).view_directions(points))
@@ -189,12 +189,18 @@ class NPBGPlusPlus(nn.Module):
 
     def _render_direct(self, scene: AggregatedScene, camera: Camera) -> torch.Tensor:
         dev = self.device
-        index = torch.nonzero(scene.valid.to(dev)).squeeze(1)
-        points = scene.points.to(dev)[index]
-        rasters = rasterize_descriptors(
-            points, camera, self.config.scales, self.config.near,
-            lambda rows: self.descriptors(scene, camera, index[rows]),
-        )
+        points, valid = scene.points.to(dev), scene.valid.to(dev)
+        if bool(valid.all()):  # the usual case: no per-frame copy of the cloud
+            rasters = rasterize_descriptors(
+                points, camera, self.config.scales, self.config.near,
+                lambda rows: self.descriptors(scene, camera, rows),
+            )
+        else:
+            index = torch.nonzero(valid).squeeze(1)
+            rasters = rasterize_descriptors(
+                points.index_select(0, index), camera, self.config.scales, self.config.near,
+                lambda rows: self.descriptors(scene, camera, index[rows]),
+            )
         return self.refiner([r.unsqueeze(0) for r in rasters])[0]
 
     def render_raw(self, scene: AggregatedScene, camera: Camera) -> torch.Tensor:
@@ -246,10 +252,26 @@ def rasterize_descriptors(
     flat = torch.cat([i.reshape(-1) for i in indices])
     used = torch.unique(flat[flat >= 0])
     desc = descriptor_fn(used)
-    remap = torch.full((points.shape[0] + 1,), -1, dtype=torch.long, device=points.device)
-    remap[used] = torch.arange(used.numel(), device=points.device)
-    # index -1 maps through the extra last slot to -1 (empty).
-    return [gather_features(remap[i], desc, background) for i in indices]
+    m, c = desc.shape
+    if background is None:
+        background = desc.new_zeros(c)
+    # One lookup table: rows [descriptor, 1] per used point, then [background, 0].
+    table = torch.cat([
+        torch.cat([desc, desc.new_ones(m, 1)], dim=1),
+        torch.cat([background.to(desc.dtype).reshape(1, c), desc.new_zeros(1, 1)], dim=1),
+    ])
+    # Point index -> table row; -1 (empty) reads the extra last slot -> background row.
+    remap = torch.full((points.shape[0] + 1,), m, dtype=torch.long, device=points.device)
+    remap[used] = torch.arange(m, device=points.device)
+    rasters = []
+    for index in indices:
+        h, w = index.shape
+        pixels = table.index_select(0, remap[index.reshape(-1)]).view(h, w, c + 1)
+        # (C+1, h, w) with channels-last strides (what the CPU refiner wants); plain
+        # contiguous when autograd is on (training keeps the reference layout).
+        pixels = pixels.permute(2, 0, 1)
+        rasters.append(pixels.contiguous() if torch.is_grad_enabled() else pixels)
+    return rasters
 
 
 def refine_dense(
