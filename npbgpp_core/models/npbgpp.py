@@ -217,11 +217,17 @@ class NPBGPlusPlus(nn.Module):
     def forward(self, scene: AggregatedScene, camera: Camera) -> torch.Tensor:
         return self.render_raw(scene, camera)
 
-    def render(self, scene: AggregatedScene, camera: Camera, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def render(
+        self, scene: AggregatedScene, camera: Camera, dtype: torch.dtype | None = None,
+        resolution_scale: float = 1.0,
+    ) -> torch.Tensor:
         """Inference render (3, H, W) clamped to [0, 1]; ``dtype`` (e.g. torch.float16 on a
-        GPU) enables autocast."""
+        GPU) enables autocast. ``resolution_scale`` < 1 renders internally at
+        ``int(s*H) x int(s*W)`` and upsamples bilinearly (a preview: about s^2 of the
+        cost, softer and not the full-quality image)."""
+        camera = camera.to(self.device)
         with torch.inference_mode(), autocast_context(self.device, dtype):
-            out = self.render_raw(scene, camera)
+            out = render_at_scale(lambda cam: self.render_raw(scene, cam), camera, resolution_scale)
         # A normal tensor (clone outside inference mode): callers may edit it in place.
         return out[:3].float().clamp(0, 1).clone()
 
@@ -235,6 +241,22 @@ class NPBGPlusPlus(nn.Module):
         pixel is dropped with probability ``drop_prob`` (features 0, mask 0). With
         ``detach`` gradients reach only the refiner (SPEC section 5 auxiliary loss)."""
         return refine_dense(self.refiner, feature_map, self.config.scales, drop_prob, detach, generator)
+
+
+def render_at_scale(
+    render_fn: Callable[[Camera], torch.Tensor], camera: Camera, resolution_scale: float
+) -> torch.Tensor:
+    """``render_fn(camera)`` (C, H, W), or with ``resolution_scale`` < 1 rendered for
+    ``camera.scaled(resolution_scale)`` and upsampled bilinearly to (H, W) (pixel areas
+    map exactly, like :meth:`Camera.scaled`)."""
+    if not 0 < resolution_scale <= 1:
+        raise ValueError(f"resolution_scale must be in (0, 1], got {resolution_scale}")
+    h, w = camera.image_size
+    small = (max(1, int(resolution_scale * h)), max(1, int(resolution_scale * w)))
+    if small == (h, w):
+        return render_fn(camera)
+    out = render_fn(camera.scaled(small))
+    return F.interpolate(out.unsqueeze(0).float(), size=(h, w), mode="bilinear", align_corners=False)[0]
 
 
 def rasterize_descriptors(
