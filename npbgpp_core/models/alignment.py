@@ -43,6 +43,7 @@ def align_camera(camera: Camera) -> tuple[Camera, float]:
 
 RENDER_CANVASES = ("bounds", "square")
 RIGHT_ANGLE_TOLERANCE = 1e-6  # radians: rolls this close to k * 90 degrees are snapped
+CANVAS_MARGIN = 1  # pixels around the rolled target in the bounds canvas (bilinear taps)
 
 
 def render_canvas_camera(camera: Camera, canvas: str = "bounds") -> tuple[Camera, int | None]:
@@ -52,26 +53,44 @@ def render_canvas_camera(camera: Camera, canvas: str = "bounds") -> tuple[Camera
     (None: resample with :func:`warp_images`).
 
     ``canvas='square'`` (published): a ceil(sqrt(H^2 + W^2)) square, always resampled.
-    ``canvas='bounds'``: only the bounding box of the rolled target image plus one pixel
-    on each side for bilinear sampling; a roll within :data:`RIGHT_ANGLE_TOLERANCE` of a
-    multiple of 90 degrees is snapped to it and the canvas is exactly H x W or W x H.
-    Rolling the target camera by any angle gives the same aligned camera and canvas, so
-    renders stay roll invariant."""
+    ``canvas='bounds'``: only the bounding box of the rolled target image plus
+    :data:`CANVAS_MARGIN` pixels on each side for bilinear sampling. A roll within
+    :data:`RIGHT_ANGLE_TOLERANCE` of a multiple of 90 degrees is snapped to it and the
+    canvas is exactly H x W or W x H (odd quarter turns only with square pixels,
+    fx == fy). Rolling the target camera by any angle gives the same aligned camera and
+    canvas (square pixels), so renders stay roll invariant."""
     if canvas not in RENDER_CANVASES:
         raise ValueError(f"render canvas must be one of {RENDER_CANVASES}, got {canvas!r}")
     if canvas == "square":
         return align_camera(camera)[0], None
     angle = alignment_angle(camera)
     h, w = camera.image_size
+    K, R_cv, t_cv = camera.to_opencv()
+    fx, fy = K[0, 0], K[1, 1]
     quarter = round(angle / (math.pi / 2))
-    if abs(angle - quarter * (math.pi / 2)) <= RIGHT_ANGLE_TOLERANCE:
+    square_pixels = abs(fx - fy) <= 1e-9 * max(abs(fx), abs(fy))
+    if abs(angle - quarter * (math.pi / 2)) <= RIGHT_ANGLE_TOLERANCE and (quarter % 2 == 0 or square_pixels):
         k = quarter % 4
         size = (h, w) if k % 2 == 0 else (w, h)
         return camera.rotated_in_plane(quarter * (math.pi / 2), size), k
-    c, s = abs(math.cos(angle)), abs(math.sin(angle))
-    bw = int(math.ceil(w * c + h * s - 1e-6)) + 2
-    bh = int(math.ceil(w * s + h * c - 1e-6)) + 2
-    return camera.rotated_in_plane(angle, (bh, bw)), None
+    # Target image corners (pixel edges) as rays, rolled into the aligned camera: their
+    # pixel bounding box (same focal lengths) gives the canvas size and principal point.
+    c, s = math.cos(angle), math.sin(angle)
+    roll = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+    corners = np.array([[-0.5, -0.5, 1.0], [w - 0.5, -0.5, 1.0], [-0.5, h - 0.5, 1.0], [w - 0.5, h - 0.5, 1.0]])
+    rays = roll @ np.linalg.inv(K) @ corners.T  # (3, 4), z stays 1 (roll about the axis)
+    u, v = fx * rays[0] / rays[2], fy * rays[1] / rays[2]
+    # Round the extent with a small tolerance so rolled copies of a camera agree.
+    bw = int(math.ceil(u.max() - u.min() - 1e-6)) + 2 * CANVAS_MARGIN
+    bh = int(math.ceil(v.max() - v.min() - 1e-6)) + 2 * CANVAS_MARGIN
+    # Centre the bounding box in the canvas (symmetric margins).
+    cx = (bw - 1) / 2.0 - (u.max() + u.min()) / 2.0
+    cy = (bh - 1) / 2.0 - (v.max() + v.min()) / 2.0
+    K_aligned = np.array([[fx, 0.0, cx], [0.0, fy, cy], [0.0, 0.0, 1.0]])
+    aligned = Camera.from_opencv(
+        K_aligned, roll @ R_cv, roll @ t_cv, (bh, bw), dtype=camera.R.dtype, device=camera.device
+    )
+    return aligned, None
 
 
 def _pixel_map(src: Camera, dst: Camera) -> np.ndarray:
