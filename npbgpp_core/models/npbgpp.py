@@ -290,9 +290,10 @@ def rasterize_descriptors(
         h, w = index.shape
         pixels = table.index_select(0, remap[index.reshape(-1)]).view(h, w, c + 1)
         # (C+1, h, w) with channels-last strides (what the CPU refiner wants); plain
-        # contiguous when autograd is on (training keeps the reference layout).
+        # contiguous on GPUs and when autograd is on (the reference layout).
         pixels = pixels.permute(2, 0, 1)
-        rasters.append(pixels.contiguous() if torch.is_grad_enabled() else pixels)
+        channels_last = not torch.is_grad_enabled() and pixels.device.type == "cpu"
+        rasters.append(pixels if channels_last else pixels.contiguous())
     return rasters
 
 
