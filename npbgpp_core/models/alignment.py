@@ -4,6 +4,11 @@ ceil(sqrt(H^2 + W^2)) and roll the camera so that world +Y projects straight up.
 Images are warped exactly (any fx, fy, principal point): a pixel of the aligned
 camera maps to the original camera's pixel through the affine map
 ``K_orig @ roll^T @ K_aligned^-1`` (rolling about the optical axis keeps z).
+
+Target renders (``align_during_rendering``) use :func:`render_canvas_camera`: by
+default only the bounding box of the rolled target image is rendered (H x W with an
+exact rot90 when the roll is a multiple of 90 degrees, at most the padded square at 45
+degrees), instead of the published padded square (about 2x the pixels of the image).
 """
 
 from __future__ import annotations

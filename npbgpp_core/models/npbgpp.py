@@ -204,7 +204,9 @@ class NPBGPlusPlus(nn.Module):
         return self.refiner([r.unsqueeze(0) for r in rasters])[0]
 
     def render_raw(self, scene: AggregatedScene, camera: Camera) -> torch.Tensor:
-        """Unclamped, differentiable render (3 or 4, H, W) of the target ``camera``."""
+        """Unclamped, differentiable render (3 or 4, H, W) of the target ``camera``. With
+        ``align_during_rendering`` the scene is rendered by the aligned camera on the
+        canvas ``config.render_canvas`` picks and turned back (rot90 or resampling)."""
         camera = camera.to(self.device)
         if not self.config.align_during_rendering:
             return self._render_direct(scene, camera)
