@@ -115,6 +115,20 @@ def test_inference_render_equals_autograd_render(canvas):
         torch.testing.assert_close(fast, ref, atol=3e-5, rtol=0)
 
 
+def test_npbg_inference_render_equals_autograd_render():
+    """NPBG (learnable background, partly active cloud): same check as above."""
+    scene = random_scene()
+    torch.manual_seed(0)
+    model = NPBG(len(scene)).eval()
+    with torch.no_grad():
+        model.descriptors.normal_()
+        model.background.normal_()
+        model.active.copy_(scene.valid)
+    cam = target_camera(roll=0.4)
+    ref = model.render_raw(scene.points, cam).detach().clamp(0, 1)
+    torch.testing.assert_close(model.render(scene.points, cam), ref, atol=3e-5, rtol=0)
+
+
 @pytest.mark.parametrize("angle", [0.0, 0.3, -2.0, 2.9])
 def test_bounds_canvas_is_roll_invariant_at_any_angle(angle):
     model = seeded_model()
