@@ -39,6 +39,10 @@ class NPBGPlusPlusConfig:
     visibility_scale: float = 1.0
     align_input_views: bool = True
     align_during_rendering: bool = True
+    # Aligned render canvas: 'bounds' renders only the bounding box of the rolled target
+    # (exact rot90, no resampling, when the roll is a multiple of 90 degrees); 'square'
+    # is the published ceil(sqrt(H^2 + W^2)) square (about 2x the pixels, slower).
+    render_canvas: str = "bounds"
     scales: tuple[float, ...] = field(default_factory=lambda: tuple(DEFAULT_SCALES))
     predict_mask: bool = False
     min_view_depth: float = 0.0  # published quirk drops input-view depth <= 1; off by default
@@ -49,6 +53,8 @@ class NPBGPlusPlusConfig:
         self.scales = tuple(float(s) for s in self.scales)
         if self.aggregator not in AGGREGATORS:
             raise ValueError(f"aggregator must be one of {AGGREGATORS}, got {self.aggregator!r}")
+        if self.render_canvas not in ("bounds", "square"):
+            raise ValueError(f"render_canvas must be 'bounds' or 'square', got {self.render_canvas!r}")
         if self.feature_dim < 1 or self.basis_dim < 1:
             raise ValueError("feature_dim and basis_dim must be positive")
         if not self.ridge_alpha > 0:

@@ -13,7 +13,7 @@ from torch import nn
 from ..camera import Camera
 from .aggregator import BasisMLP, descriptors_from_coefficients
 from .config import NPBGConfig, NPBGPlusPlusConfig
-from .npbgpp import autocast_context, check_points, rasterize_descriptors, refine_dense
+from .npbgpp import autocast_context, check_points, rasterize_descriptors, refine_dense, render_at_scale
 from .refiner import Refiner
 
 
@@ -110,10 +110,15 @@ class NPBG(nn.Module):
     def forward(self, points: torch.Tensor, camera: Camera) -> torch.Tensor:
         return self.render_raw(points, camera)
 
-    def render(self, points: torch.Tensor, camera: Camera, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Inference render (3, H, W) clamped to [0, 1]."""
+    def render(
+        self, points: torch.Tensor, camera: Camera, dtype: torch.dtype | None = None,
+        resolution_scale: float = 1.0,
+    ) -> torch.Tensor:
+        """Inference render (3, H, W) clamped to [0, 1]; ``resolution_scale`` < 1: preview
+        rendered at reduced resolution and upsampled (see :func:`render_at_scale`)."""
+        camera = camera.to(self.device)
         with torch.inference_mode(), autocast_context(self.device, dtype):
-            out = self.render_raw(points, camera)
+            out = render_at_scale(lambda cam: self.render_raw(points, cam), camera, resolution_scale)
         # A normal tensor (clone outside inference mode): callers may edit it in place.
         return out[:3].float().clamp(0, 1).clone()
 

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..camera import Camera
-from ..rasterizer import gather_features, rasterize
+from ..rasterizer import rasterize
 from .aggregator import AggregatedScene, BasisMLP, RunningSums, descriptors_from_coefficients
-from .alignment import align_camera, align_views, warp_images
+from .alignment import align_views, render_canvas_camera, warp_images
 from .config import NPBGPlusPlusConfig
 from .refiner import Refiner
 
@@ -177,8 +177,8 @@ class NPBGPlusPlus(nn.Module):
         dev = self.device
         points = scene.points.to(dev)
         coefficients = scene.coefficients.to(dev)
-        if index is not None:
-            points, coefficients = points[index], coefficients[index]
+        if index is not None:  # index_select: several times faster than advanced indexing
+            points, coefficients = points.index_select(0, index), coefficients.index_select(0, index)
         x = None
         if self.basis is not None and coefficients.shape[1] > 1:
             x = self.basis(camera.to(dev).view_directions(points))
@@ -189,31 +189,47 @@ class NPBGPlusPlus(nn.Module):
 
     def _render_direct(self, scene: AggregatedScene, camera: Camera) -> torch.Tensor:
         dev = self.device
-        index = torch.nonzero(scene.valid.to(dev)).squeeze(1)
-        points = scene.points.to(dev)[index]
-        rasters = rasterize_descriptors(
-            points, camera, self.config.scales, self.config.near,
-            lambda rows: self.descriptors(scene, camera, index[rows]),
-        )
+        points, valid = scene.points.to(dev), scene.valid.to(dev)
+        if bool(valid.all()):  # the usual case: no per-frame copy of the cloud
+            rasters = rasterize_descriptors(
+                points, camera, self.config.scales, self.config.near,
+                lambda rows: self.descriptors(scene, camera, rows),
+            )
+        else:
+            index = torch.nonzero(valid).squeeze(1)
+            rasters = rasterize_descriptors(
+                points.index_select(0, index), camera, self.config.scales, self.config.near,
+                lambda rows: self.descriptors(scene, camera, index[rows]),
+            )
         return self.refiner([r.unsqueeze(0) for r in rasters])[0]
 
     def render_raw(self, scene: AggregatedScene, camera: Camera) -> torch.Tensor:
-        """Unclamped, differentiable render (3 or 4, H, W) of the target ``camera``."""
+        """Unclamped, differentiable render (3 or 4, H, W) of the target ``camera``. With
+        ``align_during_rendering`` the scene is rendered by the aligned camera on the
+        canvas ``config.render_canvas`` picks and turned back (rot90 or resampling)."""
         camera = camera.to(self.device)
         if not self.config.align_during_rendering:
             return self._render_direct(scene, camera)
-        aligned, _ = align_camera(camera)
+        aligned, quarter_turns = render_canvas_camera(camera, self.config.render_canvas)
         out = self._render_direct(scene, aligned)
+        if quarter_turns is not None:
+            return torch.rot90(out, quarter_turns, dims=(1, 2)).contiguous()
         return warp_images(out.unsqueeze(0), aligned, camera)[0]
 
     def forward(self, scene: AggregatedScene, camera: Camera) -> torch.Tensor:
         return self.render_raw(scene, camera)
 
-    def render(self, scene: AggregatedScene, camera: Camera, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def render(
+        self, scene: AggregatedScene, camera: Camera, dtype: torch.dtype | None = None,
+        resolution_scale: float = 1.0,
+    ) -> torch.Tensor:
         """Inference render (3, H, W) clamped to [0, 1]; ``dtype`` (e.g. torch.float16 on a
-        GPU) enables autocast."""
+        GPU) enables autocast. ``resolution_scale`` < 1 renders internally at
+        ``int(s*H) x int(s*W)`` and upsamples bilinearly (a preview: about s^2 of the
+        cost, softer and not the full-quality image)."""
+        camera = camera.to(self.device)
         with torch.inference_mode(), autocast_context(self.device, dtype):
-            out = self.render_raw(scene, camera)
+            out = render_at_scale(lambda cam: self.render_raw(scene, cam), camera, resolution_scale)
         # A normal tensor (clone outside inference mode): callers may edit it in place.
         return out[:3].float().clamp(0, 1).clone()
 
@@ -227,6 +243,22 @@ class NPBGPlusPlus(nn.Module):
         pixel is dropped with probability ``drop_prob`` (features 0, mask 0). With
         ``detach`` gradients reach only the refiner (SPEC section 5 auxiliary loss)."""
         return refine_dense(self.refiner, feature_map, self.config.scales, drop_prob, detach, generator)
+
+
+def render_at_scale(
+    render_fn: Callable[[Camera], torch.Tensor], camera: Camera, resolution_scale: float
+) -> torch.Tensor:
+    """``render_fn(camera)`` (C, H, W), or with ``resolution_scale`` < 1 rendered for
+    ``camera.scaled(resolution_scale)`` and upsampled bilinearly to (H, W) (pixel areas
+    map exactly, like :meth:`Camera.scaled`)."""
+    if not 0 < resolution_scale <= 1:
+        raise ValueError(f"resolution_scale must be in (0, 1], got {resolution_scale}")
+    h, w = camera.image_size
+    small = (max(1, int(resolution_scale * h)), max(1, int(resolution_scale * w)))
+    if small == (h, w):
+        return render_fn(camera)
+    out = render_fn(camera.scaled(small))
+    return F.interpolate(out.unsqueeze(0).float(), size=(h, w), mode="bilinear", align_corners=False)[0]
 
 
 def rasterize_descriptors(
@@ -244,10 +276,27 @@ def rasterize_descriptors(
     flat = torch.cat([i.reshape(-1) for i in indices])
     used = torch.unique(flat[flat >= 0])
     desc = descriptor_fn(used)
-    remap = torch.full((points.shape[0] + 1,), -1, dtype=torch.long, device=points.device)
-    remap[used] = torch.arange(used.numel(), device=points.device)
-    # index -1 maps through the extra last slot to -1 (empty).
-    return [gather_features(remap[i], desc, background) for i in indices]
+    m, c = desc.shape
+    if background is None:
+        background = desc.new_zeros(c)
+    # One lookup table: rows [descriptor, 1] per used point, then [background, 0].
+    table = torch.cat([
+        torch.cat([desc, desc.new_ones(m, 1)], dim=1),
+        torch.cat([background.to(desc.dtype).reshape(1, c), desc.new_zeros(1, 1)], dim=1),
+    ])
+    # Point index -> table row; -1 (empty) reads the extra last slot -> background row.
+    remap = torch.full((points.shape[0] + 1,), m, dtype=torch.long, device=points.device)
+    remap[used] = torch.arange(m, device=points.device)
+    rasters = []
+    for index in indices:
+        h, w = index.shape
+        pixels = table.index_select(0, remap[index.reshape(-1)]).view(h, w, c + 1)
+        # (C+1, h, w) with channels-last strides (what the CPU refiner wants); plain
+        # contiguous on GPUs and when autograd is on (the reference layout).
+        pixels = pixels.permute(2, 0, 1)
+        channels_last = not torch.is_grad_enabled() and pixels.device.type == "cpu"
+        rasters.append(pixels if channels_last else pixels.contiguous())
+    return rasters
 
 
 def refine_dense(
