@@ -127,6 +127,7 @@ class SampleOptions:
     selection_count: int
     input_view_max_side: int | None
     jitter_prob: float
+    loss_on_object_mask: bool = False
 
 
 def _fit_size(size: tuple[int, int], max_side: int | None) -> tuple[int, int]:
@@ -205,7 +206,10 @@ class TrainSamples(Dataset):
             scene, target, rng, image_size=self.opts.image_size, zoom_range=self.opts.zoom_range,
             random_shift=self.opts.random_shift,
         )
-        if mask is None:
+        # "mask" is where the loss counts. A crop never leaves the image, so by default that
+        # is every pixel: the background (e.g. NeRF-Synthetic's white) must be learned too.
+        # Object masks (alpha, mask/ folders) restrict the loss only when asked.
+        if mask is None or not self.opts.loss_on_object_mask:
             mask = torch.ones_like(image[:1])
         sample = {"scene": scene_id, "view": target, "image": image, "mask": mask, "camera": camera}
         inputs: list[torch.Tensor] = []
@@ -282,6 +286,7 @@ class SceneDataModule(pl.LightningDataModule):
             selection_count=int(d.selection_count),
             input_view_max_side=_as_int_or_none(d.input_view_max_side),
             jitter_prob=float(d.color_jitter_prob),
+            loss_on_object_mask=bool(d.loss_on_object_mask),
         )
         self.val_max = _as_int_or_none(d.val_num_samples)
         self.eval_max = _as_int_or_none(d.max_eval_views)
