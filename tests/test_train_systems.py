@@ -335,3 +335,20 @@ def test_full_disk_during_training_keeps_the_previous_checkpoint(data_root, tmp_
     monkeypatch.undo()
     assert step_count(last) == 2  # the previous checkpoint is intact and loads
     assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["epoch0.ckpt", "last.ckpt"]
+
+
+def test_loss_mask_covers_the_background_unless_asked(data_root):
+    """RGBA scenes: by default the loss counts every crop pixel (the white background must
+    be learned); loss_on_object_mask=true restricts it to the image's alpha."""
+    from headless_train.data import SceneDataModule
+
+    base = ["datasets=nerf_blender_pretrain", f"datasets.data_root={data_root}", "datasets.train_num_samples=1",
+            "datasets.train_image_size=null", "datasets.train_random_zoom=null", "datasets.color_jitter_prob=0"]
+    default = SceneDataModule(compose_cfg(base), seed=3407).train_dataloader().dataset[0]
+    assert bool((default["mask"] == 1).all())
+    masked = SceneDataModule(compose_cfg([*base, "datasets.loss_on_object_mask=true"]), seed=3407)
+    sample = masked.train_dataloader().dataset[0]
+    scene = masked.scenes[sample["scene"]]
+    alpha = scene.load_mask(sample["view"])
+    assert 0 < float(alpha.mean()) < 1  # the tiny scene has background pixels
+    assert torch.equal(sample["mask"], alpha)
