@@ -7,11 +7,12 @@ Masks mark valid pixels; pixels outside them never contribute.
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .statefiles import load_state_dict_file
 
 log = logging.getLogger(__name__)
 
@@ -25,26 +26,6 @@ VGG19_LAYERS = (1, 6, 11, 20, 29)  # relu1_1, relu2_1, relu3_1, relu4_1, relu5_1
 VGG16_LAYERS = (3, 8, 15, 22, 29)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
-    """Tensors from a local ``.safetensors`` or torch file (loaded with weights_only=True)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"weights file not found: {path}")
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any parse failure is a bad file
-        raise ValueError(f"cannot read weights file {path}: {exc}") from exc
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} does not hold a state dict (got {type(state).__name__})")
-    return state
 
 
 class VGGFeatures(nn.Module):

@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .losses import VGG16_LAYERS, VGGFeatures, load_state_dict_file
+from .losses import VGG16_LAYERS, VGGFeatures
+from .statefiles import load_state_dict_file
 
 
 def _batched(x: torch.Tensor) -> torch.Tensor:

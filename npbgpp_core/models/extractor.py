@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..statefiles import load_state_dict_file
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 ENCODER_CHANNELS = (16, 24, 40, 96, 320)
@@ -113,23 +115,7 @@ class FeatureExtractor(nn.Module):
         """Load encoder weights from a local ``.safetensors`` or torch state-dict file
         (keys as in ``self.encoder.state_dict()``, optionally prefixed ``encoder.``)."""
         path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"extractor_weights: file not found: {path} (nothing is downloaded; give a local encoder weight file)"
-            )
-        try:
-            if path.endswith(".safetensors"):
-                from safetensors.torch import load_file
-
-                state = load_file(path)
-            else:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any read failure is a bad file
-            raise ValueError(f"extractor_weights: cannot read {path}: {type(exc).__name__}: {exc}") from exc
-        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-            state = state["state_dict"]
-        if not isinstance(state, dict):
-            raise ValueError(f"extractor_weights: {path} does not hold a state dict")
+        state = load_state_dict_file(path, "extractor_weights")
         state = {k[len("encoder."):] if k.startswith("encoder.") else k: v for k, v in state.items()}
         own = self.encoder.state_dict()
         missing = sorted(set(own) - set(state))
