@@ -228,3 +228,29 @@ def describe(path: str) -> dict[str, Any]:
         meta = dict(f.metadata() or {})
     return {"path": path, "bytes": os.path.getsize(path), "kind": meta.get("kind"), "dtype": meta.get("dtype"),
             "card": json.loads(meta.get("card", "{}"))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m npbgpp_core.pretrained [FILE ...]``: print kind, size and model card of
+    weights files (default: the bundled ones)."""
+    import sys
+
+    paths = list(sys.argv[1:] if argv is None else argv) or [default_weights_path(k) for k in KINDS]
+    status = 0
+    for path in paths:
+        if not os.path.isfile(path):
+            print(f"{path}: missing", file=sys.stderr)
+            status = 2
+            continue
+        try:
+            info = describe(path)
+        except Exception as exc:  # noqa: BLE001 - any parse failure: a damaged file
+            print(f"{path}: unreadable ({exc})", file=sys.stderr)
+            status = 2
+            continue
+        print(json.dumps(info, indent=2, sort_keys=True))
+    return status
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
