@@ -129,7 +129,10 @@ def enable_addon(workdir: str) -> Any:
     sys.path.insert(0, ROOT)
     import build_addon
 
-    zip_path = build_addon.build(os.path.join(workdir, "dist"))
+    try:
+        zip_path = build_addon.build(os.path.join(workdir, "dist"))
+    except (ValueError, OSError) as exc:
+        raise DemoError(f"cannot build the add-on zip: {exc}") from exc
     size = os.path.getsize(zip_path)
     if bpy.ops.preferences.addon_install(filepath=zip_path, overwrite=True) != {"FINISHED"}:
         raise DemoError(f"Blender could not install the add-on zip {zip_path}")
@@ -353,6 +356,9 @@ def run(args: argparse.Namespace, weights: dict[str, str], workdir: str) -> dict
     results["npbg"] = {**mean_scores(rows), "per_view": rows, "fit_seconds": fit_d.seconds, "fit_steps": fit_d.steps,
                        "loss_first": _first(fit_d.losses), "loss_last": _last(fit_d.losses)}
 
+    for name in ("coefficients_ft", "npbg"):
+        for k, img in enumerate(comps[name]):
+            write_png(os.path.join(held, f"{name}_{k:02d}.png"), img)
     side = torch.cat([gts[0], comps["points"][0], comps["npbgpp"][0]], dim=2)
     write_png(os.path.join(out, "side_by_side.png"), side)
     timings["total_s"] = time.perf_counter() - t0
