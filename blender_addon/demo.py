@@ -30,8 +30,10 @@ from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_SCENE = os.path.join(ROOT, "demo", "scene")
-BPY_HINT = ("run `make demo`, which creates .venv with Python 3.11 and installs bpy==5.0.1 and the other "
-            "requirements (requirements.txt) into it")
+BPY_HINT = "run `make demo`, which creates .venv with Python 3.11 and installs bpy==5.0.1 into it"
+PACKAGES_HINT = ("fix: run `make demo`, which creates .venv with Python 3.11 and installs bpy==5.0.1 and the other "
+                 "requirements (requirements.txt) into it; if a shared library is named above, install it with "
+                 "the system package manager")
 
 
 ENABLED: list[str] = []  # add-ons this run enabled (disabled again at exit)
@@ -79,26 +81,28 @@ def check_requirements(args: argparse.Namespace) -> dict[str, str]:
             import bpy  # noqa: F401
         except Exception as exc:  # noqa: BLE001 - ImportError, or OSError for a missing system library
             problems.append(f"bpy (Blender as a Python module) cannot be imported ({type(exc).__name__}: {exc}): "
-                            f"{BPY_HINT}; if a shared library is named, install it with the system package "
-                            "manager")
+                            f"{BPY_HINT}")
+    torch_ok = True
     try:
         import torch  # noqa: F401
     except Exception as exc:  # noqa: BLE001
-        problems.append(f"torch cannot be imported ({exc}): {BPY_HINT}")
+        torch_ok = False
+        problems.append(f"torch cannot be imported ({exc})")
     try:
         import imageio_ffmpeg
 
         imageio_ffmpeg.get_ffmpeg_exe()
     except Exception as exc:  # noqa: BLE001
-        problems.append(f"imageio-ffmpeg (the MP4 encoder) is unusable ({exc}): {BPY_HINT}")
+        problems.append(f"imageio-ffmpeg (the MP4 encoder) is unusable ({exc})")
     if not os.path.isfile(os.path.join(args.scene, "transforms_test.json")):
         problems.append(f"demo scene not found: {args.scene} (a nerf_synthetic folder; the repository ships "
                         "demo/scene, see demo/README.md to regenerate it)")
     paths: dict[str, str] = {}
-    if not problems or "torch" not in " ".join(problems):
+    if torch_ok:  # reading the weights needs torch
         problems += _check_weights(args, paths)
     if problems:
-        raise DemoError("the demo cannot run:\n" + "\n".join(f"  - {p}" for p in problems))
+        fix = [PACKAGES_HINT] if any(p.startswith(("bpy", "torch", "imageio", "Python")) for p in problems) else []
+        raise DemoError("the demo cannot run:\n" + "\n".join(f"  - {p}" for p in problems + fix))
     return paths
 
 
@@ -415,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     workdir = tempfile.mkdtemp(prefix="npbgpp-demo-")
     # A private Blender user folder: installing the add-on never touches the user's own Blender.
-    os.environ.setdefault("BLENDER_USER_RESOURCES", os.path.join(workdir, "blender_user"))
+    os.environ["BLENDER_USER_RESOURCES"] = os.path.join(workdir, "blender_user")
     try:
         try:
             weights = check_requirements(args)

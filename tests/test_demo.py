@@ -122,3 +122,19 @@ def test_missing_and_corrupt_weights_are_explained(demo_inputs, tmp_path):
     assert str(corrupt) in proc.stderr and "corrupt" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not (tmp_path / "o" / "metrics.json").exists()
+
+
+def test_unimportable_bpy_is_explained(tmp_path):
+    """A machine lacking bpy's system libraries: a ``bpy`` whose import fails the way the
+    real one does there (a missing shared library) shadows the installed one."""
+    stub = tmp_path / "stub"
+    stub.mkdir()
+    (stub / "bpy.py").write_text('raise ImportError("libXi.so.6: cannot open shared object file: '
+                                 'No such file or directory")\n')
+    env = dict(os.environ, PYTHONPATH=str(stub))
+    env.pop("BLENDER_USER_RESOURCES", None)
+    proc = subprocess.run([sys.executable, "-m", "blender_addon.demo", "--quick", "--out", str(tmp_path / "o")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "bpy" in proc.stderr and "libXi.so.6" in proc.stderr and "make demo" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
