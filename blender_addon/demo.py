@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="a fast smoke run: 4 frames, half resolution, "
                    "2 held-out views, 3 fitting steps")
     p.add_argument("--frames", type=int, default=None, help="frames of the camera orbit (default 48)")
-    p.add_argument("--budget-steps", type=int, default=None, help="fitting steps for (c) and (d) (default 100)")
+    p.add_argument("--budget-steps", type=int, default=None, help="fitting steps for (c) and (d) (default 60)")
     p.add_argument("--crop", type=int, default=None, help="fitting crop side in pixels (default 128)")
     p.add_argument("--out", default=os.path.join(ROOT, "out", "demo"), help="output folder (default out/demo)")
     p.add_argument("--scene", default=DEFAULT_SCENE, help="nerf_synthetic scene folder (default demo/scene)")
@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     quick = args.quick
     args.frames = args.frames if args.frames is not None else (4 if quick else 48)
-    args.budget_steps = args.budget_steps if args.budget_steps is not None else (3 if quick else 100)
+    args.budget_steps = args.budget_steps if args.budget_steps is not None else (3 if quick else 60)
     args.crop = args.crop if args.crop is not None else (32 if quick else 128)
     args.percentage = 50 if quick else 100
     args.max_test_views = 2 if quick else None
@@ -317,6 +317,7 @@ def run(args: argparse.Namespace, weights: dict[str, str], workdir: str) -> dict
         engine_images["npbgpp"].append(read_png(os.path.join(held, f"npbgpp_{k:02d}.png")))
         engine_images["points"].append(read_png(os.path.join(held, f"points_{k:02d}.png")))
     timings["heldout_neural_seconds_per_view"] = neural_s / len(test)
+    bpy.ops.npbgpp.stop_worker()  # the engine is done: its worker process would only compete for the CPU
     size = tuple(engine_images["npbgpp"][0].shape[-2:])
 
     # Ground truth at the render size, alpha for the fair composite.
