@@ -55,6 +55,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--weights", default=None, help="NPBG++ weights (default: the bundled file)")
     p.add_argument("--npbg-weights", default=None, help="NPBG refiner weights (default: the bundled file)")
     p.add_argument("--fps", type=int, default=24)
+    p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1) // 2),
+                   help="CPU threads for torch in the demo and its render worker (default: half the cores; "
+                   "more threads than free cores make PyTorch many times slower)")
     args = p.parse_args(argv)
     quick = args.quick
     args.frames = args.frames if args.frames is not None else (4 if quick else 48)
@@ -244,6 +247,7 @@ def run(args: argparse.Namespace, weights: dict[str, str], workdir: str) -> dict
     from npbgpp_core.pretrained import default_weights_path, load_pretrained_npbg_refiner
     from npbgpp_core.scene import NeuralScene
 
+    torch.set_num_threads(max(1, args.threads))
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     for name in os.listdir(out):  # stale frames of a longer earlier run would end up in the MP4
@@ -418,6 +422,8 @@ def format_table(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # Before torch is imported; the render worker process inherits it.
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(max(1, args.threads))
     workdir = tempfile.mkdtemp(prefix="npbgpp-demo-")
     # A private Blender user folder: installing the add-on never touches the user's own Blender.
     os.environ["BLENDER_USER_RESOURCES"] = os.path.join(workdir, "blender_user")
