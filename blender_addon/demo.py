@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="a fast smoke run: 4 frames, half resolution, "
                    "2 held-out views, 3 fitting steps")
     p.add_argument("--frames", type=int, default=None, help="frames of the camera orbit (default 48)")
-    p.add_argument("--budget-steps", type=int, default=None, help="fitting steps for (c) and (d) (default 60)")
+    p.add_argument("--budget-steps", type=int, default=None, help="fitting steps for (c) and (d) (default 200)")
     p.add_argument("--crop", type=int, default=None, help="fitting crop side in pixels (default 128)")
     p.add_argument("--out", default=os.path.join(ROOT, "out", "demo"), help="output folder (default out/demo)")
     p.add_argument("--scene", default=DEFAULT_SCENE, help="nerf_synthetic scene folder (default demo/scene)")
@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     quick = args.quick
     args.frames = args.frames if args.frames is not None else (4 if quick else 48)
-    args.budget_steps = args.budget_steps if args.budget_steps is not None else (3 if quick else 60)
+    args.budget_steps = args.budget_steps if args.budget_steps is not None else (3 if quick else 200)
     args.crop = args.crop if args.crop is not None else (32 if quick else 128)
     args.percentage = 50 if quick else 100
     args.max_test_views = 2 if quick else None
