@@ -21,7 +21,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
-	$(PY) -m npbgpp_core.demo
+	$(PY) -m blender_addon.demo $(DEMO_ARGS)
 
 bench: $(STAMP)
 	$(PY) bench/bench_rasterizer.py

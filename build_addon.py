@@ -21,6 +21,19 @@ VENDORED = ("npbgpp_core", "kernels")
 SKIP_DIRS = {"__pycache__", "build", ".pytest_cache", "dist"}
 SKIP_SUFFIXES = (".pyc", ".pyo", ".so", ".pyd", ".o", ".ninja_deps", ".ninja_log")
 FIXED_TIME = (2024, 1, 1, 0, 0, 0)  # reproducible archives
+WEIGHTS_DIR = os.path.join("npbgpp_core", "weights")  # bundled pretrained weights travel in the zip
+MAX_WEIGHTS_BYTES = 20 * 1024 * 1024
+
+
+def check_weights_size(root: str = ROOT) -> int:
+    """Total size of the bundled ``*.safetensors`` files; ValueError above 20 MB."""
+    folder = os.path.join(root, WEIGHTS_DIR)
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors")) if os.path.isdir(folder) else []
+    total = sum(os.path.getsize(os.path.join(folder, f)) for f in files)
+    if total > MAX_WEIGHTS_BYTES:
+        raise ValueError(f"bundled weights in {folder} are {total / 1e6:.1f} MB, over the 20 MB limit "
+                         "(export them with --fp16)")
+    return total
 
 
 def manifest_version(path: str) -> str:
@@ -45,6 +58,7 @@ def build(out_dir: str = os.path.join(ROOT, "dist")) -> str:
     """Write the zip atomically and return its path."""
     manifest = os.path.join(ADDON_SRC, "blender_manifest.toml")
     version = manifest_version(manifest)
+    check_weights_size()
     os.makedirs(out_dir, exist_ok=True)
     target = os.path.join(out_dir, f"npbgpp_blender-{version}.zip")
     entries: list[tuple[str, str]] = []

@@ -11,7 +11,10 @@ import atexit
 import os
 import sys
 
-import bpy
+try:
+    import bpy
+except (ImportError, OSError):  # outside Blender: `python -m blender_addon.demo` reports what is missing
+    bpy = None  # type: ignore[assignment]
 
 bl_info = {
     "name": "NPBG++ Neural Point Renderer",
@@ -43,9 +46,12 @@ def _shutdown_worker() -> None:
     HUB.shutdown()
 
 
-@bpy.app.handlers.persistent
 def _on_load_pre(*_args) -> None:
     _shutdown_worker()
+
+
+if bpy is not None:
+    _on_load_pre = bpy.app.handlers.persistent(_on_load_pre)
 
 
 def register() -> None:

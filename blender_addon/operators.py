@@ -9,6 +9,16 @@ import bpy
 from bpy.props import BoolProperty, IntProperty, StringProperty
 
 
+def bundled_weights() -> str:
+    """The NPBG++ weights shipped with the add-on (npbgpp_core/weights), used when the
+    Weights setting is empty."""
+    try:
+        from npbgpp_core.pretrained import default_weights_path
+    except ImportError:
+        return ""
+    return default_weights_path("npbgpp")
+
+
 class NPBGPP_OT_aggregate(bpy.types.Operator):
     """Compute NPBG++ descriptors of the imported dataset's points from its views and save a bundle"""
 
@@ -22,10 +32,11 @@ class NPBGPP_OT_aggregate(bpy.types.Operator):
         from .worker_client import HUB, WorkerError
 
         s = context.scene.npbgpp
-        weights = bpy.path.abspath(s.weights) if s.weights else ""
+        weights = bpy.path.abspath(s.weights) if s.weights else bundled_weights()
         if not weights or not os.path.isfile(weights):
+            where = f"not found: {weights}" if s.weights else f"none set, and the bundled file is missing: {weights}"
             self.report({"ERROR"}, f"Aggregate needs NPBG++ weights: set Weights in Render Properties > NPBG++ "
-                                   f"({'not found: ' + weights if weights else 'none set'})")
+                                   f"({where})")
             return {"CANCELLED"}
         dataset = bpy.path.abspath(s.dataset_path) if s.dataset_path else ""
         if not dataset or not os.path.isdir(dataset):

@@ -28,7 +28,8 @@ class NPBGPPSceneSettings(bpy.types.PropertyGroup):
         subtype="FILE_PATH", default="",
     )
     weights: StringProperty(  # type: ignore[valid-type]
-        name="Weights", description="NPBG++ network weights (a checkpoint) used to aggregate descriptors",
+        name="Weights", description="NPBG++ network weights (a checkpoint) used to aggregate descriptors; "
+        "empty: the bundled weights",
         subtype="FILE_PATH", default="",
     )
     device: EnumProperty(  # type: ignore[valid-type]

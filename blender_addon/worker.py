@@ -208,8 +208,16 @@ def load_weights(path: str) -> tuple[dict, dict]:
         from safetensors import safe_open
         from safetensors.torch import load_file
 
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+        except Exception as exc:  # noqa: BLE001 - any parse failure: a damaged file
+            raise ValueError(f"cannot read NPBG++ weights {path} (corrupt or not safetensors): {exc}") from exc
+        if meta.get("format") == "npbgpp-weights":  # a bundled / exported weights file (fp16 -> fp32)
+            from npbgpp_core.pretrained import read_weights
+
+            wf = read_weights(path, "npbgpp")
+            return wf.config, wf.state
         return json.loads(meta.get("config", "{}")), load_file(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)

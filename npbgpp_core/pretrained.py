@@ -1,0 +1,256 @@
+"""Bundled pretrained weights: file format, default locations and safe loading.
+
+A weights file is a safetensors file (tensors only, never pickled code) whose string
+metadata holds:
+
+- ``format``: ``"npbgpp-weights"`` and ``format_version``: ``"1"``;
+- ``kind``: ``"npbgpp"`` (the whole NPBG++ network: extractor, basis MLP, refiner) or
+  ``"npbg_refiner"`` (the refiner of an NPBG model trained on the same corpus, the start
+  of per-scene NPBG fitting);
+- ``config``: JSON of the model config (:class:`NPBGPlusPlusConfig` or :class:`NPBGConfig`);
+- ``card``: JSON of the model card (steps, corpus recipe, regeneration command, ...).
+
+Tensors may be stored in fp16 (the bundled files are, to stay small); they are turned
+into fp32 on load. This module imports torch only inside its functions, so the Blender
+add-on can ask for :func:`default_weights_path` without torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from .models import NPBGConfig, NPBGPlusPlus
+
+FORMAT_NAME = "npbgpp-weights"
+FORMAT_VERSION = "1"
+KINDS = ("npbgpp", "npbg_refiner")
+WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
+DEFAULT_FILES = {
+    "npbgpp": "npbgpp_sphere_procedural.safetensors",
+    "npbg_refiner": "npbg_refiner_procedural.safetensors",
+}
+# How to make each file again (also written into the card by export-weights).
+REGENERATE = {
+    "npbgpp": (
+        "python -m headless_train export-weights --checkpoint <run>/checkpoints/last.ckpt "
+        f"--out npbgpp_core/weights/{DEFAULT_FILES['npbgpp']} --fp16   (see npbgpp_core/weights/MODEL_CARD.md)"
+    ),
+    "npbg_refiner": (
+        "python -m headless_train export-weights --checkpoint <npbg run>/checkpoints/last.ckpt "
+        f"--out npbgpp_core/weights/{DEFAULT_FILES['npbg_refiner']} --fp16   (see npbgpp_core/weights/MODEL_CARD.md)"
+    ),
+}
+
+
+class WeightsError(ValueError):
+    """A weights file that exists but cannot be used (corrupt, wrong kind, wrong shapes)."""
+
+
+@dataclass
+class WeightsFile:
+    """The parsed content of a weights file (tensors already fp32)."""
+
+    path: str
+    kind: str
+    config: dict[str, Any]
+    card: dict[str, Any]
+    state: dict[str, torch.Tensor] = field(repr=False)
+
+
+@dataclass
+class RefinerWeights:
+    """Pretrained NPBG refiner: ``state`` (fp32, keys of :class:`Refiner`), its ``config``."""
+
+    path: str
+    config: NPBGConfig
+    card: dict[str, Any]
+    state: dict[str, torch.Tensor] = field(repr=False)
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"unknown weights kind {kind!r}; expected one of {KINDS}")
+
+
+def default_weights_path(kind: str = "npbgpp") -> str:
+    """Where the bundled weights of ``kind`` live (the file may be missing)."""
+    _check_kind(kind)
+    return os.path.join(WEIGHTS_DIR, DEFAULT_FILES[kind])
+
+
+def regenerate_hint(kind: str, path: str | None = None) -> str:
+    """The command that writes the ``kind`` file again (from the file's card when readable)."""
+    _check_kind(kind)
+    return REGENERATE[kind]
+
+
+def float_state(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Floating tensors converted to ``dtype`` (contiguous, on the CPU); others unchanged."""
+    return {
+        k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()).contiguous()
+        for k, v in state.items()
+    }
+
+
+def weights_bytes(state: dict[str, torch.Tensor], kind: str, config: dict[str, Any], card: dict[str, Any],
+                  fp16: bool = True) -> bytes:
+    """Serialize a weights file (safetensors bytes) for ``kind``."""
+    import torch
+    from safetensors.torch import save
+
+    _check_kind(kind)
+    tensors = float_state(state, torch.float16 if fp16 else torch.float32)
+    for k, v in tensors.items():
+        if fp16 and v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise WeightsError(f"tensor {k} is not finite in fp16 (values beyond +-65504?)")
+    metadata = {
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "kind": kind,
+        "dtype": "float16" if fp16 else "float32",
+        "config": json.dumps(config, sort_keys=True), "card": json.dumps(card, sort_keys=True),
+    }
+    return save(tensors, metadata=metadata)
+
+
+def save_weights(path: str, state: dict[str, torch.Tensor], kind: str, config: dict[str, Any],
+                 card: dict[str, Any], fp16: bool = True) -> int:
+    """Write a weights file atomically (temp file + os.replace); returns its size in bytes."""
+    import tempfile
+
+    data = weights_bytes(state, kind, config, card, fp16)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"output folder does not exist: {folder}")
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return len(data)
+
+
+def read_weights(path: str, kind: str) -> WeightsFile:
+    """Parse and validate a weights file of ``kind``; fp32 tensors on the CPU.
+
+    FileNotFoundError (with the regeneration command) when missing, :class:`WeightsError`
+    naming the file when it is corrupt or of another kind."""
+    import torch
+    from safetensors import safe_open
+
+    _check_kind(kind)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{kind} weights file not found: {path}\n  regenerate it with: {regenerate_hint(kind)}"
+        )
+    try:
+        state: dict[str, torch.Tensor] = {}
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta = dict(f.metadata() or {})
+            for key in f.keys():
+                state[key] = f.get_tensor(key)
+    except Exception as exc:  # noqa: BLE001 - every parse failure means a damaged file
+        raise WeightsError(
+            f"weights file {path} is corrupt or not a safetensors file ({type(exc).__name__}: {exc}); "
+            f"replace it, e.g. `git checkout -- {os.path.relpath(path)}` or: {regenerate_hint(kind)}"
+        ) from exc
+    if meta.get("format") != FORMAT_NAME:
+        raise WeightsError(f"weights file {path} is a safetensors file but not NPBG++ weights "
+                           f"(metadata format={meta.get('format')!r}, expected {FORMAT_NAME!r})")
+    if meta.get("kind") != kind:
+        raise WeightsError(f"weights file {path} holds {meta.get('kind')!r} weights, expected {kind!r}")
+    try:
+        config = json.loads(meta.get("config", "{}"))
+        card = json.loads(meta.get("card", "{}"))
+    except json.JSONDecodeError as exc:
+        raise WeightsError(f"weights file {path}: unreadable config/card metadata: {exc}") from exc
+    for k, v in state.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise WeightsError(f"weights file {path}: tensor {k} holds NaN or infinite values")
+    return WeightsFile(path, kind, config, card, float_state(state, torch.float32))
+
+
+def _load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], path: str, what: str) -> None:
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise WeightsError(f"weights file {path} does not fit the {what}: {str(exc).splitlines()[0]}") from exc
+
+
+def load_pretrained_npbgpp(path: str | None = None, device: str | torch.device = "cpu") -> NPBGPlusPlus:
+    """The NPBG++ network from a weights file (default: the bundled one), fp32, eval mode."""
+    from .models import NPBGPlusPlus, NPBGPlusPlusConfig
+
+    path = path or default_weights_path("npbgpp")
+    wf = read_weights(path, "npbgpp")
+    try:
+        config = NPBGPlusPlusConfig.from_dict(wf.config)
+    except (TypeError, ValueError) as exc:
+        raise WeightsError(f"weights file {path}: bad NPBG++ config: {exc}") from exc
+    model = NPBGPlusPlus(config)
+    _load_into(model, wf.state, path, "NPBG++ network")
+    model.card = wf.card  # type: ignore[attr-defined]
+    return model.to(device).eval()
+
+
+def load_pretrained_npbg_refiner(path: str | None = None) -> RefinerWeights:
+    """The pretrained NPBG refiner (state dict fp32 + config) from a weights file
+    (default: the bundled one); checked against a freshly built refiner."""
+    from .models import NPBG, NPBGConfig
+
+    path = path or default_weights_path("npbg_refiner")
+    wf = read_weights(path, "npbg_refiner")
+    try:
+        config = NPBGConfig.from_dict(wf.config)
+    except (TypeError, ValueError) as exc:
+        raise WeightsError(f"weights file {path}: bad NPBG config: {exc}") from exc
+    _load_into(NPBG(0, config).refiner, wf.state, path, "NPBG refiner")
+    return RefinerWeights(path, config, wf.card, wf.state)
+
+
+def describe(path: str) -> dict[str, Any]:
+    """kind, dtype, card and size of a weights file (no tensors loaded)."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt", device="cpu") as f:
+        meta = dict(f.metadata() or {})
+    return {"path": path, "bytes": os.path.getsize(path), "kind": meta.get("kind"), "dtype": meta.get("dtype"),
+            "card": json.loads(meta.get("card", "{}"))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m npbgpp_core.pretrained [FILE ...]``: print kind, size and model card of
+    weights files (default: the bundled ones)."""
+    import sys
+
+    paths = list(sys.argv[1:] if argv is None else argv) or [default_weights_path(k) for k in KINDS]
+    status = 0
+    for path in paths:
+        if not os.path.isfile(path):
+            print(f"{path}: missing", file=sys.stderr)
+            status = 2
+            continue
+        try:
+            info = describe(path)
+        except Exception as exc:  # noqa: BLE001 - any parse failure: a damaged file
+            print(f"{path}: unreadable ({exc})", file=sys.stderr)
+            status = 2
+            continue
+        print(json.dumps(info, indent=2, sort_keys=True))
+    return status
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,157 @@
+"""Weights files (npbgpp_core.pretrained), ``python -m headless_train export-weights`` and the
+plain-PyTorch fitting loops (npbgpp_core.fitting), on tiny scenes made here."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from _train_fixtures import make_tiny_scene
+
+from headless_train.export_weights import main as export_main
+from npbgpp_core.datasets import load_scene
+from npbgpp_core.fitting import FitViews, fit_coefficients, fit_npbg
+from npbgpp_core.losses import multiscale_l1
+from npbgpp_core.models import NPBG, NPBGConfig, NPBGPlusPlus
+from npbgpp_core.pretrained import (
+    WeightsError,
+    default_weights_path,
+    load_pretrained_npbg_refiner,
+    load_pretrained_npbgpp,
+    read_weights,
+    save_weights,
+)
+
+NPBGPP_SYSTEM_CONFIG = {"name": "npbgpp", "aggregator": "sphere", "feature_dim": 8, "basis_dim": 6,
+                        "ridge_alpha": 1.0, "visibility_scale": 1.0, "align_input_views": True,
+                        "align_during_rendering": True, "predict_mask": False, "min_view_depth": 0.0, "lr": 1e-4}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = make_tiny_scene(str(tmp_path_factory.mktemp("scene") / "s"), views=6, size=32, n_points=400)
+    return load_scene(folder)
+
+
+def _views(scene, which):
+    return FitViews(torch.stack([scene.load_image(i) for i in which]), [scene.camera(i) for i in which],
+                    torch.stack([scene.load_mask(i) for i in which]))
+
+
+def _npbgpp_checkpoint(path, model, steps=12):
+    ckpt = {"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+            "npbgpp": {"system": "npbgpp", "config": NPBGPP_SYSTEM_CONFIG, "scenes": ["a"], "points": [1]},
+            "global_step": steps, "epoch": 1}
+    torch.save(ckpt, path)
+
+
+def test_export_weights_round_trip_renders_the_same(tmp_path, tiny):
+    torch.manual_seed(0)
+    model = NPBGPlusPlus().eval()
+    ckpt = tmp_path / "last.ckpt"
+    _npbgpp_checkpoint(ckpt, model)
+    card = tmp_path / "card.json"
+    card.write_text(json.dumps({"corpus_recipe": "make corpus", "hardware": "2-core CPU"}))
+    out = tmp_path / "w.safetensors"
+    assert export_main(["--checkpoint", str(ckpt), "--out", str(out), "--fp16", "--card-json", str(card)]) == 0
+    wf = read_weights(str(out), "npbgpp")
+    assert wf.card["steps"] == 12 and wf.card["corpus_recipe"] == "make corpus" and wf.card["dtype"] == "float16"
+    assert os.path.getsize(out) < 0.6 * sum(p.numel() * 4 for p in model.parameters())  # fp16 on disk
+    loaded = load_pretrained_npbgpp(str(out))
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.allclose(a.float(), b, rtol=1e-3, atol=1e-4), k
+    points = torch.from_numpy(tiny.points)
+    images = torch.stack([tiny.load_image(i) for i in tiny.train])
+    cams = [tiny.camera(i) for i in tiny.train]
+    with torch.no_grad():
+        ref = model.render(model.aggregate(points, images, cams), tiny.camera(tiny.test[0]))
+        got = loaded.render(loaded.aggregate(points, images, cams), tiny.camera(tiny.test[0]))
+    assert ref.std() > 0
+    assert (ref - got).abs().max() < 2e-2
+
+
+def test_npbg_checkpoint_exports_its_refiner(tmp_path):
+    torch.manual_seed(1)
+    m = NPBG(5, NPBGConfig())
+    state = {f"refiner.{k}": v for k, v in m.refiner.state_dict().items()}
+    state.update({f"scene_models.a.{k}": v for k, v in m.state_dict().items()})
+    torch.save({"state_dict": state, "npbgpp": {"system": "npbg", "config": {"name": "npbg", "descriptor_dim": 8}},
+                "global_step": 3}, tmp_path / "n.ckpt")
+    out = tmp_path / "r.safetensors"
+    assert export_main(["--checkpoint", str(tmp_path / "n.ckpt"), "--out", str(out)]) == 0
+    refiner = load_pretrained_npbg_refiner(str(out))
+    assert refiner.config.feature_dim == 8 and refiner.card["steps"] == 3
+    for k, v in m.refiner.state_dict().items():
+        assert torch.equal(refiner.state[k], v), k  # fp32 export is exact
+
+
+def test_export_weights_rejects_per_scene_systems(tmp_path, capsys):
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "npbgpp": {"system": "coefficients_ft", "config": {}}},
+               tmp_path / "c.ckpt")
+    assert export_main(["--checkpoint", str(tmp_path / "c.ckpt"), "--out", str(tmp_path / "o.safetensors")]) == 2
+    assert "coefficients_ft" in capsys.readouterr().err
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+class _Trap:
+    """Unpickling this writes a file: proof that a loader executed pickle code."""
+
+    def __init__(self, flag: str) -> None:
+        self.flag = flag
+
+    def __reduce__(self):
+        return (open, (self.flag, "w"))
+
+
+def test_bad_weights_files_are_named_and_never_unpickled(tmp_path):
+    missing = tmp_path / "none.safetensors"
+    with pytest.raises(FileNotFoundError, match="export-weights") as info:
+        load_pretrained_npbgpp(str(missing))
+    assert str(missing) in str(info.value)
+    corrupt = tmp_path / "bad.safetensors"
+    corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    with pytest.raises(WeightsError, match="corrupt") as info:
+        load_pretrained_npbgpp(str(corrupt))
+    assert str(corrupt) in str(info.value)
+    flag = tmp_path / "executed"
+    pickled = tmp_path / "pickle.safetensors"
+    torch.save({"x": _Trap(str(flag))}, pickled)
+    with pytest.raises(WeightsError):
+        load_pretrained_npbgpp(str(pickled))
+    assert not flag.exists()
+    refiner_file = tmp_path / "r.safetensors"
+    save_weights(str(refiner_file), NPBG(0).refiner.state_dict(), "npbg_refiner", NPBGConfig().to_dict(), {})
+    with pytest.raises(WeightsError, match="'npbg_refiner' weights, expected 'npbgpp'"):
+        load_pretrained_npbgpp(str(refiner_file))
+    assert default_weights_path("npbgpp").endswith(os.path.join("npbgpp_core", "weights",
+                                                                "npbgpp_sphere_procedural.safetensors"))
+
+
+def _full_loss(model: NPBG, points: torch.Tensor, views: FitViews) -> float:
+    with torch.no_grad():
+        preds = torch.stack([model.render_raw(points, c)[:3] for c in views.cameras])
+    return float(multiscale_l1(preds, views.images, views.masks))
+
+
+def test_fitting_loops_lower_the_loss(tiny):
+    torch.manual_seed(2)
+    model = NPBGPlusPlus().eval()
+    points = torch.from_numpy(tiny.points)
+    views = _views(tiny, tiny.train)
+    with torch.no_grad():
+        agg = model.aggregate(points, views.images, views.cameras)
+    before = fit_coefficients(model, agg, views, steps=0)
+    after = fit_coefficients(model, agg, views, steps=25, crop=None, seed=0)
+    assert after.steps == 25 and after.seconds > 0
+    assert _full_loss(after.model, points, views) < 0.8 * _full_loss(before.model, points, views)
+    basis = {k: v.clone() for k, v in model.basis.state_dict().items()}
+    assert all(torch.equal(basis[k], v) for k, v in after.model.basis.state_dict().items())  # frozen
+
+    refiner = NPBG(0).refiner.state_dict()
+    start = fit_npbg(points, views, refiner, steps=0)
+    fitted = fit_npbg(points, views, refiner, steps=25, crop=24, seed=0)
+    assert torch.count_nonzero(start.model.descriptors) == 0  # zeros init
+    assert _full_loss(fitted.model, points, views) < 0.8 * _full_loss(start.model, points, views)
