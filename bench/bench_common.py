@@ -3,6 +3,7 @@ the atomic append to BENCHMARKS.md."""
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import os
 import platform
@@ -202,3 +203,27 @@ def parse_ints(text: str) -> list[int]:
             mult, item = 1_000, item[:-1]
         out.append(int(float(item) * mult))
     return out
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """The options every benchmark takes: device, threads, quick, no-write."""
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (1 avoids stalls on busy shared cores)")
+    parser.add_argument("--quick", action="store_true", help="tiny smoke run; writes nothing")
+    parser.add_argument("--no-write", action="store_true", help="do not append to BENCHMARKS.md")
+
+
+def device_from_args(args: argparse.Namespace) -> torch.device:
+    """The benchmark's device, with torch's CPU thread count set from ``--threads``."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return pick_device(args.device)
+
+
+def record(args: argparse.Namespace, title: str, device: torch.device, table: str, notes: Sequence[str]) -> None:
+    """Append the table to BENCHMARKS.md unless this is a quick or --no-write run."""
+    if args.quick or args.no_write:
+        return
+    if device.type != "cuda":
+        notes = [*notes, "CPU numbers: the 2 cores may be shared with other jobs, expect noise"]
+    append_benchmarks(title, device, table, notes)

@@ -21,15 +21,16 @@ from pathlib import Path
 
 import torch
 from bench_common import (
-    append_benchmarks,
+    add_common_args,
     bench_camera,
+    device_from_args,
     fmt_mb,
     markdown_table,
     parse_ints,
     parse_sizes,
     peak_memory,
-    pick_device,
     random_cloud,
+    record,
     synchronize,
 )
 
@@ -63,19 +64,14 @@ def prepare(model: NPBGPlusPlus, points: torch.Tensor, views: int, size: tuple[i
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="auto")
     parser.add_argument("--views", help=f"view counts K (default GPU {GPU_VIEWS}, CPU {CPU_VIEWS})")
     parser.add_argument("--size", help=f"view size WxH (default GPU {GPU_SIZE}, CPU {CPU_SIZE})")
     parser.add_argument("--points", help=f"cloud size (default GPU {GPU_POINTS}, CPU {CPU_POINTS})")
     parser.add_argument("--batch", type=int, help=f"views per add_views call (GPU {GPU_BATCH}, CPU {CPU_BATCH})")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (1 avoids stalls on busy shared cores)")
-    parser.add_argument("--quick", action="store_true", help="tiny smoke run; writes nothing")
-    parser.add_argument("--no-write", action="store_true")
+    add_common_args(parser)
     args = parser.parse_args(argv)
 
-    device = pick_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = device_from_args(args)
     gpu = device.type == "cuda"
     if args.quick:
         view_counts, size, n, batch = [2], (32, 32), 2000, 2
@@ -105,14 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     print()
     print(table)
-    if not args.quick and not args.no_write:
-        notes = [
-            f"device {device}, NPBG++ default config (sphere aggregator, input-view alignment on), random weights, "
-            f"{batch} views per add_views call",
-        ]
-        if not gpu:
-            notes.append("CPU numbers: the 2 cores are shared with other jobs, expect noise")
-        append_benchmarks("Scene preparation (aggregating K views)", device, table, notes)
+    notes = [
+        f"device {device}, NPBG++ default config (sphere aggregator, input-view alignment on), random weights, "
+        f"{batch} views per add_views call",
+    ]
+    record(args, "Scene preparation (aggregating K views)", device, table, notes)
     return 0
 
 

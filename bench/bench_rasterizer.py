@@ -16,15 +16,16 @@ from functools import partial
 
 import torch
 from bench_common import (
-    append_benchmarks,
+    add_common_args,
     bench_camera,
+    device_from_args,
     fmt_mb,
     fmt_ms,
     markdown_table,
     parse_ints,
     parse_sizes,
-    pick_device,
     random_cloud,
+    record,
     time_call,
 )
 
@@ -38,18 +39,13 @@ CPU_SIZES = "512x512,1920x1080"
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--points", help=f"point counts (default GPU {GPU_POINTS}, CPU {CPU_POINTS})")
     parser.add_argument("--sizes", help=f"image sizes WxH (default GPU {GPU_SIZES}, CPU {CPU_SIZES})")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per case (median)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (1 avoids stalls on busy shared cores)")
-    parser.add_argument("--quick", action="store_true", help="tiny smoke run; writes nothing")
-    parser.add_argument("--no-write", action="store_true", help="do not append to BENCHMARKS.md")
+    add_common_args(parser)
     args = parser.parse_args(argv)
 
-    device = pick_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = device_from_args(args)
     gpu = device.type == "cuda"
     if args.quick:
         counts, sizes, repeats = [2000], [(48, 64)], 1
@@ -87,16 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown_table(headers, rows)
     print()
     print(table)
-    if not args.quick and not args.no_write:
-        notes = [
-            f"device {device}, 5 scales (1, 1/2, 1/4, 1/8, 1/16), best and median of {repeats} runs after 1 warm-up",
-            "peak MB: torch.cuda.max_memory_allocated growth on GPU, RSS growth (sampled 1 ms) on CPU",
-        ]
-        if kernel is None:
-            notes.append(f"CUDA kernel not measured: {why}")
-        if not gpu:
-            notes.append("CPU numbers: the cores are shared with other jobs, expect noise")
-        append_benchmarks("Rasterizer: torch reference vs CUDA kernel", device, table, notes)
+    notes = [
+        f"device {device}, 5 scales (1, 1/2, 1/4, 1/8, 1/16), best and median of {repeats} runs after 1 warm-up",
+        "peak MB: torch.cuda.max_memory_allocated growth on GPU, RSS growth (sampled 1 ms) on CPU",
+    ]
+    if kernel is None:
+        notes.append(f"CUDA kernel not measured: {why}")
+    record(args, "Rasterizer: torch reference vs CUDA kernel", device, table, notes)
     return 0
 
 

@@ -22,15 +22,16 @@ from functools import partial
 
 import torch
 from bench_common import (
-    append_benchmarks,
+    add_common_args,
     bench_camera,
+    device_from_args,
     fmt_mb,
     fmt_ms,
     markdown_table,
     parse_ints,
     parse_sizes,
-    pick_device,
     random_cloud,
+    record,
     time_call,
 )
 
@@ -87,19 +88,14 @@ def refiner_runner(model: NPBGPlusPlus, mode: str, dtype: torch.dtype, channels_
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="auto")
     parser.add_argument("--points", help=f"point counts (default GPU {GPU_POINTS}, CPU {CPU_POINTS})")
     parser.add_argument("--sizes", help=f"image sizes WxH (default GPU {GPU_SIZES}, CPU {CPU_SIZES})")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant (slow to build)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (1 avoids stalls on busy shared cores)")
-    parser.add_argument("--quick", action="store_true", help="tiny smoke run; writes nothing")
-    parser.add_argument("--no-write", action="store_true")
+    add_common_args(parser)
     args = parser.parse_args(argv)
 
-    device = pick_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = device_from_args(args)
     gpu = device.type == "cuda"
     if args.quick:
         counts, sizes, repeats = [2000], [(64, 64)], 1
@@ -185,16 +181,14 @@ def main(argv: list[str] | None = None) -> int:
     print(stage_table)
     print()
     print(frame_table)
-    if not args.quick and not args.no_write:
-        notes = [
-            f"device {device}, NPBG++ default config (sphere aggregator, 8 features, 5 scales), random weights",
-            f"ms as best / median of {repeats} runs after 1 warm-up; "
-            "frame = rasterize + descriptors of the winning points + gather + refiner (as NPBG++ renders), "
-            "no alignment; model.render includes in-plane alignment (renders a sqrt(H^2+W^2) square, then warps)",
-        ]
-        if not gpu:
-            notes.append("CPU numbers: the 2 cores are shared with other jobs, expect noise")
-        append_benchmarks("Full frame (NPBG++)", device, stage_table + "\n\n" + frame_table, notes)
+    notes = [
+        f"device {device}, NPBG++ default config (sphere aggregator, 8 features, 5 scales), random weights",
+        f"ms as best / median of {repeats} runs after 1 warm-up; "
+        "frame = rasterize + descriptors of the winning points + gather + refiner (as NPBG++ renders), "
+        "no alignment; model.render includes in-plane alignment (renders the rolled target's bounding box, "
+        "exactly H x W at roll 0, then warps back)",
+    ]
+    record(args, "Full frame (NPBG++)", device, stage_table + "\n\n" + frame_table, notes)
     return 0
 
 
