@@ -25,15 +25,6 @@ from npbgpp_core.rasterizer import rasterize
 SIZE = (32, 32)
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny tensors: one thread avoids OpenMP oversubscription on shared CPUs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def sphere_scene(n: int = 2000, views: int = 4, size=SIZE, seed: int = 0):
     """Coloured points on the unit sphere and ``views`` cameras around it, with images
     made of the nearest point's colour (black background)."""

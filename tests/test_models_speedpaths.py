@@ -19,14 +19,6 @@ from npbgpp_core.models.npbgpp import rasterize_descriptors
 from npbgpp_core.rasterizer import DEFAULT_SCALES, rasterize_features
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def random_scene(n: int = 3000, seed: int = 0) -> AggregatedScene:
     """Points on a unit sphere with random [ym; beta] coefficients (strong contrast)."""
     g = torch.Generator().manual_seed(seed)

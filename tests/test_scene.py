@@ -19,14 +19,6 @@ from npbgpp_core.models import NPBG, NPBGPlusPlus
 from npbgpp_core.scene import FORMAT_VERSION, NeuralScene
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def small_scene(n: int = 800):
     g = torch.Generator().manual_seed(0)
     pts = torch.randn(n, 3, generator=g)
@@ -43,11 +35,8 @@ def npbgpp_bundle():
     torch.manual_seed(0)
     pts, colors, cams, images = small_scene()
     model = NPBGPlusPlus().eval()
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
     with torch.no_grad():
         aggregated = model.aggregate(pts, images, cams)
-    torch.set_num_threads(before)
     bundle = NeuralScene.from_aggregated(model, aggregated, colors=colors, name="sphere", metadata={"source": "test"})
     return model, aggregated, bundle, cams
 
