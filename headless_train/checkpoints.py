@@ -3,14 +3,14 @@ failure), clear errors for corrupt / foreign checkpoints, per-scene descriptor f
 
 from __future__ import annotations
 
-import errno
 import io
 import logging
 import os
-import tempfile
 from typing import Any
 
 import torch
+
+from npbgpp_core.atomic import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -27,34 +27,6 @@ COMPATIBLE_SOURCES = {
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: missing, corrupt, or from another system."""
-
-
-def _write_bytes(fileobj, data: bytes) -> None:
-    """Write ``data`` to an open file (a seam so tests can simulate a full disk)."""
-    fileobj.write(data)
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder, fsync, os.replace.
-
-    On any error (e.g. ENOSPC) the temp file is removed and an existing ``path`` is untouched."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            _write_bytes(f, data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            raise OSError(errno.ENOSPC, f"disk full while writing {path}; the previous file is kept") from exc
-        raise
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:

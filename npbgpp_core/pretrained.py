@@ -120,25 +120,10 @@ def weights_bytes(state: dict[str, torch.Tensor], kind: str, config: dict[str, A
 def save_weights(path: str, state: dict[str, torch.Tensor], kind: str, config: dict[str, Any],
                  card: dict[str, Any], fp16: bool = True) -> int:
     """Write a weights file atomically (temp file + os.replace); returns its size in bytes."""
-    import tempfile
+    from .atomic import atomic_write_bytes
 
     data = weights_bytes(state, kind, config, card, fp16)
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"output folder does not exist: {folder}")
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write_bytes(path, data, make_dirs=False)
     return len(data)
 
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 from typing import Any
 
 import torch
 
+from .atomic import atomic_write_bytes
 from .camera import Camera
 from .rasterizer import rasterize
 
@@ -133,15 +133,7 @@ class NeuralScene:
             "metadata": json.dumps(self.metadata),
         }
         data = save(self._tensors(), metadata=header)
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npbgpp", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        atomic_write_bytes(path, data, make_dirs=False)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> NeuralScene:

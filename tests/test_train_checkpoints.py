@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from headless_train import checkpoints as ck
+from npbgpp_core import atomic
 
 
 def _full_disk_after(nbytes: int):
@@ -24,7 +25,7 @@ def test_atomic_write_keeps_previous_file_on_full_disk(tmp_path, monkeypatch):
     path = str(tmp_path / "last.ckpt")
     ck.atomic_torch_save({"state_dict": {"w": torch.ones(3)}, "global_step": 7}, path)
     before = open(path, "rb").read()
-    monkeypatch.setattr(ck, "_write_bytes", _full_disk_after(10))
+    monkeypatch.setattr(atomic, "_write_bytes", _full_disk_after(10))
     with pytest.raises(OSError, match="disk full") as info:
         ck.atomic_torch_save({"state_dict": {"w": torch.zeros(3)}, "global_step": 8}, path)
     assert info.value.errno == errno.ENOSPC
@@ -37,7 +38,7 @@ def test_checkpoint_io_used_by_lightning_is_atomic(tmp_path, monkeypatch):
     io = ck.AtomicCheckpointIO()
     path = tmp_path / "epoch0.ckpt"
     io.save_checkpoint({"state_dict": {"a": torch.arange(4)}}, path)
-    monkeypatch.setattr(ck, "_write_bytes", _full_disk_after(3))
+    monkeypatch.setattr(atomic, "_write_bytes", _full_disk_after(3))
     with pytest.raises(OSError):
         io.save_checkpoint({"state_dict": {"a": torch.zeros(4)}}, path)
     torch.testing.assert_close(io.load_checkpoint(path)["state_dict"]["a"], torch.arange(4))

@@ -18,6 +18,8 @@ from _train_fixtures import make_dataset
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
+from npbgpp_core import atomic
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["trainer.enable_progress_bar=false", "trainer.limit_val_batches=0", "dataloader=small",
         "datasets.train_image_size=16", "datasets.train_random_zoom=[0.75,1.0]", "trainer.log_every_n_steps=1"]
@@ -315,7 +317,6 @@ def test_training_and_eval_on_a_blender_rendered_scene(tmp_path):
 def test_full_disk_during_training_keeps_the_previous_checkpoint(data_root, tmp_path, monkeypatch):
     import errno
 
-    from headless_train import checkpoints as ck
 
     args = ["datasets=nerf_blender_one_scene", f"datasets.data_root={data_root}", "datasets.scene_name=sceneA",
             "system=npbg", "datasets.selection_count=0", "datasets.train_num_samples=50", "trainer.max_epochs=3",
@@ -329,7 +330,7 @@ def test_full_disk_during_training_keeps_the_previous_checkpoint(data_root, tmp_
         fileobj.write(data[: len(data) // 2])
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ck, "_write_bytes", full_disk)
+    monkeypatch.setattr(atomic, "_write_bytes", full_disk)
     with pytest.raises(OSError, match="disk full while writing .*last.ckpt"):
         run_inproc([*args, "trainer.max_steps=4", "trainer.last_checkpoint_every_n_steps=1", "resume=true"], run_dir)
     monkeypatch.undo()
