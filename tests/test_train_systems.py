@@ -258,8 +258,11 @@ def test_ctrl_c_leaves_a_usable_last_checkpoint(data_root, tmp_path):
             "datasets.train_num_samples=100000", "trainer.max_epochs=1", *FAST]
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     # last.ckpt is refreshed every 2 steps; its first appearance means training is under way.
+    # A job started in the background inherits SIGINT as "ignored" (then Python never raises
+    # KeyboardInterrupt): give the child the default disposition, as a terminal's Ctrl-C has.
     proc = subprocess.Popen([sys.executable, "-m", "headless_train", *args, "trainer.last_checkpoint_every_n_steps=2"],
-                            cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     output: list[str] = []
     reader = threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True)  # type: ignore[arg-type]
     reader.start()
