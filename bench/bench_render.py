@@ -160,12 +160,12 @@ def main(argv: list[str] | None = None) -> int:
                                        f"{1 / t_frame.median:.1f}", fmt_mb(t_frame.peak_bytes)])
                     print(" | ".join(frame_rows[-1]), flush=True)
             t_render = time_call(partial(model.render, scene, camera), device, repeats)
-            frame_rows.append([f"{n:,}", f"{w}x{h}", "model.render fp32 (aligned square)", "", fmt_ms(t_render),
+            frame_rows.append([f"{n:,}", f"{w}x{h}", "model.render fp32 (with alignment)", "", fmt_ms(t_render),
                                f"{1 / t_render.median:.1f}", fmt_mb(t_render.peak_bytes)])
             print(" | ".join(frame_rows[-1]), flush=True)
             if gpu:
                 t_r16 = time_call(partial(model.render, scene, camera, torch.float16), device, repeats)
-                frame_rows.append([f"{n:,}", f"{w}x{h}", "model.render fp16 autocast (aligned square)", "",
+                frame_rows.append([f"{n:,}", f"{w}x{h}", "model.render fp16 autocast (with alignment)", "",
                                    fmt_ms(t_r16), f"{1 / t_r16.median:.1f}", fmt_mb(t_r16.peak_bytes)])
 
     frame_table = markdown_table(
