@@ -593,8 +593,13 @@ def test_aggregate_writes_a_bundle(scene):
     root = scene["dir"] / "nerf"
     _write_nerf_dataset(root, [cam], scene["points"], scene["colors"])
     assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root)) == {"FINISHED"}
-    with pytest.raises(RuntimeError, match="[Ww]eights"):
+    sc.npbgpp.weights = str(scene["dir"] / "missing.safetensors")
+    with pytest.raises(RuntimeError, match="missing.safetensors"):
         bpy.ops.npbgpp.aggregate(filepath=str(scene["dir"] / "agg.npbgpp"))
+    assert not (scene["dir"] / "agg.npbgpp").exists()
+    sc.npbgpp.weights = ""  # empty: the weights bundled with the add-on
+    assert bpy.ops.npbgpp.aggregate(filepath=str(scene["dir"] / "bundled.npbgpp")) == {"FINISHED"}
+    assert NeuralScene.load(scene["dir"] / "bundled.npbgpp").kind == "npbgpp"
     torch.manual_seed(0)
     model = NPBGPlusPlus()
     weights = scene["dir"] / "weights.pt"
