@@ -121,11 +121,4 @@ class NPBGPP_OT_stop_worker(bpy.types.Operator):
 CLASSES = (NPBGPP_OT_aggregate, NPBGPP_OT_export_dataset, NPBGPP_OT_stop_worker)
 
 
-def register() -> None:
-    for cls in CLASSES:
-        bpy.utils.register_class(cls)
-
-
-def unregister() -> None:
-    for cls in reversed(CLASSES):
-        bpy.utils.unregister_class(cls)
+register, unregister = bpy.utils.register_classes_factory(CLASSES)

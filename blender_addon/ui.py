@@ -70,11 +70,4 @@ class RENDER_PT_npbgpp_performance(_NPBGPPPanel, bpy.types.Panel):
 CLASSES = (RENDER_PT_npbgpp, RENDER_PT_npbgpp_data, RENDER_PT_npbgpp_performance)
 
 
-def register() -> None:
-    for cls in CLASSES:
-        bpy.utils.register_class(cls)
-
-
-def unregister() -> None:
-    for cls in reversed(CLASSES):
-        bpy.utils.unregister_class(cls)
+register, unregister = bpy.utils.register_classes_factory(CLASSES)
