@@ -134,11 +134,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 class EpochAndLastCheckpoint(pl.Callback):
     """Writes checkpoints/epoch{N}.ckpt and last.ckpt after every training epoch, refreshes
     last.ckpt every ``every_n_steps`` optimizer steps, and on Ctrl-C / a crash writes
-    last.ckpt before the process ends (so ``resume=true`` can continue)."""
+    last.ckpt before the process ends (so ``resume=true`` can continue). With
+    ``keep_epochs=N`` only the N newest epoch files are kept (short epochs otherwise fill
+    the disk); ``None`` keeps every one, as the published paths (``epoch38.ckpt``) expect."""
 
-    def __init__(self, dirpath: str, every_n_steps: int = 0):
+    def __init__(self, dirpath: str, every_n_steps: int = 0, keep_epochs: int | None = None):
+        if keep_epochs is not None and int(keep_epochs) < 1:
+            raise ValueError(f"trainer.keep_epoch_checkpoints must be null or >= 1, got {keep_epochs}")
         self.dirpath = dirpath
         self.every_n_steps = int(every_n_steps or 0)
+        self.keep_epochs = None if keep_epochs is None else int(keep_epochs)
         self._last_saved_step = -1
 
     @property
@@ -157,6 +162,15 @@ class EpochAndLastCheckpoint(pl.Callback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         trainer.save_checkpoint(os.path.join(self.dirpath, f"epoch{trainer.current_epoch}.ckpt"))
         self._save_last(trainer)
+        if self.keep_epochs is not None and trainer.global_rank == 0:
+            self._drop_old_epochs(trainer.current_epoch)
+
+    def _drop_old_epochs(self, current: int) -> None:
+        """Remove epoch{N}.ckpt files older than the ``keep_epochs`` newest (written last)."""
+        for name in os.listdir(self.dirpath):
+            stem = name[len("epoch"):-len(".ckpt")] if name.startswith("epoch") and name.endswith(".ckpt") else ""
+            if stem.isdigit() and int(stem) <= current - self.keep_epochs:
+                os.remove(os.path.join(self.dirpath, name))
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if not isinstance(exception, OSError | FloatingPointError):  # not after a full disk or a NaN loss

@@ -114,7 +114,8 @@ def run(cfg: DictConfig, run_dir: str) -> dict | None:
     trainer = pl.Trainer(
         default_root_dir=run_dir,
         logger=TensorBoardLogger(save_dir=run_dir, name="", version="tensorboard"),
-        callbacks=[EpochAndLastCheckpoint(ckpt_dir, int(cfg.trainer.last_checkpoint_every_n_steps or 0))],
+        callbacks=[EpochAndLastCheckpoint(ckpt_dir, int(cfg.trainer.last_checkpoint_every_n_steps or 0),
+                                          cfg.trainer.keep_epoch_checkpoints)],
         plugins=[AtomicCheckpointIO()],
         **trainer_kwargs(tcfg, name),
     )

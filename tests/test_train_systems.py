@@ -356,3 +356,14 @@ def test_loss_mask_covers_the_background_unless_asked(data_root):
     alpha = scene.load_mask(sample["view"])
     assert 0 < float(alpha.mean()) < 1  # the tiny scene has background pixels
     assert torch.equal(sample["mask"], alpha)
+
+
+def test_keep_epoch_checkpoints_keeps_only_the_newest(data_root, tmp_path):
+    run_dir = str(tmp_path / "keep")
+    args = ["datasets=nerf_blender_one_scene", f"datasets.data_root={data_root}", "datasets.scene_name=sceneA",
+            "system=npbg", "datasets.selection_count=0", "datasets.train_num_samples=1", "trainer.max_epochs=4", *FAST]
+    run_inproc([*args, "trainer.keep_epoch_checkpoints=2"], run_dir)
+    names = sorted(os.listdir(os.path.join(run_dir, "checkpoints")))
+    assert names == ["epoch2.ckpt", "epoch3.ckpt", "last.ckpt"]
+    with pytest.raises(ValueError, match="keep_epoch_checkpoints"):
+        run_inproc([*args, "trainer.keep_epoch_checkpoints=0"], str(tmp_path / "bad"))
