@@ -108,40 +108,34 @@ class Refiner(nn.Module):
 
     def forward_reference(self, rasters: Sequence[torch.Tensor]) -> torch.Tensor:
         """The network as published, one module call per convolution (differentiable)."""
-        rasters = self._check(rasters)
-        x = self.first(rasters[0])
-        skips = [x]
-        for i, block in enumerate(self.down, start=1):
-            x = F.avg_pool2d(x, 2)
-            r = rasters[i]
-            if r.shape[-2:] != x.shape[-2:]:
-                r = F.interpolate(r, size=x.shape[-2:], mode="nearest")
-            x = torch.cat([block(x), r.to(x.dtype)], dim=1)
-            skips.append(x)
-        x = self.center(x)
-        for block, skip in zip(self.up, reversed(skips[:4]), strict=True):
-            x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
-            x = block(torch.cat([x, skip], dim=1))
-        return self.head(x)
+        return self._run(self._check(rasters), inference=False)
 
     def _forward_inference(self, rasters: list[torch.Tensor]) -> torch.Tensor:
         """:meth:`forward_reference` with in-place activations, channels-last on the CPU."""
         if rasters[0].device.type == "cpu":
             rasters = [r.contiguous(memory_format=torch.channels_last) for r in rasters]
-        x = self.first.forward_inference(rasters[0])
+        return self._run(rasters, inference=True).contiguous()
+
+    def _run(self, rasters: Sequence[torch.Tensor], inference: bool) -> torch.Tensor:
+        """The U-Net; ``inference`` picks each gated block's in-place path."""
+
+        def gated(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            return block.forward_inference(x) if inference else block(x)
+
+        x = gated(self.first, rasters[0])
         skips = [x]
         for i, block in enumerate(self.down, start=1):
             x = F.avg_pool2d(x, 2)
             r = rasters[i]
             if r.shape[-2:] != x.shape[-2:]:
                 r = F.interpolate(r, size=x.shape[-2:], mode="nearest")
-            x = torch.cat([block.forward_inference(x), r.to(x.dtype)], dim=1)
+            x = torch.cat([gated(block, x), r.to(x.dtype)], dim=1)
             skips.append(x)
-        x = self.center.forward_inference(x)
+        x = gated(self.center, x)
         for block, skip in zip(self.up, reversed(skips[:4]), strict=True):
             x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
-            x = block.forward_inference(torch.cat([x, skip], dim=1))
-        return self.head(x).contiguous()
+            x = gated(block, torch.cat([x, skip], dim=1))
+        return self.head(x)
 
 
 def count_parameters(module: nn.Module) -> int:
