@@ -41,6 +41,15 @@ from npbgpp_core.models.npbgpp import rasterize_descriptors
 from npbgpp_core.rasterizer import gather, rasterize
 
 GPU_POINTS, GPU_SIZES = "1m,3m", "512x512,1920x1080"
+# key: (label, refiner dtype, channels_last, refiner mode); "render" (model.render) is not a refiner variant
+VARIANT_KEYS: dict[str, tuple[str, torch.dtype, bool, str]] = {
+    "fp32": ("fp32", torch.float32, False, "eager"),
+    "fp32_cl": ("fp32 channels_last", torch.float32, True, "eager"),
+    "fp16_cl": ("fp16 channels_last", torch.float16, True, "eager"),
+    "bf16_cl": ("bf16 channels_last", torch.bfloat16, True, "eager"),
+    "fp16_cl_graph": ("fp16 channels_last, CUDA graph refiner", torch.float16, True, "graph"),
+    "fp16_cl_compile": ("fp16 channels_last, torch.compile refiner", torch.float16, True, "compile"),
+}
 CPU_POINTS, CPU_SIZES = "1m", "512x512"
 
 
@@ -92,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", help=f"image sizes WxH (default GPU {GPU_SIZES}, CPU {CPU_SIZES})")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant (slow to build)")
+    parser.add_argument("--variants", help="comma list of variant keys to run (default all for the device): "
+                        + ",".join(VARIANT_KEYS) + ",render (model.render)")
     add_common_args(parser)
     args = parser.parse_args(argv)
 
@@ -103,17 +114,22 @@ def main(argv: list[str] | None = None) -> int:
         counts = parse_ints(args.points or (GPU_POINTS if gpu else CPU_POINTS))
         sizes = parse_sizes(args.sizes or (GPU_SIZES if gpu else CPU_SIZES))
         repeats = args.repeats or (20 if gpu else 3)
-    variants: list[tuple[str, torch.dtype, bool, str]] = [("fp32", torch.float32, False, "eager")]
-    if gpu:
-        variants += [
-            ("fp16 channels_last", torch.float16, True, "eager"),
-            ("bf16 channels_last", torch.bfloat16, True, "eager"),
-            ("fp16 channels_last, CUDA graph refiner", torch.float16, True, "graph"),
-        ]
+    if args.variants:
+        keys = [k.strip() for k in args.variants.split(",") if k.strip()]
+        unknown = [k for k in keys if k not in VARIANT_KEYS and k != "render"]
+        if unknown:
+            parser.error(f"unknown variant(s) {unknown}; choose from {','.join(VARIANT_KEYS)},render")
+        if not gpu and any(k != "render" and (VARIANT_KEYS[k][1] != torch.float32 or VARIANT_KEYS[k][3] != "eager")
+                           for k in keys):
+            parser.error("fp16/bf16, CUDA graph and compile variants need --device cuda")
+    elif gpu:
+        keys = ["fp32", "fp16_cl", "bf16_cl", "fp16_cl_graph"]
         if not args.no_compile and not args.quick:
-            variants.append(("fp16 channels_last, torch.compile refiner", torch.float16, True, "compile"))
+            keys.append("fp16_cl_compile")
     else:
-        variants.append(("fp32 channels_last", torch.float32, True, "eager"))
+        keys = ["fp32", "fp32_cl"]
+    variants = [VARIANT_KEYS[k] for k in keys if k != "render"]
+    render_variants = not args.variants or "render" in args.variants.split(",")
 
     model = NPBGPlusPlus(NPBGPlusPlusConfig()).to(device).eval()
     scales, near = model.config.scales, model.config.near
@@ -159,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
                     frame_rows.append([f"{n:,}", f"{w}x{h}", name, fmt_ms(t_ref), fmt_ms(t_frame),
                                        f"{1 / t_frame.median:.1f}", fmt_mb(t_frame.peak_bytes)])
                     print(" | ".join(frame_rows[-1]), flush=True)
+            if not render_variants:
+                continue
             t_render = time_call(partial(model.render, scene, camera), device, repeats)
             frame_rows.append([f"{n:,}", f"{w}x{h}", "model.render fp32 (with alignment)", "", fmt_ms(t_render),
                                f"{1 / t_render.median:.1f}", fmt_mb(t_render.peak_bytes)])
