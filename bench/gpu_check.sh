@@ -56,7 +56,7 @@ step bench_rasterizer 100 "$PY" bench/bench_rasterizer.py --device cuda \
     --points 100k,1m,3m,10m --sizes 512x512,1920x1080,3840x2160
 step bench_render 110 "$PY" bench/bench_render.py --device cuda --points 1m,3m --sizes 512x512,1920x1080 \
     --repeats 10 --variants fp32,fp16_cl,bf16_cl,fp16_cl_graph,render
-step bench_prepare 90 "$PY" bench/bench_prepare.py --device cuda --views 10,30,100,300 --size 800x800 --points 1m
+step bench_prepare 90 "$PY" bench/bench_prepare.py --device cuda --views 10,30,100,300 --size 800x800 --points 3m
 step bench_render_compile 90 "$PY" bench/bench_render.py --device cuda --points 3m --sizes 1920x1080 \
     --repeats 10 --variants fp16_cl_compile
 rm -rf "$LOG_DIR/train"
