@@ -97,7 +97,8 @@ def project_for_raster(points: torch.Tensor, p: RasterParams) -> tuple[torch.Ten
     return u, v, zv
 
 
-def _keys_direct(qx, qy, key, valid, size: tuple[int, int]) -> torch.Tensor:
+def _scatter_direct(buf: torch.Tensor, qx, qy, key, valid, size: tuple[int, int]) -> None:
+    """Keep the smallest key per pixel of the flat ``buf`` (h*w + 1 slots, the last a spare)."""
     h, w = size
     col = torch.floor(qx * w)
     row = torch.floor(qy * h)
@@ -105,9 +106,7 @@ def _keys_direct(qx, qy, key, valid, size: tuple[int, int]) -> torch.Tensor:
     # Culled points go to a spare slot h*w (dropped below) instead of being filtered out:
     # no boolean indexing (nonzero + 4 gathers, a host sync on GPU), same keys.
     pix = torch.where(ok, row, h).long() * w + torch.where(ok, col, 0).long()
-    buf = torch.full((h * w + 1,), EMPTY_KEY, dtype=torch.int64, device=qx.device)
     buf.scatter_reduce_(0, pix, key, reduce="amin", include_self=True)
-    return buf[: h * w].view(h, w)
 
 
 def _pow2_ratio(fine: int, coarse: int) -> int | None:
@@ -126,37 +125,57 @@ def _keys_from_finer(fine: torch.Tensor, size: tuple[int, int]) -> torch.Tensor 
     return fine.view(h, ry, w, rx).amin(dim=(1, 3))
 
 
-def rasterize_keys_torch(points: torch.Tensor, p: RasterParams) -> list[torch.Tensor]:
-    """Packed (depth bits << 32 | index) key images per scale; EMPTY_KEY where empty."""
+DEFAULT_REFERENCE_CHUNK = 1 << 22
+
+
+def rasterize_keys_torch(
+    points: torch.Tensor, p: RasterParams, chunk_points: int | None = DEFAULT_REFERENCE_CHUNK
+) -> list[torch.Tensor]:
+    """Packed (depth bits << 32 | index) key images per scale; EMPTY_KEY where empty.
+
+    Points go through in chunks of ``chunk_points`` (None: all at once) into the same key
+    images, so temporary memory stays near 70 bytes x chunk (about 0.3 GB by default)
+    for any cloud size; keys hold global indices, so the result does not depend on it."""
     n = points.shape[0]
     if n >= 2**31:
         raise ValueError("at most 2**31 - 1 points per rasterization")
-    u, v, z = project_for_raster(points, p)
-    valid = torch.isfinite(u) & torch.isfinite(v) & (z > p.near)
+    device = points.device
+    # Largest image first; a scale whose size is a power-of-two fraction of a finer one
+    # is min-pooled from it afterwards (same keys), the others are scattered directly.
+    order = sorted(range(len(p.sizes)), key=lambda i: -p.sizes[i][0] * p.sizes[i][1])
+    direct: dict[int, torch.Tensor] = {}
+    pooled: list[tuple[int, int]] = []
+    for pos, i in enumerate(order):
+        source = next((j for j in order[:pos] if _pow2_divides(p.sizes[j], p.sizes[i])), None)
+        if source is None:
+            h, w = p.sizes[i]
+            direct[i] = torch.full((h * w + 1,), EMPTY_KEY, dtype=torch.int64, device=device)
+        else:
+            pooled.append((i, source))
     # Divide by 0-dim tensors, not Python numbers: on CUDA torch computes a division by a
     # CPU scalar as a multiplication by its float32 reciprocal (an ulp off at times), which
     # would make the reference device-dependent; this way CPU, GPU and kernel all divide.
-    width = torch.tensor(float(p.width), dtype=torch.float32, device=points.device)
-    height = torch.tensor(float(p.height), dtype=torch.float32, device=points.device)
-    qx = (u + 0.5) / width
-    qy = (v + 0.5) / height
-    depth_bits = z.view(torch.int32).to(torch.int64)
-    key = (depth_bits << 32) | torch.arange(n, device=points.device, dtype=torch.int64)
-    order = sorted(range(len(p.sizes)), key=lambda i: -p.sizes[i][0] * p.sizes[i][1])
-    out: list[torch.Tensor | None] = [None] * len(p.sizes)
-    done: list[torch.Tensor] = []
-    for i in order:
-        size = p.sizes[i]
-        keys = None
-        for finer in done:
-            keys = _keys_from_finer(finer, size)
-            if keys is not None:
-                break
-        if keys is None:
-            keys = _keys_direct(qx, qy, key, valid, size)
-        out[i] = keys
-        done.append(keys)
-    return [k for k in out if k is not None]
+    width = torch.tensor(float(p.width), dtype=torch.float32, device=device)
+    height = torch.tensor(float(p.height), dtype=torch.float32, device=device)
+    step = n if not chunk_points or chunk_points >= n else max(1, int(chunk_points))
+    for start in range(0, n, max(step, 1)):
+        chunk = points[start : start + step]
+        u, v, z = project_for_raster(chunk, p)
+        valid = torch.isfinite(u) & torch.isfinite(v) & (z > p.near)
+        qx = (u + 0.5) / width
+        qy = (v + 0.5) / height
+        index = torch.arange(start, start + chunk.shape[0], device=device, dtype=torch.int64)
+        key = (z.view(torch.int32).to(torch.int64) << 32) | index
+        for i, buf in direct.items():
+            _scatter_direct(buf, qx, qy, key, valid, p.sizes[i])
+    out: dict[int, torch.Tensor] = {i: buf[:-1].view(p.sizes[i]) for i, buf in direct.items()}
+    for i, source in pooled:
+        out[i] = _keys_from_finer(out[source], p.sizes[i])
+    return [out[i] for i in range(len(p.sizes))]
+
+
+def _pow2_divides(fine: tuple[int, int], coarse: tuple[int, int]) -> bool:
+    return _pow2_ratio(fine[0], coarse[0]) is not None and _pow2_ratio(fine[1], coarse[1]) is not None
 
 
 def keys_to_index(keys: torch.Tensor) -> torch.Tensor:
