@@ -3,9 +3,13 @@ failure), clear errors for corrupt / foreign checkpoints, per-scene descriptor f
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
+import signal
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -131,6 +135,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return load_checkpoint_file(str(path), map_location=map_location or "cpu")
 
 
+@contextlib.contextmanager
+def _worker_deaths_ignored() -> Iterator[None]:
+    """While the final checkpoint is written, a dying DataLoader worker must not raise in
+    the main process (torch's SIGCHLD handler does): restore the default SIGCHLD."""
+    if not hasattr(signal, "SIGCHLD") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGCHLD, previous)
+
+
 class EpochAndLastCheckpoint(pl.Callback):
     """Writes checkpoints/epoch{N}.ckpt and last.ckpt after every training epoch, refreshes
     last.ckpt every ``every_n_steps`` optimizer steps, and on Ctrl-C / a crash writes
@@ -177,8 +195,9 @@ class EpochAndLastCheckpoint(pl.Callback):
             try:
                 # No barrier here: under DDP the other processes may not have failed.
                 if trainer.global_rank == 0:
-                    state = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
-                    atomic_torch_save(state, self.last_path)
+                    with _worker_deaths_ignored():
+                        state = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+                        atomic_torch_save(state, self.last_path)
                 log.warning("interrupted (%s): saved %s at step %d", type(exception).__name__, self.last_path,
                             trainer.global_step)
             except Exception as exc:  # noqa: BLE001 - the original error matters more

@@ -7,12 +7,15 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from lightning_fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader, Dataset
 
 log = logging.getLogger(__name__)
@@ -257,6 +260,16 @@ def collate_samples(samples: list[dict]) -> list[dict]:
     return samples
 
 
+def loader_worker_init(worker_id: int, rank: int = 0) -> None:
+    """DataLoader workers ignore SIGTERM and SIGINT sent to the whole job (a scheduler, a
+    terminal's Ctrl-C): the main process owns the shutdown. Otherwise the workers die
+    first and torch's SIGCHLD handler aborts the final last.ckpt. Seeds each worker the
+    way Lightning's ``seed_everything(workers=True)`` does (a custom init replaces that)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    pl_worker_init_function(worker_id, rank)
+
+
 class SceneDataModule(pl.LightningDataModule):
     """Scenes + per-epoch datasets. Scenes are loaded at construction (the systems need
     their point counts to build per-point parameters)."""
@@ -306,6 +319,9 @@ class SceneDataModule(pl.LightningDataModule):
         active = scenes_for_epoch(len(self.scenes), self.per_epoch, epoch, self.seed)
         return scenes_for_rank(active, rank, world, self.mode)
 
+    def _worker_init(self) -> partial[None]:
+        return partial(loader_worker_init, rank=self._rank_world()[0])
+
     def train_dataloader(self) -> DataLoader:
         epoch = int(self.trainer.current_epoch) if getattr(self, "trainer", None) is not None else 0
         rank, world = self._rank_world()
@@ -318,6 +334,7 @@ class SceneDataModule(pl.LightningDataModule):
         return DataLoader(
             ds, batch_size=self.batch_size, shuffle=True, generator=gen, num_workers=self.num_workers,
             collate_fn=collate_samples, persistent_workers=False, drop_last=False,
+            worker_init_fn=self._worker_init() if self.num_workers > 0 else None,
         )
 
     def val_dataloader(self) -> DataLoader:
@@ -325,4 +342,5 @@ class SceneDataModule(pl.LightningDataModule):
         rank, world = self._rank_world()
         if world > 1:
             ds.items = ds.items[rank::world]
-        return DataLoader(ds, batch_size=1, shuffle=False, num_workers=self.num_workers, collate_fn=collate_samples)
+        return DataLoader(ds, batch_size=1, shuffle=False, num_workers=self.num_workers, collate_fn=collate_samples,
+                          worker_init_fn=self._worker_init() if self.num_workers > 0 else None)

@@ -284,6 +284,36 @@ def test_ctrl_c_leaves_a_usable_last_checkpoint(data_root, tmp_path):
     assert step_count(last) == steps + 1
 
 
+def test_sigterm_to_the_whole_job_with_loader_workers_still_saves(data_root, tmp_path):
+    """A scheduler (Slurm, systemd, ``timeout``) sends SIGTERM to every process of the job,
+    DataLoader workers included; their deaths must not abort the final checkpoint."""
+    work = str(tmp_path)
+    args = ["hydra.run.dir=exp/term", "datasets=nerf_blender_one_scene", f"datasets.data_root={data_root}",
+            "datasets.scene_name=sceneA", "system=npbg", "datasets.selection_count=0",
+            "datasets.train_num_samples=100000", "trainer.max_epochs=1", *FAST, "dataloader.num_workers=2"]
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "headless_train", *args, "trainer.last_checkpoint_every_n_steps=2"],
+                            cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    output: list[str] = []
+    reader = threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True)  # type: ignore[arg-type]
+    reader.start()
+    last = os.path.join(work, "exp/term/checkpoints/last.ckpt")
+    waited = threading.Event()
+    for _ in range(3000):  # bounded polling for the first checkpoint (no timing assertion)
+        if os.path.isfile(last) or proc.poll() is not None:
+            break
+        waited.wait(0.1)
+    assert proc.poll() is None, "".join(output)[-2000:]
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=120)
+    reader.join(timeout=10)
+    text = "".join(output)
+    assert "interrupted (SIGTERMException): saved" in text, text[-3000:]
+    assert "could not save" not in text
+    assert step_count(last) >= 2
+
+
 def test_two_process_ddp_on_cpu(data_root, tmp_path):
     work = str(tmp_path)
     proc = ok(cli(["hydra.run.dir=exp/ddp", "datasets=nerf_blender_pretrain", f"datasets.data_root={data_root}",
