@@ -49,7 +49,7 @@ class NPBGPP_OT_aggregate(bpy.types.Operator):
             worker = HUB.get(snap.mode, snap.env_path, snap.extra_paths)
             count = worker.request({
                 "op": "aggregate_begin", "path": dataset, "format": s.dataset_format or None,
-                "weights": weights, "device": s.device, "max_points": self.max_points,
+                "weights": weights, "device": s.device, "max_points": self.max_points, "up_axis": s.up_axis,
             })["views"]
             wm.progress_begin(0, max(1, count))
             try:
@@ -63,7 +63,8 @@ class NPBGPP_OT_aggregate(bpy.types.Operator):
             self.report({"ERROR"}, f"Aggregate failed: {exc}")
             return {"CANCELLED"}
         s.bundle = out
-        self.report({"INFO"}, f"saved {reply['points']} points ({reply['valid']} seen) to {out}")
+        up = ", ".join(f"{v:g}" for v in reply.get("world_up", ()))
+        self.report({"INFO"}, f"saved {reply['points']} points ({reply['valid']} seen) to {out}; up axis ({up})")
         return {"FINISHED"}
 
 

@@ -32,6 +32,19 @@ class NPBGPPSceneSettings(bpy.types.PropertyGroup):
         "empty: the bundled weights",
         subtype="FILE_PATH", default="",
     )
+    up_axis: EnumProperty(  # type: ignore[valid-type]
+        name="Up Axis",
+        description="World axis that NPBG++ turns upright in every view (in-plane alignment) when aggregating; "
+        "the bundle keeps it for rendering",
+        items=[
+            ("AUTO", "Auto", "The input cameras' mean up direction, snapped to an axis within 5 degrees"),
+            ("POS_Z", "+Z", "Blender's up (scenes rendered by Blender, NeRF-Synthetic)"),
+            ("POS_Y", "+Y", "The published NPBG++ rule"),
+            ("NEG_Y", "-Y", "OpenCV-style reconstructions (COLMAP) whose photos were upright"),
+            ("POS_X", "+X", ""), ("NEG_X", "-X", ""), ("NEG_Z", "-Z", ""),
+        ],
+        default="AUTO",
+    )
     device: EnumProperty(  # type: ignore[valid-type]
         name="Device",
         items=[

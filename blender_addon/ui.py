@@ -42,6 +42,7 @@ class RENDER_PT_npbgpp_data(_NPBGPPPanel, bpy.types.Panel):
         s = context.scene.npbgpp
         layout.prop(s, "weights")
         layout.prop(s, "dataset_path")
+        layout.prop(s, "up_axis")
         col = layout.column(align=True)
         col.operator("import_scene.npbgpp_ply", icon="IMPORT")
         col.operator("import_scene.npbgpp_bundle", icon="IMPORT")

@@ -236,26 +236,33 @@ def load_weights(path: str) -> tuple[dict, dict]:
 class Aggregation:
     """NPBG++ descriptors of a dataset's points, streamed view by view."""
 
-    def __init__(self, path: str, fmt: str | None, weights: str, device: str, max_points: int) -> None:
+    def __init__(
+        self, path: str, fmt: str | None, weights: str, device: str, max_points: int, up_axis: str = "AUTO"
+    ) -> None:
         import torch
 
         from npbgpp_core.datasets import load_scene
         from npbgpp_core.models import NPBGPlusPlus, NPBGPlusPlusConfig
+        from npbgpp_core.models.alignment import resolve_world_up
 
         config, state = load_weights(weights)
         self.device = pick_device(device)
-        self.model = NPBGPlusPlus(NPBGPlusPlusConfig.from_dict(config) if config else None)
+        self.data = load_scene(path, format=fmt)
+        self.views = list(self.data.train) or list(range(len(self.data.views)))
+        # The scene's up axis for in-plane alignment: the bundle stores it in its config,
+        # so rendering later rolls target views by the same rule as these input views.
+        world_up = resolve_world_up(up_axis, [self.data.views[i].camera for i in self.views])
+        config = {**(config or {}), "world_up": list(world_up)}
+        self.model = NPBGPlusPlus(NPBGPlusPlusConfig.from_dict(config))
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         if missing:
             raise ValueError(f"weights {weights} miss {len(missing)} parameters, e.g. {missing[:3]}")
         self.model.to(self.device).eval()
-        self.data = load_scene(path, format=fmt)
         if max_points:
             self.data = self.data.subsample_points(max_points)
         points = torch.as_tensor(np.asarray(self.data.points, np.float32), device=self.device)
         with torch.no_grad():
             self.state = self.model.begin_scene(points)
-        self.views = list(self.data.train) or list(range(len(self.data.views)))
 
     def add(self, k: int) -> None:
         import torch
@@ -278,7 +285,8 @@ class Aggregation:
             metadata={"dataset": str(self.data.root), "views": len(self.views)},
         )
         scene.save(out)
-        return {"path": out, "points": int(agg.points.shape[0]), "valid": int(agg.valid.sum())}
+        return {"path": out, "points": int(agg.points.shape[0]), "valid": int(agg.valid.sum()),
+                "world_up": list(self.model.config.world_up)}
 
 
 def load_dataset(path: str, fmt: str | None, max_points: int) -> dict:
@@ -351,9 +359,11 @@ def handle(service: RenderService, msg: dict, frames: _FrameBuffer | None) -> di
         return {"ok": True, **load_dataset(msg["path"], msg.get("format"), int(msg.get("max_points", 0)))}
     if op == "aggregate_begin":
         service.aggregation = Aggregation(
-            msg["path"], msg.get("format"), msg["weights"], msg.get("device", "AUTO"), int(msg.get("max_points", 0))
+            msg["path"], msg.get("format"), msg["weights"], msg.get("device", "AUTO"), int(msg.get("max_points", 0)),
+            msg.get("up_axis", "AUTO"),
         )
-        return {"ok": True, "views": len(service.aggregation.views)}
+        agg = service.aggregation
+        return {"ok": True, "views": len(agg.views), "world_up": list(agg.model.config.world_up)}
     if op == "aggregate_view":
         service.aggregation.add(int(msg["index"]))
         return {"ok": True}

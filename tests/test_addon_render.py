@@ -610,6 +610,13 @@ def test_aggregate_writes_a_bundle(scene):
     assert len(bundle) == len(scene["points"]) and bundle.kind == "npbgpp"
     assert 0 < int(bundle.valid.sum()) < len(bundle)  # one view sees some points, not all
     assert sc.npbgpp.bundle == str(scene["dir"] / "agg.npbgpp")
+    # Up Axis 'Auto' (default): the cameras' mean image-up direction, here the one camera's
+    # local +Y in world space by Blender's own matrix (5.8 degrees off +Z: not snapped).
+    cam_up = np.asarray(cam.matrix_world.to_3x3() @ Vector((0.0, 1.0, 0.0)))
+    np.testing.assert_allclose(bundle.model_config["world_up"], cam_up / np.linalg.norm(cam_up), atol=1e-5)
+    sc.npbgpp.up_axis = "POS_Z"
+    assert bpy.ops.npbgpp.aggregate(filepath=str(scene["dir"] / "z.npbgpp")) == {"FINISHED"}
+    assert NeuralScene.load(scene["dir"] / "z.npbgpp").model_config["world_up"] == [0.0, 0.0, 1.0]
 
 
 def test_export_dataset_renders_views(scene):

@@ -508,3 +508,78 @@ def test_cuda_matches_cpu_and_autocast():
     torch.testing.assert_close(out.cpu(), ref, atol=2e-3, rtol=0)
     half = gpu.render(scene_gpu, cams[0], dtype=torch.float16)
     assert half.dtype == torch.float32 and (half.cpu() - ref).abs().max() < 0.05
+
+
+def test_world_up_plus_z_makes_upright_cameras_render_without_alignment():
+    """A Z-up scene aligned with world_up=+Z: cameras with a horizontal x axis (Blender's
+    upright cameras) have roll exactly 0, so the aligned render is the direct render."""
+    from npbgpp_core.models.alignment import alignment_angle, render_canvas_camera
+
+    pts, _, cams, images = sphere_scene()
+    model = seeded_model(world_up=(0.0, 0.0, 1.0)).eval()
+    scene = model.aggregate(pts, images, cams)
+    target = Camera.look_at((2.0, -2.5, 1.2), (0, 0, 0), up=(0, 0, 1), fov_x_deg=50, image_size=(24, 36))
+    assert alignment_angle(target, (0, 0, 1)) == 0.0
+    assert abs(alignment_angle(target)) > 0.1  # the published +Y rule would roll this camera
+    canvas, quarter_turns = render_canvas_camera(target, "bounds", (0, 0, 1))
+    assert quarter_turns == 0 and canvas.image_size == (24, 36)
+    with torch.no_grad():
+        torch.testing.assert_close(model.render_raw(scene, target), model._render_direct(scene, target),
+                                   atol=0, rtol=0)
+
+
+def test_world_up_turns_that_axis_upright():
+    from npbgpp_core.models.alignment import align_camera
+
+    rng = np.random.default_rng(8)
+    for world_up in [(0, 0, 1), (0, -1, 0), (1, 1, 0)]:
+        up = np.asarray(world_up, float) / np.linalg.norm(world_up)
+        for _ in range(4):
+            cam = Camera.look_at(rng.normal(size=3) * 3, (0, 0, 0), up=rng.normal(size=3), image_size=(20, 28),
+                                 dtype=torch.float64)
+            aligned, _ = align_camera(cam, world_up)
+            uv, _ = aligned.project(torch.tensor(np.stack([np.zeros(3), 1e-3 * up])))
+            du, dv = (uv[1] - uv[0]).tolist()
+            assert dv < 0 and abs(du) < 1e-6 * abs(dv) + 1e-12
+
+
+def test_estimate_and_resolve_world_up():
+    from npbgpp_core.models.alignment import estimate_world_up, resolve_world_up
+
+    rng = np.random.default_rng(2)
+    cams = []
+    for k in range(12):  # a ring of upright cameras in a Z-up world, each tilted a little
+        a = 2 * math.pi * k / 12
+        eye = (3 * math.cos(a), 3 * math.sin(a), 1.0 + 0.3 * rng.normal())
+        cam = Camera.look_at(eye, (0, 0, 0), up=(0, 0, 1), image_size=(16, 16))
+        cams.append(cam.rotated_in_plane(math.radians(rng.normal() * 3)))
+    assert estimate_world_up(cams) == (0.0, 0.0, 1.0)
+    raw = np.asarray(estimate_world_up(cams, snap_degrees=0))
+    assert raw[2] > 0.95 and not np.allclose(raw, (0, 0, 1))
+    flipped = [c.rotated_in_plane(math.pi) for c in cams]  # all upside down
+    assert estimate_world_up(flipped) == (0.0, 0.0, -1.0)
+    opposite = cams[:2] + [c.rotated_in_plane(math.pi) for c in cams[:2]]
+    assert estimate_world_up(opposite) == (0.0, 1.0, 0.0)  # no agreement: the published +Y
+    assert resolve_world_up("AUTO", cams) == (0.0, 0.0, 1.0)
+    assert resolve_world_up("NEG_Y") == resolve_world_up("-y") == (0.0, -1.0, 0.0)
+    assert resolve_world_up([0, 0, 5]) == (0.0, 0.0, 1.0)
+    for bad in ("up", [0, 0, 0], [1, 2], [float("nan"), 0, 1]):
+        with pytest.raises(ValueError, match="world_up"):
+            resolve_world_up(bad)
+    with pytest.raises(ValueError, match="world_up"):
+        NPBGPlusPlusConfig(world_up=(0, 0, 0))
+
+
+def test_bundle_keeps_world_up_and_old_bundles_mean_plus_y(tmp_path):
+    from npbgpp_core.scene import NeuralScene
+
+    pts, _, cams, images = sphere_scene(n=300)
+    model = seeded_model(world_up=(0.0, 0.0, 1.0)).eval()
+    agg = model.aggregate(pts, images, cams)
+    NeuralScene.from_aggregated(model, agg).save(tmp_path / "z.npbgpp")
+    loaded = NeuralScene.load(tmp_path / "z.npbgpp")
+    assert loaded.model_config["world_up"] == [0.0, 0.0, 1.0]
+    assert loaded.renderer("cpu").model.config.world_up == (0.0, 0.0, 1.0)
+    old = dict(loaded.model_config)
+    del old["world_up"]  # bundles written before the option existed
+    assert NPBGPlusPlusConfig.from_dict(old).world_up == (0.0, 1.0, 0.0)

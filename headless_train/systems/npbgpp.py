@@ -16,7 +16,7 @@ from .base import BaseSystem
 log = logging.getLogger(__name__)
 
 MODEL_KEYS = ("feature_dim", "aggregator", "basis_dim", "ridge_alpha", "visibility_scale", "align_input_views",
-              "align_during_rendering", "predict_mask", "min_view_depth")
+              "align_during_rendering", "predict_mask", "min_view_depth", "world_up")
 
 
 def model_config(scfg: dict) -> NPBGPlusPlusConfig:

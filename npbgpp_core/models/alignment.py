@@ -1,5 +1,9 @@
 """In-plane alignment of views (SPEC section 3, step 2): pad to a square of side
-ceil(sqrt(H^2 + W^2)) and roll the camera so that world +Y projects straight up.
+ceil(sqrt(H^2 + W^2)) and roll the camera so that the world's up axis projects straight
+up. The published rule uses world +Y (:data:`WORLD_UP`); every function takes
+``world_up`` so Z-up scenes (Blender, NeRF-Synthetic) can use +Z: with +Y there, a camera
+looking horizontally along Y sees the up axis along its optical axis, where the roll
+angle is undefined and jumps under tiny camera moves.
 
 Images are warped exactly (any fx, fy, principal point): a pixel of the aligned
 camera maps to the original camera's pixel through the affine map
@@ -14,6 +18,7 @@ degrees), instead of the published padded square (about 2x the pixels of the ima
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -24,11 +29,69 @@ from ..camera import Camera
 WORLD_UP = (0.0, 1.0, 0.0)
 
 
-def alignment_angle(camera: Camera) -> float:
-    """Roll angle (radians, for :meth:`Camera.rotated_in_plane`) that makes world +Y
-    point up in the image; 0 when +Y is (nearly) along the optical axis."""
+def check_world_up(world_up: Sequence[float]) -> tuple[float, float, float]:
+    """``world_up`` as a unit 3-vector; ValueError for anything else."""
+    try:
+        v = np.asarray([float(x) for x in world_up], dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"world_up must be 3 numbers, got {world_up!r}") from exc
+    norm = float(np.linalg.norm(v)) if v.shape == (3,) and np.isfinite(v).all() else 0.0
+    if norm < 1e-12:
+        raise ValueError(f"world_up must be 3 finite numbers, not all zero, got {world_up!r}")
+    return tuple(float(x) for x in v / norm)  # type: ignore[return-value]
+
+
+AXIS_SNAP_DEGREES = 5.0  # estimate_world_up snaps to a coordinate axis this close
+
+
+def estimate_world_up(cameras: Sequence[Camera], snap_degrees: float = AXIS_SNAP_DEGREES) -> tuple[float, float, float]:
+    """The scene's up axis guessed from its cameras: the mean of their image-up directions
+    in world space (photos are mostly taken upright), snapped to the nearest coordinate
+    axis when within ``snap_degrees`` (then horizontal cameras get an exact 0 roll).
+    Falls back to the published +Y when the cameras do not agree (mean near zero)."""
+    ups = []
+    for cam in cameras:
+        _, R_cv, _ = cam.to_opencv()
+        ups.append(-R_cv[1])  # OpenCV camera y points down the image; its row is in world space
+    if not ups:
+        return WORLD_UP
+    mean = np.mean(np.asarray(ups, dtype=np.float64), axis=0)
+    norm = float(np.linalg.norm(mean))
+    if norm < 0.1:
+        return WORLD_UP
+    mean /= norm
+    axis = int(np.argmax(np.abs(mean)))
+    if math.degrees(math.acos(min(1.0, abs(float(mean[axis]))))) <= snap_degrees:
+        snapped = np.zeros(3)
+        snapped[axis] = math.copysign(1.0, float(mean[axis]))
+        mean = snapped
+    return check_world_up(mean)
+
+
+UP_AXES: dict[str, tuple[float, float, float]] = {
+    "+x": (1.0, 0.0, 0.0), "-x": (-1.0, 0.0, 0.0), "+y": (0.0, 1.0, 0.0),
+    "-y": (0.0, -1.0, 0.0), "+z": (0.0, 0.0, 1.0), "-z": (0.0, 0.0, -1.0),
+}
+
+
+def resolve_world_up(spec: str | Sequence[float], cameras: Sequence[Camera] = ()) -> tuple[float, float, float]:
+    """A ``world_up`` from ``'auto'`` (:func:`estimate_world_up` over ``cameras``), an axis
+    name (``'+z'``, ``'-y'``, ... or ``'POS_Z'``, ``'NEG_Y'``) or 3 numbers."""
+    if isinstance(spec, str):
+        key = spec.strip().lower().replace("pos_", "+").replace("neg_", "-")
+        if key == "auto":
+            return estimate_world_up(cameras)
+        if key not in UP_AXES:
+            raise ValueError(f"world_up must be 'auto', one of {sorted(UP_AXES)} or 3 numbers, got {spec!r}")
+        return UP_AXES[key]
+    return check_world_up(spec)
+
+
+def alignment_angle(camera: Camera, world_up: Sequence[float] = WORLD_UP) -> float:
+    """Roll angle (radians, for :meth:`Camera.rotated_in_plane`) that makes ``world_up``
+    point up in the image; 0 when it is (nearly) along the optical axis."""
     _, R_cv, _ = camera.to_opencv()
-    up = R_cv @ np.asarray(WORLD_UP)
+    up = R_cv @ np.asarray(world_up, dtype=np.float64)
     if math.hypot(up[0], up[1]) < 1e-9:
         return 0.0
     return -math.pi / 2 - math.atan2(up[1], up[0])
@@ -39,9 +102,9 @@ def aligned_size(image_size: tuple[int, int]) -> int:
     return int(math.ceil(math.sqrt(h * h + w * w) - 1e-9))
 
 
-def align_camera(camera: Camera) -> tuple[Camera, float]:
+def align_camera(camera: Camera, world_up: Sequence[float] = WORLD_UP) -> tuple[Camera, float]:
     """The aligned square camera of ``camera`` and the roll angle used."""
-    angle = alignment_angle(camera)
+    angle = alignment_angle(camera, world_up)
     side = aligned_size(camera.image_size)
     return camera.rotated_in_plane(angle, (side, side)), angle
 
@@ -60,7 +123,9 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def render_canvas_camera(camera: Camera, canvas: str = "bounds") -> tuple[Camera, int | None]:
+def render_canvas_camera(
+    camera: Camera, canvas: str = "bounds", world_up: Sequence[float] = WORLD_UP
+) -> tuple[Camera, int | None]:
     """The aligned camera a target view is rendered with (``align_during_rendering``)
     and, when the roll is a multiple of 90 degrees, the ``k`` of the exact
     ``torch.rot90(render, k, dims=(-2, -1))`` that turns its image into the target's
@@ -77,8 +142,8 @@ def render_canvas_camera(camera: Camera, canvas: str = "bounds") -> tuple[Camera
     if canvas not in RENDER_CANVASES:
         raise ValueError(f"render canvas must be one of {RENDER_CANVASES}, got {canvas!r}")
     if canvas == "square":
-        return align_camera(camera)[0], None
-    angle = alignment_angle(camera)
+        return align_camera(camera, world_up)[0], None
+    angle = alignment_angle(camera, world_up)
     h, w = camera.image_size
     K, R_cv, t_cv = camera.to_opencv()
     fx, fy = K[0, 0], K[1, 1]
@@ -138,11 +203,13 @@ def warp_images(images: torch.Tensor, src: Camera, dst: Camera, mode: str = "bil
     return F.grid_sample(images.to(dtype), grid, mode=mode, padding_mode="zeros", align_corners=False)
 
 
-def align_views(images: torch.Tensor, cameras: list[Camera]) -> tuple[torch.Tensor, list[Camera]]:
+def align_views(
+    images: torch.Tensor, cameras: list[Camera], world_up: Sequence[float] = WORLD_UP
+) -> tuple[torch.Tensor, list[Camera]]:
     """Align a batch of views (K, C, H, W) with their cameras: square images, rolled cameras."""
     out, cams = [], []
     for k, cam in enumerate(cameras):
-        acam, _ = align_camera(cam)
+        acam, _ = align_camera(cam, world_up)
         out.append(warp_images(images[k : k + 1], cam, acam))
         cams.append(acam)
     return torch.cat(out, 0), cams

@@ -43,6 +43,10 @@ class NPBGPlusPlusConfig:
     # (exact rot90, no resampling, when the roll is a multiple of 90 degrees); 'square'
     # is the published ceil(sqrt(H^2 + W^2)) square (about 2x the pixels, slower).
     render_canvas: str = "bounds"
+    # The world axis that alignment turns upright (published: +Y). Use +Z for Z-up scenes
+    # (Blender, NeRF-Synthetic). Aggregation and rendering of a scene must use the same
+    # axis; scene bundles store it with the rest of this config.
+    world_up: tuple[float, float, float] = (0.0, 1.0, 0.0)
     scales: tuple[float, ...] = field(default_factory=lambda: tuple(DEFAULT_SCALES))
     predict_mask: bool = False
     min_view_depth: float = 0.0  # published quirk drops input-view depth <= 1; off by default
@@ -51,6 +55,9 @@ class NPBGPlusPlusConfig:
 
     def __post_init__(self) -> None:
         self.scales = tuple(float(s) for s in self.scales)
+        from .alignment import check_world_up
+
+        self.world_up = check_world_up(self.world_up)
         if self.aggregator not in AGGREGATORS:
             raise ValueError(f"aggregator must be one of {AGGREGATORS}, got {self.aggregator!r}")
         if self.render_canvas not in ("bounds", "square"):
@@ -70,6 +77,7 @@ class NPBGPlusPlusConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["scales"] = list(self.scales)
+        d["world_up"] = list(self.world_up)
         return d
 
     @property

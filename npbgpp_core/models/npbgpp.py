@@ -109,7 +109,7 @@ class SceneAggregation:
             return
         images, cameras, visible = images[keep], [cameras[k] for k in keep], [visible[k] for k in keep]
         if cfg.align_input_views:
-            feat_images, feat_cams = align_views(images, cameras)
+            feat_images, feat_cams = align_views(images, cameras, cfg.world_up)
         else:
             feat_images, feat_cams = images, cameras
         features = model.extractor(feat_images)
@@ -210,7 +210,7 @@ class NPBGPlusPlus(nn.Module):
         camera = camera.to(self.device)
         if not self.config.align_during_rendering:
             return self._render_direct(scene, camera)
-        aligned, quarter_turns = render_canvas_camera(camera, self.config.render_canvas)
+        aligned, quarter_turns = render_canvas_camera(camera, self.config.render_canvas, self.config.world_up)
         out = self._render_direct(scene, aligned)
         if quarter_turns is not None:
             return torch.rot90(out, quarter_turns, dims=(1, 2)).contiguous()
