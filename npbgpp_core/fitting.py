@@ -124,7 +124,7 @@ def fit_coefficients(
     views: FitViews | tuple,
     steps: int = 100,
     crop: int | None = 128,
-    lr_coefficients: float = 0.1,
+    lr_coefficients: float = 0.01,
     lr_refiner: float = 1e-4,
     loss_fn: LossFn | None = None,
     loss_factors: Sequence[int] = (1, 2, 4),
@@ -132,7 +132,14 @@ def fit_coefficients(
 ) -> FitResult:
     """coefficients_ft: fine-tune ``aggregated``'s coefficients and a copy of ``model``'s
     refiner on ``views`` for ``steps`` steps; ``model`` itself is not changed. The result's
-    ``.model`` is an :class:`NPBG` rendering with ``render(aggregated.points, camera)``."""
+    ``.model`` is an :class:`NPBG` rendering with ``render(aggregated.points, camera)``.
+
+    ``lr_coefficients`` defaults to 0.01, not the published 0.1 (``headless_train``'s
+    ``system=coefficients_ft`` keeps 0.1 for its 40k-step runs): the coefficients start
+    from the aggregated values, and RMSprop's first steps move every touched value by about
+    10 x lr, which at 0.1 undoes much of the aggregation in a short fit. Measured on the
+    demo scene, 200 steps: 0.1 gives 27.8 dB / SSIM 0.903 (below the unfitted 0.936),
+    0.01 gives 29.0 dB / 0.943."""
     views = as_fit_views(views)
     device = model.device
     if model.basis is None:
