@@ -251,64 +251,53 @@ def test_bad_inputs_give_clear_errors(data_root, tmp_path):
     assert proc.returncode == 2 and "corrupt.ckpt is corrupt" in proc.stderr
 
 
-def test_ctrl_c_leaves_a_usable_last_checkpoint(data_root, tmp_path):
-    work = str(tmp_path)
-    args = ["hydra.run.dir=exp/int", "datasets=nerf_blender_one_scene", f"datasets.data_root={data_root}",
-            "datasets.scene_name=sceneA", "system=npbg", "datasets.selection_count=0",
-            "datasets.train_num_samples=100000", "trainer.max_epochs=1", *FAST]
+def _interrupt_training(work: str, run: str, args: list[str], interrupt, **popen) -> tuple[str, str]:
+    """Start ``python -m headless_train`` (last.ckpt every 2 steps), wait for the first
+    last.ckpt (training is under way), call ``interrupt(proc)``; returns (output, last.ckpt path)."""
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    # last.ckpt is refreshed every 2 steps; its first appearance means training is under way.
-    # A job started in the background inherits SIGINT as "ignored" (then Python never raises
-    # KeyboardInterrupt): give the child the default disposition, as a terminal's Ctrl-C has.
-    proc = subprocess.Popen([sys.executable, "-m", "headless_train", *args, "trainer.last_checkpoint_every_n_steps=2"],
-                            cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen([sys.executable, "-m", "headless_train", f"hydra.run.dir={run}", *args,
+                             "trainer.last_checkpoint_every_n_steps=2"],
+                            cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
     output: list[str] = []
     reader = threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True)  # type: ignore[arg-type]
     reader.start()
-    last = os.path.join(work, "exp/int/checkpoints/last.ckpt")
+    last = os.path.join(work, run, "checkpoints", "last.ckpt")
     waited = threading.Event()
     for _ in range(3000):  # bounded polling for the first checkpoint (no timing assertion)
         if os.path.isfile(last) or proc.poll() is not None:
             break
         waited.wait(0.1)
     assert proc.poll() is None, "".join(output)[-2000:]
-    proc.send_signal(signal.SIGINT)
+    interrupt(proc)
     proc.wait(timeout=120)
     reader.join(timeout=10)
-    text = "".join(output)
+    return "".join(output), last
+
+
+ENDLESS_NPBG = ["datasets=nerf_blender_one_scene", "datasets.scene_name=sceneA", "system=npbg",
+                "datasets.selection_count=0", "datasets.train_num_samples=100000", "trainer.max_epochs=1", *FAST]
+
+
+def test_ctrl_c_leaves_a_usable_last_checkpoint(data_root, tmp_path):
+    work = str(tmp_path)
+    args = [f"datasets.data_root={data_root}", *ENDLESS_NPBG]
+    # A job started in the background inherits SIGINT as "ignored" (then Python never raises
+    # KeyboardInterrupt): give the child the default disposition, as a terminal's Ctrl-C has.
+    text, last = _interrupt_training(work, "exp/int", args, lambda proc: proc.send_signal(signal.SIGINT),
+                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert "interrupted (KeyboardInterrupt): saved" in text, text[-2000:]
     steps = step_count(last)
     assert steps >= 2
-    run_inproc([*args[1:], "resume=true", f"trainer.max_steps={steps + 1}"], os.path.join(work, "exp/int"))
+    run_inproc([*args, "resume=true", f"trainer.max_steps={steps + 1}"], os.path.join(work, "exp/int"))
     assert step_count(last) == steps + 1
 
 
 def test_sigterm_to_the_whole_job_with_loader_workers_still_saves(data_root, tmp_path):
     """A scheduler (Slurm, systemd, ``timeout``) sends SIGTERM to every process of the job,
     DataLoader workers included; their deaths must not abort the final checkpoint."""
-    work = str(tmp_path)
-    args = ["hydra.run.dir=exp/term", "datasets=nerf_blender_one_scene", f"datasets.data_root={data_root}",
-            "datasets.scene_name=sceneA", "system=npbg", "datasets.selection_count=0",
-            "datasets.train_num_samples=100000", "trainer.max_epochs=1", *FAST, "dataloader.num_workers=2"]
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "headless_train", *args, "trainer.last_checkpoint_every_n_steps=2"],
-                            cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    output: list[str] = []
-    reader = threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True)  # type: ignore[arg-type]
-    reader.start()
-    last = os.path.join(work, "exp/term/checkpoints/last.ckpt")
-    waited = threading.Event()
-    for _ in range(3000):  # bounded polling for the first checkpoint (no timing assertion)
-        if os.path.isfile(last) or proc.poll() is not None:
-            break
-        waited.wait(0.1)
-    assert proc.poll() is None, "".join(output)[-2000:]
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=120)
-    reader.join(timeout=10)
-    text = "".join(output)
+    args = [f"datasets.data_root={data_root}", *ENDLESS_NPBG, "dataloader.num_workers=2"]
+    text, last = _interrupt_training(str(tmp_path), "exp/term", args, lambda proc: os.killpg(proc.pid, signal.SIGTERM),
+                                     start_new_session=True)
     assert "interrupted (SIGTERMException): saved" in text, text[-3000:]
     assert "could not save" not in text
     assert step_count(last) >= 2
