@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -174,14 +175,27 @@ def _load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], path: st
         raise WeightsError(f"weights file {path} does not fit the {what}: {str(exc).splitlines()[0]}") from exc
 
 
-def load_pretrained_npbgpp(path: str | None = None, device: str | torch.device = "cpu") -> NPBGPlusPlus:
-    """The NPBG++ network from a weights file (default: the bundled one), fp32, eval mode."""
-    from .models import NPBGPlusPlus, NPBGPlusPlusConfig
+def load_pretrained_npbgpp(
+    path: str | None = None, device: str | torch.device = "cpu", world_up: Sequence[float] | None = None
+) -> NPBGPlusPlus:
+    """The NPBG++ network from a weights file (default: the bundled one), fp32, eval mode.
 
+    ``world_up`` is the up axis of the scenes it will aggregate and render (in-plane
+    alignment); None keeps the file's (+Z for the bundled file, trained on Blender's Z-up
+    scenes). It belongs to the data: pass
+    ``npbgpp_core.models.alignment.resolve_world_up('auto', cameras)`` or the axis of your
+    dataset's convention (the published rule is +Y)."""
+    from .models import NPBGPlusPlus, NPBGPlusPlusConfig
+    from .models.alignment import check_world_up
+
+    if world_up is not None:
+        world_up = check_world_up(world_up)  # ValueError about the argument, not the file
     path = path or default_weights_path("npbgpp")
     wf = read_weights(path, "npbgpp")
     try:
-        config = NPBGPlusPlusConfig.from_dict(wf.config)
+        config = NPBGPlusPlusConfig.from_dict(
+            wf.config if world_up is None else {**wf.config, "world_up": list(world_up)}
+        )
     except (TypeError, ValueError) as exc:
         raise WeightsError(f"weights file {path}: bad NPBG++ config: {exc}") from exc
     model = NPBGPlusPlus(config)

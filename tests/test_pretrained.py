@@ -155,3 +155,12 @@ def test_fitting_loops_lower_the_loss(tiny):
     fitted = fit_npbg(points, views, refiner, steps=25, crop=24, seed=0)
     assert torch.count_nonzero(start.model.descriptors) == 0  # zeros init
     assert _full_loss(fitted.model, points, views) < 0.8 * _full_loss(start.model, points, views)
+
+
+def test_bundled_npbgpp_world_up_is_plus_z_and_can_be_overridden():
+    from npbgpp_core.pretrained import load_pretrained_npbgpp
+
+    assert load_pretrained_npbgpp().config.world_up == (0.0, 0.0, 1.0)  # trained on Blender's Z-up scenes
+    assert load_pretrained_npbgpp(world_up=(0, 2, 0)).config.world_up == (0.0, 1.0, 0.0)
+    with pytest.raises(ValueError, match="world_up must be"):
+        load_pretrained_npbgpp(world_up=(0, 0, 0))
