@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         keys = ["fp32", "fp32_cl"]
     variants = [VARIANT_KEYS[k] for k in keys if k != "render"]
-    render_variants = not args.variants or "render" in args.variants.split(",")
+    render_variants = not args.variants or "render" in keys
 
     model = NPBGPlusPlus(NPBGPlusPlusConfig()).to(device).eval()
     scales, near = model.config.scales, model.config.near

@@ -116,13 +116,14 @@ def _pow2_ratio(fine: int, coarse: int) -> int | None:
     return r if r & (r - 1) == 0 else None
 
 
-def _keys_from_finer(fine: torch.Tensor, size: tuple[int, int]) -> torch.Tensor | None:
-    hf, wf = fine.shape
+def _pow2_divides(fine: tuple[int, int], coarse: tuple[int, int]) -> bool:
+    return _pow2_ratio(fine[0], coarse[0]) is not None and _pow2_ratio(fine[1], coarse[1]) is not None
+
+
+def _keys_from_finer(fine: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Min-pool a finer key image whose size is a power-of-two multiple of ``size``."""
     h, w = size
-    ry, rx = _pow2_ratio(hf, h), _pow2_ratio(wf, w)
-    if ry is None or rx is None:
-        return None
-    return fine.view(h, ry, w, rx).amin(dim=(1, 3))
+    return fine.view(h, fine.shape[0] // h, w, fine.shape[1] // w).amin(dim=(1, 3))
 
 
 DEFAULT_REFERENCE_CHUNK = 1 << 22
@@ -157,8 +158,8 @@ def rasterize_keys_torch(
     # would make the reference device-dependent; this way CPU, GPU and kernel all divide.
     width = torch.tensor(float(p.width), dtype=torch.float32, device=device)
     height = torch.tensor(float(p.height), dtype=torch.float32, device=device)
-    step = n if not chunk_points or chunk_points >= n else max(1, int(chunk_points))
-    for start in range(0, n, max(step, 1)):
+    step = max(1, n if not chunk_points else min(n, int(chunk_points)))
+    for start in range(0, n, step):
         chunk = points[start : start + step]
         u, v, z = project_for_raster(chunk, p)
         valid = torch.isfinite(u) & torch.isfinite(v) & (z > p.near)
@@ -172,10 +173,6 @@ def rasterize_keys_torch(
     for i, source in pooled:
         out[i] = _keys_from_finer(out[source], p.sizes[i])
     return [out[i] for i in range(len(p.sizes))]
-
-
-def _pow2_divides(fine: tuple[int, int], coarse: tuple[int, int]) -> bool:
-    return _pow2_ratio(fine[0], coarse[0]) is not None and _pow2_ratio(fine[1], coarse[1]) is not None
 
 
 def keys_to_index(keys: torch.Tensor) -> torch.Tensor:
