@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import atexit
 import os
-import shutil
 import sys
-import tempfile
-
-if "bpy" not in sys.modules and "BLENDER_USER_RESOURCES" not in os.environ:
-    # A private Blender user folder (installed extensions, preferences), removed at exit.
-    _user_dir = tempfile.mkdtemp(prefix="npbgpp-bpy-user-")
-    os.environ["BLENDER_USER_RESOURCES"] = _user_dir
-    atexit.register(shutil.rmtree, _user_dir, True)
 
 import pytest
+from _blender_user import use_private_blender_user_folder
 
+use_private_blender_user_folder()
 bpy = pytest.importorskip("bpy")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

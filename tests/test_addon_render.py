@@ -4,22 +4,15 @@ errors, register/unregister residue, worker modes."""
 
 from __future__ import annotations
 
-import atexit
 import os
-import shutil
 import struct
 import sys
-import tempfile
-
-if "bpy" not in sys.modules and "BLENDER_USER_RESOURCES" not in os.environ:
-    # A private Blender user folder (installed extensions, preferences), removed at exit.
-    _user_dir = tempfile.mkdtemp(prefix="npbgpp-bpy-user-")
-    os.environ["BLENDER_USER_RESOURCES"] = _user_dir
-    atexit.register(shutil.rmtree, _user_dir, True)
 
 import numpy as np
 import pytest
+from _blender_user import use_private_blender_user_folder
 
+use_private_blender_user_folder()
 bpy = pytest.importorskip("bpy")
 from bpy_extras.object_utils import world_to_camera_view  # noqa: E402
 from mathutils import Vector  # noqa: E402
