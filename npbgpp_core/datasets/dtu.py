@@ -30,6 +30,17 @@ OPTIONS = (
 )
 
 
+def idr_image_folders(root: str, options: dict) -> tuple[str, str, list[str], bool]:
+    """The IDR layout's ``image/`` and ``mask/`` folders, the image file names (at least
+    one, else DatasetError) and whether masks are to be read (``use_masks`` and a mask/)."""
+    image_dir = os.path.join(root, "image")
+    mask_dir = os.path.join(root, "mask")
+    images = listdir_images(image_dir)
+    if not images:
+        raise DatasetError(f"{image_dir}: no images")
+    return image_dir, mask_dir, images, bool(options.get("use_masks", True)) and os.path.isdir(mask_dir)
+
+
 def build_idr_views(
     root: str,
     image_names: list[str],
@@ -77,12 +88,8 @@ def to_normalized_frame(points: np.ndarray, scale0: np.ndarray | None) -> np.nda
 
 def load_dtu(root: str, **options) -> SceneData:
     check_options("dtu", options, OPTIONS)
-    image_dir = os.path.join(root, "image")
-    mask_dir = os.path.join(root, "mask")
-    images = listdir_images(image_dir)
-    if not images:
-        raise DatasetError(f"{image_dir}: no images")
-    masks = listdir_images(mask_dir) if options.get("use_masks", True) and os.path.isdir(mask_dir) else None
+    image_dir, mask_dir, images, use_masks = idr_image_folders(root, options)
+    masks = listdir_images(mask_dir) if use_masks else None
     views, scale0 = build_idr_views(root, images, masks, image_dir, mask_dir, options)
     train, val, test = make_splits(
         len(views), root, DTU_VAL, DTU_TEST,

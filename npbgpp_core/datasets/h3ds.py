@@ -15,7 +15,7 @@ import os
 import re
 
 from .common import check_options, listdir_images, load_point_cloud, make_splits
-from .dtu import build_idr_views, to_normalized_frame
+from .dtu import build_idr_views, idr_image_folders, to_normalized_frame
 from .errors import DatasetError
 from .scene_data import SceneData
 
@@ -65,14 +65,10 @@ def resolve_views_config(config, num_views: int | None, n: int, source: str) -> 
 
 def load_h3ds(root: str, **options) -> SceneData:
     check_options("h3ds", options, OPTIONS)
-    image_dir = os.path.join(root, "image")
-    mask_dir = os.path.join(root, "mask")
-    images = listdir_images(image_dir)
-    if not images:
-        raise DatasetError(f"{image_dir}: no images")
+    image_dir, mask_dir, images, use_masks = idr_image_folders(root, options)
     images.sort(key=lambda f: _number(f, os.path.join(image_dir, f)))
     masks = None
-    if options.get("use_masks", True) and os.path.isdir(mask_dir):
+    if use_masks:
         by_number = {_number(f, os.path.join(mask_dir, f)): f for f in listdir_images(mask_dir)}
         numbers = [_number(f, image_dir) for f in images]
         missing = [n for n in numbers if n not in by_number]
