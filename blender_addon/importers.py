@@ -7,7 +7,7 @@ from typing import Any
 
 import bpy
 import numpy as np
-from bpy.props import IntProperty, StringProperty
+from bpy.props import FloatProperty, IntProperty, StringProperty
 from bpy_extras.io_utils import ImportHelper
 
 from .camera_bridge import BLENDER_TO_OPENCV
@@ -82,22 +82,36 @@ def _worker(context: Any) -> Any:
 
 # --------------------------------------------------------------------------- PLY
 class IMPORT_SCENE_OT_npbgpp_ply(bpy.types.Operator, ImportHelper):
-    """Import a PLY point cloud (with colours) for NPBG++"""
+    """Import a PLY point cloud (with colours) or a Gaussian-splat PLY (centres and base colours) for NPBG++"""
 
     bl_idname = "import_scene.npbgpp_ply"
     bl_label = "Import NPBG++ Points (.ply)"
     bl_options = {"REGISTER", "UNDO"}
     filename_ext = ".ply"
     filter_glob: StringProperty(default="*.ply", options={"HIDDEN"})  # type: ignore[valid-type]
+    min_opacity: FloatProperty(  # type: ignore[valid-type]
+        name="Min Opacity",
+        default=0.1,
+        min=0.0,
+        max=1.0,
+        description="Gaussian-splat files only: splats less opaque than this are dropped (0: keep all)",
+    )
 
     def execute(self, context: Any) -> set[str]:
+        from npbgpp_core.ply import is_splat_header, ply_vertex_properties
+
         path = bpy.path.abspath(self.filepath)
         if not os.path.isfile(path):
             self.report({"ERROR"}, f"PLY file not found: {path}")
             return {"CANCELLED"}
+        try:
+            splat = is_splat_header(ply_vertex_properties(path))
+        except (ValueError, OSError) as exc:
+            self.report({"ERROR"}, f"cannot read PLY {path}: {exc}")
+            return {"CANCELLED"}
         before = set(bpy.data.objects)
         try:
-            bpy.ops.wm.ply_import(filepath=path, import_colors="SRGB")
+            bpy.ops.wm.ply_import(filepath=path, import_colors="SRGB", import_attributes=splat)
         except RuntimeError as exc:
             self.report({"ERROR"}, f"cannot read PLY {path}: {exc}")
             return {"CANCELLED"}
@@ -106,6 +120,8 @@ class IMPORT_SCENE_OT_npbgpp_ply(bpy.types.Operator, ImportHelper):
             self.report({"ERROR"}, f"no points in PLY {path}")
             return {"CANCELLED"}
         obj = new[0]
+        if splat:
+            return self._finish_splat(context, path, obj)
         if obj.type == "MESH" and len(obj.data.polygons) == 0:
             with context.temp_override(selected_objects=[obj], active_object=obj, object=obj):
                 try:
@@ -115,6 +131,35 @@ class IMPORT_SCENE_OT_npbgpp_ply(bpy.types.Operator, ImportHelper):
             obj = context.view_layer.objects.active or obj
         use_point_object(context, obj)
         self.report({"INFO"}, f"imported {obj.name}")
+        return {"FINISHED"}
+
+    def _finish_splat(self, context: Any, path: str, imported: Any) -> set[str]:
+        """Blender read the splat properties as float attributes; keep centres and colours."""
+        from npbgpp_core.ply import splat_colors, splat_opacity
+
+        mesh = imported.data
+        n = len(mesh.vertices)
+        pts = np.zeros(n * 3, np.float32)
+        mesh.attributes["position"].data.foreach_get("vector", pts)
+        fields = {}
+        for name in ("f_dc_0", "f_dc_1", "f_dc_2", "opacity"):
+            arr = np.zeros(n, np.float32)
+            mesh.attributes[name].data.foreach_get("value", arr)
+            fields[name] = arr
+        matrix = np.array(imported.matrix_world, np.float64)  # the importer's axis conversion
+        name = imported.name
+        bpy.data.objects.remove(imported)
+        if mesh.users == 0:
+            bpy.data.meshes.remove(mesh)
+        keep = splat_opacity(fields["opacity"]) >= self.min_opacity
+        if not keep.any():
+            self.report({"ERROR"}, f"{path}: no splat has opacity >= {self.min_opacity:g}")
+            return {"CANCELLED"}
+        pts = pts.reshape(-1, 3)[keep].astype(np.float64) @ matrix[:3, :3].T + matrix[:3, 3]
+        colors = splat_colors(np.stack([fields[f"f_dc_{i}"] for i in range(3)], axis=1)[keep])
+        obj = make_point_object(name, pts.astype(np.float32), colors, context)
+        use_point_object(context, obj)
+        self.report({"INFO"}, f"imported {int(keep.sum())} of {n} splats as points ({obj.name})")
         return {"FINISHED"}
 
 

@@ -1,5 +1,12 @@
 """PLY point clouds: binary (either endianness) and ASCII, float or double coordinates,
-uchar (0..255) or float (0..1) colours. Extra per-vertex float properties are kept."""
+uchar (0..255) or float (0..1) colours. Extra per-vertex float properties are kept.
+
+Gaussian-splat files (the 3D Gaussian Splatting layout: ``x, y, z, f_dc_0..2, opacity,
+scale_*, rot_*, f_rest_*``) are read as point clouds: each Gaussian's centre becomes a
+point, its colour is the degree-0 spherical-harmonics term ``0.5 + C0 * f_dc`` clamped to
+[0, 1], and its opacity (stored as a logit) is ``sigmoid(opacity)``. Only the header is
+needed to tell the two apart (:func:`is_splat_header`), so Blender-side code can decide
+without plyfile."""
 
 from __future__ import annotations
 
@@ -17,6 +24,7 @@ class PointCloud:
     points: np.ndarray
     colors: np.ndarray | None = None
     extra: dict[str, np.ndarray] = field(default_factory=dict)
+    is_splat: bool = False
 
     def __len__(self) -> int:
         return int(self.points.shape[0])
@@ -24,9 +32,68 @@ class PointCloud:
 
 _COLOR_NAMES = (("red", "green", "blue"), ("r", "g", "b"), ("diffuse_red", "diffuse_green", "diffuse_blue"))
 
+# Degree-0 real spherical harmonic, 1 / (2 sqrt(pi)): 3DGS stores colour as its coefficient.
+SH_C0 = 0.28209479177387814
+SPLAT_PROPERTIES = ("f_dc_0", "f_dc_1", "f_dc_2", "opacity")
 
-def load_ply(path: str | os.PathLike) -> PointCloud:
-    """Read the ``vertex`` element of a PLY file."""
+
+def ply_vertex_properties(path: str | os.PathLike) -> list[str]:
+    """Names of the ``vertex`` element's properties, from the header alone (no plyfile,
+    so the add-on can call it inside Blender). Raises ValueError on a file that is not a
+    PLY file or has no vertex element."""
+    path = os.fspath(path)
+    names: list[str] = []
+    in_vertex = False
+    seen_vertex = False
+    with open(path, "rb") as f:
+        if f.readline().strip() != b"ply":
+            raise ValueError(f"{path}: not a PLY file (no 'ply' magic line)")
+        for _ in range(100_000):
+            line = f.readline()
+            if not line:
+                raise ValueError(f"{path}: PLY header has no end_header line")
+            words = line.decode("ascii", "replace").split()
+            if not words:
+                continue
+            if words[0] == "end_header":
+                break
+            if words[0] == "element":
+                in_vertex = len(words) > 1 and words[1] == "vertex"
+                seen_vertex |= in_vertex
+            elif words[0] == "property" and in_vertex and len(words) >= 3:
+                names.append(words[-1])
+        else:
+            raise ValueError(f"{path}: PLY header too long")
+    if not seen_vertex:
+        raise ValueError(f"{path}: PLY file has no 'vertex' element")
+    return names
+
+
+def is_splat_header(names: list[str] | tuple[str, ...]) -> bool:
+    """Whether vertex property ``names`` follow the Gaussian-splat layout."""
+    return all(n in names for n in SPLAT_PROPERTIES)
+
+
+def splat_colors(f_dc: np.ndarray) -> np.ndarray:
+    """``(N, 3)`` SH DC coefficients -> RGB in [0, 1] (the colour seen from every side)."""
+    return np.clip(0.5 + SH_C0 * np.asarray(f_dc, dtype=np.float64), 0.0, 1.0).astype(np.float32)
+
+
+def splat_opacity(logit: np.ndarray) -> np.ndarray:
+    """Stored opacity logits -> opacity in (0, 1)."""
+    x = np.asarray(logit, dtype=np.float64)
+    return (0.5 * (1.0 + np.tanh(0.5 * x))).astype(np.float32)  # sigmoid without overflow
+
+
+def load_ply(path: str | os.PathLike, min_opacity: float = 0.0) -> PointCloud:
+    """Read the ``vertex`` element of a PLY file.
+
+    A Gaussian-splat file gives its centres and DC colours, ``extra={'opacity': ...}``
+    (in [0, 1]) and ``is_splat=True``; splats with opacity below ``min_opacity`` are
+    dropped (ValueError if none is left). ``min_opacity`` has no effect on other files.
+    """
+    if not 0.0 <= float(min_opacity) <= 1.0:
+        raise ValueError(f"min_opacity must lie in [0, 1], got {min_opacity}")
     from plyfile import PlyData, PlyParseError
 
     path = os.fspath(path)
@@ -46,6 +113,13 @@ def load_ply(path: str | os.PathLike) -> PointCloud:
     if missing:
         raise ValueError(f"{path}: vertex element lacks coordinate properties {missing}")
     pts = np.stack([np.asarray(v[c], dtype=np.float64) for c in "xyz"], axis=1).astype(np.float32)
+    if is_splat_header(names):
+        opacity = splat_opacity(v["opacity"])
+        keep = opacity >= float(min_opacity)
+        if len(pts) and not keep.any():
+            raise ValueError(f"{path}: no splat has opacity >= {min_opacity} (max {float(opacity.max()):.3g})")
+        f_dc = np.stack([np.asarray(v[f"f_dc_{i}"]) for i in range(3)], axis=1)
+        return PointCloud(pts[keep], splat_colors(f_dc[keep]), {"opacity": opacity[keep]}, is_splat=True)
     colors = None
     used = {"x", "y", "z"}
     for trio in _COLOR_NAMES:

@@ -693,3 +693,30 @@ def test_import_bundle_creates_points_and_sets_scene(scene):
     np.testing.assert_allclose(col, scene["colors"], atol=2e-3)
     with pytest.raises(RuntimeError, match="nope.npbgpp"):
         bpy.ops.import_scene.npbgpp_bundle(filepath=str(scene["dir"] / "nope.npbgpp"))
+
+
+def test_import_splat_ply_gives_centres_and_dc_colours(scene):
+    """A 3DGS-layout file through Blender's own PLY reader equals the core reader's cloud."""
+    from plyfile import PlyData, PlyElement
+
+    from blender_addon.point_source import object_points
+    from npbgpp_core.ply import load_ply
+
+    rng = np.random.default_rng(5)
+    n = 40
+    names = ["x", "y", "z", "f_dc_0", "f_dc_1", "f_dc_2"] + [f"f_rest_{i}" for i in range(9)]
+    names += ["opacity", "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3"]
+    data = np.zeros(n, dtype=[(k, "f4") for k in names])
+    for k in names:
+        data[k] = rng.normal(size=n) * (3.0 if k.startswith("f_dc") else 1.0)
+    path = str(scene["dir"] / "splat.ply")
+    PlyData([PlyElement.describe(data, "vertex")]).write(path)
+    assert bpy.ops.import_scene.npbgpp_ply(filepath=path, min_opacity=0.4) == {"FINISHED"}
+    pts, col = object_points(scene["scene"].npbgpp.point_object)
+    ref = load_ply(path, min_opacity=0.4)
+    assert 0 < len(ref) < n
+    np.testing.assert_allclose(pts, ref.points, atol=1e-6)
+    np.testing.assert_allclose(col, ref.colors, atol=2e-3)
+    assert (ref.colors == 0).any() and (ref.colors == 1).any()  # the clamp was exercised
+    with pytest.raises(RuntimeError, match="no splat has opacity"):
+        bpy.ops.import_scene.npbgpp_ply(filepath=path, min_opacity=1.0)

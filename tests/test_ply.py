@@ -92,3 +92,71 @@ def test_bad_files(tmp_path):
     with pytest.raises(ValueError, match="colors"):
         save_ply(tmp_path / "x.ply", np.zeros((3, 3)), colors=np.zeros((2, 3)))
     assert not (tmp_path / "x.ply").exists()
+
+
+# --------------------------------------------------------------------------- Gaussian splats
+SPLAT_NAMES = (
+    ["x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2"]
+    + [f"f_rest_{i}" for i in range(45)]
+    + ["opacity", "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3"]
+)
+
+
+def write_splat_file(path, xyz, f_dc, opacity_logit, text=False):
+    """A 3DGS-layout file written field by field with plyfile (not through save_ply)."""
+    from plyfile import PlyData, PlyElement
+
+    data = np.zeros(len(xyz), dtype=[(n, "f4") for n in SPLAT_NAMES])
+    for i, c in enumerate("xyz"):
+        data[c] = xyz[:, i]
+    for i in range(3):
+        data[f"f_dc_{i}"] = f_dc[:, i]
+    data["opacity"] = opacity_logit
+    data["scale_0"] = -3.0
+    data["rot_0"] = 1.0
+    PlyData([PlyElement.describe(data, "vertex")], text=text).write(str(path))
+
+
+@pytest.mark.parametrize("text", [False, True])
+def test_splat_centres_colours_opacity(tmp_path, text):
+    xyz = np.array([[0, 0, 0], [1, 2, 3], [-1, 0.5, 2], [4, 4, 4]], np.float32)
+    f_dc = np.array([[0, 0, 0], [1, -1, 2], [-5, 3, 0.5], [0, 0, 0]], np.float32)
+    logit = np.array([0.0, np.log(9.0), -np.log(9.0), -1000.0], np.float32)  # opacity 0.5, 0.9, 0.1, 0
+    path = tmp_path / "splat.ply"
+    write_splat_file(path, xyz, f_dc, logit, text=text)
+    from npbgpp_core.ply import is_splat_header, ply_vertex_properties
+
+    assert is_splat_header(ply_vertex_properties(path))
+    pc = load_ply(path)
+    assert pc.is_splat and len(pc) == 4
+    np.testing.assert_array_equal(pc.points, xyz)
+    # By hand: 0.5 + 0.28209479 * f, clamped to [0, 1].
+    expected = [[0.5, 0.5, 0.5], [0.78209479, 0.21790521, 1.0], [0.0, 1.0, 0.64104740], [0.5, 0.5, 0.5]]
+    np.testing.assert_allclose(pc.colors, expected, atol=1e-6)
+    np.testing.assert_allclose(pc.extra["opacity"], [0.5, 0.9, 0.1, 0.0], atol=1e-6)
+    assert set(pc.extra) == {"opacity"}  # SH rest, scales and rotations are not point properties
+    kept = load_ply(path, min_opacity=0.3)
+    np.testing.assert_array_equal(kept.points, xyz[[0, 1]])
+    np.testing.assert_allclose(kept.colors, np.array(expected)[[0, 1]], atol=1e-6)
+    with pytest.raises(ValueError, match=r"splat.ply: no splat has opacity >= 0.95"):
+        load_ply(path, min_opacity=0.95)
+    with pytest.raises(ValueError, match="min_opacity"):
+        load_ply(path, min_opacity=1.5)
+
+
+def test_splat_detection_needs_every_splat_property(tmp_path):
+    from npbgpp_core.ply import ply_vertex_properties
+
+    plain = tmp_path / "plain.ply"
+    save_ply(plain, np.zeros((2, 3)), np.ones((2, 3)), extra={"opacity": np.zeros(2), "f_dc_0": np.zeros(2)})
+    assert ply_vertex_properties(plain) == ["x", "y", "z", "red", "green", "blue", "opacity", "f_dc_0"]
+    pc = load_ply(plain, min_opacity=0.5)  # not a splat: the threshold does not apply
+    assert not pc.is_splat and len(pc) == 2 and set(pc.extra) == {"opacity", "f_dc_0"}
+    junk = tmp_path / "junk.ply"
+    junk.write_bytes(b"solid ascii stl\n")
+    with pytest.raises(ValueError, match="junk.ply: not a PLY file"):
+        ply_vertex_properties(junk)
+    faces = tmp_path / "faces.ply"
+    faces.write_text("ply\nformat ascii 1.0\nelement face 0\nproperty list uchar int vertex_indices\nend_header\n")
+    with pytest.raises(ValueError, match="no 'vertex' element"):
+        ply_vertex_properties(faces)
