@@ -1,7 +1,8 @@
 """Pack the Blender add-on: ``python build_addon.py`` -> ``dist/npbgpp_blender-<version>.zip``.
 
 The zip holds one folder ``npbgpp/`` with the add-on (``blender_manifest.toml`` for the
-Blender 4.2+ extension installer, ``bl_info`` for the legacy add-on installer) and
+Blender 4.2+ extension installer, ``bl_info`` for the legacy add-on installer; its
+``datagen/`` dataset generator included, ``demo.py`` left out) and
 ``npbgpp/vendor/{npbgpp_core,kernels}`` (torch is not bundled: the preferences install it).
 """
 
@@ -20,6 +21,9 @@ PACKAGE = "npbgpp"
 VENDORED = ("npbgpp_core", "kernels")
 SKIP_DIRS = {"__pycache__", "build", ".pytest_cache", "dist"}
 SKIP_SUFFIXES = (".pyc", ".pyo", ".so", ".pyd", ".o", ".ninja_deps", ".ninja_log")
+# Repository tools that live beside the add-on but need the repository (demo.py imports
+# this file), so they stay out of the zip.
+ADDON_SKIP_FILES = {"demo.py"}
 FIXED_TIME = (2024, 1, 1, 0, 0, 0)  # reproducible archives
 WEIGHTS_DIR = os.path.join("npbgpp_core", "weights")  # bundled pretrained weights travel in the zip
 MAX_WEIGHTS_BYTES = 20 * 1024 * 1024
@@ -63,6 +67,8 @@ def build(out_dir: str = os.path.join(ROOT, "dist")) -> str:
     target = os.path.join(out_dir, f"npbgpp_blender-{version}.zip")
     entries: list[tuple[str, str]] = []
     for path in _files(ADDON_SRC):
+        if os.path.relpath(path, ADDON_SRC) in ADDON_SKIP_FILES:
+            continue
         entries.append((path, f"{PACKAGE}/{os.path.relpath(path, ADDON_SRC)}"))
     for name in VENDORED:
         src = os.path.join(ROOT, name)

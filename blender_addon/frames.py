@@ -10,21 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from .srgb import srgb_to_linear
 from .worker import DEPTH, NEURAL, POINTS_RGBA
 
 EMPTY_DEPTH = 1.0e10  # Blender's Z for pixels nothing covers
 HALF_MAX = 65504.0
-
-
-def srgb_to_linear(x: np.ndarray) -> np.ndarray:
-    """Inverse sRGB EOTF (IEC 61966-2-1), float32."""
-    x = np.clip(np.asarray(x, dtype=np.float32), 0.0, 1.0)
-    return np.where(x <= 0.04045, x / 12.92, ((x + 0.055) / 1.055) ** 2.4).astype(np.float32)
-
-
-def linear_to_srgb(x: np.ndarray) -> np.ndarray:
-    x = np.clip(np.asarray(x, dtype=np.float32), 0.0, 1.0)
-    return np.where(x <= 0.0031308, x * 12.92, 1.055 * x ** (1 / 2.4) - 0.055).astype(np.float32)
 
 
 def depth_preview(depth: np.ndarray, hit: np.ndarray) -> np.ndarray:

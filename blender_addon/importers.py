@@ -242,94 +242,6 @@ class IMPORT_SCENE_OT_npbgpp_dataset(bpy.types.Operator):
 
 
 # --------------------------------------------------------------------------- meshes
-def _triangles(obj: Any, depsgraph: Any) -> tuple[np.ndarray, np.ndarray, Any, Any]:
-    """World-space triangle corners (T, 3, 3), loop indices (T, 3), evaluated mesh."""
-    ev = obj.evaluated_get(depsgraph)
-    mesh = ev.to_mesh()
-    mesh.calc_loop_triangles()
-    n_tri = len(mesh.loop_triangles)
-    verts = np.empty(len(mesh.vertices) * 3, np.float32)
-    mesh.vertices.foreach_get("co", verts)
-    tri_v = np.empty(n_tri * 3, np.int64)
-    mesh.loop_triangles.foreach_get("vertices", tri_v)
-    tri_l = np.empty(n_tri * 3, np.int64)
-    mesh.loop_triangles.foreach_get("loops", tri_l)
-    M = np.array(ev.matrix_world)
-    world = verts.reshape(-1, 3) @ M[:3, :3].T + M[:3, 3]
-    return world[tri_v.reshape(-1, 3)], tri_l.reshape(-1, 3), ev, mesh
-
-
-def _base_color_and_image(obj: Any) -> tuple[np.ndarray, Any]:
-    """Material base colour (sRGB) and the image texture feeding it, if any."""
-    from .frames import linear_to_srgb
-
-    mat = obj.active_material
-    color = np.array([0.8, 0.8, 0.8], np.float32)
-    if mat is None:
-        return color, None
-    color = linear_to_srgb(np.array(mat.diffuse_color[:3], np.float32))
-    if mat.node_tree is not None:
-        for node in mat.node_tree.nodes:
-            if node.type == "BSDF_PRINCIPLED":
-                socket = node.inputs["Base Color"]
-                color = linear_to_srgb(np.array(socket.default_value[:3], np.float32))
-                for link in socket.links:
-                    if link.from_node.type == "TEX_IMAGE" and link.from_node.image is not None:
-                        return color, link.from_node.image
-    return color, None
-
-
-def sample_mesh_points(obj: Any, depsgraph: Any, count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """``count`` points uniformly on the surface (by area) with colours from the colour
-    attribute, else the base colour's image texture (via the UVs), else the base colour."""
-    from .frames import linear_to_srgb
-
-    tris, loops, ev, mesh = _triangles(obj, depsgraph)
-    try:
-        if len(tris) == 0:
-            return np.zeros((0, 3), np.float32), np.zeros((0, 3), np.float32)
-        area = 0.5 * np.linalg.norm(np.cross(tris[:, 1] - tris[:, 0], tris[:, 2] - tris[:, 0]), axis=1)
-        prob = area / area.sum() if area.sum() > 0 else None
-        pick = rng.choice(len(tris), size=count, p=prob)
-        r1, r2 = np.sqrt(rng.random(count)), rng.random(count)
-        bary = np.stack([1 - r1, r1 * (1 - r2), r1 * r2], axis=1)
-        pts = np.einsum("nk,nkc->nc", bary, tris[pick]).astype(np.float32)
-        colors = None
-        attr = mesh.color_attributes.active_color
-        if attr is not None:
-            rgba = np.empty(len(attr.data) * 4, np.float32)
-            attr.data.foreach_get("color", rgba)
-            rgba = rgba.reshape(-1, 4)[:, :3]
-            if attr.domain == "CORNER":
-                corner = rgba[loops[pick]]
-            else:
-                loop_vert = np.empty(len(mesh.loops), np.int64)
-                mesh.loops.foreach_get("vertex_index", loop_vert)
-                corner = rgba[loop_vert[loops[pick]]]
-            colors = linear_to_srgb(np.einsum("nk,nkc->nc", bary, corner))
-        if colors is None:
-            base, image = _base_color_and_image(ev)
-            uv_layer = mesh.uv_layers.active
-            if image is not None and uv_layer is not None and image.size[0] > 0:
-                uv = np.empty(len(mesh.loops) * 2, np.float32)
-                uv_layer.uv.foreach_get("vector", uv)
-                uvp = np.einsum("nk,nkc->nc", bary, uv.reshape(-1, 2)[loops[pick]])
-                w, h = image.size
-                px = np.empty(w * h * 4, np.float32)
-                image.pixels.foreach_get(px)
-                px = px.reshape(h, w, 4)
-                col = np.clip((uvp[:, 0] % 1.0) * w, 0, w - 1).astype(int)
-                row = np.clip((uvp[:, 1] % 1.0) * h, 0, h - 1).astype(int)
-                texel = px[row, col, :3]
-                # Byte images hold their (sRGB) values as stored; float images are linear.
-                colors = linear_to_srgb(texel) if image.is_float else texel
-            else:
-                colors = np.repeat(base[None], count, axis=0)
-        return pts, np.clip(colors, 0, 1).astype(np.float32)
-    finally:
-        ev.to_mesh_clear()
-
-
 class NPBGPP_OT_points_from_meshes(bpy.types.Operator):
     """Sample points (with colours) on the surfaces of the selected meshes"""
 
@@ -344,22 +256,15 @@ class NPBGPP_OT_points_from_meshes(bpy.types.Operator):
         if not meshes:
             self.report({"ERROR"}, "select one or more mesh objects")
             return {"CANCELLED"}
-        depsgraph = context.evaluated_depsgraph_get()
-        areas = []
-        for o in meshes:
-            tris = _triangles(o, depsgraph)
-            tris[2].to_mesh_clear()
-            a = tris[0]
-            areas.append(float((0.5 * np.linalg.norm(np.cross(a[:, 1] - a[:, 0], a[:, 2] - a[:, 0]), axis=1)).sum()))
-        total = sum(areas) or 1.0
-        rng = np.random.default_rng(self.seed)
-        all_pts, all_col = [], []
-        for o, a in zip(meshes, areas, strict=True):
-            n = max(1, int(round(self.count * a / total)))
-            p, c = sample_mesh_points(o, depsgraph, n, rng)
-            all_pts.append(p)
-            all_col.append(c)
-        obj = make_point_object("NPBG++ Points", np.concatenate(all_pts), np.concatenate(all_col), context)
+        from .datagen.surface_points import sample_surface_points
+
+        try:
+            points, colors = sample_surface_points(context.scene, self.count, self.seed, objects=meshes,
+                                                   depsgraph=context.evaluated_depsgraph_get())
+        except ValueError as exc:
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
+        obj = make_point_object("NPBG++ Points", points, colors, context)
         use_point_object(context, obj)
         return {"FINISHED"}
 

@@ -90,7 +90,7 @@ class NPBGPP_OT_export_dataset(bpy.types.Operator):
             self.report({"ERROR"}, "choose an output folder")
             return {"CANCELLED"}
         try:
-            from npbgpp_core.datasets.render_blender import render_views_of_current_scene
+            from .datagen.render import render_views_of_current_scene
         except ImportError as exc:
             self.report({"ERROR"}, f"the dataset renderer is unavailable: {exc}")
             return {"CANCELLED"}

@@ -54,3 +54,16 @@ def test_legacy_addon_install_enable_render_disable(tmp_path):
     finally:
         addon_utils.disable("npbgpp", default_set=True)
     assert not hasattr(bpy.types.Scene, "npbgpp")
+
+
+def test_zip_ships_datagen_and_vendored_core_not_the_demo(tmp_path):
+    import zipfile
+
+    sys.path.insert(0, ROOT)
+    import build_addon
+
+    names = set(zipfile.ZipFile(build_addon.build(str(tmp_path / "dist"))).namelist())
+    assert {"npbgpp/__init__.py", "npbgpp/srgb.py", "npbgpp/datagen/__init__.py", "npbgpp/datagen/render.py",
+            "npbgpp/datagen/surface_points.py", "npbgpp/vendor/npbgpp_core/__init__.py"} <= names
+    assert "npbgpp/demo.py" not in names  # it imports build_addon, which the zip does not hold
+    assert not [n for n in names if n.startswith("npbgpp/vendor/npbgpp_core/datasets/") and "render" in n]

@@ -666,6 +666,7 @@ def test_points_from_meshes_image_texture(scene):
         pytest.skip("no Principled BSDF in a new material")
     tex = tree.nodes.new("ShaderNodeTexImage")
     tex.image = image
+    tex.interpolation = "Closest"  # texel colours, as Cycles would show them
     tree.links.new(tex.outputs["Color"], bsdf.inputs["Base Color"])
     assert bpy.ops.npbgpp.points_from_meshes(count=200, seed=3) == {"FINISHED"}
     from blender_addon.point_source import object_points

@@ -21,7 +21,7 @@ import torch
 
 bpy = pytest.importorskip("bpy")
 
-from blender_addon import frames  # noqa: E402
+from blender_addon import frames, srgb  # noqa: E402
 from blender_addon.camera_bridge import (  # noqa: E402
     CameraGeometry,
     object_local_geometry,
@@ -166,9 +166,9 @@ def test_scheduler_invalidate_and_failure():
 # --------------------------------------------------------------------------- frames
 def test_srgb_round_trip_and_reference_values():
     x = np.linspace(0, 1, 256, dtype=np.float32)
-    np.testing.assert_allclose(frames.linear_to_srgb(frames.srgb_to_linear(x)), x, atol=1e-5)
-    assert frames.srgb_to_linear(np.float32(0.5)) == pytest.approx(0.214041, abs=1e-5)
-    assert frames.srgb_to_linear(np.float32(0.04)) == pytest.approx(0.04 / 12.92)
+    np.testing.assert_allclose(srgb.linear_to_srgb(srgb.srgb_to_linear(x)), x, atol=1e-5)
+    assert srgb.srgb_to_linear(np.float32(0.5)) == pytest.approx(0.214041, abs=1e-5)
+    assert srgb.srgb_to_linear(np.float32(0.04)) == pytest.approx(0.04 / 12.92)
 
 
 def test_compose_alpha_depth_and_flip():

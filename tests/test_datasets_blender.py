@@ -18,13 +18,11 @@ from bpy_extras.object_utils import world_to_camera_view  # noqa: E402
 from mathutils import Matrix, Vector  # noqa: E402
 from mathutils.bvhtree import BVHTree  # noqa: E402
 
+from blender_addon.camera_bridge import opencv_intrinsics  # noqa: E402
+from blender_addon.datagen.procedural import remove_scene  # noqa: E402
+from blender_addon.datagen.render import render_procedural_scene, render_views_of_current_scene  # noqa: E402
+from blender_addon.srgb import srgb_to_linear  # noqa: E402
 from npbgpp_core.datasets import load_scene  # noqa: E402
-from npbgpp_core.datasets.procedural import remove_scene, srgb_to_linear  # noqa: E402
-from npbgpp_core.datasets.render_blender import (  # noqa: E402
-    blender_camera_intrinsics,
-    render_procedural_scene,
-    render_views_of_current_scene,
-)
 
 pytestmark = pytest.mark.blender
 H, W = 48, 64
@@ -147,7 +145,7 @@ def test_point_colors_from_texture_vertex_colors_and_constant(tmp_path):
     vc.from_pydata([(-1, -1, 1), (1, -1, 1), (1, 1, 1), (-1, 1, 1)], [], [(0, 1, 2, 3)])
     attr = vc.color_attributes.new("Col", "FLOAT_COLOR", "POINT")
     srgb = np.array([[0.1, 0.2, 0.9], [0.9, 0.2, 0.1], [0.5, 0.8, 0.3], [0.3, 0.6, 0.7]])
-    linear_rgba = np.concatenate([srgb_to_linear(srgb), np.ones((4, 1))], 1).astype(np.float32)
+    linear_rgba = np.concatenate([srgb_to_linear(srgb, np.float64), np.ones((4, 1))], 1).astype(np.float32)
     attr.data.foreach_set("color", linear_rgba.ravel())
     vc_mat = bpy.data.materials.new("vcmat")
     if vc_mat.node_tree is None:  # Blender < 5 creates node trees on request
@@ -213,7 +211,9 @@ def test_intrinsics_match_blender(fit, res, shift, aspect):
     r = scene.render
     r.resolution_x, r.resolution_y, r.resolution_percentage = *res, 100
     r.pixel_aspect_x, r.pixel_aspect_y = aspect
-    fx, fy, cx, cy = blender_camera_intrinsics(cam_data, *res, *aspect)
+    K = opencv_intrinsics(cam_data.lens, cam_data.sensor_width, cam_data.sensor_height, cam_data.sensor_fit,
+                          cam_data.shift_x, cam_data.shift_y, *res, *aspect)
+    fx, fy, cx, cy = K[0, 0], K[1, 1], K[0, 2], K[1, 2]
     pts = np.random.default_rng(0).uniform(-1, 1, (20, 3))
     for p in pts:
         x, y, z = world_to_camera_view(scene, cam, Vector(p))
@@ -228,9 +228,9 @@ def test_intrinsics_match_blender(fit, res, shift, aspect):
 
 
 def test_every_procedural_scene_builds_and_random_is_seeded():
-    from npbgpp_core.datasets import PROCEDURAL_SCENES
-    from npbgpp_core.datasets.procedural import build_procedural_scene
-    from npbgpp_core.datasets.surface_points import sample_surface_points
+    from blender_addon.datagen import PROCEDURAL_SCENES
+    from blender_addon.datagen.procedural import build_procedural_scene
+    from blender_addon.datagen.surface_points import sample_surface_points
 
     assert len(PROCEDURAL_SCENES) >= 6
     for name in PROCEDURAL_SCENES:
@@ -258,7 +258,7 @@ def test_command_line_blend_file(tmp_path):
 
     blend = tmp_path / "scene.blend"
     make = (
-        "import bpy; from npbgpp_core.datasets.procedural import build_procedural_scene; "
+        "import bpy; from blender_addon.datagen.procedural import build_procedural_scene; "
         "s = build_procedural_scene('ring_and_cone'); bpy.context.window.scene = s; "
         f"bpy.ops.wm.save_as_mainfile(filepath={str(blend)!r})"
     )
@@ -267,7 +267,7 @@ def test_command_line_blend_file(tmp_path):
     subprocess.run([sys.executable, "-c", make], check=True, env=env, capture_output=True, timeout=120)
     out = tmp_path / "out"
     res = subprocess.run(
-        [sys.executable, "-m", "npbgpp_core.datasets.render_blender", "--blend", str(blend), "--views", "3",
+        [sys.executable, "-m", "blender_addon.datagen", "--blend", str(blend), "--views", "3",
          "--size", "24x16", "--samples", "1", "--points", "200", "--out", str(out), "--test", "1", "--val", "0",
          "--hemisphere"],
         env=env, capture_output=True, text=True, timeout=300,
@@ -278,14 +278,14 @@ def test_command_line_blend_file(tmp_path):
     assert (len(data.train), len(data.test), data.points.shape) == (2, 1, (200, 3))
     assert all(float(v.camera.center()[2]) > data.points[:, 2].mean() for v in data.views)  # upper hemisphere
     again = subprocess.run(
-        [sys.executable, "-m", "npbgpp_core.datasets.render_blender", "--blend", str(blend), "--views", "3",
+        [sys.executable, "-m", "blender_addon.datagen", "--blend", str(blend), "--views", "3",
          "--size", "24x16", "--out", str(out)], env=env, capture_output=True, text=True, timeout=300,
     )
     assert again.returncode != 0 and "not empty" in again.stderr
 
 
 def test_render_restores_scene_settings(tmp_path):
-    from npbgpp_core.datasets.procedural import build_procedural_scene
+    from blender_addon.datagen.procedural import build_procedural_scene
 
     scene = build_procedural_scene("checker_cube")
     before = (scene.render.engine, scene.render.resolution_x, scene.view_settings.view_transform, scene.camera)

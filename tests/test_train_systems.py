@@ -319,7 +319,7 @@ def test_two_process_ddp_on_cpu(data_root, tmp_path):
 def test_training_and_eval_on_a_blender_rendered_scene(tmp_path):
     """The published pipeline on a scene Blender rendered (6 views, 32x32, 400 surface points)."""
     root = tmp_path / "blender"
-    code = ("from npbgpp_core.datasets import render_procedural_scene; "
+    code = ("from blender_addon.datagen import render_procedural_scene; "
             f"render_procedural_scene('checker_cube', {str(root / 'cube')!r}, views=6, size=(32, 32), seed=0, "
             "points=400)")
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")

@@ -1,5 +1,6 @@
-"""Datasets: loading published scene layouts into cameras + images + point clouds, training
-samples, and rendering new scenes with Blender.
+"""Datasets: loading published scene layouts into cameras + images + point clouds, and
+training samples. (Rendering new scenes with Blender lives on the Blender side:
+``blender_addon.datagen``.)
 
 Public names::
 
@@ -8,11 +9,8 @@ Public names::
     detect_format(path) -> str
     sample_crop(scene, index, rng, image_size=256, zoom_range=(1, 1), random_shift=True)
     select_input_views(scene, target, candidates, count, rng=None) -> list[int]
-    render_procedural_scene(name, out_dir, views, size, seed=0, ...)  (needs bpy)
-    render_views_of_current_scene(bpy_scene, out_dir, views, size, ...)  (needs bpy)
-    PROCEDURAL_SCENES: names accepted by render_procedural_scene (plus ``random_<seed>``)
 
-Nothing here imports ``bpy`` at import time.
+Nothing here imports ``bpy``.
 """
 
 from __future__ import annotations
@@ -31,9 +29,6 @@ _EXPORTS = {
     "sample_crop": ".sampling",
     "select_input_views": ".sampling",
     "view_scores": ".sampling",
-    "render_procedural_scene": ".render_blender",
-    "render_views_of_current_scene": ".render_blender",
-    "PROCEDURAL_SCENES": ".procedural",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,29 +1,35 @@
-"""Sampling coloured points on the visible mesh surfaces of a bpy scene (for the point
-cloud written next to Blender renders). bpy is imported inside functions only.
+"""Sampling coloured points on mesh surfaces of a bpy scene: the one surface sampler,
+used for the point cloud written next to Blender renders and by the add-on's "Points
+from Selected Meshes". bpy is imported inside functions only.
 
 Points: evaluated meshes (modifiers applied, instances expanded), world space,
 area-weighted uniform sampling over all triangles (seeded). Colours are the surface
 albedo as sRGB in [0, 1]: the material's base colour input (Principled BSDF "Base
-Color", Diffuse/Emission "Color"): an Image Texture node is looked up by UV (bilinear,
-repeat/clip), a Color Attribute / Attribute node reads the mesh's colour attribute,
-otherwise the constant colour; meshes without a material use their active colour
-attribute or mid grey. Lighting and shading are not included.
+Color", Diffuse/Emission "Color"): an Image Texture node is looked up by UV (bilinear, or
+nearest for "Closest" interpolation; repeat/clip), a Color Attribute / Attribute node
+reads the mesh's colour attribute, otherwise the constant colour; meshes without a
+material use their active colour attribute or mid grey. Lighting and shading are not
+included.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
+
+from .. import srgb
 
 GEOMETRY_TYPES = {"MESH", "CURVE", "SURFACE", "META", "FONT"}
 
 
 def linear_to_srgb(c: np.ndarray) -> np.ndarray:
-    c = np.clip(np.asarray(c, dtype=np.float64), 0.0, 1.0)
-    return np.where(c <= 0.0031308, c * 12.92, 1.055 * np.power(c, 1 / 2.4) - 0.055)
+    return srgb.linear_to_srgb(c, np.float64)
 
 
 def _base_color_source(mat) -> tuple:
-    """('const', srgb) | ('image', image, uv_name, extension) | ('attr', name)."""
+    """('const', srgb) | ('image', image, uv_name, extension, interpolation) | ('attr', name)."""
     if mat is None:
         return ("none",)
     fallback = ("const", linear_to_srgb(np.asarray(mat.diffuse_color[:3])))
@@ -48,7 +54,7 @@ def _base_color_source(mat) -> tuple:
         vec = node.inputs["Vector"]
         if vec.is_linked and vec.links[0].from_node.type == "UVMAP":
             uv_name = vec.links[0].from_node.uv_map or None
-        return ("image", node.image, uv_name, node.extension)
+        return ("image", node.image, uv_name, node.extension, node.interpolation)
     if node.type == "VERTEX_COLOR":
         return ("attr", node.layer_name or None)
     if node.type == "ATTRIBUTE":
@@ -73,8 +79,13 @@ def _image_pixels(image, cache: dict) -> np.ndarray:
     return cache[key]
 
 
-def _sample_image(px: np.ndarray, uv: np.ndarray, extension: str) -> np.ndarray:
+def _sample_image(px: np.ndarray, uv: np.ndarray, extension: str, interpolation: str = "Linear") -> np.ndarray:
     h, w = px.shape[:2]
+    if interpolation == "Closest":
+        i, j = np.floor(uv[:, 0] * w).astype(np.int64), np.floor(uv[:, 1] * h).astype(np.int64)
+        if extension == "REPEAT":
+            return px[j % h, i % w]
+        return px[np.clip(j, 0, h - 1), np.clip(i, 0, w - 1)]
     x = uv[:, 0] * w - 0.5
     y = uv[:, 1] * h - 0.5
     x0, y0 = np.floor(x).astype(np.int64), np.floor(y).astype(np.int64)
@@ -182,7 +193,7 @@ class _MeshTris:
                 if uv_name is None:
                     continue
                 uv = np.einsum("nk,nkc->nc", b, self.uv_layers[uv_name][self.tri_loops[t]])
-                out[sel] = _sample_image(_image_pixels(src[1], cache), uv, src[3])
+                out[sel] = _sample_image(_image_pixels(src[1], cache), uv, src[3], src[4])
             elif src[0] == "attr":
                 name = src[1] or self.active_color
                 if name not in self.color_attrs:
@@ -202,11 +213,22 @@ def evaluated_depsgraph(bpy_scene):
         return bpy.context.evaluated_depsgraph_get()
 
 
-def scene_triangles(bpy_scene) -> list[_MeshTris]:
+def scene_triangles(bpy_scene, objects: Sequence[Any] | None = None, depsgraph: Any = None) -> list[_MeshTris]:
     """Evaluated world-space triangles of every render-visible geometry object
-    (instances included) of ``bpy_scene``'s first view layer."""
-    depsgraph = evaluated_depsgraph(bpy_scene)
+    (instances included) of ``bpy_scene``'s first view layer, or of ``objects`` only
+    (each once at its own place, whether render-visible or not)."""
+    if depsgraph is None:
+        depsgraph = evaluated_depsgraph(bpy_scene)
     out = []
+    if objects is not None:
+        for obj in objects:
+            if obj.type not in GEOMETRY_TYPES:
+                continue
+            ev = obj.evaluated_get(depsgraph)
+            tris = _MeshTris(ev, ev.matrix_world.copy())
+            if len(tris.tri_verts):
+                out.append(tris)
+        return out
     for inst in depsgraph.object_instances:
         obj = inst.object
         if obj.type not in GEOMETRY_TYPES or obj.original.hide_render:
@@ -217,18 +239,20 @@ def scene_triangles(bpy_scene) -> list[_MeshTris]:
     return out
 
 
-def sample_surface_points(bpy_scene, count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """``count`` points (float32 (N, 3)) uniformly on the render-visible surfaces and
-    their sRGB albedo colours (float32 (N, 3) in [0, 1])."""
-    meshes = scene_triangles(bpy_scene)
+def sample_surface_points(bpy_scene, count: int, seed: int = 0, objects: Sequence[Any] | None = None,
+                          depsgraph: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` points (float32 (N, 3)) uniformly on the render-visible surfaces (or on
+    ``objects``' surfaces) and their sRGB albedo colours (float32 (N, 3) in [0, 1])."""
+    meshes = scene_triangles(bpy_scene, objects, depsgraph)
+    what = f"scene {bpy_scene.name!r}" if objects is None else f"objects {[o.name for o in objects]}"
     if not meshes:
-        raise ValueError(f"scene {bpy_scene.name!r} has no visible mesh surfaces to sample points on")
+        raise ValueError(f"{what}: no visible mesh surfaces to sample points on")
     corners = [m.corners() for m in meshes]
     areas = np.concatenate([0.5 * np.linalg.norm(np.cross(c[:, 1] - c[:, 0], c[:, 2] - c[:, 0]), axis=1)
                             for c in corners])
     total = areas.sum()
     if not total > 0:
-        raise ValueError(f"scene {bpy_scene.name!r}: visible meshes have zero surface area")
+        raise ValueError(f"{what}: meshes have zero surface area")
     rng = np.random.default_rng(seed)
     picked = rng.choice(len(areas), size=count, p=areas / total)
     r1, r2 = rng.random(count), rng.random(count)

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from ..srgb import srgb_to_linear
+
 PROCEDURAL_SCENES = (
     "checker_cube",
     "glossy_spheres",
@@ -68,11 +70,6 @@ def _image(name: str, rgb: np.ndarray):
     return img
 
 
-def srgb_to_linear(c: np.ndarray) -> np.ndarray:
-    c = np.asarray(c, dtype=np.float64)
-    return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
-
-
 def make_material(name: str, rng: np.random.Generator, kind: str | None = None):
     """A Principled BSDF material: 'flat', 'glossy', 'metal', 'vertex' (colour attribute
     'Col') or a texture kind ('checker', 'stripes', 'rings', 'noise')."""
@@ -85,7 +82,7 @@ def make_material(name: str, rng: np.random.Generator, kind: str | None = None):
     nodes = mat.node_tree.nodes
     bsdf = next(n for n in nodes if n.type == "BSDF_PRINCIPLED")
     srgb = rng.uniform(0.1, 0.95, 3)
-    bsdf.inputs["Base Color"].default_value = (*srgb_to_linear(srgb), 1.0)
+    bsdf.inputs["Base Color"].default_value = (*srgb_to_linear(srgb, np.float64), 1.0)
     bsdf.inputs["Roughness"].default_value = 0.6
     if kind == "glossy":
         bsdf.inputs["Roughness"].default_value = float(rng.uniform(0.05, 0.25))
@@ -198,7 +195,7 @@ def _add_vertex_colors(mesh, rng: np.random.Generator) -> None:
     w = rng.normal(size=(3, 3)) * 2.0
     srgb = 0.5 + 0.45 * np.sin(co @ w + rng.uniform(0, 6.28, 3))
     attr = mesh.color_attributes.new("Col", "FLOAT_COLOR", "POINT")
-    rgba = np.concatenate([srgb_to_linear(srgb), np.ones((n, 1))], axis=1).astype(np.float32)
+    rgba = np.concatenate([srgb_to_linear(srgb, np.float64), np.ones((n, 1))], axis=1).astype(np.float32)
     attr.data.foreach_set("color", rgba.ravel())
     mesh.color_attributes.active_color = attr
 

@@ -16,9 +16,9 @@ and split into train / val / test.
 
 Command line::
 
-    python -m npbgpp_core.datasets.render_blender --procedural checker_cube --views 100 \
+    python -m blender_addon.datagen --procedural checker_cube --views 100 \
         --size 256x256 --out scenes/checker_cube [--seed 0 --hemisphere --samples 16 --points 100000]
-    python -m npbgpp_core.datasets.render_blender --blend my.blend --views 50 --size 320x240 --out out/
+    python -m blender_addon.datagen --blend my.blend --views 50 --size 320x240 --out out/
 
 Python: ``render_procedural_scene(name, out_dir, views, size, seed)`` or, from the
 add-on, ``render_views_of_current_scene(bpy_scene, out_dir, views, size, ...)``.
@@ -41,6 +41,8 @@ from typing import Any
 
 import numpy as np
 
+from ..camera_bridge import opencv_intrinsics
+
 GOLDEN_ANGLE = math.pi * (3.0 - math.sqrt(5.0))
 
 
@@ -56,28 +58,6 @@ class RenderSummary:
     seconds_per_view: float
     camera_object: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def blender_camera_intrinsics(cam_data, width: int, height: int, pixel_aspect_x: float = 1.0,
-                              pixel_aspect_y: float = 1.0) -> tuple[float, float, float, float]:
-    """OpenCV ``fx, fy, cx, cy`` (pixel centres at integers) of a perspective Blender
-    camera rendering ``width x height`` pixels: lens, sensor size and fit, shift and
-    pixel aspect as Blender's view plane uses them."""
-    if cam_data.type != "PERSP":
-        raise ValueError(f"camera {cam_data.name!r} is {cam_data.type}; only perspective cameras are supported")
-    fit = cam_data.sensor_fit
-    if fit == "AUTO":
-        fit = "HORIZONTAL" if width * pixel_aspect_x >= height * pixel_aspect_y else "VERTICAL"
-        sensor = cam_data.sensor_width
-    else:
-        sensor = cam_data.sensor_width if fit == "HORIZONTAL" else cam_data.sensor_height
-    ycor = pixel_aspect_y / pixel_aspect_x
-    view_fac = width if fit == "HORIZONTAL" else ycor * height  # pixels spanned by the sensor
-    fx = cam_data.lens / sensor * view_fac
-    fy = fx / ycor
-    cx = width / 2.0 - cam_data.shift_x * view_fac - 0.5
-    cy = height / 2.0 + cam_data.shift_y * view_fac / ycor - 0.5
-    return fx, fy, cx, cy
 
 
 def oidn_available() -> bool:
@@ -214,7 +194,8 @@ def render_views_of_current_scene(
     written to a temporary folder and moved into place at the end."""
     import bpy
 
-    from ..ply import save_ply
+    from npbgpp_core.ply import save_ply
+
     from .surface_points import sample_surface_points, scene_bounds
 
     if denoise is None:
@@ -245,7 +226,9 @@ def render_views_of_current_scene(
     try:
         _configure(bpy_scene, settings, (h, w), samples, seed, denoise)
         settings.set(bpy_scene, "camera", cam_obj)
-        fx, fy, cx, cy = blender_camera_intrinsics(cam_data, w, h)
+        K = opencv_intrinsics(cam_data.lens, cam_data.sensor_width, cam_data.sensor_height, cam_data.sensor_fit,
+                              cam_data.shift_x, cam_data.shift_y, w, h)
+        fx, fy, cx, cy = float(K[0, 0]), float(K[1, 1]), float(K[0, 2]), float(K[1, 2])
         half_fov = min(math.atan(w / (2 * fx)), math.atan(h / (2 * fy)))
         distance = radius / math.sin(half_fov) * 1.05
         dirs = camera_directions(views, seed, hemisphere)
@@ -341,7 +324,7 @@ def _parse_size(text: str) -> tuple[int, int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m npbgpp_core.datasets.render_blender", description=__doc__.split("\n")[0]
+        prog="python -m blender_addon.datagen", description=__doc__.split("\n")[0]
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--blend", help="render the active scene of this .blend file")

@@ -1,0 +1,33 @@
+"""Blender-side dataset generation: procedural scenes, Cycles renders of a scene into the
+NeRF-Synthetic layout, and coloured points sampled on mesh surfaces.
+
+Run as ``python -m blender_addon.datagen --procedural NAME | --blend FILE ...`` (see
+``render.py``); it ships inside the add-on (its "Export dataset" operator uses it). This is
+where ``bpy``, ``mathutils`` and ``_cycles`` are used (imported inside functions, so the
+package imports without Blender); ``npbgpp_core`` reads what it writes
+(``npbgpp_core.datasets.load_scene``) and never imports it.
+
+Public names::
+
+    render_procedural_scene(name, out_dir, views, size, seed=0, ...)
+    render_views_of_current_scene(bpy_scene, out_dir, views, size, ...)
+    build_procedural_scene(name, seed=0), remove_scene(scene)
+    PROCEDURAL_SCENES: names accepted by render_procedural_scene (plus ``random_<seed>``)
+    sample_surface_points(bpy_scene, count, seed=0, objects=None) -> (points, sRGB colours)
+"""
+
+from __future__ import annotations
+
+from .procedural import PROCEDURAL_SCENES, build_procedural_scene, remove_scene
+from .render import RenderSummary, render_procedural_scene, render_views_of_current_scene
+from .surface_points import sample_surface_points
+
+__all__ = [
+    "PROCEDURAL_SCENES",
+    "RenderSummary",
+    "build_procedural_scene",
+    "remove_scene",
+    "render_procedural_scene",
+    "render_views_of_current_scene",
+    "sample_surface_points",
+]

@@ -1,0 +1,71 @@
+"""The layering rules, checked on the source: the core, the kernels and the trainer never
+import Blender's modules (also enforced by ruff's banned-api, TID251, in pyproject.toml),
+and dependencies point inward (blender_addon -> headless_train -> npbgpp_core -> kernels,
+the core reaching kernels only through npbgpp_core/_backend.py)."""
+
+from __future__ import annotations
+
+import ast
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BLENDER_MODULES = {"bpy", "bpy_extras", "mathutils", "_cycles", "gpu", "gpu_extras", "bmesh", "addon_utils"}
+# package -> top-level packages of this repository it must not import
+INWARD = {
+    "npbgpp_core": {"headless_train", "blender_addon", "bench", "build_addon"},
+    "kernels": {"npbgpp_core", "headless_train", "blender_addon", "bench", "build_addon"},
+    "headless_train": {"blender_addon", "bench", "build_addon"},
+}
+
+
+def imported_modules(path: str) -> list[tuple[int, str]]:
+    """(line, top-level module name) of every import in a file, function-level ones and
+    ``importlib.import_module("...")`` / ``__import__("...")`` with a literal name included."""
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), path)
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, alias.name.split(".")[0]) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            out.append((node.lineno, node.module.split(".")[0]))
+        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            if name in ("import_module", "__import__") and isinstance(node.args[0].value, str):
+                if not node.args[0].value.startswith("."):
+                    out.append((node.lineno, node.args[0].value.split(".")[0]))
+    return out
+
+
+def _sources(package: str) -> list[str]:
+    files = []
+    for dirpath, dirnames, filenames in os.walk(os.path.join(ROOT, package)):
+        dirnames[:] = [d for d in dirnames if d not in ("__pycache__", "build")]
+        files += [os.path.join(dirpath, n) for n in filenames if n.endswith(".py")]
+    return sorted(files)
+
+
+@pytest.mark.parametrize("package", sorted(INWARD))
+def test_no_blender_modules_and_inward_dependencies(package):
+    files = _sources(package)
+    assert files, package
+    bad = [f"{os.path.relpath(path, ROOT)}:{line} imports {name}"
+           for path in files for line, name in imported_modules(path)
+           if name in BLENDER_MODULES or name in INWARD[package]]
+    assert not bad, "\n".join(bad)
+
+
+def test_core_reaches_kernels_only_through_backend():
+    users = sorted(os.path.relpath(path, ROOT) for path in _sources("npbgpp_core")
+                   if any(name == "kernels" for _, name in imported_modules(path)))
+    assert users == [os.path.join("npbgpp_core", "_backend.py")]
+
+
+def test_checker_sees_function_level_and_dynamic_imports(tmp_path):
+    src = tmp_path / "m.py"
+    src.write_text("import os\ndef f():\n    import bpy.types\n    from mathutils import Vector\n"
+                   "    import importlib\n    importlib.import_module('_cycles')\n    __import__('bmesh')\n")
+    assert [name for _, name in imported_modules(str(src))] == ["os", "bpy", "mathutils", "importlib", "_cycles",
+                                                                 "bmesh"]
