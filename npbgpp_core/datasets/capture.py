@@ -1,0 +1,216 @@
+"""Preparing a real photo capture (photos + a COLMAP sparse model) for training and benchmarks.
+
+``prepare_capture(src, out, max_size=512)`` reads ``src/sparse/0`` (or ``src/sparse``) and
+``src/images``, and writes a folder ``load_scene`` reads as COLMAP:
+
+- ``images/<name>``: each registered photo downscaled so its longer side is at most
+  ``max_size`` (Lanczos), and, for a distorted camera (SIMPLE_RADIAL, OPENCV), remapped to
+  the pinhole camera with the same scaled K (``distortion.undistort``), so loading needs no
+  ``undistort=True``. Saved as JPEG quality 95 (the sources are JPEG already; PNG would be
+  5-8x larger for no visible gain) unless ``image_format="png"``.
+- ``sparse/0/cameras.bin``: one PINHOLE camera per photo, with the intrinsics scaled by the
+  exact ratio of pixel counts (new width / camera width, new height / camera height; in
+  COLMAP's pixel-edge convention the principal point scales by the same ratio).
+- ``sparse/0/images.bin``: the poses unchanged, without 2D observations.
+- ``sparse/0/points3D.bin``: the SfM points and colours, without tracks.
+- ``capture.json``: provenance (source folder, repository, commit, licence, intended use)
+  and counts.
+
+The output is written to ``out + ".partial"`` and renamed at the end, so an interrupted
+run never leaves a folder that looks complete. Bad input raises ``DatasetError`` naming the
+file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from collections.abc import Mapping
+
+import numpy as np
+
+from .colmap import CAMERA_MODELS, _intrinsics, _read_model, find_sparse_dir
+from .errors import DatasetError
+
+_MODEL_ID = {name: i for i, (name, _) in CAMERA_MODELS.items()}
+USES = ("train", "validation")
+
+
+def _write_cameras_bin(path: str, cams: list[tuple[int, int, int, tuple[float, float, float, float]]]) -> None:
+    """``cams``: (camera id, width, height, (fx, fy, cx, cy)) in COLMAP's pixel convention."""
+    parts = [struct.pack("<Q", len(cams))]
+    for cam_id, w, h, params in cams:
+        parts.append(struct.pack("<iiQQ", cam_id, _MODEL_ID["PINHOLE"], w, h))
+        parts.append(struct.pack("<4d", *params))
+    with open(path, "wb") as f:
+        f.write(b"".join(parts))
+
+
+def _write_images_bin(path: str, images: list[tuple[int, np.ndarray, np.ndarray, int, str]]) -> None:
+    parts = [struct.pack("<Q", len(images))]
+    for image_id, q, t, cam_id, name in images:
+        parts.append(struct.pack("<i4d3di", image_id, *q, *t, cam_id))
+        parts.append(name.encode("utf-8") + b"\0")
+        parts.append(struct.pack("<Q", 0))
+    with open(path, "wb") as f:
+        f.write(b"".join(parts))
+
+
+def _write_points_bin(path: str, xyz: np.ndarray, rgb: np.ndarray) -> None:
+    rec = struct.Struct("<QdddBBBdQ")
+    cols = np.clip(np.round(rgb * 255.0), 0, 255).astype(np.uint8)
+    parts = [struct.pack("<Q", len(xyz))]
+    for i in range(len(xyz)):
+        parts.append(rec.pack(i + 1, *map(float, xyz[i]), *map(int, cols[i]), 0.0, 0))
+    with open(path, "wb") as f:
+        f.write(b"".join(parts))
+
+
+def _scaled_size(w: int, h: int, max_size: int) -> tuple[int, int]:
+    s = min(1.0, max_size / max(w, h))
+    return max(1, round(w * s)), max(1, round(h * s))
+
+
+def prepare_capture(
+    src: str,
+    out: str,
+    max_size: int = 512,
+    images_dir: str = "images",
+    image_format: str = "jpg",
+    provenance: Mapping[str, str] | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """Write a downscaled, undistorted copy of the COLMAP capture ``src`` to ``out``;
+    returns the summary also written to ``out/capture.json``."""
+    import torch
+    from PIL import Image
+
+    from ..camera import Camera
+    from .distortion import undistort
+
+    if max_size < 16:
+        raise DatasetError(f"max_size must be at least 16 pixels (got {max_size})")
+    if image_format not in ("jpg", "png"):
+        raise DatasetError(f"image_format must be 'jpg' or 'png' (got {image_format!r})")
+    prov = dict(provenance or {})
+    if prov.get("use") not in (None, *USES):
+        raise DatasetError(f"use must be one of {USES} (got {prov['use']!r})")
+    if not os.path.isdir(src):
+        raise DatasetError(f"{src}: capture folder not found")
+    sparse = find_sparse_dir(src)
+    if sparse is None:
+        raise DatasetError(f"{src}: no sparse/0/cameras.(bin|txt) or sparse/cameras.(bin|txt): not a COLMAP capture")
+    cams, images, points = _read_model(sparse)
+    if not images:
+        raise DatasetError(f"{sparse}: images file lists no images")
+    if points is None or len(points[0]) == 0:
+        raise DatasetError(f"{sparse}: points3D file is missing or has no points")
+    photo_dir = os.path.join(src, images_dir)
+    if not os.path.isdir(photo_dir):
+        raise DatasetError(f"{photo_dir}: image folder not found")
+    if os.path.exists(out) and not overwrite:
+        raise DatasetError(f"{out}: already exists (pass overwrite=True / --overwrite to replace it)")
+
+    tmp = out.rstrip("/") + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(os.path.join(tmp, "images"))
+    os.makedirs(os.path.join(tmp, "sparse", "0"))
+    out_cams, out_images, sizes = [], [], []
+    undistorted = 0
+    try:
+        for n, (image_id, (q, t, cam_id, name)) in enumerate(sorted(images.items(), key=lambda kv: kv[1][3])):
+            if cam_id not in cams:
+                raise DatasetError(f"{sparse} image {image_id} ({name}): camera {cam_id} is not in the cameras file")
+            model, cw, ch, params = cams[cam_id]
+            K, dist = _intrinsics(model, params, cam_id, f"{sparse} cameras", True)
+            path = os.path.join(photo_dir, name)
+            if not os.path.isfile(path):
+                raise DatasetError(f"{path}: photo of {sparse} image {image_id} not found")
+            try:
+                with Image.open(path) as im:
+                    photo = im.convert("RGB")
+            except OSError as exc:
+                raise DatasetError(f"{path}: cannot read image ({exc})") from exc
+            pw, ph = photo.size
+            if abs(pw / cw - ph / ch) > 0.01:
+                raise DatasetError(f"{path}: image is {pw}x{ph} but camera {cam_id} is {cw}x{ch} (aspect differs)")
+            nw, nh = _scaled_size(pw, ph, max_size)
+            if (nw, nh) != (pw, ph):
+                photo = photo.resize((nw, nh), Image.Resampling.LANCZOS)
+            sx, sy = nw / cw, nh / ch
+            # K is in our convention (pixel centres at integers); back to COLMAP's edges to scale.
+            fx, fy = K[0, 0] * sx, K[1, 1] * sy
+            cx, cy = (K[0, 2] + 0.5) * sx, (K[1, 2] + 0.5) * sy
+            if dist is not None:
+                arr = torch.from_numpy(np.asarray(photo, dtype=np.float32) / 255.0).permute(2, 0, 1)
+                kk = np.array([[fx, 0, cx - 0.5], [0, fy, cy - 0.5], [0, 0, 1.0]])
+                cam = Camera.from_opencv(kk, np.eye(3), np.zeros(3), (nh, nw))
+                arr = undistort(arr, cam, dist)
+                photo = Image.fromarray((arr.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8))
+                undistorted += 1
+            stem = os.path.splitext(name)[0]
+            out_name = stem + "." + image_format
+            dst = os.path.join(tmp, "images", out_name)
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            if image_format == "jpg":
+                photo.save(dst, quality=95)
+            else:
+                photo.save(dst)
+            out_cams.append((n + 1, nw, nh, (fx, fy, cx, cy)))
+            out_images.append((image_id, np.asarray(q, float), np.asarray(t, float), n + 1, out_name))
+            sizes.append((nw, nh))
+        _write_cameras_bin(os.path.join(tmp, "sparse", "0", "cameras.bin"), out_cams)
+        _write_images_bin(os.path.join(tmp, "sparse", "0", "images.bin"), out_images)
+        _write_points_bin(os.path.join(tmp, "sparse", "0", "points3D.bin"), points[0], points[1])
+        summary = {
+            "source": os.path.abspath(src),
+            **prov,
+            "images": len(out_images),
+            "points": int(len(points[0])),
+            "max_size": max_size,
+            "image_sizes": sorted({f"{w}x{h}" for w, h in sizes}),
+            "undistorted_images": undistorted,
+            "source_camera_models": sorted({cams[c][0] for _, _, c, _ in images.values()}),
+        }
+        with open(os.path.join(tmp, "capture.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        if os.path.exists(out):
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m headless_train prepare-capture SRC --out DST [--max-size 512] ...``"""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(
+        prog="python -m headless_train prepare-capture",
+        description="Downscale (and undistort) a COLMAP photo capture into a folder the loaders read.",
+    )
+    p.add_argument("src", help="capture folder: images/ + sparse/0/{cameras,images,points3D}.(bin|txt)")
+    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--max-size", type=int, default=512, help="longer image side in pixels (default 512)")
+    p.add_argument("--images-dir", default="images", help="photo folder inside SRC (default images)")
+    p.add_argument("--format", choices=("jpg", "png"), default="jpg", help="output image format (default jpg q95)")
+    p.add_argument("--repo", default=None, help="provenance: source repository (owner/name)")
+    p.add_argument("--commit", default=None, help="provenance: commit the files came from")
+    p.add_argument("--licence", default=None, help="provenance: the repository's licence")
+    p.add_argument("--use", choices=USES, default=None, help="provenance: train or validation only")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    a = p.parse_args(argv)
+    prov = {k: v for k, v in (("repo", a.repo), ("commit", a.commit), ("licence", a.licence), ("use", a.use)) if v}
+    try:
+        s = prepare_capture(a.src, a.out, a.max_size, a.images_dir, a.format, prov, a.overwrite)
+    except DatasetError as exc:
+        print(f"prepare-capture: {exc}", file=sys.stderr)
+        return 2
+    print(f"{a.out}: {s['images']} images ({', '.join(s['image_sizes'])}), {s['points']} points, "
+          f"{s['undistorted_images']} undistorted")
+    return 0
