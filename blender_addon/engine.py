@@ -2,40 +2,15 @@
 
 from __future__ import annotations
 
-import os
-
 import bpy
-import numpy as np
 
 from . import frames
 from .camera_bridge import scene_camera_geometry
-from .render_job import SceneSnapshot, render_frame
+from .render_job import render_frame
+from .scene_snapshot import snapshot
 from .worker_client import Cancelled, WorkerError
 
 POINTS_PASS = "NPBG Points"
-
-
-def snapshot(scene: bpy.types.Scene, depsgraph: bpy.types.Depsgraph | None = None) -> SceneSnapshot:
-    """Read everything a render needs from bpy (main thread only)."""
-    from . import preferences
-    from .point_source import object_points, points_key
-
-    s = scene.npbgpp
-    snap = SceneSnapshot(
-        output=s.output, bundle_path=bpy.path.abspath(s.bundle) if s.bundle else "", device=s.device,
-        precision=s.precision, mode=s.worker_mode, env_path=preferences.env_path(),
-    )
-    deps = preferences.deps_dir()
-    if os.path.isdir(deps):
-        snap.extra_paths.append(deps)
-    obj = s.point_object
-    if obj is not None:
-        evaluated = obj.evaluated_get(depsgraph) if depsgraph is not None else obj
-        snap.object_matrix = np.array(evaluated.matrix_world, dtype=np.float64)
-        if snap.output != "NEURAL" or not snap.bundle_path:
-            snap.points, snap.colors = object_points(evaluated)
-            snap.points_key = points_key(snap.points, snap.colors)
-    return snap
 
 
 class NPBGPPRenderEngine(bpy.types.RenderEngine):

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from npbgpp_core.protocol import DEPTH, NEURAL, POINTS_RGBA
+
 from .srgb import srgb_to_linear
-from .worker import DEPTH, NEURAL, POINTS_RGBA
 
 EMPTY_DEPTH = 1.0e10  # Blender's Z for pixels nothing covers
 HALF_MAX = 65504.0

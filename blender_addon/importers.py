@@ -72,14 +72,6 @@ def create_camera(
     return obj
 
 
-def _worker(context: Any) -> Any:
-    from .engine import snapshot
-    from .worker_client import HUB
-
-    snap = snapshot(context.scene)
-    return HUB.get(snap.mode, snap.env_path, snap.extra_paths)
-
-
 # --------------------------------------------------------------------------- PLY
 class IMPORT_SCENE_OT_npbgpp_ply(bpy.types.Operator, ImportHelper):
     """Import a PLY point cloud (with colours) or a Gaussian-splat PLY (centres and base colours) for NPBG++"""
@@ -174,19 +166,22 @@ class IMPORT_SCENE_OT_npbgpp_bundle(bpy.types.Operator, ImportHelper):
     filter_glob: StringProperty(default="*.npbgpp;*.safetensors", options={"HIDDEN"})  # type: ignore[valid-type]
 
     def execute(self, context: Any) -> set[str]:
+        from npbgpp_core import protocol as P
+
+        from .scene_snapshot import worker_for
         from .worker_client import WorkerError
 
         path = bpy.path.abspath(self.filepath)
         s = context.scene.npbgpp
         try:
-            worker = _worker(context)
-            worker.request({"op": "load_bundle", "path": path, "device": "CPU", "precision": "FP32"})
-            reply = worker.request({"op": "bundle_points"})
+            worker = worker_for(context.scene)
+            worker.request(P.LoadBundle(path, "CPU", "FP32"))
+            reply = worker.request(P.GetBundlePoints())
         except (WorkerError, ValueError, OSError) as exc:
             self.report({"ERROR"}, f"cannot import bundle {path}: {exc}")
             return {"CANCELLED"}
         name = os.path.splitext(os.path.basename(path))[0]
-        obj = make_point_object(name, reply["points"], reply.get("colors"), context)
+        obj = make_point_object(name, reply.points, reply.colors, context)
         s.bundle = path
         s.point_object = obj
         s.output = "NEURAL"
@@ -209,35 +204,37 @@ class IMPORT_SCENE_OT_npbgpp_dataset(bpy.types.Operator):
         return {"RUNNING_MODAL"}
 
     def execute(self, context: Any) -> set[str]:
+        from npbgpp_core import protocol as P
+
+        from .scene_snapshot import worker_for
         from .worker_client import WorkerError
 
         path = bpy.path.abspath(self.directory)
         try:
-            reply = _worker(context).request(
-                {"op": "dataset", "path": path, "format": self.format or None, "max_points": self.max_points}
-            )
+            reply = worker_for(context.scene).request(P.ReadDataset(path, self.format or None, self.max_points))
         except (WorkerError, ValueError, OSError) as exc:
             self.report({"ERROR"}, f"cannot import dataset {path}: {exc}")
             return {"CANCELLED"}
-        name = reply["name"] or os.path.basename(os.path.normpath(path))
-        obj = make_point_object(name, reply["points"], reply.get("colors"), context)
+        name = reply.name or os.path.basename(os.path.normpath(path))
+        obj = make_point_object(name, reply.points, reply.colors, context)
         use_point_object(context, obj)
         collection = bpy.data.collections.new(f"{name} cameras")
         context.scene.collection.children.link(collection)
-        for view in reply["views"]:
-            cam = create_camera(view["name"], view["K"], view["R"], view["t"], tuple(view["size"]), context)
+        for view in reply.views:
+            c = view.camera
+            cam = create_camera(view.name, np.array(c.K), np.array(c.R), np.array(c.t), c.image_size, context)
             for col in list(cam.users_collection):
                 col.objects.unlink(cam)
             collection.objects.link(cam)
-            cam["npbgpp_image"] = view["image_path"]
+            cam["npbgpp_image"] = view.image_path
         context.scene.npbgpp.dataset_path = path
-        context.scene.npbgpp.dataset_format = reply["format"] or ""
-        if reply["views"]:
-            first = reply["views"][0]
-            context.scene.render.resolution_x, context.scene.render.resolution_y = first["size"][1], first["size"][0]
+        context.scene.npbgpp.dataset_format = reply.format or ""
+        if reply.views:
+            h, w = reply.views[0].camera.image_size
+            context.scene.render.resolution_x, context.scene.render.resolution_y = w, h
             context.scene.render.resolution_percentage = 100
             context.scene.camera = collection.objects[0]
-        self.report({"INFO"}, f"imported {len(reply['points'])} points and {len(reply['views'])} cameras")
+        self.report({"INFO"}, f"imported {len(reply.points)} points and {len(reply.views)} cameras")
         return {"FINISHED"}
 
 

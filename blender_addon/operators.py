@@ -28,8 +28,10 @@ class NPBGPP_OT_aggregate(bpy.types.Operator):
     max_points: IntProperty(name="Max Points", default=0, min=0)  # type: ignore[valid-type]
 
     def execute(self, context: Any) -> set[str]:
-        from .engine import snapshot
-        from .worker_client import HUB, WorkerError
+        from npbgpp_core import protocol as P
+
+        from .scene_snapshot import worker_for
+        from .worker_client import WorkerError
 
         s = context.scene.npbgpp
         weights = bpy.path.abspath(s.weights) if s.weights else bundled_weights()
@@ -44,27 +46,25 @@ class NPBGPP_OT_aggregate(bpy.types.Operator):
             return {"CANCELLED"}
         out = bpy.path.abspath(self.filepath) if self.filepath else os.path.join(dataset, "scene.npbgpp")
         wm = context.window_manager
-        snap = snapshot(context.scene)
         try:
-            worker = HUB.get(snap.mode, snap.env_path, snap.extra_paths)
-            count = worker.request({
-                "op": "aggregate_begin", "path": dataset, "format": s.dataset_format or None,
-                "weights": weights, "device": s.device, "max_points": self.max_points, "up_axis": s.up_axis,
-            })["views"]
+            worker = worker_for(context.scene)
+            count = worker.request(P.AggregateBegin(
+                dataset, weights, s.dataset_format or None, s.device, self.max_points, s.up_axis,
+            )).views
             wm.progress_begin(0, max(1, count))
             try:
                 for k in range(count):
-                    worker.request({"op": "aggregate_view", "index": k})
+                    worker.request(P.AggregateView(k))
                     wm.progress_update(k + 1)
-                reply = worker.request({"op": "aggregate_finish", "out": out})
+                reply = worker.request(P.AggregateFinish(out))
             finally:
                 wm.progress_end()
         except (WorkerError, ValueError, OSError) as exc:
             self.report({"ERROR"}, f"Aggregate failed: {exc}")
             return {"CANCELLED"}
         s.bundle = out
-        up = ", ".join(f"{v:g}" for v in reply.get("world_up", ()))
-        self.report({"INFO"}, f"saved {reply['points']} points ({reply['valid']} seen) to {out}; up axis ({up})")
+        up = ", ".join(f"{v:g}" for v in reply.world_up)
+        self.report({"INFO"}, f"saved {reply.points} points ({reply.valid} seen) to {out}; up axis ({up})")
         return {"FINISHED"}
 
 

@@ -1,33 +1,24 @@
 """One frame request, shared by F12 renders and the viewport thread (no bpy here: the
-caller snapshots the scene settings on Blender's main thread)."""
+caller snapshots the scene on Blender's main thread, see ``scene_snapshot``)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+from npbgpp_core import protocol as P
 
 from .camera_bridge import CameraGeometry, object_local_geometry
 from .worker_client import HUB
 
+if TYPE_CHECKING:
+    from .scene_snapshot import SceneSnapshot
 
-@dataclass
-class SceneSnapshot:
-    """What a render needs, read from bpy on the main thread."""
 
-    output: str = "POINTS"
-    bundle_path: str = ""
-    device: str = "AUTO"
-    precision: str = "FP32"
-    mode: str = "PROCESS"
-    env_path: str = ""
-    points: np.ndarray | None = None  # world space
-    colors: np.ndarray | None = None
-    points_key: str = ""
-    object_matrix: np.ndarray | None = None  # the bundle's object transform
-    extra_paths: list[str] = field(default_factory=list)
+def camera_spec(geo: CameraGeometry) -> P.CameraSpec:
+    return P.CameraSpec.from_opencv(geo.K, geo.R, geo.t, geo.image_size)
 
 
 def render_frame(
@@ -42,10 +33,7 @@ def render_frame(
             if neural:
                 raise ValueError("Neural output needs a NeuralScene bundle: set Bundle in Render Properties > NPBG++")
             raise ValueError("Nothing to render: set a Point Object or a Bundle in Render Properties > NPBG++")
-        worker.request(
-            {"op": "load_bundle", "path": snap.bundle_path, "device": snap.device, "precision": snap.precision},
-            should_cancel,
-        )
+        worker.request(P.LoadBundle(snap.bundle_path, snap.device, snap.precision), should_cancel)
         source = "bundle"
         if snap.object_matrix is not None:
             geo, depth_scale = object_local_geometry(geo, snap.object_matrix)
@@ -54,10 +42,8 @@ def render_frame(
             if not worker.alive():
                 worker.start()
             if worker.loaded_key != snap.points_key:
-                worker.request({"op": "set_points", "points": snap.points, "colors": snap.colors}, should_cancel)
+                worker.request(P.SetPoints(snap.points, snap.colors), should_cancel)
                 worker.loaded_key = snap.points_key
         source = "points"
-    reply: dict[str, Any] = worker.request(
-        {"op": "render", "camera": geo.state_dict(), "source": source, "neural": neural}, should_cancel
-    )
-    return reply["frame"], depth_scale
+    reply = worker.request(P.RenderFrame(camera_spec(geo), source, neural), should_cancel)
+    return reply.pixels, depth_scale

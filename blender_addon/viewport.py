@@ -111,7 +111,7 @@ class ViewportSession:
         self.closed = True
 
     def scene_changed(self, context: Any, depsgraph: Any) -> None:
-        from .engine import snapshot
+        from .scene_snapshot import snapshot
 
         try:
             self.snapshot = snapshot(depsgraph.scene, depsgraph)

@@ -1,6 +1,10 @@
 """Blender's side of the renderer: a worker subprocess (default) or the same service
 in-process. Never imports torch itself in process mode, so a CUDA error, an OOM or a
-crash in the network only ends the worker; Blender reports it and restarts it lazily."""
+crash in the network only ends the worker; Blender reports it and restarts it lazily.
+
+Both modes take the requests of ``npbgpp_core.protocol`` and return its replies:
+``worker.request(RenderFrame(...))`` gives a ``Frame``; a ``Failure`` raises
+:class:`WorkerError`."""
 
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+
+from npbgpp_core import protocol as P
 
 WORKER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worker.py")
 
@@ -59,7 +65,7 @@ class ProcessWorker:
         self.proc: subprocess.Popen | None = None
         self.conn: Any = None
         self.lock = threading.RLock()
-        self.info: dict = {}
+        self.info: Any = None
         self.loaded_key: str | None = None  # content key of the points the worker holds
         self.log_path = ""
 
@@ -129,18 +135,20 @@ class ProcessWorker:
                 )
             listener.close()
             self.conn = accepted[0]
-            self.info = self._request({"op": "hello"}, None)
+            self.info = self._request(P.Hello(), None)
             return self.info
 
-    def request(self, msg: dict, should_cancel: Callable[[], bool] | None = None) -> dict:
+    def request(self, req: P.Request, should_cancel: Callable[[], bool] | None = None) -> Any:
+        """Send ``req`` and wait for its reply (of type ``req.reply``); WorkerError on a
+        failure, a dead worker or a lost connection, :class:`Cancelled` when asked."""
         with self.lock:
             if not self.alive():
                 self.start()
-            return self._request(msg, should_cancel)
+            return self._request(req, should_cancel)
 
-    def _request(self, msg: dict, should_cancel: Callable[[], bool] | None) -> dict:
+    def _request(self, req: P.Request, should_cancel: Callable[[], bool] | None) -> Any:
         try:
-            self.conn.send(msg)
+            self.conn.send(req)
             while not self.conn.poll(0.05):
                 if self.proc is None or self.proc.poll() is not None:
                     code = None if self.proc is None else self.proc.returncode
@@ -159,18 +167,16 @@ class ProcessWorker:
             tail = self.log_tail()
             self.stop()
             raise WorkerError(f"lost the NPBG++ worker: {exc}" + (f"\n{tail}" if tail else "")) from exc
-        if not reply.get("ok"):
-            raise WorkerError(reply.get("error", "unknown worker error"))
-        if "shm" in reply:
-            reply["frame"] = _read_shared(reply.pop("shm"), tuple(reply.pop("shape")))
-        return reply
+        if isinstance(reply, P.SharedFrame):
+            reply = P.Frame(_read_shared(reply.shm, tuple(reply.shape)))
+        return _checked(req, reply)
 
     def stop(self) -> None:
         with self.lock:
             if self.conn is not None:
                 try:
                     if self.proc is not None and self.proc.poll() is None:
-                        self.conn.send({"op": "shutdown"})
+                        self.conn.send(P.Shutdown())
                         if self.conn.poll(2.0):
                             self.conn.recv()
                 except Exception:  # noqa: BLE001 - best effort
@@ -195,6 +201,14 @@ class ProcessWorker:
                 self.log_path = ""
 
 
+def _checked(req: P.Request, reply: Any) -> Any:
+    if isinstance(reply, P.Failure):
+        raise WorkerError(reply.error)
+    if not isinstance(reply, req.reply):
+        raise WorkerError(f"the NPBG++ worker answered {type(req).__name__} with {type(reply).__name__}")
+    return reply
+
+
 def _read_shared(name: str, shape: tuple[int, ...]) -> np.ndarray:
     from multiprocessing import resource_tracker, shared_memory
 
@@ -214,30 +228,23 @@ class InProcessWorker:
     """The same service in Blender's own process (needs torch importable here)."""
 
     def __init__(self) -> None:
-        from .worker import RenderService
+        from npbgpp_core.service import RenderService
 
         self.service = RenderService()
         self.lock = threading.RLock()
-        self.info: dict = {}
+        self.info: Any = None
         self.loaded_key: str | None = None
 
     def alive(self) -> bool:
         return True
 
-    def start(self) -> dict:
-        from .worker import torch_info
-
-        self.info = torch_info()
+    def start(self) -> Any:
+        self.info = self.request(P.Hello())
         return self.info
 
-    def request(self, msg: dict, should_cancel: Callable[[], bool] | None = None) -> dict:
-        from .worker import handle
-
+    def request(self, req: P.Request, should_cancel: Callable[[], bool] | None = None) -> Any:
         with self.lock:
-            try:
-                return handle(self.service, msg, None)
-            except Exception as exc:  # noqa: BLE001
-                raise WorkerError(f"{type(exc).__name__}: {exc}") from exc
+            return _checked(req, self.service.handle(req))
 
     def stop(self) -> None:
         pass

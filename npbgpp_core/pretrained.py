@@ -128,19 +128,40 @@ def save_weights(path: str, state: dict[str, torch.Tensor], kind: str, config: d
     return len(data)
 
 
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
+
+
 def read_weights(path: str, kind: str) -> WeightsFile:
     """Parse and validate a weights file of ``kind``; fp32 tensors on the CPU.
 
+    A weights file (safetensors, see the module doc), or a torch checkpoint (``.pt``,
+    ``.pth``, ``.ckpt``: a dict with ``config``/``model_config`` and
+    ``state_dict``/``model``, keys optionally prefixed ``model.``), read with
+    ``weights_only=True`` so that no pickled code runs; its kind is taken as asked.
     FileNotFoundError (with the regeneration command) when missing, :class:`WeightsError`
     naming the file when it is corrupt or of another kind."""
     import torch
-    from safetensors import safe_open
 
     _check_kind(kind)
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"{kind} weights file not found: {path}\n  regenerate it with: {regenerate_hint(kind)}"
         )
+    if path.lower().endswith(CHECKPOINT_SUFFIXES):
+        config, card, state = _read_checkpoint(path)
+    else:
+        config, card, state = _read_safetensors(path, kind)
+    for k, v in state.items():
+        if not isinstance(v, torch.Tensor):
+            raise WeightsError(f"weights file {path}: entry {k} is a {type(v).__name__}, not a tensor")
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise WeightsError(f"weights file {path}: tensor {k} holds NaN or infinite values")
+    return WeightsFile(path, kind, config, card, float_state(state, torch.float32))
+
+
+def _read_safetensors(path: str, kind: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
+    from safetensors import safe_open
+
     try:
         state: dict[str, torch.Tensor] = {}
         with safe_open(path, framework="pt", device="cpu") as f:
@@ -162,10 +183,27 @@ def read_weights(path: str, kind: str) -> WeightsFile:
         card = json.loads(meta.get("card", "{}"))
     except json.JSONDecodeError as exc:
         raise WeightsError(f"weights file {path}: unreadable config/card metadata: {exc}") from exc
-    for k, v in state.items():
-        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
-            raise WeightsError(f"weights file {path}: tensor {k} holds NaN or infinite values")
-    return WeightsFile(path, kind, config, card, float_state(state, torch.float32))
+    return config, card, state
+
+
+def _read_checkpoint(path: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
+    import torch
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - unreadable, truncated, or pickled code refused
+        raise WeightsError(f"weights file {path} is not a readable torch checkpoint "
+                           f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
+    if not isinstance(ckpt, dict):
+        raise WeightsError(f"weights file {path} holds a {type(ckpt).__name__}, not a dict with a state dict")
+    config = ckpt.get("config") or ckpt.get("model_config") or {}
+    state = ckpt.get("state_dict") or ckpt.get("model") or ckpt
+    if not isinstance(config, dict) or not isinstance(state, dict):
+        raise WeightsError(f"weights file {path}: 'config' and 'state_dict' must be dicts")
+    prefix = "model."
+    if state and all(k.startswith(prefix) for k in state):
+        state = {k[len(prefix):]: v for k, v in state.items()}
+    return dict(config), {"source": os.path.basename(path)}, dict(state)
 
 
 def _load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], path: str, what: str) -> None:

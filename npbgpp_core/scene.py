@@ -7,13 +7,13 @@ from __future__ import annotations
 import json
 import os
 import struct
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from .atomic import atomic_write_bytes
 from .camera import Camera
-from .rasterizer import rasterize
+from .rasterizer import keys_to_depth, keys_to_index, rasterize_keys
 
 # Render quality presets: internal resolution factor (the image is upsampled to the
 # camera's size). 'preview' is for interactive viewports: about a quarter of the cost.
@@ -213,7 +213,7 @@ def quality_scale(quality: str | float) -> float:
 class SceneRenderer:
     """Renders a :class:`NeuralScene` on one device: ``render(camera, quality)`` (3, H, W)
     in [0, 1], ``render_raw(camera)`` unclamped, ``render_points(camera)`` nearest-point
-    colours.
+    colours, ``render_point_layers(camera)`` those with coverage and depth.
 
     On the CPU, ``tune_allocator`` (default) applies
     :func:`npbgpp_core.models.allocator.tune_cpu_allocator` once for the process (glibc
@@ -272,12 +272,33 @@ class SceneRenderer:
 
     def render_points(self, camera: Camera) -> torch.Tensor:
         """(3, H, W): colour of the nearest point per pixel, black where empty (no network)."""
-        with torch.inference_mode():
-            index = rasterize(self.points, camera.to(self.device), scales=(1.0,))[0]
-            hit = index >= 0
-            img = torch.zeros(*index.shape, 3, device=self.device)
-            img[hit] = self.colors[index[hit]]
-        return img.permute(2, 0, 1).clone()
+        return self.render_point_layers(camera).rgb
+
+    def render_point_layers(self, camera: Camera) -> PointLayers:
+        """Nearest-point colour, coverage and view depth of all the scene's points (no network)."""
+        return render_point_layers(self.points, self.colors, camera.to(self.device))
+
+
+class PointLayers(NamedTuple):
+    """What the nearest point per pixel gives without a network (all on the points' device)."""
+
+    rgb: torch.Tensor  # (3, H, W) its colour, 0 where no point lands
+    mask: torch.Tensor  # (H, W) bool, True where a point lands
+    depth: torch.Tensor  # (H, W) float32 view depth, +inf where no point lands
+
+
+def render_point_layers(points: torch.Tensor, colors: torch.Tensor, camera: Camera) -> PointLayers:
+    """Nearest-point colour, coverage and depth of ``points`` (N, 3) with ``colors`` (N, 3)
+    seen by ``camera`` (one z-buffer pass, full resolution)."""
+    with torch.inference_mode():
+        keys = rasterize_keys(points, camera, scales=(1.0,))[0]
+        index = keys_to_index(keys)
+        mask = index >= 0
+        img = torch.zeros(*index.shape, 3, device=points.device)
+        if points.shape[0]:
+            img[mask] = colors[index[mask]].to(img.dtype)
+        depth = keys_to_depth(keys)
+    return PointLayers(img.permute(2, 0, 1).clone(), mask.clone(), depth.clone())
 
 
 def _check_state(state: dict[str, torch.Tensor], need: set[str], what: str) -> None:

@@ -30,9 +30,10 @@ from blender_addon.camera_bridge import (  # noqa: E402
     viewport_geometry,
 )
 from blender_addon.viewport import FrameScheduler, scaled_size  # noqa: E402
-from blender_addon.worker import RenderService  # noqa: E402
 from blender_addon.worker_client import ProcessWorker, WorkerError, python_for_worker  # noqa: E402
 from npbgpp_core import Camera  # noqa: E402
+from npbgpp_core import protocol as P  # noqa: E402
+from npbgpp_core.service import RenderService  # noqa: E402
 
 
 # --------------------------------------------------------------------------- camera maths
@@ -209,22 +210,22 @@ def test_process_worker_equals_in_process_and_cleans_up(tmp_path):
     rng = np.random.default_rng(0)
     pts = rng.uniform(-1, 1, (300, 3)).astype(np.float32)
     col = rng.uniform(0, 1, (300, 3)).astype(np.float32)
-    cam = Camera.look_at((0, -4, 1), (0, 0, 0), (0, 0, 1), 50.0, (24, 40)).state_dict()
+    cam = P.CameraSpec.from_camera(Camera.look_at((0, -4, 1), (0, 0, 0), (0, 0, 1), 50.0, (24, 40)))
     local = RenderService()
-    local.set_points(pts, col)
-    want = local.render(cam)
+    local.set_points(P.SetPoints(pts, col))
+    want = local.render(P.RenderFrame(cam)).pixels
     worker = ProcessWorker(sys.executable)
     try:
         info = worker.start()
-        assert "CPU" in info["devices"]
-        worker.request({"op": "set_points", "points": pts, "colors": col})
-        got = worker.request({"op": "render", "camera": cam})["frame"]
+        assert "CPU" in info.devices
+        worker.request(P.SetPoints(pts, col))
+        got = worker.request(P.RenderFrame(cam)).pixels
         np.testing.assert_array_equal(got, want)
         with pytest.raises(WorkerError, match="needs a NeuralScene bundle"):
-            worker.request({"op": "render", "camera": cam, "neural": True})
+            worker.request(P.RenderFrame(cam, neural=True))
         assert worker.alive()  # errors do not end the worker
         with pytest.raises(WorkerError, match="not found"):
-            worker.request({"op": "load_bundle", "path": str(tmp_path / "missing.npbgpp")})
+            worker.request(P.LoadBundle(str(tmp_path / "missing.npbgpp")))
         proc = worker.proc
     finally:
         worker.stop()
@@ -235,8 +236,8 @@ def test_render_service_depth_is_view_depth():
     pts = np.array([[0.0, 0.0, 0.0], [0.3, 0.2, 1.0]], np.float32)
     cam = Camera.look_at((0, -5, 0), (0, 0, 0), (0, 0, 1), 60.0, (32, 32))
     service = RenderService()
-    service.set_points(pts, None)
-    frame = service.render(cam.state_dict())
+    service.set_points(P.SetPoints(pts, None))
+    frame = service.render(P.RenderFrame(P.CameraSpec.from_camera(cam))).pixels
     uv, z = cam.project(torch.from_numpy(pts))
     for (u, v), d in zip(uv.tolist(), z.tolist(), strict=True):
         r, c = int(np.floor(v + 0.5)), int(np.floor(u + 0.5))
@@ -266,7 +267,7 @@ class _Engine:
 
 
 def test_viewport_session_renders_jobs_off_thread_and_drops_stale():
-    from blender_addon.render_job import SceneSnapshot
+    from blender_addon.scene_snapshot import SceneSnapshot
     from blender_addon.viewport import ViewportSession
     from blender_addon.worker_client import HUB
 
@@ -376,3 +377,26 @@ def test_worker_in_env_without_packages_explains(tmp_path):
     with pytest.raises(WorkerError, match="(?s)failed to start.*No module named"):
         worker.start(timeout=60)
     assert worker.proc is None and worker.log_path == ""
+
+
+def test_every_request_is_answered_by_the_service_with_its_reply_type(tmp_path):
+    """Each protocol request names a service method; a wrong input comes back as a
+    Failure naming the problem, and the service keeps answering."""
+    service = RenderService()
+    for req in P.REQUESTS:
+        assert callable(getattr(service, req.op)), req.__name__
+        assert issubclass(req.reply, P.Reply)
+    assert len({r.op for r in P.REQUESTS}) == len(P.REQUESTS)
+    bad = service.handle(P.SetPoints(np.zeros((4, 2), np.float32)))
+    assert isinstance(bad, P.Failure) and "(N, 3)" in bad.error
+    assert isinstance(service.handle({"op": "hello"}), P.Failure)  # untyped messages are refused
+    assert isinstance(service.handle(P.AggregateView(0)), P.Failure)  # nothing to aggregate
+    assert service.handle(P.SetPoints(np.zeros((4, 3), np.float32))) == P.PointCount(4)
+    spec = P.CameraSpec.from_camera(Camera.look_at((0, -4, 1), (0, 0, 0), (0, 0, 1), 50.0, (8, 10)))
+    cam = spec.to_camera(dtype=torch.float64)
+    K, R, t = cam.to_opencv()
+    np.testing.assert_allclose(K, np.array(spec.K), atol=1e-9)
+    np.testing.assert_allclose(R, np.array(spec.R), atol=1e-12)
+    assert isinstance(service.handle(P.RenderFrame(spec, source="bogus")), P.Failure)
+    frame = service.handle(P.RenderFrame(spec))
+    assert isinstance(frame, P.Frame) and frame.pixels.shape == (8, 10, P.FRAME_CHANNELS)

@@ -164,3 +164,34 @@ def test_bundled_npbgpp_world_up_is_plus_z_and_can_be_overridden():
     assert load_pretrained_npbgpp(world_up=(0, 2, 0)).config.world_up == (0.0, 1.0, 0.0)
     with pytest.raises(ValueError, match="world_up must be"):
         load_pretrained_npbgpp(world_up=(0, 0, 0))
+
+
+def test_torch_checkpoints_load_strictly_and_never_unpickle(tmp_path):
+    """The one weights reader also takes a torch checkpoint ({config, state_dict}, keys
+    optionally prefixed 'model.'): same weights as the model saved; pickled code, NaN
+    tensors and missing parameters are refused naming the file."""
+    torch.manual_seed(1)
+    model = NPBGPlusPlus()
+    path = tmp_path / "w.ckpt"
+    torch.save({"config": model.config.to_dict(),
+                "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, path)
+    loaded = load_pretrained_npbgpp(str(path), world_up=(0.0, 0.0, 1.0))
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v.float()), k
+    assert list(loaded.config.world_up) == [0.0, 0.0, 1.0]
+    flag = tmp_path / "executed"
+    trap = tmp_path / "trap.pt"
+    torch.save({"x": _Trap(str(flag))}, trap)
+    with pytest.raises(WeightsError, match="trap.pt"):
+        load_pretrained_npbgpp(str(trap))
+    assert not flag.exists()
+    state = model.state_dict()
+    first = next(k for k, v in state.items() if v.is_floating_point())
+    nan = tmp_path / "nan.pt"
+    torch.save({"config": model.config.to_dict(), "state_dict": {**state, first: state[first] * float("nan")}}, nan)
+    with pytest.raises(WeightsError, match=f"nan.pt: tensor {first} holds NaN"):
+        load_pretrained_npbgpp(str(nan))
+    partial = tmp_path / "partial.pt"
+    torch.save({"config": model.config.to_dict(), "state_dict": {first: state[first]}}, partial)
+    with pytest.raises(WeightsError, match="partial.pt does not fit"):
+        load_pretrained_npbgpp(str(partial))

@@ -1,0 +1,70 @@
+"""What a render needs, read from bpy on Blender's main thread into plain values, so that
+render threads and the worker never touch bpy; and the renderer connection a scene's
+settings ask for."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import bpy
+import numpy as np
+
+
+@dataclass
+class WorkerSettings:
+    """How to reach the renderer: worker mode, Python environment, extra import paths."""
+
+    mode: str = "PROCESS"
+    env_path: str = ""
+    extra_paths: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SceneSnapshot(WorkerSettings):
+    """Scene settings and, when they are drawn, the point object's points."""
+
+    output: str = "POINTS"
+    bundle_path: str = ""
+    device: str = "AUTO"
+    precision: str = "FP32"
+    points: np.ndarray | None = None  # world space
+    colors: np.ndarray | None = None
+    points_key: str = ""
+    object_matrix: np.ndarray | None = None  # the bundle's object transform
+
+
+def worker_settings(scene: bpy.types.Scene) -> WorkerSettings:
+    from . import preferences
+
+    deps = preferences.deps_dir()
+    return WorkerSettings(scene.npbgpp.worker_mode, preferences.env_path(), [deps] if os.path.isdir(deps) else [])
+
+
+def worker_for(scene: bpy.types.Scene) -> Any:
+    """The renderer connection for ``scene``'s settings (started on first request)."""
+    from .worker_client import HUB
+
+    w = worker_settings(scene)
+    return HUB.get(w.mode, w.env_path, w.extra_paths)
+
+
+def snapshot(scene: bpy.types.Scene, depsgraph: bpy.types.Depsgraph | None = None) -> SceneSnapshot:
+    """Read everything a render needs from bpy (main thread only)."""
+    from .point_source import object_points, points_key
+
+    s = scene.npbgpp
+    w = worker_settings(scene)
+    snap = SceneSnapshot(
+        mode=w.mode, env_path=w.env_path, extra_paths=w.extra_paths, output=s.output,
+        bundle_path=bpy.path.abspath(s.bundle) if s.bundle else "", device=s.device, precision=s.precision,
+    )
+    obj = s.point_object
+    if obj is not None:
+        evaluated = obj.evaluated_get(depsgraph) if depsgraph is not None else obj
+        snap.object_matrix = np.array(evaluated.matrix_world, dtype=np.float64)
+        if snap.output != "NEURAL" or not snap.bundle_path:
+            snap.points, snap.colors = object_points(evaluated)
+            snap.points_key = points_key(snap.points, snap.colors)
+    return snap

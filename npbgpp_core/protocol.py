@@ -1,0 +1,251 @@
+"""The renderer protocol: every request the Blender add-on sends to its renderer and
+every reply, as dataclasses shared by both sides.
+
+The renderer is :class:`npbgpp_core.service.RenderService`; it runs in a worker process
+(``blender_addon/worker.py``, which only moves these objects over a pipe) or inside
+Blender. Each request names the service method that answers it (``op``) and the reply
+type it gets. Cameras travel as OpenCV ``K``, ``R``, ``t`` lists (:class:`CameraSpec`),
+points and frames as numpy arrays.
+
+This module imports numpy only (no torch): Blender builds requests without torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from .camera import Camera
+
+# A rendered frame is float32 (H, W, FRAME_CHANNELS), rows top-down: neural sRGB, point
+# colours sRGB + coverage, view depth (+inf where no point lands).
+FRAME_CHANNELS = 8
+NEURAL = slice(0, 3)
+POINTS_RGBA = slice(3, 7)
+DEPTH = 7
+
+SOURCES = ("points", "bundle")
+
+
+# --------------------------------------------------------------------------- values
+@dataclass(frozen=True)
+class CameraSpec:
+    """An OpenCV pinhole camera as plain lists: ``K`` 3x3, world-to-camera ``R`` 3x3 and
+    ``t`` (3,), ``image_size`` (H, W); pixel (row i, column j) has its centre at (j, i)."""
+
+    K: list[list[float]]
+    R: list[list[float]]
+    t: list[float]
+    image_size: tuple[int, int]
+
+    @classmethod
+    def from_opencv(cls, K: Any, R: Any, t: Any, image_size: Sequence[int]) -> CameraSpec:
+        return cls(
+            np.asarray(K, np.float64).reshape(3, 3).tolist(), np.asarray(R, np.float64).reshape(3, 3).tolist(),
+            np.asarray(t, np.float64).reshape(3).tolist(), (int(image_size[0]), int(image_size[1])),
+        )
+
+    @classmethod
+    def from_camera(cls, camera: Camera) -> CameraSpec:
+        K, R, t = camera.to_opencv()
+        return cls.from_opencv(K, R, t, camera.image_size)
+
+    def to_camera(self, **kwargs: Any) -> Camera:
+        """The core :class:`~npbgpp_core.camera.Camera` (imports torch)."""
+        from .camera import Camera
+
+        return Camera.from_opencv(self.K, self.R, self.t, self.image_size, **kwargs)
+
+
+@dataclass
+class DatasetView:
+    """One input view of a dataset: its name, image file and camera."""
+
+    name: str
+    image_path: str
+    camera: CameraSpec
+
+
+# --------------------------------------------------------------------------- replies
+class Reply:
+    """Base of every answer."""
+
+
+@dataclass
+class Done(Reply):
+    """A request that returns nothing."""
+
+
+@dataclass
+class Failure(Reply):
+    """The request raised: ``error`` is '<ExceptionType>: message'; the service goes on."""
+
+    error: str
+    trace: str = ""
+
+
+@dataclass
+class TorchInfo(Reply):
+    torch: str
+    devices: list[str]
+    python: str
+
+
+@dataclass
+class PointCount(Reply):
+    count: int
+
+
+@dataclass
+class BundleInfo(Reply):
+    points: int
+    device: str
+
+
+@dataclass
+class PointSet(Reply):
+    """(N, 3) float32 points and (N, 3) display-sRGB colours or None."""
+
+    points: np.ndarray
+    colors: np.ndarray | None
+
+
+@dataclass
+class DatasetSummary(Reply):
+    name: str
+    format: str
+    points: np.ndarray
+    colors: np.ndarray | None
+    views: list[DatasetView]
+
+
+@dataclass
+class AggregationStarted(Reply):
+    views: int
+    world_up: list[float]
+
+
+@dataclass
+class AggregationResult(Reply):
+    path: str
+    points: int
+    valid: int  # points seen by at least one view
+    world_up: list[float]
+
+
+@dataclass
+class Frame(Reply):
+    """float32 (H, W, FRAME_CHANNELS), see the module doc."""
+
+    pixels: np.ndarray
+
+
+@dataclass
+class SharedFrame(Reply):
+    """A :class:`Frame` left in a shared-memory block (the worker's transport)."""
+
+    shm: str
+    shape: tuple[int, ...]
+
+
+# --------------------------------------------------------------------------- requests
+class Request:
+    """Base of every request: ``op`` is the :class:`RenderService` method answering it."""
+
+    op: ClassVar[str]
+    reply: ClassVar[type[Reply]]
+
+
+@dataclass
+class Hello(Request):
+    op: ClassVar[str] = "hello"
+    reply: ClassVar[type[Reply]] = TorchInfo
+
+
+@dataclass
+class SetPoints(Request):
+    """Loose points to render (source 'points'): world (N, 3), display-sRGB colours or None."""
+
+    points: np.ndarray
+    colors: np.ndarray | None = None
+    op: ClassVar[str] = "set_points"
+    reply: ClassVar[type[Reply]] = PointCount
+
+
+@dataclass
+class LoadBundle(Request):
+    """Load a NeuralScene file (kept while path, size, mtime, device and precision match)."""
+
+    path: str
+    device: str = "AUTO"
+    precision: str = "FP32"
+    op: ClassVar[str] = "load_bundle"
+    reply: ClassVar[type[Reply]] = BundleInfo
+
+
+@dataclass
+class GetBundlePoints(Request):
+    op: ClassVar[str] = "bundle_points"
+    reply: ClassVar[type[Reply]] = PointSet
+
+
+@dataclass
+class ReadDataset(Request):
+    path: str
+    format: str | None = None
+    max_points: int = 0  # 0: all
+    op: ClassVar[str] = "read_dataset"
+    reply: ClassVar[type[Reply]] = DatasetSummary
+
+
+@dataclass
+class AggregateBegin(Request):
+    """Start aggregating NPBG++ descriptors of a dataset's points with ``weights``."""
+
+    dataset: str
+    weights: str
+    format: str | None = None
+    device: str = "AUTO"
+    max_points: int = 0
+    up_axis: str = "AUTO"
+    op: ClassVar[str] = "aggregate_begin"
+    reply: ClassVar[type[Reply]] = AggregationStarted
+
+
+@dataclass
+class AggregateView(Request):
+    index: int  # 0 .. AggregationStarted.views - 1
+    op: ClassVar[str] = "aggregate_view"
+    reply: ClassVar[type[Reply]] = Done
+
+
+@dataclass
+class AggregateFinish(Request):
+    out: str  # the bundle file to write
+    op: ClassVar[str] = "aggregate_finish"
+    reply: ClassVar[type[Reply]] = AggregationResult
+
+
+@dataclass
+class RenderFrame(Request):
+    camera: CameraSpec
+    source: str = "points"  # one of SOURCES
+    neural: bool = False
+    op: ClassVar[str] = "render"
+    reply: ClassVar[type[Reply]] = Frame
+
+
+@dataclass
+class Shutdown(Request):
+    op: ClassVar[str] = "shutdown"
+    reply: ClassVar[type[Reply]] = Done
+
+
+REQUESTS: tuple[type[Request], ...] = (
+    Hello, SetPoints, LoadBundle, GetBundlePoints, ReadDataset, AggregateBegin, AggregateView, AggregateFinish,
+    RenderFrame, Shutdown,
+)

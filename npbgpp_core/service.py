@@ -1,0 +1,246 @@
+"""The renderer behind the Blender add-on: answers the requests of
+:mod:`npbgpp_core.protocol` (points or a NeuralScene bundle -> frames; a dataset's
+points and cameras; NPBG++ aggregation of a dataset into a bundle).
+
+Transport-free: ``blender_addon/worker.py`` feeds it requests from a pipe, the add-on's
+in-process mode calls :meth:`RenderService.handle` directly. Torch is imported when the
+service is used, not when this module is imported.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import protocol as P
+
+if TYPE_CHECKING:
+    import torch
+
+DEFAULT_POINT_COLOR = 0.8  # grey for loose points without colours
+PRECISIONS = ("FP32", "FP16", "BF16")
+
+
+def pick_device(name: str) -> str:
+    """'AUTO' -> cuda, mps or cpu, whichever this torch has; otherwise check the request."""
+    import torch
+
+    name = name.upper()
+    has_mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    if name == "AUTO":
+        return "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
+    if name == "CUDA" and not torch.cuda.is_available():
+        raise RuntimeError("device CUDA requested but this PyTorch has no usable CUDA GPU")
+    if name == "MPS" and not has_mps:
+        raise RuntimeError("device MPS requested but Metal (MPS) is not available")
+    if name not in ("CUDA", "MPS", "CPU"):
+        raise ValueError(f"unknown device {name!r}")
+    return name.lower()
+
+
+def precision_dtype(name: str) -> torch.dtype | None:
+    """'FP32' -> None (the model's own), 'FP16' / 'BF16' -> the torch dtype."""
+    import torch
+
+    if name not in PRECISIONS:
+        raise ValueError(f"unknown precision {name!r}; expected one of {PRECISIONS}")
+    return {"FP16": torch.float16, "BF16": torch.bfloat16}.get(name)
+
+
+def torch_info() -> P.TorchInfo:
+    import torch
+
+    devices = ["CPU"]
+    if torch.cuda.is_available():
+        devices.insert(0, "CUDA")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        devices.insert(0, "MPS")
+    return P.TorchInfo(torch.__version__, devices, sys.executable)
+
+
+class DatasetAggregation:
+    """NPBG++ descriptors of a dataset's points, streamed view by view into a bundle."""
+
+    def __init__(self, req: P.AggregateBegin) -> None:
+        import torch
+
+        from .datasets import load_scene
+        from .models.alignment import resolve_world_up
+        from .pretrained import load_pretrained_npbgpp
+
+        self.device = pick_device(req.device)
+        self.data = load_scene(req.dataset, format=req.format)
+        self.views = list(self.data.train) or list(range(len(self.data.views)))
+        # The scene's up axis for in-plane alignment: the bundle stores it in its config,
+        # so rendering later rolls target views by the same rule as these input views.
+        world_up = resolve_world_up(req.up_axis, [self.data.views[i].camera for i in self.views])
+        self.model = load_pretrained_npbgpp(req.weights, self.device, world_up=world_up)
+        if req.max_points:
+            self.data = self.data.subsample_points(req.max_points)
+        points = torch.as_tensor(np.asarray(self.data.points, np.float32), device=self.device)
+        with torch.no_grad():
+            self.state = self.model.begin_scene(points)
+
+    def add(self, k: int) -> None:
+        import torch
+
+        if not 0 <= k < len(self.views):
+            raise IndexError(f"view {k} of {len(self.views)}")
+        i = self.views[k]
+        image = self.data.load_image(i).to(self.device)
+        with torch.no_grad():
+            self.state.add_views(image[None], [self.data.views[i].camera.to(self.device)])
+
+    def finish(self, out: str) -> P.AggregationResult:
+        import torch
+
+        from .scene import NeuralScene
+
+        with torch.no_grad():
+            agg = self.state.finish()
+        colors = None if self.data.colors is None else torch.from_numpy(np.asarray(self.data.colors, np.float32))
+        scene = NeuralScene.from_aggregated(
+            self.model, agg, colors, name=self.data.name,
+            metadata={"dataset": str(self.data.root), "views": len(self.views)},
+        )
+        scene.save(out)
+        return P.AggregationResult(out, int(agg.points.shape[0]), int(agg.valid.sum()),
+                                   list(self.model.config.world_up))
+
+
+class RenderService:
+    """Holds the scene (loose points, or a NeuralScene bundle) and answers requests."""
+
+    def __init__(self) -> None:
+        self.points: torch.Tensor | None = None  # (N, 3) float32 world
+        self.colors: torch.Tensor | None = None  # (N, 3) sRGB
+        self.bundle: Any = None
+        self.bundle_key: tuple | None = None
+        self.renderer: Any = None
+        self.device = "cpu"
+        self.aggregation: DatasetAggregation | None = None
+
+    def handle(self, req: P.Request) -> P.Reply:
+        """Answer one request; a failure becomes a :class:`~npbgpp_core.protocol.Failure`."""
+        try:
+            if not isinstance(req, P.Request):
+                raise TypeError(f"not a renderer request: {type(req).__name__}")
+            reply = getattr(self, req.op)(req)
+            if not isinstance(reply, req.reply):  # a bug here, not in the caller's input
+                raise TypeError(f"{type(req).__name__} answered with {type(reply).__name__}")
+            return reply
+        except Exception as exc:  # noqa: BLE001 - every failure goes back to Blender, the service goes on
+            return P.Failure(f"{type(exc).__name__}: {exc}", traceback.format_exc())
+
+    # ------------------------------------------------------------------ requests
+    def hello(self, req: P.Hello) -> P.TorchInfo:
+        return torch_info()
+
+    def shutdown(self, req: P.Shutdown) -> P.Done:
+        return P.Done()
+
+    def set_points(self, req: P.SetPoints) -> P.PointCount:
+        import torch
+
+        pts = np.ascontiguousarray(req.points, dtype=np.float32)
+        if pts.ndim != 2 or pts.shape[1] != 3:
+            raise ValueError(f"points must be (N, 3), got {pts.shape}")
+        if req.colors is None:
+            col = np.full(pts.shape, DEFAULT_POINT_COLOR, np.float32)
+        else:
+            col = np.ascontiguousarray(req.colors, dtype=np.float32)
+            if col.shape != pts.shape:
+                raise ValueError(f"colors must be {pts.shape}, got {col.shape}")
+        self.points, self.colors = torch.from_numpy(pts.copy()), torch.from_numpy(col.copy())
+        return P.PointCount(len(pts))
+
+    def load_bundle(self, req: P.LoadBundle) -> P.BundleInfo:
+        path = req.path
+        if not path:
+            raise ValueError("no NeuralScene bundle set (Render Properties > NPBG++ > Bundle)")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"NeuralScene bundle not found: {path}")
+        st = os.stat(path)
+        key = (os.path.abspath(path), st.st_size, st.st_mtime_ns, req.device, req.precision)
+        if key != self.bundle_key:
+            self.bundle = self.renderer = self.bundle_key = None
+            device = pick_device(req.device)
+            dtype = precision_dtype(req.precision)
+            try:
+                from .scene import NeuralScene
+
+                bundle = NeuralScene.load(path)
+            except Exception as exc:  # noqa: BLE001 - any parse failure is a bad file
+                raise ValueError(f"cannot read NeuralScene bundle {path}: {type(exc).__name__}: {exc}") from exc
+            self.renderer = bundle.renderer(device, dtype=dtype)
+            self.bundle, self.device, self.bundle_key = bundle, device, key
+        return P.BundleInfo(len(self.bundle), self.device)
+
+    def bundle_points(self, req: P.GetBundlePoints) -> P.PointSet:
+        if self.bundle is None:
+            raise RuntimeError("no bundle loaded")
+        pts = self.bundle.points.detach().float().cpu().numpy()
+        col = self.bundle.colors
+        return P.PointSet(pts, None if col is None else col.detach().float().cpu().numpy())
+
+    def read_dataset(self, req: P.ReadDataset) -> P.DatasetSummary:
+        from .datasets import load_scene
+
+        data = load_scene(req.path, format=req.format)
+        if req.max_points:
+            data = data.subsample_points(req.max_points)
+        views = [P.DatasetView(v.name, str(v.image_path), P.CameraSpec.from_camera(v.camera)) for v in data.views]
+        colors = None if data.colors is None else np.asarray(data.colors, np.float32)
+        return P.DatasetSummary(data.name, data.format, np.asarray(data.points, np.float32), colors, views)
+
+    def aggregate_begin(self, req: P.AggregateBegin) -> P.AggregationStarted:
+        self.aggregation = None
+        self.aggregation = DatasetAggregation(req)
+        return P.AggregationStarted(len(self.aggregation.views), list(self.aggregation.model.config.world_up))
+
+    def aggregate_view(self, req: P.AggregateView) -> P.Done:
+        self._aggregation().add(int(req.index))
+        return P.Done()
+
+    def aggregate_finish(self, req: P.AggregateFinish) -> P.AggregationResult:
+        agg, self.aggregation = self._aggregation(), None
+        return agg.finish(req.out)
+
+    def _aggregation(self) -> DatasetAggregation:
+        if self.aggregation is None:
+            raise RuntimeError("no aggregation running (AggregateBegin first)")
+        return self.aggregation
+
+    def render(self, req: P.RenderFrame) -> P.Frame:
+        """(H, W, FRAME_CHANNELS) float32 frame, rows top-down (see the protocol)."""
+        import torch
+
+        from .scene import render_point_layers
+
+        camera = req.camera.to_camera()
+        h, w = camera.image_size
+        if req.source == "bundle":
+            if self.renderer is None:
+                raise RuntimeError("no NeuralScene bundle loaded")
+            layers = self.renderer.render_point_layers(camera)
+        elif req.source == "points":
+            if self.points is None:
+                raise RuntimeError("no points set")
+            layers = render_point_layers(self.points, self.colors, camera)
+        else:
+            raise ValueError(f"unknown source {req.source!r}; expected one of {P.SOURCES}")
+        frame = np.zeros((h, w, P.FRAME_CHANNELS), dtype=np.float32)
+        frame[..., P.POINTS_RGBA.start : P.POINTS_RGBA.start + 3] = layers.rgb.permute(1, 2, 0).float().cpu().numpy()
+        frame[..., P.POINTS_RGBA.stop - 1] = layers.mask.float().cpu().numpy()
+        frame[..., P.DEPTH] = layers.depth.float().cpu().numpy()
+        if req.neural:
+            if self.renderer is None:
+                raise RuntimeError("neural output needs a NeuralScene bundle (set one in Render Properties > NPBG++)")
+            with torch.inference_mode():
+                img = self.renderer.render(camera.to(self.device))
+            frame[..., P.NEURAL] = img.detach().float().clamp(0, 1)[:3].permute(1, 2, 0).cpu().numpy()
+        return P.Frame(frame)
