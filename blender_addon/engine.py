@@ -106,31 +106,56 @@ class NPBGPPRenderEngine(bpy.types.RenderEngine):
         self.viewport.draw(context, depsgraph)
 
 
+# Blender's engine template: every panel tagged BLENDER_RENDER shows for this engine,
+# except these, which draw settings NPBG++ ignores.
+EXCLUDED_PANELS = frozenset({
+    "RENDER_PT_freestyle",  # Freestyle lines are not drawn on neural renders
+    "VIEWLAYER_PT_freestyle", "VIEWLAYER_PT_freestyle_animation", "VIEWLAYER_PT_freestyle_edge_detection",
+    "VIEWLAYER_PT_freestyle_lineset", "VIEWLAYER_PT_freestyle_lineset_collection",
+    "VIEWLAYER_PT_freestyle_lineset_edgetype", "VIEWLAYER_PT_freestyle_lineset_facemarks",
+    "VIEWLAYER_PT_freestyle_lineset_visibilty", "VIEWLAYER_PT_freestyle_linestyle_alpha",
+    "VIEWLAYER_PT_freestyle_linestyle_color", "VIEWLAYER_PT_freestyle_linestyle_geometry",
+    "VIEWLAYER_PT_freestyle_linestyle_strokes", "VIEWLAYER_PT_freestyle_linestyle_strokes_chaining",
+    "VIEWLAYER_PT_freestyle_linestyle_strokes_dashedline", "VIEWLAYER_PT_freestyle_linestyle_strokes_selection",
+    "VIEWLAYER_PT_freestyle_linestyle_strokes_sorting", "VIEWLAYER_PT_freestyle_linestyle_strokes_splitting",
+    "VIEWLAYER_PT_freestyle_linestyle_strokes_splitting_pattern", "VIEWLAYER_PT_freestyle_linestyle_texture",
+    "VIEWLAYER_PT_freestyle_linestyle_thickness", "VIEWLAYER_PT_freestyle_style_modules",
+    "MATERIAL_PT_freestyle_line",
+})
+# Panels other engines own that NPBG++ needs: View Layer > Passes (its Data child is
+# ours, ui.VIEWLAYER_PT_npbgpp_passes) and Film > Transparent (Workbench's Film panel
+# draws only that).
+EXTRA_PANELS = ("VIEWLAYER_PT_layer_passes", "RENDER_PT_opengl_film")
+
+
 def get_panels() -> list[type]:
-    """Blender's own panels that make sense for this engine (camera, output, dimensions)."""
-    keep = {"RENDER_PT_format", "RENDER_PT_frame_range", "RENDER_PT_output", "RENDER_PT_color_management",
-            "DATA_PT_lens", "DATA_PT_camera", "DATA_PT_camera_display", "VIEWLAYER_PT_layer_passes",
-            "RENDER_PT_format_presets", "RENDER_PT_stamp", "RENDER_PT_encoding", "DATA_PT_context_camera"}
+    """Blender's own panels shown for this engine: all BLENDER_RENDER ones but
+    :data:`EXCLUDED_PANELS`, plus :data:`EXTRA_PANELS`."""
     panels = []
     for panel in bpy.types.Panel.__subclasses__():
         engines = getattr(panel, "COMPAT_ENGINES", None)
-        if engines is not None and "BLENDER_RENDER" in engines and panel.__name__ in keep:
+        if engines is None or panel.__name__ in EXCLUDED_PANELS:
+            continue
+        if "BLENDER_RENDER" in engines or panel.__name__ in EXTRA_PANELS:
             panels.append(panel)
     return panels
 
 
 CLASSES = (NPBGPPRenderEngine,)
+_tagged_panels: list[type] = []  # the Blender panels register() tagged, untagged by unregister()
 
 
 def register() -> None:
     for cls in CLASSES:
         bpy.utils.register_class(cls)
     for panel in get_panels():
-        panel.COMPAT_ENGINES.add("NPBGPP")
+        if NPBGPPRenderEngine.bl_idname not in panel.COMPAT_ENGINES:
+            panel.COMPAT_ENGINES.add(NPBGPPRenderEngine.bl_idname)
+            _tagged_panels.append(panel)
 
 
 def unregister() -> None:
-    for panel in get_panels():
-        panel.COMPAT_ENGINES.discard("NPBGPP")
+    while _tagged_panels:
+        _tagged_panels.pop().COMPAT_ENGINES.discard(NPBGPPRenderEngine.bl_idname)
     for cls in reversed(CLASSES):
         bpy.utils.unregister_class(cls)

@@ -68,7 +68,30 @@ class RENDER_PT_npbgpp_performance(_NPBGPPPanel, bpy.types.Panel):
         layout.operator("npbgpp.stop_worker", icon="CANCEL")
 
 
-CLASSES = (RENDER_PT_npbgpp, RENDER_PT_npbgpp_data, RENDER_PT_npbgpp_performance)
+class VIEWLAYER_PT_npbgpp_passes(bpy.types.Panel):
+    """View Layer > Passes > Data for NPBG++ (its parent is Blender's Passes panel)."""
+
+    bl_label = "Data"
+    bl_space_type = "PROPERTIES"
+    bl_region_type = "WINDOW"
+    bl_context = "view_layer"
+    bl_parent_id = "VIEWLAYER_PT_layer_passes"
+    COMPAT_ENGINES = {"NPBGPP"}
+
+    @classmethod
+    def poll(cls, context: Any) -> bool:
+        return context.engine in cls.COMPAT_ENGINES
+
+    def draw(self, context: Any) -> None:
+        layout = self.layout
+        layout.use_property_split = True
+        layout.use_property_decorate = False
+        col = layout.column()
+        col.prop(context.view_layer, "use_pass_z")
+        col.label(text="The NPBG Points pass is always written", icon="INFO")
+
+
+CLASSES = (RENDER_PT_npbgpp, RENDER_PT_npbgpp_data, RENDER_PT_npbgpp_performance, VIEWLAYER_PT_npbgpp_passes)
 
 
 register, unregister = bpy.utils.register_classes_factory(CLASSES)

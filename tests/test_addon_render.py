@@ -5,6 +5,7 @@ errors, register/unregister residue, worker modes."""
 from __future__ import annotations
 
 import os
+import re
 import struct
 import sys
 
@@ -721,3 +722,88 @@ def test_import_splat_ply_gives_centres_and_dc_colours(scene):
     assert (ref.colors == 0).any() and (ref.colors == 1).any()  # the clamp was exercised
     with pytest.raises(RuntimeError, match="no splat has opacity"):
         bpy.ops.import_scene.npbgpp_ply(filepath=path, min_opacity=1.0)
+
+
+# --------------------------------------------------------------------------- Blender's UI
+class _Layout:
+    """Records what a panel's draw() offers (prop names), standing in for UILayout."""
+
+    def __init__(self) -> None:
+        self.props: list[str] = []
+        self.use_property_split = self.use_property_decorate = False
+
+    def prop(self, data, name, **kwargs) -> None:
+        self.props.append(name)
+
+    def column(self, **kwargs) -> _Layout:
+        return self
+
+    def label(self, **kwargs) -> None:
+        pass
+
+
+def test_stock_panels_follow_blenders_engine_template(addon):
+    """Every panel Blender tags BLENDER_RENDER shows for NPBG++ except a named exclusion
+    list; View Layer > Passes offers the Depth pass; Film > Transparent, video encoding,
+    colour management and post processing show; EEVEE's own panels stay hidden."""
+    engine = sys.modules[f"{MODULE}.engine"]
+    bpy.ops.wm.read_homefile(use_empty=True)
+    sc = bpy.context.scene
+    sc.render.engine = "NPBGPP"
+    panels = {p.__name__: p for p in bpy.types.Panel.__subclasses__()}
+    assert engine.EXCLUDED_PANELS <= set(panels)  # every exclusion names a real panel
+    tagged = [n for n, p in panels.items() if "BLENDER_RENDER" in getattr(p, "COMPAT_ENGINES", ())]
+    assert len(tagged) > 200
+    for name in tagged:
+        assert ("NPBGPP" in panels[name].COMPAT_ENGINES) == (name not in engine.EXCLUDED_PANELS), name
+    for name in ("VIEWLAYER_PT_layer_passes", "VIEWLAYER_PT_npbgpp_passes", "RENDER_PT_opengl_film",
+                 "RENDER_PT_color_management", "RENDER_PT_post_processing", "RENDER_PT_output",
+                 "RENDER_PT_format", "RENDER_PT_frame_range", "RENDER_PT_stamp"):
+        assert panels[name].poll(bpy.context), name
+    for name in ("VIEWLAYER_PT_eevee_layer_passes_data", "VIEWLAYER_PT_workbench_layer_passes_data",
+                 "RENDER_PT_freestyle", "RENDER_PT_eevee_film"):
+        assert not panels[name].poll(bpy.context), name
+    sc.render.image_settings.media_type = "VIDEO"
+    sc.render.image_settings.file_format = "FFMPEG"
+    assert panels["RENDER_PT_encoding"].poll(bpy.context) and panels["RENDER_PT_encoding_video"].poll(bpy.context)
+    layout = _Layout()
+    panels["VIEWLAYER_PT_npbgpp_passes"].draw(type("P", (), {"layout": layout})(), bpy.context)
+    assert "use_pass_z" in layout.props
+    layout = _Layout()
+    panels["RENDER_PT_opengl_film"].draw(type("P", (), {"layout": layout})(), bpy.context)
+    assert layout.props == ["film_transparent"]
+
+
+def test_built_zip_passes_blenders_extension_validator(tmp_path):
+    """The zip passes the validator behind ``blender -c extension validate`` (shipped in the
+    bpy module); the same zip with a 66-character permission text is refused by it."""
+    import importlib.util
+    import zipfile
+
+    sys.path.insert(0, ROOT)
+    import build_addon
+
+    scripts = bpy.utils.system_resource("SCRIPTS")
+    spec = importlib.util.spec_from_file_location(
+        "_npbgpp_blender_ext", os.path.join(scripts, "addons_core", "bl_pkg", "cli", "blender_ext.py"))
+    blender_ext = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(blender_ext)
+    tags = os.path.join(scripts, "modules", "_bpy_internal", "extensions", "tags.py")
+
+    def validate(path: str) -> tuple[bool, list]:
+        messages: list = []
+        log = blender_ext.MessageLogger(lambda kind, data: messages.append((kind, data)) or False)
+        ok = blender_ext.subcmd_author.validate(log, source_path=path, valid_tags_filepath=tags)
+        return ok, [m for m in messages if m[0] in ("ERROR", "FATAL_ERROR", "WARN")]
+
+    zip_path = build_addon.build(str(tmp_path / "dist"))
+    assert validate(zip_path) == (True, [])
+    bad = tmp_path / "bad.zip"
+    with zipfile.ZipFile(zip_path) as src, zipfile.ZipFile(bad, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename.endswith("blender_manifest.toml"):
+                data = re.sub(rb'(?m)^files = "[^"]*"', b'files = "' + b"x" * 66 + b'"', data)
+            dst.writestr(item, data)
+    ok, errors = validate(str(bad))
+    assert not ok and any("64 characters" in str(e[1]) for e in errors)
