@@ -1,5 +1,8 @@
 """Blender camera -> NPBG++ camera (OpenCV K, R, t and the core ``Camera`` state dict).
 
+The one place Blender camera intrinsics are computed (the dataset generator uses
+:func:`opencv_intrinsics` too).
+
 The maths is split from bpy: :func:`opencv_intrinsics` and :func:`opencv_extrinsics` take
 plain numbers, so they are tested against ``world_to_camera_view`` and need no torch.
 Blender's viewplane (``BKE_camera_params_compute_viewplane``): with sensor fit
@@ -18,7 +21,6 @@ import numpy as np
 
 # Blender camera axes (x right, y up, looking down -z) -> OpenCV (x right, y down, z forward).
 BLENDER_TO_OPENCV = np.diag([1.0, -1.0, -1.0])
-_P3D_FLIP = np.array([-1.0, -1.0, 1.0])
 
 
 @dataclass(frozen=True)
@@ -31,19 +33,14 @@ class CameraGeometry:
     image_size: tuple[int, int]
 
     def state_dict(self) -> dict:
-        """Same dict as ``npbgpp_core.Camera.from_opencv(...).state_dict()`` (computed
-        without torch so that Blender needs no torch when the network runs elsewhere)."""
-        h, w = self.image_size
-        s = (min(h, w) - 1) / 2.0
-        fx, fy, cx, cy = self.K[0, 0], self.K[1, 1], self.K[0, 2], self.K[1, 2]
-        R_p3d = (np.diag(_P3D_FLIP) @ self.R).T
-        T_p3d = _P3D_FLIP * self.t
+        """Same dict as ``npbgpp_core.Camera.from_opencv(...).state_dict()`` (K, R, t as
+        lists; made without torch so that Blender needs no torch when the network runs
+        elsewhere)."""
         return {
-            "R": R_p3d.tolist(),
-            "T": T_p3d.tolist(),
-            "focal_ndc": [fx / s, fy / s],
-            "principal_ndc": [((w - 1) / 2.0 - cx) / s, ((h - 1) / 2.0 - cy) / s],
-            "image_size": [h, w],
+            "K": np.asarray(self.K, np.float64).tolist(),
+            "R": np.asarray(self.R, np.float64).tolist(),
+            "t": np.asarray(self.t, np.float64).reshape(3).tolist(),
+            "image_size": [int(self.image_size[0]), int(self.image_size[1])],
         }
 
     def project(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -182,7 +182,7 @@ class CudaRasterizer:
             device = torch.device("cuda", torch.cuda.current_device())
         device = torch.device(device)
         rotation = params.R.to(device=device, dtype=torch.float32).contiguous()
-        translation = params.T.to(device=device, dtype=torch.float32).contiguous()
+        translation = params.t.to(device=device, dtype=torch.float32).contiguous()
         keys: list[torch.Tensor | None] = [None] * len(params.sizes)
         plan = pyramid_plan(params.sizes)
         for i, source in plan:

@@ -3,7 +3,7 @@ and ``headless_train``. Never imports ``bpy``.
 
 Public API (others rely on these names)::
 
-    Camera                 PyTorch3D-convention pinhole camera, exact OpenCV conversions
+    Camera                 pinhole camera: OpenCV K, R, t; PyTorch3D conversions at the edges
     rasterize              nearest-point index per pixel at several scales (-1 = empty)
     rasterize_features     (C+1, h, w) feature + mask images per scale, differentiable
     DEFAULT_SCALES         (1, 1/2, 1/4, 1/8, 1/16)

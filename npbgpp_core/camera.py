@@ -1,17 +1,17 @@
-"""Pinhole cameras in the PyTorch3D convention, with exact OpenCV conversions.
+"""Pinhole cameras in the OpenCV convention; PyTorch3D's convention only at the edges.
 
-Inside, a :class:`Camera` holds what PyTorch3D's ``PerspectiveCameras(in_ndc=True)``
-holds: a row-vector world-to-view rotation ``R`` and translation ``T``
-(``x_view = x_world @ R + T``; view space +X left, +Y up, +Z forward) and NDC
-intrinsics where the shorter image side spans [-1, 1].
+A :class:`Camera` holds OpenCV ``K`` (3, 3), world-to-camera ``R`` (3, 3) and ``t`` (3,):
+``x_cam = R @ x_world + t`` with camera axes x right, y down, z forward, and
+``u = fx * x / z + cx``, ``v = fy * y / z + cy``, the centre of pixel (row i, column j)
+at ``(u, v) = (j, i)``. :meth:`Camera.project`, the rasterizer and the CUDA kernel all
+use this frame.
 
-Pixel frame used by :meth:`Camera.project` and the rasterizer is OpenCV's:
-``u = fx * x / z + cx``, ``v = fy * y / z + cy`` with camera axes x right, y down,
-z forward, and the centre of pixel (row i, column j) at ``(u, v) = (j, i)``.
-
-NDC <-> pixels follows the published rasterizer (SPEC section 1): with
+The published system stores PyTorch3D cameras (``PerspectiveCameras(in_ndc=True)``: a
+row-vector ``R``, ``T`` with ``x_view = x_world @ R + T``, view axes +X left, +Y up, +Z
+forward, and NDC intrinsics where the shorter image side spans [-1, 1]);
+:meth:`Camera.from_pytorch3d` / :meth:`Camera.to_pytorch3d` convert, with
 ``s = (min(H, W) - 1) / 2``, ``u = (W - 1) / 2 - s * ndc_x`` and
-``v = (H - 1) / 2 - s * ndc_y``.
+``v = (H - 1) / 2 - s * ndc_y`` (the published rasterizer's pixel mapping).
 """
 
 from __future__ import annotations
@@ -46,6 +46,10 @@ def _check_size(image_size: Sequence[int]) -> tuple[int, int]:
     return h, w
 
 
+def _ndc_scale(h: int, w: int) -> float:
+    return (min(h, w) - 1) / 2.0
+
+
 @dataclass(frozen=True)
 class OpenCVIntrinsics:
     """fx, fy, cx, cy in pixels of an image of ``width`` x ``height``."""
@@ -59,49 +63,51 @@ class OpenCVIntrinsics:
 
 
 class Camera:
-    """One perspective camera (PyTorch3D convention, NDC intrinsics).
+    """One perspective camera: OpenCV ``K`` (3, 3), world-to-camera ``R`` (3, 3), ``t`` (3,)
+    as float tensors of ``dtype`` on ``device``; ``image_size`` is ``(H, W)`` in pixels.
+    ``K`` has no skew and positive focal lengths."""
 
-    Parameters are float tensors: ``R`` (3, 3), ``T`` (3,), ``focal_ndc`` (2,),
-    ``principal_ndc`` (2,); ``image_size`` is ``(H, W)`` in pixels.
-    """
-
-    __slots__ = ("R", "T", "focal_ndc", "principal_ndc", "image_size")
+    __slots__ = ("K", "R", "t", "image_size")
 
     def __init__(
         self,
+        K: ArrayLike,
         R: ArrayLike,
-        T: ArrayLike,
-        focal_ndc: ArrayLike,
-        principal_ndc: ArrayLike = (0.0, 0.0),
-        image_size: Sequence[int] = (256, 256),
+        t: ArrayLike,
+        image_size: Sequence[int],
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
+        K = _as64(K)
         R = _as64(R)
-        T = _as64(T).reshape(-1)
-        f = _as64(focal_ndc).reshape(-1)
-        p = _as64(principal_ndc).reshape(-1)
-        if R.shape != (3, 3) or T.shape != (3,):
-            raise ValueError(f"R must be 3x3 and T a 3-vector, got {tuple(R.shape)} and {tuple(T.shape)}")
-        if f.numel() == 1:
-            f = f.repeat(2)
-        if f.shape != (2,) or p.shape != (2,):
-            raise ValueError("focal_ndc and principal_ndc must be 2-vectors")
-        for name, value in (("R", R), ("T", T), ("focal_ndc", f), ("principal_ndc", p)):
+        t = _as64(t).reshape(-1)
+        if K.shape != (3, 3):
+            raise ValueError(f"K must be 3x3, got {tuple(K.shape)}")
+        if R.shape != (3, 3) or t.shape != (3,):
+            raise ValueError(f"R must be 3x3 and t a 3-vector, got {tuple(R.shape)} and {tuple(t.shape)}")
+        for name, value in (("K", K), ("R", R), ("t", t)):
             if not torch.isfinite(value).all():
                 raise ValueError(f"camera {name} has non-finite values: {value.tolist()}")
-        if (f <= 0).any():
-            raise ValueError(f"focal length must be positive, got focal_ndc={f.tolist()}")
+        if abs(float(K[0, 1])) > 1e-9 * max(1.0, abs(float(K[0, 0]))):
+            raise ValueError(f"skewed intrinsics (K[0,1]={float(K[0, 1])}) are not supported")
+        fx, fy = float(K[0, 0]), float(K[1, 1])
+        if fx <= 0 or fy <= 0:
+            raise ValueError(f"focal length must be positive, got fx={fx}, fy={fy}")
+        K = torch.tensor([[fx, 0.0, float(K[0, 2])], [0.0, fy, float(K[1, 2])], [0.0, 0.0, 1.0]],
+                         dtype=torch.float64)
         self.image_size: tuple[int, int] = _check_size(image_size)
+        self.K = K.to(dtype=dtype, device=device)
         self.R = R.to(dtype=dtype, device=device)
-        self.T = T.to(dtype=dtype, device=device)
-        self.focal_ndc = f.to(dtype=dtype, device=device)
-        self.principal_ndc = p.to(dtype=dtype, device=device)
+        self.t = t.to(dtype=dtype, device=device)
 
     # ------------------------------------------------------------------ basics
     @property
     def device(self) -> torch.device:
         return self.R.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.R.dtype
 
     @property
     def height(self) -> int:
@@ -112,10 +118,7 @@ class Camera:
         return self.image_size[1]
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Camera:
-        return Camera(
-            self.R, self.T, self.focal_ndc, self.principal_ndc, self.image_size,
-            dtype=dtype or self.R.dtype, device=device or self.device,
-        )
+        return Camera(self.K, self.R, self.t, self.image_size, dtype=dtype or self.dtype, device=device or self.device)
 
     def __repr__(self) -> str:
         k = self.intrinsics()
@@ -125,24 +128,19 @@ class Camera:
         )
 
     def state_dict(self) -> dict:
-        """Plain-python form (lists), safe to JSON-encode."""
+        """Plain-python form (lists: ``K``, ``R``, ``t``, ``image_size``), safe to JSON-encode."""
         return {
+            "K": self.K.double().cpu().tolist(),
             "R": self.R.double().cpu().tolist(),
-            "T": self.T.double().cpu().tolist(),
-            "focal_ndc": self.focal_ndc.double().cpu().tolist(),
-            "principal_ndc": self.principal_ndc.double().cpu().tolist(),
+            "t": self.t.double().cpu().tolist(),
             "image_size": list(self.image_size),
         }
 
     @classmethod
     def from_state_dict(cls, d: dict, **kwargs) -> Camera:
-        return cls(d["R"], d["T"], d["focal_ndc"], d["principal_ndc"], d["image_size"], **kwargs)
+        return cls(d["K"], d["R"], d["t"], d["image_size"], **kwargs)
 
     # -------------------------------------------------------------- OpenCV I/O
-    @staticmethod
-    def _ndc_scale(h: int, w: int) -> float:
-        return (min(h, w) - 1) / 2.0
-
     @classmethod
     def from_opencv(
         cls,
@@ -153,66 +151,81 @@ class Camera:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> Camera:
-        """Build from OpenCV ``K`` (3x3), world-to-camera ``R`` (3x3) and ``t`` (3,)."""
-        K = _as64(K)
-        R_cv = _as64(R)
-        t_cv = _as64(t).reshape(-1)
-        if K.shape != (3, 3):
-            raise ValueError(f"K must be 3x3, got {tuple(K.shape)}")
-        if R_cv.shape != (3, 3) or t_cv.shape != (3,):
-            raise ValueError("R must be 3x3 and t a 3-vector")
-        if not (torch.isfinite(K).all() and torch.isfinite(R_cv).all() and torch.isfinite(t_cv).all()):
-            raise ValueError("camera matrices contain non-finite values")
-        if abs(float(K[0, 1])) > 1e-9 * max(1.0, abs(float(K[0, 0]))):
-            raise ValueError(f"skewed intrinsics (K[0,1]={float(K[0, 1])}) are not supported")
-        h, w = _check_size(image_size)
-        fx, fy, cx, cy = float(K[0, 0]), float(K[1, 1]), float(K[0, 2]), float(K[1, 2])
-        if fx <= 0 or fy <= 0:
-            raise ValueError(f"focal length must be positive, got fx={fx}, fy={fy}")
-        s = cls._ndc_scale(h, w)
-        focal = (fx / s, fy / s)
-        principal = (((w - 1) / 2.0 - cx) / s, ((h - 1) / 2.0 - cy) / s)
-        R_p3d = (torch.diag(_FLIP) @ R_cv).T
-        T_p3d = _FLIP * t_cv
-        return cls(R_p3d, T_p3d, focal, principal, (h, w), dtype=dtype, device=device)
+        """Build from OpenCV ``K`` (3x3), world-to-camera ``R`` (3x3) and ``t`` (3,) (the
+        constructor; the name says which convention the numbers are in)."""
+        return cls(K, R, t, image_size, dtype=dtype, device=device)
 
     def intrinsics(self) -> OpenCVIntrinsics:
-        """OpenCV intrinsics as Python floats (computed in float64)."""
-        h, w = self.image_size
-        s = self._ndc_scale(h, w)
-        f = self.focal_ndc.double().cpu()
-        p = self.principal_ndc.double().cpu()
-        return OpenCVIntrinsics(
-            fx=float(f[0]) * s,
-            fy=float(f[1]) * s,
-            cx=(w - 1) / 2.0 - float(p[0]) * s,
-            cy=(h - 1) / 2.0 - float(p[1]) * s,
-            width=w,
-            height=h,
-        )
+        """OpenCV intrinsics as Python floats."""
+        K = self.K.double().cpu()
+        return OpenCVIntrinsics(fx=float(K[0, 0]), fy=float(K[1, 1]), cx=float(K[0, 2]), cy=float(K[1, 2]),
+                                width=self.width, height=self.height)
 
     def to_opencv(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Return float64 numpy ``K`` (3x3), ``R`` (3x3), ``t`` (3,) in OpenCV semantics."""
+        """float64 numpy copies of ``K`` (3x3), ``R`` (3x3), ``t`` (3,)."""
+        return self.K.double().cpu().numpy(), self.R.double().cpu().numpy(), self.t.double().cpu().numpy()
+
+    # ----------------------------------------------------------- PyTorch3D I/O
+    @classmethod
+    def from_pytorch3d(
+        cls,
+        R: ArrayLike,
+        T: ArrayLike,
+        focal_ndc: ArrayLike,
+        principal_ndc: ArrayLike = (0.0, 0.0),
+        image_size: Sequence[int] = (256, 256),
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> Camera:
+        """Build from a PyTorch3D ``PerspectiveCameras(in_ndc=True)``'s row-vector ``R``,
+        ``T`` and NDC ``focal_ndc`` (a number or 2-vector), ``principal_ndc``."""
+        R_p3d = _as64(R)
+        T_p3d = _as64(T).reshape(-1)
+        f = _as64(focal_ndc).reshape(-1)
+        p = _as64(principal_ndc).reshape(-1)
+        if R_p3d.shape != (3, 3) or T_p3d.shape != (3,):
+            raise ValueError(f"R must be 3x3 and T a 3-vector, got {tuple(R_p3d.shape)} and {tuple(T_p3d.shape)}")
+        if f.numel() == 1:
+            f = f.repeat(2)
+        if f.shape != (2,) or p.shape != (2,):
+            raise ValueError("focal_ndc and principal_ndc must be 2-vectors")
+        if not (torch.isfinite(f).all() and torch.isfinite(p).all()):
+            raise ValueError(f"camera intrinsics have non-finite values: {f.tolist()}, {p.tolist()}")
+        if (f <= 0).any():
+            raise ValueError(f"focal length must be positive, got focal_ndc={f.tolist()}")
+        h, w = _check_size(image_size)
+        s = _ndc_scale(h, w)
+        K = [[float(f[0]) * s, 0.0, (w - 1) / 2.0 - float(p[0]) * s],
+             [0.0, float(f[1]) * s, (h - 1) / 2.0 - float(p[1]) * s], [0.0, 0.0, 1.0]]
+        return cls(K, torch.diag(_FLIP) @ R_p3d.T, _FLIP * T_p3d, (h, w), dtype=dtype, device=device)
+
+    def to_pytorch3d(self) -> dict[str, list]:
+        """PyTorch3D ``R``, ``T``, ``focal_ndc``, ``principal_ndc`` and ``image_size`` (float64
+        lists): the arguments of :meth:`from_pytorch3d`."""
+        h, w = self.image_size
+        s = _ndc_scale(h, w)
         k = self.intrinsics()
-        K = np.array([[k.fx, 0.0, k.cx], [0.0, k.fy, k.cy], [0.0, 0.0, 1.0]])
-        R_p3d = self.R.double().cpu()
-        R_cv = (torch.diag(_FLIP) @ R_p3d.T).numpy()
-        t_cv = (_FLIP * self.T.double().cpu()).numpy()
-        return K, R_cv, t_cv
+        return {
+            "R": (torch.diag(_FLIP) @ self.R.double().cpu()).T.tolist(),
+            "T": (_FLIP * self.t.double().cpu()).tolist(),
+            "focal_ndc": [k.fx / s, k.fy / s],
+            "principal_ndc": [((w - 1) / 2.0 - k.cx) / s, ((h - 1) / 2.0 - k.cy) / s],
+            "image_size": [h, w],
+        }
 
     # ---------------------------------------------------------------- geometry
     def center(self) -> torch.Tensor:
-        """Camera centre in world coordinates (3,): solves ``C @ R + T = 0``."""
-        return -(self.T @ self.R.T)
+        """Camera centre in world coordinates (3,): solves ``R @ C + t = 0``."""
+        return -(self.t @ self.R)
 
-    def world_to_view(self, points: torch.Tensor) -> torch.Tensor:
-        """(N, 3) world points to PyTorch3D view space, computed elementwise in a fixed
-        order so that every backend (and the CUDA kernel) gets bit-identical values."""
+    def world_to_camera(self, points: torch.Tensor) -> torch.Tensor:
+        """(N, 3) world points to OpenCV camera space, computed elementwise in a fixed
+        order (the rasterizer's, see ``rasterizer.project_for_raster``)."""
         R = self.R.to(points.dtype)
-        T = self.T.to(points.dtype)
+        t = self.t.to(points.dtype)
         x, y, z = points[:, 0], points[:, 1], points[:, 2]
-        cols = [x * R[0, j] + y * R[1, j] + z * R[2, j] + T[j] for j in range(3)]
-        return torch.stack(cols, dim=1)
+        rows = [x * R[i, 0] + y * R[i, 1] + z * R[i, 2] + t[i] for i in range(3)]
+        return torch.stack(rows, dim=1)
 
     def project(self, points: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Project (N, 3) world points: OpenCV pixel coordinates (N, 2) and view depth (N,).
@@ -226,12 +239,11 @@ class Camera:
         if not pts.is_floating_point():
             pts = pts.float()
         pts = pts.to(self.device)
-        view = self.world_to_view(pts)
+        cam = self.world_to_camera(pts)
         k = self.intrinsics()
-        depth = view[:, 2]
-        # OpenCV camera x = -view x, y = -view y.
-        u = (-view[:, 0] / depth) * k.fx + k.cx
-        v = (-view[:, 1] / depth) * k.fy + k.cy
+        depth = cam[:, 2]
+        u = (cam[:, 0] / depth) * k.fx + k.cx
+        v = (cam[:, 1] / depth) * k.fy + k.cy
         return torch.stack([u, v], dim=1), depth
 
     def unproject_pixels(self, uv: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
@@ -239,8 +251,8 @@ class Camera:
         k = self.intrinsics()
         xc = (uv[:, 0] - k.cx) / k.fx * depth
         yc = (uv[:, 1] - k.cy) / k.fy * depth
-        view = torch.stack([-xc, -yc, depth], dim=1).to(self.R.dtype)
-        return (view - self.T) @ self.R.T
+        cam = torch.stack([xc, yc, depth], dim=1).to(self.R.dtype)
+        return (cam - self.t) @ self.R
 
     def view_directions(self, points: torch.Tensor) -> torch.Tensor:
         """Unit vectors from the camera centre to each point (N, 3)."""
@@ -248,6 +260,12 @@ class Camera:
         return d / d.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
     # ------------------------------------------------------------ derived cams
+    def _with(self, K: np.ndarray, R: ArrayLike | None = None, t: ArrayLike | None = None,
+              image_size: Sequence[int] | None = None) -> Camera:
+        """This camera with other intrinsics (and pose / size), same dtype and device."""
+        return Camera(K, self.R if R is None else R, self.t if t is None else t, image_size or self.image_size,
+                      dtype=self.dtype, device=self.device)
+
     def scaled(self, scale: float | tuple[int, int]) -> Camera:
         """Camera of the same view at another resolution.
 
@@ -272,16 +290,14 @@ class Camera:
                 [0.0, 0.0, 1.0],
             ]
         )
-        _, R_cv, t_cv = self.to_opencv()
-        return Camera.from_opencv(K, R_cv, t_cv, (h, w), dtype=self.R.dtype, device=self.device)
+        return self._with(K, image_size=(h, w))
 
     def cropped(self, top: int, left: int, height: int, width: int) -> Camera:
         """Camera seeing the window ``[top, top+height) x [left, left+width)`` of this one's
         image (the window may extend beyond the image: padding)."""
         k = self.intrinsics()
         K = np.array([[k.fx, 0.0, k.cx - left], [0.0, k.fy, k.cy - top], [0.0, 0.0, 1.0]])
-        _, R_cv, t_cv = self.to_opencv()
-        return Camera.from_opencv(K, R_cv, t_cv, (height, width), dtype=self.R.dtype, device=self.device)
+        return self._with(K, image_size=(height, width))
 
     def rotated_in_plane(self, angle: float, image_size: Sequence[int] | None = None) -> Camera:
         """Camera rolled by ``angle`` radians about its optical axis (the image content
@@ -297,7 +313,7 @@ class Camera:
         K = np.array(
             [[k.fx, 0.0, (w - 1) / 2.0 + ox2], [0.0, k.fy, (h - 1) / 2.0 + oy2], [0.0, 0.0, 1.0]]
         )
-        return Camera.from_opencv(K, roll @ R_cv, roll @ t_cv, (h, w), dtype=self.R.dtype, device=self.device)
+        return self._with(K, roll @ R_cv, roll @ t_cv, (h, w))
 
     @classmethod
     def look_at(

@@ -34,8 +34,8 @@ _log = logging.getLogger("npbgpp_core.rasterizer")
 class RasterParams:
     """The float32 numbers both backends use; computed once per call."""
 
-    R: torch.Tensor  # (3, 3) float32 on the points' device
-    T: torch.Tensor  # (3,)
+    R: torch.Tensor  # (3, 3) float32 OpenCV world-to-camera rotation on the points' device
+    t: torch.Tensor  # (3,) OpenCV translation
     fx: float  # float32-representable
     fy: float
     cx: float
@@ -72,7 +72,7 @@ def raster_params(camera: Camera, scales: Sequence[float], near: float, device: 
     k = camera.intrinsics()
     return RasterParams(
         R=camera.R.to(device=device, dtype=torch.float32),
-        T=camera.T.to(device=device, dtype=torch.float32),
+        t=camera.t.to(device=device, dtype=torch.float32),
         fx=_f32(k.fx),
         fy=_f32(k.fy),
         cx=_f32(k.cx),
@@ -86,15 +86,16 @@ def raster_params(camera: Camera, scales: Sequence[float], near: float, device: 
 
 def project_for_raster(points: torch.Tensor, p: RasterParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """float32 ``(u, v, z)`` for (N, 3) float32 points, each op rounded to float32 in the
-    order the CUDA kernel uses (no fused multiply-add)."""
-    R, T = p.R, p.T
+    order the CUDA kernel uses (no fused multiply-add): camera ``x_c = x*R00 + y*R01 +
+    z*R02 + t0`` left to right (likewise y_c, z_c), ``u = (x_c / z_c) * fx + cx``."""
+    R, t = p.R, p.t
     x, y, z = points[:, 0], points[:, 1], points[:, 2]
-    xv = x * R[0, 0] + y * R[1, 0] + z * R[2, 0] + T[0]
-    yv = x * R[0, 1] + y * R[1, 1] + z * R[2, 1] + T[1]
-    zv = x * R[0, 2] + y * R[1, 2] + z * R[2, 2] + T[2]
-    u = (-xv / zv) * p.fx + p.cx
-    v = (-yv / zv) * p.fy + p.cy
-    return u, v, zv
+    xc = x * R[0, 0] + y * R[0, 1] + z * R[0, 2] + t[0]
+    yc = x * R[1, 0] + y * R[1, 1] + z * R[1, 2] + t[1]
+    zc = x * R[2, 0] + y * R[2, 1] + z * R[2, 2] + t[2]
+    u = (xc / zc) * p.fx + p.cx
+    v = (yc / zc) * p.fy + p.cy
+    return u, v, zc
 
 
 def _scatter_direct(buf: torch.Tensor, qx, qy, key, valid, size: tuple[int, int]) -> None:

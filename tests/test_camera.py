@@ -1,4 +1,4 @@
-"""Camera: OpenCV round trips, projection against a hand-written K[R|t] in float64,
+"""Camera: OpenCV and PyTorch3D round trips, projection against a hand-written K[R|t] in float64,
 derived cameras (scaled / cropped / rolled) moving pixels as expected, look_at, errors."""
 
 from __future__ import annotations
@@ -54,15 +54,21 @@ def test_opencv_round_trip():
 
 
 def test_pytorch3d_convention_matches_opencv():
-    """x_view = x @ R + T equals diag(-1, -1, 1) (R_cv x + t_cv)."""
+    """x_view = x @ R + T equals diag(-1, -1, 1) (R_cv x + t_cv); the conversion round-trips."""
     rng = np.random.default_rng(1)
     K, R, t, size = make_opencv(rng)
     cam = Camera.from_opencv(K, R, t, size, dtype=torch.float64)
     X = rng.normal(size=(20, 3))
-    view = cam.world_to_view(torch.from_numpy(X)).numpy()
+    p3d = cam.to_pytorch3d()
+    view = X @ np.array(p3d["R"]) + np.array(p3d["T"])
     expected = (X @ R.T + t) * np.array([-1.0, -1.0, 1.0])
     np.testing.assert_allclose(view, expected, atol=1e-12)
+    np.testing.assert_allclose(cam.world_to_camera(torch.from_numpy(X)).numpy(), X @ R.T + t, atol=1e-12)
     np.testing.assert_allclose(cam.center().numpy(), -R.T @ t, atol=1e-12)
+    back = Camera.from_pytorch3d(**p3d, dtype=torch.float64)
+    for a, b in zip(back.to_opencv(), (K, R, t), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-9)
+    assert back.image_size == size
 
 
 def test_project_matches_hand_computed():
@@ -85,9 +91,9 @@ def test_project_exact_simple_case():
     np.testing.assert_allclose(uv.numpy(), [[4.5, 2.5], [6.5, 1.5], [6.5, 4.5]], atol=1e-12)
     np.testing.assert_allclose(z.numpy(), [2.0, 1.0, 5.0])
     # The principal point in NDC: the image centre is (4.5, 2.5), so it is zero.
-    np.testing.assert_allclose(cam.principal_ndc.numpy(), [0.0, 0.0], atol=1e-12)
+    np.testing.assert_allclose(cam.to_pytorch3d()["principal_ndc"], [0.0, 0.0], atol=1e-12)
     # Shorter side 6 -> s = 2.5; focal_ndc = f / s.
-    np.testing.assert_allclose(cam.focal_ndc.numpy(), [4.0, 4.0])
+    np.testing.assert_allclose(cam.to_pytorch3d()["focal_ndc"], [4.0, 4.0])
 
 
 def test_unproject_inverts_project():
@@ -201,9 +207,9 @@ def test_camera_errors():
     with pytest.raises(ValueError, match="focal"):
         Camera.from_opencv(K * np.array([[-1, 1, 1], [1, 1, 1], [1, 1, 1]]), np.eye(3), np.zeros(3), (30, 40))
     with pytest.raises(ValueError, match="focal"):
-        Camera(np.eye(3), np.zeros(3), focal_ndc=(0.0, 1.0), image_size=(30, 40))
+        Camera.from_pytorch3d(np.eye(3), np.zeros(3), focal_ndc=(0.0, 1.0), image_size=(30, 40))
     with pytest.raises(ValueError, match="focal"):
-        Camera(np.eye(3), np.zeros(3), focal_ndc=-2.0, image_size=(30, 40))
+        Camera.from_pytorch3d(np.eye(3), np.zeros(3), focal_ndc=-2.0, image_size=(30, 40))
     skew = K.copy()
     skew[0, 1] = 3.0
     with pytest.raises(ValueError, match="skew"):

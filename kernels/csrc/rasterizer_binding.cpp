@@ -61,9 +61,9 @@ void rasterize_points(const at::Tensor& points, const at::Tensor& rotation,
   TORCH_CHECK(points.scalar_type() == at::kFloat, "npbgpp rasterizer: points must be float32");
   check_device_tensor(points, points, "points");
   check_device_tensor(rotation, points, "R");
-  check_device_tensor(translation, points, "T");
+  check_device_tensor(translation, points, "t");
   TORCH_CHECK(rotation.scalar_type() == at::kFloat && rotation.numel() == 9, "R must be float32 (3, 3)");
-  TORCH_CHECK(translation.scalar_type() == at::kFloat && translation.numel() == 3, "T must be float32 (3,)");
+  TORCH_CHECK(translation.scalar_type() == at::kFloat && translation.numel() == 3, "t must be float32 (3,)");
   TORCH_CHECK(width > 0 && height > 0, "image size must be positive");
   const int64_t n = points.size(0);
   TORCH_CHECK(index_offset >= 0 && index_offset + n <= INT64_C(2147483647),

@@ -12,7 +12,7 @@
 
 namespace npbgpp {
 
-// Projects points[0..n) (float32 (n,3) row-major) with R (3,3) row-major and T (3,) on the
+// Projects points[0..n) (float32 (n,3) row-major) with OpenCV R (3,3) row-major and t (3,) on the
 // device and atomically keeps the smallest key per pixel of every image in `images`.
 // Point i gets index index_offset + i in its key.
 cudaError_t launch_rasterize_points(const float* points, long long n, long long index_offset,

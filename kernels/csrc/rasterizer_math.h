@@ -76,16 +76,17 @@ struct ProjectedPoint {
   long long key;
 };
 
-// rotation: R row-major (3,3) with x_view = x_world @ R + T (column j makes view axis j).
+// rotation: OpenCV world-to-camera R, row-major (3,3): x_cam = R x_world + t (row i makes
+// camera axis i; x right, y down, z forward).
 NPBGPP_HD ProjectedPoint project_point(float x, float y, float z, const float* rotation,
                                        const float* translation, const ProjectionParams& p,
                                        long long index) {
   ProjectedPoint out{false, 0.0f, 0.0f, 0};
-  const float xv = dot_plus(x, y, z, rotation[0], rotation[3], rotation[6], translation[0]);
-  const float yv = dot_plus(x, y, z, rotation[1], rotation[4], rotation[7], translation[1]);
-  const float zv = dot_plus(x, y, z, rotation[2], rotation[5], rotation[8], translation[2]);
-  const float u = add_rn(mul_rn(div_rn(-xv, zv), p.fx), p.cx);
-  const float v = add_rn(mul_rn(div_rn(-yv, zv), p.fy), p.cy);
+  const float xc = dot_plus(x, y, z, rotation[0], rotation[1], rotation[2], translation[0]);
+  const float yc = dot_plus(x, y, z, rotation[3], rotation[4], rotation[5], translation[1]);
+  const float zv = dot_plus(x, y, z, rotation[6], rotation[7], rotation[8], translation[2]);
+  const float u = add_rn(mul_rn(div_rn(xc, zv), p.fx), p.cx);
+  const float v = add_rn(mul_rn(div_rn(yc, zv), p.fy), p.cy);
   if (!(finite(u) && finite(v) && zv > p.near_depth)) return out;
   out.valid = true;
   out.qx = div_rn(add_rn(u, 0.5f), p.width);
