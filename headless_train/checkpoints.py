@@ -1,5 +1,10 @@
 """Checkpoint files: atomic writes (temp file + os.replace, the previous file survives any
-failure), clear errors for corrupt / foreign checkpoints, per-scene descriptor files."""
+failure), clear errors for corrupt / foreign checkpoints, per-scene descriptor files.
+
+Checkpoints are read with ``torch.load(weights_only=True)``: tensors, numbers, strings and
+containers only, so a planted pickle payload is refused before any of it runs. What
+Lightning and headless_train write needs no other type; :data:`SAFE_GLOBALS` lists any
+that a future Lightning version might add."""
 
 from __future__ import annotations
 
@@ -7,6 +12,8 @@ import contextlib
 import io
 import logging
 import os
+import pickle
+import re
 import signal
 import threading
 from collections.abc import Iterator
@@ -29,6 +36,11 @@ COMPATIBLE_SOURCES = {
 }
 
 
+# Extra (non-tensor) types a checkpoint may hold. Every entry is code the unpickler may
+# call, so it stays empty unless Lightning starts storing such an object.
+SAFE_GLOBALS: tuple[Any, ...] = ()
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: missing, corrupt, or from another system."""
 
@@ -45,11 +57,27 @@ def load_checkpoint_file(path: str, map_location: Any = "cpu") -> dict:
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        glob = re.search(r"GLOBAL (\S+)", text)
+        reason = re.search(r"WeightsUnpickler error: ([^\n.]+)", text)
+        if glob or reason:
+            what = f"a reference to {glob.group(1)}" if glob else reason.group(1)  # type: ignore[union-attr]
+            raise CheckpointError(
+                f"checkpoint {path} holds {what}, not only tensors and plain data; refused without running it "
+                "(checkpoints are loaded with weights_only=True)"
+            ) from exc
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a torch checkpoint: {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - every parse failure means a damaged file
         raise CheckpointError(f"checkpoint {path} is corrupt or not a torch checkpoint: {exc}") from exc
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"checkpoint {path} has no state_dict (not a Lightning checkpoint)")
+    state = ckpt["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise CheckpointError(f"checkpoint {path}: state_dict must map names to tensors")
     return ckpt
 
 
@@ -58,7 +86,9 @@ def checkpoint_system(ckpt: dict, path: str) -> tuple[str, dict]:
     meta = ckpt.get(META_KEY)
     if not isinstance(meta, dict) or "system" not in meta:
         raise CheckpointError(f"checkpoint {path} was not written by headless_train (no '{META_KEY}' metadata)")
-    return str(meta["system"]), dict(meta.get("config", {}))
+    if not isinstance(meta["system"], str) or not isinstance(meta.get("config", {}), dict):
+        raise CheckpointError(f"checkpoint {path}: '{META_KEY}' metadata has a malformed system name or config")
+    return meta["system"], dict(meta.get("config", {}))
 
 
 def check_compatible(ckpt: dict, path: str, system_name: str, system_config: dict | None = None) -> str:
@@ -149,12 +179,21 @@ def _worker_deaths_ignored() -> Iterator[None]:
         signal.signal(signal.SIGCHLD, previous)
 
 
+# Exit statuses of a run stopped by a signal (128 + the signal number, as a shell reports it).
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
+
+
 class EpochAndLastCheckpoint(pl.Callback):
     """Writes checkpoints/epoch{N}.ckpt and last.ckpt after every training epoch, refreshes
-    last.ckpt every ``every_n_steps`` optimizer steps, and on Ctrl-C / a crash writes
-    last.ckpt before the process ends (so ``resume=true`` can continue). With
+    last.ckpt every ``every_n_steps`` optimizer steps, and on Ctrl-C / SIGTERM / a crash
+    writes last.ckpt before the process ends (so ``resume=true`` can continue). With
     ``keep_epochs=N`` only the N newest epoch files are kept (short epochs otherwise fill
-    the disk); ``None`` keeps every one, as the published paths (``epoch38.ckpt``) expect."""
+    the disk); ``None`` keeps every one, as the published paths (``epoch38.ckpt``) expect.
+
+    The save on an interruption happens only when this run has taken an optimizer step
+    that is not on disk yet: a run that fails at start never replaces a good last.ckpt.
+    :attr:`exit_status` is 130 after Ctrl-C, 143 after SIGTERM, else None."""
 
     def __init__(self, dirpath: str, every_n_steps: int = 0, keep_epochs: int | None = None):
         if keep_epochs is not None and int(keep_epochs) < 1:
@@ -163,6 +202,8 @@ class EpochAndLastCheckpoint(pl.Callback):
         self.every_n_steps = int(every_n_steps or 0)
         self.keep_epochs = None if keep_epochs is None else int(keep_epochs)
         self._last_saved_step = -1
+        self._start_step: int | None = None
+        self.exit_status: int | None = None
 
     @property
     def last_path(self) -> str:
@@ -171,6 +212,9 @@ class EpochAndLastCheckpoint(pl.Callback):
     def _save_last(self, trainer: pl.Trainer) -> None:
         trainer.save_checkpoint(self.last_path)
         self._last_saved_step = trainer.global_step
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._start_step = trainer.global_step  # after a resume: the restored step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -190,15 +234,45 @@ class EpochAndLastCheckpoint(pl.Callback):
             if stem.isdigit() and int(stem) <= current - self.keep_epochs:
                 os.remove(os.path.join(self.dirpath, name))
 
-    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        if not isinstance(exception, OSError | FloatingPointError):  # not after a full disk or a NaN loss
+    def _why_not_save(self, trainer: pl.Trainer) -> str | None:
+        """None when the interrupted state should be written, else the reason it is not."""
+        step = trainer.global_step
+        if self._start_step is None or step <= self._start_step:
+            return "this run took no training step"
+        if self._last_saved_step < 0 and os.path.isfile(self.last_path):
             try:
-                # No barrier here: under DDP the other processes may not have failed.
-                if trainer.global_rank == 0:
-                    with _worker_deaths_ignored():
-                        state = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
-                        atomic_torch_save(state, self.last_path)
-                log.warning("interrupted (%s): saved %s at step %d", type(exception).__name__, self.last_path,
-                            trainer.global_step)
-            except Exception as exc:  # noqa: BLE001 - the original error matters more
-                log.error("could not save %s after %s: %s", self.last_path, type(exception).__name__, exc)
+                on_disk = int(load_checkpoint_file(self.last_path).get("global_step", -1))
+            except (CheckpointError, TypeError, ValueError):
+                on_disk = -1
+            if on_disk >= step:
+                return f"the file holds step {on_disk}, this run only reached step {step}"
+        return None
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+        if isinstance(exception, KeyboardInterrupt):
+            self.exit_status = EXIT_SIGINT
+        elif isinstance(exception, SIGTERMException):
+            self.exit_status = EXIT_SIGTERM
+        if isinstance(exception, OSError | FloatingPointError):  # not after a full disk or a NaN loss
+            return
+        name = type(exception).__name__
+        if trainer.global_step == self._last_saved_step:
+            log.warning("interrupted (%s): saved %s at step %d (written when that step ended)", name,
+                        self.last_path, trainer.global_step)
+            return
+        why_not = self._why_not_save(trainer)
+        if why_not is not None:
+            log.warning("interrupted (%s): %s kept as it was (%s)", name, self.last_path, why_not)
+            return
+        try:
+            # No barrier here: under DDP the other processes may not have failed.
+            if trainer.global_rank == 0:
+                with _worker_deaths_ignored():
+                    state = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+                    atomic_torch_save(state, self.last_path)
+                self._last_saved_step = trainer.global_step
+            log.warning("interrupted (%s): saved %s at step %d", name, self.last_path, trainer.global_step)
+        except Exception as exc:  # noqa: BLE001 - the original error matters more
+            log.error("could not save %s after %s: %s", self.last_path, name, exc)

@@ -50,12 +50,36 @@ def trainer_kwargs(tcfg: dict, system_name: str) -> dict:
 
 def run(cfg: DictConfig, run_dir: str) -> dict | None:
     """Train (or evaluate with eval_only=true) as configured; ``run_dir`` receives checkpoints/,
-    tensorboard/, descriptors/, renders/ and metrics.json."""
+    tensorboard/, descriptors/, renders/ and metrics.json. The folder is locked for the run
+    (:mod:`headless_train.runlock`): a second run into it raises UsageError naming the
+    holder's pid. A run stopped by Ctrl-C or SIGTERM raises ``SystemExit(130)`` /
+    ``SystemExit(143)`` after saving last.ckpt."""
+    from .runlock import RunLock, RunLockedError, is_primary_process
+
+    if not is_primary_process():  # DDP / Slurm: the job's first process holds the lock
+        return _run(cfg, run_dir)
+    try:
+        lock = RunLock(run_dir).acquire()
+    except RunLockedError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        return _run(cfg, run_dir)
+    finally:
+        lock.release()
+
+
+def _run(cfg: DictConfig, run_dir: str) -> dict | None:
     import pytorch_lightning as pl
     import torch
     from pytorch_lightning.loggers import TensorBoardLogger
 
-    from .checkpoints import AtomicCheckpointIO, EpochAndLastCheckpoint, check_compatible, load_checkpoint_file
+    from .checkpoints import (
+        EXIT_SIGTERM,
+        AtomicCheckpointIO,
+        EpochAndLastCheckpoint,
+        check_compatible,
+        load_checkpoint_file,
+    )
     from .data import SceneDataModule
     from .evaluate import evaluate
     from .systems import build_system
@@ -111,15 +135,27 @@ def run(cfg: DictConfig, run_dir: str) -> dict | None:
         log.info("rotating %d of %d scenes per epoch: dataloaders are rebuilt every epoch", per_epoch,
                  len(datamodule.scenes))
         tcfg["reload_dataloaders_every_n_epochs"] = 1
+    saver = EpochAndLastCheckpoint(ckpt_dir, int(cfg.trainer.last_checkpoint_every_n_steps or 0),
+                                   cfg.trainer.keep_epoch_checkpoints)
     trainer = pl.Trainer(
         default_root_dir=run_dir,
         logger=TensorBoardLogger(save_dir=run_dir, name="", version="tensorboard"),
-        callbacks=[EpochAndLastCheckpoint(ckpt_dir, int(cfg.trainer.last_checkpoint_every_n_steps or 0),
-                                          cfg.trainer.keep_epoch_checkpoints)],
+        callbacks=[saver],
         plugins=[AtomicCheckpointIO()],
         **trainer_kwargs(tcfg, name),
     )
-    trainer.fit(system, datamodule=datamodule, ckpt_path=resume_path)
+    try:
+        trainer.fit(system, datamodule=datamodule, ckpt_path=resume_path)
+    except SystemExit as exc:
+        # Lightning ends a Ctrl-C with exit(1) and a SIGTERM with a bare SystemExit (status
+        # 0, which schedulers and `train && export` read as success): report the signal.
+        from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+        status = saver.exit_status or (EXIT_SIGTERM if isinstance(exc, SIGTERMException) else None)
+        if status is not None:
+            log.error("stopped by %s: exit status %d", "SIGTERM" if status == EXIT_SIGTERM else "Ctrl-C", status)
+            raise SystemExit(status) from None
+        raise
     if trainer.is_global_zero and name in ("npbg", "coefficients_ft") and scfg.get("descriptors_save_dir"):
         paths = system.save_descriptors(str(scfg["descriptors_save_dir"]))
         log.info("descriptors written: %s", ", ".join(paths))

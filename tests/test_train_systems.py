@@ -251,9 +251,10 @@ def test_bad_inputs_give_clear_errors(data_root, tmp_path):
     assert proc.returncode == 2 and "corrupt.ckpt is corrupt" in proc.stderr
 
 
-def _interrupt_training(work: str, run: str, args: list[str], interrupt, **popen) -> tuple[str, str]:
+def _interrupt_training(work: str, run: str, args: list[str], interrupt, **popen) -> tuple[str, str, int]:
     """Start ``python -m headless_train`` (last.ckpt every 2 steps), wait for the first
-    last.ckpt (training is under way), call ``interrupt(proc)``; returns (output, last.ckpt path)."""
+    last.ckpt (training is under way), call ``interrupt(proc)``; returns (output, last.ckpt
+    path, exit status)."""
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-m", "headless_train", f"hydra.run.dir={run}", *args,
                              "trainer.last_checkpoint_every_n_steps=2"],
@@ -271,7 +272,7 @@ def _interrupt_training(work: str, run: str, args: list[str], interrupt, **popen
     interrupt(proc)
     proc.wait(timeout=120)
     reader.join(timeout=10)
-    return "".join(output), last
+    return "".join(output), last, proc.returncode
 
 
 ENDLESS_NPBG = ["datasets=nerf_blender_one_scene", "datasets.scene_name=sceneA", "system=npbg",
@@ -283,9 +284,10 @@ def test_ctrl_c_leaves_a_usable_last_checkpoint(data_root, tmp_path):
     args = [f"datasets.data_root={data_root}", *ENDLESS_NPBG]
     # A job started in the background inherits SIGINT as "ignored" (then Python never raises
     # KeyboardInterrupt): give the child the default disposition, as a terminal's Ctrl-C has.
-    text, last = _interrupt_training(work, "exp/int", args, lambda proc: proc.send_signal(signal.SIGINT),
-                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    text, last, status = _interrupt_training(work, "exp/int", args, lambda proc: proc.send_signal(signal.SIGINT),
+                                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert "interrupted (KeyboardInterrupt): saved" in text, text[-2000:]
+    assert status == 130, text[-2000:]  # 128 + SIGINT, as a shell reports Ctrl-C
     steps = step_count(last)
     assert steps >= 2
     run_inproc([*args, "resume=true", f"trainer.max_steps={steps + 1}"], os.path.join(work, "exp/int"))
@@ -296,9 +298,10 @@ def test_sigterm_to_the_whole_job_with_loader_workers_still_saves(data_root, tmp
     """A scheduler (Slurm, systemd, ``timeout``) sends SIGTERM to every process of the job,
     DataLoader workers included; their deaths must not abort the final checkpoint."""
     args = [f"datasets.data_root={data_root}", *ENDLESS_NPBG, "dataloader.num_workers=2"]
-    text, last = _interrupt_training(str(tmp_path), "exp/term", args, lambda proc: os.killpg(proc.pid, signal.SIGTERM),
-                                     start_new_session=True)
+    text, last, status = _interrupt_training(str(tmp_path), "exp/term", args,
+                                             lambda proc: os.killpg(proc.pid, signal.SIGTERM), start_new_session=True)
     assert "interrupted (SIGTERMException): saved" in text, text[-3000:]
+    assert status == 143, text[-3000:]  # not 0: `train && export` and schedulers see the interruption
     assert "could not save" not in text
     assert step_count(last) >= 2
 

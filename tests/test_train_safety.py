@@ -1,0 +1,156 @@
+"""Loading and training faults: a planted pickle payload never runs on any checkpoint path,
+a run that fails at start keeps a good last.ckpt, two runs cannot share a run folder."""
+
+from __future__ import annotations
+
+import builtins
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from _train_fixtures import make_dataset
+from hydra import compose, initialize_config_module
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ["trainer.enable_progress_bar=false", "trainer.limit_val_batches=0", "dataloader=small",
+        "datasets.train_image_size=16", "trainer.log_every_n_steps=1"]
+ONE_SCENE = ["datasets=nerf_blender_one_scene", "datasets.scene_name=sceneA", "system=npbg",
+             "datasets.selection_count=0", "datasets.train_num_samples=2", "trainer.max_epochs=1", *FAST]
+
+
+class _Payload:
+    """Unpickling this creates ``flag``: proof that a loader executed code from the file."""
+
+    def __init__(self, flag: str) -> None:
+        self.flag = flag
+
+    def __reduce__(self):
+        return (builtins.open, (self.flag, "w"))
+
+
+def _plant(path: str, flag: str, system: str = "npbg") -> str:
+    """A checkpoint that passes every structural check but carries a payload."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save({"state_dict": {}, "global_step": 1, "epoch": 0,
+                "npbgpp": {"system": system, "config": {}, "scenes": ["sceneA"], "points": [300]},
+                "loops": {"x": _Payload(flag)}}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> str:
+    return make_dataset(str(tmp_path_factory.mktemp("tinydata")), ("sceneA",))
+
+
+def run_inproc(overrides: list[str], run_dir: str):
+    from headless_train.cli import run
+
+    overrides = [*overrides, f"system.descriptors_save_dir={run_dir}/descriptors"]
+    with initialize_config_module("headless_train.conf", version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    return run(cfg, run_dir)
+
+
+def test_the_payload_is_live(tmp_path):
+    """The trap does run under an unsafe load, so the tests below can fail."""
+    flag = str(tmp_path / "ran")
+    _plant(str(tmp_path / "p.ckpt"), flag)
+    torch.load(str(tmp_path / "p.ckpt"), weights_only=False)
+    assert os.path.exists(flag)
+
+
+def test_a_planted_payload_never_runs_on_any_path(data_root, tmp_path, capsys):
+    from headless_train.checkpoints import CheckpointError
+    from headless_train.export import main as export_main
+    from headless_train.export_weights import main as export_weights_main
+
+    flag = str(tmp_path / "ran")
+    trap = _plant(str(tmp_path / "trap.ckpt"), flag)
+    refused = "refused without running it"
+    # export and export-weights: exit status 2, the file and the reason named.
+    out = str(tmp_path / "a.npbgpp")
+    assert export_main(["--checkpoint", trap, "--scene", f"{data_root}/sceneA", "--out", out]) == 2
+    assert "trap.ckpt" in capsys.readouterr().err
+    assert export_weights_main(["--checkpoint", trap, "--out", str(tmp_path / "w.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "trap.ckpt" in err and refused in err
+    # weights_path=
+    with pytest.raises(CheckpointError, match=f"trap.ckpt.*{refused}"):
+        run_inproc([f"datasets.data_root={data_root}", *ONE_SCENE, f"weights_path={trap}"], str(tmp_path / "r1"))
+    # resume=true (training and eval_only)
+    run_dir = str(tmp_path / "r2")
+    _plant(os.path.join(run_dir, "checkpoints", "last.ckpt"), flag)
+    for extra in ([], ["eval_only=true"]):
+        with pytest.raises(CheckpointError, match=f"last.ckpt.*{refused}"):
+            run_inproc([f"datasets.data_root={data_root}", *ONE_SCENE, "resume=true", *extra], run_dir)
+    # Lightning's own checkpoint reader goes through the same function.
+    from headless_train.checkpoints import AtomicCheckpointIO
+
+    with pytest.raises(CheckpointError, match=refused):
+        AtomicCheckpointIO().load_checkpoint(trap)
+    assert not os.path.exists(flag)
+
+
+def _step(path: str) -> int:
+    return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
+
+
+def test_a_run_failing_at_start_keeps_the_good_last_checkpoint(data_root, tmp_path, caplog):
+    run_dir = str(tmp_path / "run")
+    run_inproc([f"datasets.data_root={data_root}", *ONE_SCENE], run_dir)
+    last = os.path.join(run_dir, "checkpoints", "last.ckpt")
+    assert _step(last) == 2
+    before = open(last, "rb").read()
+    # train_image_size=0 fails in the first batch, inside Lightning's fit (on_exception runs).
+    with pytest.raises(ValueError, match="image_size"):
+        run_inproc([f"datasets.data_root={data_root}", *ONE_SCENE, "datasets.train_image_size=0"], run_dir)
+    assert "kept as it was (this run took no training step)" in caplog.text
+    assert open(last, "rb").read() == before
+    # The same failure after resume=true: the file is kept too.
+    with pytest.raises(ValueError, match="image_size"):
+        run_inproc([f"datasets.data_root={data_root}", *ONE_SCENE, "datasets.train_image_size=0", "resume=true",
+                    "trainer.max_epochs=2"], run_dir)
+    assert open(last, "rb").read() == before
+
+
+def test_a_fresh_run_interrupted_behind_an_older_longer_run_keeps_its_checkpoint(tmp_path):
+    """The state on disk is newer (step 44) than the interrupted run's (step 3): kept."""
+    from types import SimpleNamespace
+
+    from headless_train.checkpoints import EpochAndLastCheckpoint, atomic_torch_save
+
+    saver = EpochAndLastCheckpoint(str(tmp_path))
+    atomic_torch_save({"state_dict": {}, "global_step": 44}, saver.last_path)
+    trainer = SimpleNamespace(global_step=0, global_rank=0)
+    saver.on_train_start(trainer, None)
+    trainer.global_step = 3
+    saver.on_exception(trainer, None, KeyboardInterrupt())
+    assert _step(saver.last_path) == 44 and saver.exit_status == 130
+
+
+def test_two_runs_cannot_share_a_folder_and_a_stale_lock_is_taken_over(data_root, tmp_path, caplog):
+    from headless_train.cli import UsageError
+
+    run_dir = str(tmp_path / "run")
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from headless_train.runlock import RunLock; "
+         f"RunLock({run_dir!r}).acquire(); print('held', flush=True); time.sleep(120)"],
+        env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UsageError, match=f"in use by another run \\(pid {holder.pid}"):
+            run_inproc([f"datasets.data_root={data_root}", *ONE_SCENE], run_dir)
+        assert not os.path.isdir(os.path.join(run_dir, "checkpoints"))  # refused before writing anything
+    finally:
+        holder.kill()  # SIGKILL: the lock file still names it, the kernel drops the flock
+        holder.wait(timeout=30)
+    with open(os.path.join(run_dir, "run.lock")) as f:
+        assert f.read().split()[0] == str(holder.pid)
+    run_inproc([f"datasets.data_root={data_root}", *ONE_SCENE], run_dir)
+    assert f"took over the lock of pid {holder.pid}" in caplog.text
+    assert _step(os.path.join(run_dir, "checkpoints", "last.ckpt")) == 2
+    with open(os.path.join(run_dir, "run.lock")) as f:
+        assert f.read() == ""  # released at the end of the run
