@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -31,6 +32,7 @@ class PointCloud:
 
 
 _COLOR_NAMES = (("red", "green", "blue"), ("r", "g", "b"), ("diffuse_red", "diffuse_green", "diffuse_blue"))
+_SCALAR_NAMES = {"x", "y", "z", *(c for trio in _COLOR_NAMES for c in trio)}
 
 # Degree-0 real spherical harmonic, 1 / (2 sqrt(pi)): 3DGS stores colour as its coefficient.
 SH_C0 = 0.28209479177387814
@@ -107,6 +109,7 @@ def load_ply(path: str | os.PathLike, min_opacity: float = 0.0) -> PointCloud:
         raise ValueError(f"{path}: not a readable PLY file ({type(exc).__name__}: {exc})") from exc
     if "vertex" not in [e.name for e in ply.elements]:
         raise ValueError(f"{path}: PLY file has no 'vertex' element")
+    check_ply_layout(path, ply)
     v = ply["vertex"].data
     names = v.dtype.names or ()
     missing = [c for c in "xyz" if c not in names]
@@ -128,7 +131,7 @@ def load_ply(path: str | os.PathLike, min_opacity: float = 0.0) -> PointCloud:
             if np.issubdtype(raw.dtype, np.integer):
                 colors = raw.astype(np.float64) / float(np.iinfo(raw.dtype).max)
             else:
-                colors = raw.astype(np.float64)
+                colors = finite_colors(raw.astype(np.float64), path, trio)
             colors = np.clip(colors, 0.0, 1.0).astype(np.float32)
             used.update(trio)
             break
@@ -139,6 +142,55 @@ def load_ply(path: str | os.PathLike, min_opacity: float = 0.0) -> PointCloud:
             if arr.ndim == 1 and np.issubdtype(arr.dtype, np.number):
                 extra[n] = arr.astype(np.float32)
     return PointCloud(pts, colors, extra)
+
+
+def finite_colors(colors: np.ndarray, path: str, names: tuple[str, ...]) -> np.ndarray:
+    """``colors`` unchanged, or ValueError naming the file and properties when a value is
+    NaN or infinite (clipping would silently turn NaN into a colour)."""
+    bad = ~np.isfinite(colors).all(axis=1)
+    if bad.any():
+        raise ValueError(f"{path}: {int(bad.sum())} vertices have non-finite (NaN or infinite) colour values in "
+                         f"properties {', '.join(names)} (first at vertex {int(np.argmax(bad))})")
+    return colors
+
+
+def check_ply_layout(path: str, ply: Any) -> None:
+    """Refuse what plyfile reads without complaint but would be read wrongly: a coordinate
+    or colour declared as a list property, and data beyond what the header counts (a
+    header that undercounts its vertices would otherwise drop the rest silently)."""
+    from plyfile import PlyListProperty
+
+    vertex = ply["vertex"]
+    for prop in vertex.properties:
+        if isinstance(prop, PlyListProperty) and prop.name in _SCALAR_NAMES:
+            raise ValueError(f"{path}: vertex property {prop.name!r} is declared as a list; it must be a scalar")
+    with open(path, "rb") as f:
+        head = f.read(1 << 20)
+    end = head.find(b"end_header")
+    newline = head.find(b"\n", end) if end >= 0 else -1
+    if newline < 0:
+        return
+    start = newline + 1
+    counts = ", ".join(f"{e.count} {e.name}" for e in ply.elements)
+    if ply.text:
+        with open(path, "rb") as f:
+            f.seek(start)
+            lines = sum(1 for line in f if line.strip())
+        expected = sum(e.count for e in ply.elements)
+        if lines > expected:
+            raise ValueError(f"{path}: the header counts {counts} ({expected} data lines) but the file has "
+                             f"{lines} data lines; fix the element count in the header")
+        return
+    if any(isinstance(p, PlyListProperty) for e in ply.elements for p in e.properties):
+        return  # variable-length records: the size cannot be predicted from the header
+    record = [sum(np.dtype(p.val_dtype).itemsize for p in e.properties) for e in ply.elements]
+    expected = sum(e.count * r for e, r in zip(ply.elements, record, strict=True))
+    extra = os.path.getsize(path) - start - expected
+    smallest = min((r for r in record if r > 0), default=0)
+    if smallest and extra >= smallest:
+        raise ValueError(f"{path}: the header counts {counts} ({expected} bytes of data) but the file holds "
+                         f"{extra} more bytes (at least {extra // smallest} more records); fix the element "
+                         "count in the header")
 
 
 def save_ply(

@@ -9,6 +9,8 @@ OPENCV. Distorted cameras are refused unless ``undistort=True``, which remaps ea
 on load to the pinhole camera with the same K (see ``distortion.py``). Other models
 (RADIAL, fisheye, ...) raise an error naming the model. Views are sorted by image name;
 default split: every 8th view (0, 8, 16, ...) is test (``holdout_every=0`` disables).
+Image names that leave the images folder are refused unless ``allow_external_paths=True``.
+Text files must be UTF-8 (COLMAP writes them so).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import struct
 
 import numpy as np
 
-from .common import camera_from_opencv, check_options, check_points, load_point_cloud, make_splits
+from .common import camera_from_opencv, check_options, check_points, load_point_cloud, make_splits, path_in_root
 from .errors import DatasetError
 from .images import image_size_of
 from .scene_data import Distortion, SceneData, View
@@ -42,7 +44,7 @@ MODEL_PARAMS = {name: n for name, n in CAMERA_MODELS.values()}
 SUPPORTED = ("SIMPLE_PINHOLE", "PINHOLE", "SIMPLE_RADIAL", "OPENCV")
 OPTIONS = (
     "pc_name", "require_points", "train_indices", "val_indices", "test_indices",
-    "images_dir", "undistort", "holdout_every",
+    "images_dir", "undistort", "holdout_every", "allow_external_paths",
 )
 
 
@@ -115,10 +117,13 @@ def _read_images_bin(path: str) -> dict[int, tuple[np.ndarray, np.ndarray, int, 
 def _read_points_bin(path: str) -> tuple[np.ndarray, np.ndarray]:
     r = _Reader(path)
     (n,) = r.read("Q")
-    pts = np.empty((n, 3), np.float64)
-    cols = np.empty((n, 3), np.float64)
     record = struct.Struct("<QdddBBBdQ")  # id, xyz, rgb, error, track length
     data, pos, size = r.data, r.pos, len(r.data)
+    if n > (size - pos) // record.size:  # checked before allocating n rows
+        raise DatasetError(f"{path}: header claims {n} points but the file holds at most "
+                           f"{(size - pos) // record.size} ({size} bytes)")
+    pts = np.empty((n, 3), np.float64)
+    cols = np.empty((n, 3), np.float64)
     for i in range(n):
         if pos + record.size > size:
             raise DatasetError(f"{path}: file is truncated (point {i} of {n})")
@@ -135,8 +140,13 @@ def _read_points_bin(path: str) -> tuple[np.ndarray, np.ndarray]:
 
 def _text_lines(path: str) -> list[tuple[int, list[str]]]:
     out = []
-    with open(path, encoding="utf-8") as f:
-        for no, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DatasetError(f"{path}:{no}: not UTF-8 text (byte {raw[exc.start]:#04x} at column "
+                                   f"{exc.start + 1}); re-save the file as UTF-8") from exc
             s = line.strip()
             if s.startswith("#"):
                 continue
@@ -277,6 +287,7 @@ def load_colmap(root: str, **options) -> SceneData:
     if not os.path.isdir(image_dir):
         raise DatasetError(f"{image_dir}: image folder not found")
     undistort = bool(options.get("undistort", False))
+    allow_external = bool(options.get("allow_external_paths", False))
     views = []
     for image_id, (q, t, cam_id, name) in sorted(images.items(), key=lambda kv: kv[1][3]):
         source = f"{sparse} image {image_id} ({name})"
@@ -285,10 +296,12 @@ def load_colmap(root: str, **options) -> SceneData:
         model, width, height, params = cams[cam_id]
         if not (np.isfinite(q).all() and np.isfinite(t).all() and np.isfinite(params).all()):
             raise DatasetError(f"{source}: non-finite pose or camera parameters")
+        if width < 1 or height < 1:
+            raise DatasetError(f"{sparse} cameras: camera {cam_id} has size {width}x{height}")
         if np.linalg.norm(q) < 1e-12:
             raise DatasetError(f"{source}: zero quaternion")
         K, dist = _intrinsics(model, params, cam_id, f"{sparse} cameras", undistort)
-        path = os.path.join(image_dir, name)
+        path = path_in_root(image_dir, name, source, allow_external)
         size = image_size_of(path)
         if size != (height, width):
             sx, sy = size[1] / width, size[0] / height

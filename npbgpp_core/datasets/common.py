@@ -65,7 +65,13 @@ def check_points(points: np.ndarray, colors: np.ndarray | None, path: str) -> tu
         bad = int((~np.isfinite(points).all(axis=1)).sum())
         raise DatasetError(f"{path}: {bad} point(s) have non-finite coordinates")
     if colors is not None:
-        colors = np.clip(np.asarray(colors, dtype=np.float32).reshape(-1, 3), 0.0, 1.0)
+        colors = np.asarray(colors, dtype=np.float32).reshape(-1, 3)
+        if colors.shape != points.shape:
+            raise DatasetError(f"{path}: {colors.shape[0]} colours for {points.shape[0]} points")
+        if not np.isfinite(colors).all():
+            bad = int((~np.isfinite(colors).all(axis=1)).sum())
+            raise DatasetError(f"{path}: {bad} point(s) have non-finite (NaN) colours")
+        colors = np.clip(colors, 0.0, 1.0)
     return points, colors, path
 
 
@@ -98,13 +104,50 @@ def make_splits(
 
 
 def finite_matrix(m: object, shape_options: Sequence[tuple[int, int]], source: str) -> np.ndarray:
-    a = np.asarray(m, dtype=np.float64)
+    if isinstance(m, str | bytes):
+        raise DatasetError(f"{source}: expected a matrix of numbers, got a string")
+    try:
+        a = np.asarray(m, dtype=np.float64)
+    except (ValueError, TypeError, OverflowError) as exc:  # ragged rows, strings, objects
+        raise DatasetError(f"{source}: expected a matrix of numbers ({type(exc).__name__}: {exc})") from exc
     if a.shape not in [tuple(s) for s in shape_options]:
         shapes = " or ".join(map(str, shape_options))
         raise DatasetError(f"{source}: expected a matrix of shape {shapes}, got {a.shape}")
     if not np.isfinite(a).all():
         raise DatasetError(f"{source}: matrix has non-finite values")
     return a
+
+
+def json_number(value: object, source: str) -> float:
+    """A JSON number (int or float, not bool or string) as a finite float."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise DatasetError(f"{source}: expected a number, got {type(value).__name__} {value!r:.40}")
+    try:
+        out = float(value)
+    except OverflowError as exc:  # an integer too large for a float
+        raise DatasetError(f"{source}: number {value!r:.40} is out of range") from exc
+    if not np.isfinite(out):
+        raise DatasetError(f"{source}: expected a finite number, got {out}")
+    return out
+
+
+def path_in_root(root: str, relative: str, source: str, allow_external: bool = False) -> str:
+    """``root/relative``, normalised; refuses a path that leaves ``root`` (absolute, or with
+    ``..`` climbing out) unless ``allow_external``: a scene file should not make the
+    loader read files elsewhere on the machine. Symbolic links inside ``root`` are the
+    user's own choice and are followed."""
+    if not isinstance(relative, str) or not relative or "\0" in relative:
+        raise DatasetError(f"{source}: expected a file path string, got {relative!r:.60}")
+    path = os.path.normpath(os.path.join(root, relative))
+    if not allow_external:
+        base = os.path.normpath(root)
+        if os.path.commonpath([base, os.path.abspath(path)]) != os.path.abspath(base):
+            raise DatasetError(
+                f"{source}: path {relative!r} points outside the scene folder {root}; "
+                "pass the loader option allow_external_paths=True (headless_train: "
+                "+datasets.options.allow_external_paths=true) if that is intended"
+            )
+    return path
 
 
 def check_rotation(R: np.ndarray, source: str, tol: float = 1e-4) -> None:

@@ -6,7 +6,8 @@ camera-to-world with OpenGL camera axes (x right, y up, z backward). Optional
 instant-ngp style keys ``fl_x, fl_y, cx, cy, w, h`` (top level or per frame) override
 the field of view; ``cx, cy`` there use the pixel-corner convention (image centre at
 ``w/2``), so the OpenCV principal point is ``cx - 0.5``. Without them the principal
-point is the image centre and ``fy = fx``.
+point is the image centre and ``fy = fx``. A ``file_path`` that leaves the scene folder
+(absolute, or ``..`` climbing out) is refused unless ``allow_external_paths=True``.
 
 Splits are the json files: views are train frames, then val, then test, in file order
 (0-99 / 100-199 / 200-399 for the published scenes). RGBA is composited over white
@@ -26,21 +27,24 @@ from .common import (
     check_options,
     check_rotation,
     finite_matrix,
+    json_number,
     load_point_cloud,
     make_splits,
+    path_in_root,
 )
 from .errors import DatasetError
 from .images import has_alpha, image_size_of
 from .scene_data import SceneData, View
 
 SPLITS = ("train", "val", "test")
-OPTIONS = ("white_bg", "pc_name", "require_points", "train_indices", "val_indices", "test_indices")
+OPTIONS = ("white_bg", "pc_name", "require_points", "train_indices", "val_indices", "test_indices",
+           "allow_external_paths")
 DEFAULT_PC_NAMES = ("points3d.ply", "points3D.ply", "pointcloud.ply", "point_cloud.ply")
 _OPENGL_TO_OPENCV = np.diag([1.0, -1.0, -1.0])
 
 
-def _resolve_image(root: str, file_path: str, source: str) -> str:
-    base = os.path.normpath(os.path.join(root, file_path))
+def _resolve_image(root: str, file_path: object, source: str, allow_external: bool = False) -> str:
+    base = path_in_root(root, file_path, f"{source} file_path", allow_external)  # type: ignore[arg-type]
     if os.path.splitext(base)[1] and os.path.isfile(base):
         return base
     for ext in (".png", ".PNG", ".jpg", ".jpeg", ".exr"):
@@ -50,29 +54,32 @@ def _resolve_image(root: str, file_path: str, source: str) -> str:
 
 
 def _intrinsics(meta: dict, frame: dict, w: int, h: int, source: str) -> np.ndarray:
-    def get(key: str):
-        return frame.get(key, meta.get(key))
+    def get(key: str) -> float | None:
+        val = frame.get(key, meta.get(key))
+        return None if val is None else json_number(val, f"{source} {key}")
+
+    def angle(key: str) -> float:
+        val = get(key)
+        assert val is not None
+        if not (0.0 < val < math.pi):
+            raise DatasetError(f"{source} {key}: {val} is not in (0, pi)")
+        return val
 
     for key in ("w", "h"):
         val = get(key)
-        if val is not None and int(val) != (w if key == "w" else h):
-            raise DatasetError(f"{source}: {key}={val} but the image is {w}x{h}")
+        if val is not None and val != (w if key == "w" else h):
+            raise DatasetError(f"{source}: {key}={val:g} but the image is {w}x{h}")
     fl_x, fl_y = get("fl_x"), get("fl_y")
     if fl_x is None:
-        angle = get("camera_angle_x")
-        if angle is None:
+        if get("camera_angle_x") is None:
             raise DatasetError(f"{source}: neither camera_angle_x nor fl_x given")
-        angle = float(angle)
-        if not (0.0 < angle < math.pi):
-            raise DatasetError(f"{source}: camera_angle_x={angle} is not in (0, pi)")
-        fl_x = 0.5 * w / math.tan(0.5 * angle)
-    fl_x = float(fl_x)
+        fl_x = 0.5 * w / math.tan(0.5 * angle("camera_angle_x"))
     if fl_y is None:
-        angle_y = get("camera_angle_y")
-        fl_y = 0.5 * h / math.tan(0.5 * float(angle_y)) if angle_y is not None and get("fl_x") is None else fl_x
-    fl_y = float(fl_y)
-    cx = float(get("cx")) - 0.5 if get("cx") is not None else (w - 1) / 2.0
-    cy = float(get("cy")) - 0.5 if get("cy") is not None else (h - 1) / 2.0
+        use_angle_y = get("camera_angle_y") is not None and get("fl_x") is None
+        fl_y = 0.5 * h / math.tan(0.5 * angle("camera_angle_y")) if use_angle_y else fl_x
+    cx_in, cy_in = get("cx"), get("cy")
+    cx = cx_in - 0.5 if cx_in is not None else (w - 1) / 2.0
+    cy = cy_in - 0.5 if cy_in is not None else (h - 1) / 2.0
     K = np.array([[fl_x, 0.0, cx], [0.0, fl_y, cy], [0.0, 0.0, 1.0]])
     if not np.isfinite(K).all() or fl_x <= 0 or fl_y <= 0:
         raise DatasetError(f"{source}: bad intrinsics fl_x={fl_x}, fl_y={fl_y}, cx={cx}, cy={cy}")
@@ -82,6 +89,7 @@ def _intrinsics(meta: dict, frame: dict, w: int, h: int, source: str) -> np.ndar
 def load_nerf_synthetic(root: str, **options) -> SceneData:
     check_options("nerf_synthetic", options, OPTIONS)
     white_bg = bool(options.get("white_bg", True))
+    allow_external = bool(options.get("allow_external_paths", False))
     present = [s for s in SPLITS if os.path.isfile(os.path.join(root, f"transforms_{s}.json"))]
     if "train" not in present:
         raise DatasetError(f"{os.path.join(root, 'transforms_train.json')}: file not found")
@@ -101,7 +109,7 @@ def load_nerf_synthetic(root: str, **options) -> SceneData:
             source = f"{path} frames[{k}]"
             if not isinstance(frame, dict) or "file_path" not in frame or "transform_matrix" not in frame:
                 raise DatasetError(f"{source}: needs 'file_path' and 'transform_matrix'")
-            image_path = _resolve_image(root, str(frame["file_path"]), source)
+            image_path = _resolve_image(root, frame["file_path"], source, allow_external)
             h, w = image_size_of(image_path)
             c2w = finite_matrix(frame["transform_matrix"], [(4, 4), (3, 4)], f"{source} transform_matrix")
             rot_gl = c2w[:3, :3]

@@ -1,0 +1,144 @@
+"""Bad input to the PLY, NeRF-Synthetic and COLMAP readers: every failure is a DatasetError
+(ValueError for PLY) naming the file and the field; input that used to be read wrongly
+without a word (undercounting PLY header, NaN colours, paths leaving the scene) is refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+
+import numpy as np
+import pytest
+from _train_fixtures import make_tiny_scene
+
+from npbgpp_core import load_ply, save_ply
+from npbgpp_core.datasets import DatasetError, load_scene
+
+
+@pytest.fixture(scope="module")
+def nerf_scene(tmp_path_factory) -> str:
+    return make_tiny_scene(str(tmp_path_factory.mktemp("nerf") / "scene"), views=2, size=16, n_points=20,
+                           splits=(2, 0, 0))
+
+
+def _mutated(src: str, dst: str, change) -> str:
+    shutil.copytree(src, dst)
+    path = os.path.join(dst, "transforms_train.json")
+    with open(path) as f:
+        meta = json.load(f)
+    change(meta)
+    with open(path, "w") as f:
+        json.dump(meta, f)
+    return dst
+
+
+def _frame0(key: str, value):
+    return lambda meta: meta["frames"][0].__setitem__(key, value)
+
+
+@pytest.mark.parametrize("change, field", [
+    (_frame0("transform_matrix", "1 0 0 0"), "frames\\[0\\] transform_matrix: expected a matrix of numbers"),
+    (_frame0("transform_matrix", [[1, 0, 0, 0], [0, 1], [0, 0, 1, 0], [0, 0, 0, 1]]),
+     "frames\\[0\\] transform_matrix: expected a matrix of numbers"),
+    (lambda m: m.__setitem__("camera_angle_x", "0.69"), "camera_angle_x: expected a number, got str"),
+    (lambda m: m.__setitem__("camera_angle_y", 0), "camera_angle_y: 0.0 is not in \\(0, pi\\)"),
+    (lambda m: m.__setitem__("w", "wide"), "w: expected a number"),
+    (_frame0("file_path", 7), "file_path: expected a file path string"),
+])
+def test_nerf_synthetic_bad_values_name_file_and_field(nerf_scene, tmp_path, change, field):
+    root = _mutated(nerf_scene, str(tmp_path / "s"), change)
+    with pytest.raises(DatasetError, match=f"transforms_train.json.* {field}"):
+        load_scene(root)
+
+
+def test_nerf_synthetic_file_path_outside_the_scene_needs_an_option(nerf_scene, tmp_path):
+    outside = str(tmp_path / "elsewhere.png")
+    shutil.copy(os.path.join(nerf_scene, "images", "r_0.png"), outside)
+    for path in (outside, "../elsewhere.png", "images/../../elsewhere"):
+        root = _mutated(nerf_scene, str(tmp_path / f"s{len(os.listdir(tmp_path))}"), _frame0("file_path", path))
+        with pytest.raises(DatasetError, match="points outside the scene folder.*allow_external_paths"):
+            load_scene(root)
+        scene = load_scene(root, allow_external_paths=True)
+        assert scene.views[0].image_path == outside
+    # Inside the folder, even through '..': accepted as before.
+    root = _mutated(nerf_scene, str(tmp_path / "inside"), _frame0("file_path", "images/../images/r_0"))
+    assert load_scene(root).views[0].image_path == os.path.join(root, "images", "r_0.png")
+
+
+# ------------------------------------------------------------------ COLMAP
+def _colmap(root: str, images_txt: bytes, points: bytes | None = None) -> str:
+    sparse = os.path.join(root, "sparse", "0")
+    os.makedirs(sparse)
+    os.makedirs(os.path.join(root, "images"))
+    from PIL import Image
+
+    Image.new("RGB", (32, 24)).save(os.path.join(root, "images", "a.png"))
+    with open(os.path.join(sparse, "cameras.txt"), "w") as f:
+        f.write("1 PINHOLE 32 24 30 30 16 12\n")
+    with open(os.path.join(sparse, "images.txt"), "wb") as f:
+        f.write(images_txt)
+    if points is not None:
+        with open(os.path.join(sparse, "points3D.bin"), "wb") as f:
+            f.write(points)
+    return root
+
+
+def test_colmap_latin1_images_txt_names_file_and_line(tmp_path):
+    text = "# comment\n1 1 0 0 0 0 0 3 1 caf\xe9.png\n\n".encode("latin-1")
+    root = _colmap(str(tmp_path / "c"), text)
+    with pytest.raises(DatasetError, match="images.txt:2: not UTF-8 text \\(byte 0xe9"):
+        load_scene(root, require_points=False)
+
+
+def test_colmap_points_count_is_bounded_by_the_file_before_allocating(tmp_path):
+    record = struct.pack("<QdddBBBdQ", 1, 0.0, 0.0, 0.0, 255, 0, 0, 0.5, 0)
+    root = _colmap(str(tmp_path / "c"), b"1 1 0 0 0 0 0 3 1 a.png\n\n", struct.pack("<Q", 2**62) + record)
+    with pytest.raises(DatasetError, match="points3D.bin: header claims 4611686018427387904 points but the file "
+                                           "holds at most 1"):
+        load_scene(root)
+    with open(os.path.join(root, "sparse", "0", "points3D.bin"), "wb") as f:
+        f.write(struct.pack("<Q", 1) + record)
+    assert load_scene(root).points.shape == (1, 3)  # the honest file still loads
+
+
+def test_colmap_image_name_leaving_the_images_folder_is_refused(tmp_path):
+    root = _colmap(str(tmp_path / "c"), b"1 1 0 0 0 0 0 3 1 ../../secret.png\n\n")
+    with pytest.raises(DatasetError, match="image 1 .*points outside the scene folder"):
+        load_scene(root, require_points=False)
+
+
+# ------------------------------------------------------------------ PLY
+def test_ply_coordinate_declared_as_list_is_named(tmp_path):
+    path = tmp_path / "list.ply"
+    path.write_text("ply\nformat ascii 1.0\nelement vertex 1\nproperty list uchar float x\nproperty float y\n"
+                    "property float z\nend_header\n2 0.5 0.25 1 2\n")
+    with pytest.raises(ValueError, match="list.ply: vertex property 'x' is declared as a list"):
+        load_ply(path)
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_ply_header_undercounting_its_vertices_is_refused(tmp_path, binary):
+    pts = np.arange(15, dtype=np.float32).reshape(5, 3)
+    path = tmp_path / "five.ply"
+    save_ply(path, pts, binary=binary)
+    np.testing.assert_array_equal(load_ply(path).points, pts)
+    path.write_bytes(path.read_bytes().replace(b"element vertex 5", b"element vertex 3", 1))
+    with pytest.raises(ValueError, match="five.ply: the header counts 3 vertex"):
+        load_ply(path)
+
+
+def test_ply_nan_colours_are_refused_in_the_reader_and_the_dataset(tmp_path, nerf_scene):
+    pts = np.zeros((4, 3), np.float32)
+    cols = np.full((4, 3), 0.5)
+    cols[2, 1] = np.nan
+    path = tmp_path / "nan.ply"
+    save_ply(path, pts, cols, color_dtype="f4")
+    with pytest.raises(ValueError, match="nan.ply: 1 vertices have non-finite .*red, green, blue .*vertex 2"):
+        load_ply(path)
+    root = str(tmp_path / "scene")
+    shutil.copytree(nerf_scene, root)
+    save_ply(os.path.join(root, "points3d.ply"), pts, cols, color_dtype="f4")
+    with pytest.raises(DatasetError, match="points3d.ply: 1 vertices have non-finite"):
+        load_scene(root)
