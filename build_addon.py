@@ -72,10 +72,8 @@ def build(out_dir: str = os.path.join(ROOT, "dist")) -> str:
         entries.append((path, f"{PACKAGE}/{os.path.relpath(path, ADDON_SRC)}"))
     for name in VENDORED:
         src = os.path.join(ROOT, name)
-        if not os.path.isdir(src):
-            if name == "npbgpp_core":
-                raise FileNotFoundError(f"{src} is missing: the add-on cannot work without npbgpp_core")
-            continue
+        if not os.path.isdir(src):  # npbgpp_core imports kernels.contract: both are needed
+            raise FileNotFoundError(f"{src} is missing: the add-on cannot work without {name}")
         for path in _files(src):
             entries.append((path, f"{PACKAGE}/vendor/{name}/{os.path.relpath(path, src)}"))
     fd, tmp = tempfile.mkstemp(suffix=".zip", dir=out_dir)

@@ -37,8 +37,7 @@ from bench_common import (
 
 from npbgpp_core.models import NPBGPlusPlus, NPBGPlusPlusConfig
 from npbgpp_core.models.aggregator import AggregatedScene
-from npbgpp_core.models.npbgpp import rasterize_descriptors
-from npbgpp_core.rasterizer import gather, rasterize
+from npbgpp_core.rasterizer import gather, rasterize, rasterize_descriptors
 
 GPU_POINTS, GPU_SIZES = "1m,3m", "512x512,1920x1080"
 # key: (label, refiner dtype, channels_last, refiner mode); "render" (model.render) is not a refiner variant

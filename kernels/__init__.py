@@ -1,13 +1,17 @@
-"""CUDA point rasterizer for npbgpp_core (SPEC section 2), built on first use.
+"""CUDA point rasterizer for npbgpp_core, built on first use.
 
-``load_rasterizer()`` compiles ``kernels/csrc`` with ``torch.utils.cpp_extension.load``
-(ninja, JIT) the first time and returns a :class:`CudaRasterizer` with
+The contract it shares with the torch reference (parameters, float order, keys, empty
+key, pyramid plan, chunk size) is :mod:`kernels.contract`; this package never imports
+``npbgpp_core``. ``load_rasterizer()`` compiles ``kernels/csrc`` with
+``torch.utils.cpp_extension.load`` (ninja, JIT) the first time and returns a
+:class:`CudaRasterizer` with
 
 - ``rasterize_keys(points, params) -> list[int64 (h, w)]``: the packed
-  ``depth_bits << 32 | index`` key images, bit-identical to
+  ``depth_bits << 32 | index`` key images, bit-identical to its reference twin
   ``npbgpp_core.rasterizer.rasterize_keys_torch`` (EMPTY_KEY = INT64_MAX where empty);
-- ``gather_features(index, features, background) -> (C+1, h, w)``: differentiable
-  w.r.t. ``features`` and ``background`` (backward is a scatter-add to the winners).
+- ``gather_features(index, features, background) -> (C+1, h, w)``: equal to its
+  reference twin ``npbgpp_core.rasterizer.gather_features``; differentiable w.r.t.
+  ``features`` and ``background`` (backward is a scatter-add to the winners).
 
 Build cache: ``<root>/npbgpp_rasterizer`` with root ``$TORCH_EXTENSIONS_DIR`` when set,
 else ``$NPBGPP_KERNELS_DIR`` when set, else ``~/.cache/npbgpp_kernels``. torch rebuilds
@@ -31,6 +35,8 @@ from typing import Any
 
 import torch
 
+from .contract import DEFAULT_CHUNK_POINTS, EMPTY_KEY, pyramid_plan
+
 EXTENSION_NAME = "npbgpp_rasterizer"
 SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
 SOURCES = (SOURCE_DIR / "rasterizer_binding.cpp", SOURCE_DIR / "rasterizer_kernels.cu")
@@ -39,8 +45,6 @@ HEADERS = ("rasterizer_kernels.h", "rasterizer_math.h", "rasterizer_types.h")
 # The C++ standard is torch's choice (it adds -std=c++20 itself).
 CUDA_FLAGS = ("-O3", "-fmad=false")
 CXX_FLAGS = ("-O3",)
-DEFAULT_CHUNK_POINTS = 1 << 22
-EMPTY_KEY = torch.iinfo(torch.int64).max
 
 _log = logging.getLogger("kernels")
 _lock = threading.Lock()
@@ -111,30 +115,6 @@ def load_rasterizer(verbose: bool = False) -> CudaRasterizer:
         return _loaded["op"]
 
 
-def _pow2_ratio(fine: int, coarse: int) -> int | None:
-    if coarse <= 0 or fine % coarse:
-        return None
-    r = fine // coarse
-    return r if r & (r - 1) == 0 else None
-
-
-def pyramid_plan(sizes: tuple[tuple[int, int], ...]) -> list[tuple[int, int | None]]:
-    """(scale, source) in processing order: source None = rasterize the points directly,
-    else the index of a finer scale whose size is a power-of-two multiple in both axes
-    (min-pooling it gives exactly the same keys)."""
-    order = sorted(range(len(sizes)), key=lambda i: -sizes[i][0] * sizes[i][1])
-    plan: list[tuple[int, int | None]] = []
-    done: list[int] = []
-    for i in order:
-        h, w = sizes[i]
-        sources = [j for j in done if _pow2_ratio(sizes[j][0], h) and _pow2_ratio(sizes[j][1], w)]
-        # the smallest finer image is the cheapest to pool from (any gives the same keys)
-        source = min(sources, key=lambda j: sizes[j][0] * sizes[j][1]) if sources else None
-        plan.append((i, source))
-        done.append(i)
-    return plan
-
-
 class _GatherFeatures(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, ext: Any, index: torch.Tensor, features: torch.Tensor, background: torch.Tensor | None):
@@ -168,9 +148,11 @@ class CudaRasterizer:
     def rasterize_keys(
         self, points: torch.Tensor, params: Any, chunk_points: int | None = None, device: torch.device | None = None
     ) -> list[torch.Tensor]:
-        """Key images per scale of ``params.sizes`` on ``device`` (default: the points' GPU,
-        else ``params.R``'s GPU, else the current one). Points elsewhere than ``device``, or
-        any points when ``chunk_points`` is given, go in chunks of ``chunk_points``."""
+        """Key images per scale of ``params.sizes`` (a ``kernels.contract.RasterParams``) on
+        ``device`` (default: the points' GPU, else ``params.R``'s GPU, else the current
+        one). Fast twin of ``npbgpp_core.rasterizer.rasterize_keys_torch`` (same keys).
+        Points elsewhere than ``device``, or any points when ``chunk_points`` is given, go
+        in chunks of ``chunk_points``."""
         if points.ndim != 2 or points.shape[1] != 3:
             raise ValueError(f"points must be (N, 3), got {tuple(points.shape)}")
         n = points.shape[0]
@@ -214,7 +196,8 @@ class CudaRasterizer:
         self, index: torch.Tensor, features: torch.Tensor, background: torch.Tensor | None = None
     ) -> torch.Tensor:
         """(C+1, h, w) winner features (background where empty) and a 0/1 mask channel.
-        Index values outside [0, N) count as empty (the reference would raise instead)."""
+        Fast twin of ``npbgpp_core.rasterizer.gather_features``. Index values outside
+        [0, N) count as empty (the reference raises for values >= N instead)."""
         if features.ndim != 2:
             raise ValueError(f"features must be (N, C), got {tuple(features.shape)}")
         if index.ndim != 2:
@@ -230,4 +213,5 @@ class CudaRasterizer:
         return _GatherFeatures.apply(self.ext, index, features, background)
 
 
-__all__ = ["CudaRasterizer", "build_directory", "build_extension", "load_rasterizer", "pyramid_plan", "EMPTY_KEY"]
+__all__ = ["CudaRasterizer", "DEFAULT_CHUNK_POINTS", "EMPTY_KEY", "build_directory", "build_extension",
+           "load_rasterizer", "pyramid_plan"]

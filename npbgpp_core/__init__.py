@@ -5,7 +5,9 @@ Public API (others rely on these names)::
 
     Camera                 pinhole camera: OpenCV K, R, t; PyTorch3D conversions at the edges
     rasterize              nearest-point index per pixel at several scales (-1 = empty)
-    rasterize_features     (C+1, h, w) feature + mask images per scale, differentiable
+    rasterize_descriptors  (C+1, h, w) descriptor + mask images per scale, descriptors
+                           computed for the winning points only (the render path)
+    rasterize_features     the same from an (N, C) feature table, differentiable
     DEFAULT_SCALES         (1, 1/2, 1/4, 1/8, 1/16)
     NPBGPlusPlus           the NPBG++ network (extractor, view-dependent aggregator, refiner)
     NPBG                   per-scene learnable descriptors + the same refiner
@@ -34,6 +36,7 @@ _EXPORTS = {
     "OpenCVIntrinsics": ".camera",
     "rasterize": ".rasterizer",
     "rasterize_keys": ".rasterizer",
+    "rasterize_descriptors": ".rasterizer",
     "rasterize_features": ".rasterizer",
     "DEFAULT_SCALES": ".rasterizer",
     "load_ply": ".ply",

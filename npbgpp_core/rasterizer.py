@@ -1,11 +1,18 @@
-"""Multi-scale nearest-point rasterization (SPEC section 2), pure-PyTorch reference.
+"""Multi-scale nearest-point rasterization: the pure-PyTorch reference and the one entry
+point to both backends.
 
-Contract (shared with the CUDA kernel in ``kernels/``, which must give identical
-indices): a point with full-resolution OpenCV pixel coordinates ``(u, v)`` and view
-depth ``z`` lands at scale ``(h_s, w_s)`` on column ``floor(((u + 0.5) / W) * w_s)`` and
-row ``floor(((v + 0.5) / H) * h_s)``; it counts iff ``z > near``, everything is finite
-and it lands inside. Per pixel the smallest depth wins, equal depths go to the lowest
-point index. All arithmetic is float32 in a fixed order (see :func:`project_for_raster`).
+The contract (pixel mapping, float order, keys, empty key, pyramid plan, chunk size) is
+``kernels/contract.py``, shared with the CUDA kernel, which gives identical keys: a point
+with full-resolution OpenCV pixel coordinates ``(u, v)`` and depth ``z`` lands at scale
+``(h_s, w_s)`` on column ``floor(((u + 0.5) / W) * w_s)`` and row
+``floor(((v + 0.5) / H) * h_s)``; it counts iff ``z > near``, everything is finite and
+it lands inside. Per pixel the smallest depth wins, equal depths go to the lowest point
+index. All arithmetic is float32 in a fixed order (see :func:`project_for_raster`).
+
+Entry points: :func:`rasterize` (index images), :func:`rasterize_keys` (packed keys, for
+depth), :func:`rasterize_descriptors` (per-point descriptors computed only for the
+winners, gathered into ``(C+1, h, w)`` images: what NPBG++ and NPBG render and train
+with) and :func:`rasterize_features` (the same with a given (N, C) feature table).
 
 Implementation: depth and index pack into one int64 key (positive float32 bits keep
 their order as integers), so one ``scatter_reduce_('amin')`` builds a z-buffer. A
@@ -17,56 +24,30 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
+from ._backend import DEFAULT_CHUNK_POINTS, EMPTY_KEY, RasterParams, pyramid_plan, scale_sizes
 from .camera import Camera
 
 DEFAULT_SCALES: tuple[float, ...] = (1.0, 1 / 2, 1 / 4, 1 / 8, 1 / 16)
-EMPTY_KEY = torch.iinfo(torch.int64).max
 _log = logging.getLogger("npbgpp_core.rasterizer")
 
-
-@dataclass(frozen=True)
-class RasterParams:
-    """The float32 numbers both backends use; computed once per call."""
-
-    R: torch.Tensor  # (3, 3) float32 OpenCV world-to-camera rotation on the points' device
-    t: torch.Tensor  # (3,) OpenCV translation
-    fx: float  # float32-representable
-    fy: float
-    cx: float
-    cy: float
-    height: int
-    width: int
-    near: float
-    sizes: tuple[tuple[int, int], ...]
+__all__ = [
+    "DEFAULT_CHUNK_POINTS", "DEFAULT_SCALES", "EMPTY_KEY", "RasterParams", "gather", "gather_features",
+    "keys_to_depth", "keys_to_index", "project_for_raster", "raster_params", "rasterize", "rasterize_descriptors",
+    "rasterize_features", "rasterize_keys", "rasterize_keys_torch", "scale_sizes",
+]
 
 
 def _f32(x: float) -> float:
     return float(np.float32(x))
 
 
-def scale_sizes(image_size: Sequence[int], scales: Sequence[float]) -> tuple[tuple[int, int], ...]:
-    """Image sizes ``(int(s*H), int(s*W))`` of the pyramid; each must be at least 1x1."""
-    H, W = int(image_size[0]), int(image_size[1])
-    sizes = []
-    for s in scales:
-        if not (isinstance(s, int | float) and s > 0):
-            raise ValueError(f"scales must be positive numbers, got {s!r}")
-        h, w = int(s * H), int(s * W)
-        if h < 1 or w < 1:
-            raise ValueError(f"scale {s} of a {H}x{W} image gives an empty {h}x{w} image")
-        sizes.append((h, w))
-    if not sizes:
-        raise ValueError("scales must not be empty")
-    return tuple(sizes)
-
-
 def raster_params(camera: Camera, scales: Sequence[float], near: float, device: torch.device) -> RasterParams:
+    """The contract's float32 numbers for ``camera`` (both backends take these)."""
     if not near >= 0 or not np.isfinite(near):
         raise ValueError(f"near must be a finite number >= 0, got {near}")
     k = camera.intrinsics()
@@ -86,7 +67,8 @@ def raster_params(camera: Camera, scales: Sequence[float], near: float, device: 
 
 def project_for_raster(points: torch.Tensor, p: RasterParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """float32 ``(u, v, z)`` for (N, 3) float32 points, each op rounded to float32 in the
-    order the CUDA kernel uses (no fused multiply-add): camera ``x_c = x*R00 + y*R01 +
+    contract's order (no fused multiply-add). Reference twin of ``project_point`` in
+    kernels/csrc/rasterizer_math.h (and the reverse): camera ``x_c = x*R00 + y*R01 +
     z*R02 + t0`` left to right (likewise y_c, z_c), ``u = (x_c / z_c) * fx + cx``."""
     R, t = p.R, p.t
     x, y, z = points[:, 0], points[:, 1], points[:, 2]
@@ -110,30 +92,18 @@ def _scatter_direct(buf: torch.Tensor, qx, qy, key, valid, size: tuple[int, int]
     buf.scatter_reduce_(0, pix, key, reduce="amin", include_self=True)
 
 
-def _pow2_ratio(fine: int, coarse: int) -> int | None:
-    if coarse <= 0 or fine % coarse:
-        return None
-    r = fine // coarse
-    return r if r & (r - 1) == 0 else None
-
-
-def _pow2_divides(fine: tuple[int, int], coarse: tuple[int, int]) -> bool:
-    return _pow2_ratio(fine[0], coarse[0]) is not None and _pow2_ratio(fine[1], coarse[1]) is not None
-
-
 def _keys_from_finer(fine: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Min-pool a finer key image whose size is a power-of-two multiple of ``size``."""
+    """Min-pool a finer key image whose size is a power-of-two multiple of ``size``.
+    Reference twin of the kernel's ``min_pool_keys`` (``pooled_key`` in rasterizer_math.h)."""
     h, w = size
     return fine.view(h, fine.shape[0] // h, w, fine.shape[1] // w).amin(dim=(1, 3))
 
 
-DEFAULT_REFERENCE_CHUNK = 1 << 22
-
-
 def rasterize_keys_torch(
-    points: torch.Tensor, p: RasterParams, chunk_points: int | None = DEFAULT_REFERENCE_CHUNK
+    points: torch.Tensor, p: RasterParams, chunk_points: int | None = DEFAULT_CHUNK_POINTS
 ) -> list[torch.Tensor]:
     """Packed (depth bits << 32 | index) key images per scale; EMPTY_KEY where empty.
+    Reference twin of ``kernels.CudaRasterizer.rasterize_keys`` (which gives the same keys).
 
     Points go through in chunks of ``chunk_points`` (None: all at once) into the same key
     images, so temporary memory stays near 70 bytes x chunk (about 0.3 GB by default)
@@ -142,18 +112,12 @@ def rasterize_keys_torch(
     if n >= 2**31:
         raise ValueError("at most 2**31 - 1 points per rasterization")
     device = points.device
-    # Largest image first; a scale whose size is a power-of-two fraction of a finer one
-    # is min-pooled from it afterwards (same keys), the others are scattered directly.
-    order = sorted(range(len(p.sizes)), key=lambda i: -p.sizes[i][0] * p.sizes[i][1])
+    plan = pyramid_plan(p.sizes)
     direct: dict[int, torch.Tensor] = {}
-    pooled: list[tuple[int, int]] = []
-    for pos, i in enumerate(order):
-        source = next((j for j in order[:pos] if _pow2_divides(p.sizes[j], p.sizes[i])), None)
+    for i, source in plan:
         if source is None:
             h, w = p.sizes[i]
             direct[i] = torch.full((h * w + 1,), EMPTY_KEY, dtype=torch.int64, device=device)
-        else:
-            pooled.append((i, source))
     # Divide by 0-dim tensors, not Python numbers: on CUDA torch computes a division by a
     # CPU scalar as a multiplication by its float32 reciprocal (an ulp off at times), which
     # would make the reference device-dependent; this way CPU, GPU and kernel all divide.
@@ -171,8 +135,9 @@ def rasterize_keys_torch(
         for i, buf in direct.items():
             _scatter_direct(buf, qx, qy, key, valid, p.sizes[i])
     out: dict[int, torch.Tensor] = {i: buf[:-1].view(p.sizes[i]) for i, buf in direct.items()}
-    for i, source in pooled:
-        out[i] = _keys_from_finer(out[source], p.sizes[i])
+    for i, source in plan:
+        if source is not None:
+            out[i] = _keys_from_finer(out[source], p.sizes[i])
     return [out[i] for i in range(len(p.sizes))]
 
 
@@ -268,24 +233,93 @@ def keys_to_depth(keys: torch.Tensor) -> torch.Tensor:
     return depth
 
 
+def _gather_features_all(
+    indices: Sequence[torch.Tensor], features: torch.Tensor, background: torch.Tensor | None
+) -> list[torch.Tensor]:
+    """:func:`gather_features` for several index images, sharing one lookup table."""
+    n, c = features.shape
+    if background is None:
+        background = features.new_zeros(c)
+    table = torch.cat([
+        torch.cat([features, features.new_ones(n, 1)], dim=1),
+        torch.cat([background.to(features.dtype).reshape(1, c), features.new_zeros(1, 1)], dim=1),
+    ])
+    out = []
+    for index in indices:
+        h, w = index.shape
+        flat = index.reshape(-1).to(device=features.device, dtype=torch.int64)
+        # empty -> the background row n; >= n -> row n + 1, which index_select rejects
+        rows = torch.where(flat < 0, n, torch.where(flat >= n, n + 1, flat))
+        pixels = table.index_select(0, rows).view(h, w, c + 1).permute(2, 0, 1)
+        channels_last = not torch.is_grad_enabled() and pixels.device.type == "cpu"
+        out.append(pixels if channels_last else pixels.contiguous())
+    return out
+
+
 def gather_features(
     index: torch.Tensor, features: torch.Tensor, background: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """(C+1, h, w): features of the winning points (background where empty) and a mask
-    channel. Differentiable w.r.t. ``features`` and ``background``."""
-    h, w = index.shape
-    c = features.shape[1]
-    flat = index.reshape(-1)
-    hit = flat >= 0
-    if features.shape[0] == 0:
-        gathered = features.new_zeros(h * w, c)
-    else:
-        gathered = features[flat.clamp_min(0)]
-    if background is None:
-        background = features.new_zeros(c)
-    img = torch.where(hit[:, None], gathered, background.to(features.dtype).reshape(1, c))
-    mask = hit.to(features.dtype)[:, None]
-    return torch.cat([img, mask], dim=1).T.reshape(c + 1, h, w)
+    """(C+1, h, w): features of the winning points (background where empty) and a 0/1 mask
+    channel. Differentiable w.r.t. ``features`` and ``background``. Reference twin of
+    ``kernels.CudaRasterizer.gather_features`` (and the reverse); index values below 0 are
+    empty, values >= N raise here (the kernel counts them as empty).
+
+    One lookup table, rows ``[feature, 1]`` per point then ``[background, 0]``, read with
+    one ``index_select``. Without autograd on the CPU the result keeps the table's
+    channels-last strides (what the CPU refiner wants); otherwise it is contiguous."""
+    return _gather_features_all([index], features, background)[0]
+
+
+def _gather_all(
+    indices: Sequence[torch.Tensor], features: torch.Tensor, background: torch.Tensor | None, backend: str
+) -> list[torch.Tensor]:
+    from . import _backend
+
+    if backend not in ("auto", "torch", "cuda"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'cuda', got {backend!r}")
+    if backend != "torch" and features.is_cuda:
+        op = _backend.cuda_rasterizer()
+        if op is not None:
+            return [op.gather_features(index, features, background) for index in indices]
+        if backend == "cuda":
+            why = _backend.why_unavailable()
+            raise RuntimeError(f"backend='cuda' requested but the CUDA kernel is unavailable: {why}")
+    elif backend == "cuda":
+        raise ValueError(f"backend='cuda' needs features on a CUDA device, got features on {features.device}")
+    return _gather_features_all(indices, features, background)
+
+
+def gather(
+    index: torch.Tensor, features: torch.Tensor, background: torch.Tensor | None = None, backend: str = "auto"
+) -> torch.Tensor:
+    """:func:`gather_features` on a backend: the CUDA kernel for CUDA features when it
+    loads ('auto' or 'cuda'; its backward is a scatter-add), else the torch reference."""
+    return _gather_all([index], features, background, backend)[0]
+
+
+def rasterize_descriptors(
+    points: torch.Tensor,
+    camera: Camera,
+    scales: Sequence[float],
+    near: float,
+    descriptor_fn: Callable[[torch.Tensor], torch.Tensor],
+    background: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> list[torch.Tensor]:
+    """Per scale a ``(C+1, h_s, w_s)`` image: the descriptors of the winning points
+    (background where empty), then a 0/1 mask. Descriptors are computed
+    (``descriptor_fn(rows) -> (M, C)`` for a LongTensor of point indices) only for the
+    points that win at least one pixel: rendering cost does not grow with hidden or
+    off-screen points. Differentiable w.r.t. the descriptors (and ``background``)."""
+    indices = rasterize(points, camera, scales, near, backend)
+    flat = torch.cat([i.reshape(-1) for i in indices])
+    used = torch.unique(flat[flat >= 0])
+    desc = descriptor_fn(used)
+    # Point index -> row of ``desc``; -1 (empty) reads the extra last slot, which stays -1.
+    n = points.shape[0]
+    remap = torch.full((n + 1,), -1, dtype=torch.long, device=used.device)
+    remap[used] = torch.arange(used.shape[0], device=used.device)
+    return _gather_all([remap[index] for index in indices], desc, background, backend)
 
 
 def rasterize_features(
@@ -297,33 +331,13 @@ def rasterize_features(
     near: float = 1e-3,
     backend: str = "auto",
 ) -> list[torch.Tensor]:
-    """Per scale a ``(C+1, h_s, w_s)`` image: winning point features, then a 0/1 mask."""
+    """Per scale a ``(C+1, h_s, w_s)`` image: winning point features, then a 0/1 mask
+    (:func:`rasterize_descriptors` with the rows of an (N, C) feature table)."""
     if features.ndim != 2 or features.shape[0] != points.shape[0]:
         raise ValueError(
             f"features must be (N, C) with N={points.shape[0]} matching points, got {tuple(features.shape)}"
         )
     if background is not None and background.numel() != features.shape[1]:
         raise ValueError(f"background must have C={features.shape[1]} values, got {background.numel()}")
-    indices = rasterize(points, camera, scales, near, backend)
-    return [gather(idx, features, background, backend) for idx in indices]
-
-
-def gather(
-    index: torch.Tensor, features: torch.Tensor, background: torch.Tensor | None = None, backend: str = "auto"
-) -> torch.Tensor:
-    """:func:`gather_features` on a backend: the CUDA kernel for CUDA features when it
-    loads ('auto' or 'cuda'; its backward is a scatter-add), else the torch reference."""
-    from . import _backend
-
-    if backend not in ("auto", "torch", "cuda"):
-        raise ValueError(f"backend must be 'auto', 'torch' or 'cuda', got {backend!r}")
-    if backend != "torch" and features.is_cuda:
-        op = _backend.cuda_rasterizer()
-        if op is not None:
-            return op.gather_features(index, features, background)
-        if backend == "cuda":
-            why = _backend.why_unavailable()
-            raise RuntimeError(f"backend='cuda' requested but the CUDA kernel is unavailable: {why}")
-    elif backend == "cuda":
-        raise ValueError(f"backend='cuda' needs features on a CUDA device, got features on {features.device}")
-    return gather_features(index, features, background)
+    return rasterize_descriptors(points, camera, scales, near, lambda rows: features[rows.to(features.device)],
+                                 background, backend)

@@ -441,8 +441,7 @@ def test_bad_images_raise():
 def test_rasterize_descriptors_matches_rasterize_features():
     """Descriptors computed only for winning points give the same rasters and gradients
     as rasterizing every point's descriptor."""
-    from npbgpp_core.models.npbgpp import rasterize_descriptors
-    from npbgpp_core.rasterizer import DEFAULT_SCALES, rasterize_features
+    from npbgpp_core.rasterizer import DEFAULT_SCALES, rasterize_descriptors, rasterize_features
 
     pts, _, cams, _ = sphere_scene()
     feats = torch.randn(len(pts), 8, requires_grad=True)

@@ -15,8 +15,7 @@ from npbgpp_core.camera import Camera
 from npbgpp_core.models import NPBG, NPBGPlusPlus, NPBGPlusPlusConfig, Refiner
 from npbgpp_core.models.aggregator import AggregatedScene, descriptors_from_coefficients
 from npbgpp_core.models.alignment import alignment_angle, render_canvas_camera
-from npbgpp_core.models.npbgpp import rasterize_descriptors
-from npbgpp_core.rasterizer import DEFAULT_SCALES, rasterize_features
+from npbgpp_core.rasterizer import DEFAULT_SCALES, rasterize_descriptors, rasterize_features
 
 
 def random_scene(n: int = 3000, seed: int = 0) -> AggregatedScene:

@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 from ..camera import Camera
+from ..rasterizer import rasterize_descriptors
 from .aggregator import BasisMLP, descriptors_from_coefficients
 from .config import NPBGConfig, NPBGPlusPlusConfig
-from .npbgpp import autocast_context, check_points, rasterize_descriptors, refine_dense, render_at_scale
+from .npbgpp import autocast_context, check_points, refine_dense, render_at_scale
 from .refiner import Refiner
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..camera import Camera
-from ..rasterizer import rasterize
+from ..rasterizer import rasterize, rasterize_descriptors
 from .aggregator import AggregatedScene, BasisMLP, RunningSums, descriptors_from_coefficients
 from .alignment import align_views, render_canvas_camera, warp_images
 from .config import NPBGPlusPlusConfig
@@ -259,44 +259,6 @@ def render_at_scale(
         return render_fn(camera)
     out = render_fn(camera.scaled(small))
     return F.interpolate(out.unsqueeze(0).float(), size=(h, w), mode="bilinear", align_corners=False)[0]
-
-
-def rasterize_descriptors(
-    points: torch.Tensor,
-    camera: Camera,
-    scales: Sequence[float],
-    near: float,
-    descriptor_fn: Callable[[torch.Tensor], torch.Tensor],
-    background: torch.Tensor | None = None,
-) -> list[torch.Tensor]:
-    """Like :func:`rasterize_features`, but descriptors are computed (``descriptor_fn(rows)``
-    -> (M, C)) only for the points that win at least one pixel: rendering cost does not
-    grow with hidden or off-screen points. Differentiable w.r.t. the descriptors."""
-    indices = rasterize(points, camera, scales, near)
-    flat = torch.cat([i.reshape(-1) for i in indices])
-    used = torch.unique(flat[flat >= 0])
-    desc = descriptor_fn(used)
-    m, c = desc.shape
-    if background is None:
-        background = desc.new_zeros(c)
-    # One lookup table: rows [descriptor, 1] per used point, then [background, 0].
-    table = torch.cat([
-        torch.cat([desc, desc.new_ones(m, 1)], dim=1),
-        torch.cat([background.to(desc.dtype).reshape(1, c), desc.new_zeros(1, 1)], dim=1),
-    ])
-    # Point index -> table row; -1 (empty) reads the extra last slot -> background row.
-    remap = torch.full((points.shape[0] + 1,), m, dtype=torch.long, device=points.device)
-    remap[used] = torch.arange(m, device=points.device)
-    rasters = []
-    for index in indices:
-        h, w = index.shape
-        pixels = table.index_select(0, remap[index.reshape(-1)]).view(h, w, c + 1)
-        # (C+1, h, w) with channels-last strides (what the CPU refiner wants); plain
-        # contiguous on GPUs and when autograd is on (the reference layout).
-        pixels = pixels.permute(2, 0, 1)
-        channels_last = not torch.is_grad_enabled() and pixels.device.type == "cpu"
-        rasters.append(pixels if channels_last else pixels.contiguous())
-    return rasters
 
 
 def refine_dense(
