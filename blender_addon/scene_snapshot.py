@@ -32,6 +32,7 @@ class SceneSnapshot(WorkerSettings):
     points: np.ndarray | None = None  # world space
     colors: np.ndarray | None = None
     points_key: str = ""
+    points_object: str = ""  # name_full of the object the points were read from
     object_matrix: np.ndarray | None = None  # the bundle's object transform
 
 
@@ -50,8 +51,22 @@ def worker_for(scene: bpy.types.Scene) -> Any:
     return HUB.get(w.mode, w.env_path, w.extra_paths)
 
 
-def snapshot(scene: bpy.types.Scene, depsgraph: bpy.types.Depsgraph | None = None) -> SceneSnapshot:
-    """Read everything a render needs from bpy (main thread only)."""
+def points_touched(depsgraph: bpy.types.Depsgraph, obj: bpy.types.Object | None) -> bool:
+    """Whether ``depsgraph.updates`` (inside a depsgraph handler or ``view_update``) change
+    ``obj``'s world-space points: its transform, its data, or its evaluated geometry
+    (dependencies such as a geometry-nodes input object show up as an update of ``obj``)."""
+    if obj is None:
+        return False
+    watched = {obj, obj.data}
+    return any(update.id.original in watched for update in depsgraph.updates)
+
+
+def snapshot(
+    scene: bpy.types.Scene, depsgraph: bpy.types.Depsgraph | None = None, previous: SceneSnapshot | None = None
+) -> SceneSnapshot:
+    """Read everything a render needs from bpy (main thread only). The points (and their
+    content hash) are taken from ``previous`` when it read them from the same object: the
+    caller passes it when it knows the object did not change (see :func:`points_touched`)."""
     from .point_source import object_points, points_key
 
     s = scene.npbgpp
@@ -65,6 +80,10 @@ def snapshot(scene: bpy.types.Scene, depsgraph: bpy.types.Depsgraph | None = Non
         evaluated = obj.evaluated_get(depsgraph) if depsgraph is not None else obj
         snap.object_matrix = np.array(evaluated.matrix_world, dtype=np.float64)
         if snap.output != "NEURAL" or not snap.bundle_path:
-            snap.points, snap.colors = object_points(evaluated)
-            snap.points_key = points_key(snap.points, snap.colors)
+            if previous is not None and previous.points is not None and previous.points_object == obj.name_full:
+                snap.points, snap.colors, snap.points_key = previous.points, previous.colors, previous.points_key
+            else:
+                snap.points, snap.colors = object_points(evaluated)
+                snap.points_key = points_key(snap.points, snap.colors)
+            snap.points_object = obj.name_full
     return snap

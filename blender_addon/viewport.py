@@ -2,9 +2,13 @@
 
 :class:`FrameScheduler` is a small state machine with no bpy and no clock: the view
 drawn at ``request`` decides the next job (coarse while the view moves, full resolution
-once the same view is asked for again), and ``result`` drops frames whose view is gone.
+once the same view is asked for again), and every finished frame newer than the one on
+screen is shown, even when the view has moved on meanwhile: on a CPU a frame takes longer
+than a mouse-drag step, and a slightly stale image beats an empty viewport. When the
+view stops, the next job refines it at full resolution.
 :class:`ViewportSession` runs jobs on a background thread against the worker and draws
-the newest frame with the ``gpu`` module (never in background mode).
+the newest frame with the ``gpu`` module (never in background mode). Only Blender's main
+thread registers timers: one started with each job polls for its end.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from .camera_bridge import CameraGeometry, viewport_geometry
 
 MOVING_SCALE = 0.25
 HALF_MAX = 65504.0
+POLL_SECONDS = 0.02  # how often the main thread looks whether a render job has finished
 
 
 @dataclass(frozen=True)
@@ -62,13 +67,12 @@ class FrameScheduler:
         return self.in_flight
 
     def result(self, frame_id: int) -> bool:
-        """A job finished: True to show its frame, False to drop it (stale or unknown)."""
+        """A job finished: True to show its frame (the newest finished one, even when the
+        view has moved since), False for an unknown id."""
         job = self.in_flight
         if job is None or job.frame_id != frame_id:
             return False
         self.in_flight = None
-        if job.target != self.last_target:
-            return False
         self.shown = job
         return True
 
@@ -111,10 +115,13 @@ class ViewportSession:
         self.closed = True
 
     def scene_changed(self, context: Any, depsgraph: Any) -> None:
-        from .scene_snapshot import snapshot
+        from .scene_snapshot import points_touched, snapshot
 
+        scene = depsgraph.scene
         try:
-            self.snapshot = snapshot(depsgraph.scene, depsgraph)
+            # Re-reading and hashing millions of points is the slow part: only when they changed.
+            previous = None if points_touched(depsgraph, scene.npbgpp.point_object) else self.snapshot
+            self.snapshot = snapshot(scene, depsgraph, previous)
             self.message = ""
         except (ValueError, RuntimeError, OSError) as exc:
             self.snapshot = None
@@ -137,21 +144,28 @@ class ViewportSession:
             with self.lock:
                 self.scheduler.failed(job.frame_id)
                 self.message = str(exc)
-        self._redraw_later()
 
-    def _redraw_later(self) -> None:
+    def start_job(self, job: Job, geo: CameraGeometry, snap: Any, transparent: bool) -> threading.Thread:
+        """Main thread only: render ``job`` on a thread, and redraw when it ends (a timer
+        registered here polls the thread; bpy.app.timers is not safe to call from others)."""
         import bpy
 
+        thread = threading.Thread(target=self._run, args=(job, geo, snap, transparent), daemon=True)
+        self.thread = thread
+        thread.start()
         engine = self.engine
 
-        def tag() -> None:
+        def redraw_when_done() -> float | None:
+            if thread.is_alive() and not self.closed:
+                return POLL_SECONDS
             try:
                 engine.tag_redraw()
-            except ReferenceError:
+            except ReferenceError:  # the engine (viewport) is gone
                 pass
             return None
 
-        bpy.app.timers.register(tag, first_interval=0.0)
+        bpy.app.timers.register(redraw_when_done, first_interval=POLL_SECONDS)
+        return thread
 
     def draw(self, context: Any, depsgraph: Any) -> None:
         import bpy
@@ -173,11 +187,7 @@ class ViewportSession:
             self.scheduler.still_scale = float(scene.npbgpp.preview_scale)
             job = self.scheduler.request(key, (region.height, region.width))
         if job is not None:
-            sub = geo.scaled(*job.size)
-            self.thread = threading.Thread(
-                target=self._run, args=(job, sub, self.snapshot, scene.render.film_transparent), daemon=True
-            )
-            self.thread.start()
+            self.start_job(job, geo.scaled(*job.size), self.snapshot, scene.render.film_transparent)
         if self.message:
             self.engine.update_stats("", f"NPBG++: {self.message}")
         self._draw_frame(scene, region)

@@ -807,3 +807,51 @@ def test_built_zip_passes_blenders_extension_validator(tmp_path):
             dst.writestr(item, data)
     ok, errors = validate(str(bad))
     assert not ok and any("64 characters" in str(e[1]) for e in errors)
+
+
+class _RedrawCounter:
+    def __init__(self) -> None:
+        self.redraws = 0
+
+    def tag_redraw(self) -> None:
+        self.redraws += 1
+
+
+def test_viewport_rereads_points_only_when_the_point_object_changes(scene, monkeypatch):
+    """Depsgraph updates that do not touch the point object (another object moved, a scene
+    setting) reuse the points read before; moving or editing the point object re-reads them."""
+    import importlib
+
+    viewport = importlib.import_module(f"{MODULE}.viewport")  # imported lazily by the engine
+    point_source = importlib.import_module(f"{MODULE}.point_source")
+    reads = []
+    real = point_source.object_points
+    monkeypatch.setattr(point_source, "object_points", lambda *a, **k: reads.append(1) or real(*a, **k))
+    sc = scene["scene"]
+    other = bpy.data.objects.new("Other", None)
+    sc.collection.objects.link(other)
+    bpy.context.view_layer.update()
+    session = viewport.ViewportSession(_RedrawCounter())
+
+    def handler(_scene, depsgraph) -> None:
+        session.scene_changed(None, depsgraph)
+
+    bpy.app.handlers.depsgraph_update_post.append(handler)
+    try:
+        other.location.x = 1.0
+        bpy.context.view_layer.update()
+        assert len(reads) == 1 and session.snapshot.points is not None  # first snapshot reads them
+        first_key = session.snapshot.points_key
+        other.location.x = 2.0
+        bpy.context.view_layer.update()
+        sc.render.film_transparent = False
+        bpy.context.view_layer.update()
+        assert len(reads) == 1 and session.scene_version == 3
+        assert session.snapshot.points_key == first_key
+        sc.npbgpp.point_object.location.z = 0.5
+        bpy.context.view_layer.update()
+        assert len(reads) == 2
+        np.testing.assert_allclose(session.snapshot.points, scene["points"] + [0.0, 0.0, 0.5], atol=1e-6)
+        assert session.snapshot.points_key != first_key
+    finally:
+        bpy.app.handlers.depsgraph_update_post.remove(handler)

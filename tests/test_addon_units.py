@@ -134,7 +134,7 @@ def test_scheduler_coarse_while_moving_full_when_still():
     job = s.request("A", size)
     assert job is not None and job.scale == 0.25 and job.size == (25, 50)
     assert s.request("B", size) is None  # busy: nothing new starts
-    assert s.result(job.frame_id) is False  # the view moved on: stale frame dropped
+    assert s.result(job.frame_id) is True  # the view moved on: shown anyway, stale beats empty (issue #13)
     job2 = s.request("B", size)  # same view as the last draw: still -> full resolution
     assert job2 is not None and job2.scale == 1.0 and job2.size == size
     assert s.result(job2.frame_id) is True
@@ -266,7 +266,7 @@ class _Engine:
         self.redraws += 1
 
 
-def test_viewport_session_renders_jobs_off_thread_and_drops_stale():
+def test_viewport_session_renders_jobs_off_thread_and_shows_newest():
     from blender_addon.scene_snapshot import SceneSnapshot
     from blender_addon.viewport import ViewportSession
     from blender_addon.worker_client import HUB
@@ -285,7 +285,7 @@ def test_viewport_session_renders_jobs_off_thread_and_drops_stale():
         assert job2.size == (60, 80)
         session.scheduler.request("view-2", (60, 80))  # the view moves while job2 renders
         session._run(job2, geo.scaled(*job2.size), snap, True)
-        assert session.frame[0] == job.frame_id  # job2's frame was stale: dropped
+        assert session.frame[0] == job2.frame_id  # stale (the view moved on) but newest: shown (issue #13)
     finally:
         HUB.shutdown()
 
@@ -400,3 +400,75 @@ def test_every_request_is_answered_by_the_service_with_its_reply_type(tmp_path):
     assert isinstance(service.handle(P.RenderFrame(spec, source="bogus")), P.Failure)
     frame = service.handle(P.RenderFrame(spec))
     assert isinstance(frame, P.Frame) and frame.pixels.shape == (8, 10, P.FRAME_CHANNELS)
+
+
+def test_scheduler_shows_frames_during_continuous_motion():
+    """A CPU viewport: every frame takes three draws to render and the view changes at
+    every draw. Frames keep appearing while moving (each the newest finished one, at the
+    coarse scale), and the view is refined at full resolution once it stops."""
+    s = FrameScheduler(moving_scale=0.25, still_scale=1.0)
+    size = (80, 120)
+    running: list = []  # (job, draws left)
+    shown, started = [], 0
+    for step in range(93):
+        job = s.request(("view", step), size)
+        if job is not None:
+            started += 1
+            running.append([job, 3])
+        for item in running:
+            item[1] -= 1
+        for item in [r for r in running if r[1] == 0]:
+            running.remove(item)
+            if s.result(item[0].frame_id):
+                shown.append(item[0])
+    assert started == 31
+    assert len(shown) == 31  # was 0: every frame dropped as stale
+    assert all(j.scale == 0.25 for j in shown)
+    assert [j.frame_id for j in shown] == sorted(j.frame_id for j in shown)
+    final = ("view", 92)
+    for _ in range(20):  # the view stops
+        if not running and s.shown.target == (final, size) and s.shown.scale == 1.0:
+            break
+        job = s.request(final, size)
+        if job is not None:
+            running.append([job, 3])
+        for item in list(running):
+            item[1] -= 1
+            if item[1] == 0:
+                running.remove(item)
+                s.result(item[0].frame_id)
+    assert s.shown.target == (final, size) and s.shown.size == size
+    assert s.request(final, size) is None  # nothing more to do
+
+
+def test_viewport_timers_are_registered_on_the_main_thread_only(monkeypatch):
+    """The job's redraw timer is registered by the thread that starts the job (Blender's
+    main thread), never by the render thread; it redraws once the job is done."""
+    import threading
+
+    from blender_addon.scene_snapshot import SceneSnapshot
+    from blender_addon.viewport import ViewportSession
+    from blender_addon.worker_client import HUB
+
+    registered = []
+
+    def register(fn, first_interval=0.0, **kwargs):
+        registered.append((fn, threading.current_thread() is threading.main_thread()))
+
+    monkeypatch.setattr(bpy.app.timers, "register", register)
+    pts = np.random.default_rng(0).uniform(-1, 1, (100, 3)).astype(np.float32)
+    snap = SceneSnapshot(output="POINTS", mode="IN_PROCESS", points=pts, colors=None, points_key="t")
+    K = opencv_intrinsics(50, 36, 24, "AUTO", 0, 0, 40, 30)
+    geo = CameraGeometry(K, np.diag([1.0, -1.0, -1.0]), np.array([0.0, 0.0, 5.0]), (30, 40))
+    engine = _Engine()
+    session = ViewportSession(engine)
+    try:
+        job = session.scheduler.request("v", (30, 40))
+        thread = session.start_job(job, geo.scaled(*job.size), snap, True)
+        thread.join(60)
+        assert not thread.is_alive() and session.frame is not None
+        assert len(registered) == 1 and registered[0][1]  # from the main thread, once
+        poll = registered[0][0]
+        assert poll() is None and engine.redraws == 1  # done: redraw, timer ends
+    finally:
+        HUB.shutdown()
