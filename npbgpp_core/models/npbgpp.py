@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..camera import Camera
-from ..rasterizer import rasterize, rasterize_descriptors
+from ..rasterizer import rasterize, rasterize_descriptors, scale_sizes
 from .aggregator import AggregatedScene, BasisMLP, RunningSums, descriptors_from_coefficients
-from .alignment import align_views, render_canvas_camera, warp_images
+from .alignment import _pixel_map, align_views, render_canvas_camera, warp_images
 from .config import NPBGPlusPlusConfig
 from .refiner import Refiner
 
@@ -147,6 +147,9 @@ class NPBGPlusPlus(nn.Module):
         self.extractor = FeatureExtractor(config.feature_dim, weights=config.extractor_weights)
         self.basis = BasisMLP(config.basis_dim) if config.aggregator == "sphere" else None
         self.refiner = Refiner(config.feature_dim + 1, 4 if config.predict_mask else 3)
+        # Inference renders of rolled views run the refiner on tiles (see render_raw);
+        # False renders the whole canvas (the reference for tests and benchmarks).
+        self.tiled_rendering = True
 
     @property
     def device(self) -> torch.device:
@@ -203,14 +206,59 @@ class NPBGPlusPlus(nn.Module):
             )
         return self.refiner([r.unsqueeze(0) for r in rasters])[0]
 
+    def _render_tiled(self, scene: AggregatedScene, aligned: Camera, camera: Camera) -> torch.Tensor | None:
+        """:meth:`_render_direct` on the ``aligned`` canvas computed only where resampling
+        it into ``camera`` reads (inference), then resampled; None when the canvas or the
+        scales do not suit the tiled refiner (the caller renders densely)."""
+        from . import tiles
+
+        size = aligned.image_size
+        if not tiles.can_plan(size) or scale_sizes(size, self.config.scales) != tuple(
+            (size[0] >> level, size[1] >> level) for level in range(tiles.LEVELS)
+        ):
+            return None
+        corners = tiles.target_corners(_pixel_map(aligned, camera), camera.image_size)
+        plan = tiles.plan_tiles(size, tiles.needed_spans(corners, size))
+        dev = self.device
+        points, valid = scene.points.to(dev), scene.valid.to(dev)
+        rows = None if bool(valid.all()) else torch.nonzero(valid).squeeze(1)
+        if rows is not None:
+            points = points.index_select(0, rows)
+        indices = rasterize(points, aligned, self.config.scales, self.config.near)
+        grids = [tiles.pad_to_grid(index, plan, level, -1).reshape(-1) for level, index in enumerate(indices)]
+        seen = [grids[level].index_select(0, tiles.tile_pixels(plan, plan.raster[level], level).to(dev))
+                for level in range(tiles.LEVELS)]
+        flat = torch.cat(seen)
+        used = torch.unique(flat[flat >= 0])
+        desc = self.descriptors(scene, aligned, used if rows is None else rows[used])
+        m, c = desc.shape
+        table = torch.cat([torch.cat([desc, desc.new_ones(m, 1)], 1), desc.new_zeros(1, c + 1)])
+        remap = torch.full((points.shape[0] + 1,), m, dtype=torch.long, device=dev)
+        remap[used] = torch.arange(m, device=dev)
+
+        def raster_tiles(level: int, flat_pixels: torch.Tensor) -> torch.Tensor:
+            return table.index_select(0, remap[grids[level].index_select(0, flat_pixels)])
+
+        dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else torch.float32
+        out = tiles.refine_tiles(self.refiner, plan, raster_tiles, dev, dtype)
+        return warp_images(out.unsqueeze(0), aligned, camera)[0]
+
     def render_raw(self, scene: AggregatedScene, camera: Camera) -> torch.Tensor:
         """Unclamped, differentiable render (3 or 4, H, W) of the target ``camera``. With
         ``align_during_rendering`` the scene is rendered by the aligned camera on the
-        canvas ``config.render_canvas`` picks and turned back (rot90 or resampling)."""
+        canvas ``config.render_canvas`` picks and turned back (rot90 or resampling).
+        Without autograd a resampled 'bounds' canvas is computed only where the target
+        reads it (:mod:`.tiles`; ``tiled_rendering = False`` turns that off): about the
+        cost of the unrolled view at any roll, same image up to float rounding."""
         camera = camera.to(self.device)
         if not self.config.align_during_rendering:
             return self._render_direct(scene, camera)
         aligned, quarter_turns = render_canvas_camera(camera, self.config.render_canvas, self.config.world_up)
+        if quarter_turns is None and self.tiled_rendering and self.config.render_canvas == "bounds" \
+                and not torch.is_grad_enabled():
+            out = self._render_tiled(scene, aligned, camera)
+            if out is not None:
+                return out
         out = self._render_direct(scene, aligned)
         if quarter_turns is not None:
             return torch.rot90(out, quarter_turns, dims=(1, 2)).contiguous()

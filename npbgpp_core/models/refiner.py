@@ -54,7 +54,11 @@ class GatedBlock(nn.Module):
     def forward_inference(self, x: torch.Tensor) -> torch.Tensor:
         """Same function as :meth:`forward` without autograd: activations in place, and
         for blocks with few output channels on the CPU one fused convolution."""
-        x = _pad(x)
+        return self.forward_unpadded(_pad(x))
+
+    def forward_unpadded(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward_inference` on an input already padded by one pixel (the tiled
+        refiner passes windows of a larger image)."""
         if self.fuse_on_cpu and x.device.type == "cpu":
             weight = torch.cat([self.feature.weight, self.gate.weight])
             bias = torch.cat([self.feature.bias, self.gate.bias])
