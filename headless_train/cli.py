@@ -190,12 +190,17 @@ def hydra_main(cfg: DictConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: ``export``, ``export-weights`` and ``prepare-capture`` subcommands, otherwise Hydra."""
+    """Entry point: the ``export``, ``export-weights``, ``prepare-capture`` and
+    ``check-corpus`` subcommands, otherwise Hydra."""
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "export-weights":
         from .export_weights import main as export_weights_main
 
         sys.exit(export_weights_main(argv[1:]))
+    if argv and argv[0] == "check-corpus":
+        from npbgpp_core.datasets.corpus import main as check_corpus_main
+
+        sys.exit(check_corpus_main(argv[1:]))
     if argv and argv[0] == "prepare-capture":
         from npbgpp_core.datasets.capture import main as prepare_capture_main
 
