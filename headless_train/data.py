@@ -158,7 +158,7 @@ def _in_image(uv: torch.Tensor, depth: torch.Tensor, h: int, w: int) -> torch.Te
 def crop_input_views(
     scene, indices: list[int], target_camera, points: torch.Tensor, max_side: int | None = None
 ) -> tuple[list[torch.Tensor], list]:
-    """Input views around what the target crop shows (SPEC 5): each view is resized by the
+    """Input views around what the target crop shows (as published): each view is resized by the
     target's zoom (ratio of focal lengths) and cropped to twice the target crop, centred on
     the projections of the points inside the target crop (the image centre when none)."""
     th, tw = target_camera.image_size

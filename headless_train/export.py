@@ -45,7 +45,7 @@ def export_npbgpp(ckpt: dict, scene, args, name: str):
     from .data import _fit_size
     from .systems.npbgpp import model_config
 
-    model = NPBGPlusPlus(model_config(ckpt["npbgpp"]["config"]))
+    model = NPBGPlusPlus(model_config(ckpt["npbgpp"]["config"], for_checkpoint_weights=True))
     state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     try:
         model.load_state_dict(state)

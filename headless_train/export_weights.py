@@ -52,7 +52,7 @@ def weights_from_checkpoint(ckpt: dict, path: str) -> tuple[str, dict[str, torch
     system, scfg = checkpoint_system(ckpt, path)
     state = ckpt["state_dict"]
     if system == "npbgpp":
-        config = model_config(scfg)
+        config = model_config(scfg, for_checkpoint_weights=True)
         weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
         module: torch.nn.Module = NPBGPlusPlus(config)
         kind = "npbgpp"

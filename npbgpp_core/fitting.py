@@ -1,21 +1,23 @@
-"""Per-scene fitting loops in plain PyTorch (no Lightning), for the demo and the add-on.
+"""The per-scene recipes NPBG and coefficients_ft: their optimisers and step loss, shared
+by the plain-PyTorch fitting loops here (the demo and the add-on) and the headless
+trainer's Lightning systems (headless_train/systems/npbg.py, coefficients_ft.py).
 
-- :func:`fit_coefficients`: coefficients_ft (SPEC section 4): the 56 NPBG++ coefficients
-  per point become learnable descriptors of an NPBG model with the NPBG++ basis MLP frozen;
-  RMSprop (lr 0.1) on the coefficients, Adam (lr 1e-4) on the refiner, L1 at full, 1/2
-  and 1/4 resolution.
-- :func:`fit_npbg`: NPBG (SPEC section 4): descriptors start at zero, RMSprop (lr 0.1) on
-  descriptors + background, Adam (lr 1e-4) on a refiner that starts from pretrained weights.
+- :func:`fit_coefficients`: coefficients_ft: the 56 NPBG++ coefficients per point become
+  learnable descriptors of an NPBG model with the NPBG++ basis MLP frozen; RMSprop on the
+  coefficients (lr 0.01 by default here, published 0.1: see the function), Adam (lr 1e-4)
+  on the refiner, L1 at full, 1/2 and 1/4 resolution (:func:`coefficients_ft_loss`).
+- :func:`fit_npbg`: NPBG: descriptors start at zero, RMSprop (lr 0.1) on descriptors +
+  background, Adam (lr 1e-4) on a refiner that starts from pretrained weights.
 
 Both train on random ``crop`` x ``crop`` windows of the given views (one per step) for a
-fixed number of steps and report the losses and seconds taken. The headless trainer's
-systems (headless_train/systems) implement the same recipes as Lightning modules.
+fixed number of steps and report the losses and seconds taken. One step of either recipe
+is :func:`npbg_step_loss` with :func:`npbg_optimizers`.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -87,6 +89,33 @@ def random_crop(
     return image[None], (None if mask is None else mask[None]), camera
 
 
+def npbg_optimizers(
+    descriptor_params: Iterable[torch.nn.Parameter], refiner_params: Iterable[torch.nn.Parameter],
+    lr_descriptors: float, lr_refiner: float,
+) -> tuple[torch.optim.RMSprop, torch.optim.Adam]:
+    """The optimisers of the NPBG recipes: RMSprop on the per-point descriptors (or
+    coefficients) and background, Adam on the refiner's trainable parameters."""
+    rms = torch.optim.RMSprop(list(descriptor_params), lr=lr_descriptors)
+    adam = torch.optim.Adam([p for p in refiner_params if p.requires_grad], lr=lr_refiner)
+    return rms, adam
+
+
+def npbg_step_loss(
+    model: NPBG, points: torch.Tensor, camera: Camera, target: torch.Tensor, mask: torch.Tensor | None,
+    loss_fn: LossFn,
+) -> torch.Tensor:
+    """One training step's loss of the NPBG recipes: ``model``'s raw (unclamped) RGB from
+    ``camera`` against ``target`` (1, 3, h, w) with ``mask`` (1, 1, h, w) or None."""
+    pred = model.render_raw(points, camera)[:3].unsqueeze(0)
+    return loss_fn(pred, target, mask)
+
+
+def coefficients_ft_loss(factors: Sequence[int] = (1, 2, 4)) -> LossFn:
+    """coefficients_ft's loss: masked L1 at full resolution and at 1/f for each factor f."""
+    factors = tuple(int(f) for f in factors)
+    return lambda p, t, m: multiscale_l1(p, t, m, factors)
+
+
 def _fit_loop(
     model: NPBG, points: torch.Tensor, views: FitViews, steps: int, crop: int | None, loss_fn: LossFn,
     lr_descriptors: float, lr_refiner: float, seed: int, device: torch.device,
@@ -94,8 +123,7 @@ def _fit_loop(
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
     rng = np.random.default_rng(seed)
-    rms = torch.optim.RMSprop(model.descriptor_parameters(), lr=lr_descriptors)
-    adam = torch.optim.Adam([p for p in model.refiner.parameters() if p.requires_grad], lr=lr_refiner)
+    rms, adam = npbg_optimizers(model.descriptor_parameters(), model.refiner.parameters(), lr_descriptors, lr_refiner)
     result = FitResult(model)
     model.train()
     start = time.perf_counter()
@@ -103,8 +131,7 @@ def _fit_loop(
         image, mask, camera = random_crop(views, rng, crop)
         image = image.to(device)
         mask = None if mask is None else mask.to(device)
-        pred = model.render_raw(points, camera.to(device))[:3].unsqueeze(0)
-        loss = loss_fn(pred, image, mask)
+        loss = npbg_step_loss(model, points, camera.to(device), image, mask, loss_fn)
         if not bool(torch.isfinite(loss)):
             raise FloatingPointError(f"fitting loss became {float(loss)} at step {result.steps}")
         rms.zero_grad(set_to_none=True)
@@ -150,8 +177,7 @@ def fit_coefficients(
         {k: v.detach().cpu() for k, v in model.refiner.state_dict().items()},
         model.config, valid=aggregated.valid.detach().cpu(),
     ).to(device)
-    factors = tuple(int(f) for f in loss_factors)
-    loss = loss_fn or (lambda p, t, m: multiscale_l1(p, t, m, factors))
+    loss = loss_fn or coefficients_ft_loss(loss_factors)
     points = aggregated.points.detach().to(device, torch.float32)
     return _fit_loop(npbg, points, views, steps, crop, loss, lr_coefficients, lr_refiner, seed, device)
 
@@ -184,6 +210,5 @@ def fit_npbg(
             raise ValueError(f"refiner weights do not fit the NPBG refiner: {str(exc).splitlines()[0]}") from exc
     device = torch.device(device)
     model.to(device)
-    factors = tuple(int(f) for f in loss_factors)
-    loss = loss_fn or (lambda p, t, m: multiscale_l1(p, t, m, factors))
+    loss = loss_fn or coefficients_ft_loss(loss_factors)
     return _fit_loop(model, points.to(device), views, steps, crop, loss, lr_descriptors, lr_refiner, seed, device)

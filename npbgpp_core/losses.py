@@ -1,4 +1,4 @@
-"""Training losses (SPEC section 5): VGG-19 perceptual L1 (local torchvision-format weights,
+"""Training losses (as published): VGG-19 perceptual L1 (local torchvision-format weights,
 max pools replaced by average pools, features relu1_1..relu5_1) plus L1 between the 4x
 downsampled render and target. Without VGG weights: L1 + SSIM instead (announced once).
 Masks mark valid pixels; pixels outside them never contribute.

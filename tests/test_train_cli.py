@@ -215,3 +215,25 @@ def test_input_views_are_cropped_around_the_target_content(tmp_path):
         centre = uv_s[inside].median(0).values
         assert abs(left + 8 - float(centre[0])) <= 1 or left in (0, 112)
         assert abs(top + 8 - float(centre[1])) <= 1 or top in (0, 112)
+
+
+@pytest.mark.parametrize("name", ["npbgpp_sphere", "npbgpp_mean"])
+def test_every_network_option_is_a_system_option(name):
+    """The system node offers every NPBGPlusPlusConfig field with the dataclass default
+    (the aggregator is the config's name), and all of them reach the network."""
+    import dataclasses
+
+    from headless_train.systems.npbgpp import MODEL_KEYS, model_config
+    from npbgpp_core.models import NPBGPlusPlusConfig
+
+    with open(os.path.join(ROOT, "headless_train", "conf", "system", f"{name}.yaml"), encoding="utf-8") as f:
+        scfg = yaml.safe_load(f)
+    fields = {f.name for f in dataclasses.fields(NPBGPlusPlusConfig)}
+    assert set(MODEL_KEYS) == fields and fields <= set(scfg)
+    default = NPBGPlusPlusConfig(aggregator=name.split("_")[1]).to_dict()
+    assert model_config(scfg).to_dict() == default
+    changed = {"render_canvas": "square", "scales": [1.0, 0.5, 0.25, 0.125, 0.1], "near": 0.5,
+               "extractor_weights": "enc.safetensors", "world_up": [0.0, 0.0, 1.0], "min_view_depth": 1.0}
+    got = model_config({**scfg, **changed}, for_checkpoint_weights=False).to_dict()
+    assert {k: got[k] for k in changed} == changed
+    assert model_config({**scfg, **changed}, for_checkpoint_weights=True).extractor_weights is None

@@ -1,6 +1,7 @@
-"""coefficients_ft (SPEC section 4): NPBG machinery on the 56 NPBG++ coefficients per point
-(from ``descriptors_pretrained_dir``) with the NPBG++ basis MLP frozen; RMSprop 0.1 on the
-coefficients, Adam 1e-4 on the refiner, L1 at full, 1/2 and 1/4 resolution."""
+"""coefficients_ft (the published recipe): NPBG machinery on the 56 NPBG++ coefficients per
+point (from ``descriptors_pretrained_dir``) with the NPBG++ basis MLP frozen; RMSprop 0.1 on
+the coefficients, Adam 1e-4 on the refiner, L1 at full, 1/2 and 1/4 resolution
+(``npbgpp_core.fitting.coefficients_ft_loss``, as in the add-on's fitting loop)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import logging
 
 import torch
 
-from npbgpp_core.losses import multiscale_l1
+from npbgpp_core.fitting import coefficients_ft_loss
 from npbgpp_core.models import NPBG, NPBGConfig
 
 from .base import module_key
@@ -46,10 +47,7 @@ class CoefficientsFTSystem(NPBGSystem):
             model.active.copy_(seen if bool(seen.any()) else torch.ones_like(seen))
 
     def sample_loss(self, sample: dict):
-        pred = self.render_train(sample)
-        target = sample["image"].to(self.device).unsqueeze(0)
-        mask = sample["mask"].to(self.device).unsqueeze(0)
-        loss = multiscale_l1(pred, target, mask, self.loss_factors)
+        loss = self.step_loss(sample, coefficients_ft_loss(self.loss_factors))
         return loss, {"l1": loss}
 
     def load_initial_weights(self, ckpt: dict, path: str) -> None:

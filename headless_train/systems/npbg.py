@@ -1,5 +1,7 @@
-"""NPBG (SPEC section 4): learnable descriptors + background per scene (RMSprop lr 0.1,
-state reset every epoch) and one refiner shared by all scenes (Adam 1e-4)."""
+"""NPBG (the published recipe): learnable descriptors + background per scene (RMSprop lr
+0.1, state reset every epoch) and one refiner shared by all scenes (Adam 1e-4). The
+optimisers and the step loss are ``npbgpp_core.fitting``'s, shared with the add-on's
+fitting loop."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import logging
 import torch
 from torch import nn
 
+from npbgpp_core.fitting import npbg_optimizers, npbg_step_loss
 from npbgpp_core.models import NPBG, NPBGConfig
 
 from ..checkpoints import load_descriptors, save_descriptors
@@ -60,25 +63,25 @@ class NPBGSystem(BaseSystem):
         return [p for sid in range(len(self.scene_names)) for p in self.scene_model(sid).descriptor_parameters()]
 
     def configure_optimizers(self):
-        rms = torch.optim.RMSprop(self.descriptor_params(), lr=float(self.scfg.get("lr_descriptors", 0.1)))
-        adam = torch.optim.Adam(
-            [p for p in self.refiner.parameters() if p.requires_grad], lr=float(self.scfg.get("lr_refiner", 1e-4))
-        )
+        lr_descriptors = float(self.scfg.get("lr_descriptors", 0.1))
+        lr_refiner = float(self.scfg.get("lr_refiner", 1e-4))
+        rms, adam = npbg_optimizers(self.descriptor_params(), self.refiner.parameters(), lr_descriptors, lr_refiner)
         return [rms, adam]
 
     def on_train_epoch_start(self) -> None:
         # The published recipe restarts the descriptor optimiser every epoch.
         self.optimizer_list()[0].optimizer.state.clear()
 
-    def render_train(self, sample: dict) -> torch.Tensor:
+    def step_loss(self, sample: dict, loss_fn) -> torch.Tensor:
+        """The recipe's step loss (``npbg_step_loss``) on one training sample."""
         sid = int(sample["scene"])
-        return self.scene_model(sid).render_raw(self.points(sid), sample["camera"].to(self.device))[:3].unsqueeze(0)
-
-    def sample_loss(self, sample: dict):
-        pred = self.render_train(sample)
         target = sample["image"].to(self.device).unsqueeze(0)
         mask = sample["mask"].to(self.device).unsqueeze(0)
-        loss = self.loss_fn(pred, target, mask)
+        return npbg_step_loss(self.scene_model(sid), self.points(sid), sample["camera"].to(self.device), target, mask,
+                              loss_fn)
+
+    def sample_loss(self, sample: dict):
+        loss = self.step_loss(sample, self.loss_fn)
         return loss, {"render": loss}
 
     def render_eval(self, scene_id: int, camera) -> torch.Tensor:

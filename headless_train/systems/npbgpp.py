@@ -1,8 +1,9 @@
-"""NPBG++ training (SPEC sections 3 and 5): extractor + basis MLP + refiner, Adam 1e-4,
+"""NPBG++ training (the published recipe): extractor + basis MLP + refiner, Adam 1e-4,
 render loss on the target crop + auxiliary loss (refiner on the target's own feature map)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -15,12 +16,19 @@ from .base import BaseSystem
 
 log = logging.getLogger(__name__)
 
-MODEL_KEYS = ("feature_dim", "aggregator", "basis_dim", "ridge_alpha", "visibility_scale", "align_input_views",
-              "align_during_rendering", "predict_mask", "min_view_depth", "world_up")
+# The system options that configure the network: every field of the config dataclass,
+# so a new model option reaches training without a list to update here.
+MODEL_KEYS = tuple(f.name for f in dataclasses.fields(NPBGPlusPlusConfig))
 
 
-def model_config(scfg: dict) -> NPBGPlusPlusConfig:
-    return NPBGPlusPlusConfig.from_dict({k: scfg[k] for k in MODEL_KEYS if k in scfg})
+def model_config(scfg: dict, for_checkpoint_weights: bool = False) -> NPBGPlusPlusConfig:
+    """The network config in a system config (other keys, e.g. ``lr``, are the trainer's).
+    ``for_checkpoint_weights``: the weights come from a checkpoint, so the extractor's
+    starting weights file (``extractor_weights``) is neither read nor recorded."""
+    options = {k: scfg[k] for k in MODEL_KEYS if k in scfg}
+    if for_checkpoint_weights:
+        options["extractor_weights"] = None
+    return NPBGPlusPlusConfig.from_dict(options)
 
 
 class NPBGPlusPlusSystem(BaseSystem):
@@ -34,7 +42,7 @@ class NPBGPlusPlusSystem(BaseSystem):
         self.aux_drop_prob = float(lcfg.get("aux_drop_prob", 0.5))
 
     def freeze_batchnorm(self) -> None:
-        """BatchNorms of the extractor stay in eval mode (SPEC 3.1; also lets tiny crops train)."""
+        """BatchNorms of the extractor stay in eval mode (as published; also lets tiny crops train)."""
         for m in self.model.extractor.modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 m.eval()

@@ -1,5 +1,6 @@
 """Training samples: random zoom + crop of a view with its matching camera, and choosing
-input views for a target view by the baseline-angle score (SPEC section 5)."""
+input views for a target view by the baseline-angle score (the
+published NPBG++ training sampler)."""
 
 from __future__ import annotations
 

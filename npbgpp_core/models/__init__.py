@@ -1,4 +1,4 @@
-"""NPBG++ and NPBG networks (SPEC sections 3 and 4).
+"""NPBG++ (Rakhimov et al., CVPR 2022) and NPBG (Aliev et al., ECCV 2020) networks.
 
 Public names: :class:`NPBGPlusPlus`, :class:`NPBGPlusPlusConfig`, :class:`NPBG`,
 :class:`NPBGConfig`, :class:`AggregatedScene`, :class:`Refiner`,

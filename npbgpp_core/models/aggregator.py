@@ -1,4 +1,4 @@
-"""View-dependent aggregation of per-view point features (SPEC section 3, step 5).
+"""View-dependent aggregation of per-view point features (NPBG++).
 
 Per point only running sums over the views that see it are kept (count N, sum x,
 sum y, sum x x^T, sum x y^T), so memory is constant in the number of views and views

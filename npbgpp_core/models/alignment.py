@@ -1,4 +1,4 @@
-"""In-plane alignment of views (SPEC section 3, step 2): pad to a square of side
+"""In-plane alignment of views (NPBG++): pad to a square of side
 ceil(sqrt(H^2 + W^2)) and roll the camera so that the world's up axis projects straight
 up. The published rule uses world +Y (:data:`WORLD_UP`); every function takes
 ``world_up`` so Z-up scenes (Blender, NeRF-Synthetic) can use +Z: with +Y there, a camera

@@ -30,7 +30,8 @@ def _check_scales(scales: tuple[float, ...]) -> None:
 
 @dataclass
 class NPBGPlusPlusConfig:
-    """Options of :class:`NPBGPlusPlus` (SPEC section 3)."""
+    """Options of :class:`NPBGPlusPlus`; the one source of the network's options (the
+    headless trainer's system options and scene bundles take their keys from here)."""
 
     feature_dim: int = 8
     aggregator: str = "sphere"  # 'sphere' (learnable_v, view dependent) or 'mean'
@@ -88,7 +89,7 @@ class NPBGPlusPlusConfig:
 
 @dataclass
 class NPBGConfig:
-    """Options of :class:`NPBG` (SPEC section 4).
+    """Options of :class:`NPBG`.
 
     ``descriptor_dim`` is the per-point learnable size: ``feature_dim`` for plain NPBG,
     ``(1 + basis_dim) * feature_dim`` with ``use_basis=True`` for coefficients_ft (the

@@ -1,7 +1,7 @@
 """Per-image feature extractor: a small from-scratch encoder (strides 2..32 with
 16/24/40/96/320 channels, inverted-residual blocks with GroupNorm, so each image's
 features depend on that image only, in training too: streaming aggregation gives the
-same result for any grouping of views) and the SPEC decoder
+same result for any grouping of views) and the published decoder
 (5 x [bilinear x2, concat skip, 3x3 conv without bias, LeakyReLU], widths
 256/128/64/32/16, raw RGB as the last skip, 1x1 head to ``out_channels``)."""
 

@@ -1,4 +1,4 @@
-"""NPBG (SPEC section 4): learnable per-point descriptors and background, the same
+"""NPBG (Aliev et al., ECCV 2020): learnable per-point descriptors and background, the same
 rasterizer and refiner as NPBG++, no view alignment. With ``use_basis`` the
 descriptors are NPBG++ coefficients [ym; beta] (coefficients_ft) turned into
 per-camera descriptors by a frozen basis MLP."""

@@ -1,4 +1,4 @@
-"""NPBG++ (SPEC section 3): per-image feature extraction, view-dependent streaming
+"""NPBG++ (Rakhimov et al., CVPR 2022): per-image feature extraction, view-dependent streaming
 aggregation of point descriptors, multi-scale rasterization and the refiner."""
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ class NPBGPlusPlus(nn.Module):
     # ------------------------------------------------------------ aggregation
     def visible_points(self, points: torch.Tensor, camera: Camera) -> torch.Tensor:
         """Indices of the points that win their pixel on a z-buffer at
-        ``visibility_scale`` x the camera's resolution (SPEC section 3, step 3)."""
+        ``visibility_scale`` x the camera's resolution (as published)."""
         cfg = self.config
         near = max(cfg.near, cfg.min_view_depth)
         index = rasterize(points, camera.to(points.device), scales=(cfg.visibility_scale,), near=near)[0]
@@ -289,7 +289,7 @@ class NPBGPlusPlus(nn.Module):
         """Run the refiner on 5-scale rasters built from a dense feature map (B, C, H, W):
         nearest-neighbour downsampling to ``int(s*H) x int(s*W)``, then per scale each
         pixel is dropped with probability ``drop_prob`` (features 0, mask 0). With
-        ``detach`` gradients reach only the refiner (SPEC section 5 auxiliary loss)."""
+        ``detach`` gradients reach only the refiner (the published auxiliary loss)."""
         return refine_dense(self.refiner, feature_map, self.config.scales, drop_prob, detach, generator)
 
 

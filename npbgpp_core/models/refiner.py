@@ -1,5 +1,5 @@
 """The rendering network: a light gated U-Net over the 5-scale descriptor rasters
-(SPEC section 3, step 7): about 0.46 M parameters, no normalisation, reflect padding.
+(NPBG++'s last step): about 0.46 M parameters, no normalisation, reflect padding.
 
 Two forward paths compute the same function:
 
