@@ -18,8 +18,11 @@ COLOR_ATTRIBUTE = "Col"
 # --------------------------------------------------------------------------- helpers
 def make_point_object(name: str, points: np.ndarray, colors: np.ndarray | None, context: Any) -> bpy.types.Object:
     """A point cloud object from (N, 3) points and display-sRGB colours (N, 3) or None
-    (a vertex-only mesh converted to a point cloud; a mesh if conversion is unavailable)."""
+    (a vertex-only mesh converted to a point cloud; a mesh if conversion is unavailable).
+    ValueError for no points: Blender cannot make an empty point cloud."""
     pts = np.ascontiguousarray(points, dtype=np.float32).reshape(-1, 3)
+    if len(pts) == 0:
+        raise ValueError(f"{name} holds no points: nothing to import")
     mesh = bpy.data.meshes.new(name)
     mesh.vertices.add(len(pts))
     mesh.attributes["position"].data.foreach_set("vector", pts.ravel())
@@ -177,11 +180,11 @@ class IMPORT_SCENE_OT_npbgpp_bundle(bpy.types.Operator, ImportHelper):
             worker = worker_for(context.scene)
             worker.request(P.LoadBundle(path, "CPU", "FP32"))
             reply = worker.request(P.GetBundlePoints())
+            name = os.path.splitext(os.path.basename(path))[0]
+            obj = make_point_object(name, reply.points, reply.colors, context)
         except (WorkerError, ValueError, OSError) as exc:
             self.report({"ERROR"}, f"cannot import bundle {path}: {exc}")
             return {"CANCELLED"}
-        name = os.path.splitext(os.path.basename(path))[0]
-        obj = make_point_object(name, reply.points, reply.colors, context)
         s.bundle = path
         s.point_object = obj
         s.output = "NEURAL"
@@ -216,7 +219,11 @@ class IMPORT_SCENE_OT_npbgpp_dataset(bpy.types.Operator):
             self.report({"ERROR"}, f"cannot import dataset {path}: {exc}")
             return {"CANCELLED"}
         name = reply.name or os.path.basename(os.path.normpath(path))
-        obj = make_point_object(name, reply.points, reply.colors, context)
+        try:
+            obj = make_point_object(name, reply.points, reply.colors, context)
+        except ValueError as exc:
+            self.report({"ERROR"}, f"cannot import dataset {path}: {exc}")
+            return {"CANCELLED"}
         use_point_object(context, obj)
         collection = bpy.data.collections.new(f"{name} cameras")
         context.scene.collection.children.link(collection)

@@ -50,13 +50,13 @@ class NPBGPP_OT_aggregate(bpy.types.Operator):
             worker = worker_for(context.scene)
             count = worker.request(P.AggregateBegin(
                 dataset, weights, s.dataset_format or None, s.device, self.max_points, s.up_axis,
-            )).views
+            ), None, s.worker_timeout).views
             wm.progress_begin(0, max(1, count))
             try:
                 for k in range(count):
-                    worker.request(P.AggregateView(k))
+                    worker.request(P.AggregateView(k), None, s.worker_timeout)
                     wm.progress_update(k + 1)
-                reply = worker.request(P.AggregateFinish(out))
+                reply = worker.request(P.AggregateFinish(out), None, s.worker_timeout)
             finally:
                 wm.progress_end()
         except (WorkerError, ValueError, OSError) as exc:

@@ -71,6 +71,12 @@ class NPBGPPSceneSettings(bpy.types.PropertyGroup):
         subtype="DIR_PATH", default="",
     )
     dataset_format: StringProperty(name="Dataset Format", default="")  # type: ignore[valid-type]
+    worker_timeout: FloatProperty(  # type: ignore[valid-type]
+        name="Worker Timeout",
+        description="Seconds to wait for the worker process to answer one request (a frame, a view) before "
+        "stopping it as frozen; 0 waits forever",
+        default=600.0, min=0.0, soft_max=3600.0, subtype="TIME_ABSOLUTE", unit="TIME_ABSOLUTE",
+    )
     worker_mode: EnumProperty(  # type: ignore[valid-type]
         name="Worker",
         items=[

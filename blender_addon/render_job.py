@@ -33,7 +33,7 @@ def render_frame(
             if neural:
                 raise ValueError("Neural output needs a NeuralScene bundle: set Bundle in Render Properties > NPBG++")
             raise ValueError("Nothing to render: set a Point Object or a Bundle in Render Properties > NPBG++")
-        worker.request(P.LoadBundle(snap.bundle_path, snap.device, snap.precision), should_cancel)
+        worker.request(P.LoadBundle(snap.bundle_path, snap.device, snap.precision), should_cancel, snap.timeout)
         source = "bundle"
         if snap.object_matrix is not None:
             geo, depth_scale = object_local_geometry(geo, snap.object_matrix)
@@ -42,8 +42,8 @@ def render_frame(
             if not worker.alive():
                 worker.start()
             if worker.loaded_key != snap.points_key:
-                worker.request(P.SetPoints(snap.points, snap.colors), should_cancel)
+                worker.request(P.SetPoints(snap.points, snap.colors), should_cancel, snap.timeout)
                 worker.loaded_key = snap.points_key
         source = "points"
-    reply = worker.request(P.RenderFrame(camera_spec(geo), source, neural), should_cancel)
+    reply = worker.request(P.RenderFrame(camera_spec(geo), source, neural), should_cancel, snap.timeout)
     return reply.pixels, depth_scale

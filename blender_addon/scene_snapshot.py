@@ -19,6 +19,7 @@ class WorkerSettings:
     mode: str = "PROCESS"
     env_path: str = ""
     extra_paths: list[str] = field(default_factory=list)
+    timeout: float = 0.0  # seconds per request, 0: none
 
 
 @dataclass
@@ -40,7 +41,9 @@ def worker_settings(scene: bpy.types.Scene) -> WorkerSettings:
     from . import preferences
 
     deps = preferences.deps_dir()
-    return WorkerSettings(scene.npbgpp.worker_mode, preferences.env_path(), [deps] if os.path.isdir(deps) else [])
+    s = scene.npbgpp
+    return WorkerSettings(s.worker_mode, preferences.env_path(), [deps] if os.path.isdir(deps) else [],
+                          float(s.worker_timeout))
 
 
 def worker_for(scene: bpy.types.Scene) -> Any:
@@ -72,7 +75,7 @@ def snapshot(
     s = scene.npbgpp
     w = worker_settings(scene)
     snap = SceneSnapshot(
-        mode=w.mode, env_path=w.env_path, extra_paths=w.extra_paths, output=s.output,
+        mode=w.mode, env_path=w.env_path, extra_paths=w.extra_paths, timeout=w.timeout, output=s.output,
         bundle_path=bpy.path.abspath(s.bundle) if s.bundle else "", device=s.device, precision=s.precision,
     )
     obj = s.point_object

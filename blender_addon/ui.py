@@ -65,6 +65,9 @@ class RENDER_PT_npbgpp_performance(_NPBGPPPanel, bpy.types.Panel):
         layout.prop(s, "precision")
         layout.prop(s, "preview_scale")
         layout.prop(s, "worker_mode")
+        row = layout.row()
+        row.active = s.worker_mode == "PROCESS"
+        row.prop(s, "worker_timeout")
         layout.operator("npbgpp.stop_worker", icon="CANCEL")
 
 

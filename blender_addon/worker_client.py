@@ -138,18 +138,29 @@ class ProcessWorker:
             self.info = self._request(P.Hello(), None)
             return self.info
 
-    def request(self, req: P.Request, should_cancel: Callable[[], bool] | None = None) -> Any:
+    def request(
+        self, req: P.Request, should_cancel: Callable[[], bool] | None = None, timeout: float = 0.0
+    ) -> Any:
         """Send ``req`` and wait for its reply (of type ``req.reply``); WorkerError on a
-        failure, a dead worker or a lost connection, :class:`Cancelled` when asked."""
+        failure, a dead worker, a lost connection or no answer within ``timeout`` seconds
+        (> 0; the frozen worker is then stopped), :class:`Cancelled` when asked."""
         with self.lock:
             if not self.alive():
                 self.start()
-            return self._request(req, should_cancel)
+            return self._request(req, should_cancel, timeout)
 
-    def _request(self, req: P.Request, should_cancel: Callable[[], bool] | None) -> Any:
+    def _request(self, req: P.Request, should_cancel: Callable[[], bool] | None, timeout: float = 0.0) -> Any:
+        deadline = time.monotonic() + timeout if timeout > 0 else None
         try:
             self.conn.send(req)
             while not self.conn.poll(0.05):
+                if deadline is not None and time.monotonic() > deadline:
+                    self.stop(grace=0.0)
+                    raise WorkerError(
+                        f"the NPBG++ worker did not answer {type(req).__name__} within {timeout:g} s and was "
+                        "stopped (it restarts on the next render); raise Worker Timeout in Render Properties > "
+                        "NPBG++ > Performance for very large frames, or render smaller"
+                    )
                 if self.proc is None or self.proc.poll() is not None:
                     code = None if self.proc is None else self.proc.returncode
                     tail = self.log_tail()
@@ -171,13 +182,14 @@ class ProcessWorker:
             reply = P.Frame(_read_shared(reply.shm, tuple(reply.shape)))
         return _checked(req, reply)
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 2.0) -> None:
+        """End the worker: ask it to shut down (``grace`` seconds), then kill it."""
         with self.lock:
             if self.conn is not None:
                 try:
-                    if self.proc is not None and self.proc.poll() is None:
+                    if self.proc is not None and self.proc.poll() is None and grace > 0:
                         self.conn.send(P.Shutdown())
-                        if self.conn.poll(2.0):
+                        if self.conn.poll(grace):
                             self.conn.recv()
                 except Exception:  # noqa: BLE001 - best effort
                     pass
@@ -188,7 +200,7 @@ class ProcessWorker:
                 self.conn = None
             if self.proc is not None:
                 try:
-                    self.proc.wait(timeout=3.0)
+                    self.proc.wait(timeout=3.0 if grace > 0 else 0.0)
                 except subprocess.TimeoutExpired:
                     self.proc.kill()
                     self.proc.wait(timeout=3.0)
@@ -242,11 +254,15 @@ class InProcessWorker:
         self.info = self.request(P.Hello())
         return self.info
 
-    def request(self, req: P.Request, should_cancel: Callable[[], bool] | None = None) -> Any:
+    def request(
+        self, req: P.Request, should_cancel: Callable[[], bool] | None = None, timeout: float = 0.0
+    ) -> Any:
+        """As :meth:`ProcessWorker.request`; nothing can interrupt work in this process,
+        so ``should_cancel`` and ``timeout`` are not used."""
         with self.lock:
             return _checked(req, self.service.handle(req))
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 2.0) -> None:
         pass
 
 

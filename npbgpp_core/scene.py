@@ -164,6 +164,11 @@ class NeuralScene:
         missing = [k for k in ("points", "features", "valid") if k not in tensors]
         if missing:
             raise ValueError(f"{path}: neural scene file lacks tensors {missing}")
+        for name, tensor in tensors.items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise ValueError(f"{path}: tensor '{name}' holds {bad} NaN or infinite values; the bundle is "
+                                 "damaged (aggregate or export it again)")
         state = {k[len(_MODEL_PREFIX):]: v for k, v in tensors.items() if k.startswith(_MODEL_PREFIX)}
         try:
             return cls(

@@ -25,6 +25,16 @@ DEFAULT_POINT_COLOR = 0.8  # grey for loose points without colours
 PRECISIONS = ("FP32", "FP16", "BF16")
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A host MemoryError, torch's OutOfMemoryError, or an allocator failure reported as a
+    RuntimeError ("out of memory", "not enough memory", "can't allocate memory")."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(
+        s in text for s in ("out of memory", "not enough memory", "can't allocate memory"))
+
+
 def pick_device(name: str) -> str:
     """'AUTO' -> cuda, mps or cpu, whichever this torch has; otherwise check the request."""
     import torch
@@ -134,7 +144,19 @@ class RenderService:
                 raise TypeError(f"{type(req).__name__} answered with {type(reply).__name__}")
             return reply
         except Exception as exc:  # noqa: BLE001 - every failure goes back to Blender, the service goes on
+            if is_out_of_memory(exc):
+                return P.Failure(self._memory_advice(req, exc), traceback.format_exc())
             return P.Failure(f"{type(exc).__name__}: {exc}", traceback.format_exc())
+
+    def _memory_advice(self, req: P.Request, exc: BaseException) -> str:
+        what = type(req).__name__
+        if isinstance(req, P.RenderFrame):
+            h, w = req.camera.image_size
+            what = f"rendering {w}x{h} pixels"
+        device = self.device if self.renderer is not None else "cpu"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return (f"out of memory on {device} while {what} ({first}). Render fewer pixels (Output > Resolution %), "
+                "choose FP16 precision on a GPU, or switch Device to CPU when the GPU is the one that is full")
 
     # ------------------------------------------------------------------ requests
     def hello(self, req: P.Hello) -> P.TorchInfo:

@@ -855,3 +855,34 @@ def test_viewport_rereads_points_only_when_the_point_object_changes(scene, monke
         assert session.snapshot.points_key != first_key
     finally:
         bpy.app.handlers.depsgraph_update_post.remove(handler)
+
+
+def test_empty_bundle_and_faceless_mesh_give_messages(scene):
+    """A 0-point bundle and Points from Meshes on a mesh without faces are refused with a
+    sentence (no KeyError traceback), and nothing is added to the scene."""
+    import torch
+
+    from npbgpp_core.models import NPBGPlusPlus
+    from npbgpp_core.scene import NeuralScene
+
+    sc = scene["scene"]
+    model = NPBGPlusPlus().eval()
+    with torch.no_grad():
+        empty = model.begin_scene(torch.zeros(0, 3)).finish()
+    path = str(scene["dir"] / "empty.npbgpp")
+    NeuralScene.from_aggregated(model, empty).save(path)
+    before = set(bpy.data.objects)
+    with pytest.raises(RuntimeError, match="empty holds no points: nothing to import") as info:
+        bpy.ops.import_scene.npbgpp_bundle(filepath=path)
+    assert "KeyError" not in str(info.value)
+    assert set(bpy.data.objects) == before and sc.npbgpp.bundle == ""
+    mesh = bpy.data.meshes.new("Edges")
+    mesh.from_pydata([(0, 0, 0), (1, 0, 0), (0, 1, 0)], [(0, 1), (1, 2)], [])
+    obj = bpy.data.objects.new("Edges", mesh)
+    sc.collection.objects.link(obj)
+    for o in sc.objects:
+        o.select_set(o == obj)
+    with pytest.raises(RuntimeError, match="no visible mesh surfaces to sample points on") as info:
+        bpy.ops.npbgpp.points_from_meshes(count=10)
+    assert "KeyError" not in str(info.value)
+    assert set(bpy.data.objects) == before | {obj}

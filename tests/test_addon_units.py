@@ -472,3 +472,47 @@ def test_viewport_timers_are_registered_on_the_main_thread_only(monkeypatch):
         assert poll() is None and engine.redraws == 1  # done: redraw, timer ends
     finally:
         HUB.shutdown()
+
+
+def test_frozen_worker_times_out_and_is_replaced():
+    """A worker that stops answering (SIGSTOP) fails the request after the timeout with a
+    message saying what happened and what to do; it is killed, and the next request starts
+    a fresh worker."""
+    import signal
+
+    if not hasattr(signal, "SIGSTOP"):
+        pytest.skip("needs SIGSTOP")
+    pts = np.random.default_rng(0).uniform(-1, 1, (50, 3)).astype(np.float32)
+    cam = P.CameraSpec.from_camera(Camera.look_at((0, -4, 1), (0, 0, 0), (0, 0, 1), 50.0, (12, 16)))
+    worker = ProcessWorker(sys.executable)
+    try:
+        worker.start()
+        worker.request(P.SetPoints(pts, None))
+        proc = worker.proc
+        os.kill(proc.pid, signal.SIGSTOP)
+        with pytest.raises(WorkerError, match=r"did not answer RenderFrame within 1\.5 s.*Worker Timeout"):
+            worker.request(P.RenderFrame(cam), timeout=1.5)
+        assert proc.poll() is not None and worker.proc is None  # the frozen process is gone
+        worker.request(P.SetPoints(pts, None), timeout=60)
+        assert worker.request(P.RenderFrame(cam), timeout=60).pixels[..., 6].max() == 1.0
+        assert worker.proc.pid != proc.pid
+    finally:
+        worker.stop()
+
+
+def test_out_of_memory_names_the_cause_and_the_fix(monkeypatch):
+    from npbgpp_core import scene as scene_module
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 15.00 GiB")
+
+    monkeypatch.setattr(scene_module, "render_point_layers", oom)
+    service = RenderService()
+    service.set_points(P.SetPoints(np.zeros((3, 3), np.float32)))
+    spec = P.CameraSpec.from_camera(Camera.look_at((0, -4, 1), (0, 0, 0), (0, 0, 1), 50.0, (30, 40)))
+    reply = service.handle(P.RenderFrame(spec))
+    assert isinstance(reply, P.Failure)
+    assert reply.error.startswith("out of memory on cpu while rendering 40x30 pixels (CUDA out of memory.")
+    assert "Resolution %" in reply.error and "FP16" in reply.error
+    monkeypatch.undo()
+    assert isinstance(service.handle(P.RenderFrame(spec)), P.Frame)  # the service goes on

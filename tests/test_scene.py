@@ -187,3 +187,19 @@ def test_constructor_and_renderer_errors():
     with pytest.raises(ValueError, match="lacks NPBG"):
         NeuralScene(torch.zeros(2, 3), kind="npbgpp", features=torch.zeros(2, 7, 8),
                     model_state={"basis.net.0.weight": torch.zeros(16, 18)}).renderer()
+
+
+def test_nan_descriptors_are_refused_at_load(tmp_path, npbgpp_bundle):
+    """A bundle whose descriptors (or points) hold NaN is refused when loaded, naming the
+    file and the tensor; the same bundle without the NaN loads."""
+    _, _, bundle, _ = npbgpp_bundle
+    bundle.save(tmp_path / "ok.npbgpp")
+    assert len(NeuralScene.load(tmp_path / "ok.npbgpp")) == len(bundle)
+    for name in ("features", "points"):
+        bad = NeuralScene(bundle.points.clone(), bundle.colors, bundle.kind, bundle.features.clone(), bundle.valid,
+                          bundle.model_config, bundle.model_state, bundle.metadata)
+        getattr(bad, name)[3].view(-1)[0] = float("nan")
+        path = tmp_path / f"nan_{name}.npbgpp"
+        bad.save(path)
+        with pytest.raises(ValueError, match=rf"nan_{name}.npbgpp: tensor '{name}' holds 1 NaN"):
+            NeuralScene.load(path)
