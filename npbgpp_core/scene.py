@@ -170,13 +170,59 @@ class NeuralScene:
                 raise ValueError(f"{path}: tensor '{name}' holds {bad} NaN or infinite values; the bundle is "
                                  "damaged (aggregate or export it again)")
         state = {k[len(_MODEL_PREFIX):]: v for k, v in tensors.items() if k.startswith(_MODEL_PREFIX)}
+        if not isinstance(model_config, dict) or not isinstance(metadata, dict):
+            raise ValueError(f"{path}: inconsistent neural scene file: model_config and metadata must be JSON objects")
         try:
-            return cls(
+            scene = cls(
                 tensors["points"], tensors.get("colors"), meta.get("kind", ""), tensors["features"], tensors["valid"],
                 model_config, state, metadata,
             )
+            scene.check()
         except ValueError as exc:
             raise ValueError(f"{path}: inconsistent neural scene file: {exc}") from exc
+        return scene
+
+    def check(self) -> None:
+        """Check the scene against its own ``model_config`` without allocating the network:
+        config types and sizes (bounded by ``models.config.MAX_CHANNELS``), feature shape,
+        the shape and dtype of every weight the renderer needs (compared with the network
+        built on the ``meta`` device), finite points, colours and features. ValueError
+        names the field."""
+        from .models import NPBG, NPBGConfig, NPBGPlusPlus, NPBGPlusPlusConfig
+
+        for name, t in (("points", self.points), ("features", self.features), ("colors", self.colors)):
+            if t is not None and not (t.is_floating_point() and torch.isfinite(t).all()):
+                raise ValueError(f"{name} must be finite floats ({t.dtype})")
+        n = len(self)
+        try:
+            if self.kind == "npbgpp":
+                config: Any = NPBGPlusPlusConfig.from_dict({**self.model_config, "extractor_weights": None})
+                # [ym; beta] or [ym] alone (rendered without the view-dependent part)
+                rows = self.features.shape[1] if self.features.shape[1:2] == (1,) else config.coefficient_rows
+                want: tuple[int, ...] = (n, rows, config.feature_dim)
+            else:
+                config = NPBGConfig.from_dict(self.model_config)
+                if config.use_basis != (self.kind == "coefficients"):
+                    raise ValueError(f"use_basis={config.use_basis} does not fit kind {self.kind!r}")
+                want = (n, config.descriptor_dim)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"model_config: {exc}") from exc
+        if tuple(self.features.shape) != want:
+            raise ValueError(f"features have shape {tuple(self.features.shape)}, model_config implies {want}")
+        with torch.device("meta"):  # shapes only: nothing is allocated
+            model = NPBGPlusPlus(config) if self.kind == "npbgpp" else NPBG(0, config)
+        if self.kind == "npbgpp":  # rendering needs the basis MLP and refiner, not the extractor
+            expected = {k: v for k, v in model.state_dict().items() if k.startswith(("basis.", "refiner."))}
+        else:
+            expected = {k: v for k, v in model.state_dict().items() if k not in ("descriptors", "active")}
+        _check_state(self.model_state, set(expected), "NPBG++" if self.kind == "npbgpp" else "NPBG")
+        for key, ref in expected.items():
+            got = self.model_state[key]
+            if tuple(got.shape) != tuple(ref.shape) or got.is_floating_point() != ref.is_floating_point():
+                raise ValueError(f"weight {_MODEL_PREFIX}{key} is {tuple(got.shape)} {got.dtype}, model_config needs "
+                                 f"{tuple(ref.shape)} {ref.dtype}")
+            if got.is_floating_point() and not torch.isfinite(got).all():
+                raise ValueError(f"weight {_MODEL_PREFIX}{key} has non-finite values")
 
     # ------------------------------------------------------------ rendering
     def renderer(
@@ -238,6 +284,7 @@ class SceneRenderer:
             tune_cpu_allocator()
         if not scene.model_state:
             raise ValueError("neural scene has no network weights (model_state is empty)")
+        scene.check()  # before any allocation sized by the config
         n = len(scene)
         if scene.kind == "npbgpp":
             config = dict(scene.model_config)

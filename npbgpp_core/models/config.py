@@ -9,18 +9,57 @@ from typing import Any
 from ..rasterizer import DEFAULT_SCALES
 
 AGGREGATORS = ("sphere", "mean")
+# Upper bound on every channel count (feature_dim, basis_dim, descriptor_dim): configs
+# come from files, and a claimed size must fail before it allocates (published sizes: 8, 6, 56).
+MAX_CHANNELS = 1024
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _type_ok(annotation: str, value: Any) -> bool:
+    """Whether a JSON-like ``value`` fits a field annotation of these dataclasses."""
+    ann = annotation.replace(" ", "")
+    if ann.endswith("|None"):
+        return value is None or _type_ok(ann[: -len("|None")], value)
+    if ann == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if ann == "float":
+        return _is_number(value)
+    if ann == "bool":
+        return isinstance(value, bool)
+    if ann == "str":
+        return isinstance(value, str)
+    if ann.startswith("tuple["):
+        return isinstance(value, list | tuple) and len(value) <= 64 and all(_is_number(x) for x in value)
+    return True
 
 
 def _from_dict(cls: type, d: dict[str, Any] | None) -> Any:
-    """Build dataclass ``cls`` from a dict, rejecting unknown keys with a clear message."""
+    """Build dataclass ``cls`` from a dict (a file's JSON), rejecting unknown keys and values
+    of the wrong type with a message naming the option."""
+    if d is not None and not isinstance(d, dict):
+        raise ValueError(f"{cls.__name__}: expected a dict of options, got {type(d).__name__}")
     d = dict(d or {})
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
     if unknown:
-        raise ValueError(f"{cls.__name__}: unknown option(s) {unknown}; known: {sorted(names)}")
+        raise ValueError(f"{cls.__name__}: unknown option(s) {unknown}; known: {sorted(fields)}")
+    for name, value in d.items():
+        annotation = str(fields[name].type)
+        if not _type_ok(annotation, value):
+            raise ValueError(f"{cls.__name__}: option {name!r} must be {annotation}, "
+                             f"got {type(value).__name__} {value!r:.60}")
     if "scales" in d and d["scales"] is not None:
         d["scales"] = tuple(float(s) for s in d["scales"])
     return cls(**d)
+
+
+def _check_channels(cls_name: str, **dims: int) -> None:
+    for name, value in dims.items():
+        if not 1 <= value <= MAX_CHANNELS:
+            raise ValueError(f"{cls_name}: {name}={value} is outside 1..{MAX_CHANNELS}")
 
 
 def _check_scales(scales: tuple[float, ...]) -> None:
@@ -63,8 +102,7 @@ class NPBGPlusPlusConfig:
             raise ValueError(f"aggregator must be one of {AGGREGATORS}, got {self.aggregator!r}")
         if self.render_canvas not in ("bounds", "square"):
             raise ValueError(f"render_canvas must be 'bounds' or 'square', got {self.render_canvas!r}")
-        if self.feature_dim < 1 or self.basis_dim < 1:
-            raise ValueError("feature_dim and basis_dim must be positive")
+        _check_channels("NPBGPlusPlusConfig", feature_dim=self.feature_dim, basis_dim=self.basis_dim)
         if not self.ridge_alpha > 0:
             raise ValueError(f"ridge_alpha must be > 0, got {self.ridge_alpha}")
         if not 0 < self.visibility_scale <= 1:
@@ -107,6 +145,8 @@ class NPBGConfig:
     def __post_init__(self) -> None:
         self.scales = tuple(float(s) for s in self.scales)
         _check_scales(self.scales)
+        _check_channels("NPBGConfig", descriptor_dim=self.descriptor_dim, feature_dim=self.feature_dim,
+                        basis_dim=self.basis_dim)
         if self.use_basis:
             want = (1 + self.basis_dim) * self.feature_dim
             if self.descriptor_dim != want:
