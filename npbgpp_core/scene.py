@@ -4,11 +4,13 @@ JSON header; loading never executes code)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import struct
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 
 from .atomic import atomic_write_bytes
@@ -188,10 +190,10 @@ class NeuralScene:
         the shape and dtype of every weight the renderer needs (compared with the network
         built on the ``meta`` device), finite points, colours and features. ValueError
         names the field."""
-        from .models import NPBG, NPBGConfig, NPBGPlusPlus, NPBGPlusPlusConfig
+        from .models import NPBGConfig, NPBGPlusPlusConfig
 
         for name, t in (("points", self.points), ("features", self.features), ("colors", self.colors)):
-            if t is not None and not (t.is_floating_point() and torch.isfinite(t).all()):
+            if t is not None and not (t.is_floating_point() and _all_finite(t)):
                 raise ValueError(f"{name} must be finite floats ({t.dtype})")
         n = len(self)
         try:
@@ -209,19 +211,14 @@ class NeuralScene:
             raise ValueError(f"model_config: {exc}") from exc
         if tuple(self.features.shape) != want:
             raise ValueError(f"features have shape {tuple(self.features.shape)}, model_config implies {want}")
-        with torch.device("meta"):  # shapes only: nothing is allocated
-            model = NPBGPlusPlus(config) if self.kind == "npbgpp" else NPBG(0, config)
-        if self.kind == "npbgpp":  # rendering needs the basis MLP and refiner, not the extractor
-            expected = {k: v for k, v in model.state_dict().items() if k.startswith(("basis.", "refiner."))}
-        else:
-            expected = {k: v for k, v in model.state_dict().items() if k not in ("descriptors", "active")}
+        expected = _expected_weights(self.kind, json.dumps(config.to_dict(), sort_keys=True))
         _check_state(self.model_state, set(expected), "NPBG++" if self.kind == "npbgpp" else "NPBG")
-        for key, ref in expected.items():
+        for key, (shape, dtype) in expected.items():
             got = self.model_state[key]
-            if tuple(got.shape) != tuple(ref.shape) or got.is_floating_point() != ref.is_floating_point():
+            if tuple(got.shape) != shape or got.is_floating_point() != dtype.is_floating_point:
                 raise ValueError(f"weight {_MODEL_PREFIX}{key} is {tuple(got.shape)} {got.dtype}, model_config needs "
-                                 f"{tuple(ref.shape)} {ref.dtype}")
-            if got.is_floating_point() and not torch.isfinite(got).all():
+                                 f"{shape} {dtype}")
+            if got.is_floating_point() and not _all_finite(got):
                 raise ValueError(f"weight {_MODEL_PREFIX}{key} has non-finite values")
 
     # ------------------------------------------------------------ rendering
@@ -351,6 +348,29 @@ def render_point_layers(points: torch.Tensor, colors: torch.Tensor, camera: Came
             img[mask] = colors[index[mask]].to(img.dtype)
         depth = keys_to_depth(keys)
     return PointLayers(img.permute(2, 0, 1).clone(), mask.clone(), depth.clone())
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    if t.dtype == torch.float32:  # numpy's single-threaded check is much cheaper than torch's on small tensors
+        return bool(np.isfinite(t.numpy()).all())
+    return bool(torch.isfinite(t).all())
+
+
+@functools.lru_cache(maxsize=16)
+def _expected_weights(kind: str, config_json: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name -> (shape, dtype) of the weights a renderer of ``kind`` needs, from the network
+    built on the ``meta`` device (shapes only, nothing allocated)."""
+    from .models import NPBG, NPBGConfig, NPBGPlusPlus, NPBGPlusPlusConfig
+
+    config = json.loads(config_json)
+    with torch.device("meta"):
+        if kind == "npbgpp":
+            state = NPBGPlusPlus(NPBGPlusPlusConfig.from_dict(config)).state_dict()
+            keep = {k: v for k, v in state.items() if k.startswith(("basis.", "refiner."))}
+        else:
+            state = NPBG(0, NPBGConfig.from_dict(config)).state_dict()
+            keep = {k: v for k, v in state.items() if k not in ("descriptors", "active")}
+    return {k: (tuple(v.shape), v.dtype) for k, v in keep.items()}
 
 
 def _check_state(state: dict[str, torch.Tensor], need: set[str], what: str) -> None:
