@@ -202,6 +202,8 @@ def _read_points_txt(path: str) -> tuple[np.ndarray, np.ndarray]:
     for no, tok in _text_lines(path):
         if not tok:
             continue
+        if len(tok) < 7:
+            raise DatasetError(f"{path}:{no}: malformed point line (needs POINT3D_ID X Y Z R G B ...)")
         try:
             pts.append([float(x) for x in tok[1:4]])
             cols.append([int(x) for x in tok[4:7]])
