@@ -664,6 +664,93 @@ def _sim_kwargs(info: EnvInfo, path: cp.CameraPath) -> dict:
     return dict(max_depth=float(np.median(dist) * (2.5 if info.kind == "room" else 2.0) + 1.0))
 
 
+POINTS_SEED = 15485863
+
+
+def _simulate_points(scene, info: EnvInfo, rays: SceneRays, train_maps: list[ps.ViewMaps], seed: int,
+                     max_depth: float, surface_points: int, out_dir: str) -> tuple[dict, dict]:
+    """Write points/<kind>.ply and points3d.ply for a rendered scene. The simulators draw
+    from their own generator (seeded by the scene seed), so ``resimulate_points`` on a
+    finished folder reproduces exactly what rendering wrote."""
+    from npbgpp_core.ply import save_ply
+
+    from .surface_points import sample_surface_points
+
+    rng = np.random.default_rng([seed, POINTS_SEED])
+    os.makedirs(os.path.join(out_dir, "points"), exist_ok=True)
+    mvs = ps.simulate_mvs(train_maps, rng, max_depth=max_depth, depth_noise=float(rng.uniform(0.001, 0.006)),
+                          outlier_fraction=float(rng.uniform(0.0, 0.05)),
+                          max_points=int(rng.integers(50_000, 300_000)))
+    sfm = ps.simulate_sfm(train_maps, rng)
+
+    def lidar_cast(o: np.ndarray, d: np.ndarray) -> np.ndarray:
+        return rays.cast(o, d, 60.0)[0]
+
+    lidar = ps.simulate_lidar(lidar_cast, info.lidar_sensors, train_maps, rng,
+                              rings=int(rng.choice([16, 32, 64])), azimuth_step_deg=float(rng.uniform(0.3, 0.8)),
+                              range_noise=float(rng.uniform(0.005, 0.03)), elevation_deg=(-30.0, 20.0))
+    sp, sc = sample_surface_points(scene, surface_points, seed)
+    counts = {}
+    for name, (p, col) in {"mvs": (mvs.points, mvs.colors), "sfm": (sfm.points, sfm.colors),
+                           "lidar": (lidar.points, lidar.colors), "surface": (sp, sc)}.items():
+        save_ply(os.path.join(out_dir, "points", f"{name}.ply"), p, col)
+        counts[name] = int(len(p))
+    shutil.copyfile(os.path.join(out_dir, "points", "surface.ply"), os.path.join(out_dir, "points3d.ply"))
+    info_out = {"mvs_max_depth": max_depth, "mvs_depth_noise": mvs.info["depth_noise"],
+                "mvs_outlier_fraction": mvs.info["outlier_fraction"], "sfm_requested": sfm.info.get("requested"),
+                "sfm_available": sfm.info.get("available"), "lidar_range_noise": lidar.info["range_noise"],
+                "lidar_rings": len(lidar.info["ring_elevations_deg"]),
+                "lidar_sensors": [v.tolist() for v in info.lidar_sensors]}
+    return counts, info_out
+
+
+def _train_maps(scene_dir: str, rays: SceneRays) -> list[ps.ViewMaps]:
+    from PIL import Image
+
+    with open(os.path.join(scene_dir, "transforms_train.json"), encoding="utf-8") as f:
+        meta = json.load(f)
+    w, h = int(meta["w"]), int(meta["h"])
+    K = np.array([[meta["fl_x"], 0, meta["cx"] - 0.5], [0, meta["fl_y"], meta["cy"] - 0.5], [0, 0, 1.0]])
+    maps = []
+    for fr in meta["frames"]:
+        c2w = ps.opengl_to_opencv(np.array(fr["transform_matrix"], np.float64))
+        depth, spec = rays.view_maps(K, c2w, (h, w))
+        with Image.open(os.path.join(scene_dir, fr["file_path"] + ".png")) as im:
+            rgb = np.asarray(im.convert("RGB"), np.float64) / 255.0
+        maps.append(ps.ViewMaps(rgb, depth, K, c2w, spec))
+    return maps
+
+
+def resimulate_points(scene_dir: str) -> dict:
+    """Recompute the point clouds of a finished ``env_<seed>`` folder with the current
+    simulators (rebuilds the scene's geometry from its seed; the images are not
+    re-rendered). Returns the new counts; env.json is updated."""
+    from .procedural import remove_scene
+
+    with open(os.path.join(scene_dir, "env.json"), encoding="utf-8") as f:
+        env = json.load(f)
+    seed = int(env["seed"])
+    scene, info = build_env_scene(seed, env["kind"], int(env.get("tex_size", 256)))
+    try:
+        rays = SceneRays(scene, info.specular_objects)
+        maps = _train_maps(scene_dir, rays)
+        tmp = scene_dir.rstrip("/") + ".points-partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        counts, sim_info = _simulate_points(scene, info, rays, maps, seed, float(env["mvs_max_depth"]),
+                                            int(env.get("surface_points", 100_000)), tmp)
+        shutil.rmtree(os.path.join(scene_dir, "points"), ignore_errors=True)
+        os.replace(os.path.join(tmp, "points"), os.path.join(scene_dir, "points"))
+        os.replace(os.path.join(tmp, "points3d.ply"), os.path.join(scene_dir, "points3d.ply"))
+        shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        remove_scene(scene)
+    env.update(points=counts, **sim_info)
+    with open(os.path.join(scene_dir, "env.json"), "w", encoding="utf-8") as f:
+        json.dump(env, f, indent=1)
+    return counts
+
+
 def render_env_scene(seed: int, out_dir: str, views: int = 24, size: Sequence[int] = (256, 256), *,
                      samples: int = 8, denoise: bool = False, fov_deg: tuple[float, float] = (55.0, 70.0),
                      surface_points: int = 100_000, holdout_every: int = 8, kind: str | None = None,
@@ -672,12 +759,9 @@ def render_env_scene(seed: int, out_dir: str, views: int = 24, size: Sequence[in
     import bpy
     from mathutils import Matrix
 
-    from npbgpp_core.ply import save_ply
-
     from ..camera_bridge import opencv_intrinsics
     from .procedural import remove_scene
     from .render import _configure, _Settings
-    from .surface_points import sample_surface_points
 
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not overwrite:
@@ -754,26 +838,8 @@ def render_env_scene(seed: int, out_dir: str, views: int = 24, size: Sequence[in
         # point clouds: simulators see the training views only (test views stay unseen)
         train_maps = [maps[k] for k in train_idx]
         t1 = time.perf_counter()
-        counts = {}
-        sim_kw = _sim_kwargs(info, path)
-        mvs = ps.simulate_mvs(train_maps, rng, max_depth=sim_kw["max_depth"],
-                              depth_noise=float(rng.uniform(0.001, 0.006)),
-                              outlier_fraction=float(rng.uniform(0.0, 0.05)), max_points=int(rng.integers(50_000,
-                                                                                                        300_000)))
-        sfm = ps.simulate_sfm(train_maps, rng)
-
-        def lidar_cast(o: np.ndarray, d: np.ndarray) -> np.ndarray:
-            return rays.cast(o, d, 60.0)[0]
-
-        lidar = ps.simulate_lidar(lidar_cast, info.lidar_sensors, train_maps, rng,
-                                  rings=int(rng.choice([16, 32, 64])), azimuth_step_deg=float(rng.uniform(0.3, 0.8)),
-                                  range_noise=float(rng.uniform(0.005, 0.03)), elevation_deg=(-30.0, 20.0))
-        sp, sc = sample_surface_points(scene, surface_points, seed)
-        for name, (p, col) in {"mvs": (mvs.points, mvs.colors), "sfm": (sfm.points, sfm.colors),
-                               "lidar": (lidar.points, lidar.colors), "surface": (sp, sc)}.items():
-            save_ply(os.path.join(tmp, "points", f"{name}.ply"), p, col)
-            counts[name] = int(len(p))
-        shutil.copyfile(os.path.join(tmp, "points", "surface.ply"), os.path.join(tmp, "points3d.ply"))
+        max_depth = _sim_kwargs(info, path)["max_depth"]
+        counts, sim_info = _simulate_points(scene, info, rays, train_maps, seed, max_depth, surface_points, tmp)
         sim_s = time.perf_counter() - t1
         total = time.perf_counter() - t0
         summary = {
@@ -781,8 +847,7 @@ def render_env_scene(seed: int, out_dir: str, views: int = 24, size: Sequence[in
             "splits": {"train": len(frames["train"]), "test": len(frames["test"])},
             "size": [h, w], "fov_deg": fov, "samples": samples, "denoise": denoise,
             "path": {"kind": path.kind, **{k: v for k, v in path.params.items()}, "cameras_moved_clear": moved},
-            "points": counts, "mvs_max_depth": sim_kw["max_depth"], "sfm_requested": sfm.info.get("requested"),
-            "lidar_sensors": [s.tolist() for s in info.lidar_sensors],
+            "tex_size": tex_size, "surface_points": surface_points, "points": counts, **sim_info,
             "seconds": {"total": total, "render": render_s, "render_per_view": render_s / views, "rays": rays_s,
                         "points": sim_s},
         }
@@ -828,6 +893,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--kind", choices=KINDS, default=None)
     p.add_argument("--path", choices=cp.KINDS, default=None)
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--resimulate-points", action="store_true",
+                   help="recompute points/ of finished scenes with the current simulators (no re-rendering)")
     a = p.parse_args(argv)
     try:
         w, h = (int(v) for v in a.size.lower().split("x"))
@@ -836,6 +903,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.makedirs(a.out, exist_ok=True)
     for seed in parse_seeds(a.seeds):
         dst = os.path.join(a.out, f"env_{seed}")
+        if a.resimulate_points:
+            if os.path.isfile(os.path.join(dst, "env.json")):
+                print(f"env_{seed}: points {resimulate_points(dst)}", flush=True)
+            continue
         if os.path.isfile(os.path.join(dst, "env.json")) and not a.overwrite:
             print(f"env_{seed}: done already, skipped", flush=True)
             continue
