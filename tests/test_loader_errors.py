@@ -142,3 +142,32 @@ def test_ply_nan_colours_are_refused_in_the_reader_and_the_dataset(tmp_path, ner
     save_ply(os.path.join(root, "points3d.ply"), pts, cols, color_dtype="f4")
     with pytest.raises(DatasetError, match="points3d.ply: 1 vertices have non-finite"):
         load_scene(root)
+
+
+# ------------------------------------------------------------------ ScanNet
+class _Payload:
+    """Unpickling this creates ``flag``: proof that a loader executed code from the file."""
+
+    def __init__(self, flag: str) -> None:
+        self.flag = flag
+
+    def __reduce__(self):
+        return (open, (self.flag, "w"))
+
+
+def test_scannet_pickled_intrinsics_never_run_code(tmp_path):
+    from test_datasets_formats import write_scannet
+
+    root = str(tmp_path / "s")
+    write_scannet(root)
+    assert load_scene(root).views  # the published pickled-dict format still loads
+    flag = str(tmp_path / "ran")
+    path = os.path.join(root, "intrinsics.npy")
+    payload = np.array({"K": np.eye(3), "x": _Payload(flag)}, dtype=object)
+    np.save(path, payload, allow_pickle=True)
+    np.load(path, allow_pickle=True)  # the payload is live: an unrestricted load runs it
+    assert os.path.exists(flag)
+    os.remove(flag)
+    with pytest.raises(DatasetError, match="intrinsics.npy: not a readable pickled intrinsics dict .*refused"):
+        load_scene(root)
+    assert not os.path.exists(flag)

@@ -2,9 +2,9 @@
 ``full.ply``.
 
 ``intrinsics.npy`` is a *pickled* dict ``{"K": 3x3, "height": h, "width": w}`` in the
-published preprocessing, so this loader (and only this one, for this one documented
-file) loads it with ``allow_pickle=True``: unpickling can run code, so load only files
-you trust. A plain 3x3 (or 4x4) array is also accepted and needs no pickle. We use fx,
+published preprocessing. It is read with a restricted unpickler that only rebuilds numpy
+arrays, dtypes and scalars (plain dicts, numbers and strings need no code), so a planted
+payload is refused instead of run. A plain 3x3 (or 4x4) array is also accepted. We use fx,
 fy *and* K's principal point (the published loader assumed a centred one); K is scaled
 if the images are not ``width x height``.
 ``extrinsics.npy``: (num_images, 4, 4) OpenCV world-to-camera, in the order of the
@@ -15,6 +15,7 @@ starting at 0, is test) or explicit index lists.
 from __future__ import annotations
 
 import os
+import pickle
 
 import numpy as np
 
@@ -24,6 +25,35 @@ from .images import image_size_of
 from .scene_data import SceneData, View
 
 OPTIONS = ("pc_name", "require_points", "train_indices", "val_indices", "test_indices", "test_every")
+
+
+# The only callables the pickle of a numpy object array needs (numpy 1.x and 2.x names).
+_NUMPY_PICKLE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+}
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _NUMPY_PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"refused {module}.{name} (only numpy arrays may be unpickled)")
+        return super().find_class(module, name)
+
+
+def _load_object_npy(path: str):
+    """The object stored in a pickled ``.npy`` file, rebuilt without running code."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(f)
+        if not dtype.hasobject:
+            raise ValueError(f"expected a pickled object array, got dtype {dtype}")
+        arr = _NumpyOnlyUnpickler(f).load()
+    if not isinstance(arr, np.ndarray) or arr.shape != tuple(shape) or arr.size != 1:
+        raise ValueError("expected one pickled object")
+    return arr.reshape(()).item()
 
 
 def _read_intrinsics(path: str) -> tuple[np.ndarray, tuple[int, int] | None]:
@@ -37,7 +67,7 @@ def _read_intrinsics(path: str) -> tuple[np.ndarray, tuple[int, int] | None]:
             raise DatasetError(f"{path}: not a readable .npy file ({exc})") from exc
     try:
         # Documented format: a pickled dict (see module docstring).
-        obj = np.load(path, allow_pickle=True).item()
+        obj = _load_object_npy(path)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file
         raise DatasetError(f"{path}: not a readable pickled intrinsics dict ({type(exc).__name__}: {exc})") from exc
     if not isinstance(obj, dict) or "K" not in obj:
