@@ -32,7 +32,7 @@ class PointCloud:
 
 
 _COLOR_NAMES = (("red", "green", "blue"), ("r", "g", "b"), ("diffuse_red", "diffuse_green", "diffuse_blue"))
-_SCALAR_NAMES = {"x", "y", "z", *(c for trio in _COLOR_NAMES for c in trio)}
+_SCALAR_NAMES = {"x", "y", "z", "f_dc_0", "f_dc_1", "f_dc_2", "opacity", *(c for trio in _COLOR_NAMES for c in trio)}
 
 # Degree-0 real spherical harmonic, 1 / (2 sqrt(pi)): 3DGS stores colour as its coefficient.
 SH_C0 = 0.28209479177387814
@@ -122,6 +122,7 @@ def load_ply(path: str | os.PathLike, min_opacity: float = 0.0) -> PointCloud:
         if len(pts) and not keep.any():
             raise ValueError(f"{path}: no splat has opacity >= {min_opacity} (max {float(opacity.max()):.3g})")
         f_dc = np.stack([np.asarray(v[f"f_dc_{i}"]) for i in range(3)], axis=1)
+        finite_colors(f_dc.astype(np.float64), path, ("f_dc_0", "f_dc_1", "f_dc_2"))
         return PointCloud(pts[keep], splat_colors(f_dc[keep]), {"opacity": opacity[keep]}, is_splat=True)
     colors = None
     used = {"x", "y", "z"}

@@ -201,6 +201,10 @@ def _ply_seeds(folder: str) -> list[bytes]:
                                          ("b", "u1")]).astype([("x", ">f4"), ("y", ">f4"), ("z", ">f4"), ("r", "u1"),
                                                                ("g", "u1"), ("b", "u1")])
     seeds.append(header + b"end_header\n" + swapped.tobytes())
+    splat = os.path.join(folder, "splat.ply")  # a Gaussian-splat layout (read through its own path)
+    save_ply(splat, pts, extra={"f_dc_0": cols[:, 0], "f_dc_1": cols[:, 1], "f_dc_2": cols[:, 2],
+                                "opacity": cols[:, 0] - 0.5, "scale_0": cols[:, 1]})
+    seeds.append(open(splat, "rb").read())
     seeds.append(b"ply\nformat ascii 1.0\ncomment mesh\nelement vertex 3\nproperty float x\nproperty float y\n"
                  b"property float z\nproperty uchar red\nproperty uchar green\nproperty uchar blue\nelement face 1\n"
                  b"property list uchar int vertex_indices\nend_header\n0 0 0 255 0 0\n1 0 0 0 255 0\n0 1 0 0 0 255\n"
