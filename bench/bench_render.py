@@ -3,6 +3,7 @@
     python bench/bench_render.py                  # defaults for the device, appends to BENCHMARKS.md
     python bench/bench_render.py --quick          # smoke test: tiny sizes, no file written
     python bench/bench_render.py --points 3m --sizes 1920x1080 --device cuda
+    python bench/bench_render.py --variants render --rolls 0,10,45   # any roll vs roll 0, one run
 
 The scene is synthetic (random points and random aggregated coefficients: speed does not
 depend on the values). Variants on a GPU: fp32; fp16/bf16 weights with channels_last; the
@@ -17,6 +18,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
+import os
+import statistics
+import time
 from collections.abc import Callable
 from functools import partial
 
@@ -32,6 +37,7 @@ from bench_common import (
     parse_sizes,
     random_cloud,
     record,
+    synchronize,
     time_call,
 )
 
@@ -94,6 +100,51 @@ def refiner_runner(model: NPBGPlusPlus, mode: str, dtype: torch.dtype, channels_
     raise ValueError(mode)
 
 
+def load_line() -> str:
+    try:
+        one, five, _ = os.getloadavg()
+    except OSError:
+        return "load average unknown"
+    return f"load average {one:.1f} (1 min) / {five:.1f} (5 min) on {os.cpu_count()} cores"
+
+
+def roll_sweep(model: NPBGPlusPlus, counts: list[int], sizes: list[tuple[int, int]], rolls: list[float],
+               device: torch.device, repeats: int) -> list[list[str]]:
+    """model.render at each roll with the tiled refiner and on the whole canvas, every
+    (roll, mode) once per round so that load drifts hit all alike."""
+    from npbgpp_core.models.alignment import render_canvas_camera
+
+    rows = []
+    for n in counts:
+        scene = synthetic_scene(model, n, device)
+        for h, w in sizes:
+            cams = {r: bench_camera(h, w, device).rotated_in_plane(math.radians(r)) if r else bench_camera(h, w, device)
+                    for r in rolls}
+            runs = {(r, tiled): cam for r, cam in cams.items() for tiled in (True, False)}
+            times: dict = {key: [] for key in runs}
+            for rnd in range(repeats + 1):  # round 0 is the warm-up
+                for (r, tiled), cam in runs.items():
+                    model.tiled_rendering = tiled
+                    synchronize(device)
+                    t0 = time.perf_counter()
+                    model.render(scene, cam)
+                    synchronize(device)
+                    if rnd:
+                        times[(r, tiled)].append(time.perf_counter() - t0)
+            model.tiled_rendering = True
+            base = statistics.median(times[(rolls[0], True)])
+            for r, cam in cams.items():
+                canvas = render_canvas_camera(cam, model.config.render_canvas, model.config.world_up)[0].image_size
+                tiled, whole = times[(r, True)], times[(r, False)]
+                rows.append([f"{n:,}", f"{w}x{h}", f"{r:g}", f"{canvas[0]}x{canvas[1]}",
+                             f"{min(tiled) * 1e3:.1f} / {statistics.median(tiled) * 1e3:.1f}",
+                             f"{statistics.median(tiled) / base:.2f}",
+                             f"{min(whole) * 1e3:.1f} / {statistics.median(whole) * 1e3:.1f}",
+                             f"{statistics.median(whole) / base:.2f}"])
+                print(" | ".join(rows[-1]), flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--points", help=f"point counts (default GPU {GPU_POINTS}, CPU {CPU_POINTS})")
@@ -102,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant (slow to build)")
     parser.add_argument("--variants", help="comma list of variant keys to run (default all for the device): "
                         + ",".join(VARIANT_KEYS) + ",render (model.render)")
+    parser.add_argument("--rolls", help="camera rolls in degrees for a model.render roll table, timed interleaved "
+                        "in one run, tiled refiner and whole canvas (e.g. 0,10,45)")
     add_common_args(parser)
     args = parser.parse_args(argv)
 
@@ -185,6 +238,15 @@ def main(argv: list[str] | None = None) -> int:
                 frame_rows.append([f"{n:,}", f"{w}x{h}", "model.render fp16 autocast (with alignment)", "",
                                    fmt_ms(t_r16), f"{1 / t_r16.median:.1f}", fmt_mb(t_r16.peak_bytes)])
 
+    roll_table = ""
+    if args.rolls:
+        rolls = [float(r) for r in args.rolls.split(",") if r.strip()]
+        roll_rows = roll_sweep(model, counts, sizes, rolls, device, repeats)
+        roll_table = markdown_table(
+            ["points", "image WxH", "roll deg", "canvas HxW", "model.render ms best / median",
+             "x roll 0 (median)", "whole canvas ms best / median", "x roll 0 (median)"], roll_rows)
+        print()
+        print(roll_table)
     frame_table = markdown_table(
         ["points", "image WxH", "variant", "refiner ms best / median", "frame ms best / median", "FPS (median)",
          "frame peak MB"], frame_rows
@@ -205,7 +267,12 @@ def main(argv: list[str] | None = None) -> int:
         "no alignment; model.render includes in-plane alignment (renders the rolled target's bounding box, "
         "exactly H x W at roll 0, then warps back)",
     ]
-    record(args, "Full frame (NPBG++)", device, stage_table + "\n\n" + frame_table, notes)
+    if roll_table:
+        notes.append(f"roll table: model.render at each roll, the tiled refiner (default) and the whole aligned "
+                     f"canvas (tiled_rendering=False), all interleaved round by round ({repeats} rounds after a "
+                     f"warm-up) so machine load hits every column alike; {load_line()}")
+    record(args, "Full frame (NPBG++)", device, stage_table + "\n\n" + frame_table
+           + ("\n\n" + roll_table if roll_table else ""), notes)
     return 0
 
 

@@ -296,7 +296,8 @@ class _Buffers:
         if key not in self._index_cache:
             self._index_cache[key] = (tiles.ti.to(self.device), tiles.tj.to(self.device))
         ti, tj = self._index_cache[key]
-        view[ti, tj] = values.permute(0, 2, 3, 1)
+        # Autocast may return some ops in float32 (e.g. upsampling); buffers keep one dtype.
+        view[ti, tj] = values.permute(0, 2, 3, 1).to(buf.dtype)
         if self.poison is not None and need is not None:
             # Strict test mode: what the tiles computed beyond the exact need is poisoned too.
             lo, hi = self.plan.needs[need[0]][need[1]]
