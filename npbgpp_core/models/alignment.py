@@ -13,6 +13,8 @@ Target renders (``align_during_rendering``) use :func:`render_canvas_camera`: by
 default only the bounding box of the rolled target image is rendered (H x W with an
 exact rot90 when the roll is a multiple of 90 degrees, at most the padded square at 45
 degrees), instead of the published padded square (about 2x the pixels of the image).
+Inference renders of a resampled canvas compute only the tiles that resampling reads
+(:mod:`.tiles`).
 """
 
 from __future__ import annotations
