@@ -94,7 +94,7 @@ class PublishedUNet(nn.Module):
 
 
 def project_points(points: torch.Tensor, camera: Camera) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """PyTorch3D-style projection (SPEC section 1): view = X @ R + T, NDC from the focal
+    """PyTorch3D-style projection (the published rasterizer's): view = X @ R + T, NDC from the focal
     length and principal point, then screen pixels (x right, y down); returns u, v, z."""
     p3d = camera.to_pytorch3d()
     R, T = torch.tensor(p3d["R"]).to(points), torch.tensor(p3d["T"]).to(points)
