@@ -201,8 +201,7 @@ class _Builder:
         self.specular: set[str] = set()
         self.count = 0
 
-    def material(self, kind: str | None = None, roughness: float | None = None, metallic: float = 0.0,
-                 emission: float = 0.0):
+    def material(self, kind: str | None = None, roughness: float | None = None, metallic: float = 0.0):
         import bpy
 
         from .procedural import _image
@@ -224,9 +223,6 @@ class _Builder:
             tex.image = _image(f"env_tex{self.count}_{kind}", env_texture(kind, rng, self.tex_size))
             tex.interpolation = "Linear"
             mat.node_tree.links.new(tex.outputs["Color"], bsdf.inputs["Base Color"])
-            if emission > 0:
-                mat.node_tree.links.new(tex.outputs["Color"], bsdf.inputs["Emission Color"])
-                bsdf.inputs["Emission Strength"].default_value = emission
         if roughness is None:
             roughness = float(rng.choice([rng.uniform(0.05, 0.25), rng.uniform(0.4, 0.9)], p=[0.25, 0.75]))
         bsdf.inputs["Roughness"].default_value = roughness
