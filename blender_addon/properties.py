@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import bpy
-from bpy.props import EnumProperty, FloatProperty, PointerProperty, StringProperty
+from bpy.props import EnumProperty, FloatProperty, IntProperty, PointerProperty, StringProperty
 
 
 def _is_point_object(_self: bpy.types.PropertyGroup, obj: bpy.types.Object) -> bool:
@@ -71,6 +71,12 @@ class NPBGPPSceneSettings(bpy.types.PropertyGroup):
         subtype="DIR_PATH", default="",
     )
     dataset_format: StringProperty(name="Dataset Format", default="")  # type: ignore[valid-type]
+    tile_size: IntProperty(  # type: ignore[valid-type]
+        name="Tile Size",
+        description="Neural frames with more pixels than Tile Size squared render in overlapping tiles, so "
+        "memory stays bounded at any resolution (same image); 0 renders the whole frame at once",
+        default=2048, min=0, soft_max=8192, subtype="PIXEL",
+    )
     worker_timeout: FloatProperty(  # type: ignore[valid-type]
         name="Worker Timeout",
         description="Seconds to wait for the worker process to answer one request (a frame, a view) before "

@@ -16,6 +16,9 @@ from .worker_client import HUB
 if TYPE_CHECKING:
     from .scene_snapshot import SceneSnapshot
 
+WINDOW_MARGIN = 128  # npbgpp_core.scene.WINDOW_MARGIN (that module imports torch)
+MIN_TILE_SIZE = 2 * WINDOW_MARGIN + 16
+
 
 def camera_spec(geo: CameraGeometry) -> P.CameraSpec:
     return P.CameraSpec.from_opencv(geo.K, geo.R, geo.t, geo.image_size)
@@ -45,5 +48,9 @@ def render_frame(
                 worker.request(P.SetPoints(snap.points, snap.colors), should_cancel, snap.timeout)
                 worker.loaded_key = snap.points_key
         source = "points"
-    reply = worker.request(P.RenderFrame(camera_spec(geo), source, neural), should_cancel, snap.timeout)
+    if 0 < snap.tile_size < MIN_TILE_SIZE:
+        raise ValueError(f"Tile Size must be 0 (whole frame) or at least {MIN_TILE_SIZE} pixels, not "
+                         f"{snap.tile_size}: each tile renders a margin of {WINDOW_MARGIN} pixels on every side")
+    request = P.RenderFrame(camera_spec(geo), source, neural, snap.tile_size * snap.tile_size)
+    reply = worker.request(request, should_cancel, snap.timeout)
     return reply.pixels, depth_scale

@@ -64,6 +64,7 @@ class RENDER_PT_npbgpp_performance(_NPBGPPPanel, bpy.types.Panel):
         layout.prop(s, "device")
         layout.prop(s, "precision")
         layout.prop(s, "preview_scale")
+        layout.prop(s, "tile_size")
         layout.prop(s, "worker_mode")
         row = layout.row()
         row.active = s.worker_mode == "PROCESS"

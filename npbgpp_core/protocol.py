@@ -235,6 +235,7 @@ class RenderFrame(Request):
     camera: CameraSpec
     source: str = "points"  # one of SOURCES
     neural: bool = False
+    max_pixels: int = 0  # > 0: the network renders larger frames in windows of about this many pixels
     op: ClassVar[str] = "render"
     reply: ClassVar[type[Reply]] = Frame
 

@@ -311,13 +311,47 @@ class SceneRenderer:
             return self.model.render_raw(self.aggregated, camera)
         return self.model.render_raw(self.points, camera)
 
-    def render(self, camera: Camera, quality: str | float = "full") -> torch.Tensor:
+    def render(self, camera: Camera, quality: str | float = "full", max_pixels: int = 0) -> torch.Tensor:
         """(3, H, W) in [0, 1]. ``quality``: 'full', 'preview' (internal half resolution,
-        upsampled) or an internal resolution factor in (0, 1]."""
+        upsampled) or an internal resolution factor in (0, 1]. ``max_pixels`` > 0 renders
+        larger frames window by window (:func:`render_in_windows`, full quality only), so
+        the network's memory stays bounded; the result is on the CPU then."""
         scale = quality_scale(quality)
+        h, w = camera.image_size
+        if max_pixels > 0 and h * w > max_pixels and scale == 1.0:
+            return self._render_windowed(camera, max_pixels)
         if self.scene.kind == "npbgpp":
             return self.model.render(self.aggregated, camera, dtype=self.dtype, resolution_scale=scale)
         return self.model.render(self.points, camera, dtype=self.dtype, resolution_scale=scale)
+
+    def _render_windowed(self, camera: Camera, max_pixels: int) -> torch.Tensor:
+        """:meth:`render` in windows. NPBG++ views are windowed on the canvas the network
+        really renders (the roll-aligned camera's), which is then turned or resampled as a
+        whole, exactly as :meth:`NPBGPlusPlus.render_raw` does: windows of an unrolled
+        canvas equal the whole canvas up to float rounding."""
+        from .models.alignment import render_canvas_camera, warp_images
+        from .models.npbgpp import autocast_context
+
+        camera = camera.to(self.device)
+        if self.scene.kind != "npbgpp":
+            return render_in_windows(lambda cam: self.render(cam).cpu(), camera, max_pixels)
+        model, config = self.model, self.model.config
+        quarter_turns: int | None = 0
+        canvas_camera = camera
+        if config.align_during_rendering:
+            canvas_camera, quarter_turns = render_canvas_camera(camera, config.render_canvas, config.world_up)
+
+        def window(cam: Camera) -> torch.Tensor:
+            with torch.inference_mode(), autocast_context(self.device, self.dtype):
+                return model._render_direct(self.aggregated, cam).float().cpu()
+
+        with torch.inference_mode():
+            canvas = render_in_windows(window, canvas_camera, max_pixels)
+            if quarter_turns is None:
+                out = warp_images(canvas.unsqueeze(0), canvas_camera.to("cpu"), camera.to("cpu"))[0]
+            else:
+                out = torch.rot90(canvas, quarter_turns, dims=(1, 2))
+        return out[:3].clamp(0, 1).clone()
 
     def render_points(self, camera: Camera) -> torch.Tensor:
         """(3, H, W): colour of the nearest point per pixel, black where empty (no network)."""
@@ -326,6 +360,46 @@ class SceneRenderer:
     def render_point_layers(self, camera: Camera) -> PointLayers:
         """Nearest-point colour, coverage and view depth of all the scene's points (no network)."""
         return render_point_layers(self.points, self.colors, camera.to(self.device))
+
+
+WINDOW_MARGIN = 128  # pixels each window renders beyond the part it keeps (the refiner's reach)
+WINDOW_ALIGN = 16  # window origins on the coarsest pyramid level's grid
+
+
+def window_grid(size: tuple[int, int], max_pixels: int, margin: int = WINDOW_MARGIN) -> list[tuple[int, int, int, int]]:
+    """``(top, left, height, width)`` of the parts a frame is cut into so that each part
+    plus ``margin`` pixels around it (inside the image) holds at most about ``max_pixels``;
+    parts start on multiples of :data:`WINDOW_ALIGN`. ValueError when even the smallest
+    part cannot fit."""
+    h, w = size
+    side = int((max_pixels ** 0.5 - 2 * margin) // WINDOW_ALIGN) * WINDOW_ALIGN
+    if side < WINDOW_ALIGN:
+        raise ValueError(f"max_pixels={max_pixels} leaves no room inside the {margin}-pixel window margins; "
+                         f"use at least {(2 * margin + WINDOW_ALIGN) ** 2}")
+    return [(top, left, min(side, h - top), min(side, w - left))
+            for top in range(0, h, side) for left in range(0, w, side)]
+
+
+def render_in_windows(
+    render_fn: Any, camera: Camera, max_pixels: int, margin: int = WINDOW_MARGIN
+) -> torch.Tensor:
+    """``render_fn(camera)`` (C, H, W) assembled from windows of ``camera``: each part of
+    :func:`window_grid` is rendered with ``margin`` extra pixels on each side (clipped at
+    the image border, where the full frame has its border too) and only the part is kept.
+    The network's outputs depend on a bounded neighbourhood, so the parts equal the whole
+    frame's up to float rounding for views the network renders unrolled; for rolled views
+    the windows are resampled from slightly different canvases (see BENCHMARKS.md)."""
+    h, w = camera.image_size
+    out: torch.Tensor | None = None
+    for top, left, ph, pw in window_grid((h, w), max_pixels, margin):
+        t0, l0 = max(0, top - margin), max(0, left - margin)
+        t1, l1 = min(h, top + ph + margin), min(w, left + pw + margin)
+        img = render_fn(camera.cropped(t0, l0, t1 - t0, l1 - l0))
+        if out is None:
+            out = img.new_zeros(img.shape[0], h, w)
+        out[:, top : top + ph, left : left + pw] = img[:, top - t0 : top - t0 + ph, left - l0 : left - l0 + pw]
+    assert out is not None
+    return out
 
 
 class PointLayers(NamedTuple):

@@ -263,6 +263,6 @@ class RenderService:
             if self.renderer is None:
                 raise RuntimeError("neural output needs a NeuralScene bundle (set one in Render Properties > NPBG++)")
             with torch.inference_mode():
-                img = self.renderer.render(camera.to(self.device))
+                img = self.renderer.render(camera.to(self.device), max_pixels=req.max_pixels)
             frame[..., P.NEURAL] = img.detach().float().clamp(0, 1)[:3].permute(1, 2, 0).cpu().numpy()
         return P.Frame(frame)

@@ -203,3 +203,33 @@ def test_nan_descriptors_are_refused_at_load(tmp_path, npbgpp_bundle):
         bad.save(path)
         with pytest.raises(ValueError, match=rf"nan_{name}.npbgpp: tensor '{name}' holds 1 NaN"):
             NeuralScene.load(path)
+
+
+@pytest.mark.parametrize("up", [(0.0, 0.0, 1.0), (0.35, 0.0, 1.0)], ids=["upright", "rolled"])
+def test_tiled_render_equals_whole_frame(npbgpp_bundle, up):
+    """A frame rendered in windows (bounded memory) equals the frame rendered at once, for
+    an unrolled view and for a rolled one (windows of the aligned canvas), NPBG++ and NPBG."""
+    from npbgpp_core.scene import window_grid
+
+    model, aggregated, bundle, _ = npbgpp_bundle
+    cam = Camera.look_at((0.5, -3.0, 0.8), (0, 0, 0), up, 50.0, (200, 300))
+    max_pixels = (2 * 128 + 48) ** 2
+    grid = window_grid(cam.image_size, max_pixels)
+    assert len(grid) == 35  # 48-pixel parts: 5 x 7
+    cover = np.zeros(cam.image_size, int)
+    for top, left, h, w in grid:
+        cover[top : top + h, left : left + w] += 1
+    assert (cover == 1).all()
+    renderer = bundle.renderer()
+    whole = renderer.render(cam)
+    tiled = renderer.render(cam, max_pixels=max_pixels)
+    assert tiled.shape == whole.shape
+    assert float((tiled - whole).abs().max()) < 1e-5
+    torch.manual_seed(1)
+    npbg = NPBG(len(bundle))
+    with torch.no_grad():
+        npbg.descriptors.normal_()
+    npbg_renderer = NeuralScene.from_npbg(npbg, bundle.points).renderer()
+    assert float((npbg_renderer.render(cam, max_pixels=max_pixels) - npbg_renderer.render(cam)).abs().max()) < 1e-5
+    with pytest.raises(ValueError, match="max_pixels=1000"):
+        window_grid(cam.image_size, 1000)
