@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from npbgpp_core.protocol import DEPTH, NEURAL, POINTS_RGBA
+from npbgpp_core.protocol import DEPTH, NEURAL, NEURAL_ALPHA, NEURAL_DEPTH, POINTS_RGBA
 
 from .srgb import srgb_to_linear
 
@@ -31,10 +31,16 @@ def depth_preview(depth: np.ndarray, hit: np.ndarray) -> np.ndarray:
 def compose(frame: np.ndarray, output: str, transparent: bool, depth_scale: float = 1.0) -> dict[str, np.ndarray]:
     """Top-down images for Blender: 'combined' (H, W, 4) scene-linear premultiplied RGBA,
     'points' (H, W, 4), 'depth' (H, W) in scene units (``depth_scale`` folds an object's
-    uniform scale back in)."""
+    uniform scale back in). Neural output takes alpha and depth with the holes between
+    points filled (the frame's NEURAL_ALPHA / NEURAL_DEPTH), so that a Z-combine with other
+    renders shows nothing through them; Points and Depth outputs show the raw points."""
     points_rgb = frame[..., POINTS_RGBA.start : POINTS_RGBA.start + 3]
     hit = frame[..., POINTS_RGBA.stop - 1] > 0.5
-    depth = np.where(hit, frame[..., DEPTH] * np.float32(depth_scale), np.float32(EMPTY_DEPTH)).astype(np.float32)
+    coverage, raw_depth = hit.astype(np.float32), frame[..., DEPTH]
+    if output == "NEURAL":
+        coverage, raw_depth = frame[..., NEURAL_ALPHA], frame[..., NEURAL_DEPTH]
+    covered = coverage > 0
+    depth = np.where(covered, raw_depth * np.float32(depth_scale), np.float32(EMPTY_DEPTH)).astype(np.float32)
     if output == "NEURAL":
         display = frame[..., NEURAL]
     elif output == "POINTS":
@@ -43,7 +49,7 @@ def compose(frame: np.ndarray, output: str, transparent: bool, depth_scale: floa
         display = np.repeat(depth_preview(depth, hit)[..., None], 3, axis=2)
     else:
         raise ValueError(f"unknown output {output!r}")
-    alpha = hit.astype(np.float32) if transparent else np.ones(hit.shape, np.float32)
+    alpha = coverage.astype(np.float32) if transparent else np.ones(hit.shape, np.float32)
     combined = np.empty(frame.shape[:2] + (4,), np.float32)
     combined[..., :3] = srgb_to_linear(display) * alpha[..., None]
     combined[..., 3] = alpha

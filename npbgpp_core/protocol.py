@@ -22,11 +22,14 @@ if TYPE_CHECKING:
     from .camera import Camera
 
 # A rendered frame is float32 (H, W, FRAME_CHANNELS), rows top-down: neural sRGB, point
-# colours sRGB + coverage, view depth (+inf where no point lands).
-FRAME_CHANNELS = 8
+# colours sRGB + coverage, view depth (+inf where no point lands), and with a neural
+# render its alpha and depth for compositing (holes filled: npbgpp_core.scene.fill_coverage).
+FRAME_CHANNELS = 10
 NEURAL = slice(0, 3)
 POINTS_RGBA = slice(3, 7)
 DEPTH = 7
+NEURAL_ALPHA = 8
+NEURAL_DEPTH = 9
 
 SOURCES = ("points", "bundle")
 

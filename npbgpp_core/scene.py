@@ -402,6 +402,28 @@ def render_in_windows(
     return out
 
 
+def fill_coverage(mask: torch.Tensor, depth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Alpha and depth of a neural render from its nearest-point ``mask`` (H, W) bool and
+    ``depth`` (H, W), for compositing: where no point landed inside the surface (holes up
+    to two pixels wide) the coverage is closed with a 3x3 square, which fills them without
+    growing the silhouette; alpha is that coverage times the covered fraction of each
+    pixel's 3x3 neighbourhood (1 inside, softer on the silhouette's inner edge); a filled
+    hole takes the nearest depth among its 3x3 neighbours. Returns (alpha, depth), +inf
+    depth where alpha is 0."""
+    import torch.nn.functional as F
+
+    # The border pixels repeated twice around the image: a silhouette one pixel from the
+    # border does not grow into it, and one crossing the border is not eroded there.
+    m = F.pad(mask.to(torch.float32)[None, None], (2, 2, 2, 2), mode="replicate")
+    dilated = F.max_pool2d(m, 3, 1, 1)
+    closed = (-F.max_pool2d(-dilated, 3, 1, 1))[..., 2:-2, 2:-2]
+    alpha = closed * F.avg_pool2d(closed, 3, 1, 1, count_include_pad=False)
+    d = torch.where(mask, depth.to(torch.float32), torch.full_like(depth, float("inf"), dtype=torch.float32))
+    nearest = -F.max_pool2d(-d[None, None], 3, 1, 1)
+    filled = torch.where(mask, d, torch.where(closed[0, 0] > 0, nearest[0, 0], torch.full_like(d, float("inf"))))
+    return alpha[0, 0], filled
+
+
 class PointLayers(NamedTuple):
     """What the nearest point per pixel gives without a network (all on the points' device)."""
 

@@ -241,7 +241,7 @@ class RenderService:
         """(H, W, FRAME_CHANNELS) float32 frame, rows top-down (see the protocol)."""
         import torch
 
-        from .scene import render_point_layers
+        from .scene import fill_coverage, render_point_layers
 
         camera = req.camera.to_camera()
         h, w = camera.image_size
@@ -265,4 +265,7 @@ class RenderService:
             with torch.inference_mode():
                 img = self.renderer.render(camera.to(self.device), max_pixels=req.max_pixels)
             frame[..., P.NEURAL] = img.detach().float().clamp(0, 1)[:3].permute(1, 2, 0).cpu().numpy()
+            alpha, depth = fill_coverage(layers.mask, layers.depth)
+            frame[..., P.NEURAL_ALPHA] = alpha.cpu().numpy()
+            frame[..., P.NEURAL_DEPTH] = depth.cpu().numpy()
         return P.Frame(frame)

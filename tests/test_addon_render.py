@@ -886,3 +886,51 @@ def test_empty_bundle_and_faceless_mesh_give_messages(scene):
         bpy.ops.npbgpp.points_from_meshes(count=10)
     assert "KeyError" not in str(info.value)
     assert set(bpy.data.objects) == before | {obj}
+
+
+def test_z_combine_with_a_cycles_cube_shows_no_speckles(scene):
+    """A neural render of a densely sampled plane Z-combined (nearer Z wins, as Blender's
+    Z Combine node) with a Cycles cube behind it: the raw point coverage has pinholes inside
+    the plane, yet the neural Depth pass and alpha cover the whole plane, so no cube pixel
+    shows through it."""
+    sc, cam = scene["scene"], scene["camera"]
+    rng = np.random.default_rng(5)
+    n = 6400  # about 4 points per pixel of the plane's ~40x40 pixels: ~2% pinholes
+    plane = np.stack([rng.uniform(-1, 1, n), np.zeros(n), rng.uniform(-1, 1, n)], 1).astype(np.float32)
+    colors = rng.uniform(0, 1, (n, 3)).astype(np.float32)
+    bundle = str(scene["dir"] / "plane.npbgpp")
+    _tiny_bundle(bundle, plane, colors)
+    assert bpy.ops.import_scene.npbgpp_bundle(filepath=bundle) == {"FINISHED"}
+    for o in sc.objects:
+        if o.type in ("MESH", "POINTCLOUD"):
+            o.hide_render = True  # Cycles must not draw the points
+    exr = render_exr(sc, str(scene["dir"] / "neural.exr"))
+    neural_depth, neural_alpha = exr["ViewLayer.Depth.Z"], passes(exr, "Combined")[..., 3]
+    raw_alpha = passes(exr, "NPBG Points")[..., 3]
+    # The plane's silhouette by Blender's own projection of a dense grid, shrunk by 2 pixels.
+    g = np.linspace(-1, 1, 240)
+    grid = np.stack(np.meshgrid(g, [0.0], g), -1).reshape(-1, 3)
+    row, col, _ = expected_pixels(sc, cam, grid)
+    silhouette = np.zeros((H, W), bool)
+    ok = (row >= 0) & (row < H) & (col >= 0) & (col < W)
+    silhouette[row[ok].astype(int), col[ok].astype(int)] = True
+    interior = silhouette.copy()
+    for dr in range(-2, 3):
+        for dc in range(-2, 3):
+            interior &= np.roll(np.roll(silhouette, dr, 0), dc, 1)
+    assert interior.sum() > 500
+    pinholes = interior & (raw_alpha == 0)
+    assert pinholes.sum() >= 3  # the raw coverage has holes inside the plane
+    bpy.ops.mesh.primitive_cube_add(size=3.0, location=(0.0, 2.0, 0.0))
+    sc.render.engine = "CYCLES"
+    sc.cycles.samples = 1
+    sc.cycles.device = "CPU"
+    sc.render.film_transparent = True
+    cube = render_exr(sc, str(scene["dir"] / "cube.exr"))
+    cube_depth, cube_alpha = cube["ViewLayer.Depth.Z"], passes(cube, "Combined")[..., 3]
+    assert (cube_alpha[interior] > 0.99).all() and (cube_depth[interior] < 1e9).all()  # the cube fills the plane
+    raw_depth = np.where(raw_alpha > 0, neural_depth, 1e10)
+    assert (cube_depth[pinholes] < raw_depth[pinholes]).all()  # raw coverage: the cube shows through
+    cube_wins = cube_depth < neural_depth
+    assert not (cube_wins & interior).any()  # no speckles
+    assert (neural_alpha[interior] == 1.0).all()

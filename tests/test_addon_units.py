@@ -173,12 +173,13 @@ def test_srgb_round_trip_and_reference_values():
 
 
 def test_compose_alpha_depth_and_flip():
-    f = np.zeros((3, 4, 8), np.float32)
+    f = np.zeros((3, 4, P.FRAME_CHANNELS), np.float32)
     f[..., 0:3] = 0.5
     f[1, 2, 3:6] = (1.0, 0.0, 0.5)
     f[1, 2, 6] = 1.0
     f[..., 7] = np.inf
     f[1, 2, 7] = 2.5
+    f[..., P.NEURAL_ALPHA], f[..., P.NEURAL_DEPTH] = f[..., 6], f[..., 7]  # one point: nothing to fill
     out = frames.compose(f, "NEURAL", transparent=True, depth_scale=2.0)
     assert out["depth"][1, 2] == 5.0 and out["depth"][0, 0] == frames.EMPTY_DEPTH
     assert out["combined"][1, 2, 3] == 1.0 and out["combined"][0, 0].tolist() == [0, 0, 0, 0]

@@ -233,3 +233,30 @@ def test_tiled_render_equals_whole_frame(npbgpp_bundle, up):
     assert float((npbg_renderer.render(cam, max_pixels=max_pixels) - npbg_renderer.render(cam)).abs().max()) < 1e-5
     with pytest.raises(ValueError, match="max_pixels=1000"):
         window_grid(cam.image_size, 1000)
+
+
+def test_fill_coverage_closes_small_holes_only():
+    """Hand-made coverage: holes one and two pixels wide are filled (alpha 1, depth of the
+    nearest neighbour), a 3x3 hole and the outside stay empty, the silhouette does not grow,
+    and its inner edge is soft."""
+    from npbgpp_core.scene import fill_coverage
+
+    mask = torch.zeros(12, 16, dtype=torch.bool)
+    mask[1:11, 1:15] = True
+    mask[3, 3] = False  # one-pixel hole
+    mask[3, 7:9] = False  # two-pixel hole
+    mask[6:9, 10:13] = False  # 3x3 hole
+    depth = torch.full((12, 16), 5.0)
+    depth[2, 3] = 4.0  # a nearer neighbour of the one-pixel hole
+    alpha, filled = fill_coverage(mask, torch.where(mask, depth, torch.tensor(float("inf"))))
+    assert alpha[3, 3] == 1.0 and filled[3, 3] == 4.0
+    assert alpha[3, 7] == 1.0 and alpha[3, 8] == 1.0 and filled[3, 8] == 5.0
+    assert (alpha[6:9, 10:13] == 0).all() and torch.isinf(filled[6:9, 10:13]).all()
+    assert (alpha[0] == 0).all() and (alpha[:, 0] == 0).all() and torch.isinf(filled[0]).all()
+    assert alpha[1, 1] == pytest.approx(4 / 9) and alpha[1, 5] == pytest.approx(6 / 9)  # soft inner edge
+    assert alpha[5, 5] == 1.0
+    assert torch.equal(filled[mask], torch.where(mask, depth, 0)[mask])  # hits keep their own depth
+    full = torch.ones(5, 6, dtype=torch.bool)  # a surface crossing every image border
+    full[0, 3] = False  # a hole on the border
+    alpha, filled = fill_coverage(full, torch.where(full, torch.tensor(2.0), torch.tensor(float("inf"))))
+    assert alpha[0, 3] == 1.0 and filled[0, 3] == 2.0 and (alpha[1:-1, 1:-1] == 1).all()
