@@ -160,3 +160,13 @@ def test_resimulate_points_reproduces_the_rendered_clouds(tiny_env, tmp_path):
         b = load_ply(os.path.join(copy, "points", f"{kind}.ply"))
         np.testing.assert_array_equal(a.points, b.points)
     assert json.load(open(os.path.join(copy, "env.json")))["points"] == counts
+
+
+def test_command_line_skips_finished_scenes(tmp_path, capsys):
+    from blender_addon.datagen.environments import main, parse_seeds
+
+    assert parse_seeds("1-3,7, 9") == [1, 2, 3, 7, 9]
+    (tmp_path / "env_7").mkdir()
+    (tmp_path / "env_7" / "env.json").write_text("{}")
+    assert main(["--seeds", "7", "--out", str(tmp_path)]) == 0
+    assert "env_7: done already, skipped" in capsys.readouterr().out
