@@ -1,0 +1,170 @@
+"""Dense reconstruction (npbgpp_core.densify) on an analytic scene: depth maps against the
+true depth, fusion against the true surface, masks, the command line and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from _mvs_scene import render, ring_cameras, sphere_samples, surface_distance
+
+from npbgpp_core.densify import (
+    DensifyError,
+    DensifyOptions,
+    densify_scene,
+    densify_views,
+    depth_map,
+    fuse,
+    main,
+    pick_device,
+)
+
+
+@pytest.fixture(scope="module")
+def ring():
+    cams = ring_cameras(6, size=(120, 160))
+    return cams, [render(c) for c in cams]
+
+
+def test_depth_map_matches_true_depth(ring):
+    cams, views = ring
+    ref, nbrs = 2, [0, 1, 3, 4]
+    true = views[ref][1]
+    depth, score = depth_map(cams[ref], views[ref][0], [cams[i] for i in nbrs], [views[i][0] for i in nbrs],
+                             (2.0, 7.0))
+    assert depth.shape == true.shape and score.shape == true.shape
+    seen = true > 0
+    valid = depth > 0
+    rel = ((depth - true).abs() / true)[valid & seen]
+    assert (valid & seen).sum() >= 0.7 * seen.sum()  # most of the textured surface gets a depth
+    assert (rel < 0.01).float().mean() >= 0.8, float((rel < 0.01).float().mean())
+    assert rel.median() < 0.006
+    # The empty black background has no texture: only a rim of window half-width (2 px)
+    # around the objects borrows their depth.
+    assert (valid & ~seen).sum() <= 0.05 * valid.sum()
+
+
+def test_fusion_drops_inconsistent_points(ring):
+    cams, views = ring
+    depths = torch.stack([v[1] for v in views])
+    images = torch.stack([v[0] for v in views])
+    partners = [[j for j in range(len(cams)) if j != i] for i in range(len(cams))]
+    exact = fuse(cams, depths, images, partners, DensifyOptions(min_consistent=2))
+    d = surface_distance(torch.as_tensor(exact.points))
+    assert len(exact) > 5000 and float(d.max()) < 2e-3
+    # Every pixel of a surface seen by several views becomes one point, not one per view.
+    assert len(exact) < 0.6 * int((depths > 0).sum())
+    bad = depths.clone()
+    bad[0, :, :80] *= 1.05  # half of view 0 five percent too deep: no other view agrees
+    fused = fuse(cams, bad, images, partners, DensifyOptions(min_consistent=2))
+    d = surface_distance(torch.as_tensor(fused.points))
+    assert float(d.max()) < 2e-3, "a point from the corrupted half survived fusion"
+    assert len(fused) > 0.9 * len(exact)  # the other views still cover that surface
+    lone = fuse(cams, bad, images, [[1]] * len(cams), DensifyOptions(min_consistent=2))
+    assert len(lone) == 0  # one partner can never make two consistent views
+
+
+def test_densify_views_limits_points_and_gives_normals(ring):
+    cams, views = ring
+    opt = DensifyOptions(max_points=3000, normals=True)
+    cloud = densify_views([v[0] for v in views], cams, None, sphere_samples(300).numpy(), opt, device="cpu")
+    assert 2000 < len(cloud) <= 3000
+    d = surface_distance(torch.as_tensor(cloud.points))
+    assert (d < 0.035).float().mean() >= 0.9
+    n = np.stack([cloud.extra[k] for k in ("nx", "ny", "nz")], axis=1)
+    on_sphere = (surface_distance(torch.as_tensor(cloud.points), floor=False) < 0.02).numpy()
+    on_sphere &= np.linalg.norm(n, axis=1) > 0.5
+    radial = cloud.points[on_sphere] / np.linalg.norm(cloud.points[on_sphere], axis=1, keepdims=True)
+    assert np.median((n[on_sphere] * radial).sum(1)) > 0.9  # outward, like the true normal
+
+
+def _write_nerf(root, cams, views, sphere_only_alpha: bool) -> None:
+    """NeRF-Synthetic folder: RGBA PNGs (alpha = the sphere only, or everything hit),
+    OpenGL camera-to-world matrices and a sparse point cloud on the sphere."""
+    from PIL import Image
+
+    from npbgpp_core.ply import save_ply
+
+    (root / "train").mkdir(parents=True)
+    frames = []
+    for i, (cam, (img, depth, sphere)) in enumerate(zip(cams, views, strict=True)):
+        alpha = sphere if sphere_only_alpha else depth > 0
+        rgba = torch.cat([img, alpha[None].float()]).permute(1, 2, 0).numpy()
+        Image.fromarray(np.round(rgba * 255).astype(np.uint8)).save(root / "train" / f"r_{i}.png")
+        K, R, t = cam.to_opencv()
+        c2w = np.eye(4)
+        c2w[:3, :3] = R.T @ np.diag([1.0, -1.0, -1.0])
+        c2w[:3, 3] = -R.T @ t
+        frames.append({"file_path": f"./train/r_{i}", "transform_matrix": c2w.tolist()})
+    w = cams[0].image_size[1]
+    angle = 2 * math.atan(w / (2 * cams[0].intrinsics().fx))
+    for split in ("train", "val", "test"):
+        meta = {"camera_angle_x": angle, "frames": frames if split == "train" else []}
+        (root / f"transforms_{split}.json").write_text(json.dumps(meta))
+    save_ply(root / "points3d.ply", sphere_samples(300).numpy())
+
+
+def test_cli_respects_masks(tmp_path, ring, capsys):
+    cams, views = ring
+    _write_nerf(tmp_path / "scene", cams, views, sphere_only_alpha=True)
+    out = tmp_path / "dense.ply"
+    assert main([str(tmp_path / "scene"), "--out", str(out), "--device", "cpu", "--normals", "--quiet"]) == 0
+    from npbgpp_core.ply import load_ply
+
+    cloud = load_ply(out)
+    assert len(cloud) > 2000 and {"nx", "ny", "nz"} <= set(cloud.extra)
+    d_sphere = surface_distance(torch.as_tensor(cloud.points), floor=False)
+    assert (d_sphere < 0.035).float().mean() >= 0.95  # the floor is masked out
+    # The textured floor left of the mask: without the mask it comes back.
+    cloud_all = densify_scene(_load(tmp_path, cams, views), device="cpu")
+    d_all = surface_distance(torch.as_tensor(cloud_all.points), floor=False)
+    assert (d_all > 0.1).sum() > 1000
+
+
+def _load(tmp_path, cams, views):
+    from npbgpp_core.datasets import load_scene
+
+    _write_nerf(tmp_path / "full", cams, views, sphere_only_alpha=False)
+    return load_scene(tmp_path / "full")
+
+
+def test_bad_input_is_named(tmp_path, ring, capsys):
+    cams, views = ring
+    assert main([str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.ply")]) == 2
+    assert "nowhere" in capsys.readouterr().err
+    _write_nerf(tmp_path / "scene", cams, views, sphere_only_alpha=True)
+    from npbgpp_core.datasets import load_scene
+
+    scene = load_scene(tmp_path / "scene")
+    with pytest.raises(DensifyError, match="no views"):
+        densify_scene(scene, views=[])
+    with pytest.raises(DensifyError, match="at least 2 views.*r_3"):
+        densify_scene(scene, views=[3])
+    with pytest.raises(DensifyError, match="out of range"):
+        densify_scene(scene, views=[0, 99])
+    assert main([str(tmp_path / "scene"), "--out", str(tmp_path / "x.ply"), "--views", "2"]) == 2
+    assert "at least 2 views" in capsys.readouterr().err
+    assert not (tmp_path / "x.ply").exists()
+    # Two cameras looking away from each other share nothing.
+    from npbgpp_core.camera import Camera
+
+    a = Camera.look_at(eye=(0, 0, 0), target=(0, 0, 1), image_size=(40, 60))
+    b = Camera.look_at(eye=(0, 0.1, 0), target=(0, 0, -1), image_size=(40, 60))
+    img = torch.rand(3, 40, 60)
+    with pytest.raises(DensifyError, match="overlap"):
+        densify_views([img, img], [a, b], options=DensifyOptions(depth_range=(1.0, 5.0)), device="cpu")
+    with pytest.raises(DensifyError, match="min_consistent"):
+        densify_views([img, img], [a, b], options=DensifyOptions(min_consistent=0))
+
+
+def test_device_choice():
+    assert pick_device("cpu").type == "cpu"
+    assert pick_device("auto").type in ("cpu", "cuda", "mps")
+    with pytest.raises(DensifyError, match="auto, cpu, cuda or mps"):
+        pick_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(DensifyError, match="no CUDA"):
+            pick_device("cuda")
