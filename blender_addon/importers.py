@@ -7,7 +7,7 @@ from typing import Any
 
 import bpy
 import numpy as np
-from bpy.props import FloatProperty, IntProperty, StringProperty
+from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, StringProperty
 from bpy_extras.io_utils import ImportHelper
 
 from .camera_bridge import BLENDER_TO_OPENCV
@@ -192,6 +192,14 @@ class IMPORT_SCENE_OT_npbgpp_bundle(bpy.types.Operator, ImportHelper):
 
 
 # --------------------------------------------------------------------------- dataset
+DATASET_FORMATS = [
+    ("AUTO", "Detect", "Tell the layout from the files"),
+    ("NERF_SYNTHETIC", "NeRF-Synthetic / Blender", "transforms_*.json with RGBA images"),
+    ("DTU", "DTU", "A DTU scan folder"),
+    ("SCANNET", "ScanNet", "A ScanNet scene folder"),
+    ("H3DS", "H3DS", "An H3DS scene folder"),
+    ("COLMAP", "COLMAP", "sparse/0 model (cameras, images, points3D) and images/"),
+]
 class IMPORT_SCENE_OT_npbgpp_dataset(bpy.types.Operator):
     """Import a dataset folder (NeRF-Synthetic, DTU, ScanNet, H3DS, COLMAP): points and input cameras"""
 
@@ -199,8 +207,17 @@ class IMPORT_SCENE_OT_npbgpp_dataset(bpy.types.Operator):
     bl_label = "Import NPBG++ Dataset"
     bl_options = {"REGISTER", "UNDO"}
     directory: StringProperty(subtype="DIR_PATH")  # type: ignore[valid-type]
-    format: StringProperty(name="Format", default="", description="Empty: detect")  # type: ignore[valid-type]
-    max_points: IntProperty(name="Max Points", default=0, min=0, description="0: all")  # type: ignore[valid-type]
+    format: EnumProperty(  # type: ignore[valid-type]
+        name="Format", items=DATASET_FORMATS, default="AUTO", description="Layout of the dataset folder",
+    )
+    max_points: IntProperty(  # type: ignore[valid-type]
+        name="Max Points", default=0, min=0, description="Keep at most this many points, chosen at random (0: all)",
+    )
+    undistort: BoolProperty(  # type: ignore[valid-type]
+        name="Undistort (COLMAP)", default=False,
+        description="COLMAP models with lens distortion: remap the photos to pinhole images on load "
+                    "(otherwise such models are refused)",
+    )
 
     def invoke(self, context: Any, event: Any) -> set[str]:
         context.window_manager.fileselect_add(self)
@@ -214,7 +231,8 @@ class IMPORT_SCENE_OT_npbgpp_dataset(bpy.types.Operator):
 
         path = bpy.path.abspath(self.directory)
         try:
-            reply = worker_for(context.scene).request(P.ReadDataset(path, self.format or None, self.max_points))
+            fmt = None if self.format == "AUTO" else self.format.lower()
+            reply = worker_for(context.scene).request(P.ReadDataset(path, fmt, self.max_points, self.undistort))
         except (WorkerError, ValueError, OSError) as exc:
             self.report({"ERROR"}, f"cannot import dataset {path}: {exc}")
             return {"CANCELLED"}
@@ -236,6 +254,7 @@ class IMPORT_SCENE_OT_npbgpp_dataset(bpy.types.Operator):
             cam["npbgpp_image"] = view.image_path
         context.scene.npbgpp.dataset_path = path
         context.scene.npbgpp.dataset_format = reply.format or ""
+        context.scene.npbgpp.dataset_undistort = self.undistort
         if reply.views:
             h, w = reply.views[0].camera.image_size
             context.scene.render.resolution_x, context.scene.render.resolution_y = w, h

@@ -1,4 +1,5 @@
-"""Operators: aggregate NPBG++ descriptors into a bundle; export a dataset of this scene."""
+"""Operators: aggregate NPBG++ descriptors into a bundle; densify a dataset's points;
+export a dataset of this scene."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import os
 from typing import Any
 
 import bpy
-from bpy.props import BoolProperty, IntProperty, StringProperty
+from bpy.props import BoolProperty, FloatProperty, IntProperty, StringProperty
 
 
 def bundled_weights() -> str:
@@ -49,7 +50,7 @@ class NPBGPP_OT_aggregate(bpy.types.Operator):
         try:
             worker = worker_for(context.scene)
             count = worker.request(P.AggregateBegin(
-                dataset, weights, s.dataset_format or None, s.device, self.max_points, s.up_axis,
+                dataset, weights, s.dataset_format or None, s.device, self.max_points, s.up_axis, s.dataset_undistort,
             ), None, s.worker_timeout).views
             wm.progress_begin(0, max(1, count))
             try:
@@ -66,6 +67,151 @@ class NPBGPP_OT_aggregate(bpy.types.Operator):
         up = ", ".join(f"{v:g}" for v in reply.world_up)
         self.report({"INFO"}, f"saved {reply.points} points ({reply.valid} seen) to {out}; up axis ({up})")
         return {"FINISHED"}
+
+
+class NPBGPP_OT_densify(bpy.types.Operator):
+    """Dense coloured points from the imported dataset's photos (multi-view stereo), used as the point object"""
+
+    bl_idname = "npbgpp.densify"
+    bl_label = "Densify Points"
+    bl_options = {"REGISTER", "UNDO"}
+    filepath: StringProperty(  # type: ignore[valid-type]
+        name="Output PLY", subtype="FILE_PATH", default="", description="Where the cloud is saved (empty: dense.ply "
+        "in the dataset folder)",
+    )
+    max_points: IntProperty(name="Max Points", default=2_000_000, min=1000)  # type: ignore[valid-type]
+    max_views: IntProperty(  # type: ignore[valid-type]
+        name="Max Views", default=0, min=0, description="Use at most this many views, evenly spread (0: all)",
+    )
+    min_consistent: IntProperty(  # type: ignore[valid-type]
+        name="Min Consistent Views", default=2, min=1, max=8,
+        description="Other views whose depth must agree before a pixel becomes a point",
+    )
+    image_scale: FloatProperty(  # type: ignore[valid-type]
+        name="Image Scale", default=1.0, min=0.1, max=1.0, subtype="FACTOR",
+        description="Match on images scaled by this factor (faster, fewer points)",
+    )
+
+    _timer: Any = None
+    _worker: Any = None
+    _out: str = ""
+    _timeout: float = 0.0
+
+    def _begin(self, context: Any) -> Any:
+        """Start the job in the worker; returns its first progress reply or None (reported)."""
+        from npbgpp_core import protocol as P
+
+        from .scene_snapshot import worker_for
+        from .worker_client import WorkerError
+
+        s = context.scene.npbgpp
+        dataset = bpy.path.abspath(s.dataset_path) if s.dataset_path else ""
+        if not dataset or not os.path.isdir(dataset):
+            self.report({"ERROR"}, "Densify needs a dataset: use File > Import > NPBG++ Dataset Folder first")
+            return None
+        self._out = bpy.path.abspath(self.filepath) if self.filepath else os.path.join(dataset, "dense.ply")
+        try:
+            self._worker = worker_for(context.scene)
+            self._timeout = s.worker_timeout
+            return self._worker.request(P.DensifyBegin(
+                dataset, s.dataset_format or None, s.dataset_undistort, s.device, self.max_points, self.max_views,
+                self.min_consistent, self.image_scale,
+            ), None, self._timeout)
+        except (WorkerError, ValueError, OSError) as exc:
+            self.report({"ERROR"}, f"Densify failed: {exc}")
+            return None
+
+    def _finish(self, context: Any) -> set[str]:
+        from npbgpp_core import protocol as P
+
+        from .importers import make_point_object, use_point_object
+        from .worker_client import WorkerError
+
+        try:
+            cloud = self._worker.request(P.DensifyFinish(self._out), None, self._timeout)
+        except (WorkerError, ValueError, OSError) as exc:
+            self.report({"ERROR"}, f"Densify failed: {exc}")
+            return {"CANCELLED"}
+        name = os.path.splitext(os.path.basename(self._out))[0]
+        obj = make_point_object(name, cloud.points, cloud.colors, context)
+        use_point_object(context, obj)
+        self.report({"INFO"}, f"densified: {len(cloud.points)} points, saved to {self._out}")
+        return {"FINISHED"}
+
+    def execute(self, context: Any) -> set[str]:
+        """Run to the end (scripts; the UI uses the cancellable modal path)."""
+        from npbgpp_core import protocol as P
+
+        from .worker_client import WorkerError
+
+        progress = self._begin(context)
+        if progress is None:
+            return {"CANCELLED"}
+        wm = context.window_manager
+        wm.progress_begin(0, max(1, progress.total))
+        try:
+            while not progress.finished:
+                progress = self._worker.request(P.DensifyStep(), None, self._timeout)
+                wm.progress_update(progress.done)
+        except (WorkerError, ValueError, OSError) as exc:
+            self.report({"ERROR"}, f"Densify failed: {exc}")
+            return {"CANCELLED"}
+        finally:
+            wm.progress_end()
+        return self._finish(context)
+
+    def invoke(self, context: Any, event: Any) -> set[str]:
+        progress = self._begin(context)
+        if progress is None:
+            return {"CANCELLED"}
+        wm = context.window_manager
+        wm.progress_begin(0, max(1, progress.total))
+        self._timer = wm.event_timer_add(0.05, window=context.window)
+        wm.modal_handler_add(self)
+        self._status(context, progress)
+        return {"RUNNING_MODAL"}
+
+    def modal(self, context: Any, event: Any) -> set[str]:
+        from npbgpp_core import protocol as P
+
+        from .worker_client import WorkerError
+
+        if event.type == "ESC":
+            try:
+                self._worker.request(P.DensifyCancel(), None, self._timeout)
+            except WorkerError:
+                pass
+            self._cleanup(context)
+            self.report({"WARNING"}, "Densify cancelled")
+            return {"CANCELLED"}
+        if event.type != "TIMER":
+            return {"PASS_THROUGH"}
+        try:
+            progress = self._worker.request(P.DensifyStep(), None, self._timeout)
+        except (WorkerError, ValueError, OSError) as exc:
+            self._cleanup(context)
+            self.report({"ERROR"}, f"Densify failed: {exc}")
+            return {"CANCELLED"}
+        context.window_manager.progress_update(progress.done)
+        self._status(context, progress)
+        if not progress.finished:
+            return {"RUNNING_MODAL"}
+        self._cleanup(context)
+        return self._finish(context)
+
+    def _status(self, context: Any, progress: Any) -> None:
+        if context.workspace is not None:
+            context.workspace.status_text_set(
+                f"Densify: {progress.stage} {progress.done}/{progress.total} steps (Esc to cancel)")
+
+    def _cleanup(self, context: Any) -> None:
+        wm = context.window_manager
+        if self._timer is not None:
+            wm.event_timer_remove(self._timer)
+            self._timer = None
+        wm.progress_end()
+        if context.workspace is not None:
+            context.workspace.status_text_set(None)
 
 
 class NPBGPP_OT_export_dataset(bpy.types.Operator):
@@ -119,7 +265,7 @@ class NPBGPP_OT_stop_worker(bpy.types.Operator):
         return {"FINISHED"}
 
 
-CLASSES = (NPBGPP_OT_aggregate, NPBGPP_OT_export_dataset, NPBGPP_OT_stop_worker)
+CLASSES = (NPBGPP_OT_aggregate, NPBGPP_OT_densify, NPBGPP_OT_export_dataset, NPBGPP_OT_stop_worker)
 
 
 register, unregister = bpy.utils.register_classes_factory(CLASSES)

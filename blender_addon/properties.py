@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import bpy
-from bpy.props import EnumProperty, FloatProperty, IntProperty, PointerProperty, StringProperty
+from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, PointerProperty, StringProperty
 
 
 def _is_point_object(_self: bpy.types.PropertyGroup, obj: bpy.types.Object) -> bool:
@@ -82,6 +82,10 @@ class NPBGPPSceneSettings(bpy.types.PropertyGroup):
         description="Seconds to wait for the worker process to answer one request (a frame, a view) before "
         "stopping it as frozen; 0 waits forever",
         default=600.0, min=0.0, soft_max=3600.0, subtype="TIME_ABSOLUTE", unit="TIME_ABSOLUTE",
+    )
+    dataset_undistort: BoolProperty(  # type: ignore[valid-type]
+        name="Undistort Dataset", default=False,
+        description="The dataset was imported with COLMAP undistortion (Aggregate and Densify read it the same way)",
     )
     worker_mode: EnumProperty(  # type: ignore[valid-type]
         name="Worker",

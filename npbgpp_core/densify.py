@@ -31,10 +31,11 @@ undistorted by the dataset loader (``undistort=True``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +46,7 @@ from .camera import Camera
 from .ply import PointCloud
 
 ProgressFn = Callable[[str, int, int], None]
+Step = tuple[str, int, int]  # (stage, views done in it, views in it)
 
 
 class DensifyError(ValueError):
@@ -203,8 +205,9 @@ def choose_neighbors(
 ) -> list[list[tuple[int, float]]]:
     """Per view, up to ``count`` ``(index, score)`` pairs, best first, score > 0 only.
 
-    Score = overlap x exp(-((angle - best) / 10)^2 / 2), angle being the triangulation
-    angle at the reference's scene point, zero under 1 degree (no baseline)."""
+    Score = overlap x (exp(-((angle - best) / 10)^2 / 2) + 0.001), angle being the
+    triangulation angle at the reference's scene point; views with no overlap or under
+    1 degree of angle (no baseline) are left out."""
     n = len(cams)
     out: list[list[tuple[int, float]]] = []
     for r in range(n):
@@ -230,9 +233,10 @@ def choose_neighbors(
             angle = math.degrees(math.acos(max(-1.0, min(1.0, cosang))))
             if overlap <= 0.0 or angle < 1.0:
                 continue
-            scored.append((s, overlap * math.exp(-0.5 * ((angle - best_angle_deg) / 10.0) ** 2)))
+            # The floor keeps wide-baseline views usable when nothing better exists.
+            scored.append((s, overlap * (math.exp(-0.5 * ((angle - best_angle_deg) / 10.0) ** 2) + 1e-3)))
         scored.sort(key=lambda p: -p[1])
-        out.append([p for p in scored[:count] if p[1] > 1e-6])
+        out.append(scored[:count])
     return out
 
 
@@ -425,15 +429,35 @@ def _normals(c: _Cam, depth: torch.Tensor, rays: torch.Tensor) -> torch.Tensor:
 
 def fuse(
     cams: Sequence[Camera], depths: torch.Tensor, images: torch.Tensor, partners: Sequence[Sequence[int]],
-    options: DensifyOptions | None = None, progress: ProgressFn | None = None,
-    should_stop: Callable[[], bool] | None = None,
+    options: DensifyOptions | None = None,
 ) -> PointCloud:
     """Fuse depth maps ``(V, H, W)`` (0 = none) of images ``(V, 3, H, W)`` into one cloud.
 
     ``partners[i]`` are the views view ``i`` is checked against. A pixel becomes a point
     when at least ``min_consistent`` of them agree (see the module docstring); its matched
     pixels in later views are not used again."""
-    opt = options or DensifyOptions()
+    return _drain(_fuse_steps(cams, depths, images, partners, options or DensifyOptions()))
+
+
+def _drain(steps: Generator[Step, None, PointCloud], progress: ProgressFn | None = None,
+           should_stop: Callable[[], bool] | None = None) -> PointCloud:
+    """Run a step generator to its end: the cloud it returns."""
+    while True:
+        if should_stop is not None and should_stop():
+            steps.close()
+            raise DensifyCancelled("densify cancelled")
+        try:
+            stage, done, total = next(steps)
+        except StopIteration as stop:
+            return stop.value
+        if progress is not None:
+            progress(stage, done, total)
+
+
+def _fuse_steps(
+    cams: Sequence[Camera], depths: torch.Tensor, images: torch.Tensor, partners: Sequence[Sequence[int]],
+    opt: DensifyOptions,
+) -> Generator[Step, None, PointCloud]:
     dev = depths.device
     V, H, W = depths.shape
     cs = [_cam(c, dev) for c in cams]
@@ -441,13 +465,10 @@ def fuse(
     used = torch.zeros((V, H * W), dtype=torch.bool, device=dev)
     out_p, out_c, out_n = [], [], []
     for i in range(V):
-        if should_stop is not None and should_stop():
-            raise DensifyCancelled("densify cancelled")
         d = depths[i].reshape(-1)
         sel = torch.nonzero((d > 0) & ~used[i]).squeeze(1)
         if sel.numel() == 0 or not partners[i]:
-            if progress:
-                progress("fuse", i + 1, V)
+            yield ("fuse", i + 1, V)
             continue
         X = _unproject(cs[i], rays[i][:, sel], d[sel])
         u0 = sel % W
@@ -474,15 +495,12 @@ def fuse(
         keep = count >= opt.min_consistent
         for j, pix, ok in matches:
             used[j, pix[ok & keep]] = True
-        k = keep.float()[None]
         n = (count + 1).float()[None]
         out_p.append(((sumX / n)[:, keep]).T)
         out_c.append(((sumC / n)[:, keep]).T)
         if opt.normals:
             out_n.append(_normals(cs[i], depths[i], rays[i]).reshape(3, -1)[:, sel][:, keep].T)
-        del k
-        if progress:
-            progress("fuse", i + 1, V)
+        yield ("fuse", i + 1, V)
     if not out_p:
         return PointCloud(np.zeros((0, 3), np.float32), np.zeros((0, 3), np.float32))
     pts = torch.cat(out_p).cpu()
@@ -536,6 +554,14 @@ def densify_views(
     (same sizes). ``sparse_points`` (N, 3) set the depth ranges."""
     opt = options or DensifyOptions()
     opt.check()
+    steps = _view_steps(list(images), list(cameras), masks, sparse_points, opt, pick_device(device), names)
+    return _drain(steps, progress, should_stop)
+
+
+def _view_steps(
+    images: list[torch.Tensor], cameras: list[Camera], masks: Sequence[torch.Tensor | None] | None,
+    sparse_points: np.ndarray | None, opt: DensifyOptions, dev: torch.device, names: Sequence[str] | None,
+) -> Generator[Step, None, PointCloud]:
     n = len(images)
     names = list(names) if names is not None else [f"view {i}" for i in range(n)]
     if n == 0:
@@ -544,7 +570,9 @@ def densify_views(
         raise DensifyError(f"densify needs at least 2 views, got 1 ({names[0]})")
     if len(cameras) != n:
         raise DensifyError(f"{n} images but {len(cameras)} cameras")
-    dev = pick_device(device)
+    shapes = {tuple(im.shape[1:]) for im in images}
+    if len(shapes) != 1:
+        raise DensifyError(f"all views must have one size for fusion, got {sorted(shapes)}")
     center = (np.asarray(sparse_points, np.float64).mean(0) if sparse_points is not None and len(sparse_points)
               else np.stack([c.center().double().numpy() for c in cameras]).mean(0))
     ranges = [opt.depth_range or depth_range_of(c, sparse_points, center) for c in cameras]
@@ -554,24 +582,17 @@ def densify_views(
         raise DensifyError(f"no two of the {n} views overlap: nothing can be matched ({', '.join(names[:5])}...)")
     imgs = [im.to(dev, torch.float32) for im in images]
     grays = [_gray(im) for im in imgs]
-    shapes = {tuple(im.shape[1:]) for im in imgs}
-    if len(shapes) != 1:
-        raise DensifyError(f"all views must have one size for fusion, got {sorted(shapes)}")
     depths = torch.zeros((n, *imgs[0].shape[1:]), device=dev)
     for i in range(n):
-        if should_stop is not None and should_stop():
-            raise DensifyCancelled("densify cancelled")
         sweep_nbrs = [j for j, _ in nbrs[i][: opt.neighbors]]
         if sweep_nbrs:
             mask = masks[i] if masks is not None else None
             depths[i] = _depth_from_gray(cameras[i], grays[i], [cameras[j] for j in sweep_nbrs],
                                          [grays[j] for j in sweep_nbrs], ranges[i], opt,
                                          None if mask is None else mask[0])[0]
-        if progress:
-            progress("depth", i + 1, n)
+        yield ("depth", i + 1, n)
     partners = [[j for j, _ in nb[: opt.consistency_views]] for nb in nbrs]
-    stacked = torch.stack(imgs)
-    return fuse(cameras, depths, stacked, partners, opt, progress, should_stop)
+    return (yield from _fuse_steps(cameras, depths, torch.stack(imgs), partners, opt))
 
 
 def _processing_size(camera: Camera, opt: DensifyOptions) -> tuple[int, int]:
@@ -579,6 +600,58 @@ def _processing_size(camera: Camera, opt: DensifyOptions) -> tuple[int, int]:
     s = opt.image_scale
     s = min(s, opt.max_image_size / max(h, w)) if opt.max_image_size else s
     return max(2, int(round(h * s))), max(2, int(round(w * s)))
+
+
+class DensifyJob:
+    """Densify a scene in small steps (one view each: load, depth map, fusion), so that a
+    caller (the add-on's worker) can report progress and stop between steps.
+
+    ``job.step()`` does one step and returns True when the cloud is ready
+    (``job.result``); ``job.stage``, ``job.done``, ``job.total`` say where it is. Bad
+    input raises :class:`DensifyError` in the constructor."""
+
+    def __init__(self, scene, views: Sequence[int] | None = None, options: DensifyOptions | None = None,
+                 device: str = "auto") -> None:
+        self.options = opt = options or DensifyOptions()
+        opt.check()
+        idx = list(views) if views is not None else list(scene.train or range(len(scene.views)))
+        for i in idx:
+            if not 0 <= i < len(scene.views):
+                raise DensifyError(f"{scene.root}: view index {i} out of range ({len(scene.views)} views)")
+        if not idx:
+            raise DensifyError(f"{scene.root}: the scene has no views to densify")
+        if len(idx) == 1:
+            raise DensifyError(f"{scene.root}: densify needs at least 2 views, got 1 ({scene.views[idx[0]].name})")
+        self.scene, self.views, self.device = scene, idx, pick_device(device)
+        self.stage, self.done, self.total = "load", 0, 3 * len(idx)
+        self.result: PointCloud | None = None
+        self._steps = self._run()
+
+    def _run(self) -> Generator[Step, None, PointCloud]:
+        scene, idx, opt = self.scene, self.views, self.options
+        size = _processing_size(scene.views[idx[0]].camera, opt)
+        images, cams, masks = [], [], []
+        for k, i in enumerate(idx):
+            images.append(scene.load_image(i, size))
+            masks.append(scene.load_mask(i, size))
+            cams.append(scene.camera(i, size))
+            yield ("load", k + 1, len(idx))
+        pts = scene.points if scene.points is not None and len(scene.points) else None
+        return (yield from _view_steps(images, cams, masks, pts, opt, self.device,
+                                       [scene.views[i].name for i in idx]))
+
+    def step(self) -> bool:
+        if self.result is not None:
+            return True
+        try:
+            stage, done, _ = next(self._steps)
+        except StopIteration as stop:
+            self.result = stop.value
+            self.stage, self.done = "done", self.total
+            return True
+        offset = {"load": 0, "depth": 1, "fuse": 2}[stage] * len(self.views)
+        self.stage, self.done = stage, offset + done
+        return False
 
 
 def densify_scene(
@@ -591,33 +664,13 @@ def densify_scene(
     ``overrides`` set :class:`DensifyOptions` fields (``max_points=``, ``normals=`` ...).
     ``progress(stage, done, total)`` is called per view for ``'load'``, ``'depth'``,
     ``'fuse'``; ``should_stop()`` returning True raises :class:`DensifyCancelled`."""
-    opt = options or DensifyOptions()
+    opt = dataclasses.replace(options) if options is not None else DensifyOptions()
     for k, v in overrides.items():
         if not hasattr(opt, k):
             raise TypeError(f"densify_scene: unknown option {k!r}")
         setattr(opt, k, v)
-    opt.check()
-    idx = list(views) if views is not None else list(scene.train or range(len(scene.views)))
-    for i in idx:
-        if not 0 <= i < len(scene.views):
-            raise DensifyError(f"{scene.root}: view index {i} out of range ({len(scene.views)} views)")
-    if not idx:
-        raise DensifyError(f"{scene.root}: the scene has no views to densify")
-    if len(idx) == 1:
-        raise DensifyError(f"{scene.root}: densify needs at least 2 views, got 1 ({scene.views[idx[0]].name})")
-    size = _processing_size(scene.views[idx[0]].camera, opt)
-    images, cams, masks = [], [], []
-    for k, i in enumerate(idx):
-        if should_stop is not None and should_stop():
-            raise DensifyCancelled("densify cancelled")
-        images.append(scene.load_image(i, size))
-        masks.append(scene.load_mask(i, size))
-        cams.append(scene.camera(i, size))
-        if progress:
-            progress("load", k + 1, len(idx))
-    pts = scene.points if scene.points is not None and len(scene.points) else None
-    return densify_views(images, cams, masks, pts, opt, device, progress, should_stop,
-                         names=[scene.views[i].name for i in idx])
+    job = DensifyJob(scene, views, opt, device)
+    return _drain(job._steps, progress, should_stop)
 
 
 def _parse_views(text: str, n: int, train: list[int]) -> list[int]:

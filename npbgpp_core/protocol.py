@@ -141,6 +141,17 @@ class AggregationResult(Reply):
 
 
 @dataclass
+class DensifyProgress(Reply):
+    """Where a densify job stands: ``done`` of ``total`` steps (``stage``: load, depth,
+    fuse, done); ``finished`` when the cloud is ready for :class:`DensifyFinish`."""
+
+    stage: str
+    done: int
+    total: int
+    finished: bool
+
+
+@dataclass
 class Frame(Reply):
     """float32 (H, W, FRAME_CHANNELS), see the module doc."""
 
@@ -201,6 +212,7 @@ class ReadDataset(Request):
     path: str
     format: str | None = None
     max_points: int = 0  # 0: all
+    undistort: bool = False  # COLMAP: remap distorted photos on load
     op: ClassVar[str] = "read_dataset"
     reply: ClassVar[type[Reply]] = DatasetSummary
 
@@ -215,6 +227,7 @@ class AggregateBegin(Request):
     device: str = "AUTO"
     max_points: int = 0
     up_axis: str = "AUTO"
+    undistort: bool = False
     op: ClassVar[str] = "aggregate_begin"
     reply: ClassVar[type[Reply]] = AggregationStarted
 
@@ -231,6 +244,49 @@ class AggregateFinish(Request):
     out: str  # the bundle file to write
     op: ClassVar[str] = "aggregate_finish"
     reply: ClassVar[type[Reply]] = AggregationResult
+
+
+@dataclass
+class DensifyBegin(Request):
+    """Start a dense reconstruction of a dataset (``npbgpp_core.densify``); then
+    :class:`DensifyStep` until finished, :class:`DensifyFinish` or :class:`DensifyCancel`."""
+
+    dataset: str
+    format: str | None = None
+    undistort: bool = False
+    device: str = "AUTO"
+    max_points: int = 2_000_000
+    max_views: int = 0  # 0: every training view
+    min_consistent: int = 2
+    image_scale: float = 1.0
+    op: ClassVar[str] = "densify_begin"
+    reply: ClassVar[type[Reply]] = DensifyProgress
+
+
+@dataclass
+class DensifyStep(Request):
+    """Work for about ``seconds`` (at least one step: one view loaded, matched or fused)."""
+
+    seconds: float = 0.25
+    op: ClassVar[str] = "densify_step"
+    reply: ClassVar[type[Reply]] = DensifyProgress
+
+
+@dataclass
+class DensifyFinish(Request):
+    """Write the finished cloud to ``out`` (PLY) and send it back."""
+
+    out: str
+    op: ClassVar[str] = "densify_finish"
+    reply: ClassVar[type[Reply]] = PointSet
+
+
+@dataclass
+class DensifyCancel(Request):
+    """Drop the running densify job (if any)."""
+
+    op: ClassVar[str] = "densify_cancel"
+    reply: ClassVar[type[Reply]] = Done
 
 
 @dataclass
@@ -251,5 +307,5 @@ class Shutdown(Request):
 
 REQUESTS: tuple[type[Request], ...] = (
     Hello, SetPoints, LoadBundle, GetBundlePoints, ReadDataset, AggregateBegin, AggregateView, AggregateFinish,
-    RenderFrame, Shutdown,
+    DensifyBegin, DensifyStep, DensifyFinish, DensifyCancel, RenderFrame, Shutdown,
 )

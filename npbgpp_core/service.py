@@ -72,18 +72,28 @@ def torch_info() -> P.TorchInfo:
     return P.TorchInfo(torch.__version__, devices, sys.executable)
 
 
+def load_dataset(path: str, format: str | None = None, undistort: bool = False) -> Any:
+    """``load_scene`` for the add-on: ``undistort`` applies to COLMAP models (the other
+    formats hold undistorted images) and is ignored for them."""
+    from .datasets import load_scene
+    from .datasets.detect import detect_format
+
+    if undistort and (format or detect_format(os.path.abspath(path))) == "colmap":
+        return load_scene(path, format=format, undistort=True)
+    return load_scene(path, format=format)
+
+
 class DatasetAggregation:
     """NPBG++ descriptors of a dataset's points, streamed view by view into a bundle."""
 
     def __init__(self, req: P.AggregateBegin) -> None:
         import torch
 
-        from .datasets import load_scene
         from .models.alignment import resolve_world_up
         from .pretrained import load_pretrained_npbgpp
 
         self.device = pick_device(req.device)
-        self.data = load_scene(req.dataset, format=req.format)
+        self.data = load_dataset(req.dataset, req.format, req.undistort)
         self.views = list(self.data.train) or list(range(len(self.data.views)))
         # The scene's up axis for in-plane alignment: the bundle stores it in its config,
         # so rendering later rolls target views by the same rule as these input views.
@@ -133,6 +143,7 @@ class RenderService:
         self.renderer: Any = None
         self.device = "cpu"
         self.aggregation: DatasetAggregation | None = None
+        self.densify: Any = None  # npbgpp_core.densify.DensifyJob
 
     def handle(self, req: P.Request) -> P.Reply:
         """Answer one request; a failure becomes a :class:`~npbgpp_core.protocol.Failure`."""
@@ -210,9 +221,7 @@ class RenderService:
         return P.PointSet(pts, None if col is None else col.detach().float().cpu().numpy())
 
     def read_dataset(self, req: P.ReadDataset) -> P.DatasetSummary:
-        from .datasets import load_scene
-
-        data = load_scene(req.path, format=req.format)
+        data = load_dataset(req.path, req.format, req.undistort)
         if req.max_points:
             data = data.subsample_points(req.max_points)
         views = [P.DatasetView(v.name, str(v.image_path), P.CameraSpec.from_camera(v.camera)) for v in data.views]
@@ -236,6 +245,55 @@ class RenderService:
         if self.aggregation is None:
             raise RuntimeError("no aggregation running (AggregateBegin first)")
         return self.aggregation
+
+    def densify_begin(self, req: P.DensifyBegin) -> P.DensifyProgress:
+        from .densify import DensifyJob, DensifyOptions
+
+        self.densify = None
+        data = load_dataset(req.dataset, req.format, req.undistort)
+        views = list(data.train) or list(range(len(data.views)))
+        if req.max_views and len(views) > req.max_views:
+            views = [views[int(round(k))] for k in np.linspace(0, len(views) - 1, req.max_views)]
+        options = DensifyOptions(max_points=req.max_points or DensifyOptions.max_points,
+                                 min_consistent=req.min_consistent, image_scale=req.image_scale)
+        self.densify = DensifyJob(data, views, options, pick_device(req.device))
+        return self._densify_progress()
+
+    def densify_step(self, req: P.DensifyStep) -> P.DensifyProgress:
+        import time
+
+        job = self._densify()
+        t0 = time.perf_counter()
+        while not job.step() and time.perf_counter() - t0 < req.seconds:
+            pass
+        return self._densify_progress()
+
+    def densify_finish(self, req: P.DensifyFinish) -> P.PointSet:
+        from .ply import save_ply
+
+        job = self._densify()
+        if job.result is None:
+            raise RuntimeError(f"densify is not finished ({job.done}/{job.total} steps)")
+        self.densify = None
+        cloud = job.result
+        if len(cloud) == 0:
+            raise ValueError("densify found no consistent points (views too far apart, too little texture, "
+                             "or a wrong depth range)")
+        save_ply(req.out, cloud.points, cloud.colors)
+        return P.PointSet(cloud.points, cloud.colors)
+
+    def densify_cancel(self, req: P.DensifyCancel) -> P.Done:
+        self.densify = None
+        return P.Done()
+
+    def _densify(self) -> Any:
+        if self.densify is None:
+            raise RuntimeError("no densify running (DensifyBegin first)")
+        return self.densify
+
+    def _densify_progress(self) -> P.DensifyProgress:
+        job = self._densify()
+        return P.DensifyProgress(job.stage, job.done, job.total, job.result is not None)
 
     def render(self, req: P.RenderFrame) -> P.Frame:
         """(H, W, FRAME_CHANNELS) float32 frame, rows top-down (see the protocol)."""

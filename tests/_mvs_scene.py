@@ -4,8 +4,10 @@ come from exact ray intersections (no rasterizer, no MVS code)."""
 
 from __future__ import annotations
 
+import json
 import math
 
+import numpy as np
 import torch
 
 from npbgpp_core.camera import Camera
@@ -93,3 +95,29 @@ def sphere_samples(n: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     p = torch.randn(n, 3, generator=g, dtype=torch.float64)
     return (p / p.norm(dim=1, keepdim=True) * RADIUS).float()
+
+
+def write_nerf(root, cams, views, sphere_only_alpha: bool) -> None:
+    """NeRF-Synthetic folder: RGBA PNGs (alpha = the sphere only, or everything hit),
+    OpenGL camera-to-world matrices and a sparse point cloud on the sphere."""
+    from PIL import Image
+
+    from npbgpp_core.ply import save_ply
+
+    (root / "train").mkdir(parents=True)
+    frames = []
+    for i, (cam, (img, depth, sphere)) in enumerate(zip(cams, views, strict=True)):
+        alpha = sphere if sphere_only_alpha else depth > 0
+        rgba = torch.cat([img, alpha[None].float()]).permute(1, 2, 0).numpy()
+        Image.fromarray(np.round(rgba * 255).astype(np.uint8)).save(root / "train" / f"r_{i}.png")
+        K, R, t = cam.to_opencv()
+        c2w = np.eye(4)
+        c2w[:3, :3] = R.T @ np.diag([1.0, -1.0, -1.0])
+        c2w[:3, 3] = -R.T @ t
+        frames.append({"file_path": f"./train/r_{i}", "transform_matrix": c2w.tolist()})
+    w = cams[0].image_size[1]
+    angle = 2 * math.atan(w / (2 * cams[0].intrinsics().fx))
+    for split in ("train", "val", "test"):
+        meta = {"camera_angle_x": angle, "frames": frames if split == "train" else []}
+        (root / f"transforms_{split}.json").write_text(json.dumps(meta))
+    save_ply(root / "points3d.ply", sphere_samples(300).numpy())

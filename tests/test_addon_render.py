@@ -934,3 +934,27 @@ def test_z_combine_with_a_cycles_cube_shows_no_speckles(scene):
     cube_wins = cube_depth < neural_depth
     assert not (cube_wins & interior).any()  # no speckles
     assert (neural_alpha[interior] == 1.0).all()
+def test_densify_operator_on_an_imported_dataset(scene):
+    """Import Dataset (Format: Detect) then Densify Points: a dense cloud on the true
+    surface becomes the point object and dense.ply is written."""
+    from _mvs_scene import render as trace
+    from _mvs_scene import ring_cameras, surface_distance, write_nerf
+
+    from blender_addon.point_source import object_points
+    from npbgpp_core.ply import load_ply
+
+    cams = ring_cameras(6, size=(90, 120))
+    root = scene["dir"] / "sphere"
+    write_nerf(root, cams, [trace(c) for c in cams], sphere_only_alpha=True)
+    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root)) == {"FINISHED"}
+    sc = scene["scene"]
+    assert sc.npbgpp.dataset_format == "nerf_synthetic" and not sc.npbgpp.dataset_undistort
+    assert bpy.ops.npbgpp.densify(max_points=3000) == {"FINISHED"}
+    pts, col = object_points(sc.npbgpp.point_object)
+    assert 500 < len(pts) <= 3000 and col is not None
+    import torch
+
+    assert (surface_distance(torch.as_tensor(pts), floor=False) < 0.035).float().mean() >= 0.9
+    np.testing.assert_allclose(load_ply(root / "dense.ply").points, pts, atol=1e-5)
+    with pytest.raises(RuntimeError, match="COLMAP|colmap|sparse"):
+        bpy.ops.import_scene.npbgpp_dataset(directory=str(root), format="COLMAP")

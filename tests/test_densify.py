@@ -3,13 +3,10 @@ true depth, fusion against the true surface, masks, the command line and bad inp
 
 from __future__ import annotations
 
-import json
-import math
-
 import numpy as np
 import pytest
 import torch
-from _mvs_scene import render, ring_cameras, sphere_samples, surface_distance
+from _mvs_scene import render, ring_cameras, sphere_samples, surface_distance, write_nerf
 
 from npbgpp_core.densify import (
     DensifyError,
@@ -81,35 +78,9 @@ def test_densify_views_limits_points_and_gives_normals(ring):
     assert np.median((n[on_sphere] * radial).sum(1)) > 0.9  # outward, like the true normal
 
 
-def _write_nerf(root, cams, views, sphere_only_alpha: bool) -> None:
-    """NeRF-Synthetic folder: RGBA PNGs (alpha = the sphere only, or everything hit),
-    OpenGL camera-to-world matrices and a sparse point cloud on the sphere."""
-    from PIL import Image
-
-    from npbgpp_core.ply import save_ply
-
-    (root / "train").mkdir(parents=True)
-    frames = []
-    for i, (cam, (img, depth, sphere)) in enumerate(zip(cams, views, strict=True)):
-        alpha = sphere if sphere_only_alpha else depth > 0
-        rgba = torch.cat([img, alpha[None].float()]).permute(1, 2, 0).numpy()
-        Image.fromarray(np.round(rgba * 255).astype(np.uint8)).save(root / "train" / f"r_{i}.png")
-        K, R, t = cam.to_opencv()
-        c2w = np.eye(4)
-        c2w[:3, :3] = R.T @ np.diag([1.0, -1.0, -1.0])
-        c2w[:3, 3] = -R.T @ t
-        frames.append({"file_path": f"./train/r_{i}", "transform_matrix": c2w.tolist()})
-    w = cams[0].image_size[1]
-    angle = 2 * math.atan(w / (2 * cams[0].intrinsics().fx))
-    for split in ("train", "val", "test"):
-        meta = {"camera_angle_x": angle, "frames": frames if split == "train" else []}
-        (root / f"transforms_{split}.json").write_text(json.dumps(meta))
-    save_ply(root / "points3d.ply", sphere_samples(300).numpy())
-
-
 def test_cli_respects_masks(tmp_path, ring, capsys):
     cams, views = ring
-    _write_nerf(tmp_path / "scene", cams, views, sphere_only_alpha=True)
+    write_nerf(tmp_path / "scene", cams, views, sphere_only_alpha=True)
     out = tmp_path / "dense.ply"
     assert main([str(tmp_path / "scene"), "--out", str(out), "--device", "cpu", "--normals", "--quiet"]) == 0
     from npbgpp_core.ply import load_ply
@@ -127,7 +98,7 @@ def test_cli_respects_masks(tmp_path, ring, capsys):
 def _load(tmp_path, cams, views):
     from npbgpp_core.datasets import load_scene
 
-    _write_nerf(tmp_path / "full", cams, views, sphere_only_alpha=False)
+    write_nerf(tmp_path / "full", cams, views, sphere_only_alpha=False)
     return load_scene(tmp_path / "full")
 
 
@@ -135,7 +106,7 @@ def test_bad_input_is_named(tmp_path, ring, capsys):
     cams, views = ring
     assert main([str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.ply")]) == 2
     assert "nowhere" in capsys.readouterr().err
-    _write_nerf(tmp_path / "scene", cams, views, sphere_only_alpha=True)
+    write_nerf(tmp_path / "scene", cams, views, sphere_only_alpha=True)
     from npbgpp_core.datasets import load_scene
 
     scene = load_scene(tmp_path / "scene")
@@ -168,3 +139,38 @@ def test_device_choice():
     if not torch.cuda.is_available():
         with pytest.raises(DensifyError, match="no CUDA"):
             pick_device("cuda")
+
+
+def test_service_steps_finish_and_cancel(tmp_path, ring):
+    """The add-on's worker runs densify in steps: progress counts up, Finish writes the PLY
+    and returns the cloud, Cancel drops the job."""
+    from npbgpp_core import protocol as P
+    from npbgpp_core.ply import load_ply
+    from npbgpp_core.service import RenderService
+
+    cams, views = ring
+    write_nerf(tmp_path / "scene", cams, views, sphere_only_alpha=True)
+    service = RenderService()
+    begin = P.DensifyBegin(str(tmp_path / "scene"), device="CPU", max_points=4000)
+    first = service.handle(begin)
+    assert isinstance(first, P.DensifyProgress) and first.total == 3 * len(cams) and not first.finished
+    early = service.handle(P.DensifyFinish(str(tmp_path / "early.ply")))
+    assert isinstance(early, P.Failure) and "not finished" in early.error
+    seen = [first.done]
+    while True:
+        progress = service.handle(P.DensifyStep(seconds=0.0))  # exactly one step each
+        assert isinstance(progress, P.DensifyProgress), progress
+        seen.append(progress.done)
+        if progress.finished:
+            break
+    # One view per step: every count from 0 to the total shows up, in order.
+    assert seen == sorted(seen) and sorted(set(seen)) == list(range(3 * len(cams) + 1))
+    cloud = service.handle(P.DensifyFinish(str(tmp_path / "dense.ply")))
+    assert isinstance(cloud, P.PointSet) and 1000 < len(cloud.points) <= 4000
+    np.testing.assert_array_equal(load_ply(tmp_path / "dense.ply").points, cloud.points)
+    assert isinstance(service.handle(begin), P.DensifyProgress)
+    assert isinstance(service.handle(P.DensifyCancel()), P.Done)
+    gone = service.handle(P.DensifyStep())
+    assert isinstance(gone, P.Failure) and "no densify running" in gone.error
+    bad = service.handle(P.DensifyBegin(str(tmp_path / "nowhere")))
+    assert isinstance(bad, P.Failure) and "nowhere" in bad.error
