@@ -12,7 +12,8 @@ Public API (others rely on these names)::
     NPBGPlusPlus           the NPBG++ network (extractor, view-dependent aggregator, refiner)
     NPBG                   per-scene learnable descriptors + the same refiner
     NeuralScene            points + coefficients/descriptors + weights in one safe file
-    load_ply, save_ply     PLY point clouds; PointCloud holds one
+    load_ply, save_ply     PLY point clouds (and Gaussian-splat files); PointCloud holds one
+    densify_scene          dense coloured PointCloud from a dataset's calibrated photos (MVS)
 
 Example::
 
@@ -42,6 +43,7 @@ _EXPORTS = {
     "load_ply": ".ply",
     "save_ply": ".ply",
     "PointCloud": ".ply",
+    "densify_scene": ".densify",
     "NPBGPlusPlus": ".models",
     "NPBGPlusPlusConfig": ".models",
     "NPBG": ".models",

@@ -164,8 +164,14 @@ def _unproject(c: _Cam, rays: torch.Tensor, depth: torch.Tensor) -> torch.Tensor
 
 def _box(x: torch.Tensor, k: int) -> torch.Tensor:
     """Mean over a k x k window, same size; x is (..., H, W). The k//2-pixel border is
-    zero (callers never use it). Shifted slice sums: several times faster than
-    avg_pool2d on CPU, and exact."""
+    zero (callers never use it)."""
+    r = k // 2
+    return F.pad(_box_inner(x, k), (r, r, r, r))
+
+
+def _box_inner(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Mean over every k x k window lying inside x: (..., H-k+1, W-k+1). Shifted slice
+    sums: several times faster than avg_pool2d on CPU, and exact."""
     r = k // 2
     h, w = x.shape[-2:]
     rows = x[..., :, 0 : w - 2 * r] + x[..., :, 1 : w - 2 * r + 1]
@@ -174,7 +180,7 @@ def _box(x: torch.Tensor, k: int) -> torch.Tensor:
     inner = rows[..., 0 : h - 2 * r, :] + rows[..., 1 : h - 2 * r + 1, :]
     for d in range(2, k):
         inner += rows[..., d : d + h - 2 * r, :]
-    return F.pad(inner.mul_(1.0 / (k * k)), (r, r, r, r))
+    return inner.mul_(1.0 / (k * k))
 
 
 def _gray(img: torch.Tensor) -> torch.Tensor:
@@ -250,6 +256,9 @@ class _Matcher:
         mu = _box(I, self.k)
         var = (_box(I * I, self.k) - mu * mu).clamp_min(0.0)
         self.I, self.mu, self.sigma = I, mu, var.sqrt()
+        r = self.k // 2
+        self.inner = (slice(r, ref.h - r), slice(r, ref.w - r))
+        self.mu_in, self.sigma_in = self.mu[self.inner], self.sigma[self.inner]
         rays = _rays(ref)
         self.nbrs = []
         for cam, gray in nbrs:
@@ -270,7 +279,9 @@ class _Matcher:
         """inv_depth (P, H, W) -> aggregated ZNCC (P, H, W), -1 where no view sees it."""
         P, H, W = inv_depth.shape
         rho = inv_depth[..., None]
-        per = torch.empty((len(self.nbrs), P, H, W), device=inv_depth.device)
+        # Scores of the k//2-pixel border stay -1: windows there leave the image.
+        per = torch.full((len(self.nbrs), P, H, W), -1.0, device=inv_depth.device)
+        iy, ix = self.inner
         for n, (_c, pair, axy, az, bxy, bz) in enumerate(self.nbrs):
             z = az + rho * bz
             grid = (axy + rho * bxy).div_(z.clamp_min(1e-6))
@@ -279,16 +290,24 @@ class _Matcher:
             # One batch of P*H rows: grid_sample then reads the neighbour image once.
             sampled = F.grid_sample(pair, grid.reshape(1, P * H, W, 2), mode="bilinear", padding_mode="zeros",
                                     align_corners=True)[0].reshape(2, P, H, W)
-            J, inside = sampled[0], sampled[1]
-            muJ = _box(J, self.k)
-            varJ = _box(J * J, self.k).sub_(muJ * muJ).clamp_min_(0.0)
-            cov = _box(J * self.I, self.k).sub_(muJ * self.mu)
-            ncc = cov.div_(varJ.sqrt_().mul_(self.sigma).add_(1e-6)).clamp_(-1.0, 1.0)
-            per[n] = ncc.masked_fill_(inside < 0.999, -1.0)
-        if self.top_k == len(self.nbrs):
+            J, inside = sampled[0], sampled[1, :, iy, ix]
+            muJ = _box_inner(J, self.k)
+            varJ = _box_inner(J * J, self.k).sub_(muJ * muJ).clamp_min_(0.0)
+            cov = _box_inner(J * self.I, self.k).sub_(muJ * self.mu_in)
+            ncc = cov.div_(varJ.sqrt_().mul_(self.sigma_in).add_(1e-6)).clamp_(-1.0, 1.0)
+            per[n, :, iy, ix] = ncc.masked_fill_(inside < 0.999, -1.0)
+        n = len(self.nbrs)
+        if self.top_k == n:
             return per.mean(dim=0)
-        if self.top_k == len(self.nbrs) - 1:
+        if self.top_k == n - 1:
             return (per.sum(dim=0) - per.min(dim=0).values) / self.top_k
+        if n == 4 and self.top_k == 2:
+            # The two best of four without a sort: max of the pair maxima, then the
+            # larger of the smaller pair maximum and the larger pair minimum.
+            hi1, lo1 = torch.maximum(per[0], per[1]), torch.minimum(per[0], per[1])
+            hi2, lo2 = torch.maximum(per[2], per[3]), torch.minimum(per[2], per[3])
+            second = torch.maximum(torch.minimum(hi1, hi2), torch.maximum(lo1, lo2))
+            return (torch.maximum(hi1, hi2) + second) * 0.5
         acc = torch.zeros((P, H, W), device=inv_depth.device)
         for _ in range(self.top_k):
             best, idx = per.max(dim=0)
