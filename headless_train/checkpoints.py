@@ -86,8 +86,17 @@ def checkpoint_system(ckpt: dict, path: str) -> tuple[str, dict]:
     meta = ckpt.get(META_KEY)
     if not isinstance(meta, dict) or "system" not in meta:
         raise CheckpointError(f"checkpoint {path} was not written by headless_train (no '{META_KEY}' metadata)")
-    if not isinstance(meta["system"], str) or not isinstance(meta.get("config", {}), dict):
-        raise CheckpointError(f"checkpoint {path}: '{META_KEY}' metadata has a malformed system name or config")
+    scenes, points = meta.get("scenes", []), meta.get("points", [])
+    well_formed = (
+        isinstance(meta["system"], str) and isinstance(meta.get("config", {}), dict)
+        and isinstance(scenes, list) and all(isinstance(x, str) for x in scenes)
+        and isinstance(points, list) and all(isinstance(x, int) and x >= 0 for x in points)
+        and (not points or len(points) == len(scenes))
+        and all(isinstance(ckpt.get(k, 0), int) for k in ("global_step", "epoch"))
+    )
+    if not well_formed:
+        raise CheckpointError(f"checkpoint {path}: malformed '{META_KEY}' metadata (system name, config, scene names "
+                              "and point counts) or step counters")
     return meta["system"], dict(meta.get("config", {}))
 
 

@@ -58,6 +58,8 @@ def run(cfg: DictConfig, run_dir: str) -> dict | None:
 
     if not is_primary_process():  # DDP / Slurm: the job's first process holds the lock
         return _run(cfg, run_dir)
+    if _EARLY_LOCK is not None and _EARLY_LOCK.folder == os.path.abspath(run_dir):
+        return _run(cfg, run_dir)  # taken by main() before Hydra wrote into the folder
     try:
         lock = RunLock(run_dir).acquire()
     except RunLockedError as exc:
@@ -162,6 +164,31 @@ def _run(cfg: DictConfig, run_dir: str) -> dict | None:
     return None
 
 
+_EARLY_LOCK = None  # the run folder's RunLock when main() took it before Hydra started
+_NO_RUN_FLAGS = ("--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i", "--multirun", "-m",
+                 "--shell-completion")
+
+
+def _lock_before_hydra(argv: list[str]) -> None:
+    """Hydra writes ``<run dir>/.hydra/`` before :func:`run` starts: when the command line
+    names the folder (``hydra.run.dir=...`` without interpolation), lock it first, so a
+    refused second run leaves the first run's config files alone. Exits with status 2
+    when another live run holds the folder."""
+    global _EARLY_LOCK
+    from .runlock import RunLock, RunLockedError, is_primary_process
+
+    values = [a.split("=", 1)[1] for a in argv if a.lstrip("+").startswith("hydra.run.dir=")]
+    if not values or "${" in values[-1] or not is_primary_process() or any(a.split("=")[0] in _NO_RUN_FLAGS
+                                                                              for a in argv):
+        return
+    folder = os.path.abspath(values[-1].strip("'\""))
+    try:
+        _EARLY_LOCK = RunLock(folder).acquire()
+    except RunLockedError as exc:
+        print(_friendly(exc), file=sys.stderr)
+        sys.exit(2)
+
+
 def _friendly(exc: BaseException) -> str:
     return f"error: {exc}"
 
@@ -210,4 +237,9 @@ def main(argv: list[str] | None = None) -> None:
 
         sys.exit(export_main(argv[1:]))
     logging.basicConfig(level=logging.INFO)
-    hydra_main()
+    _lock_before_hydra(argv)
+    try:
+        hydra_main()
+    finally:
+        if _EARLY_LOCK is not None:
+            _EARLY_LOCK.release()

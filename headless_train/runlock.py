@@ -45,7 +45,7 @@ class RunLock:
     """Context manager holding ``<folder>/run.lock`` for the life of a run."""
 
     def __init__(self, folder: str) -> None:
-        self.folder = folder
+        self.folder = os.path.abspath(folder)
         self.path = os.path.join(folder, LOCK_NAME)
         self._fd: int | None = None
 

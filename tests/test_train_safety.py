@@ -143,7 +143,12 @@ def test_two_runs_cannot_share_a_folder_and_a_stale_lock_is_taken_over(data_root
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(UsageError, match=f"in use by another run \\(pid {holder.pid}"):
             run_inproc([f"datasets.data_root={data_root}", *ONE_SCENE], run_dir)
-        assert not os.path.isdir(os.path.join(run_dir, "checkpoints"))  # refused before writing anything
+        # The command line refuses before Hydra writes its .hydra/ config files into the folder.
+        proc = subprocess.run([sys.executable, "-m", "headless_train", f"hydra.run.dir={run_dir}",
+                               f"datasets.data_root={data_root}", *ONE_SCENE], env=dict(env, OMP_NUM_THREADS="1"),
+                              capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 2 and f"in use by another run (pid {holder.pid}" in proc.stderr, proc.stderr
+        assert sorted(os.listdir(run_dir)) == ["run.lock"]  # refused before writing anything
     finally:
         holder.kill()  # SIGKILL: the lock file still names it, the kernel drops the flock
         holder.wait(timeout=30)
@@ -154,3 +159,24 @@ def test_two_runs_cannot_share_a_folder_and_a_stale_lock_is_taken_over(data_root
     assert _step(os.path.join(run_dir, "checkpoints", "last.ckpt")) == 2
     with open(os.path.join(run_dir, "run.lock")) as f:
         assert f.read() == ""  # released at the end of the run
+
+
+@pytest.mark.parametrize("meta, extra", [
+    ({"system": 3, "config": {}}, {}),
+    ({"system": "npbg", "config": []}, {}),
+    ({"system": "npbg", "config": {}, "scenes": "sceneA"}, {}),
+    ({"system": "npbg", "config": {}, "scenes": ["a", "b"], "points": [300]}, {}),
+    ({"system": "npbg", "config": {}, "scenes": ["a"], "points": [-1]}, {}),
+    ({"system": "npbg", "config": {}}, {"global_step": "44"}),
+])
+def test_malformed_checkpoint_metadata_is_refused_by_name(tmp_path, capsys, meta, extra):
+    """Plain data passes weights_only loading; its structure is checked before use."""
+    from headless_train.checkpoints import CheckpointError, checkpoint_system, load_checkpoint_file
+    from headless_train.export_weights import main as export_weights_main
+
+    path = str(tmp_path / "odd.ckpt")
+    torch.save({"state_dict": {"refiner.w": torch.zeros(1)}, "npbgpp": meta, **extra}, path)
+    with pytest.raises(CheckpointError, match="odd.ckpt: malformed 'npbgpp' metadata"):
+        checkpoint_system(load_checkpoint_file(path), path)
+    assert export_weights_main(["--checkpoint", path, "--out", str(tmp_path / "w.safetensors")]) == 2
+    assert "odd.ckpt" in capsys.readouterr().err
