@@ -1,23 +1,26 @@
 """Property-based fuzzing of the file readers (hypothesis): mutated PLY files, COLMAP
-models (.txt and .bin), NeRF-Synthetic transforms JSON and NeuralScene bundles. The only
+models (.txt and .bin), NeRF-Synthetic transforms JSON, NeuralScene bundles, and the
+numpy files of DTU (cameras.npz) and ScanNet (intrinsics.npy, extrinsics.npy). The only
 exceptions allowed are the documented ones: ValueError for PLY and bundles, DatasetError
 for scene folders. Anything else (IndexError, ZeroDivisionError, MemoryError, a
 UnicodeDecodeError, ...) fails the test with the shrunk input.
 
 Each reader gets up to ``NPBGPP_FUZZ_EXAMPLES`` cases (default 1000) and a wall-clock
-budget (``NPBGPP_FUZZ_BUDGET_S``, default 9 s), run as hypothesis runs of 100 cases: after
+budget (``NPBGPP_FUZZ_BUDGET_S``, default 6.5 s), run as hypothesis runs of 100 cases: after
 the budget no new run starts, so a slow or shared machine cannot stall ``make test``.
 Seeds are fixed (the same cases every run) unless ``NPBGPP_FUZZ_RANDOM=1``. A summary
 line per reader (cases, seconds) is printed; ``pytest -s`` shows it."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import random
 import struct
 import time
+import zipfile
 
 import numpy as np
 import pytest
@@ -31,7 +34,7 @@ from npbgpp_core.datasets import DatasetError, load_scene
 from npbgpp_core.scene import NeuralScene
 
 EXAMPLES = int(os.environ.get("NPBGPP_FUZZ_EXAMPLES", "1000"))
-BUDGET_S = float(os.environ.get("NPBGPP_FUZZ_BUDGET_S", "9"))
+BUDGET_S = float(os.environ.get("NPBGPP_FUZZ_BUDGET_S", "6.5"))
 CHUNK = 100
 STATS: dict[str, tuple[int, float]] = {}
 
@@ -413,3 +416,92 @@ def test_fuzz_bundles(tmp_path):
 
     run_fuzz("bundle", bundle_mutation(seed), body)
     print(f"fuzz bundle: {renderers[0]} accepted bundles built a renderer")
+
+
+# ------------------------------------------------------------------ numpy files (DTU, ScanNet)
+NPY_SHAPES = ("()", "(0,)", "(4,)", "(4, 4)", "(3, 3)", "(4, 4, 4)", "(1099511627776, 4)", "(4, 1099511627776, 4)",
+              "(-1, 4)", "(4, 4, 4, 4)", "(2**70,)", "x")
+NPY_DESCR = ("'<f8'", "'>f8'", "'<f4'", "'<i8'", "'|u1'", "'|O'", "'<U4'", "'|V8'", "'<c16'", "[('a', '<f8')]")
+
+
+@st.composite
+def npy_mutation(draw, data: bytes) -> bytes:
+    """Edit the header dict of a .npy file (shape, dtype, order; the length prefix kept
+    consistent), or its raw bytes."""
+    if draw(st.integers(0, 2)) == 0:
+        return draw(byte_mutation(data))
+    start, end = data.index(b"{"), data.index(b"}") + 1
+    header = data[start:end].decode("latin1")
+    field = draw(st.sampled_from(("shape", "descr", "fortran_order")))
+    if field == "shape":
+        new = draw(st.sampled_from(NPY_SHAPES))
+        header = header[:header.index("'shape':")] + f"'shape': {new}, }}"
+    elif field == "descr":
+        old = header.split("'descr':")[1].split(",")[0].strip()
+        header = header.replace(old, draw(st.sampled_from(NPY_DESCR)), 1)
+    else:
+        header = header.replace("False", "True") if "False" in header else header.replace("True", "False")
+    raw = header.encode("latin1")
+    raw += b" " * ((-(10 + len(raw) + 1)) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(raw)) + raw + data[end:].lstrip(b" ").lstrip(b"\n")
+
+
+@st.composite
+def npz_mutation(draw, data: bytes) -> bytes:
+    """Mutate one member of a .npz archive, or the archive's raw bytes."""
+    if draw(st.integers(0, 3)) == 0:
+        return draw(byte_mutation(data))
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        members = {n: z.read(n) for n in z.namelist()}
+    name = draw(st.sampled_from(sorted(members)))
+    op = draw(st.sampled_from(("mutate", "mutate", "drop", "rename")))
+    if op == "drop":
+        del members[name]
+    elif op == "rename":
+        members[draw(st.sampled_from(("world_mat_9.npy", "world_mat_-1.npy", "world_mat_x.npy", "scale_mat_0")))] = \
+            members.pop(name)
+    else:
+        members[name] = draw(npy_mutation(members[name]))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as z:
+        for n, m in members.items():
+            z.writestr(n, m)
+    return out.getvalue()
+
+
+def _numpy_scene(root: str, kind: str) -> dict[str, bytes]:
+    from test_datasets_formats import make_cameras, write_idr, write_scannet
+
+    if kind == "dtu":
+        write_idr(root, make_cameras(3, seed=2), [f"{i:03d}.png" for i in range(3)], None)
+        save_ply(os.path.join(root, "points3d.ply"), np.random.default_rng(0).normal(size=(10, 3)))
+        names = ("cameras.npz",)
+    else:
+        write_scannet(root)
+        names = ("intrinsics.npy", "extrinsics.npy")
+    return {n: open(os.path.join(root, n), "rb").read() for n in names}
+
+
+@pytest.mark.parametrize("kind", ["dtu", "scannet"])
+def test_fuzz_numpy_camera_files(tmp_path, kind):
+    root = str(tmp_path / kind)
+    seed_files = _numpy_scene(root, kind)
+    assert load_scene(root).views  # the seed is valid
+
+    @st.composite
+    def numpy_case(draw) -> tuple[str, bytes]:
+        name = draw(st.sampled_from(sorted(seed_files)))
+        mutate = npz_mutation if name.endswith(".npz") else npy_mutation
+        return name, draw(mutate(seed_files[name]))
+
+    def body(case: tuple[str, bytes]) -> None:
+        name, data = case
+        with open(os.path.join(root, name), "wb") as f:
+            f.write(data)
+        try:
+            _expect((DatasetError,), load_scene, root)
+        finally:
+            with open(os.path.join(root, name), "wb") as f:
+                f.write(seed_files[name])
+
+    run_fuzz(kind, numpy_case(), body)

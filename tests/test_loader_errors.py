@@ -171,3 +171,50 @@ def test_scannet_pickled_intrinsics_never_run_code(tmp_path):
     with pytest.raises(DatasetError, match="intrinsics.npy: not a readable pickled intrinsics dict .*refused"):
         load_scene(root)
     assert not os.path.exists(flag)
+
+
+# ------------------------------------------------------------------ numpy headers (DTU, ScanNet)
+def _claim_shape(data: bytes, shape: str) -> bytes:
+    """The same .npy file with the header's shape replaced (header re-padded as numpy does)."""
+    start, end = data.index(b"{"), data.index(b"}") + 1
+    body = data[data.index(b"\n", end) + 1:]
+    header = data[start:end].decode("latin1")
+    raw = (header[:header.index("'shape':")] + f"'shape': {shape}, }}").encode("latin1")
+    raw += b" " * ((-(10 + len(raw) + 1)) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(raw)) + raw + body
+
+
+def test_npy_and_npz_headers_claiming_terabytes_allocate_nothing(tmp_path):
+    import io
+    import zipfile
+
+    from test_datasets_formats import make_cameras, write_idr, write_scannet
+
+    dtu = str(tmp_path / "dtu")
+    write_idr(dtu, make_cameras(3, seed=2), [f"{i:03d}.png" for i in range(3)], None)
+    save_ply(os.path.join(dtu, "points3d.ply"), np.zeros((4, 3), np.float32))
+    assert len(load_scene(dtu).views) == 3
+    path = os.path.join(dtu, "cameras.npz")
+    with zipfile.ZipFile(path) as z:
+        members = {n: z.read(n) for n in z.namelist()}
+    assert np.load(io.BytesIO(_claim_shape(members["world_mat_1.npy"], "(4, 4)"))).shape == (4, 4)  # the helper
+    members["world_mat_1.npy"] = _claim_shape(members["world_mat_1.npy"], "(1099511627776, 4)")
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as z:
+        for n, m in members.items():
+            z.writestr(n, m)
+    with open(path, "wb") as f:
+        f.write(out.getvalue())
+    with pytest.raises(DatasetError, match="cameras.npz world_mat_1: header claims an array of shape "
+                                           "\\(1099511627776, 4\\)"):
+        load_scene(dtu)
+
+    scannet = str(tmp_path / "scannet")
+    write_scannet(scannet)
+    ext = os.path.join(scannet, "extrinsics.npy")
+    with open(ext, "rb") as f:
+        data = f.read()
+    with open(ext, "wb") as f:
+        f.write(_claim_shape(data, "(1099511627776, 4, 4)"))
+    with pytest.raises(DatasetError, match="extrinsics.npy: header claims an array of shape \\(1099511627776, 4, 4\\)"):
+        load_scene(scannet)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Sequence
+from typing import BinaryIO
 
 import numpy as np
 
@@ -118,9 +120,44 @@ def finite_matrix(m: object, shape_options: Sequence[tuple[int, int]], source: s
     return a
 
 
+def npy_header(fp: BinaryIO, source: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) from the header of an open ``.npy`` stream."""
+    try:
+        version = np.lib.format.read_magic(fp)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        return read_header(fp)
+    except Exception as exc:  # noqa: BLE001 - numpy parses the header with ast (SyntaxError, TokenError, ...)
+        raise DatasetError(f"{source}: not a readable .npy header ({type(exc).__name__}: {exc})") from exc
+
+
+def read_npy(fp: BinaryIO, size: int, source: str, max_elements: int | None = None) -> np.ndarray:
+    """One numeric array from an open ``.npy`` stream holding ``size`` bytes. The header's
+    shape is checked against the bytes present (and ``max_elements``) before anything is
+    allocated, so a small file cannot claim terabytes; object (pickled) arrays are refused."""
+    shape, fortran, dtype = npy_header(fp, source)
+    if dtype.hasobject:
+        raise DatasetError(f"{source}: holds pickled Python objects, expected an array of numbers")
+    if any(int(d) < 0 for d in shape) or dtype.itemsize == 0:
+        raise DatasetError(f"{source}: invalid .npy header (shape {tuple(shape)}, dtype {dtype})")
+    count = math.prod(int(d) for d in shape)
+    need, have = count * dtype.itemsize, size - fp.tell()
+    if need > have:
+        raise DatasetError(f"{source}: header claims an array of shape {tuple(shape)} ({need} bytes) but only "
+                           f"{have} bytes follow")
+    if max_elements is not None and count > max_elements:
+        raise DatasetError(f"{source}: array of shape {tuple(shape)} is too large (at most {max_elements} values)")
+    data = fp.read(need)
+    if len(data) != need:
+        raise DatasetError(f"{source}: truncated .npy array ({len(data)} of {need} bytes)")
+    try:
+        return np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C").copy()
+    except (ValueError, TypeError) as exc:
+        raise DatasetError(f"{source}: unreadable .npy array ({exc})") from exc
+
+
 def json_number(value: object, source: str) -> float:
-    """A JSON number (int or float, not bool or string) as a finite float."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    """A number (int or float, also numpy's; not bool or string) as a finite float."""
+    if isinstance(value, bool | np.bool_) or not isinstance(value, int | float | np.integer | np.floating):
         raise DatasetError(f"{source}: expected a number, got {type(value).__name__} {value!r:.40}")
     try:
         out = float(value)

@@ -6,10 +6,11 @@ from __future__ import annotations
 import os
 import re
 import zipfile
+import zlib
 
 import numpy as np
 
-from .common import decompose_projection, finite_matrix
+from .common import decompose_projection, finite_matrix, read_npy
 from .errors import DatasetError
 
 _KEY = re.compile(r"^world_mat_(\d+)$")
@@ -24,10 +25,22 @@ def read_idr_cameras(
     if not os.path.isfile(path):
         raise DatasetError(f"{path}: camera file not found")
     try:
-        data = np.load(path, allow_pickle=False)
-        keys = list(data.keys())
+        archive = zipfile.ZipFile(path)
+        members = {n[: -len(".npy")]: n for n in archive.namelist() if n.endswith(".npy")}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise DatasetError(f"{path}: not a readable .npz file ({exc})") from exc
+    keys = list(members)
+
+    def matrix(key: str) -> np.ndarray:
+        source = f"{path} {key}"
+        try:
+            with archive.open(members[key]) as f:
+                return read_npy(f, archive.getinfo(members[key]).file_size, source, max_elements=64)
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError, zlib.error) as exc:
+            if isinstance(exc, DatasetError):
+                raise
+            raise DatasetError(f"{source}: unreadable entry ({type(exc).__name__}: {exc})") from exc
+
     ids = sorted(int(m.group(1)) for k in keys if (m := _KEY.match(k)))
     if not ids:
         raise DatasetError(f"{path}: no world_mat_<i> entries (keys: {keys[:10]})")
@@ -38,12 +51,12 @@ def read_idr_cameras(
     scale0 = None
     for i in ids:
         source = f"{path} world_mat_{i}"
-        P = finite_matrix(data[f"world_mat_{i}"], [(3, 4), (4, 4)], source)[:3, :4]
+        P = finite_matrix(matrix(f"world_mat_{i}"), [(3, 4), (4, 4)], source)[:3, :4]
         if use_scale_mat:
             key = f"scale_mat_{i}"
             if key not in keys:
                 raise DatasetError(f"{path}: use_scale_mat=True but {key} is missing")
-            S = finite_matrix(data[key], [(4, 4)], f"{path} {key}")
+            S = finite_matrix(matrix(key), [(4, 4)], f"{path} {key}")
             if scale0 is None:
                 scale0 = S
             elif not np.allclose(S, scale0):

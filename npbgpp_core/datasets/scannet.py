@@ -19,7 +19,17 @@ import pickle
 
 import numpy as np
 
-from .common import camera_from_opencv, check_options, check_rotation, finite_matrix, load_point_cloud, make_splits
+from .common import (
+    camera_from_opencv,
+    check_options,
+    check_rotation,
+    finite_matrix,
+    json_number,
+    load_point_cloud,
+    make_splits,
+    npy_header,
+    read_npy,
+)
 from .errors import DatasetError
 from .images import image_size_of
 from .scene_data import SceneData, View
@@ -59,12 +69,11 @@ def _load_object_npy(path: str):
 def _read_intrinsics(path: str) -> tuple[np.ndarray, tuple[int, int] | None]:
     if not os.path.isfile(path):
         raise DatasetError(f"{path}: intrinsics file not found")
-    try:
-        arr = np.load(path, allow_pickle=False)
-        return finite_matrix(arr, [(3, 3), (4, 4)], path)[:3, :3], None
-    except ValueError as exc:
-        if "pickle" not in str(exc).lower():
-            raise DatasetError(f"{path}: not a readable .npy file ({exc})") from exc
+    with open(path, "rb") as f:
+        if not npy_header(f, path)[2].hasobject:
+            f.seek(0)
+            arr = read_npy(f, os.path.getsize(path), path, max_elements=16)
+            return finite_matrix(arr, [(3, 3), (4, 4)], path)[:3, :3], None
     try:
         # Documented format: a pickled dict (see module docstring).
         obj = _load_object_npy(path)
@@ -75,7 +84,7 @@ def _read_intrinsics(path: str) -> tuple[np.ndarray, tuple[int, int] | None]:
     K = finite_matrix(obj["K"], [(3, 3), (4, 4)], f"{path} K")[:3, :3]
     size = None
     if "height" in obj and "width" in obj:
-        size = (int(obj["height"]), int(obj["width"]))
+        size = (int(json_number(obj["height"], f"{path} height")), int(json_number(obj["width"], f"{path} width")))
     return K, size
 
 
@@ -95,10 +104,8 @@ def load_scannet(root: str, **options) -> SceneData:
     ext_path = os.path.join(root, "extrinsics.npy")
     if not os.path.isfile(ext_path):
         raise DatasetError(f"{ext_path}: extrinsics file not found")
-    try:
-        ext = np.load(ext_path, allow_pickle=False)
-    except (ValueError, OSError) as exc:
-        raise DatasetError(f"{ext_path}: not a readable .npy array ({exc})") from exc
+    with open(ext_path, "rb") as f:
+        ext = read_npy(f, os.path.getsize(ext_path), ext_path)
     if ext.ndim != 3 or ext.shape[1:] not in ((4, 4), (3, 4)):
         raise DatasetError(f"{ext_path}: expected (num_images, 4, 4), got {ext.shape}")
     if ext.shape[0] != len(files):
