@@ -6,7 +6,7 @@ for scene folders. Anything else (IndexError, ZeroDivisionError, MemoryError, a
 UnicodeDecodeError, ...) fails the test with the shrunk input.
 
 Each reader gets up to ``NPBGPP_FUZZ_EXAMPLES`` cases (default 1000) and a wall-clock
-budget (``NPBGPP_FUZZ_BUDGET_S``, default 6.5 s), run as hypothesis runs of 100 cases: after
+budget (``NPBGPP_FUZZ_BUDGET_S``, default 6.5 s), run as hypothesis runs of 50 cases: after
 the budget no new run starts, so a slow or shared machine cannot stall ``make test``.
 Seeds are fixed (the same cases every run) unless ``NPBGPP_FUZZ_RANDOM=1``. A summary
 line per reader (cases, seconds) is printed; ``pytest -s`` shows it."""
@@ -35,7 +35,7 @@ from npbgpp_core.scene import NeuralScene
 
 EXAMPLES = int(os.environ.get("NPBGPP_FUZZ_EXAMPLES", "1000"))
 BUDGET_S = float(os.environ.get("NPBGPP_FUZZ_BUDGET_S", "6.5"))
-CHUNK = 100
+CHUNK = 50
 STATS: dict[str, tuple[int, float]] = {}
 
 
