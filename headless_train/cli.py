@@ -58,7 +58,7 @@ def run(cfg: DictConfig, run_dir: str) -> dict | None:
 
     if not is_primary_process():  # DDP / Slurm: the job's first process holds the lock
         return _run(cfg, run_dir)
-    if _EARLY_LOCK is not None and _EARLY_LOCK.folder == os.path.abspath(run_dir):
+    if _EARLY_LOCK is not None and os.path.realpath(_EARLY_LOCK.folder) == os.path.realpath(run_dir):
         return _run(cfg, run_dir)  # taken by main() before Hydra wrote into the folder
     try:
         lock = RunLock(run_dir).acquire()
