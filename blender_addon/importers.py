@@ -11,14 +11,18 @@ from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, St
 from bpy_extras.io_utils import ImportHelper
 
 from .camera_bridge import BLENDER_TO_OPENCV
+from .point_source import ID_ATTRIBUTE
 
 COLOR_ATTRIBUTE = "Col"
 
 
 # --------------------------------------------------------------------------- helpers
-def make_point_object(name: str, points: np.ndarray, colors: np.ndarray | None, context: Any) -> bpy.types.Object:
-    """A point cloud object from (N, 3) points and display-sRGB colours (N, 3) or None
-    (a vertex-only mesh converted to a point cloud; a mesh if conversion is unavailable).
+def make_point_object(
+    name: str, points: np.ndarray, colors: np.ndarray | None, context: Any, ids: np.ndarray | None = None
+) -> bpy.types.Object:
+    """A point cloud object from (N, 3) points, display-sRGB colours (N, 3) or None and
+    stable point ids (N,) or None (stored as the ``npbgpp_id`` attribute; a vertex-only
+    mesh converted to a point cloud, a mesh if conversion is unavailable).
     ValueError for no points: Blender cannot make an empty point cloud."""
     pts = np.ascontiguousarray(points, dtype=np.float32).reshape(-1, 3)
     if len(pts) == 0:
@@ -31,6 +35,9 @@ def make_point_object(name: str, points: np.ndarray, colors: np.ndarray | None, 
         rgba = np.ones((len(pts), 4), np.float32)
         rgba[:, :3] = np.clip(colors, 0.0, 1.0)
         attr.data.foreach_set("color_srgb", rgba.ravel())
+    if ids is not None:
+        id_attr = mesh.attributes.new(ID_ATTRIBUTE, "INT", "POINT")
+        id_attr.data.foreach_set("value", np.ascontiguousarray(ids, dtype=np.int32).ravel())
     mesh.update()
     obj = bpy.data.objects.new(name, mesh)
     context.collection.objects.link(obj)
@@ -73,6 +80,17 @@ def create_camera(
     obj.matrix_world = Matrix([list(map(float, row)) for row in M])  # a plain list would be read column-major
     context.collection.objects.link(obj)
     return obj
+
+
+def _dataset_object(context: Any, dataset: str) -> bpy.types.Object | None:
+    """The scene's point object when it holds the points of ``dataset`` (imported with ids)."""
+    s = context.scene.npbgpp
+    obj = s.point_object
+    if not dataset or obj is None or not s.dataset_path or ID_ATTRIBUTE not in obj.data.attributes:
+        return None
+    same = os.path.normcase(os.path.abspath(bpy.path.abspath(s.dataset_path))) == os.path.normcase(
+        os.path.abspath(dataset))
+    return obj if same else None
 
 
 # --------------------------------------------------------------------------- PLY
@@ -178,10 +196,16 @@ class IMPORT_SCENE_OT_npbgpp_bundle(bpy.types.Operator, ImportHelper):
         s = context.scene.npbgpp
         try:
             worker = worker_for(context.scene)
-            worker.request(P.LoadBundle(path, "CPU", "FP32"))
-            reply = worker.request(P.GetBundlePoints())
-            name = os.path.splitext(os.path.basename(path))[0]
-            obj = make_point_object(name, reply.points, reply.colors, context)
+            info = worker.request(P.LoadBundle(path, "CPU", "FP32"))
+            existing = _dataset_object(context, info.dataset)
+            if existing is None:
+                reply = worker.request(P.GetBundlePoints())
+                name = os.path.splitext(os.path.basename(path))[0]
+                obj = make_point_object(name, reply.points, reply.colors, context, np.arange(len(reply.points)))
+            else:
+                obj = existing
+                self.report({"INFO"}, f"The bundle was aggregated from this scene's dataset: it renders the "
+                                      f"points of {obj.name!r} (no second copy imported)")
         except (WorkerError, ValueError, OSError) as exc:
             self.report({"ERROR"}, f"cannot import bundle {path}: {exc}")
             return {"CANCELLED"}
@@ -238,7 +262,7 @@ class IMPORT_SCENE_OT_npbgpp_dataset(bpy.types.Operator):
             return {"CANCELLED"}
         name = reply.name or os.path.basename(os.path.normpath(path))
         try:
-            obj = make_point_object(name, reply.points, reply.colors, context)
+            obj = make_point_object(name, reply.points, reply.colors, context, reply.point_ids)
         except ValueError as exc:
             self.report({"ERROR"}, f"cannot import dataset {path}: {exc}")
             return {"CANCELLED"}

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 COLOR_NAMES = ("Col", "Color", "color", "Cd")
+ID_ATTRIBUTE = "npbgpp_id"  # per point: its index in the bundle / dataset cloud it came from
 
 
 def _color_attribute(data: Any) -> Any | None:
@@ -44,6 +45,19 @@ def object_points(obj: Any, world: bool = True) -> tuple[np.ndarray, np.ndarray 
         M = np.array(obj.matrix_world, dtype=np.float64)
         pts = (pts.astype(np.float64) @ M[:3, :3].T + M[:3, 3]).astype(np.float32)
     return np.ascontiguousarray(pts), colors
+
+
+def point_ids(obj: Any) -> np.ndarray | None:
+    """The stable point ids (``npbgpp_id``, int per point) of an evaluated mesh or point
+    cloud, or None when it has none. Deleting points (edit mode, Delete Geometry) keeps the
+    others' ids, so they still name the bundle's descriptors."""
+    attr = obj.data.attributes.get(ID_ATTRIBUTE) if obj.type in ("MESH", "POINTCLOUD") else None
+    if attr is None or attr.domain != "POINT" or attr.data_type != "INT":
+        return None
+    ids = np.empty(len(attr.data), dtype=np.int32)
+    if len(ids):
+        attr.data.foreach_get("value", ids)
+    return ids.astype(np.int64)
 
 
 def points_key(points: np.ndarray, colors: np.ndarray | None) -> str:

@@ -36,7 +36,11 @@ def render_frame(
             if neural:
                 raise ValueError("Neural output needs a NeuralScene bundle: set Bundle in Render Properties > NPBG++")
             raise ValueError("Nothing to render: set a Point Object or a Bundle in Render Properties > NPBG++")
-        worker.request(P.LoadBundle(snap.bundle_path, snap.device, snap.precision), should_cancel, snap.timeout)
+        with worker.lock:
+            worker.request(P.LoadBundle(snap.bundle_path, snap.device, snap.precision), should_cancel, snap.timeout)
+            if worker.selection_key != snap.ids_key:
+                worker.request(P.SelectBundlePoints(snap.point_ids), should_cancel, snap.timeout)
+                worker.selection_key = snap.ids_key
         source = "bundle"
         if snap.object_matrix is not None:
             geo, depth_scale = object_local_geometry(geo, snap.object_matrix)

@@ -35,6 +35,8 @@ class SceneSnapshot(WorkerSettings):
     colors: np.ndarray | None = None
     points_key: str = ""
     points_object: str = ""  # name_full of the object the points were read from
+    point_ids: np.ndarray | None = None  # bundle points to render (the object's npbgpp_id), None: all
+    ids_key: str = "all"
     object_matrix: np.ndarray | None = None  # the bundle's object transform
 
 
@@ -71,7 +73,7 @@ def snapshot(
     """Read everything a render needs from bpy (main thread only). The points (and their
     content hash) are taken from ``previous`` when it read them from the same object: the
     caller passes it when it knows the object did not change (see :func:`points_touched`)."""
-    from .point_source import object_points, points_key
+    from .point_source import object_points, point_ids, points_key
 
     s = scene.npbgpp
     w = worker_settings(scene)
@@ -84,11 +86,18 @@ def snapshot(
     if obj is not None:
         evaluated = obj.evaluated_get(depsgraph) if depsgraph is not None else obj
         snap.object_matrix = np.array(evaluated.matrix_world, dtype=np.float64)
+        snap.points_object = obj.name_full
+        same = previous is not None and previous.points_object == obj.name_full
+        if snap.bundle_path:
+            if same and previous.bundle_path:
+                snap.point_ids, snap.ids_key = previous.point_ids, previous.ids_key
+            else:
+                snap.point_ids = point_ids(evaluated)
+                snap.ids_key = "all" if snap.point_ids is None else points_key(snap.point_ids, None)
         if snap.output != "NEURAL" or not snap.bundle_path:
-            if previous is not None and previous.points is not None and previous.points_object == obj.name_full:
+            if same and previous.points is not None:
                 snap.points, snap.colors, snap.points_key = previous.points, previous.colors, previous.points_key
             else:
                 snap.points, snap.colors = object_points(evaluated)
                 snap.points_key = points_key(snap.points, snap.colors)
-            snap.points_object = obj.name_full
     return snap

@@ -67,6 +67,7 @@ class ProcessWorker:
         self.lock = threading.RLock()
         self.info: Any = None
         self.loaded_key: str | None = None  # content key of the points the worker holds
+        self.selection_key: str | None = None  # content key of the bundle point ids it renders
         self.log_path = ""
 
     def log_tail(self, chars: int = 400) -> str:
@@ -89,7 +90,7 @@ class ProcessWorker:
             if self.alive():
                 return self.info
             self.stop()
-            self.loaded_key = None
+            self.loaded_key = self.selection_key = None
             authkey = secrets.token_bytes(32)
             listener = Listener(authkey=authkey)
             address = listener.address
@@ -246,6 +247,7 @@ class InProcessWorker:
         self.lock = threading.RLock()
         self.info: Any = None
         self.loaded_key: str | None = None
+        self.selection_key: str | None = None
 
     def alive(self) -> bool:
         return True

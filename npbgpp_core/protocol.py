@@ -107,6 +107,7 @@ class PointCount(Reply):
 class BundleInfo(Reply):
     points: int
     device: str
+    dataset: str = ""  # the dataset folder it was aggregated from, if it says
 
 
 @dataclass
@@ -124,6 +125,7 @@ class DatasetSummary(Reply):
     points: np.ndarray
     colors: np.ndarray | None
     views: list[DatasetView]
+    point_ids: np.ndarray | None = None  # (N,) index of each point in the dataset's whole cloud
 
 
 @dataclass
@@ -205,6 +207,16 @@ class LoadBundle(Request):
 class GetBundlePoints(Request):
     op: ClassVar[str] = "bundle_points"
     reply: ClassVar[type[Reply]] = PointSet
+
+
+@dataclass
+class SelectBundlePoints(Request):
+    """Render only these bundle points (indices, the point object's ``npbgpp_id``
+    attribute); None: all. Kept across bundle loads until changed."""
+
+    ids: np.ndarray | None = None
+    op: ClassVar[str] = "select_bundle_points"
+    reply: ClassVar[type[Reply]] = PointCount
 
 
 @dataclass
@@ -306,6 +318,6 @@ class Shutdown(Request):
 
 
 REQUESTS: tuple[type[Request], ...] = (
-    Hello, SetPoints, LoadBundle, GetBundlePoints, ReadDataset, AggregateBegin, AggregateView, AggregateFinish,
-    DensifyBegin, DensifyStep, DensifyFinish, DensifyCancel, RenderFrame, Shutdown,
+    Hello, SetPoints, LoadBundle, GetBundlePoints, SelectBundlePoints, ReadDataset, AggregateBegin, AggregateView,
+    AggregateFinish, DensifyBegin, DensifyStep, DensifyFinish, DensifyCancel, RenderFrame, Shutdown,
 )

@@ -305,6 +305,29 @@ class SceneRenderer:
         self.points = scene.points.float().to(self.device)
         colors = scene.colors if scene.colors is not None else torch.ones(n, 3)
         self.colors = colors.float().to(self.device)
+        self.valid = scene.valid.to(self.device)
+        self.rows: torch.Tensor | None = None  # the points rendered (select_points), None: all
+
+    def select_points(self, ids: torch.Tensor | None) -> None:
+        """Render only the points ``ids`` (indices into the scene, e.g. those a user kept
+        after deleting some); None renders all. ValueError for ids outside the scene."""
+        from .models import AggregatedScene
+
+        n = len(self.scene)
+        if ids is None:
+            keep, self.rows = self.valid, None
+        else:
+            ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n):
+                raise ValueError(f"point ids must be in [0, {n}) for this bundle, got {int(ids.min())}.."
+                                 f"{int(ids.max())}: the point object belongs to another bundle or dataset")
+            mask = torch.zeros(n, dtype=torch.bool, device=self.device)
+            mask[ids.to(self.device)] = True
+            keep, self.rows = self.valid & mask, torch.nonzero(mask).squeeze(1)
+        if self.scene.kind == "npbgpp":
+            self.aggregated = AggregatedScene(self.aggregated.points, self.aggregated.coefficients, keep)
+        else:
+            self.model.active.copy_(keep)
 
     def render_raw(self, camera: Camera) -> torch.Tensor:
         if self.scene.kind == "npbgpp":
@@ -359,7 +382,9 @@ class SceneRenderer:
 
     def render_point_layers(self, camera: Camera) -> PointLayers:
         """Nearest-point colour, coverage and view depth of all the scene's points (no network)."""
-        return render_point_layers(self.points, self.colors, camera.to(self.device))
+        if self.rows is None:
+            return render_point_layers(self.points, self.colors, camera.to(self.device))
+        return render_point_layers(self.points[self.rows], self.colors[self.rows], camera.to(self.device))
 
 
 WINDOW_MARGIN = 128  # pixels each window renders beyond the part it keeps (the refiner's reach)

@@ -141,6 +141,7 @@ class RenderService:
         self.bundle: Any = None
         self.bundle_key: tuple | None = None
         self.renderer: Any = None
+        self.selection: np.ndarray | None = None  # bundle point ids to render, None: all
         self.device = "cpu"
         self.aggregation: DatasetAggregation | None = None
         self.densify: Any = None  # npbgpp_core.densify.DensifyJob
@@ -209,9 +210,27 @@ class RenderService:
                 bundle = NeuralScene.load(path)
             except Exception as exc:  # noqa: BLE001 - any parse failure is a bad file
                 raise ValueError(f"cannot read NeuralScene bundle {path}: {type(exc).__name__}: {exc}") from exc
-            self.renderer = bundle.renderer(device, dtype=dtype)
-            self.bundle, self.device, self.bundle_key = bundle, device, key
-        return P.BundleInfo(len(self.bundle), self.device)
+            renderer = bundle.renderer(device, dtype=dtype)
+            self.bundle, self.renderer, self.device, self.bundle_key = bundle, renderer, device, key
+            self._apply_selection()
+        return P.BundleInfo(len(self.bundle), self.device, str(self.bundle.metadata.get("dataset", "")))
+
+    def select_bundle_points(self, req: P.SelectBundlePoints) -> P.PointCount:
+        self.selection = None if req.ids is None else np.asarray(req.ids, np.int64).reshape(-1)
+        self._apply_selection()
+        return P.PointCount(-1 if self.selection is None else len(self.selection))
+
+    def _apply_selection(self) -> None:
+        if self.renderer is not None:
+            import torch
+
+            ids = None if self.selection is None else torch.from_numpy(self.selection)
+            try:
+                self.renderer.select_points(ids)
+            except ValueError:
+                self.selection = None  # a selection for another bundle: render all of this one
+                self.renderer.select_points(None)
+                raise
 
     def bundle_points(self, req: P.GetBundlePoints) -> P.PointSet:
         if self.bundle is None:
@@ -221,12 +240,16 @@ class RenderService:
         return P.PointSet(pts, None if col is None else col.detach().float().cpu().numpy())
 
     def read_dataset(self, req: P.ReadDataset) -> P.DatasetSummary:
+        from .datasets.scene_data import subsample_indices
+
         data = load_dataset(req.path, req.format, req.undistort)
+        ids = np.arange(len(data.points))
         if req.max_points:
+            ids = subsample_indices(len(data.points), req.max_points)
             data = data.subsample_points(req.max_points)
         views = [P.DatasetView(v.name, str(v.image_path), P.CameraSpec.from_camera(v.camera)) for v in data.views]
         colors = None if data.colors is None else np.asarray(data.colors, np.float32)
-        return P.DatasetSummary(data.name, data.format, np.asarray(data.points, np.float32), colors, views)
+        return P.DatasetSummary(data.name, data.format, np.asarray(data.points, np.float32), colors, views, ids)
 
     def aggregate_begin(self, req: P.AggregateBegin) -> P.AggregationStarted:
         self.aggregation = None

@@ -934,6 +934,8 @@ def test_z_combine_with_a_cycles_cube_shows_no_speckles(scene):
     cube_wins = cube_depth < neural_depth
     assert not (cube_wins & interior).any()  # no speckles
     assert (neural_alpha[interior] == 1.0).all()
+
+
 def test_densify_operator_on_an_imported_dataset(scene):
     """Import Dataset (Format: Detect) then Densify Points: a dense cloud on the true
     surface becomes the point object and dense.ply is written."""
@@ -958,3 +960,110 @@ def test_densify_operator_on_an_imported_dataset(scene):
     np.testing.assert_allclose(load_ply(root / "dense.ply").points, pts, atol=1e-5)
     with pytest.raises(RuntimeError, match="COLMAP|colmap|sparse"):
         bpy.ops.import_scene.npbgpp_dataset(directory=str(root), format="COLMAP")
+
+
+def _subset_bundle(path: str, keep: np.ndarray):
+    """An independent reference: a smaller bundle holding only the ``keep`` points."""
+    from npbgpp_core.scene import NeuralScene
+
+    b = NeuralScene.load(path)
+    k = torch_index(keep)
+    return NeuralScene(b.points[k], None if b.colors is None else b.colors[k], b.kind, b.features[k], b.valid[k],
+                       b.model_config, b.model_state, b.metadata)
+
+
+def torch_index(mask: np.ndarray):
+    import torch
+
+    return torch.from_numpy(np.flatnonzero(mask))
+
+
+def _neural_display(sc, path: str) -> np.ndarray:
+    combined = passes(render_exr(sc, path), "Combined")
+    return np.where(combined[..., :3] <= 0.0031308, combined[..., :3] * 12.92,
+                    1.055 * np.clip(combined[..., :3], 0, 1) ** (1 / 2.4) - 0.055)
+
+
+def _core_render(sc, cam, bundle) -> np.ndarray:
+    from blender_addon.camera_bridge import scene_camera_geometry
+    from npbgpp_core import Camera
+
+    bpy.context.view_layer.update()
+    geo = scene_camera_geometry(cam.evaluated_get(bpy.context.evaluated_depsgraph_get()), sc)
+    camera = Camera.from_opencv(geo.K, geo.R, geo.t, geo.image_size)
+    return bundle.renderer("cpu").render(camera).permute(1, 2, 0).numpy()
+
+
+def test_neural_output_follows_deleted_points(scene):
+    """Points deleted from the bundle's object (a geometry-nodes Delete Geometry) disappear
+    from the Neural image: it equals the core render of a bundle holding only the rest."""
+    from npbgpp_core.scene import NeuralScene
+
+    sys.path.insert(0, ROOT)
+    from blender_addon.point_source import point_ids
+
+    sc, cam = scene["scene"], scene["camera"]
+    bundle = str(scene["dir"] / "tiny.npbgpp")
+    _tiny_bundle(bundle, scene["points"], scene["colors"])
+    assert bpy.ops.import_scene.npbgpp_bundle(filepath=bundle) == {"FINISHED"}
+    obj = sc.npbgpp.point_object
+    np.testing.assert_array_equal(point_ids(obj), np.arange(len(scene["points"])))
+    sc.render.film_transparent = False
+    full = _neural_display(sc, str(scene["dir"] / "full.exr"))
+    np.testing.assert_allclose(full, _core_render(sc, cam, NeuralScene.load(bundle)), atol=2e-4)
+    ng = bpy.data.node_groups.new("Crop", "GeometryNodeTree")
+    ng.interface.new_socket("Geometry", in_out="INPUT", socket_type="NodeSocketGeometry")
+    ng.interface.new_socket("Geometry", in_out="OUTPUT", socket_type="NodeSocketGeometry")
+    nodes, links = ng.nodes, ng.links
+    gin, gout = nodes.new("NodeGroupInput"), nodes.new("NodeGroupOutput")
+    sep = nodes.new("ShaderNodeSeparateXYZ")
+    cmp = nodes.new("FunctionNodeCompare")
+    cmp.data_type, cmp.operation = "FLOAT", "GREATER_THAN"
+    cmp.inputs[1].default_value = 0.0
+    delete = nodes.new("GeometryNodeDeleteGeometry")
+    delete.domain = "POINT"
+    links.new(nodes.new("GeometryNodeInputPosition").outputs[0], sep.inputs[0])
+    links.new(sep.outputs["X"], cmp.inputs[0])
+    links.new(cmp.outputs["Result"], delete.inputs["Selection"])
+    links.new(gin.outputs[0], delete.inputs["Geometry"])
+    links.new(delete.outputs["Geometry"], gout.inputs[0])
+    obj.modifiers.new("Crop", "NODES").node_group = ng
+    bpy.context.view_layer.update()
+    keep = scene["points"][:, 0] <= 0
+    evaluated = obj.evaluated_get(bpy.context.evaluated_depsgraph_get())
+    np.testing.assert_array_equal(np.sort(point_ids(evaluated)), np.flatnonzero(keep))
+    cropped = _neural_display(sc, str(scene["dir"] / "cropped.exr"))
+    np.testing.assert_allclose(cropped, _core_render(sc, cam, _subset_bundle(bundle, keep)), atol=2e-4)
+    assert np.abs(cropped - full).max() > 10 * 2e-4  # the deleted half changed the image beyond the tolerance
+    obj.modifiers.clear()
+    np.testing.assert_allclose(_neural_display(sc, str(scene["dir"] / "again.exr")), full, atol=1e-6)
+
+
+def test_dataset_max_points_then_bundle_renders_only_imported_points(scene):
+    """Import a dataset with Max Points, aggregate all its points, import the bundle: no
+    second cloud appears, and the Neural image shows only the imported points."""
+    sc, cam = scene["scene"], scene["camera"]
+    root = scene["dir"] / "nerf"
+    _write_nerf_dataset(root, [cam], scene["points"], scene["colors"])
+    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root), max_points=30) == {"FINISHED"}
+    sys.path.insert(0, ROOT)
+    from blender_addon.point_source import point_ids
+    from npbgpp_core.datasets.scene_data import subsample_indices
+
+    obj = sc.npbgpp.point_object
+    ids = point_ids(obj)
+    np.testing.assert_array_equal(ids, subsample_indices(len(scene["points"]), 30))
+    out = str(scene["dir"] / "agg.npbgpp")
+    assert bpy.ops.npbgpp.aggregate(filepath=out) == {"FINISHED"}
+    before = set(bpy.data.objects)
+    assert bpy.ops.import_scene.npbgpp_bundle(filepath=out) == {"FINISHED"}
+    assert set(bpy.data.objects) == before and sc.npbgpp.point_object == obj  # no duplicate cloud
+    assert sc.npbgpp.bundle == out and sc.npbgpp.output == "NEURAL"
+    sc.render.film_transparent = False
+    keep = np.zeros(len(scene["points"]), bool)
+    keep[ids] = True
+    got = _neural_display(sc, str(scene["dir"] / "sub.exr"))
+    np.testing.assert_allclose(got, _core_render(sc, cam, _subset_bundle(out, keep)), atol=2e-4)
+    from npbgpp_core.scene import NeuralScene
+
+    assert np.abs(got - _core_render(sc, cam, NeuralScene.load(out))).max() > 10 * 2e-4  # not all 60 points

@@ -18,6 +18,15 @@ from .images import read_alpha, read_image, read_mask
 log = logging.getLogger(__name__)
 
 
+def subsample_indices(n: int, max_points: int, seed: int = 123) -> np.ndarray:
+    """Sorted indices of the points :meth:`SceneData.subsample_points` keeps out of ``n``."""
+    if max_points <= 0:
+        raise ValueError(f"max_points must be positive, got {max_points}")
+    if n <= max_points:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=max_points, replace=False))
+
+
 @dataclass
 class Distortion:
     """Lens distortion of the source image (OpenCV / COLMAP radial-tangential model):
@@ -122,11 +131,10 @@ class SceneData:
         """A copy with at most ``max_points`` points, chosen uniformly at random (seeded).
         The number dropped is logged and stored in ``metadata['points_dropped']``."""
         n = int(self.points.shape[0])
-        if max_points <= 0:
-            raise ValueError(f"max_points must be positive, got {max_points}")
         if n <= max_points:
+            subsample_indices(n, max_points, seed)  # checks max_points
             return dataclasses.replace(self, metadata={**self.metadata, "points_dropped": 0})
-        keep = np.sort(np.random.default_rng(seed).choice(n, size=max_points, replace=False))
+        keep = subsample_indices(n, max_points, seed)
         dropped = n - max_points
         log.info("%s: kept %d of %d points (dropped %d)", self.name, max_points, n, dropped)
         return dataclasses.replace(
