@@ -14,10 +14,15 @@ Public names::
     build_procedural_scene(name, seed=0), remove_scene(scene)
     PROCEDURAL_SCENES: names accepted by render_procedural_scene (plus ``random_<seed>``)
     sample_surface_points(bpy_scene, count, seed=0, objects=None) -> (points, sRGB colours)
+    render_env_scene(seed, out_dir, views=24, size=(256, 256), ...), build_env_scene(seed)
+        environment scenes for the training corpus (``environments.py``; camera paths in
+        ``camera_paths.py``, point-cloud simulators in ``pointsim.py`` and photo
+        degradations in ``photo.py`` are numpy-only and import without Blender)
 """
 
 from __future__ import annotations
 
+from .environments import build_env_scene, render_env_scene
 from .procedural import PROCEDURAL_SCENES, build_procedural_scene, remove_scene
 from .render import RenderSummary, render_procedural_scene, render_views_of_current_scene
 from .surface_points import sample_surface_points
@@ -25,8 +30,10 @@ from .surface_points import sample_surface_points
 __all__ = [
     "PROCEDURAL_SCENES",
     "RenderSummary",
+    "build_env_scene",
     "build_procedural_scene",
     "remove_scene",
+    "render_env_scene",
     "render_procedural_scene",
     "render_views_of_current_scene",
     "sample_surface_points",
