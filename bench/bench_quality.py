@@ -1,0 +1,316 @@
+"""Image quality on unseen scenes: the benchmark that picks the shipped NPBG++ weights.
+
+For every scene folder (any ``load_scene`` format) the held-out views are the scene's test
+split, or every 8th view when it has none; every other view is an input view
+(aggregation, fitting, baselines). Per scene and on average it reports PSNR / SSIM of
+
+- ``points``: raw nearest-point colours (pixels no point reaches show the background
+  colour of RGBA scenes, otherwise the input photos' mean colour);
+- ``mean_color``: a constant image of the input photos' mean colour;
+- ``mean_image``: the per-pixel average of the input photos;
+- ``npbgpp``: NPBG++ without fitting (``--weights``, default the bundled file; world_up
+  from ``resolve_world_up('auto', cameras)``);
+- ``coefficients_ft`` and ``npbg``: ``npbgpp_core.fitting`` for ``--steps`` steps each,
+  with seconds.
+
+    .venv/bin/python bench/bench_quality.py --scenes /work/captures/* /work/corpus_env_val/*
+    .venv/bin/python bench/bench_quality.py --scenes-file val.txt --weights new.safetensors --label new
+
+Images are resized so their long side is at most ``--max-side`` (default 256) to keep a
+2-core CPU run short. Writes ``<out>.json`` and ``<out>.md``; ``--record`` appends the
+table to BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+METHODS = ("points", "mean_color", "mean_image", "npbgpp", "coefficients_ft", "npbg")
+LABELS = {
+    "points": "raw points", "mean_color": "mean colour", "mean_image": "mean training image",
+    "npbgpp": "NPBG++ (no fitting)", "coefficients_ft": "coefficients_ft", "npbg": "NPBG",
+}
+
+
+class QualityError(ValueError):
+    """A scene or option the benchmark cannot use; the message names it."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--scenes", nargs="*", default=[], help="scene folders (any load_scene format)")
+    p.add_argument("--scenes-file", default=None, help="a text file with one scene folder per line (# comments)")
+    p.add_argument("--format", default=None, help="force a load_scene format (default: detect)")
+    p.add_argument("--pc-name", default=None, help="point cloud inside each scene (e.g. points/sfm.ply)")
+    p.add_argument("--weights", default=None, help="NPBG++ weights file (default: bundled)")
+    p.add_argument("--npbg-weights", default=None, help="NPBG refiner weights file (default: bundled)")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--max-side", type=int, default=256, help="long side of every image (default 256)")
+    p.add_argument("--max-points", type=int, default=300000, help="subsample clouds above this (seed 123)")
+    p.add_argument("--max-test-views", type=int, default=None, help="score at most this many held-out views")
+    p.add_argument("--max-input-views", type=int, default=None, help="use at most this many input views (evenly)")
+    p.add_argument("--steps", type=int, default=200, help="fitting steps of coefficients_ft and NPBG")
+    p.add_argument("--crop", type=int, default=128, help="fitting crop side")
+    p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--label", default=None, help="name of this run in tables (default: the weights file)")
+    p.add_argument("--out", default=str(ROOT / "out" / "bench_quality" / "result"), help="output path stem")
+    p.add_argument("--record", action="store_true", help="append the table to BENCHMARKS.md")
+    args = p.parse_args(argv)
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        p.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    return args
+
+
+def scene_list(args: argparse.Namespace) -> list[str]:
+    """Scene folders from --scenes and --scenes-file, checked to exist."""
+    folders = list(args.scenes)
+    if args.scenes_file:
+        with open(args.scenes_file, encoding="utf-8") as f:
+            folders += [ln.strip() for ln in f if ln.strip() and not ln.strip().startswith("#")]
+    if not folders:
+        raise QualityError("no scenes: pass --scenes DIR ... or --scenes-file FILE")
+    missing = [d for d in folders if not os.path.isdir(d)]
+    if missing:
+        raise QualityError(f"scene folders not found: {', '.join(missing)}")
+    return folders
+
+
+def split_views(scene) -> tuple[list[int], list[int]]:
+    """(input views, held-out views): the test split, or every 8th view when there is none."""
+    n = len(scene.views)
+    held = list(scene.test) or list(range(0, n, 8))
+    held_set = set(held)
+    inputs = [i for i in range(n) if i not in held_set]
+    if not inputs or not held:
+        raise QualityError(f"{scene.root}: needs at least one input and one held-out view ({n} views)")
+    return inputs, held
+
+
+def fit_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
+    h, w = size
+    s = min(1.0, max_side / max(h, w))
+    return max(1, round(h * s)), max(1, round(w * s))
+
+
+def raw_points(points, colors, camera, fill):
+    """Nearest-point colours (3, H, W); ``fill`` where no point lands."""
+    import torch
+
+    from npbgpp_core import rasterize
+
+    index = rasterize(points, camera, scales=(1.0,))[0]
+    h, w = index.shape
+    out = fill.view(3, 1, 1).expand(3, h, w).clone()
+    hit = index >= 0
+    out[:, hit] = colors[index[hit]].T
+    return out.clamp(0, 1).to(torch.float32)
+
+
+def evaluate_scene(folder: str, args: argparse.Namespace, weights: dict[str, str]) -> dict[str, Any]:
+    """All methods on one scene: per-method mean PSNR / SSIM (+ seconds for the fits)."""
+    import numpy as np
+    import torch
+
+    from npbgpp_core.datasets import load_scene
+    from npbgpp_core.fitting import FitViews, fit_coefficients, fit_npbg
+    from npbgpp_core.metrics import psnr, ssim
+    from npbgpp_core.models.alignment import resolve_world_up
+    from npbgpp_core.pretrained import load_pretrained_npbg_refiner, load_pretrained_npbgpp
+
+    options: dict[str, Any] = {}
+    if args.pc_name:
+        options["pc_name"] = args.pc_name
+    t_load = time.perf_counter()
+    scene = load_scene(folder, format=args.format, **options)
+    if scene.points.shape[0] == 0:
+        raise QualityError(f"{folder}: the point cloud is empty")
+    if scene.points.shape[0] > args.max_points:
+        scene = scene.subsample_points(args.max_points, seed=123)
+    inputs, held = split_views(scene)
+    if args.max_input_views and len(inputs) > args.max_input_views:
+        pick = np.linspace(0, len(inputs) - 1, args.max_input_views).round().astype(int)
+        inputs = [inputs[i] for i in sorted(set(pick.tolist()))]
+    if args.max_test_views:
+        held = held[: args.max_test_views]
+
+    def size_of(i: int) -> tuple[int, int]:
+        return fit_size(tuple(scene.views[i].camera.image_size), args.max_side)
+
+    in_images = [scene.load_image(i, size_of(i)) for i in inputs]
+    in_cams = [scene.camera(i, size_of(i)) for i in inputs]
+    gts = [scene.load_image(i, size_of(i)) for i in held]
+    test_cams = [scene.camera(i, size_of(i)) for i in held]
+    load_s = time.perf_counter() - t_load
+    points = torch.from_numpy(np.ascontiguousarray(scene.points, dtype=np.float32))
+    mean_rgb = torch.stack([im.mean(dim=(1, 2)) for im in in_images]).mean(0)
+    rgba = any(v.mask_from_alpha for v in scene.views) and scene.background is not None
+    fill = torch.tensor(scene.background, dtype=torch.float32) if rgba else mean_rgb
+
+    def scores(preds: list) -> dict[str, float]:
+        rows = [(float(psnr(p.clamp(0, 1), g)[0]), float(ssim(p.clamp(0, 1), g)[0]))
+                for p, g in zip(preds, gts, strict=True)]
+        return {"psnr": sum(r[0] for r in rows) / len(rows), "ssim": sum(r[1] for r in rows) / len(rows),
+                "psnr_views": [r[0] for r in rows]}
+
+    result: dict[str, Any] = {
+        "scene": os.path.basename(os.path.normpath(folder)), "folder": os.path.abspath(folder),
+        "format": scene.format, "points": int(points.shape[0]), "input_views": len(inputs),
+        "held_out_views": len(held), "size": list(size_of(held[0])), "load_s": load_s, "methods": {},
+    }
+    m = result["methods"]
+    if "points" in args.methods:
+        if scene.colors is None:
+            m["points"] = {"skipped": "the point cloud has no colours"}
+        else:
+            colors = torch.from_numpy(np.ascontiguousarray(scene.colors, dtype=np.float32))
+            m["points"] = scores([raw_points(points, colors, c, fill) for c in test_cams])
+    if "mean_color" in args.methods:
+        m["mean_color"] = scores([mean_rgb.view(3, 1, 1).expand_as(g) for g in gts])
+    if "mean_image" in args.methods:
+        by_size: dict[tuple[int, int], torch.Tensor] = {}
+        for g in gts:
+            hw = tuple(g.shape[-2:])
+            if hw not in by_size:
+                same = [im for im in in_images if tuple(im.shape[-2:]) == hw]
+                if not same:  # differently sized photos: resize them to this view's size
+                    same = [torch.nn.functional.interpolate(im[None], size=hw, mode="bilinear",
+                                                            align_corners=False)[0] for im in in_images]
+                by_size[hw] = torch.stack(same).mean(0)
+        m["mean_image"] = scores([by_size[tuple(g.shape[-2:])] for g in gts])
+    need_model = any(k in args.methods for k in ("npbgpp", "coefficients_ft"))
+    if need_model:
+        up = resolve_world_up("auto", [scene.views[i].camera for i in inputs])
+        result["world_up"] = list(up)
+        model = load_pretrained_npbgpp(weights["npbgpp"], world_up=up)
+        t = time.perf_counter()
+        with torch.no_grad():
+            state = model.begin_scene(points)
+            for im, cam in zip(in_images, in_cams, strict=True):
+                state.add_views(im[None], [cam])
+            agg = state.finish()
+        agg_s = time.perf_counter() - t
+        if "npbgpp" in args.methods:
+            m["npbgpp"] = {**scores([model.render(agg, c) for c in test_cams]), "aggregate_s": agg_s}
+    same_size = len({tuple(im.shape[-2:]) for im in in_images}) == 1
+    if ("coefficients_ft" in args.methods or "npbg" in args.methods) and not same_size:
+        # FitViews stacks images: bring odd-sized photos to the most common size.
+        sizes = [tuple(im.shape[-2:]) for im in in_images]
+        common = max(set(sizes), key=sizes.count)
+        keep = [k for k, s in enumerate(sizes) if s == common]
+        fit_images, fit_cams = [in_images[k] for k in keep], [in_cams[k] for k in keep]
+    else:
+        fit_images, fit_cams = in_images, in_cams
+    if "coefficients_ft" in args.methods:
+        views = FitViews(torch.stack(fit_images), list(fit_cams), None)
+        fit = fit_coefficients(model, agg, views, steps=args.steps, crop=args.crop)
+        m["coefficients_ft"] = {**scores([fit.model.render(agg.points, c) for c in test_cams]),
+                                "fit_s": fit.seconds, "steps": fit.steps}
+    if "npbg" in args.methods:
+        views = FitViews(torch.stack(fit_images), list(fit_cams), None)
+        refiner = load_pretrained_npbg_refiner(weights["npbg_refiner"])
+        fit = fit_npbg(points, views, refiner.state, steps=args.steps, crop=args.crop, config=refiner.config)
+        m["npbg"] = {**scores([fit.model.render(points, c) for c in test_cams]), "fit_s": fit.seconds,
+                     "steps": fit.steps}
+    return result
+
+
+def averages(scenes: list[dict[str, Any]], methods: list[str]) -> dict[str, dict[str, float]]:
+    """Mean PSNR / SSIM (and fit seconds) per method over the scenes that have it."""
+    out: dict[str, dict[str, float]] = {}
+    for meth in methods:
+        rows = [s["methods"][meth] for s in scenes if "psnr" in s["methods"].get(meth, {})]
+        if not rows:
+            continue
+        out[meth] = {"psnr": sum(r["psnr"] for r in rows) / len(rows),
+                     "ssim": sum(r["ssim"] for r in rows) / len(rows), "scenes": len(rows)}
+        if all("fit_s" in r for r in rows):
+            out[meth]["fit_s"] = sum(r["fit_s"] for r in rows) / len(rows)
+    return out
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """Per-scene PSNR/SSIM table, one column per method, and the average row."""
+    methods = [m for m in report["methods"] if m in report["average"]]
+    head = ["scene", "views in/out", *[LABELS[m] for m in methods]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+
+    def cell(r: dict[str, Any] | None) -> str:
+        if not r or "psnr" not in r:
+            return "-"
+        text = f"{r['psnr']:.2f} / {r['ssim']:.3f}"
+        return text + (f" ({r['fit_s']:.0f} s)" if "fit_s" in r else "")
+
+    for s in report["scenes"]:
+        lines.append("| " + " | ".join([s["scene"], f"{s['input_views']}/{s['held_out_views']}",
+                                        *[cell(s["methods"].get(m)) for m in methods]]) + " |")
+    avg = report["average"]
+    lines.append("| " + " | ".join([f"**mean of {len(report['scenes'])}**", "",
+                                    *[cell(avg.get(m)) for m in methods]]) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from npbgpp_core.pretrained import default_weights_path
+
+    torch.set_num_threads(max(1, args.threads))
+    try:
+        folders = scene_list(args)
+    except QualityError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    weights = {"npbgpp": os.path.abspath(args.weights) if args.weights else default_weights_path("npbgpp"),
+               "npbg_refiner": os.path.abspath(args.npbg_weights) if args.npbg_weights
+               else default_weights_path("npbg_refiner")}
+    label = args.label or os.path.basename(weights["npbgpp"])
+    t0 = time.perf_counter()
+    scenes = []
+    for folder in folders:
+        print(f"{folder} ...", flush=True)
+        r = evaluate_scene(folder, args, weights)
+        scenes.append(r)
+        print("  " + ", ".join(f"{k} {v['psnr']:.2f}" for k, v in r["methods"].items() if "psnr" in v), flush=True)
+    report = {
+        "label": label, "weights": weights, "methods": args.methods, "max_side": args.max_side,
+        "steps": args.steps, "crop": args.crop, "threads": torch.get_num_threads(), "scenes": scenes,
+        "average": averages(scenes, args.methods), "seconds": time.perf_counter() - t0,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "pc_name": args.pc_name,
+    }
+    table = markdown(report)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for suffix, text in ((".json", json.dumps(report, indent=2)), (".md", table + "\n")):
+        tmp = out.with_name(out.name + suffix + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, out.with_name(out.name + suffix))
+    print(f"\n{label}: PSNR dB / SSIM on held-out views (long side {args.max_side} px, fits {args.steps} steps)")
+    print(table)
+    print(f"wrote {out}.json and {out}.md ({report['seconds']:.0f} s)")
+    if args.record:
+        from bench.bench_common import append_benchmarks
+
+        notes = [f"weights: {label} ({weights['npbgpp']})", f"long side {args.max_side} px, fits {args.steps} "
+                 f"steps at {args.crop}^2 crops, torch threads {torch.get_num_threads()}",
+                 "PSNR dB / SSIM on held-out views (test split or every 8th view); (s) = fitting seconds"]
+        if args.pc_name:
+            notes.append(f"point clouds: {args.pc_name}")
+        append_benchmarks(f"bench_quality: {label}", torch.device("cpu"), table, notes)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""Training throughput of the headless_train NPBG++ recipe: steps/s and samples/s.
+
+Runs the real pieces (``SceneDataModule`` samples, the NPBG++ system's ``batch_loss``,
+Adam) in a plain loop, without Lightning's logging and checkpointing, so the figure is
+the cost of data + forward + backward + optimiser step. Data loading is included (it is
+part of every training step); ``--workers`` moves it into DataLoader workers.
+
+    .venv/bin/python bench/bench_train.py                     # CPU, demo scene, batch 1, 128^2
+    .venv/bin/python bench/bench_train.py --device cuda --batch 8 --crop 256 --amp bf16
+    .venv/bin/python bench/bench_train.py --data-root corpus_env --record
+
+Any scene folder works for speed (``--data-root`` with scene subfolders, or
+``--scene-names``); quality is never measured here (see bench_quality.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data-root", default=str(ROOT / "demo"), help="folder of scene folders (default: demo/)")
+    p.add_argument("--scene-names", nargs="*", default=None, help="scene folder names (default: all)")
+    p.add_argument("--format", default="nerf_synthetic")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--crop", type=int, default=128)
+    p.add_argument("--views", type=int, default=3, help="input views per sample")
+    p.add_argument("--steps", type=int, default=20, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (CPU)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    p.add_argument("--max-points", type=int, default=100000)
+    p.add_argument("--world-up", default="0,0,1", help="system.world_up (Blender corpora are Z-up)")
+    p.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"), help="mixed precision (GPU)")
+    p.add_argument("--override", action="append", default=[], help="extra Hydra override (repeatable)")
+    p.add_argument("--json", default=None, help="write the result here")
+    p.add_argument("--record", action="store_true", help="append the result to BENCHMARKS.md")
+    return p.parse_args(argv)
+
+
+def build(args: argparse.Namespace, run_dir: str):
+    """The datamodule and NPBG++ system of the training recipe for ``args``."""
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from headless_train.data import SceneDataModule
+    from headless_train.systems import build_system
+
+    overrides = [
+        "system=npbgpp_sphere", "datasets=nerf_blender_pretrain", f"datasets.data_root={args.data_root}",
+        f"datasets.format={args.format}", f"datasets.train_image_size={args.crop}",
+        f"datasets.selection_count={args.views}", "datasets.train_num_samples=100000",
+        f"system.max_points={args.max_points}", "system.visibility_scale=1.0", "system.lr=2e-4",
+        f"system.world_up=[{args.world_up}]",
+        f"system.descriptors_save_dir={run_dir}/d", f"dataloader.batch_size={args.batch}",
+        f"dataloader.num_workers={args.workers}", *args.override,
+    ]
+    if args.amp != "none":
+        overrides.append(f"system.amp={args.amp}")
+    if args.scene_names:
+        overrides.append("datasets.scene_names=[" + ",".join(args.scene_names) + "]")
+    with initialize_config_module("headless_train.conf", version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    dm = SceneDataModule(cfg, seed=3407)
+    system = build_system(OmegaConf.to_container(cfg, resolve=True), dm.scenes)
+    return dm, system, overrides
+
+
+def measure(args: argparse.Namespace) -> dict:
+    import torch
+
+    from bench.bench_common import machine_line, pick_device, synchronize
+
+    torch.set_num_threads(max(1, args.threads))
+    device = pick_device(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        dm, system, overrides = build(args, tmp)
+    system.to(device)
+    system.train()
+    opt = system.configure_optimizers()
+    loader = iter(dm.train_dataloader())
+    times: list[float] = []
+    data_s = 0.0
+    for step in range(args.warmup + args.steps):
+        synchronize(device)
+        t0 = time.perf_counter()
+        batch = next(loader)
+        t1 = time.perf_counter()
+        loss, _ = system.batch_loss(batch)
+        opt.zero_grad(set_to_none=True)
+        system.backward_loss(loss) if hasattr(system, "backward_loss") else loss.backward()
+        system.optimizer_step_all([opt]) if hasattr(system, "optimizer_step_all") else opt.step()
+        synchronize(device)
+        t2 = time.perf_counter()
+        if step >= args.warmup:
+            times.append(t2 - t0)
+            data_s += t1 - t0
+    total = sum(times)
+    load = os.getloadavg()
+    return {
+        "device": str(device), "machine": machine_line(device), "batch": args.batch, "crop": args.crop,
+        "views": args.views, "amp": args.amp, "steps": args.steps, "workers": args.workers,
+        "scenes": dm.scene_names, "steps_per_s": args.steps / total, "samples_per_s": args.steps * args.batch / total,
+        "data_fraction": data_s / total, "loadavg_1min": load[0], "overrides": overrides,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    r = measure(args)
+    line = (f"bench_train: {r['device']}, batch {r['batch']}, {r['crop']}^2 crops, {r['views']} input views, "
+            f"amp {r['amp']}: {r['steps_per_s']:.3f} steps/s, {r['samples_per_s']:.3f} samples/s "
+            f"(data {100 * r['data_fraction']:.0f}% of the time; load average {r['loadavg_1min']:.2f})")
+    print(line)
+    print(r["machine"])
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(r, f, indent=2)
+    if args.record:
+        import torch
+
+        from bench.bench_common import append_benchmarks
+
+        append_benchmarks("bench_train: NPBG++ training throughput", torch.device(r["device"]), line,
+                          [f"scenes {', '.join(r['scenes'])}", f"load average at the end {r['loadavg_1min']:.2f}"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
