@@ -3,7 +3,9 @@
 Runs the real pieces (``SceneDataModule`` samples, the NPBG++ system's ``batch_loss``,
 Adam) in a plain loop, without Lightning's logging and checkpointing, so the figure is
 the cost of data + forward + backward + optimiser step. Data loading is included (it is
-part of every training step); ``--workers`` moves it into DataLoader workers.
+part of every training step); ``--workers`` moves it into DataLoader workers. Besides wall
+time it reports the process's CPU seconds per step, which on a shared machine measures the
+work done independently of the other jobs (with ``--threads 1`` and ``--workers 0``).
 
     .venv/bin/python bench/bench_train.py                     # CPU, demo scene, batch 1, 128^2
     .venv/bin/python bench/bench_train.py --device cuda --batch 8 --crop 256 --amp bf16
@@ -92,20 +94,22 @@ def measure(args: argparse.Namespace) -> dict:
     opt = system.configure_optimizers()
     loader = iter(dm.train_dataloader())
     times: list[float] = []
+    cpu_times: list[float] = []
     data_s = 0.0
     for step in range(args.warmup + args.steps):
         synchronize(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         batch = next(loader)
         t1 = time.perf_counter()
         loss, _ = system.batch_loss(batch)
         opt.zero_grad(set_to_none=True)
-        system.backward_loss(loss) if hasattr(system, "backward_loss") else loss.backward()
-        system.optimizer_step_all([opt]) if hasattr(system, "optimizer_step_all") else opt.step()
+        loss.backward()
+        opt.step()
         synchronize(device)
         t2 = time.perf_counter()
         if step >= args.warmup:
             times.append(t2 - t0)
+            cpu_times.append(time.process_time() - c0)
             data_s += t1 - t0
     total = sum(times)
     load = os.getloadavg()
@@ -113,7 +117,8 @@ def measure(args: argparse.Namespace) -> dict:
         "device": str(device), "machine": machine_line(device), "batch": args.batch, "crop": args.crop,
         "views": args.views, "amp": args.amp, "steps": args.steps, "workers": args.workers,
         "scenes": dm.scene_names, "steps_per_s": args.steps / total, "samples_per_s": args.steps * args.batch / total,
-        "data_fraction": data_s / total, "loadavg_1min": load[0], "overrides": overrides,
+        "data_fraction": data_s / total,
+        "cpu_s_per_step": sum(cpu_times) / args.steps, "loadavg_1min": load[0], "overrides": overrides,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
 
@@ -123,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     r = measure(args)
     line = (f"bench_train: {r['device']}, batch {r['batch']}, {r['crop']}^2 crops, {r['views']} input views, "
             f"amp {r['amp']}: {r['steps_per_s']:.3f} steps/s, {r['samples_per_s']:.3f} samples/s "
-            f"(data {100 * r['data_fraction']:.0f}% of the time; load average {r['loadavg_1min']:.2f})")
+            f"(data {100 * r['data_fraction']:.0f}% of the time); {r['cpu_s_per_step']:.2f} CPU s per step "
+            f"(process time: the work, whatever the load; load average {r['loadavg_1min']:.2f})")
     print(line)
     print(r["machine"])
     if args.json:

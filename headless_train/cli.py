@@ -217,8 +217,8 @@ def hydra_main(cfg: DictConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: the ``export``, ``export-weights``, ``prepare-capture`` and
-    ``check-corpus`` subcommands, otherwise Hydra."""
+    """Entry point: the ``export``, ``export-weights``, ``prepare-capture``, ``check-corpus``
+    and ``stage`` subcommands, otherwise Hydra."""
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "export-weights":
         from .export_weights import main as export_weights_main
@@ -232,6 +232,10 @@ def main(argv: list[str] | None = None) -> None:
         from npbgpp_core.datasets.capture import main as prepare_capture_main
 
         sys.exit(prepare_capture_main(argv[1:]))
+    if argv and argv[0] == "stage":
+        from .stage import main as stage_main
+
+        sys.exit(stage_main(argv[1:]))
     if argv and argv[0] == "export":
         from .export import main as export_main
 

@@ -61,8 +61,65 @@ def discover_scene_dirs(dcfg: dict) -> list[tuple[str, str]]:
     return [(n, os.path.join(root, n)) for n in names if n not in exclude]
 
 
+def variant_kinds(dcfg: dict) -> tuple[str, ...] | None | bool:
+    """``datasets.point_cloud_variants``: False (off), None (every ``points/*.ply`` a scene
+    has) or the kinds every scene must have."""
+    v = dcfg.get("point_cloud_variants")
+    if v in (None, False, "", "false", "none"):
+        return False
+    if v is True or v in ("true", "all"):
+        return None
+    if isinstance(v, str):
+        return tuple(k.strip() for k in v.split(",") if k.strip())
+    return tuple(str(k) for k in v)
+
+
+def _load_variants(folder: str, kinds: tuple[str, ...] | None, limit: int | None) -> list[tuple[str, np.ndarray]]:
+    """(kind, points) of a scene's ``points/<kind>.ply`` clouds (npbgpp_core.datasets.corpus)."""
+    from npbgpp_core.datasets.corpus import point_cloud_variants
+    from npbgpp_core.ply import load_ply
+
+    out = []
+    for kind, path in point_cloud_variants(folder, kinds).items():
+        try:
+            pts = np.ascontiguousarray(load_ply(path).points, dtype=np.float32)
+        except (OSError, ValueError) as exc:
+            raise DataConfigError(f"{path}: unreadable point cloud variant ({exc})") from exc
+        if pts.ndim != 2 or pts.shape[0] == 0:
+            raise DataConfigError(f"{path}: point cloud variant '{kind}' has no points")
+        if limit is not None and pts.shape[0] > limit:
+            pts = pts[np.sort(np.random.default_rng(123).choice(pts.shape[0], size=limit, replace=False))]
+        out.append((kind, pts))
+    return out
+
+
+class CachedImages:
+    """A scene's ``load_image`` that decodes each view once and keeps the native-size image
+    in memory (resizing stays on demand; the result equals the uncached loader). Shared
+    ``budget`` (bytes left) bounds the memory of all scenes together; past it, views are
+    decoded on every call as before."""
+
+    def __init__(self, load, budget: list[int]):
+        self.load, self.budget, self.images = load, budget, {}
+
+    def __call__(self, i: int, size=None):
+        from npbgpp_core.datasets.scene_data import _resize_tensor
+
+        img = self.images.get(i)
+        if img is None:
+            img = self.load(i)
+            nbytes = img.numel() * img.element_size()
+            if self.budget[0] >= nbytes:
+                self.images[i] = img
+                self.budget[0] -= nbytes
+        return img if size is None else _resize_tensor(img, size)
+
+
 def load_scenes(dcfg: dict, max_points: int | None) -> list:
-    """Load every configured scene as SceneData, subsampled to ``n_point`` / ``max_points`` (seed 123)."""
+    """Load every configured scene as SceneData, subsampled to ``n_point`` / ``max_points`` (seed 123).
+    With ``point_cloud_variants`` each scene's ``points/<kind>.ply`` files are loaded too
+    (``scene.metadata['point_variants']``, [(kind, points)]); a scene without them keeps its
+    default cloud. With ``cache_images`` decoded images stay in memory."""
     from npbgpp_core.datasets import load_scene
 
     options = dict(dcfg.get("options") or {})
@@ -70,10 +127,22 @@ def load_scenes(dcfg: dict, max_points: int | None) -> list:
         options.setdefault("pc_name", dcfg["pc_name"])
     limits = [v for v in (_as_int_or_none(dcfg.get("n_point")), max_points) if v is not None]
     limit = min(limits) if limits else None
+    kinds = variant_kinds(dcfg)
+    budget = [int(float(dcfg.get("cache_images_max_gb") or 0) * 2**30)] if dcfg.get("cache_images") else None
     scenes = []
     for name, folder in discover_scene_dirs(dcfg):
-        scene = load_scene(folder, format=dcfg.get("format"), **options)
+        variants = _load_variants(folder, kinds, limit) if kinds is not False else []
+        scene_options = dict(options)
+        if variants and "pc_name" not in scene_options:
+            scene_options["require_points"] = False  # the variants are enough
+        scene = load_scene(folder, format=dcfg.get("format"), **scene_options)
         scene.name = name
+        if variants:
+            scene.metadata["point_variants"] = variants
+            if scene.points.shape[0] == 0:
+                scene.points, scene.colors = variants[0][1], None
+        if budget is not None:
+            scene.load_image = CachedImages(scene.load_image, budget)  # type: ignore[method-assign]
         n = int(scene.points.shape[0])
         if n == 0:
             raise DataConfigError(f"scene {folder} has no points (point cloud is empty)")
@@ -205,6 +274,8 @@ class TrainSamples(Dataset):
         scene = self.scenes[scene_id]
         rng = np.random.default_rng([self.seed, i])
         target = int(scene.train[int(rng.integers(len(scene.train)))])
+        variants = scene.metadata.get("point_variants") or []
+        variant = int(rng.integers(len(variants))) if variants else None
         image, mask, camera = sample_crop(
             scene, target, rng, image_size=self.opts.image_size, zoom_range=self.opts.zoom_range,
             random_shift=self.opts.random_shift,
@@ -215,6 +286,8 @@ class TrainSamples(Dataset):
         if mask is None or not self.opts.loss_on_object_mask:
             mask = torch.ones_like(image[:1])
         sample = {"scene": scene_id, "view": target, "image": image, "mask": mask, "camera": camera}
+        if variant is not None:
+            sample["points_variant"] = variant
         inputs: list[torch.Tensor] = []
         if self.opts.selection_count > 0:
             candidates = [int(t) for t in scene.train if int(t) != target] or [target]
@@ -223,7 +296,8 @@ class TrainSamples(Dataset):
             if self.opts.image_size is None:  # whole target image: whole input views
                 inputs, cams = load_input_views(scene, chosen, self.opts.input_view_max_side)
             else:
-                pts = torch.from_numpy(np.ascontiguousarray(scene.points, dtype=np.float32))
+                cloud = scene.points if variant is None else variants[variant][1]
+                pts = torch.from_numpy(np.ascontiguousarray(cloud, dtype=np.float32))
                 inputs, cams = crop_input_views(scene, chosen, camera, pts, self.opts.input_view_max_side)
             sample["input_cameras"] = cams
         jittered = color_jitter([image] + inputs, rng, self.opts.jitter_prob)

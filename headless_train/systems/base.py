@@ -45,7 +45,8 @@ class BaseSystem(pl.LightningModule):
             self._holder["loss"] = RenderLoss(
                 vgg_weights=lcfg.get("vgg_weights"), vgg_weight=lcfg.get("vgg_weight", 1.0),
                 l1_weight=lcfg.get("l1_weight", 2500.0), l1_downsample=lcfg.get("l1_downsample", 4),
-                ssim_weight=lcfg.get("ssim_weight", 0.2),
+                ssim_weight=lcfg.get("ssim_weight", 0.2), gradient_weight=lcfg.get("gradient_weight", 0.0),
+                gradient_scales=lcfg.get("gradient_scales", 3),
             )
         self._eval_cache: dict[int, Any] = {}
 
@@ -60,11 +61,18 @@ class BaseSystem(pl.LightningModule):
             self._holder["loss_device"] = self.device
         return loss
 
-    def points(self, scene_id: int) -> torch.Tensor:
-        key = (scene_id, str(self.device))
+    def points(self, scene_id: int, variant: int | None = None) -> torch.Tensor:
+        """A scene's cloud on this device: the default one, or point-cloud variant ``variant``
+        (``scene.metadata['point_variants']``, see datasets.point_cloud_variants)."""
+        key = (scene_id, str(self.device), variant)
         if key not in self._points_dev:
             self._points_dev = {k: v for k, v in self._points_dev.items() if k[1] == str(self.device)}
-            self._points_dev[key] = self._points_cpu[scene_id].to(self.device)
+            if variant is None:
+                cpu = self._points_cpu[scene_id]
+            else:
+                cloud = self.scenes[scene_id].metadata["point_variants"][variant][1]
+                cpu = torch.from_numpy(np.ascontiguousarray(cloud, dtype=np.float32))
+            self._points_dev[key] = cpu.to(self.device)
         return self._points_dev[key]
 
     def loss_message(self) -> str | None:

@@ -3,6 +3,7 @@ render loss on the target crop + auxiliary loss (refiner on the target's own fea
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 
@@ -53,9 +54,9 @@ class NPBGPlusPlusSystem(BaseSystem):
     def configure_optimizers(self):
         return torch.optim.Adam(self.model.parameters(), lr=float(self.scfg.get("lr", 1e-4)))
 
-    def aggregate_inputs(self, scene_id: int, images: list[torch.Tensor], cameras: list):
+    def aggregate_inputs(self, scene_id: int, images: list[torch.Tensor], cameras: list, variant: int | None = None):
         """Aggregate a sample's input views; views of equal size go through the extractor together."""
-        state = self.model.begin_scene(self.points(scene_id))
+        state = self.model.begin_scene(self.points(scene_id, variant))
         groups: dict[tuple[int, ...], list[int]] = {}
         for k, img in enumerate(images):
             groups.setdefault(tuple(img.shape), []).append(k)
@@ -64,11 +65,63 @@ class NPBGPlusPlusSystem(BaseSystem):
             state.add_views(batch, [cameras[k].to(self.device) for k in members])
         return state.finish()
 
+    # ------------------------------------------------------------- batched step
+    def _channels_last(self) -> bool:
+        mode = str(self.scfg.get("channels_last", "auto")).lower()
+        return self.device.type == "cpu" if mode == "auto" else mode in ("true", "1", "yes")
+
+    def _autocast(self):
+        amp = str(self.scfg.get("amp", "none") or "none").lower()
+        if amp not in ("none", "bf16"):
+            raise ValueError(f"system.amp must be 'none' or 'bf16', got {amp!r}")
+        if amp == "none" or self.device.type != "cuda":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+
+    def batch_loss(self, batch: list[dict]):
+        """Mean loss over the batch. With ``system.batched_step`` (default) every sample's
+        input views go through the extractor together (one call per padded size), the
+        aggregation is one accumulation and one solve, and the targets share one refiner
+        call and one auxiliary pass: the same loss as the per-sample loop (which remains
+        for targets of different sizes), a fraction of the calls."""
+        same_size = len({tuple(s["image"].shape) for s in batch}) == 1
+        if not self.scfg.get("batched_step", True) or not same_size:
+            return super().batch_loss(batch)
+        self.freeze_batchnorm()
+        for s in batch:
+            if "input_images" not in s:
+                raise ValueError("NPBG++ needs input views: datasets.selection_count must be >= 1")
+        dev = self.device
+        with self._autocast():
+            aggs = self.model.aggregate_batch(
+                [(self.points(int(s["scene"]), s.get("points_variant")),
+                  [im.to(dev, non_blocking=True) for im in s["input_images"]],
+                  [c.to(dev) for c in s["input_cameras"]]) for s in batch],
+                channels_last=self._channels_last(),
+            )
+            preds = self.model.render_raw_batch(aggs, [s["camera"].to(dev) for s in batch])
+        target = torch.stack([s["image"] for s in batch]).to(dev, non_blocking=True)
+        mask = torch.stack([s["mask"] for s in batch]).to(dev, non_blocking=True)
+        pred = torch.stack([p[:3] for p in preds]).float()
+        main = self.loss_fn(pred, target, mask)
+        logs = {"render": main.detach()}
+        loss = main
+        if self.aux_weight > 0:
+            with torch.no_grad(), self._autocast():  # the auxiliary loss never trains the extractor
+                feats = self.model.extractor(target)
+            with self._autocast():
+                aux_pred = self.model.refine_feature_map(feats.float(), self.aux_drop_prob, detach=True)[:, :3]
+            aux = masked_l1(aux_pred.float(), target, mask)
+            logs["aux"] = aux.detach()
+            loss = loss + self.aux_weight * aux
+        return loss, logs
+
     def sample_loss(self, sample: dict):
         self.freeze_batchnorm()
         if "input_images" not in sample:
             raise ValueError("NPBG++ needs input views: datasets.selection_count must be >= 1")
-        agg = self.aggregate_inputs(int(sample["scene"]), sample["input_images"], sample["input_cameras"])
+        agg = self.aggregate_inputs(int(sample["scene"]), sample["input_images"], sample["input_cameras"],
+                                    sample.get("points_variant"))
         target = sample["image"].to(self.device).unsqueeze(0)
         mask = sample["mask"].to(self.device).unsqueeze(0)
         pred = self.model.render_raw(agg, sample["camera"].to(self.device))[:3].unsqueeze(0)

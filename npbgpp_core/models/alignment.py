@@ -206,12 +206,25 @@ def warp_images(images: torch.Tensor, src: Camera, dst: Camera, mode: str = "bil
 
 
 def align_views(
-    images: torch.Tensor, cameras: list[Camera], world_up: Sequence[float] = WORLD_UP
-) -> tuple[torch.Tensor, list[Camera]]:
-    """Align a batch of views (K, C, H, W) with their cameras: square images, rolled cameras."""
-    out, cams = [], []
+    images: torch.Tensor, cameras: list[Camera], world_up: Sequence[float] = WORLD_UP, canvas: str = "square"
+) -> tuple[torch.Tensor | list[torch.Tensor], list[Camera]]:
+    """Align a batch of views (K, C, H, W) with their cameras: rolled cameras and their
+    images. ``canvas='square'`` (published): diagonal squares, one (K, C, S, S) tensor.
+    ``canvas='bounds'``: each view on its :func:`render_canvas_camera` canvas (an exact
+    ``rot90`` of the image at multiples of 90 degrees), a list of (C, h_k, w_k) images."""
+    if canvas == "square":
+        out, cams = [], []
+        for k, cam in enumerate(cameras):
+            acam, _ = align_camera(cam, world_up)
+            out.append(warp_images(images[k : k + 1], cam, acam))
+            cams.append(acam)
+        return torch.cat(out, 0), cams
+    views, cams = [], []
     for k, cam in enumerate(cameras):
-        acam, _ = align_camera(cam, world_up)
-        out.append(warp_images(images[k : k + 1], cam, acam))
+        acam, quarter_turns = render_canvas_camera(cam, "bounds", world_up)
+        if quarter_turns is None:
+            views.append(warp_images(images[k : k + 1], cam, acam)[0])
+        else:  # rot90(aligned, k) is the image, so the aligned image is rot90(image, -k)
+            views.append(torch.rot90(images[k], -quarter_turns, dims=(1, 2)).contiguous())
         cams.append(acam)
-    return torch.cat(out, 0), cams
+    return views, cams

@@ -83,6 +83,12 @@ class NPBGPlusPlusConfig:
     # (exact rot90, no resampling, when the roll is a multiple of 90 degrees); 'square'
     # is the published ceil(sqrt(H^2 + W^2)) square (about 2x the pixels, slower).
     render_canvas: str = "bounds"
+    # Aligned input-view canvas for aggregation: 'square' (published) pads every view to
+    # its ceil(sqrt(H^2 + W^2)) diagonal square; 'bounds' uses the rolled view's bounding
+    # box (the image itself, unresampled, when the roll is a multiple of 90 degrees): about
+    # half the extractor's pixels. The extractor sees no black frame, so weights trained
+    # with one canvas should aggregate with the same one (weights files store it).
+    input_canvas: str = "square"
     # The world axis that alignment turns upright (published: +Y). Use +Z for Z-up scenes
     # (Blender, NeRF-Synthetic). Aggregation and rendering of a scene must use the same
     # axis; scene bundles store it with the rest of this config.
@@ -102,6 +108,8 @@ class NPBGPlusPlusConfig:
             raise ValueError(f"aggregator must be one of {AGGREGATORS}, got {self.aggregator!r}")
         if self.render_canvas not in ("bounds", "square"):
             raise ValueError(f"render_canvas must be 'bounds' or 'square', got {self.render_canvas!r}")
+        if self.input_canvas not in ("bounds", "square"):
+            raise ValueError(f"input_canvas must be 'bounds' or 'square', got {self.input_canvas!r}")
         _check_channels("NPBGPlusPlusConfig", feature_dim=self.feature_dim, basis_dim=self.basis_dim)
         if not self.ridge_alpha > 0:
             raise ValueError(f"ridge_alpha must be > 0, got {self.ridge_alpha}")

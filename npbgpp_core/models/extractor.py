@@ -137,9 +137,44 @@ class FeatureExtractor(nn.Module):
         ph, pw = (-h) % 32, (-w) % 32
         x = F.pad(x, (0, pw, 0, ph))
         raw = F.pad(images, (0, pw, 0, ph))
+        return self._padded(x, raw)[..., :h, :w]
+
+    def forward_many(self, images: list[torch.Tensor], channels_last: bool = False) -> list[torch.Tensor]:
+        """Feature maps of images (3, H_k, W_k) of any sizes, in as few network calls as
+        possible: images whose sizes round up to the same multiple of 32 share one call.
+        The result equals ``forward`` on each image alone (the padding is the same and
+        GroupNorm is per image). ``channels_last`` runs the convolutions in NHWC (faster
+        on CPUs)."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for k, img in enumerate(images):
+            if img.ndim != 3 or img.shape[0] != 3:
+                raise ValueError(f"extractor expects images (3, H, W), got {tuple(img.shape)}")
+            h, w = img.shape[-2:]
+            groups.setdefault((h + (-h) % 32, w + (-w) % 32), []).append(k)
+        out: list[torch.Tensor | None] = [None] * len(images)
+        for (hp, wp), members in groups.items():
+            xs, raws = [], []
+            for k in members:
+                img = images[k]
+                h, w = img.shape[-2:]
+                x = (img - self.mean[0].to(img.dtype)) / self.std[0].to(img.dtype)
+                xs.append(F.pad(x, (0, wp - w, 0, hp - h)))
+                raws.append(F.pad(img, (0, wp - w, 0, hp - h)))
+            x, raw = torch.stack(xs), torch.stack(raws)
+            if channels_last:
+                nhwc = torch.channels_last
+                x, raw = x.contiguous(memory_format=nhwc), raw.contiguous(memory_format=nhwc)
+            feats = self._padded(x, raw)
+            for j, k in enumerate(members):
+                h, w = images[k].shape[-2:]
+                out[k] = feats[j, :, :h, :w]
+        return out  # type: ignore[return-value]
+
+    def _padded(self, x: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+        """The U-Net on normalised images ``x`` and raw images ``raw`` padded to a multiple of 32."""
         feats = self.encoder(x)
         skips = list(reversed(feats[:-1])) + [raw]
         y = feats[-1]
         for block, skip in zip(self.decoder, skips, strict=True):
             y = block(y, skip)
-        return self.head(y)[..., :h, :w]
+        return self.head(y)

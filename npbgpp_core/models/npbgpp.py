@@ -109,10 +109,13 @@ class SceneAggregation:
             return
         images, cameras, visible = images[keep], [cameras[k] for k in keep], [visible[k] for k in keep]
         if cfg.align_input_views:
-            feat_images, feat_cams = align_views(images, cameras, cfg.world_up)
+            feat_images, feat_cams = align_views(images, cameras, cfg.world_up, cfg.input_canvas)
         else:
             feat_images, feat_cams = images, cameras
-        features = model.extractor(feat_images)
+        if isinstance(feat_images, list):  # 'bounds' canvases may differ in size
+            features = model.extractor.forward_many(feat_images)
+        else:
+            features = model.extractor(feat_images)
         for k, (cam, index) in enumerate(zip(cameras, visible, strict=True)):
             pts = self.points[index]
             uv, _ = feat_cams[k].project(pts)
@@ -191,6 +194,10 @@ class NPBGPlusPlus(nn.Module):
         return desc
 
     def _render_direct(self, scene: AggregatedScene, camera: Camera) -> torch.Tensor:
+        return self.refiner([r.unsqueeze(0) for r in self._descriptor_rasters(scene, camera)])[0]
+
+    def _descriptor_rasters(self, scene: AggregatedScene, camera: Camera) -> list[torch.Tensor]:
+        """The refiner's input: per scale a (C+1, h_s, w_s) raster of descriptors + mask."""
         dev = self.device
         points, valid = scene.points.to(dev), scene.valid.to(dev)
         if bool(valid.all()):  # the usual case: no per-frame copy of the cloud
@@ -204,7 +211,7 @@ class NPBGPlusPlus(nn.Module):
                 points.index_select(0, index), camera, self.config.scales, self.config.near,
                 lambda rows: self.descriptors(scene, camera, index[rows]),
             )
-        return self.refiner([r.unsqueeze(0) for r in rasters])[0]
+        return rasters
 
     def _render_tiled(self, scene: AggregatedScene, aligned: Camera, camera: Camera) -> torch.Tensor | None:
         """:meth:`_render_direct` on the ``aligned`` canvas computed only where resampling
@@ -266,6 +273,87 @@ class NPBGPlusPlus(nn.Module):
 
     def forward(self, scene: AggregatedScene, camera: Camera) -> torch.Tensor:
         return self.render_raw(scene, camera)
+
+    # ------------------------------------------------- batched (training) paths
+    def aggregate_batch(
+        self, samples: Sequence[tuple[torch.Tensor, Sequence[torch.Tensor], Sequence[Camera]]],
+        channels_last: bool = False,
+    ) -> list[AggregatedScene]:
+        """Aggregate several independent samples ``(points, images (3,H,W) list, cameras)``
+        at once: one extractor call per padded image size over every sample's views, one
+        basis-MLP call, one accumulation and one ridge solve over the concatenated clouds.
+        Equals ``begin_scene`` / ``add_views`` / ``finish`` per sample (up to float
+        summation order); the per-sample Python work left is visibility and sampling."""
+        cfg, dev = self.config, self.device
+        clouds = [check_points(points).to(dev) for points, _, _ in samples]
+        feat_images: list[torch.Tensor] = []
+        jobs: list[tuple[int, Camera, Camera, torch.Tensor]] = []
+        for s, (_, images, cameras) in enumerate(samples):
+            for img, cam in zip(images, cameras, strict=True):
+                batch, cams = check_images(img, [cam])
+                cam = cams[0].to(dev)
+                index = self.visible_points(clouds[s], cam)
+                if index.numel() == 0:
+                    continue
+                batch = batch.to(dev, torch.float32)
+                if cfg.align_input_views:
+                    aligned, fcams = align_views(batch, [cam], cfg.world_up, cfg.input_canvas)
+                    feat_images.append(aligned[0])
+                else:
+                    fcams = [cam]
+                    feat_images.append(batch[0])
+                jobs.append((s, cam, fcams[0], index))
+        sizes = [int(c.shape[0]) for c in clouds]
+        offsets = [0]
+        for n in sizes[:-1]:
+            offsets.append(offsets[-1] + n)
+        basis_dim = cfg.basis_dim if cfg.aggregator == "sphere" else None
+        sums = RunningSums(sum(sizes), cfg.feature_dim, basis_dim, dev)
+        if jobs:
+            features = self.extractor.forward_many(feat_images, channels_last=channels_last)
+            idx, ys, dirs = [], [], []
+            for (s, cam, fcam, index), feat in zip(jobs, features, strict=True):
+                pts = clouds[s].index_select(0, index)
+                uv, _ = fcam.project(pts)
+                ys.append(sample_features(feat, uv))
+                idx.append(index + offsets[s])
+                if self.basis is not None:
+                    dirs.append(cam.view_directions(pts))
+            x = self.basis(torch.cat(dirs)) if self.basis is not None else None
+            sums.add(torch.cat(idx), torch.cat(ys), x)
+        coefficients, valid = sums.solve(cfg.ridge_alpha)
+        counts = sums.count.detach().long()
+        return [AggregatedScene(clouds[s], coefficients[o : o + n], valid[o : o + n], counts[o : o + n])
+                for s, (o, n) in enumerate(zip(offsets, sizes, strict=True))]
+
+    def render_raw_batch(self, scenes: Sequence[AggregatedScene], cameras: Sequence[Camera]) -> list[torch.Tensor]:
+        """``render_raw`` of several (scene, camera) pairs with one refiner call per canvas
+        size (the refiner has no normalisation: the result equals one call per pair)."""
+        cfg = self.config
+        plans = []
+        for scene, camera in zip(scenes, cameras, strict=True):
+            camera = camera.to(self.device)
+            if cfg.align_during_rendering:
+                aligned, quarter_turns = render_canvas_camera(camera, cfg.render_canvas, cfg.world_up)
+            else:
+                aligned, quarter_turns = camera, 0
+            plans.append((camera, aligned, quarter_turns, self._descriptor_rasters(scene, aligned)))
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for k, plan in enumerate(plans):
+            groups.setdefault(tuple(plan[3][0].shape), []).append(k)
+        outs: list[torch.Tensor | None] = [None] * len(plans)
+        for members in groups.values():
+            levels = [torch.stack([plans[k][3][lvl] for k in members]) for lvl in range(len(plans[members[0]][3]))]
+            refined = self.refiner(levels)
+            for j, k in enumerate(members):
+                camera, aligned, quarter_turns, _ = plans[k]
+                out = refined[j]
+                if quarter_turns is not None and quarter_turns != 0:
+                    out = torch.rot90(out, quarter_turns, dims=(1, 2)).contiguous()
+                elif quarter_turns is None:
+                    out = warp_images(out.unsqueeze(0), aligned, camera)[0]
+                outs[k] = out
+        return outs  # type: ignore[return-value]
 
     def render(
         self, scene: AggregatedScene, camera: Camera, dtype: torch.dtype | None = None,

@@ -1,0 +1,285 @@
+"""``python -m headless_train stage --corpus DIR --work DIR``: one resumable NPBG++ training
+stage, sized for a lent GPU machine (at most 10 minutes a command, at most 64 MiB of
+inputs), that writes new weights and their card back.
+
+- The first call seeds the run from NPBG++ weights (``--weights``, default the bundled
+  file) and trains; later calls with the same ``--work`` continue from
+  ``<work>/run/checkpoints/last.ckpt`` (weights, optimiser, step count).
+- Training stops after ``--minutes`` (SIGTERM: the trainer writes last.ckpt), then the
+  checkpoint is exported (fp16) to ``<work>/npbgpp_sphere_stage.safetensors`` with a card
+  (steps, seconds, machine, corpus, overrides) and ``<work>/stage.json`` records the call.
+- ``--dry-run`` runs the same pipeline on the CPU for ``--dry-steps`` steps at tiny crops
+  (what the tests do).
+- ``pack`` makes the corpus small enough: ``python -m headless_train stage pack --corpus
+  corpus_env --out .gpurun/corpus --max-side 192`` (images downscaled, clouds subsampled).
+
+Typical GPU call (copy ``.gpurun/`` with the repository, then)::
+
+    python -m headless_train stage --corpus .gpurun/corpus --work .gpurun/stage --minutes 8 --gpus 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+MAX_CORPUS_MIB = 64
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class StageError(ValueError):
+    """A stage that cannot run; the message names the file or option."""
+
+
+def folder_bytes(path: str) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            total += os.path.getsize(os.path.join(dirpath, f))
+    return total
+
+
+def check_corpus(corpus: str, max_mib: float = MAX_CORPUS_MIB) -> list[str]:
+    """Scene folder names of a training corpus (``npbgpp_core.datasets.corpus.corpus_scenes``);
+    StageError naming the folder when it is missing, holds something that is not a scene or
+    no scene at all, or is larger than ``max_mib``."""
+    from npbgpp_core.datasets import DatasetError
+    from npbgpp_core.datasets.corpus import corpus_scenes
+
+    if not os.path.isdir(corpus):
+        raise StageError(f"corpus folder not found: {corpus} (--corpus)")
+    try:
+        scenes = [os.path.basename(s) for s in corpus_scenes(corpus)]
+    except DatasetError as exc:
+        raise StageError(f"bad corpus folder (--corpus): {exc}") from exc
+    size = folder_bytes(corpus) / 2**20
+    if size > max_mib:
+        raise StageError(f"corpus folder {corpus} is {size:.1f} MiB, more than the {max_mib:g} MiB a device call "
+                         "may carry: make it smaller with `python -m headless_train stage pack`")
+    return scenes
+
+
+def seed_checkpoint(weights: str, out: str, world_up: list[float] | None = None) -> str:
+    """A headless_train NPBG++ checkpoint holding the network of weights file ``weights``
+    (so ``weights_path=`` can start a run from bundled weights)."""
+    import torch
+
+    from npbgpp_core.atomic import atomic_write_bytes
+    from npbgpp_core.pretrained import read_weights
+
+    from .checkpoints import FORMAT_VERSION, META_KEY
+
+    wf = read_weights(weights, "npbgpp")
+    config = dict(wf.config)
+    if world_up is not None:
+        config["world_up"] = list(world_up)
+    state = {"model." + k: v.float() for k, v in wf.state.items()}
+    import io
+
+    buf = io.BytesIO()
+    torch.save({"state_dict": state, "global_step": 0,
+                META_KEY: {"system": "npbgpp", "config": {"name": "npbgpp", **config}, "scenes": [], "points": [],
+                           "version": FORMAT_VERSION, "seeded_from": os.path.abspath(weights)}}, buf)
+    atomic_write_bytes(out, buf.getvalue())
+    return out
+
+
+def train_overrides(args: argparse.Namespace, run_dir: str, seed: str | None, resume: bool,
+                    max_steps: int) -> list[str]:
+    """Hydra overrides of the stage's training run."""
+    gpu = args.gpus > 0 and not args.dry_run
+    crop = 16 if args.dry_run else args.crop
+    o = [
+        f"hydra.run.dir={run_dir}", "datasets=nerf_blender_pretrain",
+        f"datasets.data_root={os.path.abspath(args.corpus)}",
+        f"datasets.train_image_size={crop}", "datasets.train_num_samples=1000000", "datasets.point_cloud_variants=true",
+        "datasets.cache_images=true", f"datasets.selection_count={args.views}",
+        "system=npbgpp_sphere", "system.visibility_scale=1.0", f"system.lr={args.lr}",
+        f"system.max_points={args.max_points}", f"system.world_up=[{args.world_up}]",
+        f"system.amp={'bf16' if gpu and args.amp else 'none'}", f"system.descriptors_save_dir={run_dir}/descriptors",
+        f"dataloader.batch_size={1 if args.dry_run else args.batch}",
+        f"dataloader.num_workers={0 if args.dry_run else args.workers}",
+        f"trainer.gpus={args.gpus if gpu else 0}", "trainer.max_epochs=100000", f"trainer.max_steps={max_steps}",
+        "trainer.limit_val_batches=0", f"trainer.last_checkpoint_every_n_steps={1 if args.dry_run else 100}",
+        "trainer.keep_epoch_checkpoints=1", "trainer.enable_progress_bar=false",
+        f"loss.gradient_weight={args.gradient_weight}",
+    ]
+    if resume:
+        o.append("resume=true")
+    elif seed:
+        o.append(f"weights_path={seed}")
+    return o + list(args.override)
+
+
+def checkpoint_step(path: str) -> int:
+    import torch
+
+    return int(torch.load(path, map_location="cpu", weights_only=False).get("global_step", 0))
+
+
+def run_stage(args: argparse.Namespace) -> dict[str, Any]:
+    """Seed or resume, train for ``--minutes`` (or ``--dry-steps``), export weights + card."""
+    scenes = check_corpus(args.corpus, args.max_corpus_mib)
+    work = os.path.abspath(args.work)
+    run_dir = os.path.join(work, "run")
+    last = os.path.join(run_dir, "checkpoints", "last.ckpt")
+    resume = os.path.isfile(last)
+    start_step = checkpoint_step(last) if resume else 0
+    seed = None
+    if not resume:
+        from npbgpp_core.pretrained import default_weights_path
+
+        os.makedirs(work, exist_ok=True)
+        seed = seed_checkpoint(args.weights or default_weights_path("npbgpp"), os.path.join(work, "seed.ckpt"),
+                               [float(v) for v in args.world_up.split(",")])
+    max_steps = start_step + args.dry_steps if args.dry_run else 10**9
+    overrides = train_overrides(args, run_dir, seed, resume, max_steps)
+    cmd = [sys.executable, "-m", "headless_train", *overrides]
+    log_path = os.path.join(work, "train.log")
+    os.makedirs(work, exist_ok=True)
+    t0 = time.time()
+    with open(log_path, "a", encoding="utf-8") as log:
+        log.write(f"\n=== stage call {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}: {' '.join(cmd)}\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            rc = proc.wait(timeout=None if args.dry_run else args.minutes * 60)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGTERM)  # the trainer writes last.ckpt and exits
+            try:
+                rc = proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                rc = proc.wait()
+    seconds = time.time() - t0
+    if not os.path.isfile(last):
+        raise StageError(f"training wrote no {last} (exit code {rc}); see {log_path}")
+    end_step = checkpoint_step(last)
+    info: dict[str, Any] = {
+        "corpus": os.path.abspath(args.corpus), "scenes": scenes, "resumed": resume, "start_step": start_step,
+        "end_step": end_step, "seconds": round(seconds, 1), "exit_code": rc, "overrides": overrides,
+        "dry_run": bool(args.dry_run), "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    card = os.path.join(work, "card.json")
+    with open(card, "w", encoding="utf-8") as f:
+        json.dump({"stage": info}, f, indent=2)
+    out = os.path.join(work, "npbgpp_sphere_stage.safetensors")
+    from .export_weights import main as export_main
+
+    if export_main(["--checkpoint", last, "--out", out, "--fp16", "--card-json", card]) != 0:
+        raise StageError(f"exporting {last} failed")
+    info["weights"] = out
+    history = os.path.join(work, "stage.json")
+    calls = []
+    if os.path.isfile(history):
+        with open(history, encoding="utf-8") as f:
+            calls = json.load(f)
+    calls.append(info)
+    with open(history + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(calls, f, indent=2)
+    os.replace(history + ".tmp", history)
+    return info
+
+
+def machine() -> str:
+    import platform
+
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{platform.machine()} {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
+
+
+def pack(corpus: str, out: str, max_side: int, max_points: int, max_mib: float) -> dict[str, Any]:
+    """Copy ``corpus`` to ``out`` with images downscaled to ``max_side`` (PNG) and every
+    .ply subsampled to ``max_points`` (seed 123); StageError when the result is still over
+    ``max_mib``."""
+    import numpy as np
+    from PIL import Image
+
+    from npbgpp_core.ply import load_ply, save_ply
+
+    if not os.path.isdir(corpus):
+        raise StageError(f"corpus folder not found: {corpus}")
+    if os.path.exists(out):
+        raise StageError(f"{out} exists; remove it or pick another --out")
+    for dirpath, _, files in os.walk(corpus):
+        rel = os.path.relpath(dirpath, corpus)
+        dst_dir = os.path.join(out, rel)
+        os.makedirs(dst_dir, exist_ok=True)
+        for f in files:
+            src, dst = os.path.join(dirpath, f), os.path.join(dst_dir, f)
+            low = f.lower()
+            if low.endswith((".png", ".jpg", ".jpeg")):
+                with Image.open(src) as img:
+                    img.load()
+                    w, h = img.size
+                    s = min(1.0, max_side / max(w, h))
+                    if s < 1.0:
+                        img = img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.BOX)
+                    img.save(dst)
+            elif low.endswith(".ply"):
+                pc = load_ply(src)
+                keep = np.arange(len(pc.points))
+                if len(keep) > max_points:
+                    keep = np.sort(np.random.default_rng(123).choice(len(keep), max_points, replace=False))
+                save_ply(dst, pc.points[keep], None if pc.colors is None else pc.colors[keep])
+            elif low.endswith((".json", ".txt", ".bin", ".md")):
+                shutil.copyfile(src, dst)
+    size = folder_bytes(out) / 2**20
+    if size > max_mib:
+        raise StageError(f"packed corpus {out} is {size:.1f} MiB, over {max_mib:g}: use a smaller --max-side, "
+                         "--max-points or fewer scenes")
+    return {"out": out, "mib": round(size, 2)}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m headless_train stage", description=__doc__.splitlines()[0])
+    p.add_argument("--corpus", required=True, help="folder of training scenes (<= 64 MiB)")
+    p.add_argument("--work", required=True, help="stage folder: run/, weights, card, stage.json")
+    p.add_argument("--weights", default=None, help="NPBG++ weights the first call starts from (default: bundled)")
+    p.add_argument("--minutes", type=float, default=8.0, help="training time of this call (default 8)")
+    p.add_argument("--gpus", type=int, default=1)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--crop", type=int, default=256)
+    p.add_argument("--views", type=int, default=3)
+    p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--max-points", type=int, default=200000)
+    p.add_argument("--world-up", default="0,0,1", help="up axis of the corpus (Blender: 0,0,1)")
+    p.add_argument("--gradient-weight", type=float, default=0.0, help="loss.gradient_weight")
+    p.add_argument("--no-amp", dest="amp", action="store_false", help="fp32 on the GPU (default bf16 autocast)")
+    p.add_argument("--max-corpus-mib", type=float, default=MAX_CORPUS_MIB)
+    p.add_argument("--override", action="append", default=[], help="extra Hydra override (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="CPU, tiny crops, --dry-steps steps")
+    p.add_argument("--dry-steps", type=int, default=2)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        if argv and argv[0] == "pack":
+            p = argparse.ArgumentParser(prog="python -m headless_train stage pack")
+            p.add_argument("--corpus", required=True)
+            p.add_argument("--out", required=True)
+            p.add_argument("--max-side", type=int, default=192)
+            p.add_argument("--max-points", type=int, default=60000)
+            p.add_argument("--max-mib", type=float, default=MAX_CORPUS_MIB - 4)
+            a = p.parse_args(argv[1:])
+            print(json.dumps(pack(a.corpus, a.out, a.max_side, a.max_points, a.max_mib)))
+            return 0
+        info = run_stage(parse_args(argv))
+    except StageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"stage: steps {info['start_step']} -> {info['end_step']} in {info['seconds']:.0f} s; "
+          f"weights {info['weights']}")
+    return 0

@@ -1,0 +1,153 @@
+"""Training options of issue #11: the gradient (edge) loss, point-cloud variants per
+sample, image caching, and the resumable GPU stage script (dry run on the CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _train_fixtures import make_dataset  # noqa: E402
+
+from npbgpp_core import save_ply  # noqa: E402
+from npbgpp_core.losses import RenderLoss, gradient_loss  # noqa: E402
+
+
+# ------------------------------------------------------------------ gradient loss
+def test_gradient_loss_hand_computed_single_scale():
+    # pred row [0, 1, 3]: x-differences [1, 2]; target row [0, 0, 0]: [0, 0]; one row,
+    # so no y-differences... use two rows to have both directions.
+    pred = torch.tensor([[[[0.0, 1.0, 3.0], [0.0, 1.0, 1.0]]]])
+    target = torch.zeros_like(pred)
+    # x: |1|,|2|,|1|,|0| -> mean 1.0 ; y: |0|,|0|,|-2| -> mean 2/3 ; loss = (1 + 2/3) / 2
+    value = gradient_loss(pred, target, scales=1)
+    assert value.item() == pytest.approx((1.0 + 2.0 / 3.0) / 2.0)
+
+
+def test_gradient_loss_ignores_constant_offsets_and_masks_invalid_pairs():
+    g = torch.Generator().manual_seed(0)
+    target = torch.rand(1, 3, 16, 16, generator=g)
+    assert gradient_loss(target + 0.3, target, scales=3).item() == pytest.approx(0.0, abs=1e-6)
+    pred = target.clone()
+    pred[..., :, 8:] += 0.5  # a step between columns 7 and 8
+    mask = torch.ones(1, 1, 16, 16)
+    assert gradient_loss(pred, target, mask, scales=1).item() > 0
+    mask[..., :, 8:] = 0  # only the left half counts: the step is outside
+    assert gradient_loss(pred, target, mask, scales=1).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_gradient_loss_prefers_the_sharp_edge_that_l1_cannot_tell_apart():
+    # A step target: a blurred edge and a sharp edge of lower contrast.
+    x = torch.linspace(0, 1, 32)
+    target = (x > 0.5).float().expand(1, 1, 32, 32).clone()
+    blurred = torch.clamp((x - 0.5) * 4 + 0.5, 0, 1).expand(1, 1, 32, 32).clone()
+    sharp_off = target * 0.75 + 0.125  # same edge position, 3/4 of the contrast
+    assert gradient_loss(sharp_off, target, scales=1) < gradient_loss(blurred, target, scales=1)
+
+
+def test_render_loss_adds_the_weighted_gradient_term():
+    g = torch.Generator().manual_seed(1)
+    pred, target = torch.rand(2, 3, 24, 24, generator=g), torch.rand(2, 3, 24, 24, generator=g)
+    base = RenderLoss(l1_weight=10.0)(pred, target)
+    both = RenderLoss(l1_weight=10.0, gradient_weight=0.5, gradient_scales=2)
+    assert "gradient" in both.message
+    expected = base + 10.0 * 0.5 * gradient_loss(pred, target, None, 2)
+    assert both(pred, target).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+# ------------------------------------------------------------- point-cloud variants
+def _compose(overrides: list[str]):
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("headless_train.conf", version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+def _with_variants(root: str) -> str:
+    make_dataset(root, ("sceneA", "sceneB"), views=5, size=24, n_points=200)
+    rng = np.random.default_rng(0)
+    # sceneA: two variants with distinct point counts; sceneB: none (keeps points3d.ply)
+    os.makedirs(os.path.join(root, "sceneA", "points"))
+    for kind, n in (("sfm", 37), ("lidar", 91)):
+        save_ply(os.path.join(root, "sceneA", "points", f"{kind}.ply"), rng.normal(size=(n, 3)).astype(np.float32))
+    return root
+
+
+def test_point_cloud_variants_are_picked_per_sample(tmp_path):
+    from headless_train.data import SceneDataModule
+
+    root = _with_variants(str(tmp_path / "data"))
+    base = ["datasets=nerf_blender_pretrain", f"datasets.data_root={root}", "datasets.train_image_size=16",
+            "datasets.train_num_samples=40", "datasets.color_jitter_prob=0", "datasets.selection_count=1",
+            "dataloader=small", f"system.descriptors_save_dir={tmp_path}/d"]
+    dm = SceneDataModule(_compose([*base, "datasets.point_cloud_variants=true"]), seed=3407)
+    a, b = dm.scenes
+    assert [k for k, _ in a.metadata["point_variants"]] == ["lidar", "sfm"]
+    assert "point_variants" not in b.metadata and b.points.shape[0] == 200  # falls back to points3d.ply
+    ds = dm.train_dataloader().dataset
+    picked = [ds[i].get("points_variant") for i in range(len(ds))]
+    from_a = [p for i, p in enumerate(picked) if ds.active[i // ds.num_samples] == 0]
+    from_b = [p for i, p in enumerate(picked) if ds.active[i // ds.num_samples] == 1]
+    assert set(from_a) == {0, 1}  # both variants are used
+    assert set(from_b) == {None}
+    # the system renders with the chosen variant's cloud
+    from omegaconf import OmegaConf
+
+    from headless_train.systems import build_system
+
+    cfg = _compose([*base, "datasets.point_cloud_variants=[sfm]", "datasets.scene_names=[sceneA]"])
+    dm = SceneDataModule(cfg, seed=3407)
+    system = build_system(OmegaConf.to_container(cfg, resolve=True), dm.scenes)
+    assert system.points(0, 0).shape[0] == 37 and system.points(0).shape[0] == 200
+
+
+def test_cached_images_equal_decoded_images(tmp_path):
+    from headless_train.data import load_scenes
+
+    root = _with_variants(str(tmp_path / "data"))
+    dcfg = {"data_root": root, "format": "nerf_synthetic", "cache_images": True, "cache_images_max_gb": 1}
+    plain = load_scenes({**dcfg, "cache_images": False}, None)[0]
+    cached = load_scenes(dcfg, None)[0]
+    for size in (None, (12, 12), (10, 14)):
+        for _ in range(2):  # the second call reads the cache
+            assert torch.equal(cached.load_image(1, size), plain.load_image(1, size))
+    assert len(cached.load_image.images) == 1
+
+
+# ------------------------------------------------------------------ stage script
+def test_stage_rejects_bad_corpus_folders(tmp_path):
+    from headless_train.stage import StageError, check_corpus
+
+    with pytest.raises(StageError, match="corpus folder not found: .*nope"):
+        check_corpus(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(StageError, match="bad corpus folder .*no scene folders"):
+        check_corpus(str(tmp_path / "empty"))
+    (tmp_path / "empty" / "junk").mkdir()
+    with pytest.raises(StageError, match="bad corpus folder .*junk: not a scene folder"):
+        check_corpus(str(tmp_path / "empty"))
+    root = make_dataset(str(tmp_path / "data"), ("s1",), views=3, size=16, n_points=50)
+    assert check_corpus(root) == ["s1"]
+    with pytest.raises(StageError, match="MiB, more than"):
+        check_corpus(root, max_mib=0.001)
+
+
+def test_stage_dry_run_resumes_and_writes_weights(tmp_path):
+    from headless_train.stage import main
+    from npbgpp_core.pretrained import read_weights
+
+    root = make_dataset(str(tmp_path / "data"), ("s1",), views=5, size=24, n_points=150)
+    work = str(tmp_path / "stage")
+    args = ["--corpus", root, "--work", work, "--dry-run", "--dry-steps", "1"]
+    assert main(args) == 0
+    assert main(args) == 0
+    with open(os.path.join(work, "stage.json")) as f:
+        calls = json.load(f)
+    assert [(c["resumed"], c["start_step"], c["end_step"]) for c in calls] == [(False, 0, 1), (True, 1, 2)]
+    wf = read_weights(os.path.join(work, "npbgpp_sphere_stage.safetensors"), "npbgpp")
+    assert wf.card["stage"]["end_step"] == 2 and wf.config["world_up"] == [0.0, 0.0, 1.0]
