@@ -79,8 +79,10 @@ def _load_variants(folder: str, kinds: tuple[str, ...] | None, limit: int | None
     from npbgpp_core.datasets.corpus import point_cloud_variants
     from npbgpp_core.ply import load_ply
 
+    found = point_cloud_variants(folder, kinds)  # all of the scene's, after checking that ``kinds`` exist
+    chosen = sorted(found.items()) if kinds is None else [(k, found[k]) for k in kinds]
     out = []
-    for kind, path in point_cloud_variants(folder, kinds).items():
+    for kind, path in chosen:
         try:
             pts = np.ascontiguousarray(load_ply(path).points, dtype=np.float32)
         except (OSError, ValueError) as exc:

@@ -67,7 +67,7 @@ class NPBGPlusPlusSystem(BaseSystem):
 
     # ------------------------------------------------------------- batched step
     def _channels_last(self) -> bool:
-        mode = str(self.scfg.get("channels_last", "auto")).lower()
+        mode = str(self.scfg.get("channels_last", False)).lower()
         return self.device.type == "cpu" if mode == "auto" else mode in ("true", "1", "yes")
 
     def _autocast(self):

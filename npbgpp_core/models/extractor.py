@@ -165,6 +165,8 @@ class FeatureExtractor(nn.Module):
                 nhwc = torch.channels_last
                 x, raw = x.contiguous(memory_format=nhwc), raw.contiguous(memory_format=nhwc)
             feats = self._padded(x, raw)
+            if channels_last:  # NCHW again: the per-point sampling that follows is slow on NHWC
+                feats = feats.contiguous()
             for j, k in enumerate(members):
                 h, w = images[k].shape[-2:]
                 out[k] = feats[j, :, :h, :w]
