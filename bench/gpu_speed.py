@@ -2,6 +2,7 @@
 
     python bench/gpu_speed.py                     # on a GPU machine; appends to BENCHMARKS.md
     python bench/gpu_speed.py --dry-run           # CPU, tiny sizes: every step's code, nothing written
+    python bench/gpu_speed.py --cpu --steps viewport --points 1m   # host side of the viewport path
 
 Steps, each under the remaining time budget (``--budget-s``), a failure reported and the
 next step run:
@@ -79,7 +80,7 @@ class Context:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.dry = args.dry_run
-        self.device = torch.device("cpu" if self.dry else "cuda")
+        self.device = torch.device("cpu" if self.dry or args.cpu else "cuda")
         self.gpu = self.device.type == "cuda"
         self.points = 3000 if self.dry else parse_ints(args.points)[0]
         (self.h, self.w), = [(48, 64)] if self.dry else parse_sizes(args.size)
@@ -353,6 +354,8 @@ STEPS: dict[str, Callable[[Context], list[Row]]] = {
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, nothing written")
+    parser.add_argument("--cpu", action="store_true", help="run the chosen steps on the CPU at full size "
+                        "(e.g. --steps viewport: the host side of the viewport path); writes nothing")
     parser.add_argument("--points", default="3m")
     parser.add_argument("--size", default="1920x1080", help="WxH")
     parser.add_argument("--repeats", type=int, default=20)
@@ -368,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.compile_worker:
         return compile_worker(args)
-    if not args.dry_run and not torch.cuda.is_available():
+    if not args.dry_run and not args.cpu and not torch.cuda.is_available():
         parser.error("no CUDA GPU visible; use --dry-run on a CPU machine")
     steps = [s.strip() for s in args.steps.split(",") if s.strip()]
     unknown = [s for s in steps if s not in STEPS]
