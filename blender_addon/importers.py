@@ -120,17 +120,17 @@ class IMPORT_SCENE_OT_npbgpp_ply(bpy.types.Operator, ImportHelper):
         try:
             splat = is_splat_header(ply_vertex_properties(path))
         except (ValueError, OSError) as exc:
-            self.report({"ERROR"}, f"cannot read PLY {path}: {exc}")
+            self.report({"ERROR"}, f"Cannot read PLY {path}: {exc}")
             return {"CANCELLED"}
         before = set(bpy.data.objects)
         try:
             bpy.ops.wm.ply_import(filepath=path, import_colors="SRGB", import_attributes=splat)
         except RuntimeError as exc:
-            self.report({"ERROR"}, f"cannot read PLY {path}: {exc}")
+            self.report({"ERROR"}, f"Cannot read PLY {path}: {exc}")
             return {"CANCELLED"}
         new = [o for o in bpy.data.objects if o not in before]
         if not new:
-            self.report({"ERROR"}, f"no points in PLY {path}")
+            self.report({"ERROR"}, f"The PLY file {path} holds no points.")
             return {"CANCELLED"}
         obj = new[0]
         if splat:
@@ -143,7 +143,7 @@ class IMPORT_SCENE_OT_npbgpp_ply(bpy.types.Operator, ImportHelper):
                     pass
             obj = context.view_layer.objects.active or obj
         use_point_object(context, obj)
-        self.report({"INFO"}, f"imported {obj.name}")
+        self.report({"INFO"}, f"Imported the points of {path} as {obj.name!r}.")
         return {"FINISHED"}
 
     def _finish_splat(self, context: Any, path: str, imported: Any) -> set[str]:
@@ -207,7 +207,7 @@ class IMPORT_SCENE_OT_npbgpp_bundle(bpy.types.Operator, ImportHelper):
                 self.report({"INFO"}, f"The bundle was aggregated from this scene's dataset: it renders the "
                                       f"points of {obj.name!r} (no second copy imported)")
         except (WorkerError, ValueError, OSError) as exc:
-            self.report({"ERROR"}, f"cannot import bundle {path}: {exc}")
+            self.report({"ERROR"}, f"Cannot import bundle {path}: {exc}")
             return {"CANCELLED"}
         s.bundle = path
         s.point_object = obj
@@ -230,7 +230,7 @@ class IMPORT_SCENE_OT_npbgpp_dataset(bpy.types.Operator):
     bl_idname = "import_scene.npbgpp_dataset"
     bl_label = "Import NPBG++ Dataset"
     bl_options = {"REGISTER", "UNDO"}
-    directory: StringProperty(subtype="DIR_PATH")  # type: ignore[valid-type]
+    directory: StringProperty(subtype="DIR_PATH", description="The dataset folder")  # type: ignore[valid-type]
     format: EnumProperty(  # type: ignore[valid-type]
         name="Format", items=DATASET_FORMATS, default="AUTO", description="Layout of the dataset folder",
     )
@@ -258,13 +258,13 @@ class IMPORT_SCENE_OT_npbgpp_dataset(bpy.types.Operator):
             fmt = None if self.format == "AUTO" else self.format.lower()
             reply = worker_for(context.scene).request(P.ReadDataset(path, fmt, self.max_points, self.undistort))
         except (WorkerError, ValueError, OSError) as exc:
-            self.report({"ERROR"}, f"cannot import dataset {path}: {exc}")
+            self.report({"ERROR"}, f"Cannot import dataset {path}: {exc}")
             return {"CANCELLED"}
         name = reply.name or os.path.basename(os.path.normpath(path))
         try:
             obj = make_point_object(name, reply.points, reply.colors, context, reply.point_ids)
         except ValueError as exc:
-            self.report({"ERROR"}, f"cannot import dataset {path}: {exc}")
+            self.report({"ERROR"}, f"Cannot import dataset {path}: {exc}")
             return {"CANCELLED"}
         use_point_object(context, obj)
         collection = bpy.data.collections.new(f"{name} cameras")
@@ -284,7 +284,7 @@ class IMPORT_SCENE_OT_npbgpp_dataset(bpy.types.Operator):
             context.scene.render.resolution_x, context.scene.render.resolution_y = w, h
             context.scene.render.resolution_percentage = 100
             context.scene.camera = collection.objects[0]
-        self.report({"INFO"}, f"imported {len(reply.points)} points and {len(reply.views)} cameras")
+        self.report({"INFO"}, f"Imported {len(reply.points)} points and {len(reply.views)} cameras.")
         return {"FINISHED"}
 
 
@@ -295,13 +295,18 @@ class NPBGPP_OT_points_from_meshes(bpy.types.Operator):
     bl_idname = "npbgpp.points_from_meshes"
     bl_label = "Points from Selected Meshes"
     bl_options = {"REGISTER", "UNDO"}
-    count: IntProperty(name="Points", default=100_000, min=1)  # type: ignore[valid-type]
-    seed: IntProperty(name="Seed", default=0)  # type: ignore[valid-type]
+    count: IntProperty(  # type: ignore[valid-type]
+        name="Points", default=100_000, min=1,
+        description="Points sampled over all selected meshes, spread by surface area",
+    )
+    seed: IntProperty(  # type: ignore[valid-type]
+        name="Seed", default=0, description="Random seed: the same seed gives the same points",
+    )
 
     def execute(self, context: Any) -> set[str]:
         meshes = [o for o in context.selected_objects if o.type == "MESH"]
         if not meshes:
-            self.report({"ERROR"}, "select one or more mesh objects")
+            self.report({"ERROR"}, "Select one or more mesh objects to sample points on.")
             return {"CANCELLED"}
         from .datagen.surface_points import sample_surface_points
 
@@ -313,7 +318,23 @@ class NPBGPP_OT_points_from_meshes(bpy.types.Operator):
             return {"CANCELLED"}
         obj = make_point_object("NPBG++ Points", points, colors, context)
         use_point_object(context, obj)
+        s = context.scene.npbgpp
+        if s.output == "NEURAL" and not s.bundle:
+            s.output = "POINTS"
+            self.report({"INFO"}, f"Sampled {len(points)} points into {obj.name!r}; Output is now Points. Neural "
+                                  "output needs a bundle: export a dataset of the scene, import it and Aggregate.")
+        elif s.output == "NEURAL":
+            self.report({"INFO"}, f"Sampled {len(points)} points into {obj.name!r}. Output stays Neural and renders "
+                                  "the bundle; switch Output to Points to see the new points.")
+        else:
+            self.report({"INFO"}, f"Sampled {len(points)} points into {obj.name!r}.")
         return {"FINISHED"}
+
+
+def menu_object(self: Any, context: Any) -> None:
+    self.layout.separator()
+    self.layout.operator(NPBGPP_OT_points_from_meshes.bl_idname, text="NPBG++ Points from Meshes",
+                         icon="OUTLINER_OB_POINTCLOUD")
 
 
 def menu_import(self: Any, context: Any) -> None:
@@ -332,9 +353,11 @@ def register() -> None:
     for cls in CLASSES:
         bpy.utils.register_class(cls)
     bpy.types.TOPBAR_MT_file_import.append(menu_import)
+    bpy.types.VIEW3D_MT_object.append(menu_object)
 
 
 def unregister() -> None:
+    bpy.types.VIEW3D_MT_object.remove(menu_object)
     bpy.types.TOPBAR_MT_file_import.remove(menu_import)
     for cls in reversed(CLASSES):
         bpy.utils.unregister_class(cls)

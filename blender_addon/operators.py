@@ -25,8 +25,14 @@ class NPBGPP_OT_aggregate(bpy.types.Operator):
 
     bl_idname = "npbgpp.aggregate"
     bl_label = "Aggregate Descriptors"
-    filepath: StringProperty(name="Bundle", subtype="FILE_PATH", default="")  # type: ignore[valid-type]
-    max_points: IntProperty(name="Max Points", default=0, min=0)  # type: ignore[valid-type]
+    filepath: StringProperty(  # type: ignore[valid-type]
+        name="Bundle", subtype="FILE_PATH", default="",
+        description="Bundle file to write; empty: scene.npbgpp next to the dataset",
+    )
+    max_points: IntProperty(  # type: ignore[valid-type]
+        name="Max Points", default=0, min=0,
+        description="Aggregate at most this many of the dataset's points (chosen at random); 0: all",
+    )
 
     def execute(self, context: Any) -> set[str]:
         from npbgpp_core import protocol as P
@@ -65,7 +71,8 @@ class NPBGPP_OT_aggregate(bpy.types.Operator):
             return {"CANCELLED"}
         s.bundle = out
         up = ", ".join(f"{v:g}" for v in reply.world_up)
-        self.report({"INFO"}, f"saved {reply.points} points ({reply.valid} seen) to {out}; up axis ({up})")
+        self.report({"INFO"}, f"Saved {reply.points} points ({reply.valid} seen by the views) to {out}, up axis "
+                              f"({up}).")
         return {"FINISHED"}
 
 
@@ -79,7 +86,9 @@ class NPBGPP_OT_densify(bpy.types.Operator):
         name="Output PLY", subtype="FILE_PATH", default="", description="Where the cloud is saved (empty: dense.ply "
         "in the dataset folder)",
     )
-    max_points: IntProperty(name="Max Points", default=2_000_000, min=1000)  # type: ignore[valid-type]
+    max_points: IntProperty(  # type: ignore[valid-type]
+        name="Max Points", default=2_000_000, min=1000, description="Keep at most this many dense points",
+    )
     max_views: IntProperty(  # type: ignore[valid-type]
         name="Max Views", default=0, min=0, description="Use at most this many views, evenly spread (0: all)",
     )
@@ -219,13 +228,25 @@ class NPBGPP_OT_export_dataset(bpy.types.Operator):
 
     bl_idname = "npbgpp.export_dataset"
     bl_label = "Export Dataset"
-    directory: StringProperty(subtype="DIR_PATH")  # type: ignore[valid-type]
-    views: IntProperty(name="Views", default=50, min=1)  # type: ignore[valid-type]
-    width: IntProperty(name="Width", default=256, min=8)  # type: ignore[valid-type]
-    height: IntProperty(name="Height", default=256, min=8)  # type: ignore[valid-type]
-    samples: IntProperty(name="Samples", default=16, min=1)  # type: ignore[valid-type]
-    points: IntProperty(name="Points", default=100_000, min=1)  # type: ignore[valid-type]
-    overwrite: BoolProperty(name="Overwrite", default=False)  # type: ignore[valid-type]
+    directory: StringProperty(  # type: ignore[valid-type]
+        subtype="DIR_PATH", description="Folder the dataset is written to (images, cameras, points)",
+    )
+    views: IntProperty(  # type: ignore[valid-type]
+        name="Views", default=50, min=1, description="Number of camera views rendered around the scene",
+    )
+    width: IntProperty(name="Width", default=256, min=8, description="Width of each view in pixels")  # type: ignore[valid-type]
+    height: IntProperty(  # type: ignore[valid-type]
+        name="Height", default=256, min=8, description="Height of each view in pixels",
+    )
+    samples: IntProperty(  # type: ignore[valid-type]
+        name="Samples", default=16, min=1, description="Cycles samples per pixel of each view",
+    )
+    points: IntProperty(  # type: ignore[valid-type]
+        name="Points", default=100_000, min=1, description="Points sampled on the scene's surfaces",
+    )
+    overwrite: BoolProperty(  # type: ignore[valid-type]
+        name="Overwrite", default=False, description="Replace a dataset already in the folder",
+    )
 
     def invoke(self, context: Any, event: Any) -> set[str]:
         context.window_manager.fileselect_add(self)
@@ -233,12 +254,12 @@ class NPBGPP_OT_export_dataset(bpy.types.Operator):
 
     def execute(self, context: Any) -> set[str]:
         if not self.directory:
-            self.report({"ERROR"}, "choose an output folder")
+            self.report({"ERROR"}, "Choose an output folder for the dataset.")
             return {"CANCELLED"}
         try:
             from .datagen.render import render_views_of_current_scene
         except ImportError as exc:
-            self.report({"ERROR"}, f"the dataset renderer is unavailable: {exc}")
+            self.report({"ERROR"}, f"The dataset renderer is unavailable: {exc}")
             return {"CANCELLED"}
         try:
             summary = render_views_of_current_scene(
@@ -248,7 +269,8 @@ class NPBGPP_OT_export_dataset(bpy.types.Operator):
         except Exception as exc:  # noqa: BLE001 - the renderer is other code: report anything it raises
             self.report({"ERROR"}, f"Export dataset failed: {type(exc).__name__}: {exc}")
             return {"CANCELLED"}
-        self.report({"INFO"}, f"exported {summary}")
+        self.report({"INFO"}, f"Exported {summary.views} views and {summary.points} points to {summary.out_dir} "
+                              f"in {summary.seconds:.0f} s.")
         return {"FINISHED"}
 
 
@@ -268,4 +290,18 @@ class NPBGPP_OT_stop_worker(bpy.types.Operator):
 CLASSES = (NPBGPP_OT_aggregate, NPBGPP_OT_densify, NPBGPP_OT_export_dataset, NPBGPP_OT_stop_worker)
 
 
-register, unregister = bpy.utils.register_classes_factory(CLASSES)
+def menu_export(self: Any, context: Any) -> None:
+    self.layout.operator(NPBGPP_OT_export_dataset.bl_idname, text="NPBG++ Dataset")
+
+
+_register_classes, _unregister_classes = bpy.utils.register_classes_factory(CLASSES)
+
+
+def register() -> None:
+    _register_classes()
+    bpy.types.TOPBAR_MT_file_export.append(menu_export)
+
+
+def unregister() -> None:
+    bpy.types.TOPBAR_MT_file_export.remove(menu_export)
+    _unregister_classes()

@@ -38,15 +38,47 @@ def add_deps_to_path() -> None:
 
 
 _torch_status: dict[str, str] = {}
+_probes: dict[str, threading.Thread] = {}
+CHECKING = "PyTorch: checking..."
 
 
 def torch_status(refresh: bool = False) -> str:
     """One line: which torch the worker gets and its devices (probed in a subprocess, cached)."""
-    from .worker_client import WorkerError, python_for_worker
-
     key = env_path()
     if not refresh and key in _torch_status:
         return _torch_status[key]
+    return _probe(key, deps_dir())
+
+
+def torch_status_line() -> str:
+    """The preferences' status line: the cached probe, or "checking" while a probe started
+    here (main thread) runs in the background; a timer redraws the preferences when done."""
+    key = env_path()
+    if key in _torch_status:
+        return _torch_status[key]
+    if key not in _probes:
+        thread = threading.Thread(target=_probe, args=(key, deps_dir()), daemon=True)
+        _probes[key] = thread
+        thread.start()
+
+        def redraw_when_done() -> float | None:
+            if thread.is_alive():
+                return 0.2
+            _probes.pop(key, None)
+            for window in bpy.context.window_manager.windows:
+                for area in window.screen.areas:
+                    if area.type == "PREFERENCES":
+                        area.tag_redraw()
+            return None
+
+        bpy.app.timers.register(redraw_when_done, first_interval=0.2)
+    return CHECKING
+
+
+def _probe(key: str, deps: str) -> str:
+    """Run the worker's Python once to see its torch (no bpy here: runs on a thread too)."""
+    from .worker_client import WorkerError, python_for_worker
+
     try:
         python = python_for_worker(key)
         code = (
@@ -57,7 +89,6 @@ def torch_status(refresh: bool = False) -> str:
             "print(torch.__version__, ','.join(d), ','.join(m) or '-')"
         )
         env = dict(os.environ)
-        deps = deps_dir()
         if os.path.isdir(deps):
             env["PYTHONPATH"] = os.pathsep.join(p for p in (deps, env.get("PYTHONPATH", "")) if p)
         out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120, env=env)
@@ -154,7 +185,7 @@ class NPBGPPPreferences(bpy.types.AddonPreferences):
         layout = self.layout
         layout.prop(self, "python_env")
         row = layout.row()
-        row.label(text=_torch_status.get(env_path(), "PyTorch: not checked yet"))
+        row.label(text=torch_status_line())
         row.operator(NPBGPP_OT_refresh_torch.bl_idname, text="", icon="FILE_REFRESH")
         row = layout.row()
         row.enabled = not _Install.running

@@ -41,20 +41,23 @@ class NPBGPPSceneSettings(bpy.types.PropertyGroup):
             ("POS_Z", "+Z", "Blender's up (scenes rendered by Blender, NeRF-Synthetic)"),
             ("POS_Y", "+Y", "The published NPBG++ rule"),
             ("NEG_Y", "-Y", "OpenCV-style reconstructions (COLMAP) whose photos were upright"),
-            ("POS_X", "+X", ""), ("NEG_X", "-X", ""), ("NEG_Z", "-Z", ""),
+            ("POS_X", "+X", "The world's +X axis"), ("NEG_X", "-X", "The world's -X axis"),
+            ("NEG_Z", "-Z", "The world's -Z axis"),
         ],
         default="AUTO",
     )
     device: EnumProperty(  # type: ignore[valid-type]
         name="Device",
+        description="Where the network runs; the point rasterizer follows it",
         items=[
             ("AUTO", "Auto", "CUDA, then Metal, then CPU"),
-            ("CUDA", "CUDA", ""), ("MPS", "Metal", ""), ("CPU", "CPU", ""),
+            ("CUDA", "CUDA", "An NVIDIA GPU"), ("MPS", "Metal", "An Apple GPU"), ("CPU", "CPU", "The processor"),
         ],
         default="AUTO",
     )
     precision: EnumProperty(  # type: ignore[valid-type]
         name="Precision",
+        description="Number format of the network on the GPU (FP16/BF16: faster, less memory, tiny differences)",
         items=[("FP32", "FP32", "Full precision"), ("FP16", "FP16", "Half precision"), ("BF16", "BF16", "bfloat16")],
         default="FP32",
     )
@@ -70,7 +73,14 @@ class NPBGPPSceneSettings(bpy.types.PropertyGroup):
         name="Dataset", description="Dataset folder the input cameras came from (Aggregate reads its images)",
         subtype="DIR_PATH", default="",
     )
-    dataset_format: StringProperty(name="Dataset Format", default="")  # type: ignore[valid-type]
+    dataset_format: StringProperty(  # type: ignore[valid-type]
+        name="Dataset Format", default="", description="Format of the imported dataset (empty: detected)",
+    )
+    point_size: IntProperty(  # type: ignore[valid-type]
+        name="Point Size", default=1, min=1, max=15,
+        description="Side in pixels of each point's square in Points and Depth output (nearer points win)",
+        subtype="PIXEL",
+    )
     tile_size: IntProperty(  # type: ignore[valid-type]
         name="Tile Size",
         description="Neural frames with more pixels than Tile Size squared render in overlapping tiles, so "
@@ -89,6 +99,7 @@ class NPBGPPSceneSettings(bpy.types.PropertyGroup):
     )
     worker_mode: EnumProperty(  # type: ignore[valid-type]
         name="Worker",
+        description="Where the network runs: a separate process (safe) or inside Blender",
         items=[
             ("PROCESS", "Separate Process", "Run the network in a subprocess: a crash or OOM never takes Blender down"),
             ("IN_PROCESS", "In Blender", "Run the network inside Blender (torch must be importable here)"),

@@ -55,6 +55,6 @@ def render_frame(
     if 0 < snap.tile_size < MIN_TILE_SIZE:
         raise ValueError(f"Tile Size must be 0 (whole frame) or at least {MIN_TILE_SIZE} pixels, not "
                          f"{snap.tile_size}: each tile renders a margin of {WINDOW_MARGIN} pixels on every side")
-    request = P.RenderFrame(camera_spec(geo), source, neural, snap.tile_size * snap.tile_size)
+    request = P.RenderFrame(camera_spec(geo), source, neural, snap.tile_size * snap.tile_size, snap.point_size)
     reply = worker.request(request, should_cancel, snap.timeout)
     return reply.pixels, depth_scale

@@ -31,6 +31,7 @@ class SceneSnapshot(WorkerSettings):
     device: str = "AUTO"
     precision: str = "FP32"
     tile_size: int = 0  # pixels per tile side for neural frames, 0: whole frame
+    point_size: int = 1
     points: np.ndarray | None = None  # world space
     colors: np.ndarray | None = None
     points_key: str = ""
@@ -80,7 +81,7 @@ def snapshot(
     snap = SceneSnapshot(
         mode=w.mode, env_path=w.env_path, extra_paths=w.extra_paths, timeout=w.timeout, output=s.output,
         bundle_path=bpy.path.abspath(s.bundle) if s.bundle else "", device=s.device, precision=s.precision,
-        tile_size=s.tile_size,
+        tile_size=s.tile_size, point_size=s.point_size,
     )
     obj = s.point_object
     if obj is not None:

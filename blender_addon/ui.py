@@ -26,6 +26,8 @@ class RENDER_PT_npbgpp(_NPBGPPPanel, bpy.types.Panel):
         layout.use_property_split = True
         s = context.scene.npbgpp
         layout.prop(s, "output")
+        if s.output != "NEURAL":
+            layout.prop(s, "point_size")
         layout.prop(s, "point_object")
         layout.prop(s, "bundle")
         if s.output == "NEURAL" and not s.bundle:

@@ -307,6 +307,7 @@ class RenderFrame(Request):
     source: str = "points"  # one of SOURCES
     neural: bool = False
     max_pixels: int = 0  # > 0: the network renders larger frames in windows of about this many pixels
+    point_size: int = 1  # points as squares of this many pixels (without the network only)
     op: ClassVar[str] = "render"
     reply: ClassVar[type[Reply]] = Frame
 

@@ -380,11 +380,12 @@ class SceneRenderer:
         """(3, H, W): colour of the nearest point per pixel, black where empty (no network)."""
         return self.render_point_layers(camera).rgb
 
-    def render_point_layers(self, camera: Camera) -> PointLayers:
-        """Nearest-point colour, coverage and view depth of all the scene's points (no network)."""
+    def render_point_layers(self, camera: Camera, point_size: int = 1) -> PointLayers:
+        """Nearest-point colour, coverage and view depth of the scene's (selected) points,
+        no network; see :func:`render_point_layers`."""
         if self.rows is None:
-            return render_point_layers(self.points, self.colors, camera.to(self.device))
-        return render_point_layers(self.points[self.rows], self.colors[self.rows], camera.to(self.device))
+            return render_point_layers(self.points, self.colors, camera.to(self.device), point_size)
+        return render_point_layers(self.points[self.rows], self.colors[self.rows], camera.to(self.device), point_size)
 
 
 WINDOW_MARGIN = 128  # pixels each window renders beyond the part it keeps (the refiner's reach)
@@ -457,11 +458,32 @@ class PointLayers(NamedTuple):
     depth: torch.Tensor  # (H, W) float32 view depth, +inf where no point lands
 
 
-def render_point_layers(points: torch.Tensor, colors: torch.Tensor, camera: Camera) -> PointLayers:
+def spread_keys(keys: torch.Tensor, point_size: int) -> torch.Tensor:
+    """Each point drawn as a ``point_size`` x ``point_size`` square: per pixel the nearest
+    (smallest) depth+index key within that window (centred; even sizes reach one pixel
+    further up and left)."""
+    if point_size <= 1:
+        return keys
+    h, w = keys.shape
+    before = (point_size - 1) // 2
+    padded = torch.full((h + point_size - 1, w + point_size - 1), torch.iinfo(torch.int64).max,
+                        dtype=keys.dtype, device=keys.device)
+    padded[before : before + h, before : before + w] = keys
+    out = keys.clone()
+    for dy in range(point_size):
+        for dx in range(point_size):
+            out = torch.minimum(out, padded[dy : dy + h, dx : dx + w])
+    return out
+
+
+def render_point_layers(
+    points: torch.Tensor, colors: torch.Tensor, camera: Camera, point_size: int = 1
+) -> PointLayers:
     """Nearest-point colour, coverage and depth of ``points`` (N, 3) with ``colors`` (N, 3)
-    seen by ``camera`` (one z-buffer pass, full resolution)."""
+    seen by ``camera`` (one z-buffer pass, full resolution), each point a ``point_size``
+    pixels wide square (:func:`spread_keys`)."""
     with torch.inference_mode():
-        keys = rasterize_keys(points, camera, scales=(1.0,))[0]
+        keys = spread_keys(rasterize_keys(points, camera, scales=(1.0,))[0], point_size)
         index = keys_to_index(keys)
         mask = index >= 0
         img = torch.zeros(*index.shape, 3, device=points.device)

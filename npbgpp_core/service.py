@@ -326,14 +326,15 @@ class RenderService:
 
         camera = req.camera.to_camera()
         h, w = camera.image_size
+        size = 1 if req.neural else max(1, int(req.point_size))  # the network needs single points
         if req.source == "bundle":
             if self.renderer is None:
                 raise RuntimeError("no NeuralScene bundle loaded")
-            layers = self.renderer.render_point_layers(camera)
+            layers = self.renderer.render_point_layers(camera, size)
         elif req.source == "points":
             if self.points is None:
                 raise RuntimeError("no points set")
-            layers = render_point_layers(self.points, self.colors, camera)
+            layers = render_point_layers(self.points, self.colors, camera, size)
         else:
             raise ValueError(f"unknown source {req.source!r}; expected one of {P.SOURCES}")
         frame = np.zeros((h, w, P.FRAME_CHANNELS), dtype=np.float32)

@@ -1067,3 +1067,104 @@ def test_dataset_max_points_then_bundle_renders_only_imported_points(scene):
     from npbgpp_core.scene import NeuralScene
 
     assert np.abs(got - _core_render(sc, cam, NeuralScene.load(out))).max() > 10 * 2e-4  # not all 60 points
+
+
+class _Recorder:
+    """Stands in for UILayout in draw functions: records operators and labels."""
+
+    def __init__(self) -> None:
+        self.operators: list[str] = []
+        self.labels: list[str] = []
+        self.enabled = self.active = True
+
+    def operator(self, idname, **kwargs):
+        self.operators.append(idname)
+
+    def label(self, text="", **kwargs):
+        self.labels.append(text)
+
+    def row(self, **kwargs):
+        return self
+
+    column = row
+
+    def prop(self, *args, **kwargs):
+        pass
+
+    def separator(self, **kwargs):
+        pass
+
+    def progress(self, **kwargs):
+        pass
+
+
+def test_menus_tooltips_and_preferences(addon):
+    """File > Export > NPBG++ Dataset and Object > NPBG++ Points from Meshes exist; every
+    setting of the add-on (scene, preferences, operators, enum items) has a tooltip; the
+    preferences start a torch check when drawn and show its result."""
+    for menu, idname in ((bpy.types.TOPBAR_MT_file_export, "npbgpp.export_dataset"),
+                         (bpy.types.VIEW3D_MT_object, "npbgpp.points_from_meshes")):
+        layout = _Recorder()
+        for draw in menu.draw._draw_funcs:
+            if (draw.__module__ or "").startswith(MODULE):
+                draw(type("M", (), {"layout": layout})(), bpy.context)
+        assert idname in layout.operators, menu.__name__
+    missing = []
+    ops = [("npbgpp", n) for n in dir(bpy.ops.npbgpp)] + [
+        ("import_scene", n) for n in dir(bpy.ops.import_scene) if "npbgpp" in n]
+    rnas = [(f"{m}.{n}", getattr(getattr(bpy.ops, m), n).get_rna_type()) for m, n in ops]
+    rnas += [("scene.npbgpp", bpy.context.scene.npbgpp.bl_rna),
+             ("preferences", bpy.context.preferences.addons[MODULE].preferences.bl_rna)]
+    for owner, rna in rnas:
+        if owner.startswith(("npbgpp.", "import_scene.")) and not rna.description:
+            missing.append(owner)
+        for p in rna.properties:
+            if p.identifier in ("rna_type", "name", "bl_idname") or p.is_hidden:
+                continue
+            if not p.description:
+                missing.append(f"{owner}.{p.identifier}")
+            for item in getattr(p, "enum_items", ()):
+                if not item.description:
+                    missing.append(f"{owner}.{p.identifier}:{item.identifier}")
+    assert len(rnas) > 10 and missing == []
+    prefs_module = sys.modules[f"{MODULE}.preferences"]
+    prefs_module._torch_status.clear()
+    layout = _Recorder()
+    fake = type("P", (), {"layout": layout, "python_env": ""})()
+    type(bpy.context.preferences.addons[MODULE].preferences).draw(fake, bpy.context)
+    assert layout.labels[0] == prefs_module.CHECKING  # the check started as the panel opened
+    for thread in list(prefs_module._probes.values()):
+        thread.join(120)
+    assert prefs_module.torch_status_line().startswith("torch ")
+
+
+def test_points_from_meshes_switches_output_and_point_size(scene, capfd):
+    """Points from Meshes with Neural output and no bundle switches Output to Points and
+    says why; Point Size draws each point as a square of its colour (nearer points win)."""
+    sc = scene["scene"]
+    sc.npbgpp.output = "NEURAL"
+    bpy.ops.mesh.primitive_plane_add(size=2.0, location=(0.0, 0.0, 5.0))  # out of the camera's view
+    plane = bpy.context.active_object
+    for o in sc.objects:
+        o.select_set(o == plane)
+    capfd.readouterr()
+    assert bpy.ops.npbgpp.points_from_meshes(count=20, seed=1) == {"FINISHED"}
+    assert sc.npbgpp.output == "POINTS"
+    assert "Output is now Points. Neural output needs a bundle" in capfd.readouterr().out
+    ply_object = [o for o in sc.objects if o.name.startswith("points")][0]
+    sc.npbgpp.point_object = ply_object
+    one = passes(render_exr(sc, str(scene["dir"] / "size1.exr")), "NPBG Points")
+    sc.npbgpp.point_size = 3
+    three = passes(render_exr(sc, str(scene["dir"] / "size3.exr")), "NPBG Points")
+    hits = np.argwhere(one[..., 3] == 1.0)
+    checked = 0
+    for r, c in hits:
+        if not (3 <= r < H - 3 and 3 <= c < W - 3) or one[r - 3 : r + 4, c - 3 : c + 4, 3].sum() != 1.0:
+            continue  # only points with no other point within 3 pixels
+        window = three[r - 1 : r + 2, c - 1 : c + 2]
+        assert (window[..., 3] == 1.0).all()
+        np.testing.assert_allclose(window[..., :3], np.broadcast_to(one[r, c, :3], (3, 3, 3)), atol=1e-6)
+        assert three[r - 2, c - 2, 3] == 0.0 or one[r - 4 : r + 1, c - 4 : c + 1, 3].sum() > 1
+        checked += 1
+    assert checked >= 3
+    assert three[..., 3].sum() > 5 * one[..., 3].sum()
