@@ -30,6 +30,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--views", choices=("non-held-out", "all", "train"), default="non-held-out",
                    help="NPBG++: which views are aggregated")
     p.add_argument("--max-side", type=int, default=None, help="NPBG++: downscale input views to this long side")
+    p.add_argument("--allow-external-paths", action="store_true",
+                   help="NeRF-Synthetic / COLMAP: read image paths that leave the scene folder")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args(argv)
 
@@ -122,7 +124,8 @@ def export(args: argparse.Namespace) -> str:
     system, _ = checkpoint_system(ckpt, args.checkpoint)
     if not os.path.isdir(args.scene):
         raise ExportError(f"scene folder not found: {args.scene}")
-    scene = load_scene(args.scene, format=args.format)
+    options = {"allow_external_paths": True} if args.allow_external_paths else {}
+    scene = load_scene(args.scene, format=args.format, **options)
     if scene.points.shape[0] == 0:
         raise ExportError(f"scene {args.scene} has no points")
     name = args.scene_name or os.path.basename(os.path.normpath(args.scene))
