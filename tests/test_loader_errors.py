@@ -218,3 +218,19 @@ def test_npy_and_npz_headers_claiming_terabytes_allocate_nothing(tmp_path):
         f.write(_claim_shape(data, "(1099511627776, 4, 4)"))
     with pytest.raises(DatasetError, match="extrinsics.npy: header claims an array of shape \\(1099511627776, 4, 4\\)"):
         load_scene(scannet)
+
+
+def test_npz_with_an_unsupported_zip_version_is_a_dataset_error(tmp_path):
+    """zipfile raises NotImplementedError for a version it cannot extract (found by the fuzzer)."""
+    from test_datasets_formats import make_cameras, write_idr
+
+    dtu = str(tmp_path / "dtu")
+    write_idr(dtu, make_cameras(2, seed=2), ["000.png", "001.png"], None)
+    save_ply(os.path.join(dtu, "points3d.ply"), np.zeros((4, 3), np.float32))
+    path = os.path.join(dtu, "cameras.npz")
+    data = bytearray(open(path, "rb").read())
+    central = data.index(b"PK\x01\x02")
+    data[central + 6:central + 8] = struct.pack("<H", 235)  # "version needed to extract": 23.5
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(DatasetError, match="cameras.npz: not a readable .npz file \\(NotImplementedError"):
+        load_scene(dtu)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import zipfile
-import zlib
 
 import numpy as np
 
@@ -27,8 +26,8 @@ def read_idr_cameras(
     try:
         archive = zipfile.ZipFile(path)
         members = {n[: -len(".npy")]: n for n in archive.namelist() if n.endswith(".npy")}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise DatasetError(f"{path}: not a readable .npz file ({exc})") from exc
+    except Exception as exc:  # noqa: BLE001 - zipfile raises many types (NotImplementedError for odd versions)
+        raise DatasetError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") from exc
     keys = list(members)
 
     def matrix(key: str) -> np.ndarray:
@@ -36,9 +35,9 @@ def read_idr_cameras(
         try:
             with archive.open(members[key]) as f:
                 return read_npy(f, archive.getinfo(members[key]).file_size, source, max_elements=64)
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError, zlib.error) as exc:
-            if isinstance(exc, DatasetError):
-                raise
+        except DatasetError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - zipfile / zlib / lzma errors, unsupported methods, encryption
             raise DatasetError(f"{source}: unreadable entry ({type(exc).__name__}: {exc})") from exc
 
     ids = sorted(int(m.group(1)) for k in keys if (m := _KEY.match(k)))
