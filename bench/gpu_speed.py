@@ -164,6 +164,12 @@ def step_frames(ctx: Context) -> list[Row]:
     b = model.render(scene, rolled)
     model.tiled_rendering = True
     rows.append(["max |tiled - whole canvas| at roll 45", f"{(a - b).abs().max().item():.2e}"])
+    if ctx.gpu:
+        a = model.render(scene, rolled, torch.float16)
+        model.tiled_rendering = False
+        b = model.render(scene, rolled, torch.float16)
+        model.tiled_rendering = True
+        rows.append(["max |tiled - whole canvas| at roll 45, fp16 autocast", f"{(a - b).abs().max().item():.2e}"])
     return rows
 
 
