@@ -20,60 +20,180 @@ def bundled_weights() -> str:
     return default_weights_path("npbgpp")
 
 
+def default_output(dataset: str, suffix: str) -> str:
+    """Where an output of ``dataset`` goes by default: next to the saved .blend (a place the
+    user chose and can write; dataset folders may be read-only), or "" when the .blend is
+    not saved yet."""
+    if not bpy.data.filepath:
+        return ""
+    name = os.path.basename(os.path.normpath(dataset)) or "scene"
+    return os.path.join(os.path.dirname(bpy.path.abspath(bpy.data.filepath)), name + suffix)
+
+
 class NPBGPP_OT_aggregate(bpy.types.Operator):
-    """Compute NPBG++ descriptors of the imported dataset's points from its views and save a bundle"""
+    """Compute NPBG++ descriptors of the imported dataset's points from its views and save a bundle
+    (in the background: progress in the status bar, Esc cancels)"""
 
     bl_idname = "npbgpp.aggregate"
     bl_label = "Aggregate Descriptors"
     filepath: StringProperty(  # type: ignore[valid-type]
         name="Bundle", subtype="FILE_PATH", default="",
-        description="Bundle file to write; empty: scene.npbgpp next to the dataset",
+        description="Bundle file to write; empty: <dataset name>.npbgpp next to the saved .blend",
     )
     max_points: IntProperty(  # type: ignore[valid-type]
         name="Max Points", default=0, min=0,
         description="Aggregate at most this many of the dataset's points (chosen at random); 0: all",
     )
 
-    def execute(self, context: Any) -> set[str]:
-        from npbgpp_core import protocol as P
+    _timer: Any = None
+    _worker: Any = None
+    _out: str = ""
+    _timeout: float = 0.0
+    _count: int = 0
+    _done: int = 0
 
-        from .scene_snapshot import worker_for
-        from .worker_client import WorkerError
-
+    def _inputs(self, context: Any) -> tuple[str, str] | None:
+        """(weights, dataset) or None (reported)."""
         s = context.scene.npbgpp
         weights = bpy.path.abspath(s.weights) if s.weights else bundled_weights()
         if not weights or not os.path.isfile(weights):
             where = f"not found: {weights}" if s.weights else f"none set, and the bundled file is missing: {weights}"
             self.report({"ERROR"}, f"Aggregate needs NPBG++ weights: set Weights in Render Properties > NPBG++ "
-                                   f"({where})")
-            return {"CANCELLED"}
+                                   f"({where}).")
+            return None
         dataset = bpy.path.abspath(s.dataset_path) if s.dataset_path else ""
         if not dataset or not os.path.isdir(dataset):
-            self.report({"ERROR"}, "Aggregate needs a dataset: use File > Import > NPBG++ Dataset Folder first")
-            return {"CANCELLED"}
-        out = bpy.path.abspath(self.filepath) if self.filepath else os.path.join(dataset, "scene.npbgpp")
-        wm = context.window_manager
+            self.report({"ERROR"}, "Aggregate needs a dataset: use File > Import > NPBG++ Dataset Folder first.")
+            return None
+        return weights, dataset
+
+    def _begin(self, context: Any) -> bool:
+        from npbgpp_core import protocol as P
+
+        from .scene_snapshot import worker_for
+        from .worker_client import WorkerError
+
+        inputs = self._inputs(context)
+        if inputs is None:
+            return False
+        weights, dataset = inputs
+        s = context.scene.npbgpp
+        self._out = bpy.path.abspath(self.filepath) if self.filepath else default_output(dataset, ".npbgpp")
+        if not self._out:
+            self.report({"ERROR"}, "Choose where to save the bundle (the operator's Bundle path), or save the .blend "
+                                   "first: bundles are saved next to it by default.")
+            return False
         try:
-            worker = worker_for(context.scene)
-            count = worker.request(P.AggregateBegin(
+            self._worker = worker_for(context.scene)
+            self._timeout = s.worker_timeout
+            self._count = self._worker.request(P.AggregateBegin(
                 dataset, weights, s.dataset_format or None, s.device, self.max_points, s.up_axis, s.dataset_undistort,
-            ), None, s.worker_timeout).views
-            wm.progress_begin(0, max(1, count))
-            try:
-                for k in range(count):
-                    worker.request(P.AggregateView(k), None, s.worker_timeout)
-                    wm.progress_update(k + 1)
-                reply = worker.request(P.AggregateFinish(out), None, s.worker_timeout)
-            finally:
-                wm.progress_end()
+            ), None, self._timeout).views
+        except (WorkerError, ValueError, OSError) as exc:
+            self.report({"ERROR"}, f"Aggregate failed: {exc}")
+            return False
+        self._done = 0
+        return True
+
+    def _step(self) -> None:
+        from npbgpp_core import protocol as P
+
+        self._worker.request(P.AggregateView(self._done), None, self._timeout)
+        self._done += 1
+
+    def _finish(self, context: Any) -> set[str]:
+        from npbgpp_core import protocol as P
+
+        from .worker_client import WorkerError
+
+        try:
+            reply = self._worker.request(P.AggregateFinish(self._out), None, self._timeout)
         except (WorkerError, ValueError, OSError) as exc:
             self.report({"ERROR"}, f"Aggregate failed: {exc}")
             return {"CANCELLED"}
-        s.bundle = out
+        context.scene.npbgpp.bundle = self._out
         up = ", ".join(f"{v:g}" for v in reply.world_up)
-        self.report({"INFO"}, f"Saved {reply.points} points ({reply.valid} seen by the views) to {out}, up axis "
-                              f"({up}).")
+        self.report({"INFO"}, f"Saved {reply.points} points ({reply.valid} seen by the views) to {self._out}, up "
+                              f"axis ({up}).")
         return {"FINISHED"}
+
+    def execute(self, context: Any) -> set[str]:
+        """Run to the end (scripts, or after the file browser); the UI uses the modal path."""
+        from .worker_client import WorkerError
+
+        if not self._begin(context):
+            return {"CANCELLED"}
+        wm = context.window_manager
+        wm.progress_begin(0, max(1, self._count))
+        try:
+            while self._done < self._count:
+                self._step()
+                wm.progress_update(self._done)
+        except (WorkerError, ValueError, OSError) as exc:
+            self.report({"ERROR"}, f"Aggregate failed: {exc}")
+            return {"CANCELLED"}
+        finally:
+            wm.progress_end()
+        return self._finish(context)
+
+    def invoke(self, context: Any, event: Any) -> set[str]:
+        inputs = self._inputs(context)
+        if inputs is None:
+            return {"CANCELLED"}
+        if not self.filepath and not bpy.data.filepath:  # ask where the bundle goes
+            self.filepath = os.path.basename(os.path.normpath(inputs[1])) + ".npbgpp"
+            context.window_manager.fileselect_add(self)
+            return {"RUNNING_MODAL"}
+        if not self._begin(context):
+            return {"CANCELLED"}
+        wm = context.window_manager
+        wm.progress_begin(0, max(1, self._count))
+        self._timer = wm.event_timer_add(0.05, window=context.window)
+        wm.modal_handler_add(self)
+        self._status(context)
+        return {"RUNNING_MODAL"}
+
+    def modal(self, context: Any, event: Any) -> set[str]:
+        from npbgpp_core import protocol as P
+
+        from .worker_client import WorkerError
+
+        if event.type == "ESC":
+            try:
+                self._worker.request(P.AggregateCancel(), None, self._timeout)
+            except WorkerError:
+                pass
+            self._cleanup(context)
+            self.report({"WARNING"}, "Aggregate cancelled: no bundle was written.")
+            return {"CANCELLED"}
+        if event.type != "TIMER":
+            return {"PASS_THROUGH"}
+        try:
+            if self._done < self._count:
+                self._step()
+                context.window_manager.progress_update(self._done)
+                self._status(context)
+                return {"RUNNING_MODAL"}
+        except (WorkerError, ValueError, OSError) as exc:
+            self._cleanup(context)
+            self.report({"ERROR"}, f"Aggregate failed: {exc}")
+            return {"CANCELLED"}
+        self._cleanup(context)
+        return self._finish(context)
+
+    def _status(self, context: Any) -> None:
+        if context.workspace is not None:
+            context.workspace.status_text_set(
+                f"Aggregate: view {self._done} of {self._count} (Esc to cancel)")
+
+    def _cleanup(self, context: Any) -> None:
+        wm = context.window_manager
+        if self._timer is not None:
+            wm.event_timer_remove(self._timer)
+            self._timer = None
+        wm.progress_end()
+        if context.workspace is not None:
+            context.workspace.status_text_set(None)
 
 
 class NPBGPP_OT_densify(bpy.types.Operator):

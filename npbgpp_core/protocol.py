@@ -252,6 +252,14 @@ class AggregateView(Request):
 
 
 @dataclass
+class AggregateCancel(Request):
+    """Drop the running aggregation (its memory is freed); nothing is written."""
+
+    op: ClassVar[str] = "aggregate_cancel"
+    reply: ClassVar[type[Reply]] = Done
+
+
+@dataclass
 class AggregateFinish(Request):
     out: str  # the bundle file to write
     op: ClassVar[str] = "aggregate_finish"
@@ -320,5 +328,5 @@ class Shutdown(Request):
 
 REQUESTS: tuple[type[Request], ...] = (
     Hello, SetPoints, LoadBundle, GetBundlePoints, SelectBundlePoints, ReadDataset, AggregateBegin, AggregateView,
-    AggregateFinish, DensifyBegin, DensifyStep, DensifyFinish, DensifyCancel, RenderFrame, Shutdown,
+    AggregateFinish, AggregateCancel, DensifyBegin, DensifyStep, DensifyFinish, DensifyCancel, RenderFrame, Shutdown,
 )

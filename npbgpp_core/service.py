@@ -264,6 +264,10 @@ class RenderService:
         agg, self.aggregation = self._aggregation(), None
         return agg.finish(req.out)
 
+    def aggregate_cancel(self, req: P.AggregateCancel) -> P.Done:
+        self.aggregation = None
+        return P.Done()
+
     def _aggregation(self) -> DatasetAggregation:
         if self.aggregation is None:
             raise RuntimeError("no aggregation running (AggregateBegin first)")

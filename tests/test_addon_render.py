@@ -1168,3 +1168,21 @@ def test_points_from_meshes_switches_output_and_point_size(scene, capfd):
         checked += 1
     assert checked >= 3
     assert three[..., 3].sum() > 5 * one[..., 3].sum()
+
+
+def test_aggregate_saves_next_to_the_blend_not_in_the_dataset(scene):
+    """Without a Bundle path the bundle goes next to the saved .blend (a folder the user
+    chose), never into the dataset folder; with an unsaved .blend the user is asked."""
+    sc, cam = scene["scene"], scene["camera"]
+    root = scene["dir"] / "nerf"
+    _write_nerf_dataset(root, [cam], scene["points"], scene["colors"])
+    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root)) == {"FINISHED"}
+    with pytest.raises(RuntimeError, match="save the .blend first"):
+        bpy.ops.npbgpp.aggregate()
+    work = scene["dir"] / "work"
+    work.mkdir()
+    assert bpy.ops.wm.save_as_mainfile(filepath=str(work / "shot.blend")) == {"FINISHED"}
+    assert bpy.ops.npbgpp.aggregate() == {"FINISHED"}
+    assert bpy.context.scene.npbgpp.bundle == str(work / "nerf.npbgpp")
+    assert (work / "nerf.npbgpp").is_file()
+    assert not list(root.rglob("*.npbgpp"))

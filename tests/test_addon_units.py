@@ -392,6 +392,7 @@ def test_every_request_is_answered_by_the_service_with_its_reply_type(tmp_path):
     assert isinstance(bad, P.Failure) and "(N, 3)" in bad.error
     assert isinstance(service.handle({"op": "hello"}), P.Failure)  # untyped messages are refused
     assert isinstance(service.handle(P.AggregateView(0)), P.Failure)  # nothing to aggregate
+    assert service.handle(P.AggregateCancel()) == P.Done()
     assert service.handle(P.SetPoints(np.zeros((4, 3), np.float32))) == P.PointCount(4)
     spec = P.CameraSpec.from_camera(Camera.look_at((0, -4, 1), (0, 0, 0), (0, 0, 1), 50.0, (8, 10)))
     cam = spec.to_camera(dtype=torch.float64)
