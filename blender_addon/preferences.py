@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import threading
+from typing import Any
 
 import bpy
-from bpy.props import StringProperty
+from bpy.props import EnumProperty, StringProperty
 
 ADDON_ID = __package__ or "npbgpp"
 TORCH_PIN = "torch==2.13.0"
@@ -113,28 +115,71 @@ class _Install:
     progress = 0.0
 
 
-def _pip_install(python: str, target: str) -> None:
-    cmd = [
-        python, "-m", "pip", "install", "--no-input", "--disable-pip-version-check", "--retries", "1",
-        "--timeout", "20", "--target", target, *WORKER_REQUIREMENTS,
-    ]
+CPU_INDEX = "https://download.pytorch.org/whl/cpu"  # PyTorch's own index of CPU-only wheels
+_PROGRESS = re.compile(r"Progress (\d+) of (\d+)")
+
+
+def pip_commands(python: str, target: str, build: str, raw_progress: bool) -> list[list[str]]:
+    """The pip calls that install the worker's requirements into ``target``: 'CPU' takes
+    torch from PyTorch's CPU-only index (a few hundred MB instead of several GB), 'CUDA'
+    from PyPI (its Linux and Windows wheels carry CUDA); the rest always from PyPI."""
+    base = [python, "-m", "pip", "install", "--no-input", "--disable-pip-version-check", "--retries", "1",
+            "--timeout", "20", "--target", target]
+    if raw_progress:
+        base += ["--progress-bar", "raw"]  # machine-readable "Progress N of M" lines
+    others = [r for r in WORKER_REQUIREMENTS if r != TORCH_PIN]
+    if build == "CPU":
+        return [base + ["--index-url", CPU_INDEX, TORCH_PIN], base + others]
+    if build == "CUDA":
+        return [base + list(WORKER_REQUIREMENTS)]
+    raise ValueError(f"unknown PyTorch build {build!r}")
+
+
+def _pip_supports_raw_progress(python: str) -> bool:
+    """pip >= 24.1 prints raw progress lines."""
     try:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        assert proc.stdout is not None
-        tail = []
-        for line in proc.stdout:
-            tail = (tail + [line.strip()])[-5:]
-            _Install.message = line.strip()[:120]
-            _Install.progress = min(0.95, _Install.progress + 0.02)
-        code = proc.wait()
-        if code == 0:
-            _Install.message = f"Installed {', '.join(WORKER_REQUIREMENTS)} into {target}"
-            _torch_status.clear()
-        else:
-            joined = " ".join(tail)
-            offline = any(w in joined for w in ("Network", "connection", "resolve", "No matching distribution"))
-            why = "pip could not reach the package index (offline?): " if offline else "pip failed: "
-            _Install.message = why + joined[-200:]
+        out = subprocess.run([python, "-m", "pip", "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    match = re.match(r"pip (\d+)\.(\d+)", out.strip())
+    return match is not None and (int(match.group(1)), int(match.group(2))) >= (24, 1)
+
+
+def _show(message: str, fraction: float | None) -> None:
+    _Install.message = message[:160]
+    if fraction is not None:
+        _Install.progress = fraction
+
+
+def _pip_install(python: str, target: str, build: str = "CPU", show: Any = _show) -> None:
+    """Run pip (background thread), passing each line and pip's own download progress to
+    ``show(message, fraction or None)``; the outcome ends up in ``_Install.message``."""
+    tail: list[str] = []
+    package = ""
+    try:
+        for cmd in pip_commands(python, target, build, _pip_supports_raw_progress(python)):
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                line = line.strip()
+                progress = _PROGRESS.search(line)
+                if progress is not None:
+                    done, total = int(progress.group(1)), max(1, int(progress.group(2)))
+                    show(f"Downloading {package}: {done / 1e6:.0f} of {total / 1e6:.0f} MB", done / total)
+                    continue
+                if line.startswith(("Collecting ", "Downloading ")):
+                    package = line.split()[1]
+                tail = (tail + [line])[-5:]
+                show(line, None)
+            code = proc.wait()
+            if code != 0:
+                joined = " ".join(tail)
+                offline = any(w in joined for w in ("Network", "connection", "resolve", "No matching distribution"))
+                why = "pip could not reach the package index (offline?): " if offline else "pip failed: "
+                _Install.message = why + joined[-200:]
+                return
+        _Install.message = f"Installed {', '.join(WORKER_REQUIREMENTS)} ({build} build) into {target}"
+        _torch_status.clear()
     except OSError as exc:
         _Install.message = f"cannot run pip with {python}: {exc}"
     finally:
@@ -144,19 +189,31 @@ def _pip_install(python: str, target: str) -> None:
 
 class NPBGPP_OT_install_torch(bpy.types.Operator):
     """Install PyTorch (and safetensors, plyfile, pillow) with pip into a folder this add-on owns,
-    in the background"""
+    in the background, showing pip's download progress"""
 
     bl_idname = "npbgpp.install_torch"
     bl_label = "Install PyTorch"
+    build: EnumProperty(  # type: ignore[valid-type]
+        name="Build",
+        description="Which PyTorch to install",
+        items=[
+            ("CPU", "CPU only", "From PyTorch's CPU index: a few hundred MB, runs everywhere"),
+            ("CUDA", "NVIDIA GPU (CUDA)", "PyTorch's default build with CUDA (several GB; Linux and Windows)"),
+        ],
+        default="CPU",
+    )
+
+    def invoke(self, context: bpy.types.Context, event: Any) -> set[str]:
+        return context.window_manager.invoke_props_dialog(self)
 
     def execute(self, context: bpy.types.Context) -> set[str]:
         if _Install.running:
-            self.report({"WARNING"}, "PyTorch install already running")
+            self.report({"WARNING"}, "A PyTorch install is already running.")
             return {"CANCELLED"}
         target = bpy.utils.user_resource("SCRIPTS", path="npbgpp_deps", create=True)
         _Install.running, _Install.progress, _Install.message = True, 0.0, f"pip install {TORCH_PIN} ..."
-        threading.Thread(target=_pip_install, args=(sys.executable, target), daemon=True).start()
-        self.report({"INFO"}, f"Installing {TORCH_PIN} into {target}")
+        threading.Thread(target=_pip_install, args=(sys.executable, target, self.build), daemon=True).start()
+        self.report({"INFO"}, f"Installing {TORCH_PIN} ({self.build} build) into {target}.")
         return {"FINISHED"}
 
 

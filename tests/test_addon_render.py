@@ -1173,7 +1173,7 @@ def test_points_from_meshes_switches_output_and_point_size(scene, capfd):
 def test_aggregate_saves_next_to_the_blend_not_in_the_dataset(scene):
     """Without a Bundle path the bundle goes next to the saved .blend (a folder the user
     chose), never into the dataset folder; with an unsaved .blend the user is asked."""
-    sc, cam = scene["scene"], scene["camera"]
+    cam = scene["camera"]
     root = scene["dir"] / "nerf"
     _write_nerf_dataset(root, [cam], scene["points"], scene["colors"])
     assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root)) == {"FINISHED"}

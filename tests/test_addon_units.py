@@ -518,3 +518,38 @@ def test_out_of_memory_names_the_cause_and_the_fix(monkeypatch):
     assert "Resolution %" in reply.error and "FP16" in reply.error
     monkeypatch.undo()
     assert isinstance(service.handle(P.RenderFrame(spec)), P.Frame)  # the service goes on
+
+
+def test_install_torch_cpu_build_and_pips_own_progress(tmp_path):
+    """Install PyTorch with the CPU build: torch comes from PyTorch's CPU index, the rest
+    from PyPI; pip's raw progress lines become the progress bar and a readable message."""
+    from blender_addon import preferences
+
+    log = tmp_path / "calls.txt"
+    fake = tmp_path / "python"
+    fake.write_text(
+        "#!/bin/sh\n"
+        f'echo "$@" >> "{log}"\n'
+        'case "$*" in *--version*) echo "pip 24.2 from /x (python 3.11)"; exit 0;; esac\n'
+        'case "$*" in *torch==*) echo "Collecting torch==2.13.0"; echo "Progress 50000000 of 200000000";'
+        ' echo "Progress 200000000 of 200000000";; esac\n'
+        'echo "Successfully installed"\n'
+    )
+    fake.chmod(0o755)
+    shown: list = []
+    preferences._Install.running = True
+    preferences._pip_install(str(fake), str(tmp_path / "deps"), "CPU", lambda m, f: shown.append((m, f)))
+    calls = log.read_text().splitlines()
+    assert calls[0].endswith("pip --version")
+    torch_call, rest_call = calls[1].split(), calls[2].split()
+    assert torch_call[torch_call.index("--index-url") + 1] == preferences.CPU_INDEX
+    assert preferences.TORCH_PIN in torch_call and "--progress-bar" in torch_call
+    assert preferences.TORCH_PIN not in rest_call and "--index-url" not in rest_call
+    assert all(r in rest_call for r in preferences.WORKER_REQUIREMENTS if r != preferences.TORCH_PIN)
+    assert ("Downloading torch==2.13.0: 50 of 200 MB", 0.25) in shown
+    assert ("Downloading torch==2.13.0: 200 of 200 MB", 1.0) in shown
+    message = preferences._Install.message
+    assert message.startswith("Installed torch==2.13.0") and "CPU build" in message
+    assert not preferences._Install.running
+    cuda = preferences.pip_commands("py", "t", "CUDA", False)
+    assert len(cuda) == 1 and "--index-url" not in cuda[0] and preferences.TORCH_PIN in cuda[0]
