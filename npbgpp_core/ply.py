@@ -221,6 +221,7 @@ def save_ply(
         cols = np.asarray(colors, dtype=np.float64)
         if cols.shape != (n, 3):
             raise ValueError(f"colors must be (N, 3) = ({n}, 3), got {cols.shape}")
+        finite_colors(cols, os.fspath(path), ("colors",))  # NaN would become an arbitrary uchar
         if color_dtype not in ("u1", "f4"):
             raise ValueError("color_dtype must be 'u1' or 'f4'")
         fields += [("red", color_dtype), ("green", color_dtype), ("blue", color_dtype)]

@@ -129,17 +129,28 @@ def test_ply_header_undercounting_its_vertices_is_refused(tmp_path, binary):
         load_ply(path)
 
 
-def test_ply_nan_colours_are_refused_in_the_reader_and_the_dataset(tmp_path, nerf_scene):
-    pts = np.zeros((4, 3), np.float32)
-    cols = np.full((4, 3), 0.5)
-    cols[2, 1] = np.nan
-    path = tmp_path / "nan.ply"
-    save_ply(path, pts, cols, color_dtype="f4")
+def _nan_colour_ply(path: str) -> None:
+    rows = ["0 0 0 0.5 0.5 0.5"] * 4
+    rows[2] = "0 0 0 0.5 nan 0.5"
+    with open(path, "w") as f:
+        f.write("ply\nformat ascii 1.0\nelement vertex 4\n" + "".join(f"property float {c}\n" for c in "xyz")
+                + "property float red\nproperty float green\nproperty float blue\nend_header\n" + "\n".join(rows)
+                + "\n")
+
+
+def test_ply_nan_colours_are_refused_in_the_reader_the_writer_and_the_dataset(tmp_path, nerf_scene):
+    path = str(tmp_path / "nan.ply")
+    _nan_colour_ply(path)
     with pytest.raises(ValueError, match="nan.ply: 1 vertices have non-finite .*red, green, blue .*vertex 2"):
         load_ply(path)
+    cols = np.full((4, 3), 0.5)
+    cols[1, 0] = np.nan
+    with pytest.raises(ValueError, match="out.ply: 1 vertices have non-finite"):
+        save_ply(tmp_path / "out.ply", np.zeros((4, 3), np.float32), cols)
+    assert not os.path.exists(tmp_path / "out.ply")
     root = str(tmp_path / "scene")
     shutil.copytree(nerf_scene, root)
-    save_ply(os.path.join(root, "points3d.ply"), pts, cols, color_dtype="f4")
+    _nan_colour_ply(os.path.join(root, "points3d.ply"))
     with pytest.raises(DatasetError, match="points3d.ply: 1 vertices have non-finite"):
         load_scene(root)
 
