@@ -372,26 +372,78 @@ class NPBGPP_OT_export_dataset(bpy.types.Operator):
         context.window_manager.fileselect_add(self)
         return {"RUNNING_MODAL"}
 
+    _steps: Any = None
+    _timer: Any = None
+
     def execute(self, context: Any) -> set[str]:
+        """In the UI: a background job, one view per timer tick, with progress and Esc to
+        cancel (nothing is written then); in scripts and background mode: to the end."""
         if not self.directory:
             self.report({"ERROR"}, "Choose an output folder for the dataset.")
             return {"CANCELLED"}
         try:
-            from .datagen.render import render_views_of_current_scene
+            from .datagen.render import render_views_steps
         except ImportError as exc:
             self.report({"ERROR"}, f"The dataset renderer is unavailable: {exc}")
             return {"CANCELLED"}
+        self._steps = render_views_steps(
+            context.scene, bpy.path.abspath(self.directory), views=self.views, size=(self.height, self.width),
+            samples=self.samples, points=self.points, overwrite=self.overwrite,
+        )
+        if context.window is None or bpy.app.background:
+            while True:
+                state = self._advance(context)
+                if state != {"RUNNING_MODAL"}:
+                    return state
+        wm = context.window_manager
+        wm.progress_begin(0, self.views)
+        self._timer = wm.event_timer_add(0.05, window=context.window)
+        wm.modal_handler_add(self)
+        self._status(context, 0)
+        return {"RUNNING_MODAL"}
+
+    def modal(self, context: Any, event: Any) -> set[str]:
+        if event.type == "ESC":
+            self._steps.close()  # removes the partial output and restores the scene's settings
+            self._cleanup(context)
+            self.report({"WARNING"}, "Export Dataset cancelled: nothing was written.")
+            return {"CANCELLED"}
+        if event.type != "TIMER":
+            return {"PASS_THROUGH"}
+        state = self._advance(context)
+        if state != {"RUNNING_MODAL"}:
+            self._cleanup(context)
+        return state
+
+    def _advance(self, context: Any) -> set[str]:
+        """Render the next view; the final state once all are done (or one failed)."""
         try:
-            summary = render_views_of_current_scene(
-                context.scene, bpy.path.abspath(self.directory), views=self.views, size=(self.height, self.width),
-                samples=self.samples, points=self.points, overwrite=self.overwrite,
-            )
+            done, total = next(self._steps)
+        except StopIteration as finished:
+            summary = finished.value
+            self.report({"INFO"}, f"Exported {summary.views} views and {summary.points} points to "
+                                  f"{summary.out_dir} in {summary.seconds:.0f} s.")
+            return {"FINISHED"}
         except Exception as exc:  # noqa: BLE001 - the renderer is other code: report anything it raises
             self.report({"ERROR"}, f"Export dataset failed: {type(exc).__name__}: {exc}")
             return {"CANCELLED"}
-        self.report({"INFO"}, f"Exported {summary.views} views and {summary.points} points to {summary.out_dir} "
-                              f"in {summary.seconds:.0f} s.")
-        return {"FINISHED"}
+        if self._timer is not None:
+            context.window_manager.progress_update(done)
+            self._status(context, done)
+        return {"RUNNING_MODAL"}
+
+    def _status(self, context: Any, done: int) -> None:
+        if context.workspace is not None:
+            context.workspace.status_text_set(f"Export Dataset: view {done} of {self.views} (Esc to cancel)")
+
+    def _cleanup(self, context: Any) -> None:
+        wm = context.window_manager
+        if self._timer is not None:
+            wm.event_timer_remove(self._timer)
+            self._timer = None
+        wm.progress_end()
+        if context.workspace is not None:
+            context.workspace.status_text_set(None)
 
 
 class NPBGPP_OT_stop_worker(bpy.types.Operator):

@@ -296,3 +296,29 @@ def test_render_restores_scene_settings(tmp_path):
     assert before == after and len(bpy.data.objects) == n_objects
     assert not [p for p in os.listdir(tmp_path) if "partial" in p]
     remove_scene(scene)
+
+
+def test_render_steps_can_be_cancelled_leaving_nothing(tmp_path):
+    """The step-wise dataset renderer (one view per step, as Export Dataset's background job
+    runs it) yields its progress; closing it after the first view leaves no output folder
+    and no temporary files, and restores the scene's settings and camera."""
+    from blender_addon.datagen.render import render_views_steps
+
+    scene = bpy.data.scenes.new("npbgpp_steps")
+    try:
+        mesh = bpy.data.meshes.new("quad")
+        mesh.from_pydata([(-1, -1, 0), (1, -1, 0), (1, 1, 0), (-1, 1, 0)], [], [(0, 1, 2, 3)])
+        scene.collection.objects.link(bpy.data.objects.new("quad", mesh))
+        scene.render.resolution_x, scene.render.resolution_y = 123, 45
+        engine = scene.render.engine
+        objects = set(bpy.data.objects.keys())
+        steps = render_views_steps(scene, str(tmp_path / "out"), views=3, size=(8, 8), samples=1, points=10)
+        assert next(steps) == (1, 3)
+        steps.close()
+        assert os.listdir(tmp_path) == []
+        assert (scene.render.resolution_x, scene.render.resolution_y, scene.render.engine) == (123, 45, engine)
+        assert scene.camera is None and set(bpy.data.objects.keys()) == objects  # its camera is gone
+        done = list(render_views_steps(scene, str(tmp_path / "out"), views=2, size=(8, 8), samples=1, points=10))
+        assert done == [(1, 2), (2, 2)] and os.path.isfile(tmp_path / "out" / "points3d.ply")
+    finally:
+        remove_scene(scene)

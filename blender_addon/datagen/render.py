@@ -35,7 +35,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -165,7 +165,19 @@ def _atomic_dir(out_dir: str, overwrite: bool) -> str:
     return tmp
 
 
-def render_views_of_current_scene(
+def render_views_of_current_scene(bpy_scene, out_dir: str, views: int = 100, size: Sequence[int] = (256, 256),
+                                  **options: Any) -> RenderSummary:
+    """Render ``views`` views of an open bpy scene into ``out_dir``, all at once (see
+    :func:`render_views_steps`, which takes the same arguments)."""
+    steps = render_views_steps(bpy_scene, out_dir, views, size, **options)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def render_views_steps(
     bpy_scene,
     out_dir: str,
     views: int = 100,
@@ -183,8 +195,13 @@ def render_views_of_current_scene(
     keep_camera: bool = False,
     center: Sequence[float] | None = None,
     radius: float | None = None,
-) -> RenderSummary:
-    """Render ``views`` views of an open bpy scene into ``out_dir`` (NeRF-Synthetic layout
+) -> Generator[tuple[int, int], None, RenderSummary]:
+    """A generator yielding ``(views done, views)`` after each rendered view and returning
+    the :class:`RenderSummary` (``StopIteration.value``), so that a modal operator can
+    render one view per timer tick; closing it early cancels: the temporary folder is
+    removed, ``out_dir`` is left as it was and the scene's settings are restored.
+
+    Render ``views`` views of an open bpy scene into ``out_dir`` (NeRF-Synthetic layout
     + ``points3d.ply``). ``size=(height, width)``; ``fov_deg`` is the horizontal field of
     view; ``center``/``radius`` override the bounding sphere the cameras frame;
     ``denoise=True`` uses OpenImageDenoise (off by default: on 2 busy CPU cores it took
@@ -254,6 +271,7 @@ def render_views_of_current_scene(
                 raise RuntimeError(f"Blender did not write {rel}.png (render failed)")
             m = np.array(cam_obj.matrix_world, dtype=np.float64)
             frames[split].append({"file_path": f"./{rel}", "transform_matrix": m.tolist()})
+            yield idx + 1, views
         angle_x = 2.0 * math.atan(w / (2.0 * fx))
         for split, fr in frames.items():
             meta = {
