@@ -142,6 +142,7 @@ class RenderService:
         self.bundle_key: tuple | None = None
         self.renderer: Any = None
         self.selection: np.ndarray | None = None  # bundle point ids to render, None: all
+        self.selection_error = ""  # why the selection does not fit the loaded bundle
         self.device = "cpu"
         self.aggregation: DatasetAggregation | None = None
         self.densify: Any = None  # npbgpp_core.densify.DensifyJob
@@ -218,19 +219,23 @@ class RenderService:
     def select_bundle_points(self, req: P.SelectBundlePoints) -> P.PointCount:
         self.selection = None if req.ids is None else np.asarray(req.ids, np.int64).reshape(-1)
         self._apply_selection()
+        if self.selection_error:
+            raise ValueError(self.selection_error)
         return P.PointCount(-1 if self.selection is None else len(self.selection))
 
     def _apply_selection(self) -> None:
+        """Apply the selection to the loaded bundle; one that does not fit it is remembered
+        as an error that every render of the bundle reports (until either changes)."""
+        self.selection_error = ""
         if self.renderer is not None:
             import torch
 
             ids = None if self.selection is None else torch.from_numpy(self.selection)
             try:
                 self.renderer.select_points(ids)
-            except ValueError:
-                self.selection = None  # a selection for another bundle: render all of this one
+            except ValueError as exc:
+                self.selection_error = str(exc)
                 self.renderer.select_points(None)
-                raise
 
     def bundle_points(self, req: P.GetBundlePoints) -> P.PointSet:
         if self.bundle is None:
@@ -331,6 +336,9 @@ class RenderService:
         camera = req.camera.to_camera()
         h, w = camera.image_size
         size = 1 if req.neural else max(1, int(req.point_size))  # the network needs single points
+        if req.source == "bundle" or req.neural:
+            if self.selection_error:
+                raise ValueError(self.selection_error)
         if req.source == "bundle":
             if self.renderer is None:
                 raise RuntimeError("no NeuralScene bundle loaded")

@@ -553,3 +553,33 @@ def test_install_torch_cpu_build_and_pips_own_progress(tmp_path):
     assert not preferences._Install.running
     cuda = preferences.pip_commands("py", "t", "CUDA", False)
     assert len(cuda) == 1 and "--index-url" not in cuda[0] and preferences.TORCH_PIN in cuda[0]
+
+
+def test_bundle_point_selection_renders_subset_and_refuses_foreign_ids(tmp_path):
+    """SelectBundlePoints renders only those points (the points layer holds no other);
+    ids beyond the bundle fail that request and every render after it, naming the cause,
+    until a fitting selection comes."""
+    from npbgpp_core.models import NPBGPlusPlus
+    from npbgpp_core.scene import NeuralScene
+
+    torch.manual_seed(0)
+    model = NPBGPlusPlus().eval()
+    pts = torch.tensor([[-0.5, 0.0, 0.0], [0.5, 0.0, 0.0], [0.0, 0.0, 0.5]])
+    view = Camera.look_at((0, -4, 0), (0, 0, 0), (0, 0, 1), 50.0, (24, 32))
+    with torch.no_grad():
+        agg = model.aggregate(pts, torch.rand(1, 3, 24, 32), [view])
+    NeuralScene.from_aggregated(model, agg, torch.eye(3)).save(tmp_path / "b.npbgpp")
+    service = RenderService()
+    assert isinstance(service.handle(P.LoadBundle(str(tmp_path / "b.npbgpp"), "CPU")), P.BundleInfo)
+    spec = P.CameraSpec.from_camera(view)
+    full = service.handle(P.RenderFrame(spec, "bundle")).pixels
+    assert service.handle(P.SelectBundlePoints(np.array([1]))) == P.PointCount(1)
+    one = service.handle(P.RenderFrame(spec, "bundle")).pixels
+    assert one[..., 6].sum() == 1 and full[..., 6].sum() == 3  # one point left of three
+    np.testing.assert_array_equal(one[one[..., 6] > 0][0, 3:6], [0.0, 1.0, 0.0])  # point 1's colour
+    bad = service.handle(P.SelectBundlePoints(np.array([0, 7])))
+    assert isinstance(bad, P.Failure) and "[0, 3)" in bad.error and "another bundle" in bad.error
+    again = service.handle(P.RenderFrame(spec, "bundle", neural=True))
+    assert isinstance(again, P.Failure) and "another bundle" in again.error
+    assert isinstance(service.handle(P.SelectBundlePoints(None)), P.PointCount)
+    np.testing.assert_array_equal(service.handle(P.RenderFrame(spec, "bundle")).pixels, full)
