@@ -323,7 +323,7 @@ class SceneRenderer:
                                  f"{int(ids.max())}: the point object belongs to another bundle or dataset")
             mask = torch.zeros(n, dtype=torch.bool, device=self.device)
             mask[ids.to(self.device)] = True
-            keep, self.rows = self.valid & mask, torch.nonzero(mask).squeeze(1)
+            keep, self.rows = self.valid & mask, None if bool(mask.all()) else torch.nonzero(mask).squeeze(1)
         if self.scene.kind == "npbgpp":
             self.aggregated = AggregatedScene(self.aggregated.points, self.aggregated.coefficients, keep)
         else:
