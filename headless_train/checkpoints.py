@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import pickle
@@ -94,6 +95,11 @@ def checkpoint_system(ckpt: dict, path: str) -> tuple[str, dict]:
         and (not points or len(points) == len(scenes))
         and all(isinstance(ckpt.get(k, 0), int) for k in ("global_step", "epoch"))
     )
+    if well_formed:
+        try:
+            json.dumps(meta.get("config", {}), allow_nan=True)  # the config travels into model cards and bundles
+        except (TypeError, ValueError):
+            well_formed = False
     if not well_formed:
         raise CheckpointError(f"checkpoint {path}: malformed '{META_KEY}' metadata (system name, config, scene names "
                               "and point counts) or step counters")

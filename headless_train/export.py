@@ -47,7 +47,7 @@ def export_npbgpp(ckpt: dict, scene, args, name: str):
     from .data import _fit_size
     from .systems.npbgpp import model_config
 
-    model = NPBGPlusPlus(model_config(ckpt["npbgpp"]["config"], for_checkpoint_weights=True))
+    model = NPBGPlusPlus(model_config(ckpt["npbgpp"].get("config", {}), for_checkpoint_weights=True))
     state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     try:
         model.load_state_dict(state)
@@ -90,13 +90,16 @@ def export_npbg(ckpt: dict, scene, args, name: str):
     scenes = list(meta.get("scenes", []))
     if name not in scenes:
         raise ExportError(f"{args.checkpoint} ({system}) holds scenes {scenes}, not '{name}' (use --scene-name)")
-    n = int(meta["points"][scenes.index(name)])
+    points = meta.get("points", [])
+    if len(points) != len(scenes):
+        raise ExportError(f"{args.checkpoint} ({system}) stores no point count per scene")
+    n = int(points[scenes.index(name)])
     if scene.points.shape[0] > n:
         scene = scene.subsample_points(n, seed=123)  # the same subset the trainer used
     if scene.points.shape[0] != n:
         raise ExportError(f"scene {scene.root} has {scene.points.shape[0]} points but the checkpoint's '{name}' "
                           f"has {n} descriptors")
-    cfg = meta["config"]
+    cfg = meta.get("config", {})
     if system == "coefficients_ft":
         c, m = int(cfg.get("feature_dim", 8)), int(cfg.get("basis_dim", 6))
         ncfg = NPBGConfig(descriptor_dim=(1 + m) * c, feature_dim=c, use_basis=True, basis_dim=m)

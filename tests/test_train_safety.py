@@ -168,6 +168,7 @@ def test_two_runs_cannot_share_a_folder_and_a_stale_lock_is_taken_over(data_root
     ({"system": "npbg", "config": {}, "scenes": ["a", "b"], "points": [300]}, {}),
     ({"system": "npbg", "config": {}, "scenes": ["a"], "points": [-1]}, {}),
     ({"system": "npbg", "config": {}}, {"global_step": "44"}),
+    ({"system": "npbg", "config": {"descriptor_dim": torch.zeros(2)}}, {}),  # found by probing export-weights
 ])
 def test_malformed_checkpoint_metadata_is_refused_by_name(tmp_path, capsys, meta, extra):
     """Plain data passes weights_only loading; its structure is checked before use."""
@@ -180,3 +181,16 @@ def test_malformed_checkpoint_metadata_is_refused_by_name(tmp_path, capsys, meta
         checkpoint_system(load_checkpoint_file(path), path)
     assert export_weights_main(["--checkpoint", path, "--out", str(tmp_path / "w.safetensors")]) == 2
     assert "odd.ckpt" in capsys.readouterr().err
+
+
+def test_export_of_a_checkpoint_without_optional_metadata_exits_2(data_root, tmp_path, capsys):
+    """'config' and 'points' may be absent from the metadata: export names the file, no KeyError
+    (found by probing export with mutated checkpoints)."""
+    from headless_train.export import main as export_main
+
+    for system, meta in (("npbgpp", {}), ("npbg", {"scenes": ["sceneA"]})):
+        path = str(tmp_path / f"{system}.ckpt")
+        torch.save({"state_dict": {"model.x": torch.zeros(1)}, "npbgpp": {"system": system, **meta}}, path)
+        assert export_main(["--checkpoint", path, "--scene", f"{data_root}/sceneA", "--out",
+                            str(tmp_path / "o.npbgpp"), "--device", "cpu"]) == 2
+        assert f"{system}.ckpt" in capsys.readouterr().err
