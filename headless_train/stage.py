@@ -109,7 +109,7 @@ def train_overrides(args: argparse.Namespace, run_dir: str, seed: str | None, re
         f"trainer.gpus={args.gpus if gpu else 0}", "trainer.max_epochs=100000", f"trainer.max_steps={max_steps}",
         "trainer.limit_val_batches=0", f"trainer.last_checkpoint_every_n_steps={1 if args.dry_run else 100}",
         "trainer.keep_epoch_checkpoints=1", "trainer.enable_progress_bar=false",
-        f"loss.gradient_weight={args.gradient_weight}",
+        f"loss.gradient_weight={args.gradient_weight}", f"system.input_canvas={args.input_canvas}",
     ]
     if resume:
         o.append("resume=true")
@@ -255,6 +255,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-points", type=int, default=200000)
     p.add_argument("--world-up", default="0,0,1", help="up axis of the corpus (Blender: 0,0,1)")
     p.add_argument("--gradient-weight", type=float, default=0.0, help="loss.gradient_weight")
+    p.add_argument("--input-canvas", default="square", choices=("square", "bounds"),
+                   help="system.input_canvas (bounds: half the extractor pixels; stored in the weights)")
     p.add_argument("--no-amp", dest="amp", action="store_false", help="fp32 on the GPU (default bf16 autocast)")
     p.add_argument("--max-corpus-mib", type=float, default=MAX_CORPUS_MIB)
     p.add_argument("--override", action="append", default=[], help="extra Hydra override (repeatable)")
