@@ -1,0 +1,63 @@
+"""bench/bench_quality.py: held-out split, baselines against hand computations, and a
+tiny end-to-end run that writes JSON + markdown."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, os.path.dirname(__file__))
+from _train_fixtures import make_tiny_scene  # noqa: E402
+
+from bench.bench_quality import evaluate_scene, parse_args, split_views  # noqa: E402
+from npbgpp_core.datasets import load_scene  # noqa: E402
+
+
+def test_held_out_views_are_the_test_split_or_every_8th(tmp_path):
+    scene = load_scene(make_tiny_scene(str(tmp_path / "s"), views=6, size=16, splits=(4, 1, 1)))
+    inputs, held = split_views(scene)
+    assert held == list(scene.test) and set(inputs) == set(range(6)) - set(held)
+    scene.test = []
+    scene.views = scene.views * 3  # 18 views, no test split: 0, 8, 16 held out
+    inputs, held = split_views(scene)
+    assert held == [0, 8, 16] and len(inputs) == 15
+
+
+def test_baselines_match_hand_computed_psnr(tmp_path):
+    folder = make_tiny_scene(str(tmp_path / "s"), views=6, size=16, splits=(4, 1, 1))
+    args = parse_args(["--scenes", folder, "--methods", "mean_color,mean_image,points"])
+    r = evaluate_scene(folder, args, {})
+    scene = load_scene(folder)
+    inputs = [i for i in range(6) if i not in scene.test]
+    ims = torch.stack([scene.load_image(i) for i in inputs])
+    gt = scene.load_image(scene.test[0])
+    mean_rgb = ims.mean(dim=(0, 2, 3))
+    mse_color = float(((gt - mean_rgb.view(3, 1, 1)) ** 2).mean())
+    mse_image = float(((gt - ims.mean(0)) ** 2).mean())
+    assert math.isclose(r["methods"]["mean_color"]["psnr"], -10 * math.log10(mse_color), rel_tol=1e-4)
+    assert math.isclose(r["methods"]["mean_image"]["psnr"], -10 * math.log10(mse_image), rel_tol=1e-4)
+    assert r["methods"]["points"]["psnr"] > 0 and r["held_out_views"] == 1 and r["input_views"] == 5
+
+
+def test_end_to_end_writes_json_and_markdown(tmp_path):
+    folder = make_tiny_scene(str(tmp_path / "s"), views=6, size=32, splits=(4, 1, 1))
+    out = tmp_path / "res"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_quality.py"), "--scenes", folder,
+                           "--steps", "2", "--crop", "16", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert set(report["average"]) == {"points", "mean_color", "mean_image", "npbgpp", "coefficients_ft", "npbg"}
+    assert report["scenes"][0]["methods"]["coefficients_ft"]["steps"] == 2
+    assert "| **mean of 1** |" in out.with_suffix(".md").read_text()
+    bad = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_quality.py"), "--scenes", str(tmp_path / "no")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "scene folders not found" in bad.stderr
