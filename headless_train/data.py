@@ -117,6 +117,16 @@ class CachedImages:
         return img if size is None else _resize_tensor(img, size)
 
 
+def prefill_image_cache(scenes: list) -> None:
+    """Decode every view of scenes with a :class:`CachedImages` loader now, in this process:
+    DataLoader workers forked afterwards share the decoded images instead of each
+    decoding (and holding) its own copy."""
+    for scene in scenes:
+        if isinstance(scene.load_image, CachedImages):
+            for i in range(len(scene.views)):
+                scene.load_image(i)
+
+
 def load_scenes(dcfg: dict, max_points: int | None) -> list:
     """Load every configured scene as SceneData, subsampled to ``n_point`` / ``max_points`` (seed 123).
     With ``point_cloud_variants`` each scene's ``points/<kind>.ply`` files are loaded too
@@ -405,6 +415,8 @@ class SceneDataModule(pl.LightningDataModule):
         if len(self.scenes) > 1:
             log.info("epoch %d, rank %d: scenes %s", epoch, rank, [self.scenes[i].name for i in active])
         per_rank = self.num_samples if self.mode == "each" else max(1, math.ceil(self.num_samples / world))
+        if self.num_workers > 0:
+            prefill_image_cache([self.scenes[i] for i in active])
         ds = TrainSamples(self.scenes, active, per_rank, self.opts, seed=self.seed + 1000 * epoch + 7919 * rank)
         gen = torch.Generator().manual_seed(self.seed + epoch * 131 + rank)
         return DataLoader(

@@ -99,9 +99,12 @@ def train_overrides(args: argparse.Namespace, run_dir: str, seed: str | None, re
     o = [
         f"hydra.run.dir={run_dir}", "datasets=nerf_blender_pretrain",
         f"datasets.data_root={os.path.abspath(args.corpus)}",
-        f"datasets.train_image_size={crop}", "datasets.train_num_samples=1000000", "datasets.point_cloud_variants=true",
+        f"datasets.train_image_size={crop}", "datasets.train_num_samples=2000", "datasets.point_cloud_variants=true",
         "datasets.cache_images=true", f"datasets.selection_count={args.views}",
-        "system=npbgpp_sphere", "system.visibility_scale=1.0", f"system.lr={args.lr}",
+        # every scene in every epoch (the default rotates 4 scenes per epoch: one stage
+        # would see only the first 4)
+        "system=npbgpp_sphere", "system.max_scenes_per_train_epoch=null", "system.visibility_scale=1.0",
+        f"system.lr={args.lr}",
         f"system.max_points={args.max_points}", f"system.world_up=[{args.world_up}]",
         f"system.amp={'bf16' if gpu and args.amp else 'none'}", f"system.descriptors_save_dir={run_dir}/descriptors",
         f"dataloader.batch_size={1 if args.dry_run else args.batch}",

@@ -117,6 +117,10 @@ def test_cached_images_equal_decoded_images(tmp_path):
         for _ in range(2):  # the second call reads the cache
             assert torch.equal(cached.load_image(1, size), plain.load_image(1, size))
     assert len(cached.load_image.images) == 1
+    from headless_train.data import prefill_image_cache
+
+    prefill_image_cache([cached])
+    assert len(cached.load_image.images) == len(cached.views)
 
 
 # ------------------------------------------------------------------ stage script
@@ -151,3 +155,4 @@ def test_stage_dry_run_resumes_and_writes_weights(tmp_path):
     assert [(c["resumed"], c["start_step"], c["end_step"]) for c in calls] == [(False, 0, 1), (True, 1, 2)]
     wf = read_weights(os.path.join(work, "npbgpp_sphere_stage.safetensors"), "npbgpp")
     assert wf.card["stage"]["end_step"] == 2 and wf.config["world_up"] == [0.0, 0.0, 1.0]
+    assert "system.max_scenes_per_train_epoch=null" in calls[0]["overrides"]  # every scene, every epoch
