@@ -25,3 +25,19 @@ def test_bench_quick_mode_runs_and_prints_a_table(script: str) -> None:
     assert "n/a |" in result.stdout or script != "bench_rasterizer.py"  # no kernel on CPU
     after = benchmarks.read_bytes() if benchmarks.exists() else None
     assert after == before, "--quick must not touch BENCHMARKS.md"
+
+
+def test_bench_densify_gpu_dry_run_plans_the_h100_case_on_a_cpu() -> None:
+    """The GPU case (100 views 1280x720, 20 s) is prepared: --dry-run prints it and runs the
+    same code path on a tiny rendered scene on the CPU, writing nothing."""
+    benchmarks = ROOT / "BENCHMARKS.md"
+    before = benchmarks.read_bytes() if benchmarks.exists() else None
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench_densify.py"), "--gpu", "--dry-run", "--device", "cpu"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "plan: textured_monkey, 100 views 1280x720, device cuda, target 20 s" in result.stdout
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| tiny |")]
+    assert len(rows) == 1 and int(rows[0].split("|")[4].replace(",", "")) > 0, result.stdout  # points made
+    assert (benchmarks.read_bytes() if benchmarks.exists() else None) == before
