@@ -693,17 +693,21 @@ def densify_scene(
 
 
 def _parse_views(text: str, n: int, train: list[int]) -> list[int]:
+    """``train``, ``all`` or a list like ``0,2,5-9`` (ValueError naming the text)."""
     if text == "train":
         return list(train or range(n))
     if text == "all":
         return list(range(n))
     out: list[int] = []
-    for part in text.split(","):
-        if "-" in part:
-            a, b = part.split("-", 1)
-            out.extend(range(int(a), int(b) + 1))
-        elif part.strip():
-            out.append(int(part))
+    try:
+        for part in text.split(","):
+            if "-" in part:
+                a, b = part.split("-", 1)
+                out.extend(range(int(a), int(b) + 1))
+            elif part.strip():
+                out.append(int(part))
+    except ValueError:
+        raise ValueError(f"--views {text!r}: expected train, all or indices like 0,2,5-9") from None
     return out
 
 
@@ -749,7 +753,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{stage}: {done}/{total} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
 
         cloud = densify_scene(scene, views, opt, a.device, progress=report)
-    except (DatasetError, DensifyError, TypeError, FileNotFoundError) as exc:
+    except (DatasetError, ValueError, TypeError, FileNotFoundError) as exc:  # DensifyError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if len(cloud) == 0:

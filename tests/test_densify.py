@@ -118,6 +118,8 @@ def test_bad_input_is_named(tmp_path, ring, capsys):
         densify_scene(scene, views=[0, 99])
     assert main([str(tmp_path / "scene"), "--out", str(tmp_path / "x.ply"), "--views", "2"]) == 2
     assert "at least 2 views" in capsys.readouterr().err
+    assert main([str(tmp_path / "scene"), "--out", str(tmp_path / "x.ply"), "--views", "0,a"]) == 2
+    assert "--views '0,a'" in capsys.readouterr().err
     assert not (tmp_path / "x.ply").exists()
     # Two cameras looking away from each other share nothing.
     from npbgpp_core.camera import Camera
