@@ -49,6 +49,10 @@ ProgressFn = Callable[[str, int, int], None]
 Step = tuple[str, int, int]  # (stage, views done in it, views in it)
 
 
+# Score given to depths kept from a coarser level (see coarse_fill).
+WEAK_SCORE = -3.0
+
+
 class DensifyError(ValueError):
     """Input that dense reconstruction cannot work with (named in the message)."""
 
@@ -70,6 +74,8 @@ class DensifyOptions:
     depth_planes: int = 48
     refine_steps: int = 8
     coarse_levels: int = 1
+    coarse_fill: bool = True
+    weak_extra_views: int = 2
     window: int = 5
     min_score: float = 0.5
     min_texture: float = 0.01
@@ -390,6 +396,7 @@ def _depth_from_gray(
     depth_range: tuple[float, float], opt: DensifyOptions, mask: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     dev = ref_gray.device
+
     levels = [(ref_cam, ref_gray, nbr_cams, nbr_grays)]
     for _ in range(opt.coarse_levels):
         rc, rg, ncs, ngs = levels[-1]
@@ -397,7 +404,7 @@ def _depth_from_gray(
             break
         half = [_half(c, g) for c, g in zip(ncs, ngs, strict=True)]
         levels.append((*_half(rc, rg), [h[0] for h in half], [h[1] for h in half]))
-    rho = step = None
+    rho = step = ok = weak = None
     for rc, rg, ncs, ngs in reversed(levels):
         m = _Matcher(_cam(rc, dev), rg, [(_cam(c, dev), g) for c, g in zip(ncs, ngs, strict=True)], opt)
         if rho is None:
@@ -406,16 +413,28 @@ def _depth_from_gray(
                 rho2, best2 = _local_sweep(m, rho, step, opt.refine_steps)
                 better = best2 > best
                 rho, best = torch.where(better, rho2, rho), torch.maximum(best, best2)
+            coarse_rho = coarse_ok = None
         else:
             # Coarse estimate, then a finer window: +-1.5 plane steps, then +-0.4.
             rho = F.interpolate(_median3(rho)[None, None], size=rg.shape, mode="bilinear", align_corners=False)[0, 0]
+            coarse_rho = rho
+            coarse_ok = F.interpolate(ok[None, None].float(), size=rg.shape, mode="nearest")[0, 0] > 0.5
             k = max(2, opt.refine_steps // 2)
             rho, best = _local_sweep(m, rho, 1.5 * step, k)
             rho2, best2 = _local_sweep(m, _median3(rho), 0.4 * step, k)
             better = best2 > best
             rho, best = torch.where(better, rho2, rho), torch.maximum(best, best2)
+        ok = (best >= opt.min_score) & (m.sigma >= opt.min_texture) & (rho > 0)
+        if opt.coarse_fill and coarse_ok is not None:
+            # Where this level's window sees too little texture, a coarser level's wider
+            # view may still have matched: keep its depth, marked weak (fusion then asks
+            # for more agreeing views, as it is less precise).
+            fill = ~ok & coarse_ok & (coarse_rho > 0)
+            rho = torch.where(fill, coarse_rho, rho)
+            weak = fill
+            ok = ok | fill
     r = m.k // 2
-    valid = (best >= opt.min_score) & (m.sigma >= opt.min_texture) & (rho > 0)
+    valid = ok.clone()
     valid[:r] = False
     valid[-r:] = False
     valid[:, :r] = False
@@ -423,6 +442,8 @@ def _depth_from_gray(
     if mask is not None:
         valid &= mask.to(dev) >= 0.5
     depth = torch.where(valid, 1.0 / rho.clamp_min(1e-8), torch.zeros_like(rho))
+    if weak is not None:
+        best = best.masked_fill(weak & valid, WEAK_SCORE)
     return depth, best
 
 
@@ -475,7 +496,7 @@ def _drain(steps: Generator[Step, None, PointCloud], progress: ProgressFn | None
 
 def _fuse_steps(
     cams: Sequence[Camera], depths: torch.Tensor, images: torch.Tensor, partners: Sequence[Sequence[int]],
-    opt: DensifyOptions,
+    opt: DensifyOptions, weak: torch.Tensor | None = None,
 ) -> Generator[Step, None, PointCloud]:
     dev = depths.device
     V, H, W = depths.shape
@@ -511,7 +532,10 @@ def _fuse_steps(
             sumX += Xj * ok[None]
             sumC += images[j].reshape(3, -1)[:, pix] * ok[None]
             matches.append((j, pix, ok))
-        keep = count >= opt.min_consistent
+        need = opt.min_consistent
+        if weak is not None:
+            need = need + weak[i].reshape(-1)[sel].long() * opt.weak_extra_views
+        keep = count >= need
         for j, pix, ok in matches:
             used[j, pix[ok & keep]] = True
         n = (count + 1).float()[None]
@@ -602,16 +626,18 @@ def _view_steps(
     imgs = [im.to(dev, torch.float32) for im in images]
     grays = [_gray(im) for im in imgs]
     depths = torch.zeros((n, *imgs[0].shape[1:]), device=dev)
+    weak = torch.zeros((n, *imgs[0].shape[1:]), dtype=torch.bool, device=dev)
     for i in range(n):
         sweep_nbrs = [j for j, _ in nbrs[i][: opt.neighbors]]
         if sweep_nbrs:
             mask = masks[i] if masks is not None else None
-            depths[i] = _depth_from_gray(cameras[i], grays[i], [cameras[j] for j in sweep_nbrs],
-                                         [grays[j] for j in sweep_nbrs], ranges[i], opt,
-                                         None if mask is None else mask[0])[0]
+            depths[i], score = _depth_from_gray(cameras[i], grays[i], [cameras[j] for j in sweep_nbrs],
+                                                [grays[j] for j in sweep_nbrs], ranges[i], opt,
+                                                None if mask is None else mask[0])
+            weak[i] = score == WEAK_SCORE
         yield ("depth", i + 1, n)
     partners = [[j for j, _ in nb[: opt.consistency_views]] for nb in nbrs]
-    return (yield from _fuse_steps(cameras, depths, torch.stack(imgs), partners, opt))
+    return (yield from _fuse_steps(cameras, depths, torch.stack(imgs), partners, opt, weak))
 
 
 def _processing_size(camera: Camera, opt: DensifyOptions) -> tuple[int, int]:

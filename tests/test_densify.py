@@ -9,6 +9,7 @@ import torch
 from _mvs_scene import render, ring_cameras, sphere_samples, surface_distance, write_nerf
 
 from npbgpp_core.densify import (
+    WEAK_SCORE,
     DensifyError,
     DensifyOptions,
     densify_scene,
@@ -30,8 +31,8 @@ def test_depth_map_matches_true_depth(ring):
     cams, views = ring
     ref, nbrs = 2, [0, 1, 3, 4]
     true = views[ref][1]
-    depth, score = depth_map(cams[ref], views[ref][0], [cams[i] for i in nbrs], [views[i][0] for i in nbrs],
-                             (2.0, 7.0))
+    args = (cams[ref], views[ref][0], [cams[i] for i in nbrs], [views[i][0] for i in nbrs], (2.0, 7.0))
+    depth, score = depth_map(*args, DensifyOptions(coarse_fill=False))
     assert depth.shape == true.shape and score.shape == true.shape
     seen = true > 0
     valid = depth > 0
@@ -42,6 +43,11 @@ def test_depth_map_matches_true_depth(ring):
     # The empty black background has no texture: only a rim of window half-width (2 px)
     # around the objects borrows their depth.
     assert (valid & ~seen).sum() <= 0.05 * valid.sum()
+    # Coarse fill only adds depths, marked weak by their score; the rest is unchanged.
+    filled, score2 = depth_map(*args)
+    weak = score2 == WEAK_SCORE
+    assert torch.equal(filled[~weak], depth[~weak]) and (filled[weak] > 0).all()
+    assert 0 < int(weak.sum()) < int(valid.sum())
 
 
 def test_fusion_drops_inconsistent_points(ring):
