@@ -75,6 +75,7 @@ class DensifyOptions:
     refine_steps: int = 8
     coarse_levels: int = 1
     coarse_fill: bool = True
+    fill_levels: int = 1
     weak_extra_views: int = 2
     window: int = 5
     min_score: float = 0.5
@@ -398,29 +399,35 @@ def _depth_from_gray(
     dev = ref_gray.device
 
     levels = [(ref_cam, ref_gray, nbr_cams, nbr_grays)]
-    for _ in range(opt.coarse_levels):
+    fill_levels = opt.fill_levels if opt.coarse_fill else 0
+    for _ in range(opt.coarse_levels + fill_levels):
         rc, rg, ncs, ngs = levels[-1]
         if min(rg.shape) < 8 * opt.window:
             break
         half = [_half(c, g) for c, g in zip(ncs, ngs, strict=True)]
         levels.append((*_half(rc, rg), [h[0] for h in half], [h[1] for h in half]))
+    # The coarsest fill_levels levels only fill texture-poor pixels: the depth path
+    # proper starts afresh, with its own plane sweep, coarse_levels below full size.
+    fresh = {len(levels) - 1, min(len(levels) - 1, opt.coarse_levels)}
     rho = step = ok = weak = None
-    for rc, rg, ncs, ngs in reversed(levels):
+    for level in range(len(levels) - 1, -1, -1):
+        rc, rg, ncs, ngs = levels[level]
         m = _Matcher(_cam(rc, dev), rg, [(_cam(c, dev), g) for c, g in zip(ncs, ngs, strict=True)], opt)
-        if rho is None:
+        coarse_rho = coarse_ok = None
+        if rho is not None:
+            coarse_rho = F.interpolate(_median3(rho)[None, None], size=rg.shape, mode="bilinear",
+                                       align_corners=False)[0, 0]
+            coarse_ok = F.interpolate(ok[None, None].float(), size=rg.shape, mode="nearest")[0, 0] > 0.5
+        if level in fresh:
             rho, best, step = _plane_sweep(m, depth_range, opt.depth_planes)
             if opt.refine_steps > 0:
                 rho2, best2 = _local_sweep(m, rho, step, opt.refine_steps)
                 better = best2 > best
                 rho, best = torch.where(better, rho2, rho), torch.maximum(best, best2)
-            coarse_rho = coarse_ok = None
         else:
             # Coarse estimate, then a finer window: +-1.5 plane steps, then +-0.4.
-            rho = F.interpolate(_median3(rho)[None, None], size=rg.shape, mode="bilinear", align_corners=False)[0, 0]
-            coarse_rho = rho
-            coarse_ok = F.interpolate(ok[None, None].float(), size=rg.shape, mode="nearest")[0, 0] > 0.5
             k = max(2, opt.refine_steps // 2)
-            rho, best = _local_sweep(m, rho, 1.5 * step, k)
+            rho, best = _local_sweep(m, coarse_rho, 1.5 * step, k)
             rho2, best2 = _local_sweep(m, _median3(rho), 0.4 * step, k)
             better = best2 > best
             rho, best = torch.where(better, rho2, rho), torch.maximum(best, best2)
