@@ -10,15 +10,18 @@ Method, per reference view:
    of the triangulation angle at the reference view's scene point (best near 15 degrees).
 2. Depth range: the 2nd-98th percentile of the scene's sparse points seen by the view,
    widened; without points, the cameras' distance to the scene centre.
-3. Plane sweep in inverse depth: every neighbour's grey image is warped onto each
-   fronto-parallel plane of the reference and compared by ZNCC over a small window; per
-   plane the mean of the best ``top_k`` neighbours counts (robust to occlusion in one of
-   them). Winner takes all, then a parabola through the three scores around the winner
-   and a finer local sweep around it give sub-plane depth.
+3. Plane sweep in inverse depth at half size: every neighbour's grey image is warped onto
+   each fronto-parallel plane of the reference and compared by ZNCC over a small window;
+   per plane the mean of the best ``top_k`` neighbours counts (robust to occlusion in one
+   of them). Winner takes all, a parabola through the scores around the winner, then
+   local sweeps at full size around the upsampled estimate give sub-plane depth. Pixels
+   whose window finds too little texture keep a coarser level's depth (a separate
+   quarter-size sweep sees wider), marked weak: fusion asks more views to agree on them.
 4. Geometric consistency: a reference pixel's 3D point is projected into the other
    views' depth maps, their depth at that pixel projected back; it is consistent with a
    view when it comes back within ``pixel_tolerance`` pixels and ``depth_tolerance``
-   relative depth. Points consistent with fewer than ``min_consistent`` views are dropped.
+   relative depth. Points consistent with fewer than ``min_consistent`` views (plus
+   ``weak_extra_views`` for weak depths) are dropped.
 5. Fusion: a kept point is the mean of its own and its consistent matches' 3D points and
    colours; matched pixels of later views are not used again (no duplicate points).
    Normals (optional) come from the depth map's gradient. Over ``max_points``, a voxel
