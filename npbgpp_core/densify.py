@@ -629,8 +629,9 @@ def _view_steps(
     center = (np.asarray(sparse_points, np.float64).mean(0) if sparse_points is not None and len(sparse_points)
               else np.stack([c.center().double().numpy() for c in cameras]).mean(0))
     ranges = [opt.depth_range or depth_range_of(c, sparse_points, center) for c in cameras]
-    cs = [_cam(c, dev) for c in cameras]
-    nbrs = choose_neighbors(cs, ranges, max(opt.neighbors, opt.consistency_views))
+    # Tiny per-pair geometry: on the CPU, a GPU would spend its time on V^2 small syncs.
+    cpu = torch.device("cpu")
+    nbrs = choose_neighbors([_cam(c, cpu) for c in cameras], ranges, max(opt.neighbors, opt.consistency_views))
     if not any(nbrs):
         raise DensifyError(f"no two of the {n} views overlap: nothing can be matched ({', '.join(names[:5])}...)")
     imgs = [im.to(dev, torch.float32) for im in images]
