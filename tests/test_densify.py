@@ -184,3 +184,24 @@ def test_service_steps_finish_and_cancel(tmp_path, ring):
     assert isinstance(gone, P.Failure) and "no densify running" in gone.error
     bad = service.handle(P.DensifyBegin(str(tmp_path / "nowhere")))
     assert isinstance(bad, P.Failure) and "nowhere" in bad.error
+
+
+def test_service_undistort_option_reaches_the_colmap_loader(tmp_path, ring):
+    """Import Dataset's Undistort (COLMAP): a distorted model is refused without it and
+    read with it; for other formats the option changes nothing."""
+    from test_datasets_formats import write_colmap
+
+    from npbgpp_core import protocol as P
+    from npbgpp_core.service import RenderService
+
+    service = RenderService()
+    root = str(tmp_path / "colmap")
+    write_colmap(root, True, models=("OPENCV",), dist=(0.05, -0.01, 0.002, -0.001))
+    refused = service.handle(P.ReadDataset(root))
+    assert isinstance(refused, P.Failure) and "image_undistorter" in refused.error
+    read = service.handle(P.ReadDataset(root, undistort=True))
+    assert isinstance(read, P.DatasetSummary) and read.format == "colmap" and len(read.views) == 3
+    cams, views = ring
+    write_nerf(tmp_path / "nerf", cams, views, sphere_only_alpha=True)
+    plain = service.handle(P.ReadDataset(str(tmp_path / "nerf"), undistort=True))
+    assert isinstance(plain, P.DatasetSummary) and plain.format == "nerf_synthetic"
