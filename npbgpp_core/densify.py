@@ -767,8 +767,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--neighbors", type=int, default=DensifyOptions.neighbors, help="views matched per view")
     p.add_argument("--normals", action="store_true", help="write normals (nx, ny, nz)")
     p.add_argument("--depth-range", type=float, nargs=2, metavar=("NEAR", "FAR"), default=None)
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0: torch's default; 1 is much faster when other jobs share the cores)")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
     from .datasets import DatasetError, load_scene
     from .ply import save_ply
 
