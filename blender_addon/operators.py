@@ -203,8 +203,9 @@ class NPBGPP_OT_densify(bpy.types.Operator):
     bl_label = "Densify Points"
     bl_options = {"REGISTER", "UNDO"}
     filepath: StringProperty(  # type: ignore[valid-type]
-        name="Output PLY", subtype="FILE_PATH", default="", description="Where the cloud is saved (empty: dense.ply "
-        "in the dataset folder)",
+        name="Output PLY", subtype="FILE_PATH", default="",
+        description="Where the cloud is saved; empty: <dataset name>_dense.ply next to the saved .blend (never "
+        "inside the dataset folder, which may be read-only)",
     )
     max_points: IntProperty(  # type: ignore[valid-type]
         name="Max Points", default=2_000_000, min=1000, description="Keep at most this many dense points",
@@ -238,7 +239,11 @@ class NPBGPP_OT_densify(bpy.types.Operator):
         if not dataset or not os.path.isdir(dataset):
             self.report({"ERROR"}, "Densify needs a dataset: use File > Import > NPBG++ Dataset Folder first")
             return None
-        self._out = bpy.path.abspath(self.filepath) if self.filepath else os.path.join(dataset, "dense.ply")
+        self._out = bpy.path.abspath(self.filepath) if self.filepath else default_output(dataset, "_dense.ply")
+        if not self._out:
+            self.report({"ERROR"}, "Choose where to save the dense cloud (the operator's Output PLY path), or save "
+                                   "the .blend first: dense clouds are saved next to it by default.")
+            return None
         try:
             self._worker = worker_for(context.scene)
             self._timeout = s.worker_timeout
@@ -268,7 +273,7 @@ class NPBGPP_OT_densify(bpy.types.Operator):
         return {"FINISHED"}
 
     def execute(self, context: Any) -> set[str]:
-        """Run to the end (scripts; the UI uses the cancellable modal path)."""
+        """Run to the end (scripts, or after the file browser; the UI uses the cancellable modal path)."""
         from npbgpp_core import protocol as P
 
         from .worker_client import WorkerError
@@ -290,6 +295,12 @@ class NPBGPP_OT_densify(bpy.types.Operator):
         return self._finish(context)
 
     def invoke(self, context: Any, event: Any) -> set[str]:
+        s = context.scene.npbgpp
+        dataset = bpy.path.abspath(s.dataset_path) if s.dataset_path else ""
+        if dataset and not self.filepath and not bpy.data.filepath:  # ask where the cloud goes
+            self.filepath = (os.path.basename(os.path.normpath(dataset)) or "scene") + "_dense.ply"
+            context.window_manager.fileselect_add(self)
+            return {"RUNNING_MODAL"}
         progress = self._begin(context)
         if progress is None:
             return {"CANCELLED"}

@@ -938,7 +938,8 @@ def test_z_combine_with_a_cycles_cube_shows_no_speckles(scene):
 
 def test_densify_operator_on_an_imported_dataset(scene):
     """Import Dataset (Format: Detect) then Densify Points: a dense cloud on the true
-    surface becomes the point object and dense.ply is written."""
+    surface becomes the point object, saved next to the saved .blend; the dataset folder
+    is left untouched (it may be read-only); an unsaved .blend without a path is refused."""
     from _mvs_scene import render as trace
     from _mvs_scene import ring_cameras, surface_distance, write_nerf
 
@@ -951,13 +952,21 @@ def test_densify_operator_on_an_imported_dataset(scene):
     assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root)) == {"FINISHED"}
     sc = scene["scene"]
     assert sc.npbgpp.dataset_format == "nerf_synthetic" and not sc.npbgpp.dataset_undistort
+    before = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
+    with pytest.raises(RuntimeError, match="save the .blend first"):
+        bpy.ops.npbgpp.densify(max_points=3000)
+    work = scene["dir"] / "work"
+    work.mkdir()
+    assert bpy.ops.wm.save_as_mainfile(filepath=str(work / "shot.blend")) == {"FINISHED"}
+    sc = bpy.context.scene
     assert bpy.ops.npbgpp.densify(max_points=3000) == {"FINISHED"}
     pts, col = object_points(sc.npbgpp.point_object)
     assert 500 < len(pts) <= 3000 and col is not None
     import torch
 
     assert (surface_distance(torch.as_tensor(pts), floor=False) < 0.035).float().mean() >= 0.9
-    np.testing.assert_allclose(load_ply(root / "dense.ply").points, pts, atol=1e-5)
+    np.testing.assert_allclose(load_ply(work / "sphere_dense.ply").points, pts, atol=1e-5)
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == before  # nothing written into the dataset
     with pytest.raises(RuntimeError, match="COLMAP|colmap|sparse"):
         bpy.ops.import_scene.npbgpp_dataset(directory=str(root), format="COLMAP")
 
