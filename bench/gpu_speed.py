@@ -337,8 +337,12 @@ def step_viewport(ctx: Context) -> list[Row]:
         frame = read()
     finally:
         buffer.close()
-    rows.append(["client: compose", fmt(timed(lambda: frames.compose(frame, "NEURAL", False), dev, ctx.repeats))])
-    combined = frames.compose(frame, "NEURAL", False)["combined"]
+    viewport_passes = ("combined",)  # what the viewport asks for; F12 renders build every pass
+    rows.append(["client: compose (viewport: combined only)",
+                 fmt(timed(lambda: frames.compose(frame, "NEURAL", False, passes=viewport_passes), dev, ctx.repeats))])
+    rows.append(["client: compose (F12 render: all passes)",
+                 fmt(timed(lambda: frames.compose(frame, "NEURAL", False), dev, ctx.repeats))])
+    combined = frames.compose(frame, "NEURAL", False, passes=viewport_passes)["combined"]
     try:
         rows.append(["Blender: GPUTexture (make_texture)",
                      fmt(timed(lambda: viewport.make_texture(combined), dev, ctx.repeats))])

@@ -135,7 +135,7 @@ class ViewportSession:
 
         try:
             frame, depth_scale = render_frame(snap, geo)
-            image = frames.compose(frame, snap.output, transparent, depth_scale)["combined"]
+            image = frames.compose(frame, snap.output, transparent, depth_scale, passes=("combined",))["combined"]
             with self.lock:
                 if self.scheduler.result(job.frame_id):
                     self.frame = (job.frame_id, image)

@@ -172,6 +172,78 @@ def test_srgb_round_trip_and_reference_values():
     assert srgb.srgb_to_linear(np.float32(0.04)) == pytest.approx(0.04 / 12.92)
 
 
+def _srgb_to_linear_f64(x: np.ndarray) -> np.ndarray:
+    """IEC 61966-2-1 written out in float64: the reference for the fast float32 path."""
+    x = np.clip(np.asarray(x, np.float64), 0.0, 1.0)
+    return np.where(x <= 0.04045, x / 12.92, ((x + 0.055) / 1.055) ** 2.4)
+
+
+def test_srgb_to_linear_matches_float64_formula():
+    rng = np.random.default_rng(5)
+    eight_bit = np.arange(256, dtype=np.float32) / np.float32(255.0)
+    threshold = np.float32(0.04045)
+    edge = np.array([np.nextafter(threshold, np.float32(0)), threshold, np.nextafter(threshold, np.float32(1))])
+    floats = np.concatenate([rng.uniform(-0.5, 1.5, 200_000).astype(np.float32), edge, [0.0, 1.0]]).astype(np.float32)
+    for x in (eight_bit, floats, floats[:200_000].reshape(-1, 2)[:, :1]):  # the last is a strided view
+        got = srgb.srgb_to_linear(x)
+        assert got.dtype == np.float32 and got.shape == x.shape
+        assert np.abs(got - _srgb_to_linear_f64(x)).max() <= 2e-6
+    ends = srgb.srgb_to_linear(np.array([-1.0, 0.0, 1.0, 7.0], np.float32))
+    assert ends.tolist() == [0.0, 0.0, 1.0, 1.0]  # black and white stay exact
+    got64 = srgb.srgb_to_linear(floats, np.float64)
+    assert got64.dtype == np.float64
+    np.testing.assert_allclose(got64, _srgb_to_linear_f64(floats), rtol=0, atol=1e-12)
+    assert np.isnan(srgb.srgb_to_linear(np.array([np.nan], np.float32))).all()
+    scalar = srgb.srgb_to_linear(np.float32(0.5))
+    assert scalar.shape == () and scalar == pytest.approx(0.214041, abs=1e-5)
+
+
+def _compose_reference(frame: np.ndarray, output: str, transparent: bool, depth_scale: float) -> dict:
+    """compose's contract spelled out pixel-wise in float64, independent of frames.py."""
+    f = frame.astype(np.float64)
+    hit = f[..., 6] > 0.5
+    neural = output == "NEURAL"
+    covered = f[..., P.NEURAL_ALPHA] > 0 if neural else hit
+    depth = np.where(covered, (f[..., P.NEURAL_DEPTH] if neural else f[..., P.DEPTH]) * depth_scale, frames.EMPTY_DEPTH)
+    if neural:
+        display = f[..., 0:3]
+    elif output == "POINTS":
+        display = f[..., 3:6]
+    else:
+        d = depth[hit]
+        grey = np.zeros(hit.shape)
+        grey[hit] = 1.0 - 0.9 * (d - d.min()) / (d.max() - d.min())
+        display = np.repeat(grey[..., None], 3, axis=2)
+    alpha = (f[..., P.NEURAL_ALPHA] if neural else hit.astype(np.float64)) if transparent else np.ones(hit.shape)
+    combined = np.concatenate([_srgb_to_linear_f64(display) * alpha[..., None], alpha[..., None]], axis=2)
+    points = np.concatenate([_srgb_to_linear_f64(f[..., 3:6]) * hit[..., None], hit[..., None]], axis=2)
+    return {"combined": combined, "points": points, "depth": depth}
+
+
+@pytest.mark.parametrize("output", ["NEURAL", "POINTS", "DEPTH"])
+@pytest.mark.parametrize("transparent", [False, True])
+def test_compose_matches_reference_on_a_random_frame(output, transparent):
+    rng = np.random.default_rng(11)
+    h, w = 70, 150  # more rows than one conversion block
+    f = rng.uniform(-0.1, 1.1, (h, w, P.FRAME_CHANNELS)).astype(np.float32)
+    f[..., 6] = rng.random((h, w)) > 0.4
+    f[..., P.DEPTH] = np.where(f[..., 6] > 0.5, rng.uniform(1, 9, (h, w)), np.inf)
+    f[..., P.NEURAL_ALPHA] = np.where(rng.random((h, w)) > 0.3, rng.random((h, w)), 0.0)
+    f[..., P.NEURAL_DEPTH] = rng.uniform(1, 9, (h, w))
+    want = _compose_reference(f, output, transparent, 1.5)
+    out = frames.compose(f, output, transparent, depth_scale=1.5)
+    assert set(out) == {"combined", "points", "depth"}
+    for name, ref in want.items():
+        assert out[name].dtype == np.float32 and out[name].shape == ref.shape
+        np.testing.assert_allclose(out[name], ref, rtol=1e-6, atol=2e-6, err_msg=name)
+    only = frames.compose(f, output, transparent, depth_scale=1.5, passes=("combined",))
+    assert set(only) == {"combined"}
+    np.testing.assert_array_equal(only["combined"], out["combined"])
+    assert set(frames.compose(f, output, transparent, passes=("depth",))) == {"depth"}
+    with pytest.raises(ValueError, match="bogus"):
+        frames.compose(f, output, transparent, passes=("combined", "bogus"))
+
+
 def test_compose_alpha_depth_and_flip():
     f = np.zeros((3, 4, P.FRAME_CHANNELS), np.float32)
     f[..., 0:3] = 0.5
