@@ -54,9 +54,11 @@ def compose(frame: np.ndarray, output: str, transparent: bool, depth_scale: floa
     out: dict[str, np.ndarray] = {}
     depth = None
     if "depth" in passes or output == "DEPTH":
-        coverage, raw_depth = (frame[..., NEURAL_ALPHA], frame[..., NEURAL_DEPTH]) if output == "NEURAL" \
-            else (hit, frame[..., DEPTH])
-        depth = np.where(coverage > 0, raw_depth * np.float32(depth_scale), np.float32(EMPTY_DEPTH)).astype(np.float32)
+        if output == "NEURAL":
+            covered, raw_depth = frame[..., NEURAL_ALPHA] > 0, frame[..., NEURAL_DEPTH]
+        else:
+            covered, raw_depth = hit, frame[..., DEPTH]
+        depth = np.where(covered, raw_depth * np.float32(depth_scale), np.float32(EMPTY_DEPTH)).astype(np.float32)
         if "depth" in passes:
             out["depth"] = depth
     if "combined" in passes:
