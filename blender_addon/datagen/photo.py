@@ -18,14 +18,7 @@ import io
 
 import numpy as np
 
-
-def srgb_to_linear(x: np.ndarray) -> np.ndarray:
-    return np.where(x <= 0.04045, x / 12.92, ((x + 0.055) / 1.055) ** 2.4)
-
-
-def linear_to_srgb(x: np.ndarray) -> np.ndarray:
-    x = np.clip(x, 0.0, None)
-    return np.where(x <= 0.0031308, 12.92 * x, 1.055 * np.power(x, 1 / 2.4) - 0.055)
+from ..srgb import linear_to_srgb, srgb_to_linear
 
 
 def jitter_photo(rgb: np.ndarray, rng: np.random.Generator, exposure_stops: tuple[float, float] = (-0.5, 0.5),
@@ -40,9 +33,9 @@ def jitter_photo(rgb: np.ndarray, rng: np.random.Generator, exposure_stops: tupl
     gains = np.array([np.exp(rng.uniform(-wb, wb)), 1.0, np.exp(rng.uniform(-wb, wb))])
     sigma = float(rng.uniform(*noise_range))
     q = int(rng.integers(jpeg_quality[0], jpeg_quality[1] + 1))
-    lin = srgb_to_linear(x[..., :3]) * (2.0 ** stops) * gains
+    lin = srgb_to_linear(x[..., :3], np.float64) * (2.0 ** stops) * gains
     lin = lin + rng.normal(0.0, 1.0, lin.shape) * sigma * np.sqrt(np.clip(lin, 0, None) + 0.01)
-    out = np.clip(np.round(linear_to_srgb(lin) * 255.0), 0, 255).astype(np.uint8)
+    out = np.clip(np.round(linear_to_srgb(lin, np.float64) * 255.0), 0, 255).astype(np.uint8)
     buf = io.BytesIO()
     Image.fromarray(out).save(buf, format="JPEG", quality=q)
     buf.seek(0)
