@@ -34,7 +34,8 @@ def discover_scene_dirs(dcfg: dict) -> list[tuple[str, str]]:
 
     ``scene_name`` picks one scene folder under ``data_root`` (or ``data_root`` itself when
     it is already a scene and has no such subfolder); otherwise ``scene_names`` lists them,
-    or, when null, every subfolder of ``data_root`` is a scene."""
+    or, when null, every subfolder of ``data_root`` is a scene, except hidden ones and
+    ``*.partial`` folders that a renderer is still writing (npbgpp_core.datasets.corpus)."""
     root = dcfg.get("data_root")
     if not root:
         raise DataConfigError("datasets.data_root is not set")
@@ -55,7 +56,8 @@ def discover_scene_dirs(dcfg: dict) -> list[tuple[str, str]]:
         if missing:
             raise DataConfigError(f"scene folders not found under {root}: {', '.join(missing)}")
     else:
-        names = sorted(n for n in os.listdir(root) if os.path.isdir(os.path.join(root, n)) and not n.startswith("."))
+        names = sorted(n for n in os.listdir(root) if os.path.isdir(os.path.join(root, n))
+                       and not n.startswith(".") and not n.endswith(".partial"))
         if not names:
             raise DataConfigError(f"no scene folders under {root}")
     return [(n, os.path.join(root, n)) for n in names if n not in exclude]

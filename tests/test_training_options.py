@@ -156,3 +156,14 @@ def test_stage_dry_run_resumes_and_writes_weights(tmp_path):
     wf = read_weights(os.path.join(work, "npbgpp_sphere_stage.safetensors"), "npbgpp")
     assert wf.card["stage"]["end_step"] == 2 and wf.config["world_up"] == [0.0, 0.0, 1.0]
     assert "system.max_scenes_per_train_epoch=null" in calls[0]["overrides"]  # every scene, every epoch
+
+
+def test_scene_discovery_skips_folders_a_renderer_is_still_writing(tmp_path):
+    from headless_train.data import DataConfigError, discover_scene_dirs
+
+    for name in ("env_1", "env_2.partial", ".hidden"):
+        (tmp_path / name).mkdir()
+    assert discover_scene_dirs({"data_root": str(tmp_path)}) == [("env_1", str(tmp_path / "env_1"))]
+    (tmp_path / "env_1").rmdir()
+    with pytest.raises(DataConfigError, match="no scene folders"):
+        discover_scene_dirs({"data_root": str(tmp_path)})
