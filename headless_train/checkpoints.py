@@ -208,7 +208,13 @@ class EpochAndLastCheckpoint(pl.Callback):
 
     The save on an interruption happens only when this run has taken an optimizer step
     that is not on disk yet: a run that fails at start never replaces a good last.ckpt.
-    :attr:`exit_status` is 130 after Ctrl-C, 143 after SIGTERM, else None."""
+    :attr:`exit_status` is 130 after Ctrl-C, 143 after SIGTERM, else None.
+
+    While training runs, a Ctrl-C only sets a flag and the KeyboardInterrupt is raised at the
+    next batch boundary (Lightning does the same with SIGTERM). Raised at an arbitrary bytecode
+    it can land inside a library's bookkeeping: between TensorBoard's writer queue taking an
+    event and waking its thread, the shutdown's flush then waited for the writer's 120 s flush
+    interval. A second Ctrl-C stops at once."""
 
     def __init__(self, dirpath: str, every_n_steps: int = 0, keep_epochs: int | None = None):
         if keep_epochs is not None and int(keep_epochs) < 1:
@@ -219,6 +225,8 @@ class EpochAndLastCheckpoint(pl.Callback):
         self._last_saved_step = -1
         self._start_step: int | None = None
         self.exit_status: int | None = None
+        self._sigint_pending = False
+        self._sigint_previous: Any = None  # the SIGINT handler replaced while training
 
     @property
     def last_path(self) -> str:
@@ -230,13 +238,60 @@ class EpochAndLastCheckpoint(pl.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._start_step = trainer.global_step  # after a resume: the restored step
+        self._defer_ctrl_c()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._stop_if_ctrl_c(trainer)  # one that came after the last batch still exits 130
+        self._restore_ctrl_c()
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        self._restore_ctrl_c()
+
+    def _defer_ctrl_c(self) -> None:
+        """Replace Python's own SIGINT handler (only that one: an ignored SIGINT or a caller's
+        handler stays) by :meth:`_on_sigint` while training runs."""
+        self._sigint_pending = False
+        if (threading.current_thread() is not threading.main_thread()
+                or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+            return
+        self._sigint_previous = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        # Runs between two bytecodes of the main thread: only set a flag (logging here could
+        # re-enter a stream the interrupted code is writing).
+        if self._sigint_pending:
+            raise KeyboardInterrupt
+        self._sigint_pending = True
+
+    def _restore_ctrl_c(self) -> None:
+        previous, self._sigint_previous = self._sigint_previous, None
+        if previous is None or threading.current_thread() is not threading.main_thread():
+            return
+        if signal.getsignal(signal.SIGINT) == self._on_sigint:  # not when Lightning set SIG_IGN since
+            signal.signal(signal.SIGINT, previous)
+
+    def _stop_if_ctrl_c(self, trainer: pl.Trainer) -> None:
+        """At a batch boundary: raise the KeyboardInterrupt a Ctrl-C asked for."""
+        if self._sigint_pending:
+            self._sigint_pending = False
+            self._restore_ctrl_c()
+            log.warning("Ctrl-C: stopping at step %d", trainer.global_step)
+            raise KeyboardInterrupt
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._stop_if_ctrl_c(trainer)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._stop_if_ctrl_c(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._stop_if_ctrl_c(trainer)
         step = trainer.global_step
         if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0 and step != self._last_saved_step:
             self._save_last(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._stop_if_ctrl_c(trainer)
         trainer.save_checkpoint(os.path.join(self.dirpath, f"epoch{trainer.current_epoch}.ckpt"))
         self._save_last(trainer)
         if self.keep_epochs is not None and trainer.global_rank == 0:
@@ -266,6 +321,7 @@ class EpochAndLastCheckpoint(pl.Callback):
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+        self._restore_ctrl_c()
         if isinstance(exception, KeyboardInterrupt):
             self.exit_status = EXIT_SIGINT
         elif isinstance(exception, SIGTERMException):

@@ -306,6 +306,55 @@ def test_sigterm_to_the_whole_job_with_loader_workers_still_saves(data_root, tmp
     assert step_count(last) >= 2
 
 
+def test_ctrl_c_during_a_logger_write_stops_at_the_next_batch(data_root, tmp_path, monkeypatch):
+    """A Ctrl-C that arrives while TensorBoard's writer enqueues an event is acted on at the
+    next batch boundary, never inside the writer: a KeyboardInterrupt between its queue taking
+    the event and waking the writer thread left the shutdown's flush waiting for the writer's
+    120 s flush interval (the Ctrl-C test then timed out on a loaded machine)."""
+    from tensorboard.summary.writer.event_file_writer import _AsyncWriter
+
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    last = tmp_path / "r" / "checkpoints" / "last.ckpt"
+    original = _AsyncWriter.write
+    seen = {"sent": 0, "raised_inside_writer": 0}
+
+    def write(self, data):
+        if last.is_file() and not seen["sent"]:
+            seen["sent"] = 1
+            try:
+                signal.raise_signal(signal.SIGINT)
+                return original(self, data)
+            except KeyboardInterrupt:
+                seen["raised_inside_writer"] += 1
+                raise
+        return original(self, data)
+
+    monkeypatch.setattr(_AsyncWriter, "write", write)
+    args = [f"datasets.data_root={data_root}", *ENDLESS_NPBG, "trainer.last_checkpoint_every_n_steps=2",
+            "trainer.max_steps=30"]
+    with pytest.raises(SystemExit) as info:
+        run_inproc(args, str(tmp_path / "r"))
+    assert seen == {"sent": 1, "raised_inside_writer": 0}
+    assert info.value.code == 130
+    assert 2 <= step_count(str(last)) < 30
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored after the run
+
+
+def test_a_second_ctrl_c_stops_at_once(tmp_path):
+    from headless_train.checkpoints import EpochAndLastCheckpoint
+
+    saver = EpochAndLastCheckpoint(str(tmp_path))
+    saver._defer_ctrl_c()
+    try:
+        signal.raise_signal(signal.SIGINT)  # first: only noted
+        assert saver._sigint_pending
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    finally:
+        saver._restore_ctrl_c()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_two_process_ddp_on_cpu(data_root, tmp_path):
     work = str(tmp_path)
     proc = ok(cli(["hydra.run.dir=exp/ddp", "datasets=nerf_blender_pretrain", f"datasets.data_root={data_root}",
