@@ -306,14 +306,21 @@ def test_sigterm_to_the_whole_job_with_loader_workers_still_saves(data_root, tmp
     assert step_count(last) >= 2
 
 
-def test_ctrl_c_during_a_logger_write_stops_at_the_next_batch(data_root, tmp_path, monkeypatch):
+@pytest.fixture
+def python_sigint():
+    """Python's own SIGINT handler, as in a terminal (a background job inherits SIGINT ignored)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_during_a_logger_write_stops_at_the_next_batch(data_root, tmp_path, monkeypatch, python_sigint):
     """A Ctrl-C that arrives while TensorBoard's writer enqueues an event is acted on at the
     next batch boundary, never inside the writer: a KeyboardInterrupt between its queue taking
     the event and waking the writer thread left the shutdown's flush waiting for the writer's
     120 s flush interval (the Ctrl-C test then timed out on a loaded machine)."""
     from tensorboard.summary.writer.event_file_writer import _AsyncWriter
 
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     last = tmp_path / "r" / "checkpoints" / "last.ckpt"
     original = _AsyncWriter.write
     seen = {"sent": 0, "raised_inside_writer": 0}
@@ -340,7 +347,7 @@ def test_ctrl_c_during_a_logger_write_stops_at_the_next_batch(data_root, tmp_pat
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored after the run
 
 
-def test_a_second_ctrl_c_stops_at_once(tmp_path):
+def test_a_second_ctrl_c_stops_at_once(tmp_path, python_sigint):
     from headless_train.checkpoints import EpochAndLastCheckpoint
 
     saver = EpochAndLastCheckpoint(str(tmp_path))
