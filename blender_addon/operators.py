@@ -30,7 +30,33 @@ def default_output(dataset: str, suffix: str) -> str:
     return os.path.join(os.path.dirname(bpy.path.abspath(bpy.data.filepath)), name + suffix)
 
 
-class NPBGPP_OT_aggregate(bpy.types.Operator):
+class _ModalJob:
+    """A long operation run one step per timer tick: progress bar, status text, Esc cancels
+    (the operator's own ``modal`` decides what a step and a cancel do)."""
+
+    _timer: Any = None
+
+    def _start_modal(self, context: Any, total: int) -> None:
+        wm = context.window_manager
+        wm.progress_begin(0, total)
+        self._timer = wm.event_timer_add(0.05, window=context.window)
+        wm.modal_handler_add(self)
+
+    def _show_status(self, context: Any, text: str) -> None:
+        if context.workspace is not None:
+            context.workspace.status_text_set(text)
+
+    def _cleanup(self, context: Any) -> None:
+        wm = context.window_manager
+        if self._timer is not None:
+            wm.event_timer_remove(self._timer)
+            self._timer = None
+        wm.progress_end()
+        if context.workspace is not None:
+            context.workspace.status_text_set(None)
+
+
+class NPBGPP_OT_aggregate(_ModalJob, bpy.types.Operator):
     """Compute NPBG++ descriptors of the imported dataset's points from its views and save a bundle
     (in the background: progress in the status bar, Esc cancels)"""
 
@@ -45,7 +71,6 @@ class NPBGPP_OT_aggregate(bpy.types.Operator):
         description="Aggregate at most this many of the dataset's points (chosen at random); 0: all",
     )
 
-    _timer: Any = None
     _worker: Any = None
     _out: str = ""
     _timeout: float = 0.0
@@ -146,10 +171,7 @@ class NPBGPP_OT_aggregate(bpy.types.Operator):
             return {"RUNNING_MODAL"}
         if not self._begin(context):
             return {"CANCELLED"}
-        wm = context.window_manager
-        wm.progress_begin(0, max(1, self._count))
-        self._timer = wm.event_timer_add(0.05, window=context.window)
-        wm.modal_handler_add(self)
+        self._start_modal(context, max(1, self._count))
         self._status(context)
         return {"RUNNING_MODAL"}
 
@@ -182,21 +204,10 @@ class NPBGPP_OT_aggregate(bpy.types.Operator):
         return self._finish(context)
 
     def _status(self, context: Any) -> None:
-        if context.workspace is not None:
-            context.workspace.status_text_set(
-                f"Aggregate: view {self._done} of {self._count} (Esc to cancel)")
-
-    def _cleanup(self, context: Any) -> None:
-        wm = context.window_manager
-        if self._timer is not None:
-            wm.event_timer_remove(self._timer)
-            self._timer = None
-        wm.progress_end()
-        if context.workspace is not None:
-            context.workspace.status_text_set(None)
+        self._show_status(context, f"Aggregate: view {self._done} of {self._count} (Esc to cancel)")
 
 
-class NPBGPP_OT_densify(bpy.types.Operator):
+class NPBGPP_OT_densify(_ModalJob, bpy.types.Operator):
     """Dense coloured points from the imported dataset's photos (multi-view stereo), used as the point object"""
 
     bl_idname = "npbgpp.densify"
@@ -222,7 +233,6 @@ class NPBGPP_OT_densify(bpy.types.Operator):
         description="Match on images scaled by this factor (faster, fewer points)",
     )
 
-    _timer: Any = None
     _worker: Any = None
     _out: str = ""
     _timeout: float = 0.0
@@ -304,10 +314,7 @@ class NPBGPP_OT_densify(bpy.types.Operator):
         progress = self._begin(context)
         if progress is None:
             return {"CANCELLED"}
-        wm = context.window_manager
-        wm.progress_begin(0, max(1, progress.total))
-        self._timer = wm.event_timer_add(0.05, window=context.window)
-        wm.modal_handler_add(self)
+        self._start_modal(context, max(1, progress.total))
         self._status(context, progress)
         return {"RUNNING_MODAL"}
 
@@ -340,21 +347,10 @@ class NPBGPP_OT_densify(bpy.types.Operator):
         return self._finish(context)
 
     def _status(self, context: Any, progress: Any) -> None:
-        if context.workspace is not None:
-            context.workspace.status_text_set(
-                f"Densify: {progress.stage} {progress.done}/{progress.total} steps (Esc to cancel)")
-
-    def _cleanup(self, context: Any) -> None:
-        wm = context.window_manager
-        if self._timer is not None:
-            wm.event_timer_remove(self._timer)
-            self._timer = None
-        wm.progress_end()
-        if context.workspace is not None:
-            context.workspace.status_text_set(None)
+        self._show_status(context, f"Densify: {progress.stage} {progress.done}/{progress.total} steps (Esc to cancel)")
 
 
-class NPBGPP_OT_export_dataset(bpy.types.Operator):
+class NPBGPP_OT_export_dataset(_ModalJob, bpy.types.Operator):
     """Render views of this scene into a NeRF-Synthetic style dataset folder (images, cameras, points)"""
 
     bl_idname = "npbgpp.export_dataset"
@@ -384,7 +380,6 @@ class NPBGPP_OT_export_dataset(bpy.types.Operator):
         return {"RUNNING_MODAL"}
 
     _steps: Any = None
-    _timer: Any = None
 
     def execute(self, context: Any) -> set[str]:
         """In the UI: a background job, one view per timer tick, with progress and Esc to
@@ -406,10 +401,7 @@ class NPBGPP_OT_export_dataset(bpy.types.Operator):
                 state = self._advance(context)
                 if state != {"RUNNING_MODAL"}:
                     return state
-        wm = context.window_manager
-        wm.progress_begin(0, self.views)
-        self._timer = wm.event_timer_add(0.05, window=context.window)
-        wm.modal_handler_add(self)
+        self._start_modal(context, self.views)
         self._status(context, 0)
         return {"RUNNING_MODAL"}
 
@@ -444,17 +436,7 @@ class NPBGPP_OT_export_dataset(bpy.types.Operator):
         return {"RUNNING_MODAL"}
 
     def _status(self, context: Any, done: int) -> None:
-        if context.workspace is not None:
-            context.workspace.status_text_set(f"Export Dataset: view {done} of {self.views} (Esc to cancel)")
-
-    def _cleanup(self, context: Any) -> None:
-        wm = context.window_manager
-        if self._timer is not None:
-            wm.event_timer_remove(self._timer)
-            self._timer = None
-        wm.progress_end()
-        if context.workspace is not None:
-            context.workspace.status_text_set(None)
+        self._show_status(context, f"Export Dataset: view {done} of {self.views} (Esc to cancel)")
 
 
 class NPBGPP_OT_stop_worker(bpy.types.Operator):

@@ -655,3 +655,38 @@ def test_bundle_point_selection_renders_subset_and_refuses_foreign_ids(tmp_path)
     assert isinstance(again, P.Failure) and "another bundle" in again.error
     assert isinstance(service.handle(P.SelectBundlePoints(None)), P.PointCount)
     np.testing.assert_array_equal(service.handle(P.RenderFrame(spec, "bundle")).pixels, full)
+
+
+def test_modal_job_starts_and_cleans_up_progress_timer_and_status():
+    """The one modal plumbing of Aggregate, Densify and Export Dataset: a timer, the progress
+    bar and the status text are all released on cleanup, and cleanup twice is harmless."""
+    from types import SimpleNamespace
+
+    from blender_addon.operators import (
+        NPBGPP_OT_aggregate,
+        NPBGPP_OT_densify,
+        NPBGPP_OT_export_dataset,
+        _ModalJob,
+    )
+
+    assert all(issubclass(c, _ModalJob) for c in (NPBGPP_OT_aggregate, NPBGPP_OT_densify, NPBGPP_OT_export_dataset))
+    calls: list[tuple] = []
+    wm = SimpleNamespace(
+        progress_begin=lambda lo, hi: calls.append(("begin", lo, hi)),
+        progress_end=lambda: calls.append(("end",)),
+        event_timer_add=lambda step, window: calls.append(("timer", window)) or "TIMER",
+        event_timer_remove=lambda timer: calls.append(("remove", timer)),
+        modal_handler_add=lambda op: calls.append(("modal", op)),
+    )
+    workspace = SimpleNamespace(status_text_set=lambda text: calls.append(("status", text)))
+    context = SimpleNamespace(window_manager=wm, window="WIN", workspace=workspace)
+    job = _ModalJob()
+    job._start_modal(context, 7)
+    job._show_status(context, "view 0 of 7")
+    assert calls == [("begin", 0, 7), ("timer", "WIN"), ("modal", job), ("status", "view 0 of 7")]
+    calls.clear()
+    job._cleanup(context)
+    assert calls == [("remove", "TIMER"), ("end",), ("status", None)] and job._timer is None
+    calls.clear()
+    job._cleanup(SimpleNamespace(window_manager=wm, workspace=None))
+    assert calls == [("end",)]
