@@ -18,6 +18,8 @@ import torch
 from lightning_fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader, Dataset
 
+from npbgpp_core.atomic import is_listed_name
+
 log = logging.getLogger(__name__)
 
 
@@ -35,7 +37,7 @@ def discover_scene_dirs(dcfg: dict) -> list[tuple[str, str]]:
     ``scene_name`` picks one scene folder under ``data_root`` (or ``data_root`` itself when
     it is already a scene and has no such subfolder); otherwise ``scene_names`` lists them,
     or, when null, every subfolder of ``data_root`` is a scene, except hidden ones and
-    ``*.partial`` folders that a renderer is still writing (npbgpp_core.datasets.corpus)."""
+    ``*.partial-<pid>`` folders that a renderer is still writing (npbgpp_core.atomic.is_listed_name)."""
     root = dcfg.get("data_root")
     if not root:
         raise DataConfigError("datasets.data_root is not set")
@@ -56,8 +58,7 @@ def discover_scene_dirs(dcfg: dict) -> list[tuple[str, str]]:
         if missing:
             raise DataConfigError(f"scene folders not found under {root}: {', '.join(missing)}")
     else:
-        names = sorted(n for n in os.listdir(root) if os.path.isdir(os.path.join(root, n))
-                       and not n.startswith(".") and not n.endswith(".partial"))
+        names = sorted(n for n in os.listdir(root) if os.path.isdir(os.path.join(root, n)) and is_listed_name(n))
         if not names:
             raise DataConfigError(f"no scene folders under {root}")
     return [(n, os.path.join(root, n)) for n in names if n not in exclude]

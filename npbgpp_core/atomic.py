@@ -1,11 +1,24 @@
-"""Writing files so that a failure (full disk, Ctrl-C, crash) never leaves a half-written
-file: a temporary file in the same folder, fsync, then ``os.replace``."""
+"""Writing files and folders so that a failure (full disk, Ctrl-C, crash) never leaves a
+half-written one under its final name.
+
+- ``atomic_write_bytes(path, data)``: a temporary file in the same folder, fsync, then
+  ``os.replace``.
+- ``atomic_directory(target)``: a context manager that builds a folder at the temporary
+  sibling name ``<target>.partial-<pid>`` and renames it into place on success (removes it
+  on failure).
+- ``is_partial_name(name)`` / ``is_listed_name(name)``: the one test every corpus or scene
+  listing uses to skip such temporary folders (and hidden ones).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import re
+import shutil
 import tempfile
+from collections.abc import Iterator
 
 # The permissions a plain open() would give (mkstemp's are 0600), read once at import.
 _UMASK = os.umask(0)
@@ -41,4 +54,120 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, make_dirs: bool = T
             pass
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
             raise OSError(errno.ENOSPC, f"disk full while writing {path}; the previous file is kept") from exc
+        raise
+
+
+PARTIAL = ".partial"
+# <name>.partial-<pid> (ours), <name>.partial-<pid>-old (a replaced target on its way out) and
+# <name>.partial (written by older versions, which had no pid in the name).
+_PARTIAL_RE = re.compile(r"^(?P<base>.+)\.partial(?:-(?P<pid>\d+)(?:-old)?)?$")
+
+
+def is_partial_name(name: str) -> bool:
+    """True for the name of a folder that ``atomic_directory`` is still writing (or that a
+    killed writer left behind): ``<name>.partial-<pid>``, and ``<name>.partial`` of older
+    versions."""
+    return _PARTIAL_RE.match(name) is not None
+
+
+def is_listed_name(name: str) -> bool:
+    """Whether a corpus or scene listing should consider a sub-folder ``name``: not hidden and
+    not an unfinished ``atomic_directory`` folder (the one rule every listing uses)."""
+    return not name.startswith(".") and not is_partial_name(name)
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine."""
+    if pid == os.getpid():
+        return True
+    if os.name == "nt":  # os.kill(pid, 0) would terminate the process on Windows
+        import ctypes
+
+        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)  # type: ignore[attr-defined]
+        handle = kernel32.OpenProcess(0x1000 | 0x00100000, False, pid)  # query-limited | synchronize
+        if not handle:
+            return ctypes.get_last_error() == 5  # access denied: it exists
+        try:
+            return kernel32.WaitForSingleObject(handle, 0) == 0x102  # WAIT_TIMEOUT: still running
+        finally:
+            kernel32.CloseHandle(handle)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def _remove_stale_partials(target: str) -> None:
+    """Remove ``<target>.partial-<pid>[-old]`` folders whose process is gone (a killed run)."""
+    parent, base = os.path.split(target)
+    try:
+        names = os.listdir(parent)
+    except FileNotFoundError:
+        return
+    for name in names:
+        m = _PARTIAL_RE.match(name)
+        if m and m["base"] == base and m["pid"] is not None and not _pid_alive(int(m["pid"])):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
+def _occupied(path: str) -> bool:
+    """A file, a link or a non-empty folder (an empty folder may be replaced freely)."""
+    if os.path.islink(path) or (os.path.exists(path) and not os.path.isdir(path)):
+        return True
+    return os.path.isdir(path) and bool(os.listdir(path))
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.unlink(path)
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iterator[str]:
+    """Build the folder ``target`` all at once: yields a new empty folder
+    ``<target>.partial-<pid>`` beside it to write into; when the block ends normally the
+    folder is renamed to ``target``, when it raises (or a generator around it is closed) the
+    folder is removed and ``target`` is left as it was.
+
+    An existing ``target`` (other than an empty folder) raises ``FileExistsError`` on entry
+    and again at the rename (another process may have finished it meanwhile) unless
+    ``overwrite``; then the old one is removed only once the new one is complete. Temporary
+    folders of processes that are gone (killed runs) are removed on entry; the pid in the
+    name keeps two live writers of the same target apart. Listings skip these folders with
+    :func:`is_listed_name`."""
+    target = os.path.abspath(os.fspath(target))
+    if not overwrite and _occupied(target):
+        raise FileExistsError(f"{target}: exists and is not empty (pass overwrite=True / --overwrite to replace it)")
+    parent = os.path.dirname(target)
+    os.makedirs(parent, exist_ok=True)
+    _remove_stale_partials(target)
+    tmp = f"{target}{PARTIAL}-{os.getpid()}"
+    _remove(tmp)  # left by an earlier failed attempt of this very process
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        if not os.path.isdir(tmp):
+            raise FileNotFoundError(f"{tmp}: the temporary folder vanished before it could become {target}")
+        if _occupied(target) and not overwrite:
+            raise FileExistsError(f"{target}: appeared while it was being written (pass overwrite=True to replace it)")
+        old = f"{tmp}-old"
+        _remove(old)
+        if os.path.lexists(target):
+            os.rename(target, old)  # kept until the new folder is in place
+        try:
+            os.rename(tmp, target)
+        except BaseException:
+            if os.path.lexists(old) and not os.path.lexists(target):
+                os.rename(old, target)
+            raise
+        _remove(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -44,3 +44,99 @@ def test_missing_folder_is_an_error_unless_asked_to_create_it(tmp_path):
         atomic.atomic_write_bytes(tmp_path / "nope" / "a.bin", b"x", make_dirs=False)
     atomic.atomic_write_bytes(tmp_path / "made" / "a.bin", b"x")
     assert (tmp_path / "made" / "a.bin").read_bytes() == b"x"
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has ended (a killed writer's)."""
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_atomic_directory_renames_into_place_on_success(tmp_path):
+    target = tmp_path / "scene"
+    with atomic.atomic_directory(target) as tmp:
+        assert os.path.basename(tmp) == f"scene.partial-{os.getpid()}" and os.listdir(tmp) == []
+        assert not target.exists()  # nothing under the final name while it is written
+        (tmp_path / tmp / "a.txt").write_text("a")
+    assert os.listdir(tmp_path) == ["scene"] and (target / "a.txt").read_text() == "a"
+
+
+def test_atomic_directory_failure_leaves_no_target_and_no_temporary(tmp_path):
+    with pytest.raises(ZeroDivisionError):
+        with atomic.atomic_directory(tmp_path / "scene") as tmp:
+            (tmp_path / tmp / "a.txt").write_text("half")
+            raise ZeroDivisionError
+    assert os.listdir(tmp_path) == []
+
+    def gen():  # closing a generator early (a cancelled job) also cleans up
+        with atomic.atomic_directory(tmp_path / "scene") as tmp:
+            (tmp_path / tmp / "a.txt").write_text("half")
+            yield 1
+            yield 2
+    g = gen()
+    next(g)
+    g.close()
+    assert os.listdir(tmp_path) == []
+
+
+def test_atomic_directory_does_not_clobber_unless_asked(tmp_path):
+    target = tmp_path / "scene"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with pytest.raises(FileExistsError, match="scene: exists"):
+        with atomic.atomic_directory(target):
+            pass
+    assert os.listdir(tmp_path) == ["scene"] and os.listdir(target) == ["old.txt"]
+    # another writer finishes the target while this one is still writing: refused at the rename
+    with pytest.raises(FileExistsError, match="appeared while"):
+        with atomic.atomic_directory(tmp_path / "other") as tmp:
+            (tmp_path / "other").mkdir()
+            (tmp_path / "other" / "theirs.txt").write_text("theirs")
+            (tmp_path / tmp / "mine.txt").write_text("mine")
+    assert os.listdir(tmp_path / "other") == ["theirs.txt"] and sorted(os.listdir(tmp_path)) == ["other", "scene"]
+    # a failed overwrite keeps the old target
+    with pytest.raises(RuntimeError):
+        with atomic.atomic_directory(target, overwrite=True) as tmp:
+            raise RuntimeError
+    assert os.listdir(target) == ["old.txt"]
+    with atomic.atomic_directory(target, overwrite=True) as tmp:
+        (tmp_path / tmp / "new.txt").write_text("new")
+    assert os.listdir(target) == ["new.txt"] and sorted(os.listdir(tmp_path)) == ["other", "scene"]
+    (tmp_path / "empty").mkdir()  # an empty folder is not clobbering anything
+    with atomic.atomic_directory(tmp_path / "empty") as tmp:
+        (tmp_path / tmp / "x").write_text("x")
+    assert os.listdir(tmp_path / "empty") == ["x"]
+
+
+def test_stale_temporary_of_a_killed_writer_is_skipped_then_replaced(tmp_path):
+    from headless_train.data import discover_scene_dirs
+    from npbgpp_core.datasets.corpus import corpus_scenes
+
+    os.makedirs(tmp_path / "env_1")
+    (tmp_path / "env_1" / "transforms_train.json").write_text('{"frames": []}')
+    dead = _dead_pid()
+    stale = tmp_path / f"env_2.partial-{dead}"
+    (stale / "train").mkdir(parents=True)
+    (stale / "transforms_train.json").write_text('{"frames": []}')  # looks like a scene: must still be skipped
+    (tmp_path / "env_3.partial").mkdir()  # the pid-less name of older versions
+    assert [os.path.basename(s) for s in corpus_scenes(str(tmp_path))] == ["env_1"]
+    assert [n for n, _ in discover_scene_dirs({"data_root": str(tmp_path)})] == ["env_1"]
+    live = tmp_path / f"env_2.partial-{os.getppid()}"  # a live writer's folder is left alone
+    live.mkdir()
+    with atomic.atomic_directory(tmp_path / "env_2") as tmp:
+        assert not stale.exists() and live.is_dir()
+        (tmp_path / tmp / "transforms_train.json").write_text('{"frames": []}')
+    assert sorted(os.listdir(tmp_path)) == sorted(["env_1", "env_2", "env_3.partial", live.name])
+
+
+@pytest.mark.parametrize("name, partial", [("env_1.partial-123", True), ("env_1.partial", True),
+                                           ("env_1.partial-123-old", True), ("env_1", False),
+                                           ("env_1.partial-x", False), ("env_1.partially", False),
+                                           (".partial", False)])
+def test_partial_names(name, partial):
+    assert atomic.is_partial_name(name) is partial
+    assert atomic.is_listed_name(name) is (not partial and not name.startswith("."))

@@ -83,7 +83,7 @@ def test_prepare_capture_downscales_undistorts_and_keeps_geometry(tmp_path):
     assert summary["images"] == 3 and summary["points"] == len(pts)
     assert summary["undistorted_images"] == 3 and summary["image_sizes"] == ["120x90"]
     assert json.load(open(os.path.join(out, "capture.json")))["repo"] == "a/b"
-    assert not os.path.exists(out + ".partial")
+    assert sorted(os.listdir(tmp_path)) == ["out", "src"]  # no temporary folder left
 
     scene = load_scene(out)  # no undistort=True needed: the output is PINHOLE
     assert scene.format == "colmap" and len(scene.views) == 3
@@ -139,7 +139,7 @@ def test_prepare_capture_bad_folders(tmp_path, capsys):
     out = str(tmp_path / "o2")
     with pytest.raises(DatasetError, match=r"view_02\.jpg: photo of .* not found"):
         prepare_capture(src, out)
-    assert not os.path.exists(out) and not os.path.exists(out + ".partial")
+    assert sorted(os.listdir(tmp_path)) == ["empty", "src"]  # no output, no temporary folder
 
     Image.new("RGB", (100, 100)).save(os.path.join(src, "images", "view_02.jpg"))
     with pytest.raises(DatasetError, match=r"view_02\.jpg: image is 100x100 but camera 1 is 240x180"):

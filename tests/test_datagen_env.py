@@ -78,9 +78,19 @@ def test_outdoor_has_sky_and_ground():
 
 @pytest.fixture(scope="module")
 def tiny_env(tmp_path_factory):
+    """env_5 rendered into a corpus folder where a killed run left ``env_5.partial-<pid>``."""
+    import subprocess
+    import sys
+
     from blender_addon.datagen.environments import render_env_scene
 
-    out = str(tmp_path_factory.mktemp("env") / "env_5")
+    corpus = tmp_path_factory.mktemp("env")
+    out = str(corpus / "env_5")
+    killed = subprocess.Popen([sys.executable, "-c", "pass"])
+    killed.wait()
+    stale = corpus / f"env_5.partial-{killed.pid}"
+    (stale / "train").mkdir(parents=True)
+    (stale / "transforms_train.json").write_text("{}")
     summary = render_env_scene(5, out, views=4, size=(24, 32), samples=1, surface_points=3000, holdout_every=4,
                                kind="room", path_kind="orbit", tex_size=32)
     return out, summary
@@ -92,7 +102,7 @@ def test_tiny_env_layout_loads_with_every_point_variant(tiny_env):
 
     out, summary = tiny_env
     assert summary["splits"] == {"train": 3, "test": 1} and summary["path"]["kind"] == "orbit"
-    assert not os.path.exists(out + ".partial")
+    assert os.listdir(os.path.dirname(out)) == ["env_5"]  # the stale temporary folder was replaced
     for split, n in (("train", 3), ("test", 1)):
         meta = json.load(open(os.path.join(out, f"transforms_{split}.json")))
         assert len(meta["frames"]) == n and meta["w"] == 32 and meta["h"] == 24
@@ -155,6 +165,8 @@ def test_resimulate_points_reproduces_the_rendered_clouds(tiny_env, tmp_path):
     shutil.copytree(out, copy)
     counts = resimulate_points(copy)
     assert counts == summary["points"]
+    assert os.listdir(tmp_path) == ["env_5"] and sorted(os.listdir(os.path.join(copy, "points"))) == [
+        "lidar.ply", "mvs.ply", "sfm.ply", "surface.ply"]
     for kind in ("mvs", "sfm", "lidar", "surface"):
         a = load_ply(os.path.join(out, "points", f"{kind}.ply"))
         b = load_ply(os.path.join(copy, "points", f"{kind}.ply"))

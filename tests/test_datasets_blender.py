@@ -302,6 +302,9 @@ def test_render_steps_can_be_cancelled_leaving_nothing(tmp_path):
     """The step-wise dataset renderer (one view per step, as Export Dataset's background job
     runs it) yields its progress; closing it after the first view leaves no output folder
     and no temporary files, and restores the scene's settings and camera."""
+    import subprocess
+    import sys
+
     from blender_addon.datagen.render import render_views_steps
 
     scene = bpy.data.scenes.new("npbgpp_steps")
@@ -312,10 +315,13 @@ def test_render_steps_can_be_cancelled_leaving_nothing(tmp_path):
         scene.render.resolution_x, scene.render.resolution_y = 123, 45
         engine = scene.render.engine
         objects = set(bpy.data.objects.keys())
+        killed = subprocess.Popen([sys.executable, "-c", "pass"])  # a render killed mid-way left its folder
+        killed.wait()
+        os.makedirs(tmp_path / f"out.partial-{killed.pid}" / "train")
         steps = render_views_steps(scene, str(tmp_path / "out"), views=3, size=(8, 8), samples=1, points=10)
         assert next(steps) == (1, 3)
         steps.close()
-        assert os.listdir(tmp_path) == []
+        assert os.listdir(tmp_path) == []  # neither this run's folder nor the killed one's
         assert (scene.render.resolution_x, scene.render.resolution_y, scene.render.engine) == (123, 45, engine)
         assert scene.camera is None and set(bpy.data.objects.keys()) == objects  # its camera is gone
         done = list(render_views_steps(scene, str(tmp_path / "out"), views=2, size=(8, 8), samples=1, points=10))

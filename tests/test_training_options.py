@@ -161,7 +161,7 @@ def test_stage_dry_run_resumes_and_writes_weights(tmp_path):
 def test_scene_discovery_skips_folders_a_renderer_is_still_writing(tmp_path):
     from headless_train.data import DataConfigError, discover_scene_dirs
 
-    for name in ("env_1", "env_2.partial", ".hidden"):
+    for name in ("env_1", "env_2.partial", "env_3.partial-123", ".hidden"):
         (tmp_path / name).mkdir()
     assert discover_scene_dirs({"data_root": str(tmp_path)}) == [("env_1", str(tmp_path / "env_1"))]
     (tmp_path / "env_1").rmdir()

@@ -25,7 +25,8 @@ bricks, fine multi-octave noise, grass, stripes, checkers, dots, text), flat, gl
 metallic; glossy/metallic surfaces are flagged specular for the MVS simulator.
 
 Command line (resumable: finished ``env_<seed>`` folders are skipped; the folder is
-written as ``env_<seed>.partial`` and renamed when complete)::
+built as ``env_<seed>.partial-<pid>`` and renamed when complete, and one a killed run left
+behind is removed when that seed is rendered again; ``npbgpp_core.atomic.atomic_directory``)::
 
     python -m blender_addon.datagen.environments --seeds 1-40 --views 24 --size 256x256 \
         --out /work/corpus_env [--samples 8] [--denoise]
@@ -45,6 +46,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from npbgpp_core.atomic import atomic_directory, atomic_write_bytes
 
 from ..srgb import srgb_to_linear
 from . import camera_paths as cp
@@ -664,16 +667,17 @@ POINTS_SEED = 15485863
 
 
 def _simulate_points(scene, info: EnvInfo, rays: SceneRays, train_maps: list[ps.ViewMaps], seed: int,
-                     max_depth: float, surface_points: int, out_dir: str) -> tuple[dict, dict]:
-    """Write points/<kind>.ply and points3d.ply for a rendered scene. The simulators draw
-    from their own generator (seeded by the scene seed), so ``resimulate_points`` on a
-    finished folder reproduces exactly what rendering wrote."""
+                     max_depth: float, surface_points: int, points_dir: str) -> tuple[dict, dict]:
+    """Write ``points_dir/<kind>.ply`` for a rendered scene (the caller copies surface.ply
+    to points3d.ply). The simulators draw from their own generator (seeded by the scene
+    seed), so ``resimulate_points`` on a finished folder reproduces exactly what rendering
+    wrote."""
     from npbgpp_core.ply import save_ply
 
     from .surface_points import sample_surface_points
 
     rng = np.random.default_rng([seed, POINTS_SEED])
-    os.makedirs(os.path.join(out_dir, "points"), exist_ok=True)
+    os.makedirs(points_dir, exist_ok=True)
     mvs = ps.simulate_mvs(train_maps, rng, max_depth=max_depth, depth_noise=float(rng.uniform(0.001, 0.006)),
                           outlier_fraction=float(rng.uniform(0.0, 0.05)),
                           max_points=int(rng.integers(50_000, 300_000)))
@@ -689,9 +693,8 @@ def _simulate_points(scene, info: EnvInfo, rays: SceneRays, train_maps: list[ps.
     counts = {}
     for name, (p, col) in {"mvs": (mvs.points, mvs.colors), "sfm": (sfm.points, sfm.colors),
                            "lidar": (lidar.points, lidar.colors), "surface": (sp, sc)}.items():
-        save_ply(os.path.join(out_dir, "points", f"{name}.ply"), p, col)
+        save_ply(os.path.join(points_dir, f"{name}.ply"), p, col)
         counts[name] = int(len(p))
-    shutil.copyfile(os.path.join(out_dir, "points", "surface.ply"), os.path.join(out_dir, "points3d.ply"))
     info_out = {"mvs_max_depth": max_depth, "mvs_depth_noise": mvs.info["depth_noise"],
                 "mvs_outlier_fraction": mvs.info["outlier_fraction"], "sfm_requested": sfm.info.get("requested"),
                 "sfm_available": sfm.info.get("available"), "lidar_range_noise": lidar.info["range_noise"],
@@ -730,17 +733,13 @@ def resimulate_points(scene_dir: str) -> dict:
     try:
         rays = SceneRays(scene, info.specular_objects)
         maps = _train_maps(scene_dir, rays)
-        tmp = scene_dir.rstrip("/") + ".points-partial"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        counts, sim_info = _simulate_points(scene, info, rays, maps, seed, float(env["mvs_max_depth"]),
-                                            int(env.get("surface_points", 100_000)), tmp)
-        shutil.rmtree(os.path.join(scene_dir, "points"), ignore_errors=True)
-        os.replace(os.path.join(tmp, "points"), os.path.join(scene_dir, "points"))
-        os.replace(os.path.join(tmp, "points3d.ply"), os.path.join(scene_dir, "points3d.ply"))
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_directory(os.path.join(scene_dir, "points"), overwrite=True) as tmp:
+            counts, sim_info = _simulate_points(scene, info, rays, maps, seed, float(env["mvs_max_depth"]),
+                                                int(env.get("surface_points", 100_000)), tmp)
     finally:
         remove_scene(scene)
+    with open(os.path.join(scene_dir, "points", "surface.ply"), "rb") as f:
+        atomic_write_bytes(os.path.join(scene_dir, "points3d.ply"), f.read())
     env.update(points=counts, **sim_info)
     with open(os.path.join(scene_dir, "env.json"), "w", encoding="utf-8") as f:
         json.dump(env, f, indent=1)
@@ -759,107 +758,98 @@ def render_env_scene(seed: int, out_dir: str, views: int = 24, size: Sequence[in
     from .procedural import remove_scene
     from .render import _configure, _Settings
 
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and not overwrite:
-        raise FileExistsError(f"{out_dir}: exists (pass overwrite=True / --overwrite)")
     h, w = int(size[0]), int(size[1])
     t0 = time.perf_counter()
     rng = np.random.default_rng([seed, 104729])
-    scene, info = build_env_scene(seed, kind, tex_size)
-    tmp = out_dir + ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(os.path.join(tmp, "points"))
-    settings = _Settings()
-    cam_data = bpy.data.cameras.new(f"env_{seed}_camera")
-    cam_obj = bpy.data.objects.new(f"env_{seed}_camera", cam_data)
-    scene.collection.objects.link(cam_obj)
-    try:
-        rays = SceneRays(scene, info.specular_objects)
-        path = choose_path(info, views, rng, path_kind)
-        moved = _push_clear(path, rays)
-        fov = float(rng.uniform(*fov_deg))
-        cam_data.sensor_fit = "HORIZONTAL"
-        cam_data.sensor_width = 36.0
-        cam_data.lens = 18.0 / math.tan(math.radians(fov) / 2.0)
-        cam_data.clip_start = 0.02
-        cam_data.clip_end = 500.0
-        _configure(scene, settings, (h, w), samples, seed, denoise)
-        settings.set(scene.render, "film_transparent", False)
-        settings.set(scene.render.image_settings, "color_mode", "RGB")
-        settings.set(scene.cycles, "sample_clamp_indirect", 3.0)
-        settings.set(scene.cycles, "diffuse_bounces", 2)
-        # Fast GI (AO-approximated indirect light) cut render time ~40% at the same samples.
-        settings.set(scene.cycles, "use_fast_gi", True)
-        # AgX rolls highlights off like a camera's tone curve instead of clipping them.
-        settings.set(scene.view_settings, "view_transform", "AgX")
-        settings.set(scene, "camera", cam_obj)
-        K = opencv_intrinsics(cam_data.lens, cam_data.sensor_width, cam_data.sensor_height, cam_data.sensor_fit,
-                              cam_data.shift_x, cam_data.shift_y, w, h)
-        train_idx, test_idx = cp.holdout_split(views, holdout_every)
-        frames: dict[str, list] = {"train": [], "test": []}
-        maps: list[ps.ViewMaps] = []
-        render_s = rays_s = 0.0
-        for k in range(views):
-            split = "test" if k in test_idx else "train"
-            rel = f"{split}/r_{len(frames[split])}"
-            cam_obj.matrix_world = Matrix(path.c2w[k].tolist())
-            os.makedirs(os.path.join(tmp, split), exist_ok=True)
-            png = os.path.join(tmp, rel + ".png")
-            scene.render.filepath = png
-            t1 = time.perf_counter()
-            bpy.ops.render.render(write_still=True, scene=scene.name)
-            render_s += time.perf_counter() - t1
-            if not os.path.isfile(png):
-                raise RuntimeError(f"Blender did not write {png} (render failed)")
-            from PIL import Image
+    with atomic_directory(out_dir, overwrite) as tmp:
+        scene, info = build_env_scene(seed, kind, tex_size)
+        settings = _Settings()
+        cam_data = bpy.data.cameras.new(f"env_{seed}_camera")
+        cam_obj = bpy.data.objects.new(f"env_{seed}_camera", cam_data)
+        scene.collection.objects.link(cam_obj)
+        try:
+            rays = SceneRays(scene, info.specular_objects)
+            path = choose_path(info, views, rng, path_kind)
+            moved = _push_clear(path, rays)
+            fov = float(rng.uniform(*fov_deg))
+            cam_data.sensor_fit = "HORIZONTAL"
+            cam_data.sensor_width = 36.0
+            cam_data.lens = 18.0 / math.tan(math.radians(fov) / 2.0)
+            cam_data.clip_start = 0.02
+            cam_data.clip_end = 500.0
+            _configure(scene, settings, (h, w), samples, seed, denoise)
+            settings.set(scene.render, "film_transparent", False)
+            settings.set(scene.render.image_settings, "color_mode", "RGB")
+            settings.set(scene.cycles, "sample_clamp_indirect", 3.0)
+            settings.set(scene.cycles, "diffuse_bounces", 2)
+            # Fast GI (AO-approximated indirect light) cut render time ~40% at the same samples.
+            settings.set(scene.cycles, "use_fast_gi", True)
+            # AgX rolls highlights off like a camera's tone curve instead of clipping them.
+            settings.set(scene.view_settings, "view_transform", "AgX")
+            settings.set(scene, "camera", cam_obj)
+            K = opencv_intrinsics(cam_data.lens, cam_data.sensor_width, cam_data.sensor_height, cam_data.sensor_fit,
+                                  cam_data.shift_x, cam_data.shift_y, w, h)
+            train_idx, test_idx = cp.holdout_split(views, holdout_every)
+            frames: dict[str, list] = {"train": [], "test": []}
+            maps: list[ps.ViewMaps] = []
+            render_s = rays_s = 0.0
+            for k in range(views):
+                split = "test" if k in test_idx else "train"
+                rel = f"{split}/r_{len(frames[split])}"
+                cam_obj.matrix_world = Matrix(path.c2w[k].tolist())
+                os.makedirs(os.path.join(tmp, split), exist_ok=True)
+                png = os.path.join(tmp, rel + ".png")
+                scene.render.filepath = png
+                t1 = time.perf_counter()
+                bpy.ops.render.render(write_still=True, scene=scene.name)
+                render_s += time.perf_counter() - t1
+                if not os.path.isfile(png):
+                    raise RuntimeError(f"Blender did not write {png} (render failed)")
+                from PIL import Image
 
-            with Image.open(png) as im:
-                clean = np.asarray(im.convert("RGB"))
-            photo, jit = jitter_photo(clean, rng)
-            Image.fromarray(photo).save(png)
-            c2w = np.array(cam_obj.matrix_world, dtype=np.float64)
-            frames[split].append({"file_path": f"./{rel}", "transform_matrix": c2w.tolist(), "path_index": k,
-                                  "photo": jit})
+                with Image.open(png) as im:
+                    clean = np.asarray(im.convert("RGB"))
+                photo, jit = jitter_photo(clean, rng)
+                Image.fromarray(photo).save(png)
+                c2w = np.array(cam_obj.matrix_world, dtype=np.float64)
+                frames[split].append({"file_path": f"./{rel}", "transform_matrix": c2w.tolist(), "path_index": k,
+                                      "photo": jit})
+                t1 = time.perf_counter()
+                c2w_cv = ps.opengl_to_opencv(c2w)
+                depth, spec = rays.view_maps(K, c2w_cv, (h, w))
+                rays_s += time.perf_counter() - t1
+                maps.append(ps.ViewMaps(photo.astype(np.float64) / 255.0, depth, K, c2w_cv, spec))
+            for split, fr in frames.items():
+                meta = {"camera_angle_x": 2.0 * math.atan(w / (2.0 * K[0, 0])), "fl_x": float(K[0, 0]),
+                        "fl_y": float(K[1, 1]), "cx": float(K[0, 2]) + 0.5, "cy": float(K[1, 2]) + 0.5, "w": w, "h": h,
+                        "frames": fr}
+                with open(os.path.join(tmp, f"transforms_{split}.json"), "w", encoding="utf-8") as f:
+                    json.dump(meta, f, indent=1)
+            # point clouds: simulators see the training views only (test views stay unseen)
+            train_maps = [maps[k] for k in train_idx]
             t1 = time.perf_counter()
-            c2w_cv = ps.opengl_to_opencv(c2w)
-            depth, spec = rays.view_maps(K, c2w_cv, (h, w))
-            rays_s += time.perf_counter() - t1
-            maps.append(ps.ViewMaps(photo.astype(np.float64) / 255.0, depth, K, c2w_cv, spec))
-        for split, fr in frames.items():
-            meta = {"camera_angle_x": 2.0 * math.atan(w / (2.0 * K[0, 0])), "fl_x": float(K[0, 0]),
-                    "fl_y": float(K[1, 1]), "cx": float(K[0, 2]) + 0.5, "cy": float(K[1, 2]) + 0.5, "w": w, "h": h,
-                    "frames": fr}
-            with open(os.path.join(tmp, f"transforms_{split}.json"), "w", encoding="utf-8") as f:
-                json.dump(meta, f, indent=1)
-        # point clouds: simulators see the training views only (test views stay unseen)
-        train_maps = [maps[k] for k in train_idx]
-        t1 = time.perf_counter()
-        max_depth = _sim_kwargs(info, path)["max_depth"]
-        counts, sim_info = _simulate_points(scene, info, rays, train_maps, seed, max_depth, surface_points, tmp)
-        sim_s = time.perf_counter() - t1
-        total = time.perf_counter() - t0
-        summary = {
-            "name": f"env_{seed}", "seed": seed, "kind": info.kind, "views": views,
-            "splits": {"train": len(frames["train"]), "test": len(frames["test"])},
-            "size": [h, w], "fov_deg": fov, "samples": samples, "denoise": denoise,
-            "path": {"kind": path.kind, **{k: v for k, v in path.params.items()}, "cameras_moved_clear": moved},
-            "tex_size": tex_size, "surface_points": surface_points, "points": counts, **sim_info,
-            "seconds": {"total": total, "render": render_s, "render_per_view": render_s / views, "rays": rays_s,
-                        "points": sim_s},
-        }
-        with open(os.path.join(tmp, "env.json"), "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=1)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        settings.restore()
-        bpy.data.objects.remove(cam_obj)
-        bpy.data.cameras.remove(cam_data)
-        remove_scene(scene)
+            max_depth = _sim_kwargs(info, path)["max_depth"]
+            counts, sim_info = _simulate_points(scene, info, rays, train_maps, seed, max_depth, surface_points,
+                                                os.path.join(tmp, "points"))
+            shutil.copyfile(os.path.join(tmp, "points", "surface.ply"), os.path.join(tmp, "points3d.ply"))
+            sim_s = time.perf_counter() - t1
+            total = time.perf_counter() - t0
+            summary = {
+                "name": f"env_{seed}", "seed": seed, "kind": info.kind, "views": views,
+                "splits": {"train": len(frames["train"]), "test": len(frames["test"])},
+                "size": [h, w], "fov_deg": fov, "samples": samples, "denoise": denoise,
+                "path": {"kind": path.kind, **{k: v for k, v in path.params.items()}, "cameras_moved_clear": moved},
+                "tex_size": tex_size, "surface_points": surface_points, "points": counts, **sim_info,
+                "seconds": {"total": total, "render": render_s, "render_per_view": render_s / views, "rays": rays_s,
+                            "points": sim_s},
+            }
+            with open(os.path.join(tmp, "env.json"), "w", encoding="utf-8") as f:
+                json.dump(summary, f, indent=1)
+        finally:
+            settings.restore()
+            bpy.data.objects.remove(cam_obj)
+            bpy.data.cameras.remove(cam_data)
+            remove_scene(scene)
     return summary
 
 

@@ -32,7 +32,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from collections.abc import Generator, Sequence
@@ -40,6 +39,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from npbgpp_core.atomic import atomic_directory
 
 from ..camera_bridge import opencv_intrinsics
 
@@ -152,19 +153,6 @@ def _configure(bpy_scene, settings: _Settings, size: tuple[int, int], samples: i
     settings.set(im, "compression", 15)
 
 
-def _atomic_dir(out_dir: str, overwrite: bool) -> str:
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
-        raise FileExistsError(f"{out_dir}: output folder exists and is not empty (pass overwrite=True / --overwrite)")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = f"{out_dir}.partial-{os.getpid()}"
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    os.makedirs(tmp)
-    return tmp
-
-
 def render_views_of_current_scene(bpy_scene, out_dir: str, views: int = 100, size: Sequence[int] = (256, 256),
                                   **options: Any) -> RenderSummary:
     """Render ``views`` views of an open bpy scene into ``out_dir``, all at once (see
@@ -229,75 +217,68 @@ def render_views_steps(
         center = c0 if center is None else center
         radius = r0 if radius is None else radius
     center = np.asarray(center, dtype=np.float64)
-    tmp = _atomic_dir(out_dir, overwrite)
-
-    cam_data = bpy.data.cameras.new("npbgpp_render_camera")
-    cam_data.sensor_fit = "HORIZONTAL"
-    cam_data.sensor_width = 36.0
-    cam_data.lens = 18.0 / math.tan(math.radians(fov_deg) / 2.0)
-    cam_data.clip_start = max(1e-3, radius * 0.01)
-    cam_data.clip_end = radius * 100.0 + 100.0
-    cam_obj = bpy.data.objects.new("npbgpp_render_camera", cam_data)
-    bpy_scene.collection.objects.link(cam_obj)
-    settings = _Settings()
-    try:
-        _configure(bpy_scene, settings, (h, w), samples, seed, denoise)
-        settings.set(bpy_scene, "camera", cam_obj)
-        K = opencv_intrinsics(cam_data.lens, cam_data.sensor_width, cam_data.sensor_height, cam_data.sensor_fit,
-                              cam_data.shift_x, cam_data.shift_y, w, h)
-        fx, fy, cx, cy = float(K[0, 0]), float(K[1, 1]), float(K[0, 2]), float(K[1, 2])
-        half_fov = min(math.atan(w / (2 * fx)), math.atan(h / (2 * fy)))
-        distance = radius / math.sin(half_fov) * 1.05
-        dirs = camera_directions(views, seed, hemisphere)
-        order = np.random.default_rng(seed + 1).permutation(views)
-        split_of = {}
-        for k, idx in enumerate(order):
-            split_of[int(idx)] = "train" if k < n_train else ("val" if k < n_train + n_val else "test")
-        frames: dict[str, list] = {"train": [], "val": [], "test": []}
-        from mathutils import Matrix, Vector
-
-        for idx in range(views):
-            eye = center + dirs[idx] * distance
-            forward = Vector(tuple(center - eye))
-            rot = forward.to_track_quat("-Z", "Y").to_matrix().to_4x4()
-            cam_obj.matrix_world = Matrix.Translation(Vector(tuple(eye))) @ rot
-            split = split_of[idx]
-            k = len(frames[split])
-            rel = f"{split}/r_{k}"
-            os.makedirs(os.path.join(tmp, split), exist_ok=True)
-            bpy_scene.render.filepath = os.path.join(tmp, rel + ".png")
-            bpy.ops.render.render(write_still=True, scene=bpy_scene.name)
-            if not os.path.isfile(os.path.join(tmp, rel + ".png")):
-                raise RuntimeError(f"Blender did not write {rel}.png (render failed)")
-            m = np.array(cam_obj.matrix_world, dtype=np.float64)
-            frames[split].append({"file_path": f"./{rel}", "transform_matrix": m.tolist()})
-            yield idx + 1, views
-        angle_x = 2.0 * math.atan(w / (2.0 * fx))
-        for split, fr in frames.items():
-            meta = {
-                "camera_angle_x": angle_x,
-                "fl_x": fx, "fl_y": fy, "cx": cx + 0.5, "cy": cy + 0.5, "w": w, "h": h,
-                "frames": fr,
-            }
-            with open(os.path.join(tmp, f"transforms_{split}.json"), "w", encoding="utf-8") as f:
-                json.dump(meta, f, indent=1)
-        n_points = 0
-        if points > 0:
-            pts, cols = sample_surface_points(bpy_scene, int(points), seed)
-            save_ply(os.path.join(tmp, "points3d.ply"), pts, cols)
-            n_points = len(pts)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        settings.restore()
-        if not keep_camera:
-            bpy.data.objects.remove(cam_obj)
-            bpy.data.cameras.remove(cam_data)
     out_abs = os.path.abspath(out_dir)
-    if os.path.exists(out_abs):
-        shutil.rmtree(out_abs)
-    os.replace(tmp, out_abs)
+    with atomic_directory(out_abs, overwrite) as tmp:
+        cam_data = bpy.data.cameras.new("npbgpp_render_camera")
+        cam_data.sensor_fit = "HORIZONTAL"
+        cam_data.sensor_width = 36.0
+        cam_data.lens = 18.0 / math.tan(math.radians(fov_deg) / 2.0)
+        cam_data.clip_start = max(1e-3, radius * 0.01)
+        cam_data.clip_end = radius * 100.0 + 100.0
+        cam_obj = bpy.data.objects.new("npbgpp_render_camera", cam_data)
+        bpy_scene.collection.objects.link(cam_obj)
+        settings = _Settings()
+        try:
+            _configure(bpy_scene, settings, (h, w), samples, seed, denoise)
+            settings.set(bpy_scene, "camera", cam_obj)
+            K = opencv_intrinsics(cam_data.lens, cam_data.sensor_width, cam_data.sensor_height, cam_data.sensor_fit,
+                                  cam_data.shift_x, cam_data.shift_y, w, h)
+            fx, fy, cx, cy = float(K[0, 0]), float(K[1, 1]), float(K[0, 2]), float(K[1, 2])
+            half_fov = min(math.atan(w / (2 * fx)), math.atan(h / (2 * fy)))
+            distance = radius / math.sin(half_fov) * 1.05
+            dirs = camera_directions(views, seed, hemisphere)
+            order = np.random.default_rng(seed + 1).permutation(views)
+            split_of = {}
+            for k, idx in enumerate(order):
+                split_of[int(idx)] = "train" if k < n_train else ("val" if k < n_train + n_val else "test")
+            frames: dict[str, list] = {"train": [], "val": [], "test": []}
+            from mathutils import Matrix, Vector
+
+            for idx in range(views):
+                eye = center + dirs[idx] * distance
+                forward = Vector(tuple(center - eye))
+                rot = forward.to_track_quat("-Z", "Y").to_matrix().to_4x4()
+                cam_obj.matrix_world = Matrix.Translation(Vector(tuple(eye))) @ rot
+                split = split_of[idx]
+                k = len(frames[split])
+                rel = f"{split}/r_{k}"
+                os.makedirs(os.path.join(tmp, split), exist_ok=True)
+                bpy_scene.render.filepath = os.path.join(tmp, rel + ".png")
+                bpy.ops.render.render(write_still=True, scene=bpy_scene.name)
+                if not os.path.isfile(os.path.join(tmp, rel + ".png")):
+                    raise RuntimeError(f"Blender did not write {rel}.png (render failed)")
+                m = np.array(cam_obj.matrix_world, dtype=np.float64)
+                frames[split].append({"file_path": f"./{rel}", "transform_matrix": m.tolist()})
+                yield idx + 1, views
+            angle_x = 2.0 * math.atan(w / (2.0 * fx))
+            for split, fr in frames.items():
+                meta = {
+                    "camera_angle_x": angle_x,
+                    "fl_x": fx, "fl_y": fy, "cx": cx + 0.5, "cy": cy + 0.5, "w": w, "h": h,
+                    "frames": fr,
+                }
+                with open(os.path.join(tmp, f"transforms_{split}.json"), "w", encoding="utf-8") as f:
+                    json.dump(meta, f, indent=1)
+            n_points = 0
+            if points > 0:
+                pts, cols = sample_surface_points(bpy_scene, int(points), seed)
+                save_ply(os.path.join(tmp, "points3d.ply"), pts, cols)
+                n_points = len(pts)
+        finally:
+            settings.restore()
+            if not keep_camera:
+                bpy.data.objects.remove(cam_obj)
+                bpy.data.cameras.remove(cam_data)
     seconds = time.perf_counter() - t0
     return RenderSummary(
         out_dir=out_abs, views=views, splits={"train": n_train, "val": n_val, "test": n_test},

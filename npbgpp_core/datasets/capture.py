@@ -16,8 +16,9 @@
 - ``capture.json``: provenance (source folder, repository, commit, licence, intended use)
   and counts.
 
-The output is written to ``out + ".partial"`` and renamed at the end, so an interrupted
-run never leaves a folder that looks complete. Bad input raises ``DatasetError`` naming the
+The output is built in ``<out>.partial-<pid>`` and renamed at the end
+(``atomic.atomic_directory``), so an interrupted run never leaves a folder that looks
+complete. Bad input raises ``DatasetError`` naming the
 file.
 """
 
@@ -25,12 +26,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
 from collections.abc import Mapping
 
 import numpy as np
 
+from ..atomic import atomic_directory
 from .colmap import CAMERA_MODELS, _intrinsics, _read_model, find_sparse_dir
 from .errors import DatasetError
 
@@ -113,13 +114,11 @@ def prepare_capture(
     if os.path.exists(out) and not overwrite:
         raise DatasetError(f"{out}: already exists (pass overwrite=True / --overwrite to replace it)")
 
-    tmp = out.rstrip("/") + ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(os.path.join(tmp, "images"))
-    os.makedirs(os.path.join(tmp, "sparse", "0"))
     out_cams, out_images, sizes = [], [], []
     undistorted = 0
-    try:
+    with atomic_directory(out, overwrite) as tmp:
+        os.makedirs(os.path.join(tmp, "images"))
+        os.makedirs(os.path.join(tmp, "sparse", "0"))
         for n, (image_id, (q, t, cam_id, name)) in enumerate(sorted(images.items(), key=lambda kv: kv[1][3])):
             if cam_id not in cams:
                 raise DatasetError(f"{sparse} image {image_id} ({name}): camera {cam_id} is not in the cameras file")
@@ -176,12 +175,6 @@ def prepare_capture(
         }
         with open(os.path.join(tmp, "capture.json"), "w") as f:
             json.dump(summary, f, indent=1)
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return summary
 
 

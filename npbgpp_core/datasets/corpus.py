@@ -4,8 +4,9 @@ captures are COLMAP folders), optionally with point-cloud variants ``points/<kin
 (``mvs``, ``sfm``, ``lidar``, ``surface``) beside the default cloud, so training can pick
 one per sample.
 
-``corpus_scenes(root)`` lists the scene folders (sorted; ``*.partial`` folders, which a
-renderer is still writing, are skipped), ``point_cloud_variants(scene)`` maps each kind to
+``corpus_scenes(root)`` lists the scene folders (sorted; hidden folders and the
+``<name>.partial-<pid>`` folders a renderer is still writing, ``atomic.is_listed_name``, are
+skipped), ``point_cloud_variants(scene)`` maps each kind to
 its file, and ``check_corpus(root)`` loads every scene's cameras and clouds and raises a
 ``DatasetError`` naming the first bad file. ``python -m headless_train check-corpus ROOT``
 runs the check from the command line.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import os
 
+from ..atomic import is_listed_name, is_partial_name
 from .detect import detect_format
 from .errors import DatasetError
 
@@ -24,14 +26,15 @@ VARIANT_DIR = "points"
 
 def corpus_scenes(root: str) -> list[str]:
     """Scene folders directly under ``root`` (sorted by name). Every sub-folder must be a
-    scene, except hidden ones and ``*.partial`` folders (a renderer is still writing them):
-    a folder that is neither raises an error naming it rather than being left out."""
+    scene, except hidden ones and unfinished ``*.partial-<pid>`` folders (a renderer is still
+    writing them, or was killed while writing them; ``atomic.is_listed_name``): a folder
+    that is neither raises an error naming it rather than being left out."""
     if not os.path.isdir(root):
         raise DatasetError(f"{root}: corpus folder not found")
     names = sorted(n for n in os.listdir(root) if os.path.isdir(os.path.join(root, n)) and not n.startswith("."))
     scenes = []
     for n in names:
-        if n.endswith(".partial"):
+        if not is_listed_name(n):
             continue
         path = os.path.join(root, n)
         try:
@@ -40,7 +43,7 @@ def corpus_scenes(root: str) -> list[str]:
             raise DatasetError(f"{path}: not a scene folder of corpus {root}: {exc}") from exc
         scenes.append(path)
     if not scenes:
-        partial = [n for n in names if n.endswith(".partial")]
+        partial = [n for n in names if is_partial_name(n)]
         extra = f" ({len(partial)} unfinished *.partial folder(s))" if partial else ""
         raise DatasetError(f"{root}: no scene folders found{extra}")
     return scenes
