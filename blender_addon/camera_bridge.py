@@ -1,4 +1,5 @@
-"""Blender camera -> NPBG++ camera (OpenCV K, R, t and the core ``Camera`` state dict).
+"""Blender camera -> NPBG++ camera (OpenCV K, R, t; :meth:`CameraGeometry.to_spec` gives
+the one camera message the core takes, ``npbgpp_core.protocol.CameraSpec``).
 
 The one place Blender camera intrinsics are computed (the dataset generator uses
 :func:`opencv_intrinsics` too).
@@ -19,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from npbgpp_core.protocol import CameraSpec
+
 # Blender camera axes (x right, y up, looking down -z) -> OpenCV (x right, y down, z forward).
 BLENDER_TO_OPENCV = np.diag([1.0, -1.0, -1.0])
 
@@ -32,16 +35,10 @@ class CameraGeometry:
     t: np.ndarray
     image_size: tuple[int, int]
 
-    def state_dict(self) -> dict:
-        """Same dict as ``npbgpp_core.Camera.from_opencv(...).state_dict()`` (K, R, t as
-        lists; made without torch so that Blender needs no torch when the network runs
-        elsewhere)."""
-        return {
-            "K": np.asarray(self.K, np.float64).tolist(),
-            "R": np.asarray(self.R, np.float64).tolist(),
-            "t": np.asarray(self.t, np.float64).reshape(3).tolist(),
-            "image_size": [int(self.image_size[0]), int(self.image_size[1])],
-        }
+    def to_spec(self) -> CameraSpec:
+        """This camera as the core's camera message (plain lists, no torch: Blender needs
+        no torch when the network runs in the worker)."""
+        return CameraSpec.from_opencv(self.K, self.R, self.t, self.image_size)
 
     def project(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Pixel coordinates (N, 2) and view depth (N,) of world points (float64)."""

@@ -20,10 +20,6 @@ WINDOW_MARGIN = 128  # npbgpp_core.scene.WINDOW_MARGIN (that module imports torc
 MIN_TILE_SIZE = 2 * WINDOW_MARGIN + 16
 
 
-def camera_spec(geo: CameraGeometry) -> P.CameraSpec:
-    return P.CameraSpec.from_opencv(geo.K, geo.R, geo.t, geo.image_size)
-
-
 def render_frame(
     snap: SceneSnapshot, geo: CameraGeometry, should_cancel: Callable[[], bool] | None = None
 ) -> tuple[np.ndarray, float]:
@@ -55,6 +51,6 @@ def render_frame(
     if 0 < snap.tile_size < MIN_TILE_SIZE:
         raise ValueError(f"Tile Size must be 0 (whole frame) or at least {MIN_TILE_SIZE} pixels, not "
                          f"{snap.tile_size}: each tile renders a margin of {WINDOW_MARGIN} pixels on every side")
-    request = P.RenderFrame(camera_spec(geo), source, neural, snap.tile_size * snap.tile_size, snap.point_size)
+    request = P.RenderFrame(geo.to_spec(), source, neural, snap.tile_size * snap.tile_size, snap.point_size)
     reply = worker.request(request, should_cancel, snap.timeout)
     return reply.pixels, depth_scale

@@ -37,20 +37,23 @@ from npbgpp_core.service import RenderService  # noqa: E402
 
 
 # --------------------------------------------------------------------------- camera maths
-def test_state_dict_equals_core_camera():
+def test_camera_message_equals_core_camera():
+    """The camera the add-on sends (protocol.CameraSpec) is the core camera built from the
+    same OpenCV K, R, t, and projects points as the add-on's own maths does."""
     K = opencv_intrinsics(35.0, 36.0, 24.0, "AUTO", 0.1, -0.2, 64, 48, 1.0, 1.3)
     rng = np.random.default_rng(0)
     q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
     R = q * np.sign(np.linalg.det(q))
     t = rng.normal(size=3)
     geo = CameraGeometry(K, R, t, (48, 64))
+    spec = geo.to_spec()
+    assert isinstance(spec, P.CameraSpec) and spec.image_size == (48, 64)
     want = Camera.from_opencv(K, R, t, (48, 64), dtype=torch.float64).state_dict()
-    got = geo.state_dict()
-    for key in want:
-        np.testing.assert_allclose(np.array(got[key]), np.array(want[key]), atol=1e-12)
+    for key in ("K", "R", "t"):
+        np.testing.assert_allclose(np.array(getattr(spec, key)), np.array(want[key]), atol=1e-12)
     pts = rng.normal(size=(20, 3)) + [0, 0, 6]
     uv, z = geo.project(pts)
-    cam = Camera.from_state_dict(got, dtype=torch.float64)
+    cam = spec.to_camera(dtype=torch.float64)
     uv2, z2 = cam.project(torch.from_numpy(pts))
     np.testing.assert_allclose(uv, uv2.numpy(), atol=1e-9)
     np.testing.assert_allclose(z, z2.numpy(), atol=1e-12)
@@ -123,7 +126,7 @@ def test_scaled_geometry_matches_core():
     K = opencv_intrinsics(50, 36, 24, "AUTO", 0.1, 0.05, 64, 48)
     geo = CameraGeometry(K, np.eye(3), np.array([0.0, 0.0, 3.0]), (48, 64))
     small = geo.scaled(12, 16)
-    core = Camera.from_state_dict(geo.state_dict(), dtype=torch.float64).scaled((12, 16))
+    core = Camera.from_opencv(geo.K, geo.R, geo.t, geo.image_size, dtype=torch.float64).scaled((12, 16))
     np.testing.assert_allclose(small.K, core.to_opencv()[0], atol=1e-9)
 
 
