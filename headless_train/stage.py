@@ -113,6 +113,7 @@ def train_overrides(args: argparse.Namespace, run_dir: str, seed: str | None, re
         "trainer.limit_val_batches=0", f"trainer.last_checkpoint_every_n_steps={1 if args.dry_run else 100}",
         "trainer.keep_epoch_checkpoints=1", "trainer.enable_progress_bar=false",
         f"loss.gradient_weight={args.gradient_weight}", f"system.input_canvas={args.input_canvas}",
+        f"system.background={args.background}",
     ]
     if resume:
         o.append("resume=true")
@@ -125,6 +126,22 @@ def checkpoint_step(path: str) -> int:
     import torch
 
     return int(torch.load(path, map_location="cpu", weights_only=False).get("global_step", 0))
+
+
+def stage_background(args: argparse.Namespace, last: str | None) -> str:
+    """``--background``, or when not given the one the run continues with: the last
+    checkpoint's (resuming) or the starting weights file's ('none' for files without it).
+    Weights without a background start an 'environment' run with zero projections."""
+    if args.background:
+        return args.background
+    if last is not None:
+        import torch
+
+        meta = torch.load(last, map_location="cpu", weights_only=True).get("npbgpp", {})
+        return str(meta.get("config", {}).get("background", "none"))
+    from npbgpp_core.pretrained import default_weights_path, read_weights
+
+    return str(read_weights(args.weights or default_weights_path("npbgpp"), "npbgpp").config.get("background", "none"))
 
 
 def run_stage(args: argparse.Namespace) -> dict[str, Any]:
@@ -143,6 +160,7 @@ def run_stage(args: argparse.Namespace) -> dict[str, Any]:
         seed = seed_checkpoint(args.weights or default_weights_path("npbgpp"), os.path.join(work, "seed.ckpt"),
                                [float(v) for v in args.world_up.split(",")])
     max_steps = start_step + args.dry_steps if args.dry_run else 10**9
+    args.background = stage_background(args, last if resume else None)
     overrides = train_overrides(args, run_dir, seed, resume, max_steps)
     cmd = [sys.executable, "-m", "headless_train", *overrides]
     log_path = os.path.join(work, "train.log")
@@ -168,7 +186,8 @@ def run_stage(args: argparse.Namespace) -> dict[str, Any]:
     info: dict[str, Any] = {
         "corpus": os.path.abspath(args.corpus), "scenes": scenes, "resumed": resume, "start_step": start_step,
         "end_step": end_step, "seconds": round(seconds, 1), "exit_code": rc, "overrides": overrides,
-        "dry_run": bool(args.dry_run), "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "dry_run": bool(args.dry_run), "background": args.background,
+        "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     card = os.path.join(work, "card.json")
     with open(card, "w", encoding="utf-8") as f:
@@ -260,6 +279,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--gradient-weight", type=float, default=0.0, help="loss.gradient_weight")
     p.add_argument("--input-canvas", default="square", choices=("square", "bounds"),
                    help="system.input_canvas (bounds: half the extractor pixels; stored in the weights)")
+    p.add_argument("--background", default=None, choices=("none", "environment"),
+                   help="system.background (default: the resumed run's, else the starting weights'); "
+                        "weights without one start 'environment' with zero projections")
     p.add_argument("--no-amp", dest="amp", action="store_false", help="fp32 on the GPU (default bf16 autocast)")
     p.add_argument("--max-corpus-mib", type=float, default=MAX_CORPUS_MIB)
     p.add_argument("--override", action="append", default=[], help="extra Hydra override (repeatable)")

@@ -213,6 +213,29 @@ def _load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], path: st
         raise WeightsError(f"weights file {path} does not fit the {what}: {str(exc).splitlines()[0]}") from exc
 
 
+BACKGROUND_PREFIX = "refiner.background_proj."
+
+
+def widen_for_background(state: dict[str, torch.Tensor], model: NPBGPlusPlus) -> dict[str, torch.Tensor]:
+    """``state`` (NPBG++ network keys) of a model without a background, completed for
+    ``model`` with ``background='environment'``: the refiner's background projections it
+    lacks are added at zero (weights and bias), so the widened network computes exactly
+    the old function until trained. The one way old weights enter such a model (the
+    trainer's ``weights_path=``); every other key must already be there. ValueError when
+    ``model`` has no background or ``state`` holds only some of the projections."""
+    import torch
+
+    own = {k: v for k, v in model.state_dict().items() if k.startswith(BACKGROUND_PREFIX)}
+    if not own:
+        raise ValueError("widen_for_background: the model has no background projections (background='none')")
+    present = sorted(k for k in own if k in state)
+    if present and len(present) != len(own):
+        raise ValueError(f"widen_for_background: the weights hold only some background projections {present}")
+    if present:
+        return dict(state)
+    return {**state, **{k: torch.zeros_like(v, device="cpu") for k, v in own.items()}}
+
+
 def load_pretrained_npbgpp(
     path: str | None = None, device: str | torch.device = "cpu", world_up: Sequence[float] | None = None
 ) -> NPBGPlusPlus:

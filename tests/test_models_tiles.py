@@ -54,10 +54,15 @@ def test_needed_spans_hold_every_bilinear_tap_and_skip_the_corners(roll):
     assert frac > h * w / mask.numel()
 
 
-@pytest.mark.parametrize(("tile", "out_channels"), [(16, 3), (32, 4), (64, 3)])
-def test_tiled_refiner_equals_dense_refiner_on_needed_pixels(tile, out_channels):
+@pytest.mark.parametrize(("tile", "out_channels", "background"), [(16, 3, 0), (32, 4, 0), (64, 3, 0), (32, 3, 9)])
+def test_tiled_refiner_equals_dense_refiner_on_needed_pixels(tile, out_channels, background):
     torch.manual_seed(0)
-    refiner = Refiner(9, out_channels).eval()
+    refiner = Refiner(9, out_channels, background_channels=background).eval()
+    if background:
+        with torch.no_grad():  # trained (non-zero) background projections
+            for proj in refiner.background_proj:
+                proj.weight.normal_(0, 0.3)
+                proj.bias.normal_(0, 0.3)
     # Large enough that even the encoder (whose need grows by the receptive field,
     # about 80 pixels) leaves parts of the canvas out.
     cam = rolled_camera((320, 320), math.pi / 4 + 0.1)
@@ -73,11 +78,19 @@ def test_tiled_refiner_equals_dense_refiner_on_needed_pixels(tile, out_channels)
         table = torch.cat([rasters[level].reshape(-1, 9), torch.zeros(1, 9)])  # -1 (outside): zeros
         return table[index]
 
+    bgs = {lv: torch.randn(background, h >> lv, w >> lv, generator=g) for lv in (2, 3, 4)} if background else {}
+
+    def background_tiles(level: int, flat: torch.Tensor) -> torch.Tensor:
+        padded = tiles.pad_to_grid(bgs[level], plan, level, float("nan"))  # outside the image: never read
+        return padded.flatten(1).T[flat]
+
     with torch.inference_mode():
-        dense = refiner([r.permute(2, 0, 1)[None] for r in rasters])[0]
+        dense = refiner([r.permute(2, 0, 1)[None] for r in rasters],
+                        [bgs[lv][None] for lv in (2, 3, 4)] if background else None)[0]
         # Strict mode: NaN in every buffer pixel outside each tensor's exact need, so any
         # read of a pixel the plan did not ask for shows in the output.
-        tiled = tiles.refine_tiles(refiner, plan, raster_tiles, torch.device("cpu"), poison=float("nan"))
+        tiled = tiles.refine_tiles(refiner, plan, raster_tiles, torch.device("cpu"), poison=float("nan"),
+                                   background_tiles=background_tiles if background else None)
     mask = span_mask(need, (h, w))
     assert tiled.shape == dense.shape
     assert not torch.isnan(tiled[:, mask]).any()
@@ -94,11 +107,19 @@ def random_scene(n: int = 20000, seed: int = 0) -> AggregatedScene:
     return AggregatedScene(pts, torch.randn(n, 7, 8, generator=g), torch.rand(n, generator=g) > 0.1)
 
 
-@pytest.mark.parametrize("roll", [0.05, 0.7, math.pi / 4, 2.5])
-def test_model_render_tiled_equals_dense_canvas(roll):
+@pytest.mark.parametrize(("roll", "background"), [(0.05, "none"), (0.7, "none"), (math.pi / 4, "none"),
+                                                (2.5, "none"), (0.7, "environment"), (2.5, "environment")])
+def test_model_render_tiled_equals_dense_canvas(roll, background):
     torch.manual_seed(0)
-    model = NPBGPlusPlus(NPBGPlusPlusConfig()).eval()
+    model = NPBGPlusPlus(NPBGPlusPlusConfig(background=background, background_rows=8)).eval()
     scene = random_scene()
+    if background == "environment":
+        g = torch.Generator().manual_seed(5)
+        scene.background = torch.randn(9, 8, 16, generator=g)
+        with torch.no_grad():  # trained (non-zero) projections
+            for proj in model.refiner.background_proj:
+                proj.weight.normal_(0, 0.3, generator=g)
+                proj.bias.normal_(0, 0.3, generator=g)
     cam = rolled_camera((96, 160), roll)
     calls = []
     original = tiles.refine_tiles
@@ -117,6 +138,9 @@ def test_model_render_tiled_equals_dense_canvas(roll):
     dense = model.render(scene, cam)
     torch.testing.assert_close(fast, dense, atol=2e-5, rtol=0)
     assert (dense - dense.mean()).abs().max() > 1e-2
+    if background == "environment":  # the map reaches the image
+        scene.background = torch.zeros_like(scene.background)
+        assert (model.render(scene, cam) - dense).abs().max() > 1e-3
 
 
 def test_plan_rejects_canvases_and_tiles_it_cannot_split():

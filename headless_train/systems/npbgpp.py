@@ -11,6 +11,7 @@ import torch
 
 from npbgpp_core.losses import masked_l1
 from npbgpp_core.models import NPBGPlusPlus, NPBGPlusPlusConfig
+from npbgpp_core.pretrained import widen_for_background
 
 from ..checkpoints import save_descriptors
 from .base import BaseSystem
@@ -173,7 +174,15 @@ class NPBGPlusPlusSystem(BaseSystem):
         return save_descriptors(folder, self.scene_names[scene_id], self.coefficients(scene_id))
 
     def load_initial_weights(self, ckpt: dict, path: str) -> None:
+        """The network from ``weights_path``; weights of a model without a background
+        start a ``background='environment'`` model with its projections at zero
+        (:func:`npbgpp_core.pretrained.widen_for_background`: the same function until trained)."""
         state = {k: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+        if self.model.config.background != "none":
+            inner = widen_for_background({k[len("model."):]: v for k, v in state.items()}, self.model)
+            if len(inner) != len(state):
+                log.info("weights_path %s has no background projections: added at zero", path)
+            state = {"model." + k: v for k, v in inner.items()}
         missing, unexpected = self.load_state_dict(state, strict=False)
         missing = [k for k in missing if k.startswith("model.")]
         if missing or unexpected:

@@ -47,21 +47,26 @@ class BasisMLP(nn.Module):
 class AggregatedScene:
     """Result of aggregation: ``points`` (N, 3), ``coefficients`` (N, R, C) with rows
     [ym; beta_1..beta_m] (R = 1 + m) or [ym] for the mean variant, ``valid`` (N,) bool
-    (seen by at least one view), ``counts`` (N,) number of views that saw each point."""
+    (seen by at least one view), ``counts`` (N,) number of views that saw each point,
+    ``background`` the environment map (C + 1, rows, 2 rows) of a model with
+    ``background='environment'`` (see :mod:`.background`), else None."""
 
     points: torch.Tensor
     coefficients: torch.Tensor
     valid: torch.Tensor
     counts: torch.Tensor | None = None
+    background: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> AggregatedScene:
         return AggregatedScene(
             self.points.to(device), self.coefficients.to(device), self.valid.to(device),
             None if self.counts is None else self.counts.to(device),
+            None if self.background is None else self.background.to(device),
         )
 
     def detach(self) -> AggregatedScene:
-        return AggregatedScene(self.points, self.coefficients.detach(), self.valid, self.counts)
+        return AggregatedScene(self.points, self.coefficients.detach(), self.valid, self.counts,
+                               None if self.background is None else self.background.detach())
 
     def __len__(self) -> int:
         return int(self.points.shape[0])

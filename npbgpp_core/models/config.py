@@ -98,10 +98,20 @@ class NPBGPlusPlusConfig:
     min_view_depth: float = 0.0  # published quirk drops input-view depth <= 1; off by default
     near: float = 1e-3
     extractor_weights: str | None = None  # local file with encoder weights (optional)
+    # What the refiner sees where no point lands: 'none' (published: nothing, zeros) or
+    # 'environment' (a map of extractor features over world directions aggregated from the
+    # input views' uncovered pixels, see models/background.py; background_rows x 2*rows bins).
+    background: str = "none"
+    background_rows: int = 16
 
     def __post_init__(self) -> None:
         self.scales = tuple(float(s) for s in self.scales)
         from .alignment import check_world_up
+        from .background import BACKGROUND_MODES, check_rows
+
+        if self.background not in BACKGROUND_MODES:
+            raise ValueError(f"background must be one of {BACKGROUND_MODES}, got {self.background!r}")
+        check_rows(self.background_rows)
 
         self.world_up = check_world_up(self.world_up)
         if self.aggregator not in AGGREGATORS:
@@ -126,6 +136,11 @@ class NPBGPlusPlusConfig:
         d["scales"] = list(self.scales)
         d["world_up"] = list(self.world_up)
         return d
+
+    @property
+    def background_channels(self) -> int:
+        """Channels of a scene's background map (features + confidence), 0 without one."""
+        return self.feature_dim + 1 if self.background == "environment" else 0
 
     @property
     def coefficient_rows(self) -> int:

@@ -15,6 +15,7 @@ from ..camera import Camera
 from ..rasterizer import rasterize, rasterize_descriptors, scale_sizes
 from .aggregator import AggregatedScene, BasisMLP, RunningSums, descriptors_from_coefficients
 from .alignment import _pixel_map, align_views, render_canvas_camera, warp_images
+from .background import BACKGROUND_LEVELS, BackgroundSums, background_rasters, view_samples
 from .config import NPBGPlusPlusConfig
 from .refiner import Refiner
 
@@ -87,6 +88,7 @@ class SceneAggregation:
         cfg = model.config
         basis_dim = cfg.basis_dim if cfg.aggregator == "sphere" else None
         self.sums = RunningSums(self.points.shape[0], cfg.feature_dim, basis_dim, self.device)
+        self.background = model.new_background_sums()
         self.views_added = 0
         self.max_batch = 4  # views per extractor call (bounds memory for many large views)
 
@@ -94,7 +96,7 @@ class SceneAggregation:
         """Accumulate the features of K input views (images (K, 3, H, W) in [0, 1])."""
         images, cameras = check_images(images, cameras)
         self.views_added += len(cameras)
-        if self.points.shape[0] == 0 or not cameras:
+        if (self.points.shape[0] == 0 and self.background is None) or not cameras:
             return
         images = images.to(self.device, torch.float32)
         cameras = [c.to(self.device) for c in cameras]
@@ -104,7 +106,8 @@ class SceneAggregation:
     def _add_batch(self, images: torch.Tensor, cameras: list[Camera]) -> None:
         model, cfg = self.model, self.model.config
         visible = [model.visible_points(self.points, cam) for cam in cameras]
-        keep = [k for k, index in enumerate(visible) if index.numel() > 0]
+        # With a background every view counts (its uncovered pixels), seen points or not.
+        keep = [k for k, index in enumerate(visible) if index.numel() > 0 or self.background is not None]
         if not keep:
             return
         images, cameras, visible = images[keep], [cameras[k] for k in keep], [visible[k] for k in keep]
@@ -117,6 +120,10 @@ class SceneAggregation:
         else:
             features = model.extractor(feat_images)
         for k, (cam, index) in enumerate(zip(cameras, visible, strict=True)):
+            if self.background is not None:
+                self.background.add(*view_samples(features[k], feat_cams[k], cam, self.points, cfg.near))
+                if index.numel() == 0:
+                    continue
             pts = self.points[index]
             uv, _ = feat_cams[k].project(pts)
             y = sample_features(features[k], uv)
@@ -125,7 +132,8 @@ class SceneAggregation:
 
     def finish(self) -> AggregatedScene:
         coefficients, valid = self.sums.solve(self.model.config.ridge_alpha)
-        return AggregatedScene(self.points, coefficients, valid, self.sums.count.detach().long())
+        background = None if self.background is None else self.background.finish()
+        return AggregatedScene(self.points, coefficients, valid, self.sums.count.detach().long(), background)
 
 
 class NPBGPlusPlus(nn.Module):
@@ -149,7 +157,8 @@ class NPBGPlusPlus(nn.Module):
 
         self.extractor = FeatureExtractor(config.feature_dim, weights=config.extractor_weights)
         self.basis = BasisMLP(config.basis_dim) if config.aggregator == "sphere" else None
-        self.refiner = Refiner(config.feature_dim + 1, 4 if config.predict_mask else 3)
+        self.refiner = Refiner(config.feature_dim + 1, 4 if config.predict_mask else 3,
+                               background_channels=config.background_channels)
         # Inference renders of rolled views run the refiner on tiles (see render_raw);
         # False renders the whole canvas (the reference for tests and benchmarks).
         self.tiled_rendering = True
@@ -166,6 +175,13 @@ class NPBGPlusPlus(nn.Module):
         near = max(cfg.near, cfg.min_view_depth)
         index = rasterize(points, camera.to(points.device), scales=(cfg.visibility_scale,), near=near)[0]
         return index[index >= 0]
+
+    def new_background_sums(self) -> BackgroundSums | None:
+        """Empty running sums of a scene's environment map (None without a background)."""
+        cfg = self.config
+        if cfg.background == "none":
+            return None
+        return BackgroundSums(cfg.feature_dim, cfg.background_rows, cfg.world_up, self.device)
 
     def begin_scene(self, points: torch.Tensor) -> SceneAggregation:
         return SceneAggregation(self, points)
@@ -194,7 +210,23 @@ class NPBGPlusPlus(nn.Module):
         return desc
 
     def _render_direct(self, scene: AggregatedScene, camera: Camera) -> torch.Tensor:
-        return self.refiner([r.unsqueeze(0) for r in self._descriptor_rasters(scene, camera)])[0]
+        background = self._background_rasters(scene, camera)
+        return self.refiner([r.unsqueeze(0) for r in self._descriptor_rasters(scene, camera)],
+                            None if background is None else [b.unsqueeze(0) for b in background])[0]
+
+    def _background_rasters(self, scene: AggregatedScene, camera: Camera) -> list[torch.Tensor] | None:
+        """The refiner's background input for ``camera``: per level of
+        :data:`BACKGROUND_LEVELS` a (C+1, h_l, w_l) lookup of ``scene.background`` at the
+        pixels' ray directions (zeros when the scene has none); None without a background."""
+        cfg = self.config
+        if cfg.background == "none":
+            return None
+        sizes = scale_sizes(camera.image_size, cfg.scales)
+        background = scene.background
+        if background is not None:
+            background = background.to(self.device)
+        return background_rasters(background, camera, [sizes[level] for level in BACKGROUND_LEVELS],
+                                  cfg.world_up, cfg.background_channels)
 
     def _descriptor_rasters(self, scene: AggregatedScene, camera: Camera) -> list[torch.Tensor]:
         """The refiner's input: per scale a (C+1, h_s, w_s) raster of descriptors + mask."""
@@ -246,8 +278,18 @@ class NPBGPlusPlus(nn.Module):
         def raster_tiles(level: int, flat_pixels: torch.Tensor) -> torch.Tensor:
             return table.index_select(0, remap[grids[level].index_select(0, flat_pixels)])
 
+        background_tiles = None
+        background = self._background_rasters(scene, aligned)
+        if background is not None:
+            # Per level a table (pixels of the padded grid, C+1): rows are tile_pixels' indices.
+            tables = {level: tiles.pad_to_grid(b, plan, level, 0.0).flatten(1).T.contiguous()
+                      for level, b in zip(BACKGROUND_LEVELS, background, strict=True)}
+
+            def background_tiles(level: int, flat_pixels: torch.Tensor) -> torch.Tensor:
+                return tables[level].index_select(0, flat_pixels)
+
         dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else torch.float32
-        out = tiles.refine_tiles(self.refiner, plan, raster_tiles, dev, dtype)
+        out = tiles.refine_tiles(self.refiner, plan, raster_tiles, dev, dtype, background_tiles=background_tiles)
         return warp_images(out.unsqueeze(0), aligned, camera)[0]
 
     def render_raw(self, scene: AggregatedScene, camera: Camera) -> torch.Tensor:
@@ -293,7 +335,7 @@ class NPBGPlusPlus(nn.Module):
                 batch, cams = check_images(img, [cam])
                 cam = cams[0].to(dev)
                 index = self.visible_points(clouds[s], cam)
-                if index.numel() == 0:
+                if index.numel() == 0 and cfg.background == "none":
                     continue
                 batch = batch.to(dev, torch.float32)
                 if cfg.align_input_views:
@@ -309,21 +351,29 @@ class NPBGPlusPlus(nn.Module):
             offsets.append(offsets[-1] + n)
         basis_dim = cfg.basis_dim if cfg.aggregator == "sphere" else None
         sums = RunningSums(sum(sizes), cfg.feature_dim, basis_dim, dev)
+        backgrounds = [self.new_background_sums() for _ in samples]
         if jobs:
             features = self.extractor.forward_many(feat_images, channels_last=channels_last)
             idx, ys, dirs = [], [], []
             for (s, cam, fcam, index), feat in zip(jobs, features, strict=True):
+                bg = backgrounds[s]
+                if bg is not None:
+                    bg.add(*view_samples(feat, fcam, cam, clouds[s], cfg.near))
+                    if index.numel() == 0:
+                        continue
                 pts = clouds[s].index_select(0, index)
                 uv, _ = fcam.project(pts)
                 ys.append(sample_features(feat, uv))
                 idx.append(index + offsets[s])
                 if self.basis is not None:
                     dirs.append(cam.view_directions(pts))
-            x = self.basis(torch.cat(dirs)) if self.basis is not None else None
-            sums.add(torch.cat(idx), torch.cat(ys), x)
+            if ys:
+                x = self.basis(torch.cat(dirs)) if self.basis is not None else None
+                sums.add(torch.cat(idx), torch.cat(ys), x)
         coefficients, valid = sums.solve(cfg.ridge_alpha)
         counts = sums.count.detach().long()
-        return [AggregatedScene(clouds[s], coefficients[o : o + n], valid[o : o + n], counts[o : o + n])
+        return [AggregatedScene(clouds[s], coefficients[o : o + n], valid[o : o + n], counts[o : o + n],
+                                None if backgrounds[s] is None else backgrounds[s].finish())
                 for s, (o, n) in enumerate(zip(offsets, sizes, strict=True))]
 
     def render_raw_batch(self, scenes: Sequence[AggregatedScene], cameras: Sequence[Camera]) -> list[torch.Tensor]:
@@ -337,16 +387,20 @@ class NPBGPlusPlus(nn.Module):
                 aligned, quarter_turns = render_canvas_camera(camera, cfg.render_canvas, cfg.world_up)
             else:
                 aligned, quarter_turns = camera, 0
-            plans.append((camera, aligned, quarter_turns, self._descriptor_rasters(scene, aligned)))
+            plans.append((camera, aligned, quarter_turns, self._descriptor_rasters(scene, aligned),
+                          self._background_rasters(scene, aligned)))
         groups: dict[tuple[int, ...], list[int]] = {}
         for k, plan in enumerate(plans):
             groups.setdefault(tuple(plan[3][0].shape), []).append(k)
         outs: list[torch.Tensor | None] = [None] * len(plans)
         for members in groups.values():
             levels = [torch.stack([plans[k][3][lvl] for k in members]) for lvl in range(len(plans[members[0]][3]))]
-            refined = self.refiner(levels)
+            background = None
+            if plans[members[0]][4] is not None:
+                background = [torch.stack([plans[k][4][j] for k in members]) for j in range(len(BACKGROUND_LEVELS))]
+            refined = self.refiner(levels, background)
             for j, k in enumerate(members):
-                camera, aligned, quarter_turns, _ = plans[k]
+                camera, aligned, quarter_turns, _, _ = plans[k]
                 out = refined[j]
                 if quarter_turns is not None and quarter_turns != 0:
                     out = torch.rot90(out, quarter_turns, dims=(1, 2)).contiguous()

@@ -27,6 +27,7 @@ from torch import nn
 
 LEVEL_CHANNELS = (16, 32, 48, 64, 80)
 DECODER_CHANNELS = (48, 24, 12, 6)
+BACKGROUND_LEVELS = (2, 3, 4)  # encoder levels that take the optional background rasters
 
 
 def _pad(x: torch.Tensor) -> torch.Tensor:
@@ -73,12 +74,20 @@ class GatedBlock(nn.Module):
 
 class Refiner(nn.Module):
     """Gated U-Net: 5 rasters (B, C_in, h_i, w_i) (feature channels + mask; level i at
-    ``int(scale_i * H)``) -> (B, 3 [+1 mask], H, W), unbounded (clamp for display)."""
+    ``int(scale_i * H)``) -> (B, 3 [+1 mask], H, W), unbounded (clamp for display).
 
-    def __init__(self, in_channels: int = 9, out_channels: int = 3) -> None:
+    With ``background_channels`` > 0 the forward pass also takes 3 background rasters
+    (B, background_channels, h_i, w_i) for the encoder levels :data:`BACKGROUND_LEVELS`:
+    each level adds ``background_proj[j](background_j)`` (a 1x1 convolution to the level's
+    channels) after concatenating its descriptor raster. The projections start at zero
+    (weights and bias), so the network computes exactly the function without them until
+    they are trained; omitted backgrounds count as zero (no addition)."""
+
+    def __init__(self, in_channels: int = 9, out_channels: int = 3, background_channels: int = 0) -> None:
         super().__init__()
         self.in_channels = in_channels
         self.out_channels = out_channels
+        self.background_channels = background_channels
         c = LEVEL_CHANNELS
         if c[1] <= in_channels:
             raise ValueError(f"refiner input has too many channels ({in_channels})")
@@ -94,6 +103,13 @@ class Refiner(nn.Module):
         self.head = nn.Conv2d(cin, out_channels, 1)
         with torch.no_grad():
             self.head.bias.fill_(0.5)
+        if background_channels > 0:
+            self.background_proj = nn.ModuleList(
+                [nn.Conv2d(background_channels, c[level], 1) for level in BACKGROUND_LEVELS]
+            )
+            for proj in self.background_proj:
+                nn.init.zeros_(proj.weight)
+                nn.init.zeros_(proj.bias)
 
     def _check(self, rasters: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         if len(rasters) != 5:
@@ -104,23 +120,42 @@ class Refiner(nn.Module):
                 raise ValueError(f"refiner rasters must have {self.in_channels} channels, got {tuple(r.shape)}")
         return rasters
 
-    def forward(self, rasters: Sequence[torch.Tensor]) -> torch.Tensor:
+    def _check_background(self, background: Sequence[torch.Tensor] | None) -> list[torch.Tensor] | None:
+        if background is None or self.background_channels == 0:
+            return None
+        if len(background) != len(BACKGROUND_LEVELS):
+            raise ValueError(f"refiner takes {len(BACKGROUND_LEVELS)} background rasters, got {len(background)}")
+        background = [b if b.ndim == 4 else b.unsqueeze(0) for b in background]
+        for b in background:
+            if b.shape[1] != self.background_channels:
+                raise ValueError(f"background rasters must have {self.background_channels} channels, "
+                                 f"got {tuple(b.shape)}")
+        return background
+
+    def forward(self, rasters: Sequence[torch.Tensor],
+                background: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
         rasters = self._check(rasters)
         if not torch.is_grad_enabled():
-            return self._forward_inference(rasters)
-        return self.forward_reference(rasters)
+            return self._forward_inference(rasters, background)
+        return self.forward_reference(rasters, background)
 
-    def forward_reference(self, rasters: Sequence[torch.Tensor]) -> torch.Tensor:
+    def forward_reference(self, rasters: Sequence[torch.Tensor],
+                          background: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
         """The network as published, one module call per convolution (differentiable)."""
-        return self._run(self._check(rasters), inference=False)
+        return self._run(self._check(rasters), self._check_background(background), inference=False)
 
-    def _forward_inference(self, rasters: list[torch.Tensor]) -> torch.Tensor:
+    def _forward_inference(self, rasters: list[torch.Tensor],
+                           background: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
         """:meth:`forward_reference` with in-place activations, channels-last on the CPU."""
+        bg = self._check_background(background)
         if rasters[0].device.type == "cpu":
             rasters = [r.contiguous(memory_format=torch.channels_last) for r in rasters]
-        return self._run(rasters, inference=True).contiguous()
+            if bg is not None:
+                bg = [b.contiguous(memory_format=torch.channels_last) for b in bg]
+        return self._run(rasters, bg, inference=True).contiguous()
 
-    def _run(self, rasters: Sequence[torch.Tensor], inference: bool) -> torch.Tensor:
+    def _run(self, rasters: Sequence[torch.Tensor], background: Sequence[torch.Tensor] | None,
+             inference: bool) -> torch.Tensor:
         """The U-Net; ``inference`` picks each gated block's in-place path."""
 
         def gated(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -134,6 +169,12 @@ class Refiner(nn.Module):
             if r.shape[-2:] != x.shape[-2:]:
                 r = F.interpolate(r, size=x.shape[-2:], mode="nearest")
             x = torch.cat([gated(block, x), r.to(x.dtype)], dim=1)
+            if background is not None and i in BACKGROUND_LEVELS:
+                j = BACKGROUND_LEVELS.index(i)
+                b = background[j]
+                if b.shape[-2:] != x.shape[-2:]:
+                    b = F.interpolate(b, size=x.shape[-2:], mode="nearest")
+                x = x + self.background_proj[j](b.to(x.dtype))
             skips.append(x)
         x = gated(self.center, x)
         for block, skip in zip(self.up, reversed(skips[:4]), strict=True):

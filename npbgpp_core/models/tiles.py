@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .refiner import Refiner
+from .refiner import BACKGROUND_LEVELS, Refiner
 
 TILE = 32  # tile side at full resolution; level l uses TILE >> l
 LEVELS = 5
@@ -239,12 +239,12 @@ def tile_pixels(plan: TilePlan, tiles: TileSet, level: int) -> torch.Tensor:
 
 
 def pad_to_grid(image: torch.Tensor, plan: TilePlan, level: int, fill: int | float) -> torch.Tensor:
-    """An (h, w) image of the level padded with ``fill`` to the tile grid's size."""
+    """An (h, w) (or (C, h, w)) image of the level padded with ``fill`` to the tile grid's size."""
     t = plan.tile(level)
     gh, gw = plan.grid
-    h, w = image.shape
-    out = image.new_full((gh * t, gw * t), fill)
-    out[:h, :w] = image
+    h, w = image.shape[-2:]
+    out = image.new_full((*image.shape[:-2], gh * t, gw * t), fill)
+    out[..., :h, :w] = image
     return out
 
 
@@ -329,11 +329,14 @@ def refine_tiles(
     device: torch.device,
     dtype: torch.dtype = torch.float32,
     poison: float | None = None,
+    background_tiles: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The refiner's output (C_out, H, W) on the plan's canvas, exact on the needed pixels
     (zero outside the tiles that hold them). ``raster_tiles(level, flat)`` returns the
     level's raster (M, C_in) at flat pixel indices :func:`tile_pixels` of the level's
-    image padded to the tile grid (:func:`pad_to_grid`)."""
+    image padded to the tile grid (:func:`pad_to_grid`); ``background_tiles`` the same
+    for the refiner's background rasters at the levels :data:`BACKGROUND_LEVELS` (None:
+    no background, as the dense refiner called without one)."""
     if torch.is_grad_enabled():
         raise RuntimeError("refine_tiles is an inference path: call it under torch.inference_mode()")
     bufs = _Buffers(plan, device, dtype, poison)
@@ -361,6 +364,13 @@ def refine_tiles(
         tiles = plan.skip[level]
         out = _gated(block, bufs.windows(pooled, tiles, level))
         both = torch.cat([out, raster(level, tiles)], dim=1)
+        if background_tiles is not None and refiner.background_channels and level in BACKGROUND_LEVELS:
+            # The projection is 1x1: per pixel, so tiles need no halo of the background.
+            proj = refiner.background_proj[BACKGROUND_LEVELS.index(level)]
+            t, cb = plan.tile(level), refiner.background_channels
+            values = background_tiles(level, tile_pixels(plan, tiles, level).to(device)).to(dtype)
+            values = values.view(len(tiles), t, t, cb).permute(0, 3, 1, 2)
+            both = both + F.conv2d(values, proj.weight.to(dtype), proj.bias.to(dtype))
         skip = bufs.new(level, both.shape[1])
         bufs.write(skip, tiles, level, both, ("skip", level))
         bufs.fill_border(skip, level, "reflect")
