@@ -6,8 +6,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import Any
 
 import hydra
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("headless_train")
@@ -59,7 +61,7 @@ def run(cfg: DictConfig, run_dir: str) -> dict | None:
     if not is_primary_process():  # DDP / Slurm: the job's first process holds the lock
         return _run(cfg, run_dir)
     if _EARLY_LOCK is not None and os.path.realpath(_EARLY_LOCK.folder) == os.path.realpath(run_dir):
-        return _run(cfg, run_dir)  # taken by main() before Hydra wrote into the folder
+        return _run(cfg, run_dir)  # taken by LockRunFolder before Hydra wrote into the folder
     try:
         lock = RunLock(run_dir).acquire()
     except RunLockedError as exc:
@@ -164,29 +166,42 @@ def _run(cfg: DictConfig, run_dir: str) -> dict | None:
     return None
 
 
-_EARLY_LOCK = None  # the run folder's RunLock when main() took it before Hydra started
-_NO_RUN_FLAGS = ("--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i", "--multirun", "-m",
-                 "--shell-completion")
+_EARLY_LOCK = None  # the run folder's RunLock when LockRunFolder took it before Hydra wrote into it
 
 
-def _lock_before_hydra(argv: list[str]) -> None:
-    """Hydra writes ``<run dir>/.hydra/`` before :func:`run` starts: when the command line
-    names the folder (``hydra.run.dir=...`` without interpolation), lock it first, so a
-    refused second run leaves the first run's config files alone. Exits with status 2
-    when another live run holds the folder."""
-    global _EARLY_LOCK
-    from .runlock import RunLock, RunLockedError, is_primary_process
+class LockRunFolder(Callback):
+    """Hydra callback (``hydra.callbacks.run_lock`` in conf/config.yaml) that locks the run
+    folder before Hydra writes anything into it (``.hydra/``): Hydra calls it once the run
+    (or sweep) folder is known, whatever the command line or the config interpolates into
+    it (``outputs/${now:...}``, ``${hydra:job.name}``). The resolved path is written back
+    into the config, so Hydra creates exactly the folder that is locked. A folder held by
+    another live run exits with status 2, having written nothing into it."""
 
-    values = [a.split("=", 1)[1] for a in argv if a.lstrip("+").startswith("hydra.run.dir=")]
-    if not values or "${" in values[-1] or not is_primary_process() or any(a.split("=")[0] in _NO_RUN_FLAGS
-                                                                              for a in argv):
-        return
-    folder = os.path.abspath(values[-1].strip("'\""))
-    try:
-        _EARLY_LOCK = RunLock(folder).acquire()
-    except RunLockedError as exc:
-        print(_friendly(exc), file=sys.stderr)
-        sys.exit(2)
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._lock(config, "run")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._lock(config, "sweep")
+
+    @staticmethod
+    def _lock(config: DictConfig, mode: str) -> None:
+        global _EARLY_LOCK
+        from hydra.core.hydra_config import HydraConfig
+        from omegaconf import open_dict, read_write
+
+        from .runlock import RunLock, RunLockedError, is_primary_process
+
+        if not is_primary_process():  # DDP / Slurm: the job's first process holds the lock
+            return
+        HydraConfig.instance().set_config(config)  # for ${hydra:...} in the folder's name
+        folder = os.path.abspath(str(OmegaConf.select(config, f"hydra.{mode}.dir")))
+        with read_write(config.hydra), open_dict(config.hydra):
+            config.hydra[mode].dir = folder  # resolved once: ${now:...} cannot move on
+        try:
+            _EARLY_LOCK = RunLock(folder).acquire()
+        except RunLockedError as exc:
+            print(_friendly(exc), file=sys.stderr)
+            sys.exit(2)
 
 
 def _friendly(exc: BaseException) -> str:
@@ -240,10 +255,11 @@ def main(argv: list[str] | None = None) -> None:
         from .export import main as export_main
 
         sys.exit(export_main(argv[1:]))
+    global _EARLY_LOCK
     logging.basicConfig(level=logging.INFO)
-    _lock_before_hydra(argv)
     try:
         hydra_main()
     finally:
         if _EARLY_LOCK is not None:
             _EARLY_LOCK.release()
+            _EARLY_LOCK = None

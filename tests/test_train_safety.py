@@ -161,6 +161,40 @@ def test_two_runs_cannot_share_a_folder_and_a_stale_lock_is_taken_over(data_root
         assert f.read() == ""  # released at the end of the run
 
 
+def test_an_interpolated_run_folder_is_locked_before_hydra_writes_into_it(tmp_path):
+    """hydra.run.dir with an interpolation is resolved and locked before Hydra writes .hydra/:
+    a second run into the same resolved folder refuses and leaves the first run's files
+    alone; with the default outputs/${now:...} the folder Hydra fills is the one locked."""
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    first = tmp_path / "runs" / "headless_train"  # ${hydra:job.name} is headless_train (conf/config.yaml)
+    (first / ".hydra").mkdir(parents=True)
+    (first / ".hydra" / "config.yaml").write_text("the first run's config\n")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time; from headless_train.runlock import RunLock; "
+         f"RunLock({str(first)!r}).acquire(); print('held', flush=True); time.sleep(120)"],
+        env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        args = [f"hydra.run.dir={tmp_path}/runs/${{hydra:job.name}}", f"datasets.data_root={tmp_path}/none"]
+        proc = subprocess.run([sys.executable, "-m", "headless_train", *args], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 2 and f"in use by another run (pid {holder.pid}" in proc.stderr, proc.stderr
+        assert sorted(os.listdir(first)) == [".hydra", "run.lock"]
+        assert os.listdir(first / ".hydra") == ["config.yaml"]
+        assert (first / ".hydra" / "config.yaml").read_text() == "the first run's config\n"
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    proc = subprocess.run([sys.executable, "-m", "headless_train", f"datasets.data_root={tmp_path}/none"], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 2 and "dataset folder not found" in proc.stderr, proc.stderr
+    (day,) = os.listdir(tmp_path / "outputs")
+    (clock,) = os.listdir(tmp_path / "outputs" / day)
+    folder = tmp_path / "outputs" / day / clock
+    assert {"run.lock", ".hydra"} <= set(os.listdir(folder))
+    assert f"dir: {folder}\n" in (folder / ".hydra" / "hydra.yaml").read_text()  # Hydra used the locked folder
+
+
 @pytest.mark.parametrize("meta, extra", [
     ({"system": 3, "config": {}}, {}),
     ({"system": "npbg", "config": []}, {}),
