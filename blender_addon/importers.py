@@ -224,6 +224,11 @@ DATASET_FORMATS = [
     ("H3DS", "H3DS", "An H3DS scene folder"),
     ("COLMAP", "COLMAP", "sparse/0 model (cameras, images, points3D) and images/"),
 ]
+EXTERNAL_PATHS_TOOLTIP = (
+    "NeRF-Synthetic and COLMAP: read images whose paths in the dataset's files leave the dataset folder "
+    "(absolute, or climbing out with ..). Off by default because a dataset from elsewhere could otherwise "
+    "make the add-on open any file on this computer; turn it on only for a dataset you made or trust"
+)
 class IMPORT_SCENE_OT_npbgpp_dataset(bpy.types.Operator):
     """Import a dataset folder (NeRF-Synthetic, DTU, ScanNet, H3DS, COLMAP): points and input cameras"""
 
@@ -242,6 +247,10 @@ class IMPORT_SCENE_OT_npbgpp_dataset(bpy.types.Operator):
         description="COLMAP models with lens distortion: remap the photos to pinhole images on load "
                     "(otherwise such models are refused)",
     )
+    allow_external_paths: BoolProperty(  # type: ignore[valid-type]
+        name="Allow External Paths", default=False,
+        description=EXTERNAL_PATHS_TOOLTIP,
+    )
 
     def invoke(self, context: Any, event: Any) -> set[str]:
         context.window_manager.fileselect_add(self)
@@ -256,7 +265,8 @@ class IMPORT_SCENE_OT_npbgpp_dataset(bpy.types.Operator):
         path = bpy.path.abspath(self.directory)
         try:
             fmt = None if self.format == "AUTO" else self.format.lower()
-            reply = worker_for(context.scene).request(P.ReadDataset(path, fmt, self.max_points, self.undistort))
+            reply = worker_for(context.scene).request(
+                P.ReadDataset(path, fmt, self.max_points, self.undistort, self.allow_external_paths))
         except (WorkerError, ValueError, OSError) as exc:
             self.report({"ERROR"}, f"Cannot import dataset {path}: {exc}")
             return {"CANCELLED"}
@@ -279,6 +289,7 @@ class IMPORT_SCENE_OT_npbgpp_dataset(bpy.types.Operator):
         context.scene.npbgpp.dataset_path = path
         context.scene.npbgpp.dataset_format = reply.format or ""
         context.scene.npbgpp.dataset_undistort = self.undistort
+        context.scene.npbgpp.dataset_allow_external_paths = self.allow_external_paths
         if reply.views:
             h, w = reply.views[0].camera.image_size
             context.scene.render.resolution_x, context.scene.render.resolution_y = w, h

@@ -113,6 +113,7 @@ class NPBGPP_OT_aggregate(_ModalJob, bpy.types.Operator):
             self._timeout = s.worker_timeout
             self._count = self._worker.request(P.AggregateBegin(
                 dataset, weights, s.dataset_format or None, s.device, self.max_points, s.up_axis, s.dataset_undistort,
+                s.dataset_allow_external_paths,
             ), None, self._timeout).views
         except (WorkerError, ValueError, OSError) as exc:
             self.report({"ERROR"}, f"Aggregate failed: {exc}")
@@ -259,7 +260,7 @@ class NPBGPP_OT_densify(_ModalJob, bpy.types.Operator):
             self._timeout = s.worker_timeout
             return self._worker.request(P.DensifyBegin(
                 dataset, s.dataset_format or None, s.dataset_undistort, s.device, self.max_points, self.max_views,
-                self.min_consistent, self.image_scale,
+                self.min_consistent, self.image_scale, s.dataset_allow_external_paths,
             ), None, self._timeout)
         except (WorkerError, ValueError, OSError) as exc:
             self.report({"ERROR"}, f"Densify failed: {exc}")

@@ -97,6 +97,11 @@ class NPBGPPSceneSettings(bpy.types.PropertyGroup):
         name="Undistort Dataset", default=False,
         description="The dataset was imported with COLMAP undistortion (Aggregate and Densify read it the same way)",
     )
+    dataset_allow_external_paths: BoolProperty(  # type: ignore[valid-type]
+        name="Dataset Allows External Paths", default=False,
+        description="The dataset was imported with Allow External Paths: its image paths may leave its folder "
+        "(Aggregate and Densify read it the same way)",
+    )
     worker_mode: EnumProperty(  # type: ignore[valid-type]
         name="Worker",
         description="Where the network runs: a separate process (safe) or inside Blender",

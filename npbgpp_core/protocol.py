@@ -225,6 +225,7 @@ class ReadDataset(Request):
     format: str | None = None
     max_points: int = 0  # 0: all
     undistort: bool = False  # COLMAP: remap distorted photos on load
+    allow_external_paths: bool = False  # NeRF / COLMAP: image paths may leave the dataset folder
     op: ClassVar[str] = "read_dataset"
     reply: ClassVar[type[Reply]] = DatasetSummary
 
@@ -240,6 +241,7 @@ class AggregateBegin(Request):
     max_points: int = 0
     up_axis: str = "AUTO"
     undistort: bool = False
+    allow_external_paths: bool = False
     op: ClassVar[str] = "aggregate_begin"
     reply: ClassVar[type[Reply]] = AggregationStarted
 
@@ -279,6 +281,7 @@ class DensifyBegin(Request):
     max_views: int = 0  # 0: every training view
     min_consistent: int = 2
     image_scale: float = 1.0
+    allow_external_paths: bool = False
     op: ClassVar[str] = "densify_begin"
     reply: ClassVar[type[Reply]] = DensifyProgress
 

@@ -72,15 +72,24 @@ def torch_info() -> P.TorchInfo:
     return P.TorchInfo(torch.__version__, devices, sys.executable)
 
 
-def load_dataset(path: str, format: str | None = None, undistort: bool = False) -> Any:
-    """``load_scene`` for the add-on: ``undistort`` applies to COLMAP models (the other
-    formats hold undistorted images) and is ignored for them."""
-    from .datasets import load_scene
-    from .datasets.detect import detect_format
+def load_dataset(path: str, format: str | None = None, undistort: bool = False,
+                 allow_external_paths: bool = False) -> Any:
+    """``load_scene`` for the add-on. ``undistort`` applies to COLMAP models (the other
+    formats hold undistorted images) and ``allow_external_paths`` to the formats whose files
+    name image paths (NeRF-Synthetic, COLMAP); each is ignored for the formats without it."""
+    import importlib
 
-    if undistort and (format or detect_format(os.path.abspath(path))) == "colmap":
-        return load_scene(path, format=format, undistort=True)
-    return load_scene(path, format=format)
+    from .datasets import load_scene
+    from .datasets.detect import FORMATS, detect_format
+
+    wanted = {"undistort": undistort, "allow_external_paths": allow_external_paths}
+    options = {}
+    if any(wanted.values()):
+        fmt = format or detect_format(os.path.abspath(path))
+        if fmt in FORMATS:  # (load_scene names an unknown one) each format's module is named after it
+            accepted = importlib.import_module(f".datasets.{fmt}", __package__).OPTIONS
+            options = {k: True for k, on in wanted.items() if on and k in accepted}
+    return load_scene(path, format=format, **options)
 
 
 class DatasetAggregation:
@@ -93,7 +102,7 @@ class DatasetAggregation:
         from .pretrained import load_pretrained_npbgpp
 
         self.device = pick_device(req.device)
-        self.data = load_dataset(req.dataset, req.format, req.undistort)
+        self.data = load_dataset(req.dataset, req.format, req.undistort, req.allow_external_paths)
         self.views = list(self.data.train) or list(range(len(self.data.views)))
         # The scene's up axis for in-plane alignment: the bundle stores it in its config,
         # so rendering later rolls target views by the same rule as these input views.
@@ -247,7 +256,7 @@ class RenderService:
     def read_dataset(self, req: P.ReadDataset) -> P.DatasetSummary:
         from .datasets.scene_data import subsample_indices
 
-        data = load_dataset(req.path, req.format, req.undistort)
+        data = load_dataset(req.path, req.format, req.undistort, req.allow_external_paths)
         ids = np.arange(len(data.points))
         if req.max_points:
             ids = subsample_indices(len(data.points), req.max_points)
@@ -282,7 +291,7 @@ class RenderService:
         from .densify import DensifyJob, DensifyOptions
 
         self.densify = None
-        data = load_dataset(req.dataset, req.format, req.undistort)
+        data = load_dataset(req.dataset, req.format, req.undistort, req.allow_external_paths)
         views = list(data.train) or list(range(len(data.views)))
         if req.max_views and len(views) > req.max_views:
             views = [views[int(round(k))] for k in np.linspace(0, len(views) - 1, req.max_views)]

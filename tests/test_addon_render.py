@@ -577,6 +577,39 @@ def test_import_dataset_cameras_reproduce_views(scene):
     assert sc.npbgpp.dataset_path
 
 
+def test_import_dataset_allow_external_paths(scene):
+    """A NeRF dataset whose file_path leaves its folder is refused by default, the message
+    naming the option and where it is; with the Import Dataset dialog's Allow External
+    Paths it imports, its camera points at the outside image, and Aggregate reads the
+    dataset the same way."""
+    import json
+
+    sc, cam = scene["scene"], scene["camera"]
+    root = scene["dir"] / "nerf_ext"
+    _write_nerf_dataset(root, [cam], scene["points"], scene["colors"])
+    shared = scene["dir"] / "shared_images"
+    os.rename(root / "train", shared)
+    meta = json.loads((root / "transforms_train.json").read_text())
+    meta["frames"][0]["file_path"] = "../shared_images/r_0"
+    (root / "transforms_train.json").write_text(json.dumps(meta))
+    prop = bpy.ops.import_scene.npbgpp_dataset.get_rna_type().properties["allow_external_paths"]
+    assert prop.default is False and not prop.is_hidden  # shown in the dialog's options, off
+    assert "any file on this computer" in prop.description  # the tooltip says why it is off
+    objects = set(bpy.data.objects)
+    with pytest.raises(RuntimeError, match=r"outside the scene folder.*Allow External Paths in Import Dataset"):
+        bpy.ops.import_scene.npbgpp_dataset(directory=str(root))
+    assert set(bpy.data.objects) == objects and not sc.npbgpp.dataset_allow_external_paths
+    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root), allow_external_paths=True) == {"FINISHED"}
+    (imported,) = [o for o in sc.objects if o.type == "CAMERA" and o is not cam]
+    assert os.path.samefile(imported["npbgpp_image"], shared / "r_0.png")
+    assert sc.npbgpp.dataset_allow_external_paths
+    sc.npbgpp.weights = ""  # the bundled weights
+    assert bpy.ops.npbgpp.aggregate(filepath=str(scene["dir"] / "ext.npbgpp")) == {"FINISHED"}
+    sc.npbgpp.dataset_allow_external_paths = False  # Aggregate reads it as imported: now refused
+    with pytest.raises(RuntimeError, match="outside the scene folder"):
+        bpy.ops.npbgpp.aggregate(filepath=str(scene["dir"] / "ext2.npbgpp"))
+
+
 def test_aggregate_writes_a_bundle(scene):
     import torch
 

@@ -205,3 +205,36 @@ def test_service_undistort_option_reaches_the_colmap_loader(tmp_path, ring):
     write_nerf(tmp_path / "nerf", cams, views, sphere_only_alpha=True)
     plain = service.handle(P.ReadDataset(str(tmp_path / "nerf"), undistort=True))
     assert isinstance(plain, P.DatasetSummary) and plain.format == "nerf_synthetic"
+
+
+def test_service_allow_external_paths_reaches_the_loader(tmp_path):
+    """Import Dataset's Allow External Paths: a NeRF file_path leaving the folder is refused
+    without it and read with it; for a format whose files name no paths (ScanNet) the
+    option changes nothing (its loader would refuse an unknown option)."""
+    import json
+    import os
+    import shutil
+
+    from test_datasets_formats import write_nerf as write_nerf_folder
+    from test_datasets_formats import write_scannet
+
+    from npbgpp_core import protocol as P
+    from npbgpp_core.service import RenderService
+
+    service = RenderService()
+    root = tmp_path / "nerf"
+    write_nerf_folder(str(root))
+    shutil.move(str(root / "train"), str(tmp_path / "outside"))
+    meta = json.loads((root / "transforms_train.json").read_text())
+    for fr in meta["frames"]:
+        fr["file_path"] = fr["file_path"].replace("./train/", "../outside/")
+    (root / "transforms_train.json").write_text(json.dumps(meta))
+    refused = service.handle(P.ReadDataset(str(root)))
+    assert isinstance(refused, P.Failure) and "outside the scene folder" in refused.error
+    read = service.handle(P.ReadDataset(str(root), allow_external_paths=True))
+    assert isinstance(read, P.DatasetSummary) and read.format == "nerf_synthetic"
+    train = [v for v in read.views if "outside" in v.image_path]
+    assert len(train) == len(meta["frames"]) and all(os.path.isfile(v.image_path) for v in train)
+    write_scannet(str(tmp_path / "scannet"))
+    plain = service.handle(P.ReadDataset(str(tmp_path / "scannet"), allow_external_paths=True))
+    assert isinstance(plain, P.DatasetSummary) and plain.format == "scannet"

@@ -182,7 +182,8 @@ def path_in_root(root: str, relative: str, source: str, allow_external: bool = F
             raise DatasetError(
                 f"{source}: path {relative!r} points outside the scene folder {root}; "
                 "pass the loader option allow_external_paths=True (headless_train: "
-                "+datasets.options.allow_external_paths=true; export: --allow-external-paths) if that is intended"
+                "+datasets.options.allow_external_paths=true; export: --allow-external-paths; add-on: "
+                "Allow External Paths in Import Dataset) if that is intended"
             )
     return path
 
