@@ -222,43 +222,48 @@ def machine() -> str:
 def pack(corpus: str, out: str, max_side: int, max_points: int, max_mib: float) -> dict[str, Any]:
     """Copy ``corpus`` to ``out`` with images downscaled to ``max_side`` (PNG) and every
     .ply subsampled to ``max_points`` (seed 123); StageError when the result is still over
-    ``max_mib``."""
+    ``max_mib``. Folders a renderer is still writing (``*.partial-<pid>``) and hidden ones
+    are left out; ``out`` appears only when complete (``npbgpp_core.atomic.atomic_directory``)."""
     import numpy as np
     from PIL import Image
 
+    from npbgpp_core.atomic import atomic_directory, is_listed_name
     from npbgpp_core.ply import load_ply, save_ply
 
     if not os.path.isdir(corpus):
         raise StageError(f"corpus folder not found: {corpus}")
     if os.path.exists(out):
         raise StageError(f"{out} exists; remove it or pick another --out")
-    for dirpath, _, files in os.walk(corpus):
-        rel = os.path.relpath(dirpath, corpus)
-        dst_dir = os.path.join(out, rel)
-        os.makedirs(dst_dir, exist_ok=True)
-        for f in files:
-            src, dst = os.path.join(dirpath, f), os.path.join(dst_dir, f)
-            low = f.lower()
-            if low.endswith((".png", ".jpg", ".jpeg")):
-                with Image.open(src) as img:
-                    img.load()
-                    w, h = img.size
-                    s = min(1.0, max_side / max(w, h))
-                    if s < 1.0:
-                        img = img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.BOX)
-                    img.save(dst)
-            elif low.endswith(".ply"):
-                pc = load_ply(src)
-                keep = np.arange(len(pc.points))
-                if len(keep) > max_points:
-                    keep = np.sort(np.random.default_rng(123).choice(len(keep), max_points, replace=False))
-                save_ply(dst, pc.points[keep], None if pc.colors is None else pc.colors[keep])
-            elif low.endswith((".json", ".txt", ".bin", ".md")):
-                shutil.copyfile(src, dst)
-    size = folder_bytes(out) / 2**20
-    if size > max_mib:
-        raise StageError(f"packed corpus {out} is {size:.1f} MiB, over {max_mib:g}: use a smaller --max-side, "
-                         "--max-points or fewer scenes")
+    with atomic_directory(out) as tmp:
+        for dirpath, dirnames, files in os.walk(corpus):
+            rel = os.path.relpath(dirpath, corpus)
+            if rel == os.curdir:
+                dirnames[:] = [d for d in dirnames if is_listed_name(d)]
+            dst_dir = os.path.join(tmp, rel)
+            os.makedirs(dst_dir, exist_ok=True)
+            for f in files:
+                src, dst = os.path.join(dirpath, f), os.path.join(dst_dir, f)
+                low = f.lower()
+                if low.endswith((".png", ".jpg", ".jpeg")):
+                    with Image.open(src) as img:
+                        img.load()
+                        w, h = img.size
+                        s = min(1.0, max_side / max(w, h))
+                        if s < 1.0:
+                            img = img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.BOX)
+                        img.save(dst)
+                elif low.endswith(".ply"):
+                    pc = load_ply(src)
+                    keep = np.arange(len(pc.points))
+                    if len(keep) > max_points:
+                        keep = np.sort(np.random.default_rng(123).choice(len(keep), max_points, replace=False))
+                    save_ply(dst, pc.points[keep], None if pc.colors is None else pc.colors[keep])
+                elif low.endswith((".json", ".txt", ".bin", ".md")):
+                    shutil.copyfile(src, dst)
+        size = folder_bytes(tmp) / 2**20
+        if size > max_mib:
+            raise StageError(f"packed corpus {out} would be {size:.1f} MiB, over {max_mib:g}: use a smaller "
+                             "--max-side, --max-points or fewer scenes (nothing was written)")
     return {"out": out, "mib": round(size, 2)}
 
 

@@ -141,6 +141,29 @@ def test_stage_rejects_bad_corpus_folders(tmp_path):
         check_corpus(root, max_mib=0.001)
 
 
+def test_stage_pack_leaves_out_unfinished_scenes_and_writes_all_or_nothing(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from headless_train.stage import StageError, pack
+
+    corpus = tmp_path / "corpus"
+    for name in ("env_1", "env_2.partial-999999999", ".cache"):
+        (corpus / name / "train").mkdir(parents=True)
+        (corpus / name / "transforms_train.json").write_text(json.dumps({"frames": []}))
+        Image.new("RGB", (64, 32), (200, 10, 10)).save(corpus / name / "train" / "r_0.png")
+    out = tmp_path / "packed"
+    with pytest.raises(StageError, match="would be .* MiB, over 1e-06"):
+        pack(str(corpus), str(out), 16, 100, 1e-6)
+    assert sorted(os.listdir(tmp_path)) == ["corpus"]  # nothing half-written
+    assert pack(str(corpus), str(out), 16, 100, 64.0)["out"] == str(out)
+    assert sorted(os.listdir(out)) == ["env_1"]  # the folder still being rendered is not copied
+    with Image.open(out / "env_1" / "train" / "r_0.png") as im:
+        assert im.size == (16, 8)
+    assert sorted(os.listdir(tmp_path)) == ["corpus", "packed"]
+
+
 def test_stage_dry_run_resumes_and_writes_weights(tmp_path):
     from headless_train.stage import main
     from npbgpp_core.pretrained import read_weights
