@@ -194,6 +194,7 @@ def evaluate_scene(folder: str, args: argparse.Namespace, weights: dict[str, str
         up = resolve_world_up("auto", [scene.views[i].camera for i in inputs])
         result["world_up"] = list(up)
         model = load_pretrained_npbgpp(weights["npbgpp"], world_up=up)
+        result["background"] = model.config.background  # the weights' own option
         t = time.perf_counter()
         with torch.no_grad():
             state = model.begin_scene(points)

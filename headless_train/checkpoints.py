@@ -126,6 +126,11 @@ def check_compatible(ckpt: dict, path: str, system_name: str, system_config: dic
     return source
 
 
+# An NPBG++ scene's environment map (C + 1, rows * cols) beside its coefficients:
+# <folder>/<scene><BACKGROUND_SUFFIX>, the same file format.
+BACKGROUND_SUFFIX = ".background"
+
+
 def save_descriptors(folder: str, scene_name: str, tensor: torch.Tensor) -> str:
     """Write a float32 [n_points, D] tensor to ``<folder>/<scene_name>`` (safetensors, atomic)."""
     from safetensors.torch import save as st_save

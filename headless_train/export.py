@@ -101,8 +101,9 @@ def export_npbg(ckpt: dict, scene, args, name: str):
                           f"has {n} descriptors")
     cfg = meta.get("config", {})
     if system == "coefficients_ft":
-        c, m = int(cfg.get("feature_dim", 8)), int(cfg.get("basis_dim", 6))
-        ncfg = NPBGConfig(descriptor_dim=(1 + m) * c, feature_dim=c, use_basis=True, basis_dim=m)
+        from .systems.coefficients_ft import coefficients_config
+
+        ncfg = coefficients_config(cfg)
     else:
         d = int(cfg.get("descriptor_dim", 8))
         ncfg = NPBGConfig(descriptor_dim=d, feature_dim=d)

@@ -160,6 +160,8 @@ def fit_coefficients(
     """coefficients_ft: fine-tune ``aggregated``'s coefficients and a copy of ``model``'s
     refiner on ``views`` for ``steps`` steps; ``model`` itself is not changed. The result's
     ``.model`` is an :class:`NPBG` rendering with ``render(aggregated.points, camera)``.
+    With an environment background (``background='environment'``) the scene's map
+    becomes a learnable tensor of that model, optimised with the coefficients.
 
     ``lr_coefficients`` defaults to 0.01, not the published 0.1 (``headless_train``'s
     ``system=coefficients_ft`` keeps 0.1 for its 40k-step runs): the coefficients start
@@ -176,6 +178,7 @@ def fit_coefficients(
         {k: v.detach().cpu() for k, v in model.basis.state_dict().items()},
         {k: v.detach().cpu() for k, v in model.refiner.state_dict().items()},
         model.config, valid=aggregated.valid.detach().cpu(),
+        background=None if aggregated.background is None else aggregated.background.detach().cpu(),
     ).to(device)
     loss = loss_fn or coefficients_ft_loss(loss_factors)
     points = aggregated.points.detach().to(device, torch.float32)

@@ -33,7 +33,9 @@ class NeuralScene:
     [ym]) and ``model_state`` holds the basis MLP and refiner weights.
     ``kind='npbg'`` / ``'coefficients'``: ``features`` are NPBG descriptors (N, D) and
     ``model_state`` holds the refiner, background (and frozen basis) weights.
-    ``valid`` (N,) marks the points that are rendered.
+    ``valid`` (N,) marks the points that are rendered. ``background`` is the NPBG++
+    environment map (C + 1, rows, 2 rows) of a model with ``background='environment'``
+    (None otherwise); NPBG bundles keep theirs among the model weights.
     """
 
     def __init__(
@@ -46,6 +48,7 @@ class NeuralScene:
         model_config: dict[str, Any] | None = None,
         model_state: dict[str, torch.Tensor] | None = None,
         metadata: dict[str, Any] | None = None,
+        background: torch.Tensor | None = None,
     ) -> None:
         points = torch.as_tensor(points)
         if points.ndim != 2 or points.shape[1] != 3 or not points.is_floating_point():
@@ -75,6 +78,7 @@ class NeuralScene:
         self.model_config = dict(model_config or {})
         self.model_state = {k: v.detach().cpu() for k, v in (model_state or {}).items()}
         self.metadata = dict(metadata or {})
+        self.background = None if background is None else torch.as_tensor(background).detach().cpu()
 
     def __len__(self) -> int:
         return int(self.points.shape[0])
@@ -97,7 +101,7 @@ class NeuralScene:
         state = {k: v for k, v in model.state_dict().items() if k.startswith(("basis.", "refiner."))}
         return cls(
             aggregated.points, colors, "npbgpp", aggregated.coefficients, aggregated.valid,
-            config, state, {**(metadata or {}), "name": name},
+            config, state, {**(metadata or {}), "name": name}, getattr(aggregated, "background", None),
         )
 
     @classmethod
@@ -118,6 +122,8 @@ class NeuralScene:
         tensors = {"points": self.points, "features": self.features, "valid": self.valid}
         if self.colors is not None:
             tensors["colors"] = self.colors
+        if self.background is not None:
+            tensors["background"] = self.background
         for k, v in self.model_state.items():
             tensors[_MODEL_PREFIX + k] = v
         return {k: v.contiguous().clone() for k, v in tensors.items()}
@@ -177,7 +183,7 @@ class NeuralScene:
         try:
             scene = cls(
                 tensors["points"], tensors.get("colors"), meta.get("kind", ""), tensors["features"], tensors["valid"],
-                model_config, state, metadata,
+                model_config, state, metadata, tensors.get("background"),
             )
             scene.check()
         except ValueError as exc:
@@ -211,6 +217,7 @@ class NeuralScene:
             raise ValueError(f"model_config: {exc}") from exc
         if tuple(self.features.shape) != want:
             raise ValueError(f"features have shape {tuple(self.features.shape)}, model_config implies {want}")
+        self._check_background(config)
         expected = _expected_weights(self.kind, json.dumps(config.to_dict(), sort_keys=True))
         _check_state(self.model_state, set(expected), "NPBG++" if self.kind == "npbgpp" else "NPBG")
         for key, (shape, dtype) in expected.items():
@@ -220,6 +227,25 @@ class NeuralScene:
                                  f"{shape} {dtype}")
             if got.is_floating_point() and not _all_finite(got):
                 raise ValueError(f"weight {_MODEL_PREFIX}{key} has non-finite values")
+
+    def _check_background(self, config: Any) -> None:
+        """The environment map: present exactly when an NPBG++ config asks for one, float,
+        finite, (feature_dim + 1, background_rows, 2 * background_rows)."""
+        wants = self.kind == "npbgpp" and config.background == "environment"
+        bg = self.background
+        if bg is None:
+            if wants:
+                raise ValueError("background: model_config has background='environment' but the scene has no "
+                                 "'background' tensor (aggregate or export it again)")
+            return
+        if not wants:
+            raise ValueError(f"background: a {tuple(bg.shape)} map, but this {self.kind} model_config has no "
+                             "environment background (background='none')")
+        shape = (config.feature_dim + 1, config.background_rows, 2 * config.background_rows)
+        if tuple(bg.shape) != shape:
+            raise ValueError(f"background has shape {tuple(bg.shape)}, model_config implies {shape}")
+        if not (bg.is_floating_point() and _all_finite(bg)):
+            raise ValueError(f"background must be finite floats ({bg.dtype})")
 
     # ------------------------------------------------------------ rendering
     def renderer(
@@ -292,7 +318,8 @@ class SceneRenderer:
             model.load_state_dict(scene.model_state, strict=False)
             self.aggregated = AggregatedScene(
                 scene.points.float().to(self.device), scene.features.float().to(self.device),
-                scene.valid.to(self.device),
+                scene.valid.to(self.device), None,
+                None if scene.background is None else scene.background.float().to(self.device),
             )
         else:
             model = NPBG(n, NPBGConfig.from_dict(scene.model_config))
@@ -325,7 +352,8 @@ class SceneRenderer:
             mask[ids.to(self.device)] = True
             keep, self.rows = self.valid & mask, None if bool(mask.all()) else torch.nonzero(mask).squeeze(1)
         if self.scene.kind == "npbgpp":
-            self.aggregated = AggregatedScene(self.aggregated.points, self.aggregated.coefficients, keep)
+            self.aggregated = AggregatedScene(self.aggregated.points, self.aggregated.coefficients, keep,
+                                              background=self.aggregated.background)
         else:
             self.model.active.copy_(keep)
 

@@ -351,26 +351,36 @@ def test_one_training_step_with_the_environment_background(tmp_path):
     assert float(system.model.extractor.head.weight.grad.abs().sum()) > 0
 
 
-def test_stage_starts_an_environment_run_from_old_weights(tmp_path):
-    """``stage --background environment`` from the bundled (background-less) weights: the
-    seed is widened, a CPU step trains, the exported weights load as an environment model."""
+@pytest.fixture(scope="module")
+def env_stage(tmp_path_factory) -> tuple[str, str]:
+    """``stage --background environment`` from the bundled (background-less) weights, two
+    dry-run calls: (data root, stage folder)."""
     from _train_fixtures import make_dataset
 
     from headless_train.stage import main
-    from npbgpp_core.pretrained import load_pretrained_npbgpp, read_weights
 
-    root = make_dataset(str(tmp_path / "data"), ("s1",), views=5, size=24, n_points=150)
-    work = str(tmp_path / "stage")
-    assert read_weights(_bundled(), "npbgpp").config.get("background", "none") == "none"
+    tmp = tmp_path_factory.mktemp("envstage")
+    root = make_dataset(str(tmp / "data"), ("s1",), views=5, size=64, n_points=150)
+    work = str(tmp / "stage")
     assert main(["--corpus", root, "--work", work, "--dry-run", "--dry-steps", "1", "--background", "environment"]) == 0
     assert main(["--corpus", root, "--work", work, "--dry-run", "--dry-steps", "1"]) == 0  # resumes as environment
+    return root, work
+
+
+def test_stage_starts_an_environment_run_from_old_weights(env_stage):
+    """The seed is widened, CPU steps train, the exported weights load as an environment model."""
     import json
     import os
 
+    from npbgpp_core.pretrained import default_weights_path, load_pretrained_npbgpp, read_weights
+
+    _, work = env_stage
+    assert read_weights(default_weights_path("npbgpp"), "npbgpp").config.get("background", "none") == "none"
     with open(os.path.join(work, "stage.json")) as f:
         calls = json.load(f)
     assert [c["background"] for c in calls] == ["environment", "environment"]
     assert [c["end_step"] for c in calls] == [1, 2]
+    assert "system.background=environment" in calls[0]["overrides"]
     out = os.path.join(work, "npbgpp_sphere_stage.safetensors")
     wf = read_weights(out, "npbgpp")
     assert wf.config["background"] == "environment" and "refiner.background_proj.0.weight" in wf.state
@@ -378,7 +388,137 @@ def test_stage_starts_an_environment_run_from_old_weights(tmp_path):
     assert model.config.background == "environment"
 
 
-def _bundled() -> str:
-    from npbgpp_core.pretrained import default_weights_path
+def test_coefficients_ft_learns_the_environment_map(env_stage, tmp_path):
+    """NPBG++ evaluation writes each scene's map beside its coefficients; coefficients_ft
+    starts its learnable map from it and trains it; the exported bundle renders."""
+    import os
 
-    return default_weights_path("npbgpp")
+    from hydra import compose, initialize_config_module
+
+    from headless_train.checkpoints import load_descriptors
+    from headless_train.cli import run
+    from npbgpp_core.scene import NeuralScene
+
+    root, work = env_stage
+    ckpt = os.path.join(work, "run", "checkpoints", "last.ckpt")
+
+    def run_inproc(overrides: list[str], run_dir: str):
+        with initialize_config_module("headless_train.conf", version_base="1.3"):
+            cfg = compose("config", overrides=[*overrides, f"system.descriptors_save_dir={run_dir}/descriptors"])
+        return run(cfg, run_dir)
+
+    ev = str(tmp_path / "eval")
+    run_inproc(["datasets=nerf_blender_one_scene", f"datasets.data_root={root}", "datasets.scene_name=s1",
+                "system=npbgpp_sphere", "system.background=environment", "system.world_up=[0,0,1]",
+                "eval_only=true", "dataloader=small", f"weights_path={ckpt}"], ev)
+    env = load_descriptors(os.path.join(ev, "descriptors"), "s1.background")
+    assert env.shape == (9, 16 * 32) and float(env[8].sum()) > 0  # confidence: some bins seen
+    common = ["datasets=h3ds_one_scene", "datasets.format=nerf_synthetic", f"datasets.data_root={root}",
+              "datasets.scene_name=s1", "datasets.selection_count=0", "system=coefficients_ft",
+              "dataloader=small", "trainer.enable_progress_bar=false"]
+    ft = str(tmp_path / "ft")
+    run_inproc([*common, "datasets.train_num_samples=2", "datasets.train_image_size=null", "trainer.max_epochs=1",
+                f"system.descriptors_pretrained_dir={ev}/descriptors", f"weights_path={ckpt}",
+                "trainer.limit_val_batches=0"], ft)
+    state = torch.load(os.path.join(ft, "checkpoints", "last.ckpt"), map_location="cpu", weights_only=True)
+    learnt = [v for k, v in state["state_dict"].items() if k.endswith(".environment")]
+    assert len(learnt) == 1 and learnt[0].shape == (9, 16, 32)
+    assert not torch.equal(learnt[0], env.view(9, 16, 32))  # RMSprop moved it
+    assert state["npbgpp"]["config"]["background"] == "environment"
+    from headless_train.export import main as export_main
+
+    out = str(tmp_path / "ft.npbgpp")
+    assert export_main(["--checkpoint", os.path.join(ft, "checkpoints", "last.ckpt"), "--scene",
+                        os.path.join(root, "s1"), "--out", out]) == 0
+    bundle = NeuralScene.load(out)
+    assert bundle.kind == "coefficients" and torch.equal(bundle.model_state["environment"], learnt[0])
+    img = bundle.renderer("cpu").render(Camera.look_at((0, -3, 0.5), (0, 0, 0), up=UP_Z, image_size=(32, 32)))
+    assert img.shape == (3, 32, 32) and bool(torch.isfinite(img).all())
+
+
+# ------------------------------------------------------------------ bundles
+def env_scene(seed: int = 0):
+    model = env_model()
+    with torch.no_grad():
+        for proj in model.refiner.background_proj:
+            proj.weight.normal_()
+        points = ball(300, 0.5, seed)
+        scene = model.aggregate(points, torch.rand(4, 3, 64, 64), ring_cameras(4, size=(64, 64)))
+    return model, scene
+
+
+def test_bundle_round_trip_keeps_the_map_and_renders_like_the_model(tmp_path):
+    from npbgpp_core.scene import NeuralScene
+
+    model, scene = env_scene()
+    path = str(tmp_path / "env.npbgpp")
+    NeuralScene.from_aggregated(model, scene, name="env").save(path)
+    bundle = NeuralScene.load(path)
+    assert torch.equal(bundle.background, scene.background)
+    renderer = bundle.renderer("cpu")
+    target = Camera.look_at((2.5, 1.0, 0.5), (0, 0, 0), up=UP_Z, image_size=(64, 64)).rotated_in_plane(0.3)
+    torch.testing.assert_close(renderer.render(target), model.render(scene, target), atol=1e-6, rtol=0)
+    renderer.select_points(torch.arange(100))  # rebuilding the scene keeps the map
+    assert renderer.aggregated.background is not None
+    # Windowed rendering (bounded memory) carries it too: windows of an unrolled view
+    # equal the whole frame.
+    renderer.select_points(None)
+    upright = Camera.look_at((2.5, 1.0, 0.5), (0, 0, 0), up=UP_Z, image_size=(320, 320))
+    whole = renderer.render(upright)
+    torch.testing.assert_close(renderer.render(upright, max_pixels=(256 + 96) ** 2), whole, atol=1e-4, rtol=0)
+
+
+def test_bundle_refuses_a_malformed_or_missing_map(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from npbgpp_core.scene import NeuralScene
+
+    model, scene = env_scene()
+    good = str(tmp_path / "good.npbgpp")
+    NeuralScene.from_aggregated(model, scene).save(good)
+    from safetensors import safe_open
+
+    with safe_open(good, framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(good)
+
+    def write(name: str, **change) -> str:
+        t = dict(tensors)
+        for k, v in change.items():
+            if v is None:
+                t.pop(k)
+            else:
+                t[k] = v
+        path = str(tmp_path / name)
+        save_file(t, path, metadata=meta)
+        return path
+
+    with pytest.raises(ValueError, match=r"wrong.npbgpp: .*background has shape \(9, 4, 8\), model_config implies "
+                                         r"\(9, 8, 16\)"):
+        NeuralScene.load(write("wrong.npbgpp", background=torch.zeros(9, 4, 8)))
+    with pytest.raises(ValueError, match="missing.npbgpp: .*no 'background' tensor"):
+        NeuralScene.load(write("missing.npbgpp", background=None))
+    with pytest.raises(ValueError, match="nan.npbgpp: tensor 'background' holds 1 NaN"):
+        bad = tensors["background"].clone()
+        bad[0, 0, 0] = float("nan")
+        NeuralScene.load(write("nan.npbgpp", background=bad))
+    none_model = NPBGPlusPlus({"world_up": list(UP_Z)})
+    plain = NeuralScene.from_aggregated(none_model, type(scene)(scene.points, scene.coefficients, scene.valid))
+    plain.background = scene.background
+    with pytest.raises(ValueError, match="background: a \\(9, 8, 16\\) map, but this npbgpp model_config has no"):
+        plain.check()
+
+
+def test_fit_coefficients_learns_the_scene_map():
+    from npbgpp_core.fitting import FitViews, fit_coefficients
+
+    model, scene = env_scene()
+    cams = ring_cameras(4, size=(64, 64))
+    views = FitViews(torch.rand(4, 3, 64, 64), cams)
+    fit = fit_coefficients(model, scene, views, steps=0)
+    assert torch.equal(fit.model.environment.detach(), scene.background)
+    fit = fit_coefficients(model, scene, views, steps=3, crop=32)
+    assert fit.model.environment is not None and not torch.equal(fit.model.environment.detach(), scene.background)
+    assert any(p is fit.model.environment for p in fit.model.descriptor_parameters())
+    img = fit.model.render(scene.points, cams[0])
+    assert img.shape == (3, 64, 64) and bool(torch.isfinite(img).all())

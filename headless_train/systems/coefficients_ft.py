@@ -17,6 +17,20 @@ from .npbg import NPBGSystem
 
 log = logging.getLogger(__name__)
 
+# NPBG++ options that shape the coefficients_ft model (stored in its checkpoints).
+SOURCE_KEYS = ("feature_dim", "basis_dim", "background", "background_rows", "world_up")
+
+
+def coefficients_config(source: dict) -> NPBGConfig:
+    """The NPBG model of coefficients_ft for an NPBG++ config dict ``source``: (1 + m) * C
+    coefficients per point, the frozen basis, and the NPBG++ environment background
+    (a learnable map) when the source has one."""
+    c, m = int(source.get("feature_dim", 8)), int(source.get("basis_dim", 6))
+    return NPBGConfig(descriptor_dim=(1 + m) * c, feature_dim=c, use_basis=True, basis_dim=m,
+                      background=str(source.get("background", "none")),
+                      background_rows=int(source.get("background_rows", 16)),
+                      world_up=tuple(source.get("world_up", (0.0, 1.0, 0.0))))
+
 
 class CoefficientsFTSystem(NPBGSystem):
     system_name = "coefficients_ft"
@@ -31,14 +45,12 @@ class CoefficientsFTSystem(NPBGSystem):
         self.loss_factors = tuple(int(f) for f in self.scfg.get("loss_factors", (1, 2, 4)))
 
     def npbg_config(self) -> NPBGConfig:
-        c = int(self._source.get("feature_dim", 8))
-        m = int(self._source.get("basis_dim", 6))
-        return NPBGConfig(descriptor_dim=(1 + m) * c, feature_dim=c, use_basis=True, basis_dim=m)
+        return coefficients_config(self._source)
 
     def metadata(self) -> dict:
         meta = super().metadata()
-        meta["config"] = {**self.scfg, "feature_dim": self.npbg_config().feature_dim,
-                          "basis_dim": self.npbg_config().basis_dim}
+        ncfg = self.npbg_config().to_dict()
+        meta["config"] = {**self.scfg, **{k: ncfg[k] for k in SOURCE_KEYS}}
         return meta
 
     def after_descriptors_loaded(self, model: NPBG, descriptors: torch.Tensor) -> None:

@@ -6,6 +6,7 @@ fitting loop."""
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from torch import nn
@@ -13,7 +14,7 @@ from torch import nn
 from npbgpp_core.fitting import npbg_optimizers, npbg_step_loss
 from npbgpp_core.models import NPBG, NPBGConfig
 
-from ..checkpoints import load_descriptors, save_descriptors
+from ..checkpoints import BACKGROUND_SUFFIX, load_descriptors, save_descriptors
 from .base import BaseSystem, module_key
 
 log = logging.getLogger(__name__)
@@ -54,10 +55,28 @@ class NPBGSystem(BaseSystem):
             with torch.no_grad():
                 m.descriptors.copy_(t)
             self.after_descriptors_loaded(m, t)
+            if m.environment is not None:
+                self.load_pretrained_background(folder, name, m)
         log.info("descriptors of %d scene(s) loaded from %s", len(self.scene_names), folder)
 
     def after_descriptors_loaded(self, model: NPBG, descriptors: torch.Tensor) -> None:
         """Hook (coefficients_ft marks unseen points inactive)."""
+
+    def load_pretrained_background(self, folder: str, name: str, model: NPBG) -> None:
+        """Start the scene's environment map from ``<folder>/<name>.background`` (written by
+        an NPBG++ evaluation with ``background='environment'``); zeros ("not observed") with
+        a warning when the file is missing."""
+        assert model.environment is not None
+        if not os.path.isfile(os.path.join(folder, name + BACKGROUND_SUFFIX)):
+            log.warning("no environment map %s%s: scene %s starts from zeros", name, BACKGROUND_SUFFIX, name)
+            return
+        t = load_descriptors(folder, name + BACKGROUND_SUFFIX)
+        shape = tuple(model.environment.shape)
+        if t.numel() != model.environment.numel() or t.shape[0] != shape[0]:
+            raise ValueError(f"environment map {folder}/{name}{BACKGROUND_SUFFIX} holds {tuple(t.shape)} values, "
+                             f"system {self.system_name} needs {shape}")
+        with torch.no_grad():
+            model.environment.copy_(t.reshape(shape))
 
     def descriptor_params(self) -> list[nn.Parameter]:
         return [p for sid in range(len(self.scene_names)) for p in self.scene_model(sid).descriptor_parameters()]

@@ -13,7 +13,7 @@ from npbgpp_core.losses import masked_l1
 from npbgpp_core.models import NPBGPlusPlus, NPBGPlusPlusConfig
 from npbgpp_core.pretrained import widen_for_background
 
-from ..checkpoints import save_descriptors
+from ..checkpoints import BACKGROUND_SUFFIX, save_descriptors
 from .base import BaseSystem
 
 log = logging.getLogger(__name__)
@@ -171,7 +171,13 @@ class NPBGPlusPlusSystem(BaseSystem):
         return coef.reshape(coef.shape[0], -1)
 
     def save_scene_descriptors(self, folder: str, scene_id: int) -> str:
-        return save_descriptors(folder, self.scene_names[scene_id], self.coefficients(scene_id))
+        """The scene's coefficients (and its environment map, ``<scene>.background``)."""
+        path = save_descriptors(folder, self.scene_names[scene_id], self.coefficients(scene_id))
+        background = self._eval_cache[scene_id].background
+        if background is not None:
+            save_descriptors(folder, self.scene_names[scene_id] + BACKGROUND_SUFFIX,
+                             background.reshape(background.shape[0], -1))
+        return path
 
     def load_initial_weights(self, ckpt: dict, path: str) -> None:
         """The network from ``weights_path``; weights of a model without a background

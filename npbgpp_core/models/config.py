@@ -164,10 +164,23 @@ class NPBGConfig:
     scales: tuple[float, ...] = field(default_factory=lambda: tuple(DEFAULT_SCALES))
     predict_mask: bool = False
     near: float = 1e-3
+    # 'environment': besides the constant background vector, a learnable NPBG++ environment
+    # map (feature_dim + 1, background_rows, 2 rows) over directions about world_up, fed to
+    # the refiner's background projections (coefficients_ft of an NPBG++ model that has one).
+    background: str = "none"
+    background_rows: int = 16
+    world_up: tuple[float, float, float] = (0.0, 1.0, 0.0)
 
     def __post_init__(self) -> None:
         self.scales = tuple(float(s) for s in self.scales)
         _check_scales(self.scales)
+        from .alignment import check_world_up
+        from .background import BACKGROUND_MODES, check_rows
+
+        self.world_up = check_world_up(self.world_up)
+        if self.background not in BACKGROUND_MODES:
+            raise ValueError(f"background must be one of {BACKGROUND_MODES}, got {self.background!r}")
+        check_rows(self.background_rows)
         _check_channels("NPBGConfig", descriptor_dim=self.descriptor_dim, feature_dim=self.feature_dim,
                         basis_dim=self.basis_dim)
         if self.use_basis:
@@ -189,4 +202,10 @@ class NPBGConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["scales"] = list(self.scales)
+        d["world_up"] = list(self.world_up)
         return d
+
+    @property
+    def background_channels(self) -> int:
+        """Channels of the environment map (features + confidence), 0 without one."""
+        return self.feature_dim + 1 if self.background == "environment" else 0

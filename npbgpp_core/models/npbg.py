@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from ..camera import Camera
-from ..rasterizer import rasterize_descriptors
+from ..rasterizer import rasterize_descriptors, scale_sizes
 from .aggregator import BasisMLP, descriptors_from_coefficients
+from .background import BACKGROUND_LEVELS, background_rasters
 from .config import NPBGConfig, NPBGPlusPlusConfig
 from .npbgpp import autocast_context, check_points, refine_dense, render_at_scale
 from .refiner import Refiner
@@ -21,7 +22,9 @@ from .refiner import Refiner
 class NPBG(nn.Module):
     """``.descriptors`` (N, D) (zeros), ``.background`` (feature_dim,) (zeros),
     ``.refiner``; ``.basis`` (frozen) only with ``use_basis``. ``.active`` (N,) bool
-    buffer: points that are rasterized (all by default)."""
+    buffer: points that are rasterized (all by default). With ``background='environment'``
+    also ``.environment`` (feature_dim + 1, rows, 2 rows) (zeros): a learnable NPBG++
+    environment map looked up per pixel for the refiner's background projections."""
 
     def __init__(self, num_points: int, config: NPBGConfig | dict | None = None) -> None:
         super().__init__()
@@ -38,7 +41,12 @@ class NPBG(nn.Module):
         if config.use_basis:
             self.basis = BasisMLP(config.basis_dim)
             self.basis.requires_grad_(False)
-        self.refiner = Refiner(config.feature_dim + 1, 4 if config.predict_mask else 3)
+        self.refiner = Refiner(config.feature_dim + 1, 4 if config.predict_mask else 3,
+                               background_channels=config.background_channels)
+        self.environment: nn.Parameter | None = None
+        if config.background_channels:
+            rows = config.background_rows
+            self.environment = nn.Parameter(torch.zeros(config.background_channels, rows, 2 * rows))
 
     @property
     def device(self) -> torch.device:
@@ -53,10 +61,13 @@ class NPBG(nn.Module):
         refiner_state: dict[str, torch.Tensor],
         config: NPBGPlusPlusConfig | dict | None = None,
         valid: torch.Tensor | None = None,
+        background: torch.Tensor | None = None,
     ) -> NPBG:
         """coefficients_ft: descriptors = the NPBG++ coefficients (N, 1 + m, C) flattened,
         the basis MLP from ``basis_state`` (frozen), the refiner from ``refiner_state``.
-        ``config`` is the NPBG++ model's config; ``valid`` marks the points to render."""
+        ``config`` is the NPBG++ model's config; ``valid`` marks the points to render;
+        ``background`` the scene's environment map (NPBG++ with ``background='environment'``:
+        the start of the learnable ``.environment``; None starts it at zero)."""
         if not isinstance(config, NPBGPlusPlusConfig):
             config = NPBGPlusPlusConfig.from_dict(config)
         if config.aggregator != "sphere":
@@ -71,12 +82,19 @@ class NPBG(nn.Module):
         ncfg = NPBGConfig(
             descriptor_dim=rows * c, feature_dim=c, use_basis=True, basis_dim=config.basis_dim,
             scales=config.scales, predict_mask=config.predict_mask, near=config.near,
+            background=config.background, background_rows=config.background_rows, world_up=config.world_up,
         )
         model = cls(n, ncfg)
         with torch.no_grad():
             model.descriptors.copy_(coefficients.detach().reshape(n, rows * c))
             if valid is not None:
                 model.active.copy_(valid.to(torch.bool).reshape(n))
+            if background is not None:
+                if model.environment is None or tuple(background.shape) != tuple(model.environment.shape):
+                    want = None if model.environment is None else tuple(model.environment.shape)
+                    raise ValueError(f"background map {tuple(background.shape)} does not fit this model "
+                                     f"(expects {want})")
+                model.environment.copy_(background.detach())
         assert model.basis is not None
         model.basis.load_state_dict(_strip(basis_state, "basis."))
         model.refiner.load_state_dict(_strip(refiner_state, "refiner."))
@@ -106,7 +124,13 @@ class NPBG(nn.Module):
             points[index], camera, self.config.scales, self.config.near,
             lambda rows: self.point_descriptors(points, camera, index[rows]), background=self.background,
         )
-        return self.refiner([r.unsqueeze(0) for r in rasters])[0]
+        environment = None
+        if self.environment is not None:
+            sizes = scale_sizes(camera.image_size, self.config.scales)
+            environment = [b.unsqueeze(0) for b in background_rasters(
+                self.environment, camera, [sizes[level] for level in BACKGROUND_LEVELS], self.config.world_up,
+                self.config.background_channels)]
+        return self.refiner([r.unsqueeze(0) for r in rasters], environment)[0]
 
     def forward(self, points: torch.Tensor, camera: Camera) -> torch.Tensor:
         return self.render_raw(points, camera)
@@ -129,8 +153,10 @@ class NPBG(nn.Module):
         return refine_dense(self.refiner, feature_map, self.config.scales, drop_prob, detach)
 
     def descriptor_parameters(self) -> list[nn.Parameter]:
-        """Parameters for the descriptor optimiser (RMSprop in the published recipe)."""
-        return [self.descriptors, self.background]
+        """Parameters for the descriptor optimiser (RMSprop in the published recipe); the
+        environment map too when there is one (same learning rate as the coefficients)."""
+        extra = [] if self.environment is None else [self.environment]
+        return [self.descriptors, self.background, *extra]
 
 
 def _strip(state: dict[str, Any], prefix: str) -> dict[str, Any]:
