@@ -522,3 +522,42 @@ def test_fit_coefficients_learns_the_scene_map():
     assert any(p is fit.model.environment for p in fit.model.descriptor_parameters())
     img = fit.model.render(scene.points, cams[0])
     assert img.shape == (3, 64, 64) and bool(torch.isfinite(img).all())
+
+
+def test_service_aggregates_and_renders_with_the_map(tmp_path):
+    """The add-on's worker path: aggregation requests with environment weights write a
+    bundle holding the map, and neural frames of that bundle render with it."""
+    import numpy as np
+    from _train_fixtures import make_tiny_scene
+
+    from npbgpp_core import protocol as P
+    from npbgpp_core.pretrained import save_weights
+    from npbgpp_core.scene import NeuralScene
+    from npbgpp_core.service import RenderService
+
+    model = env_model()
+    with torch.no_grad():
+        for proj in model.refiner.background_proj:
+            proj.weight.normal_()
+    weights = str(tmp_path / "env.safetensors")
+    save_weights(weights, model.state_dict(), "npbgpp", model.config.to_dict(), {}, fp16=False)
+    folder = make_tiny_scene(str(tmp_path / "scene"), views=4, size=64, n_points=150, splits=(4, 0, 0))
+    service = RenderService()
+    started = service.handle(P.AggregateBegin(folder, weights, device="CPU", up_axis="+Y"))
+    assert isinstance(started, P.AggregationStarted), started
+    for k in range(started.views):
+        assert service.handle(P.AggregateView(k)) == P.Done()
+    out = str(tmp_path / "s.npbgpp")
+    assert isinstance(service.handle(P.AggregateFinish(out)), P.AggregationResult)
+    bundle = NeuralScene.load(out)
+    assert bundle.background is not None and bundle.background.shape == (9, 8, 16)
+    assert float(bundle.background[8].sum()) > 0
+    assert isinstance(service.handle(P.LoadBundle(out, device="CPU")), P.BundleInfo)
+    cam = Camera.look_at((0.5, 0.8, -3.0), (0, 0, 0), image_size=(48, 64))
+    frame = service.handle(P.RenderFrame(P.CameraSpec.from_camera(cam), source="bundle", neural=True))
+    assert isinstance(frame, P.Frame), frame
+    direct = bundle.renderer("cpu").render(cam).permute(1, 2, 0).numpy()
+    np.testing.assert_allclose(frame.pixels[..., P.NEURAL], direct, atol=1e-5)
+    blank = NeuralScene.load(out)
+    blank.background = torch.zeros_like(blank.background)
+    assert np.abs(blank.renderer("cpu").render(cam).permute(1, 2, 0).numpy() - direct).max() > 1e-3

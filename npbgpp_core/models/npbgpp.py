@@ -146,6 +146,15 @@ class NPBGPlusPlus(nn.Module):
         state.add_views(images, cameras)        # as often as needed
         scene = state.finish()
         image = model.render(scene, camera)     # (3, H, W) in [0, 1]
+
+    Where no point lands the published network gets zeros and can only paint a learnt
+    constant. With ``config.background='environment'`` aggregation also builds
+    ``scene.background``, a map of extractor features over world directions taken from the
+    input views' pixels the cloud leaves uncovered (:mod:`.background`); renders look it up
+    at every pixel's ray for the refiner's levels 1/4, 1/8 and 1/16, where zero-initialised
+    1x1 projections add it (old weights enter through
+    :func:`npbgpp_core.pretrained.widen_for_background` and compute the old function until
+    trained). The default ``'none'`` is the published network, unchanged.
     """
 
     def __init__(self, config: NPBGPlusPlusConfig | dict | None = None) -> None:
