@@ -116,7 +116,8 @@ def lookup(background: torch.Tensor, directions: torch.Tensor, world_up: Sequenc
     c, rows, cols = background.shape
     x, y = map_coordinates(directions.to(torch.float32), world_up, rows)
     index, weight = _taps(x, y, rows)
-    flat = background.reshape(c, rows * cols).T  # (bins, C')
+    # (bins, C'); contiguous: index_select on the transposed view is ~15x slower on the CPU.
+    flat = background.reshape(c, rows * cols).T.contiguous()
     taps = flat.index_select(0, index.reshape(-1)).view(4, -1, c)
     return (taps * weight[:, :, None].to(taps.dtype)).sum(0)
 
