@@ -10,6 +10,10 @@ inputs), that writes new weights and their card back.
   (steps, seconds, machine, corpus, overrides) and ``<work>/stage.json`` records the call.
 - ``--dry-run`` runs the same pipeline on the CPU for ``--dry-steps`` steps at tiny crops
   (what the tests do).
+- ``--background environment`` trains NPBG++ with the environment background
+  (``system.background``); background-less starting weights get zero projections
+  (``npbgpp_core.pretrained.widen_for_background``). Without the flag a call continues with
+  the run's (or the starting weights') own option; ``stage.json`` records it.
 - ``pack`` makes the corpus small enough: ``python -m headless_train stage pack --corpus
   corpus_env --out .gpurun/corpus --max-side 192`` (images downscaled, clouds subsampled).
 
