@@ -351,6 +351,31 @@ def test_one_training_step_with_the_environment_background(tmp_path):
     assert float(system.model.extractor.head.weight.grad.abs().sum()) > 0
 
 
+def test_background_lr_scale_gives_the_projections_their_own_step(tmp_path):
+    """system.background_lr_scale: the projections' Adam group has lr x scale, every other
+    parameter keeps lr, and no parameter is in two groups or left out."""
+    from _train_fixtures import make_dataset
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from headless_train.data import SceneDataModule
+    from headless_train.systems import build_system
+
+    root = make_dataset(str(tmp_path / "data"), ("sceneA",), size=48)
+    with initialize_config_module("headless_train.conf", version_base="1.3"):
+        cfg = compose("config", overrides=[
+            "system=npbgpp_sphere", "datasets=nerf_blender_pretrain", f"datasets.data_root={root}",
+            f"system.descriptors_save_dir={tmp_path}/d", "system.background=environment",
+            "system.background_rows=4", "system.lr=2e-4", "system.background_lr_scale=10"])
+    system = build_system(OmegaConf.to_container(cfg, resolve=True), SceneDataModule(cfg, seed=0).scenes)
+    groups = system.configure_optimizers().param_groups
+    proj = {id(p) for p in system.model.refiner.background_proj.parameters()}
+    assert [g["lr"] for g in groups] == [2e-4, pytest.approx(2e-3)]
+    assert {id(p) for p in groups[1]["params"]} == proj
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in system.model.parameters())
+
+
 @pytest.fixture(scope="module")
 def env_stage(tmp_path_factory) -> tuple[str, str]:
     """``stage --background environment`` from the bundled (background-less) weights, two

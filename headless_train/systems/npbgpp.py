@@ -53,7 +53,16 @@ class NPBGPlusPlusSystem(BaseSystem):
         self.freeze_batchnorm()
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.model.parameters(), lr=float(self.scfg.get("lr", 1e-4)))
+        lr = float(self.scfg.get("lr", 1e-4))
+        scale = float(self.scfg.get("background_lr_scale", 1.0))
+        projections = getattr(self.model.refiner, "background_proj", None)
+        if projections is None or scale == 1.0:
+            return torch.optim.Adam(self.model.parameters(), lr=lr)
+        # The environment projections start at zero when old weights are widened: a larger
+        # step lets them reach a useful size in the few hundred steps a CPU stage has.
+        own = {id(p) for p in projections.parameters()}
+        rest = [p for p in self.model.parameters() if id(p) not in own]
+        return torch.optim.Adam([{"params": rest}, {"params": list(projections.parameters()), "lr": lr * scale}], lr=lr)
 
     def aggregate_inputs(self, scene_id: int, images: list[torch.Tensor], cameras: list, variant: int | None = None):
         """Aggregate a sample's input views; views of equal size go through the extractor together."""
