@@ -8,6 +8,10 @@ inputs), that writes new weights and their card back.
 - Training stops after ``--minutes`` (SIGTERM: the trainer writes last.ckpt), then the
   checkpoint is exported (fp16) to ``<work>/npbgpp_sphere_stage.safetensors`` with a card
   (steps, seconds, machine, corpus, overrides) and ``<work>/stage.json`` records the call.
+- The corpus may mix layouts: every scene folder is read in the format detected from its
+  files (``datasets.format=null``), e.g. Blender renders beside photo captures prepared with
+  ``python -m headless_train prepare-capture --orient z-up`` (rotated so that one
+  ``--world-up 0,0,1`` fits both).
 - ``--dry-run`` runs the same pipeline on the CPU for ``--dry-steps`` steps at tiny crops
   (what the tests do).
 - ``--background environment`` trains NPBG++ with the environment background
@@ -102,7 +106,9 @@ def train_overrides(args: argparse.Namespace, run_dir: str, seed: str | None, re
     crop = 16 if args.dry_run else args.crop
     o = [
         f"hydra.run.dir={run_dir}", "datasets=nerf_blender_pretrain",
-        f"datasets.data_root={os.path.abspath(args.corpus)}",
+        # each scene's own layout, as check_corpus detected it: Blender renders (NeRF-Synthetic)
+        # and prepared photo captures (COLMAP) train together
+        "datasets.format=null", f"datasets.data_root={os.path.abspath(args.corpus)}",
         f"datasets.train_image_size={crop}", "datasets.train_num_samples=2000", "datasets.point_cloud_variants=true",
         "datasets.cache_images=true", f"datasets.selection_count={args.views}",
         # every scene in every epoch (the default rotates 4 scenes per epoch: one stage

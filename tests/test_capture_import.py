@@ -150,3 +150,169 @@ def test_prepare_capture_bad_folders(tmp_path, capsys):
         cli_main(["prepare-capture", src, "--out", out])
     assert exc.value.code == 2
     assert "already exists" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ --orient z-up
+def _yaw_ring_poses(G: np.ndarray, n: int = 8, pitch_deg: float = 20.0, rolls=None) -> list:
+    """World-to-camera (R, t) of ``n`` cameras on a ring about the origin, looking at it from
+    ``pitch_deg`` above, upright in a Z-up frame that ``G`` rotates into the capture's frame
+    (capture point = G @ upright point); ``rolls`` (degrees) turns each about its optical axis."""
+    out = []
+    for i in range(n):
+        yaw = 2 * np.pi * i / n
+        p = np.radians(pitch_deg)
+        f = -np.array([np.cos(p) * np.cos(yaw), np.cos(p) * np.sin(yaw), np.sin(p)])  # towards the origin
+        right = np.cross(f, [0.0, 0.0, 1.0])
+        right /= np.linalg.norm(right)
+        R = np.stack([right, np.cross(f, right), f])  # OpenCV rows: x right, y down, z forward
+        if rolls is not None:
+            a = np.radians(rolls[i])
+            R = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]]) @ R
+        R = R @ G.T
+        centre = G @ (-5.0 * f)
+        out.append((R, -R @ centre))
+    return out
+
+
+def _write_posed_capture(root: str, poses: list, pts: np.ndarray, cols: np.ndarray) -> None:
+    """A text COLMAP capture with the given poses (photos are placeholders of the camera's size)."""
+    from npbgpp_core.datasets.capture import rotation_to_quaternion
+
+    os.makedirs(os.path.join(root, "sparse", "0"))
+    os.makedirs(os.path.join(root, "images"))
+    with open(os.path.join(root, "sparse", "0", "cameras.txt"), "w") as f:
+        f.write(f"1 PINHOLE {W} {H} {F} {F} {W / 2} {H / 2}\n")
+    with open(os.path.join(root, "sparse", "0", "images.txt"), "w") as f:
+        for i, (R, t) in enumerate(poses):
+            q = rotation_to_quaternion(R)
+            f.write(f"{i + 1} {' '.join(repr(float(x)) for x in (*q, *t))} 1 v{i:02d}.png\n\n")
+            Image.new("RGB", (W, H), (90, 90, 90)).save(os.path.join(root, "images", f"v{i:02d}.png"))
+    with open(os.path.join(root, "sparse", "0", "points3D.txt"), "w") as f:
+        for i, (p, c) in enumerate(zip(pts, cols, strict=True)):
+            f.write(f"{i + 1} {p[0]!r} {p[1]!r} {p[2]!r} {c[0]} {c[1]} {c[2]} 0.5\n")
+
+
+def _random_rotation(seed: int) -> np.ndarray:
+    q, r = np.linalg.qr(np.random.default_rng(seed).normal(size=(3, 3)))
+    q = q * np.sign(np.diag(r))
+    return q if np.linalg.det(q) > 0 else -q
+
+
+def test_rotation_helpers_against_direct_checks():
+    from npbgpp_core.datasets.capture import rotation_to_quaternion, rotation_to_z_up
+    from npbgpp_core.datasets.colmap import quaternion_to_rotation
+
+    rng = np.random.default_rng(1)
+    quats = [rng.normal(size=4) for _ in range(50)] + [np.array(v, float) for v in (
+        (1, 0, 0, 0), (0, 1, 0, 0), (0, 0, 1, 0), (0, 0, 0, 1), (0, 1, 1, 0))]  # half turns: w = 0
+    for q in quats:
+        R = quaternion_to_rotation(q)
+        np.testing.assert_allclose(quaternion_to_rotation(rotation_to_quaternion(R)), R, atol=1e-12)
+    for up in [*rng.normal(size=(20, 3)), (0, 0, 1.0), (0, 0, -1.0), (1e-9, 0, -1.0), (0, 1.0, 0)]:
+        u = np.asarray(up, float) / np.linalg.norm(up)
+        Q = rotation_to_z_up(u)
+        np.testing.assert_allclose(Q @ u, [0, 0, 1], atol=1e-9)
+        np.testing.assert_allclose(Q @ Q.T, np.eye(3), atol=1e-9)
+        assert abs(np.linalg.det(Q) - 1.0) < 1e-9
+
+
+def test_orient_z_up_rotates_poses_and_points_and_keeps_every_projection(tmp_path):
+    import torch
+
+    from npbgpp_core.models.alignment import estimate_world_up
+
+    G = _random_rotation(7)
+    pts = np.random.default_rng(2).uniform(-1, 1, size=(200, 3))
+    cols = np.random.default_rng(3).integers(0, 256, size=(200, 3))
+    src = str(tmp_path / "src")
+    _write_posed_capture(src, _yaw_ring_poses(G), pts, cols)
+    keep, zup = str(tmp_path / "keep"), str(tmp_path / "zup")
+    prepare_capture(src, keep, max_size=1000)
+    summary = prepare_capture(src, zup, max_size=1000, orient="z-up", provenance={"use": "train"})
+
+    # The cameras are upright in the frame G maps from, so the capture's up is G's image of +Z.
+    np.testing.assert_allclose(summary["estimated_up"], G[:, 2], atol=1e-9)
+    rot = np.asarray(summary["rotation"])
+    assert summary["orient"] == "z-up" and abs(np.linalg.det(rot) - 1) < 1e-12
+    np.testing.assert_allclose(rot @ G[:, 2], [0, 0, 1], atol=1e-9)
+    assert json.load(open(os.path.join(zup, "capture.json")))["rotation"] == summary["rotation"]
+
+    a, b = load_scene(keep), load_scene(zup)
+    np.testing.assert_allclose(b.points, pts @ rot.T, atol=1e-5)
+    assert max(abs(c) for c in np.asarray(estimate_world_up([v.camera for v in a.views], 0)) - [0, 0, 1]) > 0.1
+    assert estimate_world_up([v.camera for v in b.views]) == (0.0, 0.0, 1.0)
+    np.testing.assert_allclose(estimate_world_up([v.camera for v in b.views], snap_degrees=0), [0, 0, 1], atol=1e-6)
+    for va, vb in zip(a.views, b.views, strict=True):
+        uva, da = va.camera.project(torch.as_tensor(a.points, dtype=torch.float64))
+        uvb, db = vb.camera.project(torch.as_tensor(b.points, dtype=torch.float64))
+        assert bool((da > 3).all())  # every point well in front: no near-plane blow-up
+        np.testing.assert_allclose(uvb.numpy(), uva.numpy(), atol=2e-3)  # float32 cameras
+        np.testing.assert_allclose(db.numpy(), da.numpy(), rtol=1e-5)
+
+
+def test_orient_keep_is_the_default_and_unchanged(tmp_path):
+    src = str(tmp_path / "src")
+    write_capture(src, n_views=2)
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    prepare_capture(src, a, max_size=120)
+    assert cli_main_rc(["prepare-capture", src, "--out", b, "--max-size", "120", "--orient", "keep"]) == 0
+    for rel in ("sparse/0/cameras.bin", "sparse/0/images.bin", "sparse/0/points3D.bin", "capture.json",
+                "images/view_00.jpg"):
+        assert open(os.path.join(a, rel), "rb").read() == open(os.path.join(b, rel), "rb").read(), rel
+    assert "rotation" not in json.load(open(os.path.join(a, "capture.json")))
+
+
+def cli_main_rc(argv: list[str]) -> int:
+    with pytest.raises(SystemExit) as exc:
+        cli_main(argv)
+    return int(exc.value.code or 0)
+
+
+def test_orient_refuses_cameras_that_disagree_about_up(tmp_path, capsys):
+    pts = np.random.default_rng(2).uniform(-1, 1, size=(20, 3))
+    cols = np.full((20, 3), 200)
+    src = str(tmp_path / "src")
+    # half the photos upright, half upside down: the mean image-up direction vanishes
+    _write_posed_capture(src, _yaw_ring_poses(np.eye(3), rolls=[0, 180] * 4), pts, cols)
+    with pytest.raises(DatasetError, match=r"sparse/0 images: the cameras disagree about up .*length 0\.00"):
+        prepare_capture(src, str(tmp_path / "out"), orient="z-up")
+    assert cli_main_rc(["prepare-capture", src, "--out", str(tmp_path / "out"), "--orient", "z-up"]) == 2
+    assert "--orient keep" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["src"]  # nothing written
+    with pytest.raises(DatasetError, match="orient must be one of"):
+        prepare_capture(src, str(tmp_path / "out"), orient="y-up")
+    prepare_capture(src, str(tmp_path / "out"))  # keep still works
+
+
+# ------------------------------------------------------------------ mixed training corpus
+def test_mixed_corpus_of_blender_scenes_and_captures_loads_and_stages(tmp_path):
+    from _train_fixtures import make_tiny_scene
+
+    from headless_train.data import load_scenes
+    from headless_train.stage import check_corpus
+    from headless_train.stage import main as stage_main
+    from npbgpp_core.ply import save_ply
+
+    corpus = tmp_path / "corpus"
+    make_tiny_scene(str(corpus / "env_1"), views=5, size=24, n_points=150)
+    os.makedirs(corpus / "env_1" / "points")
+    save_ply(str(corpus / "env_1" / "points" / "mvs.ply"), np.random.default_rng(0).normal(size=(40, 3)))
+    src = str(tmp_path / "src")
+    pts, _ = write_capture(src, n_views=5)
+    prepare_capture(src, str(corpus / "capture"), max_size=64)
+
+    assert check_corpus(str(corpus)) == ["capture", "env_1"]  # a COLMAP capture counts as a scene
+    scenes = load_scenes({"data_root": str(corpus), "format": None, "point_cloud_variants": True,
+                          "cache_images": True, "cache_images_max_gb": 1}, None)
+    cap, env = scenes
+    assert (cap.format, env.format) == ("colmap", "nerf_synthetic")
+    np.testing.assert_allclose(cap.points, pts, atol=1e-6)  # no variants: its own SfM cloud
+    assert "point_variants" not in cap.metadata and len(cap.train) == 4  # view 0 is the test split
+    assert [k for k, _ in env.metadata["point_variants"]] == ["mvs"]
+    assert cap.load_image(1).shape == (3, 48, 64)
+
+    work = str(tmp_path / "stage")
+    assert stage_main(["--corpus", str(corpus), "--work", work, "--dry-run", "--dry-steps", "1"]) == 0
+    calls = json.load(open(os.path.join(work, "stage.json")))
+    assert calls[0]["scenes"] == ["capture", "env_1"] and "datasets.format=null" in calls[0]["overrides"]
+    assert "scenes ['capture', 'env_1']" in open(os.path.join(work, "train.log")).read()

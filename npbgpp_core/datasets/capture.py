@@ -16,6 +16,15 @@
 - ``capture.json``: provenance (source folder, repository, commit, licence, intended use)
   and counts.
 
+``orient="z-up"`` rotates the whole capture about the origin (camera poses and points, so
+every point projects to the same pixel) so that its estimated up becomes +Z, the up of
+Blender scenes: a training corpus mixing both then needs one ``world_up``. The estimate is
+the mean image-up direction of the cameras (as ``models.alignment.estimate_world_up``, but
+neither snapped to an axis nor replaced by a default): when the cameras disagree (mean
+shorter than ``MIN_UP_AGREEMENT``) preparing fails. ``capture.json`` then records
+``orient``, ``estimated_up`` and ``rotation`` (3x3, new = rotation @ old world
+coordinates). ``orient="keep"`` (default) leaves the poses as they are.
+
 The output is built in ``<out>.partial-<pid>`` and renamed at the end
 (``atomic.atomic_directory``), so an interrupted run never leaves a folder that looks
 complete. Bad input raises ``DatasetError`` naming the
@@ -32,11 +41,65 @@ from collections.abc import Mapping
 import numpy as np
 
 from ..atomic import atomic_directory
-from .colmap import CAMERA_MODELS, _intrinsics, _read_model, find_sparse_dir
+from .colmap import CAMERA_MODELS, _intrinsics, _read_model, find_sparse_dir, quaternion_to_rotation
 from .errors import DatasetError
 
 _MODEL_ID = {name: i for i, (name, _) in CAMERA_MODELS.items()}
 USES = ("train", "validation")
+ORIENTS = ("keep", "z-up")
+# Length of the mean of the cameras' unit image-up vectors below which they are taken to
+# disagree about up (0 = no agreement, 1 = all rolled alike).
+MIN_UP_AGREEMENT = 0.5
+
+
+def rotation_to_quaternion(R: np.ndarray) -> np.ndarray:
+    """(w, x, y, z) unit quaternion of a rotation matrix, w >= 0 (inverse of
+    ``colmap.quaternion_to_rotation``); Shepperd's branch on the largest component."""
+    R = np.asarray(R, dtype=np.float64)
+    tr = R[0, 0] + R[1, 1] + R[2, 2]
+    cands = np.array([1 + tr, 1 + R[0, 0] - R[1, 1] - R[2, 2], 1 - R[0, 0] + R[1, 1] - R[2, 2],
+                      1 - R[0, 0] - R[1, 1] + R[2, 2]])
+    k = int(np.argmax(cands))
+    s = 2.0 * np.sqrt(cands[k])
+    if k == 0:
+        q = [s / 4, (R[2, 1] - R[1, 2]) / s, (R[0, 2] - R[2, 0]) / s, (R[1, 0] - R[0, 1]) / s]
+    elif k == 1:
+        q = [(R[2, 1] - R[1, 2]) / s, s / 4, (R[0, 1] + R[1, 0]) / s, (R[0, 2] + R[2, 0]) / s]
+    elif k == 2:
+        q = [(R[0, 2] - R[2, 0]) / s, (R[0, 1] + R[1, 0]) / s, s / 4, (R[1, 2] + R[2, 1]) / s]
+    else:
+        q = [(R[1, 0] - R[0, 1]) / s, (R[0, 2] + R[2, 0]) / s, (R[1, 2] + R[2, 1]) / s, s / 4]
+    q = np.asarray(q)
+    q /= np.linalg.norm(q)
+    return -q if q[0] < 0 else q
+
+
+def capture_up(rotations: list[np.ndarray], source: str) -> np.ndarray:
+    """Unit mean image-up direction (world space) of cameras with world-to-camera rotations
+    ``rotations`` (OpenCV: image y points down, so up is minus the second row).
+    DatasetError naming ``source`` when the cameras disagree."""
+    ups = np.asarray([-np.asarray(R, np.float64)[1] for R in rotations])
+    mean = ups.mean(0)
+    norm = float(np.linalg.norm(mean))
+    if norm < MIN_UP_AGREEMENT:
+        raise DatasetError(
+            f"{source}: the cameras disagree about up (mean image-up direction has length {norm:.2f} < "
+            f"{MIN_UP_AGREEMENT}: rolled or upside-down photos); cannot orient it, use --orient keep"
+        )
+    return mean / norm
+
+
+def rotation_to_z_up(up: np.ndarray) -> np.ndarray:
+    """Proper rotation (det +1) taking unit vector ``up`` to +Z along the shortest arc
+    (Rodrigues); half a turn about X when ``up`` is -Z."""
+    u = np.asarray(up, np.float64) / np.linalg.norm(up)
+    z = np.array([0.0, 0.0, 1.0])
+    c = float(u @ z)
+    if c < -1.0 + 1e-12:
+        return np.diag([1.0, -1.0, -1.0])
+    v = np.cross(u, z)
+    vx = np.array([[0, -v[2], v[1]], [v[2], 0, -v[0]], [-v[1], v[0], 0]])
+    return np.eye(3) + vx + vx @ vx / (1.0 + c)
 
 
 def _write_cameras_bin(path: str, cams: list[tuple[int, int, int, tuple[float, float, float, float]]]) -> None:
@@ -82,9 +145,11 @@ def prepare_capture(
     image_format: str = "jpg",
     provenance: Mapping[str, str] | None = None,
     overwrite: bool = False,
+    orient: str = "keep",
 ) -> dict:
-    """Write a downscaled, undistorted copy of the COLMAP capture ``src`` to ``out``;
-    returns the summary also written to ``out/capture.json``."""
+    """Write a downscaled, undistorted copy of the COLMAP capture ``src`` to ``out``
+    (rotated so up is +Z with ``orient="z-up"``); returns the summary also written to
+    ``out/capture.json``."""
     import torch
     from PIL import Image
 
@@ -95,6 +160,8 @@ def prepare_capture(
         raise DatasetError(f"max_size must be at least 16 pixels (got {max_size})")
     if image_format not in ("jpg", "png"):
         raise DatasetError(f"image_format must be 'jpg' or 'png' (got {image_format!r})")
+    if orient not in ORIENTS:
+        raise DatasetError(f"orient must be one of {ORIENTS} (got {orient!r})")
     prov = dict(provenance or {})
     if prov.get("use") not in (None, *USES):
         raise DatasetError(f"use must be one of {USES} (got {prov['use']!r})")
@@ -113,6 +180,11 @@ def prepare_capture(
         raise DatasetError(f"{photo_dir}: image folder not found")
     if os.path.exists(out) and not overwrite:
         raise DatasetError(f"{out}: already exists (pass overwrite=True / --overwrite to replace it)")
+    rot = up = None
+    if orient == "z-up":
+        up = capture_up([quaternion_to_rotation(np.asarray(q, float)) for q, _, _, _ in images.values()],
+                        f"{sparse} images")
+        rot = rotation_to_z_up(up)
 
     out_cams, out_images, sizes = [], [], []
     undistorted = 0
@@ -158,11 +230,16 @@ def prepare_capture(
             else:
                 photo.save(dst)
             out_cams.append((n + 1, nw, nh, (fx, fy, cx, cy)))
-            out_images.append((image_id, np.asarray(q, float), np.asarray(t, float), n + 1, out_name))
+            q = np.asarray(q, float)
+            if rot is not None:
+                # x_cam = R x + t = (R rot^T)(rot x) + t: the translation is unchanged
+                q = rotation_to_quaternion(quaternion_to_rotation(q) @ rot.T)
+            out_images.append((image_id, q, np.asarray(t, float), n + 1, out_name))
             sizes.append((nw, nh))
         _write_cameras_bin(os.path.join(tmp, "sparse", "0", "cameras.bin"), out_cams)
         _write_images_bin(os.path.join(tmp, "sparse", "0", "images.bin"), out_images)
-        _write_points_bin(os.path.join(tmp, "sparse", "0", "points3D.bin"), points[0], points[1])
+        xyz = points[0] if rot is None else np.asarray(points[0], np.float64) @ rot.T
+        _write_points_bin(os.path.join(tmp, "sparse", "0", "points3D.bin"), xyz, points[1])
         summary = {
             "source": os.path.abspath(src),
             **prov,
@@ -173,6 +250,9 @@ def prepare_capture(
             "undistorted_images": undistorted,
             "source_camera_models": sorted({cams[c][0] for _, _, c, _ in images.values()}),
         }
+        if rot is not None:
+            summary.update(orient=orient, estimated_up=[float(x) for x in up],
+                           rotation=[[float(x) for x in row] for row in rot])
         with open(os.path.join(tmp, "capture.json"), "w") as f:
             json.dump(summary, f, indent=1)
     return summary
@@ -197,10 +277,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--licence", default=None, help="provenance: the repository's licence")
     p.add_argument("--use", choices=USES, default=None, help="provenance: train or validation only")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--orient", choices=ORIENTS, default="keep",
+                   help="keep the poses (default) or rotate the capture so the cameras' mean up is +Z")
     a = p.parse_args(argv)
     prov = {k: v for k, v in (("repo", a.repo), ("commit", a.commit), ("licence", a.licence), ("use", a.use)) if v}
     try:
-        s = prepare_capture(a.src, a.out, a.max_size, a.images_dir, a.format, prov, a.overwrite)
+        s = prepare_capture(a.src, a.out, a.max_size, a.images_dir, a.format, prov, a.overwrite, a.orient)
     except DatasetError as exc:
         print(f"prepare-capture: {exc}", file=sys.stderr)
         return 2
