@@ -232,13 +232,17 @@ def hydra_main(cfg: DictConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: the ``export``, ``export-weights``, ``prepare-capture``, ``check-corpus``
-    and ``stage`` subcommands, otherwise Hydra."""
+    """Entry point: the ``export``, ``export-weights``, ``average-weights``, ``prepare-capture``,
+    ``check-corpus`` and ``stage`` subcommands, otherwise Hydra."""
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "export-weights":
         from .export_weights import main as export_weights_main
 
         sys.exit(export_weights_main(argv[1:]))
+    if argv and argv[0] == "average-weights":
+        from .average_weights import main as average_weights_main
+
+        sys.exit(average_weights_main(argv[1:]))
     if argv and argv[0] == "check-corpus":
         from npbgpp_core.datasets.corpus import main as check_corpus_main
 
