@@ -233,7 +233,7 @@ def hydra_main(cfg: DictConfig) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: the ``export``, ``export-weights``, ``average-weights``, ``prepare-capture``,
-    ``check-corpus`` and ``stage`` subcommands, otherwise Hydra."""
+    ``capture-sfm``, ``check-corpus`` and ``stage`` subcommands, otherwise Hydra."""
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "export-weights":
         from .export_weights import main as export_weights_main
@@ -251,6 +251,10 @@ def main(argv: list[str] | None = None) -> None:
         from npbgpp_core.datasets.capture import main as prepare_capture_main
 
         sys.exit(prepare_capture_main(argv[1:]))
+    if argv and argv[0] == "capture-sfm":
+        from .capture_sfm import main as capture_sfm_main
+
+        sys.exit(capture_sfm_main(argv[1:]))
     if argv and argv[0] == "stage":
         from .stage import main as stage_main
 

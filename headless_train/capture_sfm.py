@@ -1,0 +1,213 @@
+"""``python -m headless_train capture-sfm RAW_PHOTOS_DIR OUT_DIR [--max-side 1600] ...``:
+recover a COLMAP model from a folder of photos with pycolmap (CPU SIFT, 4096 features per
+photo, exhaustive or sequential matching, incremental mapping). ``OUT_DIR`` gets
+``images/`` (downscaled JPEG copies), ``sparse/0/`` (the model with the most registered
+photos), ``database.db`` (features and matches) and ``sfm.json`` (versions, options,
+counts, timings): the input of ``prepare-capture``.
+
+pycolmap is optional (not in requirements.txt) and imported only here; ``prepare-capture``
+accepts any COLMAP model, e.g. one made with the COLMAP GUI, instead."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from typing import Any
+
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
+SIFT_MAX_FEATURES = 4096
+CAMERA_MODEL = "SIMPLE_RADIAL"
+MIN_REGISTERED = 3
+MISSING_PYCOLMAP = (
+    "capture-sfm needs pycolmap, an optional dependency that is not installed here: "
+    "`pip install pycolmap` into this environment, or into a separate one and run "
+    "`PYTHONPATH=<repo> <that env>/bin/python -m headless_train capture-sfm ...` there; "
+    "prepare-capture accepts any COLMAP model instead (e.g. one made with the COLMAP GUI)"
+)
+
+
+class CaptureSfmError(ValueError):
+    """Photos or options from which no usable model can be made; the message says why."""
+
+
+def import_pycolmap() -> Any:
+    """The pycolmap module, or CaptureSfmError with install advice when it is missing."""
+    try:
+        import pycolmap
+    except ImportError:
+        raise CaptureSfmError(MISSING_PYCOLMAP) from None
+    return pycolmap
+
+
+def list_photos(raw: str, every: int = 1) -> list[str]:
+    """Every ``every``-th photo (.jpg/.jpeg/.png, any case) of ``raw`` in name order."""
+    if not os.path.isdir(raw):
+        raise CaptureSfmError(f"{raw}: no such folder of photos")
+    if every < 1:
+        raise CaptureSfmError(f"--every must be >= 1, got {every}")
+    names = sorted(n for n in os.listdir(raw)
+                   if os.path.splitext(n)[1].lower() in PHOTO_SUFFIXES and os.path.isfile(os.path.join(raw, n)))
+    if not names:
+        raise CaptureSfmError(f"{raw}: holds no photos ({', '.join(PHOTO_SUFFIXES)})")
+    names = names[::every]
+    stems: dict[str, str] = {}
+    for n in names:
+        stem = os.path.splitext(n)[0]
+        if stem in stems:  # both would become <stem>.jpg
+            raise CaptureSfmError(f"{raw}: {stems[stem]} and {n} differ only in their suffix; rename one")
+        stems[stem] = n
+    return [os.path.join(raw, n) for n in names]
+
+
+def downscale_photos(photos: list[str], img_dir: str, max_side: int) -> None:
+    """JPEG (q95) copies, upright by their EXIF orientation, at most ``max_side`` px."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    os.makedirs(img_dir, exist_ok=True)
+    for p in photos:
+        try:
+            with Image.open(p) as im:
+                im = ImageOps.exif_transpose(im).convert("RGB")
+        except (OSError, UnidentifiedImageError) as exc:
+            raise CaptureSfmError(f"{p}: cannot be read as a photo ({exc})") from None
+        im.thumbnail((max_side, max_side), Image.LANCZOS)
+        im.save(os.path.join(img_dir, os.path.splitext(os.path.basename(p))[0] + ".jpg"), quality=95)
+
+
+def _log(msg: str) -> None:
+    print(f"capture-sfm: {msg}", flush=True)
+
+
+def capture_sfm(raw: str, out: str, max_side: int = 1600, every: int = 1, threads: int = 1,
+                single_camera: bool = False, sequential: int = 0, overwrite: bool = False) -> dict[str, Any]:
+    """Build ``out`` (atomically) from the photos in ``raw``; returns what ``sfm.json`` records.
+    ``sequential`` > 0 matches each photo with the next ``sequential`` ones (quadratic
+    overlap, no loop detection) instead of with all photos."""
+    from npbgpp_core.atomic import atomic_directory
+
+    if max_side < 16:
+        raise CaptureSfmError(f"--max-side must be >= 16 px, got {max_side}")
+    if sequential < 0:
+        raise CaptureSfmError(f"--sequential must be >= 0 (0: exhaustive matching), got {sequential}")
+    photos = list_photos(raw, every)
+    if len(photos) < MIN_REGISTERED:
+        raise CaptureSfmError(f"{raw}: {len(photos)} photo(s) selected, at least {MIN_REGISTERED} are needed")
+    try:
+        with atomic_directory(out, overwrite=overwrite) as tmp:
+            pycolmap = import_pycolmap()
+            return _reconstruct(pycolmap, photos, tmp, raw, out, max_side, every, threads, single_camera,
+                                sequential)
+    except FileExistsError as exc:
+        raise CaptureSfmError(str(exc)) from None
+
+
+def _reconstruct(pycolmap: Any, photos: list[str], tmp: str, raw: str, out: str, max_side: int, every: int,
+                 threads: int, single_camera: bool, sequential: int) -> dict[str, Any]:
+    t0 = time.time()
+    seconds: dict[str, float] = {}
+    img_dir = os.path.join(tmp, "images")
+    downscale_photos(photos, img_dir, max_side)
+    seconds["downscale"] = time.time() - t0
+    _log(f"{len(photos)} photos downscaled to <= {max_side} px ({seconds['downscale']:.0f}s)")
+
+    db = os.path.join(tmp, "database.db")
+    ext = pycolmap.FeatureExtractionOptions()
+    ext.num_threads = threads
+    ext.max_image_size = max_side
+    ext.sift.max_num_features = SIFT_MAX_FEATURES
+    reader = pycolmap.ImageReaderOptions()
+    reader.camera_model = CAMERA_MODEL
+    mode = pycolmap.CameraMode.SINGLE if single_camera else pycolmap.CameraMode.AUTO
+    pycolmap.extract_features(db, img_dir, camera_mode=mode, reader_options=reader, extraction_options=ext,
+                              device=pycolmap.Device.cpu)
+    seconds["features"] = time.time() - t0 - sum(seconds.values())
+    _log(f"features extracted ({seconds['features']:.0f}s)")
+
+    mo = pycolmap.FeatureMatchingOptions()
+    mo.num_threads = threads
+    if sequential:
+        so = pycolmap.SequentialPairingOptions()
+        so.overlap = sequential
+        so.quadratic_overlap = True
+        so.loop_detection = False
+        pycolmap.match_sequential(db, matching_options=mo, pairing_options=so, device=pycolmap.Device.cpu)
+    else:
+        pycolmap.match_exhaustive(db, matching_options=mo, device=pycolmap.Device.cpu)
+    seconds["matching"] = time.time() - t0 - sum(seconds.values())
+    _log(f"features matched ({seconds['matching']:.0f}s)")
+
+    po = pycolmap.IncrementalPipelineOptions()
+    po.num_threads = threads
+    all_dir = os.path.join(tmp, "sparse_all")
+    os.makedirs(all_dir)
+    recs = pycolmap.incremental_mapping(db, img_dir, all_dir, po)
+    seconds["mapping"] = time.time() - t0 - sum(seconds.values())
+    models = [{"registered_images": int(r.num_reg_images()), "points": int(r.num_points3D())}
+              for r in recs.values()]
+    _log(f"mapping done ({seconds['mapping']:.0f}s): models {models}")
+    if not recs:
+        raise CaptureSfmError(f"{raw}: no model could be reconstructed from {len(photos)} photos (too few "
+                              "matches: photos need to overlap; try more photos, a lower --every, or "
+                              "--sequential for a video-like sequence)")
+    best = max(recs.values(), key=lambda r: r.num_reg_images())
+    if best.num_reg_images() < MIN_REGISTERED:
+        raise CaptureSfmError(f"{raw}: the largest model registers only {best.num_reg_images()} of {len(photos)} "
+                              f"photos, at least {MIN_REGISTERED} are needed")
+    dst = os.path.join(tmp, "sparse", "0")
+    os.makedirs(dst)
+    best.write(dst)
+    shutil.rmtree(all_dir)  # every model is summarised in sfm.json; only the largest is used
+    seconds["total"] = time.time() - t0
+    record = {
+        "tool": "python -m headless_train capture-sfm",
+        "pycolmap_version": pycolmap.__version__,
+        "raw": os.path.abspath(raw),
+        "options": {"max_side": max_side, "every": every, "threads": threads, "single_camera": single_camera,
+                    "matching": f"sequential (overlap {sequential}, quadratic)" if sequential else "exhaustive",
+                    "sequential": sequential, "camera_model": CAMERA_MODEL,
+                    "sift_max_num_features": SIFT_MAX_FEATURES, "device": "cpu"},
+        "images": len(photos),
+        "registered_images": int(best.num_reg_images()),
+        "points": int(best.num_points3D()),
+        "mean_reprojection_error_px": float(best.compute_mean_reprojection_error()),
+        "models": models,
+        "seconds": {k: round(v, 1) for k, v in seconds.items()},
+    }
+    with open(os.path.join(tmp, "sfm.json"), "w") as f:
+        json.dump(record, f, indent=2)
+    _log(f"{out}: registered {record['registered_images']}/{len(photos)} photos, {record['points']} points, "
+         f"mean reprojection error {record['mean_reprojection_error_px']:.3f} px ({seconds['total']:.0f}s)")
+    return record
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m headless_train capture-sfm", description=__doc__.split("\n\n")[0])
+    p.add_argument("raw", help="folder of photos (.jpg/.jpeg/.png)")
+    p.add_argument("out", help="output folder (written atomically): images/, sparse/0/, database.db, sfm.json")
+    p.add_argument("--max-side", type=int, default=1600, help="longer side of the copies in pixels (default 1600)")
+    p.add_argument("--every", type=int, default=1, help="use every N-th photo in name order (default 1)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads for pycolmap (default 1; -1: all)")
+    p.add_argument("--single-camera", action="store_true", help="all photos share one camera (same lens, zoom)")
+    p.add_argument("--sequential", type=int, default=0, metavar="OVERLAP",
+                   help="match each photo with the next OVERLAP ones (video-like order) instead of all pairs")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry; bad input exits with status 2 and one line on stderr."""
+    a = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        capture_sfm(a.raw, a.out, a.max_side, a.every, a.threads, a.single_camera, a.sequential, a.overwrite)
+    except CaptureSfmError as exc:
+        print(f"capture-sfm: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
