@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import shutil
+import sqlite3
 import sys
 import time
 from typing import Any
@@ -78,6 +79,23 @@ def downscale_photos(photos: list[str], img_dir: str, max_side: int) -> None:
         im.save(os.path.join(img_dir, os.path.splitext(os.path.basename(p))[0] + ".jpg"), quality=95)
 
 
+def _not_imported(db: str, img_dir: str) -> list[str]:
+    """Copies in ``img_dir`` that feature extraction left out of the database."""
+    con = sqlite3.connect(db)
+    try:
+        names = {row[0] for row in con.execute("SELECT name FROM images")}
+    finally:
+        con.close()
+    return sorted(set(os.listdir(img_dir)) - names)
+
+
+def _size(path: str) -> str:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return f"{im.width}x{im.height}"
+
+
 def _log(msg: str) -> None:
     print(f"capture-sfm: {msg}", flush=True)
 
@@ -126,6 +144,17 @@ def _reconstruct(pycolmap: Any, photos: list[str], tmp: str, raw: str, out: str,
                               device=pycolmap.Device.cpu)
     seconds["features"] = time.time() - t0 - sum(seconds.values())
     _log(f"features extracted ({seconds['features']:.0f}s)")
+    not_imported = _not_imported(db, img_dir)
+    if not_imported:
+        # COLMAP skips such photos with only a log line (e.g. --single-camera with mixed sizes).
+        sizes = sorted({_size(os.path.join(img_dir, n)) for n in os.listdir(img_dir)})
+        _log(f"WARNING: {len(not_imported)} of {len(photos)} photos were not imported by COLMAP "
+             f"(copies sizes {', '.join(sizes)}; --single-camera needs one size): {', '.join(not_imported[:5])}"
+             + (" ..." if len(not_imported) > 5 else ""))
+    if len(photos) - len(not_imported) < MIN_REGISTERED:
+        raise CaptureSfmError(f"{raw}: only {len(photos) - len(not_imported)} photos could be imported "
+                              f"({len(not_imported)} skipped by COLMAP, see its log), at least {MIN_REGISTERED} "
+                              "are needed")
 
     mo = pycolmap.FeatureMatchingOptions()
     mo.num_threads = threads
@@ -171,6 +200,7 @@ def _reconstruct(pycolmap: Any, photos: list[str], tmp: str, raw: str, out: str,
                     "sequential": sequential, "camera_model": CAMERA_MODEL,
                     "sift_max_num_features": SIFT_MAX_FEATURES, "device": "cpu"},
         "images": len(photos),
+        "photos_not_imported": not_imported,
         "registered_images": int(best.num_reg_images()),
         "points": int(best.num_points3D()),
         "mean_reprojection_error_px": float(best.compute_mean_reprojection_error()),

@@ -175,7 +175,8 @@ def test_real_run_recovers_known_cameras(tmp_path, capsys):
     assert sorted(os.listdir(out / "images")) == [f"view_{i:02d}.jpg" for i in range(8)]
     rec = pycolmap.Reconstruction(str(out / "sparse" / "0"))
     record = json.loads((out / "sfm.json").read_text())
-    assert record["images"] == 8 and record["registered_images"] == rec.num_reg_images() >= 6
+    assert record["images"] == 8 and record["photos_not_imported"] == []
+    assert record["registered_images"] == rec.num_reg_images() >= 6
     assert record["points"] == rec.num_points3D() > 100
     assert record["pycolmap_version"] == pycolmap.__version__ and record["options"]["single_camera"] is True
     assert len(rec.cameras) == 1
@@ -194,9 +195,14 @@ def test_real_run_sequential_with_every(tmp_path, capsys):
     pytest.importorskip("pycolmap", reason="pycolmap (optional) is not installed in this environment")
     raw, out = tmp_path / "raw", tmp_path / "out"
     _render_room(raw, n_views=10)
-    rc = cs.main([str(raw), str(out), "--max-side", "200", "--every", "2", "--sequential", "2"])
-    assert rc == 0, capsys.readouterr().err
+    with Image.open(raw / "view_08.png") as im:  # one portrait photo: a shared camera cannot hold it
+        im.transpose(Image.Transpose.ROTATE_90).save(raw / "view_08.png")
+    rc = cs.main([str(raw), str(out), "--max-side", "200", "--every", "2", "--sequential", "2", "--single-camera"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "WARNING: 1 of 5 photos were not imported" in captured.out and "150x200" in captured.out
     record = json.loads((out / "sfm.json").read_text())
     assert record["images"] == 5 and record["options"]["matching"].startswith("sequential (overlap 2")
+    assert record["photos_not_imported"] == ["view_08.jpg"] and record["registered_images"] <= 4
     with Image.open(out / "images" / "view_02.jpg") as im:
         assert im.size == (200, 150)
