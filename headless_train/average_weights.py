@@ -61,7 +61,10 @@ def average_weights(inputs: list[str], out: str, kind: str = "npbgpp", fp16: boo
             state[k] = sum(f.state[k] for f in files[1:]) / len(files) + v / len(files)
         else:  # integer buffers (e.g. BatchNorm's step counter): the last file's
             state[k] = files[-1].state[k]
+    from npbgpp_core.pretrained import REGENERATE
+
     card = dict(files[-1].card)
+    card["regenerate"] = REGENERATE[kind]  # the inputs' own hint names their export, not this file
     card["averaged_from"] = [{"file": os.path.basename(f.path), "sha256": _sha256(f.path),
                               "steps": f.card.get("steps")} for f in files]
     size = save_weights(out, state, kind, first.config, card, fp16=fp16)

@@ -33,14 +33,14 @@ FORMAT_VERSION = "1"
 KINDS = ("npbgpp", "npbg_refiner")
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 DEFAULT_FILES = {
-    "npbgpp": "npbgpp_sphere_procedural.safetensors",
+    "npbgpp": "npbgpp_sphere.safetensors",
     "npbg_refiner": "npbg_refiner_procedural.safetensors",
 }
 # How to make each file again (also written into the card by export-weights).
 REGENERATE = {
     "npbgpp": (
-        "python -m headless_train export-weights --checkpoint <run>/checkpoints/last.ckpt "
-        f"--out npbgpp_core/weights/{DEFAULT_FILES['npbgpp']} --fp16   (see npbgpp_core/weights/MODEL_CARD.md)"
+        "python -m headless_train average-weights --fp16 --out "
+        f"npbgpp_core/weights/{DEFAULT_FILES['npbgpp']} <the stage snapshots>   (see npbgpp_core/weights/MODEL_CARD.md)"
     ),
     "npbg_refiner": (
         "python -m headless_train export-weights --checkpoint <npbg run>/checkpoints/last.ckpt "

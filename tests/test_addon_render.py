@@ -1005,13 +1005,14 @@ def test_densify_operator_on_an_imported_dataset(scene):
 
 
 def _subset_bundle(path: str, keep: np.ndarray):
-    """An independent reference: a smaller bundle holding only the ``keep`` points."""
+    """An independent reference: a smaller bundle holding only the ``keep`` points (and the
+    scene's environment map, which belongs to the scene, not to its points)."""
     from npbgpp_core.scene import NeuralScene
 
     b = NeuralScene.load(path)
     k = torch_index(keep)
     return NeuralScene(b.points[k], None if b.colors is None else b.colors[k], b.kind, b.features[k], b.valid[k],
-                       b.model_config, b.model_state, b.metadata)
+                       b.model_config, b.model_state, b.metadata, background=b.background)
 
 
 def torch_index(mask: np.ndarray):

@@ -43,6 +43,7 @@ def test_mean_of_three_files_equals_the_hand_computed_mean(tmp_path):
     assert checked > 10
     assert [e["steps"] for e in mean.card["averaged_from"]] == [1, 2, 3]
     assert mean.card["steps"] == 3  # the last input's card
+    assert "average-weights" in mean.card["regenerate"]
     NPBGPlusPlus(mean.config).load_state_dict(mean.state)  # a loadable network
 
 

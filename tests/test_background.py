@@ -378,16 +378,23 @@ def test_background_lr_scale_gives_the_projections_their_own_step(tmp_path):
 
 @pytest.fixture(scope="module")
 def env_stage(tmp_path_factory) -> tuple[str, str]:
-    """``stage --background environment`` from the bundled (background-less) weights, two
-    dry-run calls: (data root, stage folder)."""
+    """``stage --background environment`` from background-less weights (a published-style
+    network saved as a weights file), two dry-run calls: (data root, stage folder)."""
     from _train_fixtures import make_dataset
 
     from headless_train.stage import main
+    from npbgpp_core.models import NPBGPlusPlus
+    from npbgpp_core.pretrained import save_weights
 
     tmp = tmp_path_factory.mktemp("envstage")
     root = make_dataset(str(tmp / "data"), ("s1",), views=5, size=64, n_points=150)
     work = str(tmp / "stage")
-    assert main(["--corpus", root, "--work", work, "--dry-run", "--dry-steps", "1", "--background", "environment"]) == 0
+    torch.manual_seed(0)
+    seed = NPBGPlusPlus({"world_up": (0.0, 0.0, 1.0)})
+    seed_file = str(tmp / "none.safetensors")
+    save_weights(seed_file, seed.state_dict(), "npbgpp", seed.config.to_dict(), {})
+    assert main(["--corpus", root, "--work", work, "--dry-run", "--dry-steps", "1", "--background", "environment",
+                 "--weights", seed_file]) == 0
     assert main(["--corpus", root, "--work", work, "--dry-run", "--dry-steps", "1"]) == 0  # resumes as environment
     return root, work
 
@@ -400,7 +407,9 @@ def test_stage_starts_an_environment_run_from_old_weights(env_stage):
     from npbgpp_core.pretrained import default_weights_path, load_pretrained_npbgpp, read_weights
 
     _, work = env_stage
-    assert read_weights(default_weights_path("npbgpp"), "npbgpp").config.get("background", "none") == "none"
+    seed = os.path.join(os.path.dirname(work), "none.safetensors")
+    assert read_weights(seed, "npbgpp").config.get("background", "none") == "none"
+    assert read_weights(default_weights_path("npbgpp"), "npbgpp").config["background"] == "environment"
     with open(os.path.join(work, "stage.json")) as f:
         calls = json.load(f)
     assert [c["background"] for c in calls] == ["environment", "environment"]

@@ -115,7 +115,7 @@ def test_missing_and_corrupt_weights_are_explained(demo_inputs, tmp_path):
     proc = _run(["--quick", "--scene", demo_inputs["scene"], "--out", str(tmp_path / "o"), "--weights", str(missing),
                  "--npbg-weights", demo_inputs["refiner"]])
     assert proc.returncode == 2
-    assert str(missing) in proc.stderr and "export-weights" in proc.stderr
+    assert str(missing) in proc.stderr and "average-weights" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(b"this is not a weights file")

@@ -108,7 +108,7 @@ class _Trap:
 
 def test_bad_weights_files_are_named_and_never_unpickled(tmp_path):
     missing = tmp_path / "none.safetensors"
-    with pytest.raises(FileNotFoundError, match="export-weights") as info:
+    with pytest.raises(FileNotFoundError, match="average-weights") as info:
         load_pretrained_npbgpp(str(missing))
     assert str(missing) in str(info.value)
     corrupt = tmp_path / "bad.safetensors"
@@ -127,7 +127,7 @@ def test_bad_weights_files_are_named_and_never_unpickled(tmp_path):
     with pytest.raises(WeightsError, match="'npbg_refiner' weights, expected 'npbgpp'"):
         load_pretrained_npbgpp(str(refiner_file))
     assert default_weights_path("npbgpp").endswith(os.path.join("npbgpp_core", "weights",
-                                                                "npbgpp_sphere_procedural.safetensors"))
+                                                                "npbgpp_sphere.safetensors"))
 
 
 def _full_loss(model: NPBG, points: torch.Tensor, views: FitViews) -> float:
