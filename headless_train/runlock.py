@@ -10,6 +10,8 @@ import os
 import socket
 from types import TracebackType
 
+from npbgpp_core.atomic import pid_alive
+
 log = logging.getLogger(__name__)
 
 LOCK_NAME = "run.lock"
@@ -26,18 +28,6 @@ def is_primary_process() -> bool:
         value = os.environ.get(var)
         if value not in (None, "", "0"):
             return False
-    return True
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    except OSError:
-        return False
     return True
 
 
@@ -75,7 +65,7 @@ class RunLock:
                         f"run folder {self.folder} is in use by another run (pid {holder.split()[0]}, "
                         f"lock {self.path}: {holder}); wait for it to end or choose another hydra.run.dir"
                     ) from None
-            elif prev_pid is not None and prev_pid != os.getpid() and _pid_alive(prev_pid):
+            elif prev_pid is not None and prev_pid != os.getpid() and pid_alive(prev_pid):
                 raise RunLockedError(
                     f"run folder {self.folder} is in use by another run (pid {prev_pid}, lock {self.path}); "
                     "wait for it to end or choose another hydra.run.dir"

@@ -76,7 +76,7 @@ def is_listed_name(name: str) -> bool:
     return not name.startswith(".") and not is_partial_name(name)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """Whether process ``pid`` exists on this machine."""
     if pid == os.getpid():
         return True
@@ -111,7 +111,7 @@ def _remove_stale_partials(target: str) -> None:
         return
     for name in names:
         m = _PARTIAL_RE.match(name)
-        if m and m["base"] == base and m["pid"] is not None and not _pid_alive(int(m["pid"])):
+        if m and m["base"] == base and m["pid"] is not None and not pid_alive(int(m["pid"])):
             shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
 
