@@ -24,7 +24,7 @@ coarse to fine with bilinear upsampling) and appends a confidence channel
 in the features.
 
 Rendering (:func:`background_rasters`) looks the map up bilinearly at the ray direction of
-every pixel of the refiner's levels :data:`BACKGROUND_LEVELS` (the same interpolation as the
+every pixel of the refiner's levels :data:`~npbgpp_core.models.refiner.BACKGROUND_LEVELS` (the same interpolation as the
 splat: a direction at a bin centre reads that bin).
 """
 
@@ -40,7 +40,6 @@ from ..camera import Camera
 
 BACKGROUND_MODES = ("none", "environment")
 BACKGROUND_SCALE = 1 / 8  # input views are pooled to this fraction of their size
-BACKGROUND_LEVELS = (2, 3, 4)  # refiner levels (1/4, 1/8, 1/16) that receive the background
 
 
 def check_rows(rows: int) -> int:

@@ -13,10 +13,10 @@ from torch import nn
 from ..camera import Camera
 from ..rasterizer import rasterize_descriptors, scale_sizes
 from .aggregator import BasisMLP, descriptors_from_coefficients
-from .background import BACKGROUND_LEVELS, background_rasters
+from .background import background_rasters
 from .config import NPBGConfig, NPBGPlusPlusConfig
 from .npbgpp import autocast_context, check_points, refine_dense, render_at_scale
-from .refiner import Refiner
+from .refiner import BACKGROUND_LEVELS, Refiner
 
 
 class NPBG(nn.Module):

@@ -15,9 +15,9 @@ from ..camera import Camera
 from ..rasterizer import rasterize, rasterize_descriptors, scale_sizes
 from .aggregator import AggregatedScene, BasisMLP, RunningSums, descriptors_from_coefficients
 from .alignment import _pixel_map, align_views, render_canvas_camera, warp_images
-from .background import BACKGROUND_LEVELS, BackgroundSums, background_rasters, view_samples
+from .background import BackgroundSums, background_rasters, view_samples
 from .config import NPBGPlusPlusConfig
-from .refiner import Refiner
+from .refiner import BACKGROUND_LEVELS, Refiner
 
 
 def check_points(points: torch.Tensor | Any) -> torch.Tensor:
