@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from ..camera import Camera
+from ..rasterizer import scale_sizes
+from .refiner import BACKGROUND_LEVELS
 
 BACKGROUND_MODES = ("none", "environment")
 BACKGROUND_SCALE = 1 / 8  # input views are pooled to this fraction of their size
@@ -140,6 +142,16 @@ def background_rasters(
     return out
 
 
+def refiner_background_rasters(
+    background: torch.Tensor | None, camera: Camera, scales: Sequence[float], world_up: Sequence[float],
+    channels: int,
+) -> list[torch.Tensor]:
+    """The refiner's background input: :func:`background_rasters` at the sizes of the
+    pyramid ``scales`` for ``camera`` at the levels :data:`BACKGROUND_LEVELS` (1/4, 1/8, 1/16)."""
+    sizes = scale_sizes(camera.image_size, scales)
+    return background_rasters(background, camera, [sizes[level] for level in BACKGROUND_LEVELS], world_up, channels)
+
+
 def push_pull(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Fill a map: ``values`` (C, rows, cols) sums of features, ``weight`` (rows, cols) sums
     of weights. Bins with weight > 0 hold ``values / weight``; the others the bilinear
@@ -207,7 +219,7 @@ def view_samples(
     output for ``feature_camera`` (the aligned canvas, or ``camera`` itself). Returns
     features (M, C) and unit world directions (M, 3) of the pixels of ``camera``'s image at
     :data:`BACKGROUND_SCALE` on which no point of ``points`` lands (dilated by one pixel)."""
-    from ..rasterizer import rasterize, scale_sizes
+    from ..rasterizer import rasterize
     from .alignment import warp_images
 
     H, W = camera.image_size

@@ -11,12 +11,12 @@ import torch
 from torch import nn
 
 from ..camera import Camera
-from ..rasterizer import rasterize_descriptors, scale_sizes
+from ..rasterizer import rasterize_descriptors
 from .aggregator import BasisMLP, descriptors_from_coefficients
-from .background import background_rasters
+from .background import refiner_background_rasters
 from .config import NPBGConfig, NPBGPlusPlusConfig
 from .npbgpp import autocast_context, check_points, refine_dense, render_at_scale
-from .refiner import BACKGROUND_LEVELS, Refiner
+from .refiner import Refiner
 
 
 class NPBG(nn.Module):
@@ -126,10 +126,8 @@ class NPBG(nn.Module):
         )
         environment = None
         if self.environment is not None:
-            sizes = scale_sizes(camera.image_size, self.config.scales)
-            environment = [b.unsqueeze(0) for b in background_rasters(
-                self.environment, camera, [sizes[level] for level in BACKGROUND_LEVELS], self.config.world_up,
-                self.config.background_channels)]
+            environment = [b.unsqueeze(0) for b in refiner_background_rasters(
+                self.environment, camera, self.config.scales, self.config.world_up, self.config.background_channels)]
         return self.refiner([r.unsqueeze(0) for r in rasters], environment)[0]
 
     def forward(self, points: torch.Tensor, camera: Camera) -> torch.Tensor:

@@ -15,7 +15,7 @@ from ..camera import Camera
 from ..rasterizer import rasterize, rasterize_descriptors, scale_sizes
 from .aggregator import AggregatedScene, BasisMLP, RunningSums, descriptors_from_coefficients
 from .alignment import _pixel_map, align_views, render_canvas_camera, warp_images
-from .background import BackgroundSums, background_rasters, view_samples
+from .background import BackgroundSums, refiner_background_rasters, view_samples
 from .config import NPBGPlusPlusConfig
 from .refiner import BACKGROUND_LEVELS, Refiner
 
@@ -230,12 +230,10 @@ class NPBGPlusPlus(nn.Module):
         cfg = self.config
         if cfg.background == "none":
             return None
-        sizes = scale_sizes(camera.image_size, cfg.scales)
         background = scene.background
         if background is not None:
             background = background.to(self.device)
-        return background_rasters(background, camera, [sizes[level] for level in BACKGROUND_LEVELS],
-                                  cfg.world_up, cfg.background_channels)
+        return refiner_background_rasters(background, camera, cfg.scales, cfg.world_up, cfg.background_channels)
 
     def _descriptor_rasters(self, scene: AggregatedScene, camera: Camera) -> list[torch.Tensor]:
         """The refiner's input: per scale a (C+1, h_s, w_s) raster of descriptors + mask."""
