@@ -176,7 +176,7 @@ def _yaw_ring_poses(G: np.ndarray, n: int = 8, pitch_deg: float = 20.0, rolls=No
 
 def _write_posed_capture(root: str, poses: list, pts: np.ndarray, cols: np.ndarray) -> None:
     """A text COLMAP capture with the given poses (photos are placeholders of the camera's size)."""
-    from npbgpp_core.datasets.capture import rotation_to_quaternion
+    from npbgpp_core.datasets.colmap import rotation_to_quaternion
 
     os.makedirs(os.path.join(root, "sparse", "0"))
     os.makedirs(os.path.join(root, "images"))
@@ -199,8 +199,8 @@ def _random_rotation(seed: int) -> np.ndarray:
 
 
 def test_rotation_helpers_against_direct_checks():
-    from npbgpp_core.datasets.capture import rotation_to_quaternion, rotation_to_z_up
-    from npbgpp_core.datasets.colmap import quaternion_to_rotation
+    from npbgpp_core.datasets.capture import rotation_to_z_up
+    from npbgpp_core.datasets.colmap import quaternion_to_rotation, rotation_to_quaternion
 
     rng = np.random.default_rng(1)
     quats = [rng.normal(size=4) for _ in range(50)] + [np.array(v, float) for v in (

@@ -41,7 +41,14 @@ from collections.abc import Mapping
 import numpy as np
 
 from ..atomic import atomic_directory
-from .colmap import CAMERA_MODELS, _intrinsics, _read_model, find_sparse_dir, quaternion_to_rotation
+from .colmap import (
+    CAMERA_MODELS,
+    _intrinsics,
+    _read_model,
+    find_sparse_dir,
+    quaternion_to_rotation,
+    rotation_to_quaternion,
+)
 from .errors import DatasetError
 
 _MODEL_ID = {name: i for i, (name, _) in CAMERA_MODELS.items()}
@@ -50,28 +57,6 @@ ORIENTS = ("keep", "z-up")
 # Length of the mean of the cameras' unit image-up vectors below which they are taken to
 # disagree about up (0 = no agreement, 1 = all rolled alike).
 MIN_UP_AGREEMENT = 0.5
-
-
-def rotation_to_quaternion(R: np.ndarray) -> np.ndarray:
-    """(w, x, y, z) unit quaternion of a rotation matrix, w >= 0 (inverse of
-    ``colmap.quaternion_to_rotation``); Shepperd's branch on the largest component."""
-    R = np.asarray(R, dtype=np.float64)
-    tr = R[0, 0] + R[1, 1] + R[2, 2]
-    cands = np.array([1 + tr, 1 + R[0, 0] - R[1, 1] - R[2, 2], 1 - R[0, 0] + R[1, 1] - R[2, 2],
-                      1 - R[0, 0] - R[1, 1] + R[2, 2]])
-    k = int(np.argmax(cands))
-    s = 2.0 * np.sqrt(cands[k])
-    if k == 0:
-        q = [s / 4, (R[2, 1] - R[1, 2]) / s, (R[0, 2] - R[2, 0]) / s, (R[1, 0] - R[0, 1]) / s]
-    elif k == 1:
-        q = [(R[2, 1] - R[1, 2]) / s, s / 4, (R[0, 1] + R[1, 0]) / s, (R[0, 2] + R[2, 0]) / s]
-    elif k == 2:
-        q = [(R[0, 2] - R[2, 0]) / s, (R[0, 1] + R[1, 0]) / s, s / 4, (R[1, 2] + R[2, 1]) / s]
-    else:
-        q = [(R[1, 0] - R[0, 1]) / s, (R[0, 2] + R[2, 0]) / s, (R[1, 2] + R[2, 1]) / s, s / 4]
-    q = np.asarray(q)
-    q /= np.linalg.norm(q)
-    return -q if q[0] < 0 else q
 
 
 def capture_up(rotations: list[np.ndarray], source: str) -> np.ndarray:

@@ -222,6 +222,28 @@ def quaternion_to_rotation(q: np.ndarray) -> np.ndarray:
     ])
 
 
+def rotation_to_quaternion(R: np.ndarray) -> np.ndarray:
+    """(w, x, y, z) unit quaternion of a rotation matrix, w >= 0 (inverse of
+    :func:`quaternion_to_rotation`); Shepperd's branch on the largest component."""
+    R = np.asarray(R, dtype=np.float64)
+    tr = R[0, 0] + R[1, 1] + R[2, 2]
+    cands = np.array([1 + tr, 1 + R[0, 0] - R[1, 1] - R[2, 2], 1 - R[0, 0] + R[1, 1] - R[2, 2],
+                      1 - R[0, 0] - R[1, 1] + R[2, 2]])
+    k = int(np.argmax(cands))
+    s = 2.0 * np.sqrt(cands[k])
+    if k == 0:
+        q = [s / 4, (R[2, 1] - R[1, 2]) / s, (R[0, 2] - R[2, 0]) / s, (R[1, 0] - R[0, 1]) / s]
+    elif k == 1:
+        q = [(R[2, 1] - R[1, 2]) / s, s / 4, (R[0, 1] + R[1, 0]) / s, (R[0, 2] + R[2, 0]) / s]
+    elif k == 2:
+        q = [(R[0, 2] - R[2, 0]) / s, (R[0, 1] + R[1, 0]) / s, s / 4, (R[1, 2] + R[2, 1]) / s]
+    else:
+        q = [(R[1, 0] - R[0, 1]) / s, (R[0, 2] + R[2, 0]) / s, (R[1, 2] + R[2, 1]) / s, s / 4]
+    q = np.asarray(q)
+    q /= np.linalg.norm(q)
+    return -q if q[0] < 0 else q
+
+
 def find_sparse_dir(root: str) -> str | None:
     for d in (os.path.join(root, "sparse", "0"), os.path.join(root, "sparse")):
         if any(os.path.isfile(os.path.join(d, f"cameras.{e}")) for e in ("bin", "txt")):
