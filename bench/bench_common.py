@@ -9,7 +9,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -23,6 +22,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+
+from npbgpp_core.atomic import atomic_write_bytes  # noqa: E402
 
 BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
 
@@ -148,7 +149,7 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
 
 
 def append_benchmarks(title: str, device: torch.device, body: str, notes: Sequence[str] = ()) -> None:
-    """Append a dated section to BENCHMARKS.md (write to a temp file, then os.replace)."""
+    """Append a dated section to BENCHMARKS.md (written atomically)."""
     stamp = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     section = [f"\n### {title} ({stamp})", "", f"Machine: {machine_line(device)}", ""]
     section += [f"- {n}" for n in notes]
@@ -156,14 +157,7 @@ def append_benchmarks(title: str, device: torch.device, body: str, notes: Sequen
         section.append("")
     section += [body, ""]
     old = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else "# Benchmarks\n"
-    fd, tmp = tempfile.mkstemp(dir=BENCHMARKS_MD.parent, prefix=".BENCHMARKS.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(old.rstrip("\n") + "\n" + "\n".join(section))
-        os.replace(tmp, BENCHMARKS_MD)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(BENCHMARKS_MD, (old.rstrip("\n") + "\n" + "\n".join(section)).encode("utf-8"))
     print(f"appended to {BENCHMARKS_MD}")
 
 

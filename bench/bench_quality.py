@@ -291,13 +291,13 @@ def main(argv: list[str] | None = None) -> int:
         "average": averages(scenes, args.methods), "seconds": time.perf_counter() - t0,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "pc_name": args.pc_name,
     }
+    from npbgpp_core.atomic import atomic_write_bytes
+
     table = markdown(report)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for suffix, text in ((".json", json.dumps(report, indent=2)), (".md", table + "\n")):
-        tmp = out.with_name(out.name + suffix + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out.with_name(out.name + suffix))
+        atomic_write_bytes(out.with_name(out.name + suffix), text.encode("utf-8"))
     print(f"\n{label}: PSNR dB / SSIM on held-out views (long side {args.max_side} px, fits {args.steps} steps)")
     print(table)
     print(f"wrote {out}.json and {out}.md ({report['seconds']:.0f} s)")

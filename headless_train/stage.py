@@ -208,15 +208,15 @@ def run_stage(args: argparse.Namespace) -> dict[str, Any]:
     if export_main(["--checkpoint", last, "--out", out, "--fp16", "--card-json", card]) != 0:
         raise StageError(f"exporting {last} failed")
     info["weights"] = out
+    from npbgpp_core.atomic import atomic_write_bytes
+
     history = os.path.join(work, "stage.json")
     calls = []
     if os.path.isfile(history):
         with open(history, encoding="utf-8") as f:
             calls = json.load(f)
     calls.append(info)
-    with open(history + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(calls, f, indent=2)
-    os.replace(history + ".tmp", history)
+    atomic_write_bytes(history, json.dumps(calls, indent=2).encode("utf-8"))
     return info
 
 
