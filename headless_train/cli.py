@@ -231,38 +231,37 @@ def hydra_main(cfg: DictConfig) -> None:
         sys.exit(2)
 
 
+# Subcommands handled outside Hydra: name -> (module with a ``main(argv) -> int``, summary).
+# Imported only when called, so each keeps its own (possibly heavy) imports.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "export": ("headless_train.export", "a trained checkpoint + scene -> a NeuralScene bundle for the add-on"),
+    "export-weights": ("headless_train.export_weights", "write a checkpoint's network as a weights file"),
+    "average-weights": ("headless_train.average_weights", "mean of several weights files of one run"),
+    "check-corpus": ("npbgpp_core.datasets.corpus", "check a training corpus folder"),
+    "prepare-capture": ("npbgpp_core.datasets.capture", "downscale and orient a COLMAP capture"),
+    "capture-sfm": ("headless_train.capture_sfm", "photos -> COLMAP model (optional pycolmap)"),
+    "stage": ("headless_train.stage", "one resumable training stage on a corpus"),
+}
+
+
+def subcommand_help() -> str:
+    """The subcommand list printed under Hydra's --help."""
+    width = max(len(name) for name in SUBCOMMANDS)
+    rows = [f"  {name.ljust(width)}  {summary}" for name, (_, summary) in SUBCOMMANDS.items()]
+    return "Subcommands (python -m headless_train NAME --help):\n" + "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: the ``export``, ``export-weights``, ``average-weights``, ``prepare-capture``,
-    ``capture-sfm``, ``check-corpus`` and ``stage`` subcommands, otherwise Hydra."""
+    """Entry point: a subcommand of :data:`SUBCOMMANDS` when ``argv`` starts with one,
+    otherwise Hydra (the published ``train_net.py`` command lines)."""
+    import importlib
+
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "export-weights":
-        from .export_weights import main as export_weights_main
-
-        sys.exit(export_weights_main(argv[1:]))
-    if argv and argv[0] == "average-weights":
-        from .average_weights import main as average_weights_main
-
-        sys.exit(average_weights_main(argv[1:]))
-    if argv and argv[0] == "check-corpus":
-        from npbgpp_core.datasets.corpus import main as check_corpus_main
-
-        sys.exit(check_corpus_main(argv[1:]))
-    if argv and argv[0] == "prepare-capture":
-        from npbgpp_core.datasets.capture import main as prepare_capture_main
-
-        sys.exit(prepare_capture_main(argv[1:]))
-    if argv and argv[0] == "capture-sfm":
-        from .capture_sfm import main as capture_sfm_main
-
-        sys.exit(capture_sfm_main(argv[1:]))
-    if argv and argv[0] == "stage":
-        from .stage import main as stage_main
-
-        sys.exit(stage_main(argv[1:]))
-    if argv and argv[0] == "export":
-        from .export import main as export_main
-
-        sys.exit(export_main(argv[1:]))
+    if argv and argv[0] in SUBCOMMANDS:
+        module = importlib.import_module(SUBCOMMANDS[argv[0]][0])
+        sys.exit(module.main(argv[1:]))
+    if argv and argv[0] in ("-h", "--help"):
+        print(subcommand_help() + "\n")
     global _EARLY_LOCK
     logging.basicConfig(level=logging.INFO)
     try:

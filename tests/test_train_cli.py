@@ -237,3 +237,19 @@ def test_every_network_option_is_a_system_option(name):
     got = model_config({**scfg, **changed}, for_checkpoint_weights=False).to_dict()
     assert {k: got[k] for k in changed} == changed
     assert model_config({**scfg, **changed}, for_checkpoint_weights=True).extractor_weights is None
+
+
+def test_every_subcommand_module_has_main_and_is_listed_in_help(capsys):
+    """Each name in SUBCOMMANDS resolves to a module with main(argv), and --help lists them
+    all beside Hydra's own help."""
+    import importlib
+
+    from headless_train.cli import SUBCOMMANDS, main, subcommand_help
+
+    listing = subcommand_help()
+    for name, (module, summary) in SUBCOMMANDS.items():
+        assert callable(importlib.import_module(module).main), name
+        assert f"  {name} " in listing and summary in listing
+    with pytest.raises(SystemExit):
+        main(["stage", "--help"])
+    assert "--corpus" in capsys.readouterr().out
