@@ -42,6 +42,38 @@ LABELS = {
 }
 
 
+# coefficients_ft knobs: flag, type, help; each maps to fit_coefficients' keyword of the
+# same name (dashes -> underscores); unset ones keep the library defaults.
+FIT_KNOBS = (
+    ("--lr-coefficients", float, "coefficient learning rate"),
+    ("--lr-refiner", float, "refiner learning rate (Adam)"),
+    ("--lr-background", float, "environment map / background learning rate"),
+    ("--train-refiner", str, "refiner parameters that train: all, decoder, head, none"),
+    ("--crops-per-step", int, "crops averaged per step"),
+    ("--warmup-steps", int, "linear learning-rate warm-up steps"),
+    ("--schedule", str, "learning-rate schedule: constant or cosine"),
+    ("--coefficient-decay", float, "decoupled pull of the coefficients toward the aggregated ones"),
+    ("--coefficient-optimizer", str, "rmsprop or adam"),
+    ("--gradient-weight", float, "weight of the edge (gradient) loss"),
+)
+
+
+def fit_options(args: argparse.Namespace) -> dict[str, Any]:
+    """fit_coefficients keywords of the FIT_KNOBS flags that were given."""
+    names = [flag[2:].replace("-", "_") for flag, _, _ in FIT_KNOBS]
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+def check_fit_options(args: argparse.Namespace) -> None:
+    """Reject bad recipe flags before any scene is loaded (QualityError naming the value)."""
+    from npbgpp_core.fitting import coefficients_recipe
+
+    try:
+        coefficients_recipe(**fit_options(args))
+    except ValueError as exc:
+        raise QualityError(f"coefficients_ft options: {exc}") from exc
+
+
 class QualityError(ValueError):
     """A scene or option the benchmark cannot use; the message names it."""
 
@@ -61,6 +93,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-input-views", type=int, default=None, help="use at most this many input views (evenly)")
     p.add_argument("--steps", type=int, default=200, help="fitting steps of coefficients_ft and NPBG")
     p.add_argument("--crop", type=int, default=128, help="fitting crop side")
+    fit = p.add_argument_group("coefficients_ft recipe (unset: the defaults of npbgpp_core.fitting.fit_coefficients)")
+    for flag, kind, help_ in FIT_KNOBS:
+        fit.add_argument(flag, type=kind, default=None, help=help_)
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--label", default=None, help="name of this run in tables (default: the weights file)")
     p.add_argument("--out", default=str(ROOT / "out" / "bench_quality" / "result"), help="output path stem")
@@ -215,7 +250,7 @@ def evaluate_scene(folder: str, args: argparse.Namespace, weights: dict[str, str
         fit_images, fit_cams = in_images, in_cams
     if "coefficients_ft" in args.methods:
         views = FitViews(torch.stack(fit_images), list(fit_cams), None)
-        fit = fit_coefficients(model, agg, views, steps=args.steps, crop=args.crop)
+        fit = fit_coefficients(model, agg, views, steps=args.steps, crop=args.crop, **fit_options(args))
         m["coefficients_ft"] = {**scores([fit.model.render(agg.points, c) for c in test_cams]),
                                 "fit_s": fit.seconds, "steps": fit.steps}
     if "npbg" in args.methods:
@@ -271,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, args.threads))
     try:
         folders = scene_list(args)
+        check_fit_options(args)
     except QualityError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -290,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps, "crop": args.crop, "threads": torch.get_num_threads(), "scenes": scenes,
         "average": averages(scenes, args.methods), "seconds": time.perf_counter() - t0,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "pc_name": args.pc_name,
+        "fit_options": fit_options(args),
     }
     from npbgpp_core.atomic import atomic_write_bytes
 
@@ -307,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
         notes = [f"weights: {label} ({weights['npbgpp']})", f"long side {args.max_side} px, fits {args.steps} "
                  f"steps at {args.crop}^2 crops, torch threads {torch.get_num_threads()}",
                  "PSNR dB / SSIM on held-out views (test split or every 8th view); (s) = fitting seconds"]
+        if fit_options(args):
+            notes.append("coefficients_ft options: " + ", ".join(f"{k}={v}" for k, v in fit_options(args).items()))
         if args.pc_name:
             notes.append(f"point clouds: {args.pc_name}")
         append_benchmarks(f"bench_quality: {label}", torch.device("cpu"), table, notes)

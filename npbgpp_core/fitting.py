@@ -16,6 +16,7 @@ is :func:`npbg_step_loss` with :func:`npbg_optimizers`.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 
 from .camera import Camera
-from .losses import multiscale_l1
+from .losses import gradient_loss, multiscale_l1
 from .models import NPBG, NPBGConfig, NPBGPlusPlus
 from .models.aggregator import AggregatedScene
 
@@ -110,39 +111,168 @@ def npbg_step_loss(
     return loss_fn(pred, target, mask)
 
 
-def coefficients_ft_loss(factors: Sequence[int] = (1, 2, 4)) -> LossFn:
-    """coefficients_ft's loss: masked L1 at full resolution and at 1/f for each factor f."""
+def coefficients_ft_loss(factors: Sequence[int] = (1, 2, 4), gradient_weight: float = 0.0) -> LossFn:
+    """coefficients_ft's loss: masked L1 at full resolution and at 1/f for each factor f,
+    plus ``gradient_weight`` x :func:`npbgpp_core.losses.gradient_loss` (edges) when > 0."""
     factors = tuple(int(f) for f in factors)
-    return lambda p, t, m: multiscale_l1(p, t, m, factors)
+    if gradient_weight < 0:
+        raise ValueError(f"gradient_weight must be >= 0, got {gradient_weight}")
+    if gradient_weight == 0:
+        return lambda p, t, m: multiscale_l1(p, t, m, factors)
+    return lambda p, t, m: multiscale_l1(p, t, m, factors) + gradient_weight * gradient_loss(p, t, m)
+
+
+REFINER_PARTS = ("all", "decoder", "head", "none")
+SCHEDULES = ("constant", "cosine")
+DESCRIPTOR_OPTIMIZERS = ("rmsprop", "adam")
+
+
+@dataclass(frozen=True)
+class FitRecipe:
+    """The knobs of a fitting loop beyond its loss (see :func:`fit_coefficients`).
+
+    ``lr_background`` None: the descriptors' rate. ``train_refiner``: which refiner
+    parameters train ("decoder" = the up-sampling blocks and the 1x1 head, "head" = the
+    head only: a per-scene colour affine). ``crops_per_step`` crops (of different random
+    views) are summed into one step. The rate of every optimiser is scaled by
+    :func:`lr_factor`. ``descriptor_decay`` pulls the descriptors back toward their start
+    after each optimiser step (decoupled, like AdamW's weight decay, but toward the start
+    instead of zero): ``d -= lr_t * descriptor_decay * (d - d_start)``."""
+
+    lr_descriptors: float
+    lr_refiner: float
+    lr_background: float | None = None
+    train_refiner: str = "all"
+    crops_per_step: int = 1
+    warmup_steps: int = 0
+    schedule: str = "constant"
+    descriptor_decay: float = 0.0
+    descriptor_optimizer: str = "rmsprop"
+
+    def __post_init__(self) -> None:
+        if self.train_refiner not in REFINER_PARTS:
+            raise ValueError(f"train_refiner must be one of {REFINER_PARTS}, got {self.train_refiner!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.descriptor_optimizer not in DESCRIPTOR_OPTIMIZERS:
+            raise ValueError(f"descriptor_optimizer must be one of {DESCRIPTOR_OPTIMIZERS}, "
+                             f"got {self.descriptor_optimizer!r}")
+        if self.crops_per_step < 1:
+            raise ValueError(f"crops_per_step must be >= 1, got {self.crops_per_step}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.descriptor_decay < 0:
+            raise ValueError(f"descriptor_decay must be >= 0, got {self.descriptor_decay}")
+        for name in ("lr_descriptors", "lr_refiner", "lr_background"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+
+
+def lr_factor(step: int, steps: int, warmup_steps: int = 0, schedule: str = "constant") -> float:
+    """The multiplier of every learning rate at ``step`` (0-based) of ``steps``: a linear
+    ramp (step + 1) / (warmup_steps + 1) over the first ``warmup_steps`` steps, then 1
+    ("constant") or a cosine from 1 down to 0 at the end of the run ("cosine") over the
+    remaining steps."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if schedule == "constant":
+        return 1.0
+    span = max(1, steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup_steps) / span))
+
+
+def refiner_parameters(refiner: torch.nn.Module, part: str) -> list[torch.nn.Parameter]:
+    """The parameters of ``refiner`` that ``part`` (:data:`REFINER_PARTS`) trains."""
+    if part not in REFINER_PARTS:
+        raise ValueError(f"train_refiner must be one of {REFINER_PARTS}, got {part!r}")
+    if part == "none":
+        return []
+    if part == "all":
+        return [p for p in refiner.parameters() if p.requires_grad]
+    modules = [refiner.head] if part == "head" else [refiner.up, refiner.head]
+    return [p for m in modules for p in m.parameters() if p.requires_grad]
 
 
 def _fit_loop(
     model: NPBG, points: torch.Tensor, views: FitViews, steps: int, crop: int | None, loss_fn: LossFn,
-    lr_descriptors: float, lr_refiner: float, seed: int, device: torch.device,
+    recipe: FitRecipe, seed: int, device: torch.device,
 ) -> FitResult:
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
     rng = np.random.default_rng(seed)
-    rms, adam = npbg_optimizers(model.descriptor_parameters(), model.refiner.parameters(), lr_descriptors, lr_refiner)
+    extra = [p for p in (model.background, model.environment) if p is not None]
+    lr_bg = recipe.lr_descriptors if recipe.lr_background is None else recipe.lr_background
+    groups = [{"params": [model.descriptors], "lr": recipe.lr_descriptors}, {"params": extra, "lr": lr_bg}]
+    if recipe.descriptor_optimizer == "adam":
+        desc_opt: torch.optim.Optimizer = torch.optim.Adam(groups)
+    else:
+        desc_opt = torch.optim.RMSprop(groups)
+    trained = refiner_parameters(model.refiner, recipe.train_refiner)
+    frozen = [p for p in model.refiner.parameters() if p.requires_grad and all(p is not q for q in trained)]
+    for p in frozen:
+        p.requires_grad_(False)
+    ref_opt = torch.optim.Adam(trained, lr=recipe.lr_refiner) if trained else None
+    optims = [desc_opt] + ([ref_opt] if ref_opt is not None else [])
+    base = [[g["lr"] for g in o.param_groups] for o in optims]
+    start_desc = model.descriptors.detach().clone() if recipe.descriptor_decay > 0 else None
     result = FitResult(model)
     model.train()
     start = time.perf_counter()
-    for _ in range(steps):
-        image, mask, camera = random_crop(views, rng, crop)
-        image = image.to(device)
-        mask = None if mask is None else mask.to(device)
-        loss = npbg_step_loss(model, points, camera.to(device), image, mask, loss_fn)
-        if not bool(torch.isfinite(loss)):
-            raise FloatingPointError(f"fitting loss became {float(loss)} at step {result.steps}")
-        rms.zero_grad(set_to_none=True)
-        adam.zero_grad(set_to_none=True)
-        loss.backward()
-        rms.step()
-        adam.step()
-        result.losses.append(float(loss.detach()))
+    try:
+        for step in range(steps):
+            f = lr_factor(step, steps, recipe.warmup_steps, recipe.schedule)
+            for o, lrs in zip(optims, base, strict=True):
+                for g, lr in zip(o.param_groups, lrs, strict=True):
+                    g["lr"] = lr * f
+            for o in optims:
+                o.zero_grad(set_to_none=True)
+            total = 0.0
+            for _ in range(recipe.crops_per_step):
+                image, mask, camera = random_crop(views, rng, crop)
+                image = image.to(device)
+                mask = None if mask is None else mask.to(device)
+                loss = npbg_step_loss(model, points, camera.to(device), image, mask, loss_fn)
+                if not bool(torch.isfinite(loss)):
+                    raise FloatingPointError(f"fitting loss became {float(loss)} at step {result.steps}")
+                (loss / recipe.crops_per_step).backward()
+                total += float(loss.detach()) / recipe.crops_per_step
+            for o in optims:
+                o.step()
+            if start_desc is not None:
+                with torch.no_grad():
+                    pull = recipe.lr_descriptors * f * recipe.descriptor_decay
+                    model.descriptors.sub_(pull * (model.descriptors - start_desc))
+            result.losses.append(total)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
     result.seconds = time.perf_counter() - start
     model.eval()
     return result
+
+
+def coefficients_recipe(
+    lr_coefficients: float = 0.01,
+    lr_refiner: float = 1e-4,
+    lr_background: float | None = None,
+    train_refiner: str = "all",
+    crops_per_step: int = 1,
+    warmup_steps: int = 0,
+    schedule: str = "constant",
+    coefficient_decay: float = 0.0,
+    coefficient_optimizer: str = "rmsprop",
+    gradient_weight: float = 0.0,
+) -> FitRecipe:
+    """The :class:`FitRecipe` of :func:`fit_coefficients` for its keywords (same names and
+    defaults); raises ValueError naming a bad value. ``gradient_weight`` is only checked
+    here (it belongs to the loss)."""
+    if not gradient_weight >= 0:
+        raise ValueError(f"gradient_weight must be >= 0, got {gradient_weight}")
+    return FitRecipe(lr_coefficients, lr_refiner, lr_background, train_refiner, crops_per_step, warmup_steps,
+                     schedule, coefficient_decay, coefficient_optimizer)
 
 
 def fit_coefficients(
@@ -156,6 +286,14 @@ def fit_coefficients(
     loss_fn: LossFn | None = None,
     loss_factors: Sequence[int] = (1, 2, 4),
     seed: int = 0,
+    lr_background: float | None = None,
+    train_refiner: str = "all",
+    crops_per_step: int = 1,
+    warmup_steps: int = 0,
+    schedule: str = "constant",
+    coefficient_decay: float = 0.0,
+    coefficient_optimizer: str = "rmsprop",
+    gradient_weight: float = 0.0,
 ) -> FitResult:
     """coefficients_ft: fine-tune ``aggregated``'s coefficients and a copy of ``model``'s
     refiner on ``views`` for ``steps`` steps; ``model`` itself is not changed. The result's
@@ -168,11 +306,22 @@ def fit_coefficients(
     from the aggregated values, and RMSprop's first steps move every touched value by about
     10 x lr, which at 0.1 undoes much of the aggregation in a short fit. Measured on the
     demo scene, 200 steps: 0.1 gives 27.8 dB / SSIM 0.903 (below the unfitted 0.936),
-    0.01 gives 29.0 dB / 0.943."""
+    0.01 gives 29.0 dB / 0.943.
+
+    The short-fit knobs (:class:`FitRecipe`): ``lr_background`` the rate of the environment
+    map and the background vector (None: ``lr_coefficients``); ``train_refiner`` which
+    refiner parameters train ("all", "decoder", "head", "none"); ``crops_per_step`` crops
+    averaged per step; ``warmup_steps`` and ``schedule`` ("constant" or "cosine", see
+    :func:`lr_factor`) scale every rate; ``coefficient_decay`` pulls the coefficients
+    back toward the aggregated ones after every step; ``coefficient_optimizer``
+    "rmsprop" (published) or "adam"; ``gradient_weight`` adds the edge loss to the default
+    loss (ignored with ``loss_fn``)."""
     views = as_fit_views(views)
     device = model.device
     if model.basis is None:
         raise ValueError("coefficient fine-tuning needs an NPBG++ model with the 'sphere' aggregator")
+    recipe = coefficients_recipe(lr_coefficients, lr_refiner, lr_background, train_refiner, crops_per_step,
+                                 warmup_steps, schedule, coefficient_decay, coefficient_optimizer, gradient_weight)
     npbg = NPBG.from_npbgpp_coefficients(
         aggregated.points.detach().cpu(), aggregated.coefficients.detach().cpu(),
         {k: v.detach().cpu() for k, v in model.basis.state_dict().items()},
@@ -180,9 +329,9 @@ def fit_coefficients(
         model.config, valid=aggregated.valid.detach().cpu(),
         background=None if aggregated.background is None else aggregated.background.detach().cpu(),
     ).to(device)
-    loss = loss_fn or coefficients_ft_loss(loss_factors)
+    loss = loss_fn or coefficients_ft_loss(loss_factors, gradient_weight)
     points = aggregated.points.detach().to(device, torch.float32)
-    return _fit_loop(npbg, points, views, steps, crop, loss, lr_coefficients, lr_refiner, seed, device)
+    return _fit_loop(npbg, points, views, steps, crop, loss, recipe, seed, device)
 
 
 def fit_npbg(
@@ -214,4 +363,5 @@ def fit_npbg(
     device = torch.device(device)
     model.to(device)
     loss = loss_fn or coefficients_ft_loss(loss_factors)
-    return _fit_loop(model, points.to(device), views, steps, crop, loss, lr_descriptors, lr_refiner, seed, device)
+    recipe = FitRecipe(lr_descriptors, lr_refiner)
+    return _fit_loop(model, points.to(device), views, steps, crop, loss, recipe, seed, device)

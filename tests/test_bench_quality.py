@@ -61,3 +61,17 @@ def test_end_to_end_writes_json_and_markdown(tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_quality.py"), "--scenes", str(tmp_path / "no")],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "scene folders not found" in bad.stderr
+
+
+def test_recipe_flags_reach_fit_coefficients_and_bad_ones_stop_early(tmp_path):
+    from bench.bench_quality import fit_options
+
+    assert fit_options(parse_args(["--scenes", "x"])) == {}  # unset: the library defaults
+    args = parse_args(["--scenes", "x", "--lr-refiner", "1e-3", "--train-refiner", "decoder", "--crops-per-step",
+                       "2", "--schedule", "cosine", "--coefficient-decay", "0.5"])
+    assert fit_options(args) == {"lr_refiner": 1e-3, "train_refiner": "decoder", "crops_per_step": 2,
+                                 "schedule": "cosine", "coefficient_decay": 0.5}
+    folder = make_tiny_scene(str(tmp_path / "s"), views=4, size=16, splits=(3, 0, 1))
+    bad = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_quality.py"), "--scenes", folder,
+                          "--train-refiner", "encoder"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "train_refiner must be one of" in bad.stderr

@@ -1,0 +1,146 @@
+"""The short-fit knobs of npbgpp_core.fitting (FitRecipe): learning-rate schedule values
+computed by hand, frozen refiner parts that really stay put, the decoupled pull toward the
+aggregated coefficients, a separate background rate, crops per step, and the plain recipe
+against a hand-written RMSprop + Adam loop."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from test_background import env_scene, ring_cameras
+
+from npbgpp_core.fitting import (
+    FitViews,
+    coefficients_ft_loss,
+    coefficients_recipe,
+    fit_coefficients,
+    lr_factor,
+    random_crop,
+)
+from npbgpp_core.losses import gradient_loss, multiscale_l1
+
+
+@pytest.fixture(scope="module")
+def scene():
+    model, agg = env_scene()
+    cams = ring_cameras(3, size=(32, 32))
+    g = torch.Generator().manual_seed(5)
+    return model, agg, FitViews(torch.rand(3, 3, 32, 32, generator=g), cams)
+
+
+def test_lr_factor_matches_hand_computed_values():
+    assert [lr_factor(s, 10) for s in (0, 5, 9)] == [1.0, 1.0, 1.0]
+    assert [lr_factor(s, 10, warmup_steps=3) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    # cosine over steps 2..9 after a 2-step warm-up: 0.5 (1 + cos(pi (s - 2) / 8))
+    assert lr_factor(0, 10, 2, "cosine") == pytest.approx(1 / 3)
+    assert lr_factor(2, 10, 2, "cosine") == pytest.approx(1.0)
+    assert lr_factor(6, 10, 2, "cosine") == pytest.approx(0.5)
+    assert lr_factor(8, 10, 2, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi * 6 / 8)))
+    assert lr_factor(4, 8, 0, "cosine") == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        lr_factor(0, 10, schedule="linear")
+
+
+def test_bad_recipe_values_are_named():
+    for kwargs, text in (({"train_refiner": "encoder"}, "train_refiner must be one of"),
+                         ({"crops_per_step": 0}, "crops_per_step must be >= 1"),
+                         ({"warmup_steps": -1}, "warmup_steps must be >= 0"),
+                         ({"coefficient_decay": -0.1}, "descriptor_decay must be >= 0"),
+                         ({"coefficient_optimizer": "sgd"}, "descriptor_optimizer must be one of"),
+                         ({"lr_refiner": float("nan")}, "lr_refiner must be >= 0"),
+                         ({"gradient_weight": -1.0}, "gradient_weight must be >= 0")):
+        with pytest.raises(ValueError, match=text):
+            coefficients_recipe(**kwargs)
+
+
+def _refiner_change(model, fit) -> dict[str, bool]:
+    """Per refiner parameter name: whether the fit changed it."""
+    start = model.refiner.state_dict()
+    return {k: not torch.equal(start[k], v) for k, v in fit.model.refiner.state_dict().items()}
+
+
+def test_frozen_refiner_parts_do_not_change(scene):
+    model, agg, views = scene
+    common = dict(steps=3, crop=None, lr_refiner=1e-2, schedule="constant", warmup_steps=0)
+    changed = _refiner_change(model, fit_coefficients(model, agg, views, train_refiner="none", **common))
+    assert not any(changed.values())
+    changed = _refiner_change(model, fit_coefficients(model, agg, views, train_refiner="head", **common))
+    assert {k for k, c in changed.items() if c} == {"head.weight", "head.bias"}
+    changed = _refiner_change(model, fit_coefficients(model, agg, views, train_refiner="decoder", **common))
+    moved = {k for k, c in changed.items() if c}
+    assert moved and all(k.startswith(("up.", "head.")) for k in moved)
+    assert any(k.startswith("up.") for k in moved)
+    fit = fit_coefficients(model, agg, views, train_refiner="all", **common)
+    moved = {k for k, c in _refiner_change(model, fit).items() if c}
+    assert any(k.startswith("first.") for k in moved) and any(k.startswith("down.") for k in moved)
+    assert all(p.requires_grad for p in fit.model.refiner.parameters())  # frozen ones handed back trainable
+
+
+def test_coefficient_decay_pulls_back_to_the_aggregated_values(scene):
+    model, agg, views = scene
+    start = agg.coefficients.reshape(agg.coefficients.shape[0], -1)
+    common = dict(steps=4, crop=None, lr_coefficients=0.01, warmup_steps=0, schedule="constant")
+    free = fit_coefficients(model, agg, views, coefficient_decay=0.0, **common).model.descriptors.detach()
+    half = fit_coefficients(model, agg, views, coefficient_decay=20.0, **common).model.descriptors.detach()
+    # lr * decay = 1: every step ends exactly back at the start
+    full = fit_coefficients(model, agg, views, coefficient_decay=100.0, **common).model.descriptors.detach()
+    d_free, d_half = (free - start).norm(), (half - start).norm()
+    assert d_free > 0 and 0 < d_half < 0.8 * d_free
+    assert torch.allclose(full, start, atol=1e-6)
+
+
+def test_background_rate_is_separate(scene):
+    model, agg, views = scene
+    fit = fit_coefficients(model, agg, views, steps=3, crop=None, lr_coefficients=0.01, lr_background=0.0)
+    assert torch.equal(fit.model.environment.detach(), agg.background)
+    assert not torch.equal(fit.model.descriptors.detach().reshape(agg.coefficients.shape), agg.coefficients)
+    fit = fit_coefficients(model, agg, views, steps=3, crop=None, lr_coefficients=0.0, lr_background=0.01)
+    assert not torch.equal(fit.model.environment.detach(), agg.background)
+    assert torch.equal(fit.model.descriptors.detach().reshape(agg.coefficients.shape), agg.coefficients)
+
+
+def test_crops_per_step_average_identical_crops_like_one(scene):
+    model, agg, views = scene
+    one = FitViews(views.images[:1], views.cameras[:1])
+    a = fit_coefficients(model, agg, one, steps=3, crop=None, crops_per_step=1)
+    b = fit_coefficients(model, agg, one, steps=3, crop=None, crops_per_step=3)
+    assert a.losses == pytest.approx(b.losses, rel=1e-5)
+    assert torch.allclose(a.model.descriptors, b.model.descriptors, atol=1e-5)  # the fit moves them by 0.28
+
+
+def test_plain_recipe_equals_a_hand_written_rmsprop_adam_loop(scene):
+    """constant rate, whole refiner, RMSprop, one crop: the published loop, written out."""
+    model, agg, views = scene
+    fit = fit_coefficients(model, agg, views, steps=3, crop=16, lr_coefficients=0.01, lr_refiner=1e-3,
+                           lr_background=None, train_refiner="all", crops_per_step=1, warmup_steps=0,
+                           schedule="constant", coefficient_decay=0.0, coefficient_optimizer="rmsprop",
+                           gradient_weight=0.0, seed=4)
+    ref = fit_coefficients(model, agg, views, steps=0).model
+    ref.train()
+    rms = torch.optim.RMSprop([ref.descriptors, ref.background, ref.environment], lr=0.01)
+    adam = torch.optim.Adam(ref.refiner.parameters(), lr=1e-3)
+    rng = np.random.default_rng(4)
+    for _ in range(3):
+        image, _, cam = random_crop(views, rng, 16)
+        loss = multiscale_l1(ref.render_raw(agg.points, cam)[:3][None], image, None, (1, 2, 4))
+        rms.zero_grad()
+        adam.zero_grad()
+        loss.backward()
+        rms.step()
+        adam.step()
+    assert torch.allclose(fit.model.descriptors, ref.descriptors, atol=1e-6)
+    assert torch.allclose(fit.model.environment, ref.environment, atol=1e-6)
+    for (name, p), q in zip(fit.model.refiner.named_parameters(), ref.refiner.parameters(), strict=True):
+        assert torch.allclose(p, q, atol=1e-6), name
+
+
+def test_gradient_weight_adds_the_edge_loss():
+    g = torch.Generator().manual_seed(1)
+    p, t = torch.rand(1, 3, 16, 16, generator=g), torch.rand(1, 3, 16, 16, generator=g)
+    plain = multiscale_l1(p, t, None, (1, 2, 4))
+    assert float(coefficients_ft_loss()(p, t, None)) == pytest.approx(float(plain))
+    assert float(coefficients_ft_loss(gradient_weight=0.5)(p, t, None)) == pytest.approx(
+        float(plain + 0.5 * gradient_loss(p, t)))
