@@ -42,6 +42,9 @@ class NPBGPlusPlusSystem(BaseSystem):
         lcfg = cfg.get("loss", {})
         self.aux_weight = float(lcfg.get("aux_weight", 1000.0))
         self.aux_drop_prob = float(lcfg.get("aux_drop_prob", 0.5))
+        # The batched step aggregates only the points its input views see (same loss; False
+        # is the whole-cloud reference that tests and bench_train compare against).
+        self.seen_only_aggregation = True
 
     def freeze_batchnorm(self) -> None:
         """BatchNorms of the extractor stay in eval mode (as published; also lets tiny crops train)."""
@@ -107,7 +110,7 @@ class NPBGPlusPlusSystem(BaseSystem):
                 [(self.points(int(s["scene"]), s.get("points_variant")),
                   [im.to(dev, non_blocking=True) for im in s["input_images"]],
                   [c.to(dev) for c in s["input_cameras"]]) for s in batch],
-                channels_last=self._channels_last(),
+                channels_last=self._channels_last(), seen_only=self.seen_only_aggregation,
             )
             preds = self.model.render_raw_batch(aggs, [s["camera"].to(dev) for s in batch])
         target = torch.stack([s["image"] for s in batch]).to(dev, non_blocking=True)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..statefiles import load_state_dict_file
+from .upsample import upsample_cat
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -83,9 +84,13 @@ class DecoderBlock(nn.Module):
         self.conv = nn.Conv2d(cin + cskip, cout, 3, padding=1, bias=False)
         self.act = nn.LeakyReLU(0.2, inplace=True)
 
-    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
-        return self.act(self.conv(torch.cat([x, skip], dim=1)))
+    def forward(self, x: torch.Tensor, skip: torch.Tensor, fused: bool = True) -> torch.Tensor:
+        if fused:
+            x = upsample_cat(x, skip)
+        else:
+            x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            x = torch.cat([x, skip], dim=1)
+        return self.act(self.conv(x))
 
 
 class FeatureExtractor(nn.Module):
@@ -106,6 +111,9 @@ class FeatureExtractor(nn.Module):
             cin = cout
         self.decoder = nn.ModuleList(blocks)
         self.head = nn.Conv2d(cin, out_channels, 1)
+        # False: the decoder upsamples with F.interpolate + cat (the reference that tests and
+        # bench_train compare the fused CPU stencil of .upsample against).
+        self.fused_upsampling = True
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         if weights:
@@ -178,5 +186,5 @@ class FeatureExtractor(nn.Module):
         skips = list(reversed(feats[:-1])) + [raw]
         y = feats[-1]
         for block, skip in zip(self.decoder, skips, strict=True):
-            y = block(y, skip)
+            y = block(y, skip, self.fused_upsampling)
         return self.head(y)

@@ -326,13 +326,18 @@ class NPBGPlusPlus(nn.Module):
     # ------------------------------------------------- batched (training) paths
     def aggregate_batch(
         self, samples: Sequence[tuple[torch.Tensor, Sequence[torch.Tensor], Sequence[Camera]]],
-        channels_last: bool = False,
+        channels_last: bool = False, seen_only: bool = False,
     ) -> list[AggregatedScene]:
         """Aggregate several independent samples ``(points, images (3,H,W) list, cameras)``
         at once: one extractor call per padded image size over every sample's views, one
         basis-MLP call, one accumulation and one ridge solve over the concatenated clouds.
         Equals ``begin_scene`` / ``add_views`` / ``finish`` per sample (up to float
-        summation order); the per-sample Python work left is visibility and sampling."""
+        summation order); the per-sample Python work left is visibility and sampling.
+
+        ``seen_only``: each result holds only the points some input view sees (ascending
+        index order, all valid). Rendering drops unseen points anyway, so renders are the
+        same; the sums, the solve and their backward then cost the seen points instead of
+        the whole cloud (training: a crop's views see a fraction of the scene)."""
         cfg, dev = self.config, self.device
         clouds = [check_points(points).to(dev) for points, _, _ in samples]
         feat_images: list[torch.Tensor] = []
@@ -352,6 +357,20 @@ class NPBGPlusPlus(nn.Module):
                     fcams = [cam]
                     feat_images.append(batch[0])
                 jobs.append((s, cam, fcams[0], index))
+        # seen_only: per sample, cloud index -> row of the sums
+        local: list[torch.Tensor | None] = [None] * len(samples)
+        if seen_only:
+            kept = []
+            for s, cloud in enumerate(clouds):
+                seen = [index for (t, _, _, index) in jobs if t == s]
+                rows = torch.unique(torch.cat(seen)) if seen else torch.zeros(0, dtype=torch.long, device=dev)
+                remap = torch.full((cloud.shape[0],), -1, dtype=torch.long, device=dev)
+                remap[rows] = torch.arange(rows.numel(), device=dev)
+                local[s] = remap
+                kept.append(cloud.index_select(0, rows))
+            views_clouds, clouds = clouds, kept
+        else:
+            views_clouds = clouds
         sizes = [int(c.shape[0]) for c in clouds]
         offsets = [0]
         for n in sizes[:-1]:
@@ -365,13 +384,13 @@ class NPBGPlusPlus(nn.Module):
             for (s, cam, fcam, index), feat in zip(jobs, features, strict=True):
                 bg = backgrounds[s]
                 if bg is not None:
-                    bg.add(*view_samples(feat, fcam, cam, clouds[s], cfg.near))
+                    bg.add(*view_samples(feat, fcam, cam, views_clouds[s], cfg.near))
                     if index.numel() == 0:
                         continue
-                pts = clouds[s].index_select(0, index)
+                pts = views_clouds[s].index_select(0, index)
                 uv, _ = fcam.project(pts)
                 ys.append(sample_features(feat, uv))
-                idx.append(index + offsets[s])
+                idx.append((index if local[s] is None else local[s][index]) + offsets[s])
                 if self.basis is not None:
                     dirs.append(cam.view_directions(pts))
             if ys:
