@@ -10,6 +10,11 @@ work done independently of the other jobs (with ``--threads 1`` and ``--workers 
     .venv/bin/python bench/bench_train.py                     # CPU, demo scene, batch 1, 128^2
     .venv/bin/python bench/bench_train.py --device cuda --batch 8 --crop 256 --amp bf16
     .venv/bin/python bench/bench_train.py --data-root corpus_env --record
+    .venv/bin/python bench/bench_train.py --compare per_sample_square,batched_before,batched
+
+``--compare`` times several step variants in one process on the same batches, round by
+round in rotating order (:data:`MODES`), so a shared machine's load hits them alike; the
+ratios of CPU seconds per step are what to read there.
 
 Any scene folder works for speed (``--data-root`` with scene subfolders, or
 ``--scene-names``); quality is never measured here (see bench_quality.py).
@@ -30,6 +35,25 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+# Step variants for --compare: system.batched_step, the input canvas, and whether the
+# exact CPU speed paths are on (fused decoder upsampling, aggregation of the seen points only).
+MODES: dict[str, tuple[bool, str, bool]] = {
+    "per_sample_square": (False, "square", False),  # the step before batching ("today's rate", 06:50)
+    "batched_before": (True, "bounds", False),      # the batched step before the CPU speed paths
+    "batched": (True, "bounds", True),              # the batched step now
+    "per_sample": (False, "bounds", True),
+}
+
+
+def apply_mode(system, mode: str) -> None:
+    """Switch ``system`` to the step variant ``mode`` of :data:`MODES`."""
+    batched, canvas, fast = MODES[mode]
+    system.scfg["batched_step"] = batched
+    system.model.config.input_canvas = canvas
+    system.model.extractor.fused_upsampling = fast
+    system.seen_only_aggregation = fast
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-root", default=str(ROOT / "demo"), help="folder of scene folders (default: demo/)")
@@ -47,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--world-up", default="0,0,1", help="system.world_up (Blender corpora are Z-up)")
     p.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"), help="mixed precision (GPU)")
     p.add_argument("--override", action="append", default=[], help="extra Hydra override (repeatable)")
+    p.add_argument("--compare", default=None,
+                   help=f"comma-separated step variants timed interleaved on the same batches: {', '.join(MODES)}")
     p.add_argument("--json", default=None, help="write the result here")
     p.add_argument("--record", action="store_true", help="append the result to BENCHMARKS.md")
     return p.parse_args(argv)
@@ -123,8 +149,73 @@ def measure(args: argparse.Namespace) -> dict:
     }
 
 
+def compare(args: argparse.Namespace) -> dict:
+    """CPU and wall seconds per step of each variant in ``args.compare``, interleaved: every
+    round fetches one batch and runs one optimiser step of every variant on it (order
+    rotating by round). The batch's loading time is added to every variant."""
+    import torch
+
+    from bench.bench_common import machine_line, pick_device, synchronize
+
+    modes = [m.strip() for m in args.compare.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        raise SystemExit(f"error: --compare takes variants from {', '.join(MODES)}; got {args.compare!r}")
+    torch.set_num_threads(max(1, args.threads))
+    device = pick_device(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        dm, system, overrides = build(args, tmp)
+    system.to(device)
+    system.train()
+    opt = system.configure_optimizers()
+    loader = iter(dm.train_dataloader())
+    cpu = {m: [] for m in modes}
+    wall = {m: [] for m in modes}
+    for r in range(args.warmup + args.steps):
+        t0, c0 = time.perf_counter(), time.process_time()
+        batch = next(loader)
+        data_wall, data_cpu = time.perf_counter() - t0, time.process_time() - c0
+        for k in range(len(modes)):
+            mode = modes[(r + k) % len(modes)]
+            apply_mode(system, mode)
+            synchronize(device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            loss, _ = system.batch_loss(batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            synchronize(device)
+            if r >= args.warmup:
+                wall[mode].append(time.perf_counter() - t0 + data_wall)
+                cpu[mode].append(time.process_time() - c0 + data_cpu)
+    load = os.getloadavg()
+    rows = {}
+    for m in modes:
+        c, w = sum(cpu[m]) / len(cpu[m]), sum(wall[m]) / len(wall[m])
+        rows[m] = {"cpu_s_per_step": c, "wall_s_per_step": w, "steps_per_cpu_s": 1 / c,
+                   "samples_per_cpu_s": args.batch / c, "steps_per_s": 1 / w, "samples_per_s": args.batch / w}
+    return {"device": str(device), "machine": machine_line(device), "batch": args.batch, "crop": args.crop,
+            "views": args.views, "steps": args.steps, "modes": rows, "scenes": dm.scene_names,
+            "loadavg": list(load), "overrides": overrides,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.compare:
+        r = compare(args)
+        base = next(iter(r["modes"].values()))["cpu_s_per_step"]
+        print(f"bench_train --compare: {r['device']}, batch {r['batch']}, {r['crop']}^2 crops, {r['views']} input "
+              f"views, {r['steps']} interleaved rounds; load average {r['loadavg'][0]:.2f}")
+        for m, v in r["modes"].items():
+            print(f"  {m:18s} {v['cpu_s_per_step']:.3f} CPU s/step = {v['steps_per_cpu_s']:.3f} steps, "
+                  f"{v['samples_per_cpu_s']:.3f} samples per CPU s ({base / v['cpu_s_per_step']:.2f}x the first); "
+                  f"wall {v['wall_s_per_step']:.2f} s/step")
+        print(r["machine"])
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump(r, f, indent=2)
+        return 0
     r = measure(args)
     line = (f"bench_train: {r['device']}, batch {r['batch']}, {r['crop']}^2 crops, {r['views']} input views, "
             f"amp {r['amp']}: {r['steps_per_s']:.3f} steps/s, {r['samples_per_s']:.3f} samples/s "
