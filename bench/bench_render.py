@@ -108,10 +108,20 @@ def load_line() -> str:
     return f"load average {one:.1f} (1 min) / {five:.1f} (5 min) on {os.cpu_count()} cores"
 
 
+ROLL_MODES = ("tiled", "whole", "bounded")  # exact tiled refiner, exact whole canvas, bounded context
+
+
+def set_roll_mode(model: NPBGPlusPlus, mode: str, margin: int) -> None:
+    model.tiled_rendering = mode != "whole"
+    model.roll_context = "bounded" if mode == "bounded" else "exact"
+    model.roll_margin = margin
+
+
 def roll_sweep(model: NPBGPlusPlus, counts: list[int], sizes: list[tuple[int, int]], rolls: list[float],
-               device: torch.device, repeats: int) -> list[list[str]]:
-    """model.render at each roll with the tiled refiner and on the whole canvas, every
-    (roll, mode) once per round so that load drifts hit all alike."""
+               device: torch.device, repeats: int, margin: int) -> list[list[str]]:
+    """model.render at each roll: exact with the tiled refiner, exact on the whole canvas,
+    and with the bounded context (``roll_margin`` = ``margin``); every (roll, mode) once per
+    round so that load drifts hit all alike. Roll 0 is the same in every mode."""
     from npbgpp_core.models.alignment import render_canvas_camera
 
     rows = []
@@ -120,27 +130,28 @@ def roll_sweep(model: NPBGPlusPlus, counts: list[int], sizes: list[tuple[int, in
         for h, w in sizes:
             cams = {r: bench_camera(h, w, device).rotated_in_plane(math.radians(r)) if r else bench_camera(h, w, device)
                     for r in rolls}
-            runs = {(r, tiled): cam for r, cam in cams.items() for tiled in (True, False)}
+            runs = {(r, mode): cam for r, cam in cams.items() for mode in ROLL_MODES}
             times: dict = {key: [] for key in runs}
             for rnd in range(repeats + 1):  # round 0 is the warm-up
-                for (r, tiled), cam in runs.items():
-                    model.tiled_rendering = tiled
+                for (r, mode), cam in runs.items():
+                    set_roll_mode(model, mode, margin)
                     synchronize(device)
                     t0 = time.perf_counter()
                     model.render(scene, cam)
                     synchronize(device)
                     if rnd:
-                        times[(r, tiled)].append(time.perf_counter() - t0)
-            model.tiled_rendering = True
-            base = statistics.median(times[(rolls[0], True)])
+                        times[(r, mode)].append(time.perf_counter() - t0)
+            set_roll_mode(model, "tiled", margin)
+            model.roll_context = "exact"
+            base = statistics.median(times[(rolls[0], "tiled")])
             for r, cam in cams.items():
                 canvas = render_canvas_camera(cam, model.config.render_canvas, model.config.world_up)[0].image_size
-                tiled, whole = times[(r, True)], times[(r, False)]
-                rows.append([f"{n:,}", f"{w}x{h}", f"{r:g}", f"{canvas[0]}x{canvas[1]}",
-                             f"{min(tiled) * 1e3:.1f} / {statistics.median(tiled) * 1e3:.1f}",
-                             f"{statistics.median(tiled) / base:.2f}",
-                             f"{min(whole) * 1e3:.1f} / {statistics.median(whole) * 1e3:.1f}",
-                             f"{statistics.median(whole) / base:.2f}"])
+                row = [f"{n:,}", f"{w}x{h}", f"{r:g}", f"{canvas[0]}x{canvas[1]}"]
+                for mode in ROLL_MODES:
+                    t = times[(r, mode)]
+                    row += [f"{min(t) * 1e3:.1f} / {statistics.median(t) * 1e3:.1f}",
+                            f"{statistics.median(t) / base:.2f}"]
+                rows.append(row)
                 print(" | ".join(rows[-1]), flush=True)
     return rows
 
@@ -154,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", help="comma list of variant keys to run (default all for the device): "
                         + ",".join(VARIANT_KEYS) + ",render (model.render)")
     parser.add_argument("--rolls", help="camera rolls in degrees for a model.render roll table, timed interleaved "
-                        "in one run, tiled refiner and whole canvas (e.g. 0,10,45)")
+                        "in one run: exact (tiled refiner), exact (whole canvas), bounded context (e.g. 0,10,45)")
+    parser.add_argument("--roll-margin", type=int, default=None,
+                        help="roll_margin of the bounded-context column (default the model's)")
     add_common_args(parser)
     args = parser.parse_args(argv)
 
@@ -241,10 +254,12 @@ def main(argv: list[str] | None = None) -> int:
     roll_table = ""
     if args.rolls:
         rolls = [float(r) for r in args.rolls.split(",") if r.strip()]
-        roll_rows = roll_sweep(model, counts, sizes, rolls, device, repeats)
+        margin = model.roll_margin if args.roll_margin is None else args.roll_margin
+        roll_rows = roll_sweep(model, counts, sizes, rolls, device, repeats, margin)
         roll_table = markdown_table(
-            ["points", "image WxH", "roll deg", "canvas HxW", "model.render ms best / median",
-             "x roll 0 (median)", "whole canvas ms best / median", "x roll 0 (median)"], roll_rows)
+            ["points", "image WxH", "roll deg", "canvas HxW", "exact (tiled) ms best / median",
+             "x roll 0 (median)", "exact whole canvas ms best / median", "x roll 0 (median)",
+             f"bounded (margin {margin}) ms best / median", "x roll 0 (median)"], roll_rows)
         print()
         print(roll_table)
     frame_table = markdown_table(
@@ -268,8 +283,9 @@ def main(argv: list[str] | None = None) -> int:
         "exactly H x W at roll 0, then warps back)",
     ]
     if roll_table:
-        notes.append(f"roll table: model.render at each roll, the tiled refiner (default) and the whole aligned "
-                     f"canvas (tiled_rendering=False), all interleaved round by round ({repeats} rounds after a "
+        notes.append(f"roll table: model.render at each roll, exact with the tiled refiner (roll_context='exact', "
+                     f"the default), exact on the whole aligned canvas (tiled_rendering=False) and with the bounded "
+                     f"context (roll_context='bounded'), all interleaved round by round ({repeats} rounds after a "
                      f"warm-up) so machine load hits every column alike; {load_line()}")
     record(args, "Full frame (NPBG++)", device, stage_table + "\n\n" + frame_table
            + ("\n\n" + roll_table if roll_table else ""), notes)

@@ -61,6 +61,16 @@ class NPBGPPSceneSettings(bpy.types.PropertyGroup):
         items=[("FP32", "FP32", "Full precision"), ("FP16", "FP16", "Half precision"), ("BF16", "BF16", "bfloat16")],
         default="FP32",
     )
+    viewport_roll_context: EnumProperty(  # type: ignore[valid-type]
+        name="Viewport Rolled Views",
+        description="How the viewport renders views rolled against the up axis (F12 renders are always Exact)",
+        items=[
+            ("BOUNDED", "Bounded", "The network sees the view plus a margin: about the cost of an upright view, "
+             "nearly the same image (differences near the border)"),
+            ("EXACT", "Exact", "The published network's whole reach on the upright canvas (slower when rolled)"),
+        ],
+        default="BOUNDED",
+    )
     preview_scale: FloatProperty(  # type: ignore[valid-type]
         name="Preview Scale", description="Viewport resolution scale once the view stops moving",
         default=1.0, min=0.1, max=1.0, subtype="FACTOR",

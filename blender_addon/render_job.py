@@ -21,9 +21,12 @@ MIN_TILE_SIZE = 2 * WINDOW_MARGIN + 16
 
 
 def render_frame(
-    snap: SceneSnapshot, geo: CameraGeometry, should_cancel: Callable[[], bool] | None = None
+    snap: SceneSnapshot, geo: CameraGeometry, should_cancel: Callable[[], bool] | None = None,
+    roll_context: str = "exact",
 ) -> tuple[np.ndarray, float]:
-    """(H, W, 8) frame from the worker and the depth scale to bring depth to scene units."""
+    """(H, W, 8) frame from the worker and the depth scale to bring depth to scene units.
+    ``roll_context``: how the network renders rolled views ('exact' for F12 renders; the
+    viewport may ask for 'bounded', see ``RenderFrame.roll_context``)."""
     worker = HUB.get(snap.mode, snap.env_path, snap.extra_paths)
     neural = snap.output == "NEURAL"
     depth_scale = 1.0
@@ -51,6 +54,7 @@ def render_frame(
     if 0 < snap.tile_size < MIN_TILE_SIZE:
         raise ValueError(f"Tile Size must be 0 (whole frame) or at least {MIN_TILE_SIZE} pixels, not "
                          f"{snap.tile_size}: each tile renders a margin of {WINDOW_MARGIN} pixels on every side")
-    request = P.RenderFrame(geo.to_spec(), source, neural, snap.tile_size * snap.tile_size, snap.point_size)
+    request = P.RenderFrame(geo.to_spec(), source, neural, snap.tile_size * snap.tile_size, snap.point_size,
+                            roll_context)
     reply = worker.request(request, should_cancel, snap.timeout)
     return reply.pixels, depth_scale

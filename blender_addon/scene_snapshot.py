@@ -32,6 +32,7 @@ class SceneSnapshot(WorkerSettings):
     precision: str = "FP32"
     tile_size: int = 0  # pixels per tile side for neural frames, 0: whole frame
     point_size: int = 1
+    viewport_roll_context: str = "bounded"  # RenderFrame.roll_context of viewport frames (F12: exact)
     points: np.ndarray | None = None  # world space
     colors: np.ndarray | None = None
     points_key: str = ""
@@ -81,7 +82,7 @@ def snapshot(
     snap = SceneSnapshot(
         mode=w.mode, env_path=w.env_path, extra_paths=w.extra_paths, timeout=w.timeout, output=s.output,
         bundle_path=bpy.path.abspath(s.bundle) if s.bundle else "", device=s.device, precision=s.precision,
-        tile_size=s.tile_size, point_size=s.point_size,
+        tile_size=s.tile_size, point_size=s.point_size, viewport_roll_context=s.viewport_roll_context.lower(),
     )
     obj = s.point_object
     if obj is not None:

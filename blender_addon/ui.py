@@ -67,6 +67,7 @@ class RENDER_PT_npbgpp_performance(_NPBGPPPanel, bpy.types.Panel):
         layout.prop(s, "device")
         layout.prop(s, "precision")
         layout.prop(s, "preview_scale")
+        layout.prop(s, "viewport_roll_context")
         layout.prop(s, "tile_size")
         layout.prop(s, "worker_mode")
         row = layout.row()

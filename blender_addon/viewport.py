@@ -134,7 +134,7 @@ class ViewportSession:
         from .render_job import render_frame
 
         try:
-            frame, depth_scale = render_frame(snap, geo)
+            frame, depth_scale = render_frame(snap, geo, roll_context=snap.viewport_roll_context)
             image = frames.compose(frame, snap.output, transparent, depth_scale, passes=("combined",))["combined"]
             with self.lock:
                 if self.scheduler.result(job.frame_id):

@@ -319,6 +319,10 @@ class RenderFrame(Request):
     neural: bool = False
     max_pixels: int = 0  # > 0: the network renders larger frames in windows of about this many pixels
     point_size: int = 1  # points as squares of this many pixels (without the network only)
+    # Rolled views: 'exact' (the published network's whole reach) or 'bounded' (it sees the
+    # view plus a margin: about the cost of an unrolled view, an approximation; see
+    # npbgpp_core/models/bounded.py). Unrolled views are the same in both.
+    roll_context: str = "exact"
     op: ClassVar[str] = "render"
     reply: ClassVar[type[Reply]] = Frame
 

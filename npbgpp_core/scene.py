@@ -362,17 +362,25 @@ class SceneRenderer:
             return self.model.render_raw(self.aggregated, camera)
         return self.model.render_raw(self.points, camera)
 
-    def render(self, camera: Camera, quality: str | float = "full", max_pixels: int = 0) -> torch.Tensor:
+    def render(self, camera: Camera, quality: str | float = "full", max_pixels: int = 0,
+               roll_context: str | None = None) -> torch.Tensor:
         """(3, H, W) in [0, 1]. ``quality``: 'full', 'preview' (internal half resolution,
         upsampled) or an internal resolution factor in (0, 1]. ``max_pixels`` > 0 renders
-        larger frames window by window (:func:`render_in_windows`, full quality only), so
-        the network's memory stays bounded; the result is on the CPU then."""
+        larger frames window by window (:func:`render_in_windows`, full quality only, always
+        the exact roll context), so the network's memory stays bounded; the result is on
+        the CPU then. ``roll_context`` (NPBG++): 'exact' or 'bounded' for rolled views
+        (:meth:`NPBGPlusPlus.render`); None keeps the model's (``'exact'``)."""
+        from .models.npbgpp import check_roll_context
+
+        if roll_context is not None:
+            check_roll_context(roll_context, getattr(self.model, "roll_margin", 0))
         scale = quality_scale(quality)
         h, w = camera.image_size
         if max_pixels > 0 and h * w > max_pixels and scale == 1.0:
             return self._render_windowed(camera, max_pixels)
         if self.scene.kind == "npbgpp":
-            return self.model.render(self.aggregated, camera, dtype=self.dtype, resolution_scale=scale)
+            return self.model.render(self.aggregated, camera, dtype=self.dtype, resolution_scale=scale,
+                                     roll_context=roll_context)
         return self.model.render(self.points, camera, dtype=self.dtype, resolution_scale=scale)
 
     def _render_windowed(self, camera: Camera, max_pixels: int) -> torch.Tensor:

@@ -11,7 +11,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("script", ["bench_rasterizer.py", "bench_render.py", "bench_prepare.py", "bench_published.py"])
+@pytest.mark.parametrize("script", ["bench_rasterizer.py", "bench_render.py", "bench_prepare.py", "bench_published.py",
+                                    "bench_roll_context.py"])
 def test_bench_quick_mode_runs_and_prints_a_table(script: str) -> None:
     benchmarks = ROOT / "BENCHMARKS.md"
     before = benchmarks.read_bytes() if benchmarks.exists() else None

@@ -19,6 +19,17 @@ from .background import BackgroundSums, refiner_background_rasters, view_samples
 from .config import NPBGPlusPlusConfig
 from .refiner import BACKGROUND_LEVELS, Refiner
 
+ROLL_CONTEXTS = ("exact", "bounded")
+DEFAULT_ROLL_MARGIN = 32  # pixels of context beyond a rolled view in 'bounded' mode
+
+
+def check_roll_context(context: str, margin: int) -> None:
+    """ValueError unless ``context`` is one of :data:`ROLL_CONTEXTS` and ``margin`` an int >= 0."""
+    if context not in ROLL_CONTEXTS:
+        raise ValueError(f"roll_context must be one of {ROLL_CONTEXTS}, got {context!r}")
+    if isinstance(margin, bool) or not isinstance(margin, int) or not 0 <= margin <= 1024:
+        raise ValueError(f"roll_margin must be an int in 0..1024 pixels, got {margin!r}")
+
 
 def check_points(points: torch.Tensor | Any) -> torch.Tensor:
     """(N, 3) floating points as a float32 tensor (NaN/inf rows are kept; the
@@ -171,6 +182,12 @@ class NPBGPlusPlus(nn.Module):
         # Inference renders of rolled views run the refiner on tiles (see render_raw);
         # False renders the whole canvas (the reference for tests and benchmarks).
         self.tiled_rendering = True
+        # Rolled views at inference: 'exact' (the network's full reach on the aligned
+        # canvas) or 'bounded' (it sees the view plus roll_margin pixels: about the cost
+        # of roll 0, an approximation; see models/bounded.py). Roll 0 and multiples of
+        # 90 degrees are the same in both.
+        self.roll_context = "exact"
+        self.roll_margin = DEFAULT_ROLL_MARGIN
 
     @property
     def device(self) -> torch.device:
@@ -299,6 +316,60 @@ class NPBGPlusPlus(nn.Module):
         out = tiles.refine_tiles(self.refiner, plan, raster_tiles, dev, dtype, background_tiles=background_tiles)
         return warp_images(out.unsqueeze(0), aligned, camera)[0]
 
+    def _render_bounded(self, scene: AggregatedScene, aligned: Camera, camera: Camera) -> torch.Tensor | None:
+        """The ``aligned`` canvas grown by the margin, the refiner computed only on the
+        target plus ``roll_margin`` pixels (:mod:`.bounded`), resampled into ``camera``;
+        None when the scales do not suit it (the caller renders exactly)."""
+        from . import bounded, tiles
+
+        margin = self.roll_margin
+        grow = -(-margin // bounded.ALIGN) * bounded.ALIGN
+        K, R_cv, t_cv = aligned.to_opencv()
+        K = K.copy()
+        K[0, 2] += grow
+        K[1, 2] += grow
+        size = (aligned.image_size[0] + 2 * grow, aligned.image_size[1] + 2 * grow)
+        canvas = Camera.from_opencv(K, R_cv, t_cv, size, dtype=aligned.R.dtype, device=aligned.device)
+        if not bounded.can_plan(size) or scale_sizes(size, self.config.scales) != tuple(
+            (size[0] >> level, size[1] >> level) for level in range(bounded.LEVELS)
+        ):
+            return None
+        corners = tiles.target_corners(_pixel_map(canvas, camera), camera.image_size)
+        plan = bounded.plan_bands(size, tiles.needed_spans(corners, size, margin=1 + margin))
+        dev = self.device
+        points, valid = scene.points.to(dev), scene.valid.to(dev)
+        rows = None if bool(valid.all()) else torch.nonzero(valid).squeeze(1)
+        if rows is not None:
+            points = points.index_select(0, rows)
+        indices = rasterize(points, canvas, self.config.scales, self.config.near)
+        seen = [indices[level][r0:r1, c0:c1].reshape(-1)
+                for level in range(bounded.LEVELS) for r0, r1, c0, c1 in plan.bands[level]]
+        flat = torch.cat(seen)
+        used = torch.unique(flat[flat >= 0])
+        desc = self.descriptors(scene, canvas, used if rows is None else rows[used])
+        m, c = desc.shape
+        table = torch.cat([torch.cat([desc, desc.new_ones(m, 1)], 1), desc.new_zeros(1, c + 1)])
+        remap = torch.full((points.shape[0] + 1,), m, dtype=torch.long, device=dev)
+        remap[used] = torch.arange(m, device=dev)
+
+        def raster_band(level: int, band: tuple[int, int, int, int]) -> torch.Tensor:
+            r0, r1, c0, c1 = band
+            index = remap[indices[level][r0:r1, c0:c1].reshape(-1)]
+            return table.index_select(0, index).view(r1 - r0, c1 - c0, c + 1).permute(2, 0, 1)
+
+        background_band = None
+        background = self._background_rasters(scene, canvas)
+        if background is not None:
+            by_level = dict(zip(BACKGROUND_LEVELS, background, strict=True))
+
+            def background_band(level: int, band: tuple[int, int, int, int]) -> torch.Tensor:
+                r0, r1, c0, c1 = band
+                return by_level[level][:, r0:r1, c0:c1]
+
+        dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else torch.float32
+        out = bounded.refine_bands(self.refiner, plan, raster_band, dev, dtype, background_band)
+        return warp_images(out.unsqueeze(0), canvas, camera)[0]
+
     def render_raw(self, scene: AggregatedScene, camera: Camera) -> torch.Tensor:
         """Unclamped, differentiable render (3 or 4, H, W) of the target ``camera``. With
         ``align_during_rendering`` the scene is rendered by the aligned camera on the
@@ -310,6 +381,11 @@ class NPBGPlusPlus(nn.Module):
         if not self.config.align_during_rendering:
             return self._render_direct(scene, camera)
         aligned, quarter_turns = render_canvas_camera(camera, self.config.render_canvas, self.config.world_up)
+        check_roll_context(self.roll_context, self.roll_margin)
+        if quarter_turns is None and self.roll_context == "bounded" and not torch.is_grad_enabled():
+            out = self._render_bounded(scene, aligned, camera)
+            if out is not None:
+                return out
         if quarter_turns is None and self.tiled_rendering and self.config.render_canvas == "bounds" \
                 and not torch.is_grad_enabled():
             out = self._render_tiled(scene, aligned, camera)
@@ -437,15 +513,23 @@ class NPBGPlusPlus(nn.Module):
 
     def render(
         self, scene: AggregatedScene, camera: Camera, dtype: torch.dtype | None = None,
-        resolution_scale: float = 1.0,
+        resolution_scale: float = 1.0, roll_context: str | None = None,
     ) -> torch.Tensor:
         """Inference render (3, H, W) clamped to [0, 1]; ``dtype`` (e.g. torch.float16 on a
         GPU) enables autocast. ``resolution_scale`` < 1 renders internally at
         ``int(s*H) x int(s*W)`` and upsamples bilinearly (a preview: about s^2 of the
-        cost, softer and not the full-quality image)."""
+        cost, softer and not the full-quality image). ``roll_context`` overrides
+        :attr:`roll_context` for this call ('exact' or 'bounded')."""
         camera = camera.to(self.device)
-        with torch.inference_mode(), autocast_context(self.device, dtype):
-            out = render_at_scale(lambda cam: self.render_raw(scene, cam), camera, resolution_scale)
+        saved = self.roll_context
+        if roll_context is not None:
+            check_roll_context(roll_context, self.roll_margin)
+            self.roll_context = roll_context
+        try:
+            with torch.inference_mode(), autocast_context(self.device, dtype):
+                out = render_at_scale(lambda cam: self.render_raw(scene, cam), camera, resolution_scale)
+        finally:
+            self.roll_context = saved
         # A normal tensor (clone outside inference mode): callers may edit it in place.
         return out[:3].float().clamp(0, 1).clone()
 
