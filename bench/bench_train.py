@@ -36,7 +36,8 @@ if str(ROOT) not in sys.path:
 
 
 # Step variants for --compare: system.batched_step, the input canvas, and whether the
-# exact CPU speed paths are on (fused decoder upsampling, aggregation of the seen points only).
+# exact CPU speed paths are on (the extractor decoder's paths of npbgpp_core.models.cpu_paths,
+# aggregation of the seen points only).
 MODES: dict[str, tuple[bool, str, bool]] = {
     "per_sample_square": (False, "square", False),  # the step before batching ("today's rate", 06:50)
     "batched_before": (True, "bounds", False),      # the batched step before the CPU speed paths
@@ -50,7 +51,7 @@ def apply_mode(system, mode: str) -> None:
     batched, canvas, fast = MODES[mode]
     system.scfg["batched_step"] = batched
     system.model.config.input_canvas = canvas
-    system.model.extractor.fused_upsampling = fast
+    system.model.extractor.fast_decoder = fast
     system.seen_only_aggregation = fast
 
 

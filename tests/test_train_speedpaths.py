@@ -1,6 +1,7 @@
 """The CPU training speed paths compute what the reference paths compute: the fused x2
 bilinear upsampling + skip concatenation of the U-Net decoder (against F.interpolate +
-torch.cat, values and gradients), the extractor with it, aggregation of the seen points
+torch.cat, values and gradients), its convolution with the input gradient computed as a
+forward convolution (against F.conv2d's gradients), the extractor with both, aggregation of the seen points
 only (same renders and gradients as the whole cloud) and the whole batched NPBG++ step
 of the CPU recipe (same loss and parameter gradients on a tiny batch)."""
 
@@ -15,8 +16,8 @@ from _train_fixtures import make_dataset
 
 from npbgpp_core import Camera
 from npbgpp_core.models import NPBGPlusPlus
+from npbgpp_core.models.cpu_paths import conv3x3, upsample_cat
 from npbgpp_core.models.extractor import FeatureExtractor
-from npbgpp_core.models.upsample import upsample_cat
 
 
 def reference_upsample_cat(y: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
@@ -47,12 +48,29 @@ def test_upsample_cat_without_exact_doubling_uses_the_reference():
     torch.testing.assert_close(upsample_cat(y, skip), reference_upsample_cat(y, skip), atol=0, rtol=0)
 
 
-def test_extractor_fused_upsampling_equals_reference_values_and_gradients():
+@pytest.mark.parametrize("shape", [(2, 5, 9, 7, 4), (1, 3, 1, 2, 6)])
+def test_conv3x3_gradients_equal_conv2d(shape):
+    n, cin, h, w, cout = shape
+    g = torch.Generator().manual_seed(h * w)
+    x = torch.randn(n, cin, h, w, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(cout, cin, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    out, ref = conv3x3(x, weight), F.conv2d(x, weight, padding=1)
+    assert "Conv3x3" in type(out.grad_fn).__name__  # the custom backward runs
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+    grad = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(out, (x, weight), grad), torch.autograd.grad(ref, (x, weight), grad),
+                    strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+    assert torch.autograd.gradcheck(conv3x3, (x.detach()[:1, :2, :4, :4].requires_grad_(),
+                                              weight.detach()[:2, :2].requires_grad_()))
+
+
+def test_extractor_fast_decoder_equals_reference_values_and_gradients():
     torch.manual_seed(0)
     fused = FeatureExtractor(8)
     reference = FeatureExtractor(8)
     reference.load_state_dict(fused.state_dict())
-    reference.fused_upsampling = False
+    reference.fast_decoder = False
     g = torch.Generator().manual_seed(1)
     images = [torch.rand(3, 70, 90, generator=g), torch.rand(3, 64, 96, generator=g)]
     weights = torch.randn(8, 70, 90, generator=g)
@@ -142,7 +160,7 @@ def test_cpu_recipe_step_equals_the_reference_paths(tmp_path):
     params = list(system.model.parameters())
     results = []
     for fast in (True, False):
-        system.model.extractor.fused_upsampling = fast
+        system.model.extractor.fast_decoder = fast
         system.seen_only_aggregation = fast
         torch.manual_seed(1)  # same auxiliary-loss pixel dropout
         loss, _ = system.batch_loss(batch)

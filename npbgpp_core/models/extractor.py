@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..statefiles import load_state_dict_file
-from .upsample import upsample_cat
+from .cpu_paths import conv3x3, upsample_cat
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -84,13 +84,13 @@ class DecoderBlock(nn.Module):
         self.conv = nn.Conv2d(cin + cskip, cout, 3, padding=1, bias=False)
         self.act = nn.LeakyReLU(0.2, inplace=True)
 
-    def forward(self, x: torch.Tensor, skip: torch.Tensor, fused: bool = True) -> torch.Tensor:
-        if fused:
-            x = upsample_cat(x, skip)
-        else:
+    def forward(self, x: torch.Tensor, skip: torch.Tensor, fast: bool = True) -> torch.Tensor:
+        """Upsample ``x`` to ``skip``'s size, concatenate, convolve; ``fast``: the exact CPU
+        speed paths of :mod:`.cpu_paths`, else the reference functions."""
+        if not fast:
             x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
-            x = torch.cat([x, skip], dim=1)
-        return self.act(self.conv(x))
+            return self.act(self.conv(torch.cat([x, skip], dim=1)))
+        return self.act(conv3x3(upsample_cat(x, skip), self.conv.weight))
 
 
 class FeatureExtractor(nn.Module):
@@ -111,9 +111,9 @@ class FeatureExtractor(nn.Module):
             cin = cout
         self.decoder = nn.ModuleList(blocks)
         self.head = nn.Conv2d(cin, out_channels, 1)
-        # False: the decoder upsamples with F.interpolate + cat (the reference that tests and
-        # bench_train compare the fused CPU stencil of .upsample against).
-        self.fused_upsampling = True
+        # False: the decoder runs the reference functions (F.interpolate + cat, nn.Conv2d)
+        # that tests and bench_train compare the CPU speed paths of .cpu_paths against.
+        self.fast_decoder = True
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         if weights:
@@ -186,5 +186,5 @@ class FeatureExtractor(nn.Module):
         skips = list(reversed(feats[:-1])) + [raw]
         y = feats[-1]
         for block, skip in zip(self.decoder, skips, strict=True):
-            y = block(y, skip, self.fused_upsampling)
+            y = block(y, skip, self.fast_decoder)
         return self.head(y)

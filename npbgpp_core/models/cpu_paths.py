@@ -1,15 +1,24 @@
-"""Bilinear x2 upsampling (``align_corners=False``) fused with the concatenation of a skip
-connection, for the U-Net decoders on the CPU.
+"""Exact CPU speed paths of the extractor's U-Net decoder (training on the CPU spends most
+of its time there): bilinear x2 upsampling fused with the skip concatenation, and a 3x3
+convolution whose input gradient is computed as a forward convolution.
 
-Why: on the CPU, ``F.interpolate(..., mode='bilinear')`` and especially its backward
-are scalar loops over NCHW tensors (about 40 ms for the backward of one (6, 32, 288, 288)
-output on one core). An exact doubling is a fixed separable stencil: output pixel ``2i``
-is ``0.75 x[i] + 0.25 x[i-1]`` and ``2i+1`` is ``0.75 x[i] + 0.25 x[i+1]``, with the edge
-pixel repeated outside the image. Written as whole-tensor slices it runs vectorised in
-both directions (forward and backward about 2x faster in the extractor's decoder), and
-the upsampled tensor goes straight into the concatenation buffer instead of being copied
-there. The result equals ``torch.cat([F.interpolate(y, size, 'bilinear'), skip], 1)`` up
-to float rounding (tests/test_models_speedpaths.py).
+Upsampling: on the CPU, ``F.interpolate(..., mode='bilinear')`` and especially its
+backward are scalar loops over NCHW tensors (about 40 ms for the backward of one
+(6, 32, 288, 288) output on one core). An exact doubling is a fixed separable stencil:
+output pixel ``2i`` is ``0.75 x[i] + 0.25 x[i-1]`` and ``2i+1`` is ``0.75 x[i] + 0.25
+x[i+1]``, with the edge pixel repeated outside the image. Written as whole-tensor slices
+it runs vectorised in both directions (forward and backward about 2x faster in the
+decoder), and the upsampled tensor goes straight into the concatenation buffer instead
+of being copied there. The result equals ``torch.cat([F.interpolate(y, size,
+'bilinear'), skip], 1)`` up to float rounding.
+
+Convolution: the input gradient of a stride-1, padding-1 3x3 convolution is the forward
+convolution of the output gradient with the kernel transposed (in/out channels swapped)
+and flipped. oneDNN's forward kernels run that faster than its backward-data kernels at
+the decoder's shapes (e.g. 296 -> 128 channels at 36x36: 67 vs 95 ms for 6 views); the
+forward pass and the weight gradient are PyTorch's own. Same values up to float rounding.
+
+tests/test_train_speedpaths.py checks both against the reference functions.
 """
 
 from __future__ import annotations
@@ -86,3 +95,31 @@ def upsample_cat(y: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         return _Up2Cat.apply(y.contiguous(), skip)
     up = F.interpolate(y, size=skip.shape[-2:], mode="bilinear", align_corners=False)
     return torch.cat([up, skip.to(up.dtype)], dim=1)
+
+
+class _Conv3x3(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, weight)
+        return F.conv2d(x, weight, padding=1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous()
+        gx = gw = None
+        if ctx.needs_input_grad[0]:
+            gx = F.conv2d(grad, weight.transpose(0, 1).flip([2, 3]), padding=1)
+        if ctx.needs_input_grad[1]:
+            gw = torch.ops.aten.convolution_backward(
+                grad, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [False, True, False])[1]
+        return gx, gw
+
+
+def conv3x3(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.conv2d(x, weight, padding=1)`` (no bias, stride 1, 3x3 kernel); on the CPU with
+    autograd the input gradient comes from a forward convolution."""
+    if x.device.type == "cpu" and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad) \
+            and x.dtype == weight.dtype and tuple(weight.shape[-2:]) == (3, 3):
+        return _Conv3x3.apply(x, weight)
+    return F.conv2d(x, weight, padding=1)
