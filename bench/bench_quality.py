@@ -8,8 +8,10 @@ split, or every 8th view when it has none; every other view is an input view
   colour of RGBA scenes, otherwise the input photos' mean colour);
 - ``mean_color``: a constant image of the input photos' mean colour;
 - ``mean_image``: the per-pixel average of the input photos;
-- ``npbgpp``: NPBG++ without fitting (``--weights``, default the bundled file; world_up
-  from ``resolve_world_up('auto', cameras)``);
+- ``npbgpp``: NPBG++ without fitting (``--weights`` for every scene, default per scene the
+  bundled file of its domain, ``npbgpp_core.datasets.scene_domain``: cut-out objects on a
+  plain colour get the objects file, everything else the general one; the file each scene
+  used is in the JSON and the table; world_up from ``resolve_world_up('auto', cameras)``);
 - ``coefficients_ft`` and ``npbg``: ``npbgpp_core.fitting`` for ``--steps`` steps each,
   with seconds.
 
@@ -84,7 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scenes-file", default=None, help="a text file with one scene folder per line (# comments)")
     p.add_argument("--format", default=None, help="force a load_scene format (default: detect)")
     p.add_argument("--pc-name", default=None, help="point cloud inside each scene (e.g. points/sfm.ply)")
-    p.add_argument("--weights", default=None, help="NPBG++ weights file (default: bundled)")
+    p.add_argument("--weights", default=None, help="NPBG++ weights file for every scene (default: per scene the "
+                   "bundled file of its domain)")
     p.add_argument("--npbg-weights", default=None, help="NPBG refiner weights file (default: bundled)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--max-side", type=int, default=256, help="long side of every image (default 256)")
@@ -158,11 +161,11 @@ def evaluate_scene(folder: str, args: argparse.Namespace, weights: dict[str, str
     import numpy as np
     import torch
 
-    from npbgpp_core.datasets import load_scene
+    from npbgpp_core.datasets import load_scene, scene_domain
     from npbgpp_core.fitting import FitViews, fit_coefficients, fit_npbg
     from npbgpp_core.metrics import psnr, ssim
     from npbgpp_core.models.alignment import resolve_world_up
-    from npbgpp_core.pretrained import load_pretrained_npbg_refiner, load_pretrained_npbgpp
+    from npbgpp_core.pretrained import default_weights_path, load_pretrained_npbg_refiner, load_pretrained_npbgpp
 
     options: dict[str, Any] = {}
     if args.pc_name:
@@ -226,9 +229,13 @@ def evaluate_scene(folder: str, args: argparse.Namespace, weights: dict[str, str
         m["mean_image"] = scores([by_size[tuple(g.shape[-2:])] for g in gts])
     need_model = any(k in args.methods for k in ("npbgpp", "coefficients_ft"))
     if need_model:
+        # No --weights: the bundled file of this scene's domain.
+        domain = None if weights.get("npbgpp") else scene_domain(scene)
+        npbgpp_file = weights.get("npbgpp") or default_weights_path("npbgpp", domain)
+        result["weights"], result["domain"] = npbgpp_file, domain
         up = resolve_world_up("auto", [scene.views[i].camera for i in inputs])
         result["world_up"] = list(up)
-        model = load_pretrained_npbgpp(weights["npbgpp"], world_up=up)
+        model = load_pretrained_npbgpp(npbgpp_file, world_up=up)
         result["background"] = model.config.background  # the weights' own option
         t = time.perf_counter()
         with torch.no_grad():
@@ -277,9 +284,12 @@ def averages(scenes: list[dict[str, Any]], methods: list[str]) -> dict[str, dict
 
 
 def markdown(report: dict[str, Any]) -> str:
-    """Per-scene PSNR/SSIM table, one column per method, and the average row."""
+    """Per-scene PSNR/SSIM table, one column per method, and the average row (with the
+    NPBG++ weights file of each scene when the scenes did not all use the same one)."""
     methods = [m for m in report["methods"] if m in report["average"]]
-    head = ["scene", "views in/out", *[LABELS[m] for m in methods]]
+    files = [os.path.basename(s.get("weights", "")).removesuffix(".safetensors") for s in report["scenes"]]
+    per_scene = len(set(files)) > 1 or any(s.get("domain") for s in report["scenes"])
+    head = ["scene", "views in/out", *(["NPBG++ weights"] if per_scene else []), *[LABELS[m] for m in methods]]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
 
     def cell(r: dict[str, Any] | None) -> str:
@@ -288,11 +298,12 @@ def markdown(report: dict[str, Any]) -> str:
         text = f"{r['psnr']:.2f} / {r['ssim']:.3f}"
         return text + (f" ({r['fit_s']:.0f} s)" if "fit_s" in r else "")
 
-    for s in report["scenes"]:
+    for s, f in zip(report["scenes"], files, strict=True):
         lines.append("| " + " | ".join([s["scene"], f"{s['input_views']}/{s['held_out_views']}",
+                                        *([f or "-"] if per_scene else []),
                                         *[cell(s["methods"].get(m)) for m in methods]]) + " |")
     avg = report["average"]
-    lines.append("| " + " | ".join([f"**mean of {len(report['scenes'])}**", "",
+    lines.append("| " + " | ".join([f"**mean of {len(report['scenes'])}**", "", *([""] if per_scene else []),
                                     *[cell(avg.get(m)) for m in methods]]) + " |")
     return "\n".join(lines)
 
@@ -310,10 +321,11 @@ def main(argv: list[str] | None = None) -> int:
     except QualityError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    weights = {"npbgpp": os.path.abspath(args.weights) if args.weights else default_weights_path("npbgpp"),
+    # npbgpp None: per scene, the bundled file of its domain (each scene's result names it).
+    weights = {"npbgpp": os.path.abspath(args.weights) if args.weights else None,
                "npbg_refiner": os.path.abspath(args.npbg_weights) if args.npbg_weights
                else default_weights_path("npbg_refiner")}
-    label = args.label or os.path.basename(weights["npbgpp"])
+    label = args.label or (os.path.basename(weights["npbgpp"]) if weights["npbgpp"] else "bundled NPBG++ by domain")
     t0 = time.perf_counter()
     scenes = []
     for folder in folders:
@@ -341,7 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.record:
         from bench.bench_common import append_benchmarks
 
-        notes = [f"weights: {label} ({weights['npbgpp']})", f"long side {args.max_side} px, fits {args.steps} "
+        used = weights["npbgpp"] or "per scene by domain: " + ", ".join(
+            f"{r['scene']} {os.path.basename(r['weights'])}" for r in scenes if r.get("weights"))
+        notes = [f"weights: {label} ({used})", f"long side {args.max_side} px, fits {args.steps} "
                  f"steps at {args.crop}^2 crops, torch threads {torch.get_num_threads()}",
                  "PSNR dB / SSIM on held-out views (test split or every 8th view); (s) = fitting seconds"]
         if fit_options(args):

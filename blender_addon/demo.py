@@ -4,7 +4,9 @@ scene in Blender (bpy as a module), with no download.
 Steps: check requirements (bpy, torch, ffmpeg, weights) and say how to fix what is
 missing; install the add-on zip (built from this repository, bundled weights included)
 into a private Blender user folder and enable it; import ``demo/scene`` with File >
-Import > NPBG++ Dataset; Aggregate Descriptors (bundled NPBG++ weights); render a camera
+Import > NPBG++ Dataset; Aggregate Descriptors (the bundled NPBG++ network the add-on's
+Network = Auto picks for the scene: objects on a plain background for the demo's RGBA
+renders; ``npbgpp_core.datasets.scene_domain``); render a camera
 orbit with the NPBG++ engine to ``<out>/frame_####.png`` and ``<out>/demo.mp4``; render
 the held-out test views (Neural and Points output) and compare them with the Cycles
 ground truth; fit (c) NPBG++ coefficients and (d) NPBG for the same fixed budget; print a
@@ -52,7 +54,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--crop", type=int, default=None, help="fitting crop side in pixels (default 128)")
     p.add_argument("--out", default=os.path.join(ROOT, "out", "demo"), help="output folder (default out/demo)")
     p.add_argument("--scene", default=DEFAULT_SCENE, help="nerf_synthetic scene folder (default demo/scene)")
-    p.add_argument("--weights", default=None, help="NPBG++ weights (default: the bundled file)")
+    p.add_argument("--weights", default=None, help="NPBG++ weights (default: the bundled file of the scene's "
+                   "domain, as the add-on's Network = Auto picks it)")
     p.add_argument("--npbg-weights", default=None, help="NPBG refiner weights (default: the bundled file)")
     p.add_argument("--fps", type=int, default=24)
     p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1) // 2),
@@ -109,14 +112,29 @@ def check_requirements(args: argparse.Namespace) -> dict[str, str]:
     return paths
 
 
-def _check_weights(args: argparse.Namespace, paths: dict[str, str]) -> list[str]:
+def scene_weights_domain(scene_dir: str) -> str | None:
+    """The data domain of a scene folder (which bundled NPBG++ file suits it), or None when
+    the folder cannot be read (reported by the scene check)."""
+    from npbgpp_core.datasets import DatasetError, load_scene, scene_domain
+
     try:
-        from npbgpp_core.pretrained import WeightsError, default_weights_path, read_weights
+        return scene_domain(load_scene(scene_dir))
+    except (DatasetError, OSError):
+        return None
+
+
+def _check_weights(args: argparse.Namespace, paths: dict[str, str]) -> list[str]:
+    """Check the weights files (``--weights`` or the bundled file of the scene's domain,
+    ``--npbg-weights`` or the bundled refiner); their paths go into ``paths``."""
+    try:
+        from npbgpp_core.pretrained import DEFAULT_DOMAIN, WeightsError, default_weights_path, read_weights
     except Exception as exc:  # noqa: BLE001
         return [f"npbgpp_core cannot be imported ({exc}): run the demo from the repository root"]
+    args.domain = None if args.weights else scene_weights_domain(args.scene) or DEFAULT_DOMAIN
     problems = []
     for kind, given in (("npbgpp", args.weights), ("npbg_refiner", args.npbg_weights)):
-        path = os.path.abspath(given) if given else default_weights_path(kind)
+        domain = args.domain if kind == "npbgpp" and args.domain else DEFAULT_DOMAIN
+        path = os.path.abspath(given) if given else default_weights_path(kind, domain)
         try:
             read_weights(path, kind)
         except (FileNotFoundError, WeightsError) as exc:
@@ -243,7 +261,7 @@ def run(args: argparse.Namespace, weights: dict[str, str], workdir: str) -> dict
 
     from npbgpp_core.datasets import load_scene
     from npbgpp_core.fitting import FitViews, fit_coefficients, fit_npbg
-    from npbgpp_core.pretrained import default_weights_path, load_pretrained_npbg_refiner
+    from npbgpp_core.pretrained import load_pretrained_npbg_refiner
     from npbgpp_core.scene import NeuralScene
 
     torch.set_num_threads(max(1, args.threads))
@@ -263,8 +281,12 @@ def run(args: argparse.Namespace, weights: dict[str, str], workdir: str) -> dict
     timings["import_s"] = time.perf_counter() - t
     sc = bpy.context.scene
     s = sc.npbgpp
-    if weights["npbgpp"] != default_weights_path("npbgpp"):
-        s.weights = weights["npbgpp"]  # empty = the bundled weights
+    if args.weights:
+        s.weights = weights["npbgpp"]
+    else:  # empty Weights: the add-on's Network = Auto picks the bundled file
+        s.network = "AUTO"
+        print(f"NPBG++ network: {os.path.basename(weights['npbgpp'])} (bundled, for the {args.domain} domain "
+              "detected from the scene's views)", flush=True)
     sc.render.engine = "NPBGPP"
     sc.view_settings.view_transform = "Standard"  # PNG bytes = sRGB of what the engine wrote
     sc.render.dither_intensity = 0.0
@@ -278,6 +300,9 @@ def run(args: argparse.Namespace, weights: dict[str, str], workdir: str) -> dict
     if bpy.ops.npbgpp.aggregate(filepath=bundle_path) != {"FINISHED"}:
         raise DemoError("Aggregate Descriptors failed (see the messages above)")
     timings["aggregate_s"] = time.perf_counter() - t
+    used = NeuralScene.load(bundle_path).metadata.get("weights")
+    if used != os.path.basename(weights["npbgpp"]):
+        raise DemoError(f"Aggregate Descriptors used the NPBG++ weights {used!r}, not {weights['npbgpp']}")
     s.output = "NEURAL"
 
     data = load_scene(scene_dir)
@@ -371,7 +396,8 @@ def run(args: argparse.Namespace, weights: dict[str, str], workdir: str) -> dict
     report = {
         "scene": scene_dir, "frames": args.frames, "resolution": list(size), "test_views": len(test),
         "budget_steps": args.budget_steps, "crop": args.crop, "timings": timings, "methods": results,
-        "weights": weights, "comparison": "raw points over white with their own coverage, network images as rendered; "
+        "weights": weights, "domain": getattr(args, "domain", None),
+        "comparison": "raw points over white with their own coverage, network images as rendered; "
         "PSNR/SSIM on full RGB images against the Cycles ground truth (RGBA over white)",
         "torch_threads": torch.get_num_threads(),
     }

@@ -9,15 +9,31 @@ from typing import Any
 import bpy
 from bpy.props import BoolProperty, FloatProperty, IntProperty, StringProperty
 
+# Network setting -> the data domain of the bundled NPBG++ file (npbgpp_core.pretrained);
+# "auto": the worker detects it from the dataset (npbgpp_core.datasets.scene_domain).
+NETWORK_DOMAINS = {"AUTO": "auto", "SCENE": "scene", "OBJECT": "object"}
 
-def bundled_weights() -> str:
-    """The NPBG++ weights shipped with the add-on (npbgpp_core/weights), used when the
-    Weights setting is empty."""
+
+def bundled_weights(domain: str = "scene") -> str:
+    """The NPBG++ weights of ``domain`` shipped with the add-on (npbgpp_core/weights), used
+    when the Weights setting is empty."""
     try:
         from npbgpp_core.pretrained import default_weights_path
     except ImportError:
         return ""
-    return default_weights_path("npbgpp")
+    return default_weights_path("npbgpp", domain)
+
+
+def network_choice(settings: Any) -> tuple[str, str, list[str]]:
+    """``(weights, domain, files)`` for Aggregate: the Weights file (domain "") when set,
+    else "" and the Network's domain; ``files`` are the weights files it may read (checked
+    to exist before the worker starts). No torch needed."""
+    if settings.weights:
+        path = bpy.path.abspath(settings.weights)
+        return path, "", [path]
+    domain = NETWORK_DOMAINS[settings.network]
+    files = [bundled_weights(d) for d in (("scene", "object") if domain == "auto" else (domain,))]
+    return "", domain, files
 
 
 def default_output(dataset: str, suffix: str) -> str:
@@ -76,13 +92,16 @@ class NPBGPP_OT_aggregate(_ModalJob, bpy.types.Operator):
     _timeout: float = 0.0
     _count: int = 0
     _done: int = 0
+    _network: str = ""  # the weights file the worker uses, and the domain that chose it
 
-    def _inputs(self, context: Any) -> tuple[str, str] | None:
-        """(weights, dataset) or None (reported)."""
+    def _inputs(self, context: Any) -> tuple[str, str, str] | None:
+        """(weights, domain, dataset) or None (reported); see :func:`network_choice`."""
         s = context.scene.npbgpp
-        weights = bpy.path.abspath(s.weights) if s.weights else bundled_weights()
-        if not weights or not os.path.isfile(weights):
-            where = f"not found: {weights}" if s.weights else f"none set, and the bundled file is missing: {weights}"
+        weights, domain, files = network_choice(s)
+        missing = [f for f in files if not f or not os.path.isfile(f)]
+        if missing:
+            where = (f"not found: {weights}" if s.weights
+                     else f"none set, and the bundled file is missing: {', '.join(missing)}")
             self.report({"ERROR"}, f"Aggregate needs NPBG++ weights: set Weights in Render Properties > NPBG++ "
                                    f"({where}).")
             return None
@@ -90,7 +109,7 @@ class NPBGPP_OT_aggregate(_ModalJob, bpy.types.Operator):
         if not dataset or not os.path.isdir(dataset):
             self.report({"ERROR"}, "Aggregate needs a dataset: use File > Import > NPBG++ Dataset Folder first.")
             return None
-        return weights, dataset
+        return weights, domain, dataset
 
     def _begin(self, context: Any) -> bool:
         from npbgpp_core import protocol as P
@@ -101,7 +120,7 @@ class NPBGPP_OT_aggregate(_ModalJob, bpy.types.Operator):
         inputs = self._inputs(context)
         if inputs is None:
             return False
-        weights, dataset = inputs
+        weights, domain, dataset = inputs
         s = context.scene.npbgpp
         self._out = bpy.path.abspath(self.filepath) if self.filepath else default_output(dataset, ".npbgpp")
         if not self._out:
@@ -111,10 +130,12 @@ class NPBGPP_OT_aggregate(_ModalJob, bpy.types.Operator):
         try:
             self._worker = worker_for(context.scene)
             self._timeout = s.worker_timeout
-            self._count = self._worker.request(P.AggregateBegin(
+            started = self._worker.request(P.AggregateBegin(
                 dataset, weights, s.dataset_format or None, s.device, self.max_points, s.up_axis, s.dataset_undistort,
-                s.dataset_allow_external_paths,
-            ), None, self._timeout).views
+                s.dataset_allow_external_paths, domain or "auto",
+            ), None, self._timeout)
+            self._count = started.views
+            self._network = os.path.basename(started.weights) + (f" ({started.domain})" if started.domain else "")
         except (WorkerError, ValueError, OSError) as exc:
             self.report({"ERROR"}, f"Aggregate failed: {exc}")
             return False
@@ -140,7 +161,7 @@ class NPBGPP_OT_aggregate(_ModalJob, bpy.types.Operator):
         context.scene.npbgpp.bundle = self._out
         up = ", ".join(f"{v:g}" for v in reply.world_up)
         self.report({"INFO"}, f"Saved {reply.points} points ({reply.valid} seen by the views) to {self._out}, up "
-                              f"axis ({up}).")
+                              f"axis ({up}), network {self._network}.")
         return {"FINISHED"}
 
     def execute(self, context: Any) -> set[str]:
@@ -167,7 +188,7 @@ class NPBGPP_OT_aggregate(_ModalJob, bpy.types.Operator):
         if inputs is None:
             return {"CANCELLED"}
         if not self.filepath and not bpy.data.filepath:  # ask where the bundle goes
-            self.filepath = os.path.basename(os.path.normpath(inputs[1])) + ".npbgpp"
+            self.filepath = os.path.basename(os.path.normpath(inputs[2])) + ".npbgpp"
             context.window_manager.fileselect_add(self)
             return {"RUNNING_MODAL"}
         if not self._begin(context):

@@ -27,9 +27,21 @@ class NPBGPPSceneSettings(bpy.types.PropertyGroup):
         name="Bundle", description="NeuralScene bundle file (points, descriptors, network weights)",
         subtype="FILE_PATH", default="",
     )
+    network: EnumProperty(  # type: ignore[valid-type]
+        name="Network",
+        description="Which bundled NPBG++ network Aggregate Descriptors uses (when Weights is empty)",
+        items=[
+            ("AUTO", "Auto", "Objects on a plain background when the dataset's views are RGBA images with transparent "
+             "pixels, otherwise Scenes and Captures"),
+            ("SCENE", "Scenes and Captures", "The general network: photo captures, rooms, scenes with a background"),
+            ("OBJECT", "Objects on a Plain Background", "The network trained on cut-out objects rendered on a plain "
+             "colour (e.g. Export Dataset with Film > Transparent)"),
+        ],
+        default="AUTO",
+    )
     weights: StringProperty(  # type: ignore[valid-type]
-        name="Weights", description="NPBG++ network weights (a checkpoint) used to aggregate descriptors; "
-        "empty: the bundled weights",
+        name="Weights", description="NPBG++ network weights (a checkpoint) used to aggregate descriptors instead of "
+        "the bundled network; empty: the bundled network chosen by Network",
         subtype="FILE_PATH", default="",
     )
     up_axis: EnumProperty(  # type: ignore[valid-type]

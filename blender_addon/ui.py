@@ -42,6 +42,9 @@ class RENDER_PT_npbgpp_data(_NPBGPPPanel, bpy.types.Panel):
         layout = self.layout
         layout.use_property_split = True
         s = context.scene.npbgpp
+        row = layout.row()
+        row.active = not s.weights  # a weights file replaces the bundled networks
+        row.prop(s, "network")
         layout.prop(s, "weights")
         layout.prop(s, "dataset_path")
         layout.prop(s, "up_axis")

@@ -13,6 +13,20 @@ metadata holds:
 Tensors may be stored in fp16 (the bundled files are, to stay small); they are turned
 into fp32 on load. This module imports torch only inside its functions, so the Blender
 add-on can ask for :func:`default_weights_path` without torch.
+
+Two NPBG++ files are bundled, one per data *domain* (as the published NPBG++ ships one
+network per kind of data):
+
+- ``"scene"`` (the default): anything with a real background: photo captures, rooms,
+  Blender environments. ``npbgpp_sphere.safetensors``, trained on all of those plus
+  objects on white (``background: environment``).
+- ``"object"``: a cut-out object composited over a plain colour (RGBA renders such as
+  NeRF-Synthetic or the add-on's Export Dataset with transparent film).
+  ``npbgpp_sphere_objects.safetensors``, trained on procedural objects on white only; it
+  is about 1 dB better than the general file there (``make demo`` (b) 26.96 against 25.48
+  dB) and useless on scenes with a background.
+
+:func:`npbgpp_core.datasets.scene_domain` says which domain a loaded scene belongs to.
 """
 
 from __future__ import annotations
@@ -32,10 +46,24 @@ FORMAT_NAME = "npbgpp-weights"
 FORMAT_VERSION = "1"
 KINDS = ("npbgpp", "npbg_refiner")
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
+DOMAINS = ("scene", "object")
+DEFAULT_DOMAIN = "scene"
+# The bundled NPBG++ file of each domain (the module doc says what each is for).
+DOMAIN_FILES = {
+    "scene": "npbgpp_sphere.safetensors",
+    "object": "npbgpp_sphere_objects.safetensors",
+}
 DEFAULT_FILES = {
-    "npbgpp": "npbgpp_sphere.safetensors",
+    "npbgpp": DOMAIN_FILES[DEFAULT_DOMAIN],
     "npbg_refiner": "npbg_refiner_procedural.safetensors",
 }
+# The objects file is a historical artifact: the procedural file of 2026-11-28, kept as
+# it was (its card, inside the file, names the run); git history restores it byte for byte.
+REGENERATE_OBJECTS = (
+    "git show 02641b0^:npbgpp_core/weights/npbgpp_sphere_procedural.safetensors > "
+    f"npbgpp_core/weights/{DOMAIN_FILES['object']}   (the procedural file of 2026-11-28, trained on objects on "
+    "white; its training stages are in npbgpp_core/weights/MODEL_CARD.md, \"Lineage\")"
+)
 # How to make each file again (also written into the card by export-weights).
 REGENERATE = {
     "npbgpp": (
@@ -79,15 +107,35 @@ def _check_kind(kind: str) -> None:
         raise ValueError(f"unknown weights kind {kind!r}; expected one of {KINDS}")
 
 
-def default_weights_path(kind: str = "npbgpp") -> str:
-    """Where the bundled weights of ``kind`` live (the file may be missing)."""
+def check_domain(domain: str) -> str:
+    """``domain`` when it is one of :data:`DOMAINS`; ValueError naming the choices otherwise."""
+    if domain not in DOMAINS:
+        raise ValueError(f"unknown data domain {domain!r}; expected one of {DOMAINS}")
+    return domain
+
+
+def default_weights_path(kind: str = "npbgpp", domain: str = DEFAULT_DOMAIN) -> str:
+    """Where the bundled weights of ``kind`` live (the file may be missing). For
+    ``kind='npbgpp'``, ``domain`` picks the file ("scene" or "object"); the NPBG refiner
+    has one file for every domain."""
     _check_kind(kind)
-    return os.path.join(WEIGHTS_DIR, DEFAULT_FILES[kind])
+    check_domain(domain)
+    name = DOMAIN_FILES[domain] if kind == "npbgpp" else DEFAULT_FILES[kind]
+    return os.path.join(WEIGHTS_DIR, name)
+
+
+def bundled_files() -> list[tuple[str, str]]:
+    """``(kind, path)`` of every bundled weights file (the files may be missing)."""
+    return [("npbgpp", default_weights_path("npbgpp", d)) for d in DOMAINS] + [
+        ("npbg_refiner", default_weights_path("npbg_refiner"))]
 
 
 def regenerate_hint(kind: str, path: str | None = None) -> str:
-    """The command that writes the ``kind`` file again (from the file's card when readable)."""
+    """The command that writes the ``kind`` file at ``path`` again (the bundled objects
+    file has its own: it is restored from git history, not retrained)."""
     _check_kind(kind)
+    if kind == "npbgpp" and path is not None and os.path.basename(path) == DOMAIN_FILES["object"]:
+        return REGENERATE_OBJECTS
     return REGENERATE[kind]
 
 
@@ -145,7 +193,7 @@ def read_weights(path: str, kind: str) -> WeightsFile:
     _check_kind(kind)
     if not os.path.isfile(path):
         raise FileNotFoundError(
-            f"{kind} weights file not found: {path}\n  regenerate it with: {regenerate_hint(kind)}"
+            f"{kind} weights file not found: {path}\n  regenerate it with: {regenerate_hint(kind, path)}"
         )
     if path.lower().endswith(CHECKPOINT_SUFFIXES):
         config, card, state = _read_checkpoint(path)
@@ -171,7 +219,7 @@ def _read_safetensors(path: str, kind: str) -> tuple[dict[str, Any], dict[str, A
     except Exception as exc:  # noqa: BLE001 - every parse failure means a damaged file
         raise WeightsError(
             f"weights file {path} is corrupt or not a safetensors file ({type(exc).__name__}: {exc}); "
-            f"replace it, e.g. `git checkout -- {os.path.relpath(path)}` or: {regenerate_hint(kind)}"
+            f"replace it, e.g. `git checkout -- {os.path.relpath(path)}` or: {regenerate_hint(kind, path)}"
         ) from exc
     if meta.get("format") != FORMAT_NAME:
         raise WeightsError(f"weights file {path} is a safetensors file but not NPBG++ weights "
@@ -237,21 +285,25 @@ def widen_for_background(state: dict[str, torch.Tensor], model: NPBGPlusPlus) ->
 
 
 def load_pretrained_npbgpp(
-    path: str | None = None, device: str | torch.device = "cpu", world_up: Sequence[float] | None = None
+    path: str | None = None, device: str | torch.device = "cpu", world_up: Sequence[float] | None = None,
+    domain: str = DEFAULT_DOMAIN,
 ) -> NPBGPlusPlus:
-    """The NPBG++ network from a weights file (default: the bundled one), fp32, eval mode.
+    """The NPBG++ network from a weights file, fp32, eval mode. Without ``path``, the
+    bundled file of ``domain`` ("scene", the default, or "object": see the module doc and
+    :func:`npbgpp_core.datasets.scene_domain`); ``domain`` is ignored when ``path`` is given.
 
     ``world_up`` is the up axis of the scenes it will aggregate and render (in-plane
-    alignment); None keeps the file's (+Z for the bundled file, trained on Blender's Z-up
+    alignment); None keeps the file's (+Z for both bundled files, trained on Blender's Z-up
     scenes). It belongs to the data: pass
     ``npbgpp_core.models.alignment.resolve_world_up('auto', cameras)`` or the axis of your
     dataset's convention (the published rule is +Y)."""
     from .models import NPBGPlusPlus, NPBGPlusPlusConfig
     from .models.alignment import check_world_up
 
+    check_domain(domain)
     if world_up is not None:
         world_up = check_world_up(world_up)  # ValueError about the argument, not the file
-    path = path or default_weights_path("npbgpp")
+    path = path or default_weights_path("npbgpp", domain)
     wf = read_weights(path, "npbgpp")
     try:
         config = NPBGPlusPlusConfig.from_dict(
@@ -290,22 +342,47 @@ def describe(path: str) -> dict[str, Any]:
             "card": json.loads(meta.get("card", "{}"))}
 
 
+def check_file(path: str, kind: str | None = None) -> dict[str, Any]:
+    """:func:`describe` of a weights file after loading it fully as ``kind`` (default: the
+    kind its metadata names) into the network it is for; FileNotFoundError, WeightsError
+    or ValueError naming the file when it cannot be used."""
+    info = describe(path)
+    kind = kind or str(info.get("kind"))
+    if kind not in KINDS:
+        raise WeightsError(f"weights file {path}: metadata kind {info.get('kind')!r}, expected one of {KINDS}")
+    if kind == "npbgpp":
+        model = load_pretrained_npbgpp(path)
+        info["background"] = model.config.background
+        info["world_up"] = list(model.config.world_up)
+    else:
+        load_pretrained_npbg_refiner(path)
+    info["kind"] = kind
+    info["valid"] = True
+    bundled = {default_weights_path("npbgpp", d): d for d in DOMAINS}
+    if kind == "npbgpp" and os.path.abspath(path) in bundled:
+        info["domain"] = bundled[os.path.abspath(path)]
+    return info
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m npbgpp_core.pretrained [FILE ...]``: print kind, size and model card of
-    weights files (default: the bundled ones)."""
+    """``python -m npbgpp_core.pretrained [FILE ...]``: load and check weights files (default:
+    every bundled one, each as its own kind), then print kind, size and model card; 2 when
+    one is missing or unusable."""
     import sys
 
-    paths = list(sys.argv[1:] if argv is None else argv) or [default_weights_path(k) for k in KINDS]
+    given = list(sys.argv[1:] if argv is None else argv)
+    files: list[tuple[str | None, str]] = [(None, p) for p in given] or list(bundled_files())
     status = 0
-    for path in paths:
+    for kind, path in files:
         if not os.path.isfile(path):
-            print(f"{path}: missing", file=sys.stderr)
+            hint = f"; regenerate it with: {regenerate_hint(kind, path)}" if kind else ""
+            print(f"{path}: missing{hint}", file=sys.stderr)
             status = 2
             continue
         try:
-            info = describe(path)
-        except Exception as exc:  # noqa: BLE001 - any parse failure: a damaged file
-            print(f"{path}: unreadable ({exc})", file=sys.stderr)
+            info = check_file(path, kind)
+        except Exception as exc:  # noqa: BLE001 - any parse or load failure: an unusable file
+            print(f"{path}: unusable ({exc})", file=sys.stderr)
             status = 2
             continue
         print(json.dumps(info, indent=2, sort_keys=True))

@@ -132,6 +132,8 @@ class DatasetSummary(Reply):
 class AggregationStarted(Reply):
     views: int
     world_up: list[float]
+    weights: str = ""  # the NPBG++ weights file in use (the bundled one chosen, when none was given)
+    domain: str = ""  # the data domain that chose it ("scene" / "object"); "" when a file was given
 
 
 @dataclass
@@ -232,7 +234,9 @@ class ReadDataset(Request):
 
 @dataclass
 class AggregateBegin(Request):
-    """Start aggregating NPBG++ descriptors of a dataset's points with ``weights``."""
+    """Start aggregating NPBG++ descriptors of a dataset's points with ``weights``; empty
+    ``weights``: the bundled file of ``domain`` ("scene", "object", or "auto": the
+    dataset's own, ``npbgpp_core.datasets.scene_domain``)."""
 
     dataset: str
     weights: str
@@ -242,6 +246,7 @@ class AggregateBegin(Request):
     up_axis: str = "AUTO"
     undistort: bool = False
     allow_external_paths: bool = False
+    domain: str = "auto"
     op: ClassVar[str] = "aggregate_begin"
     reply: ClassVar[type[Reply]] = AggregationStarted
 

@@ -98,16 +98,22 @@ class DatasetAggregation:
     def __init__(self, req: P.AggregateBegin) -> None:
         import torch
 
+        from .datasets import scene_domain
         from .models.alignment import resolve_world_up
-        from .pretrained import load_pretrained_npbgpp
+        from .pretrained import check_domain, default_weights_path, load_pretrained_npbgpp
 
         self.device = pick_device(req.device)
+        if not req.weights and req.domain != "auto":
+            check_domain(req.domain)  # before the dataset is read
         self.data = load_dataset(req.dataset, req.format, req.undistort, req.allow_external_paths)
         self.views = list(self.data.train) or list(range(len(self.data.views)))
+        # No file given: the bundled network of the data's domain (cut-out objects or scenes).
+        self.domain = "" if req.weights else scene_domain(self.data) if req.domain == "auto" else req.domain
+        self.weights = req.weights or default_weights_path("npbgpp", self.domain)
         # The scene's up axis for in-plane alignment: the bundle stores it in its config,
         # so rendering later rolls target views by the same rule as these input views.
         world_up = resolve_world_up(req.up_axis, [self.data.views[i].camera for i in self.views])
-        self.model = load_pretrained_npbgpp(req.weights, self.device, world_up=world_up)
+        self.model = load_pretrained_npbgpp(self.weights, self.device, world_up=world_up)
         if req.max_points:
             self.data = self.data.subsample_points(req.max_points)
         points = torch.as_tensor(np.asarray(self.data.points, np.float32), device=self.device)
@@ -134,7 +140,8 @@ class DatasetAggregation:
         colors = None if self.data.colors is None else torch.from_numpy(np.asarray(self.data.colors, np.float32))
         scene = NeuralScene.from_aggregated(
             self.model, agg, colors, name=self.data.name,
-            metadata={"dataset": str(self.data.root), "views": len(self.views)},
+            metadata={"dataset": str(self.data.root), "views": len(self.views),
+                      "weights": os.path.basename(self.weights), "domain": self.domain},
         )
         scene.save(out)
         return P.AggregationResult(out, int(agg.points.shape[0]), int(agg.valid.sum()),
@@ -268,7 +275,8 @@ class RenderService:
     def aggregate_begin(self, req: P.AggregateBegin) -> P.AggregationStarted:
         self.aggregation = None
         self.aggregation = DatasetAggregation(req)
-        return P.AggregationStarted(len(self.aggregation.views), list(self.aggregation.model.config.world_up))
+        agg = self.aggregation
+        return P.AggregationStarted(len(agg.views), list(agg.model.config.world_up), agg.weights, agg.domain)
 
     def aggregate_view(self, req: P.AggregateView) -> P.Done:
         self._aggregation().add(int(req.index))

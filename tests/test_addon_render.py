@@ -646,6 +646,41 @@ def test_aggregate_writes_a_bundle(scene):
     assert NeuralScene.load(scene["dir"] / "z.npbgpp").model_config["world_up"] == [0.0, 0.0, 1.0]
 
 
+def test_network_setting_picks_the_bundled_file(scene):
+    """Network (Auto / Scenes and Captures / Objects on a Plain Background) picks which
+    bundled NPBG++ file Aggregate uses; Auto detects it from the dataset's views; a Weights
+    file overrides it. The bundle names the file it was aggregated with."""
+    from PIL import Image
+
+    from npbgpp_core.pretrained import default_weights_path
+    from npbgpp_core.scene import NeuralScene
+
+    sc, cam = scene["scene"], scene["camera"]
+    prop = sc.npbgpp.bl_rna.properties["network"]
+    assert prop.default == "AUTO" and sc.npbgpp.network == "AUTO"
+    assert [i.identifier for i in prop.enum_items] == ["AUTO", "SCENE", "OBJECT"]
+    root = scene["dir"] / "nerf"
+    _write_nerf_dataset(root, [cam], scene["points"], scene["colors"])  # random alpha: a cut-out
+    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root)) == {"FINISHED"}
+
+    def used(name: str) -> str:
+        assert bpy.ops.npbgpp.aggregate(filepath=str(scene["dir"] / name)) == {"FINISHED"}
+        return NeuralScene.load(scene["dir"] / name).metadata["weights"]
+
+    objects = os.path.basename(default_weights_path("npbgpp", "object"))
+    general = os.path.basename(default_weights_path("npbgpp", "scene"))
+    assert used("auto.npbgpp") == objects
+    sc.npbgpp.network = "SCENE"
+    assert used("scene.npbgpp") == general
+    sc.npbgpp.network = "OBJECT"
+    sc.npbgpp.weights = default_weights_path("npbgpp", "scene")  # a file wins over Network
+    assert used("given.npbgpp") == general
+    sc.npbgpp.weights, sc.npbgpp.network = "", "AUTO"
+    png = root / "train" / "r_0.png"
+    Image.open(png).convert("RGB").save(png)  # no alpha now: a scene
+    assert used("rgb.npbgpp") == general
+
+
 def test_export_dataset_renders_views(scene):
     sc = scene["scene"]
     bpy.ops.mesh.primitive_cube_add(size=1.0)

@@ -7,6 +7,7 @@ Public names::
     load_scene(path, format=None, **options) -> SceneData
     SceneData, View, Distortion, DatasetError
     detect_format(path) -> str
+    scene_domain(scene) -> "scene" | "object"   (which bundled NPBG++ file suits it)
     sample_crop(scene, index, rng, image_size=256, zoom_range=(1, 1), random_shift=True)
     select_input_views(scene, target, candidates, count, rng=None) -> list[int]
 
@@ -26,6 +27,7 @@ _EXPORTS = {
     "DatasetError": ".errors",
     "detect_format": ".detect",
     "FORMATS": ".detect",
+    "scene_domain": ".domain",
     "sample_crop": ".sampling",
     "select_input_views": ".sampling",
     "view_scores": ".sampling",
