@@ -659,6 +659,14 @@ def test_network_setting_picks_the_bundled_file(scene):
     prop = sc.npbgpp.bl_rna.properties["network"]
     assert prop.default == "AUTO" and sc.npbgpp.network == "AUTO"
     assert [i.identifier for i in prop.enum_items] == ["AUTO", "SCENE", "OBJECT"]
+    panel = {p.__name__: p for p in bpy.types.Panel.__subclasses__()}["RENDER_PT_npbgpp_data"]
+    for weights, active in (("", True), ("/some/file.safetensors", False)):
+        sc.npbgpp.weights = weights
+        layout = _Layout()
+        panel.draw(type("P", (), {"layout": layout})(), bpy.context)
+        assert layout.props[:2] == ["network", "weights"]
+        assert layout.active is active  # Network is greyed out while a Weights file replaces it
+    sc.npbgpp.weights = ""
     root = scene["dir"] / "nerf"
     _write_nerf_dataset(root, [cam], scene["points"], scene["colors"])  # random alpha: a cut-out
     assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root)) == {"FINISHED"}
@@ -799,6 +807,7 @@ class _Layout:
     def __init__(self) -> None:
         self.props: list[str] = []
         self.use_property_split = self.use_property_decorate = False
+        self.active = True
 
     def prop(self, data, name, **kwargs) -> None:
         self.props.append(name)
@@ -806,7 +815,12 @@ class _Layout:
     def column(self, **kwargs) -> _Layout:
         return self
 
+    row = column
+
     def label(self, **kwargs) -> None:
+        pass
+
+    def operator(self, idname, **kwargs) -> None:
         pass
 
 
