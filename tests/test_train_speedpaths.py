@@ -1,9 +1,10 @@
 """The CPU training speed paths compute what the reference paths compute: the fused x2
 bilinear upsampling + skip concatenation of the U-Net decoder (against F.interpolate +
 torch.cat, values and gradients), its convolution with the input gradient computed as a
-forward convolution (against F.conv2d's gradients), the extractor with both, aggregation of the seen points
-only (same renders and gradients as the whole cloud) and the whole batched NPBG++ step
-of the CPU recipe (same loss and parameter gradients on a tiny batch)."""
+forward convolution (against F.conv2d's gradients), both as one step, the extractor with
+them, aggregation of the seen points only (same renders and gradients as the whole
+cloud) and the whole batched NPBG++ step of the CPU recipe (same loss and parameter
+gradients on a tiny batch)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from _train_fixtures import make_dataset
 
 from npbgpp_core import Camera
 from npbgpp_core.models import NPBGPlusPlus
-from npbgpp_core.models.cpu_paths import conv3x3, upsample_cat
+from npbgpp_core.models.cpu_paths import conv3x3, upsample_cat, upsample_cat_conv3x3
 from npbgpp_core.models.extractor import FeatureExtractor
 
 
@@ -63,6 +64,25 @@ def test_conv3x3_gradients_equal_conv2d(shape):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
     assert torch.autograd.gradcheck(conv3x3, (x.detach()[:1, :2, :4, :4].requires_grad_(),
                                               weight.detach()[:2, :2].requires_grad_()))
+
+
+@pytest.mark.parametrize("skip_grad", [True, False])
+def test_upsample_cat_conv3x3_equals_the_reference_functions(skip_grad):
+    g = torch.Generator().manual_seed(7)
+    y = torch.randn(2, 4, 5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    skip = torch.randn(2, 3, 10, 12, generator=g, dtype=torch.float64, requires_grad=skip_grad)
+    weight = torch.randn(5, 7, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    out = upsample_cat_conv3x3(y, skip, weight)
+    assert "Up2CatConv3x3" in type(out.grad_fn).__name__
+    ref = F.conv2d(reference_upsample_cat(y, skip), weight, padding=1)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+    inputs = (y, skip, weight) if skip_grad else (y, weight)
+    grad = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(out, inputs, grad), torch.autograd.grad(ref, inputs, grad), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+    small = (y.detach()[:1, :2, :3, :3].requires_grad_(), skip.detach()[:1, :1, :6, :6].requires_grad_(skip_grad),
+             weight.detach()[:2, :3].requires_grad_())
+    assert torch.autograd.gradcheck(upsample_cat_conv3x3, small)
 
 
 def test_extractor_fast_decoder_equals_reference_values_and_gradients():

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..statefiles import load_state_dict_file
-from .cpu_paths import conv3x3, upsample_cat
+from .cpu_paths import upsample_cat_conv3x3
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -90,7 +90,7 @@ class DecoderBlock(nn.Module):
         if not fast:
             x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             return self.act(self.conv(torch.cat([x, skip], dim=1)))
-        return self.act(conv3x3(upsample_cat(x, skip), self.conv.weight))
+        return self.act(upsample_cat_conv3x3(x, skip, self.conv.weight))
 
 
 class FeatureExtractor(nn.Module):
