@@ -108,20 +108,24 @@ def load_line() -> str:
     return f"load average {one:.1f} (1 min) / {five:.1f} (5 min) on {os.cpu_count()} cores"
 
 
-ROLL_MODES = ("tiled", "whole", "bounded")  # exact tiled refiner, exact whole canvas, bounded context
+# exact tiled refiner, exact whole canvas, bounded context ('bounded:M': roll_margin M)
+ROLL_MODES = ("tiled", "whole", "bounded")
 
 
 def set_roll_mode(model: NPBGPlusPlus, mode: str, margin: int) -> None:
-    model.tiled_rendering = mode != "whole"
-    model.roll_context = "bounded" if mode == "bounded" else "exact"
-    model.roll_margin = margin
+    name, _, m = mode.partition(":")
+    model.tiled_rendering = name != "whole"
+    model.roll_context = "bounded" if name == "bounded" else "exact"
+    model.roll_margin = int(m) if m else margin
 
 
 def roll_sweep(model: NPBGPlusPlus, counts: list[int], sizes: list[tuple[int, int]], rolls: list[float],
-               device: torch.device, repeats: int, margin: int) -> list[list[str]]:
-    """model.render at each roll: exact with the tiled refiner, exact on the whole canvas,
-    and with the bounded context (``roll_margin`` = ``margin``); every (roll, mode) once per
-    round so that load drifts hit all alike. Roll 0 is the same in every mode."""
+               device: torch.device, repeats: int, margin: int, modes: list[str]) -> list[list[str]]:
+    """model.render at each roll in each of ``modes`` (:data:`ROLL_MODES`: exact with the
+    tiled refiner, exact on the whole canvas, bounded context with ``roll_margin`` =
+    ``margin``); every (roll, mode) once per round so that load drifts hit all alike.
+    Ratios are given for wall time and for the process' CPU time (with one torch thread
+    the latter leaves out the time the shared cores spent on other jobs)."""
     from npbgpp_core.models.alignment import render_canvas_camera
 
     rows = []
@@ -130,27 +134,29 @@ def roll_sweep(model: NPBGPlusPlus, counts: list[int], sizes: list[tuple[int, in
         for h, w in sizes:
             cams = {r: bench_camera(h, w, device).rotated_in_plane(math.radians(r)) if r else bench_camera(h, w, device)
                     for r in rolls}
-            runs = {(r, mode): cam for r, cam in cams.items() for mode in ROLL_MODES}
-            times: dict = {key: [] for key in runs}
+            runs = {(r, mode): cam for r, cam in cams.items() for mode in modes}
+            wall: dict = {key: [] for key in runs}
+            cpu: dict = {key: [] for key in runs}
             for rnd in range(repeats + 1):  # round 0 is the warm-up
                 for (r, mode), cam in runs.items():
                     set_roll_mode(model, mode, margin)
                     synchronize(device)
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     model.render(scene, cam)
                     synchronize(device)
                     if rnd:
-                        times[(r, mode)].append(time.perf_counter() - t0)
+                        wall[(r, mode)].append(time.perf_counter() - t0)
+                        cpu[(r, mode)].append(time.process_time() - c0)
             set_roll_mode(model, "tiled", margin)
-            model.roll_context = "exact"
-            base = statistics.median(times[(rolls[0], "tiled")])
+            base = statistics.median(wall[(rolls[0], modes[0])])
+            base_cpu = statistics.median(cpu[(rolls[0], modes[0])])
             for r, cam in cams.items():
                 canvas = render_canvas_camera(cam, model.config.render_canvas, model.config.world_up)[0].image_size
                 row = [f"{n:,}", f"{w}x{h}", f"{r:g}", f"{canvas[0]}x{canvas[1]}"]
-                for mode in ROLL_MODES:
-                    t = times[(r, mode)]
+                for mode in modes:
+                    t, c = wall[(r, mode)], cpu[(r, mode)]
                     row += [f"{min(t) * 1e3:.1f} / {statistics.median(t) * 1e3:.1f}",
-                            f"{statistics.median(t) / base:.2f}"]
+                            f"{statistics.median(t) / base:.2f} / {statistics.median(c) / base_cpu:.2f}"]
                 rows.append(row)
                 print(" | ".join(rows[-1]), flush=True)
     return rows
@@ -166,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
                         + ",".join(VARIANT_KEYS) + ",render (model.render)")
     parser.add_argument("--rolls", help="camera rolls in degrees for a model.render roll table, timed interleaved "
                         "in one run: exact (tiled refiner), exact (whole canvas), bounded context (e.g. 0,10,45)")
+    parser.add_argument("--roll-modes", default=",".join(ROLL_MODES),
+                        help=f"modes of the roll table, the first is the roll-0 base: {','.join(ROLL_MODES)}, "
+                        "bounded:MARGIN (e.g. tiled,bounded:8,bounded:16)")
     parser.add_argument("--roll-margin", type=int, default=None,
                         help="roll_margin of the bounded-context column (default the model's)")
     add_common_args(parser)
@@ -255,11 +264,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.rolls:
         rolls = [float(r) for r in args.rolls.split(",") if r.strip()]
         margin = model.roll_margin if args.roll_margin is None else args.roll_margin
-        roll_rows = roll_sweep(model, counts, sizes, rolls, device, repeats, margin)
-        roll_table = markdown_table(
-            ["points", "image WxH", "roll deg", "canvas HxW", "exact (tiled) ms best / median",
-             "x roll 0 (median)", "exact whole canvas ms best / median", "x roll 0 (median)",
-             f"bounded (margin {margin}) ms best / median", "x roll 0 (median)"], roll_rows)
+        modes = [m.strip() for m in args.roll_modes.split(",") if m.strip()]
+        if not modes or any(m.partition(":")[0] not in ROLL_MODES or (m.partition(":")[2] and (
+                m.partition(":")[0] != "bounded" or not m.partition(":")[2].isdigit())) for m in modes):
+            parser.error(f"--roll-modes takes a comma list of {','.join(ROLL_MODES)} (bounded:MARGIN for a "
+                         f"margin of its own), got {args.roll_modes!r}")
+        roll_rows = roll_sweep(model, counts, sizes, rolls, device, repeats, margin, modes)
+        names = {"tiled": "exact (tiled)", "whole": "exact whole canvas"}
+        header = ["points", "image WxH", "roll deg", "canvas HxW"]
+        for mode in modes:
+            label = names.get(mode) or f"bounded (margin {mode.partition(':')[2] or margin})"
+            header += [f"{label} ms best / median", "x roll 0: wall / CPU (medians)"]
+        roll_table = markdown_table(header, roll_rows)
         print()
         print(roll_table)
     frame_table = markdown_table(
@@ -284,9 +300,10 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if roll_table:
         notes.append(f"roll table: model.render at each roll, exact with the tiled refiner (roll_context='exact', "
-                     f"the default), exact on the whole aligned canvas (tiled_rendering=False) and with the bounded "
+                     f"the default), exact on the whole aligned canvas (tiled_rendering=False) and/or with the bounded "
                      f"context (roll_context='bounded'), all interleaved round by round ({repeats} rounds after a "
-                     f"warm-up) so machine load hits every column alike; {load_line()}")
+                     f"warm-up) so machine load hits every column alike; ratios against the first mode at roll 0, of "
+                     f"median wall time and of median process CPU time; {load_line()}")
     record(args, "Full frame (NPBG++)", device, stage_table + "\n\n" + frame_table
            + ("\n\n" + roll_table if roll_table else ""), notes)
     return 0

@@ -77,11 +77,12 @@ class NPBGPPSceneSettings(bpy.types.PropertyGroup):
         name="Viewport Rolled Views",
         description="How the viewport renders views rolled against the up axis (F12 renders are always Exact)",
         items=[
-            ("BOUNDED", "Bounded", "The network sees the view plus a margin: about the cost of an upright view, "
-             "nearly the same image (differences near the border)"),
+            ("AUTO", "Auto", "Bounded on the CPU, Exact on a GPU"),
+            ("BOUNDED", "Bounded", "The network sees the view plus a margin: nearer the cost of an upright view on "
+             "the CPU, nearly the same image (differences near the border)"),
             ("EXACT", "Exact", "The published network's whole reach on the upright canvas (slower when rolled)"),
         ],
-        default="BOUNDED",
+        default="AUTO",
     )
     preview_scale: FloatProperty(  # type: ignore[valid-type]
         name="Preview Scale", description="Viewport resolution scale once the view stops moving",

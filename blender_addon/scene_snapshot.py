@@ -32,7 +32,7 @@ class SceneSnapshot(WorkerSettings):
     precision: str = "FP32"
     tile_size: int = 0  # pixels per tile side for neural frames, 0: whole frame
     point_size: int = 1
-    viewport_roll_context: str = "bounded"  # RenderFrame.roll_context of viewport frames (F12: exact)
+    viewport_roll_context: str = "auto"  # RenderFrame.roll_context of viewport frames (F12: exact)
     points: np.ndarray | None = None  # world space
     colors: np.ndarray | None = None
     points_key: str = ""

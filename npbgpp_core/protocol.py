@@ -324,9 +324,10 @@ class RenderFrame(Request):
     neural: bool = False
     max_pixels: int = 0  # > 0: the network renders larger frames in windows of about this many pixels
     point_size: int = 1  # points as squares of this many pixels (without the network only)
-    # Rolled views: 'exact' (the published network's whole reach) or 'bounded' (it sees the
-    # view plus a margin: about the cost of an unrolled view, an approximation; see
-    # npbgpp_core/models/bounded.py). Unrolled views are the same in both.
+    # Rolled views: 'exact' (the published network's whole reach), 'bounded' (it sees the
+    # view plus a margin: nearer the cost of an unrolled view on the CPU, an approximation;
+    # see npbgpp_core/models/bounded.py) or 'auto' (bounded on the CPU, exact elsewhere:
+    # the band executor was measured on the CPU only). Unrolled views are the same in all.
     roll_context: str = "exact"
     op: ClassVar[str] = "render"
     reply: ClassVar[type[Reply]] = Frame

@@ -374,8 +374,10 @@ class RenderService:
             if self.renderer is None:
                 raise RuntimeError("neural output needs a NeuralScene bundle (set one in Render Properties > NPBG++)")
             with torch.inference_mode():
-                img = self.renderer.render(camera.to(self.device), max_pixels=req.max_pixels,
-                                           roll_context=req.roll_context)
+                context = req.roll_context
+                if context == "auto":
+                    context = "bounded" if self.renderer.device.type == "cpu" else "exact"
+                img = self.renderer.render(camera.to(self.device), max_pixels=req.max_pixels, roll_context=context)
             frame[..., P.NEURAL] = img.detach().float().clamp(0, 1)[:3].permute(1, 2, 0).cpu().numpy()
             alpha, depth = fill_coverage(layers.mask, layers.depth)
             frame[..., P.NEURAL_ALPHA] = alpha.cpu().numpy()

@@ -237,5 +237,7 @@ def test_render_frame_asks_the_service_for_either_context(tmp_path):
     assert np.abs(frames["exact"].pixels[..., P.NEURAL] - frames["bounded"].pixels[..., P.NEURAL]).max() > 1e-4
     assert torch.equal(torch.from_numpy(frames["exact"].pixels),
                        torch.from_numpy(service.handle(P.RenderFrame(spec, source="bundle", neural=True)).pixels))
+    auto = service.handle(P.RenderFrame(spec, source="bundle", neural=True, roll_context="auto"))
+    assert np.array_equal(auto.pixels, frames["bounded"].pixels)  # the service runs on the CPU
     bad = service.handle(P.RenderFrame(spec, source="bundle", neural=True, roll_context="nearby"))
     assert isinstance(bad, P.Failure) and "roll_context" in bad.error

@@ -20,7 +20,7 @@ from .config import NPBGPlusPlusConfig
 from .refiner import BACKGROUND_LEVELS, Refiner
 
 ROLL_CONTEXTS = ("exact", "bounded")
-DEFAULT_ROLL_MARGIN = 32  # pixels of context beyond a rolled view in 'bounded' mode
+DEFAULT_ROLL_MARGIN = 16  # pixels of context beyond a rolled view in 'bounded' mode
 
 
 def check_roll_context(context: str, margin: int) -> None:
