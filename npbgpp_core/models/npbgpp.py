@@ -20,7 +20,7 @@ from .config import NPBGPlusPlusConfig
 from .refiner import BACKGROUND_LEVELS, Refiner
 
 ROLL_CONTEXTS = ("exact", "bounded")
-DEFAULT_ROLL_MARGIN = 16  # pixels of context beyond a rolled view in 'bounded' mode
+DEFAULT_ROLL_MARGIN = 8  # pixels of context beyond a rolled view in 'bounded' mode
 
 
 def check_roll_context(context: str, margin: int) -> None:
@@ -375,8 +375,10 @@ class NPBGPlusPlus(nn.Module):
         ``align_during_rendering`` the scene is rendered by the aligned camera on the
         canvas ``config.render_canvas`` picks and turned back (rot90 or resampling).
         Without autograd a resampled 'bounds' canvas is computed only where the target
-        reads it (:mod:`.tiles`; ``tiled_rendering = False`` turns that off): about the
-        cost of the unrolled view at any roll, same image up to float rounding."""
+        reads it (:mod:`.tiles`; ``tiled_rendering = False`` turns that off): same image
+        up to float rounding. With ``roll_context = 'bounded'`` (inference) the network
+        sees only the view plus ``roll_margin`` pixels instead (:mod:`.bounded`): about
+        the cost of the unrolled view at any roll, an approximation of the exact image."""
         camera = camera.to(self.device)
         if not self.config.align_during_rendering:
             return self._render_direct(scene, camera)
