@@ -5,7 +5,8 @@ exact ones, and from the held-out photos, on real scenes with the shipped weight
     python bench/bench_roll_context.py --scenes demo/scene /work/captures/beer --views 4
     python bench/bench_roll_context.py --quick                  # smoke test, writes nothing
 
-Per scene: aggregate the input views (NPBG++ without fitting, world_up from the cameras),
+Per scene: aggregate the input views (NPBG++ without fitting, the bundled file of the
+scene's domain as ``bench_quality`` picks it, world_up from the cameras),
 then for every held-out view and every extra roll (the view's camera turned in its image
 plane by that angle on top of its own roll): render with ``roll_context='exact'`` and
 ``'bounded'`` (each margin); report PSNR and max abs difference of bounded against exact,
@@ -44,9 +45,9 @@ def masked_psnr(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) ->
 
 def evaluate(folder: str, args: argparse.Namespace, margins: list[int], rolls: list[float],
              device: torch.device) -> list[dict]:
-    from npbgpp_core.datasets import load_scene
+    from npbgpp_core.datasets import load_scene, scene_domain
     from npbgpp_core.models.alignment import alignment_angle, resolve_world_up, warp_images
-    from npbgpp_core.pretrained import load_pretrained_npbgpp
+    from npbgpp_core.pretrained import default_weights_path, load_pretrained_npbgpp
 
     scene = load_scene(folder)
     n = len(scene.views)
@@ -57,7 +58,9 @@ def evaluate(folder: str, args: argparse.Namespace, margins: list[int], rolls: l
         inputs = [inputs[i] for i in sorted(set(pick.tolist()))]
     held = held[: args.views]
     up = resolve_world_up("auto", [scene.views[i].camera for i in inputs])
-    model = load_pretrained_npbgpp(None, device=device, world_up=up)
+    domain = scene_domain(scene)  # the bundled file of the scene's domain, as bench_quality picks it
+    model = load_pretrained_npbgpp(None, device=device, world_up=up, domain=domain)
+    weights = os.path.basename(default_weights_path("npbgpp", domain))
     points = torch.from_numpy(np.ascontiguousarray(scene.points, dtype=np.float32))
     t = time.perf_counter()
     with torch.no_grad():
@@ -93,7 +96,7 @@ def evaluate(folder: str, args: argparse.Namespace, margins: list[int], rolls: l
                 acc[m]["gt"].append(masked_psnr(back(approx), gt, cover))
         for m in margins:
             e, b = float(np.mean(acc["exact_gt"])), float(np.mean(acc[m]["gt"]))
-            rows.append([os.path.basename(os.path.normpath(folder)), f"{roll:g}",
+            rows.append([os.path.basename(os.path.normpath(folder)), weights, f"{roll:g}",
                          f"{min(acc['own_roll']):.1f}-{max(acc['own_roll']):.1f}", str(m),
                          f"{min(acc[m]['psnr']):.1f}", f"{max(acc[m]['max']):.4f}",
                          f"{e:.3f}", f"{b:.3f}", f"{b - e:+.4f}"])
@@ -112,11 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     for folder in args.scenes:
         rows += evaluate(folder, args, margins, rolls, device)
     table = markdown_table(
-        ["scene", "extra roll deg", "view roll vs up deg", "margin px", "bounded vs exact PSNR dB (worst view)",
-         "max abs diff (worst view)", "exact vs photo PSNR dB", "bounded vs photo PSNR dB", "difference dB"], rows)
+        ["scene", "weights", "extra roll deg", "view roll vs up deg", "margin px",
+         "bounded vs exact PSNR dB (worst view)", "max abs diff (worst view)", "exact vs photo PSNR dB",
+         "bounded vs photo PSNR dB", "difference dB"], rows)
     print()
     print(table)
-    notes = [f"NPBG++ with the shipped weights, no fitting; {args.views} held-out views per scene, up to "
+    notes = [f"NPBG++ with the bundled file of each scene's domain (scene_domain), no fitting; "
+             f"{args.views} held-out views per scene, up to "
              f"{args.max_input_views} input views; rolled renders turned back into the photo's frame and compared "
              "on the pixels they cover (same resampling for both modes); PSNR against exact over the whole render"]
     record(args, "Bounded vs exact roll context (issue 16)", device, table, notes)
