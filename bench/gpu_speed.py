@@ -143,19 +143,25 @@ def step_frames(ctx: Context) -> list[Row]:
     model, scene, dev = ctx.model, ctx.scene, ctx.device
     rolled = ctx.camera.rotated_in_plane(math.radians(45))
     rows = []
-    for name, cam, dtype, tiled in (
-        ("model.render fp32, roll 0", ctx.camera, None, True),
-        ("model.render fp16 autocast, roll 0", ctx.camera, torch.float16, True),
-        ("model.render fp32, roll 45 (tiled refiner)", rolled, None, True),
-        ("model.render fp32, roll 45 (whole canvas)", rolled, None, False),
-        ("model.render fp16 autocast, roll 45 (tiled)", rolled, torch.float16, True),
+    for name, cam, dtype, tiled, context in (
+        ("model.render fp32, roll 0", ctx.camera, None, True, "exact"),
+        ("model.render fp16 autocast, roll 0", ctx.camera, torch.float16, True, "exact"),
+        ("model.render fp32, roll 45 (tiled refiner)", rolled, None, True, "exact"),
+        ("model.render fp32, roll 45 (whole canvas)", rolled, None, False, "exact"),
+        ("model.render fp16 autocast, roll 45 (tiled)", rolled, torch.float16, True, "exact"),
+        # The band executor of roll_context='bounded' was measured on the CPU only.
+        (f"model.render fp32, roll 45 (bounded context, margin {model.roll_margin})", rolled, None, True,
+         "bounded"),
+        ("model.render fp16 autocast, roll 45 (bounded context)", rolled, torch.float16, True, "bounded"),
     ):
         if dtype is not None and not ctx.gpu:
             rows.append([name, "skipped (fp16 needs CUDA)"])
             continue
         model.tiled_rendering = tiled
         try:
-            t = timed(lambda cam=cam, dtype=dtype: model.render(scene, cam, dtype), dev, ctx.repeats)
+            t = timed(lambda cam=cam, dtype=dtype, context=context: model.render(scene, cam, dtype,
+                                                                                  roll_context=context),
+                      dev, ctx.repeats)
             rows.append([name, fmt(t)])
         finally:
             model.tiled_rendering = True
@@ -164,6 +170,8 @@ def step_frames(ctx: Context) -> list[Row]:
     b = model.render(scene, rolled)
     model.tiled_rendering = True
     rows.append(["max |tiled - whole canvas| at roll 45", f"{(a - b).abs().max().item():.2e}"])
+    c = model.render(scene, rolled, roll_context="bounded")
+    rows.append(["max |bounded - exact| at roll 45 (an approximation)", f"{(c - a).abs().max().item():.2e}"])
     if ctx.gpu:
         a = model.render(scene, rolled, torch.float16)
         model.tiled_rendering = False

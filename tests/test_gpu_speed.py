@@ -40,6 +40,7 @@ def test_gpu_speed_dry_run_runs_every_step_and_writes_nothing(tmp_path):
     # The tiled refiner and the static frame reproduce the reference renders.
     assert float(values["max |tiled - whole canvas| at roll 45"]) < 1e-4
     assert float(values["static frame fp32: max |frame - model.render|"]) < 1e-4
+    assert 0 <= float(values["max |bounded - exact| at roll 45 (an approximation)"]) < 0.5
     assert "skipped" in values["fp32, CUDA graph"]
     assert benchmarks.read_bytes() == before
 
