@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -107,10 +108,12 @@ def build(args: argparse.Namespace, run_dir: str):
     return dm, system, overrides
 
 
-def measure(args: argparse.Namespace) -> dict:
+def training_setup(args: argparse.Namespace) -> tuple[Any, Any, Any, list[str], Any, Any]:
+    """Threads set, then (device, datamodule, system in train mode on the device, the
+    Hydra overrides, its optimiser, an iterator over training batches)."""
     import torch
 
-    from bench.bench_common import machine_line, pick_device, synchronize
+    from bench.bench_common import pick_device
 
     torch.set_num_threads(max(1, args.threads))
     device = pick_device(args.device)
@@ -118,8 +121,14 @@ def measure(args: argparse.Namespace) -> dict:
         dm, system, overrides = build(args, tmp)
     system.to(device)
     system.train()
-    opt = system.configure_optimizers()
-    loader = iter(dm.train_dataloader())
+    return device, dm, system, overrides, system.configure_optimizers(), iter(dm.train_dataloader())
+
+
+def measure(args: argparse.Namespace) -> dict:
+
+    from bench.bench_common import machine_line, synchronize
+
+    device, dm, system, overrides, opt, loader = training_setup(args)
     times: list[float] = []
     cpu_times: list[float] = []
     data_s = 0.0
@@ -154,22 +163,14 @@ def compare(args: argparse.Namespace) -> dict:
     """CPU and wall seconds per step of each variant in ``args.compare``, interleaved: every
     round fetches one batch and runs one optimiser step of every variant on it (order
     rotating by round). The batch's loading time is added to every variant."""
-    import torch
 
-    from bench.bench_common import machine_line, pick_device, synchronize
+    from bench.bench_common import machine_line, synchronize
 
     modes = [m.strip() for m in args.compare.split(",") if m.strip()]
     unknown = [m for m in modes if m not in MODES]
     if unknown or not modes:
         raise SystemExit(f"error: --compare takes variants from {', '.join(MODES)}; got {args.compare!r}")
-    torch.set_num_threads(max(1, args.threads))
-    device = pick_device(args.device)
-    with tempfile.TemporaryDirectory() as tmp:
-        dm, system, overrides = build(args, tmp)
-    system.to(device)
-    system.train()
-    opt = system.configure_optimizers()
-    loader = iter(dm.train_dataloader())
+    device, dm, system, overrides, opt, loader = training_setup(args)
     cpu = {m: [] for m in modes}
     wall = {m: [] for m in modes}
     for r in range(args.warmup + args.steps):

@@ -42,3 +42,24 @@ def test_bench_densify_gpu_dry_run_plans_the_h100_case_on_a_cpu() -> None:
     rows = [line for line in result.stdout.splitlines() if line.startswith("| tiny |")]
     assert len(rows) == 1 and int(rows[0].split("|")[4].replace(",", "")) > 0, result.stdout  # points made
     assert (benchmarks.read_bytes() if benchmarks.exists() else None) == before
+
+
+@pytest.mark.parametrize("extra", [[], ["--compare", "batched,per_sample"]], ids=["measure", "compare"])
+def test_bench_train_runs_one_tiny_step_and_reports_rates(extra: list[str], tmp_path: Path) -> None:
+    """bench_train's plain and --compare modes train one tiny step on the demo scene and
+    write positive, consistent rates to --json (samples/s = batch x steps/s)."""
+    import json
+
+    out = tmp_path / "train.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench_train.py"), "--steps", "1", "--warmup", "0", "--crop", "32",
+         "--batch", "1", "--threads", "1", "--device", "cpu", "--json", str(out), *extra],
+        cwd=ROOT, capture_output=True, text=True, timeout=240,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = report["modes"].values() if extra else [report]
+    for row in rows:
+        assert row["steps_per_s"] > 0 and row["samples_per_s"] == pytest.approx(row["steps_per_s"])
+    if extra:
+        assert set(report["modes"]) == {"batched", "per_sample"}

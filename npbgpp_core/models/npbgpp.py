@@ -269,6 +269,34 @@ class NPBGPlusPlus(nn.Module):
             )
         return rasters
 
+    def _raster_valid(
+        self, scene: AggregatedScene, canvas: Camera
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None, int]:
+        """The scene's valid points rasterized into ``canvas`` at every scale: the index
+        images (into the valid points, -1 empty), the valid points' rows in the scene
+        (None: all are valid) and how many there are."""
+        points, valid = scene.points.to(self.device), scene.valid.to(self.device)
+        rows = None if bool(valid.all()) else torch.nonzero(valid).squeeze(1)
+        if rows is not None:
+            points = points.index_select(0, rows)
+        return rasterize(points, canvas, self.config.scales, self.config.near), rows, points.shape[0]
+
+    def _winner_table(
+        self, scene: AggregatedScene, canvas: Camera, rows: torch.Tensor | None, n_points: int,
+        seen: list[torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Descriptors of only the points that win a pixel in ``seen`` (raster indices, -1
+        empty), each with a coverage 1, as a (m + 1, C + 1) table whose last row (zeros)
+        is the empty pixel; and ``remap`` taking a raster index (-1 included) to its row."""
+        flat = torch.cat(seen)
+        used = torch.unique(flat[flat >= 0])
+        desc = self.descriptors(scene, canvas, used if rows is None else rows[used])
+        m, c = desc.shape
+        table = torch.cat([torch.cat([desc, desc.new_ones(m, 1)], 1), desc.new_zeros(1, c + 1)])
+        remap = torch.full((n_points + 1,), m, dtype=torch.long, device=self.device)
+        remap[used] = torch.arange(m, device=self.device)
+        return table, remap
+
     def _render_tiled(self, scene: AggregatedScene, aligned: Camera, camera: Camera) -> torch.Tensor | None:
         """:meth:`_render_direct` on the ``aligned`` canvas computed only where resampling
         it into ``camera`` reads (inference), then resampled; None when the canvas or the
@@ -283,21 +311,11 @@ class NPBGPlusPlus(nn.Module):
         corners = tiles.target_corners(_pixel_map(aligned, camera), camera.image_size)
         plan = tiles.plan_tiles(size, tiles.needed_spans(corners, size))
         dev = self.device
-        points, valid = scene.points.to(dev), scene.valid.to(dev)
-        rows = None if bool(valid.all()) else torch.nonzero(valid).squeeze(1)
-        if rows is not None:
-            points = points.index_select(0, rows)
-        indices = rasterize(points, aligned, self.config.scales, self.config.near)
+        indices, rows, n_points = self._raster_valid(scene, aligned)
         grids = [tiles.pad_to_grid(index, plan, level, -1).reshape(-1) for level, index in enumerate(indices)]
         seen = [grids[level].index_select(0, tiles.tile_pixels(plan, plan.raster[level], level).to(dev))
                 for level in range(tiles.LEVELS)]
-        flat = torch.cat(seen)
-        used = torch.unique(flat[flat >= 0])
-        desc = self.descriptors(scene, aligned, used if rows is None else rows[used])
-        m, c = desc.shape
-        table = torch.cat([torch.cat([desc, desc.new_ones(m, 1)], 1), desc.new_zeros(1, c + 1)])
-        remap = torch.full((points.shape[0] + 1,), m, dtype=torch.long, device=dev)
-        remap[used] = torch.arange(m, device=dev)
+        table, remap = self._winner_table(scene, aligned, rows, n_points, seen)
 
         def raster_tiles(level: int, flat_pixels: torch.Tensor) -> torch.Tensor:
             return table.index_select(0, remap[grids[level].index_select(0, flat_pixels)])
@@ -337,20 +355,11 @@ class NPBGPlusPlus(nn.Module):
         corners = tiles.target_corners(_pixel_map(canvas, camera), camera.image_size)
         plan = bounded.plan_bands(size, tiles.needed_spans(corners, size, margin=1 + margin))
         dev = self.device
-        points, valid = scene.points.to(dev), scene.valid.to(dev)
-        rows = None if bool(valid.all()) else torch.nonzero(valid).squeeze(1)
-        if rows is not None:
-            points = points.index_select(0, rows)
-        indices = rasterize(points, canvas, self.config.scales, self.config.near)
+        indices, rows, n_points = self._raster_valid(scene, canvas)
         seen = [indices[level][r0:r1, c0:c1].reshape(-1)
                 for level in range(bounded.LEVELS) for r0, r1, c0, c1 in plan.bands[level]]
-        flat = torch.cat(seen)
-        used = torch.unique(flat[flat >= 0])
-        desc = self.descriptors(scene, canvas, used if rows is None else rows[used])
-        m, c = desc.shape
-        table = torch.cat([torch.cat([desc, desc.new_ones(m, 1)], 1), desc.new_zeros(1, c + 1)])
-        remap = torch.full((points.shape[0] + 1,), m, dtype=torch.long, device=dev)
-        remap[used] = torch.arange(m, device=dev)
+        table, remap = self._winner_table(scene, canvas, rows, n_points, seen)
+        c = table.shape[1] - 1
 
         def raster_band(level: int, band: tuple[int, int, int, int]) -> torch.Tensor:
             r0, r1, c0, c1 = band
