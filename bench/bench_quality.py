@@ -57,6 +57,7 @@ FIT_KNOBS = (
     ("--coefficient-decay", float, "decoupled pull of the coefficients toward the aggregated ones"),
     ("--coefficient-optimizer", str, "rmsprop or adam"),
     ("--gradient-weight", float, "weight of the edge (gradient) loss"),
+    ("--average-from", float, "return the mean of the iterates from this fraction of the steps on"),
 )
 
 

@@ -137,7 +137,10 @@ class FitRecipe:
     views) are summed into one step. The rate of every optimiser is scaled by
     :func:`lr_factor`. ``descriptor_decay`` pulls the descriptors back toward their start
     after each optimiser step (decoupled, like AdamW's weight decay, but toward the start
-    instead of zero): ``d -= lr_t * descriptor_decay * (d - d_start)``."""
+    instead of zero): ``d -= lr_t * descriptor_decay * (d - d_start)``. ``average_from``
+    < 1: the returned model holds the mean of the trained parameters after every step from
+    ``int(average_from * steps)`` on (iterate averaging: the last iterate of a short
+    noisy fit leans toward the last few crops' views)."""
 
     lr_descriptors: float
     lr_refiner: float
@@ -148,6 +151,7 @@ class FitRecipe:
     schedule: str = "constant"
     descriptor_decay: float = 0.0
     descriptor_optimizer: str = "rmsprop"
+    average_from: float = 1.0
 
     def __post_init__(self) -> None:
         if self.train_refiner not in REFINER_PARTS:
@@ -161,6 +165,8 @@ class FitRecipe:
             raise ValueError(f"crops_per_step must be >= 1, got {self.crops_per_step}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.average_from <= 1.0:
+            raise ValueError(f"average_from must be in [0, 1], got {self.average_from}")
         if self.descriptor_decay < 0:
             raise ValueError(f"descriptor_decay must be >= 0, got {self.descriptor_decay}")
         for name in ("lr_descriptors", "lr_refiner", "lr_background"):
@@ -218,6 +224,9 @@ def _fit_loop(
     optims = [desc_opt] + ([ref_opt] if ref_opt is not None else [])
     base = [[g["lr"] for g in o.param_groups] for o in optims]
     start_desc = model.descriptors.detach().clone() if recipe.descriptor_decay > 0 else None
+    averaged = [model.descriptors, *extra, *trained]
+    mean: list[torch.Tensor] | None = None
+    first_averaged = int(recipe.average_from * steps) if recipe.average_from < 1.0 else steps
     result = FitResult(model)
     model.train()
     start = time.perf_counter()
@@ -246,6 +255,18 @@ def _fit_loop(
                     pull = recipe.lr_descriptors * f * recipe.descriptor_decay
                     model.descriptors.sub_(pull * (model.descriptors - start_desc))
             result.losses.append(total)
+            if step >= first_averaged:
+                with torch.no_grad():
+                    if mean is None:
+                        mean = [p.detach().clone() for p in averaged]
+                    else:
+                        n = step - first_averaged + 1
+                        for m, p in zip(mean, averaged, strict=True):
+                            m.add_((p.detach() - m) / n)
+        if mean is not None:
+            with torch.no_grad():
+                for m, p in zip(mean, averaged, strict=True):
+                    p.copy_(m)
     finally:
         for p in frozen:
             p.requires_grad_(True)
@@ -265,6 +286,7 @@ def coefficients_recipe(
     coefficient_decay: float = 0.0,
     coefficient_optimizer: str = "rmsprop",
     gradient_weight: float = 0.0,
+    average_from: float = 1.0,
 ) -> FitRecipe:
     """The :class:`FitRecipe` of :func:`fit_coefficients` for its keywords (same names and
     defaults); raises ValueError naming a bad value. ``gradient_weight`` is only checked
@@ -272,7 +294,7 @@ def coefficients_recipe(
     if not gradient_weight >= 0:
         raise ValueError(f"gradient_weight must be >= 0, got {gradient_weight}")
     return FitRecipe(lr_coefficients, lr_refiner, lr_background, train_refiner, crops_per_step, warmup_steps,
-                     schedule, coefficient_decay, coefficient_optimizer)
+                     schedule, coefficient_decay, coefficient_optimizer, average_from)
 
 
 def fit_coefficients(
@@ -294,6 +316,7 @@ def fit_coefficients(
     coefficient_decay: float = 0.0,
     coefficient_optimizer: str = "rmsprop",
     gradient_weight: float = 0.0,
+    average_from: float = 1.0,
 ) -> FitResult:
     """coefficients_ft: fine-tune ``aggregated``'s coefficients and a copy of ``model``'s
     refiner on ``views`` for ``steps`` steps; ``model`` itself is not changed. The result's
@@ -315,13 +338,15 @@ def fit_coefficients(
     :func:`lr_factor`) scale every rate; ``coefficient_decay`` pulls the coefficients
     back toward the aggregated ones after every step; ``coefficient_optimizer``
     "rmsprop" (published) or "adam"; ``gradient_weight`` adds the edge loss to the default
-    loss (ignored with ``loss_fn``)."""
+    loss (ignored with ``loss_fn``); ``average_from`` < 1 returns the mean of the iterates
+    from that fraction of the steps on."""
     views = as_fit_views(views)
     device = model.device
     if model.basis is None:
         raise ValueError("coefficient fine-tuning needs an NPBG++ model with the 'sphere' aggregator")
     recipe = coefficients_recipe(lr_coefficients, lr_refiner, lr_background, train_refiner, crops_per_step,
-                                 warmup_steps, schedule, coefficient_decay, coefficient_optimizer, gradient_weight)
+                                 warmup_steps, schedule, coefficient_decay, coefficient_optimizer, gradient_weight,
+                                 average_from)
     npbg = NPBG.from_npbgpp_coefficients(
         aggregated.points.detach().cpu(), aggregated.coefficients.detach().cpu(),
         {k: v.detach().cpu() for k, v in model.basis.state_dict().items()},

@@ -144,3 +144,23 @@ def test_gradient_weight_adds_the_edge_loss():
     assert float(coefficients_ft_loss()(p, t, None)) == pytest.approx(float(plain))
     assert float(coefficients_ft_loss(gradient_weight=0.5)(p, t, None)) == pytest.approx(
         float(plain + 0.5 * gradient_loss(p, t)))
+
+
+def test_average_from_returns_the_mean_of_the_iterates(scene):
+    """Constant rate, same seed: the first iterate of a 2-step fit is the 1-step fit."""
+    model, agg, views = scene
+    common = dict(crop=16, lr_refiner=1e-3, seed=3, schedule="constant", warmup_steps=0)
+    one = fit_coefficients(model, agg, views, steps=1, **common).model
+    two = fit_coefficients(model, agg, views, steps=2, **common).model
+    mean = fit_coefficients(model, agg, views, steps=2, average_from=0.0, **common).model
+    last = fit_coefficients(model, agg, views, steps=2, average_from=0.5, **common).model  # only step 1
+    for name in ("descriptors", "environment"):
+        a, b = getattr(one, name).detach(), getattr(two, name).detach()
+        assert not torch.allclose(a, b)
+        assert torch.allclose(getattr(mean, name), (a + b) / 2, atol=1e-6)
+        assert torch.allclose(getattr(last, name), b, atol=1e-6)
+    for (key, p), q, r in zip(mean.refiner.named_parameters(), one.refiner.parameters(), two.refiner.parameters(),
+                              strict=True):
+        assert torch.allclose(p, (q + r) / 2, atol=1e-6), key
+    with pytest.raises(ValueError, match="average_from must be in"):
+        coefficients_recipe(average_from=1.5)
