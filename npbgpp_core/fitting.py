@@ -4,14 +4,16 @@ trainer's Lightning systems (headless_train/systems/npbg.py, coefficients_ft.py)
 
 - :func:`fit_coefficients`: coefficients_ft: the 56 NPBG++ coefficients per point become
   learnable descriptors of an NPBG model with the NPBG++ basis MLP frozen; RMSprop on the
-  coefficients (lr 0.01 by default here, published 0.1: see the function), Adam (lr 1e-4)
-  on the refiner, L1 at full, 1/2 and 1/4 resolution (:func:`coefficients_ft_loss`).
+  coefficients and the environment map (lr 0.01 by default here, published 0.1), Adam on
+  the refiner (3e-4 here, published 1e-4), two crops per step (published one): short-fit
+  defaults, see the function; L1 at full, 1/2 and 1/4 resolution (:func:`coefficients_ft_loss`).
 - :func:`fit_npbg`: NPBG: descriptors start at zero, RMSprop (lr 0.1) on descriptors +
   background, Adam (lr 1e-4) on a refiner that starts from pretrained weights.
 
-Both train on random ``crop`` x ``crop`` windows of the given views (one per step) for a
-fixed number of steps and report the losses and seconds taken. One step of either recipe
-is :func:`npbg_step_loss` with :func:`npbg_optimizers`.
+Both train on random ``crop`` x ``crop`` windows of the given views (``crops_per_step``
+of :class:`FitRecipe` per step) for a fixed number of steps and report the losses and
+seconds taken. One step of either recipe is :func:`npbg_step_loss`; the headless
+trainer's systems pair it with :func:`npbg_optimizers` (the published optimisers).
 """
 
 from __future__ import annotations
@@ -277,10 +279,10 @@ def _fit_loop(
 
 def coefficients_recipe(
     lr_coefficients: float = 0.01,
-    lr_refiner: float = 1e-4,
+    lr_refiner: float = 3e-4,
     lr_background: float | None = None,
     train_refiner: str = "all",
-    crops_per_step: int = 1,
+    crops_per_step: int = 2,
     warmup_steps: int = 0,
     schedule: str = "constant",
     coefficient_decay: float = 0.0,
@@ -304,13 +306,13 @@ def fit_coefficients(
     steps: int = 100,
     crop: int | None = 128,
     lr_coefficients: float = 0.01,
-    lr_refiner: float = 1e-4,
+    lr_refiner: float = 3e-4,
     loss_fn: LossFn | None = None,
     loss_factors: Sequence[int] = (1, 2, 4),
     seed: int = 0,
     lr_background: float | None = None,
     train_refiner: str = "all",
-    crops_per_step: int = 1,
+    crops_per_step: int = 2,
     warmup_steps: int = 0,
     schedule: str = "constant",
     coefficient_decay: float = 0.0,
@@ -324,12 +326,16 @@ def fit_coefficients(
     With an environment background (``background='environment'``) the scene's map
     becomes a learnable tensor of that model, optimised with the coefficients.
 
-    ``lr_coefficients`` defaults to 0.01, not the published 0.1 (``headless_train``'s
-    ``system=coefficients_ft`` keeps 0.1 for its 40k-step runs): the coefficients start
-    from the aggregated values, and RMSprop's first steps move every touched value by about
-    10 x lr, which at 0.1 undoes much of the aggregation in a short fit. Measured on the
-    demo scene, 200 steps: 0.1 gives 27.8 dB / SSIM 0.903 (below the unfitted 0.936),
-    0.01 gives 29.0 dB / 0.943.
+    The defaults are a short-fit recipe, not the published one (``headless_train``'s
+    ``system=coefficients_ft`` keeps RMSprop 0.1 / Adam 1e-4 / one crop for its 40k-step
+    runs). ``lr_coefficients`` 0.01, not 0.1: the coefficients start from the aggregated
+    values, and RMSprop's first steps move every touched value by about 10 x lr, which at
+    0.1 undoes much of the aggregation in a short fit (demo scene, 200 steps: 27.8 dB /
+    SSIM 0.903 at 0.1, below the unfitted 0.936). ``lr_refiner`` 3e-4 and two crops per
+    step (BENCHMARKS.md "Short coefficient fits", 200 steps, held-out views): the refiner
+    barely moves at 1e-4, 1e-3 drifts (room-scale captures lose up to 1 dB), and one crop
+    per step leaves the result leaning toward the last crops' views. 9 real captures
+    17.75 -> 18.24 dB, demo (c) 29.06 -> 29.69 dB, at about 1.5-2x the seconds per fit.
 
     The short-fit knobs (:class:`FitRecipe`): ``lr_background`` the rate of the environment
     map and the background vector (None: ``lr_coefficients``); ``train_refiner`` which

@@ -1,7 +1,12 @@
 """coefficients_ft (the published recipe): NPBG machinery on the 56 NPBG++ coefficients per
 point (from ``descriptors_pretrained_dir``) with the NPBG++ basis MLP frozen; RMSprop 0.1 on
 the coefficients, Adam 1e-4 on the refiner, L1 at full, 1/2 and 1/4 resolution
-(``npbgpp_core.fitting.coefficients_ft_loss``, as in the add-on's fitting loop)."""
+(``npbgpp_core.fitting.coefficients_ft_loss``, as in the add-on's fitting loop).
+
+These published values are kept for the long (40k-step) runs this system makes. The
+200-step fits of the add-on, the demo and bench_quality (``npbgpp_core.fitting.fit_coefficients``)
+use their own short-fit defaults instead (lower coefficient rate, higher refiner rate,
+two crops per step), measured in BENCHMARKS.md "Short coefficient fits"."""
 
 from __future__ import annotations
 
