@@ -335,7 +335,8 @@ def fit_coefficients(
     step (BENCHMARKS.md "Short coefficient fits", 200 steps, held-out views): the refiner
     barely moves at 1e-4, 1e-3 drifts (room-scale captures lose up to 1 dB), and one crop
     per step leaves the result leaning toward the last crops' views. 9 real captures
-    17.75 -> 18.24 dB, demo (c) 29.06 -> 29.69 dB, at about 1.5-2x the seconds per fit.
+    17.75 -> 18.24 dB, ``make demo`` (c) 29.30 -> 29.91 dB (objects file), at about twice
+    the seconds per fit (demo (c): 19 s -> 38 s on one loaded CPU thread).
 
     The short-fit knobs (:class:`FitRecipe`): ``lr_background`` the rate of the environment
     map and the background vector (None: ``lr_coefficients``); ``train_refiner`` which
