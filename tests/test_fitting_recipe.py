@@ -164,3 +164,18 @@ def test_average_from_returns_the_mean_of_the_iterates(scene):
         assert torch.allclose(p, (q + r) / 2, atol=1e-6), key
     with pytest.raises(ValueError, match="average_from must be in"):
         coefficients_recipe(average_from=1.5)
+
+
+def test_coefficients_recipe_keeps_the_keywords_and_defaults_of_fit_coefficients():
+    """coefficients_recipe (the early check bench_quality runs on its flags) mirrors
+    fit_coefficients' recipe keywords: same names, same defaults, so the two cannot drift."""
+    import inspect
+
+    from npbgpp_core.fitting import fit_coefficients
+
+    recipe = inspect.signature(coefficients_recipe).parameters
+    fit = inspect.signature(fit_coefficients).parameters
+    assert recipe, "coefficients_recipe takes no keywords"
+    for name, param in recipe.items():
+        assert name in fit, name
+        assert fit[name].default == param.default, name
