@@ -524,23 +524,27 @@ class NPBGPlusPlus(nn.Module):
 
     def render(
         self, scene: AggregatedScene, camera: Camera, dtype: torch.dtype | None = None,
-        resolution_scale: float = 1.0, roll_context: str | None = None,
+        resolution_scale: float = 1.0, roll_context: str | None = None, refiner_impl: str | None = None,
     ) -> torch.Tensor:
         """Inference render (3, H, W) clamped to [0, 1]; ``dtype`` (e.g. torch.float16 on a
         GPU) enables autocast. ``resolution_scale`` < 1 renders internally at
         ``int(s*H) x int(s*W)`` and upsamples bilinearly (a preview: about s^2 of the
         cost, softer and not the full-quality image). ``roll_context`` overrides
-        :attr:`roll_context` for this call ('exact' or 'bounded')."""
+        :attr:`roll_context` for this call ('exact' or 'bounded'); ``refiner_impl``
+        overrides ``refiner.impl`` ('torch' or 'triton': fused kernels, CUDA only)."""
         camera = camera.to(self.device)
-        saved = self.roll_context
+        saved, saved_impl = self.roll_context, self.refiner.impl
         if roll_context is not None:
             check_roll_context(roll_context, self.roll_margin)
             self.roll_context = roll_context
+        if refiner_impl is not None:
+            self.refiner.impl = refiner_impl
         try:
             with torch.inference_mode(), autocast_context(self.device, dtype):
                 out = render_at_scale(lambda cam: self.render_raw(scene, cam), camera, resolution_scale)
         finally:
             self.roll_context = saved
+            self.refiner.impl = saved_impl
         # A normal tensor (clone outside inference mode): callers may edit it in place.
         return out[:3].float().clamp(0, 1).clone()
 

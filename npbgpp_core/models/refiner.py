@@ -12,6 +12,10 @@ Two forward paths compute the same function:
   Results equal the reference path up to float rounding (tests/test_models_speedpaths.py).
   Measured on one AVX-512 core at 512x512: about 300 ms -> 165-210 ms.
 
+A third path, ``impl = "triton"`` (:mod:`.refiner_triton`), fuses everything between the
+convolutions into Triton kernels on CUDA (the GPU refiner is bound by memory traffic and
+elementwise launches); elsewhere the setting falls back to the paths above.
+
 Fusing the feature and gate convolutions pays only for the decoder's 24/12/6-channel
 blocks: elsewhere the strided channel halves in channels-last cost more than the fused
 convolution saves. torch.compile (inductor) was tried: 54 s to compile, 4% faster.
@@ -26,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 LEVEL_CHANNELS = (16, 32, 48, 64, 80)
+IMPLS = ("torch", "triton")  # Refiner.impl: inference implementations
 DECODER_CHANNELS = (48, 24, 12, 6)
 BACKGROUND_LEVELS = (2, 3, 4)  # encoder levels that take the optional background rasters
 
@@ -47,6 +52,7 @@ class GatedBlock(nn.Module):
         # convolution to 2*cout costs about as much as one to cout (measured on AVX-512:
         # the full-resolution decoder block 28->6 takes 32 ms fused vs 50 ms as two).
         self.fuse_on_cpu = cout < 32 and cin > cout
+        self.impl = "torch"  # set through Refiner.impl
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = _pad(x)
@@ -60,6 +66,11 @@ class GatedBlock(nn.Module):
     def forward_unpadded(self, x: torch.Tensor) -> torch.Tensor:
         """:meth:`forward_inference` on an input already padded by one pixel (the tiled
         refiner passes windows of a larger image)."""
+        if self.impl == "triton":
+            from . import refiner_triton
+
+            if refiner_triton.supported(x.device):
+                return refiner_triton.gated_block(self, x)
         if self.fuse_on_cpu and x.device.type == "cpu":
             weight = torch.cat([self.feature.weight, self.gate.weight])
             bias = torch.cat([self.feature.bias, self.gate.bias])
@@ -81,7 +92,11 @@ class Refiner(nn.Module):
     each level adds ``background_proj[j](background_j)`` (a 1x1 convolution to the level's
     channels) after concatenating its descriptor raster. The projections start at zero
     (weights and bias), so the network computes exactly the function without them until
-    they are trained; omitted backgrounds count as zero (no addition)."""
+    they are trained; omitted backgrounds count as zero (no addition).
+
+    :attr:`impl` picks the inference implementation: 'torch' (default) or 'triton' (fused
+    kernels between the convolutions, :mod:`.refiner_triton`; used only on CUDA with
+    Triton installed, the torch path elsewhere). Training always runs the reference."""
 
     def __init__(self, in_channels: int = 9, out_channels: int = 3, background_channels: int = 0) -> None:
         super().__init__()
@@ -103,6 +118,7 @@ class Refiner(nn.Module):
         self.head = nn.Conv2d(cin, out_channels, 1)
         with torch.no_grad():
             self.head.bias.fill_(0.5)
+        self._impl = "torch"
         if background_channels > 0:
             self.background_proj = nn.ModuleList(
                 [nn.Conv2d(background_channels, c[level], 1) for level in BACKGROUND_LEVELS]
@@ -110,6 +126,20 @@ class Refiner(nn.Module):
             for proj in self.background_proj:
                 nn.init.zeros_(proj.weight)
                 nn.init.zeros_(proj.bias)
+
+    @property
+    def impl(self) -> str:
+        """Inference implementation: 'torch' or 'triton' (see the class docstring)."""
+        return self._impl
+
+    @impl.setter
+    def impl(self, value: str) -> None:
+        if value not in IMPLS:
+            raise ValueError(f"refiner impl must be one of {IMPLS}, got {value!r}")
+        self._impl = value
+        for block in self.modules():
+            if isinstance(block, GatedBlock):
+                block.impl = value  # the tiled and bounded executors call the blocks
 
     def _check(self, rasters: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         if len(rasters) != 5:
@@ -148,6 +178,11 @@ class Refiner(nn.Module):
                            background: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
         """:meth:`forward_reference` with in-place activations, channels-last on the CPU."""
         bg = self._check_background(background)
+        if self._impl == "triton":
+            from . import refiner_triton
+
+            if refiner_triton.supported(rasters[0].device):
+                return refiner_triton.refine(self, rasters, bg)
         if rasters[0].device.type == "cpu":
             rasters = [r.contiguous(memory_format=torch.channels_last) for r in rasters]
             if bg is not None:

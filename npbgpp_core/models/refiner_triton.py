@@ -1,0 +1,299 @@
+"""Fused inference path of the refiner (:class:`~npbgpp_core.models.refiner.Refiner`):
+Triton kernels for everything between the convolutions, convolutions left to cuDNN.
+
+On a GPU the gated U-Net is bound by memory traffic and elementwise launches, not by
+its convolutions (BENCHMARKS.md, "Status"): the torch path reads and writes every
+activation once per ``elu``, ``sigmoid``, product, pool, upsample, ``cat`` and pad.
+Here each gated block is
+
+- one cuDNN convolution to ``2 * cout`` channels (feature and gate weights stacked), and
+- one epilogue kernel that writes ``elu(feature) * sigmoid(gate)`` straight into the
+  buffer the next step reads (for the encoder: the skip tensor, whose raster channels
+  the same launch copies in),
+
+and each level change is one kernel that writes the next convolution's padded input
+(pool + pad, or bilinear upsample + concat + pad). Every kernel names its torch twin
+in ``refiner.py``; tests/test_refiner_triton.py holds this path to the torch one.
+
+Dispatch (``Refiner.impl = "triton"``, or ``model.render(..., refiner_impl="triton")``)
+happens only where :func:`supported` says so: CUDA tensors with Triton installed, or CPU
+tensors when Triton's interpreter is switched on (``TRITON_INTERPRET=1``: numpy, for
+tests only, not a speed path). Anywhere else the torch path runs. The kernels are built
+on first use, separately for compiled and interpreted mode (Triton reads the switch
+when a kernel is defined), so importing this module never imports Triton.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+from types import SimpleNamespace
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .refiner import GatedBlock, Refiner
+
+# Tile of one program on a GPU: channels x pixels (pixels contiguous in NCHW).
+BLOCK_C, BLOCK_P = 4, 256
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+@functools.cache
+def triton_version() -> str | None:
+    """Triton's version, or None when it is not installed."""
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+def supported(device: torch.device) -> bool:
+    """Whether the fused path runs on ``device``: CUDA with Triton, or the CPU under
+    Triton's interpreter."""
+    if triton_version() is None:
+        return False
+    if device.type == "cuda":
+        return not _interpreting()
+    return device.type == "cpu" and _interpreting()
+
+
+def _kernels() -> SimpleNamespace:
+    return _build_kernels(_interpreting())
+
+
+@functools.cache
+def _build_kernels(interpret: bool) -> SimpleNamespace:  # noqa: ARG001 - the cache key
+    """The Triton kernels, defined under the current interpreter switch."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def gate_kernel(src, dst, extra, C, CE, H, W,
+                    s_b, s_c, s_h, s_w, d_b, d_c, d_h, d_w, e_b, e_c, e_h, e_w,
+                    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+        """Twin of GatedBlock.forward_unpadded's epilogue ``elu(f) * sigmoid(g)`` (src
+        holds f in channels [0, C) and g in [C, 2C)) written to dst's channels [0, C);
+        channels [C, C + CE) of dst get ``extra`` copied in (Refiner._run's
+        ``torch.cat([gated(block, x), r])``)."""
+        b = tl.program_id(2)
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)[:, None]
+        p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)[None, :]
+        inside = p < H * W
+        y = p // W
+        x = p % W
+        gated = inside & (c < C)
+        copied = inside & (c >= C) & (c < C + CE)
+        at = src + b * s_b + c * s_c + y * s_h + x * s_w
+        f = tl.load(at, mask=gated, other=0.0).to(tl.float32)
+        g = tl.load(at + C * s_c, mask=gated, other=0.0).to(tl.float32)
+        elu = tl.where(f > 0, f, tl.exp(tl.minimum(f, 0.0)) - 1.0)
+        e = tl.load(extra + b * e_b + (c - C) * e_c + y * e_h + x * e_w, mask=copied, other=0.0)
+        # Not tl.sigmoid: a @jit helper, compiled or interpreted by the mode Triton was
+        # imported in, where this kernel follows the mode at its definition. exp of
+        # -|g| only: no overflow for any gate value.
+        s = tl.exp(-tl.abs(g))
+        sig = tl.where(g >= 0, 1.0 / (1.0 + s), s / (1.0 + s))
+        v = tl.where(c < C, elu * sig, e.to(tl.float32))
+        tl.store(dst + b * d_b + c * d_c + y * d_h + x * d_w, v.to(dst.dtype.element_ty), mask=gated | copied)
+
+    @triton.jit
+    def pool_pad_kernel(src, dst, C, H, W, h, w, s_b, s_c, s_h, s_w, d_b, d_c,
+                        POOL: tl.constexpr, REFLECT: tl.constexpr,
+                        BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+        """Twin of Refiner._run's ``_pad(F.avg_pool2d(x, 2))`` (POOL=2) or of ``_pad(x)``
+        (POOL=1): dst is (B, C, h + 2, w + 2) with h = H // POOL, w = W // POOL."""
+        b = tl.program_id(2)
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)[:, None]
+        p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)[None, :]
+        mask = (p < (h + 2) * (w + 2)) & (c < C)
+        i = p // (w + 2) - 1
+        j = p % (w + 2) - 1
+        if REFLECT:
+            i = tl.where(i < 0, -i, i)
+            i = tl.where(i >= h, 2 * h - 2 - i, i)
+            j = tl.where(j < 0, -j, j)
+            j = tl.where(j >= w, 2 * w - 2 - j, j)
+        else:
+            i = tl.minimum(tl.maximum(i, 0), h - 1)
+            j = tl.minimum(tl.maximum(j, 0), w - 1)
+        base = src + b * s_b + c * s_c
+        if POOL == 2:
+            at = base + (2 * i) * s_h + (2 * j) * s_w
+            v = (tl.load(at, mask=mask, other=0.0).to(tl.float32)
+                 + tl.load(at + s_w, mask=mask, other=0.0).to(tl.float32)
+                 + tl.load(at + s_h, mask=mask, other=0.0).to(tl.float32)
+                 + tl.load(at + s_h + s_w, mask=mask, other=0.0).to(tl.float32)) * 0.25
+        else:
+            v = tl.load(base + i * s_h + j * s_w, mask=mask, other=0.0)
+        tl.store(dst + b * d_b + c * d_c + p, v.to(dst.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def up_cat_pad_kernel(x, skip, dst, CX, CS, hx, wx, h, w, scale_h, scale_w,
+                          x_b, x_c, x_h, x_w, s_b, s_c, s_h, s_w, d_b, d_c,
+                          REFLECT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+        """Twin of Refiner._run's decoder step ``_pad(torch.cat([F.interpolate(x, size,
+        mode="bilinear", align_corners=False), skip], 1))``: dst is (B, CX + CS, h + 2,
+        w + 2) for a skip of (B, CS, h, w) and x of (B, CX, hx, wx)."""
+        b = tl.program_id(2)
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)[:, None]
+        p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)[None, :]
+        inside = p < (h + 2) * (w + 2)
+        up = inside & (c < CX)
+        copied = inside & (c >= CX) & (c < CX + CS)
+        i = p // (w + 2) - 1
+        j = p % (w + 2) - 1
+        if REFLECT:
+            i = tl.where(i < 0, -i, i)
+            i = tl.where(i >= h, 2 * h - 2 - i, i)
+            j = tl.where(j < 0, -j, j)
+            j = tl.where(j >= w, 2 * w - 2 - j, j)
+        else:
+            i = tl.minimum(tl.maximum(i, 0), h - 1)
+            j = tl.minimum(tl.maximum(j, 0), w - 1)
+        # align_corners=False: source = (dst + 0.5) * in / out - 0.5, clamped at 0.
+        sy = tl.maximum((i.to(tl.float32) + 0.5) * scale_h - 0.5, 0.0)
+        sx = tl.maximum((j.to(tl.float32) + 0.5) * scale_w - 0.5, 0.0)
+        y0 = sy.to(tl.int32)
+        x0 = sx.to(tl.int32)
+        ly = sy - y0.to(tl.float32)
+        lx = sx - x0.to(tl.float32)
+        y1 = tl.minimum(y0 + 1, hx - 1)
+        x1 = tl.minimum(x0 + 1, wx - 1)
+        base = x + b * x_b + c * x_c
+        v00 = tl.load(base + y0 * x_h + x0 * x_w, mask=up, other=0.0).to(tl.float32)
+        v01 = tl.load(base + y0 * x_h + x1 * x_w, mask=up, other=0.0).to(tl.float32)
+        v10 = tl.load(base + y1 * x_h + x0 * x_w, mask=up, other=0.0).to(tl.float32)
+        v11 = tl.load(base + y1 * x_h + x1 * x_w, mask=up, other=0.0).to(tl.float32)
+        bil = (1.0 - ly) * ((1.0 - lx) * v00 + lx * v01) + ly * ((1.0 - lx) * v10 + lx * v11)
+        s = tl.load(skip + b * s_b + (c - CX) * s_c + i * s_h + j * s_w, mask=copied, other=0.0)
+        v = tl.where(c < CX, bil, s.to(tl.float32))
+        tl.store(dst + b * d_b + c * d_c + p, v.to(dst.dtype.element_ty), mask=up | copied)
+
+    return SimpleNamespace(gate=gate_kernel, pool_pad=pool_pad_kernel, up_cat_pad=up_cat_pad_kernel)
+
+
+def _tiles(channels: int, pixels: int, batch: int) -> tuple[tuple[int, int, int], dict[str, int]]:
+    """Launch grid and tile sizes: on a GPU small (channels x pixels) tiles, coalesced
+    along the pixels; under the interpreter, whose cost is per program, every channel in
+    one tile."""
+    if _interpreting():
+        block_c = min(256, _next_pow2(channels))
+        block_p = max(16, min(4096, _next_pow2(pixels), 16384 // block_c))
+    else:
+        block_c, block_p = BLOCK_C, BLOCK_P
+    grid = (-(-pixels // block_p), -(-channels // block_c), batch)
+    return grid, {"BLOCK_C": block_c, "BLOCK_P": block_p}
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _reflect(h: int, w: int) -> bool:
+    # refiner._pad: reflect needs at least 2 pixels per side, else replicate.
+    return min(h, w) >= 2
+
+
+# ------------------------------------------------------------------ launchers
+def gate(both: torch.Tensor, out: torch.Tensor | None = None, extra: torch.Tensor | None = None) -> torch.Tensor:
+    """``elu(both[:, :C]) * sigmoid(both[:, C:])`` into ``out[:, :C]`` and ``extra`` into
+    ``out[:, C:]`` (``out`` may be a strided view; allocated when None)."""
+    b, c2, h, w = both.shape
+    c = c2 // 2
+    ce = 0 if extra is None else extra.shape[1]
+    if out is None:
+        out = both.new_empty(b, c + ce, h, w)
+    if out.shape != (b, c + ce, h, w):
+        raise ValueError(f"gate: output {tuple(out.shape)} does not fit {(b, c + ce, h, w)}")
+    e = out if extra is None else extra
+    grid, tiles = _tiles(c + ce, h * w, b)
+    _kernels().gate[grid](both, out, e, c, ce, h, w, *both.stride(), *out.stride(), *e.stride(), **tiles)
+    return out
+
+
+def pool_pad(x: torch.Tensor, pool: int) -> torch.Tensor:
+    """``refiner._pad(F.avg_pool2d(x, 2))`` (pool 2) or ``refiner._pad(x)`` (pool 1)."""
+    b, c, hh, ww = x.shape
+    h, w = hh // pool, ww // pool
+    out = x.new_empty(b, c, h + 2, w + 2)
+    grid, tiles = _tiles(c, (h + 2) * (w + 2), b)
+    _kernels().pool_pad[grid](x, out, c, hh, ww, h, w, *x.stride(), out.stride(0), out.stride(1),
+                              POOL=pool, REFLECT=_reflect(h, w), **tiles)
+    return out
+
+
+def up_cat_pad(x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    """``refiner._pad(torch.cat([F.interpolate(x, skip's size, bilinear), skip], 1))``."""
+    b, cx, hx, wx = x.shape
+    _, cs, h, w = skip.shape
+    out = x.new_empty(b, cx + cs, h + 2, w + 2)
+    grid, tiles = _tiles(cx + cs, (h + 2) * (w + 2), b)
+    _kernels().up_cat_pad[grid](x, skip, out, cx, cs, hx, wx, h, w, hx / h, wx / w, *x.stride(), *skip.stride(),
+                                out.stride(0), out.stride(1), REFLECT=_reflect(h, w), **tiles)
+    return out
+
+
+def _stacked_weights(block: GatedBlock, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The feature and gate convolutions as one (2 * cout) convolution, cached on the
+    block until its parameters change (in-place updates bump their versions)."""
+    params = (block.feature.weight, block.gate.weight, block.feature.bias, block.gate.bias)
+    key = (dtype, tuple(p.data_ptr() for p in params), tuple(p._version for p in params))
+    cached = block.__dict__.get("_stacked")
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            weight = torch.cat([block.feature.weight, block.gate.weight]).to(dtype)
+            bias = torch.cat([block.feature.bias, block.gate.bias]).to(dtype)
+        cached = (key, weight, bias)
+        block.__dict__["_stacked"] = cached
+    return cached[1], cached[2]
+
+
+def conv_both(block: GatedBlock, padded: torch.Tensor) -> torch.Tensor:
+    """Both convolutions of ``block`` on an already padded input, in one cuDNN call."""
+    dtype = torch.get_autocast_dtype("cuda") if (padded.is_cuda and torch.is_autocast_enabled("cuda")) \
+        else padded.dtype
+    weight, bias = _stacked_weights(block, dtype)
+    return F.conv2d(padded.to(dtype), weight, bias)
+
+
+def gated_block(block: GatedBlock, padded: torch.Tensor, out: torch.Tensor | None = None,
+                extra: torch.Tensor | None = None) -> torch.Tensor:
+    """Twin of :meth:`GatedBlock.forward_unpadded` (plus the optional concat of ``extra``)."""
+    return gate(conv_both(block, padded), out, extra)
+
+
+# ------------------------------------------------------------------ the network
+def refine(refiner: Refiner, rasters: Sequence[torch.Tensor],
+           background: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+    """Twin of ``Refiner._run(rasters, background, inference=True)``: the same function
+    (float rounding aside) with the fused kernels between the convolutions."""
+    from .refiner import BACKGROUND_LEVELS
+
+    x = gated_block(refiner.first, pool_pad(rasters[0], 1))
+    dtype = x.dtype
+    skips = [x]
+    for i, block in enumerate(refiner.down, start=1):
+        both = conv_both(block, pool_pad(x, 2))
+        r = rasters[i]
+        if r.shape[-2:] != both.shape[-2:]:
+            r = F.interpolate(r, size=both.shape[-2:], mode="nearest")
+        x = gate(both, extra=r)
+        if background is not None and i in BACKGROUND_LEVELS:
+            j = BACKGROUND_LEVELS.index(i)
+            bg = background[j]
+            if bg.shape[-2:] != x.shape[-2:]:
+                bg = F.interpolate(bg, size=x.shape[-2:], mode="nearest")
+            x.add_(refiner.background_proj[j](bg.to(dtype)).to(dtype))
+        skips.append(x)
+    x = gated_block(refiner.center, pool_pad(x, 1))
+    for block, skip in zip(refiner.up, reversed(skips[:4]), strict=True):
+        x = gated_block(block, up_cat_pad(x, skip))
+    return refiner.head(x)

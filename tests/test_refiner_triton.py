@@ -1,0 +1,168 @@
+"""The fused refiner (npbgpp_core/models/refiner_triton.py) computes what the torch
+refiner computes: each Triton kernel against its torch twin, the whole network against
+``Refiner.forward_reference``, and the ``impl`` switch through ``model.render``.
+
+Without a GPU the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``, numpy
+on CPU tensors): the same kernel code, small shapes so the suite stays fast. On a CUDA
+machine the same tests run the compiled kernels on the GPU."""
+
+from __future__ import annotations
+
+import math
+import platform
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from npbgpp_core.models import NPBGPlusPlus, NPBGPlusPlusConfig, Refiner
+from npbgpp_core.models import refiner_triton as rt
+from npbgpp_core.models.refiner import _pad
+from npbgpp_core.rasterizer import DEFAULT_SCALES
+
+if sys.platform == "linux" and platform.machine() == "x86_64":
+    import triton  # noqa: F401 - pinned in requirements.txt for this platform: must be there
+else:  # pragma: no cover - no Triton wheel elsewhere
+    pytest.importorskip("triton")
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(autouse=True)
+def interpreter(monkeypatch):
+    """Triton's interpreter on a machine without a GPU (the kernels are built per mode)."""
+    if DEVICE.type == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert rt.supported(DEVICE)
+
+
+def randn(*shape: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * 2).to(DEVICE)
+
+
+def test_gate_kernel_equals_elu_times_sigmoid_into_views():
+    both = randn(2, 10, 7, 9)
+    extra = randn(2, 3, 7, 9, seed=1)
+    want = torch.cat([F.elu(both[:, :5]) * torch.sigmoid(both[:, 5:]), extra], 1)
+    torch.testing.assert_close(rt.gate(both, extra=extra), want, atol=1e-6, rtol=1e-6)
+    # Into a channel slice of a larger buffer; a channels-last (strided) source.
+    buf = torch.full((2, 8, 7, 9), 7.0, device=DEVICE)
+    rt.gate(both.contiguous(memory_format=torch.channels_last), out=buf[:, 3:])
+    torch.testing.assert_close(buf[:, 3:], want[:, :5], atol=1e-6, rtol=1e-6)
+    assert (buf[:, :3] == 7).all()  # nothing written outside the view
+    with pytest.raises(ValueError, match="does not fit"):
+        rt.gate(both, out=buf)
+
+
+@pytest.mark.parametrize(("shape", "pool"), [
+    ((2, 4, 9, 11), 1), ((1, 3, 2, 7), 1), ((1, 3, 3, 1), 1), ((1, 2, 1, 1), 1),
+    ((2, 4, 9, 11), 2), ((1, 3, 2, 7), 2), ((1, 3, 3, 5), 2),  # pooled to 1 row: replicate
+])
+def test_pool_pad_kernel_equals_avg_pool_and_pad(shape, pool):
+    x = randn(*shape)
+    want = _pad(F.avg_pool2d(x, 2) if pool == 2 else x)  # reflect, or replicate below 2 pixels
+    torch.testing.assert_close(rt.pool_pad(x, pool), want, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize(("small", "large"), [((4, 6), (9, 13)), ((2, 3), (4, 6)), ((1, 2), (2, 4)), ((1, 1), (1, 3))])
+def test_up_cat_pad_kernel_equals_interpolate_cat_pad(small, large):
+    x = randn(2, 5, *small)
+    skip = randn(2, 3, *large, seed=1)
+    up = F.interpolate(x, size=large, mode="bilinear", align_corners=False)
+    want = _pad(torch.cat([up, skip], 1))
+    torch.testing.assert_close(rt.up_cat_pad(x, skip), want, atol=1e-5, rtol=1e-5)
+
+
+def random_refiner(background_channels: int = 0) -> Refiner:
+    torch.manual_seed(1)
+    refiner = Refiner(9, 3, background_channels=background_channels)
+    with torch.no_grad():  # the zero-initialised background projections too
+        for p in refiner.parameters():
+            if p.abs().max() == 0:
+                p.normal_(0, 0.3)
+    return refiner.to(DEVICE).eval()
+
+
+@pytest.mark.parametrize(("H", "W"), [(37, 22), (16, 32)])  # odd levels; a 1-pixel-high coarsest level
+def test_fused_refiner_equals_reference(H, W):
+    refiner = random_refiner()
+    rasters = [randn(2, 9, int(s * H), int(s * W), seed=i) for i, s in enumerate(DEFAULT_SCALES)]
+    ref = refiner.forward_reference(rasters)
+    with torch.inference_mode():
+        fused = rt.refine(refiner, rasters)
+        refiner.impl = "triton"
+        dispatched = refiner(rasters)
+        # Channels-last strided rasters, as rasterize_descriptors returns them.
+        permuted = refiner([r.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2) for r in rasters])
+    assert fused.shape == ref.shape == (2, 3, H, W)
+    torch.testing.assert_close(fused, ref, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(dispatched, fused, atol=0, rtol=0)
+    torch.testing.assert_close(permuted, ref, atol=2e-5, rtol=1e-5)
+    assert (ref - ref.mean()).abs().max() > 1e-2  # not a constant image
+
+
+def test_fused_refiner_with_background_and_updated_weights():
+    refiner = random_refiner(background_channels=9)
+    H, W = 32, 24
+    rasters = [randn(1, 9, int(s * H), int(s * W), seed=i) for i, s in enumerate(DEFAULT_SCALES)]
+    background = [randn(1, 9, int(s * H), int(s * W), seed=10 + i) for i, s in enumerate(DEFAULT_SCALES[2:])]
+    refiner.impl = "triton"
+    for _ in range(2):  # the stacked weights are cached: an in-place update must reach them
+        ref = refiner.forward_reference(rasters, background)
+        with torch.inference_mode():
+            fused = refiner(rasters, background)
+        torch.testing.assert_close(fused, ref, atol=2e-5, rtol=1e-5)
+        with torch.no_grad():
+            refiner.up[-1].gate.weight.mul_(-1.5)
+            refiner.first.feature.bias.add_(0.5)
+
+
+def test_impl_is_checked_and_falls_back_to_torch_where_unsupported(monkeypatch):
+    refiner = random_refiner()
+    with pytest.raises(ValueError, match="impl"):
+        refiner.impl = "cuda"
+    refiner.impl = "triton"
+    assert {b.impl for b in refiner.modules() if hasattr(b, "fuse_on_cpu")} == {"triton"}
+    monkeypatch.setattr(rt, "supported", lambda device: False)
+    calls = []
+    monkeypatch.setattr(rt, "refine", lambda *a: calls.append(a))
+    rasters = [randn(1, 9, int(s * 16), int(s * 16), seed=i) for i, s in enumerate(DEFAULT_SCALES)]
+    with torch.inference_mode():
+        out = refiner(rasters)
+    assert calls == []
+    torch.testing.assert_close(out, refiner.forward_reference(rasters), atol=2e-5, rtol=1e-5)
+
+
+def test_model_render_selects_the_fused_refiner_also_for_tiled_rolled_views(monkeypatch):
+    from npbgpp_core.camera import Camera
+    from npbgpp_core.models.aggregator import AggregatedScene
+
+    torch.manual_seed(0)
+    model = NPBGPlusPlus(NPBGPlusPlusConfig()).to(DEVICE).eval()
+    g = torch.Generator().manual_seed(0)
+    pts = torch.randn(2000, 3, generator=g)
+    scene = AggregatedScene((pts / pts.norm(dim=1, keepdim=True)).to(DEVICE),
+                            torch.randn(2000, 7, 8, generator=g).to(DEVICE), torch.ones(2000, dtype=torch.bool))
+    cam = Camera.look_at((2.0, 0.8, -2.0), (0, 0, 0), fov_x_deg=50, image_size=(24, 32)).to(DEVICE)
+    calls = {"refine": 0, "block": 0}
+    refine, gated_block = rt.refine, rt.gated_block
+
+    def count(name, fn):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(rt, "refine", count("refine", refine))
+    monkeypatch.setattr(rt, "gated_block", count("block", gated_block))
+    for roll in (0.0, math.radians(45)):  # roll 45: the tiled refiner calls the blocks
+        view = cam.rotated_in_plane(roll) if roll else cam
+        want = model.render(scene, view)
+        before = dict(calls)
+        got = model.render(scene, view, refiner_impl="triton")
+        assert model.refiner.impl == "torch"  # the override is for that call only
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+        assert calls != before
+    assert calls["refine"] >= 1 and calls["block"] >= 1
