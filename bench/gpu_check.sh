@@ -51,7 +51,7 @@ step info 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --
     torch.cuda.get_device_name(), torch.cuda.is_available())'; nvcc --version | tail -1"
 step build 200 "$PY" -m kernels.build --quiet
 step tests 150 "$PY" -m pytest -p no:hydra_pytest -p no:cacheprovider -q -rfE -m cuda \
-    tests/test_kernels.py tests/test_rasterizer.py tests/test_models.py
+    tests/test_kernels.py tests/test_rasterizer.py tests/test_models.py tests/test_refiner_triton.py
 step bench_rasterizer 100 "$PY" bench/bench_rasterizer.py --device cuda \
     --points 100k,1m,3m,10m --sizes 512x512,1920x1080,3840x2160
 step bench_render 110 "$PY" bench/bench_render.py --device cuda --points 1m,3m --sizes 512x512,1920x1080 \

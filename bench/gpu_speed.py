@@ -11,12 +11,16 @@ next step run:
 2. ``stages``    1920x1080 with 3M points: rasterize, descriptors of the winners, gather,
                  refiner (fp32), as model.render runs them;
 3. ``frames``    model.render fp32 and fp16 autocast at roll 0, at 45 degrees (tiled refiner)
-                 and at 45 degrees on the whole canvas; the tiled-vs-whole difference;
-4. ``refiner``   refiner variants: fp32, fp32/fp16 channels_last, CUDA graphs;
+                 and at 45 degrees on the whole canvas; the tiled-vs-whole difference; the
+                 same frames with the fused Triton refiner (``refiner_impl="triton"``);
+4. ``refiner``   refiner variants: fp32, fp32/fp16 channels_last, CUDA graphs, and the
+                 fused Triton refiner (``Refiner.impl = "triton"``) fp32/fp16, eager and as
+                 a CUDA graph, with its difference to the torch refiner;
 5. ``graph``     a whole frame with static shapes (bench/static_frame.py) eager and as one
                  CUDA graph, fp32 and fp16; difference to model.render;
 6. ``compile``   torch.compile of the refiner in two fresh processes sharing an on-disk
-                 inductor cache: compile time cold and warm, then ms per refiner call;
+                 inductor cache: compile time cold and warm, then ms per refiner call; the
+                 same for the Triton refiner's kernels (Triton's own on-disk cache);
 7. ``published`` bench/bench_published.py (published-style pipeline / ours, 512x512 and
                  1920x1080, 3M points), which appends its own section;
 8. ``viewport``  the add-on's viewport path at 1920x1080: worker render request (point
@@ -25,8 +29,10 @@ next step run:
                  module has a context; headless it has none).
 
 ``--dry-run`` runs the same code on the CPU with tiny sizes (GPU-only variants report
-"skipped"), for tests/test_gpu_speed.py. Results go to stdout, ``--json`` and, on a GPU
-without ``--no-write``, a "GPU speed (issue 16)" section of BENCHMARKS.md.
+"skipped"; the Triton kernels run under Triton's interpreter, so their rows check the
+plumbing and the values, and their times mean nothing), for tests/test_gpu_speed.py.
+Results go to stdout, ``--json`` and, on a GPU without ``--no-write``, a "GPU speed
+(issue 16)" section of BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ from bench_common import ROOT, append_benchmarks, bench_camera, markdown_table, 
 from bench_render import synthetic_scene
 
 from npbgpp_core import _backend
-from npbgpp_core.models import NPBGPlusPlus, NPBGPlusPlusConfig
+from npbgpp_core.models import NPBGPlusPlus, NPBGPlusPlusConfig, refiner_triton
 
 Row = list[str]
 
@@ -90,6 +96,17 @@ class Context:
         self.model = NPBGPlusPlus(NPBGPlusPlusConfig()).to(self.device).eval()
         self.scene = synthetic_scene(self.model, self.points, self.device)
         self.camera = bench_camera(self.h, self.w, self.device)
+        self.triton = refiner_triton.supported(self.device)
+        self.triton_first_s: float | None = None  # first fused call of this process (kernel builds)
+
+    def first_triton_call(self, fn: Callable[[], Any]) -> None:
+        """Run ``fn`` once; if it is this process' first use of the Triton kernels, keep
+        its wall time (JIT compiles, or loads from Triton's on-disk cache)."""
+        t0 = time.perf_counter()
+        fn()
+        synchronize(self.device)
+        if self.triton_first_s is None:
+            self.triton_first_s = time.perf_counter() - t0
 
     def left(self) -> float:
         return self.deadline - time.time()
@@ -106,6 +123,8 @@ def step_info(ctx: Context) -> list[Row]:
         rows.append(["triton", "not installed"])
     op = _backend.cuda_rasterizer() if ctx.gpu else None
     rows.append(["CUDA rasterizer", "loaded" if op is not None else f"not used ({_backend.why_unavailable()})"])
+    rows.append(["fused Triton refiner", "CUDA kernels" if ctx.gpu and ctx.triton else
+                 "interpreter (CPU): values only, times mean nothing" if ctx.triton else "not available"])
     rows.append(["scene", f"{ctx.points:,} points, {ctx.w}x{ctx.h}"])
     return rows
 
@@ -136,6 +155,14 @@ def step_stages(ctx: Context) -> list[Row]:
                      fmt(timed(lambda: model.descriptors(scene, cam), dev, ctx.repeats))])
         rows.append(["gather (5 scales)", fmt(timed(lambda: [gather(i, desc) for i in local], dev, ctx.repeats))])
         rows.append(["refiner fp32", fmt(timed(lambda: model.refiner(example), dev, ctx.repeats))])
+        if ctx.triton:
+            model.refiner.impl = "triton"
+            try:
+                ctx.first_triton_call(lambda: model.refiner(example))
+                t = timed(lambda: model.refiner(example), dev, ctx.repeats)
+                rows.append(["refiner fp32, fused Triton", fmt(t)])
+            finally:
+                model.refiner.impl = "torch"
     return rows
 
 
@@ -165,6 +192,24 @@ def step_frames(ctx: Context) -> list[Row]:
             rows.append([name, fmt(t)])
         finally:
             model.tiled_rendering = True
+    if ctx.triton:
+        ctx.first_triton_call(lambda: model.render(scene, ctx.camera, refiner_impl="triton"))
+        for name, cam, dtype in (
+            ("model.render fp32, roll 0, fused Triton refiner", ctx.camera, None),
+            ("model.render fp16 autocast, roll 0, fused Triton refiner", ctx.camera, torch.float16),
+            ("model.render fp32, roll 45 (tiled), fused Triton refiner", rolled, None),
+        ):
+            if dtype is not None and not ctx.gpu:
+                rows.append([name, "skipped (fp16 needs CUDA)"])
+                continue
+            t = timed(lambda cam=cam, dtype=dtype: model.render(scene, cam, dtype, refiner_impl="triton"),
+                      dev, ctx.repeats)
+            rows.append([name, fmt(t)])
+        for label, cam in (("roll 0", ctx.camera), ("roll 45 (tiled)", rolled)):
+            diff = (model.render(scene, cam, refiner_impl="triton") - model.render(scene, cam)).abs().max()
+            rows.append([f"max |fused Triton - torch refiner| model.render fp32, {label}", f"{diff.item():.2e}"])
+    else:
+        rows.append(["model.render, fused Triton refiner", "skipped (Triton not available)"])
     a = model.render(scene, rolled)
     model.tiled_rendering = False
     b = model.render(scene, rolled)
@@ -189,20 +234,34 @@ def step_refiner(ctx: Context) -> list[Row]:
         rasters = rasterize_descriptors(scene.points, cam, model.config.scales, model.config.near,
                                         lambda r: model.descriptors(scene, cam, r))
     rows = []
-    for name, dtype, cl, graph in (
-        ("fp32", torch.float32, False, False),
-        ("fp32 channels_last", torch.float32, True, False),
-        ("fp16 channels_last", torch.float16, True, False),
-        ("fp32, CUDA graph", torch.float32, False, True),
-        ("fp16 channels_last, CUDA graph", torch.float16, True, True),
+    outputs = {}
+    for name, dtype, cl, graph, impl in (
+        ("fp32", torch.float32, False, False, "torch"),
+        ("fp32 channels_last", torch.float32, True, False, "torch"),
+        ("fp16 channels_last", torch.float16, True, False, "torch"),
+        ("fp32, CUDA graph", torch.float32, False, True, "torch"),
+        ("fp16 channels_last, CUDA graph", torch.float16, True, True, "torch"),
+        # The fused kernels take any strides but write NCHW: contiguous inputs suit them.
+        ("fp32, fused Triton", torch.float32, False, False, "triton"),
+        ("fp16, fused Triton", torch.float16, False, False, "triton"),
+        ("fp32, fused Triton, CUDA graph", torch.float32, False, True, "triton"),
+        ("fp16, fused Triton, CUDA graph", torch.float16, False, True, "triton"),
     ):
         if not ctx.gpu and (graph or dtype != torch.float32):
             rows.append([name, "skipped (needs CUDA)"])
             continue
+        if impl == "triton" and not ctx.triton:
+            rows.append([name, "skipped (Triton not available)"])
+            continue
         fmt_ = torch.channels_last if cl else torch.contiguous_format
         refiner = copy.deepcopy(model.refiner).to(dtype=dtype, memory_format=fmt_).eval()
+        refiner.impl = impl
         example = [r.unsqueeze(0).to(dtype).contiguous(memory_format=fmt_) for r in rasters]
         with torch.inference_mode():
+            if impl == "triton":
+                ctx.first_triton_call(lambda refiner=refiner, example=example: refiner(example))
+            if not graph:
+                outputs[name] = refiner(example).float()
             if graph:
                 stream = torch.cuda.Stream()
                 stream.wait_stream(torch.cuda.current_stream())
@@ -217,6 +276,15 @@ def step_refiner(ctx: Context) -> list[Row]:
             else:
                 t = timed(lambda refiner=refiner, example=example: refiner(example), dev, ctx.repeats)
                 rows.append([name, fmt(t)])
+    for precision in ("fp32", "fp16"):
+        fused, ref = outputs.get(f"{precision}, fused Triton"), outputs.get(precision)
+        if precision == "fp16":
+            ref = outputs.get("fp16 channels_last")
+        if fused is not None and ref is not None:
+            rows.append([f"max |fused Triton - torch| refiner {precision}", f"{(fused - ref).abs().max().item():.2e}"])
+    if ctx.triton_first_s is not None:
+        rows.append(["fused Triton: first call of the process, s (kernel JIT or disk cache)",
+                     f"{ctx.triton_first_s:.2f}"])
     return rows
 
 
@@ -249,19 +317,25 @@ def step_graph(ctx: Context) -> list[Row]:
 
 
 def compile_worker(args: argparse.Namespace) -> int:
-    """Child process of the compile step: compile the refiner (inductor cache from the
-    environment), time the first call and then ``--repeats`` calls; print one JSON line."""
+    """Child process of the compile step: compile the refiner (inductor or Triton cache
+    from the environment), time the first call and then ``--repeats`` calls; print one
+    JSON line. ``--triton``: the fused Triton refiner, fp32 NCHW, instead of
+    torch.compile (fp16 channels_last)."""
     device = torch.device(args.device)
     h, w = args.worker_size
     torch.manual_seed(0)
     model = NPBGPlusPlus(NPBGPlusPlusConfig()).to(device).eval()
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    fmt_ = torch.channels_last
+    dtype = torch.float16 if device.type == "cuda" and not args.triton else torch.float32
+    fmt_ = torch.contiguous_format if args.triton else torch.channels_last
     refiner = model.refiner.to(dtype=dtype, memory_format=fmt_)
     rasters = [torch.randn(1, 9, int(s * h), int(s * w), device=device).to(dtype).contiguous(memory_format=fmt_)
                for s in model.config.scales]
     t0 = time.perf_counter()
-    run = refiner if args.no_compile else torch.compile(refiner, dynamic=False)
+    if args.triton:
+        if not refiner_triton.supported(device):
+            raise SystemExit(f"fused Triton refiner not supported on {device}")
+        refiner.impl = "triton"
+    run = refiner if args.no_compile or args.triton else torch.compile(refiner, dynamic=False)
     with torch.inference_mode():
         run(rasters)
         synchronize(device)
@@ -274,7 +348,8 @@ def compile_worker(args: argparse.Namespace) -> int:
 def step_compile(ctx: Context) -> list[Row]:
     cache = Path(ctx.args.cache_dir) if ctx.args.cache_dir else Path(tempfile.mkdtemp(prefix="npbgpp_inductor_"))
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache), TORCHINDUCTOR_FX_GRAPH_CACHE="1",
-               TORCHINDUCTOR_AUTOGRAD_CACHE="1", PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "bench")]))
+               TORCHINDUCTOR_AUTOGRAD_CACHE="1", TRITON_CACHE_DIR=str(cache / "triton_fused"),
+               PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "bench")]))
     if ctx.dry:
         env["OMP_NUM_THREADS"] = "1"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--compile-worker", "--device", str(ctx.device),
@@ -282,18 +357,25 @@ def step_compile(ctx: Context) -> list[Row]:
     if ctx.dry:
         cmd.append("--no-compile")  # the plumbing only: inductor on a busy CPU takes minutes
     rows = []
-    for label in ("cold cache", "warm cache (new process)"):
-        limit = max(10.0, min(240.0, ctx.left() - 5))
-        t0 = time.perf_counter()
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=limit)
-        wall = time.perf_counter() - t0
-        if out.returncode != 0:
-            rows.append([f"torch.compile refiner, {label}", f"failed: {out.stderr.strip().splitlines()[-1:]}"])
-            continue
-        res = json.loads(out.stdout.strip().splitlines()[-1])
-        what = "eager (dry run)" if ctx.dry else "torch.compile fp16 channels_last"
-        rows.append([f"{what}, {label}: first call s / process wall s", f"{res['first_call_s']:.1f} / {wall:.1f}"])
-        rows.append([f"{what}, {label}: refiner ms best / median", f"{res['best_ms']:.2f} / {res['median_ms']:.2f}"])
+    variants = [("eager (dry run)" if ctx.dry else "torch.compile fp16 channels_last", [])]
+    if ctx.triton:
+        variants.append(("fused Triton fp32" + (" (interpreter)" if ctx.dry else ""), ["--triton"]))
+    else:
+        rows.append(["fused Triton fp32", "skipped (Triton not available)"])
+    for what, extra in variants:
+        for label in ("cold cache", "warm cache (new process)"):
+            limit = max(10.0, min(240.0, ctx.left() - 5))
+            t0 = time.perf_counter()
+            out = subprocess.run(cmd + extra, env=env, capture_output=True, text=True, timeout=limit)
+            wall = time.perf_counter() - t0
+            if out.returncode != 0:
+                rows.append([f"{what}, {label}", f"failed: {out.stderr.strip().splitlines()[-1:]}"])
+                continue
+            res = json.loads(out.stdout.strip().splitlines()[-1])
+            rows.append([f"{what}, {label}: first call s / process wall s",
+                         f"{res['first_call_s']:.1f} / {wall:.1f}"])
+            rows.append([f"{what}, {label}: refiner ms best / median",
+                         f"{res['best_ms']:.2f} / {res['median_ms']:.2f}"])
     rows.append(["inductor cache", str(cache)])
     return rows
 
@@ -384,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="do not append to BENCHMARKS.md")
     parser.add_argument("--compile-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-compile", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--triton", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     parser.add_argument("--worker-size", type=int, nargs=2, default=(1080, 1920), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -397,6 +480,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown steps {unknown}; choose from {','.join(STEPS)}")
     if args.dry_run:
         torch.set_num_threads(1)  # small tensors; shared CPUs stall with more threads
+        # The fused refiner's kernels through Triton's interpreter (read when they are built).
+        os.environ["TRITON_INTERPRET"] = "1"
     ctx = Context(args)
     results: dict[str, list[Row]] = {}
     failed = []

@@ -1,7 +1,8 @@
 """bench/gpu_speed.py (issue 16's GPU measurements) runs end to end with --dry-run on
-the CPU, and its whole-frame CUDA-graph candidate (bench/static_frame.py) renders what
-model.render renders: on the CPU through the torch reference, on a GPU also replayed
-from the graph (skipped without one)."""
+the CPU (the fused Triton refiner under Triton's interpreter), and its whole-frame
+CUDA-graph candidate (bench/static_frame.py) renders what model.render renders: on the
+CPU through the torch reference, on a GPU also replayed from the graph (skipped without
+one)."""
 
 from __future__ import annotations
 
@@ -42,6 +43,13 @@ def test_gpu_speed_dry_run_runs_every_step_and_writes_nothing(tmp_path):
     assert float(values["static frame fp32: max |frame - model.render|"]) < 1e-4
     assert 0 <= float(values["max |bounded - exact| at roll 45 (an approximation)"]) < 0.5
     assert "skipped" in values["fp32, CUDA graph"]
+    # The fused Triton refiner (under Triton's interpreter here) matches the torch one.
+    assert values["fused Triton refiner"].startswith("interpreter")
+    assert float(values["max |fused Triton - torch| refiner fp32"]) < 1e-4
+    for label in ("roll 0", "roll 45 (tiled)"):
+        assert float(values[f"max |fused Triton - torch refiner| model.render fp32, {label}"]) < 1e-4
+    assert "skipped" in values["fp32, fused Triton, CUDA graph"]
+    assert "fused Triton fp32 (interpreter), warm cache (new process): refiner ms best / median" in values
     assert benchmarks.read_bytes() == before
 
 
