@@ -17,6 +17,7 @@ import pickle
 import re
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -352,3 +353,29 @@ class EpochAndLastCheckpoint(pl.Callback):
             log.warning("interrupted (%s): saved %s at step %d", name, self.last_path, trainer.global_step)
         except Exception as exc:  # noqa: BLE001 - the original error matters more
             log.error("could not save %s after %s: %s", self.last_path, name, exc)
+
+
+class TrainTimeLimit(pl.Callback):
+    """``trainer.max_minutes``: ends training like ``max_steps`` does (the epoch ends, so
+    :class:`EpochAndLastCheckpoint` writes last.ckpt, exit status 0) once this process has
+    trained for ``seconds``. Unlike Lightning's ``max_time`` it keeps no state in the
+    checkpoint: a resumed run gets the whole budget again, which is what a per-call backstop
+    (``stage``) needs."""
+
+    def __init__(self, seconds: float):
+        if not seconds > 0:
+            raise ValueError(f"trainer.max_minutes must be > 0, got {seconds / 60.0:g}")
+        self.seconds = float(seconds)
+        self._start: float | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._start = time.monotonic()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._start is None or trainer.should_stop:
+            return
+        # rank 0's clock decides for all (DDP): processes that stop at different steps hang
+        if trainer.strategy.broadcast(time.monotonic() - self._start >= self.seconds):
+            log.warning("trainer.max_minutes: %.1f min of training reached at step %d, stopping",
+                        self.seconds / 60.0, trainer.global_step)
+            trainer.should_stop = True

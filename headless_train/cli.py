@@ -81,6 +81,7 @@ def _run(cfg: DictConfig, run_dir: str) -> dict | None:
         EXIT_SIGTERM,
         AtomicCheckpointIO,
         EpochAndLastCheckpoint,
+        TrainTimeLimit,
         check_compatible,
         load_checkpoint_file,
     )
@@ -141,10 +142,13 @@ def _run(cfg: DictConfig, run_dir: str) -> dict | None:
         tcfg["reload_dataloaders_every_n_epochs"] = 1
     saver = EpochAndLastCheckpoint(ckpt_dir, int(cfg.trainer.last_checkpoint_every_n_steps or 0),
                                    cfg.trainer.keep_epoch_checkpoints)
+    callbacks: list[pl.Callback] = [saver]
+    if tcfg.get("max_minutes") is not None:
+        callbacks.append(TrainTimeLimit(float(tcfg["max_minutes"]) * 60.0))
     trainer = pl.Trainer(
         default_root_dir=run_dir,
         logger=TensorBoardLogger(save_dir=run_dir, name="", version="tensorboard"),
-        callbacks=[saver],
+        callbacks=callbacks,
         plugins=[AtomicCheckpointIO()],
         **trainer_kwargs(tcfg, name),
     )
@@ -256,6 +260,10 @@ def main(argv: list[str] | None = None) -> None:
     otherwise Hydra (the published ``train_net.py`` command lines)."""
     import importlib
 
+    from .lifeline import tie_to_parent_from_env
+
+    # Started by `stage` (or another supervisor): a parent that dies, however, stops this run.
+    tie_to_parent_from_env()
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in SUBCOMMANDS:
         module = importlib.import_module(SUBCOMMANDS[argv[0]][0])

@@ -8,6 +8,12 @@ inputs), that writes new weights and their card back.
 - Training stops after ``--minutes`` (SIGTERM: the trainer writes last.ckpt), then the
   checkpoint is exported (fp16) to ``<work>/npbgpp_sphere_stage.safetensors`` with a card
   (steps, seconds, machine, corpus, overrides) and ``<work>/stage.json`` records the call.
+- The training child never outlives the stage (:func:`run_child`): SIGTERM, SIGINT or SIGHUP
+  to the stage reaches it as one SIGTERM; the stage waits for last.ckpt, exports and records
+  the call (``stopped_by``) and exits 128 + the signal. A stage killed outright (SIGKILL)
+  stops its child through :mod:`headless_train.lifeline` (the child still writes last.ckpt);
+  the next call records those steps as ``unrecorded_steps``. The child also stops by itself
+  after ``--minutes`` plus a margin (``trainer.max_minutes``).
 - The corpus may mix layouts: every scene folder is read in the format detected from its
   files (``datasets.format=null``), e.g. Blender renders beside photo captures prepared with
   ``python -m headless_train prepare-capture --orient z-up`` (rotated so that one
@@ -35,6 +41,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
@@ -120,6 +127,8 @@ def train_overrides(args: argparse.Namespace, run_dir: str, seed: str | None, re
         f"dataloader.batch_size={1 if args.dry_run else args.batch}",
         f"dataloader.num_workers={0 if args.dry_run else args.workers}",
         f"trainer.gpus={args.gpus if gpu else 0}", "trainer.max_epochs=100000", f"trainer.max_steps={max_steps}",
+        # the child's own stop in case this stage's SIGTERM never comes (headless_train.lifeline covers a dead stage)
+        f"trainer.max_minutes={child_time_limit_minutes(args.minutes):g}",
         "trainer.limit_val_batches=0", f"trainer.last_checkpoint_every_n_steps={1 if args.dry_run else 100}",
         "trainer.keep_epoch_checkpoints=1", "trainer.enable_progress_bar=false",
         f"loss.gradient_weight={args.gradient_weight}", f"system.input_canvas={args.input_canvas}",
@@ -179,45 +188,145 @@ def run_stage(args: argparse.Namespace) -> dict[str, Any]:
     with open(log_path, "a", encoding="utf-8") as log:
         log.write(f"\n=== stage call {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}: {' '.join(cmd)}\n")
         log.flush()
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            rc = proc.wait(timeout=None if args.dry_run else args.minutes * 60)
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGTERM)  # the trainer writes last.ckpt and exits
-            try:
-                rc = proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                rc = proc.wait()
+        rc, timed_out, stopped_by = run_child(cmd, log, None if args.dry_run else args.minutes * 60, STOP_GRACE_S)
     seconds = time.time() - t0
     if not os.path.isfile(last):
-        raise StageError(f"training wrote no {last} (exit code {rc}); see {log_path}")
+        raise StageError(f"training wrote no {last} (exit code {rc}){stopped_note(stopped_by)}; see {log_path}"
+                         f"{log_tail(log_path)}")
     end_step = checkpoint_step(last)
+    # 0: max_steps or the child's own time limit; 143: the SIGTERM this call sent
+    finished = rc == 0 or (rc == EXIT_SIGTERM and (timed_out or stopped_by is not None))
+    if not finished and stopped_by is None and end_step == start_step:
+        raise StageError(f"training exited with code {rc} and took no step; see {log_path}{log_tail(log_path)}")
+    history = os.path.join(work, "stage.json")
+    calls = []
+    if os.path.isfile(history):
+        with open(history, encoding="utf-8") as f:
+            calls = json.load(f)
     info: dict[str, Any] = {
         "corpus": os.path.abspath(args.corpus), "scenes": scenes, "resumed": resume, "start_step": start_step,
         "end_step": end_step, "seconds": round(seconds, 1), "exit_code": rc, "overrides": overrides,
         "dry_run": bool(args.dry_run), "background": args.background,
         "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
+    if stopped_by is not None:
+        info["stopped_by"] = signal.Signals(stopped_by).name
+    recorded = calls[-1].get("end_step", 0) if calls else 0
+    if resume and recorded != start_step:
+        # a call killed before it could record itself (SIGKILL): its steps are in last.ckpt
+        info["unrecorded_steps"] = [recorded, start_step]
+    from npbgpp_core.atomic import atomic_write_bytes
+
     card = os.path.join(work, "card.json")
-    with open(card, "w", encoding="utf-8") as f:
-        json.dump({"stage": info}, f, indent=2)
+    atomic_write_bytes(card, json.dumps({"stage": info}, indent=2).encode("utf-8"))
     out = os.path.join(work, "npbgpp_sphere_stage.safetensors")
     from .export_weights import main as export_main
 
     if export_main(["--checkpoint", last, "--out", out, "--fp16", "--card-json", card]) != 0:
         raise StageError(f"exporting {last} failed")
     info["weights"] = out
-    from npbgpp_core.atomic import atomic_write_bytes
-
-    history = os.path.join(work, "stage.json")
-    calls = []
-    if os.path.isfile(history):
-        with open(history, encoding="utf-8") as f:
-            calls = json.load(f)
     calls.append(info)
     atomic_write_bytes(history, json.dumps(calls, indent=2).encode("utf-8"))
+    if not finished and stopped_by is None:
+        raise StageError(f"training exited with code {rc} at step {end_step} (recorded in {history}); see "
+                         f"{log_path}{log_tail(log_path)}")
     return info
+
+
+# Exit status of a trainer stopped by SIGTERM (headless_train.checkpoints.EXIT_SIGTERM).
+EXIT_SIGTERM = 143
+# How long the child may take to write last.ckpt after SIGTERM before it is killed.
+STOP_GRACE_S = 120.0
+# Signals that stop a stage: each is passed on to the training child as one SIGTERM.
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, n))
+
+
+def child_time_limit_minutes(minutes: float) -> float:
+    """The training child's own backstop (``trainer.max_minutes``): the stage's minutes plus
+    a margin, so it only acts when the stage's SIGTERM never came (stage gone or stuck)."""
+    return minutes + max(2.0, 0.1 * minutes)
+
+
+def stopped_note(stopped_by: int | None) -> str:
+    return "" if stopped_by is None else f" after {signal.Signals(stopped_by).name}"
+
+
+def log_tail(path: str, lines: int = 15) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            tail = f.readlines()[-lines:]
+    except OSError:
+        return ""
+    return ":\n" + "".join("  | " + line for line in tail).rstrip("\n")
+
+
+def run_child(cmd: list[str], log: Any, timeout_s: float | None, grace_s: float,
+              poll_s: float = 0.5) -> tuple[int, bool, int | None]:
+    """Run the training command ``cmd`` (output to ``log``) until it exits; after
+    ``timeout_s`` send it SIGTERM (it writes last.ckpt and exits 143). Returns
+    (exit code, timed out, the signal that stopped the stage or None).
+
+    The child can never outlive this process:
+    - it runs in its own session, so a terminal's Ctrl-C or hang-up reaches only this
+      process, which passes SIGTERM / SIGINT / SIGHUP on as one SIGTERM, then waits for the
+      checkpoint (a second signal kills the child at once);
+    - it gets ``HEADLESS_TRAIN_PARENT_PID`` (:mod:`headless_train.lifeline`): if this process
+      is killed outright (SIGKILL), the child receives SIGTERM from the kernel (Linux) or its
+      own watchdog;
+    - a child that does not exit ``grace_s`` after its SIGTERM is killed (checkpoints are
+      written atomically, so the previous last.ckpt stays intact).
+    Signal handlers are installed only in the main thread (elsewhere Python cannot), and not
+    for a signal this process was started ignoring (``nohup`` ignores SIGHUP)."""
+    from .lifeline import PARENT_ENV
+
+    env = dict(os.environ, **{PARENT_ENV: str(os.getpid())})
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    received: list[int] = []
+    term_sent_at: list[float] = []
+
+    def stop(kill: bool = False) -> None:
+        if kill:
+            proc.kill()
+        elif not term_sent_at:
+            proc.send_signal(signal.SIGTERM)  # the trainer writes last.ckpt and exits
+            term_sent_at.append(time.monotonic())
+
+    def on_signal(signum: int, frame: Any) -> None:
+        received.append(signum)
+        stop(kill=len(received) > 1)
+
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for s in STOP_SIGNALS:
+            if signal.getsignal(s) is not signal.SIG_IGN:  # `nohup` / a background job keeps ignoring it
+                previous[s] = signal.signal(s, on_signal)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    timed_out = False
+    try:
+        while True:
+            try:
+                rc = proc.wait(timeout=poll_s)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            now = time.monotonic()
+            if deadline is not None and now >= deadline and not term_sent_at:
+                timed_out = True
+                stop()
+            if term_sent_at and now - term_sent_at[0] > grace_s:
+                stop(kill=True)
+    finally:
+        # Also on an error in this loop: the child must not run on unsupervised.
+        if proc.poll() is None:
+            stop()
+            try:
+                proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return rc, timed_out, (received[0] if received else None)
 
 
 def machine() -> str:
@@ -320,8 +429,21 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         info = run_stage(parse_args(argv))
     except StageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        say(f"error: {exc}", sys.stderr)
         return 2
-    print(f"stage: steps {info['start_step']} -> {info['end_step']} in {info['seconds']:.0f} s; "
-          f"weights {info['weights']}")
+    if "stopped_by" in info:
+        name = info["stopped_by"]
+        say(f"stage stopped by {name}: steps {info['start_step']} -> {info['end_step']} saved in last.ckpt, weights "
+            f"{info['weights']}, call recorded in stage.json; run the same command again to continue", sys.stderr)
+        return 128 + int(getattr(signal, name))
+    say(f"stage: steps {info['start_step']} -> {info['end_step']} in {info['seconds']:.0f} s; "
+        f"weights {info['weights']}", sys.stdout)
     return 0
+
+
+def say(text: str, stream: Any) -> None:
+    """Print, ignoring a terminal that is gone (the stage may be ending because it closed)."""
+    try:
+        print(text, file=stream, flush=True)
+    except OSError:
+        pass

@@ -1,0 +1,341 @@
+"""The training child of ``python -m headless_train stage`` never outlives the stage (issue
+#11): a killed stage (SIGKILL) stops its child, which still writes last.ckpt; SIGTERM to the
+stage is passed on, the stage records the call and exits 143, and the next call resumes; the
+child's own backstops (parent watchdog, ``trainer.max_minutes``) stop a run whose parent is
+gone. Real processes on tiny scenes; every wait is a bounded poll, no timing is asserted
+beyond "ends within a generous bound"."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from _train_fixtures import make_dataset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+BOUND_S = 180.0  # generous: a loaded 2-core machine; a healthy run takes seconds
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie nobody reaped yet counts as ended)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+
+def wait_for(condition, what: str, bound: float = BOUND_S, log: str | None = None) -> None:
+    end = time.monotonic() + bound
+    while time.monotonic() < end:
+        if condition():
+            return
+        time.sleep(0.2)
+    tail = open(log, encoding="utf-8", errors="replace").read()[-3000:] if log and os.path.isfile(log) else ""
+    pytest.fail(f"{what} not within {bound:.0f} s\n{tail}")
+
+
+def step_of(path: str) -> int:
+    return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
+
+
+def lock_pid(run_dir: str) -> int | None:
+    """The training child's pid, from the run folder's lock (headless_train.runlock)."""
+    try:
+        with open(os.path.join(run_dir, "run.lock"), encoding="utf-8") as f:
+            first = f.read().split()
+    except OSError:
+        return None
+    return int(first[0]) if first and first[0].isdigit() else None
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> str:
+    return make_dataset(str(tmp_path_factory.mktemp("lifeline")), ("s1",), views=5, size=24, n_points=150)
+
+
+def default_signals() -> None:
+    # A job started in the background inherits SIGINT as ignored, which the stage respects:
+    # give it the dispositions a terminal's foreground job has.
+    for s in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(s, signal.SIG_DFL)
+
+
+def start_endless_stage(corpus: str, work: str) -> subprocess.Popen:
+    """A dry-run stage whose child would train ~forever (last.ckpt after every step)."""
+    return subprocess.Popen([sys.executable, "-m", "headless_train", "stage", "--corpus", corpus, "--work", work,
+                             "--dry-run", "--dry-steps", "1000000"], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=default_signals)
+
+
+def wait_for_training(stage: subprocess.Popen, work: str) -> tuple[int, str]:
+    """Wait until the child has written a last.ckpt; returns (child pid, last.ckpt path)."""
+    run_dir = os.path.join(work, "run")
+    last = os.path.join(run_dir, "checkpoints", "last.ckpt")
+    log = os.path.join(work, "train.log")
+    wait_for(lambda: os.path.isfile(last) or stage.poll() is not None, "a first last.ckpt", log=log)
+    assert stage.poll() is None, stage.communicate()[1][-3000:]
+    child = lock_pid(run_dir)
+    assert child is not None and child != stage.pid and alive(child)
+    return child, last
+
+
+def test_stopped_then_killed_stage_saves_each_time_and_the_next_call_resumes(corpus, tmp_path):
+    """(1) SIGTERM to the stage: passed on, last.ckpt written, the call recorded, exit 143.
+    (2) SIGKILL to the next stage: its child stops by itself (parent-death signal) and still
+    writes last.ckpt. (3) A third call resumes from there and records the steps (2) could not."""
+    from headless_train.stage import main
+    from npbgpp_core.pretrained import read_weights
+
+    work = str(tmp_path / "stage")
+    log = os.path.join(work, "train.log")
+    stage = start_endless_stage(corpus, work)
+    try:
+        child, last = wait_for_training(stage, work)
+        os.kill(stage.pid, signal.SIGTERM)
+        _, err = stage.communicate(timeout=BOUND_S)
+    finally:
+        stop_own(stage, work)
+    assert stage.returncode == 143, err[-3000:]  # 128 + SIGTERM: not success
+    assert "stage stopped by SIGTERM" in err and "run the same command again" in err
+    assert not alive(child)
+    assert open(log, encoding="utf-8").read().count("interrupted (SIGTERMException): saved") == 1
+    calls = json.load(open(os.path.join(work, "stage.json")))
+    assert len(calls) == 1
+    first = calls[0]
+    assert first["stopped_by"] == "SIGTERM" and first["exit_code"] == 143 and first["start_step"] == 0
+    assert first["end_step"] == step_of(last) >= 1  # the record matches the checkpoint on disk
+    wf = read_weights(os.path.join(work, "npbgpp_sphere_stage.safetensors"), "npbgpp")
+    assert wf.card["stage"]["end_step"] == first["end_step"]
+    assert not [f for f in os.listdir(os.path.dirname(last)) if f.endswith(".tmp")]  # nothing half-written
+
+    stage = start_endless_stage(corpus, work)
+    try:
+        wait_for(lambda: stage.poll() is not None or step_of(last) > first["end_step"], "the resumed run's step",
+                 log=log)
+        child, _ = wait_for_training(stage, work)
+        os.kill(stage.pid, signal.SIGKILL)
+        stage.wait(timeout=30)
+        wait_for(lambda: not alive(child), "the orphaned training child's exit", log=log)
+    finally:
+        stop_own(stage, work)
+    assert open(log, encoding="utf-8").read().count("interrupted (SIGTERMException): saved") == 2
+    killed_at = step_of(last)
+    assert killed_at > first["end_step"]
+    assert len(json.load(open(os.path.join(work, "stage.json")))) == 1  # the killed stage recorded nothing
+
+    assert main(["--corpus", corpus, "--work", work, "--dry-run", "--dry-steps", "1"]) == 0
+    calls = json.load(open(os.path.join(work, "stage.json")))
+    assert [(c["resumed"], c["start_step"], c["end_step"]) for c in calls][1] == (True, killed_at, killed_at + 1)
+    assert calls[1]["unrecorded_steps"] == [first["end_step"], killed_at]
+    assert "stopped_by" not in calls[1]
+
+
+def stop_own(stage: subprocess.Popen, work: str) -> None:
+    """Cleanup after a failed test: kill only this test's stage and its child (found by the
+    lock in this test's own temporary folder)."""
+    if stage.poll() is None:
+        stage.kill()
+        stage.wait()
+    child = lock_pid(os.path.join(work, "run"))
+    if child is not None and child != os.getpid() and alive(child):
+        with open(f"/proc/{child}/cmdline", "rb") as f:
+            mine = work.encode() in f.read()
+        if mine:
+            os.kill(child, signal.SIGKILL)
+
+
+# A stand-in for the training child: reports its pid, answers SIGTERM like the trainer
+# (a line in a file, exit 143), or ignores it (a stuck trainer).
+FAKE_CHILD = """
+import os, signal, sys, time
+folder, mode = sys.argv[1], sys.argv[2]
+def on_term(signum, frame):
+    with open(os.path.join(folder, "terms"), "a") as f:
+        f.write("TERM\\n")
+    if mode == "obey":
+        sys.exit(143)
+signal.signal(signal.SIGTERM, on_term)
+open(os.path.join(folder, "child.pid"), "w").write(str(os.getpid()))
+time.sleep(600)
+"""
+
+DRIVER = """
+import sys
+from headless_train.stage import run_child
+folder, mode, timeout, grace = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
+with open(folder + "/child.log", "a") as log:
+    rc, timed_out, stopped = run_child([sys.executable, "-c", sys.argv[5], folder, mode], log,
+                                       timeout if timeout > 0 else None, grace, poll_s=0.1)
+print(rc, timed_out, stopped)
+"""
+
+
+def drive(tmp_path, mode: str, timeout: float, grace: float, signals: tuple[int, ...] = ()) -> tuple[str, list[str]]:
+    """Run run_child (in a process of its own, as the stage does) over FAKE_CHILD, send it
+    ``signals`` once the child runs; returns (its printed result, the child's SIGTERM log)."""
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(tmp_path), mode, str(timeout), str(grace),
+                               FAKE_CHILD], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True,
+                              start_new_session=True, preexec_fn=default_signals)
+    pid_file = tmp_path / "child.pid"
+    child = None
+    try:
+        wait_for(lambda: pid_file.exists() and pid_file.read_text().isdigit(), "the fake child's start", bound=60)
+        child = int(pid_file.read_text())
+        for signum in signals:
+            os.kill(driver.pid, signum)
+            time.sleep(0.3)
+        out, _ = driver.communicate(timeout=60)
+        assert not alive(child)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+        if child is not None and alive(child):
+            os.kill(child, signal.SIGKILL)
+    terms = tmp_path / "terms"
+    return out.strip(), terms.read_text().split() if terms.exists() else []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name)
+def test_stop_signals_reach_the_child_as_one_sigterm(tmp_path, signum):
+    out, terms = drive(tmp_path, "obey", 0, 60, (signum,))
+    assert out == f"143 False {int(signum)}" and terms == ["TERM"]
+
+
+def test_the_time_limit_sends_sigterm(tmp_path):
+    out, terms = drive(tmp_path, "obey", 0.5, 60)
+    assert out == "143 True None" and terms == ["TERM"]
+
+
+def test_a_child_that_ignores_sigterm_is_killed_after_the_grace_time(tmp_path):
+    out, terms = drive(tmp_path, "ignore", 0.5, 1.0)
+    assert out == f"{-signal.SIGKILL} True None" and terms == ["TERM"]
+
+
+def test_a_second_signal_kills_the_child_at_once(tmp_path):
+    out, terms = drive(tmp_path, "ignore", 0, 600, (signal.SIGINT, signal.SIGINT))
+    assert out == f"{-signal.SIGKILL} False {int(signal.SIGINT)}" and terms == ["TERM"]
+
+
+def test_parent_watchdog_without_pdeathsig_stops_an_orphan(tmp_path):
+    """The portable fallback alone (no prctl): a middle process starts a grandchild tied to
+    it, then dies by SIGKILL; the grandchild's watchdog SIGTERMs it."""
+    marker = tmp_path / "grandchild.pid"
+    grandchild = textwrap.dedent(f"""
+        import os, sys, time
+        from headless_train.lifeline import tie_to_parent
+        assert tie_to_parent(int(sys.argv[1]), grace_s=60, poll_s=0.2, use_pdeathsig=False) is False
+        open({str(marker)!r}, "w").write(str(os.getpid()))
+        time.sleep(600)
+    """)
+    middle = textwrap.dedent(f"""
+        import os, subprocess, sys, time
+        subprocess.Popen([sys.executable, "-c", {grandchild!r}, str(os.getpid())])
+        time.sleep(600)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", middle], cwd=ROOT, env=ENV, start_new_session=True)
+    pid = None
+    try:
+        wait_for(lambda: marker.exists() and marker.read_text().isdigit(), "the grandchild's start", bound=60)
+        pid = int(marker.read_text())
+        assert alive(pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        wait_for(lambda: not alive(pid), "the orphan's exit", bound=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if pid is not None and alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_parent_watchdog_hard_exit_when_sigterm_is_ignored(tmp_path):
+    """A child that does not stop on SIGTERM (stuck) ends after the grace period anyway."""
+    marker = tmp_path / "stuck.pid"
+    stuck = textwrap.dedent(f"""
+        import os, signal, sys, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        from headless_train.lifeline import tie_to_parent
+        tie_to_parent(int(sys.argv[1]), grace_s=1.0, poll_s=0.2)
+        open({str(marker)!r}, "w").write(str(os.getpid()))
+        time.sleep(600)
+    """)
+    middle = textwrap.dedent(f"""
+        import os, subprocess, sys, time
+        subprocess.Popen([sys.executable, "-c", {stuck!r}, str(os.getpid())])
+        time.sleep(600)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", middle], cwd=ROOT, env=ENV, start_new_session=True)
+    pid = None
+    try:
+        wait_for(lambda: marker.exists() and marker.read_text().isdigit(), "the stuck child's start", bound=60)
+        pid = int(marker.read_text())
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        wait_for(lambda: not alive(pid), "the stuck orphan's hard exit", bound=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if pid is not None and alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_parent_already_gone_stops_at_once(tmp_path):
+    code = "from headless_train.lifeline import tie_to_parent; import time; tie_to_parent(1); time.sleep(600)"
+    # pid 1 is never this process's parent here (its parent is the test)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, timeout=60)
+    assert proc.returncode == -signal.SIGTERM
+
+
+def test_parent_pid_env_is_checked_and_not_inherited(monkeypatch):
+    from headless_train import lifeline
+
+    tied: list[int] = []
+    monkeypatch.setattr(lifeline, "tie_to_parent", lambda pid, **kw: tied.append(pid))
+    env = {lifeline.PARENT_ENV: str(os.getppid())}
+    assert lifeline.tie_to_parent_from_env(env) == os.getppid() and tied == [os.getppid()]
+    assert lifeline.PARENT_ENV not in env  # DDP ranks / workers started from here do not watch it
+    assert lifeline.tie_to_parent_from_env({}) is None
+    with pytest.raises(ValueError, match="HEADLESS_TRAIN_PARENT_PID must be a process id, got 'x1'"):
+        lifeline.tie_to_parent_from_env({lifeline.PARENT_ENV: "x1"})
+
+
+def test_max_minutes_stops_training_and_writes_last_ckpt(corpus, tmp_path):
+    """The child's own backstop: an endless run with trainer.max_minutes ends by itself
+    (exit 0) and leaves a last.ckpt a resume can use."""
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "headless_train", f"hydra.run.dir={run}", "datasets=nerf_blender_pretrain",
+         f"datasets.data_root={corpus}", "datasets.train_image_size=16", "datasets.train_num_samples=1000000",
+         "dataloader=small", "trainer.enable_progress_bar=false", "trainer.limit_val_batches=0",
+         f"system.descriptors_save_dir={tmp_path}/d", "trainer.max_minutes=0.02"],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=BOUND_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert "trainer.max_minutes: 0.0 min of training reached" in out, out[-3000:]
+    last = run / "checkpoints" / "last.ckpt"
+    assert step_of(str(last)) >= 1
+
+
+def test_max_minutes_rejects_non_positive():
+    from headless_train.checkpoints import TrainTimeLimit
+
+    with pytest.raises(ValueError, match="trainer.max_minutes must be > 0"):
+        TrainTimeLimit(0.0)
