@@ -2,7 +2,10 @@
 
 For every scene folder (any ``load_scene`` format) the held-out views are the scene's test
 split, or every 8th view when it has none; every other view is an input view
-(aggregation, fitting, baselines). Per scene and on average it reports PSNR / SSIM of
+(aggregation, fitting, baselines). Per scene and on average it reports PSNR / SSIM and the
+sharpness ratio (``npbgpp_core.metrics.sharpness_ratio``: RMS image gradient of the
+rendering over the photo's, all pixels; 1 = as sharp as the photo, < 1 blurrier, > 1
+noisier) of
 
 - ``points``: raw nearest-point colours (pixels no point reaches show the background
   colour of RGBA scenes, otherwise the input photos' mean colour);
@@ -20,7 +23,9 @@ split, or every 8th view when it has none; every other view is an input view
 
 Images are resized so their long side is at most ``--max-side`` (default 256) to keep a
 2-core CPU run short. Writes ``<out>.json`` and ``<out>.md``; ``--record`` appends the
-table to BENCHMARKS.md.
+table to BENCHMARKS.md. ``--group NAME=SCENE,SCENE`` adds a mean row over those scenes;
+``--table REPORT.json`` prints the table of an earlier report (with its groups) without
+evaluating anything.
 """
 
 from __future__ import annotations
@@ -104,6 +109,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--label", default=None, help="name of this run in tables (default: the weights file)")
     p.add_argument("--out", default=str(ROOT / "out" / "bench_quality" / "result"), help="output path stem")
     p.add_argument("--record", action="store_true", help="append the table to BENCHMARKS.md")
+    p.add_argument("--group", action="append", default=[], metavar="NAME=SCENE,SCENE",
+                   help="an extra mean row over these scenes (folder names), e.g. env=env_901,env_902 (repeatable)")
+    p.add_argument("--table", default=None, metavar="REPORT.json",
+                   help="evaluate nothing: print the table of a report this script wrote (older ones too), "
+                        "with the --group rows")
     args = p.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in args.methods if m not in METHODS]
@@ -124,6 +134,30 @@ def scene_list(args: argparse.Namespace) -> list[str]:
     if missing:
         raise QualityError(f"scene folders not found: {', '.join(missing)}")
     return folders
+
+
+def parse_groups(values: list[str]) -> dict[str, list[str]]:
+    """``--group NAME=a,b`` values -> {NAME: [a, b]}; QualityError naming a malformed one."""
+    groups: dict[str, list[str]] = {}
+    for v in values:
+        name, sep, names = v.partition("=")
+        scenes = [n.strip() for n in names.split(",") if n.strip()]
+        if not sep or not name.strip() or not scenes:
+            raise QualityError(f"--group {v!r}: expected NAME=SCENE,SCENE (scene folder names)")
+        groups[name.strip()] = scenes
+    return groups
+
+
+def group_means(report: dict[str, Any], groups: dict[str, list[str]]) -> dict[str, dict[str, Any]]:
+    """Per group: the scenes of the report it covers, the ones it lacks, and their means
+    (:func:`averages`)."""
+    by_name = {s["scene"]: s for s in report["scenes"]}
+    out = {}
+    for name, scenes in groups.items():
+        present = [n for n in scenes if n in by_name]
+        out[name] = {"scenes": present, "missing": [n for n in scenes if n not in by_name],
+                     "average": averages([by_name[n] for n in present], report["methods"])}
+    return out
 
 
 def split_views(scene) -> tuple[list[int], list[int]]:
@@ -164,7 +198,7 @@ def evaluate_scene(folder: str, args: argparse.Namespace, weights: dict[str, str
 
     from npbgpp_core.datasets import load_scene, scene_domain
     from npbgpp_core.fitting import FitViews, fit_coefficients, fit_npbg
-    from npbgpp_core.metrics import psnr, ssim
+    from npbgpp_core.metrics import mean_finite, psnr, sharpness_ratio, ssim
     from npbgpp_core.models.alignment import resolve_world_up
     from npbgpp_core.pretrained import default_weights_path, load_pretrained_npbg_refiner, load_pretrained_npbgpp
 
@@ -197,11 +231,12 @@ def evaluate_scene(folder: str, args: argparse.Namespace, weights: dict[str, str
     rgba = any(v.mask_from_alpha for v in scene.views) and scene.background is not None
     fill = torch.tensor(scene.background, dtype=torch.float32) if rgba else mean_rgb
 
-    def scores(preds: list) -> dict[str, float]:
-        rows = [(float(psnr(p.clamp(0, 1), g)[0]), float(ssim(p.clamp(0, 1), g)[0]))
-                for p, g in zip(preds, gts, strict=True)]
+    def scores(preds: list) -> dict[str, Any]:
+        rows = [(float(psnr(p.clamp(0, 1), g)[0]), float(ssim(p.clamp(0, 1), g)[0]),
+                 float(sharpness_ratio(p.clamp(0, 1), g)[0])) for p, g in zip(preds, gts, strict=True)]
+        # sharpness: None when every held-out photo is flat (the ratio is undefined)
         return {"psnr": sum(r[0] for r in rows) / len(rows), "ssim": sum(r[1] for r in rows) / len(rows),
-                "psnr_views": [r[0] for r in rows]}
+                "sharpness": mean_finite([r[2] for r in rows]), "psnr_views": [r[0] for r in rows]}
 
     result: dict[str, Any] = {
         "scene": os.path.basename(os.path.normpath(folder)), "folder": os.path.abspath(folder),
@@ -270,23 +305,30 @@ def evaluate_scene(folder: str, args: argparse.Namespace, weights: dict[str, str
     return result
 
 
-def averages(scenes: list[dict[str, Any]], methods: list[str]) -> dict[str, dict[str, float]]:
-    """Mean PSNR / SSIM (and fit seconds) per method over the scenes that have it."""
-    out: dict[str, dict[str, float]] = {}
+def averages(scenes: list[dict[str, Any]], methods: list[str]) -> dict[str, dict[str, Any]]:
+    """Mean PSNR / SSIM / sharpness (and fit seconds) per method over the scenes that have
+    it. Reports written before the sharpness column read too (their means have none)."""
+    from npbgpp_core.metrics import mean_finite
+
+    out: dict[str, dict[str, Any]] = {}
     for meth in methods:
         rows = [s["methods"][meth] for s in scenes if "psnr" in s["methods"].get(meth, {})]
         if not rows:
             continue
         out[meth] = {"psnr": sum(r["psnr"] for r in rows) / len(rows),
                      "ssim": sum(r["ssim"] for r in rows) / len(rows), "scenes": len(rows)}
+        sharp = mean_finite([r.get("sharpness") for r in rows])
+        if sharp is not None:
+            out[meth]["sharpness"] = sharp
         if all("fit_s" in r for r in rows):
             out[meth]["fit_s"] = sum(r["fit_s"] for r in rows) / len(rows)
     return out
 
 
 def markdown(report: dict[str, Any]) -> str:
-    """Per-scene PSNR/SSIM table, one column per method, and the average row (with the
-    NPBG++ weights file of each scene when the scenes did not all use the same one)."""
+    """Per-scene table, one column per method (PSNR / SSIM / sharpness ratio, the last left
+    out for reports that have none), and the average row (with the NPBG++ weights file of
+    each scene when the scenes did not all use the same one)."""
     methods = [m for m in report["methods"] if m in report["average"]]
     files = [os.path.basename(s.get("weights", "")).removesuffix(".safetensors") for s in report["scenes"]]
     per_scene = len(set(files)) > 1 or any(s.get("domain") for s in report["scenes"])
@@ -297,6 +339,8 @@ def markdown(report: dict[str, Any]) -> str:
         if not r or "psnr" not in r:
             return "-"
         text = f"{r['psnr']:.2f} / {r['ssim']:.3f}"
+        if r.get("sharpness") is not None:
+            text += f" / {r['sharpness']:.2f}"
         return text + (f" ({r['fit_s']:.0f} s)" if "fit_s" in r else "")
 
     for s, f in zip(report["scenes"], files, strict=True):
@@ -306,7 +350,28 @@ def markdown(report: dict[str, Any]) -> str:
     avg = report["average"]
     lines.append("| " + " | ".join([f"**mean of {len(report['scenes'])}**", "", *([""] if per_scene else []),
                                     *[cell(avg.get(m)) for m in methods]]) + " |")
+    for name, g in report.get("groups", {}).items():
+        what = f"**mean {name}** ({len(g['scenes'])}" + (f" of {len(g['scenes']) + len(g['missing'])})"
+                                                           if g["missing"] else ")")
+        lines.append("| " + " | ".join([what, "", *([""] if per_scene else []),
+                                        *[cell(g["average"].get(m)) for m in methods]]) + " |")
     return "\n".join(lines)
+
+
+def retabulate(path: str, groups: dict[str, list[str]]) -> str:
+    """The table of a report file, means recomputed (reports from before the sharpness
+    column have none, and show PSNR / SSIM only), with the group rows."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            report = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise QualityError(f"cannot read report {path}: {exc}") from exc
+    if not isinstance(report, dict) or not isinstance(report.get("scenes"), list):
+        raise QualityError(f"{path}: not a bench_quality report (no 'scenes' list)")
+    report.setdefault("methods", list(METHODS))
+    report["average"] = averages(report["scenes"], report["methods"])
+    report["groups"] = group_means(report, groups)
+    return markdown(report)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -317,6 +382,10 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(max(1, args.threads))
     try:
+        groups = parse_groups(args.group)
+        if args.table:
+            print(retabulate(args.table, groups))
+            return 0
         folders = scene_list(args)
         check_fit_options(args)
     except QualityError as exc:
@@ -341,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "pc_name": args.pc_name,
         "fit_options": fit_options(args),
     }
+    report["groups"] = group_means(report, groups)
     from npbgpp_core.atomic import atomic_write_bytes
 
     table = markdown(report)
@@ -348,7 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     for suffix, text in ((".json", json.dumps(report, indent=2)), (".md", table + "\n")):
         atomic_write_bytes(out.with_name(out.name + suffix), text.encode("utf-8"))
-    print(f"\n{label}: PSNR dB / SSIM on held-out views (long side {args.max_side} px, fits {args.steps} steps)")
+    print(f"\n{label}: PSNR dB / SSIM / sharpness ratio on held-out views (long side {args.max_side} px, "
+          f"fits {args.steps} steps)")
     print(table)
     print(f"wrote {out}.json and {out}.md ({report['seconds']:.0f} s)")
     if args.record:
@@ -358,7 +429,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['scene']} {os.path.basename(r['weights'])}" for r in scenes if r.get("weights"))
         notes = [f"weights: {label} ({used})", f"long side {args.max_side} px, fits {args.steps} "
                  f"steps at {args.crop}^2 crops, torch threads {torch.get_num_threads()}",
-                 "PSNR dB / SSIM on held-out views (test split or every 8th view); (s) = fitting seconds"]
+                 "PSNR dB / SSIM / sharpness on held-out views (test split or every 8th view); sharpness = RMS "
+                 "image gradient of the rendering / of the photo (npbgpp_core.metrics.sharpness_ratio: 1 = as "
+                 "sharp as the photo, < 1 blurrier, > 1 noisier); (s) = fitting seconds"]
         if fit_options(args):
             notes.append("coefficients_ft options: " + ", ".join(f"{k}={v}" for k, v in fit_options(args).items()))
         if args.pc_name:

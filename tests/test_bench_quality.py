@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,19 +46,81 @@ def test_baselines_match_hand_computed_psnr(tmp_path):
     assert math.isclose(r["methods"]["mean_color"]["psnr"], -10 * math.log10(mse_color), rel_tol=1e-4)
     assert math.isclose(r["methods"]["mean_image"]["psnr"], -10 * math.log10(mse_image), rel_tol=1e-4)
     assert r["methods"]["points"]["psnr"] > 0 and r["held_out_views"] == 1 and r["input_views"] == 5
+    # sharpness: a constant image has no gradient; the mean image's ratio is its own RMS
+    # gradient over the photo's, computed here from the same pixels
+    assert r["methods"]["mean_color"]["sharpness"] == 0.0
+    mean_image = ims.mean(0)
+    by_hand = math.sqrt(brute_energy(mean_image) / brute_energy(gt))
+    assert math.isclose(r["methods"]["mean_image"]["sharpness"], by_hand, rel_tol=1e-4)
+    assert r["methods"]["mean_image"]["sharpness"] < 1.0  # an average of other views is blurry
+
+
+def brute_energy(image: torch.Tensor) -> float:
+    """Mean squared neighbour difference (horizontal and vertical pairs together)."""
+    x = image.double()
+    dx, dy = x[:, :, 1:] - x[:, :, :-1], x[:, 1:, :] - x[:, :-1, :]
+    return float((dx.pow(2).sum() + dy.pow(2).sum()) / (dx.numel() + dy.numel()))
+
+
+def test_reports_without_sharpness_still_average_and_tabulate():
+    """JSON written before the sharpness column: means and the table still come out."""
+    from bench.bench_quality import averages, markdown
+
+    old = {"methods": ["npbgpp"], "scenes": [
+        {"scene": "a", "input_views": 5, "held_out_views": 1, "methods": {"npbgpp": {"psnr": 20.0, "ssim": 0.5}}},
+        {"scene": "b", "input_views": 5, "held_out_views": 1, "methods": {"npbgpp": {"psnr": 22.0, "ssim": 0.7}}}]}
+    old["average"] = averages(old["scenes"], old["methods"])
+    assert old["average"]["npbgpp"] == {"psnr": 21.0, "ssim": 0.6, "scenes": 2}
+    assert "| **mean of 2** |  | 21.00 / 0.600 |" in markdown(old)
+    old["scenes"][0]["methods"]["npbgpp"]["sharpness"] = 0.8
+    old["scenes"][1]["methods"]["npbgpp"]["sharpness"] = None  # flat photos: undefined
+    assert averages(old["scenes"], old["methods"])["npbgpp"]["sharpness"] == 0.8
+
+
+def test_group_rows_and_retabulating_an_old_report(tmp_path):
+    from bench.bench_quality import QualityError, parse_groups, retabulate
+
+    def scene(name: str, psnr: float, sharp: float | None = None) -> dict:
+        m = {"psnr": psnr, "ssim": 0.5, **({"sharpness": sharp} if sharp is not None else {})}
+        return {"scene": name, "input_views": 4, "held_out_views": 1, "methods": {"npbg": m}}
+
+    old = tmp_path / "old.json"  # as written before the sharpness column (no groups either)
+    old.write_text(json.dumps({"methods": ["npbg"], "scenes": [scene("a", 10.0), scene("b", 14.0), scene("c", 30.0)],
+                               "average": {"npbg": {"psnr": 18.0, "ssim": 0.5, "scenes": 3}}}))
+    groups = parse_groups(["ab=a,b", "cz=c,z"])
+    assert groups == {"ab": ["a", "b"], "cz": ["c", "z"]}
+    table = retabulate(str(old), groups)
+    assert "| **mean of 3** |  | 18.00 / 0.500 |" in table
+    assert "| **mean ab** (2) |  | 12.00 / 0.500 |" in table
+    assert "| **mean cz** (1 of 2) |  | 30.00 / 0.500 |" in table  # z is not in the report
+    new = tmp_path / "new.json"
+    new.write_text(json.dumps({"methods": ["npbg"], "scenes": [scene("a", 10.0, 0.5), scene("b", 14.0, 0.7)]}))
+    assert "| **mean ab** (2) |  | 12.00 / 0.500 / 0.60 |" in retabulate(str(new), groups)
+    with pytest.raises(QualityError, match="--group 'ab': expected NAME=SCENE"):
+        parse_groups(["ab"])
+    with pytest.raises(QualityError, match="cannot read report .*missing.json"):
+        retabulate(str(tmp_path / "missing.json"), {})
+    (tmp_path / "list.json").write_text("[]")
+    with pytest.raises(QualityError, match="list.json: not a bench_quality report"):
+        retabulate(str(tmp_path / "list.json"), {})
 
 
 def test_end_to_end_writes_json_and_markdown(tmp_path):
     folder = make_tiny_scene(str(tmp_path / "s"), views=6, size=32, splits=(4, 1, 1))
     out = tmp_path / "res"
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_quality.py"), "--scenes", folder,
-                           "--steps", "2", "--crop", "16", "--out", str(out)],
+                           "--steps", "2", "--crop", "16", "--out", str(out), "--group", "g=s"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     report = json.loads(out.with_suffix(".json").read_text())
     assert set(report["average"]) == {"points", "mean_color", "mean_image", "npbgpp", "coefficients_ft", "npbg"}
     assert report["scenes"][0]["methods"]["coefficients_ft"]["steps"] == 2
-    assert "| **mean of 1** |" in out.with_suffix(".md").read_text()
+    assert all(0 <= report["average"][m]["sharpness"] < 10 for m in report["average"])
+    table = out.with_suffix(".md").read_text()
+    assert "| **mean of 1** |" in table and "| **mean g** (1) |" in table
+    assert report["groups"]["g"]["average"] == report["average"] and report["groups"]["g"]["missing"] == []
+    mean_image = report["average"]["mean_image"]
+    assert f"{mean_image['psnr']:.2f} / {mean_image['ssim']:.3f} / {mean_image['sharpness']:.2f}" in table
     bad = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_quality.py"), "--scenes", str(tmp_path / "no")],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "scene folders not found" in bad.stderr

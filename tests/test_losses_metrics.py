@@ -16,7 +16,15 @@ from npbgpp_core.losses import (
     masked_l1_downsampled,
     multiscale_l1,
 )
-from npbgpp_core.metrics import MetricSuite, crop_border, mean_finite, psnr, ssim
+from npbgpp_core.metrics import (
+    MetricSuite,
+    crop_border,
+    gradient_energy,
+    mean_finite,
+    psnr,
+    sharpness_ratio,
+    ssim,
+)
 
 
 def brute_force_ssim(x: np.ndarray, y: np.ndarray, size: int = 11, sigma: float = 1.5) -> float:
@@ -163,3 +171,58 @@ def test_lpips_skipped_without_weights_and_computed_with_them(tmp_path):
     assert d1 > 0 and d1 == pytest.approx(d2, rel=1e-5)
     missing = MetricSuite.create(str(tmp_path / "vgg16.pth"), str(tmp_path / "missing.pth"))
     assert missing.lpips is None and "missing.pth" in missing.lpips_skip_reason
+
+
+# ------------------------------------------------------------------ sharpness ratio
+def brute_force_gradient_energy(x: np.ndarray) -> float:
+    """Mean of the squared differences of every pair of horizontal / vertical neighbours."""
+    squares = []
+    c, h, w = x.shape
+    for k in range(c):
+        for i in range(h):
+            for j in range(w):
+                if j + 1 < w:
+                    squares.append((x[k, i, j + 1] - x[k, i, j]) ** 2)
+                if i + 1 < h:
+                    squares.append((x[k, i + 1, j] - x[k, i, j]) ** 2)
+    return float(np.mean(squares))
+
+
+def test_sharpness_of_a_step_and_its_box_blur_hand_computed():
+    # Columns 0 0 1 1 on 4 rows: horizontal differences 0 1 0 per row (4 ones of 12),
+    # vertical ones all 0 (12): energy 4 / 24 = 1/6.
+    step = torch.tensor([0.0, 0.0, 1.0, 1.0]).expand(1, 4, 4).clone()
+    assert gradient_energy(step).item() == pytest.approx(1 / 6)
+    # A 1x3 box blur along rows (edge pixels repeated): 0 1/3 2/3 1, differences 1/3 each:
+    # energy 12 * (1/9) / 24 = 1/18. Its total variation is unchanged (still 1 per row); the
+    # ratio still drops: sqrt((1/18) / (1/6)) = sqrt(1/3).
+    padded = torch.nn.functional.pad(step[None], (1, 1, 0, 0), mode="replicate")
+    blurred = torch.nn.functional.avg_pool2d(padded, (1, 3), stride=1)[0]
+    assert torch.allclose(blurred[0, 0], torch.tensor([0.0, 1 / 3, 2 / 3, 1.0]))
+    assert gradient_energy(blurred).item() == pytest.approx(1 / 18)
+    assert sharpness_ratio(blurred, step).item() == pytest.approx(math.sqrt(1 / 3), rel=1e-6)
+
+
+def test_gradient_energy_matches_brute_force():
+    rng = np.random.default_rng(5)
+    x = rng.random((3, 7, 9))
+    assert gradient_energy(torch.from_numpy(x)).item() == pytest.approx(brute_force_gradient_energy(x), rel=1e-12)
+
+
+def test_sharpness_ratio_identical_scaled_constant_flat_blurred_noisy():
+    g = torch.Generator().manual_seed(0)
+    photo = torch.rand(2, 3, 32, 40, generator=g)
+    assert sharpness_ratio(photo, photo.clone()).tolist() == [1.0, 1.0]  # exactly
+    # linear in contrast: half the contrast around any offset is half as sharp
+    assert sharpness_ratio(0.5 * photo + 0.25, photo).tolist() == pytest.approx([0.5, 0.5], rel=1e-6)
+    assert sharpness_ratio(torch.full_like(photo, 0.3), photo).tolist() == [0.0, 0.0]
+    blurred = torch.nn.functional.avg_pool2d(torch.nn.functional.pad(photo, (1, 1, 1, 1), mode="replicate"), 3,
+                                             stride=1)
+    r_blur = sharpness_ratio(blurred, photo)
+    assert (r_blur < 0.6).all()  # a 3x3 box blur of pixel noise keeps little of its gradient
+    noisy = (photo + 0.2 * torch.randn(photo.shape, generator=g)).clamp(0, 1)
+    assert (sharpness_ratio(noisy, photo) > 1.0).all()  # noise is more high frequency, not better detail
+    flat = torch.full((3, 8, 8), 0.5)
+    assert math.isnan(sharpness_ratio(photo[0, :, :8, :8], flat).item())
+    with pytest.raises(ValueError, match="shapes differ"):
+        sharpness_ratio(photo[0], photo[1, :, :31])
