@@ -339,3 +339,17 @@ def test_max_minutes_rejects_non_positive():
 
     with pytest.raises(ValueError, match="trainer.max_minutes must be > 0"):
         TrainTimeLimit(0.0)
+
+
+def test_a_child_that_cannot_start_is_reported_with_its_log(corpus, tmp_path):
+    """The run folder is held by another run: the child exits 2 at once; the stage's error
+    names the exit code and quotes the child's own message from train.log."""
+    from headless_train.runlock import RunLock
+    from headless_train.stage import StageError, parse_args, run_stage
+
+    work = tmp_path / "stage"
+    with RunLock(str(work / "run")):
+        expected = r"(?s)training wrote no .*last.ckpt \(exit code 2\).*in use by another run"
+        with pytest.raises(StageError, match=expected):
+            run_stage(parse_args(["--corpus", corpus, "--work", str(work), "--dry-run", "--dry-steps", "1"]))
+    assert not (work / "stage.json").exists()
