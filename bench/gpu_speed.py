@@ -12,15 +12,17 @@ next step run:
                  refiner (fp32), as model.render runs them;
 3. ``frames``    model.render fp32 and fp16 autocast at roll 0, at 45 degrees (tiled refiner)
                  and at 45 degrees on the whole canvas; the tiled-vs-whole difference; the
-                 same frames with the fused Triton refiner (``refiner_impl="triton"``);
+                 same frames with the Triton refiners (``refiner_impl="triton"``: cuDNN
+                 convolutions + fused epilogues; ``"triton_conv"``: one implicit-GEMM
+                 kernel per gated block);
 4. ``refiner``   refiner variants: fp32, fp32/fp16 channels_last, CUDA graphs, and the
-                 fused Triton refiner (``Refiner.impl = "triton"``) fp32/fp16, eager and as
-                 a CUDA graph, with its difference to the torch refiner;
+                 Triton refiners (``Refiner.impl = "triton"`` / ``"triton_conv"``) fp32/fp16,
+                 eager and as a CUDA graph, with their difference to the torch refiner;
 5. ``graph``     a whole frame with static shapes (bench/static_frame.py) eager and as one
                  CUDA graph, fp32 and fp16; difference to model.render;
 6. ``compile``   torch.compile of the refiner in two fresh processes sharing an on-disk
                  inductor cache: compile time cold and warm, then ms per refiner call; the
-                 same for the Triton refiner's kernels (Triton's own on-disk cache);
+                 same for the Triton refiners' kernels (Triton's own on-disk cache);
 7. ``published`` bench/bench_published.py (published-style pipeline / ours, 512x512 and
                  1920x1080, 3M points), which appends its own section;
 8. ``viewport``  the add-on's viewport path at 1920x1080: worker render request (point
@@ -30,7 +32,8 @@ next step run:
 
 ``--dry-run`` runs the same code on the CPU with tiny sizes (GPU-only variants report
 "skipped"; the Triton kernels run under Triton's interpreter, so their rows check the
-plumbing and the values, and their times mean nothing), for tests/test_gpu_speed.py.
+plumbing and the values, and their times mean nothing; the implicit-GEMM ones, slow to
+interpret, only where their values are checked), for tests/test_gpu_speed.py.
 Results go to stdout, ``--json`` and, on a GPU without ``--no-write``, a "GPU speed
 (issue 16)" section of BENCHMARKS.md.
 """
@@ -60,6 +63,8 @@ from npbgpp_core import _backend
 from npbgpp_core.models import NPBGPlusPlus, NPBGPlusPlusConfig, refiner_triton
 
 Row = list[str]
+# Refiner implementations beside torch: (Refiner.impl, label).
+TRITON_IMPLS = (("triton", "fused Triton"), ("triton_conv", "Triton implicit GEMM"))
 
 
 def timed(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 1) -> tuple[float, float]:
@@ -155,12 +160,14 @@ def step_stages(ctx: Context) -> list[Row]:
                      fmt(timed(lambda: model.descriptors(scene, cam), dev, ctx.repeats))])
         rows.append(["gather (5 scales)", fmt(timed(lambda: [gather(i, desc) for i in local], dev, ctx.repeats))])
         rows.append(["refiner fp32", fmt(timed(lambda: model.refiner(example), dev, ctx.repeats))])
-        if ctx.triton:
-            model.refiner.impl = "triton"
+        for impl, label in TRITON_IMPLS if ctx.triton else ():
+            if ctx.dry and impl == "triton_conv":
+                continue  # slow to interpret; its values are checked in the refiner step
+            model.refiner.impl = impl
             try:
                 ctx.first_triton_call(lambda: model.refiner(example))
                 t = timed(lambda: model.refiner(example), dev, ctx.repeats)
-                rows.append(["refiner fp32, fused Triton", fmt(t)])
+                rows.append([f"refiner fp32, {label}", fmt(t)])
             finally:
                 model.refiner.impl = "torch"
     return rows
@@ -192,24 +199,28 @@ def step_frames(ctx: Context) -> list[Row]:
             rows.append([name, fmt(t)])
         finally:
             model.tiled_rendering = True
-    if ctx.triton:
-        ctx.first_triton_call(lambda: model.render(scene, ctx.camera, refiner_impl="triton"))
-        for name, cam, dtype in (
-            ("model.render fp32, roll 0, fused Triton refiner", ctx.camera, None),
-            ("model.render fp16 autocast, roll 0, fused Triton refiner", ctx.camera, torch.float16),
-            ("model.render fp32, roll 45 (tiled), fused Triton refiner", rolled, None),
-        ):
-            if dtype is not None and not ctx.gpu:
-                rows.append([name, "skipped (fp16 needs CUDA)"])
-                continue
-            t = timed(lambda cam=cam, dtype=dtype: model.render(scene, cam, dtype, refiner_impl="triton"),
-                      dev, ctx.repeats)
-            rows.append([name, fmt(t)])
-        for label, cam in (("roll 0", ctx.camera), ("roll 45 (tiled)", rolled)):
-            diff = (model.render(scene, cam, refiner_impl="triton") - model.render(scene, cam)).abs().max()
-            rows.append([f"max |fused Triton - torch refiner| model.render fp32, {label}", f"{diff.item():.2e}"])
-    else:
-        rows.append(["model.render, fused Triton refiner", "skipped (Triton not available)"])
+    for impl, label in TRITON_IMPLS if ctx.triton else ():
+        ctx.first_triton_call(lambda impl=impl: model.render(scene, ctx.camera, refiner_impl=impl))
+        views = (("roll 0", ctx.camera), ("roll 45 (tiled)", rolled))
+        if ctx.dry and impl == "triton_conv":
+            views = views[:1]  # slow to interpret
+        else:
+            for name, cam, dtype in (
+                (f"model.render fp32, roll 0, {label} refiner", ctx.camera, None),
+                (f"model.render fp16 autocast, roll 0, {label} refiner", ctx.camera, torch.float16),
+                (f"model.render fp32, roll 45 (tiled), {label} refiner", rolled, None),
+            ):
+                if dtype is not None and not ctx.gpu:
+                    rows.append([name, "skipped (fp16 needs CUDA)"])
+                    continue
+                t = timed(lambda cam=cam, dtype=dtype, impl=impl: model.render(scene, cam, dtype, refiner_impl=impl),
+                          dev, ctx.repeats)
+                rows.append([name, fmt(t)])
+        for view, cam in views:
+            diff = (model.render(scene, cam, refiner_impl=impl) - model.render(scene, cam)).abs().max()
+            rows.append([f"max |{label} - torch refiner| model.render fp32, {view}", f"{diff.item():.2e}"])
+    if not ctx.triton:
+        rows.append(["model.render, Triton refiners", "skipped (Triton not available)"])
     a = model.render(scene, rolled)
     model.tiled_rendering = False
     b = model.render(scene, rolled)
@@ -242,15 +253,14 @@ def step_refiner(ctx: Context) -> list[Row]:
         ("fp32, CUDA graph", torch.float32, False, True, "torch"),
         ("fp16 channels_last, CUDA graph", torch.float16, True, True, "torch"),
         # The fused kernels take any strides but write NCHW: contiguous inputs suit them.
-        ("fp32, fused Triton", torch.float32, False, False, "triton"),
-        ("fp16, fused Triton", torch.float16, False, False, "triton"),
-        ("fp32, fused Triton, CUDA graph", torch.float32, False, True, "triton"),
-        ("fp16, fused Triton, CUDA graph", torch.float16, False, True, "triton"),
+        *((f"{precision}, {label}{graph_}", dtype, False, bool(graph_), impl)
+          for impl, label in TRITON_IMPLS for graph_ in ("", ", CUDA graph")
+          for precision, dtype in (("fp32", torch.float32), ("fp16", torch.float16))),
     ):
         if not ctx.gpu and (graph or dtype != torch.float32):
             rows.append([name, "skipped (needs CUDA)"])
             continue
-        if impl == "triton" and not ctx.triton:
+        if impl != "torch" and not ctx.triton:
             rows.append([name, "skipped (Triton not available)"])
             continue
         fmt_ = torch.channels_last if cl else torch.contiguous_format
@@ -258,10 +268,16 @@ def step_refiner(ctx: Context) -> list[Row]:
         refiner.impl = impl
         example = [r.unsqueeze(0).to(dtype).contiguous(memory_format=fmt_) for r in rasters]
         with torch.inference_mode():
-            if impl == "triton":
-                ctx.first_triton_call(lambda refiner=refiner, example=example: refiner(example))
+            t0 = time.perf_counter()
+            out = refiner(example)  # the warm-up, and the value compared below
+            synchronize(dev)
+            if impl != "torch" and ctx.triton_first_s is None:
+                ctx.triton_first_s = time.perf_counter() - t0
             if not graph:
-                outputs[name] = refiner(example).float()
+                outputs[name] = out.float()
+            if ctx.dry and impl == "triton_conv":
+                rows.append([name, "value only in the dry run (slow to interpret)"])
+                continue
             if graph:
                 stream = torch.cuda.Stream()
                 stream.wait_stream(torch.cuda.current_stream())
@@ -276,14 +292,13 @@ def step_refiner(ctx: Context) -> list[Row]:
             else:
                 t = timed(lambda refiner=refiner, example=example: refiner(example), dev, ctx.repeats)
                 rows.append([name, fmt(t)])
-    for precision in ("fp32", "fp16"):
-        fused, ref = outputs.get(f"{precision}, fused Triton"), outputs.get(precision)
-        if precision == "fp16":
-            ref = outputs.get("fp16 channels_last")
+    for (_, label), precision in ((x, p) for x in TRITON_IMPLS for p in ("fp32", "fp16")):
+        fused = outputs.get(f"{precision}, {label}")
+        ref = outputs.get("fp32" if precision == "fp32" else "fp16 channels_last")
         if fused is not None and ref is not None:
-            rows.append([f"max |fused Triton - torch| refiner {precision}", f"{(fused - ref).abs().max().item():.2e}"])
+            rows.append([f"max |{label} - torch| refiner {precision}", f"{(fused - ref).abs().max().item():.2e}"])
     if ctx.triton_first_s is not None:
-        rows.append(["fused Triton: first call of the process, s (kernel JIT or disk cache)",
+        rows.append(["Triton refiners: first call of the process, s (kernel JIT or disk cache)",
                      f"{ctx.triton_first_s:.2f}"])
     return rows
 
@@ -319,8 +334,8 @@ def step_graph(ctx: Context) -> list[Row]:
 def compile_worker(args: argparse.Namespace) -> int:
     """Child process of the compile step: compile the refiner (inductor or Triton cache
     from the environment), time the first call and then ``--repeats`` calls; print one
-    JSON line. ``--triton``: the fused Triton refiner, fp32 NCHW, instead of
-    torch.compile (fp16 channels_last)."""
+    JSON line. ``--triton IMPL``: that Triton refiner (Refiner.impl), fp32 NCHW, instead
+    of torch.compile (fp16 channels_last)."""
     device = torch.device(args.device)
     h, w = args.worker_size
     torch.manual_seed(0)
@@ -334,7 +349,7 @@ def compile_worker(args: argparse.Namespace) -> int:
     if args.triton:
         if not refiner_triton.supported(device):
             raise SystemExit(f"fused Triton refiner not supported on {device}")
-        refiner.impl = "triton"
+        refiner.impl = args.triton
     run = refiner if args.no_compile or args.triton else torch.compile(refiner, dynamic=False)
     with torch.inference_mode():
         run(rasters)
@@ -358,10 +373,13 @@ def step_compile(ctx: Context) -> list[Row]:
         cmd.append("--no-compile")  # the plumbing only: inductor on a busy CPU takes minutes
     rows = []
     variants = [("eager (dry run)" if ctx.dry else "torch.compile fp16 channels_last", [])]
-    if ctx.triton:
-        variants.append(("fused Triton fp32" + (" (interpreter)" if ctx.dry else ""), ["--triton"]))
-    else:
-        rows.append(["fused Triton fp32", "skipped (Triton not available)"])
+    for impl, label in TRITON_IMPLS:
+        if not ctx.triton:
+            rows.append([f"{label} fp32", "skipped (Triton not available)"])
+        elif ctx.dry and impl == "triton_conv":
+            rows.append([f"{label} fp32", "skipped in the dry run (slow to interpret)"])
+        else:
+            variants.append((f"{label} fp32" + (" (interpreter)" if ctx.dry else ""), ["--triton", impl]))
     for what, extra in variants:
         for label in ("cold cache", "warm cache (new process)"):
             limit = max(10.0, min(240.0, ctx.left() - 5))
@@ -466,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="do not append to BENCHMARKS.md")
     parser.add_argument("--compile-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-compile", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--triton", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--triton", choices=[impl for impl, _ in TRITON_IMPLS], help=argparse.SUPPRESS)
     parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     parser.add_argument("--worker-size", type=int, nargs=2, default=(1080, 1920), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -1,6 +1,8 @@
-"""The fused refiner (npbgpp_core/models/refiner_triton.py) computes what the torch
-refiner computes: each Triton kernel against its torch twin, the whole network against
-``Refiner.forward_reference``, and the ``impl`` switch through ``model.render``.
+"""The fused refiners (npbgpp_core/models/refiner_triton.py: ``impl="triton"``, cuDNN
+convolutions + Triton epilogues, and ``impl="triton_conv"``, one implicit-GEMM kernel
+per gated block) compute what the torch refiner computes: each Triton kernel against its
+torch twin, the whole network against ``Refiner.forward_reference``, and the ``impl``
+switch through ``model.render``.
 
 Without a GPU the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``, numpy
 on CPU tensors): the same kernel code, small shapes so the suite stays fast. On a CUDA
@@ -16,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from npbgpp_core.models import NPBGPlusPlus, NPBGPlusPlusConfig, Refiner
+from npbgpp_core.models import GatedBlock, NPBGPlusPlus, NPBGPlusPlusConfig, Refiner
 from npbgpp_core.models import refiner_triton as rt
 from npbgpp_core.models.refiner import _pad
 from npbgpp_core.rasterizer import DEFAULT_SCALES
@@ -78,6 +80,38 @@ def test_up_cat_pad_kernel_equals_interpolate_cat_pad(small, large):
     torch.testing.assert_close(rt.up_cat_pad(x, skip), want, atol=1e-5, rtol=1e-5)
 
 
+def random_block(cin: int, cout: int) -> GatedBlock:
+    torch.manual_seed(2)
+    return GatedBlock(cin, cout).to(DEVICE).eval()
+
+
+@pytest.mark.parametrize(("shape", "pad"), [((2, 21, 9, 11), 1), ((2, 21, 9, 11), 0), ((1, 21, 1, 3), 1)])
+def test_gated_conv_kernel_equals_gated_block(shape, pad):
+    block = random_block(21, 6)
+    x = randn(*shape)
+    with torch.inference_mode():
+        want = block.forward_unpadded(x) if pad == 0 else block(x)  # 1-pixel rows: replicate padding
+        torch.testing.assert_close(rt.gated_conv(block, x, pad=pad), want, atol=ATOL, rtol=1e-5)
+        # into a channel slice of a larger buffer, from a channels-last (strided) input
+        buf = torch.full((shape[0], 9, *want.shape[-2:]), 7.0, device=DEVICE)
+        rt.gated_conv(block, x.contiguous(memory_format=torch.channels_last), pad=pad, out=buf[:, 2:8])
+    torch.testing.assert_close(buf[:, 2:8], want, atol=ATOL, rtol=1e-5)
+    assert (buf[:, :2] == 7).all() and (buf[:, 8:] == 7).all()
+
+
+def test_gated_conv_kernel_pools_and_upsamples_its_input():
+    block = random_block(21, 6)
+    with torch.inference_mode():
+        y = randn(2, 21, 10, 13)  # odd width: avg_pool2d drops the last column
+        torch.testing.assert_close(rt.gated_conv(block, y, mode=1), block(F.avg_pool2d(y, 2)), atol=ATOL, rtol=1e-5)
+        x, skip = randn(2, 13, 4, 6), randn(2, 8, 9, 13, seed=1)
+        up = F.interpolate(x, size=(9, 13), mode="bilinear", align_corners=False)
+        torch.testing.assert_close(rt.gated_conv(block, x, mode=2, skip=skip), block(torch.cat([up, skip], 1)),
+                                   atol=ATOL, rtol=1e-5)
+        with pytest.raises(ValueError, match="21 channels"):
+            rt.gated_conv(block, x, mode=2, skip=skip[:, :4])
+
+
 def random_refiner(background_channels: int = 0) -> Refiner:
     torch.manual_seed(1)
     refiner = Refiner(9, 3, background_channels=background_channels)
@@ -88,30 +122,32 @@ def random_refiner(background_channels: int = 0) -> Refiner:
     return refiner.to(DEVICE).eval()
 
 
-@pytest.mark.parametrize(("H", "W"), [(37, 22), (16, 32)])  # odd levels; a 1-pixel-high coarsest level
-def test_fused_refiner_equals_reference(H, W):
+# Odd levels (nearest-resampled rasters); a 1-pixel-high coarsest level (replicate padding).
+@pytest.mark.parametrize(("impl", "H", "W"), [("triton", 37, 22), ("triton", 16, 32), ("triton_conv", 16, 32)])
+def test_fused_refiner_equals_reference(impl, H, W):
     refiner = random_refiner()
     rasters = [randn(2, 9, int(s * H), int(s * W), seed=i) for i, s in enumerate(DEFAULT_SCALES)]
+    # Channels-last strided rasters, as rasterize_descriptors returns them.
+    permuted = [r.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2) for r in rasters]
     ref = refiner.forward_reference(rasters)
     with torch.inference_mode():
-        fused = rt.refine(refiner, rasters)
-        refiner.impl = "triton"
-        dispatched = refiner(rasters)
-        # Channels-last strided rasters, as rasterize_descriptors returns them.
-        permuted = refiner([r.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2) for r in rasters])
+        # (The implicit-GEMM kernels are slow to interpret: one call each.)
+        fused = (rt.refine_gemm if impl == "triton_conv" else rt.refine)(refiner, permuted)
+        refiner.impl = impl
+        dispatched = refiner(rasters) if impl == "triton" else rt.refine(refiner, rasters)
     assert fused.shape == ref.shape == (2, 3, H, W)
     torch.testing.assert_close(fused, ref, atol=ATOL, rtol=1e-5)
-    torch.testing.assert_close(dispatched, fused, atol=0, rtol=0)
-    torch.testing.assert_close(permuted, ref, atol=ATOL, rtol=1e-5)
+    torch.testing.assert_close(dispatched, ref, atol=ATOL, rtol=1e-5)
     assert (ref - ref.mean()).abs().max() > 1e-2  # not a constant image
 
 
-def test_fused_refiner_with_background_and_updated_weights():
+@pytest.mark.parametrize("impl", ["triton", "triton_conv"])
+def test_fused_refiner_with_background_and_updated_weights(impl):
     refiner = random_refiner(background_channels=9)
     H, W = 32, 24
     rasters = [randn(1, 9, int(s * H), int(s * W), seed=i) for i, s in enumerate(DEFAULT_SCALES)]
     background = [randn(1, 9, int(s * H), int(s * W), seed=10 + i) for i, s in enumerate(DEFAULT_SCALES[2:])]
-    refiner.impl = "triton"
+    refiner.impl = impl
     for _ in range(2):  # the stacked weights are cached: an in-place update must reach them
         ref = refiner.forward_reference(rasters, background)
         with torch.inference_mode():
@@ -122,15 +158,17 @@ def test_fused_refiner_with_background_and_updated_weights():
             refiner.first.feature.bias.add_(0.5)
 
 
-def test_impl_is_checked_and_falls_back_to_torch_where_unsupported(monkeypatch):
+@pytest.mark.parametrize("impl", ["triton", "triton_conv"])
+def test_impl_is_checked_and_falls_back_to_torch_where_unsupported(monkeypatch, impl):
     refiner = random_refiner()
     with pytest.raises(ValueError, match="impl"):
         refiner.impl = "cuda"
-    refiner.impl = "triton"
-    assert {b.impl for b in refiner.modules() if hasattr(b, "fuse_on_cpu")} == {"triton"}
+    refiner.impl = impl
+    assert {b.impl for b in refiner.modules() if isinstance(b, GatedBlock)} == {impl}
     monkeypatch.setattr(rt, "supported", lambda device: False)
     calls = []
-    monkeypatch.setattr(rt, "refine", lambda *a: calls.append(a))
+    for name in ("refine", "refine_gemm", "gated_block", "gated_conv"):
+        monkeypatch.setattr(rt, name, lambda *a, **k: calls.append(a))
     rasters = [randn(1, 9, int(s * 16), int(s * 16), seed=i) for i, s in enumerate(DEFAULT_SCALES)]
     with torch.inference_mode():
         out = refiner(rasters)
@@ -138,7 +176,9 @@ def test_impl_is_checked_and_falls_back_to_torch_where_unsupported(monkeypatch):
     torch.testing.assert_close(out, refiner.forward_reference(rasters), atol=ATOL, rtol=1e-5)
 
 
-def test_model_render_selects_the_fused_refiner_also_for_tiled_rolled_views(monkeypatch):
+@pytest.mark.parametrize(("impl", "whole", "block"), [("triton", "refine", "gated_block"),
+                                                     ("triton_conv", "refine_gemm", "gated_conv")])
+def test_model_render_selects_the_fused_refiner_also_for_tiled_rolled_views(monkeypatch, impl, whole, block):
     from npbgpp_core.camera import Camera
     from npbgpp_core.models.aggregator import AggregatedScene
 
@@ -148,9 +188,9 @@ def test_model_render_selects_the_fused_refiner_also_for_tiled_rolled_views(monk
     pts = torch.randn(2000, 3, generator=g)
     scene = AggregatedScene((pts / pts.norm(dim=1, keepdim=True)).to(DEVICE),
                             torch.randn(2000, 7, 8, generator=g).to(DEVICE), torch.ones(2000, dtype=torch.bool))
-    cam = Camera.look_at((2.0, 0.8, -2.0), (0, 0, 0), fov_x_deg=50, image_size=(24, 32)).to(DEVICE)
+    cam = Camera.look_at((2.0, 0.8, -2.0), (0, 0, 0), fov_x_deg=50, image_size=(16, 24)).to(DEVICE)
     calls = {"refine": 0, "block": 0}
-    refine, gated_block = rt.refine, rt.gated_block
+    refine, gated_block = getattr(rt, whole), getattr(rt, block)
 
     def count(name, fn):
         def wrapped(*args, **kwargs):
@@ -158,13 +198,13 @@ def test_model_render_selects_the_fused_refiner_also_for_tiled_rolled_views(monk
             return fn(*args, **kwargs)
         return wrapped
 
-    monkeypatch.setattr(rt, "refine", count("refine", refine))
-    monkeypatch.setattr(rt, "gated_block", count("block", gated_block))
+    monkeypatch.setattr(rt, whole, count("refine", refine))
+    monkeypatch.setattr(rt, block, count("block", gated_block))
     for roll in (0.0, math.radians(45)):  # roll 45: the tiled refiner calls the blocks
         view = cam.rotated_in_plane(roll) if roll else cam
         want = model.render(scene, view)
         before = dict(calls)
-        got = model.render(scene, view, refiner_impl="triton")
+        got = model.render(scene, view, refiner_impl=impl)
         assert model.refiner.impl == "torch"  # the override is for that call only
         torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
         assert calls != before
@@ -172,14 +212,16 @@ def test_model_render_selects_the_fused_refiner_also_for_tiled_rolled_views(monk
 
 
 @pytest.mark.cuda
-def test_fused_refiner_compiled_on_cuda_at_1080p_fp32_and_fp16():
-    """The compiled kernels at the size the GPU benchmark times (bench/gpu_speed.py)."""
+@pytest.mark.parametrize("impl", ["triton", "triton_conv"])
+def test_fused_refiner_compiled_on_cuda_at_1080p_fp32_and_fp16(impl):
+    """The compiled kernels at the size the GPU benchmark times (bench/gpu_speed.py), fp32
+    without TF32 (the fixture) and fp16 autocast."""
     refiner = random_refiner()
     H, W = 1080, 1920
     rasters = [randn(1, 9, int(s * H), int(s * W), seed=i) for i, s in enumerate(DEFAULT_SCALES)]
     with torch.inference_mode():
         ref = refiner(rasters)
-        refiner.impl = "triton"
+        refiner.impl = impl
         torch.testing.assert_close(refiner(rasters), ref, atol=1e-4, rtol=1e-4)
         half = [r.half() for r in rasters]
         with torch.autocast("cuda", dtype=torch.float16):

@@ -531,7 +531,8 @@ class NPBGPlusPlus(nn.Module):
         ``int(s*H) x int(s*W)`` and upsamples bilinearly (a preview: about s^2 of the
         cost, softer and not the full-quality image). ``roll_context`` overrides
         :attr:`roll_context` for this call ('exact' or 'bounded'); ``refiner_impl``
-        overrides ``refiner.impl`` ('torch' or 'triton': fused kernels, CUDA only)."""
+        overrides ``refiner.impl`` ('torch', or 'triton' / 'triton_conv': fused kernels,
+        CUDA only)."""
         camera = camera.to(self.device)
         saved, saved_impl = self.roll_context, self.refiner.impl
         if roll_context is not None:

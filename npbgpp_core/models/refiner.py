@@ -12,9 +12,11 @@ Two forward paths compute the same function:
   Results equal the reference path up to float rounding (tests/test_models_speedpaths.py).
   Measured on one AVX-512 core at 512x512: about 300 ms -> 165-210 ms.
 
-A third path, ``impl = "triton"`` (:mod:`.refiner_triton`), fuses everything between the
-convolutions into Triton kernels on CUDA (the GPU refiner is bound by memory traffic and
-elementwise launches); elsewhere the setting falls back to the paths above.
+Two more paths run on CUDA only (:mod:`.refiner_triton`; the GPU refiner is bound by
+memory traffic and elementwise launches): ``impl = "triton"`` fuses everything between
+the cuDNN convolutions into Triton kernels, ``impl = "triton_conv"`` runs each whole
+gated block (input step, both convolutions, gate) as one Triton kernel. Elsewhere the
+setting falls back to the paths above.
 
 Fusing the feature and gate convolutions pays only for the decoder's 24/12/6-channel
 blocks: elsewhere the strided channel halves in channels-last cost more than the fused
@@ -30,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 LEVEL_CHANNELS = (16, 32, 48, 64, 80)
-IMPLS = ("torch", "triton")  # Refiner.impl: inference implementations
+IMPLS = ("torch", "triton", "triton_conv")  # Refiner.impl: inference implementations
 DECODER_CHANNELS = (48, 24, 12, 6)
 BACKGROUND_LEVELS = (2, 3, 4)  # encoder levels that take the optional background rasters
 
@@ -66,10 +68,12 @@ class GatedBlock(nn.Module):
     def forward_unpadded(self, x: torch.Tensor) -> torch.Tensor:
         """:meth:`forward_inference` on an input already padded by one pixel (the tiled
         refiner passes windows of a larger image)."""
-        if self.impl == "triton":
+        if self.impl != "torch":
             from . import refiner_triton
 
             if refiner_triton.supported(x.device):
+                if self.impl == "triton_conv":
+                    return refiner_triton.gated_conv(self, x, pad=0)
                 return refiner_triton.gated_block(self, x)
         if self.fuse_on_cpu and x.device.type == "cpu":
             weight = torch.cat([self.feature.weight, self.gate.weight])
@@ -94,9 +98,11 @@ class Refiner(nn.Module):
     (weights and bias), so the network computes exactly the function without them until
     they are trained; omitted backgrounds count as zero (no addition).
 
-    :attr:`impl` picks the inference implementation: 'torch' (default) or 'triton' (fused
-    kernels between the convolutions, :mod:`.refiner_triton`; used only on CUDA with
-    Triton installed, the torch path elsewhere). Training always runs the reference."""
+    :attr:`impl` picks the inference implementation: 'torch' (default), 'triton' (fused
+    kernels between the cuDNN convolutions) or 'triton_conv' (one Triton kernel per
+    gated block, convolutions included), both in :mod:`.refiner_triton` and used only on
+    CUDA with Triton installed, the torch path elsewhere. Training always runs the
+    reference."""
 
     def __init__(self, in_channels: int = 9, out_channels: int = 3, background_channels: int = 0) -> None:
         super().__init__()
@@ -129,7 +135,8 @@ class Refiner(nn.Module):
 
     @property
     def impl(self) -> str:
-        """Inference implementation: 'torch' or 'triton' (see the class docstring)."""
+        """Inference implementation: 'torch', 'triton' or 'triton_conv' (see the class
+        docstring)."""
         return self._impl
 
     @impl.setter
@@ -178,11 +185,12 @@ class Refiner(nn.Module):
                            background: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
         """:meth:`forward_reference` with in-place activations, channels-last on the CPU."""
         bg = self._check_background(background)
-        if self._impl == "triton":
+        if self._impl != "torch":
             from . import refiner_triton
 
             if refiner_triton.supported(rasters[0].device):
-                return refiner_triton.refine(self, rasters, bg)
+                run = refiner_triton.refine_gemm if self._impl == "triton_conv" else refiner_triton.refine
+                return run(self, rasters, bg)
         if rasters[0].device.type == "cpu":
             rasters = [r.contiguous(memory_format=torch.channels_last) for r in rasters]
             if bg is not None:

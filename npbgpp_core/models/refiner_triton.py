@@ -1,5 +1,6 @@
-"""Fused inference path of the refiner (:class:`~npbgpp_core.models.refiner.Refiner`):
-Triton kernels for everything between the convolutions, convolutions left to cuDNN.
+"""Fused inference paths of the refiner (:class:`~npbgpp_core.models.refiner.Refiner`)
+in Triton: ``impl="triton"`` (everything between the convolutions, convolutions left to
+cuDNN) and ``impl="triton_conv"`` (each gated block one implicit-GEMM kernel).
 
 On a GPU the gated U-Net is bound by memory traffic and elementwise launches, not by
 its convolutions (BENCHMARKS.md, "Status"): the torch path reads and writes every
@@ -12,10 +13,19 @@ Here each gated block is
   the same launch copies in),
 
 and each level change is one kernel that writes the next convolution's padded input
-(pool + pad, or bilinear upsample + concat + pad). Every kernel names its torch twin
-in ``refiner.py``; tests/test_refiner_triton.py holds this path to the torch one.
+(pool + pad, or bilinear upsample + concat + pad).
 
-Dispatch (``Refiner.impl = "triton"``, or ``model.render(..., refiner_impl="triton")``)
+``triton_conv`` goes further: one kernel per gated block computes both 3x3 convolutions
+as an implicit GEMM (``tl.dot`` over the 9 taps x input channels; TF32 for fp32 where
+cuDNN would use it, ``torch.backends.cudnn.allow_tf32``), reads its input through the
+pool / upsample + concat / reflect padding on the fly, and stores only the gated result:
+no intermediate tensor at all. Whether it beats cuDNN + epilogues on a given GPU is for
+bench/gpu_speed.py to measure.
+
+Every kernel names its torch twin in ``refiner.py``; tests/test_refiner_triton.py holds
+both paths to the torch one.
+
+Dispatch (``Refiner.impl``, or ``model.render(..., refiner_impl=...)``)
 happens only where :func:`supported` says so: CUDA tensors with Triton installed, or CPU
 tensors when Triton's interpreter is switched on (``TRITON_INTERPRET=1``: numpy, for
 tests only, not a speed path). Anywhere else the torch path runs. The kernels are built
@@ -177,7 +187,94 @@ def _build_kernels(interpret: bool) -> SimpleNamespace:  # noqa: ARG001 - the ca
         v = tl.where(c < CX, bil, s.to(tl.float32))
         tl.store(dst + b * d_b + c * d_c + p, v.to(dst.dtype.element_ty), mask=up | copied)
 
-    return SimpleNamespace(gate=gate_kernel, pool_pad=pool_pad_kernel, up_cat_pad=up_cat_pad_kernel)
+    @triton.jit
+    def gated_conv_kernel(src, skip, wf, wg, bf, bg, dst,
+                          CIN, CX, COUT, H, W, HS, WS, scale_h, scale_w,
+                          s_b, s_c, s_h, s_w, k_b, k_c, k_h, k_w, d_b, d_c, d_h, d_w,
+                          MODE: tl.constexpr, PAD: tl.constexpr, REFLECT: tl.constexpr,
+                          PRECISION: tl.constexpr,
+                          BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Twin of a whole GatedBlock.forward_inference with its input step of
+        Refiner._run: the two 3x3 convolutions as an implicit GEMM over the 9 taps with
+        the padding folded into the loads, and ``elu(f) * sigmoid(g)`` applied before the
+        only store. The convolution input, per MODE: 0 ``src`` itself (H x W); 1
+        ``F.avg_pool2d(src, 2)``; 2 ``torch.cat([F.interpolate(src, (H, W), bilinear),
+        skip], 1)`` with CX channels from src. PAD 1 pads by one pixel (reflect or
+        replicate, as refiner._pad); PAD 0 reads an input padded already (tiles).
+        Weights are (9 * CIN, COUT) matrices, row ``tap * CIN + k``."""
+        b = tl.program_id(2)
+        p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        HO = H + 2 * PAD - 2
+        WO = W + 2 * PAD - 2
+        inside = p < HO * WO
+        y = p // WO
+        x = p % WO
+        acc_f = tl.full((BLOCK_P, BLOCK_N), 0.0, tl.float32)  # not tl.zeros: a @jit helper
+        acc_g = tl.full((BLOCK_P, BLOCK_N), 0.0, tl.float32)
+        for tap in tl.static_range(9):
+            iy = y + tap // 3 - PAD
+            ix = x + tap % 3 - PAD
+            if PAD == 1:
+                if REFLECT:
+                    iy = tl.where(iy < 0, -iy, iy)
+                    iy = tl.where(iy >= H, 2 * H - 2 - iy, iy)
+                    ix = tl.where(ix < 0, -ix, ix)
+                    ix = tl.where(ix >= W, 2 * W - 2 - ix, ix)
+                else:
+                    iy = tl.minimum(tl.maximum(iy, 0), H - 1)
+                    ix = tl.minimum(tl.maximum(ix, 0), W - 1)
+            iy = iy[:, None]
+            ix = ix[:, None]
+            for k0 in range(0, CIN, BLOCK_K):
+                k = k0 + tl.arange(0, BLOCK_K)
+                kk = k[None, :]
+                m = inside[:, None] & (kk < CIN)
+                if MODE == 0:
+                    a = tl.load(src + b * s_b + kk * s_c + iy * s_h + ix * s_w, mask=m, other=0.0).to(tl.float32)
+                elif MODE == 1:
+                    at = src + b * s_b + kk * s_c + (2 * iy) * s_h + (2 * ix) * s_w
+                    a = (tl.load(at, mask=m, other=0.0).to(tl.float32)
+                         + tl.load(at + s_w, mask=m, other=0.0).to(tl.float32)
+                         + tl.load(at + s_h, mask=m, other=0.0).to(tl.float32)
+                         + tl.load(at + s_h + s_w, mask=m, other=0.0).to(tl.float32)) * 0.25
+                else:
+                    mu = m & (kk < CX)
+                    sy = tl.maximum((iy.to(tl.float32) + 0.5) * scale_h - 0.5, 0.0)
+                    sx = tl.maximum((ix.to(tl.float32) + 0.5) * scale_w - 0.5, 0.0)
+                    y0 = sy.to(tl.int32)
+                    x0 = sx.to(tl.int32)
+                    ly = sy - y0.to(tl.float32)
+                    lx = sx - x0.to(tl.float32)
+                    y1 = tl.minimum(y0 + 1, HS - 1)
+                    x1 = tl.minimum(x0 + 1, WS - 1)
+                    base = src + b * s_b + kk * s_c
+                    v00 = tl.load(base + y0 * s_h + x0 * s_w, mask=mu, other=0.0).to(tl.float32)
+                    v01 = tl.load(base + y0 * s_h + x1 * s_w, mask=mu, other=0.0).to(tl.float32)
+                    v10 = tl.load(base + y1 * s_h + x0 * s_w, mask=mu, other=0.0).to(tl.float32)
+                    v11 = tl.load(base + y1 * s_h + x1 * s_w, mask=mu, other=0.0).to(tl.float32)
+                    up = (1.0 - ly) * ((1.0 - lx) * v00 + lx * v01) + ly * ((1.0 - lx) * v10 + lx * v11)
+                    sk = tl.load(skip + b * k_b + (kk - CX) * k_c + iy * k_h + ix * k_w,
+                                 mask=m & (kk >= CX), other=0.0).to(tl.float32)
+                    a = tl.where(kk < CX, up, sk)
+                rows = (tap * CIN + k)[:, None]
+                wm = (k[:, None] < CIN) & (n[None, :] < COUT)
+                w_f = tl.load(wf + rows * COUT + n[None, :], mask=wm, other=0.0)
+                w_g = tl.load(wg + rows * COUT + n[None, :], mask=wm, other=0.0)
+                a = a.to(w_f.dtype)
+                acc_f += tl.dot(a, w_f, input_precision=PRECISION)
+                acc_g += tl.dot(a, w_g, input_precision=PRECISION)
+        nm = n < COUT
+        f = acc_f + tl.load(bf + n, mask=nm, other=0.0).to(tl.float32)[None, :]
+        g = acc_g + tl.load(bg + n, mask=nm, other=0.0).to(tl.float32)[None, :]
+        elu = tl.where(f > 0, f, tl.exp(tl.minimum(f, 0.0)) - 1.0)
+        e = tl.exp(-tl.abs(g))
+        v = elu * tl.where(g >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+        out = dst + b * d_b + n[None, :] * d_c + y[:, None] * d_h + x[:, None] * d_w
+        tl.store(out, v.to(dst.dtype.element_ty), mask=inside[:, None] & nm[None, :])
+
+    return SimpleNamespace(gate=gate_kernel, pool_pad=pool_pad_kernel, up_cat_pad=up_cat_pad_kernel,
+                           gated_conv=gated_conv_kernel)
 
 
 def _tiles(channels: int, pixels: int, batch: int) -> tuple[tuple[int, int, int], dict[str, int]]:
@@ -241,11 +338,18 @@ def up_cat_pad(x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _params_key(params: Sequence[torch.Tensor], dtype: torch.dtype) -> tuple:
+    """What identifies a cached weight layout: storage and in-place update count (inference
+    tensors, e.g. a model built under inference_mode, have no version counter)."""
+    return (dtype, tuple(p.data_ptr() for p in params),
+            tuple(-1 if p.is_inference() else p._version for p in params))
+
+
 def _stacked_weights(block: GatedBlock, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """The feature and gate convolutions as one (2 * cout) convolution, cached on the
     block until its parameters change (in-place updates bump their versions)."""
     params = (block.feature.weight, block.gate.weight, block.feature.bias, block.gate.bias)
-    key = (dtype, tuple(p.data_ptr() for p in params), tuple(p._version for p in params))
+    key = _params_key(params, dtype)
     cached = block.__dict__.get("_stacked")
     if cached is None or cached[0] != key:
         with torch.no_grad():
@@ -296,4 +400,101 @@ def refine(refiner: Refiner, rasters: Sequence[torch.Tensor],
     x = gated_block(refiner.center, pool_pad(x, 1))
     for block, skip in zip(refiner.up, reversed(skips[:4]), strict=True):
         x = gated_block(block, up_cat_pad(x, skip))
+    return refiner.head(x)
+
+
+# ------------------------------------------------- implicit-GEMM gated blocks
+def _packed_weights(block: GatedBlock, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """The feature and gate weights as (9 * cin, cout) matrices (row ``tap * cin + k``,
+    tap = 3 * dy + dx) and their biases, cached on the block until its parameters change."""
+    params = (block.feature.weight, block.gate.weight, block.feature.bias, block.gate.bias)
+    key = _params_key(params, dtype)
+    cached = block.__dict__.get("_packed")
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cout, cin = block.feature.out_channels, block.feature.in_channels
+            wf, wg = (w.permute(2, 3, 1, 0).reshape(9 * cin, cout).to(dtype).contiguous() for w in params[:2])
+            bf, bg = (b.to(dtype).contiguous() for b in params[2:])
+        cached = (key, wf, wg, bf, bg)
+        block.__dict__["_packed"] = cached
+    return cached[1:]
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    if x.is_cuda and torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    return x.dtype
+
+
+def gated_conv(block: GatedBlock, src: torch.Tensor, mode: int = 0, skip: torch.Tensor | None = None,
+               pad: int = 1, out: torch.Tensor | None = None) -> torch.Tensor:
+    """A whole gated block in one kernel, its input step folded into the loads. ``mode``
+    0: ``block.forward_inference(src)`` (``pad=0``: ``block.forward_unpadded(src)``);
+    1: ``block.forward_inference(F.avg_pool2d(src, 2))``; 2: ``block.forward_inference(
+    torch.cat([F.interpolate(src, skip's size, bilinear), skip], 1))``. ``out``: a
+    (possibly strided) view to write into."""
+    cin, cout = block.feature.in_channels, block.feature.out_channels
+    b, c_src = src.shape[:2]
+    if mode == 0:
+        h, w = src.shape[-2:]
+    elif mode == 1:
+        h, w = src.shape[-2] // 2, src.shape[-1] // 2
+    else:
+        if skip is None:
+            raise ValueError("gated_conv: mode 2 needs the skip tensor")
+        h, w = skip.shape[-2:]
+    if c_src + (0 if mode != 2 else skip.shape[1]) != cin:
+        raise ValueError(f"gated_conv: the block takes {cin} channels")
+    ho, wo = h + 2 * pad - 2, w + 2 * pad - 2
+    dtype = _compute_dtype(src)
+    if out is None:
+        out = src.new_empty(b, cout, ho, wo, dtype=dtype)
+    if out.shape != (b, cout, ho, wo):
+        raise ValueError(f"gated_conv: output {tuple(out.shape)} does not fit {(b, cout, ho, wo)}")
+    wf, wg, bf, bg = _packed_weights(block, dtype)
+    k = skip if skip is not None else src
+    if _interpreting():  # few large programs: the interpreter's cost is per program and step
+        bp, bn, bk = max(16, min(1024, _next_pow2(ho * wo))), max(16, _next_pow2(cout)), max(16, _next_pow2(cin))
+    else:
+        bp, bn, bk = 64, max(16, min(64, _next_pow2(cout))), 16 if cin <= 16 else 32
+    precision = "ieee" if dtype == torch.float32 and not (src.is_cuda and torch.backends.cudnn.allow_tf32) \
+        else "tf32"
+    grid = (-(-ho * wo // bp), -(-cout // bn), b)
+    _kernels().gated_conv[grid](
+        src, k, wf, wg, bf, bg, out, cin, c_src, cout, h, w, src.shape[-2], src.shape[-1],
+        src.shape[-2] / h, src.shape[-1] / w, *src.stride(), *k.stride(), *out.stride(),
+        MODE=mode, PAD=pad, REFLECT=_reflect(h, w), PRECISION=precision, BLOCK_P=bp, BLOCK_N=bn, BLOCK_K=bk)
+    return out
+
+
+def refine_gemm(refiner: Refiner, rasters: Sequence[torch.Tensor],
+                background: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+    """Twin of ``Refiner._run(rasters, background, inference=True)`` with every gated
+    block one implicit-GEMM kernel (:func:`gated_conv`): no padded, pooled, upsampled
+    or concatenated tensor and no pre-activation is ever written."""
+    from .refiner import BACKGROUND_LEVELS
+
+    x = gated_conv(refiner.first, rasters[0])
+    skips = [x]
+    for i, block in enumerate(refiner.down, start=1):
+        b, c = x.shape[:2]
+        h, w = x.shape[-2] // 2, x.shape[-1] // 2
+        r = rasters[i]
+        if r.shape[-2:] != (h, w):
+            r = F.interpolate(r, size=(h, w), mode="nearest")
+        cout = block.feature.out_channels
+        level = x.new_empty(b, cout + r.shape[1], h, w)
+        gated_conv(block, x, mode=1, out=level[:, :cout])
+        level[:, cout:].copy_(r)
+        if background is not None and i in BACKGROUND_LEVELS:
+            j = BACKGROUND_LEVELS.index(i)
+            bg = background[j]
+            if bg.shape[-2:] != (h, w):
+                bg = F.interpolate(bg, size=(h, w), mode="nearest")
+            level.add_(refiner.background_proj[j](bg.to(level.dtype)).to(level.dtype))
+        x = level
+        skips.append(x)
+    x = gated_conv(refiner.center, x)
+    for block, skip in zip(refiner.up, reversed(skips[:4]), strict=True):
+        x = gated_conv(block, x, mode=2, skip=skip)
     return refiner.head(x)
