@@ -19,7 +19,8 @@ next step run:
                  Triton refiners (``Refiner.impl = "triton"`` / ``"triton_conv"``) fp32/fp16,
                  eager and as a CUDA graph, with their difference to the torch refiner;
 5. ``graph``     a whole frame with static shapes (bench/static_frame.py) eager and as one
-                 CUDA graph, fp32 and fp16; difference to model.render;
+                 CUDA graph, fp32 and fp16, with the torch and the Triton refiners;
+                 difference to model.render;
 6. ``compile``   torch.compile of the refiner in two fresh processes sharing an on-disk
                  inductor cache: compile time cold and warm, then ms per refiner call; the
                  same for the Triton refiners' kernels (Triton's own on-disk cache);
@@ -308,26 +309,34 @@ def step_graph(ctx: Context) -> list[Row]:
 
     model, scene, cam, dev = ctx.model, ctx.scene, ctx.camera, ctx.device
     rows = []
+    variants = [("fp32", None, "torch"), ("fp16 autocast", torch.float16, "torch")]
+    for impl, name in TRITON_IMPLS if ctx.triton else ():
+        if not (ctx.dry and impl == "triton_conv"):  # slow to interpret
+            variants += [(f"fp32, {name} refiner", None, impl), (f"fp16 autocast, {name} refiner", torch.float16, impl)]
     with torch.inference_mode():
         ref = model.render(scene, cam)
-        for label, dtype in (("fp32", None), ("fp16 autocast", torch.float16)):
+        for label, dtype, impl in variants:
             if dtype is not None and not ctx.gpu:
                 rows.append([f"static frame {label}", "skipped (needs CUDA)"])
                 continue
-            frame = StaticFrame(model, scene, cam, dtype)
-            frame.set_pose(cam)
-            rows.append([f"static frame {label}, eager", fmt(timed(frame, dev, ctx.repeats))])
-            diff = (frame()[:3].float().clamp(0, 1) - ref).abs().max().item()
-            rows.append([f"static frame {label}: max |frame - model.render|", f"{diff:.2e}"])
-            if not ctx.gpu:
-                rows.append([f"static frame {label}, CUDA graph", "skipped (needs CUDA)"])
-                continue
-            frame.capture()
-            other = ctx.camera.rotated_in_plane(0.0)
-            frame.set_pose(other)
-            rows.append([f"static frame {label}, CUDA graph replay", fmt(timed(frame, dev, ctx.repeats))])
-            diff = (frame()[:3].float().clamp(0, 1) - ref).abs().max().item()
-            rows.append([f"static frame {label}, graph: max |frame - model.render|", f"{diff:.2e}"])
+            model.refiner.impl = impl  # the frame calls model.refiner; a captured graph keeps its kernels
+            try:
+                frame = StaticFrame(model, scene, cam, dtype)
+                frame.set_pose(cam)
+                rows.append([f"static frame {label}, eager", fmt(timed(frame, dev, ctx.repeats))])
+                diff = (frame()[:3].float().clamp(0, 1) - ref).abs().max().item()
+                rows.append([f"static frame {label}: max |frame - model.render|", f"{diff:.2e}"])
+                if not ctx.gpu:
+                    rows.append([f"static frame {label}, CUDA graph", "skipped (needs CUDA)"])
+                    continue
+                frame.capture()
+                other = ctx.camera.rotated_in_plane(0.0)
+                frame.set_pose(other)
+                rows.append([f"static frame {label}, CUDA graph replay", fmt(timed(frame, dev, ctx.repeats))])
+                diff = (frame()[:3].float().clamp(0, 1) - ref).abs().max().item()
+                rows.append([f"static frame {label}, graph: max |frame - model.render|", f"{diff:.2e}"])
+            finally:
+                model.refiner.impl = "torch"
     return rows
 
 

@@ -49,6 +49,7 @@ def test_gpu_speed_dry_run_runs_every_step_and_writes_nothing(tmp_path):
         assert float(values[f"max |{impl} - torch| refiner fp32"]) < 1e-4
         assert float(values[f"max |{impl} - torch refiner| model.render fp32, roll 0"]) < 1e-4
     assert float(values["max |fused Triton - torch refiner| model.render fp32, roll 45 (tiled)"]) < 1e-4
+    assert float(values["static frame fp32, fused Triton refiner: max |frame - model.render|"]) < 1e-4
     assert "skipped" in values["fp32, fused Triton, CUDA graph"]
     assert "fused Triton fp32 (interpreter), warm cache (new process): refiner ms best / median" in values
     assert benchmarks.read_bytes() == before
