@@ -231,3 +231,51 @@ def test_fused_refiner_compiled_on_cuda_at_1080p_fp32_and_fp16(impl):
             ref16 = refiner(half)
     assert fused16.dtype == ref16.dtype
     torch.testing.assert_close(fused16.float(), ref16.float(), atol=3e-2, rtol=0)
+
+
+# Without a GPU the interpreter checks what the kernels compute, not that Triton's compiler
+# accepts them (it is laxer about types and shapes): compile them ahead of time for an
+# H100 (sm_90; Triton ships ptxas, no GPU or driver needed) in the variants the launchers
+# use at 1080p, so a lent GPU's time is not spent on a kernel that does not build.
+POINTERS = {"src", "dst", "extra", "x", "skip", "wf", "wg", "bf", "bg"}
+
+
+def _compile_for_h100(kernel, dtype: str, constexprs: dict) -> dict:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {p.name: "constexpr" if p.is_constexpr else f"*{dtype}" if p.name in POINTERS
+                 else "fp32" if p.name.startswith("scale") else "i32" for p in kernel.params}
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 32))
+    return compiled.asm
+
+
+def test_kernels_compile_for_an_h100_without_a_gpu(monkeypatch, tmp_path):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the compiled kernels, not the interpreted ones
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # really compile
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, without its warning
+    k = rt._kernels()
+    elementwise = {"BLOCK_C": rt.BLOCK_C, "BLOCK_P": rt.BLOCK_P}
+    builds = [
+        (k.gate, "fp16", elementwise),
+        (k.pool_pad, "fp32", {"POOL": 2, "REFLECT": True, **elementwise}),
+        (k.pool_pad, "fp32", {"POOL": 1, "REFLECT": False, **elementwise}),
+        (k.up_cat_pad, "fp32", {"REFLECT": True, **elementwise}),
+        # first block; the first encoder level; the last decoder block in fp16; tiles (ieee)
+        (k.gated_conv, "fp32", {"MODE": 0, "PAD": 1, "REFLECT": True, "PRECISION": "tf32",
+                                **rt.conv_tiles(9, 16, 1920 * 1080)}),
+        (k.gated_conv, "fp32", {"MODE": 1, "PAD": 1, "REFLECT": True, "PRECISION": "tf32",
+                                **rt.conv_tiles(16, 23, 960 * 540)}),
+        (k.gated_conv, "fp16", {"MODE": 2, "PAD": 1, "REFLECT": True, "PRECISION": "tf32",
+                                **rt.conv_tiles(28, 6, 1920 * 1080)}),
+        (k.gated_conv, "fp32", {"MODE": 0, "PAD": 0, "REFLECT": False, "PRECISION": "ieee",
+                                **rt.conv_tiles(144, 48, 64 * 64)}),
+    ]
+    ptx = []
+    for kernel, dtype, constexprs in builds:
+        asm = _compile_for_h100(kernel, dtype, constexprs)
+        assert asm["cubin"] and ".target sm_90" in asm["ptx"]
+        ptx.append(asm["ptx"])
+    # The implicit GEMM runs on tensor cores in TF32 and fp16 (IEEE fp32 on FMA units).
+    assert all("mma" in text for text in ptx[4:7]) and "mma" not in ptx[7]

@@ -85,7 +85,10 @@ def _build_kernels(interpret: bool) -> SimpleNamespace:  # noqa: ARG001 - the ca
     import triton
     import triton.language as tl
 
-    @triton.jit
+    # Sizes and strides are not specialised (Triton would compile a variant per pattern
+    # of divisibility by 16, i.e. per image size and level): only the constexprs are.
+    @triton.jit(do_not_specialize=("C", "CE", "H", "W", "s_b", "s_c", "s_h", "s_w", "d_b", "d_c", "d_h", "d_w",
+                                   "e_b", "e_c", "e_h", "e_w"))
     def gate_kernel(src, dst, extra, C, CE, H, W,
                     s_b, s_c, s_h, s_w, d_b, d_c, d_h, d_w, e_b, e_c, e_h, e_w,
                     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
@@ -114,7 +117,7 @@ def _build_kernels(interpret: bool) -> SimpleNamespace:  # noqa: ARG001 - the ca
         v = tl.where(c < C, elu * sig, e.to(tl.float32))
         tl.store(dst + b * d_b + c * d_c + y * d_h + x * d_w, v.to(dst.dtype.element_ty), mask=gated | copied)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=("C", "H", "W", "h", "w", "s_b", "s_c", "s_h", "s_w", "d_b", "d_c"))
     def pool_pad_kernel(src, dst, C, H, W, h, w, s_b, s_c, s_h, s_w, d_b, d_c,
                         POOL: tl.constexpr, REFLECT: tl.constexpr,
                         BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
@@ -145,7 +148,8 @@ def _build_kernels(interpret: bool) -> SimpleNamespace:  # noqa: ARG001 - the ca
             v = tl.load(base + i * s_h + j * s_w, mask=mask, other=0.0)
         tl.store(dst + b * d_b + c * d_c + p, v.to(dst.dtype.element_ty), mask=mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=("CX", "CS", "hx", "wx", "h", "w", "x_b", "x_c", "x_h", "x_w",
+                                   "s_b", "s_c", "s_h", "s_w", "d_b", "d_c"))
     def up_cat_pad_kernel(x, skip, dst, CX, CS, hx, wx, h, w, scale_h, scale_w,
                           x_b, x_c, x_h, x_w, s_b, s_c, s_h, s_w, d_b, d_c,
                           REFLECT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
@@ -187,7 +191,8 @@ def _build_kernels(interpret: bool) -> SimpleNamespace:  # noqa: ARG001 - the ca
         v = tl.where(c < CX, bil, s.to(tl.float32))
         tl.store(dst + b * d_b + c * d_c + p, v.to(dst.dtype.element_ty), mask=up | copied)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=("CIN", "CX", "COUT", "H", "W", "HS", "WS", "s_b", "s_c", "s_h", "s_w",
+                                   "k_b", "k_c", "k_h", "k_w", "d_b", "d_c", "d_h", "d_w"))
     def gated_conv_kernel(src, skip, wf, wg, bf, bg, dst,
                           CIN, CX, COUT, H, W, HS, WS, scale_h, scale_w,
                           s_b, s_c, s_h, s_w, k_b, k_c, k_h, k_w, d_b, d_c, d_h, d_w,
@@ -212,7 +217,11 @@ def _build_kernels(interpret: bool) -> SimpleNamespace:  # noqa: ARG001 - the ca
         x = p % WO
         acc_f = tl.full((BLOCK_P, BLOCK_N), 0.0, tl.float32)  # not tl.zeros: a @jit helper
         acc_g = tl.full((BLOCK_P, BLOCK_N), 0.0, tl.float32)
-        for tap in tl.static_range(9):
+        # One flat loop over (tap, channel chunk): unrolling the 9 taps multiplied the
+        # compile time (minutes for the upsampling mode on one CPU core).
+        chunks = (CIN + BLOCK_K - 1) // BLOCK_K  # not tl.cdiv: a @jit helper
+        for step in range(0, 9 * chunks):
+            tap = step // chunks
             iy = y + tap // 3 - PAD
             ix = x + tap % 3 - PAD
             if PAD == 1:
@@ -226,44 +235,43 @@ def _build_kernels(interpret: bool) -> SimpleNamespace:  # noqa: ARG001 - the ca
                     ix = tl.minimum(tl.maximum(ix, 0), W - 1)
             iy = iy[:, None]
             ix = ix[:, None]
-            for k0 in range(0, CIN, BLOCK_K):
-                k = k0 + tl.arange(0, BLOCK_K)
-                kk = k[None, :]
-                m = inside[:, None] & (kk < CIN)
-                if MODE == 0:
-                    a = tl.load(src + b * s_b + kk * s_c + iy * s_h + ix * s_w, mask=m, other=0.0).to(tl.float32)
-                elif MODE == 1:
-                    at = src + b * s_b + kk * s_c + (2 * iy) * s_h + (2 * ix) * s_w
-                    a = (tl.load(at, mask=m, other=0.0).to(tl.float32)
-                         + tl.load(at + s_w, mask=m, other=0.0).to(tl.float32)
-                         + tl.load(at + s_h, mask=m, other=0.0).to(tl.float32)
-                         + tl.load(at + s_h + s_w, mask=m, other=0.0).to(tl.float32)) * 0.25
-                else:
-                    mu = m & (kk < CX)
-                    sy = tl.maximum((iy.to(tl.float32) + 0.5) * scale_h - 0.5, 0.0)
-                    sx = tl.maximum((ix.to(tl.float32) + 0.5) * scale_w - 0.5, 0.0)
-                    y0 = sy.to(tl.int32)
-                    x0 = sx.to(tl.int32)
-                    ly = sy - y0.to(tl.float32)
-                    lx = sx - x0.to(tl.float32)
-                    y1 = tl.minimum(y0 + 1, HS - 1)
-                    x1 = tl.minimum(x0 + 1, WS - 1)
-                    base = src + b * s_b + kk * s_c
-                    v00 = tl.load(base + y0 * s_h + x0 * s_w, mask=mu, other=0.0).to(tl.float32)
-                    v01 = tl.load(base + y0 * s_h + x1 * s_w, mask=mu, other=0.0).to(tl.float32)
-                    v10 = tl.load(base + y1 * s_h + x0 * s_w, mask=mu, other=0.0).to(tl.float32)
-                    v11 = tl.load(base + y1 * s_h + x1 * s_w, mask=mu, other=0.0).to(tl.float32)
-                    up = (1.0 - ly) * ((1.0 - lx) * v00 + lx * v01) + ly * ((1.0 - lx) * v10 + lx * v11)
-                    sk = tl.load(skip + b * k_b + (kk - CX) * k_c + iy * k_h + ix * k_w,
-                                 mask=m & (kk >= CX), other=0.0).to(tl.float32)
-                    a = tl.where(kk < CX, up, sk)
-                rows = (tap * CIN + k)[:, None]
-                wm = (k[:, None] < CIN) & (n[None, :] < COUT)
-                w_f = tl.load(wf + rows * COUT + n[None, :], mask=wm, other=0.0)
-                w_g = tl.load(wg + rows * COUT + n[None, :], mask=wm, other=0.0)
-                a = a.to(w_f.dtype)
-                acc_f += tl.dot(a, w_f, input_precision=PRECISION)
-                acc_g += tl.dot(a, w_g, input_precision=PRECISION)
+            k = (step % chunks) * BLOCK_K + tl.arange(0, BLOCK_K)
+            kk = k[None, :]
+            m = inside[:, None] & (kk < CIN)
+            if MODE == 0:
+                a = tl.load(src + b * s_b + kk * s_c + iy * s_h + ix * s_w, mask=m, other=0.0).to(tl.float32)
+            elif MODE == 1:
+                at = src + b * s_b + kk * s_c + (2 * iy) * s_h + (2 * ix) * s_w
+                a = (tl.load(at, mask=m, other=0.0).to(tl.float32)
+                     + tl.load(at + s_w, mask=m, other=0.0).to(tl.float32)
+                     + tl.load(at + s_h, mask=m, other=0.0).to(tl.float32)
+                     + tl.load(at + s_h + s_w, mask=m, other=0.0).to(tl.float32)) * 0.25
+            else:
+                mu = m & (kk < CX)
+                sy = tl.maximum((iy.to(tl.float32) + 0.5) * scale_h - 0.5, 0.0)
+                sx = tl.maximum((ix.to(tl.float32) + 0.5) * scale_w - 0.5, 0.0)
+                y0 = sy.to(tl.int32)
+                x0 = sx.to(tl.int32)
+                ly = sy - y0.to(tl.float32)
+                lx = sx - x0.to(tl.float32)
+                y1 = tl.minimum(y0 + 1, HS - 1)
+                x1 = tl.minimum(x0 + 1, WS - 1)
+                base = src + b * s_b + kk * s_c
+                v00 = tl.load(base + y0 * s_h + x0 * s_w, mask=mu, other=0.0).to(tl.float32)
+                v01 = tl.load(base + y0 * s_h + x1 * s_w, mask=mu, other=0.0).to(tl.float32)
+                v10 = tl.load(base + y1 * s_h + x0 * s_w, mask=mu, other=0.0).to(tl.float32)
+                v11 = tl.load(base + y1 * s_h + x1 * s_w, mask=mu, other=0.0).to(tl.float32)
+                up = (1.0 - ly) * ((1.0 - lx) * v00 + lx * v01) + ly * ((1.0 - lx) * v10 + lx * v11)
+                sk = tl.load(skip + b * k_b + (kk - CX) * k_c + iy * k_h + ix * k_w,
+                             mask=m & (kk >= CX), other=0.0).to(tl.float32)
+                a = tl.where(kk < CX, up, sk)
+            rows = (tap * CIN + k)[:, None]
+            wm = (k[:, None] < CIN) & (n[None, :] < COUT)
+            w_f = tl.load(wf + rows * COUT + n[None, :], mask=wm, other=0.0)
+            w_g = tl.load(wg + rows * COUT + n[None, :], mask=wm, other=0.0)
+            a = a.to(w_f.dtype)
+            acc_f += tl.dot(a, w_f, input_precision=PRECISION)
+            acc_g += tl.dot(a, w_g, input_precision=PRECISION)
         nm = n < COUT
         f = acc_f + tl.load(bf + n, mask=nm, other=0.0).to(tl.float32)[None, :]
         g = acc_g + tl.load(bg + n, mask=nm, other=0.0).to(tl.float32)[None, :]
@@ -453,18 +461,25 @@ def gated_conv(block: GatedBlock, src: torch.Tensor, mode: int = 0, skip: torch.
         raise ValueError(f"gated_conv: output {tuple(out.shape)} does not fit {(b, cout, ho, wo)}")
     wf, wg, bf, bg = _packed_weights(block, dtype)
     k = skip if skip is not None else src
-    if _interpreting():  # few large programs: the interpreter's cost is per program and step
-        bp, bn, bk = max(16, min(1024, _next_pow2(ho * wo))), max(16, _next_pow2(cout)), max(16, _next_pow2(cin))
-    else:
-        bp, bn, bk = 64, max(16, min(64, _next_pow2(cout))), 16 if cin <= 16 else 32
     precision = "ieee" if dtype == torch.float32 and not (src.is_cuda and torch.backends.cudnn.allow_tf32) \
         else "tf32"
-    grid = (-(-ho * wo // bp), -(-cout // bn), b)
+    tiles = conv_tiles(cin, cout, ho * wo)
+    grid = (-(-ho * wo // tiles["BLOCK_P"]), -(-cout // tiles["BLOCK_N"]), b)
     _kernels().gated_conv[grid](
         src, k, wf, wg, bf, bg, out, cin, c_src, cout, h, w, src.shape[-2], src.shape[-1],
         src.shape[-2] / h, src.shape[-1] / w, *src.stride(), *k.stride(), *out.stride(),
-        MODE=mode, PAD=pad, REFLECT=_reflect(h, w), PRECISION=precision, BLOCK_P=bp, BLOCK_N=bn, BLOCK_K=bk)
+        MODE=mode, PAD=pad, REFLECT=_reflect(h, w), PRECISION=precision, **tiles)
     return out
+
+
+def conv_tiles(cin: int, cout: int, pixels: int) -> dict[str, int]:
+    """Tile sizes of :func:`gated_conv`: pixels x output channels x input channels per
+    step (``tl.dot`` needs 16 or more each). On a GPU a first guess, not tuned; under the
+    interpreter, whose cost is per program and step, as few and as large as possible."""
+    if _interpreting():
+        return {"BLOCK_P": max(16, min(1024, _next_pow2(pixels))), "BLOCK_N": max(16, _next_pow2(cout)),
+                "BLOCK_K": max(16, _next_pow2(cin))}
+    return {"BLOCK_P": 64, "BLOCK_N": max(16, min(64, _next_pow2(cout))), "BLOCK_K": 16 if cin <= 16 else 32}
 
 
 def refine_gemm(refiner: Refiner, rasters: Sequence[torch.Tensor],
