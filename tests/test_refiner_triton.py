@@ -178,7 +178,7 @@ def test_impl_is_checked_and_falls_back_to_torch_where_unsupported(monkeypatch, 
 
 @pytest.mark.parametrize(("impl", "whole", "block"), [("triton", "refine", "gated_block"),
                                                      ("triton_conv", "refine_gemm", "gated_conv")])
-def test_model_render_selects_the_fused_refiner_also_for_tiled_rolled_views(monkeypatch, impl, whole, block):
+def test_model_render_selects_the_fused_refiner_also_for_rolled_views(monkeypatch, impl, whole, block):
     from npbgpp_core.camera import Camera
     from npbgpp_core.models.aggregator import AggregatedScene
 
@@ -200,11 +200,14 @@ def test_model_render_selects_the_fused_refiner_also_for_tiled_rolled_views(monk
 
     monkeypatch.setattr(rt, whole, count("refine", refine))
     monkeypatch.setattr(rt, block, count("block", gated_block))
-    for roll in (0.0, math.radians(45)):  # roll 45: the tiled refiner calls the blocks
+    # Roll 45: the tiled (exact) and the band (bounded) executors call the blocks (both
+    # through GatedBlock.forward_unpadded; the band executor only once, slow to interpret).
+    cases = [(0.0, "exact"), (math.radians(45), "exact")] + [(math.radians(45), "bounded")] * (impl == "triton")
+    for roll, context in cases:
         view = cam.rotated_in_plane(roll) if roll else cam
-        want = model.render(scene, view)
+        want = model.render(scene, view, roll_context=context)
         before = dict(calls)
-        got = model.render(scene, view, refiner_impl=impl)
+        got = model.render(scene, view, roll_context=context, refiner_impl=impl)
         assert model.refiner.impl == "torch"  # the override is for that call only
         torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
         assert calls != before
