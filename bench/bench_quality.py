@@ -16,7 +16,8 @@ noisier) of
   plain colour get the objects file, everything else the general one; the file each scene
   used is in the JSON and the table; world_up from ``resolve_world_up('auto', cameras)``);
 - ``coefficients_ft`` and ``npbg``: ``npbgpp_core.fitting`` for ``--steps`` steps each,
-  with seconds.
+  with seconds, on every input view (photos of different sizes are padded to one canvas,
+  the padding masked out of the loss: ``padded_fit_views``).
 
     .venv/bin/python bench/bench_quality.py --scenes /work/captures/* /work/corpus_env_val/*
     .venv/bin/python bench/bench_quality.py --scenes-file val.txt --weights new.safetensors --label new
@@ -197,7 +198,7 @@ def evaluate_scene(folder: str, args: argparse.Namespace, weights: dict[str, str
     import torch
 
     from npbgpp_core.datasets import load_scene, scene_domain
-    from npbgpp_core.fitting import FitViews, fit_coefficients, fit_npbg
+    from npbgpp_core.fitting import fit_coefficients, fit_npbg, padded_fit_views
     from npbgpp_core.metrics import mean_finite, psnr, sharpness_ratio, ssim
     from npbgpp_core.models.alignment import resolve_world_up
     from npbgpp_core.pretrained import default_weights_path, load_pretrained_npbg_refiner, load_pretrained_npbgpp
@@ -282,22 +283,13 @@ def evaluate_scene(folder: str, args: argparse.Namespace, weights: dict[str, str
         agg_s = time.perf_counter() - t
         if "npbgpp" in args.methods:
             m["npbgpp"] = {**scores([model.render(agg, c) for c in test_cams]), "aggregate_s": agg_s}
-    same_size = len({tuple(im.shape[-2:]) for im in in_images}) == 1
-    if ("coefficients_ft" in args.methods or "npbg" in args.methods) and not same_size:
-        # FitViews stacks images: bring odd-sized photos to the most common size.
-        sizes = [tuple(im.shape[-2:]) for im in in_images]
-        common = max(set(sizes), key=sizes.count)
-        keep = [k for k, s in enumerate(sizes) if s == common]
-        fit_images, fit_cams = [in_images[k] for k in keep], [in_cams[k] for k in keep]
-    else:
-        fit_images, fit_cams = in_images, in_cams
     if "coefficients_ft" in args.methods:
-        views = FitViews(torch.stack(fit_images), list(fit_cams), None)
+        views = padded_fit_views(in_images, in_cams)
         fit = fit_coefficients(model, agg, views, steps=args.steps, crop=args.crop, **fit_options(args))
         m["coefficients_ft"] = {**scores([fit.model.render(agg.points, c) for c in test_cams]),
                                 "fit_s": fit.seconds, "steps": fit.steps}
     if "npbg" in args.methods:
-        views = FitViews(torch.stack(fit_images), list(fit_cams), None)
+        views = padded_fit_views(in_images, in_cams)
         refiner = load_pretrained_npbg_refiner(weights["npbg_refiner"])
         fit = fit_npbg(points, views, refiner.state, steps=args.steps, crop=args.crop, config=refiner.config)
         m["npbg"] = {**scores([fit.model.render(points, c) for c in test_cams]), "fit_s": fit.seconds,

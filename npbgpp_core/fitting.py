@@ -67,6 +67,36 @@ class FitResult:
         return len(self.losses)
 
 
+def padded_fit_views(images: Sequence[torch.Tensor], cameras: Sequence[Camera]) -> FitViews:
+    """FitViews of photos of different sizes (3, H_k, W_k): each is padded at the bottom and
+    right to the largest height and width, its camera widened to that canvas
+    (:meth:`Camera.cropped` keeps the intrinsics), and a mask marks its own pixels, so that
+    the padding never enters the loss. Without it a caller would have to drop or resample
+    the odd-sized views (a COLMAP capture's undistorted photos differ by a row or two,
+    phone captures mix portrait and landscape). Same-sized photos give unmasked views."""
+    if len(images) != len(cameras):
+        raise ValueError(f"{len(images)} images but {len(cameras)} cameras")
+    if not images:
+        raise ValueError("fitting needs at least one view")
+    for k, im in enumerate(images):
+        if im.ndim != 3 or im.shape[0] != 3:
+            raise ValueError(f"image {k} must be (3, H, W), got {tuple(im.shape)}")
+        if tuple(cameras[k].image_size) != tuple(im.shape[-2:]):
+            raise ValueError(f"image {k} is {tuple(im.shape[-2:])} but its camera {tuple(cameras[k].image_size)}")
+    sizes = {tuple(im.shape[-2:]) for im in images}
+    if len(sizes) == 1:
+        return FitViews(torch.stack(list(images)), list(cameras), None)
+    H = max(h for h, _ in sizes)
+    W = max(w for _, w in sizes)
+    out = torch.zeros((len(images), 3, H, W), dtype=images[0].dtype)
+    valid = torch.zeros((len(images), 1, H, W), dtype=images[0].dtype)
+    for k, im in enumerate(images):
+        h, w = im.shape[-2:]
+        out[k, :, :h, :w] = im
+        valid[k, :, :h, :w] = 1.0
+    return FitViews(out, [c.cropped(0, 0, H, W) for c in cameras], valid)
+
+
 def as_fit_views(views: FitViews | tuple | Sequence) -> FitViews:
     """Accept FitViews or a tuple (images, cameras[, masks])."""
     if isinstance(views, FitViews):

@@ -1,7 +1,7 @@
 """The short-fit knobs of npbgpp_core.fitting (FitRecipe): learning-rate schedule values
 computed by hand, frozen refiner parts that really stay put, the decoupled pull toward the
 aggregated coefficients, a separate background rate, crops per step, and the plain recipe
-against a hand-written RMSprop + Adam loop."""
+against a hand-written RMSprop + Adam loop; photos of different sizes padded with masks."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from npbgpp_core.fitting import (
     coefficients_recipe,
     fit_coefficients,
     lr_factor,
+    padded_fit_views,
     random_crop,
 )
 from npbgpp_core.losses import gradient_loss, multiscale_l1
@@ -179,3 +180,49 @@ def test_coefficients_recipe_keeps_the_keywords_and_defaults_of_fit_coefficients
     for name, param in recipe.items():
         assert name in fit, name
         assert fit[name].default == param.default, name
+
+
+def test_padded_fit_views_keep_every_photo_and_mask_the_padding():
+    # A landscape and a portrait photo (a phone capture) and one a row shorter (COLMAP's
+    # undistorted photos): nothing dropped or resampled.
+    cams = ring_cameras(3, size=(20, 30))
+    cams[1] = ring_cameras(3, size=(30, 20))[1]
+    cams[2] = ring_cameras(3, size=(19, 30))[2]
+    g = torch.Generator().manual_seed(2)
+    images = [torch.rand(3, *c.image_size, generator=g) for c in cams]
+    views = padded_fit_views(images, cams)
+    assert views.images.shape == (3, 3, 30, 30) and views.masks.shape == (3, 1, 30, 30)
+    for k, (im, cam) in enumerate(zip(images, cams, strict=True)):
+        h, w = im.shape[-2:]
+        assert torch.equal(views.images[k, :, :h, :w], im)
+        assert float(views.masks[k].sum()) == h * w and bool((views.masks[k, :, :h, :w] == 1).all())
+        assert tuple(views.cameras[k].image_size) == (30, 30)
+        # The canvas grows at the bottom and right: every world point keeps its pixel.
+        pts = torch.tensor([[0.0, 0.0, 0.0], [0.3, -0.2, 0.1], [-0.4, 0.5, 0.2]], dtype=torch.float64)
+        uv, z = cam.project(pts)
+        uv2, z2 = views.cameras[k].project(pts)
+        assert torch.allclose(uv, uv2) and torch.allclose(z, z2)
+    # The padding never enters the loss: any prediction there gives the same value.
+    pred = torch.rand(1, 3, 30, 30, generator=g)
+    other = pred.clone()
+    other[..., 20:, :] = 5.0
+    for k in range(3):
+        target, mask = views.images[k : k + 1], views.masks[k : k + 1]
+        h, w = images[k].shape[-2:]
+        assert float(multiscale_l1(pred, target, mask, (1,))) == pytest.approx(
+            float((pred[..., :h, :w] - images[k]).abs().mean()), rel=1e-5)
+        if h == 20:
+            assert float(multiscale_l1(other, target, mask)) == pytest.approx(
+                float(multiscale_l1(pred, target, mask)), rel=1e-6)
+
+
+def test_padded_fit_views_same_size_and_bad_input():
+    cams = ring_cameras(2, size=(16, 24))
+    images = [torch.rand(3, 16, 24), torch.rand(3, 16, 24)]
+    views = padded_fit_views(images, cams)
+    assert views.masks is None and torch.equal(views.images, torch.stack(images))
+    with pytest.raises(ValueError, match=r"image 1 is \(16, 20\) but its camera \(16, 24\)"):
+        padded_fit_views([images[0], torch.rand(3, 16, 20)], cams)
+    with pytest.raises(ValueError, match="2 images but 1 cameras"):
+        padded_fit_views(images, cams[:1])
+
