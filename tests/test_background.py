@@ -558,6 +558,25 @@ def test_fit_coefficients_learns_the_scene_map():
     assert img.shape == (3, 64, 64) and bool(torch.isfinite(img).all())
 
 
+def test_fitted_model_renders_a_view_that_sees_no_point():
+    """A fitting crop may see no point at all (sparse clouds, padded canvases): the fitted
+    model then renders the map alone, as the NPBG++ model does for that view."""
+    from npbgpp_core.fitting import FitViews, fit_coefficients
+
+    model, scene = env_scene()
+    fit = fit_coefficients(model, scene, FitViews(torch.rand(4, 3, 64, 64), ring_cameras(4, size=(64, 64))),
+                           steps=0)
+    away = Camera.look_at((3, 0, 0), (6, 0, 0), up=UP_Z, fov_x_deg=40, image_size=(32, 32))
+    assert int((away.project(scene.points)[1] > 0).sum()) == 0
+    with torch.no_grad():
+        img = fit.model.render_raw(scene.points, away)
+        ref = model.render(scene, away)
+    assert torch.allclose(img[:3].clamp(0, 1), ref, atol=1e-5)
+    # Empty space through a training step too: the loss and its gradients stay finite.
+    fit = fit_coefficients(model, scene, FitViews(torch.rand(1, 3, 32, 32), [away]), steps=2, crop=16)
+    assert len(fit.losses) == 2 and all(math.isfinite(v) for v in fit.losses)
+
+
 def test_service_aggregates_and_renders_with_the_map(tmp_path):
     """The add-on's worker path: aggregation requests with environment weights write a
     bundle holding the map, and neural frames of that bundle render with it."""

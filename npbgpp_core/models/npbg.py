@@ -109,7 +109,8 @@ class NPBG(nn.Module):
             return desc
         pts = points if index is None else points[index]
         c = self.config.feature_dim
-        coefficients = desc.view(desc.shape[0], -1, c)
+        # Explicit sizes: a view seeing no point (a fitting crop on empty space) has 0 rows.
+        coefficients = desc.view(desc.shape[0], desc.shape[1] // c, c)
         return descriptors_from_coefficients(coefficients, self.basis(camera.view_directions(pts)))
 
     def render_raw(self, points: torch.Tensor, camera: Camera) -> torch.Tensor:
