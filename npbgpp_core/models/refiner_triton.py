@@ -2,8 +2,8 @@
 in Triton: ``impl="triton"`` (everything between the convolutions, convolutions left to
 cuDNN) and ``impl="triton_conv"`` (each gated block one implicit-GEMM kernel).
 
-On a GPU the gated U-Net is bound by memory traffic and elementwise launches, not by
-its convolutions (BENCHMARKS.md, "Status"): the torch path reads and writes every
+On a GPU the gated U-Net is bound by memory traffic and elementwise ops, not by matrix
+throughput (BENCHMARKS.md, "Status"): the torch path reads and writes every
 activation once per ``elu``, ``sigmoid``, product, pool, upsample, ``cat`` and pad.
 Here each gated block is
 
