@@ -21,15 +21,17 @@ next step run:
 5. ``graph``     a whole frame with static shapes (bench/static_frame.py) eager and as one
                  CUDA graph, fp32 and fp16, with the torch and the Triton refiners;
                  difference to model.render;
-6. ``compile``   torch.compile of the refiner in two fresh processes sharing an on-disk
-                 inductor cache: compile time cold and warm, then ms per refiner call; the
-                 same for the Triton refiners' kernels (Triton's own on-disk cache);
-7. ``published`` bench/bench_published.py (published-style pipeline / ours, 512x512 and
+6. ``published`` bench/bench_published.py (published-style pipeline / ours, 512x512 and
                  1920x1080, 3M points), which appends its own section;
-8. ``viewport``  the add-on's viewport path at 1920x1080: worker render request (point
+7. ``viewport``  the add-on's viewport path at 1920x1080: worker render request (point
                  layers + NPBG++ + copy to host) -> shared-memory frame -> client copy ->
                  compose -> texture data (and the GPUTexture itself where Blender's gpu
-                 module has a context; headless it has none).
+                 module has a context; headless it has none);
+8. ``compile``   torch.compile of the refiner in two fresh processes sharing an on-disk
+                 inductor cache: compile time cold and warm, then ms per refiner call; the
+                 same for the Triton refiners' kernels (Triton's own on-disk cache). Last:
+                 the longest step (six fresh processes, cold compiles), cut first when
+                 the budget runs out.
 
 ``--dry-run`` runs the same code on the CPU with tiny sizes (GPU-only variants report
 "skipped"; the Triton kernels run under Triton's interpreter, so their rows check the
@@ -474,7 +476,7 @@ def step_viewport(ctx: Context) -> list[Row]:
 
 STEPS: dict[str, Callable[[Context], list[Row]]] = {
     "info": step_info, "stages": step_stages, "frames": step_frames, "refiner": step_refiner,
-    "graph": step_graph, "compile": step_compile, "published": step_published, "viewport": step_viewport,
+    "graph": step_graph, "published": step_published, "viewport": step_viewport, "compile": step_compile,
 }
 
 

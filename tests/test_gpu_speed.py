@@ -36,7 +36,7 @@ def test_gpu_speed_dry_run_runs_every_step_and_writes_nothing(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     data = json.loads(out.read_text())
     assert data["dry_run"] and data["failed"] == []
-    assert list(data["results"]) == ["info", "stages", "frames", "refiner", "graph", "compile", "published", "viewport"]
+    assert list(data["results"]) == ["info", "stages", "frames", "refiner", "graph", "published", "viewport", "compile"]
     values = {what: value for rows in data["results"].values() for what, value in rows}
     # The tiled refiner and the static frame reproduce the reference renders.
     assert float(values["max |tiled - whole canvas| at roll 45"]) < 1e-4
