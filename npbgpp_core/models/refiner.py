@@ -46,6 +46,8 @@ def _pad(x: torch.Tensor) -> torch.Tensor:
 class GatedBlock(nn.Module):
     """ELU(conv3x3_f(x)) * sigmoid(conv3x3_m(x)), reflect padding."""
 
+    impl = "torch"  # set through Refiner.impl (a class default: modules pickled before it load)
+
     def __init__(self, cin: int, cout: int) -> None:
         super().__init__()
         self.feature = nn.Conv2d(cin, cout, 3)
@@ -54,7 +56,6 @@ class GatedBlock(nn.Module):
         # convolution to 2*cout costs about as much as one to cout (measured on AVX-512:
         # the full-resolution decoder block 28->6 takes 32 ms fused vs 50 ms as two).
         self.fuse_on_cpu = cout < 32 and cin > cout
-        self.impl = "torch"  # set through Refiner.impl
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = _pad(x)
@@ -104,6 +105,8 @@ class Refiner(nn.Module):
     CUDA with Triton installed, the torch path elsewhere. Training always runs the
     reference."""
 
+    _impl = "torch"  # see impl (a class default: modules pickled before it load)
+
     def __init__(self, in_channels: int = 9, out_channels: int = 3, background_channels: int = 0) -> None:
         super().__init__()
         self.in_channels = in_channels
@@ -124,7 +127,6 @@ class Refiner(nn.Module):
         self.head = nn.Conv2d(cin, out_channels, 1)
         with torch.no_grad():
             self.head.bias.fill_(0.5)
-        self._impl = "torch"
         if background_channels > 0:
             self.background_proj = nn.ModuleList(
                 [nn.Conv2d(background_channels, c[level], 1) for level in BACKGROUND_LEVELS]
