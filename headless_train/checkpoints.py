@@ -24,10 +24,11 @@ from typing import Any
 import torch
 
 from npbgpp_core.atomic import atomic_write_bytes
+from npbgpp_core.pretrained import TRAINER_META_KEY
 
 log = logging.getLogger(__name__)
 
-META_KEY = "npbgpp"
+META_KEY = TRAINER_META_KEY  # the metadata npbgpp_core.pretrained reads back
 FORMAT_VERSION = 1
 
 # Which system's weights each system can start from (weights_path).

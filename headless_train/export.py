@@ -41,14 +41,17 @@ def _colors(scene) -> torch.Tensor | None:
 
 
 def export_npbgpp(ckpt: dict, scene, args, name: str):
-    from npbgpp_core.models import NPBGPlusPlus
+    from npbgpp_core.models import NPBGPlusPlus, NPBGPlusPlusConfig
+    from npbgpp_core.pretrained import WeightsError, trainer_checkpoint_weights
     from npbgpp_core.scene import NeuralScene
 
     from .data import _fit_size
-    from .systems.npbgpp import model_config
 
-    model = NPBGPlusPlus(model_config(ckpt["npbgpp"].get("config", {}), for_checkpoint_weights=True))
-    state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    try:
+        _, config, state = trainer_checkpoint_weights(ckpt, args.checkpoint)
+    except WeightsError as exc:
+        raise ExportError(str(exc)) from None
+    model = NPBGPlusPlus(NPBGPlusPlusConfig.from_dict(config))
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

@@ -43,35 +43,26 @@ def _run_overrides(checkpoint: str) -> list[str] | None:
 
 
 def weights_from_checkpoint(ckpt: dict, path: str) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
-    """(kind, state dict, model config dict) of a headless_train checkpoint."""
-    from npbgpp_core.models import NPBG, NPBGConfig, NPBGPlusPlus
+    """(kind, state dict, model config dict) of a headless_train checkpoint, as
+    :func:`npbgpp_core.pretrained.trainer_checkpoint_weights` reads it (the loader of the
+    checkpoint itself builds the same network), checked against a freshly built one."""
+    from npbgpp_core.models import NPBG, NPBGConfig, NPBGPlusPlus, NPBGPlusPlusConfig
+    from npbgpp_core.pretrained import WeightsError, trainer_checkpoint_weights
 
     from .checkpoints import checkpoint_system
-    from .systems.npbgpp import model_config
 
-    system, scfg = checkpoint_system(ckpt, path)
-    state = ckpt["state_dict"]
-    if system == "npbgpp":
-        config = model_config(scfg, for_checkpoint_weights=True)
-        weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
-        module: torch.nn.Module = NPBGPlusPlus(config)
-        kind = "npbgpp"
-    elif system == "npbg":
-        d = int(scfg.get("descriptor_dim", 8))
-        config = NPBGConfig(descriptor_dim=d, feature_dim=d)
-        weights = {k[len("refiner."):]: v for k, v in state.items() if k.startswith("refiner.")}
-        module = NPBG(0, config).refiner
-        kind = "npbg_refiner"
-    else:
-        raise ExportWeightsError(f"{path}: system '{system}' has no scene-independent weights to export "
-                                 "(expected an npbgpp or npbg checkpoint)")
-    if not weights:
-        raise ExportWeightsError(f"{path}: no {kind} weights in the checkpoint's state_dict")
+    checkpoint_system(ckpt, path)  # CheckpointError naming malformed metadata
+    try:
+        kind, config, weights = trainer_checkpoint_weights(ckpt, path)
+    except WeightsError as exc:
+        raise ExportWeightsError(str(exc)) from None
+    module: torch.nn.Module = (NPBGPlusPlus(NPBGPlusPlusConfig.from_dict(config)) if kind == "npbgpp"
+                               else NPBG(0, NPBGConfig.from_dict(config)).refiner)
     try:
         module.load_state_dict(weights, strict=True)
     except RuntimeError as exc:
         raise ExportWeightsError(f"{path}: weights do not fit the {kind} model: {str(exc).splitlines()[0]}") from exc
-    return kind, weights, config.to_dict()
+    return kind, weights, config
 
 
 def build_card(ckpt: dict, path: str, kind: str, extra: dict[str, Any], fp16: bool, out: str) -> dict[str, Any]:

@@ -183,11 +183,13 @@ def read_weights(path: str, kind: str) -> WeightsFile:
     """Parse and validate a weights file of ``kind``; fp32 tensors on the CPU.
 
     A weights file (safetensors, see the module doc), or a torch checkpoint (``.pt``,
-    ``.pth``, ``.ckpt``: a dict with ``config``/``model_config`` and
-    ``state_dict``/``model``, keys optionally prefixed ``model.``), read with
-    ``weights_only=True`` so that no pickled code runs; its kind is taken as asked.
-    FileNotFoundError (with the regeneration command) when missing, :class:`WeightsError`
-    naming the file when it is corrupt or of another kind."""
+    ``.pth``, ``.ckpt``), read with ``weights_only=True`` so that no pickled code runs:
+    either one written by ``python -m headless_train`` (its network and config as
+    :func:`trainer_checkpoint_weights` finds them, the same as ``export-weights``), or a
+    dict with ``config``/``model_config`` and ``state_dict``/``model`` (keys optionally
+    prefixed ``model.``; its kind is taken as asked). FileNotFoundError (with the
+    regeneration command) when missing, :class:`WeightsError` naming the file when it is
+    corrupt, of another kind or holds no model config."""
     import torch
 
     _check_kind(kind)
@@ -196,7 +198,7 @@ def read_weights(path: str, kind: str) -> WeightsFile:
             f"{kind} weights file not found: {path}\n  regenerate it with: {regenerate_hint(kind, path)}"
         )
     if path.lower().endswith(CHECKPOINT_SUFFIXES):
-        config, card, state = _read_checkpoint(path)
+        config, card, state = _read_checkpoint(path, kind)
     else:
         config, card, state = _read_safetensors(path, kind)
     for k, v in state.items():
@@ -234,7 +236,7 @@ def _read_safetensors(path: str, kind: str) -> tuple[dict[str, Any], dict[str, A
     return config, card, state
 
 
-def _read_checkpoint(path: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
+def _read_checkpoint(path: str, kind: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
     import torch
 
     try:
@@ -244,14 +246,78 @@ def _read_checkpoint(path: str) -> tuple[dict[str, Any], dict[str, Any], dict[st
                            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
     if not isinstance(ckpt, dict):
         raise WeightsError(f"weights file {path} holds a {type(ckpt).__name__}, not a dict with a state dict")
-    config = ckpt.get("config") or ckpt.get("model_config") or {}
-    state = ckpt.get("state_dict") or ckpt.get("model") or ckpt
+    card = {"source": os.path.basename(path)}
+    if TRAINER_META_KEY in ckpt:
+        found, config, state = trainer_checkpoint_weights(ckpt, path)
+        if found != kind:
+            raise WeightsError(f"weights file {path} holds {found!r} weights, expected {kind!r}")
+        meta = ckpt[TRAINER_META_KEY]
+        card.update(system=meta["system"], steps=ckpt.get("global_step", 0))
+        return config, card, state
+    config = ckpt["config"] if "config" in ckpt else ckpt.get("model_config")
+    if config is None:
+        # Loading with the default config would build another network than the one trained
+        # (world_up, background, input_canvas, ...) or fail on a confusing key mismatch.
+        raise WeightsError(f"weights file {path} holds no model config: a torch checkpoint needs a 'config' "
+                           f"(or 'model_config') dict beside its 'state_dict', or headless_train's "
+                           f"'{TRAINER_META_KEY}' metadata")
+    state = ckpt.get("state_dict") or ckpt.get("model")
     if not isinstance(config, dict) or not isinstance(state, dict):
         raise WeightsError(f"weights file {path}: 'config' and 'state_dict' must be dicts")
     prefix = "model."
     if state and all(k.startswith(prefix) for k in state):
         state = {k[len(prefix):]: v for k, v in state.items()}
-    return dict(config), {"source": os.path.basename(path)}, dict(state)
+    return dict(config), card, dict(state)
+
+
+# The metadata headless_train writes into its checkpoints (headless_train.checkpoints):
+# {"system": name, "config": the system config, "scenes": [...], ...}.
+TRAINER_META_KEY = "npbgpp"
+# The scene-independent network each training system holds: state-dict prefix, weights kind.
+_TRAINER_NETWORKS = {"npbgpp": ("model.", "npbgpp"), "npbg": ("refiner.", "npbg_refiner")}
+
+
+def trainer_checkpoint_weights(ckpt: dict[str, Any], path: str) -> tuple[str, dict[str, Any], dict[str, torch.Tensor]]:
+    """``(kind, model config dict, state dict)`` of the network in a checkpoint written by
+    ``python -m headless_train``: an NPBG++ run -> the whole network (``npbgpp``), its
+    config from the run's system config (every :class:`NPBGPlusPlusConfig` field stored
+    there: ``background``, ``world_up``, ``input_canvas``, ...); an NPBG run -> its shared
+    refiner (``npbg_refiner``). The one reading of such a checkpoint, for
+    :func:`read_weights` and ``export-weights``. WeightsError naming the file for other
+    systems (their weights are per scene) and malformed metadata; tensors unchanged."""
+    import dataclasses
+
+    from .models import NPBGConfig, NPBGPlusPlusConfig
+
+    meta = ckpt.get(TRAINER_META_KEY)
+    system = meta.get("system") if isinstance(meta, dict) else None
+    scfg = meta.get("config", {}) if isinstance(meta, dict) else None
+    state = ckpt.get("state_dict")
+    if not isinstance(system, str) or not isinstance(scfg, dict) or not isinstance(state, dict):
+        raise WeightsError(f"weights file {path}: malformed headless_train checkpoint (needs "
+                           f"'{TRAINER_META_KEY}' metadata with a system name and config, and a 'state_dict')")
+    if system not in _TRAINER_NETWORKS:
+        raise WeightsError(f"weights file {path}: system '{system}' has no scene-independent weights "
+                           "(expected an npbgpp or npbg checkpoint)")
+    prefix, kind = _TRAINER_NETWORKS[system]
+    if system == "npbgpp":
+        options = {f.name: scfg[f.name] for f in dataclasses.fields(NPBGPlusPlusConfig) if f.name in scfg}
+        # the checkpoint holds the trained extractor: its starting file is neither read nor recorded
+        options["extractor_weights"] = None
+        make: Any = NPBGPlusPlusConfig.from_dict
+    else:
+        d = int(scfg.get("descriptor_dim", 8))
+        options = {"descriptor_dim": d, "feature_dim": d}
+        make = NPBGConfig.from_dict
+    try:
+        config = make(options).to_dict()
+    except (TypeError, ValueError) as exc:
+        raise WeightsError(f"weights file {path}: bad {system} config in its '{TRAINER_META_KEY}' metadata: "
+                           f"{exc}") from exc
+    weights = {k[len(prefix):]: v for k, v in state.items() if isinstance(k, str) and k.startswith(prefix)}
+    if not weights:
+        raise WeightsError(f"weights file {path}: no {kind} weights (keys '{prefix}*') in its state_dict")
+    return kind, config, weights
 
 
 def _load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], path: str, what: str) -> None:

@@ -195,3 +195,56 @@ def test_torch_checkpoints_load_strictly_and_never_unpickle(tmp_path):
     torch.save({"config": model.config.to_dict(), "state_dict": {first: state[first]}}, partial)
     with pytest.raises(WeightsError, match="partial.pt does not fit"):
         load_pretrained_npbgpp(str(partial))
+
+
+def test_a_headless_train_checkpoint_loads_with_its_own_config(tmp_path):
+    """``load_pretrained_npbgpp`` on a last.ckpt of ``python -m headless_train`` builds the
+    network that run trained (background, world_up, input_canvas and background rows of
+    its system config, not the defaults) and renders exactly as the fp32 export of it."""
+    from _train_fixtures import make_dataset
+    from hydra import compose, initialize_config_module
+
+    from headless_train.cli import run
+
+    root = make_dataset(str(tmp_path / "data"), ("sceneA",), views=6, size=32, n_points=150)
+    run_dir = str(tmp_path / "run")
+    overrides = ["datasets=nerf_blender_pretrain", f"datasets.data_root={root}", "system=npbgpp_sphere",
+                 "system.background=environment", "system.world_up=[0,0,1]", "system.background_rows=4",
+                 "system.input_canvas=bounds", "datasets.train_num_samples=1", "trainer.max_steps=1",
+                 "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "trainer.limit_val_batches=0",
+                 "dataloader=small", "datasets.train_image_size=16", f"system.descriptors_save_dir={run_dir}/d"]
+    with initialize_config_module("headless_train.conf", version_base="1.3"):
+        run(compose("config", overrides=overrides), run_dir)
+    ckpt = os.path.join(run_dir, "checkpoints", "last.ckpt")
+    out = str(tmp_path / "w.safetensors")
+    assert export_main(["--checkpoint", ckpt, "--out", out]) == 0
+    from_ckpt, exported = load_pretrained_npbgpp(ckpt), load_pretrained_npbgpp(out)
+    cfg = from_ckpt.config
+    assert (cfg.background, cfg.world_up, cfg.background_rows, cfg.input_canvas) == (
+        "environment", (0.0, 0.0, 1.0), 4, "bounds")
+    assert cfg.to_dict() == exported.config.to_dict()
+    assert read_weights(ckpt, "npbgpp").card["steps"] == 1
+    scene = load_scene(os.path.join(root, "sceneA"))
+    points = torch.from_numpy(scene.points)
+    images = torch.stack([scene.load_image(i) for i in scene.train])
+    cams = [scene.camera(i) for i in scene.train]
+    with torch.no_grad():
+        agg = [m.aggregate(points, images, cams) for m in (from_ckpt, exported)]
+        assert agg[0].background is not None and agg[0].background.shape[0] == cfg.feature_dim + 1
+        a, b = (m.render(s, scene.camera(scene.test[0])) for m, s in zip((from_ckpt, exported), agg, strict=True))
+    assert a.std() > 0 and torch.equal(a, b)  # fp32 export: the same tensors, the same image
+    with pytest.raises(WeightsError, match="holds 'npbgpp' weights, expected 'npbg_refiner'"):
+        load_pretrained_npbg_refiner(ckpt)
+
+
+def test_a_checkpoint_without_a_model_config_is_refused_by_name(tmp_path):
+    """A torch checkpoint with a state dict but no config (neither 'config' nor headless_train's
+    metadata) is an error naming the file and the field, never a guess with the default config."""
+    bare = tmp_path / "bare.pt"
+    torch.save({"state_dict": NPBGPlusPlus().state_dict()}, bare)
+    with pytest.raises(WeightsError, match="bare.pt holds no model config: .*'config'"):
+        load_pretrained_npbgpp(str(bare))
+    foreign = tmp_path / "c.ckpt"
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "npbgpp": {"system": "coefficients_ft", "config": {}}}, foreign)
+    with pytest.raises(WeightsError, match="c.ckpt: system 'coefficients_ft' has no scene-independent weights"):
+        read_weights(str(foreign), "npbgpp")
