@@ -202,7 +202,7 @@ class LockRunFolder(Callback):
         with read_write(config.hydra), open_dict(config.hydra):
             config.hydra[mode].dir = folder  # resolved once: ${now:...} cannot move on
         try:
-            _EARLY_LOCK = RunLock(folder).acquire()
+            _EARLY_LOCK = RunLock(folder, f"hydra.{mode}.dir").acquire()
         except RunLockedError as exc:
             print(_friendly(exc), file=sys.stderr)
             sys.exit(2)

@@ -34,8 +34,10 @@ def is_primary_process() -> bool:
 class RunLock:
     """Context manager holding ``<folder>/run.lock`` for the life of a run."""
 
-    def __init__(self, folder: str) -> None:
+    def __init__(self, folder: str, setting: str = "hydra.run.dir") -> None:
+        """``setting``: the option that chose ``folder``, named in the refusal."""
         self.folder = os.path.abspath(folder)
+        self.setting = setting
         self.path = os.path.join(folder, LOCK_NAME)
         self._fd: int | None = None
 
@@ -63,12 +65,12 @@ class RunLock:
                     holder = self._holder() or "unknown"
                     raise RunLockedError(
                         f"run folder {self.folder} is in use by another run (pid {holder.split()[0]}, "
-                        f"lock {self.path}: {holder}); wait for it to end or choose another hydra.run.dir"
+                        f"lock {self.path}: {holder}); wait for it to end or choose another {self.setting}"
                     ) from None
             elif prev_pid is not None and prev_pid != os.getpid() and pid_alive(prev_pid):
                 raise RunLockedError(
                     f"run folder {self.folder} is in use by another run (pid {prev_pid}, lock {self.path}); "
-                    "wait for it to end or choose another hydra.run.dir"
+                    f"wait for it to end or choose another {self.setting}"
                 )
             if prev_pid is not None and prev_pid != os.getpid():
                 log.warning("%s: took over the lock of pid %d, which is gone", self.path, prev_pid)

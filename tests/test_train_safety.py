@@ -195,6 +195,35 @@ def test_an_interpolated_run_folder_is_locked_before_hydra_writes_into_it(tmp_pa
     assert f"dir: {folder}\n" in (folder / ".hydra" / "hydra.yaml").read_text()  # Hydra used the locked folder
 
 
+def test_a_multirun_sweep_folder_is_locked_before_hydra_writes_into_it(tmp_path):
+    """``python -m headless_train -m``: the sweep folder is locked when the multirun starts,
+    before Hydra writes multirun.yaml or any job's .hydra/ into it, so a second sweep into
+    the same folder refuses (naming hydra.sweep.dir) and writes nothing; without a holder the
+    sweep fills the locked folder and releases it."""
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    sweep = tmp_path / "sweep"
+    args = [sys.executable, "-m", "headless_train", "-m", f"hydra.sweep.dir={sweep}",
+            f"datasets.data_root={tmp_path}/none", "seed=1,2"]
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time; from headless_train.runlock import RunLock; "
+         f"RunLock({str(sweep)!r}).acquire(); print('held', flush=True); time.sleep(120)"],
+        env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        proc = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 2 and f"in use by another run (pid {holder.pid}" in proc.stderr, proc.stderr
+        assert "choose another hydra.sweep.dir" in proc.stderr
+        assert sorted(os.listdir(sweep)) == ["run.lock"]  # no multirun.yaml, no job folder
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    proc = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 2 and "dataset folder not found" in proc.stderr, proc.stderr  # the first job ran
+    assert {"run.lock", "multirun.yaml", "0"} <= set(os.listdir(sweep))
+    assert {"run.lock", ".hydra"} <= set(os.listdir(sweep / "0"))
+    assert (sweep / "run.lock").read_text() == ""  # released when the sweep ended
+
+
 @pytest.mark.parametrize("meta, extra", [
     ({"system": 3, "config": {}}, {}),
     ({"system": "npbg", "config": []}, {}),
