@@ -141,23 +141,35 @@ def train_overrides(args: argparse.Namespace, run_dir: str, seed: str | None, re
     return o + list(args.override)
 
 
-def checkpoint_step(path: str) -> int:
+def checkpoint_state(path: str) -> tuple[int, dict[str, Any]]:
+    """(step, headless_train metadata) of the run's last.ckpt, read with
+    ``weights_only=True`` so that a planted pickle payload never runs; StageError naming
+    the file when it cannot be read. One read per use: a 27 MB last.ckpt (weights, Adam
+    moments) takes 0.2-0.4 s, next to a trainer start of 10 s or more."""
     import torch
 
-    return int(torch.load(path, map_location="cpu", weights_only=False).get("global_step", 0))
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - corrupt, truncated, or pickled code refused
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise StageError(f"checkpoint {path} is not readable with weights_only=True ({type(exc).__name__}: "
+                         f"{first}); move it away to start the stage afresh") from exc
+    meta = ckpt.get("npbgpp") if isinstance(ckpt, dict) else None
+    step = ckpt.get("global_step", 0) if isinstance(ckpt, dict) else None
+    if not isinstance(meta, dict) or not isinstance(step, int):
+        raise StageError(f"checkpoint {path} is not a headless_train checkpoint (no 'npbgpp' metadata or step)")
+    return step, meta
 
 
-def stage_background(args: argparse.Namespace, last: str | None) -> str:
-    """``--background``, or when not given the one the run continues with: the last
-    checkpoint's (resuming) or the starting weights file's ('none' for files without it).
-    Weights without a background start an 'environment' run with zero projections."""
+def stage_background(args: argparse.Namespace, resumed: dict[str, Any] | None) -> str:
+    """``--background``, or when not given the one the run continues with: the resumed
+    checkpoint's (``resumed``: its metadata) or the starting weights file's ('none' for
+    files without it). Weights without a background start an 'environment' run with zero
+    projections."""
     if args.background:
         return args.background
-    if last is not None:
-        import torch
-
-        meta = torch.load(last, map_location="cpu", weights_only=True).get("npbgpp", {})
-        return str(meta.get("config", {}).get("background", "none"))
+    if resumed is not None:
+        return str(resumed.get("config", {}).get("background", "none"))
     from npbgpp_core.pretrained import default_weights_path, read_weights
 
     return str(read_weights(args.weights or default_weights_path("npbgpp"), "npbgpp").config.get("background", "none"))
@@ -170,7 +182,7 @@ def run_stage(args: argparse.Namespace) -> dict[str, Any]:
     run_dir = os.path.join(work, "run")
     last = os.path.join(run_dir, "checkpoints", "last.ckpt")
     resume = os.path.isfile(last)
-    start_step = checkpoint_step(last) if resume else 0
+    start_step, resumed = checkpoint_state(last) if resume else (0, None)
     seed = None
     if not resume:
         from npbgpp_core.pretrained import default_weights_path
@@ -179,7 +191,7 @@ def run_stage(args: argparse.Namespace) -> dict[str, Any]:
         seed = seed_checkpoint(args.weights or default_weights_path("npbgpp"), os.path.join(work, "seed.ckpt"),
                                [float(v) for v in args.world_up.split(",")])
     max_steps = start_step + args.dry_steps if args.dry_run else 10**9
-    args.background = stage_background(args, last if resume else None)
+    args.background = stage_background(args, resumed)
     overrides = train_overrides(args, run_dir, seed, resume, max_steps)
     cmd = [sys.executable, "-m", "headless_train", *overrides]
     log_path = os.path.join(work, "train.log")
@@ -193,7 +205,7 @@ def run_stage(args: argparse.Namespace) -> dict[str, Any]:
     if not os.path.isfile(last):
         raise StageError(f"training wrote no {last} (exit code {rc}){stopped_note(stopped_by)}; see {log_path}"
                          f"{log_tail(log_path)}")
-    end_step = checkpoint_step(last)
+    end_step = checkpoint_state(last)[0]
     # 0: max_steps or the child's own time limit; 143: the SIGTERM this call sent
     finished = rc == 0 or (rc == EXIT_SIGTERM and (timed_out or stopped_by is not None))
     if not finished and stopped_by is None and end_step == start_step:

@@ -93,6 +93,20 @@ def test_a_planted_payload_never_runs_on_any_path(data_root, tmp_path, capsys):
     assert not os.path.exists(flag)
 
 
+def test_a_planted_payload_in_a_stage_folder_never_runs(data_root, tmp_path, capsys):
+    """``stage`` reads the step and background of the run it resumes with weights_only=True:
+    a last.ckpt carrying a payload is refused by name (exit 2) and starts no training."""
+    from headless_train.stage import main as stage_main
+
+    flag = str(tmp_path / "ran")
+    work = tmp_path / "stage"
+    _plant(str(work / "run" / "checkpoints" / "last.ckpt"), flag, system="npbgpp")
+    assert stage_main(["--corpus", data_root, "--work", str(work), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "last.ckpt is not readable with weights_only=True" in err, err
+    assert not os.path.exists(flag) and not (work / "train.log").exists()
+
+
 def _step(path: str) -> int:
     return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
 
