@@ -62,13 +62,15 @@ class NPBGPPRenderEngine(bpy.types.RenderEngine):
         self.update_stats("", f"NPBG++: rendering {geo.image_size[1]}x{geo.image_size[0]}")
         self.update_progress(0.0)
         try:
-            frame, depth_scale = render_frame(snap, geo, self.test_break)
+            frame, depth_scale, status = render_frame(snap, geo, self.test_break)
         except Cancelled:
             return
         except (WorkerError, ValueError, RuntimeError, OSError) as exc:
             self.report({"ERROR"}, f"NPBG++: {exc}")
             return
         self.update_progress(0.8)
+        if status:
+            self.update_stats("", f"NPBG++: {status}")
         out = frames.compose(frame, snap.output, scene.render.film_transparent, depth_scale)
         h, w = geo.image_size
         result = self.begin_result(0, 0, self.resolution_x, self.resolution_y)

@@ -84,6 +84,18 @@ class NPBGPPSceneSettings(bpy.types.PropertyGroup):
         ],
         default="AUTO",
     )
+    refiner_impl: EnumProperty(  # type: ignore[valid-type]
+        name="Refiner Kernels",
+        description="How the network's refiner runs. The fused kernels apply on a CUDA GPU with Triton installed "
+        "(elsewhere Torch runs; the viewport's status line says which ran) and compile once, into Triton's cache, "
+        "while the viewport keeps showing Torch frames; GPU timings are in the add-on's BENCHMARKS.md",
+        items=[
+            ("TORCH", "Torch", "PyTorch's own operations (the reference)"),
+            ("TRITON", "Fused (Triton)", "cuDNN convolutions, everything between them in fused Triton kernels"),
+            ("TRITON_CONV", "Fused GEMM (Triton)", "Each gated block one Triton kernel, convolutions included"),
+        ],
+        default="TORCH",
+    )
     preview_scale: FloatProperty(  # type: ignore[valid-type]
         name="Preview Scale", description="Viewport resolution scale once the view stops moving",
         default=1.0, min=0.1, max=1.0, subtype="FACTOR",

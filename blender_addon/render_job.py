@@ -22,11 +22,13 @@ MIN_TILE_SIZE = 2 * WINDOW_MARGIN + 16
 
 def render_frame(
     snap: SceneSnapshot, geo: CameraGeometry, should_cancel: Callable[[], bool] | None = None,
-    roll_context: str = "exact",
-) -> tuple[np.ndarray, float]:
-    """(H, W, 8) frame from the worker and the depth scale to bring depth to scene units.
+    roll_context: str = "exact", wait_for_kernels: bool = True,
+) -> tuple[np.ndarray, float, str]:
+    """(H, W, 8) frame from the worker, the depth scale to bring depth to scene units and
+    a status line for neural frames (which refiner ran, and why; "" otherwise).
     ``roll_context``: how the network renders rolled views ('exact' for F12 renders; the
-    viewport may ask for 'bounded', see ``RenderFrame.roll_context``)."""
+    viewport may ask for 'bounded', see ``RenderFrame.roll_context``). ``wait_for_kernels``:
+    F12 waits for fused refiner kernels to compile; the viewport renders with torch meanwhile."""
     worker = HUB.get(snap.mode, snap.env_path, snap.extra_paths)
     neural = snap.output == "NEURAL"
     depth_scale = 1.0
@@ -55,6 +57,13 @@ def render_frame(
         raise ValueError(f"Tile Size must be 0 (whole frame) or at least {MIN_TILE_SIZE} pixels, not "
                          f"{snap.tile_size}: each tile renders a margin of {WINDOW_MARGIN} pixels on every side")
     request = P.RenderFrame(geo.to_spec(), source, neural, snap.tile_size * snap.tile_size, snap.point_size,
-                            roll_context)
+                            roll_context, snap.refiner_impl, wait_for_kernels)
     reply = worker.request(request, should_cancel, snap.timeout)
-    return reply.pixels, depth_scale
+    return reply.pixels, depth_scale, refiner_status(reply)
+
+
+def refiner_status(frame: P.Frame) -> str:
+    """'refiner: <implementation that ran> (<note>)', or "" for a frame without the network."""
+    if not frame.refiner:
+        return ""
+    return f"refiner: {frame.refiner}" + (f" ({frame.note})" if frame.note else "")

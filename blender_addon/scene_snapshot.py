@@ -33,6 +33,7 @@ class SceneSnapshot(WorkerSettings):
     tile_size: int = 0  # pixels per tile side for neural frames, 0: whole frame
     point_size: int = 1
     viewport_roll_context: str = "auto"  # RenderFrame.roll_context of viewport frames (F12: exact)
+    refiner_impl: str = "torch"  # RenderFrame.refiner_impl
     points: np.ndarray | None = None  # world space
     colors: np.ndarray | None = None
     points_key: str = ""
@@ -83,6 +84,7 @@ def snapshot(
         mode=w.mode, env_path=w.env_path, extra_paths=w.extra_paths, timeout=w.timeout, output=s.output,
         bundle_path=bpy.path.abspath(s.bundle) if s.bundle else "", device=s.device, precision=s.precision,
         tile_size=s.tile_size, point_size=s.point_size, viewport_roll_context=s.viewport_roll_context.lower(),
+        refiner_impl=s.refiner_impl.lower(),
     )
     obj = s.point_object
     if obj is not None:

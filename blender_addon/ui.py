@@ -71,6 +71,7 @@ class RENDER_PT_npbgpp_performance(_NPBGPPPanel, bpy.types.Panel):
         layout.prop(s, "precision")
         layout.prop(s, "preview_scale")
         layout.prop(s, "viewport_roll_context")
+        layout.prop(s, "refiner_impl")
         layout.prop(s, "tile_size")
         layout.prop(s, "worker_mode")
         row = layout.row()

@@ -25,6 +25,7 @@ from .camera_bridge import CameraGeometry, viewport_geometry
 MOVING_SCALE = 0.25
 HALF_MAX = 65504.0
 POLL_SECONDS = 0.02  # how often the main thread looks whether a render job has finished
+RECHECK_SECONDS = 1.0  # while the worker compiles fused kernels: re-render the view this often
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,8 @@ class ViewportSession:
         self.texture: Any = None
         self.texture_id = -1
         self.message = ""
+        self.status = ""  # the worker's note on the last frame (which refiner ran)
+        self.recheck = False  # the worker is compiling fused kernels: render the view again soon
         self.thread: threading.Thread | None = None
         self.closed = False
 
@@ -134,12 +137,15 @@ class ViewportSession:
         from .render_job import render_frame
 
         try:
-            frame, depth_scale = render_frame(snap, geo, roll_context=snap.viewport_roll_context)
+            frame, depth_scale, status = render_frame(snap, geo, roll_context=snap.viewport_roll_context,
+                                                      wait_for_kernels=False)
             image = frames.compose(frame, snap.output, transparent, depth_scale, passes=("combined",))["combined"]
             with self.lock:
                 if self.scheduler.result(job.frame_id):
                     self.frame = (job.frame_id, image)
                     self.message = ""
+                    self.status = status
+                    self.recheck = "compiling" in status
         except Exception as exc:  # noqa: BLE001 - shown in the viewport header, never raised
             with self.lock:
                 self.scheduler.failed(job.frame_id)
@@ -162,10 +168,25 @@ class ViewportSession:
                 engine.tag_redraw()
             except ReferenceError:  # the engine (viewport) is gone
                 pass
+            if self.recheck and not self.closed:
+                bpy.app.timers.register(self.render_again, first_interval=RECHECK_SECONDS)
             return None
 
         bpy.app.timers.register(redraw_when_done, first_interval=POLL_SECONDS)
         return thread
+
+    def render_again(self) -> None:
+        """Main thread (a timer): render the view again, e.g. with the fused kernels once
+        the worker has compiled them (no view change would ask for it)."""
+        with self.lock:
+            if not self.recheck or self.closed:
+                return
+            self.recheck = False
+            self.scheduler.invalidate()
+        try:
+            self.engine.tag_redraw()
+        except ReferenceError:
+            pass
 
     def draw(self, context: Any, depsgraph: Any) -> None:
         import bpy
@@ -188,8 +209,8 @@ class ViewportSession:
             job = self.scheduler.request(key, (region.height, region.width))
         if job is not None:
             self.start_job(job, geo.scaled(*job.size), self.snapshot, scene.render.film_transparent)
-        if self.message:
-            self.engine.update_stats("", f"NPBG++: {self.message}")
+        if self.message or self.status:
+            self.engine.update_stats("", f"NPBG++: {self.message or self.status}")
         self._draw_frame(scene, region)
 
     def _draw_frame(self, scene: Any, region: Any) -> None:

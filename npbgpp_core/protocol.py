@@ -32,6 +32,9 @@ NEURAL_ALPHA = 8
 NEURAL_DEPTH = 9
 
 SOURCES = ("points", "bundle")
+# The refiner's inference implementations (npbgpp_core.models.refiner.IMPLS): the torch
+# reference, or the fused Triton kernels of npbgpp_core/models/refiner_triton.py.
+REFINER_IMPLS = ("torch", "triton", "triton_conv")
 
 
 # --------------------------------------------------------------------------- values
@@ -157,9 +160,14 @@ class DensifyProgress(Reply):
 
 @dataclass
 class Frame(Reply):
-    """float32 (H, W, FRAME_CHANNELS), see the module doc."""
+    """float32 (H, W, FRAME_CHANNELS), see the module doc. ``refiner``: the refiner
+    implementation that ran (one of REFINER_IMPLS; "" without the network), which may be
+    'torch' when a fused one was asked for; ``note``: why, or what the worker is doing
+    (e.g. compiling the fused kernels), "" when nothing to say."""
 
     pixels: np.ndarray
+    refiner: str = ""
+    note: str = ""
 
 
 @dataclass
@@ -168,6 +176,8 @@ class SharedFrame(Reply):
 
     shm: str
     shape: tuple[int, ...]
+    refiner: str = ""
+    note: str = ""
 
 
 # --------------------------------------------------------------------------- requests
@@ -329,6 +339,12 @@ class RenderFrame(Request):
     # see npbgpp_core/models/bounded.py) or 'auto' (bounded on the CPU, exact elsewhere:
     # the band executor was measured on the CPU only). Unrolled views are the same in all.
     roll_context: str = "exact"
+    # The refiner's implementation (REFINER_IMPLS). A fused one runs only on CUDA with
+    # Triton installed (Frame.refiner says what ran). Its kernels compile on a thread of
+    # the service the first time: meanwhile frames run torch, unless wait_for_kernels
+    # (F12 renders: every frame of an animation the same implementation).
+    refiner_impl: str = "torch"
+    wait_for_kernels: bool = False
     op: ClassVar[str] = "render"
     reply: ClassVar[type[Reply]] = Frame
 

@@ -9,8 +9,11 @@ service is used, not when this module is imported.
 
 from __future__ import annotations
 
+import copy
+import math
 import os
 import sys
+import threading
 import traceback
 from typing import TYPE_CHECKING, Any
 
@@ -148,6 +151,45 @@ class DatasetAggregation:
                                    list(self.model.config.world_up))
 
 
+def fused_kernels_compile(device: torch.device) -> bool:
+    """Whether the fused refiner's Triton kernels are compiled on ``device`` before they
+    run (on CUDA: seconds per kernel the first time, then Triton's on-disk cache), rather
+    than interpreted (the CPU under ``TRITON_INTERPRET=1``, tests only)."""
+    return device.type == "cuda"
+
+
+class KernelWarmup:
+    """Compiles a fused refiner implementation's Triton kernels on a thread, by rendering
+    ``camera`` (and that view rolled 45 degrees, which runs the refiner block by block)
+    with a private copy of the renderer's network: frames rendered meanwhile on the
+    service's thread keep the torch refiner and are never blocked. Triton keeps what it
+    compiled in memory for the process and on disk (``TRITON_CACHE_DIR``, by default
+    ``~/.triton/cache``), so a later worker loads the kernels instead of compiling them."""
+
+    def __init__(self, renderer: Any, impl: str, camera: Any, roll_context: str | None) -> None:
+        clone = copy.copy(renderer)
+        clone.model = copy.deepcopy(renderer.model)  # its own refiner.impl (the network is small)
+        clone.model.refiner.impl = impl
+        self.error = ""
+        self.thread = threading.Thread(target=self._run, args=(clone, camera, roll_context), daemon=True,
+                                       name=f"npbgpp-warmup-{impl}")
+        self.thread.start()
+
+    def _run(self, renderer: Any, camera: Any, roll_context: str | None) -> None:
+        import torch
+
+        try:
+            with torch.inference_mode():
+                for view in (camera, camera.rotated_in_plane(math.pi / 4)):
+                    renderer.render(view, roll_context=roll_context)
+        except Exception as exc:  # noqa: BLE001 - reported with every frame (which then runs torch)
+            self.error = f"{type(exc).__name__}: {exc}"
+
+    @property
+    def ready(self) -> bool:
+        return not self.thread.is_alive() and not self.error
+
+
 class RenderService:
     """Holds the scene (loose points, or a NeuralScene bundle) and answers requests."""
 
@@ -162,6 +204,7 @@ class RenderService:
         self.device = "cpu"
         self.aggregation: DatasetAggregation | None = None
         self.densify: Any = None  # npbgpp_core.densify.DensifyJob
+        self.warmups: dict[str, KernelWarmup] = {}  # fused refiner impl -> its compilation (this renderer)
 
     def handle(self, req: P.Request) -> P.Reply:
         """Answer one request; a failure becomes a :class:`~npbgpp_core.protocol.Failure`."""
@@ -219,6 +262,7 @@ class RenderService:
         key = (os.path.abspath(path), st.st_size, st.st_mtime_ns, req.device, req.precision)
         if key != self.bundle_key:
             self.bundle = self.renderer = self.bundle_key = None
+            self.warmups = {}
             device = pick_device(req.device)
             dtype = precision_dtype(req.precision)
             try:
@@ -373,13 +417,45 @@ class RenderService:
         if req.neural:
             if self.renderer is None:
                 raise RuntimeError("neural output needs a NeuralScene bundle (set one in Render Properties > NPBG++)")
+            context = req.roll_context
+            if context == "auto":
+                context = "bounded" if self.renderer.device.type == "cpu" else "exact"
+            refiner, note = self._refiner_impl(req, camera.to(self.device), context)
             with torch.inference_mode():
-                context = req.roll_context
-                if context == "auto":
-                    context = "bounded" if self.renderer.device.type == "cpu" else "exact"
                 img = self.renderer.render(camera.to(self.device), max_pixels=req.max_pixels, roll_context=context)
             frame[..., P.NEURAL] = img.detach().float().clamp(0, 1)[:3].permute(1, 2, 0).cpu().numpy()
             alpha, depth = fill_coverage(layers.mask, layers.depth)
             frame[..., P.NEURAL_ALPHA] = alpha.cpu().numpy()
             frame[..., P.NEURAL_DEPTH] = depth.cpu().numpy()
+            return P.Frame(frame, refiner, note)
         return P.Frame(frame)
+
+    def _refiner_impl(self, req: P.RenderFrame, camera: Any, roll_context: str) -> tuple[str, str]:
+        """Set the loaded network's refiner to the implementation ``req`` asks for where it
+        can run, else torch; returns (the implementation set, a note for the user)."""
+        wanted = req.refiner_impl
+        if wanted not in P.REFINER_IMPLS:
+            raise ValueError(f"refiner_impl must be one of {P.REFINER_IMPLS}, got {wanted!r}")
+        refiner = self.renderer.model.refiner
+        impl, note = wanted, ""
+        if wanted != "torch":
+            from .models import refiner_triton
+
+            device = self.renderer.device
+            if not refiner_triton.supported(device):
+                impl = "torch"
+                note = ("fused kernels need Triton (not installed)" if refiner_triton.triton_version() is None
+                        else f"fused kernels run on CUDA only, not {device.type}")
+            elif fused_kernels_compile(device):
+                warmup = self.warmups.get(wanted)
+                if warmup is None:
+                    context = roll_context if self.bundle.kind == "npbgpp" else None
+                    warmup = self.warmups[wanted] = KernelWarmup(self.renderer, wanted, camera, context)
+                if req.wait_for_kernels:
+                    warmup.thread.join()
+                if not warmup.ready:
+                    impl = "torch"
+                    note = (f"fused kernels failed: {warmup.error}" if warmup.error
+                            else "compiling fused kernels...")
+        refiner.impl = impl
+        return impl, note

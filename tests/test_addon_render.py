@@ -939,6 +939,56 @@ def test_viewport_rereads_points_only_when_the_point_object_changes(scene, monke
         bpy.app.handlers.depsgraph_update_post.remove(handler)
 
 
+def test_refiner_kernels_setting_reaches_the_worker_and_the_status_says_what_ran(scene, monkeypatch):
+    """Performance > Refiner Kernels (default Torch) travels in RenderFrame to the worker:
+    F12 waits for fused kernels to compile, the viewport does not. The worker here has no
+    GPU, so it runs torch and the viewport's status line says so."""
+    import importlib
+
+    from blender_addon.camera_bridge import scene_camera_geometry
+    from npbgpp_core import protocol as P
+
+    viewport = importlib.import_module(f"{MODULE}.viewport")
+    worker_client = importlib.import_module(f"{MODULE}.worker_client")
+    scene_snapshot = importlib.import_module(f"{MODULE}.scene_snapshot")
+    sent = []
+    forward = worker_client.ProcessWorker.request
+
+    def recorded(self, req, *args, **kwargs):
+        sent.append(req)
+        return forward(self, req, *args, **kwargs)
+
+    monkeypatch.setattr(worker_client.ProcessWorker, "request", recorded)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the worker inherits the environment
+    sc, cam = scene["scene"], scene["camera"]
+    assert sc.npbgpp.refiner_impl == "TORCH"
+    bundle = str(scene["dir"] / "tiny.npbgpp")
+    _tiny_bundle(bundle, scene["points"], scene["colors"])
+    sc.npbgpp.output = "NEURAL"
+    sc.npbgpp.bundle = bundle
+    sc.npbgpp.refiner_impl = "TRITON"
+    bpy.ops.render.render()
+    frames = [r for r in sent if isinstance(r, P.RenderFrame)]
+    assert [(r.refiner_impl, r.wait_for_kernels) for r in frames] == [("triton", True)]
+    sent.clear()
+    depsgraph = bpy.context.evaluated_depsgraph_get()
+    geo = scene_camera_geometry(cam.evaluated_get(depsgraph), sc)
+    session = viewport.ViewportSession(_RedrawCounter())
+    session.snapshot = scene_snapshot.snapshot(sc, depsgraph)
+    job = session.scheduler.request("view", geo.image_size)
+    session._run(job, geo, session.snapshot, False)
+    assert session.message == "" and session.frame is not None
+    frames = [r for r in sent if isinstance(r, P.RenderFrame)]
+    assert [(r.refiner_impl, r.wait_for_kernels) for r in frames] == [("triton", False)]
+    assert session.status.startswith("refiner: torch (fused kernels "), session.status
+    assert not session.recheck  # nothing compiling: no second render
+    # While the worker compiles, a timer asks for the same view again (at full scale).
+    session.recheck = True
+    session.render_again()
+    assert session.scheduler.shown is None and not session.recheck and session.engine.redraws == 1
+    assert session.scheduler.request("view", geo.image_size).scale == 1.0
+
+
 def test_empty_bundle_and_faceless_mesh_give_messages(scene):
     """A 0-point bundle and Points from Meshes on a mesh without faces are refused with a
     sentence (no KeyError traceback), and nothing is added to the scene."""

@@ -2,7 +2,7 @@
 convolutions + Triton epilogues, and ``impl="triton_conv"``, one implicit-GEMM kernel
 per gated block) compute what the torch refiner computes: each Triton kernel against its
 torch twin, the whole network against ``Refiner.forward_reference``, and the ``impl``
-switch through ``model.render``.
+switch through ``model.render`` and the render service (RenderFrame.refiner_impl).
 
 Without a GPU the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``, numpy
 on CPU tensors): the same kernel code, small shapes so the suite stays fast. On a CUDA
@@ -282,3 +282,103 @@ def test_kernels_compile_for_an_h100_without_a_gpu(monkeypatch, tmp_path):
         ptx.append(asm["ptx"])
     # The implicit GEMM runs on tensor cores in TF32 and fp16 (IEEE fp32 on FMA units).
     assert all("mma" in text for text in ptx[4:7]) and "mma" not in ptx[7]
+
+
+# --------------------------------------------------------------------------- the service
+def _service_with_bundle(tmp_path, device: str):
+    """A RenderService holding a random NPBG++ bundle on ``device``, and a 16x24 camera."""
+    from npbgpp_core import protocol as P
+    from npbgpp_core.camera import Camera
+    from npbgpp_core.scene import NeuralScene
+    from npbgpp_core.service import RenderService
+
+    torch.manual_seed(0)
+    model = NPBGPlusPlus(NPBGPlusPlusConfig()).eval()
+    g = torch.Generator().manual_seed(0)
+    pts = torch.randn(2000, 3, generator=g)
+    path = str(tmp_path / "s.npbgpp")
+    NeuralScene(pts / pts.norm(dim=1, keepdim=True), None, "npbgpp", torch.randn(2000, 7, 8, generator=g),
+                torch.ones(2000, dtype=torch.bool), model.config.to_dict(), model.state_dict()).save(path)
+    service = RenderService()
+    assert isinstance(service.handle(P.LoadBundle(path, device=device)), P.BundleInfo)
+    cam = Camera.look_at((2.0, 0.8, -2.0), (0, 0, 0), fov_x_deg=50, image_size=(16, 24))
+    return service, P.CameraSpec.from_camera(cam)
+
+
+def test_service_runs_and_reports_torch_where_the_fused_refiner_cannot_run(monkeypatch, tmp_path):
+    """On the CPU without Triton's interpreter a fused choice renders with torch, and the
+    frame says so (and why); bad names are refused naming the field."""
+    import numpy as np
+
+    from npbgpp_core import protocol as P
+    from npbgpp_core.models.refiner import IMPLS
+
+    assert P.REFINER_IMPLS == IMPLS
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    service, spec = _service_with_bundle(tmp_path, "CPU")
+    want = service.handle(P.RenderFrame(spec, "bundle", neural=True))
+    assert (want.refiner, want.note) == ("torch", "")
+    for impl in ("triton", "triton_conv"):
+        got = service.handle(P.RenderFrame(spec, "bundle", neural=True, refiner_impl=impl))
+        assert got.refiner == "torch" and "CUDA only" in got.note, got
+        assert np.array_equal(got.pixels, want.pixels)
+    points_only = service.handle(P.RenderFrame(spec, "bundle", refiner_impl="triton"))
+    assert points_only.refiner == "" and points_only.note == ""  # no network ran
+    bad = service.handle(P.RenderFrame(spec, "bundle", neural=True, refiner_impl="cuda"))
+    assert isinstance(bad, P.Failure) and "refiner_impl" in bad.error
+
+
+@pytest.mark.parametrize("impl", ["triton", "triton_conv"])
+def test_service_compiles_the_fused_refiner_aside_then_renders_with_it(monkeypatch, tmp_path, impl):
+    """As on CUDA (here: the interpreter, told it compiles): the first viewport frame runs
+    torch while a thread compiles the kernels, saying so; a frame that waits (F12) and the
+    frames after it run the fused refiner, equal to torch's frame; torch again on request."""
+    import threading
+
+    import numpy as np
+
+    from npbgpp_core import protocol as P
+    from npbgpp_core import service as S
+
+    monkeypatch.setattr(S, "fused_kernels_compile", lambda device: True)
+    release = threading.Event()
+    compile_and_render = S.KernelWarmup._run
+
+    def held(self, *args):  # the compilation is still running at the first frame
+        release.wait(60)
+        compile_and_render(self, *args)
+
+    monkeypatch.setattr(S.KernelWarmup, "_run", held)
+    service, spec = _service_with_bundle(tmp_path, DEVICE.type.upper())
+    want = service.handle(P.RenderFrame(spec, "bundle", neural=True))
+    first = service.handle(P.RenderFrame(spec, "bundle", neural=True, refiner_impl=impl))
+    assert (first.refiner, first.note) == ("torch", "compiling fused kernels..."), first
+    assert np.array_equal(first.pixels, want.pixels)
+    release.set()
+    waited = service.handle(P.RenderFrame(spec, "bundle", neural=True, refiner_impl=impl, wait_for_kernels=True))
+    assert (waited.refiner, waited.note) == (impl, ""), waited
+    np.testing.assert_allclose(waited.pixels, want.pixels, atol=1e-4, rtol=0)
+    assert np.abs(waited.pixels[..., P.NEURAL] - 0.5).max() > 1e-2  # not a flat image
+    again = service.handle(P.RenderFrame(spec, "bundle", neural=True, refiner_impl=impl))
+    assert again.refiner == impl and np.array_equal(again.pixels, waited.pixels)
+    back = service.handle(P.RenderFrame(spec, "bundle", neural=True))
+    assert back.refiner == "torch" and np.array_equal(back.pixels, want.pixels)
+
+
+def test_service_falls_back_to_torch_when_the_kernels_fail(monkeypatch, tmp_path):
+    """A compilation that raises leaves torch running, and every frame says why."""
+    import numpy as np
+
+    from npbgpp_core import protocol as P
+    from npbgpp_core import service as S
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("ptxas failed")
+
+    monkeypatch.setattr(S, "fused_kernels_compile", lambda device: True)
+    monkeypatch.setattr(rt, "refine", broken)
+    service, spec = _service_with_bundle(tmp_path, DEVICE.type.upper())
+    want = service.handle(P.RenderFrame(spec, "bundle", neural=True))
+    got = service.handle(P.RenderFrame(spec, "bundle", neural=True, refiner_impl="triton", wait_for_kernels=True))
+    assert got.refiner == "torch" and got.note == "fused kernels failed: RuntimeError: ptxas failed", got
+    assert np.array_equal(got.pixels, want.pixels)
