@@ -365,6 +365,30 @@ def test_service_compiles_the_fused_refiner_aside_then_renders_with_it(monkeypat
     assert back.refiner == "torch" and np.array_equal(back.pixels, want.pixels)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("impl", ["triton", "triton_conv"])
+def test_service_compiles_into_tritons_disk_cache_on_cuda(monkeypatch, tmp_path, impl):
+    """The real thing on a GPU: a fresh kernel cache, kernels compiled on the service's
+    thread, written to TRITON_CACHE_DIR (what a later worker loads instead of compiling),
+    then frames with the fused refiner equal to torch's."""
+    import numpy as np
+
+    from npbgpp_core import protocol as P
+
+    cache = tmp_path / "triton"
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(cache))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    rt._build_kernels.cache_clear()  # new kernel objects: nothing compiled in this process yet
+    service, spec = _service_with_bundle(tmp_path, "CUDA")
+    want = service.handle(P.RenderFrame(spec, "bundle", neural=True))
+    first = service.handle(P.RenderFrame(spec, "bundle", neural=True, refiner_impl=impl))
+    assert first.refiner in ("torch", impl), first  # torch unless the thread was already done
+    waited = service.handle(P.RenderFrame(spec, "bundle", neural=True, refiner_impl=impl, wait_for_kernels=True))
+    assert (waited.refiner, waited.note) == (impl, ""), waited
+    np.testing.assert_allclose(waited.pixels, want.pixels, atol=1e-4, rtol=0)
+    assert any(cache.rglob("*.cubin")), "no compiled kernel in TRITON_CACHE_DIR"
+
+
 def test_service_falls_back_to_torch_when_the_kernels_fail(monkeypatch, tmp_path):
     """A compilation that raises leaves torch running, and every frame says why."""
     import numpy as np
