@@ -80,10 +80,65 @@ def _kernels() -> SimpleNamespace:
 
 
 @functools.cache
-def _build_kernels(interpret: bool) -> SimpleNamespace:  # noqa: ARG001 - the cache key
+def _build_kernels(interpret: bool) -> SimpleNamespace:
     """The Triton kernels, defined under the current interpreter switch."""
     import triton
     import triton.language as tl
+
+    # Pieces the kernels below share. Defined here, with the kernels, so that they follow
+    # the interpreter switch at definition as the kernels do; Triton's own @jit helpers
+    # (tl.zeros, tl.cdiv, tl.sigmoid) follow the mode Triton was imported in instead,
+    # which is why the kernels do without them. Compiled kernels find these in their
+    # closure; the interpreter re-executes a kernel's source against this module's
+    # globals (closures are lost), so the interpreted ones are published there too.
+    @triton.jit
+    def _pad_index(i, n, REFLECT: tl.constexpr):
+        """Index ``i`` in [-1, n] folded into [0, n): refiner._pad's reflect, else replicate."""
+        if REFLECT:
+            i = tl.where(i < 0, -i, i)
+            i = tl.where(i >= n, 2 * n - 2 - i, i)
+        else:
+            i = tl.minimum(tl.maximum(i, 0), n - 1)
+        return i
+
+    @triton.jit
+    def _avg_pool2(at, s_h, s_w, mask):
+        """Mean of the 2 x 2 block whose top left is ``at`` (F.avg_pool2d(x, 2)), in fp32."""
+        return (tl.load(at, mask=mask, other=0.0).to(tl.float32)
+                + tl.load(at + s_w, mask=mask, other=0.0).to(tl.float32)
+                + tl.load(at + s_h, mask=mask, other=0.0).to(tl.float32)
+                + tl.load(at + s_h + s_w, mask=mask, other=0.0).to(tl.float32)) * 0.25
+
+    @triton.jit
+    def _bilinear(base, i, j, hs, ws, scale_h, scale_w, s_h, s_w, mask):
+        """F.interpolate(mode="bilinear", align_corners=False) of the (hs, ws) plane at
+        ``base`` sampled at output pixel (i, j), in fp32."""
+        # align_corners=False: source = (dst + 0.5) * in / out - 0.5, clamped at 0.
+        sy = tl.maximum((i.to(tl.float32) + 0.5) * scale_h - 0.5, 0.0)
+        sx = tl.maximum((j.to(tl.float32) + 0.5) * scale_w - 0.5, 0.0)
+        y0 = sy.to(tl.int32)
+        x0 = sx.to(tl.int32)
+        ly = sy - y0.to(tl.float32)
+        lx = sx - x0.to(tl.float32)
+        y1 = tl.minimum(y0 + 1, hs - 1)
+        x1 = tl.minimum(x0 + 1, ws - 1)
+        v00 = tl.load(base + y0 * s_h + x0 * s_w, mask=mask, other=0.0).to(tl.float32)
+        v01 = tl.load(base + y0 * s_h + x1 * s_w, mask=mask, other=0.0).to(tl.float32)
+        v10 = tl.load(base + y1 * s_h + x0 * s_w, mask=mask, other=0.0).to(tl.float32)
+        v11 = tl.load(base + y1 * s_h + x1 * s_w, mask=mask, other=0.0).to(tl.float32)
+        return (1.0 - ly) * ((1.0 - lx) * v00 + lx * v01) + ly * ((1.0 - lx) * v10 + lx * v11)
+
+    @triton.jit
+    def _elu_times_sigmoid(f, g):
+        """GatedBlock's ``elu(f) * sigmoid(g)`` in fp32."""
+        elu = tl.where(f > 0, f, tl.exp(tl.minimum(f, 0.0)) - 1.0)
+        # exp of -|g| only: no overflow for any gate value.
+        e = tl.exp(-tl.abs(g))
+        return elu * tl.where(g >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+    if interpret:
+        globals().update(_pad_index=_pad_index, _avg_pool2=_avg_pool2, _bilinear=_bilinear,
+                         _elu_times_sigmoid=_elu_times_sigmoid)
 
     # Sizes and strides are not specialised (Triton would compile a variant per pattern
     # of divisibility by 16, i.e. per image size and level): only the constexprs are.
@@ -107,14 +162,8 @@ def _build_kernels(interpret: bool) -> SimpleNamespace:  # noqa: ARG001 - the ca
         at = src + b * s_b + c * s_c + y * s_h + x * s_w
         f = tl.load(at, mask=gated, other=0.0).to(tl.float32)
         g = tl.load(at + C * s_c, mask=gated, other=0.0).to(tl.float32)
-        elu = tl.where(f > 0, f, tl.exp(tl.minimum(f, 0.0)) - 1.0)
         e = tl.load(extra + b * e_b + (c - C) * e_c + y * e_h + x * e_w, mask=copied, other=0.0)
-        # Not tl.sigmoid: a @jit helper, compiled or interpreted by the mode Triton was
-        # imported in, where this kernel follows the mode at its definition. exp of
-        # -|g| only: no overflow for any gate value.
-        s = tl.exp(-tl.abs(g))
-        sig = tl.where(g >= 0, 1.0 / (1.0 + s), s / (1.0 + s))
-        v = tl.where(c < C, elu * sig, e.to(tl.float32))
+        v = tl.where(c < C, _elu_times_sigmoid(f, g), e.to(tl.float32))
         tl.store(dst + b * d_b + c * d_c + y * d_h + x * d_w, v.to(dst.dtype.element_ty), mask=gated | copied)
 
     @triton.jit(do_not_specialize=("C", "H", "W", "h", "w", "s_b", "s_c", "s_h", "s_w", "d_b", "d_c"))
@@ -129,21 +178,11 @@ def _build_kernels(interpret: bool) -> SimpleNamespace:  # noqa: ARG001 - the ca
         mask = (p < (h + 2) * (w + 2)) & (c < C)
         i = p // (w + 2) - 1
         j = p % (w + 2) - 1
-        if REFLECT:
-            i = tl.where(i < 0, -i, i)
-            i = tl.where(i >= h, 2 * h - 2 - i, i)
-            j = tl.where(j < 0, -j, j)
-            j = tl.where(j >= w, 2 * w - 2 - j, j)
-        else:
-            i = tl.minimum(tl.maximum(i, 0), h - 1)
-            j = tl.minimum(tl.maximum(j, 0), w - 1)
+        i = _pad_index(i, h, REFLECT)
+        j = _pad_index(j, w, REFLECT)
         base = src + b * s_b + c * s_c
         if POOL == 2:
-            at = base + (2 * i) * s_h + (2 * j) * s_w
-            v = (tl.load(at, mask=mask, other=0.0).to(tl.float32)
-                 + tl.load(at + s_w, mask=mask, other=0.0).to(tl.float32)
-                 + tl.load(at + s_h, mask=mask, other=0.0).to(tl.float32)
-                 + tl.load(at + s_h + s_w, mask=mask, other=0.0).to(tl.float32)) * 0.25
+            v = _avg_pool2(base + (2 * i) * s_h + (2 * j) * s_w, s_h, s_w, mask)
         else:
             v = tl.load(base + i * s_h + j * s_w, mask=mask, other=0.0)
         tl.store(dst + b * d_b + c * d_c + p, v.to(dst.dtype.element_ty), mask=mask)
@@ -164,29 +203,9 @@ def _build_kernels(interpret: bool) -> SimpleNamespace:  # noqa: ARG001 - the ca
         copied = inside & (c >= CX) & (c < CX + CS)
         i = p // (w + 2) - 1
         j = p % (w + 2) - 1
-        if REFLECT:
-            i = tl.where(i < 0, -i, i)
-            i = tl.where(i >= h, 2 * h - 2 - i, i)
-            j = tl.where(j < 0, -j, j)
-            j = tl.where(j >= w, 2 * w - 2 - j, j)
-        else:
-            i = tl.minimum(tl.maximum(i, 0), h - 1)
-            j = tl.minimum(tl.maximum(j, 0), w - 1)
-        # align_corners=False: source = (dst + 0.5) * in / out - 0.5, clamped at 0.
-        sy = tl.maximum((i.to(tl.float32) + 0.5) * scale_h - 0.5, 0.0)
-        sx = tl.maximum((j.to(tl.float32) + 0.5) * scale_w - 0.5, 0.0)
-        y0 = sy.to(tl.int32)
-        x0 = sx.to(tl.int32)
-        ly = sy - y0.to(tl.float32)
-        lx = sx - x0.to(tl.float32)
-        y1 = tl.minimum(y0 + 1, hx - 1)
-        x1 = tl.minimum(x0 + 1, wx - 1)
-        base = x + b * x_b + c * x_c
-        v00 = tl.load(base + y0 * x_h + x0 * x_w, mask=up, other=0.0).to(tl.float32)
-        v01 = tl.load(base + y0 * x_h + x1 * x_w, mask=up, other=0.0).to(tl.float32)
-        v10 = tl.load(base + y1 * x_h + x0 * x_w, mask=up, other=0.0).to(tl.float32)
-        v11 = tl.load(base + y1 * x_h + x1 * x_w, mask=up, other=0.0).to(tl.float32)
-        bil = (1.0 - ly) * ((1.0 - lx) * v00 + lx * v01) + ly * ((1.0 - lx) * v10 + lx * v11)
+        i = _pad_index(i, h, REFLECT)
+        j = _pad_index(j, w, REFLECT)
+        bil = _bilinear(x + b * x_b + c * x_c, i, j, hx, wx, scale_h, scale_w, x_h, x_w, up)
         s = tl.load(skip + b * s_b + (c - CX) * s_c + i * s_h + j * s_w, mask=copied, other=0.0)
         v = tl.where(c < CX, bil, s.to(tl.float32))
         tl.store(dst + b * d_b + c * d_c + p, v.to(dst.dtype.element_ty), mask=up | copied)
@@ -225,14 +244,8 @@ def _build_kernels(interpret: bool) -> SimpleNamespace:  # noqa: ARG001 - the ca
             iy = y + tap // 3 - PAD
             ix = x + tap % 3 - PAD
             if PAD == 1:
-                if REFLECT:
-                    iy = tl.where(iy < 0, -iy, iy)
-                    iy = tl.where(iy >= H, 2 * H - 2 - iy, iy)
-                    ix = tl.where(ix < 0, -ix, ix)
-                    ix = tl.where(ix >= W, 2 * W - 2 - ix, ix)
-                else:
-                    iy = tl.minimum(tl.maximum(iy, 0), H - 1)
-                    ix = tl.minimum(tl.maximum(ix, 0), W - 1)
+                iy = _pad_index(iy, H, REFLECT)
+                ix = _pad_index(ix, W, REFLECT)
             iy = iy[:, None]
             ix = ix[:, None]
             k = (step % chunks) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -241,27 +254,9 @@ def _build_kernels(interpret: bool) -> SimpleNamespace:  # noqa: ARG001 - the ca
             if MODE == 0:
                 a = tl.load(src + b * s_b + kk * s_c + iy * s_h + ix * s_w, mask=m, other=0.0).to(tl.float32)
             elif MODE == 1:
-                at = src + b * s_b + kk * s_c + (2 * iy) * s_h + (2 * ix) * s_w
-                a = (tl.load(at, mask=m, other=0.0).to(tl.float32)
-                     + tl.load(at + s_w, mask=m, other=0.0).to(tl.float32)
-                     + tl.load(at + s_h, mask=m, other=0.0).to(tl.float32)
-                     + tl.load(at + s_h + s_w, mask=m, other=0.0).to(tl.float32)) * 0.25
+                a = _avg_pool2(src + b * s_b + kk * s_c + (2 * iy) * s_h + (2 * ix) * s_w, s_h, s_w, m)
             else:
-                mu = m & (kk < CX)
-                sy = tl.maximum((iy.to(tl.float32) + 0.5) * scale_h - 0.5, 0.0)
-                sx = tl.maximum((ix.to(tl.float32) + 0.5) * scale_w - 0.5, 0.0)
-                y0 = sy.to(tl.int32)
-                x0 = sx.to(tl.int32)
-                ly = sy - y0.to(tl.float32)
-                lx = sx - x0.to(tl.float32)
-                y1 = tl.minimum(y0 + 1, HS - 1)
-                x1 = tl.minimum(x0 + 1, WS - 1)
-                base = src + b * s_b + kk * s_c
-                v00 = tl.load(base + y0 * s_h + x0 * s_w, mask=mu, other=0.0).to(tl.float32)
-                v01 = tl.load(base + y0 * s_h + x1 * s_w, mask=mu, other=0.0).to(tl.float32)
-                v10 = tl.load(base + y1 * s_h + x0 * s_w, mask=mu, other=0.0).to(tl.float32)
-                v11 = tl.load(base + y1 * s_h + x1 * s_w, mask=mu, other=0.0).to(tl.float32)
-                up = (1.0 - ly) * ((1.0 - lx) * v00 + lx * v01) + ly * ((1.0 - lx) * v10 + lx * v11)
+                up = _bilinear(src + b * s_b + kk * s_c, iy, ix, HS, WS, scale_h, scale_w, s_h, s_w, m & (kk < CX))
                 sk = tl.load(skip + b * k_b + (kk - CX) * k_c + iy * k_h + ix * k_w,
                              mask=m & (kk >= CX), other=0.0).to(tl.float32)
                 a = tl.where(kk < CX, up, sk)
@@ -275,9 +270,7 @@ def _build_kernels(interpret: bool) -> SimpleNamespace:  # noqa: ARG001 - the ca
         nm = n < COUT
         f = acc_f + tl.load(bf + n, mask=nm, other=0.0).to(tl.float32)[None, :]
         g = acc_g + tl.load(bg + n, mask=nm, other=0.0).to(tl.float32)[None, :]
-        elu = tl.where(f > 0, f, tl.exp(tl.minimum(f, 0.0)) - 1.0)
-        e = tl.exp(-tl.abs(g))
-        v = elu * tl.where(g >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+        v = _elu_times_sigmoid(f, g)
         out = dst + b * d_b + n[None, :] * d_c + y[:, None] * d_h + x[:, None] * d_w
         tl.store(out, v.to(dst.dtype.element_ty), mask=inside[:, None] & nm[None, :])
 
