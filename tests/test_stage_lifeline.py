@@ -232,69 +232,56 @@ def test_a_second_signal_kills_the_child_at_once(tmp_path):
     assert out == f"{-signal.SIGKILL} False {int(signal.SIGINT)}" and terms == ["TERM"]
 
 
-def test_parent_watchdog_without_pdeathsig_stops_an_orphan(tmp_path):
-    """The portable fallback alone (no prctl): a middle process starts a grandchild tied to
-    it, then dies by SIGKILL; the grandchild's watchdog SIGTERMs it."""
+def orphan_must_stop(tmp_path, child: str, what: str) -> None:
+    """Run the script ``child`` as this test's grandchild, under a middle process; ``child``
+    gets the middle process's pid and a marker path as arguments and writes its own pid to
+    the marker once tied to its parent. SIGKILL the middle process, then wait (bounded) for
+    the orphaned grandchild to end."""
     marker = tmp_path / "grandchild.pid"
-    grandchild = textwrap.dedent(f"""
-        import os, sys, time
-        from headless_train.lifeline import tie_to_parent
-        assert tie_to_parent(int(sys.argv[1]), grace_s=60, poll_s=0.2, use_pdeathsig=False) is False
-        open({str(marker)!r}, "w").write(str(os.getpid()))
-        time.sleep(600)
-    """)
     middle = textwrap.dedent(f"""
         import os, subprocess, sys, time
-        subprocess.Popen([sys.executable, "-c", {grandchild!r}, str(os.getpid())])
+        subprocess.Popen([sys.executable, "-c", {child!r}, str(os.getpid()), {str(marker)!r}])
         time.sleep(600)
     """)
     proc = subprocess.Popen([sys.executable, "-c", middle], cwd=ROOT, env=ENV, start_new_session=True)
     pid = None
     try:
-        wait_for(lambda: marker.exists() and marker.read_text().isdigit(), "the grandchild's start", bound=60)
+        wait_for(lambda: marker.exists() and marker.read_text().isdigit(), f"the {what}'s start", bound=60)
         pid = int(marker.read_text())
         assert alive(pid)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
-        wait_for(lambda: not alive(pid), "the orphan's exit", bound=60)
+        wait_for(lambda: not alive(pid), f"the {what}'s exit", bound=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
         if pid is not None and alive(pid):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_parent_watchdog_without_pdeathsig_stops_an_orphan(tmp_path):
+    """The portable fallback alone (no prctl): a middle process starts a grandchild tied to
+    it, then dies by SIGKILL; the grandchild's watchdog SIGTERMs it."""
+    orphan_must_stop(tmp_path, textwrap.dedent("""
+        import os, sys, time
+        from headless_train.lifeline import tie_to_parent
+        assert tie_to_parent(int(sys.argv[1]), grace_s=60, poll_s=0.2, use_pdeathsig=False) is False
+        open(sys.argv[2], "w").write(str(os.getpid()))
+        time.sleep(600)
+    """), "orphan")
 
 
 def test_parent_watchdog_hard_exit_when_sigterm_is_ignored(tmp_path):
     """A child that does not stop on SIGTERM (stuck) ends after the grace period anyway."""
-    marker = tmp_path / "stuck.pid"
-    stuck = textwrap.dedent(f"""
+    orphan_must_stop(tmp_path, textwrap.dedent("""
         import os, signal, sys, time
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         from headless_train.lifeline import tie_to_parent
         tie_to_parent(int(sys.argv[1]), grace_s=1.0, poll_s=0.2)
-        open({str(marker)!r}, "w").write(str(os.getpid()))
+        open(sys.argv[2], "w").write(str(os.getpid()))
         time.sleep(600)
-    """)
-    middle = textwrap.dedent(f"""
-        import os, subprocess, sys, time
-        subprocess.Popen([sys.executable, "-c", {stuck!r}, str(os.getpid())])
-        time.sleep(600)
-    """)
-    proc = subprocess.Popen([sys.executable, "-c", middle], cwd=ROOT, env=ENV, start_new_session=True)
-    pid = None
-    try:
-        wait_for(lambda: marker.exists() and marker.read_text().isdigit(), "the stuck child's start", bound=60)
-        pid = int(marker.read_text())
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-        wait_for(lambda: not alive(pid), "the stuck orphan's hard exit", bound=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if pid is not None and alive(pid):
-            os.kill(pid, signal.SIGKILL)
+    """), "stuck orphan")
 
 
 def test_parent_already_gone_stops_at_once(tmp_path):
