@@ -4,9 +4,11 @@ a run that fails at start keeps a good last.ckpt, two runs cannot share a run fo
 from __future__ import annotations
 
 import builtins
+import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -144,17 +146,28 @@ def test_a_fresh_run_interrupted_behind_an_older_longer_run_keeps_its_checkpoint
     assert _step(saver.last_path) == 44 and saver.exit_status == 130
 
 
+@contextlib.contextmanager
+def lock_held(folder: str, env: dict[str, str]) -> Iterator[subprocess.Popen]:
+    """Another process holding the run lock (headless_train.runlock) on ``folder`` for the
+    block; then SIGKILLed: the lock file still names it, the kernel drops the flock."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time; from headless_train.runlock import RunLock; "
+         f"RunLock({folder!r}).acquire(); print('held', flush=True); time.sleep(120)"],
+        env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+
+
 def test_two_runs_cannot_share_a_folder_and_a_stale_lock_is_taken_over(data_root, tmp_path, caplog):
     from headless_train.cli import UsageError
 
     run_dir = str(tmp_path / "run")
     env = dict(os.environ, PYTHONPATH=ROOT)
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from headless_train.runlock import RunLock; "
-         f"RunLock({run_dir!r}).acquire(); print('held', flush=True); time.sleep(120)"],
-        env=env, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held(run_dir, env) as holder:
         with pytest.raises(UsageError, match=f"in use by another run \\(pid {holder.pid}"):
             run_inproc([f"datasets.data_root={data_root}", *ONE_SCENE], run_dir)
         # The command line refuses before Hydra writes its .hydra/ config files into the folder.
@@ -163,9 +176,6 @@ def test_two_runs_cannot_share_a_folder_and_a_stale_lock_is_taken_over(data_root
                               capture_output=True, text=True, timeout=240)
         assert proc.returncode == 2 and f"in use by another run (pid {holder.pid}" in proc.stderr, proc.stderr
         assert sorted(os.listdir(run_dir)) == ["run.lock"]  # refused before writing anything
-    finally:
-        holder.kill()  # SIGKILL: the lock file still names it, the kernel drops the flock
-        holder.wait(timeout=30)
     with open(os.path.join(run_dir, "run.lock")) as f:
         assert f.read().split()[0] == str(holder.pid)
     run_inproc([f"datasets.data_root={data_root}", *ONE_SCENE], run_dir)
@@ -183,12 +193,7 @@ def test_an_interpolated_run_folder_is_locked_before_hydra_writes_into_it(tmp_pa
     first = tmp_path / "runs" / "headless_train"  # ${hydra:job.name} is headless_train (conf/config.yaml)
     (first / ".hydra").mkdir(parents=True)
     (first / ".hydra" / "config.yaml").write_text("the first run's config\n")
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import time; from headless_train.runlock import RunLock; "
-         f"RunLock({str(first)!r}).acquire(); print('held', flush=True); time.sleep(120)"],
-        env=env, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held(str(first), env) as holder:
         args = [f"hydra.run.dir={tmp_path}/runs/${{hydra:job.name}}", f"datasets.data_root={tmp_path}/none"]
         proc = subprocess.run([sys.executable, "-m", "headless_train", *args], env=env, cwd=tmp_path,
                               capture_output=True, text=True, timeout=240)
@@ -196,9 +201,6 @@ def test_an_interpolated_run_folder_is_locked_before_hydra_writes_into_it(tmp_pa
         assert sorted(os.listdir(first)) == [".hydra", "run.lock"]
         assert os.listdir(first / ".hydra") == ["config.yaml"]
         assert (first / ".hydra" / "config.yaml").read_text() == "the first run's config\n"
-    finally:
-        holder.kill()
-        holder.wait(timeout=30)
     proc = subprocess.run([sys.executable, "-m", "headless_train", f"datasets.data_root={tmp_path}/none"], env=env,
                           cwd=tmp_path, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 2 and "dataset folder not found" in proc.stderr, proc.stderr
@@ -218,19 +220,11 @@ def test_a_multirun_sweep_folder_is_locked_before_hydra_writes_into_it(tmp_path)
     sweep = tmp_path / "sweep"
     args = [sys.executable, "-m", "headless_train", "-m", f"hydra.sweep.dir={sweep}",
             f"datasets.data_root={tmp_path}/none", "seed=1,2"]
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import time; from headless_train.runlock import RunLock; "
-         f"RunLock({str(sweep)!r}).acquire(); print('held', flush=True); time.sleep(120)"],
-        env=env, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held(str(sweep), env) as holder:
         proc = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
         assert proc.returncode == 2 and f"in use by another run (pid {holder.pid}" in proc.stderr, proc.stderr
         assert "choose another hydra.sweep.dir" in proc.stderr
         assert sorted(os.listdir(sweep)) == ["run.lock"]  # no multirun.yaml, no job folder
-    finally:
-        holder.kill()
-        holder.wait(timeout=30)
     proc = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 2 and "dataset folder not found" in proc.stderr, proc.stderr  # the first job ran
     assert {"run.lock", "multirun.yaml", "0"} <= set(os.listdir(sweep))
