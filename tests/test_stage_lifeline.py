@@ -185,6 +185,21 @@ print(rc, timed_out, stopped)
 """
 
 
+def pid_from(marker, what: str) -> int:
+    """The pid a started process writes to ``marker``, once it is there (bounded wait)."""
+    wait_for(lambda: marker.exists() and marker.read_text().isdigit(), f"the {what}'s start", bound=60)
+    return int(marker.read_text())
+
+
+def kill_leftovers(proc: subprocess.Popen, pid: int | None) -> None:
+    """Cleanup after a test: kill ``proc`` and the process ``pid`` if they still run."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    if pid is not None and alive(pid):
+        os.kill(pid, signal.SIGKILL)
+
+
 def drive(tmp_path, mode: str, timeout: float, grace: float, signals: tuple[int, ...] = ()) -> tuple[str, list[str]]:
     """Run run_child (in a process of its own, as the stage does) over FAKE_CHILD, send it
     ``signals`` once the child runs; returns (its printed result, the child's SIGTERM log)."""
@@ -194,19 +209,14 @@ def drive(tmp_path, mode: str, timeout: float, grace: float, signals: tuple[int,
     pid_file = tmp_path / "child.pid"
     child = None
     try:
-        wait_for(lambda: pid_file.exists() and pid_file.read_text().isdigit(), "the fake child's start", bound=60)
-        child = int(pid_file.read_text())
+        child = pid_from(pid_file, "fake child")
         for signum in signals:
             os.kill(driver.pid, signum)
             time.sleep(0.3)
         out, _ = driver.communicate(timeout=60)
         assert not alive(child)
     finally:
-        if driver.poll() is None:
-            driver.kill()
-            driver.wait()
-        if child is not None and alive(child):
-            os.kill(child, signal.SIGKILL)
+        kill_leftovers(driver, child)
     terms = tmp_path / "terms"
     return out.strip(), terms.read_text().split() if terms.exists() else []
 
@@ -246,18 +256,13 @@ def orphan_must_stop(tmp_path, child: str, what: str) -> None:
     proc = subprocess.Popen([sys.executable, "-c", middle], cwd=ROOT, env=ENV, start_new_session=True)
     pid = None
     try:
-        wait_for(lambda: marker.exists() and marker.read_text().isdigit(), f"the {what}'s start", bound=60)
-        pid = int(marker.read_text())
+        pid = pid_from(marker, what)
         assert alive(pid)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
         wait_for(lambda: not alive(pid), f"the {what}'s exit", bound=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if pid is not None and alive(pid):
-            os.kill(pid, signal.SIGKILL)
+        kill_leftovers(proc, pid)
 
 
 def test_parent_watchdog_without_pdeathsig_stops_an_orphan(tmp_path):
