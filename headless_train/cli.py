@@ -108,6 +108,7 @@ def _run(cfg: DictConfig, run_dir: str) -> dict | None:
         check_compatible(resume_ckpt, resume_path, name, scfg)
         if resume_ckpt["npbgpp"]["system"] != name:
             raise UsageError(f"{resume_path} belongs to system '{resume_ckpt['npbgpp']['system']}', not '{name}'")
+        check_resumed_warmup(resume_ckpt, resume_path, scfg)
         if source_ckpt is None:
             source_ckpt = resume_ckpt
         del resume_ckpt
@@ -168,6 +169,17 @@ def _run(cfg: DictConfig, run_dir: str) -> dict | None:
         paths = system.save_descriptors(str(scfg["descriptors_save_dir"]))
         log.info("descriptors written: %s", ", ".join(paths))
     return None
+
+
+def check_resumed_warmup(ckpt: dict, path: str, scfg: dict) -> None:
+    """UsageError when ``system.warmup_steps`` turns the warm-up on or off on a resumed run:
+    a checkpoint without scheduler state would warm up again from step 0, and one with it
+    resumed without a warm-up would keep its reduced lr for good."""
+    wanted = int(scfg.get("warmup_steps", 0) or 0)
+    saved = ckpt.get("npbgpp", {}).get("config", {}).get("warmup_steps", 0) or 0
+    if bool(ckpt.get("lr_schedulers")) != (wanted > 0):
+        raise UsageError(f"{path} was trained with system.warmup_steps={saved}; resume it with that value "
+                         f"(got system.warmup_steps={wanted})")
 
 
 _EARLY_LOCK = None  # the run folder's RunLock when LockRunFolder took it before Hydra wrote into it

@@ -179,6 +179,10 @@ def test_stage_dry_run_resumes_and_writes_weights(tmp_path):
     wf = read_weights(os.path.join(work, "npbgpp_sphere_stage.safetensors"), "npbgpp")
     assert wf.card["stage"]["end_step"] == 2 and wf.config["world_up"] == [0.0, 0.0, 1.0]
     assert "system.max_scenes_per_train_epoch=null" in calls[0]["overrides"]  # every scene, every epoch
+    # the first call warms up from the weights; the resumed one continues that ramp (scheduler in last.ckpt)
+    assert [c["warmup_steps"] for c in calls] == [200, 200]
+    last = torch.load(os.path.join(work, "run", "checkpoints", "last.ckpt"), map_location="cpu", weights_only=True)
+    assert last["lr_schedulers"][0]["last_epoch"] == 2
 
 
 def test_scene_discovery_skips_folders_a_renderer_is_still_writing(tmp_path):

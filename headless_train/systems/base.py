@@ -94,6 +94,34 @@ class BaseSystem(pl.LightningModule):
         opts = self.optimizers()
         return list(opts) if isinstance(opts, list | tuple) else [opts]
 
+    def warmup_steps(self) -> int:
+        """``system.warmup_steps`` (0: none); ValueError naming the field when negative."""
+        value = self.scfg.get("warmup_steps", 0) or 0
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"system.warmup_steps must be an integer >= 0, got {value!r}")
+        return value
+
+    def with_warmup(self, optimizer: torch.optim.Optimizer):
+        """``optimizer`` alone (no warm-up: the run is exactly as without this option), or with
+        a LambdaLR that ramps every param group's lr linearly up to its configured value over
+        the first ``system.warmup_steps`` optimiser steps (``npbgpp_core.fitting.lr_factor``:
+        step s uses (s + 1) / (N + 1)). A fresh Adam moves every weight by about lr on its
+        first steps whatever the gradient, which knocks trained weights off their optimum.
+        Lightning saves the scheduler in checkpoints, so a resumed run does not warm up again."""
+        n = self.warmup_steps()
+        if n == 0:
+            return optimizer
+        from npbgpp_core.fitting import lr_factor
+
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, 0, n))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def scheduler_list(self) -> list:
+        schedulers = self.lr_schedulers()
+        if schedulers is None:
+            return []
+        return list(schedulers) if isinstance(schedulers, list | tuple) else [schedulers]
+
     def batch_loss(self, batch: list[dict]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Mean loss over the samples of a batch (samples may differ in size)."""
         total, parts = None, {}
@@ -116,6 +144,8 @@ class BaseSystem(pl.LightningModule):
         opts[0].step()  # the Lightning-wrapped step counts global_step once per batch
         for o in opts[1:]:
             o.optimizer.step()
+        for schedule in self.scheduler_list():  # manual optimisation: Lightning steps none itself
+            schedule.step()
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(batch))
         for k, v in parts.items():
             self.log(f"train/{k}", v, batch_size=len(batch))

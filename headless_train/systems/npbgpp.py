@@ -45,6 +45,7 @@ class NPBGPlusPlusSystem(BaseSystem):
         # The batched step aggregates only the points its input views see (same loss; False
         # is the whole-cloud reference that tests and bench_train compare against).
         self.seen_only_aggregation = True
+        self.warmup_steps()  # a bad system.warmup_steps fails before any data is read
 
     def freeze_batchnorm(self) -> None:
         """BatchNorms of the extractor stay in eval mode (as published; also lets tiny crops train)."""
@@ -60,12 +61,13 @@ class NPBGPlusPlusSystem(BaseSystem):
         scale = float(self.scfg.get("background_lr_scale", 1.0))
         projections = getattr(self.model.refiner, "background_proj", None)
         if projections is None or scale == 1.0:
-            return torch.optim.Adam(self.model.parameters(), lr=lr)
+            return self.with_warmup(torch.optim.Adam(self.model.parameters(), lr=lr))
         # The environment projections start at zero when old weights are widened: a larger
         # step lets them reach a useful size in the few hundred steps a CPU stage has.
         own = {id(p) for p in projections.parameters()}
         rest = [p for p in self.model.parameters() if id(p) not in own]
-        return torch.optim.Adam([{"params": rest}, {"params": list(projections.parameters()), "lr": lr * scale}], lr=lr)
+        return self.with_warmup(torch.optim.Adam(
+            [{"params": rest}, {"params": list(projections.parameters()), "lr": lr * scale}], lr=lr))
 
     def aggregate_inputs(self, scene_id: int, images: list[torch.Tensor], cameras: list, variant: int | None = None):
         """Aggregate a sample's input views; views of equal size go through the extractor together."""
