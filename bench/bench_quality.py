@@ -283,13 +283,13 @@ def evaluate_scene(folder: str, args: argparse.Namespace, weights: dict[str, str
         agg_s = time.perf_counter() - t
         if "npbgpp" in args.methods:
             m["npbgpp"] = {**scores([model.render(agg, c) for c in test_cams]), "aggregate_s": agg_s}
-    if "coefficients_ft" in args.methods:
+    if "coefficients_ft" in args.methods or "npbg" in args.methods:
         views = padded_fit_views(in_images, in_cams)
+    if "coefficients_ft" in args.methods:
         fit = fit_coefficients(model, agg, views, steps=args.steps, crop=args.crop, **fit_options(args))
         m["coefficients_ft"] = {**scores([fit.model.render(agg.points, c) for c in test_cams]),
                                 "fit_s": fit.seconds, "steps": fit.steps}
     if "npbg" in args.methods:
-        views = padded_fit_views(in_images, in_cams)
         refiner = load_pretrained_npbg_refiner(weights["npbg_refiner"])
         fit = fit_npbg(points, views, refiner.state, steps=args.steps, crop=args.crop, config=refiner.config)
         m["npbg"] = {**scores([fit.model.render(points, c) for c in test_cams]), "fit_s": fit.seconds,

@@ -133,6 +133,8 @@ class ViewportSession:
         self.scheduler.invalidate()
 
     def _run(self, job: Job, geo: CameraGeometry, snap: Any, transparent: bool) -> None:
+        from npbgpp_core import protocol as P
+
         from . import frames
         from .render_job import render_frame
 
@@ -145,7 +147,7 @@ class ViewportSession:
                     self.frame = (job.frame_id, image)
                     self.message = ""
                     self.status = status
-                    self.recheck = "compiling" in status
+                    self.recheck = P.COMPILING_KERNELS_NOTE in status
         except Exception as exc:  # noqa: BLE001 - shown in the viewport header, never raised
             with self.lock:
                 self.scheduler.failed(job.frame_id)

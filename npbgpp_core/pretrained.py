@@ -285,8 +285,6 @@ def trainer_checkpoint_weights(ckpt: dict[str, Any], path: str) -> tuple[str, di
     refiner (``npbg_refiner``). The one reading of such a checkpoint, for
     :func:`read_weights` and ``export-weights``. WeightsError naming the file for other
     systems (their weights are per scene) and malformed metadata; tensors unchanged."""
-    import dataclasses
-
     from .models import NPBGConfig, NPBGPlusPlusConfig
 
     meta = ckpt.get(TRAINER_META_KEY)
@@ -300,17 +298,13 @@ def trainer_checkpoint_weights(ckpt: dict[str, Any], path: str) -> tuple[str, di
         raise WeightsError(f"weights file {path}: system '{system}' has no scene-independent weights "
                            "(expected an npbgpp or npbg checkpoint)")
     prefix, kind = _TRAINER_NETWORKS[system]
-    if system == "npbgpp":
-        options = {f.name: scfg[f.name] for f in dataclasses.fields(NPBGPlusPlusConfig) if f.name in scfg}
-        # the checkpoint holds the trained extractor: its starting file is neither read nor recorded
-        options["extractor_weights"] = None
-        make: Any = NPBGPlusPlusConfig.from_dict
-    else:
-        d = int(scfg.get("descriptor_dim", 8))
-        options = {"descriptor_dim": d, "feature_dim": d}
-        make = NPBGConfig.from_dict
     try:
-        config = make(options).to_dict()
+        if system == "npbgpp":
+            # the checkpoint holds the trained extractor: its starting file is neither read nor recorded
+            config = NPBGPlusPlusConfig.from_options(scfg, extractor_weights=None).to_dict()
+        else:
+            d = int(scfg.get("descriptor_dim", 8))
+            config = NPBGConfig.from_dict({"descriptor_dim": d, "feature_dim": d}).to_dict()
     except (TypeError, ValueError) as exc:
         raise WeightsError(f"weights file {path}: bad {system} config in its '{TRAINER_META_KEY}' metadata: "
                            f"{exc}") from exc

@@ -35,6 +35,8 @@ SOURCES = ("points", "bundle")
 # The refiner's inference implementations (npbgpp_core.models.refiner.IMPLS): the torch
 # reference, or the fused Triton kernels of npbgpp_core/models/refiner_triton.py.
 REFINER_IMPLS = ("torch", "triton", "triton_conv")
+# Frame.note while the service compiles a fused refiner's kernels (the viewport renders again).
+COMPILING_KERNELS_NOTE = "compiling fused kernels..."
 
 
 # --------------------------------------------------------------------------- values

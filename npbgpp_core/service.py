@@ -455,7 +455,6 @@ class RenderService:
                     warmup.thread.join()
                 if not warmup.ready:
                     impl = "torch"
-                    note = (f"fused kernels failed: {warmup.error}" if warmup.error
-                            else "compiling fused kernels...")
+                    note = f"fused kernels failed: {warmup.error}" if warmup.error else P.COMPILING_KERNELS_NOTE
         refiner.impl = impl
         return impl, note

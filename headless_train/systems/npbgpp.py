@@ -27,10 +27,7 @@ def model_config(scfg: dict, for_checkpoint_weights: bool = False) -> NPBGPlusPl
     """The network config in a system config (other keys, e.g. ``lr``, are the trainer's).
     ``for_checkpoint_weights``: the weights come from a checkpoint, so the extractor's
     starting weights file (``extractor_weights``) is neither read nor recorded."""
-    options = {k: scfg[k] for k in MODEL_KEYS if k in scfg}
-    if for_checkpoint_weights:
-        options["extractor_weights"] = None
-    return NPBGPlusPlusConfig.from_dict(options)
+    return NPBGPlusPlusConfig.from_options(scfg, **({"extractor_weights": None} if for_checkpoint_weights else {}))
 
 
 class NPBGPlusPlusSystem(BaseSystem):

@@ -236,10 +236,6 @@ def refine_bands(
 
     levels = [_Level(plan, level, device, dtype) for level in range(LEVELS)]
     c_in = refiner.in_channels
-
-    def gated(block, buf: torch.Tensor, level: int, band: Band) -> torch.Tensor:
-        return block.forward_unpadded(_Level.window(buf, band, 1))
-
     ups = [DECODER_CHANNELS[LEVELS - 3 - level] if level < LEVELS - 2 else LEVEL_CHANNELS[-1]
            for level in range(LEVELS - 1)]  # U_l channels: D_{l+1}'s output
     # Decoder inputs [U_l, E_l] share one buffer per level (no concatenation of windows).
@@ -261,7 +257,7 @@ def refine_bands(
         lv.put(r0, band, raster_band(0, band).to(dtype)[None])
     buf, ch = skip_buf(0)
     for band in lv.bands:
-        lv.put(buf, band, gated(refiner.first, r0, 0, band), ch)
+        lv.put(buf, band, refiner.first.forward_unpadded(lv.window(r0, band)), ch)
     del r0
     for level, block in enumerate(refiner.down, start=1):
         lv = levels[level]
@@ -277,7 +273,7 @@ def refine_bands(
             keep = plan.input_mask(level, band)
             if keep is not None:  # merged bands: the inputs beyond level 0's region stay zero
                 raster = raster * keep.to(device, dtype)
-            out = torch.cat([gated(block, pooled, level, band), raster[None]], 1)
+            out = torch.cat([block.forward_unpadded(lv.window(pooled, band)), raster[None]], 1)
             if use_bg and level in BACKGROUND_LEVELS:
                 proj = refiner.background_proj[BACKGROUND_LEVELS.index(level)]
                 bg = background_band(level, band).to(dtype)[None]  # type: ignore[misc]
@@ -289,7 +285,7 @@ def refine_bands(
     lv = levels[last]
     x = lv.new(refiner.center.feature.out_channels, c("decoder", last))
     for band in lv.bands:
-        lv.put(x, band, gated(refiner.center, e_last, last, band))
+        lv.put(x, band, refiner.center.forward_unpadded(lv.window(e_last, band)))
     for level in range(last - 1, -1, -1):
         lv = levels[level]
         buf = dec_in[level]
@@ -305,7 +301,7 @@ def refine_bands(
         block = refiner.up[last - 1 - level]
         x = lv.new(block.feature.out_channels, c("decoder", level))
         for band in lv.bands:
-            lv.put(x, band, gated(block, buf, level, band))
+            lv.put(x, band, block.forward_unpadded(lv.window(buf, band)))
         dec_in[level] = buf = None  # type: ignore[assignment]  # free memory early
     # Head (1x1) on the region only, into a zero canvas.
     lv = levels[0]

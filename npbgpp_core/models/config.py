@@ -131,6 +131,13 @@ class NPBGPlusPlusConfig:
     def from_dict(cls, d: dict[str, Any] | None) -> NPBGPlusPlusConfig:
         return _from_dict(cls, d)
 
+    @classmethod
+    def from_options(cls, options: dict[str, Any], **overrides: Any) -> NPBGPlusPlusConfig:
+        """The network's own fields of a wider options dict (a training system's config, whose
+        other keys, e.g. ``lr``, are the trainer's), with ``overrides`` on top."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls.from_dict({**{k: v for k, v in options.items() if k in names}, **overrides})
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["scales"] = list(self.scales)
