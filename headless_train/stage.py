@@ -39,6 +39,7 @@ Typical GPU call (copy ``.gpurun/`` with the repository, then)::
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import shutil
@@ -58,8 +59,9 @@ class StageError(ValueError):
 
 
 def folder_bytes(path: str) -> int:
+    """Bytes of the files under ``path``, through symbolic links (a corpus of linked scenes)."""
     total = 0
-    for dirpath, _, files in os.walk(path):
+    for dirpath, _, files in os.walk(path, followlinks=True):
         for f in files:
             total += os.path.getsize(os.path.join(dirpath, f))
     return total
@@ -378,11 +380,17 @@ def machine() -> str:
     return f"{platform.machine()} {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
 
 
-def pack(corpus: str, out: str, max_side: int, max_points: int, max_mib: float) -> dict[str, Any]:
+def pack(corpus: str, out: str, max_side: int, max_points: int, max_mib: float,
+         scenes: str | None = None) -> dict[str, Any]:
     """Copy ``corpus`` to ``out`` with images downscaled to ``max_side`` (PNG) and every
     .ply subsampled to ``max_points`` (seed 123); StageError when the result is still over
-    ``max_mib``. Folders a renderer is still writing (``*.partial-<pid>``) and hidden ones
-    are left out; ``out`` appears only when complete (``npbgpp_core.atomic.atomic_directory``)."""
+    ``max_mib``. ``scenes``: comma-separated names or shell patterns of the scene folders to
+    copy (default: all). Pixel intrinsics of NeRF-style ``transforms_*.json`` files (``w``,
+    ``h``, ``fl_x``, ``fl_y``, ``cx``, ``cy``) are scaled with their images (COLMAP models
+    are left as they are: the loader scales a camera to its image). Folders a renderer is
+    still writing (``*.partial-<pid>``) and hidden ones are left out; ``out`` appears only
+    when complete (``npbgpp_core.atomic.atomic_directory``). Scene folders may be symbolic
+    links (they are followed); a result without any image is refused."""
     import numpy as np
     from PIL import Image
 
@@ -393,11 +401,16 @@ def pack(corpus: str, out: str, max_side: int, max_points: int, max_mib: float) 
         raise StageError(f"corpus folder not found: {corpus}")
     if os.path.exists(out):
         raise StageError(f"{out} exists; remove it or pick another --out")
+    patterns = [p.strip() for p in (scenes or "").split(",") if p.strip()]
+    resized: dict[str, tuple[float, float]] = {}  # packed image path without extension -> (sx, sy)
     with atomic_directory(out) as tmp:
-        for dirpath, dirnames, files in os.walk(corpus):
+        for dirpath, dirnames, files in os.walk(corpus, followlinks=True):
             rel = os.path.relpath(dirpath, corpus)
             if rel == os.curdir:
-                dirnames[:] = [d for d in dirnames if is_listed_name(d)]
+                dirnames[:] = [d for d in dirnames if is_listed_name(d)
+                               and (not patterns or any(fnmatch.fnmatchcase(d, p) for p in patterns))]
+                if patterns and not dirnames:
+                    raise StageError(f"no scene folder of {corpus} matches --scenes {scenes!r}")
             dst_dir = os.path.join(tmp, rel)
             os.makedirs(dst_dir, exist_ok=True)
             for f in files:
@@ -409,7 +422,9 @@ def pack(corpus: str, out: str, max_side: int, max_points: int, max_mib: float) 
                         w, h = img.size
                         s = min(1.0, max_side / max(w, h))
                         if s < 1.0:
-                            img = img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.BOX)
+                            nw, nh = max(1, round(w * s)), max(1, round(h * s))
+                            img = img.resize((nw, nh), Image.Resampling.BOX)
+                            resized[os.path.splitext(os.path.normpath(dst))[0]] = (nw / w, nh / h)
                         img.save(dst)
                 elif low.endswith(".ply"):
                     pc = load_ply(src)
@@ -419,11 +434,70 @@ def pack(corpus: str, out: str, max_side: int, max_points: int, max_mib: float) 
                     save_ply(dst, pc.points[keep], None if pc.colors is None else pc.colors[keep])
                 elif low.endswith((".json", ".txt", ".bin", ".md")):
                     shutil.copyfile(src, dst)
+        for dirpath, _, files in os.walk(tmp):
+            for f in files:
+                if f.startswith("transforms_") and f.endswith(".json"):
+                    scale_transforms(os.path.join(dirpath, f), resized)
+        if not any(f.lower().endswith((".png", ".jpg", ".jpeg")) for _, _, fs in os.walk(tmp) for f in fs):
+            raise StageError(f"corpus folder {corpus} holds no images to pack (nothing was written)")
         size = folder_bytes(tmp) / 2**20
         if size > max_mib:
             raise StageError(f"packed corpus {out} would be {size:.1f} MiB, over {max_mib:g}: use a smaller "
                              "--max-side, --max-points or fewer scenes (nothing was written)")
     return {"out": out, "mib": round(size, 2)}
+
+
+PIXEL_KEYS_X, PIXEL_KEYS_Y = ("w", "fl_x", "cx"), ("h", "fl_y", "cy")
+
+
+def scale_transforms(path: str, resized: dict[str, tuple[float, float]]) -> None:
+    """Rewrite the NeRF-style ``transforms_*.json`` at ``path`` for images that :func:`pack`
+    downscaled (``resized``: packed image path without extension -> (sx, sy)): every frame
+    whose image was resized gets its pixel intrinsics (its own or the file's) scaled, as
+    per-frame values; the file-level ones are scaled too when every frame shares one scale.
+    Angles (``camera_angle_x``) do not depend on the image size. StageError naming the
+    file when it is not a transforms file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise StageError(f"{path}: not readable JSON ({exc})") from exc
+    frames = meta.get("frames") if isinstance(meta, dict) else None
+    if not isinstance(frames, list):
+        return
+    keys = PIXEL_KEYS_X + PIXEL_KEYS_Y
+    if not any(k in meta for k in keys) and not any(isinstance(fr, dict) and k in fr for fr in frames for k in keys):
+        return
+    root = os.path.dirname(path)
+    scales = []
+    for fr in frames:
+        fp = fr.get("file_path") if isinstance(fr, dict) else None
+        base = os.path.splitext(os.path.normpath(os.path.join(root, fp)))[0] if isinstance(fp, str) else None
+        scales.append(resized.get(base) if base is not None else None)
+    if not any(scales):
+        return
+    shared = scales[0] if all(sc == scales[0] for sc in scales) else None
+
+    def scaled(value: Any, factor: float, key: str) -> Any:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise StageError(f"{path}: {key} is not a number ({value!r})")
+        return round(value * factor) if key in ("w", "h") else value * factor
+
+    for fr, sc in zip(frames, scales, strict=True):
+        if sc is None:
+            continue
+        for k in keys:
+            value = fr.get(k, None if shared else meta.get(k))
+            if value is not None:
+                fr[k] = scaled(value, sc[0] if k in PIXEL_KEYS_X else sc[1], k)
+    for k in keys:
+        if k in meta:
+            if shared:
+                meta[k] = scaled(meta[k], shared[0] if k in PIXEL_KEYS_X else shared[1], k)
+            elif all(sc is not None for sc in scales):
+                del meta[k]  # every frame carries its own scaled value
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=1)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -468,8 +542,10 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--max-side", type=int, default=192)
             p.add_argument("--max-points", type=int, default=60000)
             p.add_argument("--max-mib", type=float, default=MAX_CORPUS_MIB - 4)
+            p.add_argument("--scenes", default=None,
+                           help="comma-separated scene folder names or shell patterns (default: all)")
             a = p.parse_args(argv[1:])
-            print(json.dumps(pack(a.corpus, a.out, a.max_side, a.max_points, a.max_mib)))
+            print(json.dumps(pack(a.corpus, a.out, a.max_side, a.max_points, a.max_mib, a.scenes)))
             return 0
         info = run_stage(parse_args(argv))
     except StageError as exc:

@@ -164,6 +164,53 @@ def test_stage_pack_leaves_out_unfinished_scenes_and_writes_all_or_nothing(tmp_p
     assert sorted(os.listdir(tmp_path)) == ["corpus", "packed"]
 
 
+def test_stage_pack_scales_pixel_intrinsics_follows_links_and_picks_scenes(tmp_path):
+    """A corpus of linked scene folders (like a training list of symlinks) packs to real
+    files; NeRF-style fl_x / cx / w / h are scaled with the images, so the packed scene's
+    camera is the original one scaled (checked through the loader, by hand)."""
+    import math
+
+    from _train_fixtures import make_tiny_scene
+
+    from headless_train.stage import StageError, pack
+    from npbgpp_core.datasets import load_scene
+
+    src = make_tiny_scene(str(tmp_path / "src" / "a"), views=3, size=32, splits=(2, 1, 0))
+    make_tiny_scene(str(tmp_path / "src" / "b"), views=3, size=32, splits=(2, 1, 0))
+    for split in ("train", "val"):
+        path = os.path.join(src, f"transforms_{split}.json")
+        with open(path) as f:
+            meta = json.load(f)
+        fl = 16.0 / math.tan(0.5 * meta["camera_angle_x"])
+        meta.update(fl_x=fl, fl_y=fl, cx=15.0, cy=17.0, w=32, h=32)
+        meta["frames"][0]["cx"] = 14.0  # a per-frame value wins over the file's
+        with open(path, "w") as f:
+            json.dump(meta, f)
+    corpus = tmp_path / "links"
+    corpus.mkdir()
+    for name in ("a", "b"):
+        os.symlink(tmp_path / "src" / name, corpus / f"scene_{name}")
+    out = tmp_path / "packed"
+    pack(str(corpus), str(out), 8, 100, 64.0, scenes="scene_a")
+    assert sorted(os.listdir(out)) == ["scene_a"] and not os.path.islink(out / "scene_a")
+    before, after = load_scene(src), load_scene(str(out / "scene_a"))
+    assert len(after.views) == len(before.views) == 3
+    for vb, va in zip(before.views, after.views, strict=True):
+        assert va.camera.image_size == (8, 8)
+        K0, K1 = np.asarray(vb.camera.K, dtype=np.float64), np.asarray(va.camera.K, dtype=np.float64)
+        # pixel-centre convention: cx' = (cx + 0.5) * s - 0.5 with s = 8 / 32
+        expected = K0.copy()
+        expected[0, 0] *= 0.25
+        expected[1, 1] *= 0.25
+        expected[0, 2] = (K0[0, 2] + 0.5) * 0.25 - 0.5
+        expected[1, 2] = (K0[1, 2] + 0.5) * 0.25 - 0.5
+        np.testing.assert_allclose(K1, expected, rtol=1e-6, atol=1e-6)
+    assert float(np.asarray(before.views[0].camera.K)[0, 2]) == pytest.approx(13.5)  # the per-frame cx
+    with pytest.raises(StageError, match="no scene folder .* matches --scenes 'nope'"):
+        pack(str(corpus), str(tmp_path / "none"), 8, 100, 64.0, scenes="nope")
+    assert not (tmp_path / "none").exists()
+
+
 def test_stage_dry_run_resumes_and_writes_weights(tmp_path):
     from headless_train.stage import main
     from npbgpp_core.pretrained import read_weights
