@@ -1,0 +1,766 @@
+"""A lent GPU session in two `run` calls: training first (issue #11), then speed (#16, #12).
+
+Prepared here on the CPU, run there (a bare H200/H100 machine: python3 with a CUDA torch,
+no registry, at most 64 MiB of carried files, 10 minutes a command, 15 minutes of device
+time in all, results only through ``$OUT``: at most 8 files of 16 MiB)::
+
+    .venv/bin/python bench/gpu_session.py prepare --corpus /work/trainD/ready   # or `make gpu-kit`
+    .venv/bin/python bench/gpu_session.py plan          # prints the two `run` calls again
+
+``prepare`` builds the ignored folder ``.gpurun/`` (the kit):
+
+- ``whl/``       pure-Python wheels of what the device's python lacks (hydra-core, omegaconf,
+                 antlr4 runtime, plyfile; pinned as in requirements.txt), installed there with
+                 ``pip install --no-index`` into a temporary folder only when missing;
+- ``corpus/``    the training corpus downscaled by ``python -m headless_train stage pack``
+                 and cut to a balanced set of scenes that fits the carried-size budget (room
+                 is kept for the stage state of a resumed call, see below);
+- ``densify/``   the scene of ``bench_densify.py --gpu`` (100 Cycles views of 1280x720: bpy
+                 exists only here, so it is rendered here, about 15-20 minutes on 2 cores);
+- ``stage/``     only with ``--resume-from DIR``: the stage folder returned by an earlier
+                 ``train`` call, so the next one continues it exactly (weights, Adam, steps);
+- ``start.safetensors`` only with ``--start-weights FILE``: the weights a first call starts from.
+
+Modes on the device (``--out`` defaults to ``$OUT``; each step has its own time limit inside
+``--budget-s``, a failed step is reported and the next one runs; the log is tee'd into
+``$OUT/<mode>.log`` and a summary table ends the output):
+
+- ``train``: python deps, CUDA rasterizer build, ``python -m headless_train stage --gpus 1``
+  on ``.gpurun/corpus`` for the minutes the budget leaves (first call: from the shipped
+  ``npbgpp_sphere.safetensors`` with the default 200-step warm-up; with ``.gpurun/stage``:
+  resumed), then ``bench/bench_train.py`` on CUDA at batch 8, 256^2 crops, 3 input views,
+  bf16. Returns the new weights, ``stage.json``, the bench JSON, the BENCHMARKS.md sections
+  written there, the log, and the stage state (last.ckpt with Adam moments is 26 MiB, more
+  than one returned file may hold) as a tar in parts of at most 15 MiB, which
+  ``prepare --resume-from`` joins again.
+- ``speed``: ``bench/gpu_speed.py`` within its budget, then ``bench/bench_densify.py --gpu``
+  on the carried scene; returns their JSON / the BENCHMARKS.md sections and the log.
+
+``--dry-run`` runs either mode on the CPU with tiny sizes (a 0.3-minute stage, 2 bench
+steps, ``gpu_speed.py --dry-run`` on two steps, ``bench_densify.py --gpu --dry-run``), to
+check the plumbing here (tests/test_gpu_session.py). The script needs only the standard
+library itself; torch is imported by the steps it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+ROOT = Path(__file__).resolve().parents[1]
+KIT = ".gpurun"
+MIB = 2**20
+TREE_LIMIT_MIB = 64.0  # what one `run` call may carry: tracked + untracked-not-ignored + carried
+TREE_MARGIN_MIB = 2.0
+OUT_MAX_FILES = 8
+OUT_FILE_LIMIT = 16 * MIB
+PART_BYTES = 15 * MIB  # one returned piece of the stage state
+COMMAND_MAX_CHARS = 2000
+CALL_MAX_S = 600
+STATE_RESERVE_MIB = 27.5  # room kept for a returned stage state (last.ckpt 26 MiB + logs)
+# Modules the steps import that the device image lacks (KINDS.md's package list).
+NEEDED_MODULES = ("hydra", "omegaconf", "plyfile")
+# Wheels for them: versions pinned in requirements.txt where it names them; omegaconf and
+# the antlr4 runtime are what hydra-core 1.3.2 resolved to in .venv.
+WHEEL_PINS = ("hydra-core==1.3.2", "omegaconf==2.3.1", "antlr4-python3-runtime==4.9.3", "plyfile==1.0.3")
+DENSIFY_SCENE = ("textured_monkey", 100, (720, 1280))  # bench_densify.py gpu_plan: name, views, (h, w)
+# Both calls with a machine start (about 1.5 minutes) and the gap between them fit the 15
+# minutes of device time a session has; --budgets changes them (e.g. train=540 alone).
+DEFAULT_BUDGET_S = {"train": 360, "speed": 360}
+CALL_MARGIN_S = 45  # timeout_s of a call over its budget: python start, copies, the summary
+
+
+class KitError(RuntimeError):
+    """A kit that cannot be built or a mode that cannot run; the message says what to do."""
+
+
+# ------------------------------------------------------------------ sizes and parts
+def tree_bytes(root: Path = ROOT) -> int:
+    """Bytes of what every call carries: tracked and untracked-not-ignored files of the
+    checkout (links count as links: only the link travels)."""
+    try:
+        out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
+                             capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise KitError(f"cannot list the files of {root} with git: {exc}") from exc
+    total = 0
+    for name in {n for n in out.decode("utf-8", "surrogateescape").split("\0") if n}:
+        try:
+            total += os.lstat(root / name).st_size
+        except OSError:
+            pass  # listed by the index, deleted in the work tree: it does not travel
+    return total
+
+
+def path_bytes(path: Path) -> int:
+    """Bytes under ``path`` (a file or a folder; links not followed, as they travel)."""
+    if path.is_symlink() or path.is_file():
+        return path.lstat().st_size
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        total += sum(os.lstat(os.path.join(dirpath, f)).st_size for f in files)
+    return total
+
+
+def carry_paths(mode: str, kit: str = KIT, root: Path = ROOT) -> list[str]:
+    """The ``carry`` list of a mode: the kit's paths that exist (a resumed call adds the
+    stage folder, a call from other weights adds them)."""
+    names = {"train": ["whl", "corpus", "stage", "start.safetensors"], "speed": ["whl", "densify"]}[mode]
+    return [f"{kit}/{n}" for n in names if (root / kit / n).exists()]
+
+
+def corpus_budget_mib(tree: int, wheels: int, state: int | None) -> float:
+    """MiB left for the packed corpus in the train call: the carried-size limit less the
+    checkout, the wheels, the stage state (its real size, else :data:`STATE_RESERVE_MIB`
+    when ``state`` is None; 0 keeps no room) and a margin."""
+    reserve = STATE_RESERVE_MIB * MIB if state is None else state
+    return (TREE_LIMIT_MIB - TREE_MARGIN_MIB) - (tree + wheels + reserve) / MIB
+
+
+def split_file(path: Path, out_dir: Path, stem: str, part_bytes: int = PART_BYTES) -> list[Path]:
+    """Cut ``path`` into ``<stem>.<sha256 first 12>.tar.NN`` pieces of at most ``part_bytes``
+    in ``out_dir`` (the digest lets :func:`join_parts` check the whole)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(MIB), b""):
+            digest.update(chunk)
+    parts = []
+    with open(path, "rb") as f:
+        k = 0
+        while True:
+            data = f.read(part_bytes)
+            if not data and k:
+                break
+            part = out_dir / f"{stem}.{digest.hexdigest()[:12]}.tar.{k:02d}"
+            part.write_bytes(data)
+            parts.append(part)
+            k += 1
+            if len(data) < part_bytes:
+                break
+    return parts
+
+
+PART_RE = re.compile(r"^(?P<stem>.+)\.(?P<sha>[0-9a-f]{12})\.tar\.(?P<k>\d{2})$")
+
+
+def join_parts(folder: Path, stem: str, dest: Path) -> Path:
+    """Join the pieces ``<stem>.<sha>.tar.NN`` in ``folder`` into ``dest``; KitError naming
+    the folder when pieces are missing, of two different states, or the digest differs."""
+    found = [(m, p) for p in sorted(folder.iterdir()) if (m := PART_RE.match(p.name)) and m["stem"] == stem]
+    if not found:
+        raise KitError(f"no {stem}.<digest>.tar.NN pieces in {folder}")
+    digests = {m["sha"] for m, _ in found}
+    if len(digests) != 1:
+        raise KitError(f"{folder} holds pieces of {len(digests)} different stage states ({sorted(digests)}); "
+                       "keep one call's pieces")
+    numbers = [int(m["k"]) for m, _ in found]
+    if numbers != list(range(len(found))):
+        raise KitError(f"{folder}: pieces {numbers} of {stem} are not 00..{len(found) - 1:02d} (one is missing)")
+    digest = hashlib.sha256()
+    with open(dest, "wb") as f:
+        for _, p in found:
+            data = p.read_bytes()
+            digest.update(data)
+            f.write(data)
+    if digest.hexdigest()[:12] != next(iter(digests)):
+        dest.unlink()
+        raise KitError(f"the pieces of {stem} in {folder} do not add up to the state they were cut from "
+                       "(digest differs): fetch them again")
+    return dest
+
+
+# ------------------------------------------------------------------ the two run calls
+def run_command(mode: str, budget_s: int) -> str:
+    """The shell command of a mode's `run` call."""
+    return (f"set -o pipefail; export PYTHONUNBUFFERED=1; python3 bench/gpu_session.py {mode} "
+            f"--out \"$OUT\" --budget-s {budget_s} 2>&1")
+
+
+def run_calls(kit: str = KIT, root: Path = ROOT, budgets: dict[str, int] | None = None) -> list[dict[str, Any]]:
+    """The `run` calls of a session, in order: {mode, command, carry, timeout_s}."""
+    budgets = {**DEFAULT_BUDGET_S, **(budgets or {})}
+    calls = []
+    for mode in ("train", "speed"):
+        b = int(budgets[mode])
+        calls.append({"mode": mode, "command": run_command(mode, b), "carry": carry_paths(mode, kit, root),
+                      "timeout_s": min(CALL_MAX_S, b + CALL_MARGIN_S)})
+    return calls
+
+
+def check_calls(calls: Sequence[dict[str, Any]]) -> list[str]:
+    """What is wrong with these `run` calls under the device tool's limits (empty: fine)."""
+    problems = []
+    for c in calls:
+        if len(c["command"]) > COMMAND_MAX_CHARS:
+            problems.append(f"{c['mode']}: command is {len(c['command'])} characters, over {COMMAND_MAX_CHARS}")
+        if len(c["carry"]) > 8 or any(len(p) > 200 for p in c["carry"]):
+            problems.append(f"{c['mode']}: carry takes at most 8 paths of 200 characters")
+        if not 1 <= c["timeout_s"] <= CALL_MAX_S:
+            problems.append(f"{c['mode']}: timeout_s {c['timeout_s']} is not in 1..{CALL_MAX_S}")
+    return problems
+
+
+def plan_text(kit: str = KIT, root: Path = ROOT, budgets: dict[str, int] | None = None) -> str:
+    """The sizes of both calls against the 64 MiB limit and the exact `run` calls."""
+    tree = tree_bytes(root)
+    lines = [f"checkout (tracked + untracked-not-ignored): {tree / MIB:.1f} MiB"]
+    calls = run_calls(kit, root, budgets)
+    for c in calls:
+        carried = sum(path_bytes(root / p) for p in c["carry"])
+        total = (tree + carried) / MIB
+        verdict = "ok" if total <= TREE_LIMIT_MIB - TREE_MARGIN_MIB else f"OVER the {TREE_LIMIT_MIB:g} MiB limit"
+        lines.append(f"{c['mode']} call carries {carried / MIB:.1f} MiB -> {total:.1f} MiB in all ({verdict})")
+    problems = check_calls(calls)
+    lines += [f"problem: {p}" for p in problems]
+    lines.append("The two `run` calls (device tool), one right after the other (the machine stays warm 30 s):")
+    for c in calls:
+        lines.append(json.dumps({k: c[k] for k in ("command", "carry", "timeout_s")}))
+    lines.append("Keep what comes back (files_at) before the next call: $OUT is emptied for each command. "
+                 "To continue the stage later: bench/gpu_session.py prepare --resume-from <files_at of train>.")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ prepare (here, on the CPU)
+def build_wheels(dest: Path, pins: Sequence[str] = WHEEL_PINS, python: str = sys.executable) -> list[Path]:
+    """Pure-Python wheels of ``pins`` in ``dest`` (``pip wheel --no-deps``: downloaded, or
+    built from the sdist when the project publishes none, e.g. antlr4-python3-runtime);
+    KitError when one is not pure Python (it would not install on the device's 3.12)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for pin in pins:
+        name, version = pin.split("==")
+        stem = f"{name.replace('-', '_')}-{version}-"
+        if any(p.name.lower().startswith(stem.lower()) for p in dest.glob("*.whl")):
+            continue
+        r = subprocess.run([python, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dest), pin],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise KitError(f"pip wheel {pin} failed (a registry is needed while preparing): {r.stderr[-800:]}")
+    wheels = sorted(dest.glob("*.whl"))
+    impure = [w.name for w in wheels if not w.name.endswith("-none-any.whl")]
+    if impure:
+        raise KitError(f"{dest}: {impure} are not pure-Python wheels; remove them")
+    return wheels
+
+
+def scene_group(name: str) -> str:
+    """A scene's family for a balanced choice: the name without a trailing ``_<number>`` and
+    without ``_x2``-style variants (``env_12`` -> ``env``, ``skull_x3`` -> ``skull``)."""
+    return re.sub(r"(_x\d+)?(_\d+)?$", "", name) or name
+
+
+def balanced_choice(sizes: dict[str, int], budget: int) -> list[str]:
+    """Scene names taken round-robin over their groups (smallest group first, scenes in
+    natural order) while they fit in ``budget`` bytes: every family is represented before
+    any has a second scene."""
+    def natural(s: str) -> list[Any]:
+        return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+    groups: dict[str, list[str]] = {}
+    for name in sorted(sizes, key=natural):
+        groups.setdefault(scene_group(name), []).append(name)
+    queues = [groups[g] for g in sorted(groups, key=lambda g: (len(groups[g]), g))]
+    chosen, used = [], 0
+    while any(queues):
+        for q in queues:
+            if q:
+                name = q.pop(0)
+                if used + sizes[name] <= budget:
+                    chosen.append(name)
+                    used += sizes[name]
+    return sorted(chosen, key=natural)
+
+
+def pack_corpus(corpus: str, dest: Path, max_side: int, max_points: int, budget_mib: float,
+                scenes: str | None = None) -> dict[str, Any]:
+    """``stage pack`` of ``corpus`` into a scratch folder, then the balanced choice of its
+    scenes that fits ``budget_mib`` moved to ``dest``."""
+    sys.path.insert(0, str(ROOT))
+    from headless_train.stage import StageError, folder_bytes, pack
+
+    if budget_mib < 1:
+        raise KitError(f"only {budget_mib:.1f} MiB are left for the corpus: carry less (no --resume-from, "
+                       "fewer untracked files)")
+    scratch = dest.parent / (dest.name + ".all")
+    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        pack(corpus, str(scratch), max_side, max_points, 10**6, scenes)
+    except StageError as exc:
+        raise KitError(str(exc)) from exc
+    try:
+        sizes = {d: folder_bytes(str(scratch / d)) for d in os.listdir(scratch)}
+        chosen = balanced_choice(sizes, int(budget_mib * MIB))
+        if not chosen:
+            raise KitError(f"no scene of {corpus} fits in {budget_mib:.1f} MiB at --max-side {max_side}")
+        tmp = dest.parent / (dest.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for name in chosen:
+            os.rename(scratch / name, tmp / name)
+        os.rename(tmp, dest)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return {"scenes": chosen, "of": len(sizes), "mib": round(sum(sizes[c] for c in chosen) / MIB, 2)}
+
+
+def render_densify_scene(dest: Path) -> Path:
+    """The Cycles scene of ``bench_densify.py --gpu`` under ``dest`` (its --cache layout),
+    rendered once."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_densify import render_scene
+
+    name, views, (h, w) = DENSIFY_SCENE
+    return render_scene(name, views, (h, w), dest / f"{name}_{views}_{w}x{h}")
+
+
+def restore_state(parts_dir: Path, stage_dir: Path) -> dict[str, Any]:
+    """Join the stage-state pieces a ``train`` call returned and unpack them to
+    ``stage_dir`` (replacing it), so the next call resumes that run."""
+    tmp_tar = stage_dir.parent / "stage_state.tar"
+    join_parts(parts_dir, "stage_state", tmp_tar)
+    new = stage_dir.parent / (stage_dir.name + ".partial")
+    shutil.rmtree(new, ignore_errors=True)
+    try:
+        with tarfile.open(tmp_tar) as tar:
+            tar.extractall(new, filter="data")
+    except (tarfile.TarError, OSError) as exc:
+        shutil.rmtree(new, ignore_errors=True)
+        raise KitError(f"stage state from {parts_dir} does not unpack: {exc}") from exc
+    finally:
+        tmp_tar.unlink(missing_ok=True)
+    if not (new / "run" / "checkpoints" / "last.ckpt").is_file():
+        shutil.rmtree(new)
+        raise KitError(f"the stage state from {parts_dir} holds no run/checkpoints/last.ckpt")
+    shutil.rmtree(stage_dir, ignore_errors=True)
+    os.rename(new, stage_dir)
+    return {"stage": str(stage_dir), "mib": round(path_bytes(stage_dir) / MIB, 1)}
+
+
+def prepare(args: argparse.Namespace) -> int:
+    kit = ROOT / args.kit
+    kit.mkdir(exist_ok=True)
+    say = print
+    wheels = build_wheels(kit / "whl")
+    say(f"wheels: {', '.join(w.name for w in wheels)}")
+    if args.resume_from:
+        say(f"stage state: {restore_state(Path(args.resume_from), kit / 'stage')}")
+    if args.start_weights:
+        if not os.path.isfile(args.start_weights):
+            raise KitError(f"--start-weights: file not found: {args.start_weights}")
+        shutil.copyfile(args.start_weights, kit / "start.safetensors")
+        say(f"first call starts from {args.start_weights} ({kit / 'start.safetensors'})")
+    corpus_dir = kit / "corpus"
+    if args.rebuild_corpus:
+        shutil.rmtree(corpus_dir, ignore_errors=True)
+    if corpus_dir.exists():
+        say(f"corpus: kept {corpus_dir} ({path_bytes(corpus_dir) / MIB:.1f} MiB; --rebuild-corpus to redo it)")
+    elif args.corpus:
+        stage_dir = kit / "stage"
+        state = path_bytes(stage_dir) if stage_dir.exists() else (0 if args.no_resume_room else None)
+        budget = corpus_budget_mib(tree_bytes(), sum(w.stat().st_size for w in wheels), state)
+        if args.corpus_mib is not None:
+            budget = min(budget, args.corpus_mib)
+        r = pack_corpus(args.corpus, corpus_dir, args.max_side, args.max_points, budget, args.scenes)
+        say(f"corpus: {len(r['scenes'])} of {r['of']} scenes, {r['mib']} MiB (budget {budget:.1f} MiB): "
+            f"{', '.join(r['scenes'])}")
+    else:
+        raise KitError(f"no corpus yet: give --corpus DIR (scene folders, e.g. corpus_env/train) to pack {corpus_dir}")
+    if args.no_densify:
+        say("densify scene: skipped (--no-densify); the speed call then times gpu_speed.py only")
+    else:
+        t0 = time.time()
+        scene = render_densify_scene(kit / "densify")
+        say(f"densify scene: {scene} ({path_bytes(scene) / MIB:.1f} MiB, {time.time() - t0:.0f} s)")
+    say(plan_text(args.kit, ROOT, args.budgets))
+    return 0
+
+
+# ------------------------------------------------------------------ the device modes
+@dataclass
+class Session:
+    """One mode's run: where output goes, the deadline, the environment of the steps, the
+    steps' outcomes."""
+
+    mode: str
+    out: Path
+    kit: Path
+    deadline: float
+    dry_run: bool
+    log: TextIO
+    scratch: Path  # installed wheels, the state tar: removed at the end
+    env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+    results: list[tuple[str, str, float]] = field(default_factory=list)
+
+    def say(self, text: str) -> None:
+        print(text, flush=True)
+        self.log.write(text + "\n")
+        self.log.flush()
+
+    def left(self) -> float:
+        return self.deadline - time.time()
+
+    def step(self, name: str, cmd: Sequence[str], limit_s: float, grace_s: float = 10.0,
+             reserve_s: float = 0.0) -> int | None:
+        """Run ``cmd`` (output tee'd to stdout and the log) for at most ``limit_s`` and
+        never past the deadline less ``reserve_s``; at its limit SIGTERM to its process
+        group, SIGKILL after ``grace_s``. Returns the exit code (None: skipped)."""
+        limit = min(limit_s, self.left() - reserve_s - grace_s)
+        if limit < 5:
+            self.say(f"=== {name}: skipped, {self.left():.0f} s left of the budget")
+            self.results.append((name, "skipped (budget spent)", 0.0))
+            return None
+        self.say(f"=== {name} (limit {limit:.0f} s): {shlex.join(cmd)}")
+        t0 = time.time()
+        proc = subprocess.Popen(list(cmd), cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True, text=True, errors="replace", bufsize=1)
+
+        def pump() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+                self.log.write(line)
+            self.log.flush()
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        timed_out = False
+        try:
+            rc = proc.wait(timeout=limit)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            self.say(f"=== {name}: time limit reached, SIGTERM")
+            _signal_group(proc, signal.SIGTERM)
+            try:
+                rc = proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                _signal_group(proc, signal.SIGKILL)
+                rc = proc.wait()
+        reader.join(timeout=10)
+        seconds = time.time() - t0
+        outcome = f"rc={rc}" + (" (time limit)" if timed_out else "")
+        self.say(f"=== {name}: {outcome} after {seconds:.0f} s")
+        self.results.append((name, outcome, seconds))
+        return rc
+
+    def summary(self) -> None:
+        self.say(f"=== gpu_session {self.mode}{' (dry run)' if self.dry_run else ''}: summary")
+        for name, outcome, seconds in self.results:
+            self.say(f"  {name:14s} {outcome:26s} {seconds:6.0f} s")
+        files = sorted(p for p in self.out.iterdir() if p.is_file())
+        for p in files:
+            self.say(f"  $OUT/{p.name}: {p.stat().st_size / MIB:.2f} MiB")
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def python_info(s: Session) -> bool:
+    """Log the machine, torch and CUDA; whether CUDA is usable (a clear line when not)."""
+    code = ("import sys, platform, torch; c = torch.cuda.is_available(); "
+            "print('python', platform.python_version(), sys.executable, '| torch', torch.__version__, "
+            "'| CUDA', torch.version.cuda, '| GPU', torch.cuda.get_device_name(0) if c else None); "
+            "sys.exit(0 if c else 3)")
+    if shutil.which("nvidia-smi"):
+        s.step("nvidia-smi", ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv"], 20)
+    rc = s.step("info", [sys.executable, "-c", code], 60)
+    if rc == 0:
+        return True
+    if s.dry_run and rc == 3:
+        name, _, seconds = s.results.pop()
+        s.results.append((name, "ok (no CUDA: dry run)", seconds))
+    elif not s.dry_run:
+        s.say("error: CUDA is not usable from this python (torch.cuda.is_available() is False, or torch is "
+              "missing): the GPU steps are skipped. Is this the GPU machine, and is `python3` the one with a "
+              "CUDA torch (KINDS.md: /opt/torch/.venv/bin/python3)?")
+    return False
+
+
+def install_deps(s: Session) -> bool:
+    """Install the kit's wheels into a scratch folder on PYTHONPATH when the python lacks a
+    module the steps import (always in a dry run, to check the plumbing)."""
+    missing = [m for m in NEEDED_MODULES if importlib.util.find_spec(m) is None]
+    wheels = sorted((s.kit / "whl").glob("*.whl"))
+    if not missing and not (s.dry_run and wheels):
+        s.say(f"=== deps: {', '.join(NEEDED_MODULES)} importable, nothing to install")
+        return True
+    if not wheels:
+        s.say(f"error: {', '.join(missing)} missing and no wheels in {s.kit / 'whl'} (run prepare here)")
+        s.results.append(("deps", "missing, no wheels", 0.0))
+        return False
+    site = s.scratch / "site"
+    rc = s.step("deps", [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                         "--disable-pip-version-check", "--target", str(site), *map(str, wheels)], 90)
+    if rc != 0:
+        return False
+    s.env["PYTHONPATH"] = os.pathsep.join([str(site), *filter(None, [s.env.get("PYTHONPATH")])])
+    return s.step("deps check", [sys.executable, "-c", "import " + ", ".join(NEEDED_MODULES)], 30) == 0
+
+
+def build_kernels(s: Session) -> None:
+    if s.dry_run:
+        s.say("=== kernels: skipped in a dry run (needs nvcc and a GPU)")
+        return
+    s.env.setdefault("MAX_JOBS", str(os.cpu_count() or 8))
+    s.step("kernels", [sys.executable, "-m", "kernels.build", "--quiet"], 180, reserve_s=60)
+
+
+def benchmarks_tail(before: str) -> str:
+    """What was appended to BENCHMARKS.md since its text was ``before``."""
+    try:
+        now = (ROOT / "BENCHMARKS.md").read_text(encoding="utf-8")
+    except OSError:
+        return ""
+    return now[len(before):] if now.startswith(before) else now
+
+
+# Seconds of a stage call besides its --minutes: the stage's own start (torch import, seed
+# checkpoint), the last checkpoint after SIGTERM and the fp16 export.
+STAGE_OVERHEAD_S = 45
+BENCH_TRAIN_RESERVE_S = 80  # python start, scene loading, workers, warm-up and 150 timed steps
+COLLECT_RESERVE_S = 20
+
+
+def stage_minutes(left_s: float) -> float:
+    """Training minutes for a stage that must end, exported, within ``left_s`` seconds and
+    leave the bench and the copies their time (one decimal, at least 0.5; 0: no time)."""
+    m = (left_s - STAGE_OVERHEAD_S - BENCH_TRAIN_RESERVE_S - COLLECT_RESERVE_S) / 60.0
+    return 0.0 if m < 0.5 else int(m * 10) / 10.0
+
+
+def mode_train(s: Session, corpus: Path | None) -> None:
+    corpus = corpus or s.kit / "corpus"
+    work = s.kit / "stage"
+    before = (ROOT / "BENCHMARKS.md").read_text(encoding="utf-8")
+    cmd = [sys.executable, "-m", "headless_train", "stage", "--corpus", str(corpus), "--work", str(work)]
+    if not (work / "run" / "checkpoints" / "last.ckpt").is_file() and (s.kit / "start.safetensors").is_file():
+        cmd += ["--weights", str(s.kit / "start.safetensors")]
+    if s.dry_run:
+        minutes = 0.3
+        cmd += ["--gpus", "0", "--batch", "1", "--workers", "0", "--crop", "32", "--minutes", str(minutes)]
+    else:
+        minutes = stage_minutes(s.left())
+        cmd += ["--gpus", "1", "--minutes", str(minutes), "--workers", str(min(8, os.cpu_count() or 1))]
+    if minutes <= 0:
+        s.say(f"=== stage: skipped, {s.left():.0f} s left is too little for a stage")
+        s.results.append(("stage", "skipped (budget spent)", 0.0))
+    else:
+        # Its own --minutes ends it (SIGTERM to the trainer, last.ckpt, export); this limit
+        # is a backstop for a stage that hangs: SIGTERM (the stage still saves and exports),
+        # SIGKILL a minute later. The bench then has what is left.
+        s.step("stage", cmd, minutes * 60 + STAGE_OVERHEAD_S + 30, grace_s=60)
+        log_tail(s, work / "train.log", 40)
+    bench = [sys.executable, "bench/bench_train.py", "--data-root", str(corpus), "--format", "null",
+             "--views", "3", "--json", str(s.out / "bench_train.json")]
+    if s.dry_run:
+        bench += ["--device", "cpu", "--batch", "1", "--crop", "32", "--steps", "2", "--warmup", "1"]
+    else:
+        bench += ["--device", "cuda", "--batch", "8", "--crop", "256", "--amp", "bf16", "--steps", "150",
+                  "--warmup", "15", "--workers", str(min(8, os.cpu_count() or 1)), "--record"]
+    s.step("bench_train", bench, BENCH_TRAIN_RESERVE_S + 60, reserve_s=COLLECT_RESERVE_S - 10)
+    collect_train(s, work, before)
+
+
+def log_tail(s: Session, path: Path, lines: int) -> None:
+    """The last ``lines`` of a step's own log (the stage writes the trainer's output there)."""
+    try:
+        tail = path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:]
+    except OSError:
+        return
+    s.say(f"--- last {len(tail)} lines of {path}:")
+    for line in tail:
+        s.say("  | " + line)
+
+
+def collect_train(s: Session, work: Path, benchmarks_before: str) -> None:
+    """Weights, stage.json, the BENCHMARKS.md sections and the stage state (tar pieces) to $OUT."""
+    t0 = time.time()
+    for name in ("npbgpp_sphere_stage.safetensors", "stage.json"):
+        if (work / name).is_file():
+            shutil.copyfile(work / name, s.out / name)
+    tail = benchmarks_tail(benchmarks_before)
+    if tail.strip():
+        (s.out / "BENCHMARKS_appended.md").write_text(tail, encoding="utf-8")
+    last = work / "run" / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        tar_path = s.scratch / "stage_state.tar"
+        with tarfile.open(tar_path, "w") as tar:
+            for rel in ("run/checkpoints/last.ckpt", "run/.hydra", "run/headless_train.log", "stage.json", "card.json",
+                        "train.log"):
+                if (work / rel).exists():
+                    tar.add(work / rel, arcname=rel)
+        parts = split_file(tar_path, s.out, "stage_state")
+        s.say(f"=== stage state: {len(parts)} piece(s) of at most {PART_BYTES // MIB} MiB "
+              f"({', '.join(p.name for p in parts)}); here: bench/gpu_session.py prepare --resume-from <files_at>")
+        s.results.append(("collect", "ok", time.time() - t0))
+    else:
+        s.say(f"=== stage state: none ({last} missing)")
+        s.results.append(("collect", "no stage state", time.time() - t0))
+
+
+DENSIFY_LIMIT_S = 120  # bench_densify --gpu: 10-view warm-up, 100 timed views, accuracy on the host
+SPEED_SLACK_S = 40
+
+
+def mode_speed(s: Session) -> None:
+    before = (ROOT / "BENCHMARKS.md").read_text(encoding="utf-8")
+    scene_dir = s.kit / "densify"
+    densify_s = DENSIFY_LIMIT_S if (scene_dir.is_dir() or s.dry_run) else 0
+    speed = [sys.executable, "bench/gpu_speed.py", "--json", str(s.out / "gpu_speed.json")]
+    if s.dry_run:
+        speed += ["--dry-run", "--steps", "info,stages"]
+    else:
+        # gpu_speed.py cuts its own later steps (compile first) when its budget runs out
+        # (a step under way when its budget ends still finishes: SPEED_SLACK_S for it)
+        speed += ["--budget-s", str(max(30, int(s.left() - densify_s - COLLECT_RESERVE_S - SPEED_SLACK_S)))]
+    s.step("gpu_speed", speed, s.left() - densify_s - COLLECT_RESERVE_S, grace_s=20, reserve_s=0)
+    if densify_s:
+        densify = [sys.executable, "bench/bench_densify.py", "--gpu", "--cache", str(scene_dir)]
+        s.step("bench_densify", densify + (["--dry-run"] if s.dry_run else []), densify_s,
+               reserve_s=COLLECT_RESERVE_S - 10)
+    else:
+        s.say(f"=== bench_densify: skipped, no {scene_dir} (prepare renders it; bpy is not on the device)")
+        s.results.append(("bench_densify", "skipped (no scene)", 0.0))
+    tail = benchmarks_tail(before)
+    if tail.strip():
+        (s.out / "BENCHMARKS_appended.md").write_text(tail, encoding="utf-8")
+
+
+def check_out(s: Session) -> None:
+    """Say which files would not come back (over 8 files or 16 MiB each)."""
+    files = sorted((p for p in s.out.iterdir() if p.is_file()), key=lambda p: p.stat().st_mtime)
+    if len(files) > OUT_MAX_FILES:
+        s.say(f"warning: {len(files)} files in $OUT, only {OUT_MAX_FILES} come back")
+    for p in files:
+        if p.stat().st_size > OUT_FILE_LIMIT:
+            s.say(f"warning: $OUT/{p.name} is {p.stat().st_size / MIB:.1f} MiB, over 16 MiB: it will not come back")
+
+
+def run_mode(args: argparse.Namespace) -> int:
+    out = args.out or os.environ.get("OUT")
+    if not out:
+        raise KitError("no output folder: give --out DIR (on the device the tool sets $OUT)")
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    kit = (ROOT / args.kit).resolve()
+    budget = args.budget_s if args.budget_s is not None else DEFAULT_BUDGET_S[args.mode]
+    if not args.dry_run and not 60 <= budget <= CALL_MAX_S - 20:
+        raise KitError(f"--budget-s must be in 60..{CALL_MAX_S - 20} (one call runs at most {CALL_MAX_S} s)")
+    with open(out_dir / f"{args.mode}.log", "a", encoding="utf-8") as log, \
+            tempfile.TemporaryDirectory(prefix="gpu_session_") as scratch:
+        s = Session(args.mode, out_dir, kit, time.time() + budget, args.dry_run, log, Path(scratch))
+        s.env["PYTHONUNBUFFERED"] = "1"
+        s.env.setdefault("OMP_NUM_THREADS", "1" if args.dry_run else s.env.get("OMP_NUM_THREADS", "8"))
+        s.say(f"=== gpu_session {args.mode}{' --dry-run' if args.dry_run else ''}: budget {budget} s, kit {kit}, "
+              f"out {out_dir}, {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}")
+        if not kit.is_dir() and args.corpus is None:
+            s.say(f"error: no kit folder {kit}: run `bench/gpu_session.py prepare` here and carry its paths")
+            return 2
+        cuda = python_info(s)
+        if not cuda and not args.dry_run:
+            s.summary()
+            return 3
+        ok = install_deps(s)
+        if ok:
+            build_kernels(s)
+            if args.mode == "train":
+                mode_train(s, Path(args.corpus).resolve() if args.corpus else None)
+            else:
+                mode_speed(s)
+        s.summary()
+        check_out(s)
+        failed = [n for n, outcome, _ in s.results if not outcome.startswith(("rc=0", "ok"))]
+        if failed or not ok:
+            s.say(f"=== gpu_session {args.mode}: FAILED or skipped: {', '.join(failed) or 'deps'}")
+            return 1
+        s.say(f"=== gpu_session {args.mode}: all steps passed")
+        return 0
+
+
+def parse_budgets(text: str | None) -> dict[str, int]:
+    """``train=400,speed=300`` -> {"train": 400, "speed": 300}; KitError on anything else."""
+    if not text:
+        return {}
+    out = {}
+    for item in text.split(","):
+        mode, _, value = item.partition("=")
+        if mode not in DEFAULT_BUDGET_S or not value.strip().isdigit():
+            raise KitError(f"--budgets takes train=SECONDS,speed=SECONDS, got {text!r}")
+        out[mode] = int(value)
+        if not 60 <= out[mode] <= CALL_MAX_S - CALL_MARGIN_S:
+            raise KitError(f"--budgets {mode}={value}: must be in 60..{CALL_MAX_S - CALL_MARGIN_S}")
+    return out
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bench/gpu_session.py", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="mode", required=True)
+    for mode in ("train", "speed"):
+        m = sub.add_parser(mode, help=f"the {mode} call (on the GPU machine)")
+        m.add_argument("--out", default=None, help="where results go (default: $OUT)")
+        m.add_argument("--budget-s", type=int, default=None,
+                       help=f"wall seconds for the whole mode (default {DEFAULT_BUDGET_S[mode]})")
+        m.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes: checks the plumbing")
+        m.add_argument("--kit", default=KIT, help="kit folder relative to the repository (default .gpurun)")
+        if mode == "train":
+            m.add_argument("--corpus", default=None, help="corpus folder (default: <kit>/corpus)")
+    for mode in ("prepare", "plan"):
+        m = sub.add_parser(mode, help="build the kit here and print the run calls" if mode == "prepare"
+                           else "print the run calls and sizes of the kit as it is")
+        m.add_argument("--kit", default=KIT)
+        m.add_argument("--budgets", type=parse_budgets, default={},
+                       help="train=SECONDS,speed=SECONDS of the two calls (default "
+                            f"train={DEFAULT_BUDGET_S['train']},speed={DEFAULT_BUDGET_S['speed']})")
+        if mode == "prepare":
+            m.add_argument("--corpus", default=None, help="training corpus to pack (scene folders; links followed)")
+            m.add_argument("--scenes", default=None, help="only these scene folders (comma list, shell patterns)")
+            m.add_argument("--max-side", type=int, default=192)
+            m.add_argument("--max-points", type=int, default=20000)
+            m.add_argument("--corpus-mib", type=float, default=None, help="at most this many MiB of corpus")
+            m.add_argument("--no-resume-room", action="store_true",
+                           help="use the room kept for a returned stage state for corpus (later calls then start "
+                                "from the returned weights with --start-weights instead of resuming)")
+            m.add_argument("--rebuild-corpus", action="store_true")
+            m.add_argument("--resume-from", default=None,
+                           help="folder with the stage_state.*.tar.NN pieces a train call returned")
+            m.add_argument("--start-weights", default=None, help="weights a first (not resumed) call starts from")
+            m.add_argument("--no-densify", action="store_true", help="do not render the bench_densify --gpu scene")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+        if args.mode == "plan":
+            print(plan_text(args.kit, ROOT, args.budgets))
+            return 0
+        if args.mode == "prepare":
+            return prepare(args)
+        return run_mode(args)
+    except KitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""bench/gpu_session.py, the kit for a lent GPU session: the `run` calls it prints fit the
+device tool's limits, the size budget and the balanced scene choice (hand-computed), the
+stage state's round trip through $OUT pieces, argument errors, and (slow) the train mode's
+whole plumbing on the CPU twice, the second call resuming the first from its pieces."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, os.path.dirname(__file__))
+
+import gpu_session as gs  # noqa: E402
+from _train_fixtures import make_dataset  # noqa: E402
+
+MIB = 2**20
+
+
+def test_run_calls_fit_the_device_tool_limits(tmp_path):
+    for name in ("whl", "corpus", "densify", "stage"):
+        (tmp_path / ".gpurun" / name).mkdir(parents=True)
+    calls = gs.run_calls(".gpurun", tmp_path)
+    assert [c["mode"] for c in calls] == ["train", "speed"]
+    assert calls[0]["carry"] == [".gpurun/whl", ".gpurun/corpus", ".gpurun/stage"]  # no start.safetensors here
+    assert calls[1]["carry"] == [".gpurun/whl", ".gpurun/densify"]
+    for c, budget in zip(calls, (gs.DEFAULT_BUDGET_S["train"], gs.DEFAULT_BUDGET_S["speed"]), strict=True):
+        assert len(c["command"]) <= 2000 and c["timeout_s"] <= 600
+        assert f"--budget-s {budget}" in c["command"] and c["timeout_s"] > budget
+        assert c["command"].startswith("set -o pipefail; export PYTHONUNBUFFERED=1; python3 bench/gpu_session.py")
+    assert gs.check_calls(calls) == []
+    # both calls and a machine start fit the 15 minutes of device time a session has
+    assert sum(c["timeout_s"] for c in calls) + 90 <= 15 * 60
+    bad = [{"mode": "train", "command": "x" * 2001, "carry": ["a"] * 9, "timeout_s": 601}]
+    assert len(gs.check_calls(bad)) == 3
+
+
+def test_corpus_budget_and_balanced_scene_choice():
+    # 62 MiB usable - 14 checkout - 0.5 wheels - 27.5 kept for a returned stage state
+    assert gs.corpus_budget_mib(14 * MIB, MIB // 2, None) == pytest.approx(20.0)
+    assert gs.corpus_budget_mib(14 * MIB, MIB // 2, 0) == pytest.approx(47.5)
+    assert gs.corpus_budget_mib(14 * MIB, MIB // 2, 30 * MIB) == pytest.approx(17.5)
+    assert [gs.scene_group(n) for n in ("env_12", "skull_x3", "skull", "random_3", "lund_x2")] == [
+        "env", "skull", "skull", "random", "lund"]
+    sizes = {"env_1": 3, "env_2": 3, "env_10": 3, "random_1": 1, "random_2": 1, "skull": 1, "skull_x2": 1}
+    # groups by size: skull (2), random (2), env (3); round 1: skull, random_1, env_1 (5 bytes);
+    # round 2: skull_x2 (6), random_2 (7), env_2 would make 10 > 7
+    assert gs.balanced_choice(sizes, 7) == ["env_1", "random_1", "random_2", "skull", "skull_x2"]
+    assert gs.balanced_choice(sizes, 100) == ["env_1", "env_2", "env_10", "random_1", "random_2", "skull", "skull_x2"]
+    assert gs.balanced_choice(sizes, 0) == []
+
+
+def test_stage_minutes_leave_the_bench_and_the_copies_their_time():
+    # (315 s - 45 stage overhead - 80 bench - 20 copies) / 60 = 2.83 -> 2.8
+    assert gs.stage_minutes(315) == 2.8
+    assert gs.stage_minutes(145 + 30) == 0.5
+    assert gs.stage_minutes(145 + 29) == 0.0
+
+
+def test_state_pieces_round_trip_and_damage_is_refused(tmp_path):
+    data = os.urandom(2500)
+    src = tmp_path / "state.tar"
+    src.write_bytes(data)
+    out = tmp_path / "out"
+    out.mkdir()
+    parts = gs.split_file(src, out, "stage_state", part_bytes=1000)
+    assert [p.stat().st_size for p in parts] == [1000, 1000, 500]
+    assert gs.join_parts(out, "stage_state", tmp_path / "joined").read_bytes() == data
+    # a piece whose bytes changed
+    bad = bytearray(parts[1].read_bytes())
+    bad[7] ^= 1
+    parts[1].write_bytes(bytes(bad))
+    with pytest.raises(gs.KitError, match="digest differs"):
+        gs.join_parts(out, "stage_state", tmp_path / "joined")
+    assert not (tmp_path / "joined").exists()
+    parts[1].unlink()
+    with pytest.raises(gs.KitError, match="one is missing"):
+        gs.join_parts(out, "stage_state", tmp_path / "joined")
+    mixed = tmp_path / "mixed"  # pieces of two calls' states in one folder
+    mixed.mkdir()
+    gs.split_file(src, mixed, "stage_state", part_bytes=1000)
+    other = tmp_path / "other.tar"
+    other.write_bytes(b"other")
+    gs.split_file(other, mixed, "stage_state", part_bytes=1000)
+    with pytest.raises(gs.KitError, match="2 different stage states"):
+        gs.join_parts(mixed, "stage_state", tmp_path / "joined")
+    with pytest.raises(gs.KitError, match="no stage_state"):
+        gs.join_parts(tmp_path, "stage_state", tmp_path / "joined")
+    # an exact multiple of the piece size ends with a full piece, no empty one
+    src.write_bytes(data[:2000])
+    exact = tmp_path / "exact"
+    exact.mkdir()
+    assert [p.stat().st_size for p in gs.split_file(src, exact, "s", part_bytes=1000)] == [1000, 1000]
+
+
+def test_tree_bytes_counts_tracked_and_untracked_files_not_ignored_ones(tmp_path):
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / ".gitignore").write_text("/.gpurun/\n")  # 10 bytes
+    (tmp_path / "tracked.txt").write_bytes(b"x" * 100)
+    subprocess.run(["git", "-C", str(tmp_path), "add", "tracked.txt", ".gitignore"], check=True)
+    (tmp_path / "untracked.txt").write_bytes(b"y" * 50)
+    (tmp_path / ".gpurun").mkdir()
+    (tmp_path / ".gpurun" / "big").write_bytes(b"z" * 5000)
+    assert gs.tree_bytes(tmp_path) == 160  # 10 + 100 + 50
+    assert gs.path_bytes(tmp_path / ".gpurun") == 5000
+
+
+def test_wheel_pins_follow_requirements_txt():
+    pinned = {}
+    for line in (ROOT / "requirements.txt").read_text().splitlines():
+        if "==" in line and not line.startswith("#"):
+            name, version = line.split(";")[0].strip().split("==")
+            pinned[name.lower()] = version
+    kit = dict(p.split("==") for p in gs.WHEEL_PINS)
+    assert kit["hydra-core"] == pinned["hydra-core"] and kit["plyfile"] == pinned["plyfile"]
+
+
+def test_mode_arguments_are_checked(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("OUT", raising=False)
+    assert gs.main(["train", "--kit", str(tmp_path)]) == 2
+    assert "no output folder: give --out" in capsys.readouterr().err
+    assert gs.main(["speed", "--out", str(tmp_path / "o"), "--budget-s", "700"]) == 2
+    assert "--budget-s must be in 60..580" in capsys.readouterr().err
+    assert gs.main(["train", "--out", str(tmp_path / "o"), "--kit", str(tmp_path / "nokit")]) == 2
+    assert "no kit folder" in (tmp_path / "o" / "train.log").read_text()
+    with pytest.raises(gs.KitError, match="train=SECONDS"):
+        gs.parse_budgets("train=abc")
+    with pytest.raises(gs.KitError, match="must be in 60"):
+        gs.parse_budgets("speed=10")
+    assert gs.parse_budgets("train=540") == {"train": 540}
+    with pytest.raises(SystemExit):
+        gs.parse_args(["render"])
+
+
+@pytest.mark.slow
+def test_train_mode_dry_run_twice_resumes_from_the_returned_pieces(tmp_path):
+    """The train call's plumbing on the CPU: wheels installed from the kit, a 0.3-minute
+    stage, bench_train, the weights/state pieces in $OUT; the pieces restored into a new
+    kit make the second call resume the first run's steps."""
+    corpus = make_dataset(str(tmp_path / "corpus"), ("s1", "s2"), views=5, size=24, n_points=150)
+    kit1, kit2 = tmp_path / "kit1", tmp_path / "kit2"
+    wheels = sorted((ROOT / gs.KIT / "whl").glob("*.whl"))
+    for kit in (kit1, kit2):
+        (kit / "whl").mkdir(parents=True)
+        for w in wheels:  # the real wheelhouse when prepared here; without it the deps step checks imports only
+            (kit / "whl" / w.name).write_bytes(w.read_bytes())
+
+    def call(kit: Path, out: Path) -> list[dict]:
+        r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_session.py"), "train", "--dry-run",
+                            "--kit", str(kit), "--corpus", corpus, "--out", str(out)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=400)
+        assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+        assert "gpu_session train: all steps passed" in r.stdout
+        names = sorted(p.name for p in out.iterdir())
+        assert len(names) <= gs.OUT_MAX_FILES and all(p.stat().st_size <= gs.OUT_FILE_LIMIT for p in out.iterdir())
+        assert {"npbgpp_sphere_stage.safetensors", "stage.json", "bench_train.json", "train.log"} <= set(names)
+        assert sum(n.startswith("stage_state.") for n in names) == 2  # last.ckpt with Adam: 26 MiB in 2 pieces
+        assert json.loads((out / "bench_train.json").read_text())["steps"] == 2
+        return json.loads((out / "stage.json").read_text())
+
+    first = call(kit1, tmp_path / "out1")
+    assert [(c["resumed"], c["start_step"]) for c in first] == [(False, 0)] and first[0]["end_step"] > 0
+    gs.restore_state(tmp_path / "out1", kit2 / "stage")
+    second = call(kit2, tmp_path / "out2")
+    assert [(c["resumed"], c["start_step"]) for c in second] == [(False, 0), (True, first[0]["end_step"])]
+    assert second[1]["end_step"] > second[1]["start_step"]
