@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint bench addon clean-venv
+.PHONY: test demo lint bench addon gpu-kit clean-venv
 
 $(STAMP): requirements.txt
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; bpy==5.0.1 needs Python 3.11 exactly"; exit 1; }
@@ -29,6 +29,13 @@ bench: $(STAMP)
 
 addon: $(STAMP)
 	$(PY) build_addon.py
+
+# The ignored .gpurun/ kit for a lent GPU session (bench/gpu_session.py): wheels, the packed
+# training corpus, the bench_densify --gpu scene; prints the two device `run` calls.
+#   make gpu-kit CORPUS=corpus_env/train [GPU_KIT_ARGS="--no-densify --scenes 'env_*'"]
+gpu-kit: $(STAMP)
+	@test -n "$(CORPUS)" || test -d .gpurun/corpus || { echo "error: make gpu-kit CORPUS=DIR (a folder of training scenes)"; exit 1; }
+	OMP_NUM_THREADS=1 nice -n 10 $(PY) bench/gpu_session.py prepare $(if $(CORPUS),--corpus $(CORPUS)) $(GPU_KIT_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -25,11 +25,12 @@ Modes on the device (``--out`` defaults to ``$OUT``; each step has its own time 
 ``--budget-s``, a failed step is reported and the next one runs; the log is tee'd into
 ``$OUT/<mode>.log`` and a summary table ends the output):
 
-- ``train``: python deps, CUDA rasterizer build, ``python -m headless_train stage --gpus 1``
-  on ``.gpurun/corpus`` for the minutes the budget leaves (first call: from the shipped
+- ``train``: python deps, CUDA rasterizer build, ``bench/bench_train.py`` on CUDA at batch 8,
+  256^2 crops, 3 input views, bf16 (first and time-boxed, so the throughput figure comes
+  back whatever the stage does), then ``python -m headless_train stage --gpus 1`` on
+  ``.gpurun/corpus`` for the minutes the budget leaves (first call: from the shipped
   ``npbgpp_sphere.safetensors`` with the default 200-step warm-up; with ``.gpurun/stage``:
-  resumed), then ``bench/bench_train.py`` on CUDA at batch 8, 256^2 crops, 3 input views,
-  bf16. Returns the new weights, ``stage.json``, the bench JSON, the BENCHMARKS.md sections
+  resumed). Returns the new weights, ``stage.json``, the bench JSON, the BENCHMARKS.md sections
   written there, the log, and the stage state (last.ckpt with Adam moments is 26 MiB, more
   than one returned file may hold) as a tar in parts of at most 15 MiB, which
   ``prepare --resume-from`` joins again.
@@ -119,11 +120,19 @@ def path_bytes(path: Path) -> int:
     return total
 
 
+def densify_scene_name() -> str:
+    name, views, (h, w) = DENSIFY_SCENE
+    return f"{name}_{views}_{w}x{h}"  # the folder bench_densify.py looks for under --cache
+
+
 def carry_paths(mode: str, kit: str = KIT, root: Path = ROOT) -> list[str]:
     """The ``carry`` list of a mode: the kit's paths that exist (a resumed call adds the
-    stage folder, a call from other weights adds them)."""
-    names = {"train": ["whl", "corpus", "stage", "start.safetensors"], "speed": ["whl", "densify"]}[mode]
-    return [f"{kit}/{n}" for n in names if (root / kit / n).exists()]
+    stage folder, a call from other weights adds them; the densify scene only when its
+    render is complete)."""
+    names = {"train": ["whl", "corpus", "stage", "start.safetensors"],
+             "speed": ["whl", f"densify/{densify_scene_name()}"]}[mode]
+    done = {f"densify/{densify_scene_name()}": "transforms_train.json"}
+    return [f"{kit}/{n}" for n in names if (root / kit / n / done.get(n, "")).exists()]
 
 
 def corpus_budget_mib(tree: int, wheels: int, state: int | None) -> float:
@@ -326,7 +335,7 @@ def render_densify_scene(dest: Path) -> Path:
     from bench_densify import render_scene
 
     name, views, (h, w) = DENSIFY_SCENE
-    return render_scene(name, views, (h, w), dest / f"{name}_{views}_{w}x{h}")
+    return render_scene(name, views, (h, w), dest / densify_scene_name())
 
 
 def restore_state(parts_dir: Path, stage_dir: Path) -> dict[str, Any]:
@@ -537,21 +546,31 @@ def benchmarks_tail(before: str) -> str:
 # Seconds of a stage call besides its --minutes: the stage's own start (torch import, seed
 # checkpoint), the last checkpoint after SIGTERM and the fp16 export.
 STAGE_OVERHEAD_S = 45
-BENCH_TRAIN_RESERVE_S = 80  # python start, scene loading, workers, warm-up and 150 timed steps
+BENCH_TRAIN_LIMIT_S = 110  # python start, scene loading, workers, 10 warm-up and 100 timed steps
 COLLECT_RESERVE_S = 20
 
 
 def stage_minutes(left_s: float) -> float:
     """Training minutes for a stage that must end, exported, within ``left_s`` seconds and
-    leave the bench and the copies their time (one decimal, at least 0.5; 0: no time)."""
-    m = (left_s - STAGE_OVERHEAD_S - BENCH_TRAIN_RESERVE_S - COLLECT_RESERVE_S) / 60.0
+    leave the copies their time (one decimal, at least 0.5; 0: no time for one)."""
+    m = (left_s - STAGE_OVERHEAD_S - COLLECT_RESERVE_S) / 60.0
     return 0.0 if m < 0.5 else int(m * 10) / 10.0
 
 
 def mode_train(s: Session, corpus: Path | None) -> None:
+    """bench_train first (short, time-boxed: the throughput figure comes back whatever the
+    stage does), then the stage for the minutes left, then the copies to $OUT."""
     corpus = corpus or s.kit / "corpus"
     work = s.kit / "stage"
     before = (ROOT / "BENCHMARKS.md").read_text(encoding="utf-8")
+    bench = [sys.executable, "bench/bench_train.py", "--data-root", str(corpus), "--format", "null",
+             "--views", "3", "--json", str(s.out / "bench_train.json")]
+    if s.dry_run:
+        bench += ["--device", "cpu", "--batch", "1", "--crop", "32", "--steps", "2", "--warmup", "1"]
+    else:
+        bench += ["--device", "cuda", "--batch", "8", "--crop", "256", "--amp", "bf16", "--steps", "100",
+                  "--warmup", "10", "--workers", str(min(8, os.cpu_count() or 1)), "--record"]
+    s.step("bench_train", bench, BENCH_TRAIN_LIMIT_S, reserve_s=STAGE_OVERHEAD_S + COLLECT_RESERVE_S + 30)
     cmd = [sys.executable, "-m", "headless_train", "stage", "--corpus", str(corpus), "--work", str(work)]
     if not (work / "run" / "checkpoints" / "last.ckpt").is_file() and (s.kit / "start.safetensors").is_file():
         cmd += ["--weights", str(s.kit / "start.safetensors")]
@@ -567,17 +586,9 @@ def mode_train(s: Session, corpus: Path | None) -> None:
     else:
         # Its own --minutes ends it (SIGTERM to the trainer, last.ckpt, export); this limit
         # is a backstop for a stage that hangs: SIGTERM (the stage still saves and exports),
-        # SIGKILL a minute later. The bench then has what is left.
+        # SIGKILL a minute later.
         s.step("stage", cmd, minutes * 60 + STAGE_OVERHEAD_S + 30, grace_s=60)
         log_tail(s, work / "train.log", 40)
-    bench = [sys.executable, "bench/bench_train.py", "--data-root", str(corpus), "--format", "null",
-             "--views", "3", "--json", str(s.out / "bench_train.json")]
-    if s.dry_run:
-        bench += ["--device", "cpu", "--batch", "1", "--crop", "32", "--steps", "2", "--warmup", "1"]
-    else:
-        bench += ["--device", "cuda", "--batch", "8", "--crop", "256", "--amp", "bf16", "--steps", "150",
-                  "--warmup", "15", "--workers", str(min(8, os.cpu_count() or 1)), "--record"]
-    s.step("bench_train", bench, BENCH_TRAIN_RESERVE_S + 60, reserve_s=COLLECT_RESERVE_S - 10)
     collect_train(s, work, before)
 
 
@@ -625,7 +636,8 @@ SPEED_SLACK_S = 40
 def mode_speed(s: Session) -> None:
     before = (ROOT / "BENCHMARKS.md").read_text(encoding="utf-8")
     scene_dir = s.kit / "densify"
-    densify_s = DENSIFY_LIMIT_S if (scene_dir.is_dir() or s.dry_run) else 0
+    ready = (scene_dir / densify_scene_name() / "transforms_train.json").is_file()
+    densify_s = DENSIFY_LIMIT_S if (ready or s.dry_run) else 0
     speed = [sys.executable, "bench/gpu_speed.py", "--json", str(s.out / "gpu_speed.json")]
     if s.dry_run:
         speed += ["--dry-run", "--steps", "info,stages"]
@@ -639,7 +651,8 @@ def mode_speed(s: Session) -> None:
         s.step("bench_densify", densify + (["--dry-run"] if s.dry_run else []), densify_s,
                reserve_s=COLLECT_RESERVE_S - 10)
     else:
-        s.say(f"=== bench_densify: skipped, no {scene_dir} (prepare renders it; bpy is not on the device)")
+        s.say(f"=== bench_densify: skipped, no {scene_dir / densify_scene_name()} (prepare renders it; bpy is "
+              "not on the device)")
         s.results.append(("bench_densify", "skipped (no scene)", 0.0))
     tail = benchmarks_tail(before)
     if tail.strip():
@@ -670,7 +683,8 @@ def run_mode(args: argparse.Namespace) -> int:
             tempfile.TemporaryDirectory(prefix="gpu_session_") as scratch:
         s = Session(args.mode, out_dir, kit, time.time() + budget, args.dry_run, log, Path(scratch))
         s.env["PYTHONUNBUFFERED"] = "1"
-        s.env.setdefault("OMP_NUM_THREADS", "1" if args.dry_run else s.env.get("OMP_NUM_THREADS", "8"))
+        if args.dry_run:
+            s.env["OMP_NUM_THREADS"] = "1"  # shared CPUs here; torch picks its own on the device
         s.say(f"=== gpu_session {args.mode}{' --dry-run' if args.dry_run else ''}: budget {budget} s, kit {kit}, "
               f"out {out_dir}, {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}")
         if not kit.is_dir() and args.corpus is None:
