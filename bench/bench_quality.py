@@ -63,6 +63,8 @@ FIT_KNOBS = (
     ("--coefficient-decay", float, "decoupled pull of the coefficients toward the aggregated ones"),
     ("--coefficient-optimizer", str, "rmsprop or adam"),
     ("--gradient-weight", float, "weight of the edge (gradient) loss"),
+    ("--laplacian-weight", float, "weight of the Laplacian-pyramid band loss"),
+    ("--perceptual-weight", float, "weight of the feature loss of the NPBG++ file's own encoder (frozen)"),
     ("--average-from", float, "return the mean of the iterates from this fraction of the steps on"),
 )
 

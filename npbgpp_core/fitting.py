@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .camera import Camera
-from .losses import gradient_loss, multiscale_l1
+from .losses import EncoderFeatureLoss, gradient_loss, laplacian_pyramid_loss, multiscale_l1
 from .models import NPBG, NPBGConfig, NPBGPlusPlus
 from .models.aggregator import AggregatedScene
 
@@ -143,15 +143,44 @@ def npbg_step_loss(
     return loss_fn(pred, target, mask)
 
 
-def coefficients_ft_loss(factors: Sequence[int] = (1, 2, 4), gradient_weight: float = 0.0) -> LossFn:
+LOSS_WEIGHTS = ("gradient_weight", "laplacian_weight", "perceptual_weight")
+
+
+def check_loss_weights(**weights: float) -> None:
+    """Raise ValueError naming a sharpening-loss weight (:data:`LOSS_WEIGHTS`) that is not
+    a finite number >= 0."""
+    for name, value in weights.items():
+        if name not in LOSS_WEIGHTS:
+            raise ValueError(f"unknown loss weight {name!r}; choose from {LOSS_WEIGHTS}")
+        try:
+            ok = math.isfinite(float(value)) and float(value) >= 0
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def coefficients_ft_loss(
+    factors: Sequence[int] = (1, 2, 4), gradient_weight: float = 0.0, laplacian_weight: float = 0.0,
+    perceptual_weight: float = 0.0, perceptual: EncoderFeatureLoss | None = None,
+) -> LossFn:
     """coefficients_ft's loss: masked L1 at full resolution and at 1/f for each factor f,
-    plus ``gradient_weight`` x :func:`npbgpp_core.losses.gradient_loss` (edges) when > 0."""
+    plus the sharpening terms whose weight is > 0: ``gradient_weight`` x
+    :func:`npbgpp_core.losses.gradient_loss` (edges), ``laplacian_weight`` x
+    :func:`npbgpp_core.losses.laplacian_pyramid_loss` (band-pass detail) and
+    ``perceptual_weight`` x ``perceptual`` (an :class:`EncoderFeatureLoss`, needed then)."""
     factors = tuple(int(f) for f in factors)
-    if gradient_weight < 0:
-        raise ValueError(f"gradient_weight must be >= 0, got {gradient_weight}")
-    if gradient_weight == 0:
+    check_loss_weights(gradient_weight=gradient_weight, laplacian_weight=laplacian_weight,
+                       perceptual_weight=perceptual_weight)
+    if perceptual_weight > 0 and perceptual is None:
+        raise ValueError("perceptual_weight > 0 needs the perceptual loss network (an EncoderFeatureLoss)")
+    terms: list[tuple[float, LossFn]] = [
+        (w, fn) for w, fn in ((gradient_weight, gradient_loss), (laplacian_weight, laplacian_pyramid_loss),
+                              (perceptual_weight, perceptual)) if w > 0
+    ]
+    if not terms:
         return lambda p, t, m: multiscale_l1(p, t, m, factors)
-    return lambda p, t, m: multiscale_l1(p, t, m, factors) + gradient_weight * gradient_loss(p, t, m)
+    return lambda p, t, m: multiscale_l1(p, t, m, factors) + sum(w * fn(p, t, m) for w, fn in terms)
 
 
 REFINER_PARTS = ("all", "decoder", "head", "none")
@@ -319,12 +348,15 @@ def coefficients_recipe(
     coefficient_optimizer: str = "rmsprop",
     gradient_weight: float = 0.0,
     average_from: float = 1.0,
+    laplacian_weight: float = 0.0,
+    perceptual_weight: float = 0.0,
 ) -> FitRecipe:
     """The :class:`FitRecipe` of :func:`fit_coefficients` for its keywords (same names and
-    defaults); raises ValueError naming a bad value. ``gradient_weight`` is only checked
-    here (it belongs to the loss)."""
-    if not gradient_weight >= 0:
-        raise ValueError(f"gradient_weight must be >= 0, got {gradient_weight}")
+    defaults); raises ValueError naming a bad value. The loss weights (``gradient_weight``,
+    ``laplacian_weight``, ``perceptual_weight``) are only checked here (they belong to the
+    loss)."""
+    check_loss_weights(gradient_weight=gradient_weight, laplacian_weight=laplacian_weight,
+                       perceptual_weight=perceptual_weight)
     return FitRecipe(lr_coefficients, lr_refiner, lr_background, train_refiner, crops_per_step, warmup_steps,
                      schedule, coefficient_decay, coefficient_optimizer, average_from)
 
@@ -349,6 +381,8 @@ def fit_coefficients(
     coefficient_optimizer: str = "rmsprop",
     gradient_weight: float = 0.0,
     average_from: float = 1.0,
+    laplacian_weight: float = 0.0,
+    perceptual_weight: float = 0.0,
 ) -> FitResult:
     """coefficients_ft: fine-tune ``aggregated``'s coefficients and a copy of ``model``'s
     refiner on ``views`` for ``steps`` steps; ``model`` itself is not changed. The result's
@@ -374,16 +408,20 @@ def fit_coefficients(
     averaged per step; ``warmup_steps`` and ``schedule`` ("constant" or "cosine", see
     :func:`lr_factor`) scale every rate; ``coefficient_decay`` pulls the coefficients
     back toward the aggregated ones after every step; ``coefficient_optimizer``
-    "rmsprop" (published) or "adam"; ``gradient_weight`` adds the edge loss to the default
-    loss (ignored with ``loss_fn``); ``average_from`` < 1 returns the mean of the iterates
-    from that fraction of the steps on."""
+    "rmsprop" (published) or "adam"; ``average_from`` < 1 returns the mean of the iterates
+    from that fraction of the steps on.
+
+    Sharpening terms added to the default loss (:func:`coefficients_ft_loss`; ignored with
+    ``loss_fn``): ``gradient_weight`` the multi-scale edge loss, ``laplacian_weight`` the
+    Laplacian-pyramid band loss, ``perceptual_weight`` the feature L1 of a frozen copy of
+    ``model``'s own extractor encoder (:class:`npbgpp_core.losses.EncoderFeatureLoss`)."""
     views = as_fit_views(views)
     device = model.device
     if model.basis is None:
         raise ValueError("coefficient fine-tuning needs an NPBG++ model with the 'sphere' aggregator")
     recipe = coefficients_recipe(lr_coefficients, lr_refiner, lr_background, train_refiner, crops_per_step,
                                  warmup_steps, schedule, coefficient_decay, coefficient_optimizer, gradient_weight,
-                                 average_from)
+                                 average_from, laplacian_weight, perceptual_weight)
     npbg = NPBG.from_npbgpp_coefficients(
         aggregated.points.detach().cpu(), aggregated.coefficients.detach().cpu(),
         {k: v.detach().cpu() for k, v in model.basis.state_dict().items()},
@@ -391,7 +429,13 @@ def fit_coefficients(
         model.config, valid=aggregated.valid.detach().cpu(),
         background=None if aggregated.background is None else aggregated.background.detach().cpu(),
     ).to(device)
-    loss = loss_fn or coefficients_ft_loss(loss_factors, gradient_weight)
+    if loss_fn is None:
+        perceptual = None
+        if perceptual_weight > 0:
+            perceptual = EncoderFeatureLoss(model.extractor.encoder).to(device)
+        loss_fn = coefficients_ft_loss(loss_factors, gradient_weight, laplacian_weight, perceptual_weight,
+                                       perceptual)
+    loss = loss_fn
     points = aggregated.points.detach().to(device, torch.float32)
     return _fit_loop(npbg, points, views, steps, crop, loss, recipe, seed, device)
 

@@ -236,3 +236,103 @@ def multiscale_l1(
 ) -> torch.Tensor:
     """Sum of masked L1 at full, 1/2 and 1/4 resolution (coefficient fine-tuning)."""
     return sum(masked_l1_downsampled(pred, target, mask, f) for f in factors)
+
+
+def _level_mask(mask: torch.Tensor | None, factor: int, like: torch.Tensor) -> torch.Tensor | None:
+    """``mask`` average-pooled by ``factor``, 1 only where every covered pixel is valid."""
+    return None if mask is None else (downsample(mask, factor) > 0.999).to(like.dtype)
+
+
+def laplacian_pyramid_loss(
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None, levels: int = 3
+) -> torch.Tensor:
+    """Band-pass (edge) loss: mean over ``levels`` Laplacian-pyramid bands of the masked L1
+    between the images' bands. Band k is ``G_k - up(G_{k+1})`` with ``G_k`` the image
+    average-pooled by 2^k and ``up`` a nearest x2 enlargement, so each band holds only
+    the detail lost between two scales: a blurred copy keeps the low bands and loses the
+    high ones, which plain L1 weighs by their small share of the pixel error. Needs no
+    network weights."""
+    if levels < 1:
+        raise ValueError(f"laplacian loss levels must be >= 1, got {levels}")
+    if pred.shape != target.shape:
+        raise ValueError(f"render {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
+    if mask is not None:
+        pred, target = pred * mask, target * mask
+    total = pred.new_zeros(())
+    used = 0
+    for level in range(levels):
+        f = 2**level
+        if min(pred.shape[-2:]) // (2 * f) < 1:
+            break
+        bands = []
+        for x in (pred, target):
+            g = downsample(x, f)
+            coarse = F.avg_pool2d(g, 2, 2, ceil_mode=True)
+            up = coarse.repeat_interleave(2, dim=-2).repeat_interleave(2, dim=-1)[..., : g.shape[-2], : g.shape[-1]]
+            bands.append(g - up)
+        total = total + masked_l1(bands[0], bands[1], _level_mask(mask, f, pred))
+        used += 1
+    return total / max(used, 1)
+
+
+class EncoderFeatureLoss(nn.Module):
+    """Perceptual loss from a network trained here: a frozen copy of an NPBG++ feature
+    extractor's encoder (:class:`npbgpp_core.models.extractor.Encoder`, trained on this
+    project's corpus; no downloaded weights). The render and the photo, ImageNet-normalised
+    as the extractor sees them, go through its first stages; at each of ``levels``
+    (0 = stride 2, 16 channels; 1 = stride 4, 24; 2 = stride 8, 40) the features are scaled
+    to unit length over the channels at every position (so that no channel's range
+    dominates) and compared by L1, averaged over channels and valid positions; the loss is
+    the mean over the levels. The copy's weights never train (no gradient reaches them);
+    the gradient flows to the render only."""
+
+    def __init__(self, encoder: nn.Module, levels: tuple[int, ...] = (0, 1, 2), eps: float = 1e-6):
+        super().__init__()
+        import copy
+
+        stages = getattr(encoder, "stages", None)
+        if not isinstance(stages, nn.ModuleList):
+            raise ValueError("the perceptual loss needs an NPBG++ extractor encoder (a .stages ModuleList)")
+        levels = tuple(sorted({int(v) for v in levels}))
+        if not levels or levels[0] < 0 or levels[-1] >= len(stages):
+            raise ValueError(f"perceptual loss levels must be in 0..{len(stages) - 1}, got {levels}")
+        self.levels, self.eps = levels, float(eps)
+        self.stages = copy.deepcopy(stages[: levels[-1] + 1])
+        for p in self.stages.parameters():
+            p.requires_grad_(False)
+        self.stages.eval()
+        from .models.extractor import IMAGENET_MEAN, IMAGENET_STD
+
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True) -> EncoderFeatureLoss:
+        super().train(mode)
+        self.stages.eval()
+        return self
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The unit-length features of ``x`` (B, 3, H, W) in [0, 1] at every level."""
+        x = (x - self.mean.to(x)) / self.std.to(x)
+        out = []
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if i in self.levels:
+                out.append(x / (x.pow(2).sum(1, keepdim=True) + self.eps).sqrt())
+        return out
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if pred.shape != target.shape:
+            raise ValueError(f"render {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
+        if mask is not None:
+            pred, target = pred * mask, target * mask
+        with torch.no_grad():
+            wanted = self.features(target)
+        total = pred.new_zeros(())
+        for fp, ft in zip(self.features(pred), wanted, strict=True):
+            m = None
+            if mask is not None:
+                m = F.adaptive_avg_pool2d(mask, fp.shape[-2:]) > 0.999
+                m = m.to(fp.dtype)
+            total = total + masked_l1(fp, ft, m)
+        return total / len(self.levels)

@@ -138,3 +138,13 @@ def test_recipe_flags_reach_fit_coefficients_and_bad_ones_stop_early(tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_quality.py"), "--scenes", folder,
                           "--train-refiner", "encoder"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "train_refiner must be one of" in bad.stderr
+
+
+def test_sharpening_loss_flags_reach_fit_coefficients_and_bad_ones_are_named():
+    from bench.bench_quality import QualityError, check_fit_options, fit_options
+
+    args = parse_args(["--scenes", "x", "--laplacian-weight", "2", "--perceptual-weight", "0.5"])
+    assert fit_options(args) == {"laplacian_weight": 2.0, "perceptual_weight": 0.5}
+    check_fit_options(args)
+    with pytest.raises(QualityError, match="perceptual_weight must be a finite number >= 0"):
+        check_fit_options(parse_args(["--scenes", "x", "--perceptual-weight", "-1"]))

@@ -52,7 +52,9 @@ def test_bad_recipe_values_are_named():
                          ({"coefficient_decay": -0.1}, "descriptor_decay must be >= 0"),
                          ({"coefficient_optimizer": "sgd"}, "descriptor_optimizer must be one of"),
                          ({"lr_refiner": float("nan")}, "lr_refiner must be >= 0"),
-                         ({"gradient_weight": -1.0}, "gradient_weight must be >= 0")):
+                         ({"gradient_weight": -1.0}, "gradient_weight must be a finite number >= 0"),
+                         ({"laplacian_weight": float("inf")}, "laplacian_weight must be a finite number >= 0"),
+                         ({"perceptual_weight": "x"}, "perceptual_weight must be a finite number >= 0")):
         with pytest.raises(ValueError, match=text):
             coefficients_recipe(**kwargs)
 
@@ -226,3 +228,34 @@ def test_padded_fit_views_same_size_and_bad_input():
     with pytest.raises(ValueError, match="2 images but 1 cameras"):
         padded_fit_views(images, cams[:1])
 
+
+
+def test_sharpening_weights_add_their_losses_and_need_their_network():
+    from npbgpp_core.losses import EncoderFeatureLoss, laplacian_pyramid_loss
+    from npbgpp_core.models.extractor import Encoder
+
+    g = torch.Generator().manual_seed(1)
+    p, t = torch.rand(1, 3, 16, 16, generator=g), torch.rand(1, 3, 16, 16, generator=g)
+    plain = multiscale_l1(p, t, None, (1, 2, 4))
+    assert float(coefficients_ft_loss(laplacian_weight=2.0)(p, t, None)) == pytest.approx(
+        float(plain + 2.0 * laplacian_pyramid_loss(p, t)))
+    net = EncoderFeatureLoss(Encoder())
+    both = coefficients_ft_loss(gradient_weight=0.5, perceptual_weight=0.25, perceptual=net)(p, t, None)
+    assert float(both) == pytest.approx(float(plain + 0.5 * gradient_loss(p, t) + 0.25 * net(p, t)))
+    with pytest.raises(ValueError, match="perceptual_weight > 0 needs the perceptual loss network"):
+        coefficients_ft_loss(perceptual_weight=1.0)
+    with pytest.raises(ValueError, match="laplacian_weight must be a finite number >= 0"):
+        coefficients_ft_loss(laplacian_weight=float("nan"))
+
+
+def test_perceptual_fit_leaves_the_model_and_its_extractor_untouched(scene):
+    model, agg, views = scene
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plain = fit_coefficients(model, agg, views, steps=2, crop=16, seed=3)
+    sharp = fit_coefficients(model, agg, views, steps=2, crop=16, seed=3, perceptual_weight=1.0, laplacian_weight=1.0)
+    assert sharp.steps == 2 and all(math.isfinite(v) for v in sharp.losses)
+    assert sharp.losses[0] > plain.losses[0]  # same first crops, extra terms
+    assert not torch.allclose(sharp.model.descriptors, plain.model.descriptors)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(p.grad is None for p in model.parameters())

@@ -226,3 +226,93 @@ def test_sharpness_ratio_identical_scaled_constant_flat_blurred_noisy():
     assert math.isnan(sharpness_ratio(photo[0, :, :8, :8], flat).item())
     with pytest.raises(ValueError, match="shapes differ"):
         sharpness_ratio(photo[0], photo[1, :, :31])
+
+
+def _box_blur(x: torch.Tensor, f: int) -> torch.Tensor:
+    """Shrink by ``f`` (area average) and enlarge back (bilinear): a blurred copy."""
+    small = torch.nn.functional.avg_pool2d(x, f)
+    return torch.nn.functional.interpolate(small, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def test_laplacian_pyramid_loss_hand_computed_and_blind_to_offsets():
+    from npbgpp_core.losses import laplacian_pyramid_loss
+
+    # One 2x2 level: band = x - its mean = [[.75, -.25], [-.25, -.25]] against a zero band.
+    x = torch.tensor([[1.0, 0.0], [0.0, 0.0]]).view(1, 1, 2, 2)
+    assert float(laplacian_pyramid_loss(x, torch.zeros_like(x), levels=1)) == pytest.approx(0.375)
+    # Two levels on 4x4: level 0 of a 2x2-block image is zero; level 1 (its 2x2 means
+    # [[1, 0], [0, 0]]) is the case above: mean (0 + 0.375) / 2.
+    y = x.repeat_interleave(2, -2).repeat_interleave(2, -1)
+    assert float(laplacian_pyramid_loss(y, torch.zeros_like(y), levels=2)) == pytest.approx(0.375 / 2)
+    g = torch.Generator().manual_seed(0)
+    img = torch.rand(1, 3, 32, 32, generator=g)
+    assert float(laplacian_pyramid_loss(img, img)) == 0.0
+    assert float(laplacian_pyramid_loss(img + 0.3, img)) == pytest.approx(0.0, abs=1e-6)  # detail only
+    assert 0 < float(laplacian_pyramid_loss(_box_blur(img, 2), img)) < float(laplacian_pyramid_loss(
+        _box_blur(img, 4), img))
+    # Masked-out pixels never count.
+    mask = torch.ones(1, 1, 32, 32)
+    mask[..., 16:, :] = 0
+    changed = img.clone()
+    changed[..., 16:, :] = torch.rand(1, 3, 16, 32, generator=g)
+    assert float(laplacian_pyramid_loss(changed, img, mask)) == 0.0
+    with pytest.raises(ValueError, match="levels must be >= 1"):
+        laplacian_pyramid_loss(img, img, levels=0)
+
+
+def _encoder():
+    from npbgpp_core.models.extractor import Encoder
+
+    torch.manual_seed(0)
+    return Encoder()
+
+
+def test_encoder_feature_loss_zero_on_identical_larger_when_blurrier():
+    from npbgpp_core.losses import EncoderFeatureLoss
+
+    loss = EncoderFeatureLoss(_encoder())
+    g = torch.Generator().manual_seed(1)
+    # a sharp image: random 4x4 blocks (detail at every level of the encoder)
+    img = torch.rand(1, 3, 8, 8, generator=g).repeat_interleave(4, -2).repeat_interleave(4, -1)
+    assert float(loss(img, img)) == 0.0
+    sharp_to_blur = [float(loss(_box_blur(img, f), img)) for f in (2, 4, 8)]
+    assert 0 < sharp_to_blur[0] < sharp_to_blur[1] < sharp_to_blur[2]
+    mask = torch.ones(1, 1, 32, 32)
+    mask[..., :, 16:] = 0
+    changed = img.clone()
+    changed[..., :, 16:] = 0.5
+    assert float(loss(changed, img, mask)) == 0.0
+    with pytest.raises(ValueError, match="levels must be in 0..4"):
+        EncoderFeatureLoss(_encoder(), levels=(5,))
+    with pytest.raises(ValueError, match="needs an NPBG\\+\\+ extractor encoder"):
+        EncoderFeatureLoss(torch.nn.Conv2d(3, 3, 1))
+
+
+def test_encoder_feature_loss_trains_the_render_only_and_never_its_network():
+    from npbgpp_core.losses import EncoderFeatureLoss
+
+    encoder = _encoder()
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    loss = EncoderFeatureLoss(encoder)
+    frozen = {k: v.clone() for k, v in loss.state_dict().items()}
+    g = torch.Generator().manual_seed(2)
+    target = torch.rand(1, 3, 24, 24, generator=g).requires_grad_(True)
+    pred = torch.rand(1, 3, 24, 24, generator=g).requires_grad_(True)
+    opt = torch.optim.SGD([pred], lr=1.0)
+    start = float(loss(pred, target).detach())
+    for _ in range(3):
+        opt.zero_grad()
+        value = loss(pred, target)
+        value.backward()
+        opt.step()
+    assert pred.grad is not None and float(pred.grad.abs().sum()) > 0
+    assert target.grad is None
+    assert all(p.grad is None and not p.requires_grad for p in loss.parameters())
+    assert all(p.grad is None for p in encoder.parameters())
+    for k, v in loss.state_dict().items():
+        assert torch.equal(v, frozen[k]), k
+    for k, v in encoder.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert float(loss(pred, target).detach()) < start
+    loss.train()
+    assert not loss.stages.training
