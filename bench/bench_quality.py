@@ -65,6 +65,7 @@ FIT_KNOBS = (
     ("--gradient-weight", float, "weight of the edge (gradient) loss"),
     ("--laplacian-weight", float, "weight of the Laplacian-pyramid band loss"),
     ("--perceptual-weight", float, "weight of the feature loss of the NPBG++ file's own encoder (frozen)"),
+    ("--fft-weight", float, "weight of the amplitude-spectrum (FFT) L1"),
     ("--average-from", float, "return the mean of the iterates from this fraction of the steps on"),
 )
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .camera import Camera
-from .losses import EncoderFeatureLoss, gradient_loss, laplacian_pyramid_loss, multiscale_l1
+from .losses import EncoderFeatureLoss, fft_amplitude_loss, gradient_loss, laplacian_pyramid_loss, multiscale_l1
 from .models import NPBG, NPBGConfig, NPBGPlusPlus
 from .models.aggregator import AggregatedScene
 
@@ -143,7 +143,7 @@ def npbg_step_loss(
     return loss_fn(pred, target, mask)
 
 
-LOSS_WEIGHTS = ("gradient_weight", "laplacian_weight", "perceptual_weight")
+LOSS_WEIGHTS = ("gradient_weight", "laplacian_weight", "perceptual_weight", "fft_weight")
 
 
 def check_loss_weights(**weights: float) -> None:
@@ -162,21 +162,22 @@ def check_loss_weights(**weights: float) -> None:
 
 def coefficients_ft_loss(
     factors: Sequence[int] = (1, 2, 4), gradient_weight: float = 0.0, laplacian_weight: float = 0.0,
-    perceptual_weight: float = 0.0, perceptual: EncoderFeatureLoss | None = None,
+    perceptual_weight: float = 0.0, perceptual: EncoderFeatureLoss | None = None, fft_weight: float = 0.0,
 ) -> LossFn:
     """coefficients_ft's loss: masked L1 at full resolution and at 1/f for each factor f,
     plus the sharpening terms whose weight is > 0: ``gradient_weight`` x
     :func:`npbgpp_core.losses.gradient_loss` (edges), ``laplacian_weight`` x
     :func:`npbgpp_core.losses.laplacian_pyramid_loss` (band-pass detail) and
-    ``perceptual_weight`` x ``perceptual`` (an :class:`EncoderFeatureLoss`, needed then)."""
+    ``perceptual_weight`` x ``perceptual`` (an :class:`EncoderFeatureLoss`, needed then),
+    ``fft_weight`` x :func:`npbgpp_core.losses.fft_amplitude_loss` (missing frequencies)."""
     factors = tuple(int(f) for f in factors)
     check_loss_weights(gradient_weight=gradient_weight, laplacian_weight=laplacian_weight,
-                       perceptual_weight=perceptual_weight)
+                       perceptual_weight=perceptual_weight, fft_weight=fft_weight)
     if perceptual_weight > 0 and perceptual is None:
         raise ValueError("perceptual_weight > 0 needs the perceptual loss network (an EncoderFeatureLoss)")
     terms: list[tuple[float, LossFn]] = [
         (w, fn) for w, fn in ((gradient_weight, gradient_loss), (laplacian_weight, laplacian_pyramid_loss),
-                              (perceptual_weight, perceptual)) if w > 0
+                              (perceptual_weight, perceptual), (fft_weight, fft_amplitude_loss)) if w > 0
     ]
     if not terms:
         return lambda p, t, m: multiscale_l1(p, t, m, factors)
@@ -350,13 +351,13 @@ def coefficients_recipe(
     average_from: float = 1.0,
     laplacian_weight: float = 0.0,
     perceptual_weight: float = 0.0,
+    fft_weight: float = 0.0,
 ) -> FitRecipe:
     """The :class:`FitRecipe` of :func:`fit_coefficients` for its keywords (same names and
-    defaults); raises ValueError naming a bad value. The loss weights (``gradient_weight``,
-    ``laplacian_weight``, ``perceptual_weight``) are only checked here (they belong to the
-    loss)."""
+    defaults); raises ValueError naming a bad value. The loss weights (:data:`LOSS_WEIGHTS`)
+    are only checked here (they belong to the loss)."""
     check_loss_weights(gradient_weight=gradient_weight, laplacian_weight=laplacian_weight,
-                       perceptual_weight=perceptual_weight)
+                       perceptual_weight=perceptual_weight, fft_weight=fft_weight)
     return FitRecipe(lr_coefficients, lr_refiner, lr_background, train_refiner, crops_per_step, warmup_steps,
                      schedule, coefficient_decay, coefficient_optimizer, average_from)
 
@@ -383,6 +384,7 @@ def fit_coefficients(
     average_from: float = 1.0,
     laplacian_weight: float = 0.0,
     perceptual_weight: float = 0.0,
+    fft_weight: float = 0.0,
 ) -> FitResult:
     """coefficients_ft: fine-tune ``aggregated``'s coefficients and a copy of ``model``'s
     refiner on ``views`` for ``steps`` steps; ``model`` itself is not changed. The result's
@@ -414,14 +416,15 @@ def fit_coefficients(
     Sharpening terms added to the default loss (:func:`coefficients_ft_loss`; ignored with
     ``loss_fn``): ``gradient_weight`` the multi-scale edge loss, ``laplacian_weight`` the
     Laplacian-pyramid band loss, ``perceptual_weight`` the feature L1 of a frozen copy of
-    ``model``'s own extractor encoder (:class:`npbgpp_core.losses.EncoderFeatureLoss`)."""
+    ``model``'s own extractor encoder (:class:`npbgpp_core.losses.EncoderFeatureLoss`),
+    ``fft_weight`` the amplitude-spectrum L1 (:func:`npbgpp_core.losses.fft_amplitude_loss`)."""
     views = as_fit_views(views)
     device = model.device
     if model.basis is None:
         raise ValueError("coefficient fine-tuning needs an NPBG++ model with the 'sphere' aggregator")
     recipe = coefficients_recipe(lr_coefficients, lr_refiner, lr_background, train_refiner, crops_per_step,
                                  warmup_steps, schedule, coefficient_decay, coefficient_optimizer, gradient_weight,
-                                 average_from, laplacian_weight, perceptual_weight)
+                                 average_from, laplacian_weight, perceptual_weight, fft_weight)
     npbg = NPBG.from_npbgpp_coefficients(
         aggregated.points.detach().cpu(), aggregated.coefficients.detach().cpu(),
         {k: v.detach().cpu() for k, v in model.basis.state_dict().items()},
@@ -434,7 +437,7 @@ def fit_coefficients(
         if perceptual_weight > 0:
             perceptual = EncoderFeatureLoss(model.extractor.encoder).to(device)
         loss_fn = coefficients_ft_loss(loss_factors, gradient_weight, laplacian_weight, perceptual_weight,
-                                       perceptual)
+                                       perceptual, fft_weight)
     loss = loss_fn
     points = aggregated.points.detach().to(device, torch.float32)
     return _fit_loop(npbg, points, views, steps, crop, loss, recipe, seed, device)

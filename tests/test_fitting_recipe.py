@@ -54,7 +54,8 @@ def test_bad_recipe_values_are_named():
                          ({"lr_refiner": float("nan")}, "lr_refiner must be >= 0"),
                          ({"gradient_weight": -1.0}, "gradient_weight must be a finite number >= 0"),
                          ({"laplacian_weight": float("inf")}, "laplacian_weight must be a finite number >= 0"),
-                         ({"perceptual_weight": "x"}, "perceptual_weight must be a finite number >= 0")):
+                         ({"perceptual_weight": "x"}, "perceptual_weight must be a finite number >= 0"),
+                         ({"fft_weight": -2}, "fft_weight must be a finite number >= 0")):
         with pytest.raises(ValueError, match=text):
             coefficients_recipe(**kwargs)
 
@@ -244,6 +245,10 @@ def test_sharpening_weights_add_their_losses_and_need_their_network():
     assert float(both) == pytest.approx(float(plain + 0.5 * gradient_loss(p, t) + 0.25 * net(p, t)))
     with pytest.raises(ValueError, match="perceptual_weight > 0 needs the perceptual loss network"):
         coefficients_ft_loss(perceptual_weight=1.0)
+    from npbgpp_core.losses import fft_amplitude_loss
+
+    assert float(coefficients_ft_loss(fft_weight=3.0)(p, t, None)) == pytest.approx(
+        float(plain + 3.0 * fft_amplitude_loss(p, t)))
     with pytest.raises(ValueError, match="laplacian_weight must be a finite number >= 0"):
         coefficients_ft_loss(laplacian_weight=float("nan"))
 

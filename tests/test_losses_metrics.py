@@ -316,3 +316,22 @@ def test_encoder_feature_loss_trains_the_render_only_and_never_its_network():
     assert float(loss(pred, target).detach()) < start
     loss.train()
     assert not loss.stages.training
+
+
+def test_fft_amplitude_loss_ignores_shifts_and_charges_blur():
+    from npbgpp_core.losses import fft_amplitude_loss
+
+    # Hand-computed: an impulse of 1 on 4x4 has a flat orthonormal spectrum, every amplitude
+    # 1/4, against zeros: mean |1/4 - 0| over the 4 x 3 rfft bins = 0.25.
+    x = torch.zeros(1, 1, 4, 4)
+    x[..., 1, 2] = 1.0
+    assert float(fft_amplitude_loss(x, torch.zeros_like(x))) == pytest.approx(0.25)
+    g = torch.Generator().manual_seed(3)
+    img = torch.rand(1, 3, 32, 32, generator=g)
+    assert float(fft_amplitude_loss(img, img)) == 0.0
+    # a circular shift moves the phase only
+    assert float(fft_amplitude_loss(torch.roll(img, (3, 5), (-2, -1)), img)) == pytest.approx(0.0, abs=1e-6)
+    assert 0 < float(fft_amplitude_loss(_box_blur(img, 2), img)) < float(fft_amplitude_loss(_box_blur(img, 4), img))
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., :16, :] = 1
+    assert float(fft_amplitude_loss(img + mask.logical_not() * 0.5, img, mask)) == 0.0
