@@ -415,6 +415,15 @@ class Session:
     scratch: Path  # installed wheels, the state tar: removed at the end
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
     results: list[tuple[str, str, float]] = field(default_factory=list)
+    current: subprocess.Popen | None = None  # the step running now
+    stopped_by: int | None = None  # a signal this process got: no new step starts
+
+    def on_signal(self, signum: int, frame: Any) -> None:
+        """SIGTERM / SIGINT / SIGHUP (the call's time limit, Ctrl-C): pass SIGTERM on to the
+        running step's process group (a stage still saves and exports) and start no more."""
+        self.stopped_by = signum
+        if self.current is not None:
+            _signal_group(self.current, signal.SIGTERM)
 
     def say(self, text: str) -> None:
         print(text, flush=True)
@@ -430,14 +439,21 @@ class Session:
         never past the deadline less ``reserve_s``; at its limit SIGTERM to its process
         group, SIGKILL after ``grace_s``. Returns the exit code (None: skipped)."""
         limit = min(limit_s, self.left() - reserve_s - grace_s)
+        if self.stopped_by is not None:
+            self.say(f"=== {name}: skipped, stopped by {signal.Signals(self.stopped_by).name}")
+            self.results.append((name, "skipped (stopped)", 0.0))
+            return None
         if limit < 5:
             self.say(f"=== {name}: skipped, {self.left():.0f} s left of the budget")
             self.results.append((name, "skipped (budget spent)", 0.0))
             return None
         self.say(f"=== {name} (limit {limit:.0f} s): {shlex.join(cmd)}")
         t0 = time.time()
+        # its own process group (DataLoader workers, compile workers go with it), in this
+        # session: whatever ends this call also ends the steps
         proc = subprocess.Popen(list(cmd), cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                start_new_session=True, text=True, errors="replace", bufsize=1)
+                                process_group=0, text=True, errors="replace", bufsize=1)
+        self.current = proc
 
         def pump() -> None:
             assert proc.stdout is not None
@@ -461,6 +477,7 @@ class Session:
             except subprocess.TimeoutExpired:
                 _signal_group(proc, signal.SIGKILL)
                 rc = proc.wait()
+        self.current = None
         reader.join(timeout=10)
         seconds = time.time() - t0
         outcome = f"rc={rc}" + (" (time limit)" if timed_out else "")
@@ -685,30 +702,44 @@ def run_mode(args: argparse.Namespace) -> int:
         s.env["PYTHONUNBUFFERED"] = "1"
         if args.dry_run:
             s.env["OMP_NUM_THREADS"] = "1"  # shared CPUs here; torch picks its own on the device
-        s.say(f"=== gpu_session {args.mode}{' --dry-run' if args.dry_run else ''}: budget {budget} s, kit {kit}, "
-              f"out {out_dir}, {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}")
-        if not kit.is_dir() and args.corpus is None:
-            s.say(f"error: no kit folder {kit}: run `bench/gpu_session.py prepare` here and carry its paths")
-            return 2
-        cuda = python_info(s)
-        if not cuda and not args.dry_run:
-            s.summary()
-            return 3
-        ok = install_deps(s)
-        if ok:
-            build_kernels(s)
-            if args.mode == "train":
-                mode_train(s, Path(args.corpus).resolve() if args.corpus else None)
-            else:
-                mode_speed(s)
+        previous = {sig: signal.signal(sig, s.on_signal) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+        try:
+            return run_steps(s, args, kit, budget)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def run_steps(s: Session, args: argparse.Namespace, kit: Path, budget: int) -> int:
+    """A mode's steps, the summary and the exit code (0: every step passed; 1: one failed
+    or was skipped; 2: no kit; 3: no CUDA; 128 + N: stopped by signal N)."""
+    s.say(f"=== gpu_session {args.mode}{' --dry-run' if args.dry_run else ''}: budget {budget} s, kit {kit}, "
+          f"out {s.out}, {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}")
+    if not kit.is_dir() and args.corpus is None:
+        s.say(f"error: no kit folder {kit}: run `bench/gpu_session.py prepare` here and carry its paths")
+        return 2
+    cuda = python_info(s)
+    if not cuda and not args.dry_run:
         s.summary()
-        check_out(s)
-        failed = [n for n, outcome, _ in s.results if not outcome.startswith(("rc=0", "ok"))]
-        if failed or not ok:
-            s.say(f"=== gpu_session {args.mode}: FAILED or skipped: {', '.join(failed) or 'deps'}")
-            return 1
-        s.say(f"=== gpu_session {args.mode}: all steps passed")
-        return 0
+        return 3
+    ok = install_deps(s)
+    if ok:
+        build_kernels(s)
+        if args.mode == "train":
+            mode_train(s, Path(args.corpus).resolve() if args.corpus else None)
+        else:
+            mode_speed(s)
+    s.summary()
+    check_out(s)
+    if s.stopped_by is not None:
+        s.say(f"=== gpu_session {args.mode}: stopped by {signal.Signals(s.stopped_by).name}")
+        return 128 + s.stopped_by
+    failed = [n for n, outcome, _ in s.results if not outcome.startswith(("rc=0", "ok"))]
+    if failed or not ok:
+        s.say(f"=== gpu_session {args.mode}: FAILED or skipped: {', '.join(failed) or 'deps'}")
+        return 1
+    s.say(f"=== gpu_session {args.mode}: all steps passed")
+    return 0
 
 
 def parse_budgets(text: str | None) -> dict[str, int]:
