@@ -173,3 +173,18 @@ def test_train_mode_dry_run_twice_resumes_from_the_returned_pieces(tmp_path):
     second = call(kit2, tmp_path / "out2")
     assert [(c["resumed"], c["start_step"]) for c in second] == [(False, 0), (True, first[0]["end_step"])]
     assert second[1]["end_step"] > second[1]["start_step"]
+
+
+@pytest.mark.slow
+def test_speed_mode_dry_run_runs_gpu_speed_and_densify_and_keeps_benchmarks_md(tmp_path):
+    before = (ROOT / "BENCHMARKS.md").read_bytes()
+    kit, out = tmp_path / "kit", tmp_path / "out"
+    kit.mkdir()
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_session.py"), "speed", "--dry-run",
+                        "--kit", str(kit), "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    log = (out / "speed.log").read_text()
+    assert "=== gpu_speed: rc=0" in log and "=== bench_densify: rc=0" in log
+    assert "plan: textured_monkey, 100 views 1280x720, device cuda, target 20 s" in log
+    assert json.loads((out / "gpu_speed.json").read_text())["failed"] == []
+    assert (ROOT / "BENCHMARKS.md").read_bytes() == before and not (out / "BENCHMARKS_appended.md").exists()
