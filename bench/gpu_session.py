@@ -37,6 +37,19 @@ Modes on the device (``--out`` defaults to ``$OUT``; each step has its own time 
 - ``speed``: ``bench/gpu_speed.py`` within its budget, then ``bench/bench_densify.py --gpu``
   on the carried scene; returns their JSON / the BENCHMARKS.md sections and the log.
 
+Time: each call's ``--budget-s`` (default 360 s each; ``prepare --budgets train=540`` for
+one long training call instead) plus a machine start of 1-2 minutes must fit the session's
+15 minutes of device time, so the second call should follow the first at once (a machine
+stays warm 30 s; a new start costs minutes and none starts with under 4 left). In the
+default split the stage trains about 3 minutes and gpu_speed.py gets about 2.5 (its later
+steps, compile last, are cut first).
+
+Continuing a stage: exactly, with ``prepare --resume-from <files_at>`` (the corpus leaves
+room for the 26 MiB state: about 20 MiB of corpus); or from the returned weights with
+``prepare --start-weights npbgpp_sphere_stage.safetensors`` (a new run: fresh Adam and the
+200-step warm-up), which with ``--no-resume-room --rebuild-corpus`` gives the corpus about
+47 MiB.
+
 ``--dry-run`` runs either mode on the CPU with tiny sizes (a 0.3-minute stage, 2 bench
 steps, ``gpu_speed.py --dry-run`` on two steps, ``bench_densify.py --gpu --dry-run``), to
 check the plumbing here (tests/test_gpu_session.py). The script needs only the standard
