@@ -90,6 +90,15 @@ class DensifyOptions:
     normals: bool = False
     depth_range: tuple[float, float] | None = None
     seed: int = 0
+    fill: bool = False
+    fill_stride: int = 2
+    fill_texture: float = 0.1
+    fill_max_window: float = 0.5
+    fill_fit_tolerance: float = 0.01
+    fill_depth_tolerance: float = 0.02
+    fill_pixel_tolerance: float = 2.0
+    fill_color_tolerance: float = 0.06
+    fill_min_views: int = 2
 
     def check(self) -> None:
         if self.max_points < 1:
@@ -106,6 +115,17 @@ class DensifyOptions:
             raise DensifyError(f"min_consistent must be >= 1, got {self.min_consistent}")
         if self.depth_range is not None and not 0 < self.depth_range[0] < self.depth_range[1]:
             raise DensifyError(f"depth_range must be 0 < near < far, got {self.depth_range}")
+        if self.fill_stride < 1:
+            raise DensifyError(f"fill_stride must be >= 1, got {self.fill_stride}")
+        if self.fill_min_views < 1:
+            raise DensifyError(f"fill_min_views must be >= 1, got {self.fill_min_views}")
+        if not 0.0 < self.fill_max_window <= 1.0:
+            raise DensifyError(f"fill_max_window must lie in (0, 1], got {self.fill_max_window}")
+        for name in ("fill_texture", "fill_fit_tolerance", "fill_depth_tolerance", "fill_pixel_tolerance",
+                     "fill_color_tolerance"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise DensifyError(f"{name} must be a number > 0, got {value!r}")
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -508,11 +528,25 @@ def _fuse_steps(
     cams: Sequence[Camera], depths: torch.Tensor, images: torch.Tensor, partners: Sequence[Sequence[int]],
     opt: DensifyOptions, weak: torch.Tensor | None = None,
 ) -> Generator[Step, None, PointCloud]:
+    parts, _ = yield from _fused_points(cams, depths, images, partners, opt, weak)
+    return _cloud(parts, opt)
+
+
+Parts = tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]  # points, colours, normals
+
+
+def _fused_points(
+    cams: Sequence[Camera], depths: torch.Tensor, images: torch.Tensor, partners: Sequence[Sequence[int]],
+    opt: DensifyOptions, weak: torch.Tensor | None = None,
+) -> Generator[Step, None, tuple[Parts, torch.Tensor]]:
+    """Fused points (lists of (N, 3) pieces) and the consistent pixels (V, H, W): those
+    that became a point or matched one."""
     dev = depths.device
     V, H, W = depths.shape
     cs = [_cam(c, dev) for c in cams]
     rays = [_rays(c) for c in cs]
     used = torch.zeros((V, H * W), dtype=torch.bool, device=dev)
+    kept = torch.zeros((V, H * W), dtype=torch.bool, device=dev)
     out_p, out_c, out_n = [], [], []
     for i in range(V):
         d = depths[i].reshape(-1)
@@ -546,6 +580,7 @@ def _fuse_steps(
         if weak is not None:
             need = need + weak[i].reshape(-1)[sel].long() * opt.weak_extra_views
         keep = count >= need
+        kept[i, sel[keep]] = True
         for j, pix, ok in matches:
             used[j, pix[ok & keep]] = True
         n = (count + 1).float()[None]
@@ -554,6 +589,12 @@ def _fuse_steps(
         if opt.normals:
             out_n.append(_normals(cs[i], depths[i], rays[i]).reshape(3, -1)[:, sel][:, keep].T)
         yield ("fuse", i + 1, V)
+    return (out_p, out_c, out_n), (kept | used).reshape(V, H, W)
+
+
+def _cloud(parts: Parts, opt: DensifyOptions) -> PointCloud:
+    """One cloud from point pieces, within ``max_points`` (earlier pieces win a voxel)."""
+    out_p, out_c, out_n = parts
     if not out_p:
         return PointCloud(np.zeros((0, 3), np.float32), np.zeros((0, 3), np.float32))
     pts = torch.cat(out_p).cpu()
@@ -566,6 +607,204 @@ def _fuse_steps(
         nrm = nrm[keep_idx]
         extra = {"nx": nrm[:, 0].numpy(), "ny": nrm[:, 1].numpy(), "nz": nrm[:, 2].numpy()}
     return PointCloud(pts.numpy().astype(np.float32), col.numpy().astype(np.float32), extra)
+
+
+# --------------------------------------------------------------------------- fill
+# A hole pixel takes a window's plane only within this many standard deviations (of the
+# window's supporting pixel positions) of their centroid: interpolation, not extrapolation.
+_FILL_REACH = 2.0
+# Share of a plane-fit window that must hold valid depth.
+_FILL_SUPPORT = 0.1
+
+
+def texture_of(gray: torch.Tensor, k: int = 7) -> torch.Tensor:
+    """Standard deviation of ``gray`` (H, W) over a k x k window (windows cut at the border)."""
+    x = torch.stack([gray, gray * gray])[None]
+    m = F.avg_pool2d(x, k, stride=1, padding=k // 2, count_include_pad=False)[0]
+    return (m[1] - m[0] * m[0]).clamp_min(0.0).sqrt()
+
+
+def plane_fill(depth: torch.Tensor, valid: torch.Tensor, max_window: int, fit_tolerance: float) -> torch.Tensor:
+    """Depth (H, W) for pixels without ``valid`` depth, from planes fitted to the valid
+    depths around them; 0 where no plane is trusted.
+
+    Inverse depth of a plane is affine in pixel coordinates, so an affine fit of inverse
+    depth over a window is exact on planar surfaces. The image is cut into cells of f x f
+    pixels (f = 2, 4, 8 ...); each cell fits one plane to the valid depths of the 5f x 5f
+    window around it, robustly (a window holding an object and the table behind it fits
+    the surface with most support: start from the median, refit on the inliers twice).
+    A cell's pixels take the finest fit with enough inliers (``_FILL_SUPPORT`` of the
+    window), an RMS residual within ``fit_tolerance`` (relative), and the pixel within
+    ``_FILL_REACH`` standard deviations of the inliers' positions (bounded holes, not open
+    extrapolation); windows stop at ``max_window`` pixels."""
+    H, W = depth.shape
+    dev = depth.device
+    out = torch.zeros((H, W), dtype=torch.float32, device=dev)
+    todo = ~valid
+    rho_all = torch.where(valid, 1.0 / depth.float().clamp_min(1e-12), torch.zeros((), device=dev))
+    f = 2
+    while 5 * f <= max_window and bool(todo.any()):
+        s = max(1, f // 4)  # at most 20 x 20 samples per window
+        hc, wc = -(-H // f), -(-W // f)
+        pad = (0, wc * f - W, 0, hc * f - H)
+        r = F.pad(rho_all, pad)[::s, ::s]
+        ok = F.pad(valid, pad)[::s, ::s]
+        k, st, p = 5 * f // s, f // s, 2 * f // s
+        win = F.unfold(torch.stack([r, ok.float()])[None], k, padding=p, stride=st)[0].reshape(2, k * k, hc * wc)
+        rho, w = win[0].T, win[1].T > 0.5  # (cells, samples)
+        # Sample offsets from the cell centre, in units of f.
+        off = (torch.arange(k, device=dev, dtype=torch.float32) * s - 2 * f - (f - 1) / 2) / f
+        y = off[:, None].expand(k, k).reshape(-1)
+        x = off[None, :].expand(k, k).reshape(-1)
+        xy = torch.stack([torch.ones_like(x), x, y, x * x, x * y, y * y], 1)
+        level = torch.where(w, rho, torch.full_like(rho, float("nan"))).nanmedian(dim=1).values.nan_to_num(0.0)
+        inl = w & ((rho - level[:, None]).abs() <= 0.15 * level[:, None])
+        coef = torch.stack([level, torch.zeros_like(level), torch.zeros_like(level)], 1)
+        for band in (4.0, 2.0, None):
+            coef = _affine_fit(xy, rho, inl, coef)
+            pred = coef @ xy[:, :3].T
+            if band is not None:
+                inl = w & ((rho - pred).abs() <= band * fit_tolerance * coef[:, :1].abs())
+        wi = inl.float()
+        m = wi @ xy
+        n = m[:, 0].clamp_min(1)
+        resid = (((rho - pred) ** 2 * wi).sum(1) / n).sqrt()
+        mx, my = m[:, 1] / n, m[:, 2] / n
+        cxx = m[:, 3] / n - mx * mx + 0.01
+        cyy = m[:, 5] / n - my * my + 0.01
+        cxy = m[:, 4] / n - mx * my
+        n = m[:, 0]
+        good_cell = (n >= _FILL_SUPPORT * k * k) & (resid <= fit_tolerance * coef[:, 0]) & (coef[:, 0] > 0)
+        # Per pixel: its cell's plane, at its offset from the cell centre.
+        vv, uu = torch.meshgrid(torch.arange(H, device=dev), torch.arange(W, device=dev), indexing="ij")
+        cell = (vv // f) * wc + (uu // f)
+        px = ((uu % f).float() - (f - 1) / 2) / f
+        py = ((vv % f).float() - (f - 1) / 2) / f
+        c = coef[cell]
+        val = c[..., 0] + c[..., 1] * px + c[..., 2] * py
+        dx, dy = px - mx[cell], py - my[cell]
+        det = cxx[cell] * cyy[cell] - cxy[cell] ** 2
+        reach = (cyy[cell] * dx * dx - 2 * cxy[cell] * dx * dy + cxx[cell] * dy * dy) / det.clamp_min(1e-12)
+        good = todo & good_cell[cell] & (reach <= _FILL_REACH**2) & (val > 0)
+        out = torch.where(good, 1.0 / val.clamp_min(1e-12), out)
+        todo &= ~good
+        f *= 2
+    return out.to(depth.dtype)
+
+
+def _affine_fit(xy: torch.Tensor, rho: torch.Tensor, inl: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+    """Per row, least-squares ``rho ~ a + b x + c y`` over ``inl`` (cells, samples) -> (cells, 3);
+    ``fallback`` where fewer than 3 samples. ``xy``: (samples, 6) = 1, x, y, xx, xy, yy."""
+    wi = inl.float()
+    m = wi @ xy  # the same sample layout in every window: moments by one product
+    A = torch.stack([m[:, [0, 1, 2]], m[:, [1, 3, 4]], m[:, [2, 4, 5]]], 1).double()
+    # A small ridge on the slopes keeps a window whose inliers lie on a line solvable.
+    A = A + torch.diag(torch.tensor([1e-7, 1e-4, 1e-4], device=xy.device, dtype=A.dtype)) * m[:, :1, None].clamp_min(1)
+    rhs = ((wi * rho) @ xy[:, :3]).double()
+    sol = torch.linalg.solve(A, rhs[..., None])[..., 0].float()
+    usable = (m[:, 0] >= 3) & torch.isfinite(sol).all(1)
+    return torch.where(usable[:, None], sol, fallback)
+
+
+def _blur3(img: torch.Tensor) -> torch.Tensor:
+    return F.avg_pool2d(img[None], 3, stride=1, padding=1, count_include_pad=False)[0]
+
+
+def _fill_steps(
+    cams: Sequence[Camera], depths: torch.Tensor, consistent: torch.Tensor, images: torch.Tensor,
+    masks: Sequence[torch.Tensor | None] | None, partners: Sequence[Sequence[int]], opt: DensifyOptions,
+) -> Generator[Step, None, Parts]:
+    """Points for texture-poor pixels without a consistent depth (see :func:`fill_points`)."""
+    dev = depths.device
+    V, H, W = depths.shape
+    cs = [_cam(c, dev) for c in cams]
+    max_window = int(opt.fill_max_window * max(H, W))
+    # Completed depth maps: consistent depth, else a plane where the photo is texture-poor.
+    done = torch.where(consistent, depths, torch.zeros_like(depths))
+    poor = torch.zeros((V, H, W), dtype=torch.bool, device=dev)
+    blurred = torch.empty_like(images)
+    for i in range(V):
+        ok = texture_of(_gray(images[i])) < opt.fill_texture
+        if masks is not None and masks[i] is not None:
+            ok &= masks[i][0].to(dev) >= 0.5
+        filled = plane_fill(done[i], consistent[i], max_window, opt.fill_fit_tolerance)
+        poor[i] = ok & ~consistent[i] & (filled > 0)
+        done[i] = torch.where(poor[i], filled, done[i])
+        blurred[i] = _blur3(images[i])
+        yield ("fill", i + 1, 2 * V)
+    grid = torch.zeros((H, W), dtype=torch.bool, device=dev)
+    grid[:: opt.fill_stride, :: opt.fill_stride] = True
+    taken = torch.zeros((V, H * W), dtype=torch.bool, device=dev)
+    spread = 2 * (opt.fill_stride // 2) + 1
+    out_p, out_c, out_n = [], [], []
+    for i in range(V):
+        # A fill point claims the pixels it matched in other views, with their stride
+        # neighbourhood: one point per region, not one per view.
+        near = F.max_pool2d(taken[i].reshape(1, 1, H, W).float(), spread, stride=1, padding=spread // 2)[0, 0] > 0
+        sel = torch.nonzero((poor[i] & grid & ~near).reshape(-1)).squeeze(1)
+        if sel.numel() == 0 or not partners[i]:
+            yield ("fill", V + i + 1, 2 * V)
+            continue
+        d = done[i].reshape(-1)[sel]
+        rays_i = _rays(cs[i])
+        X = _unproject(cs[i], rays_i[:, sel], d)
+        u0, v0 = sel % W, sel // W
+        col_i = blurred[i].reshape(3, -1)[:, sel]
+        count = torch.zeros(sel.numel(), dtype=torch.long, device=dev)
+        sumX = X.clone()
+        sumC = images[i].reshape(3, -1)[:, sel].clone()
+        matches = []
+        for j in partners[i]:
+            o = cs[j]
+            u, v, z = _project(o, X)
+            ui, vi = torch.round(u).long(), torch.round(v).long()
+            inside = (z > 0) & (ui >= 0) & (ui < W) & (vi >= 0) & (vi < H)
+            pix = vi.clamp(0, H - 1) * W + ui.clamp(0, W - 1)
+            dj = done[j].reshape(-1)[pix]
+            Xj = _unproject(o, _rays(o)[:, pix], dj)
+            ub, vb, zb = _project(cs[i], Xj)
+            err = torch.hypot(ub - u0.float(), vb - v0.float())
+            # Texture-poor means one colour around the pixel: the views must see that colour.
+            colour = (blurred[j].reshape(3, -1)[:, pix] - col_i).abs().mean(0)
+            ok = (inside & (dj > 0) & (err < opt.fill_pixel_tolerance)
+                  & ((zb - d).abs() < opt.fill_depth_tolerance * d) & (colour < opt.fill_color_tolerance))
+            count += ok.long()
+            sumX += Xj * ok[None]
+            sumC += images[j].reshape(3, -1)[:, pix] * ok[None]
+            matches.append((j, pix, ok))
+        keep = count >= opt.fill_min_views
+        for j, pix, ok in matches:
+            taken[j, pix[ok & keep]] = True
+        n = (count + 1).float()[None]
+        out_p.append(((sumX / n)[:, keep]).T)
+        out_c.append(((sumC / n)[:, keep]).T)
+        if opt.normals:
+            out_n.append(_normals(cs[i], done[i], rays_i).reshape(3, -1)[:, sel][:, keep].T)
+        yield ("fill", V + i + 1, 2 * V)
+    return out_p, out_c, out_n
+
+
+def fill_points(
+    cams: Sequence[Camera], depths: torch.Tensor, consistent: torch.Tensor, images: torch.Tensor,
+    partners: Sequence[Sequence[int]], options: DensifyOptions | None = None,
+    masks: Sequence[torch.Tensor | None] | None = None,
+) -> PointCloud:
+    """Points for texture-poor regions where stereo found no consistent depth.
+
+    Per view, pixels without ``consistent`` depth whose photo is texture-poor (grey
+    standard deviation over 7 x 7 pixels below ``fill_texture``) take the depth of a plane
+    fitted to the consistent depths around them (:func:`plane_fill`). On a grid of
+    ``fill_stride`` pixels, such a pixel becomes a point when at least ``fill_min_views``
+    of its ``partners`` agree: their completed depth maps give back the same point (within
+    ``fill_pixel_tolerance`` pixels and ``fill_depth_tolerance`` relative depth) and they
+    see the same colour (mean absolute difference of 3 x 3 blurred RGB below
+    ``fill_color_tolerance``). In a texture-poor region an approximate depth still gives
+    the right colour from nearby viewpoints; the checks keep planes that cross a depth
+    step or disagree between views out."""
+    opt = options or DensifyOptions()
+    opt.check()
+    parts = _drain(_fill_steps(cams, depths, consistent, images, masks, partners, opt))
+    return _cloud(parts, opt)
 
 
 def _voxel_limit(pts: torch.Tensor, max_points: int) -> torch.Tensor:
@@ -648,7 +887,12 @@ def _view_steps(
             weak[i] = score == WEAK_SCORE
         yield ("depth", i + 1, n)
     partners = [[j for j, _ in nb[: opt.consistency_views]] for nb in nbrs]
-    return (yield from _fuse_steps(cameras, depths, torch.stack(imgs), partners, opt, weak))
+    stack = torch.stack(imgs)
+    parts, consistent = yield from _fused_points(cameras, depths, stack, partners, opt, weak)
+    if opt.fill:
+        extra = yield from _fill_steps(cameras, depths, consistent, stack, masks, partners, opt)
+        parts = tuple(a + b for a, b in zip(parts, extra, strict=True))
+    return _cloud(parts, opt)
 
 
 def _processing_size(camera: Camera, opt: DensifyOptions) -> tuple[int, int]:
@@ -679,7 +923,7 @@ class DensifyJob:
         if len(idx) == 1:
             raise DensifyError(f"{scene.root}: densify needs at least 2 views, got 1 ({scene.views[idx[0]].name})")
         self.scene, self.views, self.device = scene, idx, pick_device(device)
-        self.stage, self.done, self.total = "load", 0, 3 * len(idx)
+        self.stage, self.done, self.total = "load", 0, (5 if opt.fill else 3) * len(idx)
         self.result: PointCloud | None = None
         self._steps = self._run()
 
@@ -705,7 +949,7 @@ class DensifyJob:
             self.result = stop.value
             self.stage, self.done = "done", self.total
             return True
-        offset = {"load": 0, "depth": 1, "fuse": 2}[stage] * len(self.views)
+        offset = {"load": 0, "depth": 1, "fuse": 2, "fill": 3}[stage] * len(self.views)
         self.stage, self.done = stage, offset + done
         return False
 
@@ -767,6 +1011,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--neighbors", type=int, default=DensifyOptions.neighbors, help="views matched per view")
     p.add_argument("--normals", action="store_true", help="write normals (nx, ny, nz)")
     p.add_argument("--depth-range", type=float, nargs=2, metavar=("NEAR", "FAR"), default=None)
+    p.add_argument("--fill", action=argparse.BooleanOptionalAction, default=DensifyOptions.fill,
+                   help="add points on texture-poor regions without stereo depth: planes fitted to the depth "
+                        "around them, kept where neighbouring views agree on depth and colour")
+    p.add_argument("--fill-stride", type=int, default=DensifyOptions.fill_stride,
+                   help="fill points every this many pixels")
+    p.add_argument("--fill-texture", type=float, default=DensifyOptions.fill_texture,
+                   help="fill only where the grey standard deviation over 7x7 pixels is below this")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0: torch's default; 1 is much faster when other jobs share the cores)")
     p.add_argument("--quiet", action="store_true")
@@ -786,6 +1037,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_points=a.max_points, image_scale=a.scale, max_image_size=a.max_image_size, depth_planes=a.planes,
             neighbors=a.neighbors, top_k=min(DensifyOptions.top_k, a.neighbors), min_consistent=a.min_consistent,
             normals=a.normals, depth_range=tuple(a.depth_range) if a.depth_range else None,
+            fill=a.fill, fill_stride=a.fill_stride, fill_texture=a.fill_texture,
         )
         t0 = time.perf_counter()
 

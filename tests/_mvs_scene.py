@@ -1,6 +1,7 @@
 """An analytic multi-view scene for dense-reconstruction tests: a textured unit sphere at
 the origin above a textured floor (z = -1), seen by cameras on a ring. Colours and depths
-come from exact ray intersections (no rasterizer, no MVS code)."""
+come from exact ray intersections (no rasterizer, no MVS code). Optionally a disc of the
+floor is one flat colour (a texture-poor region bounded by textured floor)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from npbgpp_core.camera import Camera
 
 FLOOR_Z = -1.0
 RADIUS = 1.0
+FLAT_COLOR = (0.55, 0.45, 0.35)
+Disc = tuple[float, float, float]  # centre x, y on the floor, radius
 
 
 def texture(p: torch.Tensor) -> torch.Tensor:
@@ -40,19 +43,20 @@ def ring_cameras(n: int, size: tuple[int, int] = (96, 128), radius: float = 4.0,
     return cams
 
 
-def render(cam: Camera, floor: bool = True, supersample: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def render(cam: Camera, floor: bool = True, supersample: int = 2,
+           flat: Disc | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(image (3,H,W), depth (H,W) 0 where empty, sphere mask (H,W) bool)``; the image is
     the mean of ``supersample``^2 samples per pixel (anti-aliased, like a camera), depth and
-    mask are taken at pixel centres."""
-    img, depth, sphere = _trace(cam, floor)
+    mask are taken at pixel centres. ``flat``: a floor disc of colour ``FLAT_COLOR``."""
+    img, depth, sphere = _trace(cam, floor, flat)
     if supersample > 1:
         h, w = cam.image_size
-        big = _trace(cam.scaled((h * supersample, w * supersample)), floor)[0]
+        big = _trace(cam.scaled((h * supersample, w * supersample)), floor, flat)[0]
         img = torch.nn.functional.avg_pool2d(big[None], supersample)[0]
     return img, depth, sphere
 
 
-def _trace(cam: Camera, floor: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _trace(cam: Camera, floor: bool, flat: Disc | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     K, R, t = (torch.as_tensor(x, dtype=torch.float64) for x in cam.to_opencv())
     h, w = cam.image_size
     v, u = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
@@ -76,6 +80,9 @@ def _trace(cam: Camera, floor: bool) -> tuple[torch.Tensor, torch.Tensor, torch.
     X = o[None] + depth.clamp_max(1e3)[:, None] * d
     img = torch.where(hit[:, None], texture(X).double(), torch.zeros(h * w, 3, dtype=torch.float64))
     sphere = hit & (t_sphere <= t_floor)
+    if flat is not None:
+        on = hit & ~sphere & (torch.hypot(X[:, 0] - flat[0], X[:, 1] - flat[1]) <= flat[2])
+        img = torch.where(on[:, None], torch.tensor(FLAT_COLOR, dtype=torch.float64), img)
     return (img.T.reshape(3, h, w).float(), torch.where(hit, depth, 0.0).reshape(h, w).float(),
             sphere.reshape(h, w))
 
