@@ -6,6 +6,7 @@ known geometry.
     python bench/bench_densify.py --gpu                # GPU case: 100 views 1280x720 on CUDA
     python bench/bench_densify.py --gpu --dry-run      # what the GPU case would run, checked on a tiny scene
     python bench/bench_densify.py --quick              # smoke test, writes nothing
+    python bench/bench_densify.py --accuracy-only --fill   # with the texture-poor fill, its points scored apart
 
 Scenes are rendered with Cycles by ``blender_addon.datagen`` (procedural scenes, all
 views used, cached under ``out/bench_densify/``) with a dense sample of the true surface
@@ -122,14 +123,24 @@ def measure(scene_dir: Path, device: str, views: int | None = None, **options) -
     dense = torch.from_numpy(cloud.points)
     diag = float((truth.max(0).values - truth.min(0).values).norm())
     tol = 0.01 * diag
-    acc = float(near_mask(dense, truth, tol).float().mean()) if len(dense) else 0.0
+    near = near_mask(dense, truth, tol)
+    acc = float(near.float().mean()) if len(dense) else 0.0
+    fill = {}
+    if options.get("fill"):
+        # Fill points follow the stereo points (below max_points): a run without fill
+        # says where they start, and how long the fill took.
+        t1 = time.perf_counter()
+        plain = len(densify_scene(sparse, used, DensifyOptions(**{**options, "fill": False}), device))
+        plain_s = time.perf_counter() - t1
+        fill = {"fill_points": len(dense) - plain, "fill_seconds": seconds - plain_s,
+                "fill_accuracy": float(near[plain:].float().mean()) if len(dense) > plain else float("nan")}
     vis = visible_samples(truth, [full.camera(i) for i in used])
     cov = float(near_mask(truth[vis], dense, tol).float().mean()) if len(dense) else 0.0
     h, w = full.views[0].camera.image_size
     return {
         "scene": scene_dir.name, "views": len(used), "size": f"{w}x{h}", "points": len(cloud),
         "accuracy": acc, "coverage": cov, "seconds": seconds,
-        "cpu_seconds": (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime), "load": load,
+        "cpu_seconds": (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime), "load": load, **fill,
     }
 
 
@@ -137,12 +148,16 @@ def row(r: dict, target_s: float | None) -> list:
     ok = ""
     if target_s is not None:
         ok = "yes" if r["seconds"] <= target_s else "no"
-    return [r["scene"], r["views"], r["size"], f"{r['points']:,}", f"{100 * r['accuracy']:.1f}",
-            f"{100 * r['coverage']:.1f}", f"{r['seconds']:.1f}", f"{r['cpu_seconds']:.0f}", f"{r['load']:.1f}", ok]
+    cells = [r["scene"], r["views"], r["size"], f"{r['points']:,}", f"{100 * r['accuracy']:.1f}",
+             f"{100 * r['coverage']:.1f}", f"{r['seconds']:.1f}", f"{r['cpu_seconds']:.0f}", f"{r['load']:.1f}", ok]
+    if "fill_points" in r:
+        cells += [f"{r['fill_points']:,}", f"{100 * r['fill_accuracy']:.1f}", f"{r['fill_seconds']:.1f}"]
+    return cells
 
 
 HEADERS = ["scene", "views", "size", "points", "accuracy %", "coverage %", "seconds", "CPU s", "load avg",
            "within time target"]
+FILL_HEADERS = ["fill points", "fill accuracy %", "fill s (on top of densify)"]
 
 
 def gpu_plan(args: argparse.Namespace) -> list[tuple[str, int, tuple[int, int], float]]:
@@ -159,12 +174,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan and run it on a tiny scene on the CPU (checks the code path; writes nothing)")
     p.add_argument("--cache", default=str(CACHE), help="where rendered scenes are kept")
+    p.add_argument("--fill", action="store_true",
+                   help="densify with fill=True; also reports the fill points' own accuracy and time (runs each "
+                        "scene twice)")
     add_common_args(p)
     args = p.parse_args(argv)
     device = device_from_args(args)
     cache = Path(args.cache)
     rows: list[list] = []
     notes: list[str] = []
+    headers = HEADERS + FILL_HEADERS if args.fill else HEADERS
+    if args.fill:
+        notes.append("densify with fill=True (texture-poor regions filled); fill columns: points the fill added, "
+                     "their own accuracy, and its seconds on top of densify")
 
     if args.quick or args.dry_run:
         plan = gpu_plan(args) if args.gpu else (
@@ -196,20 +218,20 @@ def main(argv: list[str] | None = None) -> int:
         if not args.speed_only:
             for name in args.scenes.split(","):
                 scene = render_scene(name, 48, (200, 200), cache / f"{name}_48_200x200")
-                r = measure(scene, device.type)
+                r = measure(scene, device.type, fill=args.fill)
                 rows.append(row(r, None))
-                print(markdown_table(HEADERS, rows[-1:]))
+                print(markdown_table(headers, rows[-1:]))
             notes.append("Accuracy targets: >= 90% of points within 1% of the bbox diagonal of the true surface, "
                          ">= 70% of the visible true surface covered, >= 50k points (48 views 200x200)")
         if not args.accuracy_only:
             name = args.speed_scene
             scene = render_scene(name, 60, (360, 640), cache / f"{name}_60_640x360")
-            r = measure(scene, device.type)
+            r = measure(scene, device.type, fill=args.fill)
             rows.append(row(r, 180.0))
-            print(markdown_table(HEADERS, rows[-1:]))
+            print(markdown_table(headers, rows[-1:]))
             notes.append("Speed target: 60 views 640x360 within 180 s on the 2-core CPU; 'load avg' is the "
                          "machine's 1-minute load during the run (2 cores: above 2 means other jobs shared them)")
-    table = markdown_table(HEADERS, rows)
+    table = markdown_table(headers, rows)
     print(table)
     record(args, "Dense reconstruction (bench_densify.py)", device, table, notes)
     return 0

@@ -254,6 +254,11 @@ class NPBGPP_OT_densify(_ModalJob, bpy.types.Operator):
         name="Image Scale", default=1.0, min=0.1, max=1.0, subtype="FACTOR",
         description="Match on images scaled by this factor (faster, fewer points)",
     )
+    fill: BoolProperty(  # type: ignore[valid-type]
+        name="Fill Texture-Poor Regions", default=False,
+        description="Also add points on tables, walls and paper where stereo finds no depth: planes fitted to the "
+        "depth around them, kept where neighbouring views agree on depth and colour",
+    )
 
     _worker: Any = None
     _out: str = ""
@@ -281,7 +286,7 @@ class NPBGPP_OT_densify(_ModalJob, bpy.types.Operator):
             self._timeout = s.worker_timeout
             return self._worker.request(P.DensifyBegin(
                 dataset, s.dataset_format or None, s.dataset_undistort, s.device, self.max_points, self.max_views,
-                self.min_consistent, self.image_scale, s.dataset_allow_external_paths,
+                self.min_consistent, self.image_scale, s.dataset_allow_external_paths, fill=self.fill,
             ), None, self._timeout)
         except (WorkerError, ValueError, OSError) as exc:
             self.report({"ERROR"}, f"Densify failed: {exc}")

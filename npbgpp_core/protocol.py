@@ -299,6 +299,7 @@ class DensifyBegin(Request):
     min_consistent: int = 2
     image_scale: float = 1.0
     allow_external_paths: bool = False
+    fill: bool = False  # DensifyOptions.fill: points on texture-poor regions without stereo depth
     op: ClassVar[str] = "densify_begin"
     reply: ClassVar[type[Reply]] = DensifyProgress
 

@@ -348,7 +348,7 @@ class RenderService:
         if req.max_views and len(views) > req.max_views:
             views = [views[int(round(k))] for k in np.linspace(0, len(views) - 1, req.max_views)]
         options = DensifyOptions(max_points=req.max_points or DensifyOptions.max_points,
-                                 min_consistent=req.min_consistent, image_scale=req.image_scale)
+                                 min_consistent=req.min_consistent, image_scale=req.image_scale, fill=req.fill)
         self.densify = DensifyJob(data, views, options, pick_device(req.device))
         return self._densify_progress()
 
