@@ -28,9 +28,8 @@ Method, per reference view:
    grid keeps one point per cell.
 
 6. Fill (``fill=True``, :func:`fill_points`): texture-poor pixels (tables, walls, paper)
-   where stereo found no consistent depth take the depth of a plane: fitted robustly to
-   the consistent depths around them, or else one of the scene's dominant planes (RANSAC
-   on the stereo and sparse points). Every ``fill_stride``-th such pixel becomes a point
+   where stereo found no consistent depth take the depth of a plane fitted robustly to
+   the consistent depths around them. Every ``fill_stride``-th such pixel becomes a point
    when neighbouring views' completed depth maps agree with it and they see the same
    colour there. In a texture-poor region approximate geometry still gives nearly the
    right colour from nearby viewpoints, which is what a neural point renderer needs.
@@ -107,7 +106,6 @@ class DensifyOptions:
     fill_pixel_tolerance: float = 2.0
     fill_color_tolerance: float = 0.06
     fill_min_views: int = 2
-    fill_planes: int = 3
 
     def check(self) -> None:
         if self.max_points < 1:
@@ -126,8 +124,6 @@ class DensifyOptions:
             raise DensifyError(f"depth_range must be 0 < near < far, got {self.depth_range}")
         if self.fill_stride < 1:
             raise DensifyError(f"fill_stride must be >= 1, got {self.fill_stride}")
-        if self.fill_planes < 0:
-            raise DensifyError(f"fill_planes must be >= 0, got {self.fill_planes}")
         if self.fill_min_views < 1:
             raise DensifyError(f"fill_min_views must be >= 1, got {self.fill_min_views}")
         if not 0.0 < self.fill_max_window <= 1.0:
@@ -721,110 +717,30 @@ def _blur3(img: torch.Tensor) -> torch.Tensor:
     return F.avg_pool2d(img[None], 3, stride=1, padding=1, count_include_pad=False)[0]
 
 
-def dominant_planes(points: torch.Tensor, count: int, min_share: float = 0.1, seed: int = 0,
-                    hypotheses: int = 256) -> list[tuple[torch.Tensor, float]]:
-    """Up to ``count`` planes ``(normal (3,), offset)``, ``normal . X = offset``, each holding
-    at least ``min_share`` of ``points`` (N, 3) within 0.5% of their extent (the 2nd-98th
-    percentile box diagonal): sequential RANSAC, each plane refitted to its inliers."""
-    pts = points.float()
-    if pts.shape[0] < 50 or count < 1:
-        return []
-    lo, hi = torch.quantile(pts, torch.tensor([0.02, 0.98], device=pts.device), dim=0)
-    tol = 0.005 * float((hi - lo).norm())
-    if tol <= 0:
-        return []
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    need = int(min_share * pts.shape[0])
-    rest = pts
-    planes = []
-    for _ in range(count):
-        if rest.shape[0] < max(need, 3):
-            break
-        idx = torch.randint(0, rest.shape[0], (hypotheses, 3), generator=g).to(pts.device)
-        a, b, c = rest[idx[:, 0]], rest[idx[:, 1]], rest[idx[:, 2]]
-        n = torch.linalg.cross(b - a, c - a)
-        n = n / n.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        votes = ((rest @ n.T) - (a * n).sum(1)).abs().lt(tol).sum(0)
-        best = int(votes.argmax())
-        inl = ((rest @ n[best]) - (a[best] @ n[best])).abs() < tol
-        if int(inl.sum()) < need:
-            break
-        q = rest[inl]
-        centre = q.mean(0)
-        normal = torch.linalg.svd(q - centre, full_matrices=False).Vh[-1]
-        inl = ((rest - centre) @ normal).abs() < tol
-        planes.append((normal, float(centre @ normal)))
-        rest = rest[~inl]
-    return planes
-
-
-def _plane_depths(c: _Cam, rays: torch.Tensor, planes: list[tuple[torch.Tensor, float]],
-                  near: float, far: float) -> torch.Tensor:
-    """Depth (H*W,) of the nearest plane each pixel's ray meets within [near, far], else 0."""
-    best = torch.full((rays.shape[1],), math.inf, device=rays.device)
-    origin = c.R.T @ c.t  # = -centre
-    for normal, offset in planes:
-        nr = normal.to(rays.device) @ c.R.T  # normal in camera axes
-        denom = nr @ rays
-        z = (offset + float(normal.to(rays.device) @ origin)) / torch.where(denom.abs() > 1e-9, denom,
-                                                                            torch.full_like(denom, 1e-9))
-        z = torch.where((z >= near) & (z <= far), z, torch.full_like(z, math.inf))
-        best = torch.minimum(best, z)
-    return torch.where(torch.isfinite(best), best, torch.zeros_like(best))
-
-
-def _plane_support(parts: Parts, sparse_points: np.ndarray | None, opt: DensifyOptions,
-                   dev: torch.device) -> torch.Tensor | None:
-    """The points dominant planes are found in: stereo points and sparse points, a random
-    sample of at most 50k (planes worth filling hold thousands)."""
-    support = [torch.cat(parts[0])] if parts[0] else []
-    if sparse_points is not None and len(sparse_points):
-        support.append(torch.as_tensor(np.asarray(sparse_points), dtype=torch.float32, device=dev))
-    if not support:
-        return None
-    pts = torch.cat(support)
-    g = torch.Generator(device="cpu").manual_seed(opt.seed)
-    return pts[torch.randperm(pts.shape[0], generator=g)[:50_000].to(pts.device)]
-
-
 def _fill_steps(
     cams: Sequence[Camera], depths: torch.Tensor, consistent: torch.Tensor, images: torch.Tensor,
     masks: Sequence[torch.Tensor | None] | None, partners: Sequence[Sequence[int]], opt: DensifyOptions,
-    points: torch.Tensor | None = None,
 ) -> Generator[Step, None, Parts]:
     """Points for texture-poor pixels without a consistent depth (see :func:`fill_points`)."""
     dev = depths.device
     V, H, W = depths.shape
     cs = [_cam(c, dev) for c in cams]
     max_window = int(opt.fill_max_window * max(H, W))
-    planes = dominant_planes(points.to(dev), opt.fill_planes, seed=opt.seed) if points is not None else []
     # Completed depth maps: consistent depth, else a plane where the photo is texture-poor.
     done = torch.where(consistent, depths, torch.zeros_like(depths))
     poor = torch.zeros((V, H, W), dtype=torch.bool, device=dev)
-    flat = torch.zeros((V, H, W), dtype=torch.bool, device=dev)  # filled by a dominant plane
     blurred = torch.empty_like(images)
     for i in range(V):
         ok = texture_of(_gray(images[i])) < opt.fill_texture
         if masks is not None and masks[i] is not None:
             ok &= masks[i][0].to(dev) >= 0.5
         filled = plane_fill(done[i], consistent[i], max_window, opt.fill_fit_tolerance)
-        known = depths[i][consistent[i]]
-        if planes and known.numel() >= 20:
-            # Beyond the local planes' reach (tables, walls, paper with no depth nearby):
-            # the scene's dominant planes, within the depths the view's own points span.
-            near, far = torch.quantile(known, torch.tensor([0.02, 0.98], device=dev)).tolist()
-            far_plane = _plane_depths(cs[i], _rays(cs[i]), planes, 0.75 * near, 1.25 * far).reshape(H, W)
-            flat[i] = (filled == 0) & (far_plane > 0)
-            filled = torch.where(filled > 0, filled, far_plane)
         poor[i] = ok & ~consistent[i] & (filled > 0)
         done[i] = torch.where(poor[i], filled, done[i])
         blurred[i] = _blur3(images[i])
         yield ("fill", i + 1, 2 * V)
     grid = torch.zeros((H, W), dtype=torch.bool, device=dev)
     grid[:: opt.fill_stride, :: opt.fill_stride] = True
-    # Dominant planes cover large flat areas: half as many points per side there.
-    sparse_grid = torch.zeros((H, W), dtype=torch.bool, device=dev)
-    sparse_grid[:: 2 * opt.fill_stride, :: 2 * opt.fill_stride] = True
     taken = torch.zeros((V, H * W), dtype=torch.bool, device=dev)
     spread = 2 * (opt.fill_stride // 2) + 1
     out_p, out_c, out_n = [], [], []
@@ -832,7 +748,7 @@ def _fill_steps(
         # A fill point claims the pixels it matched in other views, with their stride
         # neighbourhood: one point per region, not one per view.
         near = F.max_pool2d(taken[i].reshape(1, 1, H, W).float(), spread, stride=1, padding=spread // 2)[0, 0] > 0
-        sel = torch.nonzero((poor[i] & torch.where(flat[i], sparse_grid, grid) & ~near).reshape(-1)).squeeze(1)
+        sel = torch.nonzero((poor[i] & grid & ~near).reshape(-1)).squeeze(1)
         if sel.numel() == 0 or not partners[i]:
             yield ("fill", V + i + 1, 2 * V)
             continue
@@ -878,7 +794,7 @@ def _fill_steps(
 def fill_points(
     cams: Sequence[Camera], depths: torch.Tensor, consistent: torch.Tensor, images: torch.Tensor,
     partners: Sequence[Sequence[int]], options: DensifyOptions | None = None,
-    masks: Sequence[torch.Tensor | None] | None = None, points: np.ndarray | torch.Tensor | None = None,
+    masks: Sequence[torch.Tensor | None] | None = None,
 ) -> PointCloud:
     """Points for texture-poor regions where stereo found no consistent depth.
 
@@ -891,14 +807,10 @@ def fill_points(
     see the same colour (mean absolute difference of 3 x 3 blurred RGB below
     ``fill_color_tolerance``). In a texture-poor region an approximate depth still gives
     the right colour from nearby viewpoints; the checks keep planes that cross a depth
-    step or disagree between views out. Pixels no local plane reaches may take the nearest
-    of up to ``fill_planes`` dominant planes of ``points`` (the stereo and sparse points;
-    see :func:`dominant_planes`) within the depths the view's consistent pixels span
-    (widened by 25%), under the same checks."""
+    step or disagree between views out."""
     opt = options or DensifyOptions()
     opt.check()
-    pts = None if points is None else torch.as_tensor(np.asarray(points), dtype=torch.float32)
-    parts = _drain(_fill_steps(cams, depths, consistent, images, masks, partners, opt, pts))
+    parts = _drain(_fill_steps(cams, depths, consistent, images, masks, partners, opt))
     return _cloud(parts, opt)
 
 
@@ -985,8 +897,7 @@ def _view_steps(
     stack = torch.stack(imgs)
     parts, consistent = yield from _fused_points(cameras, depths, stack, partners, opt, weak)
     if opt.fill:
-        extra = yield from _fill_steps(cameras, depths, consistent, stack, masks, partners, opt,
-                                       _plane_support(parts, sparse_points, opt, dev))
+        extra = yield from _fill_steps(cameras, depths, consistent, stack, masks, partners, opt)
         parts = tuple(a + b for a, b in zip(parts, extra, strict=True))
     return _cloud(parts, opt)
 

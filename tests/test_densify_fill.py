@@ -134,10 +134,7 @@ def test_densify_with_fill_covers_the_disc(disc_ring):
     inner_plain = int(_on_disc(torch.as_tensor(plain.points), margin=0.1).sum())
     inner_fill = int(_on_disc(extra, margin=0.1).sum())
     assert inner_fill > 3 * max(inner_plain, 10), (inner_plain, inner_fill)
-    # Most fill points lie on the disc; the others on the floor around it (the floor is the
-    # scene's dominant plane), where the stereo points they agree with are no better.
-    assert int(_on_disc(extra, margin=-0.05).sum()) >= 0.6 * len(extra)
-    assert float(surface_distance(extra).median()) < 0.035
+    assert int(_on_disc(extra, margin=-0.05).sum()) >= 0.9 * len(extra)  # the disc and its rim
     on = _on_disc(extra, margin=0.05)
     # Fill depths are as good as the stereo depths around the disc they come from: those
     # are biased near the flat rim (the stereo points on the disc are off by 0.044 in the
@@ -187,31 +184,3 @@ def test_service_passes_fill_to_the_job(tmp_path, disc_ring):
     off = service.handle(P.DensifyBegin(str(tmp_path / "scene"), device="CPU", fill=False))
     assert isinstance(off, P.DensifyProgress) and off.total == 3 * len(cams)
 
-
-def test_dominant_plane_fills_holes_without_depth_around():
-    """No floor pixel has depth (only the sphere does), so no local plane reaches the flat
-    disc: the floor, the dominant plane of the given points, fills it exactly; without
-    points, nothing is filled there."""
-    from npbgpp_core.densify import dominant_planes
-
-    cams = ring_cameras(6, size=(120, 160))
-    views = [render(c, flat=DISC) for c in cams]
-    depths, images = _consistent_true(views)
-    consistent = torch.stack([v[2] for v in views])  # the sphere only
-    g = torch.Generator().manual_seed(0)
-    floor = torch.cat([torch.rand(3000, 2, generator=g) * 6 - 3, torch.full((3000, 1), FLOOR_Z)], 1)
-    points = torch.cat([floor, sphere_samples(2000)])
-    planes = dominant_planes(points, 3)
-    assert len(planes) == 1  # the sphere holds no plane
-    normal, offset = planes[0]
-    # Refitted to its inliers: floor samples and the sphere samples within the band (0.5%
-    # of the extent) of the floor.
-    assert abs(abs(float(normal[2])) - 1) < 1e-4 and abs(offset / float(normal[2]) - FLOOR_Z) < 2e-3
-    partners = [[j for j in range(6) if j != i] for i in range(6)]
-    opt = DensifyOptions(fill=True, fill_stride=1)
-    cloud = fill_points(cams, depths, consistent, images, partners, opt, points=points.numpy())
-    p = torch.as_tensor(cloud.points)
-    disc = _on_disc(p, margin=0.03)
-    assert int(disc.sum()) > 300 and float((p[disc, 2] - FLOOR_Z).abs().max()) < 1e-3
-    without = torch.as_tensor(fill_points(cams, depths, consistent, images, partners, opt).points)
-    assert int(_on_disc(without, margin=0.03).sum()) == 0
