@@ -199,8 +199,8 @@ def main(argv: list[str] | None = None) -> int:
             print("error: --gpu without --dry-run needs a CUDA device", file=sys.stderr)
         with tempfile.TemporaryDirectory() as tmp:
             scene = render_scene(plan[0][0], 12, (48, 64), Path(tmp) / "tiny", samples=2, points=20_000)
-            r = measure(scene, "cpu")
-        print(markdown_table(HEADERS, [row(r, None)]))
+            r = measure(scene, "cpu", fill=args.fill)
+        print(markdown_table(headers, [row(r, None)]))
         return 0
 
     if args.gpu:
