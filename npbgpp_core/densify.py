@@ -564,27 +564,8 @@ def _fused_points(
             yield ("fuse", i + 1, V)
             continue
         X = _unproject(cs[i], rays[i][:, sel], d[sel])
-        u0 = sel % W
-        v0 = sel // W
-        count = torch.zeros(sel.numel(), dtype=torch.long, device=dev)
-        sumX = X.clone()
-        sumC = images[i].reshape(3, -1)[:, sel].clone()
-        matches = []
-        for j in partners[i]:
-            o = cs[j]
-            u, v, z = _project(o, X)
-            ui, vi = torch.round(u).long(), torch.round(v).long()
-            inside = (z > 0) & (ui >= 0) & (ui < W) & (vi >= 0) & (vi < H)
-            pix = (vi.clamp(0, H - 1) * W + ui.clamp(0, W - 1))
-            dj = depths[j].reshape(-1)[pix]
-            Xj = _unproject(o, rays[j][:, pix], dj)
-            ub, vb, zb = _project(cs[i], Xj)
-            err = torch.hypot(ub - u0.float(), vb - v0.float())
-            ok = inside & (dj > 0) & (err < opt.pixel_tolerance) & ((zb - d[sel]).abs() < opt.depth_tolerance * d[sel])
-            count += ok.long()
-            sumX += Xj * ok[None]
-            sumC += images[j].reshape(3, -1)[:, pix] * ok[None]
-            matches.append((j, pix, ok))
+        count, sumX, sumC, matches = _partner_votes(
+            cs, rays, depths, images, i, partners[i], sel, X, d[sel], opt.pixel_tolerance, opt.depth_tolerance)
         need = opt.min_consistent
         if weak is not None:
             need = need + weak[i].reshape(-1)[sel].long() * opt.weak_extra_views
@@ -599,6 +580,43 @@ def _fused_points(
             out_n.append(_normals(cs[i], depths[i], rays[i]).reshape(3, -1)[:, sel][:, keep].T)
         yield ("fuse", i + 1, V)
     return (out_p, out_c, out_n), (kept | used).reshape(V, H, W)
+
+
+def _partner_votes(
+    cs: Sequence[_Cam], rays: Sequence[torch.Tensor], depths: torch.Tensor, images: torch.Tensor, i: int,
+    partners: Sequence[int], sel: torch.Tensor, X: torch.Tensor, d: torch.Tensor, pixel_tolerance: float,
+    depth_tolerance: float, colour: tuple[torch.Tensor, float] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[tuple[int, torch.Tensor, torch.Tensor]]]:
+    """The cross-view check of view ``i``'s points ``X`` (its pixels ``sel`` at depths ``d``):
+    a partner j agrees when its depth map at the point's projection gives back a point that
+    lands within ``pixel_tolerance`` pixels of the pixel and ``depth_tolerance`` relative
+    depth, and, with ``colour = (blurred images, tolerance)``, sees the same blurred colour.
+    Returns the agreeing count, the sums of the agreeing points and colours (``X`` and view
+    i's colours included) and per partner (j, its pixels, agrees)."""
+    V, H, W = depths.shape
+    u0, v0 = (sel % W).float(), (sel // W).float()
+    count = torch.zeros(sel.numel(), dtype=torch.long, device=depths.device)
+    sumX = X.clone()
+    sumC = images[i].reshape(3, -1)[:, sel].clone()
+    col_i = None if colour is None else colour[0][i].reshape(3, -1)[:, sel]
+    matches = []
+    for j in partners:
+        u, v, z = _project(cs[j], X)
+        ui, vi = torch.round(u).long(), torch.round(v).long()
+        inside = (z > 0) & (ui >= 0) & (ui < W) & (vi >= 0) & (vi < H)
+        pix = vi.clamp(0, H - 1) * W + ui.clamp(0, W - 1)
+        dj = depths[j].reshape(-1)[pix]
+        Xj = _unproject(cs[j], rays[j][:, pix], dj)
+        ub, vb, zb = _project(cs[i], Xj)
+        err = torch.hypot(ub - u0, vb - v0)
+        ok = inside & (dj > 0) & (err < pixel_tolerance) & ((zb - d).abs() < depth_tolerance * d)
+        if colour is not None:
+            ok &= (colour[0][j].reshape(3, -1)[:, pix] - col_i).abs().mean(0) < colour[1]
+        count += ok.long()
+        sumX += Xj * ok[None]
+        sumC += images[j].reshape(3, -1)[:, pix] * ok[None]
+        matches.append((j, pix, ok))
+    return count, sumX, sumC, matches
 
 
 def _cloud(parts: Parts, opt: DensifyOptions) -> PointCloud:
@@ -727,6 +745,7 @@ def _fill_steps(
     dev = depths.device
     V, H, W = depths.shape
     cs = [_cam(c, dev) for c in cams]
+    rays = [_rays(c) for c in cs]
     max_window = int(opt.fill_max_window * max(H, W))
     # Completed depth maps: consistent depth, else a plane where the photo is texture-poor.
     done = torch.where(consistent, depths, torch.zeros_like(depths))
@@ -755,32 +774,11 @@ def _fill_steps(
             yield ("fill", V + i + 1, 2 * V)
             continue
         d = done[i].reshape(-1)[sel]
-        rays_i = _rays(cs[i])
-        X = _unproject(cs[i], rays_i[:, sel], d)
-        u0, v0 = sel % W, sel // W
-        col_i = blurred[i].reshape(3, -1)[:, sel]
-        count = torch.zeros(sel.numel(), dtype=torch.long, device=dev)
-        sumX = X.clone()
-        sumC = images[i].reshape(3, -1)[:, sel].clone()
-        matches = []
-        for j in partners[i]:
-            o = cs[j]
-            u, v, z = _project(o, X)
-            ui, vi = torch.round(u).long(), torch.round(v).long()
-            inside = (z > 0) & (ui >= 0) & (ui < W) & (vi >= 0) & (vi < H)
-            pix = vi.clamp(0, H - 1) * W + ui.clamp(0, W - 1)
-            dj = done[j].reshape(-1)[pix]
-            Xj = _unproject(o, _rays(o)[:, pix], dj)
-            ub, vb, zb = _project(cs[i], Xj)
-            err = torch.hypot(ub - u0.float(), vb - v0.float())
-            # Texture-poor means one colour around the pixel: the views must see that colour.
-            colour = (blurred[j].reshape(3, -1)[:, pix] - col_i).abs().mean(0)
-            ok = (inside & (dj > 0) & (err < opt.fill_pixel_tolerance)
-                  & ((zb - d).abs() < opt.fill_depth_tolerance * d) & (colour < opt.fill_color_tolerance))
-            count += ok.long()
-            sumX += Xj * ok[None]
-            sumC += images[j].reshape(3, -1)[:, pix] * ok[None]
-            matches.append((j, pix, ok))
+        X = _unproject(cs[i], rays[i][:, sel], d)
+        # Texture-poor means one colour around the pixel: the views must see that colour.
+        count, sumX, sumC, matches = _partner_votes(
+            cs, rays, done, images, i, partners[i], sel, X, d, opt.fill_pixel_tolerance,
+            opt.fill_depth_tolerance, (blurred, opt.fill_color_tolerance))
         keep = count >= opt.fill_min_views
         for j, pix, ok in matches:
             taken[j, pix[ok & keep]] = True
@@ -788,7 +786,7 @@ def _fill_steps(
         out_p.append(((sumX / n)[:, keep]).T)
         out_c.append(((sumC / n)[:, keep]).T)
         if opt.normals:
-            out_n.append(_normals(cs[i], done[i], rays_i).reshape(3, -1)[:, sel][:, keep].T)
+            out_n.append(_normals(cs[i], done[i], rays[i]).reshape(3, -1)[:, sel][:, keep].T)
         yield ("fill", V + i + 1, 2 * V)
     return out_p, out_c, out_n
 
