@@ -161,6 +161,27 @@ class DensifyProgress(Reply):
 
 
 @dataclass
+class FitProgress(Reply):
+    """Where a fit job stands: ``done`` of ``total`` steps; ``finished`` when the fitted
+    bundle is ready for :class:`FitFinish`."""
+
+    done: int
+    total: int
+    finished: bool
+
+
+@dataclass
+class FitResultInfo(Reply):
+    """The fitted bundle written: its path, steps, first and last loss, seconds fitting."""
+
+    path: str
+    steps: int
+    loss_first: float
+    loss_last: float
+    seconds: float
+
+
+@dataclass
 class Frame(Reply):
     """float32 (H, W, FRAME_CHANNELS), see the module doc. ``refiner``: the refiner
     implementation that ran (one of REFINER_IMPLS; "" without the network), which may be
@@ -331,6 +352,53 @@ class DensifyCancel(Request):
 
 
 @dataclass
+class FitBegin(Request):
+    """Start fitting the aggregated ``bundle`` to the training views of ``dataset`` for
+    ``steps`` steps (``npbgpp_core.scene_fit``); then :class:`FitStep` until finished,
+    :class:`FitFinish` or :class:`FitCancel`. ``weights``: the NPBG++ file whose encoder
+    the fit's perceptual loss uses; empty: the bundled file of ``domain`` (empty: the
+    bundle's own domain)."""
+
+    bundle: str
+    dataset: str
+    steps: int = 200
+    weights: str = ""
+    domain: str = ""
+    format: str | None = None
+    undistort: bool = False
+    allow_external_paths: bool = False
+    device: str = "AUTO"
+    op: ClassVar[str] = "fit_begin"
+    reply: ClassVar[type[Reply]] = FitProgress
+
+
+@dataclass
+class FitStep(Request):
+    """Fit for about ``seconds`` (at least one step)."""
+
+    seconds: float = 0.25
+    op: ClassVar[str] = "fit_step"
+    reply: ClassVar[type[Reply]] = FitProgress
+
+
+@dataclass
+class FitFinish(Request):
+    """Write the fitted bundle to ``out`` (atomically)."""
+
+    out: str
+    op: ClassVar[str] = "fit_finish"
+    reply: ClassVar[type[Reply]] = FitResultInfo
+
+
+@dataclass
+class FitCancel(Request):
+    """Drop the running fit (if any); nothing is written."""
+
+    op: ClassVar[str] = "fit_cancel"
+    reply: ClassVar[type[Reply]] = Done
+
+
+@dataclass
 class RenderFrame(Request):
     camera: CameraSpec
     source: str = "points"  # one of SOURCES
@@ -360,5 +428,6 @@ class Shutdown(Request):
 
 REQUESTS: tuple[type[Request], ...] = (
     Hello, SetPoints, LoadBundle, GetBundlePoints, SelectBundlePoints, ReadDataset, AggregateBegin, AggregateView,
-    AggregateFinish, AggregateCancel, DensifyBegin, DensifyStep, DensifyFinish, DensifyCancel, RenderFrame, Shutdown,
+    AggregateFinish, AggregateCancel, DensifyBegin, DensifyStep, DensifyFinish, DensifyCancel, FitBegin, FitStep,
+    FitFinish, FitCancel, RenderFrame, Shutdown,
 )

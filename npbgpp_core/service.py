@@ -204,6 +204,7 @@ class RenderService:
         self.device = "cpu"
         self.aggregation: DatasetAggregation | None = None
         self.densify: Any = None  # npbgpp_core.densify.DensifyJob
+        self.fit: Any = None  # npbgpp_core.scene_fit.BundleFit
         self.warmups: dict[str, KernelWarmup] = {}  # fused refiner impl -> its compilation (this renderer)
 
     def handle(self, req: P.Request) -> P.Reply:
@@ -387,6 +388,53 @@ class RenderService:
     def _densify_progress(self) -> P.DensifyProgress:
         job = self._densify()
         return P.DensifyProgress(job.stage, job.done, job.total, job.result is not None)
+
+    def fit_begin(self, req: P.FitBegin) -> P.FitProgress:
+        from .scene_fit import BundleFit, check_steps
+
+        self._drop_fit()
+        check_steps(req.steps)  # before the dataset is read
+        if not os.path.isfile(req.bundle):
+            raise FileNotFoundError(f"bundle to fit not found: {req.bundle}")
+        data = load_dataset(req.dataset, req.format, req.undistort, req.allow_external_paths)
+        self.fit = BundleFit(req.bundle, data, req.steps, req.weights, req.domain, pick_device(req.device))
+        return self._fit_progress()
+
+    def fit_step(self, req: P.FitStep) -> P.FitProgress:
+        import time
+
+        job = self._fit_job()
+        t0 = time.perf_counter()
+        while not job.step() and time.perf_counter() - t0 < req.seconds:
+            pass
+        return self._fit_progress()
+
+    def fit_finish(self, req: P.FitFinish) -> P.FitResultInfo:
+        job = self._fit_job()
+        if job.result is None:
+            raise RuntimeError(f"the fit is not finished ({job.done}/{job.total} steps)")
+        job.save(req.out)
+        self.fit = None
+        losses = job.result.losses
+        return P.FitResultInfo(req.out, job.result.steps, float(losses[0]), float(losses[-1]), job.result.seconds)
+
+    def fit_cancel(self, req: P.FitCancel) -> P.Done:
+        self._drop_fit()
+        return P.Done()
+
+    def _drop_fit(self) -> None:
+        if self.fit is not None:
+            self.fit.close()
+        self.fit = None
+
+    def _fit_job(self) -> Any:
+        if self.fit is None:
+            raise RuntimeError("no fit running (FitBegin first)")
+        return self.fit
+
+    def _fit_progress(self) -> P.FitProgress:
+        job = self._fit_job()
+        return P.FitProgress(job.done, job.total, job.result is not None)
 
     def render(self, req: P.RenderFrame) -> P.Frame:
         """(H, W, FRAME_CHANNELS) float32 frame, rows top-down (see the protocol)."""

@@ -1,0 +1,143 @@
+"""Fit an aggregated bundle to its dataset's photos: the per-scene coefficients_ft fit
+(:func:`npbgpp_core.fitting.fit_coefficients`, its defaults) of an NPBG++ bundle's
+coefficients, environment map and a copy of its refiner, saved as a *fitted bundle*.
+
+The fitted bundle is an ordinary :class:`~npbgpp_core.scene.NeuralScene` of kind
+``'coefficients'``: its features are the fitted coefficients and its model weights hold
+the fitted refiner, the environment map and the frozen basis, so every reader of bundles
+(the add-on's worker, ``NeuralScene.load``) renders it without change. Its metadata keep
+the source bundle's and add ``fit`` (steps, losses, seconds, source file).
+
+:class:`BundleFit` runs the fit step by step (the add-on's worker reports progress and
+can drop it between steps); :func:`fit_bundle` runs it to the end and saves.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+DEFAULT_STEPS = 200  # BENCHMARKS.md "Sharpening loss in the 200-step fit"
+MAX_STEPS = 100_000
+
+
+def check_steps(steps: Any) -> int:
+    """``steps`` as an int in 1..MAX_STEPS; ValueError naming the value otherwise."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"fit steps must be an integer in 1..{MAX_STEPS}, got {steps!r}")
+    return steps
+
+
+class BundleFit:
+    """The fit of the NPBG++ bundle ``bundle_path`` to the training views of ``data`` (a
+    loaded :class:`~npbgpp_core.datasets.scene_data.SceneData`), ``steps`` steps of
+    :func:`~npbgpp_core.fitting.fit_coefficients` on ``device``.
+
+    The perceptual loss needs the NPBG++ file's image encoder, which bundles do not hold:
+    ``weights`` is that file; empty: the bundled file of ``domain``, or of the domain the
+    bundle was aggregated for (its metadata), or else the dataset's. The bundle's own
+    basis and refiner weights are what the fit starts from.
+
+    ``step()`` runs one step (True once all are done); ``done`` / ``total`` count them;
+    ``save(out)`` writes the fitted bundle atomically. Every check runs in the constructor."""
+
+    def __init__(self, bundle_path: str, data: Any, steps: int = DEFAULT_STEPS, weights: str = "",
+                 domain: str = "", device: str = "cpu") -> None:
+        from .datasets import scene_domain
+        from .fitting import iter_fit_coefficients, padded_fit_views
+        from .models import AggregatedScene, NPBGPlusPlusConfig
+        from .pretrained import check_domain, default_weights_path, load_pretrained_npbgpp
+        from .scene import NeuralScene
+
+        self.total = check_steps(steps)
+        self.bundle_path = os.fspath(bundle_path)
+        bundle = NeuralScene.load(self.bundle_path)
+        if bundle.kind != "npbgpp":
+            what = "already fitted" if "fit" in bundle.metadata else f"a {bundle.kind!r} bundle"
+            raise ValueError(f"{self.bundle_path}: fitting needs an aggregated NPBG++ bundle (kind 'npbgpp'); this "
+                             f"one is {what}: fit the bundle Aggregate Descriptors wrote")
+        if bundle.model_config.get("aggregator", "sphere") != "sphere" or bundle.features.shape[1] == 1:
+            raise ValueError(f"{self.bundle_path}: fitting needs the 'sphere' aggregator's coefficients "
+                             f"(features {tuple(bundle.features.shape)})")
+        self.bundle = bundle
+        if not weights:
+            domain = domain or str(bundle.metadata.get("domain") or "") or scene_domain(data)
+            check_domain(domain)
+            weights = default_weights_path("npbgpp", domain)
+        self.weights = weights
+        model = load_pretrained_npbgpp(weights, device, world_up=bundle.model_config.get("world_up"))
+        ours = {k: v for k, v in model.config.to_dict().items() if k not in ("extractor_weights", "world_up")}
+        theirs = {k: v for k, v in NPBGPlusPlusConfig.from_dict(bundle.model_config).to_dict().items()
+                  if k not in ("extractor_weights", "world_up")}
+        if ours != theirs:
+            diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+            raise ValueError(f"{self.bundle_path} was aggregated with another NPBG++ network than {weights} "
+                             f"(config differs in {diff[:5]}): choose the weights it was aggregated with")
+        model.load_state_dict(bundle.model_state, strict=False)  # shapes checked by bundle.check()
+        dev = model.device
+        aggregated = AggregatedScene(
+            bundle.points.float().to(dev), bundle.features.float().to(dev), bundle.valid.to(dev), None,
+            None if bundle.background is None else bundle.background.float().to(dev),
+        )
+        ids = list(data.train) or list(range(len(data.views)))
+        if not ids:
+            raise ValueError(f"dataset {data.root} has no views to fit to")
+        views = padded_fit_views([data.load_image(i) for i in ids], [data.views[i].camera for i in ids])
+        self.views = len(ids)
+        self._fit = iter_fit_coefficients(model, aggregated, views, self.total)
+        self.done = 0
+        self.result: Any = None  # the FitResult once finished
+
+    def step(self) -> bool:
+        """Run one fitting step; True when the fit is finished (then a no-op)."""
+        if self.result is not None:
+            return True
+        from .fitting import run_fit
+
+        self.done = next(self._fit)
+        if self.done < self.total:
+            return False
+        self.result = run_fit(self._fit)  # after the last step: the averaging and the result
+        return True
+
+    def close(self) -> None:
+        """Stop a fit that will not be finished (frees it; nothing is written)."""
+        self._fit.close()
+
+    def fitted_scene(self) -> Any:
+        """The fitted :class:`~npbgpp_core.scene.NeuralScene` (after the last step)."""
+        from .scene import NeuralScene
+
+        if self.result is None:
+            raise RuntimeError(f"the fit is not finished ({self.done}/{self.total} steps)")
+        losses = self.result.losses
+        fit = {"steps": self.result.steps, "seconds": round(self.result.seconds, 3), "views": self.views,
+               "source": os.path.basename(self.bundle_path), "weights": os.path.basename(self.weights),
+               "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None}
+        meta = {**self.bundle.metadata, "fit": fit}
+        return NeuralScene.from_npbg(self.result.model, self.bundle.points, self.bundle.colors,
+                                     name=str(self.bundle.metadata.get("name", "scene")), metadata=meta)
+
+    def save(self, out: str) -> Any:
+        """Write the fitted bundle to ``out`` (atomically); returns the scene written."""
+        scene = self.fitted_scene()
+        if os.path.abspath(out) == os.path.abspath(self.bundle_path):
+            raise ValueError(f"{out}: the fitted bundle would replace the bundle it was fitted from; choose another "
+                             "file")
+        scene.save(out)
+        return scene
+
+
+def fit_bundle(bundle_path: str, dataset: Any, out: str, steps: int = DEFAULT_STEPS, weights: str = "",
+               domain: str = "", device: str = "cpu") -> Any:
+    """Fit ``bundle_path`` to ``dataset`` (a folder or a loaded SceneData) and save the
+    fitted bundle to ``out``; returns the :class:`~npbgpp_core.fitting.FitResult`. See
+    :class:`BundleFit`."""
+    from .datasets import load_scene
+
+    data = load_scene(os.fspath(dataset)) if isinstance(dataset, (str, os.PathLike)) else dataset
+    job = BundleFit(bundle_path, data, steps, weights, domain, device)
+    while not job.step():
+        pass
+    job.save(out)
+    return job.result

@@ -1,0 +1,126 @@
+"""Fit to Photos in the core and the worker: an aggregated bundle fitted to its dataset's
+views becomes a fitted bundle that the ordinary bundle reader renders exactly as the fit's
+own model does; the worker's job counts its steps, and cancelling writes nothing."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from _train_fixtures import make_tiny_scene
+
+from npbgpp_core import protocol as P
+from npbgpp_core.datasets import load_scene
+from npbgpp_core.scene import NeuralScene
+from npbgpp_core.scene_fit import BundleFit, fit_bundle
+from npbgpp_core.service import RenderService
+
+
+@pytest.fixture(scope="module")
+def aggregated(tmp_path_factory):
+    """A tiny cut-out scene (3 training views, one test view) and its aggregated bundle,
+    written by the worker's own Aggregate job with the bundled network."""
+    root = tmp_path_factory.mktemp("fit")
+    folder = make_tiny_scene(str(root / "scene"), views=4, size=32, n_points=200, splits=(3, 0, 1))
+    service = RenderService()
+    started = service.handle(P.AggregateBegin(folder, "", device="CPU", up_axis="POS_Z"))
+    assert isinstance(started, P.AggregationStarted), started
+    for k in range(started.views):
+        assert service.handle(P.AggregateView(k)) == P.Done()
+    bundle = str(root / "agg.npbgpp")
+    assert isinstance(service.handle(P.AggregateFinish(bundle)), P.AggregationResult)
+    return folder, bundle
+
+
+def test_fitted_bundle_renders_as_the_fit(aggregated, tmp_path):
+    """load -> render of the fitted bundle equals the FitResult's model's render of a
+    held-out camera; the fitted coefficients moved from the aggregated ones; the old
+    (aggregated) bundle still loads and renders differently."""
+    folder, bundle = aggregated
+    data = load_scene(folder)
+    out = str(tmp_path / "fitted.npbgpp")
+    torch.manual_seed(0)
+    result = fit_bundle(bundle, data, out, steps=3)
+    assert result.steps == 3 and len(result.losses) == 3
+    fitted = NeuralScene.load(out)
+    assert fitted.kind == "coefficients" and fitted.metadata["fit"]["steps"] == 3
+    assert fitted.metadata["fit"]["source"] == "agg.npbgpp" and fitted.metadata["dataset"] == str(data.root)
+    source = NeuralScene.load(bundle)
+    assert torch.equal(fitted.points, source.points) and torch.equal(fitted.valid, source.valid)
+    n, rows, c = source.features.shape
+    assert not torch.allclose(fitted.features, source.features.reshape(n, rows * c))
+    camera = data.views[list(data.test)[0]].camera
+    with torch.no_grad():
+        want = result.model.render(source.points, camera)
+        got = fitted.renderer("cpu").render(camera)
+        before = source.renderer("cpu").render(camera)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert (got - before).abs().max() > 1e-3  # the fit changed the image
+    # Refitting a fitted bundle is refused, naming the file.
+    with pytest.raises(ValueError, match="fitted.npbgpp.*already fitted"):
+        BundleFit(out, data, steps=3)
+
+
+def test_malformed_refiner_weight_and_bad_steps_are_refused(aggregated, tmp_path):
+    folder, bundle = aggregated
+    data = load_scene(folder)
+    out = str(tmp_path / "fitted.npbgpp")
+    fit_bundle(bundle, data, out, steps=1)
+    scene = NeuralScene.load(out)
+    key = next(k for k in scene.model_state if k.startswith("refiner.") and scene.model_state[k].ndim == 4)
+    scene.model_state[key] = scene.model_state[key][:, :1].clone()  # too few input channels
+    bad = str(tmp_path / "bad.npbgpp")
+    from safetensors.torch import save
+
+    header = {"format": "npbgpp-neural-scene", "format_version": "1", "kind": scene.kind,
+              "model_config": __import__("json").dumps(scene.model_config),
+              "metadata": __import__("json").dumps(scene.metadata)}
+    with open(bad, "wb") as f:
+        f.write(save(scene._tensors(), metadata=header))
+    with pytest.raises(ValueError, match=rf"bad.npbgpp.*model\.{key}"):
+        NeuralScene.load(bad)
+    for steps in (0, -5, 2.5, "200", True, 10**9):
+        with pytest.raises(ValueError, match="fit steps must be an integer"):
+            BundleFit(bundle, data, steps=steps)
+    with pytest.raises(ValueError, match="would replace the bundle"):
+        job = BundleFit(bundle, data, steps=1)
+        while not job.step():
+            pass
+        job.save(bundle)
+
+
+def test_worker_fit_job_counts_steps_and_cancel_writes_nothing(aggregated, tmp_path):
+    folder, bundle = aggregated
+    service = RenderService()
+    out = str(tmp_path / "job.npbgpp")
+    first = service.handle(P.FitBegin(bundle, folder, steps=4, device="CPU"))
+    assert isinstance(first, P.FitProgress), first
+    assert (first.done, first.total, first.finished) == (0, 4, False)
+    early = service.handle(P.FitFinish(out))
+    assert isinstance(early, P.Failure) and "not finished" in early.error and not os.path.exists(out)
+    seen = [first.done]
+    while True:
+        progress = service.handle(P.FitStep(seconds=0.0))  # one step each
+        assert isinstance(progress, P.FitProgress), progress
+        seen.append(progress.done)
+        if progress.finished:
+            break
+    assert seen == [0, 1, 2, 3, 4]
+    done = service.handle(P.FitFinish(out))
+    assert isinstance(done, P.FitResultInfo), done
+    assert done.path == out and done.steps == 4 and NeuralScene.load(out).metadata["fit"]["steps"] == 4
+    gone = service.handle(P.FitStep())
+    assert isinstance(gone, P.Failure) and "no fit running" in gone.error
+    # Cancel halfway: nothing written, the job is gone.
+    cancelled = str(tmp_path / "cancelled.npbgpp")
+    assert isinstance(service.handle(P.FitBegin(bundle, folder, steps=4, device="CPU")), P.FitProgress)
+    assert service.handle(P.FitStep(seconds=0.0)).done == 1
+    assert service.handle(P.FitCancel()) == P.Done()
+    assert isinstance(service.handle(P.FitFinish(cancelled)), P.Failure) and not os.path.exists(cancelled)
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("cancelled")]
+    # Bad inputs name what is wrong.
+    missing = service.handle(P.FitBegin(str(tmp_path / "nope.npbgpp"), folder, device="CPU"))
+    assert isinstance(missing, P.Failure) and "nope.npbgpp" in missing.error
+    zero = service.handle(P.FitBegin(bundle, folder, steps=0, device="CPU"))
+    assert isinstance(zero, P.Failure) and "fit steps" in zero.error
