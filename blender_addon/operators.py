@@ -1,5 +1,5 @@
-"""Operators: aggregate NPBG++ descriptors into a bundle; densify a dataset's points;
-export a dataset of this scene."""
+"""Operators: aggregate NPBG++ descriptors into a bundle; fit it to the dataset's photos;
+densify a dataset's points; export a dataset of this scene."""
 
 from __future__ import annotations
 
@@ -377,6 +377,154 @@ class NPBGPP_OT_densify(_ModalJob, bpy.types.Operator):
         self._show_status(context, f"Densify: {progress.stage} {progress.done}/{progress.total} steps (Esc to cancel)")
 
 
+class NPBGPP_OT_fit(_ModalJob, bpy.types.Operator):
+    """Fit the aggregated bundle to the dataset's photos (per-scene coefficients and refiner: sharper, closer
+    to the photos) and render with the fitted bundle (in the background: progress in the status bar, Esc cancels)"""
+
+    bl_idname = "npbgpp.fit"
+    bl_label = "Fit to Photos"
+    filepath: StringProperty(  # type: ignore[valid-type]
+        name="Fitted Bundle", subtype="FILE_PATH", default="",
+        description="Fitted bundle file to write; empty: <bundle name>_fitted.npbgpp next to the bundle",
+    )
+    steps: IntProperty(  # type: ignore[valid-type]
+        name="Steps", default=200, min=1, max=100_000,
+        description="Fitting steps (two 128-pixel crops each; 200 adds about 1 dB on real captures)",
+    )
+
+    _worker: Any = None
+    _out: str = ""
+    _timeout: float = 0.0
+
+    def _begin(self, context: Any) -> Any:
+        """Start the fit in the worker; returns its first progress reply or None (reported)."""
+        from npbgpp_core import protocol as P
+
+        from .scene_snapshot import worker_for
+        from .worker_client import WorkerError
+
+        s = context.scene.npbgpp
+        bundle = bpy.path.abspath(s.bundle) if s.bundle else ""
+        if not bundle or not os.path.isfile(bundle):
+            where = f" ({bundle} not found)" if bundle else ""
+            self.report({"ERROR"}, f"Fit to Photos needs an aggregated bundle{where}: run Aggregate Descriptors "
+                                   "first.")
+            return None
+        dataset = bpy.path.abspath(s.dataset_path) if s.dataset_path else ""
+        if not dataset or not os.path.isdir(dataset):
+            self.report({"ERROR"}, "Fit to Photos needs the dataset's photos: use File > Import > NPBG++ Dataset "
+                                   "Folder first.")
+            return None
+        weights, domain, files = network_choice(s)
+        if weights and not os.path.isfile(weights):
+            self.report({"ERROR"}, f"Fit to Photos needs NPBG++ weights: set Weights in Render Properties > NPBG++ "
+                                   f"(not found: {weights}).")
+            return None
+        if not weights and not all(f and os.path.isfile(f) for f in files):
+            self.report({"ERROR"}, f"Fit to Photos needs NPBG++ weights: the bundled file is missing "
+                                   f"({', '.join(files)}); set Weights in Render Properties > NPBG++.")
+            return None
+        if self.filepath:
+            self._out = bpy.path.abspath(self.filepath)
+        else:
+            self._out = os.path.splitext(bundle)[0] + "_fitted.npbgpp"
+        try:
+            self._worker = worker_for(context.scene)
+            self._timeout = s.worker_timeout
+            return self._worker.request(P.FitBegin(
+                bundle, dataset, self.steps, weights, "" if domain == "auto" else domain, s.dataset_format or None,
+                s.dataset_undistort, s.dataset_allow_external_paths, s.device,
+            ), None, self._timeout)
+        except (WorkerError, ValueError, OSError) as exc:
+            self.report({"ERROR"}, f"Fit to Photos failed: {exc}")
+            return None
+
+    def _finish(self, context: Any) -> set[str]:
+        from npbgpp_core import protocol as P
+
+        from .worker_client import WorkerError
+
+        try:
+            reply = self._worker.request(P.FitFinish(self._out), None, self._timeout)
+        except (WorkerError, ValueError, OSError) as exc:
+            self.report({"ERROR"}, f"Fit to Photos failed: {exc}")
+            return {"CANCELLED"}
+        context.scene.npbgpp.bundle = self._out
+        self.report({"INFO"}, f"Fitted {reply.steps} steps in {reply.seconds:.0f} s (loss {reply.loss_first:.4f} -> "
+                              f"{reply.loss_last:.4f}); saved to {self._out}, now the scene's bundle.")
+        return {"FINISHED"}
+
+    def execute(self, context: Any) -> set[str]:
+        """Run to the end (scripts, or after the file browser); the UI uses the modal path."""
+        from npbgpp_core import protocol as P
+
+        from .worker_client import WorkerError
+
+        progress = self._begin(context)
+        if progress is None:
+            return {"CANCELLED"}
+        wm = context.window_manager
+        wm.progress_begin(0, max(1, progress.total))
+        try:
+            while not progress.finished:
+                progress = self._worker.request(P.FitStep(), None, self._timeout)
+                wm.progress_update(progress.done)
+        except (WorkerError, ValueError, OSError) as exc:
+            self._cancel_quietly()
+            self.report({"ERROR"}, f"Fit to Photos failed: {exc}")
+            return {"CANCELLED"}
+        finally:
+            wm.progress_end()
+        return self._finish(context)
+
+    def invoke(self, context: Any, event: Any) -> set[str]:
+        progress = self._begin(context)
+        if progress is None:
+            return {"CANCELLED"}
+        self._start_modal(context, max(1, progress.total))
+        self._status(context, progress)
+        return {"RUNNING_MODAL"}
+
+    def _cancel_quietly(self) -> None:
+        from npbgpp_core import protocol as P
+
+        from .worker_client import WorkerError
+
+        try:
+            self._worker.request(P.FitCancel(), None, self._timeout)
+        except (WorkerError, ValueError, OSError):
+            pass
+
+    def modal(self, context: Any, event: Any) -> set[str]:
+        from npbgpp_core import protocol as P
+
+        from .worker_client import WorkerError
+
+        if event.type == "ESC":
+            self._cancel_quietly()
+            self._cleanup(context)
+            self.report({"WARNING"}, "Fit to Photos cancelled: no fitted bundle was written.")
+            return {"CANCELLED"}
+        if event.type != "TIMER":
+            return {"PASS_THROUGH"}
+        try:
+            progress = self._worker.request(P.FitStep(), None, self._timeout)
+        except (WorkerError, ValueError, OSError) as exc:
+            self._cancel_quietly()
+            self._cleanup(context)
+            self.report({"ERROR"}, f"Fit to Photos failed: {exc}")
+            return {"CANCELLED"}
+        context.window_manager.progress_update(progress.done)
+        self._status(context, progress)
+        if not progress.finished:
+            return {"RUNNING_MODAL"}
+        self._cleanup(context)
+        return self._finish(context)
+
+    def _status(self, context: Any, progress: Any) -> None:
+        self._show_status(context, f"Fit to Photos: step {progress.done} of {progress.total} (Esc to cancel)")
+
+
 class NPBGPP_OT_export_dataset(_ModalJob, bpy.types.Operator):
     """Render views of this scene into a NeRF-Synthetic style dataset folder (images, cameras, points)"""
 
@@ -479,7 +627,7 @@ class NPBGPP_OT_stop_worker(bpy.types.Operator):
         return {"FINISHED"}
 
 
-CLASSES = (NPBGPP_OT_aggregate, NPBGPP_OT_densify, NPBGPP_OT_export_dataset, NPBGPP_OT_stop_worker)
+CLASSES = (NPBGPP_OT_aggregate, NPBGPP_OT_densify, NPBGPP_OT_fit, NPBGPP_OT_export_dataset, NPBGPP_OT_stop_worker)
 
 
 def menu_export(self: Any, context: Any) -> None:

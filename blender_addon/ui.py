@@ -55,6 +55,7 @@ class RENDER_PT_npbgpp_data(_NPBGPPPanel, bpy.types.Panel):
         col.operator("npbgpp.points_from_meshes", icon="OUTLINER_OB_POINTCLOUD")
         col.operator("npbgpp.densify", icon="OUTLINER_OB_POINTCLOUD")
         col.operator("npbgpp.aggregate", icon="MOD_PARTICLES")
+        col.operator("npbgpp.fit", icon="SHADERFX")
         col.operator("npbgpp.export_dataset", icon="EXPORT")
 
 

@@ -14,6 +14,8 @@ Public API (others rely on these names)::
     NeuralScene            points + coefficients/descriptors + weights in one safe file
     load_ply, save_ply     PLY point clouds (and Gaussian-splat files); PointCloud holds one
     densify_scene          dense coloured PointCloud from a dataset's calibrated photos (MVS)
+    fit_bundle             fit an aggregated NeuralScene to its dataset's photos (the 200-step
+                           per-scene fit) and save the fitted bundle
 
 Example::
 
@@ -44,6 +46,7 @@ _EXPORTS = {
     "save_ply": ".ply",
     "PointCloud": ".ply",
     "densify_scene": ".densify",
+    "fit_bundle": ".scene_fit",
     "NPBGPlusPlus": ".models",
     "NPBGPlusPlusConfig": ".models",
     "NPBG": ".models",

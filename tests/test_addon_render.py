@@ -1328,3 +1328,71 @@ def test_aggregate_saves_next_to_the_blend_not_in_the_dataset(scene):
     assert bpy.context.scene.npbgpp.bundle == str(work / "nerf.npbgpp")
     assert (work / "nerf.npbgpp").is_file()
     assert not list(root.rglob("*.npbgpp"))
+
+
+def test_fit_to_photos_operator(scene):
+    """Fit to Photos: refused without a bundle, without the dataset or with a missing
+    Weights file (naming what is missing, nothing written); after Aggregate it fits the
+    bundle for Steps steps, saves <bundle>_fitted.npbgpp next to the bundle, makes it the
+    scene's bundle, and the Neural image is the fitted bundle's core render."""
+    from npbgpp_core.scene import NeuralScene
+
+    sc, cam = scene["scene"], scene["camera"]
+    sc.npbgpp.bundle = ""
+    with pytest.raises(RuntimeError, match="needs an aggregated bundle"):
+        bpy.ops.npbgpp.fit(steps=3)
+    root = scene["dir"] / "nerf"
+    _write_nerf_dataset(root, [cam], scene["points"], scene["colors"])
+    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root)) == {"FINISHED"}
+    sc.npbgpp.weights = ""
+    agg = str(scene["dir"] / "agg.npbgpp")
+    assert bpy.ops.npbgpp.aggregate(filepath=agg) == {"FINISHED"}
+    fitted = str(scene["dir"] / "agg_fitted.npbgpp")
+    dataset = sc.npbgpp.dataset_path
+    sc.npbgpp.dataset_path = ""
+    with pytest.raises(RuntimeError, match="needs the dataset's photos"):
+        bpy.ops.npbgpp.fit(steps=3)
+    sc.npbgpp.dataset_path = dataset
+    sc.npbgpp.weights = str(scene["dir"] / "missing.safetensors")
+    with pytest.raises(RuntimeError, match="missing.safetensors"):
+        bpy.ops.npbgpp.fit(steps=3)
+    assert not os.path.exists(fitted)
+    sc.npbgpp.weights = ""
+    panel = {p.__name__: p for p in bpy.types.Panel.__subclasses__()}["RENDER_PT_npbgpp_data"]
+    layout = _Recorder()
+    panel.draw(type("P", (), {"layout": layout})(), bpy.context)
+    ops = layout.operators
+    assert ops.index("npbgpp.fit") == ops.index("npbgpp.aggregate") + 1  # next to Aggregate
+    assert bpy.ops.npbgpp.fit(steps=3) == {"FINISHED"}
+    assert sc.npbgpp.bundle == fitted
+    bundle = NeuralScene.load(fitted)
+    assert bundle.kind == "coefficients" and bundle.metadata["fit"]["steps"] == 3
+    sc.npbgpp.output = "NEURAL"
+    sc.render.film_transparent = False
+    got = _neural_display(sc, str(scene["dir"] / "fitted.exr"))
+    np.testing.assert_allclose(got, _core_render(sc, cam, bundle), atol=2e-4)
+    assert np.abs(got - _core_render(sc, cam, NeuralScene.load(agg))).max() > 10 * 2e-4  # the fit changed it
+    with pytest.raises(RuntimeError, match="already fitted"):  # the fitted bundle is not fitted again
+        bpy.ops.npbgpp.fit(steps=3)
+    # The UI's modal path: timer ticks step the fit in the worker, Esc drops it, nothing is written.
+    from types import SimpleNamespace
+
+    fit_op = sys.modules[f"{MODULE}.operators"].NPBGPP_OT_fit
+    sc.npbgpp.bundle = agg
+    out = str(scene["dir"] / "esc.npbgpp")
+    reports: list[tuple] = []
+    op = SimpleNamespace(filepath=out, steps=10_000, report=lambda kind, text: reports.append((kind, text)),
+                         _cleanup=lambda context: reports.append(("cleanup",)), _status=lambda context, p: None)
+    op._cancel_quietly = lambda: fit_op._cancel_quietly(op)
+    first = fit_op._begin(op, bpy.context)
+    assert (first.done, first.total, first.finished) == (0, 10_000, False)
+    assert fit_op.modal(op, bpy.context, SimpleNamespace(type="TIMER")) == {"RUNNING_MODAL"}  # about 0.25 s of steps
+    assert fit_op.modal(op, bpy.context, SimpleNamespace(type="MOUSEMOVE")) == {"PASS_THROUGH"}
+    assert fit_op.modal(op, bpy.context, SimpleNamespace(type="ESC")) == {"CANCELLED"}
+    assert reports[-2:] == [("cleanup",), ({"WARNING"}, "Fit to Photos cancelled: no fitted bundle was written.")]
+    assert not os.path.exists(out) and sc.npbgpp.bundle == agg
+    from npbgpp_core import protocol as P
+
+    worker_error = sys.modules[f"{MODULE}.worker_client"].WorkerError
+    with pytest.raises(worker_error, match="no fit running"):  # the worker holds no fit any more
+        op._worker.request(P.FitStep(), None, 60)

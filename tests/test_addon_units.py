@@ -661,7 +661,7 @@ def test_bundle_point_selection_renders_subset_and_refuses_foreign_ids(tmp_path)
 
 
 def test_modal_job_starts_and_cleans_up_progress_timer_and_status():
-    """The one modal plumbing of Aggregate, Densify and Export Dataset: a timer, the progress
+    """The one modal plumbing of Aggregate, Densify, Fit to Photos and Export Dataset: a timer, the progress
     bar and the status text are all released on cleanup, and cleanup twice is harmless."""
     from types import SimpleNamespace
 
@@ -669,10 +669,12 @@ def test_modal_job_starts_and_cleans_up_progress_timer_and_status():
         NPBGPP_OT_aggregate,
         NPBGPP_OT_densify,
         NPBGPP_OT_export_dataset,
+        NPBGPP_OT_fit,
         _ModalJob,
     )
 
-    assert all(issubclass(c, _ModalJob) for c in (NPBGPP_OT_aggregate, NPBGPP_OT_densify, NPBGPP_OT_export_dataset))
+    assert all(issubclass(c, _ModalJob)
+               for c in (NPBGPP_OT_aggregate, NPBGPP_OT_densify, NPBGPP_OT_fit, NPBGPP_OT_export_dataset))
     calls: list[tuple] = []
     wm = SimpleNamespace(
         progress_begin=lambda lo, hi: calls.append(("begin", lo, hi)),
