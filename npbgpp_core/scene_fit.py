@@ -59,6 +59,11 @@ class BundleFit:
         if bundle.model_config.get("aggregator", "sphere") != "sphere" or bundle.features.shape[1] == 1:
             raise ValueError(f"{self.bundle_path}: fitting needs the 'sphere' aggregator's coefficients "
                              f"(features {tuple(bundle.features.shape)})")
+        source = str(bundle.metadata.get("dataset") or "")
+        if source and os.path.isdir(source) and not os.path.samefile(source, data.root):
+            # Fitting to another scene's photos would silently ruin it; a moved dataset is fine.
+            raise ValueError(f"{self.bundle_path} was aggregated from the dataset {source}, not {data.root}: fit "
+                             "it to its own dataset (or aggregate this one first)")
         self.bundle = bundle
         if not weights:
             domain = domain or str(bundle.metadata.get("domain") or "") or scene_domain(data)

@@ -4,6 +4,7 @@ own model does; the worker's job counts its steps, and cancelling writes nothing
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -70,16 +71,19 @@ def test_malformed_refiner_weight_and_bad_steps_are_refused(aggregated, tmp_path
     scene = NeuralScene.load(out)
     key = next(k for k in scene.model_state if k.startswith("refiner.") and scene.model_state[k].ndim == 4)
     scene.model_state[key] = scene.model_state[key][:, :1].clone()  # too few input channels
-    bad = str(tmp_path / "bad.npbgpp")
+    bad = str(tmp_path / "bad.npbgpp")  # written by hand: NeuralScene.save would not check it
     from safetensors.torch import save
 
     header = {"format": "npbgpp-neural-scene", "format_version": "1", "kind": scene.kind,
-              "model_config": __import__("json").dumps(scene.model_config),
-              "metadata": __import__("json").dumps(scene.metadata)}
+              "model_config": json.dumps(scene.model_config),
+              "metadata": json.dumps(scene.metadata)}
     with open(bad, "wb") as f:
         f.write(save(scene._tensors(), metadata=header))
     with pytest.raises(ValueError, match=rf"bad.npbgpp.*model\.{key}"):
         NeuralScene.load(bad)
+    other = make_tiny_scene(str(tmp_path / "other"), views=2, size=32, n_points=50, splits=(2, 0, 0))
+    with pytest.raises(ValueError, match=r"agg.npbgpp was aggregated from the dataset .*, not .*other"):
+        BundleFit(bundle, load_scene(other), steps=1)
     for steps in (0, -5, 2.5, "200", True, 10**9):
         with pytest.raises(ValueError, match="fit steps must be an integer"):
             BundleFit(bundle, data, steps=steps)
