@@ -263,6 +263,7 @@ def run(args: argparse.Namespace, weights: dict[str, str], workdir: str) -> dict
     from npbgpp_core.fitting import FitViews, fit_coefficients, fit_npbg
     from npbgpp_core.pretrained import load_pretrained_npbg_refiner
     from npbgpp_core.scene import NeuralScene
+    from npbgpp_core.scene_fit import fitting_model
 
     torch.set_num_threads(max(1, args.threads))
     out = os.path.abspath(args.out)
@@ -372,7 +373,9 @@ def run(args: argparse.Namespace, weights: dict[str, str], workdir: str) -> dict
     bundle = NeuralScene.load(bundle_path)
     renderer = bundle.renderer("cpu")
     print(f"(c) fine-tuning NPBG++ coefficients for {args.budget_steps} steps ...", flush=True)
-    fit_c = fit_coefficients(renderer.model, renderer.aggregated, views, steps=args.budget_steps, crop=args.crop)
+    # The fit's perceptual loss needs the weights file's encoder, which the bundle leaves out.
+    fit_model = fitting_model(bundle, bundle_path, weights["npbgpp"], "cpu")
+    fit_c = fit_coefficients(fit_model, renderer.aggregated, views, steps=args.budget_steps, crop=args.crop)
     pts = renderer.aggregated.points
     comps["coefficients_ft"], rows = evaluate([fit_c.model.render(pts, c) for c in test_cams])
     results["coefficients_ft"] = {**mean_scores(rows), "per_view": rows, "fit_seconds": fit_c.seconds,

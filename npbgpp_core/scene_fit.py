@@ -28,6 +28,27 @@ def check_steps(steps: Any) -> int:
     return steps
 
 
+def fitting_model(bundle: Any, bundle_path: str, weights: str, device: str = "cpu") -> Any:
+    """The NPBG++ model to fit ``bundle`` (a loaded NeuralScene read from ``bundle_path``)
+    with: the network of the weights file ``weights`` (which must be the one the bundle was
+    aggregated with) carrying the bundle's own weights. Bundles leave out the image
+    extractor (rendering does not need it), but the fit's perceptual loss uses its encoder,
+    so the model a bundle renders with is not the one to fit with."""
+    from .models import NPBGPlusPlusConfig
+    from .pretrained import load_pretrained_npbgpp
+
+    model = load_pretrained_npbgpp(weights, device, world_up=bundle.model_config.get("world_up"))
+    ours = {k: v for k, v in model.config.to_dict().items() if k not in ("extractor_weights", "world_up")}
+    theirs = {k: v for k, v in NPBGPlusPlusConfig.from_dict(bundle.model_config).to_dict().items()
+              if k not in ("extractor_weights", "world_up")}
+    if ours != theirs:
+        diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+        raise ValueError(f"{bundle_path} was aggregated with another NPBG++ network than {weights} "
+                         f"(config differs in {diff[:5]}): choose the weights it was aggregated with")
+    model.load_state_dict(bundle.model_state, strict=False)  # shapes checked by bundle.check()
+    return model
+
+
 class BundleFit:
     """The fit of the NPBG++ bundle ``bundle_path`` to the training views of ``data`` (a
     loaded :class:`~npbgpp_core.datasets.scene_data.SceneData`), ``steps`` steps of
@@ -45,8 +66,8 @@ class BundleFit:
                  domain: str = "", device: str = "cpu") -> None:
         from .datasets import scene_domain
         from .fitting import iter_fit_coefficients, padded_fit_views
-        from .models import AggregatedScene, NPBGPlusPlusConfig
-        from .pretrained import check_domain, default_weights_path, load_pretrained_npbgpp
+        from .models import AggregatedScene
+        from .pretrained import check_domain, default_weights_path
         from .scene import NeuralScene
 
         self.total = check_steps(steps)
@@ -70,15 +91,7 @@ class BundleFit:
             check_domain(domain)
             weights = default_weights_path("npbgpp", domain)
         self.weights = weights
-        model = load_pretrained_npbgpp(weights, device, world_up=bundle.model_config.get("world_up"))
-        ours = {k: v for k, v in model.config.to_dict().items() if k not in ("extractor_weights", "world_up")}
-        theirs = {k: v for k, v in NPBGPlusPlusConfig.from_dict(bundle.model_config).to_dict().items()
-                  if k not in ("extractor_weights", "world_up")}
-        if ours != theirs:
-            diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
-            raise ValueError(f"{self.bundle_path} was aggregated with another NPBG++ network than {weights} "
-                             f"(config differs in {diff[:5]}): choose the weights it was aggregated with")
-        model.load_state_dict(bundle.model_state, strict=False)  # shapes checked by bundle.check()
+        model = fitting_model(bundle, self.bundle_path, weights, device)
         dev = model.device
         aggregated = AggregatedScene(
             bundle.points.float().to(dev), bundle.features.float().to(dev), bundle.valid.to(dev), None,
