@@ -72,6 +72,88 @@ class _ModalJob:
             context.workspace.status_text_set(None)
 
 
+class _WorkerStepJob(_ModalJob):
+    """A worker job driven one request per step (Densify Points, Fit to Photos): the
+    subclass's ``_begin`` starts it and returns the first progress reply (or None,
+    reported), ``_finish`` collects the result, ``_status`` shows progress; ``_job`` names
+    it in messages, ``_step_request`` / ``_cancel_request`` are its protocol requests."""
+
+    _job = ""
+    _step_request = ""
+    _cancel_request = ""
+    _cancel_note = ""
+    _worker: Any = None
+    _out: str = ""
+    _timeout: float = 0.0
+
+    def _request(self, name: str) -> Any:
+        from npbgpp_core import protocol as P
+
+        return self._worker.request(getattr(P, name)(), None, self._timeout)
+
+    def _cancel_quietly(self) -> None:
+        """Drop the worker's job (after Esc or a failure); a worker that is gone has none."""
+        from .worker_client import WorkerError
+
+        try:
+            self._request(self._cancel_request)
+        except (WorkerError, ValueError, OSError):
+            pass
+
+    def _run_to_end(self, context: Any) -> set[str]:
+        """Begin and step to the end in one call (scripts; the UI uses the modal path)."""
+        from .worker_client import WorkerError
+
+        progress = self._begin(context)
+        if progress is None:
+            return {"CANCELLED"}
+        wm = context.window_manager
+        wm.progress_begin(0, max(1, progress.total))
+        try:
+            while not progress.finished:
+                progress = self._request(self._step_request)
+                wm.progress_update(progress.done)
+        except (WorkerError, ValueError, OSError) as exc:
+            self._cancel_quietly()
+            self.report({"ERROR"}, f"{self._job} failed: {exc}")
+            return {"CANCELLED"}
+        finally:
+            wm.progress_end()
+        return self._finish(context)
+
+    def _start_job(self, context: Any) -> set[str]:
+        progress = self._begin(context)
+        if progress is None:
+            return {"CANCELLED"}
+        self._start_modal(context, max(1, progress.total))
+        self._status(context, progress)
+        return {"RUNNING_MODAL"}
+
+    def modal(self, context: Any, event: Any) -> set[str]:
+        from .worker_client import WorkerError
+
+        if event.type == "ESC":
+            self._cancel_quietly()
+            self._cleanup(context)
+            self.report({"WARNING"}, f"{self._job} cancelled{self._cancel_note}")
+            return {"CANCELLED"}
+        if event.type != "TIMER":
+            return {"PASS_THROUGH"}
+        try:
+            progress = self._request(self._step_request)
+        except (WorkerError, ValueError, OSError) as exc:
+            self._cancel_quietly()
+            self._cleanup(context)
+            self.report({"ERROR"}, f"{self._job} failed: {exc}")
+            return {"CANCELLED"}
+        context.window_manager.progress_update(progress.done)
+        self._status(context, progress)
+        if not progress.finished:
+            return {"RUNNING_MODAL"}
+        self._cleanup(context)
+        return self._finish(context)
+
+
 class NPBGPP_OT_aggregate(_ModalJob, bpy.types.Operator):
     """Compute NPBG++ descriptors of the imported dataset's points from its views and save a bundle
     (in the background: progress in the status bar, Esc cancels)"""
@@ -229,7 +311,7 @@ class NPBGPP_OT_aggregate(_ModalJob, bpy.types.Operator):
         self._show_status(context, f"Aggregate: view {self._done} of {self._count} (Esc to cancel)")
 
 
-class NPBGPP_OT_densify(_ModalJob, bpy.types.Operator):
+class NPBGPP_OT_densify(_WorkerStepJob, bpy.types.Operator):
     """Dense coloured points from the imported dataset's photos (multi-view stereo), used as the point object"""
 
     bl_idname = "npbgpp.densify"
@@ -260,9 +342,9 @@ class NPBGPP_OT_densify(_ModalJob, bpy.types.Operator):
         "depth around them, kept where neighbouring views agree on depth and colour",
     )
 
-    _worker: Any = None
-    _out: str = ""
-    _timeout: float = 0.0
+    _job = "Densify"
+    _step_request = "DensifyStep"
+    _cancel_request = "DensifyCancel"
 
     def _begin(self, context: Any) -> Any:
         """Start the job in the worker; returns its first progress reply or None (reported)."""
@@ -311,25 +393,7 @@ class NPBGPP_OT_densify(_ModalJob, bpy.types.Operator):
 
     def execute(self, context: Any) -> set[str]:
         """Run to the end (scripts, or after the file browser; the UI uses the cancellable modal path)."""
-        from npbgpp_core import protocol as P
-
-        from .worker_client import WorkerError
-
-        progress = self._begin(context)
-        if progress is None:
-            return {"CANCELLED"}
-        wm = context.window_manager
-        wm.progress_begin(0, max(1, progress.total))
-        try:
-            while not progress.finished:
-                progress = self._worker.request(P.DensifyStep(), None, self._timeout)
-                wm.progress_update(progress.done)
-        except (WorkerError, ValueError, OSError) as exc:
-            self.report({"ERROR"}, f"Densify failed: {exc}")
-            return {"CANCELLED"}
-        finally:
-            wm.progress_end()
-        return self._finish(context)
+        return self._run_to_end(context)
 
     def invoke(self, context: Any, event: Any) -> set[str]:
         s = context.scene.npbgpp
@@ -338,46 +402,13 @@ class NPBGPP_OT_densify(_ModalJob, bpy.types.Operator):
             self.filepath = (os.path.basename(os.path.normpath(dataset)) or "scene") + "_dense.ply"
             context.window_manager.fileselect_add(self)
             return {"RUNNING_MODAL"}
-        progress = self._begin(context)
-        if progress is None:
-            return {"CANCELLED"}
-        self._start_modal(context, max(1, progress.total))
-        self._status(context, progress)
-        return {"RUNNING_MODAL"}
-
-    def modal(self, context: Any, event: Any) -> set[str]:
-        from npbgpp_core import protocol as P
-
-        from .worker_client import WorkerError
-
-        if event.type == "ESC":
-            try:
-                self._worker.request(P.DensifyCancel(), None, self._timeout)
-            except WorkerError:
-                pass
-            self._cleanup(context)
-            self.report({"WARNING"}, "Densify cancelled")
-            return {"CANCELLED"}
-        if event.type != "TIMER":
-            return {"PASS_THROUGH"}
-        try:
-            progress = self._worker.request(P.DensifyStep(), None, self._timeout)
-        except (WorkerError, ValueError, OSError) as exc:
-            self._cleanup(context)
-            self.report({"ERROR"}, f"Densify failed: {exc}")
-            return {"CANCELLED"}
-        context.window_manager.progress_update(progress.done)
-        self._status(context, progress)
-        if not progress.finished:
-            return {"RUNNING_MODAL"}
-        self._cleanup(context)
-        return self._finish(context)
+        return self._start_job(context)
 
     def _status(self, context: Any, progress: Any) -> None:
         self._show_status(context, f"Densify: {progress.stage} {progress.done}/{progress.total} steps (Esc to cancel)")
 
 
-class NPBGPP_OT_fit(_ModalJob, bpy.types.Operator):
+class NPBGPP_OT_fit(_WorkerStepJob, bpy.types.Operator):
     """Fit the aggregated bundle to the dataset's photos (per-scene coefficients and refiner: sharper, closer
     to the photos) and render with the fitted bundle (in the background: progress in the status bar, Esc cancels)"""
 
@@ -392,9 +423,10 @@ class NPBGPP_OT_fit(_ModalJob, bpy.types.Operator):
         description="Fitting steps (two 128-pixel crops each; 200 adds about 1 dB on real captures)",
     )
 
-    _worker: Any = None
-    _out: str = ""
-    _timeout: float = 0.0
+    _job = "Fit to Photos"
+    _step_request = "FitStep"
+    _cancel_request = "FitCancel"
+    _cancel_note = ": no fitted bundle was written."
 
     def _begin(self, context: Any) -> Any:
         """Start the fit in the worker; returns its first progress reply or None (reported)."""
@@ -456,70 +488,10 @@ class NPBGPP_OT_fit(_ModalJob, bpy.types.Operator):
 
     def execute(self, context: Any) -> set[str]:
         """Run to the end (scripts, or after the file browser); the UI uses the modal path."""
-        from npbgpp_core import protocol as P
-
-        from .worker_client import WorkerError
-
-        progress = self._begin(context)
-        if progress is None:
-            return {"CANCELLED"}
-        wm = context.window_manager
-        wm.progress_begin(0, max(1, progress.total))
-        try:
-            while not progress.finished:
-                progress = self._worker.request(P.FitStep(), None, self._timeout)
-                wm.progress_update(progress.done)
-        except (WorkerError, ValueError, OSError) as exc:
-            self._cancel_quietly()
-            self.report({"ERROR"}, f"Fit to Photos failed: {exc}")
-            return {"CANCELLED"}
-        finally:
-            wm.progress_end()
-        return self._finish(context)
+        return self._run_to_end(context)
 
     def invoke(self, context: Any, event: Any) -> set[str]:
-        progress = self._begin(context)
-        if progress is None:
-            return {"CANCELLED"}
-        self._start_modal(context, max(1, progress.total))
-        self._status(context, progress)
-        return {"RUNNING_MODAL"}
-
-    def _cancel_quietly(self) -> None:
-        from npbgpp_core import protocol as P
-
-        from .worker_client import WorkerError
-
-        try:
-            self._worker.request(P.FitCancel(), None, self._timeout)
-        except (WorkerError, ValueError, OSError):
-            pass
-
-    def modal(self, context: Any, event: Any) -> set[str]:
-        from npbgpp_core import protocol as P
-
-        from .worker_client import WorkerError
-
-        if event.type == "ESC":
-            self._cancel_quietly()
-            self._cleanup(context)
-            self.report({"WARNING"}, "Fit to Photos cancelled: no fitted bundle was written.")
-            return {"CANCELLED"}
-        if event.type != "TIMER":
-            return {"PASS_THROUGH"}
-        try:
-            progress = self._worker.request(P.FitStep(), None, self._timeout)
-        except (WorkerError, ValueError, OSError) as exc:
-            self._cancel_quietly()
-            self._cleanup(context)
-            self.report({"ERROR"}, f"Fit to Photos failed: {exc}")
-            return {"CANCELLED"}
-        context.window_manager.progress_update(progress.done)
-        self._status(context, progress)
-        if not progress.finished:
-            return {"RUNNING_MODAL"}
-        self._cleanup(context)
-        return self._finish(context)
+        return self._start_job(context)
 
     def _status(self, context: Any, progress: Any) -> None:
         self._show_status(context, f"Fit to Photos: step {progress.done} of {progress.total} (Esc to cancel)")

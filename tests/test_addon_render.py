@@ -1383,6 +1383,9 @@ def test_fit_to_photos_operator(scene):
     reports: list[tuple] = []
     op = SimpleNamespace(filepath=out, steps=10_000, report=lambda kind, text: reports.append((kind, text)),
                          _cleanup=lambda context: reports.append(("cleanup",)), _status=lambda context, p: None)
+    for name in ("_job", "_step_request", "_cancel_request", "_cancel_note", "_timeout"):
+        setattr(op, name, getattr(fit_op, name))
+    op._request = lambda name: fit_op._request(op, name)
     op._cancel_quietly = lambda: fit_op._cancel_quietly(op)
     first = fit_op._begin(op, bpy.context)
     assert (first.done, first.total, first.finished) == (0, 10_000, False)
