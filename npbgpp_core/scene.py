@@ -248,6 +248,17 @@ class NeuralScene:
             raise ValueError(f"background must be finite floats ({bg.dtype})")
 
     # ------------------------------------------------------------ rendering
+    def aggregated_scene(self, device: torch.device | str = "cpu") -> Any:
+        """An NPBG++ bundle's points, coefficients, validity and environment map as the
+        :class:`~npbgpp_core.models.AggregatedScene` the network renders (and fits) from."""
+        from .models import AggregatedScene
+
+        device = torch.device(device)
+        return AggregatedScene(
+            self.points.float().to(device), self.features.float().to(device), self.valid.to(device), None,
+            None if self.background is None else self.background.float().to(device),
+        )
+
     def renderer(
         self, device: torch.device | str = "cpu", dtype: torch.dtype | None = None, tune_allocator: bool = True
     ) -> SceneRenderer:
@@ -297,7 +308,7 @@ class SceneRenderer:
         self, scene: NeuralScene, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
         tune_allocator: bool = True,
     ):
-        from .models import NPBG, AggregatedScene, NPBGConfig, NPBGPlusPlus
+        from .models import NPBG, NPBGConfig, NPBGPlusPlus
         from .models.allocator import tune_cpu_allocator
 
         self.scene = scene
@@ -316,11 +327,7 @@ class SceneRenderer:
             need = {k for k in model.state_dict() if k.startswith(("basis.", "refiner."))}
             _check_state(scene.model_state, need, "NPBG++")
             model.load_state_dict(scene.model_state, strict=False)
-            self.aggregated = AggregatedScene(
-                scene.points.float().to(self.device), scene.features.float().to(self.device),
-                scene.valid.to(self.device), None,
-                None if scene.background is None else scene.background.float().to(self.device),
-            )
+            self.aggregated = scene.aggregated_scene(self.device)
         else:
             model = NPBG(n, NPBGConfig.from_dict(scene.model_config))
             state = dict(scene.model_state)

@@ -66,7 +66,6 @@ class BundleFit:
                  domain: str = "", device: str = "cpu") -> None:
         from .datasets import scene_domain
         from .fitting import iter_fit_coefficients, padded_fit_views
-        from .models import AggregatedScene
         from .pretrained import check_domain, default_weights_path
         from .scene import NeuralScene
 
@@ -92,11 +91,7 @@ class BundleFit:
             weights = default_weights_path("npbgpp", domain)
         self.weights = weights
         model = fitting_model(bundle, self.bundle_path, weights, device)
-        dev = model.device
-        aggregated = AggregatedScene(
-            bundle.points.float().to(dev), bundle.features.float().to(dev), bundle.valid.to(dev), None,
-            None if bundle.background is None else bundle.background.float().to(dev),
-        )
+        aggregated = bundle.aggregated_scene(model.device)
         ids = list(data.train) or list(range(len(data.views)))
         if not ids:
             raise ValueError(f"dataset {data.root} has no views to fit to")
