@@ -190,6 +190,17 @@ class KernelWarmup:
         return not self.thread.is_alive() and not self.error
 
 
+def step_for(job: Any, seconds: float) -> None:
+    """Run ``job.step()`` (True once finished) for about ``seconds``, at least once: a
+    step request's share of a long job (densify, fit), short enough for Blender to stay
+    responsive between requests."""
+    import time
+
+    t0 = time.perf_counter()
+    while not job.step() and time.perf_counter() - t0 < seconds:
+        pass
+
+
 class RenderService:
     """Holds the scene (loose points, or a NeuralScene bundle) and answers requests."""
 
@@ -354,12 +365,7 @@ class RenderService:
         return self._densify_progress()
 
     def densify_step(self, req: P.DensifyStep) -> P.DensifyProgress:
-        import time
-
-        job = self._densify()
-        t0 = time.perf_counter()
-        while not job.step() and time.perf_counter() - t0 < req.seconds:
-            pass
+        step_for(self._densify(), req.seconds)
         return self._densify_progress()
 
     def densify_finish(self, req: P.DensifyFinish) -> P.PointSet:
@@ -401,12 +407,7 @@ class RenderService:
         return self._fit_progress()
 
     def fit_step(self, req: P.FitStep) -> P.FitProgress:
-        import time
-
-        job = self._fit_job()
-        t0 = time.perf_counter()
-        while not job.step() and time.perf_counter() - t0 < req.seconds:
-            pass
+        step_for(self._fit_job(), req.seconds)
         return self._fit_progress()
 
     def fit_finish(self, req: P.FitFinish) -> P.FitResultInfo:
