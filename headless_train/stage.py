@@ -152,19 +152,18 @@ def checkpoint_state(path: str) -> tuple[int, dict[str, Any]]:
     ``weights_only=True`` so that a planted pickle payload never runs; StageError naming
     the file when it cannot be read. One read per use: a 27 MB last.ckpt (weights, Adam
     moments) takes 0.2-0.4 s, next to a trainer start of 10 s or more."""
-    import torch
+    from .checkpoints import META_KEY, CheckpointError, checkpoint_system, load_checkpoint_file
 
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - corrupt, truncated, or pickled code refused
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        raise StageError(f"checkpoint {path} is not readable with weights_only=True ({type(exc).__name__}: "
-                         f"{first}); move it away to start the stage afresh") from exc
-    meta = ckpt.get("npbgpp") if isinstance(ckpt, dict) else None
-    step = ckpt.get("global_step", 0) if isinstance(ckpt, dict) else None
-    if not isinstance(meta, dict) or not isinstance(step, int):
-        raise StageError(f"checkpoint {path} is not a headless_train checkpoint (no 'npbgpp' metadata or step)")
-    return step, meta
+        ckpt = load_checkpoint_file(path)
+    except CheckpointError as exc:  # corrupt, truncated, or pickled code refused
+        raise StageError(f"checkpoint {path} is not readable with weights_only=True ({exc}); move it away to start "
+                         "the stage afresh") from exc
+    try:
+        checkpoint_system(ckpt, path)
+    except CheckpointError as exc:
+        raise StageError(f"{exc}: not a headless_train checkpoint") from exc
+    return ckpt.get("global_step", 0), ckpt[META_KEY]
 
 
 def stage_background(args: argparse.Namespace, resumed: dict[str, Any] | None) -> str:
