@@ -371,12 +371,12 @@ def run(args: argparse.Namespace, weights: dict[str, str], workdir: str) -> dict
         None,
     )
     bundle = NeuralScene.load(bundle_path)
-    renderer = bundle.renderer("cpu")
+    aggregated = bundle.aggregated_scene("cpu")
     print(f"(c) fine-tuning NPBG++ coefficients for {args.budget_steps} steps ...", flush=True)
     # The fit's perceptual loss needs the weights file's encoder, which the bundle leaves out.
     fit_model = fitting_model(bundle, bundle_path, weights["npbgpp"], "cpu")
-    fit_c = fit_coefficients(fit_model, renderer.aggregated, views, steps=args.budget_steps, crop=args.crop)
-    pts = renderer.aggregated.points
+    fit_c = fit_coefficients(fit_model, aggregated, views, steps=args.budget_steps, crop=args.crop)
+    pts = aggregated.points
     comps["coefficients_ft"], rows = evaluate([fit_c.model.render(pts, c) for c in test_cams])
     results["coefficients_ft"] = {**mean_scores(rows), "per_view": rows, "fit_seconds": fit_c.seconds,
                                   "fit_steps": fit_c.steps, "loss_first": _first(fit_c.losses),
