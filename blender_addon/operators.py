@@ -36,6 +36,18 @@ def network_choice(settings: Any) -> tuple[str, str, list[str]]:
     return "", domain, files
 
 
+def weights_problem(settings: Any) -> str:
+    """What keeps the NPBG++ weights of :func:`network_choice` from being read, as the end
+    of an operator's error ("needs NPBG++ weights: ..."), or "" when every file exists."""
+    weights, _, files = network_choice(settings)
+    missing = [f for f in files if not f or not os.path.isfile(f)]
+    if not missing:
+        return ""
+    where = (f"not found: {weights}" if settings.weights
+             else f"none set, and the bundled file is missing: {', '.join(missing)}")
+    return f"needs NPBG++ weights: set Weights in Render Properties > NPBG++ ({where})."
+
+
 def default_output(dataset: str, suffix: str) -> str:
     """Where an output of ``dataset`` goes by default: next to the saved .blend (a place the
     user chose and can write; dataset folders may be read-only), or "" when the .blend is
@@ -179,13 +191,10 @@ class NPBGPP_OT_aggregate(_ModalJob, bpy.types.Operator):
     def _inputs(self, context: Any) -> tuple[str, str, str] | None:
         """(weights, domain, dataset) or None (reported); see :func:`network_choice`."""
         s = context.scene.npbgpp
-        weights, domain, files = network_choice(s)
-        missing = [f for f in files if not f or not os.path.isfile(f)]
-        if missing:
-            where = (f"not found: {weights}" if s.weights
-                     else f"none set, and the bundled file is missing: {', '.join(missing)}")
-            self.report({"ERROR"}, f"Aggregate needs NPBG++ weights: set Weights in Render Properties > NPBG++ "
-                                   f"({where}).")
+        weights, domain, _ = network_choice(s)
+        problem = weights_problem(s)
+        if problem:
+            self.report({"ERROR"}, f"Aggregate {problem}")
             return None
         dataset = bpy.path.abspath(s.dataset_path) if s.dataset_path else ""
         if not dataset or not os.path.isdir(dataset):
@@ -447,14 +456,10 @@ class NPBGPP_OT_fit(_WorkerStepJob, bpy.types.Operator):
             self.report({"ERROR"}, "Fit to Photos needs the dataset's photos: use File > Import > NPBG++ Dataset "
                                    "Folder first.")
             return None
-        weights, domain, files = network_choice(s)
-        if weights and not os.path.isfile(weights):
-            self.report({"ERROR"}, f"Fit to Photos needs NPBG++ weights: set Weights in Render Properties > NPBG++ "
-                                   f"(not found: {weights}).")
-            return None
-        if not weights and not all(f and os.path.isfile(f) for f in files):
-            self.report({"ERROR"}, f"Fit to Photos needs NPBG++ weights: the bundled file is missing "
-                                   f"({', '.join(files)}); set Weights in Render Properties > NPBG++.")
+        weights, domain, _ = network_choice(s)
+        problem = weights_problem(s)
+        if problem:
+            self.report({"ERROR"}, f"Fit to Photos {problem}")
             return None
         if self.filepath:
             self._out = bpy.path.abspath(self.filepath)
