@@ -108,8 +108,7 @@ def export_npbg(ckpt: dict, scene, args, name: str):
 
         ncfg = coefficients_config(cfg)
     else:
-        d = int(cfg.get("descriptor_dim", 8))
-        ncfg = NPBGConfig(descriptor_dim=d, feature_dim=d)
+        ncfg = NPBGConfig.from_options(cfg)
     model = NPBG(n, ncfg)
     prefix = f"scene_models.{module_key(name)}."
     state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}

@@ -303,8 +303,7 @@ def trainer_checkpoint_weights(ckpt: dict[str, Any], path: str) -> tuple[str, di
             # the checkpoint holds the trained extractor: its starting file is neither read nor recorded
             config = NPBGPlusPlusConfig.from_options(scfg, extractor_weights=None).to_dict()
         else:
-            d = int(scfg.get("descriptor_dim", 8))
-            config = NPBGConfig.from_dict({"descriptor_dim": d, "feature_dim": d}).to_dict()
+            config = NPBGConfig.from_options(scfg).to_dict()
     except (TypeError, ValueError) as exc:
         raise WeightsError(f"weights file {path}: bad {system} config in its '{TRAINER_META_KEY}' metadata: "
                            f"{exc}") from exc

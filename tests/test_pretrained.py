@@ -74,16 +74,18 @@ def test_export_weights_round_trip_renders_the_same(tmp_path, tiny):
 
 
 def test_npbg_checkpoint_exports_its_refiner(tmp_path):
+    """A run with 4 descriptor numbers (not the default 8): its refiner has 4 input features."""
     torch.manual_seed(1)
-    m = NPBG(5, NPBGConfig())
+    m = NPBG(5, NPBGConfig(descriptor_dim=4, feature_dim=4))
     state = {f"refiner.{k}": v for k, v in m.refiner.state_dict().items()}
     state.update({f"scene_models.a.{k}": v for k, v in m.state_dict().items()})
-    torch.save({"state_dict": state, "npbgpp": {"system": "npbg", "config": {"name": "npbg", "descriptor_dim": 8}},
+    torch.save({"state_dict": state, "npbgpp": {"system": "npbg", "config": {"name": "npbg", "descriptor_dim": 4,
+                                                                             "lr_refiner": 1e-4}},
                 "global_step": 3}, tmp_path / "n.ckpt")
     out = tmp_path / "r.safetensors"
     assert export_main(["--checkpoint", str(tmp_path / "n.ckpt"), "--out", str(out)]) == 0
     refiner = load_pretrained_npbg_refiner(str(out))
-    assert refiner.config.feature_dim == 8 and refiner.card["steps"] == 3
+    assert refiner.config == NPBGConfig(descriptor_dim=4, feature_dim=4) and refiner.card["steps"] == 3
     for k, v in m.refiner.state_dict().items():
         assert torch.equal(refiner.state[k], v), k  # fp32 export is exact
 

@@ -223,8 +223,11 @@ def test_every_network_option_is_a_system_option(name):
     (the aggregator is the config's name), and all of them reach the network."""
     import dataclasses
 
+    import torch
+
     from headless_train.systems.npbgpp import MODEL_KEYS, model_config
     from npbgpp_core.models import NPBGPlusPlusConfig
+    from npbgpp_core.pretrained import trainer_checkpoint_weights
 
     with open(os.path.join(ROOT, "headless_train", "conf", "system", f"{name}.yaml"), encoding="utf-8") as f:
         scfg = yaml.safe_load(f)
@@ -234,9 +237,12 @@ def test_every_network_option_is_a_system_option(name):
     assert model_config(scfg).to_dict() == default
     changed = {"render_canvas": "square", "scales": [1.0, 0.5, 0.25, 0.125, 0.1], "near": 0.5,
                "extractor_weights": "enc.safetensors", "world_up": [0.0, 0.0, 1.0], "min_view_depth": 1.0}
-    got = model_config({**scfg, **changed}, for_checkpoint_weights=False).to_dict()
+    got = model_config({**scfg, **changed}).to_dict()
     assert {k: got[k] for k in changed} == changed
-    assert model_config({**scfg, **changed}, for_checkpoint_weights=True).extractor_weights is None
+    # a checkpoint of the run: the same network, its trained extractor instead of the starting file
+    ckpt = {"npbgpp": {"system": "npbgpp", "config": {**scfg, **changed}}, "state_dict": {"model.x": torch.zeros(1)}}
+    _, from_ckpt, _ = trainer_checkpoint_weights(ckpt, "run.ckpt")
+    assert from_ckpt == {**got, "extractor_weights": None}
 
 
 def test_every_subcommand_module_has_main_and_is_listed_in_help(capsys):

@@ -37,8 +37,8 @@ class NPBGSystem(BaseSystem):
             self.load_pretrained_descriptors(str(pretrained))
 
     def npbg_config(self) -> NPBGConfig:
-        d = int(self.scfg.get("descriptor_dim", 8))
-        return NPBGConfig(descriptor_dim=d, feature_dim=d)
+        """The network of every scene (coefficients_ft overrides it)."""
+        return NPBGConfig.from_options(self.scfg)
 
     def scene_model(self, scene_id: int) -> NPBG:
         return self.scene_models[module_key(self.scene_names[scene_id])]

@@ -23,11 +23,12 @@ log = logging.getLogger(__name__)
 MODEL_KEYS = tuple(f.name for f in dataclasses.fields(NPBGPlusPlusConfig))
 
 
-def model_config(scfg: dict, for_checkpoint_weights: bool = False) -> NPBGPlusPlusConfig:
+def model_config(scfg: dict) -> NPBGPlusPlusConfig:
     """The network config in a system config (other keys, e.g. ``lr``, are the trainer's).
-    ``for_checkpoint_weights``: the weights come from a checkpoint, so the extractor's
-    starting weights file (``extractor_weights``) is neither read nor recorded."""
-    return NPBGPlusPlusConfig.from_options(scfg, **({"extractor_weights": None} if for_checkpoint_weights else {}))
+    The readers of the run's checkpoints map it the same way
+    (:func:`npbgpp_core.pretrained.trainer_checkpoint_weights`, without the extractor's
+    starting file: the checkpoint holds the trained extractor)."""
+    return NPBGPlusPlusConfig.from_options(scfg)
 
 
 class NPBGPlusPlusSystem(BaseSystem):

@@ -206,6 +206,16 @@ class NPBGConfig:
     def from_dict(cls, d: dict[str, Any] | None) -> NPBGConfig:
         return _from_dict(cls, d)
 
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> NPBGConfig:
+        """The plain-NPBG network of a training system's options (``system=npbg``; its other
+        keys, e.g. ``lr_refiner``, are the trainer's): ``descriptor_dim`` numbers per point
+        (default 8) and as many features. The one mapping, shared by the trainer's system and
+        the readers of its checkpoints (:func:`npbgpp_core.pretrained.trainer_checkpoint_weights`,
+        ``headless_train export``), so that they build the network the run trained."""
+        d = int(options.get("descriptor_dim", 8))
+        return cls.from_dict({"descriptor_dim": d, "feature_dim": d})
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["scales"] = list(self.scales)
