@@ -31,6 +31,7 @@ import resource
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -159,9 +160,35 @@ HEADERS = ["scene", "views", "size", "points", "accuracy %", "coverage %", "seco
            "within time target"]
 FILL_HEADERS = ["fill points", "fill accuracy %", "fill s (on top of densify)"]
 
+Case = tuple[str, int, tuple[int, int], float | None]  # scene, views, (h, w), time target in seconds
 
-def gpu_plan(args: argparse.Namespace) -> list[tuple[str, int, tuple[int, int], float]]:
+
+def gpu_plan(args: argparse.Namespace) -> list[Case]:
     return [(args.speed_scene, 100, (720, 1280), 20.0)]
+
+
+def cpu_plan(args: argparse.Namespace) -> list[Case]:
+    """The accuracy scenes (unless --speed-only), then the speed scene (unless --accuracy-only)."""
+    accuracy = [] if args.speed_only else [(s, 48, (200, 200), None) for s in args.scenes.split(",")]
+    speed = [] if args.accuracy_only else [(args.speed_scene, 60, (360, 640), 180.0)]
+    return accuracy + speed
+
+
+def run_cases(cases: list[Case], scene_for: Callable[[Case], Path], device: str, fill: bool,
+              warm_up: bool) -> tuple[list[str], list[list]]:
+    """Densify and score each case's scene: (headers, rows), each row printed as it comes.
+    The one place every mode (CPU, GPU, --dry-run) builds its table, so the fill columns
+    are in the header exactly when they are in the rows. ``warm_up``: a 10-view densify
+    first (CUDA context and kernels; 10 views run the same kernels)."""
+    headers = HEADERS + FILL_HEADERS if fill else HEADERS
+    rows: list[list] = []
+    for case in cases:
+        scene = scene_for(case)
+        if warm_up:
+            measure(scene, device, views=10)
+        rows.append(row(measure(scene, device, fill=fill), case[3]))
+        print(markdown_table(headers, rows[-1:]))
+    return headers, rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,56 +206,44 @@ def main(argv: list[str] | None = None) -> int:
                         "scene twice)")
     add_common_args(p)
     args = p.parse_args(argv)
+    plan = gpu_plan(args) if args.gpu else cpu_plan(args)
+    if not plan:
+        p.error("--accuracy-only and --speed-only together leave nothing to run")
     device = device_from_args(args)
     cache = Path(args.cache)
-    rows: list[list] = []
     notes: list[str] = []
-    headers = HEADERS + FILL_HEADERS if args.fill else HEADERS
     if args.fill:
         notes.append("densify with fill=True (texture-poor regions filled); fill columns: points the fill added, "
                      "their own accuracy, and its seconds on top of densify")
 
     if args.quick or args.dry_run:
-        plan = gpu_plan(args) if args.gpu else (
-            [(s, 48, (200, 200), None) for s in args.scenes.split(",")] + [(args.speed_scene, 60, (360, 640), 180.0)]
-        )
         for name, views, (h, w), target in plan:
             print(f"plan: {name}, {views} views {w}x{h}, device {'cuda' if args.gpu else device.type}"
                   + (f", target {target:.0f} s" if target else ", accuracy/coverage/points targets"))
         if args.gpu and not args.dry_run:
             print("error: --gpu without --dry-run needs a CUDA device", file=sys.stderr)
         with tempfile.TemporaryDirectory() as tmp:
-            scene = render_scene(plan[0][0], 12, (48, 64), Path(tmp) / "tiny", samples=2, points=20_000)
-            r = measure(scene, "cpu", fill=args.fill)
-        print(markdown_table(headers, [row(r, None)]))
+            # the first case's code path on a tiny scene, on the CPU (no time target: not its scene)
+            tiny = render_scene(plan[0][0], 12, (48, 64), Path(tmp) / "tiny", samples=2, points=20_000)
+            run_cases([(*plan[0][:3], None)], lambda case: tiny, "cpu", args.fill, warm_up=args.gpu)
         return 0
 
+    if args.gpu and device.type != "cuda":
+        print("error: --gpu needs a CUDA device (use --dry-run to check the plan on a CPU)", file=sys.stderr)
+        return 2
+
+    def rendered(case: Case) -> Path:
+        name, views, (h, w), _ = case
+        return render_scene(name, views, (h, w), cache / f"{name}_{views}_{w}x{h}")
+
+    headers, rows = run_cases(plan, rendered, device.type, args.fill, warm_up=args.gpu)
     if args.gpu:
-        if device.type != "cuda":
-            print("error: --gpu needs a CUDA device (use --dry-run to check the plan on a CPU)", file=sys.stderr)
-            return 2
-        for name, views, (h, w), target in gpu_plan(args):
-            scene = render_scene(name, views, (h, w), cache / f"{name}_{views}_{w}x{h}")
-            measure(scene, "cuda", views=10)  # warm-up: CUDA context and kernels (10 views: the same kernels)
-            r = measure(scene, "cuda")
-            rows.append(row(r, target))
-            print(markdown_table(HEADERS, rows[-1:]))
         notes.append("GPU case: 100 views 1280x720 within 20 s on an H100")
     else:
         if not args.speed_only:
-            for name in args.scenes.split(","):
-                scene = render_scene(name, 48, (200, 200), cache / f"{name}_48_200x200")
-                r = measure(scene, device.type, fill=args.fill)
-                rows.append(row(r, None))
-                print(markdown_table(headers, rows[-1:]))
             notes.append("Accuracy targets: >= 90% of points within 1% of the bbox diagonal of the true surface, "
                          ">= 70% of the visible true surface covered, >= 50k points (48 views 200x200)")
         if not args.accuracy_only:
-            name = args.speed_scene
-            scene = render_scene(name, 60, (360, 640), cache / f"{name}_60_640x360")
-            r = measure(scene, device.type, fill=args.fill)
-            rows.append(row(r, 180.0))
-            print(markdown_table(headers, rows[-1:]))
             notes.append("Speed target: 60 views 640x360 within 180 s on the 2-core CPU; 'load avg' is the "
                          "machine's 1-minute load during the run (2 cores: above 2 means other jobs shared them)")
     table = markdown_table(headers, rows)

@@ -63,3 +63,63 @@ def test_bench_train_runs_one_tiny_step_and_reports_rates(extra: list[str], tmp_
         assert row["steps_per_s"] > 0 and row["samples_per_s"] == pytest.approx(row["steps_per_s"])
     if extra:
         assert set(report["modes"]) == {"batched", "per_sample"}
+
+
+@pytest.fixture(scope="module")
+def tiny_densify_scene(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 12-view 64x48 Cycles scene (under a second), standing in for every bench_densify scene."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_densify
+
+    return bench_densify.render_scene("textured_monkey", 12, (48, 64), tmp_path_factory.mktemp("densify") / "tiny",
+                                      samples=2, points=20_000)
+
+
+def markdown_tables(text: str) -> list[list[list[str]]]:
+    """The markdown tables in ``text``, each as its lines split into cells (header, rule, rows)."""
+    tables: list[list[list[str]]] = []
+    previous = ""
+    for line in text.splitlines():
+        if line.startswith("|"):
+            if not previous.startswith("|"):
+                tables.append([])
+            tables[-1].append([c.strip() for c in line.strip().strip("|").split("|")])
+        previous = line
+    return tables
+
+
+@pytest.mark.parametrize("flags", [["--gpu", "--fill"], ["--gpu"], ["--fill"], [],
+                                   ["--gpu", "--fill", "--dry-run"], ["--fill", "--dry-run"]],
+                         ids=lambda f: " ".join(f) or "cpu")
+def test_bench_densify_table_headers_match_their_rows(flags: list[str], tiny_densify_scene: Path, monkeypatch,
+                                                      capsys) -> None:
+    """Every table bench_densify prints has as many header cells as cells in each row, with
+    and without --gpu and --fill. The GPU case runs here on the CPU: the device is reported
+    as CUDA and every densify runs on the CPU, every scene is the tiny one."""
+    import bench_densify
+    import torch
+
+    real_measure = bench_densify.measure
+    devices: list[str] = []
+
+    def measure_on_cpu(scene: Path, device: str, views: int | None = None, **options) -> dict:
+        devices.append(device)
+        return real_measure(scene, "cpu", views=views, **options)
+
+    monkeypatch.setattr(bench_densify, "render_scene", lambda *a, **k: tiny_densify_scene)
+    monkeypatch.setattr(bench_densify, "measure", measure_on_cpu)
+    if "--gpu" in flags and "--dry-run" not in flags:
+        monkeypatch.setattr(bench_densify, "device_from_args", lambda args: torch.device("cuda"))
+    before = (ROOT / "BENCHMARKS.md").read_bytes()
+    args = [*flags, "--scenes", "textured_monkey", "--device", "cpu", "--threads", "1", "--no-write"]
+    assert bench_densify.main(args) == 0
+    tables = markdown_tables(capsys.readouterr().out)
+    assert tables and devices
+    if "--gpu" in flags and "--dry-run" not in flags:
+        assert set(devices) == {"cuda"}
+    for table in tables:
+        header, rule, *rows = table
+        assert rows and len(rule) == len(header), table
+        assert all(len(r) == len(header) for r in rows), table
+        assert ("fill points" in header) == ("--fill" in flags), header
+    assert (ROOT / "BENCHMARKS.md").read_bytes() == before
