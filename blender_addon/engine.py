@@ -62,7 +62,7 @@ class NPBGPPRenderEngine(bpy.types.RenderEngine):
         self.update_stats("", f"NPBG++: rendering {geo.image_size[1]}x{geo.image_size[0]}")
         self.update_progress(0.0)
         try:
-            frame, depth_scale, status = render_frame(snap, geo, self.test_break)
+            frame, depth_scale, status, _ = render_frame(snap, geo, self.test_break)
         except Cancelled:
             return
         except (WorkerError, ValueError, RuntimeError, OSError) as exc:

@@ -4,7 +4,7 @@ caller snapshots the scene on Blender's main thread, see ``scene_snapshot``)."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -20,12 +20,20 @@ WINDOW_MARGIN = 128  # npbgpp_core.scene.WINDOW_MARGIN (that module imports torc
 MIN_TILE_SIZE = 2 * WINDOW_MARGIN + 16
 
 
+class RenderedFrame(NamedTuple):
+    """What :func:`render_frame` returns."""
+
+    pixels: np.ndarray  # (H, W, FRAME_CHANNELS), see npbgpp_core.protocol
+    depth_scale: float  # brings the frame's depths to scene units
+    status: str  # for neural frames: which refiner ran, and why ("" otherwise)
+    compiling: bool  # the fused kernels asked for are still compiling: a later frame would use them
+
+
 def render_frame(
     snap: SceneSnapshot, geo: CameraGeometry, should_cancel: Callable[[], bool] | None = None,
     roll_context: str = "exact", wait_for_kernels: bool = True,
-) -> tuple[np.ndarray, float, str]:
-    """(H, W, 8) frame from the worker, the depth scale to bring depth to scene units and
-    a status line for neural frames (which refiner ran, and why; "" otherwise).
+) -> RenderedFrame:
+    """A frame from the worker (see :class:`RenderedFrame`).
     ``roll_context``: how the network renders rolled views ('exact' for F12 renders; the
     viewport may ask for 'bounded', see ``RenderFrame.roll_context``). ``wait_for_kernels``:
     F12 waits for fused refiner kernels to compile; the viewport renders with torch meanwhile."""
@@ -59,7 +67,7 @@ def render_frame(
     request = P.RenderFrame(geo.to_spec(), source, neural, snap.tile_size * snap.tile_size, snap.point_size,
                             roll_context, snap.refiner_impl, wait_for_kernels)
     reply = worker.request(request, should_cancel, snap.timeout)
-    return reply.pixels, depth_scale, refiner_status(reply)
+    return RenderedFrame(reply.pixels, depth_scale, refiner_status(reply), reply.compiling)
 
 
 def refiner_status(frame: P.Frame) -> str:

@@ -133,21 +133,19 @@ class ViewportSession:
         self.scheduler.invalidate()
 
     def _run(self, job: Job, geo: CameraGeometry, snap: Any, transparent: bool) -> None:
-        from npbgpp_core import protocol as P
-
         from . import frames
         from .render_job import render_frame
 
         try:
-            frame, depth_scale, status = render_frame(snap, geo, roll_context=snap.viewport_roll_context,
-                                                      wait_for_kernels=False)
-            image = frames.compose(frame, snap.output, transparent, depth_scale, passes=("combined",))["combined"]
+            got = render_frame(snap, geo, roll_context=snap.viewport_roll_context, wait_for_kernels=False)
+            image = frames.compose(got.pixels, snap.output, transparent, got.depth_scale,
+                                   passes=("combined",))["combined"]
             with self.lock:
                 if self.scheduler.result(job.frame_id):
                     self.frame = (job.frame_id, image)
                     self.message = ""
-                    self.status = status
-                    self.recheck = P.COMPILING_KERNELS_NOTE in status
+                    self.status = got.status
+                    self.recheck = got.compiling
         except Exception as exc:  # noqa: BLE001 - shown in the viewport header, never raised
             with self.lock:
                 self.scheduler.failed(job.frame_id)

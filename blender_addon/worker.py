@@ -75,7 +75,7 @@ def serve(address: Any, authkey: bytes) -> None:
             reply = service.handle(req)
             if isinstance(reply, P.Frame):
                 pixels = np.ascontiguousarray(reply.pixels, dtype=np.float32)
-                reply = P.SharedFrame(frames.put(pixels), tuple(pixels.shape), reply.refiner, reply.note)
+                reply = P.SharedFrame.of(reply, frames.put(pixels))
             conn.send(reply)
             if isinstance(req, P.Shutdown):
                 break

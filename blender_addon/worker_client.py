@@ -180,7 +180,7 @@ class ProcessWorker:
             self.stop()
             raise WorkerError(f"lost the NPBG++ worker: {exc}" + (f"\n{tail}" if tail else "")) from exc
         if isinstance(reply, P.SharedFrame):
-            reply = P.Frame(_read_shared(reply.shm, tuple(reply.shape)), reply.refiner, reply.note)
+            reply = reply.with_pixels(_read_shared(reply.shm, tuple(reply.shape)))
         return _checked(req, reply)
 
     def stop(self, grace: float = 2.0) -> None:

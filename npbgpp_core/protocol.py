@@ -35,7 +35,8 @@ SOURCES = ("points", "bundle")
 # The refiner's inference implementations (npbgpp_core.models.refiner.IMPLS): the torch
 # reference, or the fused Triton kernels of npbgpp_core/models/refiner_triton.py.
 REFINER_IMPLS = ("torch", "triton", "triton_conv")
-# Frame.note while the service compiles a fused refiner's kernels (the viewport renders again).
+# Frame.note while the service compiles a fused refiner's kernels (text for the user; the
+# viewport reads Frame.compiling).
 COMPILING_KERNELS_NOTE = "compiling fused kernels..."
 
 
@@ -186,11 +187,14 @@ class Frame(Reply):
     """float32 (H, W, FRAME_CHANNELS), see the module doc. ``refiner``: the refiner
     implementation that ran (one of REFINER_IMPLS; "" without the network), which may be
     'torch' when a fused one was asked for; ``note``: why, or what the worker is doing
-    (e.g. compiling the fused kernels), "" when nothing to say."""
+    (e.g. compiling the fused kernels), "" when nothing to say, for display only;
+    ``compiling``: the fused kernels asked for are still compiling, so a later frame of
+    the same view would run them (the viewport asks again)."""
 
     pixels: np.ndarray
     refiner: str = ""
     note: str = ""
+    compiling: bool = False
 
 
 @dataclass
@@ -201,6 +205,16 @@ class SharedFrame(Reply):
     shape: tuple[int, ...]
     refiner: str = ""
     note: str = ""
+    compiling: bool = False
+
+    @classmethod
+    def of(cls, frame: Frame, shm: str) -> SharedFrame:
+        """``frame`` with its pixels left in the shared-memory block named ``shm``."""
+        return cls(shm, tuple(frame.pixels.shape), frame.refiner, frame.note, frame.compiling)
+
+    def with_pixels(self, pixels: np.ndarray) -> Frame:
+        """The :class:`Frame` again, with the pixels read back from the block."""
+        return Frame(pixels, self.refiner, self.note, self.compiling)
 
 
 # --------------------------------------------------------------------------- requests

@@ -469,24 +469,25 @@ class RenderService:
             context = req.roll_context
             if context == "auto":
                 context = "bounded" if self.renderer.device.type == "cpu" else "exact"
-            refiner, note = self._refiner_impl(req, camera.to(self.device), context)
+            refiner, note, compiling = self._refiner_impl(req, camera.to(self.device), context)
             with torch.inference_mode():
                 img = self.renderer.render(camera.to(self.device), max_pixels=req.max_pixels, roll_context=context)
             frame[..., P.NEURAL] = img.detach().float().clamp(0, 1)[:3].permute(1, 2, 0).cpu().numpy()
             alpha, depth = fill_coverage(layers.mask, layers.depth)
             frame[..., P.NEURAL_ALPHA] = alpha.cpu().numpy()
             frame[..., P.NEURAL_DEPTH] = depth.cpu().numpy()
-            return P.Frame(frame, refiner, note)
+            return P.Frame(frame, refiner, note, compiling)
         return P.Frame(frame)
 
-    def _refiner_impl(self, req: P.RenderFrame, camera: Any, roll_context: str) -> tuple[str, str]:
+    def _refiner_impl(self, req: P.RenderFrame, camera: Any, roll_context: str) -> tuple[str, str, bool]:
         """Set the loaded network's refiner to the implementation ``req`` asks for where it
-        can run, else torch; returns (the implementation set, a note for the user)."""
+        can run, else torch; returns (the implementation set, a note for the user, whether
+        the asked-for kernels are still compiling)."""
         wanted = req.refiner_impl
         if wanted not in P.REFINER_IMPLS:
             raise ValueError(f"refiner_impl must be one of {P.REFINER_IMPLS}, got {wanted!r}")
         refiner = self.renderer.model.refiner
-        impl, note = wanted, ""
+        impl, note, compiling = wanted, "", False
         if wanted != "torch":
             from .models import refiner_triton
 
@@ -504,6 +505,7 @@ class RenderService:
                     warmup.thread.join()
                 if not warmup.ready:
                     impl = "torch"
-                    note = f"fused kernels failed: {warmup.error}" if warmup.error else P.COMPILING_KERNELS_NOTE
+                    compiling = not warmup.error
+                    note = P.COMPILING_KERNELS_NOTE if compiling else f"fused kernels failed: {warmup.error}"
         refiner.impl = impl
-        return impl, note
+        return impl, note, compiling

@@ -308,6 +308,30 @@ def test_process_worker_equals_in_process_and_cleans_up(tmp_path):
     assert proc.poll() is not None and worker.proc is None
 
 
+def test_frames_cross_the_worker_pipe_with_every_field():
+    """The worker leaves a frame's pixels in shared memory and the client reads them back:
+    the refiner, the note and the structured ``compiling`` flag arrive unchanged."""
+    import dataclasses
+    import pickle
+
+    from blender_addon.worker import _FrameBuffer
+    from blender_addon.worker_client import _read_shared
+
+    names = {f.name for f in dataclasses.fields(P.Frame)} - {"pixels"}
+    assert names == {f.name for f in dataclasses.fields(P.SharedFrame)} - {"shm", "shape"} and "compiling" in names
+    pixels = np.random.default_rng(0).uniform(-1, 1, (4, 5, P.FRAME_CHANNELS)).astype(np.float32)
+    for compiling in (True, False):
+        frame = P.Frame(pixels, "torch", "a note", compiling)
+        block = _FrameBuffer()
+        try:
+            shared = pickle.loads(pickle.dumps(P.SharedFrame.of(frame, block.put(pixels))))  # as over the pipe
+            back = shared.with_pixels(_read_shared(shared.shm, shared.shape))
+        finally:
+            block.close()
+        assert (back.refiner, back.note, back.compiling) == ("torch", "a note", compiling)
+        np.testing.assert_array_equal(back.pixels, pixels)
+
+
 def test_render_service_depth_is_view_depth():
     pts = np.array([[0.0, 0.0, 0.0], [0.3, 0.2, 1.0]], np.float32)
     cam = Camera.look_at((0, -5, 0), (0, 0, 0), (0, 0, 1), 60.0, (32, 32))

@@ -320,7 +320,7 @@ def test_service_runs_and_reports_torch_where_the_fused_refiner_cannot_run(monke
     assert (want.refiner, want.note) == ("torch", "")
     for impl in ("triton", "triton_conv"):
         got = service.handle(P.RenderFrame(spec, "bundle", neural=True, refiner_impl=impl))
-        assert got.refiner == "torch" and "CUDA only" in got.note, got
+        assert got.refiner == "torch" and "CUDA only" in got.note and not got.compiling, got
         assert np.array_equal(got.pixels, want.pixels)
     points_only = service.handle(P.RenderFrame(spec, "bundle", refiner_impl="triton"))
     assert points_only.refiner == "" and points_only.note == ""  # no network ran
@@ -352,15 +352,15 @@ def test_service_compiles_the_fused_refiner_aside_then_renders_with_it(monkeypat
     service, spec = _service_with_bundle(tmp_path, DEVICE.type.upper())
     want = service.handle(P.RenderFrame(spec, "bundle", neural=True))
     first = service.handle(P.RenderFrame(spec, "bundle", neural=True, refiner_impl=impl))
-    assert (first.refiner, first.note) == ("torch", "compiling fused kernels..."), first
+    assert (first.refiner, first.note, first.compiling) == ("torch", "compiling fused kernels...", True), first
     assert np.array_equal(first.pixels, want.pixels)
     release.set()
     waited = service.handle(P.RenderFrame(spec, "bundle", neural=True, refiner_impl=impl, wait_for_kernels=True))
-    assert (waited.refiner, waited.note) == (impl, ""), waited
+    assert (waited.refiner, waited.note, waited.compiling) == (impl, "", False), waited
     np.testing.assert_allclose(waited.pixels, want.pixels, atol=1e-4, rtol=0)
     assert np.abs(waited.pixels[..., P.NEURAL] - 0.5).max() > 1e-2  # not a flat image
     again = service.handle(P.RenderFrame(spec, "bundle", neural=True, refiner_impl=impl))
-    assert again.refiner == impl and np.array_equal(again.pixels, waited.pixels)
+    assert again.refiner == impl and not again.compiling and np.array_equal(again.pixels, waited.pixels)
     back = service.handle(P.RenderFrame(spec, "bundle", neural=True))
     assert back.refiner == "torch" and np.array_equal(back.pixels, want.pixels)
 
@@ -405,4 +405,5 @@ def test_service_falls_back_to_torch_when_the_kernels_fail(monkeypatch, tmp_path
     want = service.handle(P.RenderFrame(spec, "bundle", neural=True))
     got = service.handle(P.RenderFrame(spec, "bundle", neural=True, refiner_impl="triton", wait_for_kernels=True))
     assert got.refiner == "torch" and got.note == "fused kernels failed: RuntimeError: ptxas failed", got
+    assert not got.compiling  # failed, not compiling: the viewport does not keep asking
     assert np.array_equal(got.pixels, want.pixels)
