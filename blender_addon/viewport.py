@@ -8,7 +8,8 @@ than a mouse-drag step, and a slightly stale image beats an empty viewport. When
 view stops, the next job refines it at full resolution.
 :class:`ViewportSession` runs jobs on a background thread against the worker and draws
 the newest frame with the ``gpu`` module (never in background mode). Only Blender's main
-thread registers timers: one started with each job polls for its end.
+thread registers timers: one started with each job polls for its end, and while the worker
+compiles fused kernels at most one more waits to render the view again.
 """
 
 from __future__ import annotations
@@ -113,9 +114,17 @@ class ViewportSession:
         self.recheck = False  # the worker is compiling fused kernels: render the view again soon
         self.thread: threading.Thread | None = None
         self.closed = False
+        # One bound-method object, so that bpy.app.timers can tell whether it is pending
+        # (each ``self.render_again`` is a new object, and Blender registers it again).
+        self._render_again = self.render_again
 
     def close(self) -> None:
+        """The engine is freed: no more redraws, and no re-render timer left behind."""
+        import bpy
+
         self.closed = True
+        if threading.current_thread() is threading.main_thread() and bpy.app.timers.is_registered(self._render_again):
+            bpy.app.timers.unregister(self._render_again)
 
     def scene_changed(self, context: Any, depsgraph: Any) -> None:
         from .scene_snapshot import points_touched, snapshot
@@ -168,16 +177,17 @@ class ViewportSession:
                 engine.tag_redraw()
             except ReferenceError:  # the engine (viewport) is gone
                 pass
-            if self.recheck and not self.closed:
-                bpy.app.timers.register(self.render_again, first_interval=RECHECK_SECONDS)
+            if self.recheck and not self.closed and not bpy.app.timers.is_registered(self._render_again):
+                bpy.app.timers.register(self._render_again, first_interval=RECHECK_SECONDS)
             return None
 
         bpy.app.timers.register(redraw_when_done, first_interval=POLL_SECONDS)
         return thread
 
     def render_again(self) -> None:
-        """Main thread (a timer): render the view again, e.g. with the fused kernels once
-        the worker has compiled them (no view change would ask for it)."""
+        """Main thread (a one-shot timer): render the view again, e.g. with the fused kernels
+        once the worker has compiled them (no view change would ask for it). The frame that
+        results schedules the next one only while the worker still says it is compiling."""
         with self.lock:
             if not self.recheck or self.closed:
                 return

@@ -575,6 +575,76 @@ def test_viewport_timers_are_registered_on_the_main_thread_only(monkeypatch):
         HUB.shutdown()
 
 
+def test_viewport_keeps_one_rerender_timer_while_the_kernels_compile(monkeypatch):
+    """Every frame finished while the worker compiles its fused kernels wants the view
+    rendered again: however many finish, one re-render timer is pending (Blender's own
+    timers); none once the kernels are ready; none after the engine is freed."""
+    from blender_addon import render_job
+    from blender_addon.scene_snapshot import SceneSnapshot
+    from blender_addon.viewport import ViewportSession
+    from blender_addon.worker_client import HUB
+
+    timers = bpy.app.timers
+    real_register, real_unregister = timers.register, timers.unregister
+    pending: list = []  # one entry per registration Blender holds
+
+    def register(fn, **kwargs):
+        real_register(fn, **kwargs)
+        pending.append(fn)
+
+    def unregister(fn):
+        real_unregister(fn)
+        pending.remove(fn)
+
+    def fire(fn) -> None:  # what Blender does with a due timer: call it, drop it when it returns None
+        if fn() is None:
+            unregister(fn)
+
+    monkeypatch.setattr(timers, "register", register)
+    monkeypatch.setattr(timers, "unregister", unregister)
+    compiling = [True]  # what the worker says about its kernels (the frames themselves are real)
+    real_render = render_job.render_frame
+    monkeypatch.setattr(render_job, "render_frame",
+                        lambda *a, **k: real_render(*a, **k)._replace(compiling=compiling[0]))
+    pts = np.random.default_rng(0).uniform(-1, 1, (100, 3)).astype(np.float32)
+    snap = SceneSnapshot(output="POINTS", mode="IN_PROCESS", points=pts, colors=None, points_key="c")
+    K = opencv_intrinsics(50, 36, 24, "AUTO", 0, 0, 40, 30)
+    geo = CameraGeometry(K, np.diag([1.0, -1.0, -1.0]), np.array([0.0, 0.0, 5.0]), (30, 40))
+    engine = _Engine()
+    session = ViewportSession(engine)
+
+    def finish_frame(view: str) -> None:  # a draw starts a job; its poll timer fires once it has ended
+        job = session.scheduler.request(view, (30, 40))
+        assert job is not None
+        thread = session.start_job(job, geo.scaled(*job.size), snap, True)
+        poll = pending[-1]
+        thread.join(60)
+        fire(poll)
+        assert all(timers.is_registered(fn) for fn in pending)
+
+    try:
+        for i in range(4):  # the view moves while the kernels compile: a frame per draw
+            finish_frame(f"view-{i}")
+            assert len(pending) == 1 and session.recheck, pending
+        fire(pending[0])  # still compiling: the view is rendered again, and again after that
+        assert pending == [] and session.scheduler.shown is None and engine.redraws == 5
+        finish_frame("view-3")
+        assert len(pending) == 1
+        compiling[0] = False  # the kernels are ready: one last re-render, then no timer
+        fire(pending[0])
+        finish_frame("view-3")
+        assert pending == [] and not session.recheck and session.scheduler.shown.scale == 1.0
+        compiling[0] = True  # the engine is freed with a re-render pending: its timer goes with it
+        finish_frame("view-4")
+        assert len(pending) == 1
+        session.close()
+        assert pending == []
+    finally:
+        for fn in pending:
+            real_unregister(fn)
+        HUB.shutdown()
+
+
 def test_frozen_worker_times_out_and_is_replaced():
     """A worker that stops answering (SIGSTOP) fails the request after the timeout with a
     message saying what happened and what to do; it is killed, and the next request starts
