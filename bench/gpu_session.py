@@ -79,6 +79,11 @@ from pathlib import Path
 from typing import Any, TextIO
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from headless_train.lifeline import exit_status  # noqa: E402  (standard library only)
+
 KIT = ".gpurun"
 MIB = 2**20
 TREE_LIMIT_MIB = 64.0  # what one `run` call may carry: tracked + untracked-not-ignored + carried
@@ -313,8 +318,7 @@ def pack_corpus(corpus: str, dest: Path, max_side: int, max_points: int, budget_
                 scenes: str | None = None) -> dict[str, Any]:
     """``stage pack`` of ``corpus`` into a scratch folder, then the balanced choice of its
     scenes that fits ``budget_mib`` moved to ``dest``."""
-    sys.path.insert(0, str(ROOT))
-    from headless_train.stage import StageError, folder_bytes, pack
+    from headless_train.stage import StageError, pack
 
     if budget_mib < 1:
         raise KitError(f"only {budget_mib:.1f} MiB are left for the corpus: carry less (no --resume-from, "
@@ -322,11 +326,10 @@ def pack_corpus(corpus: str, dest: Path, max_side: int, max_points: int, budget_
     scratch = dest.parent / (dest.name + ".all")
     shutil.rmtree(scratch, ignore_errors=True)
     try:
-        pack(corpus, str(scratch), max_side, max_points, 10**6, scenes)
+        sizes = pack(corpus, str(scratch), max_side, max_points, 10**6, scenes)["scene_bytes"]
     except StageError as exc:
         raise KitError(str(exc)) from exc
     try:
-        sizes = {d: folder_bytes(str(scratch / d)) for d in os.listdir(scratch)}
         chosen = balanced_choice(sizes, int(budget_mib * MIB))
         if not chosen:
             raise KitError(f"no scene of {corpus} fits in {budget_mib:.1f} MiB at --max-side {max_side}")
@@ -725,7 +728,7 @@ def run_mode(args: argparse.Namespace) -> int:
 
 def run_steps(s: Session, args: argparse.Namespace, kit: Path, budget: int) -> int:
     """A mode's steps, the summary and the exit code (0: every step passed; 1: one failed
-    or was skipped; 2: no kit; 3: no CUDA; 128 + N: stopped by signal N)."""
+    or was skipped; 2: no kit; 3: no CUDA; 128 + N: stopped by signal N, :func:`exit_status`)."""
     s.say(f"=== gpu_session {args.mode}{' --dry-run' if args.dry_run else ''}: budget {budget} s, kit {kit}, "
           f"out {s.out}, {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}")
     if not kit.is_dir() and args.corpus is None:
@@ -746,7 +749,7 @@ def run_steps(s: Session, args: argparse.Namespace, kit: Path, budget: int) -> i
     check_out(s)
     if s.stopped_by is not None:
         s.say(f"=== gpu_session {args.mode}: stopped by {signal.Signals(s.stopped_by).name}")
-        return 128 + s.stopped_by
+        return exit_status(s.stopped_by)
     failed = [n for n, outcome, _ in s.results if not outcome.startswith(("rc=0", "ok"))]
     if failed or not ok:
         s.say(f"=== gpu_session {args.mode}: FAILED or skipped: {', '.join(failed) or 'deps'}")

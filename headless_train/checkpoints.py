@@ -26,6 +26,8 @@ import torch
 from npbgpp_core.atomic import atomic_write_bytes
 from npbgpp_core.pretrained import TRAINER_META_KEY
 
+from .lifeline import EXIT_SIGINT, EXIT_SIGTERM  # a run stopped by Ctrl-C / SIGTERM (128 + N)
+
 log = logging.getLogger(__name__)
 
 META_KEY = TRAINER_META_KEY  # the metadata npbgpp_core.pretrained reads back
@@ -199,11 +201,6 @@ def _worker_deaths_ignored() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGCHLD, previous)
-
-
-# Exit statuses of a run stopped by a signal (128 + the signal number, as a shell reports it).
-EXIT_SIGINT = 130
-EXIT_SIGTERM = 143
 
 
 class EpochAndLastCheckpoint(pl.Callback):

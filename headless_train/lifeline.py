@@ -39,7 +39,18 @@ log = logging.getLogger(__name__)
 
 PARENT_ENV = "HEADLESS_TRAIN_PARENT_PID"
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-EXIT_ORPHANED = 128 + signal.SIGTERM  # what a run stopped by SIGTERM reports (checkpoints.EXIT_SIGTERM)
+
+
+def exit_status(signum: int) -> int:
+    """The exit status of a process stopped by signal ``signum``, as a shell reports it
+    (128 + the signal number): what a run, a stage or a GPU session reports when a signal
+    stopped it (not 0, so that `train && export` and schedulers see the interruption)."""
+    return 128 + int(signum)
+
+
+# A run stopped by SIGTERM or Ctrl-C (after writing last.ckpt), and one whose parent is gone.
+EXIT_SIGTERM = exit_status(signal.SIGTERM)
+EXIT_SIGINT = exit_status(signal.SIGINT)
 
 
 def set_parent_death_signal(signum: int = signal.SIGTERM) -> bool:
@@ -124,7 +135,7 @@ def _watch(parent: int, gone: Callable[[], bool], pdeathsig: bool, grace_s: floa
     # Still here: the graceful stop hangs. Checkpoints are atomic, so nothing is half-written.
     os.write(2, f"parent process {parent} is gone and the run did not stop within {grace_s:.0f} s: "
                 f"exiting now\n".encode())
-    os._exit(EXIT_ORPHANED)
+    os._exit(EXIT_SIGTERM)
 
 
 def tie_to_parent(parent: int, grace_s: float = 120.0, poll_s: float = 1.0, use_pdeathsig: bool = True) -> bool:

@@ -50,6 +50,8 @@ import threading
 import time
 from typing import Any
 
+from .lifeline import EXIT_SIGTERM, exit_status
+
 MAX_CORPUS_MIB = 64
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -235,7 +237,7 @@ def run_stage(args: argparse.Namespace) -> dict[str, Any]:
         raise StageError(f"training wrote no {last} (exit code {rc}){stopped_note(stopped_by)}; see {log_path}"
                          f"{log_tail(log_path)}")
     end_step = checkpoint_state(last)[0]
-    # 0: max_steps or the child's own time limit; 143: the SIGTERM this call sent
+    # 0: max_steps or the child's own time limit; EXIT_SIGTERM: the SIGTERM this call sent
     finished = rc == 0 or (rc == EXIT_SIGTERM and (timed_out or stopped_by is not None))
     if not finished and stopped_by is None and end_step == start_step:
         raise StageError(f"training exited with code {rc} and took no step; see {log_path}{log_tail(log_path)}")
@@ -274,8 +276,6 @@ def run_stage(args: argparse.Namespace) -> dict[str, Any]:
     return info
 
 
-# Exit status of a trainer stopped by SIGTERM (headless_train.checkpoints.EXIT_SIGTERM).
-EXIT_SIGTERM = 143
 # How long the child may take to write last.ckpt after SIGTERM before it is killed.
 STOP_GRACE_S = 120.0
 # Signals that stop a stage: each is passed on to the training child as one SIGTERM.
@@ -389,7 +389,8 @@ def pack(corpus: str, out: str, max_side: int, max_points: int, max_mib: float,
     are left as they are: the loader scales a camera to its image). Folders a renderer is
     still writing (``*.partial-<pid>``) and hidden ones are left out; ``out`` appears only
     when complete (``npbgpp_core.atomic.atomic_directory``). Scene folders may be symbolic
-    links (they are followed); a result without any image is refused."""
+    links (they are followed); a result without any image is refused. Returns ``out``, its
+    MiB and ``scene_bytes`` (scene folder name -> bytes written), counted while copying."""
     import numpy as np
     from PIL import Image
 
@@ -402,7 +403,11 @@ def pack(corpus: str, out: str, max_side: int, max_points: int, max_mib: float,
         raise StageError(f"{out} exists; remove it or pick another --out")
     patterns = [p.strip() for p in (scenes or "").split(",") if p.strip()]
     resized: dict[str, tuple[float, float]] = {}  # packed image path without extension -> (sx, sy)
+    transforms: list[tuple[str, str]] = []  # (scene, packed transforms_*.json): scaled after the images
+    scene_bytes: dict[str, int] = {}  # bytes written per scene folder (top-level files count under "")
+    images = 0
     with atomic_directory(out) as tmp:
+        # one walk of the corpus; sizes are counted as files are written (no walk of the output)
         for dirpath, dirnames, files in os.walk(corpus, followlinks=True):
             rel = os.path.relpath(dirpath, corpus)
             if rel == os.curdir:
@@ -410,6 +415,7 @@ def pack(corpus: str, out: str, max_side: int, max_points: int, max_mib: float,
                                and (not patterns or any(fnmatch.fnmatchcase(d, p) for p in patterns))]
                 if patterns and not dirnames:
                     raise StageError(f"no scene folder of {corpus} matches --scenes {scenes!r}")
+            scene = "" if rel == os.curdir else rel.split(os.sep, 1)[0]
             dst_dir = os.path.join(tmp, rel)
             os.makedirs(dst_dir, exist_ok=True)
             for f in files:
@@ -425,6 +431,7 @@ def pack(corpus: str, out: str, max_side: int, max_points: int, max_mib: float,
                             img = img.resize((nw, nh), Image.Resampling.BOX)
                             resized[os.path.splitext(os.path.normpath(dst))[0]] = (nw / w, nh / h)
                         img.save(dst)
+                    images += 1
                 elif low.endswith(".ply"):
                     pc = load_ply(src)
                     keep = np.arange(len(pc.points))
@@ -433,17 +440,23 @@ def pack(corpus: str, out: str, max_side: int, max_points: int, max_mib: float,
                     save_ply(dst, pc.points[keep], None if pc.colors is None else pc.colors[keep])
                 elif low.endswith((".json", ".txt", ".bin", ".md")):
                     shutil.copyfile(src, dst)
-        for dirpath, _, files in os.walk(tmp):
-            for f in files:
-                if f.startswith("transforms_") and f.endswith(".json"):
-                    scale_transforms(os.path.join(dirpath, f), resized)
-        if not any(f.lower().endswith((".png", ".jpg", ".jpeg")) for _, _, fs in os.walk(tmp) for f in fs):
+                    if f.startswith("transforms_") and low.endswith(".json"):
+                        transforms.append((scene, dst))
+                        continue  # counted once rewritten
+                else:
+                    continue
+                scene_bytes[scene] = scene_bytes.get(scene, 0) + os.path.getsize(dst)
+        for scene, path in transforms:
+            scale_transforms(path, resized)
+            scene_bytes[scene] = scene_bytes.get(scene, 0) + os.path.getsize(path)
+        if not images:
             raise StageError(f"corpus folder {corpus} holds no images to pack (nothing was written)")
-        size = folder_bytes(tmp) / 2**20
+        size = sum(scene_bytes.values()) / 2**20
         if size > max_mib:
             raise StageError(f"packed corpus {out} would be {size:.1f} MiB, over {max_mib:g}: use a smaller "
                              "--max-side, --max-points or fewer scenes (nothing was written)")
-    return {"out": out, "mib": round(size, 2)}
+    scene_bytes.pop("", None)
+    return {"out": out, "mib": round(size, 2), "scene_bytes": scene_bytes}
 
 
 PIXEL_KEYS_X, PIXEL_KEYS_Y = ("w", "fl_x", "cx"), ("h", "fl_y", "cy")
@@ -554,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
         name = info["stopped_by"]
         say(f"stage stopped by {name}: steps {info['start_step']} -> {info['end_step']} saved in last.ckpt, weights "
             f"{info['weights']}, call recorded in stage.json; run the same command again to continue", sys.stderr)
-        return 128 + int(getattr(signal, name))
+        return exit_status(signal.Signals[name])
     say(f"stage: steps {info['start_step']} -> {info['end_step']} in {info['seconds']:.0f} s; "
         f"weights {info['weights']}", sys.stdout)
     return 0

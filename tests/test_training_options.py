@@ -146,7 +146,7 @@ def test_stage_pack_leaves_out_unfinished_scenes_and_writes_all_or_nothing(tmp_p
 
     from PIL import Image
 
-    from headless_train.stage import StageError, pack
+    from headless_train.stage import StageError, folder_bytes, pack
 
     corpus = tmp_path / "corpus"
     for name in ("env_1", "env_2.partial-999999999", ".cache"):
@@ -157,8 +157,12 @@ def test_stage_pack_leaves_out_unfinished_scenes_and_writes_all_or_nothing(tmp_p
     with pytest.raises(StageError, match="would be .* MiB, over 1e-06"):
         pack(str(corpus), str(out), 16, 100, 1e-6)
     assert sorted(os.listdir(tmp_path)) == ["corpus"]  # nothing half-written
-    assert pack(str(corpus), str(out), 16, 100, 64.0)["out"] == str(out)
+    packed = pack(str(corpus), str(out), 16, 100, 64.0)
+    assert packed["out"] == str(out)
     assert sorted(os.listdir(out)) == ["env_1"]  # the folder still being rendered is not copied
+    # sizes counted while copying are those of the files on disk
+    assert packed["scene_bytes"] == {"env_1": folder_bytes(str(out / "env_1"))}
+    assert packed["mib"] == round(folder_bytes(str(out)) / 2**20, 2)
     with Image.open(out / "env_1" / "train" / "r_0.png") as im:
         assert im.size == (16, 8)
     assert sorted(os.listdir(tmp_path)) == ["corpus", "packed"]
@@ -172,7 +176,7 @@ def test_stage_pack_scales_pixel_intrinsics_follows_links_and_picks_scenes(tmp_p
 
     from _train_fixtures import make_tiny_scene
 
-    from headless_train.stage import StageError, pack
+    from headless_train.stage import StageError, folder_bytes, pack
     from npbgpp_core.datasets import load_scene
 
     src = make_tiny_scene(str(tmp_path / "src" / "a"), views=3, size=32, splits=(2, 1, 0))
@@ -191,8 +195,9 @@ def test_stage_pack_scales_pixel_intrinsics_follows_links_and_picks_scenes(tmp_p
     for name in ("a", "b"):
         os.symlink(tmp_path / "src" / name, corpus / f"scene_{name}")
     out = tmp_path / "packed"
-    pack(str(corpus), str(out), 8, 100, 64.0, scenes="scene_a")
+    packed = pack(str(corpus), str(out), 8, 100, 64.0, scenes="scene_a")
     assert sorted(os.listdir(out)) == ["scene_a"] and not os.path.islink(out / "scene_a")
+    assert packed["scene_bytes"] == {"scene_a": folder_bytes(str(out / "scene_a"))}  # after the rewrites
     before, after = load_scene(src), load_scene(str(out / "scene_a"))
     assert len(after.views) == len(before.views) == 3
     for vb, va in zip(before.views, after.views, strict=True):
