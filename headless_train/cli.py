@@ -174,9 +174,13 @@ def _run(cfg: DictConfig, run_dir: str) -> dict | None:
 def check_resumed_warmup(ckpt: dict, path: str, scfg: dict) -> None:
     """UsageError when ``system.warmup_steps`` turns the warm-up on or off on a resumed run:
     a checkpoint without scheduler state would warm up again from step 0, and one with it
-    resumed without a warm-up would keep its reduced lr for good."""
-    wanted = int(scfg.get("warmup_steps", 0) or 0)
-    saved = ckpt.get("npbgpp", {}).get("config", {}).get("warmup_steps", 0) or 0
+    resumed without a warm-up would keep its reduced lr for good. ValueError naming the
+    field for a value that is not an integer >= 0."""
+    from npbgpp_core.fitting import warmup_steps_value
+
+    wanted = warmup_steps_value(scfg.get("warmup_steps"), "system.warmup_steps")
+    saved = warmup_steps_value(ckpt.get("npbgpp", {}).get("config", {}).get("warmup_steps"),
+                               f"{path}: system.warmup_steps")
     if bool(ckpt.get("lr_schedulers")) != (wanted > 0):
         raise UsageError(f"{path} was trained with system.warmup_steps={saved}; resume it with that value "
                          f"(got system.warmup_steps={wanted})")

@@ -188,17 +188,32 @@ def stage_background(args: argparse.Namespace, resumed: dict[str, Any] | None) -
 DEFAULT_WARMUP_STEPS = 200
 
 
-def stage_warmup(args: argparse.Namespace, resumed: dict[str, Any] | None) -> int:
-    """``--warmup-steps`` of a first call (default :data:`DEFAULT_WARMUP_STEPS`), or the run's
-    own setting on a resumed call (its scheduler state in last.ckpt holds the steps taken, so
-    the warm-up is not repeated); StageError for a negative value or a resumed call asking
-    for another one."""
-    given = args.warmup_steps
-    if given is not None and given < 0:
-        raise StageError(f"--warmup-steps must be >= 0, got {given}")
+def warmup_arg(text: str | int | None) -> int | None:
+    """``--warmup-steps`` as given (None: not given), read by the one parser of the setting
+    (``npbgpp_core.fitting.warmup_steps_value``); StageError when it is not an integer >= 0."""
+    if text is None:
+        return None
+    from npbgpp_core.fitting import warmup_steps_value
+
+    try:
+        return warmup_steps_value(text, "--warmup-steps")
+    except ValueError as exc:
+        raise StageError(str(exc)) from None
+
+
+def stage_warmup(given: int | None, resumed: dict[str, Any] | None) -> int:
+    """The warm-up of this call: ``given`` (:func:`warmup_arg`) or
+    :data:`DEFAULT_WARMUP_STEPS` on a first call; the run's own setting on a resumed call
+    (its scheduler state in last.ckpt holds the steps taken, so the warm-up is not
+    repeated), StageError when ``given`` asks for another one."""
     if resumed is None:
         return DEFAULT_WARMUP_STEPS if given is None else given
-    own = int(resumed.get("config", {}).get("warmup_steps", 0) or 0)
+    from npbgpp_core.fitting import warmup_steps_value
+
+    try:
+        own = warmup_steps_value(resumed.get("config", {}).get("warmup_steps"), "the run's system.warmup_steps")
+    except ValueError as exc:
+        raise StageError(f"{exc}: start a new --work folder") from None
     if given is not None and given != own:
         raise StageError(f"this run was started with --warmup-steps {own}; a resumed call keeps it "
                          f"(got --warmup-steps {given}); start a new --work folder to change it")
@@ -207,6 +222,7 @@ def stage_warmup(args: argparse.Namespace, resumed: dict[str, Any] | None) -> in
 
 def run_stage(args: argparse.Namespace) -> dict[str, Any]:
     """Seed or resume, train for ``--minutes`` (or ``--dry-steps``), export weights + card."""
+    warmup = warmup_arg(args.warmup_steps)  # a bad value fails before anything is read
     scenes = check_corpus(args.corpus, args.max_corpus_mib)
     work = os.path.abspath(args.work)
     run_dir = os.path.join(work, "run")
@@ -222,7 +238,7 @@ def run_stage(args: argparse.Namespace) -> dict[str, Any]:
                                [float(v) for v in args.world_up.split(",")])
     max_steps = start_step + args.dry_steps if args.dry_run else 10**9
     args.background = stage_background(args, resumed)
-    args.warmup_steps = stage_warmup(args, resumed)
+    args.warmup_steps = stage_warmup(warmup, resumed)
     overrides = train_overrides(args, run_dir, seed, resume, max_steps)
     cmd = [sys.executable, "-m", "headless_train", *overrides]
     log_path = os.path.join(work, "train.log")
@@ -532,7 +548,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--background", default=None, choices=("none", "environment"),
                    help="system.background (default: the resumed run's, else the starting weights'); "
                         "weights without one start 'environment' with zero projections")
-    p.add_argument("--warmup-steps", type=int, default=None,
+    p.add_argument("--warmup-steps", default=None,
                    help=f"linear lr warm-up over this many steps (system.warmup_steps; default "
                         f"{DEFAULT_WARMUP_STEPS} on a call that starts from weights, 0 turns it off); a resumed "
                         "call keeps the run's setting")

@@ -187,6 +187,26 @@ def coefficients_ft_loss(
     return lambda p, t, m: multiscale_l1(p, t, m, factors) + sum(w * fn(p, t, m) for w, fn in terms)
 
 
+def warmup_steps_value(value: Any, name: str = "warmup_steps") -> int:
+    """A learning-rate warm-up length in steps (0, or None: no warm-up) as an int, from a
+    recipe, a training config, a checkpoint's metadata or a command line (its text): the one
+    check of this setting, shared by :class:`FitRecipe`, the headless trainer
+    (``system.warmup_steps``) and its stage (``--warmup-steps``). ValueError naming
+    ``name`` for anything but a whole number >= 0 (negative, fractional, text, bool)."""
+    if value is None:
+        return 0
+    number = value
+    if isinstance(value, str):
+        try:
+            number = int(value.strip())
+        except ValueError:
+            number = None
+    if isinstance(number, bool) or not isinstance(number, int) or number < 0:
+        shown = value if isinstance(value, str) and value.strip() else repr(value)  # as typed
+        raise ValueError(f"{name} must be an integer >= 0, got {shown}")
+    return number
+
+
 REFINER_PARTS = ("all", "decoder", "head", "none")
 SCHEDULES = ("constant", "cosine")
 DESCRIPTOR_OPTIMIZERS = ("rmsprop", "adam")
@@ -228,8 +248,7 @@ class FitRecipe:
                              f"got {self.descriptor_optimizer!r}")
         if self.crops_per_step < 1:
             raise ValueError(f"crops_per_step must be >= 1, got {self.crops_per_step}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        object.__setattr__(self, "warmup_steps", warmup_steps_value(self.warmup_steps))
         if not 0.0 <= self.average_from <= 1.0:
             raise ValueError(f"average_from must be in [0, 1], got {self.average_from}")
         if self.descriptor_decay < 0:

@@ -48,7 +48,7 @@ def test_lr_factor_matches_hand_computed_values():
 def test_bad_recipe_values_are_named():
     for kwargs, text in (({"train_refiner": "encoder"}, "train_refiner must be one of"),
                          ({"crops_per_step": 0}, "crops_per_step must be >= 1"),
-                         ({"warmup_steps": -1}, "warmup_steps must be >= 0"),
+                         ({"warmup_steps": -1}, "warmup_steps must be an integer >= 0, got -1"),
                          ({"coefficient_decay": -0.1}, "descriptor_decay must be >= 0"),
                          ({"coefficient_optimizer": "sgd"}, "descriptor_optimizer must be one of"),
                          ({"lr_refiner": float("nan")}, "lr_refiner must be >= 0"),

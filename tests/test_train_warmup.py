@@ -3,8 +3,8 @@ each param group uses, the background group's ratio, warm-up 0 as before, resume
 
 from __future__ import annotations
 
-import argparse
 import os
+import re
 
 import pytest
 import torch
@@ -81,16 +81,46 @@ def test_the_first_step_moves_weights_by_the_warmed_up_lr(data_root, tmp_path):
     assert compared > 1000
 
 
-def test_negative_warmup_is_refused(data_root, tmp_path):
-    with pytest.raises(ValueError, match="system.warmup_steps must be an integer >= 0, got -1"):
-        run(data_root, str(tmp_path / "n"), ["system.warmup_steps=-1", "trainer.max_steps=1"])
-    from headless_train.stage import DEFAULT_WARMUP_STEPS, StageError, stage_warmup
+@pytest.mark.parametrize("text", ["-1", "1.5", "abc"])
+def test_a_bad_warmup_gets_the_same_error_everywhere(text, data_root, tmp_path, capsys):
+    """One parser (npbgpp_core.fitting.warmup_steps_value) behind the trainer's
+    system.warmup_steps (a new run and a resumed one), the stage's --warmup-steps and the
+    fitting recipe: the same message, naming the field and the value as typed. The stage
+    refuses it before reading the corpus (here a missing folder) or writing anything."""
+    from headless_train.cli import check_resumed_warmup
+    from headless_train.stage import main as stage_main
+    from npbgpp_core.fitting import coefficients_recipe
 
-    with pytest.raises(StageError, match="--warmup-steps must be >= 0, got -3"):
-        stage_warmup(argparse.Namespace(warmup_steps=-3), None)
-    assert stage_warmup(argparse.Namespace(warmup_steps=None), None) == DEFAULT_WARMUP_STEPS
+    expected = f"must be an integer >= 0, got {text}"
+    with pytest.raises(ValueError, match=re.escape(f"system.warmup_steps {expected}")):
+        run(data_root, str(tmp_path / "n"), [f"system.warmup_steps={text}", "trainer.max_steps=1"])
+    resumable = {"npbgpp": {"config": {"warmup_steps": 4}}, "lr_schedulers": [{"last_epoch": 2}]}
+    with pytest.raises(ValueError, match=re.escape(f"system.warmup_steps {expected}")):
+        check_resumed_warmup(resumable, "last.ckpt", {"warmup_steps": {"-1": -1, "1.5": 1.5}.get(text, text)})
+    work = tmp_path / "stage"
+    assert stage_main(["--corpus", str(tmp_path / "missing"), "--work", str(work), "--warmup-steps", text]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --warmup-steps {expected}"
+    assert not work.exists()
+    with pytest.raises(ValueError, match=re.escape(f"warmup_steps {expected}")):
+        coefficients_recipe(warmup_steps={"-1": -1, "1.5": 1.5}.get(text, text))
+
+
+def test_warmup_values_read_by_the_stage_and_the_parser():
+    from headless_train.stage import DEFAULT_WARMUP_STEPS, StageError, stage_warmup, warmup_arg
+    from npbgpp_core.fitting import warmup_steps_value
+
+    assert [warmup_steps_value(v) for v in (None, 0, 7, "7", " 12 ")] == [0, 0, 7, 7, 12]
+    for bad, shown in ((True, "True"), ("", "''"), (3.0, "3.0"), ("-2", "-2")):
+        with pytest.raises(ValueError, match=re.escape(f"x must be an integer >= 0, got {shown}")):
+            warmup_steps_value(bad, "x")
+    assert warmup_arg(None) is None and warmup_arg("0") == 0
+    with pytest.raises(StageError, match="--warmup-steps must be an integer >= 0, got -3"):
+        warmup_arg("-3")
+    assert stage_warmup(None, None) == DEFAULT_WARMUP_STEPS
     run_cfg = {"config": {"warmup_steps": 50}}
-    assert stage_warmup(argparse.Namespace(warmup_steps=None), run_cfg) == 50  # a resumed call keeps it
-    assert stage_warmup(argparse.Namespace(warmup_steps=None), {"config": {}}) == 0  # runs from before the option
+    assert stage_warmup(None, run_cfg) == 50  # a resumed call keeps it
+    assert stage_warmup(None, {"config": {}}) == 0  # runs from before the option
     with pytest.raises(StageError, match="started with --warmup-steps 50"):
-        stage_warmup(argparse.Namespace(warmup_steps=7), run_cfg)
+        stage_warmup(7, run_cfg)
+    with pytest.raises(StageError, match="the run's system.warmup_steps must be an integer >= 0, got -5"):
+        stage_warmup(None, {"config": {"warmup_steps": -5}})

@@ -95,11 +95,11 @@ class BaseSystem(pl.LightningModule):
         return list(opts) if isinstance(opts, list | tuple) else [opts]
 
     def warmup_steps(self) -> int:
-        """``system.warmup_steps`` (0: none); ValueError naming the field when negative."""
-        value = self.scfg.get("warmup_steps", 0) or 0
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"system.warmup_steps must be an integer >= 0, got {value!r}")
-        return value
+        """``system.warmup_steps`` (0: none); ValueError naming the field when it is not an
+        integer >= 0 (``npbgpp_core.fitting.warmup_steps_value``)."""
+        from npbgpp_core.fitting import warmup_steps_value
+
+        return warmup_steps_value(self.scfg.get("warmup_steps"), "system.warmup_steps")
 
     def with_warmup(self, optimizer: torch.optim.Optimizer):
         """``optimizer`` alone (no warm-up: the run is exactly as without this option), or with
