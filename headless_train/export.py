@@ -41,21 +41,16 @@ def _colors(scene) -> torch.Tensor | None:
 
 
 def export_npbgpp(ckpt: dict, scene, args, name: str):
-    from npbgpp_core.models import NPBGPlusPlus, NPBGPlusPlusConfig
-    from npbgpp_core.pretrained import WeightsError, trainer_checkpoint_weights
+    from npbgpp_core.pretrained import WeightsError, build_network, trainer_checkpoint_weights
     from npbgpp_core.scene import NeuralScene
 
     from .data import _fit_size
 
     try:
-        _, config, state = trainer_checkpoint_weights(ckpt, args.checkpoint)
+        kind, config, state = trainer_checkpoint_weights(ckpt, args.checkpoint)
+        model = build_network(kind, config, state, args.checkpoint)
     except WeightsError as exc:
         raise ExportError(str(exc)) from None
-    model = NPBGPlusPlus(NPBGPlusPlusConfig.from_dict(config))
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise ExportError(f"{args.checkpoint}: weights do not fit the NPBG++ model: {exc}") from exc
     model.to(args.device).eval()
     if args.views == "all":
         views = list(range(len(scene.views)))

@@ -46,22 +46,16 @@ def weights_from_checkpoint(ckpt: dict, path: str) -> tuple[str, dict[str, torch
     """(kind, state dict, model config dict) of a headless_train checkpoint, as
     :func:`npbgpp_core.pretrained.trainer_checkpoint_weights` reads it (the loader of the
     checkpoint itself builds the same network), checked against a freshly built one."""
-    from npbgpp_core.models import NPBG, NPBGConfig, NPBGPlusPlus, NPBGPlusPlusConfig
-    from npbgpp_core.pretrained import WeightsError, trainer_checkpoint_weights
+    from npbgpp_core.pretrained import WeightsError, build_network, trainer_checkpoint_weights
 
     from .checkpoints import checkpoint_system
 
     checkpoint_system(ckpt, path)  # CheckpointError naming malformed metadata
     try:
         kind, config, weights = trainer_checkpoint_weights(ckpt, path)
+        build_network(kind, config, weights, path)
     except WeightsError as exc:
         raise ExportWeightsError(str(exc)) from None
-    module: torch.nn.Module = (NPBGPlusPlus(NPBGPlusPlusConfig.from_dict(config)) if kind == "npbgpp"
-                               else NPBG(0, NPBGConfig.from_dict(config)).refiner)
-    try:
-        module.load_state_dict(weights, strict=True)
-    except RuntimeError as exc:
-        raise ExportWeightsError(f"{path}: weights do not fit the {kind} model: {str(exc).splitlines()[0]}") from exc
     return kind, weights, config
 
 

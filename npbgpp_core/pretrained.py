@@ -313,11 +313,33 @@ def trainer_checkpoint_weights(ckpt: dict[str, Any], path: str) -> tuple[str, di
     return kind, config, weights
 
 
-def _load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], path: str, what: str) -> None:
+def build_network(kind: str, config: dict[str, Any], state: dict[str, torch.Tensor], path: str) -> torch.nn.Module:
+    """The network a weights file (or a headless_train checkpoint) ``path`` of ``kind``
+    holds: an :class:`NPBGPlusPlus` (``npbgpp``) or the :class:`Refiner` of an NPBG model
+    (``npbg_refiner``), built from the model ``config`` dict and loaded strictly with
+    ``state``, on the CPU, in train mode. The one construction for every reader
+    (:func:`load_pretrained_npbgpp`, :func:`load_pretrained_npbg_refiner`,
+    ``headless_train export`` and ``export-weights``). An NPBG++ network records ``path``
+    as the file of its trained extractor (``model.extractor.encoder.weights_file``, which
+    the fit's perceptual loss asks for). WeightsError naming ``path`` when the config is
+    bad or the state does not fit."""
+    from .models import NPBG, NPBGConfig, NPBGPlusPlus, NPBGPlusPlusConfig
+
+    _check_kind(kind)
+    name = "NPBG++" if kind == "npbgpp" else "NPBG"
+    try:
+        module: torch.nn.Module = (NPBGPlusPlus(NPBGPlusPlusConfig.from_dict(config)) if kind == "npbgpp"
+                                   else NPBG(0, NPBGConfig.from_dict(config)).refiner)
+    except (TypeError, ValueError) as exc:
+        raise WeightsError(f"weights file {path}: bad {name} config: {exc}") from exc
+    what = "NPBG++ network" if kind == "npbgpp" else "NPBG refiner"
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise WeightsError(f"weights file {path} does not fit the {what}: {str(exc).splitlines()[0]}") from exc
+    if kind == "npbgpp":
+        module.extractor.encoder.weights_file = os.fspath(path)
+    return module
 
 
 BACKGROUND_PREFIX = "refiner.background_proj."
@@ -356,7 +378,6 @@ def load_pretrained_npbgpp(
     scenes). It belongs to the data: pass
     ``npbgpp_core.models.alignment.resolve_world_up('auto', cameras)`` or the axis of your
     dataset's convention (the published rule is +Y)."""
-    from .models import NPBGPlusPlus, NPBGPlusPlusConfig
     from .models.alignment import check_world_up
 
     check_domain(domain)
@@ -364,31 +385,21 @@ def load_pretrained_npbgpp(
         world_up = check_world_up(world_up)  # ValueError about the argument, not the file
     path = path or default_weights_path("npbgpp", domain)
     wf = read_weights(path, "npbgpp")
-    try:
-        config = NPBGPlusPlusConfig.from_dict(
-            wf.config if world_up is None else {**wf.config, "world_up": list(world_up)}
-        )
-    except (TypeError, ValueError) as exc:
-        raise WeightsError(f"weights file {path}: bad NPBG++ config: {exc}") from exc
-    model = NPBGPlusPlus(config)
-    _load_into(model, wf.state, path, "NPBG++ network")
+    config = wf.config if world_up is None else {**wf.config, "world_up": list(world_up)}
+    model = build_network("npbgpp", config, wf.state, path)
     model.card = wf.card  # type: ignore[attr-defined]
-    return model.to(device).eval()
+    return model.to(device).eval()  # type: ignore[return-value]
 
 
 def load_pretrained_npbg_refiner(path: str | None = None) -> RefinerWeights:
     """The pretrained NPBG refiner (state dict fp32 + config) from a weights file
     (default: the bundled one); checked against a freshly built refiner."""
-    from .models import NPBG, NPBGConfig
+    from .models import NPBGConfig
 
     path = path or default_weights_path("npbg_refiner")
     wf = read_weights(path, "npbg_refiner")
-    try:
-        config = NPBGConfig.from_dict(wf.config)
-    except (TypeError, ValueError) as exc:
-        raise WeightsError(f"weights file {path}: bad NPBG config: {exc}") from exc
-    _load_into(NPBG(0, config).refiner, wf.state, path, "NPBG refiner")
-    return RefinerWeights(path, config, wf.card, wf.state)
+    build_network("npbg_refiner", wf.config, wf.state, path)
+    return RefinerWeights(path, NPBGConfig.from_dict(wf.config), wf.card, wf.state)
 
 
 def describe(path: str) -> dict[str, Any]:
