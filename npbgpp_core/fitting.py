@@ -461,8 +461,10 @@ def fit_coefficients(
     Sharpening terms added to the default loss (:func:`coefficients_ft_loss`; ignored with
     ``loss_fn``): ``gradient_weight`` the multi-scale edge loss, ``laplacian_weight`` the
     Laplacian-pyramid band loss, ``perceptual_weight`` the feature L1 of a frozen copy of
-    ``model``'s own extractor encoder (:class:`npbgpp_core.losses.EncoderFeatureLoss`),
-    ``fft_weight`` the amplitude-spectrum L1 (:func:`npbgpp_core.losses.fft_amplitude_loss`).
+    ``model``'s own extractor encoder (:class:`npbgpp_core.losses.EncoderFeatureLoss`; it
+    must be the trained one, read from a weights file: ValueError for a model built from a
+    scene bundle, whose extractor is random), ``fft_weight`` the amplitude-spectrum L1
+    (:func:`npbgpp_core.losses.fft_amplitude_loss`).
     ``perceptual_weight`` is 3 by default (BENCHMARKS.md "Sharpening loss in the 200-step
     fit", 13 unseen scenes): sharper renders (sharpness ratio 4 environment scenes 0.34 ->
     0.36, 9 captures 0.27 -> 0.30) at no cost in PSNR (22.78 -> 22.92, 18.35 -> 18.40 dB)
@@ -501,6 +503,12 @@ def _coefficients_steps(
     recipe = coefficients_recipe(lr_coefficients, lr_refiner, lr_background, train_refiner, crops_per_step,
                                  warmup_steps, schedule, coefficient_decay, coefficient_optimizer, gradient_weight,
                                  average_from, laplacian_weight, perceptual_weight, fft_weight)
+    if loss_fn is None:
+        perceptual = None
+        if perceptual_weight > 0:  # ValueError for an encoder no file was read into
+            perceptual = EncoderFeatureLoss(model.extractor.encoder).to(device)
+        loss_fn = coefficients_ft_loss(loss_factors, gradient_weight, laplacian_weight, perceptual_weight,
+                                       perceptual, fft_weight)
     npbg = NPBG.from_npbgpp_coefficients(
         aggregated.points.detach().cpu(), aggregated.coefficients.detach().cpu(),
         {k: v.detach().cpu() for k, v in model.basis.state_dict().items()},
@@ -508,12 +516,6 @@ def _coefficients_steps(
         model.config, valid=aggregated.valid.detach().cpu(),
         background=None if aggregated.background is None else aggregated.background.detach().cpu(),
     ).to(device)
-    if loss_fn is None:
-        perceptual = None
-        if perceptual_weight > 0:
-            perceptual = EncoderFeatureLoss(model.extractor.encoder).to(device)
-        loss_fn = coefficients_ft_loss(loss_factors, gradient_weight, laplacian_weight, perceptual_weight,
-                                       perceptual, fft_weight)
     points = aggregated.points.detach().to(device, torch.float32)
     return _fit_steps(npbg, points, views, steps, crop, loss_fn, recipe, seed, device)
 

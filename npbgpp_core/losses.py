@@ -275,6 +275,15 @@ def laplacian_pyramid_loss(
     return total / max(used, 1)
 
 
+UNTRAINED_ENCODER = (
+    "the perceptual loss (perceptual_weight > 0) needs the trained NPBG++ encoder, but this model's encoder was "
+    "never loaded from a weights file: it is randomly initialised (a model built from a scene bundle has no "
+    "trained extractor, bundles do not store it). Fit with the model of the NPBG++ weights file "
+    "(npbgpp_core.pretrained.load_pretrained_npbgpp; for a bundle npbgpp_core.scene_fit.fitting_model), "
+    "or set perceptual_weight=0"
+)
+
+
 class EncoderFeatureLoss(nn.Module):
     """Perceptual loss from a network trained here: a frozen copy of an NPBG++ feature
     extractor's encoder (:class:`npbgpp_core.models.extractor.Encoder`, trained on this
@@ -284,7 +293,12 @@ class EncoderFeatureLoss(nn.Module):
     to unit length over the channels at every position (so that no channel's range
     dominates) and compared by L1, averaged over channels and valid positions; the loss is
     the mean over the levels. The copy's weights never train (no gradient reaches them);
-    the gradient flows to the render only."""
+    the gradient flows to the render only.
+
+    The encoder must have been read from a file (its ``weights_file``, see
+    :class:`npbgpp_core.models.extractor.Encoder`): ValueError otherwise, since the loss of
+    a randomly initialised encoder (that of a model built from a scene bundle) runs without
+    error but measures nothing the trained network sees."""
 
     def __init__(self, encoder: nn.Module, levels: tuple[int, ...] = (0, 1, 2), eps: float = 1e-6):
         super().__init__()
@@ -293,6 +307,8 @@ class EncoderFeatureLoss(nn.Module):
         stages = getattr(encoder, "stages", None)
         if not isinstance(stages, nn.ModuleList):
             raise ValueError("the perceptual loss needs an NPBG++ extractor encoder (a .stages ModuleList)")
+        if getattr(encoder, "weights_file", None) is None:
+            raise ValueError(UNTRAINED_ENCODER)
         levels = tuple(sorted({int(v) for v in levels}))
         if not levels or levels[0] < 0 or levels[-1] >= len(stages):
             raise ValueError(f"perceptual loss levels must be in 0..{len(stages) - 1}, got {levels}")

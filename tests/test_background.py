@@ -6,6 +6,7 @@ zero-initialised projections, widening old weights and training with the option.
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -143,6 +144,16 @@ def ball(n: int, radius: float, seed: int = 0) -> torch.Tensor:
 def env_model(**cfg) -> NPBGPlusPlus:
     torch.manual_seed(0)
     return NPBGPlusPlus({"background": "environment", "world_up": list(UP_Z), "background_rows": 8, **cfg}).eval()
+
+
+def from_weights_file(model: NPBGPlusPlus, folder) -> NPBGPlusPlus:
+    """``model`` as the fits receive it: read back from an (fp32, exact) weights file, so that
+    its encoder counts as loaded (the perceptual loss refuses one never read from a file)."""
+    from npbgpp_core.pretrained import load_pretrained_npbgpp, save_weights
+
+    path = os.path.join(str(folder), "model.safetensors")
+    save_weights(path, model.state_dict(), "npbgpp", model.config.to_dict(), {}, fp16=False)
+    return load_pretrained_npbgpp(path)
 
 
 def test_uniform_world_gives_its_features_everywhere_and_objects_do_not_leak():
@@ -543,10 +554,11 @@ def test_bundle_refuses_a_malformed_or_missing_map(tmp_path):
         plain.check()
 
 
-def test_fit_coefficients_learns_the_scene_map():
+def test_fit_coefficients_learns_the_scene_map(tmp_path):
     from npbgpp_core.fitting import FitViews, fit_coefficients
 
     model, scene = env_scene()
+    model = from_weights_file(model, tmp_path)
     cams = ring_cameras(4, size=(64, 64))
     views = FitViews(torch.rand(4, 3, 64, 64), cams)
     fit = fit_coefficients(model, scene, views, steps=0)
@@ -558,12 +570,13 @@ def test_fit_coefficients_learns_the_scene_map():
     assert img.shape == (3, 64, 64) and bool(torch.isfinite(img).all())
 
 
-def test_fitted_model_renders_a_view_that_sees_no_point():
+def test_fitted_model_renders_a_view_that_sees_no_point(tmp_path):
     """A fitting crop may see no point at all (sparse clouds, padded canvases): the fitted
     model then renders the map alone, as the NPBG++ model does for that view."""
     from npbgpp_core.fitting import FitViews, fit_coefficients
 
     model, scene = env_scene()
+    model = from_weights_file(model, tmp_path)
     fit = fit_coefficients(model, scene, FitViews(torch.rand(4, 3, 64, 64), ring_cameras(4, size=(64, 64))),
                            steps=0)
     away = Camera.look_at((3, 0, 0), (6, 0, 0), up=UP_Z, fov_x_deg=40, image_size=(32, 32))

@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from test_background import env_scene, ring_cameras
+from test_background import env_scene, from_weights_file, ring_cameras
 
 from npbgpp_core.fitting import (
     FitViews,
@@ -25,8 +25,9 @@ from npbgpp_core.losses import gradient_loss, multiscale_l1
 
 
 @pytest.fixture(scope="module")
-def scene():
+def scene(tmp_path_factory):
     model, agg = env_scene()
+    model = from_weights_file(model, tmp_path_factory.mktemp("weights"))
     cams = ring_cameras(3, size=(32, 32))
     g = torch.Generator().manual_seed(5)
     return model, agg, FitViews(torch.rand(3, 3, 32, 32, generator=g), cams)
@@ -232,16 +233,15 @@ def test_padded_fit_views_same_size_and_bad_input():
 
 
 
-def test_sharpening_weights_add_their_losses_and_need_their_network():
+def test_sharpening_weights_add_their_losses_and_need_their_network(scene):
     from npbgpp_core.losses import EncoderFeatureLoss, laplacian_pyramid_loss
-    from npbgpp_core.models.extractor import Encoder
 
     g = torch.Generator().manual_seed(1)
     p, t = torch.rand(1, 3, 16, 16, generator=g), torch.rand(1, 3, 16, 16, generator=g)
     plain = multiscale_l1(p, t, None, (1, 2, 4))
     assert float(coefficients_ft_loss(laplacian_weight=2.0)(p, t, None)) == pytest.approx(
         float(plain + 2.0 * laplacian_pyramid_loss(p, t)))
-    net = EncoderFeatureLoss(Encoder())
+    net = EncoderFeatureLoss(scene[0].extractor.encoder)
     both = coefficients_ft_loss(gradient_weight=0.5, perceptual_weight=0.25, perceptual=net)(p, t, None)
     assert float(both) == pytest.approx(float(plain + 0.5 * gradient_loss(p, t) + 0.25 * net(p, t)))
     with pytest.raises(ValueError, match="perceptual_weight > 0 needs the perceptual loss network"):
@@ -279,3 +279,37 @@ def test_default_fit_loss_is_l1_plus_three_times_the_models_own_encoder_features
     assert default.losses == pytest.approx(explicit.losses, rel=1e-6)
     plain = fit_coefficients(model, agg, views, steps=2, crop=16, seed=5, perceptual_weight=0.0)
     assert plain.losses[0] < default.losses[0]
+
+
+def test_perceptual_fit_refuses_a_bundle_model_whose_encoder_is_random(scene, tmp_path):
+    """Bundles leave the extractor out: the model a bundle renders with has a random
+    encoder, and a perceptual fit with it would run without error on meaningless features.
+    It is refused by name (steps 0 too: before any step); without the perceptual term the
+    bundle's model fits; the weights file's model (the shipped flows' fitting_model) fits
+    with it, exactly as the model the bundle was aggregated with."""
+    from npbgpp_core.losses import EncoderFeatureLoss
+    from npbgpp_core.scene import NeuralScene
+    from npbgpp_core.scene_fit import fitting_model
+
+    model, agg, views = scene
+    path = str(tmp_path / "s.npbgpp")
+    NeuralScene.from_aggregated(model, agg, name="s").save(path)
+    bundle = NeuralScene.load(path)
+    from_bundle = bundle.renderer("cpu").model
+    assert from_bundle.extractor.encoder.weights_file is None
+    for steps in (0, 2):
+        with pytest.raises(ValueError, match="never loaded from a weights file.*fitting_model.*perceptual_weight=0"):
+            fit_coefficients(from_bundle, agg, views, steps=steps, crop=16)
+    with pytest.raises(ValueError, match="never loaded from a weights file"):
+        EncoderFeatureLoss(from_bundle.extractor.encoder)
+    plain = fit_coefficients(from_bundle, agg, views, steps=2, crop=16, seed=3, perceptual_weight=0.0)
+    same = fit_coefficients(model, agg, views, steps=2, crop=16, seed=3, perceptual_weight=0.0)
+    assert plain.losses == pytest.approx(same.losses, rel=1e-6)  # the bundle's basis and refiner: the same fit
+    # the weights file the bundle was aggregated with: its model carries the trained encoder
+    weights = model.extractor.encoder.weights_file
+    fitting = fitting_model(bundle, path, weights, "cpu")
+    assert fitting.extractor.encoder.weights_file == weights
+    ok = fit_coefficients(fitting, bundle.aggregated_scene(), views, steps=2, crop=16, seed=3)
+    ref = fit_coefficients(model, agg, views, steps=2, crop=16, seed=3)
+    assert ok.losses == pytest.approx(ref.losses, rel=1e-6) and all(math.isfinite(v) for v in ok.losses)
+

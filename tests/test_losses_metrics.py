@@ -261,10 +261,10 @@ def test_laplacian_pyramid_loss_hand_computed_and_blind_to_offsets():
 
 
 def _encoder():
-    from npbgpp_core.models.extractor import Encoder
+    """The trained encoder the fits use: the bundled NPBG++ file's."""
+    from npbgpp_core.pretrained import load_pretrained_npbgpp
 
-    torch.manual_seed(0)
-    return Encoder()
+    return load_pretrained_npbgpp().extractor.encoder
 
 
 def test_encoder_feature_loss_zero_on_identical_larger_when_blurrier():
@@ -286,6 +286,10 @@ def test_encoder_feature_loss_zero_on_identical_larger_when_blurrier():
         EncoderFeatureLoss(_encoder(), levels=(5,))
     with pytest.raises(ValueError, match="needs an NPBG\\+\\+ extractor encoder"):
         EncoderFeatureLoss(torch.nn.Conv2d(3, 3, 1))
+    from npbgpp_core.models.extractor import Encoder
+
+    with pytest.raises(ValueError, match="never loaded from a weights file"):
+        EncoderFeatureLoss(Encoder())  # randomly initialised: no file was read into it
 
 
 def test_encoder_feature_loss_trains_the_render_only_and_never_its_network():

@@ -85,6 +85,7 @@ def test_extractor_shapes_and_weights(tmp_path):
     other = FeatureExtractor(weights=str(path)).eval()
     for k, v in ext.encoder.state_dict().items():
         assert torch.equal(other.encoder.state_dict()[k], v)
+    assert other.encoder.weights_file == str(path) and ext.encoder.weights_file is None  # for the perceptual loss
     with pytest.raises(FileNotFoundError, match="nope.safetensors"):
         FeatureExtractor(weights=str(tmp_path / "nope.safetensors"))
     bad = tmp_path / "bad.safetensors"

@@ -55,10 +55,18 @@ class InvertedResidual(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Five feature levels at strides 2, 4, 8, 16, 32 with 16/24/40/96/320 channels."""
+    """Five feature levels at strides 2, 4, 8, 16, 32 with 16/24/40/96/320 channels.
+
+    ``weights_file`` is the file its weights were read from (an ``extractor_weights``
+    file, or a weights file or trainer checkpoint holding the whole network:
+    :func:`npbgpp_core.pretrained.build_network`); None while they are the random
+    initialisation, as in a model built from a scene bundle (bundles leave the extractor
+    out). The fit's perceptual loss (:class:`npbgpp_core.losses.EncoderFeatureLoss`)
+    refuses an encoder without one: a random network's features are no measure of an image."""
 
     def __init__(self) -> None:
         super().__init__()
+        self.weights_file: str | None = None
         c1, c2, c3, c4, c5 = ENCODER_CHANNELS
         self.stages = nn.ModuleList(
             [
@@ -136,6 +144,7 @@ class FeatureExtractor(nn.Module):
                 f"{len(wrong)} with wrong shapes (e.g. {wrong[:3]})"
             )
         self.encoder.load_state_dict(state)
+        self.encoder.weights_file = path
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.ndim != 4 or images.shape[1] != 3:
