@@ -4,7 +4,7 @@ densify a dataset's points; export a dataset of this scene."""
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import bpy
 from bpy.props import BoolProperty, FloatProperty, IntProperty, StringProperty
@@ -36,16 +36,27 @@ def network_choice(settings: Any) -> tuple[str, str, list[str]]:
     return "", domain, files
 
 
-def weights_problem(settings: Any) -> str:
-    """What keeps the NPBG++ weights of :func:`network_choice` from being read, as the end
-    of an operator's error ("needs NPBG++ weights: ..."), or "" when every file exists."""
-    weights, _, files = network_choice(settings)
+def usable_network(op: Any, settings: Any) -> tuple[str, str] | None:
+    """``(weights, domain)`` of :func:`network_choice` when every file it may read exists,
+    else None after reporting "<op._job> needs NPBG++ weights: ..." naming what is missing."""
+    weights, domain, files = network_choice(settings)
     missing = [f for f in files if not f or not os.path.isfile(f)]
     if not missing:
-        return ""
+        return weights, domain
     where = (f"not found: {weights}" if settings.weights
              else f"none set, and the bundled file is missing: {', '.join(missing)}")
-    return f"needs NPBG++ weights: set Weights in Render Properties > NPBG++ ({where})."
+    op.report({"ERROR"}, f"{op._job} needs NPBG++ weights: set Weights in Render Properties > NPBG++ ({where}).")
+    return None
+
+
+def imported_dataset(op: Any, settings: Any, needs: str) -> str:
+    """The imported dataset's folder, or "" after reporting "<needs>: use File > Import >
+    NPBG++ Dataset Folder first." (none imported, or its folder is gone)."""
+    dataset = bpy.path.abspath(settings.dataset_path) if settings.dataset_path else ""
+    if not dataset or not os.path.isdir(dataset):
+        op.report({"ERROR"}, f"{needs}: use File > Import > NPBG++ Dataset Folder first.")
+        return ""
+    return dataset
 
 
 def default_output(dataset: str, suffix: str) -> str:
@@ -54,8 +65,49 @@ def default_output(dataset: str, suffix: str) -> str:
     not saved yet."""
     if not bpy.data.filepath:
         return ""
-    name = os.path.basename(os.path.normpath(dataset)) or "scene"
-    return os.path.join(os.path.dirname(bpy.path.abspath(bpy.data.filepath)), name + suffix)
+    return os.path.join(os.path.dirname(bpy.path.abspath(bpy.data.filepath)), _output_name(dataset, suffix))
+
+
+def _output_name(dataset: str, suffix: str) -> str:
+    """<dataset folder name><suffix> (a dataset at a drive's root is "scene")."""
+    return (os.path.basename(os.path.normpath(dataset)) or "scene") + suffix
+
+
+def output_path(op: Any, dataset: str, suffix: str, what: str, field: str) -> str:
+    """The operator's ``filepath``, else :func:`default_output`; "" after reporting when
+    neither says where the ``what`` goes (``field``: the operator's path setting)."""
+    out = bpy.path.abspath(op.filepath) if op.filepath else default_output(dataset, suffix)
+    if not out:
+        op.report({"ERROR"}, f"Choose where to save the {what} (the operator's {field} path), or save the .blend "
+                             f"first: {what}s are saved next to it by default.")
+    return out
+
+
+def ask_for_output(op: Any, context: Any, dataset: str, suffix: str) -> bool:
+    """With no output path and an unsaved .blend: open the file browser at <dataset
+    name><suffix> (the operator then runs from ``execute``) and return True."""
+    if op.filepath or bpy.data.filepath:
+        return False
+    op.filepath = _output_name(dataset, suffix)
+    context.window_manager.fileselect_add(op)
+    return True
+
+
+def worker_reply(op: Any, request: Any, context: Any = None) -> Any:
+    """``request``'s reply from the operator's worker, or None after reporting "<op._job>
+    failed: ...". With ``context`` (a job's first request) the operator first connects to
+    the scene's worker (``op._worker``, with the scene's ``op._timeout``)."""
+    from .scene_snapshot import worker_for
+    from .worker_client import WorkerError
+
+    try:
+        if context is not None:
+            op._worker = worker_for(context.scene)
+            op._timeout = context.scene.npbgpp.worker_timeout
+        return op._worker.request(request, None, op._timeout)
+    except (WorkerError, ValueError, OSError) as exc:
+        op.report({"ERROR"}, f"{op._job} failed: {exc}")
+        return None
 
 
 class _ModalJob:
@@ -84,11 +136,21 @@ class _ModalJob:
             context.workspace.status_text_set(None)
 
 
+class Progress(NamedTuple):
+    """How far a job is that the add-on counts itself (Aggregate: views sent)."""
+
+    done: int
+    total: int
+    finished: bool
+
+
 class _WorkerStepJob(_ModalJob):
-    """A worker job driven one request per step (Densify Points, Fit to Photos): the
-    subclass's ``_begin`` starts it and returns the first progress reply (or None,
-    reported), ``_finish`` collects the result, ``_status`` shows progress; ``_job`` names
-    it in messages, ``_step_request`` / ``_cancel_request`` are its protocol requests."""
+    """A worker job driven one request per step (Aggregate, Densify Points, Fit to
+    Photos): the subclass's ``_begin`` starts it and returns the first progress
+    (``done``, ``total``, ``finished``; or None, reported), ``_step`` runs one step and
+    returns the next (by default: the ``_step_request``'s reply), ``_finish`` collects the
+    result, ``_status`` shows progress; ``_job`` names it in messages, ``_cancel_request``
+    drops it in the worker. ``execute`` runs it to the end, ``invoke`` on timer ticks."""
 
     _job = ""
     _step_request = ""
@@ -103,6 +165,9 @@ class _WorkerStepJob(_ModalJob):
 
         return self._worker.request(getattr(P, name)(), None, self._timeout)
 
+    def _step(self) -> Any:
+        return self._request(self._step_request)
+
     def _cancel_quietly(self) -> None:
         """Drop the worker's job (after Esc or a failure); a worker that is gone has none."""
         from .worker_client import WorkerError
@@ -112,8 +177,9 @@ class _WorkerStepJob(_ModalJob):
         except (WorkerError, ValueError, OSError):
             pass
 
-    def _run_to_end(self, context: Any) -> set[str]:
-        """Begin and step to the end in one call (scripts; the UI uses the modal path)."""
+    def execute(self, context: Any) -> set[str]:
+        """Run to the end (scripts, or after the file browser); the UI uses the cancellable
+        modal path."""
         from .worker_client import WorkerError
 
         progress = self._begin(context)
@@ -123,7 +189,7 @@ class _WorkerStepJob(_ModalJob):
         wm.progress_begin(0, max(1, progress.total))
         try:
             while not progress.finished:
-                progress = self._request(self._step_request)
+                progress = self._step()
                 wm.progress_update(progress.done)
         except (WorkerError, ValueError, OSError) as exc:
             self._cancel_quietly()
@@ -133,7 +199,11 @@ class _WorkerStepJob(_ModalJob):
             wm.progress_end()
         return self._finish(context)
 
+    def invoke(self, context: Any, event: Any) -> set[str]:
+        return self._start_job(context)
+
     def _start_job(self, context: Any) -> set[str]:
+        """Begin, then step on timer ticks (:meth:`modal`)."""
         progress = self._begin(context)
         if progress is None:
             return {"CANCELLED"}
@@ -152,7 +222,7 @@ class _WorkerStepJob(_ModalJob):
         if event.type != "TIMER":
             return {"PASS_THROUGH"}
         try:
-            progress = self._request(self._step_request)
+            progress = self._step()
         except (WorkerError, ValueError, OSError) as exc:
             self._cancel_quietly()
             self._cleanup(context)
@@ -166,7 +236,7 @@ class _WorkerStepJob(_ModalJob):
         return self._finish(context)
 
 
-class NPBGPP_OT_aggregate(_ModalJob, bpy.types.Operator):
+class NPBGPP_OT_aggregate(_WorkerStepJob, bpy.types.Operator):
     """Compute NPBG++ descriptors of the imported dataset's points from its views and save a bundle
     (in the background: progress in the status bar, Esc cancels)"""
 
@@ -181,9 +251,9 @@ class NPBGPP_OT_aggregate(_ModalJob, bpy.types.Operator):
         description="Aggregate at most this many of the dataset's points (chosen at random); 0: all",
     )
 
-    _worker: Any = None
-    _out: str = ""
-    _timeout: float = 0.0
+    _job = "Aggregate"
+    _cancel_request = "AggregateCancel"
+    _cancel_note = ": no bundle was written."
     _count: int = 0
     _done: int = 0
     _network: str = ""  # the weights file the worker uses, and the domain that chose it
@@ -191,63 +261,50 @@ class NPBGPP_OT_aggregate(_ModalJob, bpy.types.Operator):
     def _inputs(self, context: Any) -> tuple[str, str, str] | None:
         """(weights, domain, dataset) or None (reported); see :func:`network_choice`."""
         s = context.scene.npbgpp
-        weights, domain, _ = network_choice(s)
-        problem = weights_problem(s)
-        if problem:
-            self.report({"ERROR"}, f"Aggregate {problem}")
+        network = usable_network(self, s)
+        if network is None:
             return None
-        dataset = bpy.path.abspath(s.dataset_path) if s.dataset_path else ""
-        if not dataset or not os.path.isdir(dataset):
-            self.report({"ERROR"}, "Aggregate needs a dataset: use File > Import > NPBG++ Dataset Folder first.")
-            return None
-        return weights, domain, dataset
+        dataset = imported_dataset(self, s, "Aggregate needs a dataset")
+        return (*network, dataset) if dataset else None
 
-    def _begin(self, context: Any) -> bool:
+    def _begin(self, context: Any) -> Progress | None:
         from npbgpp_core import protocol as P
-
-        from .scene_snapshot import worker_for
-        from .worker_client import WorkerError
 
         inputs = self._inputs(context)
         if inputs is None:
-            return False
+            return None
         weights, domain, dataset = inputs
         s = context.scene.npbgpp
-        self._out = bpy.path.abspath(self.filepath) if self.filepath else default_output(dataset, ".npbgpp")
+        self._out = output_path(self, dataset, ".npbgpp", "bundle", "Bundle")
         if not self._out:
-            self.report({"ERROR"}, "Choose where to save the bundle (the operator's Bundle path), or save the .blend "
-                                   "first: bundles are saved next to it by default.")
-            return False
-        try:
-            self._worker = worker_for(context.scene)
-            self._timeout = s.worker_timeout
-            started = self._worker.request(P.AggregateBegin(
-                dataset, weights, s.dataset_format or None, s.device, self.max_points, s.up_axis, s.dataset_undistort,
-                s.dataset_allow_external_paths, domain or "auto",
-            ), None, self._timeout)
-            self._count = started.views
-            self._network = os.path.basename(started.weights) + (f" ({started.domain})" if started.domain else "")
-        except (WorkerError, ValueError, OSError) as exc:
-            self.report({"ERROR"}, f"Aggregate failed: {exc}")
-            return False
-        self._done = 0
-        return True
+            return None
+        started = worker_reply(self, P.AggregateBegin(
+            dataset, weights, s.dataset_format or None, s.device, self.max_points, s.up_axis, s.dataset_undistort,
+            s.dataset_allow_external_paths, domain or "auto",
+        ), context)
+        if started is None:
+            return None
+        self._count, self._done = started.views, 0
+        self._network = os.path.basename(started.weights) + (f" ({started.domain})" if started.domain else "")
+        return self._progress()
 
-    def _step(self) -> None:
+    def _step(self) -> Progress:
+        """Aggregate the next view (the worker answers Done; the add-on counts the views)."""
         from npbgpp_core import protocol as P
 
-        self._worker.request(P.AggregateView(self._done), None, self._timeout)
-        self._done += 1
+        if self._done < self._count:
+            self._worker.request(P.AggregateView(self._done), None, self._timeout)
+            self._done += 1
+        return self._progress()
+
+    def _progress(self) -> Progress:
+        return Progress(self._done, self._count, self._done >= self._count)
 
     def _finish(self, context: Any) -> set[str]:
         from npbgpp_core import protocol as P
 
-        from .worker_client import WorkerError
-
-        try:
-            reply = self._worker.request(P.AggregateFinish(self._out), None, self._timeout)
-        except (WorkerError, ValueError, OSError) as exc:
-            self.report({"ERROR"}, f"Aggregate failed: {exc}")
+        reply = worker_reply(self, P.AggregateFinish(self._out))
+        if reply is None:
             return {"CANCELLED"}
         context.scene.npbgpp.bundle = self._out
         up = ", ".join(f"{v:g}" for v in reply.world_up)
@@ -255,69 +312,16 @@ class NPBGPP_OT_aggregate(_ModalJob, bpy.types.Operator):
                               f"axis ({up}), network {self._network}.")
         return {"FINISHED"}
 
-    def execute(self, context: Any) -> set[str]:
-        """Run to the end (scripts, or after the file browser); the UI uses the modal path."""
-        from .worker_client import WorkerError
-
-        if not self._begin(context):
-            return {"CANCELLED"}
-        wm = context.window_manager
-        wm.progress_begin(0, max(1, self._count))
-        try:
-            while self._done < self._count:
-                self._step()
-                wm.progress_update(self._done)
-        except (WorkerError, ValueError, OSError) as exc:
-            self.report({"ERROR"}, f"Aggregate failed: {exc}")
-            return {"CANCELLED"}
-        finally:
-            wm.progress_end()
-        return self._finish(context)
-
     def invoke(self, context: Any, event: Any) -> set[str]:
         inputs = self._inputs(context)
         if inputs is None:
             return {"CANCELLED"}
-        if not self.filepath and not bpy.data.filepath:  # ask where the bundle goes
-            self.filepath = os.path.basename(os.path.normpath(inputs[2])) + ".npbgpp"
-            context.window_manager.fileselect_add(self)
+        if ask_for_output(self, context, inputs[2], ".npbgpp"):  # ask where the bundle goes
             return {"RUNNING_MODAL"}
-        if not self._begin(context):
-            return {"CANCELLED"}
-        self._start_modal(context, max(1, self._count))
-        self._status(context)
-        return {"RUNNING_MODAL"}
+        return self._start_job(context)
 
-    def modal(self, context: Any, event: Any) -> set[str]:
-        from npbgpp_core import protocol as P
-
-        from .worker_client import WorkerError
-
-        if event.type == "ESC":
-            try:
-                self._worker.request(P.AggregateCancel(), None, self._timeout)
-            except WorkerError:
-                pass
-            self._cleanup(context)
-            self.report({"WARNING"}, "Aggregate cancelled: no bundle was written.")
-            return {"CANCELLED"}
-        if event.type != "TIMER":
-            return {"PASS_THROUGH"}
-        try:
-            if self._done < self._count:
-                self._step()
-                context.window_manager.progress_update(self._done)
-                self._status(context)
-                return {"RUNNING_MODAL"}
-        except (WorkerError, ValueError, OSError) as exc:
-            self._cleanup(context)
-            self.report({"ERROR"}, f"Aggregate failed: {exc}")
-            return {"CANCELLED"}
-        self._cleanup(context)
-        return self._finish(context)
-
-    def _status(self, context: Any) -> None:
-        self._show_status(context, f"Aggregate: view {self._done} of {self._count} (Esc to cancel)")
+    def _status(self, context: Any, progress: Any) -> None:
+        self._show_status(context, f"Aggregate: view {progress.done} of {progress.total} (Esc to cancel)")
 
 
 class NPBGPP_OT_densify(_WorkerStepJob, bpy.types.Operator):
@@ -359,40 +363,25 @@ class NPBGPP_OT_densify(_WorkerStepJob, bpy.types.Operator):
         """Start the job in the worker; returns its first progress reply or None (reported)."""
         from npbgpp_core import protocol as P
 
-        from .scene_snapshot import worker_for
-        from .worker_client import WorkerError
-
         s = context.scene.npbgpp
-        dataset = bpy.path.abspath(s.dataset_path) if s.dataset_path else ""
-        if not dataset or not os.path.isdir(dataset):
-            self.report({"ERROR"}, "Densify needs a dataset: use File > Import > NPBG++ Dataset Folder first")
+        dataset = imported_dataset(self, s, "Densify needs a dataset")
+        if not dataset:
             return None
-        self._out = bpy.path.abspath(self.filepath) if self.filepath else default_output(dataset, "_dense.ply")
+        self._out = output_path(self, dataset, "_dense.ply", "dense cloud", "Output PLY")
         if not self._out:
-            self.report({"ERROR"}, "Choose where to save the dense cloud (the operator's Output PLY path), or save "
-                                   "the .blend first: dense clouds are saved next to it by default.")
             return None
-        try:
-            self._worker = worker_for(context.scene)
-            self._timeout = s.worker_timeout
-            return self._worker.request(P.DensifyBegin(
-                dataset, s.dataset_format or None, s.dataset_undistort, s.device, self.max_points, self.max_views,
-                self.min_consistent, self.image_scale, s.dataset_allow_external_paths, fill=self.fill,
-            ), None, self._timeout)
-        except (WorkerError, ValueError, OSError) as exc:
-            self.report({"ERROR"}, f"Densify failed: {exc}")
-            return None
+        return worker_reply(self, P.DensifyBegin(
+            dataset, s.dataset_format or None, s.dataset_undistort, s.device, self.max_points, self.max_views,
+            self.min_consistent, self.image_scale, s.dataset_allow_external_paths, fill=self.fill,
+        ), context)
 
     def _finish(self, context: Any) -> set[str]:
         from npbgpp_core import protocol as P
 
         from .importers import make_point_object, use_point_object
-        from .worker_client import WorkerError
 
-        try:
-            cloud = self._worker.request(P.DensifyFinish(self._out), None, self._timeout)
-        except (WorkerError, ValueError, OSError) as exc:
-            self.report({"ERROR"}, f"Densify failed: {exc}")
+        cloud = worker_reply(self, P.DensifyFinish(self._out))
+        if cloud is None:
             return {"CANCELLED"}
         name = os.path.splitext(os.path.basename(self._out))[0]
         obj = make_point_object(name, cloud.points, cloud.colors, context)
@@ -400,16 +389,10 @@ class NPBGPP_OT_densify(_WorkerStepJob, bpy.types.Operator):
         self.report({"INFO"}, f"densified: {len(cloud.points)} points, saved to {self._out}")
         return {"FINISHED"}
 
-    def execute(self, context: Any) -> set[str]:
-        """Run to the end (scripts, or after the file browser; the UI uses the cancellable modal path)."""
-        return self._run_to_end(context)
-
     def invoke(self, context: Any, event: Any) -> set[str]:
         s = context.scene.npbgpp
         dataset = bpy.path.abspath(s.dataset_path) if s.dataset_path else ""
-        if dataset and not self.filepath and not bpy.data.filepath:  # ask where the cloud goes
-            self.filepath = (os.path.basename(os.path.normpath(dataset)) or "scene") + "_dense.ply"
-            context.window_manager.fileselect_add(self)
+        if dataset and ask_for_output(self, context, dataset, "_dense.ply"):  # ask where the cloud goes
             return {"RUNNING_MODAL"}
         return self._start_job(context)
 
@@ -441,9 +424,6 @@ class NPBGPP_OT_fit(_WorkerStepJob, bpy.types.Operator):
         """Start the fit in the worker; returns its first progress reply or None (reported)."""
         from npbgpp_core import protocol as P
 
-        from .scene_snapshot import worker_for
-        from .worker_client import WorkerError
-
         s = context.scene.npbgpp
         bundle = bpy.path.abspath(s.bundle) if s.bundle else ""
         if not bundle or not os.path.isfile(bundle):
@@ -451,52 +431,32 @@ class NPBGPP_OT_fit(_WorkerStepJob, bpy.types.Operator):
             self.report({"ERROR"}, f"Fit to Photos needs an aggregated bundle{where}: run Aggregate Descriptors "
                                    "first.")
             return None
-        dataset = bpy.path.abspath(s.dataset_path) if s.dataset_path else ""
-        if not dataset or not os.path.isdir(dataset):
-            self.report({"ERROR"}, "Fit to Photos needs the dataset's photos: use File > Import > NPBG++ Dataset "
-                                   "Folder first.")
+        dataset = imported_dataset(self, s, "Fit to Photos needs the dataset's photos")
+        if not dataset:
             return None
-        weights, domain, _ = network_choice(s)
-        problem = weights_problem(s)
-        if problem:
-            self.report({"ERROR"}, f"Fit to Photos {problem}")
+        network = usable_network(self, s)
+        if network is None:
             return None
+        weights, domain = network
         if self.filepath:
             self._out = bpy.path.abspath(self.filepath)
         else:
             self._out = os.path.splitext(bundle)[0] + "_fitted.npbgpp"
-        try:
-            self._worker = worker_for(context.scene)
-            self._timeout = s.worker_timeout
-            return self._worker.request(P.FitBegin(
-                bundle, dataset, self.steps, weights, "" if domain == "auto" else domain, s.dataset_format or None,
-                s.dataset_undistort, s.dataset_allow_external_paths, s.device,
-            ), None, self._timeout)
-        except (WorkerError, ValueError, OSError) as exc:
-            self.report({"ERROR"}, f"Fit to Photos failed: {exc}")
-            return None
+        return worker_reply(self, P.FitBegin(
+            bundle, dataset, self.steps, weights, "" if domain == "auto" else domain, s.dataset_format or None,
+            s.dataset_undistort, s.dataset_allow_external_paths, s.device,
+        ), context)
 
     def _finish(self, context: Any) -> set[str]:
         from npbgpp_core import protocol as P
 
-        from .worker_client import WorkerError
-
-        try:
-            reply = self._worker.request(P.FitFinish(self._out), None, self._timeout)
-        except (WorkerError, ValueError, OSError) as exc:
-            self.report({"ERROR"}, f"Fit to Photos failed: {exc}")
+        reply = worker_reply(self, P.FitFinish(self._out))
+        if reply is None:
             return {"CANCELLED"}
         context.scene.npbgpp.bundle = self._out
         self.report({"INFO"}, f"Fitted {reply.steps} steps in {reply.seconds:.0f} s (loss {reply.loss_first:.4f} -> "
                               f"{reply.loss_last:.4f}); saved to {self._out}, now the scene's bundle.")
         return {"FINISHED"}
-
-    def execute(self, context: Any) -> set[str]:
-        """Run to the end (scripts, or after the file browser); the UI uses the modal path."""
-        return self._run_to_end(context)
-
-    def invoke(self, context: Any, event: Any) -> set[str]:
-        return self._start_job(context)
 
     def _status(self, context: Any, progress: Any) -> None:
         self._show_status(context, f"Fit to Photos: step {progress.done} of {progress.total} (Esc to cancel)")

@@ -1330,6 +1330,59 @@ def test_aggregate_saves_next_to_the_blend_not_in_the_dataset(scene):
     assert not list(root.rglob("*.npbgpp"))
 
 
+def test_aggregate_modal_path_steps_views_saves_and_esc_writes_nothing(scene):
+    """Aggregate in the UI (the worker step-job plumbing it shares with Densify Points and
+    Fit to Photos): each timer tick aggregates one view with its status line, the tick of
+    the last view saves the bundle; Esc drops the worker's aggregation and writes nothing."""
+    from types import SimpleNamespace
+
+    from npbgpp_core import protocol as P
+    from npbgpp_core.scene import NeuralScene
+
+    sc, cam = scene["scene"], scene["camera"]
+    cam2 = cam.copy()
+    sc.collection.objects.link(cam2)
+    cam2.location = (2.0, -3.5, 1.0)
+    bpy.context.view_layer.update()
+    _write_nerf_dataset(scene["dir"] / "nerf", [cam, cam2], scene["points"], scene["colors"])
+    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(scene["dir"] / "nerf")) == {"FINISHED"}
+    sc.npbgpp.weights = ""
+    agg_op = sys.modules[f"{MODULE}.operators"].NPBGPP_OT_aggregate
+    reports: list[tuple] = []
+
+    def operator(out: str) -> SimpleNamespace:  # the operator's Python side (Blender makes the real one)
+        op = SimpleNamespace(filepath=out, max_points=0, report=lambda kind, text: reports.append((kind, text)),
+                             _cleanup=lambda context: reports.append(("cleanup",)),
+                             _status=lambda context, p: reports.append(("status", p.done, p.total)))
+        for name in ("_job", "_cancel_request", "_cancel_note"):
+            setattr(op, name, getattr(agg_op, name))
+        for name in ("_inputs", "_begin", "_step", "_progress", "_finish", "_request", "_cancel_quietly"):
+            setattr(op, name, getattr(agg_op, name).__get__(op))
+        return op
+
+    tick, esc = SimpleNamespace(type="TIMER"), SimpleNamespace(type="ESC")
+    out = str(scene["dir"] / "modal.npbgpp")
+    op = operator(out)
+    assert tuple(op._begin(bpy.context)) == (0, 2, False)
+    assert agg_op.modal(op, bpy.context, tick) == {"RUNNING_MODAL"} and reports == [("status", 1, 2)]
+    assert agg_op.modal(op, bpy.context, SimpleNamespace(type="MOUSEMOVE")) == {"PASS_THROUGH"}
+    assert not os.path.exists(out)
+    assert agg_op.modal(op, bpy.context, tick) == {"FINISHED"}
+    assert reports[1:3] == [("status", 2, 2), ("cleanup",)] and reports[3][1].startswith("Saved 60 points")
+    assert sc.npbgpp.bundle == out and len(NeuralScene.load(out)) == 60
+    reports.clear()
+    stopped = str(scene["dir"] / "esc.npbgpp")
+    op = operator(stopped)
+    assert tuple(op._begin(bpy.context)) == (0, 2, False)
+    assert agg_op.modal(op, bpy.context, tick) == {"RUNNING_MODAL"}
+    assert agg_op.modal(op, bpy.context, esc) == {"CANCELLED"}
+    assert reports[-2:] == [("cleanup",), ({"WARNING"}, "Aggregate cancelled: no bundle was written.")]
+    assert not os.path.exists(stopped) and sc.npbgpp.bundle == out
+    worker_error = sys.modules[f"{MODULE}.worker_client"].WorkerError
+    with pytest.raises(worker_error, match="no aggregation running"):  # the worker holds none any more
+        op._worker.request(P.AggregateView(1), None, 60)
+
+
 def test_fit_to_photos_operator(scene):
     """Fit to Photos: refused without a bundle, without the dataset or with a missing
     Weights file (naming what is missing, nothing written); after Aggregate it fits the
@@ -1386,6 +1439,7 @@ def test_fit_to_photos_operator(scene):
     for name in ("_job", "_step_request", "_cancel_request", "_cancel_note", "_timeout"):
         setattr(op, name, getattr(fit_op, name))
     op._request = lambda name: fit_op._request(op, name)
+    op._step = lambda: fit_op._step(op)
     op._cancel_quietly = lambda: fit_op._cancel_quietly(op)
     first = fit_op._begin(op, bpy.context)
     assert (first.done, first.total, first.finished) == (0, 10_000, False)
