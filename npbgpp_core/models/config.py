@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 from ..rasterizer import DEFAULT_SCALES
 
@@ -67,8 +67,32 @@ def _check_scales(scales: tuple[float, ...]) -> None:
         raise ValueError(f"scales must be 5 numbers in (0, 1] (the refiner has 5 levels), got {scales}")
 
 
+class _NetworkOptions:
+    """What both network configs share: reading a file's dict (checked by
+    :func:`_from_dict`), writing a JSON-friendly one (tuples as lists) and the size of the
+    environment map their ``background`` option asks for."""
+
+    feature_dim: int
+    background: str
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> Self:
+        return _from_dict(cls, d)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)  # type: ignore[call-overload]
+        d["scales"] = list(d["scales"])
+        d["world_up"] = list(d["world_up"])
+        return d
+
+    @property
+    def background_channels(self) -> int:
+        """Channels of a scene's environment map (features + confidence), 0 without one."""
+        return self.feature_dim + 1 if self.background == "environment" else 0
+
+
 @dataclass
-class NPBGPlusPlusConfig:
+class NPBGPlusPlusConfig(_NetworkOptions):
     """Options of :class:`NPBGPlusPlus`; the one source of the network's options (the
     headless trainer's system options and scene bundles take their keys from here)."""
 
@@ -128,26 +152,11 @@ class NPBGPlusPlusConfig:
         _check_scales(self.scales)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> NPBGPlusPlusConfig:
-        return _from_dict(cls, d)
-
-    @classmethod
     def from_options(cls, options: dict[str, Any], **overrides: Any) -> NPBGPlusPlusConfig:
         """The network's own fields of a wider options dict (a training system's config, whose
         other keys, e.g. ``lr``, are the trainer's), with ``overrides`` on top."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls.from_dict({**{k: v for k, v in options.items() if k in names}, **overrides})
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["scales"] = list(self.scales)
-        d["world_up"] = list(self.world_up)
-        return d
-
-    @property
-    def background_channels(self) -> int:
-        """Channels of a scene's background map (features + confidence), 0 without one."""
-        return self.feature_dim + 1 if self.background == "environment" else 0
 
     @property
     def coefficient_rows(self) -> int:
@@ -156,7 +165,7 @@ class NPBGPlusPlusConfig:
 
 
 @dataclass
-class NPBGConfig:
+class NPBGConfig(_NetworkOptions):
     """Options of :class:`NPBG`.
 
     ``descriptor_dim`` is the per-point learnable size: ``feature_dim`` for plain NPBG,
@@ -203,10 +212,6 @@ class NPBGConfig:
             )
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> NPBGConfig:
-        return _from_dict(cls, d)
-
-    @classmethod
     def from_options(cls, options: dict[str, Any]) -> NPBGConfig:
         """The plain-NPBG network of a training system's options (``system=npbg``; its other
         keys, e.g. ``lr_refiner``, are the trainer's): ``descriptor_dim`` numbers per point
@@ -215,14 +220,3 @@ class NPBGConfig:
         ``headless_train export``), so that they build the network the run trained."""
         d = int(options.get("descriptor_dim", 8))
         return cls.from_dict({"descriptor_dim": d, "feature_dim": d})
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["scales"] = list(self.scales)
-        d["world_up"] = list(self.world_up)
-        return d
-
-    @property
-    def background_channels(self) -> int:
-        """Channels of the environment map (features + confidence), 0 without one."""
-        return self.feature_dim + 1 if self.background == "environment" else 0
