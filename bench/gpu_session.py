@@ -37,12 +37,15 @@ Modes on the device (``--out`` defaults to ``$OUT``; each step has its own time 
 - ``speed``: ``bench/gpu_speed.py`` within its budget, then ``bench/bench_densify.py --gpu``
   on the carried scene; returns their JSON / the BENCHMARKS.md sections and the log.
 
-Time: each call's ``--budget-s`` (default 360 s each; ``prepare --budgets train=540`` for
-one long training call instead) plus a machine start of 1-2 minutes must fit the session's
-15 minutes of device time, so the second call should follow the first at once (a machine
-stays warm 30 s; a new start costs minutes and none starts with under 4 left). In the
-default split the stage trains about 3 minutes and gpu_speed.py gets about 2.5 (its later
-steps, compile last, are cut first).
+Time (the constants after ``SESSION_DEVICE_S``, the one source of these figures): one machine
+start (about 90 s) and both calls must fit the session's 15 minutes of device time, so each
+call gets ``timeout_s`` 405, of which its ``--budget-s`` 360 (45 s go to python's start, the
+copies and the summary), and the second call should follow the first at once (a machine
+stays warm 30 s; a new start costs minutes and none starts with under 4 left). ``--budget-s``
+and ``prepare --budgets`` take 60..555 s (``--budgets train=540`` for one long training call
+alone: ``plan`` then says the two no longer fit together). In the default split the stage
+trains about 3 minutes and gpu_speed.py gets about 2.5 (its later steps, compile last, are
+cut first).
 
 Continuing a stage: exactly, with ``prepare --resume-from <files_at>`` (the corpus leaves
 room for the 26 MiB state: about 20 MiB of corpus); or from the returned weights with
@@ -73,7 +76,8 @@ import tarfile
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -92,7 +96,6 @@ OUT_MAX_FILES = 8
 OUT_FILE_LIMIT = 16 * MIB
 PART_BYTES = 15 * MIB  # one returned piece of the stage state
 COMMAND_MAX_CHARS = 2000
-CALL_MAX_S = 600
 STATE_RESERVE_MIB = 27.5  # room kept for a returned stage state (last.ckpt 26 MiB + logs)
 # Modules the steps import that the device image lacks (KINDS.md's package list).
 NEEDED_MODULES = ("hydra", "omegaconf", "plyfile")
@@ -100,10 +103,29 @@ NEEDED_MODULES = ("hydra", "omegaconf", "plyfile")
 # the antlr4 runtime are what hydra-core 1.3.2 resolved to in .venv.
 WHEEL_PINS = ("hydra-core==1.3.2", "omegaconf==2.3.1", "antlr4-python3-runtime==4.9.3", "plyfile==1.0.3")
 DENSIFY_SCENE = ("textured_monkey", 100, (720, 1280))  # bench_densify.py gpu_plan: name, views, (h, w)
-# Both calls with a machine start (about 1.5 minutes) and the gap between them fit the 15
-# minutes of device time a session has; --budgets changes them (e.g. train=540 alone).
-DEFAULT_BUDGET_S = {"train": 360, "speed": 360}
-CALL_MARGIN_S = 45  # timeout_s of a call over its budget: python start, copies, the summary
+DENSIFY_DONE = "transforms_train.json"  # written last by the render (bench_densify.render_scene's cache test)
+
+# Time: the one source of every time figure of the kit (the calls it prints, the bounds of
+# --budget-s and --budgets, the check of a plan against the session).
+SESSION_DEVICE_S = 15 * 60  # a session's device time: machine starts, calls and idle waits
+MACHINE_START_S = 90  # a fresh machine's start (1-2 minutes); the second call follows at once, warm
+WARM_S = 30  # how long a machine stays warm after a call
+CALL_MAX_S = 600  # one call's timeout_s at most
+CALL_MARGIN_S = 45  # a call's timeout_s over its --budget-s: python start, copies, the summary
+# One machine start, then the two calls share the rest: timeout_s 405, --budget-s 360 each
+# (--budgets changes them, e.g. train=540 for one long training call alone).
+CALL_TIMEOUT_S = (SESSION_DEVICE_S - MACHINE_START_S) // 2
+DEFAULT_BUDGET_S = {"train": CALL_TIMEOUT_S - CALL_MARGIN_S, "speed": CALL_TIMEOUT_S - CALL_MARGIN_S}
+MIN_BUDGET_S, MAX_BUDGET_S = 60, CALL_MAX_S - CALL_MARGIN_S
+
+
+def check_budget(seconds: int, what: str) -> int:
+    """``seconds`` when a mode may run that long within one call, else KitError naming ``what``
+    (the bound of both ``--budget-s`` and ``--budgets``)."""
+    if not MIN_BUDGET_S <= seconds <= MAX_BUDGET_S:
+        raise KitError(f"{what} must be in {MIN_BUDGET_S}..{MAX_BUDGET_S} s (a call's timeout_s is at most "
+                       f"{CALL_MAX_S}, {CALL_MARGIN_S} of them beyond the budget)")
+    return seconds
 
 
 class KitError(RuntimeError):
@@ -143,14 +165,20 @@ def densify_scene_name() -> str:
     return f"{name}_{views}_{w}x{h}"  # the folder bench_densify.py looks for under --cache
 
 
+def densify_scene_ready(kit: Path) -> bool:
+    """Whether the kit holds the whole render of the bench_densify --gpu scene (an
+    interrupted render is neither carried nor timed)."""
+    return (kit / "densify" / densify_scene_name() / DENSIFY_DONE).is_file()
+
+
 def carry_paths(mode: str, kit: str = KIT, root: Path = ROOT) -> list[str]:
     """The ``carry`` list of a mode: the kit's paths that exist (a resumed call adds the
     stage folder, a call from other weights adds them; the densify scene only when its
     render is complete)."""
-    names = {"train": ["whl", "corpus", "stage", "start.safetensors"],
-             "speed": ["whl", f"densify/{densify_scene_name()}"]}[mode]
-    done = {f"densify/{densify_scene_name()}": "transforms_train.json"}
-    return [f"{kit}/{n}" for n in names if (root / kit / n / done.get(n, "")).exists()]
+    densify = f"densify/{densify_scene_name()}"
+    names = {"train": ["whl", "corpus", "stage", "start.safetensors"], "speed": ["whl", densify]}[mode]
+    ready = {densify: densify_scene_ready(root / kit)}
+    return [f"{kit}/{n}" for n in names if ready.get(n, (root / kit / n).exists())]
 
 
 def corpus_budget_mib(tree: int, wheels: int, state: int | None) -> float:
@@ -227,7 +255,7 @@ def run_calls(kit: str = KIT, root: Path = ROOT, budgets: dict[str, int] | None 
     for mode in ("train", "speed"):
         b = int(budgets[mode])
         calls.append({"mode": mode, "command": run_command(mode, b), "carry": carry_paths(mode, kit, root),
-                      "timeout_s": min(CALL_MAX_S, b + CALL_MARGIN_S)})
+                      "timeout_s": b + CALL_MARGIN_S})
     return calls
 
 
@@ -241,6 +269,10 @@ def check_calls(calls: Sequence[dict[str, Any]]) -> list[str]:
             problems.append(f"{c['mode']}: carry takes at most 8 paths of 200 characters")
         if not 1 <= c["timeout_s"] <= CALL_MAX_S:
             problems.append(f"{c['mode']}: timeout_s {c['timeout_s']} is not in 1..{CALL_MAX_S}")
+    total = sum(c["timeout_s"] for c in calls) + MACHINE_START_S
+    if total > SESSION_DEVICE_S:
+        problems.append(f"the calls' timeout_s and a machine start ({MACHINE_START_S} s) add up to {total} s, over "
+                        f"the session's {SESSION_DEVICE_S} s of device time: run one of them, or lower --budgets")
     return problems
 
 
@@ -256,7 +288,7 @@ def plan_text(kit: str = KIT, root: Path = ROOT, budgets: dict[str, int] | None 
         lines.append(f"{c['mode']} call carries {carried / MIB:.1f} MiB -> {total:.1f} MiB in all ({verdict})")
     problems = check_calls(calls)
     lines += [f"problem: {p}" for p in problems]
-    lines.append("The two `run` calls (device tool), one right after the other (the machine stays warm 30 s):")
+    lines.append(f"The two `run` calls (device tool), one right after the other (the machine stays warm {WARM_S} s):")
     for c in calls:
         lines.append(json.dumps({k: c[k] for k in ("command", "carry", "timeout_s")}))
     lines.append("Keep what comes back (files_at) before the next call: $OUT is emptied for each command. "
@@ -379,6 +411,11 @@ def restore_state(parts_dir: Path, stage_dir: Path) -> dict[str, Any]:
 
 def prepare(args: argparse.Namespace) -> int:
     kit = ROOT / args.kit
+    corpus_dir = kit / "corpus"
+    if not args.corpus and (args.rebuild_corpus or not corpus_dir.exists()):
+        # before anything is built; `make gpu-kit` relies on this check
+        raise KitError(f"no corpus yet: give --corpus DIR (scene folders, e.g. corpus_env/train; make gpu-kit "
+                       f"CORPUS=DIR) to pack {corpus_dir}")
     kit.mkdir(exist_ok=True)
     say = print
     wheels = build_wheels(kit / "whl")
@@ -390,12 +427,11 @@ def prepare(args: argparse.Namespace) -> int:
             raise KitError(f"--start-weights: file not found: {args.start_weights}")
         shutil.copyfile(args.start_weights, kit / "start.safetensors")
         say(f"first call starts from {args.start_weights} ({kit / 'start.safetensors'})")
-    corpus_dir = kit / "corpus"
     if args.rebuild_corpus:
         shutil.rmtree(corpus_dir, ignore_errors=True)
     if corpus_dir.exists():
         say(f"corpus: kept {corpus_dir} ({path_bytes(corpus_dir) / MIB:.1f} MiB; --rebuild-corpus to redo it)")
-    elif args.corpus:
+    else:
         stage_dir = kit / "stage"
         state = path_bytes(stage_dir) if stage_dir.exists() else (0 if args.no_resume_room else None)
         budget = corpus_budget_mib(tree_bytes(), sum(w.stat().st_size for w in wheels), state)
@@ -404,8 +440,6 @@ def prepare(args: argparse.Namespace) -> int:
         r = pack_corpus(args.corpus, corpus_dir, args.max_side, args.max_points, budget, args.scenes)
         say(f"corpus: {len(r['scenes'])} of {r['of']} scenes, {r['mib']} MiB (budget {budget:.1f} MiB): "
             f"{', '.join(r['scenes'])}")
-    else:
-        raise KitError(f"no corpus yet: give --corpus DIR (scene folders, e.g. corpus_env/train) to pack {corpus_dir}")
     if args.no_densify:
         say("densify scene: skipped (--no-densify); the speed call then times gpu_speed.py only")
     else:
@@ -567,13 +601,25 @@ def build_kernels(s: Session) -> None:
     s.step("kernels", [sys.executable, "-m", "kernels.build", "--quiet"], 180, reserve_s=60)
 
 
-def benchmarks_tail(before: str) -> str:
-    """What was appended to BENCHMARKS.md since its text was ``before``."""
+@contextmanager
+def returned_benchmarks(out: Path, path: Path = ROOT / "BENCHMARKS.md") -> Iterator[None]:
+    """The sections a mode's steps append to ``path`` (on the device) go back in
+    ``out/BENCHMARKS_appended.md``, also when a step failed or the mode was stopped."""
+
+    def text() -> str:
+        try:
+            return path.read_text(encoding="utf-8")
+        except OSError:
+            return ""
+
+    before = text()
     try:
-        now = (ROOT / "BENCHMARKS.md").read_text(encoding="utf-8")
-    except OSError:
-        return ""
-    return now[len(before):] if now.startswith(before) else now
+        yield
+    finally:
+        now = text()
+        tail = now[len(before):] if now.startswith(before) else now
+        if tail.strip():
+            (out / "BENCHMARKS_appended.md").write_text(tail, encoding="utf-8")
 
 
 # Seconds of a stage call besides its --minutes: the stage's own start (torch import, seed
@@ -595,7 +641,6 @@ def mode_train(s: Session, corpus: Path | None) -> None:
     stage does), then the stage for the minutes left, then the copies to $OUT."""
     corpus = corpus or s.kit / "corpus"
     work = s.kit / "stage"
-    before = (ROOT / "BENCHMARKS.md").read_text(encoding="utf-8")
     bench = [sys.executable, "bench/bench_train.py", "--data-root", str(corpus), "--format", "null",
              "--views", "3", "--json", str(s.out / "bench_train.json")]
     if s.dry_run:
@@ -622,7 +667,7 @@ def mode_train(s: Session, corpus: Path | None) -> None:
         # SIGKILL a minute later.
         s.step("stage", cmd, minutes * 60 + STAGE_OVERHEAD_S + 30, grace_s=60)
         log_tail(s, work / "train.log", 40)
-    collect_train(s, work, before)
+    collect_train(s, work)
 
 
 def log_tail(s: Session, path: Path, lines: int) -> None:
@@ -636,15 +681,12 @@ def log_tail(s: Session, path: Path, lines: int) -> None:
         s.say("  | " + line)
 
 
-def collect_train(s: Session, work: Path, benchmarks_before: str) -> None:
-    """Weights, stage.json, the BENCHMARKS.md sections and the stage state (tar pieces) to $OUT."""
+def collect_train(s: Session, work: Path) -> None:
+    """Weights, stage.json and the stage state (tar pieces) to $OUT."""
     t0 = time.time()
     for name in ("npbgpp_sphere_stage.safetensors", "stage.json"):
         if (work / name).is_file():
             shutil.copyfile(work / name, s.out / name)
-    tail = benchmarks_tail(benchmarks_before)
-    if tail.strip():
-        (s.out / "BENCHMARKS_appended.md").write_text(tail, encoding="utf-8")
     last = work / "run" / "checkpoints" / "last.ckpt"
     if last.is_file():
         tar_path = s.scratch / "stage_state.tar"
@@ -667,10 +709,9 @@ SPEED_SLACK_S = 40
 
 
 def mode_speed(s: Session) -> None:
-    before = (ROOT / "BENCHMARKS.md").read_text(encoding="utf-8")
+    """gpu_speed.py within the budget, then bench_densify.py --gpu on the carried scene."""
     scene_dir = s.kit / "densify"
-    ready = (scene_dir / densify_scene_name() / "transforms_train.json").is_file()
-    densify_s = DENSIFY_LIMIT_S if (ready or s.dry_run) else 0
+    densify_s = DENSIFY_LIMIT_S if (densify_scene_ready(s.kit) or s.dry_run) else 0
     speed = [sys.executable, "bench/gpu_speed.py", "--json", str(s.out / "gpu_speed.json")]
     if s.dry_run:
         speed += ["--dry-run", "--steps", "info,stages"]
@@ -687,9 +728,6 @@ def mode_speed(s: Session) -> None:
         s.say(f"=== bench_densify: skipped, no {scene_dir / densify_scene_name()} (prepare renders it; bpy is "
               "not on the device)")
         s.results.append(("bench_densify", "skipped (no scene)", 0.0))
-    tail = benchmarks_tail(before)
-    if tail.strip():
-        (s.out / "BENCHMARKS_appended.md").write_text(tail, encoding="utf-8")
 
 
 def check_out(s: Session) -> None:
@@ -710,8 +748,8 @@ def run_mode(args: argparse.Namespace) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     kit = (ROOT / args.kit).resolve()
     budget = args.budget_s if args.budget_s is not None else DEFAULT_BUDGET_S[args.mode]
-    if not args.dry_run and not 60 <= budget <= CALL_MAX_S - 20:
-        raise KitError(f"--budget-s must be in 60..{CALL_MAX_S - 20} (one call runs at most {CALL_MAX_S} s)")
+    if not args.dry_run:  # a dry run here is not bound by the device's limits
+        check_budget(budget, "--budget-s")
     with open(out_dir / f"{args.mode}.log", "a", encoding="utf-8") as log, \
             tempfile.TemporaryDirectory(prefix="gpu_session_") as scratch:
         s = Session(args.mode, out_dir, kit, time.time() + budget, args.dry_run, log, Path(scratch))
@@ -741,10 +779,11 @@ def run_steps(s: Session, args: argparse.Namespace, kit: Path, budget: int) -> i
     ok = install_deps(s)
     if ok:
         build_kernels(s)
-        if args.mode == "train":
-            mode_train(s, Path(args.corpus).resolve() if args.corpus else None)
-        else:
-            mode_speed(s)
+        with returned_benchmarks(s.out):
+            if args.mode == "train":
+                mode_train(s, Path(args.corpus).resolve() if args.corpus else None)
+            else:
+                mode_speed(s)
     s.summary()
     check_out(s)
     if s.stopped_by is not None:
@@ -767,9 +806,7 @@ def parse_budgets(text: str | None) -> dict[str, int]:
         mode, _, value = item.partition("=")
         if mode not in DEFAULT_BUDGET_S or not value.strip().isdigit():
             raise KitError(f"--budgets takes train=SECONDS,speed=SECONDS, got {text!r}")
-        out[mode] = int(value)
-        if not 60 <= out[mode] <= CALL_MAX_S - CALL_MARGIN_S:
-            raise KitError(f"--budgets {mode}={value}: must be in 60..{CALL_MAX_S - CALL_MARGIN_S}")
+        out[mode] = check_budget(int(value), f"--budgets {mode}")
     return out
 
 

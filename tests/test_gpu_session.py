@@ -38,8 +38,15 @@ def test_run_calls_fit_the_device_tool_limits(tmp_path):
         assert f"--budget-s {budget}" in c["command"] and c["timeout_s"] > budget
         assert c["command"].startswith("set -o pipefail; export PYTHONUNBUFFERED=1; python3 bench/gpu_session.py")
     assert gs.check_calls(calls) == []
-    # both calls and a machine start fit the 15 minutes of device time a session has
+    # the calls last session's note prints: (15 min - a 90 s machine start) / 2 = 405 s a call,
+    # 45 of them beyond the mode's own budget
+    assert [(c["timeout_s"], c["command"]) for c in calls] == [
+        (405, f'set -o pipefail; export PYTHONUNBUFFERED=1; python3 bench/gpu_session.py {m} --out "$OUT" '
+              "--budget-s 360 2>&1") for m in ("train", "speed")]
     assert sum(c["timeout_s"] for c in calls) + 90 <= 15 * 60
+    long_train = gs.run_calls(".gpurun", tmp_path, {"train": 540})
+    assert long_train[0]["timeout_s"] == 585
+    assert [p for p in gs.check_calls(long_train) if "1080 s, over the session's 900 s" in p]  # 585 + 405 + 90
     bad = [{"mode": "train", "command": "x" * 2001, "carry": ["a"] * 9, "timeout_s": 601}]
     assert len(gs.check_calls(bad)) == 3
 
@@ -102,6 +109,19 @@ def test_state_pieces_round_trip_and_damage_is_refused(tmp_path):
     assert [p.stat().st_size for p in gs.split_file(src, exact, "s", part_bytes=1000)] == [1000, 1000]
 
 
+def test_benchmarks_sections_come_back_also_after_a_failure(tmp_path):
+    bench, out = tmp_path / "BENCHMARKS.md", tmp_path / "out"
+    out.mkdir()
+    bench.write_text("# Benchmarks\n")
+    with gs.returned_benchmarks(out, bench):
+        pass
+    assert not (out / "BENCHMARKS_appended.md").exists()  # nothing appended: no file
+    with pytest.raises(RuntimeError), gs.returned_benchmarks(out, bench):
+        bench.write_text("# Benchmarks\n\n### one\n")
+        raise RuntimeError("a step failed")
+    assert (out / "BENCHMARKS_appended.md").read_text() == "\n### one\n"
+
+
 def test_tree_bytes_counts_tracked_and_untracked_files_not_ignored_ones(tmp_path):
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
     (tmp_path / ".gitignore").write_text("/.gpurun/\n")  # 10 bytes
@@ -129,7 +149,7 @@ def test_mode_arguments_are_checked(tmp_path, monkeypatch, capsys):
     assert gs.main(["train", "--kit", str(tmp_path)]) == 2
     assert "no output folder: give --out" in capsys.readouterr().err
     assert gs.main(["speed", "--out", str(tmp_path / "o"), "--budget-s", "700"]) == 2
-    assert "--budget-s must be in 60..580" in capsys.readouterr().err
+    assert "--budget-s must be in 60..555 s" in capsys.readouterr().err
     assert gs.main(["train", "--out", str(tmp_path / "o"), "--kit", str(tmp_path / "nokit")]) == 2
     assert "no kit folder" in (tmp_path / "o" / "train.log").read_text()
     with pytest.raises(gs.KitError, match="train=SECONDS"):
@@ -137,6 +157,15 @@ def test_mode_arguments_are_checked(tmp_path, monkeypatch, capsys):
     with pytest.raises(gs.KitError, match="must be in 60"):
         gs.parse_budgets("speed=10")
     assert gs.parse_budgets("train=540") == {"train": 540}
+    # one bound for --budget-s and --budgets: a budget and its 45 s margin within a 600 s call
+    assert gs.parse_budgets("train=555,speed=60") == {"train": 555, "speed": 60}
+    with pytest.raises(gs.KitError, match=r"--budgets train must be in 60\.\.555 s"):
+        gs.parse_budgets("train=556")
+    assert gs.main(["train", "--out", str(tmp_path / "o"), "--budget-s", "556"]) == 2
+    assert "--budget-s must be in 60..555 s" in capsys.readouterr().err
+    # prepare without a corpus refuses before building anything (the check `make gpu-kit` relies on)
+    assert gs.main(["prepare", "--kit", str(tmp_path / "newkit")]) == 2
+    assert "no corpus yet: give --corpus DIR" in capsys.readouterr().err and not (tmp_path / "newkit").exists()
     with pytest.raises(SystemExit):
         gs.parse_args(["render"])
 
