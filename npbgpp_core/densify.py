@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Generator, Sequence
@@ -122,6 +123,9 @@ class DensifyOptions:
             raise DensifyError(f"window must be odd and >= 3, got {self.window}")
         if self.min_consistent < 1:
             raise DensifyError(f"min_consistent must be >= 1, got {self.min_consistent}")
+        if self.consistency_views < self.min_consistent:
+            raise DensifyError(f"consistency_views ({self.consistency_views}) must be >= min_consistent "
+                               f"({self.min_consistent}): fewer views are checked than must agree")
         if self.depth_range is not None and not 0 < self.depth_range[0] < self.depth_range[1]:
             raise DensifyError(f"depth_range must be 0 < near < far, got {self.depth_range}")
         if self.fill_stride < 1:
@@ -880,6 +884,10 @@ def _view_steps(
     nbrs = choose_neighbors([_cam(c, cpu) for c in cameras], ranges, max(opt.neighbors, opt.consistency_views))
     if not any(nbrs):
         raise DensifyError(f"no two of the {n} views overlap: nothing can be matched ({', '.join(names[:5])}...)")
+    if opt.min_consistent > n - 1:  # a point is checked against the other views only: it could never pass
+        need = opt.min_consistent + 1
+        raise DensifyError(f"min_consistent={opt.min_consistent} needs at least {need} views, got {n} "
+                           f"({', '.join(names[:5])}): use more views or a smaller min_consistent (--min-consistent)")
     imgs = [im.to(dev, torch.float32) for im in images]
     grays = [_gray(im) for im in imgs]
     depths = torch.zeros((n, *imgs[0].shape[1:]), device=dev)
@@ -1029,6 +1037,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="torch CPU threads (0: torch's default; 1 is much faster when other jobs share the cores)")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
+    # Checked before the work (minutes on a CPU), not when the cloud is written.
+    out_dir = os.path.dirname(os.path.abspath(a.out))
+    if os.path.isdir(a.out):
+        print(f"error: --out {a.out} is a folder; give the PLY file to write, e.g. {os.path.join(a.out, 'dense.ply')}",
+              file=sys.stderr)
+        return 2
+    if not os.path.isdir(out_dir):
+        print(f"error: --out {a.out}: output folder does not exist: {out_dir}", file=sys.stderr)
+        return 2
     if a.threads > 0:
         torch.set_num_threads(a.threads)
     from .datasets import DatasetError, load_scene

@@ -141,6 +141,44 @@ def test_bad_input_is_named(tmp_path, ring, capsys):
         densify_views([img, img], [a, b], options=DensifyOptions(min_consistent=0))
 
 
+def test_cli_checks_the_output_path_before_the_work(tmp_path, ring, capsys, monkeypatch):
+    """--out in a missing folder, or naming a folder, is refused before any view is read
+    (it used to fail with a traceback after the whole reconstruction)."""
+    import npbgpp_core.densify as densify
+
+    cams, views = ring
+    write_nerf(tmp_path / "scene", cams, views, sphere_only_alpha=True)
+    monkeypatch.setattr(densify, "densify_scene", lambda *a, **k: pytest.fail("densified before checking --out"))
+    missing = tmp_path / "not_yet" / "dense.ply"
+    assert main([str(tmp_path / "scene"), "--out", str(missing), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "output folder does not exist" in err and str(tmp_path / "not_yet") in err
+    assert main([str(tmp_path / "scene"), "--out", str(tmp_path), "--quiet"]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scene"]
+
+
+def test_too_few_views_for_min_consistent_is_named(tmp_path, ring, capsys):
+    """Each point is checked against the other views, so min_consistent=2 can never pass
+    with 2 views: a clear error, not an empty cloud after the whole depth sweep."""
+    cams, views = ring
+    write_nerf(tmp_path / "scene", cams, views, sphere_only_alpha=True)
+    out = tmp_path / "x.ply"
+    assert main([str(tmp_path / "scene"), "--out", str(out), "--views", "0,1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "min_consistent=2 needs at least 3 views, got 2" in err and "--min-consistent" in err
+    assert not out.exists()
+    imgs = [v[0] for v in views[:3]]
+    with pytest.raises(DensifyError, match="min_consistent=3 needs at least 4 views, got 3"):
+        densify_views(imgs, cams[:3], options=DensifyOptions(min_consistent=3), device="cpu")
+    with pytest.raises(DensifyError, match="consistency_views"):
+        DensifyOptions(min_consistent=3, consistency_views=2).check()
+    # min_consistent=1 with the same two views does give points
+    assert main([str(tmp_path / "scene"), "--out", str(out), "--views", "0,1", "--min-consistent", "1",
+                 "--device", "cpu", "--quiet"]) == 0
+    assert out.exists()
+
+
 def test_device_choice():
     assert pick_device("cpu").type == "cpu"
     assert pick_device("auto").type in ("cpu", "cuda", "mps")
