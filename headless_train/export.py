@@ -121,6 +121,13 @@ def export(args: argparse.Namespace) -> str:
 
     from .checkpoints import checkpoint_system, load_checkpoint_file
 
+    # Checked before the aggregation (minutes on a CPU), not when the bundle is written.
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if os.path.isdir(args.out):
+        raise ExportError(f"--out {args.out} is a folder; give the bundle file to write, e.g. "
+                          f"{os.path.join(args.out, 'scene.npbgpp')}")
+    if not os.path.isdir(out_dir):
+        raise ExportError(f"output folder does not exist: {out_dir}")
     ckpt = load_checkpoint_file(args.checkpoint)
     system, _ = checkpoint_system(ckpt, args.checkpoint)
     if not os.path.isdir(args.scene):
@@ -139,9 +146,6 @@ def export(args: argparse.Namespace) -> str:
         bundle = export_npbg(ckpt, scene, args, name)
     else:
         raise ExportError(f"{args.checkpoint}: cannot export system '{system}'")
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(out_dir):
-        raise ExportError(f"output folder does not exist: {out_dir}")
     bundle.save(args.out)
     log.info("wrote %s (%s)", args.out, bundle)
     return args.out

@@ -265,3 +265,19 @@ def test_export_of_a_checkpoint_without_optional_metadata_exits_2(data_root, tmp
         assert export_main(["--checkpoint", path, "--scene", f"{data_root}/sceneA", "--out",
                             str(tmp_path / "o.npbgpp"), "--device", "cpu"]) == 2
         assert f"{system}.ckpt" in capsys.readouterr().err
+
+
+def test_export_checks_the_output_path_before_aggregating(data_root, tmp_path, capsys, monkeypatch):
+    """--out in a missing folder (or naming a folder) is refused before the checkpoint is
+    used: it used to be found only after the whole aggregation."""
+    import headless_train.export as export
+    from headless_train.stage import seed_checkpoint
+    from npbgpp_core.pretrained import default_weights_path
+
+    ckpt = seed_checkpoint(default_weights_path("npbgpp"), str(tmp_path / "seed.ckpt"))
+    monkeypatch.setattr(export, "export_npbgpp", lambda *a, **k: pytest.fail("aggregated before checking --out"))
+    scene = f"{data_root}/sceneA"
+    assert export.main(["--checkpoint", ckpt, "--scene", scene, "--out", str(tmp_path / "no" / "a.npbgpp")]) == 2
+    assert f"output folder does not exist: {tmp_path / 'no'}" in capsys.readouterr().err
+    assert export.main(["--checkpoint", ckpt, "--scene", scene, "--out", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
