@@ -130,6 +130,13 @@ def bundled_files() -> list[tuple[str, str]]:
         ("npbg_refiner", default_weights_path("npbg_refiner"))]
 
 
+def is_bundled(path: str) -> bool:
+    """Whether ``path`` is one of the bundled weights files (only those have a regeneration
+    command; a user's own file does not)."""
+    real = os.path.realpath(path)
+    return any(os.path.realpath(p) == real for _, p in bundled_files())
+
+
 def regenerate_hint(kind: str, path: str | None = None) -> str:
     """The command that writes the ``kind`` file at ``path`` again (the bundled objects
     file has its own: it is restored from git history, not retrained)."""
@@ -194,9 +201,8 @@ def read_weights(path: str, kind: str) -> WeightsFile:
 
     _check_kind(kind)
     if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"{kind} weights file not found: {path}\n  regenerate it with: {regenerate_hint(kind, path)}"
-        )
+        hint = f"\n  regenerate it with: {regenerate_hint(kind, path)}" if is_bundled(path) else ""
+        raise FileNotFoundError(f"{kind} weights file not found: {path}{hint}")
     if path.lower().endswith(CHECKPOINT_SUFFIXES):
         config, card, state = _read_checkpoint(path, kind)
     else:
@@ -219,9 +225,10 @@ def _read_safetensors(path: str, kind: str) -> tuple[dict[str, Any], dict[str, A
             for key in f.keys():
                 state[key] = f.get_tensor(key)
     except Exception as exc:  # noqa: BLE001 - every parse failure means a damaged file
+        hint = (f"; replace it, e.g. `git checkout -- {os.path.relpath(path)}` or: {regenerate_hint(kind, path)}"
+                if is_bundled(path) else "")
         raise WeightsError(
-            f"weights file {path} is corrupt or not a safetensors file ({type(exc).__name__}: {exc}); "
-            f"replace it, e.g. `git checkout -- {os.path.relpath(path)}` or: {regenerate_hint(kind, path)}"
+            f"weights file {path} is corrupt or not a safetensors file ({type(exc).__name__}: {exc}){hint}"
         ) from exc
     if meta.get("format") != FORMAT_NAME:
         raise WeightsError(f"weights file {path} is a safetensors file but not NPBG++ weights "

@@ -108,9 +108,9 @@ class _Trap:
         return (open, (self.flag, "w"))
 
 
-def test_bad_weights_files_are_named_and_never_unpickled(tmp_path):
+def test_bad_weights_files_are_named_and_never_unpickled(tmp_path, monkeypatch):
     missing = tmp_path / "none.safetensors"
-    with pytest.raises(FileNotFoundError, match="average-weights") as info:
+    with pytest.raises(FileNotFoundError, match="weights file not found") as info:
         load_pretrained_npbgpp(str(missing))
     assert str(missing) in str(info.value)
     corrupt = tmp_path / "bad.safetensors"
@@ -118,6 +118,23 @@ def test_bad_weights_files_are_named_and_never_unpickled(tmp_path):
     with pytest.raises(WeightsError, match="corrupt") as info:
         load_pretrained_npbgpp(str(corrupt))
     assert str(corrupt) in str(info.value)
+    # A user's own file gets no advice to regenerate the bundled network over it (the add-on
+    # showed `git checkout -- <their file>` and an average-weights command writing into the repo).
+    assert "git checkout" not in str(info.value) and "average-weights" not in str(info.value)
+    with pytest.raises(FileNotFoundError) as info:
+        load_pretrained_npbgpp(str(missing))
+    assert "average-weights" not in str(info.value)
+    # The bundled files do get it.
+    import npbgpp_core.pretrained as pretrained
+
+    monkeypatch.setattr(pretrained, "WEIGHTS_DIR", str(tmp_path / "bundled"))
+    with pytest.raises(FileNotFoundError, match="regenerate it with: .*average-weights"):
+        load_pretrained_npbgpp()
+    (tmp_path / "bundled").mkdir()
+    (tmp_path / "bundled" / os.path.basename(default_weights_path("npbgpp"))).write_bytes(corrupt.read_bytes())
+    with pytest.raises(WeightsError, match="corrupt.*git checkout --.*average-weights"):
+        load_pretrained_npbgpp()
+    monkeypatch.undo()
     flag = tmp_path / "executed"
     pickled = tmp_path / "pickle.safetensors"
     torch.save({"x": _Trap(str(flag))}, pickled)
