@@ -51,10 +51,14 @@ def usable_network(op: Any, settings: Any) -> tuple[str, str] | None:
 
 def imported_dataset(op: Any, settings: Any, needs: str) -> str:
     """The imported dataset's folder, or "" after reporting "<needs>: use File > Import >
-    NPBG++ Dataset Folder first." (none imported, or its folder is gone)."""
+    NPBG++ Dataset Folder first." (none imported) or that its folder is gone (named)."""
     dataset = bpy.path.abspath(settings.dataset_path) if settings.dataset_path else ""
-    if not dataset or not os.path.isdir(dataset):
+    if not dataset:
         op.report({"ERROR"}, f"{needs}: use File > Import > NPBG++ Dataset Folder first.")
+        return ""
+    if not os.path.isdir(dataset):
+        op.report({"ERROR"}, f"{needs}: the imported dataset folder {dataset} no longer exists (moved or deleted?); "
+                             "import it again with File > Import > NPBG++ Dataset Folder.")
         return ""
     return dataset
 

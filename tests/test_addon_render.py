@@ -1406,6 +1406,13 @@ def test_fit_to_photos_operator(scene):
     with pytest.raises(RuntimeError, match="needs the dataset's photos"):
         bpy.ops.npbgpp.fit(steps=3)
     sc.npbgpp.dataset_path = dataset
+    # A dataset folder moved away after the import is named as gone, not as never imported.
+    os.rename(root, str(root) + "_moved")
+    for run in (lambda: bpy.ops.npbgpp.fit(steps=3), lambda: bpy.ops.npbgpp.aggregate(filepath=agg),
+                lambda: bpy.ops.npbgpp.densify(filepath=str(scene["dir"] / "d.ply"))):
+        with pytest.raises(RuntimeError, match=f"dataset folder {re.escape(str(root))} no longer exists"):
+            run()
+    os.rename(str(root) + "_moved", root)
     sc.npbgpp.weights = str(scene["dir"] / "missing.safetensors")
     with pytest.raises(RuntimeError, match="missing.safetensors"):
         bpy.ops.npbgpp.fit(steps=3)
