@@ -122,7 +122,10 @@ def test_both_bundled_files_load_and_are_valid(capsys):
     assert out.count('"valid": true') == 3 and OBJECTS in out and GENERAL in out
 
 
-def test_missing_objects_file_names_its_git_restore(tmp_path, capsys):
+def test_missing_objects_file_names_its_git_restore(tmp_path, capsys, monkeypatch):
+    import npbgpp_core.pretrained as pretrained
+
+    monkeypatch.setattr(pretrained, "WEIGHTS_DIR", str(tmp_path))  # the bundled files, missing
     gone = tmp_path / "npbgpp_sphere_objects.safetensors"
     with pytest.raises(FileNotFoundError, match=r"git show 02641b0\^:npbgpp_core/weights/"):
         read_weights(str(gone), "npbgpp")
