@@ -287,6 +287,7 @@ class IMPORT_SCENE_OT_npbgpp_dataset(bpy.types.Operator):
             collection.objects.link(cam)
             cam["npbgpp_image"] = view.image_path
         context.scene.npbgpp.dataset_path = path
+        context.scene.npbgpp.dataset_points = ""  # the new dataset's own cloud, not an older dense one
         context.scene.npbgpp.dataset_format = reply.format or ""
         context.scene.npbgpp.dataset_undistort = self.undistort
         context.scene.npbgpp.dataset_allow_external_paths = self.allow_external_paths

@@ -7,6 +7,7 @@ import os
 from typing import Any, NamedTuple
 
 import bpy
+import numpy as np
 from bpy.props import BoolProperty, FloatProperty, IntProperty, StringProperty
 
 # Network setting -> the data domain of the bundled NPBG++ file (npbgpp_core.pretrained);
@@ -241,8 +242,8 @@ class _WorkerStepJob(_ModalJob):
 
 
 class NPBGPP_OT_aggregate(_WorkerStepJob, bpy.types.Operator):
-    """Compute NPBG++ descriptors of the imported dataset's points from its views and save a bundle
-    (in the background: progress in the status bar, Esc cancels)"""
+    """Compute NPBG++ descriptors of the imported dataset's points (after Densify Points: the dense cloud) from
+    its views and save a bundle (in the background: progress in the status bar, Esc cancels)"""
 
     bl_idname = "npbgpp.aggregate"
     bl_label = "Aggregate Descriptors"
@@ -269,6 +270,10 @@ class NPBGPP_OT_aggregate(_WorkerStepJob, bpy.types.Operator):
         if network is None:
             return None
         dataset = imported_dataset(self, s, "Aggregate needs a dataset")
+        if dataset and s.dataset_points and not os.path.isfile(bpy.path.abspath(s.dataset_points)):
+            self.report({"ERROR"}, f"Aggregate: the Dataset Points file {bpy.path.abspath(s.dataset_points)} is gone; "
+                                   "run Densify Points again, or clear Dataset Points to use the dataset's own points.")
+            return None
         return (*network, dataset) if dataset else None
 
     def _begin(self, context: Any) -> Progress | None:
@@ -285,6 +290,7 @@ class NPBGPP_OT_aggregate(_WorkerStepJob, bpy.types.Operator):
         started = worker_reply(self, P.AggregateBegin(
             dataset, weights, s.dataset_format or None, s.device, self.max_points, s.up_axis, s.dataset_undistort,
             s.dataset_allow_external_paths, domain or "auto",
+            bpy.path.abspath(s.dataset_points) if s.dataset_points else "",
         ), context)
         if started is None:
             return None
@@ -388,9 +394,12 @@ class NPBGPP_OT_densify(_WorkerStepJob, bpy.types.Operator):
         if cloud is None:
             return {"CANCELLED"}
         name = os.path.splitext(os.path.basename(self._out))[0]
-        obj = make_point_object(name, cloud.points, cloud.colors, context)
+        # ids: the rows of the saved PLY, which Aggregate now uses as the dataset's cloud
+        obj = make_point_object(name, cloud.points, cloud.colors, context, np.arange(len(cloud.points)))
         use_point_object(context, obj)
-        self.report({"INFO"}, f"densified: {len(cloud.points)} points, saved to {self._out}")
+        context.scene.npbgpp.dataset_points = self._out
+        self.report({"INFO"}, f"densified: {len(cloud.points)} points, saved to {self._out}; Aggregate "
+                              "Descriptors uses them")
         return {"FINISHED"}
 
     def invoke(self, context: Any, event: Any) -> set[str]:

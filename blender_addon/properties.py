@@ -108,6 +108,11 @@ class NPBGPPSceneSettings(bpy.types.PropertyGroup):
         name="Dataset", description="Dataset folder the input cameras came from (Aggregate reads its images)",
         subtype="DIR_PATH", default="",
     )
+    dataset_points: StringProperty(  # type: ignore[valid-type]
+        name="Dataset Points", subtype="FILE_PATH", default="",
+        description="PLY file whose points Aggregate uses instead of the dataset's own cloud (set by Densify Points, "
+        "cleared by Import Dataset Folder); empty: the dataset's points",
+    )
     dataset_format: StringProperty(  # type: ignore[valid-type]
         name="Dataset Format", default="", description="Format of the imported dataset (empty: detected)",
     )

@@ -47,6 +47,7 @@ class RENDER_PT_npbgpp_data(_NPBGPPPanel, bpy.types.Panel):
         row.prop(s, "network")
         layout.prop(s, "weights")
         layout.prop(s, "dataset_path")
+        layout.prop(s, "dataset_points")
         layout.prop(s, "up_axis")
         col = layout.column(align=True)
         col.operator("import_scene.npbgpp_ply", icon="IMPORT")

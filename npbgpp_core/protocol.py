@@ -283,7 +283,9 @@ class ReadDataset(Request):
 class AggregateBegin(Request):
     """Start aggregating NPBG++ descriptors of a dataset's points with ``weights``; empty
     ``weights``: the bundled file of ``domain`` ("scene", "object", or "auto": the
-    dataset's own, ``npbgpp_core.datasets.scene_domain``)."""
+    dataset's own, ``npbgpp_core.datasets.scene_domain``). ``points``: a PLY file whose
+    points (and colours) replace the dataset's own cloud (Densify's output); empty: the
+    dataset's cloud."""
 
     dataset: str
     weights: str
@@ -294,6 +296,7 @@ class AggregateBegin(Request):
     undistort: bool = False
     allow_external_paths: bool = False
     domain: str = "auto"
+    points: str = ""
     op: ClassVar[str] = "aggregate_begin"
     reply: ClassVar[type[Reply]] = AggregationStarted
 

@@ -95,6 +95,22 @@ def load_dataset(path: str, format: str | None = None, undistort: bool = False,
     return load_scene(path, format=format, **options)
 
 
+def with_points(data: Any, path: str) -> Any:
+    """``data`` with the points and colours of PLY file ``path`` instead of its own cloud
+    (a dense cloud of the same scene, in its world frame); ValueError naming the file."""
+    import dataclasses
+
+    from .ply import load_ply
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"point cloud to aggregate not found: {path}")
+    cloud = load_ply(path)
+    if len(cloud) == 0:
+        raise ValueError(f"point cloud to aggregate holds no points: {path}")
+    return dataclasses.replace(data, points=np.asarray(cloud.points, np.float32),
+                               colors=None if cloud.colors is None else np.asarray(cloud.colors, np.float32))
+
+
 class DatasetAggregation:
     """NPBG++ descriptors of a dataset's points, streamed view by view into a bundle."""
 
@@ -109,6 +125,8 @@ class DatasetAggregation:
         if not req.weights and req.domain != "auto":
             check_domain(req.domain)  # before the dataset is read
         self.data = load_dataset(req.dataset, req.format, req.undistort, req.allow_external_paths)
+        if req.points:
+            self.data = with_points(self.data, req.points)
         self.views = list(self.data.train) or list(range(len(self.data.views)))
         # No file given: the bundled network of the data's domain (cut-out objects or scenes).
         self.domain = "" if req.weights else scene_domain(self.data) if req.domain == "auto" else req.domain

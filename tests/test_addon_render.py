@@ -1099,6 +1099,23 @@ def test_densify_operator_on_an_imported_dataset(scene):
     assert (surface_distance(torch.as_tensor(pts), floor=False) < 0.035).float().mean() >= 0.9
     np.testing.assert_allclose(load_ply(work / "sphere_dense.ply").points, pts, atol=1e-5)
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == before  # nothing written into the dataset
+    # Aggregate then uses the dense cloud, not the dataset's own points (it used to aggregate the
+    # sparse cloud while the viewport showed the dense one), and the point object's ids index it.
+    from blender_addon.point_source import point_ids
+    from npbgpp_core.scene import NeuralScene
+
+    assert bpy.path.abspath(sc.npbgpp.dataset_points) == str(work / "sphere_dense.ply")
+    np.testing.assert_array_equal(point_ids(sc.npbgpp.point_object), np.arange(len(pts)))
+    sc.npbgpp.weights = ""
+    assert bpy.ops.npbgpp.aggregate(filepath=str(work / "dense.npbgpp")) == {"FINISHED"}
+    bundle = NeuralScene.load(str(work / "dense.npbgpp"))
+    np.testing.assert_allclose(bundle.points.numpy(), load_ply(work / "sphere_dense.ply").points, atol=1e-6)
+    os.rename(work / "sphere_dense.ply", work / "moved.ply")
+    with pytest.raises(RuntimeError, match="Dataset Points file .*sphere_dense.ply is gone"):
+        bpy.ops.npbgpp.aggregate(filepath=str(work / "dense2.npbgpp"))
+    assert not (work / "dense2.npbgpp").exists()
+    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root)) == {"FINISHED"}  # a new import: its own cloud
+    assert bpy.context.scene.npbgpp.dataset_points == ""
     with pytest.raises(RuntimeError, match="COLMAP|colmap|sparse"):
         bpy.ops.import_scene.npbgpp_dataset(directory=str(root), format="COLMAP")
 
