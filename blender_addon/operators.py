@@ -115,6 +115,31 @@ def worker_reply(op: Any, request: Any, context: Any = None) -> Any:
         return None
 
 
+def follow_bundle_points(op: Any, context: Any, count: int) -> str | None:
+    """After Aggregate wrote ``op._out`` with ``count`` points: the point object's ids name
+    rows of the bundle; when Max Points left some out (ids beyond ``count``), the bundle's
+    own points become the point object, as File > Import Bundle would make them. Returns a
+    note for the report ("" when nothing changed), None after reporting a failure."""
+    from npbgpp_core import protocol as P
+
+    from .importers import make_point_object, use_point_object
+    from .point_source import point_ids
+
+    obj = context.scene.npbgpp.point_object
+    ids = point_ids(obj) if obj is not None else None
+    if ids is None or not len(ids) or int(ids.max()) < count:
+        return ""
+    if worker_reply(op, P.LoadBundle(op._out, "CPU", "FP32")) is None:
+        return None
+    cloud = worker_reply(op, P.GetBundlePoints())
+    if cloud is None:
+        return None
+    name = os.path.splitext(os.path.basename(op._out))[0]
+    use_point_object(context, make_point_object(name, cloud.points, cloud.colors, context, np.arange(count)))
+    return (f" Max Points kept {count} of {obj.name!r}'s points: the point object is now {name!r}, the bundle's "
+            "own points.")
+
+
 class _ModalJob:
     """A long operation run one step per timer tick: progress bar, status text, Esc cancels
     (the operator's own ``modal`` decides what a step and a cancel do)."""
@@ -318,9 +343,13 @@ class NPBGPP_OT_aggregate(_WorkerStepJob, bpy.types.Operator):
             return {"CANCELLED"}
         context.scene.npbgpp.bundle = self._out
         up = ", ".join(f"{v:g}" for v in reply.world_up)
+        note = follow_bundle_points(self, context, reply.points)
+        if note is None:
+            return {"CANCELLED"}
         self.report({"INFO"}, f"Saved {reply.points} points ({reply.valid} seen by the views) to {self._out}, up "
-                              f"axis ({up}), network {self._network}.")
+                              f"axis ({up}), network {self._network}.{note}")
         return {"FINISHED"}
+
 
     def invoke(self, context: Any, event: Any) -> set[str]:
         inputs = self._inputs(context)

@@ -1228,6 +1228,36 @@ def test_dataset_max_points_then_bundle_renders_only_imported_points(scene):
     assert np.abs(got - _core_render(sc, cam, NeuralScene.load(out))).max() > 10 * 2e-4  # not all 60 points
 
 
+def test_aggregate_with_max_points_then_renders(scene):
+    """Aggregate with Max Points keeps fewer points than the imported dataset object names:
+    the bundle's own points become the point object (ids = its rows) and F12 renders the
+    whole bundle (it used to fail with 'point ids must be in [0, 30)')."""
+    from blender_addon.point_source import object_points, point_ids
+    from npbgpp_core.scene import NeuralScene
+
+    sc, cam = scene["scene"], scene["camera"]
+    root = scene["dir"] / "nerf"
+    _write_nerf_dataset(root, [cam], scene["points"], scene["colors"])
+    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root)) == {"FINISHED"}
+    dataset_obj = sc.npbgpp.point_object
+    sc.npbgpp.weights = ""
+    out = str(scene["dir"] / "sub30.npbgpp")
+    assert bpy.ops.npbgpp.aggregate(filepath=out, max_points=30) == {"FINISHED"}
+    bundle = NeuralScene.load(out)
+    obj = sc.npbgpp.point_object
+    assert obj != dataset_obj and len(bundle.points) == 30
+    np.testing.assert_array_equal(point_ids(obj), np.arange(30))
+    np.testing.assert_allclose(object_points(obj)[0], bundle.points.numpy(), atol=1e-6)
+    sc.render.film_transparent = False
+    sc.npbgpp.output = "NEURAL"
+    got = _neural_display(sc, str(scene["dir"] / "sub30.exr"))
+    np.testing.assert_allclose(got, _core_render(sc, cam, bundle), atol=2e-4)
+    # without Max Points the dataset object stays the point object
+    sc.npbgpp.point_object = dataset_obj
+    assert bpy.ops.npbgpp.aggregate(filepath=str(scene["dir"] / "all.npbgpp")) == {"FINISHED"}
+    assert sc.npbgpp.point_object == dataset_obj
+
+
 class _Recorder:
     """Stands in for UILayout in draw functions: records operators and labels."""
 
