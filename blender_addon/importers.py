@@ -118,9 +118,15 @@ class IMPORT_SCENE_OT_npbgpp_ply(bpy.types.Operator, ImportHelper):
             self.report({"ERROR"}, f"PLY file not found: {path}")
             return {"CANCELLED"}
         try:
-            splat = is_splat_header(ply_vertex_properties(path))
+            properties = ply_vertex_properties(path)
+            splat = is_splat_header(properties)
         except (ValueError, OSError) as exc:
             self.report({"ERROR"}, f"Cannot read PLY {path}: {exc}")
+            return {"CANCELLED"}
+        missing = [c for c in "xyz" if c not in properties]
+        if missing:  # Blender's importer says only "failed importing, unknown error"
+            self.report({"ERROR"}, f"Cannot read PLY {path}: its vertex element has no {', '.join(missing)} "
+                                   f"(properties: {', '.join(properties) or 'none'})")
             return {"CANCELLED"}
         before = set(bpy.data.objects)
         try:

@@ -800,6 +800,18 @@ def test_import_splat_ply_gives_centres_and_dc_colours(scene):
         bpy.ops.import_scene.npbgpp_ply(filepath=path, min_opacity=1.0)
 
 
+def test_ply_without_positions_names_what_is_missing(scene):
+    """A PLY whose vertices have no x/y/z: the message names the missing properties (Blender's
+    own importer only says 'failed importing, unknown error')."""
+    path = str(scene["dir"] / "nopos.ply")
+    with open(path, "w") as f:
+        f.write("ply\nformat ascii 1.0\nelement vertex 2\nproperty float x\nproperty float w\nend_header\n1 2\n3 4\n")
+    before = set(bpy.data.objects)
+    with pytest.raises(RuntimeError, match=r"nopos.ply: its vertex element has no y, z \(properties: x, w\)"):
+        bpy.ops.import_scene.npbgpp_ply(filepath=path)
+    assert set(bpy.data.objects) == before
+
+
 # --------------------------------------------------------------------------- Blender's UI
 class _Layout:
     """Records what a panel's draw() offers (prop names), standing in for UILayout."""
