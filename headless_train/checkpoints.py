@@ -86,6 +86,49 @@ def load_checkpoint_file(path: str, map_location: Any = "cpu") -> dict:
     return ckpt
 
 
+def weights_file_checkpoint(path: str, world_up: list[float] | None = None) -> dict:
+    """The network of NPBG++ weights file ``path`` (:mod:`npbgpp_core.pretrained`, e.g. a
+    bundled one) as a headless_train NPBG++ checkpoint dict with the file's own config, so
+    that ``weights_path=`` can start or evaluate a run from it; ``world_up`` replaces the
+    file's. WeightsError / FileNotFoundError naming the file."""
+    from npbgpp_core.pretrained import read_weights
+
+    wf = read_weights(path, "npbgpp")
+    config = dict(wf.config)
+    if world_up is not None:
+        config["world_up"] = list(world_up)
+    return {"state_dict": {"model." + k: v.float() for k, v in wf.state.items()}, "global_step": 0,
+            META_KEY: {"system": "npbgpp", "config": {"name": "npbgpp", **config}, "scenes": [], "points": [],
+                       "version": FORMAT_VERSION, "seeded_from": os.path.abspath(path)}}
+
+
+def load_source_checkpoint(path: str) -> dict:
+    """What ``weights_path=`` names: a headless_train checkpoint, or an NPBG++ weights file
+    (``.safetensors``: the bundled networks, ``export-weights`` output)."""
+    if path.lower().endswith(".safetensors"):
+        if not os.path.isfile(path):
+            raise CheckpointError(f"weights file not found: {path}")
+        return weights_file_checkpoint(path)
+    return load_checkpoint_file(path)
+
+
+def network_differences(ckpt: dict, path: str, system_config: dict) -> list[tuple[str, Any, Any]]:
+    """``(option, checkpoint's value, this run's value)`` for every NPBG++ network option
+    (:class:`NPBGPlusPlusConfig`) in which an NPBG++ checkpoint differs from the run's
+    system config: the run would build another network than the one trained."""
+    from npbgpp_core.models import NPBGPlusPlusConfig
+
+    source, source_cfg = checkpoint_system(ckpt, path)
+    if source != "npbgpp":
+        return []
+    try:
+        a = NPBGPlusPlusConfig.from_options(source_cfg, extractor_weights=None).to_dict()
+        b = NPBGPlusPlusConfig.from_options(system_config, extractor_weights=None).to_dict()
+    except (TypeError, ValueError):
+        return []  # a bad config is reported where the network is built
+    return [(k, a[k], b[k]) for k in sorted(a) if a[k] != b[k]]
+
+
 def checkpoint_system(ckpt: dict, path: str) -> tuple[str, dict]:
     """(system name, system config) stored by headless_train in a checkpoint."""
     meta = ckpt.get(META_KEY)

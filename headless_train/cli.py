@@ -84,6 +84,8 @@ def _run(cfg: DictConfig, run_dir: str) -> dict | None:
         TrainTimeLimit,
         check_compatible,
         load_checkpoint_file,
+        load_source_checkpoint,
+        network_differences,
     )
     from .data import SceneDataModule
     from .evaluate import evaluate
@@ -98,8 +100,16 @@ def _run(cfg: DictConfig, run_dir: str) -> dict | None:
     source_ckpt = None
     if cfg.weights_path:
         wp = str(cfg.weights_path)
-        source_ckpt = load_checkpoint_file(wp)
+        source_ckpt = load_source_checkpoint(wp)
         check_compatible(source_ckpt, wp, name, scfg)
+        if name == "npbgpp":
+            differences = network_differences(source_ckpt, wp, scfg)
+            if differences:
+                log.warning(
+                    "weights_path %s was trained with %s; this run builds %s (a different network: pass the "
+                    "checkpoint's values to use it as trained)", wp,
+                    " ".join(f"system.{k}={_override(v)}" for k, v, _ in differences),
+                    " ".join(f"system.{k}={_override(v)}" for k, _, v in differences))
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     resume_path = None
     if cfg.resume:
@@ -169,6 +179,13 @@ def _run(cfg: DictConfig, run_dir: str) -> dict | None:
         paths = system.save_descriptors(str(scfg["descriptors_save_dir"]))
         log.info("descriptors written: %s", ", ".join(paths))
     return None
+
+
+def _override(value: Any) -> str:
+    """A config value as a Hydra override writes it (lists without spaces)."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_override(v) for v in value) + "]"
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def check_resumed_warmup(ckpt: dict, path: str, scfg: dict) -> None:

@@ -92,25 +92,9 @@ def check_corpus(corpus: str, max_mib: float = MAX_CORPUS_MIB) -> list[str]:
 def seed_checkpoint(weights: str, out: str, world_up: list[float] | None = None) -> str:
     """A headless_train NPBG++ checkpoint holding the network of weights file ``weights``
     (so ``weights_path=`` can start a run from bundled weights)."""
-    import torch
+    from .checkpoints import atomic_torch_save, weights_file_checkpoint
 
-    from npbgpp_core.atomic import atomic_write_bytes
-    from npbgpp_core.pretrained import read_weights
-
-    from .checkpoints import FORMAT_VERSION, META_KEY
-
-    wf = read_weights(weights, "npbgpp")
-    config = dict(wf.config)
-    if world_up is not None:
-        config["world_up"] = list(world_up)
-    state = {"model." + k: v.float() for k, v in wf.state.items()}
-    import io
-
-    buf = io.BytesIO()
-    torch.save({"state_dict": state, "global_step": 0,
-                META_KEY: {"system": "npbgpp", "config": {"name": "npbgpp", **config}, "scenes": [], "points": [],
-                           "version": FORMAT_VERSION, "seeded_from": os.path.abspath(weights)}}, buf)
-    atomic_write_bytes(out, buf.getvalue())
+    atomic_torch_save(weights_file_checkpoint(weights, world_up), out)
     return out
 
 

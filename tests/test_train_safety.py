@@ -281,3 +281,36 @@ def test_export_checks_the_output_path_before_aggregating(data_root, tmp_path, c
     assert f"output folder does not exist: {tmp_path / 'no'}" in capsys.readouterr().err
     assert export.main(["--checkpoint", ckpt, "--scene", scene, "--out", str(tmp_path)]) == 2
     assert "is a folder" in capsys.readouterr().err
+
+
+def test_weights_path_takes_a_weights_file_and_names_network_differences(data_root, tmp_path, caplog):
+    """weights_path= accepts an NPBG++ weights file (the bundled network: the project ships no
+    checkpoint; it used to say 'has no state_dict'). A run whose system options build another
+    network than the file's is warned with the overrides to pass, and the background
+    mismatch is named in the error."""
+    import logging
+    import math
+
+    from npbgpp_core.pretrained import default_weights_path, read_weights
+
+    weights = default_weights_path("npbgpp")
+    config = read_weights(weights, "npbgpp").config
+    common = [f"datasets.data_root={data_root}", "datasets=nerf_blender_one_scene", "datasets.scene_name=sceneA",
+              "system=npbgpp_sphere", f"weights_path={weights}", "eval_only=true", *FAST]
+    wrong_up = [0.0, 1.0, 0.0] if config["world_up"] != [0.0, 1.0, 0.0] else [1.0, 0.0, 0.0]
+    as_trained = [f"system.background={config['background']}", f"system.input_canvas={config['input_canvas']}",
+                  "system.world_up=[" + ",".join(str(float(v)) for v in config["world_up"]) + "]"]
+    with caplog.at_level(logging.WARNING, logger="headless_train"):
+        result = run_inproc([*common, *as_trained], str(tmp_path / "ok"))
+    assert math.isfinite(result["mean"]["psnr"]) and "was trained with" not in caplog.text
+    caplog.clear()
+    up = "system.world_up=[" + ",".join(str(v) for v in wrong_up) + "]"
+    with caplog.at_level(logging.WARNING, logger="headless_train"):
+        run_inproc([*common, *as_trained[:2], up], str(tmp_path / "up"))
+    assert "was trained with system.world_up=" in caplog.text and "this run builds system.world_up=" in caplog.text
+    assert config["background"] == "environment"  # the shipped file: the next check relies on it
+    with pytest.raises(ValueError, match="add system.background=environment"):
+        run_inproc([*common, "system.background=none", *as_trained[1:]], str(tmp_path / "bg"))
+    with pytest.raises(Exception, match="weights file not found"):
+        run_inproc([*common[:4], f"weights_path={tmp_path}/none.safetensors", "eval_only=true", *FAST],
+                   str(tmp_path / "missing"))

@@ -204,7 +204,11 @@ class NPBGPlusPlusSystem(BaseSystem):
         missing, unexpected = self.load_state_dict(state, strict=False)
         missing = [k for k in missing if k.startswith("model.")]
         if missing or unexpected:
+            hint = ("; its network has an environment background: add system.background=environment"
+                    if self.model.config.background == "none" and any(".background_proj." in k for k in unexpected)
+                    else "")
             raise ValueError(
                 f"checkpoint {path} does not fit this NPBG++ model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+                f"{hint}"
             )
         log.info("loaded NPBG++ weights from %s", path)
