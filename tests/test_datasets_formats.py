@@ -494,6 +494,22 @@ def test_wrong_format_and_options(tmp_path):
         load_scene(root, white_background=True)
 
 
+def test_photos_without_a_model_point_to_capture_sfm(tmp_path):
+    """A folder of photos without a COLMAP model (a capture before SfM) is named as such,
+    with the command that recovers the cameras; an empty folder gets no such hint."""
+    from PIL import Image
+
+    root = tmp_path / "photos"
+    (root / "images").mkdir(parents=True)
+    Image.new("RGB", (8, 6)).save(root / "images" / "a.jpg")
+    with pytest.raises(DatasetError, match="photos in images/ without a COLMAP model.*capture-sfm"):
+        load_scene(str(root))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="no known dataset layout") as info:
+        load_scene(str(tmp_path / "empty"))
+    assert "capture-sfm" not in str(info.value) and "--format" in str(info.value)
+
+
 def test_scannet_refuses_no_pickle_garbage(tmp_path):
     root = str(tmp_path / "s")
     write_scannet(root)

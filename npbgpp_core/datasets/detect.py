@@ -29,10 +29,16 @@ def detect_format(root: str) -> str:
     if find_sparse_dir(root) is not None:
         found.append("colmap")
     if not found:
+        photos = os.path.isdir(os.path.join(root, "images")) and not any(
+            os.path.isfile(os.path.join(root, f)) for f in ("intrinsics.npy", "extrinsics.npy"))  # not ScanNet
+        hint = ("; photos in images/ without a COLMAP model: recover the cameras with `python -m headless_train "
+                "capture-sfm` (headless_train/README.md)" if photos else "")
         raise DatasetError(
             f"{root}: no known dataset layout (looked for transforms_train.json, cameras.npz + image/, "
-            "intrinsics.npy + extrinsics.npy + images/, sparse/[0/]cameras.bin|txt); pass format="
+            f"intrinsics.npy + extrinsics.npy + images/, sparse/[0/]cameras.bin|txt){hint}; or name the format "
+            "(format=, --format, the add-on's Format) to be told which of its files is missing"
         )
     if len(found) > 1:
-        raise DatasetError(f"{root}: matches several layouts {found}; pass format= to choose")
+        raise DatasetError(f"{root}: matches several layouts {found}; name the format to choose (format=, --format, "
+                           "the add-on's Format)")
     return found[0]
