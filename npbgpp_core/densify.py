@@ -1053,6 +1053,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         options = {"undistort": True} if a.undistort else {}
+        if a.undistort:
+            from .datasets.detect import detect_format
+
+            fmt = a.format or detect_format(os.path.abspath(a.scene))
+            if fmt != "colmap":
+                raise ValueError(f"--undistort applies to COLMAP models only; {a.scene} is {fmt} (its images have "
+                                 "no lens distortion to remove)")
         scene = load_scene(a.scene, a.format, **options)
         views = _parse_views(a.views, len(scene.views), scene.train)
         if a.max_views and len(views) > a.max_views:
