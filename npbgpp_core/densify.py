@@ -887,7 +887,8 @@ def _view_steps(
     if opt.min_consistent > n - 1:  # a point is checked against the other views only: it could never pass
         need = opt.min_consistent + 1
         raise DensifyError(f"min_consistent={opt.min_consistent} needs at least {need} views, got {n} "
-                           f"({', '.join(names[:5])}): use more views or a smaller min_consistent (--min-consistent)")
+                           f"({', '.join(names[:5])}): use more views or a smaller min_consistent (--min-consistent; "
+                           "the add-on's Min Consistent Views)")
     imgs = [im.to(dev, torch.float32) for im in images]
     grays = [_gray(im) for im in imgs]
     depths = torch.zeros((n, *imgs[0].shape[1:]), device=dev)
