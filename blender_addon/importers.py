@@ -82,15 +82,28 @@ def create_camera(
     return obj
 
 
-def _dataset_object(context: Any, dataset: str) -> bpy.types.Object | None:
-    """The scene's point object when it holds the points of ``dataset`` (imported with ids)."""
+def _dataset_object(context: Any, dataset: str, bundle_points: np.ndarray) -> bpy.types.Object | None:
+    """The scene's point object when it holds points of ``dataset`` (imported with ids) that
+    are the bundle's: each id names the bundle point at the object's position. A bundle of
+    another cloud of the same dataset (Densify's, or the sparse one after a dense bundle)
+    gets its own object, or it would render only the points whose ids happen to exist."""
+    from .point_source import object_points, point_ids
+
     s = context.scene.npbgpp
     obj = s.point_object
     if not dataset or obj is None or not s.dataset_path or ID_ATTRIBUTE not in obj.data.attributes:
         return None
     same = os.path.normcase(os.path.abspath(bpy.path.abspath(s.dataset_path))) == os.path.normcase(
         os.path.abspath(dataset))
-    return obj if same else None
+    if not same:
+        return None
+    ids = point_ids(obj)
+    pts = object_points(obj, world=False)[0]
+    if ids is None or len(ids) == 0 or int(ids.min()) < 0 or int(ids.max()) >= len(bundle_points):
+        return None
+    ref = np.asarray(bundle_points, np.float32)[ids]
+    tol = 1e-4 * float(np.ptp(ref, axis=0).max()) + 1e-6
+    return obj if float(np.abs(pts - ref).max()) <= tol else None
 
 
 # --------------------------------------------------------------------------- PLY
@@ -203,9 +216,9 @@ class IMPORT_SCENE_OT_npbgpp_bundle(bpy.types.Operator, ImportHelper):
         try:
             worker = worker_for(context.scene)
             info = worker.request(P.LoadBundle(path, "CPU", "FP32"))
-            existing = _dataset_object(context, info.dataset)
+            reply = worker.request(P.GetBundlePoints())
+            existing = _dataset_object(context, info.dataset, reply.points)
             if existing is None:
-                reply = worker.request(P.GetBundlePoints())
                 name = os.path.splitext(os.path.basename(path))[0]
                 obj = make_point_object(name, reply.points, reply.colors, context, np.arange(len(reply.points)))
             else:

@@ -1132,6 +1132,13 @@ def test_densify_operator_on_an_imported_dataset(scene):
     assert not (work / "dense2.npbgpp").exists()
     assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root)) == {"FINISHED"}  # a new import: its own cloud
     assert bpy.context.scene.npbgpp.dataset_points == ""
+    # The dense bundle imported next to the dataset's sparse object: its own object, not the sparse
+    # one (whose ids 0..n-1 would have rendered only the first n dense points).
+    sparse_obj = bpy.context.scene.npbgpp.point_object
+    assert bpy.ops.import_scene.npbgpp_bundle(filepath=str(work / "dense.npbgpp")) == {"FINISHED"}
+    obj = bpy.context.scene.npbgpp.point_object
+    assert obj != sparse_obj and len(point_ids(obj)) == len(bundle.points)
+    np.testing.assert_allclose(object_points(obj)[0], bundle.points.numpy(), atol=1e-6)
     with pytest.raises(RuntimeError, match="COLMAP|colmap|sparse"):
         bpy.ops.import_scene.npbgpp_dataset(directory=str(root), format="COLMAP")
 
