@@ -115,7 +115,8 @@ def load_source_checkpoint(path: str) -> dict:
 def network_differences(ckpt: dict, path: str, system_config: dict) -> list[tuple[str, Any, Any]]:
     """``(option, checkpoint's value, this run's value)`` for every NPBG++ network option
     (:class:`NPBGPlusPlusConfig`) in which an NPBG++ checkpoint differs from the run's
-    system config: the run would build another network than the one trained."""
+    system config: the run would build another network than the one trained. ``world_up``
+    is left out: it belongs to the scenes (their up axis), not to the weights."""
     from npbgpp_core.models import NPBGPlusPlusConfig
 
     source, source_cfg = checkpoint_system(ckpt, path)
@@ -126,7 +127,7 @@ def network_differences(ckpt: dict, path: str, system_config: dict) -> list[tupl
         b = NPBGPlusPlusConfig.from_options(system_config, extractor_weights=None).to_dict()
     except (TypeError, ValueError):
         return []  # a bad config is reported where the network is built
-    return [(k, a[k], b[k]) for k in sorted(a) if a[k] != b[k]]
+    return [(k, a[k], b[k]) for k in sorted(a) if a[k] != b[k] and k != "world_up"]
 
 
 def checkpoint_system(ckpt: dict, path: str) -> tuple[str, dict]:

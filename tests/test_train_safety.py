@@ -297,17 +297,20 @@ def test_weights_path_takes_a_weights_file_and_names_network_differences(data_ro
     config = read_weights(weights, "npbgpp").config
     common = [f"datasets.data_root={data_root}", "datasets=nerf_blender_one_scene", "datasets.scene_name=sceneA",
               "system=npbgpp_sphere", f"weights_path={weights}", "eval_only=true", *FAST]
-    wrong_up = [0.0, 1.0, 0.0] if config["world_up"] != [0.0, 1.0, 0.0] else [1.0, 0.0, 0.0]
+    other_up = [0.0, 1.0, 0.0] if config["world_up"] != [0.0, 1.0, 0.0] else [1.0, 0.0, 0.0]
+    up = "system.world_up=[" + ",".join(str(v) for v in other_up) + "]"
     as_trained = [f"system.background={config['background']}", f"system.input_canvas={config['input_canvas']}",
                   "system.world_up=[" + ",".join(str(float(v)) for v in config["world_up"]) + "]"]
     with caplog.at_level(logging.WARNING, logger="headless_train"):
         result = run_inproc([*common, *as_trained], str(tmp_path / "ok"))
     assert math.isfinite(result["mean"]["psnr"]) and "was trained with" not in caplog.text
     caplog.clear()
-    up = "system.world_up=[" + ",".join(str(v) for v in wrong_up) + "]"
+    other_canvas = "square" if config["input_canvas"] != "square" else "bounds"
     with caplog.at_level(logging.WARNING, logger="headless_train"):
-        run_inproc([*common, *as_trained[:2], up], str(tmp_path / "up"))
-    assert "was trained with system.world_up=" in caplog.text and "this run builds system.world_up=" in caplog.text
+        run_inproc([*common, as_trained[0], f"system.input_canvas={other_canvas}", up], str(tmp_path / "canvas"))
+    assert (f"was trained with system.input_canvas={config['input_canvas']}; this run builds "
+            f"system.input_canvas={other_canvas}") in caplog.text
+    assert "world_up" not in caplog.text  # the scenes' up axis, not a property of the weights
     assert config["background"] == "environment"  # the shipped file: the next check relies on it
     with pytest.raises(ValueError, match="add system.background=environment"):
         run_inproc([*common, "system.background=none", *as_trained[1:]], str(tmp_path / "bg"))
