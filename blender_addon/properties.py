@@ -110,8 +110,9 @@ class NPBGPPSceneSettings(bpy.types.PropertyGroup):
     )
     dataset_points: StringProperty(  # type: ignore[valid-type]
         name="Dataset Points", subtype="FILE_PATH", default="",
-        description="PLY file whose points Aggregate uses instead of the dataset's own cloud (set by Densify Points, "
-        "cleared by Import Dataset Folder); empty: the dataset's points",
+        description="PLY file (in the dataset's frame, e.g. python -m npbgpp_core.densify's output) whose points "
+        "Aggregate uses instead of the dataset's own cloud; set by Densify Points, cleared by Import Dataset "
+        "Folder; empty: the dataset's points",
     )
     dataset_format: StringProperty(  # type: ignore[valid-type]
         name="Dataset Format", default="", description="Format of the imported dataset (empty: detected)",
