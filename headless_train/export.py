@@ -20,7 +20,8 @@ class ExportError(RuntimeError):
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m headless_train export", description=__doc__)
-    p.add_argument("--checkpoint", required=True, help="a checkpoint written by headless_train")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint written by headless_train, or an NPBG++ "
+                   "weights file (.safetensors, e.g. the bundled npbgpp_core/weights/npbgpp_sphere.safetensors)")
     p.add_argument("--scene", required=True, help="scene folder (any format load_scene reads)")
     p.add_argument("--out", required=True, help="output NeuralScene file (e.g. scene.npbgpp)")
     p.add_argument("--format", default=None, help="scene format (default: detected)")
@@ -119,7 +120,7 @@ def export_npbg(ckpt: dict, scene, args, name: str):
 def export(args: argparse.Namespace) -> str:
     from npbgpp_core.datasets import load_scene
 
-    from .checkpoints import checkpoint_system, load_checkpoint_file
+    from .checkpoints import checkpoint_system, load_source_checkpoint
 
     # Checked before the aggregation (minutes on a CPU), not when the bundle is written.
     out_dir = os.path.dirname(os.path.abspath(args.out))
@@ -128,7 +129,7 @@ def export(args: argparse.Namespace) -> str:
                           f"{os.path.join(args.out, 'scene.npbgpp')}")
     if not os.path.isdir(out_dir):
         raise ExportError(f"output folder does not exist: {out_dir}")
-    ckpt = load_checkpoint_file(args.checkpoint)
+    ckpt = load_source_checkpoint(args.checkpoint)
     system, _ = checkpoint_system(ckpt, args.checkpoint)
     if not os.path.isdir(args.scene):
         raise ExportError(f"scene folder not found: {args.scene}")

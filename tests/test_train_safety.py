@@ -317,3 +317,27 @@ def test_weights_path_takes_a_weights_file_and_names_network_differences(data_ro
     with pytest.raises(Exception, match="weights file not found"):
         run_inproc([*common[:4], f"weights_path={tmp_path}/none.safetensors", "eval_only=true", *FAST],
                    str(tmp_path / "missing"))
+
+
+def test_export_takes_a_weights_file(data_root, tmp_path):
+    """export --checkpoint accepts an NPBG++ weights file (the bundled network) and writes the
+    bundle that aggregating with that network directly gives."""
+    from headless_train.export import main as export_main
+    from npbgpp_core.datasets import load_scene
+    from npbgpp_core.pretrained import default_weights_path, load_pretrained_npbgpp
+    from npbgpp_core.scene import NeuralScene
+
+    weights, out = default_weights_path("npbgpp"), str(tmp_path / "w.npbgpp")
+    assert export_main(["--checkpoint", weights, "--scene", f"{data_root}/sceneA", "--out", out,
+                        "--device", "cpu"]) == 0
+    bundle = NeuralScene.load(out)
+    scene = load_scene(f"{data_root}/sceneA")
+    model = load_pretrained_npbgpp(weights).eval()
+    held = set(scene.test)
+    with torch.no_grad():
+        state = model.begin_scene(torch.from_numpy(scene.points).float())
+        for i in (i for i in range(len(scene.views)) if i not in held):
+            state.add_views(scene.load_image(i).unsqueeze(0), [scene.camera(i)])
+        ref = state.finish()
+    assert bundle.kind == "npbgpp" and list(bundle.model_config["world_up"]) == list(model.config.world_up)
+    torch.testing.assert_close(bundle.features, ref.coefficients.float(), atol=1e-5, rtol=1e-5)
