@@ -102,13 +102,34 @@ def weights_file_checkpoint(path: str, world_up: list[float] | None = None) -> d
                        "version": FORMAT_VERSION, "seeded_from": os.path.abspath(path)}}
 
 
+def refiner_file_checkpoint(path: str) -> dict:
+    """The refiner of NPBG refiner weights file ``path`` (the bundled
+    ``npbg_refiner_procedural.safetensors``, ``export-weights`` of an NPBG run) as a
+    headless_train NPBG checkpoint dict, so that ``weights_path=`` can start an NPBG run
+    from it."""
+    from npbgpp_core.pretrained import read_weights
+
+    wf = read_weights(path, "npbg_refiner")
+    dim = int(wf.config.get("descriptor_dim", wf.config.get("feature_dim", 8)))
+    return {"state_dict": {"refiner." + k: v.float() for k, v in wf.state.items()}, "global_step": 0,
+            META_KEY: {"system": "npbg", "config": {"name": "npbg", "descriptor_dim": dim}, "scenes": [],
+                       "points": [], "version": FORMAT_VERSION, "seeded_from": os.path.abspath(path)}}
+
+
 def load_source_checkpoint(path: str) -> dict:
-    """What ``weights_path=`` names: a headless_train checkpoint, or an NPBG++ weights file
-    (``.safetensors``: the bundled networks, ``export-weights`` output)."""
+    """What ``weights_path=`` (and ``export --checkpoint``) names: a headless_train
+    checkpoint, or a weights file (``.safetensors``: the bundled networks,
+    ``export-weights`` output) of an NPBG++ network or an NPBG refiner."""
     if path.lower().endswith(".safetensors"):
         if not os.path.isfile(path):
             raise CheckpointError(f"weights file not found: {path}")
-        return weights_file_checkpoint(path)
+        from npbgpp_core.pretrained import describe
+
+        try:
+            kind = describe(path).get("kind")
+        except Exception:  # noqa: BLE001 - read_weights below names what is wrong with the file
+            kind = None
+        return refiner_file_checkpoint(path) if kind == "npbg_refiner" else weights_file_checkpoint(path)
     return load_checkpoint_file(path)
 
 

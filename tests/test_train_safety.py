@@ -341,3 +341,20 @@ def test_export_takes_a_weights_file(data_root, tmp_path):
         ref = state.finish()
     assert bundle.kind == "npbgpp" and list(bundle.model_config["world_up"]) == list(model.config.world_up)
     torch.testing.assert_close(bundle.features, ref.coefficients.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_npbg_run_starts_from_the_bundled_refiner_file(data_root, tmp_path, caplog):
+    """weights_path= with the NPBG refiner weights file starts system=npbg from its refiner
+    (the published NPBG fine-tuning command names an NPBG checkpoint; the project ships this
+    file instead)."""
+    import logging
+
+    from npbgpp_core.pretrained import default_weights_path, read_weights
+
+    weights = default_weights_path("npbg_refiner")
+    run_dir = str(tmp_path / "npbg")
+    with caplog.at_level(logging.INFO):
+        run_inproc([f"datasets.data_root={data_root}", *ONE_SCENE, f"weights_path={weights}",
+                    "trainer.max_epochs=0"], run_dir)
+    file_state = read_weights(weights, "npbg_refiner").state
+    assert f"loaded {len(file_state)} tensors from {weights}" in caplog.text
