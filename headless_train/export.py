@@ -87,6 +87,10 @@ def export_npbg(ckpt: dict, scene, args, name: str):
     meta = ckpt["npbgpp"]
     system = meta["system"]
     scenes = list(meta.get("scenes", []))
+    if not scenes:
+        raise ExportError(f"{args.checkpoint} ({system}) holds no fitted scene (a refiner weights file or a run "
+                          "without scenes): an NPBG bundle needs the descriptors of a run fitted on the scene "
+                          "(system=npbg or coefficients_ft with this scene), or export with an NPBG++ network")
     if name not in scenes:
         raise ExportError(f"{args.checkpoint} ({system}) holds scenes {scenes}, not '{name}' (use --scene-name)")
     points = meta.get("points", [])

@@ -343,7 +343,7 @@ def test_export_takes_a_weights_file(data_root, tmp_path):
     torch.testing.assert_close(bundle.features, ref.coefficients.float(), atol=1e-5, rtol=1e-5)
 
 
-def test_npbg_run_starts_from_the_bundled_refiner_file(data_root, tmp_path, caplog):
+def test_npbg_run_starts_from_the_bundled_refiner_file(data_root, tmp_path, caplog, capsys):
     """weights_path= with the NPBG refiner weights file starts system=npbg from its refiner
     (the published NPBG fine-tuning command names an NPBG checkpoint; the project ships this
     file instead)."""
@@ -358,3 +358,8 @@ def test_npbg_run_starts_from_the_bundled_refiner_file(data_root, tmp_path, capl
                     "trainer.max_epochs=0"], run_dir)
     file_state = read_weights(weights, "npbg_refiner").state
     assert f"loaded {len(file_state)} tensors from {weights}" in caplog.text
+    from headless_train.export import main as export_main
+
+    assert export_main(["--checkpoint", weights, "--scene", f"{data_root}/sceneA", "--out",
+                        str(tmp_path / "r.npbgpp")]) == 2  # a refiner alone has no scene's descriptors
+    assert "holds no fitted scene" in capsys.readouterr().err
