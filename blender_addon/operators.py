@@ -85,7 +85,20 @@ def output_path(op: Any, dataset: str, suffix: str, what: str, field: str) -> st
     if not out:
         op.report({"ERROR"}, f"Choose where to save the {what} (the operator's {field} path), or save the .blend "
                              f"first: {what}s are saved next to it by default.")
-    return out
+    return out if output_folder_exists(op, out, field) else ""
+
+
+def output_folder_exists(op: Any, out: str, field: str) -> bool:
+    """Whether the folder ``out`` goes into exists, else False after reporting it (before the
+    job: the file is written only when the job ends) and that ``out`` is a folder itself."""
+    folder = os.path.dirname(os.path.abspath(out))
+    if os.path.isdir(out):
+        op.report({"ERROR"}, f"{field} {out} is a folder: give the file to write.")
+        return False
+    if not os.path.isdir(folder):
+        op.report({"ERROR"}, f"{field}: the folder {folder} does not exist.")
+        return False
+    return True
 
 
 def ask_for_output(op: Any, context: Any, dataset: str, suffix: str) -> bool:
@@ -484,6 +497,8 @@ class NPBGPP_OT_fit(_WorkerStepJob, bpy.types.Operator):
             self._out = bpy.path.abspath(self.filepath)
         else:
             self._out = os.path.splitext(bundle)[0] + "_fitted.npbgpp"
+        if not output_folder_exists(self, self._out, "Fitted Bundle"):
+            return None
         return worker_reply(self, P.FitBegin(
             bundle, dataset, self.steps, weights, "" if domain == "auto" else domain, s.dataset_format or None,
             s.dataset_undistort, s.dataset_allow_external_paths, s.device,

@@ -1483,6 +1483,16 @@ def test_fit_to_photos_operator(scene):
         with pytest.raises(RuntimeError, match=f"dataset folder {re.escape(str(root))} no longer exists"):
             run()
     os.rename(str(root) + "_moved", root)
+    # An output path in a missing folder is refused before the job (the file is written at its end).
+    for run, field in ((lambda: bpy.ops.npbgpp.fit(steps=3, filepath=str(scene["dir"] / "no" / "f.npbgpp")),
+                        "Fitted Bundle"),
+                       (lambda: bpy.ops.npbgpp.aggregate(filepath=str(scene["dir"] / "no" / "a.npbgpp")), "Bundle"),
+                       (lambda: bpy.ops.npbgpp.densify(filepath=str(scene["dir"] / "no" / "d.ply")), "Output PLY")):
+        with pytest.raises(RuntimeError, match=f"{field}: the folder {re.escape(str(scene['dir'] / 'no'))} does not "
+                                               "exist"):
+            run()
+    with pytest.raises(RuntimeError, match="is a folder"):
+        bpy.ops.npbgpp.aggregate(filepath=str(scene["dir"]))
     sc.npbgpp.weights = str(scene["dir"] / "missing.safetensors")
     with pytest.raises(RuntimeError, match="missing.safetensors"):
         bpy.ops.npbgpp.fit(steps=3)
