@@ -281,7 +281,20 @@ def test_command_line_blend_file(tmp_path):
         [sys.executable, "-m", "blender_addon.datagen", "--blend", str(blend), "--views", "3",
          "--size", "24x16", "--out", str(out)], env=env, capture_output=True, text=True, timeout=300,
     )
-    assert again.returncode != 0 and "not empty" in again.stderr
+    assert again.returncode == 2 and "not empty" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_command_line_bad_input_exits_2_with_one_line(tmp_path, capsys):
+    """An unknown procedural scene or an existing --out: exit status 2 and the reason, no traceback."""
+    from blender_addon.datagen.render import main
+
+    assert main(["--procedural", "nosuch", "--views", "2", "--size", "8x8", "--out", str(tmp_path / "a")]) == 2
+    assert "unknown procedural scene 'nosuch'" in capsys.readouterr().err
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("keep")
+    assert main(["--procedural", "checker_cube", "--views", "2", "--size", "8x8", "--out",
+                 str(tmp_path / "full")]) == 2
+    assert "not empty" in capsys.readouterr().err and (tmp_path / "full" / "x").read_text() == "keep"
 
 
 def test_render_restores_scene_settings(tmp_path):

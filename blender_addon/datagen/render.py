@@ -343,16 +343,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     opts = dict(samples=args.samples, hemisphere=args.hemisphere, points=args.points, val_views=args.val,
                 test_views=args.test, fov_deg=args.fov, denoise=args.denoise, overwrite=args.overwrite)
-    if args.procedural:
-        summary = render_procedural_scene(args.procedural, args.out, args.views, args.size, args.seed, **opts)
-    else:
-        import bpy
+    try:
+        if args.procedural:
+            summary = render_procedural_scene(args.procedural, args.out, args.views, args.size, args.seed, **opts)
+        else:
+            import bpy
 
-        if not os.path.isfile(args.blend):
-            p.error(f"{args.blend}: .blend file not found")
-        bpy.ops.wm.open_mainfile(filepath=os.path.abspath(args.blend))
-        summary = render_views_of_current_scene(bpy.context.scene, args.out, args.views, args.size, seed=args.seed,
-                                                **opts)
+            if not os.path.isfile(args.blend):
+                p.error(f"{args.blend}: .blend file not found")
+            bpy.ops.wm.open_mainfile(filepath=os.path.abspath(args.blend))
+            summary = render_views_of_current_scene(bpy.context.scene, args.out, args.views, args.size,
+                                                    seed=args.seed, **opts)
+    except (FileExistsError, ValueError) as exc:  # an existing --out, an unknown scene, bad counts
+        print(f"python -m blender_addon.datagen: error: {exc}", file=sys.stderr)
+        return 2
     print(f"wrote {summary.views} views {summary.splits} and {summary.points} points to {summary.out_dir} "
           f"in {summary.seconds:.1f} s ({summary.seconds_per_view:.2f} s/view)")
     return 0
