@@ -182,3 +182,8 @@ def test_command_line_skips_finished_scenes(tmp_path, capsys):
     (tmp_path / "env_7" / "env.json").write_text("{}")
     assert main(["--seeds", "7", "--out", str(tmp_path)]) == 0
     assert "env_7: done already, skipped" in capsys.readouterr().out
+    # a bad --seeds: argparse's exit 2 and the expected form, no traceback and no folder made
+    with pytest.raises(SystemExit) as info:
+        main(["--seeds", "1-x", "--out", str(tmp_path / "new")])
+    assert info.value.code == 2 and "--seeds must look like 1-40" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()

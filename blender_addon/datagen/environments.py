@@ -886,8 +886,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         w, h = (int(v) for v in a.size.lower().split("x"))
     except ValueError:
         p.error(f"--size must look like 256x256, got {a.size!r}")
+    try:
+        seeds = parse_seeds(a.seeds)
+    except ValueError:
+        p.error(f"--seeds must look like 1-40, 901,902 or 1-3,7, got {a.seeds!r}")
     os.makedirs(a.out, exist_ok=True)
-    for seed in parse_seeds(a.seeds):
+    for seed in seeds:
         dst = os.path.join(a.out, f"env_{seed}")
         if a.resimulate_points:
             if os.path.isfile(os.path.join(dst, "env.json")):
