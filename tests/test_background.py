@@ -470,6 +470,10 @@ def test_coefficients_ft_learns_the_environment_map(env_stage, tmp_path):
     assert len(learnt) == 1 and learnt[0].shape == (9, 16, 32)
     assert not torch.equal(learnt[0], env.view(9, 16, 32))  # RMSprop moved it
     assert state["npbgpp"]["config"]["background"] == "environment"
+    # its descriptors folder carries the learnt map too, for a run that starts from it (it had
+    # only the coefficients: such a run warned and started the map from zeros)
+    torch.testing.assert_close(load_descriptors(os.path.join(ft, "descriptors"), "s1.background"),
+                               learnt[0].reshape(9, -1))
     from headless_train.export import main as export_main
 
     out = str(tmp_path / "ft.npbgpp")

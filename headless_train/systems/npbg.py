@@ -107,7 +107,15 @@ class NPBGSystem(BaseSystem):
         return self.scene_model(scene_id).render(self.points(scene_id), camera.to(self.device))
 
     def save_scene_descriptors(self, folder: str, scene_id: int) -> str:
-        return save_descriptors(folder, self.scene_names[scene_id], self.scene_model(scene_id).descriptors)
+        """The scene's descriptors, and its environment map (``<scene>.background``, as an
+        NPBG++ evaluation writes it) when the model has one, so that a run started from this
+        folder (``descriptors_pretrained_dir``) gets the learnt map, not zeros."""
+        model = self.scene_model(scene_id)
+        path = save_descriptors(folder, self.scene_names[scene_id], model.descriptors)
+        if model.environment is not None:
+            env = model.environment.detach()
+            save_descriptors(folder, self.scene_names[scene_id] + BACKGROUND_SUFFIX, env.reshape(env.shape[0], -1))
+        return path
 
     def load_initial_weights(self, ckpt: dict, path: str) -> None:
         self.load_matching(ckpt["state_dict"], path, required_prefixes=("refiner.",))
