@@ -94,11 +94,14 @@ def _probe(key: str, deps: str) -> str:
         if os.path.isdir(deps):
             env["PYTHONPATH"] = os.pathsep.join(p for p in (deps, env.get("PYTHONPATH", "")) if p)
         out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120, env=env)
-        if out.returncode == 0:
-            version, devices, missing = out.stdout.split()[-3:]
+        words = out.stdout.split()
+        if out.returncode == 0 and len(words) >= 3:
+            version, devices, missing = words[-3:]
             line = f"torch {version} ({devices}) in {python}"
             if missing != "-":
                 line += f"; missing {missing}: use Install PyTorch"
+        elif out.returncode == 0:  # e.g. a Python Environment that names some other program
+            line = f"{python} does not look like a Python interpreter (it did not run the torch check)"
         else:
             line = f"torch not importable in {python}"
     except (WorkerError, OSError, subprocess.SubprocessError) as exc:

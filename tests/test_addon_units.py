@@ -460,6 +460,19 @@ def test_torch_status_names_the_worker_torch():
     assert line.startswith(f"torch {torch.__version__} (") and sys.executable in line and "missing" not in line
 
 
+def test_torch_status_of_a_program_that_is_not_python(tmp_path):
+    """A Python Environment naming another program (it exits 0 and prints nothing): a status
+    line saying so, not a ValueError on the probe's thread (the preferences then showed
+    'checking...' for ever)."""
+    from blender_addon import preferences
+
+    program = tmp_path / "not_python"
+    program.write_text("#!/bin/sh\nexit 0\n")
+    program.chmod(0o755)
+    line = preferences._probe(str(program), "")
+    assert line == f"{program} does not look like a Python interpreter (it did not run the torch check)"
+
+
 def test_worker_in_env_without_packages_explains(tmp_path):
     """A Python environment lacking numpy/torch: the start fails with the worker's own
     error message, and nothing is left running."""
