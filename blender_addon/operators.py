@@ -359,10 +359,19 @@ class NPBGPP_OT_aggregate(_WorkerStepJob, bpy.types.Operator):
         note = follow_bundle_points(self, context, reply.points)
         if note is None:
             return {"CANCELLED"}
-        self.report({"INFO"}, f"Saved {reply.points} points ({reply.valid} seen by the views) to {self._out}, up "
-                              f"axis ({up}), network {self._network}.{note}")
-        return {"FINISHED"}
+        s = context.scene.npbgpp
+        cloud = (f"of Dataset Points ({os.path.basename(bpy.path.abspath(s.dataset_points))})" if s.dataset_points
+                 else "of the dataset's cloud")
+        self.report({"INFO"}, f"Saved {reply.points} points {cloud} ({reply.valid} seen by the views) to {self._out}, "
+                              f"up axis ({up}), network {self._network}.{note}")
+        from .point_source import point_ids
 
+        obj = s.point_object
+        if obj is not None and point_ids(obj) is None:  # e.g. a PLY imported after the dataset
+            self.report({"WARNING"}, f"The point object {obj.name!r} is not the aggregated cloud (it has no point "
+                                     f"ids): the Neural image shows the bundle's {reply.points} points. To aggregate "
+                                     "a PLY in the dataset's frame, set Dataset Points to it.")
+        return {"FINISHED"}
 
     def invoke(self, context: Any, event: Any) -> set[str]:
         inputs = self._inputs(context)

@@ -1251,7 +1251,7 @@ def test_dataset_max_points_then_bundle_renders_only_imported_points(scene):
     assert np.abs(got - _core_render(sc, cam, NeuralScene.load(out))).max() > 10 * 2e-4  # not all 60 points
 
 
-def test_aggregate_with_max_points_then_renders(scene):
+def test_aggregate_with_max_points_then_renders(scene, capfd):
     """Aggregate with Max Points keeps fewer points than the imported dataset object names:
     the bundle's own points become the point object (ids = its rows) and F12 renders the
     whole bundle (it used to fail with 'point ids must be in [0, 30)')."""
@@ -1279,6 +1279,14 @@ def test_aggregate_with_max_points_then_renders(scene):
     sc.npbgpp.point_object = dataset_obj
     assert bpy.ops.npbgpp.aggregate(filepath=str(scene["dir"] / "all.npbgpp")) == {"FINISHED"}
     assert sc.npbgpp.point_object == dataset_obj
+    # a PLY imported after the dataset is not what Aggregate uses: the report says so
+    _ply(str(scene["dir"] / "other.ply"), n=20, seed=5)
+    assert bpy.ops.import_scene.npbgpp_ply(filepath=str(scene["dir"] / "other.ply")) == {"FINISHED"}
+    capfd.readouterr()
+    assert bpy.ops.npbgpp.aggregate(filepath=str(scene["dir"] / "all2.npbgpp")) == {"FINISHED"}
+    out = capfd.readouterr().out
+    assert f"Saved {len(scene['points'])} points of the dataset's cloud" in out
+    assert "The point object 'other' is not the aggregated cloud" in out and "Dataset Points" in out
 
 
 class _Recorder:
