@@ -87,23 +87,27 @@ def _dataset_object(context: Any, dataset: str, bundle_points: np.ndarray) -> bp
     are the bundle's: each id names the bundle point at the object's position. A bundle of
     another cloud of the same dataset (Densify's, or the sparse one after a dense bundle)
     gets its own object, or it would render only the points whose ids happen to exist."""
-    from .point_source import object_points, point_ids
-
     s = context.scene.npbgpp
     obj = s.point_object
     if not dataset or obj is None or not s.dataset_path or ID_ATTRIBUTE not in obj.data.attributes:
         return None
     same = os.path.normcase(os.path.abspath(bpy.path.abspath(s.dataset_path))) == os.path.normcase(
         os.path.abspath(dataset))
-    if not same:
-        return None
+    return obj if same and holds_bundle_points(obj, bundle_points) else None
+
+
+def holds_bundle_points(obj: bpy.types.Object, bundle_points: np.ndarray) -> bool:
+    """Whether each of the object's point ids names the bundle point at the object's
+    (local) position of that point: the ids are rows of this bundle."""
+    from .point_source import object_points, point_ids
+
     ids = point_ids(obj)
-    pts = object_points(obj, world=False)[0]
     if ids is None or len(ids) == 0 or int(ids.min()) < 0 or int(ids.max()) >= len(bundle_points):
-        return None
+        return False
+    pts = object_points(obj, world=False)[0]
     ref = np.asarray(bundle_points, np.float32)[ids]
     tol = 1e-4 * float(np.ptp(ref, axis=0).max()) + 1e-6
-    return obj if float(np.abs(pts - ref).max()) <= tol else None
+    return float(np.abs(pts - ref).max()) <= tol
 
 
 # --------------------------------------------------------------------------- PLY

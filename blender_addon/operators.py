@@ -129,28 +129,30 @@ def worker_reply(op: Any, request: Any, context: Any = None) -> Any:
 
 
 def follow_bundle_points(op: Any, context: Any, count: int) -> str | None:
-    """After Aggregate wrote ``op._out`` with ``count`` points: the point object's ids name
-    rows of the bundle; when Max Points left some out (ids beyond ``count``), the bundle's
-    own points become the point object, as File > Import Bundle would make them. Returns a
-    note for the report ("" when nothing changed), None after reporting a failure."""
+    """After Aggregate wrote ``op._out`` with ``count`` points: the point object's ids must
+    name rows of the bundle; when they do not (Max Points left some out, or kept another
+    subset than the object's), the bundle's own points become the point object, as File >
+    Import Bundle would make them. Returns a note for the report ("" when nothing changed),
+    None after reporting a failure."""
     from npbgpp_core import protocol as P
 
-    from .importers import make_point_object, use_point_object
+    from .importers import holds_bundle_points, make_point_object, use_point_object
     from .point_source import point_ids
 
     obj = context.scene.npbgpp.point_object
-    ids = point_ids(obj) if obj is not None else None
-    if ids is None or not len(ids) or int(ids.max()) < count:
+    if obj is None or point_ids(obj) is None:
         return ""
     if worker_reply(op, P.LoadBundle(op._out, "CPU", "FP32")) is None:
         return None
     cloud = worker_reply(op, P.GetBundlePoints())
     if cloud is None:
         return None
+    if holds_bundle_points(obj, cloud.points):
+        return ""
     name = os.path.splitext(os.path.basename(op._out))[0]
     use_point_object(context, make_point_object(name, cloud.points, cloud.colors, context, np.arange(count)))
-    return (f" Max Points kept {count} of {obj.name!r}'s points: the point object is now {name!r}, the bundle's "
-            "own points.")
+    return (f" The bundle holds other points than {obj.name!r} (Max Points): the point object is now {name!r}, the "
+            f"bundle's own {count} points.")
 
 
 class _ModalJob:

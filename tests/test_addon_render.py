@@ -1287,6 +1287,16 @@ def test_aggregate_with_max_points_then_renders(scene, capfd):
     out = capfd.readouterr().out
     assert f"Saved {len(scene['points'])} points of the dataset's cloud" in out
     assert "The point object 'other' is not the aggregated cloud" in out and "Dataset Points" in out
+    # Import with Max Points 3 (dataset ids 0, 35, 40) then Aggregate Max Points 50: every id is a
+    # row of the bundle, but rows are another subset, so ids would name other points; the bundle's own
+    # points become the point object (the id range alone let the object through)
+    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root), max_points=3) == {"FINISHED"}
+    np.testing.assert_array_equal(point_ids(sc.npbgpp.point_object), [0, 35, 40])
+    out50 = str(scene["dir"] / "sub50.npbgpp")
+    assert bpy.ops.npbgpp.aggregate(filepath=out50, max_points=50) == {"FINISHED"}
+    bundle50 = NeuralScene.load(out50)
+    np.testing.assert_array_equal(point_ids(sc.npbgpp.point_object), np.arange(50))
+    np.testing.assert_allclose(object_points(sc.npbgpp.point_object)[0], bundle50.points.numpy(), atol=1e-6)
 
 
 class _Recorder:
