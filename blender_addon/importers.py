@@ -110,6 +110,29 @@ def holds_bundle_points(obj: bpy.types.Object, bundle_points: np.ndarray) -> boo
     return float(np.abs(pts - ref).max()) <= tol
 
 
+def _drop_bundle_of_another_dataset(op: Any, context: Any, dataset: str) -> None:
+    """After importing ``dataset``: a scene bundle aggregated from another dataset is
+    cleared (with a warning), since the new point object's ids would pick arbitrary points
+    of it. Bundles that do not say where they came from, or cannot be read, are kept."""
+    from npbgpp_core import protocol as P
+
+    from .scene_snapshot import worker_for
+    from .worker_client import WorkerError
+
+    s = context.scene.npbgpp
+    bundle = bpy.path.abspath(s.bundle) if s.bundle else ""
+    if not bundle or not os.path.isfile(bundle):
+        return
+    try:
+        info = worker_for(context.scene).request(P.LoadBundle(bundle, "CPU", "FP32"))
+    except (WorkerError, ValueError, OSError):
+        return
+    if info.dataset and os.path.normcase(os.path.abspath(info.dataset)) != os.path.normcase(os.path.abspath(dataset)):
+        s.bundle = ""
+        op.report({"WARNING"}, f"The scene's bundle {bundle} was aggregated from another dataset ({info.dataset}): "
+                               "no longer used; run Aggregate Descriptors for this one.")
+
+
 # --------------------------------------------------------------------------- PLY
 class IMPORT_SCENE_OT_npbgpp_ply(bpy.types.Operator, ImportHelper):
     """Import a PLY point cloud (with colours) or a Gaussian-splat PLY (centres and base colours) for NPBG++"""
@@ -320,6 +343,7 @@ class IMPORT_SCENE_OT_npbgpp_dataset(bpy.types.Operator):
             context.scene.render.resolution_percentage = 100
             context.scene.camera = collection.objects[0]
         self.report({"INFO"}, f"Imported {len(reply.points)} points and {len(reply.views)} cameras.")
+        _drop_bundle_of_another_dataset(self, context, path)
         return {"FINISHED"}
 
 

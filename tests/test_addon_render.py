@@ -1297,6 +1297,16 @@ def test_aggregate_with_max_points_then_renders(scene, capfd):
     bundle50 = NeuralScene.load(out50)
     np.testing.assert_array_equal(point_ids(sc.npbgpp.point_object), np.arange(50))
     np.testing.assert_allclose(object_points(sc.npbgpp.point_object)[0], bundle50.points.numpy(), atol=1e-6)
+    # Importing another dataset drops the bundle of this one (its ids would pick arbitrary points of it);
+    # importing the same dataset again keeps it.
+    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root)) == {"FINISHED"}
+    assert sc.npbgpp.bundle == out50
+    other = scene["dir"] / "other_dataset"
+    _write_nerf_dataset(other, [cam], scene["points"][:40] + 0.5, scene["colors"][:40])
+    capfd.readouterr()
+    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(other)) == {"FINISHED"}
+    assert sc.npbgpp.bundle == ""
+    assert "was aggregated from another dataset" in capfd.readouterr().out
 
 
 class _Recorder:
