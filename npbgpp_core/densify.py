@@ -1026,7 +1026,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--planes", type=int, default=DensifyOptions.depth_planes, help="depth planes per view")
     p.add_argument("--neighbors", type=int, default=DensifyOptions.neighbors, help="views matched per view")
     p.add_argument("--normals", action="store_true", help="write normals (nx, ny, nz)")
-    p.add_argument("--depth-range", type=float, nargs=2, metavar=("NEAR", "FAR"), default=None)
+    p.add_argument("--depth-range", type=float, nargs=2, metavar=("NEAR", "FAR"), default=None,
+                   help="depths searched in every view, in scene units (default: from the sparse points)")
     p.add_argument("--fill", action=argparse.BooleanOptionalAction, default=DensifyOptions.fill,
                    help="add points on texture-poor regions without stereo depth: planes fitted to the depth "
                         "around them, kept where neighbouring views agree on depth and colour")
@@ -1036,7 +1037,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="fill only where the grey standard deviation over 7x7 pixels is below this")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0: torch's default; 1 is much faster when other jobs share the cores)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     a = p.parse_args(argv)
     # Checked before the work (minutes on a CPU), not when the cloud is written.
     out_dir = os.path.dirname(os.path.abspath(a.out))
