@@ -1309,6 +1309,29 @@ def test_aggregate_with_max_points_then_renders(scene, capfd):
     assert "was aggregated from another dataset" in capfd.readouterr().out
 
 
+def test_bundle_exported_by_headless_train_reuses_the_dataset_object(scene):
+    """A bundle written by `python -m headless_train export` of the imported dataset is
+    recognised like one from Aggregate (its metadata says scene_root, not dataset): no
+    second copy of the cloud, and it renders the dataset object's points."""
+    from blender_addon.point_source import point_ids
+    from headless_train.export import main as export_main
+    from npbgpp_core.pretrained import default_weights_path
+    from npbgpp_core.scene import NeuralScene
+
+    sc, cam = scene["scene"], scene["camera"]
+    root = scene["dir"] / "nerf"
+    _write_nerf_dataset(root, [cam], scene["points"], scene["colors"])
+    out = str(scene["dir"] / "cli.npbgpp")
+    assert export_main(["--checkpoint", default_weights_path("npbgpp"), "--scene", str(root), "--out", out,
+                        "--device", "cpu"]) == 0
+    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root)) == {"FINISHED"}
+    obj = sc.npbgpp.point_object
+    before = set(bpy.data.objects)
+    assert bpy.ops.import_scene.npbgpp_bundle(filepath=out) == {"FINISHED"}
+    assert set(bpy.data.objects) == before and sc.npbgpp.point_object == obj
+    np.testing.assert_array_equal(point_ids(obj), np.arange(len(NeuralScene.load(out).points)))
+
+
 class _Recorder:
     """Stands in for UILayout in draw functions: records operators and labels."""
 
