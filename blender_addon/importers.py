@@ -82,6 +82,11 @@ def create_camera(
     return obj
 
 
+def same_folder(a: str, b: str) -> bool:
+    """Whether two paths name one folder (links and case-insensitive file systems too)."""
+    return os.path.normcase(os.path.realpath(a)) == os.path.normcase(os.path.realpath(b))
+
+
 def _dataset_object(context: Any, dataset: str, bundle_points: np.ndarray) -> bpy.types.Object | None:
     """The scene's point object when it holds points of ``dataset`` (imported with ids) that
     are the bundle's: each id names the bundle point at the object's position. A bundle of
@@ -91,8 +96,7 @@ def _dataset_object(context: Any, dataset: str, bundle_points: np.ndarray) -> bp
     obj = s.point_object
     if not dataset or obj is None or not s.dataset_path or ID_ATTRIBUTE not in obj.data.attributes:
         return None
-    same = os.path.normcase(os.path.abspath(bpy.path.abspath(s.dataset_path))) == os.path.normcase(
-        os.path.abspath(dataset))
+    same = same_folder(bpy.path.abspath(s.dataset_path), dataset)
     return obj if same and holds_bundle_points(obj, bundle_points) else None
 
 
@@ -127,7 +131,7 @@ def _drop_bundle_of_another_dataset(op: Any, context: Any, dataset: str) -> None
         info = worker_for(context.scene).request(P.LoadBundle(bundle, "CPU", "FP32"))
     except (WorkerError, ValueError, OSError):
         return
-    if info.dataset and os.path.normcase(os.path.abspath(info.dataset)) != os.path.normcase(os.path.abspath(dataset)):
+    if info.dataset and not same_folder(info.dataset, dataset):
         s.bundle = ""
         op.report({"WARNING"}, f"The scene's bundle {bundle} was aggregated from another dataset ({info.dataset}): "
                                "no longer used; run Aggregate Descriptors for this one.")
