@@ -67,6 +67,7 @@ FIT_KNOBS = (
     ("--perceptual-weight", float, "weight of the feature loss of the NPBG++ file's own encoder (frozen)"),
     ("--fft-weight", float, "weight of the amplitude-spectrum (FFT) L1"),
     ("--average-from", float, "return the mean of the iterates from this fraction of the steps on"),
+    ("--background-rows", int, "rows of the environment map the fit starts from (the aggregated map resampled)"),
 )
 
 

@@ -19,6 +19,7 @@ trainer's systems pair it with :func:`npbg_optimizers` (the published optimisers
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import time
@@ -33,6 +34,11 @@ from .camera import Camera
 from .losses import EncoderFeatureLoss, fft_amplitude_loss, gradient_loss, laplacian_pyramid_loss, multiscale_l1
 from .models import NPBG, NPBGConfig, NPBGPlusPlus
 from .models.aggregator import AggregatedScene
+from .models.background import check_rows, resample_map
+
+# Rows of the environment map a fit starts from (the aggregated map resampled to it;
+# None: the map's own rows), see fit_coefficients.
+BACKGROUND_FIT_ROWS: int | None = None
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
@@ -397,12 +403,15 @@ def coefficients_recipe(
     laplacian_weight: float = 0.0,
     perceptual_weight: float = 3.0,
     fft_weight: float = 0.0,
+    background_rows: int | None = BACKGROUND_FIT_ROWS,
 ) -> FitRecipe:
     """The :class:`FitRecipe` of :func:`fit_coefficients` for its keywords (same names and
     defaults); raises ValueError naming a bad value. The loss weights (:data:`LOSS_WEIGHTS`)
-    are only checked here (they belong to the loss)."""
+    and ``background_rows`` are only checked here (they belong to the loss and the model)."""
     check_loss_weights(gradient_weight=gradient_weight, laplacian_weight=laplacian_weight,
                        perceptual_weight=perceptual_weight, fft_weight=fft_weight)
+    if background_rows is not None:
+        check_rows(background_rows)
     return FitRecipe(lr_coefficients, lr_refiner, lr_background, train_refiner, crops_per_step, warmup_steps,
                      schedule, coefficient_decay, coefficient_optimizer, average_from)
 
@@ -430,6 +439,7 @@ def fit_coefficients(
     laplacian_weight: float = 0.0,
     perceptual_weight: float = 3.0,
     fft_weight: float = 0.0,
+    background_rows: int | None = BACKGROUND_FIT_ROWS,
 ) -> FitResult:
     """coefficients_ft: fine-tune ``aggregated``'s coefficients and a copy of ``model``'s
     refiner on ``views`` for ``steps`` steps; ``model`` itself is not changed. The result's
@@ -469,7 +479,14 @@ def fit_coefficients(
     fit", 13 unseen scenes): sharper renders (sharpness ratio 4 environment scenes 0.34 ->
     0.36, 9 captures 0.27 -> 0.30) at no cost in PSNR (22.78 -> 22.92, 18.35 -> 18.40 dB)
     or SSIM, for about 11 s more per 200-step fit (27 ms per 128^2 crop); the other three stay 0 (the edge and
-    band losses gave SSIM, not sharpness; the spectrum loss sharpened but lowered SSIM)."""
+    band losses gave SSIM, not sharpness; the spectrum loss sharpened but lowered SSIM).
+
+    ``background_rows``: the rows of the environment map the fit starts from: the
+    aggregated map resampled bilinearly to that resolution
+    (:func:`npbgpp_core.models.background.resample_map`; the fitted model's config records
+    the rows, so its bundle loads as any other); None keeps the aggregated map's rows. Off
+    by default: 32 or 64 rows instead of 16 moved the 4 dense real captures by only
+    +0.07 dB (BENCHMARKS.md "A finer or parallax-keyed environment map")."""
     return run_fit(_coefficients_steps(**locals()))
 
 
@@ -490,7 +507,7 @@ def _coefficients_steps(
     lr_coefficients: float, lr_refiner: float, loss_fn: LossFn | None, loss_factors: Sequence[int], seed: int,
     lr_background: float | None, train_refiner: str, crops_per_step: int, warmup_steps: int, schedule: str,
     coefficient_decay: float, coefficient_optimizer: str, gradient_weight: float, average_from: float,
-    laplacian_weight: float, perceptual_weight: float, fft_weight: float,
+    laplacian_weight: float, perceptual_weight: float, fft_weight: float, background_rows: int | None,
 ) -> Generator[int, None, FitResult]:
     """The model, loss and recipe of :func:`fit_coefficients` (every argument checked
     here, before a step runs) and its fitting loop, not started yet."""
@@ -502,19 +519,25 @@ def _coefficients_steps(
         raise ValueError("coefficient fine-tuning needs an NPBG++ model with the 'sphere' aggregator")
     recipe = coefficients_recipe(lr_coefficients, lr_refiner, lr_background, train_refiner, crops_per_step,
                                  warmup_steps, schedule, coefficient_decay, coefficient_optimizer, gradient_weight,
-                                 average_from, laplacian_weight, perceptual_weight, fft_weight)
+                                 average_from, laplacian_weight, perceptual_weight, fft_weight, background_rows)
     if loss_fn is None:
         perceptual = None
         if perceptual_weight > 0:  # ValueError for an encoder no file was read into
             perceptual = EncoderFeatureLoss(model.extractor.encoder).to(device)
         loss_fn = coefficients_ft_loss(loss_factors, gradient_weight, laplacian_weight, perceptual_weight,
                                        perceptual, fft_weight)
+    background = None if aggregated.background is None else aggregated.background.detach().cpu().float()
+    config = model.config
+    if background is not None:
+        if background_rows is not None and background.ndim == 3 and background.shape[1] != background_rows:
+            background = resample_map(background, background_rows, config.world_up)
+        # The fitted model's map has the rows it is fitted at (its config records them).
+        config = dataclasses.replace(config, background_rows=int(background.shape[1]))
     npbg = NPBG.from_npbgpp_coefficients(
         aggregated.points.detach().cpu(), aggregated.coefficients.detach().cpu(),
         {k: v.detach().cpu() for k, v in model.basis.state_dict().items()},
         {k: v.detach().cpu() for k, v in model.refiner.state_dict().items()},
-        model.config, valid=aggregated.valid.detach().cpu(),
-        background=None if aggregated.background is None else aggregated.background.detach().cpu(),
+        config, valid=aggregated.valid.detach().cpu(), background=background,
     ).to(device)
     points = aggregated.points.detach().to(device, torch.float32)
     return _fit_steps(npbg, points, views, steps, crop, loss_fn, recipe, seed, device)

@@ -81,6 +81,29 @@ def map_coordinates(
     return x, y
 
 
+def bin_directions(rows: int, world_up: Sequence[float]) -> torch.Tensor:
+    """Unit world directions (rows * 2 rows, 3), row-major, of the bin centres of a
+    ``rows`` x ``2 rows`` map (polar angle ``(r + 0.5) pi / rows`` from up, longitude
+    ``-pi + (c + 0.5) pi / rows`` from the reference axis of :func:`map_frame`)."""
+    check_rows(rows)
+    polar = (torch.arange(rows, dtype=torch.float64) + 0.5) * (torch.pi / rows)
+    longitude = -torch.pi + (torch.arange(2 * rows, dtype=torch.float64) + 0.5) * (torch.pi / rows)
+    p, lon = torch.meshgrid(polar, longitude, indexing="ij")
+    local = torch.stack([p.sin() * lon.cos(), p.sin() * lon.sin(), p.cos()], dim=-1).reshape(-1, 3)
+    frame = torch.as_tensor(map_frame(world_up))
+    return (local @ frame).to(torch.float32)
+
+
+def resample_map(background: torch.Tensor, rows: int, world_up: Sequence[float]) -> torch.Tensor:
+    """A map (C', rows, 2 rows) whose every bin holds ``background`` (C', r, 2 r) looked up
+    (:func:`lookup`, bilinear) at that bin's centre direction: the same environment at
+    another resolution (a finer map to fit: BENCHMARKS.md "A finer environment map").
+    Differentiable in ``background``; ``rows`` is checked like ``background_rows``."""
+    dirs = bin_directions(rows, world_up).to(background.device)
+    c = background.shape[0]
+    return lookup(background, dirs, world_up).T.reshape(c, rows, 2 * rows)
+
+
 def _taps(x: torch.Tensor, y: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat bin indices (4, M) and bilinear weights (4, M) of coordinates (x, y): columns
     wrap around, rows are clamped (the poles)."""
