@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from test_background import UP_Z, bin_direction, env_scene, ring_cameras
+from test_background import UP_Z, bin_direction, env_scene, from_weights_file, ring_cameras
 
 from npbgpp_core.models.background import bin_directions, lookup, map_frame, resample_map
 
@@ -75,6 +75,7 @@ def test_fit_at_finer_rows_starts_from_the_resampled_map_and_the_bundle_keeps_it
     from npbgpp_core.scene import NeuralScene
 
     model, scene = env_scene()  # an 8-row map
+    model = from_weights_file(model, tmp_path)
     cams = ring_cameras(4, size=(64, 64))
     views = FitViews(torch.rand(4, 3, 64, 64), cams)
     fit = fit_coefficients(model, scene, views, steps=0, background_rows=16)
