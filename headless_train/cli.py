@@ -124,6 +124,7 @@ def _run(cfg: DictConfig, run_dir: str) -> dict | None:
         del resume_ckpt
 
     datamodule = SceneDataModule(cfg, seed=int(cfg.seed))
+    resolve_run_world_up(scfg, datamodule.scenes)
     system = build_system(container, datamodule.scenes, source_ckpt)
     if system.loss_message():
         log.warning(system.loss_message())
@@ -179,6 +180,26 @@ def _run(cfg: DictConfig, run_dir: str) -> dict | None:
         paths = system.save_descriptors(str(scfg["descriptors_save_dir"]))
         log.info("descriptors written: %s", ", ".join(paths))
     return None
+
+
+def resolve_run_world_up(scfg: dict, scenes: list) -> None:
+    """``system.world_up`` given as ``auto`` (the mean up direction of the scenes' training
+    cameras, snapped to an axis within 5 degrees, as the add-on's Up Axis: Auto) or an axis
+    name (``+z``, ``-y``, ...) becomes its 3 numbers in ``scfg``, so that the network, the
+    checkpoint and its exports all hold the numbers. ValueError naming a bad value."""
+    spec = scfg.get("world_up")
+    if not isinstance(spec, str):
+        return
+    from npbgpp_core.models.alignment import resolve_world_up
+
+    cameras = [s.views[i].camera for s in scenes for i in (s.train or range(len(s.views)))]
+    try:
+        up = resolve_world_up(spec, cameras)
+    except ValueError as exc:
+        raise UsageError(f"system.world_up: {exc}") from None
+    scfg["world_up"] = [float(v) for v in up]
+    log.info("system.world_up=%s: %s (from %d cameras of %d scene(s))", spec, _override(scfg["world_up"]),
+             len(cameras), len(scenes))
 
 
 def _override(value: Any) -> str:

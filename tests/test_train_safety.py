@@ -363,3 +363,35 @@ def test_npbg_run_starts_from_the_bundled_refiner_file(data_root, tmp_path, capl
     assert export_main(["--checkpoint", weights, "--scene", f"{data_root}/sceneA", "--out",
                         str(tmp_path / "r.npbgpp")]) == 2  # a refiner alone has no scene's descriptors
     assert "holds no fitted scene" in capsys.readouterr().err
+
+
+def test_world_up_auto_is_resolved_from_the_cameras(data_root, tmp_path, caplog):
+    """system.world_up=auto (or an axis name) becomes the numbers the add-on's Up Axis: Auto
+    gives for the scene's training cameras (estimate_world_up), in the network and the
+    checkpoint; a bad value is named."""
+    import logging
+
+    from headless_train.cli import UsageError
+    from npbgpp_core.datasets import load_scene
+    from npbgpp_core.models.alignment import estimate_world_up
+    from npbgpp_core.pretrained import default_weights_path, read_weights
+
+    weights = default_weights_path("npbgpp")
+    config = read_weights(weights, "npbgpp").config
+    common = [f"datasets.data_root={data_root}", "datasets=nerf_blender_one_scene", "datasets.scene_name=sceneA",
+              "system=npbgpp_sphere", f"weights_path={weights}", f"system.background={config['background']}",
+              f"system.input_canvas={config['input_canvas']}", "trainer.max_steps=1", *FAST]
+    scene = load_scene(f"{data_root}/sceneA")
+    expected = estimate_world_up([scene.views[i].camera for i in scene.train])
+    run_dir = str(tmp_path / "auto")
+    with caplog.at_level(logging.INFO, logger="headless_train"):
+        run_inproc([*common, "system.world_up=auto"], run_dir)
+    assert "system.world_up=auto: [" in caplog.text
+    ckpt = torch.load(os.path.join(run_dir, "checkpoints", "last.ckpt"), map_location="cpu", weights_only=True)
+    assert ckpt["npbgpp"]["config"]["world_up"] == pytest.approx(list(expected))
+    run_dir = str(tmp_path / "axis")
+    run_inproc([*common, "system.world_up=-y"], run_dir)
+    ckpt = torch.load(os.path.join(run_dir, "checkpoints", "last.ckpt"), map_location="cpu", weights_only=True)
+    assert ckpt["npbgpp"]["config"]["world_up"] == [0.0, -1.0, 0.0]
+    with pytest.raises(UsageError, match="system.world_up: world_up must be 'auto'"):
+        run_inproc([*common, "system.world_up=sideways"], str(tmp_path / "bad"))
