@@ -395,3 +395,21 @@ def test_world_up_auto_is_resolved_from_the_cameras(data_root, tmp_path, caplog)
     assert ckpt["npbgpp"]["config"]["world_up"] == [0.0, -1.0, 0.0]
     with pytest.raises(UsageError, match="system.world_up: world_up must be 'auto'"):
         run_inproc([*common, "system.world_up=sideways"], str(tmp_path / "bad"))
+
+
+@pytest.mark.parametrize("world_up", ["auto", "+z", [0.0, 1.0, 0.0]])
+def test_network_differences_are_named_whatever_world_up_says(tmp_path, world_up):
+    """The weights_path warning compares the networks without world_up: a run given
+    system.world_up=auto or an axis name (text, resolved from the cameras only later) is
+    still told that its input_canvas builds another network (it was silently skipped: the
+    text made the run's config unreadable)."""
+    from headless_train.checkpoints import network_differences, weights_file_checkpoint
+    from npbgpp_core.pretrained import default_weights_path
+
+    path = default_weights_path("npbgpp")
+    ckpt = weights_file_checkpoint(path)
+    own = dict(ckpt["npbgpp"]["config"])
+    other = "square" if own["input_canvas"] != "square" else "bounds"
+    assert network_differences(ckpt, path, {**own, "world_up": world_up}) == []
+    assert network_differences(ckpt, path, {**own, "input_canvas": other, "world_up": world_up}) == [
+        ("input_canvas", own["input_canvas"], other)]
