@@ -77,6 +77,9 @@ def torch_status_line() -> str:
     return CHECKING
 
 
+PROBE_MARK = "npbgpp-torch-check"  # starts the line the probe's Python prints
+
+
 def _probe(key: str, deps: str) -> str:
     """Run the worker's Python once to see its torch (no bpy here: runs on a thread too)."""
     from .worker_client import WorkerError, python_for_worker
@@ -88,15 +91,16 @@ def _probe(key: str, deps: str) -> str:
             "d=(['CUDA'] if torch.cuda.is_available() else [])+"
             "(['MPS'] if getattr(torch.backends,'mps',None) and torch.backends.mps.is_available() else [])+d\n"
             "m=[n for n in ('safetensors','plyfile','PIL') if u.find_spec(n) is None]\n"
-            "print(torch.__version__, ','.join(d), ','.join(m) or '-')"
+            f"print({PROBE_MARK!r}, torch.__version__, ','.join(d), ','.join(m) or '-')"
         )
         env = dict(os.environ)
         if os.path.isdir(deps):
             env["PYTHONPATH"] = os.pathsep.join(p for p in (deps, env.get("PYTHONPATH", "")) if p)
         out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120, env=env)
-        words = out.stdout.split()
-        if out.returncode == 0 and len(words) >= 3:
-            version, devices, missing = words[-3:]
+        # the marked line only: another program may exit 0 and print anything (its arguments)
+        found = [w for w in (line.split() for line in out.stdout.splitlines()) if len(w) == 4 and w[0] == PROBE_MARK]
+        if out.returncode == 0 and found:
+            version, devices, missing = found[-1][1:]
             line = f"torch {version} ({devices}) in {python}"
             if missing != "-":
                 line += f"; missing {missing}: use Install PyTorch"

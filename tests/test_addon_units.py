@@ -461,16 +461,17 @@ def test_torch_status_names_the_worker_torch():
 
 
 def test_torch_status_of_a_program_that_is_not_python(tmp_path):
-    """A Python Environment naming another program (it exits 0 and prints nothing): a status
+    """A Python Environment naming another program (it exits 0, printing nothing or its arguments): a status
     line saying so, not a ValueError on the probe's thread (the preferences then showed
     'checking...' for ever)."""
     from blender_addon import preferences
 
-    program = tmp_path / "not_python"
-    program.write_text("#!/bin/sh\nexit 0\n")
-    program.chmod(0o755)
-    line = preferences._probe(str(program), "")
-    assert line == f"{program} does not look like a Python interpreter (it did not run the torch check)"
+    for name, body in (("not_python", "exit 0"), ("echoes", 'echo "$@"')):  # silent, or printing its arguments
+        program = tmp_path / name
+        program.write_text(f"#!/bin/sh\n{body}\n")
+        program.chmod(0o755)
+        line = preferences._probe(str(program), "")
+        assert line == f"{program} does not look like a Python interpreter (it did not run the torch check)"
 
 
 def test_worker_in_env_without_packages_explains(tmp_path):
