@@ -128,31 +128,39 @@ def worker_reply(op: Any, request: Any, context: Any = None) -> Any:
         return None
 
 
-def follow_bundle_points(op: Any, context: Any, count: int) -> str | None:
+def follow_bundle_points(op: Any, context: Any, count: int) -> tuple[str, str]:
     """After Aggregate wrote ``op._out`` with ``count`` points: the point object's ids must
     name rows of the bundle; when they do not (Max Points left some out, or kept another
     subset than the object's), the bundle's own points become the point object, as File >
-    Import Bundle would make them. Returns a note for the report ("" when nothing changed),
-    None after reporting a failure."""
+    Import Bundle would make them. Returns ``(note, warning)``: a note for the report ("" when
+    nothing changed) and, when the worker could not show the bundle's points, a warning
+    saying the object is unchecked and what to do (the bundle is saved either way)."""
     from npbgpp_core import protocol as P
 
     from .importers import holds_bundle_points, make_point_object, use_point_object
     from .point_source import point_ids
+    from .worker_client import WorkerError
 
     obj = context.scene.npbgpp.point_object
-    if obj is None or point_ids(obj) is None:
-        return ""
-    if worker_reply(op, P.LoadBundle(op._out, "CPU", "FP32")) is None:
-        return None
-    cloud = worker_reply(op, P.GetBundlePoints())
-    if cloud is None:
-        return None
+    ids = None if obj is None else point_ids(obj)
+    if ids is None:
+        return "", ""
+    try:
+        op._worker.request(P.LoadBundle(op._out, "CPU", "FP32"), None, op._timeout)
+        cloud = op._worker.request(P.GetBundlePoints(), None, op._timeout)
+    except (WorkerError, ValueError, OSError) as exc:
+        top = int(ids.max()) if len(ids) else -1
+        effect = (f"its point ids reach {top} but the bundle has {count} points, so F12 fails until you" if top >= count
+                  else "if F12 shows other points than the object's,")
+        return "", (f"The bundle is saved, but the worker could not show its points to check the point object "
+                    f"{obj.name!r} against them ({exc}): {effect} use File > Import > NPBG++ Bundle on {op._out} "
+                    "(its own points become the point object).")
     if holds_bundle_points(obj, cloud.points):
-        return ""
+        return "", ""
     name = os.path.splitext(os.path.basename(op._out))[0]
     use_point_object(context, make_point_object(name, cloud.points, cloud.colors, context, np.arange(count)))
     return (f" The bundle holds other points than {obj.name!r} (Max Points): the point object is now {name!r}, the "
-            f"bundle's own {count} points.")
+            f"bundle's own {count} points."), ""
 
 
 class _ModalJob:
@@ -356,16 +364,16 @@ class NPBGPP_OT_aggregate(_WorkerStepJob, bpy.types.Operator):
         reply = worker_reply(self, P.AggregateFinish(self._out))
         if reply is None:
             return {"CANCELLED"}
-        context.scene.npbgpp.bundle = self._out
+        context.scene.npbgpp.bundle = self._out  # written: the scene renders it from now on
         up = ", ".join(f"{v:g}" for v in reply.world_up)
-        note = follow_bundle_points(self, context, reply.points)
-        if note is None:
-            return {"CANCELLED"}
+        note, unchecked = follow_bundle_points(self, context, reply.points)
         s = context.scene.npbgpp
         cloud = (f"of Dataset Points ({os.path.basename(bpy.path.abspath(s.dataset_points))})" if s.dataset_points
                  else "of the dataset's cloud")
         self.report({"INFO"}, f"Saved {reply.points} points {cloud} ({reply.valid} seen by the views) to {self._out}, "
                               f"up axis ({up}), network {self._network}.{note}")
+        if unchecked:
+            self.report({"WARNING"}, unchecked)
         from .point_source import point_ids
 
         obj = s.point_object

@@ -1309,6 +1309,54 @@ def test_aggregate_with_max_points_then_renders(scene, capfd):
     assert "was aggregated from another dataset" in capfd.readouterr().out
 
 
+def test_aggregate_saved_but_points_unchecked_warns_and_f12_says_why(scene, capfd, monkeypatch):
+    """Aggregate wrote the bundle but the worker then fails to show its points (GetBundlePoints
+    errors): the bundle is saved and in use, reported so (not 'Aggregate failed'), with a
+    WARNING that the point object is unchecked, why F12 fails (ids 0..59, a 30-point bundle)
+    and what to do; F12 fails naming the point object, and Import Bundle as advised fixes it."""
+    from npbgpp_core import protocol as P
+    from npbgpp_core.scene import NeuralScene
+
+    worker_client = sys.modules[f"{MODULE}.worker_client"]
+    sc, cam = scene["scene"], scene["camera"]
+    root = scene["dir"] / "nerf"
+    _write_nerf_dataset(root, [cam], scene["points"], scene["colors"])
+    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root)) == {"FINISHED"}
+    dataset_obj = sc.npbgpp.point_object
+    sc.npbgpp.weights = ""
+    forward = worker_client.ProcessWorker.request
+
+    def failing(self, req, *args, **kwargs):
+        if isinstance(req, P.GetBundlePoints):
+            raise worker_client.WorkerError("injected: no answer")
+        return forward(self, req, *args, **kwargs)
+
+    monkeypatch.setattr(worker_client.ProcessWorker, "request", failing)
+    out = str(scene["dir"] / "sub30.npbgpp")
+    objects = set(bpy.data.objects)
+    capfd.readouterr()
+    assert bpy.ops.npbgpp.aggregate(filepath=out, max_points=30) == {"FINISHED"}
+    printed = capfd.readouterr().out
+    assert "Aggregate failed" not in printed and "Error" not in printed
+    assert "Info: Saved 30 points of the dataset's cloud" in printed
+    warning = [line for line in printed.splitlines() if line.startswith("Warning: ")]
+    assert len(warning) == 1, printed
+    assert "injected: no answer" in warning[0] and "'nerf'" in warning[0]
+    assert "point ids reach 59 but the bundle has 30 points, so F12 fails" in warning[0]
+    assert f"File > Import > NPBG++ Bundle on {out}" in warning[0]
+    assert len(NeuralScene.load(out)) == 30
+    assert sc.npbgpp.bundle == out and sc.npbgpp.point_object == dataset_obj and set(bpy.data.objects) == objects
+    monkeypatch.setattr(worker_client.ProcessWorker, "request", forward)
+    sc.npbgpp.output = "NEURAL"
+    with pytest.raises(RuntimeError, match=r"point ids must be in \[0, 30\).*belongs to another bundle or dataset"):
+        bpy.ops.render.render()
+    assert bpy.ops.import_scene.npbgpp_bundle(filepath=out) == {"FINISHED"}
+    assert sc.npbgpp.point_object != dataset_obj
+    sc.render.film_transparent = False
+    got = _neural_display(sc, str(scene["dir"] / "sub30.exr"))
+    np.testing.assert_allclose(got, _core_render(sc, cam, NeuralScene.load(out)), atol=2e-4)
+
+
 def test_bundle_exported_by_headless_train_reuses_the_dataset_object(scene):
     """A bundle written by `python -m headless_train export` of the imported dataset is
     recognised like one from Aggregate (its metadata says scene_root, not dataset): no
