@@ -5,23 +5,22 @@ JSON header; loading never executes code)."""
 from __future__ import annotations
 
 import functools
+import io
 import json
 import os
-import struct
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from .atomic import atomic_write_bytes
+from .bundle_file import FORMAT_NAME, FORMAT_VERSION, check_format, read_header
 from .camera import Camera
 from .rasterizer import keys_to_depth, keys_to_index, rasterize_keys
 
 # Render quality presets: internal resolution factor (the image is upsampled to the
 # camera's size). 'preview' is for interactive viewports: about a quarter of the cost.
 QUALITY_SCALES = {"full": 1.0, "preview": 0.5}
-FORMAT_NAME = "npbgpp-neural-scene"
-FORMAT_VERSION = 1
 KINDS = ("npbgpp", "npbg", "coefficients")
 _MODEL_PREFIX = "model."
 
@@ -154,15 +153,8 @@ class NeuralScene:
             raise FileNotFoundError(f"neural scene file not found: {path}")
         with open(path, "rb") as f:
             data = f.read()
-        meta = _read_header_metadata(data, path)
-        if meta.get("format") != FORMAT_NAME:
-            raise ValueError(f"{path}: not an NPBG++ neural scene file (format {meta.get('format')!r})")
-        version = meta.get("format_version")
-        if version != str(FORMAT_VERSION):
-            raise ValueError(
-                f"{path}: mismatched bundle version: the file has format version {version}, "
-                f"this code reads version {FORMAT_VERSION}"
-            )
+        meta = read_header(io.BytesIO(data), len(data), path)[0]["__metadata__"]
+        check_format(meta, path)
         try:
             tensors = load(data)
             model_config = json.loads(meta.get("model_config", "{}"))
@@ -263,23 +255,6 @@ class NeuralScene:
         self, device: torch.device | str = "cpu", dtype: torch.dtype | None = None, tune_allocator: bool = True
     ) -> SceneRenderer:
         return SceneRenderer(self, device, dtype, tune_allocator)
-
-
-def _read_header_metadata(data: bytes, path: str) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors header, validating its framing."""
-    if len(data) < 8:
-        raise ValueError(f"{path}: corrupt or truncated neural scene file ({len(data)} bytes)")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > len(data) - 8 or n > 100_000_000:
-        raise ValueError(f"{path}: corrupt or truncated neural scene file (header of {n} bytes, file {len(data)})")
-    try:
-        header = json.loads(data[8 : 8 + n].decode("utf-8"))
-    except Exception as exc:  # noqa: BLE001
-        raise ValueError(f"{path}: corrupt neural scene file (unreadable header: {exc})") from exc
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
-    if not isinstance(meta, dict):
-        raise ValueError(f"{path}: not an NPBG++ neural scene file (no metadata)")
-    return meta
 
 
 def quality_scale(quality: str | float) -> float:

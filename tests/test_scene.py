@@ -160,6 +160,41 @@ def test_foreign_and_other_version_files(tmp_path, npbgpp_bundle):
         NeuralScene.load(inconsistent)
 
 
+def test_read_points_reads_the_points_alone(tmp_path, npbgpp_bundle):
+    """bundle_file.read_points (torch-free, for the add-on) gives the points NeuralScene.load
+    gives, in every float width, without reading the rest (damaged weights do not matter);
+    foreign, other-version and truncated files are refused naming the file."""
+    from npbgpp_core.bundle_file import read_points
+
+    _, _, bundle, _ = npbgpp_bundle
+    good = tmp_path / "good.npbgpp"
+    bundle.save(good)
+    got = read_points(good)
+    assert got.dtype == np.float32 and np.array_equal(got, NeuralScene.load(good).points.numpy())
+    meta = {"format": "npbgpp-neural-scene", "format_version": "1"}
+    pts = bundle.points[:5].double()
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        path = tmp_path / f"{dtype}.npbgpp"
+        save_file({"points": pts.to(dtype), "features": torch.full((5, 2), math.nan)}, str(path), metadata=meta)
+        np.testing.assert_array_equal(read_points(path), pts.to(dtype).float().numpy())
+        with pytest.raises(ValueError, match=f"{path.name}.*(tensor|inconsistent)"):
+            NeuralScene.load(path)  # read whole, the file is refused (no 'valid', NaN features)
+    for name, file_meta in (("foreign", {}), ("newer", {**meta, "format_version": "2"})):
+        save_file({"points": pts.float()}, str(tmp_path / f"{name}.npbgpp"), metadata=file_meta or None)
+        with pytest.raises(ValueError, match=f"{name}.npbgpp.*(not an NPBG|mismatched bundle version)"):
+            read_points(tmp_path / f"{name}.npbgpp")
+    save_file({"points": torch.zeros(4, 2)}, str(tmp_path / "flat.npbgpp"), metadata=meta)
+    with pytest.raises(ValueError, match=r"flat.npbgpp: points have shape \[4, 2\]"):
+        read_points(tmp_path / "flat.npbgpp")
+    data = (tmp_path / "torch.float64.npbgpp").read_bytes()
+    header = 8 + int.from_bytes(data[:8], "little")
+    start, end = json.loads(data[8:header])["points"]["data_offsets"]
+    for cut in (4, header - 1, header + end - 1):
+        (tmp_path / f"cut{cut}.npbgpp").write_bytes(data[:cut])
+        with pytest.raises(ValueError, match=f"cut{cut}.npbgpp: corrupt or truncated"):
+            read_points(tmp_path / f"cut{cut}.npbgpp")
+
+
 def test_failed_save_keeps_the_old_file(tmp_path, npbgpp_bundle, monkeypatch):
     _, _, bundle, _ = npbgpp_bundle
     path = tmp_path / "keep.npbgpp"

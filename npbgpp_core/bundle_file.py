@@ -1,0 +1,83 @@
+"""The framing of NeuralScene files (safetensors: an 8-byte length, a JSON header, then
+the tensors' bytes) and their points read without torch: the add-on checks a bundle
+against a point object in Blender's own Python, which may have no torch, and needs only
+the header and the points, not the weights. :mod:`npbgpp_core.scene` reads whole files."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Any, BinaryIO
+
+import numpy as np
+
+FORMAT_NAME = "npbgpp-neural-scene"
+FORMAT_VERSION = 1
+_MAX_HEADER = 100_000_000
+_FLOATS = {"F16": "<f2", "F32": "<f4", "F64": "<f8"}
+
+
+def read_header(f: BinaryIO, size: int, path: str) -> tuple[dict[str, Any], int]:
+    """``(header, data_start)`` of a file of ``size`` bytes open at its start: the JSON header
+    (tensor entries and ``__metadata__``, checked to be an object) and where the tensors'
+    bytes begin. ValueError naming ``path`` for bad framing."""
+    if size < 8:
+        raise ValueError(f"{path}: corrupt or truncated neural scene file ({size} bytes)")
+    (n,) = struct.unpack("<Q", f.read(8))
+    if n > size - 8 or n > _MAX_HEADER:
+        raise ValueError(f"{path}: corrupt or truncated neural scene file (header of {n} bytes, file {size})")
+    try:
+        header = json.loads(f.read(n).decode("utf-8"))
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(f"{path}: corrupt neural scene file (unreadable header: {exc})") from exc
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: not an NPBG++ neural scene file (no metadata)")
+    return header, 8 + n
+
+
+def check_format(meta: dict[str, Any], path: str) -> None:
+    """ValueError unless the header's metadata names this format and version."""
+    if meta.get("format") != FORMAT_NAME:
+        raise ValueError(f"{path}: not an NPBG++ neural scene file (format {meta.get('format')!r})")
+    version = meta.get("format_version")
+    if version != str(FORMAT_VERSION):
+        raise ValueError(
+            f"{path}: mismatched bundle version: the file has format version {version}, "
+            f"this code reads version {FORMAT_VERSION}"
+        )
+
+
+def read_points(path: str | os.PathLike) -> np.ndarray:
+    """The (N, 3) float32 points of a NeuralScene file, reading only its header and the
+    ``points`` tensor. ValueError naming the file for a foreign, damaged or non-finite one."""
+    path = os.fspath(path)
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        header, start = read_header(f, size, path)
+        check_format(header["__metadata__"], path)
+        entry = header.get("points")
+        if not isinstance(entry, dict):
+            raise ValueError(f"{path}: neural scene file lacks tensors ['points']")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype not in _FLOATS and dtype != "BF16":
+            raise ValueError(f"{path}: points are {dtype!r}, not floats")
+        if not (isinstance(shape, list) and len(shape) == 2 and shape[1] == 3 and isinstance(shape[0], int)
+                and shape[0] >= 0):
+            raise ValueError(f"{path}: points have shape {shape}, not (N, 3)")
+        width = 2 if dtype == "BF16" else np.dtype(_FLOATS[dtype]).itemsize
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                and 0 <= offsets[0] and offsets[1] - offsets[0] == shape[0] * 3 * width
+                and start + offsets[1] <= size):
+            raise ValueError(f"{path}: corrupt or truncated neural scene file (points at {offsets}, file {size})")
+        f.seek(start + offsets[0])
+        raw = f.read(offsets[1] - offsets[0])
+    if dtype == "BF16":  # the upper half of a float32
+        pts = (np.frombuffer(raw, "<u2").astype(np.uint32) << 16).view(np.float32)
+    else:
+        pts = np.frombuffer(raw, _FLOATS[dtype])
+    pts = pts.astype(np.float32).reshape(-1, 3)
+    if not np.isfinite(pts).all():
+        raise ValueError(f"{path}: points hold NaN or infinite values; the bundle is damaged")
+    return pts
