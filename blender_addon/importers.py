@@ -114,27 +114,29 @@ def holds_bundle_points(obj: bpy.types.Object, bundle_points: np.ndarray) -> boo
     return float(np.abs(pts - ref).max()) <= tol
 
 
-def _drop_bundle_of_another_dataset(op: Any, context: Any, dataset: str) -> None:
-    """After importing ``dataset``: a scene bundle aggregated from another dataset is
-    cleared (with a warning), since the new point object's ids would pick arbitrary points
-    of it. Bundles that do not say where they came from, or cannot be read, are kept."""
-    from npbgpp_core import protocol as P
-
-    from .scene_snapshot import worker_for
-    from .worker_client import WorkerError
+def _drop_bundle_of_another_cloud(op: Any, context: Any, dataset: str) -> None:
+    """After importing ``dataset``: a scene bundle whose points are not the new point
+    object's (each id naming the bundle point at the object's position, wherever the
+    dataset folder now lies) is cleared with a warning, since the ids would pick arbitrary
+    points of it. Reads only the bundle's points; a bundle that cannot be read is kept (F12
+    reports what is wrong with it)."""
+    from npbgpp_core.bundle_file import read_points
 
     s = context.scene.npbgpp
     bundle = bpy.path.abspath(s.bundle) if s.bundle else ""
-    if not bundle or not os.path.isfile(bundle):
+    if not bundle or not os.path.isfile(bundle) or s.point_object is None:
         return
     try:
-        info = worker_for(context.scene).request(P.LoadBundle(bundle, "CPU", "FP32"))
-    except (WorkerError, ValueError, OSError):
+        points = read_points(bundle)
+    except (ValueError, OSError):
         return
-    if info.dataset and not same_folder(info.dataset, dataset):
-        s.bundle = ""
-        op.report({"WARNING"}, f"The scene's bundle {bundle} was aggregated from another dataset ({info.dataset}): "
-                               "no longer used; run Aggregate Descriptors for this one.")
+    if holds_bundle_points(s.point_object, points):
+        return
+    s.bundle = ""
+    op.report({"WARNING"}, f"The scene's bundle {bundle} holds other points than the imported dataset {dataset} "
+                           "at their ids (another dataset or cloud, or a Max Points subset): no longer used; run "
+                           "Aggregate Descriptors for this one, or File > Import > NPBG++ Bundle to render the "
+                           "bundle with its own points.")
 
 
 # --------------------------------------------------------------------------- PLY
@@ -347,7 +349,7 @@ class IMPORT_SCENE_OT_npbgpp_dataset(bpy.types.Operator):
             context.scene.render.resolution_percentage = 100
             context.scene.camera = collection.objects[0]
         self.report({"INFO"}, f"Imported {len(reply.points)} points and {len(reply.views)} cameras.")
-        _drop_bundle_of_another_dataset(self, context, path)
+        _drop_bundle_of_another_cloud(self, context, path)
         return {"FINISHED"}
 
 

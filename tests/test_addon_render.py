@@ -1297,16 +1297,22 @@ def test_aggregate_with_max_points_then_renders(scene, capfd):
     bundle50 = NeuralScene.load(out50)
     np.testing.assert_array_equal(point_ids(sc.npbgpp.point_object), np.arange(50))
     np.testing.assert_allclose(object_points(sc.npbgpp.point_object)[0], bundle50.points.numpy(), atol=1e-6)
-    # Importing another dataset drops the bundle of this one (its ids would pick arbitrary points of it);
-    # importing the same dataset again keeps it.
+    # Importing the whole dataset again drops this 50-point subset's bundle (ids 0..59 would name other
+    # points of it, and F12 would refuse ids past 49); a bundle of all its points is kept, and importing
+    # another dataset drops that (its ids would pick arbitrary points of it).
+    capfd.readouterr()
     assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root)) == {"FINISHED"}
-    assert sc.npbgpp.bundle == out50
+    assert sc.npbgpp.bundle == ""
+    assert f"{out50} holds other points than the imported dataset" in capfd.readouterr().out
+    sc.npbgpp.bundle = str(scene["dir"] / "all.npbgpp")
+    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root)) == {"FINISHED"}
+    assert sc.npbgpp.bundle == str(scene["dir"] / "all.npbgpp")
     other = scene["dir"] / "other_dataset"
     _write_nerf_dataset(other, [cam], scene["points"][:40] + 0.5, scene["colors"][:40])
     capfd.readouterr()
     assert bpy.ops.import_scene.npbgpp_dataset(directory=str(other)) == {"FINISHED"}
     assert sc.npbgpp.bundle == ""
-    assert "was aggregated from another dataset" in capfd.readouterr().out
+    assert "holds other points than the imported dataset" in capfd.readouterr().out
 
 
 def test_aggregate_saved_but_points_unchecked_warns_and_f12_says_why(scene, capfd, monkeypatch):
@@ -1355,6 +1361,52 @@ def test_aggregate_saved_but_points_unchecked_warns_and_f12_says_why(scene, capf
     sc.render.film_transparent = False
     got = _neural_display(sc, str(scene["dir"] / "sub30.exr"))
     np.testing.assert_allclose(got, _core_render(sc, cam, NeuralScene.load(out)), atol=2e-4)
+
+
+def test_import_of_a_copied_dataset_keeps_its_bundle(scene, capfd, monkeypatch):
+    """Importing a dataset keeps the scene's bundle when the new cloud's ids name the
+    bundle's points, wherever the folder lies (a copy elsewhere, renamed): F12 then renders
+    the bundle. It reads only the bundle's points (no LoadBundle: no renderer built in the
+    worker). A dataset with other points still clears the bundle with a warning."""
+    import shutil
+
+    from npbgpp_core.scene import NeuralScene
+
+    worker_client = sys.modules[f"{MODULE}.worker_client"]
+    sc, cam = scene["scene"], scene["camera"]
+    root = scene["dir"] / "nerf"
+    _write_nerf_dataset(root, [cam], scene["points"], scene["colors"])
+    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root)) == {"FINISHED"}
+    sc.npbgpp.weights = ""
+    out = str(scene["dir"] / "agg.npbgpp")
+    assert bpy.ops.npbgpp.aggregate(filepath=out) == {"FINISHED"}
+    copy = scene["dir"] / "elsewhere" / "renamed_copy"
+    shutil.copytree(root, copy)
+    sent = []
+    forward = worker_client.ProcessWorker.request
+
+    def recorded(self, req, *args, **kwargs):
+        sent.append(type(req).__name__)
+        return forward(self, req, *args, **kwargs)
+
+    monkeypatch.setattr(worker_client.ProcessWorker, "request", recorded)
+    capfd.readouterr()
+    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(copy)) == {"FINISHED"}
+    assert sent == ["ReadDataset"]
+    assert "Warning" not in capfd.readouterr().out
+    assert sc.npbgpp.bundle == out and sc.npbgpp.point_object.name.startswith("renamed_copy")
+    sc.npbgpp.output = "NEURAL"
+    sc.render.film_transparent = False
+    got = _neural_display(sc, str(scene["dir"] / "copy.exr"))
+    np.testing.assert_allclose(got, _core_render(sc, cam, NeuralScene.load(out)), atol=2e-4)
+    other = scene["dir"] / "other_dataset"
+    _write_nerf_dataset(other, [cam], scene["points"] + 0.5, scene["colors"])  # as many points, elsewhere
+    sent.clear()
+    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(other)) == {"FINISHED"}
+    assert sent == ["ReadDataset"] and sc.npbgpp.bundle == ""
+    warning = [line for line in capfd.readouterr().out.splitlines() if line.startswith("Warning: ")]
+    assert len(warning) == 1 and f"{out} holds other points than the imported dataset {other}" in warning[0]
+    assert "run Aggregate Descriptors for this one" in warning[0]
 
 
 def test_bundle_exported_by_headless_train_reuses_the_dataset_object(scene):
