@@ -61,7 +61,7 @@ def read_points(path: str | os.PathLike) -> np.ndarray:
         if not isinstance(entry, dict):
             raise ValueError(f"{path}: neural scene file lacks tensors ['points']")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in _FLOATS and dtype != "BF16":
+        if not isinstance(dtype, str) or (dtype not in _FLOATS and dtype != "BF16"):
             raise ValueError(f"{path}: points are {dtype!r}, not floats")
         if not (isinstance(shape, list) and len(shape) == 2 and shape[1] == 3 and isinstance(shape[0], int)
                 and shape[0] >= 0):

@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from npbgpp_core import load_ply, save_ply
+from npbgpp_core.bundle_file import read_points
 from npbgpp_core.datasets import DatasetError, load_scene
 from npbgpp_core.scene import NeuralScene
 
@@ -409,8 +410,12 @@ def test_fuzz_bundles(tmp_path):
     def body(mutated: bytes) -> None:
         with open(path, "wb") as f:
             f.write(mutated)
+        points = _expect((ValueError,), read_points, path)  # the add-on's torch-free read of the points
+        assert points is None or (points.dtype == np.float32 and points.shape[1:] == (3,)
+                                   and np.isfinite(points).all())
         scene = _expect((ValueError,), NeuralScene.load, path)
-        if scene is not None:  # a bundle that loads must also build its renderer
+        if scene is not None:  # a bundle that loads must also build its renderer, and give read_points' points
+            assert np.array_equal(points, scene.points.float().numpy())
             renderers[0] += 1
             scene.renderer(tune_allocator=False)
 
