@@ -33,6 +33,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-side", type=int, default=None, help="NPBG++: downscale input views to this long side")
     p.add_argument("--allow-external-paths", action="store_true",
                    help="NeRF-Synthetic / COLMAP: read image paths that leave the scene folder")
+    p.add_argument("--world-up", default=None, metavar="auto|AXIS|X,Y,Z",
+                   help="weights file (.safetensors): the scene's up axis the network aggregates with: 'auto' "
+                   "(default: the mean image-up of the aggregated views' cameras, snapped to an axis within "
+                   "5 degrees, as the add-on's Aggregate with Up Axis: Auto), an axis name (+z, -y, ...) or 3 "
+                   "numbers; write --world-up=-y for a value starting with '-'. A headless_train checkpoint keeps its "
+                   "run's world_up")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args(argv)
 
@@ -41,27 +47,58 @@ def _colors(scene) -> torch.Tensor | None:
     return None if scene.colors is None else torch.from_numpy(scene.colors).float()
 
 
+def world_up_spec(text: str | None) -> str | tuple[float, ...] | None:
+    """``--world-up`` as :func:`resolve_world_up` takes it ('auto', an axis name or 3
+    numbers), checked before any work; ExportError naming the option."""
+    from npbgpp_core.models.alignment import UP_AXES, check_world_up
+
+    if text is None:
+        return None
+    key = text.strip().lower().replace("pos_", "+").replace("neg_", "-")
+    if key == "auto" or key in UP_AXES:
+        return key
+    try:
+        return check_world_up(text.split(","))
+    except ValueError:
+        raise ExportError(f"--world-up must be 'auto', one of {', '.join(sorted(UP_AXES))} or 3 numbers x,y,z "
+                          f"(not all zero), got {text!r}") from None
+
+
+def aggregated_views(scene, which: str) -> list[int]:
+    """Indices of the views ``--views`` names."""
+    if which == "all":
+        return list(range(len(scene.views)))
+    if which == "train":
+        return list(scene.train)
+    held = set(scene.test) if scene.test else set()
+    return [i for i in range(len(scene.views)) if i not in held]
+
+
+def scene_world_up(scene, which: str, spec: str | tuple[float, ...]) -> list[float]:
+    """The up axis a weights file's network aggregates ``scene`` with: ``spec`` resolved on
+    the cameras of the views aggregated (as the add-on's Aggregate and ``system.world_up``)."""
+    from npbgpp_core.models.alignment import resolve_world_up
+
+    up = [float(v) for v in resolve_world_up(spec, [scene.views[i].camera for i in aggregated_views(scene, which)])]
+    log.info("world_up %s: %s", spec if isinstance(spec, str) else "given", up)
+    return up
+
+
 def export_npbgpp(ckpt: dict, scene, args, name: str):
     from npbgpp_core.pretrained import WeightsError, build_network, trainer_checkpoint_weights
     from npbgpp_core.scene import NeuralScene
 
     from .data import _fit_size
 
+    views = aggregated_views(scene, args.views)
+    if not views:
+        raise ExportError(f"scene {scene.root} has no views to aggregate")
     try:
         kind, config, state = trainer_checkpoint_weights(ckpt, args.checkpoint)
         model = build_network(kind, config, state, args.checkpoint)
     except WeightsError as exc:
         raise ExportError(str(exc)) from None
     model.to(args.device).eval()
-    if args.views == "all":
-        views = list(range(len(scene.views)))
-    elif args.views == "train":
-        views = list(scene.train)
-    else:
-        held = set(scene.test) if scene.test else set()
-        views = [i for i in range(len(scene.views)) if i not in held]
-    if not views:
-        raise ExportError(f"scene {scene.root} has no views to aggregate")
     points = torch.from_numpy(scene.points).float().to(args.device)
     with torch.no_grad():
         state_agg = model.begin_scene(points)
@@ -124,7 +161,7 @@ def export_npbg(ckpt: dict, scene, args, name: str):
 def export(args: argparse.Namespace) -> str:
     from npbgpp_core.datasets import load_scene
 
-    from .checkpoints import checkpoint_system, load_source_checkpoint
+    from .checkpoints import checkpoint_system, load_source_checkpoint, weights_file_checkpoint
 
     # Checked before the aggregation (minutes on a CPU), not when the bundle is written.
     out_dir = os.path.dirname(os.path.abspath(args.out))
@@ -133,6 +170,13 @@ def export(args: argparse.Namespace) -> str:
                           f"{os.path.join(args.out, 'scene.npbgpp')}")
     if not os.path.isdir(out_dir):
         raise ExportError(f"output folder does not exist: {out_dir}")
+    up_spec = world_up_spec(args.world_up)
+    weights_file = args.checkpoint.lower().endswith(".safetensors")
+    if up_spec is not None and not weights_file:
+        # the run resolved and stored its up (system.world_up); its descriptors and
+        # background were trained in that frame, so another one here would be silently wrong
+        raise ExportError(f"--world-up applies to weights files (.safetensors); {args.checkpoint} keeps the "
+                          "system.world_up its run stored")
     ckpt = load_source_checkpoint(args.checkpoint)
     system, _ = checkpoint_system(ckpt, args.checkpoint)
     if not os.path.isdir(args.scene):
@@ -146,6 +190,8 @@ def export(args: argparse.Namespace) -> str:
         if args.max_points is not None and scene.points.shape[0] > int(args.max_points):
             log.warning("subsampling %d points to %d (seed 123)", scene.points.shape[0], int(args.max_points))
             scene = scene.subsample_points(int(args.max_points), seed=123)
+        if weights_file:
+            ckpt = weights_file_checkpoint(args.checkpoint, scene_world_up(scene, args.views, up_spec or "auto"))
         bundle = export_npbgpp(ckpt, scene, args, name)
     elif system in ("npbg", "coefficients_ft"):
         bundle = export_npbg(ckpt, scene, args, name)

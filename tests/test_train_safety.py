@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import json
+import math
 import os
 import subprocess
 import sys
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 import torch
 from _train_fixtures import make_dataset
@@ -329,7 +332,7 @@ def test_export_takes_a_weights_file(data_root, tmp_path):
 
     weights, out = default_weights_path("npbgpp"), str(tmp_path / "w.npbgpp")
     assert export_main(["--checkpoint", weights, "--scene", f"{data_root}/sceneA", "--out", out,
-                        "--device", "cpu"]) == 0
+                        "--device", "cpu", "--world-up", "+z"]) == 0  # the file's own up
     bundle = NeuralScene.load(out)
     scene = load_scene(f"{data_root}/sceneA")
     model = load_pretrained_npbgpp(weights).eval()
@@ -341,6 +344,84 @@ def test_export_takes_a_weights_file(data_root, tmp_path):
         ref = state.finish()
     assert bundle.kind == "npbgpp" and list(bundle.model_config["world_up"]) == list(model.config.world_up)
     torch.testing.assert_close(bundle.features, ref.coefficients.float(), atol=1e-5, rtol=1e-5)
+
+
+def _rotated_scene(folder: str, rotation: np.ndarray) -> str:
+    """The tiny scene (Y-up cameras) with its poses and points turned by ``rotation``: every
+    point keeps its pixel in every view, only the up axis of the world moves."""
+    from _train_fixtures import make_tiny_scene
+
+    from npbgpp_core import load_ply, save_ply
+
+    make_tiny_scene(folder)
+    m = np.eye(4)
+    m[:3, :3] = rotation
+    for split in ("train", "val", "test"):
+        path = os.path.join(folder, f"transforms_{split}.json")
+        with open(path) as f:
+            meta = json.load(f)
+        for frame in meta["frames"]:
+            frame["transform_matrix"] = (m @ np.asarray(frame["transform_matrix"])).tolist()
+        with open(path, "w") as f:
+            json.dump(meta, f)
+    cloud = load_ply(os.path.join(folder, "points3d.ply"))
+    save_ply(os.path.join(folder, "points3d.ply"), (cloud.points @ rotation.T).astype(np.float32), cloud.colors)
+    return folder
+
+
+def test_export_of_a_weights_file_takes_the_scenes_up_like_the_addon(tmp_path, capsys, monkeypatch):
+    """export --checkpoint <weights file> aggregates with the scene's up axis, by default
+    resolve_world_up('auto', cameras of the aggregated views) as the add-on's Aggregate with
+    Up Axis: Auto (it always used the file's +Z: another bundle, silently); a bad --world-up,
+    or one given with a run's checkpoint, exits 2 naming the option before any work."""
+    import headless_train.export as export
+    from npbgpp_core.datasets import load_scene
+    from npbgpp_core.models.alignment import resolve_world_up
+    from npbgpp_core.pretrained import default_weights_path, load_pretrained_npbgpp, read_weights
+    from npbgpp_core.scene import NeuralScene
+
+    a = math.radians(35.0)  # the scene's +Y (its cameras' up) becomes (sin a, cos a, 0) rotated about X
+    turn_z = np.array([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, 1]])
+    turn_x = np.array([[1, 0, 0], [0, 0, -1], [0, 1, 0]], dtype=np.float64)
+    root = _rotated_scene(str(tmp_path / "tilted"), turn_x @ turn_z)
+    weights, out = default_weights_path("npbgpp"), str(tmp_path / "t.npbgpp")
+    assert export.main(["--checkpoint", weights, "--scene", root, "--out", out, "--device", "cpu"]) == 0
+    scene = load_scene(root)
+    held = set(scene.test)
+    views = [i for i in range(len(scene.views)) if i not in held]
+    up = resolve_world_up("auto", [scene.views[i].camera for i in views])
+    # the turned +Y, not snapped (35 degrees off +Z): the ring of views left out by the test split
+    # leaves the mean a few degrees off it
+    assert float(np.dot(up, turn_x @ turn_z @ [0, 1, 0])) > math.cos(math.radians(5)) and max(np.abs(up)) < 0.9
+    assert list(read_weights(weights, "npbgpp").config["world_up"]) == [0.0, 0.0, 1.0]
+
+    def aggregate(world_up):
+        model = load_pretrained_npbgpp(weights, world_up=world_up).eval()
+        with torch.no_grad():
+            state = model.begin_scene(torch.from_numpy(scene.points).float())
+            for i in views:
+                state.add_views(scene.load_image(i).unsqueeze(0), [scene.camera(i)])
+            return state.finish()
+
+    bundle, ref = NeuralScene.load(out), aggregate(up)
+    assert list(bundle.model_config["world_up"]) == pytest.approx(list(up))
+    torch.testing.assert_close(bundle.features, ref.coefficients.float(), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(bundle.features, aggregate(None).coefficients.float(), atol=1e-3)  # the old +Z
+    numbers = str(tmp_path / "n.npbgpp")
+    assert export.main(["--checkpoint", weights, "--scene", root, "--out", numbers, "--device", "cpu",
+                        "--world-up=" + ",".join(str(v) for v in up)]) == 0  # '=': the text may start with '-'
+    torch.testing.assert_close(NeuralScene.load(numbers).features, bundle.features)
+
+    monkeypatch.setattr(export, "export_npbgpp", lambda *a, **k: pytest.fail("aggregated despite a bad --world-up"))
+    capsys.readouterr()
+    for bad in ("sideways", "0,0,0", "1,2"):
+        assert export.main(["--checkpoint", weights, "--scene", root, "--out", str(tmp_path / "b.npbgpp"),
+                            "--world-up", bad]) == 2
+        assert "--world-up must be 'auto', one of" in capsys.readouterr().err
+    assert export.main(["--checkpoint", str(tmp_path / "run.ckpt"), "--scene", root, "--out",
+                        str(tmp_path / "c.npbgpp"), "--world-up", "+z"]) == 2
+    assert "--world-up applies to weights files" in capsys.readouterr().err
+    assert not any(tmp_path.glob("[bc].npbgpp"))
 
 
 def test_npbg_run_starts_from_the_bundled_refiner_file(data_root, tmp_path, caplog, capsys):
