@@ -424,6 +424,33 @@ def test_export_of_a_weights_file_takes_the_scenes_up_like_the_addon(tmp_path, c
     assert not any(tmp_path.glob("[bc].npbgpp"))
 
 
+def test_coefficients_ft_from_a_weights_file_takes_the_runs_world_up(data_root, tmp_path, monkeypatch):
+    """system=coefficients_ft seeded from a weights file builds its model with the run's
+    system.world_up (it took the file's +Z whatever the run said, so the environment map an
+    NPBG++ evaluation wrote in the run's frame was read turned); null keeps the source's."""
+    import headless_train.systems as systems
+    from headless_train.checkpoints import save_descriptors
+    from npbgpp_core.pretrained import default_weights_path, read_weights
+
+    weights = default_weights_path("npbgpp")
+    config = read_weights(weights, "npbgpp").config
+    assert list(config["world_up"]) == [0.0, 0.0, 1.0]
+    coefficients = str(tmp_path / "coefficients")
+    save_descriptors(coefficients, "sceneA", torch.rand(300, (1 + config["basis_dim"]) * config["feature_dim"]))
+    built = []
+    build = systems.build_system
+    monkeypatch.setattr(systems, "build_system", lambda *a, **k: built.append(build(*a, **k)) or built[-1])
+    common = [f"datasets.data_root={data_root}", "datasets=nerf_blender_one_scene", "datasets.scene_name=sceneA",
+              "system=coefficients_ft", f"weights_path={weights}", f"system.descriptors_pretrained_dir={coefficients}",
+              "eval_only=true", *FAST]
+    for given, up in (("+y", (0.0, 1.0, 0.0)), ("[1,0,0]", (1.0, 0.0, 0.0)), ("null", (0.0, 0.0, 1.0))):
+        run_inproc([*common, f"system.world_up={given}"], str(tmp_path / f"run{len(built)}"))
+        model = built[-1].scene_model(0)
+        assert model.config.world_up == up and model.config.background == config["background"], given
+    with pytest.raises(ValueError, match="system.world_up"):
+        run_inproc([*common, "system.world_up=[0,0,0]"], str(tmp_path / "bad"))
+
+
 def test_npbg_run_starts_from_the_bundled_refiner_file(data_root, tmp_path, caplog, capsys):
     """weights_path= with the NPBG refiner weights file starts system=npbg from its refiner
     (the published NPBG fine-tuning command names an NPBG checkpoint; the project ships this

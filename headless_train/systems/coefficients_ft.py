@@ -43,6 +43,17 @@ class CoefficientsFTSystem(NPBGSystem):
 
     def __init__(self, cfg: dict, scenes: list, source_config: dict | None = None):
         self._source = dict(source_config or {})
+        # The scenes' up axis belongs to this run's data, not to the source's weights: the
+        # environment map the NPBG++ evaluation wrote (<scene>.background) is in the frame of
+        # that run's system.world_up, which a weights file's own (+Z) need not be.
+        up = cfg["system"].get("world_up")
+        if up is not None:
+            from npbgpp_core.models.alignment import check_world_up
+
+            try:
+                self._source["world_up"] = list(check_world_up(up))
+            except ValueError as exc:
+                raise ValueError(f"system.world_up: {exc}") from None
         super().__init__(cfg, scenes)
         self.basis = self.scene_model(0).basis
         for sid in range(1, len(self.scene_names)):
