@@ -82,22 +82,14 @@ def create_camera(
     return obj
 
 
-def same_folder(a: str, b: str) -> bool:
-    """Whether two paths name one folder (links and case-insensitive file systems too)."""
-    return os.path.normcase(os.path.realpath(a)) == os.path.normcase(os.path.realpath(b))
-
-
-def _dataset_object(context: Any, dataset: str, bundle_points: np.ndarray) -> bpy.types.Object | None:
-    """The scene's point object when it holds points of ``dataset`` (imported with ids) that
-    are the bundle's: each id names the bundle point at the object's position. A bundle of
-    another cloud of the same dataset (Densify's, or the sparse one after a dense bundle)
-    gets its own object, or it would render only the points whose ids happen to exist."""
-    s = context.scene.npbgpp
-    obj = s.point_object
-    if not dataset or obj is None or not s.dataset_path or ID_ATTRIBUTE not in obj.data.attributes:
-        return None
-    same = same_folder(bpy.path.abspath(s.dataset_path), dataset)
-    return obj if same and holds_bundle_points(obj, bundle_points) else None
+def _bundle_object(context: Any, bundle_points: np.ndarray) -> bpy.types.Object | None:
+    """The scene's point object when its ids name the bundle's points (each id the bundle
+    point at the object's position): a dataset imported from wherever its folder now lies,
+    or this bundle imported before. A bundle of another cloud of the same dataset (Densify's,
+    or the sparse one after a dense bundle) gets its own object, or it would render only the
+    points whose ids happen to exist."""
+    obj = context.scene.npbgpp.point_object
+    return obj if obj is not None and holds_bundle_points(obj, bundle_points) else None
 
 
 def holds_bundle_points(obj: bpy.types.Object, bundle_points: np.ndarray) -> bool:
@@ -248,16 +240,16 @@ class IMPORT_SCENE_OT_npbgpp_bundle(bpy.types.Operator, ImportHelper):
         s = context.scene.npbgpp
         try:
             worker = worker_for(context.scene)
-            info = worker.request(P.LoadBundle(path, "CPU", "FP32"))
+            worker.request(P.LoadBundle(path, "CPU", "FP32"))
             reply = worker.request(P.GetBundlePoints())
-            existing = _dataset_object(context, info.dataset, reply.points)
+            existing = _bundle_object(context, reply.points)
             if existing is None:
                 name = os.path.splitext(os.path.basename(path))[0]
                 obj = make_point_object(name, reply.points, reply.colors, context, np.arange(len(reply.points)))
             else:
                 obj = existing
-                self.report({"INFO"}, f"The bundle was aggregated from this scene's dataset: it renders the "
-                                      f"points of {obj.name!r} (no second copy imported)")
+                self.report({"INFO"}, f"The bundle holds the points of {obj.name!r} (its point ids name them): it "
+                                      "renders them, no second copy imported")
         except (WorkerError, ValueError, OSError) as exc:
             self.report({"ERROR"}, f"Cannot import bundle {path}: {exc}")
             return {"CANCELLED"}

@@ -1366,8 +1366,9 @@ def test_aggregate_saved_but_points_unchecked_warns_and_f12_says_why(scene, capf
 def test_import_of_a_copied_dataset_keeps_its_bundle(scene, capfd, monkeypatch):
     """Importing a dataset keeps the scene's bundle when the new cloud's ids name the
     bundle's points, wherever the folder lies (a copy elsewhere, renamed): F12 then renders
-    the bundle. It reads only the bundle's points (no LoadBundle: no renderer built in the
-    worker). A dataset with other points still clears the bundle with a warning."""
+    the bundle, and Import Bundle reuses the copy's object. It reads only the bundle's
+    points (no LoadBundle: no renderer built in the worker). A dataset with other points
+    still clears the bundle with a warning."""
     import shutil
 
     from npbgpp_core.scene import NeuralScene
@@ -1395,6 +1396,9 @@ def test_import_of_a_copied_dataset_keeps_its_bundle(scene, capfd, monkeypatch):
     assert sent == ["ReadDataset"]
     assert "Warning" not in capfd.readouterr().out
     assert sc.npbgpp.bundle == out and sc.npbgpp.point_object.name.startswith("renamed_copy")
+    obj, objects = sc.npbgpp.point_object, set(bpy.data.objects)
+    assert bpy.ops.import_scene.npbgpp_bundle(filepath=out) == {"FINISHED"}  # the copy's object: no second cloud
+    assert set(bpy.data.objects) == objects and sc.npbgpp.point_object == obj and sc.npbgpp.bundle == out
     sc.npbgpp.output = "NEURAL"
     sc.render.film_transparent = False
     got = _neural_display(sc, str(scene["dir"] / "copy.exr"))
