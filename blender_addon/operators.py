@@ -484,9 +484,14 @@ class NPBGPP_OT_fit(_WorkerStepJob, bpy.types.Operator):
         name="Fitted Bundle", subtype="FILE_PATH", default="",
         description="Fitted bundle file to write; empty: <bundle name>_fitted.npbgpp next to the bundle",
     )
+    # min 50: fewer steps are a transient, not a cheaper fit (BENCHMARKS.md "Few-step fits", 4 real
+    # captures): 1-2 steps barely change the scene, 5-20 lost up to 2.4 dB against no fit, 50 was
+    # within 0.3 dB of it, 100-200 gained.
     steps: IntProperty(  # type: ignore[valid-type]
-        name="Steps", default=200, min=1, max=100_000,
-        description="Fitting steps (two 128-pixel crops each; 200 adds about 1 dB on real captures)",
+        name="Steps", default=200, min=50, max=100_000,
+        description="Fitting steps, two 128-pixel crops each. 200 adds up to about 1 dB on real captures; "
+                    "the fit gets worse before it gets better (5-20 steps lost up to 2.4 dB against no fit), "
+                    "so at least 50",
     )
 
     _job = "Fit to Photos"

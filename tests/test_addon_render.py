@@ -1661,7 +1661,8 @@ def test_fit_to_photos_operator(scene):
     assert bpy.ops.npbgpp.fit(steps=3) == {"FINISHED"}
     assert sc.npbgpp.bundle == fitted
     bundle = NeuralScene.load(fitted)
-    assert bundle.kind == "coefficients" and bundle.metadata["fit"]["steps"] == 3
+    # Steps' min: fewer than 50 steps lose against no fit on real captures, so 3 is raised to 50
+    assert bundle.kind == "coefficients" and bundle.metadata["fit"]["steps"] == 50
     sc.npbgpp.output = "NEURAL"
     sc.render.film_transparent = False
     got = _neural_display(sc, str(scene["dir"] / "fitted.exr"))

@@ -13,6 +13,7 @@ import torch
 from test_background import env_scene, from_weights_file, ring_cameras
 
 from npbgpp_core.fitting import (
+    FIT_WARMUP_STEPS,
     FitViews,
     coefficients_ft_loss,
     coefficients_recipe,
@@ -44,6 +45,44 @@ def test_lr_factor_matches_hand_computed_values():
     assert lr_factor(4, 8, 0, "cosine") == pytest.approx(0.5)
     with pytest.raises(ValueError, match="schedule must be one of"):
         lr_factor(0, 10, schedule="linear")
+
+
+def test_coefficient_fits_ramp_their_rates_over_the_first_20_steps_whatever_their_length():
+    import inspect
+
+    assert FIT_WARMUP_STEPS == 20
+    assert coefficients_recipe().warmup_steps == 20
+    assert inspect.signature(fit_coefficients).parameters["warmup_steps"].default == 20
+    # (step + 1) / 21 for steps 0..19, then 1; a 2-step fit is the start of a 200-step one
+    assert [lr_factor(s, 2, 20) for s in range(2)] == pytest.approx([1 / 21, 2 / 21])
+    assert [lr_factor(s, 200, 20) for s in (0, 9, 19, 20, 199)] == pytest.approx([1 / 21, 10 / 21, 20 / 21, 1, 1])
+
+
+def test_default_first_step_moves_each_coefficient_a_21st_of_rmsprops_first_step(scene):
+    """RMSprop's first step is lr * g / sqrt(0.01 g^2) = 10 lr per touched value (its mean
+    square starts at zero): 0.1 at lr 0.01 without the ramp, 0.1 / 21 with it."""
+    model, agg, views = scene
+    start = agg.coefficients.reshape(agg.coefficients.shape[0], -1)
+    for warmup, size in ((0, 0.1), (None, 0.1 / 21)):
+        kw = {} if warmup is None else {"warmup_steps": warmup}
+        moved = fit_coefficients(model, agg, views, steps=1, crop=None, **kw).model.descriptors.detach() - start
+        assert float(moved.abs().max()) == pytest.approx(size, rel=1e-3)
+
+
+def test_one_default_step_lowers_the_training_loss_near_a_good_start(scene):
+    """Photos close to the unfitted render (a little darker): the unramped first step
+    overshoots (the loss grows about tenfold, as the 2-step fits of real captures that
+    ended below no fit), the default one lowers it. Same view, whole image: losses[1] is
+    the loss after one step."""
+    model, agg, views = scene
+    start = fit_coefficients(model, agg, views, steps=0).model
+    with torch.no_grad():
+        photo = (0.9 * start.render(agg.points, views.cameras[0]).clamp(0, 1) + 0.05)[None]
+    one = FitViews(photo, views.cameras[:1])
+    before, after = fit_coefficients(model, agg, one, steps=2, crop=None).losses
+    assert after < before
+    before, after = fit_coefficients(model, agg, one, steps=2, crop=None, warmup_steps=0).losses
+    assert after > 3 * before
 
 
 def test_bad_recipe_values_are_named():
