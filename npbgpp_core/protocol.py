@@ -113,7 +113,6 @@ class PointCount(Reply):
 class BundleInfo(Reply):
     points: int
     device: str
-    dataset: str = ""  # the dataset folder it was aggregated from, if it says (Aggregate, headless_train export)
 
 
 @dataclass

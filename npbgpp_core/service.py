@@ -304,9 +304,7 @@ class RenderService:
             renderer = bundle.renderer(device, dtype=dtype)
             self.bundle, self.renderer, self.device, self.bundle_key = bundle, renderer, device, key
             self._apply_selection()
-        # the add-on's Aggregate writes "dataset", headless_train export "scene_root"
-        meta = self.bundle.metadata
-        return P.BundleInfo(len(self.bundle), self.device, str(meta.get("dataset") or meta.get("scene_root") or ""))
+        return P.BundleInfo(len(self.bundle), self.device)
 
     def select_bundle_points(self, req: P.SelectBundlePoints) -> P.PointCount:
         self.selection = None if req.ids is None else np.asarray(req.ids, np.int64).reshape(-1)

@@ -753,7 +753,7 @@ def test_bundle_point_selection_renders_subset_and_refuses_foreign_ids(tmp_path)
         agg = model.aggregate(pts, torch.rand(1, 3, 24, 32), [view])
     NeuralScene.from_aggregated(model, agg, torch.eye(3)).save(tmp_path / "b.npbgpp")
     service = RenderService()
-    assert isinstance(service.handle(P.LoadBundle(str(tmp_path / "b.npbgpp"), "CPU")), P.BundleInfo)
+    assert service.handle(P.LoadBundle(str(tmp_path / "b.npbgpp"), "CPU")) == P.BundleInfo(3, "cpu")
     spec = P.CameraSpec.from_camera(view)
     full = service.handle(P.RenderFrame(spec, "bundle")).pixels
     assert service.handle(P.SelectBundlePoints(np.array([1]))) == P.PointCount(1)
