@@ -115,8 +115,10 @@ def _remove_stale_partials(target: str) -> None:
             shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
 
-def _occupied(path: str) -> bool:
-    """A file, a link or a non-empty folder (an empty folder may be replaced freely)."""
+def occupied(path: str | os.PathLike) -> bool:
+    """A file, a link or a non-empty folder: what :func:`atomic_directory` refuses to
+    replace without ``overwrite`` (an empty folder may be replaced freely)."""
+    path = os.fspath(path)
     if os.path.islink(path) or (os.path.exists(path) and not os.path.isdir(path)):
         return True
     return os.path.isdir(path) and bool(os.listdir(path))
@@ -143,7 +145,7 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
     name keeps two live writers of the same target apart. Listings skip these folders with
     :func:`is_listed_name`."""
     target = os.path.abspath(os.fspath(target))
-    if not overwrite and _occupied(target):
+    if not overwrite and occupied(target):
         raise FileExistsError(f"{target}: exists and is not empty (pass overwrite=True / --overwrite to replace it)")
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
@@ -155,7 +157,7 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
         yield tmp
         if not os.path.isdir(tmp):
             raise FileNotFoundError(f"{tmp}: the temporary folder vanished before it could become {target}")
-        if _occupied(target) and not overwrite:
+        if occupied(target) and not overwrite:
             raise FileExistsError(f"{target}: appeared while it was being written (pass overwrite=True to replace it)")
         old = f"{tmp}-old"
         _remove(old)

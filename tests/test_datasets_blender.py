@@ -285,7 +285,8 @@ def test_command_line_blend_file(tmp_path):
 
 
 def test_command_line_bad_input_exits_2_with_one_line(tmp_path, capsys):
-    """An unknown procedural scene or an existing --out: exit status 2 and the reason, no traceback."""
+    """An unknown procedural scene, an existing --out, bad view counts or a missing .blend:
+    exit status 2 and the reason, no traceback, nothing written."""
     from blender_addon.datagen.render import main
 
     assert main(["--procedural", "nosuch", "--views", "2", "--size", "8x8", "--out", str(tmp_path / "a")]) == 2
@@ -295,6 +296,28 @@ def test_command_line_bad_input_exits_2_with_one_line(tmp_path, capsys):
     assert main(["--procedural", "checker_cube", "--views", "2", "--size", "8x8", "--out",
                  str(tmp_path / "full")]) == 2
     assert "not empty" in capsys.readouterr().err and (tmp_path / "full" / "x").read_text() == "keep"
+    assert main(["--procedural", "checker_cube", "--views", "2", "--val", "1", "--test", "1", "--size", "8x8",
+                 "--out", str(tmp_path / "b")]) == 2
+    assert "need at least one train view: views=2, val=1, test=1" in capsys.readouterr().err
+    assert main(["--blend", str(tmp_path / "nosuch.blend"), "--out", str(tmp_path / "c")]) == 2
+    assert ".blend file not found" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]
+
+
+def test_command_line_error_during_render_keeps_its_traceback(tmp_path, monkeypatch):
+    """Only argument and input checks become one line and status 2: a ValueError raised
+    while the views are rendered is a bug and propagates (with its traceback); the
+    half-written output is removed."""
+    from blender_addon.datagen import render
+
+    def broken(*args, **kwargs):
+        raise ValueError("a bug deep in the render")
+
+    monkeypatch.setattr(render, "camera_directions", broken)
+    with pytest.raises(ValueError, match="a bug deep in the render"):
+        render.main(["--procedural", "checker_cube", "--views", "2", "--size", "8x8", "--samples", "1",
+                     "--out", str(tmp_path / "out")])
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_render_restores_scene_settings(tmp_path):

@@ -289,14 +289,19 @@ def _build_random(scene, seed: int) -> None:
                          displace=0.1 if shape == "ico_sphere" and rng.random() < 0.5 else 0.0, tip=0.0)
 
 
+def check_procedural_name(name: str) -> None:
+    """Raise ValueError unless ``name`` is one of PROCEDURAL_SCENES or ``random_<seed>``."""
+    if not (name in PROCEDURAL_SCENES or (name.startswith("random_") and name[7:].isdigit())):
+        raise ValueError(f"unknown procedural scene {name!r}; choose one of {PROCEDURAL_SCENES} or random_<seed>")
+
+
 def build_procedural_scene(name: str, seed: int = 0):
     """Create a new ``bpy`` scene named ``npbgpp_<name>`` holding procedural scene ``name``
     (one of PROCEDURAL_SCENES or ``random_<seed>``); ``seed`` varies colours/textures of
     named scenes. Returns the scene."""
     import bpy
 
-    if not (name in PROCEDURAL_SCENES or (name.startswith("random_") and name[7:].isdigit())):
-        raise ValueError(f"unknown procedural scene {name!r}; choose one of {PROCEDURAL_SCENES} or random_<seed>")
+    check_procedural_name(name)
     scene = bpy.data.scenes.new(f"npbgpp_{name}")
     rng = np.random.default_rng([seed, sum(map(ord, name))])
     _lights(scene, rng)

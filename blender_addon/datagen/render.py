@@ -40,9 +40,10 @@ from typing import Any
 
 import numpy as np
 
-from npbgpp_core.atomic import atomic_directory
+from npbgpp_core.atomic import atomic_directory, occupied
 
 from ..camera_bridge import opencv_intrinsics
+from .procedural import check_procedural_name
 
 GOLDEN_ANGLE = math.pi * (3.0 - math.sqrt(5.0))
 
@@ -318,6 +319,8 @@ def _parse_size(text: str) -> tuple[int, int]:
         w, h = (int(v) for v in text.lower().split("x"))
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"--size must look like 256x256 (WxH), got {text!r}") from exc
+    if w < 2 or h < 2:
+        raise argparse.ArgumentTypeError(f"--size must be at least 2x2, got {text!r}")
     return h, w
 
 
@@ -343,20 +346,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     opts = dict(samples=args.samples, hemisphere=args.hemisphere, points=args.points, val_views=args.val,
                 test_views=args.test, fov_deg=args.fov, denoise=args.denoise, overwrite=args.overwrite)
+    # Only the checks of the command line and of its inputs end in one line and status 2: an
+    # error once the render runs is a bug whose traceback is needed.
     try:
+        if args.views < 1:
+            raise ValueError(f"--views must be positive, got {args.views}")
+        _split_counts(args.views, args.val, args.test)
         if args.procedural:
-            summary = render_procedural_scene(args.procedural, args.out, args.views, args.size, args.seed, **opts)
-        else:
+            check_procedural_name(args.procedural)
+        elif not os.path.isfile(args.blend):
+            raise ValueError(f"{args.blend}: .blend file not found")
+        if not args.overwrite and occupied(args.out):
+            raise ValueError(f"{os.path.abspath(args.out)}: exists and is not empty (pass --overwrite to replace it)")
+        if args.blend:
             import bpy
 
-            if not os.path.isfile(args.blend):
-                p.error(f"{args.blend}: .blend file not found")
-            bpy.ops.wm.open_mainfile(filepath=os.path.abspath(args.blend))
-            summary = render_views_of_current_scene(bpy.context.scene, args.out, args.views, args.size,
-                                                    seed=args.seed, **opts)
-    except (FileExistsError, ValueError) as exc:  # an existing --out, an unknown scene, bad counts
+            from .surface_points import scene_bounds
+
+            try:
+                bpy.ops.wm.open_mainfile(filepath=os.path.abspath(args.blend))
+            except RuntimeError as exc:
+                raise ValueError(f"{args.blend}: cannot open the .blend file ({str(exc).strip()})") from exc
+            center, radius = scene_bounds(bpy.context.scene)  # ValueError: no visible mesh surfaces
+    except ValueError as exc:
         print(f"python -m blender_addon.datagen: error: {exc}", file=sys.stderr)
         return 2
+    if args.procedural:
+        summary = render_procedural_scene(args.procedural, args.out, args.views, args.size, args.seed, **opts)
+    else:
+        summary = render_views_of_current_scene(bpy.context.scene, args.out, args.views, args.size, seed=args.seed,
+                                                center=center, radius=radius, **opts)
     print(f"wrote {summary.views} views {summary.splits} and {summary.points} points to {summary.out_dir} "
           f"in {summary.seconds:.1f} s ({summary.seconds_per_view:.2f} s/view)")
     return 0
