@@ -887,8 +887,8 @@ def _view_steps(
     if opt.min_consistent > n - 1:  # a point is checked against the other views only: it could never pass
         need = opt.min_consistent + 1
         raise DensifyError(f"min_consistent={opt.min_consistent} needs at least {need} views, got {n} "
-                           f"({', '.join(names[:5])}): use more views or a smaller min_consistent (--min-consistent; "
-                           "the add-on's Min Consistent Views)")
+                           f"({', '.join(names[:5])}): use more views (--views, --max-views; the add-on's Max Views) "
+                           "or a smaller min_consistent (--min-consistent; the add-on's Min Consistent Views)")
     imgs = [im.to(dev, torch.float32) for im in images]
     grays = [_gray(im) for im in imgs]
     depths = torch.zeros((n, *imgs[0].shape[1:]), device=dev)
@@ -1047,6 +1047,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if not os.path.isdir(out_dir):
         print(f"error: --out {a.out}: output folder does not exist: {out_dir}", file=sys.stderr)
+        return 2
+    # The library's own message names consistency_views, which this command does not offer.
+    most = DensifyOptions.consistency_views
+    if not 1 <= a.min_consistent <= most:
+        print(f"error: --min-consistent {a.min_consistent}: must lie in 1..{most} (each point is checked against "
+              f"at most {most} other views)", file=sys.stderr)
         return 2
     if a.threads > 0:
         torch.set_num_threads(a.threads)

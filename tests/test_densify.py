@@ -169,6 +169,13 @@ def test_too_few_views_for_min_consistent_is_named(tmp_path, ring, capsys):
     assert main([str(tmp_path / "scene"), "--out", str(out), "--views", "0,1", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "min_consistent=2 needs at least 3 views, got 2" in err and "--min-consistent" in err
+    assert "--max-views" in err
+    assert not out.exists()
+    # more views than are checked can never agree: named by the command's own option
+    for bad in ("9", "0"):
+        assert main([str(tmp_path / "scene"), "--out", str(out), "--min-consistent", bad, "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert f"--min-consistent {bad}: must lie in 1..8" in err and "consistency_views" not in err
     assert not out.exists()
     imgs = [v[0] for v in views[:3]]
     with pytest.raises(DensifyError, match="min_consistent=3 needs at least 4 views, got 3"):
