@@ -1008,6 +1008,51 @@ def _parse_views(text: str, n: int, train: list[int]) -> list[int]:
     return out
 
 
+def _option_problem(a: argparse.Namespace) -> str | None:
+    """The first option of ``main`` whose value can never work, named as typed (None: all
+    fine). The bounds are DensifyOptions.check's, whose messages name the library's fields
+    (image_scale, top_k, ...) that this command does not offer."""
+    from .datasets import FORMATS
+
+    most = DensifyOptions.consistency_views
+    near, far = a.depth_range or (1.0, 2.0)
+    checks = [
+        (a.format is None or a.format in FORMATS,
+         f"--format {a.format}: unknown format; choose one of {list(FORMATS)}"),
+        (a.max_views == 0 or a.max_views >= 2,
+         f"--max-views {a.max_views}: must be 0 (all views) or at least 2 (densify matches views in pairs)"),
+        (a.max_points >= 1, f"--max-points {a.max_points}: must be at least 1"),
+        (1 <= a.min_consistent <= most, f"--min-consistent {a.min_consistent}: must lie in 1..{most} (each point "
+                                        f"is checked against at most {most} other views)"),
+        (0 < a.scale <= 4, f"--scale {a.scale:g}: must lie in (0, 4]"),
+        (a.max_image_size >= 0, f"--max-image-size {a.max_image_size}: must be at least 0 (0: no limit)"),
+        (a.planes >= 3, f"--planes {a.planes}: must be at least 3"),
+        (a.neighbors >= 1, f"--neighbors {a.neighbors}: must be at least 1"),
+        (math.isfinite(far) and 0 < near < far, f"--depth-range {near:g} {far:g}: need 0 < NEAR < FAR, both finite"),
+        (a.fill_stride >= 1, f"--fill-stride {a.fill_stride}: must be at least 1"),
+        (math.isfinite(a.fill_texture) and a.fill_texture > 0,
+         f"--fill-texture {a.fill_texture:g}: must be a number > 0"),
+        (a.threads >= 0, f"--threads {a.threads}: must be at least 0 (0: torch's default)"),
+    ]
+    problem = next((message for ok, message in checks if not ok), None)
+    if problem is None:
+        try:
+            pick_device(a.device)
+        except DensifyError as exc:
+            problem = f"--device {a.device}: {exc}"
+    return problem
+
+
+def _views_problem(text: str, views: list[int], n: int) -> str | None:
+    """``--views`` selecting a view the scene lacks, or fewer than two views."""
+    wrong = [i for i in views if not 0 <= i < n]
+    if wrong:
+        return f"--views {text!r}: view {wrong[0]} does not exist (the scene has {n} views, 0..{n - 1})"
+    if len(views) < 2:
+        return f"--views {text!r}: densify needs at least 2 views, this selects {len(views)}"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m npbgpp_core.densify", description=__doc__.split("\n")[0])
     p.add_argument("scene", help="scene folder in any load_scene format")
@@ -1048,11 +1093,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not os.path.isdir(out_dir):
         print(f"error: --out {a.out}: output folder does not exist: {out_dir}", file=sys.stderr)
         return 2
-    # The library's own message names consistency_views, which this command does not offer.
-    most = DensifyOptions.consistency_views
-    if not 1 <= a.min_consistent <= most:
-        print(f"error: --min-consistent {a.min_consistent}: must lie in 1..{most} (each point is checked against "
-              f"at most {most} other views)", file=sys.stderr)
+    problem = _option_problem(a)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     if a.threads > 0:
         torch.set_num_threads(a.threads)
@@ -1070,7 +1113,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  "no lens distortion to remove)")
         scene = load_scene(a.scene, a.format, **options)
         views = _parse_views(a.views, len(scene.views), scene.train)
-        if a.max_views and len(views) > a.max_views:
+        problem = _views_problem(a.views, views, len(scene.views))
+        if problem:
+            raise ValueError(problem)
+        if a.max_views and len(views) > a.max_views:  # --max-views is 0 or >= 2: still enough views
             views = [views[int(round(k))] for k in np.linspace(0, len(views) - 1, a.max_views)]
         opt = DensifyOptions(
             max_points=a.max_points, image_scale=a.scale, max_image_size=a.max_image_size, depth_planes=a.planes,
