@@ -550,6 +550,16 @@ def _write_nerf_dataset(root, cams: list, pts: np.ndarray, colors: np.ndarray, s
     save_ply(str(root / "points3d.ply"), pts, colors)
 
 
+def _import_nerf_dataset(scene) -> tuple:
+    """The scene's camera and points written as a one-view dataset in scene["dir"]/"nerf" and
+    imported, with the add-on's bundled weights: (the folder, the dataset's point object)."""
+    root = scene["dir"] / "nerf"
+    _write_nerf_dataset(root, [scene["camera"]], scene["points"], scene["colors"])
+    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root)) == {"FINISHED"}
+    scene["scene"].npbgpp.weights = ""
+    return root, scene["scene"].npbgpp.point_object
+
+
 def test_import_dataset_cameras_reproduce_views(scene):
     sc, cam = scene["scene"], scene["camera"]
     cam2 = cam.copy()
@@ -1260,11 +1270,7 @@ def test_aggregate_with_max_points_then_renders(scene, capfd):
     from npbgpp_core.scene import NeuralScene
 
     sc, cam = scene["scene"], scene["camera"]
-    root = scene["dir"] / "nerf"
-    _write_nerf_dataset(root, [cam], scene["points"], scene["colors"])
-    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root)) == {"FINISHED"}
-    dataset_obj = sc.npbgpp.point_object
-    sc.npbgpp.weights = ""
+    root, dataset_obj = _import_nerf_dataset(scene)
     out = str(scene["dir"] / "sub30.npbgpp")
     assert bpy.ops.npbgpp.aggregate(filepath=out, max_points=30) == {"FINISHED"}
     bundle = NeuralScene.load(out)
@@ -1326,11 +1332,7 @@ def test_aggregate_saved_but_points_unchecked_warns_and_f12_says_why(scene, capf
 
     worker_client = sys.modules[f"{MODULE}.worker_client"]
     sc, cam = scene["scene"], scene["camera"]
-    root = scene["dir"] / "nerf"
-    _write_nerf_dataset(root, [cam], scene["points"], scene["colors"])
-    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root)) == {"FINISHED"}
-    dataset_obj = sc.npbgpp.point_object
-    sc.npbgpp.weights = ""
+    _, dataset_obj = _import_nerf_dataset(scene)
     forward = worker_client.ProcessWorker.request
 
     def failing(self, req, *args, **kwargs):
@@ -1376,10 +1378,7 @@ def test_import_of_a_copied_dataset_keeps_its_bundle(scene, capfd, monkeypatch):
 
     worker_client = sys.modules[f"{MODULE}.worker_client"]
     sc, cam = scene["scene"], scene["camera"]
-    root = scene["dir"] / "nerf"
-    _write_nerf_dataset(root, [cam], scene["points"], scene["colors"])
-    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root)) == {"FINISHED"}
-    sc.npbgpp.weights = ""
+    root, _ = _import_nerf_dataset(scene)
     out = str(scene["dir"] / "agg.npbgpp")
     assert bpy.ops.npbgpp.aggregate(filepath=out) == {"FINISHED"}
     copy = scene["dir"] / "elsewhere" / "renamed_copy"

@@ -366,16 +366,25 @@ class _Engine:
         self.redraws += 1
 
 
-def test_viewport_session_renders_jobs_off_thread_and_shows_newest():
+def _points_viewport(n: int, size: tuple[int, int], key: str):
+    """A ViewportSession on an :class:`_Engine`, a snapshot of ``n`` random points shown as
+    POINTS (cache key ``key``) and a camera of ``size`` (h, w) 5 units back on the z axis:
+    (session, engine, snapshot, geometry)."""
     from blender_addon.scene_snapshot import SceneSnapshot
     from blender_addon.viewport import ViewportSession
+
+    pts = np.random.default_rng(0).uniform(-1, 1, (n, 3)).astype(np.float32)
+    snap = SceneSnapshot(output="POINTS", mode="IN_PROCESS", points=pts, colors=None, points_key=key)
+    K = opencv_intrinsics(50, 36, 24, "AUTO", 0, 0, size[1], size[0])
+    geo = CameraGeometry(K, np.diag([1.0, -1.0, -1.0]), np.array([0.0, 0.0, 5.0]), size)
+    engine = _Engine()
+    return ViewportSession(engine), engine, snap, geo
+
+
+def test_viewport_session_renders_jobs_off_thread_and_shows_newest():
     from blender_addon.worker_client import HUB
 
-    pts = np.random.default_rng(0).uniform(-1, 1, (200, 3)).astype(np.float32)
-    snap = SceneSnapshot(output="POINTS", mode="IN_PROCESS", points=pts, colors=None, points_key="k")
-    K = opencv_intrinsics(50, 36, 24, "AUTO", 0, 0, 80, 60)
-    geo = CameraGeometry(K, np.diag([1.0, -1.0, -1.0]), np.array([0.0, 0.0, 5.0]), (60, 80))
-    session = ViewportSession(_Engine())
+    session, _, snap, geo = _points_viewport(200, (60, 80), "k")
     try:
         job = session.scheduler.request("view-1", (60, 80))
         session._run(job, geo.scaled(*job.size), snap, True)
@@ -561,8 +570,6 @@ def test_viewport_timers_are_registered_on_the_main_thread_only(monkeypatch):
     main thread), never by the render thread; it redraws once the job is done."""
     import threading
 
-    from blender_addon.scene_snapshot import SceneSnapshot
-    from blender_addon.viewport import ViewportSession
     from blender_addon.worker_client import HUB
 
     registered = []
@@ -571,12 +578,7 @@ def test_viewport_timers_are_registered_on_the_main_thread_only(monkeypatch):
         registered.append((fn, threading.current_thread() is threading.main_thread()))
 
     monkeypatch.setattr(bpy.app.timers, "register", register)
-    pts = np.random.default_rng(0).uniform(-1, 1, (100, 3)).astype(np.float32)
-    snap = SceneSnapshot(output="POINTS", mode="IN_PROCESS", points=pts, colors=None, points_key="t")
-    K = opencv_intrinsics(50, 36, 24, "AUTO", 0, 0, 40, 30)
-    geo = CameraGeometry(K, np.diag([1.0, -1.0, -1.0]), np.array([0.0, 0.0, 5.0]), (30, 40))
-    engine = _Engine()
-    session = ViewportSession(engine)
+    session, engine, snap, geo = _points_viewport(100, (30, 40), "t")
     try:
         job = session.scheduler.request("v", (30, 40))
         thread = session.start_job(job, geo.scaled(*job.size), snap, True)
@@ -594,8 +596,6 @@ def test_viewport_keeps_one_rerender_timer_while_the_kernels_compile(monkeypatch
     rendered again: however many finish, one re-render timer is pending (Blender's own
     timers); none once the kernels are ready; none after the engine is freed."""
     from blender_addon import render_job
-    from blender_addon.scene_snapshot import SceneSnapshot
-    from blender_addon.viewport import ViewportSession
     from blender_addon.worker_client import HUB
 
     timers = bpy.app.timers
@@ -620,12 +620,7 @@ def test_viewport_keeps_one_rerender_timer_while_the_kernels_compile(monkeypatch
     real_render = render_job.render_frame
     monkeypatch.setattr(render_job, "render_frame",
                         lambda *a, **k: real_render(*a, **k)._replace(compiling=compiling[0]))
-    pts = np.random.default_rng(0).uniform(-1, 1, (100, 3)).astype(np.float32)
-    snap = SceneSnapshot(output="POINTS", mode="IN_PROCESS", points=pts, colors=None, points_key="c")
-    K = opencv_intrinsics(50, 36, 24, "AUTO", 0, 0, 40, 30)
-    geo = CameraGeometry(K, np.diag([1.0, -1.0, -1.0]), np.array([0.0, 0.0, 5.0]), (30, 40))
-    engine = _Engine()
-    session = ViewportSession(engine)
+    session, engine, snap, geo = _points_viewport(100, (30, 40), "c")
 
     def finish_frame(view: str) -> None:  # a draw starts a job; its poll timer fires once it has ended
         job = session.scheduler.request(view, (30, 40))
