@@ -161,7 +161,7 @@ def test_fill_options_and_cli(tmp_path, disc_ring, capsys):
     cams, views = disc_ring
     write_nerf(tmp_path / "scene", cams, views, sphere_only_alpha=False)
     assert main([str(tmp_path / "scene"), "--out", str(tmp_path / "x.ply"), "--fill-stride", "0"]) == 2
-    assert "fill_stride" in capsys.readouterr().err and not (tmp_path / "x.ply").exists()
+    assert "--fill-stride" in capsys.readouterr().err and not (tmp_path / "x.ply").exists()
     scene = load_scene(tmp_path / "scene")
     assert DensifyJob(scene, options=DensifyOptions(fill=True)).total == 5 * len(cams)
     assert DensifyJob(scene, options=DensifyOptions(fill=False)).total == 3 * len(cams)
