@@ -1044,10 +1044,13 @@ def _option_problem(a: argparse.Namespace) -> str | None:
 
 
 def _views_problem(text: str, views: list[int], n: int) -> str | None:
-    """``--views`` selecting a view the scene lacks, or fewer than two views."""
+    """``--views`` selecting a view the scene lacks, one view twice, or fewer than two views."""
     wrong = [i for i in views if not 0 <= i < n]
     if wrong:
         return f"--views {text!r}: view {wrong[0]} does not exist (the scene has {n} views, 0..{n - 1})"
+    repeated = next((i for k, i in enumerate(views) if i in views[:k]), None)
+    if repeated is not None:
+        return f"--views {text!r}: view {repeated} is given more than once"
     if len(views) < 2:
         return f"--views {text!r}: densify needs at least 2 views, this selects {len(views)}"
     return None

@@ -197,6 +197,7 @@ def ring_scene(ring, tmp_path_factory):
     "--depth-range 5 1", "--depth-range 0 1", "--depth-range -1 2", "--depth-range 1 inf", "--depth-range 5,1",
     "--fill-stride 0", "--fill-stride -2", "--fill-texture 0", "--fill-texture -1", "--fill-texture inf",
     "--threads -1", "--device tpu", "--format nope", "--views 5-1", "--views 0,99", "--views 2", "--views 0,a",
+    "--views 0,0", "--views 0-3,2",
 ])
 def test_cli_refuses_each_bad_option_by_its_name(ring_scene, tmp_path, capsys, monkeypatch, bad):
     """Every refused option value exits 2 before any work, naming the option as typed,
@@ -213,6 +214,18 @@ def test_cli_refuses_each_bad_option_by_its_name(ring_scene, tmp_path, capsys, m
     assert status == 2
     assert bad.split()[0] in err, err
     assert not any(name in err for name in ("top_k", "image_scale", "depth_planes", "consistency_views")), err
+    assert not out.exists()
+
+
+def test_cli_names_the_repeated_view(ring_scene, tmp_path, capsys, monkeypatch):
+    """A view given twice is refused before any work, naming the index that repeats."""
+    import npbgpp_core.densify as densify
+
+    monkeypatch.setattr(densify, "densify_scene", lambda *a, **k: pytest.fail("densified with a repeated view"))
+    out = tmp_path / "x.ply"
+    assert main([str(ring_scene), "--out", str(out), "--quiet", "--views", "1,3-5,4"]) == 2
+    err = capsys.readouterr().err
+    assert "--views '1,3-5,4'" in err and "view 4 is given more than once" in err, err
     assert not out.exists()
 
 
