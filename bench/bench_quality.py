@@ -50,6 +50,18 @@ LABELS = {
 }
 
 
+def warmup_steps_arg(text: str) -> int:
+    """``--warmup-steps`` through the project's one warm-up parser
+    (npbgpp_core.fitting.warmup_steps_value), so it is refused with the message the
+    trainer and its stage give, not argparse's own."""
+    from npbgpp_core.fitting import warmup_steps_value
+
+    try:
+        return warmup_steps_value(text, "--warmup-steps")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 # coefficients_ft knobs: flag, type, help; each maps to fit_coefficients' keyword of the
 # same name (dashes -> underscores); unset ones keep the library defaults.
 FIT_KNOBS = (
@@ -58,7 +70,7 @@ FIT_KNOBS = (
     ("--lr-background", float, "environment map / background learning rate"),
     ("--train-refiner", str, "refiner parameters that train: all, decoder, head, none"),
     ("--crops-per-step", int, "crops averaged per step"),
-    ("--warmup-steps", int, "linear learning-rate warm-up steps"),
+    ("--warmup-steps", warmup_steps_arg, "linear learning-rate warm-up steps"),
     ("--schedule", str, "learning-rate schedule: constant or cosine"),
     ("--coefficient-decay", float, "decoupled pull of the coefficients toward the aggregated ones"),
     ("--coefficient-optimizer", str, "rmsprop or adam"),

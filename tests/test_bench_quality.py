@@ -148,3 +148,17 @@ def test_sharpening_loss_flags_reach_fit_coefficients_and_bad_ones_are_named():
     check_fit_options(args)
     with pytest.raises(QualityError, match="perceptual_weight must be a finite number >= 0"):
         check_fit_options(parse_args(["--scenes", "x", "--perceptual-weight", "-1"]))
+
+
+@pytest.mark.parametrize("bad", ["1.5", "-1", "x", ""])
+def test_warmup_steps_flag_goes_through_the_project_parser(capsys, bad):
+    """--warmup-steps is parsed by npbgpp_core.fitting.warmup_steps_value: its message
+    (value as typed), not argparse's 'invalid int value'; a whole number passes as an int."""
+    assert parse_args(["--scenes", "x", "--warmup-steps", " 12 "]).warmup_steps == 12
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--scenes", "x", "--warmup-steps", bad])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    shown = bad if bad else "''"
+    assert f"--warmup-steps must be an integer >= 0, got {shown}" in err, err
+    assert "invalid" not in err, err
