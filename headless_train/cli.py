@@ -119,12 +119,16 @@ def _run(cfg: DictConfig, run_dir: str) -> dict | None:
         if resume_ckpt["npbgpp"]["system"] != name:
             raise UsageError(f"{resume_path} belongs to system '{resume_ckpt['npbgpp']['system']}', not '{name}'")
         check_resumed_warmup(resume_ckpt, resume_path, scfg)
+        resumed_up = resume_ckpt["npbgpp"].get("config", {}).get("world_up")
         if source_ckpt is None:
             source_ckpt = resume_ckpt
         del resume_ckpt
 
     datamodule = SceneDataModule(cfg, seed=int(cfg.seed))
+    up_spec = scfg.get("world_up")
     resolve_run_world_up(scfg, datamodule.scenes)
+    if resume_path is not None:
+        check_resumed_world_up(resumed_up, resume_path, up_spec, scfg.get("world_up"))
     system = build_system(container, datamodule.scenes, source_ckpt)
     if system.loss_message():
         log.warning(system.loss_message())
@@ -222,6 +226,26 @@ def check_resumed_warmup(ckpt: dict, path: str, scfg: dict) -> None:
     if bool(ckpt.get("lr_schedulers")) != (wanted > 0):
         raise UsageError(f"{path} was trained with system.warmup_steps={saved}; resume it with that value "
                          f"(got system.warmup_steps={wanted})")
+
+
+def check_resumed_world_up(saved: Any, path: str, spec: Any, wanted: Any) -> None:
+    """UsageError when a resumed run's ``system.world_up`` (``wanted``, resolved from
+    ``spec`` as typed) is another direction than the one its checkpoint was trained with
+    (``saved``): the scenes would be aligned in another frame than the descriptors and
+    network learned so far. None on either side (coefficients_ft: the source's up, or a
+    checkpoint that stored none) is not compared."""
+    if saved is None or wanted is None:
+        return
+    from npbgpp_core.models.alignment import check_world_up
+
+    try:
+        same = max(abs(a - b) for a, b in zip(check_world_up(saved), check_world_up(wanted), strict=True)) < 1e-6
+    except ValueError:
+        return  # not a direction (a hand-edited checkpoint): nothing to compare with
+    if not same:
+        given = _override(wanted) if spec is None or spec == wanted else f"{_override(spec)} -> {_override(wanted)}"
+        raise UsageError(f"{path} was trained with system.world_up={_override(saved)}; resume it with that value "
+                         f"(got system.world_up={given})")
 
 
 _EARLY_LOCK = None  # the run folder's RunLock when LockRunFolder took it before Hydra wrote into it

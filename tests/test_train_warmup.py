@@ -81,6 +81,21 @@ def test_the_first_step_moves_weights_by_the_warmed_up_lr(data_root, tmp_path):
     assert compared > 1000
 
 
+def test_a_resumed_run_refuses_another_world_up(data_root, tmp_path):
+    """Resuming with another system.world_up than the checkpoint's is refused, naming both
+    (before, the new up was taken silently); the same direction spelled otherwise resumes."""
+    from headless_train.cli import UsageError
+
+    run_dir = str(tmp_path / "u")
+    assert run(data_root, run_dir, ["trainer.max_steps=1"])["npbgpp"]["config"]["world_up"] == [0.0, 1.0, 0.0]
+    with pytest.raises(UsageError, match=re.escape("was trained with system.world_up=[0.0,1.0,0.0]; resume it with "
+                                                   "that value (got system.world_up=[0.0,0.0,1.0])")):
+        run(data_root, run_dir, ["system.world_up=[0.0,0.0,1.0]", "trainer.max_steps=2", "resume=true"])
+    with pytest.raises(UsageError, match=re.escape("(got system.world_up=-y -> [0.0,-1.0,0.0])")):
+        run(data_root, run_dir, ["system.world_up=-y", "trainer.max_steps=2", "resume=true"])
+    assert run(data_root, run_dir, ["system.world_up=+y", "trainer.max_steps=2", "resume=true"])["global_step"] == 2
+
+
 @pytest.mark.parametrize("text", ["-1", "1.5", "abc"])
 def test_a_bad_warmup_gets_the_same_error_everywhere(text, data_root, tmp_path, capsys):
     """One parser (npbgpp_core.fitting.warmup_steps_value) behind the trainer's
