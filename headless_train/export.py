@@ -161,7 +161,7 @@ def export_npbg(ckpt: dict, scene, args, name: str):
 def export(args: argparse.Namespace) -> str:
     from npbgpp_core.datasets import load_scene
 
-    from .checkpoints import checkpoint_system, load_source_checkpoint, weights_file_checkpoint
+    from .checkpoints import META_KEY, checkpoint_system, load_source_checkpoint
 
     # Checked before the aggregation (minutes on a CPU), not when the bundle is written.
     out_dir = os.path.dirname(os.path.abspath(args.out))
@@ -190,8 +190,8 @@ def export(args: argparse.Namespace) -> str:
         if args.max_points is not None and scene.points.shape[0] > int(args.max_points):
             log.warning("subsampling %d points to %d (seed 123)", scene.points.shape[0], int(args.max_points))
             scene = scene.subsample_points(int(args.max_points), seed=123)
-        if weights_file:
-            ckpt = weights_file_checkpoint(args.checkpoint, scene_world_up(scene, args.views, up_spec or "auto"))
+        if weights_file:  # the file was read above; only its up axis becomes the scene's
+            ckpt[META_KEY]["config"]["world_up"] = list(scene_world_up(scene, args.views, up_spec or "auto"))
         bundle = export_npbgpp(ckpt, scene, args, name)
     elif system in ("npbg", "coefficients_ft"):
         bundle = export_npbg(ckpt, scene, args, name)
