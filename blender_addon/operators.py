@@ -85,6 +85,7 @@ def output_path(op: Any, dataset: str, suffix: str, what: str, field: str) -> st
     if not out:
         op.report({"ERROR"}, f"Choose where to save the {what} (the operator's {field} path), or save the .blend "
                              f"first: {what}s are saved next to it by default.")
+        return ""
     return out if output_folder_exists(op, out, field) else ""
 
 
@@ -133,8 +134,9 @@ def follow_bundle_points(op: Any, context: Any, count: int) -> tuple[str, str]:
     name rows of the bundle; when they do not (Max Points left some out, or kept another
     subset than the object's), the bundle's own points become the point object, as File >
     Import Bundle would make them. Returns ``(note, warning)``: a note for the report ("" when
-    nothing changed) and, when the worker could not show the bundle's points, a warning
-    saying the object is unchecked and what to do (the bundle is saved either way)."""
+    nothing changed) and a warning ("" when none) when the point object has no ids (it is not
+    the aggregated cloud) or the worker could not show the bundle's points to check it (the
+    bundle is saved either way)."""
     from npbgpp_core import protocol as P
 
     from .importers import holds_bundle_points, make_point_object, use_point_object
@@ -142,9 +144,13 @@ def follow_bundle_points(op: Any, context: Any, count: int) -> tuple[str, str]:
     from .worker_client import WorkerError
 
     obj = context.scene.npbgpp.point_object
-    ids = None if obj is None else point_ids(obj)
-    if ids is None:
+    if obj is None:
         return "", ""
+    ids = point_ids(obj)
+    if ids is None:  # e.g. a PLY imported after the dataset
+        return "", (f"The point object {obj.name!r} is not the aggregated cloud (it has no point ids): the Neural "
+                    f"image shows the bundle's {count} points. To aggregate a PLY in the dataset's frame, set Dataset "
+                    "Points to it.")
     try:
         op._worker.request(P.LoadBundle(op._out, "CPU", "FP32"), None, op._timeout)
         cloud = op._worker.request(P.GetBundlePoints(), None, op._timeout)
@@ -374,13 +380,6 @@ class NPBGPP_OT_aggregate(_WorkerStepJob, bpy.types.Operator):
                               f"up axis ({up}), network {self._network}.{note}")
         if unchecked:
             self.report({"WARNING"}, unchecked)
-        from .point_source import point_ids
-
-        obj = s.point_object
-        if obj is not None and point_ids(obj) is None:  # e.g. a PLY imported after the dataset
-            self.report({"WARNING"}, f"The point object {obj.name!r} is not the aggregated cloud (it has no point "
-                                     f"ids): the Neural image shows the bundle's {reply.points} points. To aggregate "
-                                     "a PLY in the dataset's frame, set Dataset Points to it.")
         return {"FINISHED"}
 
     def invoke(self, context: Any, event: Any) -> set[str]:
