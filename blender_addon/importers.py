@@ -95,12 +95,12 @@ def _bundle_object(context: Any, bundle_points: np.ndarray) -> bpy.types.Object 
 def holds_bundle_points(obj: bpy.types.Object, bundle_points: np.ndarray) -> bool:
     """Whether each of the object's point ids names the bundle point at the object's
     (local) position of that point: the ids are rows of this bundle."""
-    from .point_source import object_points, point_ids
+    from .point_source import object_positions, point_ids
 
     ids = point_ids(obj)
     if ids is None or len(ids) == 0 or int(ids.min()) < 0 or int(ids.max()) >= len(bundle_points):
         return False
-    pts = object_points(obj, world=False)[0]
+    pts = object_positions(obj, world=False)
     ref = np.asarray(bundle_points, np.float32)[ids]
     tol = 1e-4 * float(np.ptp(ref, axis=0).max()) + 1e-6
     return float(np.abs(pts - ref).max()) <= tol

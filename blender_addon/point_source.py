@@ -26,25 +26,32 @@ def _color_attribute(data: Any) -> Any | None:
 def object_points(obj: Any, world: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     """(N, 3) float32 positions (world space when ``world``) and (N, 3) display-sRGB
     colours (or None) of an evaluated mesh or point cloud object."""
-    data = obj.data
+    pts = object_positions(obj, world)
+    n = len(pts)
+    colors = None
+    attr = _color_attribute(obj.data)
+    if attr is not None and n:
+        rgba = np.empty(n * 4, dtype=np.float32)
+        attr.data.foreach_get("color_srgb", rgba)
+        colors = np.clip(rgba.reshape(n, 4)[:, :3], 0.0, 1.0)
+    return pts, colors
+
+
+def object_positions(obj: Any, world: bool = True) -> np.ndarray:
+    """(N, 3) float32 positions (world space when ``world``) of an evaluated mesh or point
+    cloud object, without reading its colours."""
     if obj.type not in ("MESH", "POINTCLOUD"):
         raise ValueError(f"object {obj.name!r} is a {obj.type.lower()}, not a mesh or point cloud")
-    pos_attr = data.attributes.get("position")
+    pos_attr = obj.data.attributes.get("position")
     n = len(pos_attr.data) if pos_attr is not None else 0
     pts = np.empty(n * 3, dtype=np.float32)
     if n:
         pos_attr.data.foreach_get("vector", pts)
     pts = pts.reshape(n, 3)
-    colors = None
-    attr = _color_attribute(data)
-    if attr is not None and n:
-        rgba = np.empty(n * 4, dtype=np.float32)
-        attr.data.foreach_get("color_srgb", rgba)
-        colors = np.clip(rgba.reshape(n, 4)[:, :3], 0.0, 1.0)
     if world and n:
         M = np.array(obj.matrix_world, dtype=np.float64)
         pts = (pts.astype(np.float64) @ M[:3, :3].T + M[:3, 3]).astype(np.float32)
-    return np.ascontiguousarray(pts), colors
+    return np.ascontiguousarray(pts)
 
 
 def point_ids(obj: Any) -> np.ndarray | None:
