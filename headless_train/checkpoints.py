@@ -97,9 +97,7 @@ def weights_file_checkpoint(path: str, world_up: list[float] | None = None) -> d
     config = dict(wf.config)
     if world_up is not None:
         config["world_up"] = list(world_up)
-    return {"state_dict": {"model." + k: v.float() for k, v in wf.state.items()}, "global_step": 0,
-            META_KEY: {"system": "npbgpp", "config": {"name": "npbgpp", **config}, "scenes": [], "points": [],
-                       "version": FORMAT_VERSION, "seeded_from": os.path.abspath(path)}}
+    return _file_checkpoint(path, "npbgpp", "model.", wf.state, config)
 
 
 def refiner_file_checkpoint(path: str) -> dict:
@@ -111,9 +109,15 @@ def refiner_file_checkpoint(path: str) -> dict:
 
     wf = read_weights(path, "npbg_refiner")
     dim = int(wf.config.get("descriptor_dim", wf.config.get("feature_dim", 8)))
-    return {"state_dict": {"refiner." + k: v.float() for k, v in wf.state.items()}, "global_step": 0,
-            META_KEY: {"system": "npbg", "config": {"name": "npbg", "descriptor_dim": dim}, "scenes": [],
-                       "points": [], "version": FORMAT_VERSION, "seeded_from": os.path.abspath(path)}}
+    return _file_checkpoint(path, "npbg", "refiner.", wf.state, {"descriptor_dim": dim})
+
+
+def _file_checkpoint(path: str, system: str, prefix: str, state: dict, config: dict) -> dict:
+    """A checkpoint dict of ``system`` seeded from weights file ``path``: its float ``state``
+    under ``prefix``, step 0, no fitted scenes."""
+    return {"state_dict": {prefix + k: v.float() for k, v in state.items()}, "global_step": 0,
+            META_KEY: {"system": system, "config": {"name": system, **config}, "scenes": [], "points": [],
+                       "version": FORMAT_VERSION, "seeded_from": os.path.abspath(path)}}
 
 
 def load_source_checkpoint(path: str) -> dict:
