@@ -133,11 +133,14 @@ def follow_bundle_points(op: Any, context: Any, count: int) -> tuple[str, str]:
     """After Aggregate wrote ``op._out`` with ``count`` points: the point object's ids must
     name rows of the bundle; when they do not (Max Points left some out, or kept another
     subset than the object's), the bundle's own points become the point object, as File >
-    Import Bundle would make them. Returns ``(note, warning)``: a note for the report ("" when
-    nothing changed) and a warning ("" when none) when the point object has no ids (it is not
-    the aggregated cloud) or the worker could not show the bundle's points to check it (the
-    bundle is saved either way)."""
+    Import Bundle would make them. The check reads only the file's points here (no torch);
+    the worker loads the bundle only for the points and colours of a new point object
+    (loading it to check built a CPU renderer, and F12 then builds one again on its
+    device). Returns ``(note, warning)``: a note for the report ("" when nothing changed) and
+    a warning ("" when none) when the point object has no ids (it is not the aggregated
+    cloud), or its points could not be checked or replaced (the bundle is saved either way)."""
     from npbgpp_core import protocol as P
+    from npbgpp_core.bundle_file import read_points
 
     from .importers import holds_bundle_points, make_point_object, use_point_object
     from .point_source import point_ids
@@ -151,18 +154,25 @@ def follow_bundle_points(op: Any, context: Any, count: int) -> tuple[str, str]:
         return "", (f"The point object {obj.name!r} is not the aggregated cloud (it has no point ids): the Neural "
                     f"image shows the bundle's {count} points. To aggregate a PLY in the dataset's frame, set Dataset "
                     "Points to it.")
+    top = int(ids.max()) if len(ids) else -1
+    fails = top >= count
+    effect = f"its point ids reach {top} but the bundle has {count} points, so F12 fails until you"
+    other = "F12 shows other points than the object's"
+    fix = f"use File > Import > NPBG++ Bundle on {op._out} (its own points become the point object)."
+    try:
+        points = read_points(op._out)
+    except (ValueError, OSError) as exc:
+        return "", (f"The bundle is saved, but its points could not be read to check the point object {obj.name!r} "
+                    f"against them ({exc}): {effect if fails else f'if {other},'} {fix}")
+    if holds_bundle_points(obj, points):
+        return "", ""
     try:
         op._worker.request(P.LoadBundle(op._out, "CPU", "FP32"), None, op._timeout)
         cloud = op._worker.request(P.GetBundlePoints(), None, op._timeout)
     except (WorkerError, ValueError, OSError) as exc:
-        top = int(ids.max()) if len(ids) else -1
-        effect = (f"its point ids reach {top} but the bundle has {count} points, so F12 fails until you" if top >= count
-                  else "if F12 shows other points than the object's,")
-        return "", (f"The bundle is saved, but the worker could not show its points to check the point object "
-                    f"{obj.name!r} against them ({exc}): {effect} use File > Import > NPBG++ Bundle on {op._out} "
-                    "(its own points become the point object).")
-    if holds_bundle_points(obj, cloud.points):
-        return "", ""
+        return "", (f"The bundle is saved, but it holds other points than the point object {obj.name!r} and the "
+                    f"worker could not show them to replace it ({exc}): "
+                    f"{effect if fails else f'{other} until you'} {fix}")
     name = os.path.splitext(os.path.basename(op._out))[0]
     use_point_object(context, make_point_object(name, cloud.points, cloud.colors, context, np.arange(count)))
     return (f" The bundle holds other points than {obj.name!r} (Max Points): the point object is now {name!r}, the "

@@ -1323,10 +1323,11 @@ def test_aggregate_with_max_points_then_renders(scene, capfd):
 
 
 def test_aggregate_saved_but_points_unchecked_warns_and_f12_says_why(scene, capfd, monkeypatch):
-    """Aggregate wrote the bundle but the worker then fails to show its points (GetBundlePoints
-    errors): the bundle is saved and in use, reported so (not 'Aggregate failed'), with a
-    WARNING that the point object is unchecked, why F12 fails (ids 0..59, a 30-point bundle)
-    and what to do; F12 fails naming the point object, and Import Bundle as advised fixes it."""
+    """Aggregate wrote a bundle of other points than the point object (Max Points) but the
+    worker then fails to show them to replace it (GetBundlePoints errors): the bundle is
+    saved and in use, reported so (not 'Aggregate failed'), with a WARNING that the point
+    object was not replaced, why F12 fails (ids 0..59, a 30-point bundle) and what to do;
+    F12 fails naming the point object, and Import Bundle as advised fixes it."""
     from npbgpp_core import protocol as P
     from npbgpp_core.scene import NeuralScene
 
@@ -1364,6 +1365,61 @@ def test_aggregate_saved_but_points_unchecked_warns_and_f12_says_why(scene, capf
     sc.render.film_transparent = False
     got = _neural_display(sc, str(scene["dir"] / "sub30.exr"))
     np.testing.assert_allclose(got, _core_render(sc, cam, NeuralScene.load(out)), atol=2e-4)
+
+
+def test_aggregate_checks_the_point_object_without_loading_the_bundle(scene, capfd, monkeypatch):
+    """After Aggregate saves the bundle, a point object that holds its points is settled in
+    Blender from the file's points alone: the worker gets no LoadBundle (it would build a
+    CPU renderer F12 then builds again on its device) nor GetBundlePoints. Only a point
+    object to replace (Max Points) asks the worker for the bundle's points and colours. A
+    bundle whose points cannot be read back is reported saved but unchecked."""
+    from blender_addon.point_source import object_points, point_ids
+    from npbgpp_core.scene import NeuralScene
+
+    worker_client = sys.modules[f"{MODULE}.worker_client"]
+    sc = scene["scene"]
+    _, dataset_obj = _import_nerf_dataset(scene)
+    sent: list[str] = []
+    truncate: list[str] = []
+    forward = worker_client.ProcessWorker.request
+
+    def recorded(self, req, *args, **kwargs):
+        sent.append(type(req).__name__)
+        reply = forward(self, req, *args, **kwargs)
+        if type(req).__name__ == "AggregateFinish" and truncate:
+            with open(truncate[0], "r+b") as f:
+                f.truncate(12)
+        return reply
+
+    monkeypatch.setattr(worker_client.ProcessWorker, "request", recorded)
+    objects = set(bpy.data.objects)
+    capfd.readouterr()
+    assert bpy.ops.npbgpp.aggregate(filepath=str(scene["dir"] / "all.npbgpp")) == {"FINISHED"}
+    assert sent == ["AggregateBegin", "AggregateView", "AggregateFinish"]
+    assert sc.npbgpp.point_object == dataset_obj and set(bpy.data.objects) == objects
+    assert "Warning" not in capfd.readouterr().out
+    sent.clear()
+    out = str(scene["dir"] / "sub30.npbgpp")
+    assert bpy.ops.npbgpp.aggregate(filepath=out, max_points=30) == {"FINISHED"}
+    assert sent == ["AggregateBegin", "AggregateView", "AggregateFinish", "LoadBundle", "GetBundlePoints"]
+    obj = sc.npbgpp.point_object
+    assert obj != dataset_obj
+    np.testing.assert_array_equal(point_ids(obj), np.arange(30))
+    np.testing.assert_allclose(object_points(obj)[0], NeuralScene.load(out).points.numpy(), atol=1e-6)
+    sc.npbgpp.point_object = dataset_obj
+    sent.clear()
+    bad = str(scene["dir"] / "cut.npbgpp")
+    truncate.append(bad)
+    capfd.readouterr()
+    assert bpy.ops.npbgpp.aggregate(filepath=bad) == {"FINISHED"}
+    assert sent == ["AggregateBegin", "AggregateView", "AggregateFinish"]
+    printed = capfd.readouterr().out
+    assert f"Info: Saved {len(scene['points'])} points" in printed
+    warning = [line for line in printed.splitlines() if line.startswith("Warning: ")]
+    assert len(warning) == 1, printed
+    assert "its points could not be read to check the point object 'nerf'" in warning[0]
+    assert "truncated" in warning[0] and f"File > Import > NPBG++ Bundle on {bad}" in warning[0]
+    assert sc.npbgpp.bundle == bad and sc.npbgpp.point_object == dataset_obj
 
 
 def test_import_of_a_copied_dataset_keeps_its_bundle(scene, capfd, monkeypatch):
