@@ -46,7 +46,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,35 +110,53 @@ class DensifyOptions:
     fill_color_tolerance: float = 0.06
     fill_min_views: int = 2
 
-    def check(self) -> None:
-        if self.max_points < 1:
-            raise DensifyError(f"max_points must be >= 1, got {self.max_points}")
-        if not 0.0 < self.image_scale <= 4.0:
-            raise DensifyError(f"image_scale must lie in (0, 4], got {self.image_scale}")
-        if self.neighbors < 1 or not 1 <= self.top_k <= self.neighbors:
-            raise DensifyError(f"need neighbors >= 1 and 1 <= top_k <= neighbors, got {self.neighbors}, {self.top_k}")
-        if self.depth_planes < 3:
-            raise DensifyError(f"depth_planes must be >= 3, got {self.depth_planes}")
-        if self.window < 3 or self.window % 2 == 0:
-            raise DensifyError(f"window must be odd and >= 3, got {self.window}")
-        if self.min_consistent < 1:
-            raise DensifyError(f"min_consistent must be >= 1, got {self.min_consistent}")
-        if self.consistency_views < self.min_consistent:
-            raise DensifyError(f"consistency_views ({self.consistency_views}) must be >= min_consistent "
-                               f"({self.min_consistent}): fewer views are checked than must agree")
-        if self.depth_range is not None and not 0 < self.depth_range[0] < self.depth_range[1]:
-            raise DensifyError(f"depth_range must be 0 < near < far, got {self.depth_range}")
-        if self.fill_stride < 1:
-            raise DensifyError(f"fill_stride must be >= 1, got {self.fill_stride}")
-        if self.fill_min_views < 1:
-            raise DensifyError(f"fill_min_views must be >= 1, got {self.fill_min_views}")
-        if not 0.0 < self.fill_max_window <= 1.0:
-            raise DensifyError(f"fill_max_window must lie in (0, 1], got {self.fill_max_window}")
-        for name in ("fill_texture", "fill_fit_tolerance", "fill_depth_tolerance", "fill_pixel_tolerance",
-                     "fill_color_tolerance"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise DensifyError(f"{name} must be a number > 0, got {value!r}")
+    def check(self, names: Mapping[str, str] | None = None) -> None:
+        """Raise :class:`DensifyError` naming the first setting that can never work.
+
+        ``names`` maps fields to the options a caller's user types (the command line passes
+        its flags, ``{"max_points": "--max-points"}``) so that messages name those; fields
+        it leaves out are fixed for that user and only their values are quoted. Without
+        ``names`` messages name the fields (``max_points=0``)."""
+
+        def shown(field: str) -> str:
+            value = getattr(self, field)
+            if names is None or field not in names:
+                return f"{field}={value!r}"
+            if isinstance(value, tuple):
+                return f"{names[field]} {' '.join(f'{v:g}' for v in value)}"
+            return f"{names[field]} {value:g}" if isinstance(value, float) else f"{names[field]} {value}"
+
+        def other(field: str) -> str:
+            return shown(field) if names is None or field in names else str(getattr(self, field))
+
+        def positive(value: object) -> bool:
+            return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+        rules = [
+            ("max_points", self.max_points >= 1, "must be at least 1"),
+            ("image_scale", 0.0 < self.image_scale <= 4.0, "must lie in (0, 4]"),
+            ("max_image_size", self.max_image_size >= 0, "must be at least 0 (0: no limit)"),
+            ("neighbors", self.neighbors >= 1, "must be at least 1"),
+            ("top_k", 1 <= self.top_k <= self.neighbors,
+             f"must lie in 1..{self.neighbors} (no more than {other('neighbors')})"),
+            ("depth_planes", self.depth_planes >= 3, "must be at least 3"),
+            ("window", self.window >= 3 and self.window % 2 == 1, "must be odd and at least 3"),
+            ("consistency_views", self.consistency_views >= 1, "must be at least 1"),
+            ("min_consistent", 1 <= self.min_consistent <= self.consistency_views,
+             f"must lie in 1..{self.consistency_views} (each point is checked against at most "
+             f"{other('consistency_views')} other views)"),
+            ("depth_range", self.depth_range is None or 0 < self.depth_range[0] < self.depth_range[1],
+             "needs 0 < near < far"),
+            ("fill_stride", self.fill_stride >= 1, "must be at least 1"),
+            ("fill_min_views", self.fill_min_views >= 1, "must be at least 1"),
+            ("fill_max_window", 0.0 < self.fill_max_window <= 1.0, "must lie in (0, 1]"),
+            *((name, positive(getattr(self, name)), "must be a number > 0")
+              for name in ("fill_texture", "fill_fit_tolerance", "fill_depth_tolerance", "fill_pixel_tolerance",
+                           "fill_color_tolerance")),
+        ]
+        for field, ok, rule in rules:
+            if not ok:
+                raise DensifyError(f"{shown(field)}: {rule}")
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -1008,39 +1026,42 @@ def _parse_views(text: str, n: int, train: list[int]) -> list[int]:
     return out
 
 
-def _option_problem(a: argparse.Namespace) -> str | None:
-    """The first option of ``main`` whose value can never work, named as typed (None: all
-    fine). The bounds are DensifyOptions.check's, whose messages name the library's fields
-    (image_scale, top_k, ...) that this command does not offer."""
+# The command's flags for the DensifyOptions fields it sets, so that refusals name them.
+_FLAGS = {"max_points": "--max-points", "image_scale": "--scale", "max_image_size": "--max-image-size",
+          "depth_planes": "--planes", "neighbors": "--neighbors", "min_consistent": "--min-consistent",
+          "depth_range": "--depth-range", "fill_stride": "--fill-stride", "fill_texture": "--fill-texture"}
+
+
+def _options(a: argparse.Namespace) -> DensifyOptions:
+    """The options of ``main``; a ValueError names the first option, as typed, whose value
+    can never work. DensifyOptions.check holds the bounds of its fields; only what it does
+    not know about is checked here."""
     from .datasets import FORMATS
 
-    most = DensifyOptions.consistency_views
     near, far = a.depth_range or (1.0, 2.0)
     checks = [
         (a.format is None or a.format in FORMATS,
          f"--format {a.format}: unknown format; choose one of {list(FORMATS)}"),
         (a.max_views == 0 or a.max_views >= 2,
          f"--max-views {a.max_views}: must be 0 (all views) or at least 2 (densify matches views in pairs)"),
-        (a.max_points >= 1, f"--max-points {a.max_points}: must be at least 1"),
-        (1 <= a.min_consistent <= most, f"--min-consistent {a.min_consistent}: must lie in 1..{most} (each point "
-                                        f"is checked against at most {most} other views)"),
-        (0 < a.scale <= 4, f"--scale {a.scale:g}: must lie in (0, 4]"),
-        (a.max_image_size >= 0, f"--max-image-size {a.max_image_size}: must be at least 0 (0: no limit)"),
-        (a.planes >= 3, f"--planes {a.planes}: must be at least 3"),
-        (a.neighbors >= 1, f"--neighbors {a.neighbors}: must be at least 1"),
-        (math.isfinite(far) and 0 < near < far, f"--depth-range {near:g} {far:g}: need 0 < NEAR < FAR, both finite"),
-        (a.fill_stride >= 1, f"--fill-stride {a.fill_stride}: must be at least 1"),
-        (math.isfinite(a.fill_texture) and a.fill_texture > 0,
-         f"--fill-texture {a.fill_texture:g}: must be a number > 0"),
+        (math.isfinite(far), f"--depth-range {near:g} {far:g}: need 0 < NEAR < FAR, both finite"),
         (a.threads >= 0, f"--threads {a.threads}: must be at least 0 (0: torch's default)"),
     ]
     problem = next((message for ok, message in checks if not ok), None)
-    if problem is None:
-        try:
-            pick_device(a.device)
-        except DensifyError as exc:
-            problem = f"--device {a.device}: {exc}"
-    return problem
+    if problem is not None:
+        raise ValueError(problem)
+    opt = DensifyOptions(
+        max_points=a.max_points, image_scale=a.scale, max_image_size=a.max_image_size, depth_planes=a.planes,
+        neighbors=a.neighbors, top_k=min(DensifyOptions.top_k, a.neighbors), min_consistent=a.min_consistent,
+        normals=a.normals, depth_range=tuple(a.depth_range) if a.depth_range else None,
+        fill=a.fill, fill_stride=a.fill_stride, fill_texture=a.fill_texture,
+    )
+    opt.check(_FLAGS)
+    try:
+        pick_device(a.device)
+    except DensifyError as exc:
+        raise ValueError(f"--device {a.device}: {exc}") from None
+    return opt
 
 
 def _views_problem(text: str, views: list[int], n: int) -> str | None:
@@ -1096,9 +1117,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not os.path.isdir(out_dir):
         print(f"error: --out {a.out}: output folder does not exist: {out_dir}", file=sys.stderr)
         return 2
-    problem = _option_problem(a)
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
+    try:
+        opt = _options(a)
+    except ValueError as exc:  # DensifyError is a ValueError
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     if a.threads > 0:
         torch.set_num_threads(a.threads)
@@ -1121,12 +1143,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(problem)
         if a.max_views and len(views) > a.max_views:  # --max-views is 0 or >= 2: still enough views
             views = [views[int(round(k))] for k in np.linspace(0, len(views) - 1, a.max_views)]
-        opt = DensifyOptions(
-            max_points=a.max_points, image_scale=a.scale, max_image_size=a.max_image_size, depth_planes=a.planes,
-            neighbors=a.neighbors, top_k=min(DensifyOptions.top_k, a.neighbors), min_consistent=a.min_consistent,
-            normals=a.normals, depth_range=tuple(a.depth_range) if a.depth_range else None,
-            fill=a.fill, fill_stride=a.fill_stride, fill_texture=a.fill_texture,
-        )
         t0 = time.perf_counter()
 
         def report(stage: str, done: int, total: int) -> None:

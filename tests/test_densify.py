@@ -217,6 +217,28 @@ def test_cli_refuses_each_bad_option_by_its_name(ring_scene, tmp_path, capsys, m
     assert not out.exists()
 
 
+def test_options_check_names_the_callers_options():
+    """The bounds live in DensifyOptions.check alone: called from the library its messages
+    name the fields, from the command line (names=) the flags; a field the caller does not
+    offer is quoted by value only. The library refuses a negative max_image_size too (only
+    the command line did)."""
+    with pytest.raises(DensifyError, match=r"^max_image_size=-1: must be at least 0 \(0: no limit\)$"):
+        DensifyOptions(max_image_size=-1).check()
+    with pytest.raises(DensifyError, match=r"^--max-image-size -1: must be at least 0"):
+        DensifyOptions(max_image_size=-1).check({"max_image_size": "--max-image-size"})
+    with pytest.raises(DensifyError, match=r"^--scale 4\.5: must lie in \(0, 4\]$"):
+        DensifyOptions(image_scale=4.5).check({"image_scale": "--scale"})
+    with pytest.raises(DensifyError, match=r"^--min-consistent 9: must lie in 1\.\.8 \(each point is checked "
+                                           r"against at most 8 other views\)$"):
+        DensifyOptions(min_consistent=9).check({"min_consistent": "--min-consistent"})
+    with pytest.raises(DensifyError, match=r"^min_consistent=9: .* at most consistency_views=8 other views"):
+        DensifyOptions(min_consistent=9).check()
+    with pytest.raises(DensifyError, match=r"^--depth-range 5 1: needs 0 < near < far"):
+        DensifyOptions(depth_range=(5.0, 1.0)).check({"depth_range": "--depth-range"})
+    DensifyOptions().check()
+    DensifyOptions().check({})
+
+
 def test_cli_names_the_repeated_view(ring_scene, tmp_path, capsys, monkeypatch):
     """A view given twice is refused before any work, naming the index that repeats."""
     import npbgpp_core.densify as densify
