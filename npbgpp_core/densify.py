@@ -145,8 +145,9 @@ class DensifyOptions:
             ("min_consistent", 1 <= self.min_consistent <= self.consistency_views,
              f"must lie in 1..{self.consistency_views} (each point is checked against at most "
              f"{other('consistency_views')} other views)"),
-            ("depth_range", self.depth_range is None or 0 < self.depth_range[0] < self.depth_range[1],
-             "needs 0 < near < far"),
+            ("depth_range", self.depth_range is None
+             or (0 < self.depth_range[0] < self.depth_range[1] and math.isfinite(self.depth_range[1])),
+             "needs 0 < near < far, both finite"),
             ("fill_stride", self.fill_stride >= 1, "must be at least 1"),
             ("fill_min_views", self.fill_min_views >= 1, "must be at least 1"),
             ("fill_max_window", 0.0 < self.fill_max_window <= 1.0, "must lie in (0, 1]"),
@@ -936,6 +937,23 @@ def _processing_size(camera: Camera, opt: DensifyOptions) -> tuple[int, int]:
     return max(2, int(round(h * s))), max(2, int(round(w * s)))
 
 
+def _views_problem(views: Sequence[int], view_names: Sequence[str]) -> str | None:
+    """What is wrong with densifying the scene views ``views`` (indices into
+    ``view_names``): one it lacks, one given twice, fewer than two (None: nothing)."""
+    n = len(view_names)
+    wrong = [i for i in views if not 0 <= i < n]
+    if wrong:
+        return f"view {wrong[0]} is out of range (the scene has {n} views, 0..{n - 1})"
+    repeated = next((i for k, i in enumerate(views) if i in views[:k]), None)
+    if repeated is not None:
+        return f"view {repeated} is given more than once"
+    if not views:
+        return "no views to densify (it needs at least 2)"
+    if len(views) == 1:
+        return f"densify needs at least 2 views, got 1 ({view_names[views[0]]})"
+    return None
+
+
 class DensifyJob:
     """Densify a scene in small steps (one view each: load, depth map, fusion), so that a
     caller (the add-on's worker) can report progress and stop between steps.
@@ -949,13 +967,9 @@ class DensifyJob:
         self.options = opt = options or DensifyOptions()
         opt.check()
         idx = list(views) if views is not None else list(scene.train or range(len(scene.views)))
-        for i in idx:
-            if not 0 <= i < len(scene.views):
-                raise DensifyError(f"{scene.root}: view index {i} out of range ({len(scene.views)} views)")
-        if not idx:
-            raise DensifyError(f"{scene.root}: the scene has no views to densify")
-        if len(idx) == 1:
-            raise DensifyError(f"{scene.root}: densify needs at least 2 views, got 1 ({scene.views[idx[0]].name})")
+        problem = _views_problem(idx, [v.name for v in scene.views])
+        if problem:
+            raise DensifyError(f"{scene.root}: {problem}")
         self.scene, self.views, self.device = scene, idx, pick_device(device)
         self.stage, self.done, self.total = "load", 0, (5 if opt.fill else 3) * len(idx)
         self.result: PointCloud | None = None
@@ -1038,13 +1052,11 @@ def _options(a: argparse.Namespace) -> DensifyOptions:
     not know about is checked here."""
     from .datasets import FORMATS
 
-    near, far = a.depth_range or (1.0, 2.0)
     checks = [
         (a.format is None or a.format in FORMATS,
          f"--format {a.format}: unknown format; choose one of {list(FORMATS)}"),
         (a.max_views == 0 or a.max_views >= 2,
          f"--max-views {a.max_views}: must be 0 (all views) or at least 2 (densify matches views in pairs)"),
-        (math.isfinite(far), f"--depth-range {near:g} {far:g}: need 0 < NEAR < FAR, both finite"),
         (a.threads >= 0, f"--threads {a.threads}: must be at least 0 (0: torch's default)"),
     ]
     problem = next((message for ok, message in checks if not ok), None)
@@ -1062,19 +1074,6 @@ def _options(a: argparse.Namespace) -> DensifyOptions:
     except DensifyError as exc:
         raise ValueError(f"--device {a.device}: {exc}") from None
     return opt
-
-
-def _views_problem(text: str, views: list[int], n: int) -> str | None:
-    """``--views`` selecting a view the scene lacks, one view twice, or fewer than two views."""
-    wrong = [i for i in views if not 0 <= i < n]
-    if wrong:
-        return f"--views {text!r}: view {wrong[0]} does not exist (the scene has {n} views, 0..{n - 1})"
-    repeated = next((i for k, i in enumerate(views) if i in views[:k]), None)
-    if repeated is not None:
-        return f"--views {text!r}: view {repeated} is given more than once"
-    if len(views) < 2:
-        return f"--views {text!r}: densify needs at least 2 views, this selects {len(views)}"
-    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1138,9 +1137,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  "no lens distortion to remove)")
         scene = load_scene(a.scene, a.format, **options)
         views = _parse_views(a.views, len(scene.views), scene.train)
-        problem = _views_problem(a.views, views, len(scene.views))
+        problem = _views_problem(views, [v.name for v in scene.views])
         if problem:
-            raise ValueError(problem)
+            raise ValueError(f"--views {a.views!r}: {problem}")
         if a.max_views and len(views) > a.max_views:  # --max-views is 0 or >= 2: still enough views
             views = [views[int(round(k))] for k in np.linspace(0, len(views) - 1, a.max_views)]
         t0 = time.perf_counter()

@@ -11,6 +11,7 @@ from _mvs_scene import render, ring_cameras, sphere_samples, surface_distance, w
 from npbgpp_core.densify import (
     WEAK_SCORE,
     DensifyError,
+    DensifyJob,
     DensifyOptions,
     densify_scene,
     densify_views,
@@ -124,6 +125,12 @@ def test_bad_input_is_named(tmp_path, ring, capsys):
         densify_scene(scene, views=[3])
     with pytest.raises(DensifyError, match="out of range"):
         densify_scene(scene, views=[0, 99])
+    # The library refuses what the command line refuses (it densified a repeated view twice,
+    # and searched depths up to an infinite far plane).
+    with pytest.raises(DensifyError, match="view 2 is given more than once"):
+        DensifyJob(scene, views=[0, 2, 1, 2])
+    with pytest.raises(DensifyError, match=r"depth_range=\(1\.0, inf\): needs 0 < near < far, both finite"):
+        densify_scene(scene, views=[0, 1], depth_range=(1.0, float("inf")))
     assert main([str(tmp_path / "scene"), "--out", str(tmp_path / "x.ply"), "--views", "2"]) == 2
     assert "at least 2 views" in capsys.readouterr().err
     assert main([str(tmp_path / "scene"), "--out", str(tmp_path / "x.ply"), "--views", "0,a"]) == 2
