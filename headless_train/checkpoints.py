@@ -148,17 +148,16 @@ def network_differences(ckpt: dict, path: str, system_config: dict) -> list[tupl
     if source != "npbgpp":
         return []
 
-    def network(options: dict) -> dict:
+    def network(options: dict) -> NPBGPlusPlusConfig:
         # world_up left out before the config is built: the run's may still be text
         # (system.world_up=auto or an axis name, resolved from the cameras later)
-        kept = {k: v for k, v in options.items() if k != "world_up"}
-        return NPBGPlusPlusConfig.from_options(kept, extractor_weights=None).to_dict()
+        return NPBGPlusPlusConfig.from_options({k: v for k, v in options.items() if k != "world_up"})
 
     try:
         a, b = network(source_cfg), network(system_config)
     except (TypeError, ValueError):
         return []  # a bad config is reported where the network is built
-    return [(k, a[k], b[k]) for k in sorted(a) if a[k] != b[k]]
+    return a.differences(b)
 
 
 def checkpoint_system(ckpt: dict, path: str) -> tuple[str, dict]:

@@ -38,11 +38,8 @@ def fitting_model(bundle: Any, bundle_path: str, weights: str, device: str = "cp
     from .pretrained import load_pretrained_npbgpp
 
     model = load_pretrained_npbgpp(weights, device, world_up=bundle.model_config.get("world_up"))
-    ours = {k: v for k, v in model.config.to_dict().items() if k not in ("extractor_weights", "world_up")}
-    theirs = {k: v for k, v in NPBGPlusPlusConfig.from_dict(bundle.model_config).to_dict().items()
-              if k not in ("extractor_weights", "world_up")}
-    if ours != theirs:
-        diff = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+    diff = [k for k, _, _ in model.config.differences(NPBGPlusPlusConfig.from_dict(bundle.model_config))]
+    if diff:
         raise ValueError(f"{bundle_path} was aggregated with another NPBG++ network than {weights} "
                          f"(config differs in {diff[:5]}): choose the weights it was aggregated with")
     model.load_state_dict(bundle.model_state, strict=False)  # shapes checked by bundle.check()

@@ -377,4 +377,8 @@ def test_perceptual_fit_refuses_a_bundle_model_whose_encoder_is_random(scene, tm
     ok = fit_coefficients(fitting, bundle.aggregated_scene(), views, steps=2, crop=16, seed=3)
     ref = fit_coefficients(model, agg, views, steps=2, crop=16, seed=3)
     assert ok.losses == pytest.approx(ref.losses, rel=1e-6) and all(math.isfinite(v) for v in ok.losses)
+    # a bundle aggregated with another network is refused, naming the option that differs
+    bundle.model_config["input_canvas"] = "bounds" if bundle.model_config["input_canvas"] == "square" else "square"
+    with pytest.raises(ValueError, match=r"another NPBG\+\+ network .*config differs in \['input_canvas'\]"):
+        fitting_model(bundle, path, weights, "cpu")
 

@@ -105,6 +105,12 @@ def test_config_round_trip_and_errors():
         NPBGPlusPlusConfig(aggregator="sh")
     with pytest.raises(ValueError, match="scales"):
         NPBGPlusPlusConfig(scales=(1.0, 0.5))
+    # differences: the options that build another network; the scenes' up axis and where
+    # the encoder's weights came from are not among them
+    assert cfg.differences(NPBGPlusPlusConfig(aggregator="mean", visibility_scale=0.5, world_up=(0, 0, 1),
+                                              extractor_weights="enc.safetensors")) == []
+    assert cfg.differences(NPBGPlusPlusConfig(visibility_scale=0.25, input_canvas="bounds")) == [
+        ("aggregator", "mean", "sphere"), ("input_canvas", "square", "bounds"), ("visibility_scale", 0.5, 0.25)]
     assert NPBGConfig.from_dict(NPBGConfig().to_dict()) == NPBGConfig()
     with pytest.raises(ValueError, match="descriptor_dim"):
         NPBGConfig(descriptor_dim=16)

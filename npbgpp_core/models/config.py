@@ -67,6 +67,10 @@ def _check_scales(scales: tuple[float, ...]) -> None:
         raise ValueError(f"scales must be 5 numbers in (0, 1] (the refiner has 5 levels), got {scales}")
 
 
+# NPBGPlusPlusConfig options that two configs of one network may differ in (differences).
+_NOT_THE_NETWORK = ("world_up", "extractor_weights")
+
+
 class _NetworkOptions:
     """What both network configs share: reading a file's dict (checked by
     :func:`_from_dict`), writing a JSON-friendly one (tuples as lists) and the size of the
@@ -157,6 +161,14 @@ class NPBGPlusPlusConfig(_NetworkOptions):
         other keys, e.g. ``lr``, are the trainer's), with ``overrides`` on top."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls.from_dict({**{k: v for k, v in options.items() if k in names}, **overrides})
+
+    def differences(self, other: NPBGPlusPlusConfig) -> list[tuple[str, Any, Any]]:
+        """``(option, self's value, other's value)`` (:meth:`to_dict` values), by option
+        name, for every option in which ``other`` builds another network. ``world_up`` is
+        left out (it belongs to the scenes, their up axis) and so is ``extractor_weights``
+        (where the encoder's first weights came from, not what the network is)."""
+        a, b = self.to_dict(), other.to_dict()
+        return [(k, a[k], b[k]) for k in sorted(a) if k not in _NOT_THE_NETWORK and a[k] != b[k]]
 
     @property
     def coefficient_rows(self) -> int:
