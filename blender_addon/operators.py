@@ -90,14 +90,14 @@ def output_path(op: Any, dataset: str, suffix: str, what: str, field: str) -> st
 
 
 def output_folder_exists(op: Any, out: str, field: str) -> bool:
-    """Whether the folder ``out`` goes into exists, else False after reporting it (before the
-    job: the file is written only when the job ends) and that ``out`` is a folder itself."""
-    folder = os.path.dirname(os.path.abspath(out))
-    if os.path.isdir(out):
-        op.report({"ERROR"}, f"{field} {out} is a folder: give the file to write.")
-        return False
-    if not os.path.isdir(folder):
-        op.report({"ERROR"}, f"{field}: the folder {folder} does not exist.")
+    """Whether a file can be written at ``out`` (npbgpp_core.atomic.check_output_file), else
+    False after reporting why (before the job: the file is written only when the job ends)."""
+    from npbgpp_core.atomic import check_output_file
+
+    try:
+        check_output_file(out)
+    except OSError as exc:
+        op.report({"ERROR"}, f"{field} {exc}.")
         return False
     return True
 

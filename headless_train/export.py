@@ -159,17 +159,15 @@ def export_npbg(ckpt: dict, scene, args, name: str):
 
 
 def export(args: argparse.Namespace) -> str:
+    from npbgpp_core.atomic import check_output_file
     from npbgpp_core.datasets import load_scene
 
     from .checkpoints import META_KEY, checkpoint_system, load_source_checkpoint
 
-    # Checked before the aggregation (minutes on a CPU), not when the bundle is written.
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    if os.path.isdir(args.out):
-        raise ExportError(f"--out {args.out} is a folder; give the bundle file to write, e.g. "
-                          f"{os.path.join(args.out, 'scene.npbgpp')}")
-    if not os.path.isdir(out_dir):
-        raise ExportError(f"output folder does not exist: {out_dir}")
+    try:
+        check_output_file(args.out, "scene.npbgpp")  # before the aggregation (minutes on a CPU), not at the end
+    except OSError as exc:
+        raise ExportError(f"--out {exc}") from None
     up_spec = world_up_spec(args.world_up)
     weights_file = args.checkpoint.lower().endswith(".safetensors")
     if up_spec is not None and not weights_file:

@@ -2,7 +2,8 @@
 half-written one under its final name.
 
 - ``atomic_write_bytes(path, data)``: a temporary file in the same folder, fsync, then
-  ``os.replace``.
+  ``os.replace``; ``check_output_file(path)``: the same refusals (a folder, a missing
+  folder) for commands to make before their work.
 - ``atomic_directory(target)``: a context manager that builds a folder at the temporary
   sibling name ``<target>.partial-<pid>`` and renames it into place on success (removes it
   on failure).
@@ -30,15 +31,28 @@ def _write_bytes(fileobj, data: bytes) -> None:
     fileobj.write(data)
 
 
+def check_output_file(path: str | os.PathLike, example: str = "") -> None:
+    """Whether a file can be written at ``path``: IsADirectoryError when it names a folder
+    (with ``example``, a file name to suggest in it), FileNotFoundError when its folder is
+    missing. Commands call it before long work whose result is written at the end."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        hint = f", e.g. {os.path.join(path, example)}" if example else ""
+        raise IsADirectoryError(f"{path} is a folder; give the file to write{hint}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{path}: output folder does not exist: {folder}")
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, make_dirs: bool = True) -> None:
     """Write ``data`` to ``path``; on any error the temporary file is removed and an
-    existing ``path`` is untouched. A full disk raises ``OSError(ENOSPC)`` saying so."""
+    existing ``path`` is untouched. A full disk raises ``OSError(ENOSPC)`` saying so; a
+    missing folder (without ``make_dirs``) or a folder at ``path`` is refused by name."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     if make_dirs:
         os.makedirs(folder, exist_ok=True)
-    elif not os.path.isdir(folder):
-        raise FileNotFoundError(f"output folder does not exist: {folder}")
+    check_output_file(path)
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)

@@ -1107,14 +1107,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="torch CPU threads (0: torch's default; 1 is much faster when other jobs share the cores)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     a = p.parse_args(argv)
-    # Checked before the work (minutes on a CPU), not when the cloud is written.
-    out_dir = os.path.dirname(os.path.abspath(a.out))
-    if os.path.isdir(a.out):
-        print(f"error: --out {a.out} is a folder; give the PLY file to write, e.g. {os.path.join(a.out, 'dense.ply')}",
-              file=sys.stderr)
-        return 2
-    if not os.path.isdir(out_dir):
-        print(f"error: --out {a.out}: output folder does not exist: {out_dir}", file=sys.stderr)
+    from .atomic import check_output_file
+
+    try:
+        check_output_file(a.out, "dense.ply")  # before the work (minutes on a CPU), not when the cloud is written
+    except OSError as exc:
+        print(f"error: --out {exc}", file=sys.stderr)
         return 2
     try:
         opt = _options(a)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 
 import pytest
@@ -44,6 +45,25 @@ def test_missing_folder_is_an_error_unless_asked_to_create_it(tmp_path):
         atomic.atomic_write_bytes(tmp_path / "nope" / "a.bin", b"x", make_dirs=False)
     atomic.atomic_write_bytes(tmp_path / "made" / "a.bin", b"x")
     assert (tmp_path / "made" / "a.bin").read_bytes() == b"x"
+
+
+def test_output_file_checks_name_the_path(tmp_path):
+    """One check for 'is a folder' and 'missing folder' (the commands' --out, the add-on's
+    output paths, atomic_write_bytes), naming the path given and the missing folder."""
+    folder = re.escape(str(tmp_path))
+    with pytest.raises(IsADirectoryError, match=f"^{folder} is a folder; give the file to write, e.g. "
+                                                f"{re.escape(str(tmp_path / 'a.ply'))}$"):
+        atomic.check_output_file(tmp_path, "a.ply")
+    missing = tmp_path / "no" / "a.bin"
+    with pytest.raises(FileNotFoundError, match=f"^{re.escape(str(missing))}: output folder does not exist: "
+                                                f"{re.escape(str(tmp_path / 'no'))}$"):
+        atomic.check_output_file(missing)
+    atomic.check_output_file(tmp_path / "a.bin")
+    (tmp_path / "sub").mkdir()
+    # a folder in the way was found only by os.replace, with its bare errno message
+    with pytest.raises(IsADirectoryError, match="sub is a folder; give the file to write$"):
+        atomic.atomic_write_bytes(tmp_path / "sub", b"x")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["sub"]
 
 
 def _dead_pid() -> int:

@@ -281,7 +281,8 @@ def test_export_checks_the_output_path_before_aggregating(data_root, tmp_path, c
     monkeypatch.setattr(export, "export_npbgpp", lambda *a, **k: pytest.fail("aggregated before checking --out"))
     scene = f"{data_root}/sceneA"
     assert export.main(["--checkpoint", ckpt, "--scene", scene, "--out", str(tmp_path / "no" / "a.npbgpp")]) == 2
-    assert f"output folder does not exist: {tmp_path / 'no'}" in capsys.readouterr().err
+    assert f"--out {tmp_path / 'no' / 'a.npbgpp'}: output folder does not exist: {tmp_path / 'no'}" in \
+        capsys.readouterr().err
     assert export.main(["--checkpoint", ckpt, "--scene", scene, "--out", str(tmp_path)]) == 2
     assert "is a folder" in capsys.readouterr().err
 
