@@ -48,17 +48,14 @@ def _colors(scene) -> torch.Tensor | None:
 
 
 def world_up_spec(text: str | None) -> str | tuple[float, ...] | None:
-    """``--world-up`` as :func:`resolve_world_up` takes it ('auto', an axis name or 3
-    numbers), checked before any work; ExportError naming the option."""
-    from npbgpp_core.models.alignment import UP_AXES, check_world_up
+    """``--world-up`` ('auto', an axis name or 3 numbers x,y,z) as :func:`parse_world_up`
+    reads it, checked before any work; ExportError naming the option."""
+    from npbgpp_core.models.alignment import UP_AXES, parse_world_up
 
     if text is None:
         return None
-    key = text.strip().lower().replace("pos_", "+").replace("neg_", "-")
-    if key == "auto" or key in UP_AXES:
-        return key
     try:
-        return check_world_up(text.split(","))
+        return parse_world_up(text.split(",") if "," in text else text)
     except ValueError:
         raise ExportError(f"--world-up must be 'auto', one of {', '.join(sorted(UP_AXES))} or 3 numbers x,y,z "
                           f"(not all zero), got {text!r}") from None

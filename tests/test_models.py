@@ -550,7 +550,7 @@ def test_world_up_turns_that_axis_upright():
 
 
 def test_estimate_and_resolve_world_up():
-    from npbgpp_core.models.alignment import estimate_world_up, resolve_world_up
+    from npbgpp_core.models.alignment import estimate_world_up, parse_world_up, resolve_world_up
 
     rng = np.random.default_rng(2)
     cams = []
@@ -572,6 +572,11 @@ def test_estimate_and_resolve_world_up():
     for bad in ("up", [0, 0, 0], [1, 2], [float("nan"), 0, 1]):
         with pytest.raises(ValueError, match="world_up"):
             resolve_world_up(bad)
+        with pytest.raises(ValueError, match="world_up"):
+            parse_world_up(bad)
+    # parsing needs no cameras: 'auto' stays 'auto' until resolve_world_up has them
+    assert parse_world_up(" Auto ") == "auto" and parse_world_up("POS_Z") == (0.0, 0.0, 1.0)
+    assert parse_world_up(["0", "-2", "0"]) == (0.0, -1.0, 0.0)
     with pytest.raises(ValueError, match="world_up"):
         NPBGPlusPlusConfig(world_up=(0, 0, 0))
 

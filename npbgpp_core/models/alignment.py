@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -76,17 +77,25 @@ UP_AXES: dict[str, tuple[float, float, float]] = {
 }
 
 
-def resolve_world_up(spec: str | Sequence[float], cameras: Sequence[Camera] = ()) -> tuple[float, float, float]:
-    """A ``world_up`` from ``'auto'`` (:func:`estimate_world_up` over ``cameras``), an axis
-    name (``'+z'``, ``'-y'``, ... or ``'POS_Z'``, ``'NEG_Y'``) or 3 numbers."""
+def parse_world_up(spec: str | Sequence[float]) -> Literal["auto"] | tuple[float, float, float]:
+    """A ``world_up`` given as ``'auto'``, an axis name (``'+z'``, ``'-y'``, ... or
+    ``'POS_Z'``, ``'NEG_Y'``) or 3 numbers: ``'auto'`` or the unit vector; ValueError for
+    anything else. Needs no cameras, so a command can check it before reading a scene."""
     if isinstance(spec, str):
         key = spec.strip().lower().replace("pos_", "+").replace("neg_", "-")
         if key == "auto":
-            return estimate_world_up(cameras)
+            return "auto"
         if key not in UP_AXES:
             raise ValueError(f"world_up must be 'auto', one of {sorted(UP_AXES)} or 3 numbers, got {spec!r}")
         return UP_AXES[key]
     return check_world_up(spec)
+
+
+def resolve_world_up(spec: str | Sequence[float], cameras: Sequence[Camera] = ()) -> tuple[float, float, float]:
+    """A ``world_up`` from :func:`parse_world_up`'s ``spec``, ``'auto'`` being
+    :func:`estimate_world_up` over ``cameras``."""
+    up = parse_world_up(spec)
+    return estimate_world_up(cameras) if up == "auto" else up
 
 
 def alignment_angle(camera: Camera, world_up: Sequence[float] = WORLD_UP) -> float:
