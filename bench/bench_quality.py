@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -62,6 +63,16 @@ def warmup_steps_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def on_off_arg(text: str) -> bool:
+    """``--aligned on|off`` (also true/false, 1/0, yes/no)."""
+    key = text.strip().lower()
+    if key in ("on", "true", "1", "yes"):
+        return True
+    if key in ("off", "false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
+
+
 # coefficients_ft knobs: flag, type, help; each maps to fit_coefficients' keyword of the
 # same name (dashes -> underscores); unset ones keep the library defaults.
 FIT_KNOBS = (
@@ -80,6 +91,8 @@ FIT_KNOBS = (
     ("--fft-weight", float, "weight of the amplitude-spectrum (FFT) L1"),
     ("--average-from", float, "return the mean of the iterates from this fraction of the steps on"),
     ("--background-rows", int, "rows of the environment map the fit starts from (the aggregated map resampled)"),
+    ("--aligned", on_off_arg, "on: the fitted model renders rolled views upright as NPBG++ does (training crops "
+     "too); off: in the view's own frame (published NPBG)"),
 )
 
 
@@ -216,7 +229,7 @@ def evaluate_scene(folder: str, args: argparse.Namespace, weights: dict[str, str
     from npbgpp_core.datasets import load_scene, scene_domain
     from npbgpp_core.fitting import fit_coefficients, fit_npbg, padded_fit_views
     from npbgpp_core.metrics import mean_finite, psnr, sharpness_ratio, ssim
-    from npbgpp_core.models.alignment import resolve_world_up
+    from npbgpp_core.models.alignment import alignment_angle, resolve_world_up
     from npbgpp_core.pretrained import default_weights_path, load_pretrained_npbg_refiner, load_pretrained_npbgpp
 
     options: dict[str, Any] = {}
@@ -288,6 +301,8 @@ def evaluate_scene(folder: str, args: argparse.Namespace, weights: dict[str, str
         result["weights"], result["domain"] = npbgpp_file, domain
         up = resolve_world_up("auto", [scene.views[i].camera for i in inputs])
         result["world_up"] = list(up)
+        # degrees each held-out view is rolled against the up axis (what alignment turns)
+        result["held_out_rolls"] = [round(math.degrees(alignment_angle(c, up)), 1) for c in test_cams]
         model = load_pretrained_npbgpp(npbgpp_file, world_up=up)
         result["background"] = model.config.background  # the weights' own option
         t = time.perf_counter()

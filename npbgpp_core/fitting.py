@@ -40,6 +40,10 @@ from .models.background import check_rows, resample_map
 # None: the map's own rows), see fit_coefficients.
 BACKGROUND_FIT_ROWS: int | None = None
 
+# Whether fit_coefficients' model renders rolled views upright, as NPBG++ does (its
+# ``aligned``; the model's config records it, so fitted bundles render the way they were fitted).
+FIT_ALIGNED = False
+
 # Linear learning-rate warm-up of fit_coefficients, in steps: a fixed ramp, so that a fit of
 # any length is the start of a longer one and a few-step fit only nudges the aggregated scene.
 FIT_WARMUP_STEPS = 20
@@ -408,14 +412,18 @@ def coefficients_recipe(
     perceptual_weight: float = 3.0,
     fft_weight: float = 0.0,
     background_rows: int | None = BACKGROUND_FIT_ROWS,
+    aligned: bool = FIT_ALIGNED,
 ) -> FitRecipe:
     """The :class:`FitRecipe` of :func:`fit_coefficients` for its keywords (same names and
-    defaults); raises ValueError naming a bad value. The loss weights (:data:`LOSS_WEIGHTS`)
-    and ``background_rows`` are only checked here (they belong to the loss and the model)."""
+    defaults); raises ValueError naming a bad value. The loss weights (:data:`LOSS_WEIGHTS`),
+    ``background_rows`` and ``aligned`` are only checked here (they belong to the loss and
+    the model)."""
     check_loss_weights(gradient_weight=gradient_weight, laplacian_weight=laplacian_weight,
                        perceptual_weight=perceptual_weight, fft_weight=fft_weight)
     if background_rows is not None:
         check_rows(background_rows)
+    if not isinstance(aligned, bool):
+        raise ValueError(f"aligned must be True or False, got {aligned!r}")
     return FitRecipe(lr_coefficients, lr_refiner, lr_background, train_refiner, crops_per_step, warmup_steps,
                      schedule, coefficient_decay, coefficient_optimizer, average_from)
 
@@ -444,6 +452,7 @@ def fit_coefficients(
     perceptual_weight: float = 3.0,
     fft_weight: float = 0.0,
     background_rows: int | None = BACKGROUND_FIT_ROWS,
+    aligned: bool = FIT_ALIGNED,
 ) -> FitResult:
     """coefficients_ft: fine-tune ``aggregated``'s coefficients and a copy of ``model``'s
     refiner on ``views`` for ``steps`` steps; ``model`` itself is not changed. The result's
@@ -451,11 +460,13 @@ def fit_coefficients(
     With an environment background (``background='environment'``) the scene's map
     becomes a learnable tensor of that model, optimised with the coefficients.
 
-    A zero-step fit keeps the aggregated descriptors, map and refiner exactly but, as the
-    published NPBG, renders in the view's own frame: a view rolled against ``world_up`` is not
-    rendered on NPBG++'s aligned canvas (``align_during_rendering``), so its render differs from
-    ``model.render`` (equal at roll 0; the video_sfm held-out view, rolled 57 degrees: 15.21 vs
-    15.40 dB, 33 dB between the two renders); the fit's crops train the refiner on rolled views.
+    ``aligned`` (default :data:`FIT_ALIGNED`): the fitted model renders, in training crops and
+    final renders alike, as ``model`` does: a view rolled against ``world_up`` on NPBG++'s
+    upright canvas (``align_during_rendering``, ``render_canvas``; up to about 2x the crop's
+    pixels at 45 degrees), so a zero-step fit renders exactly ``model.render``. False: as the
+    published NPBG, in the view's own frame; a zero-step fit then differs from ``model.render``
+    on rolled views (equal at roll 0; the video_sfm held-out view, rolled -57.5 degrees: 15.21
+    vs 15.40 dB) and the fit's crops train the refiner on rolled views.
 
     The defaults are a short-fit recipe, not the published one (``headless_train``'s
     ``system=coefficients_ft`` keeps RMSprop 0.1 / Adam 1e-4 / one crop for its 40k-step
@@ -530,6 +541,7 @@ def _coefficients_steps(
     lr_background: float | None, train_refiner: str, crops_per_step: int, warmup_steps: int, schedule: str,
     coefficient_decay: float, coefficient_optimizer: str, gradient_weight: float, average_from: float,
     laplacian_weight: float, perceptual_weight: float, fft_weight: float, background_rows: int | None,
+    aligned: bool,
 ) -> Generator[int, None, FitResult]:
     """The model, loss and recipe of :func:`fit_coefficients` (every argument checked
     here, before a step runs) and its fitting loop, not started yet."""
@@ -541,7 +553,8 @@ def _coefficients_steps(
         raise ValueError("coefficient fine-tuning needs an NPBG++ model with the 'sphere' aggregator")
     recipe = coefficients_recipe(lr_coefficients, lr_refiner, lr_background, train_refiner, crops_per_step,
                                  warmup_steps, schedule, coefficient_decay, coefficient_optimizer, gradient_weight,
-                                 average_from, laplacian_weight, perceptual_weight, fft_weight, background_rows)
+                                 average_from, laplacian_weight, perceptual_weight, fft_weight, background_rows,
+                                 aligned)
     if loss_fn is None:
         perceptual = None
         if perceptual_weight > 0:  # ValueError for an encoder no file was read into
@@ -559,7 +572,7 @@ def _coefficients_steps(
         aggregated.points.detach().cpu(), aggregated.coefficients.detach().cpu(),
         {k: v.detach().cpu() for k, v in model.basis.state_dict().items()},
         {k: v.detach().cpu() for k, v in model.refiner.state_dict().items()},
-        config, valid=aggregated.valid.detach().cpu(), background=background,
+        config, valid=aggregated.valid.detach().cpu(), background=background, aligned=aligned,
     ).to(device)
     points = aggregated.points.detach().to(device, torch.float32)
     return _fit_steps(npbg, points, views, steps, crop, loss_fn, recipe, seed, device)

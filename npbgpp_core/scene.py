@@ -339,10 +339,12 @@ class SceneRenderer:
         else:
             self.model.active.copy_(keep)
 
+    def _model_scene(self) -> Any:
+        """What the model renders: the aggregated scene (NPBG++) or the points (NPBG)."""
+        return self.aggregated if self.scene.kind == "npbgpp" else self.points
+
     def render_raw(self, camera: Camera) -> torch.Tensor:
-        if self.scene.kind == "npbgpp":
-            return self.model.render_raw(self.aggregated, camera)
-        return self.model.render_raw(self.points, camera)
+        return self.model.render_raw(self._model_scene(), camera)
 
     def render(self, camera: Camera, quality: str | float = "full", max_pixels: int = 0,
                roll_context: str | None = None) -> torch.Tensor:
@@ -350,8 +352,8 @@ class SceneRenderer:
         upsampled) or an internal resolution factor in (0, 1]. ``max_pixels`` > 0 renders
         larger frames window by window (:func:`render_in_windows`, full quality only, always
         the exact roll context), so the network's memory stays bounded; the result is on
-        the CPU then. ``roll_context`` (NPBG++): 'exact' or 'bounded' for rolled views
-        (:meth:`NPBGPlusPlus.render`); None keeps the model's (``'exact'``)."""
+        the CPU then. ``roll_context``: 'exact' or 'bounded' for rolled views of a model that
+        renders them upright (:meth:`NPBGPlusPlus.render`); None keeps the model's (``'exact'``)."""
         from .models.npbgpp import check_roll_context
 
         if roll_context is not None:
@@ -360,31 +362,24 @@ class SceneRenderer:
         h, w = camera.image_size
         if max_pixels > 0 and h * w > max_pixels and scale == 1.0:
             return self._render_windowed(camera, max_pixels)
-        if self.scene.kind == "npbgpp":
-            return self.model.render(self.aggregated, camera, dtype=self.dtype, resolution_scale=scale,
-                                     roll_context=roll_context)
-        return self.model.render(self.points, camera, dtype=self.dtype, resolution_scale=scale)
+        return self.model.render(self._model_scene(), camera, dtype=self.dtype, resolution_scale=scale,
+                                 roll_context=roll_context)
 
     def _render_windowed(self, camera: Camera, max_pixels: int) -> torch.Tensor:
-        """:meth:`render` in windows. NPBG++ views are windowed on the canvas the network
-        really renders (the roll-aligned camera's), which is then turned or resampled as a
-        whole, exactly as :meth:`NPBGPlusPlus.render_raw` does: windows of an unrolled
-        canvas equal the whole canvas up to float rounding."""
-        from .models.alignment import render_canvas_camera, warp_images
-        from .models.npbgpp import autocast_context
+        """:meth:`render` in windows. Views are windowed on the canvas the network really
+        renders (the roll-aligned camera's when the model renders upright), which is then
+        turned or resampled as a whole, exactly as the model's ``render_raw`` does: windows
+        of an unrolled canvas equal the whole canvas up to float rounding."""
+        from .models.alignment import warp_images
+        from .models.rendering import autocast_context
 
         camera = camera.to(self.device)
-        if self.scene.kind != "npbgpp":
-            return render_in_windows(lambda cam: self.render(cam).cpu(), camera, max_pixels)
-        model, config = self.model, self.model.config
-        quarter_turns: int | None = 0
-        canvas_camera = camera
-        if config.align_during_rendering:
-            canvas_camera, quarter_turns = render_canvas_camera(camera, config.render_canvas, config.world_up)
+        model, scene = self.model, self._model_scene()
+        canvas_camera, quarter_turns = model.canvas_camera(camera)
 
         def window(cam: Camera) -> torch.Tensor:
             with torch.inference_mode(), autocast_context(self.device, self.dtype):
-                return model._render_direct(self.aggregated, cam).float().cpu()
+                return model._render_direct(scene, cam).float().cpu()
 
         with torch.inference_mode():
             canvas = render_in_windows(window, canvas_camera, max_pixels)

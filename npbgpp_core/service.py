@@ -517,8 +517,7 @@ class RenderService:
             elif fused_kernels_compile(device):
                 warmup = self.warmups.get(wanted)
                 if warmup is None:
-                    context = roll_context if self.bundle.kind == "npbgpp" else None
-                    warmup = self.warmups[wanted] = KernelWarmup(self.renderer, wanted, camera, context)
+                    warmup = self.warmups[wanted] = KernelWarmup(self.renderer, wanted, camera, roll_context)
                 if req.wait_for_kernels:
                     warmup.thread.join()
                 if not warmup.ready:

@@ -69,30 +69,113 @@ def test_default_first_step_moves_each_coefficient_a_21st_of_rmsprops_first_step
         assert float(moved.abs().max()) == pytest.approx(size, rel=1e-3)
 
 
-def test_zero_step_fit_renders_as_npbgpp_without_render_alignment(scene):
+def rolled_camera(degrees: float, size=(48, 64)):
+    from npbgpp_core.camera import Camera
+
+    up = (math.sin(math.radians(degrees)), 0.0, math.cos(math.radians(degrees)))
+    return Camera.look_at((0.5, 3, 0.6), (0, 0, 0), up=up, fov_x_deg=60, image_size=size)
+
+
+def test_zero_step_aligned_fit_renders_as_npbgpp_and_unaligned_in_the_views_frame(scene):
     """The zero-step coefficients_ft model holds the aggregated scene unchanged (same
-    descriptors, map and refiner) but renders, as the published NPBG does, in the view's own
-    frame: at roll 0 it is the NPBG++ render exactly, at a 41 degree roll it is NPBG++ with
-    ``align_during_rendering`` off, not the aligned render (the refiner sees the rolled view;
-    the video_sfm held-out view, rolled 57 degrees, scores 15.21 vs 15.40 dB from this alone)."""
+    descriptors, map and refiner). ``aligned=True`` renders it as NPBG++ does, on the upright
+    canvas: the NPBG++ render at any roll, by each of its executors (tiled inference, the
+    whole canvas, the bounded roll context, and the differentiable training path).
+    ``aligned=False`` (the published NPBG) renders in the view's own frame: at a 40 degree
+    roll that is NPBG++ with ``align_during_rendering`` off, not its aligned render (the
+    video_sfm held-out view, rolled -57.5 degrees, scores 15.21 vs 15.40 dB from this alone)."""
     import copy
     import dataclasses
 
-    from npbgpp_core.camera import Camera
     from npbgpp_core.models.alignment import alignment_angle
 
     model, agg, views = scene
-    zero = fit_coefficients(model, agg, views, steps=0, perceptual_weight=0).model
+    aligned = fit_coefficients(model, agg, views, steps=0, perceptual_weight=0, aligned=True).model
+    plain = fit_coefficients(model, agg, views, steps=0, perceptual_weight=0, aligned=False).model
+    assert aligned.config.align_during_rendering and not plain.config.align_during_rendering
     unaligned = copy.deepcopy(model)
     unaligned.config = dataclasses.replace(model.config, align_during_rendering=False)
-    for degrees, rolled in ((0, False), (40, True)):
-        up = (math.sin(math.radians(degrees)), 0.0, math.cos(math.radians(degrees)))
-        cam = Camera.look_at((0.5, 3, 0.6), (0, 0, 0), up=up, fov_x_deg=60, image_size=(48, 64))
+    for degrees, rolled in ((0, False), (40, True), (90, True)):
+        cam = rolled_camera(degrees)
         assert (abs(alignment_angle(cam, model.config.world_up)) > 0.5) == rolled
-        img = zero.render(agg.points, cam)
-        assert torch.allclose(img, unaligned.render(agg, cam), atol=1e-6)
-        gap = float((img - model.render(agg, cam)).abs().max())
+        want = model.render(agg, cam)
+        torch.testing.assert_close(aligned.render(agg.points, cam), want, atol=1e-6, rtol=0)
+        torch.testing.assert_close(aligned.render(agg.points, cam, roll_context="bounded"),
+                                   model.render(agg, cam, roll_context="bounded"), atol=1e-6, rtol=0)
+        torch.testing.assert_close(aligned.render_raw(agg.points, cam), model.render_raw(agg, cam),
+                                   atol=1e-6, rtol=0)  # autograd on: the training path
+        img = plain.render(agg.points, cam)
+        torch.testing.assert_close(img, unaligned.render(agg, cam), atol=1e-6, rtol=0)
+        gap = float((img - want).abs().max())
         assert (gap > 1e-3) if rolled else (gap < 1e-6)
+
+
+def test_aligned_tiled_render_fills_empty_pixels_with_the_learnt_background(scene):
+    """The fitted model's background vector (what NPBG puts where no point lands) reaches the
+    tiled inference render of a rolled view as it reaches the whole canvas's render
+    (rasterize_descriptors' empty pixels), and it changes the image."""
+    model, agg, views = scene
+    fitted = fit_coefficients(model, agg, views, steps=0, perceptual_weight=0, aligned=True).model
+    cam = rolled_camera(33, size=(80, 96))
+    with torch.no_grad():
+        before = fitted.render(agg.points, cam)
+        fitted.background.copy_(torch.linspace(-2, 2, fitted.background.numel()))
+    tiled = fitted.render(agg.points, cam)
+    fitted.tiled_rendering = False
+    torch.testing.assert_close(tiled, fitted.render(agg.points, cam), atol=1e-5, rtol=0)
+    assert float((tiled - before).abs().max()) > 1e-2
+
+
+def test_aligned_fit_trains_on_the_upright_canvas(scene):
+    """The fit's training renders take the same path as its final ones: the first loss of a
+    one-crop, whole-image step on a rolled view is the loss of the NPBG++ aligned render
+    (aligned) or of the view-frame render (unaligned)."""
+    import copy
+    import dataclasses
+
+    model, agg, _ = scene
+    cam = rolled_camera(40)
+    photo = torch.rand(1, 3, *cam.image_size, generator=torch.Generator().manual_seed(3))
+    one = FitViews(photo, [cam])
+    unaligned = copy.deepcopy(model)
+    unaligned.config = dataclasses.replace(model.config, align_during_rendering=False)
+    for flag, reference in ((True, model), (False, unaligned)):
+        fit = fit_coefficients(model, agg, one, steps=1, crop=None, crops_per_step=1, perceptual_weight=0,
+                               aligned=flag)
+        with torch.no_grad():
+            want = multiscale_l1(reference.render_raw(agg, cam)[:3][None], photo, None, (1, 2, 4))
+        assert fit.losses[0] == pytest.approx(float(want), rel=1e-5)
+
+
+def test_fitted_scene_keeps_its_alignment_through_a_bundle(scene, tmp_path):
+    """A fitted bundle records the choice (its config's ``align_during_rendering``) and the
+    bundle reader renders it so (in windows too); a file written before the field
+    existed (no such key) renders in the view's frame, as it did."""
+    from npbgpp_core.scene import NeuralScene
+
+    model, agg, views = scene
+    cam = rolled_camera(40, size=(96, 128))
+    for flag in (True, False):
+        fitted = fit_coefficients(model, agg, views, steps=1, perceptual_weight=0, aligned=flag).model
+        path = str(tmp_path / f"fitted_{flag}.npbgpp")
+        NeuralScene.from_npbg(fitted, agg.points).save(path)
+        bundle = NeuralScene.load(path)
+        assert bundle.model_config["align_during_rendering"] is flag
+        renderer = bundle.renderer("cpu")
+        want = fitted.render(agg.points, cam)
+        torch.testing.assert_close(renderer.render(cam), want, atol=1e-6, rtol=0)
+        if flag:  # windows (bounded memory) of the upright canvas, as NPBG++ renders them
+            big = rolled_camera(40, size=(400, 400))
+            whole = renderer.render(big)
+            torch.testing.assert_close(renderer.render(big, max_pixels=(256 + 128) ** 2), whole, atol=1e-4, rtol=0)
+            old = NeuralScene.load(path)
+            del old.model_config["align_during_rendering"], old.model_config["render_canvas"]
+            old_path = str(tmp_path / "old.npbgpp")
+            old.save(old_path)
+            got = NeuralScene.load(old_path).renderer("cpu").render(cam)
+            fitted.config.align_during_rendering = False
+            torch.testing.assert_close(got, fitted.render(agg.points, cam), atol=1e-6, rtol=0)
+            assert float((got - want).abs().max()) > 1e-3
 
 
 def test_one_default_step_lowers_the_training_loss_near_a_good_start(scene):
@@ -121,7 +204,8 @@ def test_bad_recipe_values_are_named():
                          ({"gradient_weight": -1.0}, "gradient_weight must be a finite number >= 0"),
                          ({"laplacian_weight": float("inf")}, "laplacian_weight must be a finite number >= 0"),
                          ({"perceptual_weight": "x"}, "perceptual_weight must be a finite number >= 0"),
-                         ({"fft_weight": -2}, "fft_weight must be a finite number >= 0")):
+                         ({"fft_weight": -2}, "fft_weight must be a finite number >= 0"),
+                         ({"aligned": 1}, "aligned must be True or False, got 1")):
         with pytest.raises(ValueError, match=text):
             coefficients_recipe(**kwargs)
 

@@ -198,10 +198,17 @@ class NPBGConfig(_NetworkOptions):
     background: str = "none"
     background_rows: int = 16
     world_up: tuple[float, float, float] = (0.0, 1.0, 0.0)
+    # Render a view rolled against world_up on its upright canvas, as NPBG++ does
+    # (NPBGPlusPlusConfig.align_during_rendering, same render_canvas). Off: the published
+    # NPBG, which renders every view in its own frame; files without the field keep that.
+    align_during_rendering: bool = False
+    render_canvas: str = "bounds"
 
     def __post_init__(self) -> None:
         self.scales = tuple(float(s) for s in self.scales)
         _check_scales(self.scales)
+        if self.render_canvas not in ("bounds", "square"):
+            raise ValueError(f"render_canvas must be 'bounds' or 'square', got {self.render_canvas!r}")
         from .alignment import check_world_up
         from .background import BACKGROUND_MODES, check_rows
 

@@ -1,7 +1,8 @@
 """NPBG (Aliev et al., ECCV 2020): learnable per-point descriptors and background, the same
-rasterizer and refiner as NPBG++, no view alignment. With ``use_basis`` the
-descriptors are NPBG++ coefficients [ym; beta] (coefficients_ft) turned into
-per-camera descriptors by a frozen basis MLP."""
+rasterizer and refiner as NPBG++, rendered by NPBG++'s own path (:mod:`.rendering`):
+in the view's frame as published, or with ``config.align_during_rendering`` upright on the
+aligned canvas as NPBG++. With ``use_basis`` the descriptors are NPBG++ coefficients
+[ym; beta] (coefficients_ft) turned into per-camera descriptors by a frozen basis MLP."""
 
 from __future__ import annotations
 
@@ -11,20 +12,22 @@ import torch
 from torch import nn
 
 from ..camera import Camera
-from ..rasterizer import rasterize_descriptors
 from .aggregator import BasisMLP, descriptors_from_coefficients
 from .background import refiner_background_rasters
 from .config import NPBGConfig, NPBGPlusPlusConfig
-from .npbgpp import autocast_context, check_points, refine_dense, render_at_scale
+from .npbgpp import check_points, refine_dense
 from .refiner import Refiner
+from .rendering import DescriptorRendering
 
 
-class NPBG(nn.Module):
+class NPBG(DescriptorRendering, nn.Module):
     """``.descriptors`` (N, D) (zeros), ``.background`` (feature_dim,) (zeros),
     ``.refiner``; ``.basis`` (frozen) only with ``use_basis``. ``.active`` (N,) bool
     buffer: points that are rasterized (all by default). With ``background='environment'``
     also ``.environment`` (feature_dim + 1, rows, 2 rows) (zeros): a learnable NPBG++
-    environment map looked up per pixel for the refiner's background projections."""
+    environment map looked up per pixel for the refiner's background projections.
+    ``render(points, camera)``: the scene argument of :class:`DescriptorRendering` is the
+    (N, 3) point cloud."""
 
     def __init__(self, num_points: int, config: NPBGConfig | dict | None = None) -> None:
         super().__init__()
@@ -47,6 +50,7 @@ class NPBG(nn.Module):
         if config.background_channels:
             rows = config.background_rows
             self.environment = nn.Parameter(torch.zeros(config.background_channels, rows, 2 * rows))
+        self._init_rendering()
 
     @property
     def device(self) -> torch.device:
@@ -62,12 +66,16 @@ class NPBG(nn.Module):
         config: NPBGPlusPlusConfig | dict | None = None,
         valid: torch.Tensor | None = None,
         background: torch.Tensor | None = None,
+        aligned: bool = False,
     ) -> NPBG:
         """coefficients_ft: descriptors = the NPBG++ coefficients (N, 1 + m, C) flattened,
         the basis MLP from ``basis_state`` (frozen), the refiner from ``refiner_state``.
         ``config`` is the NPBG++ model's config; ``valid`` marks the points to render;
         ``background`` the scene's environment map (NPBG++ with ``background='environment'``:
-        the start of the learnable ``.environment``; None starts it at zero)."""
+        the start of the learnable ``.environment``; None starts it at zero). ``aligned``:
+        render as the NPBG++ model does (its ``align_during_rendering`` and
+        ``render_canvas``), so the unfitted model renders the NPBG++ image; False: every
+        view in its own frame (the published NPBG)."""
         if not isinstance(config, NPBGPlusPlusConfig):
             config = NPBGPlusPlusConfig.from_dict(config)
         if config.aggregator != "sphere":
@@ -83,6 +91,8 @@ class NPBG(nn.Module):
             descriptor_dim=rows * c, feature_dim=c, use_basis=True, basis_dim=config.basis_dim,
             scales=config.scales, predict_mask=config.predict_mask, near=config.near,
             background=config.background, background_rows=config.background_rows, world_up=config.world_up,
+            align_during_rendering=bool(aligned) and config.align_during_rendering,
+            render_canvas=config.render_canvas,
         )
         model = cls(n, ncfg)
         with torch.no_grad():
@@ -113,38 +123,25 @@ class NPBG(nn.Module):
         coefficients = desc.view(desc.shape[0], desc.shape[1] // c, c)
         return descriptors_from_coefficients(coefficients, self.basis(camera.view_directions(pts)))
 
-    def render_raw(self, points: torch.Tensor, camera: Camera) -> torch.Tensor:
-        """Unclamped, differentiable render (3 or 4, H, W)."""
-        dev = self.device
-        points = check_points(points).to(dev)
+    # DescriptorRendering's hooks: the scene is the point cloud
+    def _cloud(self, scene: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        points = check_points(scene).to(self.device)
         if points.shape[0] != self.num_points:
             raise ValueError(f"this NPBG model has {self.num_points} points, got {points.shape[0]}")
-        camera = camera.to(dev)
-        index = torch.nonzero(self.active).squeeze(1)
-        rasters = rasterize_descriptors(
-            points[index], camera, self.config.scales, self.config.near,
-            lambda rows: self.point_descriptors(points, camera, index[rows]), background=self.background,
-        )
-        environment = None
-        if self.environment is not None:
-            environment = [b.unsqueeze(0) for b in refiner_background_rasters(
-                self.environment, camera, self.config.scales, self.config.world_up, self.config.background_channels)]
-        return self.refiner([r.unsqueeze(0) for r in rasters], environment)[0]
+        return points, None if bool(self.active.all()) else torch.nonzero(self.active).squeeze(1)
 
-    def forward(self, points: torch.Tensor, camera: Camera) -> torch.Tensor:
-        return self.render_raw(points, camera)
+    def _point_descriptors(self, scene: torch.Tensor, camera: Camera, rows: torch.Tensor) -> torch.Tensor:
+        return self.point_descriptors(check_points(scene).to(self.device), camera, rows)
 
-    def render(
-        self, points: torch.Tensor, camera: Camera, dtype: torch.dtype | None = None,
-        resolution_scale: float = 1.0,
-    ) -> torch.Tensor:
-        """Inference render (3, H, W) clamped to [0, 1]; ``resolution_scale`` < 1: preview
-        rendered at reduced resolution and upsampled (see :func:`render_at_scale`)."""
-        camera = camera.to(self.device)
-        with torch.inference_mode(), autocast_context(self.device, dtype):
-            out = render_at_scale(lambda cam: self.render_raw(points, cam), camera, resolution_scale)
-        # A normal tensor (clone outside inference mode): callers may edit it in place.
-        return out[:3].float().clamp(0, 1).clone()
+    def _empty_descriptor(self) -> torch.Tensor:
+        return self.background
+
+    def _background_rasters(self, scene: torch.Tensor, camera: Camera) -> list[torch.Tensor] | None:
+        if self.environment is None:
+            return None
+        cfg = self.config
+        return refiner_background_rasters(self.environment, camera, cfg.scales, cfg.world_up,
+                                          cfg.background_channels)
 
     def refine_feature_map(
         self, feature_map: torch.Tensor, drop_prob: float = 0.5, detach: bool = True
