@@ -20,6 +20,6 @@ def build_system(cfg: dict, scenes: list, source_ckpt: dict | None = None) -> Ba
     if name == "coefficients_ft":
         from .coefficients_ft import CoefficientsFTSystem
 
-        source = (source_ckpt or {}).get("npbgpp", {}).get("config") if source_ckpt else None
-        return CoefficientsFTSystem(cfg, scenes, source)
+        meta = (source_ckpt or {}).get("npbgpp", {})
+        return CoefficientsFTSystem(cfg, scenes, meta.get("config") if source_ckpt else None, meta.get("system"))
     raise ValueError(f"unknown system '{name}' (expected npbgpp, npbg or coefficients_ft)")

@@ -23,26 +23,39 @@ from .npbg import NPBGSystem
 log = logging.getLogger(__name__)
 
 # NPBG++ options that shape the coefficients_ft model (stored in its checkpoints).
-SOURCE_KEYS = ("feature_dim", "basis_dim", "background", "background_rows", "world_up")
+SOURCE_KEYS = ("feature_dim", "basis_dim", "background", "background_rows", "world_up", "align_during_rendering",
+               "render_canvas")
 
 
 def coefficients_config(source: dict) -> NPBGConfig:
-    """The NPBG model of coefficients_ft for an NPBG++ config dict ``source``: (1 + m) * C
-    coefficients per point, the frozen basis, and the NPBG++ environment background
-    (a learnable map) when the source has one."""
+    """The NPBG model of coefficients_ft for a config dict ``source`` (a coefficients_ft
+    checkpoint's, or an NPBG++ one's prepared by :class:`CoefficientsFTSystem`): (1 + m) * C
+    coefficients per point, the frozen basis, the NPBG++ environment background (a learnable
+    map) when the source has one, and whether rolled views render upright (absent, as in
+    checkpoints written before the choice existed: no, the published NPBG)."""
     c, m = int(source.get("feature_dim", 8)), int(source.get("basis_dim", 6))
     return NPBGConfig(descriptor_dim=(1 + m) * c, feature_dim=c, use_basis=True, basis_dim=m,
                       background=str(source.get("background", "none")),
                       background_rows=int(source.get("background_rows", 16)),
-                      world_up=tuple(source.get("world_up", (0.0, 1.0, 0.0))))
+                      world_up=tuple(source.get("world_up", (0.0, 1.0, 0.0))),
+                      align_during_rendering=bool(source.get("align_during_rendering", False)),
+                      render_canvas=str(source.get("render_canvas", "bounds")))
 
 
 class CoefficientsFTSystem(NPBGSystem):
     system_name = "coefficients_ft"
     uses_render_loss = False
 
-    def __init__(self, cfg: dict, scenes: list, source_config: dict | None = None):
+    def __init__(self, cfg: dict, scenes: list, source_config: dict | None = None,
+                 source_system: str | None = None):
         self._source = dict(source_config or {})
+        if source_system != "coefficients_ft":
+            # Started from an NPBG++ network: render upright as the library's fits do
+            # (npbgpp_core.fitting.FIT_ALIGNED) when that network does; a resumed run keeps its own.
+            from npbgpp_core.fitting import FIT_ALIGNED
+
+            self._source["align_during_rendering"] = FIT_ALIGNED and bool(
+                self._source.get("align_during_rendering", True))
         # The scenes' up axis belongs to this run's data, not to the source's weights: the
         # environment map the NPBG++ evaluation wrote (<scene>.background) is in the frame of
         # that run's system.world_up, which a weights file's own (+Z) need not be.
