@@ -166,6 +166,17 @@ def test_coefficients_ft_trains_and_evaluates(npbgpp_eval, npbgpp_run, data_root
     before = load_descriptors(os.path.join(npbgpp_eval, "descriptors"), "sceneA")
     after = load_descriptors(os.path.join(ft, "descriptors"), "sceneA")
     assert after.shape == before.shape and not torch.equal(after, before)  # RMSprop moved them
+    from headless_train.checkpoints import load_source_checkpoint
+    from headless_train.systems.coefficients_ft import coefficients_config
+    from npbgpp_core.fitting import FIT_ALIGNED
+
+    # Rolled views render as the library's fits do (the NPBG++ network renders upright);
+    # a checkpoint written before the choice was recorded renders in the view's frame.
+    config = load_source_checkpoint(f"{ft}/checkpoints/last.ckpt")["npbgpp"]["config"]
+    assert config["align_during_rendering"] is FIT_ALIGNED
+    assert coefficients_config(config).align_during_rendering is FIT_ALIGNED
+    old = {k: v for k, v in config.items() if k not in ("align_during_rendering", "render_canvas")}
+    assert coefficients_config(old).align_during_rendering is False
     result = run_inproc([*common, f"system.descriptors_pretrained_dir={ft}/descriptors",
                          f"weights_path={ft}/checkpoints/last.ckpt", "eval_only=true"],
                         os.path.join(npbgpp_run, "exp/ft_test"))
