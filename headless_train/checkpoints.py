@@ -18,7 +18,7 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -207,18 +207,42 @@ def check_compatible(ckpt: dict, path: str, system_name: str, system_config: dic
 # An NPBG++ scene's environment map (C + 1, rows * cols) beside its coefficients:
 # <folder>/<scene><BACKGROUND_SUFFIX>, the same file format.
 BACKGROUND_SUFFIX = ".background"
+MAP_WORLD_UP_KEY = "world_up"  # safetensors metadata of such a map: the frame it lies in (JSON list)
 
 
-def save_descriptors(folder: str, scene_name: str, tensor: torch.Tensor) -> str:
-    """Write a float32 [n_points, D] tensor to ``<folder>/<scene_name>`` (safetensors, atomic)."""
+def save_descriptors(folder: str, scene_name: str, tensor: torch.Tensor,
+                     world_up: Sequence[float] | None = None) -> str:
+    """Write a float32 [n_points, D] tensor to ``<folder>/<scene_name>`` (safetensors, atomic).
+    ``world_up``: the frame an environment map lies in, recorded in the file's metadata
+    (:func:`map_world_up`) so that a run starting from it can take that frame."""
     from safetensors.torch import save as st_save
 
     t = tensor.detach().float().cpu().contiguous()
     if t.dim() != 2:
         t = t.reshape(t.shape[0], -1)
     path = os.path.join(folder, scene_name)
-    atomic_write_bytes(path, st_save({"descriptors": t}))
+    metadata = None if world_up is None else {MAP_WORLD_UP_KEY: json.dumps([float(v) for v in world_up])}
+    atomic_write_bytes(path, st_save({"descriptors": t}, metadata=metadata))
     return path
+
+
+def map_world_up(path: str) -> tuple[float, float, float] | None:
+    """The ``world_up`` a descriptor file records (an environment map written with it by
+    :func:`save_descriptors`); None when it records none (written before the record existed,
+    or a torch.save'd tensor). ValueError naming the file for a record that is not a direction."""
+    from npbgpp_core.models.alignment import check_world_up
+
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 and not head.startswith(b"PK") else 0
+        if not 0 < n < 100_000_000:
+            return None
+        try:
+            meta = json.loads(f.read(n).decode("utf-8")).get("__metadata__") or {}
+            record = meta.get(MAP_WORLD_UP_KEY)
+            return None if record is None else check_world_up(json.loads(record))
+        except (ValueError, AttributeError, TypeError) as exc:
+            raise ValueError(f"descriptor file {path}: unreadable {MAP_WORLD_UP_KEY} record: {exc}") from None
 
 
 def load_descriptors(folder: str, scene_name: str, n_points: int | None = None) -> torch.Tensor:

@@ -437,7 +437,8 @@ def test_coefficients_ft_from_a_weights_file_takes_the_runs_world_up(data_root, 
     config = read_weights(weights, "npbgpp").config
     assert list(config["world_up"]) == [0.0, 0.0, 1.0]
     coefficients = str(tmp_path / "coefficients")
-    save_descriptors(coefficients, "sceneA", torch.rand(300, (1 + config["basis_dim"]) * config["feature_dim"]))
+    coefs = torch.rand(300, (1 + config["basis_dim"]) * config["feature_dim"])
+    save_descriptors(coefficients, "sceneA", coefs)
     built = []
     build = systems.build_system
     monkeypatch.setattr(systems, "build_system", lambda *a, **k: built.append(build(*a, **k)) or built[-1])
@@ -450,6 +451,55 @@ def test_coefficients_ft_from_a_weights_file_takes_the_runs_world_up(data_root, 
         assert model.config.world_up == up and model.config.background == config["background"], given
     with pytest.raises(ValueError, match="system.world_up"):
         run_inproc([*common, "system.world_up=[0,0,0]"], str(tmp_path / "bad"))
+    # An environment map records the frame it lies in (an NPBG++ evaluation at its default +Y):
+    # null takes it, not the file's +Z (the map was read turned unless the same system.world_up
+    # was given to both runs); a given value it does not record is refused naming the map.
+    env = built[-1].scene_model(0).environment
+    maps = str(tmp_path / "maps")
+    save_descriptors(maps, "sceneA", coefs)
+    env_map = torch.rand(env.shape[0], env[0].numel())
+    save_descriptors(maps, "sceneA.background", env_map, [0.0, 1.0, 0.0])
+    with_maps = [o if not o.startswith("system.descriptors_pretrained_dir=") else
+                 f"system.descriptors_pretrained_dir={maps}" for o in common]
+    for given in ("null", "+y"):
+        run_inproc([*with_maps, f"system.world_up={given}"], str(tmp_path / f"run{len(built)}"))
+        model = built[-1].scene_model(0)
+        assert model.config.world_up == (0.0, 1.0, 0.0), given
+        torch.testing.assert_close(model.environment.detach().reshape(env_map.shape), env_map)
+    with pytest.raises(ValueError, match=r"sceneA\.background lies in the frame of world_up \[0,1,0\].*"
+                                         r"system\.world_up=\[0,0,1\]"):
+        run_inproc([*with_maps, "system.world_up=+z"], str(tmp_path / "turned"))
+
+
+def test_coefficients_ft_refuses_maps_of_different_frames(tmp_path):
+    """With system.world_up=null, maps of the run's scenes recording different frames leave
+    no one frame to take: refused naming them; files without a record (written before it,
+    or torch.save'd) leave the source's."""
+    from headless_train.checkpoints import map_world_up, save_descriptors
+    from headless_train.systems.coefficients_ft import run_world_up
+
+    folder = str(tmp_path / "d")
+    save_descriptors(folder, "a.background", torch.rand(9, 8), [0.0, 0.0, 1.0])
+    save_descriptors(folder, "b.background", torch.rand(9, 8), [0.0, 1.0, 0.0])
+    save_descriptors(folder, "c.background", torch.rand(9, 8))
+    torch.save(torch.rand(9, 8), str(tmp_path / "d" / "e.background"))
+    assert map_world_up(str(tmp_path / "d" / "a.background")) == (0.0, 0.0, 1.0)
+    assert map_world_up(str(tmp_path / "d" / "c.background")) is None
+    assert map_world_up(str(tmp_path / "d" / "e.background")) is None
+    scfg = {"world_up": None, "descriptors_pretrained_dir": folder}
+    with pytest.raises(ValueError, match=r"different frames: .*a\.background: \[0\.0, 0\.0, 1\.0\].*b\.background"):
+        run_world_up(scfg, ["a", "b"])
+    assert run_world_up(scfg, ["b", "c", "e", "missing"]) == (0.0, 1.0, 0.0)
+    assert run_world_up(scfg, ["c", "e"]) is None
+    assert run_world_up({**scfg, "world_up": [0, 0, 2]}, ["a", "b"]) == (0.0, 0.0, 1.0)
+    bad = str(tmp_path / "bad")
+    save_descriptors(bad, "x.background", torch.rand(9, 8))
+    from safetensors.torch import save
+
+    with open(os.path.join(bad, "x.background"), "wb") as f:
+        f.write(save({"descriptors": torch.rand(9, 8)}, metadata={"world_up": "[0, 0]"}))
+    with pytest.raises(ValueError, match=r"x\.background: unreadable world_up record"):
+        run_world_up({"world_up": None, "descriptors_pretrained_dir": bad}, ["x"])
 
 
 def test_npbg_run_starts_from_the_bundled_refiner_file(data_root, tmp_path, caplog, capsys):

@@ -11,12 +11,14 @@ two crops per step), measured in BENCHMARKS.md "Short coefficient fits"."""
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
 from npbgpp_core.fitting import coefficients_ft_loss
 from npbgpp_core.models import NPBG, NPBGConfig
 
+from ..checkpoints import BACKGROUND_SUFFIX, map_world_up
 from .base import module_key
 from .npbg import NPBGSystem
 
@@ -42,6 +44,35 @@ def coefficients_config(source: dict) -> NPBGConfig:
                       render_canvas=str(source.get("render_canvas", "bounds")))
 
 
+def run_world_up(scfg: dict, scene_names: list[str]) -> tuple[float, float, float] | None:
+    """The up axis of a coefficients_ft run, None: the source's. It belongs to the scenes,
+    not to the source's weights (a weights file's own +Z need not be theirs): the given
+    ``system.world_up``; else (null) the frame the environment maps it starts from record
+    (``descriptors_pretrained_dir/<scene>.background``, written by the NPBG++ evaluation or
+    an earlier coefficients_ft run with its world_up), so evaluate -> fine-tune -> test
+    agree without a flag. ValueError naming the field or the files."""
+    from npbgpp_core.models.alignment import check_world_up
+
+    up = scfg.get("world_up")
+    if up is not None:
+        try:
+            return check_world_up(up)
+        except ValueError as exc:
+            raise ValueError(f"system.world_up: {exc}") from None
+    folder = scfg.get("descriptors_pretrained_dir")
+    paths = [os.path.join(str(folder), n + BACKGROUND_SUFFIX) for n in scene_names] if folder else []
+    frames = {p: map_world_up(p) for p in paths if os.path.isfile(p)}
+    frames = {p: f for p, f in frames.items() if f is not None}
+    if len({tuple(round(v, 6) for v in f) for f in frames.values()}) > 1:
+        raise ValueError("system.world_up=null, but the environment maps lie in different frames: "
+                         + ", ".join(f"{p}: {list(f)}" for p, f in frames.items()) + "; give system.world_up")
+    if frames:
+        path, up = next(iter(frames.items()))
+        log.info("system.world_up=null: %s, the frame of the environment map %s", list(up), path)
+        return up
+    return None
+
+
 class CoefficientsFTSystem(NPBGSystem):
     system_name = "coefficients_ft"
     uses_render_loss = False
@@ -56,17 +87,9 @@ class CoefficientsFTSystem(NPBGSystem):
 
             self._source["align_during_rendering"] = FIT_ALIGNED and bool(
                 self._source.get("align_during_rendering", True))
-        # The scenes' up axis belongs to this run's data, not to the source's weights: the
-        # environment map the NPBG++ evaluation wrote (<scene>.background) is in the frame of
-        # that run's system.world_up, which a weights file's own (+Z) need not be.
-        up = cfg["system"].get("world_up")
+        up = run_world_up(cfg["system"], [s.name for s in scenes])
         if up is not None:
-            from npbgpp_core.models.alignment import check_world_up
-
-            try:
-                self._source["world_up"] = list(check_world_up(up))
-            except ValueError as exc:
-                raise ValueError(f"system.world_up: {exc}") from None
+            self._source["world_up"] = list(up)
         super().__init__(cfg, scenes)
         self.basis = self.scene_model(0).basis
         for sid in range(1, len(self.scene_names)):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -14,10 +15,15 @@ from torch import nn
 from npbgpp_core.fitting import npbg_optimizers, npbg_step_loss
 from npbgpp_core.models import NPBG, NPBGConfig
 
-from ..checkpoints import BACKGROUND_SUFFIX, load_descriptors, save_descriptors
+from ..checkpoints import BACKGROUND_SUFFIX, load_descriptors, map_world_up, save_descriptors
 from .base import BaseSystem, module_key
 
 log = logging.getLogger(__name__)
+
+
+def _numbers(up: Sequence[float]) -> str:
+    """A direction as a Hydra override writes it: [0,1,0]."""
+    return "[" + ",".join(f"{float(v):g}" for v in up) + "]"
 
 
 class NPBGSystem(BaseSystem):
@@ -65,11 +71,19 @@ class NPBGSystem(BaseSystem):
     def load_pretrained_background(self, folder: str, name: str, model: NPBG) -> None:
         """Start the scene's environment map from ``<folder>/<name>.background`` (written by
         an NPBG++ evaluation with ``background='environment'``); zeros ("not observed") with
-        a warning when the file is missing."""
+        a warning when the file is missing. A map that records another frame (world_up) than
+        this run's is refused: it would be read turned."""
         assert model.environment is not None
-        if not os.path.isfile(os.path.join(folder, name + BACKGROUND_SUFFIX)):
+        path = os.path.join(folder, name + BACKGROUND_SUFFIX)
+        if not os.path.isfile(path):
             log.warning("no environment map %s%s: scene %s starts from zeros", name, BACKGROUND_SUFFIX, name)
             return
+        recorded, ours = map_world_up(path), model.config.world_up
+        if recorded is not None and max(abs(a - b) for a, b in zip(recorded, ours, strict=True)) > 1e-6:
+            raise ValueError(f"environment map {path} lies in the frame of world_up {_numbers(recorded)} (the run "
+                             f"that wrote it), this run uses system.world_up={_numbers(ours)}: give "
+                             f"system.world_up={_numbers(recorded)}, or leave it null (coefficients_ft then takes "
+                             "the map's)")
         t = load_descriptors(folder, name + BACKGROUND_SUFFIX)
         shape = tuple(model.environment.shape)
         if t.numel() != model.environment.numel() or t.shape[0] != shape[0]:
@@ -114,7 +128,8 @@ class NPBGSystem(BaseSystem):
         path = save_descriptors(folder, self.scene_names[scene_id], model.descriptors)
         if model.environment is not None:
             env = model.environment.detach()
-            save_descriptors(folder, self.scene_names[scene_id] + BACKGROUND_SUFFIX, env.reshape(env.shape[0], -1))
+            save_descriptors(folder, self.scene_names[scene_id] + BACKGROUND_SUFFIX, env.reshape(env.shape[0], -1),
+                             model.config.world_up)
         return path
 
     def load_initial_weights(self, ckpt: dict, path: str) -> None:
