@@ -11,7 +11,9 @@ $(STAMP): requirements.txt
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; bpy==5.0.1 needs Python 3.11 exactly"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch first and alone, pinned: an unpinned torch would pull a multi-GB CUDA build.
+	# torch first and alone, pinned, so no later requirement brings another version. Which
+	# build pip picks is its index's: plain PyPI on Linux gives the CUDA one (large); a
+	# configured wheelhouse (find-links) its own. CPU-only machines: README "Set up".
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -r requirements.txt
 	touch $(STAMP)
