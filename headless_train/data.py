@@ -16,6 +16,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.utilities.seed import pl_worker_init_function
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from npbgpp_core.atomic import is_listed_name
@@ -366,7 +367,8 @@ class SceneDataModule(pl.LightningDataModule):
     def __init__(self, cfg, seed: int = 3407):
         super().__init__()
         d = cfg.datasets
-        self.dcfg = dict(d)
+        # plain lists and dicts: the loaders check option types (e.g. views_config must be a list)
+        self.dcfg = OmegaConf.to_container(d, resolve=True) if OmegaConf.is_config(d) else dict(d)
         self.seed = int(seed)
         sys_cfg = cfg.system
         self.scenes = load_scenes(self.dcfg, _as_int_or_none(sys_cfg.get("max_points")))

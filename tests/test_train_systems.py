@@ -456,3 +456,22 @@ def test_keep_epoch_checkpoints_keeps_only_the_newest(data_root, tmp_path):
     assert names == ["epoch2.ckpt", "epoch3.ckpt", "last.ckpt"]
     with pytest.raises(ValueError, match="keep_epoch_checkpoints"):
         run_inproc([*args, "trainer.keep_epoch_checkpoints=0"], str(tmp_path / "bad"))
+
+
+def test_list_options_reach_the_loader_as_lists(tmp_path):
+    """`+datasets.options.views_config=[...]` (H3DS input views) arrives as an OmegaConf
+    ListConfig; the loader takes lists and refused it as 'must be a list'."""
+    from test_datasets_formats import POINTS, make_cameras, write_idr
+
+    from headless_train.data import SceneDataModule
+    from npbgpp_core import save_ply
+
+    scene = tmp_path / "H3DS" / "5ae021f2805c0854"
+    write_idr(str(scene), make_cameras(6, seed=5), [f"img_{i:04d}.jpg" for i in range(6)],
+              [f"mask_{i:04d}.png" for i in range(6)])
+    save_ply(str(scene / "points3d.ply"), POINTS.astype("float32"))
+    cfg = compose_cfg(["datasets=h3ds_one_scene", f"datasets.data_root={tmp_path}/H3DS",
+                       "+datasets.options.views_config=[0,2,4]"])
+    loaded = SceneDataModule(cfg, seed=3407).scenes[0]
+    assert (loaded.train, loaded.test) == ([0, 2, 4], [1, 3, 5])
+
