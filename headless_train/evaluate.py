@@ -55,7 +55,11 @@ def evaluate(system, cfg: dict, run_dir: str, write_descriptors: str | None = No
         if max_views is not None:
             views = views[: int(max_views)]
         if not views:
-            raise ValueError(f"scene {scene.name} ({scene.root}) has no test or validation views to evaluate")
+            raise ValueError(
+                f"scene {scene.name} ({scene.root}) has no test or validation views to evaluate: choose them with "
+                "+datasets.options.test_indices=[...] (H3DS: +datasets.options.views_config=[...] names the input "
+                "views, the others are tested)" + (f"; datasets.max_eval_views={max_views}" if max_views is not None
+                                                    else ""))
         system.prepare_eval(sid)
         per_image = {}
         for v in views:

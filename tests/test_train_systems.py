@@ -475,3 +475,15 @@ def test_list_options_reach_the_loader_as_lists(tmp_path):
     loaded = SceneDataModule(cfg, seed=3407).scenes[0]
     assert (loaded.train, loaded.test) == ([0, 2, 4], [1, 3, 5])
 
+
+def test_eval_without_held_out_views_says_how_to_choose_them(tmp_path):
+    from test_datasets_formats import POINTS, make_cameras, write_idr
+
+    from npbgpp_core import save_ply
+
+    scene = tmp_path / "H3DS" / "5ae021f2805c0854"
+    write_idr(str(scene), make_cameras(4, seed=5), [f"img_{i:04d}.jpg" for i in range(4)], None)
+    save_ply(str(scene / "points3d.ply"), POINTS.astype("float32"))
+    with pytest.raises(ValueError, match=r"5ae021f2805c0854.*datasets\.options\.views_config"):
+        run_inproc(["datasets=h3ds_one_scene", f"datasets.data_root={tmp_path}/H3DS", "eval_only=true", *FAST],
+                   str(tmp_path / "r"))
