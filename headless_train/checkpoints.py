@@ -57,10 +57,28 @@ def atomic_torch_save(obj: Any, path: str) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def _foreign_file(path: str) -> str:
+    """Why ``path`` cannot be a torch.save file, judged from its first bytes ('' when it may be):
+    torch.load of anything else answers with a page about weights_only that misleads."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):  # zip (torch >= 1.6) or a pickle
+        return ""
+    if head.startswith(b"ply"):
+        return "not a torch checkpoint: it is a PLY file"
+    if len(head) >= 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 1 << 30:
+        return ("not a torch checkpoint: it is a safetensors file (a weights file or an .npbgpp bundle; "
+                "weights files are recognised by the .safetensors suffix)")
+    return f"corrupt or not a torch checkpoint: it starts with {head[:8]!r}, neither a zip archive nor a pickle"
+
+
 def load_checkpoint_file(path: str, map_location: Any = "cpu") -> dict:
     """Load a checkpoint dict with a clear error for missing or corrupt files."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
+    foreign = _foreign_file(path)
+    if foreign:
+        raise CheckpointError(f"checkpoint {path} is {foreign}")
     try:
         with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
             ckpt = torch.load(path, map_location=map_location, weights_only=True)

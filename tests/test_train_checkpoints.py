@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -82,3 +83,21 @@ def test_descriptor_files_round_trip(tmp_path):
         ck.load_descriptors(str(tmp_path / "descriptors"), "scan118", n_points=6)
     with pytest.raises(FileNotFoundError, match="missing"):
         ck.load_descriptors(str(tmp_path / "descriptors"), "missing")
+
+
+def test_a_file_that_is_no_checkpoint_says_what_it_is(tmp_path):
+    """A PLY or a bundle given as a checkpoint got torch.load's page about weights_only
+    ('Re-running torch.load with weights_only set to False will likely succeed')."""
+    from npbgpp_core import save_ply
+
+    ply = tmp_path / "points3d.ply"
+    save_ply(str(ply), np.zeros((3, 3), np.float32))
+    with pytest.raises(ck.CheckpointError, match=r"points3d.ply is not a torch checkpoint: it is a PLY file") as info:
+        ck.load_checkpoint_file(str(ply))
+    assert "weights_only" not in str(info.value)
+    from safetensors.torch import save_file
+
+    bundle = tmp_path / "scene.npbgpp"
+    save_file({"points": torch.zeros(2, 3)}, str(bundle))
+    with pytest.raises(ck.CheckpointError, match=r"scene.npbgpp is not a torch checkpoint: it is a safetensors"):
+        ck.load_checkpoint_file(str(bundle))
