@@ -205,16 +205,20 @@ class IMPORT_SCENE_OT_npbgpp_ply(bpy.types.Operator, ImportHelper):
             fields[name] = arr
         matrix = np.array(imported.matrix_world, np.float64)  # the importer's axis conversion
         name = imported.name
+        keep = splat_opacity(fields["opacity"]) >= self.min_opacity
+        if keep.any():
+            pts = pts.reshape(-1, 3)[keep].astype(np.float64) @ matrix[:3, :3].T + matrix[:3, 3]
+            colors = splat_colors(np.stack([fields[f"f_dc_{i}"] for i in range(3)], axis=1)[keep])
+            imported.name = mesh.name = name + ".splat"  # the new object takes the file's name
+            # Made before the import is removed: within this operator the view layer still lists
+            # a removed object, as None, and make_point_object walks that list.
+            obj = make_point_object(name, pts.astype(np.float32), colors, context)
         bpy.data.objects.remove(imported)
         if mesh.users == 0:
             bpy.data.meshes.remove(mesh)
-        keep = splat_opacity(fields["opacity"]) >= self.min_opacity
         if not keep.any():
             self.report({"ERROR"}, f"{path}: no splat has opacity >= {self.min_opacity:g}")
             return {"CANCELLED"}
-        pts = pts.reshape(-1, 3)[keep].astype(np.float64) @ matrix[:3, :3].T + matrix[:3, 3]
-        colors = splat_colors(np.stack([fields[f"f_dc_{i}"] for i in range(3)], axis=1)[keep])
-        obj = make_point_object(name, pts.astype(np.float32), colors, context)
         use_point_object(context, obj)
         self.report({"INFO"}, f"imported {int(keep.sum())} of {n} splats as points ({obj.name})")
         return {"FINISHED"}

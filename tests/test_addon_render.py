@@ -810,6 +810,27 @@ def test_import_splat_ply_gives_centres_and_dc_colours(scene):
         bpy.ops.import_scene.npbgpp_ply(filepath=path, min_opacity=1.0)
 
 
+def test_splat_ply_into_a_new_file(addon, tmp_path):
+    """The first import of a new file: the splat importer removed Blender's import and then
+    walked the view layer's objects, which still listed it as None (AttributeError)."""
+    from plyfile import PlyData, PlyElement
+
+    from blender_addon.point_source import object_points
+
+    names = ["x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2", "opacity", "scale_0", "rot_0"]
+    data = np.zeros(5, dtype=[(k, ">f8") for k in names])  # big-endian doubles
+    for k in names:
+        data[k] = np.random.default_rng(1).normal(size=5)
+    path = str(tmp_path / "first.ply")
+    PlyData([PlyElement.describe(data, "vertex")], byte_order=">").write(path)
+    bpy.ops.wm.read_homefile(use_empty=True)
+    assert bpy.ops.import_scene.npbgpp_ply(filepath=path, min_opacity=0.0) == {"FINISHED"}
+    obj = bpy.context.scene.npbgpp.point_object
+    assert obj.name == "first" and [o.name for o in bpy.data.objects] == ["first"]
+    pts, _ = object_points(obj)
+    np.testing.assert_allclose(pts, np.stack([data[c] for c in "xyz"], 1), atol=1e-6)
+
+
 def test_ply_without_positions_names_what_is_missing(scene):
     """A PLY whose vertices have no x/y/z: the message names the missing properties (Blender's
     own importer only says 'failed importing, unknown error')."""
