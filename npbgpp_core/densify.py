@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Generator, Mapping, Sequence
@@ -1126,14 +1125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         options = {"undistort": True} if a.undistort else {}
-        if a.undistort:
-            from .datasets.detect import detect_format
-
-            fmt = a.format or detect_format(os.path.abspath(a.scene))
-            if fmt != "colmap":
-                raise ValueError(f"--undistort applies to COLMAP models only; {a.scene} is {fmt} (its images have "
-                                 "no lens distortion to remove)")
-        scene = load_scene(a.scene, a.format, **options)
+        scene = load_scene(a.scene, a.format, **options)  # refuses --undistort for a format without distortion
         views = _parse_views(a.views, len(scene.views), scene.train)
         problem = _views_problem(views, [v.name for v in scene.views])
         if problem:

@@ -80,19 +80,10 @@ def load_dataset(path: str, format: str | None = None, undistort: bool = False,
     """``load_scene`` for the add-on. ``undistort`` applies to COLMAP models (the other
     formats hold undistorted images) and ``allow_external_paths`` to the formats whose files
     name image paths (NeRF-Synthetic, COLMAP); each is ignored for the formats without it."""
-    import importlib
-
     from .datasets import load_scene
-    from .datasets.detect import FORMATS, detect_format
 
     wanted = {"undistort": undistort, "allow_external_paths": allow_external_paths}
-    options = {}
-    if any(wanted.values()):
-        fmt = format or detect_format(os.path.abspath(path))
-        if fmt in FORMATS:  # (load_scene names an unknown one) each format's module is named after it
-            accepted = importlib.import_module(f".datasets.{fmt}", __package__).OPTIONS
-            options = {k: True for k, on in wanted.items() if on and k in accepted}
-    return load_scene(path, format=format, **options)
+    return load_scene(path, format=format, if_accepted={k: True for k, on in wanted.items() if on})
 
 
 def with_points(data: Any, path: str) -> Any:

@@ -374,6 +374,9 @@ def test_colmap_distortion_refused_or_undistorted(tmp_path, model):
                                            "image_undistorter"):
         load_scene(root)
     scene = load_scene(root, undistort=True)
+    # the add-on's shared settings: undistort reaches COLMAP, white_bg (NeRF's) is left out
+    same = load_scene(root, if_accepted={"undistort": True, "white_bg": True})
+    assert [(v.name, v.distortion) for v in same.views] == [(v.name, v.distortion) for v in scene.views]
     for view, (K, R, t) in zip(scene.views, cams, strict=True):
         assert_projects(view.camera, K, R, t)  # the undistorted pinhole camera
     # Remap check: an undistorted pixel (u, v) samples the source where the lens put it.
@@ -493,6 +496,15 @@ def test_wrong_format_and_options(tmp_path):
         load_scene(root, format="dtu")
     with pytest.raises(TypeError, match="white_background"):
         load_scene(root, white_background=True)
+    # undistort=True where there is no lens distortion: named, not an unknown-option list
+    with pytest.raises(DatasetError, match=r"undistort \(--undistort\) applies to COLMAP models only; this scene "
+                                           "is nerf_synthetic"):
+        load_scene(root, undistort=True)
+    # if_accepted: options only for the formats that take them (the add-on's shared settings)
+    assert [v.name for v in load_scene(root, if_accepted={"undistort": True}).views] == [
+        v.name for v in load_scene(root).views]
+    with pytest.raises(TypeError, match="white_background"):  # if_accepted leaves the others checked
+        load_scene(root, if_accepted={"undistort": True}, white_background=True)
 
 
 def test_photos_without_a_model_point_to_capture_sfm(tmp_path):

@@ -136,7 +136,8 @@ def test_bad_input_is_named(tmp_path, ring, capsys):
     assert main([str(tmp_path / "scene"), "--out", str(tmp_path / "x.ply"), "--views", "0,a"]) == 2
     assert "--views '0,a'" in capsys.readouterr().err
     assert main([str(tmp_path / "scene"), "--out", str(tmp_path / "x.ply"), "--undistort"]) == 2
-    assert "--undistort applies to COLMAP models only" in capsys.readouterr().err  # not the loader's option list
+    err = capsys.readouterr().err  # not the loader's option list
+    assert "undistort (--undistort) applies to COLMAP models only; this scene is nerf_synthetic" in err, err
     assert not (tmp_path / "x.ply").exists()
     # Two cameras looking away from each other share nothing.
     from npbgpp_core.camera import Camera

@@ -3,39 +3,44 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from typing import Any
 
 from .errors import DatasetError
 from .scene_data import SceneData
 
 
-def load_scene(path: str | os.PathLike, format: str | None = None, **options) -> SceneData:
+def load_scene(path: str | os.PathLike, format: str | None = None, *,
+               if_accepted: Mapping[str, Any] | None = None, **options) -> SceneData:
     """Load the scene stored in folder ``path``.
 
     ``format`` is one of ``nerf_synthetic``, ``dtu``, ``scannet``, ``h3ds``, ``colmap``,
     or None to detect it from the files. ``options`` go to that format's loader
     (``pc_name``, ``white_bg``, ``train_indices``/``val_indices``/``test_indices``,
     ``views_config``, ``undistort``, ... see each module's docstring); unknown options
-    raise TypeError.
+    raise TypeError, and ``undistort=True`` for a format without lens distortion a
+    DatasetError. ``if_accepted`` are options for the formats that take them, ignored by
+    the others (settings shared by every format, as the add-on's Import Dataset's).
     """
-    from .colmap import load_colmap
+    from . import colmap, dtu, h3ds, nerf_synthetic, scannet
     from .detect import FORMATS, detect_format
-    from .dtu import load_dtu
-    from .h3ds import load_h3ds
-    from .nerf_synthetic import load_nerf_synthetic
-    from .scannet import load_scannet
 
     root = os.path.abspath(os.fspath(path))
     if not os.path.isdir(root):
         raise DatasetError(f"{root}: scene folder not found")
     if format is None:
         format = detect_format(root)
-    loaders = {
-        "nerf_synthetic": load_nerf_synthetic,
-        "dtu": load_dtu,
-        "scannet": load_scannet,
-        "h3ds": load_h3ds,
-        "colmap": load_colmap,
+    formats = {
+        "nerf_synthetic": (nerf_synthetic.load_nerf_synthetic, nerf_synthetic.OPTIONS),
+        "dtu": (dtu.load_dtu, dtu.OPTIONS),
+        "scannet": (scannet.load_scannet, scannet.OPTIONS),
+        "h3ds": (h3ds.load_h3ds, h3ds.OPTIONS),
+        "colmap": (colmap.load_colmap, colmap.OPTIONS),
     }
-    if format not in loaders:
+    if format not in formats:
         raise DatasetError(f"{root}: unknown format {format!r}; choose one of {list(FORMATS)}")
-    return loaders[format](root, **options)
+    loader, accepted = formats[format]
+    if options.get("undistort") and "undistort" not in accepted:
+        raise DatasetError(f"{root}: undistort (--undistort) applies to COLMAP models only; this scene is {format}, "
+                           "whose images have no lens distortion to remove")
+    return loader(root, **{**{k: v for k, v in (if_accepted or {}).items() if k in accepted}, **options})
