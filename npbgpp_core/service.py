@@ -93,9 +93,7 @@ def with_points(data: Any, path: str) -> Any:
 
     from .ply import load_ply
 
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"point cloud to aggregate not found: {path}")
-    cloud = load_ply(path)
+    cloud = load_ply(path)  # names a missing or unreadable file
     if len(cloud) == 0:
         raise ValueError(f"point cloud to aggregate holds no points: {path}")
     return dataclasses.replace(data, points=np.asarray(cloud.points, np.float32),

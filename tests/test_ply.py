@@ -160,3 +160,15 @@ def test_splat_detection_needs_every_splat_property(tmp_path):
     faces.write_text("ply\nformat ascii 1.0\nelement face 0\nproperty list uchar int vertex_indices\nend_header\n")
     with pytest.raises(ValueError, match="no 'vertex' element"):
         ply_vertex_properties(faces)
+
+
+def test_aggregating_another_cloud_names_a_missing_or_empty_file(tmp_path):
+    """service.with_points (Aggregate's Dataset Points) leaves the missing-file check to
+    load_ply; an empty cloud is refused by name."""
+    from npbgpp_core.service import with_points
+
+    with pytest.raises(FileNotFoundError, match=f"PLY file not found: {tmp_path / 'gone.ply'}"):
+        with_points(None, str(tmp_path / "gone.ply"))
+    save_ply(tmp_path / "empty.ply", np.zeros((0, 3), np.float32))
+    with pytest.raises(ValueError, match="point cloud to aggregate holds no points: .*empty.ply"):
+        with_points(None, str(tmp_path / "empty.ply"))
