@@ -144,6 +144,11 @@ def border_window(render: Any, width: int, height: int) -> tuple[int, int, int, 
 def scene_camera_geometry(camera_object: Any, scene: Any, use_border: bool = True) -> CameraGeometry:
     """Geometry of ``camera_object`` (evaluated: animation applied) as ``scene`` renders it,
     border window included when ``use_border``."""
+    if camera_object.type != "CAMERA":  # Blender lets any object be the scene camera
+        raise ValueError(
+            f"the scene camera {camera_object.name!r} is not a camera object (its type is {camera_object.type}): "
+            "NPBG++ needs a camera's lens (set Scene > Camera to a camera object)"
+        )
     cam = camera_object.data
     if cam.type != "PERSP":
         raise ValueError(

@@ -393,6 +393,19 @@ def test_orthographic_camera_refused(scene):
         bpy.ops.render.render(write_still=True)
 
 
+def test_scene_camera_that_is_not_a_camera_refused(scene):
+    """Blender lets an empty be the scene camera; F12 said "AttributeError: 'NoneType' object
+    has no attribute 'type'"."""
+    sc = scene["scene"]
+    empty = bpy.data.objects.new("Rig", None)
+    sc.collection.objects.link(empty)
+    sc.camera = empty
+    sc.render.filepath = str(scene["dir"] / "e.exr")
+    with pytest.raises(RuntimeError, match=r"scene camera 'Rig' is not a camera object \(its type is EMPTY\)") as info:
+        bpy.ops.render.render(write_still=True)
+    assert "AttributeError" not in str(info.value)
+
+
 def _residue() -> dict:
     names = {"NPBGPPRenderEngine", "NPBGPPSceneSettings", "NPBGPPPreferences", "RENDER_PT_npbgpp",
              "IMPORT_SCENE_OT_npbgpp_ply", "NPBGPP_OT_aggregate"}
