@@ -16,6 +16,10 @@ FORMAT_NAME = "npbgpp-neural-scene"
 FORMAT_VERSION = 1
 _MAX_HEADER = 100_000_000
 _FLOATS = {"F16": "<f2", "F32": "<f4", "F64": "<f8"}
+# Files people pick by mistake, told apart by their first bytes instead of "corrupt".
+_OTHER_FILES = {
+    b"PK\x03\x04": "a zip archive, e.g. a torch checkpoint (python -m headless_train export makes a bundle of one)",
+}
 
 
 def read_header(f: BinaryIO, size: int, path: str) -> tuple[dict[str, Any], int]:
@@ -24,8 +28,12 @@ def read_header(f: BinaryIO, size: int, path: str) -> tuple[dict[str, Any], int]
     bytes begin. ValueError naming ``path`` for bad framing."""
     if size < 8:
         raise ValueError(f"{path}: corrupt or truncated neural scene file ({size} bytes)")
-    (n,) = struct.unpack("<Q", f.read(8))
+    head = f.read(8)
+    (n,) = struct.unpack("<Q", head)
     if n > size - 8 or n > _MAX_HEADER:
+        other = _OTHER_FILES.get(head[:4]) or ("a PLY point cloud" if head[:3] == b"ply" else "")
+        if other:
+            raise ValueError(f"{path}: not an NPBG++ neural scene file: it is {other}")
         raise ValueError(f"{path}: corrupt or truncated neural scene file (header of {n} bytes, file {size})")
     try:
         header = json.loads(f.read(n).decode("utf-8"))
@@ -39,6 +47,9 @@ def read_header(f: BinaryIO, size: int, path: str) -> tuple[dict[str, Any], int]
 
 def check_format(meta: dict[str, Any], path: str) -> None:
     """ValueError unless the header's metadata names this format and version."""
+    if meta.get("format") == "npbgpp-weights":  # npbgpp_core.pretrained.FORMAT_NAME (imports torch)
+        raise ValueError(f"{path}: not an NPBG++ neural scene file: it is an NPBG++ weights file (a network "
+                         "without a scene; aggregating a dataset with it makes a bundle)")
     if meta.get("format") != FORMAT_NAME:
         raise ValueError(f"{path}: not an NPBG++ neural scene file (format {meta.get('format')!r})")
     version = meta.get("format_version")

@@ -105,3 +105,22 @@ def test_a_small_bundle_claiming_a_huge_size_allocates_nothing_first(bundles, tm
     assert "huge.npbgpp: inconsistent neural scene file: model_config" in out.stdout, out.stdout + out.stderr
     assert "descriptor_dim=10000000 is outside 1..1024" in out.stdout
     assert int(out.stdout.split("peak_mb")[1]) < 1000
+
+
+def test_files_picked_by_mistake_are_named_for_what_they_are(tmp_path):
+    """A PLY, a torch checkpoint or a weights file given as a bundle (Import Bundle, the
+    Bundle field) was 'corrupt or truncated (header of 7886488381532236912 bytes ...)'."""
+    from npbgpp_core.bundle_file import read_points
+    from npbgpp_core.ply import save_ply
+
+    ply = str(tmp_path / "cloud.ply")
+    save_ply(ply, torch.zeros(4, 3).numpy())
+    ckpt = str(tmp_path / "last.ckpt")
+    torch.save({"state_dict": {}}, ckpt)
+    weights = os.path.join(ROOT, "npbgpp_core", "weights", "npbgpp_sphere.safetensors")
+    for path, what in ((ply, "it is a PLY point cloud"), (ckpt, "it is a zip archive, e.g. a torch checkpoint"),
+                       (weights, "it is an NPBG\\+\\+ weights file")):
+        message = f"{os.path.basename(path)}: not an NPBG\\+\\+ neural scene file: {what}"
+        for read in (NeuralScene.load, read_points):
+            with pytest.raises(ValueError, match=message):
+                read(path)
