@@ -132,6 +132,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-input-views", type=int, default=None, help="use at most this many input views (evenly)")
     p.add_argument("--steps", type=int, default=200, help="fitting steps of coefficients_ft and NPBG")
     p.add_argument("--crop", type=int, default=128, help="fitting crop side")
+    p.add_argument("--fit-seed", type=int, default=0, help="seed of the fits' random crops (seed-to-seed spread)")
     fit = p.add_argument_group("coefficients_ft recipe (unset: the defaults of npbgpp_core.fitting.fit_coefficients)")
     for flag, kind, help_ in FIT_KNOBS:
         fit.add_argument(flag, type=kind, default=None, help=help_)
@@ -317,12 +318,14 @@ def evaluate_scene(folder: str, args: argparse.Namespace, weights: dict[str, str
     if "coefficients_ft" in args.methods or "npbg" in args.methods:
         views = padded_fit_views(in_images, in_cams)
     if "coefficients_ft" in args.methods:
-        fit = fit_coefficients(model, agg, views, steps=args.steps, crop=args.crop, **fit_options(args))
+        fit = fit_coefficients(model, agg, views, steps=args.steps, crop=args.crop, seed=args.fit_seed,
+                               **fit_options(args))
         m["coefficients_ft"] = {**scores([fit.model.render(agg.points, c) for c in test_cams]),
                                 "fit_s": fit.seconds, "steps": fit.steps}
     if "npbg" in args.methods:
         refiner = load_pretrained_npbg_refiner(weights["npbg_refiner"])
-        fit = fit_npbg(points, views, refiner.state, steps=args.steps, crop=args.crop, config=refiner.config)
+        fit = fit_npbg(points, views, refiner.state, steps=args.steps, crop=args.crop, config=refiner.config,
+                       seed=args.fit_seed)
         m["npbg"] = {**scores([fit.model.render(points, c) for c in test_cams]), "fit_s": fit.seconds,
                      "steps": fit.steps}
     return result
@@ -431,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps, "crop": args.crop, "threads": torch.get_num_threads(), "scenes": scenes,
         "average": averages(scenes, args.methods), "seconds": time.perf_counter() - t0,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "pc_name": args.pc_name,
-        "fit_options": fit_options(args),
+        "fit_options": fit_options(args), "fit_seed": args.fit_seed,
     }
     report["groups"] = group_means(report, groups)
     from npbgpp_core.atomic import atomic_write_bytes
@@ -455,6 +458,8 @@ def main(argv: list[str] | None = None) -> int:
                  "PSNR dB / SSIM / sharpness on held-out views (test split or every 8th view); sharpness = RMS "
                  "image gradient of the rendering / of the photo (npbgpp_core.metrics.sharpness_ratio: 1 = as "
                  "sharp as the photo, < 1 blurrier, > 1 noisier); (s) = fitting seconds"]
+        if args.fit_seed:
+            notes.append(f"fit seed {args.fit_seed}")
         if fit_options(args):
             notes.append("coefficients_ft options: " + ", ".join(f"{k}={v}" for k, v in fit_options(args).items()))
         if args.pc_name:
