@@ -4,7 +4,6 @@ render loss on the target crop + auxiliary loss (refiner on the target's own fea
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 
 import torch
@@ -18,25 +17,15 @@ from .base import BaseSystem
 
 log = logging.getLogger(__name__)
 
-# The system options that configure the network: every field of the config dataclass,
-# so a new model option reaches training without a list to update here.
-MODEL_KEYS = tuple(f.name for f in dataclasses.fields(NPBGPlusPlusConfig))
-
-
-def model_config(scfg: dict) -> NPBGPlusPlusConfig:
-    """The network config in a system config (other keys, e.g. ``lr``, are the trainer's).
-    The readers of the run's checkpoints map it the same way
-    (:func:`npbgpp_core.pretrained.trainer_checkpoint_weights`, without the extractor's
-    starting file: the checkpoint holds the trained extractor)."""
-    return NPBGPlusPlusConfig.from_options(scfg)
-
-
 class NPBGPlusPlusSystem(BaseSystem):
     system_name = "npbgpp"
 
     def __init__(self, cfg: dict, scenes: list):
         super().__init__(cfg, scenes)
-        self.model = NPBGPlusPlus(model_config(self.scfg))
+        # The network's fields of the system config (every NPBGPlusPlusConfig field; the
+        # others, e.g. lr, are the trainer's), as the readers of the run's checkpoints map it
+        # (npbgpp_core.pretrained.trainer_checkpoint_weights).
+        self.model = NPBGPlusPlus(NPBGPlusPlusConfig.from_options(self.scfg))
         lcfg = cfg.get("loss", {})
         self.aux_weight = float(lcfg.get("aux_weight", 1000.0))
         self.aux_drop_prob = float(lcfg.get("aux_drop_prob", 0.5))
