@@ -33,6 +33,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -160,17 +161,30 @@ HEADERS = ["scene", "views", "size", "points", "accuracy %", "coverage %", "seco
            "within time target"]
 FILL_HEADERS = ["fill points", "fill accuracy %", "fill s (on top of densify)"]
 
-Case = tuple[str, int, tuple[int, int], float | None]  # scene, views, (h, w), time target in seconds
+ACCURACY_NOTE = ("Accuracy targets: >= 90% of points within 1% of the bbox diagonal of the true surface, "
+                 ">= 70% of the visible true surface covered, >= 50k points (48 views 200x200)")
+SPEED_NOTE = ("Speed target: 60 views 640x360 within 180 s on the 2-core CPU; 'load avg' is the "
+              "machine's 1-minute load during the run (2 cores: above 2 means other jobs shared them)")
+GPU_NOTE = "GPU case: 100 views 1280x720 within 20 s on an H100"
+
+
+class Case(NamedTuple):
+    scene: str
+    views: int
+    size: tuple[int, int]  # (h, w)
+    target: float | None  # time target in seconds (None: the accuracy targets)
+    note: str  # what the recorded table's notes say about the case's targets
 
 
 def gpu_plan(args: argparse.Namespace) -> list[Case]:
-    return [(args.speed_scene, 100, (720, 1280), 20.0)]
+    return [Case(args.speed_scene, 100, (720, 1280), 20.0, GPU_NOTE)]
 
 
 def cpu_plan(args: argparse.Namespace) -> list[Case]:
     """The accuracy scenes (unless --speed-only), then the speed scene (unless --accuracy-only)."""
-    accuracy = [] if args.speed_only else [(s, 48, (200, 200), None) for s in args.scenes.split(",")]
-    speed = [] if args.accuracy_only else [(args.speed_scene, 60, (360, 640), 180.0)]
+    accuracy = [] if args.speed_only else [Case(s, 48, (200, 200), None, ACCURACY_NOTE)
+                                           for s in args.scenes.split(",")]
+    speed = [] if args.accuracy_only else [Case(args.speed_scene, 60, (360, 640), 180.0, SPEED_NOTE)]
     return accuracy + speed
 
 
@@ -186,7 +200,7 @@ def run_cases(cases: list[Case], scene_for: Callable[[Case], Path], device: str,
         scene = scene_for(case)
         if warm_up:
             measure(scene, device, views=10)
-        rows.append(row(measure(scene, device, fill=fill), case[3]))
+        rows.append(row(measure(scene, device, fill=fill), case.target))
         print(markdown_table(headers, rows[-1:]))
     return headers, rows
 
@@ -217,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                      "their own accuracy, and its seconds on top of densify")
 
     if args.quick or args.dry_run:
-        for name, views, (h, w), target in plan:
+        for name, views, (h, w), target, _ in plan:
             print(f"plan: {name}, {views} views {w}x{h}, device {'cuda' if args.gpu else device.type}"
                   + (f", target {target:.0f} s" if target else ", accuracy/coverage/points targets"))
         if args.gpu and not args.dry_run:
@@ -225,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             # the first case's code path on a tiny scene, on the CPU (no time target: not its scene)
             tiny = render_scene(plan[0][0], 12, (48, 64), Path(tmp) / "tiny", samples=2, points=20_000)
-            run_cases([(*plan[0][:3], None)], lambda case: tiny, "cpu", args.fill, warm_up=args.gpu)
+            run_cases([plan[0]._replace(target=None)], lambda case: tiny, "cpu", args.fill, warm_up=args.gpu)
         return 0
 
     if args.gpu and device.type != "cuda":
@@ -233,19 +247,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     def rendered(case: Case) -> Path:
-        name, views, (h, w), _ = case
-        return render_scene(name, views, (h, w), cache / f"{name}_{views}_{w}x{h}")
+        h, w = case.size
+        return render_scene(case.scene, case.views, case.size, cache / f"{case.scene}_{case.views}_{w}x{h}")
 
     headers, rows = run_cases(plan, rendered, device.type, args.fill, warm_up=args.gpu)
-    if args.gpu:
-        notes.append("GPU case: 100 views 1280x720 within 20 s on an H100")
-    else:
-        if not args.speed_only:
-            notes.append("Accuracy targets: >= 90% of points within 1% of the bbox diagonal of the true surface, "
-                         ">= 70% of the visible true surface covered, >= 50k points (48 views 200x200)")
-        if not args.accuracy_only:
-            notes.append("Speed target: 60 views 640x360 within 180 s on the 2-core CPU; 'load avg' is the "
-                         "machine's 1-minute load during the run (2 cores: above 2 means other jobs shared them)")
+    notes.extend(dict.fromkeys(case.note for case in plan))  # the targets of the cases run, once each
     table = markdown_table(headers, rows)
     print(table)
     record(args, "Dense reconstruction (bench_densify.py)", device, table, notes)

@@ -108,6 +108,8 @@ def test_bench_densify_table_headers_match_their_rows(flags: list[str], tiny_den
 
     monkeypatch.setattr(bench_densify, "render_scene", lambda *a, **k: tiny_densify_scene)
     monkeypatch.setattr(bench_densify, "measure", measure_on_cpu)
+    recorded: list[list[str]] = []
+    monkeypatch.setattr(bench_densify, "record", lambda args, title, device, table, notes: recorded.append(notes))
     if "--gpu" in flags and "--dry-run" not in flags:
         monkeypatch.setattr(bench_densify, "device_from_args", lambda args: torch.device("cuda"))
     before = (ROOT / "BENCHMARKS.md").read_bytes()
@@ -122,4 +124,12 @@ def test_bench_densify_table_headers_match_their_rows(flags: list[str], tiny_den
         assert rows and len(rule) == len(header), table
         assert all(len(r) == len(header) for r in rows), table
         assert ("fill points" in header) == ("--fill" in flags), header
+    # the recorded notes state the targets of the cases that ran
+    if "--dry-run" in flags:
+        assert recorded == []
+    else:
+        targets = ([bench_densify.GPU_NOTE] if "--gpu" in flags
+                   else [bench_densify.ACCURACY_NOTE, bench_densify.SPEED_NOTE])
+        assert len(recorded) == 1 and recorded[0][-len(targets):] == targets
+        assert len(recorded[0]) == len(targets) + ("--fill" in flags)
     assert (ROOT / "BENCHMARKS.md").read_bytes() == before
