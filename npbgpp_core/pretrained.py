@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from .models import NPBGConfig, NPBGPlusPlus
+    from .models import NPBGConfig, NPBGPlusPlus, NPBGPlusPlusConfig
 
 FORMAT_NAME = "npbgpp-weights"
 FORMAT_VERSION = "1"
@@ -320,25 +320,26 @@ def trainer_checkpoint_weights(ckpt: dict[str, Any], path: str) -> tuple[str, di
     return kind, config, weights
 
 
-def build_network(kind: str, config: dict[str, Any], state: dict[str, torch.Tensor], path: str) -> torch.nn.Module:
+def build_network(kind: str, config: dict[str, Any] | NPBGPlusPlusConfig | NPBGConfig,
+                  state: dict[str, torch.Tensor], path: str) -> torch.nn.Module:
     """The network a weights file (or a headless_train checkpoint) ``path`` of ``kind``
     holds: an :class:`NPBGPlusPlus` (``npbgpp``) or the :class:`Refiner` of an NPBG model
-    (``npbg_refiner``), built from the model ``config`` dict and loaded strictly with
-    ``state``, on the CPU, in train mode. The one construction for every reader
-    (:func:`load_pretrained_npbgpp`, :func:`load_pretrained_npbg_refiner`,
-    ``headless_train export`` and ``export-weights``). An NPBG++ network records ``path``
-    as the file of its trained extractor (``model.extractor.encoder.weights_file``, which
-    the fit's perceptual loss asks for). WeightsError naming ``path`` when the config is
-    bad or the state does not fit."""
-    from .models import NPBG, NPBGConfig, NPBGPlusPlus, NPBGPlusPlusConfig
+    (``npbg_refiner``), built from the model ``config`` (the file's dict, or the config it
+    already gave) and loaded strictly with ``state``, on the CPU, in train mode. The one
+    construction for every reader (:func:`load_pretrained_npbgpp`,
+    :func:`load_pretrained_npbg_refiner`, ``headless_train export`` and
+    ``export-weights``). An NPBG++ network records ``path`` as the file of its trained
+    extractor (``model.extractor.encoder.weights_file``, which the fit's perceptual loss
+    asks for). WeightsError naming ``path`` when the config is bad or the state does not
+    fit."""
+    from .models import NPBG, NPBGPlusPlus
 
     _check_kind(kind)
-    name = "NPBG++" if kind == "npbgpp" else "NPBG"
+    cfg = network_config(kind, config, path) if isinstance(config, dict) else config
     try:
-        module: torch.nn.Module = (NPBGPlusPlus(NPBGPlusPlusConfig.from_dict(config)) if kind == "npbgpp"
-                                   else NPBG(0, NPBGConfig.from_dict(config)).refiner)
+        module: torch.nn.Module = NPBGPlusPlus(cfg) if kind == "npbgpp" else NPBG(0, cfg).refiner
     except (TypeError, ValueError) as exc:
-        raise WeightsError(f"weights file {path}: bad {name} config: {exc}") from exc
+        raise _bad_config(kind, path, exc) from exc
     what = "NPBG++ network" if kind == "npbgpp" else "NPBG refiner"
     try:
         module.load_state_dict(state, strict=True)
@@ -347,6 +348,22 @@ def build_network(kind: str, config: dict[str, Any], state: dict[str, torch.Tens
     if kind == "npbgpp":
         module.extractor.encoder.weights_file = os.fspath(path)
     return module
+
+
+def network_config(kind: str, config: dict[str, Any], path: str) -> NPBGPlusPlusConfig | NPBGConfig:
+    """The model config dict of a weights file ``path`` of ``kind`` as its dataclass
+    (:class:`NPBGPlusPlusConfig` or :class:`NPBGConfig`); WeightsError naming ``path``."""
+    from .models import NPBGConfig, NPBGPlusPlusConfig
+
+    _check_kind(kind)
+    try:
+        return NPBGPlusPlusConfig.from_dict(config) if kind == "npbgpp" else NPBGConfig.from_dict(config)
+    except (TypeError, ValueError) as exc:
+        raise _bad_config(kind, path, exc) from exc
+
+
+def _bad_config(kind: str, path: str, exc: Exception) -> WeightsError:
+    return WeightsError(f"weights file {path}: bad {'NPBG++' if kind == 'npbgpp' else 'NPBG'} config: {exc}")
 
 
 BACKGROUND_PREFIX = "refiner.background_proj."
@@ -401,12 +418,11 @@ def load_pretrained_npbgpp(
 def load_pretrained_npbg_refiner(path: str | None = None) -> RefinerWeights:
     """The pretrained NPBG refiner (state dict fp32 + config) from a weights file
     (default: the bundled one); checked against a freshly built refiner."""
-    from .models import NPBGConfig
-
     path = path or default_weights_path("npbg_refiner")
     wf = read_weights(path, "npbg_refiner")
-    build_network("npbg_refiner", wf.config, wf.state, path)
-    return RefinerWeights(path, NPBGConfig.from_dict(wf.config), wf.card, wf.state)
+    config = network_config("npbg_refiner", wf.config, path)
+    build_network("npbg_refiner", config, wf.state, path)
+    return RefinerWeights(path, config, wf.card, wf.state)  # type: ignore[arg-type]
 
 
 def describe(path: str) -> dict[str, Any]:
