@@ -461,9 +461,15 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m npbgpp_core.pretrained [FILE ...]``: load and check weights files (default:
     every bundled one, each as its own kind), then print kind, size and model card; 2 when
     one is missing or unusable."""
+    import argparse
     import sys
 
-    given = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(
+        prog="python -m npbgpp_core.pretrained",
+        description="Load and check NPBG++ weights files (default: every bundled one) and print their model cards.",
+    )
+    parser.add_argument("files", nargs="*", metavar="FILE", help="weights files (.safetensors) or checkpoints")
+    given = parser.parse_args(argv).files
     files: list[tuple[str | None, str]] = [(None, p) for p in given] or list(bundled_files())
     status = 0
     for kind, path in files:

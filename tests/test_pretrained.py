@@ -271,3 +271,13 @@ def test_a_checkpoint_without_a_model_config_is_refused_by_name(tmp_path):
     torch.save({"state_dict": {"x": torch.zeros(1)}, "npbgpp": {"system": "coefficients_ft", "config": {}}}, foreign)
     with pytest.raises(WeightsError, match="c.ckpt: system 'coefficients_ft' has no scene-independent weights"):
         read_weights(str(foreign), "npbgpp")
+
+
+def test_check_command_has_help(capsys):
+    """`python -m npbgpp_core.pretrained --help` answered '--help: missing' and exit 2."""
+    from npbgpp_core.pretrained import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0 and "FILE" in capsys.readouterr().out
+    assert main(["nothere.safetensors"]) == 2
