@@ -534,6 +534,26 @@ def test_world_up_plus_z_makes_upright_cameras_render_without_alignment():
                                    atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("kind", ["npbgpp", "npbg"])
+def test_views_smaller_than_the_coarsest_level_render(kind):
+    """An upright view under 16 pixels a side (a small F12 or a coarse viewport frame) failed
+    with 'scale 0.0625 of a 15x20 image gives an empty 0x1 image', while rolled ones
+    rendered. It shows the pixels of a 16-pixel view of the same camera that contain it."""
+    pts, _, cams, images = sphere_scene()
+    if kind == "npbgpp":
+        model = seeded_model(world_up=(0.0, 0.0, 1.0)).eval()
+        scene = model.aggregate(pts, images, cams)
+    else:
+        torch.manual_seed(0)
+        model, scene = NPBG(len(pts), NPBGConfig()).eval(), pts
+    view = Camera.look_at((2.0, -2.5, 1.2), (0, 0, 0), up=(0, 0, 1), fov_x_deg=50, image_size=(15, 9))
+    with torch.no_grad():
+        small = model.render_raw(scene, view)
+        large = model.render_raw(scene, view.cropped(0, -3, 16, 16))  # the view at rows 0..14, columns 3..11
+    assert small.shape[1:] == (15, 9)
+    torch.testing.assert_close(small, large[:, :15, 3:12], atol=1e-5, rtol=0)
+
+
 def test_world_up_turns_that_axis_upright():
     from npbgpp_core.models.alignment import align_camera
 

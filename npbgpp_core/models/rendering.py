@@ -18,6 +18,7 @@ model's own)."""
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -116,7 +117,19 @@ class DescriptorRendering:
                                      background=self._empty_descriptor())
 
     def _render_direct(self, scene: Any, camera: Camera) -> torch.Tensor:
-        """The refiner's output for ``camera`` as it is (no alignment)."""
+        """The refiner's output for ``camera`` as it is (no alignment). A view too small for
+        the coarsest scale (under 16 pixels a side) is rendered centred on a canvas that has
+        it and cut out, as rolled views are (their canvas is rounded up to 16 pixels)."""
+        h, w = camera.image_size
+        coarsest = min(self.config.scales)
+        least = max(1, math.ceil(1.0 / coarsest))
+        while int(coarsest * least) < 1:  # the rasterizer's own rounding of level sizes
+            least += 1
+        if h < least or w < least:
+            H, W = max(h, least), max(w, least)
+            top, left = (H - h) // 2, (W - w) // 2
+            out = self._render_direct(scene, camera.cropped(-top, -left, H, W))
+            return out[:, top : top + h, left : left + w]
         background = self._background_rasters(scene, camera)
         return self.refiner([r.unsqueeze(0) for r in self._descriptor_rasters(scene, camera)],
                             None if background is None else [b.unsqueeze(0) for b in background])[0]
