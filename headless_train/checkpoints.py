@@ -247,7 +247,9 @@ def save_descriptors(folder: str, scene_name: str, tensor: torch.Tensor,
 def map_world_up(path: str) -> tuple[float, float, float] | None:
     """The ``world_up`` a descriptor file records (an environment map written with it by
     :func:`save_descriptors`); None when it records none (written before the record existed,
-    or a torch.save'd tensor). ValueError naming the file for a record that is not a direction."""
+    or a torch.save'd tensor) and when its header cannot be read (:func:`load_descriptors`
+    then names what is wrong with the file). ValueError naming the file for a record that
+    is not a direction."""
     from npbgpp_core.models.alignment import check_world_up
 
     with open(path, "rb") as f:
@@ -256,11 +258,17 @@ def map_world_up(path: str) -> tuple[float, float, float] | None:
         if not 0 < n < 100_000_000:
             return None
         try:
-            meta = json.loads(f.read(n).decode("utf-8")).get("__metadata__") or {}
-            record = meta.get(MAP_WORLD_UP_KEY)
-            return None if record is None else check_world_up(json.loads(record))
-        except (ValueError, AttributeError, TypeError) as exc:
-            raise ValueError(f"descriptor file {path}: unreadable {MAP_WORLD_UP_KEY} record: {exc}") from None
+            header = json.loads(f.read(n).decode("utf-8"))
+        except ValueError:
+            return None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    record = meta.get(MAP_WORLD_UP_KEY) if isinstance(meta, dict) else None
+    if record is None:
+        return None
+    try:
+        return check_world_up(json.loads(record))
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"descriptor file {path}: unreadable {MAP_WORLD_UP_KEY} record: {exc}") from None
 
 
 def load_descriptors(folder: str, scene_name: str, n_points: int | None = None) -> torch.Tensor:

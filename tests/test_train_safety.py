@@ -500,6 +500,16 @@ def test_coefficients_ft_refuses_maps_of_different_frames(tmp_path):
         f.write(save({"descriptors": torch.rand(9, 8)}, metadata={"world_up": "[0, 0]"}))
     with pytest.raises(ValueError, match=r"x\.background: unreadable world_up record"):
         run_world_up({"world_up": None, "descriptors_pretrained_dir": bad}, ["x"])
+    # a damaged map (cut inside its header) is not taken for a bad record: it records no
+    # frame, and reading it names the file's damage (it said 'unreadable world_up record')
+    from headless_train.checkpoints import load_descriptors
+
+    with open(os.path.join(folder, "a.background"), "r+b") as f:
+        f.truncate(30)
+    assert map_world_up(os.path.join(folder, "a.background")) is None
+    assert run_world_up(scfg, ["a", "b"]) == (0.0, 1.0, 0.0)
+    with pytest.raises(ValueError, match=r"cannot read descriptor file .*a\.background"):
+        load_descriptors(folder, "a.background")
 
 
 def test_npbg_run_starts_from_the_bundled_refiner_file(data_root, tmp_path, caplog, capsys):
