@@ -41,6 +41,6 @@ def load_scene(path: str | os.PathLike, format: str | None = None, *,
         raise DatasetError(f"{root}: unknown format {format!r}; choose one of {list(FORMATS)}")
     loader, accepted = formats[format]
     if options.get("undistort") and "undistort" not in accepted:
-        raise DatasetError(f"{root}: undistort (--undistort) applies to COLMAP models only; this scene is {format}, "
+        raise DatasetError(f"{root}: undistort=True applies to COLMAP models only; this scene is {format}, "
                            "whose images have no lens distortion to remove")
     return loader(root, **{**{k: v for k, v in (if_accepted or {}).items() if k in accepted}, **options})
