@@ -4,7 +4,7 @@ training samples. (Rendering new scenes with Blender lives on the Blender side:
 
 Public names::
 
-    load_scene(path, format=None, **options) -> SceneData
+    load_scene(path, format=None, *, if_accepted=None, **options) -> SceneData
     SceneData, View, Distortion, DatasetError
     detect_format(path) -> str
     scene_domain(scene) -> "scene" | "object"   (which bundled NPBG++ file suits it)
