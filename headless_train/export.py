@@ -27,6 +27,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--format", default=None, help="scene format (default: detected)")
     p.add_argument("--scene-name", default=None, help="NPBG/coefficients_ft: scene name in the checkpoint "
                    "(default: the folder name)")
+    p.add_argument("--pc-name", default=None, metavar="FILE.ply",
+                   help="the scene's point cloud file, relative to --scene (e.g. a densified dense.ply); default: "
+                   "NPBG / coefficients_ft: the cloud the run was fitted to, NPBG++: the format's default cloud")
     p.add_argument("--max-points", type=float, default=None, help="NPBG++: subsample the cloud (seed 123)")
     p.add_argument("--views", choices=("non-held-out", "all", "train"), default="non-held-out",
                    help="NPBG++: which views are aggregated")
@@ -155,6 +158,19 @@ def export_npbg(ckpt: dict, scene, args, name: str):
                                            "scene_root": scene.root})
 
 
+def fitted_point_cloud(ckpt: dict, system: str, name: str) -> str | None:
+    """The .ply (relative to the scene folder) that an NPBG / coefficients_ft run fitted
+    scene ``name``'s descriptors to, as its checkpoint records it; None when not recorded
+    (NPBG++, older checkpoints, a COLMAP model's own points)."""
+    if system not in ("npbg", "coefficients_ft"):
+        return None
+    meta = ckpt.get("npbgpp", {})
+    scenes, clouds = list(meta.get("scenes", [])), list(meta.get("point_clouds", []))
+    if name in scenes and len(clouds) == len(scenes):
+        return clouds[scenes.index(name)]
+    return None
+
+
 def export(args: argparse.Namespace) -> str:
     from npbgpp_core.atomic import check_output_file
     from npbgpp_core.datasets import load_scene
@@ -176,11 +192,14 @@ def export(args: argparse.Namespace) -> str:
     system, _ = checkpoint_system(ckpt, args.checkpoint)
     if not os.path.isdir(args.scene):
         raise ExportError(f"scene folder not found: {args.scene}")
-    options = {"allow_external_paths": True} if args.allow_external_paths else {}
+    options: dict = {"allow_external_paths": True} if args.allow_external_paths else {}
+    name = args.scene_name or os.path.basename(os.path.normpath(args.scene))
+    pc_name = args.pc_name or fitted_point_cloud(ckpt, system, name)
+    if pc_name:
+        options["pc_name"] = pc_name
     scene = load_scene(args.scene, format=args.format, **options)
     if scene.points.shape[0] == 0:
         raise ExportError(f"scene {args.scene} has no points")
-    name = args.scene_name or os.path.basename(os.path.normpath(args.scene))
     if system == "npbgpp":
         if args.max_points is not None and scene.points.shape[0] > int(args.max_points):
             log.warning("subsampling %d points to %d (seed 123)", scene.points.shape[0], int(args.max_points))

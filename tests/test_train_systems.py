@@ -487,3 +487,28 @@ def test_eval_without_held_out_views_says_how_to_choose_them(tmp_path):
     with pytest.raises(ValueError, match=r"5ae021f2805c0854.*datasets\.options\.views_config"):
         run_inproc(["datasets=h3ds_one_scene", f"datasets.data_root={tmp_path}/H3DS", "eval_only=true", *FAST],
                    str(tmp_path / "r"))
+
+
+def test_export_uses_the_cloud_the_run_fitted(tmp_path):
+    """NPBG trained on another cloud of the scene (datasets.pc_name=dense.ply): export loaded
+    the scene's default points3d.ply and, that one being larger, silently subsampled it to
+    the descriptor count (descriptors on the wrong points). The run now records its cloud,
+    and --pc-name picks one for NPBG++ exports."""
+    from headless_train.export import main as export_main
+    from npbgpp_core import save_ply
+    from npbgpp_core.scene import NeuralScene
+
+    root = make_dataset(str(tmp_path / "data"), ("sceneD",))
+    dense = torch.randn(200, 3).numpy() * 0.5
+    save_ply(os.path.join(root, "sceneD", "dense.ply"), dense)
+    run_inproc(["datasets=nerf_blender_one_scene", f"datasets.data_root={root}", "datasets.scene_name=sceneD",
+                "datasets.pc_name=dense.ply", "datasets.selection_count=0", "system=npbg", "trainer.max_epochs=1",
+                "datasets.train_num_samples=1", *FAST], str(tmp_path / "run"))
+    out = str(tmp_path / "d.npbgpp")
+    assert export_main(["--checkpoint", str(tmp_path / "run/checkpoints/last.ckpt"), "--scene",
+                        os.path.join(root, "sceneD"), "--out", out]) == 0
+    torch.testing.assert_close(NeuralScene.load(out).points, torch.from_numpy(dense).float())
+    weights = os.path.join(ROOT, "npbgpp_core", "weights", "npbgpp_sphere.safetensors")
+    assert export_main(["--checkpoint", weights, "--scene", os.path.join(root, "sceneD"), "--pc-name", "dense.ply",
+                        "--views", "all", "--out", out]) == 0
+    assert NeuralScene.load(out).points.shape == (200, 3)

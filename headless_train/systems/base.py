@@ -4,6 +4,7 @@ count), per-scene point tensors, the render loss, validation PSNR, checkpoint me
 from __future__ import annotations
 
 import logging
+import os
 import re
 from typing import Any
 
@@ -23,6 +24,17 @@ def module_key(scene_name: str) -> str:
     """A scene name usable as an nn.ModuleDict key (no dots)."""
     return "s_" + re.sub(r"[^0-9A-Za-z_]", "_", scene_name)
 
+
+
+def point_cloud_name(scene) -> str | None:
+    """The .ply a scene's cloud came from, relative to its folder (what ``export`` passes as
+    ``pc_name`` so that descriptors meet the cloud they were fitted to); None for a cloud
+    that is no .ply inside the folder (a COLMAP model's points3D, the default of its loader)."""
+    path = scene.metadata.get("point_cloud")
+    if not path or not str(path).lower().endswith(".ply"):
+        return None
+    rel = os.path.relpath(os.path.abspath(path), os.path.abspath(scene.root))
+    return None if rel.startswith(os.pardir) else rel.replace(os.sep, "/")
 
 class BaseSystem(pl.LightningModule):
     """Subclasses implement ``sample_loss``, ``prepare_eval``, ``render_eval``,
@@ -81,7 +93,8 @@ class BaseSystem(pl.LightningModule):
 
     def metadata(self) -> dict:
         return {"system": self.system_name, "config": self.scfg, "scenes": self.scene_names,
-                "points": [int(p.shape[0]) for p in self._points_cpu], "version": FORMAT_VERSION}
+                "points": [int(p.shape[0]) for p in self._points_cpu],
+                "point_clouds": [point_cloud_name(s) for s in self.scenes], "version": FORMAT_VERSION}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[META_KEY] = self.metadata()
