@@ -20,7 +20,15 @@ import struct
 
 import numpy as np
 
-from .common import camera_from_opencv, check_options, check_points, load_point_cloud, make_splits, path_in_root
+from .common import (
+    PC_NAME_OPTIONS,
+    camera_from_opencv,
+    check_options,
+    check_points,
+    load_point_cloud,
+    make_splits,
+    path_in_root,
+)
 from .errors import DatasetError
 from .images import image_size_of
 from .scene_data import Distortion, SceneData, View
@@ -346,7 +354,8 @@ def load_colmap(root: str, **options) -> SceneData:
         pts, cols, pc_path = load_point_cloud(root, options["pc_name"], (), require)
     elif points is None or len(points[0]) == 0:
         if require:
-            raise DatasetError(f"{sparse}: points3D file is missing or has no points (pass pc_name= for a .ply)")
+            raise DatasetError(f"{sparse}: points3D file is missing or has no points (name a .ply with "
+                               f"{PC_NAME_OPTIONS})")
         pts, cols, pc_path = np.zeros((0, 3), np.float32), None, None
     else:
         pts, cols, pc_path = check_points(points[0], points[1], os.path.join(sparse, "points3D"))

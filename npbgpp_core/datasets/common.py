@@ -20,6 +20,9 @@ def check_options(fmt: str, options: dict, allowed: Iterable[str]) -> None:
         raise TypeError(f"{fmt} loader: unknown option(s) {unknown}; allowed: {sorted(allowed)}")
 
 
+# how each caller names a scene's cloud file (the add-on has no such option: it reads the default)
+PC_NAME_OPTIONS = "pc_name= (headless_train: datasets.pc_name=, export --pc-name)"
+
 def load_point_cloud(
     root: str, pc_name: str | None, defaults: Sequence[str], require_points: bool = True
 ) -> tuple[np.ndarray, np.ndarray | None, str | None]:
@@ -46,11 +49,12 @@ def load_point_cloud(
             elif not require_points:
                 return np.zeros((0, 3), np.float32), None, None
             elif plys:
-                raise DatasetError(f"{root}: several point clouds {plys}; choose one with pc_name=")
+                raise DatasetError(f"{root}: several point clouds {plys}; choose one with {PC_NAME_OPTIONS}")
             else:
                 raise DatasetError(
-                    f"{root}: no point cloud found (looked for {list(defaults)} and any *.ply); "
-                    "pass pc_name= or require_points=False"
+                    f"{root}: no point cloud found (looked for {list(defaults)} and any *.ply): put the scene's "
+                    f"cloud there as {defaults[0] if defaults else 'a .ply file'}, or name a .ply with "
+                    f"{PC_NAME_OPTIONS}"
                 )
     try:
         pc = load_ply(path)
