@@ -57,6 +57,22 @@ def atomic_torch_save(obj: Any, path: str) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def _missing_hint(path: str) -> str:
+    """What a missing checkpoint's folder holds, so the right name can be picked; the published
+    NPBG command lines seed from ``<run>/result/checkpoints/``, this trainer writes ``<run>/checkpoints/``."""
+    folder = os.path.dirname(path) or "."
+    published = os.path.join("result", "checkpoints")
+    if not os.path.isdir(folder) and os.path.normpath(folder).endswith(published):
+        folder = os.path.normpath(folder)[: -len(published)] + "checkpoints"
+        note = "; runs keep their checkpoints in <run dir>/checkpoints/, not result/checkpoints/"
+    else:
+        note = ""
+    if not os.path.isdir(folder):
+        return ""
+    names = sorted(f for f in os.listdir(folder) if f.endswith(".ckpt"))
+    return f" ({folder} holds {', '.join(names) if names else 'no .ckpt file'}{note})"
+
+
 def _foreign_file(path: str) -> str:
     """Why ``path`` cannot be a torch.save file, judged from its first bytes ('' when it may be):
     torch.load of anything else answers with a page about weights_only that misleads."""
@@ -75,7 +91,7 @@ def _foreign_file(path: str) -> str:
 def load_checkpoint_file(path: str, map_location: Any = "cpu") -> dict:
     """Load a checkpoint dict with a clear error for missing or corrupt files."""
     if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"checkpoint not found: {path}{_missing_hint(path)}")
     foreign = _foreign_file(path)
     if foreign:
         raise CheckpointError(f"checkpoint {path} is {foreign}")

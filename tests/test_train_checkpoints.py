@@ -101,3 +101,17 @@ def test_a_file_that_is_no_checkpoint_says_what_it_is(tmp_path):
     save_file({"points": torch.zeros(2, 3)}, str(bundle))
     with pytest.raises(ck.CheckpointError, match=r"scene.npbgpp is not a torch checkpoint: it is a safetensors"):
         ck.load_checkpoint_file(str(bundle))
+
+
+def test_a_missing_checkpoint_names_what_its_folder_holds(tmp_path):
+    """The published NPBG fine-tuning lines seed from <run>/result/checkpoints/epoch38.ckpt;
+    this trainer writes <run>/checkpoints/, and a shorter run has no epoch38."""
+    run = tmp_path / "npbg_scannet"
+    (run / "checkpoints").mkdir(parents=True)
+    for name in ("epoch0.ckpt", "last.ckpt"):
+        torch.save({"state_dict": {}}, run / "checkpoints" / name)
+    with pytest.raises(ck.CheckpointError, match=r"epoch38.ckpt \(.*npbg_scannet/checkpoints holds epoch0.ckpt, "
+                                                 r"last.ckpt; runs keep their checkpoints in <run dir>/checkpoints/"):
+        ck.load_checkpoint_file(str(run / "result" / "checkpoints" / "epoch38.ckpt"))
+    with pytest.raises(ck.CheckpointError, match=r"epoch38.ckpt \(.*checkpoints holds epoch0.ckpt, last.ckpt\)$"):
+        ck.load_checkpoint_file(str(run / "checkpoints" / "epoch38.ckpt"))
