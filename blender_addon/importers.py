@@ -149,15 +149,19 @@ class IMPORT_SCENE_OT_npbgpp_ply(bpy.types.Operator, ImportHelper):
     )
 
     def execute(self, context: Any) -> set[str]:
-        from npbgpp_core.ply import is_splat_header, ply_vertex_properties
+        from npbgpp_core.ply import color_properties, is_splat_header, ply_vertex_header
 
         path = bpy.path.abspath(self.filepath)
         if not os.path.isfile(path):
             self.report({"ERROR"}, f"PLY file not found: {path}")
             return {"CANCELLED"}
         try:
-            properties = ply_vertex_properties(path)
+            header = ply_vertex_header(path)
+            properties = [name for name, _ in header]
             splat = is_splat_header(properties)
+            colors = None if splat else color_properties(header)
+            # Blender's reader takes red/green/blue only: r/g/b or diffuse_* arrive as raw attributes
+            raw_colors = colors if colors is not None and colors[0] != ("red", "green", "blue") else None
         except (ValueError, OSError) as exc:
             self.report({"ERROR"}, f"Cannot read PLY {path}: {exc}")
             return {"CANCELLED"}
@@ -168,7 +172,7 @@ class IMPORT_SCENE_OT_npbgpp_ply(bpy.types.Operator, ImportHelper):
             return {"CANCELLED"}
         before = set(bpy.data.objects)
         try:
-            bpy.ops.wm.ply_import(filepath=path, import_colors="SRGB", import_attributes=splat)
+            bpy.ops.wm.ply_import(filepath=path, import_colors="SRGB", import_attributes=splat or bool(raw_colors))
         except RuntimeError as exc:
             self.report({"ERROR"}, f"Cannot read PLY {path}: {exc}")
             return {"CANCELLED"}
@@ -179,6 +183,8 @@ class IMPORT_SCENE_OT_npbgpp_ply(bpy.types.Operator, ImportHelper):
         obj = new[0]
         if splat:
             return self._finish_splat(context, path, obj)
+        if raw_colors is not None and obj.type == "MESH":
+            _colors_from_attributes(obj.data, *raw_colors)
         if obj.type == "MESH" and len(obj.data.polygons) == 0:
             with context.temp_override(selected_objects=[obj], active_object=obj, object=obj):
                 try:
@@ -222,6 +228,21 @@ class IMPORT_SCENE_OT_npbgpp_ply(bpy.types.Operator, ImportHelper):
         use_point_object(context, obj)
         self.report({"INFO"}, f"imported {int(keep.sum())} of {n} splats as points ({obj.name})")
         return {"FINISHED"}
+
+
+def _colors_from_attributes(mesh: Any, names: tuple[str, str, str], divisor: float) -> None:
+    """The point colour attribute from three raw float attributes holding a PLY's colour
+    values (``divisor`` maps them to [0, 1], as :func:`npbgpp_core.ply.load_ply` reads them)."""
+    n = len(mesh.vertices)
+    rgba = np.ones((n, 4), np.float32)
+    for i, name in enumerate(names):
+        values = np.zeros(n, np.float32)
+        mesh.attributes[name].data.foreach_get("value", values)
+        rgba[:, i] = np.clip(values / divisor, 0.0, 1.0)
+    for name in names:
+        mesh.attributes.remove(mesh.attributes[name])
+    attr = mesh.color_attributes.new(COLOR_ATTRIBUTE, "FLOAT_COLOR", "POINT")
+    attr.data.foreach_set("color_srgb", rgba.ravel())
 
 
 # --------------------------------------------------------------------------- bundle

@@ -43,8 +43,32 @@ def ply_vertex_properties(path: str | os.PathLike) -> list[str]:
     """Names of the ``vertex`` element's properties, from the header alone (no plyfile,
     so the add-on can call it inside Blender). Raises ValueError on a file that is not a
     PLY file or has no vertex element."""
+    return [name for name, _ in ply_vertex_header(path)]
+
+
+# PLY scalar types with integer values, and the largest value of each (what colour 1.0 is)
+_INTEGER_MAX = {"char": 127, "int8": 127, "uchar": 255, "uint8": 255, "short": 32767, "int16": 32767,
+                "ushort": 65535, "uint16": 65535, "int": 2**31 - 1, "int32": 2**31 - 1,
+                "uint": 2**32 - 1, "uint32": 2**32 - 1}
+
+
+def color_properties(header: list[tuple[str, str]]) -> tuple[tuple[str, str, str], float] | None:
+    """The colour properties :func:`load_ply` reads from a vertex ``header`` (``(name, type)``
+    pairs, :func:`ply_vertex_header`), the first trio of ``red/green/blue``, ``r/g/b``,
+    ``diffuse_red/...`` present, and the divisor that maps their values to [0, 1] (the
+    integer type's largest value, 1 for floats); None without colours."""
+    types = dict(header)
+    for trio in _COLOR_NAMES:
+        if all(c in types for c in trio):
+            return trio, float(_INTEGER_MAX.get(types[trio[0]], 1))
+    return None
+
+
+def ply_vertex_header(path: str | os.PathLike) -> list[tuple[str, str]]:
+    """``(name, type)`` of the ``vertex`` element's properties (type ``list`` for list
+    properties), from the header alone, as :func:`ply_vertex_properties`."""
     path = os.fspath(path)
-    names: list[str] = []
+    names: list[tuple[str, str]] = []
     in_vertex = False
     seen_vertex = False
     with open(path, "rb") as f:
@@ -63,7 +87,7 @@ def ply_vertex_properties(path: str | os.PathLike) -> list[str]:
                 in_vertex = len(words) > 1 and words[1] == "vertex"
                 seen_vertex |= in_vertex
             elif words[0] == "property" and in_vertex and len(words) >= 3:
-                names.append(words[-1])
+                names.append((words[-1], words[1]))
         else:
             raise ValueError(f"{path}: PLY header too long")
     if not seen_vertex:

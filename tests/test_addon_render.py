@@ -844,6 +844,35 @@ def test_splat_ply_into_a_new_file(addon, tmp_path):
     np.testing.assert_allclose(pts, np.stack([data[c] for c in "xyz"], 1), atol=1e-6)
 
 
+@pytest.mark.parametrize("names, ply_type", [(("diffuse_red", "diffuse_green", "diffuse_blue"), "u1"),
+                                              (("r", "g", "b"), "u2"), (("r", "g", "b"), "f4")])
+def test_ply_colours_under_other_names_are_imported(scene, names, ply_type):
+    """Blender's PLY reader takes red/green/blue only; files naming colours r/g/b or
+    diffuse_* (read by the core reader) came in grey, without a word."""
+    from plyfile import PlyData, PlyElement
+
+    from blender_addon.point_source import object_points
+    from npbgpp_core.ply import load_ply
+
+    rng = np.random.default_rng(2)
+    data = np.zeros(30, dtype=[(k, "f4") for k in "xyz"] + [(k, ply_type) for k in names])
+    for k in "xyz":
+        data[k] = rng.uniform(-1, 1, 30)
+    top = {"u1": 255, "u2": 65535, "f4": 1.0}[ply_type]
+    for k in names:
+        data[k] = rng.uniform(0, top, 30) if ply_type == "f4" else rng.integers(0, top + 1, 30)
+    path = str(scene["dir"] / "named.ply")
+    PlyData([PlyElement.describe(data, "vertex")]).write(path)
+    assert bpy.ops.import_scene.npbgpp_ply(filepath=path) == {"FINISHED"}
+    pts, col = object_points(scene["scene"].npbgpp.point_object)
+    ref = load_ply(path)
+    assert col is not None
+    np.testing.assert_allclose(pts, ref.points, atol=1e-6)
+    np.testing.assert_allclose(col, ref.colors, atol=2e-3)
+    attributes = scene["scene"].npbgpp.point_object.data.attributes
+    assert not any(k in attributes for k in names)  # the raw values are not left behind
+
+
 def test_ply_without_positions_names_what_is_missing(scene):
     """A PLY whose vertices have no x/y/z: the message names the missing properties (Blender's
     own importer only says 'failed importing, unknown error')."""

@@ -172,3 +172,18 @@ def test_aggregating_another_cloud_names_a_missing_or_empty_file(tmp_path):
     save_ply(tmp_path / "empty.ply", np.zeros((0, 3), np.float32))
     with pytest.raises(ValueError, match="point cloud to aggregate holds no points: .*empty.ply"):
         with_points(None, str(tmp_path / "empty.ply"))
+
+
+def test_color_properties_from_the_header(tmp_path):
+    """What the add-on's importer needs to colour points as load_ply does, without plyfile."""
+    from npbgpp_core.ply import color_properties, ply_vertex_header
+
+    path = tmp_path / "c.ply"
+    path.write_text("ply\nformat ascii 1.0\nelement vertex 1\nproperty float x\nproperty float y\nproperty float z\n"
+                    "property ushort diffuse_red\nproperty ushort diffuse_green\nproperty ushort diffuse_blue\n"
+                    "element face 0\nproperty list uchar int vertex_indices\nend_header\n0 0 0 65535 0 32768\n")
+    header = ply_vertex_header(path)
+    assert header[3] == ("diffuse_red", "ushort")
+    assert color_properties(header) == (("diffuse_red", "diffuse_green", "diffuse_blue"), 65535.0)
+    assert color_properties([("x", "float"), ("r", "float"), ("g", "float"), ("b", "float")])[1] == 1.0
+    assert color_properties([("x", "float"), ("red", "uchar")]) is None
