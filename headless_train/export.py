@@ -190,8 +190,6 @@ def export(args: argparse.Namespace) -> str:
                           "system.world_up its run stored")
     ckpt = load_source_checkpoint(args.checkpoint)
     system, _ = checkpoint_system(ckpt, args.checkpoint)
-    if not os.path.isdir(args.scene):
-        raise ExportError(f"scene folder not found: {args.scene}")
     options: dict = {"allow_external_paths": True} if args.allow_external_paths else {}
     name = args.scene_name or os.path.basename(os.path.normpath(args.scene))
     pc_name = args.pc_name or fitted_point_cloud(ckpt, system, name)

@@ -535,3 +535,18 @@ def test_scannet_refuses_no_pickle_garbage(tmp_path):
         np.save(f, np.array([pickle.dumps("x")], dtype=object), allow_pickle=True)
     with pytest.raises(DatasetError, match="intrinsics.npy"):
         load_scene(root)
+
+
+def test_a_file_or_a_model_folder_given_as_the_scene_names_the_scene_folder(tmp_path):
+    """transforms_train.json was 'scene folder not found' (it exists); sparse/0 got the
+    generic 'no known dataset layout'."""
+    root = str(tmp_path / "garden")
+    write_colmap(root, binary=True)
+    with pytest.raises(DatasetError, match=r"cameras.bin: is a file, not a scene folder \(the scene folder holding "
+                                           r"it is .*sparse/0\)"):
+        load_scene(os.path.join(root, "sparse", "0", "cameras.bin"))
+    with pytest.raises(DatasetError, match=r"this is a COLMAP model folder: give the scene folder that holds images/ "
+                                           r"and sparse/ \(.*garden\?\)"):
+        load_scene(os.path.join(root, "sparse", "0"))
+    with pytest.raises(DatasetError, match="scene folder not found"):
+        load_scene(os.path.join(root, "nothere"))

@@ -12,10 +12,19 @@ FORMATS = ("nerf_synthetic", "dtu", "scannet", "h3ds", "colmap")
 _H3DS_NAME = re.compile(r"^img_\d+\.\w+$")
 
 
-def detect_format(root: str) -> str:
-    """Name of the format stored in ``root``; DatasetError when none or several match."""
+def check_scene_folder(root: str) -> None:
+    """DatasetError unless ``root`` is a folder; a file inside a scene (transforms_train.json,
+    cameras.npz, ...) is answered with its folder, which is what is meant."""
+    if os.path.isfile(root):
+        raise DatasetError(f"{root}: is a file, not a scene folder (the scene folder holding it is "
+                           f"{os.path.dirname(os.path.abspath(root))})")
     if not os.path.isdir(root):
         raise DatasetError(f"{root}: scene folder not found")
+
+
+def detect_format(root: str) -> str:
+    """Name of the format stored in ``root``; DatasetError when none or several match."""
+    check_scene_folder(root)
     found = []
     if os.path.isfile(os.path.join(root, "transforms_train.json")):
         found.append("nerf_synthetic")
@@ -33,6 +42,11 @@ def detect_format(root: str) -> str:
             os.path.isfile(os.path.join(root, f)) for f in ("intrinsics.npy", "extrinsics.npy"))  # not ScanNet
         hint = ("; photos in images/ without a COLMAP model: recover the cameras with `python -m headless_train "
                 "capture-sfm` (headless_train/README.md)" if photos else "")
+        if any(os.path.isfile(os.path.join(root, f"cameras.{ext}")) for ext in ("bin", "txt")):
+            up = os.path.dirname(os.path.normpath(root))
+            if os.path.basename(up) == "sparse":
+                up = os.path.dirname(up)
+            hint = f"; this is a COLMAP model folder: give the scene folder that holds images/ and sparse/ ({up}?)"
         raise DatasetError(
             f"{root}: no known dataset layout (looked for transforms_train.json, cameras.npz + image/, "
             f"intrinsics.npy + extrinsics.npy + images/, sparse/[0/]cameras.bin|txt){hint}; or name the format "

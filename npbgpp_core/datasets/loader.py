@@ -23,11 +23,10 @@ def load_scene(path: str | os.PathLike, format: str | None = None, *,
     the others (settings shared by every format, as the add-on's Import Dataset's).
     """
     from . import colmap, dtu, h3ds, nerf_synthetic, scannet
-    from .detect import FORMATS, detect_format
+    from .detect import FORMATS, check_scene_folder, detect_format
 
     root = os.path.abspath(os.fspath(path))
-    if not os.path.isdir(root):
-        raise DatasetError(f"{root}: scene folder not found")
+    check_scene_folder(root)
     if format is None:
         format = detect_format(root)
     formats = {
