@@ -85,7 +85,7 @@ def scene_world_up(scene, which: str, spec: str | tuple[float, ...]) -> list[flo
 
 
 def export_npbgpp(ckpt: dict, scene, args, name: str):
-    from npbgpp_core.pretrained import WeightsError, build_network, trainer_checkpoint_weights
+    from npbgpp_core.pretrained import WeightsError, build_network, bundled_domain, trainer_checkpoint_weights
     from npbgpp_core.scene import NeuralScene
 
     from .data import _fit_size
@@ -110,8 +110,13 @@ def export_npbgpp(ckpt: dict, scene, args, name: str):
     log.info("aggregated %d views; %d of %d points seen", len(views), n_valid, len(agg))
     if n_valid == 0:
         raise ExportError(f"no point of {scene.root} is visible in any of its {len(views)} views")
-    meta = {"source_checkpoint": os.path.abspath(args.checkpoint), "scene_root": scene.root,
-            "views_aggregated": len(views)}
+    # the keys Aggregate writes (npbgpp_core.service): Fit to Photos checks its dataset by "dataset"
+    # and picks the weights of "domain"
+    meta = {"dataset": scene.root, "views": len(views), "weights": os.path.basename(args.checkpoint),
+            "source_checkpoint": os.path.abspath(args.checkpoint)}
+    domain = bundled_domain(args.checkpoint)
+    if domain:
+        meta["domain"] = domain
     return NeuralScene.from_aggregated(model, agg.to("cpu"), _colors(scene), name=name, metadata=meta)
 
 
@@ -155,7 +160,7 @@ def export_npbg(ckpt: dict, scene, args, name: str):
         raise ExportError(f"{args.checkpoint}: scene '{name}' weights do not fit: {exc}") from exc
     return NeuralScene.from_npbg(model, torch.from_numpy(scene.points).float(), _colors(scene), name=name,
                                  metadata={"source_checkpoint": os.path.abspath(args.checkpoint),
-                                           "scene_root": scene.root})
+                                           "dataset": scene.root})
 
 
 def fitted_point_cloud(ckpt: dict, system: str, name: str) -> str | None:

@@ -451,10 +451,18 @@ def check_file(path: str, kind: str | None = None) -> dict[str, Any]:
         load_pretrained_npbg_refiner(path)
     info["kind"] = kind
     info["valid"] = True
-    bundled = {default_weights_path("npbgpp", d): d for d in DOMAINS}
-    if kind == "npbgpp" and os.path.abspath(path) in bundled:
-        info["domain"] = bundled[os.path.abspath(path)]
+    domain = bundled_domain(path)
+    if kind == "npbgpp" and domain:
+        info["domain"] = domain
     return info
+
+
+def bundled_domain(path: str) -> str | None:
+    """The data domain of ``path`` when it is one of the bundled NPBG++ files, else None."""
+    for domain in DOMAINS:
+        if os.path.abspath(path) == os.path.abspath(default_weights_path("npbgpp", domain)):
+            return domain
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

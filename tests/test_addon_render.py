@@ -1534,8 +1534,8 @@ def test_import_of_a_copied_dataset_keeps_its_bundle(scene, capfd, monkeypatch):
 
 def test_bundle_exported_by_headless_train_reuses_the_dataset_object(scene):
     """A bundle written by `python -m headless_train export` of the imported dataset is
-    recognised like one from Aggregate (its metadata says scene_root, not dataset): no
-    second copy of the cloud, and it renders the dataset object's points."""
+    recognised like one from Aggregate: no second copy of the cloud, and it renders the
+    dataset object's points."""
     from blender_addon.point_source import point_ids
     from headless_train.export import main as export_main
     from npbgpp_core.pretrained import default_weights_path

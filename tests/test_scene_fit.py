@@ -128,3 +128,22 @@ def test_worker_fit_job_counts_steps_and_cancel_writes_nothing(aggregated, tmp_p
     assert isinstance(missing, P.Failure) and "nope.npbgpp" in missing.error
     zero = service.handle(P.FitBegin(bundle, folder, steps=0, device="CPU"))
     assert isinstance(zero, P.Failure) and "fit steps" in zero.error
+
+
+def test_a_bundle_exported_by_headless_train_is_fitted_only_to_its_own_dataset(tmp_path):
+    """`headless_train export` recorded its scene as 'scene_root', Aggregate as 'dataset', and
+    the fit's check (another scene's photos would silently ruin the bundle) reads 'dataset':
+    an exported bundle was fitted to any dataset without a word."""
+    from headless_train.export import main as export_main
+    from npbgpp_core.pretrained import default_weights_path
+
+    mine = make_tiny_scene(str(tmp_path / "mine"), views=4, size=32, n_points=200, splits=(3, 0, 1))
+    other = make_tiny_scene(str(tmp_path / "other"), views=4, size=32, n_points=150, seed=5, splits=(3, 0, 1))
+    out = str(tmp_path / "cli.npbgpp")
+    assert export_main(["--checkpoint", default_weights_path("npbgpp", "object"), "--scene", mine, "--out", out,
+                        "--device", "cpu"]) == 0
+    meta = NeuralScene.load(out).metadata
+    assert meta["dataset"] == os.path.abspath(mine) and meta["domain"] == "object"
+    with pytest.raises(ValueError, match=r"cli.npbgpp was aggregated from the dataset .*mine, not .*other"):
+        BundleFit(out, load_scene(other), steps=1)
+    assert BundleFit(out, load_scene(mine), steps=1).weights == default_weights_path("npbgpp", "object")
