@@ -19,12 +19,27 @@ class UsageError(ValueError):
     """A configuration that cannot run; the message says what to change."""
 
 
+def _trainer_int(tcfg: dict, key: str, default: int | None = None) -> int:
+    """``trainer.<key>`` as an int (``4``, ``"4"``, ``4.0``, ``"1e3"``); UsageError naming the key otherwise
+    (int() alone answered ``trainer.max_epochs=abc`` with "invalid literal for int() with base 10: 'abc'")."""
+    value = tcfg.get(key) if default is not None else tcfg[key]
+    if value is None and default is not None:
+        return default
+    try:
+        number = float(value) if isinstance(value, str) else value
+        if isinstance(number, bool) or not isinstance(number, int | float) or number != int(number):
+            raise ValueError
+        return int(number)
+    except (ValueError, OverflowError):
+        raise UsageError(f"trainer.{key} must be a whole number, got {value!r}") from None
+
+
 def trainer_kwargs(tcfg: dict, system_name: str) -> dict:
     """Map the published trainer.* keys (trainer.gpus, ...) onto Lightning 2 Trainer arguments."""
     import torch
     from pytorch_lightning.strategies import DDPStrategy
 
-    gpus = int(tcfg.get("gpus") or 0)
+    gpus = _trainer_int(tcfg, "gpus", 0)
     if gpus > 0:
         if not torch.cuda.is_available():
             raise UsageError(f"trainer.gpus={gpus} but no CUDA GPU is available here; use trainer.gpus=0 (CPU)")
@@ -32,20 +47,21 @@ def trainer_kwargs(tcfg: dict, system_name: str) -> dict:
             raise UsageError(f"trainer.gpus={gpus} but only {torch.cuda.device_count()} GPU(s) are visible")
         accelerator, devices = "gpu", gpus
     else:
-        accelerator, devices = "cpu", int(tcfg.get("cpu_processes") or 1)
-    num_nodes = int(tcfg.get("num_nodes") or 1)
+        accelerator, devices = "cpu", _trainer_int(tcfg, "cpu_processes", 1) or 1
+    num_nodes = _trainer_int(tcfg, "num_nodes", 1) or 1
     strategy = tcfg.get("strategy") or "auto"
     if strategy in ("auto", "ddp") and devices * num_nodes > 1:
         # Scenes differ per process (train_data_mode=each), so some parameters see no gradient.
         strategy = DDPStrategy(find_unused_parameters=True)
     return dict(
         accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
-        max_epochs=int(tcfg["max_epochs"]), max_steps=int(tcfg["max_steps"]),
+        max_epochs=_trainer_int(tcfg, "max_epochs"), max_steps=_trainer_int(tcfg, "max_steps"),
         limit_train_batches=tcfg["limit_train_batches"], limit_val_batches=tcfg["limit_val_batches"],
-        check_val_every_n_epoch=int(tcfg["check_val_every_n_epoch"]),
-        reload_dataloaders_every_n_epochs=int(tcfg["reload_dataloaders_every_n_epochs"]),
-        log_every_n_steps=int(tcfg["log_every_n_steps"]), enable_progress_bar=bool(tcfg["enable_progress_bar"]),
-        num_sanity_val_steps=int(tcfg["num_sanity_val_steps"]), use_distributed_sampler=False,
+        check_val_every_n_epoch=_trainer_int(tcfg, "check_val_every_n_epoch"),
+        reload_dataloaders_every_n_epochs=_trainer_int(tcfg, "reload_dataloaders_every_n_epochs"),
+        log_every_n_steps=_trainer_int(tcfg, "log_every_n_steps"),
+        enable_progress_bar=bool(tcfg["enable_progress_bar"]),
+        num_sanity_val_steps=_trainer_int(tcfg, "num_sanity_val_steps"), use_distributed_sampler=False,
         enable_checkpointing=False,
     )
 

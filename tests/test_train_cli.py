@@ -155,6 +155,11 @@ def test_trainer_gpus_maps_to_lightning():
     if not torch.cuda.is_available():
         with pytest.raises(UsageError, match="trainer.gpus=4"):
             trainer_kwargs({**base, "gpus": 4}, "npbg")
+    # a value that is no whole number names its key (int() said "invalid literal for int() with base 10")
+    assert trainer_kwargs({**base, "max_epochs": "3", "max_steps": "1e3"}, "npbg")["max_steps"] == 1000
+    for key, value in (("max_epochs", "abc"), ("log_every_n_steps", 2.5), ("num_nodes", "two")):
+        with pytest.raises(UsageError, match=f"trainer.{key} must be a whole number, got {value!r}"):
+            trainer_kwargs({**base, key: value}, "npbg")
 
 
 def test_scene_rotation_is_a_seeded_permutation():
