@@ -20,18 +20,16 @@ class UsageError(ValueError):
 
 
 def _trainer_int(tcfg: dict, key: str, default: int | None = None) -> int:
-    """``trainer.<key>`` as an int (``4``, ``"4"``, ``4.0``, ``"1e3"``); UsageError naming the key otherwise
-    (int() alone answered ``trainer.max_epochs=abc`` with "invalid literal for int() with base 10: 'abc'")."""
+    """``trainer.<key>`` as an int; UsageError naming the key for anything else."""
+    from .data import DataConfigError, config_number
+
     value = tcfg.get(key) if default is not None else tcfg[key]
     if value is None and default is not None:
         return default
     try:
-        number = float(value) if isinstance(value, str) else value
-        if isinstance(number, bool) or not isinstance(number, int | float) or number != int(number):
-            raise ValueError
-        return int(number)
-    except (ValueError, OverflowError):
-        raise UsageError(f"trainer.{key} must be a whole number, got {value!r}") from None
+        return config_number(value, f"trainer.{key}")
+    except DataConfigError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def trainer_kwargs(tcfg: dict, system_name: str) -> dict:

@@ -28,8 +28,28 @@ class DataConfigError(ValueError):
     """A dataset configuration that cannot work (missing folder, empty scene, ...)."""
 
 
-def _as_int_or_none(value: Any) -> int | None:
-    return None if value is None else int(float(value))
+def config_number(value: Any, key: str, kind: type = int, optional: bool = False) -> Any:
+    """A numeric config value (``4``, ``"4"``, ``6e6``, ``"1e3"``) as ``kind`` (int: a whole
+    number), None for null when ``optional``; DataConfigError naming ``key`` otherwise (int() and
+    float() alone answered ``datasets.n_point=abc`` with "could not convert string to float: 'abc'")."""
+    if value is None and optional:
+        return None
+    try:
+        number = float(value) if isinstance(value, str) else value
+        if isinstance(number, bool) or not isinstance(number, int | float) or number != number:
+            raise ValueError
+        if kind is int:
+            if number != int(number):
+                raise ValueError
+            return int(number)
+        return float(number)
+    except (ValueError, OverflowError):
+        what = "a whole number" if kind is int else "a number"
+        raise DataConfigError(f"{key} must be {what}{' or null' if optional else ''}, got {value!r}") from None
+
+
+def _as_int_or_none(value: Any, key: str) -> int | None:
+    return config_number(value, key, int, optional=True)
 
 
 def discover_scene_dirs(dcfg: dict) -> list[tuple[str, str]]:
@@ -141,10 +161,13 @@ def load_scenes(dcfg: dict, max_points: int | None) -> list:
     options = dict(dcfg.get("options") or {})
     if dcfg.get("pc_name"):
         options.setdefault("pc_name", dcfg["pc_name"])
-    limits = [v for v in (_as_int_or_none(dcfg.get("n_point")), max_points) if v is not None]
+    limits = [v for v in (_as_int_or_none(dcfg.get("n_point"), "datasets.n_point"), max_points) if v is not None]
     limit = min(limits) if limits else None
     kinds = variant_kinds(dcfg)
-    budget = [int(float(dcfg.get("cache_images_max_gb") or 0) * 2**30)] if dcfg.get("cache_images") else None
+    budget = None
+    if dcfg.get("cache_images"):
+        gb = config_number(dcfg.get("cache_images_max_gb") or 0, "datasets.cache_images_max_gb", float)
+        budget = [int(gb * 2**30)]
     scenes = []
     for name, folder in discover_scene_dirs(dcfg):
         variants = _load_variants(folder, kinds, limit) if kinds is not False else []
@@ -371,29 +394,31 @@ class SceneDataModule(pl.LightningDataModule):
         self.dcfg = OmegaConf.to_container(d, resolve=True) if OmegaConf.is_config(d) else dict(d)
         self.seed = int(seed)
         sys_cfg = cfg.system
-        self.scenes = load_scenes(self.dcfg, _as_int_or_none(sys_cfg.get("max_points")))
-        self.per_epoch = _as_int_or_none(sys_cfg.get("max_scenes_per_train_epoch"))
+        self.scenes = load_scenes(self.dcfg, _as_int_or_none(sys_cfg.get("max_points"), "system.max_points"))
+        self.per_epoch = _as_int_or_none(sys_cfg.get("max_scenes_per_train_epoch"),
+                                         "system.max_scenes_per_train_epoch")
         self.batch_size = int(cfg.dataloader.batch_size)
         self.num_workers = int(cfg.dataloader.num_workers)
         self.mode = str(cfg.dataloader.train_data_mode)
-        self.num_samples = int(float(d.train_num_samples))
+        self.num_samples = config_number(d.train_num_samples, "datasets.train_num_samples")
         size = d.train_image_size
-        if size is not None and not isinstance(size, int | float):
-            size = tuple(int(s) for s in size)
+        if size is not None and not isinstance(size, int | float | str):
+            size = tuple(config_number(s, "datasets.train_image_size") for s in size)
         elif size is not None:
-            size = int(size)
+            size = config_number(size, "datasets.train_image_size")
         zoom = d.train_random_zoom
         self.opts = SampleOptions(
             image_size=size,
-            zoom_range=(1.0, 1.0) if zoom is None else tuple(float(z) for z in zoom),
+            zoom_range=(1.0, 1.0) if zoom is None else tuple(config_number(z, "datasets.train_random_zoom", float)
+                                                              for z in zoom),
             random_shift=bool(d.train_random_shift),
-            selection_count=int(d.selection_count),
-            input_view_max_side=_as_int_or_none(d.input_view_max_side),
-            jitter_prob=float(d.color_jitter_prob),
+            selection_count=config_number(d.selection_count, "datasets.selection_count"),
+            input_view_max_side=_as_int_or_none(d.input_view_max_side, "datasets.input_view_max_side"),
+            jitter_prob=config_number(d.color_jitter_prob, "datasets.color_jitter_prob", float),
             loss_on_object_mask=bool(d.loss_on_object_mask),
         )
-        self.val_max = _as_int_or_none(d.val_num_samples)
-        self.eval_max = _as_int_or_none(d.max_eval_views)
+        self.val_max = _as_int_or_none(d.val_num_samples, "datasets.val_num_samples")
+        self.eval_max = _as_int_or_none(d.max_eval_views, "datasets.max_eval_views")
 
     @property
     def scene_names(self) -> list[str]:

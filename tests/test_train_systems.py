@@ -512,3 +512,23 @@ def test_export_uses_the_cloud_the_run_fitted(tmp_path):
     assert export_main(["--checkpoint", weights, "--scene", os.path.join(root, "sceneD"), "--pc-name", "dense.ply",
                         "--views", "all", "--out", out]) == 0
     assert NeuralScene.load(out).points.shape == (200, 3)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("datasets.n_point=abc", "datasets.n_point must be a whole number or null, got 'abc'"),
+    ("system.max_points=lots", "system.max_points must be a whole number or null, got 'lots'"),
+    ("datasets.selection_count=x", "datasets.selection_count must be a whole number, got 'x'"),
+    ("datasets.train_random_zoom=[a,2]", "datasets.train_random_zoom must be a number, got 'a'"),
+    ("datasets.train_image_size=big", "datasets.train_image_size must be a whole number, got 'big'"),
+])
+def test_a_config_number_that_is_not_a_number_names_its_key(data_root, override, message):
+    """int() / float() alone said "could not convert string to float: 'abc'"."""
+    from headless_train.data import DataConfigError, SceneDataModule
+
+    cfg = compose_cfg(["datasets=nerf_blender_one_scene", f"datasets.data_root={data_root}",
+                       "datasets.scene_name=sceneA", override])
+    with pytest.raises(DataConfigError, match=message):
+        SceneDataModule(cfg, seed=3407)
+    assert SceneDataModule(compose_cfg(["datasets=nerf_blender_one_scene", f"datasets.data_root={data_root}",
+                                        "datasets.scene_name=sceneA", "datasets.n_point=1e2"]),
+                           seed=3407).scenes[0].points.shape[0] == 100
