@@ -93,6 +93,8 @@ def test_zero_step_aligned_fit_renders_as_npbgpp_and_unaligned_in_the_views_fram
     aligned = fit_coefficients(model, agg, views, steps=0, perceptual_weight=0, aligned=True).model
     plain = fit_coefficients(model, agg, views, steps=0, perceptual_weight=0, aligned=False).model
     assert aligned.config.align_during_rendering and not plain.config.align_during_rendering
+    # upright by default (BENCHMARKS.md "Upright fitted scenes")
+    assert fit_coefficients(model, agg, views, steps=0, perceptual_weight=0).model.config.align_during_rendering
     unaligned = copy.deepcopy(model)
     unaligned.config = dataclasses.replace(model.config, align_during_rendering=False)
     for degrees, rolled in ((0, False), (40, True), (90, True)):

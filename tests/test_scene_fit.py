@@ -46,6 +46,7 @@ def test_fitted_bundle_renders_as_the_fit(aggregated, tmp_path):
     assert result.steps == 3 and len(result.losses) == 3
     fitted = NeuralScene.load(out)
     assert fitted.kind == "coefficients" and fitted.metadata["fit"]["steps"] == 3
+    assert fitted.model_config["align_during_rendering"] is True  # the library's fits' default
     assert fitted.metadata["fit"]["source"] == "agg.npbgpp" and fitted.metadata["dataset"] == str(data.root)
     source = NeuralScene.load(bundle)
     assert torch.equal(fitted.points, source.points) and torch.equal(fitted.valid, source.valid)
