@@ -60,6 +60,10 @@ def evaluate(system, cfg: dict, run_dir: str, write_descriptors: str | None = No
                 "+datasets.options.test_indices=[...] (H3DS: +datasets.options.views_config=[...] names the input "
                 "views, the others are tested)" + (f"; datasets.max_eval_views={max_views}" if max_views is not None
                                                     else ""))
+        small = min((min(scene.views[v].camera.image_size), scene.views[v].name) for v in views)
+        if 2 * suite.border >= small[0]:  # before any view is rendered, naming the option
+            raise ValueError(f"datasets.eval_border_crop={suite.border} crops every pixel of view {small[1]} of scene "
+                             f"{scene.name} (its shorter side is {small[0]} pixels); lower it (0: no crop)")
         system.prepare_eval(sid)
         per_image = {}
         for v in views:

@@ -532,3 +532,14 @@ def test_a_config_number_that_is_not_a_number_names_its_key(data_root, override,
     assert SceneDataModule(compose_cfg(["datasets=nerf_blender_one_scene", f"datasets.data_root={data_root}",
                                         "datasets.scene_name=sceneA", "datasets.n_point=1e2"]),
                            seed=3407).scenes[0].points.shape[0] == 100
+
+
+def test_an_eval_border_crop_larger_than_the_views_is_named_before_rendering(data_root, tmp_path):
+    """ScanNet's configs crop 20 pixels; on smaller views the evaluation rendered, then said
+    'border 20 leaves nothing of a 30x40 image' without naming the option."""
+    run = tmp_path / "r"
+    with pytest.raises(ValueError, match=r"datasets.eval_border_crop=16 crops every pixel of view images/r_5 of scene "
+                                         r"sceneA \(its shorter side is 32 pixels\)"):
+        run_inproc(["datasets=nerf_blender_one_scene", f"datasets.data_root={data_root}", "datasets.scene_name=sceneA",
+                    "datasets.eval_border_crop=16", "eval_only=true", *FAST], str(run))
+    assert not (run / "renders").exists()
