@@ -52,8 +52,10 @@ class BundleFit:
     :func:`~npbgpp_core.fitting.fit_coefficients` on ``device``.
 
     The perceptual loss needs the NPBG++ file's image encoder, which bundles do not hold:
-    ``weights`` is that file; empty: the bundled file of ``domain``, or of the domain the
-    bundle was aggregated for (its metadata), or else the dataset's. The bundle's own
+    ``weights`` is that file; empty: the bundled file of ``domain``, or the weights file or
+    checkpoint ``headless_train export`` made the bundle with (its metadata, when that file
+    is still there), or the bundled file of the domain the bundle was aggregated for (its
+    metadata), or else the dataset's. The bundle's own
     basis and refiner weights are what the fit starts from.
 
     ``step()`` runs one step (True once all are done); ``done`` / ``total`` count them;
@@ -82,6 +84,9 @@ class BundleFit:
             raise ValueError(f"{self.bundle_path} was aggregated from the dataset {source}, not {data.root}: fit "
                              "it to its own dataset (or aggregate this one first)")
         self.bundle = bundle
+        source_weights = str(bundle.metadata.get("source_checkpoint") or "")  # headless_train export's network
+        if not weights and not domain and source_weights and os.path.isfile(source_weights):
+            weights = source_weights
         if not weights:
             domain = domain or str(bundle.metadata.get("domain") or "") or scene_domain(data)
             check_domain(domain)

@@ -148,3 +148,25 @@ def test_a_bundle_exported_by_headless_train_is_fitted_only_to_its_own_dataset(t
     with pytest.raises(ValueError, match=r"cli.npbgpp was aggregated from the dataset .*mine, not .*other"):
         BundleFit(out, load_scene(other), steps=1)
     assert BundleFit(out, load_scene(mine), steps=1).weights == default_weights_path("npbgpp", "object")
+
+
+def test_a_bundle_exported_from_a_training_run_fits_with_that_run_s_network(tmp_path):
+    """The fit needs the encoder of the network a bundle was aggregated with. A bundle that
+    `headless_train export` made from a run's checkpoint was refused ('aggregated with
+    another NPBG++ network than npbgpp_sphere.safetensors') unless that file was named;
+    the bundle records it, and the fit now takes it."""
+    from headless_train.checkpoints import _file_checkpoint
+    from headless_train.export import main as export_main
+    from npbgpp_core.models import NPBGPlusPlus, NPBGPlusPlusConfig
+
+    mine = make_tiny_scene(str(tmp_path / "mine"), views=4, size=32, n_points=200, splits=(3, 0, 1))
+    torch.manual_seed(0)
+    config = NPBGPlusPlusConfig(world_up=(0.0, 0.0, 1.0), input_canvas="bounds")  # not the bundled files' config
+    model = NPBGPlusPlus(config)
+    ckpt = _file_checkpoint("run.ckpt", "npbgpp", "model.", model.state_dict(), config.to_dict())
+    ckpt_path = str(tmp_path / "last.ckpt")
+    torch.save(ckpt, ckpt_path)
+    out = str(tmp_path / "run.npbgpp")
+    assert export_main(["--checkpoint", ckpt_path, "--scene", mine, "--out", out, "--device", "cpu"]) == 0
+    job = BundleFit(out, load_scene(mine), steps=1)
+    assert job.weights == ckpt_path
