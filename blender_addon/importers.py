@@ -82,6 +82,22 @@ def create_camera(
     return obj
 
 
+def _views_blender_cannot_frame(views: list) -> list[tuple[str, tuple[int, int], float]]:
+    """``(name, (h, w), fy / fx)`` of the dataset views whose cameras (:func:`create_camera`:
+    square pixels, at the scene's one resolution, the first view's) do not reproduce them:
+    another image size, or pixels more than 0.1% from square."""
+    if not views:
+        return []
+    size = tuple(views[0].camera.image_size)
+    out = []
+    for view in views:
+        K = view.camera.K
+        ratio = float(K[1][1]) / float(K[0][0])
+        if tuple(view.camera.image_size) != size or abs(ratio - 1.0) > 1e-3:
+            out.append((view.name, tuple(view.camera.image_size), ratio))
+    return out
+
+
 def _bundle_object(context: Any, bundle_points: np.ndarray) -> bpy.types.Object | None:
     """The scene's point object when its ids name the bundle's points (each id the bundle
     point at the object's position): a dataset imported from wherever its folder now lies,
@@ -355,6 +371,7 @@ class IMPORT_SCENE_OT_npbgpp_dataset(bpy.types.Operator):
                 col.objects.unlink(cam)
             collection.objects.link(cam)
             cam["npbgpp_image"] = view.image_path
+            cam["npbgpp_image_size"] = [int(c.image_size[1]), int(c.image_size[0])]  # width, height
         context.scene.npbgpp.dataset_path = path
         context.scene.npbgpp.dataset_points = ""  # the new dataset's own cloud, not an older dense one
         context.scene.npbgpp.dataset_format = reply.format or ""
@@ -366,6 +383,14 @@ class IMPORT_SCENE_OT_npbgpp_dataset(bpy.types.Operator):
             context.scene.render.resolution_percentage = 100
             context.scene.camera = collection.objects[0]
         self.report({"INFO"}, f"Imported {len(reply.points)} points and {len(reply.views)} cameras.")
+        unmatched = _views_blender_cannot_frame(reply.views)
+        if unmatched:
+            name, (vh, vw), ratio = unmatched[0]
+            self.report({"WARNING"}, f"{len(unmatched)} of {len(reply.views)} cameras do not render their photo's "
+                                     f"framing: Blender has one render resolution (now {w}x{h}, the first view's) "
+                                     f"and square pixels, and e.g. {name} is {vw}x{vh} with fy/fx {ratio:.3f}. "
+                                     "Aggregate and Fit use the dataset's own cameras; each camera's photo size is in "
+                                     "its npbgpp_image_size property.")
         _drop_bundle_of_another_cloud(self, context, path)
         return {"FINISHED"}
 

@@ -600,6 +600,37 @@ def test_import_dataset_cameras_reproduce_views(scene):
     assert sc.npbgpp.dataset_path
 
 
+def test_import_dataset_warns_of_views_blender_cannot_frame(scene, capfd):
+    """Blender has one render resolution and square pixels: cameras of photos of another
+    size (portrait among landscape, as in a phone capture) or with fy != fx rendered another
+    framing than their photo without a word."""
+    import json
+
+    from PIL import Image
+
+    from npbgpp_core.ply import save_ply
+
+    root = scene["dir"] / "mixed"
+    (root / "train").mkdir(parents=True)
+    frames = []
+    for i, (w, h, fy_scale) in enumerate(((32, 24, 1.0), (24, 32, 1.0), (32, 24, 1.08))):
+        Image.fromarray(np.full((h, w, 3), 90, np.uint8)).save(root / "train" / f"r_{i}.png")
+        c2w = np.eye(4)
+        c2w[:3, 3] = (0.2 * i, -4.0, 0.5)
+        c2w[:3, :3] = [[1, 0, 0], [0, 0, 1], [0, -1, 0]]  # looking along +y, z up
+        frames.append({"file_path": f"./train/r_{i}", "transform_matrix": c2w.tolist(), "fl_x": 30.0,
+                       "fl_y": 30.0 * fy_scale, "cx": w / 2, "cy": h / 2, "w": w, "h": h})
+    (root / "transforms_train.json").write_text(json.dumps({"frames": frames}))
+    save_ply(str(root / "points3d.ply"), scene["points"], scene["colors"])
+    capfd.readouterr()
+    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root)) == {"FINISHED"}
+    warnings = [line for line in capfd.readouterr().out.splitlines() if line.startswith("Warning: ")]
+    assert len(warnings) == 1 and "2 of 3 cameras do not render their photo's framing" in warnings[0]
+    assert "(now 32x24, the first view's)" in warnings[0] and "r_1 is 24x32 with fy/fx 1.000" in warnings[0]
+    sizes = sorted(tuple(o["npbgpp_image_size"]) for o in bpy.data.objects if "npbgpp_image_size" in o)
+    assert sizes == [(24, 32), (32, 24), (32, 24)]
+
+
 def test_import_dataset_allow_external_paths(scene):
     """A NeRF dataset whose file_path leaves its folder is refused by default, the message
     naming the option and where it is; with the Import Dataset dialog's Allow External
