@@ -134,6 +134,7 @@ def _run(cfg: DictConfig, run_dir: str) -> dict | None:
             raise UsageError(f"{resume_path} belongs to system '{resume_ckpt['npbgpp']['system']}', not '{name}'")
         check_resumed_warmup(resume_ckpt, resume_path, scfg)
         resumed_up = resume_ckpt["npbgpp"].get("config", {}).get("world_up")
+        resumed_meta = resume_ckpt["npbgpp"]
         if source_ckpt is None:
             source_ckpt = resume_ckpt
         del resume_ckpt
@@ -143,6 +144,7 @@ def _run(cfg: DictConfig, run_dir: str) -> dict | None:
     resolve_run_world_up(scfg, datamodule.scenes)
     if resume_path is not None:
         check_resumed_world_up(resumed_up, resume_path, up_spec, scfg.get("world_up"))
+        check_resumed_scenes(resumed_meta, resume_path, name, datamodule.scenes)
     system = build_system(container, datamodule.scenes, source_ckpt)
     if system.loss_message():
         log.warning(system.loss_message())
@@ -225,6 +227,21 @@ def _override(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ",".join(_override(v) for v in value) + "]"
     return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def check_resumed_scenes(meta: dict, path: str, system_name: str, scenes: list) -> None:
+    """UsageError when an NPBG / coefficients_ft run resumes on other scenes or other point
+    counts than its checkpoint's (their per-point descriptors would not fit: load_state_dict
+    answered with a page of unexpected and missing keys)."""
+    if system_name not in ("npbg", "coefficients_ft"):
+        return  # NPBG++ has no per-scene parameters
+    had = list(zip(meta.get("scenes", []), meta.get("points", []), strict=False))
+    now = [(s.name, int(s.points.shape[0])) for s in scenes]
+    if had and sorted(had) != sorted(now):
+        before, after = (", ".join(f"{n} ({p} points)" for n, p in sorted(pairs)) for pairs in (had, now))
+        raise UsageError(f"resume=true: {path} holds the descriptors of {before}; this run loads {after}. "
+                         "Resume with the datasets.* and system.max_points of that run, or start a new run "
+                         "folder with weights_path= pointing at it")
 
 
 def check_resumed_warmup(ckpt: dict, path: str, scfg: dict) -> None:

@@ -543,3 +543,20 @@ def test_an_eval_border_crop_larger_than_the_views_is_named_before_rendering(dat
         run_inproc(["datasets=nerf_blender_one_scene", f"datasets.data_root={data_root}", "datasets.scene_name=sceneA",
                     "datasets.eval_border_crop=16", "eval_only=true", *FAST], str(run))
     assert not (run / "renders").exists()
+
+
+def test_resuming_npbg_on_other_scenes_is_refused_naming_them(data_root, tmp_path):
+    """Resuming an NPBG run with another scene set (or point count) failed in
+    load_state_dict with a page of unexpected keys."""
+    from headless_train.cli import UsageError
+
+    base = ["datasets=nerf_blender_pretrain", f"datasets.data_root={data_root}", "datasets.selection_count=0",
+            "system=npbg", "datasets.train_num_samples=1", "system.max_points=100", *FAST]
+    run = str(tmp_path / "run")
+    run_inproc([*base, "trainer.max_epochs=1"], run)
+    with pytest.raises(UsageError, match=r"holds the descriptors of sceneA \(100 points\), sceneB \(100 points\); "
+                                         r"this run loads sceneA \(100 points\)"):
+        run_inproc([*base, "datasets.scene_names=[sceneA]", "trainer.max_epochs=2", "resume=true"], run)
+    with pytest.raises(UsageError, match=r"this run loads sceneA \(80 points\), sceneB \(80 points\)"):
+        run_inproc([*base, "system.max_points=80", "trainer.max_epochs=2", "resume=true"], run)
+    run_inproc([*base, "trainer.max_epochs=2", "resume=true"], run)  # the same scenes resume
