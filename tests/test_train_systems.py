@@ -560,3 +560,22 @@ def test_resuming_npbg_on_other_scenes_is_refused_naming_them(data_root, tmp_pat
     with pytest.raises(UsageError, match=r"this run loads sceneA \(80 points\), sceneB \(80 points\)"):
         run_inproc([*base, "system.max_points=80", "trainer.max_epochs=2", "resume=true"], run)
     run_inproc([*base, "trainer.max_epochs=2", "resume=true"], run)  # the same scenes resume
+
+
+def test_npbg_evaluation_needs_descriptors_fitted_to_the_scene(data_root, tmp_path):
+    """An NPBG checkpoint fitted on sceneB, evaluated on sceneA: the refiner loaded, sceneA's
+    descriptors stayed random, and metrics.json reported them as the model's quality."""
+    from headless_train.cli import UsageError
+
+    base = ["datasets=nerf_blender_one_scene", f"datasets.data_root={data_root}", "datasets.selection_count=0",
+            "system=npbg", "datasets.train_num_samples=1", *FAST]
+    run_inproc([*base, "datasets.scene_name=sceneB", "trainer.max_epochs=1"], str(tmp_path / "b"))
+    weights = f"weights_path={tmp_path}/b/checkpoints/last.ckpt"
+    with pytest.raises(UsageError, match=r"holds no descriptors fitted to sceneA \(300 points\) \(it holds sceneB "
+                                         r"\(300 points\)\)"):
+        run_inproc([*base, "datasets.scene_name=sceneA", weights, "eval_only=true"], str(tmp_path / "ea"))
+    with pytest.raises(UsageError, match=r"fitted to sceneB \(120 points\)"):
+        run_inproc([*base, "datasets.scene_name=sceneB", "system.max_points=120", weights, "eval_only=true"],
+                   str(tmp_path / "eb"))
+    result = run_inproc([*base, "datasets.scene_name=sceneB", weights, "eval_only=true"], str(tmp_path / "ok"))
+    assert math.isfinite(result["mean"]["psnr"])
