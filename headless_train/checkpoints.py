@@ -241,14 +241,17 @@ def check_compatible(ckpt: dict, path: str, system_name: str, system_config: dic
 # An NPBG++ scene's environment map (C + 1, rows * cols) beside its coefficients:
 # <folder>/<scene><BACKGROUND_SUFFIX>, the same file format.
 BACKGROUND_SUFFIX = ".background"
-MAP_WORLD_UP_KEY = "world_up"  # safetensors metadata of such a map: the frame it lies in (JSON list)
+# safetensors metadata of such a map, and of NPBG++ coefficients: the frame it lies in / the up
+# axis the views were aligned about when they were aggregated (JSON list)
+MAP_WORLD_UP_KEY = "world_up"
 
 
 def save_descriptors(folder: str, scene_name: str, tensor: torch.Tensor,
                      world_up: Sequence[float] | None = None) -> str:
     """Write a float32 [n_points, D] tensor to ``<folder>/<scene_name>`` (safetensors, atomic).
-    ``world_up``: the frame an environment map lies in, recorded in the file's metadata
-    (:func:`map_world_up`) so that a run starting from it can take that frame."""
+    ``world_up``: the frame an environment map lies in, or the up axis NPBG++ coefficients
+    were aggregated about, recorded in the file's metadata (:func:`map_world_up`) so that a
+    run starting from it can take that frame."""
     from safetensors.torch import save as st_save
 
     t = tensor.detach().float().cpu().contiguous()
@@ -261,11 +264,11 @@ def save_descriptors(folder: str, scene_name: str, tensor: torch.Tensor,
 
 
 def map_world_up(path: str) -> tuple[float, float, float] | None:
-    """The ``world_up`` a descriptor file records (an environment map written with it by
-    :func:`save_descriptors`); None when it records none (written before the record existed,
-    or a torch.save'd tensor) and when its header cannot be read (:func:`load_descriptors`
-    then names what is wrong with the file). ValueError naming the file for a record that
-    is not a direction."""
+    """The ``world_up`` a descriptor file records (an environment map or coefficients written
+    with it by :func:`save_descriptors`); None when it records none (written before the
+    record existed, or a torch.save'd tensor) and when its header cannot be read
+    (:func:`load_descriptors` then names what is wrong with the file). ValueError naming the
+    file for a record that is not a direction."""
     from npbgpp_core.models.alignment import check_world_up
 
     with open(path, "rb") as f:

@@ -186,6 +186,35 @@ def test_coefficients_ft_trains_and_evaluates(npbgpp_eval, npbgpp_run, data_root
                    os.path.join(npbgpp_run, "exp/ft_bad"))
 
 
+def test_coefficients_ft_renders_upright_about_the_axis_its_coefficients_were_aggregated_about(
+        npbgpp_run, data_root, tmp_path):
+    """The published evaluate -> fine-tune lines with no world_up flag on the fine-tune and
+    no environment map: the evaluation aligned its views about system.world_up=[0,0,1] (the
+    checkpoint stored +Y); its coefficient files record that axis, and coefficients_ft, whose
+    model renders upright, takes it (it took the checkpoint's +Y, the coefficients then
+    rendered upright about another axis than they were aggregated about). Its own
+    coefficients record it for the test run."""
+    from headless_train.checkpoints import load_source_checkpoint, map_world_up
+
+    pre = f"{npbgpp_run}/exp/pre/checkpoints/last.ckpt"
+    assert load_source_checkpoint(pre)["npbgpp"]["config"]["world_up"] == [0.0, 1.0, 0.0]
+    ev = str(tmp_path / "eval")
+    run_inproc(["datasets=nerf_blender_one_scene", f"datasets.data_root={data_root}", "datasets.scene_name=sceneA",
+                "system=npbgpp_sphere", "system.world_up=[0,0,1]", "eval_only=true", "dataloader=small",
+                f"weights_path={pre}"], ev)
+    assert not os.path.exists(f"{ev}/descriptors/sceneA.background")
+    assert map_world_up(f"{ev}/descriptors/sceneA") == (0.0, 0.0, 1.0)
+    ft = str(tmp_path / "ft")
+    run_inproc(["datasets=h3ds_one_scene", "datasets.format=nerf_synthetic", f"datasets.data_root={data_root}",
+                "datasets.scene_name=sceneA", "datasets.selection_count=0", "system=coefficients_ft",
+                "dataloader=small", "trainer.enable_progress_bar=false", "datasets.train_num_samples=1",
+                "trainer.max_epochs=1", "trainer.limit_val_batches=0", f"weights_path={pre}",
+                f"system.descriptors_pretrained_dir={ev}/descriptors"], ft)
+    config = load_source_checkpoint(f"{ft}/checkpoints/last.ckpt")["npbgpp"]["config"]
+    assert config["world_up"] == [0.0, 0.0, 1.0] and config["align_during_rendering"] is True
+    assert map_world_up(f"{ft}/descriptors/sceneA") == (0.0, 0.0, 1.0)
+
+
 def test_export_bundles_render(npbgpp_run, data_root, tmp_path):
     from npbgpp_core import Camera
     from npbgpp_core.scene import NeuralScene

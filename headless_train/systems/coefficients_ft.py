@@ -47,10 +47,12 @@ def coefficients_config(source: dict) -> NPBGConfig:
 def run_world_up(scfg: dict, scene_names: list[str]) -> tuple[float, float, float] | None:
     """The up axis of a coefficients_ft run, None: the source's. It belongs to the scenes,
     not to the source's weights (a weights file's own +Z need not be theirs): the given
-    ``system.world_up``; else (null) the frame the environment maps it starts from record
-    (``descriptors_pretrained_dir/<scene>.background``, written by the NPBG++ evaluation or
-    an earlier coefficients_ft run with its world_up), so evaluate -> fine-tune -> test
-    agree without a flag. ValueError naming the field or the files."""
+    ``system.world_up``; else (null) the frame the files it starts from record (in
+    ``descriptors_pretrained_dir``: the coefficients ``<scene>`` and environment maps
+    ``<scene>.background`` that the NPBG++ evaluation or an earlier coefficients_ft run wrote
+    with its world_up), so evaluate -> fine-tune -> test agree without a flag: the model
+    renders upright about the axis the coefficients were aggregated with, and reads the map
+    in its frame. ValueError naming the field or the files."""
     from npbgpp_core.models.alignment import check_world_up
 
     up = scfg.get("world_up")
@@ -60,15 +62,16 @@ def run_world_up(scfg: dict, scene_names: list[str]) -> tuple[float, float, floa
         except ValueError as exc:
             raise ValueError(f"system.world_up: {exc}") from None
     folder = scfg.get("descriptors_pretrained_dir")
-    paths = [os.path.join(str(folder), n + BACKGROUND_SUFFIX) for n in scene_names] if folder else []
+    paths = [os.path.join(str(folder), n + suffix) for n in scene_names for suffix in ("", BACKGROUND_SUFFIX)
+             ] if folder else []
     frames = {p: map_world_up(p) for p in paths if os.path.isfile(p)}
     frames = {p: f for p, f in frames.items() if f is not None}
     if len({tuple(round(v, 6) for v in f) for f in frames.values()}) > 1:
-        raise ValueError("system.world_up=null, but the environment maps lie in different frames: "
+        raise ValueError("system.world_up=null, but the descriptor files lie in different frames: "
                          + ", ".join(f"{p}: {list(f)}" for p, f in frames.items()) + "; give system.world_up")
     if frames:
         path, up = next(iter(frames.items()))
-        log.info("system.world_up=null: %s, the frame of the environment map %s", list(up), path)
+        log.info("system.world_up=null: %s, the frame of %s", list(up), path)
         return up
     return None
 

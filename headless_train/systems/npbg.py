@@ -123,13 +123,15 @@ class NPBGSystem(BaseSystem):
     def save_scene_descriptors(self, folder: str, scene_id: int) -> str:
         """The scene's descriptors, and its environment map (``<scene>.background``, as an
         NPBG++ evaluation writes it) when the model has one, so that a run started from this
-        folder (``descriptors_pretrained_dir``) gets the learnt map, not zeros."""
+        folder (``descriptors_pretrained_dir``) gets the learnt map, not zeros. The map, and
+        coefficients_ft's coefficients (``use_basis``: aggregated about it), record world_up."""
         model = self.scene_model(scene_id)
-        path = save_descriptors(folder, self.scene_names[scene_id], model.descriptors)
+        up = model.config.world_up
+        path = save_descriptors(folder, self.scene_names[scene_id], model.descriptors,
+                                up if model.config.use_basis else None)
         if model.environment is not None:
             env = model.environment.detach()
-            save_descriptors(folder, self.scene_names[scene_id] + BACKGROUND_SUFFIX, env.reshape(env.shape[0], -1),
-                             model.config.world_up)
+            save_descriptors(folder, self.scene_names[scene_id] + BACKGROUND_SUFFIX, env.reshape(env.shape[0], -1), up)
         return path
 
     def load_initial_weights(self, ckpt: dict, path: str) -> None:

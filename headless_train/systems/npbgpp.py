@@ -172,13 +172,15 @@ class NPBGPlusPlusSystem(BaseSystem):
         return coef.reshape(coef.shape[0], -1)
 
     def save_scene_descriptors(self, folder: str, scene_id: int) -> str:
-        """The scene's coefficients (and its environment map, ``<scene>.background``, which
-        records the run's world_up: coefficients_ft started from it takes that frame)."""
-        path = save_descriptors(folder, self.scene_names[scene_id], self.coefficients(scene_id))
+        """The scene's coefficients (and its environment map, ``<scene>.background``); both
+        files record the run's world_up (the coefficients were aggregated from views aligned
+        about it, the map lies in its frame): coefficients_ft started from them takes it."""
+        up = self.model.config.world_up
+        path = save_descriptors(folder, self.scene_names[scene_id], self.coefficients(scene_id), up)
         background = self._eval_cache[scene_id].background
         if background is not None:
             save_descriptors(folder, self.scene_names[scene_id] + BACKGROUND_SUFFIX,
-                             background.reshape(background.shape[0], -1), self.model.config.world_up)
+                             background.reshape(background.shape[0], -1), up)
         return path
 
     def load_initial_weights(self, ckpt: dict, path: str) -> None:
