@@ -354,10 +354,10 @@ class SceneRenderer:
         the exact roll context), so the network's memory stays bounded; the result is on
         the CPU then. ``roll_context``: 'exact' or 'bounded' for rolled views of a model that
         renders them upright (:meth:`NPBGPlusPlus.render`); None keeps the model's (``'exact'``)."""
-        from .models.npbgpp import check_roll_context
+        from .models.rendering import check_roll_context
 
         if roll_context is not None:
-            check_roll_context(roll_context, getattr(self.model, "roll_margin", 0))
+            check_roll_context(roll_context, self.model.roll_margin)
         scale = quality_scale(quality)
         h, w = camera.image_size
         if max_pixels > 0 and h * w > max_pixels and scale == 1.0:

@@ -17,16 +17,7 @@ from .alignment import align_views, warp_images
 from .background import BackgroundSums, refiner_background_rasters, view_samples
 from .config import NPBGPlusPlusConfig
 from .refiner import BACKGROUND_LEVELS, Refiner
-
-# Re-exported: the rendering helpers' long-standing home.
-from .rendering import (  # noqa: F401
-    DEFAULT_ROLL_MARGIN,
-    ROLL_CONTEXTS,
-    DescriptorRendering,
-    autocast_context,
-    check_roll_context,
-    render_at_scale,
-)
+from .rendering import DescriptorRendering
 
 
 def check_points(points: torch.Tensor | Any) -> torch.Tensor:
