@@ -42,7 +42,7 @@ BACKGROUND_FIT_ROWS: int | None = None
 
 # Whether fit_coefficients' model renders rolled views upright, as NPBG++ does (its
 # ``aligned``; the model's config records it, so fitted bundles render the way they were fitted).
-# BENCHMARKS.md "Upright fitted scenes": +0.2 to +0.4 dB on 4 real captures.
+# BENCHMARKS.md "Upright fitted scenes": +0.19 to +0.48 dB mean on 4 real captures.
 FIT_ALIGNED = True
 
 # Linear learning-rate warm-up of fit_coefficients, in steps: a fixed ramp, so that a fit of
