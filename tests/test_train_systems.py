@@ -541,6 +541,15 @@ def test_export_uses_the_cloud_the_run_fitted(tmp_path):
     assert export_main(["--checkpoint", weights, "--scene", os.path.join(root, "sceneD"), "--pc-name", "dense.ply",
                         "--views", "all", "--out", out]) == 0
     assert NeuralScene.load(out).points.shape == (200, 3)
+    # a cloud outside the scene folder is recorded by its absolute path
+    elsewhere = str(tmp_path / "elsewhere.ply")
+    save_ply(elsewhere, dense[:150])
+    run_inproc(["datasets=nerf_blender_one_scene", f"datasets.data_root={root}", "datasets.scene_name=sceneD",
+                f"datasets.pc_name={elsewhere}", "datasets.selection_count=0", "system=npbg", "trainer.max_epochs=1",
+                "datasets.train_num_samples=1", *FAST], str(tmp_path / "run2"))
+    assert export_main(["--checkpoint", str(tmp_path / "run2/checkpoints/last.ckpt"), "--scene",
+                        os.path.join(root, "sceneD"), "--out", out]) == 0
+    torch.testing.assert_close(NeuralScene.load(out).points, torch.from_numpy(dense[:150]).float())
 
 
 @pytest.mark.parametrize("override, message", [

@@ -27,14 +27,15 @@ def module_key(scene_name: str) -> str:
 
 
 def point_cloud_name(scene) -> str | None:
-    """The .ply a scene's cloud came from, relative to its folder (what ``export`` passes as
-    ``pc_name`` so that descriptors meet the cloud they were fitted to); None for a cloud
-    that is no .ply inside the folder (a COLMAP model's points3D, the default of its loader)."""
+    """The .ply a scene's cloud came from, relative to its folder (absolute when it lies
+    elsewhere): what ``export`` passes as ``pc_name`` so that descriptors meet the cloud they
+    were fitted to. None for a cloud that is no .ply (a COLMAP model's points3D, the default
+    of its loader)."""
     path = scene.metadata.get("point_cloud")
     if not path or not str(path).lower().endswith(".ply"):
         return None
     rel = os.path.relpath(os.path.abspath(path), os.path.abspath(scene.root))
-    return None if rel.startswith(os.pardir) else rel.replace(os.sep, "/")
+    return os.path.abspath(path) if rel.startswith(os.pardir) else rel.replace(os.sep, "/")
 
 class BaseSystem(pl.LightningModule):
     """Subclasses implement ``sample_loss``, ``prepare_eval``, ``render_eval``,
