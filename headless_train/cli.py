@@ -145,7 +145,9 @@ def _run(cfg: DictConfig, run_dir: str) -> dict | None:
     if resume_path is not None:
         check_resumed_world_up(resumed_up, resume_path, up_spec, scfg.get("world_up"))
         check_resumed_scenes(resumed_meta, resume_path, name, datamodule.scenes)
-    system = build_system(container, datamodule.scenes, source_ckpt)
+    # A resumed run continues the model its checkpoint holds (coefficients_ft builds it from the
+    # stored config: its render alignment and up axis), not one rebuilt from weights_path's.
+    system = build_system(container, datamodule.scenes, {"npbgpp": resumed_meta} if resume_path else source_ckpt)
     if system.loss_message():
         log.warning(system.loss_message())
     if cfg.weights_path:

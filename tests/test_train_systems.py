@@ -215,6 +215,33 @@ def test_coefficients_ft_renders_upright_about_the_axis_its_coefficients_were_ag
     assert map_world_up(f"{ft}/descriptors/sceneA") == (0.0, 0.0, 1.0)
 
 
+def test_a_resumed_coefficients_ft_run_keeps_its_checkpoints_render_frame(npbgpp_run, data_root, tmp_path):
+    """resume=true with the published fine-tuning line (weights_path= the NPBG++ checkpoint)
+    continues with the model its checkpoint holds: one written before the alignment choice
+    was recorded keeps rendering in the view's frame (it was rebuilt from the NPBG++
+    checkpoint and switched to upright rendering mid-run)."""
+    from headless_train.checkpoints import atomic_torch_save, load_source_checkpoint
+
+    pre = f"{npbgpp_run}/exp/pre/checkpoints/last.ckpt"
+    ev = str(tmp_path / "eval")
+    run_inproc(["datasets=nerf_blender_one_scene", f"datasets.data_root={data_root}", "datasets.scene_name=sceneA",
+                "system=npbgpp_sphere", "eval_only=true", "dataloader=small", f"weights_path={pre}"], ev)
+    ft = str(tmp_path / "ft")
+    line = ["datasets=h3ds_one_scene", "datasets.format=nerf_synthetic", f"datasets.data_root={data_root}",
+            "datasets.scene_name=sceneA", "datasets.selection_count=0", "system=coefficients_ft", "dataloader=small",
+            "trainer.enable_progress_bar=false", "datasets.train_num_samples=1", "trainer.limit_val_batches=0",
+            f"weights_path={pre}", f"system.descriptors_pretrained_dir={ev}/descriptors"]
+    run_inproc([*line, "trainer.max_epochs=1"], ft)
+    last = f"{ft}/checkpoints/last.ckpt"
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    assert ckpt["npbgpp"]["config"].pop("align_during_rendering") is True
+    del ckpt["npbgpp"]["config"]["render_canvas"]
+    atomic_torch_save(ckpt, last)  # as written before the fields existed
+    run_inproc([*line, "trainer.max_epochs=2", "resume=true"], ft)
+    resumed = load_source_checkpoint(last)
+    assert resumed["epoch"] == 1 and resumed["npbgpp"]["config"]["align_during_rendering"] is False
+
+
 def test_export_bundles_render(npbgpp_run, data_root, tmp_path):
     from npbgpp_core import Camera
     from npbgpp_core.scene import NeuralScene

@@ -7,7 +7,8 @@ from .base import BaseSystem
 
 def build_system(cfg: dict, scenes: list, source_ckpt: dict | None = None) -> BaseSystem:
     """The system ``cfg['system']['name']`` over ``scenes``; ``source_ckpt`` is the weights_path
-    checkpoint (coefficients_ft reads the NPBG++ feature/basis sizes from it)."""
+    checkpoint, or the resumed one (coefficients_ft reads its model's config from it: the NPBG++
+    feature/basis sizes, background, up axis and render alignment)."""
     name = cfg["system"]["name"]
     if name == "npbgpp":
         from .npbgpp import NPBGPlusPlusSystem
