@@ -399,6 +399,35 @@ def test_viewport_session_renders_jobs_off_thread_and_shows_newest():
         HUB.shutdown()
 
 
+def test_viewport_coarse_neural_frame_of_a_small_viewport(tmp_path):
+    """A viewport 60 pixels high renders its moving frames at 1/4: 15 pixels, under the
+    network's coarsest level. The frame failed ('scale 0.0625 of a 15x20 image gives an
+    empty 0x1 image') until the view stopped; it now shows the neural image."""
+    from blender_addon.scene_snapshot import SceneSnapshot
+    from blender_addon.worker_client import HUB
+    from npbgpp_core.models import NPBG, NPBGConfig
+    from npbgpp_core.scene import NeuralScene
+
+    pts = np.random.default_rng(0).uniform(-1, 1, (200, 3)).astype(np.float32)
+    torch.manual_seed(0)
+    bundle = str(tmp_path / "b.npbgpp")
+    NeuralScene.from_npbg(NPBG(200, NPBGConfig()), torch.from_numpy(pts), None, name="b").save(bundle)
+    from blender_addon.viewport import ViewportSession
+
+    snap = SceneSnapshot(output="NEURAL", mode="IN_PROCESS", bundle_path=bundle, points=pts, colors=None,
+                         points_key="n")
+    K = opencv_intrinsics(50, 36, 24, "AUTO", 0, 0, 80, 60)
+    geo = CameraGeometry(K, np.diag([1.0, -1.0, -1.0]), np.array([0.0, 0.0, 5.0]), (60, 80))
+    session = ViewportSession(_Engine())
+    try:
+        job = session.scheduler.request("moving", (60, 80))
+        assert job.size == (15, 20)
+        session._run(job, geo.scaled(*job.size), snap, True)
+        assert session.message == "" and session.frame is not None and session.frame[1].shape == (15, 20, 4)
+    finally:
+        HUB.shutdown()
+
+
 _GPU_SCRIPT = r"""
 import sys
 sys.path.insert(0, sys.argv[1])
