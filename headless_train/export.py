@@ -34,6 +34,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--views", choices=("non-held-out", "all", "train"), default="non-held-out",
                    help="NPBG++: which views are aggregated")
     p.add_argument("--max-side", type=int, default=None, help="NPBG++: downscale input views to this long side")
+    p.add_argument("--undistort", action="store_true",
+                   help="COLMAP models with lens distortion: remap the photos to pinhole images on load")
     p.add_argument("--allow-external-paths", action="store_true",
                    help="NeRF-Synthetic / COLMAP: read image paths that leave the scene folder")
     p.add_argument("--world-up", default=None, metavar="auto|AXIS|X,Y,Z",
@@ -196,6 +198,8 @@ def export(args: argparse.Namespace) -> str:
     ckpt = load_source_checkpoint(args.checkpoint)
     system, _ = checkpoint_system(ckpt, args.checkpoint)
     options: dict = {"allow_external_paths": True} if args.allow_external_paths else {}
+    if args.undistort:
+        options["undistort"] = True
     name = args.scene_name or os.path.basename(os.path.normpath(args.scene))
     pc_name = args.pc_name or fitted_point_cloud(ckpt, system, name)
     if pc_name:

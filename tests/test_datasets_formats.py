@@ -370,8 +370,8 @@ def test_colmap_distortion_refused_or_undistorted(tmp_path, model):
     root = str(tmp_path / "d")
     dist = (0.05, -0.01, 0.002, -0.001)
     cams = write_colmap(root, True, models=(model,), dist=dist)
-    with pytest.raises(DatasetError, match=f"{model}.*--undistort; the add-on's Undistort.*prepare-capture.*"
-                                           "image_undistorter"):
+    with pytest.raises(DatasetError, match=f"{model}.*export: --undistort; training: \\+datasets.options.undistort="
+                                           "true; the add-on's Undistort.*prepare-capture.*image_undistorter"):
         load_scene(root)
     scene = load_scene(root, undistort=True)
     # the add-on's shared settings: undistort reaches COLMAP, white_bg (NeRF's) is left out

@@ -644,3 +644,22 @@ def test_npbg_evaluation_needs_descriptors_fitted_to_the_scene(data_root, tmp_pa
                    str(tmp_path / "eb"))
     result = run_inproc([*base, "datasets.scene_name=sceneB", weights, "eval_only=true"], str(tmp_path / "ok"))
     assert math.isfinite(result["mean"]["psnr"])
+
+
+def test_export_of_a_distorted_colmap_capture(tmp_path):
+    """The loader's refusal of a distorted COLMAP model said '--undistort', which export did
+    not have: such a capture could not be exported without preparing it first."""
+    from test_datasets_formats import write_colmap
+
+    from headless_train.export import main as export_main
+    from npbgpp_core.scene import NeuralScene
+
+    root = str(tmp_path / "garden")
+    write_colmap(root, True, models=("SIMPLE_RADIAL",), dist=(0.05, 0.0, 0.0, 0.0))
+    weights = os.path.join(ROOT, "npbgpp_core", "weights", "npbgpp_sphere.safetensors")
+    out = str(tmp_path / "g.npbgpp")
+    assert export_main(["--checkpoint", weights, "--scene", root, "--out", out, "--device", "cpu"]) == 2
+    assert not os.path.exists(out)
+    assert export_main(["--checkpoint", weights, "--scene", root, "--out", out, "--device", "cpu",
+                        "--undistort", "--views", "all"]) == 0
+    assert NeuralScene.load(out).points.shape == (50, 3)

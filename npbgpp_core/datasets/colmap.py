@@ -300,7 +300,8 @@ def _intrinsics(model: str, params: tuple[float, ...], cam_id: int, source: str,
     if not dist.is_identity() and not undistort:
         raise DatasetError(
             f"{source}: camera {cam_id} ({model}) has lens distortion {params[-4 if model == 'OPENCV' else -1:]}; "
-            "pass undistort=True (--undistort; the add-on's Undistort) to remap images on load, or undistort "
+            "pass undistort=True (densify / headless_train export: --undistort; training: "
+            "+datasets.options.undistort=true; the add-on's Undistort) to remap images on load, or undistort "
             "once with `python -m headless_train prepare-capture` or COLMAP: colmap image_undistorter "
             "--image_path images --input_path sparse/0 --output_path undistorted --output_type COLMAP"
         )
