@@ -154,8 +154,11 @@ def _run(cfg: DictConfig, run_dir: str) -> dict | None:
         system.load_initial_weights(source_ckpt, str(cfg.weights_path))
     elif name == "coefficients_ft" and resume_path is None:
         raise UsageError("system=coefficients_ft needs weights_path=<NPBG++ checkpoint> (its frozen basis MLP)")
-    if cfg.eval_only and name == "npbg" and source_ckpt is not None and not scfg.get("descriptors_pretrained_dir"):
-        check_fitted_scenes(source_ckpt, str(cfg.weights_path or resume_path), datamodule.scenes)
+    # a resumed evaluation loads the resumed checkpoint's descriptors (check_resumed_scenes checked them),
+    # not weights_path's
+    if (cfg.eval_only and name == "npbg" and resume_path is None and source_ckpt is not None
+            and not scfg.get("descriptors_pretrained_dir")):
+        check_fitted_scenes(source_ckpt, str(cfg.weights_path), datamodule.scenes)
     seeded_by_npbgpp = source_ckpt is not None and source_ckpt["npbgpp"]["system"] == "npbgpp"
     if name == "coefficients_ft" and not scfg.get("descriptors_pretrained_dir") and seeded_by_npbgpp:
         raise UsageError("system=coefficients_ft needs system.descriptors_pretrained_dir (coefficients written "

@@ -663,3 +663,17 @@ def test_export_of_a_distorted_colmap_capture(tmp_path):
     assert export_main(["--checkpoint", weights, "--scene", root, "--out", out, "--device", "cpu",
                         "--undistort", "--views", "all"]) == 0
     assert NeuralScene.load(out).points.shape == (50, 3)
+
+
+def test_a_resumed_npbg_evaluation_uses_the_resumed_descriptors(data_root, tmp_path):
+    """eval_only=true resume=true on a run seeded with weights_path=<refiner file> (the run's
+    own command line plus eval_only): the fitted-descriptors check read the refiner file,
+    which holds none, and refused the run whose last.ckpt holds them."""
+    refiner = os.path.join(ROOT, "npbgpp_core", "weights", "npbg_refiner_procedural.safetensors")
+    base = ["datasets=nerf_blender_one_scene", f"datasets.data_root={data_root}", "datasets.selection_count=0",
+            "datasets.scene_name=sceneB", "system=npbg", "datasets.train_num_samples=1", f"weights_path={refiner}",
+            *FAST]
+    run = str(tmp_path / "run")
+    run_inproc([*base, "trainer.max_epochs=1"], run)
+    result = run_inproc([*base, "resume=true", "eval_only=true"], run)
+    assert math.isfinite(result["mean"]["psnr"])
