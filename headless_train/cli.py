@@ -154,15 +154,15 @@ def _run(cfg: DictConfig, run_dir: str) -> dict | None:
         system.load_initial_weights(source_ckpt, str(cfg.weights_path))
     elif name == "coefficients_ft" and resume_path is None:
         raise UsageError("system=coefficients_ft needs weights_path=<NPBG++ checkpoint> (its frozen basis MLP)")
-    # a resumed evaluation loads the resumed checkpoint's descriptors (check_resumed_scenes checked them),
-    # not weights_path's
-    if (cfg.eval_only and name == "npbg" and resume_path is None and source_ckpt is not None
-            and not scfg.get("descriptors_pretrained_dir")):
-        check_fitted_scenes(source_ckpt, str(cfg.weights_path), datamodule.scenes)
     seeded_by_npbgpp = source_ckpt is not None and source_ckpt["npbgpp"]["system"] == "npbgpp"
     if name == "coefficients_ft" and not scfg.get("descriptors_pretrained_dir") and seeded_by_npbgpp:
         raise UsageError("system=coefficients_ft needs system.descriptors_pretrained_dir (coefficients written "
                          "by an NPBG++ eval_only run)")
+    # a resumed evaluation loads the resumed checkpoint's descriptors (check_resumed_scenes checked them),
+    # not weights_path's
+    if (cfg.eval_only and name in ("npbg", "coefficients_ft") and resume_path is None and source_ckpt is not None
+            and not scfg.get("descriptors_pretrained_dir")):
+        check_fitted_scenes(source_ckpt, str(cfg.weights_path), name, datamodule.scenes)
     del source_ckpt
 
     if cfg.eval_only:
@@ -236,10 +236,10 @@ def _override(value: Any) -> str:
     return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def check_fitted_scenes(ckpt: dict, path: str, scenes: list) -> None:
-    """UsageError when an NPBG evaluation's checkpoint holds no descriptors fitted to one of
-    its scenes (another scene, or another point count): the refiner loaded, the scene's
-    descriptors stayed at their random start, and the metrics said nothing of it."""
+def check_fitted_scenes(ckpt: dict, path: str, system_name: str, scenes: list) -> None:
+    """UsageError when an NPBG / coefficients_ft evaluation's checkpoint holds no descriptors
+    fitted to one of its scenes (another scene, or another point count): the refiner loaded,
+    the scene's descriptors stayed at their random start, and the metrics said nothing of it."""
     from .systems.base import module_key
 
     state = ckpt["state_dict"]
@@ -251,7 +251,7 @@ def check_fitted_scenes(ckpt: dict, path: str, scenes: list) -> None:
     if unfitted:
         held = ", ".join(f"{n} ({p} points)" for n, p in zip(ckpt["npbgpp"].get("scenes", []),
                                                              ckpt["npbgpp"].get("points", []), strict=False))
-        raise UsageError(f"eval_only=true with system=npbg: {path} holds no descriptors fitted to "
+        raise UsageError(f"eval_only=true with system={system_name}: {path} holds no descriptors fitted to "
                          f"{', '.join(unfitted)} (it holds {held or 'none'}); evaluate the checkpoint of a run "
                          "fitted on them with the same datasets.* and system.max_points")
 

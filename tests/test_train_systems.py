@@ -184,6 +184,11 @@ def test_coefficients_ft_trains_and_evaluates(npbgpp_eval, npbgpp_run, data_root
     with pytest.raises(ValueError, match="descriptors_pretrained_dir"):
         run_inproc([*common, f"weights_path={npbgpp_run}/exp/pre/checkpoints/last.ckpt", "eval_only=true"],
                    os.path.join(npbgpp_run, "exp/ft_bad"))
+    # another scene: the checkpoint's coefficients are sceneA's; sceneB's stayed random and were reported
+    with pytest.raises(ValueError, match=r"system=coefficients_ft: .*last.ckpt holds no descriptors fitted to sceneB "
+                                         r"\(300 points\) \(it holds sceneA \(300 points\)\)"):
+        run_inproc([*common[:3], "datasets.scene_name=sceneB", *common[4:], f"weights_path={ft}/checkpoints/last.ckpt",
+                    "eval_only=true"], os.path.join(npbgpp_run, "exp/ft_other"))
 
 
 def test_coefficients_ft_renders_upright_about_the_axis_its_coefficients_were_aggregated_about(
