@@ -218,6 +218,13 @@ def test_coefficients_ft_renders_upright_about_the_axis_its_coefficients_were_ag
     config = load_source_checkpoint(f"{ft}/checkpoints/last.ckpt")["npbgpp"]["config"]
     assert config["world_up"] == [0.0, 0.0, 1.0] and config["align_during_rendering"] is True
     assert map_world_up(f"{ft}/descriptors/sceneA") == (0.0, 0.0, 1.0)
+    # a given system.world_up the coefficients were not aggregated about is refused, naming both
+    with pytest.raises(ValueError, match=r"coefficients .*eval/descriptors/sceneA were aggregated about world_up "
+                                         r"\[0,0,1\].*system\.world_up=\[0,1,0\]"):
+        run_inproc(["datasets=h3ds_one_scene", "datasets.format=nerf_synthetic", f"datasets.data_root={data_root}",
+                    "datasets.scene_name=sceneA", "datasets.selection_count=0", "system=coefficients_ft",
+                    "dataloader=small", "system.world_up=+y", "eval_only=true", f"weights_path={pre}",
+                    f"system.descriptors_pretrained_dir={ev}/descriptors"], str(tmp_path / "turned"))
 
 
 def test_a_resumed_coefficients_ft_run_keeps_its_checkpoints_render_frame(npbgpp_run, data_root, tmp_path):

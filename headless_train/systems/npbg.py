@@ -26,6 +26,15 @@ def _numbers(up: Sequence[float]) -> str:
     return "[" + ",".join(f"{float(v):g}" for v in up) + "]"
 
 
+def _check_frame(path: str, what: str, relation: str, ours: Sequence[float]) -> None:
+    """ValueError when descriptor file ``path`` records another world_up than this run's ``ours``."""
+    recorded = map_world_up(path)
+    if recorded is not None and max(abs(a - b) for a, b in zip(recorded, ours, strict=True)) > 1e-6:
+        raise ValueError(f"{what} {path} {relation} world_up {_numbers(recorded)} (the run that wrote it), this "
+                         f"run uses system.world_up={_numbers(ours)}: give system.world_up={_numbers(recorded)}, "
+                         "or leave it null (coefficients_ft then takes the file's)")
+
+
 class NPBGSystem(BaseSystem):
     system_name = "npbg"
 
@@ -58,6 +67,9 @@ class NPBGSystem(BaseSystem):
                     f"descriptor file {folder}/{name} has {t.shape[1]} numbers per point, "
                     f"system {self.system_name} needs {m.descriptors.shape[1]}"
                 )
+            if m.config.use_basis and m.config.align_during_rendering:
+                # coefficients aggregated about another axis would render upright about the wrong one
+                _check_frame(os.path.join(folder, name), "coefficients", "were aggregated about", m.config.world_up)
             with torch.no_grad():
                 m.descriptors.copy_(t)
             self.after_descriptors_loaded(m, t)
@@ -78,12 +90,7 @@ class NPBGSystem(BaseSystem):
         if not os.path.isfile(path):
             log.warning("no environment map %s%s: scene %s starts from zeros", name, BACKGROUND_SUFFIX, name)
             return
-        recorded, ours = map_world_up(path), model.config.world_up
-        if recorded is not None and max(abs(a - b) for a, b in zip(recorded, ours, strict=True)) > 1e-6:
-            raise ValueError(f"environment map {path} lies in the frame of world_up {_numbers(recorded)} (the run "
-                             f"that wrote it), this run uses system.world_up={_numbers(ours)}: give "
-                             f"system.world_up={_numbers(recorded)}, or leave it null (coefficients_ft then takes "
-                             "the map's)")
+        _check_frame(path, "environment map", "lies in the frame of", model.config.world_up)
         t = load_descriptors(folder, name + BACKGROUND_SUFFIX)
         shape = tuple(model.environment.shape)
         if t.numel() != model.environment.numel() or t.shape[0] != shape[0]:
