@@ -542,9 +542,14 @@ def test_a_file_or_a_model_folder_given_as_the_scene_names_the_scene_folder(tmp_
     generic 'no known dataset layout'."""
     root = str(tmp_path / "garden")
     write_colmap(root, binary=True)
+    # a file of a COLMAP model: the scene folder is above the model folder (sparse/0 is no scene folder)
     with pytest.raises(DatasetError, match=r"cameras.bin: is a file, not a scene folder \(the scene folder holding "
-                                           r"it is .*sparse/0\)"):
+                                           r"it is .*garden\)"):
         load_scene(os.path.join(root, "sparse", "0", "cameras.bin"))
+    save_ply(os.path.join(root, "points3d.ply"), np.zeros((2, 3), np.float32))
+    with pytest.raises(DatasetError, match=r"points3d.ply: is a file, not a scene folder \(the scene folder holding "
+                                           r"it is .*garden\)"):
+        load_scene(os.path.join(root, "points3d.ply"))
     with pytest.raises(DatasetError, match=r"this is a COLMAP model folder: give the scene folder that holds images/ "
                                            r"and sparse/ \(.*garden\?\)"):
         load_scene(os.path.join(root, "sparse", "0"))

@@ -16,10 +16,20 @@ def check_scene_folder(root: str) -> None:
     """DatasetError unless ``root`` is a folder; a file inside a scene (transforms_train.json,
     cameras.npz, ...) is answered with its folder, which is what is meant."""
     if os.path.isfile(root):
+        folder = os.path.dirname(os.path.abspath(root))
         raise DatasetError(f"{root}: is a file, not a scene folder (the scene folder holding it is "
-                           f"{os.path.dirname(os.path.abspath(root))})")
+                           f"{_colmap_scene_above(folder) or folder})")
     if not os.path.isdir(root):
         raise DatasetError(f"{root}: scene folder not found")
+
+
+def _colmap_scene_above(folder: str) -> str | None:
+    """The scene folder above ``folder`` when it is a COLMAP model folder (``sparse/`` or
+    ``sparse/0/``, holding cameras.bin|txt), else None."""
+    if not any(os.path.isfile(os.path.join(folder, f"cameras.{ext}")) for ext in ("bin", "txt")):
+        return None
+    up = os.path.dirname(os.path.normpath(folder))
+    return os.path.dirname(up) if os.path.basename(up) == "sparse" else up
 
 
 def detect_format(root: str) -> str:
@@ -42,10 +52,8 @@ def detect_format(root: str) -> str:
             os.path.isfile(os.path.join(root, f)) for f in ("intrinsics.npy", "extrinsics.npy"))  # not ScanNet
         hint = ("; photos in images/ without a COLMAP model: recover the cameras with `python -m headless_train "
                 "capture-sfm` (headless_train/README.md)" if photos else "")
-        if any(os.path.isfile(os.path.join(root, f"cameras.{ext}")) for ext in ("bin", "txt")):
-            up = os.path.dirname(os.path.normpath(root))
-            if os.path.basename(up) == "sparse":
-                up = os.path.dirname(up)
+        up = _colmap_scene_above(root)
+        if up:
             hint = f"; this is a COLMAP model folder: give the scene folder that holds images/ and sparse/ ({up}?)"
         raise DatasetError(
             f"{root}: no known dataset layout (looked for transforms_train.json, cameras.npz + image/, "
