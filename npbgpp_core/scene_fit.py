@@ -78,7 +78,8 @@ class BundleFit:
         if bundle.model_config.get("aggregator", "sphere") != "sphere" or bundle.features.shape[1] == 1:
             raise ValueError(f"{self.bundle_path}: fitting needs the 'sphere' aggregator's coefficients "
                              f"(features {tuple(bundle.features.shape)})")
-        source = str(bundle.metadata.get("dataset") or "")
+        # headless_train export wrote the dataset as "scene_root" before it wrote Aggregate's keys
+        source = str(bundle.metadata.get("dataset") or bundle.metadata.get("scene_root") or "")
         if source and os.path.isdir(source) and not os.path.samefile(source, data.root):
             # Fitting to another scene's photos would silently ruin it; a moved dataset is fine.
             raise ValueError(f"{self.bundle_path} was aggregated from the dataset {source}, not {data.root}: fit "

@@ -148,6 +148,13 @@ def test_a_bundle_exported_by_headless_train_is_fitted_only_to_its_own_dataset(t
     with pytest.raises(ValueError, match=r"cli.npbgpp was aggregated from the dataset .*mine, not .*other"):
         BundleFit(out, load_scene(other), steps=1)
     assert BundleFit(out, load_scene(mine), steps=1).weights == default_weights_path("npbgpp", "object")
+    # a bundle exported before export wrote "dataset" names it "scene_root"
+    old = NeuralScene.load(out)
+    old.metadata = {k: v for k, v in old.metadata.items() if k not in ("dataset", "domain")}
+    old.metadata["scene_root"] = os.path.abspath(mine)
+    old.save(str(tmp_path / "old.npbgpp"))
+    with pytest.raises(ValueError, match=r"old.npbgpp was aggregated from the dataset .*mine, not .*other"):
+        BundleFit(str(tmp_path / "old.npbgpp"), load_scene(other), steps=1)
 
 
 def test_a_bundle_exported_from_a_training_run_fits_with_that_run_s_network(tmp_path):
