@@ -28,17 +28,21 @@ BLENDER_TO_OPENCV = np.diag([1.0, -1.0, -1.0])
 
 @dataclass(frozen=True)
 class CameraGeometry:
-    """An OpenCV camera: ``K`` (3, 3), world-to-camera ``R`` (3, 3), ``t`` (3,), ``(H, W)``."""
+    """An OpenCV camera: ``K`` (3, 3), world-to-camera ``R`` (3, 3), ``t`` (3,), ``(H, W)``,
+    and the clip range ``near`` / ``far`` in view depth (Blender's clip start / end; the
+    defaults clip nothing)."""
 
     K: np.ndarray
     R: np.ndarray
     t: np.ndarray
     image_size: tuple[int, int]
+    near: float = 0.0
+    far: float = float("inf")
 
     def to_spec(self) -> CameraSpec:
         """This camera as the core's camera message (plain lists, no torch: Blender needs
         no torch when the network runs in the worker)."""
-        return CameraSpec.from_opencv(self.K, self.R, self.t, self.image_size)
+        return CameraSpec.from_opencv(self.K, self.R, self.t, self.image_size, self.near, self.far)
 
     def project(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Pixel coordinates (N, 2) and view depth (N,) of world points (float64)."""
@@ -58,14 +62,14 @@ class CameraGeometry:
              [0.0, self.K[1, 1] * sy, (self.K[1, 2] + 0.5) * sy - 0.5],
              [0.0, 0.0, 1.0]]
         )
-        return CameraGeometry(K, self.R, self.t, (int(height), int(width)))
+        return CameraGeometry(K, self.R, self.t, (int(height), int(width)), self.near, self.far)
 
     def cropped(self, top: int, left: int, height: int, width: int) -> CameraGeometry:
         """The window ``[top, top+height) x [left, left+width)`` of this image."""
         K = self.K.copy()
         K[0, 2] -= left
         K[1, 2] -= top
-        return CameraGeometry(K, self.R, self.t, (int(height), int(width)))
+        return CameraGeometry(K, self.R, self.t, (int(height), int(width)), self.near, self.far)
 
 
 def render_size(resolution_x: int, resolution_y: int, percentage: int) -> tuple[int, int]:
@@ -161,16 +165,27 @@ def scene_camera_geometry(camera_object: Any, scene: Any, use_border: bool = Tru
         width, height, r.pixel_aspect_x, r.pixel_aspect_y,
     )
     R, t = opencv_extrinsics(camera_object.matrix_world)
-    geo = CameraGeometry(K, R, t, (height, width))
+    geo = CameraGeometry(K, R, t, (height, width), *clip_range(cam.clip_start, cam.clip_end))
     window = border_window(r, width, height) if use_border else None
     if window is not None:
         geo = geo.cropped(*window)
     return geo
 
 
-def viewport_geometry(window_matrix: Any, view_matrix: Any, width: int, height: int) -> CameraGeometry:
+def clip_range(clip_start: float, clip_end: float) -> tuple[float, float]:
+    """``(near, far)`` of a Blender clip start / end, checked (Blender keeps start > 0 and
+    end > start in its UI, but Python and drivers can set anything)."""
+    near, far = float(clip_start), float(clip_end)
+    if not (np.isfinite(near) and near >= 0.0) or not far > near:
+        raise ValueError(f"camera clip range must have 0 <= Clip Start < Clip End, got {near} and {far}")
+    return near, far
+
+
+def viewport_geometry(window_matrix: Any, view_matrix: Any, width: int, height: int,
+                      clip: tuple[float, float] = (0.0, float("inf"))) -> CameraGeometry:
     """Camera of a 3D viewport from ``region_data.window_matrix`` (an OpenGL projection) and
-    ``view_matrix`` (world to view). Lens shift and sensor fit are in the projection.
+    ``view_matrix`` (world to view), with the view's ``clip`` range (near, far). Lens
+    shift and sensor fit are in the projection.
 
     OpenGL: ``x_ndc = (P00 x + P02 z) / -z``; pixel ``u = (x_ndc + 1) / 2 * width - 0.5``.
     """
@@ -189,14 +204,15 @@ def viewport_geometry(window_matrix: Any, view_matrix: Any, width: int, height: 
     K = np.array([[fx, 0.0, cx], [0.0, fy, cy], [0.0, 0.0, 1.0]])
     R = BLENDER_TO_OPENCV @ V[:3, :3]
     t = BLENDER_TO_OPENCV @ V[:3, 3]
-    return CameraGeometry(K, R, t, (int(height), int(width)))
+    return CameraGeometry(K, R, t, (int(height), int(width)), *clip_range(*clip))
 
 
 def object_local_geometry(geo: CameraGeometry, matrix_world: Any) -> tuple[CameraGeometry, float]:
     """Camera seeing an object's local space as ``geo`` sees the object in the world.
 
     Returns the camera and the object's uniform scale ``s`` (local depth * s = world
-    depth). Non-uniform scale cannot be folded into a pinhole camera: ValueError."""
+    depth; the clip range is divided by it). Non-uniform scale cannot be folded into a
+    pinhole camera: ValueError."""
     M = np.array(matrix_world, dtype=np.float64).reshape(4, 4)
     lin = M[:3, :3]
     scales = np.linalg.norm(lin, axis=0)
@@ -206,4 +222,4 @@ def object_local_geometry(geo: CameraGeometry, matrix_world: Any) -> tuple[Camer
     rot = lin / s
     R = geo.R @ rot
     t = (geo.R @ M[:3, 3] + geo.t) / s
-    return CameraGeometry(geo.K, R, t, geo.image_size), s
+    return CameraGeometry(geo.K, R, t, geo.image_size, geo.near / s, geo.far / s), s

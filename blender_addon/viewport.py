@@ -90,11 +90,22 @@ class FrameScheduler:
         self.failed_target = None
 
 
-def region_geometry(region_data: Any, width: int, height: int) -> CameraGeometry:
-    """Camera of a 3D viewport region (perspective only; ValueError otherwise)."""
+def view_clip(space: Any, region_data: Any, scene: Any) -> tuple[float, float]:
+    """The clip range (near, far) Blender draws a 3D view with: the scene camera's clip
+    start / end when looking through it, else the view's own (View > Clip Start / End)."""
+    camera = space.camera if space.use_local_camera and space.camera is not None else scene.camera
+    if region_data.view_perspective == "CAMERA" and camera is not None and camera.type == "CAMERA":
+        return camera.data.clip_start, camera.data.clip_end
+    return space.clip_start, space.clip_end
+
+
+def region_geometry(region_data: Any, width: int, height: int,
+                    clip: tuple[float, float] = (0.0, float("inf"))) -> CameraGeometry:
+    """Camera of a 3D viewport region (perspective only; ValueError otherwise) with the
+    view's ``clip`` range (:func:`view_clip`)."""
     if not region_data.is_perspective:
         raise ValueError("orthographic views cannot be rendered by NPBG++: switch the viewport to perspective")
-    return viewport_geometry(region_data.window_matrix, region_data.view_matrix, width, height)
+    return viewport_geometry(region_data.window_matrix, region_data.view_matrix, width, height, clip)
 
 
 class ViewportSession:
@@ -206,7 +217,7 @@ class ViewportSession:
         region, rv3d = context.region, context.region_data
         scene = depsgraph.scene
         try:
-            geo = region_geometry(rv3d, region.width, region.height)
+            geo = region_geometry(rv3d, region.width, region.height, view_clip(context.space_data, rv3d, scene))
         except ValueError as exc:
             self.engine.update_stats("", f"NPBG++: {exc}")
             return

@@ -65,9 +65,15 @@ class OpenCVIntrinsics:
 class Camera:
     """One perspective camera: OpenCV ``K`` (3, 3), world-to-camera ``R`` (3, 3), ``t`` (3,)
     as float tensors of ``dtype`` on ``device``; ``image_size`` is ``(H, W)`` in pixels.
-    ``K`` has no skew and positive focal lengths."""
+    ``K`` has no skew and positive focal lengths.
 
-    __slots__ = ("K", "R", "t", "image_size")
+    ``near`` / ``far`` are the clip range in view depth (scene units along the optical
+    axis, a Blender camera's clip start / end): the rasterizer draws only points with
+    ``near < z <= far`` (:func:`npbgpp_core.rasterizer.rasterize_keys`). The defaults (0,
+    inf) clip nothing beyond the rasterizer's own ``near``; every derived camera
+    (scaled, cropped, rolled, moved to another device) keeps them."""
+
+    __slots__ = ("K", "R", "t", "image_size", "near", "far")
 
     def __init__(
         self,
@@ -77,7 +83,12 @@ class Camera:
         image_size: Sequence[int],
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        near: float = 0.0,
+        far: float = math.inf,
     ) -> None:
+        near, far = float(near), float(far)
+        if not (math.isfinite(near) and near >= 0.0) or math.isnan(far) or not far > near:
+            raise ValueError(f"camera clip range must be 0 <= near < far (near finite), got near={near}, far={far}")
         K = _as64(K)
         R = _as64(R)
         t = _as64(t).reshape(-1)
@@ -99,6 +110,13 @@ class Camera:
         self.K = K.to(dtype=dtype, device=device)
         self.R = R.to(dtype=dtype, device=device)
         self.t = t.to(dtype=dtype, device=device)
+        self.near: float = near
+        self.far: float = far
+
+    @property
+    def clip(self) -> dict[str, float]:
+        """``near`` and ``far`` as keyword arguments (for building a derived camera)."""
+        return {"near": self.near, "far": self.far}
 
     # ------------------------------------------------------------------ basics
     @property
@@ -118,27 +136,41 @@ class Camera:
         return self.image_size[1]
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Camera:
-        return Camera(self.K, self.R, self.t, self.image_size, dtype=dtype or self.dtype, device=device or self.device)
+        return Camera(self.K, self.R, self.t, self.image_size, dtype=dtype or self.dtype, device=device or self.device,
+                      **self.clip)
 
     def __repr__(self) -> str:
         k = self.intrinsics()
         return (
             f"Camera(image_size={self.image_size}, fx={k.fx:.3f}, fy={k.fy:.3f}, "
-            f"cx={k.cx:.3f}, cy={k.cy:.3f}, center={self.center().tolist()})"
+            f"cx={k.cx:.3f}, cy={k.cy:.3f}, center={self.center().tolist()}"
+            + (f", near={self.near}, far={self.far})" if self.clips else ")")
         )
 
+    @property
+    def clips(self) -> bool:
+        """Whether the clip range differs from the defaults (0, inf)."""
+        return self.near != 0.0 or self.far != math.inf
+
     def state_dict(self) -> dict:
-        """Plain-python form (lists: ``K``, ``R``, ``t``, ``image_size``), safe to JSON-encode."""
-        return {
+        """Plain-python form (lists: ``K``, ``R``, ``t``, ``image_size``; ``near`` / ``far``
+        only when they are set, ``far`` None for no far limit), safe to JSON-encode."""
+        d = {
             "K": self.K.double().cpu().tolist(),
             "R": self.R.double().cpu().tolist(),
             "t": self.t.double().cpu().tolist(),
             "image_size": list(self.image_size),
         }
+        if self.clips:
+            d["near"] = self.near
+            d["far"] = None if self.far == math.inf else self.far
+        return d
 
     @classmethod
     def from_state_dict(cls, d: dict, **kwargs) -> Camera:
-        return cls(d["K"], d["R"], d["t"], d["image_size"], **kwargs)
+        far = d.get("far")
+        return cls(d["K"], d["R"], d["t"], d["image_size"], near=d.get("near", 0.0),
+                   far=math.inf if far is None else far, **kwargs)
 
     # -------------------------------------------------------------- OpenCV I/O
     @classmethod
@@ -150,10 +182,12 @@ class Camera:
         image_size: Sequence[int],
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        near: float = 0.0,
+        far: float = math.inf,
     ) -> Camera:
         """Build from OpenCV ``K`` (3x3), world-to-camera ``R`` (3x3) and ``t`` (3,) (the
         constructor; the name says which convention the numbers are in)."""
-        return cls(K, R, t, image_size, dtype=dtype, device=device)
+        return cls(K, R, t, image_size, dtype=dtype, device=device, near=near, far=far)
 
     def intrinsics(self) -> OpenCVIntrinsics:
         """OpenCV intrinsics as Python floats."""
@@ -264,7 +298,7 @@ class Camera:
               image_size: Sequence[int] | None = None) -> Camera:
         """This camera with other intrinsics (and pose / size), same dtype and device."""
         return Camera(K, self.R if R is None else R, self.t if t is None else t, image_size or self.image_size,
-                      dtype=self.dtype, device=self.device)
+                      dtype=self.dtype, device=self.device, **self.clip)
 
     def scaled(self, scale: float | tuple[int, int]) -> Camera:
         """Camera of the same view at another resolution.

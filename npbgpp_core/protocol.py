@@ -44,30 +44,36 @@ COMPILING_KERNELS_NOTE = "compiling fused kernels..."
 @dataclass(frozen=True)
 class CameraSpec:
     """An OpenCV pinhole camera as plain lists: ``K`` 3x3, world-to-camera ``R`` 3x3 and
-    ``t`` (3,), ``image_size`` (H, W); pixel (row i, column j) has its centre at (j, i)."""
+    ``t`` (3,), ``image_size`` (H, W); pixel (row i, column j) has its centre at (j, i).
+    ``near`` / ``far``: the clip range in view depth (``Camera.near`` / ``far``; the
+    defaults clip nothing)."""
 
     K: list[list[float]]
     R: list[list[float]]
     t: list[float]
     image_size: tuple[int, int]
+    near: float = 0.0
+    far: float = float("inf")
 
     @classmethod
-    def from_opencv(cls, K: Any, R: Any, t: Any, image_size: Sequence[int]) -> CameraSpec:
+    def from_opencv(cls, K: Any, R: Any, t: Any, image_size: Sequence[int], near: float = 0.0,
+                    far: float = float("inf")) -> CameraSpec:
         return cls(
             np.asarray(K, np.float64).reshape(3, 3).tolist(), np.asarray(R, np.float64).reshape(3, 3).tolist(),
             np.asarray(t, np.float64).reshape(3).tolist(), (int(image_size[0]), int(image_size[1])),
+            float(near), float(far),
         )
 
     @classmethod
     def from_camera(cls, camera: Camera) -> CameraSpec:
         K, R, t = camera.to_opencv()
-        return cls.from_opencv(K, R, t, camera.image_size)
+        return cls.from_opencv(K, R, t, camera.image_size, camera.near, camera.far)
 
     def to_camera(self, **kwargs: Any) -> Camera:
         """The core :class:`~npbgpp_core.camera.Camera` (imports torch)."""
         from .camera import Camera
 
-        return Camera.from_opencv(self.K, self.R, self.t, self.image_size, **kwargs)
+        return Camera.from_opencv(self.K, self.R, self.t, self.image_size, near=self.near, far=self.far, **kwargs)
 
 
 @dataclass

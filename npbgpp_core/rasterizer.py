@@ -6,8 +6,11 @@ The contract (pixel mapping, float order, keys, empty key, pyramid plan, chunk s
 with full-resolution OpenCV pixel coordinates ``(u, v)`` and depth ``z`` lands at scale
 ``(h_s, w_s)`` on column ``floor(((u + 0.5) / W) * w_s)`` and row
 ``floor(((v + 0.5) / H) * h_s)``; it counts iff ``z > near``, everything is finite and
-it lands inside. Per pixel the smallest depth wins, equal depths go to the lowest point
-index. All arithmetic is float32 in a fixed order (see :func:`project_for_raster`).
+it lands inside. A camera's clip range (``Camera.near`` / ``far``, e.g. a Blender
+camera's clip start / end) applies here too: ``near`` is raised to its clip start, and
+:func:`rasterize_keys` drops points beyond its clip end before either backend runs. Per
+pixel the smallest depth wins, equal depths go to the lowest point index. All arithmetic
+is float32 in a fixed order (see :func:`project_for_raster`).
 
 Entry points: :func:`rasterize` (index images), :func:`rasterize_keys` (packed keys, for
 depth), :func:`rasterize_descriptors` (per-point descriptors computed only for the
@@ -47,9 +50,11 @@ def _f32(x: float) -> float:
 
 
 def raster_params(camera: Camera, scales: Sequence[float], near: float, device: torch.device) -> RasterParams:
-    """The contract's float32 numbers for ``camera`` (both backends take these)."""
+    """The contract's float32 numbers for ``camera`` (both backends take these); the near
+    plane is the larger of ``near`` and the camera's clip start."""
     if not near >= 0 or not np.isfinite(near):
         raise ValueError(f"near must be a finite number >= 0, got {near}")
+    near = max(near, camera.near)
     k = camera.intrinsics()
     return RasterParams(
         R=camera.R.to(device=device, dtype=torch.float32),
@@ -160,6 +165,16 @@ def _prepare_points(points: torch.Tensor) -> torch.Tensor:
     return points
 
 
+def _clip_far(points: torch.Tensor, p: RasterParams, far: float) -> torch.Tensor:
+    """``points`` with those beyond the camera's clip end (view depth ``z > far``, the
+    contract's float32 ``z``) replaced by NaN: both backends then skip them (non-finite
+    points never land) while every other point keeps its index. Done here, once, so the
+    CUDA kernel (which knows only ``near``) and the torch reference see the same points."""
+    R, t = p.R, p.t
+    z = points[:, 0] * R[2, 0] + points[:, 1] * R[2, 1] + points[:, 2] * R[2, 2] + t[2]  # project_for_raster's z_c
+    return torch.where((z > _f32(far)).unsqueeze(1), torch.full_like(points[:1], float("nan")), points)
+
+
 _announced: set[str] = set()
 
 
@@ -205,6 +220,8 @@ def rasterize_keys(
     """Packed z-buffer keys per scale (see module doc); used to get depth and index."""
     points = _prepare_points(points)
     p = raster_params(camera, scales, near, points.device)
+    if camera.far != float("inf") and points.shape[0]:
+        points = _clip_far(points, p, camera.far)
     if points.shape[0] == 0:
         return [torch.full(s, EMPTY_KEY, dtype=torch.int64, device=points.device) for s in p.sizes]
     if _choose_backend(backend, points) == "cuda":

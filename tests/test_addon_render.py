@@ -256,6 +256,29 @@ def test_points_pass_matches_blender_projection(scene, setup):
     assert np.all(depth[pts_pass[..., 3] == 0] >= 1e9)
 
 
+def test_camera_clip_range_hides_points_outside_it(scene):
+    """F12 honours the camera's Clip Start / End as Cycles does: the image equals Blender's
+    projection of only the points inside the range (nearer or farther points neither show
+    nor hide others), and a Clip End before every point leaves the background."""
+    sc, cam = scene["scene"], scene["camera"]
+    pts, colors = scene["points"], scene["colors"]
+    bpy.context.view_layer.update()  # the camera's matrix_world
+    _, _, z = expected_pixels(sc, cam, pts)
+    cam.data.clip_start, cam.data.clip_end = 4.0, 5.0
+    inside = (z > 4.0) & (z <= 5.0)
+    assert (z < 4.0).sum() >= 5 and (z > 5.0).sum() >= 5 and inside.sum() >= 10
+    exr = render_exr(sc, str(scene["dir"] / "clip.exr"))
+    pts_pass = passes(exr, "NPBG Points")
+    depth = exr["ViewLayer.Depth.Z"]
+    n = check_points_image(pts_pass[..., :3], pts_pass[..., 3], depth, sc, cam, pts[inside], colors[inside])
+    assert n >= 5
+    hit = pts_pass[..., 3] == 1.0
+    assert (depth[hit] > 4.0).all() and (depth[hit] <= 5.0).all()
+    cam.data.clip_start, cam.data.clip_end = 0.1, 3.0  # before the whole cloud
+    exr = render_exr(sc, str(scene["dir"] / "none.exr"))
+    assert (passes(exr, "Combined") == 0).all() and (exr["ViewLayer.Depth.Z"] >= 1e9).all()
+
+
 @pytest.mark.parametrize("crop", [False, True])
 def test_border_render(scene, crop):
     sc, cam = scene["scene"], scene["camera"]

@@ -122,6 +122,50 @@ def test_object_local_geometry_folds_transform():
         object_local_geometry(geo, Matrix.Diagonal((1.0, 2.0, 1.0, 1.0)))
 
 
+def _projection_clip(P) -> tuple[float, float]:
+    """near / far an OpenGL perspective projection was built with (Blender's own matrix)."""
+    P = np.array(P, dtype=np.float64)
+    return P[2, 3] / (P[2, 2] - 1.0), P[2, 3] / (P[2, 2] + 1.0)
+
+
+def test_clip_range_follows_blenders_projection():
+    """F12 takes the camera's clip start / end, the viewport the view's (the camera's when
+    looking through it): both equal the near / far of the projection Blender itself draws
+    with; an object's uniform scale divides them; a broken range is refused."""
+    from types import SimpleNamespace
+
+    from blender_addon.viewport import region_geometry, view_clip
+
+    bpy.ops.wm.read_homefile(use_empty=True)
+    scene = bpy.context.scene
+    cam = bpy.data.objects.new("C", bpy.data.cameras.new("C"))
+    scene.collection.objects.link(cam)
+    scene.camera = cam
+    cam.data.clip_start, cam.data.clip_end = 0.75, 12.5
+    cam.location = (1.0, -5.0, 2.0)
+    bpy.context.view_layer.update()
+    geo = scene_camera_geometry(cam, scene)
+    P = cam.calc_matrix_camera(bpy.context.evaluated_depsgraph_get(), x=64, y=48)
+    np.testing.assert_allclose((geo.near, geo.far), _projection_clip(P), rtol=1e-4)
+    local, s = object_local_geometry(geo, np.diag([2.5, 2.5, 2.5, 1.0]))
+    assert (local.near, local.far) == pytest.approx((0.75 / s, 12.5 / s))
+    assert (geo.scaled(24, 32).far, geo.cropped(1, 2, 10, 10).near) == (12.5, 0.75)
+    assert geo.to_spec().near == 0.75 and geo.to_spec().far == 12.5
+
+    space = SimpleNamespace(clip_start=0.01, clip_end=300.0, use_local_camera=False, camera=None)
+    user_view = SimpleNamespace(view_perspective="PERSP", is_perspective=True, window_matrix=P,
+                                view_matrix=np.array(cam.matrix_world.inverted()))
+    assert view_clip(space, user_view, scene) == (0.01, 300.0)
+    camera_view = SimpleNamespace(**{**vars(user_view), "view_perspective": "CAMERA"})
+    clip = view_clip(space, camera_view, scene)
+    assert clip == pytest.approx((0.75, 12.5))
+    vgeo = region_geometry(camera_view, 64, 48, clip)
+    assert (vgeo.near, vgeo.far) == pytest.approx((0.75, 12.5))
+    cam.data.clip_end = 0.5  # Python can set an end before the start
+    with pytest.raises(ValueError, match="Clip Start < Clip End"):
+        scene_camera_geometry(cam, scene)
+
+
 def test_scaled_geometry_matches_core():
     K = opencv_intrinsics(50, 36, 24, "AUTO", 0.1, 0.05, 64, 48)
     geo = CameraGeometry(K, np.eye(3), np.array([0.0, 0.0, 3.0]), (48, 64))

@@ -231,3 +231,22 @@ def test_camera_errors():
         cam.scaled(0.0)
     with pytest.raises(ValueError, match=r"\(N, 3\)"):
         cam.project(torch.zeros(4, 2))
+
+
+def test_clip_range_defaults_checks_and_protocol_round_trip():
+    """near / far default to (0, inf) and stay out of state_dict then (old files and
+    datasets read the same); a bad range is refused; CameraSpec carries a set one."""
+    from npbgpp_core.protocol import CameraSpec
+
+    cam = Camera.look_at((0, 0, -3.0), (0, 0, 0), image_size=(20, 30))
+    assert (cam.near, cam.far) == (0.0, math.inf) and "near" not in cam.state_dict()
+    clipped = Camera(*cam.to_opencv(), cam.image_size, near=0.5, far=40.0)
+    assert Camera.from_state_dict(clipped.state_dict()).clip == {"near": 0.5, "far": 40.0}
+    only_near = Camera(*cam.to_opencv(), cam.image_size, near=0.5)
+    assert Camera.from_state_dict(only_near.state_dict()).far == math.inf
+    spec = CameraSpec.from_camera(clipped)
+    assert (spec.near, spec.far) == (0.5, 40.0) and spec.to_camera().clip == clipped.clip
+    assert CameraSpec.from_camera(cam).to_camera().clip == {"near": 0.0, "far": math.inf}
+    for near, far in ((-1.0, 2.0), (2.0, 2.0), (3.0, 1.0), (math.nan, 1.0), (0.0, math.nan), (math.inf, math.inf)):
+        with pytest.raises(ValueError, match="clip range"):
+            Camera(*cam.to_opencv(), cam.image_size, near=near, far=far)

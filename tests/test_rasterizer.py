@@ -49,8 +49,8 @@ def near_boundary(cam: Camera, X: np.ndarray, scales, eps: float = 1e-4) -> np.n
     return bad
 
 
-def brute_force(cam: Camera, X: np.ndarray, scales, near: float = 1e-3) -> list[np.ndarray]:
-    """Per pixel the (depth, index)-smallest point, by looping over points."""
+def brute_force(cam: Camera, X: np.ndarray, scales, near: float = 1e-3, far: float = np.inf) -> list[np.ndarray]:
+    """Per pixel the (depth, index)-smallest point with ``near < z <= far``, by looping over points."""
     H, W = cam.image_size
     u, v, z = reference_project(cam, X)
     out = []
@@ -58,7 +58,7 @@ def brute_force(cam: Camera, X: np.ndarray, scales, near: float = 1e-3) -> list[
         best_depth = np.full((h, w), np.inf)
         best = np.full((h, w), -1, dtype=np.int64)
         for i in range(len(X)):
-            if not (np.isfinite(u[i]) and np.isfinite(v[i]) and z[i] > near):
+            if not (np.isfinite(u[i]) and np.isfinite(v[i]) and near < z[i] <= far):
                 continue
             col = math.floor((u[i] + 0.5) / W * w)
             row = math.floor((v[i] + 0.5) / H * h)
@@ -224,6 +224,73 @@ def test_rasterize_features_errors():
         rasterize_features(torch.zeros(4, 3), torch.zeros(4, 2), cam, background=torch.zeros(3))
     out = rasterize_features(torch.zeros(0, 3), torch.zeros(0, 4), cam)
     assert all((o == 0).all() for o in out)
+
+
+def _clip_cloud(near: float, far: float) -> tuple[Camera, np.ndarray]:
+    """A camera clipping to [near, far] and a cloud with points in front of, inside and
+    beyond that range (none within float rounding of a clip plane or a pixel edge)."""
+    rng = np.random.default_rng(7)
+    cam = Camera.look_at((0.2, -0.1, -3.0), (0, 0, 0), fov_x_deg=50, image_size=(30, 41), near=near, far=far)
+    X = rng.uniform(-1.0, 1.0, size=(3000, 3)) * np.array([1.2, 1.0, 2.8])
+    X = clean_cloud(cam, X, DEFAULT_SCALES)
+    _, _, z = reference_project(cam, X)
+    keep = (np.abs(z - near) > 1e-4) & (np.abs(z - far) > 1e-4)
+    return cam, X[keep]
+
+
+def _inside_only(cam: Camera, X: np.ndarray, near: float, far: float) -> list[np.ndarray]:
+    """Brute force of only the points inside the clip range, indices mapped back to X's."""
+    _, _, z = reference_project(cam, X)
+    rows = np.flatnonzero((z > near) & (z <= far))
+    unclipped = Camera(*cam.to_opencv(), cam.image_size)
+    return [np.where(r >= 0, rows[np.maximum(r, 0)], -1) for r in brute_force(unclipped, X[rows], DEFAULT_SCALES)]
+
+
+def test_camera_clip_range_renders_only_points_inside():
+    """A camera's clip start / end (Camera.near / far): points nearer than near or beyond
+    far neither show nor occlude; the index images equal rendering only the points inside
+    the range, at every scale, and the depth keys stay inside it."""
+    near, far = 2.4, 3.6
+    cam, X = _clip_cloud(near, far)
+    _, _, z = reference_project(cam, X)
+    assert (z < near).sum() > 100 and (z > far).sum() > 100 and ((z > near) & (z <= far)).sum() > 100
+    ref = _inside_only(cam, X, near, far)
+    keys = rasterize_keys(torch.from_numpy(X), cam, DEFAULT_SCALES, backend="torch")
+    for k, r in zip(keys, ref, strict=True):
+        np.testing.assert_array_equal(torch.where(k == torch.iinfo(torch.int64).max, -1, k & 0xFFFFFFFF).numpy(), r)
+    depth = keys_to_depth(keys[0])
+    hit = torch.isfinite(depth)
+    assert hit.sum() > 50 and (depth[hit] > near).all() and (depth[hit] <= far).all()
+    # Without the clip range the near points hide many of those pixels: the test can fail.
+    plain = rasterize(torch.from_numpy(X), Camera(*cam.to_opencv(), cam.image_size), DEFAULT_SCALES)[0].numpy()
+    assert (plain != ref[0]).sum() > 20
+    # The model's own near (a larger one wins) still applies.
+    deeper = rasterize(torch.from_numpy(X), cam, DEFAULT_SCALES, near=3.0)[0].numpy()
+    np.testing.assert_array_equal(deeper, _inside_only(cam, X, 3.0, far)[0])
+
+
+def test_clip_range_survives_derived_cameras():
+    """Scaled, cropped, rolled and moved cameras keep the clip range, so that every path
+    to the rasterizer (pyramids, windows, rolled canvases) clips the same points."""
+    cam, X = _clip_cloud(2.4, 3.6)
+    for derived in (cam.scaled(0.5), cam.cropped(3, 4, 20, 25), cam.rotated_in_plane(0.7), cam.to("cpu"),
+                    cam.to(dtype=torch.float64), Camera.from_state_dict(cam.state_dict())):
+        assert (derived.near, derived.far) == (2.4, 3.6)
+    sub = cam.cropped(3, 4, 20, 25)
+    ref = _inside_only(sub, X, 2.4, 3.6)[0]
+    np.testing.assert_array_equal(rasterize(torch.from_numpy(X), sub, (1.0,))[0].numpy(), ref)
+
+
+@pytest.mark.cuda
+def test_cuda_backend_clips_like_the_reference():
+    from npbgpp_core import _backend
+
+    if _backend.cuda_rasterizer() is None:
+        pytest.skip(f"CUDA rasterizer unavailable: {_backend.why_unavailable()}")
+    cam, X = _clip_cloud(2.4, 3.6)
+    got = rasterize(torch.from_numpy(X).cuda(), cam.to("cuda"), backend="cuda")
+    for g, r in zip(got, _inside_only(cam, X, 2.4, 3.6), strict=True):
+        np.testing.assert_array_equal(g.cpu().numpy(), r)
 
 
 @pytest.mark.cuda

@@ -179,7 +179,7 @@ def render_canvas_camera(
     cy = (bh - 1) / 2.0 - (v.max() + v.min()) / 2.0
     K_aligned = np.array([[fx, 0.0, cx], [0.0, fy, cy], [0.0, 0.0, 1.0]])
     aligned = Camera.from_opencv(
-        K_aligned, roll @ R_cv, roll @ t_cv, (bh, bw), dtype=camera.R.dtype, device=camera.device
+        K_aligned, roll @ R_cv, roll @ t_cv, (bh, bw), dtype=camera.R.dtype, device=camera.device, **camera.clip
     )
     return aligned, None
 
