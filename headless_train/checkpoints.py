@@ -76,15 +76,18 @@ def _missing_hint(path: str) -> str:
 def _foreign_file(path: str) -> str:
     """Why ``path`` cannot be a torch.save file, judged from its first bytes ('' when it may be):
     torch.load of anything else answers with a page about weights_only that misleads."""
+    from npbgpp_core.file_kind import HEAD_SIZE, KIND_NAMES, file_kind
+
     with open(path, "rb") as f:
-        head = f.read(16)
-    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):  # zip (torch >= 1.6) or a pickle
+        head = f.read(HEAD_SIZE)
+    kind = file_kind(head)
+    if kind in ("zip", "pickle"):
         return ""
-    if head.startswith(b"ply"):
-        return "not a torch checkpoint: it is a PLY file"
-    if len(head) >= 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 1 << 30:
-        return ("not a torch checkpoint: it is a safetensors file (a weights file or an .npbgpp bundle; "
-                "weights files are recognised by the .safetensors suffix)")
+    if kind == "safetensors":
+        return (f"not a torch checkpoint: it is {KIND_NAMES[kind]}; weights files are recognised by the "
+                ".safetensors suffix")
+    if kind:
+        return f"not a torch checkpoint: it is {KIND_NAMES[kind]}"
     return f"corrupt or not a torch checkpoint: it starts with {head[:8]!r}, neither a zip archive nor a pickle"
 
 

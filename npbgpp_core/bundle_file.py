@@ -12,14 +12,12 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from .file_kind import KIND_NAMES, file_kind
+
 FORMAT_NAME = "npbgpp-neural-scene"
 FORMAT_VERSION = 1
 _MAX_HEADER = 100_000_000
 _FLOATS = {"F16": "<f2", "F32": "<f4", "F64": "<f8"}
-# Files people pick by mistake, told apart by their first bytes instead of "corrupt".
-_OTHER_FILES = {
-    b"PK\x03\x04": "a zip archive, e.g. a torch checkpoint (python -m headless_train export makes a bundle of one)",
-}
 
 
 def read_header(f: BinaryIO, size: int, path: str) -> tuple[dict[str, Any], int]:
@@ -31,9 +29,12 @@ def read_header(f: BinaryIO, size: int, path: str) -> tuple[dict[str, Any], int]
     head = f.read(8)
     (n,) = struct.unpack("<Q", head)
     if n > size - 8 or n > _MAX_HEADER:
-        other = _OTHER_FILES.get(head[:4]) or ("a PLY point cloud" if head[:3] == b"ply" else "")
-        if other:
-            raise ValueError(f"{path}: not an NPBG++ neural scene file: it is {other}")
+        kind = file_kind(head)  # a file picked by mistake is named, not called corrupt
+        if kind in ("zip", "pickle"):
+            raise ValueError(f"{path}: not an NPBG++ neural scene file: it is {KIND_NAMES[kind]} "
+                             "(python -m headless_train export makes a bundle of one)")
+        if kind == "ply":
+            raise ValueError(f"{path}: not an NPBG++ neural scene file: it is {KIND_NAMES[kind]}")
         raise ValueError(f"{path}: corrupt or truncated neural scene file (header of {n} bytes, file {size})")
     try:
         header = json.loads(f.read(n).decode("utf-8"))

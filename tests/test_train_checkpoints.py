@@ -92,7 +92,8 @@ def test_a_file_that_is_no_checkpoint_says_what_it_is(tmp_path):
 
     ply = tmp_path / "points3d.ply"
     save_ply(str(ply), np.zeros((3, 3), np.float32))
-    with pytest.raises(ck.CheckpointError, match=r"points3d.ply is not a torch checkpoint: it is a PLY file") as info:
+    with pytest.raises(ck.CheckpointError, match=r"points3d.ply is not a torch checkpoint: it is a PLY point cloud"
+                       ) as info:
         ck.load_checkpoint_file(str(ply))
     assert "weights_only" not in str(info.value)
     from safetensors.torch import save_file
