@@ -227,6 +227,38 @@ def test_coefficients_ft_renders_upright_about_the_axis_its_coefficients_were_ag
                     f"system.descriptors_pretrained_dir={ev}/descriptors"], str(tmp_path / "turned"))
 
 
+def test_coefficients_ft_can_render_in_the_views_frame_as_published(npbgpp_eval, npbgpp_run, data_root,
+                                                                     tmp_path, monkeypatch):
+    """system.align_during_rendering=false builds the published NPBG model (every view in
+    its own frame) from an NPBG++ network, null the library's fits' choice; a run continuing
+    a coefficients_ft checkpoint keeps its own, and a given other value is refused."""
+    import headless_train.systems as systems
+    from npbgpp_core.fitting import FIT_ALIGNED
+
+    built = []
+    build = systems.build_system
+    monkeypatch.setattr(systems, "build_system", lambda *a, **k: built.append(build(*a, **k)) or built[-1])
+    common = ["datasets=nerf_blender_one_scene", f"datasets.data_root={data_root}", "datasets.scene_name=sceneA",
+              "system=coefficients_ft", "dataloader=small", "eval_only=true",
+              f"system.descriptors_pretrained_dir={npbgpp_eval}/descriptors"]
+    pre = f"weights_path={npbgpp_run}/exp/pre/checkpoints/last.ckpt"
+    for given, want in (("false", False), ("null", FIT_ALIGNED)):
+        run_inproc([*common, pre, f"system.align_during_rendering={given}"], str(tmp_path / f"run_{given}"))
+        assert built[-1].scene_model(0).config.align_during_rendering is want, given
+    ft = str(tmp_path / "ft")
+    run_inproc([*common[:-2], "eval_only=false", "datasets.train_num_samples=1", "trainer.max_epochs=1",
+                "trainer.limit_val_batches=0", "trainer.enable_progress_bar=false", pre,
+                "system.align_during_rendering=false", common[-1]], ft)
+    continued = [*common, f"weights_path={ft}/checkpoints/last.ckpt"]
+    run_inproc(continued, str(tmp_path / "test"))
+    assert built[-1].scene_model(0).config.align_during_rendering is False
+    with pytest.raises(ValueError, match="align_during_rendering=true, but the coefficients_ft checkpoint this run "
+                                         "continues was trained with false"):
+        run_inproc([*continued, "system.align_during_rendering=true"], str(tmp_path / "flip"))
+    with pytest.raises(ValueError, match="system.align_during_rendering must be true, false or null, got 'yes'"):
+        run_inproc([*common, pre, "system.align_during_rendering=yes"], str(tmp_path / "bad"))
+
+
 def test_a_resumed_coefficients_ft_run_keeps_its_checkpoints_render_frame(npbgpp_run, data_root, tmp_path):
     """resume=true with the published fine-tuning line (weights_path= the NPBG++ checkpoint)
     continues with the model its checkpoint holds: one written before the alignment choice

@@ -83,13 +83,21 @@ class CoefficientsFTSystem(NPBGSystem):
     def __init__(self, cfg: dict, scenes: list, source_config: dict | None = None,
                  source_system: str | None = None):
         self._source = dict(source_config or {})
+        wanted = cfg["system"].get("align_during_rendering")
+        if wanted is not None and not isinstance(wanted, bool):
+            raise ValueError(f"system.align_during_rendering must be true, false or null, got {wanted!r}")
         if source_system != "coefficients_ft":
             # Started from an NPBG++ network: render upright as the library's fits do
-            # (npbgpp_core.fitting.FIT_ALIGNED) when that network does; a resumed run keeps its own.
+            # (npbgpp_core.fitting.FIT_ALIGNED; false: the published NPBG) when that network does.
             from npbgpp_core.fitting import FIT_ALIGNED
 
-            self._source["align_during_rendering"] = FIT_ALIGNED and bool(
+            self._source["align_during_rendering"] = (FIT_ALIGNED if wanted is None else wanted) and bool(
                 self._source.get("align_during_rendering", True))
+        elif wanted is not None and wanted != bool(self._source.get("align_during_rendering", False)):
+            # a coefficients_ft checkpoint (resumed, or tested) keeps the choice it was trained with
+            had = str(bool(self._source.get("align_during_rendering", False))).lower()
+            raise ValueError(f"system.align_during_rendering={str(wanted).lower()}, but the coefficients_ft "
+                             f"checkpoint this run continues was trained with {had}: leave it null")
         up = run_world_up(cfg["system"], [s.name for s in scenes])
         if up is not None:
             self._source["world_up"] = list(up)
