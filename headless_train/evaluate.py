@@ -14,6 +14,7 @@ from PIL import Image
 from npbgpp_core.metrics import MetricSuite, mean_finite
 
 from .checkpoints import atomic_write_bytes
+from .data import config_number
 
 log = logging.getLogger(__name__)
 
@@ -41,19 +42,21 @@ def evaluate(system, cfg: dict, run_dir: str, write_descriptors: str | None = No
     system.eval()
     dcfg, mcfg = cfg["datasets"], cfg.get("metrics", {})
     suite = MetricSuite.create(
-        mcfg.get("lpips_vgg_weights"), mcfg.get("lpips_lin_weights"), int(dcfg.get("eval_border_crop") or 0),
+        mcfg.get("lpips_vgg_weights"), mcfg.get("lpips_lin_weights"),
+        config_number(dcfg.get("eval_border_crop") or 0, "datasets.eval_border_crop"),
         device=str(system.device),
     )
     if suite.lpips_skip_reason:
         log.warning(suite.lpips_skip_reason)
     save_renders = bool(mcfg.get("save_renders", True))
-    max_views = dcfg.get("max_eval_views")
+    max_views = config_number(dcfg.get("max_eval_views"), "datasets.max_eval_views", optional=True)
     result: dict = {"system": system.system_name, "lpips": "computed" if suite.lpips else suite.lpips_skip_reason,
                     "border_crop": suite.border, "scenes": {}}
-    for sid, scene in enumerate(system.scenes):
+    scene_views = []
+    for scene in system.scenes:  # every scene's views are checked before any is rendered
         views = held_out_views(scene)
         if max_views is not None:
-            views = views[: int(max_views)]
+            views = views[:max_views]
         if not views:
             raise ValueError(
                 f"scene {scene.name} ({scene.root}) has no test or validation views to evaluate: choose them with "
@@ -61,9 +64,11 @@ def evaluate(system, cfg: dict, run_dir: str, write_descriptors: str | None = No
                 "views, the others are tested)" + (f"; datasets.max_eval_views={max_views}" if max_views is not None
                                                     else ""))
         small = min((min(scene.views[v].camera.image_size), scene.views[v].name) for v in views)
-        if 2 * suite.border >= small[0]:  # before any view is rendered, naming the option
+        if 2 * suite.border >= small[0]:
             raise ValueError(f"datasets.eval_border_crop={suite.border} crops every pixel of view {small[1]} of scene "
                              f"{scene.name} (its shorter side is {small[0]} pixels); lower it (0: no crop)")
+        scene_views.append(views)
+    for sid, (scene, views) in enumerate(zip(system.scenes, scene_views, strict=True)):
         system.prepare_eval(sid)
         per_image = {}
         for v in views:

@@ -14,7 +14,7 @@ import threading
 
 import pytest
 import torch
-from _train_fixtures import make_dataset
+from _train_fixtures import make_dataset, make_tiny_scene
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
@@ -652,6 +652,18 @@ def test_an_eval_border_crop_larger_than_the_views_is_named_before_rendering(dat
         run_inproc(["datasets=nerf_blender_one_scene", f"datasets.data_root={data_root}", "datasets.scene_name=sceneA",
                     "datasets.eval_border_crop=16", "eval_only=true", *FAST], str(run))
     assert not (run / "renders").exists()
+    # a later scene's small views: refused before the first scene is rendered (its work was lost)
+    root = str(tmp_path / "mixed")
+    make_tiny_scene(os.path.join(root, "big"), size=48)
+    make_tiny_scene(os.path.join(root, "small"), size=24, seed=3)
+    with pytest.raises(ValueError, match=r"eval_border_crop=12 crops every pixel of view images/r_5 of scene small"):
+        run_inproc(["datasets=nerf_blender_pretrain", f"datasets.data_root={root}", "datasets.selection_count=0",
+                    "datasets.eval_border_crop=12", "eval_only=true", *FAST], str(run))
+    assert not (run / "renders").exists()
+    # a value that is no number names its key (int() said "invalid literal for int() with base 10")
+    with pytest.raises(ValueError, match=r"datasets.eval_border_crop must be a whole number, got 'wide'"):
+        run_inproc(["datasets=nerf_blender_one_scene", f"datasets.data_root={data_root}", "datasets.scene_name=sceneA",
+                    "datasets.eval_border_crop=wide", "eval_only=true", *FAST], str(run))
 
 
 def test_resuming_npbg_on_other_scenes_is_refused_naming_them(data_root, tmp_path):
