@@ -69,6 +69,8 @@ class NPBGPPRenderEngine(bpy.types.RenderEngine):
             self.report({"ERROR"}, f"NPBG++: {exc}")
             return
         self.update_progress(0.8)
+        if snap.hidden:  # not an error: the user hid it, as other engines would show nothing
+            self.report({"INFO"}, f"NPBG++: {snap.hidden}")
         if status:
             self.update_stats("", f"NPBG++: {status}")
         out = frames.compose(frame, snap.output, scene.render.film_transparent, depth_scale)

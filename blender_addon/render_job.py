@@ -37,6 +37,8 @@ def render_frame(
     ``roll_context``: how the network renders rolled views ('exact' for F12 renders; the
     viewport may ask for 'bounded', see ``RenderFrame.roll_context``). ``wait_for_kernels``:
     F12 waits for fused refiner kernels to compile; the viewport renders with torch meanwhile."""
+    if snap.hidden:
+        return RenderedFrame(empty_frame(geo.image_size), 1.0, snap.hidden, False)
     worker = HUB.get(snap.mode, snap.env_path, snap.extra_paths)
     neural = snap.output == "NEURAL"
     depth_scale = 1.0
@@ -68,6 +70,15 @@ def render_frame(
                             roll_context, snap.refiner_impl, wait_for_kernels)
     reply = worker.request(request, should_cancel, snap.timeout)
     return RenderedFrame(reply.pixels, depth_scale, refiner_status(reply), reply.compiling)
+
+
+def empty_frame(size: tuple[int, int]) -> np.ndarray:
+    """A frame no point lands on (coverage and alpha 0, depth +inf): what a hidden point
+    object renders, without asking the worker (no bundle is loaded for it)."""
+    frame = np.zeros((*size, P.FRAME_CHANNELS), dtype=np.float32)
+    frame[..., P.DEPTH] = np.inf
+    frame[..., P.NEURAL_DEPTH] = np.inf
+    return frame
 
 
 def refiner_status(frame: P.Frame) -> str:

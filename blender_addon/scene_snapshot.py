@@ -41,6 +41,7 @@ class SceneSnapshot(WorkerSettings):
     point_ids: np.ndarray | None = None  # bundle points to render (the object's npbgpp_id), None: all
     ids_key: str = "all"
     object_matrix: np.ndarray | None = None  # the bundle's object transform
+    hidden: str = ""  # why nothing is drawn: the point object is hidden (a message for the user)
 
 
 def worker_settings(scene: bpy.types.Scene) -> WorkerSettings:
@@ -70,6 +71,19 @@ def points_touched(depsgraph: bpy.types.Depsgraph, obj: bpy.types.Object | None)
     return any(update.id.original in watched for update in depsgraph.updates)
 
 
+def object_shown(obj: bpy.types.Object, depsgraph: bpy.types.Depsgraph | None) -> bool:
+    """Whether ``obj`` is drawn by ``depsgraph``: for a render (F12, animation), its render
+    visibility (Disable in Renders, a collection disabled for renders or excluded from the
+    view layer), as Cycles and EEVEE take it: a render depsgraph holds only the objects it
+    renders; for the viewport, its viewport visibility (hide_get / hide_viewport and its
+    collections'), as Blender's ``visible_get``."""
+    if depsgraph is None:
+        return True
+    if depsgraph.mode == "RENDER":
+        return any(o.original == obj for o in depsgraph.objects)
+    return bool(obj.visible_get(view_layer=depsgraph.view_layer))
+
+
 def snapshot(
     scene: bpy.types.Scene, depsgraph: bpy.types.Depsgraph | None = None, previous: SceneSnapshot | None = None
 ) -> SceneSnapshot:
@@ -87,6 +101,11 @@ def snapshot(
         refiner_impl=s.refiner_impl.lower(),
     )
     obj = s.point_object
+    if obj is not None and not object_shown(obj, depsgraph):
+        where = "renders" if depsgraph.mode == "RENDER" else "the viewport"
+        snap.hidden = (f"the Point Object {obj.name!r} is hidden in {where}: nothing to render "
+                       f"(show it in the Outliner to render it)")
+        return snap
     if obj is not None:
         evaluated = obj.evaluated_get(depsgraph) if depsgraph is not None else obj
         snap.object_matrix = np.array(evaluated.matrix_world, dtype=np.float64)

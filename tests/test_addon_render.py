@@ -279,6 +279,46 @@ def test_camera_clip_range_hides_points_outside_it(scene):
     assert (passes(exr, "Combined") == 0).all() and (exr["ViewLayer.Depth.Z"] >= 1e9).all()
 
 
+@pytest.mark.parametrize("how", ["hide_render", "collection_disabled", "excluded"])
+def test_point_object_hidden_in_renders_renders_nothing(scene, capfd, how):
+    """A point object disabled in renders (itself, its collection, or excluded from the view
+    layer) is not drawn by F12, as in Cycles: the frame is empty (transparent, depth empty),
+    the render succeeds and says why in an info line. The viewport follows viewport
+    visibility instead: hidden in renders alone, it still draws there; hidden (H) there, it
+    does not."""
+    from importlib import import_module
+
+    scene_snapshot = import_module(f"{MODULE}.scene_snapshot")
+    sc = scene["scene"]
+    obj = sc.npbgpp.point_object
+    assert obj is not None
+    exr = render_exr(sc, str(scene["dir"] / "shown.exr"))
+    assert (passes(exr, "Combined")[..., 3] == 1.0).sum() >= 5  # the same scene shows points
+    col = bpy.data.collections.new("Hidden")
+    sc.collection.children.link(col)
+    if how == "hide_render":
+        obj.hide_render = True
+    else:
+        for c in list(obj.users_collection):
+            c.objects.unlink(obj)
+        col.objects.link(obj)
+        if how == "collection_disabled":
+            col.hide_render = True
+        else:
+            bpy.context.view_layer.layer_collection.children["Hidden"].exclude = True
+    capfd.readouterr()
+    exr = render_exr(sc, str(scene["dir"] / "hidden.exr"))
+    assert (passes(exr, "Combined") == 0).all() and (passes(exr, "NPBG Points") == 0).all()
+    assert (exr["ViewLayer.Depth.Z"] >= 1e9).all()
+    assert f"'{obj.name}' is hidden in renders: nothing to render" in capfd.readouterr().out
+    viewport_snap = scene_snapshot.snapshot(sc, bpy.context.evaluated_depsgraph_get())
+    if how != "excluded":  # excluded from the view layer is gone from the viewport too
+        assert viewport_snap.hidden == "" and viewport_snap.points is not None
+        obj.hide_set(True)
+        viewport_snap = scene_snapshot.snapshot(sc, bpy.context.evaluated_depsgraph_get())
+    assert "hidden in the viewport" in viewport_snap.hidden and viewport_snap.points is None
+
+
 @pytest.mark.parametrize("crop", [False, True])
 def test_border_render(scene, crop):
     sc, cam = scene["scene"], scene["camera"]
