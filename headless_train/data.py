@@ -36,15 +36,15 @@ def config_number(value: Any, key: str, kind: type = int, optional: bool = False
         return None
     try:
         number = float(value) if isinstance(value, str) else value
-        if isinstance(number, bool) or not isinstance(number, int | float) or number != number:
-            raise ValueError
+        if isinstance(number, bool) or not isinstance(number, int | float) or not math.isfinite(number):
+            raise ValueError  # inf too: cache_images_max_gb=inf failed on int(inf) after the check
         if kind is int:
             if number != int(number):
                 raise ValueError
             return int(number)
         return float(number)
     except (ValueError, OverflowError):
-        what = "a whole number" if kind is int else "a number"
+        what = "a whole number" if kind is int else "a finite number"
         raise DataConfigError(f"{key} must be {what}{' or null' if optional else ''}, got {value!r}") from None
 
 

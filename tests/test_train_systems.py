@@ -627,7 +627,8 @@ def test_export_uses_the_cloud_the_run_fitted(tmp_path):
     ("datasets.n_point=abc", "datasets.n_point must be a whole number or null, got 'abc'"),
     ("system.max_points=lots", "system.max_points must be a whole number or null, got 'lots'"),
     ("datasets.selection_count=x", "datasets.selection_count must be a whole number, got 'x'"),
-    ("datasets.train_random_zoom=[a,2]", "datasets.train_random_zoom must be a number, got 'a'"),
+    ("datasets.train_random_zoom=[a,2]", "datasets.train_random_zoom must be a finite number, got 'a'"),
+    ("datasets.cache_images_max_gb=inf", "datasets.cache_images_max_gb must be a finite number, got inf"),
     ("datasets.train_image_size=big", "datasets.train_image_size must be a whole number, got 'big'"),
 ])
 def test_a_config_number_that_is_not_a_number_names_its_key(data_root, override, message):
@@ -635,7 +636,7 @@ def test_a_config_number_that_is_not_a_number_names_its_key(data_root, override,
     from headless_train.data import DataConfigError, SceneDataModule
 
     cfg = compose_cfg(["datasets=nerf_blender_one_scene", f"datasets.data_root={data_root}",
-                       "datasets.scene_name=sceneA", override])
+                       "datasets.scene_name=sceneA", "datasets.cache_images=true", override])
     with pytest.raises(DataConfigError, match=message):
         SceneDataModule(cfg, seed=3407)
     assert SceneDataModule(compose_cfg(["datasets=nerf_blender_one_scene", f"datasets.data_root={data_root}",
