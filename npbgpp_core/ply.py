@@ -58,10 +58,13 @@ def color_properties(header: list[tuple[str, str]]) -> tuple[tuple[str, str, str
     ``diffuse_red/...`` present, and the divisor that maps their values to [0, 1] (the
     integer type's largest value, 1 for floats); None without colours."""
     types = dict(header)
-    for trio in _COLOR_NAMES:
-        if all(c in types for c in trio):
-            return trio, float(_INTEGER_MAX.get(types[trio[0]], 1))
-    return None
+    trio = _color_trio(types)
+    return None if trio is None else (trio, float(_INTEGER_MAX.get(types[trio[0]], 1)))
+
+
+def _color_trio(names: Any) -> tuple[str, str, str] | None:
+    """The first of the colour name trios (``_COLOR_NAMES``) all of whose names are in ``names``."""
+    return next((trio for trio in _COLOR_NAMES if all(c in names for c in trio)), None)
 
 
 def ply_vertex_header(path: str | os.PathLike) -> list[tuple[str, str]]:
@@ -150,16 +153,15 @@ def load_ply(path: str | os.PathLike, min_opacity: float = 0.0) -> PointCloud:
         return PointCloud(pts[keep], splat_colors(f_dc[keep]), {"opacity": opacity[keep]}, is_splat=True)
     colors = None
     used = {"x", "y", "z"}
-    for trio in _COLOR_NAMES:
-        if all(c in names for c in trio):
-            raw = np.stack([np.asarray(v[c]) for c in trio], axis=1)
-            if np.issubdtype(raw.dtype, np.integer):
-                colors = raw.astype(np.float64) / float(np.iinfo(raw.dtype).max)
-            else:
-                colors = finite_colors(raw.astype(np.float64), path, trio)
-            colors = np.clip(colors, 0.0, 1.0).astype(np.float32)
-            used.update(trio)
-            break
+    trio = _color_trio(names)
+    if trio is not None:
+        raw = np.stack([np.asarray(v[c]) for c in trio], axis=1)
+        if np.issubdtype(raw.dtype, np.integer):
+            colors = raw.astype(np.float64) / float(np.iinfo(raw.dtype).max)
+        else:
+            colors = finite_colors(raw.astype(np.float64), path, trio)
+        colors = np.clip(colors, 0.0, 1.0).astype(np.float32)
+        used.update(trio)
     extra = {}
     for n in names:
         if n not in used and n not in ("alpha",):
