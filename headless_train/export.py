@@ -202,6 +202,10 @@ def export(args: argparse.Namespace) -> str:
         options["undistort"] = True
     name = args.scene_name or os.path.basename(os.path.normpath(args.scene))
     pc_name = args.pc_name or fitted_point_cloud(ckpt, system, name)
+    if pc_name and not args.pc_name and os.path.isdir(args.scene) and not os.path.isfile(
+            os.path.join(args.scene, pc_name)):  # the loader's message would name a pc_name= nobody gave
+        raise ExportError(f"{args.checkpoint} was fitted to the point cloud {pc_name} (its run's datasets.pc_name), "
+                          f"which is not in {args.scene}: name where that cloud is now with --pc-name")
     if pc_name:
         options["pc_name"] = pc_name
     scene = load_scene(args.scene, format=args.format, **options)

@@ -589,7 +589,7 @@ def test_eval_without_held_out_views_says_how_to_choose_them(tmp_path):
                    str(tmp_path / "r"))
 
 
-def test_export_uses_the_cloud_the_run_fitted(tmp_path):
+def test_export_uses_the_cloud_the_run_fitted(tmp_path, capsys):
     """NPBG trained on another cloud of the scene (datasets.pc_name=dense.ply): export loaded
     the scene's default points3d.ply and, that one being larger, silently subsampled it to
     the descriptor count (descriptors on the wrong points). The run now records its cloud,
@@ -621,6 +621,14 @@ def test_export_uses_the_cloud_the_run_fitted(tmp_path):
     assert export_main(["--checkpoint", str(tmp_path / "run2/checkpoints/last.ckpt"), "--scene",
                         os.path.join(root, "sceneD"), "--out", out]) == 0
     torch.testing.assert_close(NeuralScene.load(out).points, torch.from_numpy(dense[:150]).float())
+    # that cloud moved: the message names it and --pc-name, not a pc_name= nobody gave
+    os.replace(elsewhere, str(tmp_path / "moved.ply"))
+    args = ["--checkpoint", str(tmp_path / "run2/checkpoints/last.ckpt"), "--scene", os.path.join(root, "sceneD"),
+            "--out", str(tmp_path / "m.npbgpp")]
+    capsys.readouterr()
+    assert export_main(args) == 2
+    assert "was fitted to the point cloud " + elsewhere + " (its run's datasets.pc_name)" in capsys.readouterr().err
+    assert export_main([*args, "--pc-name", str(tmp_path / "moved.ply")]) == 0
 
 
 @pytest.mark.parametrize("override, message", [
