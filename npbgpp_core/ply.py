@@ -142,7 +142,10 @@ def load_ply(path: str | os.PathLike, min_opacity: float = 0.0) -> PointCloud:
     missing = [c for c in "xyz" if c not in names]
     if missing:
         raise ValueError(f"{path}: vertex element lacks coordinate properties {missing}")
-    pts = np.stack([np.asarray(v[c], dtype=np.float64) for c in "xyz"], axis=1).astype(np.float32)
+    pts64 = np.stack([np.asarray(v[c], dtype=np.float64) for c in "xyz"], axis=1)
+    with np.errstate(over="ignore"):
+        pts = pts64.astype(np.float32)
+    finite_points(pts, pts64, path)
     if is_splat_header(names):
         opacity = splat_opacity(v["opacity"])
         keep = opacity >= float(min_opacity)
@@ -169,6 +172,20 @@ def load_ply(path: str | os.PathLike, min_opacity: float = 0.0) -> PointCloud:
             if arr.ndim == 1 and np.issubdtype(arr.dtype, np.number):
                 extra[n] = arr.astype(np.float32)
     return PointCloud(pts, colors, extra)
+
+
+def finite_points(points: np.ndarray, read: np.ndarray, path: str) -> None:
+    """ValueError naming the file, how many vertices and the first one when a coordinate
+    is NaN or infinite, or finite in the file (``read``) but beyond float32's range. The
+    same rule as the dataset loaders' (``datasets.common.check_points``) and the colours':
+    refused, not dropped, so that a cloud's point indices (bundles, ``npbgpp_id``) never
+    shift silently."""
+    bad = ~np.isfinite(points).all(axis=1)
+    if bad.any():
+        overflow = int((bad & np.isfinite(read).all(axis=1)).sum())
+        why = f" ({overflow} of them beyond float32's range)" if overflow else ""
+        raise ValueError(f"{path}: {int(bad.sum())} of {len(points)} vertices have non-finite (NaN or infinite) "
+                         f"coordinates{why} (first at vertex {int(np.argmax(bad))}): remove them from the file")
 
 
 def finite_colors(colors: np.ndarray, path: str, names: tuple[str, ...]) -> np.ndarray:

@@ -187,3 +187,31 @@ def test_color_properties_from_the_header(tmp_path):
     assert color_properties(header) == (("diffuse_red", "diffuse_green", "diffuse_blue"), 65535.0)
     assert color_properties([("x", "float"), ("r", "float"), ("g", "float"), ("b", "float")])[1] == 1.0
     assert color_properties([("x", "float"), ("red", "uchar")]) is None
+
+
+def test_non_finite_coordinates_refused_with_a_count(tmp_path):
+    """NaN / inf coordinates (and finite doubles beyond float32's range, which would read
+    as inf) are refused as the dataset loaders refuse them, naming the file, counting the
+    vertices and giving the first; a clean file of the same layout reads."""
+    head = ("ply\nformat ascii 1.0\nelement vertex 5\n"
+            "property double x\nproperty double y\nproperty double z\nend_header\n")
+    rows = ["0 0 0", "1 nan 0", "2 0 inf", "-inf 1 1", "1e39 0 0"]
+    path = tmp_path / "bad.ply"
+    path.write_text(head + "\n".join(rows) + "\n")
+    with pytest.raises(ValueError, match=r"bad\.ply: 4 of 5 vertices have non-finite \(NaN or infinite\) "
+                                         r"coordinates \(1 of them beyond float32's range\) \(first at vertex 1\)"):
+        load_ply(path)
+    path.write_text(head.replace("vertex 5", "vertex 2") + "0 0 0\n1e30 -2 3\n")
+    np.testing.assert_array_equal(load_ply(path).points, np.array([[0, 0, 0], [1e30, -2, 3]], np.float32))
+    binary = tmp_path / "bad_binary.ply"
+    save_ply(binary, np.array([[0.0, 0.0, 0.0], [np.nan, 1.0, 2.0]], np.float32), binary=True)
+    with pytest.raises(ValueError, match=r"bad_binary\.ply: 1 of 2 vertices .* \(first at vertex 1\)"):
+        load_ply(binary)
+
+
+def test_dataset_loader_refuses_non_finite_cloud_the_same_way(tmp_path):
+    from npbgpp_core.datasets.common import DatasetError, load_point_cloud
+
+    save_ply(tmp_path / "cloud.ply", np.array([[0.0, 0.0, 1.0], [np.inf, 0.0, 0.0]], np.float32))
+    with pytest.raises(DatasetError, match=r"cloud\.ply: 1 of 2 vertices have non-finite"):
+        load_point_cloud(str(tmp_path), str(tmp_path / "cloud.ply"), ())
