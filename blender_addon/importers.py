@@ -381,6 +381,8 @@ class IMPORT_SCENE_OT_npbgpp_dataset(bpy.types.Operator):
             h, w = reply.views[0].camera.image_size
             context.scene.render.resolution_x, context.scene.render.resolution_y = w, h
             context.scene.render.resolution_percentage = 100
+            # the cameras are made for square pixels (and the warning below counts on them)
+            context.scene.render.pixel_aspect_x = context.scene.render.pixel_aspect_y = 1.0
             context.scene.camera = collection.objects[0]
         self.report({"INFO"}, f"Imported {len(reply.points)} points and {len(reply.views)} cameras.")
         unmatched = _views_blender_cannot_frame(reply.views)

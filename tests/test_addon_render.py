@@ -651,7 +651,9 @@ def test_import_dataset_cameras_reproduce_views(scene):
     ref = []
     for c in (cam, cam2):
         ref.append(np.array([tuple(world_to_camera_view(sc, c, Vector(p))) for p in scene["points"]]))
+    sc.render.pixel_aspect_x = 2.0  # a scene with wide pixels: the cameras are made for square ones
     assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root)) == {"FINISHED"}
+    assert (sc.render.pixel_aspect_x, sc.render.pixel_aspect_y) == (1.0, 1.0)
     imported = [o for o in sc.objects if o.type == "CAMERA" and o not in (cam, cam2)]
     assert len(imported) == 2
     assert (sc.render.resolution_x, sc.render.resolution_y) == (32, 24)
