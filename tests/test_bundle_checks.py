@@ -118,7 +118,10 @@ def test_files_picked_by_mistake_are_named_for_what_they_are(tmp_path):
     ckpt = str(tmp_path / "last.ckpt")
     torch.save({"state_dict": {}}, ckpt)
     weights = os.path.join(ROOT, "npbgpp_core", "weights", "npbgpp_sphere.safetensors")
+    legacy = str(tmp_path / "old.pt")
+    torch.save({"state_dict": {}}, legacy, _use_new_zipfile_serialization=False)
     for path, what in ((ply, "it is a PLY point cloud"), (ckpt, "it is a zip archive, e.g. a torch checkpoint"),
+                       (legacy, "it is a pickle, e.g. a torch checkpoint of the legacy format"),
                        (weights, "it is an NPBG\\+\\+ weights file")):
         message = f"{os.path.basename(path)}: not an NPBG\\+\\+ neural scene file: {what}"
         for read in (NeuralScene.load, read_points):
