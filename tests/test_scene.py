@@ -295,3 +295,28 @@ def test_fill_coverage_closes_small_holes_only():
     full[0, 3] = False  # a hole on the border
     alpha, filled = fill_coverage(full, torch.where(full, torch.tensor(2.0), torch.tensor(float("inf"))))
     assert alpha[0, 3] == 1.0 and filled[0, 3] == 2.0 and (alpha[1:-1, 1:-1] == 1).all()
+
+
+@pytest.mark.parametrize("up", [(0.0, 0.0, 1.0), (0.35, 0.0, 1.0)], ids=["upright", "rolled"])
+def test_clipped_camera_renders_like_only_the_points_inside(npbgpp_bundle, up):
+    """The network's frame and the point layers of a camera with a clip range equal those of
+    the same camera without one when only the points inside the range are rendered
+    (select_points): clipped points reach neither the descriptor rasters nor the depth."""
+    _, _, bundle, _ = npbgpp_bundle
+    near, far = 2.7, 3.3
+    plain = Camera.look_at((0.5, -3.0, 0.8), (0, 0, 0), up, 50.0, (48, 64))
+    clipped = Camera(*plain.to_opencv(), plain.image_size, near=near, far=far)
+    _, z = plain.project(bundle.points.float())
+    assert float((z - near).abs().min()) > 1e-4 and float((z - far).abs().min()) > 1e-4
+    inside = torch.nonzero((z > near) & (z <= far)).squeeze(1)
+    assert 50 < len(inside) < len(bundle) - 200
+    whole, subset = bundle.renderer(), bundle.renderer()
+    subset.select_points(inside)
+    got, ref = whole.render(clipped), subset.render(plain)
+    assert float((got - ref).abs().max()) < 1e-5
+    assert float((whole.render(plain) - ref).abs().max()) > 1e-2  # the clip range matters here
+    bounded = whole.render(clipped, roll_context="bounded")  # the viewport's canvas on the CPU
+    assert float((bounded - subset.render(plain, roll_context="bounded")).abs().max()) < 1e-5
+    layers, ref_layers = whole.render_point_layers(clipped), subset.render_point_layers(plain)
+    assert torch.equal(layers.mask, ref_layers.mask) and torch.equal(layers.depth, ref_layers.depth)
+    assert bool((layers.depth[layers.mask] <= far).all())
