@@ -223,3 +223,27 @@ def object_local_geometry(geo: CameraGeometry, matrix_world: Any) -> tuple[Camer
     R = geo.R @ rot
     t = (geo.R @ M[:3, 3] + geo.t) / s
     return CameraGeometry(geo.K, R, t, geo.image_size, geo.near / s, geo.far / s), s
+
+
+# Blender keeps a clip start / end at least this (its RNA hard minimum).
+MIN_CLIP = 1e-6
+CLIP_NEAR_FRACTION = 0.5  # clip start: this fraction of the nearest point's depth
+CLIP_FAR_MARGIN = 1.5  # clip end: this many times the farthest point's depth (room to move)
+
+
+def clip_range_covering(points: np.ndarray, R: np.ndarray, t: np.ndarray) -> tuple[float, float] | None:
+    """Clip start / end for the OpenCV camera ``R``, ``t`` (world to camera) that keep every
+    point of ``points`` (N, 3) in front of it inside the clip range, with margin: start
+    :data:`CLIP_NEAR_FRACTION` of the nearest depth, end :data:`CLIP_FAR_MARGIN` times the
+    farthest (both at least :data:`MIN_CLIP`). Imported datasets come at any scale (COLMAP's
+    is arbitrary, DTU's millimetres), where Blender's default 0.1 .. 1000 cuts them. None
+    when no point is in front (the camera's defaults are then as good as any)."""
+    pts = np.asarray(points, np.float64).reshape(-1, 3)
+    z = pts @ np.asarray(R, np.float64)[2] + float(np.asarray(t, np.float64)[2])
+    z = z[np.isfinite(z) & (z > 0.0)]
+    if len(z) == 0:
+        return None
+    far = max(float(z.max()) * CLIP_FAR_MARGIN, 2.0 * MIN_CLIP)
+    near = min(max(float(z.min()) * CLIP_NEAR_FRACTION, MIN_CLIP), far / 2.0)
+    return near, far
+

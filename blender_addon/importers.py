@@ -10,7 +10,7 @@ import numpy as np
 from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, StringProperty
 from bpy_extras.io_utils import ImportHelper
 
-from .camera_bridge import BLENDER_TO_OPENCV
+from .camera_bridge import BLENDER_TO_OPENCV, clip_range_covering
 from .point_source import ID_ATTRIBUTE
 
 COLOR_ATTRIBUTE = "Col"
@@ -58,10 +58,13 @@ def use_point_object(context: Any, obj: bpy.types.Object) -> None:
 
 
 def create_camera(
-    name: str, K: np.ndarray, R: np.ndarray, t: np.ndarray, size: tuple[int, int], context: Any
+    name: str, K: np.ndarray, R: np.ndarray, t: np.ndarray, size: tuple[int, int], context: Any,
+    points: np.ndarray | None = None,
 ) -> bpy.types.Object:
     """A Blender camera object reproducing an OpenCV camera (square pixels assumed:
-    horizontal sensor fit, 36 mm sensor, lens shift for the principal point)."""
+    horizontal sensor fit, 36 mm sensor, lens shift for the principal point), its Clip
+    Start / End covering the world ``points`` in front of it (:func:`clip_range_covering`:
+    Blender's default range would cut a cloud at another scale than its own)."""
     h, w = size
     cam = bpy.data.cameras.new(name)
     cam.sensor_fit = "HORIZONTAL"
@@ -69,6 +72,9 @@ def create_camera(
     cam.lens = float(K[0, 0]) * 36.0 / w
     cam.shift_x = (w / 2.0 - 0.5 - float(K[0, 2])) / w
     cam.shift_y = (float(K[1, 2]) - h / 2.0 + 0.5) / w
+    clip = clip_range_covering(points, R, t) if points is not None else None
+    if clip is not None:
+        cam.clip_start, cam.clip_end = clip
     obj = bpy.data.objects.new(name, cam)
     R_blender = BLENDER_TO_OPENCV @ np.asarray(R, np.float64)  # world -> Blender camera axes
     center = -np.asarray(R, np.float64).T @ np.asarray(t, np.float64)
@@ -366,7 +372,8 @@ class IMPORT_SCENE_OT_npbgpp_dataset(bpy.types.Operator):
         context.scene.collection.children.link(collection)
         for view in reply.views:
             c = view.camera
-            cam = create_camera(view.name, np.array(c.K), np.array(c.R), np.array(c.t), c.image_size, context)
+            cam = create_camera(view.name, np.array(c.K), np.array(c.R), np.array(c.t), c.image_size, context,
+                                reply.points)
             for col in list(cam.users_collection):
                 col.objects.unlink(cam)
             collection.objects.link(cam)

@@ -665,6 +665,33 @@ def test_import_dataset_cameras_reproduce_views(scene):
     assert sc.npbgpp.dataset_path
 
 
+@pytest.mark.parametrize("scale", [0.01, 10000.0])
+def test_import_dataset_cameras_clip_around_the_cloud(scene, scale):
+    """A dataset at another scale than Blender's default clip range (0.1 .. 1000: the whole
+    cloud is nearer / farther than it here) imports cameras whose Clip Start / End hold the
+    cloud: F12 through an imported camera shows every point Blender's world_to_camera_view
+    puts in its image, colour and depth, where the default range showed nothing."""
+    sc, cam = scene["scene"], scene["camera"]
+    pts = scene["points"] * np.float32(scale)
+    cam.location = tuple(np.array(cam.location) * scale)
+    root = scene["dir"] / "scaled"
+    _write_nerf_dataset(root, [cam], pts, scene["colors"])
+    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root)) == {"FINISHED"}
+    imported = sc.camera
+    assert imported is not None and imported is not cam
+    sc.render.resolution_percentage = 200  # 64x48: enough pixels for isolated points
+    bpy.context.view_layer.update()
+    _, _, z = expected_pixels(sc, imported, pts)
+    front = z[z > 0]
+    assert (front < 0.1).all() if scale < 1 else (front > 1000.0).all()  # Blender's defaults cut them all
+    assert imported.data.clip_start < front.min() and imported.data.clip_end > front.max()
+    exr = render_exr(sc, str(scene["dir"] / "scaled.exr"))
+    pts_pass = passes(exr, "NPBG Points")
+    n = check_points_image(pts_pass[..., :3], pts_pass[..., 3], exr["ViewLayer.Depth.Z"], sc, imported, pts,
+                           scene["colors"])
+    assert n >= 5
+
+
 def test_import_dataset_warns_of_views_blender_cannot_frame(scene, capfd):
     """Blender has one render resolution and square pixels: cameras of photos of another
     size (portrait among landscape, as in a phone capture) or with fy != fx rendered another

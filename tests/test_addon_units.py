@@ -23,7 +23,9 @@ bpy = pytest.importorskip("bpy")
 
 from blender_addon import frames, srgb  # noqa: E402
 from blender_addon.camera_bridge import (  # noqa: E402
+    MIN_CLIP,
     CameraGeometry,
+    clip_range_covering,
     object_local_geometry,
     opencv_intrinsics,
     scene_camera_geometry,
@@ -164,6 +166,31 @@ def test_clip_range_follows_blenders_projection():
     cam.data.clip_end = 0.5  # Python can set an end before the start
     with pytest.raises(ValueError, match="Clip Start < Clip End"):
         scene_camera_geometry(cam, scene)
+
+
+@pytest.mark.parametrize("scale", [0.01, 1.0, 10000.0])
+def test_clip_range_covering_holds_every_point_in_front(scale):
+    """The clip range an imported camera gets holds every point in front of it, by depths
+    computed one point at a time (row 2 of [R | t] applied to each): start between
+    MIN_CLIP and half the nearest depth, end 1.5 x the farthest; points behind are ignored."""
+    rng = np.random.default_rng(7)
+    q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    R = q * np.sign(np.linalg.det(q))
+    center = np.array([0.3, -0.2, 2.0]) * scale  # camera-space centre of the cloud
+    cam_pts = center + rng.uniform(-3.5, 3.5, (200, 3)) * scale  # some points behind the camera
+    t = rng.normal(size=3) * scale
+    world = (cam_pts - t) @ R  # R^T (x - t)
+    depths = [sum(R[2, k] * p[k] for k in range(3)) + t[2] for p in world]
+    front = [d for d in depths if d > 0]
+    assert 0 < len(front) < len(depths)
+    near, far = clip_range_covering(world, R, t)
+    assert MIN_CLIP <= near <= 0.5 * min(front) + 1e-12 * scale
+    assert far == pytest.approx(1.5 * max(front))
+    assert all(near < d < far for d in front)
+    assert near == pytest.approx(0.5 * min(front))  # not clamped at these scales
+    assert clip_range_covering(world[np.array(depths) < 0], R, t) is None
+    tiny = clip_range_covering(np.array([[0.0, 0.0, 1e-9], [0.0, 0.0, 2.0]]), np.eye(3), np.zeros(3))
+    assert tiny == (MIN_CLIP, 3.0)  # Blender's smallest Clip Start, still before the far point
 
 
 def test_scaled_geometry_matches_core():
