@@ -247,3 +247,29 @@ def clip_range_covering(points: np.ndarray, R: np.ndarray, t: np.ndarray) -> tup
     near = min(max(float(z.min()) * CLIP_NEAR_FRACTION, MIN_CLIP), far / 2.0)
     return near, far
 
+
+def bounding_sphere(points: np.ndarray) -> tuple[np.ndarray, float]:
+    """Centre (the bounding box's) and radius of a sphere holding every finite point."""
+    pts = np.asarray(points, np.float64).reshape(-1, 3)
+    pts = pts[np.isfinite(pts).all(axis=1)]
+    if len(pts) == 0:
+        raise ValueError("no finite points")
+    center = (pts.min(axis=0) + pts.max(axis=0)) / 2.0
+    return center, float(np.linalg.norm(pts - center, axis=1).max())
+
+
+VIEW_FRAMING_DISTANCE = 4.0  # View All / Frame Selected puts the eye about this many radii from the centre
+VIEW_NEAR_FRACTION = 0.05  # of the radius: a framed or zoomed-in view keeps the cloud in front of its start
+
+
+def view_clip_covering(clip_start: float, clip_end: float, eye: np.ndarray, center: np.ndarray,
+                       radius: float) -> tuple[float, float]:
+    """A 3D view's clip start / end widened (never narrowed) so that a cloud in the sphere
+    ``center``, ``radius`` is not clipped, seen from the view's ``eye`` or after framing it
+    (View All / Frame Selected, :data:`VIEW_FRAMING_DISTANCE` radii away): end past the far
+    side of the sphere from the farther of the two with :data:`CLIP_FAR_MARGIN`, start at
+    most :data:`VIEW_NEAR_FRACTION` of the radius."""
+    distance = float(np.linalg.norm(np.asarray(eye, np.float64) - np.asarray(center, np.float64)))
+    far = (max(distance, VIEW_FRAMING_DISTANCE * radius) + radius) * CLIP_FAR_MARGIN
+    near = max(VIEW_NEAR_FRACTION * radius, MIN_CLIP)
+    return min(float(clip_start), near), max(float(clip_end), far)

@@ -10,8 +10,8 @@ import numpy as np
 from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, StringProperty
 from bpy_extras.io_utils import ImportHelper
 
-from .camera_bridge import BLENDER_TO_OPENCV, clip_range_covering
-from .point_source import ID_ATTRIBUTE
+from .camera_bridge import BLENDER_TO_OPENCV, bounding_sphere, clip_range_covering, view_clip_covering
+from .point_source import ID_ATTRIBUTE, object_positions
 
 COLOR_ATTRIBUTE = "Col"
 
@@ -88,6 +88,37 @@ def create_camera(
     return obj
 
 
+def widen_view_clips(op: Any, context: Any, points: np.ndarray) -> int:
+    """Widen the Clip Start / End of the open windows' 3D views that would cut ``points``
+    (world space), seen from where each view is or after framing them
+    (:func:`view_clip_covering`), and say so in ``op``'s report; as importers of scenes at
+    other scales do. Returns how many views changed; none without a window (background)."""
+    wm = getattr(context, "window_manager", None)
+    spaces = [space for window in (wm.windows if wm is not None else ()) if window.screen is not None
+              for area in window.screen.areas for space in area.spaces if space.type == "VIEW_3D"]
+    if not spaces or len(points) == 0:
+        return 0
+    from mathutils import Vector
+
+    try:
+        center, radius = bounding_sphere(points)
+    except ValueError:
+        return 0
+    ranges = []
+    for space in spaces:
+        rv3d = space.region_3d  # its view_matrix is only updated on redraw: the eye from the view's own values
+        eye = np.array(rv3d.view_location) + np.array(rv3d.view_rotation @ Vector((0.0, 0.0, rv3d.view_distance)))
+        start, end = view_clip_covering(space.clip_start, space.clip_end, eye, center, radius)
+        if start < space.clip_start or end > space.clip_end:
+            space.clip_start, space.clip_end = start, end
+            ranges.append((start, end))
+    if ranges:
+        start, end = min(r[0] for r in ranges), max(r[1] for r in ranges)
+        op.report({"INFO"}, f"Widened the Clip Start / End of {len(ranges)} 3D view(s) to {start:.3g} .. {end:.3g} "
+                            "so that they do not cut the imported points (sidebar > View > Clip Start / End).")
+    return len(ranges)
+
+
 def _views_blender_cannot_frame(views: list) -> list[tuple[str, tuple[int, int], float]]:
     """``(name, (h, w), fy / fx)`` of the dataset views whose cameras (:func:`create_camera`:
     square pixels, at the scene's one resolution, the first view's) do not reproduce them:
@@ -117,7 +148,7 @@ def _bundle_object(context: Any, bundle_points: np.ndarray) -> bpy.types.Object 
 def holds_bundle_points(obj: bpy.types.Object, bundle_points: np.ndarray) -> bool:
     """Whether each of the object's point ids names the bundle point at the object's
     (local) position of that point: the ids are rows of this bundle."""
-    from .point_source import object_positions, point_ids
+    from .point_source import point_ids
 
     ids = point_ids(obj)
     if ids is None or len(ids) == 0 or int(ids.min()) < 0 or int(ids.max()) >= len(bundle_points):
@@ -216,6 +247,7 @@ class IMPORT_SCENE_OT_npbgpp_ply(bpy.types.Operator, ImportHelper):
             obj = context.view_layer.objects.active or obj
         use_point_object(context, obj)
         self.report({"INFO"}, f"Imported the points of {path} as {obj.name!r}.")
+        widen_view_clips(self, context, object_positions(obj))
         return {"FINISHED"}
 
     def _finish_splat(self, context: Any, path: str, imported: Any) -> set[str]:
@@ -249,6 +281,7 @@ class IMPORT_SCENE_OT_npbgpp_ply(bpy.types.Operator, ImportHelper):
             return {"CANCELLED"}
         use_point_object(context, obj)
         self.report({"INFO"}, f"imported {int(keep.sum())} of {n} splats as points ({obj.name})")
+        widen_view_clips(self, context, pts)
         return {"FINISHED"}
 
 
@@ -303,6 +336,7 @@ class IMPORT_SCENE_OT_npbgpp_bundle(bpy.types.Operator, ImportHelper):
         s.bundle = path
         s.point_object = obj
         s.output = "NEURAL"
+        widen_view_clips(self, context, object_positions(obj))
         return {"FINISHED"}
 
 
@@ -392,6 +426,7 @@ class IMPORT_SCENE_OT_npbgpp_dataset(bpy.types.Operator):
             context.scene.render.pixel_aspect_x = context.scene.render.pixel_aspect_y = 1.0
             context.scene.camera = collection.objects[0]
         self.report({"INFO"}, f"Imported {len(reply.points)} points and {len(reply.views)} cameras.")
+        widen_view_clips(self, context, reply.points)
         unmatched = _views_blender_cannot_frame(reply.views)
         if unmatched:
             name, (vh, vw), ratio = unmatched[0]

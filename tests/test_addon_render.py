@@ -692,6 +692,65 @@ def test_import_dataset_cameras_clip_around_the_cloud(scene, scale):
     assert n >= 5
 
 
+def _view_depths(space, pts: np.ndarray) -> np.ndarray:
+    """Depth of each point in front of a 3D view's eye, from the view's own location,
+    rotation and distance (its view_matrix waits for a redraw)."""
+    from mathutils import Matrix
+
+    r = space.region_3d
+    eye_to_world = (Matrix.Translation(r.view_location) @ r.view_rotation.to_matrix().to_4x4()
+                    @ Matrix.Translation((0.0, 0.0, r.view_distance)))
+    V = np.array(eye_to_world.inverted())
+    return -(pts.astype(np.float64) @ V[2, :3] + V[2, 3])
+
+
+@pytest.mark.parametrize("how, scale", [("dataset", 10000.0), ("ply", 0.001)])
+def test_import_widens_the_3d_views_clip_range(scene, capfd, how, scale):
+    """Importing points the open 3D views' clip range (Blender's 0.01 .. 1000) would cut
+    widens it, with an info line: every point lies inside it from where the view is and
+    after Frame Selected frames the imported (selected) cloud, Blender's own operator; an
+    import the range already holds leaves it and says nothing."""
+    from npbgpp_core.ply import save_ply
+
+    spaces = [(w, a, s) for w in bpy.context.window_manager.windows for a in w.screen.areas
+              for s in a.spaces if s.type == "VIEW_3D"]
+    assert spaces
+    for _, _, space in spaces:
+        space.clip_start, space.clip_end = 0.01, 1000.0
+    pts = scene["points"] * np.float32(scale)
+    capfd.readouterr()
+    assert bpy.ops.import_scene.npbgpp_ply(filepath=str(scene["dir"] / "points.ply")) == {"FINISHED"}
+    assert "Widened" not in capfd.readouterr().out  # the unit cloud: nothing to do
+    assert all((s.clip_start, s.clip_end) == pytest.approx((0.01, 1000.0)) for _, _, s in spaces)
+    if how == "dataset":
+        scene["camera"].location = tuple(np.array(scene["camera"].location) * scale)
+        _write_nerf_dataset(scene["dir"] / "big", [scene["camera"]], pts, scene["colors"])
+        assert bpy.ops.import_scene.npbgpp_dataset(directory=str(scene["dir"] / "big")) == {"FINISHED"}
+    else:
+        save_ply(str(scene["dir"] / "tiny.ply"), pts, scene["colors"])
+        assert bpy.ops.import_scene.npbgpp_ply(filepath=str(scene["dir"] / "tiny.ply")) == {"FINISHED"}
+    out = capfd.readouterr().out
+    assert f"Widened the Clip Start / End of {len(spaces)} 3D view(s)" in out
+    for window, area, space in spaces:
+        start, end = space.clip_start, space.clip_end
+        assert (start, end) != pytest.approx((0.01, 1000.0))
+        depth = _view_depths(space, pts)
+        assert (depth < end).all()
+        region = next(r for r in area.regions if r.type == "WINDOW")
+        with bpy.context.temp_override(window=window, area=area, region=region):
+            assert bpy.ops.view3d.view_selected() == {"FINISHED"}
+        if how == "ply":  # framing keeps a point cloud's point radius in view: zoom in to fill the view
+            space.region_3d.view_distance = 3.0 * np.linalg.norm(pts - (pts.min(0) + pts.max(0)) / 2, axis=1).max()
+        depth = _view_depths(space, pts)
+        assert (depth > start).all() and (depth < end).all()  # the whole cloud inside
+        assert not ((depth > 0.01) & (depth < 1000.0)).all()  # where Blender's default range cut it
+    from importlib import import_module
+    from types import SimpleNamespace
+
+    no_window = SimpleNamespace(window_manager=SimpleNamespace(windows=[]))  # blender --background
+    assert import_module(f"{MODULE}.importers").widen_view_clips(None, no_window, pts) == 0
+
+
 def test_import_dataset_warns_of_views_blender_cannot_frame(scene, capfd):
     """Blender has one render resolution and square pixels: cameras of photos of another
     size (portrait among landscape, as in a phone capture) or with fy != fx rendered another

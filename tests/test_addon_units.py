@@ -25,10 +25,12 @@ from blender_addon import frames, srgb  # noqa: E402
 from blender_addon.camera_bridge import (  # noqa: E402
     MIN_CLIP,
     CameraGeometry,
+    bounding_sphere,
     clip_range_covering,
     object_local_geometry,
     opencv_intrinsics,
     scene_camera_geometry,
+    view_clip_covering,
     viewport_geometry,
 )
 from blender_addon.viewport import FrameScheduler, scaled_size  # noqa: E402
@@ -191,6 +193,21 @@ def test_clip_range_covering_holds_every_point_in_front(scale):
     assert clip_range_covering(world[np.array(depths) < 0], R, t) is None
     tiny = clip_range_covering(np.array([[0.0, 0.0, 1e-9], [0.0, 0.0, 2.0]]), np.eye(3), np.zeros(3))
     assert tiny == (MIN_CLIP, 3.0)  # Blender's smallest Clip Start, still before the far point
+
+
+def test_view_clip_covering_widens_only():
+    """A 3D view's clip range is widened to the sphere seen from its eye or framed (4 radii
+    away): hand-computed ends; a range that already covers it is kept."""
+    pts = np.array([[1.0, 2.0, 3.0], [5.0, 2.0, 3.0], [3.0, 2.0, 3.0]])
+    center, radius = bounding_sphere(pts)
+    assert center.tolist() == [3.0, 2.0, 3.0] and radius == 2.0
+    # eye 100 away: end (100 + 2) * 1.5; start 0.05 * 2 leaves 0.01 as it is
+    assert view_clip_covering(0.01, 100.0, center + [0.0, 100.0, 0.0], center, radius) == pytest.approx((0.01, 153.0))
+    # eye at the centre: the framed view, 8 away, decides the end
+    assert view_clip_covering(0.5, 10.0, center, center, radius) == pytest.approx((0.1, 15.0))
+    assert view_clip_covering(0.01, 1000.0, center, center, radius) == (0.01, 1000.0)
+    with pytest.raises(ValueError, match="no finite points"):
+        bounding_sphere(np.full((2, 3), np.nan))
 
 
 def test_scaled_geometry_matches_core():
