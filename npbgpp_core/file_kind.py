@@ -19,11 +19,13 @@ def file_kind(head: bytes) -> str | None:
     :data:`HEAD_SIZE` bytes); None when it is none of them."""
     if head.startswith(b"PK\x03\x04"):  # torch.save since torch 1.6
         return "zip"
-    if head.startswith(b"\x80"):  # a pickle's protocol opcode: torch.save's legacy format
+    # safetensors: an 8-byte little-endian header length, then the JSON header. Tested
+    # before pickle because a header length of 128 mod 256 starts with the byte 0x80.
+    if len(head) >= 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 1 << 30:
+        return "safetensors"
+    # a pickle's PROTO opcode and protocol 2..5: torch.save's legacy format
+    if head[:1] == b"\x80" and len(head) >= 2 and head[1:2] in b"\x02\x03\x04\x05":
         return "pickle"
     if head.startswith(b"ply"):
         return "ply"
-    # safetensors: an 8-byte little-endian header length, then the JSON header
-    if len(head) >= 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 1 << 30:
-        return "safetensors"
     return None
