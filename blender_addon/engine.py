@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import bpy
+import numpy as np
+
+from npbgpp_core.protocol import DEPTH
 
 from . import frames
-from .camera_bridge import scene_camera_geometry
+from .camera_bridge import CameraGeometry, clipped_away, scene_camera_geometry
 from .render_job import render_frame
-from .scene_snapshot import snapshot
+from .scene_snapshot import SceneSnapshot, snapshot
 from .worker_client import Cancelled, WorkerError
 
 POINTS_PASS = "NPBG Points"
@@ -71,6 +74,10 @@ class NPBGPPRenderEngine(bpy.types.RenderEngine):
         self.update_progress(0.8)
         if snap.hidden:  # not an error: the user hid it, as other engines would show nothing
             self.report({"INFO"}, f"NPBG++: {snap.hidden}")
+        elif not np.isfinite(frame[..., DEPTH]).any():
+            note = clip_note(camera, geo, scene, snap)
+            if note:  # not an error either: the camera's range says so, but the user should know why
+                self.report({"INFO"}, f"NPBG++: {note}")
         if status:
             self.update_stats("", f"NPBG++: {status}")
         out = frames.compose(frame, snap.output, scene.render.film_transparent, depth_scale)
@@ -108,6 +115,32 @@ class NPBGPPRenderEngine(bpy.types.RenderEngine):
             self.viewport = ViewportSession(self)
             self.viewport.scene_changed(context, depsgraph)
         self.viewport.draw(context, depsgraph)
+
+
+def clip_note(camera: bpy.types.Object, geo: CameraGeometry, scene: bpy.types.Scene, snap: SceneSnapshot) -> str:
+    """For an empty frame: why, when the camera's Clip Start / End removed every point in
+    its view (:func:`clipped_away`), else "". The points are the snapshot's, else the point
+    object's (what a bundle renders), else the bundle's."""
+    from .point_source import object_positions
+
+    points = snap.points
+    obj = scene.npbgpp.point_object
+    try:
+        if points is None and obj is not None and obj.type in ("MESH", "POINTCLOUD"):
+            points = object_positions(obj)
+        elif points is None and snap.bundle_path:
+            from npbgpp_core.bundle_file import read_points
+
+            points = read_points(snap.bundle_path)
+    except (ValueError, OSError):
+        return ""
+    clipped = clipped_away(geo, points) if points is not None else None
+    if clipped is None:
+        return ""
+    count, nearest, farthest = clipped
+    return (f"the camera {camera.name!r}'s clip range ({geo.near:.4g} .. {geo.far:.4g}) removes all {count} points in "
+            f"its view (depths {nearest:.4g} .. {farthest:.4g}): nothing rendered; set Clip Start / End in the "
+            "camera's Lens properties to include them")
 
 
 # Blender's engine template: every panel tagged BLENDER_RENDER shows for this engine,

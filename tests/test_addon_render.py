@@ -279,6 +279,43 @@ def test_camera_clip_range_hides_points_outside_it(scene):
     assert (passes(exr, "Combined") == 0).all() and (exr["ViewLayer.Depth.Z"] >= 1e9).all()
 
 
+def test_clip_range_removing_every_point_says_so(scene, capfd):
+    """An F12 whose camera Clip Start / End removes every point in view still succeeds
+    (an empty frame, as Cycles would give) and an info line says the clip range removed
+    them, naming the camera, Clip Start / End and how many points (those Blender's
+    world_to_camera_view puts in the image); an empty frame for another reason (the camera
+    looks away) or a frame with points says nothing of the kind. A neural render of a
+    bundle (points in the worker) says the same."""
+    sc, cam = scene["scene"], scene["camera"]
+    bpy.context.view_layer.update()
+    got = np.array([tuple(world_to_camera_view(sc, cam, Vector(p))) for p in scene["points"]])
+    in_view = int(((got[:, 0] >= 0) & (got[:, 0] < 1) & (got[:, 1] >= 0) & (got[:, 1] < 1) & (got[:, 2] > 0)).sum())
+    assert 10 <= in_view < len(got)
+    for start, end in ((0.1, 3.0), (6.0, 50.0)):  # the cloud lies at depths 3.5 .. 5.5
+        cam.data.clip_start, cam.data.clip_end = start, end
+        capfd.readouterr()
+        exr = render_exr(sc, str(scene["dir"] / "clipped.exr"))
+        assert (passes(exr, "Combined") == 0).all() and (exr["ViewLayer.Depth.Z"] >= 1e9).all()
+        out = capfd.readouterr().out
+        assert f"Info: NPBG++: the camera 'Cam''s clip range ({start:g} .. {end:g}) removes all {in_view} points" in out
+        assert "set Clip Start / End in the camera's Lens properties" in out and "Error" not in out
+    cam.data.clip_start, cam.data.clip_end = 0.1, 100.0
+    exr = render_exr(sc, str(scene["dir"] / "shown.exr"))
+    assert (passes(exr, "Combined")[..., 3] == 1.0).sum() >= 5 and "clip range" not in capfd.readouterr().out
+    cam.rotation_euler[2] += np.pi  # looking away: empty, but not because of the clip range
+    exr = render_exr(sc, str(scene["dir"] / "away.exr"))
+    assert (passes(exr, "Combined") == 0).all() and "clip range" not in capfd.readouterr().out
+    cam.rotation_euler[2] -= np.pi
+    _tiny_bundle(str(scene["dir"] / "tiny.npbgpp"), scene["points"], scene["colors"])
+    assert bpy.ops.import_scene.npbgpp_bundle(filepath=str(scene["dir"] / "tiny.npbgpp")) == {"FINISHED"}
+    assert sc.npbgpp.output == "NEURAL"
+    cam.data.clip_start, cam.data.clip_end = 0.1, 3.0
+    capfd.readouterr()
+    exr = render_exr(sc, str(scene["dir"] / "neural.exr"))
+    assert (exr["ViewLayer.Depth.Z"] >= 1e9).all()
+    assert f"removes all {in_view} points in its view" in capfd.readouterr().out
+
+
 @pytest.mark.parametrize("how", ["hide_render", "collection_disabled", "excluded"])
 def test_point_object_hidden_in_renders_renders_nothing(scene, capfd, how):
     """A point object disabled in renders (itself, its collection, or excluded from the view
