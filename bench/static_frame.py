@@ -20,7 +20,7 @@ from npbgpp_core import _backend
 from npbgpp_core.camera import Camera
 from npbgpp_core.models import NPBGPlusPlus
 from npbgpp_core.models.aggregator import AggregatedScene, descriptors_from_coefficients
-from npbgpp_core.rasterizer import gather, keys_to_index, raster_params, rasterize_keys_torch
+from npbgpp_core.rasterizer import gather, keys_to_index, nan_beyond_far, raster_params, rasterize_keys_torch
 
 
 class StaticFrame:
@@ -38,6 +38,7 @@ class StaticFrame:
         self.params = dataclasses.replace(params, R=self.R, t=self.t)
         self.image_size = tuple(camera.image_size)
         self.K = camera.to_opencv()[0]
+        self.clip = (camera.near, camera.far)
         self.cuda_op = _backend.cuda_rasterizer() if dev.type == "cuda" else None
         if dev.type == "cuda" and self.cuda_op is None:
             raise RuntimeError(f"StaticFrame on CUDA needs the CUDA rasterizer: {_backend.why_unavailable()}")
@@ -47,8 +48,10 @@ class StaticFrame:
     def set_pose(self, camera: Camera) -> None:
         """Copy a camera's rotation and translation into the frame's input buffers (same
         image size and intrinsics as at construction)."""
-        if tuple(camera.image_size) != self.image_size or abs(camera.to_opencv()[0] - self.K).max() > 1e-6:
-            raise ValueError("StaticFrame: the camera must keep the image size and intrinsics it was built with")
+        if (tuple(camera.image_size) != self.image_size or abs(camera.to_opencv()[0] - self.K).max() > 1e-6
+                or (camera.near, camera.far) != self.clip):
+            raise ValueError("StaticFrame: the camera must keep the image size, intrinsics and clip range it was "
+                             "built with")
         self.R.copy_(camera.R.to(self.R))
         self.t.copy_(camera.t.to(self.t))
 
@@ -60,7 +63,7 @@ class StaticFrame:
     def forward(self) -> torch.Tensor:
         """One frame (C_out, H, W), unclamped, from the current pose."""
         if self.cuda_op is not None:
-            keys = self.cuda_op.rasterize_keys(self.points, self.params)
+            keys = self.cuda_op.rasterize_keys(nan_beyond_far(self.points, self.params), self.params)
         else:
             keys = rasterize_keys_torch(self.points, self.params)
         index = [keys_to_index(k) for k in keys]

@@ -7,7 +7,7 @@ A point with world coordinates ``x`` projects with the OpenCV ``R``, ``t``, ``fx
 cx, cy`` of :class:`RasterParams`, every float32 operation rounded once in this order:
 ``x_c = x*R00 + y*R01 + z*R02 + t0`` (likewise ``y_c``, ``z_c``, left to right),
 ``u = (x_c / z_c) * fx + cx``, ``v = (y_c / z_c) * fy + cy``. It counts iff ``z_c > near``
-and ``u``, ``v`` are finite, and lands at scale ``(h_s, w_s)`` on column
+(and ``z_c <= far``) and ``u``, ``v`` are finite, and lands at scale ``(h_s, w_s)`` on column
 ``floor(((u + 0.5) / W) * w_s)``, row ``floor(((v + 0.5) / H) * h_s)`` when inside. Its
 key is ``float_bits(z_c) << 32 | index``; per pixel the smallest key wins (nearest point,
 ties to the lowest index); :data:`EMPTY_KEY` marks empty pixels. Scales follow
@@ -42,6 +42,10 @@ class RasterParams:
     width: int
     near: float
     sizes: tuple[tuple[int, int], ...]
+    # The clip end (float32; inf: none). The torch reference tests it with near; the CUDA
+    # kernel's arguments carry only near, so its caller blanks points beyond far first
+    # (npbgpp_core.rasterizer.nan_beyond_far).
+    far: float = float("inf")
 
 
 def scale_sizes(image_size: Sequence[int], scales: Sequence[float]) -> tuple[tuple[int, int], ...]:

@@ -7,8 +7,9 @@ with full-resolution OpenCV pixel coordinates ``(u, v)`` and depth ``z`` lands a
 ``(h_s, w_s)`` on column ``floor(((u + 0.5) / W) * w_s)`` and row
 ``floor(((v + 0.5) / H) * h_s)``; it counts iff ``z > near``, everything is finite and
 it lands inside. A camera's clip range (``Camera.near`` / ``far``, e.g. a Blender
-camera's clip start / end) applies here too: ``near`` is raised to its clip start, and
-:func:`rasterize_keys` drops points beyond its clip end before either backend runs. Per
+camera's clip start / end) applies here too: ``near`` is raised to its clip start and
+points deeper than its clip end are dropped (the torch reference tests ``z <= far``;
+for the CUDA kernel, which knows only ``near``, they are blanked first). Per
 pixel the smallest depth wins, equal depths go to the lowest point index. All arithmetic
 is float32 in a fixed order (see :func:`project_for_raster`).
 
@@ -40,8 +41,8 @@ _log = logging.getLogger("npbgpp_core.rasterizer")
 
 __all__ = [
     "DEFAULT_CHUNK_POINTS", "DEFAULT_SCALES", "EMPTY_KEY", "RasterParams", "gather", "gather_features",
-    "keys_to_depth", "keys_to_index", "project_for_raster", "raster_params", "rasterize", "rasterize_descriptors",
-    "rasterize_features", "rasterize_keys", "rasterize_keys_torch", "scale_sizes",
+    "keys_to_depth", "keys_to_index", "nan_beyond_far", "project_for_raster", "raster_params", "rasterize",
+    "rasterize_descriptors", "rasterize_features", "rasterize_keys", "rasterize_keys_torch", "scale_sizes",
 ]
 
 
@@ -51,7 +52,7 @@ def _f32(x: float) -> float:
 
 def raster_params(camera: Camera, scales: Sequence[float], near: float, device: torch.device) -> RasterParams:
     """The contract's float32 numbers for ``camera`` (both backends take these); the near
-    plane is the larger of ``near`` and the camera's clip start."""
+    plane is the larger of ``near`` and the camera's clip start, the far one its clip end."""
     if not near >= 0 or not np.isfinite(near):
         raise ValueError(f"near must be a finite number >= 0, got {near}")
     near = max(near, camera.near)
@@ -67,6 +68,7 @@ def raster_params(camera: Camera, scales: Sequence[float], near: float, device: 
         width=camera.width,
         near=_f32(near),
         sizes=scale_sizes(camera.image_size, scales),
+        far=_f32(camera.far),
     )
 
 
@@ -132,7 +134,7 @@ def rasterize_keys_torch(
     for start in range(0, n, step):
         chunk = points[start : start + step]
         u, v, z = project_for_raster(chunk, p)
-        valid = torch.isfinite(u) & torch.isfinite(v) & (z > p.near)
+        valid = torch.isfinite(u) & torch.isfinite(v) & (z > p.near) & (z <= p.far)
         qx = (u + 0.5) / width
         qy = (v + 0.5) / height
         index = torch.arange(start, start + chunk.shape[0], device=device, dtype=torch.int64)
@@ -165,14 +167,17 @@ def _prepare_points(points: torch.Tensor) -> torch.Tensor:
     return points
 
 
-def _clip_far(points: torch.Tensor, p: RasterParams, far: float) -> torch.Tensor:
-    """``points`` with those beyond the camera's clip end (view depth ``z > far``, the
-    contract's float32 ``z``) replaced by NaN: both backends then skip them (non-finite
-    points never land) while every other point keeps its index. Done here, once, so the
-    CUDA kernel (which knows only ``near``) and the torch reference see the same points."""
+def nan_beyond_far(points: torch.Tensor, p: RasterParams) -> torch.Tensor:
+    """``points`` with those beyond ``p.far`` (the contract's float32 view depth ``z_c >
+    far``) replaced by NaN, for the CUDA kernel only: its arguments carry ``near`` but not
+    ``far``, and non-finite points never land while every other point keeps its index.
+    The torch reference tests ``far`` itself (no whole-cloud copy). ``points`` unchanged
+    when ``far`` is inf."""
+    if p.far == float("inf") or not points.shape[0]:
+        return points
     R, t = p.R, p.t
     z = points[:, 0] * R[2, 0] + points[:, 1] * R[2, 1] + points[:, 2] * R[2, 2] + t[2]  # project_for_raster's z_c
-    return torch.where((z > _f32(far)).unsqueeze(1), torch.full_like(points[:1], float("nan")), points)
+    return torch.where((z > p.far).unsqueeze(1), torch.full_like(points[:1], float("nan")), points)
 
 
 _announced: set[str] = set()
@@ -220,14 +225,12 @@ def rasterize_keys(
     """Packed z-buffer keys per scale (see module doc); used to get depth and index."""
     points = _prepare_points(points)
     p = raster_params(camera, scales, near, points.device)
-    if camera.far != float("inf") and points.shape[0]:
-        points = _clip_far(points, p, camera.far)
     if points.shape[0] == 0:
         return [torch.full(s, EMPTY_KEY, dtype=torch.int64, device=points.device) for s in p.sizes]
     if _choose_backend(backend, points) == "cuda":
         from . import _backend
 
-        return _backend.cuda_rasterizer().rasterize_keys(points, p)  # type: ignore[union-attr]
+        return _backend.cuda_rasterizer().rasterize_keys(nan_beyond_far(points, p), p)  # type: ignore[union-attr]
     return rasterize_keys_torch(points, p)
 
 

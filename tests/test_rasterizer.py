@@ -281,6 +281,26 @@ def test_clip_range_survives_derived_cameras():
     np.testing.assert_array_equal(rasterize(torch.from_numpy(X), sub, (1.0,))[0].numpy(), ref)
 
 
+def test_kernel_route_of_the_clip_end_matches_the_reference():
+    """The CUDA route (points beyond far blanked by nan_beyond_far, the kernel told only
+    near) gives the torch reference's keys (far tested in place), checked on the CPU by
+    feeding the blanked cloud to the reference with far removed."""
+    import dataclasses
+
+    from npbgpp_core.rasterizer import nan_beyond_far, raster_params, rasterize_keys_torch
+
+    cam, X = _clip_cloud(2.4, 3.6)
+    pts = torch.from_numpy(X).float()
+    p = raster_params(cam, DEFAULT_SCALES, 1e-3, pts.device)
+    assert p.far == np.float32(3.6) and p.near == np.float32(2.4)
+    blanked = nan_beyond_far(pts, p)
+    assert torch.isnan(blanked).any(dim=1).sum() > 100
+    kernel_like = rasterize_keys_torch(blanked, dataclasses.replace(p, far=float("inf")))
+    for a, b in zip(kernel_like, rasterize_keys_torch(pts, p), strict=True):
+        assert torch.equal(a, b)
+    assert nan_beyond_far(pts, dataclasses.replace(p, far=float("inf"))) is pts
+
+
 @pytest.mark.cuda
 def test_cuda_backend_clips_like_the_reference():
     from npbgpp_core import _backend
