@@ -19,25 +19,14 @@ class UsageError(ValueError):
     """A configuration that cannot run; the message says what to change."""
 
 
-def _trainer_int(tcfg: dict, key: str, default: int | None = None) -> int:
-    """``trainer.<key>`` as an int; UsageError naming the key for anything else."""
-    from .data import DataConfigError, config_number
-
-    value = tcfg.get(key) if default is not None else tcfg[key]
-    if value is None and default is not None:
-        return default
-    try:
-        return config_number(value, f"trainer.{key}")
-    except DataConfigError as exc:
-        raise UsageError(str(exc)) from None
-
-
 def trainer_kwargs(tcfg: dict, system_name: str) -> dict:
     """Map the published trainer.* keys (trainer.gpus, ...) onto Lightning 2 Trainer arguments."""
     import torch
     from pytorch_lightning.strategies import DDPStrategy
 
-    gpus = _trainer_int(tcfg, "gpus", 0)
+    from .data import config_number
+
+    gpus = config_number(tcfg.get("gpus"), "trainer.gpus", optional=True) or 0
     if gpus > 0:
         if not torch.cuda.is_available():
             raise UsageError(f"trainer.gpus={gpus} but no CUDA GPU is available here; use trainer.gpus=0 (CPU)")
@@ -45,21 +34,20 @@ def trainer_kwargs(tcfg: dict, system_name: str) -> dict:
             raise UsageError(f"trainer.gpus={gpus} but only {torch.cuda.device_count()} GPU(s) are visible")
         accelerator, devices = "gpu", gpus
     else:
-        accelerator, devices = "cpu", _trainer_int(tcfg, "cpu_processes", 1) or 1
-    num_nodes = _trainer_int(tcfg, "num_nodes", 1) or 1
+        accelerator = "cpu"
+        devices = config_number(tcfg.get("cpu_processes"), "trainer.cpu_processes", optional=True) or 1
+    num_nodes = config_number(tcfg.get("num_nodes"), "trainer.num_nodes", optional=True) or 1
     strategy = tcfg.get("strategy") or "auto"
     if strategy in ("auto", "ddp") and devices * num_nodes > 1:
         # Scenes differ per process (train_data_mode=each), so some parameters see no gradient.
         strategy = DDPStrategy(find_unused_parameters=True)
+    counts = {key: config_number(tcfg[key], f"trainer.{key}")
+              for key in ("max_epochs", "max_steps", "check_val_every_n_epoch", "reload_dataloaders_every_n_epochs",
+                          "log_every_n_steps", "num_sanity_val_steps")}
     return dict(
-        accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy,
-        max_epochs=_trainer_int(tcfg, "max_epochs"), max_steps=_trainer_int(tcfg, "max_steps"),
+        accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy, **counts,
         limit_train_batches=tcfg["limit_train_batches"], limit_val_batches=tcfg["limit_val_batches"],
-        check_val_every_n_epoch=_trainer_int(tcfg, "check_val_every_n_epoch"),
-        reload_dataloaders_every_n_epochs=_trainer_int(tcfg, "reload_dataloaders_every_n_epochs"),
-        log_every_n_steps=_trainer_int(tcfg, "log_every_n_steps"),
-        enable_progress_bar=bool(tcfg["enable_progress_bar"]),
-        num_sanity_val_steps=_trainer_int(tcfg, "num_sanity_val_steps"), use_distributed_sampler=False,
+        enable_progress_bar=bool(tcfg["enable_progress_bar"]), use_distributed_sampler=False,
         enable_checkpointing=False,
     )
 
@@ -101,7 +89,7 @@ def _run(cfg: DictConfig, run_dir: str) -> dict | None:
         load_source_checkpoint,
         network_differences,
     )
-    from .data import SceneDataModule
+    from .data import SceneDataModule, config_number
     from .evaluate import evaluate
     from .systems import build_system
 
@@ -166,7 +154,8 @@ def _run(cfg: DictConfig, run_dir: str) -> dict | None:
     del source_ckpt
 
     if cfg.eval_only:
-        device = torch.device("cuda") if int(cfg.trainer.gpus or 0) > 0 and torch.cuda.is_available() else "cpu"
+        gpus = config_number(container["trainer"].get("gpus"), "trainer.gpus", optional=True) or 0
+        device = torch.device("cuda") if gpus > 0 and torch.cuda.is_available() else "cpu"
         if resume_path is not None:
             system.load_state_dict(load_checkpoint_file(resume_path)["state_dict"])
         system.to(device)
@@ -175,15 +164,18 @@ def _run(cfg: DictConfig, run_dir: str) -> dict | None:
 
     tcfg = container["trainer"]
     per_epoch = datamodule.per_epoch
-    if per_epoch and per_epoch < len(datamodule.scenes) and int(tcfg["reload_dataloaders_every_n_epochs"]) == 0:
+    reload_every = config_number(tcfg["reload_dataloaders_every_n_epochs"], "trainer.reload_dataloaders_every_n_epochs")
+    if per_epoch and per_epoch < len(datamodule.scenes) and reload_every == 0:
         log.info("rotating %d of %d scenes per epoch: dataloaders are rebuilt every epoch", per_epoch,
                  len(datamodule.scenes))
         tcfg["reload_dataloaders_every_n_epochs"] = 1
-    saver = EpochAndLastCheckpoint(ckpt_dir, int(cfg.trainer.last_checkpoint_every_n_steps or 0),
-                                   cfg.trainer.keep_epoch_checkpoints)
+    every_n_steps = config_number(tcfg.get("last_checkpoint_every_n_steps"), "trainer.last_checkpoint_every_n_steps",
+                                  optional=True)
+    saver = EpochAndLastCheckpoint(ckpt_dir, every_n_steps or 0, cfg.trainer.keep_epoch_checkpoints)
     callbacks: list[pl.Callback] = [saver]
-    if tcfg.get("max_minutes") is not None:
-        callbacks.append(TrainTimeLimit(float(tcfg["max_minutes"]) * 60.0))
+    max_minutes = config_number(tcfg.get("max_minutes"), "trainer.max_minutes", float, optional=True)
+    if max_minutes is not None:
+        callbacks.append(TrainTimeLimit(max_minutes * 60.0))
     trainer = pl.Trainer(
         default_root_dir=run_dir,
         logger=TensorBoardLogger(save_dir=run_dir, name="", version="tensorboard"),

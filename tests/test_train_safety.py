@@ -165,6 +165,23 @@ def lock_held(folder: str, env: dict[str, str]) -> Iterator[subprocess.Popen]:
         holder.wait(timeout=30)
 
 
+@pytest.mark.parametrize("override, message", [
+    ("trainer.max_minutes=abc", "trainer.max_minutes must be a finite number or null, got 'abc'"),
+    ("trainer.last_checkpoint_every_n_steps=often", "trainer.last_checkpoint_every_n_steps must be a whole number or "
+                                                    "null, got 'often'"),
+    ("trainer.reload_dataloaders_every_n_epochs=x", "trainer.reload_dataloaders_every_n_epochs must be a whole number, "
+                                                    "got 'x'"),
+    ("eval_only=true trainer.gpus=one", "trainer.gpus must be a whole number or null, got 'one'"),
+])
+def test_a_trainer_value_that_is_no_number_names_its_key(data_root, tmp_path, override, message):
+    """These reached int() / float() alone: "could not convert string to float: 'abc'"."""
+    from headless_train.data import DataConfigError
+
+    with pytest.raises(DataConfigError, match=message):
+        run_inproc([*ONE_SCENE, f"datasets.data_root={data_root}", *override.split()], str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_two_runs_cannot_share_a_folder_and_a_stale_lock_is_taken_over(data_root, tmp_path, caplog):
     from headless_train.cli import UsageError
 
