@@ -48,10 +48,6 @@ def config_number(value: Any, key: str, kind: type = int, optional: bool = False
         raise DataConfigError(f"{key} must be {what}{' or null' if optional else ''}, got {value!r}") from None
 
 
-def _as_int_or_none(value: Any, key: str) -> int | None:
-    return config_number(value, key, int, optional=True)
-
-
 def discover_scene_dirs(dcfg: dict) -> list[tuple[str, str]]:
     """(name, folder) of every scene the dataset config names.
 
@@ -161,7 +157,8 @@ def load_scenes(dcfg: dict, max_points: int | None) -> list:
     options = dict(dcfg.get("options") or {})
     if dcfg.get("pc_name"):
         options.setdefault("pc_name", dcfg["pc_name"])
-    limits = [v for v in (_as_int_or_none(dcfg.get("n_point"), "datasets.n_point"), max_points) if v is not None]
+    n_point = config_number(dcfg.get("n_point"), "datasets.n_point", optional=True)
+    limits = [v for v in (n_point, max_points) if v is not None]
     limit = min(limits) if limits else None
     kinds = variant_kinds(dcfg)
     budget = None
@@ -394,9 +391,10 @@ class SceneDataModule(pl.LightningDataModule):
         self.dcfg = OmegaConf.to_container(d, resolve=True) if OmegaConf.is_config(d) else dict(d)
         self.seed = int(seed)
         sys_cfg = cfg.system
-        self.scenes = load_scenes(self.dcfg, _as_int_or_none(sys_cfg.get("max_points"), "system.max_points"))
-        self.per_epoch = _as_int_or_none(sys_cfg.get("max_scenes_per_train_epoch"),
-                                         "system.max_scenes_per_train_epoch")
+        max_points = config_number(sys_cfg.get("max_points"), "system.max_points", optional=True)
+        self.scenes = load_scenes(self.dcfg, max_points)
+        self.per_epoch = config_number(sys_cfg.get("max_scenes_per_train_epoch"), "system.max_scenes_per_train_epoch",
+                                       optional=True)
         self.batch_size = int(cfg.dataloader.batch_size)
         self.num_workers = int(cfg.dataloader.num_workers)
         self.mode = str(cfg.dataloader.train_data_mode)
@@ -413,12 +411,12 @@ class SceneDataModule(pl.LightningDataModule):
                                                               for z in zoom),
             random_shift=bool(d.train_random_shift),
             selection_count=config_number(d.selection_count, "datasets.selection_count"),
-            input_view_max_side=_as_int_or_none(d.input_view_max_side, "datasets.input_view_max_side"),
+            input_view_max_side=config_number(d.input_view_max_side, "datasets.input_view_max_side", optional=True),
             jitter_prob=config_number(d.color_jitter_prob, "datasets.color_jitter_prob", float),
             loss_on_object_mask=bool(d.loss_on_object_mask),
         )
-        self.val_max = _as_int_or_none(d.val_num_samples, "datasets.val_num_samples")
-        self.eval_max = _as_int_or_none(d.max_eval_views, "datasets.max_eval_views")
+        self.val_max = config_number(d.val_num_samples, "datasets.val_num_samples", optional=True)
+        self.eval_max = config_number(d.max_eval_views, "datasets.max_eval_views", optional=True)
 
     @property
     def scene_names(self) -> list[str]:
