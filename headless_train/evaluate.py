@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from npbgpp_core.metrics import MetricSuite, mean_finite
+from npbgpp_core.metrics import MetricSuite, check_border, mean_finite
 
 from .checkpoints import atomic_write_bytes
 from .data import config_number
@@ -63,10 +63,13 @@ def evaluate(system, cfg: dict, run_dir: str, write_descriptors: str | None = No
                 "+datasets.options.test_indices=[...] (H3DS: +datasets.options.views_config=[...] names the input "
                 "views, the others are tested)" + (f"; datasets.max_eval_views={max_views}" if max_views is not None
                                                     else ""))
-        small = min((min(scene.views[v].camera.image_size), scene.views[v].name) for v in views)
-        if 2 * suite.border >= small[0]:
-            raise ValueError(f"datasets.eval_border_crop={suite.border} crops every pixel of view {small[1]} of scene "
-                             f"{scene.name} (its shorter side is {small[0]} pixels); lower it (0: no crop)")
+        side, name, size = min((min(scene.views[v].camera.image_size), scene.views[v].name,
+                                tuple(scene.views[v].camera.image_size)) for v in views)
+        try:
+            check_border(suite.border, *size)
+        except ValueError:
+            raise ValueError(f"datasets.eval_border_crop={suite.border} crops every pixel of view {name} of scene "
+                             f"{scene.name} (its shorter side is {side} pixels); lower it (0: no crop)") from None
         scene_views.append(views)
     for sid, (scene, views) in enumerate(zip(system.scenes, scene_views, strict=True)):
         system.prepare_eval(sid)

@@ -28,13 +28,19 @@ def _batched(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def check_border(border: int, height: int, width: int) -> None:
+    """ValueError when cropping ``border`` pixels on every side leaves nothing of a
+    ``height`` x ``width`` image (checked before rendering as well as by :func:`crop_border`)."""
+    if border > 0 and 2 * border >= min(height, width):
+        raise ValueError(f"border {border} leaves nothing of a {height}x{width} image")
+
+
 def crop_border(image: torch.Tensor, border: int) -> torch.Tensor:
     """Drop ``border`` pixels on every side (ScanNet evaluation crops 20 px)."""
     if border <= 0:
         return image
     h, w = image.shape[-2:]
-    if 2 * border >= min(h, w):
-        raise ValueError(f"border {border} leaves nothing of a {h}x{w} image")
+    check_border(border, h, w)
     return image[..., border : h - border, border : w - border]
 
 

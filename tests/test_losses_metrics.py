@@ -18,6 +18,7 @@ from npbgpp_core.losses import (
 )
 from npbgpp_core.metrics import (
     MetricSuite,
+    check_border,
     crop_border,
     gradient_energy,
     mean_finite,
@@ -66,8 +67,13 @@ def test_crop_border_and_mean():
     img = torch.arange(2 * 50 * 60, dtype=torch.float32).reshape(2, 50, 60)
     out = crop_border(img, 20)
     assert out.shape == (2, 10, 20) and out[0, 0, 0] == img[0, 20, 20]
-    with pytest.raises(ValueError, match="border"):
+    with pytest.raises(ValueError, match="border 25 leaves nothing of a 50x60 image"):
         crop_border(img, 25)
+    # the same rule, checked before any image exists: 2 x border must stay below the shorter side
+    check_border(24, 50, 60)
+    check_border(0, 1, 1)
+    with pytest.raises(ValueError, match="border 25 leaves nothing of a 60x50 image"):
+        check_border(25, 60, 50)
     assert mean_finite([1.0, None, float("inf"), 3.0]) == 2.0
 
 
