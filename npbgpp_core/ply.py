@@ -145,15 +145,16 @@ def load_ply(path: str | os.PathLike, min_opacity: float = 0.0) -> PointCloud:
     pts64 = np.stack([np.asarray(v[c], dtype=np.float64) for c in "xyz"], axis=1)
     with np.errstate(over="ignore"):
         pts = pts64.astype(np.float32)
-    finite_points(pts, pts64, path)
     if is_splat_header(names):
         opacity = splat_opacity(v["opacity"])
         keep = opacity >= float(min_opacity)
         if len(pts) and not keep.any():
             raise ValueError(f"{path}: no splat has opacity >= {min_opacity} (max {float(opacity.max()):.3g})")
+        finite_points(pts, pts64, path, only=keep)  # a dropped splat's coordinates do not matter
         f_dc = np.stack([np.asarray(v[f"f_dc_{i}"]) for i in range(3)], axis=1)
         finite_colors(f_dc.astype(np.float64), path, ("f_dc_0", "f_dc_1", "f_dc_2"))
         return PointCloud(pts[keep], splat_colors(f_dc[keep]), {"opacity": opacity[keep]}, is_splat=True)
+    finite_points(pts, pts64, path)
     colors = None
     used = {"x", "y", "z"}
     trio = _color_trio(names)
@@ -174,13 +175,16 @@ def load_ply(path: str | os.PathLike, min_opacity: float = 0.0) -> PointCloud:
     return PointCloud(pts, colors, extra)
 
 
-def finite_points(points: np.ndarray, read: np.ndarray, path: str) -> None:
+def finite_points(points: np.ndarray, read: np.ndarray, path: str, only: np.ndarray | None = None) -> None:
     """ValueError naming the file, how many vertices and the first one when a coordinate
     is NaN or infinite, or finite in the file (``read``) but beyond float32's range. The
     same rule as the dataset loaders' (``datasets.common.check_points``) and the colours':
     refused, not dropped, so that a cloud's point indices (bundles, ``npbgpp_id``) never
-    shift silently."""
+    shift silently. ``only``: a mask of the vertices that count (splats kept by opacity);
+    vertices are numbered as in the file either way."""
     bad = ~np.isfinite(points).all(axis=1)
+    if only is not None:
+        bad &= only
     if bad.any():
         overflow = int((bad & np.isfinite(read).all(axis=1)).sum())
         why = f" ({overflow} of them beyond float32's range)" if overflow else ""

@@ -365,6 +365,20 @@ def test_colmap(tmp_path, binary, sub):
     assert load_scene(root, holdout_every=0).test == []
 
 
+@pytest.mark.parametrize("binary", [True, False])
+def test_colmap_points_beyond_float32_named_like_a_ply(tmp_path, binary):
+    """COLMAP's float64 points3D go through the PLY reader's finite rule: a coordinate
+    finite in the file but beyond float32's range is refused with the count, the first
+    point and the reason."""
+    root = str(tmp_path / "far")
+    points = POINTS.copy()
+    points[3, 1] = 1e39
+    write_colmap(root, binary, points=points)
+    with pytest.raises(DatasetError, match=r"points3D: 1 of 50 vertices have non-finite .*\(1 of them beyond "
+                                           r"float32's range\) \(first at vertex 3\)"):
+        load_scene(root)
+
+
 @pytest.mark.parametrize("model", ["SIMPLE_RADIAL", "OPENCV"])
 def test_colmap_distortion_refused_or_undistorted(tmp_path, model):
     root = str(tmp_path / "d")

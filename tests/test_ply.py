@@ -144,6 +144,19 @@ def test_splat_centres_colours_opacity(tmp_path, text):
         load_ply(path, min_opacity=1.5)
 
 
+def test_non_finite_centre_of_a_dropped_splat_does_not_refuse_the_file(tmp_path):
+    """min_opacity drops splats before coordinates are checked: a NaN centre in a dropped
+    splat is no error, while one in a kept splat is (numbered as in the file)."""
+    xyz = np.array([[0, 0, 0], [np.nan, 2, 3], [-1, 0.5, 2], [1, 1, 1]], np.float32)
+    logit = np.array([np.log(9.0), -np.log(9.0), np.log(9.0), np.log(9.0)], np.float32)  # opacity .9 .1 .9 .9
+    path = tmp_path / "nan_splat.ply"
+    write_splat_file(path, xyz, np.zeros((4, 3), np.float32), logit)
+    kept = load_ply(path, min_opacity=0.3)
+    np.testing.assert_array_equal(kept.points, xyz[[0, 2, 3]])
+    with pytest.raises(ValueError, match=r"nan_splat\.ply: 1 of 4 vertices have non-finite .*first at vertex 1\)"):
+        load_ply(path)
+
+
 def test_splat_detection_needs_every_splat_property(tmp_path):
     from npbgpp_core.ply import ply_vertex_properties
 

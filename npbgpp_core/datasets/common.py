@@ -64,12 +64,20 @@ def load_point_cloud(
 
 
 def check_points(points: np.ndarray, colors: np.ndarray | None, path: str) -> tuple[np.ndarray, np.ndarray | None, str]:
-    points = np.asarray(points, dtype=np.float32).reshape(-1, 3)
+    """float32 points and colours clipped to [0, 1]; DatasetError naming ``path`` for an
+    empty cloud, a non-finite coordinate (the PLY reader's rule, so a COLMAP float64 cloud
+    beyond float32's range is named the same way) or bad colours."""
+    from ..ply import finite_points
+
+    read = np.asarray(points).reshape(-1, 3)
+    with np.errstate(over="ignore"):
+        points = read.astype(np.float32)
     if points.shape[0] == 0:
         raise DatasetError(f"{path}: point cloud is empty")
-    if not np.isfinite(points).all():
-        bad = int((~np.isfinite(points).all(axis=1)).sum())
-        raise DatasetError(f"{path}: {bad} point(s) have non-finite coordinates")
+    try:
+        finite_points(points, read, path)
+    except ValueError as exc:
+        raise DatasetError(str(exc)) from exc
     if colors is not None:
         colors = np.asarray(colors, dtype=np.float32).reshape(-1, 3)
         if colors.shape != points.shape:
