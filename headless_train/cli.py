@@ -228,6 +228,20 @@ def _override(value: Any) -> str:
     return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
+def _scene_points(scenes: list) -> list[tuple[str, int]]:
+    """(name, point count) of each scene, as a checkpoint's ``npbgpp.scenes`` / ``points`` hold them."""
+    return [(s.name, int(s.points.shape[0])) for s in scenes]
+
+
+def _held_points(meta: dict) -> list[tuple[str, int]]:
+    """(name, point count) of the scenes a checkpoint's metadata says it was fitted to."""
+    return list(zip(meta.get("scenes", []), meta.get("points", []), strict=False))
+
+
+def _listing(pairs: list[tuple[str, int]]) -> str:
+    return ", ".join(f"{n} ({p} points)" for n, p in pairs)
+
+
 def check_fitted_scenes(ckpt: dict, path: str, system_name: str, scenes: list) -> None:
     """UsageError when an NPBG / coefficients_ft evaluation's checkpoint holds no descriptors
     fitted to one of its scenes (another scene, or another point count): the refiner loaded,
@@ -235,16 +249,12 @@ def check_fitted_scenes(ckpt: dict, path: str, system_name: str, scenes: list) -
     from .systems.base import module_key
 
     state = ckpt["state_dict"]
-    unfitted = []
-    for scene in scenes:
-        tensor = state.get(f"scene_models.{module_key(scene.name)}.descriptors")
-        if tensor is None or tensor.shape[0] != scene.points.shape[0]:
-            unfitted.append(f"{scene.name} ({scene.points.shape[0]} points)")
+    unfitted = [(n, p) for n, p in _scene_points(scenes)
+                if (tensor := state.get(f"scene_models.{module_key(n)}.descriptors")) is None or tensor.shape[0] != p]
     if unfitted:
-        held = ", ".join(f"{n} ({p} points)" for n, p in zip(ckpt["npbgpp"].get("scenes", []),
-                                                             ckpt["npbgpp"].get("points", []), strict=False))
+        held = _listing(_held_points(ckpt["npbgpp"]))
         raise UsageError(f"eval_only=true with system={system_name}: {path} holds no descriptors fitted to "
-                         f"{', '.join(unfitted)} (it holds {held or 'none'}); evaluate the checkpoint of a run "
+                         f"{_listing(unfitted)} (it holds {held or 'none'}); evaluate the checkpoint of a run "
                          "fitted on them with the same datasets.* and system.max_points")
 
 
@@ -254,13 +264,11 @@ def check_resumed_scenes(meta: dict, path: str, system_name: str, scenes: list) 
     answered with a page of unexpected and missing keys)."""
     if system_name not in ("npbg", "coefficients_ft"):
         return  # NPBG++ has no per-scene parameters
-    had = list(zip(meta.get("scenes", []), meta.get("points", []), strict=False))
-    now = [(s.name, int(s.points.shape[0])) for s in scenes]
-    if had and sorted(had) != sorted(now):
-        before, after = (", ".join(f"{n} ({p} points)" for n, p in sorted(pairs)) for pairs in (had, now))
-        raise UsageError(f"resume=true: {path} holds the descriptors of {before}; this run loads {after}. "
-                         "Resume with the datasets.* and system.max_points of that run, or start a new run "
-                         "folder with weights_path= pointing at it")
+    had, now = sorted(_held_points(meta)), sorted(_scene_points(scenes))
+    if had and had != now:
+        raise UsageError(f"resume=true: {path} holds the descriptors of {_listing(had)}; this run loads "
+                         f"{_listing(now)}. Resume with the datasets.* and system.max_points of that run, or start a "
+                         "new run folder with weights_path= pointing at it")
 
 
 def check_resumed_warmup(ckpt: dict, path: str, scfg: dict) -> None:
