@@ -13,6 +13,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from .file_kind import KIND_NAMES, file_kind
+from .pretrained import FORMAT_NAME as WEIGHTS_FORMAT_NAME  # torch-free at import, as this module
 
 FORMAT_NAME = "npbgpp-neural-scene"
 FORMAT_VERSION = 1
@@ -48,7 +49,7 @@ def read_header(f: BinaryIO, size: int, path: str) -> tuple[dict[str, Any], int]
 
 def check_format(meta: dict[str, Any], path: str) -> None:
     """ValueError unless the header's metadata names this format and version."""
-    if meta.get("format") == "npbgpp-weights":  # npbgpp_core.pretrained.FORMAT_NAME (imports torch)
+    if meta.get("format") == WEIGHTS_FORMAT_NAME:
         raise ValueError(f"{path}: not an NPBG++ neural scene file: it is an NPBG++ weights file (a network "
                          "without a scene; aggregating a dataset with it makes a bundle)")
     if meta.get("format") != FORMAT_NAME:
