@@ -208,13 +208,8 @@ class DescriptorRendering:
 
         margin = self.roll_margin
         grow = -(-margin // bounded.ALIGN) * bounded.ALIGN
-        K, R_cv, t_cv = aligned.to_opencv()
-        K = K.copy()
-        K[0, 2] += grow
-        K[1, 2] += grow
         size = (aligned.image_size[0] + 2 * grow, aligned.image_size[1] + 2 * grow)
-        canvas = Camera.from_opencv(K, R_cv, t_cv, size, dtype=aligned.R.dtype, device=aligned.device,
-                                    **aligned.clip)
+        canvas = aligned.cropped(-grow, -grow, *size)
         if not bounded.can_plan(size) or scale_sizes(size, self.config.scales) != tuple(
             (size[0] >> level, size[1] >> level) for level in range(bounded.LEVELS)
         ):
