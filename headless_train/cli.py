@@ -113,7 +113,7 @@ def _run(cfg: DictConfig, run_dir: str) -> dict | None:
                     " ".join(f"system.{k}={_override(v)}" for k, v, _ in differences),
                     " ".join(f"system.{k}={_override(v)}" for k, _, v in differences))
     ckpt_dir = os.path.join(run_dir, "checkpoints")
-    resume_path = None
+    resume_path = resume_state = None
     if cfg.resume:
         resume_path = os.path.join(ckpt_dir, "last.ckpt")
         resume_ckpt = load_checkpoint_file(resume_path)  # fails clearly when missing/corrupt
@@ -125,6 +125,8 @@ def _run(cfg: DictConfig, run_dir: str) -> dict | None:
         resumed_meta = resume_ckpt["npbgpp"]
         if source_ckpt is None:
             source_ckpt = resume_ckpt
+        if cfg.eval_only:
+            resume_state = resume_ckpt["state_dict"]  # evaluated below: the file is read once
         del resume_ckpt
 
     datamodule = SceneDataModule(cfg, seed=int(cfg.seed))
@@ -156,8 +158,9 @@ def _run(cfg: DictConfig, run_dir: str) -> dict | None:
     if cfg.eval_only:
         gpus = config_number(container["trainer"].get("gpus"), "trainer.gpus", optional=True) or 0
         device = torch.device("cuda") if gpus > 0 and torch.cuda.is_available() else "cpu"
-        if resume_path is not None:
-            system.load_state_dict(load_checkpoint_file(resume_path)["state_dict"])
+        if resume_state is not None:
+            system.load_state_dict(resume_state)
+            del resume_state
         system.to(device)
         out_dir = scfg.get("descriptors_save_dir") if name == "npbgpp" else None
         return evaluate(system, container, run_dir, write_descriptors=out_dir)

@@ -742,3 +742,8 @@ def test_a_resumed_npbg_evaluation_uses_the_resumed_descriptors(data_root, tmp_p
     run_inproc([*base, "trainer.max_epochs=1"], run)
     result = run_inproc([*base, "resume=true", "eval_only=true"], run)
     assert math.isfinite(result["mean"]["psnr"])
+    # the same figures as evaluating last.ckpt as weights_path: the resumed weights were the ones evaluated
+    ckpt = os.path.join(run, "checkpoints", "last.ckpt")
+    same = run_inproc([*[o for o in base if not o.startswith("weights_path=")], f"weights_path={ckpt}",
+                       "eval_only=true"], str(tmp_path / "other"))
+    assert same["mean"] == result["mean"]
