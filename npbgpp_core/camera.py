@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .protocol import NO_CLIP_FAR, NO_CLIP_NEAR
+
 # diag(-1, -1, 1): OpenCV camera axes <-> PyTorch3D view axes.
 _FLIP = torch.tensor([-1.0, -1.0, 1.0], dtype=torch.float64)
 
@@ -83,8 +85,8 @@ class Camera:
         image_size: Sequence[int],
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
-        near: float = 0.0,
-        far: float = math.inf,
+        near: float = NO_CLIP_NEAR,
+        far: float = NO_CLIP_FAR,
     ) -> None:
         near, far = float(near), float(far)
         if not (math.isfinite(near) and near >= 0.0) or math.isnan(far) or not far > near:
@@ -150,7 +152,7 @@ class Camera:
     @property
     def clips(self) -> bool:
         """Whether the clip range differs from the defaults (0, inf)."""
-        return self.near != 0.0 or self.far != math.inf
+        return self.near != NO_CLIP_NEAR or self.far != NO_CLIP_FAR
 
     def state_dict(self) -> dict:
         """Plain-python form (lists: ``K``, ``R``, ``t``, ``image_size``; ``near`` / ``far``
@@ -163,14 +165,14 @@ class Camera:
         }
         if self.clips:
             d["near"] = self.near
-            d["far"] = None if self.far == math.inf else self.far
+            d["far"] = None if self.far == NO_CLIP_FAR else self.far
         return d
 
     @classmethod
     def from_state_dict(cls, d: dict, **kwargs) -> Camera:
         far = d.get("far")
-        return cls(d["K"], d["R"], d["t"], d["image_size"], near=d.get("near", 0.0),
-                   far=math.inf if far is None else far, **kwargs)
+        return cls(d["K"], d["R"], d["t"], d["image_size"], near=d.get("near", NO_CLIP_NEAR),
+                   far=NO_CLIP_FAR if far is None else far, **kwargs)
 
     # -------------------------------------------------------------- OpenCV I/O
     @classmethod
@@ -182,12 +184,12 @@ class Camera:
         image_size: Sequence[int],
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
-        near: float = 0.0,
-        far: float = math.inf,
+        **clip: float,
     ) -> Camera:
         """Build from OpenCV ``K`` (3x3), world-to-camera ``R`` (3x3) and ``t`` (3,) (the
-        constructor; the name says which convention the numbers are in)."""
-        return cls(K, R, t, image_size, dtype=dtype, device=device, near=near, far=far)
+        constructor; the name says which convention the numbers are in); ``clip``:
+        ``near`` / ``far`` as in the constructor."""
+        return cls(K, R, t, image_size, dtype=dtype, device=device, **clip)
 
     def intrinsics(self) -> OpenCVIntrinsics:
         """OpenCV intrinsics as Python floats."""

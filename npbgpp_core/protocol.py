@@ -38,6 +38,10 @@ REFINER_IMPLS = ("torch", "triton", "triton_conv")
 # Frame.note while the service compiles a fused refiner's kernels (text for the user; the
 # viewport reads Frame.compiling).
 COMPILING_KERNELS_NOTE = "compiling fused kernels..."
+# The clip range that clips nothing: CameraSpec's and npbgpp_core.camera.Camera's defaults
+# (here because this module must stay torch-free; camera.py imports them).
+NO_CLIP_NEAR: float = 0.0
+NO_CLIP_FAR: float = float("inf")
 
 
 # --------------------------------------------------------------------------- values
@@ -52,12 +56,12 @@ class CameraSpec:
     R: list[list[float]]
     t: list[float]
     image_size: tuple[int, int]
-    near: float = 0.0
-    far: float = float("inf")
+    near: float = NO_CLIP_NEAR
+    far: float = NO_CLIP_FAR
 
     @classmethod
-    def from_opencv(cls, K: Any, R: Any, t: Any, image_size: Sequence[int], near: float = 0.0,
-                    far: float = float("inf")) -> CameraSpec:
+    def from_opencv(cls, K: Any, R: Any, t: Any, image_size: Sequence[int], near: float = NO_CLIP_NEAR,
+                    far: float = NO_CLIP_FAR) -> CameraSpec:
         return cls(
             np.asarray(K, np.float64).reshape(3, 3).tolist(), np.asarray(R, np.float64).reshape(3, 3).tolist(),
             np.asarray(t, np.float64).reshape(3).tolist(), (int(image_size[0]), int(image_size[1])),
