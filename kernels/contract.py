@@ -16,6 +16,7 @@ ties to the lowest index); :data:`EMPTY_KEY` marks empty pixels. Scales follow
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -62,6 +63,18 @@ def scale_sizes(image_size: Sequence[int], scales: Sequence[float]) -> tuple[tup
     if not sizes:
         raise ValueError("scales must not be empty")
     return tuple(sizes)
+
+
+def min_side(scales: Sequence[float]) -> int:
+    """The fewest pixels a side of an image whose every scale of :func:`scale_sizes` is at
+    least one pixel (16 for the default pyramid down to 1/16)."""
+    coarsest = min(scales)
+    if not (isinstance(coarsest, int | float) and coarsest > 0):
+        raise ValueError(f"scales must be positive numbers, got {coarsest!r}")
+    least = max(1, math.ceil(1.0 / coarsest))
+    while int(coarsest * least) < 1:  # scale_sizes' rounding: 1/s may round down
+        least += 1
+    return least
 
 
 def pow2_ratio(fine: int, coarse: int) -> int | None:

@@ -1,7 +1,7 @@
 """The one place where npbgpp_core reaches into ``kernels/`` (the CUDA rasterizer).
 
 The rasterizer contract both backends share (``RasterParams``, ``EMPTY_KEY``,
-``DEFAULT_CHUNK_POINTS``, ``scale_sizes``, ``pyramid_plan``) comes from
+``DEFAULT_CHUNK_POINTS``, ``scale_sizes``, ``min_side``, ``pyramid_plan``) comes from
 ``kernels/contract.py``, plain Python that needs no GPU. ``cuda_rasterizer()`` returns
 an object with ``rasterize_keys(points, params)`` and ``gather_features(index, features,
 background)`` (the fast twins of ``rasterize_keys_torch`` and ``gather_features`` in
@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from kernels.contract import DEFAULT_CHUNK_POINTS, EMPTY_KEY, RasterParams, pyramid_plan, scale_sizes
+from kernels.contract import DEFAULT_CHUNK_POINTS, EMPTY_KEY, RasterParams, min_side, pyramid_plan, scale_sizes
 
-__all__ = ["DEFAULT_CHUNK_POINTS", "EMPTY_KEY", "RasterParams", "cuda_rasterizer", "pyramid_plan", "scale_sizes",
-           "why_unavailable"]
+__all__ = ["DEFAULT_CHUNK_POINTS", "EMPTY_KEY", "RasterParams", "cuda_rasterizer", "min_side", "pyramid_plan",
+           "scale_sizes", "why_unavailable"]
 
 _state: dict[str, Any] = {}
 

@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from ._backend import DEFAULT_CHUNK_POINTS, EMPTY_KEY, RasterParams, pyramid_plan, scale_sizes
+from ._backend import DEFAULT_CHUNK_POINTS, EMPTY_KEY, RasterParams, min_side, pyramid_plan, scale_sizes
 from .camera import Camera
 
 DEFAULT_SCALES: tuple[float, ...] = (1.0, 1 / 2, 1 / 4, 1 / 8, 1 / 16)
@@ -41,7 +41,7 @@ _log = logging.getLogger("npbgpp_core.rasterizer")
 
 __all__ = [
     "DEFAULT_CHUNK_POINTS", "DEFAULT_SCALES", "EMPTY_KEY", "RasterParams", "gather", "gather_features",
-    "keys_to_depth", "keys_to_index", "nan_beyond_far", "project_for_raster", "raster_params", "rasterize",
+    "keys_to_depth", "keys_to_index", "min_side", "nan_beyond_far", "project_for_raster", "raster_params", "rasterize",
     "rasterize_descriptors", "rasterize_features", "rasterize_keys", "rasterize_keys_torch", "scale_sizes",
 ]
 

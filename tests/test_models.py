@@ -554,6 +554,37 @@ def test_views_smaller_than_the_coarsest_level_render(kind):
     torch.testing.assert_close(small, large[:, :15, 3:12], atol=1e-5, rtol=0)
 
 
+def test_batched_render_pads_views_smaller_than_the_coarsest_level():
+    """render_raw_batch (headless training's batched path) renders a view under 16 pixels
+    a side as render_raw does (it failed with 'gives an empty ... image'), as it does a
+    small quarter-turned one, a small rolled one and one of ordinary size in the same batch."""
+    pts, _, cams, images = sphere_scene()
+    model = seeded_model(world_up=(0.0, 0.0, 1.0)).eval()
+    scene = model.aggregate(pts, images, cams)
+    small = Camera.look_at((2.0, -2.5, 1.2), (0, 0, 0), up=(0, 0, 1), fov_x_deg=50, image_size=(15, 9))
+    turned = Camera.look_at((-2.2, 2.0, 0.0), (0, 0, 0), up=(2.0, 2.2, 0.0), fov_x_deg=50, image_size=(7, 12))
+    rolled = Camera.look_at((-2.2, 2.0, 1.0), (0, 0, 0), up=(1, 0, 0), fov_x_deg=50, image_size=(7, 12))
+    assert [model.canvas_camera(v)[1] for v in (small, turned, rolled)] == [0, 3, None]
+    views = [small, cams[0], turned, rolled]
+    with torch.no_grad():
+        batch = model.render_raw_batch([scene] * 4, views)
+        single = [model.render_raw(scene, v) for v in views]
+    for b, s, v in zip(batch, single, views, strict=True):
+        assert b.shape[1:] == tuple(v.image_size)
+        torch.testing.assert_close(b, s, atol=1e-5, rtol=0)
+
+
+def test_min_side_is_the_least_size_scale_sizes_accepts():
+    from npbgpp_core.rasterizer import min_side, scale_sizes
+
+    for scales in ((1.0, 0.5, 0.25, 0.125, 0.0625), (1.0, 0.3), (1.0, 1 / 3), (0.7,), (1.0, 0.1)):
+        n = min_side(scales)
+        scale_sizes((n, n), scales)
+        with pytest.raises(ValueError, match="empty"):
+            scale_sizes((n - 1, n), scales)
+    assert min_side((1.0, 0.5, 0.25, 0.125, 0.0625)) == 16
+
+
 def test_world_up_turns_that_axis_upright():
     from npbgpp_core.models.alignment import align_camera
 

@@ -310,13 +310,16 @@ class NPBGPlusPlus(DescriptorRendering, nn.Module):
 
     def render_raw_batch(self, scenes: Sequence[AggregatedScene], cameras: Sequence[Camera]) -> list[torch.Tensor]:
         """``render_raw`` of several (scene, camera) pairs with one refiner call per canvas
-        size (the refiner has no normalisation: the result equals one call per pair)."""
+        size (the refiner has no normalisation: the result equals one call per pair). A
+        view too small for the coarsest scale is padded and cut out as ``render_raw`` does."""
         plans = []
         for scene, camera in zip(scenes, cameras, strict=True):
             camera = camera.to(self.device)
             aligned, quarter_turns = self.canvas_camera(camera)
-            plans.append((camera, aligned, quarter_turns, self._descriptor_rasters(scene, aligned),
-                          self._background_rasters(scene, aligned)))
+            padded = self._padded_view(aligned)
+            canvas = aligned if padded is None else padded[0]
+            plans.append((camera, aligned, quarter_turns, self._descriptor_rasters(scene, canvas),
+                          self._background_rasters(scene, canvas), padded))
         groups: dict[tuple[int, ...], list[int]] = {}
         for k, plan in enumerate(plans):
             groups.setdefault(tuple(plan[3][0].shape), []).append(k)
@@ -328,8 +331,11 @@ class NPBGPlusPlus(DescriptorRendering, nn.Module):
                 background = [torch.stack([plans[k][4][j] for k in members]) for j in range(len(BACKGROUND_LEVELS))]
             refined = self.refiner(levels, background)
             for j, k in enumerate(members):
-                camera, aligned, quarter_turns, _, _ = plans[k]
+                camera, aligned, quarter_turns, _, _, padded = plans[k]
                 out = refined[j]
+                if padded is not None:
+                    _, top, left = padded
+                    out = out[:, top : top + aligned.height, left : left + aligned.width]
                 if quarter_turns is not None and quarter_turns != 0:
                     out = torch.rot90(out, quarter_turns, dims=(1, 2)).contiguous()
                 elif quarter_turns is None:

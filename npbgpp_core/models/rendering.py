@@ -18,7 +18,6 @@ model's own)."""
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -26,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..camera import Camera
-from ..rasterizer import rasterize, rasterize_descriptors, scale_sizes
+from ..rasterizer import min_side, rasterize, rasterize_descriptors, scale_sizes
 from .alignment import _pixel_map, render_canvas_camera, warp_images
 from .refiner import BACKGROUND_LEVELS, Refiner
 
@@ -116,20 +115,28 @@ class DescriptorRendering:
                                      lambda r: self._point_descriptors(scene, camera, rows[r]),
                                      background=self._empty_descriptor())
 
-    def _render_direct(self, scene: Any, camera: Camera) -> torch.Tensor:
-        """The refiner's output for ``camera`` as it is (no alignment). A view too small for
-        the coarsest scale (under 16 pixels a side) is rendered centred on a canvas that has
-        it and cut out, as rolled views are (their canvas is rounded up to 16 pixels)."""
+    def _padded_view(self, camera: Camera) -> tuple[Camera, int, int] | None:
+        """For a view too small for the coarsest scale (under :func:`min_side` pixels a
+        side, 16 by default): the camera of a canvas that has that size with the view
+        centred in it, and the view's top-left corner there; None for a view that fits.
+        Rendering the canvas and cutting the view out gives the view (rolled views'
+        canvases are rounded up to 16 pixels the same way)."""
         h, w = camera.image_size
-        coarsest = min(self.config.scales)
-        least = max(1, math.ceil(1.0 / coarsest))
-        while int(coarsest * least) < 1:  # the rasterizer's own rounding of level sizes
-            least += 1
-        if h < least or w < least:
-            H, W = max(h, least), max(w, least)
-            top, left = (H - h) // 2, (W - w) // 2
-            out = self._render_direct(scene, camera.cropped(-top, -left, H, W))
-            return out[:, top : top + h, left : left + w]
+        least = min_side(self.config.scales)
+        if h >= least and w >= least:
+            return None
+        H, W = max(h, least), max(w, least)
+        top, left = (H - h) // 2, (W - w) // 2
+        return camera.cropped(-top, -left, H, W), top, left
+
+    def _render_direct(self, scene: Any, camera: Camera) -> torch.Tensor:
+        """The refiner's output for ``camera`` as it is (no alignment); a view too small
+        for the coarsest scale through :meth:`_padded_view`."""
+        padded = self._padded_view(camera)
+        if padded is not None:
+            canvas, top, left = padded
+            h, w = camera.image_size
+            return self._render_direct(scene, canvas)[:, top : top + h, left : left + w]
         background = self._background_rasters(scene, camera)
         return self.refiner([r.unsqueeze(0) for r in self._descriptor_rasters(scene, camera)],
                             None if background is None else [b.unsqueeze(0) for b in background])[0]
