@@ -244,53 +244,72 @@ def check_compatible(ckpt: dict, path: str, system_name: str, system_config: dic
 # An NPBG++ scene's environment map (C + 1, rows * cols) beside its coefficients:
 # <folder>/<scene><BACKGROUND_SUFFIX>, the same file format.
 BACKGROUND_SUFFIX = ".background"
-# safetensors metadata of such a map, and of NPBG++ coefficients: the frame it lies in / the up
-# axis the views were aligned about when they were aggregated (JSON list)
-MAP_WORLD_UP_KEY = "world_up"
+# safetensors metadata of NPBG++ coefficients <folder>/<scene>: the up axis their views were
+# aligned about when they were aggregated (JSON list). Maps written with one earlier are read
+# as any map: the coefficients' record is the run's axis.
+WORLD_UP_KEY = "world_up"
 
 
 def save_descriptors(folder: str, scene_name: str, tensor: torch.Tensor,
                      world_up: Sequence[float] | None = None) -> str:
     """Write a float32 [n_points, D] tensor to ``<folder>/<scene_name>`` (safetensors, atomic).
-    ``world_up``: the frame an environment map lies in, or the up axis NPBG++ coefficients
-    were aggregated about, recorded in the file's metadata (:func:`map_world_up`) so that a
-    run starting from it can take that frame."""
+    ``world_up``: the up axis NPBG++ coefficients were aggregated about, recorded in the
+    file's metadata (:func:`recorded_world_up`) so that coefficients_ft started from them
+    takes it."""
     from safetensors.torch import save as st_save
 
     t = tensor.detach().float().cpu().contiguous()
     if t.dim() != 2:
         t = t.reshape(t.shape[0], -1)
     path = os.path.join(folder, scene_name)
-    metadata = None if world_up is None else {MAP_WORLD_UP_KEY: json.dumps([float(v) for v in world_up])}
+    metadata = None if world_up is None else {WORLD_UP_KEY: json.dumps([float(v) for v in world_up])}
     atomic_write_bytes(path, st_save({"descriptors": t}, metadata=metadata))
     return path
 
 
-def map_world_up(path: str) -> tuple[float, float, float] | None:
-    """The ``world_up`` a descriptor file records (an environment map or coefficients written
-    with it by :func:`save_descriptors`); None when it records none (written before the
-    record existed, or a torch.save'd tensor) and when its header cannot be read
-    (:func:`load_descriptors` then names what is wrong with the file). ValueError naming the
-    file for a record that is not a direction."""
-    from npbgpp_core.models.alignment import check_world_up
+def save_scene_files(folder: str, scene_name: str, coefficients: torch.Tensor, environment: torch.Tensor | None,
+                     world_up: Sequence[float] | None) -> str:
+    """A scene's descriptors ``<folder>/<scene_name>`` (recording ``world_up`` when given) and,
+    when it has one, its environment map ``<scene_name>.background`` [C + 1, rows * cols], so
+    that a run started from the folder (``descriptors_pretrained_dir``) gets both. The path
+    of the descriptors."""
+    path = save_descriptors(folder, scene_name, coefficients, world_up)
+    if environment is not None:
+        env = environment.detach()
+        save_descriptors(folder, scene_name + BACKGROUND_SUFFIX, env.reshape(env.shape[0], -1))
+    return path
+
+
+def _descriptor_kind(path: str) -> str | None:
+    from npbgpp_core.file_kind import HEAD_SIZE, file_kind
 
     with open(path, "rb") as f:
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 and not head.startswith(b"PK") else 0
-        if not 0 < n < 100_000_000:
-            return None
-        try:
-            header = json.loads(f.read(n).decode("utf-8"))
-        except ValueError:
-            return None
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
-    record = meta.get(MAP_WORLD_UP_KEY) if isinstance(meta, dict) else None
+        return file_kind(f.read(HEAD_SIZE))
+
+
+def recorded_world_up(path: str) -> tuple[float, float, float] | None:
+    """The up axis NPBG++ coefficients file ``path`` records (:func:`save_descriptors`), read
+    from its header only; None when it records none (written before the record existed, or
+    a torch.save'd tensor) or its header cannot be read (:func:`load_descriptors` then names
+    the damage). ValueError naming the file for a record that is not a direction."""
+    from safetensors import safe_open
+
+    from npbgpp_core.models.alignment import check_world_up
+
+    if _descriptor_kind(path) != "safetensors":
+        return None
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+    except Exception:  # noqa: BLE001 - load_descriptors names what is wrong with the file
+        return None
+    record = meta.get(WORLD_UP_KEY)
     if record is None:
         return None
     try:
         return check_world_up(json.loads(record))
     except (ValueError, TypeError) as exc:
-        raise ValueError(f"descriptor file {path}: unreadable {MAP_WORLD_UP_KEY} record: {exc}") from None
+        raise ValueError(f"descriptor file {path}: unreadable {WORLD_UP_KEY} record: {exc}") from None
 
 
 def load_descriptors(folder: str, scene_name: str, n_points: int | None = None) -> torch.Tensor:
@@ -298,10 +317,8 @@ def load_descriptors(folder: str, scene_name: str, n_points: int | None = None) 
     path = os.path.join(folder, scene_name)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"descriptor file not found: {path} (run the NPBG++ evaluation first?)")
-    with open(path, "rb") as f:
-        head = f.read(8)
     try:
-        if len(head) == 8 and int.from_bytes(head, "little") < 100_000_000 and not head.startswith(b"PK"):
+        if _descriptor_kind(path) == "safetensors":
             from safetensors.torch import load_file
 
             t = load_file(path)["descriptors"]

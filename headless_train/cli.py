@@ -121,7 +121,6 @@ def _run(cfg: DictConfig, run_dir: str) -> dict | None:
         if resume_ckpt["npbgpp"]["system"] != name:
             raise UsageError(f"{resume_path} belongs to system '{resume_ckpt['npbgpp']['system']}', not '{name}'")
         check_resumed_warmup(resume_ckpt, resume_path, scfg)
-        resumed_up = resume_ckpt["npbgpp"].get("config", {}).get("world_up")
         resumed_meta = resume_ckpt["npbgpp"]
         if source_ckpt is None:
             source_ckpt = resume_ckpt
@@ -132,8 +131,14 @@ def _run(cfg: DictConfig, run_dir: str) -> dict | None:
     datamodule = SceneDataModule(cfg, seed=int(cfg.seed))
     up_spec = scfg.get("world_up")
     resolve_run_world_up(scfg, datamodule.scenes)
+    if name == "coefficients_ft":
+        # its model continues the resumed checkpoint's, else it is built from weights_path's
+        source, source_path = ((resumed_meta, resume_path) if resume_path is not None else
+                               ((source_ckpt or {}).get("npbgpp", {}), str(cfg.weights_path or "")))
+        resolve_coefficients_frame(scfg, [s.name for s in datamodule.scenes], source, source_path, up_spec)
     if resume_path is not None:
-        check_resumed_world_up(resumed_up, resume_path, up_spec, scfg.get("world_up"))
+        check_resumed_world_up(resumed_meta.get("config", {}).get("world_up"), resume_path, up_spec,
+                               scfg.get("world_up"))
         check_resumed_scenes(resumed_meta, resume_path, name, datamodule.scenes)
     # A resumed run continues the model its checkpoint holds (coefficients_ft builds it from the
     # stored config: its render alignment and up axis), not one rebuilt from weights_path's.
@@ -224,6 +229,83 @@ def resolve_run_world_up(scfg: dict, scenes: list) -> None:
              len(cameras), len(scenes))
 
 
+def resolve_coefficients_frame(scfg: dict, scene_names: list[str], source: dict, source_path: str,
+                               spec: Any = None) -> None:
+    """coefficients_ft's up axis and render alignment, written into ``scfg`` (``world_up``,
+    ``align_during_rendering``) before the model is built. The axis is the one its
+    ``<scene>`` coefficient files (``descriptors_pretrained_dir``) record: the NPBG++
+    evaluation aggregated them about it; a given ``system.world_up`` other than it is
+    refused. Files recording none (written before the record): the given axis, else the
+    source's, and rendering upright only when asked (``system.align_during_rendering=true``),
+    so they render as they did. A continued coefficients_ft checkpoint (``source``: resumed,
+    or weights_path) keeps its axis and alignment. ``spec``: world_up as typed, for messages.
+    UsageError naming the file and the values."""
+    from npbgpp_core.fitting import FIT_ALIGNED
+    from npbgpp_core.models.alignment import WORLD_UP, check_world_up, same_world_up
+
+    from .checkpoints import recorded_world_up
+
+    wanted = scfg.get("align_during_rendering")
+    if wanted is not None and not isinstance(wanted, bool):
+        raise UsageError(f"system.align_during_rendering must be true, false or null, got {wanted!r}")
+    given = scfg.get("world_up")
+    if given is not None:
+        try:
+            given = check_world_up(given)
+        except ValueError as exc:
+            raise UsageError(f"system.world_up: {exc}") from None
+    given_text = _override(list(given or ())) if spec is None or spec == scfg.get("world_up") else (
+        f"{_override(spec)} -> {_override(list(given or ()))}")
+    folder = scfg.get("descriptors_pretrained_dir")
+    records = {}
+    for path in (os.path.join(str(folder), n) for n in scene_names) if folder else ():
+        up = recorded_world_up(path) if os.path.isfile(path) else None
+        if up is not None:
+            records[path] = up
+    record = next(iter(records.items()), None)
+    if record and any(not same_world_up(up, record[1]) for up in records.values()):
+        raise UsageError("the coefficients of system.descriptors_pretrained_dir were aggregated about different up "
+                         "axes (" + ", ".join(f"{p}: {_override(list(up))}" for p, up in records.items())
+                         + "): fine-tune those scenes in separate runs")
+    if record and given is not None and not same_world_up(given, record[1]):
+        raise UsageError(f"coefficients {record[0]} were aggregated about world_up {_override(list(record[1]))} (the "
+                         f"run that wrote them), this run was given system.world_up={given_text}: leave it null (the "
+                         "run takes the file's)")
+    config = source.get("config") if isinstance(source.get("config"), dict) else {}
+    if source.get("system") == "coefficients_ft":
+        try:
+            saved = check_world_up(config.get("world_up", WORLD_UP))
+        except ValueError as exc:
+            raise UsageError(f"{source_path}: system.world_up: {exc}") from None
+        if record and not same_world_up(record[1], saved):
+            raise UsageError(f"coefficients {record[0]} were aggregated about world_up {_override(list(record[1]))}, "
+                             f"the coefficients_ft checkpoint {source_path} this run continues was trained with "
+                             f"system.world_up={_override(list(saved))}: start it from the coefficients that run "
+                             "wrote (its descriptors folder)")
+        if given is not None and not same_world_up(given, saved):
+            raise UsageError(f"{source_path} was trained with system.world_up={_override(list(saved))}; continue it "
+                             f"with that value or leave it null (got system.world_up={given_text})")
+        had = bool(config.get("align_during_rendering", False))  # absent: written before the choice existed
+        if wanted is not None and wanted != had:
+            raise UsageError(f"system.align_during_rendering={_override(wanted)}, but the coefficients_ft checkpoint "
+                             f"this run continues was trained with {_override(had)}: leave it null")
+        up, align = saved, had
+    else:
+        network = bool(config.get("align_during_rendering", True))
+        if wanted and not network:
+            raise UsageError(f"system.align_during_rendering=true, but the NPBG++ network {source_path} renders every "
+                             "view in its own frame (align_during_rendering=false): leave it null or false")
+        if record:
+            up, align = record[1], network and (FIT_ALIGNED if wanted is None else wanted)
+        else:
+            up, align = given or check_world_up(config.get("world_up", WORLD_UP)), bool(wanted)
+            if folder and wanted is None:
+                log.info("the coefficients in %s record no world_up (written before the record): rendering every "
+                         "view in its own frame, as they were; system.align_during_rendering=true renders upright "
+                         "about %s", folder, _override(list(up)))
+    scfg["world_up"], scfg["align_during_rendering"] = [float(v) for v in up], align
+
+
 def _override(value: Any) -> str:
     """A config value as a Hydra override writes it (lists without spaces)."""
     if isinstance(value, (list, tuple)):
@@ -297,10 +379,10 @@ def check_resumed_world_up(saved: Any, path: str, spec: Any, wanted: Any) -> Non
     checkpoint that stored none) is not compared."""
     if saved is None or wanted is None:
         return
-    from npbgpp_core.models.alignment import check_world_up
+    from npbgpp_core.models.alignment import same_world_up
 
     try:
-        same = max(abs(a - b) for a, b in zip(check_world_up(saved), check_world_up(wanted), strict=True)) < 1e-6
+        same = same_world_up(saved, wanted)
     except ValueError:
         return  # not a direction (a hand-edited checkpoint): nothing to compare with
     if not same:

@@ -440,7 +440,7 @@ def test_coefficients_ft_learns_the_environment_map(env_stage, tmp_path):
 
     from hydra import compose, initialize_config_module
 
-    from headless_train.checkpoints import load_descriptors, map_world_up
+    from headless_train.checkpoints import load_descriptors, recorded_world_up
     from headless_train.cli import run
     from npbgpp_core.scene import NeuralScene
 
@@ -456,8 +456,8 @@ def test_coefficients_ft_learns_the_environment_map(env_stage, tmp_path):
         return run(cfg, run_dir)
 
     # The published sequence without a world_up flag: the evaluation aligns at its default +Y,
-    # though the checkpoint (stage: Z-up) stored +Z; its map records +Y, and coefficients_ft
-    # takes that frame (it took the checkpoint's +Z and read the map turned).
+    # though the checkpoint (stage: Z-up) stored +Z; its coefficients record +Y, and
+    # coefficients_ft takes that frame (it took the checkpoint's +Z and read the map turned).
     assert state_up(ckpt) == [0.0, 0.0, 1.0]
     ev = str(tmp_path / "eval")
     run_inproc(["datasets=nerf_blender_one_scene", f"datasets.data_root={root}", "datasets.scene_name=s1",
@@ -465,7 +465,7 @@ def test_coefficients_ft_learns_the_environment_map(env_stage, tmp_path):
                 "eval_only=true", "dataloader=small", f"weights_path={ckpt}"], ev)
     env = load_descriptors(os.path.join(ev, "descriptors"), "s1.background")
     assert env.shape == (9, 16 * 32) and float(env[8].sum()) > 0  # confidence: some bins seen
-    assert map_world_up(os.path.join(ev, "descriptors", "s1.background")) == (0.0, 1.0, 0.0)
+    assert recorded_world_up(os.path.join(ev, "descriptors", "s1")) == (0.0, 1.0, 0.0)
     common = ["datasets=h3ds_one_scene", "datasets.format=nerf_synthetic", f"datasets.data_root={root}",
               "datasets.scene_name=s1", "datasets.selection_count=0", "system=coefficients_ft",
               "dataloader=small", "trainer.enable_progress_bar=false"]
@@ -479,7 +479,7 @@ def test_coefficients_ft_learns_the_environment_map(env_stage, tmp_path):
     assert not torch.equal(learnt[0], env.view(9, 16, 32))  # RMSprop moved it
     assert state["npbgpp"]["config"]["background"] == "environment"
     assert state_up(os.path.join(ft, "checkpoints", "last.ckpt")) == [0.0, 1.0, 0.0]
-    assert map_world_up(os.path.join(ft, "descriptors", "s1.background")) == (0.0, 1.0, 0.0)
+    assert recorded_world_up(os.path.join(ft, "descriptors", "s1")) == (0.0, 1.0, 0.0)
     # its descriptors folder carries the learnt map too, for a run that starts from it (it had
     # only the coefficients: such a run warned and started the map from zeros)
     torch.testing.assert_close(load_descriptors(os.path.join(ft, "descriptors"), "s1.background"),

@@ -444,10 +444,14 @@ def test_export_of_a_weights_file_takes_the_scenes_up_like_the_addon(tmp_path, c
 
 def test_coefficients_ft_from_a_weights_file_takes_the_runs_world_up(data_root, tmp_path, monkeypatch):
     """system=coefficients_ft seeded from a weights file builds its model with the run's
-    system.world_up (it took the file's +Z whatever the run said, so the environment map an
-    NPBG++ evaluation wrote in the run's frame was read turned); null keeps the source's."""
+    system.world_up (it took the file's +Z whatever the run said); null keeps the source's.
+    Coefficients that record no axis (an evaluation before the record, which aggregated about
+    its default +Y) render every view in its own frame unless asked (they rendered upright
+    about the weights file's +Z). Coefficients recording +Y give the run +Y (a map's own
+    record, written earlier, is ignored) and refuse a given +Z naming the file."""
     import headless_train.systems as systems
     from headless_train.checkpoints import save_descriptors
+    from npbgpp_core.fitting import FIT_ALIGNED
     from npbgpp_core.pretrained import default_weights_path, read_weights
 
     weights = default_weights_path("npbgpp")
@@ -466,67 +470,76 @@ def test_coefficients_ft_from_a_weights_file_takes_the_runs_world_up(data_root, 
         run_inproc([*common, f"system.world_up={given}"], str(tmp_path / f"run{len(built)}"))
         model = built[-1].scene_model(0)
         assert model.config.world_up == up and model.config.background == config["background"], given
+        assert model.config.align_during_rendering is False, given
+    run_inproc([*common, "system.align_during_rendering=true"], str(tmp_path / f"run{len(built)}"))
+    assert built[-1].scene_model(0).config.align_during_rendering is True
+    assert built[-1].scene_model(0).config.world_up == (0.0, 0.0, 1.0)
     with pytest.raises(ValueError, match="system.world_up"):
         run_inproc([*common, "system.world_up=[0,0,0]"], str(tmp_path / "bad"))
-    # An environment map records the frame it lies in (an NPBG++ evaluation at its default +Y):
-    # null takes it, not the file's +Z (the map was read turned unless the same system.world_up
-    # was given to both runs); a given value it does not record is refused naming the map.
     env = built[-1].scene_model(0).environment
     maps = str(tmp_path / "maps")
-    save_descriptors(maps, "sceneA", coefs)
+    save_descriptors(maps, "sceneA", coefs, [0.0, 1.0, 0.0])
     env_map = torch.rand(env.shape[0], env[0].numel())
-    save_descriptors(maps, "sceneA.background", env_map, [0.0, 1.0, 0.0])
+    from safetensors.torch import save
+
+    os.makedirs(maps, exist_ok=True)
+    with open(os.path.join(maps, "sceneA.background"), "wb") as f:  # as written earlier, with a record
+        f.write(save({"descriptors": env_map}, metadata={"world_up": "[0.0, 0.0, 1.0]"}))
     with_maps = [o if not o.startswith("system.descriptors_pretrained_dir=") else
                  f"system.descriptors_pretrained_dir={maps}" for o in common]
     for given in ("null", "+y"):
         run_inproc([*with_maps, f"system.world_up={given}"], str(tmp_path / f"run{len(built)}"))
         model = built[-1].scene_model(0)
         assert model.config.world_up == (0.0, 1.0, 0.0), given
+        assert model.config.align_during_rendering is FIT_ALIGNED, given
         torch.testing.assert_close(model.environment.detach().reshape(env_map.shape), env_map)
-    with pytest.raises(ValueError, match=r"sceneA\.background lies in the frame of world_up \[0,1,0\].*"
-                                         r"system\.world_up=\[0,0,1\]"):
+    with pytest.raises(ValueError, match=r"coefficients .*maps/sceneA were aggregated about world_up \[0\.0,1\.0,0\.0\]"
+                                         r".*system\.world_up=\+z -> \[0\.0,0\.0,1\.0\]"):
         run_inproc([*with_maps, "system.world_up=+z"], str(tmp_path / "turned"))
 
 
-def test_coefficients_ft_refuses_maps_of_different_frames(tmp_path):
-    """With system.world_up=null, maps of the run's scenes recording different frames leave
-    no one frame to take: refused naming them; files without a record (written before it,
-    or torch.save'd) leave the source's."""
-    from headless_train.checkpoints import map_world_up, save_descriptors
-    from headless_train.systems.coefficients_ft import run_world_up
+def test_coefficients_ft_refuses_coefficients_of_different_axes(tmp_path):
+    """Coefficients of the run's scenes recording different axes leave no one axis: refused
+    naming them and saying to fine-tune those scenes in separate runs (it said to give
+    system.world_up, which was then refused); files without a record (written before it, or
+    torch.save'd) do not count; a record that is not a direction is named; a file cut inside
+    its header records nothing, and reading it names the damage."""
+    from headless_train.checkpoints import load_descriptors, recorded_world_up, save_descriptors
+    from headless_train.cli import resolve_coefficients_frame
 
     folder = str(tmp_path / "d")
-    save_descriptors(folder, "a.background", torch.rand(9, 8), [0.0, 0.0, 1.0])
-    save_descriptors(folder, "b.background", torch.rand(9, 8), [0.0, 1.0, 0.0])
-    save_descriptors(folder, "c.background", torch.rand(9, 8))
-    torch.save(torch.rand(9, 8), str(tmp_path / "d" / "e.background"))
-    assert map_world_up(str(tmp_path / "d" / "a.background")) == (0.0, 0.0, 1.0)
-    assert map_world_up(str(tmp_path / "d" / "c.background")) is None
-    assert map_world_up(str(tmp_path / "d" / "e.background")) is None
-    scfg = {"world_up": None, "descriptors_pretrained_dir": folder}
-    with pytest.raises(ValueError, match=r"different frames: .*a\.background: \[0\.0, 0\.0, 1\.0\].*b\.background"):
-        run_world_up(scfg, ["a", "b"])
-    assert run_world_up(scfg, ["b", "c", "e", "missing"]) == (0.0, 1.0, 0.0)
-    assert run_world_up(scfg, ["c", "e"]) is None
-    assert run_world_up({**scfg, "world_up": [0, 0, 2]}, ["a", "b"]) == (0.0, 0.0, 1.0)
-    bad = str(tmp_path / "bad")
-    save_descriptors(bad, "x.background", torch.rand(9, 8))
+    save_descriptors(folder, "a", torch.rand(9, 8), [0.0, 0.0, 1.0])
+    save_descriptors(folder, "b", torch.rand(9, 8), [0.0, 1.0, 0.0])
+    save_descriptors(folder, "c", torch.rand(9, 8))
+    torch.save(torch.rand(9, 8), str(tmp_path / "d" / "e"))
+    assert recorded_world_up(str(tmp_path / "d" / "a")) == (0.0, 0.0, 1.0)
+    assert recorded_world_up(str(tmp_path / "d" / "c")) is None
+    assert recorded_world_up(str(tmp_path / "d" / "e")) is None
+    network = {"system": "npbgpp", "config": {"world_up": [1.0, 0.0, 0.0]}}
+
+    def frame(names: list[str], **options) -> tuple[list[float], bool]:
+        scfg = {"world_up": None, "align_during_rendering": None, "descriptors_pretrained_dir": folder, **options}
+        resolve_coefficients_frame(scfg, names, network, "net.ckpt")
+        return scfg["world_up"], scfg["align_during_rendering"]
+
+    with pytest.raises(ValueError, match=r"different up axes \(.*d/a: \[0\.0,0\.0,1\.0\], .*d/b: "
+                                         r"\[0\.0,1\.0,0\.0\]\): fine-tune those scenes in separate runs"):
+        frame(["a", "b"])
+    assert frame(["b", "c", "e", "missing"]) == ([0.0, 1.0, 0.0], True)
+    assert frame(["c", "e"]) == ([1.0, 0.0, 0.0], False)
+    assert frame(["c", "e"], world_up=[0, 0, 2]) == ([0.0, 0.0, 1.0], False)
     from safetensors.torch import save
 
-    with open(os.path.join(bad, "x.background"), "wb") as f:
+    with open(os.path.join(folder, "x"), "wb") as f:
         f.write(save({"descriptors": torch.rand(9, 8)}, metadata={"world_up": "[0, 0]"}))
-    with pytest.raises(ValueError, match=r"x\.background: unreadable world_up record"):
-        run_world_up({"world_up": None, "descriptors_pretrained_dir": bad}, ["x"])
-    # a damaged map (cut inside its header) is not taken for a bad record: it records no
-    # frame, and reading it names the file's damage (it said 'unreadable world_up record')
-    from headless_train.checkpoints import load_descriptors
-
-    with open(os.path.join(folder, "a.background"), "r+b") as f:
+    with pytest.raises(ValueError, match=r"d/x: unreadable world_up record"):
+        frame(["x"])
+    with open(os.path.join(folder, "a"), "r+b") as f:
         f.truncate(30)
-    assert map_world_up(os.path.join(folder, "a.background")) is None
-    assert run_world_up(scfg, ["a", "b"]) == (0.0, 1.0, 0.0)
-    with pytest.raises(ValueError, match=r"cannot read descriptor file .*a\.background"):
-        load_descriptors(folder, "a.background")
+    assert recorded_world_up(os.path.join(folder, "a")) is None
+    assert frame(["a", "b"]) == ([0.0, 1.0, 0.0], True)
+    with pytest.raises(ValueError, match=r"cannot read descriptor file .*d/a"):
+        load_descriptors(folder, "a")
 
 
 def test_npbg_run_starts_from_the_bundled_refiner_file(data_root, tmp_path, caplog, capsys):

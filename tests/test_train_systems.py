@@ -198,8 +198,11 @@ def test_coefficients_ft_renders_upright_about_the_axis_its_coefficients_were_ag
     checkpoint stored +Y); its coefficient files record that axis, and coefficients_ft, whose
     model renders upright, takes it (it took the checkpoint's +Y, the coefficients then
     rendered upright about another axis than they were aggregated about). Its own
-    coefficients record it for the test run."""
-    from headless_train.checkpoints import load_source_checkpoint, map_world_up
+    coefficients record it for the test run. A given other axis is refused, whether the model
+    renders upright or not (the learnt coefficients were written recording the given axis),
+    and so is a record other than the axis of the coefficients_ft checkpoint a run continues
+    (it took the files' axis)."""
+    from headless_train.checkpoints import load_descriptors, load_source_checkpoint, recorded_world_up, save_descriptors
 
     pre = f"{npbgpp_run}/exp/pre/checkpoints/last.ckpt"
     assert load_source_checkpoint(pre)["npbgpp"]["config"]["world_up"] == [0.0, 1.0, 0.0]
@@ -208,7 +211,7 @@ def test_coefficients_ft_renders_upright_about_the_axis_its_coefficients_were_ag
                 "system=npbgpp_sphere", "system.world_up=[0,0,1]", "eval_only=true", "dataloader=small",
                 f"weights_path={pre}"], ev)
     assert not os.path.exists(f"{ev}/descriptors/sceneA.background")
-    assert map_world_up(f"{ev}/descriptors/sceneA") == (0.0, 0.0, 1.0)
+    assert recorded_world_up(f"{ev}/descriptors/sceneA") == (0.0, 0.0, 1.0)
     ft = str(tmp_path / "ft")
     run_inproc(["datasets=h3ds_one_scene", "datasets.format=nerf_synthetic", f"datasets.data_root={data_root}",
                 "datasets.scene_name=sceneA", "datasets.selection_count=0", "system=coefficients_ft",
@@ -217,21 +220,31 @@ def test_coefficients_ft_renders_upright_about_the_axis_its_coefficients_were_ag
                 f"system.descriptors_pretrained_dir={ev}/descriptors"], ft)
     config = load_source_checkpoint(f"{ft}/checkpoints/last.ckpt")["npbgpp"]["config"]
     assert config["world_up"] == [0.0, 0.0, 1.0] and config["align_during_rendering"] is True
-    assert map_world_up(f"{ft}/descriptors/sceneA") == (0.0, 0.0, 1.0)
-    # a given system.world_up the coefficients were not aggregated about is refused, naming both
-    with pytest.raises(ValueError, match=r"coefficients .*eval/descriptors/sceneA were aggregated about world_up "
-                                         r"\[0,0,1\].*system\.world_up=\[0,1,0\]"):
-        run_inproc(["datasets=h3ds_one_scene", "datasets.format=nerf_synthetic", f"datasets.data_root={data_root}",
-                    "datasets.scene_name=sceneA", "datasets.selection_count=0", "system=coefficients_ft",
-                    "dataloader=small", "system.world_up=+y", "eval_only=true", f"weights_path={pre}",
-                    f"system.descriptors_pretrained_dir={ev}/descriptors"], str(tmp_path / "turned"))
+    assert recorded_world_up(f"{ft}/descriptors/sceneA") == (0.0, 0.0, 1.0)
+    line = ["datasets=h3ds_one_scene", "datasets.format=nerf_synthetic", f"datasets.data_root={data_root}",
+            "datasets.scene_name=sceneA", "datasets.selection_count=0", "system=coefficients_ft", "dataloader=small",
+            "eval_only=true"]
+    for upright in ("null", "false"):
+        with pytest.raises(ValueError, match=r"coefficients .*eval/descriptors/sceneA were aggregated about world_up "
+                                             r"\[0\.0,0\.0,1\.0\].*system\.world_up=\+y -> \[0\.0,1\.0,0\.0\]"):
+            run_inproc([*line, "system.world_up=+y", f"system.align_during_rendering={upright}", f"weights_path={pre}",
+                        f"system.descriptors_pretrained_dir={ev}/descriptors"], str(tmp_path / "turned"))
+    other = str(tmp_path / "other")
+    save_descriptors(other, "sceneA", load_descriptors(f"{ev}/descriptors", "sceneA"), [0.0, 1.0, 0.0])
+    with pytest.raises(ValueError, match=r"coefficients .*other/sceneA were aggregated about world_up "
+                                         r"\[0\.0,1\.0,0\.0\], the coefficients_ft checkpoint .*ft/checkpoints/"
+                                         r"last\.ckpt this run continues was trained with "
+                                         r"system\.world_up=\[0\.0,0\.0,1\.0\]"):
+        run_inproc([*line, f"weights_path={ft}/checkpoints/last.ckpt", f"system.descriptors_pretrained_dir={other}"],
+                   str(tmp_path / "continued"))
 
 
 def test_coefficients_ft_can_render_in_the_views_frame_as_published(npbgpp_eval, npbgpp_run, data_root,
                                                                      tmp_path, monkeypatch):
     """system.align_during_rendering=false builds the published NPBG model (every view in
     its own frame) from an NPBG++ network, null the library's fits' choice; a run continuing
-    a coefficients_ft checkpoint keeps its own, and a given other value is refused."""
+    a coefficients_ft checkpoint keeps its own, and a given other value is refused, as is true
+    from a network that does not render upright."""
     import headless_train.systems as systems
     from npbgpp_core.fitting import FIT_ALIGNED
 
@@ -257,6 +270,18 @@ def test_coefficients_ft_can_render_in_the_views_frame_as_published(npbgpp_eval,
         run_inproc([*continued, "system.align_during_rendering=true"], str(tmp_path / "flip"))
     with pytest.raises(ValueError, match="system.align_during_rendering must be true, false or null, got 'yes'"):
         run_inproc([*common, pre, "system.align_during_rendering=yes"], str(tmp_path / "bad"))
+    # an NPBG++ network that renders every view in its own frame: true is refused naming it (it was dropped)
+    from headless_train.checkpoints import atomic_torch_save
+
+    flat = torch.load(f"{npbgpp_run}/exp/pre/checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    flat["npbgpp"]["config"]["align_during_rendering"] = False
+    atomic_torch_save(flat, str(tmp_path / "flat.ckpt"))
+    with pytest.raises(ValueError, match=r"align_during_rendering=true, but the NPBG\+\+ network .*flat\.ckpt renders "
+                                         r"every view in its own frame"):
+        run_inproc([*common, f"weights_path={tmp_path}/flat.ckpt", "system.align_during_rendering=true"],
+                   str(tmp_path / "flat"))
+    run_inproc([*common, f"weights_path={tmp_path}/flat.ckpt"], str(tmp_path / "flat_null"))
+    assert built[-1].scene_model(0).config.align_during_rendering is False
 
 
 def test_a_resumed_coefficients_ft_run_keeps_its_checkpoints_render_frame(npbgpp_run, data_root, tmp_path):
@@ -284,6 +309,17 @@ def test_a_resumed_coefficients_ft_run_keeps_its_checkpoints_render_frame(npbgpp
     run_inproc([*line, "trainer.max_epochs=2", "resume=true"], ft)
     resumed = load_source_checkpoint(last)
     assert resumed["epoch"] == 1 and resumed["npbgpp"]["config"]["align_during_rendering"] is False
+    # resumed from coefficients recording another axis than the checkpoint's: refused naming both
+    # (with system.world_up=null the files' axis was taken after the resume check had passed)
+    from headless_train.checkpoints import load_descriptors, save_descriptors
+
+    save_descriptors(str(tmp_path / "z"), "sceneA", load_descriptors(f"{ev}/descriptors", "sceneA"), [0.0, 0.0, 1.0])
+    moved = [o if not o.startswith("system.descriptors_pretrained_dir=") else
+             f"system.descriptors_pretrained_dir={tmp_path}/z" for o in line]
+    with pytest.raises(ValueError, match=r"z/sceneA were aggregated about world_up \[0\.0,0\.0,1\.0\], the "
+                                         r"coefficients_ft checkpoint .*last\.ckpt this run continues was trained with "
+                                         r"system\.world_up=\[0\.0,1\.0,0\.0\]"):
+        run_inproc([*moved, "trainer.max_epochs=3", "resume=true"], ft)
 
 
 def test_export_bundles_render(npbgpp_run, data_root, tmp_path):

@@ -11,14 +11,12 @@ two crops per step), measured in BENCHMARKS.md "Short coefficient fits"."""
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 
 from npbgpp_core.fitting import coefficients_ft_loss
 from npbgpp_core.models import NPBG, NPBGConfig
 
-from ..checkpoints import BACKGROUND_SUFFIX, map_world_up
 from .base import module_key
 from .npbg import NPBGSystem
 
@@ -44,63 +42,17 @@ def coefficients_config(source: dict) -> NPBGConfig:
                       render_canvas=str(source.get("render_canvas", "bounds")))
 
 
-def run_world_up(scfg: dict, scene_names: list[str]) -> tuple[float, float, float] | None:
-    """The up axis of a coefficients_ft run, None: the source's. It belongs to the scenes,
-    not to the source's weights (a weights file's own +Z need not be theirs): the given
-    ``system.world_up``; else (null) the frame the files it starts from record (in
-    ``descriptors_pretrained_dir``: the coefficients ``<scene>`` and environment maps
-    ``<scene>.background`` that the NPBG++ evaluation or an earlier coefficients_ft run wrote
-    with its world_up), so evaluate -> fine-tune -> test agree without a flag: the model
-    renders upright about the axis the coefficients were aggregated with, and reads the map
-    in its frame. ValueError naming the field or the files."""
-    from npbgpp_core.models.alignment import check_world_up
-
-    up = scfg.get("world_up")
-    if up is not None:
-        try:
-            return check_world_up(up)
-        except ValueError as exc:
-            raise ValueError(f"system.world_up: {exc}") from None
-    folder = scfg.get("descriptors_pretrained_dir")
-    paths = [os.path.join(str(folder), n + suffix) for n in scene_names for suffix in ("", BACKGROUND_SUFFIX)
-             ] if folder else []
-    frames = {p: map_world_up(p) for p in paths if os.path.isfile(p)}
-    frames = {p: f for p, f in frames.items() if f is not None}
-    if len({tuple(round(v, 6) for v in f) for f in frames.values()}) > 1:
-        raise ValueError("system.world_up=null, but the descriptor files lie in different frames: "
-                         + ", ".join(f"{p}: {list(f)}" for p, f in frames.items()) + "; give system.world_up")
-    if frames:
-        path, up = next(iter(frames.items()))
-        log.info("system.world_up=null: %s, the frame of %s", list(up), path)
-        return up
-    return None
-
-
 class CoefficientsFTSystem(NPBGSystem):
     system_name = "coefficients_ft"
     uses_render_loss = False
 
-    def __init__(self, cfg: dict, scenes: list, source_config: dict | None = None,
-                 source_system: str | None = None):
+    def __init__(self, cfg: dict, scenes: list, source_config: dict | None = None):
         self._source = dict(source_config or {})
-        wanted = cfg["system"].get("align_during_rendering")
-        if wanted is not None and not isinstance(wanted, bool):
-            raise ValueError(f"system.align_during_rendering must be true, false or null, got {wanted!r}")
-        if source_system != "coefficients_ft":
-            # Started from an NPBG++ network: render upright as the library's fits do
-            # (npbgpp_core.fitting.FIT_ALIGNED; false: the published NPBG) when that network does.
-            from npbgpp_core.fitting import FIT_ALIGNED
-
-            self._source["align_during_rendering"] = (FIT_ALIGNED if wanted is None else wanted) and bool(
-                self._source.get("align_during_rendering", True))
-        elif wanted is not None and wanted != bool(self._source.get("align_during_rendering", False)):
-            # a coefficients_ft checkpoint (resumed, or tested) keeps the choice it was trained with
-            had = str(bool(self._source.get("align_during_rendering", False))).lower()
-            raise ValueError(f"system.align_during_rendering={str(wanted).lower()}, but the coefficients_ft "
-                             f"checkpoint this run continues was trained with {had}: leave it null")
-        up = run_world_up(cfg["system"], [s.name for s in scenes])
-        if up is not None:
-            self._source["world_up"] = list(up)
+        # the run's up axis and render alignment, as cli.resolve_coefficients_frame chose them
+        # (None when built without it: the source's)
+        for key in ("world_up", "align_during_rendering"):
+            if cfg["system"].get(key) is not None:
+                self._source[key] = cfg["system"][key]
         super().__init__(cfg, scenes)
         self.basis = self.scene_model(0).basis
         for sid in range(1, len(self.scene_names)):

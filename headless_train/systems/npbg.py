@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -15,24 +14,10 @@ from torch import nn
 from npbgpp_core.fitting import npbg_optimizers, npbg_step_loss
 from npbgpp_core.models import NPBG, NPBGConfig
 
-from ..checkpoints import BACKGROUND_SUFFIX, load_descriptors, map_world_up, save_descriptors
+from ..checkpoints import BACKGROUND_SUFFIX, load_descriptors, save_scene_files
 from .base import BaseSystem, module_key
 
 log = logging.getLogger(__name__)
-
-
-def _numbers(up: Sequence[float]) -> str:
-    """A direction as a Hydra override writes it: [0,1,0]."""
-    return "[" + ",".join(f"{float(v):g}" for v in up) + "]"
-
-
-def _check_frame(path: str, what: str, relation: str, ours: Sequence[float]) -> None:
-    """ValueError when descriptor file ``path`` records another world_up than this run's ``ours``."""
-    recorded = map_world_up(path)
-    if recorded is not None and max(abs(a - b) for a, b in zip(recorded, ours, strict=True)) > 1e-6:
-        raise ValueError(f"{what} {path} {relation} world_up {_numbers(recorded)} (the run that wrote it), this "
-                         f"run uses system.world_up={_numbers(ours)}: give system.world_up={_numbers(recorded)}, "
-                         "or leave it null (coefficients_ft then takes the file's)")
 
 
 class NPBGSystem(BaseSystem):
@@ -67,9 +52,6 @@ class NPBGSystem(BaseSystem):
                     f"descriptor file {folder}/{name} has {t.shape[1]} numbers per point, "
                     f"system {self.system_name} needs {m.descriptors.shape[1]}"
                 )
-            if m.config.use_basis and m.config.align_during_rendering:
-                # coefficients aggregated about another axis would render upright about the wrong one
-                _check_frame(os.path.join(folder, name), "coefficients", "were aggregated about", m.config.world_up)
             with torch.no_grad():
                 m.descriptors.copy_(t)
             self.after_descriptors_loaded(m, t)
@@ -83,14 +65,13 @@ class NPBGSystem(BaseSystem):
     def load_pretrained_background(self, folder: str, name: str, model: NPBG) -> None:
         """Start the scene's environment map from ``<folder>/<name>.background`` (written by
         an NPBG++ evaluation with ``background='environment'``); zeros ("not observed") with
-        a warning when the file is missing. A map that records another frame (world_up) than
-        this run's is refused: it would be read turned."""
+        a warning when the file is missing. It lies in the frame of the run's world_up, which
+        coefficients_ft takes from the coefficients beside it (cli.resolve_coefficients_frame)."""
         assert model.environment is not None
         path = os.path.join(folder, name + BACKGROUND_SUFFIX)
         if not os.path.isfile(path):
             log.warning("no environment map %s%s: scene %s starts from zeros", name, BACKGROUND_SUFFIX, name)
             return
-        _check_frame(path, "environment map", "lies in the frame of", model.config.world_up)
         t = load_descriptors(folder, name + BACKGROUND_SUFFIX)
         shape = tuple(model.environment.shape)
         if t.numel() != model.environment.numel() or t.shape[0] != shape[0]:
@@ -128,18 +109,15 @@ class NPBGSystem(BaseSystem):
         return self.scene_model(scene_id).render(self.points(scene_id), camera.to(self.device))
 
     def save_scene_descriptors(self, folder: str, scene_id: int) -> str:
-        """The scene's descriptors, and its environment map (``<scene>.background``, as an
-        NPBG++ evaluation writes it) when the model has one, so that a run started from this
-        folder (``descriptors_pretrained_dir``) gets the learnt map, not zeros. The map, and
-        coefficients_ft's coefficients (``use_basis``: aggregated about it), record world_up."""
+        """The scene's descriptors, and its environment map when the model has one, so that a
+        run started from this folder (``descriptors_pretrained_dir``) gets the learnt map, not
+        zeros. coefficients_ft's coefficients record world_up when they were fitted rendering
+        upright about it (without, the axis played no part in them, and a run from the folder
+        renders them as they were fitted: in the view's frame)."""
         model = self.scene_model(scene_id)
-        up = model.config.world_up
-        path = save_descriptors(folder, self.scene_names[scene_id], model.descriptors,
-                                up if model.config.use_basis else None)
-        if model.environment is not None:
-            env = model.environment.detach()
-            save_descriptors(folder, self.scene_names[scene_id] + BACKGROUND_SUFFIX, env.reshape(env.shape[0], -1), up)
-        return path
+        upright = model.config.use_basis and model.config.align_during_rendering
+        return save_scene_files(folder, self.scene_names[scene_id], model.descriptors, model.environment,
+                                model.config.world_up if upright else None)
 
     def load_initial_weights(self, ckpt: dict, path: str) -> None:
         self.load_matching(ckpt["state_dict"], path, required_prefixes=("refiner.",))

@@ -12,7 +12,7 @@ from npbgpp_core.losses import masked_l1
 from npbgpp_core.models import NPBGPlusPlus, NPBGPlusPlusConfig
 from npbgpp_core.pretrained import widen_for_background
 
-from ..checkpoints import BACKGROUND_SUFFIX, save_descriptors
+from ..checkpoints import save_scene_files
 from .base import BaseSystem
 
 log = logging.getLogger(__name__)
@@ -172,16 +172,12 @@ class NPBGPlusPlusSystem(BaseSystem):
         return coef.reshape(coef.shape[0], -1)
 
     def save_scene_descriptors(self, folder: str, scene_id: int) -> str:
-        """The scene's coefficients (and its environment map, ``<scene>.background``); both
-        files record the run's world_up (the coefficients were aggregated from views aligned
-        about it, the map lies in its frame): coefficients_ft started from them takes it."""
-        up = self.model.config.world_up
-        path = save_descriptors(folder, self.scene_names[scene_id], self.coefficients(scene_id), up)
-        background = self._eval_cache[scene_id].background
-        if background is not None:
-            save_descriptors(folder, self.scene_names[scene_id] + BACKGROUND_SUFFIX,
-                             background.reshape(background.shape[0], -1), up)
-        return path
+        """The scene's coefficients, recording the run's world_up (its views were aligned about
+        it when they were aggregated: coefficients_ft started from them takes it), and its
+        environment map (``<scene>.background``) when it has one."""
+        coefficients = self.coefficients(scene_id)  # fills the cache the background is read from
+        return save_scene_files(folder, self.scene_names[scene_id], coefficients,
+                                self._eval_cache[scene_id].background, self.model.config.world_up)
 
     def load_initial_weights(self, ckpt: dict, path: str) -> None:
         """The network from ``weights_path``; weights of a model without a background

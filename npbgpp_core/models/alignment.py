@@ -44,6 +44,13 @@ def check_world_up(world_up: Sequence[float]) -> tuple[float, float, float]:
     return tuple(float(x) for x in v / norm)  # type: ignore[return-value]
 
 
+def same_world_up(a: Sequence[float], b: Sequence[float]) -> bool:
+    """Whether two up axes (any length, not all zero) are one direction, to 1e-6 once
+    normalised: the one comparison of recorded, given and stored axes. ValueError for
+    anything that is not a direction."""
+    return max(abs(x - y) for x, y in zip(check_world_up(a), check_world_up(b), strict=True)) < 1e-6
+
+
 AXIS_SNAP_DEGREES = 5.0  # estimate_world_up snaps to a coordinate axis this close
 
 
