@@ -123,15 +123,24 @@ class NPBG(DescriptorRendering, nn.Module):
         coefficients = desc.view(desc.shape[0], desc.shape[1] // c, c)
         return descriptors_from_coefficients(coefficients, self.basis(camera.view_directions(pts)))
 
-    # DescriptorRendering's hooks: the scene is the point cloud
-    def _cloud(self, scene: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def render_raw(self, scene: torch.Tensor, camera: Camera) -> torch.Tensor:
+        """:meth:`DescriptorRendering.render_raw` of the point cloud ``scene``, converted to
+        float32 on the model's device once per frame: the hooks below then find it ready
+        (check_points and ``.to`` of such a tensor copy nothing)."""
+        return super().render_raw(self._scene_points(scene), camera)
+
+    def _scene_points(self, scene: torch.Tensor) -> torch.Tensor:
         points = check_points(scene).to(self.device)
         if points.shape[0] != self.num_points:
             raise ValueError(f"this NPBG model has {self.num_points} points, got {points.shape[0]}")
-        return points, None if bool(self.active.all()) else torch.nonzero(self.active).squeeze(1)
+        return points
+
+    # DescriptorRendering's hooks: the scene is the point cloud
+    def _cloud(self, scene: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self._scene_points(scene), None if bool(self.active.all()) else torch.nonzero(self.active).squeeze(1)
 
     def _point_descriptors(self, scene: torch.Tensor, camera: Camera, rows: torch.Tensor) -> torch.Tensor:
-        return self.point_descriptors(check_points(scene).to(self.device), camera, rows)
+        return self.point_descriptors(self._scene_points(scene), camera, rows)
 
     def _empty_descriptor(self) -> torch.Tensor:
         return self.background
