@@ -262,6 +262,11 @@ def test_coefficients_ft_can_render_in_the_views_frame_as_published(npbgpp_eval,
     run_inproc([*common[:-2], "eval_only=false", "datasets.train_num_samples=1", "trainer.max_epochs=1",
                 "trainer.limit_val_batches=0", "trainer.enable_progress_bar=false", pre,
                 "system.align_during_rendering=false", common[-1]], ft)
+    # fitted in every view's own frame, its coefficients record no axis: a run from them renders so too
+    from headless_train.checkpoints import recorded_world_up
+
+    assert recorded_world_up(f"{npbgpp_eval}/descriptors/sceneA") is not None
+    assert recorded_world_up(f"{ft}/descriptors/sceneA") is None
     continued = [*common, f"weights_path={ft}/checkpoints/last.ckpt"]
     run_inproc(continued, str(tmp_path / "test"))
     assert built[-1].scene_model(0).config.align_during_rendering is False
