@@ -15,7 +15,7 @@ import logging
 import torch
 
 from npbgpp_core.fitting import coefficients_ft_loss
-from npbgpp_core.models import NPBG, NPBGConfig
+from npbgpp_core.models import NPBG, NPBGConfig, NPBGPlusPlusConfig
 
 from .base import module_key
 from .npbg import NPBGSystem
@@ -29,17 +29,12 @@ SOURCE_KEYS = ("feature_dim", "basis_dim", "background", "background_rows", "wor
 
 def coefficients_config(source: dict) -> NPBGConfig:
     """The NPBG model of coefficients_ft for a config dict ``source`` (a coefficients_ft
-    checkpoint's, or an NPBG++ one's prepared by :class:`CoefficientsFTSystem`): (1 + m) * C
-    coefficients per point, the frozen basis, the NPBG++ environment background (a learnable
-    map) when the source has one, and whether rolled views render upright (absent, as in
-    checkpoints written before the choice existed: no, the published NPBG)."""
-    c, m = int(source.get("feature_dim", 8)), int(source.get("basis_dim", 6))
-    return NPBGConfig(descriptor_dim=(1 + m) * c, feature_dim=c, use_basis=True, basis_dim=m,
-                      background=str(source.get("background", "none")),
-                      background_rows=int(source.get("background_rows", 16)),
-                      world_up=tuple(source.get("world_up", (0.0, 1.0, 0.0))),
-                      align_during_rendering=bool(source.get("align_during_rendering", False)),
-                      render_canvas=str(source.get("render_canvas", "bounds")))
+    checkpoint's, or an NPBG++ one's prepared by :class:`CoefficientsFTSystem`): its
+    :data:`SOURCE_KEYS` as the NPBG++ network (defaults for the absent ones), rendered
+    upright when ``align_during_rendering`` says so (absent, as in checkpoints written
+    before the choice existed: no, the published NPBG)."""
+    network = NPBGPlusPlusConfig.from_dict({k: source[k] for k in SOURCE_KEYS if k in source})
+    return NPBGConfig.for_coefficients(network, bool(source.get("align_during_rendering", False)))
 
 
 class CoefficientsFTSystem(NPBGSystem):

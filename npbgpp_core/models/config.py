@@ -231,6 +231,22 @@ class NPBGConfig(_NetworkOptions):
             )
 
     @classmethod
+    def for_coefficients(cls, source: NPBGPlusPlusConfig, aligned: bool) -> NPBGConfig:
+        """The NPBG model that renders an NPBG++ network's per-point coefficients
+        (coefficients_ft): (1 + basis_dim) * feature_dim numbers per point through the
+        network's basis, its scales, near plane, background and world_up. ``aligned``: render
+        rolled views upright as the network does (its ``align_during_rendering`` and
+        ``render_canvas``); False: every view in its own frame, the published NPBG. The one
+        mapping, for the library's fits and headless coefficients_ft runs and their exports."""
+        return cls(
+            descriptor_dim=(1 + source.basis_dim) * source.feature_dim, feature_dim=source.feature_dim,
+            use_basis=True, basis_dim=source.basis_dim, scales=source.scales, predict_mask=source.predict_mask,
+            near=source.near, background=source.background, background_rows=source.background_rows,
+            world_up=source.world_up, align_during_rendering=bool(aligned) and source.align_during_rendering,
+            render_canvas=source.render_canvas,
+        )
+
+    @classmethod
     def from_options(cls, options: dict[str, Any]) -> NPBGConfig:
         """The plain-NPBG network of a training system's options (``system=npbg``; its other
         keys, e.g. ``lr_refiner``, are the trainer's): ``descriptor_dim`` numbers per point

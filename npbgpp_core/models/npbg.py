@@ -87,14 +87,7 @@ class NPBG(DescriptorRendering, nn.Module):
                 f"coefficients must be (N={points.shape[0]}, {1 + config.basis_dim}, {config.feature_dim}), "
                 f"got {tuple(coefficients.shape)}"
             )
-        ncfg = NPBGConfig(
-            descriptor_dim=rows * c, feature_dim=c, use_basis=True, basis_dim=config.basis_dim,
-            scales=config.scales, predict_mask=config.predict_mask, near=config.near,
-            background=config.background, background_rows=config.background_rows, world_up=config.world_up,
-            align_during_rendering=bool(aligned) and config.align_during_rendering,
-            render_canvas=config.render_canvas,
-        )
-        model = cls(n, ncfg)
+        model = cls(n, NPBGConfig.for_coefficients(config, aligned))
         with torch.no_grad():
             model.descriptors.copy_(coefficients.detach().reshape(n, rows * c))
             if valid is not None:
