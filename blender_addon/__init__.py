@@ -31,7 +31,7 @@ _added_paths: list[str] = []
 
 
 def _module_names() -> list[str]:
-    return ["properties", "preferences", "engine", "importers", "operators", "ui"]
+    return ["properties", "blend_paths", "preferences", "engine", "importers", "operators", "ui"]
 
 
 def _modules() -> list:

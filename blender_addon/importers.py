@@ -10,6 +10,7 @@ import numpy as np
 from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, StringProperty
 from bpy_extras.io_utils import ImportHelper
 
+from .blend_paths import stored
 from .camera_bridge import BLENDER_TO_OPENCV, bounding_sphere, clip_range_covering, view_clip_covering
 from .point_source import ID_ATTRIBUTE, object_positions
 
@@ -333,7 +334,7 @@ class IMPORT_SCENE_OT_npbgpp_bundle(bpy.types.Operator, ImportHelper):
         except (WorkerError, ValueError, OSError) as exc:
             self.report({"ERROR"}, f"Cannot import bundle {path}: {exc}")
             return {"CANCELLED"}
-        s.bundle = path
+        s.bundle = stored(path)
         s.point_object = obj
         s.output = "NEURAL"
         widen_view_clips(self, context, object_positions(obj))
@@ -413,7 +414,7 @@ class IMPORT_SCENE_OT_npbgpp_dataset(bpy.types.Operator):
             collection.objects.link(cam)
             cam["npbgpp_image"] = view.image_path
             cam["npbgpp_image_size"] = [int(c.image_size[1]), int(c.image_size[0])]  # width, height
-        context.scene.npbgpp.dataset_path = path
+        context.scene.npbgpp.dataset_path = stored(path)
         context.scene.npbgpp.dataset_points = ""  # the new dataset's own cloud, not an older dense one
         context.scene.npbgpp.dataset_format = reply.format or ""
         context.scene.npbgpp.dataset_undistort = self.undistort

@@ -10,6 +10,8 @@ import bpy
 import numpy as np
 from bpy.props import BoolProperty, FloatProperty, IntProperty, StringProperty
 
+from .blend_paths import stored
+
 # Network setting -> the data domain of the bundled NPBG++ file (npbgpp_core.pretrained);
 # "auto": the worker detects it from the dataset (npbgpp_core.datasets.scene_domain).
 NETWORK_DOMAINS = {"AUTO": "auto", "SCENE": "scene", "OBJECT": "object"}
@@ -380,7 +382,7 @@ class NPBGPP_OT_aggregate(_WorkerStepJob, bpy.types.Operator):
         reply = worker_reply(self, P.AggregateFinish(self._out))
         if reply is None:
             return {"CANCELLED"}
-        context.scene.npbgpp.bundle = self._out  # written: the scene renders it from now on
+        context.scene.npbgpp.bundle = stored(self._out)  # written: the scene renders it from now on
         up = ", ".join(f"{v:g}" for v in reply.world_up)
         note, unchecked = follow_bundle_points(self, context, reply.points)
         s = context.scene.npbgpp
@@ -467,7 +469,7 @@ class NPBGPP_OT_densify(_WorkerStepJob, bpy.types.Operator):
         # ids: the rows of the saved PLY, which Aggregate now uses as the dataset's cloud
         obj = make_point_object(name, cloud.points, cloud.colors, context, np.arange(len(cloud.points)))
         use_point_object(context, obj)
-        context.scene.npbgpp.dataset_points = self._out
+        context.scene.npbgpp.dataset_points = stored(self._out)
         self.report({"INFO"}, f"densified: {len(cloud.points)} points, saved to {self._out}; Aggregate "
                               "Descriptors uses them")
         return {"FINISHED"}
@@ -543,7 +545,7 @@ class NPBGPP_OT_fit(_WorkerStepJob, bpy.types.Operator):
         reply = worker_reply(self, P.FitFinish(self._out))
         if reply is None:
             return {"CANCELLED"}
-        context.scene.npbgpp.bundle = self._out
+        context.scene.npbgpp.bundle = stored(self._out)
         self.report({"INFO"}, f"Fitted {reply.steps} steps in {reply.seconds:.0f} s (loss {reply.loss_first:.4f} -> "
                               f"{reply.loss_last:.4f}); saved to {self._out}, now the scene's bundle.")
         return {"FINISHED"}

@@ -5,6 +5,10 @@ from __future__ import annotations
 import bpy
 from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, PointerProperty, StringProperty
 
+# Blender 5.0 refuses "//" in a file path setting unless it says it resolves it (else each
+# set warns); these settings are stored relative by blend_paths and read with bpy.path.abspath.
+RELATIVE_OK = {"PATH_SUPPORTS_BLEND_RELATIVE"} if bpy.app.version >= (5, 0, 0) else set()
+
 
 def _is_point_object(_self: bpy.types.PropertyGroup, obj: bpy.types.Object) -> bool:
     return obj.type in {"MESH", "POINTCLOUD"}
@@ -25,7 +29,7 @@ class NPBGPPSceneSettings(bpy.types.PropertyGroup):
     )
     bundle: StringProperty(  # type: ignore[valid-type]
         name="Bundle", description="NeuralScene bundle file (points, descriptors, network weights)",
-        subtype="FILE_PATH", default="",
+        subtype="FILE_PATH", default="", options=RELATIVE_OK,
     )
     network: EnumProperty(  # type: ignore[valid-type]
         name="Network",
@@ -42,7 +46,7 @@ class NPBGPPSceneSettings(bpy.types.PropertyGroup):
     weights: StringProperty(  # type: ignore[valid-type]
         name="Weights", description="NPBG++ network weights (a checkpoint) used to aggregate descriptors instead of "
         "the bundled network; empty: the bundled network chosen by Network",
-        subtype="FILE_PATH", default="",
+        subtype="FILE_PATH", default="", options=RELATIVE_OK,
     )
     up_axis: EnumProperty(  # type: ignore[valid-type]
         name="Up Axis",
@@ -106,10 +110,10 @@ class NPBGPPSceneSettings(bpy.types.PropertyGroup):
     )
     dataset_path: StringProperty(  # type: ignore[valid-type]
         name="Dataset", description="Dataset folder the input cameras came from (Aggregate reads its images)",
-        subtype="DIR_PATH", default="",
+        subtype="DIR_PATH", default="", options=RELATIVE_OK,
     )
     dataset_points: StringProperty(  # type: ignore[valid-type]
-        name="Dataset Points", subtype="FILE_PATH", default="",
+        name="Dataset Points", subtype="FILE_PATH", default="", options=RELATIVE_OK,
         description="PLY file (in the dataset's frame, e.g. python -m npbgpp_core.densify's output) whose points "
         "Aggregate uses instead of the dataset's own cloud; set by Densify Points, cleared by Import Dataset "
         "Folder; empty: the dataset's points",

@@ -514,7 +514,9 @@ def _residue() -> dict:
     return {
         "classes": sorted(n for n in names if hasattr(bpy.types, n)),
         "scene_prop": hasattr(bpy.types.Scene, "npbgpp"),
-        "handlers": [h.__name__ for h in bpy.app.handlers.load_pre if "npbgpp" in (h.__module__ or "")],
+        "handlers": [h.__name__ for hs in (bpy.app.handlers.load_pre, bpy.app.handlers.save_pre,
+                                           bpy.app.handlers.save_post)
+                     for h in hs if "npbgpp" in (h.__module__ or "")],
         "menu": [f.__module__ for f in draw_funcs if "npbgpp" in (f.__module__ or "")],
         "engine_ops": hasattr(bpy.ops.import_scene, "npbgpp_ply") and "npbgpp_ply" in dir(bpy.ops.import_scene),
         "vendor_paths": [p for p in sys.path if p.endswith(os.path.join("npbgpp", "vendor"))],
@@ -1888,9 +1890,54 @@ def test_aggregate_saves_next_to_the_blend_not_in_the_dataset(scene):
     work.mkdir()
     assert bpy.ops.wm.save_as_mainfile(filepath=str(work / "shot.blend")) == {"FINISHED"}
     assert bpy.ops.npbgpp.aggregate() == {"FINISHED"}
-    assert bpy.context.scene.npbgpp.bundle == str(work / "nerf.npbgpp")
+    assert bpy.context.scene.npbgpp.bundle == "//nerf.npbgpp"  # the saved file's relative-paths default
     assert (work / "nerf.npbgpp").is_file()
     assert not list(root.rglob("*.npbgpp"))
+
+
+def test_project_folder_moved_or_saved_elsewhere_keeps_its_bundle(scene, capfd):
+    """A bundle imported into a saved .blend is stored relative (Blender's Default to
+    Relative Paths, as the file browser stores images), Save As into another folder rebases
+    it, Save Copy leaves the session's value alone, and the project folder (unicode, spaces)
+    moved as a whole renders its own bundle after reopening; switched off, the preference
+    keeps the path absolute. Paths that no longer exist after a reopen give a message."""
+    import shutil
+
+    sc = scene["scene"]
+    proj = scene["dir"] / "my proj é"
+    proj.mkdir()
+    bundle = proj / "tiny ü.npbgpp"
+    _tiny_bundle(str(bundle), scene["points"], scene["colors"])
+    assert bpy.ops.wm.save_as_mainfile(filepath=str(proj / "shot.blend")) == {"FINISHED"}
+    assert bpy.ops.import_scene.npbgpp_bundle(filepath=str(bundle)) == {"FINISHED"}
+    sc = bpy.context.scene
+    assert sc.npbgpp.bundle == "//tiny ü.npbgpp"
+    (proj / "sub").mkdir()
+    assert bpy.ops.wm.save_as_mainfile(filepath=str(proj / "sub" / "shot.blend")) == {"FINISHED"}
+    assert sc.npbgpp.bundle == "//../tiny ü.npbgpp"
+    assert bpy.path.abspath(sc.npbgpp.bundle) == bpy.path.abspath("//../tiny ü.npbgpp")
+    assert bpy.ops.wm.save_as_mainfile(filepath=str(scene["dir"] / "copy.blend"), copy=True) == {"FINISHED"}
+    assert sc.npbgpp.bundle == "//../tiny ü.npbgpp"  # the session is still sub/shot.blend
+    assert bpy.ops.wm.save_as_mainfile(filepath=str(proj / "shot.blend")) == {"FINISHED"}
+    assert bpy.context.scene.npbgpp.bundle == "//tiny ü.npbgpp"
+    want = passes(render_exr(bpy.context.scene, str(scene["dir"] / "before.exr")), "Combined")
+    assert want[..., 3].max() > 0
+    moved = scene["dir"] / "moved here"
+    shutil.move(str(proj), str(moved))
+    assert bpy.ops.wm.open_mainfile(filepath=str(moved / "shot.blend")) == {"FINISHED"}
+    sc = bpy.context.scene
+    assert bpy.path.abspath(sc.npbgpp.bundle) == str(moved / "tiny ü.npbgpp")
+    np.testing.assert_array_equal(passes(render_exr(sc, str(scene["dir"] / "after.exr")), "Combined"), want)
+    os.remove(moved / "tiny ü.npbgpp")
+    with pytest.raises(RuntimeError, match=re.escape(f"NeuralScene bundle not found: {moved / 'tiny ü.npbgpp'}")):
+        render_exr(sc, str(scene["dir"] / "gone.exr"))
+    _tiny_bundle(str(moved / "b.npbgpp"), scene["points"], scene["colors"])
+    bpy.context.preferences.filepaths.use_relative_paths = False
+    try:
+        assert bpy.ops.import_scene.npbgpp_bundle(filepath=str(moved / "b.npbgpp")) == {"FINISHED"}
+    finally:
+        bpy.context.preferences.filepaths.use_relative_paths = True
+    assert bpy.context.scene.npbgpp.bundle == str(moved / "b.npbgpp")
 
 
 def test_aggregate_modal_path_steps_views_saves_and_esc_writes_nothing(scene):

@@ -1,0 +1,79 @@
+"""The scene's file and folder settings (``scene.npbgpp``: Bundle, Weights, Dataset,
+Dataset Points) follow Blender's rules for paths in a .blend: set by an operator in a
+saved file, they are stored relative (``//...``) when the user's File Paths > Default to
+Relative Paths is on, as the file browser stores an image's; and saving to another folder
+rebases the relative ones, as Save's Remap Relative does for Blender's own paths (it does
+not see add-on properties). So a project folder moved or copied as a whole keeps its
+bundle and dataset."""
+
+from __future__ import annotations
+
+import os
+
+import bpy
+
+PATH_SETTINGS = ("bundle", "weights", "dataset_path", "dataset_points")
+_before_copy: list[tuple[str, str, str]] = []  # (scene, setting, value) a Save Copy rebased
+
+
+def stored(path: str) -> str:
+    """``path`` (absolute) as an operator stores it in a scene setting: relative to the
+    saved .blend when the preferences ask for relative paths, else as given."""
+    if not path or not bpy.data.filepath or not bpy.context.preferences.filepaths.use_relative_paths:
+        return path
+    try:
+        return bpy.path.relpath(path)
+    except ValueError:  # another drive (Windows): no relative form
+        return path
+
+
+def _rebased(value: str, folder: str) -> str:
+    absolute = os.path.normpath(bpy.path.abspath(value))
+    try:
+        rel = os.path.relpath(absolute, folder)
+    except ValueError:
+        return absolute
+    return "//" + rel.replace(os.sep, "/") if os.sep != "/" else "//" + rel
+
+
+@bpy.app.handlers.persistent
+def rebase_on_save(filepath: str, *_args) -> None:
+    """save_pre: relative settings resolved against the file's current folder, written
+    relative to the folder it is saved into."""
+    _before_copy.clear()
+    if not bpy.data.filepath or not filepath:
+        return  # nothing relative can resolve in an unsaved file
+    old, new = os.path.dirname(bpy.path.abspath(bpy.data.filepath)), os.path.dirname(os.path.abspath(filepath))
+    if os.path.normcase(old) == os.path.normcase(new):
+        return
+    for scene in bpy.data.scenes:
+        if scene.library is not None:
+            continue
+        s = scene.npbgpp
+        for name in PATH_SETTINGS:
+            value = getattr(s, name)
+            if value.startswith("//"):
+                _before_copy.append((scene.name, name, value))
+                setattr(s, name, _rebased(value, new))
+
+
+@bpy.app.handlers.persistent
+def restore_after_copy(filepath: str, *_args) -> None:
+    """save_post: after Save Copy the session stays in the old file: its settings go back."""
+    if os.path.normcase(os.path.abspath(filepath)) != os.path.normcase(bpy.path.abspath(bpy.data.filepath)):
+        for scene_name, name, value in _before_copy:
+            scene = bpy.data.scenes.get(scene_name)
+            if scene is not None:
+                setattr(scene.npbgpp, name, value)
+    _before_copy.clear()
+
+
+def register() -> None:
+    bpy.app.handlers.save_pre.append(rebase_on_save)
+    bpy.app.handlers.save_post.append(restore_after_copy)
+
+
+def unregister() -> None:
+    for handlers, fn in ((bpy.app.handlers.save_pre, rebase_on_save), (bpy.app.handlers.save_post, restore_after_copy)):
+        if fn in handlers:
+            handlers.remove(fn)
