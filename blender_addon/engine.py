@@ -82,7 +82,9 @@ class NPBGPPRenderEngine(bpy.types.RenderEngine):
             self.update_stats("", f"NPBG++: {status}")
         out = frames.compose(frame, snap.output, scene.render.film_transparent, depth_scale)
         h, w = geo.image_size
-        result = self.begin_result(0, 0, self.resolution_x, self.resolution_y)
+        # Blender calls render() once per view layer: write that layer's passes only (a
+        # result of every layer let the last layer's image replace the others').
+        result = self.begin_result(0, 0, self.resolution_x, self.resolution_y, layer=depsgraph.view_layer.name)
         try:
             if (result.resolution_y, result.resolution_x) != (h, w):
                 self.report({"ERROR"}, f"NPBG++: result is {result.resolution_x}x{result.resolution_y}, camera {w}x{h}")

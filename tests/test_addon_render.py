@@ -356,6 +356,30 @@ def test_point_object_hidden_in_renders_renders_nothing(scene, capfd, how):
     assert "hidden in the viewport" in viewport_snap.hidden and viewport_snap.points is None
 
 
+def test_each_view_layer_gets_its_own_image(scene):
+    """Blender renders every view layer with its own depsgraph: a layer that excludes the
+    point object's collection stays empty while the other shows the points, each as a render
+    of that layer alone would (whichever layer Blender renders last)."""
+    sc = scene["scene"]
+    single = passes(render_exr(sc, str(scene["dir"] / "single.exr")), "Combined")
+    assert (single[..., 3] == 1.0).sum() >= 5
+    obj = sc.npbgpp.point_object
+    coll = bpy.data.collections.new("Points")
+    sc.collection.children.link(coll)
+    for c in list(obj.users_collection):
+        c.objects.unlink(obj)
+    coll.objects.link(obj)
+    second = sc.view_layers.new("Second")
+    second.use_pass_z = True
+    for excluded, shown in ((second, sc.view_layers[0]), (sc.view_layers[0], second)):
+        for layer in sc.view_layers:
+            layer.layer_collection.children["Points"].exclude = layer == excluded
+        exr = render_exr(sc, str(scene["dir"] / f"layers_{excluded.name}.exr"))
+        np.testing.assert_array_equal(passes(exr, "Combined", shown.name), single)
+        assert (passes(exr, "Combined", excluded.name) == 0).all()
+        assert (exr[f"{excluded.name}.Depth.Z"] >= 1e9).all()
+
+
 @pytest.mark.parametrize("crop", [False, True])
 def test_border_render(scene, crop):
     sc, cam = scene["scene"], scene["camera"]
