@@ -84,6 +84,22 @@ def object_shown(obj: bpy.types.Object, depsgraph: bpy.types.Depsgraph | None) -
     return bool(obj.visible_get(view_layer=depsgraph.view_layer))
 
 
+def hidden_note(obj: bpy.types.Object, scene: bpy.types.Scene, depsgraph: bpy.types.Depsgraph) -> str:
+    """Why a point object :func:`object_shown` refuses draws nothing, in the user's terms:
+    it is not in the scene at all, it is drawn only as collection instances (NPBG++
+    renders the object itself, at its own transform), or hidden."""
+    where = "renders" if depsgraph.mode == "RENDER" else "the viewport"
+    if obj.name_full not in {o.name_full for o in scene.objects}:
+        return (f"the Point Object {obj.name!r} is not in the scene {scene.name!r}: nothing to render (link it "
+                "into one of the scene's collections, or choose another Point Object in Render Properties > NPBG++)")
+    if any(i.is_instance and i.object.original == obj for i in depsgraph.object_instances):
+        return (f"the Point Object {obj.name!r} is hidden in {where} and shows only through collection instances, "
+                "which NPBG++ does not render (it renders the object itself, at its own transform): nothing to "
+                "render (include its collection in the view layer to render it)")
+    return (f"the Point Object {obj.name!r} is hidden in {where}: nothing to render "
+            "(show it in the Outliner to render it)")
+
+
 def snapshot(
     scene: bpy.types.Scene, depsgraph: bpy.types.Depsgraph | None = None, previous: SceneSnapshot | None = None
 ) -> SceneSnapshot:
@@ -102,9 +118,7 @@ def snapshot(
     )
     obj = s.point_object
     if obj is not None and not object_shown(obj, depsgraph):
-        where = "renders" if depsgraph.mode == "RENDER" else "the viewport"
-        snap.hidden = (f"the Point Object {obj.name!r} is hidden in {where}: nothing to render "
-                       f"(show it in the Outliner to render it)")
+        snap.hidden = hidden_note(obj, scene, depsgraph)
         return snap
     if obj is not None:
         evaluated = obj.evaluated_get(depsgraph) if depsgraph is not None else obj

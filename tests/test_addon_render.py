@@ -356,6 +356,34 @@ def test_point_object_hidden_in_renders_renders_nothing(scene, capfd, how):
     assert "hidden in the viewport" in viewport_snap.hidden and viewport_snap.points is None
 
 
+def test_point_object_only_instanced_or_in_another_scene_says_so(scene, capfd):
+    """A point object drawn only through a collection instance (its own collection
+    excluded, the usual instancing set-up) or not in the rendered scene at all renders
+    nothing, and the info line says which, instead of telling the user to unhide it."""
+    sc = scene["scene"]
+    obj = sc.npbgpp.point_object
+    col = bpy.data.collections.new("Source")
+    sc.collection.children.link(col)
+    for c in list(obj.users_collection):
+        c.objects.unlink(obj)
+    col.objects.link(obj)
+    inst = bpy.data.objects.new("Instance", None)
+    inst.instance_type, inst.instance_collection = "COLLECTION", col
+    sc.collection.objects.link(inst)
+    bpy.context.view_layer.layer_collection.children["Source"].exclude = True
+    capfd.readouterr()
+    exr = render_exr(sc, str(scene["dir"] / "instanced.exr"))
+    assert (passes(exr, "Combined") == 0).all()
+    out = capfd.readouterr().out
+    assert f"'{obj.name}' is hidden in renders and shows only through collection instances" in out, out
+    sc.collection.children.unlink(col)
+    sc.collection.objects.unlink(inst)
+    exr = render_exr(sc, str(scene["dir"] / "elsewhere.exr"))
+    assert (passes(exr, "Combined") == 0).all()
+    out = capfd.readouterr().out
+    assert f"the Point Object '{obj.name}' is not in the scene '{sc.name}': nothing to render" in out, out
+
+
 def test_each_view_layer_gets_its_own_image(scene):
     """Blender renders every view layer with its own depsgraph: a layer that excludes the
     point object's collection stays empty while the other shows the points, each as a render
