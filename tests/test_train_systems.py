@@ -672,6 +672,23 @@ def test_export_uses_the_cloud_the_run_fitted(tmp_path, capsys):
     assert export_main([*args, "--pc-name", str(tmp_path / "moved.ply")]) == 0
 
 
+def test_a_cloud_on_another_drive_is_recorded_by_its_absolute_path(tmp_path, monkeypatch):
+    """os.path.relpath raises ValueError on Windows for paths on two drives (C: scene, D:
+    cloud); point_cloud_name let it escape, which stopped the checkpoint being saved."""
+    from types import SimpleNamespace
+
+    from headless_train.systems.base import point_cloud_name
+
+    scene = SimpleNamespace(root=str(tmp_path / "scene"), metadata={"point_cloud": str(tmp_path / "scene/dense.ply")})
+    assert point_cloud_name(scene) == "dense.ply"
+
+    def no_common_drive(path: str, start: str | None = None) -> str:
+        raise ValueError(f"path is on mount 'D:', start on mount 'C:' ({path}, {start})")
+
+    monkeypatch.setattr(os.path, "relpath", no_common_drive)
+    assert point_cloud_name(scene) == os.path.abspath(str(tmp_path / "scene/dense.ply"))
+
+
 @pytest.mark.parametrize("override, message", [
     ("datasets.n_point=abc", "datasets.n_point must be a whole number or null, got 'abc'"),
     ("system.max_points=lots", "system.max_points must be a whole number or null, got 'lots'"),

@@ -28,13 +28,17 @@ def module_key(scene_name: str) -> str:
 
 def point_cloud_name(scene) -> str | None:
     """The .ply a scene's cloud came from, relative to its folder (absolute when it lies
-    elsewhere): what ``export`` passes as ``pc_name`` so that descriptors meet the cloud they
-    were fitted to. None for a cloud that is no .ply (a COLMAP model's points3D, the default
-    of its loader)."""
+    elsewhere, or when no relative path exists: another drive on Windows, where
+    ``os.path.relpath`` raises and would stop the checkpoint being saved): what ``export``
+    passes as ``pc_name`` so that descriptors meet the cloud they were fitted to. None for a
+    cloud that is no .ply (a COLMAP model's points3D, the default of its loader)."""
     path = scene.metadata.get("point_cloud")
     if not path or not str(path).lower().endswith(".ply"):
         return None
-    rel = os.path.relpath(os.path.abspath(path), os.path.abspath(scene.root))
+    try:
+        rel = os.path.relpath(os.path.abspath(path), os.path.abspath(scene.root))
+    except ValueError:  # Windows: the cloud is on another drive than the scene folder
+        return os.path.abspath(path)
     return os.path.abspath(path) if rel.startswith(os.pardir) else rel.replace(os.sep, "/")
 
 class BaseSystem(pl.LightningModule):
