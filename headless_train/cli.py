@@ -92,11 +92,14 @@ def _run(cfg: DictConfig, run_dir: str) -> dict | None:
     from .data import SceneDataModule, config_number
     from .evaluate import evaluate
     from .systems import build_system
+    from .systems.base import check_vgg_weights
 
     container = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(container, dict)
     scfg = container["system"]
     name = scfg["name"]
+    if name != "coefficients_ft":  # which reads no loss.* (coefficients_ft_loss)
+        check_vgg_weights(container.get("loss") or {})  # before minutes of loading
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
     source_ckpt = None

@@ -182,6 +182,20 @@ def test_a_trainer_value_that_is_no_number_names_its_key(data_root, tmp_path, ov
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_a_missing_vgg_file_names_the_option_before_loading_anything(tmp_path):
+    """loss.vgg_weights at a missing file said only 'weights file: file not found: PATH', after
+    the datasets were loaded. It now names the option and the way out, before any loading
+    (the data root here does not exist either: the run stops at the option first)."""
+    missing = str(tmp_path / "vgg19.pth")
+    with pytest.raises(FileNotFoundError) as info:
+        run_inproc([f"datasets.data_root={tmp_path}/no_data", *ONE_SCENE, f"loss.vgg_weights={missing}"],
+                   str(tmp_path / "run"))
+    message = str(info.value)
+    assert message.startswith(f"loss.vgg_weights={missing}: file not found"), message
+    assert "VGG-19" in message and "loss.vgg_weights" in message.split("file not found", 1)[1]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_two_runs_cannot_share_a_folder_and_a_stale_lock_is_taken_over(data_root, tmp_path, caplog):
     from headless_train.cli import UsageError
 

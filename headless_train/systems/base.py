@@ -41,6 +41,17 @@ def point_cloud_name(scene) -> str | None:
         return os.path.abspath(path)
     return os.path.abspath(path) if rel.startswith(os.pardir) else rel.replace(os.sep, "/")
 
+def check_vgg_weights(lcfg: dict) -> None:
+    """Refuse a ``loss.vgg_weights`` that is no file, naming the option: the core loader's
+    'weights file: file not found' did not say which setting gave the path."""
+    path = lcfg.get("vgg_weights")
+    if path and not os.path.isfile(str(path)):
+        raise FileNotFoundError(
+            f"loss.vgg_weights={path}: file not found. It names a local torchvision-format VGG-19 weights file "
+            "for the perceptual loss (nothing is downloaded): give the path of one, or leave loss.vgg_weights "
+            "unset (null) to train with L1 + SSIM instead")
+
+
 class BaseSystem(pl.LightningModule):
     """Subclasses implement ``sample_loss``, ``prepare_eval``, ``render_eval``,
     ``configure_optimizers`` and ``load_initial_weights``."""
@@ -59,6 +70,7 @@ class BaseSystem(pl.LightningModule):
         lcfg = cfg.get("loss", {})
         self._holder: dict[str, Any] = {}
         if self.uses_render_loss:
+            check_vgg_weights(lcfg)
             self._holder["loss"] = RenderLoss(
                 vgg_weights=lcfg.get("vgg_weights"), vgg_weight=lcfg.get("vgg_weight", 1.0),
                 l1_weight=lcfg.get("l1_weight", 2500.0), l1_downsample=lcfg.get("l1_downsample", 4),
