@@ -23,32 +23,63 @@ def _color_attribute(data: Any) -> Any | None:
     return None
 
 
+class _Parts(list):
+    """Data blocks of an evaluated geometry set, which must outlive them (its mesh and
+    point cloud are freed with it)."""
+
+    geometry: Any = None
+
+
+def point_components(obj: Any) -> list[Any]:
+    """The data blocks holding ``obj``'s points, with points: for an evaluated object its
+    evaluated geometry's mesh and point cloud (a mesh whose Geometry Nodes turn it into
+    points, e.g. Mesh to Points or Distribute Points on Faces, keeps an empty mesh as its
+    data and its points in the point cloud component), else its own data."""
+    if obj.type not in ("MESH", "POINTCLOUD"):
+        raise ValueError(f"object {obj.name!r} is a {obj.type.lower()}, not a mesh or point cloud")
+    if not (getattr(obj, "is_evaluated", False) and hasattr(obj, "evaluated_geometry")):  # Blender < 4.4
+        return [obj.data]
+    geometry = obj.evaluated_geometry()
+    parts = _Parts(part for part in (geometry.mesh, geometry.pointcloud) if part is not None and _count(part))
+    parts.geometry = geometry
+    return parts if parts else [obj.data]
+
+
+def _count(data: Any) -> int:
+    pos_attr = data.attributes.get("position")
+    return len(pos_attr.data) if pos_attr is not None else 0
+
+
 def object_points(obj: Any, world: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     """(N, 3) float32 positions (world space when ``world``) and (N, 3) display-sRGB
-    colours (or None) of an evaluated mesh or point cloud object."""
+    colours (or None when some part of its geometry has none) of an evaluated mesh or
+    point cloud object (every part of its :func:`point_components`)."""
     pts = object_positions(obj, world)
-    n = len(pts)
-    colors = None
-    attr = _color_attribute(obj.data)
-    if attr is not None and n:
+    colors = []
+    for data in point_components(obj):
+        n = _count(data)
+        attr = _color_attribute(data)
+        if attr is None:
+            return pts, None
         rgba = np.empty(n * 4, dtype=np.float32)
-        attr.data.foreach_get("color_srgb", rgba)
-        colors = np.clip(rgba.reshape(n, 4)[:, :3], 0.0, 1.0)
-    return pts, colors
+        if n:
+            attr.data.foreach_get("color_srgb", rgba)
+        colors.append(np.clip(rgba.reshape(n, 4)[:, :3], 0.0, 1.0))
+    return pts, (np.concatenate(colors) if len(pts) else None)
 
 
 def object_positions(obj: Any, world: bool = True) -> np.ndarray:
     """(N, 3) float32 positions (world space when ``world``) of an evaluated mesh or point
-    cloud object, without reading its colours."""
-    if obj.type not in ("MESH", "POINTCLOUD"):
-        raise ValueError(f"object {obj.name!r} is a {obj.type.lower()}, not a mesh or point cloud")
-    pos_attr = obj.data.attributes.get("position")
-    n = len(pos_attr.data) if pos_attr is not None else 0
-    pts = np.empty(n * 3, dtype=np.float32)
-    if n:
-        pos_attr.data.foreach_get("vector", pts)
-    pts = pts.reshape(n, 3)
-    if world and n:
+    cloud object (every part of its :func:`point_components`), without its colours."""
+    parts = []
+    for data in point_components(obj):
+        n = _count(data)
+        part = np.empty(n * 3, dtype=np.float32)
+        if n:
+            data.attributes["position"].data.foreach_get("vector", part)
+        parts.append(part.reshape(n, 3))
+    pts = np.concatenate(parts)
+    if world and len(pts):
         M = np.array(obj.matrix_world, dtype=np.float64)
         pts = (pts.astype(np.float64) @ M[:3, :3].T + M[:3, 3]).astype(np.float32)
     return np.ascontiguousarray(pts)
@@ -56,15 +87,21 @@ def object_positions(obj: Any, world: bool = True) -> np.ndarray:
 
 def point_ids(obj: Any) -> np.ndarray | None:
     """The stable point ids (``npbgpp_id``, int per point) of an evaluated mesh or point
-    cloud, or None when it has none. Deleting points (edit mode, Delete Geometry) keeps the
-    others' ids, so they still name the bundle's descriptors."""
-    attr = obj.data.attributes.get(ID_ATTRIBUTE) if obj.type in ("MESH", "POINTCLOUD") else None
-    if attr is None or attr.domain != "POINT" or attr.data_type != "INT":
+    cloud (the parts of its :func:`point_components` that have them), or None when it has
+    none. Deleting points (edit mode, Delete Geometry) keeps the others' ids, so they still
+    name the bundle's descriptors."""
+    if obj.type not in ("MESH", "POINTCLOUD"):
         return None
-    ids = np.empty(len(attr.data), dtype=np.int32)
-    if len(ids):
-        attr.data.foreach_get("value", ids)
-    return ids.astype(np.int64)
+    found = []
+    for data in point_components(obj):
+        attr = data.attributes.get(ID_ATTRIBUTE)
+        if attr is None or attr.domain != "POINT" or attr.data_type != "INT":
+            continue
+        ids = np.empty(len(attr.data), dtype=np.int32)
+        if len(ids):
+            attr.data.foreach_get("value", ids)
+        found.append(ids.astype(np.int64))
+    return np.concatenate(found) if found else None
 
 
 def points_key(points: np.ndarray, colors: np.ndarray | None) -> str:

@@ -356,6 +356,39 @@ def test_point_object_hidden_in_renders_renders_nothing(scene, capfd, how):
     assert "hidden in the viewport" in viewport_snap.hidden and viewport_snap.points is None
 
 
+def test_mesh_turned_into_points_by_geometry_nodes_renders_them(scene):
+    """A mesh made in Blender whose Geometry Nodes turn it into a point cloud (Mesh to
+    Points: its evaluated mesh is empty, the points are the point cloud component) renders
+    those points with their colours where Blender projects them, and keeps their ids."""
+    from importlib import import_module
+
+    point_source = import_module(f"{MODULE}.point_source")
+    sc, cam, pts, colors = scene["scene"], scene["camera"], scene["points"], scene["colors"]
+    me = bpy.data.meshes.new("made")
+    me.from_pydata([tuple(p) for p in pts.tolist()], [], [])
+    col = me.color_attributes.new("Col", "FLOAT_COLOR", "POINT")
+    col.data.foreach_set("color_srgb", np.concatenate([colors, np.ones((len(colors), 1), np.float32)], 1).ravel())
+    ids = me.attributes.new(point_source.ID_ATTRIBUTE, "INT", "POINT")
+    ids.data.foreach_set("value", np.arange(len(pts), dtype=np.int32)[::-1].copy())
+    obj = bpy.data.objects.new("made", me)
+    sc.collection.objects.link(obj)
+    sc.npbgpp.point_object = obj
+    tree = bpy.data.node_groups.new("ToPoints", "GeometryNodeTree")
+    tree.interface.new_socket("Geometry", in_out="INPUT", socket_type="NodeSocketGeometry")
+    tree.interface.new_socket("Geometry", in_out="OUTPUT", socket_type="NodeSocketGeometry")
+    to_points = tree.nodes.new("GeometryNodeMeshToPoints")
+    tree.links.new(tree.nodes.new("NodeGroupInput").outputs[0], to_points.inputs[0])
+    tree.links.new(to_points.outputs[0], tree.nodes.new("NodeGroupOutput").inputs[0])
+    obj.modifiers.new("ToPoints", "NODES").node_group = tree
+    evaluated = obj.evaluated_get(bpy.context.evaluated_depsgraph_get())
+    assert len(evaluated.data.vertices) == 0  # what the add-on read: nothing rendered
+    np.testing.assert_array_equal(point_source.point_ids(evaluated), np.arange(len(pts))[::-1])
+    exr = render_exr(sc, str(scene["dir"] / "gn.exr"))
+    pts_pass = passes(exr, "NPBG Points")
+    assert check_points_image(pts_pass[..., :3], pts_pass[..., 3], exr["ViewLayer.Depth.Z"], sc, cam, pts,
+                              colors) >= 5
+
+
 def test_point_object_only_instanced_or_in_another_scene_says_so(scene, capfd):
     """A point object drawn only through a collection instance (its own collection
     excluded, the usual instancing set-up) or not in the rendered scene at all renders
