@@ -384,11 +384,15 @@ class EpochAndLastCheckpoint(pl.Callback):
     interval. A second Ctrl-C stops at once."""
 
     def __init__(self, dirpath: str, every_n_steps: int = 0, keep_epochs: int | None = None):
-        if keep_epochs is not None and int(keep_epochs) < 1:
-            raise ValueError(f"trainer.keep_epoch_checkpoints must be null or >= 1, got {keep_epochs}")
+        from .data import DataConfigError, config_number
+
+        # a bare int() turned 1.5 into 1 and 'abc' / inf into errors not naming the key
+        keep_epochs = config_number(keep_epochs, "trainer.keep_epoch_checkpoints", optional=True)
+        if keep_epochs is not None and keep_epochs < 1:
+            raise DataConfigError(f"trainer.keep_epoch_checkpoints must be null or >= 1, got {keep_epochs}")
         self.dirpath = dirpath
         self.every_n_steps = int(every_n_steps or 0)
-        self.keep_epochs = None if keep_epochs is None else int(keep_epochs)
+        self.keep_epochs = keep_epochs
         self._last_saved_step = -1
         self._start_step: int | None = None
         self.exit_status: int | None = None

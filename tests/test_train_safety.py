@@ -172,6 +172,11 @@ def lock_held(folder: str, env: dict[str, str]) -> Iterator[subprocess.Popen]:
     ("trainer.reload_dataloaders_every_n_epochs=x", "trainer.reload_dataloaders_every_n_epochs must be a whole number, "
                                                     "got 'x'"),
     ("eval_only=true trainer.gpus=one", "trainer.gpus must be a whole number or null, got 'one'"),
+    # int() alone: 'invalid literal for int()', a traceback (OverflowError) for inf, and 1.5 kept 1 epoch file
+    ("trainer.keep_epoch_checkpoints=abc", "trainer.keep_epoch_checkpoints must be a whole number or null, got 'abc'"),
+    ("trainer.keep_epoch_checkpoints=inf", "trainer.keep_epoch_checkpoints must be a whole number or null, got inf"),
+    ("trainer.keep_epoch_checkpoints=1.5", "trainer.keep_epoch_checkpoints must be a whole number or null, got 1.5"),
+    ("trainer.keep_epoch_checkpoints=0", "trainer.keep_epoch_checkpoints must be null or >= 1, got 0"),
 ])
 def test_a_trainer_value_that_is_no_number_names_its_key(data_root, tmp_path, override, message):
     """These reached int() / float() alone: "could not convert string to float: 'abc'"."""
