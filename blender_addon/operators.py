@@ -313,6 +313,7 @@ class NPBGPP_OT_aggregate(_WorkerStepJob, bpy.types.Operator):
 
     bl_idname = "npbgpp.aggregate"
     bl_label = "Aggregate Descriptors"
+    bl_options = {"REGISTER", "UNDO"}  # it sets the scene's bundle: Ctrl+Z must undo that step alone
     filepath: StringProperty(  # type: ignore[valid-type]
         name="Bundle", subtype="FILE_PATH", default="",
         description="Bundle file to write; empty: <dataset name>.npbgpp next to the saved .blend",
@@ -491,6 +492,7 @@ class NPBGPP_OT_fit(_WorkerStepJob, bpy.types.Operator):
 
     bl_idname = "npbgpp.fit"
     bl_label = "Fit to Photos"
+    bl_options = {"REGISTER", "UNDO"}  # it sets the scene's bundle: Ctrl+Z must undo that step alone
     filepath: StringProperty(  # type: ignore[valid-type]
         name="Fitted Bundle", subtype="FILE_PATH", default="",
         description="Fitted bundle file to write; empty: <bundle name>_fitted.npbgpp next to the bundle",

@@ -610,6 +610,16 @@ def _residue() -> dict:
     }
 
 
+def test_operators_that_change_the_scene_are_undo_steps(addon):
+    """Blender pushes an undo step when an operator with UNDO in bl_options finishes (modal
+    ones included); without it, Ctrl+Z after Aggregate or Fit also undid the step before
+    (e.g. Import Dataset) and redo lost the bundle they set. (bpy without a window has no
+    undo stack, so the flag Blender reads is what can be checked.)"""
+    changes_scene = ("IMPORT_SCENE_OT_npbgpp_ply", "IMPORT_SCENE_OT_npbgpp_bundle", "IMPORT_SCENE_OT_npbgpp_dataset",
+                     "NPBGPP_OT_points_from_meshes", "NPBGPP_OT_densify", "NPBGPP_OT_aggregate", "NPBGPP_OT_fit")
+    assert [name for name in changes_scene if "UNDO" not in getattr(bpy.types, name).bl_options] == []
+
+
 def test_register_unregister_twice_leaves_no_residue(addon):
     import addon_utils
 
