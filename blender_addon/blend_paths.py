@@ -13,7 +13,7 @@ import os
 import bpy
 
 PATH_SETTINGS = ("bundle", "weights", "dataset_path", "dataset_points")
-_before_copy: list[tuple[str, str, str]] = []  # (scene, setting, value) a Save Copy rebased
+_before_copy: list[tuple[str, str, str]] = []  # (scene, setting, value) before a save rebased it
 
 
 def stored(path: str) -> str:
@@ -57,23 +57,39 @@ def rebase_on_save(filepath: str, *_args) -> None:
                 setattr(s, name, _rebased(value, new))
 
 
+def _restore() -> None:
+    for scene_name, name, value in _before_copy:
+        scene = bpy.data.scenes.get(scene_name)
+        if scene is not None:
+            setattr(scene.npbgpp, name, value)
+    _before_copy.clear()
+
+
 @bpy.app.handlers.persistent
 def restore_after_copy(filepath: str, *_args) -> None:
     """save_post: after Save Copy the session stays in the old file: its settings go back."""
     if os.path.normcase(os.path.abspath(filepath)) != os.path.normcase(bpy.path.abspath(bpy.data.filepath)):
-        for scene_name, name, value in _before_copy:
-            scene = bpy.data.scenes.get(scene_name)
-            if scene is not None:
-                setattr(scene.npbgpp, name, value)
+        _restore()
     _before_copy.clear()
 
 
+@bpy.app.handlers.persistent
+def restore_after_failure(_filepath: str, *_args) -> None:
+    """save_post_fail: nothing was written and the session stays in the old file."""
+    _restore()
+
+
+HANDLERS = (("save_pre", rebase_on_save), ("save_post", restore_after_copy), ("save_post_fail", restore_after_failure))
+
+
 def register() -> None:
-    bpy.app.handlers.save_pre.append(rebase_on_save)
-    bpy.app.handlers.save_post.append(restore_after_copy)
+    for kind, fn in HANDLERS:
+        if hasattr(bpy.app.handlers, kind):  # save_post_fail: Blender 4.3 on
+            getattr(bpy.app.handlers, kind).append(fn)
 
 
 def unregister() -> None:
-    for handlers, fn in ((bpy.app.handlers.save_pre, rebase_on_save), (bpy.app.handlers.save_post, restore_after_copy)):
+    for kind, fn in HANDLERS:
+        handlers = getattr(bpy.app.handlers, kind, [])
         if fn in handlers:
             handlers.remove(fn)

@@ -600,7 +600,7 @@ def _residue() -> dict:
         "classes": sorted(n for n in names if hasattr(bpy.types, n)),
         "scene_prop": hasattr(bpy.types.Scene, "npbgpp"),
         "handlers": [h.__name__ for hs in (bpy.app.handlers.load_pre, bpy.app.handlers.save_pre,
-                                           bpy.app.handlers.save_post)
+                                           bpy.app.handlers.save_post, bpy.app.handlers.save_post_fail)
                      for h in hs if "npbgpp" in (h.__module__ or "")],
         "menu": [f.__module__ for f in draw_funcs if "npbgpp" in (f.__module__ or "")],
         "engine_ops": hasattr(bpy.ops.import_scene, "npbgpp_ply") and "npbgpp_ply" in dir(bpy.ops.import_scene),
@@ -2013,6 +2013,9 @@ def test_project_folder_moved_or_saved_elsewhere_keeps_its_bundle(scene, capfd):
     assert bpy.path.abspath(sc.npbgpp.bundle) == bpy.path.abspath("//../tiny ü.npbgpp")
     assert bpy.ops.wm.save_as_mainfile(filepath=str(scene["dir"] / "copy.blend"), copy=True) == {"FINISHED"}
     assert sc.npbgpp.bundle == "//../tiny ü.npbgpp"  # the session is still sub/shot.blend
+    with pytest.raises(RuntimeError, match="Cannot open file"):
+        bpy.ops.wm.save_as_mainfile(filepath=str(scene["dir"] / "no such folder" / "x.blend"))
+    assert sc.npbgpp.bundle == "//../tiny ü.npbgpp"  # nothing written: nothing rebased
     assert bpy.ops.wm.save_as_mainfile(filepath=str(proj / "shot.blend")) == {"FINISHED"}
     assert bpy.context.scene.npbgpp.bundle == "//tiny ü.npbgpp"
     want = passes(render_exr(bpy.context.scene, str(scene["dir"] / "before.exr")), "Combined")
