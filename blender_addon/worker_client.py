@@ -171,8 +171,9 @@ class ProcessWorker:
                         + (f"\n{tail}" if tail else "")
                     )
                 if should_cancel is not None and should_cancel():
-                    # The answer is still coming: drop the connection rather than mix it up.
-                    self.stop()
+                    # The answer is still coming: drop the connection rather than mix it up,
+                    # and end the worker at once (it would read a Shutdown only after the frame).
+                    self.stop(grace=0.0)
                     raise Cancelled("cancelled")
             reply = self.conn.recv()
         except (EOFError, OSError, BrokenPipeError) as exc:

@@ -545,6 +545,32 @@ def test_worker_crash_is_reported_then_recovers(scene, addon):
     assert hub.worker.proc.pid != proc.pid
 
 
+def test_cancelled_render_ends_the_worker_at_once_and_the_next_render_works(scene):
+    """Esc during F12 (the engine's test_break, which headless bpy cannot press: the same
+    callback is given here) kills the busy worker instead of asking it to shut down, which
+    it reads only after finishing the frame (Esc waited up to 5 s); the next render starts
+    a new worker and gives the same image as before."""
+    from importlib import import_module
+
+    render_job = import_module(f"{MODULE}.render_job")
+    client = import_module(f"{MODULE}.worker_client")
+    sc, cam = scene["scene"], scene["camera"]
+    _tiny_bundle(str(scene["dir"] / "tiny.npbgpp"), scene["points"], scene["colors"])
+    assert bpy.ops.import_scene.npbgpp_bundle(filepath=str(scene["dir"] / "tiny.npbgpp")) == {"FINISHED"}
+    want = passes(render_exr(sc, str(scene["dir"] / "before.exr")), "Combined")
+    bpy.context.view_layer.update()
+    snap = import_module(f"{MODULE}.scene_snapshot").snapshot(sc)
+    sc.render.resolution_x, sc.render.resolution_y = 640, 480  # a frame slow enough to be cancelled
+    geo = import_module(f"{MODULE}.camera_bridge").scene_camera_geometry(cam, sc)
+    sc.render.resolution_x, sc.render.resolution_y = W, H
+    proc = client.HUB.worker.proc
+    with pytest.raises(client.Cancelled):
+        render_job.render_frame(snap, geo, lambda: True)
+    assert proc.returncode is not None and proc.returncode < 0  # killed, not a finished frame then Shutdown
+    np.testing.assert_array_equal(passes(render_exr(sc, str(scene["dir"] / "after.exr")), "Combined"), want)
+    assert client.HUB.worker.proc.pid != proc.pid
+
+
 @pytest.mark.parametrize("kind", ["missing", "corrupt"])
 def test_bad_bundle_reports_error(scene, kind):
     sc = scene["scene"]
