@@ -56,6 +56,10 @@ class NPBGPPRenderEngine(bpy.types.RenderEngine):
             camera = self.camera_override or scene.camera
             if camera is None:
                 raise ValueError("the scene has no camera")
+            if scene.render.use_multiview:
+                # Blender gives each view its own passes; one image left the right eye black.
+                raise ValueError("Stereoscopy is on (Output Properties > Stereoscopy): NPBG++ renders a single "
+                                 "view; turn Stereoscopy off, or render each eye's camera in its own pass")
             camera_eval = camera.evaluated_get(depsgraph)
             geo = scene_camera_geometry(camera_eval, scene)
             snap = snapshot(scene, depsgraph)

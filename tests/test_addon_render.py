@@ -596,6 +596,18 @@ def test_neural_needs_bundle_message(scene):
         bpy.ops.render.render(write_still=True)
 
 
+def test_stereoscopy_refused_with_a_message(scene):
+    """With Stereoscopy on, Blender gives each eye its own passes: one image written once
+    left the right eye black, silently. F12 says why it does not render instead."""
+    sc = scene["scene"]
+    sc.render.use_multiview = True
+    sc.render.views_format = "STEREO_3D"
+    with pytest.raises(RuntimeError, match=r"Stereoscopy is on \(Output Properties > Stereoscopy\)"):
+        render_exr(sc, str(scene["dir"] / "stereo.exr"))
+    sc.render.use_multiview = False
+    assert (passes(render_exr(sc, str(scene["dir"] / "mono.exr")), "Combined")[..., 3] == 1.0).sum() >= 5
+
+
 def test_orthographic_camera_refused(scene):
     sc = scene["scene"]
     scene["camera"].data.type = "ORTHO"
