@@ -125,7 +125,10 @@ def worker_reply(op: Any, request: Any, context: Any = None) -> Any:
         if context is not None:
             op._worker = worker_for(context.scene)
             op._timeout = context.scene.npbgpp.worker_timeout
-        return op._worker.request(request, None, op._timeout)
+            reply = op._worker.request(request, None, op._timeout)
+            op._generation = op._worker.generation  # the job's later requests need this process
+            return reply
+        return op._worker.request(request, None, op._timeout, getattr(op, "_generation", None))
     except (WorkerError, ValueError, OSError) as exc:
         op.report({"ERROR"}, f"{op._job} failed: {exc}")
         return None
@@ -228,13 +231,14 @@ class _WorkerStepJob(_ModalJob):
     _cancel_request = ""
     _cancel_note = ""
     _worker: Any = None
+    _generation: int | None = None  # the worker process the job began in (worker_reply)
     _out: str = ""
     _timeout: float = 0.0
 
     def _request(self, name: str) -> Any:
         from npbgpp_core import protocol as P
 
-        return self._worker.request(getattr(P, name)(), None, self._timeout)
+        return self._worker.request(getattr(P, name)(), None, self._timeout, self._generation)
 
     def _step(self) -> Any:
         return self._request(self._step_request)
@@ -370,7 +374,7 @@ class NPBGPP_OT_aggregate(_WorkerStepJob, bpy.types.Operator):
         from npbgpp_core import protocol as P
 
         if self._done < self._count:
-            self._worker.request(P.AggregateView(self._done), None, self._timeout)
+            self._worker.request(P.AggregateView(self._done), None, self._timeout, self._generation)
             self._done += 1
         return self._progress()
 

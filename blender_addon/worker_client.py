@@ -30,6 +30,10 @@ class WorkerError(RuntimeError):
     """The worker answered with an error, died, or could not be started."""
 
 
+_LOST_JOB = ("the NPBG++ worker stopped after the job began (a render cancelled with Esc, a worker crash, a new or "
+             "opened file, or the add-on disabled) and its progress went with it; run it again")
+
+
 class Cancelled(RuntimeError):
     """The caller asked to stop waiting (Esc during a render)."""
 
@@ -69,6 +73,7 @@ class ProcessWorker:
         self.loaded_key: str | None = None  # content key of the points the worker holds
         self.selection_key: str | None = None  # content key of the bundle point ids it renders
         self.log_path = ""
+        self.generation = 0  # counts the processes started: a job's state lives in one of them
 
     def log_tail(self, chars: int = 400) -> str:
         """The end of the worker's output (tracebacks, CUDA errors), for error messages."""
@@ -136,16 +141,22 @@ class ProcessWorker:
                 )
             listener.close()
             self.conn = accepted[0]
+            self.generation += 1
             self.info = self._request(P.Hello(), None)
             return self.info
 
     def request(
-        self, req: P.Request, should_cancel: Callable[[], bool] | None = None, timeout: float = 0.0
+        self, req: P.Request, should_cancel: Callable[[], bool] | None = None, timeout: float = 0.0,
+        generation: int | None = None,
     ) -> Any:
         """Send ``req`` and wait for its reply (of type ``req.reply``); WorkerError on a
         failure, a dead worker, a lost connection or no answer within ``timeout`` seconds
-        (> 0; the frozen worker is then stopped), :class:`Cancelled` when asked."""
+        (> 0; the frozen worker is then stopped), :class:`Cancelled` when asked. A stopped
+        worker is started again, unless ``generation`` (a job's step) names the process the
+        job began in: its state went with it, so WorkerError says so."""
         with self.lock:
+            if generation is not None and (not self.alive() or self.generation != generation):
+                raise WorkerError(_LOST_JOB)
             if not self.alive():
                 self.start()
             return self._request(req, should_cancel, timeout)
@@ -257,11 +268,14 @@ class InProcessWorker:
         self.info = self.request(P.Hello())
         return self.info
 
+    generation = 1  # the service lives as long as this object
+
     def request(
-        self, req: P.Request, should_cancel: Callable[[], bool] | None = None, timeout: float = 0.0
+        self, req: P.Request, should_cancel: Callable[[], bool] | None = None, timeout: float = 0.0,
+        generation: int | None = None,
     ) -> Any:
         """As :meth:`ProcessWorker.request`; nothing can interrupt work in this process,
-        so ``should_cancel`` and ``timeout`` are not used."""
+        so ``should_cancel`` and ``timeout`` are not used, and its jobs outlive a stop."""
         with self.lock:
             return _checked(req, self.service.handle(req))
 

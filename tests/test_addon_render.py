@@ -2127,6 +2127,25 @@ def test_aggregate_modal_path_steps_views_saves_and_esc_writes_nothing(scene):
     worker_error = sys.modules[f"{MODULE}.worker_client"].WorkerError
     with pytest.raises(worker_error, match="no aggregation running"):  # the worker holds none any more
         op._worker.request(P.AggregateView(1), None, 60)
+    # The worker stops mid-job (Esc on an F12 kills it; so do a crash, File > New and
+    # disabling the add-on): the next step says so, and starts no worker of its own.
+    hub = sys.modules[f"{MODULE}.worker_client"].HUB
+    for stop in ("kill", "shutdown"):
+        reports.clear()
+        op = operator(str(scene["dir"] / f"{stop}.npbgpp"))
+        assert tuple(op._begin(bpy.context)) == (0, 2, False)
+        assert agg_op.modal(op, bpy.context, tick) == {"RUNNING_MODAL"}
+        proc = op._worker.proc
+        if stop == "kill":
+            proc.kill()
+            proc.wait()
+        else:
+            hub.shutdown()
+        assert agg_op.modal(op, bpy.context, tick) == {"CANCELLED"}
+        kind, text = reports[-1]
+        assert kind == {"ERROR"} and text.startswith("Aggregate failed: the NPBG++ worker stopped after the job "
+                                                     "began") and text.endswith("run it again"), text
+        assert not op._worker.alive() and not os.path.exists(scene["dir"] / f"{stop}.npbgpp")
 
 
 def test_fit_to_photos_operator(scene):
