@@ -204,6 +204,16 @@ def passes(exr: dict[str, np.ndarray], name: str, layer: str = "ViewLayer") -> n
 
 
 # --------------------------------------------------------------------------- tests
+def move_to_new_collection(sc, obj, name: str):
+    """Move ``obj`` out of its collections into a new collection ``name`` under ``sc``'s."""
+    col = bpy.data.collections.new(name)
+    sc.collection.children.link(col)
+    for c in list(obj.users_collection):
+        c.objects.unlink(obj)
+    col.objects.link(obj)
+    return col
+
+
 def test_installed_as_extension(addon):
     assert addon.__name__ == MODULE
     assert hasattr(bpy.types.Scene, "npbgpp")
@@ -331,14 +341,10 @@ def test_point_object_hidden_in_renders_renders_nothing(scene, capfd, how):
     assert obj is not None
     exr = render_exr(sc, str(scene["dir"] / "shown.exr"))
     assert (passes(exr, "Combined")[..., 3] == 1.0).sum() >= 5  # the same scene shows points
-    col = bpy.data.collections.new("Hidden")
-    sc.collection.children.link(col)
     if how == "hide_render":
         obj.hide_render = True
     else:
-        for c in list(obj.users_collection):
-            c.objects.unlink(obj)
-        col.objects.link(obj)
+        col = move_to_new_collection(sc, obj, "Hidden")
         if how == "collection_disabled":
             col.hide_render = True
         else:
@@ -395,11 +401,7 @@ def test_point_object_only_instanced_or_in_another_scene_says_so(scene, capfd):
     nothing, and the info line says which, instead of telling the user to unhide it."""
     sc = scene["scene"]
     obj = sc.npbgpp.point_object
-    col = bpy.data.collections.new("Source")
-    sc.collection.children.link(col)
-    for c in list(obj.users_collection):
-        c.objects.unlink(obj)
-    col.objects.link(obj)
+    col = move_to_new_collection(sc, obj, "Source")
     inst = bpy.data.objects.new("Instance", None)
     inst.instance_type, inst.instance_collection = "COLLECTION", col
     sc.collection.objects.link(inst)
@@ -425,11 +427,7 @@ def test_each_view_layer_gets_its_own_image(scene):
     single = passes(render_exr(sc, str(scene["dir"] / "single.exr")), "Combined")
     assert (single[..., 3] == 1.0).sum() >= 5
     obj = sc.npbgpp.point_object
-    coll = bpy.data.collections.new("Points")
-    sc.collection.children.link(coll)
-    for c in list(obj.users_collection):
-        c.objects.unlink(obj)
-    coll.objects.link(obj)
+    move_to_new_collection(sc, obj, "Points")
     second = sc.view_layers.new("Second")
     second.use_pass_z = True
     for excluded, shown in ((second, sc.view_layers[0]), (sc.view_layers[0], second)):
