@@ -21,19 +21,19 @@ def stored(path: str) -> str:
     saved .blend when the preferences ask for relative paths, else as given."""
     if not path or not bpy.data.filepath or not bpy.context.preferences.filepaths.use_relative_paths:
         return path
-    try:
-        return bpy.path.relpath(path)
-    except ValueError:  # another drive (Windows): no relative form
-        return path
+    return _rebased(path, os.path.dirname(bpy.path.abspath(bpy.data.filepath)))
 
 
 def _rebased(value: str, folder: str) -> str:
+    """``value`` (absolute, or ``//`` relative to the open file) as ``//...`` relative to
+    ``folder`` with forward slashes, so a .blend saved on Windows opens elsewhere; absolute
+    where no relative form exists (another drive on Windows)."""
     absolute = os.path.normpath(bpy.path.abspath(value))
     try:
         rel = os.path.relpath(absolute, folder)
     except ValueError:
         return absolute
-    return "//" + rel.replace(os.sep, "/") if os.sep != "/" else "//" + rel
+    return "//" + rel.replace(os.sep, "/")
 
 
 @bpy.app.handlers.persistent
@@ -41,18 +41,24 @@ def rebase_on_save(filepath: str, *_args) -> None:
     """save_pre: relative settings resolved against the file's current folder, written
     relative to the folder it is saved into."""
     _before_copy.clear()
-    if not bpy.data.filepath or not filepath:
-        return  # nothing relative can resolve in an unsaved file
-    old, new = os.path.dirname(bpy.path.abspath(bpy.data.filepath)), os.path.dirname(os.path.abspath(filepath))
-    if os.path.normcase(old) == os.path.normcase(new):
+    if not filepath:
+        return
+    new = os.path.dirname(os.path.abspath(filepath))
+    if bpy.data.filepath:
+        if os.path.normcase(os.path.dirname(bpy.path.abspath(bpy.data.filepath))) == os.path.normcase(new):
+            return
+        moves = "relative"  # the relative settings follow the file to its new folder
+    elif bpy.context.preferences.filepaths.use_relative_paths:
+        moves = "absolute"  # a first save: what operators set in the unsaved file becomes relative
+    else:
         return
     for scene in bpy.data.scenes:
-        if scene.library is not None:
+        if scene.library is not None or scene.override_library is not None:
             continue
         s = scene.npbgpp
         for name in PATH_SETTINGS:
             value = getattr(s, name)
-            if value.startswith("//"):
+            if value and value.startswith("//") == (moves == "relative"):
                 _before_copy.append((scene.name, name, value))
                 setattr(s, name, _rebased(value, new))
 
@@ -84,8 +90,14 @@ HANDLERS = (("save_pre", rebase_on_save), ("save_post", restore_after_copy), ("s
 
 def register() -> None:
     for kind, fn in HANDLERS:
-        if hasattr(bpy.app.handlers, kind):  # save_post_fail: Blender 4.3 on
-            getattr(bpy.app.handlers, kind).append(fn)
+        handlers = getattr(bpy.app.handlers, kind, None)  # save_post_fail: Blender 4.3 on
+        if handlers is None:
+            continue
+        # a register() that failed part-way leaves its persistent handlers: drop them first
+        for old in [h for h in handlers if (getattr(h, "__module__", None), getattr(h, "__name__", None))
+                    == (fn.__module__, fn.__name__)]:
+            handlers.remove(old)
+        handlers.append(fn)
 
 
 def unregister() -> None:

@@ -2074,6 +2074,33 @@ def test_project_folder_moved_or_saved_elsewhere_keeps_its_bundle(scene, capfd):
     assert bpy.context.scene.npbgpp.bundle == str(moved / "b.npbgpp")
 
 
+def test_first_save_makes_the_paths_set_before_it_relative(scene):
+    """A bundle imported before the file was ever saved is stored absolute (nothing to be
+    relative to); the file's first save makes it relative, as Default to Relative Paths
+    asks, so the project folder can still move; a Save Copy of the unsaved session leaves
+    the session's value absolute. The save handlers stay registered once."""
+    from importlib import import_module
+
+    assert bpy.data.filepath == ""
+    proj = scene["dir"] / "proj"
+    proj.mkdir()
+    bundle = proj / "b.npbgpp"
+    _tiny_bundle(str(bundle), scene["points"], scene["colors"])
+    assert bpy.ops.import_scene.npbgpp_bundle(filepath=str(bundle)) == {"FINISHED"}
+    sc = bpy.context.scene
+    assert sc.npbgpp.bundle == str(bundle)
+    assert bpy.ops.wm.save_as_mainfile(filepath=str(scene["dir"] / "copy.blend"), copy=True) == {"FINISHED"}
+    assert sc.npbgpp.bundle == str(bundle)
+    assert bpy.ops.wm.save_as_mainfile(filepath=str(proj / "shot.blend")) == {"FINISHED"}
+    assert sc.npbgpp.bundle == "//b.npbgpp"
+    assert bpy.ops.wm.open_mainfile(filepath=str(scene["dir"] / "copy.blend")) == {"FINISHED"}
+    assert bpy.context.scene.npbgpp.bundle == "//proj/b.npbgpp"
+    blend_paths = import_module(f"{MODULE}.blend_paths")
+    blend_paths.register()  # as a re-enable after a register() that failed part-way would
+    assert [h.__name__ for h in bpy.app.handlers.save_pre if h.__module__ == blend_paths.__name__] == [
+        "rebase_on_save"]
+
+
 def test_aggregate_modal_path_steps_views_saves_and_esc_writes_nothing(scene):
     """Aggregate in the UI (the worker step-job plumbing it shares with Densify Points and
     Fit to Photos): each timer tick aggregates one view with its status line, the tick of
