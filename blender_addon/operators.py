@@ -125,8 +125,9 @@ def worker_reply(op: Any, request: Any, context: Any = None) -> Any:
         if context is not None:
             op._worker = worker_for(context.scene)
             op._timeout = context.scene.npbgpp.worker_timeout
-            reply = op._worker.request(request, None, op._timeout)
-            op._generation = op._worker.generation  # the job's later requests need this process
+            with op._worker.lock:  # no render thread may start another process in between
+                reply = op._worker.request(request, None, op._timeout)
+                op._generation = op._worker.generation  # the job's later requests need this process
             return reply
         return op._worker.request(request, None, op._timeout, getattr(op, "_generation", None))
     except (WorkerError, ValueError, OSError) as exc:

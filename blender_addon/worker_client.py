@@ -216,7 +216,10 @@ class ProcessWorker:
                     self.proc.wait(timeout=3.0 if grace > 0 else 0.0)
                 except subprocess.TimeoutExpired:
                     self.proc.kill()
-                    self.proc.wait(timeout=3.0)
+                    try:
+                        self.proc.wait(timeout=3.0)
+                    except subprocess.TimeoutExpired:
+                        pass  # killed; a slow teardown (e.g. CUDA) must not turn a cancel into an error
                 self.proc = None
             if self.log_path:
                 try:
