@@ -3,7 +3,7 @@ half-written one under its final name.
 
 - ``atomic_write_bytes(path, data)``: a temporary file in the same folder, fsync, then
   ``os.replace``; ``check_output_file(path)``: the same refusals (a folder, a missing
-  folder) for commands to make before their work.
+  folder, a folder that cannot be written) for commands to make before their work.
 - ``atomic_directory(target)``: a context manager that builds a folder at the temporary
   sibling name ``<target>.partial-<pid>`` and renames it into place on success (removes it
   on failure).
@@ -34,7 +34,8 @@ def _write_bytes(fileobj, data: bytes) -> None:
 def check_output_file(path: str | os.PathLike, example: str = "") -> None:
     """Whether a file can be written at ``path``: IsADirectoryError when it names a folder
     (with ``example``, a file name to suggest in it), FileNotFoundError when its folder is
-    missing. Commands call it before long work whose result is written at the end."""
+    missing, PermissionError when nothing can be created in that folder (read-only). Commands
+    call it before long work whose result is written at the end."""
     path = os.fspath(path)
     if os.path.isdir(path):
         hint = f", e.g. {os.path.join(path, example)}" if example else ""
@@ -42,6 +43,13 @@ def check_output_file(path: str | os.PathLike, example: str = "") -> None:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{path}: output folder does not exist: {folder}")
+    # A probe file, not os.access: permissions alone miss read-only mounts and root's rights.
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=folder)
+    except OSError as exc:
+        raise PermissionError(f"{path}: cannot write in folder {folder} ({exc.strerror or exc})") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, make_dirs: bool = True) -> None:

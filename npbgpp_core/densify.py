@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Generator, Mapping, Sequence
@@ -1020,22 +1021,31 @@ def densify_scene(
     return _drain(job._steps, progress, should_stop)
 
 
-def _parse_views(text: str, n: int, train: list[int]) -> list[int]:
-    """``train``, ``all`` or a list like ``0,2,5-9`` (ValueError naming the text)."""
+def _parse_views(text: str, n: int, train: list[int], names: Sequence[str] = ()) -> list[int]:
+    """``train``, ``all`` or a list like ``0,2,5-9`` whose items may also be view names
+    (``train/r_0``, a COLMAP image name; a user knows those, not indices) (ValueError
+    naming the text)."""
     if text == "train":
         return list(train or range(n))
     if text == "all":
         return list(range(n))
+    index = {name: i for i, name in enumerate(names)}
     out: list[int] = []
-    try:
-        for part in text.split(","):
+    for part in text.split(","):
+        part = part.strip()
+        if part in index:  # before ranges: names may hold '-'
+            out.append(index[part])
+            continue
+        try:
             if "-" in part:
                 a, b = part.split("-", 1)
                 out.extend(range(int(a), int(b) + 1))
-            elif part.strip():
+            elif part:
                 out.append(int(part))
-    except ValueError:
-        raise ValueError(f"--views {text!r}: expected train, all or indices like 0,2,5-9") from None
+        except ValueError:
+            raise ValueError(f"--views {text!r}: {part!r} is neither a view index nor a view name; expected "
+                             f"train, all, indices like 0,2,5-9 or names like {names[0] if names else 'r_0'}"
+                             ) from None
     return out
 
 
@@ -1075,13 +1085,26 @@ def _options(a: argparse.Namespace) -> DensifyOptions:
     return opt
 
 
+def _check_not_an_input(out: str, scene) -> None:
+    """Refuse an ``--out`` that is one of the files the scene was read from (its point
+    cloud, a photo or mask): writing there replaced the user's input without a word."""
+    inputs = [scene.metadata.get("point_cloud")]
+    inputs += [p for v in scene.views for p in (v.image_path, v.mask_path)]
+    target = os.path.realpath(out)
+    for path in inputs:
+        if path and os.path.realpath(path) == target:
+            raise ValueError(f"--out {out} is an input of the scene ({path}); write the dense cloud to another "
+                             f"file, e.g. {os.path.join(os.path.dirname(out) or '.', 'dense.ply')}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m npbgpp_core.densify", description=__doc__.split("\n")[0])
     p.add_argument("scene", help="scene folder in any load_scene format")
     p.add_argument("--out", required=True, help="output PLY file")
     p.add_argument("--format", default=None, help="dataset format (default: detect)")
     p.add_argument("--undistort", action="store_true", help="COLMAP: undistort distorted cameras on load")
-    p.add_argument("--views", default="train", help="'train' (default), 'all' or indices like 0,2,5-9")
+    p.add_argument("--views", default="train",
+                   help="'train' (default), 'all', or indices and view names like 0,2,5-9,train/r_12")
     p.add_argument("--max-views", type=int, default=0, help="use at most this many, evenly spaced (0: all)")
     p.add_argument("--max-points", type=int, default=DensifyOptions.max_points, help="size limit of the cloud")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
@@ -1126,7 +1149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         options = {"undistort": True} if a.undistort else {}
         scene = load_scene(a.scene, a.format, **options)  # refuses --undistort for a format without distortion
-        views = _parse_views(a.views, len(scene.views), scene.train)
+        _check_not_an_input(a.out, scene)
+        views = _parse_views(a.views, len(scene.views), scene.train, [v.name for v in scene.views])
         problem = _views_problem(views, [v.name for v in scene.views])
         if problem:
             raise ValueError(f"--views {a.views!r}: {problem}")
@@ -1139,6 +1163,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{stage}: {done}/{total} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
 
         cloud = densify_scene(scene, views, opt, a.device, progress=report)
+    except KeyboardInterrupt:
+        print(f"interrupted: nothing written to {a.out}", file=sys.stderr)
+        return 130
     except (DatasetError, ValueError, TypeError, FileNotFoundError) as exc:  # DensifyError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -1146,7 +1173,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: no consistent points (views too far apart, too little texture, or a wrong depth range)",
               file=sys.stderr)
         return 1
-    save_ply(a.out, cloud.points, cloud.colors, extra=cloud.extra or None)
+    try:
+        save_ply(a.out, cloud.points, cloud.colors, extra=cloud.extra or None)
+    except OSError as exc:  # e.g. the disk filled up during the work: nothing half-written is left
+        print(f"error: --out {a.out}: could not write the cloud: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     if not a.quiet:
         print(f"{len(cloud)} points -> {a.out} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
     return 0

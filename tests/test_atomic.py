@@ -160,3 +160,28 @@ def test_stale_temporary_of_a_killed_writer_is_skipped_then_replaced(tmp_path):
 def test_partial_names(name, partial):
     assert atomic.is_partial_name(name) is partial
     assert atomic.is_listed_name(name) is (not partial and not name.startswith("."))
+
+
+def test_output_file_check_finds_a_folder_it_cannot_write(tmp_path, monkeypatch):
+    """A read-only output folder was found only when the result was written, after the
+    whole work (densify: a traceback after minutes). The check now creates (and removes)
+    a probe file, which also catches read-only mounts."""
+    import os
+
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        if os.access(folder, os.W_OK):  # root ignores the mode: fail creation as the OS does for a user
+            def refused(*a, **k):
+                raise PermissionError(13, "Permission denied")
+
+            monkeypatch.setattr(atomic.tempfile, "mkstemp", refused)
+        with pytest.raises(PermissionError, match=f"^{re.escape(str(folder / 'a.ply'))}: cannot write in folder "
+                                                  f"{re.escape(str(folder))} \\(Permission denied\\)$"):
+            atomic.check_output_file(folder / "a.ply")
+    finally:
+        folder.chmod(0o755)
+    monkeypatch.undo()
+    atomic.check_output_file(folder / "a.ply")
+    assert list(folder.iterdir()) == []

@@ -356,3 +356,64 @@ def test_service_allow_external_paths_reaches_the_loader(tmp_path):
     write_scannet(str(tmp_path / "scannet"))
     plain = service.handle(P.ReadDataset(str(tmp_path / "scannet"), allow_external_paths=True))
     assert isinstance(plain, P.DatasetSummary) and plain.format == "scannet"
+
+
+def test_cli_refuses_an_output_that_is_an_input(ring_scene, capsys, monkeypatch):
+    """--out naming the scene's own cloud (or a photo) was overwritten with the dense cloud
+    without a word: the user's input lost. Refused by name before any work."""
+    import npbgpp_core.densify as densify
+
+    monkeypatch.setattr(densify, "densify_scene", lambda *a, **k: pytest.fail("densified into an input"))
+    for target in (ring_scene / "points3d.ply", ring_scene / "train" / "r_1.png"):
+        before = target.read_bytes()
+        assert main([str(ring_scene), "--out", str(target), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert f"--out {target} is an input of the scene" in err and "dense.ply" in err, err
+        assert target.read_bytes() == before
+
+
+def test_cli_takes_view_names(ring_scene, tmp_path, capsys, monkeypatch):
+    """--views items may be view names (what a user sees in the dataset), mixed with indices."""
+    import npbgpp_core.densify as densify
+
+    seen = {}
+
+    def fake(scene, views, *a, **k):
+        seen["views"] = list(views)
+        raise KeyboardInterrupt  # stop here: the names were resolved
+
+    monkeypatch.setattr(densify, "densify_scene", fake)
+    out = tmp_path / "x.ply"
+    assert main([str(ring_scene), "--out", str(out), "--quiet", "--views", "train/r_4,1-2"]) == 130
+    assert seen["views"] == [4, 1, 2]
+    assert main([str(ring_scene), "--out", str(out), "--quiet", "--views", "r_4"]) == 2
+    assert "'r_4' is neither a view index nor a view name" in capsys.readouterr().err
+
+
+def test_cli_interrupt_or_failed_write_leaves_no_file(ring_scene, tmp_path, capsys, monkeypatch):
+    """Ctrl-C during the work exits 130 with one line (it was a traceback); a write that
+    fails at the end (disk full) says so, exit 1; no file, no temporary left either way."""
+    import errno
+
+    import plyfile
+
+    import npbgpp_core.densify as densify
+
+    out = tmp_path / "dense.ply"
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(densify, "densify_scene", interrupted)
+    assert main([str(ring_scene), "--out", str(out), "--quiet"]) == 130
+    assert f"interrupted: nothing written to {out}" in capsys.readouterr().err
+    monkeypatch.undo()
+
+    def full(fileobj, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(plyfile.PlyData, "write", full)
+    assert main([str(ring_scene), "--out", str(out), "--quiet", "--device", "cpu", "--views", "0-3",
+                 "--min-consistent", "1", "--planes", "8"]) == 1
+    assert "could not write the cloud: No space left on device" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
