@@ -16,6 +16,27 @@ PATH_SETTINGS = ("bundle", "weights", "dataset_path", "dataset_points")
 _before_copy: list[tuple[str, str, str]] = []  # (scene, setting, value) before a save rebased it
 
 
+def owner_library(owner: bpy.types.ID | bpy.types.bpy_struct) -> bpy.types.Library | None:
+    """The library file whose folder ``owner``'s ``//`` paths are relative to: a linked
+    id's library, else None (the open file). ``owner``: an id, or a property group on one
+    (``scene.npbgpp``). Scenes cannot be library overrides (Blender 5.0's
+    ``override_create`` refuses them), so a scene's settings are the open file's or a
+    linked library's."""
+    owner_id = getattr(owner, "id_data", None) or owner
+    return owner_id.library
+
+
+def resolved(owner: bpy.types.ID | bpy.types.bpy_struct, value: str) -> str:
+    """The absolute path of the path setting ``value`` read from ``owner`` (a scene or its
+    ``npbgpp`` settings): a ``//`` path is relative to the .blend that holds it, which for
+    a scene linked from another file (or overriding one) is that library, not the open
+    file. "" stays "". Paths an operator's file browser returns are the open file's: those
+    take plain ``bpy.path.abspath``."""
+    if not value:
+        return ""
+    return bpy.path.abspath(value, library=owner_library(owner))
+
+
 def stored(path: str) -> str:
     """``path`` (absolute) as an operator stores it in a scene setting: relative to the
     saved .blend when the preferences ask for relative paths, else as given."""

@@ -10,7 +10,7 @@ import numpy as np
 from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, StringProperty
 from bpy_extras.io_utils import ImportHelper
 
-from .blend_paths import stored
+from .blend_paths import resolved, stored
 from .camera_bridge import BLENDER_TO_OPENCV, bounding_sphere, clip_range_covering, view_clip_covering
 from .point_source import ID_ATTRIBUTE, object_positions
 
@@ -169,7 +169,7 @@ def _drop_bundle_of_another_cloud(op: Any, context: Any, dataset: str) -> None:
     from npbgpp_core.bundle_file import read_points
 
     s = context.scene.npbgpp
-    bundle = bpy.path.abspath(s.bundle) if s.bundle else ""
+    bundle = resolved(s, s.bundle)
     if not bundle or not os.path.isfile(bundle) or s.point_object is None:
         return
     try:

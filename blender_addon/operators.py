@@ -10,7 +10,7 @@ import bpy
 import numpy as np
 from bpy.props import BoolProperty, FloatProperty, IntProperty, StringProperty
 
-from .blend_paths import stored
+from .blend_paths import resolved, stored
 
 # Network setting -> the data domain of the bundled NPBG++ file (npbgpp_core.pretrained);
 # "auto": the worker detects it from the dataset (npbgpp_core.datasets.scene_domain).
@@ -32,7 +32,7 @@ def network_choice(settings: Any) -> tuple[str, str, list[str]]:
     else "" and the Network's domain; ``files`` are the weights files it may read (checked
     to exist before the worker starts). No torch needed."""
     if settings.weights:
-        path = bpy.path.abspath(settings.weights)
+        path = resolved(settings, settings.weights)
         return path, "", [path]
     domain = NETWORK_DOMAINS[settings.network]
     files = [bundled_weights(d) for d in (("scene", "object") if domain == "auto" else (domain,))]
@@ -55,7 +55,7 @@ def usable_network(op: Any, settings: Any) -> tuple[str, str] | None:
 def imported_dataset(op: Any, settings: Any, needs: str) -> str:
     """The imported dataset's folder, or "" after reporting "<needs>: use File > Import >
     NPBG++ Dataset Folder first." (none imported) or that its folder is gone (named)."""
-    dataset = bpy.path.abspath(settings.dataset_path) if settings.dataset_path else ""
+    dataset = resolved(settings, settings.dataset_path)
     if not dataset:
         op.report({"ERROR"}, f"{needs}: use File > Import > NPBG++ Dataset Folder first.")
         return ""
@@ -342,8 +342,8 @@ class NPBGPP_OT_aggregate(_WorkerStepJob, bpy.types.Operator):
         if network is None:
             return None
         dataset = imported_dataset(self, s, "Aggregate needs a dataset")
-        if dataset and s.dataset_points and not os.path.isfile(bpy.path.abspath(s.dataset_points)):
-            self.report({"ERROR"}, f"Aggregate: the Dataset Points file {bpy.path.abspath(s.dataset_points)} is gone; "
+        if dataset and s.dataset_points and not os.path.isfile(resolved(s, s.dataset_points)):
+            self.report({"ERROR"}, f"Aggregate: the Dataset Points file {resolved(s, s.dataset_points)} is gone; "
                                    "run Densify Points again, or clear Dataset Points to use the dataset's own points.")
             return None
         return (*network, dataset) if dataset else None
@@ -362,7 +362,7 @@ class NPBGPP_OT_aggregate(_WorkerStepJob, bpy.types.Operator):
         started = worker_reply(self, P.AggregateBegin(
             dataset, weights, s.dataset_format or None, s.device, self.max_points, s.up_axis, s.dataset_undistort,
             s.dataset_allow_external_paths, domain or "auto",
-            bpy.path.abspath(s.dataset_points) if s.dataset_points else "",
+            resolved(s, s.dataset_points),
         ), context)
         if started is None:
             return None
@@ -392,7 +392,7 @@ class NPBGPP_OT_aggregate(_WorkerStepJob, bpy.types.Operator):
         up = ", ".join(f"{v:g}" for v in reply.world_up)
         note, unchecked = follow_bundle_points(self, context, reply.points)
         s = context.scene.npbgpp
-        cloud = (f"of Dataset Points ({os.path.basename(bpy.path.abspath(s.dataset_points))})" if s.dataset_points
+        cloud = (f"of Dataset Points ({os.path.basename(resolved(s, s.dataset_points))})" if s.dataset_points
                  else "of the dataset's cloud")
         self.report({"INFO"}, f"Saved {reply.points} points {cloud} ({reply.valid} seen by the views) to {self._out}, "
                               f"up axis ({up}), network {self._network}.{note}")
@@ -482,7 +482,7 @@ class NPBGPP_OT_densify(_WorkerStepJob, bpy.types.Operator):
 
     def invoke(self, context: Any, event: Any) -> set[str]:
         s = context.scene.npbgpp
-        dataset = bpy.path.abspath(s.dataset_path) if s.dataset_path else ""
+        dataset = resolved(s, s.dataset_path)
         if dataset and ask_for_output(self, context, dataset, "_dense.ply"):  # ask where the cloud goes
             return {"RUNNING_MODAL"}
         return self._start_job(context)
@@ -522,7 +522,7 @@ class NPBGPP_OT_fit(_WorkerStepJob, bpy.types.Operator):
         from npbgpp_core import protocol as P
 
         s = context.scene.npbgpp
-        bundle = bpy.path.abspath(s.bundle) if s.bundle else ""
+        bundle = resolved(s, s.bundle)
         if not bundle or not os.path.isfile(bundle):
             where = f" ({bundle} not found)" if bundle else ""
             self.report({"ERROR"}, f"Fit to Photos needs an aggregated bundle{where}: run Aggregate Descriptors "

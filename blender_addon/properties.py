@@ -6,7 +6,8 @@ import bpy
 from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, PointerProperty, StringProperty
 
 # Blender 5.0 refuses "//" in a file path setting unless it says it resolves it (else each
-# set warns); these settings are stored relative by blend_paths and read with bpy.path.abspath.
+# set warns); these settings are stored relative by blend_paths and read with
+# blend_paths.resolved (relative to the .blend holding the scene: a linked one's library).
 RELATIVE_OK = {"PATH_SUPPORTS_BLEND_RELATIVE"} if bpy.app.version >= (5, 0, 0) else set()
 
 

@@ -106,13 +106,14 @@ def snapshot(
     """Read everything a render needs from bpy (main thread only). The points (and their
     content hash) are taken from ``previous`` when it read them from the same object: the
     caller passes it when it knows the object did not change (see :func:`points_touched`)."""
+    from .blend_paths import resolved
     from .point_source import object_points, point_ids, points_key
 
     s = scene.npbgpp
     w = worker_settings(scene)
     snap = SceneSnapshot(
         mode=w.mode, env_path=w.env_path, extra_paths=w.extra_paths, timeout=w.timeout, output=s.output,
-        bundle_path=bpy.path.abspath(s.bundle) if s.bundle else "", device=s.device, precision=s.precision,
+        bundle_path=resolved(s, s.bundle), device=s.device, precision=s.precision,
         tile_size=s.tile_size, point_size=s.point_size, viewport_roll_context=s.viewport_roll_context.lower(),
         refiner_impl=s.refiner_impl.lower(),
     )

@@ -2101,6 +2101,44 @@ def test_first_save_makes_the_paths_set_before_it_relative(scene):
         "rebase_on_save"]
 
 
+def test_paths_of_a_linked_scene_are_relative_to_its_library(scene):
+    """A scene linked from another .blend keeps its path
+    settings relative to that library file: Bundle, Dataset, ... resolve into the library's
+    folder (Blender's own abspath(library=) and the hand-made path agree), and what F12
+    reads (the snapshot's bundle) is that file, not one next to the open .blend."""
+    from importlib import import_module
+
+    blend_paths = import_module(f"{MODULE}.blend_paths")
+    scene_snapshot = import_module(f"{MODULE}.scene_snapshot")
+    lib_dir, main_dir = scene["dir"] / "library folder", scene["dir"] / "main"
+    lib_dir.mkdir()
+    main_dir.mkdir()
+    shot = bpy.data.scenes.new("Shot")
+    values = {"bundle": "//data/tiny.npbgpp", "weights": "//data/w.pt", "dataset_path": "//data/set/",
+              "dataset_points": "//../elsewhere/dense.ply"}
+    for name, value in values.items():
+        setattr(shot.npbgpp, name, value)
+    bpy.data.libraries.write(str(lib_dir / "lib.blend"), {shot})
+    bpy.data.scenes.remove(shot)
+    assert bpy.ops.wm.save_as_mainfile(filepath=str(main_dir / "main.blend")) == {"FINISHED"}
+    with bpy.data.libraries.load(str(lib_dir / "lib.blend"), link=True, relative=True) as (_src, dst):
+        dst.scenes = ["Shot"]
+    linked = dst.scenes[0]
+    assert linked.library is not None and linked.library.filepath.startswith("//")  # relative to main.blend
+    s = linked.npbgpp
+    for name, value in values.items():
+        got = blend_paths.resolved(s, getattr(s, name))
+        assert got == bpy.path.abspath(value, library=linked.library), name
+        assert os.path.normpath(got) == os.path.normpath(os.path.join(lib_dir, value[2:])), name
+        assert blend_paths.resolved(linked, value) == got  # the id itself names the same file
+    assert blend_paths.resolved(s, "") == ""
+    assert blend_paths.resolved(s, str(main_dir / "abs.npbgpp")) == str(main_dir / "abs.npbgpp")
+    assert blend_paths.resolved(bpy.context.scene.npbgpp, "//x.npbgpp") == str(main_dir / "x.npbgpp")
+    snap = scene_snapshot.snapshot(linked)
+    assert os.path.normpath(snap.bundle_path) == os.path.normpath(lib_dir / "data" / "tiny.npbgpp")
+    assert linked.override_create() is None  # Blender cannot override a scene: linked is the only case
+
+
 def test_aggregate_modal_path_steps_views_saves_and_esc_writes_nothing(scene):
     """Aggregate in the UI (the worker step-job plumbing it shares with Densify Points and
     Fit to Photos): each timer tick aggregates one view with its status line, the tick of
