@@ -79,7 +79,7 @@ class NPBGPPRenderEngine(bpy.types.RenderEngine):
         if snap.hidden:  # not an error: the user hid it, as other engines would show nothing
             self.report({"INFO"}, f"NPBG++: {snap.hidden}")
         elif not np.isfinite(frame[..., DEPTH]).any():
-            note = clip_note(camera, geo, scene, snap)
+            note = clip_note(camera, geo, snap)
             if note:  # not an error either: the camera's range says so, but the user should know why
                 self.report({"INFO"}, f"NPBG++: {note}")
         if status:
@@ -123,23 +123,25 @@ class NPBGPPRenderEngine(bpy.types.RenderEngine):
         self.viewport.draw(context, depsgraph)
 
 
-def clip_note(camera: bpy.types.Object, geo: CameraGeometry, scene: bpy.types.Scene, snap: SceneSnapshot) -> str:
+def clip_note(camera: bpy.types.Object, geo: CameraGeometry, snap: SceneSnapshot) -> str:
     """For an empty frame: why, when the camera's Clip Start / End removed every point in
-    its view (:func:`clipped_away`), else "". The points are the snapshot's, else the point
-    object's (what a bundle renders), else the bundle's."""
-    from .point_source import object_positions
-
+    its view (:func:`clipped_away`), else "". The points are those the render drew: the
+    snapshot's (the evaluated point object's), else the bundle's points its evaluated point
+    object selects (its ``npbgpp_id``), placed by that object's evaluated transform."""
     points = snap.points
-    obj = scene.npbgpp.point_object
-    try:
-        if points is None and obj is not None and obj.type in ("MESH", "POINTCLOUD"):
-            points = object_positions(obj)
-        elif points is None and snap.bundle_path:
-            from npbgpp_core.bundle_file import read_points
+    if points is None and snap.bundle_path:
+        from npbgpp_core.bundle_file import read_points
 
+        try:
             points = read_points(snap.bundle_path)
-    except (ValueError, OSError):
-        return ""
+        except (ValueError, OSError):
+            return ""
+        if snap.point_ids is not None:
+            ids = snap.point_ids
+            points = points[ids[(ids >= 0) & (ids < len(points))]]
+        if snap.object_matrix is not None and len(points):
+            M = snap.object_matrix
+            points = points.astype(np.float64) @ M[:3, :3].T + M[:3, 3]
     clipped = clipped_away(geo, points) if points is not None else None
     if clipped is None:
         return ""

@@ -326,6 +326,44 @@ def test_clip_range_removing_every_point_says_so(scene, capfd):
     assert f"removes all {in_view} points in its view" in capfd.readouterr().out
 
 
+def test_clip_note_counts_the_points_geometry_nodes_leave(scene, capfd):
+    """The all-clipped note of a neural F12 counts the points the render draws: those the
+    point object's evaluated geometry keeps (a Geometry Nodes Delete Geometry removing the
+    near half of a bundle's points), not its mesh before modifiers, whose near points lie
+    inside the clip range (the note said nothing)."""
+    sc, cam, pts = scene["scene"], scene["camera"], scene["points"]
+    _tiny_bundle(str(scene["dir"] / "tiny.npbgpp"), pts, scene["colors"])
+    assert bpy.ops.import_scene.npbgpp_bundle(filepath=str(scene["dir"] / "tiny.npbgpp")) == {"FINISHED"}
+    obj = sc.npbgpp.point_object
+    tree = bpy.data.node_groups.new("DropNear", "GeometryNodeTree")
+    tree.interface.new_socket("Geometry", in_out="INPUT", socket_type="NodeSocketGeometry")
+    tree.interface.new_socket("Geometry", in_out="OUTPUT", socket_type="NodeSocketGeometry")
+    nodes, links = tree.nodes, tree.links
+    delete, xyz, less = (nodes.new("GeometryNodeDeleteGeometry"), nodes.new("ShaderNodeSeparateXYZ"),
+                         nodes.new("FunctionNodeCompare"))
+    delete.domain = "POINT"
+    less.data_type, less.operation = "FLOAT", "LESS_THAN"
+    less.inputs["B"].default_value = 0.0
+    links.new(nodes.new("GeometryNodeInputPosition").outputs[0], xyz.inputs[0])
+    links.new(xyz.outputs["Y"], less.inputs["A"])  # y < 0: the half nearer the camera
+    links.new(less.outputs[0], delete.inputs["Selection"])
+    links.new(nodes.new("NodeGroupInput").outputs[0], delete.inputs[0])
+    links.new(delete.outputs[0], nodes.new("NodeGroupOutput").inputs[0])
+    obj.modifiers.new("DropNear", "NODES").node_group = tree
+    bpy.context.view_layer.update()
+    got = np.array([tuple(world_to_camera_view(sc, cam, Vector(p))) for p in pts])
+    in_view = (got[:, 0] >= 0) & (got[:, 0] < 1) & (got[:, 1] >= 0) & (got[:, 1] < 1) & (got[:, 2] > 0)
+    kept = pts[:, 1] >= 0.0
+    end = float(got[kept & in_view, 2].min()) - 0.05  # before every kept point, after some deleted ones
+    assert (in_view & ~kept & (got[:, 2] < end)).sum() >= 3 and (kept & in_view).sum() >= 5
+    cam.data.clip_start, cam.data.clip_end = 0.1, end
+    capfd.readouterr()
+    exr = render_exr(sc, str(scene["dir"] / "clipped.exr"))
+    assert (exr["ViewLayer.Depth.Z"] >= 1e9).all()
+    out = capfd.readouterr().out
+    assert f"clip range (0.1 .. {end:.4g}) removes all {(kept & in_view).sum()} points in its view" in out, out
+
+
 @pytest.mark.parametrize("how", ["hide_render", "collection_disabled", "excluded"])
 def test_point_object_hidden_in_renders_renders_nothing(scene, capfd, how):
     """A point object disabled in renders (itself, its collection, or excluded from the view
