@@ -84,15 +84,34 @@ def object_shown(obj: bpy.types.Object, depsgraph: bpy.types.Depsgraph | None) -
     return bool(obj.visible_get(view_layer=depsgraph.view_layer))
 
 
+def in_scene(obj: bpy.types.Object, scene: bpy.types.Scene) -> bool:
+    """Whether ``obj`` is in one of ``scene``'s collections: a lookup by name, and a scan
+    only when another object (from a library) has the same name."""
+    found = scene.objects.get(obj.name)
+    if found is not None and found.name_full == obj.name_full:
+        return True
+    return found is not None and any(o.name_full == obj.name_full for o in scene.objects)
+
+
+def instanced(obj: bpy.types.Object, depsgraph: bpy.types.Depsgraph) -> bool:
+    """Whether ``depsgraph`` draws ``obj`` as an instance (a collection instance, Geometry
+    Nodes' Object / Collection Info, particles). An instance is an evaluated copy, so an
+    object the depsgraph did not evaluate is none: that check costs nothing, where the
+    instance loop (stopped at the first match) walks every object and instance drawn."""
+    if not depsgraph.id_eval_get(obj).is_evaluated:
+        return False
+    return any(i.is_instance and i.object.original == obj for i in depsgraph.object_instances)
+
+
 def hidden_note(obj: bpy.types.Object, scene: bpy.types.Scene, depsgraph: bpy.types.Depsgraph) -> str:
     """Why a point object :func:`object_shown` refuses draws nothing, in the user's terms:
     it is not in the scene at all, it is drawn only as collection instances (NPBG++
     renders the object itself, at its own transform), or hidden."""
     where = "renders" if depsgraph.mode == "RENDER" else "the viewport"
-    if obj.name_full not in {o.name_full for o in scene.objects}:
+    if not in_scene(obj, scene):
         return (f"the Point Object {obj.name!r} is not in the scene {scene.name!r}: nothing to render (link it "
                 "into one of the scene's collections, or choose another Point Object in Render Properties > NPBG++)")
-    if any(i.is_instance and i.object.original == obj for i in depsgraph.object_instances):
+    if instanced(obj, depsgraph):
         return (f"the Point Object {obj.name!r} is hidden in {where} and shows only through collection instances, "
                 "which NPBG++ does not render (it renders the object itself, at its own transform): nothing to "
                 "render (include its collection in the view layer to render it)")

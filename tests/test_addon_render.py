@@ -457,6 +457,44 @@ def test_point_object_only_instanced_or_in_another_scene_says_so(scene, capfd):
     assert f"the Point Object '{obj.name}' is not in the scene '{sc.name}': nothing to render" in out, out
 
 
+def test_point_object_instanced_by_geometry_nodes_says_so(scene, capfd):
+    """A point object disabled in renders that Geometry Nodes elsewhere draw as instances
+    (Object Info > As Instance on another object's points; Blender's is_instancer is False
+    for that object) gets the instances note, in F12 and in the viewport; with the node
+    group's object cleared it is plainly hidden again."""
+    from importlib import import_module
+
+    scene_snapshot = import_module(f"{MODULE}.scene_snapshot")
+    sc = scene["scene"]
+    obj = sc.npbgpp.point_object
+    obj.hide_render = True
+    obj.hide_set(True)
+    holder = bpy.data.objects.new("Scatter", bpy.data.meshes.new("Scatter"))
+    holder.data.from_pydata([(0.0, 0.0, 0.0), (2.0, 0.0, 0.0)], [], [])
+    sc.collection.objects.link(holder)
+    tree = bpy.data.node_groups.new("Scatter", "GeometryNodeTree")
+    tree.interface.new_socket("Geometry", in_out="INPUT", socket_type="NodeSocketGeometry")
+    tree.interface.new_socket("Geometry", in_out="OUTPUT", socket_type="NodeSocketGeometry")
+    info, on_points = tree.nodes.new("GeometryNodeObjectInfo"), tree.nodes.new("GeometryNodeInstanceOnPoints")
+    info.inputs["Object"].default_value = obj
+    info.inputs["As Instance"].default_value = True
+    tree.links.new(tree.nodes.new("NodeGroupInput").outputs[0], on_points.inputs["Points"])
+    tree.links.new(info.outputs["Geometry"], on_points.inputs["Instance"])
+    tree.links.new(on_points.outputs[0], tree.nodes.new("NodeGroupOutput").inputs[0])
+    holder.modifiers.new("Scatter", "NODES").node_group = tree
+    depsgraph = bpy.context.evaluated_depsgraph_get()
+    assert not depsgraph.id_eval_get(holder).is_instancer
+    note = f"'{obj.name}' is hidden in the viewport and shows only through collection instances"
+    assert note in scene_snapshot.snapshot(sc, depsgraph).hidden
+    capfd.readouterr()
+    exr = render_exr(sc, str(scene["dir"] / "gn_instanced.exr"))
+    assert (passes(exr, "Combined") == 0).all()
+    assert note.replace("the viewport", "renders") in capfd.readouterr().out
+    info.inputs["Object"].default_value = None
+    hidden = scene_snapshot.snapshot(sc, bpy.context.evaluated_depsgraph_get()).hidden
+    assert hidden.endswith("is hidden in the viewport: nothing to render (show it in the Outliner to render it)")
+
+
 def test_each_view_layer_gets_its_own_image(scene):
     """Blender renders every view layer with its own depsgraph: a layer that excludes the
     point object's collection stays empty while the other shows the points, each as a render
