@@ -15,6 +15,16 @@ def _is_point_object(_self: bpy.types.PropertyGroup, obj: bpy.types.Object) -> b
     return obj.type in {"MESH", "POINTCLOUD"}
 
 
+def _snap_tile_size(self: bpy.types.PropertyGroup, _context: bpy.types.Context) -> None:
+    """Tile Size 1 .. MIN_TILE_SIZE - 1 cannot render (a tile is smaller than its margins):
+    it becomes the smallest that can, so no value the field takes fails a render. (One
+    range cannot say "0, or at least 272".)"""
+    from .render_job import MIN_TILE_SIZE
+
+    if 0 < self.tile_size < MIN_TILE_SIZE:
+        self.tile_size = MIN_TILE_SIZE
+
+
 class NPBGPPSceneSettings(bpy.types.PropertyGroup):
     """What NPBG++ renders and how."""
 
@@ -130,8 +140,9 @@ class NPBGPPSceneSettings(bpy.types.PropertyGroup):
     tile_size: IntProperty(  # type: ignore[valid-type]
         name="Tile Size",
         description="Neural frames with more pixels than Tile Size squared render in overlapping tiles, so "
-        "memory stays bounded at any resolution (same image); 0 renders the whole frame at once",
-        default=2048, min=0, soft_max=8192, subtype="PIXEL",
+        "memory stays bounded at any resolution (same image); 0 renders the whole frame at once; otherwise "
+        "at least 272 (each tile renders a 128-pixel margin on every side): smaller values become 272",
+        default=2048, min=0, soft_max=8192, subtype="PIXEL", update=_snap_tile_size,
     )
     worker_timeout: FloatProperty(  # type: ignore[valid-type]
         name="Worker Timeout",

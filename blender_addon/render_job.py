@@ -39,8 +39,12 @@ def render_frame(
     F12 waits for fused refiner kernels to compile; the viewport renders with torch meanwhile."""
     if snap.hidden:
         return RenderedFrame(empty_frame(geo.image_size), 1.0, snap.hidden, False)
-    worker = HUB.get(snap.mode, snap.env_path, snap.extra_paths)
     neural = snap.output == "NEURAL"
+    if neural and 0 < snap.tile_size < MIN_TILE_SIZE:  # a file saved before Tile Size snapped such values
+        raise ValueError(f"Tile Size (Render Properties > NPBG++ > Performance) must be 0 (whole frame) or at least "
+                         f"{MIN_TILE_SIZE} pixels, not {snap.tile_size}: each tile renders a margin of "
+                         f"{WINDOW_MARGIN} pixels on every side")
+    worker = HUB.get(snap.mode, snap.env_path, snap.extra_paths)
     depth_scale = 1.0
     if neural or snap.points is None:
         if not snap.bundle_path:
@@ -63,9 +67,6 @@ def render_frame(
                 worker.request(P.SetPoints(snap.points, snap.colors), should_cancel, snap.timeout)
                 worker.loaded_key = snap.points_key
         source = "points"
-    if 0 < snap.tile_size < MIN_TILE_SIZE:
-        raise ValueError(f"Tile Size must be 0 (whole frame) or at least {MIN_TILE_SIZE} pixels, not "
-                         f"{snap.tile_size}: each tile renders a margin of {WINDOW_MARGIN} pixels on every side")
     request = P.RenderFrame(geo.to_spec(), source, neural, snap.tile_size * snap.tile_size, snap.point_size,
                             roll_context, snap.refiner_impl, wait_for_kernels)
     reply = worker.request(request, should_cancel, snap.timeout)

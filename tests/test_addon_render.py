@@ -495,6 +495,38 @@ def test_point_object_instanced_by_geometry_nodes_says_so(scene, capfd):
     assert hidden.endswith("is hidden in the viewport: nothing to render (show it in the Outliner to render it)")
 
 
+def test_tile_size_takes_no_value_that_cannot_render(scene):
+    """Tile Size 1 .. MIN_TILE_SIZE - 1 (allowed by the field's range, too small for a
+    tile's margins) becomes MIN_TILE_SIZE, so F12 never fails on a value the field shows;
+    0 (whole frame) and larger values stay, and the tooltip says both. A small value from
+    an older file fails a Neural F12 naming the setting, and does not stop Points output,
+    which has no tiles."""
+    from importlib import import_module
+
+    render_job = import_module(f"{MODULE}.render_job")
+    sc = scene["scene"]
+    s = sc.npbgpp
+    smallest = render_job.MIN_TILE_SIZE
+    for value, want in ((1, smallest), (smallest - 1, smallest), (0, 0), (smallest, smallest), (5000, 5000)):
+        s.tile_size = value
+        assert s.tile_size == want, value
+    rna = type(s).bl_rna.properties["tile_size"]
+    assert rna.hard_min == 0 and "0 renders the whole frame" in rna.description
+    assert f"at least {smallest}" in rna.description and f"{render_job.WINDOW_MARGIN}-pixel margin" in rna.description
+    s["tile_size"] = 100  # as stored by a file saved before (no update runs)
+    assert s.tile_size == 100
+    exr = render_exr(sc, str(scene["dir"] / "points.exr"))
+    assert (passes(exr, "Combined")[..., 3] == 1.0).sum() >= 5
+    _tiny_bundle(str(scene["dir"] / "tiny.npbgpp"), scene["points"], scene["colors"])
+    assert bpy.ops.import_scene.npbgpp_bundle(filepath=str(scene["dir"] / "tiny.npbgpp")) == {"FINISHED"}
+    s = bpy.context.scene.npbgpp
+    s["tile_size"] = 100
+    assert s.output == "NEURAL"
+    with pytest.raises(RuntimeError, match=re.escape(f"Tile Size (Render Properties > NPBG++ > Performance) must be "
+                                                     f"0 (whole frame) or at least {smallest} pixels, not 100")):
+        render_exr(bpy.context.scene, str(scene["dir"] / "neural.exr"))
+
+
 def test_each_view_layer_gets_its_own_image(scene):
     """Blender renders every view layer with its own depsgraph: a layer that excludes the
     point object's collection stays empty while the other shows the points, each as a render
