@@ -66,6 +66,9 @@ class NPBGPPRenderEngine(bpy.types.RenderEngine):
         except (ValueError, RuntimeError, OSError) as exc:
             self.report({"ERROR"}, f"NPBG++: {exc}")
             return
+        framing = framing_note(camera, scene)
+        if framing:
+            self.report({"WARNING"}, f"NPBG++: {framing}")
         self.update_stats("", f"NPBG++: rendering {geo.image_size[1]}x{geo.image_size[0]}")
         self.update_progress(0.0)
         try:
@@ -121,6 +124,25 @@ class NPBGPPRenderEngine(bpy.types.RenderEngine):
             self.viewport = ViewportSession(self)
             self.viewport.scene_changed(context, depsgraph)
         self.viewport.draw(context, depsgraph)
+
+
+def framing_note(camera: bpy.types.Object, scene: bpy.types.Scene) -> str:
+    """For a camera Import Dataset Folder made (its photo's width, height in
+    ``npbgpp_image_size``): why its render does not show the photo's framing, when the
+    render's shape (resolution times pixel aspect) differs from the photo's, else "".
+    Blender has one resolution for all cameras: a portrait photo among landscape ones needs
+    the resolution changed to render as photographed."""
+    size = camera.get("npbgpp_image_size")
+    if size is None or len(size) != 2 or min(size) <= 0:
+        return ""
+    w, h = int(size[0]), int(size[1])
+    r = scene.render
+    shape = (r.resolution_x * r.pixel_aspect_x) / (r.resolution_y * r.pixel_aspect_y)
+    if abs(shape * h / w - 1.0) <= 1e-3:
+        return ""
+    return (f"the camera {camera.name!r} was imported for a {w}x{h} photo, but the render is {r.resolution_x}x"
+            f"{r.resolution_y}: it does not show the photo's framing (set Output Properties > Format > Resolution "
+            f"to {w}x{h}, or any size of that shape)")
 
 
 def clip_note(camera: bpy.types.Object, geo: CameraGeometry, snap: SceneSnapshot) -> str:

@@ -1032,7 +1032,8 @@ def test_import_widens_the_3d_views_clip_range(scene, capfd, how, scale):
 def test_import_dataset_warns_of_views_blender_cannot_frame(scene, capfd):
     """Blender has one render resolution and square pixels: cameras of photos of another
     size (portrait among landscape, as in a phone capture) or with fy != fx rendered another
-    framing than their photo without a word."""
+    framing than their photo without a word. F12 through a camera whose photo has another
+    shape than the render says so (the camera's npbgpp_image_size)."""
     import json
 
     from PIL import Image
@@ -1058,6 +1059,28 @@ def test_import_dataset_warns_of_views_blender_cannot_frame(scene, capfd):
     assert "(now 32x24, the first view's)" in warnings[0] and "r_1 is 24x32 with fy/fx 1.000" in warnings[0]
     sizes = sorted(tuple(o["npbgpp_image_size"]) for o in bpy.data.objects if "npbgpp_image_size" in o)
     assert sizes == [(24, 32), (32, 24), (32, 24)]
+    # F12 through the portrait camera at the landscape resolution says so, and what to set.
+    sc = bpy.context.scene
+    portrait = next(o for o in bpy.data.objects if tuple(o.get("npbgpp_image_size", ())) == (24, 32))
+    landscape = next(o for o in bpy.data.objects if tuple(o.get("npbgpp_image_size", ())) == (32, 24))
+    sc.camera = portrait
+    capfd.readouterr()
+    render_exr(sc, str(scene["dir"] / "portrait.exr"))
+    out = capfd.readouterr().out
+    assert (f"Warning: NPBG++: the camera '{portrait.name}' was imported for a 24x32 photo, but the render is 32x24: "
+            "it does not show the photo's framing (set Output Properties > Format > Resolution to 24x32") in out, out
+    for cam, (rx, ry, pct) in ((portrait, (24, 32, 100)), (portrait, (48, 64, 50)), (landscape, (32, 24, 100)),
+                               (scene["camera"], (24, 32, 100))):  # photo's shape, or a camera not imported
+        sc.camera = cam
+        sc.render.resolution_x, sc.render.resolution_y, sc.render.resolution_percentage = rx, ry, pct
+        render_exr(sc, str(scene["dir"] / "framed.exr"))
+        assert "framing" not in capfd.readouterr().out, (cam.name, rx, ry)
+    engine = sys.modules[f"{MODULE}.engine"]  # (Blender 5.0 writes no multi-part EXR with non-square pixels)
+    sc.render.resolution_x, sc.render.resolution_y, sc.render.pixel_aspect_x = 16, 32, 1.5  # shows 24x32
+    assert not engine.framing_note(portrait, sc) and engine.framing_note(landscape, sc)
+    sc.render.pixel_aspect_x, sc.render.pixel_aspect_y = 1.0, 1.5
+    sc.render.resolution_x, sc.render.resolution_y = 32, 16  # shows 32x24
+    assert engine.framing_note(portrait, sc) and not engine.framing_note(landscape, sc)
 
 
 def test_import_dataset_allow_external_paths(scene):
