@@ -515,7 +515,7 @@ def test_wrong_format_and_options(tmp_path):
     # undistort=True where there is no lens distortion: named, not an unknown-option list, and
     # as the option this function takes (headless_train's datasets.options.undistort reaches it
     # too; the message named densify's --undistort flag)
-    with pytest.raises(DatasetError, match=r"undistort=True applies to COLMAP models only; this scene "
+    with pytest.raises(DatasetError, match=r"undistort=True applies to COLMAP and nerfstudio scenes only; this scene "
                                            "is nerf_synthetic") as refused:
         load_scene(root, undistort=True)
     assert "--undistort" not in str(refused.value)

@@ -137,7 +137,7 @@ def test_bad_input_is_named(tmp_path, ring, capsys):
     assert "--views '0,a'" in capsys.readouterr().err
     assert main([str(tmp_path / "scene"), "--out", str(tmp_path / "x.ply"), "--undistort"]) == 2
     err = capsys.readouterr().err  # not the loader's option list
-    assert "undistort=True applies to COLMAP models only; this scene is nerf_synthetic" in err, err
+    assert "undistort=True applies to COLMAP and nerfstudio scenes only; this scene is nerf_synthetic" in err, err
     assert not (tmp_path / "x.ply").exists()
     # Two cameras looking away from each other share nothing.
     from npbgpp_core.camera import Camera

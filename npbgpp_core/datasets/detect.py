@@ -8,7 +8,7 @@ import re
 from .colmap import find_sparse_dir
 from .errors import DatasetError
 
-FORMATS = ("nerf_synthetic", "dtu", "scannet", "h3ds", "colmap")
+FORMATS = ("nerf_synthetic", "dtu", "scannet", "h3ds", "colmap", "nerfstudio")
 _H3DS_NAME = re.compile(r"^img_\d+\.\w+$")
 
 
@@ -47,6 +47,8 @@ def detect_format(root: str) -> str:
         found.append("scannet")
     if find_sparse_dir(root) is not None:
         found.append("colmap")
+    if os.path.isfile(os.path.join(root, "transforms.json")):
+        found.append("nerfstudio")
     if not found:
         photos = os.path.isdir(os.path.join(root, "images")) and not any(
             os.path.isfile(os.path.join(root, f)) for f in ("intrinsics.npy", "extrinsics.npy"))  # not ScanNet
@@ -57,9 +59,15 @@ def detect_format(root: str) -> str:
             hint = f"; this is a COLMAP model folder: give the scene folder that holds images/ and sparse/ ({up}?)"
         raise DatasetError(
             f"{root}: no known dataset layout (looked for transforms_train.json, cameras.npz + image/, "
-            f"intrinsics.npy + extrinsics.npy + images/, sparse/[0/]cameras.bin|txt){hint}; or name the format "
-            "(format=, --format, the add-on's Format) to be told which of its files is missing"
+            f"intrinsics.npy + extrinsics.npy + images/, sparse/[0/]cameras.bin|txt, transforms.json){hint}; or name "
+            "the format (format=, --format, the add-on's Format) to be told which of its files is missing"
         )
+    if sorted(found) == ["colmap", "nerfstudio"]:
+        raise DatasetError(
+            f"{root}: holds both a COLMAP model ({find_sparse_dir(root)}) and a transforms.json (nerfstudio / "
+            "instant-ngp); they usually place the same photos in different world frames (the converters re-orient "
+            "and re-scale), so name the one to read: format='colmap' (its points3D) or format='nerfstudio' (its "
+            "ply_file_path cloud) (--format, the add-on's Format)")
     if len(found) > 1:
         raise DatasetError(f"{root}: matches several layouts {found}; name the format to choose (format=, --format, "
                            "the add-on's Format)")

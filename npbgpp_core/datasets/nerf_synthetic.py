@@ -43,7 +43,7 @@ DEFAULT_PC_NAMES = ("points3d.ply", "points3D.ply", "pointcloud.ply", "point_clo
 _OPENGL_TO_OPENCV = np.diag([1.0, -1.0, -1.0])
 
 
-def _resolve_image(root: str, file_path: object, source: str, allow_external: bool = False) -> str:
+def resolve_image(root: str, file_path: object, source: str, allow_external: bool = False) -> str:
     base = path_in_root(root, file_path, f"{source} file_path", allow_external)  # type: ignore[arg-type]
     if os.path.splitext(base)[1] and os.path.isfile(base):
         return base
@@ -53,7 +53,9 @@ def _resolve_image(root: str, file_path: object, source: str, allow_external: bo
     raise DatasetError(f"{source}: image for file_path {file_path!r} not found (tried {base}[.png|.jpg])")
 
 
-def _intrinsics(meta: dict, frame: dict, w: int, h: int, source: str) -> np.ndarray:
+def transforms_intrinsics(meta: dict, frame: dict, w: int, h: int, source: str) -> np.ndarray:
+    """OpenCV K of one frame of a transforms json (keys of the frame win over the top
+    level's) for a ``w`` x ``h`` image; DatasetError naming ``source`` and the key."""
     def get(key: str) -> float | None:
         val = frame.get(key, meta.get(key))
         return None if val is None else json_number(val, f"{source} {key}")
@@ -86,6 +88,18 @@ def _intrinsics(meta: dict, frame: dict, w: int, h: int, source: str) -> np.ndar
     return K
 
 
+def opencv_pose(transform_matrix: object, source: str) -> tuple[np.ndarray, np.ndarray]:
+    """OpenCV world-to-camera ``R, t`` of a camera-to-world ``transform_matrix`` with
+    OpenGL camera axes (3x4 or 4x4; a 4x4's last row must be 0 0 0 1); DatasetError
+    naming ``source`` for a non-finite, scaled, sheared or projective matrix."""
+    c2w = finite_matrix(transform_matrix, [(4, 4), (3, 4)], source)
+    if c2w.shape == (4, 4) and np.abs(c2w[3] - (0.0, 0.0, 0.0, 1.0)).max() > 1e-6:
+        raise DatasetError(f"{source}: last row is {c2w[3].tolist()}, not [0, 0, 0, 1] (not a rigid transform)")
+    check_rotation(c2w[:3, :3], source)
+    R = (c2w[:3, :3] @ _OPENGL_TO_OPENCV).T
+    return R, -R @ c2w[:3, 3]
+
+
 def load_nerf_synthetic(root: str, **options) -> SceneData:
     check_options("nerf_synthetic", options, OPTIONS)
     white_bg = bool(options.get("white_bg", True))
@@ -109,15 +123,10 @@ def load_nerf_synthetic(root: str, **options) -> SceneData:
             source = f"{path} frames[{k}]"
             if not isinstance(frame, dict) or "file_path" not in frame or "transform_matrix" not in frame:
                 raise DatasetError(f"{source}: needs 'file_path' and 'transform_matrix'")
-            image_path = _resolve_image(root, frame["file_path"], source, allow_external)
+            image_path = resolve_image(root, frame["file_path"], source, allow_external)
             h, w = image_size_of(image_path)
-            c2w = finite_matrix(frame["transform_matrix"], [(4, 4), (3, 4)], f"{source} transform_matrix")
-            rot_gl = c2w[:3, :3]
-            check_rotation(rot_gl, f"{source} transform_matrix")
-            R_c2w = rot_gl @ _OPENGL_TO_OPENCV
-            R = R_c2w.T
-            t = -R @ c2w[:3, 3]
-            K = _intrinsics(meta, frame, w, h, source)
+            R, t = opencv_pose(frame["transform_matrix"], f"{source} transform_matrix")
+            K = transforms_intrinsics(meta, frame, w, h, source)
             cam = camera_from_opencv(K, R, t, (h, w), source)
             name = os.path.splitext(os.path.relpath(image_path, root))[0]
             split_lists[split].append(len(views))

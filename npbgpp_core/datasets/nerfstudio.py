@@ -1,0 +1,276 @@
+"""nerfstudio / instant-ngp captures: one ``transforms.json`` at the scene root.
+
+This is what nerfstudio's ``ns-process-data`` and instant-ngp's ``colmap2nerf.py`` write.
+``frames[]`` hold ``file_path`` (relative to the scene folder, extension optional) and
+``transform_matrix`` (camera-to-world, OpenGL camera axes: x right, y up, z backward), as
+in NeRF-Synthetic. Intrinsics ``fl_x, fl_y, cx, cy, w, h`` (or ``camera_angle_x``) sit at
+the top level or per frame, a frame's own value winning; ``cx, cy`` put the image centre
+at ``w/2`` (COLMAP's convention, copied through by both tools), so the OpenCV principal
+point is ``cx - 0.5``.
+
+Poses load in the file's own world frame. The converters' re-orientation is already in
+the matrices (nerfstudio records it as ``applied_transform``; instant-ngp's centring and
+scaling are baked in), and what the trainers do at load time (nerfstudio's auto-orient and
+scale, instant-ngp's ``scale`` / ``offset`` / ``aabb_scale``) is not applied; ``sharpness``,
+``depth_file_path`` and the like are ignored. The point cloud must be in that same frame:
+nerfstudio's ``sparse_pc.ply`` (named by ``ply_file_path``) is written so; a COLMAP
+``points3D`` beside it (``colmap/sparse/0``) is not, and instant-ngp writes no cloud.
+
+Lens: ``camera_model`` (top level or per frame) PINHOLE / SIMPLE_PINHOLE, or a
+radial-tangential one (OPENCV, SIMPLE_RADIAL, RADIAL) whose ``k1 k2 p1 p2`` are remapped
+on load with ``undistort=True`` (refused without it, as COLMAP models are). Fisheye,
+equirectangular and other models, ``is_fisheye: true`` and non-zero ``k3`` / ``k4`` are
+refused.
+
+Views are sorted by image path (as nerfstudio does). Split: the file's
+``train_filenames`` / ``val_filenames`` / ``test_filenames`` when it has any (a missing
+list is empty; train defaults to the rest), else every ``holdout_every``-th view
+(0, 8, 16, ... by default; 0 disables) is test, as for COLMAP; ``*_indices`` options win.
+
+Options: ``pc_name`` (a cloud other than ``ply_file_path``), ``require_points``,
+``downscale=N`` (nerfstudio's ``images_N/`` / ``masks_N/`` copies, intrinsics scaled to
+the images found), ``use_masks`` (``mask_path`` per frame, default True), ``white_bg``
+(background of RGBA images, which then carry their mask as alpha), ``undistort``,
+``holdout_every``, ``*_indices``, ``allow_external_paths``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from .common import (
+    PC_NAME_OPTIONS,
+    camera_from_opencv,
+    check_options,
+    check_points,
+    json_number,
+    load_point_cloud,
+    make_splits,
+    path_in_root,
+)
+from .errors import DatasetError
+from .images import has_alpha, image_size_of
+from .nerf_synthetic import opencv_pose, resolve_image, transforms_intrinsics
+from .scene_data import Distortion, SceneData, View
+
+FILE = "transforms.json"
+OPTIONS = (
+    "pc_name", "require_points", "train_indices", "val_indices", "test_indices", "holdout_every",
+    "undistort", "downscale", "use_masks", "white_bg", "allow_external_paths",
+)
+PINHOLE_MODELS = ("PINHOLE", "SIMPLE_PINHOLE")
+RADIAL_MODELS = ("OPENCV", "SIMPLE_RADIAL", "RADIAL")
+DEFAULT_PC_NAMES = ("sparse_pc.ply", "points3d.ply", "points3D.ply", "pointcloud.ply", "point_cloud.ply")
+SPLITS = ("train", "val", "test")
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except FileNotFoundError as exc:
+        raise DatasetError(f"{path}: file not found") from exc
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise DatasetError(f"{path}: not readable JSON ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(meta, dict):
+        raise DatasetError(f"{path}: expected a JSON object with a 'frames' list, got {type(meta).__name__}")
+    return meta
+
+
+def _downscaled(rel: object, prefix: str, n: int) -> object:
+    """nerfstudio's ``<prefix><n>/<file name>`` copy of ``rel`` (``rel`` itself for n=1 or
+    a non-string, which path_in_root then refuses by name)."""
+    if n == 1 or not isinstance(rel, str):
+        return rel
+    return os.path.join(f"{prefix}{n}", os.path.basename(os.path.normpath(rel)))
+
+
+def _distortion(meta: dict, frame: dict, source: str, undistort: bool) -> Distortion | None:
+    def get(key: str) -> object:
+        return frame.get(key, meta.get(key))
+
+    model = get("camera_model")
+    if model is not None and (not isinstance(model, str) or model not in PINHOLE_MODELS + RADIAL_MODELS):
+        raise DatasetError(
+            f"{source} camera_model: {model!r:.40} is not supported (supported: "
+            f"{', '.join(PINHOLE_MODELS + RADIAL_MODELS)}; fisheye and equirectangular images need undistorting "
+            "to a pinhole camera first, e.g. ns-process-data with a perspective camera model)"
+        )
+    if get("is_fisheye") not in (None, False):
+        raise DatasetError(f"{source} is_fisheye: fisheye cameras are not supported (undistort the images to a "
+                           "pinhole camera first)")
+    k = {key: (0.0 if get(key) is None else json_number(get(key), f"{source} {key}"))
+         for key in ("k1", "k2", "k3", "k4", "p1", "p2")}
+    extra = {key: v for key, v in k.items() if key in ("k3", "k4") and v != 0.0}
+    if extra:
+        raise DatasetError(f"{source}: distortion {extra} is not supported (k1, k2, p1, p2 only); undistort the "
+                           "images first (e.g. colmap image_undistorter, then ns-process-data --skip-colmap)")
+    dist = Distortion(k["k1"], k["k2"], k["p1"], k["p2"])
+    if dist.is_identity():
+        return None
+    if model in PINHOLE_MODELS:
+        raise DatasetError(f"{source}: camera_model {model} but distortion k1/k2/p1/p2 = "
+                           f"{[k['k1'], k['k2'], k['p1'], k['p2']]} given")
+    if not undistort:
+        raise DatasetError(
+            f"{source}: lens distortion k1/k2/p1/p2 = {[k['k1'], k['k2'], k['p1'], k['p2']]}; pass undistort=True "
+            "(densify / headless_train export: --undistort; training: +datasets.options.undistort=true; the "
+            "add-on's Undistort) to remap the images on load"
+        )
+    return dist
+
+
+def _declared_size(meta: dict, frame: dict, source: str) -> tuple[int | None, int | None]:
+    """(h, w) the file gives the intrinsics for (None where it has no ``h`` / ``w``)."""
+    out: list[int | None] = []
+    for key in ("h", "w"):
+        val = frame.get(key, meta.get(key))
+        if val is None:
+            out.append(None)
+            continue
+        num = json_number(val, f"{source} {key}")
+        if num != int(num) or num < 1:
+            raise DatasetError(f"{source} {key}: {num:g} is not a positive whole number of pixels")
+        out.append(int(num))
+    return out[0], out[1]
+
+
+def _frame_view(root: str, meta: dict, frame: object, k: int, opts: dict) -> tuple[View, str]:
+    """One frame's View and its key for the split lists (normalised file_path, no extension)."""
+    path = os.path.join(root, FILE)
+    source = f"{path} frames[{k}]"
+    if not isinstance(frame, dict):
+        raise DatasetError(f"{source}: expected an object with 'file_path' and 'transform_matrix'")
+    for key in ("file_path", "transform_matrix"):
+        if key not in frame:
+            raise DatasetError(f"{source}: no '{key}'")
+    allow_external, n = opts["allow_external"], opts["downscale"]
+    rel = frame["file_path"]
+    key = os.path.splitext(path_in_root(root, rel, f"{source} file_path", allow_external))[0]
+    image_path = resolve_image(root, _downscaled(rel, "images_", n), source, allow_external)
+    size = image_size_of(image_path)
+    h0, w0 = _declared_size(meta, frame, source)
+    if n == 1:  # transforms_intrinsics refuses a w / h that differs from the image
+        h0, w0 = size
+    elif h0 is None or w0 is None:
+        raise DatasetError(f"{source}: downscale={n} needs the full-resolution size (w, h) in {FILE}")
+    K = transforms_intrinsics(meta, frame, w0, h0, source)
+    if n != 1:
+        if abs(size[0] - h0 / n) > 1.0 or abs(size[1] - w0 / n) > 1.0:
+            raise DatasetError(f"{image_path}: image is {size[1]}x{size[0]}, but w x h = {w0}x{h0} downscaled "
+                               f"{n}x is about {w0 / n:g}x{h0 / n:g}")
+        sx, sy = size[1] / w0, size[0] / h0
+        K = np.array([[K[0, 0] * sx, 0.0, (K[0, 2] + 0.5) * sx - 0.5],
+                      [0.0, K[1, 1] * sy, (K[1, 2] + 0.5) * sy - 0.5], [0.0, 0.0, 1.0]])
+    R, t = opencv_pose(frame["transform_matrix"], f"{source} transform_matrix")
+    dist = _distortion(meta, frame, source, opts["undistort"])
+    mask_path = None
+    if opts["use_masks"] and frame.get("mask_path") is not None:
+        mask_path = path_in_root(root, _downscaled(frame["mask_path"], "masks_", n), f"{source} mask_path",
+                                 allow_external)
+        msize = image_size_of(mask_path)
+        if msize != size:
+            raise DatasetError(f"{mask_path}: mask is {msize[1]}x{msize[0]} but its image {image_path} is "
+                               f"{size[1]}x{size[0]} ({source} mask_path)")
+    cam = camera_from_opencv(K, R, t, size, source)
+    name = os.path.splitext(os.path.relpath(image_path, root))[0]
+    alpha = mask_path is None and has_alpha(image_path)
+    return View(name, image_path, mask_path, cam, mask_from_alpha=alpha, distortion=dist), key
+
+
+def _split_lists(root: str, meta: dict, keys: list[str], allow_external: bool) -> dict[str, list[int]] | None:
+    """Indices of the file's ``<split>_filenames`` lists, or None when it has none."""
+    present = [s for s in SPLITS if f"{s}_filenames" in meta]
+    if not present:
+        return None
+    where = {key: i for i, key in enumerate(keys)}
+    out: dict[str, list[int]] = {}
+    for split in present:
+        field = f"{os.path.join(root, FILE)} {split}_filenames"
+        names = meta[f"{split}_filenames"]
+        if not isinstance(names, list):
+            raise DatasetError(f"{field}: expected a list of file paths")
+        idx, missing = [], []
+        for name in names:
+            key = os.path.splitext(path_in_root(root, name, field, allow_external))[0]
+            if key in where:
+                idx.append(where[key])
+            else:
+                missing.append(name)
+        if missing:
+            raise DatasetError(f"{field}: {len(missing)} name(s) match no frame's file_path, e.g. {missing[:3]}")
+        out[split] = sorted(set(idx))
+    return out
+
+
+def _point_cloud(root: str, meta: dict, options: dict) -> tuple[np.ndarray, np.ndarray | None, str | None]:
+    from ..ply import load_ply
+
+    require = options.get("require_points", True)
+    if options.get("pc_name") is not None:
+        return load_point_cloud(root, options["pc_name"], (), require)
+    ply = meta.get("ply_file_path")
+    if ply is not None:
+        field = f"{os.path.join(root, FILE)} ply_file_path"
+        path = path_in_root(root, ply, field, bool(options.get("allow_external_paths", False)))
+        if not os.path.isfile(path):
+            raise DatasetError(f"{field}: {path} not found (or name another cloud with {PC_NAME_OPTIONS})")
+        try:
+            pc = load_ply(path)
+        except (ValueError, OSError) as exc:
+            raise DatasetError(f"{field}: {exc}") from exc
+        return check_points(pc.points, pc.colors, path)
+    pts, cols, path = load_point_cloud(root, None, DEFAULT_PC_NAMES, False)
+    if path is None and require:
+        raise DatasetError(
+            f"{os.path.join(root, FILE)}: no ply_file_path and no point cloud in {root} (looked for "
+            f"{list(DEFAULT_PC_NAMES)} and any *.ply). instant-ngp writes none; nerfstudio's ns-process-data "
+            "writes sparse_pc.ply. Put a cloud in the same world frame as the transform_matrix poses there (a "
+            f"COLMAP points3D is in another frame), or name it with {PC_NAME_OPTIONS}"
+        )
+    return pts, cols, path
+
+
+def load_nerfstudio(root: str, **options) -> SceneData:
+    """Load the ``transforms.json`` scene in folder ``root`` (see the module docstring)."""
+    check_options("nerfstudio", options, OPTIONS)
+    path = os.path.join(root, FILE)
+    meta = _read_json(path)
+    frames = meta.get("frames")
+    if not isinstance(frames, list):
+        raise DatasetError(f"{path}: no 'frames' list")
+    if not frames:
+        raise DatasetError(f"{path} frames: the list is empty")
+    n = options.get("downscale", 1)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise DatasetError(f"{root}: downscale={n!r} must be a whole number >= 1")
+    opts = {"allow_external": bool(options.get("allow_external_paths", False)), "downscale": n,
+            "undistort": bool(options.get("undistort", False)), "use_masks": bool(options.get("use_masks", True))}
+    loaded = [_frame_view(root, meta, frame, k, opts) for k, frame in enumerate(frames)]
+    loaded.sort(key=lambda vk: vk[0].image_path)
+    views, keys = [v for v, _ in loaded], [key for _, key in loaded]
+    dup = next((v.image_path for a, v in zip(views, views[1:], strict=False) if a.image_path == v.image_path), None)
+    if dup is not None:
+        raise DatasetError(f"{path} frames: image {dup} is listed twice")
+    lists = _split_lists(root, meta, keys, opts["allow_external"])
+    if lists is not None:
+        default_val, default_test = lists.get("val", []), lists.get("test", [])
+        default_train = lists.get("train")
+    else:
+        every = int(options.get("holdout_every", 8) or 0)
+        default_val, default_test, default_train = [], list(range(0, len(views), every)) if every > 0 else [], None
+    train_opt = options.get("train_indices", default_train)
+    train, val, test = make_splits(len(views), root, default_val, default_test, train_opt,
+                                   options.get("val_indices"), options.get("test_indices"))
+    points, colors, pc_path = _point_cloud(root, meta, options)
+    white_bg = bool(options.get("white_bg", True))
+    return SceneData(
+        name=os.path.basename(os.path.normpath(root)), root=root, format="nerfstudio",
+        points=points, colors=colors, views=views, train=train, val=val, test=test,
+        background=((1.0, 1.0, 1.0) if white_bg else (0.0, 0.0, 0.0)) if any(v.mask_from_alpha for v in views)
+        else None,
+        metadata={"point_cloud": pc_path, "split": "filenames" if lists is not None else "holdout"},
+    )

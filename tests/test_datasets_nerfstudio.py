@@ -1,0 +1,391 @@
+"""nerfstudio / instant-ngp ``transforms.json`` scenes. The same random cameras are written
+as a COLMAP model (binary, the capture writers) and as transforms.json (OpenCV w2c turned
+into an OpenGL c2w by hand below); both loaders must give the same cameras, and those
+cameras must put known 3D points on the pixels numpy computes from the written numbers
+(COLMAP pixel convention: pixel (u, v) has its centre at (u + 0.5, v + 0.5))."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from npbgpp_core.datasets import DatasetError, detect_format, load_scene
+from npbgpp_core.datasets.capture import _write_cameras_bin, _write_images_bin, _write_points_bin
+from npbgpp_core.datasets.colmap import rotation_to_quaternion
+from npbgpp_core.ply import save_ply
+
+H, W = 30, 40
+N_VIEWS = 10
+RNG_POINTS = np.random.default_rng(11)
+POINTS = RNG_POINTS.uniform(-0.5, 0.5, size=(40, 3))
+COLORS = RNG_POINTS.uniform(0, 1, size=(40, 3))
+
+
+def random_cameras(n: int = N_VIEWS, seed: int = 5) -> list[dict]:
+    """Cameras around the origin with random roll and intrinsics; K in COLMAP's convention
+    (``cx``, ``cy`` measured from the image corner), pose as OpenCV world-to-camera R, t."""
+    rng = np.random.default_rng(seed)
+    cams = []
+    for i in range(n):
+        eye = rng.normal(size=3)
+        eye = eye / np.linalg.norm(eye) * rng.uniform(3.5, 4.5)
+        z = -eye / np.linalg.norm(eye)
+        x = np.cross(z, rng.normal(size=3))
+        x /= np.linalg.norm(x)
+        R = np.stack([x, np.cross(z, x), z])
+        fx = rng.uniform(30, 40)
+        cams.append({"name": f"frame_{i:05d}.png", "R": R, "t": -R @ eye, "fx": fx, "fy": fx * rng.uniform(0.95, 1.05),
+                     "cx": W / 2 + rng.uniform(-2, 2), "cy": H / 2 + rng.uniform(-2, 2)})
+    return cams
+
+
+def opengl_c2w(R: np.ndarray, t: np.ndarray) -> list[list[float]]:
+    """OpenCV world-to-camera (x right, y down, z forward) -> camera-to-world with OpenGL
+    axes (x right, y up, z backward): invert, then flip the camera's y and z columns."""
+    c2w = np.eye(4)
+    c2w[:3, :3] = R.T
+    c2w[:3, 3] = -R.T @ t
+    c2w[:3, 1] *= -1.0
+    c2w[:3, 2] *= -1.0
+    return c2w.tolist()
+
+
+def colmap_pixels(cam: dict, points: np.ndarray) -> np.ndarray:
+    """Pixel indices (u, v) of ``points``: COLMAP coordinates minus the half-pixel."""
+    pc = points @ cam["R"].T + cam["t"]
+    u = cam["fx"] * pc[:, 0] / pc[:, 2] + cam["cx"] - 0.5
+    v = cam["fy"] * pc[:, 1] / pc[:, 2] + cam["cy"] - 0.5
+    return np.stack([u, v], axis=1)
+
+
+def point_on_pixel(cam: dict, u: int, v: int, depth: float) -> np.ndarray:
+    """The world point at ``depth`` seen at the centre of pixel (u, v)."""
+    x = (u + 0.5 - cam["cx"]) / cam["fx"] * depth
+    y = (v + 0.5 - cam["cy"]) / cam["fy"] * depth
+    return cam["R"].T @ (np.array([x, y, depth]) - cam["t"])
+
+
+def write_images(root: str, cams: list[dict], folder: str = "images", size: tuple[int, int] = (H, W)) -> None:
+    os.makedirs(os.path.join(root, folder), exist_ok=True)
+    for i, cam in enumerate(cams):
+        img = np.random.default_rng(50 + i).integers(0, 100, size=(*size, 3), dtype=np.uint8)
+        Image.fromarray(img).save(os.path.join(root, folder, cam["name"]))
+
+
+def write_colmap_bin(root: str, cams: list[dict]) -> None:
+    sparse = os.path.join(root, "sparse", "0")
+    os.makedirs(sparse)
+    _write_cameras_bin(os.path.join(sparse, "cameras.bin"),
+                       [(i + 1, W, H, (c["fx"], c["fy"], c["cx"], c["cy"])) for i, c in enumerate(cams)])
+    _write_images_bin(os.path.join(sparse, "images.bin"),
+                      [(i + 1, rotation_to_quaternion(c["R"]), c["t"], i + 1, c["name"]) for i, c in enumerate(cams)])
+    _write_points_bin(os.path.join(sparse, "points3D.bin"), POINTS, COLORS)
+
+
+def write_transforms(root: str, cams: list[dict], order: list[int] | None = None, ply: bool = True,
+                     **top) -> dict:
+    """nerfstudio's layout: per-frame intrinsics, frames in ``order``, sparse_pc.ply."""
+    frames = []
+    for i in order if order is not None else range(len(cams)):
+        c = cams[i]
+        frames.append({"file_path": f"images/{c['name']}", "transform_matrix": opengl_c2w(c["R"], c["t"]),
+                       "fl_x": c["fx"], "fl_y": c["fy"], "cx": c["cx"], "cy": c["cy"], "w": W, "h": H})
+    meta = {"camera_model": "OPENCV", "frames": frames, **top}
+    if ply:
+        save_ply(os.path.join(root, "sparse_pc.ply"), POINTS.astype(np.float32), COLORS)
+        meta["ply_file_path"] = "sparse_pc.ply"
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, "transforms.json"), "w") as f:
+        json.dump(meta, f)
+    return meta
+
+
+def rewrite(root: str, change) -> None:
+    path = os.path.join(root, "transforms.json")
+    with open(path) as f:
+        meta = json.load(f)
+    change(meta)
+    with open(path, "w") as f:
+        json.dump(meta, f)
+
+
+@pytest.fixture
+def capture(tmp_path) -> tuple[str, list[dict]]:
+    root = str(tmp_path / "capture")
+    cams = random_cameras()
+    write_images(root, cams)
+    write_transforms(root, cams, order=list(np.random.default_rng(1).permutation(len(cams))))
+    return root, cams
+
+
+def test_same_cameras_as_colmap_and_the_written_pixels(tmp_path, capture):
+    root, cams = capture
+    assert detect_format(root) == "nerfstudio"
+    ns = load_scene(root)
+    assert ns.format == "nerfstudio"
+    # frames were written shuffled: views come sorted by image path, as COLMAP's by name
+    assert [v.name for v in ns.views] == [f"images/frame_{i:05d}" for i in range(N_VIEWS)]
+    write_colmap_bin(root, cams)
+    with pytest.raises(DatasetError, match="both a COLMAP model.*transforms.json.*format='colmap'.*format='nerfst"):
+        detect_format(root)
+    col = load_scene(root, format="colmap")
+    assert load_scene(root, format="nerfstudio").format == "nerfstudio"
+    for v_ns, v_col, cam in zip(ns.views, col.views, cams, strict=True):
+        K1, R1, t1 = v_ns.camera.to_opencv()
+        K2, R2, t2 = v_col.camera.to_opencv()
+        np.testing.assert_allclose(K1, K2, atol=1e-4)
+        np.testing.assert_allclose(R1, R2, atol=1e-5)
+        np.testing.assert_allclose(t1, t2, atol=1e-4)
+        assert v_ns.camera.image_size == v_col.camera.image_size == (H, W)
+        uv, depth = v_ns.camera.project(torch.as_tensor(POINTS))
+        assert (depth > 0).all()
+        np.testing.assert_allclose(uv.double().numpy(), colmap_pixels(cam, POINTS), atol=1e-3)
+    np.testing.assert_allclose(ns.points, POINTS, atol=1e-6)  # sparse_pc.ply, the file's own frame
+    np.testing.assert_allclose(ns.colors, COLORS, atol=0.51 / 255)  # stored as 8-bit
+    assert ns.metadata["point_cloud"].endswith("sparse_pc.ply")
+    assert ns.background is None and all(not v.mask_from_alpha and v.distortion is None for v in ns.views)
+
+
+def test_a_known_point_lands_on_its_drawn_pixel(tmp_path):
+    root = str(tmp_path / "dot")
+    cams = random_cameras(3, seed=8)
+    write_images(root, cams)
+    write_transforms(root, cams)
+    rng = np.random.default_rng(2)
+    targets = []
+    for cam in cams:
+        u, v = int(rng.integers(3, W - 3)), int(rng.integers(3, H - 3))
+        path = os.path.join(root, "images", cam["name"])
+        img = np.array(Image.open(path))
+        img[v, u] = 255
+        Image.fromarray(img).save(path)
+        targets.append((u, v, point_on_pixel(cam, u, v, rng.uniform(3.0, 4.0))))
+    scene = load_scene(root)
+    for i, (u, v, X) in enumerate(targets):
+        uv, _ = scene.views[i].camera.project(torch.as_tensor(X[None]))
+        np.testing.assert_allclose(uv[0].double().numpy(), [u, v], atol=1e-3)
+        img = scene.load_image(i)
+        col, row = (int(round(float(c))) for c in uv[0])
+        assert torch.all(img[:, row, col] == 1.0)
+        assert float(img.amax(dim=0).flatten().topk(2).values[1]) < 0.5  # the only bright pixel
+
+
+def test_holdout_and_explicit_split_lists(capture):
+    root, _ = capture
+    s = load_scene(root)
+    assert s.test == [0, 8] and s.val == [] and s.train == [1, 2, 3, 4, 5, 6, 7, 9]
+    assert s.metadata["split"] == "holdout"
+    s = load_scene(root, holdout_every=3)
+    assert s.test == [0, 3, 6, 9]
+    assert load_scene(root, holdout_every=0).train == list(range(N_VIEWS))
+    rewrite(root, lambda m: m.update(train_filenames=[f"images/frame_{i:05d}.png" for i in (7, 1, 2)],
+                                     val_filenames=["./images/frame_00004.png"],
+                                     test_filenames=["images/frame_00009", "images/frame_00000.png"]))
+    s = load_scene(root)
+    assert (s.train, s.val, s.test) == ([1, 2, 7], [4], [0, 9])
+    assert s.metadata["split"] == "filenames"
+    s = load_scene(root, test_indices=[5])  # the options win
+    assert s.test == [5] and s.train == [1, 2, 7]
+    rewrite(root, lambda m: m.pop("train_filenames"))
+    s = load_scene(root)  # train: everything not listed elsewhere
+    assert (s.train, s.val, s.test) == ([1, 2, 3, 5, 6, 7, 8], [4], [0, 9])
+    rewrite(root, lambda m: m.update(val_filenames=["images/nope.png"]))
+    with pytest.raises(DatasetError, match=r"transforms.json val_filenames: 1 name\(s\) match no frame.*nope.png"):
+        load_scene(root)
+
+
+def test_instant_ngp_file_loads_in_its_own_frame(tmp_path):
+    """colmap2nerf's keys: shared intrinsics at the top level, aabb_scale / scale / offset
+    (instant-ngp's own load-time transform, not applied), sharpness per frame, ./ paths."""
+    root = str(tmp_path / "ngp")
+    cams = random_cameras(4, seed=3)
+    for c in cams[1:]:
+        c.update(fx=cams[0]["fx"], fy=cams[0]["fy"], cx=cams[0]["cx"], cy=cams[0]["cy"])
+    write_images(root, cams)
+    c0 = cams[0]
+    meta = {"camera_angle_x": 2 * math.atan(W / (2 * c0["fx"])), "fl_x": c0["fx"], "fl_y": c0["fy"], "cx": c0["cx"],
+            "cy": c0["cy"], "w": W, "h": H, "k1": 0.0, "k2": 0.0, "p1": 0.0, "p2": 0.0, "aabb_scale": 16,
+            "scale": 0.33, "offset": [0.5, 0.5, 0.5],
+            "frames": [{"file_path": f"./images/{c['name']}", "sharpness": 50.0,
+                        "transform_matrix": opengl_c2w(c["R"], c["t"])} for c in cams]}
+    with open(os.path.join(root, "transforms.json"), "w") as f:
+        json.dump(meta, f)
+    with pytest.raises(DatasetError, match="no ply_file_path and no point cloud.*instant-ngp writes none.*same world "
+                                           "frame.*pc_name="):
+        load_scene(root)
+    assert load_scene(root, require_points=False).points.shape == (0, 3)
+    save_ply(os.path.join(root, "mine.ply"), POINTS.astype(np.float32), COLORS)
+    scene = load_scene(root)  # the only .ply in the folder
+    assert scene.metadata["point_cloud"].endswith("mine.ply")
+    for view, cam in zip(scene.views, cams, strict=True):
+        uv, _ = view.camera.project(torch.as_tensor(POINTS))
+        np.testing.assert_allclose(uv.double().numpy(), colmap_pixels(cam, POINTS), atol=1e-3)
+
+
+def test_point_cloud_choice(capture):
+    root, _ = capture
+    other = POINTS[:5] + 1.0
+    save_ply(os.path.join(root, "dense.ply"), other.astype(np.float32))
+    np.testing.assert_allclose(load_scene(root).points, POINTS, atol=1e-6)  # ply_file_path wins over others
+    np.testing.assert_allclose(load_scene(root, pc_name="dense").points, other, atol=1e-6)
+    os.remove(os.path.join(root, "sparse_pc.ply"))
+    with pytest.raises(DatasetError, match=r"transforms.json ply_file_path: .*sparse_pc.ply not found.*pc_name="):
+        load_scene(root)
+
+
+def test_masks_and_downscaled_copies(tmp_path):
+    root = str(tmp_path / "masked")
+    cams = random_cameras(3, seed=4)
+    write_images(root, cams)
+    write_images(root, cams, "images_2", (H // 2, W // 2))
+    meta = write_transforms(root, cams)
+    for i, c in enumerate(cams):
+        for folder, (h, w) in (("masks", (H, W)), ("masks_2", (H // 2, W // 2))):
+            m = np.zeros((h, w), np.uint8)
+            m[2 + i: h - 2, 3: w - 3] = 255
+            os.makedirs(os.path.join(root, folder), exist_ok=True)
+            Image.fromarray(m).save(os.path.join(root, folder, c["name"]))
+        meta["frames"][i]["mask_path"] = f"masks/{c['name']}"
+    with open(os.path.join(root, "transforms.json"), "w") as f:
+        json.dump(meta, f)
+    scene = load_scene(root)
+    for i, c in enumerate(cams):
+        want = np.asarray(Image.open(os.path.join(root, "masks", c["name"])), np.float32) / 255.0
+        np.testing.assert_array_equal(scene.load_mask(i)[0].numpy(), want)
+    assert load_scene(root, use_masks=False).load_mask(0) is None
+    half = load_scene(root, downscale=2)
+    assert half.views[0].image_path.endswith(os.path.join("images_2", cams[0]["name"]))
+    assert half.views[0].mask_path.endswith(os.path.join("masks_2", cams[0]["name"]))
+    for view, full in zip(half.views, scene.views, strict=True):
+        assert view.camera.image_size == (H // 2, W // 2)
+        np.testing.assert_allclose(view.camera.K.numpy(), full.camera.scaled((H // 2, W // 2)).K.numpy(), atol=1e-5)
+    # a mask of another size than its image
+    Image.fromarray(np.zeros((H, W + 1), np.uint8)).save(os.path.join(root, "masks", cams[1]["name"]))
+    with pytest.raises(DatasetError, match=rf"masks/{cams[1]['name']}: mask is {W + 1}x{H} but its image"):
+        load_scene(root)
+
+
+def test_undistort_matches_the_colmap_path(tmp_path):
+    """OPENCV k1, k2, p1, p2: refused without undistort=True; with it the images are
+    remapped exactly as the COLMAP loader remaps the same OPENCV camera."""
+    root = str(tmp_path / "lens")
+    cams = random_cameras(2, seed=6)
+    write_images(root, cams)
+    dist = {"k1": 0.08, "k2": -0.02, "p1": 0.003, "p2": -0.002}
+    write_transforms(root, cams, **dist)
+    with pytest.raises(DatasetError, match=r"frames\[0\]: lens distortion k1/k2/p1/p2 = \[0.08, -0.02, 0.003, -0.002\]"
+                                           ".*undistort=True"):
+        load_scene(root)
+    ns = load_scene(root, undistort=True)
+    assert ns.views[0].distortion is not None
+    assert (ns.views[0].distortion.k1, ns.views[0].distortion.p2) == (0.08, -0.002)
+    sparse = os.path.join(root, "sparse", "0")
+    os.makedirs(sparse)
+    with open(os.path.join(sparse, "cameras.txt"), "w") as f:
+        for i, c in enumerate(cams):
+            f.write(f"{i + 1} OPENCV {W} {H} {c['fx']!r} {c['fy']!r} {c['cx']!r} {c['cy']!r} 0.08 -0.02 0.003 -0.002\n")
+    with open(os.path.join(sparse, "images.txt"), "w") as f:
+        for i, c in enumerate(cams):
+            q = rotation_to_quaternion(c["R"])
+            f.write(f"{i + 1} {' '.join(repr(float(x)) for x in (*q, *c['t']))} {i + 1} {c['name']}\n\n")
+    col = load_scene(root, format="colmap", undistort=True, require_points=False)
+    for i in range(2):
+        ref = col.load_image(i)
+        assert not torch.equal(ref, col.load_image(i) * 0)  # something to compare
+        torch.testing.assert_close(ns.load_image(i), ref, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda m: m.update(camera_model="OPENCV_FISHEYE"), r"camera_model: 'OPENCV_FISHEYE' is not supported"),
+    (lambda m: m["frames"][2].update(camera_model="EQUIRECTANGULAR"),
+     r"frames\[2\] camera_model: 'EQUIRECTANGULAR' is not supported"),
+    (lambda m: m.update(is_fisheye=True), r"is_fisheye: fisheye cameras are not supported"),
+    (lambda m: m.update(k3=0.01), r"distortion \{'k3': 0.01\} is not supported"),
+    (lambda m: m.update(k1=0.1, camera_model="PINHOLE"), r"camera_model PINHOLE but distortion"),
+])
+def test_unsupported_lenses_are_refused(capture, change, message):
+    root, _ = capture
+    rewrite(root, change)
+    with pytest.raises(DatasetError, match=message) as info:
+        load_scene(root, undistort=True)
+    assert "transforms.json" in str(info.value)
+
+
+def _scaled(m: dict) -> None:
+    m["frames"][1]["transform_matrix"][0][0] *= 1.5
+
+
+def _projective(m: dict) -> None:
+    m["frames"][1]["transform_matrix"][3] = [0.0, 0.0, 0.1, 1.0]
+
+
+def _nan(m: dict) -> None:
+    m["frames"][1]["transform_matrix"][1][3] = float("nan")
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda m: m.pop("frames"), r"transforms.json: no 'frames' list"),
+    (lambda m: m.update(frames=[]), r"transforms.json frames: the list is empty"),
+    (lambda m: m["frames"][1].pop("transform_matrix"), r"frames\[1\]: no 'transform_matrix'"),
+    (lambda m: m["frames"][1].pop("file_path"), r"frames\[1\]: no 'file_path'"),
+    (_scaled, r"frames\[1\] transform_matrix: rotation part is not orthonormal"),
+    (_projective, r"frames\[1\] transform_matrix: last row is .*not a rigid transform"),
+    (_nan, r"frames\[1\] transform_matrix: matrix has non-finite values"),
+    (lambda m: m["frames"][1].update(transform_matrix=[[1, 0], [0, 1]]), r"frames\[1\] transform_matrix: expected"),
+    (lambda m: m["frames"][1].update(file_path="images/missing.png"), r"frames\[1\]: image for file_path .*missing"),
+    (lambda m: m["frames"][1].update(w=W + 2), rf"frames\[1\]: w={W + 2} but the image is {W}x{H}"),
+    (lambda m: m["frames"][1].update(h="30"), r"frames\[1\] h: expected a number, got str"),
+    (lambda m: [f.pop("fl_x") for f in m["frames"]], r"frames\[0\]: neither camera_angle_x nor fl_x given"),
+    (lambda m: m["frames"][1].update(fl_y=-3.0), r"frames\[1\]: bad intrinsics"),
+    (lambda m: m["frames"][1].update(mask_path="masks/none.png"), r"masks/none.png: image file not found"),
+    (lambda m: m["frames"][1].update(file_path="../outside.png"), r"frames\[1\] file_path: path '../outside.png' "
+                                                                   "points outside the scene folder"),
+    (lambda m: m.update(ply_file_path=3), r"ply_file_path: expected a file path string"),
+    (lambda m: m["frames"].append(m["frames"][0]), r"frames: image .* is listed twice"),
+])
+def test_bad_input_names_file_and_field(capture, change, message):
+    root, _ = capture
+    rewrite(root, change)
+    with pytest.raises(DatasetError, match=message) as info:
+        load_scene(root)
+    assert os.path.join(root, "") in str(info.value) or "transforms.json" in str(info.value)
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (None, r"transforms.json: file not found"),
+    ("{not json", r"transforms.json: not readable JSON"),
+    ("[1, 2]", r"transforms.json: expected a JSON object with a 'frames' list, got list"),
+    (b"\xff\xfe{", r"transforms.json: not readable JSON"),
+])
+def test_missing_or_unreadable_json(tmp_path, content, message):
+    root = tmp_path / "broken"
+    root.mkdir()
+    if isinstance(content, str):
+        (root / "transforms.json").write_text(content)
+    elif content is not None:
+        (root / "transforms.json").write_bytes(content)
+    with pytest.raises(DatasetError, match=message):
+        load_scene(str(root), format="nerfstudio")
+    if content is not None:
+        assert detect_format(str(root)) == "nerfstudio"  # detected by the file, then refused by name
+
+
+def test_detect_with_nerfstudios_own_colmap_folder(capture):
+    """ns-process-data keeps its COLMAP run in colmap/sparse/0: not a COLMAP scene root."""
+    root, cams = capture
+    write_colmap_bin(os.path.join(root, "colmap"), cams)
+    assert detect_format(root) == "nerfstudio"
+
+
+def test_downscale_option_checks(capture):
+    root, _ = capture
+    with pytest.raises(DatasetError, match="downscale=0 must be a whole number"):
+        load_scene(root, downscale=0)
+    with pytest.raises(DatasetError, match=r"images_2/frame_\d+.png: image file not found|image for file_path"):
+        load_scene(root, downscale=2)
