@@ -349,14 +349,17 @@ DATASET_FORMATS = [
     ("SCANNET", "ScanNet", "A ScanNet scene folder"),
     ("H3DS", "H3DS", "An H3DS scene folder"),
     ("COLMAP", "COLMAP", "sparse/0 model (cameras, images, points3D) and images/"),
+    ("NERFSTUDIO", "nerfstudio / instant-ngp", "transforms.json at the folder's root (ns-process-data, colmap2nerf) "
+     "and its images; the point cloud its ply_file_path names (sparse_pc.ply)"),
 ]
 EXTERNAL_PATHS_TOOLTIP = (
-    "NeRF-Synthetic and COLMAP: read images whose paths in the dataset's files leave the dataset folder "
+    "NeRF-Synthetic, COLMAP and nerfstudio: read images whose paths in the dataset's files leave the dataset folder "
     "(absolute, or climbing out with ..). Off by default because a dataset from elsewhere could otherwise "
     "make the add-on open any file on this computer; turn it on only for a dataset you made or trust"
 )
 class IMPORT_SCENE_OT_npbgpp_dataset(bpy.types.Operator):
-    """Import a dataset folder (NeRF-Synthetic, DTU, ScanNet, H3DS, COLMAP): points and input cameras"""
+    """Import a dataset folder (NeRF-Synthetic, DTU, ScanNet, H3DS, COLMAP, nerfstudio / instant-ngp): points and
+    input cameras"""
 
     bl_idname = "import_scene.npbgpp_dataset"
     bl_label = "Import NPBG++ Dataset"
@@ -369,9 +372,9 @@ class IMPORT_SCENE_OT_npbgpp_dataset(bpy.types.Operator):
         name="Max Points", default=0, min=0, description="Keep at most this many points, chosen at random (0: all)",
     )
     undistort: BoolProperty(  # type: ignore[valid-type]
-        name="Undistort (COLMAP)", default=False,
-        description="COLMAP models with lens distortion: remap the photos to pinhole images on load "
-                    "(otherwise such models are refused)",
+        name="Undistort (COLMAP, nerfstudio)", default=False,
+        description="COLMAP models and nerfstudio transforms.json with lens distortion (k1, k2, p1, p2): remap "
+                    "the photos to pinhole images on load (otherwise such datasets are refused)",
     )
     allow_external_paths: BoolProperty(  # type: ignore[valid-type]
         name="Allow External Paths", default=False,

@@ -152,7 +152,8 @@ class NPBGPPSceneSettings(bpy.types.PropertyGroup):
     )
     dataset_undistort: BoolProperty(  # type: ignore[valid-type]
         name="Undistort Dataset", default=False,
-        description="The dataset was imported with COLMAP undistortion (Aggregate and Densify read it the same way)",
+        description="The dataset was imported with lens undistortion (COLMAP, nerfstudio; Aggregate and Densify "
+        "read it the same way)",
     )
     dataset_allow_external_paths: BoolProperty(  # type: ignore[valid-type]
         name="Dataset Allows External Paths", default=False,

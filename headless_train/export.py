@@ -35,9 +35,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="NPBG++: which views are aggregated")
     p.add_argument("--max-side", type=int, default=None, help="NPBG++: downscale input views to this long side")
     p.add_argument("--undistort", action="store_true",
-                   help="COLMAP models with lens distortion: remap the photos to pinhole images on load")
+                   help="COLMAP models and nerfstudio transforms.json with lens distortion: remap the photos to "
+                   "pinhole images on load")
     p.add_argument("--allow-external-paths", action="store_true",
-                   help="NeRF-Synthetic / COLMAP: read image paths that leave the scene folder")
+                   help="NeRF-Synthetic / COLMAP / nerfstudio: read image paths that leave the scene folder")
     p.add_argument("--world-up", default=None, metavar="auto|AXIS|X,Y,Z",
                    help="weights file (.safetensors): the scene's up axis the network aggregates with: 'auto' "
                    "(default: the mean image-up of the aggregated views' cameras, snapped to an axis within "

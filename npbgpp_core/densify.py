@@ -1102,7 +1102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("scene", help="scene folder in any load_scene format")
     p.add_argument("--out", required=True, help="output PLY file")
     p.add_argument("--format", default=None, help="dataset format (default: detect)")
-    p.add_argument("--undistort", action="store_true", help="COLMAP: undistort distorted cameras on load")
+    p.add_argument("--undistort", action="store_true", help="COLMAP, nerfstudio: undistort distorted cameras on load")
     p.add_argument("--views", default="train",
                    help="'train' (default), 'all', or indices and view names like 0,2,5-9,train/r_12")
     p.add_argument("--max-views", type=int, default=0, help="use at most this many, evenly spaced (0: all)")

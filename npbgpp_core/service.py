@@ -77,9 +77,10 @@ def torch_info() -> P.TorchInfo:
 
 def load_dataset(path: str, format: str | None = None, undistort: bool = False,
                  allow_external_paths: bool = False) -> Any:
-    """``load_scene`` for the add-on. ``undistort`` applies to COLMAP models (the other
-    formats hold undistorted images) and ``allow_external_paths`` to the formats whose files
-    name image paths (NeRF-Synthetic, COLMAP); each is ignored for the formats without it."""
+    """``load_scene`` for the add-on. ``undistort`` applies to COLMAP models and nerfstudio
+    transforms.json (the other formats hold undistorted images) and ``allow_external_paths``
+    to the formats whose files name image paths (NeRF-Synthetic, COLMAP, nerfstudio); each
+    is ignored for the formats without it."""
     from .datasets import load_scene
 
     wanted = {"undistort": undistort, "allow_external_paths": allow_external_paths}

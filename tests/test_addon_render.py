@@ -943,6 +943,50 @@ def test_import_dataset_cameras_reproduce_views(scene):
     assert sc.npbgpp.dataset_path
 
 
+@pytest.mark.parametrize("fmt", ["AUTO", "NERFSTUDIO"])
+def test_import_nerfstudio_transforms_cameras_reproduce_views(scene, fmt):
+    """A nerfstudio / instant-ngp transforms.json folder (intrinsics in pixels, COLMAP's
+    principal point convention, sparse_pc.ply by ply_file_path): the imported cameras see
+    the points where Blender's own world_to_camera_view puts them for the originals."""
+    import json
+
+    from PIL import Image
+
+    from npbgpp_core.ply import save_ply
+
+    sc, cam = scene["scene"], scene["camera"]
+    cam2 = cam.copy()
+    cam2.data = cam.data.copy()
+    sc.collection.objects.link(cam2)
+    cam2.location = (-2.5, -3.0, 1.5)
+    cam2.rotation_euler = (np.radians(70), np.radians(8), np.radians(-35))
+    bpy.context.view_layer.update()
+    w, h = 32, 24
+    root = scene["dir"] / "ns"
+    (root / "images").mkdir(parents=True)
+    frames = []
+    for i, c in enumerate((cam, cam2)):
+        Image.fromarray(np.full((h, w, 3), 60 + 40 * i, np.uint8)).save(root / "images" / f"frame_{i:05d}.png")
+        fl = c.data.lens / c.data.sensor_width * w  # sensor fit AUTO, landscape: the width
+        frames.append({"file_path": f"images/frame_{i:05d}.png", "transform_matrix": [list(r) for r in c.matrix_world],
+                       "fl_x": fl, "fl_y": fl, "cx": w / 2, "cy": h / 2, "w": w, "h": h})
+    (root / "transforms.json").write_text(json.dumps({"camera_model": "OPENCV", "ply_file_path": "sparse_pc.ply",
+                                                      "frames": frames}))
+    save_ply(str(root / "sparse_pc.ply"), scene["points"], scene["colors"])
+    sc.render.resolution_x, sc.render.resolution_y = w, h
+    ref = [np.array([tuple(world_to_camera_view(sc, c, Vector(p))) for p in scene["points"]]) for c in (cam, cam2)]
+    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root), format=fmt) == {"FINISHED"}
+    assert sc.npbgpp.dataset_format == "nerfstudio"
+    imported = sorted((o for o in sc.objects if o.type == "CAMERA" and o not in (cam, cam2)), key=lambda o: o.name)
+    assert [o.name for o in imported] == ["images/frame_00000", "images/frame_00001"]
+    assert (sc.render.resolution_x, sc.render.resolution_y) == (w, h)
+    for c, want in zip(imported, ref, strict=True):
+        got = np.array([tuple(world_to_camera_view(sc, c, Vector(p))) for p in scene["points"]])
+        np.testing.assert_allclose(got[:, :2] * [w, h], want[:, :2] * [w, h], atol=1e-3)
+        np.testing.assert_allclose(got[:, 2], want[:, 2], rtol=1e-5)
+    assert len(sc.npbgpp.point_object.data.points) == len(scene["points"])  # sparse_pc.ply
+
+
 @pytest.mark.parametrize("scale", [0.01, 10000.0])
 def test_import_dataset_cameras_clip_around_the_cloud(scene, scale):
     """A dataset at another scale than Blender's default clip range (0.1 .. 1000: the whole

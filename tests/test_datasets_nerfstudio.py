@@ -389,3 +389,24 @@ def test_downscale_option_checks(capture):
         load_scene(root, downscale=0)
     with pytest.raises(DatasetError, match=r"images_2/frame_\d+.png: image file not found|image for file_path"):
         load_scene(root, downscale=2)
+
+
+def test_headless_train_dataset_config(tmp_path):
+    """``datasets=nerfstudio_one_scene`` reads a transforms.json scene (with the loader's options)."""
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from headless_train.data import load_scenes
+
+    cams = random_cameras(3, seed=9)
+    root = tmp_path / "data" / "kitchen"
+    write_images(str(root), cams)
+    write_transforms(str(root), cams, k1=0.05)
+    with initialize_config_module("headless_train.conf", version_base="1.3"):
+        cfg = compose("config", overrides=["datasets=nerfstudio_one_scene", f"datasets.data_root={tmp_path / 'data'}",
+                                           "datasets.scene_name=kitchen", "+datasets.options.undistort=true"])
+    dcfg = OmegaConf.to_container(cfg.datasets, resolve=True)
+    assert dcfg["format"] == "nerfstudio"
+    (scene,) = load_scenes(dcfg, None)
+    assert scene.format == "nerfstudio" and scene.name == "kitchen" and len(scene.views) == 3
+    assert scene.views[0].distortion is not None and scene.points.shape == POINTS.shape
