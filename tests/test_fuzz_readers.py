@@ -1,5 +1,5 @@
 """Property-based fuzzing of the file readers (hypothesis): mutated PLY files, COLMAP
-models (.txt and .bin), NeRF-Synthetic transforms JSON, NeuralScene bundles, and the
+models (.txt and .bin), NeRF-Synthetic and nerfstudio transforms JSON, NeuralScene bundles, and the
 numpy files of DTU (cameras.npz) and ScanNet (intrinsics.npy, extrinsics.npy). The only
 exceptions allowed are the documented ones: ValueError for PLY and bundles, DatasetError
 for scene folders. Anything else (IndexError, ZeroDivisionError, MemoryError, a
@@ -356,6 +356,38 @@ def test_fuzz_nerf_synthetic_json(tmp_path):
             assert all(v.image_path.startswith(root) for v in scene.views)
 
     run_fuzz("nerf_json", mutations, body)
+
+
+def test_fuzz_nerfstudio_json(tmp_path):
+    """transforms.json of nerfstudio / instant-ngp: shared and per-frame intrinsics, lens
+    keys, masks, split lists, ply_file_path (loaded with undistort=True, so the lens keys
+    are read)."""
+    root = str(tmp_path / "scene")
+    _image_folder(os.path.join(root, "images"), ["a.png", "b.png"], (16, 16))
+    _image_folder(os.path.join(root, "masks"), ["a.png"], (16, 16))
+    save_ply(os.path.join(root, "sparse_pc.ply"), np.zeros((3, 3), np.float32) + np.arange(3)[:, None])
+    c2w = [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 4], [0, 0, 0, 1]]
+    meta = {"camera_model": "OPENCV", "fl_x": 20.0, "fl_y": 21.0, "cx": 8.0, "cy": 8.0, "w": 16, "h": 16,
+            "k1": 0.01, "k2": 0.0, "p1": 0.0, "p2": 0.001, "ply_file_path": "sparse_pc.ply",
+            "train_filenames": ["images/a.png"], "test_filenames": ["images/b.png"], "aabb_scale": 16,
+            "frames": [{"file_path": "images/a.png", "transform_matrix": c2w, "mask_path": "masks/a.png"},
+                       {"file_path": "./images/b", "transform_matrix": c2w, "fl_x": 19.0, "sharpness": 3.0}]}
+    path = os.path.join(root, "transforms.json")
+    with open(path, "wb") as f:
+        f.write(_dumps(meta))
+    assert len(load_scene(root, undistort=True).views) == 2
+    mutations = st.integers(0, 4).flatmap(
+        lambda k: json_mutation(meta).map(_dumps) if k else byte_mutation(_dumps(meta)))
+
+    def body(text: bytes) -> None:
+        with open(path, "wb") as f:
+            f.write(text)
+        scene = _expect((DatasetError,), lambda: load_scene(root, "nerfstudio", undistort=True))
+        if scene is not None:
+            assert all(v.image_path.startswith(root) for v in scene.views)
+            assert np.isfinite(scene.points).all()
+
+    run_fuzz("nerfstudio_json", mutations, body)
 
 
 def _bundle_seed(path: str) -> bytes:
