@@ -543,7 +543,7 @@ class NPBGPP_OT_fit(_WorkerStepJob, bpy.types.Operator):
             return None
         return worker_reply(self, P.FitBegin(
             bundle, dataset, self.steps, weights, "" if domain == "auto" else domain, s.dataset_format or None,
-            s.dataset_undistort, s.dataset_allow_external_paths, s.device,
+            s.dataset_undistort, s.dataset_allow_external_paths, s.device, s.fit_upright,
         ), context)
 
     def _finish(self, context: Any) -> set[str]:

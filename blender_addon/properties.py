@@ -119,6 +119,13 @@ class NPBGPPSceneSettings(bpy.types.PropertyGroup):
         name="Point Object", description="Mesh or point cloud holding the points (its transform is applied)",
         type=bpy.types.Object, poll=_is_point_object,
     )
+    fit_upright: BoolProperty(  # type: ignore[valid-type]
+        name="Fit Upright", default=True,  # npbgpp_core.fitting.FIT_ALIGNED (that module imports torch)
+        description="Fit to Photos fits the scene to render views rolled against the up axis upright, as the "
+        "NPBG++ network sees them (the fitted bundle keeps the choice); off: in the view's own frame, as the "
+        "published NPBG fits. Upright scored 0.2 to 0.5 dB better on real captures (BENCHMARKS.md, Upright "
+        "fitted scenes)",
+    )
     dataset_path: StringProperty(  # type: ignore[valid-type]
         name="Dataset", description="Dataset folder the input cameras came from (Aggregate reads its images)",
         subtype="DIR_PATH", default="", options=RELATIVE_OK,

@@ -49,6 +49,7 @@ class RENDER_PT_npbgpp_data(_NPBGPPPanel, bpy.types.Panel):
         layout.prop(s, "dataset_path")
         layout.prop(s, "dataset_points")
         layout.prop(s, "up_axis")
+        layout.prop(s, "fit_upright")
         col = layout.column(align=True)
         col.operator("import_scene.npbgpp_ply", icon="IMPORT")
         col.operator("import_scene.npbgpp_bundle", icon="IMPORT")

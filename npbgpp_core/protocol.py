@@ -383,7 +383,8 @@ class FitBegin(Request):
     ``steps`` steps (``npbgpp_core.scene_fit``); then :class:`FitStep` until finished,
     :class:`FitFinish` or :class:`FitCancel`. ``weights``: the NPBG++ file whose encoder
     the fit's perceptual loss uses; empty: the bundled file of ``domain`` (empty: the
-    bundle's own domain)."""
+    bundle's own domain). ``aligned``: whether the fitted scene renders rolled views
+    upright (``fit_coefficients``' ``aligned``); None: its default, ``FIT_ALIGNED``."""
 
     bundle: str
     dataset: str
@@ -394,6 +395,7 @@ class FitBegin(Request):
     undistort: bool = False
     allow_external_paths: bool = False
     device: str = "AUTO"
+    aligned: bool | None = None
     op: ClassVar[str] = "fit_begin"
     reply: ClassVar[type[Reply]] = FitProgress
 

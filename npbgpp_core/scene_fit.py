@@ -56,13 +56,14 @@ class BundleFit:
     checkpoint ``headless_train export`` made the bundle with (its metadata, when that file
     is still there), or the bundled file of the domain the bundle was aggregated for (its
     metadata), or else the dataset's. The bundle's own
-    basis and refiner weights are what the fit starts from.
+    basis and refiner weights are what the fit starts from. ``aligned``: the fit's
+    ``aligned`` (rolled views rendered upright); None: :data:`~npbgpp_core.fitting.FIT_ALIGNED`.
 
     ``step()`` runs one step (True once all are done); ``done`` / ``total`` count them;
     ``save(out)`` writes the fitted bundle atomically. Every check runs in the constructor."""
 
     def __init__(self, bundle_path: str, data: Any, steps: int = DEFAULT_STEPS, weights: str = "",
-                 domain: str = "", device: str = "cpu") -> None:
+                 domain: str = "", device: str = "cpu", aligned: bool | None = None) -> None:
         from .datasets import scene_domain
         from .fitting import iter_fit_coefficients, padded_fit_views
         from .pretrained import check_domain, default_weights_path
@@ -100,7 +101,8 @@ class BundleFit:
             raise ValueError(f"dataset {data.root} has no views to fit to")
         views = padded_fit_views([data.load_image(i) for i in ids], [data.views[i].camera for i in ids])
         self.views = len(ids)
-        self._fit = iter_fit_coefficients(model, aggregated, views, self.total)
+        options = {} if aligned is None else {"aligned": aligned}  # checked by iter_fit_coefficients
+        self._fit = iter_fit_coefficients(model, aggregated, views, self.total, **options)
         self.done = 0
         self.result: Any = None  # the FitResult once finished
 

@@ -411,7 +411,8 @@ class RenderService:
         if not os.path.isfile(req.bundle):
             raise FileNotFoundError(f"bundle to fit not found: {req.bundle}")
         data = load_dataset(req.dataset, req.format, req.undistort, req.allow_external_paths)
-        self.fit = BundleFit(req.bundle, data, req.steps, req.weights, req.domain, pick_device(req.device))
+        self.fit = BundleFit(req.bundle, data, req.steps, req.weights, req.domain, pick_device(req.device),
+                             req.aligned)
         return self._fit_progress()
 
     def fit_step(self, req: P.FitStep) -> P.FitProgress:

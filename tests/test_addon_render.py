@@ -2088,6 +2088,7 @@ class _Recorder:
     def __init__(self) -> None:
         self.operators: list[str] = []
         self.labels: list[str] = []
+        self.props: list[str] = []
         self.enabled = self.active = True
 
     def operator(self, idname, **kwargs):
@@ -2101,8 +2102,8 @@ class _Recorder:
 
     column = row
 
-    def prop(self, *args, **kwargs):
-        pass
+    def prop(self, data, name, **kwargs):
+        self.props.append(name)
 
     def separator(self, **kwargs):
         pass
@@ -2436,11 +2437,20 @@ def test_fit_to_photos_operator(scene):
     panel.draw(type("P", (), {"layout": layout})(), bpy.context)
     ops = layout.operators
     assert ops.index("npbgpp.fit") == ops.index("npbgpp.aggregate") + 1  # next to Aggregate
+    assert layout.props.index("fit_upright") == layout.props.index("up_axis") + 1  # by the aggregate option
+    # Fit Upright defaults to the library's choice and reaches the fit: the bundle renders upright
+    # (the aggregated one does), the fitted one records the other choice.
+    from npbgpp_core.fitting import FIT_ALIGNED
+
+    assert type(sc.npbgpp).bl_rna.properties["fit_upright"].default == FIT_ALIGNED and sc.npbgpp.fit_upright
+    assert NeuralScene.load(agg).model_config["align_during_rendering"] is True
+    sc.npbgpp.fit_upright = not FIT_ALIGNED
     assert bpy.ops.npbgpp.fit(steps=3) == {"FINISHED"}
     assert sc.npbgpp.bundle == fitted
     bundle = NeuralScene.load(fitted)
     # Steps' min: fewer than 50 steps lose against no fit on real captures, so 3 is raised to 50
     assert bundle.kind == "coefficients" and bundle.metadata["fit"]["steps"] == 50
+    assert bundle.model_config["align_during_rendering"] is (not FIT_ALIGNED)
     sc.npbgpp.output = "NEURAL"
     sc.render.film_transparent = False
     got = _neural_display(sc, str(scene["dir"] / "fitted.exr"))
