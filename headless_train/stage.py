@@ -152,18 +152,60 @@ def checkpoint_state(path: str) -> tuple[int, dict[str, Any]]:
     return ckpt.get("global_step", 0), ckpt[META_KEY]
 
 
-def stage_background(args: argparse.Namespace, resumed: dict[str, Any] | None) -> str:
+def start_weights_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The network config of the weights a first call starts from (``--weights`` or the
+    bundled file); StageError naming ``--weights`` when the file is missing or is not NPBG++
+    weights (it was a traceback)."""
+    from npbgpp_core.pretrained import WeightsError, default_weights_path, read_weights
+
+    path = args.weights or default_weights_path("npbgpp")
+    try:
+        return dict(read_weights(path, "npbgpp").config)
+    except (OSError, WeightsError) as exc:
+        raise StageError(f"--weights {path}: {exc}") from None
+
+
+def stage_background(args: argparse.Namespace, resumed: dict[str, Any] | None,
+                     start: dict[str, Any] | None = None) -> str:
     """``--background``, or when not given the one the run continues with: the resumed
-    checkpoint's (``resumed``: its metadata) or the starting weights file's ('none' for
-    files without it). Weights without a background start an 'environment' run with zero
-    projections."""
+    checkpoint's (``resumed``: its metadata) or the starting weights' (``start``: their
+    config; 'none' for files without it). Weights without a background start an
+    'environment' run with zero projections."""
     if args.background:
         return args.background
     if resumed is not None:
         return str(resumed.get("config", {}).get("background", "none"))
-    from npbgpp_core.pretrained import default_weights_path, read_weights
+    return str((start if start is not None else start_weights_config(args)).get("background", "none"))
 
-    return str(read_weights(args.weights or default_weights_path("npbgpp"), "npbgpp").config.get("background", "none"))
+
+def stage_input_canvas(args: argparse.Namespace, resumed: dict[str, Any] | None,
+                       start: dict[str, Any] | None) -> str:
+    """``--input-canvas``, or when not given the run's own (resumed) or the starting
+    weights' canvas: a fixed default of 'square' trained the bundled 'bounds' network with
+    another canvas, so its first call changed the network (a warning in train.log only)."""
+    if args.input_canvas:
+        return args.input_canvas
+    config = resumed.get("config", {}) if resumed is not None else (start or {})
+    return str(config.get("input_canvas", "square"))
+
+
+def stage_world_up(text: str) -> list[float]:
+    """``--world-up`` as numbers: ``x,y,z`` or an axis name (``+z``, ``-y``, as
+    ``system.world_up``); StageError naming the option for anything else (it was a
+    traceback, or an error from the trainer after the seed was written)."""
+    from npbgpp_core.models.alignment import parse_world_up
+
+    try:
+        parts = [float(v) for v in text.split(",")]
+    except ValueError:
+        parts = None
+    try:
+        up = parse_world_up(parts if parts is not None else text)
+    except ValueError as exc:
+        raise StageError(f"--world-up {text}: {exc}") from None
+    if up == "auto":
+        raise StageError(f"--world-up {text}: the stage needs the corpus's axis (e.g. 0,0,1 or +z), not auto")
+    return [float(v) for v in up]
 
 
 # lr warm-up of a call that starts from weights (--warmup-steps): a fresh Adam's first
@@ -207,21 +249,26 @@ def stage_warmup(given: int | None, resumed: dict[str, Any] | None) -> int:
 def run_stage(args: argparse.Namespace) -> dict[str, Any]:
     """Seed or resume, train for ``--minutes`` (or ``--dry-steps``), export weights + card."""
     warmup = warmup_arg(args.warmup_steps)  # a bad value fails before anything is read
+    up = stage_world_up(args.world_up)
+    args.world_up = ",".join(f"{v:g}" for v in up)
     scenes = check_corpus(args.corpus, args.max_corpus_mib)
     work = os.path.abspath(args.work)
+    if os.path.exists(work) and not os.path.isdir(work):
+        raise StageError(f"--work {args.work} is a file; give a folder (new or one an earlier call used)")
     run_dir = os.path.join(work, "run")
     last = os.path.join(run_dir, "checkpoints", "last.ckpt")
     resume = os.path.isfile(last)
     start_step, resumed = checkpoint_state(last) if resume else (0, None)
-    seed = None
+    seed, start = None, None
     if not resume:
         from npbgpp_core.pretrained import default_weights_path
 
+        start = start_weights_config(args)  # before the work folder is made
         os.makedirs(work, exist_ok=True)
-        seed = seed_checkpoint(args.weights or default_weights_path("npbgpp"), os.path.join(work, "seed.ckpt"),
-                               [float(v) for v in args.world_up.split(",")])
+        seed = seed_checkpoint(args.weights or default_weights_path("npbgpp"), os.path.join(work, "seed.ckpt"), up)
     max_steps = start_step + args.dry_steps if args.dry_run else 10**9
-    args.background = stage_background(args, resumed)
+    args.background = stage_background(args, resumed, start)
+    args.input_canvas = stage_input_canvas(args, resumed, start)
     args.warmup_steps = stage_warmup(warmup, resumed)
     overrides = train_overrides(args, run_dir, seed, resume, max_steps)
     cmd = [sys.executable, "-m", "headless_train", *overrides]
@@ -518,17 +565,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--work", required=True, help="stage folder: run/, weights, card, stage.json")
     p.add_argument("--weights", default=None, help="NPBG++ weights the first call starts from (default: bundled)")
     p.add_argument("--minutes", type=float, default=8.0, help="training time of this call (default 8)")
-    p.add_argument("--gpus", type=int, default=1)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--crop", type=int, default=256)
-    p.add_argument("--views", type=int, default=3)
-    p.add_argument("--workers", type=int, default=8)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--max-points", type=int, default=200000)
-    p.add_argument("--world-up", default="0,0,1", help="up axis of the corpus (Blender: 0,0,1)")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs (default 1; 0: train on the CPU)")
+    p.add_argument("--batch", type=int, default=8, help="samples per step (default 8)")
+    p.add_argument("--crop", type=int, default=256, help="training crop side in pixels (default 256)")
+    p.add_argument("--views", type=int, default=3, help="input views per sample (default 3)")
+    p.add_argument("--workers", type=int, default=8, help="DataLoader workers (default 8)")
+    p.add_argument("--lr", type=float, default=2e-4, help="system.lr (default 2e-4)")
+    p.add_argument("--max-points", type=int, default=200000, help="system.max_points (default 200000)")
+    p.add_argument("--world-up", default="0,0,1", help="up axis of the corpus: x,y,z or an axis name like +z "
+                                                          "(default 0,0,1, Blender's)")
     p.add_argument("--gradient-weight", type=float, default=0.0, help="loss.gradient_weight")
-    p.add_argument("--input-canvas", default="square", choices=("square", "bounds"),
-                   help="system.input_canvas (bounds: half the extractor pixels; stored in the weights)")
+    p.add_argument("--input-canvas", default=None, choices=("square", "bounds"),
+                   help="system.input_canvas (default: the resumed run's, else the starting weights'; bounds: "
+                        "half the extractor pixels; stored in the weights)")
     p.add_argument("--background", default=None, choices=("none", "environment"),
                    help="system.background (default: the resumed run's, else the starting weights'); "
                         "weights without one start 'environment' with zero projections")
@@ -537,10 +586,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         f"{DEFAULT_WARMUP_STEPS} on a call that starts from weights, 0 turns it off); a resumed "
                         "call keeps the run's setting")
     p.add_argument("--no-amp", dest="amp", action="store_false", help="fp32 on the GPU (default bf16 autocast)")
-    p.add_argument("--max-corpus-mib", type=float, default=MAX_CORPUS_MIB)
+    p.add_argument("--max-corpus-mib", type=float, default=MAX_CORPUS_MIB,
+                   help=f"largest corpus accepted (default {MAX_CORPUS_MIB:g}, what a device call carries)")
     p.add_argument("--override", action="append", default=[], help="extra Hydra override (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny crops, --dry-steps steps")
-    p.add_argument("--dry-steps", type=int, default=2)
+    p.add_argument("--dry-steps", type=int, default=2, help="steps of a --dry-run (default 2)")
     return p.parse_args(argv)
 
 

@@ -237,6 +237,67 @@ def test_stage_dry_run_resumes_and_writes_weights(tmp_path):
     assert last["lr_schedulers"][0]["last_epoch"] == 2
 
 
+def test_stage_refuses_bad_start_weights_work_and_world_up_by_name(tmp_path, capsys, monkeypatch):
+    """A missing or foreign --weights, a --work that is a file and a --world-up that is not an
+    axis were tracebacks (the weights after the work folder was made); now one line naming
+    the option, exit 2, nothing written and no training started. --world-up takes axis
+    names as system.world_up does."""
+    import headless_train.stage as stage
+
+    monkeypatch.setattr(stage, "run_child", lambda *a, **k: pytest.fail("training started"))
+    root = make_dataset(str(tmp_path / "data"), ("s1",), views=3, size=16, n_points=50)
+    junk = tmp_path / "junk.ckpt"
+    junk.write_text("hello")
+    cases = [
+        (["--weights", str(tmp_path / "nope.ckpt")], f"--weights {tmp_path / 'nope.ckpt'}: "),
+        (["--weights", str(junk)], f"--weights {junk}: weights file {junk} is not a readable torch checkpoint"),
+        (["--weights", os.path.join("npbgpp_core", "weights", "npbg_refiner_procedural.safetensors")],
+         "holds 'npbg_refiner' weights, expected 'npbgpp'"),
+        (["--world-up", "up"], "--world-up up: world_up must be"),
+        (["--world-up", "0,0"], "--world-up 0,0: world_up must be 3 finite numbers"),
+        (["--world-up", "auto"], "not auto"),
+    ]
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    for extra, message in cases:
+        work = tmp_path / "w"
+        assert stage.main(["--corpus", root, "--work", str(work), "--gpus", "0", *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+        assert not work.exists()
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    assert stage.main(["--corpus", root, "--work", str(afile), "--gpus", "0"]) == 2
+    assert f"--work {afile} is a file" in capsys.readouterr().err
+    assert stage.stage_world_up("+z") == [0.0, 0.0, 1.0] and stage.stage_world_up("0,-1,0") == [0.0, -1.0, 0.0]
+
+
+def test_stage_trains_the_starting_weights_own_input_canvas(tmp_path, monkeypatch):
+    """Without --input-canvas a first call built a 'square' network whatever the starting
+    weights were trained with (the bundled file: 'bounds'), so the stage changed the network
+    (only a warning in train.log); now it takes the starting weights' canvas, a resumed call
+    the run's own, and --input-canvas still overrides."""
+    import headless_train.stage as stage
+    from npbgpp_core.pretrained import default_weights_path, read_weights
+
+    bundled = read_weights(default_weights_path("npbgpp"), "npbgpp").config["input_canvas"]
+    seen = []
+
+    def fake_child(cmd, *a, **k):
+        seen.append(next(o for o in cmd if o.startswith("system.input_canvas=")))
+        return 1, False, None
+
+    monkeypatch.setattr(stage, "run_child", fake_child)
+    root = make_dataset(str(tmp_path / "data"), ("s1",), views=3, size=16, n_points=50)
+    cases = (([], bundled), (["--input-canvas", "square"], "square"), (["--input-canvas", "bounds"], "bounds"))
+    for extra, want in cases:
+        with pytest.raises(stage.StageError, match="training wrote no"):
+            stage.run_stage(stage.parse_args(["--corpus", root, "--work", str(tmp_path / "w"), "--gpus", "0", *extra]))
+        assert seen[-1] == f"system.input_canvas={want}"
+    resumed = {"config": {"input_canvas": "square"}}
+    args = stage.parse_args(["--corpus", root, "--work", str(tmp_path / "w")])
+    assert stage.stage_input_canvas(args, resumed, {"input_canvas": "bounds"}) == "square"
+
+
 def test_scene_discovery_skips_folders_a_renderer_is_still_writing(tmp_path):
     from headless_train.data import DataConfigError, discover_scene_dirs
 
