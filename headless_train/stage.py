@@ -246,6 +246,22 @@ def stage_warmup(given: int | None, resumed: dict[str, Any] | None) -> int:
     return own
 
 
+def read_history(path: str) -> list[dict[str, Any]]:
+    """The calls recorded in ``stage.json`` (none when it does not exist); StageError naming
+    the file when it is not a JSON list of calls."""
+    if not os.path.isfile(path):
+        return []
+    try:
+        with open(path, encoding="utf-8") as f:
+            calls = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise StageError(f"{path} is not readable JSON ({exc}); repair it or move it away (the run's "
+                         "last.ckpt is kept either way)") from None
+    if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
+        raise StageError(f"{path} is not a list of stage calls; repair it or move it away")
+    return calls
+
+
 def run_stage(args: argparse.Namespace) -> dict[str, Any]:
     """Seed or resume, train for ``--minutes`` (or ``--dry-steps``), export weights + card."""
     warmup = warmup_arg(args.warmup_steps)  # a bad value fails before anything is read
@@ -266,6 +282,8 @@ def run_stage(args: argparse.Namespace) -> dict[str, Any]:
         start = start_weights_config(args)  # before the work folder is made
         os.makedirs(work, exist_ok=True)
         seed = seed_checkpoint(args.weights or default_weights_path("npbgpp"), os.path.join(work, "seed.ckpt"), up)
+    history = os.path.join(work, "stage.json")
+    calls = read_history(history)  # before training: a bad file failed only after the whole call
     max_steps = start_step + args.dry_steps if args.dry_run else 10**9
     args.background = stage_background(args, resumed, start)
     args.input_canvas = stage_input_canvas(args, resumed, start)
@@ -288,11 +306,6 @@ def run_stage(args: argparse.Namespace) -> dict[str, Any]:
     finished = rc == 0 or (rc == EXIT_SIGTERM and (timed_out or stopped_by is not None))
     if not finished and stopped_by is None and end_step == start_step:
         raise StageError(f"training exited with code {rc} and took no step; see {log_path}{log_tail(log_path)}")
-    history = os.path.join(work, "stage.json")
-    calls = []
-    if os.path.isfile(history):
-        with open(history, encoding="utf-8") as f:
-            calls = json.load(f)
     info: dict[str, Any] = {
         "corpus": os.path.abspath(args.corpus), "scenes": scenes, "resumed": resume, "start_step": start_step,
         "end_step": end_step, "seconds": round(seconds, 1), "exit_code": rc, "overrides": overrides,

@@ -298,6 +298,24 @@ def test_stage_trains_the_starting_weights_own_input_canvas(tmp_path, monkeypatc
     assert stage.stage_input_canvas(args, resumed, {"input_canvas": "bounds"}) == "square"
 
 
+def test_stage_refuses_a_broken_stage_json_before_training(tmp_path, capsys, monkeypatch):
+    """A stage.json that is not a list of calls was read only after training, failing with a
+    JSONDecodeError traceback (no weights exported, the call unrecorded); now it is refused
+    first, by name."""
+    import headless_train.stage as stage
+
+    monkeypatch.setattr(stage, "run_child", lambda *a, **k: pytest.fail("training started"))
+    root = make_dataset(str(tmp_path / "data"), ("s1",), views=3, size=16, n_points=50)
+    work = tmp_path / "w"
+    work.mkdir()
+    for text in ("garbage{", '{"a": 1}'):
+        (work / "stage.json").write_text(text)
+        assert stage.main(["--corpus", root, "--work", str(work), "--gpus", "0"]) == 2
+        err = capsys.readouterr().err
+        assert f"{work / 'stage.json'} is not" in err and "Traceback" not in err, err
+    assert stage.read_history(str(tmp_path / "none.json")) == []
+
+
 def test_scene_discovery_skips_folders_a_renderer_is_still_writing(tmp_path):
     from headless_train.data import DataConfigError, discover_scene_dirs
 
