@@ -330,10 +330,33 @@ def _listing(pairs: list[tuple[str, int]]) -> str:
     return ", ".join(f"{n} ({p} points)" for n, p in pairs)
 
 
+def _other_clouds(meta: dict, scenes: list) -> list[tuple[str, str | None, str | None]]:
+    """(scene, the cloud file the checkpoint records, this run's) for each scene fitted to
+    another cloud file than this run loads: one of the same size passes the point-count
+    check and would get descriptors fitted to other points. Checkpoints written before
+    clouds were recorded (no ``point_clouds``) compare nothing."""
+    from .systems.base import point_cloud_name
+
+    names, clouds = meta.get("scenes", []), meta.get("point_clouds")
+    if not isinstance(clouds, list) or len(clouds) != len(names):
+        return []
+    recorded = {n: c for n, c in zip(names, clouds, strict=True) if c is None or isinstance(c, str)}
+    return [(s.name, recorded[s.name], now) for s in scenes
+            if s.name in recorded and (now := point_cloud_name(s)) != recorded[s.name]]
+
+
+def _cloud_listing(mismatches: list[tuple[str, str | None, str | None]]) -> str:
+    def shown(cloud: str | None) -> str:
+        return cloud if cloud is not None else "the format's own points (no .ply)"
+
+    return "; ".join(f"scene {n} was fitted to {shown(had)}, this run loads {shown(now)}" for n, had, now in mismatches)
+
+
 def check_fitted_scenes(ckpt: dict, path: str, system_name: str, scenes: list) -> None:
     """UsageError when an NPBG / coefficients_ft evaluation's checkpoint holds no descriptors
-    fitted to one of its scenes (another scene, or another point count): the refiner loaded,
-    the scene's descriptors stayed at their random start, and the metrics said nothing of it."""
+    fitted to one of its scenes (another scene, another point count, or another recorded
+    cloud file): the refiner loaded, the scene's descriptors stayed at their random start
+    (or sat on other points), and the metrics said nothing of it."""
     from .systems.base import module_key
 
     state = ckpt["state_dict"]
@@ -344,12 +367,17 @@ def check_fitted_scenes(ckpt: dict, path: str, system_name: str, scenes: list) -
         raise UsageError(f"eval_only=true with system={system_name}: {path} holds no descriptors fitted to "
                          f"{_listing(unfitted)} (it holds {held or 'none'}); evaluate the checkpoint of a run "
                          "fitted on them with the same datasets.* and system.max_points")
+    other = _other_clouds(ckpt["npbgpp"], scenes)
+    if other:
+        raise UsageError(f"eval_only=true with system={system_name}: {path} holds descriptors fitted to another point "
+                         f"cloud file ({_cloud_listing(other)}); evaluate with the datasets.pc_name of that run")
 
 
 def check_resumed_scenes(meta: dict, path: str, system_name: str, scenes: list) -> None:
     """UsageError when an NPBG / coefficients_ft run resumes on other scenes or other point
     counts than its checkpoint's (their per-point descriptors would not fit: load_state_dict
-    answered with a page of unexpected and missing keys)."""
+    answered with a page of unexpected and missing keys), or on another cloud file than the
+    one it records (same size: the descriptors would silently sit on other points)."""
     if system_name not in ("npbg", "coefficients_ft"):
         return  # NPBG++ has no per-scene parameters
     had, now = sorted(_held_points(meta)), sorted(_scene_points(scenes))
@@ -357,6 +385,11 @@ def check_resumed_scenes(meta: dict, path: str, system_name: str, scenes: list) 
         raise UsageError(f"resume=true: {path} holds the descriptors of {_listing(had)}; this run loads "
                          f"{_listing(now)}. Resume with the datasets.* and system.max_points of that run, or start a "
                          "new run folder with weights_path= pointing at it")
+    other = _other_clouds(meta, scenes)
+    if other:
+        raise UsageError(f"resume=true: {path} holds descriptors fitted to another point cloud file "
+                         f"({_cloud_listing(other)}). Resume with the datasets.pc_name of that run, or start a new run "
+                         "folder with weights_path= pointing at it")
 
 
 def check_resumed_warmup(ckpt: dict, path: str, scfg: dict) -> None:

@@ -769,6 +769,34 @@ def test_npbg_evaluation_needs_descriptors_fitted_to_the_scene(data_root, tmp_pa
     assert math.isfinite(result["mean"]["psnr"])
 
 
+def test_resume_and_evaluation_compare_the_recorded_cloud_file(tmp_path):
+    """A resumed or evaluated NPBG run whose datasets.pc_name names another cloud file of the
+    same size as its checkpoint's passed the name / point-count check: the descriptors sat
+    on other points. The checkpoint records its cloud; another one is refused, naming both."""
+    import numpy as np
+
+    from headless_train.cli import UsageError
+    from npbgpp_core import load_ply, save_ply
+
+    root = make_dataset(str(tmp_path / "data"), ("sceneD",))
+    default = load_ply(os.path.join(root, "sceneD", "points3d.ply")).points
+    save_ply(os.path.join(root, "sceneD", "other.ply"), np.random.default_rng(1).normal(size=default.shape) * 0.5)
+    base = ["datasets=nerf_blender_one_scene", f"datasets.data_root={root}", "datasets.scene_name=sceneD",
+            "datasets.selection_count=0", "system=npbg", "datasets.train_num_samples=1", *FAST]
+    run = str(tmp_path / "run")
+    run_inproc([*base, "trainer.max_epochs=1"], run)
+    with pytest.raises(UsageError, match=r"resume=true: .*last.ckpt holds descriptors fitted to another point cloud "
+                                         r"file \(scene sceneD was fitted to points3d.ply, this run loads other.ply\)"):
+        run_inproc([*base, "datasets.pc_name=other.ply", "trainer.max_epochs=2", "resume=true"], run)
+    weights = f"weights_path={run}/checkpoints/last.ckpt"
+    with pytest.raises(UsageError, match=r"eval_only=true with system=npbg: .*fitted to another point cloud file "
+                                         r"\(scene sceneD was fitted to points3d.ply, this run loads other.ply\)"):
+        run_inproc([*base, "datasets.pc_name=other.ply", weights, "eval_only=true"], str(tmp_path / "e"))
+    # the cloud it was fitted to, named or by default, is accepted
+    run_inproc([*base, "datasets.pc_name=points3d.ply", weights, "eval_only=true"], str(tmp_path / "e2"))
+    run_inproc([*base, "trainer.max_epochs=2", "resume=true"], run)
+
+
 def test_export_of_a_distorted_colmap_capture(tmp_path):
     """The loader's refusal of a distorted COLMAP model said '--undistort', which export did
     not have: such a capture could not be exported without preparing it first."""
