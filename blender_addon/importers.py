@@ -199,7 +199,8 @@ class IMPORT_SCENE_OT_npbgpp_ply(bpy.types.Operator, ImportHelper):
         default=0.1,
         min=0.0,
         max=1.0,
-        description="Gaussian-splat files only: splats less opaque than this are dropped (0: keep all)",
+        description="Gaussian-splat files only: splats less opaque than this are dropped (0: keep all; "
+        "a file without opacity keeps all)",
     )
 
     def execute(self, context: Any) -> set[str]:
@@ -253,20 +254,22 @@ class IMPORT_SCENE_OT_npbgpp_ply(bpy.types.Operator, ImportHelper):
 
     def _finish_splat(self, context: Any, path: str, imported: Any) -> set[str]:
         """Blender read the splat properties as float attributes; keep centres and colours."""
-        from npbgpp_core.ply import splat_colors, splat_opacity
+        from npbgpp_core.ply import no_opacity_note, splat_colors, splat_opacity
 
         mesh = imported.data
         n = len(mesh.vertices)
         pts = np.zeros(n * 3, np.float32)
         mesh.attributes["position"].data.foreach_get("vector", pts)
         fields = {}
-        for name in ("f_dc_0", "f_dc_1", "f_dc_2", "opacity"):
+        has_opacity = "opacity" in mesh.attributes
+        for name in ("f_dc_0", "f_dc_1", "f_dc_2", "opacity") if has_opacity else ("f_dc_0", "f_dc_1", "f_dc_2"):
             arr = np.zeros(n, np.float32)
             mesh.attributes[name].data.foreach_get("value", arr)
             fields[name] = arr
         matrix = np.array(imported.matrix_world, np.float64)  # the importer's axis conversion
         name = imported.name
-        keep = splat_opacity(fields["opacity"]) >= self.min_opacity
+        # some exporters drop opacity: every splat counts as opaque, as the core reader takes it
+        keep = splat_opacity(fields["opacity"]) >= self.min_opacity if has_opacity else np.ones(n, bool)
         if keep.any():
             pts = pts.reshape(-1, 3)[keep].astype(np.float64) @ matrix[:3, :3].T + matrix[:3, 3]
             colors = splat_colors(np.stack([fields[f"f_dc_{i}"] for i in range(3)], axis=1)[keep])
@@ -282,6 +285,8 @@ class IMPORT_SCENE_OT_npbgpp_ply(bpy.types.Operator, ImportHelper):
             return {"CANCELLED"}
         use_point_object(context, obj)
         self.report({"INFO"}, f"imported {int(keep.sum())} of {n} splats as points ({obj.name})")
+        if not has_opacity and self.min_opacity > 0.0:
+            self.report({"WARNING"}, no_opacity_note(path, self.min_opacity))
         widen_view_clips(self, context, pts)
         return {"FINISHED"}
 

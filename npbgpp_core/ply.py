@@ -4,18 +4,21 @@ uchar (0..255) or float (0..1) colours. Extra per-vertex float properties are ke
 Gaussian-splat files (the 3D Gaussian Splatting layout: ``x, y, z, f_dc_0..2, opacity,
 scale_*, rot_*, f_rest_*``) are read as point clouds: each Gaussian's centre becomes a
 point, its colour is the degree-0 spherical-harmonics term ``0.5 + C0 * f_dc`` clamped to
-[0, 1], and its opacity (stored as a logit) is ``sigmoid(opacity)``. Only the header is
-needed to tell the two apart (:func:`is_splat_header`), so Blender-side code can decide
-without plyfile."""
+[0, 1], and its opacity (stored as a logit) is ``sigmoid(opacity)``. The ``f_dc_*`` trio
+makes a file a splat file; some exporters drop ``opacity``, whose splats are then all
+opaque (opacity 1: a minimum opacity filters nothing). Only the header is needed to tell
+the two apart (:func:`is_splat_header`), so Blender-side code can decide without plyfile."""
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+log = logging.getLogger(__name__)
 
 @dataclass
 class PointCloud:
@@ -36,7 +39,8 @@ _SCALAR_NAMES = {"x", "y", "z", "f_dc_0", "f_dc_1", "f_dc_2", "opacity", *(c for
 
 # Degree-0 real spherical harmonic, 1 / (2 sqrt(pi)): 3DGS stores colour as its coefficient.
 SH_C0 = 0.28209479177387814
-SPLAT_PROPERTIES = ("f_dc_0", "f_dc_1", "f_dc_2", "opacity")
+# What makes a vertex element a splat; "opacity" is read when present (exporters may drop it).
+SPLAT_PROPERTIES = ("f_dc_0", "f_dc_1", "f_dc_2")
 
 
 def ply_vertex_properties(path: str | os.PathLike) -> list[str]:
@@ -99,13 +103,21 @@ def ply_vertex_header(path: str | os.PathLike) -> list[tuple[str, str]]:
 
 
 def is_splat_header(names: list[str] | tuple[str, ...]) -> bool:
-    """Whether vertex property ``names`` follow the Gaussian-splat layout."""
+    """Whether vertex property ``names`` follow the Gaussian-splat layout (the ``f_dc_*``
+    colour trio; ``opacity`` may be missing)."""
     return all(n in names for n in SPLAT_PROPERTIES)
 
 
 def splat_colors(f_dc: np.ndarray) -> np.ndarray:
     """``(N, 3)`` SH DC coefficients -> RGB in [0, 1] (the colour seen from every side)."""
     return np.clip(0.5 + SH_C0 * np.asarray(f_dc, dtype=np.float64), 0.0, 1.0).astype(np.float32)
+
+
+def no_opacity_note(path: str, min_opacity: float) -> str:
+    """What a splat file without ``opacity`` means for a ``min_opacity`` filter (> 0), the
+    same words in the core reader's log and the add-on's import report."""
+    return (f"{path}: this Gaussian-splat file has no opacity property: every splat is kept as opaque, "
+            f"min opacity {min_opacity:g} has nothing to filter")
 
 
 def splat_opacity(logit: np.ndarray) -> np.ndarray:
@@ -119,7 +131,9 @@ def load_ply(path: str | os.PathLike, min_opacity: float = 0.0) -> PointCloud:
 
     A Gaussian-splat file gives its centres and DC colours, ``extra={'opacity': ...}``
     (in [0, 1]) and ``is_splat=True``; splats with opacity below ``min_opacity`` are
-    dropped (ValueError if none is left). ``min_opacity`` has no effect on other files.
+    dropped (ValueError if none is left). One without an ``opacity`` property keeps every
+    splat with opacity 1 (logged when ``min_opacity`` > 0). ``min_opacity`` has no effect
+    on other files.
     """
     if not 0.0 <= float(min_opacity) <= 1.0:
         raise ValueError(f"min_opacity must lie in [0, 1], got {min_opacity}")
@@ -146,7 +160,12 @@ def load_ply(path: str | os.PathLike, min_opacity: float = 0.0) -> PointCloud:
     with np.errstate(over="ignore"):
         pts = pts64.astype(np.float32)
     if is_splat_header(names):
-        opacity = splat_opacity(v["opacity"])
+        if "opacity" in names:
+            opacity = splat_opacity(v["opacity"])
+        else:
+            opacity = np.ones(len(pts), np.float32)
+            if float(min_opacity) > 0.0:
+                log.warning(no_opacity_note(path, float(min_opacity)))
         keep = opacity >= float(min_opacity)
         if len(pts) and not keep.any():
             raise ValueError(f"{path}: no splat has opacity >= {min_opacity} (max {float(opacity.max()):.3g})")

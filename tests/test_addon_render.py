@@ -1350,6 +1350,32 @@ def test_import_splat_ply_gives_centres_and_dc_colours(scene):
         bpy.ops.import_scene.npbgpp_ply(filepath=path, min_opacity=1.0)
 
 
+def test_import_splat_ply_without_opacity_keeps_every_splat(scene, capfd):
+    """Some exporters drop ``opacity``: such a file came in as plain grey points (the DC
+    colours lost). Now it equals the core reader's cloud (every splat, opacity 1) and a Min
+    Opacity above 0 is reported as filtering nothing."""
+    from test_ply import NO_OPACITY_PLY
+
+    from blender_addon.point_source import object_points
+    from npbgpp_core.ply import load_ply
+
+    path = scene["dir"] / "no_opacity.ply"
+    path.write_text(NO_OPACITY_PLY)
+    capfd.readouterr()
+    assert bpy.ops.import_scene.npbgpp_ply(filepath=str(path), min_opacity=0.4) == {"FINISHED"}
+    printed = capfd.readouterr().out
+    pts, col = object_points(scene["scene"].npbgpp.point_object)
+    ref = load_ply(path)
+    assert len(ref) == 3
+    np.testing.assert_allclose(pts, ref.points, atol=1e-6)
+    np.testing.assert_allclose(col, ref.colors, atol=2e-3)
+    assert "imported 3 of 3 splats as points" in printed
+    assert (f"Warning: {path}: this Gaussian-splat file has no opacity property: every splat is kept as opaque, "
+            "min opacity 0.4 has nothing to filter") in printed
+    assert bpy.ops.import_scene.npbgpp_ply(filepath=str(path), min_opacity=0.0) == {"FINISHED"}
+    assert "Warning" not in capfd.readouterr().out
+
+
 def test_splat_ply_into_a_new_file(addon, tmp_path):
     """The first import of a new file: the splat importer removed Blender's import and then
     walked the view layer's objects, which still listed it as None (AttributeError)."""

@@ -157,6 +157,48 @@ def test_non_finite_centre_of_a_dropped_splat_does_not_refuse_the_file(tmp_path)
         load_ply(path)
 
 
+NO_OPACITY_PLY = """ply
+format ascii 1.0
+comment some exporters drop opacity
+element vertex 3
+property float x
+property float y
+property float z
+property float f_dc_0
+property float f_dc_1
+property float f_dc_2
+end_header
+0 0 0 0 0 0
+1 2 3 1 -1 2
+-1 0.5 2 -5 3 0.5
+"""
+
+
+def test_splat_without_opacity_keeps_every_splat_opaque(tmp_path, caplog):
+    """A splat file without ``opacity`` (x, y, z, f_dc_* only) was read as a plain cloud
+    without colours: its DC colours were lost. Now: centres, DC colours, opacity 1, and a
+    min_opacity that has nothing to filter says so."""
+    import logging
+
+    path = tmp_path / "no_opacity.ply"
+    path.write_text(NO_OPACITY_PLY)
+    with caplog.at_level(logging.WARNING, logger="npbgpp_core.ply"):
+        pc = load_ply(path, min_opacity=0.5)
+    assert pc.is_splat and len(pc) == 3
+    np.testing.assert_array_equal(pc.points, [[0, 0, 0], [1, 2, 3], [-1, 0.5, 2]])
+    # By hand: 0.5 + 0.28209479 * f, clamped to [0, 1].
+    np.testing.assert_allclose(pc.colors, [[0.5, 0.5, 0.5], [0.78209479, 0.21790521, 1.0], [0.0, 1.0, 0.64104740]],
+                               atol=1e-6)
+    np.testing.assert_array_equal(pc.extra["opacity"], [1.0, 1.0, 1.0])
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{path}: this Gaussian-splat file has no opacity property: every splat is kept as opaque, "
+        "min opacity 0.5 has nothing to filter"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="npbgpp_core.ply"):
+        assert len(load_ply(path)) == 3
+    assert not caplog.records  # no filter asked for: nothing to say
+
+
 def test_splat_detection_needs_every_splat_property(tmp_path):
     from npbgpp_core.ply import ply_vertex_properties
 
