@@ -14,6 +14,7 @@ from PIL import Image
 from headless_train.cli import main as cli_main
 from npbgpp_core.datasets import load_scene
 from npbgpp_core.datasets.capture import prepare_capture
+from npbgpp_core.datasets.distortion import EDGE_MARGIN
 from npbgpp_core.datasets.errors import DatasetError
 
 W, H, F, K1 = 240, 180, 200.0, 0.2
@@ -76,6 +77,15 @@ def _hits(scene, pts: np.ndarray, cols: np.ndarray, tol: float = 40.0) -> float:
     return good / total
 
 
+def _focal_scale(cx: float, cy: float, f: float) -> float:
+    """Focal scale s of the undistorted camera of SIMPLE_RADIAL(f, cx, cy, K1) with the principal
+    point at the image centre (cx >= cy): the corner pixel samples EDGE_MARGIN inside the photo's
+    corner along the shorter side."""
+    a = 1.0 - EDGE_MARGIN / cy
+    roots = np.roots([a, -1.0, 0.0, -K1 * (cx * cx + cy * cy) / (f * f)])
+    return max(r.real for r in roots if abs(r.imag) < 1e-9)
+
+
 def test_prepare_capture_downscales_undistorts_and_keeps_geometry(tmp_path):
     src, out = str(tmp_path / "src"), str(tmp_path / "out")
     pts, cols = write_capture(src)
@@ -90,8 +100,14 @@ def test_prepare_capture_downscales_undistorts_and_keeps_geometry(tmp_path):
     np.testing.assert_allclose(scene.points, pts, atol=1e-6)
     np.testing.assert_allclose(scene.colors, cols / 255.0, atol=1e-6)
     K, R, t = scene.views[1].camera.to_opencv()
-    # half the pixels: f 200 -> 100; COLMAP's centre 120 (edge convention) -> 60 -> 59.5 at pixel centres
-    np.testing.assert_allclose(K, [[100, 0, 59.5], [0, 100, 44.5], [0, 0, 1]], atol=1e-4)
+    # half the pixels: f 200 -> 100; COLMAP's centre 120 (edge convention) -> 60 -> 59.5 at pixel centres.
+    # Then the pincushion (k1 > 0) narrows the view until the corner pixel (0, 0) samples the
+    # photo's corner pixel, EDGE_MARGIN inside (the shorter side, 44.5 px from the centre, binds
+    # first): 44.5 (1 + k1 r^2) / s = 44.5 - m with r^2 = (59.5^2 + 44.5^2) / (100 s)^2,
+    # i.e. (1 - m / 44.5) s^3 - s^2 - k1 (59.5^2 + 44.5^2) / 100^2 = 0.
+    s = _focal_scale(59.5, 44.5, 100.0)
+    assert 1.09 < s < 1.1
+    np.testing.assert_allclose(K, [[100 * s, 0, 59.5], [0, 100 * s, 44.5], [0, 0, 1]], atol=1e-4)
     np.testing.assert_allclose(R, np.eye(3), atol=1e-6)
     np.testing.assert_allclose(t, [0.05, -0.03, 0.1], atol=1e-6)
     assert Image.open(scene.views[0].image_path).size == (120, 90)
@@ -122,7 +138,9 @@ def test_prepare_capture_keeps_small_photos_and_png(tmp_path):
     assert s["image_sizes"] == [f"{W}x{H}"]
     assert sorted(os.listdir(os.path.join(out, "images"))) == ["view_00.png", "view_01.png"]
     K, _, _ = load_scene(out).views[0].camera.to_opencv()
-    np.testing.assert_allclose(K, [[F, 0, W / 2 - 0.5], [0, F, H / 2 - 0.5], [0, 0, 1]], atol=1e-4)
+    cx, cy = W / 2 - 0.5, H / 2 - 0.5  # the corner pixel binds, as in the test above
+    s = _focal_scale(cx, cy, F)
+    np.testing.assert_allclose(K, [[F * s, 0, cx], [0, F * s, cy], [0, 0, 1]], atol=2e-4)
 
 
 def test_prepare_capture_bad_folders(tmp_path, capsys):

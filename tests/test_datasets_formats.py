@@ -392,14 +392,19 @@ def test_colmap_distortion_refused_or_undistorted(tmp_path, model):
     same = load_scene(root, if_accepted={"undistort": True, "white_bg": True})
     assert [(v.name, v.distortion) for v in same.views] == [(v.name, v.distortion) for v in scene.views]
     for view, (K, R, t) in zip(scene.views, cams, strict=True):
-        assert_projects(view.camera, K, R, t)  # the undistorted pinhole camera
+        assert_projects(view.source_camera, K, R, t)  # the photo's own K, before the lens
+        # the undistorted pinhole camera: same pose and principal point, one focal scale
+        Kt = view.camera.to_opencv()[0]
+        np.testing.assert_allclose(Kt[:2, 2], K[:2, 2], atol=1e-4)
+        assert Kt[0, 0] / K[0, 0] == pytest.approx(Kt[1, 1] / K[1, 1], rel=1e-6) and Kt[0, 0] != K[0, 0]
+        assert_projects(view.camera, Kt, R, t)
     # Remap check: an undistorted pixel (u, v) samples the source where the lens put it.
-    K = cams[0][0]
+    K, Kt = cams[0][0], scene.views[0].camera.to_opencv()[0]
     src = scene.views[0].image_path
     raw = np.asarray(Image.open(src), dtype=np.float64) / 255
     und = scene.load_image(0).numpy().transpose(1, 2, 0)
     v, u = 15, 20
-    x, y = (u - K[0, 2]) / K[0, 0], (v - K[1, 2]) / K[1, 1]
+    x, y = (u - Kt[0, 2]) / Kt[0, 0], (v - Kt[1, 2]) / Kt[1, 1]
     k1, k2, p1, p2 = dist if model == "OPENCV" else (dist[0], 0, 0, 0)
     r2 = x * x + y * y
     xd = x * (1 + k1 * r2 + k2 * r2 * r2) + 2 * p1 * x * y + p2 * (r2 + 2 * x * x)

@@ -5,12 +5,15 @@
 
 - ``images/<name>``: each registered photo downscaled so its longer side is at most
   ``max_size`` (Lanczos), and, for a distorted camera (SIMPLE_RADIAL, OPENCV), remapped to
-  the pinhole camera with the same scaled K (``distortion.undistort``), so loading needs no
-  ``undistort=True``. Saved as JPEG quality 95 (the sources are JPEG already; PNG would be
-  5-8x larger for no visible gain) unless ``image_format="png"``.
+  the widest pinhole camera whose every pixel sees the photo (``distortion.undistorted_camera``:
+  the scaled K with its focal length scaled again, no blank borders), so loading needs no
+  ``undistort=True`` and gives the same cameras as loading the (same-size) source with it.
+  Saved as JPEG quality 95 (the sources are JPEG already; PNG would be 5-8x larger for no
+  visible gain) unless ``image_format="png"``.
 - ``sparse/0/cameras.bin``: one PINHOLE camera per photo, with the intrinsics scaled by the
   exact ratio of pixel counts (new width / camera width, new height / camera height; in
-  COLMAP's pixel-edge convention the principal point scales by the same ratio).
+  COLMAP's pixel-edge convention the principal point scales by the same ratio), then, for a
+  distorted camera, the undistorted camera's focal length.
 - ``sparse/0/images.bin``: the poses unchanged, without 2D observations.
 - ``sparse/0/points3D.bin``: the SfM points and colours, without tracks.
 - ``capture.json``: provenance (source folder, repository, commit, licence, intended use)
@@ -139,7 +142,7 @@ def prepare_capture(
     from PIL import Image
 
     from ..camera import Camera
-    from .distortion import undistort
+    from .distortion import undistort, undistorted_camera
 
     if max_size < 16:
         raise DatasetError(f"max_size must be at least 16 pixels (got {max_size})")
@@ -172,6 +175,7 @@ def prepare_capture(
         rot = rotation_to_z_up(up)
 
     out_cams, out_images, sizes = [], [], []
+    targets: dict = {}
     undistorted = 0
     with atomic_directory(out, overwrite) as tmp:
         os.makedirs(os.path.join(tmp, "images"))
@@ -203,8 +207,14 @@ def prepare_capture(
                 arr = torch.from_numpy(np.asarray(photo, dtype=np.float32) / 255.0).permute(2, 0, 1)
                 kk = np.array([[fx, 0, cx - 0.5], [0, fy, cy - 0.5], [0, 0, 1.0]])
                 cam = Camera.from_opencv(kk, np.eye(3), np.zeros(3), (nh, nw))
-                arr = undistort(arr, cam, dist)
+                key = (cam_id, nw, nh)
+                if key not in targets:
+                    targets[key] = undistorted_camera(cam, dist, f"{sparse} cameras: camera {cam_id} ({model})")
+                target = targets[key]
+                arr = undistort(arr, cam, dist, target)
                 photo = Image.fromarray((arr.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8))
+                t_in = target.intrinsics()
+                fx, fy, cx, cy = t_in.fx, t_in.fy, t_in.cx + 0.5, t_in.cy + 0.5
                 undistorted += 1
             stem = os.path.splitext(name)[0]
             out_name = stem + "." + image_format

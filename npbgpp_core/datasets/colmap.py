@@ -6,7 +6,9 @@ COLMAP's pixel convention puts the centre of the top-left pixel at (0.5, 0.5); o
 it at (0, 0), so the principal point becomes ``cx - 0.5, cy - 0.5``.
 Supported models: PINHOLE, SIMPLE_PINHOLE, and (with distortion) SIMPLE_RADIAL and
 OPENCV. Distorted cameras are refused unless ``undistort=True``, which remaps each image
-on load to the pinhole camera with the same K (see ``distortion.py``). Other models
+on load to the widest pinhole camera whose every pixel sees the photo (same size, pose and
+principal point, a scaled focal length: ``distortion.undistorted_camera``), which becomes
+the view's camera. Other models
 (RADIAL, fisheye, ...) raise an error naming the model. Views are sorted by image name;
 default split: every 8th view (0, 8, 16, ...) is test (``holdout_every=0`` disables).
 Image names that leave the images folder are refused unless ``allow_external_paths=True``.
@@ -29,6 +31,7 @@ from .common import (
     make_splits,
     path_in_root,
 )
+from .distortion import undistorted_camera
 from .errors import DatasetError
 from .images import image_size_of
 from .scene_data import Distortion, SceneData, View
@@ -323,6 +326,7 @@ def load_colmap(root: str, **options) -> SceneData:
     undistort = bool(options.get("undistort", False))
     allow_external = bool(options.get("allow_external_paths", False))
     views = []
+    target_K: dict[tuple[int, tuple[int, int]], np.ndarray] = {}
     for image_id, (q, t, cam_id, name) in sorted(images.items(), key=lambda kv: kv[1][3]):
         source = f"{sparse} image {image_id} ({name})"
         if cam_id not in cams:
@@ -343,8 +347,18 @@ def load_colmap(root: str, **options) -> SceneData:
                 raise DatasetError(f"{path}: image is {size[1]}x{size[0]} but camera {cam_id} is {width}x{height}")
             K = np.array([[K[0, 0] * sx, 0, (K[0, 2] + 0.5) * sx - 0.5], [0, K[1, 1] * sy, (K[1, 2] + 0.5) * sy - 0.5],
                           [0, 0, 1.0]])
-        cam = camera_from_opencv(K, quaternion_to_rotation(q), t, size, source)
-        views.append(View(os.path.splitext(name)[0], path, None, cam, distortion=dist))
+        R = quaternion_to_rotation(q)
+        cam = camera_from_opencv(K, R, t, size, source)
+        if dist is None:
+            views.append(View(os.path.splitext(name)[0], path, None, cam))
+            continue
+        # The focal scale depends on K, size and lens only: one search per camera and size.
+        key = (cam_id, size)
+        if key not in target_K:
+            target = undistorted_camera(cam, dist, f"{sparse} cameras: camera {cam_id} ({model})")
+            target_K[key] = target.K.double().cpu().numpy()
+        view_cam = camera_from_opencv(target_K[key], R, t, size, source)
+        views.append(View(os.path.splitext(name)[0], path, None, view_cam, distortion=dist, source_camera=cam))
     every = int(options.get("holdout_every", 8) or 0)
     train, val, test = make_splits(
         len(views), root, (), list(range(0, len(views), every)) if every > 0 else [],

@@ -30,8 +30,9 @@ def subsample_indices(n: int, max_points: int, seed: int = 123) -> np.ndarray:
 @dataclass
 class Distortion:
     """Lens distortion of the source image (OpenCV / COLMAP radial-tangential model):
-    ``k1, k2, p1, p2`` on normalised camera coordinates. The View's camera is the
-    undistorted pinhole camera; images are remapped on load."""
+    ``k1, k2, p1, p2`` on normalised camera coordinates. The View's ``camera`` is the
+    undistorted pinhole camera (``distortion.undistorted_camera``), its ``source_camera``
+    the K the photo was taken with; images are remapped on load."""
 
     k1: float = 0.0
     k2: float = 0.0
@@ -48,6 +49,9 @@ class View:
 
     ``camera.image_size`` is the native size of the image file. ``mask_from_alpha``
     means the mask is the image's own alpha channel (NeRF-Synthetic / Blender renders).
+    A distorted photo has ``distortion`` and ``source_camera`` (the pinhole K it was taken
+    with, before the lens); ``camera`` is then the pinhole camera the loaded image is
+    remapped to, which differs in focal length (no blank borders).
     """
 
     name: str
@@ -56,6 +60,11 @@ class View:
     camera: Camera
     mask_from_alpha: bool = False
     distortion: Distortion | None = None
+    source_camera: Camera | None = None
+
+    def __post_init__(self) -> None:
+        if self.distortion is not None and not self.distortion.is_identity() and self.source_camera is None:
+            raise ValueError(f"view {self.name}: a distorted view needs its source_camera")
 
 
 @dataclass
@@ -101,7 +110,7 @@ class SceneData:
             from .distortion import undistort
 
             img = read_image(v.image_path, None, self.background)
-            img = undistort(img, v.camera, v.distortion)
+            img = undistort(img, v.source_camera, v.distortion, v.camera)
             return _resize_tensor(img, size)
         return read_image(v.image_path, size, self.background)
 
@@ -120,7 +129,7 @@ class SceneData:
         if undistorted:
             from .distortion import undistort
 
-            m = _resize_tensor(undistort(m, v.camera, v.distortion), size)
+            m = _resize_tensor(undistort(m, v.source_camera, v.distortion, v.camera), size)
         h, w = m.shape[1:]
         expected = tuple(size) if size is not None else v.camera.image_size
         if (h, w) != tuple(int(s) for s in expected):
