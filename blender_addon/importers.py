@@ -379,7 +379,8 @@ class IMPORT_SCENE_OT_npbgpp_dataset(bpy.types.Operator):
     undistort: BoolProperty(  # type: ignore[valid-type]
         name="Undistort (COLMAP, nerfstudio)", default=False,
         description="COLMAP models and nerfstudio transforms.json with lens distortion (k1, k2, p1, p2): remap "
-                    "the photos to pinhole images on load (otherwise such datasets are refused)",
+                    "the photos on load to the widest pinhole camera without blank borders (otherwise such "
+                    "datasets are refused)",
     )
     allow_external_paths: BoolProperty(  # type: ignore[valid-type]
         name="Allow External Paths", default=False,

@@ -987,6 +987,27 @@ def test_import_nerfstudio_transforms_cameras_reproduce_views(scene, fmt):
     assert len(sc.npbgpp.point_object.data.points) == len(scene["points"])  # sparse_pc.ply
 
 
+def test_import_dataset_undistort_cameras_have_the_undistorted_focal_length(scene):
+    """Import Dataset's Undistort on a SIMPLE_RADIAL capture: the Blender camera frames the
+    undistorted photo, whose focal length is the photo's scaled so no pixel is blank
+    (hand-computed in test_capture_import), not the photo's own."""
+    from test_capture_import import F, H, W, _focal_scale, write_capture
+
+    sc = scene["scene"]
+    root = scene["dir"] / "radial"
+    pts, _ = write_capture(str(root), n_views=1)
+    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root), undistort=True) == {"FINISHED"}
+    assert sc.npbgpp.dataset_undistort
+    (cam,) = [o for o in sc.objects if o.type == "CAMERA" and o is not scene["camera"]]
+    assert (sc.render.resolution_x, sc.render.resolution_y) == (W, H)
+    f = F * _focal_scale(W / 2 - 0.5, H / 2 - 0.5, F)
+    world = sc.npbgpp.point_object.matrix_world
+    for p in pts[::17]:  # camera 0 sits at the origin looking along +Z (COLMAP frame)
+        ndc = world_to_camera_view(sc, cam, world @ Vector(p))
+        u, v = ndc.x * W - 0.5, (1.0 - ndc.y) * H - 0.5
+        assert abs(u - (f * p[0] / p[2] + W / 2 - 0.5)) < 1e-2 and abs(v - (f * p[1] / p[2] + H / 2 - 0.5)) < 1e-2
+
+
 @pytest.mark.parametrize("scale", [0.01, 10000.0])
 def test_import_dataset_cameras_clip_around_the_cloud(scene, scale):
     """A dataset at another scale than Blender's default clip range (0.1 .. 1000: the whole

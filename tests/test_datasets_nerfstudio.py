@@ -299,6 +299,9 @@ def test_undistort_matches_the_colmap_path(tmp_path):
         ref = col.load_image(i)
         assert not torch.equal(ref, col.load_image(i) * 0)  # something to compare
         torch.testing.assert_close(ns.load_image(i), ref, atol=1e-6, rtol=0)
+        # to the same undistorted camera, which is not the photo's K (no blank borders)
+        assert torch.equal(ns.views[i].camera.K, col.views[i].camera.K)
+        assert not torch.equal(ns.views[i].camera.K, ns.views[i].source_camera.K)
 
 
 @pytest.mark.parametrize(("change", "message"), [

@@ -175,7 +175,6 @@ def prepare_capture(
         rot = rotation_to_z_up(up)
 
     out_cams, out_images, sizes = [], [], []
-    targets: dict = {}
     undistorted = 0
     with atomic_directory(out, overwrite) as tmp:
         os.makedirs(os.path.join(tmp, "images"))
@@ -207,10 +206,7 @@ def prepare_capture(
                 arr = torch.from_numpy(np.asarray(photo, dtype=np.float32) / 255.0).permute(2, 0, 1)
                 kk = np.array([[fx, 0, cx - 0.5], [0, fy, cy - 0.5], [0, 0, 1.0]])
                 cam = Camera.from_opencv(kk, np.eye(3), np.zeros(3), (nh, nw))
-                key = (cam_id, nw, nh)
-                if key not in targets:
-                    targets[key] = undistorted_camera(cam, dist, f"{sparse} cameras: camera {cam_id} ({model})")
-                target = targets[key]
+                target = undistorted_camera(cam, dist, f"{sparse} cameras: camera {cam_id} ({model})")
                 arr = undistort(arr, cam, dist, target)
                 photo = Image.fromarray((arr.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8))
                 t_in = target.intrinsics()

@@ -326,7 +326,6 @@ def load_colmap(root: str, **options) -> SceneData:
     undistort = bool(options.get("undistort", False))
     allow_external = bool(options.get("allow_external_paths", False))
     views = []
-    target_K: dict[tuple[int, tuple[int, int]], np.ndarray] = {}
     for image_id, (q, t, cam_id, name) in sorted(images.items(), key=lambda kv: kv[1][3]):
         source = f"{sparse} image {image_id} ({name})"
         if cam_id not in cams:
@@ -347,17 +346,11 @@ def load_colmap(root: str, **options) -> SceneData:
                 raise DatasetError(f"{path}: image is {size[1]}x{size[0]} but camera {cam_id} is {width}x{height}")
             K = np.array([[K[0, 0] * sx, 0, (K[0, 2] + 0.5) * sx - 0.5], [0, K[1, 1] * sy, (K[1, 2] + 0.5) * sy - 0.5],
                           [0, 0, 1.0]])
-        R = quaternion_to_rotation(q)
-        cam = camera_from_opencv(K, R, t, size, source)
+        cam = camera_from_opencv(K, quaternion_to_rotation(q), t, size, source)
         if dist is None:
             views.append(View(os.path.splitext(name)[0], path, None, cam))
             continue
-        # The focal scale depends on K, size and lens only: one search per camera and size.
-        key = (cam_id, size)
-        if key not in target_K:
-            target = undistorted_camera(cam, dist, f"{sparse} cameras: camera {cam_id} ({model})")
-            target_K[key] = target.K.double().cpu().numpy()
-        view_cam = camera_from_opencv(target_K[key], R, t, size, source)
+        view_cam = undistorted_camera(cam, dist, f"{sparse} cameras: camera {cam_id} ({model})")
         views.append(View(os.path.splitext(name)[0], path, None, view_cam, distortion=dist, source_camera=cam))
     every = int(options.get("holdout_every", 8) or 0)
     train, val, test = make_splits(

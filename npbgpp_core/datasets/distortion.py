@@ -20,6 +20,7 @@ the view's camera, so image and camera always agree.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -32,8 +33,9 @@ from .scene_data import Distortion
 # Output pixels must sample at least this far (pixels) inside the outermost pixel centres,
 # so the float32 rounding of the stored focal length cannot move a sample outside.
 EDGE_MARGIN = 1e-3
-# Focal scales beyond these bounds mean a lens model that is not a plausible fit.
-MIN_SCALE, MAX_SCALE = 1.0 / 64.0, 64.0
+# Focal scales beyond these bounds (a view a quarter of the photo's, or four times it) mean
+# a lens model that is not a plausible fit of a non-fisheye lens.
+MIN_SCALE, MAX_SCALE = 0.25, 4.0
 # Largest interior grid (per axis) checked for a fold of the lens model.
 FOLD_GRID = 256
 
@@ -76,13 +78,27 @@ def undistorted_camera(camera: Camera, d: Distortion | None, source: str = "came
     the region the output would use, or needs an implausible focal scale."""
     if d is None or d.is_identity():
         return camera
-    coeffs = (d.k1, d.k2, d.p1, d.p2)
-    if not all(math.isfinite(float(c)) for c in coeffs):
-        raise DatasetError(f"{source}: non-finite lens distortion {coeffs}")
     k = camera.intrinsics()
     h, w = camera.image_size
+    s = _focal_scale(k.fx, k.fy, k.cx, k.cy, h, w, float(d.k1), float(d.k2), float(d.p1), float(d.p2))
+    if isinstance(s, str):
+        raise DatasetError(f"{source}: {s}")
+    K = np.array([[k.fx * s, 0.0, k.cx], [0.0, k.fy * s, k.cy], [0.0, 0.0, 1.0]])
+    return Camera(K, camera.R, camera.t, camera.image_size, dtype=camera.K.dtype, device=camera.device,
+                  **camera.clip)
+
+
+@functools.lru_cache(maxsize=256)
+def _focal_scale(fx: float, fy: float, cx: float, cy: float, h: int, w: int,
+                 k1: float, k2: float, p1: float, p2: float) -> float | str:
+    """The focal scale of ``undistorted_camera``, or why there is none (cached: a capture's
+    views share a handful of lenses)."""
+    d = Distortion(k1, k2, p1, p2)
+    coeffs = (k1, k2, p1, p2)
+    if not all(math.isfinite(c) for c in coeffs):
+        return f"non-finite lens distortion {coeffs}"
     if h < 2 or w < 2:
-        raise DatasetError(f"{source}: cannot undistort a {w}x{h} image (needs at least 2x2 pixels)")
+        return f"cannot undistort a {w}x{h} image (needs at least 2x2 pixels)"
     bu, bv = _border_pixels(h, w)
     lo_u, hi_u = EDGE_MARGIN, w - 1.0 - EDGE_MARGIN
     lo_v, hi_v = EDGE_MARGIN, h - 1.0 - EDGE_MARGIN
@@ -90,9 +106,9 @@ def undistorted_camera(camera: Camera, d: Distortion | None, source: str = "came
     def slack(s: float) -> tuple[float, bool]:
         """Smallest distance (pixels) of a border sample inside the allowed box (negative:
         outside), and whether the model folds at a border pixel."""
-        x, y = (bu - k.cx) / (k.fx * s), (bv - k.cy) / (k.fy * s)
+        x, y = (bu - cx) / (fx * s), (bv - cy) / (fy * s)
         xd, yd = distort_normalized(x, y, d)
-        us, vs = xd * k.fx + k.cx, yd * k.fy + k.cy
+        us, vs = xd * fx + cx, yd * fy + cy
         m = min(float((us - lo_u).min()), float((hi_u - us).min()), float((vs - lo_v).min()),
                 float((hi_v - vs).min()))
         return m, bool((_jacobian_det(x, y, d) <= 0.0).any())
@@ -101,20 +117,20 @@ def undistorted_camera(camera: Camera, d: Distortion | None, source: str = "came
         m, folds = slack(s)
         return m >= 0.0 and not folds
 
-    strong = (f"{source}: lens distortion {coeffs} leaves no plausible pinhole view inside the photo "
-              f"(focal scale outside [1/{int(1 / MIN_SCALE)}, {int(MAX_SCALE)}]); is the camera model right?")
+    strong = (f"lens distortion {coeffs} leaves no plausible pinhole view inside the photo "
+              f"(focal scale outside [{MIN_SCALE}, {MAX_SCALE}]); is the camera model right?")
     if feasible(1.0):
         hi, lo = 1.0, 0.5
         while feasible(lo):
             hi, lo = lo, lo / 2.0
             if lo < MIN_SCALE:
-                raise DatasetError(strong)
+                return strong
     else:
         lo, hi = 1.0, 2.0
         while not feasible(hi):
             lo, hi = hi, hi * 2.0
             if hi > MAX_SCALE:
-                raise DatasetError(strong)
+                return strong
     while hi - lo > 1e-10 * hi:
         mid = 0.5 * (lo + hi)
         if feasible(mid):
@@ -124,17 +140,14 @@ def undistorted_camera(camera: Camera, d: Distortion | None, source: str = "came
     s = hi
     if slack(s)[0] > 0.5:
         # No border sample reaches the photo's edge: the fold, not the photo, limited the view.
-        raise DatasetError(f"{source}: lens distortion {coeffs} folds over inside the photo (the model maps "
-                           "two directions to one pixel); is the camera model right?")
+        return (f"lens distortion {coeffs} folds over inside the photo (the model maps two directions "
+                "to one pixel); is the camera model right?")
     gy = np.linspace(0.0, h - 1.0, min(h, FOLD_GRID))
     gx = np.linspace(0.0, w - 1.0, min(w, FOLD_GRID))
     gv, gu = np.meshgrid(gy, gx, indexing="ij")
-    if (_jacobian_det((gu - k.cx) / (k.fx * s), (gv - k.cy) / (k.fy * s), d) <= 0.0).any():
-        raise DatasetError(f"{source}: lens distortion {coeffs} folds over inside the undistorted view; "
-                           "is the camera model right?")
-    K = np.array([[k.fx * s, 0.0, k.cx], [0.0, k.fy * s, k.cy], [0.0, 0.0, 1.0]])
-    return Camera(K, camera.R, camera.t, camera.image_size, dtype=camera.K.dtype, device=camera.device,
-                  **camera.clip)
+    if (_jacobian_det((gu - cx) / (fx * s), (gv - cy) / (fy * s), d) <= 0.0).any():
+        return f"lens distortion {coeffs} folds over inside the undistorted view; is the camera model right?"
+    return s
 
 
 def source_pixels(target: Camera, camera: Camera, d: Distortion) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,7 +18,8 @@ nerfstudio's ``sparse_pc.ply`` (named by ``ply_file_path``) is written so; a COL
 
 Lens: ``camera_model`` (top level or per frame) PINHOLE / SIMPLE_PINHOLE, or a
 radial-tangential one (OPENCV, SIMPLE_RADIAL, RADIAL) whose ``k1 k2 p1 p2`` are remapped
-on load with ``undistort=True`` (refused without it, as COLMAP models are). Fisheye,
+on load with ``undistort=True`` (refused without it, as COLMAP models are) to the widest
+pinhole camera without blank borders (``distortion.undistorted_camera``), the view's camera. Fisheye,
 equirectangular and other models, ``is_fisheye: true`` and non-zero ``k3`` / ``k4`` are
 refused.
 
@@ -51,6 +52,7 @@ from .common import (
     make_splits,
     path_in_root,
 )
+from .distortion import undistorted_camera
 from .errors import DatasetError
 from .images import has_alpha, image_size_of
 from .nerf_synthetic import opencv_pose, resolve_image, transforms_intrinsics
@@ -178,7 +180,10 @@ def _frame_view(root: str, meta: dict, frame: object, k: int, opts: dict) -> tup
     cam = camera_from_opencv(K, R, t, size, source)
     name = os.path.splitext(os.path.relpath(image_path, root))[0]
     alpha = mask_path is None and has_alpha(image_path)
-    return View(name, image_path, mask_path, cam, mask_from_alpha=alpha, distortion=dist), key
+    if dist is None:
+        return View(name, image_path, mask_path, cam, mask_from_alpha=alpha), key
+    view_cam = undistorted_camera(cam, dist, source)
+    return View(name, image_path, mask_path, view_cam, mask_from_alpha=alpha, distortion=dist, source_camera=cam), key
 
 
 def _split_lists(root: str, meta: dict, keys: list[str], allow_external: bool) -> dict[str, list[int]] | None:
