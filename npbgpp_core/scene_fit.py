@@ -147,14 +147,14 @@ class BundleFit:
 
 
 def fit_bundle(bundle_path: str, dataset: Any, out: str, steps: int = DEFAULT_STEPS, weights: str = "",
-               domain: str = "", device: str = "cpu") -> Any:
+               domain: str = "", device: str = "cpu", aligned: bool | None = None) -> Any:
     """Fit ``bundle_path`` to ``dataset`` (a folder or a loaded SceneData) and save the
     fitted bundle to ``out``; returns the :class:`~npbgpp_core.fitting.FitResult`. See
-    :class:`BundleFit`."""
+    :class:`BundleFit` (``aligned``: None is :data:`~npbgpp_core.fitting.FIT_ALIGNED`)."""
     from .datasets import load_scene
 
     data = load_scene(os.fspath(dataset)) if isinstance(dataset, (str, os.PathLike)) else dataset
-    job = BundleFit(bundle_path, data, steps, weights, domain, device)
+    job = BundleFit(bundle_path, data, steps, weights, domain, device, aligned)
     while not job.step():
         pass
     job.save(out)

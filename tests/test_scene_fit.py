@@ -64,6 +64,17 @@ def test_fitted_bundle_renders_as_the_fit(aggregated, tmp_path):
         BundleFit(out, data, steps=3)
 
 
+@pytest.mark.parametrize("aligned", [False, True])
+def test_fit_bundle_takes_the_upright_choice(aggregated, tmp_path, aligned):
+    """fit_bundle had no ``aligned`` while the add-on's Fit to Photos chose it (FitBegin /
+    BundleFit): the library entry point now takes it the same way, and the saved bundle
+    records it."""
+    folder, bundle = aggregated
+    out = str(tmp_path / "fitted.npbgpp")
+    fit_bundle(bundle, load_scene(folder), out, steps=1, aligned=aligned)
+    assert NeuralScene.load(out).model_config["align_during_rendering"] is aligned
+
+
 def test_malformed_refiner_weight_and_bad_steps_are_refused(aggregated, tmp_path):
     folder, bundle = aggregated
     data = load_scene(folder)
