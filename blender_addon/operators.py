@@ -219,6 +219,19 @@ class Progress(NamedTuple):
     finished: bool
 
 
+# The worker jobs running in the UI (modal), by job name: the worker holds one job of each
+# kind, so a second Begin silently replaced the first, whose timer then stepped (and its
+# Finish saved) the other's job (Aggregate even added views twice).
+_RUNNING: dict[str, tuple[Any, Any, int | None]] = {}  # job -> (operator, worker, generation)
+
+
+def _release_claim(op: Any) -> None:
+    """End ``op``'s claim in :data:`_RUNNING` (its modal job ended)."""
+    claim = _RUNNING.get(op._job)
+    if claim is not None and claim[0] is op:
+        del _RUNNING[op._job]
+
+
 class _WorkerStepJob(_ModalJob):
     """A worker job driven one request per step (Aggregate, Densify Points, Fit to
     Photos): the subclass's ``_begin`` starts it and returns the first progress
@@ -253,11 +266,34 @@ class _WorkerStepJob(_ModalJob):
         except (WorkerError, ValueError, OSError):
             pass
 
+    def _already_running(self) -> bool:
+        """Whether a job of this kind runs in the UI still (reported): its worker process is
+        the one the job began in, so a job whose worker stopped (File > New, a crash) or
+        whose modal handler was dropped without a last tick does not block for ever."""
+        claim = _RUNNING.get(self._job)
+        if claim is None or claim[0] is self:
+            return False
+        _, worker, generation = claim  # not the operator's own fields: Blender may have freed it
+        if not worker.alive() or worker.generation != generation:
+            _RUNNING.pop(self._job, None)
+            return False
+        self.report({"ERROR"}, f"{self._job} is already running (progress in the status bar): wait for it, or "
+                               "press Esc to cancel it, then run it again.")
+        return True
+
+    def cancel(self, context: Any) -> None:
+        """Blender ends the modal job without a last tick (a window closed, a file loaded):
+        drop the worker's job and the claim, so the next run can start."""
+        _release_claim(self)
+        self._cancel_quietly()
+
     def execute(self, context: Any) -> set[str]:
         """Run to the end (scripts, or after the file browser); the UI uses the cancellable
         modal path."""
         from .worker_client import WorkerError
 
+        if self._already_running():
+            return {"CANCELLED"}
         progress = self._begin(context)
         if progress is None:
             return {"CANCELLED"}
@@ -280,14 +316,23 @@ class _WorkerStepJob(_ModalJob):
 
     def _start_job(self, context: Any) -> set[str]:
         """Begin, then step on timer ticks (:meth:`modal`)."""
+        if self._already_running():
+            return {"CANCELLED"}
         progress = self._begin(context)
         if progress is None:
             return {"CANCELLED"}
+        _RUNNING[self._job] = (self, self._worker, self._generation)
         self._start_modal(context, max(1, progress.total))
         self._status(context, progress)
         return {"RUNNING_MODAL"}
 
     def modal(self, context: Any, event: Any) -> set[str]:
+        result = _WorkerStepJob._tick(self, context, event)
+        if "RUNNING_MODAL" not in result and "PASS_THROUGH" not in result:
+            _release_claim(self)
+        return result
+
+    def _tick(self, context: Any, event: Any) -> set[str]:
         from .worker_client import WorkerError
 
         if event.type == "ESC":

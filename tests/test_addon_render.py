@@ -2434,6 +2434,64 @@ def test_aggregate_modal_path_steps_views_saves_and_esc_writes_nothing(scene):
         assert not op._worker.alive() and not os.path.exists(scene["dir"] / f"{stop}.npbgpp")
 
 
+def test_a_second_run_while_a_job_runs_is_refused(scene):
+    """Aggregate (or Densify, Fit) started again while its modal job runs: the worker holds
+    one job of a kind, so the second Begin replaced the first, whose ticks then added the
+    same views twice and saved the other run's aggregation under its own name. Now the
+    second run (modal or execute) is refused by name and the first finishes as if alone;
+    once it ends (or its worker stops) the next run starts."""
+    from types import SimpleNamespace
+
+    from npbgpp_core.scene import NeuralScene
+
+    sc, cam = scene["scene"], scene["camera"]
+    cam2 = cam.copy()
+    sc.collection.objects.link(cam2)
+    cam2.location = (2.0, -3.5, 1.0)
+    bpy.context.view_layer.update()
+    _write_nerf_dataset(scene["dir"] / "nerf2", [cam, cam2], scene["points"], scene["colors"])
+    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(scene["dir"] / "nerf2")) == {"FINISHED"}
+    sc.npbgpp.weights = ""
+    agg_op = sys.modules[f"{MODULE}.operators"].NPBGPP_OT_aggregate
+    reports: list[tuple] = []
+
+    def operator(out: str) -> SimpleNamespace:  # the operator's Python side (Blender makes the real one)
+        op = SimpleNamespace(filepath=out, max_points=0, report=lambda kind, text: reports.append((kind, text)),
+                             _cleanup=lambda context: None, _status=lambda context, p: None,
+                             _start_modal=lambda context, total: None, _worker=None, _generation=None)
+        for name in ("_job", "_cancel_request", "_cancel_note"):
+            setattr(op, name, getattr(agg_op, name))
+        for name in ("_inputs", "_begin", "_step", "_progress", "_finish", "_request", "_cancel_quietly",
+                     "_already_running"):
+            if hasattr(agg_op, name):
+                setattr(op, name, getattr(agg_op, name).__get__(op))
+        return op
+
+    tick = SimpleNamespace(type="TIMER")
+    first, second = str(scene["dir"] / "first.npbgpp"), str(scene["dir"] / "second.npbgpp")
+    op1, op2 = operator(first), operator(second)
+    assert agg_op._start_job(op1, bpy.context) == {"RUNNING_MODAL"}
+    assert agg_op._start_job(op2, bpy.context) == {"CANCELLED"}
+    assert reports[-1][0] == {"ERROR"} and reports[-1][1].startswith("Aggregate is already running"), reports
+    with pytest.raises(RuntimeError, match="Aggregate is already running"):
+        bpy.ops.npbgpp.aggregate(filepath=second)
+    assert agg_op.modal(op1, bpy.context, tick) == {"RUNNING_MODAL"}
+    assert agg_op.modal(op1, bpy.context, tick) == {"FINISHED"}
+    assert reports[-1][1].startswith("Saved 60 points") and not os.path.exists(second)
+    expected = str(scene["dir"] / "alone.npbgpp")
+    assert bpy.ops.npbgpp.aggregate(filepath=expected) == {"FINISHED"}  # the first run has ended
+    got, want = NeuralScene.load(first), NeuralScene.load(expected)
+    for name in ("points", "features"):  # each view aggregated once, as by a run alone
+        np.testing.assert_allclose(getattr(got, name).detach().float().numpy(),
+                                   getattr(want, name).detach().float().numpy(), atol=1e-5)
+    # A job whose worker stopped mid-way (File > New, a crash) blocks nothing.
+    op3 = operator(str(scene["dir"] / "third.npbgpp"))
+    assert agg_op._start_job(op3, bpy.context) == {"RUNNING_MODAL"}
+    op3._worker.proc.kill()
+    op3._worker.proc.wait()
+    assert bpy.ops.npbgpp.aggregate(filepath=second) == {"FINISHED"}
+
+
 def test_fit_to_photos_operator(scene):
     """Fit to Photos: refused without a bundle, without the dataset or with a missing
     Weights file (naming what is missing, nothing written); after Aggregate it fits the
