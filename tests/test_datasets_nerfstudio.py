@@ -413,3 +413,64 @@ def test_headless_train_dataset_config(tmp_path):
     (scene,) = load_scenes(dcfg, None)
     assert scene.format == "nerfstudio" and scene.name == "kitchen" and len(scene.views) == 3
     assert scene.views[0].distortion is not None and scene.points.shape == POINTS.shape
+
+
+# nerfstudio's colmap_to_json re-orients the world after turning the poses to OpenGL axes:
+# rows x and y swapped, z negated (recorded in transforms.json as applied_transform), and
+# writes sparse_pc.ply with the same map applied to the COLMAP points.
+NS_APPLIED = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, -1.0]])
+
+
+def test_converted_capture_matches_its_colmap_model(tmp_path):
+    """One capture as a COLMAP model and as nerfstudio's conversion of it (re-oriented world,
+    shuffled frames, sparse_pc.ply): the same views in the same order, the same held-out
+    views at every downscale, cameras and points one known rotation apart, and identical
+    point renders. The names sort differently with and without their extension
+    ('a-b.png' < 'a.png' but 'a' < 'a-b'): the order must be COLMAP's."""
+    from npbgpp_core.rasterizer import rasterize
+
+    names = ["a-b.png", "a.png", "Z9.png", "frame_10.png", "frame_9.png", "b.png", "a_b.png", "0.png", "c.png",
+             "d.png"]
+    cams = random_cameras(len(names), seed=12)
+    c0 = cams[0]
+    for cam, name in zip(cams, names, strict=True):  # one shared camera: colmap_to_json writes one
+        cam.update(name=name, fx=c0["fx"], fy=c0["fy"], cx=c0["cx"], cy=c0["cy"])
+    col_root, ns_root = str(tmp_path / "colmap"), str(tmp_path / "ns")
+    write_images(col_root, cams)
+    write_colmap_bin(col_root, cams)
+    write_images(ns_root, cams)
+    write_images(ns_root, cams, "images_2", (H // 2, W // 2))
+    frames = []
+    for i in np.random.default_rng(3).permutation(len(cams)):
+        c = cams[i]
+        c2w = np.asarray(opengl_c2w(c["R"], c["t"]))
+        c2w[:3] = NS_APPLIED @ c2w[:3]
+        frames.append({"file_path": f"images/{c['name']}", "transform_matrix": c2w.tolist()})
+    meta = {  # COLMAP's fx, fy, cx, cy copied through unchanged
+        "camera_model": "OPENCV", "fl_x": c0["fx"], "fl_y": c0["fy"], "cx": c0["cx"], "cy": c0["cy"], "w": W, "h": H,
+        "k1": 0.0, "k2": 0.0, "p1": 0.0, "p2": 0.0, "frames": frames, "ply_file_path": "sparse_pc.ply",
+        "applied_transform": np.hstack([NS_APPLIED, np.zeros((3, 1))]).tolist()}
+    with open(os.path.join(ns_root, "transforms.json"), "w") as f:
+        json.dump(meta, f)
+    save_ply(os.path.join(ns_root, "sparse_pc.ply"), (POINTS @ NS_APPLIED.T).astype(np.float32), COLORS)
+
+    col, ns, half = load_scene(col_root), load_scene(ns_root), load_scene(ns_root, downscale=2)
+    order = sorted(names)
+    assert [v.name for v in col.views] == [os.path.splitext(n)[0] for n in order]
+    assert [v.name for v in ns.views] == [v.name for v in half.views] == [f"images/{os.path.splitext(n)[0]}"
+                                                                         for n in order]
+    assert (ns.train, ns.val, ns.test) == (half.train, half.val, half.test) == (col.train, col.val, col.test)
+    assert col.test == [0, 8]
+    np.testing.assert_allclose(ns.points, POINTS @ NS_APPLIED.T, atol=1e-6)
+    drawn = 0
+    for v_col, v_ns in zip(col.views, ns.views, strict=True):
+        K1, R1, t1 = v_col.camera.to_opencv()
+        K2, R2, t2 = v_ns.camera.to_opencv()
+        np.testing.assert_allclose(K2, K1, atol=1e-4)
+        np.testing.assert_allclose(R2 @ NS_APPLIED, R1, atol=1e-6)  # w2c_ns(A x) = w2c_col(x)
+        np.testing.assert_allclose(t2, t1, atol=1e-5)
+        index_col = rasterize(torch.as_tensor(col.points), v_col.camera, scales=(1.0,))[0]
+        index_ns = rasterize(torch.as_tensor(ns.points), v_ns.camera, scales=(1.0,))[0]
+        assert torch.equal(index_col, index_ns)
+        drawn += int((index_col >= 0).sum())
+    assert drawn >= len(names) * 20  # most points land in most views

@@ -5,8 +5,9 @@ This is what nerfstudio's ``ns-process-data`` and instant-ngp's ``colmap2nerf.py
 ``transform_matrix`` (camera-to-world, OpenGL camera axes: x right, y up, z backward), as
 in NeRF-Synthetic. Intrinsics ``fl_x, fl_y, cx, cy, w, h`` (or ``camera_angle_x``) sit at
 the top level or per frame, a frame's own value winning; ``cx, cy`` put the image centre
-at ``w/2`` (COLMAP's convention, copied through by both tools), so the OpenCV principal
-point is ``cx - 0.5``.
+at ``w/2``: both converters copy COLMAP's ``cx, cy`` unchanged, and nerfstudio casts the
+ray of pixel (u, v) through ``(u + 0.5 - cx) / fx``, so the OpenCV principal point is
+``cx - 0.5``.
 
 Poses load in the file's own world frame. The converters' re-orientation is already in
 the matrices (nerfstudio records it as ``applied_transform``; instant-ngp's centring and
@@ -15,6 +16,10 @@ scale, instant-ngp's ``scale`` / ``offset`` / ``aabb_scale``) is not applied; ``
 ``depth_file_path`` and the like are ignored. The point cloud must be in that same frame:
 nerfstudio's ``sparse_pc.ply`` (named by ``ply_file_path``) is written so; a COLMAP
 ``points3D`` beside it (``colmap/sparse/0``) is not, and instant-ngp writes no cloud.
+The same capture read from its COLMAP model and from nerfstudio's conversion therefore
+gives the same images, pixels and held-out views in two world frames one rotation apart
+(x and y swapped, z negated); NPBG++'s view-dependent basis reads world-space directions,
+so its renders differ a little between the two (not a misalignment).
 
 Lens: ``camera_model`` (top level or per frame) PINHOLE / SIMPLE_PINHOLE, or a
 radial-tangential one (OPENCV, SIMPLE_RADIAL, RADIAL) whose ``k1 k2 p1 p2`` are remapped
@@ -23,7 +28,10 @@ pinhole camera without blank borders (``distortion.undistorted_camera``), the vi
 equirectangular and other models, ``is_fisheye: true`` and non-zero ``k3`` / ``k4`` are
 refused.
 
-Views are sorted by image path (as nerfstudio does). Split: the file's
+Views are sorted by ``file_path`` (as nerfstudio does) and named by it without extension
+(``images/frame_00001``), whatever ``downscale``: a COLMAP capture converted to this
+format (``file_path`` ``images/<name>``) keeps the COLMAP loader's order and so holds out
+the same views. Split: the file's
 ``train_filenames`` / ``val_filenames`` / ``test_filenames`` when it has any (a missing
 list is empty; train defaults to the rest), else every ``holdout_every``-th view
 (0, 8, 16, ... by default; 0 disables) is test, as for COLMAP; ``*_indices`` options win.
@@ -141,7 +149,9 @@ def _declared_size(meta: dict, frame: dict, source: str) -> tuple[int | None, in
 
 
 def _frame_view(root: str, meta: dict, frame: object, k: int, opts: dict) -> tuple[View, str]:
-    """One frame's View and its key for the split lists (normalised file_path, no extension)."""
+    """One frame's View and its ``file_path`` normalised relative to ``root`` (the sort key
+    and, without extension, the view's name and its key in the split lists: the same for
+    every ``downscale``, so the order, split and names of a scene do not change with it)."""
     path = os.path.join(root, FILE)
     source = f"{path} frames[{k}]"
     if not isinstance(frame, dict):
@@ -151,7 +161,7 @@ def _frame_view(root: str, meta: dict, frame: object, k: int, opts: dict) -> tup
             raise DatasetError(f"{source}: no '{key}'")
     allow_external, n = opts["allow_external"], opts["downscale"]
     rel = frame["file_path"]
-    key = os.path.splitext(path_in_root(root, rel, f"{source} file_path", allow_external))[0]
+    key = os.path.relpath(path_in_root(root, rel, f"{source} file_path", allow_external), root)
     image_path = resolve_image(root, _downscaled(rel, "images_", n), source, allow_external)
     size = image_size_of(image_path)
     h0, w0 = _declared_size(meta, frame, source)
@@ -160,13 +170,9 @@ def _frame_view(root: str, meta: dict, frame: object, k: int, opts: dict) -> tup
     elif h0 is None or w0 is None:
         raise DatasetError(f"{source}: downscale={n} needs the full-resolution size (w, h) in {FILE}")
     K = transforms_intrinsics(meta, frame, w0, h0, source)
-    if n != 1:
-        if abs(size[0] - h0 / n) > 1.0 or abs(size[1] - w0 / n) > 1.0:
-            raise DatasetError(f"{image_path}: image is {size[1]}x{size[0]}, but w x h = {w0}x{h0} downscaled "
-                               f"{n}x is about {w0 / n:g}x{h0 / n:g}")
-        sx, sy = size[1] / w0, size[0] / h0
-        K = np.array([[K[0, 0] * sx, 0.0, (K[0, 2] + 0.5) * sx - 0.5],
-                      [0.0, K[1, 1] * sy, (K[1, 2] + 0.5) * sy - 0.5], [0.0, 0.0, 1.0]])
+    if n != 1 and (abs(size[0] - h0 / n) > 1.0 or abs(size[1] - w0 / n) > 1.0):
+        raise DatasetError(f"{image_path}: image is {size[1]}x{size[0]}, but w x h = {w0}x{h0} downscaled "
+                           f"{n}x is about {w0 / n:g}x{h0 / n:g}")
     R, t = opencv_pose(frame["transform_matrix"], f"{source} transform_matrix")
     dist = _distortion(meta, frame, source, opts["undistort"])
     mask_path = None
@@ -177,9 +183,11 @@ def _frame_view(root: str, meta: dict, frame: object, k: int, opts: dict) -> tup
         if msize != size:
             raise DatasetError(f"{mask_path}: mask is {msize[1]}x{msize[0]} but its image {image_path} is "
                                f"{size[1]}x{size[0]} ({source} mask_path)")
-    cam = camera_from_opencv(K, R, t, size, source)
-    name = os.path.splitext(os.path.relpath(image_path, root))[0]
+    cam = camera_from_opencv(K, R, t, (h0, w0), source)
+    if n != 1:
+        cam = cam.scaled(size)
     alpha = mask_path is None and has_alpha(image_path)
+    name = os.path.splitext(key)[0]
     if dist is None:
         return View(name, image_path, mask_path, cam, mask_from_alpha=alpha), key
     view_cam = undistorted_camera(cam, dist, source)
@@ -191,7 +199,7 @@ def _split_lists(root: str, meta: dict, keys: list[str], allow_external: bool) -
     present = [s for s in SPLITS if f"{s}_filenames" in meta]
     if not present:
         return None
-    where = {key: i for i, key in enumerate(keys)}
+    where = {os.path.splitext(key)[0]: i for i, key in enumerate(keys)}
     out: dict[str, list[int]] = {}
     for split in present:
         field = f"{os.path.join(root, FILE)} {split}_filenames"
@@ -200,7 +208,7 @@ def _split_lists(root: str, meta: dict, keys: list[str], allow_external: bool) -
             raise DatasetError(f"{field}: expected a list of file paths")
         idx, missing = [], []
         for name in names:
-            key = os.path.splitext(path_in_root(root, name, field, allow_external))[0]
+            key = os.path.splitext(os.path.relpath(path_in_root(root, name, field, allow_external), root))[0]
             if key in where:
                 idx.append(where[key])
             else:
@@ -255,11 +263,13 @@ def load_nerfstudio(root: str, **options) -> SceneData:
     opts = {"allow_external": bool(options.get("allow_external_paths", False)), "downscale": n,
             "undistort": bool(options.get("undistort", False)), "use_masks": bool(options.get("use_masks", True))}
     loaded = [_frame_view(root, meta, frame, k, opts) for k, frame in enumerate(frames)]
-    loaded.sort(key=lambda vk: vk[0].image_path)
+    loaded.sort(key=lambda vk: vk[1])
     views, keys = [v for v, _ in loaded], [key for _, key in loaded]
-    dup = next((v.image_path for a, v in zip(views, views[1:], strict=False) if a.image_path == v.image_path), None)
-    if dup is not None:
-        raise DatasetError(f"{path} frames: image {dup} is listed twice")
+    seen: set[str] = set()
+    for v in views:
+        if v.image_path in seen:
+            raise DatasetError(f"{path} frames: image {v.image_path} is listed twice")
+        seen.add(v.image_path)
     lists = _split_lists(root, meta, keys, opts["allow_external"])
     if lists is not None:
         default_val, default_test = lists.get("val", []), lists.get("test", [])
