@@ -67,7 +67,8 @@ class NPBGPPRenderEngine(bpy.types.RenderEngine):
             self.report({"ERROR"}, f"NPBG++: {exc}")
             return
         framing = framing_note(camera, scene)
-        if framing:
+        if framing and framing not in _reported_this_job:  # an animation would repeat it on every frame
+            _reported_this_job.add(framing)
             self.report({"WARNING"}, f"NPBG++: {framing}")
         self.update_stats("", f"NPBG++: rendering {geo.image_size[1]}x{geo.image_size[0]}")
         self.update_progress(0.0)
@@ -208,6 +209,19 @@ def get_panels() -> list[type]:
     return panels
 
 
+# Warnings given in the current render job (F12 or an animation: Blender calls render()
+# per frame and view layer); emptied when a job starts and ends.
+_reported_this_job: set[str] = set()
+
+
+@bpy.app.handlers.persistent
+def _render_job_edge(*_args) -> None:
+    """render_init / render_complete / render_cancel: a new job reports its warnings again."""
+    _reported_this_job.clear()
+
+
+JOB_HANDLERS = ("render_init", "render_complete", "render_cancel")
+
 CLASSES = (NPBGPPRenderEngine,)
 _tagged_panels: list[type] = []  # the Blender panels register() tagged, untagged by unregister()
 
@@ -219,9 +233,20 @@ def register() -> None:
         if NPBGPPRenderEngine.bl_idname not in panel.COMPAT_ENGINES:
             panel.COMPAT_ENGINES.add(NPBGPPRenderEngine.bl_idname)
             _tagged_panels.append(panel)
+    for kind in JOB_HANDLERS:
+        handlers = getattr(bpy.app.handlers, kind)
+        # a register() that failed part-way leaves its persistent handler: drop it first
+        for old in [h for h in handlers if (getattr(h, "__module__", None), getattr(h, "__name__", None))
+                    == (_render_job_edge.__module__, _render_job_edge.__name__)]:
+            handlers.remove(old)
+        handlers.append(_render_job_edge)
 
 
 def unregister() -> None:
+    for kind in JOB_HANDLERS:
+        handlers = getattr(bpy.app.handlers, kind)
+        if _render_job_edge in handlers:
+            handlers.remove(_render_job_edge)
     while _tagged_panels:
         _tagged_panels.pop().COMPAT_ENGINES.discard(NPBGPPRenderEngine.bl_idname)
     for cls in reversed(CLASSES):

@@ -93,30 +93,48 @@ def in_scene(obj: bpy.types.Object, scene: bpy.types.Scene) -> bool:
     return found is not None and any(o.name_full == obj.name_full for o in scene.objects)
 
 
-def instanced(obj: bpy.types.Object, depsgraph: bpy.types.Depsgraph) -> bool:
-    """Whether ``depsgraph`` draws ``obj`` as an instance (a collection instance, Geometry
-    Nodes' Object / Collection Info, particles). An instance is an evaluated copy, so an
-    object the depsgraph did not evaluate is none: that check costs nothing, where the
-    instance loop (stopped at the first match) walks every object and instance drawn."""
+def instancer(obj: bpy.types.Object, depsgraph: bpy.types.Depsgraph) -> tuple[str, str] | None:
+    """How ``depsgraph`` draws ``obj`` as an instance, as (kind, instancing object's name):
+    kind ``collection`` (a collection instance), ``nodes`` (Geometry Nodes' Object /
+    Collection Info), ``particles`` or ``other``; None when it draws no instance of it. An
+    instance is an evaluated copy, so an object the depsgraph did not evaluate is none: that
+    check costs nothing, where the instance loop (stopped at the first match) walks every
+    object and instance drawn."""
     if not depsgraph.id_eval_get(obj).is_evaluated:
-        return False
-    return any(i.is_instance and i.object.original == obj for i in depsgraph.object_instances)
+        return None
+    for i in depsgraph.object_instances:
+        if i.is_instance and i.object.original == obj:
+            parent = i.parent.original if i.parent is not None else None
+            if parent is None:
+                return "other", ""
+            if parent.instance_type == "COLLECTION":
+                return "collection", parent.name
+            if any(m.type == "NODES" for m in parent.modifiers):
+                return "nodes", parent.name
+            return ("particles" if len(parent.particle_systems) else "other"), parent.name
+    return None
 
 
 def hidden_note(obj: bpy.types.Object, scene: bpy.types.Scene, depsgraph: bpy.types.Depsgraph) -> str:
     """Why a point object :func:`object_shown` refuses draws nothing, in the user's terms:
-    it is not in the scene at all, it is drawn only as collection instances (NPBG++
-    renders the object itself, at its own transform), or hidden."""
+    it is not in the scene at all, it is drawn only as instances (NPBG++ renders the object
+    itself, at its own transform; what to do depends on what instances it), or hidden."""
     where = "renders" if depsgraph.mode == "RENDER" else "the viewport"
     if not in_scene(obj, scene):
         return (f"the Point Object {obj.name!r} is not in the scene {scene.name!r}: nothing to render (link it "
                 "into one of the scene's collections, or choose another Point Object in Render Properties > NPBG++)")
-    if instanced(obj, depsgraph):
-        return (f"the Point Object {obj.name!r} is hidden in {where} and shows only through collection instances, "
-                "which NPBG++ does not render (it renders the object itself, at its own transform): nothing to "
-                "render (include its collection in the view layer to render it)")
-    return (f"the Point Object {obj.name!r} is hidden in {where}: nothing to render "
-            "(show it in the Outliner to render it)")
+    show = "show it in the Outliner to render it"
+    found = instancer(obj, depsgraph)
+    if found is not None:
+        kind, by = found
+        through, advice = {
+            "collection": (f"collection instances ({by!r})", "include its collection in the view layer to render it"),
+            "nodes": (f"the instances the Geometry Nodes of {by!r} make", show),
+            "particles": (f"the particles of {by!r}", show),
+        }.get(kind, ("instances" + (f" of {by!r}" if by else ""), show))
+        return (f"the Point Object {obj.name!r} is hidden in {where} and shows only through {through}, which NPBG++ "
+                f"does not render (it renders the object itself, at its own transform): nothing to render ({advice})")
+    return f"the Point Object {obj.name!r} is hidden in {where}: nothing to render ({show})"
 
 
 def snapshot(

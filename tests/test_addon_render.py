@@ -448,7 +448,9 @@ def test_point_object_only_instanced_or_in_another_scene_says_so(scene, capfd):
     exr = render_exr(sc, str(scene["dir"] / "instanced.exr"))
     assert (passes(exr, "Combined") == 0).all()
     out = capfd.readouterr().out
-    assert f"'{obj.name}' is hidden in renders and shows only through collection instances" in out, out
+    assert (f"'{obj.name}' is hidden in renders and shows only through collection instances ('Instance'), which "
+            "NPBG++ does not render (it renders the object itself, at its own transform): nothing to render (include "
+            "its collection in the view layer to render it)") in out, out
     sc.collection.children.unlink(col)
     sc.collection.objects.unlink(inst)
     exr = render_exr(sc, str(scene["dir"] / "elsewhere.exr"))
@@ -460,8 +462,10 @@ def test_point_object_only_instanced_or_in_another_scene_says_so(scene, capfd):
 def test_point_object_instanced_by_geometry_nodes_says_so(scene, capfd):
     """A point object disabled in renders that Geometry Nodes elsewhere draw as instances
     (Object Info > As Instance on another object's points; Blender's is_instancer is False
-    for that object) gets the instances note, in F12 and in the viewport; with the node
-    group's object cleared it is plainly hidden again."""
+    for that object) gets the instances note, in F12 and in the viewport, naming the Geometry
+    Nodes' object (it said 'collection instances ... include its collection in the view
+    layer', which is wrong advice there); with the node group's object cleared it is plainly
+    hidden again."""
     from importlib import import_module
 
     scene_snapshot = import_module(f"{MODULE}.scene_snapshot")
@@ -484,8 +488,11 @@ def test_point_object_instanced_by_geometry_nodes_says_so(scene, capfd):
     holder.modifiers.new("Scatter", "NODES").node_group = tree
     depsgraph = bpy.context.evaluated_depsgraph_get()
     assert not depsgraph.id_eval_get(holder).is_instancer
-    note = f"'{obj.name}' is hidden in the viewport and shows only through collection instances"
-    assert note in scene_snapshot.snapshot(sc, depsgraph).hidden
+    note = (f"'{obj.name}' is hidden in the viewport and shows only through the instances the Geometry Nodes of "
+            "'Scatter' make, which NPBG++ does not render (it renders the object itself, at its own transform): "
+            "nothing to render (show it in the Outliner to render it)")
+    hidden = scene_snapshot.snapshot(sc, depsgraph).hidden
+    assert note in hidden and "collection" not in hidden, hidden
     capfd.readouterr()
     exr = render_exr(sc, str(scene["dir"] / "gn_instanced.exr"))
     assert (passes(exr, "Combined") == 0).all()
@@ -744,7 +751,9 @@ def _residue() -> dict:
         "classes": sorted(n for n in names if hasattr(bpy.types, n)),
         "scene_prop": hasattr(bpy.types.Scene, "npbgpp"),
         "handlers": [h.__name__ for hs in (bpy.app.handlers.load_pre, bpy.app.handlers.save_pre,
-                                           bpy.app.handlers.save_post, bpy.app.handlers.save_post_fail)
+                                           bpy.app.handlers.save_post, bpy.app.handlers.save_post_fail,
+                                           bpy.app.handlers.render_init, bpy.app.handlers.render_complete,
+                                           bpy.app.handlers.render_cancel)
                      for h in hs if "npbgpp" in (h.__module__ or "")],
         "menu": [f.__module__ for f in draw_funcs if "npbgpp" in (f.__module__ or "")],
         "engine_ops": hasattr(bpy.ops.import_scene, "npbgpp_ply") and "npbgpp_ply" in dir(bpy.ops.import_scene),
@@ -1134,6 +1143,15 @@ def test_import_dataset_warns_of_views_blender_cannot_frame(scene, capfd):
     out = capfd.readouterr().out
     assert (f"Warning: NPBG++: the camera '{portrait.name}' was imported for a 24x32 photo, but the render is 32x24: "
             "it does not show the photo's framing (set Output Properties > Format > Resolution to 24x32") in out, out
+    # an animation says it once, not on every frame; the next render job says it again
+    sc.frame_start, sc.frame_end = 1, 3
+    sc.render.filepath = str(scene["dir"] / "portrait_anim_")
+    bpy.ops.render.render(animation=True)
+    out = capfd.readouterr().out
+    assert all((scene["dir"] / f"portrait_anim_{f:04d}.exr").is_file() for f in (1, 2, 3))
+    assert out.count("Warning: NPBG++: the camera") == 1, out
+    bpy.ops.render.render()
+    assert capfd.readouterr().out.count("Warning: NPBG++: the camera") == 1
     for cam, (rx, ry, pct) in ((portrait, (24, 32, 100)), (portrait, (48, 64, 50)), (landscape, (32, 24, 100)),
                                (scene["camera"], (24, 32, 100))):  # photo's shape, or a camera not imported
         sc.camera = cam
