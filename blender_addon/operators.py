@@ -80,15 +80,39 @@ def _output_name(dataset: str, suffix: str) -> str:
     return (os.path.basename(os.path.normpath(dataset)) or "scene") + suffix
 
 
-def output_path(op: Any, dataset: str, suffix: str, what: str, field: str) -> str:
+def output_path(op: Any, dataset: str, suffix: str, what: str, field: str,
+                inputs: tuple[tuple[str, str], ...] = ()) -> str:
     """The operator's ``filepath``, else :func:`default_output`; "" after reporting when
-    neither says where the ``what`` goes (``field``: the operator's path setting)."""
+    neither says where the ``what`` goes (``field``: the operator's path setting), or when
+    it would replace an input (:func:`replaces_an_input`)."""
     out = bpy.path.abspath(op.filepath) if op.filepath else default_output(dataset, suffix)
     if not out:
         op.report({"ERROR"}, f"Choose where to save the {what} (the operator's {field} path), or save the .blend "
                              f"first: {what}s are saved next to it by default.")
         return ""
+    if replaces_an_input(op, out, field, dataset, inputs):
+        return ""
     return out if output_folder_exists(op, out, field) else ""
+
+
+def replaces_an_input(op: Any, out: str, field: str, dataset: str, inputs: tuple[tuple[str, str], ...] = ()) -> bool:
+    """Whether writing ``out`` would replace a file the job reads, after reporting which:
+    an existing file inside the ``dataset`` folder other than a bundle (its cameras,
+    photos, cloud: a bundle written over transforms_train.json destroyed the dataset) or
+    one of ``inputs``
+    (``(path, what it is)``, e.g. the Weights file)."""
+    target = os.path.realpath(out)
+    for path, what in inputs:
+        if path and os.path.realpath(path) == target:
+            op.report({"ERROR"}, f"{field} {out} is the {what} this job reads; choose another file.")
+            return True
+    folder = os.path.realpath(dataset) if dataset else ""
+    ours = target.lower().endswith(".npbgpp")  # a bundle is never a dataset's input: replacing one is a re-run
+    if folder and not ours and os.path.isfile(target) and target.startswith(folder + os.sep):
+        op.report({"ERROR"}, f"{field} {out} is a file of the dataset {dataset}; writing there would replace it: "
+                             "choose a path outside the dataset folder.")
+        return True
+    return False
 
 
 def output_folder_exists(op: Any, out: str, field: str) -> bool:
@@ -401,7 +425,8 @@ class NPBGPP_OT_aggregate(_WorkerStepJob, bpy.types.Operator):
             return None
         weights, domain, dataset = inputs
         s = context.scene.npbgpp
-        self._out = output_path(self, dataset, ".npbgpp", "bundle", "Bundle")
+        self._out = output_path(self, dataset, ".npbgpp", "bundle", "Bundle",
+                                ((weights, "Weights file"), (resolved(s, s.dataset_points), "Dataset Points file")))
         if not self._out:
             return None
         started = worker_reply(self, P.AggregateBegin(
@@ -584,6 +609,8 @@ class NPBGPP_OT_fit(_WorkerStepJob, bpy.types.Operator):
             self._out = bpy.path.abspath(self.filepath)
         else:
             self._out = os.path.splitext(bundle)[0] + "_fitted.npbgpp"
+        if replaces_an_input(self, self._out, "Fitted Bundle", dataset, ((weights, "Weights file"),)):
+            return None
         if not output_folder_exists(self, self._out, "Fitted Bundle"):
             return None
         return worker_reply(self, P.FitBegin(

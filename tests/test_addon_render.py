@@ -2510,6 +2510,38 @@ def test_a_second_run_while_a_job_runs_is_refused(scene):
     assert bpy.ops.npbgpp.aggregate(filepath=second) == {"FINISHED"}
 
 
+def test_outputs_never_replace_the_jobs_inputs(scene):
+    """An output path typed onto a file the job reads was accepted: Aggregate with Bundle =
+    the dataset's transforms_train.json wrote the bundle over it (the dataset destroyed),
+    Densify onto its points3d.ply, a bundle onto the Weights file. Each is refused by name,
+    the file untouched; a new file in the dataset folder, or a bundle there, still works."""
+    sc, cam = scene["scene"], scene["camera"]
+    root = scene["dir"] / "nerf"
+    _write_nerf_dataset(root, [cam], scene["points"], scene["colors"])
+    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root)) == {"FINISHED"}
+    sc.npbgpp.weights = ""
+    files = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    for path in (root / "transforms_train.json", root / "points3d.ply", root / "train" / "r_0.png"):
+        with pytest.raises(RuntimeError, match=f"Bundle {re.escape(str(path))} is a file of the dataset"):
+            bpy.ops.npbgpp.aggregate(filepath=str(path))
+        with pytest.raises(RuntimeError, match=f"Output PLY {re.escape(str(path))} is a file of the dataset"):
+            bpy.ops.npbgpp.densify(filepath=str(path))
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == files
+    weights = scene["dir"] / "w.safetensors"
+    from npbgpp_core.pretrained import default_weights_path
+
+    weights.write_bytes(open(default_weights_path("npbgpp", "object"), "rb").read())
+    sc.npbgpp.weights = str(weights)
+    with pytest.raises(RuntimeError, match="is the Weights file this job reads"):
+        bpy.ops.npbgpp.aggregate(filepath=str(weights))
+    inside = str(root / "mine.npbgpp")
+    assert bpy.ops.npbgpp.aggregate(filepath=inside) == {"FINISHED"}
+    assert bpy.ops.npbgpp.aggregate(filepath=inside) == {"FINISHED"}  # a re-run replaces its own bundle
+    with pytest.raises(RuntimeError, match="Fitted Bundle .* is the Weights file this job reads"):
+        bpy.ops.npbgpp.fit(steps=50, filepath=str(weights))
+    assert weights.read_bytes() == open(default_weights_path("npbgpp", "object"), "rb").read()
+
+
 def test_fit_to_photos_operator(scene):
     """Fit to Photos: refused without a bundle, without the dataset or with a missing
     Weights file (naming what is missing, nothing written); after Aggregate it fits the
