@@ -81,10 +81,13 @@ def load_dataset(path: str, format: str | None = None, undistort: bool = False,
     transforms.json (the other formats hold undistorted images) and ``allow_external_paths``
     to the formats whose files name image paths (NeRF-Synthetic, COLMAP, nerfstudio); each
     is ignored for the formats without it."""
-    from .datasets import load_scene
+    from .datasets import detect_format, format_options, load_scene
 
+    root = os.path.abspath(path)
+    format = format or detect_format(root)
+    accepted = format_options(format)
     wanted = {"undistort": undistort, "allow_external_paths": allow_external_paths}
-    return load_scene(path, format=format, if_accepted={k: True for k, on in wanted.items() if on})
+    return load_scene(root, format=format, **{k: True for k, on in wanted.items() if on and k in accepted})
 
 
 def with_points(data: Any, path: str) -> Any:

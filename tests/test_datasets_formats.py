@@ -388,8 +388,10 @@ def test_colmap_distortion_refused_or_undistorted(tmp_path, model):
                                            "true; the add-on's Undistort.*prepare-capture.*image_undistorter"):
         load_scene(root)
     scene = load_scene(root, undistort=True)
-    # the add-on's shared settings: undistort reaches COLMAP, white_bg (NeRF's) is left out
-    same = load_scene(root, if_accepted={"undistort": True, "white_bg": True})
+    # the add-on's shared settings (service.load_dataset): undistort reaches COLMAP
+    from npbgpp_core.service import load_dataset
+
+    same = load_dataset(root, undistort=True)
     assert [(v.name, v.distortion) for v in same.views] == [(v.name, v.distortion) for v in scene.views]
     for view, (K, R, t) in zip(scene.views, cams, strict=True):
         assert_projects(view.source_camera, K, R, t)  # the photo's own K, before the lens
@@ -524,11 +526,16 @@ def test_wrong_format_and_options(tmp_path):
                                            "is nerf_synthetic") as refused:
         load_scene(root, undistort=True)
     assert "--undistort" not in str(refused.value)
-    # if_accepted: options only for the formats that take them (the add-on's shared settings)
-    assert [v.name for v in load_scene(root, if_accepted={"undistort": True}).views] == [
+    # the add-on's shared settings go only to the formats that take them (format_options)
+    from npbgpp_core.datasets import format_options
+    from npbgpp_core.service import load_dataset
+
+    assert "undistort" not in format_options("nerf_synthetic") and "undistort" in format_options("colmap")
+    assert "white_bg" in format_options("nerf_synthetic") and "allow_external_paths" in format_options("colmap")
+    assert [v.name for v in load_dataset(root, undistort=True, allow_external_paths=True).views] == [
         v.name for v in load_scene(root).views]
-    with pytest.raises(TypeError, match="white_background"):  # if_accepted leaves the others checked
-        load_scene(root, if_accepted={"undistort": True}, white_background=True)
+    with pytest.raises(DatasetError, match=r"unknown dataset format 'llff'; choose one of \['nerf_synthetic'"):
+        format_options("llff")
 
 
 def test_photos_without_a_model_point_to_capture_sfm(tmp_path):

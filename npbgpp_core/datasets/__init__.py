@@ -4,7 +4,8 @@ training samples. (Rendering new scenes with Blender lives on the Blender side:
 
 Public names::
 
-    load_scene(path, format=None, *, if_accepted=None, **options) -> SceneData
+    load_scene(path, format=None, **options) -> SceneData
+    format_options(format) -> the options load_scene takes for that format
     SceneData, View, Distortion, DatasetError
     detect_format(path) -> str
     scene_domain(scene) -> "scene" | "object"   (which bundled NPBG++ file suits it)
@@ -21,6 +22,7 @@ from typing import Any
 
 _EXPORTS = {
     "load_scene": ".loader",
+    "format_options": ".loader",
     "SceneData": ".scene_data",
     "View": ".scene_data",
     "Distortion": ".scene_data",
