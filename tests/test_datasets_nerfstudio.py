@@ -379,6 +379,16 @@ def test_missing_or_unreadable_json(tmp_path, content, message):
         assert detect_format(str(root)) == "nerfstudio"  # detected by the file, then refused by name
 
 
+@pytest.mark.parametrize(("fmt", "file"), [("nerfstudio", "transforms.json"),
+                                          ("nerf_synthetic", "transforms_train.json")])
+def test_json_nested_too_deep_for_the_parser(tmp_path, fmt, file):
+    """Both transforms formats read through one reader: nesting beyond Python's recursion
+    limit is a DatasetError naming the file (nerf_synthetic raised RecursionError)."""
+    (tmp_path / file).write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(DatasetError, match=rf"{file}: not readable JSON \(RecursionError"):
+        load_scene(str(tmp_path), format=fmt)
+
+
 def test_detect_with_nerfstudios_own_colmap_folder(capture):
     """ns-process-data keeps its COLMAP run in colmap/sparse/0: not a COLMAP scene root."""
     root, cams = capture

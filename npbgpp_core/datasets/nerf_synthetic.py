@@ -43,6 +43,21 @@ DEFAULT_PC_NAMES = ("points3d.ply", "points3D.ply", "pointcloud.ply", "point_clo
 _OPENGL_TO_OPENCV = np.diag([1.0, -1.0, -1.0])
 
 
+def read_transforms_json(path: str) -> dict:
+    """The JSON object in ``path``; DatasetError naming it when it is missing, unreadable
+    (also nesting too deep for Python's parser) or not an object."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except FileNotFoundError as exc:
+        raise DatasetError(f"{path}: file not found") from exc
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise DatasetError(f"{path}: not readable JSON ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(meta, dict):
+        raise DatasetError(f"{path}: expected a JSON object with a 'frames' list, got {type(meta).__name__}")
+    return meta
+
+
 def resolve_image(root: str, file_path: object, source: str, allow_external: bool = False) -> str:
     base = path_in_root(root, file_path, f"{source} file_path", allow_external)  # type: ignore[arg-type]
     if os.path.splitext(base)[1] and os.path.isfile(base):
@@ -111,12 +126,8 @@ def load_nerf_synthetic(root: str, **options) -> SceneData:
     split_lists: dict[str, list[int]] = {s: [] for s in SPLITS}
     for split in present:
         path = os.path.join(root, f"transforms_{split}.json")
-        try:
-            with open(path, encoding="utf-8") as f:
-                meta = json.load(f)
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise DatasetError(f"{path}: not readable JSON ({exc})") from exc
-        frames = meta.get("frames") if isinstance(meta, dict) else None
+        meta = read_transforms_json(path)
+        frames = meta.get("frames")
         if not isinstance(frames, list):
             raise DatasetError(f"{path}: no 'frames' list")
         for k, frame in enumerate(frames):

@@ -45,7 +45,6 @@ the images found), ``use_masks`` (``mask_path`` per frame, default True), ``whit
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -63,7 +62,7 @@ from .common import (
 from .distortion import undistorted_camera
 from .errors import DatasetError
 from .images import has_alpha, image_size_of
-from .nerf_synthetic import opencv_pose, resolve_image, transforms_intrinsics
+from .nerf_synthetic import opencv_pose, read_transforms_json, resolve_image, transforms_intrinsics
 from .scene_data import Distortion, SceneData, View
 
 FILE = "transforms.json"
@@ -75,19 +74,6 @@ PINHOLE_MODELS = ("PINHOLE", "SIMPLE_PINHOLE")
 RADIAL_MODELS = ("OPENCV", "SIMPLE_RADIAL", "RADIAL")
 DEFAULT_PC_NAMES = ("sparse_pc.ply", "points3d.ply", "points3D.ply", "pointcloud.ply", "point_cloud.ply")
 SPLITS = ("train", "val", "test")
-
-
-def _read_json(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except FileNotFoundError as exc:
-        raise DatasetError(f"{path}: file not found") from exc
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise DatasetError(f"{path}: not readable JSON ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(meta, dict):
-        raise DatasetError(f"{path}: expected a JSON object with a 'frames' list, got {type(meta).__name__}")
-    return meta
 
 
 def _downscaled(rel: object, prefix: str, n: int) -> object:
@@ -251,7 +237,7 @@ def load_nerfstudio(root: str, **options) -> SceneData:
     """Load the ``transforms.json`` scene in folder ``root`` (see the module docstring)."""
     check_options("nerfstudio", options, OPTIONS)
     path = os.path.join(root, FILE)
-    meta = _read_json(path)
+    meta = read_transforms_json(path)
     frames = meta.get("frames")
     if not isinstance(frames, list):
         raise DatasetError(f"{path}: no 'frames' list")
