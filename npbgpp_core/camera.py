@@ -112,6 +112,9 @@ class Camera:
         self.K = K.to(dtype=dtype, device=device)
         self.R = R.to(dtype=dtype, device=device)
         self.t = t.to(dtype=dtype, device=device)
+        for name, value in (("K", self.K), ("t", self.t)):  # finite in float64, inf once stored (1e308 -> float32)
+            if not torch.isfinite(value).all():
+                raise ValueError(f"camera {name} {value.tolist()} is beyond the range of {dtype}")
         self.near: float = near
         self.far: float = far
 

@@ -216,6 +216,9 @@ def test_camera_errors():
         Camera.from_opencv(skew, np.eye(3), np.zeros(3), (30, 40))
     with pytest.raises(ValueError, match="non-finite"):
         Camera.from_opencv(K, np.eye(3), [0, np.nan, 0], (30, 40))
+    with pytest.raises(ValueError, match=r"camera t \[0.0, 0.0, inf\] is beyond the range of torch.float32"):
+        Camera.from_opencv(K, np.eye(3), [0, 0, 1e308], (30, 40))
+    assert Camera.from_opencv(K, np.eye(3), [0, 0, 1e308], (30, 40), dtype=torch.float64).t[2] == 1e308
     with pytest.raises(ValueError, match="image_size"):
         Camera.from_opencv(K, np.eye(3), np.zeros(3), (1, 40))
     with pytest.raises(ValueError, match="image_size"):
