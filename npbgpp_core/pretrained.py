@@ -320,13 +320,12 @@ def trainer_checkpoint_weights(ckpt: dict[str, Any], path: str) -> tuple[str, di
     return kind, config, weights
 
 
-def build_network(kind: str, config: dict[str, Any] | NPBGPlusPlusConfig | NPBGConfig,
-                  state: dict[str, torch.Tensor], path: str) -> torch.nn.Module:
+def build_network(kind: str, config: dict[str, Any], state: dict[str, torch.Tensor], path: str) -> torch.nn.Module:
     """The network a weights file (or a headless_train checkpoint) ``path`` of ``kind``
     holds: an :class:`NPBGPlusPlus` (``npbgpp``) or the :class:`Refiner` of an NPBG model
-    (``npbg_refiner``), built from the model ``config`` (the file's dict, or the config it
-    already gave) and loaded strictly with ``state``, on the CPU, in train mode. The one
-    construction for every reader (:func:`load_pretrained_npbgpp`,
+    (``npbg_refiner``), built from the model ``config`` (the file's dict, read by
+    :func:`network_config`) and loaded strictly with ``state``, on the CPU, in train mode.
+    The one construction for every reader (:func:`load_pretrained_npbgpp`,
     :func:`load_pretrained_npbg_refiner`, ``headless_train export`` and
     ``export-weights``). An NPBG++ network records ``path`` as the file of its trained
     extractor (``model.extractor.encoder.weights_file``, which the fit's perceptual loss
@@ -334,8 +333,7 @@ def build_network(kind: str, config: dict[str, Any] | NPBGPlusPlusConfig | NPBGC
     fit."""
     from .models import NPBG, NPBGPlusPlus
 
-    _check_kind(kind)
-    cfg = network_config(kind, config, path) if isinstance(config, dict) else config
+    cfg = network_config(kind, config, path)  # checks kind too
     try:
         module: torch.nn.Module = NPBGPlusPlus(cfg) if kind == "npbgpp" else NPBG(0, cfg).refiner
     except (TypeError, ValueError) as exc:
@@ -420,9 +418,8 @@ def load_pretrained_npbg_refiner(path: str | None = None) -> RefinerWeights:
     (default: the bundled one); checked against a freshly built refiner."""
     path = path or default_weights_path("npbg_refiner")
     wf = read_weights(path, "npbg_refiner")
-    config = network_config("npbg_refiner", wf.config, path)
-    build_network("npbg_refiner", config, wf.state, path)
-    return RefinerWeights(path, config, wf.card, wf.state)  # type: ignore[arg-type]
+    build_network("npbg_refiner", wf.config, wf.state, path)
+    return RefinerWeights(path, network_config("npbg_refiner", wf.config, path), wf.card, wf.state)  # type: ignore[arg-type]
 
 
 def describe(path: str) -> dict[str, Any]:
