@@ -4,7 +4,9 @@ This is what nerfstudio's ``ns-process-data`` and instant-ngp's ``colmap2nerf.py
 ``frames[]`` hold ``file_path`` (relative to the scene folder, extension optional) and
 ``transform_matrix`` (camera-to-world, OpenGL camera axes: x right, y up, z backward), as
 in NeRF-Synthetic. Intrinsics ``fl_x, fl_y, cx, cy, w, h`` (or ``camera_angle_x``) sit at
-the top level or per frame, a frame's own value winning; ``cx, cy`` put the image centre
+the top level or per frame, a frame's own value winning (as instant-ngp reads them;
+nerfstudio's trainer uses a top-level value for every frame: the converters write one or
+the other, so only hand-mixed files differ); ``cx, cy`` put the image centre
 at ``w/2``: both converters copy COLMAP's ``cx, cy`` unchanged, and nerfstudio casts the
 ray of pixel (u, v) through ``(u + 0.5 - cx) / fx``, so the OpenCV principal point is
 ``cx - 0.5``.
