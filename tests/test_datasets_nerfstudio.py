@@ -484,3 +484,21 @@ def test_converted_capture_matches_its_colmap_model(tmp_path):
         assert torch.equal(index_col, index_ns)
         drawn += int((index_col >= 0).sum())
     assert drawn >= len(names) * 20  # most points land in most views
+
+
+def test_half_size_photos_colmap_and_images_2_agree_with_hand_pixels(tmp_path):
+    """Photos at half the model's size: the COLMAP loader (resized images/) and nerfstudio's
+    images_2/ copies give one camera, and a point lands where the full-size pixel centre
+    maps by hand: u_half + 0.5 = (u_full + 0.5) / 2."""
+    cams = random_cameras(3, seed=21)
+    root = str(tmp_path / "half")
+    write_images(root, cams, "images", (H // 2, W // 2))
+    write_colmap_bin(root, cams)
+    write_images(root, cams, "images_2", (H // 2, W // 2))
+    write_transforms(root, cams)
+    col, ns = load_scene(root, format="colmap"), load_scene(root, format="nerfstudio", downscale=2)
+    for v_col, v_ns, cam in zip(col.views, ns.views, cams, strict=True):
+        assert v_col.camera.image_size == v_ns.camera.image_size == (H // 2, W // 2)
+        np.testing.assert_allclose(v_col.camera.K.numpy(), v_ns.camera.K.numpy(), atol=1e-5)
+        uv, _ = v_col.camera.project(torch.as_tensor(POINTS))
+        np.testing.assert_allclose(uv.double().numpy(), (colmap_pixels(cam, POINTS) + 0.5) / 2 - 0.5, atol=1e-3)

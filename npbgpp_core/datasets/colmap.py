@@ -340,13 +340,11 @@ def load_colmap(root: str, **options) -> SceneData:
         K, dist = _intrinsics(model, params, cam_id, f"{sparse} cameras", undistort)
         path = path_in_root(image_dir, name, source, allow_external)
         size = image_size_of(path)
-        if size != (height, width):
-            sx, sy = size[1] / width, size[0] / height
-            if abs(sx - sy) > 0.01:
-                raise DatasetError(f"{path}: image is {size[1]}x{size[0]} but camera {cam_id} is {width}x{height}")
-            K = np.array([[K[0, 0] * sx, 0, (K[0, 2] + 0.5) * sx - 0.5], [0, K[1, 1] * sy, (K[1, 2] + 0.5) * sy - 0.5],
-                          [0, 0, 1.0]])
-        cam = camera_from_opencv(K, quaternion_to_rotation(q), t, size, source)
+        if abs(size[1] / width - size[0] / height) > 0.01:
+            raise DatasetError(f"{path}: image is {size[1]}x{size[0]} but camera {cam_id} is {width}x{height}")
+        cam = camera_from_opencv(K, quaternion_to_rotation(q), t, (height, width), source)
+        if size != (height, width):  # a resized copy of the photos: the same view at the image's size
+            cam = cam.scaled(size)
         if dist is None:
             views.append(View(os.path.splitext(name)[0], path, None, cam))
             continue
