@@ -17,7 +17,9 @@ scaling are baked in), and what the trainers do at load time (nerfstudio's auto-
 scale, instant-ngp's ``scale`` / ``offset`` / ``aabb_scale``) is not applied; ``sharpness``,
 ``depth_file_path`` and the like are ignored. The point cloud must be in that same frame:
 nerfstudio's ``sparse_pc.ply`` (named by ``ply_file_path``) is written so; a COLMAP
-``points3D`` beside it (``colmap/sparse/0``) is not, and instant-ngp writes no cloud.
+``points3D`` beside it (``colmap/sparse/0``) is not, and instant-ngp writes no cloud; a
+trained model's ``ns-export pointcloud`` is in this frame only with ``--save-world-frame``
+(by default it writes the trainer's auto-oriented, scaled frame).
 The same capture read from its COLMAP model and from nerfstudio's conversion therefore
 gives the same images, pixels and held-out views in two world frames one rotation apart
 (x and y swapped, z negated); NPBG++'s view-dependent basis reads world-space directions,
@@ -230,7 +232,8 @@ def _point_cloud(root: str, meta: dict, options: dict) -> tuple[np.ndarray, np.n
             f"{os.path.join(root, FILE)}: no ply_file_path and no point cloud in {root} (looked for "
             f"{list(DEFAULT_PC_NAMES)} and any *.ply). instant-ngp writes none; nerfstudio's ns-process-data "
             "writes sparse_pc.ply. Put a cloud in the same world frame as the transform_matrix poses there (a "
-            f"COLMAP points3D is in another frame), or name it with {PC_NAME_OPTIONS}"
+            "COLMAP points3D is in another frame; ns-export pointcloud needs --save-world-frame), or name it with "
+            f"{PC_NAME_OPTIONS}"
         )
     return pts, cols, path
 
