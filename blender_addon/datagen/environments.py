@@ -527,7 +527,11 @@ def build_env_scene(seed: int, kind: str | None = None, tex_size: int = 256):
     import bpy
 
     rng = np.random.default_rng([seed, 7919])
-    kind = kind or str(rng.choice(KINDS, p=[0.6, 0.4]))
+    # drawn even when ``kind`` is given, so that the geometry after it depends on the seed
+    # alone: resimulate_points passes the kind a default render drew, and skipping the draw
+    # there built another scene (other depth, other clouds than the images)
+    drawn = str(rng.choice(KINDS, p=[0.6, 0.4]))
+    kind = kind or drawn
     if kind not in KINDS:
         raise ValueError(f"unknown environment kind {kind!r}; choose one of {KINDS}")
     scene = bpy.data.scenes.new(f"npbgpp_env_{seed}")
