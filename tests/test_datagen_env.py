@@ -210,3 +210,21 @@ def test_command_line_skips_finished_scenes(tmp_path, capsys):
         main(["--seeds", "1-x", "--out", str(tmp_path / "new")])
     assert info.value.code == 2 and "--seeds must look like 1-40" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
+
+
+def test_corpus_command_starts_without_a_runpy_warning():
+    """``python -m blender_addon.datagen.environments`` (the corpus command) printed runpy's
+    "found in sys.modules ... may result in unpredictable behaviour" on every start: the
+    package imported the module eagerly. Its public names still resolve."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-m", "blender_addon.datagen.environments", "--help"], cwd=root,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "--resimulate-points" in run.stdout
+    assert "RuntimeWarning" not in run.stderr, run.stderr
+    import blender_addon.datagen as datagen
+    from blender_addon.datagen.environments import build_env_scene
+
+    assert datagen.build_env_scene is build_env_scene and callable(datagen.render_env_scene)

@@ -22,7 +22,8 @@ Public names::
 
 from __future__ import annotations
 
-from .environments import build_env_scene, render_env_scene
+from typing import Any
+
 from .procedural import PROCEDURAL_SCENES, build_procedural_scene, remove_scene
 from .render import RenderSummary, render_procedural_scene, render_views_of_current_scene
 from .surface_points import sample_surface_points
@@ -38,3 +39,13 @@ __all__ = [
     "render_views_of_current_scene",
     "sample_surface_points",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # environments loads lazily: imported here, ``python -m blender_addon.datagen.environments``
+    # (the corpus command) printed runpy's "found in sys.modules ... unpredictable behaviour"
+    if name in ("build_env_scene", "render_env_scene"):
+        from . import environments
+
+        return getattr(environments, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
