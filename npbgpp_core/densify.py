@@ -9,7 +9,8 @@ Method, per reference view:
    sampled inside the depth range, that lands inside the other image) times a Gaussian
    of the triangulation angle at the reference view's scene point (best near 15 degrees).
 2. Depth range: the 2nd-98th percentile of the scene's sparse points seen by the view,
-   widened; without points, the cameras' distance to the scene centre.
+   widened; without points (instant-ngp's transforms.json has none), the view's distance
+   to the point the cameras' optical axes meet (their mean centre for parallel axes).
 3. Plane sweep in inverse depth at half size: every neighbour's grey image is warped onto
    each fronto-parallel plane of the reference and compared by ZNCC over a small window;
    per plane the mean of the best ``top_k`` neighbours counts (robust to occlusion in one
@@ -250,6 +251,22 @@ def _gray(img: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- view choice
+def cameras_center(cameras: Sequence[Camera]) -> np.ndarray:
+    """Where a capture without sparse points is looked at: the point nearest (least squares)
+    to every camera's optical axis when that point lies in front of the cameras and the axes
+    are not near parallel (an object-centred capture), else the mean camera centre."""
+    centers = np.stack([c.center().double().numpy() for c in cameras])
+    axes = np.stack([c.to_opencv()[1][2] for c in cameras]).astype(np.float64)  # OpenCV +z in world
+    axes /= np.linalg.norm(axes, axis=1, keepdims=True)
+    proj = np.eye(3)[None] - axes[:, :, None] * axes[:, None, :]  # onto each axis' normal plane
+    A, b = proj.sum(0), np.einsum("nij,nj->i", proj, centers)
+    if np.linalg.eigvalsh(A)[0] > 0.05 * len(cameras):  # axes spread by more than about 13 degrees
+        point = np.linalg.solve(A, b)
+        if np.median(((point - centers) * axes).sum(1)) > 0:
+            return point
+    return centers.mean(0)
+
+
 def depth_range_of(camera: Camera, points: np.ndarray | None, fallback_center: np.ndarray) -> tuple[float, float]:
     """Depth range of a view from the sparse points it sees (2nd-98th percentile, widened
     by 25%); from the scene centre's distance when fewer than 20 points are seen."""
@@ -896,7 +913,7 @@ def _view_steps(
     if len(shapes) != 1:
         raise DensifyError(f"all views must have one size for fusion, got {sorted(shapes)}")
     center = (np.asarray(sparse_points, np.float64).mean(0) if sparse_points is not None and len(sparse_points)
-              else np.stack([c.center().double().numpy() for c in cameras]).mean(0))
+              else cameras_center(cameras))
     ranges = [opt.depth_range or depth_range_of(c, sparse_points, center) for c in cameras]
     # Tiny per-pair geometry: on the CPU, a GPU would spend its time on V^2 small syncs.
     cpu = torch.device("cpu")
@@ -1147,7 +1164,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .ply import save_ply
 
     try:
-        options = {"undistort": True} if a.undistort else {}
+        # The sparse cloud only narrows the depth search, so a capture without one (instant-ngp's
+        # transforms.json) is densified from the cameras' spread alone.
+        options = {"require_points": False, **({"undistort": True} if a.undistort else {})}
         scene = load_scene(a.scene, a.format, **options)  # refuses --undistort for a format without distortion
         _check_not_an_input(a.out, scene)
         views = _parse_views(a.views, len(scene.views), scene.train, [v.name for v in scene.views])

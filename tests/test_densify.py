@@ -104,6 +104,44 @@ def test_cli_respects_masks(tmp_path, ring, capsys):
     assert (d_all > 0.1).sum() > 1000
 
 
+def test_cameras_center_without_sparse_points():
+    """The depth search's centre for a capture without points: where the cameras of an arc
+    look (their target, by construction), and for parallel cameras (no meeting point) their
+    mean centre."""
+    from npbgpp_core.camera import Camera
+    from npbgpp_core.densify import cameras_center
+
+    np.testing.assert_allclose(cameras_center(ring_cameras(6)), [0.0, 0.0, -0.2], atol=1e-5)
+    eyes = [(x, -5.0, 0.3 * x) for x in (-1.0, 0.0, 1.5, 2.5)]
+    flat = [Camera.look_at(eye=e, target=(e[0], 0.0, e[2]), up=(0, 0, 1), fov_x_deg=50, image_size=(30, 40))
+            for e in eyes]
+    np.testing.assert_allclose(cameras_center(flat), np.mean(eyes, axis=0), atol=1e-9)
+
+
+def test_cli_makes_the_cloud_an_instant_ngp_capture_lacks(tmp_path, ring):
+    """instant-ngp's transforms.json comes without a point cloud: loading it names the
+    densify command, which runs from the cameras alone (no sparse points to narrow the
+    depth search) and writes a cloud the loader then finds."""
+    import os
+
+    from npbgpp_core.datasets import DatasetError, load_scene
+
+    cams, views = ring
+    root = tmp_path / "ngp"
+    write_nerf(root, cams, views, sphere_only_alpha=True)
+    (root / "transforms_train.json").rename(root / "transforms.json")
+    for name in ("transforms_val.json", "transforms_test.json", "points3d.ply"):
+        os.remove(root / name)
+    out = root / "dense.ply"
+    with pytest.raises(DatasetError, match=rf"no point cloud.*python -m npbgpp_core.densify {root} --out {out}"):
+        load_scene(root)
+    assert main([str(root), "--out", str(out), "--device", "cpu", "--quiet"]) == 0
+    scene = load_scene(root)
+    assert scene.format == "nerfstudio" and scene.metadata["point_cloud"] == str(out)
+    assert len(scene.points) > 2000
+    assert (surface_distance(torch.as_tensor(scene.points), floor=False) < 0.035).float().mean() >= 0.95
+
+
 def _load(tmp_path, cams, views):
     from npbgpp_core.datasets import load_scene
 

@@ -233,7 +233,8 @@ def _point_cloud(root: str, meta: dict, options: dict) -> tuple[np.ndarray, np.n
             f"{list(DEFAULT_PC_NAMES)} and any *.ply). instant-ngp writes none; nerfstudio's ns-process-data "
             "writes sparse_pc.ply. Put a cloud in the same world frame as the transform_matrix poses there (a "
             "COLMAP points3D is in another frame; ns-export pointcloud needs --save-world-frame), or name it with "
-            f"{PC_NAME_OPTIONS}"
+            f"{PC_NAME_OPTIONS}; or make one from the photos: python -m npbgpp_core.densify {root} --out "
+            f"{os.path.join(root, 'dense.ply')}"
         )
     return pts, cols, path
 
