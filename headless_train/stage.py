@@ -271,6 +271,10 @@ def run_stage(args: argparse.Namespace) -> dict[str, Any]:
     work = os.path.abspath(args.work)
     if os.path.exists(work) and not os.path.isdir(work):
         raise StageError(f"--work {args.work} is a file; give a folder (new or one an earlier call used)")
+    corpus = os.path.realpath(args.corpus)
+    if os.path.realpath(work) == corpus or os.path.realpath(work).startswith(corpus + os.sep):
+        # the trainer would read the work folder as a scene and fail, and every later call too
+        raise StageError(f"--work {args.work} is inside --corpus {args.corpus}; put it outside the corpus folder")
     run_dir = os.path.join(work, "run")
     last = os.path.join(run_dir, "checkpoints", "last.ckpt")
     resume = os.path.isfile(last)
