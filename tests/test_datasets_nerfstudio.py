@@ -237,6 +237,10 @@ def test_point_cloud_choice(capture):
     os.remove(os.path.join(root, "sparse_pc.ply"))
     with pytest.raises(DatasetError, match=r"transforms.json ply_file_path: .*sparse_pc.ply not found.*pc_name="):
         load_scene(root)
+    # without require_points (densify needs only the cameras), a missing cloud is none, as for a
+    # COLMAP model without points3D; the other .ply in the folder is not taken in its place
+    scene = load_scene(root, require_points=False)
+    assert scene.points.shape == (0, 3) and scene.metadata["point_cloud"] is None and len(scene.views) == N_VIEWS
 
 
 def test_masks_and_downscaled_copies(tmp_path):

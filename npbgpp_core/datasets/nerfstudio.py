@@ -220,6 +220,8 @@ def _point_cloud(root: str, meta: dict, options: dict) -> tuple[np.ndarray, np.n
         field = f"{os.path.join(root, FILE)} ply_file_path"
         path = path_in_root(root, ply, field, bool(options.get("allow_external_paths", False)))
         if not os.path.isfile(path):
+            if not require:  # as a COLMAP model without points3D: the caller needs only the cameras
+                return np.zeros((0, 3), np.float32), None, None
             raise DatasetError(f"{field}: {path} not found (or name another cloud with {PC_NAME_OPTIONS})")
         try:
             pc = load_ply(path)
