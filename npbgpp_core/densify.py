@@ -1110,8 +1110,10 @@ def _check_not_an_input(out: str, scene) -> None:
     target = os.path.realpath(out)
     for path in inputs:
         if path and os.path.realpath(path) == target:
+            # a re-run into an instant-ngp folder finds its earlier dense.ply as the scene's cloud
+            name = "dense_2.ply" if os.path.basename(target) == "dense.ply" else "dense.ply"
             raise ValueError(f"--out {out} is an input of the scene ({path}); write the dense cloud to another "
-                             f"file, e.g. {os.path.join(os.path.dirname(out) or '.', 'dense.ply')}")
+                             f"file, e.g. {os.path.join(os.path.dirname(out) or '.', name)}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

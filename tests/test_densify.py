@@ -118,7 +118,7 @@ def test_cameras_center_without_sparse_points():
     np.testing.assert_allclose(cameras_center(flat), np.mean(eyes, axis=0), atol=1e-9)
 
 
-def test_cli_makes_the_cloud_an_instant_ngp_capture_lacks(tmp_path, ring):
+def test_cli_makes_the_cloud_an_instant_ngp_capture_lacks(tmp_path, ring, capsys):
     """instant-ngp's transforms.json comes without a point cloud: loading it names the
     densify command, which runs from the cameras alone (no sparse points to narrow the
     depth search) and writes a cloud the loader then finds."""
@@ -140,6 +140,10 @@ def test_cli_makes_the_cloud_an_instant_ngp_capture_lacks(tmp_path, ring):
     assert scene.format == "nerfstudio" and scene.metadata["point_cloud"] == str(out)
     assert len(scene.points) > 2000
     assert (surface_distance(torch.as_tensor(scene.points), floor=False) < 0.035).float().mean() >= 0.95
+    # a second run: dense.ply is now the scene's cloud, so the refusal suggests another name
+    assert main([str(root), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out} is an input of the scene" in err and f"e.g. {root / 'dense_2.ply'}" in err, err
 
 
 def _load(tmp_path, cams, views):
