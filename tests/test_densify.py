@@ -459,3 +459,19 @@ def test_cli_interrupt_or_failed_write_leaves_no_file(ring_scene, tmp_path, caps
                  "--min-consistent", "1", "--planes", "8"]) == 1
     assert "could not write the cloud: No space left on device" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_refuses_an_output_in_the_colmap_model(tmp_path, capsys, monkeypatch):
+    """A COLMAP scene's cloud is its model's points3D file (metadata names the model
+    folder, not the file): --out onto any file of the model is refused too."""
+    from test_datasets_formats import write_colmap
+
+    import npbgpp_core.densify as densify
+
+    monkeypatch.setattr(densify, "densify_scene", lambda *a, **k: pytest.fail("densified into the model"))
+    write_colmap(str(tmp_path), binary=True)
+    target = tmp_path / "sparse" / "0" / "points3D.bin"
+    before = target.read_bytes()
+    assert main([str(tmp_path), "--out", str(target), "--quiet"]) == 2
+    assert "is an input of the scene" in capsys.readouterr().err
+    assert target.read_bytes() == before
