@@ -1051,7 +1051,12 @@ def _parse_views(text: str, n: int, train: list[int], names: Sequence[str] = ())
     for part in text.split(","):
         part = part.strip()
         if part in index:  # before ranges: names may hold '-'
-            out.append(index[part])
+            i = index[part]
+            if part.isdigit() and int(part) != i and int(part) < n:  # ScanNet-like numbered views
+                raise ValueError(f"--views {text!r}: {part!r} is both view index {int(part)} ({names[int(part)]}) and "
+                                 f"the name of view {i}; write {i} for the view named {part}, or "
+                                 f"{int(part)}-{int(part)} for index {int(part)}")
+            out.append(i)
             continue
         try:
             if "-" in part:
@@ -1127,7 +1132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--format", default=None, help="dataset format (default: detect)")
     p.add_argument("--undistort", action="store_true", help="COLMAP, nerfstudio: undistort distorted cameras on load")
     p.add_argument("--views", default="train",
-                   help="'train' (default), 'all', or indices and view names like 0,2,5-9,train/r_12")
+                   help="'train' (default), 'all', or indices and view names like 0,2,5-9,train/r_12 (a number "
+                   "that is also another view's name is refused: N-N is index N)")
     p.add_argument("--max-views", type=int, default=0, help="use at most this many, evenly spaced (0: all)")
     p.add_argument("--max-points", type=int, default=DensifyOptions.max_points, help="size limit of the cloud")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")

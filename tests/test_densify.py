@@ -432,6 +432,20 @@ def test_cli_takes_view_names(ring_scene, tmp_path, capsys, monkeypatch):
     assert "'r_4' is neither a view index nor a view name" in capsys.readouterr().err
 
 
+def test_views_numbered_like_other_views_are_refused_as_ambiguous():
+    """A token that is a view's name and another view's index (ScanNet's numbered frames)
+    picked the name without a word, so '--views 2' changed meaning with the scene; now it
+    is refused naming both readings, and unambiguous tokens keep theirs (hand cases)."""
+    from npbgpp_core.densify import _parse_views
+
+    names = ["0", "2", "4", "6"]
+    with pytest.raises(ValueError, match=r"'2' is both view index 2 \(4\) and the name of view 1; write 1 for the "
+                                         r"view named 2, or 2-2 for index 2"):
+        _parse_views("0,2", 4, [], names)
+    assert _parse_views("0,6,1-2,2-2", 4, [], names) == [0, 3, 1, 2, 2]  # 0: both readings agree; 6: a name only
+    assert _parse_views("2", 4, [], ["a", "b", "c", "d"]) == [2]
+
+
 def test_cli_interrupt_or_failed_write_leaves_no_file(ring_scene, tmp_path, capsys, monkeypatch):
     """Ctrl-C during the work exits 130 with one line (it was a traceback); a write that
     fails at the end (disk full) says so, exit 1; no file, no temporary left either way."""
