@@ -115,6 +115,9 @@ class Camera:
         for name, value in (("K", self.K), ("t", self.t)):  # finite in float64, inf once stored (1e308 -> float32)
             if not torch.isfinite(value).all():
                 raise ValueError(f"camera {name} {value.tolist()} is beyond the range of {dtype}")
+        if not (float(self.K[0, 0]) > 0.0 and float(self.K[1, 1]) > 0.0):  # 1e-50 -> 0 in float32
+            raise ValueError(f"focal length fx={fx:g}, fy={fy:g} is too small for {dtype} (stored as "
+                             f"{float(self.K[0, 0]):g}, {float(self.K[1, 1]):g})")
         self.near: float = near
         self.far: float = far
 

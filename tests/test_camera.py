@@ -216,6 +216,11 @@ def test_camera_errors():
         Camera.from_opencv(skew, np.eye(3), np.zeros(3), (30, 40))
     with pytest.raises(ValueError, match="non-finite"):
         Camera.from_opencv(K, np.eye(3), [0, np.nan, 0], (30, 40))
+    tiny = K.copy()
+    tiny[0, 0] = 1e-50  # positive in float64, 0 once stored in float32 (a division by zero later)
+    with pytest.raises(ValueError, match=r"focal length fx=1e-50, fy=.* is too small for torch.float32"):
+        Camera.from_opencv(tiny, np.eye(3), np.zeros(3), (30, 40))
+    assert Camera.from_opencv(tiny, np.eye(3), np.zeros(3), (30, 40), dtype=torch.float64).K[0, 0] == 1e-50
     with pytest.raises(ValueError, match=r"camera t \[0.0, 0.0, inf\] is beyond the range of torch.float32"):
         Camera.from_opencv(K, np.eye(3), [0, 0, 1e308], (30, 40))
     assert Camera.from_opencv(K, np.eye(3), [0, 0, 1e308], (30, 40), dtype=torch.float64).t[2] == 1e308
