@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
+import math
 import os
 import shutil
 import signal
@@ -262,9 +263,24 @@ def read_history(path: str) -> list[dict[str, Any]]:
     return calls
 
 
+def check_numbers(args: argparse.Namespace) -> None:
+    """StageError naming the first option whose value can never train: --minutes 0 or less
+    started the trainer and stopped it at once ('training wrote no last.ckpt', the option
+    unnamed), nan failed in the child; sizes below 1."""
+    if not args.dry_run and not (math.isfinite(args.minutes) and args.minutes > 0):
+        raise StageError(f"--minutes {args.minutes:g}: must be a number of minutes above 0")
+    for flag, value in (("--batch", args.batch), ("--crop", args.crop), ("--views", args.views),
+                        ("--dry-steps", args.dry_steps)):
+        if value < 1:
+            raise StageError(f"{flag} {value}: must be at least 1")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise StageError(f"--lr {args.lr:g}: must be a number above 0")
+
+
 def run_stage(args: argparse.Namespace) -> dict[str, Any]:
     """Seed or resume, train for ``--minutes`` (or ``--dry-steps``), export weights + card."""
     warmup = warmup_arg(args.warmup_steps)  # a bad value fails before anything is read
+    check_numbers(args)
     up = stage_world_up(args.world_up)
     args.world_up = ",".join(f"{v:g}" for v in up)
     scenes = check_corpus(args.corpus, args.max_corpus_mib)

@@ -256,6 +256,9 @@ def test_stage_refuses_bad_start_weights_work_and_world_up_by_name(tmp_path, cap
         (["--world-up", "up"], "--world-up up: world_up must be"),
         (["--world-up", "0,0"], "--world-up 0,0: world_up must be 3 finite numbers"),
         (["--world-up", "auto"], "not auto"),
+        (["--minutes", "0"], "--minutes 0: must be"), (["--minutes", "-1"], "--minutes -1: must be"),
+        (["--minutes", "nan"], "--minutes nan: must be"), (["--batch", "0"], "--batch 0: must be at least 1"),
+        (["--crop", "0"], "--crop 0: must be"), (["--lr", "-1"], "--lr -1: must be"),
     ]
     monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     for extra, message in cases:
