@@ -281,7 +281,7 @@ def depth_range_of(camera: Camera, points: np.ndarray | None, fallback_center: n
     dist = float(np.linalg.norm(camera.center().double().numpy() - fallback_center))
     if dist <= 1e-9:
         raise DensifyError("cannot guess a depth range (no sparse points and the camera sits at the scene centre); "
-                           "pass depth_range=(near, far)")
+                           "pass depth_range=(near, far) (the command's --depth-range NEAR FAR)")
     return dist * 0.3, dist * 1.7
 
 
@@ -1201,8 +1201,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if len(cloud) == 0:
-        print("error: no consistent points (views too far apart, too little texture, or a wrong depth range)",
-              file=sys.stderr)
+        guessed = "" if a.depth_range else ": set it with --depth-range NEAR FAR"
+        print(f"error: no consistent points (views too far apart, too little texture, or a wrong depth "
+              f"range{guessed})", file=sys.stderr)
         return 1
     try:
         save_ply(a.out, cloud.points, cloud.colors, extra=cloud.extra or None)

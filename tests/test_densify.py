@@ -146,6 +146,28 @@ def test_cli_makes_the_cloud_an_instant_ngp_capture_lacks(tmp_path, ring, capsys
     assert f"--out {out} is an input of the scene" in err and f"e.g. {root / 'dense_2.ply'}" in err, err
 
 
+def test_cli_names_its_depth_range_flag_when_it_cannot_guess_one(tmp_path, ring, capsys):
+    """Without sparse points and with parallel cameras (a forward-facing instant-ngp capture)
+    the middle camera sits at the centre the depth range is guessed from: the refusal named
+    the library's depth_range=(near, far), which the command does not take."""
+    import os
+
+    from npbgpp_core.camera import Camera
+
+    cams, views = ring
+    eyes = [(-1.0, -4.0, 0.0), (0.0, -4.0, 0.0), (1.0, -4.0, 0.0)]
+    flat = [Camera.look_at(eye=e, target=(e[0], 0.0, 0.0), up=(0, 0, 1), fov_x_deg=55, image_size=cams[0].image_size)
+            for e in eyes]
+    root = tmp_path / "forward"
+    write_nerf(root, flat, views[:3], sphere_only_alpha=False)
+    (root / "transforms_train.json").rename(root / "transforms.json")
+    for name in ("transforms_val.json", "transforms_test.json", "points3d.ply"):
+        os.remove(root / name)
+    assert main([str(root), "--out", str(tmp_path / "d.ply"), "--device", "cpu", "--quiet", "--views", "all"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot guess a depth range" in err and "--depth-range NEAR FAR" in err, err
+
+
 def _load(tmp_path, cams, views):
     from npbgpp_core.datasets import load_scene
 
