@@ -100,11 +100,11 @@ def replaces_an_input(op: Any, out: str, field: str, dataset: str, inputs: tuple
     an existing file inside the ``dataset`` folder other than a bundle (its cameras,
     photos, cloud: a bundle written over transforms_train.json destroyed the dataset) or
     one of ``inputs``
-    (``(path, what it is)``, e.g. the Weights file)."""
+    (``(path, what it is)``, e.g. the Weights file; the scene's bundle for Densify)."""
     target = os.path.realpath(out)
     for path, what in inputs:
         if path and os.path.realpath(path) == target:
-            op.report({"ERROR"}, f"{field} {out} is the {what} this job reads; choose another file.")
+            op.report({"ERROR"}, f"{field} {out} is {what}; choose another file.")
             return True
     folder = os.path.realpath(dataset) if dataset else ""
     ours = target.lower().endswith(".npbgpp")  # a bundle is never a dataset's input: replacing one is a re-run
@@ -426,7 +426,8 @@ class NPBGPP_OT_aggregate(_WorkerStepJob, bpy.types.Operator):
         weights, domain, dataset = inputs
         s = context.scene.npbgpp
         self._out = output_path(self, dataset, ".npbgpp", "bundle", "Bundle",
-                                ((weights, "Weights file"), (resolved(s, s.dataset_points), "Dataset Points file")))
+                                ((weights, "the Weights file this job reads"),
+                                 (resolved(s, s.dataset_points), "the Dataset Points file this job reads")))
         if not self._out:
             return None
         started = worker_reply(self, P.AggregateBegin(
@@ -525,7 +526,8 @@ class NPBGPP_OT_densify(_WorkerStepJob, bpy.types.Operator):
         dataset = imported_dataset(self, s, "Densify needs a dataset")
         if not dataset:
             return None
-        self._out = output_path(self, dataset, "_dense.ply", "dense cloud", "Output PLY")
+        self._out = output_path(self, dataset, "_dense.ply", "dense cloud", "Output PLY",
+                                ((resolved(s, s.bundle), "the scene's bundle (a PLY written there breaks it)"),))
         if not self._out:
             return None
         return worker_reply(self, P.DensifyBegin(
@@ -609,7 +611,8 @@ class NPBGPP_OT_fit(_WorkerStepJob, bpy.types.Operator):
             self._out = bpy.path.abspath(self.filepath)
         else:
             self._out = os.path.splitext(bundle)[0] + "_fitted.npbgpp"
-        if replaces_an_input(self, self._out, "Fitted Bundle", dataset, ((weights, "Weights file"),)):
+        reads = ((weights, "the Weights file this job reads"),)
+        if replaces_an_input(self, self._out, "Fitted Bundle", dataset, reads):
             return None
         if not output_folder_exists(self, self._out, "Fitted Bundle"):
             return None

@@ -2513,8 +2513,9 @@ def test_a_second_run_while_a_job_runs_is_refused(scene):
 def test_outputs_never_replace_the_jobs_inputs(scene):
     """An output path typed onto a file the job reads was accepted: Aggregate with Bundle =
     the dataset's transforms_train.json wrote the bundle over it (the dataset destroyed),
-    Densify onto its points3d.ply, a bundle onto the Weights file. Each is refused by name,
-    the file untouched; a new file in the dataset folder, or a bundle there, still works."""
+    Densify onto its points3d.ply (or the scene's bundle), a bundle onto the Weights file.
+    Each is refused by name, the file untouched; a new file in the dataset folder, or a
+    bundle there, still works."""
     sc, cam = scene["scene"], scene["camera"]
     root = scene["dir"] / "nerf"
     _write_nerf_dataset(root, [cam], scene["points"], scene["colors"])
@@ -2539,6 +2540,11 @@ def test_outputs_never_replace_the_jobs_inputs(scene):
     assert bpy.ops.npbgpp.aggregate(filepath=inside) == {"FINISHED"}  # a re-run replaces its own bundle
     with pytest.raises(RuntimeError, match="Fitted Bundle .* is the Weights file this job reads"):
         bpy.ops.npbgpp.fit(steps=50, filepath=str(weights))
+    bundle = bpy.path.abspath(sc.npbgpp.bundle)
+    before = open(bundle, "rb").read()
+    with pytest.raises(RuntimeError, match="Output PLY .* is the scene's bundle"):
+        bpy.ops.npbgpp.densify(filepath=bundle)
+    assert open(bundle, "rb").read() == before
     assert weights.read_bytes() == open(default_weights_path("npbgpp", "object"), "rb").read()
 
 
