@@ -481,6 +481,9 @@ def pack(corpus: str, out: str, max_side: int, max_points: int, max_mib: float,
         raise StageError(f"corpus folder not found: {corpus}")
     if os.path.exists(out):
         raise StageError(f"{out} exists; remove it or pick another --out")
+    if os.path.realpath(out).startswith(os.path.realpath(corpus) + os.sep):
+        # a folder in the corpus that is not a scene: every later stage or pack of it failed
+        raise StageError(f"--out {out} is inside --corpus {corpus}; put it outside the corpus folder")
     patterns = [p.strip() for p in (scenes or "").split(",") if p.strip()]
     resized: dict[str, tuple[float, float]] = {}  # packed image path without extension -> (sx, sy)
     transforms: list[tuple[str, str]] = []  # (scene, packed transforms_*.json): scaled after the images

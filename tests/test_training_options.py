@@ -166,6 +166,10 @@ def test_stage_pack_leaves_out_unfinished_scenes_and_writes_all_or_nothing(tmp_p
     with Image.open(out / "env_1" / "train" / "r_0.png") as im:
         assert im.size == (16, 8)
     assert sorted(os.listdir(tmp_path)) == ["corpus", "packed"]
+    # an --out inside the corpus became a folder that is no scene: every later use of the corpus failed
+    with pytest.raises(StageError, match="is inside --corpus"):
+        pack(str(corpus), str(corpus / "small"), 16, 100, 64.0)
+    assert not (corpus / "small").exists()
 
 
 def test_stage_pack_scales_pixel_intrinsics_follows_links_and_picks_scenes(tmp_path):
