@@ -243,6 +243,25 @@ def test_point_cloud_choice(capture):
     assert scene.points.shape == (0, 3) and scene.metadata["point_cloud"] is None and len(scene.views) == N_VIEWS
 
 
+def test_without_ply_file_path_dense_ply_is_found_beside_other_clouds(capture):
+    """The no-cloud error tells an instant-ngp user to write dense.ply; with another .ply in
+    the folder (an exported mesh) that file was not found and the error asked for it again.
+    dense.ply is now a default name; several other clouds are named as such."""
+    root, _ = capture
+    rewrite(root, lambda meta: meta.pop("ply_file_path"))
+    os.remove(os.path.join(root, "sparse_pc.ply"))
+    other = POINTS[:5] + 1.0
+    save_ply(os.path.join(root, "mesh.ply"), POINTS[:7].astype(np.float32))
+    save_ply(os.path.join(root, "dense.ply"), other.astype(np.float32))
+    scene = load_scene(root)
+    assert scene.metadata["point_cloud"] == os.path.join(root, "dense.ply")
+    np.testing.assert_allclose(scene.points, other, atol=1e-6)
+    os.rename(os.path.join(root, "dense.ply"), os.path.join(root, "other.ply"))
+    with pytest.raises(DatasetError, match=r"no ply_file_path and several point clouds .*"
+                                           r"\(\['mesh.ply', 'other.ply'\]\); choose one with"):
+        load_scene(root)
+
+
 def test_masks_and_downscaled_copies(tmp_path):
     root = str(tmp_path / "masked")
     cams = random_cameras(3, seed=4)

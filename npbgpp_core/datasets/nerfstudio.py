@@ -40,6 +40,10 @@ the same views. Split: the file's
 list is empty; train defaults to the rest), else every ``holdout_every``-th view
 (0, 8, 16, ... by default; 0 disables) is test, as for COLMAP; ``*_indices`` options win.
 
+Point cloud: ``ply_file_path``, else the first of ``DEFAULT_PC_NAMES`` in the folder
+(``sparse_pc.ply`` ... ``dense.ply``, the densify command's output the no-cloud error
+names), else the folder's only ``.ply``.
+
 Options: ``pc_name`` (a cloud other than ``ply_file_path``), ``require_points``,
 ``downscale=N`` (nerfstudio's ``images_N/`` / ``masks_N/`` copies, intrinsics scaled to
 the images found), ``use_masks`` (``mask_path`` per frame, default True), ``white_bg``
@@ -76,7 +80,9 @@ OPTIONS = (
 )
 PINHOLE_MODELS = ("PINHOLE", "SIMPLE_PINHOLE")
 RADIAL_MODELS = ("OPENCV", "SIMPLE_RADIAL", "RADIAL")
-DEFAULT_PC_NAMES = ("sparse_pc.ply", "points3d.ply", "points3D.ply", "pointcloud.ply", "point_cloud.ply")
+# Without ply_file_path; dense.ply is what the no-cloud error tells the user to make.
+DEFAULT_PC_NAMES = ("sparse_pc.ply", "points3d.ply", "points3D.ply", "pointcloud.ply", "point_cloud.ply",
+                    "dense.ply")
 SPLITS = ("train", "val", "test")
 
 
@@ -230,6 +236,10 @@ def _point_cloud(root: str, meta: dict, options: dict) -> tuple[np.ndarray, np.n
         return check_points(pc.points, pc.colors, path)
     pts, cols, path = load_point_cloud(root, None, DEFAULT_PC_NAMES, False)
     if path is None and require:
+        plys = sorted(f for f in os.listdir(root) if f.lower().endswith(".ply"))
+        if plys:  # several, none of the default names: making another would not help
+            raise DatasetError(f"{os.path.join(root, FILE)}: no ply_file_path and several point clouds in {root} "
+                               f"({plys}); choose one with {PC_NAME_OPTIONS}")
         raise DatasetError(
             f"{os.path.join(root, FILE)}: no ply_file_path and no point cloud in {root} (looked for "
             f"{list(DEFAULT_PC_NAMES)} and any *.ply). instant-ngp writes none; nerfstudio's ns-process-data "
