@@ -282,8 +282,8 @@ class ReadDataset(Request):
     path: str
     format: str | None = None
     max_points: int = 0  # 0: all
-    undistort: bool = False  # COLMAP: remap distorted photos on load
-    allow_external_paths: bool = False  # NeRF / COLMAP: image paths may leave the dataset folder
+    undistort: bool = False  # COLMAP, nerfstudio: remap distorted photos on load
+    allow_external_paths: bool = False  # NeRF / COLMAP / nerfstudio: image paths may leave the dataset folder
     op: ClassVar[str] = "read_dataset"
     reply: ClassVar[type[Reply]] = DatasetSummary
 
