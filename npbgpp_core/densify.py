@@ -1109,13 +1109,18 @@ def _options(a: argparse.Namespace) -> DensifyOptions:
 
 def _check_not_an_input(out: str, scene) -> None:
     """Refuse an ``--out`` that is one of the files the scene was read from (its point
-    cloud, a photo or mask, a file of its COLMAP model): writing there replaced the user's
-    input without a word."""
+    cloud, a photo or mask, a file of its COLMAP model, any other file of its folder but a
+    .ply): writing there replaced the user's input without a word."""
     inputs = [scene.metadata.get("point_cloud")]
     inputs += [p for v in scene.views for p in (v.image_path, v.mask_path)]
     target = os.path.realpath(out)
     sparse = scene.metadata.get("sparse")  # a COLMAP model's folder: every file in it is read
     if sparse and target.startswith(os.path.realpath(sparse) + os.sep):
+        inputs.append(target)
+    # the scene's own description (transforms*.json, cameras.npz, *.npy, ...): any existing
+    # file of its folder but a .ply, which a re-run may replace, as the add-on's outputs
+    if (os.path.isfile(target) and not target.lower().endswith(".ply")
+            and target.startswith(os.path.realpath(scene.root) + os.sep)):
         inputs.append(target)
     for path in inputs:
         if path and os.path.realpath(path) == target:

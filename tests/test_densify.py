@@ -423,12 +423,12 @@ def test_service_allow_external_paths_reaches_the_loader(tmp_path):
 
 
 def test_cli_refuses_an_output_that_is_an_input(ring_scene, capsys, monkeypatch):
-    """--out naming the scene's own cloud (or a photo) was overwritten with the dense cloud
-    without a word: the user's input lost. Refused by name before any work."""
+    """--out naming the scene's own cloud (or a photo, or its transforms json) was overwritten
+    with the dense cloud without a word: the user's input lost. Refused by name before any work."""
     import npbgpp_core.densify as densify
 
     monkeypatch.setattr(densify, "densify_scene", lambda *a, **k: pytest.fail("densified into an input"))
-    for target in (ring_scene / "points3d.ply", ring_scene / "train" / "r_1.png"):
+    for target in (ring_scene / "points3d.ply", ring_scene / "train" / "r_1.png", ring_scene / "transforms_train.json"):
         before = target.read_bytes()
         assert main([str(ring_scene), "--out", str(target), "--quiet"]) == 2
         err = capsys.readouterr().err
