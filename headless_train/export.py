@@ -189,6 +189,9 @@ def export(args: argparse.Namespace) -> str:
         check_output_file(args.out, "scene.npbgpp")  # before the aggregation (minutes on a CPU), not at the end
     except OSError as exc:
         raise ExportError(f"--out {exc}") from None
+    if os.path.exists(args.checkpoint) and os.path.realpath(args.out) == os.path.realpath(args.checkpoint):
+        raise ExportError(f"--out {args.out} is the --checkpoint it reads; write the bundle to another file, "
+                          "e.g. scene.npbgpp")
     up_spec = world_up_spec(args.world_up)
     weights_file = args.checkpoint.lower().endswith(".safetensors")
     if up_spec is not None and not weights_file:
@@ -210,6 +213,12 @@ def export(args: argparse.Namespace) -> str:
     if pc_name:
         options["pc_name"] = pc_name
     scene = load_scene(args.scene, format=args.format, **options)
+    from npbgpp_core.datasets.scene_data import scene_input_at
+
+    replaced = scene_input_at(scene, args.out, (".npbgpp",))  # a re-run replaces its bundle, never a cloud
+    if replaced is not None:  # it wrote the bundle over the scene's cloud or camera file
+        raise ExportError(f"--out {args.out} is an input of the scene ({replaced}); write the bundle to another "
+                          "file, e.g. scene.npbgpp")
     if scene.points.shape[0] == 0:
         raise ExportError(f"scene {args.scene} has no points")
     if system == "npbgpp":

@@ -1108,26 +1108,17 @@ def _options(a: argparse.Namespace) -> DensifyOptions:
 
 
 def _check_not_an_input(out: str, scene) -> None:
-    """Refuse an ``--out`` that is one of the files the scene was read from (its point
-    cloud, a photo or mask, a file of its COLMAP model, any other file of its folder but a
-    .ply): writing there replaced the user's input without a word."""
-    inputs = [scene.metadata.get("point_cloud")]
-    inputs += [p for v in scene.views for p in (v.image_path, v.mask_path)]
-    target = os.path.realpath(out)
-    sparse = scene.metadata.get("sparse")  # a COLMAP model's folder: every file in it is read
-    if sparse and target.startswith(os.path.realpath(sparse) + os.sep):
-        inputs.append(target)
-    # the scene's own description (transforms*.json, cameras.npz, *.npy, ...): any existing
-    # file of its folder but a .ply, which a re-run may replace, as the add-on's outputs
-    if (os.path.isfile(target) and not target.lower().endswith(".ply")
-            and target.startswith(os.path.realpath(scene.root) + os.sep)):
-        inputs.append(target)
-    for path in inputs:
-        if path and os.path.realpath(path) == target:
-            # a re-run into an instant-ngp folder finds its earlier dense.ply as the scene's cloud
-            name = "dense_2.ply" if os.path.basename(target) == "dense.ply" else "dense.ply"
-            raise ValueError(f"--out {out} is an input of the scene ({path}); write the dense cloud to another "
-                             f"file, e.g. {os.path.join(os.path.dirname(out) or '.', name)}")
+    """Refuse an ``--out`` that is one of the files the scene was read from
+    (:func:`~npbgpp_core.datasets.scene_data.scene_input_at`): writing there replaced the
+    user's input without a word."""
+    from .datasets.scene_data import scene_input_at
+
+    path = scene_input_at(scene, out, (".ply",))  # a bundle in the folder is no place for a cloud
+    if path is not None:
+        # a re-run into an instant-ngp folder finds its earlier dense.ply as the scene's cloud
+        name = "dense_2.ply" if os.path.basename(os.path.realpath(out)) == "dense.ply" else "dense.ply"
+        raise ValueError(f"--out {out} is an input of the scene ({path}); write the dense cloud to another "
+                         f"file, e.g. {os.path.join(os.path.dirname(out) or '.', name)}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -428,7 +428,8 @@ def test_cli_refuses_an_output_that_is_an_input(ring_scene, capsys, monkeypatch)
     import npbgpp_core.densify as densify
 
     monkeypatch.setattr(densify, "densify_scene", lambda *a, **k: pytest.fail("densified into an input"))
-    for target in (ring_scene / "points3d.ply", ring_scene / "train" / "r_1.png", ring_scene / "transforms_train.json"):
+    for target in (ring_scene / "points3d.ply", ring_scene / "train" / "r_1.png",
+                   ring_scene / "transforms_train.json"):  # a camera file: the dataset destroyed
         before = target.read_bytes()
         assert main([str(ring_scene), "--out", str(target), "--quiet"]) == 2
         err = capsys.readouterr().err

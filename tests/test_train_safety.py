@@ -323,6 +323,30 @@ def test_export_checks_the_output_path_before_aggregating(data_root, tmp_path, c
     assert "is a folder" in capsys.readouterr().err
 
 
+def test_export_never_writes_over_what_it_reads(data_root, tmp_path, capsys, monkeypatch):
+    """--out naming the --checkpoint, the scene's cloud or its camera file was written over
+    with the bundle (the weights file or the dataset lost, exit 0). Refused by name, each
+    file unchanged; a bundle into the scene folder is still written."""
+    import shutil
+
+    import headless_train.export as export
+    from headless_train.stage import seed_checkpoint
+    from npbgpp_core.pretrained import default_weights_path
+
+    ckpt = seed_checkpoint(default_weights_path("npbgpp"), str(tmp_path / "seed.ckpt"))
+    scene = tmp_path / "sceneA"
+    shutil.copytree(f"{data_root}/sceneA", scene)
+    for target in (tmp_path / "seed.ckpt", scene / "points3d.ply", scene / "transforms_train.json"):
+        before = target.read_bytes()
+        assert export.main(["--checkpoint", ckpt, "--scene", str(scene), "--out", str(target)]) == 2
+        err = capsys.readouterr().err
+        assert f"--out {target} is " in err and "write the bundle to another file" in err, err
+        assert target.read_bytes() == before
+    monkeypatch.setattr(export, "export_npbgpp", lambda *a, **k: pytest.fail("reached the aggregation"))
+    with pytest.raises(pytest.fail.Exception):  # a new file in the scene folder passes the checks
+        export.main(["--checkpoint", ckpt, "--scene", str(scene), "--out", str(scene / "s.npbgpp")])
+
+
 def test_weights_path_takes_a_weights_file_and_names_network_differences(data_root, tmp_path, caplog):
     """weights_path= accepts an NPBG++ weights file (the bundled network: the project ships no
     checkpoint; it used to say 'has no state_dict'). A run whose system options build another

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -158,6 +159,34 @@ class SceneData:
         if self.points.shape[0] > 0:
             return self.points.astype(np.float64).mean(axis=0)
         return np.stack([v.camera.center().double().numpy() for v in self.views]).mean(axis=0)
+
+
+# Files a command writes into a scene folder on purpose (a dense cloud, a bundle): replacing
+# one of these there is a re-run, not the loss of an input.
+OUTPUT_SUFFIXES = (".ply", ".npbgpp")
+
+
+def scene_input_at(scene: SceneData, path: str | os.PathLike,
+                   outputs: tuple[str, ...] = OUTPUT_SUFFIXES) -> str | None:
+    """The input of ``scene`` that writing ``path`` would replace, else None: its point
+    cloud, a photo or mask, a file of its COLMAP model, or any other existing file in its
+    folder whose name does not end in one of ``outputs`` (the kind of file the caller writes,
+    which a re-run may replace; camera files such as transforms_train.json never). Commands
+    refuse such an output by name (it replaced the user's data without a word)."""
+    target = os.path.realpath(path)
+    inputs = [scene.metadata.get("point_cloud")]
+    inputs += [p for v in scene.views for p in (v.image_path, v.mask_path)]
+    for p in inputs:
+        if p and os.path.realpath(p) == target:
+            return str(p)
+    sparse = scene.metadata.get("sparse")  # a COLMAP model's folder: every file in it is read
+    if sparse and target.startswith(os.path.realpath(sparse) + os.sep):
+        return target
+    root = os.path.realpath(scene.root) if scene.root else ""
+    if root and os.path.isfile(target) and target.startswith(root + os.sep) \
+            and not target.lower().endswith(outputs):
+        return target
+    return None
 
 
 def _resize_tensor(img: torch.Tensor, size: Sequence[int] | None) -> torch.Tensor:
