@@ -581,3 +581,23 @@ def test_a_file_or_a_model_folder_given_as_the_scene_names_the_scene_folder(tmp_
         load_scene(os.path.join(root, "sparse", "0"))
     with pytest.raises(DatasetError, match="scene folder not found"):
         load_scene(os.path.join(root, "nothere"))
+
+
+@pytest.mark.parametrize("R", [
+    [[1e200, 1e200, 0.0], [1e200, -1e200, 0.0], [0.0, 0.0, 1.0]],  # R R^T overflows: inf and inf - inf = nan
+    [[1e300, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]],
+    [[float("nan"), 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]],  # nan compares False with every tolerance
+])
+def test_rotation_check_refuses_huge_entries_without_numpy_warnings(R):
+    """A pose with entries near the float64 limit printed numpy's 'overflow encountered in
+    matmul' before the refusal (the nerfstudio fuzz): the check is quiet, and a nan error
+    (where > tol is False) still refuses."""
+    import warnings
+
+    from npbgpp_core.datasets.common import check_rotation
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(DatasetError, match="cam 0: rotation part is not orthonormal"):
+            check_rotation(np.array(R), "cam 0")
+    check_rotation(np.eye(3), "cam 0")

@@ -201,7 +201,10 @@ def path_in_root(root: str, relative: str, source: str, allow_external: bool = F
 
 
 def check_rotation(R: np.ndarray, source: str, tol: float = 1e-4) -> None:
-    if np.abs(R @ R.T - np.eye(3)).max() > tol or abs(np.linalg.det(R) - 1.0) > tol:
+    """DatasetError naming ``source`` unless ``R`` is a proper rotation (within ``tol``)."""
+    with np.errstate(over="ignore", invalid="ignore"):  # huge entries: inf / nan, refused below
+        err, det = float(np.abs(R @ R.T - np.eye(3)).max()), float(np.linalg.det(R))
+    if not (err <= tol and abs(det - 1.0) <= tol):  # written so that nan fails too
         raise DatasetError(f"{source}: rotation part is not orthonormal with determinant 1 (scaled or sheared?)")
 
 
