@@ -105,8 +105,11 @@ def capture_sfm(raw: str, out: str, max_side: int = 1600, every: int = 1, thread
     """Build ``out`` (atomically) from the photos in ``raw``; returns what ``sfm.json`` records.
     ``sequential`` > 0 matches each photo with the next ``sequential`` ones (quadratic
     overlap, no loop detection) instead of with all photos."""
-    from npbgpp_core.atomic import atomic_directory
+    from npbgpp_core.atomic import atomic_directory, holds
 
+    if holds(out, raw):  # --overwrite replaced the photo folder with the model built from it
+        raise CaptureSfmError(f"{out}: the output folder holds the photos it reads ({raw}); replacing it would "
+                              "delete them: choose another output folder")
     if max_side < 16:
         raise CaptureSfmError(f"--max-side must be >= 16 px, got {max_side}")
     if sequential < 0:

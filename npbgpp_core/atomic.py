@@ -52,6 +52,13 @@ def check_output_file(path: str | os.PathLike, example: str = "") -> None:
     os.unlink(probe)
 
 
+def holds(folder: str | os.PathLike, path: str | os.PathLike) -> bool:
+    """Whether ``path`` is ``folder`` or lies inside it (links resolved): a command whose
+    output folder holds its source would delete what it reads when it replaces the folder."""
+    top, inner = os.path.realpath(folder), os.path.realpath(path)
+    return inner == top or inner.startswith(top.rstrip(os.sep) + os.sep)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, make_dirs: bool = True) -> None:
     """Write ``data`` to ``path``; on any error the temporary file is removed and an
     existing ``path`` is untouched. A full disk raises ``OSError(ENOSPC)`` saying so; a

@@ -216,6 +216,20 @@ def _random_rotation(seed: int) -> np.ndarray:
     return q if np.linalg.det(q) > 0 else -q
 
 
+def test_prepare_capture_never_replaces_its_source(tmp_path):
+    """--out naming the source capture (or a folder holding it) with --overwrite replaced the
+    capture with its downscaled copy: the original photos and model deleted. Refused by
+    name, the source untouched."""
+    src = tmp_path / "caps" / "src"
+    write_capture(str(src))
+    before = {p: p.read_bytes() for p in src.rglob("*") if p.is_file()}
+    for out in (src, tmp_path / "caps"):
+        with pytest.raises(DatasetError, match="the output folder holds the capture it reads"):
+            prepare_capture(str(src), str(out), overwrite=True)
+    assert {p: p.read_bytes() for p in src.rglob("*") if p.is_file()} == before
+    assert sorted(os.listdir(tmp_path / "caps")) == ["src"]
+
+
 def test_rotation_helpers_against_direct_checks():
     from npbgpp_core.datasets.capture import rotation_to_z_up
     from npbgpp_core.datasets.colmap import quaternion_to_rotation, rotation_to_quaternion

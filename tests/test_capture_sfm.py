@@ -78,6 +78,18 @@ def test_existing_output_is_kept(tmp_path, capsys):
     assert os.listdir(out) == ["keep.txt"] and _leftovers(tmp_path) == ["out"]
 
 
+def test_output_holding_the_photos_is_refused(tmp_path, capsys):
+    """OUT_DIR naming the photo folder (or its parent) with --overwrite would replace the
+    photos with the model built from them; refused before anything is read or written."""
+    raw = tmp_path / "raw"
+    _photos(raw, 3)
+    before = {p.name: p.read_bytes() for p in raw.iterdir()}
+    for out in (raw, tmp_path):
+        rc, err = _run([str(raw), str(out), "--overwrite"], capsys)
+        assert rc == 2 and "the output folder holds the photos it reads" in err, err
+    assert {p.name: p.read_bytes() for p in raw.iterdir()} == before and os.listdir(tmp_path) == ["raw"]
+
+
 def test_missing_pycolmap_says_it_is_optional(tmp_path, capsys, monkeypatch):
     raw, out = tmp_path / "raw", tmp_path / "out"
     _photos(raw, 3)

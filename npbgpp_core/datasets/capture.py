@@ -166,6 +166,11 @@ def prepare_capture(
     photo_dir = os.path.join(src, images_dir)
     if not os.path.isdir(photo_dir):
         raise DatasetError(f"{photo_dir}: image folder not found")
+    from ..atomic import holds
+
+    if holds(out, src):  # --overwrite replaced the source with its downscaled copy
+        raise DatasetError(f"{out}: the output folder holds the capture it reads ({src}); replacing it would "
+                           "delete the original photos and model: choose another output folder")
     if os.path.exists(out) and not overwrite:
         raise DatasetError(f"{out}: already exists (pass overwrite=True / --overwrite to replace it)")
     rot = up = None
