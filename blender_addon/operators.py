@@ -667,11 +667,34 @@ class NPBGPP_OT_export_dataset(_ModalJob, bpy.types.Operator):
 
     _steps: Any = None
 
+    @staticmethod
+    def _held_file(context: Any, folder: str) -> str:
+        """What of this project ``folder`` holds ("" when nothing): the saved .blend, the
+        imported dataset, bundle, weights or dataset points. With Overwrite the export
+        replaced the folder, deleting them (a .blend saved in the folder chosen too)."""
+        from npbgpp_core.atomic import holds
+
+        s = context.scene.npbgpp
+        used = [("the saved .blend", bpy.data.filepath)]
+        used += [(f"the scene's {what}", resolved(s, path)) for what, path in (
+            ("dataset", s.dataset_path), ("bundle", s.bundle), ("Weights file", s.weights),
+            ("Dataset Points file", s.dataset_points))]
+        for what, path in used:
+            if path and os.path.exists(path) and holds(folder, path):
+                return f"{what} ({path})"
+        return ""
+
     def execute(self, context: Any) -> set[str]:
         """In the UI: a background job, one view per timer tick, with progress and Esc to
         cancel (nothing is written then); in scripts and background mode: to the end."""
         if not self.directory:
             self.report({"ERROR"}, "Choose an output folder for the dataset.")
+            return {"CANCELLED"}
+        held = self._held_file(context, bpy.path.abspath(self.directory))
+        if held:
+            self.report({"ERROR"}, f"Export Dataset: the output folder {bpy.path.abspath(self.directory)} holds "
+                                   f"{held}; writing the dataset there replaces the whole folder: choose an empty "
+                                   "or new folder.")
             return {"CANCELLED"}
         try:
             from .datagen.render import render_views_steps

@@ -1297,6 +1297,27 @@ def test_export_dataset_renders_views(scene):
     assert sc.render.image_settings.media_type == "MULTI_LAYER_IMAGE"
 
 
+def test_export_dataset_never_replaces_the_project(scene):
+    """Export Dataset with Overwrite into the folder holding the saved .blend (or the
+    imported dataset) replaced that whole folder with the dataset: the .blend deleted.
+    Refused by name; both still there."""
+    cam = scene["camera"]
+    project = scene["dir"] / "project"
+    project.mkdir()
+    root = project / "nerf"
+    _write_nerf_dataset(root, [cam], scene["points"], scene["colors"])
+    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root)) == {"FINISHED"}
+    bpy.ops.mesh.primitive_cube_add(size=1.0)  # something to render: the export would go ahead
+    blend = project / "shot.blend"
+    assert bpy.ops.wm.save_as_mainfile(filepath=str(blend)) == {"FINISHED"}
+    for folder, held in ((project, "the saved .blend"), (root, "the scene's dataset")):
+        with pytest.raises(RuntimeError, match=f"holds {held}"):
+            bpy.ops.npbgpp.export_dataset(directory=str(folder), views=2, width=16, height=12, samples=1,
+                                          points=50, overwrite=True)
+    assert blend.is_file() and (root / "transforms_train.json").is_file()
+    assert sorted(p.name for p in project.iterdir()) == ["nerf", "shot.blend"]
+
+
 def _plane_selected(sc):
     bpy.ops.mesh.primitive_plane_add(size=2.0)
     plane = bpy.context.active_object
