@@ -282,6 +282,14 @@ def test_command_line_blend_file(tmp_path):
          "--size", "24x16", "--out", str(out)], env=env, capture_output=True, text=True, timeout=300,
     )
     assert again.returncode == 2 and "not empty" in again.stderr and "Traceback" not in again.stderr
+    # --out holding the .blend with --overwrite replaced that folder, deleting the .blend
+    over = subprocess.run(
+        [sys.executable, "-m", "blender_addon.datagen", "--blend", str(blend), "--views", "3", "--size", "24x16",
+         "--samples", "1", "--points", "50", "--out", str(tmp_path), "--overwrite"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert over.returncode == 2 and "holds the --blend file" in over.stderr, over.stderr[-2000:]
+    assert blend.is_file() and (out / "transforms_train.json").is_file()
 
 
 def test_command_line_bad_input_exits_2_with_one_line(tmp_path, capsys):

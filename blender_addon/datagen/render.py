@@ -356,6 +356,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_procedural_name(args.procedural)
         elif not os.path.isfile(args.blend):
             raise ValueError(f"{args.blend}: .blend file not found")
+        if args.blend:
+            from npbgpp_core.atomic import holds
+
+            if holds(args.out, args.blend):  # --overwrite replaced the folder, the .blend with it
+                raise ValueError(f"--out {args.out} holds the --blend file {args.blend}; writing the dataset there "
+                                 "replaces the whole folder: choose another --out")
         if not args.overwrite and occupied(args.out):
             raise ValueError(f"{os.path.abspath(args.out)}: exists and is not empty (pass --overwrite to replace it)")
         if args.blend:
