@@ -297,8 +297,13 @@ class _WorkerStepJob(_ModalJob):
         claim = _RUNNING.get(self._job)
         if claim is None or claim[0] is self:
             return False
+        from .worker_client import HUB
+
         _, worker, generation = claim  # not the operator's own fields: Blender may have freed it
-        if not worker.alive() or worker.generation != generation:
+        # HUB.worker changes on File > Open/New and add-on disable (HUB.shutdown): an in-process
+        # worker stays "alive" with generation 1 for ever, and disabling frees the modal
+        # operator without calling cancel, so its claim would block every later run
+        if worker is not HUB.worker or not worker.alive() or worker.generation != generation:
             _RUNNING.pop(self._job, None)
             return False
         self.report({"ERROR"}, f"{self._job} is already running (progress in the status bar): wait for it, or "
@@ -351,7 +356,18 @@ class _WorkerStepJob(_ModalJob):
         return {"RUNNING_MODAL"}
 
     def modal(self, context: Any, event: Any) -> set[str]:
-        result = _WorkerStepJob._tick(self, context, event)
+        try:
+            result = _WorkerStepJob._tick(self, context, event)
+        except BaseException:
+            # Blender drops a modal operator whose modal() raised without calling cancel():
+            # the claim would block the next run for as long as the worker lives
+            _release_claim(self)
+            self._cancel_quietly()
+            try:
+                self._cleanup(context)
+            except Exception:  # noqa: BLE001 - the first error is the one to report
+                pass
+            raise
         if "RUNNING_MODAL" not in result and "PASS_THROUGH" not in result:
             _release_claim(self)
         return result
@@ -779,3 +795,4 @@ def register() -> None:
 def unregister() -> None:
     bpy.types.TOPBAR_MT_file_export.remove(menu_export)
     _unregister_classes()
+    _RUNNING.clear()  # Blender frees running modal operators of unregistered classes without cancel()

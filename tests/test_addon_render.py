@@ -2531,6 +2531,56 @@ def test_a_second_run_while_a_job_runs_is_refused(scene):
     assert bpy.ops.npbgpp.aggregate(filepath=second) == {"FINISHED"}
 
 
+def test_a_jobs_claim_ends_with_the_job_however_it_ends(scene):
+    """The one-job-per-kind claim outlived its job in two ways, refusing every later run as
+    'already running' for the session: an error escaping modal() (Blender then drops the
+    operator without calling cancel) and an in-process worker replaced by File > Open or
+    add-on disable (HUB.shutdown; it reports alive with generation 1 for ever, and disable
+    frees a running modal operator without cancel). Both now release the claim."""
+    from types import SimpleNamespace
+
+    sc, cam = scene["scene"], scene["camera"]
+    _write_nerf_dataset(scene["dir"] / "nerf2", [cam], scene["points"], scene["colors"])
+    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(scene["dir"] / "nerf2")) == {"FINISHED"}
+    sc.npbgpp.weights = ""
+    ops_module = sys.modules[f"{MODULE}.operators"]
+    agg_op = ops_module.NPBGPP_OT_aggregate
+    hub = sys.modules[f"{MODULE}.worker_client"].HUB
+
+    def operator(out: str) -> SimpleNamespace:  # the operator's Python side (Blender makes the real one)
+        op = SimpleNamespace(filepath=out, max_points=0, report=lambda kind, text: None,
+                             _cleanup=lambda context: None, _status=lambda context, p: None,
+                             _start_modal=lambda context, total: None, _worker=None, _generation=None)
+        for name in ("_job", "_cancel_request", "_cancel_note"):
+            setattr(op, name, getattr(agg_op, name))
+        for name in ("_inputs", "_begin", "_step", "_progress", "_finish", "_request", "_cancel_quietly",
+                     "_already_running"):
+            if hasattr(agg_op, name):
+                setattr(op, name, getattr(agg_op, name).__get__(op))
+        return op
+
+    def broken_status(context, progress):
+        raise RuntimeError("a bug in the status line")
+
+    tick = SimpleNamespace(type="TIMER")
+    op = operator(str(scene["dir"] / "first.npbgpp"))
+    assert agg_op._start_job(op, bpy.context) == {"RUNNING_MODAL"}
+    op._status = broken_status
+    with pytest.raises(RuntimeError, match="a bug in the status line"):
+        agg_op.modal(op, bpy.context, tick)
+    assert op._worker.alive() and op._worker is hub.worker  # the same worker: only the claim blocked
+    assert bpy.ops.npbgpp.aggregate(filepath=str(scene["dir"] / "second.npbgpp")) == {"FINISHED"}
+
+    sc.npbgpp.worker_mode = "IN_PROCESS"
+    op = operator(str(scene["dir"] / "third.npbgpp"))
+    assert agg_op._start_job(op, bpy.context) == {"RUNNING_MODAL"}
+    assert type(op._worker).__name__ == "InProcessWorker"
+    hub.shutdown()  # what File > Open (load_pre) and disabling the add-on do
+    assert bpy.ops.npbgpp.aggregate(filepath=str(scene["dir"] / "fourth.npbgpp")) == {"FINISHED"}
+    assert os.path.isfile(scene["dir"] / "fourth.npbgpp")
+    hub.shutdown()
+
+
 def test_outputs_never_replace_the_jobs_inputs(scene):
     """An output path typed onto a file the job reads was accepted: Aggregate with Bundle =
     the dataset's transforms_train.json wrote the bundle over it (the dataset destroyed),
