@@ -101,14 +101,15 @@ def replaces_an_input(op: Any, out: str, field: str, dataset: str, inputs: tuple
     photos, cloud: a bundle written over transforms_train.json destroyed the dataset) or
     one of ``inputs``
     (``(path, what it is)``, e.g. the Weights file; the scene's bundle for Densify)."""
+    from npbgpp_core.atomic import holds, same_file
+
     target = os.path.realpath(out)
     for path, what in inputs:
-        if path and os.path.realpath(path) == target:
+        if path and same_file(target, path):
             op.report({"ERROR"}, f"{field} {out} is {what}; choose another file.")
             return True
-    folder = os.path.realpath(dataset) if dataset else ""
     ours = target.lower().endswith(".npbgpp")  # a bundle is never a dataset's input: replacing one is a re-run
-    if folder and not ours and os.path.isfile(target) and target.startswith(folder + os.sep):
+    if dataset and not ours and os.path.isfile(target) and holds(dataset, target):
         op.report({"ERROR"}, f"{field} {out} is a file of the dataset {dataset}; writing there would replace it: "
                              "choose a path outside the dataset folder.")
         return True

@@ -189,7 +189,9 @@ def export(args: argparse.Namespace) -> str:
         check_output_file(args.out, "scene.npbgpp")  # before the aggregation (minutes on a CPU), not at the end
     except OSError as exc:
         raise ExportError(f"--out {exc}") from None
-    if os.path.exists(args.checkpoint) and os.path.realpath(args.out) == os.path.realpath(args.checkpoint):
+    from npbgpp_core.atomic import same_file
+
+    if same_file(args.out, args.checkpoint):
         raise ExportError(f"--out {args.out} is the --checkpoint it reads; write the bundle to another file, "
                           "e.g. scene.npbgpp")
     up_spec = world_up_spec(args.world_up)

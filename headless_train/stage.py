@@ -283,14 +283,15 @@ def run_stage(args: argparse.Namespace) -> dict[str, Any]:
     check_numbers(args)
     up = stage_world_up(args.world_up)
     args.world_up = ",".join(f"{v:g}" for v in up)
-    scenes = check_corpus(args.corpus, args.max_corpus_mib)
     work = os.path.abspath(args.work)
     if os.path.exists(work) and not os.path.isdir(work):
         raise StageError(f"--work {args.work} is a file; give a folder (new or one an earlier call used)")
-    corpus = os.path.realpath(args.corpus)
-    if os.path.realpath(work) == corpus or os.path.realpath(work).startswith(corpus + os.sep):
+    from npbgpp_core.atomic import holds
+
+    if holds(args.corpus, work):  # before the corpus check, which would call it a broken scene
         # the trainer would read the work folder as a scene and fail, and every later call too
         raise StageError(f"--work {args.work} is inside --corpus {args.corpus}; put it outside the corpus folder")
+    scenes = check_corpus(args.corpus, args.max_corpus_mib)
     run_dir = os.path.join(work, "run")
     last = os.path.join(run_dir, "checkpoints", "last.ckpt")
     resume = os.path.isfile(last)
@@ -481,7 +482,9 @@ def pack(corpus: str, out: str, max_side: int, max_points: int, max_mib: float,
         raise StageError(f"corpus folder not found: {corpus}")
     if os.path.exists(out):
         raise StageError(f"{out} exists; remove it or pick another --out")
-    if os.path.realpath(out).startswith(os.path.realpath(corpus) + os.sep):
+    from npbgpp_core.atomic import holds
+
+    if holds(corpus, out):
         # a folder in the corpus that is not a scene: every later stage or pack of it failed
         raise StageError(f"--out {out} is inside --corpus {corpus}; put it outside the corpus folder")
     patterns = [p.strip() for p in (scenes or "").split(",") if p.strip()]

@@ -7,6 +7,8 @@ half-written one under its final name.
 - ``atomic_directory(target)``: a context manager that builds a folder at the temporary
   sibling name ``<target>.partial-<pid>`` and renames it into place on success (removes it
   on failure).
+- ``same_file(a, b)`` / ``holds(folder, path)``: the one rule for "this output is (or
+  holds) an input" that every command and the add-on refuse before writing.
 - ``is_partial_name(name)`` / ``is_listed_name(name)``: the one test every corpus or scene
   listing uses to skip such temporary folders (and hidden ones).
 """
@@ -52,11 +54,42 @@ def check_output_file(path: str | os.PathLike, example: str = "") -> None:
     os.unlink(probe)
 
 
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether ``a`` and ``b`` name one file: links resolved, and two existing paths also by
+    identity (device and inode), since a name that differs only in case (case-insensitive
+    file systems: macOS, Windows) or another mount of the folder is the same file there. A
+    command writing ``a`` would replace the ``b`` it reads."""
+    real_a, real_b = os.path.realpath(a), os.path.realpath(b)
+    if real_a == real_b:
+        return True
+    try:
+        return os.path.samefile(real_a, real_b)
+    except OSError:  # one of them does not exist: nothing there to replace
+        return False
+
+
 def holds(folder: str | os.PathLike, path: str | os.PathLike) -> bool:
-    """Whether ``path`` is ``folder`` or lies inside it (links resolved): a command whose
-    output folder holds its source would delete what it reads when it replaces the folder."""
+    """Whether ``path`` is ``folder`` or lies inside it: links resolved, and by identity of
+    ``path``'s nearest existing folders (as :func:`same_file`), so a path that does not
+    exist yet counts by where it would be. A command whose output folder holds its source
+    would delete what it reads when it replaces the folder."""
     top, inner = os.path.realpath(folder), os.path.realpath(path)
-    return inner == top or inner.startswith(top.rstrip(os.sep) + os.sep)
+    if inner == top or inner.startswith(top.rstrip(os.sep) + os.sep):
+        return True
+    try:
+        top_stat = os.stat(top)
+    except OSError:  # no such folder holds anything
+        return False
+    while True:
+        try:
+            if os.path.samestat(os.stat(inner), top_stat):
+                return True
+        except OSError:  # not there (yet): its parent may be
+            pass
+        parent = os.path.dirname(inner)
+        if parent == inner:
+            return False
+        inner = parent
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, make_dirs: bool = True) -> None:

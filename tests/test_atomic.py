@@ -185,3 +185,52 @@ def test_output_file_check_finds_a_folder_it_cannot_write(tmp_path, monkeypatch)
     monkeypatch.undo()
     atomic.check_output_file(folder / "a.ply")
     assert list(folder.iterdir()) == []
+
+
+def test_holds_and_same_file_by_hand(tmp_path, monkeypatch):
+    """The one "output is (or holds) an input" rule: relative paths, links, a path that does
+    not exist yet, a sibling sharing the name's prefix, the file system root."""
+    corpus = tmp_path / "corpus"
+    (corpus / "scene").mkdir(parents=True)
+    (tmp_path / "corpus2").mkdir()
+    (tmp_path / "cloud.ply").write_bytes(b"x")
+    os.symlink(corpus, tmp_path / "link")
+    os.symlink(tmp_path / "cloud.ply", tmp_path / "alias.ply")
+    monkeypatch.chdir(tmp_path)
+    assert atomic.holds("corpus", corpus) and atomic.holds(corpus, "corpus/scene")
+    assert atomic.holds("corpus", "link/new/deeper")  # not there yet, inside through the link
+    assert atomic.holds("link", corpus / "scene" / "x.png")
+    assert not atomic.holds(corpus, tmp_path / "corpus2") and not atomic.holds(corpus, tmp_path)
+    assert not atomic.holds(tmp_path / "missing", tmp_path / "missing2" / "x")
+    assert atomic.holds("/", tmp_path) and atomic.holds(os.sep, "relative/name")
+    assert atomic.same_file("alias.ply", tmp_path / "cloud.ply") and atomic.same_file("cloud.ply", "./cloud.ply")
+    assert not atomic.same_file("cloud.ply", "new.ply") and not atomic.same_file("new.ply", "new2.ply")
+    assert atomic.same_file("new.ply", "./new.ply")  # one name, though nothing is there yet
+
+
+def test_holds_and_same_file_see_another_name_of_the_folder(tmp_path):
+    """A folder reached under another name that is no link (a bind mount here; on macOS and
+    Windows a name differing in case): the paths compared as strings differ, so an output
+    folder holding the source, or an output onto the input, passed the old string test."""
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare is not available")
+    a, b = tmp_path / "data", tmp_path / "other_name"
+    (a / "scene").mkdir(parents=True)
+    (a / "scene" / "cloud.ply").write_bytes(b"x")
+    b.mkdir()
+    code = ("import sys; from npbgpp_core.atomic import holds, same_file; a, b = sys.argv[1:3]; "
+            "print(holds(b, a + '/scene/new/x'), holds(a + '/scene', b + '/scene/out'), "
+            "same_file(b + '/scene/cloud.ply', a + '/scene/cloud.ply'), holds(a + '/scene', b), "
+            "same_file(b + '/scene/new.ply', a + '/scene/cloud.ply'))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run(["unshare", "-rm", "sh", "-c", f'mount --bind "$1" "$2" && exec "$3" -c "$4" "$1" "$2"',
+                          "sh", str(a), str(b), sys.executable, code],
+                         capture_output=True, text=True, cwd=root, env={**os.environ, "PYTHONPATH": root})
+    if run.returncode != 0 and "mount" in run.stderr + run.stdout and "Traceback" not in run.stderr:
+        pytest.skip(f"no bind mount here: {run.stderr.strip()}")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["True", "True", "True", "False", "False"]

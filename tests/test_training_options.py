@@ -278,6 +278,10 @@ def test_stage_refuses_bad_start_weights_work_and_world_up_by_name(tmp_path, cap
     inside = os.path.join(root, "stage")  # made there, it was read as a broken scene by this and every later call
     assert stage.main(["--corpus", root, "--work", inside, "--gpus", "0"]) == 2
     assert "is inside --corpus" in capsys.readouterr().err and not os.path.exists(inside)
+    os.makedirs(inside)  # left there by an earlier version: named as the --work, not as a broken scene
+    assert stage.main(["--corpus", root, "--work", inside, "--gpus", "0"]) == 2
+    assert "is inside --corpus" in capsys.readouterr().err
+    os.rmdir(inside)
     assert stage.stage_world_up("+z") == [0.0, 0.0, 1.0] and stage.stage_world_up("0,-1,0") == [0.0, -1.0, 0.0]
 
 

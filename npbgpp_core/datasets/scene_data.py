@@ -173,17 +173,18 @@ def scene_input_at(scene: SceneData, path: str | os.PathLike,
     folder whose name does not end in one of ``outputs`` (the kind of file the caller writes,
     which a re-run may replace; camera files such as transforms_train.json never). Commands
     refuse such an output by name (it replaced the user's data without a word)."""
+    from ..atomic import holds, same_file
+
     target = os.path.realpath(path)
     inputs = [scene.metadata.get("point_cloud")]
     inputs += [p for v in scene.views for p in (v.image_path, v.mask_path)]
     for p in inputs:
-        if p and os.path.realpath(p) == target:
+        if p and same_file(target, p):
             return str(p)
     sparse = scene.metadata.get("sparse")  # a COLMAP model's folder: every file in it is read
-    if sparse and target.startswith(os.path.realpath(sparse) + os.sep):
+    if sparse and holds(sparse, target):
         return target
-    root = os.path.realpath(scene.root) if scene.root else ""
-    if root and os.path.isfile(target) and target.startswith(root + os.sep) \
+    if scene.root and os.path.isfile(target) and holds(scene.root, target) \
             and not target.lower().endswith(outputs):
         return target
     return None
