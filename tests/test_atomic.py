@@ -227,7 +227,7 @@ def test_holds_and_same_file_see_another_name_of_the_folder(tmp_path):
             "same_file(b + '/scene/cloud.ply', a + '/scene/cloud.ply'), holds(a + '/scene', b), "
             "same_file(b + '/scene/new.ply', a + '/scene/cloud.ply'))")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    run = subprocess.run(["unshare", "-rm", "sh", "-c", f'mount --bind "$1" "$2" && exec "$3" -c "$4" "$1" "$2"',
+    run = subprocess.run(["unshare", "-rm", "sh", "-c", 'mount --bind "$1" "$2" && exec "$3" -c "$4" "$1" "$2"',
                           "sh", str(a), str(b), sys.executable, code],
                          capture_output=True, text=True, cwd=root, env={**os.environ, "PYTHONPATH": root})
     if run.returncode != 0 and "mount" in run.stderr + run.stdout and "Traceback" not in run.stderr:
