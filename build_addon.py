@@ -21,9 +21,9 @@ PACKAGE = "npbgpp"
 VENDORED = ("npbgpp_core", "kernels")
 SKIP_DIRS = {"__pycache__", "build", ".pytest_cache", "dist"}
 SKIP_SUFFIXES = (".pyc", ".pyo", ".so", ".pyd", ".o", ".ninja_deps", ".ninja_log")
-# Repository tools that live beside the add-on but need the repository (demo.py imports
+# Repository tools that live beside the add-on but need the repository (demo.py, journey.py import
 # this file), so they stay out of the zip.
-ADDON_SKIP_FILES = {"demo.py"}
+ADDON_SKIP_FILES = {"demo.py", "journey.py"}
 FIXED_TIME = (2024, 1, 1, 0, 0, 0)  # reproducible archives
 WEIGHTS_DIR = os.path.join("npbgpp_core", "weights")  # bundled pretrained weights travel in the zip
 MAX_WEIGHTS_BYTES = 20 * 1024 * 1024

@@ -9,6 +9,7 @@ from npbgpp_core.protocol import DEPTH
 
 from . import frames
 from .camera_bridge import CameraGeometry, clipped_away, scene_camera_geometry
+from .colour import colour_note
 from .render_job import render_frame
 from .scene_snapshot import SceneSnapshot, snapshot
 from .worker_client import Cancelled, WorkerError
@@ -70,6 +71,10 @@ class NPBGPPRenderEngine(bpy.types.RenderEngine):
         if framing and framing not in _reported_this_job:  # an animation would repeat it on every frame
             _reported_this_job.add(framing)
             self.report({"WARNING"}, f"NPBG++: {framing}")
+        colours = colour_note(scene)
+        if colours and colours not in _reported_this_job:  # a note, not a change: the user may want that look
+            _reported_this_job.add(colours)
+            self.report({"INFO"}, f"NPBG++: {colours}")
         self.update_stats("", f"NPBG++: rendering {geo.image_size[1]}x{geo.image_size[0]}")
         self.update_progress(0.0)
         try:

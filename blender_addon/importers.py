@@ -12,6 +12,7 @@ from bpy_extras.io_utils import ImportHelper
 
 from .blend_paths import resolved, stored
 from .camera_bridge import BLENDER_TO_OPENCV, bounding_sphere, clip_range_covering, view_clip_covering
+from .colour import use_photo_colours
 from .point_source import ID_ATTRIBUTE, object_positions
 
 COLOR_ATTRIBUTE = "Col"
@@ -118,6 +119,14 @@ def widen_view_clips(op: Any, context: Any, points: np.ndarray) -> int:
         op.report({"INFO"}, f"Widened the Clip Start / End of {len(ranges)} 3D view(s) to {start:.3g} .. {end:.3g} "
                             "so that they do not cut the imported points (sidebar > View > Clip Start / End).")
     return len(ranges)
+
+
+def report_photo_colours(op: Any, scene: Any) -> None:
+    """An import for neural rendering: the scene's colour management shows the network's
+    (the photos') colours from now on, and the info line says what it was and how to set it back."""
+    note = use_photo_colours(scene)
+    if note:
+        op.report({"INFO"}, note)
 
 
 def _views_blender_cannot_frame(views: list) -> list[tuple[str, tuple[int, int], float]]:
@@ -343,6 +352,7 @@ class IMPORT_SCENE_OT_npbgpp_bundle(bpy.types.Operator, ImportHelper):
         s.point_object = obj
         s.output = "NEURAL"
         widen_view_clips(self, context, object_positions(obj))
+        report_photo_colours(self, context.scene)
         return {"FINISHED"}
 
 
@@ -436,6 +446,7 @@ class IMPORT_SCENE_OT_npbgpp_dataset(bpy.types.Operator):
             context.scene.render.pixel_aspect_x = context.scene.render.pixel_aspect_y = 1.0
             context.scene.camera = collection.objects[0]
         self.report({"INFO"}, f"Imported {len(reply.points)} points and {len(reply.views)} cameras.")
+        report_photo_colours(self, context.scene)
         widen_view_clips(self, context, reply.points)
         unmatched = _views_blender_cannot_frame(reply.views)
         if unmatched:

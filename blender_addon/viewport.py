@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from .camera_bridge import CameraGeometry, viewport_geometry
+from .colour import colour_changes
 
 MOVING_SCALE = 0.25
 HALF_MAX = 65504.0
@@ -230,8 +231,13 @@ class ViewportSession:
             job = self.scheduler.request(key, (region.height, region.width))
         if job is not None:
             self.start_job(job, geo.scaled(*job.size), self.snapshot, scene.render.film_transparent)
-        if self.message or self.status:
-            self.engine.update_stats("", f"NPBG++: {self.message or self.status}")
+        text = self.message or self.status
+        changes = colour_changes(scene)
+        if changes:  # shown while it holds, as the viewport has no job to report once per
+            text = (f"{text} | " if text else "") + (f"{', '.join(changes)} change the network's colours "
+                                                     "(Color Management)")
+        if text:
+            self.engine.update_stats("", f"NPBG++: {text}")
         self._draw_frame(scene, region)
 
     def _draw_frame(self, scene: Any, region: Any) -> None:

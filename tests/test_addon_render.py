@@ -2716,3 +2716,107 @@ def test_fit_to_photos_operator(scene):
     worker_error = sys.modules[f"{MODULE}.worker_client"].WorkerError
     with pytest.raises(worker_error, match="no fit running"):  # the worker holds no fit any more
         op._worker.request(P.FitStep(), None, 60)
+
+
+def _png_rgb(sc, path) -> np.ndarray:
+    """F12 saved as Blender saves renders: an 8-bit RGB PNG, its codes (0 .. 255) as floats."""
+    from PIL import Image
+
+    sc.render.image_settings.media_type = "IMAGE"
+    sc.render.image_settings.file_format = "PNG"
+    sc.render.image_settings.color_mode = "RGB"
+    sc.render.image_settings.color_depth = "8"
+    sc.render.filepath = str(path)
+    bpy.ops.render.render(write_still=True)
+    return np.asarray(Image.open(path)).astype(np.float64)
+
+
+def linear_to_srgb(x: np.ndarray) -> np.ndarray:
+    x = np.clip(np.asarray(x, np.float64), 0.0, 1.0)
+    return np.where(x <= 0.0031308, x * 12.92, 1.055 * x ** (1 / 2.4) - 0.055)
+
+
+COLOUR_NOTE = "changes the network's colours"
+
+
+def test_import_dataset_sets_photo_colours_and_renders_say_when_they_differ(scene, capfd):
+    """Blender 5's default view transform (AgX) tone-maps what the engine writes: a user's
+    imported photos rendered desaturated. Import Dataset sets Standard (look None, exposure
+    0, gamma 1) and says so; an F12's 8-bit PNG then equals sRGB of the written linear values
+    (Blender's own EXR) within 1/255 under the default dither. A user who sets AgX after the
+    import keeps it: the render only notes it, once per job, and not under Standard."""
+    sc = scene["scene"]
+    v = sc.view_settings
+    v.view_transform, v.exposure, v.gamma = "AgX", 0.5, 1.2
+    sc.render.dither_intensity = 1.0  # factory settings
+    sc.render.film_transparent = False
+    capfd.readouterr()
+    _import_nerf_dataset(scene)
+    out = capfd.readouterr().out
+    assert (v.view_transform, v.look, v.exposure, v.gamma) == ("Standard", "None", 0.0, 1.0)
+    assert ("Info: Colour management set for the photos' colours (was View Transform AgX, Exposure 0.5, Gamma 1.2; "
+            "now View Transform Standard, neutral)") in out
+    assert "Render Properties > Color Management" in out
+    exr = render_exr(sc, str(scene["dir"] / "linear.exr"))
+    linear = passes(exr, "Combined")
+    assert (linear[..., :3].max(axis=-1) > 0.05).sum() >= 5  # points drawn, not an empty frame
+    codes = np.round(linear_to_srgb(linear[..., :3]) * 255)
+    png = _png_rgb(sc, scene["dir"] / "standard.png")
+    assert np.abs(png - codes).max() <= 1  # the dither's noise: one 8-bit step at most
+    sc.render.dither_intensity = 0.0
+    assert (_png_rgb(sc, scene["dir"] / "standard_no_dither.png") == codes).all()
+    assert COLOUR_NOTE not in capfd.readouterr().out
+
+    v.view_transform = "AgX"  # the user's choice after the import
+    sc.frame_start, sc.frame_end = 1, 2
+    sc.render.filepath = str(scene["dir"] / "agx_")
+    bpy.ops.render.render(animation=True)
+    out = capfd.readouterr().out
+    assert out.count(f"Info: NPBG++: the scene's colour management (View Transform AgX) {COLOUR_NOTE}") == 1
+    assert v.view_transform == "AgX"  # noted, not changed
+    png = _png_rgb(sc, scene["dir"] / "agx.png")
+    assert np.abs(png - codes).max() > 10  # what the note is about
+    assert v.view_transform == "AgX" and out.count(COLOUR_NOTE) == 1
+
+
+def test_colour_changes_names_each_setting(addon):
+    """colour_changes / use_photo_colours on a new scene, one setting at a time: each named;
+    Raw kept (exact too); the display device named but left (it is the user's monitor)."""
+    from importlib import import_module
+
+    colour = import_module(f"{MODULE}.colour")
+    sc = bpy.data.scenes.new("colour check")
+    try:
+        v = sc.view_settings
+        assert colour.colour_changes(sc) == ["View Transform AgX"]  # a new scene's default
+        v.view_transform = "Raw"
+        assert colour.colour_changes(sc) == [] and colour.colour_note(sc) == "" and colour.use_photo_colours(sc) == ""
+        v.view_transform = "Standard"
+        v.look = "Medium High Contrast"
+        v.use_curve_mapping = True
+        assert colour.colour_changes(sc) == ["Look Medium High Contrast", "Curves on"]
+        assert "Look Medium High Contrast" in colour.use_photo_colours(sc)
+        assert (v.look, v.use_curve_mapping, v.view_transform) == ("None", False, "Standard")
+        sc.display_settings.display_device = "Display P3"
+        assert colour.colour_changes(sc) == ["Display Device Display P3"]
+        assert "Display Device Display P3" in colour.colour_note(sc)
+        assert colour.use_photo_colours(sc) == "" and sc.display_settings.display_device == "Display P3"
+    finally:
+        bpy.data.scenes.remove(sc)
+
+
+def test_import_bundle_sets_photo_colours(scene, capfd):
+    """Import Bundle sets the scene up for neural renders as Import Dataset does: a Filmic
+    view with a look becomes Standard, look None, and the info line names what it was; a
+    second import into the now neutral scene says nothing of colour."""
+    sc = scene["scene"]
+    v = sc.view_settings
+    v.view_transform, v.look = "Filmic", "High Contrast"
+    _tiny_bundle(str(scene["dir"] / "tiny.npbgpp"), scene["points"], scene["colors"])
+    capfd.readouterr()
+    assert bpy.ops.import_scene.npbgpp_bundle(filepath=str(scene["dir"] / "tiny.npbgpp")) == {"FINISHED"}
+    assert (v.view_transform, v.look) == ("Standard", "None")
+    assert "(was View Transform Filmic, Look High Contrast; now View Transform Standard" in \
+        capfd.readouterr().out
+    assert bpy.ops.import_scene.npbgpp_bundle(filepath=str(scene["dir"] / "tiny.npbgpp")) == {"FINISHED"}
+    assert "Colour management" not in capfd.readouterr().out
