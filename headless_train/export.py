@@ -191,7 +191,7 @@ def export(args: argparse.Namespace) -> str:
         raise ExportError(f"--out {exc}") from None
     from npbgpp_core.atomic import same_file
 
-    if same_file(args.out, args.checkpoint):
+    if os.path.exists(args.checkpoint) and same_file(args.out, args.checkpoint):
         raise ExportError(f"--out {args.out} is the --checkpoint it reads; write the bundle to another file, "
                           "e.g. scene.npbgpp")
     up_spec = world_up_spec(args.world_up)
