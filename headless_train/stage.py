@@ -266,13 +266,16 @@ def read_history(path: str) -> list[dict[str, Any]]:
 def check_numbers(args: argparse.Namespace) -> None:
     """StageError naming the first option whose value can never train: --minutes 0 or less
     started the trainer and stopped it at once ('training wrote no last.ckpt', the option
-    unnamed), nan failed in the child; sizes below 1."""
+    unnamed), nan failed in the child; sizes below 1 (--max-points 0 kept no point), negative counts."""
     if not args.dry_run and not (math.isfinite(args.minutes) and args.minutes > 0):
         raise StageError(f"--minutes {args.minutes:g}: must be a number of minutes above 0")
     for flag, value in (("--batch", args.batch), ("--crop", args.crop), ("--views", args.views),
-                        ("--dry-steps", args.dry_steps)):
+                        ("--dry-steps", args.dry_steps), ("--max-points", args.max_points)):
         if value < 1:
             raise StageError(f"{flag} {value}: must be at least 1")
+    for flag, value in (("--gpus", args.gpus), ("--workers", args.workers)):
+        if value < 0:  # a negative count ran on the CPU / without workers, unsaid
+            raise StageError(f"{flag} {value}: must be 0 or more")
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise StageError(f"--lr {args.lr:g}: must be a number above 0")
 

@@ -263,6 +263,8 @@ def test_stage_refuses_bad_start_weights_work_and_world_up_by_name(tmp_path, cap
         (["--minutes", "0"], "--minutes 0: must be"), (["--minutes", "-1"], "--minutes -1: must be"),
         (["--minutes", "nan"], "--minutes nan: must be"), (["--batch", "0"], "--batch 0: must be at least 1"),
         (["--crop", "0"], "--crop 0: must be"), (["--lr", "-1"], "--lr -1: must be"),
+        (["--max-points", "0"], "--max-points 0: must be at least 1"), (["--gpus", "-1"], "--gpus -1: must be 0"),
+        (["--workers", "-2"], "--workers -2: must be 0 or more"),
     ]
     monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     for extra, message in cases:
