@@ -352,22 +352,29 @@ class _WorkerStepJob(_ModalJob):
         if progress is None:
             return {"CANCELLED"}
         _RUNNING[self._job] = (self, self._worker, self._generation)
-        self._start_modal(context, max(1, progress.total))
-        self._status(context, progress)
+        try:
+            self._start_modal(context, max(1, progress.total))
+            self._status(context, progress)
+        except BaseException:
+            self._drop_after_error(context)
+            raise
         return {"RUNNING_MODAL"}
+
+    def _drop_after_error(self, context: Any) -> None:
+        """An error escaped invoke() or modal(): Blender drops the operator without calling
+        cancel(), so the claim would block the next run for as long as the worker lives."""
+        _release_claim(self)
+        self._cancel_quietly()
+        try:
+            self._cleanup(context)
+        except Exception:  # noqa: BLE001 - the first error is the one to report
+            pass
 
     def modal(self, context: Any, event: Any) -> set[str]:
         try:
             result = _WorkerStepJob._tick(self, context, event)
         except BaseException:
-            # Blender drops a modal operator whose modal() raised without calling cancel():
-            # the claim would block the next run for as long as the worker lives
-            _release_claim(self)
-            self._cancel_quietly()
-            try:
-                self._cleanup(context)
-            except Exception:  # noqa: BLE001 - the first error is the one to report
-                pass
+            self._drop_after_error(context)
             raise
         if "RUNNING_MODAL" not in result and "PASS_THROUGH" not in result:
             _release_claim(self)

@@ -2554,7 +2554,7 @@ def test_a_jobs_claim_ends_with_the_job_however_it_ends(scene):
         for name in ("_job", "_cancel_request", "_cancel_note"):
             setattr(op, name, getattr(agg_op, name))
         for name in ("_inputs", "_begin", "_step", "_progress", "_finish", "_request", "_cancel_quietly",
-                     "_already_running"):
+                     "_already_running", "_drop_after_error"):
             if hasattr(agg_op, name):
                 setattr(op, name, getattr(agg_op, name).__get__(op))
         return op
@@ -2569,6 +2569,11 @@ def test_a_jobs_claim_ends_with_the_job_however_it_ends(scene):
     with pytest.raises(RuntimeError, match="a bug in the status line"):
         agg_op.modal(op, bpy.context, tick)
     assert op._worker.alive() and op._worker is hub.worker  # the same worker: only the claim blocked
+    assert bpy.ops.npbgpp.aggregate(filepath=str(scene["dir"] / "second.npbgpp")) == {"FINISHED"}
+    op = operator(str(scene["dir"] / "first.npbgpp"))
+    op._status = broken_status  # the same error in invoke, after the claim
+    with pytest.raises(RuntimeError, match="a bug in the status line"):
+        agg_op._start_job(op, bpy.context)
     assert bpy.ops.npbgpp.aggregate(filepath=str(scene["dir"] / "second.npbgpp")) == {"FINISHED"}
 
     sc.npbgpp.worker_mode = "IN_PROCESS"
