@@ -309,6 +309,17 @@ def test_stage_trains_the_starting_weights_own_input_canvas(tmp_path, monkeypatc
         with pytest.raises(stage.StageError, match="training wrote no"):
             stage.run_stage(stage.parse_args(["--corpus", root, "--work", str(tmp_path / "w"), "--gpus", "0", *extra]))
         assert seen[-1] == f"system.input_canvas={want}"
+    # --weights of the other canvas: its own, not the bundled file's
+    from npbgpp_core.pretrained import save_weights
+
+    bundled_file = read_weights(default_weights_path("npbgpp"), "npbgpp")
+    other = "square" if bundled == "bounds" else "bounds"
+    own = str(tmp_path / f"{other}.safetensors")
+    save_weights(own, bundled_file.state, "npbgpp", {**bundled_file.config, "input_canvas": other}, {"source": "test"})
+    with pytest.raises(stage.StageError, match="training wrote no"):
+        stage.run_stage(stage.parse_args(["--corpus", root, "--work", str(tmp_path / "w2"), "--gpus", "0",
+                                          "--weights", own]))
+    assert seen[-1] == f"system.input_canvas={other}"
     resumed = {"config": {"input_canvas": "square"}}
     args = stage.parse_args(["--corpus", root, "--work", str(tmp_path / "w")])
     assert stage.stage_input_canvas(args, resumed, {"input_canvas": "bounds"}) == "square"
