@@ -16,6 +16,9 @@ from .colour import use_photo_colours
 from .point_source import ID_ATTRIBUTE, object_positions
 
 COLOR_ATTRIBUTE = "Col"
+# What a dataset without a point cloud needs next (import's info line, Aggregate's and F12's refusals).
+DENSIFY_HINT = ("Densify Points (Render Properties > NPBG++ > Data) makes a cloud from the photos; then Aggregate "
+                "Descriptors.")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -192,6 +195,20 @@ def _drop_bundle_of_another_cloud(op: Any, context: Any, dataset: str) -> None:
                            "at their ids (another dataset or cloud, or a Max Points subset): no longer used; run "
                            "Aggregate Descriptors for this one, or File > Import > NPBG++ Bundle to render the "
                            "bundle with its own points.")
+
+
+def _drop_bundle_without_cloud(op: Any, context: Any, dataset: str) -> None:
+    """After importing ``dataset``, which has no point cloud: the scene's bundle is no longer
+    used (with a warning), since no point object of this dataset can say which of its points
+    to render (Import Dataset Folder drops an older Densify cloud too)."""
+    s = context.scene.npbgpp
+    if not s.bundle:
+        return
+    bundle = resolved(s, s.bundle)
+    s.bundle = ""
+    op.report({"WARNING"}, f"The scene's bundle {bundle} is no longer used: the imported dataset {dataset} has no "
+                           "point cloud to render it with. Run Densify Points, then Aggregate Descriptors, or File > "
+                           "Import > NPBG++ Bundle to render the bundle with its own points.")
 
 
 # --------------------------------------------------------------------------- PLY
@@ -416,18 +433,22 @@ class IMPORT_SCENE_OT_npbgpp_dataset(bpy.types.Operator):
             self.report({"ERROR"}, f"Cannot import dataset {path}: {exc}")
             return {"CANCELLED"}
         name = reply.name or os.path.basename(os.path.normpath(path))
-        try:
-            obj = make_point_object(name, reply.points, reply.colors, context, reply.point_ids)
-        except ValueError as exc:
-            self.report({"ERROR"}, f"Cannot import dataset {path}: {exc}")
-            return {"CANCELLED"}
-        use_point_object(context, obj)
+        no_cloud = reply.no_cloud
+        if not no_cloud:
+            try:
+                obj = make_point_object(name, reply.points, reply.colors, context, reply.point_ids)
+            except ValueError as exc:
+                self.report({"ERROR"}, f"Cannot import dataset {path}: {exc}")
+                return {"CANCELLED"}
+            use_point_object(context, obj)
+        else:  # the older dataset's object would render in the new cameras
+            context.scene.npbgpp.point_object = None
         collection = bpy.data.collections.new(f"{name} cameras")
         context.scene.collection.children.link(collection)
         for view in reply.views:
             c = view.camera
             cam = create_camera(view.name, np.array(c.K), np.array(c.R), np.array(c.t), c.image_size, context,
-                                reply.points)
+                                reply.points if len(reply.points) else None)
             for col in list(cam.users_collection):
                 col.objects.unlink(cam)
             collection.objects.link(cam)
@@ -435,6 +456,7 @@ class IMPORT_SCENE_OT_npbgpp_dataset(bpy.types.Operator):
             cam["npbgpp_image_size"] = [int(c.image_size[1]), int(c.image_size[0])]  # width, height
         context.scene.npbgpp.dataset_path = stored(path)
         context.scene.npbgpp.dataset_points = ""  # the new dataset's own cloud, not an older dense one
+        context.scene.npbgpp.dataset_no_cloud = no_cloud
         context.scene.npbgpp.dataset_format = reply.format or ""
         context.scene.npbgpp.dataset_undistort = self.undistort
         context.scene.npbgpp.dataset_allow_external_paths = self.allow_external_paths
@@ -445,7 +467,12 @@ class IMPORT_SCENE_OT_npbgpp_dataset(bpy.types.Operator):
             # the cameras are made for square pixels (and the warning below counts on them)
             context.scene.render.pixel_aspect_x = context.scene.render.pixel_aspect_y = 1.0
             context.scene.camera = collection.objects[0]
-        self.report({"INFO"}, f"Imported {len(reply.points)} points and {len(reply.views)} cameras.")
+        if no_cloud:
+            # the hint first: Blender cuts a report after about 1000 characters, and the loader's can be long
+            self.report({"INFO"}, f"Imported {len(reply.views)} cameras and no points: the dataset has no point "
+                                  f"cloud. {DENSIFY_HINT} ({no_cloud})")
+        else:
+            self.report({"INFO"}, f"Imported {len(reply.points)} points and {len(reply.views)} cameras.")
         report_photo_colours(self, context.scene)
         widen_view_clips(self, context, reply.points)
         unmatched = _views_blender_cannot_frame(reply.views)
@@ -456,7 +483,10 @@ class IMPORT_SCENE_OT_npbgpp_dataset(bpy.types.Operator):
                                      f"and square pixels, and e.g. {name} is {vw}x{vh} with fy/fx {ratio:.3f}. "
                                      "Aggregate and Fit use the dataset's own cameras; each camera's photo size is in "
                                      "its npbgpp_image_size property.")
-        _drop_bundle_of_another_cloud(self, context, path)
+        if no_cloud:
+            _drop_bundle_without_cloud(self, context, path)
+        else:
+            _drop_bundle_of_another_cloud(self, context, path)
         return {"FINISHED"}
 
 

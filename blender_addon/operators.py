@@ -439,6 +439,12 @@ class NPBGPP_OT_aggregate(_WorkerStepJob, bpy.types.Operator):
             self.report({"ERROR"}, f"Aggregate: the Dataset Points file {resolved(s, s.dataset_points)} is gone; "
                                    "run Densify Points again, or clear Dataset Points to use the dataset's own points.")
             return None
+        if dataset and s.dataset_no_cloud and not s.dataset_points:
+            from .importers import DENSIFY_HINT
+
+            self.report({"ERROR"}, f"Aggregate needs points, and the imported dataset {dataset} has no point cloud: "
+                                   f"{DENSIFY_HINT} ({s.dataset_no_cloud})")
+            return None
         return (*network, dataset) if dataset else None
 
     def _begin(self, context: Any) -> Progress | None:
@@ -562,7 +568,7 @@ class NPBGPP_OT_densify(_WorkerStepJob, bpy.types.Operator):
     def _finish(self, context: Any) -> set[str]:
         from npbgpp_core import protocol as P
 
-        from .importers import make_point_object, use_point_object
+        from .importers import make_point_object, use_point_object, widen_view_clips
 
         cloud = worker_reply(self, P.DensifyFinish(self._out))
         if cloud is None:
@@ -572,6 +578,7 @@ class NPBGPP_OT_densify(_WorkerStepJob, bpy.types.Operator):
         obj = make_point_object(name, cloud.points, cloud.colors, context, np.arange(len(cloud.points)))
         use_point_object(context, obj)
         context.scene.npbgpp.dataset_points = stored(self._out)
+        widen_view_clips(self, context, cloud.points)  # a dataset without a cloud: the first points it shows
         self.report({"INFO"}, f"densified: {len(cloud.points)} points, saved to {self._out}; Aggregate "
                               "Descriptors uses them")
         return {"FINISHED"}

@@ -136,6 +136,11 @@ class NPBGPPSceneSettings(bpy.types.PropertyGroup):
         "Aggregate uses instead of the dataset's own cloud; set by Densify Points, cleared by Import Dataset "
         "Folder; empty: the dataset's points",
     )
+    dataset_no_cloud: StringProperty(  # type: ignore[valid-type]
+        name="Dataset Without Cloud", default="",
+        description="Why the imported dataset has no point cloud (its loader's message), set by Import Dataset "
+        "Folder; empty: it has one. Aggregate and renders then point at Densify Points",
+    )
     dataset_format: StringProperty(  # type: ignore[valid-type]
         name="Dataset Format", default="", description="Format of the imported dataset (empty: detected)",
     )

@@ -48,6 +48,8 @@ def render_frame(
     depth_scale = 1.0
     if neural or snap.points is None:
         if not snap.bundle_path:
+            if snap.no_points:
+                raise ValueError(f"Nothing to render: {snap.no_points}")
             if neural:
                 raise ValueError("Neural output needs a NeuralScene bundle: set Bundle in Render Properties > NPBG++")
             raise ValueError("Nothing to render: set a Point Object or a Bundle in Render Properties > NPBG++")

@@ -42,6 +42,7 @@ class SceneSnapshot(WorkerSettings):
     ids_key: str = "all"
     object_matrix: np.ndarray | None = None  # the bundle's object transform
     hidden: str = ""  # why nothing is drawn: the point object is hidden (a message for the user)
+    no_points: str = ""  # what to do when there is nothing to render: the dataset has no cloud (Densify Points)
 
 
 def worker_settings(scene: bpy.types.Scene) -> WorkerSettings:
@@ -155,6 +156,10 @@ def snapshot(
         refiner_impl=s.refiner_impl.lower(),
     )
     obj = s.point_object
+    if obj is None and s.dataset_no_cloud:
+        from .importers import DENSIFY_HINT
+
+        snap.no_points = f"the imported dataset has no point cloud. {DENSIFY_HINT}"
     if obj is not None and not object_shown(obj, depsgraph):
         snap.hidden = hidden_note(obj, scene, depsgraph)
         return snap

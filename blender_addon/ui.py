@@ -48,6 +48,8 @@ class RENDER_PT_npbgpp_data(_NPBGPPPanel, bpy.types.Panel):
         layout.prop(s, "weights")
         layout.prop(s, "dataset_path")
         layout.prop(s, "dataset_points")
+        if s.dataset_no_cloud and not s.dataset_points:
+            layout.label(text="The dataset has no point cloud: Densify Points makes one", icon="INFO")
         layout.prop(s, "up_axis")
         layout.prop(s, "fit_upright")
         col = layout.column(align=True)

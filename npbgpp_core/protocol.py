@@ -141,6 +141,7 @@ class DatasetSummary(Reply):
     colors: np.ndarray | None
     views: list[DatasetView]
     point_ids: np.ndarray | None = None  # (N,) index of each point in the dataset's whole cloud
+    no_cloud: str = ""  # the dataset has no point cloud (points empty): the loader's message saying why
 
 
 @dataclass

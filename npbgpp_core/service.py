@@ -76,18 +76,40 @@ def torch_info() -> P.TorchInfo:
 
 
 def load_dataset(path: str, format: str | None = None, undistort: bool = False,
-                 allow_external_paths: bool = False) -> Any:
+                 allow_external_paths: bool = False, require_points: bool = True) -> Any:
     """``load_scene`` for the add-on. ``undistort`` applies to COLMAP models and nerfstudio
     transforms.json (the other formats hold undistorted images) and ``allow_external_paths``
     to the formats whose files name image paths (NeRF-Synthetic, COLMAP, nerfstudio); each
-    is ignored for the formats without it."""
+    is ignored for the formats without it. ``require_points=False``: a dataset without a
+    point cloud loads with none (the jobs that only need its cameras and photos: Densify,
+    Fit, Aggregate of another cloud)."""
     from .datasets import detect_format, format_options, load_scene
 
     root = os.path.abspath(path)
     format = format or detect_format(root)
     accepted = format_options(format)
     wanted = {"undistort": undistort, "allow_external_paths": allow_external_paths}
-    return load_scene(root, format=format, **{k: True for k, on in wanted.items() if on and k in accepted})
+    options: dict[str, bool] = {k: True for k, on in wanted.items() if on and k in accepted}
+    if not require_points:
+        options["require_points"] = False
+    return load_scene(root, format=format, **options)
+
+
+def load_dataset_or_cameras(path: str, format: str | None = None, undistort: bool = False,
+                            allow_external_paths: bool = False) -> tuple[Any, str]:
+    """``(data, no_cloud)``: the dataset with its point cloud and "", or, when it has none
+    (instant-ngp's transforms.json, a COLMAP model without points3D), its cameras and photos
+    with no points and the loader's own message saying what it looked for. Any other error
+    is raised as the loader raises it."""
+    from .datasets import DatasetError
+
+    try:
+        return load_dataset(path, format, undistort, allow_external_paths), ""
+    except DatasetError as exc:
+        data = load_dataset(path, format, undistort, allow_external_paths, require_points=False)
+        if len(data.points):  # not the cloud the loader was missing: its error stands
+            raise
+        return data, str(exc)
 
 
 def with_points(data: Any, path: str) -> Any:
@@ -117,7 +139,9 @@ class DatasetAggregation:
         self.device = pick_device(req.device)
         if not req.weights and req.domain != "auto":
             check_domain(req.domain)  # before the dataset is read
-        self.data = load_dataset(req.dataset, req.format, req.undistort, req.allow_external_paths)
+        # Another cloud replaces the dataset's own: a dataset without one (Densify's input) loads too.
+        self.data = load_dataset(req.dataset, req.format, req.undistort, req.allow_external_paths,
+                                 require_points=not req.points)
         if req.points:
             self.data = with_points(self.data, req.points)
         self.views = list(self.data.train) or list(range(len(self.data.views)))
@@ -330,14 +354,15 @@ class RenderService:
     def read_dataset(self, req: P.ReadDataset) -> P.DatasetSummary:
         from .datasets.scene_data import subsample_indices
 
-        data = load_dataset(req.path, req.format, req.undistort, req.allow_external_paths)
+        data, no_cloud = load_dataset_or_cameras(req.path, req.format, req.undistort, req.allow_external_paths)
         ids = np.arange(len(data.points))
         if req.max_points:
             ids = subsample_indices(len(data.points), req.max_points)
             data = data.subsample_points(req.max_points)
         views = [P.DatasetView(v.name, str(v.image_path), P.CameraSpec.from_camera(v.camera)) for v in data.views]
         colors = None if data.colors is None else np.asarray(data.colors, np.float32)
-        return P.DatasetSummary(data.name, data.format, np.asarray(data.points, np.float32), colors, views, ids)
+        return P.DatasetSummary(data.name, data.format, np.asarray(data.points, np.float32), colors, views, ids,
+                                no_cloud)
 
     def aggregate_begin(self, req: P.AggregateBegin) -> P.AggregationStarted:
         self.aggregation = None
@@ -366,7 +391,8 @@ class RenderService:
         from .densify import DensifyJob, DensifyOptions
 
         self.densify = None
-        data = load_dataset(req.dataset, req.format, req.undistort, req.allow_external_paths)
+        # the dataset's cloud only narrows the depth search: a capture without one densifies from its cameras
+        data = load_dataset(req.dataset, req.format, req.undistort, req.allow_external_paths, require_points=False)
         views = list(data.train) or list(range(len(data.views)))
         if req.max_views and len(views) > req.max_views:
             views = [views[int(round(k))] for k in np.linspace(0, len(views) - 1, req.max_views)]
@@ -413,7 +439,8 @@ class RenderService:
         check_steps(req.steps)  # before the dataset is read
         if not os.path.isfile(req.bundle):
             raise FileNotFoundError(f"bundle to fit not found: {req.bundle}")
-        data = load_dataset(req.dataset, req.format, req.undistort, req.allow_external_paths)
+        # the bundle holds the points; the dataset gives photos and cameras (it may have no cloud of its own)
+        data = load_dataset(req.dataset, req.format, req.undistort, req.allow_external_paths, require_points=False)
         self.fit = BundleFit(req.bundle, data, req.steps, req.weights, req.domain, pick_device(req.device),
                              req.aligned)
         return self._fit_progress()

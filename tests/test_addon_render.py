@@ -2825,3 +2825,132 @@ def test_import_bundle_sets_photo_colours(scene, capfd):
         capfd.readouterr().out
     assert bpy.ops.import_scene.npbgpp_bundle(filepath=str(scene["dir"] / "tiny.npbgpp")) == {"FINISHED"}
     assert "Colour management" not in capfd.readouterr().out
+
+
+def _write_cloudless(kind: str, root) -> None:
+    """A dataset folder of ``kind`` with cameras and photos and no point cloud: an existing
+    small test scene's layout with its cloud removed."""
+    import json
+
+    from PIL import Image
+
+    if kind == "colmap":  # a COLMAP model without points3D
+        from test_capture_import import write_capture
+
+        write_capture(str(root), n_views=2)
+        os.remove(root / "sparse" / "0" / "points3D.txt")
+    elif kind == "nerfstudio":  # instant-ngp's transforms.json: no ply_file_path, no cloud
+        (root / "images").mkdir(parents=True)
+        frames = []
+        for i in range(2):
+            Image.fromarray(np.full((24, 32, 3), 60 + 40 * i, np.uint8)).save(root / "images" / f"f{i}.png")
+            c2w = np.eye(4)
+            c2w[:3, 3] = (0.3 * i, -4.0, 0.5)
+            c2w[:3, :3] = [[1, 0, 0], [0, 0, 1], [0, -1, 0]]
+            frames.append({"file_path": f"images/f{i}.png", "transform_matrix": c2w.tolist(), "fl_x": 30.0,
+                           "fl_y": 30.0, "cx": 16.0, "cy": 12.0, "w": 32, "h": 24})
+        (root / "transforms.json").write_text(json.dumps({"frames": frames}))
+    else:  # NeRF-Synthetic without points3d.ply
+        from _mvs_scene import render as trace
+        from _mvs_scene import ring_cameras, write_nerf
+
+        cams = ring_cameras(6, size=(90, 120))
+        write_nerf(root, cams, [trace(c) for c in cams], sphere_only_alpha=True)
+        os.remove(root / "points3d.ply")
+
+
+@pytest.mark.parametrize("kind, fmt, loader_says", [
+    ("nerf", "AUTO", "no point cloud found"),
+    ("colmap", "COLMAP", "points3D file is missing"),
+    ("nerfstudio", "NERFSTUDIO", "no ply_file_path and no point cloud"),
+])
+def test_import_dataset_without_a_cloud_makes_cameras_and_points_at_densify(scene, capfd, kind, fmt, loader_says):
+    """A capture with cameras and no point cloud (each format's own "no cloud" case) imports:
+    its cameras, no point object (the older one is no longer the scene's), an info line with
+    the loader's message and Densify Points' place; Aggregate and F12 (Points) refuse with a
+    message naming Densify Points, writing nothing (Import Dataset refused such folders)."""
+    sc = scene["scene"]
+    root = scene["dir"] / kind
+    _write_cloudless(kind, root)
+    cameras_before = {o for o in sc.objects if o.type == "CAMERA"}
+    old_bundle = scene["dir"] / "old.npbgpp"
+    _tiny_bundle(str(old_bundle), scene["points"], scene["colors"])
+    sc.npbgpp.bundle = str(old_bundle)
+    capfd.readouterr()
+    # (the COLMAP capture's camera has lens distortion)
+    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root), format=fmt, undistort=kind == "colmap") \
+        == {"FINISHED"}
+    out = capfd.readouterr().out
+    info = [line for line in out.splitlines() if "no point cloud" in line and line.startswith("Info: ")]
+    assert len(info) == 1, out
+    assert loader_says in info[0] and "Densify Points (Render Properties > NPBG++ > Data) makes a cloud" in info[0]
+    assert "Warning: The scene's bundle" in out and sc.npbgpp.bundle == ""  # another cloud's bundle
+    new_cameras = [o for o in sc.objects if o.type == "CAMERA" and o not in cameras_before]
+    assert len(new_cameras) >= 2 and sc.camera in new_cameras
+    assert sc.npbgpp.point_object is None and loader_says in sc.npbgpp.dataset_no_cloud
+    assert sc.npbgpp.dataset_path and sc.npbgpp.dataset_format
+    sc.npbgpp.weights = ""
+    with pytest.raises(RuntimeError, match=f"Aggregate needs points, and the imported dataset .* has no point cloud: "
+                                           f"Densify Points \\(Render Properties.*\\(.*{loader_says}"):
+        bpy.ops.npbgpp.aggregate(filepath=str(scene["dir"] / "agg.npbgpp"))
+    assert not (scene["dir"] / "agg.npbgpp").exists()
+    sc.npbgpp.output = "POINTS"
+    with pytest.raises(RuntimeError, match="Nothing to render: the imported dataset has no point cloud. Densify "
+                                           "Points"):
+        render_exr(sc, str(scene["dir"] / "none.exr"))
+    sc.npbgpp.output = "NEURAL"
+    with pytest.raises(RuntimeError, match="Nothing to render: the imported dataset has no point cloud"):
+        render_exr(sc, str(scene["dir"] / "none.exr"))
+
+
+def test_densify_then_aggregate_on_a_dataset_without_a_cloud(scene, capfd):
+    """The flow for a capture without a cloud: Import Dataset (cameras) -> Densify Points
+    (the worker reads the dataset without its cloud) -> Aggregate (of the dense cloud) ->
+    F12 through an imported camera renders the network's image of the dense points."""
+    from _mvs_scene import surface_distance
+
+    from blender_addon.point_source import object_points
+    from npbgpp_core.ply import load_ply
+
+    root = scene["dir"] / "nerf"
+    _write_cloudless("nerf", root)
+    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root)) == {"FINISHED"}
+    work = scene["dir"] / "work"
+    work.mkdir()
+    assert bpy.ops.wm.save_as_mainfile(filepath=str(work / "shot.blend")) == {"FINISHED"}
+    sc = bpy.context.scene
+    assert sc.npbgpp.point_object is None
+    assert bpy.ops.npbgpp.densify(max_points=3000) == {"FINISHED"}
+    pts, col = object_points(sc.npbgpp.point_object)
+    assert 500 < len(pts) <= 3000 and col is not None
+    import torch
+
+    assert (surface_distance(torch.as_tensor(pts), floor=False) < 0.035).float().mean() >= 0.9
+    np.testing.assert_allclose(load_ply(work / "nerf_dense.ply").points, pts, atol=1e-5)
+    sc.npbgpp.weights = ""
+    assert bpy.ops.npbgpp.aggregate(filepath=str(work / "dense.npbgpp")) == {"FINISHED"}
+    from npbgpp_core.scene import NeuralScene
+
+    bundle = NeuralScene.load(str(work / "dense.npbgpp"))
+    np.testing.assert_allclose(bundle.points.numpy(), pts, atol=1e-6)
+    assert int(bundle.valid.sum()) > 0.5 * len(pts)
+    # Fit to Photos reads the dataset's photos and cameras only: it begins on this one too
+    from npbgpp_core import protocol as P
+    from npbgpp_core.service import RenderService
+
+    service = RenderService()
+    started = service.handle(P.FitBegin(str(work / "dense.npbgpp"), str(root), 50, device="CPU"))
+    assert isinstance(started, P.FitProgress) and started.total == 50, started
+    assert isinstance(service.handle(P.FitCancel()), P.Done)
+    sc.npbgpp.output = "NEURAL"
+    sc.render.film_transparent = True
+    sc.view_layers[0].use_pass_z = True
+    sc.render.image_settings.media_type = "MULTI_LAYER_IMAGE"
+    sc.render.image_settings.exr_codec = "NONE"
+    sc.render.image_settings.color_depth = "32"
+    exr = render_exr(sc, str(work / "f12.exr"))
+    rgba = passes(exr, "Combined")
+    assert rgba.shape[:2] == (90, 120)
+    covered = rgba[..., 3] > 0.5
+    assert 0.05 < covered.mean() < 0.95  # the sphere, not an empty or full frame
+    assert np.isfinite(rgba).all() and rgba[covered][:, :3].std() > 0.01
