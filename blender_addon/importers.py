@@ -16,6 +16,9 @@ from .colour import use_photo_colours
 from .point_source import ID_ATTRIBUTE, object_positions
 
 COLOR_ATTRIBUTE = "Col"
+# Camera property: imported without a cloud, so its Clip Start / End are Blender's defaults until
+# Densify Points makes one (fit_unfitted_clips).
+CLIP_UNFITTED = "npbgpp_clip_unfitted"
 # What a dataset without a point cloud needs next (import's info line, Aggregate's and F12's refusals).
 DENSIFY_HINT = ("Densify Points (Render Properties > NPBG++ > Data) makes a cloud from the photos; then Aggregate "
                 "Descriptors.")
@@ -56,6 +59,25 @@ def make_point_object(
     except RuntimeError:
         pass  # keep the mesh: it renders the same
     return context.view_layer.objects.active or obj
+
+
+def fit_unfitted_clips(scene: Any, points: np.ndarray) -> int:
+    """Set the Clip Start / End of ``scene``'s cameras that Import Dataset Folder made without
+    a cloud (:data:`CLIP_UNFITTED`) to cover ``points`` (world space), as an import with a
+    cloud does (:func:`clip_range_covering`); returns how many changed."""
+    from .camera_bridge import opencv_extrinsics
+
+    changed = 0
+    for obj in scene.objects:
+        if obj.type != "CAMERA" or not obj.get(CLIP_UNFITTED):
+            continue
+        R, t = opencv_extrinsics(obj.matrix_world)
+        clip = clip_range_covering(points, R, t)
+        if clip is not None:
+            obj.data.clip_start, obj.data.clip_end = clip
+            changed += 1
+        del obj[CLIP_UNFITTED]
+    return changed
 
 
 def use_point_object(context: Any, obj: bpy.types.Object) -> None:
@@ -453,6 +475,8 @@ class IMPORT_SCENE_OT_npbgpp_dataset(bpy.types.Operator):
                 col.objects.unlink(cam)
             collection.objects.link(cam)
             cam["npbgpp_image"] = view.image_path
+            if no_cloud:
+                cam[CLIP_UNFITTED] = True  # Densify Points fits its clip range to the cloud it makes
             cam["npbgpp_image_size"] = [int(c.image_size[1]), int(c.image_size[0])]  # width, height
         context.scene.npbgpp.dataset_path = stored(path)
         context.scene.npbgpp.dataset_points = ""  # the new dataset's own cloud, not an older dense one

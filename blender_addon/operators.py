@@ -568,7 +568,7 @@ class NPBGPP_OT_densify(_WorkerStepJob, bpy.types.Operator):
     def _finish(self, context: Any) -> set[str]:
         from npbgpp_core import protocol as P
 
-        from .importers import make_point_object, use_point_object, widen_view_clips
+        from .importers import fit_unfitted_clips, make_point_object, use_point_object, widen_view_clips
 
         cloud = worker_reply(self, P.DensifyFinish(self._out))
         if cloud is None:
@@ -578,7 +578,9 @@ class NPBGPP_OT_densify(_WorkerStepJob, bpy.types.Operator):
         obj = make_point_object(name, cloud.points, cloud.colors, context, np.arange(len(cloud.points)))
         use_point_object(context, obj)
         context.scene.npbgpp.dataset_points = stored(self._out)
-        widen_view_clips(self, context, cloud.points)  # a dataset without a cloud: the first points it shows
+        # a dataset imported without a cloud: the first points its cameras and the 3D views show
+        fit_unfitted_clips(context.scene, cloud.points)
+        widen_view_clips(self, context, cloud.points)
         self.report({"INFO"}, f"densified: {len(cloud.points)} points, saved to {self._out}; Aggregate "
                               "Descriptors uses them")
         return {"FINISHED"}

@@ -2920,8 +2920,17 @@ def test_densify_then_aggregate_on_a_dataset_without_a_cloud(scene, capfd):
     assert bpy.ops.wm.save_as_mainfile(filepath=str(work / "shot.blend")) == {"FINISHED"}
     sc = bpy.context.scene
     assert sc.npbgpp.point_object is None
+    cams = [o for o in sc.objects if o.type == "CAMERA" and "npbgpp_image" in o]
+    assert len(cams) == 6 and all((c.data.clip_start, c.data.clip_end) == pytest.approx((0.1, 1000.0)) for c in cams)
+    for c in cams:  # a scale where Blender's default range cuts the cloud: Densify fits the range to it
+        c.data.clip_start, c.data.clip_end = 5.0, 6.0
     assert bpy.ops.npbgpp.densify(max_points=3000) == {"FINISHED"}
     pts, col = object_points(sc.npbgpp.point_object)
+    for c in cams:  # every dense point in front of the camera lies inside its range (Blender's own matrix)
+        depth = -(np.c_[pts, np.ones(len(pts))] @ np.array(c.matrix_world.inverted()).T)[:, 2]
+        depth = depth[depth > 0]
+        assert c.data.clip_start < depth.min() and depth.max() < c.data.clip_end, (c.name, c.data.clip_start)
+        assert "npbgpp_clip_unfitted" not in c
     assert 500 < len(pts) <= 3000 and col is not None
     import torch
 
