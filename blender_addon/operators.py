@@ -257,6 +257,17 @@ def _release_claim(op: Any) -> None:
         del _RUNNING[op._job]
 
 
+def job_scene(key: tuple[int, str, str]) -> Any:
+    """The scene a modal job began in (``key``: its pointer, name and view layer's name), or
+    None when it was deleted: by pointer (a rename keeps it), else by name (an undo may
+    have rebuilt it)."""
+    pointer, name, _ = key
+    for scene in bpy.data.scenes:
+        if scene.as_pointer() == pointer:
+            return scene
+    return bpy.data.scenes.get(name)
+
+
 class _WorkerStepJob(_ModalJob):
     """A worker job driven one request per step (Aggregate, Densify Points, Fit to
     Photos): the subclass's ``_begin`` starts it and returns the first progress
@@ -271,6 +282,7 @@ class _WorkerStepJob(_ModalJob):
     _cancel_note = ""
     _worker: Any = None
     _generation: int | None = None  # the worker process the job began in (worker_reply)
+    _scene_key: tuple[int, str, str] | None = None  # the scene the modal job began in (job_scene)
     _out: str = ""
     _timeout: float = 0.0
 
@@ -313,9 +325,14 @@ class _WorkerStepJob(_ModalJob):
 
     def cancel(self, context: Any) -> None:
         """Blender ends the modal job without a last tick (a window closed, a file loaded):
-        drop the worker's job and the claim, so the next run can start."""
+        drop the worker's job and the claim, so the next run can start, and the timer,
+        progress bar and status line (left, they outlived the job)."""
         _release_claim(self)
         self._cancel_quietly()
+        try:
+            self._cleanup(context)
+        except Exception:  # noqa: BLE001 - Blender is tearing the window down: nothing to report to
+            pass
 
     def execute(self, context: Any) -> set[str]:
         """Run to the end (scripts, or after the file browser); the UI uses the cancellable
@@ -352,6 +369,7 @@ class _WorkerStepJob(_ModalJob):
         if progress is None:
             return {"CANCELLED"}
         _RUNNING[self._job] = (self, self._worker, self._generation)
+        self._scene_key = (context.scene.as_pointer(), context.scene.name, context.view_layer.name)
         try:
             self._start_modal(context, max(1, progress.total))
             self._status(context, progress)
@@ -402,7 +420,20 @@ class _WorkerStepJob(_ModalJob):
         if not progress.finished:
             return {"RUNNING_MODAL"}
         self._cleanup(context)
-        return self._finish(context)
+        key = getattr(self, "_scene_key", None)
+        scene = job_scene(key) if key is not None else context.scene
+        if scene is None:
+            self._cancel_quietly()
+            self.report({"ERROR"}, f"{self._job}: the scene {key[1]!r} it was started in is gone; nothing was "
+                                   "saved: run it again.")
+            return {"CANCELLED"}
+        if scene == context.scene:
+            return self._finish(context)
+        # the user switched scenes while it ran: its results (bundle, point object) belong to
+        # the scene whose dataset it read, not to the one shown now
+        layer = scene.view_layers.get(key[2]) or scene.view_layers[0]
+        with context.temp_override(scene=scene, view_layer=layer, collection=scene.collection):
+            return self._finish(context)
 
 
 class NPBGPP_OT_aggregate(_WorkerStepJob, bpy.types.Operator):
@@ -746,6 +777,19 @@ class NPBGPP_OT_export_dataset(_ModalJob, bpy.types.Operator):
         self._start_modal(context, self.views)
         self._status(context, 0)
         return {"RUNNING_MODAL"}
+
+    def cancel(self, context: Any) -> None:
+        """Blender ends the job without a last tick (File > Open / New, a window closed):
+        as Esc, the partial output goes and the scene's settings come back now, while the
+        scene still exists (not whenever the generator is collected), and the timer, progress
+        cursor and status line end."""
+        if self._steps is not None:
+            self._steps.close()
+            self._steps = None
+        try:
+            self._cleanup(context)
+        except Exception:  # noqa: BLE001 - Blender is tearing the window down: nothing to report to
+            pass
 
     def modal(self, context: Any, event: Any) -> set[str]:
         if event.type == "ESC":

@@ -2586,6 +2586,96 @@ def test_a_jobs_claim_ends_with_the_job_however_it_ends(scene):
     hub.shutdown()
 
 
+def test_a_job_finishes_into_the_scene_it_began_in(scene):
+    """A modal Aggregate set its bundle (and point object) on whichever scene was active when
+    it finished: switching scenes while it ran gave another scene this dataset's bundle.
+    Now the results go to the scene it began in; when that scene was deleted meanwhile,
+    nothing is saved and the claim ends. And Blender's cancel (File > Open, a window
+    closed) ends the timer, progress and status line as well as the worker's job."""
+    from types import SimpleNamespace
+
+    sc, cam = scene["scene"], scene["camera"]
+    _write_nerf_dataset(scene["dir"] / "nerf2", [cam], scene["points"], scene["colors"])
+    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(scene["dir"] / "nerf2")) == {"FINISHED"}
+    sc.npbgpp.weights = ""
+    agg_op = sys.modules[f"{MODULE}.operators"].NPBGPP_OT_aggregate
+    reports: list[tuple] = []
+
+    def operator(out: str) -> SimpleNamespace:  # the operator's Python side (Blender makes the real one)
+        op = SimpleNamespace(filepath=out, max_points=0, report=lambda kind, text: reports.append((kind, text)),
+                             _cleanup=lambda context: reports.append(("cleanup",)), _status=lambda context, p: None,
+                             _start_modal=lambda context, total: None, _worker=None, _generation=None)
+        for name in ("_job", "_cancel_request", "_cancel_note"):
+            setattr(op, name, getattr(agg_op, name))
+        for name in ("_inputs", "_begin", "_step", "_progress", "_finish", "_request", "_cancel_quietly",
+                     "_already_running", "_drop_after_error"):
+            setattr(op, name, getattr(agg_op, name).__get__(op))
+        return op
+
+    def shown(other):  # the user switched the window to ``other``
+        return bpy.context.temp_override(scene=other, view_layer=other.view_layers[0], collection=other.collection)
+
+    tick = SimpleNamespace(type="TIMER")
+    other = bpy.data.scenes.new("Other")
+    objects = set(bpy.data.objects.keys())
+    out = str(scene["dir"] / "first.npbgpp")
+    op = operator(out)
+    assert agg_op._start_job(op, bpy.context) == {"RUNNING_MODAL"}
+    with shown(other):
+        assert agg_op.modal(op, bpy.context, tick) == {"FINISHED"}, reports
+    assert sc.npbgpp.bundle == out and other.npbgpp.bundle == "" and other.npbgpp.point_object is None
+    assert set(bpy.data.objects.keys()) == objects and not other.objects  # nothing made in the other scene
+
+    # The scene it began in is deleted meanwhile: nothing saved, the next run starts.
+    gone = sc.copy()
+    gone.name = "Gone"
+    gone_out = str(scene["dir"] / "gone.npbgpp")
+    op = operator(gone_out)
+    with shown(gone):
+        assert agg_op._start_job(op, bpy.context) == {"RUNNING_MODAL"}
+    bpy.data.scenes.remove(gone)
+    assert agg_op.modal(op, bpy.context, tick) == {"CANCELLED"}
+    assert reports[-1] == ({"ERROR"}, "Aggregate: the scene 'Gone' it was started in is gone; nothing was saved: "
+                                      "run it again."), reports
+    assert not os.path.exists(gone_out) and sc.npbgpp.bundle == out
+    assert bpy.ops.npbgpp.aggregate(filepath=str(scene["dir"] / "next.npbgpp")) == {"FINISHED"}
+
+    # Blender's cancel: the worker's job, the claim and the window's progress all end.
+    op = operator(str(scene["dir"] / "cancelled.npbgpp"))
+    assert agg_op._start_job(op, bpy.context) == {"RUNNING_MODAL"}
+    reports.clear()
+    agg_op.cancel(op, bpy.context)
+    assert reports == [("cleanup",)]
+    assert bpy.ops.npbgpp.aggregate(filepath=str(scene["dir"] / "after.npbgpp")) == {"FINISHED"}
+
+
+def test_export_dataset_cancelled_by_blender_leaves_nothing(scene):
+    """Export Dataset had no cancel(): when Blender ended its modal job without a last tick
+    (File > Open / New, a window closed) the half-written dataset and the scene's changed
+    render settings waited for the generator's garbage collection, and the timer, progress
+    cursor and status line stayed. Now cancel() does what Esc does."""
+    from types import SimpleNamespace
+
+    from blender_addon.datagen.render import render_views_steps
+
+    sc = scene["scene"]
+    bpy.ops.mesh.primitive_cube_add(size=1.0)
+    export_op = sys.modules[f"{MODULE}.operators"].NPBGPP_OT_export_dataset
+    out = scene["dir"] / "export"
+    engine, size = sc.render.engine, (sc.render.resolution_x, sc.render.resolution_y)
+    calls: list[str] = []
+    op = SimpleNamespace(_cleanup=lambda context: calls.append("cleanup"),
+                         _steps=render_views_steps(sc, str(out), views=3, size=(8, 8), samples=1, points=10))
+    assert next(op._steps) == (1, 3)
+    assert sc.render.engine != engine or (sc.render.resolution_x, sc.render.resolution_y) != size  # mid-export
+    export_op.cancel(op, bpy.context)
+    assert calls == ["cleanup"] and op._steps is None
+    assert not out.exists() and not [p for p in os.listdir(scene["dir"]) if p.startswith("export")]
+    assert (sc.render.engine, (sc.render.resolution_x, sc.render.resolution_y)) == (engine, size)
+    export_op.cancel(op, bpy.context)  # twice (the generator already closed) is harmless
+    assert calls == ["cleanup", "cleanup"]
+
+
 def test_outputs_never_replace_the_jobs_inputs(scene):
     """An output path typed onto a file the job reads was accepted: Aggregate with Bundle =
     the dataset's transforms_train.json wrote the bundle over it (the dataset destroyed),
