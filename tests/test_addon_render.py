@@ -1504,6 +1504,7 @@ class _Layout:
 
     def __init__(self) -> None:
         self.props: list[str] = []
+        self.labels: list[str] = []
         self.use_property_split = self.use_property_decorate = False
         self.active = True
 
@@ -1515,8 +1516,8 @@ class _Layout:
 
     row = column
 
-    def label(self, **kwargs) -> None:
-        pass
+    def label(self, text: str = "", **kwargs) -> None:
+        self.labels.append(text)
 
     def operator(self, idname, **kwargs) -> None:
         pass
@@ -2949,6 +2950,13 @@ def _write_cloudless(kind: str, root) -> None:
         os.remove(root / "points3d.ply")
 
 
+def _data_panel_labels() -> list[str]:
+    """The texts of the labels Render Properties > NPBG++ > Data draws now."""
+    layout = _Layout()
+    bpy.types.RENDER_PT_npbgpp_data.draw(type("P", (), {"layout": layout})(), bpy.context)
+    return layout.labels
+
+
 @pytest.mark.parametrize("kind, fmt, loader_says", [
     ("nerf", "AUTO", "no point cloud found"),
     ("colmap", "COLMAP", "points3D file is missing"),
@@ -2979,6 +2987,7 @@ def test_import_dataset_without_a_cloud_makes_cameras_and_points_at_densify(scen
     assert len(new_cameras) >= 2 and sc.camera in new_cameras
     assert sc.npbgpp.point_object is None and loader_says in sc.npbgpp.dataset_no_cloud
     assert sc.npbgpp.dataset_path and sc.npbgpp.dataset_format
+    assert "The dataset has no point cloud: Densify Points makes one" in _data_panel_labels()
     sc.npbgpp.weights = ""
     with pytest.raises(RuntimeError, match=f"Aggregate needs points, and the imported dataset .* has no point cloud: "
                                            f"Densify Points \\(Render Properties.*\\(.*{loader_says}"):
@@ -3026,6 +3035,7 @@ def test_densify_then_aggregate_on_a_dataset_without_a_cloud(scene, capfd):
 
     assert (surface_distance(torch.as_tensor(pts), floor=False) < 0.035).float().mean() >= 0.9
     np.testing.assert_allclose(load_ply(work / "nerf_dense.ply").points, pts, atol=1e-5)
+    assert not any("no point cloud" in text for text in _data_panel_labels())
     sc.npbgpp.weights = ""
     assert bpy.ops.npbgpp.aggregate(filepath=str(work / "dense.npbgpp")) == {"FINISHED"}
     from npbgpp_core.scene import NeuralScene
