@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -130,6 +131,33 @@ def test_loader_and_prepare_capture_give_the_same_cameras(tmp_path):
         # and the same pixels (PNG: 8-bit rounding only)
         diff = (loaded.load_image(i) - prepared.load_image(i)).abs()
         assert float(diff.max()) <= 1.0 / 255 + 1e-6
+
+
+def test_downscaled_prepare_capture_records_the_loaders_cameras(tmp_path):
+    """Downscaled to an odd size with intrinsics that float32 does not hold exactly: the
+    prepared cameras.bin gives the cameras that loading the source model over photos of
+    that size with undistort=True gives (one construction, colmap.view_cameras)."""
+    from test_capture_import import write_capture
+
+    src, out, copy = str(tmp_path / "src"), str(tmp_path / "out"), str(tmp_path / "copy")
+    write_capture(src, n_views=2)
+    with open(os.path.join(src, "sparse", "0", "cameras.txt"), "w") as f:
+        f.write("1 SIMPLE_RADIAL 240 180 200.123456789 120.3 90.7 0.2\n")
+    prepare_capture(src, out, max_size=97, image_format="png")
+    prepared = load_scene(out)
+    h, w = prepared.views[0].camera.image_size
+    assert (w, h) == (97, 73)
+    shutil.copytree(os.path.join(src, "sparse"), os.path.join(copy, "sparse"))
+    os.makedirs(os.path.join(copy, "images"))
+    for name in os.listdir(os.path.join(src, "images")):
+        Image.open(os.path.join(src, "images", name)).resize((w, h)).save(os.path.join(copy, "images", name))
+    loaded = load_scene(copy, undistort=True)
+    for a, b in zip(loaded.views, prepared.views, strict=True):
+        assert torch.equal(a.camera.K, b.camera.K), (a.camera.K, b.camera.K)
+    # and the hand formula: COLMAP's edge-convention principal point scales with the pixels
+    src_k = loaded.views[0].source_camera.intrinsics()
+    assert src_k.cx == pytest.approx(120.3 * 97 / 240 - 0.5, abs=1e-4)
+    assert src_k.cy == pytest.approx(90.7 * 73 / 180 - 0.5, abs=1e-4)
 
 
 def test_a_point_lands_where_the_lens_model_puts_it(tmp_path):

@@ -10,10 +10,11 @@
   ``undistort=True`` and gives the same cameras as loading the (same-size) source with it.
   Saved as JPEG quality 95 (the sources are JPEG already; PNG would be 5-8x larger for no
   visible gain) unless ``image_format="png"``.
-- ``sparse/0/cameras.bin``: one PINHOLE camera per photo, with the intrinsics scaled by the
-  exact ratio of pixel counts (new width / camera width, new height / camera height; in
+- ``sparse/0/cameras.bin``: one PINHOLE camera per photo, the camera the COLMAP loader gives
+  that view (``colmap.view_cameras``): the intrinsics scaled by the exact ratio of pixel
+  counts (``Camera.scaled``: new width / camera width, new height / camera height; in
   COLMAP's pixel-edge convention the principal point scales by the same ratio), then, for a
-  distorted camera, the undistorted camera's focal length.
+  distorted camera, the undistorted camera's focal length; float32 values, as loaded.
 - ``sparse/0/images.bin``: the poses unchanged, without 2D observations.
 - ``sparse/0/points3D.bin``: the SfM points and colours, without tracks.
 - ``capture.json``: provenance (source folder, repository, commit, licence, intended use)
@@ -51,6 +52,7 @@ from .colmap import (
     find_sparse_dir,
     quaternion_to_rotation,
     rotation_to_quaternion,
+    view_cameras,
 )
 from .errors import DatasetError
 
@@ -141,8 +143,7 @@ def prepare_capture(
     import torch
     from PIL import Image
 
-    from ..camera import Camera
-    from .distortion import undistort, undistorted_camera
+    from .distortion import undistort
 
     if max_size < 16:
         raise DatasetError(f"max_size must be at least 16 pixels (got {max_size})")
@@ -203,20 +204,16 @@ def prepare_capture(
             nw, nh = _scaled_size(pw, ph, max_size)
             if (nw, nh) != (pw, ph):
                 photo = photo.resize((nw, nh), Image.Resampling.LANCZOS)
-            sx, sy = nw / cw, nh / ch
-            # K is in our convention (pixel centres at integers); back to COLMAP's edges to scale.
-            fx, fy = K[0, 0] * sx, K[1, 1] * sy
-            cx, cy = (K[0, 2] + 0.5) * sx, (K[1, 2] + 0.5) * sy
+            # the loader's own cameras of this photo at its new size (load_scene(src, undistort=True))
+            cam, target = view_cameras(K, dist, np.eye(3), np.zeros(3), (ch, cw), (nh, nw), path,
+                                       f"{sparse} cameras: camera {cam_id} ({model})")
             if dist is not None:
                 arr = torch.from_numpy(np.asarray(photo, dtype=np.float32) / 255.0).permute(2, 0, 1)
-                kk = np.array([[fx, 0, cx - 0.5], [0, fy, cy - 0.5], [0, 0, 1.0]])
-                cam = Camera.from_opencv(kk, np.eye(3), np.zeros(3), (nh, nw))
-                target = undistorted_camera(cam, dist, f"{sparse} cameras: camera {cam_id} ({model})")
                 arr = undistort(arr, cam, dist, target)
                 photo = Image.fromarray((arr.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8))
-                t_in = target.intrinsics()
-                fx, fy, cx, cy = t_in.fx, t_in.fy, t_in.cx + 0.5, t_in.cy + 0.5
                 undistorted += 1
+            t_in = target.intrinsics()  # back to COLMAP's pixel-edge principal point
+            fx, fy, cx, cy = t_in.fx, t_in.fy, t_in.cx + 0.5, t_in.cy + 0.5
             stem = os.path.splitext(name)[0]
             out_name = stem + "." + image_format
             dst = os.path.join(tmp, "images", out_name)

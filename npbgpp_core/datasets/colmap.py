@@ -22,6 +22,7 @@ import struct
 
 import numpy as np
 
+from ..camera import Camera
 from .common import (
     PC_NAME_OPTIONS,
     camera_from_opencv,
@@ -312,6 +313,21 @@ def _intrinsics(model: str, params: tuple[float, ...], cam_id: int, source: str,
     return K, (None if dist.is_identity() else dist)
 
 
+def view_cameras(K: np.ndarray, dist: Distortion | None, R: np.ndarray, t: np.ndarray,
+                 model_size: tuple[int, int], image_size: tuple[int, int], source: str,
+                 lens_source: str) -> tuple[Camera, Camera]:
+    """The camera of a photo of ``image_size`` (h, w) taken by a COLMAP camera of
+    ``model_size`` (``K`` in our pixel-centre convention, ``Camera.scaled`` to the photo),
+    and the pinhole camera its view renders with: the undistorted one
+    (``distortion.undistorted_camera``) for a distorted lens, else the same. The one
+    construction for the loader and prepare-capture, so both record the same cameras.
+    DatasetError naming ``source`` (the image) or ``lens_source`` (its camera)."""
+    cam = camera_from_opencv(K, R, t, model_size, source)
+    if tuple(image_size) != tuple(model_size):  # a resized copy of the photos: the same view at the image's size
+        cam = cam.scaled(tuple(image_size))
+    return cam, undistorted_camera(cam, dist, lens_source)
+
+
 def load_colmap(root: str, **options) -> SceneData:
     check_options("colmap", options, OPTIONS)
     sparse = find_sparse_dir(root)
@@ -342,13 +358,11 @@ def load_colmap(root: str, **options) -> SceneData:
         size = image_size_of(path)
         if abs(size[1] / width - size[0] / height) > 0.01:
             raise DatasetError(f"{path}: image is {size[1]}x{size[0]} but camera {cam_id} is {width}x{height}")
-        cam = camera_from_opencv(K, quaternion_to_rotation(q), t, (height, width), source)
-        if size != (height, width):  # a resized copy of the photos: the same view at the image's size
-            cam = cam.scaled(size)
+        cam, view_cam = view_cameras(K, dist, quaternion_to_rotation(q), t, (height, width), size, source,
+                                     f"{sparse} cameras: camera {cam_id} ({model})")
         if dist is None:
             views.append(View(os.path.splitext(name)[0], path, None, cam))
             continue
-        view_cam = undistorted_camera(cam, dist, f"{sparse} cameras: camera {cam_id} ({model})")
         views.append(View(os.path.splitext(name)[0], path, None, view_cam, distortion=dist, source_camera=cam))
     every = int(options.get("holdout_every", 8) or 0)
     train, val, test = make_splits(
