@@ -269,6 +269,11 @@ def test_scannet_intrinsics_for_other_size_are_scaled(tmp_path):
     K2[:2, :2] /= 2
     K2[0, 2], K2[1, 2] = (K[0, 2] + 0.5) / 2 - 0.5, (K[1, 2] + 0.5) / 2 - 0.5
     assert_projects(scene.views[1].camera, K2, R, t)
+    for k_size in ((0, W), (-H, W)):  # a zero height divided by zero (a ZeroDivisionError traceback)
+        bad = str(tmp_path / f"bad{k_size[0]}")
+        write_scannet(bad, k_size=k_size)
+        with pytest.raises(DatasetError, match=rf"intrinsics.npy: height x width {k_size[0]} x {W} is not an image"):
+            load_scene(bad)
 
 
 # ---------------------------------------------------------------- COLMAP

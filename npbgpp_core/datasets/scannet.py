@@ -85,6 +85,8 @@ def _read_intrinsics(path: str) -> tuple[np.ndarray, tuple[int, int] | None]:
     size = None
     if "height" in obj and "width" in obj:
         size = (int(json_number(obj["height"], f"{path} height")), int(json_number(obj["width"], f"{path} width")))
+        if min(size) < 1:  # the scale to the images would divide by it
+            raise DatasetError(f"{path}: height x width {size[0]} x {size[1]} is not an image size")
     return K, size
 
 
@@ -117,14 +119,9 @@ def load_scannet(root: str, **options) -> SceneData:
         check_rotation(w2c[:3, :3], source)
         path = os.path.join(image_dir, f)
         size = image_size_of(path)
-        Ki = K.copy()
-        if k_size is not None and k_size != size:
-            sy, sx = size[0] / k_size[0], size[1] / k_size[1]
-            Ki[0, 0] *= sx
-            Ki[1, 1] *= sy
-            Ki[0, 2] = (Ki[0, 2] + 0.5) * sx - 0.5
-            Ki[1, 2] = (Ki[1, 2] + 0.5) * sy - 0.5
-        cam = camera_from_opencv(Ki, w2c[:3, :3], w2c[:3, 3], size, source)
+        cam = camera_from_opencv(K, w2c[:3, :3], w2c[:3, 3], k_size or size, source)
+        if k_size is not None and k_size != size:  # K given for another resolution than the images
+            cam = cam.scaled(size)
         views.append(View(os.path.splitext(f)[0], path, None, cam))
     every = int(options.get("test_every", 0) or 0)
     default_test = list(range(0, len(views), every)) if every > 0 else []
