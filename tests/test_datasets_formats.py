@@ -606,3 +606,26 @@ def test_rotation_check_refuses_huge_entries_without_numpy_warnings(R):
         with pytest.raises(DatasetError, match="cam 0: rotation part is not orthonormal"):
             check_rotation(np.array(R), "cam 0")
     check_rotation(np.eye(3), "cam 0")
+
+
+def test_add_on_reads_a_dataset_without_a_cloud_and_only_that(tmp_path):
+    """The add-on's Import Dataset (RenderService.read_dataset): a dataset with its cloud
+    reads as always; without one, its cameras with no points and the loader's message; a
+    cloud that is there but broken is still refused (not read as no cloud)."""
+    from npbgpp_core import protocol as P
+    from npbgpp_core.service import RenderService
+
+    root = str(tmp_path / "nerf")
+    write_nerf(root)
+    service = RenderService()
+    full = service.read_dataset(P.ReadDataset(root))
+    assert full.no_cloud == "" and len(full.points) == len(POINTS) and len(full.views) == 7
+    os.remove(os.path.join(root, "points3d.ply"))
+    bare = service.read_dataset(P.ReadDataset(root, max_points=5))
+    assert bare.points.shape == (0, 3) and len(bare.point_ids) == 0 and bare.colors is None
+    assert [v.name for v in bare.views] == [v.name for v in full.views]
+    assert "no point cloud found" in bare.no_cloud and root in bare.no_cloud
+    with open(os.path.join(root, "points3d.ply"), "wb") as f:
+        f.write(b"ply\nformat binary_little_endian 1.0\nelement vertex 5\nproperty float x\nend_header\n")
+    with pytest.raises(DatasetError, match="points3d.ply"):
+        service.read_dataset(P.ReadDataset(root))
