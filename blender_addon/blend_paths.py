@@ -37,10 +37,15 @@ def resolved(owner: bpy.types.ID | bpy.types.bpy_struct, value: str) -> str:
     return bpy.path.abspath(value, library=owner_library(owner))
 
 
-def stored(path: str) -> str:
-    """``path`` (absolute) as an operator stores it in a scene setting: relative to the
-    saved .blend when the preferences ask for relative paths, else as given."""
+def stored(owner: bpy.types.ID | bpy.types.bpy_struct, path: str) -> str:
+    """``path`` (absolute) as an operator stores it in a path setting of ``owner`` (a scene
+    or its ``npbgpp`` settings): relative to the saved .blend when the preferences ask for
+    relative paths, else as given. A linked scene's settings take it as given: :func:`resolved`
+    reads their ``//`` against the library's folder, not the open file's (and Blender does
+    not save what changes in a linked scene)."""
     if not path or not bpy.data.filepath or not bpy.context.preferences.filepaths.use_relative_paths:
+        return path
+    if owner_library(owner) is not None:
         return path
     return _rebased(path, os.path.dirname(bpy.path.abspath(bpy.data.filepath)))
 

@@ -387,7 +387,7 @@ class IMPORT_SCENE_OT_npbgpp_bundle(bpy.types.Operator, ImportHelper):
         except (WorkerError, ValueError, OSError) as exc:
             self.report({"ERROR"}, f"Cannot import bundle {path}: {exc}")
             return {"CANCELLED"}
-        s.bundle = stored(path)
+        s.bundle = stored(s, path)
         s.point_object = obj
         s.output = "NEURAL"
         widen_view_clips(self, context, object_positions(obj))
@@ -478,7 +478,7 @@ class IMPORT_SCENE_OT_npbgpp_dataset(bpy.types.Operator):
             if no_cloud:
                 cam[CLIP_UNFITTED] = True  # Densify Points fits its clip range to the cloud it makes
             cam["npbgpp_image_size"] = [int(c.image_size[1]), int(c.image_size[0])]  # width, height
-        context.scene.npbgpp.dataset_path = stored(path)
+        context.scene.npbgpp.dataset_path = stored(context.scene, path)
         context.scene.npbgpp.dataset_points = ""  # the new dataset's own cloud, not an older dense one
         context.scene.npbgpp.dataset_no_cloud = no_cloud
         context.scene.npbgpp.dataset_format = reply.format or ""

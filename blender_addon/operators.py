@@ -520,7 +520,7 @@ class NPBGPP_OT_aggregate(_WorkerStepJob, bpy.types.Operator):
         reply = worker_reply(self, P.AggregateFinish(self._out))
         if reply is None:
             return {"CANCELLED"}
-        context.scene.npbgpp.bundle = stored(self._out)  # written: the scene renders it from now on
+        context.scene.npbgpp.bundle = stored(context.scene, self._out)  # written: the scene renders it from now on
         up = ", ".join(f"{v:g}" for v in reply.world_up)
         note, unchecked = follow_bundle_points(self, context, reply.points)
         s = context.scene.npbgpp
@@ -608,7 +608,7 @@ class NPBGPP_OT_densify(_WorkerStepJob, bpy.types.Operator):
         # ids: the rows of the saved PLY, which Aggregate now uses as the dataset's cloud
         obj = make_point_object(name, cloud.points, cloud.colors, context, np.arange(len(cloud.points)))
         use_point_object(context, obj)
-        context.scene.npbgpp.dataset_points = stored(self._out)
+        context.scene.npbgpp.dataset_points = stored(context.scene, self._out)
         # a dataset imported without a cloud: the first points its cameras and the 3D views show
         fit_unfitted_clips(context.scene, cloud.points)
         widen_view_clips(self, context, cloud.points)
@@ -691,7 +691,7 @@ class NPBGPP_OT_fit(_WorkerStepJob, bpy.types.Operator):
         reply = worker_reply(self, P.FitFinish(self._out))
         if reply is None:
             return {"CANCELLED"}
-        context.scene.npbgpp.bundle = stored(self._out)
+        context.scene.npbgpp.bundle = stored(context.scene, self._out)
         self.report({"INFO"}, f"Fitted {reply.steps} steps in {reply.seconds:.0f} s (loss {reply.loss_first:.4f} -> "
                               f"{reply.loss_last:.4f}); saved to {self._out}, now the scene's bundle.")
         return {"FINISHED"}

@@ -2400,6 +2400,13 @@ def test_paths_of_a_linked_scene_are_relative_to_its_library(scene):
     snap = scene_snapshot.snapshot(linked)
     assert os.path.normpath(snap.bundle_path) == os.path.normpath(lib_dir / "data" / "tiny.npbgpp")
     assert linked.override_create() is None  # Blender cannot override a scene: linked is the only case
+    # What an operator stores reads back as the file it wrote (Aggregate, Fit, Densify, the
+    # imports): a // path made against the open file named another file in a linked scene.
+    assert bpy.context.preferences.filepaths.use_relative_paths
+    written = os.path.normpath(main_dir / "out" / "b.npbgpp")
+    assert blend_paths.stored(bpy.context.scene.npbgpp, written) == "//out/b.npbgpp"
+    for owner in (s, linked, bpy.context.scene.npbgpp):
+        assert os.path.normpath(blend_paths.resolved(owner, blend_paths.stored(owner, written))) == written
 
 
 def test_aggregate_modal_path_steps_views_saves_and_esc_writes_nothing(scene):
