@@ -135,6 +135,7 @@ def ask_for_output(op: Any, context: Any, dataset: str, suffix: str) -> bool:
     if op.filepath or bpy.data.filepath:
         return False
     op.filepath = _output_name(dataset, suffix)
+    op._from_browser = True  # its execute() then starts the modal job, as invoke would have
     context.window_manager.fileselect_add(op)
     return True
 
@@ -283,6 +284,7 @@ class _WorkerStepJob(_ModalJob):
     _worker: Any = None
     _generation: int | None = None  # the worker process the job began in (worker_reply)
     _scene_key: tuple[int, str, str] | None = None  # the scene the modal job began in (job_scene)
+    _from_browser = False  # invoke opened the file browser for the output path (ask_for_output)
     _out: str = ""
     _timeout: float = 0.0
 
@@ -335,10 +337,15 @@ class _WorkerStepJob(_ModalJob):
             pass
 
     def execute(self, context: Any) -> set[str]:
-        """Run to the end (scripts, or after the file browser); the UI uses the cancellable
-        modal path."""
+        """Run to the end (scripts, redo); after the file browser in a window, the cancellable
+        modal job as from invoke (run to the end there, Aggregate or Densify of an unsaved
+        .blend froze Blender for the whole job: no progress, no Esc)."""
         from .worker_client import WorkerError
 
+        if getattr(self, "_from_browser", False):
+            self._from_browser = False
+            if context.window is not None:
+                return self._start_job(context)
         if self._already_running():
             return {"CANCELLED"}
         progress = self._begin(context)

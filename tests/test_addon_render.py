@@ -2657,6 +2657,45 @@ def test_a_job_finishes_into_the_scene_it_began_in(scene):
     assert bpy.ops.npbgpp.aggregate(filepath=str(scene["dir"] / "after.npbgpp")) == {"FINISHED"}
 
 
+def test_aggregate_after_the_file_browser_runs_as_the_modal_job(scene):
+    """With an unsaved .blend, Aggregate (and Densify Points) in the UI first ask where the
+    output goes; Blender then calls execute(), which ran the whole job there: Blender froze
+    for its length, with no status line and no Esc. In a window it now starts the modal
+    job as invoke does (ticks, claim, Esc); a script's call still runs to the end."""
+    from types import SimpleNamespace
+
+    sc, cam = scene["scene"], scene["camera"]
+    _write_nerf_dataset(scene["dir"] / "nerf2", [cam], scene["points"], scene["colors"])
+    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(scene["dir"] / "nerf2")) == {"FINISHED"}
+    sc.npbgpp.weights = ""
+    assert not bpy.data.filepath
+    ops_module = sys.modules[f"{MODULE}.operators"]
+    agg_op = ops_module.NPBGPP_OT_aggregate
+    calls: list[str] = []
+    out = str(scene["dir"] / "chosen.npbgpp")
+    op = SimpleNamespace(filepath="", max_points=0, report=lambda kind, text: calls.append(text),
+                         _cleanup=lambda context: calls.append("cleanup"), _status=lambda context, p: None,
+                         _start_modal=lambda context, total: calls.append("modal"), _worker=None, _generation=None)
+    for name in ("_job", "_cancel_request", "_cancel_note"):
+        setattr(op, name, getattr(agg_op, name))
+    for name in ("_inputs", "_begin", "_step", "_progress", "_finish", "_request", "_cancel_quietly",
+                 "_already_running", "_drop_after_error", "_start_job"):
+        setattr(op, name, getattr(agg_op, name).__get__(op))
+    browser = SimpleNamespace(fileselect_add=lambda o: calls.append("browser"))
+    assert ops_module.ask_for_output(op, SimpleNamespace(window_manager=browser), str(scene["dir"] / "nerf2"),
+                                     ".npbgpp")
+    assert calls == ["browser"] and op.filepath == "nerf2.npbgpp"
+    op.filepath = out  # the user's choice
+    wm = SimpleNamespace(progress_begin=lambda lo, hi: calls.append("blocking"), progress_update=lambda v: None,
+                         progress_end=lambda: None)
+    window = SimpleNamespace(window="WIN", window_manager=wm, scene=sc, view_layer=bpy.context.view_layer)
+    assert agg_op.execute(op, window) == {"RUNNING_MODAL"}, calls
+    assert calls == ["browser", "modal"] and not os.path.exists(out)
+    assert agg_op.modal(op, bpy.context, SimpleNamespace(type="TIMER")) == {"FINISHED"}
+    assert os.path.isfile(out) and sc.npbgpp.bundle == out
+    assert bpy.ops.npbgpp.aggregate(filepath=str(scene["dir"] / "script.npbgpp")) == {"FINISHED"}  # a script
+
+
 def test_export_dataset_cancelled_by_blender_leaves_nothing(scene):
     """Export Dataset had no cancel(): when Blender ended its modal job without a last tick
     (File > Open / New, a window closed) the half-written dataset and the scene's changed
