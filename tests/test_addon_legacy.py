@@ -66,4 +66,5 @@ def test_zip_ships_datagen_and_vendored_core_not_the_demo(tmp_path):
     assert {"npbgpp/__init__.py", "npbgpp/srgb.py", "npbgpp/datagen/__init__.py", "npbgpp/datagen/render.py",
             "npbgpp/datagen/surface_points.py", "npbgpp/vendor/npbgpp_core/__init__.py"} <= names
     assert "npbgpp/demo.py" not in names  # it imports build_addon, which the zip does not hold
+    assert "npbgpp/journey.py" not in names  # the same: it installs the zip build_addon makes
     assert not [n for n in names if n.startswith("npbgpp/vendor/npbgpp_core/datasets/") and "render" in n]
