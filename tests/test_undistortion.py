@@ -107,6 +107,19 @@ def test_bad_lens_models_are_refused_naming_the_camera(d, match):
         undistorted_camera(_camera(), d, "cameras.bin: camera 3 (OPENCV)")
 
 
+@pytest.mark.parametrize("d", [Distortion(k1=1e200), Distortion(k2=-1e300), Distortion(p1=1e308),
+                               Distortion(k1=1e-300, k2=1e300)])
+def test_huge_lens_coefficients_are_refused_quietly(d):
+    """Coefficients near the float64 limit (the readers' fuzz cases) overflow to inf / nan:
+    refused as implausible with no numpy 'overflow encountered' line printed first."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(DatasetError, match="cam 7: lens distortion .* no plausible pinhole view"):
+            undistorted_camera(_camera(), d, "cam 7")
+
+
 def test_loader_refuses_a_folding_lens_naming_the_camera(tmp_path):
     from test_datasets_formats import write_colmap
 
@@ -136,7 +149,7 @@ def test_loader_and_prepare_capture_give_the_same_cameras(tmp_path):
 def test_downscaled_prepare_capture_records_the_loaders_cameras(tmp_path):
     """Downscaled to an odd size with intrinsics that float32 does not hold exactly: the
     prepared cameras.bin gives the cameras that loading the source model over photos of
-    that size with undistort=True gives (one construction, colmap.view_cameras)."""
+    that size with undistort=True gives (one construction, distortion.view_cameras)."""
     from test_capture_import import write_capture
 
     src, out, copy = str(tmp_path / "src"), str(tmp_path / "out"), str(tmp_path / "copy")

@@ -11,7 +11,7 @@
   Saved as JPEG quality 95 (the sources are JPEG already; PNG would be 5-8x larger for no
   visible gain) unless ``image_format="png"``.
 - ``sparse/0/cameras.bin``: one PINHOLE camera per photo, the camera the COLMAP loader gives
-  that view (``colmap.view_cameras``): the intrinsics scaled by the exact ratio of pixel
+  that view (``distortion.view_cameras``): the intrinsics scaled by the exact ratio of pixel
   counts (``Camera.scaled``: new width / camera width, new height / camera height; in
   COLMAP's pixel-edge convention the principal point scales by the same ratio), then, for a
   distorted camera, the undistorted camera's focal length; float32 values, as loaded.
@@ -52,8 +52,8 @@ from .colmap import (
     find_sparse_dir,
     quaternion_to_rotation,
     rotation_to_quaternion,
-    view_cameras,
 )
+from .distortion import view_cameras
 from .errors import DatasetError
 
 _MODEL_ID = {name: i for i, (name, _) in CAMERA_MODELS.items()}

@@ -22,17 +22,15 @@ import struct
 
 import numpy as np
 
-from ..camera import Camera
 from .common import (
     PC_NAME_OPTIONS,
-    camera_from_opencv,
     check_options,
     check_points,
     load_point_cloud,
     make_splits,
     path_in_root,
 )
-from .distortion import undistorted_camera
+from .distortion import view_cameras
 from .errors import DatasetError
 from .images import image_size_of
 from .scene_data import Distortion, SceneData, View
@@ -311,21 +309,6 @@ def _intrinsics(model: str, params: tuple[float, ...], cam_id: int, source: str,
         )
     K = np.array([[fx, 0.0, cx - 0.5], [0.0, fy, cy - 0.5], [0.0, 0.0, 1.0]])
     return K, (None if dist.is_identity() else dist)
-
-
-def view_cameras(K: np.ndarray, dist: Distortion | None, R: np.ndarray, t: np.ndarray,
-                 model_size: tuple[int, int], image_size: tuple[int, int], source: str,
-                 lens_source: str) -> tuple[Camera, Camera]:
-    """The camera of a photo of ``image_size`` (h, w) taken by a COLMAP camera of
-    ``model_size`` (``K`` in our pixel-centre convention, ``Camera.scaled`` to the photo),
-    and the pinhole camera its view renders with: the undistorted one
-    (``distortion.undistorted_camera``) for a distorted lens, else the same. The one
-    construction for the loader and prepare-capture, so both record the same cameras.
-    DatasetError naming ``source`` (the image) or ``lens_source`` (its camera)."""
-    cam = camera_from_opencv(K, R, t, model_size, source)
-    if tuple(image_size) != tuple(model_size):  # a resized copy of the photos: the same view at the image's size
-        cam = cam.scaled(tuple(image_size))
-    return cam, undistorted_camera(cam, dist, lens_source)
 
 
 def load_colmap(root: str, **options) -> SceneData:

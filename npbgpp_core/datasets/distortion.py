@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ..camera import Camera
+from .common import camera_from_opencv
 from .errors import DatasetError
 from .scene_data import Distortion
 
@@ -88,6 +89,22 @@ def undistorted_camera(camera: Camera, d: Distortion | None, source: str = "came
                   **camera.clip)
 
 
+def view_cameras(K: np.ndarray, d: Distortion | None, R: np.ndarray, t: np.ndarray,
+                 k_size: tuple[int, int], image_size: tuple[int, int], source: str,
+                 lens_source: str) -> tuple[Camera, Camera]:
+    """``(photo camera, view camera)`` of a photo of ``image_size`` (h, w) whose ``K``
+    (OpenCV, pixel centres at integers) is given for ``k_size``: the photo's camera is
+    ``Camera.scaled`` to its size (a resized copy, nerfstudio's ``images_N``); the view
+    camera, which loaded images are remapped to, is :func:`undistorted_camera` of it (the
+    same camera without distortion). The one construction for the COLMAP and nerfstudio
+    loaders and prepare-capture, so all record the same cameras. DatasetError naming
+    ``source`` (the photo) or ``lens_source`` (its lens)."""
+    cam = camera_from_opencv(K, R, t, k_size, source)
+    if tuple(image_size) != tuple(k_size):
+        cam = cam.scaled((int(image_size[0]), int(image_size[1])))
+    return cam, undistorted_camera(cam, d, lens_source)
+
+
 @functools.lru_cache(maxsize=256)
 def _focal_scale(fx: float, fy: float, cx: float, cy: float, h: int, w: int,
                  k1: float, k2: float, p1: float, p2: float) -> float | str:
@@ -107,11 +124,13 @@ def _focal_scale(fx: float, fy: float, cx: float, cy: float, h: int, w: int,
         """Smallest distance (pixels) of a border sample inside the allowed box (negative:
         outside), and whether the model folds at a border pixel."""
         x, y = (bu - cx) / (fx * s), (bv - cy) / (fy * s)
-        xd, yd = distort_normalized(x, y, d)
-        us, vs = xd * fx + cx, yd * fy + cy
-        m = min(float((us - lo_u).min()), float((hi_u - us).min()), float((vs - lo_v).min()),
-                float((hi_v - vs).min()))
-        return m, bool((_jacobian_det(x, y, d) <= 0.0).any())
+        with np.errstate(over="ignore", invalid="ignore"):  # huge coefficients: inf / nan, infeasible below
+            xd, yd = distort_normalized(x, y, d)
+            us, vs = xd * fx + cx, yd * fy + cy
+            # numpy's min keeps a nan (Python's min of floats may drop it, by argument order)
+            m = float(np.concatenate([us - lo_u, hi_u - us, vs - lo_v, hi_v - vs]).min())
+            folds = not bool((_jacobian_det(x, y, d) > 0.0).all())  # nan counts as a fold
+        return (m if math.isfinite(m) else -math.inf), folds
 
     def feasible(s: float) -> bool:
         m, folds = slack(s)
@@ -145,7 +164,9 @@ def _focal_scale(fx: float, fy: float, cx: float, cy: float, h: int, w: int,
     gy = np.linspace(0.0, h - 1.0, min(h, FOLD_GRID))
     gx = np.linspace(0.0, w - 1.0, min(w, FOLD_GRID))
     gv, gu = np.meshgrid(gy, gx, indexing="ij")
-    if (_jacobian_det((gu - cx) / (fx * s), (gv - cy) / (fy * s), d) <= 0.0).any():
+    with np.errstate(over="ignore", invalid="ignore"):
+        det = _jacobian_det((gu - cx) / (fx * s), (gv - cy) / (fy * s), d)
+    if not (det > 0.0).all():  # written so that nan folds too
         return f"lens distortion {coeffs} folds over inside the undistorted view; is the camera model right?"
     return s
 

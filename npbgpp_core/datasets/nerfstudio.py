@@ -59,7 +59,6 @@ import numpy as np
 
 from .common import (
     PC_NAME_OPTIONS,
-    camera_from_opencv,
     check_options,
     check_points,
     json_number,
@@ -67,7 +66,7 @@ from .common import (
     make_splits,
     path_in_root,
 )
-from .distortion import undistorted_camera
+from .distortion import view_cameras
 from .errors import DatasetError
 from .images import has_alpha, image_size_of
 from .nerf_synthetic import opencv_pose, read_transforms_json, resolve_image, transforms_intrinsics
@@ -179,14 +178,11 @@ def _frame_view(root: str, meta: dict, frame: object, k: int, opts: dict) -> tup
         if msize != size:
             raise DatasetError(f"{mask_path}: mask is {msize[1]}x{msize[0]} but its image {image_path} is "
                                f"{size[1]}x{size[0]} ({source} mask_path)")
-    cam = camera_from_opencv(K, R, t, (h0, w0), source)
-    if n != 1:
-        cam = cam.scaled(size)
+    cam, view_cam = view_cameras(K, dist, R, t, (h0, w0), size, source, source)
     alpha = mask_path is None and has_alpha(image_path)
     name = os.path.splitext(key)[0]
     if dist is None:
         return View(name, image_path, mask_path, cam, mask_from_alpha=alpha), key
-    view_cam = undistorted_camera(cam, dist, source)
     return View(name, image_path, mask_path, view_cam, mask_from_alpha=alpha, distortion=dist, source_camera=cam), key
 
 
