@@ -38,14 +38,35 @@ def colour_changes(scene: Any) -> list[str]:
     return found
 
 
+# Formats that store scene-linear values: a view transform does not apply to them.
+LINEAR_FORMATS = ("OPEN_EXR", "OPEN_EXR_MULTILAYER", "HDR")
+
+
+def output_colour_changes(scene: Any) -> list[str]:
+    """What the render output's own colour management (Output Properties > Output > Color
+    Management: Override) changes in the images Blender saves, as :func:`colour_changes`
+    names it; empty when the output follows the scene or its format stores linear values."""
+    image = scene.render.image_settings
+    if getattr(image, "color_management", "FOLLOW_SCENE") != "OVERRIDE" or image.file_format in LINEAR_FORMATS:
+        return []
+    return colour_changes(image)
+
+
 def colour_note(scene: Any) -> str:
-    """For a render: why its image does not show the network's (the photos') colours, else ""."""
+    """For a render: why its image (shown, or saved) does not show the network's (the
+    photos') colours, else ""."""
+    notes = []
     changes = colour_changes(scene)
-    if not changes:
-        return ""
-    return (f"the scene's colour management ({', '.join(changes)}) changes the network's colours: images do not "
-            f"match the photos; for the photos' colours set {UNDO_HINT} to View Transform Standard, Look None, "
-            "Exposure 0, Gamma 1 (Display Device sRGB)")
+    if changes:
+        notes.append(f"the scene's colour management ({', '.join(changes)}) changes the network's colours: images "
+                     f"do not match the photos; for the photos' colours set {UNDO_HINT} to View Transform Standard, "
+                     "Look None, Exposure 0, Gamma 1 (Display Device sRGB)")
+    saved = output_colour_changes(scene)
+    if saved:  # a saved frame (blender -b -f) follows the output's override, not the scene's view
+        notes.append(f"the output's colour management override ({', '.join(saved)}) changes the network's colours "
+                     "in the saved images; for the photos' colours set Output Properties > Output > Color "
+                     "Management to Follow Scene, or the override to View Transform Standard, neutral")
+    return "; ".join(notes)
 
 
 def use_photo_colours(scene: Any) -> str:

@@ -2921,6 +2921,40 @@ def test_import_dataset_sets_photo_colours_and_renders_say_when_they_differ(scen
     assert v.view_transform == "AgX" and out.count(COLOUR_NOTE) == 1
 
 
+def test_an_output_colour_override_is_noted(scene, capfd):
+    """Output Properties > Output > Color Management: Override gives saved images their own
+    view transform: after the import set the scene to Standard, an override to AgX still
+    saved tone-mapped frames (blender -b -f), and the render said nothing. Now it notes the
+    override once per job; an override that is neutral, or a linear format (EXR), says nothing."""
+    from PIL import Image
+
+    sc = scene["scene"]
+    sc.render.film_transparent = False
+    _import_nerf_dataset(scene)
+    plain = _png_rgb(sc, scene["dir"] / "follow.png")
+    image = sc.render.image_settings
+    image.color_management = "OVERRIDE"
+    image.view_settings.view_transform = "AgX"
+    image.view_settings.look = "None"
+    capfd.readouterr()
+    sc.frame_start, sc.frame_end = 1, 2
+    sc.render.filepath = str(scene["dir"] / "agx_")
+    bpy.ops.render.render(animation=True)
+    out = capfd.readouterr().out
+    assert out.count("Info: NPBG++: the output's colour management override (View Transform AgX) changes the "
+                     "network's colours in the saved images") == 1, out
+    saved = np.asarray(Image.open(scene["dir"] / "agx_0001.png")).astype(np.float64)[..., :3]
+    assert np.abs(saved - plain).max() > 10  # what the note is about
+    assert "scene's colour management" not in out  # the scene's own view is neutral
+    image.view_settings.view_transform = "Standard"
+    assert (_png_rgb(sc, scene["dir"] / "neutral.png") == plain).all()
+    image.view_settings.view_transform = "AgX"
+    image.media_type = "MULTI_LAYER_IMAGE"
+    image.color_management = "OVERRIDE"
+    render_exr(sc, str(scene["dir"] / "linear.exr"))
+    assert COLOUR_NOTE not in capfd.readouterr().out
+
+
 def test_colour_changes_names_each_setting(addon):
     """colour_changes / use_photo_colours on a new scene, one setting at a time: each named;
     Raw kept (exact too); the display device named but left (it is the user's monitor)."""
