@@ -297,9 +297,13 @@ class _WorkerStepJob(_ModalJob):
         return self._request(self._step_request)
 
     def _cancel_quietly(self) -> None:
-        """Drop the worker's job (after Esc or a failure); a worker that is gone has none."""
+        """Drop the worker's job (after Esc or a failure); a worker that is gone has none, and
+        an operator that began none (its file browser cancelled: Blender calls cancel()) has
+        no worker."""
         from .worker_client import WorkerError
 
+        if self._worker is None:
+            return
         try:
             self._request(self._cancel_request)
         except (WorkerError, ValueError, OSError):

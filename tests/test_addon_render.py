@@ -2694,6 +2694,14 @@ def test_aggregate_after_the_file_browser_runs_as_the_modal_job(scene):
     assert agg_op.modal(op, bpy.context, SimpleNamespace(type="TIMER")) == {"FINISHED"}
     assert os.path.isfile(out) and sc.npbgpp.bundle == out
     assert bpy.ops.npbgpp.aggregate(filepath=str(scene["dir"] / "script.npbgpp")) == {"FINISHED"}  # a script
+    # The user cancels the file browser instead: Blender calls cancel() on an operator that
+    # began no job (no worker yet); it raised AttributeError on None.request.
+    for job_op in (agg_op, ops_module.NPBGPP_OT_densify, ops_module.NPBGPP_OT_fit):
+        fresh = SimpleNamespace(_worker=None, _generation=None, _job=job_op._job, _timer=None,
+                                _cancel_request=job_op._cancel_request, _cleanup=lambda context: None)
+        for name in ("_request", "_cancel_quietly"):
+            setattr(fresh, name, getattr(job_op, name).__get__(fresh))
+        job_op.cancel(fresh, bpy.context)
 
 
 def test_export_dataset_cancelled_by_blender_leaves_nothing(scene):
