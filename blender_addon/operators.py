@@ -237,6 +237,18 @@ class _ModalJob:
             context.workspace.status_text_set(None)
 
 
+def _end_window_progress(op: Any, context: Any) -> None:
+    """For cancel(): end the timer, progress cursor and status line of ``op``'s modal job
+    when it started one (a file browser cancelled before the job must not end another
+    job's progress)."""
+    if getattr(op, "_timer", None) is None:
+        return
+    try:
+        op._cleanup(context)
+    except Exception:  # noqa: BLE001 - Blender is tearing the window down: nothing to report to
+        pass
+
+
 class Progress(NamedTuple):
     """How far a job is that the add-on counts itself (Aggregate: views sent)."""
 
@@ -335,10 +347,7 @@ class _WorkerStepJob(_ModalJob):
         progress bar and status line (left, they outlived the job)."""
         _release_claim(self)
         self._cancel_quietly()
-        try:
-            self._cleanup(context)
-        except Exception:  # noqa: BLE001 - Blender is tearing the window down: nothing to report to
-            pass
+        _end_window_progress(self, context)
 
     def execute(self, context: Any) -> set[str]:
         """Run to the end (scripts, redo); after the file browser in a window, the cancellable
@@ -797,10 +806,7 @@ class NPBGPP_OT_export_dataset(_ModalJob, bpy.types.Operator):
         if self._steps is not None:
             self._steps.close()
             self._steps = None
-        try:
-            self._cleanup(context)
-        except Exception:  # noqa: BLE001 - Blender is tearing the window down: nothing to report to
-            pass
+        _end_window_progress(self, context)
 
     def modal(self, context: Any, event: Any) -> set[str]:
         if event.type == "ESC":

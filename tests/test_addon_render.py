@@ -2651,6 +2651,7 @@ def test_a_job_finishes_into_the_scene_it_began_in(scene):
     # Blender's cancel: the worker's job, the claim and the window's progress all end.
     op = operator(str(scene["dir"] / "cancelled.npbgpp"))
     assert agg_op._start_job(op, bpy.context) == {"RUNNING_MODAL"}
+    op._timer = "TIMER"  # what _start_modal sets (stubbed here)
     reports.clear()
     agg_op.cancel(op, bpy.context)
     assert reports == [("cleanup",)]
@@ -2698,10 +2699,11 @@ def test_aggregate_after_the_file_browser_runs_as_the_modal_job(scene):
     # began no job (no worker yet); it raised AttributeError on None.request.
     for job_op in (agg_op, ops_module.NPBGPP_OT_densify, ops_module.NPBGPP_OT_fit):
         fresh = SimpleNamespace(_worker=None, _generation=None, _job=job_op._job, _timer=None,
-                                _cancel_request=job_op._cancel_request, _cleanup=lambda context: None)
+                                _cancel_request=job_op._cancel_request, _cleanup=lambda context: calls.append(0))
         for name in ("_request", "_cancel_quietly"):
             setattr(fresh, name, getattr(job_op, name).__get__(fresh))
         job_op.cancel(fresh, bpy.context)
+    assert 0 not in calls  # no job began: another job's progress and status line stay
 
 
 def test_export_dataset_cancelled_by_blender_leaves_nothing(scene):
@@ -2719,7 +2721,7 @@ def test_export_dataset_cancelled_by_blender_leaves_nothing(scene):
     out = scene["dir"] / "export"
     engine, size = sc.render.engine, (sc.render.resolution_x, sc.render.resolution_y)
     calls: list[str] = []
-    op = SimpleNamespace(_cleanup=lambda context: calls.append("cleanup"),
+    op = SimpleNamespace(_cleanup=lambda context: calls.append("cleanup"), _timer="TIMER",
                          _steps=render_views_steps(sc, str(out), views=3, size=(8, 8), samples=1, points=10))
     assert next(op._steps) == (1, 3)
     assert sc.render.engine != engine or (sc.render.resolution_x, sc.render.resolution_y) != size  # mid-export
@@ -2728,6 +2730,9 @@ def test_export_dataset_cancelled_by_blender_leaves_nothing(scene):
     assert not out.exists() and not [p for p in os.listdir(scene["dir"]) if p.startswith("export")]
     assert (sc.render.engine, (sc.render.resolution_x, sc.render.resolution_y)) == (engine, size)
     export_op.cancel(op, bpy.context)  # twice (the generator already closed) is harmless
+    assert calls == ["cleanup", "cleanup"]
+    op._timer = None  # its file browser cancelled: no job began, another job's progress stays
+    export_op.cancel(op, bpy.context)
     assert calls == ["cleanup", "cleanup"]
 
 
