@@ -608,6 +608,28 @@ def test_rotation_check_refuses_huge_entries_without_numpy_warnings(R):
     check_rotation(np.eye(3), "cam 0")
 
 
+def test_camera_matrices_refuse_complex_and_huge_values_quietly():
+    """A complex .npy matrix was cast to float64 dropping its imaginary parts (numpy's
+    ComplexWarning, then loaded); a projection with entries near the float64 limit or a
+    zero one printed numpy's overflow / divide warnings before the refusal (the readers'
+    fuzz on DTU / H3DS cameras). Both now refuse by name, without a warning."""
+    import warnings
+
+    from npbgpp_core.datasets.common import decompose_projection, finite_matrix
+
+    P = np.hstack([np.diag([500.0, 500.0, 1.0]), np.zeros((3, 1))])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(DatasetError, match="world_mat_0: expected a matrix of real numbers, got complex"):
+            finite_matrix(P.astype(np.complex128) * 1j, [(3, 4)], "world_mat_0")
+        for bad in (P * 1e120, np.zeros((3, 4))):
+            with pytest.raises(DatasetError, match="world_mat_0: projection matrix is singular"):
+                decompose_projection(bad, "world_mat_0")
+        K, R, t = decompose_projection(P, "world_mat_0")  # the hand case still decomposes
+    np.testing.assert_allclose(K, np.diag([500.0, 500.0, 1.0]))
+    np.testing.assert_allclose(R, np.eye(3), atol=1e-12)
+
+
 def test_add_on_reads_a_dataset_without_a_cloud_and_only_that(tmp_path):
     """The add-on's Import Dataset (RenderService.read_dataset): a dataset with its cloud
     reads as always; without one, its cameras with no points and the loader's message; a

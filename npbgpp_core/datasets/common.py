@@ -121,9 +121,13 @@ def finite_matrix(m: object, shape_options: Sequence[tuple[int, int]], source: s
     if isinstance(m, str | bytes):
         raise DatasetError(f"{source}: expected a matrix of numbers, got a string")
     try:
-        a = np.asarray(m, dtype=np.float64)
+        complex_values = np.iscomplexobj(m)  # a complex .npy: float64 would drop the imaginary parts with a warning
+        with np.errstate(over="ignore", invalid="ignore"):  # beyond float64: inf / nan, refused below
+            a = np.asarray(m, dtype=np.float64) if not complex_values else None
     except (ValueError, TypeError, OverflowError) as exc:  # ragged rows, strings, objects
         raise DatasetError(f"{source}: expected a matrix of numbers ({type(exc).__name__}: {exc})") from exc
+    if a is None:
+        raise DatasetError(f"{source}: expected a matrix of real numbers, got complex values")
     if a.shape not in [tuple(s) for s in shape_options]:
         shapes = " or ".join(map(str, shape_options))
         raise DatasetError(f"{source}: expected a matrix of shape {shapes}, got {a.shape}")
@@ -202,7 +206,7 @@ def path_in_root(root: str, relative: str, source: str, allow_external: bool = F
 
 def check_rotation(R: np.ndarray, source: str, tol: float = 1e-4) -> None:
     """DatasetError naming ``source`` unless ``R`` is a proper rotation (within ``tol``)."""
-    with np.errstate(over="ignore", invalid="ignore"):  # huge entries: inf / nan, refused below
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # huge entries: inf / nan, refused below
         err, det = float(np.abs(R @ R.T - np.eye(3)).max()), float(np.linalg.det(R))
     if not (err <= tol and abs(det - 1.0) <= tol):  # written so that nan fails too
         raise DatasetError(f"{source}: rotation part is not orthonormal with determinant 1 (scaled or sheared?)")
@@ -214,8 +218,9 @@ def decompose_projection(P: np.ndarray, source: str) -> tuple[np.ndarray, np.nda
     decomposition of the left 3x3 block."""
     P = np.asarray(P, dtype=np.float64)[:3, :4]
     M = P[:, :3]
-    det = np.linalg.det(M)
-    if not np.isfinite(det) or abs(det) < 1e-12 * max(1.0, np.abs(M).max() ** 3):
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # huge entries: refused below
+        det, size = float(np.linalg.det(M)), float(np.abs(M).max() ** 3)  # numpy powers overflow to inf
+    if not (math.isfinite(det) and math.isfinite(size)) or abs(det) < 1e-12 * max(1.0, size):
         raise DatasetError(f"{source}: projection matrix is singular")
     if det < 0:  # P is defined up to scale: choose the sign giving a proper rotation
         P = -P
