@@ -161,17 +161,12 @@ class SceneData:
         return np.stack([v.camera.center().double().numpy() for v in self.views]).mean(axis=0)
 
 
-# Files a command writes into a scene folder on purpose (a dense cloud, a bundle): replacing
-# one of these there is a re-run, not the loss of an input.
-OUTPUT_SUFFIXES = (".ply", ".npbgpp")
-
-
-def scene_input_at(scene: SceneData, path: str | os.PathLike,
-                   outputs: tuple[str, ...] = OUTPUT_SUFFIXES) -> str | None:
+def scene_input_at(scene: SceneData, path: str | os.PathLike, outputs: tuple[str, ...]) -> str | None:
     """The input of ``scene`` that writing ``path`` would replace, else None: its point
     cloud, a photo or mask, a file of its COLMAP model, or any other existing file in its
     folder whose name does not end in one of ``outputs`` (the kind of file the caller writes,
-    which a re-run may replace; camera files such as transforms_train.json never). Commands
+    e.g. ``(".ply",)`` for a dense cloud, which a re-run may replace; camera files such as
+    transforms_train.json never). Commands
     refuse such an output by name (it replaced the user's data without a word)."""
     from ..atomic import holds, same_file
 
