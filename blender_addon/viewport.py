@@ -109,6 +109,16 @@ def region_geometry(region_data: Any, width: int, height: int,
     return viewport_geometry(region_data.window_matrix, region_data.view_matrix, width, height, clip)
 
 
+def header_text(status: str, scene: Any) -> str:
+    """The viewport header's line (without the "NPBG++: " prefix): ``status``, and while the
+    scene's colour management changes the network's colours, which settings do (said on
+    every draw while it holds: the viewport has no job to say it once per)."""
+    changes = colour_changes(scene)
+    if not changes:
+        return status
+    return (f"{status} | " if status else "") + f"Color Management ({', '.join(changes)}) changes the network's colours"
+
+
 class ViewportSession:
     """One viewport's renderer: snapshot on the main thread, render on a thread, draw."""
 
@@ -231,11 +241,7 @@ class ViewportSession:
             job = self.scheduler.request(key, (region.height, region.width))
         if job is not None:
             self.start_job(job, geo.scaled(*job.size), self.snapshot, scene.render.film_transparent)
-        text = self.message or self.status
-        changes = colour_changes(scene)
-        if changes:  # shown while it holds, as the viewport has no job to report once per
-            text = (f"{text} | " if text else "") + (f"{', '.join(changes)} change the network's colours "
-                                                     "(Color Management)")
+        text = header_text(self.message or self.status, scene)
         if text:
             self.engine.update_stats("", f"NPBG++: {text}")
         self._draw_frame(scene, region)

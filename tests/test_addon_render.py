@@ -2994,6 +2994,25 @@ def test_colour_changes_names_each_setting(addon):
         bpy.data.scenes.remove(sc)
 
 
+def test_viewport_header_names_what_changes_the_colours(addon):
+    """The rendered viewport's header line (its draw returns early in background mode, so
+    the text is built apart): the status alone under a neutral view, else the status and
+    the settings that change the network's colours."""
+    from importlib import import_module
+
+    viewport = import_module(f"{MODULE}.viewport")
+    sc = bpy.data.scenes.new("header check")
+    try:
+        sc.view_settings.view_transform, sc.view_settings.exposure = "AgX", 1.0
+        assert viewport.header_text("2 of 4 tiles", sc) == ("2 of 4 tiles | Color Management (View Transform AgX, "
+                                                            "Exposure 1) changes the network's colours")
+        assert viewport.header_text("", sc).startswith("Color Management (View Transform AgX")
+        sc.view_settings.view_transform, sc.view_settings.exposure = "Standard", 0.0
+        assert viewport.header_text("2 of 4 tiles", sc) == "2 of 4 tiles" and viewport.header_text("", sc) == ""
+    finally:
+        bpy.data.scenes.remove(sc)
+
+
 def test_import_bundle_sets_photo_colours(scene, capfd):
     """Import Bundle sets the scene up for neural renders as Import Dataset does: a Filmic
     view with a look becomes Standard, look None, and the info line names what it was; a
