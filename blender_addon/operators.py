@@ -4,6 +4,7 @@ densify a dataset's points; export a dataset of this scene."""
 from __future__ import annotations
 
 import os
+import weakref
 from typing import Any, NamedTuple
 
 import bpy
@@ -720,6 +721,23 @@ class NPBGPP_OT_fit(_WorkerStepJob, bpy.types.Operator):
         self._show_status(context, f"Fit to Photos: step {progress.done} of {progress.total} (Esc to cancel)")
 
 
+# The Export Dataset running in the UI: its step generator, weakly (a job Blender frees without
+# cancel, e.g. on add-on disable, frees the generator and with it the claim). Two at once
+# interleaved their settings changes: the second saved the first's temporary ones (render
+# engine, resolution, samples) as the scene's own and restored those at its end.
+_exporting: Any = None  # weakref.ref to the generator, or None
+
+
+def _export_running() -> bool:
+    steps = _exporting() if _exporting is not None else None
+    return steps is not None and steps.gi_frame is not None  # a finished or closed job blocks nothing
+
+
+def _claim_export(steps: Any) -> None:
+    global _exporting
+    _exporting = weakref.ref(steps)
+
+
 class NPBGPP_OT_export_dataset(_ModalJob, bpy.types.Operator):
     """Render views of this scene into a NeRF-Synthetic style dataset folder (images, cameras, points)"""
 
@@ -774,6 +792,10 @@ class NPBGPP_OT_export_dataset(_ModalJob, bpy.types.Operator):
         if not self.directory:
             self.report({"ERROR"}, "Choose an output folder for the dataset.")
             return {"CANCELLED"}
+        if _export_running():
+            self.report({"ERROR"}, "Export Dataset is already running (progress in the status bar): wait for it, or "
+                                   "press Esc to cancel it, then export again.")
+            return {"CANCELLED"}
         held = self._held_file(context, bpy.path.abspath(self.directory))
         if held:
             self.report({"ERROR"}, f"Export Dataset: the output folder {bpy.path.abspath(self.directory)} holds "
@@ -789,6 +811,7 @@ class NPBGPP_OT_export_dataset(_ModalJob, bpy.types.Operator):
             context.scene, bpy.path.abspath(self.directory), views=self.views, size=(self.height, self.width),
             samples=self.samples, points=self.points, overwrite=self.overwrite,
         )
+        _claim_export(self._steps)
         if context.window is None or bpy.app.background:
             while True:
                 state = self._advance(context)
@@ -874,3 +897,5 @@ def unregister() -> None:
     bpy.types.TOPBAR_MT_file_export.remove(menu_export)
     _unregister_classes()
     _RUNNING.clear()  # Blender frees running modal operators of unregistered classes without cancel()
+    global _exporting
+    _exporting = None

@@ -2736,6 +2736,40 @@ def test_export_dataset_cancelled_by_blender_leaves_nothing(scene):
     assert calls == ["cleanup", "cleanup"]
 
 
+def test_a_second_export_while_one_runs_is_refused(scene):
+    """Two Export Dataset jobs at once interleaved their settings changes: the second saved
+    the first's temporary render settings and camera as the scene's and restored those at
+    its end (an EEVEE scene left on Cycles at 8x8 pixels, checked by hand). The second
+    is now refused by name while the first runs; once it ends (or is dropped) exports start."""
+    import gc
+
+    from blender_addon.datagen.render import render_views_steps
+
+    sc = scene["scene"]
+    bpy.ops.mesh.primitive_cube_add(size=1.0)
+    ops_module = sys.modules[f"{MODULE}.operators"]
+    before = (sc.render.engine, sc.render.resolution_x, sc.render.resolution_y, sc.camera)
+    first = render_views_steps(sc, str(scene["dir"] / "first"), views=3, size=(8, 8), samples=1, points=10)
+    ops_module._claim_export(first)
+    assert next(first) == (1, 3)  # running: the scene holds its temporary settings
+    with pytest.raises(RuntimeError, match="Export Dataset is already running"):
+        bpy.ops.npbgpp.export_dataset(directory=str(scene["dir"] / "second"), views=2, width=8, height=8,
+                                      samples=1, points=10)
+    assert not (scene["dir"] / "second").exists()
+    assert list(first) == [(2, 3), (3, 3)]  # the first finishes as if alone
+    assert (sc.render.engine, sc.render.resolution_x, sc.render.resolution_y, sc.camera) == before
+    assert bpy.ops.npbgpp.export_dataset(directory=str(scene["dir"] / "second"), views=2, width=8, height=8,
+                                         samples=1, points=10) == {"FINISHED"}
+    assert (sc.render.engine, sc.render.resolution_x, sc.render.resolution_y, sc.camera) == before
+    dropped = render_views_steps(sc, str(scene["dir"] / "dropped"), views=3, size=(8, 8), samples=1, points=10)
+    ops_module._claim_export(dropped)
+    next(dropped)
+    del dropped  # Blender freed the operator holding it (add-on disable): its claim goes with it
+    gc.collect()
+    assert not ops_module._export_running()
+    assert (sc.render.engine, sc.render.resolution_x, sc.render.resolution_y, sc.camera) == before
+
+
 def test_outputs_never_replace_the_jobs_inputs(scene):
     """An output path typed onto a file the job reads was accepted: Aggregate with Bundle =
     the dataset's transforms_train.json wrote the bundle over it (the dataset destroyed),
