@@ -3002,9 +3002,10 @@ def test_an_output_colour_override_is_noted(scene, capfd):
     assert COLOUR_NOTE not in capfd.readouterr().out
 
 
-def test_colour_changes_names_each_setting(addon):
+def test_colour_changes_names_each_setting(addon, tmp_path):
     """colour_changes / use_photo_colours on a new scene, one setting at a time: each named;
-    Raw kept (exact too); the display device named but left (it is the user's monitor)."""
+    Raw kept (exact too); the display device left (it is the user's monitor), noted only for
+    saved 8-bit files, whose values it changes (checked with Blender's own save_render)."""
     from importlib import import_module
 
     colour = import_module(f"{MODULE}.colour")
@@ -3021,9 +3022,35 @@ def test_colour_changes_names_each_setting(addon):
         assert "Look Medium High Contrast" in colour.use_photo_colours(sc)
         assert (v.look, v.use_curve_mapping, v.view_transform) == ("None", False, "Standard")
         sc.display_settings.display_device = "Display P3"
-        assert colour.colour_changes(sc) == ["Display Device Display P3"]
-        assert "Display Device Display P3" in colour.colour_note(sc)
+        assert colour.colour_changes(sc) == []  # the screen maps linear values to the monitor correctly
+        sc.render.image_settings.file_format = "PNG"
+        assert "Display Device Display P3 encodes saved 8-bit images" in colour.colour_note(sc)
         assert colour.use_photo_colours(sc) == "" and sc.display_settings.display_device == "Display P3"
+        sc.render.dither_intensity = 0.0
+        img = bpy.data.images.new("display check", 2, 1, float_buffer=True)
+        img.pixels.foreach_set(np.array([0.8, 0.1, 0.05, 1, 0.1, 0.7, 0.1, 1], np.float32))
+        saved = {}
+        for device in ("Display P3", "sRGB"):  # what the note is about: the saved values move
+            sc.display_settings.display_device = device
+            path = str(tmp_path / f"{device}.png")
+            img.save_render(path, scene=sc)
+            loaded = bpy.data.images.load(path)
+            saved[device] = np.round(np.array(loaded.pixels[:]).reshape(-1, 4)[:, :3] * 255)
+            bpy.data.images.remove(loaded)
+        bpy.data.images.remove(img)
+        assert np.abs(saved["Display P3"] - saved["sRGB"]).max() > 10
+        assert colour.colour_note(sc) == ""  # sRGB again
+        sc.display_settings.display_device = "Display P3"
+        sc.render.image_settings.file_format = "OPEN_EXR"  # stores the linear values: nothing to note
+        assert colour.colour_note(sc) == ""
+        sc.render.image_settings.file_format = "PNG"
+        image = sc.render.image_settings
+        image.color_management = "OVERRIDE"  # the override's own device decides
+        image.view_settings.view_transform = "Standard"
+        image.display_settings.display_device = "sRGB"
+        assert colour.colour_note(sc) == ""
+        image.display_settings.display_device = "Display P3"
+        assert colour.output_colour_changes(sc) == ["Display Device Display P3"]
     finally:
         bpy.data.scenes.remove(sc)
 
@@ -3043,6 +3070,8 @@ def test_viewport_header_names_what_changes_the_colours(addon):
         assert viewport.header_text("", sc).startswith("Color Management (View Transform AgX")
         sc.view_settings.view_transform, sc.view_settings.exposure = "Standard", 0.0
         assert viewport.header_text("2 of 4 tiles", sc) == "2 of 4 tiles" and viewport.header_text("", sc) == ""
+        sc.display_settings.display_device = "Display P3"  # Blender maps the engine's values to the monitor
+        assert viewport.header_text("2 of 4 tiles", sc) == "2 of 4 tiles"
     finally:
         bpy.data.scenes.remove(sc)
 
