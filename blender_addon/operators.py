@@ -136,7 +136,7 @@ def ask_for_output(op: Any, context: Any, dataset: str, suffix: str) -> bool:
     if op.filepath or bpy.data.filepath:
         return False
     op.filepath = _output_name(dataset, suffix)
-    op._from_browser = True  # its execute() then starts the modal job, as invoke would have
+    op._asked = True  # its execute() then starts the modal job, as invoke would have
     context.window_manager.fileselect_add(op)
     return True
 
@@ -297,7 +297,7 @@ class _WorkerStepJob(_ModalJob):
     _worker: Any = None
     _generation: int | None = None  # the worker process the job began in (worker_reply)
     _scene_key: tuple[int, str, str] | None = None  # the scene the modal job began in (job_scene)
-    _from_browser = False  # invoke opened the file browser for the output path (ask_for_output)
+    _asked = False  # invoke opened the file browser (ask_for_output) or the options dialog (_ask_options)
     _out: str = ""
     _timeout: float = 0.0
 
@@ -351,13 +351,13 @@ class _WorkerStepJob(_ModalJob):
         _end_window_progress(self, context)
 
     def execute(self, context: Any) -> set[str]:
-        """Run to the end (scripts, redo); after the file browser in a window, the cancellable
-        modal job as from invoke (run to the end there, Aggregate or Densify of an unsaved
-        .blend froze Blender for the whole job: no progress, no Esc)."""
+        """Run to the end (scripts); after the file browser or the options dialog in a window,
+        the cancellable modal job as from invoke (run to the end there, Aggregate or Densify of
+        an unsaved .blend froze Blender for the whole job: no progress, no Esc)."""
         from .worker_client import WorkerError
 
-        if getattr(self, "_from_browser", False):
-            self._from_browser = False
+        if getattr(self, "_asked", False):
+            self._asked = False
             if context.window is not None:
                 return self._start_job(context)
         if self._already_running():
@@ -380,7 +380,18 @@ class _WorkerStepJob(_ModalJob):
         return self._finish(context)
 
     def invoke(self, context: Any, event: Any) -> set[str]:
-        return self._start_job(context)
+        return self._ask_options(context)
+
+    def _ask_options(self, context: Any) -> set[str]:
+        """In a window: the options (output path, Max Points, Steps ...) in a dialog whose OK
+        starts the job (execute, as after the file browser). These jobs leave 'REGISTER' out
+        of bl_options, so they have no Adjust Last Operation panel: its redo reran the whole
+        job in execute, freezing Blender for minutes and writing the files again; the dialog
+        is where the options are set instead."""
+        if context.window is None:
+            return self._start_job(context)
+        self._asked = True
+        return context.window_manager.invoke_props_dialog(self, confirm_text=self.bl_label)
 
     def _start_job(self, context: Any) -> set[str]:
         """Begin, then step on timer ticks (:meth:`modal`)."""
@@ -463,7 +474,7 @@ class NPBGPP_OT_aggregate(_WorkerStepJob, bpy.types.Operator):
 
     bl_idname = "npbgpp.aggregate"
     bl_label = "Aggregate Descriptors"
-    bl_options = {"REGISTER", "UNDO"}  # it sets the scene's bundle: Ctrl+Z must undo that step alone
+    bl_options = {"UNDO"}  # it sets the scene's bundle: Ctrl+Z must undo that step alone; no redo (_ask_options)
     filepath: StringProperty(  # type: ignore[valid-type]
         name="Bundle", subtype="FILE_PATH", default="",
         description="Bundle file to write; empty: <dataset name>.npbgpp next to the saved .blend",
@@ -559,7 +570,7 @@ class NPBGPP_OT_aggregate(_WorkerStepJob, bpy.types.Operator):
             return {"CANCELLED"}
         if ask_for_output(self, context, inputs[2], ".npbgpp"):  # ask where the bundle goes
             return {"RUNNING_MODAL"}
-        return self._start_job(context)
+        return self._ask_options(context)
 
     def _status(self, context: Any, progress: Any) -> None:
         self._show_status(context, f"Aggregate: view {progress.done} of {progress.total} (Esc to cancel)")
@@ -570,7 +581,7 @@ class NPBGPP_OT_densify(_WorkerStepJob, bpy.types.Operator):
 
     bl_idname = "npbgpp.densify"
     bl_label = "Densify Points"
-    bl_options = {"REGISTER", "UNDO"}
+    bl_options = {"UNDO"}  # it sets the point object: Ctrl+Z undoes that step; no redo (_ask_options)
     filepath: StringProperty(  # type: ignore[valid-type]
         name="Output PLY", subtype="FILE_PATH", default="",
         description="Where the cloud is saved; empty: <dataset name>_dense.ply next to the saved .blend (never "
@@ -642,7 +653,7 @@ class NPBGPP_OT_densify(_WorkerStepJob, bpy.types.Operator):
         dataset = resolved(s, s.dataset_path)
         if dataset and ask_for_output(self, context, dataset, "_dense.ply"):  # ask where the cloud goes
             return {"RUNNING_MODAL"}
-        return self._start_job(context)
+        return self._ask_options(context)
 
     def _status(self, context: Any, progress: Any) -> None:
         self._show_status(context, f"Densify: {progress.stage} {progress.done}/{progress.total} steps (Esc to cancel)")
@@ -654,7 +665,7 @@ class NPBGPP_OT_fit(_WorkerStepJob, bpy.types.Operator):
 
     bl_idname = "npbgpp.fit"
     bl_label = "Fit to Photos"
-    bl_options = {"REGISTER", "UNDO"}  # it sets the scene's bundle: Ctrl+Z must undo that step alone
+    bl_options = {"UNDO"}  # it sets the scene's bundle: Ctrl+Z must undo that step alone; no redo (_ask_options)
     filepath: StringProperty(  # type: ignore[valid-type]
         name="Fitted Bundle", subtype="FILE_PATH", default="",
         description="Fitted bundle file to write; empty: <bundle name>_fitted.npbgpp next to the bundle",

@@ -773,6 +773,40 @@ def test_operators_that_change_the_scene_are_undo_steps(addon):
     assert [name for name in changes_scene if "UNDO" not in getattr(bpy.types, name).bl_options] == []
 
 
+def test_job_operators_have_no_redo_and_ask_their_options_first(addon):
+    """Aggregate, Densify Points and Fit to Photos run for minutes and write files: Blender's
+    Adjust Last Operation panel (shown for REGISTER + UNDO operators) reran the whole job in
+    execute, freezing Blender. Their registered flags (as bpy.ops reads them from Blender) keep
+    UNDO and leave REGISTER out; in a window invoke shows the options in a dialog whose OK
+    (execute) starts the modal job, and without a window it starts the job at once."""
+    from types import SimpleNamespace
+
+    ops = sys.modules[f"{MODULE}.operators"]
+    for name in ("aggregate", "densify", "fit"):
+        assert getattr(bpy.ops.npbgpp, name).bl_options == {"UNDO"}, name
+    calls: list[tuple] = []
+
+    def job(cls: type) -> SimpleNamespace:  # the operator's Python side (Blender makes the real one)
+        op = SimpleNamespace(bl_label=cls.bl_label, _asked=False,
+                             _start_job=lambda context: calls.append(("job", op._asked)) or {"RUNNING_MODAL"})
+        op._ask_options = ops._WorkerStepJob._ask_options.__get__(op)
+        return op
+
+    def dialog(operator: object, confirm_text: str = "") -> set[str]:
+        calls.append(("dialog", confirm_text))
+        return {"RUNNING_MODAL"}
+
+    window = SimpleNamespace(window=object(), window_manager=SimpleNamespace(invoke_props_dialog=dialog))
+    op = job(ops.NPBGPP_OT_fit)
+    assert ops.NPBGPP_OT_fit.invoke(op, window, None) == {"RUNNING_MODAL"}
+    assert calls == [("dialog", "Fit to Photos")] and op._asked  # nothing started before OK
+    assert ops.NPBGPP_OT_fit.execute(op, window) == {"RUNNING_MODAL"}  # OK: the modal job, not a run to the end
+    assert calls[1:] == [("job", False)] and not op._asked
+    calls.clear()
+    assert ops.NPBGPP_OT_fit.invoke(job(ops.NPBGPP_OT_fit), SimpleNamespace(window=None), None) == {"RUNNING_MODAL"}
+    assert calls == [("job", False)]
+
+
 def test_register_unregister_twice_leaves_no_residue(addon):
     import addon_utils
 
