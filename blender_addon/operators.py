@@ -904,9 +904,33 @@ def register() -> None:
     bpy.types.TOPBAR_MT_file_export.append(menu_export)
 
 
+def end_running_jobs(windows: Any, context: Any) -> int:
+    """End this add-on's modal jobs in ``windows`` the way cancel() does (the worker's job
+    dropped, the export's scene settings restored and partial output removed, the timer,
+    progress cursor and status line gone); returns how many. For unregister(): Blender
+    then frees modal operators of unregistered classes without calling cancel() (their
+    timer kept firing and the progress cursor stayed). Each window's modal_operators lists
+    only live operators, so none is touched after Blender freed it; Blender gives an
+    operator's own Python instance (wmOperator.py_instance), hence the isinstance check."""
+    ended = 0
+    for window in windows:
+        for op in list(window.modal_operators):
+            if not isinstance(op, _ModalJob):
+                continue
+            try:
+                with context.temp_override(window=window):
+                    op.cancel(context)
+            except Exception:  # noqa: BLE001 - disabling must go on; the next job's claim check copes
+                pass
+            ended += 1
+    return ended
+
+
 def unregister() -> None:
     bpy.types.TOPBAR_MT_file_export.remove(menu_export)
+    wm = bpy.context.window_manager
+    end_running_jobs(wm.windows if wm is not None else (), bpy.context)
     _unregister_classes()
-    _RUNNING.clear()  # Blender frees running modal operators of unregistered classes without cancel()
+    _RUNNING.clear()  # a job end_running_jobs could not end (Blender frees it without cancel())
     global _exporting
     _exporting = None

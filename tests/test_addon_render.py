@@ -807,6 +807,47 @@ def test_job_operators_have_no_redo_and_ask_their_options_first(addon):
     assert calls == [("job", False)]
 
 
+def test_unregister_ends_running_jobs_as_cancel_does(addon):
+    """Disabling the add-on while a job runs: Blender frees modal operators of unregistered
+    classes without cancel(), leaving the job's timer (firing for ever), progress cursor, status
+    line and worker job behind. unregister() first ends each of its jobs listed in a window's
+    modal_operators through its cancel(): here a worker step job holding a real window-manager
+    timer and the running-job claim, next to another add-on's modal operator (left alone) and a
+    job whose cancel raises (disabling goes on). (bpy without a window runs no modal operator,
+    so the windows are stand-ins; the timer and window manager are Blender's.)"""
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    ops = sys.modules[f"{MODULE}.operators"]
+    wm = bpy.context.window_manager
+
+    class Job(ops._WorkerStepJob):
+        _job = "Aggregate Descriptors"
+
+    class Broken(ops._WorkerStepJob):
+        def cancel(self, context: object) -> None:
+            raise RuntimeError("window gone")
+
+    job = Job()
+    job._timer = wm.event_timer_add(10.0)
+    wm.progress_begin(0, 10)
+    ops._RUNNING[job._job] = (job, None, None)
+    other = SimpleNamespace(bl_idname="OTHER_OT_modal", cancel=lambda context: pytest.fail("not ours"))
+    windows = [SimpleNamespace(modal_operators=[other, Broken()]), SimpleNamespace(modal_operators=[job])]
+    overrides: list[object] = []
+    context = SimpleNamespace(window_manager=wm, workspace=None,
+                              temp_override=lambda window: overrides.append(window) or nullcontext())
+    try:
+        assert ops.end_running_jobs(windows, context) == 2
+        assert job._timer is None and job._job not in ops._RUNNING  # timer removed, claim released
+        assert overrides == windows  # each cancel ran in its own window
+        assert ops.end_running_jobs([SimpleNamespace(modal_operators=[other])], context) == 0
+    finally:
+        ops._RUNNING.pop(job._job, None)
+        if job._timer is not None:
+            wm.event_timer_remove(job._timer)
+
+
 def test_register_unregister_twice_leaves_no_residue(addon):
     import addon_utils
 
