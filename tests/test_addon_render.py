@@ -2484,6 +2484,26 @@ def test_paths_of_a_linked_scene_are_relative_to_its_library(scene):
         assert os.path.normpath(blend_paths.resolved(owner, blend_paths.stored(owner, written))) == written
 
 
+def _aggregate_stand_in(agg_op, out: str, **overrides):
+    """The Python side of an Aggregate Descriptors operator writing ``out`` (Blender makes the
+    real one, which a test without a window cannot): the class's job methods bound to a
+    namespace whose window-side hooks (report, cleanup, status line, modal start) do nothing
+    unless ``overrides`` replace them."""
+    from types import SimpleNamespace
+
+    op = SimpleNamespace(filepath=out, max_points=0, report=lambda kind, text: None, _cleanup=lambda context: None,
+                         _status=lambda context, p: None, _start_modal=lambda context, total: None,
+                         _worker=None, _generation=None)
+    for name, value in overrides.items():
+        setattr(op, name, value)
+    for name in ("_job", "_cancel_request", "_cancel_note"):
+        setattr(op, name, getattr(agg_op, name))
+    for name in ("_inputs", "_begin", "_step", "_progress", "_finish", "_request", "_cancel_quietly",
+                 "_already_running", "_drop_after_error"):
+        setattr(op, name, getattr(agg_op, name).__get__(op))
+    return op
+
+
 def test_aggregate_modal_path_steps_views_saves_and_esc_writes_nothing(scene):
     """Aggregate in the UI (the worker step-job plumbing it shares with Densify Points and
     Fit to Photos): each timer tick aggregates one view with its status line, the tick of
@@ -2504,15 +2524,10 @@ def test_aggregate_modal_path_steps_views_saves_and_esc_writes_nothing(scene):
     agg_op = sys.modules[f"{MODULE}.operators"].NPBGPP_OT_aggregate
     reports: list[tuple] = []
 
-    def operator(out: str) -> SimpleNamespace:  # the operator's Python side (Blender makes the real one)
-        op = SimpleNamespace(filepath=out, max_points=0, report=lambda kind, text: reports.append((kind, text)),
-                             _cleanup=lambda context: reports.append(("cleanup",)),
-                             _status=lambda context, p: reports.append(("status", p.done, p.total)))
-        for name in ("_job", "_cancel_request", "_cancel_note"):
-            setattr(op, name, getattr(agg_op, name))
-        for name in ("_inputs", "_begin", "_step", "_progress", "_finish", "_request", "_cancel_quietly"):
-            setattr(op, name, getattr(agg_op, name).__get__(op))
-        return op
+    def operator(out: str) -> SimpleNamespace:
+        return _aggregate_stand_in(agg_op, out, report=lambda kind, text: reports.append((kind, text)),
+                                   _cleanup=lambda context: reports.append(("cleanup",)),
+                                   _status=lambda context, p: reports.append(("status", p.done, p.total)))
 
     tick, esc = SimpleNamespace(type="TIMER"), SimpleNamespace(type="ESC")
     out = str(scene["dir"] / "modal.npbgpp")
@@ -2577,17 +2592,8 @@ def test_a_second_run_while_a_job_runs_is_refused(scene):
     agg_op = sys.modules[f"{MODULE}.operators"].NPBGPP_OT_aggregate
     reports: list[tuple] = []
 
-    def operator(out: str) -> SimpleNamespace:  # the operator's Python side (Blender makes the real one)
-        op = SimpleNamespace(filepath=out, max_points=0, report=lambda kind, text: reports.append((kind, text)),
-                             _cleanup=lambda context: None, _status=lambda context, p: None,
-                             _start_modal=lambda context, total: None, _worker=None, _generation=None)
-        for name in ("_job", "_cancel_request", "_cancel_note"):
-            setattr(op, name, getattr(agg_op, name))
-        for name in ("_inputs", "_begin", "_step", "_progress", "_finish", "_request", "_cancel_quietly",
-                     "_already_running"):
-            if hasattr(agg_op, name):
-                setattr(op, name, getattr(agg_op, name).__get__(op))
-        return op
+    def operator(out: str) -> SimpleNamespace:
+        return _aggregate_stand_in(agg_op, out, report=lambda kind, text: reports.append((kind, text)))
 
     tick = SimpleNamespace(type="TIMER")
     first, second = str(scene["dir"] / "first.npbgpp"), str(scene["dir"] / "second.npbgpp")
@@ -2630,17 +2636,8 @@ def test_a_jobs_claim_ends_with_the_job_however_it_ends(scene):
     agg_op = ops_module.NPBGPP_OT_aggregate
     hub = sys.modules[f"{MODULE}.worker_client"].HUB
 
-    def operator(out: str) -> SimpleNamespace:  # the operator's Python side (Blender makes the real one)
-        op = SimpleNamespace(filepath=out, max_points=0, report=lambda kind, text: None,
-                             _cleanup=lambda context: None, _status=lambda context, p: None,
-                             _start_modal=lambda context, total: None, _worker=None, _generation=None)
-        for name in ("_job", "_cancel_request", "_cancel_note"):
-            setattr(op, name, getattr(agg_op, name))
-        for name in ("_inputs", "_begin", "_step", "_progress", "_finish", "_request", "_cancel_quietly",
-                     "_already_running", "_drop_after_error"):
-            if hasattr(agg_op, name):
-                setattr(op, name, getattr(agg_op, name).__get__(op))
-        return op
+    def operator(out: str) -> SimpleNamespace:
+        return _aggregate_stand_in(agg_op, out)
 
     def broken_status(context, progress):
         raise RuntimeError("a bug in the status line")
@@ -2684,16 +2681,9 @@ def test_a_job_finishes_into_the_scene_it_began_in(scene):
     agg_op = sys.modules[f"{MODULE}.operators"].NPBGPP_OT_aggregate
     reports: list[tuple] = []
 
-    def operator(out: str) -> SimpleNamespace:  # the operator's Python side (Blender makes the real one)
-        op = SimpleNamespace(filepath=out, max_points=0, report=lambda kind, text: reports.append((kind, text)),
-                             _cleanup=lambda context: reports.append(("cleanup",)), _status=lambda context, p: None,
-                             _start_modal=lambda context, total: None, _worker=None, _generation=None)
-        for name in ("_job", "_cancel_request", "_cancel_note"):
-            setattr(op, name, getattr(agg_op, name))
-        for name in ("_inputs", "_begin", "_step", "_progress", "_finish", "_request", "_cancel_quietly",
-                     "_already_running", "_drop_after_error"):
-            setattr(op, name, getattr(agg_op, name).__get__(op))
-        return op
+    def operator(out: str) -> SimpleNamespace:
+        return _aggregate_stand_in(agg_op, out, report=lambda kind, text: reports.append((kind, text)),
+                                   _cleanup=lambda context: reports.append(("cleanup",)))
 
     def shown(other):  # the user switched the window to ``other``
         return bpy.context.temp_override(scene=other, view_layer=other.view_layers[0], collection=other.collection)
