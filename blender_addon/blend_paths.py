@@ -12,6 +12,8 @@ import os
 
 import bpy
 
+from .app_handlers import add_handlers, remove_handlers
+
 PATH_SETTINGS = ("bundle", "weights", "dataset_path", "dataset_points")
 _before_copy: list[tuple[str, str, str]] = []  # (scene, setting, value) before a save rebased it
 
@@ -115,19 +117,8 @@ HANDLERS = (("save_pre", rebase_on_save), ("save_post", restore_after_copy), ("s
 
 
 def register() -> None:
-    for kind, fn in HANDLERS:
-        handlers = getattr(bpy.app.handlers, kind, None)  # save_post_fail: Blender 4.3 on
-        if handlers is None:
-            continue
-        # a register() that failed part-way leaves its persistent handlers: drop them first
-        for old in [h for h in handlers if (getattr(h, "__module__", None), getattr(h, "__name__", None))
-                    == (fn.__module__, fn.__name__)]:
-            handlers.remove(old)
-        handlers.append(fn)
+    add_handlers(HANDLERS)  # save_post_fail: Blender 4.3 on (skipped before)
 
 
 def unregister() -> None:
-    for kind, fn in HANDLERS:
-        handlers = getattr(bpy.app.handlers, kind, [])
-        if fn in handlers:
-            handlers.remove(fn)
+    remove_handlers(HANDLERS)

@@ -8,6 +8,7 @@ import numpy as np
 from npbgpp_core.protocol import DEPTH
 
 from . import frames
+from .app_handlers import add_handlers, remove_handlers
 from .camera_bridge import CameraGeometry, clipped_away, scene_camera_geometry
 from .colour import colour_note
 from .render_job import render_frame
@@ -238,20 +239,11 @@ def register() -> None:
         if NPBGPPRenderEngine.bl_idname not in panel.COMPAT_ENGINES:
             panel.COMPAT_ENGINES.add(NPBGPPRenderEngine.bl_idname)
             _tagged_panels.append(panel)
-    for kind in JOB_HANDLERS:
-        handlers = getattr(bpy.app.handlers, kind)
-        # a register() that failed part-way leaves its persistent handler: drop it first
-        for old in [h for h in handlers if (getattr(h, "__module__", None), getattr(h, "__name__", None))
-                    == (_render_job_edge.__module__, _render_job_edge.__name__)]:
-            handlers.remove(old)
-        handlers.append(_render_job_edge)
+    add_handlers((kind, _render_job_edge) for kind in JOB_HANDLERS)
 
 
 def unregister() -> None:
-    for kind in JOB_HANDLERS:
-        handlers = getattr(bpy.app.handlers, kind)
-        if _render_job_edge in handlers:
-            handlers.remove(_render_job_edge)
+    remove_handlers((kind, _render_job_edge) for kind in JOB_HANDLERS)
     while _tagged_panels:
         _tagged_panels.pop().COMPAT_ENGINES.discard(NPBGPPRenderEngine.bl_idname)
     for cls in reversed(CLASSES):
