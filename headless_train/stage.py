@@ -166,28 +166,32 @@ def start_weights_config(args: argparse.Namespace) -> dict[str, Any]:
         raise StageError(f"--weights {path}: {exc}") from None
 
 
+def _continued_setting(given: str | None, resumed: dict[str, Any] | None, start: dict[str, Any] | None,
+                       key: str, default: str) -> str:
+    """A stored network setting the call trains with: the option when ``given``, else the
+    resumed checkpoint's (``resumed``: its metadata), else the starting weights' (``start``:
+    their config); ``default`` for files written before the setting existed."""
+    if given:
+        return given
+    config = resumed.get("config", {}) if resumed is not None else (start or {})
+    return str(config.get(key, default))
+
+
 def stage_background(args: argparse.Namespace, resumed: dict[str, Any] | None,
-                     start: dict[str, Any] | None = None) -> str:
-    """``--background``, or when not given the one the run continues with: the resumed
-    checkpoint's (``resumed``: its metadata) or the starting weights' (``start``: their
-    config; 'none' for files without it). Weights without a background start an
-    'environment' run with zero projections."""
-    if args.background:
-        return args.background
-    if resumed is not None:
-        return str(resumed.get("config", {}).get("background", "none"))
-    return str((start if start is not None else start_weights_config(args)).get("background", "none"))
+                     start: dict[str, Any] | None) -> str:
+    """``--background``, or the one the run continues with (:func:`_continued_setting`;
+    'none' for files without it). Weights without a background start an 'environment' run
+    with zero projections."""
+    return _continued_setting(args.background, resumed, start, "background", "none")
 
 
 def stage_input_canvas(args: argparse.Namespace, resumed: dict[str, Any] | None,
                        start: dict[str, Any] | None) -> str:
-    """``--input-canvas``, or when not given the run's own (resumed) or the starting
-    weights' canvas: a fixed default of 'square' trained the bundled 'bounds' network with
-    another canvas, so its first call changed the network (a warning in train.log only)."""
-    if args.input_canvas:
-        return args.input_canvas
-    config = resumed.get("config", {}) if resumed is not None else (start or {})
-    return str(config.get("input_canvas", "square"))
+    """``--input-canvas``, or the run's own or the starting weights' canvas
+    (:func:`_continued_setting`): a fixed default of 'square' trained the bundled 'bounds'
+    network with another canvas, so its first call changed the network (a warning in
+    train.log only)."""
+    return _continued_setting(args.input_canvas, resumed, start, "input_canvas", "square")
 
 
 def stage_world_up(text: str) -> list[float]:

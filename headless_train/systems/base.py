@@ -41,6 +41,7 @@ def point_cloud_name(scene) -> str | None:
         return os.path.abspath(path)
     return os.path.abspath(path) if rel.startswith(os.pardir) else rel.replace(os.sep, "/")
 
+
 def check_vgg_weights(lcfg: dict) -> None:
     """Refuse a ``loss.vgg_weights`` that is no file, naming the option: the core loader's
     'weights file: file not found' did not say which setting gave the path."""
