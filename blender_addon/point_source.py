@@ -54,9 +54,10 @@ def object_points(obj: Any, world: bool = True) -> tuple[np.ndarray, np.ndarray 
     """(N, 3) float32 positions (world space when ``world``) and (N, 3) display-sRGB
     colours (or None when some part of its geometry has none) of an evaluated mesh or
     point cloud object (every part of its :func:`point_components`)."""
-    pts = object_positions(obj, world)
+    components = point_components(obj)  # once: each call evaluates the object's geometry set
+    pts = _positions(obj, components, world)
     colors = []
-    for data in point_components(obj):
+    for data in components:
         n = _count(data)
         attr = _color_attribute(data)
         if attr is None:
@@ -71,8 +72,13 @@ def object_points(obj: Any, world: bool = True) -> tuple[np.ndarray, np.ndarray 
 def object_positions(obj: Any, world: bool = True) -> np.ndarray:
     """(N, 3) float32 positions (world space when ``world``) of an evaluated mesh or point
     cloud object (every part of its :func:`point_components`), without its colours."""
+    return _positions(obj, point_components(obj), world)
+
+
+def _positions(obj: Any, components: list[Any], world: bool) -> np.ndarray:
+    """The positions of ``obj``'s point ``components``, in world space when ``world``."""
     parts = []
-    for data in point_components(obj):
+    for data in components:
         n = _count(data)
         part = np.empty(n * 3, dtype=np.float32)
         if n:
