@@ -20,6 +20,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class PointCloud:
     """Points ``(N, 3)`` float32, optional colours ``(N, 3)`` float32 in [0, 1] and
