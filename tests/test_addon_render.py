@@ -2484,6 +2484,24 @@ def test_paths_of_a_linked_scene_are_relative_to_its_library(scene):
         assert os.path.normpath(blend_paths.resolved(owner, blend_paths.stored(owner, written))) == written
 
 
+def _dataset_to_aggregate(scene, folder: str, second_camera: bool = False):
+    """The fixture's points written as a NeRF-Synthetic dataset ``folder`` seen by its
+    camera (and a second one 2, -3.5, 1 away with ``second_camera``), imported, Weights
+    cleared (the bundled network): what the Aggregate job tests start from. The scene."""
+    sc, cam = scene["scene"], scene["camera"]
+    cameras = [cam]
+    if second_camera:
+        cam2 = cam.copy()
+        sc.collection.objects.link(cam2)
+        cam2.location = (2.0, -3.5, 1.0)
+        bpy.context.view_layer.update()
+        cameras.append(cam2)
+    _write_nerf_dataset(scene["dir"] / folder, cameras, scene["points"], scene["colors"])
+    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(scene["dir"] / folder)) == {"FINISHED"}
+    sc.npbgpp.weights = ""
+    return sc
+
+
 def _aggregate_stand_in(agg_op, out: str, **overrides):
     """The Python side of an Aggregate Descriptors operator writing ``out`` (Blender makes the
     real one, which a test without a window cannot): the class's job methods bound to a
@@ -2513,14 +2531,7 @@ def test_aggregate_modal_path_steps_views_saves_and_esc_writes_nothing(scene):
     from npbgpp_core import protocol as P
     from npbgpp_core.scene import NeuralScene
 
-    sc, cam = scene["scene"], scene["camera"]
-    cam2 = cam.copy()
-    sc.collection.objects.link(cam2)
-    cam2.location = (2.0, -3.5, 1.0)
-    bpy.context.view_layer.update()
-    _write_nerf_dataset(scene["dir"] / "nerf", [cam, cam2], scene["points"], scene["colors"])
-    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(scene["dir"] / "nerf")) == {"FINISHED"}
-    sc.npbgpp.weights = ""
+    sc = _dataset_to_aggregate(scene, "nerf", second_camera=True)
     agg_op = sys.modules[f"{MODULE}.operators"].NPBGPP_OT_aggregate
     reports: list[tuple] = []
 
@@ -2581,14 +2592,7 @@ def test_a_second_run_while_a_job_runs_is_refused(scene):
 
     from npbgpp_core.scene import NeuralScene
 
-    sc, cam = scene["scene"], scene["camera"]
-    cam2 = cam.copy()
-    sc.collection.objects.link(cam2)
-    cam2.location = (2.0, -3.5, 1.0)
-    bpy.context.view_layer.update()
-    _write_nerf_dataset(scene["dir"] / "nerf2", [cam, cam2], scene["points"], scene["colors"])
-    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(scene["dir"] / "nerf2")) == {"FINISHED"}
-    sc.npbgpp.weights = ""
+    _dataset_to_aggregate(scene, "nerf2", second_camera=True)
     agg_op = sys.modules[f"{MODULE}.operators"].NPBGPP_OT_aggregate
     reports: list[tuple] = []
 
@@ -2628,10 +2632,7 @@ def test_a_jobs_claim_ends_with_the_job_however_it_ends(scene):
     frees a running modal operator without cancel). Both now release the claim."""
     from types import SimpleNamespace
 
-    sc, cam = scene["scene"], scene["camera"]
-    _write_nerf_dataset(scene["dir"] / "nerf2", [cam], scene["points"], scene["colors"])
-    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(scene["dir"] / "nerf2")) == {"FINISHED"}
-    sc.npbgpp.weights = ""
+    sc = _dataset_to_aggregate(scene, "nerf2")
     ops_module = sys.modules[f"{MODULE}.operators"]
     agg_op = ops_module.NPBGPP_OT_aggregate
     hub = sys.modules[f"{MODULE}.worker_client"].HUB
@@ -2674,10 +2675,7 @@ def test_a_job_finishes_into_the_scene_it_began_in(scene):
     closed) ends the timer, progress and status line as well as the worker's job."""
     from types import SimpleNamespace
 
-    sc, cam = scene["scene"], scene["camera"]
-    _write_nerf_dataset(scene["dir"] / "nerf2", [cam], scene["points"], scene["colors"])
-    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(scene["dir"] / "nerf2")) == {"FINISHED"}
-    sc.npbgpp.weights = ""
+    sc = _dataset_to_aggregate(scene, "nerf2")
     agg_op = sys.modules[f"{MODULE}.operators"].NPBGPP_OT_aggregate
     reports: list[tuple] = []
 
@@ -2730,10 +2728,7 @@ def test_aggregate_after_the_file_browser_runs_as_the_modal_job(scene):
     job as invoke does (ticks, claim, Esc); a script's call still runs to the end."""
     from types import SimpleNamespace
 
-    sc, cam = scene["scene"], scene["camera"]
-    _write_nerf_dataset(scene["dir"] / "nerf2", [cam], scene["points"], scene["colors"])
-    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(scene["dir"] / "nerf2")) == {"FINISHED"}
-    sc.npbgpp.weights = ""
+    sc = _dataset_to_aggregate(scene, "nerf2")
     assert not bpy.data.filepath
     ops_module = sys.modules[f"{MODULE}.operators"]
     agg_op = ops_module.NPBGPP_OT_aggregate
