@@ -41,7 +41,7 @@ class SceneSnapshot(WorkerSettings):
     point_ids: np.ndarray | None = None  # bundle points to render (the object's npbgpp_id), None: all
     ids_key: str = "all"
     object_matrix: np.ndarray | None = None  # the bundle's object transform
-    hidden: str = ""  # why nothing is drawn: the point object is hidden (a message for the user)
+    hidden: str = ""  # why nothing is drawn: the point object is hidden, Holdout or Indirect Only (for the user)
     no_points: str = ""  # what to do when there is nothing to render: the dataset has no cloud (Densify Points)
 
 
@@ -138,6 +138,30 @@ def hidden_note(obj: bpy.types.Object, scene: bpy.types.Scene, depsgraph: bpy.ty
     return f"the Point Object {obj.name!r} is hidden in {where}: nothing to render ({show})"
 
 
+def not_direct_note(obj: bpy.types.Object, depsgraph: bpy.types.Depsgraph | None) -> str:
+    """Why a shown point object draws nothing: Holdout (its own flag or a view-layer
+    collection's: Blender cuts a hole in the image there, which a point renderer drawing
+    only this object cannot show otherwise than as absent) or Indirect Only (Cycles shows
+    it only through shadows and reflections, which NPBG++ does not render); else ""."""
+    if depsgraph is None:
+        return ""
+    layer = depsgraph.view_layer
+    try:
+        holdout, indirect = obj.holdout_get(view_layer=layer), obj.indirect_only_get(view_layer=layer)
+    except RuntimeError:  # not in the view layer: object_shown decided
+        return ""
+    if holdout:
+        where = "has Holdout set (Object Properties > Visibility)" if obj.is_holdout else \
+            f"is in a Holdout collection of the view layer {layer.name!r}"
+        return (f"the Point Object {obj.name!r} {where}: NPBG++ treats holdout as absent (it draws no other objects "
+                "to cut the hole in): nothing to render (turn Holdout off to render it)")
+    if indirect:
+        return (f"the Point Object {obj.name!r} is in an Indirect Only collection of the view layer {layer.name!r}: "
+                "it would show only through shadows and reflections, which NPBG++ does not render: nothing to render "
+                "(turn Indirect Only off in the Outliner to render it)")
+    return ""
+
+
 def snapshot(
     scene: bpy.types.Scene, depsgraph: bpy.types.Depsgraph | None = None, previous: SceneSnapshot | None = None
 ) -> SceneSnapshot:
@@ -162,6 +186,9 @@ def snapshot(
         snap.no_points = f"the imported dataset has no point cloud. {DENSIFY_HINT}"
     if obj is not None and not object_shown(obj, depsgraph):
         snap.hidden = hidden_note(obj, scene, depsgraph)
+        return snap
+    snap.hidden = not_direct_note(obj, depsgraph) if obj is not None else ""
+    if snap.hidden:
         return snap
     if obj is not None:
         evaluated = obj.evaluated_get(depsgraph) if depsgraph is not None else obj

@@ -400,6 +400,42 @@ def test_point_object_hidden_in_renders_renders_nothing(scene, capfd, how):
     assert "hidden in the viewport" in viewport_snap.hidden and viewport_snap.points is None
 
 
+@pytest.mark.parametrize("how", ["holdout_collection", "holdout_object", "indirect_only"])
+def test_point_object_holdout_or_indirect_only_renders_nothing(scene, capfd, how):
+    """A point object Blender would not show directly (in a Holdout collection or with its
+    own Holdout flag: a hole; in an Indirect Only collection: only in shadows and
+    reflections) draws no points in F12 nor in the viewport, and the info line says which
+    flag and that holdout counts as absent; with the flag off again it renders."""
+    from importlib import import_module
+
+    scene_snapshot = import_module(f"{MODULE}.scene_snapshot")
+    sc = scene["scene"]
+    obj = sc.npbgpp.point_object
+    col = move_to_new_collection(sc, obj, "Flagged")
+    layer_col = bpy.context.view_layer.layer_collection.children["Flagged"]
+    if how == "holdout_collection":
+        layer_col.holdout = True
+        said = f"'{obj.name}' is in a Holdout collection of the view layer 'ViewLayer': NPBG++ treats holdout as absent"
+    elif how == "holdout_object":
+        obj.is_holdout = True
+        said = f"'{obj.name}' has Holdout set (Object Properties > Visibility): NPBG++ treats holdout as absent"
+    else:
+        layer_col.indirect_only = True
+        said = f"'{obj.name}' is in an Indirect Only collection of the view layer 'ViewLayer'"
+    assert col.objects[0] == obj
+    capfd.readouterr()
+    exr = render_exr(sc, str(scene["dir"] / "flagged.exr"))
+    assert (passes(exr, "Combined") == 0).all() and (passes(exr, "NPBG Points") == 0).all()
+    assert (exr["ViewLayer.Depth.Z"] >= 1e9).all()
+    out = capfd.readouterr().out
+    assert said in out and "nothing to render" in out, out
+    viewport_snap = scene_snapshot.snapshot(sc, bpy.context.evaluated_depsgraph_get())
+    assert said in viewport_snap.hidden and viewport_snap.points is None
+    layer_col.holdout = layer_col.indirect_only = obj.is_holdout = False
+    exr = render_exr(sc, str(scene["dir"] / "unflagged.exr"))
+    assert (passes(exr, "Combined")[..., 3] == 1.0).sum() >= 5
+
+
 def test_mesh_turned_into_points_by_geometry_nodes_renders_them(scene):
     """A mesh made in Blender whose Geometry Nodes turn it into a point cloud (Mesh to
     Points: its evaluated mesh is empty, the points are the point cloud component) renders

@@ -251,6 +251,67 @@ def test_every_procedural_scene_builds_and_random_is_seeded():
         build_procedural_scene("nope")
 
 
+def test_scene_points_only_on_what_a_render_shows_directly():
+    """The scene's point cloud samples only surfaces a render shows: a quad in a Holdout
+    collection (a hole in the photos), an Indirect Only one, one disabled in renders by its
+    collection or its own flag, an excluded one, a Holdout object and one hidden from camera
+    rays give no points; a collection instance counts by its instancer's flags. Each quad
+    sits at its own x, so a point's x says which it came from."""
+    from blender_addon.datagen.surface_points import sample_surface_points
+
+    scene = bpy.data.scenes.new("layer_flags")
+    layer = scene.view_layers[0].layer_collection
+    collections = {}
+    for name in ("Plain", "Holdout", "Indirect", "NoRender", "Excluded", "Source"):
+        collections[name] = bpy.data.collections.new(f"lf_{name}")
+        scene.collection.children.link(collections[name])
+
+    def quad(x: float, where: str, name: str) -> bpy.types.Object:
+        me = bpy.data.meshes.new(name)
+        me.from_pydata([(x - 0.25, -0.25, 0.0), (x + 0.25, -0.25, 0.0), (x + 0.25, 0.25, 0.0), (x - 0.25, 0.25, 0.0)],
+                       [], [(0, 1, 2, 3)])
+        obj = bpy.data.objects.new(name, me)
+        collections[where].objects.link(obj)
+        return obj
+
+    quad(0.0, "Plain", "lf_plain")
+    quad(1.0, "Holdout", "lf_holdout")
+    quad(2.0, "Indirect", "lf_indirect")
+    quad(3.0, "NoRender", "lf_norender")
+    quad(4.0, "Excluded", "lf_excluded")
+    quad(5.0, "Plain", "lf_object_holdout").is_holdout = True
+    quad(6.0, "Plain", "lf_no_camera_rays").visible_camera = False
+    quad(7.0, "Source", "lf_source")  # drawn only through instances, 10 and 20 to its right
+    for where, dx in (("Plain", 10.0), ("Holdout", 20.0)):
+        empty = bpy.data.objects.new(f"lf_instance_{where}", None)
+        empty.instance_type, empty.instance_collection = "COLLECTION", collections["Source"]
+        empty.location.x = dx
+        collections[where].objects.link(empty)
+    layer.children["lf_Holdout"].holdout = True
+    layer.children["lf_Indirect"].indirect_only = True
+    collections["NoRender"].hide_render = True
+    layer.children["lf_Excluded"].exclude = True
+    layer.children["lf_Source"].exclude = True
+    try:
+        points, _ = sample_surface_points(scene, 4000, seed=1)
+        centres = np.round(points[:, 0]).astype(int)
+        assert sorted(set(centres.tolist())) == [0, 17], np.unique(centres)  # the plain quad, the Plain instance
+        assert (np.abs(points[:, 0] - centres) <= 0.25 + 1e-5).all()
+        assert np.abs(points[:, 2]).max() < 1e-6
+        layer.children["lf_Holdout"].holdout = False  # the flag, not the collection, left them out
+        points, _ = sample_surface_points(scene, 4000, seed=1)
+        assert sorted(set(np.round(points[:, 0]).astype(int).tolist())) == [0, 1, 17, 27]
+    finally:
+        for c in collections.values():
+            for obj in list(c.objects):
+                data = obj.data
+                bpy.data.objects.remove(obj)
+                if data is not None:
+                    bpy.data.meshes.remove(data)
+            bpy.data.collections.remove(c)
+        bpy.data.scenes.remove(scene)
+
+
 def test_command_line_blend_file(tmp_path):
     """--blend renders the saved file's scene through main(); run in a fresh process."""
     import subprocess

@@ -213,10 +213,40 @@ def evaluated_depsgraph(bpy_scene):
         return bpy.context.evaluated_depsgraph_get()
 
 
+def _rendered_collections(layer_collection: Any, out: set[int] | None = None) -> set[int]:
+    """The collections (``as_pointer()``) whose objects a render of the view layer draws:
+    neither excluded nor disabled in renders, nor inside such a collection."""
+    out = set() if out is None else out
+    if layer_collection.exclude or layer_collection.collection.hide_render:
+        return out
+    out.add(layer_collection.collection.as_pointer())
+    for child in layer_collection.children:
+        _rendered_collections(child, out)
+    return out
+
+
+def seen_by_camera(inst: Any, view_layer: Any, rendered: set[int]) -> bool:
+    """Whether a render of ``view_layer`` shows the depsgraph instance ``inst`` directly,
+    as Cycles takes it: the object is not disabled in renders, not Holdout (a hole in the
+    image) and visible to camera rays, and the object it stands for (its instancer, for
+    an instance) is in one of the ``rendered`` collections (:func:`_rendered_collections`)
+    and neither Holdout nor Indirect Only there (Blender's own ``holdout_get`` /
+    ``indirect_only_get``: the object's flag or any of its view-layer collections'). The
+    viewport depsgraph the sampler reads holds objects a render leaves out (collections
+    disabled in renders, Holdout, Indirect Only): their points were not in the photos."""
+    obj = inst.object.original
+    if obj.hide_render or obj.is_holdout or not obj.visible_camera:
+        return False
+    base = inst.parent.original if inst.is_instance and inst.parent is not None else obj
+    if not any(c.as_pointer() in rendered for c in base.users_collection):
+        return False
+    return not (base.holdout_get(view_layer=view_layer) or base.indirect_only_get(view_layer=view_layer))
+
+
 def scene_triangles(bpy_scene, objects: Sequence[Any] | None = None, depsgraph: Any = None) -> list[_MeshTris]:
-    """Evaluated world-space triangles of every render-visible geometry object
-    (instances included) of ``bpy_scene``'s first view layer, or of ``objects`` only
-    (each once at its own place, whether render-visible or not)."""
+    """Evaluated world-space triangles of every geometry object (instances included) a
+    render of ``bpy_scene``'s first view layer shows directly (:func:`seen_by_camera`),
+    or of ``objects`` only (each once at its own place, whether render-visible or not)."""
     if depsgraph is None:
         depsgraph = evaluated_depsgraph(bpy_scene)
     out = []
@@ -229,9 +259,11 @@ def scene_triangles(bpy_scene, objects: Sequence[Any] | None = None, depsgraph: 
             if len(tris.tri_verts):
                 out.append(tris)
         return out
+    view_layer = depsgraph.view_layer
+    rendered = _rendered_collections(view_layer.layer_collection)
     for inst in depsgraph.object_instances:
         obj = inst.object
-        if obj.type not in GEOMETRY_TYPES or obj.original.hide_render:
+        if obj.type not in GEOMETRY_TYPES or not seen_by_camera(inst, view_layer, rendered):
             continue
         tris = _MeshTris(obj, inst.matrix_world.copy())
         if len(tris.tri_verts):
