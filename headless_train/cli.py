@@ -332,17 +332,24 @@ def _listing(pairs: list[tuple[str, int]]) -> str:
 
 def _other_clouds(meta: dict, scenes: list) -> list[tuple[str, str | None, str | None]]:
     """(scene, the cloud file the checkpoint records, this run's) for each scene fitted to
-    another cloud file than this run loads: one of the same size passes the point-count
-    check and would get descriptors fitted to other points. Checkpoints written before
-    clouds were recorded (no ``point_clouds``) compare nothing."""
-    from .systems.base import point_cloud_name
+    another cloud than this run loads: one of the same size passes the point-count check and
+    would get descriptors fitted to other points. A cloud matches by its recorded file (path
+    relative to the scene folder, absolute outside it) or by its points (``point_digests``):
+    a cloud moved or renamed, or a project folder moved with it, is the same cloud.
+    Checkpoints written before clouds were recorded (no ``point_clouds``) compare nothing."""
+    from .systems.base import point_cloud_name, points_digest
 
     names, clouds = meta.get("scenes", []), meta.get("point_clouds")
     if not isinstance(clouds, list) or len(clouds) != len(names):
         return []
     recorded = {n: c for n, c in zip(names, clouds, strict=True) if c is None or isinstance(c, str)}
+    digests = meta.get("point_digests")
+    if not isinstance(digests, list) or len(digests) != len(names):
+        digests = [None] * len(names)  # written before digests were recorded: the file decides alone
+    fitted = dict(zip(names, digests, strict=True))
     return [(s.name, recorded[s.name], now) for s in scenes
-            if s.name in recorded and (now := point_cloud_name(s)) != recorded[s.name]]
+            if s.name in recorded and (now := point_cloud_name(s)) != recorded[s.name]
+            and not (isinstance(fitted[s.name], str) and fitted[s.name] == points_digest(s.points))]
 
 
 def _cloud_listing(mismatches: list[tuple[str, str | None, str | None]]) -> str:
@@ -350,6 +357,15 @@ def _cloud_listing(mismatches: list[tuple[str, str | None, str | None]]) -> str:
         return cloud if cloud is not None else "the format's own points (no .ply)"
 
     return "; ".join(f"scene {n} was fitted to {shown(had)}, this run loads {shown(now)}" for n, had, now in mismatches)
+
+
+def _cloud_rule(meta: dict) -> str:
+    """How a checkpoint recognises its cloud, for the refusals: by its points when it records
+    them, else only by the recorded file."""
+    if isinstance(meta.get("point_digests"), list):
+        return "and other points: a moved or renamed cloud is accepted when its points are unchanged"
+    return ("and this checkpoint records no point digest (written before they were), so only the recorded file "
+            "is accepted: put the cloud back there")
 
 
 def check_fitted_scenes(ckpt: dict, path: str, system_name: str, scenes: list) -> None:
@@ -370,7 +386,8 @@ def check_fitted_scenes(ckpt: dict, path: str, system_name: str, scenes: list) -
     other = _other_clouds(ckpt["npbgpp"], scenes)
     if other:
         raise UsageError(f"eval_only=true with system={system_name}: {path} holds descriptors fitted to another point "
-                         f"cloud file ({_cloud_listing(other)}); evaluate with the datasets.pc_name of that run")
+                         f"cloud ({_cloud_listing(other)}, {_cloud_rule(ckpt['npbgpp'])}); evaluate with the "
+                         "datasets.pc_name of that run")
 
 
 def check_resumed_scenes(meta: dict, path: str, system_name: str, scenes: list) -> None:
@@ -387,9 +404,9 @@ def check_resumed_scenes(meta: dict, path: str, system_name: str, scenes: list) 
                          "new run folder with weights_path= pointing at it")
     other = _other_clouds(meta, scenes)
     if other:
-        raise UsageError(f"resume=true: {path} holds descriptors fitted to another point cloud file "
-                         f"({_cloud_listing(other)}). Resume with the datasets.pc_name of that run, or start a new run "
-                         "folder with weights_path= pointing at it")
+        raise UsageError(f"resume=true: {path} holds descriptors fitted to another point cloud "
+                         f"({_cloud_listing(other)}, {_cloud_rule(meta)}). Resume with the datasets.pc_name of that "
+                         "run, or start a new run folder with weights_path= pointing at it")
 
 
 def check_resumed_warmup(ckpt: dict, path: str, scfg: dict) -> None:

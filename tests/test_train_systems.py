@@ -786,15 +786,69 @@ def test_resume_and_evaluation_compare_the_recorded_cloud_file(tmp_path):
     run = str(tmp_path / "run")
     run_inproc([*base, "trainer.max_epochs=1"], run)
     with pytest.raises(UsageError, match=r"resume=true: .*last.ckpt holds descriptors fitted to another point cloud "
-                                         r"file \(scene sceneD was fitted to points3d.ply, this run loads other.ply\)"):
+                                         r"\(scene sceneD was fitted to points3d.ply, this run loads other.ply, "
+                                         r"and other points"):
         run_inproc([*base, "datasets.pc_name=other.ply", "trainer.max_epochs=2", "resume=true"], run)
     weights = f"weights_path={run}/checkpoints/last.ckpt"
-    with pytest.raises(UsageError, match=r"eval_only=true with system=npbg: .*fitted to another point cloud file "
-                                         r"\(scene sceneD was fitted to points3d.ply, this run loads other.ply\)"):
+    with pytest.raises(UsageError, match=r"eval_only=true with system=npbg: .*fitted to another point cloud "
+                                         r"\(scene sceneD was fitted to points3d.ply, this run loads other.ply, "
+                                         r"and other points"):
         run_inproc([*base, "datasets.pc_name=other.ply", weights, "eval_only=true"], str(tmp_path / "e"))
     # the cloud it was fitted to, named or by default, is accepted
     run_inproc([*base, "datasets.pc_name=points3d.ply", weights, "eval_only=true"], str(tmp_path / "e2"))
     run_inproc([*base, "trainer.max_epochs=2", "resume=true"], run)
+
+
+def test_a_moved_cloud_outside_the_scene_folder_is_recognised_by_its_points(tmp_path):
+    """A cloud outside the scene folder was recorded (and compared) by its absolute path only,
+    so moving it, or the project folder holding scene and cloud, made resume and evaluation
+    refuse the very cloud the run was fitted to. The checkpoint records a digest of the
+    points: a moved file with the same points is accepted, one with other points is not."""
+    from headless_train.cli import UsageError
+    from headless_train.systems.base import points_digest
+    from npbgpp_core import load_ply, save_ply
+
+    project = tmp_path / "project"
+    root = make_dataset(str(project / "data"), ("sceneD",))
+    default = load_ply(os.path.join(root, "sceneD", "points3d.ply")).points
+    os.makedirs(project / "clouds")
+    save_ply(str(project / "clouds" / "dense.ply"), default[::-1].copy())
+    base = ["datasets=nerf_blender_one_scene", "datasets.scene_name=sceneD", "datasets.selection_count=0",
+            "system=npbg", "datasets.train_num_samples=1", *FAST]
+    run = str(tmp_path / "run")
+    run_inproc([*base, f"datasets.data_root={root}", f"datasets.pc_name={project}/clouds/dense.ply",
+                "trainer.max_epochs=1"], run)
+    meta = torch.load(f"{run}/checkpoints/last.ckpt", map_location="cpu", weights_only=True)["npbgpp"]
+    assert meta["point_clouds"] == [f"{project}/clouds/dense.ply"]
+    assert meta["point_digests"] == [points_digest(default[::-1])]
+    moved = tmp_path / "moved"
+    os.replace(project, moved)  # the whole project folder: scene and cloud
+    root = str(moved / "data")
+    save_ply(str(moved / "clouds" / "other.ply"), default[::-1] + 0.01)  # same size, other points
+    with pytest.raises(UsageError, match=r"resume=true: .*fitted to another point cloud \(scene sceneD was fitted to "
+                                         r".*project/clouds/dense.ply, this run loads .*moved/clouds/other.ply, and "
+                                         r"other points"):
+        run_inproc([*base, f"datasets.data_root={root}", f"datasets.pc_name={moved}/clouds/other.ply",
+                    "trainer.max_epochs=2", "resume=true"], run)
+    weights = f"weights_path={run}/checkpoints/last.ckpt"
+    with pytest.raises(UsageError, match=r"eval_only=true .*this run loads .*other.ply, and other points"):
+        run_inproc([*base, f"datasets.data_root={root}", f"datasets.pc_name={moved}/clouds/other.ply", weights,
+                    "eval_only=true"], str(tmp_path / "e"))
+    run_inproc([*base, f"datasets.data_root={root}", f"datasets.pc_name={moved}/clouds/dense.ply", weights,
+                "eval_only=true"], str(tmp_path / "e2"))
+    run_inproc([*base, f"datasets.data_root={root}", f"datasets.pc_name={moved}/clouds/dense.ply",
+                "trainer.max_epochs=2", "resume=true"], run)
+    # a checkpoint written before digests were recorded: only the recorded file, and the message says so
+    from types import SimpleNamespace
+
+    from headless_train.cli import check_resumed_scenes
+
+    del meta["point_digests"]
+    cloud = str(moved / "clouds" / "dense.ply")
+    scene = SimpleNamespace(name="sceneD", root=os.path.join(root, "sceneD"), metadata={"point_cloud": cloud},
+                            points=load_ply(cloud).points)
+    with pytest.raises(UsageError, match=r"records no point digest .*put the cloud back there"):
+        check_resumed_scenes(meta, "old.ckpt", "npbg", [scene])
 
 
 def test_export_of_a_distorted_colmap_capture(tmp_path):

@@ -42,6 +42,15 @@ def point_cloud_name(scene) -> str | None:
     return os.path.abspath(path) if rel.startswith(os.pardir) else rel.replace(os.sep, "/")
 
 
+def points_digest(points: Any) -> str:
+    """SHA-256 of a scene's cloud as float32 xyz: what identifies the points a run fitted
+    descriptors to when the file that held them was moved or renamed (a recorded path does
+    not survive moving the project folder)."""
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(points, dtype=np.float32).tobytes()).hexdigest()
+
+
 def check_vgg_weights(lcfg: dict) -> None:
     """Refuse a ``loss.vgg_weights`` that is no file, naming the option: the core loader's
     'weights file: file not found' did not say which setting gave the path."""
@@ -67,6 +76,7 @@ class BaseSystem(pl.LightningModule):
         self.scenes = scenes  # SceneData list (not a module; cameras and image paths)
         self.scene_names = [s.name for s in scenes]
         self._points_cpu = [torch.from_numpy(np.ascontiguousarray(s.points, dtype=np.float32)) for s in scenes]
+        self._point_digests = [points_digest(p.numpy()) for p in self._points_cpu]  # once: written with every save
         self._points_dev: dict[tuple[int, str], torch.Tensor] = {}
         lcfg = cfg.get("loss", {})
         self._holder: dict[str, Any] = {}
@@ -112,7 +122,8 @@ class BaseSystem(pl.LightningModule):
     def metadata(self) -> dict:
         return {"system": self.system_name, "config": self.scfg, "scenes": self.scene_names,
                 "points": [int(p.shape[0]) for p in self._points_cpu],
-                "point_clouds": [point_cloud_name(s) for s in self.scenes], "version": FORMAT_VERSION}
+                "point_clouds": [point_cloud_name(s) for s in self.scenes], "point_digests": self._point_digests,
+                "version": FORMAT_VERSION}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[META_KEY] = self.metadata()
