@@ -71,23 +71,26 @@ def folder_bytes(path: str) -> int:
 
 
 def check_corpus(corpus: str, max_mib: float = MAX_CORPUS_MIB) -> list[str]:
-    """Scene folder names of a training corpus (``npbgpp_core.datasets.corpus.corpus_scenes``);
-    StageError naming the folder when it is missing, holds something that is not a scene or
-    no scene at all, or is larger than ``max_mib``."""
+    """Scene folder names of a training corpus, after loading every scene's cameras and
+    clouds (``npbgpp_core.datasets.corpus.check_corpus``, what ``headless_train check-corpus``
+    runs): a broken scene was reported only once the trainer ran, after the work folder and
+    its seed were written. StageError naming the folder or file when it is missing, holds
+    something that is not a scene, no scene at all or a scene that does not load, or is
+    larger than ``max_mib``."""
     from npbgpp_core.datasets import DatasetError
-    from npbgpp_core.datasets.corpus import corpus_scenes
+    from npbgpp_core.datasets.corpus import check_corpus as load_corpus
 
     if not os.path.isdir(corpus):
         raise StageError(f"corpus folder not found: {corpus} (--corpus)")
-    try:
-        scenes = [os.path.basename(s) for s in corpus_scenes(corpus)]
-    except DatasetError as exc:
-        raise StageError(f"bad corpus folder (--corpus): {exc}") from exc
-    size = folder_bytes(corpus) / 2**20
+    size = folder_bytes(corpus) / 2**20  # before loading: an oversized corpus is refused at once
     if size > max_mib:
         raise StageError(f"corpus folder {corpus} is {size:.1f} MiB, more than the {max_mib:g} MiB a device call "
                          "may carry: make it smaller with `python -m headless_train stage pack`")
-    return scenes
+    try:
+        return [os.path.basename(row["scene"]) for row in load_corpus(corpus)]
+    except DatasetError as exc:
+        raise StageError(f"bad corpus folder (--corpus): {exc}; `python -m headless_train check-corpus {corpus}` "
+                         "checks it") from exc
 
 
 def seed_checkpoint(weights: str, out: str, world_up: list[float] | None = None) -> str:

@@ -141,6 +141,28 @@ def test_stage_rejects_bad_corpus_folders(tmp_path):
         check_corpus(root, max_mib=0.001)
 
 
+def test_stage_refuses_a_broken_scene_before_writing_into_the_work_folder(tmp_path, capsys, monkeypatch):
+    """A scene whose cloud (or cameras) does not load passed the stage's corpus check (its
+    layout was recognised) and failed only in the trainer, leaving run/ and seed.ckpt behind;
+    now the stage loads every scene as check-corpus does and refuses first, by file."""
+    import headless_train.stage as stage
+
+    monkeypatch.setattr(stage, "run_child", lambda *a, **k: pytest.fail("training started"))
+    root = make_dataset(str(tmp_path / "data"), ("s1", "s2"), views=3, size=16, n_points=50)
+    broken = os.path.join(root, "s2", "points3d.ply")
+    with open(broken, "w") as f:
+        f.write("not a cloud")
+    work = tmp_path / "w"
+    assert stage.main(["--corpus", root, "--work", str(work), "--gpus", "0"]) == 2
+    err = capsys.readouterr().err
+    assert f"bad corpus folder (--corpus): {broken}: not a readable PLY" in err and "Traceback" not in err, err
+    assert not work.exists()
+    work.mkdir()  # a work folder of earlier calls stays as it was
+    (work / "stage.json").write_text("[]")
+    assert stage.main(["--corpus", root, "--work", str(work), "--gpus", "0"]) == 2
+    assert sorted(os.listdir(work)) == ["stage.json"] and (work / "stage.json").read_text() == "[]"
+
+
 def test_stage_pack_leaves_out_unfinished_scenes_and_writes_all_or_nothing(tmp_path):
     import json
 
