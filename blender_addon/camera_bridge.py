@@ -275,16 +275,30 @@ def view_clip_covering(clip_start: float, clip_end: float, eye: np.ndarray, cent
     return min(float(clip_start), near), max(float(clip_end), far)
 
 
-def clipped_away(geo: CameraGeometry, points: np.ndarray) -> tuple[int, float, float] | None:
-    """``(count, nearest, farthest depth)`` of the world ``points`` in front of ``geo`` and
-    inside its image when its clip range removes every one of them (an empty render that
-    only Clip Start / End explains), else None (some point is inside the range, or none
-    is in view at all)."""
+@dataclass(frozen=True)
+class Clipped:
+    """What a camera's clip range removes of the points in its view (in front of it and
+    inside its image): ``removed`` of ``in_view``, at depths ``nearest`` .. ``farthest``."""
+
+    in_view: int
+    removed: int
+    nearest: float
+    farthest: float
+
+    @property
+    def all(self) -> bool:
+        return self.removed == self.in_view
+
+
+def clipped(geo: CameraGeometry, points: np.ndarray) -> Clipped | None:
+    """What ``geo``'s clip range (near, far] removes of the world ``points`` in its view,
+    or None when it removes none (or none is in view at all)."""
     uv, z = geo.project(np.asarray(points, np.float64).reshape(-1, 3))
     h, w = geo.image_size
     with np.errstate(invalid="ignore"):
         seen = ((z > 0) & (uv[:, 0] >= -0.5) & (uv[:, 0] < w - 0.5) & (uv[:, 1] >= -0.5) & (uv[:, 1] < h - 0.5))
     z = z[seen]
-    if len(z) == 0 or ((z > geo.near) & (z <= geo.far)).any():
+    out = z[(z <= geo.near) | (z > geo.far)]
+    if len(out) == 0:
         return None
-    return len(z), float(z.min()), float(z.max())
+    return Clipped(len(z), len(out), float(out.min()), float(out.max()))

@@ -9,7 +9,7 @@ from npbgpp_core.protocol import DEPTH
 
 from . import frames
 from .app_handlers import add_handlers, remove_handlers
-from .camera_bridge import CameraGeometry, clipped_away, scene_camera_geometry
+from .camera_bridge import CameraGeometry, clipped, scene_camera_geometry
 from .colour import colour_note
 from .render_job import render_frame
 from .scene_snapshot import SceneSnapshot, snapshot
@@ -92,6 +92,11 @@ class NPBGPPRenderEngine(bpy.types.RenderEngine):
             note = clip_note(camera, geo, snap)
             if note:  # not an error either: the camera's range says so, but the user should know why
                 self.report({"INFO"}, f"NPBG++: {note}")
+        elif (key := f"clip range of {camera.name_full}") not in _reported_this_job:
+            note = clip_note(camera, geo, snap, partly=True)
+            if note:  # its counts change from frame to frame: once per job and camera, by that key
+                _reported_this_job.add(key)
+                self.report({"INFO"}, f"NPBG++: {note}")
         if status:
             self.update_stats("", f"NPBG++: {status}")
         out = frames.compose(frame, snap.output, scene.render.film_transparent, depth_scale)
@@ -152,11 +157,15 @@ def framing_note(camera: bpy.types.Object, scene: bpy.types.Scene) -> str:
             f"to {w}x{h}, or any size of that shape)")
 
 
-def clip_note(camera: bpy.types.Object, geo: CameraGeometry, snap: SceneSnapshot) -> str:
-    """For an empty frame: why, when the camera's Clip Start / End removed every point in
-    its view (:func:`clipped_away`), else "". The points are those the render drew: the
-    snapshot's (the evaluated point object's), else the bundle's points its evaluated point
-    object selects (its ``npbgpp_id``), placed by that object's evaluated transform."""
+# The part of the points in view a camera's clip range may remove before a rendered
+# frame gets a note: one in twenty (fewer is hard to notice among the others).
+CLIP_NOTE_FRACTION = 0.05
+
+
+def drawn_points(snap: SceneSnapshot) -> np.ndarray | None:
+    """The world points a render of ``snap`` draws: the snapshot's (the evaluated point
+    object's), else the bundle's points its evaluated point object selects (its
+    ``npbgpp_id``), placed by that object's evaluated transform; None when unreadable."""
     points = snap.points
     if points is None and snap.bundle_path:
         from npbgpp_core.bundle_file import read_points
@@ -164,20 +173,35 @@ def clip_note(camera: bpy.types.Object, geo: CameraGeometry, snap: SceneSnapshot
         try:
             points = read_points(snap.bundle_path)
         except (ValueError, OSError):
-            return ""
+            return None
         if snap.point_ids is not None:
             ids = snap.point_ids
             points = points[ids[(ids >= 0) & (ids < len(points))]]
         if snap.object_matrix is not None and len(points):
             M = snap.object_matrix
             points = points.astype(np.float64) @ M[:3, :3].T + M[:3, 3]
-    clipped = clipped_away(geo, points) if points is not None else None
-    if clipped is None:
+    return points
+
+
+def clip_note(camera: bpy.types.Object, geo: CameraGeometry, snap: SceneSnapshot, partly: bool = False) -> str:
+    """Why points the render draws (:func:`drawn_points`) are missing because of the
+    camera's Clip Start / End, else "": for an empty frame, when the clip range removed
+    every point in its view; with ``partly``, for a frame with points, when it removed
+    :data:`CLIP_NOTE_FRACTION` of them or more."""
+    points = drawn_points(snap)
+    found = clipped(geo, points) if points is not None else None
+    if found is None or found.all == partly:  # an empty frame's note is "all"; a frame with points has some
         return ""
-    count, nearest, farthest = clipped
-    return (f"the camera {camera.name!r}'s clip range ({geo.near:.4g} .. {geo.far:.4g}) removes all {count} points in "
-            f"its view (depths {nearest:.4g} .. {farthest:.4g}): nothing rendered; set Clip Start / End in the "
-            "camera's Lens properties to include them")
+    share = found.removed / found.in_view
+    if partly and share < CLIP_NOTE_FRACTION:
+        return ""
+    where = f"the camera {camera.name!r}'s clip range ({geo.near:.4g} .. {geo.far:.4g})"
+    fix = "set Clip Start / End in the camera's Lens properties to include them"
+    if found.all:
+        return (f"{where} removes all {found.in_view} points in its view (depths {found.nearest:.4g} .. "
+                f"{found.farthest:.4g}): nothing rendered; {fix}")
+    return (f"{where} removes {found.removed} of the {found.in_view} points in its view ({100.0 * share:.0f}%, "
+            f"depths {found.nearest:.4g} .. {found.farthest:.4g}); {fix}")
 
 
 # Blender's engine template: every panel tagged BLENDER_RENDER shows for this engine,

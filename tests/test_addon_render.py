@@ -326,6 +326,42 @@ def test_clip_range_removing_every_point_says_so(scene, capfd):
     assert f"removes all {in_view} points in its view" in capfd.readouterr().out
 
 
+def test_clip_range_removing_part_of_the_points_says_so_once(scene, capfd):
+    """An F12 whose camera Clip End removes a noticeable part of the points in view
+    (CLIP_NOTE_FRACTION, one in twenty, or more) renders the rest and an info line says how
+    many of how many (counted with Blender's world_to_camera_view); removing fewer says
+    nothing; an animation says it once, not on every frame."""
+    from importlib import import_module
+
+    engine = import_module(f"{MODULE}.engine")
+    sc, cam = scene["scene"], scene["camera"]
+    bpy.context.view_layer.update()
+    got = np.array([tuple(world_to_camera_view(sc, cam, Vector(p))) for p in scene["points"]])
+    in_view = (got[:, 0] >= 0) & (got[:, 0] < 1) & (got[:, 1] >= 0) & (got[:, 1] < 1) & (got[:, 2] > 0)
+    depths = np.sort(got[in_view, 2])
+    n = len(depths)
+    assert 1 < engine.CLIP_NOTE_FRACTION * n and n >= 10  # removing one point is below the threshold
+    cam.data.clip_start, cam.data.clip_end = 0.1, float(depths[-2] + depths[-1]) / 2  # the farthest one only
+    capfd.readouterr()
+    exr = render_exr(sc, str(scene["dir"] / "one_clipped.exr"))
+    assert (passes(exr, "Combined")[..., 3] == 1.0).sum() >= 5 and "clip range" not in capfd.readouterr().out
+    end = float(depths[n // 2 - 1] + depths[n // 2]) / 2  # the farther half
+    cam.data.clip_end = end
+    removed = int((depths > end).sum())
+    exr = render_exr(sc, str(scene["dir"] / "half_clipped.exr"))
+    assert (passes(exr, "Combined")[..., 3] == 1.0).sum() >= 5
+    out = capfd.readouterr().out
+    assert (f"Info: NPBG++: the camera 'Cam''s clip range (0.1 .. {end:.4g}) removes {removed} of the {n} points in "
+            f"its view ({100 * removed / n:.0f}%, depths {depths[n // 2]:.4g} .. {depths[-1]:.4g}); set Clip Start / "
+            "End in the camera's Lens properties to include them") in out, out
+    sc.frame_start, sc.frame_end = 1, 3
+    sc.render.image_settings.media_type = "IMAGE"
+    sc.render.image_settings.file_format = "PNG"
+    sc.render.filepath = str(scene["dir"] / "clip_anim_")
+    bpy.ops.render.render(animation=True)
+    assert capfd.readouterr().out.count(f"removes {removed} of the {n} points") == 1
+
+
 def test_clip_note_counts_the_points_geometry_nodes_leave(scene, capfd):
     """The all-clipped note of a neural F12 counts the points the render draws: those the
     point object's evaluated geometry keeps (a Geometry Nodes Delete Geometry removing the
