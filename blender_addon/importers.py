@@ -302,7 +302,7 @@ class IMPORT_SCENE_OT_npbgpp_ply(bpy.types.Operator, ImportHelper):
 
     def _finish_splat(self, context: Any, path: str, imported: Any) -> set[str]:
         """Blender read the splat properties as float attributes; keep centres and colours."""
-        from npbgpp_core.ply import no_opacity_note, splat_colors, splat_opacity
+        from npbgpp_core.ply import no_opacity_note, splat_colors, splat_keep
 
         mesh = imported.data
         n = len(mesh.vertices)
@@ -316,8 +316,7 @@ class IMPORT_SCENE_OT_npbgpp_ply(bpy.types.Operator, ImportHelper):
             fields[name] = arr
         matrix = np.array(imported.matrix_world, np.float64)  # the importer's axis conversion
         name = imported.name
-        # some exporters drop opacity: every splat counts as opaque, as the core reader takes it
-        keep = splat_opacity(fields["opacity"]) >= self.min_opacity if has_opacity else np.ones(n, bool)
+        _, keep = splat_keep(fields.get("opacity"), n, self.min_opacity)
         if keep.any():
             pts = pts.reshape(-1, 3)[keep].astype(np.float64) @ matrix[:3, :3].T + matrix[:3, 3]
             colors = splat_colors(np.stack([fields[f"f_dc_{i}"] for i in range(3)], axis=1)[keep])

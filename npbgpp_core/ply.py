@@ -127,6 +127,15 @@ def splat_opacity(logit: np.ndarray) -> np.ndarray:
     return (0.5 * (1.0 + np.tanh(0.5 * x))).astype(np.float32)  # sigmoid without overflow
 
 
+def splat_keep(logits: np.ndarray | None, count: int, min_opacity: float) -> tuple[np.ndarray, np.ndarray]:
+    """The opacity of ``count`` splats and the mask of those ``min_opacity`` keeps: the one
+    rule for :func:`load_ply` and the add-on's import. ``logits`` are the stored
+    ``opacity`` values, None when the file has none (some exporters drop it): then every
+    splat counts as opaque (opacity 1) and is kept."""
+    opacity = np.ones(count, np.float32) if logits is None else splat_opacity(logits)
+    return opacity, opacity >= float(min_opacity)
+
+
 def load_ply(path: str | os.PathLike, min_opacity: float = 0.0) -> PointCloud:
     """Read the ``vertex`` element of a PLY file.
 
@@ -161,13 +170,9 @@ def load_ply(path: str | os.PathLike, min_opacity: float = 0.0) -> PointCloud:
     with np.errstate(over="ignore"):
         pts = pts64.astype(np.float32)
     if is_splat_header(names):
-        if "opacity" in names:
-            opacity = splat_opacity(v["opacity"])
-        else:
-            opacity = np.ones(len(pts), np.float32)
-            if float(min_opacity) > 0.0:
-                log.warning(no_opacity_note(path, float(min_opacity)))
-        keep = opacity >= float(min_opacity)
+        opacity, keep = splat_keep(v["opacity"] if "opacity" in names else None, len(pts), min_opacity)
+        if "opacity" not in names and float(min_opacity) > 0.0:
+            log.warning(no_opacity_note(path, float(min_opacity)))
         if len(pts) and not keep.any():
             raise ValueError(f"{path}: no splat has opacity >= {min_opacity} (max {float(opacity.max()):.3g})")
         finite_points(pts, pts64, path, only=keep)  # a dropped splat's coordinates do not matter
