@@ -38,8 +38,12 @@ def average_weights(inputs: list[str], out: str, kind: str = "npbgpp", fp16: boo
 
     if len(inputs) < 2:
         raise AverageWeightsError(f"average-weights needs at least 2 files, got {len(inputs)}")
-    if not out.endswith(".safetensors"):
-        raise AverageWeightsError(f"--out must end with .safetensors, got {out}")
+    from npbgpp_core.atomic import check_output_suffix
+
+    try:
+        check_output_suffix(out, ".safetensors")
+    except ValueError as exc:
+        raise AverageWeightsError(f"--out {exc}") from None
     if os.path.abspath(out) in {os.path.abspath(p) for p in inputs}:
         raise AverageWeightsError(f"--out {out} is one of the inputs")
     files = [read_weights(p, kind) for p in inputs]

@@ -101,8 +101,12 @@ def export_weights(args: argparse.Namespace) -> dict[str, Any]:
             raise ExportWeightsError(f"card JSON {args.card_json} is not valid JSON: {exc}") from exc
         if not isinstance(extra, dict):
             raise ExportWeightsError(f"card JSON {args.card_json} must hold an object, got {type(extra).__name__}")
-    if not args.out.endswith(".safetensors"):
-        raise ExportWeightsError(f"--out must end with .safetensors, got {args.out}")
+    from npbgpp_core.atomic import check_output_suffix
+
+    try:
+        check_output_suffix(args.out, ".safetensors")
+    except ValueError as exc:
+        raise ExportWeightsError(f"--out {exc}") from None
     ckpt = load_checkpoint_file(args.checkpoint)
     kind, state, config = weights_from_checkpoint(ckpt, args.checkpoint)
     card = build_card(ckpt, args.checkpoint, kind, extra, args.fp16, args.out)

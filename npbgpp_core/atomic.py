@@ -3,7 +3,8 @@ half-written one under its final name.
 
 - ``atomic_write_bytes(path, data)``: a temporary file in the same folder, fsync, then
   ``os.replace``; ``check_output_file(path)``: the same refusals (a folder, a missing
-  folder, a folder that cannot be written) for commands to make before their work.
+  folder, a folder that cannot be written) for commands to make before their work;
+  ``check_output_suffix(path, suffix)``: an output named for another kind of file.
 - ``atomic_directory(target)``: a context manager that builds a folder at the temporary
   sibling name ``<target>.partial-<pid>`` and renames it into place on success (removes it
   on failure).
@@ -52,6 +53,15 @@ def check_output_file(path: str | os.PathLike, example: str = "") -> None:
         raise PermissionError(f"{path}: cannot write in folder {folder} ({exc.strerror or exc})") from None
     os.close(fd)
     os.unlink(probe)
+
+
+def check_output_suffix(path: str | os.PathLike, suffix: str) -> None:
+    """ValueError unless ``path`` ends with ``suffix`` (any letter case, as the readers match
+    it): a .ply written as ``a.txt`` is one no reader picks up as a cloud, and a weights file
+    without ``.safetensors`` is read as a torch checkpoint. Commands call it before work."""
+    path = os.fspath(path)
+    if not path.lower().endswith(suffix.lower()):
+        raise ValueError(f"{path} must end with {suffix} (it is written as a {suffix} file)")
 
 
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:

@@ -1154,11 +1154,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="torch CPU threads (0: torch's default; 1 is much faster when other jobs share the cores)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     a = p.parse_args(argv)
-    from .atomic import check_output_file
+    from .atomic import check_output_file, check_output_suffix
 
     try:
         check_output_file(a.out, "dense.ply")  # before the work (minutes on a CPU), not when the cloud is written
-    except OSError as exc:
+        check_output_suffix(a.out, ".ply")  # after it: a folder is better named as one, with a file to give
+    except (OSError, ValueError) as exc:
         print(f"error: --out {exc}", file=sys.stderr)
         return 2
     try:

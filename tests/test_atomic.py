@@ -59,6 +59,12 @@ def test_output_file_checks_name_the_path(tmp_path):
                                                 f"{re.escape(str(tmp_path / 'no'))}$"):
         atomic.check_output_file(missing)
     atomic.check_output_file(tmp_path / "a.bin")
+    # the suffix as the readers match it: any letter case, the whole suffix
+    atomic.check_output_suffix(tmp_path / "A.PLY", ".ply")
+    atomic.check_output_suffix("w.SafeTensors", ".safetensors")
+    for bad in ("a.txt", "a.ply.txt", "aply", "a.ply "):
+        with pytest.raises(ValueError, match=f"^{re.escape(bad)} must end with .ply"):
+            atomic.check_output_suffix(bad, ".ply")
     (tmp_path / "sub").mkdir()
     # a folder in the way was found only by os.replace, with its bare errno message
     with pytest.raises(IsADirectoryError, match="sub is a folder; give the file to write$"):

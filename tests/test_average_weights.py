@@ -57,7 +57,7 @@ def test_refuses_files_that_do_not_belong_together(tmp_path):
         average_weights([a], out)
     with pytest.raises(AverageWeightsError, match="one of the inputs"):
         average_weights([a, a], a)
-    with pytest.raises(AverageWeightsError, match="safetensors"):
+    with pytest.raises(AverageWeightsError, match=r"--out .*mean.pt must end with .safetensors"):
         average_weights([a, a], str(tmp_path / "mean.pt"))
     with pytest.raises(FileNotFoundError):
         average_weights([a, str(tmp_path / "missing.safetensors")], out)
@@ -78,3 +78,9 @@ def test_cli_exit_status_and_nothing_written_on_error(tmp_path, capsys):
         cli_main(["average-weights", "--out", out, a, b])
     assert exc.value.code == 0
     assert os.path.isfile(out)
+    # the suffix in any letter case, as readers (weights_path=, export --checkpoint) recognise it
+    upper = str(tmp_path / "MEAN.SAFETENSORS")
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["average-weights", "--out", upper, a, b])
+    assert exc.value.code == 0
+    assert read_weights(upper, "npbgpp").state.keys() == read_weights(out, "npbgpp").state.keys()

@@ -229,6 +229,11 @@ def test_cli_checks_the_output_path_before_the_work(tmp_path, ring, capsys, monk
     assert "output folder does not exist" in err and str(tmp_path / "not_yet") in err
     assert main([str(tmp_path / "scene"), "--out", str(tmp_path), "--quiet"]) == 2
     assert "is a folder" in capsys.readouterr().err
+    # PLY content under another suffix: no reader takes it for a cloud
+    for name in ("a.txt", "dense.ply.bak", "dense"):
+        assert main([str(tmp_path / "scene"), "--out", str(tmp_path / name), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert f"--out {tmp_path / name} must end with .ply" in err and "Traceback" not in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scene"]
 
 

@@ -96,6 +96,17 @@ def test_export_weights_rejects_per_scene_systems(tmp_path, capsys):
     assert export_main(["--checkpoint", str(tmp_path / "c.ckpt"), "--out", str(tmp_path / "o.safetensors")]) == 2
     assert "coefficients_ft" in capsys.readouterr().err
     assert not (tmp_path / "o.safetensors").exists()
+    # the suffix is checked before the checkpoint is read, in any letter case
+    assert export_main(["--checkpoint", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "o.pt")]) == 2
+    assert f"--out {tmp_path / 'o.pt'} must end with .safetensors" in capsys.readouterr().err
+
+
+def test_export_weights_takes_the_suffix_in_any_letter_case(tmp_path):
+    torch.manual_seed(0)
+    _npbgpp_checkpoint(tmp_path / "last.ckpt", NPBGPlusPlus())
+    out = tmp_path / "W.SafeTensors"
+    assert export_main(["--checkpoint", str(tmp_path / "last.ckpt"), "--out", str(out)]) == 0
+    assert read_weights(str(out), "npbgpp").card["steps"] == 12
 
 
 class _Trap:
