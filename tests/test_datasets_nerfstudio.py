@@ -221,8 +221,14 @@ def test_instant_ngp_file_loads_in_its_own_frame(tmp_path):
         load_scene(root)
     assert load_scene(root, require_points=False).points.shape == (0, 3)
     save_ply(os.path.join(root, "mine.ply"), POINTS.astype(np.float32), COLORS)
-    scene = load_scene(root)  # the only .ply in the folder
+    # a lone .ply of another name may be in another frame (instant-ngp's mesh export): named, not read
+    with pytest.raises(DatasetError, match=r"no cloud of a default name .*\['mine.ply'\] is not read unnamed.*"
+                                           r"choose it with pc_name=.*Point Cloud"):
+        load_scene(root)
+    assert load_scene(root, require_points=False).points.shape == (0, 3)
+    scene = load_scene(root, pc_name="mine.ply")
     assert scene.metadata["point_cloud"].endswith("mine.ply")
+    assert scene.metadata["applied_transform"] is None and scene.metadata["applied_scale"] == 1.0
     for view, cam in zip(scene.views, cams, strict=True):
         uv, _ = view.camera.project(torch.as_tensor(POINTS))
         np.testing.assert_allclose(uv.double().numpy(), colmap_pixels(cam, POINTS), atol=1e-3)
@@ -257,8 +263,8 @@ def test_without_ply_file_path_dense_ply_is_found_beside_other_clouds(capture):
     assert scene.metadata["point_cloud"] == os.path.join(root, "dense.ply")
     np.testing.assert_allclose(scene.points, other, atol=1e-6)
     os.rename(os.path.join(root, "dense.ply"), os.path.join(root, "other.ply"))
-    with pytest.raises(DatasetError, match=r"no ply_file_path and several point clouds .*"
-                                           r"\(\['mesh.ply', 'other.ply'\]\); choose one with"):
+    with pytest.raises(DatasetError, match=r"no cloud of a default name .*\['mesh.ply', 'other.ply'\] are not "
+                                           r"read unnamed.*choose it with pc_name="):
         load_scene(root)
 
 
@@ -525,3 +531,96 @@ def test_half_size_photos_colmap_and_images_2_agree_with_hand_pixels(tmp_path):
         np.testing.assert_allclose(v_col.camera.K.numpy(), v_ns.camera.K.numpy(), atol=1e-5)
         uv, _ = v_col.camera.project(torch.as_tensor(POINTS))
         np.testing.assert_allclose(uv.double().numpy(), (colmap_pixels(cam, POINTS) + 0.5) / 2 - 0.5, atol=1e-3)
+
+
+def _rotation(seed: int) -> np.ndarray:
+    q, r = np.linalg.qr(np.random.default_rng(seed).normal(size=(3, 3)))
+    q = q @ np.diag(np.sign(np.diag(r)))
+    return q if np.linalg.det(q) > 0 else -q
+
+
+def test_applied_transform_and_scale_keep_cloud_and_poses_together(tmp_path):
+    """One capture written twice: plain (its own frame) and as a converter writes it after
+    moving the world by applied_transform = [A | a] and scaling by applied_scale s (a pose
+    in the file is s * (A x + a) of the original; sparse_pc.ply is A x + a, before the scale,
+    which nerfstudio's reader multiplies in). Both must put the cloud on the same pixels,
+    worked out by hand from the original cameras."""
+    cams = random_cameras(4, seed=31)
+    plain, moved = str(tmp_path / "plain"), str(tmp_path / "moved")
+    write_images(plain, cams)
+    write_transforms(plain, cams)
+    A, a, s = _rotation(7), np.array([0.3, -1.2, 2.0]), 2.5
+    write_images(moved, cams)
+    meta = write_transforms(moved, cams, ply=False, applied_transform=np.hstack([A, a[:, None]]).tolist(),
+                            applied_scale=s)
+    for frame in meta["frames"]:
+        c2w = np.asarray(frame["transform_matrix"])
+        c2w[:3, :3] = A @ c2w[:3, :3]
+        c2w[:3, 3] = s * (A @ c2w[:3, 3] + a)
+        frame["transform_matrix"] = c2w.tolist()
+    meta["ply_file_path"] = "sparse_pc.ply"
+    with open(os.path.join(moved, "transforms.json"), "w") as f:
+        json.dump(meta, f)
+    save_ply(os.path.join(moved, "sparse_pc.ply"), (POINTS @ A.T + a).astype(np.float32), COLORS)
+
+    p, m = load_scene(plain), load_scene(moved)
+    assert m.metadata["applied_scale"] == s
+    np.testing.assert_allclose(m.metadata["applied_transform"], np.hstack([A, a[:, None]]))
+    assert p.metadata["applied_transform"] is None and p.metadata["applied_scale"] == 1.0
+    np.testing.assert_allclose(m.points, s * (POINTS @ A.T + a), atol=1e-5)
+    for v_p, v_m, cam in zip(p.views, m.views, cams, strict=True):
+        want = colmap_pixels(cam, POINTS)
+        for scene, view in ((p, v_p), (m, v_m)):
+            uv, depth = view.camera.project(torch.as_tensor(scene.points, dtype=torch.float64))
+            assert (depth > 0).all()
+            np.testing.assert_allclose(uv.double().numpy(), want, atol=2e-3)
+    # the same file named with pc_name would be read unscaled: refused rather than misplaced
+    with pytest.raises(DatasetError, match=r"sparse_pc.ply: pc_name names the file's own cloud.*applied_scale 2.5"):
+        load_scene(moved, pc_name="sparse_pc.ply")
+    # another cloud named with pc_name is read as is, in the poses' frame (densify's dense.ply is)
+    save_ply(os.path.join(moved, "dense.ply"), (s * (POINTS @ A.T + a)).astype(np.float32))
+    np.testing.assert_allclose(load_scene(moved, pc_name="dense").points, m.points, atol=1e-5)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda m: m.update(applied_scale=0), r"transforms.json applied_scale: 0 must be positive"),
+    (lambda m: m.update(applied_scale="2"), r"transforms.json applied_scale: expected a number, got str"),
+    (lambda m: m.update(applied_transform=[[1, 0, 0], [0, 1, 0]]),
+     r"transforms.json applied_transform: expected a matrix of shape \(3, 4\) or \(4, 4\)"),
+    (lambda m: m.update(applied_transform=[[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]]),
+     r"transforms.json applied_transform: last row is"),
+])
+def test_bad_applied_fields_are_named(capture, change, message):
+    root, _ = capture
+    rewrite(root, change)
+    with pytest.raises(DatasetError, match=message):
+        load_scene(root)
+
+
+def test_windows_separators_in_paths(capture):
+    """A transforms.json written on Windows: file_path, mask_path, ply_file_path and the
+    split lists with backslashes name the same files, views and split as forward slashes."""
+    root, cams = capture
+    want = load_scene(root, holdout_every=0)
+    os.makedirs(os.path.join(root, "masks"))
+    os.makedirs(os.path.join(root, "pc"))
+    os.rename(os.path.join(root, "sparse_pc.ply"), os.path.join(root, "pc", "sparse_pc.ply"))
+    for c in cams:
+        Image.fromarray(np.full((H, W), 255, np.uint8)).save(os.path.join(root, "masks", c["name"]))
+
+    def windows(meta: dict) -> None:
+        for frame in meta["frames"]:
+            name = frame["file_path"].split("/")[-1]
+            frame["file_path"] = "images\\" + name
+            frame["mask_path"] = ".\\masks\\" + name
+        meta["ply_file_path"] = "pc\\sparse_pc.ply"
+        meta["test_filenames"] = ["images\\frame_00003.png"]
+
+    rewrite(root, windows)
+    got = load_scene(root)
+    assert [v.name for v in got.views] == [v.name for v in want.views]
+    assert [v.image_path for v in got.views] == [v.image_path for v in want.views]
+    assert got.views[0].mask_path == os.path.join(root, "masks", cams[0]["name"])
+    assert got.test == [3]
+    assert got.metadata["point_cloud"] == os.path.join(root, "pc", "sparse_pc.ply")
+    np.testing.assert_allclose(got.points, POINTS, atol=1e-6)

@@ -20,8 +20,8 @@ def check_options(fmt: str, options: dict, allowed: Iterable[str]) -> None:
         raise TypeError(f"{fmt} loader: unknown option(s) {unknown}; allowed: {sorted(allowed)}")
 
 
-# how each caller names a scene's cloud file (the add-on has no such option: it reads the default)
-PC_NAME_OPTIONS = "pc_name= (headless_train: datasets.pc_name=, export --pc-name)"
+# how each caller names a scene's cloud file
+PC_NAME_OPTIONS = "pc_name= (headless_train: datasets.pc_name=, export --pc-name; add-on: Import Dataset's Point Cloud)"
 
 def load_point_cloud(
     root: str, pc_name: str | None, defaults: Sequence[str], require_points: bool = True

@@ -12,14 +12,27 @@ ray of pixel (u, v) through ``(u + 0.5 - cx) / fx``, so the OpenCV principal poi
 ``cx - 0.5``.
 
 Poses load in the file's own world frame. The converters' re-orientation is already in
-the matrices (nerfstudio records it as ``applied_transform``; instant-ngp's centring and
-scaling are baked in), and what the trainers do at load time (nerfstudio's auto-orient and
-scale, instant-ngp's ``scale`` / ``offset`` / ``aabb_scale``) is not applied; ``sharpness``,
-``depth_file_path`` and the like are ignored. The point cloud must be in that same frame:
-nerfstudio's ``sparse_pc.ply`` (named by ``ply_file_path``) is written so; a COLMAP
-``points3D`` beside it (``colmap/sparse/0``) is not, and instant-ngp writes no cloud; a
-trained model's ``ns-export pointcloud`` is in this frame only with ``--save-world-frame``
-(by default it writes the trainer's auto-oriented, scaled frame).
+the matrices, and what the trainers do at load time (nerfstudio's auto-orient and scale,
+instant-ngp's ``scale`` / ``offset`` / ``aabb_scale``) is not applied; ``sharpness``,
+``depth_file_path`` and the like are ignored. nerfstudio's converters record what they did
+to the original (COLMAP, Metashape, ...) frame: ``applied_transform`` (3x4, original ->
+file frame; ns-process-data's swaps and flips axes) and, from some third-party converters,
+``applied_scale`` (a factor on top of it), so that a pose in the file is
+``applied_scale * applied_transform`` of the original (nerfstudio's
+``transform_poses_to_original_space`` undoes them in this order). Both are kept in
+``metadata`` (``applied_transform`` as a 3x4 list or None, ``applied_scale`` a float, 1.0
+when absent) for going back to the original frame; neither is applied to the poses.
+
+The point cloud must end up in the poses' frame. ``sparse_pc.ply`` (``ply_file_path``) is
+written by ns-process-data with ``applied_transform`` applied to the COLMAP points (so in
+the file frame, not the original COLMAP one) but without ``applied_scale``: nerfstudio's
+reader multiplies that cloud by ``applied_scale``, and so does this loader (only the cloud
+``ply_file_path`` names: ``pc_name`` naming that same file while ``applied_scale`` is not 1
+is refused, as ambiguous). A cloud chosen with ``pc_name`` or found by a default name is
+read as is, in the poses' frame (the densify command's ``dense.ply`` is). A COLMAP
+``points3D`` beside it (``colmap/sparse/0``) is in the original frame, instant-ngp writes no
+cloud, and a trained model's ``ns-export pointcloud`` is in the file frame only with
+``--save-world-frame`` (by default it writes the trainer's auto-oriented, scaled frame).
 The same capture read from its COLMAP model and from nerfstudio's conversion therefore
 gives the same images, pixels and held-out views in two world frames one rotation apart
 (x and y swapped, z negated); NPBG++'s view-dependent basis reads world-space directions,
@@ -40,9 +53,17 @@ the same views. Split: the file's
 list is empty; train defaults to the rest), else every ``holdout_every``-th view
 (0, 8, 16, ... by default; 0 disables) is test, as for COLMAP; ``*_indices`` options win.
 
-Point cloud: ``ply_file_path``, else the first of ``DEFAULT_PC_NAMES`` in the folder
-(``sparse_pc.ply`` ... ``dense.ply``, the densify command's output the no-cloud error
-names), else the folder's only ``.ply``.
+Point cloud: ``pc_name``, else ``ply_file_path``, else the first of ``DEFAULT_PC_NAMES``
+in the folder (``sparse_pc.ply`` ... ``dense.ply``, the densify command's output the
+no-cloud error names). Unlike the other formats, a lone ``.ply`` of another name is not
+taken: in a transforms.json folder it is as likely in another frame (instant-ngp's mesh
+export is in its scaled and offset unit cube, ``ns-export`` writes the trainer's frame) and
+a cloud in the wrong frame renders as noise with no error, so the loader reports it by name
+instead and the user names it with ``pc_name`` (the add-on: Import Dataset's Point Cloud).
+
+Paths (``file_path``, ``mask_path``, ``ply_file_path``, the split lists) may use Windows
+separators (``images\\frame_00001.png``, as a file written on Windows has them): ``\\`` is read
+as ``/``.
 
 Options: ``pc_name`` (a cloud other than ``ply_file_path``), ``require_points``,
 ``downscale=N`` (nerfstudio's ``images_N/`` / ``masks_N/`` copies, intrinsics scaled to
@@ -61,6 +82,7 @@ from .common import (
     PC_NAME_OPTIONS,
     check_options,
     check_points,
+    finite_matrix,
     json_number,
     load_point_cloud,
     make_splits,
@@ -83,6 +105,32 @@ RADIAL_MODELS = ("OPENCV", "SIMPLE_RADIAL", "RADIAL")
 DEFAULT_PC_NAMES = ("sparse_pc.ply", "points3d.ply", "points3D.ply", "pointcloud.ply", "point_cloud.ply",
                     "dense.ply")
 SPLITS = ("train", "val", "test")
+
+
+def _posix(rel: object) -> object:
+    """``rel`` with Windows separators turned to ``/``: on POSIX ``images\\a.png`` would be
+    one file name holding a backslash, which no capture folder has (non-strings pass, for
+    path_in_root to refuse by name)."""
+    return rel.replace("\\", "/") if isinstance(rel, str) else rel
+
+
+def _applied(meta: dict, path: str) -> tuple[list[list[float]] | None, float]:
+    """The file's ``applied_transform`` (3x4 list, None when absent) and ``applied_scale``
+    (1.0 when absent); DatasetError naming the field for a malformed one."""
+    transform = None
+    if meta.get("applied_transform") is not None:
+        field = f"{path} applied_transform"
+        a = finite_matrix(meta["applied_transform"], [(3, 4), (4, 4)], field)
+        if a.shape == (4, 4) and np.abs(a[3] - (0.0, 0.0, 0.0, 1.0)).max() > 1e-6:
+            raise DatasetError(f"{field}: last row is {a[3].tolist()}, not [0, 0, 0, 1]")
+        transform = a[:3].tolist()
+    scale = 1.0
+    if meta.get("applied_scale") is not None:
+        scale = json_number(meta["applied_scale"], f"{path} applied_scale")
+        if scale <= 0.0:
+            raise DatasetError(f"{path} applied_scale: {scale:g} must be positive (the factor the poses were scaled "
+                               "by)")
+    return transform, scale
 
 
 def _downscaled(rel: object, prefix: str, n: int) -> object:
@@ -155,7 +203,7 @@ def _frame_view(root: str, meta: dict, frame: object, k: int, opts: dict) -> tup
         if key not in frame:
             raise DatasetError(f"{source}: no '{key}'")
     allow_external, n = opts["allow_external"], opts["downscale"]
-    rel = frame["file_path"]
+    rel = _posix(frame["file_path"])
     key = os.path.relpath(path_in_root(root, rel, f"{source} file_path", allow_external), root)
     image_path = resolve_image(root, _downscaled(rel, "images_", n), source, allow_external)
     size = image_size_of(image_path)
@@ -172,7 +220,7 @@ def _frame_view(root: str, meta: dict, frame: object, k: int, opts: dict) -> tup
     dist = _distortion(meta, frame, source, opts["undistort"])
     mask_path = None
     if opts["use_masks"] and frame.get("mask_path") is not None:
-        mask_path = path_in_root(root, _downscaled(frame["mask_path"], "masks_", n), f"{source} mask_path",
+        mask_path = path_in_root(root, _downscaled(_posix(frame["mask_path"]), "masks_", n), f"{source} mask_path",
                                  allow_external)
         msize = image_size_of(mask_path)
         if msize != size:
@@ -200,7 +248,7 @@ def _split_lists(root: str, meta: dict, keys: list[str], allow_external: bool) -
             raise DatasetError(f"{field}: expected a list of file paths")
         idx, missing = [], []
         for name in names:
-            key = os.path.splitext(os.path.relpath(path_in_root(root, name, field, allow_external), root))[0]
+            key = os.path.splitext(os.path.relpath(path_in_root(root, _posix(name), field, allow_external), root))[0]
             if key in where:
                 idx.append(where[key])
             else:
@@ -211,40 +259,58 @@ def _split_lists(root: str, meta: dict, keys: list[str], allow_external: bool) -
     return out
 
 
-def _point_cloud(root: str, meta: dict, options: dict) -> tuple[np.ndarray, np.ndarray | None, str | None]:
+def _point_cloud(root: str, meta: dict, options: dict, scale: float
+                 ) -> tuple[np.ndarray, np.ndarray | None, str | None]:
+    """(points, colours, path) in the poses' frame; ``scale``: the file's applied_scale."""
     from ..ply import load_ply
 
     require = options.get("require_points", True)
-    if options.get("pc_name") is not None:
-        return load_point_cloud(root, options["pc_name"], (), require)
+    allow_external = bool(options.get("allow_external_paths", False))
+    field = f"{os.path.join(root, FILE)} ply_file_path"
     ply = meta.get("ply_file_path")
-    if ply is not None:
-        field = f"{os.path.join(root, FILE)} ply_file_path"
-        path = path_in_root(root, ply, field, bool(options.get("allow_external_paths", False)))
-        if not os.path.isfile(path):
+    own = None if ply is None else path_in_root(root, _posix(ply), field, allow_external)
+    if options.get("pc_name") is not None:
+        pts, cols, path = load_point_cloud(root, options["pc_name"], (), require)
+        if scale != 1.0 and own is not None and path is not None and os.path.realpath(path) == os.path.realpath(own):
+            raise DatasetError(
+                f"{path}: pc_name names the file's own cloud (ply_file_path), which {FILE} scales by applied_scale "
+                f"{scale:g}, while a cloud named with pc_name is read as is; leave pc_name empty to read it scaled"
+            )
+        return pts, cols, path
+    if own is not None:
+        if not os.path.isfile(own):
             if not require:  # as a COLMAP model without points3D: the caller needs only the cameras
                 return np.zeros((0, 3), np.float32), None, None
-            raise DatasetError(f"{field}: {path} not found (or name another cloud with {PC_NAME_OPTIONS})")
+            raise DatasetError(f"{field}: {own} not found (or name another cloud with {PC_NAME_OPTIONS})")
         try:
-            pc = load_ply(path)
+            pc = load_ply(own)
         except (ValueError, OSError) as exc:
             raise DatasetError(f"{field}: {exc}") from exc
-        return check_points(pc.points, pc.colors, path)
-    pts, cols, path = load_point_cloud(root, None, DEFAULT_PC_NAMES, False)
-    if path is None and require:
-        plys = sorted(f for f in os.listdir(root) if f.lower().endswith(".ply"))
-        if plys:  # several, none of the default names: making another would not help
-            raise DatasetError(f"{os.path.join(root, FILE)}: no ply_file_path and several point clouds in {root} "
-                               f"({plys}); choose one with {PC_NAME_OPTIONS}")
+        pts, cols, path = check_points(pc.points, pc.colors, own)
+        if scale != 1.0:  # written before the scale (nerfstudio's reader multiplies it in as well)
+            pts = check_points(pts.astype(np.float64) * scale, cols, own)[0]
+        return pts, cols, path
+    found = next((os.path.join(root, n) for n in DEFAULT_PC_NAMES if os.path.isfile(os.path.join(root, n))), None)
+    if found is not None:
+        return load_point_cloud(root, found, (), require)
+    if not require:
+        return np.zeros((0, 3), np.float32), None, None
+    plys = sorted(f for f in os.listdir(root) if f.lower().endswith(".ply"))
+    if plys:  # not read unnamed: its frame is unknown (see the module docstring)
         raise DatasetError(
-            f"{os.path.join(root, FILE)}: no ply_file_path and no point cloud in {root} (looked for "
-            f"{list(DEFAULT_PC_NAMES)} and any *.ply). instant-ngp writes none; nerfstudio's ns-process-data "
-            "writes sparse_pc.ply. Put a cloud in the same world frame as the transform_matrix poses there (a "
-            "COLMAP points3D is in another frame; ns-export pointcloud needs --save-world-frame), or name it with "
-            f"{PC_NAME_OPTIONS}; or make one from the photos: python -m npbgpp_core.densify {root} --out "
-            f"{os.path.join(root, 'dense.ply')}"
+            f"{os.path.join(root, FILE)}: no ply_file_path and no cloud of a default name ({list(DEFAULT_PC_NAMES)}) "
+            f"in {root}; {plys} {'is' if len(plys) == 1 else 'are'} not read unnamed, as a .ply there may be in "
+            "another frame (an instant-ngp mesh export, ns-export's trainer frame). If one is in the same world frame "
+            f"as the transform_matrix poses, choose it with {PC_NAME_OPTIONS}"
         )
-    return pts, cols, path
+    raise DatasetError(
+        f"{os.path.join(root, FILE)}: no ply_file_path and no point cloud in {root} (looked for "
+        f"{list(DEFAULT_PC_NAMES)}). instant-ngp writes none; nerfstudio's ns-process-data "
+        "writes sparse_pc.ply. Put a cloud in the same world frame as the transform_matrix poses there (a "
+        "COLMAP points3D is in another frame; ns-export pointcloud needs --save-world-frame), or name it with "
+        f"{PC_NAME_OPTIONS}; or make one from the photos: python -m npbgpp_core.densify {root} --out "
+        f"{os.path.join(root, 'dense.ply')}"
+    )
 
 
 def load_nerfstudio(root: str, **options) -> SceneData:
@@ -280,12 +346,14 @@ def load_nerfstudio(root: str, **options) -> SceneData:
     train_opt = options.get("train_indices", default_train)
     train, val, test = make_splits(len(views), root, default_val, default_test, train_opt,
                                    options.get("val_indices"), options.get("test_indices"))
-    points, colors, pc_path = _point_cloud(root, meta, options)
+    applied_transform, applied_scale = _applied(meta, path)
+    points, colors, pc_path = _point_cloud(root, meta, options, applied_scale)
     white_bg = bool(options.get("white_bg", True))
     return SceneData(
         name=os.path.basename(os.path.normpath(root)), root=root, format="nerfstudio",
         points=points, colors=colors, views=views, train=train, val=val, test=test,
         background=((1.0, 1.0, 1.0) if white_bg else (0.0, 0.0, 0.0)) if any(v.mask_from_alpha for v in views)
         else None,
-        metadata={"point_cloud": pc_path, "split": "filenames" if lists is not None else "holdout"},
+        metadata={"point_cloud": pc_path, "split": "filenames" if lists is not None else "holdout",
+                  "applied_transform": applied_transform, "applied_scale": applied_scale},
     )
