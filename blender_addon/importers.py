@@ -434,10 +434,32 @@ class IMPORT_SCENE_OT_npbgpp_dataset(bpy.types.Operator):
         name="Allow External Paths", default=False,
         description=EXTERNAL_PATHS_TOOLTIP,
     )
+    point_cloud: StringProperty(  # type: ignore[valid-type]
+        name="Point Cloud", default="",
+        description="A .ply file to use as the dataset's cloud, relative to the dataset folder (or absolute), in "
+                    "the same world frame as its cameras; it also becomes Dataset Points, the cloud Aggregate "
+                    "uses. Empty: the format's own cloud (e.g. nerfstudio's ply_file_path, COLMAP's points3D)",
+    )
 
     def invoke(self, context: Any, event: Any) -> set[str]:
         context.window_manager.fileselect_add(self)
         return {"RUNNING_MODAL"}
+
+    def _chosen_cloud(self, folder: str) -> str | None:
+        """Absolute path of the Point Cloud setting's file ("" when unset); None, with an
+        error report, when it names no file (checked here so that a typo is not imported as
+        "no cloud": the worker's loader would refuse it too, but later and less plainly)."""
+        name = self.point_cloud.strip()
+        if not name:
+            return ""
+        path = os.path.normpath(os.path.join(folder, bpy.path.abspath(name)))
+        if not path.endswith(".ply"):
+            path += ".ply"  # as the loaders read pc_name
+        if not os.path.isfile(path):
+            self.report({"ERROR"}, f"Cannot import dataset {folder}: Point Cloud {name!r} names no file ({path} not "
+                                   "found; a .ply relative to the dataset folder, or absolute)")
+            return None
+        return path
 
     def execute(self, context: Any) -> set[str]:
         from npbgpp_core import protocol as P
@@ -446,10 +468,13 @@ class IMPORT_SCENE_OT_npbgpp_dataset(bpy.types.Operator):
         from .worker_client import WorkerError
 
         path = bpy.path.abspath(self.directory)
+        cloud = self._chosen_cloud(path)
+        if cloud is None:
+            return {"CANCELLED"}
         try:
             fmt = None if self.format == "AUTO" else self.format.lower()
             reply = worker_for(context.scene).request(
-                P.ReadDataset(path, fmt, self.max_points, self.undistort, self.allow_external_paths))
+                P.ReadDataset(path, fmt, self.max_points, self.undistort, self.allow_external_paths, cloud))
         except (WorkerError, ValueError, OSError) as exc:
             self.report({"ERROR"}, f"Cannot import dataset {path}: {exc}")
             return {"CANCELLED"}
@@ -478,7 +503,8 @@ class IMPORT_SCENE_OT_npbgpp_dataset(bpy.types.Operator):
                 cam[CLIP_UNFITTED] = True  # Densify Points fits its clip range to the cloud it makes
             cam["npbgpp_image_size"] = [int(c.image_size[1]), int(c.image_size[0])]  # width, height
         context.scene.npbgpp.dataset_path = stored(context.scene, path)
-        context.scene.npbgpp.dataset_points = ""  # the new dataset's own cloud, not an older dense one
+        # the new dataset's own cloud, not an older dense one; a chosen cloud is what Aggregate reads too
+        context.scene.npbgpp.dataset_points = stored(context.scene, cloud) if cloud else ""
         context.scene.npbgpp.dataset_no_cloud = no_cloud
         context.scene.npbgpp.dataset_format = reply.format or ""
         context.scene.npbgpp.dataset_undistort = self.undistort

@@ -133,8 +133,8 @@ class NPBGPPSceneSettings(bpy.types.PropertyGroup):
     dataset_points: StringProperty(  # type: ignore[valid-type]
         name="Dataset Points", subtype="FILE_PATH", default="", options=RELATIVE_OK,
         description="PLY file (in the dataset's frame, e.g. python -m npbgpp_core.densify's output) whose points "
-        "Aggregate uses instead of the dataset's own cloud; set by Densify Points, cleared by Import Dataset "
-        "Folder; empty: the dataset's points",
+        "Aggregate uses instead of the dataset's own cloud; set by Densify Points and by Import Dataset "
+        "Folder's Point Cloud (cleared without one); empty: the dataset's points",
     )
     dataset_no_cloud: StringProperty(  # type: ignore[valid-type]
         name="Dataset Without Cloud", default="",

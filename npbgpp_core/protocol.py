@@ -285,6 +285,7 @@ class ReadDataset(Request):
     max_points: int = 0  # 0: all
     undistort: bool = False  # COLMAP, nerfstudio: remap distorted photos on load
     allow_external_paths: bool = False  # NeRF / COLMAP / nerfstudio: image paths may leave the dataset folder
+    pc_name: str = ""  # the loaders' pc_name: a .ply (relative to the dataset folder, or absolute); "": the default
     op: ClassVar[str] = "read_dataset"
     reply: ClassVar[type[Reply]] = DatasetSummary
 

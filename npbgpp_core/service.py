@@ -76,37 +76,41 @@ def torch_info() -> P.TorchInfo:
 
 
 def load_dataset(path: str, format: str | None = None, undistort: bool = False,
-                 allow_external_paths: bool = False, require_points: bool = True) -> Any:
+                 allow_external_paths: bool = False, require_points: bool = True, pc_name: str = "") -> Any:
     """``load_scene`` for the add-on. ``undistort`` applies to COLMAP models and nerfstudio
     transforms.json (the other formats hold undistorted images) and ``allow_external_paths``
     to the formats whose files name image paths (NeRF-Synthetic, COLMAP, nerfstudio); each
     is ignored for the formats without it. ``require_points=False``: a dataset without a
     point cloud loads with none (the jobs that only need its cameras and photos: Densify,
-    Fit, Aggregate of another cloud)."""
+    Fit, Aggregate of another cloud). ``pc_name``: the cloud to read instead of the format's
+    default (every format takes it); "": the default."""
     from .datasets import detect_format, format_options, load_scene
 
     root = os.path.abspath(path)
     format = format or detect_format(root)
     accepted = format_options(format)
     wanted = {"undistort": undistort, "allow_external_paths": allow_external_paths}
-    options: dict[str, bool] = {k: True for k, on in wanted.items() if on and k in accepted}
+    options: dict[str, bool | str] = {k: True for k, on in wanted.items() if on and k in accepted}
     if not require_points:
         options["require_points"] = False
+    if pc_name:
+        options["pc_name"] = pc_name
     return load_scene(root, format=format, **options)
 
 
 def load_dataset_or_cameras(path: str, format: str | None = None, undistort: bool = False,
-                            allow_external_paths: bool = False) -> tuple[Any, str]:
+                            allow_external_paths: bool = False, pc_name: str = "") -> tuple[Any, str]:
     """``(data, no_cloud)``: the dataset with its point cloud and "", or, when it has none
     (instant-ngp's transforms.json, a COLMAP model without points3D), its cameras and photos
     with no points and the loader's own message saying what it looked for. Any other error
-    is raised as the loader raises it."""
+    is raised as the loader raises it (a cloud named by ``pc_name`` that is missing or
+    unreadable too: the loaders refuse it with or without require_points)."""
     from .datasets import DatasetError
 
     try:
-        return load_dataset(path, format, undistort, allow_external_paths), ""
+        return load_dataset(path, format, undistort, allow_external_paths, pc_name=pc_name), ""
     except DatasetError as exc:
-        data = load_dataset(path, format, undistort, allow_external_paths, require_points=False)
+        data = load_dataset(path, format, undistort, allow_external_paths, require_points=False, pc_name=pc_name)
         if len(data.points):  # not the cloud the loader was missing: its error stands
             raise
         return data, str(exc)
@@ -354,7 +358,8 @@ class RenderService:
     def read_dataset(self, req: P.ReadDataset) -> P.DatasetSummary:
         from .datasets.scene_data import subsample_indices
 
-        data, no_cloud = load_dataset_or_cameras(req.path, req.format, req.undistort, req.allow_external_paths)
+        data, no_cloud = load_dataset_or_cameras(req.path, req.format, req.undistort, req.allow_external_paths,
+                                                 req.pc_name)
         ids = np.arange(len(data.points))
         if req.max_points:
             ids = subsample_indices(len(data.points), req.max_points)

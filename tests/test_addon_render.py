@@ -1143,6 +1143,51 @@ def test_import_nerfstudio_transforms_cameras_reproduce_views(scene, fmt):
     assert len(sc.npbgpp.point_object.data.points) == len(scene["points"])  # sparse_pc.ply
 
 
+def test_import_dataset_point_cloud_setting(scene):
+    """Import Dataset's Point Cloud: a transforms.json folder with two clouds and no
+    ply_file_path imports without points (the loader names both files); the setting picks
+    one (relative to the folder, .ply optional), which becomes Dataset Points for Aggregate;
+    a name of no file is refused before anything changes; without it Dataset Points clears."""
+    import json
+
+    from PIL import Image
+
+    from npbgpp_core.ply import save_ply
+
+    sc, cam = scene["scene"], scene["camera"]
+    root = scene["dir"] / "two_clouds"
+    (root / "images").mkdir(parents=True)
+    Image.fromarray(np.full((24, 32, 3), 90, np.uint8)).save(root / "images" / "f0.png")
+    frame = {"file_path": "images/f0.png", "transform_matrix": [list(r) for r in cam.matrix_world], "fl_x": 30.0,
+             "fl_y": 30.0, "cx": 16.0, "cy": 12.0, "w": 32, "h": 24}
+    (root / "transforms.json").write_text(json.dumps({"frames": [frame]}))
+    save_ply(str(root / "a.ply"), scene["points"], scene["colors"])
+    other = (scene["points"][:10] + np.float32(0.25)).astype(np.float32)
+    save_ply(str(root / "b.ply"), other, scene["colors"][:10])
+
+    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root)) == {"FINISHED"}
+    assert sc.npbgpp.point_object is None
+    assert "['a.ply', 'b.ply'] are not read unnamed" in sc.npbgpp.dataset_no_cloud
+    assert "Import Dataset's Point Cloud" in sc.npbgpp.dataset_no_cloud
+
+    cameras = {o.name for o in sc.objects if o.type == "CAMERA"}
+    with pytest.raises(RuntimeError, match=r"Point Cloud 'c.ply' names no file \(.*two_clouds.c.ply not found"):
+        bpy.ops.import_scene.npbgpp_dataset(directory=str(root), point_cloud="c.ply")
+    assert {o.name for o in sc.objects if o.type == "CAMERA"} == cameras and sc.npbgpp.dataset_points == ""
+
+    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root), point_cloud="b") == {"FINISHED"}
+    obj = sc.npbgpp.point_object
+    got = np.empty(len(obj.data.points) * 3, np.float32)
+    obj.data.attributes["position"].data.foreach_get("vector", got)
+    M = np.array(obj.matrix_world)
+    np.testing.assert_allclose(got.reshape(-1, 3) @ M[:3, :3].T + M[:3, 3], other, atol=1e-6)
+    assert sc.npbgpp.dataset_no_cloud == ""
+    assert os.path.samefile(bpy.path.abspath(sc.npbgpp.dataset_points), root / "b.ply")
+
+    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root)) == {"FINISHED"}
+    assert sc.npbgpp.dataset_points == "" and sc.npbgpp.point_object is None
+
+
 def test_import_dataset_undistort_cameras_have_the_undistorted_focal_length(scene):
     """Import Dataset's Undistort on a SIMPLE_RADIAL capture: the Blender camera frames the
     undistorted photo, whose focal length is the photo's scaled so no pixel is blank
