@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import weakref
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import bpy
@@ -258,17 +259,69 @@ class Progress(NamedTuple):
     finished: bool
 
 
-# The worker jobs running in the UI (modal), by job name: the worker holds one job of each
-# kind, so a second Begin silently replaced the first, whose timer then stepped (and its
-# Finish saved) the other's job (Aggregate even added views twice).
-_RUNNING: dict[str, tuple[Any, Any, int | None]] = {}  # job -> (operator, worker, generation)
+class _Claim(NamedTuple):
+    """A job running in the UI: ``owner`` says whose (compared by identity only: Blender may
+    have freed the operator), ``alive`` whether it runs still (a job Blender dropped
+    without a last tick must not block the next run for ever)."""
+
+    owner: Any
+    alive: Callable[[], bool]
+
+
+# The jobs running in the UI, one of each kind, by job name. Worker jobs: the worker holds
+# one job of each kind, so a second Begin silently replaced the first, whose timer then
+# stepped (and its Finish saved) the other's job (Aggregate even added views twice).
+# Export Dataset: two at once interleaved their settings changes, the second saved the
+# first's temporary ones (render engine, resolution, samples) as the scene's own and
+# restored those at its end.
+_RUNNING: dict[str, _Claim] = {}
+EXPORT_JOB = "Export Dataset"
+
+
+def _running(job: str, owner: Any = None) -> bool:
+    """Whether a ``job`` other than ``owner``'s runs still; a claim whose job ended goes."""
+    claim = _RUNNING.get(job)
+    if claim is None or claim.owner is owner:
+        return False
+    if claim.alive():
+        return True
+    del _RUNNING[job]
+    return False
 
 
 def _release_claim(op: Any) -> None:
     """End ``op``'s claim in :data:`_RUNNING` (its modal job ended)."""
     claim = _RUNNING.get(op._job)
-    if claim is not None and claim[0] is op:
+    if claim is not None and claim.owner is op:
         del _RUNNING[op._job]
+
+
+def _worker_alive(worker: Any, generation: int | None) -> Callable[[], bool]:
+    """A worker job's liveness: the worker process is the one it began in. HUB.worker
+    changes on File > Open/New and add-on disable (HUB.shutdown): an in-process worker
+    stays "alive" with generation 1 for ever, and disabling frees the modal operator
+    without calling cancel. Holds the worker and generation, not the operator's own
+    fields: Blender may have freed it."""
+
+    def alive() -> bool:
+        from .worker_client import HUB
+
+        return worker is HUB.worker and worker.alive() and worker.generation == generation
+
+    return alive
+
+
+def _claim_export(steps: Any) -> None:
+    """Export Dataset's claim: its step generator, weakly (a job Blender frees without
+    cancel, e.g. on add-on disable, frees the generator and with it the claim); a finished
+    or closed generator blocks nothing."""
+    ref = weakref.ref(steps)
+
+    def alive() -> bool:
+        steps = ref()
+        return steps is not None and steps.gi_frame is not None
+
+    _RUNNING[EXPORT_JOB] = _Claim(ref, alive)
 
 
 def job_scene(key: tuple[int, str, str]) -> Any:
@@ -324,19 +377,10 @@ class _WorkerStepJob(_ModalJob):
 
     def _already_running(self) -> bool:
         """Whether a job of this kind runs in the UI still (reported): its worker process is
-        the one the job began in, so a job whose worker stopped (File > New, a crash) or
-        whose modal handler was dropped without a last tick does not block for ever."""
-        claim = _RUNNING.get(self._job)
-        if claim is None or claim[0] is self:
-            return False
-        from .worker_client import HUB
-
-        _, worker, generation = claim  # not the operator's own fields: Blender may have freed it
-        # HUB.worker changes on File > Open/New and add-on disable (HUB.shutdown): an in-process
-        # worker stays "alive" with generation 1 for ever, and disabling frees the modal
-        # operator without calling cancel, so its claim would block every later run
-        if worker is not HUB.worker or not worker.alive() or worker.generation != generation:
-            _RUNNING.pop(self._job, None)
+        the one the job began in (:func:`_worker_alive`), so a job whose worker stopped (File >
+        New, a crash) or whose modal handler was dropped without a last tick does not block
+        for ever."""
+        if not _running(self._job, self):
             return False
         self.report({"ERROR"}, f"{self._job} is already running (progress in the status bar): wait for it, or "
                                "press Esc to cancel it, then run it again.")
@@ -400,7 +444,7 @@ class _WorkerStepJob(_ModalJob):
         progress = self._begin(context)
         if progress is None:
             return {"CANCELLED"}
-        _RUNNING[self._job] = (self, self._worker, self._generation)
+        _RUNNING[self._job] = _Claim(self, _worker_alive(self._worker, self._generation))
         self._scene_key = (context.scene.as_pointer(), context.scene.name, context.view_layer.name)
         try:
             self._start_modal(context, max(1, progress.total))
@@ -732,23 +776,6 @@ class NPBGPP_OT_fit(_WorkerStepJob, bpy.types.Operator):
         self._show_status(context, f"Fit to Photos: step {progress.done} of {progress.total} (Esc to cancel)")
 
 
-# The Export Dataset running in the UI: its step generator, weakly (a job Blender frees without
-# cancel, e.g. on add-on disable, frees the generator and with it the claim). Two at once
-# interleaved their settings changes: the second saved the first's temporary ones (render
-# engine, resolution, samples) as the scene's own and restored those at its end.
-_exporting: Any = None  # weakref.ref to the generator, or None
-
-
-def _export_running() -> bool:
-    steps = _exporting() if _exporting is not None else None
-    return steps is not None and steps.gi_frame is not None  # a finished or closed job blocks nothing
-
-
-def _claim_export(steps: Any) -> None:
-    global _exporting
-    _exporting = weakref.ref(steps)
-
-
 class NPBGPP_OT_export_dataset(_ModalJob, bpy.types.Operator):
     """Render views of this scene into a NeRF-Synthetic style dataset folder (images, cameras, points)"""
 
@@ -803,8 +830,8 @@ class NPBGPP_OT_export_dataset(_ModalJob, bpy.types.Operator):
         if not self.directory:
             self.report({"ERROR"}, "Choose an output folder for the dataset.")
             return {"CANCELLED"}
-        if _export_running():
-            self.report({"ERROR"}, "Export Dataset is already running (progress in the status bar): wait for it, or "
+        if _running(EXPORT_JOB):
+            self.report({"ERROR"}, f"{EXPORT_JOB} is already running (progress in the status bar): wait for it, or "
                                    "press Esc to cancel it, then export again.")
             return {"CANCELLED"}
         held = self._held_file(context, bpy.path.abspath(self.directory))
@@ -932,5 +959,3 @@ def unregister() -> None:
     end_running_jobs(wm.windows if wm is not None else (), bpy.context)
     _unregister_classes()
     _RUNNING.clear()  # a job end_running_jobs could not end (Blender frees it without cancel())
-    global _exporting
-    _exporting = None

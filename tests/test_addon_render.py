@@ -903,7 +903,7 @@ def test_unregister_ends_running_jobs_as_cancel_does(addon):
     job = Job()
     job._timer = wm.event_timer_add(10.0)
     wm.progress_begin(0, 10)
-    ops._RUNNING[job._job] = (job, None, None)
+    ops._RUNNING[job._job] = ops._Claim(job, lambda: True)
     other = SimpleNamespace(bl_idname="OTHER_OT_modal", cancel=lambda context: pytest.fail("not ours"))
     windows = [SimpleNamespace(modal_operators=[other, Broken()]), SimpleNamespace(modal_operators=[job])]
     overrides: list[object] = []
@@ -2943,7 +2943,7 @@ def test_a_second_export_while_one_runs_is_refused(scene):
     next(dropped)
     del dropped  # Blender freed the operator holding it (add-on disable): its claim goes with it
     gc.collect()
-    assert not ops_module._export_running()
+    assert not ops_module._running(ops_module.EXPORT_JOB) and ops_module.EXPORT_JOB not in ops_module._RUNNING
     assert (sc.render.engine, sc.render.resolution_x, sc.render.resolution_y, sc.camera) == before
 
 
