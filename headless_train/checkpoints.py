@@ -404,7 +404,9 @@ class EpochAndLastCheckpoint(pl.Callback):
         return os.path.join(self.dirpath, "last.ckpt")
 
     def _save_last(self, trainer: pl.Trainer) -> None:
-        trainer.save_checkpoint(self.last_path)
+        # weights_only=False said explicitly: the optimiser and schedulers are what resume needs,
+        # and left unset Lightning logged "`weights_only` was not set" at every save
+        trainer.save_checkpoint(self.last_path, weights_only=False)
         self._last_saved_step = trainer.global_step
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -463,7 +465,7 @@ class EpochAndLastCheckpoint(pl.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._stop_if_ctrl_c(trainer)
-        trainer.save_checkpoint(os.path.join(self.dirpath, f"epoch{trainer.current_epoch}.ckpt"))
+        trainer.save_checkpoint(os.path.join(self.dirpath, f"epoch{trainer.current_epoch}.ckpt"), weights_only=False)
         self._save_last(trainer)
         if self.keep_epochs is not None and trainer.global_rank == 0:
             self._drop_old_epochs(trainer.current_epoch)

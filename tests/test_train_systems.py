@@ -750,6 +750,26 @@ def test_resuming_npbg_on_other_scenes_is_refused_naming_them(data_root, tmp_pat
     run_inproc([*base, "trainer.max_epochs=2", "resume=true"], run)  # the same scenes resume
 
 
+def test_checkpoint_saves_and_resume_set_weights_only_explicitly(data_root, tmp_path, caplog, recwarn):
+    """Lightning logged "`weights_only` was not set, defaulting to `False`" at every checkpoint
+    the run wrote (trainer.save_checkpoint without it); the checkpoints set it, the resumed
+    load reads with weights_only=True (AtomicCheckpointIO), and no warning names it."""
+    import logging
+
+    base = ["datasets=nerf_blender_one_scene", f"datasets.data_root={data_root}", "datasets.scene_name=sceneA",
+            "datasets.selection_count=0", "system=npbg", "datasets.train_num_samples=1", *FAST]
+    run = str(tmp_path / "run")
+    with caplog.at_level(logging.DEBUG):
+        run_inproc([*base, "trainer.max_epochs=1"], run)
+        run_inproc([*base, "trainer.max_epochs=2", "resume=true"], run)
+    assert os.path.isfile(os.path.join(run, "checkpoints", "epoch1.ckpt"))  # two epochs, saved twice each
+    said = [r.getMessage() for r in caplog.records if "weights_only" in r.getMessage()]
+    said += [str(w.message) for w in recwarn if "weights_only" in str(w.message)]
+    assert not said, said
+    last = torch.load(os.path.join(run, "checkpoints", "last.ckpt"), map_location="cpu", weights_only=True)
+    assert last["optimizer_states"] and last["lr_schedulers"] is not None  # a full checkpoint, as before
+
+
 def test_npbg_evaluation_needs_descriptors_fitted_to_the_scene(data_root, tmp_path):
     """An NPBG checkpoint fitted on sceneB, evaluated on sceneA: the refiner loaded, sceneA's
     descriptors stayed random, and metrics.json reported them as the model's quality."""
