@@ -33,7 +33,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-points", type=float, default=None, help="NPBG++: subsample the cloud (seed 123)")
     p.add_argument("--views", choices=("non-held-out", "all", "train"), default="non-held-out",
                    help="NPBG++: which views are aggregated")
-    p.add_argument("--max-side", type=int, default=None, help="NPBG++: downscale input views to this long side")
+    p.add_argument("--max-side", type=int, default=None, help="NPBG++: downscale input views to this long side "
+                   "(a nerfstudio scene reads its smallest images_N/ copy still this large)")
     p.add_argument("--undistort", action="store_true",
                    help="COLMAP models and nerfstudio transforms.json with lens distortion: remap the photos to "
                    "pinhole images on load")
@@ -214,6 +215,12 @@ def export(args: argparse.Namespace) -> str:
                           f"which is not in {args.scene}: name where that cloud is now with --pc-name")
     if pc_name:
         options["pc_name"] = pc_name
+    if args.max_side and system == "npbgpp" and os.path.isdir(args.scene):
+        from npbgpp_core.datasets import detect_format, format_options
+
+        if "min_side" in format_options(args.format or detect_format(args.scene)):
+            # nerfstudio's smaller copies (images_2/ ...) still at least --max-side: less to decode and resize
+            options["min_side"] = int(args.max_side)
     scene = load_scene(args.scene, format=args.format, **options)
     from npbgpp_core.datasets.scene_data import scene_input_at
 

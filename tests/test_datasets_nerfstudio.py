@@ -624,3 +624,84 @@ def test_windows_separators_in_paths(capture):
     assert got.test == [3]
     assert got.metadata["point_cloud"] == os.path.join(root, "pc", "sparse_pc.ply")
     np.testing.assert_allclose(got.points, POINTS, atol=1e-6)
+
+
+def test_min_side_reads_the_smallest_copy_still_large_enough(tmp_path):
+    """images_2/ (20x15), images_4/ (10x8: 7.5 rounded up, so not 30/4) and images_8/ (5x4)
+    beside images/ (40x30): min_side picks the copy with the smallest long side >= it, with
+    intrinsics scaled by the size read (a point lands where the full-size pixel centre maps
+    by hand: (u + 0.5) * w_copy / W - 0.5); a copy missing a file or framed otherwise is
+    passed over."""
+    cams = random_cameras(3, seed=41)
+    root = str(tmp_path / "copies")
+    write_images(root, cams)
+    for n, size in ((2, (15, 20)), (4, (8, 10)), (8, (4, 5))):
+        write_images(root, cams, f"images_{n}", size)
+    write_transforms(root, cams)
+    full = load_scene(root)
+    assert full.metadata["downscale"] == 1
+    for min_side, n, size in ((15, 2, (15, 20)), (10, 4, (8, 10)), (11, 2, (15, 20)), (5, 8, (4, 5)),
+                              (40, 1, (H, W)), (41, 1, (H, W))):
+        s = load_scene(root, min_side=min_side)
+        assert s.metadata["downscale"] == n, min_side
+        folder = "images" if n == 1 else f"images_{n}"
+        for view, ref, cam in zip(s.views, full.views, cams, strict=True):
+            assert view.image_path == os.path.join(root, folder, cam["name"])
+            assert view.camera.image_size == size and view.name == ref.name
+            np.testing.assert_allclose(view.camera.K.numpy(), ref.camera.scaled(size).K.numpy(), atol=1e-5)
+            uv, _ = view.camera.project(torch.as_tensor(POINTS))
+            scale = np.array([size[1] / W, size[0] / H])
+            np.testing.assert_allclose(uv.double().numpy(), (colmap_pixels(cam, POINTS) + 0.5) * scale - 0.5,
+                                       atol=1e-3)
+        assert (s.train, s.test) == (full.train, full.test)
+    # without w / h in the file the full size comes from images/
+    rewrite(root, lambda m: [(f.pop("w"), f.pop("h")) for f in m["frames"]])
+    s = load_scene(root, min_side=10)
+    assert s.metadata["downscale"] == 4
+    np.testing.assert_allclose(s.views[1].camera.K.numpy(), full.views[1].camera.scaled((8, 10)).K.numpy(), atol=1e-5)
+    # a copy missing one image, or of another framing (cropped square), is not used
+    os.remove(os.path.join(root, "images_8", cams[2]["name"]))
+    write_images(root, cams, "images_3", (7, 7))
+    assert load_scene(root, min_side=5).metadata["downscale"] == 4
+    # masks: a copy without its masks_N/ is not used either
+    os.makedirs(os.path.join(root, "masks"))
+    for c in cams:
+        Image.fromarray(np.full((H, W), 255, np.uint8)).save(os.path.join(root, "masks", c["name"]))
+    rewrite(root, lambda m: [f.update(mask_path=f["file_path"].replace("images/", "masks/")) for f in m["frames"]])
+    assert load_scene(root, min_side=5).metadata["downscale"] == 1
+    assert load_scene(root, min_side=5, use_masks=False).metadata["downscale"] == 4
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"min_side": 0}, r"min_side=0 must be a whole number of pixels >= 1"),
+    ({"min_side": 12.5}, r"min_side=12.5 must be a whole number"),
+    ({"min_side": 10, "downscale": 2}, r"downscale=2 and min_side=10 both choose the image copy"),
+])
+def test_min_side_option_checks(capture, options, message):
+    root, _ = capture
+    with pytest.raises(DatasetError, match=message):
+        load_scene(root, **options)
+
+
+def test_export_max_side_reads_the_downscaled_copy(tmp_path, monkeypatch):
+    """`headless_train export --max-side S` on a nerfstudio scene aggregates from the
+    smallest images_N/ copy still S pixels long (min_side), else from images/."""
+    from headless_train.export import main as export_main
+    from npbgpp_core.datasets import scene_data
+    from npbgpp_core.pretrained import default_weights_path
+
+    cams = random_cameras(4, seed=43)
+    root = str(tmp_path / "ns")
+    write_images(root, cams)
+    write_images(root, cams, "images_2", (H // 2, W // 2))
+    write_transforms(root, cams)
+    read = []
+    real = scene_data.read_image
+    monkeypatch.setattr(scene_data, "read_image", lambda path, *a, **k: read.append(path) or real(path, *a, **k))
+    weights = default_weights_path("npbgpp", "object")
+    for max_side, folder in (("16", "images_2"), ("25", "images")):
+        read.clear()
+        out = str(tmp_path / f"s{max_side}.npbgpp")
+        assert export_main(["--checkpoint", weights, "--scene", root, "--out", out, "--device", "cpu",
+                            "--max-side", max_side, "--views", "all"]) == 0
+        assert sorted(read) == [os.path.join(root, folder, c["name"]) for c in cams], max_side

@@ -67,14 +67,20 @@ as ``/``.
 
 Options: ``pc_name`` (a cloud other than ``ply_file_path``), ``require_points``,
 ``downscale=N`` (nerfstudio's ``images_N/`` / ``masks_N/`` copies, intrinsics scaled to
-the images found), ``use_masks`` (``mask_path`` per frame, default True), ``white_bg``
-(background of RGBA images, which then carry their mask as alpha), ``undistort``,
-``holdout_every``, ``*_indices``, ``allow_external_paths``.
+the images found), ``min_side=S`` (for a caller that will shrink the images to a long side
+of S, as ``headless_train export --max-side``: the ``images_N/`` copy with the smallest
+images whose long side is still >= S in every view, else ``images/``; a copy qualifies only
+when every image and mask is there and is its full image scaled alike in x and y, the
+sizes read from the files; the N chosen is ``metadata['downscale']``), ``use_masks``
+(``mask_path`` per frame, default True), ``white_bg`` (background of RGBA images, which
+then carry their mask as alpha), ``undistort``, ``holdout_every``, ``*_indices``,
+``allow_external_paths``.
 """
 
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 
@@ -97,7 +103,7 @@ from .scene_data import Distortion, SceneData, View
 FILE = "transforms.json"
 OPTIONS = (
     "pc_name", "require_points", "train_indices", "val_indices", "test_indices", "holdout_every",
-    "undistort", "downscale", "use_masks", "white_bg", "allow_external_paths",
+    "undistort", "downscale", "min_side", "use_masks", "white_bg", "allow_external_paths",
 )
 PINHOLE_MODELS = ("PINHOLE", "SIMPLE_PINHOLE")
 RADIAL_MODELS = ("OPENCV", "SIMPLE_RADIAL", "RADIAL")
@@ -207,13 +213,13 @@ def _frame_view(root: str, meta: dict, frame: object, k: int, opts: dict) -> tup
     key = os.path.relpath(path_in_root(root, rel, f"{source} file_path", allow_external), root)
     image_path = resolve_image(root, _downscaled(rel, "images_", n), source, allow_external)
     size = image_size_of(image_path)
-    h0, w0 = _declared_size(meta, frame, source)
     if n == 1:  # transforms_intrinsics refuses a w / h that differs from the image
         h0, w0 = size
-    elif h0 is None or w0 is None:
-        raise DatasetError(f"{source}: downscale={n} needs the full-resolution size (w, h) in {FILE}")
+    else:
+        h0, w0 = _full_size(root, meta, frame, source, opts)
     K = transforms_intrinsics(meta, frame, w0, h0, source)
-    if n != 1 and (abs(size[0] - h0 / n) > 1.0 or abs(size[1] - w0 / n) > 1.0):
+    # a copy min_side chose was checked for its framing (_copy_fits), whatever its folder's N
+    if n != 1 and not opts["auto"] and (abs(size[0] - h0 / n) > 1.0 or abs(size[1] - w0 / n) > 1.0):
         raise DatasetError(f"{image_path}: image is {size[1]}x{size[0]}, but w x h = {w0}x{h0} downscaled "
                            f"{n}x is about {w0 / n:g}x{h0 / n:g}")
     R, t = opencv_pose(frame["transform_matrix"], f"{source} transform_matrix")
@@ -232,6 +238,60 @@ def _frame_view(root: str, meta: dict, frame: object, k: int, opts: dict) -> tup
     if dist is None:
         return View(name, image_path, mask_path, cam, mask_from_alpha=alpha), key
     return View(name, image_path, mask_path, view_cam, mask_from_alpha=alpha, distortion=dist, source_camera=cam), key
+
+
+def _full_size(root: str, meta: dict, frame: dict, source: str, opts: dict) -> tuple[int, int]:
+    """(h, w) the intrinsics are given for, read with a downscaled copy: the file's ``w`` /
+    ``h``; without them, an explicit ``downscale`` is refused (the full images may be gone)
+    and ``min_side`` reads the full image's header."""
+    h0, w0 = _declared_size(meta, frame, source)
+    if h0 is not None and w0 is not None:
+        return h0, w0
+    if not opts["auto"]:
+        raise DatasetError(f"{source}: downscale={opts['downscale']} needs the full-resolution size (w, h) in {FILE}")
+    return image_size_of(resolve_image(root, _posix(frame["file_path"]), source, opts["allow_external"]))
+
+
+def _copy_long_side(root: str, meta: dict, frames: list, n: int, opts: dict) -> int | None:
+    """The smallest long side of the images in ``images_<n>/``, or None when that copy
+    cannot stand in for ``images/``: an image (or, with masks, a ``masks_<n>/`` mask) is
+    missing, or one is not the full image scaled alike in x and y (within a pixel). The
+    sizes come from the files, not from the folder's name."""
+    path = os.path.join(root, FILE)
+    side = None
+    for k, frame in enumerate(frames):
+        source = f"{path} frames[{k}]"
+        if not isinstance(frame, dict) or not isinstance(frame.get("file_path"), str):
+            return None  # the load reports it by name
+        try:
+            rel = _posix(frame["file_path"])
+            h, w = image_size_of(resolve_image(root, _downscaled(rel, "images_", n), source, opts["allow_external"]))
+            h0, w0 = _full_size(root, meta, frame, source, opts)
+            mask = frame.get("mask_path")
+            if opts["use_masks"] and mask is not None and not os.path.isfile(
+                    path_in_root(root, _downscaled(_posix(mask), "masks_", n), source, opts["allow_external"])):
+                return None
+        except DatasetError:
+            return None
+        if abs(h - h0 * w / w0) > 1.0:
+            return None
+        side = max(h, w) if side is None else min(side, max(h, w))
+    return side
+
+
+def _choose_downscale(root: str, meta: dict, frames: list, min_side: int, opts: dict) -> int:
+    """N of the ``images_<N>/`` copy with the smallest images whose long side is still at
+    least ``min_side`` in every view; 1 (``images/``) when no copy is."""
+    best: tuple[int, int] | None = None
+    for entry in sorted(os.listdir(root)):
+        match = re.fullmatch(r"images_(\d+)", entry)
+        if match is None or int(match.group(1)) < 2 or not os.path.isdir(os.path.join(root, entry)):
+            continue
+        n = int(match.group(1))
+        side = _copy_long_side(root, meta, frames, n, opts)
+        if side is not None and side >= min_side and (best is None or side < best[0]):
+            best = (side, n)
+    return 1 if best is None else best[1]
 
 
 def _split_lists(root: str, meta: dict, keys: list[str], allow_external: bool) -> dict[str, list[int]] | None:
@@ -326,8 +386,17 @@ def load_nerfstudio(root: str, **options) -> SceneData:
     n = options.get("downscale", 1)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise DatasetError(f"{root}: downscale={n!r} must be a whole number >= 1")
+    min_side = options.get("min_side")
+    if min_side is not None:
+        if isinstance(min_side, bool) or not isinstance(min_side, int) or min_side < 1:
+            raise DatasetError(f"{root}: min_side={min_side!r} must be a whole number of pixels >= 1")
+        if n != 1:
+            raise DatasetError(f"{root}: downscale={n} and min_side={min_side} both choose the image copy; give one")
     opts = {"allow_external": bool(options.get("allow_external_paths", False)), "downscale": n,
-            "undistort": bool(options.get("undistort", False)), "use_masks": bool(options.get("use_masks", True))}
+            "undistort": bool(options.get("undistort", False)), "use_masks": bool(options.get("use_masks", True)),
+            "auto": min_side is not None}
+    if min_side is not None:
+        n = opts["downscale"] = _choose_downscale(root, meta, frames, min_side, opts)
     loaded = [_frame_view(root, meta, frame, k, opts) for k, frame in enumerate(frames)]
     loaded.sort(key=lambda vk: vk[1])
     views, keys = [v for v, _ in loaded], [key for _, key in loaded]
@@ -355,5 +424,5 @@ def load_nerfstudio(root: str, **options) -> SceneData:
         background=((1.0, 1.0, 1.0) if white_bg else (0.0, 0.0, 0.0)) if any(v.mask_from_alpha for v in views)
         else None,
         metadata={"point_cloud": pc_path, "split": "filenames" if lists is not None else "holdout",
-                  "applied_transform": applied_transform, "applied_scale": applied_scale},
+                  "applied_transform": applied_transform, "applied_scale": applied_scale, "downscale": n},
     )
