@@ -83,7 +83,7 @@ def _output_name(dataset: str, suffix: str) -> str:
 
 
 def output_path(op: Any, dataset: str, suffix: str, what: str, field: str,
-                inputs: tuple[tuple[str, str], ...] = ()) -> str:
+                inputs: tuple[tuple[str, str], ...] = (), outputs: tuple[str, ...] = ()) -> str:
     """The operator's ``filepath``, else :func:`default_output`; "" after reporting when
     neither says where the ``what`` goes (``field``: the operator's path setting), or when
     it would replace an input (:func:`replaces_an_input`)."""
@@ -92,16 +92,18 @@ def output_path(op: Any, dataset: str, suffix: str, what: str, field: str,
         op.report({"ERROR"}, f"Choose where to save the {what} (the operator's {field} path), or save the .blend "
                              f"first: {what}s are saved next to it by default.")
         return ""
-    if replaces_an_input(op, out, field, dataset, inputs):
+    if replaces_an_input(op, out, field, dataset, inputs, outputs):
         return ""
     return out if output_folder_exists(op, out, field) else ""
 
 
-def replaces_an_input(op: Any, out: str, field: str, dataset: str, inputs: tuple[tuple[str, str], ...] = ()) -> bool:
+def replaces_an_input(op: Any, out: str, field: str, dataset: str, inputs: tuple[tuple[str, str], ...] = (),
+                      outputs: tuple[str, ...] = ()) -> bool:
     """Whether writing ``out`` would replace a file the job reads, after reporting which:
     an existing file inside the ``dataset`` folder other than a bundle (its cameras,
     photos, cloud: a bundle written over transforms_train.json destroyed the dataset) or
-    one of ``inputs``
+    a file ending in one of ``outputs`` (left to the worker, which knows which of them the
+    dataset reads: Densify's ``.ply``, an earlier run's it may replace) or one of ``inputs``
     (``(path, what it is)``, e.g. the Weights file; the scene's bundle for Densify)."""
     from npbgpp_core.atomic import holds, same_file
 
@@ -110,7 +112,8 @@ def replaces_an_input(op: Any, out: str, field: str, dataset: str, inputs: tuple
         if path and same_file(target, path):
             op.report({"ERROR"}, f"{field} {out} is {what}; choose another file.")
             return True
-    ours = target.lower().endswith(".npbgpp")  # a bundle is never a dataset's input: replacing one is a re-run
+    # a bundle is never a dataset's input: replacing one is a re-run
+    ours = target.lower().endswith((".npbgpp", *outputs))
     if dataset and not ours and os.path.isfile(target) and holds(dataset, target):
         op.report({"ERROR"}, f"{field} {out} is a file of the dataset {dataset}; writing there would replace it: "
                              "choose a path outside the dataset folder.")
@@ -664,12 +667,14 @@ class NPBGPP_OT_densify(_WorkerStepJob, bpy.types.Operator):
         if not dataset:
             return None
         self._out = output_path(self, dataset, "_dense.ply", "dense cloud", "Output PLY",
-                                ((resolved(s, s.bundle), "the scene's bundle (a PLY written there breaks it)"),))
+                                ((resolved(s, s.bundle), "the scene's bundle (a PLY written there breaks it)"),),
+                                (".ply",))
         if not self._out:
             return None
+        # the worker refuses a .ply the dataset reads (its cloud) and lets a re-run replace its own
         return worker_reply(self, P.DensifyBegin(
             dataset, s.dataset_format or None, s.dataset_undistort, s.device, self.max_points, self.max_views,
-            self.min_consistent, self.image_scale, s.dataset_allow_external_paths, fill=self.fill,
+            self.min_consistent, self.image_scale, s.dataset_allow_external_paths, fill=self.fill, out=self._out,
         ), context)
 
     def _finish(self, context: Any) -> set[str]:

@@ -1107,17 +1107,19 @@ def _options(a: argparse.Namespace) -> DensifyOptions:
     return opt
 
 
-def _check_not_an_input(out: str, scene) -> None:
-    """Refuse an ``--out`` that is one of the files the scene was read from
-    (:func:`~npbgpp_core.datasets.scene_data.scene_input_at`): writing there replaced the
-    user's input without a word."""
+def check_not_an_input(out: str, scene, field: str = "--out") -> None:
+    """Refuse an output ``out`` (``field``: what the caller calls it) that is one of the
+    files the scene was read from (:func:`~npbgpp_core.datasets.scene_data.scene_input_at`):
+    writing there replaced the user's input without a word. Another ``.ply`` in the scene's
+    folder, such as an earlier run's dense cloud, may be replaced: the one rule of the
+    command line and the add-on's Densify Points."""
     from .datasets.scene_data import scene_input_at
 
     path = scene_input_at(scene, out, (".ply",))  # a bundle in the folder is no place for a cloud
     if path is not None:
         # a re-run into an instant-ngp folder finds its earlier dense.ply as the scene's cloud
         name = "dense_2.ply" if os.path.basename(os.path.realpath(out)) == "dense.ply" else "dense.ply"
-        raise ValueError(f"--out {out} is an input of the scene ({path}); write the dense cloud to another "
+        raise ValueError(f"{field} {out} is an input of the scene ({path}); write the dense cloud to another "
                          f"file, e.g. {os.path.join(os.path.dirname(out) or '.', name)}")
 
 
@@ -1177,7 +1179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # transforms.json) is densified from the cameras' spread alone.
         options = {"require_points": False, **({"undistort": True} if a.undistort else {})}
         scene = load_scene(a.scene, a.format, **options)  # refuses --undistort for a format without distortion
-        _check_not_an_input(a.out, scene)
+        check_not_an_input(a.out, scene)
         views = _parse_views(a.views, len(scene.views), scene.train, [v.name for v in scene.views])
         problem = _views_problem(views, [v.name for v in scene.views])
         if problem:

@@ -349,6 +349,7 @@ class DensifyBegin(Request):
     image_scale: float = 1.0
     allow_external_paths: bool = False
     fill: bool = False  # DensifyOptions.fill: points on texture-poor regions without stereo depth
+    out: str = ""  # where DensifyFinish will write: refused now when it is an input of the dataset
     op: ClassVar[str] = "densify_begin"
     reply: ClassVar[type[Reply]] = DensifyProgress
 
