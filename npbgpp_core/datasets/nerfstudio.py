@@ -35,7 +35,9 @@ cloud, and a trained model's ``ns-export pointcloud`` is in the file frame only 
 ``--save-world-frame`` (by default it writes the trainer's auto-oriented, scaled frame).
 The same capture read from its COLMAP model and from nerfstudio's conversion therefore
 gives the same images, pixels and held-out views in two world frames one rotation apart
-(x and y swapped, z negated); NPBG++'s view-dependent basis reads world-space directions,
+(the file's ``applied_transform``: x and y swapped and z negated in files from older
+nerfstudio versions, which the nerfstudio reader assumes when the field is missing; x, z, -y
+in current ones); NPBG++'s view-dependent basis reads world-space directions,
 so its renders differ a little between the two (not a misalignment).
 
 Lens: ``camera_model`` (top level or per frame) PINHOLE / SIMPLE_PINHOLE, or a
