@@ -19,7 +19,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -27,6 +27,9 @@ from npbgpp_core.atomic import atomic_write_bytes
 from npbgpp_core.pretrained import TRAINER_META_KEY
 
 from .lifeline import EXIT_SIGINT, EXIT_SIGTERM  # a run stopped by Ctrl-C / SIGTERM (128 + N)
+
+if TYPE_CHECKING:
+    from npbgpp_core.pretrained import WeightsFile
 
 log = logging.getLogger(__name__)
 
@@ -123,18 +126,19 @@ def load_checkpoint_file(path: str, map_location: Any = "cpu") -> dict:
     return ckpt
 
 
-def weights_file_checkpoint(path: str, world_up: list[float] | None = None) -> dict:
-    """The network of NPBG++ weights file ``path`` (:mod:`npbgpp_core.pretrained`, e.g. a
-    bundled one) as a headless_train NPBG++ checkpoint dict with the file's own config, so
-    that ``weights_path=`` can start or evaluate a run from it; ``world_up`` replaces the
-    file's. WeightsError / FileNotFoundError naming the file."""
+def weights_file_checkpoint(weights: str | WeightsFile, world_up: list[float] | None = None) -> dict:
+    """The network of NPBG++ weights file ``weights`` (:mod:`npbgpp_core.pretrained`, e.g. a
+    bundled one; its path, or the file as ``read_weights(path, "npbgpp")`` returned it to a
+    caller that read it already) as a headless_train NPBG++ checkpoint dict with the file's
+    own config, so that ``weights_path=`` can start or evaluate a run from it; ``world_up``
+    replaces the file's. WeightsError / FileNotFoundError naming the file."""
     from npbgpp_core.pretrained import read_weights
 
-    wf = read_weights(path, "npbgpp")
+    wf = read_weights(weights, "npbgpp") if isinstance(weights, str) else weights
     config = dict(wf.config)
     if world_up is not None:
         config["world_up"] = list(world_up)
-    return _file_checkpoint(path, "npbgpp", "model.", wf.state, config)
+    return _file_checkpoint(wf.path, "npbgpp", "model.", wf.state, config)
 
 
 def refiner_file_checkpoint(path: str) -> dict:

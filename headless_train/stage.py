@@ -23,7 +23,9 @@ inputs), that writes new weights and their card back.
 - ``--background environment`` trains NPBG++ with the environment background
   (``system.background``); background-less starting weights get zero projections
   (``npbgpp_core.pretrained.widen_for_background``). Without the flag a call continues with
-  the run's (or the starting weights') own option; ``stage.json`` records it.
+  the run's (or the starting weights') own option; ``stage.json`` records it. A resumed call
+  refuses a ``--background`` / ``--input-canvas`` other than the run's, and a ``--weights``
+  other than the file the run started from (recorded in ``seed.ckpt``).
 - ``--warmup-steps N`` (default 200 on the first call) ramps the lr linearly up over the
   first N steps (``system.warmup_steps``), so that the fresh optimiser does not knock the
   starting weights off their optimum; resumed calls keep the run's setting and continue
@@ -49,9 +51,12 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .lifeline import EXIT_SIGTERM, exit_status
+
+if TYPE_CHECKING:
+    from npbgpp_core.pretrained import WeightsFile
 
 MAX_CORPUS_MIB = 64
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,9 +98,10 @@ def check_corpus(corpus: str, max_mib: float = MAX_CORPUS_MIB) -> list[str]:
                          "checks it") from exc
 
 
-def seed_checkpoint(weights: str, out: str, world_up: list[float] | None = None) -> str:
+def seed_checkpoint(weights: str | WeightsFile, out: str, world_up: list[float] | None = None) -> str:
     """A headless_train NPBG++ checkpoint holding the network of weights file ``weights``
-    (so ``weights_path=`` can start a run from bundled weights)."""
+    (its path, or the file as :func:`start_weights` read it), so ``weights_path=`` can start
+    a run from bundled weights; it records the file as ``seeded_from``."""
     from .checkpoints import atomic_torch_save, weights_file_checkpoint
 
     atomic_torch_save(weights_file_checkpoint(weights, world_up), out)
@@ -156,28 +162,58 @@ def checkpoint_state(path: str) -> tuple[int, dict[str, Any]]:
     return ckpt.get("global_step", 0), ckpt[META_KEY]
 
 
-def start_weights_config(args: argparse.Namespace) -> dict[str, Any]:
-    """The network config of the weights a first call starts from (``--weights`` or the
-    bundled file); StageError naming ``--weights`` when the file is missing or is not NPBG++
-    weights (it was a traceback)."""
+def start_weights(args: argparse.Namespace) -> WeightsFile:
+    """The weights a first call starts from (``--weights`` or the bundled file), read once for
+    their config and the seed checkpoint; StageError naming ``--weights`` when the file is
+    missing or is not NPBG++ weights (it was a traceback)."""
     from npbgpp_core.pretrained import WeightsError, default_weights_path, read_weights
 
     path = args.weights or default_weights_path("npbgpp")
     try:
-        return dict(read_weights(path, "npbgpp").config)
+        return read_weights(path, "npbgpp")
     except (OSError, WeightsError) as exc:
         raise StageError(f"--weights {path}: {exc}") from None
 
 
+def check_resumed_weights(args: argparse.Namespace, work: str) -> None:
+    """On a resumed call, a ``--weights`` other than the file the run started from (recorded
+    as ``seeded_from`` in ``<work>/seed.ckpt``) raises StageError: the call continues from
+    last.ckpt, so it was ignored without a word while the card suggested the new file. The
+    same file, as a repeated command line gives it, is accepted; when the run records none,
+    a warning says that the option is ignored."""
+    if not args.weights:
+        return
+    from npbgpp_core.atomic import same_file
+
+    from .checkpoints import META_KEY, CheckpointError, load_checkpoint_file
+
+    seed = os.path.join(work, "seed.ckpt")
+    try:
+        recorded = load_checkpoint_file(seed).get(META_KEY, {}).get("seeded_from")
+    except (CheckpointError, AttributeError):
+        recorded = None
+    if not isinstance(recorded, str):
+        say(f"warning: --weights {args.weights} is ignored: this call continues the run in {work} from its "
+            f"last.ckpt ({seed} does not record the weights it started from)", sys.stderr)
+    elif not same_file(args.weights, recorded):
+        raise StageError(f"--weights {args.weights}: the run in {work} started from {recorded} (recorded in {seed}) "
+                         "and a resumed call continues from its last.ckpt; give that file or no --weights, or start a "
+                         f"new --work folder to train from {args.weights}")
+
+
 def _continued_setting(given: str | None, resumed: dict[str, Any] | None, start: dict[str, Any] | None,
-                       key: str, default: str) -> str:
-    """A stored network setting the call trains with: the option when ``given``, else the
-    resumed checkpoint's (``resumed``: its metadata), else the starting weights' (``start``:
-    their config); ``default`` for files written before the setting existed."""
-    if given:
-        return given
+                       key: str, default: str, flag: str) -> str:
+    """A stored network setting the call trains with: the option ``flag`` when ``given``, else
+    the resumed checkpoint's (``resumed``: its metadata), else the starting weights' (``start``:
+    their config); ``default`` for files written before the setting existed. StageError when a
+    resumed call is given another value than the run's: its network was trained with that
+    one (the trainer applied the new one without a word)."""
     config = resumed.get("config", {}) if resumed is not None else (start or {})
-    return str(config.get(key, default))
+    own = str(config.get(key, default))
+    if given and resumed is not None and given != own:
+        raise StageError(f"{flag} {given}: this run was trained with {flag} {own}, which a resumed call keeps; "
+                         f"drop {flag} or give {own}, or start a new --work folder to train with {given}")
+    return given or own
 
 
 def stage_background(args: argparse.Namespace, resumed: dict[str, Any] | None,
@@ -185,7 +221,7 @@ def stage_background(args: argparse.Namespace, resumed: dict[str, Any] | None,
     """``--background``, or the one the run continues with (:func:`_continued_setting`;
     'none' for files without it). Weights without a background start an 'environment' run
     with zero projections."""
-    return _continued_setting(args.background, resumed, start, "background", "none")
+    return _continued_setting(args.background, resumed, start, "background", "none", "--background")
 
 
 def stage_input_canvas(args: argparse.Namespace, resumed: dict[str, Any] | None,
@@ -194,7 +230,7 @@ def stage_input_canvas(args: argparse.Namespace, resumed: dict[str, Any] | None,
     (:func:`_continued_setting`): a fixed default of 'square' trained the bundled 'bounds'
     network with another canvas, so its first call changed the network (a warning in
     train.log only)."""
-    return _continued_setting(args.input_canvas, resumed, start, "input_canvas", "square")
+    return _continued_setting(args.input_canvas, resumed, start, "input_canvas", "square", "--input-canvas")
 
 
 def stage_world_up(text: str) -> list[float]:
@@ -306,19 +342,21 @@ def run_stage(args: argparse.Namespace) -> dict[str, Any]:
     last = os.path.join(run_dir, "checkpoints", "last.ckpt")
     resume = os.path.isfile(last)
     start_step, resumed = checkpoint_state(last) if resume else (0, None)
-    seed, start = None, None
-    if not resume:
-        from npbgpp_core.pretrained import default_weights_path
-
-        start = start_weights_config(args)  # before the work folder is made
-        os.makedirs(work, exist_ok=True)
-        seed = seed_checkpoint(args.weights or default_weights_path("npbgpp"), os.path.join(work, "seed.ckpt"), up)
-    history = os.path.join(work, "stage.json")
-    calls = read_history(history)  # before training: a bad file failed only after the whole call
-    max_steps = start_step + args.dry_steps if args.dry_run else 10**9
+    # every refusal before the work folder is made or written into
+    weights = None if resume else start_weights(args)
+    if resume:
+        check_resumed_weights(args, work)
+    start = None if weights is None else dict(weights.config)
     args.background = stage_background(args, resumed, start)
     args.input_canvas = stage_input_canvas(args, resumed, start)
     args.warmup_steps = stage_warmup(warmup, resumed)
+    history = os.path.join(work, "stage.json")
+    calls = read_history(history)  # before training: a bad file failed only after the whole call
+    seed = None
+    if weights is not None:
+        os.makedirs(work, exist_ok=True)
+        seed = seed_checkpoint(weights, os.path.join(work, "seed.ckpt"), up)
+    max_steps = start_step + args.dry_steps if args.dry_run else 10**9
     overrides = train_overrides(args, run_dir, seed, resume, max_steps)
     cmd = [sys.executable, "-m", "headless_train", *overrides]
     log_path = os.path.join(work, "train.log")
@@ -612,7 +650,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m headless_train stage", description=__doc__.splitlines()[0])
     p.add_argument("--corpus", required=True, help="folder of training scenes (<= 64 MiB)")
     p.add_argument("--work", required=True, help="stage folder: run/, weights, card, stage.json")
-    p.add_argument("--weights", default=None, help="NPBG++ weights the first call starts from (default: bundled)")
+    p.add_argument("--weights", default=None,
+                   help="NPBG++ weights the first call starts from (default: bundled); a resumed call accepts only "
+                        "the same file")
     p.add_argument("--minutes", type=float, default=8.0, help="training time of this call (default 8)")
     p.add_argument("--gpus", type=int, default=1, help="GPUs (default 1; 0: train on the CPU)")
     p.add_argument("--batch", type=int, default=8, help="samples per step (default 8)")

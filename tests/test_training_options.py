@@ -347,6 +347,71 @@ def test_stage_trains_the_starting_weights_own_input_canvas(tmp_path, monkeypatc
     assert stage.stage_input_canvas(args, resumed, {"input_canvas": "bounds"}) == "square"
 
 
+def test_a_resumed_stage_refuses_other_weights_canvas_or_background(tmp_path, capsys, monkeypatch):
+    """On a resumed call --weights was ignored without a word and --input-canvas /
+    --background were applied to a network trained with the run's own: now another value is
+    refused by option, before the trainer starts; the same values (a repeated command line)
+    are accepted. A first call reads its starting weights once (config and seed)."""
+    import headless_train.stage as stage
+    import npbgpp_core.pretrained as pretrained
+    from npbgpp_core.pretrained import default_weights_path, read_weights, save_weights
+
+    started = []
+
+    def fake_child(cmd, *a, **k):
+        started.append(cmd)
+        return 1, False, None
+
+    monkeypatch.setattr(stage, "run_child", fake_child)
+    reads = []
+
+    def counted(path, kind):
+        reads.append(path)
+        return read_weights(path, kind)
+
+    monkeypatch.setattr(pretrained, "read_weights", counted)
+    root = make_dataset(str(tmp_path / "data"), ("s1",), views=3, size=16, n_points=50)
+    work = tmp_path / "w"
+    bundled = default_weights_path("npbgpp")
+    with pytest.raises(stage.StageError, match="training wrote no"):
+        stage.run_stage(stage.parse_args(["--corpus", root, "--work", str(work), "--gpus", "0"]))
+    assert reads == [bundled] and len(started) == 1
+    monkeypatch.setattr(pretrained, "read_weights", read_weights)
+    own = read_weights(bundled, "npbgpp").config
+    canvas, background = own["input_canvas"], own.get("background", "none")
+    # the run as a killed first call leaves it: seed.ckpt and a last.ckpt at step 3
+    (work / "run" / "checkpoints").mkdir(parents=True)
+    torch.save({"state_dict": {}, "global_step": 3,
+                "npbgpp": {"system": "npbgpp", "config": {"input_canvas": canvas, "background": background,
+                                                          "warmup_steps": 200}, "scenes": [], "points": []}},
+               work / "run" / "checkpoints" / "last.ckpt")
+    other = str(tmp_path / "other.safetensors")
+    wf = read_weights(bundled, "npbgpp")
+    save_weights(other, wf.state, "npbgpp", wf.config, {})
+    flip = {"square": "bounds", "bounds": "square"}[canvas]
+    flop = {"none": "environment", "environment": "none"}[background]
+    cases = [
+        (["--weights", other], f"--weights {other}: the run in {work} started from {bundled} (recorded in "
+                               f"{work / 'seed.ckpt'})"),
+        (["--input-canvas", flip], f"--input-canvas {flip}: this run was trained with --input-canvas {canvas}"),
+        (["--background", flop], f"--background {flop}: this run was trained with --background {background}"),
+    ]
+    for extra, message in cases:
+        assert stage.main(["--corpus", root, "--work", str(work), "--gpus", "0", *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and "start a new --work folder" in err and "Traceback" not in err, err
+    assert len(started) == 1
+    same = ["--weights", bundled, "--input-canvas", canvas, "--background", background]
+    with pytest.raises(stage.StageError, match="took no step"):  # past the checks: the (fake) trainer ran
+        stage.run_stage(stage.parse_args(["--corpus", root, "--work", str(work), "--gpus", "0", *same]))
+    assert len(started) == 2 and "resume=true" in started[-1]
+    # a run that does not record its starting weights: the option is said to be ignored
+    os.remove(work / "seed.ckpt")
+    with pytest.raises(stage.StageError, match="took no step"):
+        stage.run_stage(stage.parse_args(["--corpus", root, "--work", str(work), "--gpus", "0", "--weights", other]))
+    assert f"warning: --weights {other} is ignored" in capsys.readouterr().err and len(started) == 3
+
+
 def test_stage_refuses_a_broken_stage_json_before_training(tmp_path, capsys, monkeypatch):
     """A stage.json that is not a list of calls was read only after training, failing with a
     JSONDecodeError traceback (no weights exported, the call unrecorded); now it is refused
