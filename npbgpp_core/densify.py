@@ -1160,8 +1160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         check_output_file(a.out, "dense.ply")  # before the work (minutes on a CPU), not when the cloud is written
-        check_output_suffix(a.out, ".ply")  # after it: a folder is better named as one, with a file to give
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
         print(f"error: --out {exc}", file=sys.stderr)
         return 2
     try:
@@ -1180,6 +1179,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         options = {"require_points": False, **({"undistort": True} if a.undistort else {})}
         scene = load_scene(a.scene, a.format, **options)  # refuses --undistort for a format without distortion
         check_not_an_input(a.out, scene)
+        try:  # after the input check: a photo or camera file named as --out is better named as an input
+            check_output_suffix(a.out, ".ply")
+        except ValueError as exc:
+            raise ValueError(f"--out {exc}") from None
         views = _parse_views(a.views, len(scene.views), scene.train, [v.name for v in scene.views])
         problem = _views_problem(views, [v.name for v in scene.views])
         if problem:
