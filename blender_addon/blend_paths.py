@@ -64,6 +64,13 @@ def _rebased(value: str, folder: str) -> str:
     return "//" + rel.replace(os.sep, "/")
 
 
+def linked_library(scene: bpy.types.Scene) -> str:
+    """The .blend a linked scene comes from (absolute), "" for the open file's own scene.
+    Blender saves a linked scene in that file only: settings an operator writes to it here
+    last until this file is reloaded, and no object can be linked into its collections."""
+    return bpy.path.abspath(scene.library.filepath) if scene.library is not None else ""
+
+
 @bpy.app.handlers.persistent
 def rebase_on_save(filepath: str, *_args) -> None:
     """save_pre: relative settings resolved against the file's current folder, written

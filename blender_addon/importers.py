@@ -13,6 +13,7 @@ from bpy_extras.io_utils import ImportHelper
 from .blend_paths import resolved, stored
 from .camera_bridge import BLENDER_TO_OPENCV, bounding_sphere, clip_range_covering, view_clip_covering
 from .colour import use_photo_colours
+from .operators import refused_in_linked_scene
 from .point_source import ID_ATTRIBUTE, object_positions
 
 COLOR_ATTRIBUTE = "Col"
@@ -254,6 +255,8 @@ class IMPORT_SCENE_OT_npbgpp_ply(bpy.types.Operator, ImportHelper):
     def execute(self, context: Any) -> set[str]:
         from npbgpp_core.ply import color_properties, is_splat_header, ply_vertex_header
 
+        if refused_in_linked_scene(self, context.scene, "the imported point object"):
+            return {"CANCELLED"}
         path = bpy.path.abspath(self.filepath)
         if not os.path.isfile(path):
             self.report({"ERROR"}, f"PLY file not found: {path}")
@@ -369,6 +372,8 @@ class IMPORT_SCENE_OT_npbgpp_bundle(bpy.types.Operator, ImportHelper):
         from .scene_snapshot import worker_for
         from .worker_client import WorkerError
 
+        if refused_in_linked_scene(self, context.scene, "the bundle's point object"):
+            return {"CANCELLED"}
         path = bpy.path.abspath(self.filepath)
         s = context.scene.npbgpp
         try:
@@ -467,6 +472,8 @@ class IMPORT_SCENE_OT_npbgpp_dataset(bpy.types.Operator):
         from .scene_snapshot import worker_for
         from .worker_client import WorkerError
 
+        if refused_in_linked_scene(self, context.scene, "the dataset's cameras and point object"):
+            return {"CANCELLED"}
         path = bpy.path.abspath(self.directory)
         cloud = self._chosen_cloud(path)
         if cloud is None:
@@ -558,6 +565,8 @@ class NPBGPP_OT_points_from_meshes(bpy.types.Operator):
         meshes = [o for o in context.selected_objects if o.type == "MESH"]
         if not meshes:
             self.report({"ERROR"}, "Select one or more mesh objects to sample points on.")
+            return {"CANCELLED"}
+        if refused_in_linked_scene(self, context.scene, "the sampled point object"):
             return {"CANCELLED"}
         from .datagen.surface_points import sample_surface_points
 

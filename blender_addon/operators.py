@@ -12,7 +12,7 @@ import bpy
 import numpy as np
 from bpy.props import BoolProperty, FloatProperty, IntProperty, StringProperty
 
-from .blend_paths import resolved, stored
+from .blend_paths import linked_library, resolved, stored
 
 # Network setting -> the data domain of the bundled NPBG++ file (npbgpp_core.pretrained);
 # "auto": the worker detects it from the dataset (npbgpp_core.datasets.scene_domain).
@@ -66,6 +66,29 @@ def imported_dataset(op: Any, settings: Any, needs: str) -> str:
                              "import it again with File > Import > NPBG++ Dataset Folder.")
         return ""
     return dataset
+
+
+def refused_in_linked_scene(op: Any, scene: Any, adds: str) -> bool:
+    """Whether ``scene`` is linked from another .blend, after reporting why the operator
+    cannot run there: it adds ``adds`` (objects), which Blender cannot link into a linked
+    scene's collections (it failed at the end, after the work, with Blender's own error)."""
+    library = linked_library(scene)
+    if library:
+        op.report({"ERROR"}, f"The scene {scene.name!r} is linked from {library}: Blender adds no objects to a "
+                             f"linked scene, so {adds} cannot go into it. Open {library} and run it there, or "
+                             "use a local scene.")
+    return bool(library)
+
+
+def warn_linked_scene(op: Any, scene: Any, setting: str) -> None:
+    """After the operator stored ``setting`` in ``scene``: a warning when the scene is
+    linked from another .blend, where Blender saves it, so the change lasts only until this
+    file is reloaded (it said nothing)."""
+    library = linked_library(scene)
+    if library:
+        op.report({"WARNING"}, f"The scene {scene.name!r} is linked from {library}: its {setting} changed here "
+                               f"only until this file is reloaded (Blender saves a linked scene in its own file); "
+                               f"set it in {library} to keep it.")
 
 
 def default_output(dataset: str, suffix: str) -> str:
@@ -600,6 +623,7 @@ class NPBGPP_OT_aggregate(_WorkerStepJob, bpy.types.Operator):
         if reply is None:
             return {"CANCELLED"}
         context.scene.npbgpp.bundle = stored(context.scene, self._out)  # written: the scene renders it from now on
+        warn_linked_scene(self, context.scene, "Bundle")
         up = ", ".join(f"{v:g}" for v in reply.world_up)
         note, unchecked = follow_bundle_points(self, context, reply.points)
         s = context.scene.npbgpp
@@ -664,7 +688,7 @@ class NPBGPP_OT_densify(_WorkerStepJob, bpy.types.Operator):
 
         s = context.scene.npbgpp
         dataset = imported_dataset(self, s, "Densify needs a dataset")
-        if not dataset:
+        if not dataset or refused_in_linked_scene(self, context.scene, "the dense cloud's point object"):
             return None
         self._out = output_path(self, dataset, "_dense.ply", "dense cloud", "Output PLY",
                                 ((resolved(s, s.bundle), "the scene's bundle (a PLY written there breaks it)"),),
@@ -773,6 +797,7 @@ class NPBGPP_OT_fit(_WorkerStepJob, bpy.types.Operator):
         if reply is None:
             return {"CANCELLED"}
         context.scene.npbgpp.bundle = stored(context.scene, self._out)
+        warn_linked_scene(self, context.scene, "Bundle")
         self.report({"INFO"}, f"Fitted {reply.steps} steps in {reply.seconds:.0f} s (loss {reply.loss_first:.4f} -> "
                               f"{reply.loss_last:.4f}); saved to {self._out}, now the scene's bundle.")
         return {"FINISHED"}

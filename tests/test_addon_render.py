@@ -2629,6 +2629,40 @@ def test_paths_of_a_linked_scene_are_relative_to_its_library(scene):
         assert os.path.normpath(blend_paths.resolved(owner, blend_paths.stored(owner, written))) == written
 
 
+def test_operators_on_a_linked_scene_say_so(scene, capfd):
+    """A scene linked from another .blend (scene.library) keeps what an operator stores in
+    it only until the open file is reloaded (Blender saves it in its library): Aggregate
+    still runs and sets the Bundle, with a warning saying so (it said nothing). The
+    operators that add a point object, which Blender cannot link into a linked scene's
+    collections (Import PLY failed with Blender's own 'Could not (un)link' error, Densify
+    after its work), refuse up front naming the library, adding nothing."""
+    sc = _dataset_to_aggregate(scene, "nerf")
+    name, lib = sc.name, scene["dir"] / "lib.blend"
+    bpy.data.libraries.write(str(lib), {sc})
+    bpy.ops.wm.read_homefile(use_empty=True)
+    with bpy.data.libraries.load(str(lib), link=True) as (_src, dst):
+        dst.scenes = [name]
+    linked = dst.scenes[0]
+    assert linked.library is not None and linked.npbgpp.dataset_path
+    out = str(scene["dir"] / "linked.npbgpp")
+    capfd.readouterr()
+    with bpy.context.temp_override(scene=linked, view_layer=linked.view_layers[0]):
+        assert bpy.ops.npbgpp.aggregate(filepath=out) == {"FINISHED"}
+        said = capfd.readouterr().out
+        assert (f"Warning: The scene '{name}' is linked from {lib}: its Bundle changed here only until this file is "
+                "reloaded") in said, said
+        assert bpy.path.abspath(linked.npbgpp.bundle) == out and os.path.isfile(out)
+        objects = len(bpy.data.objects)
+        _ply(str(scene["dir"] / "more.ply"))
+        for run in (lambda: bpy.ops.import_scene.npbgpp_ply(filepath=str(scene["dir"] / "more.ply")),
+                    lambda: bpy.ops.import_scene.npbgpp_bundle(filepath=out),
+                    lambda: bpy.ops.npbgpp.densify(filepath=str(scene["dir"] / "dense.ply"))):
+            with pytest.raises(RuntimeError, match=f"The scene '{name}' is linked from {re.escape(str(lib))}: "
+                                                   "Blender adds no objects to a linked scene"):
+                run()
+        assert len(bpy.data.objects) == objects and not (scene["dir"] / "dense.ply").exists()
+
+
 def _dataset_to_aggregate(scene, folder: str, second_camera: bool = False):
     """The fixture's points written as a NeRF-Synthetic dataset ``folder`` seen by its
     camera (and a second one 2, -3.5, 1 away with ``second_camera``), imported, Weights
