@@ -289,7 +289,9 @@ def run(args: argparse.Namespace, weights: dict[str, str], workdir: str) -> dict
         print(f"NPBG++ network: {os.path.basename(weights['npbgpp'])} (bundled, for the {args.domain} domain "
               "detected from the scene's views)", flush=True)
     sc.render.engine = "NPBGPP"
-    sc.view_settings.view_transform = "Standard"  # PNG bytes = sRGB of what the engine wrote
+    # PNG bytes = sRGB of what the engine wrote: the import set the view to Standard, neutral
+    if sc.view_settings.view_transform != "Standard":
+        raise DemoError(f"the import left View Transform {sc.view_settings.view_transform}, not Standard")
     sc.render.dither_intensity = 0.0
     sc.render.film_transparent = False
     sc.render.image_settings.file_format = "PNG"
