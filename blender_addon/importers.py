@@ -458,8 +458,8 @@ class IMPORT_SCENE_OT_npbgpp_dataset(bpy.types.Operator):
         if not name:
             return ""
         path = os.path.normpath(os.path.join(folder, bpy.path.abspath(name)))
-        if not path.endswith(".ply"):
-            path += ".ply"  # as the loaders read pc_name
+        if not path.lower().endswith(".ply"):
+            path += ".ply"  # as the loaders read pc_name (FUSED.PLY is a .ply name)
         if not os.path.isfile(path):
             self.report({"ERROR"}, f"Cannot import dataset {folder}: Point Cloud {name!r} names no file ({path} not "
                                    "found; a .ply relative to the dataset folder, or absolute)")

@@ -1184,6 +1184,13 @@ def test_import_dataset_point_cloud_setting(scene):
     assert sc.npbgpp.dataset_no_cloud == ""
     assert os.path.samefile(bpy.path.abspath(sc.npbgpp.dataset_points), root / "b.ply")
 
+    # an upper-case extension (FUSED.PLY, as Windows tools write it) names that file, not "FUSED.PLY.ply"
+    (root / "dense").mkdir()
+    (root / "dense" / "FUSED.PLY").write_bytes((root / "b.ply").read_bytes())
+    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root), point_cloud="dense/FUSED.PLY") == {"FINISHED"}
+    assert len(sc.npbgpp.point_object.data.points) == len(other)
+    assert os.path.samefile(bpy.path.abspath(sc.npbgpp.dataset_points), root / "dense" / "FUSED.PLY")
+
     assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root)) == {"FINISHED"}
     assert sc.npbgpp.dataset_points == "" and sc.npbgpp.point_object is None
 

@@ -651,3 +651,35 @@ def test_add_on_reads_a_dataset_without_a_cloud_and_only_that(tmp_path):
         f.write(b"ply\nformat binary_little_endian 1.0\nelement vertex 5\nproperty float x\nend_header\n")
     with pytest.raises(DatasetError, match="points3d.ply"):
         service.read_dataset(P.ReadDataset(root))
+
+
+def write_fused_ply(path: str, points: np.ndarray, colors: np.ndarray, coord: str = "f4") -> None:
+    """A cloud in the layout of COLMAP's stereo_fusion output (fused.ply): x, y, z (float, or
+    double), nx, ny, nz (float), red, green, blue (uchar)."""
+    from plyfile import PlyData, PlyElement
+
+    data = np.zeros(len(points), [("x", coord), ("y", coord), ("z", coord), ("nx", "f4"), ("ny", "f4"),
+                                  ("nz", "f4"), ("red", "u1"), ("green", "u1"), ("blue", "u1")])
+    for i, c in enumerate("xyz"):
+        data[c] = points[:, i]
+    data["nz"] = 1.0
+    for i, c in enumerate(("red", "green", "blue")):
+        data[c] = np.round(colors[:, i] * 255).astype(np.uint8)
+    PlyData([PlyElement.describe(data, "vertex")]).write(path)
+
+
+@pytest.mark.parametrize("name", ["dense/FUSED.PLY", "dense/fused.Ply"])
+def test_colmap_dense_cloud_named_in_upper_case(tmp_path, name):
+    """A COLMAP capture (in a folder whose name has a space) with its dense cloud named with
+    an upper-case extension, as Windows tools write it: pc_name reads that file, relative or
+    absolute, rather than looking for ``FUSED.PLY.ply``; the fused layout's normals are not colours."""
+    root = str(tmp_path / "my capture")
+    write_colmap(root, binary=True)
+    dense = (POINTS[:5] * 2.0).astype(np.float64)
+    os.makedirs(os.path.join(root, "dense"))
+    write_fused_ply(os.path.join(root, name), dense, COLORS[:5], coord="f8")
+    for pc_name in (name, os.path.join(root, name)):
+        scene = load_scene(root, pc_name=pc_name)
+        np.testing.assert_allclose(scene.points, dense, atol=1e-6)
+        np.testing.assert_allclose(scene.colors, np.round(COLORS[:5] * 255) / 255, atol=1e-6)
+        assert os.path.samefile(scene.metadata["point_cloud"], os.path.join(root, name))

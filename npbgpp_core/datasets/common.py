@@ -36,7 +36,8 @@ def load_point_cloud(
     from ..ply import load_ply
 
     if pc_name is not None:
-        name = pc_name if pc_name.endswith(".ply") else pc_name + ".ply"
+        # any letter case, as the folder scan below and check_output_suffix match it (FUSED.PLY)
+        name = pc_name if pc_name.lower().endswith(".ply") else pc_name + ".ply"
         path = name if os.path.isabs(name) else os.path.join(root, name)
         if not os.path.isfile(path):
             raise DatasetError(f"{path}: point cloud file not found (pc_name={pc_name!r})")
