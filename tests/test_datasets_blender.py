@@ -312,6 +312,57 @@ def test_scene_points_only_on_what_a_render_shows_directly():
         bpy.data.scenes.remove(scene)
 
 
+def test_dataset_points_and_framing_follow_render_visibility(tmp_path):
+    """The dataset's points3d.ply and its cameras' framing come from what Cycles renders,
+    not from the viewport: a quad in a collection disabled in viewports (the monitor icon),
+    one disabled in viewports itself, one hidden in the viewport (the eye) and the second
+    copy an Array modifier makes only in renders (Show in Viewport off) all get points; a
+    quad disabled in renders gets none. Each quad sits at its own x, so a point's x says
+    which it came from (the viewport depsgraph held only the quads at 0 and 4)."""
+    from npbgpp_core.ply import load_ply
+
+    scene = bpy.data.scenes.new("render_visibility")
+    hidden = bpy.data.collections.new("rv_monitor")
+    scene.collection.children.link(hidden)
+
+    def quad(x: float, name: str, where=None) -> bpy.types.Object:
+        me = bpy.data.meshes.new(name)
+        me.from_pydata([(x - 0.25, -0.25, 0.0), (x + 0.25, -0.25, 0.0), (x + 0.25, 0.25, 0.0), (x - 0.25, 0.25, 0.0)],
+                       [], [(0, 1, 2, 3)])
+        obj = bpy.data.objects.new(name, me)
+        (where or scene.collection).objects.link(obj)
+        return obj
+
+    try:
+        quad(0.0, "rv_plain")
+        quad(1.0, "rv_in_monitor_collection", hidden)
+        quad(2.0, "rv_monitor").hide_viewport = True
+        eye = quad(3.0, "rv_eye")
+        array = quad(4.0, "rv_array").modifiers.new("copy", "ARRAY")
+        array.count, array.relative_offset_displace, array.show_viewport = 2, (4.0, 0.0, 0.0), False  # x = 6
+        quad(8.0, "rv_not_rendered").hide_render = True
+        hidden.hide_viewport = True
+        scene.view_layers[0].update()
+        eye.hide_set(True, view_layer=scene.view_layers[0])
+        summary = render_views_of_current_scene(scene, str(tmp_path / "out"), views=1, size=(8, 8), samples=1,
+                                                points=4000, val_views=0, test_views=0, seed=1)
+        points = load_ply(tmp_path / "out" / "points3d.ply").points
+        centres = np.round(points[:, 0]).astype(int)
+        assert sorted(set(centres.tolist())) == [0, 1, 2, 3, 4, 6], np.unique(centres)
+        assert (np.abs(points[:, 0] - centres) <= 0.25 + 1e-5).all()
+        # framed around x from -0.25 to 6.25, not the viewport's -0.25 .. 0.25
+        assert summary.extra["center"][0] == pytest.approx(3.0)
+        assert summary.extra["radius"] == pytest.approx(math.hypot(3.25, 0.25))
+    finally:
+        for obj in list(scene.objects):
+            data = obj.data
+            bpy.data.objects.remove(obj)
+            if data is not None:
+                bpy.data.meshes.remove(data)
+        bpy.data.collections.remove(hidden)
+        bpy.data.scenes.remove(scene)
+
+
 def test_command_line_blend_file(tmp_path):
     """--blend renders the saved file's scene through main(); run in a fresh process."""
     import subprocess

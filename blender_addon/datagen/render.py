@@ -154,6 +154,20 @@ def _configure(bpy_scene, settings: _Settings, size: tuple[int, int], samples: i
     settings.set(im, "compression", 15)
 
 
+def _render_tiny(bpy_scene) -> None:
+    """Render ``bpy_scene`` once at Blender's smallest size (4x4 pixels), writing nothing:
+    for :func:`~.surface_points.during_a_render`; its resolution comes back after."""
+    import bpy
+
+    r = bpy_scene.render
+    size = (r.resolution_x, r.resolution_y)
+    r.resolution_x = r.resolution_y = 4
+    try:
+        bpy.ops.render.render(scene=bpy_scene.name)
+    finally:
+        r.resolution_x, r.resolution_y = size
+
+
 def render_views_of_current_scene(bpy_scene, out_dir: str, views: int = 100, size: Sequence[int] = (256, 256),
                                   **options: Any) -> RenderSummary:
     """Render ``views`` views of an open bpy scene into ``out_dir``, all at once (see
@@ -202,7 +216,7 @@ def render_views_steps(
 
     from npbgpp_core.ply import save_ply
 
-    from .surface_points import sample_surface_points, scene_bounds
+    from .surface_points import during_a_render, rendered_surfaces
 
     if denoise is None:
         denoise = oidn_available()
@@ -213,25 +227,29 @@ def render_views_steps(
         raise ValueError(f"views must be positive, got {views}")
     n_train, n_val, n_test = _split_counts(views, val_views, test_views)
     t0 = time.perf_counter()
-    if center is None or radius is None:
-        c0, r0 = scene_bounds(bpy_scene)
-        center = c0 if center is None else center
-        radius = r0 if radius is None else radius
-    center = np.asarray(center, dtype=np.float64)
     out_abs = os.path.abspath(out_dir)
     with atomic_directory(out_abs, overwrite) as tmp:
         cam_data = bpy.data.cameras.new("npbgpp_render_camera")
         cam_data.sensor_fit = "HORIZONTAL"
         cam_data.sensor_width = 36.0
         cam_data.lens = 18.0 / math.tan(math.radians(fov_deg) / 2.0)
-        cam_data.clip_start = max(1e-3, radius * 0.01)
-        cam_data.clip_end = radius * 100.0 + 100.0
         cam_obj = bpy.data.objects.new("npbgpp_render_camera", cam_data)
         bpy_scene.collection.objects.link(cam_obj)
         settings = _Settings()
         try:
             _configure(bpy_scene, settings, (h, w), samples, seed, denoise)
             settings.set(bpy_scene, "camera", cam_obj)
+            surfaces = None
+            if center is None or radius is None or points > 0:
+                # what the photos show: the render's own depsgraph, read in a render of
+                # the fewest pixels (the views' render reuses its scene: persistent data)
+                surfaces = during_a_render(bpy_scene, lambda: _render_tiny(bpy_scene),
+                                           lambda dg: rendered_surfaces(bpy_scene, dg, int(points), seed))
+                center = surfaces[0] if center is None else center
+                radius = surfaces[1] if radius is None else radius
+            center = np.asarray(center, dtype=np.float64)
+            cam_data.clip_start = max(1e-3, radius * 0.01)
+            cam_data.clip_end = radius * 100.0 + 100.0
             K = opencv_intrinsics(cam_data.lens, cam_data.sensor_width, cam_data.sensor_height, cam_data.sensor_fit,
                                   cam_data.shift_x, cam_data.shift_y, w, h)
             fx, fy, cx, cy = float(K[0, 0]), float(K[1, 1]), float(K[0, 2]), float(K[1, 2])
@@ -271,8 +289,8 @@ def render_views_steps(
                 with open(os.path.join(tmp, f"transforms_{split}.json"), "w", encoding="utf-8") as f:
                     json.dump(meta, f, indent=1)
             n_points = 0
-            if points > 0:
-                pts, cols = sample_surface_points(bpy_scene, int(points), seed)
+            if surfaces is not None and surfaces[2] is not None:
+                pts, cols = surfaces[2]
                 save_ply(os.path.join(tmp, "points3d.ply"), pts, cols)
                 n_points = len(pts)
         finally:
@@ -373,7 +391,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 bpy.ops.wm.open_mainfile(filepath=os.path.abspath(args.blend))
             except RuntimeError as exc:
                 raise ValueError(f"{args.blend}: cannot open the .blend file ({str(exc).strip()})") from exc
-            center, radius = scene_bounds(bpy.context.scene)  # ValueError: no visible mesh surfaces
+            # refused before any work (ValueError: no visible mesh surfaces); the framing
+            # comes from the render's own depsgraph, which also holds what viewports hide
+            scene_bounds(bpy.context.scene)
     except ValueError as exc:
         print(f"python -m blender_addon.datagen: error: {exc}", file=sys.stderr)
         return 2
@@ -381,7 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = render_procedural_scene(args.procedural, args.out, args.views, args.size, args.seed, **opts)
     else:
         summary = render_views_of_current_scene(bpy.context.scene, args.out, args.views, args.size, seed=args.seed,
-                                                center=center, radius=radius, **opts)
+                                                **opts)
     print(f"wrote {summary.views} views {summary.splits} and {summary.points} points to {summary.out_dir} "
           f"in {summary.seconds:.1f} s ({summary.seconds_per_view:.2f} s/view)")
     return 0

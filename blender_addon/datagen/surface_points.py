@@ -14,14 +14,15 @@ included.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 
 from .. import srgb
 
 GEOMETRY_TYPES = {"MESH", "CURVE", "SURFACE", "META", "FONT"}
+T = TypeVar("T")
 
 
 def linear_to_srgb(c: np.ndarray) -> np.ndarray:
@@ -231,9 +232,10 @@ def seen_by_camera(inst: Any, view_layer: Any, rendered: set[int]) -> bool:
     image) and visible to camera rays, and the object it stands for (its instancer, for
     an instance) is in one of the ``rendered`` collections (:func:`_rendered_collections`)
     and neither Holdout nor Indirect Only there (Blender's own ``holdout_get`` /
-    ``indirect_only_get``: the object's flag or any of its view-layer collections'). The
-    viewport depsgraph the sampler reads holds objects a render leaves out (collections
-    disabled in renders, Holdout, Indirect Only): their points were not in the photos."""
+    ``indirect_only_get``: the object's flag or any of its view-layer collections'). Even a
+    render's depsgraph (:func:`during_a_render`) holds Holdout, Indirect Only and objects
+    hidden from camera rays, and the viewport's also those disabled in renders: their points
+    were not in the photos."""
     obj = inst.object.original
     if obj.hide_render or obj.is_holdout or not obj.visible_camera:
         return False
@@ -244,9 +246,12 @@ def seen_by_camera(inst: Any, view_layer: Any, rendered: set[int]) -> bool:
 
 
 def scene_triangles(bpy_scene, objects: Sequence[Any] | None = None, depsgraph: Any = None) -> list[_MeshTris]:
-    """Evaluated world-space triangles of every geometry object (instances included) a
-    render of ``bpy_scene``'s first view layer shows directly (:func:`seen_by_camera`),
-    or of ``objects`` only (each once at its own place, whether render-visible or not)."""
+    """Evaluated world-space triangles of every geometry object (instances included) of
+    ``depsgraph`` (by default the viewport's of ``bpy_scene``'s first view layer) that a
+    render of its view layer shows directly (:func:`seen_by_camera`), or of ``objects``
+    only (each once at its own place, whether render-visible or not). Only a render's
+    depsgraph (:func:`during_a_render`) holds objects disabled in viewports and evaluates
+    modifiers as a render does."""
     if depsgraph is None:
         depsgraph = evaluated_depsgraph(bpy_scene)
     out = []
@@ -277,6 +282,11 @@ def sample_surface_points(bpy_scene, count: int, seed: int = 0, objects: Sequenc
     ``objects``' surfaces) and their sRGB albedo colours (float32 (N, 3) in [0, 1])."""
     meshes = scene_triangles(bpy_scene, objects, depsgraph)
     what = f"scene {bpy_scene.name!r}" if objects is None else f"objects {[o.name for o in objects]}"
+    return _sample(meshes, count, seed, what)
+
+
+def _sample(meshes: list[_MeshTris], count: int, seed: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`sample_surface_points` of the triangles ``meshes`` (``what``: their owner, for errors)."""
     if not meshes:
         raise ValueError(f"{what}: no visible mesh surfaces to sample points on")
     corners = [m.corners() for m in meshes]
@@ -304,11 +314,66 @@ def sample_surface_points(bpy_scene, count: int, seed: int = 0, objects: Sequenc
     return points.astype(np.float32), colors.astype(np.float32)
 
 
-def scene_bounds(bpy_scene) -> tuple[np.ndarray, float]:
-    """Centre and radius of a sphere around all visible mesh vertices."""
-    meshes = scene_triangles(bpy_scene)
+def scene_bounds(bpy_scene, depsgraph: Any = None) -> tuple[np.ndarray, float]:
+    """Centre and radius of a sphere around all visible mesh vertices (those
+    :func:`scene_triangles` reads from ``depsgraph``, by default the viewport's)."""
+    return _bounds(scene_triangles(bpy_scene, depsgraph=depsgraph), bpy_scene)
+
+
+def _bounds(meshes: list[_MeshTris], bpy_scene: Any) -> tuple[np.ndarray, float]:
     if not meshes:
         raise ValueError(f"scene {bpy_scene.name!r} has no visible mesh surfaces")
     verts = np.concatenate([m.world for m in meshes])
     center = 0.5 * (verts.min(axis=0) + verts.max(axis=0))
     return center, float(np.linalg.norm(verts - center, axis=1).max())
+
+
+def rendered_surfaces(bpy_scene, depsgraph: Any, count: int, seed: int = 0
+                      ) -> tuple[np.ndarray, float, tuple[np.ndarray, np.ndarray] | None]:
+    """``(centre, radius, points)`` of the surfaces ``depsgraph`` shows a camera: its
+    :func:`scene_bounds` and ``count`` :func:`sample_surface_points` (None for 0), from one
+    read of its meshes. Meant for the depsgraph a render evaluates (``mode == 'RENDER'``),
+    whose objects are valid only while the render runs (:func:`during_a_render`)."""
+    meshes = scene_triangles(bpy_scene, depsgraph=depsgraph)
+    center, radius = _bounds(meshes, bpy_scene)
+    return center, radius, _sample(meshes, count, seed, f"scene {bpy_scene.name!r}") if count > 0 else None
+
+
+def during_a_render(bpy_scene, render: Callable[[], Any], use: Callable[[Any], T]) -> T:
+    """``use(depsgraph)`` on the depsgraph Blender evaluates for a render of ``bpy_scene``
+    (the first view layer it renders), while ``render()`` renders it.
+
+    A render evaluates its own depsgraph (``mode == 'RENDER'``): render visibility (an
+    object or collection disabled in viewports, the monitor icon, is in it; one disabled in
+    renders is not) and modifiers' render settings (Show in Renders, render levels).
+    ``bpy.context.evaluated_depsgraph_get()`` is the viewport's, which differs in all of
+    these, so a dataset's points read there missed what the photos show. Python sees that
+    depsgraph only in ``frame_change_post``, which Blender calls with it once the render
+    has evaluated a view layer; its objects are freed after the render, so ``use`` runs in
+    the handler. What ``use`` raises is raised here (Blender only prints what a handler
+    raises)."""
+    import bpy
+
+    got: list[tuple[bool, Any]] = []
+
+    def evaluated(scene: Any, depsgraph: Any = None) -> None:
+        if got or depsgraph is None or depsgraph.mode != "RENDER" or scene != bpy_scene:
+            return
+        try:
+            got.append((True, use(depsgraph)))
+        except Exception as exc:  # noqa: BLE001 - raised again below, where the caller can see it
+            got.append((False, exc))
+
+    handlers = bpy.app.handlers.frame_change_post
+    handlers.append(evaluated)
+    try:
+        render()
+    finally:
+        handlers.remove(evaluated)
+    if not got:
+        raise RuntimeError(f"rendering the scene {bpy_scene.name!r} evaluated no view layer (is any view layer "
+                           "enabled for rendering?)")
+    ok, value = got[0]
+    if not ok:
+        raise value
+    return value
