@@ -226,6 +226,11 @@ def follow_bundle_points(op: Any, context: Any, count: int) -> tuple[str, str]:
                     f"against them ({exc}): {effect if fails else f'if {other},'} {fix}")
     if holds_bundle_points(obj, points):
         return "", ""
+    library = linked_library(context.scene)
+    if library:  # make_point_object's link failed there with Blender's error, after the work
+        return "", (f"The bundle holds other points than the point object {obj.name!r}, and the scene "
+                    f"{context.scene.name!r} is linked from {library}, so no point object of its own can go into it "
+                    f"here: {effect if fails else f'{other} until you'} open {library} and {fix}")
     try:
         op._worker.request(P.LoadBundle(op._out, "CPU", "FP32"), None, op._timeout)
         cloud = op._worker.request(P.GetBundlePoints(), None, op._timeout)

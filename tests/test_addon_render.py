@@ -2670,6 +2670,36 @@ def test_operators_on_a_linked_scene_say_so(scene, capfd):
         assert len(bpy.data.objects) == objects and not (scene["dir"] / "dense.ply").exists()
 
 
+def test_aggregate_subset_on_a_linked_scene_keeps_its_point_object(scene, capfd):
+    """Aggregate with Max Points on a scene linked from another .blend: the bundle holds
+    other points than the scene's point object, which Aggregate replaces by the bundle's
+    own in a local scene; Blender links no object into a linked scene, so the bundle is
+    saved and set, the point object stays, nothing is added to the file, and a warning
+    names the library and what to do there (the new object's link failed with Blender's
+    own error after the work, leaving an orphan object behind)."""
+    sc = _dataset_to_aggregate(scene, "nerf")
+    name, lib = sc.name, scene["dir"] / "lib_subset.blend"
+    bpy.data.libraries.write(str(lib), {sc})
+    bpy.ops.wm.read_homefile(use_empty=True)
+    with bpy.data.libraries.load(str(lib), link=True) as (_src, dst):
+        dst.scenes = [name]
+    linked = dst.scenes[0]
+    point_object = linked.npbgpp.point_object
+    assert linked.library is not None and point_object is not None
+    objects, meshes = len(bpy.data.objects), len(bpy.data.meshes)
+    out = str(scene["dir"] / "linked30.npbgpp")
+    capfd.readouterr()
+    with bpy.context.temp_override(scene=linked, view_layer=linked.view_layers[0]):
+        assert bpy.ops.npbgpp.aggregate(filepath=out, max_points=30) == {"FINISHED"}
+    said = capfd.readouterr().out
+    assert bpy.path.abspath(linked.npbgpp.bundle) == out and os.path.isfile(out)
+    assert linked.npbgpp.point_object == point_object
+    assert (len(bpy.data.objects), len(bpy.data.meshes)) == (objects, meshes)
+    assert (f"Warning: The bundle holds other points than the point object {point_object.name!r}, and the scene "
+            f"'{name}' is linked from {lib}") in said, said
+    assert f"open {lib} and use File > Import > NPBG++ Bundle on {out}" in said, said
+
+
 def _dataset_to_aggregate(scene, folder: str, second_camera: bool = False):
     """The fixture's points written as a NeRF-Synthetic dataset ``folder`` seen by its
     camera (and a second one 2, -3.5, 1 away with ``second_camera``), imported, Weights
