@@ -333,10 +333,12 @@ def _listing(pairs: list[tuple[str, int]]) -> str:
 def _other_clouds(meta: dict, scenes: list) -> list[tuple[str, str | None, str | None]]:
     """(scene, the cloud file the checkpoint records, this run's) for each scene fitted to
     another cloud than this run loads: one of the same size passes the point-count check and
-    would get descriptors fitted to other points. A cloud matches by its recorded file (path
-    relative to the scene folder, absolute outside it) or by its points (``point_digests``):
-    a cloud moved or renamed, or a project folder moved with it, is the same cloud.
-    Checkpoints written before clouds were recorded (no ``point_clouds``) compare nothing."""
+    would get descriptors fitted to other points. With ``point_digests`` the points decide:
+    a cloud moved or renamed, or a project folder moved with it, is the same cloud, and the
+    recorded file rewritten with other points (a re-run densify, an edited cloud) is not
+    (both names then are equal). Checkpoints without digests compare the recorded file
+    (path relative to the scene folder, absolute outside it); those written before clouds
+    were recorded (no ``point_clouds``) compare nothing."""
     from .systems.base import point_cloud_name, points_digest
 
     names, clouds = meta.get("scenes", []), meta.get("point_clouds")
@@ -347,16 +349,28 @@ def _other_clouds(meta: dict, scenes: list) -> list[tuple[str, str | None, str |
     if not isinstance(digests, list) or len(digests) != len(names):
         digests = [None] * len(names)  # written before digests were recorded: the file decides alone
     fitted = dict(zip(names, digests, strict=True))
+
+    def differs(scene, now: str | None) -> bool:
+        digest = fitted[scene.name]
+        return digest != points_digest(scene.points) if isinstance(digest, str) else now != recorded[scene.name]
+
     return [(s.name, recorded[s.name], now) for s in scenes
-            if s.name in recorded and (now := point_cloud_name(s)) != recorded[s.name]
-            and not (isinstance(fitted[s.name], str) and fitted[s.name] == points_digest(s.points))]
+            if s.name in recorded and differs(s, now := point_cloud_name(s))]
 
 
-def _cloud_listing(mismatches: list[tuple[str, str | None, str | None]]) -> str:
+def _cloud_listing(mismatches: list[tuple[str, str | None, str | None]], meta: dict) -> str:
+    """The refusals' account of :func:`_other_clouds`, with the rule that applies
+    (:func:`_cloud_rule`) after the clouds loaded under another name."""
     def shown(cloud: str | None) -> str:
         return cloud if cloud is not None else "the format's own points (no .ply)"
 
-    return "; ".join(f"scene {n} was fitted to {shown(had)}, this run loads {shown(now)}" for n, had, now in mismatches)
+    def line(n: str, had: str | None, now: str | None) -> str:
+        if had == now:  # only a recorded digest tells these apart
+            return f"scene {n} was fitted to {shown(had)}, which now holds other points"
+        return f"scene {n} was fitted to {shown(had)}, this run loads {shown(now)}"
+
+    text = "; ".join(line(*m) for m in mismatches)
+    return text + (f", {_cloud_rule(meta)}" if any(had != now for _, had, now in mismatches) else "")
 
 
 def _cloud_rule(meta: dict) -> str:
@@ -370,9 +384,9 @@ def _cloud_rule(meta: dict) -> str:
 
 def check_fitted_scenes(ckpt: dict, path: str, system_name: str, scenes: list) -> None:
     """UsageError when an NPBG / coefficients_ft evaluation's checkpoint holds no descriptors
-    fitted to one of its scenes (another scene, another point count, or another recorded
-    cloud file): the refiner loaded, the scene's descriptors stayed at their random start
-    (or sat on other points), and the metrics said nothing of it."""
+    fitted to one of its scenes (another scene, another point count, or another cloud:
+    :func:`_other_clouds`): the refiner loaded, the scene's descriptors stayed at their
+    random start (or sat on other points), and the metrics said nothing of it."""
     from .systems.base import module_key
 
     state = ckpt["state_dict"]
@@ -386,15 +400,16 @@ def check_fitted_scenes(ckpt: dict, path: str, system_name: str, scenes: list) -
     other = _other_clouds(ckpt["npbgpp"], scenes)
     if other:
         raise UsageError(f"eval_only=true with system={system_name}: {path} holds descriptors fitted to another point "
-                         f"cloud ({_cloud_listing(other)}, {_cloud_rule(ckpt['npbgpp'])}); evaluate with the "
-                         "datasets.pc_name of that run")
+                         f"cloud ({_cloud_listing(other, ckpt['npbgpp'])}); evaluate with the datasets.pc_name of "
+                         "that run and the points it was fitted to")
 
 
 def check_resumed_scenes(meta: dict, path: str, system_name: str, scenes: list) -> None:
     """UsageError when an NPBG / coefficients_ft run resumes on other scenes or other point
     counts than its checkpoint's (their per-point descriptors would not fit: load_state_dict
-    answered with a page of unexpected and missing keys), or on another cloud file than the
-    one it records (same size: the descriptors would silently sit on other points)."""
+    answered with a page of unexpected and missing keys), or on another cloud than the one
+    it records (:func:`_other_clouds`; same size: the descriptors would silently sit on
+    other points). NPBG++ re-aggregates its points and is never refused here."""
     if system_name not in ("npbg", "coefficients_ft"):
         return  # NPBG++ has no per-scene parameters
     had, now = sorted(_held_points(meta)), sorted(_scene_points(scenes))
@@ -405,8 +420,8 @@ def check_resumed_scenes(meta: dict, path: str, system_name: str, scenes: list) 
     other = _other_clouds(meta, scenes)
     if other:
         raise UsageError(f"resume=true: {path} holds descriptors fitted to another point cloud "
-                         f"({_cloud_listing(other)}, {_cloud_rule(meta)}). Resume with the datasets.pc_name of that "
-                         "run, or start a new run folder with weights_path= pointing at it")
+                         f"({_cloud_listing(other, meta)}). Resume with the datasets.pc_name of that run and the "
+                         "points it was fitted to, or start a new run folder with weights_path= pointing at it")
 
 
 def check_resumed_warmup(ckpt: dict, path: str, scfg: dict) -> None:

@@ -792,7 +792,8 @@ def test_npbg_evaluation_needs_descriptors_fitted_to_the_scene(data_root, tmp_pa
 def test_resume_and_evaluation_compare_the_recorded_cloud_file(tmp_path):
     """A resumed or evaluated NPBG run whose datasets.pc_name names another cloud file of the
     same size as its checkpoint's passed the name / point-count check: the descriptors sat
-    on other points. The checkpoint records its cloud; another one is refused, naming both."""
+    on other points. The checkpoint records its cloud; another one is refused, naming both,
+    and so is the recorded file holding other points (a cloud rewritten in place)."""
     import numpy as np
 
     from headless_train.cli import UsageError
@@ -817,6 +818,19 @@ def test_resume_and_evaluation_compare_the_recorded_cloud_file(tmp_path):
     # the cloud it was fitted to, named or by default, is accepted
     run_inproc([*base, "datasets.pc_name=points3d.ply", weights, "eval_only=true"], str(tmp_path / "e2"))
     run_inproc([*base, "trainer.max_epochs=2", "resume=true"], run)
+    # the recorded file rewritten with other points of the same count (a densify re-run into it)
+    # passed both checks by its name: the checkpoint's digest refuses it, naming the file
+    cloud = os.path.join(root, "sceneD", "points3d.ply")
+    os.replace(cloud, cloud + ".fitted")
+    save_ply(cloud, default + np.float32(0.01))
+    with pytest.raises(UsageError, match=r"resume=true: .*last.ckpt holds descriptors fitted to another point cloud "
+                                         r"\(scene sceneD was fitted to points3d.ply, which now holds other points\)"):
+        run_inproc([*base, "trainer.max_epochs=3", "resume=true"], run)
+    with pytest.raises(UsageError, match=r"eval_only=true with system=npbg: .*\(scene sceneD was fitted to "
+                                         r"points3d.ply, which now holds other points\)"):
+        run_inproc([*base, weights, "eval_only=true"], str(tmp_path / "e3"))
+    os.replace(cloud + ".fitted", cloud)  # the points it was fitted to, back: accepted again
+    run_inproc([*base, weights, "eval_only=true"], str(tmp_path / "e4"))
 
 
 def test_a_moved_cloud_outside_the_scene_folder_is_recognised_by_its_points(tmp_path):
