@@ -23,7 +23,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by headless_train, or an NPBG++ "
                    "weights file (.safetensors, e.g. the bundled npbgpp_core/weights/npbgpp_sphere.safetensors)")
     p.add_argument("--scene", required=True, help="scene folder (any format load_scene reads)")
-    p.add_argument("--out", required=True, help="output NeuralScene file (e.g. scene.npbgpp)")
+    p.add_argument("--out", required=True, help="output NeuralScene file, ending in .npbgpp (e.g. scene.npbgpp)")
     p.add_argument("--format", default=None, help="scene format (default: detected)")
     p.add_argument("--scene-name", default=None, help="NPBG/coefficients_ft: scene name in the checkpoint "
                    "(default: the folder name)")
@@ -181,7 +181,7 @@ def fitted_point_cloud(ckpt: dict, system: str, name: str) -> str | None:
 
 
 def export(args: argparse.Namespace) -> str:
-    from npbgpp_core.atomic import check_output_file
+    from npbgpp_core.atomic import check_output_file, check_output_suffix
     from npbgpp_core.datasets import load_scene
 
     from .checkpoints import META_KEY, checkpoint_system, load_source_checkpoint
@@ -228,6 +228,10 @@ def export(args: argparse.Namespace) -> str:
     if replaced is not None:  # it wrote the bundle over the scene's cloud or camera file
         raise ExportError(f"--out {args.out} is an input of the scene ({replaced}); write the bundle to another "
                           "file, e.g. scene.npbgpp")
+    try:  # after the input checks, which name a scene file given as --out better; before the aggregation
+        check_output_suffix(args.out, ".npbgpp")
+    except ValueError as exc:
+        raise ExportError(f"--out {exc}") from None
     if scene.points.shape[0] == 0:
         raise ExportError(f"scene {args.scene} has no points")
     if system == "npbgpp":

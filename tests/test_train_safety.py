@@ -321,6 +321,15 @@ def test_export_checks_the_output_path_before_aggregating(data_root, tmp_path, c
         capsys.readouterr().err
     assert export.main(["--checkpoint", ckpt, "--scene", scene, "--out", str(tmp_path)]) == 2
     assert "is a folder" in capsys.readouterr().err
+    # a bundle under another suffix (a weights file's, a typo) was written as asked; the
+    # add-on's Import Bundle and Aggregate name bundles .npbgpp
+    for bad in ("a.safetensors", "a.npbgpp.bak", "anpbgpp"):
+        out = tmp_path / bad
+        assert export.main(["--checkpoint", ckpt, "--scene", scene, "--out", str(out)]) == 2
+        assert f"--out {out} must end with .npbgpp" in capsys.readouterr().err
+        assert not out.exists()
+    with pytest.raises(pytest.fail.Exception, match="aggregated before"):  # any letter case passes
+        export.main(["--checkpoint", ckpt, "--scene", scene, "--out", str(tmp_path / "A.NPBGPP")])
 
 
 def test_export_never_writes_over_what_it_reads(data_root, tmp_path, capsys, monkeypatch):
