@@ -268,6 +268,26 @@ def test_without_ply_file_path_dense_ply_is_found_beside_other_clouds(capture):
         load_scene(root)
 
 
+def test_ns_export_point_cloud_is_not_a_default_cloud(capture):
+    """``ns-export pointcloud`` writes point_cloud.ply in the trainer's auto-oriented, scaled
+    frame (without --save-world-frame); as a default name it was read as the scene's cloud and
+    rendered as noise with no error. It is named in the refusal and read when chosen."""
+    root, _ = capture
+    rewrite(root, lambda meta: meta.pop("ply_file_path"))
+    os.remove(os.path.join(root, "sparse_pc.ply"))
+    trainer_frame = (POINTS - POINTS.mean(0)) * 0.3  # nerfstudio's centring and scaling
+    save_ply(os.path.join(root, "point_cloud.ply"), trainer_frame.astype(np.float32))
+    with pytest.raises(DatasetError, match=r"\['point_cloud.ply'\] is not read unnamed.*point_cloud.ply is the name "
+                                           r"ns-export pointcloud writes.*--save-world-frame.*pc_name="):
+        load_scene(root)
+    scene = load_scene(root, pc_name="point_cloud.ply")
+    np.testing.assert_allclose(scene.points, trainer_frame, atol=1e-6)
+    # the other formats keep it as a default name
+    from npbgpp_core.datasets import nerf_synthetic
+
+    assert "point_cloud.ply" in nerf_synthetic.DEFAULT_PC_NAMES
+
+
 def test_masks_and_downscaled_copies(tmp_path):
     root = str(tmp_path / "masked")
     cams = random_cameras(3, seed=4)

@@ -57,7 +57,8 @@ list is empty; train defaults to the rest), else every ``holdout_every``-th view
 
 Point cloud: ``pc_name``, else ``ply_file_path``, else the first of ``DEFAULT_PC_NAMES``
 in the folder (``sparse_pc.ply`` ... ``dense.ply``, the densify command's output the
-no-cloud error names). Unlike the other formats, a lone ``.ply`` of another name is not
+no-cloud error names; not ``point_cloud.ply``, which ``ns-export pointcloud`` writes in the
+trainer's frame by default). Unlike the other formats, a lone ``.ply`` of another name is not
 taken: in a transforms.json folder it is as likely in another frame (instant-ngp's mesh
 export is in its scaled and offset unit cube, ``ns-export`` writes the trainer's frame) and
 a cloud in the wrong frame renders as noise with no error, so the loader reports it by name
@@ -109,9 +110,12 @@ OPTIONS = (
 )
 PINHOLE_MODELS = ("PINHOLE", "SIMPLE_PINHOLE")
 RADIAL_MODELS = ("OPENCV", "SIMPLE_RADIAL", "RADIAL")
-# Without ply_file_path; dense.ply is what the no-cloud error tells the user to make.
-DEFAULT_PC_NAMES = ("sparse_pc.ply", "points3d.ply", "points3D.ply", "pointcloud.ply", "point_cloud.ply",
-                    "dense.ply")
+# Without ply_file_path; dense.ply is what the no-cloud error tells the user to make. Not
+# point_cloud.ply, the other formats' default: it is the name ``ns-export pointcloud`` writes,
+# in the trainer's auto-oriented, scaled frame unless given --save-world-frame, and a cloud
+# in the wrong frame renders as noise with no error (named and refused as any other .ply).
+DEFAULT_PC_NAMES = ("sparse_pc.ply", "points3d.ply", "points3D.ply", "pointcloud.ply", "dense.ply")
+EXPORT_PC_NAME = "point_cloud.ply"  # what ns-export pointcloud writes
 SPLITS = ("train", "val", "test")
 
 
@@ -359,11 +363,13 @@ def _point_cloud(root: str, meta: dict, options: dict, scale: float
         return np.zeros((0, 3), np.float32), None, None
     plys = sorted(f for f in os.listdir(root) if f.lower().endswith(".ply"))
     if plys:  # not read unnamed: its frame is unknown (see the module docstring)
+        export = (f" ({EXPORT_PC_NAME} is the name ns-export pointcloud writes, in the poses' frame only when run "
+                  "with --save-world-frame)" if EXPORT_PC_NAME in plys else "")
         raise DatasetError(
             f"{os.path.join(root, FILE)}: no ply_file_path and no cloud of a default name ({list(DEFAULT_PC_NAMES)}) "
             f"in {root}; {plys} {'is' if len(plys) == 1 else 'are'} not read unnamed, as a .ply there may be in "
-            "another frame (an instant-ngp mesh export, ns-export's trainer frame). If one is in the same world frame "
-            f"as the transform_matrix poses, choose it with {PC_NAME_OPTIONS}"
+            f"another frame (an instant-ngp mesh export, ns-export's trainer frame){export}. If one is in the same "
+            f"world frame as the transform_matrix poses, choose it with {PC_NAME_OPTIONS}"
         )
     raise DatasetError(
         f"{os.path.join(root, FILE)}: no ply_file_path and no point cloud in {root} (looked for "
