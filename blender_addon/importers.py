@@ -10,6 +10,8 @@ import numpy as np
 from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, StringProperty
 from bpy_extras.io_utils import ImportHelper
 
+from npbgpp_core.ply import SCENE_MIN_OPACITY
+
 from .blend_paths import resolved, stored
 from .camera_bridge import BLENDER_TO_OPENCV, bounding_sphere, clip_range_covering, view_clip_covering
 from .colour import use_photo_colours
@@ -245,7 +247,7 @@ class IMPORT_SCENE_OT_npbgpp_ply(bpy.types.Operator, ImportHelper):
     filter_glob: StringProperty(default="*.ply", options={"HIDDEN"})  # type: ignore[valid-type]
     min_opacity: FloatProperty(  # type: ignore[valid-type]
         name="Min Opacity",
-        default=0.1,
+        default=SCENE_MIN_OPACITY,  # what a splat file used as a dataset's Point Cloud keeps
         min=0.0,
         max=1.0,
         description="Gaussian-splat files only: splats less opaque than this are dropped (0: keep all; "

@@ -42,6 +42,11 @@ _SCALAR_NAMES = {"x", "y", "z", "f_dc_0", "f_dc_1", "f_dc_2", "opacity", *(c for
 SH_C0 = 0.28209479177387814
 # What makes a vertex element a splat; "opacity" is read when present (exporters may drop it).
 SPLAT_PROPERTIES = ("f_dc_0", "f_dc_1", "f_dc_2")
+# Splats less opaque than this are left out of a splat file read as a scene's cloud (a dataset's
+# pc_name, the add-on's Point Cloud and Dataset Points) and by the add-on's PLY import (its Min
+# Opacity default): one rule, so the points Import Dataset shows are the ones Aggregate uses,
+# and a 3DGS result's near-transparent floaters do not become opaque points.
+SCENE_MIN_OPACITY = 0.1
 
 
 def ply_vertex_properties(path: str | os.PathLike) -> list[str]:

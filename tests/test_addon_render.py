@@ -1191,6 +1191,24 @@ def test_import_dataset_point_cloud_setting(scene):
     assert len(sc.npbgpp.point_object.data.points) == len(other)
     assert os.path.samefile(bpy.path.abspath(sc.npbgpp.dataset_points), root / "dense" / "FUSED.PLY")
 
+    # a Gaussian-splat file as the cloud: the splats the PLY import keeps with its default Min Opacity
+    from plyfile import PlyData, PlyElement
+
+    from npbgpp_core.ply import load_ply
+
+    names = ["x", "y", "z", "f_dc_0", "f_dc_1", "f_dc_2", "opacity", "scale_0", "scale_1", "scale_2", "rot_0",
+             "rot_1", "rot_2", "rot_3"]
+    splats = np.zeros(len(other), [(k, "f4") for k in names])
+    for i, c in enumerate("xyz"):
+        splats[c] = other[:, i]
+    splats["opacity"] = np.linspace(-6.0, 6.0, len(other))  # opacity 0.0025 .. 0.9975
+    PlyData([PlyElement.describe(splats, "vertex")]).write(str(root / "splat.ply"))
+    assert bpy.ops.import_scene.npbgpp_ply(filepath=str(root / "splat.ply")) == {"FINISHED"}
+    kept = len(sc.npbgpp.point_object.data.points)
+    assert 0 < kept < len(other) and kept == len(load_ply(str(root / "splat.ply"), min_opacity=0.1))
+    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root), point_cloud="splat.ply") == {"FINISHED"}
+    assert len(sc.npbgpp.point_object.data.points) == kept
+
     assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root)) == {"FINISHED"}
     assert sc.npbgpp.dataset_points == "" and sc.npbgpp.point_object is None
 

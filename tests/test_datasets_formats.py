@@ -683,3 +683,35 @@ def test_colmap_dense_cloud_named_in_upper_case(tmp_path, name):
         np.testing.assert_allclose(scene.points, dense, atol=1e-6)
         np.testing.assert_allclose(scene.colors, np.round(COLORS[:5] * 255) / 255, atol=1e-6)
         assert os.path.samefile(scene.metadata["point_cloud"], os.path.join(root, name))
+
+
+def test_splat_file_as_the_scene_cloud_keeps_the_splats_the_ply_import_keeps(tmp_path):
+    """A 3D Gaussian Splatting result named as a capture's cloud (pc_name; the add-on's Point
+    Cloud and Dataset Points, service.with_points) gives the splats with opacity >= 0.1, the
+    add-on PLY import's default, not every splat: sigmoid(-2.0) = 0.119 is kept,
+    sigmoid(-2.3) = 0.091 and sigmoid(-5) = 0.0067 are not (hand-computed)."""
+    from plyfile import PlyData, PlyElement
+
+    from npbgpp_core.ply import SCENE_MIN_OPACITY
+    from npbgpp_core.service import with_points
+
+    root = str(tmp_path / "capture")
+    write_colmap(root, binary=True)
+    logits = np.array([-5.0, -2.0, -2.3, 0.0, 3.0], np.float32)
+    names = ["x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2", *(f"f_rest_{i}" for i in range(45)),
+             "opacity", "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3"]
+    data = np.zeros(5, [(k, "f4") for k in names])
+    for i, c in enumerate("xyz"):
+        data[c] = POINTS[:5, i]
+    data["f_rest_0"] = 7.0  # view-dependent terms: not part of the colour
+    data["opacity"] = logits
+    data["rot_0"] = 1.0
+    os.makedirs(os.path.join(root, "gs"))
+    path = os.path.join(root, "gs", "point_cloud.ply")
+    PlyData([PlyElement.describe(data, "vertex")]).write(path)
+    assert SCENE_MIN_OPACITY == 0.1
+    scene = load_scene(root, pc_name="gs/point_cloud.ply")
+    np.testing.assert_allclose(scene.points, POINTS[[1, 3, 4]], atol=1e-6)
+    np.testing.assert_allclose(scene.colors, 0.5, atol=1e-6)  # f_dc = 0: grey
+    replaced = with_points(load_scene(root), path)  # Aggregate of Dataset Points
+    np.testing.assert_allclose(replaced.points, scene.points)

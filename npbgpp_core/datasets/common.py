@@ -29,11 +29,12 @@ def load_point_cloud(
     """Find and read the scene's point cloud.
 
     ``pc_name`` (with or without ``.ply``, relative to ``root`` or absolute) wins; else
-    the first existing of ``defaults``; else the only ``.ply`` file in ``root``.
+    the first existing of ``defaults``; else the only ``.ply`` file in ``root``. A
+    Gaussian-splat file gives the splats with opacity >= ``ply.SCENE_MIN_OPACITY``.
     Returns ``(points, colors, path)``; with ``require_points=False`` a missing cloud
     gives ``(zeros (0, 3), None, None)``.
     """
-    from ..ply import load_ply
+    from ..ply import SCENE_MIN_OPACITY, load_ply
 
     if pc_name is not None:
         # any letter case, as the folder scan below and check_output_suffix match it (FUSED.PLY)
@@ -58,7 +59,7 @@ def load_point_cloud(
                     f"{PC_NAME_OPTIONS}"
                 )
     try:
-        pc = load_ply(path)
+        pc = load_ply(path, min_opacity=SCENE_MIN_OPACITY)
     except (ValueError, FileNotFoundError) as exc:
         raise DatasetError(str(exc)) from exc
     return check_points(pc.points, pc.colors, path)
