@@ -865,6 +865,8 @@ class NPBGPP_OT_export_dataset(_ModalJob, bpy.types.Operator):
         if not self.directory:
             self.report({"ERROR"}, "Choose an output folder for the dataset.")
             return {"CANCELLED"}
+        if refused_in_linked_scene(self, context.scene, "the export's camera"):  # it renders through one of its own
+            return {"CANCELLED"}
         if _running(EXPORT_JOB):
             self.report({"ERROR"}, f"{EXPORT_JOB} is already running (progress in the status bar): wait for it, or "
                                    "press Esc to cancel it, then export again.")

@@ -2654,6 +2654,40 @@ def test_paths_of_a_linked_scene_are_relative_to_its_library(scene):
         assert os.path.normpath(blend_paths.resolved(owner, blend_paths.stored(owner, written))) == written
 
 
+def _linked_scene(sc, lib):
+    """``sc`` written to the .blend ``lib`` and linked from it into an empty file (the open
+    file is replaced): ``(its name, lib, the linked scene)``."""
+    name = sc.name
+    bpy.data.libraries.write(str(lib), {sc})
+    bpy.ops.wm.read_homefile(use_empty=True)
+    with bpy.data.libraries.load(str(lib), link=True) as (_src, dst):
+        dst.scenes = [name]
+    linked = dst.scenes[0]
+    assert linked.library is not None
+    return name, lib, linked
+
+
+def test_export_dataset_of_a_linked_scene_is_refused(scene):
+    """Export Dataset of a scene linked from another .blend: its temporary camera cannot be
+    linked into the scene (Blender's 'Could not (un)link' error came after the camera was
+    made, which was left behind as an orphan); refused up front naming the library, nothing
+    made, nothing written."""
+    name, lib, linked = _linked_scene(scene["scene"], scene["dir"] / "lib_export.blend")
+    objects, cameras = len(bpy.data.objects), len(bpy.data.cameras)
+    out = scene["dir"] / "linked_export"
+    with bpy.context.temp_override(scene=linked, view_layer=linked.view_layers[0]):
+        with pytest.raises(RuntimeError, match=f"The scene '{name}' is linked from {re.escape(str(lib))}: Blender "
+                                               "adds no objects to a linked scene, so the export's camera cannot go"):
+            bpy.ops.npbgpp.export_dataset(directory=str(out), views=1, width=8, height=8, samples=1, points=10)
+    assert (len(bpy.data.objects), len(bpy.data.cameras)) == (objects, cameras) and not out.exists()
+    from blender_addon.datagen.render import render_views_of_current_scene  # its Python API: Blender's error
+
+    with pytest.raises(RuntimeError, match=r"Could not \(un\)link the object 'npbgpp_render_camera'"):
+        render_views_of_current_scene(linked, str(out), views=1, size=(8, 8), samples=1, points=10, val_views=0,
+                                      test_views=0)
+    assert (len(bpy.data.objects), len(bpy.data.cameras)) == (objects, cameras) and not out.exists()
+
+
 def test_operators_on_a_linked_scene_say_so(scene, capfd):
     """A scene linked from another .blend (scene.library) keeps what an operator stores in
     it only until the open file is reloaded (Blender saves it in its library): Aggregate
@@ -2661,14 +2695,8 @@ def test_operators_on_a_linked_scene_say_so(scene, capfd):
     operators that add a point object, which Blender cannot link into a linked scene's
     collections (Import PLY failed with Blender's own 'Could not (un)link' error, Densify
     after its work), refuse up front naming the library, adding nothing."""
-    sc = _dataset_to_aggregate(scene, "nerf")
-    name, lib = sc.name, scene["dir"] / "lib.blend"
-    bpy.data.libraries.write(str(lib), {sc})
-    bpy.ops.wm.read_homefile(use_empty=True)
-    with bpy.data.libraries.load(str(lib), link=True) as (_src, dst):
-        dst.scenes = [name]
-    linked = dst.scenes[0]
-    assert linked.library is not None and linked.npbgpp.dataset_path
+    name, lib, linked = _linked_scene(_dataset_to_aggregate(scene, "nerf"), scene["dir"] / "lib.blend")
+    assert linked.npbgpp.dataset_path
     out = str(scene["dir"] / "linked.npbgpp")
     capfd.readouterr()
     with bpy.context.temp_override(scene=linked, view_layer=linked.view_layers[0]):
@@ -2695,15 +2723,9 @@ def test_aggregate_subset_on_a_linked_scene_keeps_its_point_object(scene, capfd)
     saved and set, the point object stays, nothing is added to the file, and a warning
     names the library and what to do there (the new object's link failed with Blender's
     own error after the work, leaving an orphan object behind)."""
-    sc = _dataset_to_aggregate(scene, "nerf")
-    name, lib = sc.name, scene["dir"] / "lib_subset.blend"
-    bpy.data.libraries.write(str(lib), {sc})
-    bpy.ops.wm.read_homefile(use_empty=True)
-    with bpy.data.libraries.load(str(lib), link=True) as (_src, dst):
-        dst.scenes = [name]
-    linked = dst.scenes[0]
+    name, lib, linked = _linked_scene(_dataset_to_aggregate(scene, "nerf"), scene["dir"] / "lib_subset.blend")
     point_object = linked.npbgpp.point_object
-    assert linked.library is not None and point_object is not None
+    assert point_object is not None
     objects, meshes = len(bpy.data.objects), len(bpy.data.meshes)
     out = str(scene["dir"] / "linked30.npbgpp")
     capfd.readouterr()

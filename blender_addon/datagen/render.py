@@ -234,9 +234,9 @@ def render_views_steps(
         cam_data.sensor_width = 36.0
         cam_data.lens = 18.0 / math.tan(math.radians(fov_deg) / 2.0)
         cam_obj = bpy.data.objects.new("npbgpp_render_camera", cam_data)
-        bpy_scene.collection.objects.link(cam_obj)
         settings = _Settings()
         try:
+            bpy_scene.collection.objects.link(cam_obj)  # refused in a linked scene: the camera goes too
             _configure(bpy_scene, settings, (h, w), samples, seed, denoise)
             settings.set(bpy_scene, "camera", cam_obj)
             surfaces = None
