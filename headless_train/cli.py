@@ -339,20 +339,16 @@ def _other_clouds(meta: dict, scenes: list) -> list[tuple[str, str | None, str |
     (both names then are equal). Checkpoints without digests compare the recorded file
     (path relative to the scene folder, absolute outside it); those written before clouds
     were recorded (no ``point_clouds``) compare nothing."""
-    from .systems.base import point_cloud_name, points_digest
+    from .systems.base import point_cloud_name, points_digest, recorded_digest
 
     names, clouds = meta.get("scenes", []), meta.get("point_clouds")
     if not isinstance(clouds, list) or len(clouds) != len(names):
         return []
     recorded = {n: c for n, c in zip(names, clouds, strict=True) if c is None or isinstance(c, str)}
-    digests = meta.get("point_digests")
-    if not isinstance(digests, list) or len(digests) != len(names):
-        digests = [None] * len(names)  # written before digests were recorded: the file decides alone
-    fitted = dict(zip(names, digests, strict=True))
 
     def differs(scene, now: str | None) -> bool:
-        digest = fitted[scene.name]
-        return digest != points_digest(scene.points) if isinstance(digest, str) else now != recorded[scene.name]
+        digest = recorded_digest(meta, scene.name)  # None: written before digests, the file decides alone
+        return digest != points_digest(scene.points) if digest is not None else now != recorded[scene.name]
 
     return [(s.name, recorded[s.name], now) for s in scenes
             if s.name in recorded and differs(s, now := point_cloud_name(s))]

@@ -128,7 +128,7 @@ def export_npbg(ckpt: dict, scene, args, name: str):
     from npbgpp_core.models import NPBG, NPBGConfig
     from npbgpp_core.scene import NeuralScene
 
-    from .systems.base import module_key
+    from .systems.base import module_key, points_digest, recorded_digest
 
     meta = ckpt["npbgpp"]
     system = meta["system"]
@@ -148,6 +148,11 @@ def export_npbg(ckpt: dict, scene, args, name: str):
     if scene.points.shape[0] != n:
         raise ExportError(f"scene {scene.root} has {scene.points.shape[0]} points but the checkpoint's '{name}' "
                           f"has {n} descriptors")
+    digest = recorded_digest(meta, name)
+    if digest is not None and digest != points_digest(scene.points):  # same count, other points
+        raise ExportError(f"{args.checkpoint} ({system}) fitted scene '{name}' to other points than "
+                          f"{scene.metadata.get('point_cloud') or 'the scene'} holds (its descriptors would sit on the "
+                          "wrong points): export with --pc-name naming the cloud that run was fitted to, unchanged")
     cfg = meta.get("config", {})
     if system == "coefficients_ft":
         from .systems.coefficients_ft import coefficients_config

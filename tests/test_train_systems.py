@@ -789,7 +789,7 @@ def test_npbg_evaluation_needs_descriptors_fitted_to_the_scene(data_root, tmp_pa
     assert math.isfinite(result["mean"]["psnr"])
 
 
-def test_resume_and_evaluation_compare_the_recorded_cloud_file(tmp_path):
+def test_resume_and_evaluation_compare_the_recorded_cloud_file(tmp_path, capsys):
     """A resumed or evaluated NPBG run whose datasets.pc_name names another cloud file of the
     same size as its checkpoint's passed the name / point-count check: the descriptors sat
     on other points. The checkpoint records its cloud; another one is refused, naming both,
@@ -829,8 +829,18 @@ def test_resume_and_evaluation_compare_the_recorded_cloud_file(tmp_path):
     with pytest.raises(UsageError, match=r"eval_only=true with system=npbg: .*\(scene sceneD was fitted to "
                                          r"points3d.ply, which now holds other points\)"):
         run_inproc([*base, weights, "eval_only=true"], str(tmp_path / "e3"))
+    # export put those descriptors on the rewritten points without a word
+    from headless_train.export import main as export_main
+
+    out = str(tmp_path / "d.npbgpp")
+    export = ["--checkpoint", f"{run}/checkpoints/last.ckpt", "--scene", os.path.join(root, "sceneD"), "--out", out]
+    assert export_main(export) == 2
+    err = capsys.readouterr().err
+    assert f"last.ckpt (npbg) fitted scene 'sceneD' to other points than {cloud} holds" in err, err
+    assert "--pc-name" in err and not os.path.exists(out)
     os.replace(cloud + ".fitted", cloud)  # the points it was fitted to, back: accepted again
     run_inproc([*base, weights, "eval_only=true"], str(tmp_path / "e4"))
+    assert export_main(export) == 0
 
 
 def test_a_moved_cloud_outside_the_scene_folder_is_recognised_by_its_points(tmp_path):

@@ -51,6 +51,19 @@ def points_digest(points: Any) -> str:
     return hashlib.sha256(np.ascontiguousarray(points, dtype=np.float32).tobytes()).hexdigest()
 
 
+def recorded_digest(meta: dict, name: str) -> str | None:
+    """The :func:`points_digest` a checkpoint's metadata (``npbgpp``) records for scene
+    ``name``'s cloud (``point_digests``), None when it records none (checkpoints written
+    before the digests): where it is recorded, the points decide whether a cloud is the one
+    the scene's descriptors were fitted to, whatever the file is called."""
+    names, digests = meta.get("scenes", []), meta.get("point_digests")
+    if not isinstance(names, list) or not isinstance(digests, list) or len(digests) != len(names) \
+            or name not in names:
+        return None
+    digest = digests[names.index(name)]
+    return digest if isinstance(digest, str) else None
+
+
 def check_vgg_weights(lcfg: dict) -> None:
     """Refuse a ``loss.vgg_weights`` that is no file, naming the option: the core loader's
     'weights file: file not found' did not say which setting gave the path."""
