@@ -594,12 +594,50 @@ def test_applied_transform_and_scale_keep_cloud_and_poses_together(tmp_path):
             uv, depth = view.camera.project(torch.as_tensor(scene.points, dtype=torch.float64))
             assert (depth > 0).all()
             np.testing.assert_allclose(uv.double().numpy(), want, atol=2e-3)
-    # the same file named with pc_name would be read unscaled: refused rather than misplaced
-    with pytest.raises(DatasetError, match=r"sparse_pc.ply: pc_name names the file's own cloud.*applied_scale 2.5"):
-        load_scene(moved, pc_name="sparse_pc.ply")
+    # the same file named with pc_name (as export names a run's recorded cloud) is read the
+    # same way, scaled; it was refused as ambiguous
+    for name in ("sparse_pc.ply", os.path.join(moved, "sparse_pc")):
+        named = load_scene(moved, pc_name=name)
+        np.testing.assert_allclose(named.points, m.points, atol=1e-6)
+        assert named.metadata["point_cloud"] == os.path.join(moved, "sparse_pc.ply")
     # another cloud named with pc_name is read as is, in the poses' frame (densify's dense.ply is)
     save_ply(os.path.join(moved, "dense.ply"), (s * (POINTS @ A.T + a)).astype(np.float32))
     np.testing.assert_allclose(load_scene(moved, pc_name="dense").points, m.points, atol=1e-5)
+
+
+def test_export_of_an_npbg_run_on_a_scaled_capture(tmp_path):
+    """An NPBG run on a capture with applied_scale records its cloud as sparse_pc.ply (the
+    file's ply_file_path, read scaled), and export names the recorded cloud as pc_name: the
+    loader refused that as ambiguous ('leave pc_name empty', an option the user never gave),
+    so such a run could not be exported. The bundle holds the scaled cloud it was fitted to."""
+    from headless_train.export import main as export_main
+    from headless_train.systems.base import module_key, point_cloud_name, points_digest
+    from npbgpp_core.models import NPBG, NPBGConfig
+    from npbgpp_core.scene import NeuralScene
+
+    cams = random_cameras(3, seed=35)
+    root = str(tmp_path / "scaled")
+    write_images(root, cams)
+    A, a, s = _rotation(9), np.array([0.1, 0.4, -0.7]), 1.7
+    meta = write_transforms(root, cams, ply=False, applied_transform=np.hstack([A, a[:, None]]).tolist(),
+                            applied_scale=s)
+    meta["ply_file_path"] = "sparse_pc.ply"
+    with open(os.path.join(root, "transforms.json"), "w") as f:
+        json.dump(meta, f)
+    save_ply(os.path.join(root, "sparse_pc.ply"), (POINTS @ A.T + a).astype(np.float32), COLORS)
+    scene = load_scene(root)  # as the trainer loads it, with datasets.pc_name=null
+    torch.manual_seed(0)
+    model = NPBG(len(scene.points), NPBGConfig())
+    state = {f"refiner.{k}": v for k, v in model.refiner.state_dict().items()}
+    state.update({f"scene_models.{module_key(scene.name)}.{k}": v for k, v in model.state_dict().items()})
+    record = {"system": "npbg", "config": {"name": "npbg"}, "scenes": [scene.name], "points": [len(scene.points)],
+              "point_clouds": [point_cloud_name(scene)], "point_digests": [points_digest(scene.points)]}
+    assert record["point_clouds"] == ["sparse_pc.ply"]
+    torch.save({"state_dict": state, "npbgpp": record, "global_step": 1}, tmp_path / "run.ckpt")
+    out = str(tmp_path / "scaled.npbgpp")
+    assert export_main(["--checkpoint", str(tmp_path / "run.ckpt"), "--scene", root, "--out", out,
+                        "--device", "cpu"]) == 0
+    np.testing.assert_allclose(NeuralScene.load(out).points.numpy(), s * (POINTS @ A.T + a), atol=1e-5)
 
 
 @pytest.mark.parametrize(("change", "message"), [

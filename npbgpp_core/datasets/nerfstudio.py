@@ -26,10 +26,11 @@ when absent) for going back to the original frame; neither is applied to the pos
 The point cloud must end up in the poses' frame. ``sparse_pc.ply`` (``ply_file_path``) is
 written by ns-process-data with ``applied_transform`` applied to the COLMAP points (so in
 the file frame, not the original COLMAP one) but without ``applied_scale``: nerfstudio's
-reader multiplies that cloud by ``applied_scale``, and so does this loader (only the cloud
-``ply_file_path`` names: ``pc_name`` naming that same file while ``applied_scale`` is not 1
-is refused, as ambiguous). A cloud chosen with ``pc_name`` or found by a default name is
-read as is, in the poses' frame (the densify command's ``dense.ply`` is). A COLMAP
+reader multiplies that cloud by ``applied_scale``, and so does this loader (the file
+``ply_file_path`` names, also when ``pc_name`` names it: a file has one frame however it is
+named, and ``headless_train export`` names the cloud a run recorded). Any other cloud, chosen
+with ``pc_name`` or found by a default name, is read as is, in the poses' frame (the densify
+command's ``dense.ply`` is). A COLMAP
 ``points3D`` beside it (``colmap/sparse/0``) is in the original frame, instant-ngp writes no
 cloud, and a trained model's ``ns-export pointcloud`` is in the file frame only with
 ``--save-world-frame`` (by default it writes the trainer's auto-oriented, scaled frame).
@@ -87,6 +88,7 @@ import re
 
 import numpy as np
 
+from ..atomic import same_file
 from .common import (
     PC_NAME_OPTIONS,
     check_options,
@@ -337,11 +339,10 @@ def _point_cloud(root: str, meta: dict, options: dict, scale: float
     own = None if ply is None else path_in_root(root, _posix(ply), field, allow_external)
     if options.get("pc_name") is not None:
         pts, cols, path = load_point_cloud(root, options["pc_name"], (), require)
-        if scale != 1.0 and own is not None and path is not None and os.path.realpath(path) == os.path.realpath(own):
-            raise DatasetError(
-                f"{path}: pc_name names the file's own cloud (ply_file_path), which {FILE} scales by applied_scale "
-                f"{scale:g}, while a cloud named with pc_name is read as is; leave pc_name empty to read it scaled"
-            )
+        if scale != 1.0 and own is not None and path is not None and same_file(path, own):
+            # the file's own cloud, however it is named: export and a resumed run name the cloud
+            # a run recorded, which was this one read scaled
+            pts = check_points(pts.astype(np.float64) * scale, cols, path)[0]
         return pts, cols, path
     if own is not None:
         if not os.path.isfile(own):
