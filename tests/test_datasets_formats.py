@@ -715,3 +715,17 @@ def test_splat_file_as_the_scene_cloud_keeps_the_splats_the_ply_import_keeps(tmp
     np.testing.assert_allclose(scene.colors, 0.5, atol=1e-6)  # f_dc = 0: grey
     replaced = with_points(load_scene(root), path)  # Aggregate of Dataset Points
     np.testing.assert_allclose(replaced.points, scene.points)
+
+
+def test_gaussian_splatting_output_folder_points_at_its_colmap_source(tmp_path):
+    """A 3D Gaussian Splatting output folder (cameras.json, point_cloud/iteration_30000/) is
+    no dataset: the refusal says to load the COLMAP folder and name the splat file as its cloud."""
+    root = tmp_path / "gs_output"
+    (root / "point_cloud" / "iteration_30000").mkdir(parents=True)
+    (root / "cameras.json").write_text("[]")
+    with pytest.raises(DatasetError, match=r"3D Gaussian Splatting output .*COLMAP folder.*point_cloud.ply"):
+        load_scene(str(root))
+    (root / "cameras.json").unlink()
+    with pytest.raises(DatasetError) as info:
+        load_scene(str(root))
+    assert "Gaussian" not in str(info.value)

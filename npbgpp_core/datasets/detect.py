@@ -57,6 +57,11 @@ def detect_format(root: str) -> str:
         up = _colmap_scene_above(root)
         if up:
             hint = f"; this is a COLMAP model folder: give the scene folder that holds images/ and sparse/ ({up}?)"
+        elif os.path.isfile(os.path.join(root, "cameras.json")) and os.path.isdir(os.path.join(root, "point_cloud")):
+            # 3DGS's cameras.json names photos it does not hold and no principal point: not a dataset
+            hint = ("; this is a 3D Gaussian Splatting output (cameras.json, point_cloud/): give the COLMAP folder "
+                    "it was trained from and name its point_cloud/iteration_<N>/point_cloud.ply as the cloud "
+                    "(pc_name=, --pc-name, the add-on's Point Cloud), or import that file as points")
         raise DatasetError(
             f"{root}: no known dataset layout (looked for transforms_train.json, cameras.npz + image/, "
             f"intrinsics.npy + extrinsics.npy + images/, sparse/[0/]cameras.bin|txt, transforms.json){hint}; or name "
