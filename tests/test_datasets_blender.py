@@ -317,13 +317,15 @@ def test_dataset_points_and_framing_follow_render_visibility(tmp_path):
     not from the viewport: a quad in a collection disabled in viewports (the monitor icon),
     one disabled in viewports itself, one hidden in the viewport (the eye) and the second
     copy an Array modifier makes only in renders (Show in Viewport off) all get points; a
-    quad disabled in renders gets none. Each quad sits at its own x, so a point's x says
-    which it came from (the viewport depsgraph held only the quads at 0 and 4)."""
+    quad disabled in renders, a Holdout one and one in an Indirect Only collection get none.
+    Each quad sits at its own x, so a point's x says which it came from (the viewport
+    depsgraph held only the quads at 0 and 4, and those at 9 and 10)."""
     from npbgpp_core.ply import load_ply
 
     scene = bpy.data.scenes.new("render_visibility")
-    hidden = bpy.data.collections.new("rv_monitor")
+    hidden, indirect = bpy.data.collections.new("rv_monitor"), bpy.data.collections.new("rv_indirect")
     scene.collection.children.link(hidden)
+    scene.collection.children.link(indirect)
 
     def quad(x: float, name: str, where=None) -> bpy.types.Object:
         me = bpy.data.meshes.new(name)
@@ -341,6 +343,9 @@ def test_dataset_points_and_framing_follow_render_visibility(tmp_path):
         array = quad(4.0, "rv_array").modifiers.new("copy", "ARRAY")
         array.count, array.relative_offset_displace, array.show_viewport = 2, (4.0, 0.0, 0.0), False  # x = 6
         quad(8.0, "rv_not_rendered").hide_render = True
+        quad(9.0, "rv_holdout").is_holdout = True  # Holdout and Indirect Only: in a render's depsgraph too
+        quad(10.0, "rv_indirect", indirect)
+        scene.view_layers[0].layer_collection.children[indirect.name].indirect_only = True
         hidden.hide_viewport = True
         scene.view_layers[0].update()
         eye.hide_set(True, view_layer=scene.view_layers[0])
@@ -360,6 +365,7 @@ def test_dataset_points_and_framing_follow_render_visibility(tmp_path):
             if data is not None:
                 bpy.data.meshes.remove(data)
         bpy.data.collections.remove(hidden)
+        bpy.data.collections.remove(indirect)
         bpy.data.scenes.remove(scene)
 
 
