@@ -12,7 +12,9 @@ and per frame the camera-to-world ``transform_matrix`` (OpenGL camera axes). Cam
 on a sphere (or the upper hemisphere, world up +Z) around the scene's bounding-sphere
 centre, evenly spread (Fibonacci lattice, rotated by the seed), looking at the centre,
 far enough for the whole bounding sphere to fit the view. Views are shuffled (seeded)
-and split into train / val / test.
+and split into train / val / test. The bounding sphere and ``points3d.ply`` cover the
+surfaces the renders show: both are read from the depsgraph Blender evaluates for a
+render (:func:`.surface_points.during_a_render`, a 4x4-pixel render before the views).
 
 Command line::
 
