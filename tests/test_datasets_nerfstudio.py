@@ -282,7 +282,7 @@ def test_ns_export_point_cloud_is_not_a_default_cloud(capture):
         load_scene(root)
     scene = load_scene(root, pc_name="point_cloud.ply")
     np.testing.assert_allclose(scene.points, trainer_frame, atol=1e-6)
-    # the other formats keep it as a default name
+    # NeRF-Synthetic folders keep it as a default name
     from npbgpp_core.datasets import nerf_synthetic
 
     assert "point_cloud.ply" in nerf_synthetic.DEFAULT_PC_NAMES

@@ -113,7 +113,7 @@ OPTIONS = (
 PINHOLE_MODELS = ("PINHOLE", "SIMPLE_PINHOLE")
 RADIAL_MODELS = ("OPENCV", "SIMPLE_RADIAL", "RADIAL")
 # Without ply_file_path; dense.ply is what the no-cloud error tells the user to make. Not
-# point_cloud.ply, the other formats' default: it is the name ``ns-export pointcloud`` writes,
+# point_cloud.ply, a NeRF-Synthetic default: it is the name ``ns-export pointcloud`` writes,
 # in the trainer's auto-oriented, scaled frame unless given --save-world-frame, and a cloud
 # in the wrong frame renders as noise with no error (named and refused as any other .ply).
 DEFAULT_PC_NAMES = ("sparse_pc.ply", "points3d.ply", "points3D.ply", "pointcloud.ply", "dense.ply")
