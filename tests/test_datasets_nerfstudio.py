@@ -640,6 +640,28 @@ def test_export_of_an_npbg_run_on_a_scaled_capture(tmp_path):
     np.testing.assert_allclose(NeuralScene.load(out).points.numpy(), s * (POINTS @ A.T + a), atol=1e-5)
 
 
+def test_a_splat_file_as_ply_file_path_keeps_the_splats_pc_name_keeps(capture):
+    """ply_file_path naming a Gaussian-splat file kept every splat, near-transparent ones as
+    opaque points, while the same file named with pc_name (or as Dataset Points) keeps those
+    with opacity >= 0.1: sigmoid(-5) = 0.0067 and sigmoid(-2.3) = 0.091 go, sigmoid(-2) =
+    0.119 stays (hand-computed)."""
+    from plyfile import PlyData, PlyElement
+
+    root, _ = capture
+    names = ["x", "y", "z", "f_dc_0", "f_dc_1", "f_dc_2", "opacity", "scale_0", "scale_1", "scale_2",
+             "rot_0", "rot_1", "rot_2", "rot_3"]
+    data = np.zeros(5, [(k, "f4") for k in names])
+    for i, c in enumerate("xyz"):
+        data[c] = POINTS[:5, i]
+    data["opacity"] = [-5.0, -2.0, -2.3, 0.0, 3.0]
+    data["rot_0"] = 1.0
+    PlyData([PlyElement.describe(data, "vertex")]).write(os.path.join(root, "splats.ply"))
+    rewrite(root, lambda meta: meta.update(ply_file_path="splats.ply"))
+    own, named = load_scene(root), load_scene(root, pc_name="splats.ply")
+    np.testing.assert_allclose(own.points, POINTS[[1, 3, 4]], atol=1e-6)
+    np.testing.assert_allclose(named.points, own.points)
+
+
 @pytest.mark.parametrize(("change", "message"), [
     (lambda m: m.update(applied_scale=0), r"transforms.json applied_scale: 0 must be positive"),
     (lambda m: m.update(applied_scale="2"), r"transforms.json applied_scale: expected a number, got str"),
