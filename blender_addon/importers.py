@@ -425,8 +425,12 @@ class IMPORT_SCENE_OT_npbgpp_dataset(bpy.types.Operator):
     bl_label = "Import NPBG++ Dataset"
     bl_options = {"REGISTER", "UNDO"}
     directory: StringProperty(subtype="DIR_PATH", description="The dataset folder")  # type: ignore[valid-type]
+    # SKIP_SAVE on the settings that describe one dataset: Blender would otherwise start the next
+    # import with the last one's values, applying another dataset's cloud, format or trust to it.
+    # The folder and Max Points (a budget of this computer) are remembered, as importers' paths are.
     format: EnumProperty(  # type: ignore[valid-type]
         name="Format", items=DATASET_FORMATS, default="AUTO", description="Layout of the dataset folder",
+        options={"SKIP_SAVE"},
     )
     max_points: IntProperty(  # type: ignore[valid-type]
         name="Max Points", default=0, min=0, description="Keep at most this many points, chosen at random (0: all)",
@@ -436,16 +440,18 @@ class IMPORT_SCENE_OT_npbgpp_dataset(bpy.types.Operator):
         description="COLMAP models and nerfstudio transforms.json with lens distortion (k1, k2, p1, p2): remap "
                     "the photos on load to the widest pinhole camera without blank borders (otherwise such "
                     "datasets are refused)",
+        options={"SKIP_SAVE"},
     )
     allow_external_paths: BoolProperty(  # type: ignore[valid-type]
         name="Allow External Paths", default=False,
-        description=EXTERNAL_PATHS_TOOLTIP,
+        description=EXTERNAL_PATHS_TOOLTIP, options={"SKIP_SAVE"},
     )
     point_cloud: StringProperty(  # type: ignore[valid-type]
         name="Point Cloud", default="",
         description="A .ply file to use as the dataset's cloud, relative to the dataset folder (or absolute), in "
                     "the same world frame as its cameras; it also becomes Dataset Points, the cloud Aggregate "
                     "uses. Empty: the format's own cloud (e.g. nerfstudio's ply_file_path, COLMAP's points3D)",
+        options={"SKIP_SAVE"},
     )
 
     def invoke(self, context: Any, event: Any) -> set[str]:

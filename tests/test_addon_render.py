@@ -1143,27 +1143,34 @@ def test_import_nerfstudio_transforms_cameras_reproduce_views(scene, fmt):
     assert len(sc.npbgpp.point_object.data.points) == len(scene["points"])  # sparse_pc.ply
 
 
-def test_import_dataset_point_cloud_setting(scene):
-    """Import Dataset's Point Cloud: a transforms.json folder with two clouds and no
-    ply_file_path imports without points (the loader names both files); the setting picks
-    one (relative to the folder, .ply optional), which becomes Dataset Points for Aggregate;
-    a name of no file is refused before anything changes; without it Dataset Points clears."""
+def _two_cloud_capture(scene, name: str = "two_clouds"):
+    """(folder, b.ply's points): a one-frame transforms.json capture in the scene camera
+    with two clouds and no ply_file_path, a.ply (the scene's points) and b.ply (10 others)."""
     import json
 
     from PIL import Image
 
     from npbgpp_core.ply import save_ply
 
-    sc, cam = scene["scene"], scene["camera"]
-    root = scene["dir"] / "two_clouds"
+    root = scene["dir"] / name
     (root / "images").mkdir(parents=True)
     Image.fromarray(np.full((24, 32, 3), 90, np.uint8)).save(root / "images" / "f0.png")
-    frame = {"file_path": "images/f0.png", "transform_matrix": [list(r) for r in cam.matrix_world], "fl_x": 30.0,
-             "fl_y": 30.0, "cx": 16.0, "cy": 12.0, "w": 32, "h": 24}
+    frame = {"file_path": "images/f0.png", "transform_matrix": [list(r) for r in scene["camera"].matrix_world],
+             "fl_x": 30.0, "fl_y": 30.0, "cx": 16.0, "cy": 12.0, "w": 32, "h": 24}
     (root / "transforms.json").write_text(json.dumps({"frames": [frame]}))
     save_ply(str(root / "a.ply"), scene["points"], scene["colors"])
     other = (scene["points"][:10] + np.float32(0.25)).astype(np.float32)
     save_ply(str(root / "b.ply"), other, scene["colors"][:10])
+    return root, other
+
+
+def test_import_dataset_point_cloud_setting(scene):
+    """Import Dataset's Point Cloud: a transforms.json folder with two clouds and no
+    ply_file_path imports without points (the loader names both files); the setting picks
+    one (relative to the folder, .ply optional), which becomes Dataset Points for Aggregate;
+    a name of no file is refused before anything changes; without it Dataset Points clears."""
+    sc = scene["scene"]
+    root, other = _two_cloud_capture(scene)
 
     assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root)) == {"FINISHED"}
     assert sc.npbgpp.point_object is None
@@ -1211,6 +1218,40 @@ def test_import_dataset_point_cloud_setting(scene):
 
     assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root)) == {"FINISHED"}
     assert sc.npbgpp.dataset_points == "" and sc.npbgpp.point_object is None
+
+
+def test_import_dataset_forgets_the_last_datasets_settings(scene):
+    """Import Dataset run as the UI runs it (undo on: Blender stores the operator's last
+    settings and starts the next run from them): the settings of one dataset (Point Cloud,
+    Format, Undistort, Allow External Paths) are not carried to the next import, which
+    otherwise read the last dataset's cloud name in another folder; the folder and Max
+    Points are remembered. Not checked here: the file browser's own use of the remembered
+    folder (no window in background mode)."""
+    sc = scene["scene"]
+    root, _ = _two_cloud_capture(scene)
+    rna = bpy.ops.import_scene.npbgpp_dataset.get_rna_type()
+    forgotten = {"format", "undistort", "allow_external_paths", "point_cloud"}
+    assert {p.identifier for p in rna.properties if p.is_skip_save} & set(forgotten | {"directory", "max_points"}) \
+        == forgotten
+
+    def ui_import(**settings) -> set[str]:
+        return bpy.ops.import_scene.npbgpp_dataset("EXEC_DEFAULT", True, **settings)
+
+    assert ui_import(directory=str(root), point_cloud="b", format="NERFSTUDIO", undistort=True,
+                     allow_external_paths=True, max_points=7) == {"FINISHED"}
+    assert len(sc.npbgpp.point_object.data.points) == 7
+    assert sc.npbgpp.dataset_undistort and sc.npbgpp.dataset_allow_external_paths
+    last = bpy.context.window_manager.operator_properties_last("import_scene.npbgpp_dataset")
+    assert last.point_cloud == "b" and last.max_points == 7  # stored: the next run starts from them
+
+    # the next import, of the same folder here: neither b.ply nor the other dataset settings come back
+    assert ui_import() == {"FINISHED"}
+    assert sc.npbgpp.point_object is None and sc.npbgpp.dataset_points == ""
+    assert "['a.ply', 'b.ply'] are not read unnamed" in sc.npbgpp.dataset_no_cloud
+    assert not sc.npbgpp.dataset_undistort and not sc.npbgpp.dataset_allow_external_paths
+    assert ui_import(point_cloud="a") == {"FINISHED"}  # the folder and Max Points are the last run's
+    assert len(sc.npbgpp.point_object.data.points) == 7
+    assert os.path.samefile(bpy.path.abspath(sc.npbgpp.dataset_points), root / "a.ply")
 
 
 def test_import_dataset_undistort_cameras_have_the_undistorted_focal_length(scene):
