@@ -14,7 +14,7 @@ import bpy
 
 from .app_handlers import add_handlers, remove_handlers
 
-PATH_SETTINGS = ("bundle", "weights", "dataset_path", "dataset_points")
+PATH_SETTINGS = ("bundle", "weights", "dataset_path", "dataset_points", "dataset_cloud")
 _before_copy: list[tuple[str, str, str]] = []  # (scene, setting, value) before a save rebased it
 
 

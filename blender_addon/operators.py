@@ -700,10 +700,11 @@ class NPBGPP_OT_densify(_WorkerStepJob, bpy.types.Operator):
                                 (".ply",))
         if not self._out:
             return None
-        # the worker refuses a .ply the dataset reads (its cloud) and lets a re-run replace its own
+        # the worker refuses a .ply the dataset reads (its cloud, the chosen one too) and lets a re-run replace its own
         return worker_reply(self, P.DensifyBegin(
             dataset, s.dataset_format or None, s.dataset_undistort, s.device, self.max_points, self.max_views,
             self.min_consistent, self.image_scale, s.dataset_allow_external_paths, fill=self.fill, out=self._out,
+            pc_name=resolved(s, s.dataset_cloud),
         ), context)
 
     def _finish(self, context: Any) -> set[str]:
@@ -845,7 +846,7 @@ class NPBGPP_OT_export_dataset(_ModalJob, bpy.types.Operator):
     @staticmethod
     def _held_file(context: Any, folder: str) -> str:
         """What of this project ``folder`` holds ("" when nothing): the saved .blend, the
-        imported dataset, bundle, weights or dataset points. With Overwrite the export
+        imported dataset, bundle, weights, Dataset Points or Dataset Cloud. With Overwrite the export
         replaced the folder, deleting them (a .blend saved in the folder chosen too)."""
         from npbgpp_core.atomic import holds
 
@@ -853,7 +854,7 @@ class NPBGPP_OT_export_dataset(_ModalJob, bpy.types.Operator):
         used = [("the saved .blend", bpy.data.filepath)]
         used += [(f"the scene's {what}", resolved(s, path)) for what, path in (
             ("dataset", s.dataset_path), ("bundle", s.bundle), ("Weights file", s.weights),
-            ("Dataset Points file", s.dataset_points))]
+            ("Dataset Points file", s.dataset_points), ("Dataset Cloud file", s.dataset_cloud))]
         for what, path in used:
             if path and os.path.exists(path) and holds(folder, path):
                 return f"{what} ({path})"

@@ -136,6 +136,12 @@ class NPBGPPSceneSettings(bpy.types.PropertyGroup):
         "Aggregate uses instead of the dataset's own cloud; set by Densify Points and by Import Dataset "
         "Folder's Point Cloud (cleared without one); empty: the dataset's points",
     )
+    dataset_cloud: StringProperty(  # type: ignore[valid-type]
+        name="Dataset Cloud", subtype="FILE_PATH", default="", options=RELATIVE_OK,
+        description="The .ply Import Dataset Folder's Point Cloud named, which the dataset's loader reads as its "
+        "cloud (empty: the format's own). Densify Points reads it too (its depth range) and refuses to write over "
+        "it; unlike Dataset Points, Densify does not replace it",
+    )
     dataset_no_cloud: StringProperty(  # type: ignore[valid-type]
         name="Dataset Without Cloud", default="",
         description="Why the imported dataset has no point cloud (its loader's message), set by Import Dataset "

@@ -350,6 +350,7 @@ class DensifyBegin(Request):
     allow_external_paths: bool = False
     fill: bool = False  # DensifyOptions.fill: points on texture-poor regions without stereo depth
     out: str = ""  # where DensifyFinish will write: refused now when it is an input of the dataset
+    pc_name: str = ""  # the dataset's chosen cloud (ReadDataset.pc_name): read, and refused as ``out``
     op: ClassVar[str] = "densify_begin"
     reply: ClassVar[type[Reply]] = DensifyProgress
 

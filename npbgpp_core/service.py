@@ -398,7 +398,8 @@ class RenderService:
 
         self.densify = None
         # the dataset's cloud only narrows the depth search: a capture without one densifies from its cameras
-        data = load_dataset(req.dataset, req.format, req.undistort, req.allow_external_paths, require_points=False)
+        data = load_dataset(req.dataset, req.format, req.undistort, req.allow_external_paths, require_points=False,
+                            pc_name=req.pc_name)
         if req.out:  # before the work (minutes), not when the cloud is written
             check_not_an_input(req.out, data, "output")
         views = list(data.train) or list(range(len(data.views)))

@@ -2117,6 +2117,42 @@ def test_densify_rerun_replaces_its_own_cloud_in_the_dataset_folder(scene):
     assert (root / "points3d.ply").read_bytes() == sparse
 
 
+def test_densify_reads_and_keeps_the_datasets_chosen_point_cloud(scene):
+    """A dataset imported with Point Cloud fused.ply (and a points3d.ply that is another
+    cloud: a sphere of radius 10 around the scene): Densify Points reads fused.ply, as
+    Aggregate does, so its depth ranges come from it and the dense points lie on the
+    traced surface (from points3d.ply's the true depths are out of range); an output onto
+    fused.ply is refused before any work and the file left as it was, also after a first
+    Densify made its own cloud the Dataset Points."""
+    from _mvs_scene import render as trace
+    from _mvs_scene import ring_cameras, sphere_samples, surface_distance, write_nerf
+
+    from blender_addon.point_source import object_points
+    from npbgpp_core.ply import save_ply
+
+    cams = ring_cameras(6, size=(45, 60))
+    root = scene["dir"] / "sphere"
+    write_nerf(root, cams, [trace(c) for c in cams], sphere_only_alpha=True)
+    (root / "points3d.ply").rename(root / "fused.ply")
+    save_ply(root / "points3d.ply", (sphere_samples(300) * 10).numpy())
+    fused = (root / "fused.ply").read_bytes()
+    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root), point_cloud="fused.ply") == {"FINISHED"}
+
+    refused = f"Densify failed: .*output {re.escape(str(root / 'fused.ply'))} is an input of the scene"
+    with pytest.raises(RuntimeError, match=refused):
+        bpy.ops.npbgpp.densify(filepath=str(root / "fused.ply"))
+    assert (root / "fused.ply").read_bytes() == fused
+
+    assert bpy.ops.npbgpp.densify(max_points=1000, filepath=str(scene["dir"] / "dense.ply")) == {"FINISHED"}
+    dense = object_points(bpy.context.scene.npbgpp.point_object)[0]
+    assert len(dense) > 100
+    assert float(surface_distance(dense).median()) < 0.05
+    assert os.path.samefile(bpy.path.abspath(bpy.context.scene.npbgpp.dataset_points), scene["dir"] / "dense.ply")
+    with pytest.raises(RuntimeError, match=refused):
+        bpy.ops.npbgpp.densify(filepath=str(root / "fused.ply"))
+    assert (root / "fused.ply").read_bytes() == fused
+
+
 def _subset_bundle(path: str, keep: np.ndarray):
     """An independent reference: a smaller bundle holding only the ``keep`` points (and the
     scene's environment map, which belongs to the scene, not to its points)."""
