@@ -410,6 +410,52 @@ def test_command_line_blend_file(tmp_path):
     assert blend.is_file() and (out / "transforms_train.json").is_file()
 
 
+def test_command_line_blend_file_hidden_in_viewports(tmp_path):
+    """--blend on a file whose meshes are all hidden in viewports (a collection's monitor
+    icon, an object's) but rendered: the dataset is made, with points on both (the early
+    check read the viewport's depsgraph and refused it); a file whose only mesh is disabled
+    in renders is refused with status 2 and one line naming the file, nothing written."""
+    import subprocess
+    import sys
+
+    make = (
+        "import bpy, sys\n"
+        "for path, hide_render in ((sys.argv[1], False), (sys.argv[2], True)):\n"
+        "    bpy.ops.wm.read_homefile(use_empty=True)\n"
+        "    sc = bpy.context.scene\n"
+        "    col = bpy.data.collections.new('monitor_off'); sc.collection.children.link(col)\n"
+        "    for x, where in ((0.0, col), (2.0, sc.collection)):\n"
+        "        me = bpy.data.meshes.new('q')\n"
+        "        me.from_pydata([(x-.5, -.5, 0), (x+.5, -.5, 0), (x+.5, .5, 0), (x-.5, .5, 0)], [], [(0, 1, 2, 3)])\n"
+        "        ob = bpy.data.objects.new('q', me); where.objects.link(ob)\n"
+        "        ob.hide_viewport = where is sc.collection; ob.hide_render = hide_render\n"
+        "    col.hide_viewport = True\n"
+        "    bpy.ops.wm.save_as_mainfile(filepath=path)\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root}
+    shown, unrendered = tmp_path / "hidden.blend", tmp_path / "unrendered.blend"
+    subprocess.run([sys.executable, "-c", make, str(shown), str(unrendered)], check=True, env=env,
+                   capture_output=True, timeout=120)
+
+    def datagen(blend, out):
+        return subprocess.run(
+            [sys.executable, "-m", "blender_addon.datagen", "--blend", str(blend), "--views", "1", "--size", "8x8",
+             "--samples", "1", "--points", "400", "--val", "0", "--test", "0", "--out", str(out)],
+            env=env, capture_output=True, text=True, timeout=300)
+
+    res = datagen(shown, tmp_path / "out")
+    assert res.returncode == 0, res.stderr[-2000:]
+    x = load_scene(str(tmp_path / "out")).points[:, 0]
+    assert len(x) == 400 and ((np.abs(x) <= 0.5 + 1e-5) | (np.abs(x - 2.0) <= 0.5 + 1e-5)).all()
+    assert (x < 1.0).any() and (x > 1.0).any()
+    res = datagen(unrendered, tmp_path / "refused")
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines()[-1] == (f"python -m blender_addon.datagen: error: {unrendered}: scene "
+                                                   "'Scene' has no visible mesh surfaces")
+    assert not (tmp_path / "refused").exists() and not [p for p in os.listdir(tmp_path) if "partial" in p]
+
+
 def test_command_line_bad_input_exits_2_with_one_line(tmp_path, capsys):
     """An unknown procedural scene, an existing --out, bad view counts or a missing .blend:
     exit status 2 and the reason, no traceback, nothing written."""

@@ -387,23 +387,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.blend:
             import bpy
 
-            from .surface_points import scene_bounds
-
             try:
                 bpy.ops.wm.open_mainfile(filepath=os.path.abspath(args.blend))
             except RuntimeError as exc:
                 raise ValueError(f"{args.blend}: cannot open the .blend file ({str(exc).strip()})") from exc
-            # refused before any work (ValueError: no visible mesh surfaces); the framing
-            # comes from the render's own depsgraph, which also holds what viewports hide
-            scene_bounds(bpy.context.scene)
     except ValueError as exc:
         print(f"python -m blender_addon.datagen: error: {exc}", file=sys.stderr)
         return 2
     if args.procedural:
         summary = render_procedural_scene(args.procedural, args.out, args.views, args.size, args.seed, **opts)
     else:
-        summary = render_views_of_current_scene(bpy.context.scene, args.out, args.views, args.size, seed=args.seed,
-                                                **opts)
+        from .surface_points import NoSurfacesError
+
+        try:
+            summary = render_views_of_current_scene(bpy.context.scene, args.out, args.views, args.size,
+                                                    seed=args.seed, **opts)
+        except NoSurfacesError as exc:
+            # the .blend's own problem, found where the surfaces are read: in the render's
+            # depsgraph (what viewports hide is rendered), by a 4x4-pixel render before any view
+            print(f"python -m blender_addon.datagen: error: {args.blend}: {exc}", file=sys.stderr)
+            return 2
     print(f"wrote {summary.views} views {summary.splits} and {summary.points} points to {summary.out_dir} "
           f"in {summary.seconds:.1f} s ({summary.seconds_per_view:.2f} s/view)")
     return 0

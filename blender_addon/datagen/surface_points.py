@@ -25,6 +25,11 @@ GEOMETRY_TYPES = {"MESH", "CURVE", "SURFACE", "META", "FONT"}
 T = TypeVar("T")
 
 
+class NoSurfacesError(ValueError):
+    """The scene (or the objects given) has no mesh surface to read: a problem of the
+    scene, which a command reports as bad input, not a bug."""
+
+
 def linear_to_srgb(c: np.ndarray) -> np.ndarray:
     return srgb.linear_to_srgb(c, np.float64)
 
@@ -288,13 +293,13 @@ def sample_surface_points(bpy_scene, count: int, seed: int = 0, objects: Sequenc
 def _sample(meshes: list[_MeshTris], count: int, seed: int, what: str) -> tuple[np.ndarray, np.ndarray]:
     """:func:`sample_surface_points` of the triangles ``meshes`` (``what``: their owner, for errors)."""
     if not meshes:
-        raise ValueError(f"{what}: no visible mesh surfaces to sample points on")
+        raise NoSurfacesError(f"{what}: no visible mesh surfaces to sample points on")
     corners = [m.corners() for m in meshes]
     areas = np.concatenate([0.5 * np.linalg.norm(np.cross(c[:, 1] - c[:, 0], c[:, 2] - c[:, 0]), axis=1)
                             for c in corners])
     total = areas.sum()
     if not total > 0:
-        raise ValueError(f"{what}: meshes have zero surface area")
+        raise NoSurfacesError(f"{what}: meshes have zero surface area")
     rng = np.random.default_rng(seed)
     picked = rng.choice(len(areas), size=count, p=areas / total)
     r1, r2 = rng.random(count), rng.random(count)
@@ -322,7 +327,7 @@ def scene_bounds(bpy_scene, depsgraph: Any = None) -> tuple[np.ndarray, float]:
 
 def _bounds(meshes: list[_MeshTris], bpy_scene: Any) -> tuple[np.ndarray, float]:
     if not meshes:
-        raise ValueError(f"scene {bpy_scene.name!r} has no visible mesh surfaces")
+        raise NoSurfacesError(f"scene {bpy_scene.name!r} has no visible mesh surfaces")
     verts = np.concatenate([m.world for m in meshes])
     center = 0.5 * (verts.min(axis=0) + verts.max(axis=0))
     return center, float(np.linalg.norm(verts - center, axis=1).max())
