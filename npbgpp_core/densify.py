@@ -1123,12 +1123,28 @@ def check_not_an_input(out: str, scene, field: str = "--out") -> None:
                          f"file, e.g. {os.path.join(os.path.dirname(out) or '.', name)}")
 
 
+def check_output(out: str, scene, field: str = "--out") -> None:
+    """Refuse a dense cloud's output ``out`` before the work: an input of the scene
+    (:func:`check_not_an_input`), then a name without ``.ply`` (no reader would take the
+    file for a cloud). The command line's and the add-on's Densify Points' one check."""
+    from .atomic import check_output_suffix
+
+    check_not_an_input(out, scene, field)
+    try:  # after the input check: a photo or camera file named as the output is better named as an input
+        check_output_suffix(out, ".ply")
+    except ValueError as exc:
+        raise ValueError(f"{field} {exc}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m npbgpp_core.densify", description=__doc__.split("\n")[0])
     p.add_argument("scene", help="scene folder in any load_scene format")
     p.add_argument("--out", required=True, help="output PLY file")
     p.add_argument("--format", default=None, help="dataset format (default: detect)")
     p.add_argument("--undistort", action="store_true", help="COLMAP, nerfstudio: undistort distorted cameras on load")
+    p.add_argument("--pc-name", default=None, metavar="FILE.ply",
+                   help="the scene's point cloud file, relative to SCENE (load_scene's pc_name): the depth ranges "
+                   "come from it and --out may not replace it; default: the format's own cloud")
     p.add_argument("--views", default="train",
                    help="'train' (default), 'all', or indices and view names like 0,2,5-9,train/r_12 (a number "
                    "that is also another view's name is refused: N-N is index N)")
@@ -1156,7 +1172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="torch CPU threads (0: torch's default; 1 is much faster when other jobs share the cores)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     a = p.parse_args(argv)
-    from .atomic import check_output_file, check_output_suffix
+    from .atomic import check_output_file
 
     try:
         check_output_file(a.out, "dense.ply")  # before the work (minutes on a CPU), not when the cloud is written
@@ -1177,12 +1193,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The sparse cloud only narrows the depth search, so a capture without one (instant-ngp's
         # transforms.json) is densified from the cameras' spread alone.
         options = {"require_points": False, **({"undistort": True} if a.undistort else {})}
+        if a.pc_name:
+            options["pc_name"] = a.pc_name
         scene = load_scene(a.scene, a.format, **options)  # refuses --undistort for a format without distortion
-        check_not_an_input(a.out, scene)
-        try:  # after the input check: a photo or camera file named as --out is better named as an input
-            check_output_suffix(a.out, ".ply")
-        except ValueError as exc:
-            raise ValueError(f"--out {exc}") from None
+        check_output(a.out, scene)
         views = _parse_views(a.views, len(scene.views), scene.train, [v.name for v in scene.views])
         problem = _views_problem(views, [v.name for v in scene.views])
         if problem:

@@ -472,7 +472,7 @@ def _break(tmp_path, what: str) -> tuple[str, str]:
         os.remove(os.path.join(root, "points3d.ply"))
         # how to fix it from the command line too ('pass require_points=False' was the API's only)
         return root, "put the scene's cloud there as points3d.ply, or name a .ply with pc_name= (headless_train: " \
-            "datasets.pc_name=, export --pc-name; add-on: Import Dataset's Point Cloud)"
+            "datasets.pc_name=, export --pc-name; densify --pc-name; add-on: Import Dataset's Point Cloud)"
     if what == "scannet_extrinsics":
         write_scannet(root)
         np.save(os.path.join(root, "extrinsics.npy"), np.zeros((3, 4, 4)))

@@ -517,3 +517,55 @@ def test_cli_refuses_an_output_in_the_colmap_model(tmp_path, capsys, monkeypatch
     assert main([str(tmp_path), "--out", str(target), "--quiet"]) == 2
     assert "is an input of the scene" in capsys.readouterr().err
     assert target.read_bytes() == before
+
+
+def test_cli_pc_name_chooses_the_cloud_it_reads_and_keeps(tmp_path, ring, capsys, monkeypatch):
+    """A folder with two clouds (points3d.ply, the format's default, is another cloud: a
+    sphere of radius 10; fused.ply holds the scene's points): --pc-name fused.ply is the
+    cloud the depth ranges come from (the scene densified holds its points) and an --out onto
+    it is refused as an input, as load_scene's pc_name and the add-on's Densify name it."""
+    import npbgpp_core.densify as densify
+    from npbgpp_core.ply import load_ply, save_ply
+
+    cams, views = ring
+    root = tmp_path / "scene"
+    write_nerf(root, cams, views, sphere_only_alpha=True)
+    (root / "points3d.ply").rename(root / "fused.ply")
+    save_ply(root / "points3d.ply", (sphere_samples(300) * 10).numpy())
+    fused = (root / "fused.ply").read_bytes()
+    seen = {}
+
+    def fake(scene, views, *a, **k):
+        seen["points"] = np.asarray(scene.points)
+        raise KeyboardInterrupt  # stop here: the scene was loaded
+
+    monkeypatch.setattr(densify, "densify_scene", fake)
+    out = tmp_path / "dense.ply"
+    assert main([str(root), "--out", str(out), "--quiet", "--pc-name", "fused.ply"]) == 130
+    np.testing.assert_array_equal(seen["points"], load_ply(root / "fused.ply").points)
+    assert main([str(root), "--out", str(out), "--quiet"]) == 130  # default: the format's own cloud
+    assert len(seen["points"]) == 300
+    assert main([str(root), "--out", str(root / "fused.ply"), "--quiet", "--pc-name", "fused"]) == 2
+    assert f"--out {root / 'fused.ply'} is an input of the scene" in capsys.readouterr().err
+    assert (root / "fused.ply").read_bytes() == fused
+    assert main([str(root), "--out", str(out), "--quiet", "--pc-name", "nope.ply"]) == 2
+    assert "nope.ply: point cloud file not found (pc_name='nope.ply')" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_service_refuses_an_output_without_ply_before_any_work(ring_scene, tmp_path, monkeypatch):
+    """The add-on's Densify Points (DensifyBegin.out) wrote PLY content to any name (a.txt,
+    dense.ply.bak), which no reader takes for a cloud; refused by the command line's check
+    (densify.check_output) before the job starts, naming the file."""
+    import npbgpp_core.densify as densify
+    from npbgpp_core import protocol as P
+    from npbgpp_core.service import RenderService
+
+    monkeypatch.setattr(densify, "DensifyJob", lambda *a, **k: pytest.fail("densify started"))
+    service = RenderService()
+    for name in ("a.txt", "dense.ply.bak", "dense"):
+        out = tmp_path / name
+        reply = service.handle(P.DensifyBegin(str(ring_scene), device="CPU", out=str(out)))
+        assert isinstance(reply, P.Failure) and f"output {out} must end with .ply" in reply.error, reply
+        assert service.densify is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -21,7 +21,8 @@ def check_options(fmt: str, options: dict, allowed: Iterable[str]) -> None:
 
 
 # how each caller names a scene's cloud file
-PC_NAME_OPTIONS = "pc_name= (headless_train: datasets.pc_name=, export --pc-name; add-on: Import Dataset's Point Cloud)"
+PC_NAME_OPTIONS = ("pc_name= (headless_train: datasets.pc_name=, export --pc-name; densify --pc-name; "
+                   "add-on: Import Dataset's Point Cloud)")
 
 def load_point_cloud(
     root: str, pc_name: str | None, defaults: Sequence[str], require_points: bool = True
