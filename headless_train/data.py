@@ -97,14 +97,14 @@ def variant_kinds(dcfg: dict) -> tuple[str, ...] | None | bool:
 def _load_variants(folder: str, kinds: tuple[str, ...] | None, limit: int | None) -> list[tuple[str, np.ndarray]]:
     """(kind, points) of a scene's ``points/<kind>.ply`` clouds (npbgpp_core.datasets.corpus)."""
     from npbgpp_core.datasets.corpus import point_cloud_variants
-    from npbgpp_core.ply import load_ply
+    from npbgpp_core.ply import load_scene_cloud
 
     found = point_cloud_variants(folder, kinds)  # all of the scene's, after checking that ``kinds`` exist
     chosen = sorted(found.items()) if kinds is None else [(k, found[k]) for k in kinds]
     out = []
     for kind, path in chosen:
         try:
-            pts = np.ascontiguousarray(load_ply(path).points, dtype=np.float32)
+            pts = np.ascontiguousarray(load_scene_cloud(path).points, dtype=np.float32)
         except (OSError, ValueError) as exc:
             raise DataConfigError(f"{path}: unreadable point cloud variant ({exc})") from exc
         if pts.ndim != 2 or pts.shape[0] == 0:

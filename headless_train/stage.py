@@ -524,7 +524,7 @@ def pack(corpus: str, out: str, max_side: int, max_points: int, max_mib: float,
     from PIL import Image
 
     from npbgpp_core.atomic import atomic_directory, is_listed_name
-    from npbgpp_core.ply import load_ply, save_ply
+    from npbgpp_core.ply import load_scene_cloud, save_ply
 
     if not os.path.isdir(corpus):
         raise StageError(f"corpus folder not found: {corpus}")
@@ -567,7 +567,7 @@ def pack(corpus: str, out: str, max_side: int, max_points: int, max_mib: float,
                         img.save(dst)
                     images += 1
                 elif low.endswith(".ply"):
-                    pc = load_ply(src)
+                    pc = load_scene_cloud(src)  # a splat file: the splats its scene reads, as opaque points
                     keep = np.arange(len(pc.points))
                     if len(keep) > max_points:
                         keep = np.sort(np.random.default_rng(123).choice(len(keep), max_points, replace=False))

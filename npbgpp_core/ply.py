@@ -42,8 +42,9 @@ _SCALAR_NAMES = {"x", "y", "z", "f_dc_0", "f_dc_1", "f_dc_2", "opacity", *(c for
 SH_C0 = 0.28209479177387814
 # What makes a vertex element a splat; "opacity" is read when present (exporters may drop it).
 SPLAT_PROPERTIES = ("f_dc_0", "f_dc_1", "f_dc_2")
-# Splats less opaque than this are left out of a splat file read as a scene's cloud (a dataset's
-# pc_name, the add-on's Point Cloud and Dataset Points) and by the add-on's PLY import (its Min
+# Splats less opaque than this are left out of a splat file read as a scene's cloud
+# (load_scene_cloud: a dataset's pc_name, the add-on's Point Cloud and Dataset Points, a training
+# corpus's variants and packed clouds) and by the add-on's PLY import (its Min
 # Opacity default): one rule, so the points Import Dataset shows are the ones Aggregate uses,
 # and a 3DGS result's near-transparent floaters do not become opaque points.
 SCENE_MIN_OPACITY = 0.1
@@ -203,6 +204,14 @@ def load_ply(path: str | os.PathLike, min_opacity: float = 0.0) -> PointCloud:
             if arr.ndim == 1 and np.issubdtype(arr.dtype, np.number):
                 extra[n] = arr.astype(np.float32)
     return PointCloud(pts, colors, extra)
+
+
+def load_scene_cloud(path: str | os.PathLike) -> PointCloud:
+    """A PLY file read as a scene's cloud: a dataset's cloud (``pc_name``, a nerfstudio
+    ``ply_file_path``), the add-on's Dataset Points, a training corpus's ``points/<kind>.ply``
+    variants. The one reading of them, so a Gaussian-splat file gives the same splats (opacity
+    >= :data:`SCENE_MIN_OPACITY`) wherever it is a scene's cloud."""
+    return load_ply(path, min_opacity=SCENE_MIN_OPACITY)
 
 
 def finite_points(points: np.ndarray, read: np.ndarray, path: str, only: np.ndarray | None = None) -> None:

@@ -119,12 +119,12 @@ def load_dataset_or_cameras(path: str, format: str | None = None, undistort: boo
 def with_points(data: Any, path: str) -> Any:
     """``data`` with the points and colours of PLY file ``path`` instead of its own cloud
     (a dense cloud of the same scene, in its world frame; a splat file's splats as the
-    dataset loaders read it, ``ply.SCENE_MIN_OPACITY``); ValueError naming the file."""
+    dataset loaders read it, ``ply.load_scene_cloud``); ValueError naming the file."""
     import dataclasses
 
-    from .ply import SCENE_MIN_OPACITY, load_ply
+    from .ply import load_scene_cloud
 
-    cloud = load_ply(path, min_opacity=SCENE_MIN_OPACITY)  # names a missing or unreadable file
+    cloud = load_scene_cloud(path)  # names a missing or unreadable file
     if len(cloud) == 0:
         raise ValueError(f"point cloud to aggregate holds no points: {path}")
     return dataclasses.replace(data, points=np.asarray(cloud.points, np.float32),

@@ -93,3 +93,36 @@ def test_bad_corpus_folders_name_the_problem(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         cli_main(["check-corpus", str(c4)])
     assert exc.value.code == 2 and "sfm.ply" in capsys.readouterr().err
+
+
+def test_a_splat_variant_keeps_the_splats_a_scene_cloud_keeps(tmp_path):
+    """A points/<kind>.ply variant that is a Gaussian-splat file was read with every splat,
+    near-transparent ones as opaque points, while the same file as a scene's cloud keeps
+    those with opacity >= 0.1: sigmoid(-5) = 0.0067 and sigmoid(-2.3) = 0.091 go, sigmoid(-2)
+    = 0.119 stays (hand-computed). The check, the trainer's variants and stage pack agree."""
+    from plyfile import PlyData, PlyElement
+
+    from headless_train.data import _load_variants
+    from headless_train.stage import pack
+    from npbgpp_core.datasets import load_scene
+    from npbgpp_core.ply import load_ply
+
+    scene = make_scene(str(tmp_path / "corpus" / "env_1"), variants=("mvs",))
+    names = ["x", "y", "z", "f_dc_0", "f_dc_1", "f_dc_2", "opacity", "scale_0", "scale_1", "scale_2",
+             "rot_0", "rot_1", "rot_2", "rot_3"]
+    xyz = np.arange(15, dtype=np.float32).reshape(5, 3)
+    data = np.zeros(5, [(k, "f4") for k in names])
+    for i, c in enumerate("xyz"):
+        data[c] = xyz[:, i]
+    data["opacity"] = [-5.0, -2.0, -2.3, 0.0, 3.0]
+    data["rot_0"] = 1.0
+    PlyData([PlyElement.describe(data, "vertex")]).write(os.path.join(scene, "points", "splat.ply"))
+    kept = xyz[[1, 3, 4]]
+    as_scene = load_scene(scene, pc_name="points/splat.ply").points
+    np.testing.assert_array_equal(as_scene, kept)
+    assert check_corpus(str(tmp_path / "corpus"))[0]["variants"] == {"mvs": 10, "splat": 3}
+    (kind, points), = _load_variants(scene, ("splat",), None)
+    assert kind == "splat"
+    np.testing.assert_array_equal(points, kept)
+    pack(str(tmp_path / "corpus"), str(tmp_path / "packed"), 16, 1000, 10.0)
+    np.testing.assert_array_equal(load_ply(tmp_path / "packed" / "env_1" / "points" / "splat.ply").points, kept)

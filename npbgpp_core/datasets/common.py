@@ -35,7 +35,7 @@ def load_point_cloud(
     Returns ``(points, colors, path)``; with ``require_points=False`` a missing cloud
     gives ``(zeros (0, 3), None, None)``.
     """
-    from ..ply import SCENE_MIN_OPACITY, load_ply
+    from ..ply import load_scene_cloud
 
     if pc_name is not None:
         # any letter case, as the folder scan below and check_output_suffix match it (FUSED.PLY)
@@ -60,7 +60,7 @@ def load_point_cloud(
                     f"{PC_NAME_OPTIONS}"
                 )
     try:
-        pc = load_ply(path, min_opacity=SCENE_MIN_OPACITY)
+        pc = load_scene_cloud(path)
     except (ValueError, FileNotFoundError) as exc:
         raise DatasetError(str(exc)) from exc
     return check_points(pc.points, pc.colors, path)

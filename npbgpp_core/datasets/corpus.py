@@ -73,7 +73,7 @@ def point_cloud_variants(scene: str, kinds: tuple[str, ...] | None = None) -> di
 def check_corpus(root: str, kinds: tuple[str, ...] | None = None) -> list[dict]:
     """Load every scene of ``root`` (cameras, image sizes, default cloud and each variant
     cloud); returns one summary per scene. The first bad file raises ``DatasetError``."""
-    from ..ply import load_ply
+    from ..ply import load_scene_cloud
     from .loader import load_scene
 
     out = []
@@ -82,7 +82,7 @@ def check_corpus(root: str, kinds: tuple[str, ...] | None = None) -> list[dict]:
         counts = {}
         for kind, path in point_cloud_variants(scene, kinds).items():
             try:
-                pc = load_ply(path)
+                pc = load_scene_cloud(path)  # a splat variant: as a scene's own splat cloud
             except (ValueError, OSError) as exc:
                 raise DatasetError(f"{path}: not a readable PLY point cloud ({exc})") from exc
             if len(pc.points) == 0:

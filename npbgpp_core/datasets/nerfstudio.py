@@ -330,7 +330,7 @@ def _split_lists(root: str, meta: dict, keys: list[str], allow_external: bool) -
 def _point_cloud(root: str, meta: dict, options: dict, scale: float
                  ) -> tuple[np.ndarray, np.ndarray | None, str | None]:
     """(points, colours, path) in the poses' frame; ``scale``: the file's applied_scale."""
-    from ..ply import SCENE_MIN_OPACITY, load_ply
+    from ..ply import load_scene_cloud
 
     require = options.get("require_points", True)
     allow_external = bool(options.get("allow_external_paths", False))
@@ -350,7 +350,7 @@ def _point_cloud(root: str, meta: dict, options: dict, scale: float
                 return np.zeros((0, 3), np.float32), None, None
             raise DatasetError(f"{field}: {own} not found (or name another cloud with {PC_NAME_OPTIONS})")
         try:
-            pc = load_ply(own, min_opacity=SCENE_MIN_OPACITY)  # a splat file: as load_point_cloud reads one
+            pc = load_scene_cloud(own)  # a splat file: as load_point_cloud reads one
         except (ValueError, OSError) as exc:
             raise DatasetError(f"{field}: {exc}") from exc
         pts, cols, path = check_points(pc.points, pc.colors, own)
