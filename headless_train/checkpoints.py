@@ -222,6 +222,12 @@ def checkpoint_system(ckpt: dict, path: str) -> tuple[str, dict]:
     if not well_formed:
         raise CheckpointError(f"checkpoint {path}: malformed '{META_KEY}' metadata (system name, config, scene names "
                               "and point counts) or step counters")
+    clouds = meta.get("point_clouds")
+    if clouds is not None and not (isinstance(clouds, list) and len(clouds) == len(scenes)
+                                   and all(c is None or isinstance(c, str) for c in clouds)):
+        # export names the recorded cloud to the loader: a damaged entry gave a TypeError naming nothing
+        raise CheckpointError(f"checkpoint {path}: malformed '{META_KEY}' metadata: point_clouds is {clouds!r:.80}, "
+                              f"not a list of one .ply path (or null) per scene of {scenes}")
     return meta["system"], dict(meta.get("config", {}))
 
 

@@ -354,6 +354,16 @@ def _other_clouds(meta: dict, scenes: list) -> list[tuple[str, str | None, str |
             if s.name in recorded and differs(s, now := point_cloud_name(s))]
 
 
+def _splat_notes(meta: dict, scenes: list, option: str) -> str:
+    """The refusals' account of scenes whose point count changed because their splat cloud
+    now keeps fewer splats (:func:`~headless_train.systems.base.dropped_splats_note`)."""
+    from .systems.base import dropped_splats_note
+
+    held = {n: p for n, p in _held_points(meta) if isinstance(p, int)}
+    notes = [dropped_splats_note(s, held[s.name], option) for s in scenes if s.name in held]
+    return "".join(f". {n}" for n in notes if n)
+
+
 def _cloud_listing(mismatches: list[tuple[str, str | None, str | None]], meta: dict) -> str:
     """The refusals' account of :func:`_other_clouds`, with the rule that applies
     (:func:`_cloud_rule`) after the clouds loaded under another name."""
@@ -392,7 +402,8 @@ def check_fitted_scenes(ckpt: dict, path: str, system_name: str, scenes: list) -
         held = _listing(_held_points(ckpt["npbgpp"]))
         raise UsageError(f"eval_only=true with system={system_name}: {path} holds no descriptors fitted to "
                          f"{_listing(unfitted)} (it holds {held or 'none'}); evaluate the checkpoint of a run "
-                         "fitted on them with the same datasets.* and system.max_points")
+                         "fitted on them with the same datasets.* and system.max_points"
+                         + _splat_notes(ckpt["npbgpp"], scenes, "datasets.pc_name"))
     other = _other_clouds(ckpt["npbgpp"], scenes)
     if other:
         raise UsageError(f"eval_only=true with system={system_name}: {path} holds descriptors fitted to another point "
@@ -412,7 +423,8 @@ def check_resumed_scenes(meta: dict, path: str, system_name: str, scenes: list) 
     if had and had != now:
         raise UsageError(f"resume=true: {path} holds the descriptors of {_listing(had)}; this run loads "
                          f"{_listing(now)}. Resume with the datasets.* and system.max_points of that run, or start a "
-                         "new run folder with weights_path= pointing at it")
+                         "new run folder with weights_path= pointing at it"
+                         + _splat_notes(meta, scenes, "datasets.pc_name"))
     other = _other_clouds(meta, scenes)
     if other:
         raise UsageError(f"resume=true: {path} holds descriptors fitted to another point cloud "

@@ -128,7 +128,7 @@ def export_npbg(ckpt: dict, scene, args, name: str):
     from npbgpp_core.models import NPBG, NPBGConfig
     from npbgpp_core.scene import NeuralScene
 
-    from .systems.base import module_key, points_digest, recorded_digest
+    from .systems.base import dropped_splats_note, module_key, points_digest, recorded_digest
 
     meta = ckpt["npbgpp"]
     system = meta["system"]
@@ -146,8 +146,9 @@ def export_npbg(ckpt: dict, scene, args, name: str):
     if scene.points.shape[0] > n:
         scene = scene.subsample_points(n, seed=123)  # the same subset the trainer used
     if scene.points.shape[0] != n:
+        why = dropped_splats_note(scene, n, "--pc-name")
         raise ExportError(f"scene {scene.root} has {scene.points.shape[0]} points but the checkpoint's '{name}' "
-                          f"has {n} descriptors")
+                          f"has {n} descriptors" + (f": {why}" if why else ""))
     digest = recorded_digest(meta, name)
     if digest is not None and digest != points_digest(scene.points):  # same count, other points
         raise ExportError(f"{args.checkpoint} ({system}) fitted scene '{name}' to other points than "

@@ -664,3 +664,90 @@ def test_network_differences_are_named_whatever_world_up_says(tmp_path, world_up
     assert network_differences(ckpt, path, {**own, "world_up": world_up}) == []
     assert network_differences(ckpt, path, {**own, "input_canvas": other, "world_up": world_up}) == [
         ("input_canvas", own["input_canvas"], other)]
+
+
+@pytest.mark.parametrize("clouds", [[5], "points3d.ply", [["points3d.ply"]], ["a.ply", "b.ply"]])
+def test_export_names_a_damaged_point_clouds_record(data_root, tmp_path, capsys, clouds):
+    """An NPBG checkpoint whose recorded cloud (npbgpp.point_clouds) is damaged: export
+    failed with a TypeError naming neither the checkpoint nor the field (or read a string's
+    first letter as the cloud); it is refused naming both, as other malformed metadata."""
+    from headless_train.export import main as export_main
+
+    path = str(tmp_path / "odd.ckpt")
+    meta = {"system": "npbg", "config": {}, "scenes": ["sceneA"], "points": [300], "point_clouds": clouds}
+    torch.save({"state_dict": {"refiner.w": torch.zeros(1)}, "npbgpp": meta}, path)
+    out = tmp_path / "o.npbgpp"
+    assert export_main(["--checkpoint", path, "--scene", f"{data_root}/sceneA", "--out", str(out),
+                        "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint {path}: malformed 'npbgpp' metadata: point_clouds is " in err, err
+    assert "Traceback" not in err and not out.exists()
+
+
+def _splat_file(path: str, points: np.ndarray, logits: np.ndarray) -> None:
+    from plyfile import PlyData, PlyElement
+
+    names = ["x", "y", "z", "f_dc_0", "f_dc_1", "f_dc_2", "opacity", "scale_0", "scale_1", "scale_2",
+             "rot_0", "rot_1", "rot_2", "rot_3"]
+    data = np.zeros(len(points), [(k, "f4") for k in names])
+    for i, c in enumerate("xyz"):
+        data[c] = points[:, i]
+    data["opacity"] = logits
+    data["rot_0"] = 1.0
+    PlyData([PlyElement.describe(data, "vertex")]).write(path)
+
+
+def test_a_run_fitted_to_every_splat_is_told_why_its_point_count_changed(tmp_path, capsys):
+    """An NPBG run fitted to a splat file before splat clouds kept only the splats with
+    opacity >= 0.1 recorded every splat (20); the file now loads as 10, and export / resume
+    refused with a bare point count. The refusal says why and how to proceed; following it
+    (every splat written as a plain cloud, named with --pc-name) exports the run."""
+    from types import SimpleNamespace
+
+    from headless_train.cli import UsageError, check_resumed_scenes
+    from headless_train.export import main as export_main
+    from headless_train.systems.base import module_key, points_digest
+    from npbgpp_core.models import NPBG, NPBGConfig
+    from npbgpp_core.ply import load_ply, save_ply
+    from npbgpp_core.scene import NeuralScene
+
+    root = make_dataset(str(tmp_path / "data"), ("sceneS",))
+    scene_dir = os.path.join(root, "sceneS")
+    every = load_ply(os.path.join(scene_dir, "points3d.ply")).points[:20]
+    splats = os.path.join(scene_dir, "splats.ply")
+    _splat_file(splats, every, np.tile([-5.0, 3.0], 10))  # opacity 0.0067 and 0.95: half go
+    torch.manual_seed(0)
+    model = NPBG(20, NPBGConfig())
+    state = {f"refiner.{k}": v for k, v in model.refiner.state_dict().items()}
+    state.update({f"scene_models.{module_key('sceneS')}.{k}": v for k, v in model.state_dict().items()})
+    meta = {"system": "npbg", "config": {"name": "npbg"}, "scenes": ["sceneS"], "points": [20],
+            "point_clouds": ["splats.ply"], "point_digests": [points_digest(every)]}
+    ckpt = str(tmp_path / "run.ckpt")
+    torch.save({"state_dict": state, "npbgpp": meta, "global_step": 1}, ckpt)
+    out = str(tmp_path / "s.npbgpp")
+    export = ["--checkpoint", ckpt, "--scene", scene_dir, "--out", out, "--device", "cpu"]
+    assert export_main(export) == 2
+    err = capsys.readouterr().err
+    assert "has 10 points but the checkpoint's 'sceneS' has 20 descriptors" in err, err
+    assert f"{splats} is a Gaussian-splat file of 20 splats: the run was fitted to every splat" in err, err
+    assert "opacity >= 0.1 (10 of them)" in err and "name that file with --pc-name" in err, err
+    assert not os.path.exists(out)
+    # the advice, followed
+    command = err.split('python -c "')[1].split('"')[0]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-c", command], check=True, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=repo))
+    assert export_main([*export, "--pc-name", "all_splats.ply"]) == 0
+    np.testing.assert_array_equal(NeuralScene.load(out).points.numpy(), every)
+
+    scene = SimpleNamespace(name="sceneS", root=scene_dir, metadata={"point_cloud": splats},
+                            points=load_ply(splats, min_opacity=0.1).points)
+    with pytest.raises(UsageError, match=r"this run loads sceneS \(10 points\).* Gaussian-splat file of 20 splats.*"
+                                         r"name that file with datasets.pc_name"):
+        check_resumed_scenes(meta, "run.ckpt", "npbg", [scene])
+    # another cloud with fewer points than recorded: no such note
+    plain = SimpleNamespace(name="sceneS", root=scene_dir, metadata={"point_cloud": os.path.join(scene_dir, "x.ply")},
+                            points=every[:10])
+    save_ply(plain.metadata["point_cloud"], every[:10])
+    with pytest.raises(UsageError) as exc:
+        check_resumed_scenes(meta, "run.ckpt", "npbg", [plain])
+    assert "splat" not in str(exc.value)

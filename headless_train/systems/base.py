@@ -64,6 +64,33 @@ def recorded_digest(meta: dict, name: str) -> str | None:
     return digest if isinstance(digest, str) else None
 
 
+def dropped_splats_note(scene, recorded: int, option: str) -> str:
+    """Why scene ``scene`` now has fewer points than the ``recorded`` count its checkpoint's
+    descriptors were fitted to, when its cloud tells: a Gaussian-splat file with exactly that
+    many splats. Runs before splat clouds kept only the splats with opacity >=
+    ``ply.SCENE_MIN_OPACITY`` were fitted to every splat; the point-count refusal said nothing
+    of it. ``option``: how the caller names a cloud (``--pc-name``, ``datasets.pc_name``).
+    "" when the cloud does not tell."""
+    from npbgpp_core.ply import SCENE_MIN_OPACITY, load_ply
+
+    path = scene.metadata.get("point_cloud")
+    now = int(scene.points.shape[0])
+    if not path or not str(path).lower().endswith(".ply") or now >= recorded:
+        return ""
+    try:
+        every = load_ply(path)  # min_opacity 0: every splat, as such runs read the file
+    except (OSError, ValueError):
+        return ""
+    if not every.is_splat or len(every) != recorded:
+        return ""
+    plain = os.path.join(os.path.dirname(str(path)), "all_splats.ply")
+    return (f"{path} is a Gaussian-splat file of {recorded} splats: the run was fitted to every splat, and a splat "
+            f"file read as a scene's cloud now keeps those with opacity >= {SCENE_MIN_OPACITY:g} ({now} of them). "
+            "To use this checkpoint, write every splat as a plain cloud (python -c \"from npbgpp_core.ply import "
+            f"load_ply, save_ply; c = load_ply('{path}'); save_ply('{plain}', c.points, c.colors)\") and name "
+            f"that file with {option} (its points are the recorded ones), or fit the scene again")
+
+
 def check_vgg_weights(lcfg: dict) -> None:
     """Refuse a ``loss.vgg_weights`` that is no file, naming the option: the core loader's
     'weights file: file not found' did not say which setting gave the path."""
