@@ -577,6 +577,10 @@ class NPBGPP_OT_aggregate(_WorkerStepJob, bpy.types.Operator):
             self.report({"ERROR"}, f"Aggregate: the Dataset Points file {resolved(s, s.dataset_points)} is gone; "
                                    "run Densify Points again, or clear Dataset Points to use the dataset's own points.")
             return None
+        if dataset and not s.dataset_points and s.dataset_cloud and not os.path.isfile(resolved(s, s.dataset_cloud)):
+            self.report({"ERROR"}, f"Aggregate: the Dataset Cloud file {resolved(s, s.dataset_cloud)} (Import Dataset "
+                                   "Folder's Point Cloud) is gone; import the dataset again, or set Dataset Points.")
+            return None
         if dataset and s.dataset_no_cloud and not s.dataset_points:
             from .importers import DENSIFY_HINT
 
@@ -601,7 +605,7 @@ class NPBGPP_OT_aggregate(_WorkerStepJob, bpy.types.Operator):
         started = worker_reply(self, P.AggregateBegin(
             dataset, weights, s.dataset_format or None, s.device, self.max_points, s.up_axis, s.dataset_undistort,
             s.dataset_allow_external_paths, domain or "auto",
-            resolved(s, s.dataset_points),
+            resolved(s, s.dataset_points), pc_name=resolved(s, s.dataset_cloud),  # Dataset Points cleared: this one
         ), context)
         if started is None:
             return None
@@ -633,6 +637,7 @@ class NPBGPP_OT_aggregate(_WorkerStepJob, bpy.types.Operator):
         note, unchecked = follow_bundle_points(self, context, reply.points)
         s = context.scene.npbgpp
         cloud = (f"of Dataset Points ({os.path.basename(resolved(s, s.dataset_points))})" if s.dataset_points
+                 else f"of Dataset Cloud ({os.path.basename(resolved(s, s.dataset_cloud))})" if s.dataset_cloud
                  else "of the dataset's cloud")
         self.report({"INFO"}, f"Saved {reply.points} points {cloud} ({reply.valid} seen by the views) to {self._out}, "
                               f"up axis ({up}), network {self._network}.{note}")

@@ -134,13 +134,13 @@ class NPBGPPSceneSettings(bpy.types.PropertyGroup):
         name="Dataset Points", subtype="FILE_PATH", default="", options=RELATIVE_OK,
         description="PLY file (in the dataset's frame, e.g. python -m npbgpp_core.densify's output) whose points "
         "Aggregate uses instead of the dataset's own cloud; set by Densify Points and by Import Dataset "
-        "Folder's Point Cloud (cleared without one); empty: the dataset's points",
+        "Folder's Point Cloud (cleared without one); empty: the dataset's cloud (Dataset Cloud when set)",
     )
     dataset_cloud: StringProperty(  # type: ignore[valid-type]
         name="Dataset Cloud", subtype="FILE_PATH", default="", options=RELATIVE_OK,
         description="The .ply Import Dataset Folder's Point Cloud named, which the dataset's loader reads as its "
-        "cloud (empty: the format's own). Densify Points reads it too (its depth range) and refuses to write over "
-        "it; unlike Dataset Points, Densify does not replace it",
+        "cloud (empty: the format's own); Aggregate reads it when Dataset Points is empty. Densify Points reads "
+        "it too (its depth range) and refuses to write over it; unlike Dataset Points, Densify does not replace it",
     )
     dataset_no_cloud: StringProperty(  # type: ignore[valid-type]
         name="Dataset Without Cloud", default="",

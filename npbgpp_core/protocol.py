@@ -296,7 +296,7 @@ class AggregateBegin(Request):
     ``weights``: the bundled file of ``domain`` ("scene", "object", or "auto": the
     dataset's own, ``npbgpp_core.datasets.scene_domain``). ``points``: a PLY file whose
     points (and colours) replace the dataset's own cloud (Densify's output); empty: the
-    dataset's cloud."""
+    dataset's cloud, the one ``pc_name`` names (as :class:`ReadDataset`) or the format's own."""
 
     dataset: str
     weights: str
@@ -308,6 +308,7 @@ class AggregateBegin(Request):
     allow_external_paths: bool = False
     domain: str = "auto"
     points: str = ""
+    pc_name: str = ""  # the dataset's chosen cloud (ReadDataset.pc_name), read when ``points`` is empty
     op: ClassVar[str] = "aggregate_begin"
     reply: ClassVar[type[Reply]] = AggregationStarted
 

@@ -146,7 +146,7 @@ class DatasetAggregation:
             check_domain(req.domain)  # before the dataset is read
         # Another cloud replaces the dataset's own: a dataset without one (Densify's input) loads too.
         self.data = load_dataset(req.dataset, req.format, req.undistort, req.allow_external_paths,
-                                 require_points=not req.points)
+                                 require_points=not req.points, pc_name="" if req.points else req.pc_name)
         if req.points:
             self.data = with_points(self.data, req.points)
         self.views = list(self.data.train) or list(range(len(self.data.views)))

@@ -1220,6 +1220,29 @@ def test_import_dataset_point_cloud_setting(scene):
     assert sc.npbgpp.dataset_points == "" and sc.npbgpp.point_object is None
 
 
+def test_aggregate_with_dataset_points_cleared_reads_the_dataset_cloud(scene, capfd):
+    """Dataset Points cleared by hand after an import with Point Cloud b.ply: Aggregate read
+    the format's default cloud (here none: the loader refuses two unnamed clouds), not the
+    Dataset Cloud the dataset was imported with; it reads b.ply, and says so. A Dataset
+    Cloud that is gone is named before any work."""
+    from npbgpp_core.scene import NeuralScene
+
+    sc = scene["scene"]
+    root, other = _two_cloud_capture(scene, "cleared_points")
+    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root), point_cloud="b") == {"FINISHED"}
+    sc.npbgpp.dataset_points = ""
+    sc.npbgpp.weights = ""
+    out = scene["dir"] / "cleared.npbgpp"
+    capfd.readouterr()
+    assert bpy.ops.npbgpp.aggregate(filepath=str(out)) == {"FINISHED"}
+    assert "Saved 10 points of Dataset Cloud (b.ply)" in capfd.readouterr().out
+    np.testing.assert_allclose(NeuralScene.load(out).points.numpy(), other, atol=1e-6)
+    (root / "b.ply").rename(root / "b_moved.ply")
+    with pytest.raises(RuntimeError, match=r"Dataset Cloud file .*cleared_points.b\.ply .* is gone"):
+        bpy.ops.npbgpp.aggregate(filepath=str(scene["dir"] / "gone.npbgpp"))
+    assert not (scene["dir"] / "gone.npbgpp").exists()
+
+
 def test_import_dataset_forgets_the_last_datasets_settings(scene):
     """Import Dataset run as the UI runs it (undo on: Blender stores the operator's last
     settings and starts the next run from them): the settings of one dataset (Point Cloud,
