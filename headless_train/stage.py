@@ -567,7 +567,12 @@ def pack(corpus: str, out: str, max_side: int, max_points: int, max_mib: float,
                         img.save(dst)
                     images += 1
                 elif low.endswith(".ply"):
-                    pc = load_scene_cloud(src)  # a splat file: the splats its scene reads, as opaque points
+                    try:  # a splat file: the splats its scene reads, as opaque points
+                        pc = load_scene_cloud(src)
+                    except (OSError, ValueError) as exc:
+                        # e.g. a splat file none of whose splats a scene keeps: the scene could not load it
+                        raise StageError(f"{src}: not a point cloud a scene can read ({exc}); fix or remove it, "
+                                         "or leave its scene out with --scenes (nothing was written)") from None
                     keep = np.arange(len(pc.points))
                     if len(keep) > max_points:
                         keep = np.sort(np.random.default_rng(123).choice(len(keep), max_points, replace=False))

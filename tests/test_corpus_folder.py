@@ -126,3 +126,33 @@ def test_a_splat_variant_keeps_the_splats_a_scene_cloud_keeps(tmp_path):
     np.testing.assert_array_equal(points, kept)
     pack(str(tmp_path / "corpus"), str(tmp_path / "packed"), 16, 1000, 10.0)
     np.testing.assert_array_equal(load_ply(tmp_path / "packed" / "env_1" / "points" / "splat.ply").points, kept)
+
+
+def test_stage_pack_names_a_cloud_no_scene_can_read(tmp_path, capsys):
+    """stage pack of a corpus with a Gaussian-splat file none of whose splats reaches opacity
+    0.1 (sigmoid(-3) = 0.047, hand-computed) or with a file that is no PLY: a traceback of
+    load_ply's ValueError before; now one line naming the file, status 2, nothing written."""
+    from plyfile import PlyData, PlyElement
+
+    from headless_train.stage import main as stage_main
+
+    scene = make_scene(str(tmp_path / "corpus" / "env_1"), variants=("mvs",))
+    names = ["x", "y", "z", "f_dc_0", "f_dc_1", "f_dc_2", "opacity", "rot_0"]
+    data = np.zeros(4, [(k, "f4") for k in names])
+    data["x"] = np.arange(4)
+    data["opacity"] = -3.0
+    faint = os.path.join(scene, "points", "faint.ply")
+    PlyData([PlyElement.describe(data, "vertex")]).write(faint)
+    out = tmp_path / "packed"
+    args = ["pack", "--corpus", str(tmp_path / "corpus"), "--out", str(out)]
+    assert stage_main(args) == 2
+    err = capsys.readouterr().err
+    assert f"error: {faint}: not a point cloud a scene can read" in err and "no splat has opacity >= 0.1" in err, err
+    assert "Traceback" not in err and not out.exists()
+    os.remove(faint)
+    broken = os.path.join(scene, "points", "broken.ply")
+    with open(broken, "w") as f:
+        f.write("not a cloud")
+    assert stage_main(args) == 2
+    assert f"error: {broken}: not a point cloud a scene can read" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["corpus"]
