@@ -228,6 +228,12 @@ def checkpoint_system(ckpt: dict, path: str) -> tuple[str, dict]:
         # export names the recorded cloud to the loader: a damaged entry gave a TypeError naming nothing
         raise CheckpointError(f"checkpoint {path}: malformed '{META_KEY}' metadata: point_clouds is {clouds!r:.80}, "
                               f"not a list of one .ply path (or null) per scene of {scenes}")
+    digests = meta.get("point_digests")
+    if digests is not None and not (isinstance(digests, list) and len(digests) == len(scenes)
+                                    and all(isinstance(d, str) for d in digests)):
+        # a damaged digest would turn the check of a cloud's points off without a word
+        raise CheckpointError(f"checkpoint {path}: malformed '{META_KEY}' metadata: point_digests is "
+                              f"{digests!r:.80}, not a list of one SHA-256 text per scene of {scenes}")
     return meta["system"], dict(meta.get("config", {}))
 
 

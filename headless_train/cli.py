@@ -338,13 +338,15 @@ def _other_clouds(meta: dict, scenes: list) -> list[tuple[str, str | None, str |
     recorded file rewritten with other points (a re-run densify, an edited cloud) is not
     (both names then are equal). Checkpoints without digests compare the recorded file
     (path relative to the scene folder, absolute outside it); those written before clouds
-    were recorded (no ``point_clouds``) compare nothing."""
+    were recorded (no ``point_clouds``) compare nothing. ``meta`` passed
+    :func:`~headless_train.checkpoints.checkpoint_system` (check_compatible), which refuses a
+    damaged ``point_clouds`` / ``point_digests`` record."""
     from .systems.base import point_cloud_name, points_digest, recorded_digest
 
     names, clouds = meta.get("scenes", []), meta.get("point_clouds")
-    if not isinstance(clouds, list) or len(clouds) != len(names):
+    if clouds is None:
         return []
-    recorded = {n: c for n, c in zip(names, clouds, strict=True) if c is None or isinstance(c, str)}
+    recorded = dict(zip(names, clouds, strict=True))
 
     def differs(scene, now: str | None) -> bool:
         digest = recorded_digest(meta, scene.name)  # None: written before digests, the file decides alone

@@ -684,6 +684,28 @@ def test_export_names_a_damaged_point_clouds_record(data_root, tmp_path, capsys,
     assert "Traceback" not in err and not out.exists()
 
 
+@pytest.mark.parametrize("digests", [[5], "ab", [None], ["a", "b"]])
+def test_a_damaged_point_digests_record_is_refused_not_ignored(data_root, tmp_path, capsys, digests):
+    """A damaged npbgpp.point_digests record turned the check of a cloud's points off without
+    a word (recorded_digest read it as no digest, resume compared file names only); export,
+    resume and eval refuse it naming the checkpoint and the field, as point_clouds."""
+    from headless_train.checkpoints import CheckpointError, check_compatible
+    from headless_train.export import main as export_main
+
+    path = str(tmp_path / "odd.ckpt")
+    meta = {"system": "npbg", "config": {}, "scenes": ["sceneA"], "points": [300],
+            "point_clouds": ["points3d.ply"], "point_digests": digests}
+    torch.save({"state_dict": {"refiner.w": torch.zeros(1)}, "npbgpp": meta}, path)
+    out = tmp_path / "o.npbgpp"
+    assert export_main(["--checkpoint", path, "--scene", f"{data_root}/sceneA", "--out", str(out),
+                        "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint {path}: malformed 'npbgpp' metadata: point_digests is " in err, err
+    assert "Traceback" not in err and not out.exists()
+    with pytest.raises(CheckpointError, match="point_digests is"):  # what resume and eval run first
+        check_compatible(torch.load(path, weights_only=False), path, "npbg")
+
+
 def _splat_file(path: str, points: np.ndarray, logits: np.ndarray) -> None:
     from plyfile import PlyData, PlyElement
 

@@ -55,13 +55,12 @@ def recorded_digest(meta: dict, name: str) -> str | None:
     """The :func:`points_digest` a checkpoint's metadata (``npbgpp``) records for scene
     ``name``'s cloud (``point_digests``), None when it records none (checkpoints written
     before the digests): where it is recorded, the points decide whether a cloud is the one
-    the scene's descriptors were fitted to, whatever the file is called."""
+    the scene's descriptors were fitted to, whatever the file is called. ``meta`` passed
+    ``checkpoints.checkpoint_system``, which refuses a damaged ``point_digests`` record."""
     names, digests = meta.get("scenes", []), meta.get("point_digests")
-    if not isinstance(names, list) or not isinstance(digests, list) or len(digests) != len(names) \
-            or name not in names:
+    if digests is None or name not in names:
         return None
-    digest = digests[names.index(name)]
-    return digest if isinstance(digest, str) else None
+    return digests[names.index(name)]
 
 
 def dropped_splats_note(scene, recorded: int, option: str) -> str:
