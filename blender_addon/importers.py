@@ -538,6 +538,10 @@ class IMPORT_SCENE_OT_npbgpp_dataset(bpy.types.Operator):
                                   f"cloud. {DENSIFY_HINT} ({no_cloud})")
         else:
             self.report({"INFO"}, f"Imported {len(reply.points)} points and {len(reply.views)} cameras.")
+        if reply.other_clouds:  # e.g. COLMAP's dense fused.ply beside the sparse points3D just imported
+            from npbgpp_core.datasets.other_clouds import other_clouds_note
+
+            self.report({"INFO"}, other_clouds_note(reply.other_clouds, "Point Cloud") + ".")
         report_photo_colours(self, context.scene)
         widen_view_clips(self, context, reply.points)
         unmatched = _views_blender_cannot_frame(reply.views)

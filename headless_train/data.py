@@ -153,6 +153,7 @@ def load_scenes(dcfg: dict, max_points: int | None) -> list:
     (``scene.metadata['point_variants']``, [(kind, points)]); a scene without them keeps its
     default cloud. With ``cache_images`` decoded images stay in memory."""
     from npbgpp_core.datasets import load_scene
+    from npbgpp_core.datasets.other_clouds import other_clouds, other_clouds_note
 
     options = dict(dcfg.get("options") or {})
     if dcfg.get("pc_name"):
@@ -182,6 +183,9 @@ def load_scenes(dcfg: dict, max_points: int | None) -> list:
         n = int(scene.points.shape[0])
         if n == 0:
             raise DataConfigError(f"scene {folder} has no points (point cloud is empty)")
+        note = other_clouds_note(other_clouds(scene.root, scene.metadata.get("point_cloud")), "datasets.pc_name=")
+        if note and not variants:  # a corpus scene's variants are its other clouds, and read
+            log.info("scene %s: %s", name, note)
         if limit is not None and n > limit:
             scene = scene.subsample_points(limit, seed=123)
             log.warning("scene %s: %d points exceed the limit %d; kept a random subset (seed 123)", name, n, limit)

@@ -240,7 +240,12 @@ def export(args: argparse.Namespace) -> str:
         raise ExportError(f"--out {exc}") from None
     if scene.points.shape[0] == 0:
         raise ExportError(f"scene {args.scene} has no points")
-    if system == "npbgpp":
+    if system == "npbgpp":  # NPBG descriptors belong to the cloud they were fitted to: no other to suggest
+        from npbgpp_core.datasets.other_clouds import other_clouds, other_clouds_note
+
+        note = other_clouds_note(other_clouds(scene.root, scene.metadata.get("point_cloud")), "--pc-name")
+        if note:
+            log.info("scene %s: %s", name, note)
         if args.max_points is not None and scene.points.shape[0] > int(args.max_points):
             log.warning("subsampling %d points to %d (seed 123)", scene.points.shape[0], int(args.max_points))
             scene = scene.subsample_points(int(args.max_points), seed=123)

@@ -13,7 +13,7 @@ This module imports numpy only (no torch): Blender builds requests without torch
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -142,6 +142,8 @@ class DatasetSummary(Reply):
     views: list[DatasetView]
     point_ids: np.ndarray | None = None  # (N,) index of each point in the dataset's whole cloud
     no_cloud: str = ""  # the dataset has no point cloud (points empty): the loader's message saying why
+    # .ply files in the folder the loader did not read, (path relative to it, bytes): datasets.other_clouds
+    other_clouds: list[tuple[str, int]] = field(default_factory=list)
 
 
 @dataclass

@@ -357,6 +357,7 @@ class RenderService:
         return P.PointSet(pts, None if col is None else col.detach().float().cpu().numpy())
 
     def read_dataset(self, req: P.ReadDataset) -> P.DatasetSummary:
+        from .datasets.other_clouds import other_clouds
         from .datasets.scene_data import subsample_indices
 
         data, no_cloud = load_dataset_or_cameras(req.path, req.format, req.undistort, req.allow_external_paths,
@@ -368,7 +369,7 @@ class RenderService:
         views = [P.DatasetView(v.name, str(v.image_path), P.CameraSpec.from_camera(v.camera)) for v in data.views]
         colors = None if data.colors is None else np.asarray(data.colors, np.float32)
         return P.DatasetSummary(data.name, data.format, np.asarray(data.points, np.float32), colors, views, ids,
-                                no_cloud)
+                                no_cloud, other_clouds(data.root, data.metadata.get("point_cloud")))
 
     def aggregate_begin(self, req: P.AggregateBegin) -> P.AggregationStarted:
         self.aggregation = None

@@ -1220,6 +1220,37 @@ def test_import_dataset_point_cloud_setting(scene):
     assert sc.npbgpp.dataset_points == "" and sc.npbgpp.point_object is None
 
 
+def test_import_dataset_names_the_other_clouds_of_its_folder(scene, capfd):
+    """A COLMAP folder with COLMAP's dense output (dense/0/fused.ply) imports the sparse
+    points3D, and its report adds one line naming the dense cloud, its size and the Point
+    Cloud setting; importing that cloud with Point Cloud drops it from the line (none is
+    left), and a folder without another cloud gets no such line."""
+    from test_capture_import import write_capture
+
+    from npbgpp_core.ply import save_ply
+
+    sc = scene["scene"]
+    root = scene["dir"] / "colmap_dense"
+    pts, cols = write_capture(str(root), n_views=2)
+    capfd.readouterr()
+    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root), undistort=True) == {"FINISHED"}
+    assert "Also in the folder" not in capfd.readouterr().out
+
+    (root / "dense" / "0").mkdir(parents=True)
+    save_ply(str(root / "dense" / "0" / "fused.ply"), pts[:7], cols[:7] / 255.0)
+    size = os.path.getsize(root / "dense" / "0" / "fused.ply")
+    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root), undistort=True) == {"FINISHED"}
+    out = capfd.readouterr().out
+    assert len(sc.npbgpp.point_object.data.points) == len(pts)  # the sparse points3D was imported
+    assert f"Info: Imported {len(pts)} points and 2 cameras." in out
+    assert f"Info: Also in the folder: dense/0/fused.ply ({size} B); choose it with Point Cloud." in out, out
+
+    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root), undistort=True,
+                                               point_cloud="dense/0/fused.ply") == {"FINISHED"}
+    out = capfd.readouterr().out
+    assert len(sc.npbgpp.point_object.data.points) == 7 and "Also in the folder" not in out, out
+
+
 def test_aggregate_with_dataset_points_cleared_reads_the_dataset_cloud(scene, capfd):
     """Dataset Points cleared by hand after an import with Point Cloud b.ply: Aggregate read
     the format's default cloud (here none: the loader refuses two unnamed clouds), not the

@@ -348,3 +348,46 @@ def test_mixed_corpus_of_blender_scenes_and_captures_loads_and_stages(tmp_path):
     calls = json.load(open(os.path.join(work, "stage.json")))
     assert calls[0]["scenes"] == ["capture", "env_1"] and "datasets.format=null" in calls[0]["overrides"]
     assert "scenes ['capture', 'env_1']" in open(os.path.join(work, "train.log")).read()
+
+
+def test_training_and_export_name_the_dense_cloud_beside_the_sparse_one(tmp_path, caplog):
+    """A COLMAP capture whose folder holds COLMAP's dense/0/fused.ply trains and exports from
+    the sparse points3D (the loaders' default); headless_train's scene loading and export
+    each log one line naming the dense cloud and the setting that picks it. Without it, or
+    with it chosen, no such line."""
+    import logging
+
+    from headless_train.data import load_scenes
+    from headless_train.export import main as export_main
+    from npbgpp_core.ply import save_ply
+    from npbgpp_core.pretrained import default_weights_path
+
+    data = tmp_path / "data"
+    pts, cols = write_capture(str(data / "garden"), n_views=2)
+    dcfg = {"data_root": str(data), "format": "colmap", "options": {"undistort": True}}
+    caplog.set_level(logging.INFO)
+    load_scenes(dcfg, None)
+    assert "Also in the folder" not in caplog.text
+
+    (data / "garden" / "dense" / "0").mkdir(parents=True)
+    dense = data / "garden" / "dense" / "0" / "fused.ply"
+    save_ply(str(dense), pts[:9], cols[:9] / 255.0)
+    size = os.path.getsize(dense)
+    caplog.clear()
+    (scene,) = load_scenes(dcfg, None)
+    assert len(scene.points) == len(pts)
+    assert f"scene garden: Also in the folder: dense/0/fused.ply ({size} B); choose it with datasets.pc_name=" \
+        in caplog.text
+    caplog.clear()
+    (scene,) = load_scenes({**dcfg, "pc_name": "dense/0/fused.ply"}, None)
+    assert len(scene.points) == 9 and "Also in the folder" not in caplog.text
+
+    args = ["--checkpoint", default_weights_path("npbgpp", "object"), "--scene", str(data / "garden"),
+            "--device", "cpu", "--views", "all", "--undistort"]
+    caplog.clear()
+    assert export_main([*args, "--out", str(tmp_path / "a.npbgpp")]) == 0
+    assert f"scene garden: Also in the folder: dense/0/fused.ply ({size} B); choose it with --pc-name" \
+        in caplog.text
+    caplog.clear()
+    assert export_main([*args, "--out", str(tmp_path / "b.npbgpp"), "--pc-name", "dense/0/fused.ply"]) == 0
+    assert "Also in the folder" not in caplog.text

@@ -729,3 +729,43 @@ def test_gaussian_splatting_output_folder_points_at_its_colmap_source(tmp_path):
     with pytest.raises(DatasetError) as info:
         load_scene(str(root))
     assert "Gaussian" not in str(info.value)
+
+
+def test_other_clouds_lists_the_clouds_the_loader_did_not_read(tmp_path):
+    """A COLMAP folder with COLMAP's dense output and other clouds: other_clouds lists the
+    .ply files of the folder, dense/, dense/<n>/ and exports/pcd/ by path with their sizes
+    (no corpus points/, no other folder, no folder named .ply), in path order; a cloud the
+    loader read (pc_name) is left out; the note names them and how to choose."""
+    from npbgpp_core.datasets.other_clouds import other_clouds, other_clouds_note
+
+    root = tmp_path / "garden"
+    write_colmap(str(root), binary=True)
+    files = {"dense/fused.ply": 1200, "dense/0/fused.ply": 12_345_678, "dense/0/meshed-poisson.PLY": 50,
+             "fused.ply": 3000, "sparse_pc.ply": 10, "exports/pcd/point_cloud.ply": 7,
+             "points/surface.ply": 5, "other/deep.ply": 5, "dense/0/stereo/x.ply": 5, "notes.txt": 5}
+    for rel, size in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"\0" * size)
+    (root / "dir.ply").mkdir()
+    expected = [("dense/0/fused.ply", 12_345_678), ("dense/0/meshed-poisson.PLY", 50), ("dense/fused.ply", 1200),
+                ("exports/pcd/point_cloud.ply", 7), ("fused.ply", 3000), ("sparse_pc.ply", 10)]
+
+    scene = load_scene(str(root))  # the sparse points3D: no .ply read
+    assert scene.metadata["point_cloud"].endswith("points3D")
+    assert other_clouds(scene.root, scene.metadata["point_cloud"]) == expected
+    assert other_clouds(str(root), None) == expected
+
+    save_ply(str(root / "fused.ply"), POINTS, COLORS)  # now a real cloud, read by name
+    read = load_scene(str(root), pc_name="fused")
+    size = os.path.getsize(root / "fused.ply")
+    assert other_clouds(read.root, read.metadata["point_cloud"]) == [e for e in expected if e[0] != "fused.ply"]
+    assert ("fused.ply", size) in other_clouds(str(root), str(root / "dense" / "fused.ply"))
+    assert ("dense/fused.ply", 1200) not in other_clouds(str(root), str(root / "dense" / ".." / "dense" / "fused.ply"))
+
+    assert other_clouds_note([], "Point Cloud") == ""
+    assert other_clouds_note([("dense/0/fused.ply", 12_345_678)], "Point Cloud") == \
+        "Also in the folder: dense/0/fused.ply (12.3 MB); choose it with Point Cloud"
+    assert other_clouds_note(expected, "--pc-name") == (
+        "Also in the folder: dense/0/fused.ply (12.3 MB), dense/0/meshed-poisson.PLY (50 B), dense/fused.ply (1 kB), "
+        "exports/pcd/point_cloud.ply (7 B), 2 more .ply; choose one with --pc-name")
+    assert other_clouds(str(tmp_path / "gone"), None) == [] and other_clouds("", None) == []
