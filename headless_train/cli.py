@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from typing import Any
 
 import hydra
@@ -195,7 +196,14 @@ def _run(cfg: DictConfig, run_dir: str) -> dict | None:
         **trainer_kwargs(tcfg, name),
     )
     try:
-        trainer.fit(system, datamodule=datamodule, ckpt_path=resume_path)
+        with warnings.catch_warnings():
+            if resume_path is not None:
+                # Lightning warns of any mid-epoch resume whose loader has no state_dict; ours goes on
+                # where the checkpoint was taken (data.EpochOrder, data.resumed_batches), so the
+                # warning, printed by every stage call, would be false here
+                warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the "
+                                        "epoch ended and your dataloader is not resumable")
+            trainer.fit(system, datamodule=datamodule, ckpt_path=resume_path)
     except SystemExit as exc:
         # Lightning ends a Ctrl-C with exit(1) and a SIGTERM with a bare SystemExit (status
         # 0, which schedulers and `train && export` read as success): report the signal.

@@ -17,7 +17,7 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric.utilities.seed import pl_worker_init_function
 from omegaconf import OmegaConf
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from npbgpp_core.atomic import is_listed_name
 
@@ -369,6 +369,39 @@ class EvalViews(Dataset):
         return {"scene": s, "view": v, "image": image, "mask": torch.ones_like(image[:1]), "camera": scene.camera(v)}
 
 
+class EpochOrder(Sampler[int]):
+    """The shuffled order of an epoch's training samples, a function of ``seed`` and the epoch
+    alone (Lightning calls :meth:`set_epoch` at each epoch's start, also on a loader kept
+    across epochs), so a run resumed mid-epoch can go on where its checkpoint was taken: the
+    first iteration leaves out the ``skip`` samples that were trained (once). The loader
+    started the epoch's order again instead: the resumed steps retrained its first samples
+    (the same crops) and never reached the rest."""
+
+    def __init__(self, count: int, seed: int, epoch: int, skip: int = 0):
+        self.count, self.seed, self.epoch, self.skip = count, seed, epoch, skip
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.count  # the whole epoch: Lightning counts the resumed steps as already fetched
+
+    def __iter__(self):
+        order = torch.randperm(self.count, generator=torch.Generator().manual_seed(self.seed + 131 * self.epoch))
+        start, self.skip = min(self.skip, self.count), 0
+        yield from order[start:].tolist()
+
+
+def resumed_batches(trainer: Any) -> int:
+    """How many batches of the current epoch a run resumed mid-epoch trained before its
+    checkpoint (Lightning's restored batch progress; it counts them as fetched and runs the
+    epoch's remaining ones); 0 when not resuming mid-epoch."""
+    loop = getattr(trainer, "fit_loop", None)
+    if loop is None or not loop.restarting:  # restarting: restored from a checkpoint of an unfinished epoch
+        return 0
+    return int(loop.epoch_loop.batch_progress.current.processed)
+
+
 def collate_samples(samples: list[dict]) -> list[dict]:
     """Samples differ in size and carry cameras: keep the list as is."""
     return samples
@@ -450,9 +483,10 @@ class SceneDataModule(pl.LightningDataModule):
         if self.num_workers > 0:
             prefill_image_cache([self.scenes[i] for i in active])
         ds = TrainSamples(self.scenes, active, per_rank, self.opts, seed=self.seed + 1000 * epoch + 7919 * rank)
-        gen = torch.Generator().manual_seed(self.seed + epoch * 131 + rank)
+        done = resumed_batches(getattr(self, "trainer", None)) * self.batch_size
+        order = EpochOrder(len(ds), self.seed + rank, epoch, skip=done)
         return DataLoader(
-            ds, batch_size=self.batch_size, shuffle=True, generator=gen, num_workers=self.num_workers,
+            ds, batch_size=self.batch_size, sampler=order, num_workers=self.num_workers,
             collate_fn=collate_samples, persistent_workers=False, drop_last=False,
             worker_init_fn=self._worker_init() if self.num_workers > 0 else None,
         )

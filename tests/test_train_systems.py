@@ -931,3 +931,42 @@ def test_a_resumed_npbg_evaluation_uses_the_resumed_descriptors(data_root, tmp_p
     same = run_inproc([*[o for o in base if not o.startswith("weights_path=")], f"weights_path={ckpt}",
                        "eval_only=true"], str(tmp_path / "other"))
     assert same["mean"] == result["mean"]
+
+
+@pytest.mark.parametrize("reload", [0, 1])
+def test_a_run_resumed_mid_epoch_trains_the_rest_of_that_epoch(data_root, tmp_path, monkeypatch, recwarn, reload):
+    """Resumed from a checkpoint taken mid-epoch (every stage call), the loader began the
+    epoch's order again: the steps after the resume trained the epoch's first samples a second
+    time (the same crops: a sample is a function of seed, epoch and index) and the rest of the
+    epoch never, while Lightning warned that the loader is not resumable. The resumed run trains
+    exactly the samples an uninterrupted run trains after that step, and nothing is warned."""
+    from headless_train import data
+
+    seen: list[tuple[int, int]] = []
+    get = data.TrainSamples.__getitem__
+    monkeypatch.setattr(data.TrainSamples, "__getitem__",
+                        lambda self, i: (seen.append((self.seed, i)), get(self, i))[1])
+    args = ["datasets=nerf_blender_pretrain", f"datasets.data_root={data_root}", "system=npbgpp_sphere",
+            "datasets.train_num_samples=3", "trainer.max_epochs=5", "system.max_scenes_per_train_epoch=null",
+            f"trainer.reload_dataloaders_every_n_epochs={reload}", "trainer.last_checkpoint_every_n_steps=1", *FAST]
+    run_inproc([*args, "trainer.max_steps=9"], str(tmp_path / "whole"))  # 6 samples (2 scenes x 3) per epoch
+    whole = seen[:]
+    assert len(whole) == 9 and sorted(i for _, i in whole[:6]) == list(range(6))
+    seen.clear()
+    from headless_train.checkpoints import EpochAndLastCheckpoint
+
+    batch_end = EpochAndLastCheckpoint.on_train_batch_end
+
+    def stop_after_step_2(self, trainer, *a) -> None:  # as a stage's SIGTERM or Ctrl-C stops a call mid-epoch
+        batch_end(self, trainer, *a)
+        if trainer.global_step == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(EpochAndLastCheckpoint, "on_train_batch_end", stop_after_step_2)
+    with pytest.raises(SystemExit):
+        run_inproc([*args, "trainer.max_steps=9"], str(tmp_path / "split"))
+    monkeypatch.setattr(EpochAndLastCheckpoint, "on_train_batch_end", batch_end)
+    assert step_count(str(tmp_path / "split/checkpoints/last.ckpt")) == 2
+    run_inproc([*args, "trainer.max_steps=9", "resume=true"], str(tmp_path / "split"))
+    assert seen == whole
+    assert not [w for w in recwarn if "dataloader is not resumable" in str(w.message)]
