@@ -752,7 +752,7 @@ def test_a_run_fitted_to_every_splat_is_told_why_its_point_count_changed(tmp_pat
     err = capsys.readouterr().err
     assert "has 10 points but the checkpoint's 'sceneS' has 20 descriptors" in err, err
     assert f"{splats} is a Gaussian-splat file of 20 splats: the run was fitted to every splat" in err, err
-    assert "opacity >= 0.1 (10 of them)" in err and "name that file with --pc-name" in err, err
+    assert "opacity >= 0.1 (10 of them)" in err and "name that file with --pc-name all_splats.ply " in err, err
     assert not os.path.exists(out)
     # the advice, followed
     command = err.split('python -c "')[1].split('"')[0]
@@ -773,3 +773,23 @@ def test_a_run_fitted_to_every_splat_is_told_why_its_point_count_changed(tmp_pat
     with pytest.raises(UsageError) as exc:
         check_resumed_scenes(meta, "run.ckpt", "npbg", [plain])
     assert "splat" not in str(exc.value)
+
+
+def test_the_splat_note_names_the_plain_cloud_as_the_option_takes_it(tmp_path):
+    """A splat file in a subfolder of the scene (exports/splats.ply): the note's plain cloud
+    is written beside it, and the option must name it from the scene folder; it said a bare
+    'all_splats.ply', which names no file there (load_point_cloud reads pc_name from the
+    scene folder)."""
+    from types import SimpleNamespace
+
+    from headless_train.systems.base import dropped_splats_note
+
+    (tmp_path / "exports").mkdir()
+    splats = str(tmp_path / "exports" / "splats.ply")
+    every = np.arange(12, dtype=np.float32).reshape(4, 3)
+    _splat_file(splats, every, np.array([-5.0, 3.0, -5.0, 3.0]))
+    scene = SimpleNamespace(root=str(tmp_path), metadata={"point_cloud": splats}, points=every[[1, 3]])
+    note = dropped_splats_note(scene, 4, "--pc-name")
+    assert f"save_ply('{tmp_path / 'exports' / 'all_splats.ply'}'" in note
+    assert "name that file with --pc-name exports/all_splats.ply " in note, note
+    assert "with datasets.pc_name=exports/all_splats.ply " in dropped_splats_note(scene, 4, "datasets.pc_name")

@@ -35,8 +35,14 @@ def point_cloud_name(scene) -> str | None:
     path = scene.metadata.get("point_cloud")
     if not path or not str(path).lower().endswith(".ply"):
         return None
+    return pc_name_of(str(path), scene.root)
+
+
+def pc_name_of(path: str, root: str) -> str:
+    """The ``pc_name`` that names the file ``path`` from scene folder ``root`` (see
+    :func:`point_cloud_name`)."""
     try:
-        rel = os.path.relpath(os.path.abspath(path), os.path.abspath(scene.root))
+        rel = os.path.relpath(os.path.abspath(path), os.path.abspath(root))
     except ValueError:  # Windows: the cloud is on another drive than the scene folder
         return os.path.abspath(path)
     return os.path.abspath(path) if rel.startswith(os.pardir) else rel.replace(os.sep, "/")
@@ -83,11 +89,15 @@ def dropped_splats_note(scene, recorded: int, option: str) -> str:
     if not every.is_splat or len(every) != recorded:
         return ""
     plain = os.path.join(os.path.dirname(str(path)), "all_splats.ply")
+    # the name the option takes (relative to the scene folder): a splat file in a subfolder
+    # (exports/splat.ply) was followed by a bare 'all_splats.ply', which names no file
+    name = pc_name_of(plain, scene.root)
+    named = f"{option} {name}" if option.startswith("-") else f"{option}={name}"
     return (f"{path} is a Gaussian-splat file of {recorded} splats: the run was fitted to every splat, and a splat "
             f"file read as a scene's cloud now keeps those with opacity >= {SCENE_MIN_OPACITY:g} ({now} of them). "
             "To use this checkpoint, write every splat as a plain cloud (python -c \"from npbgpp_core.ply import "
             f"load_ply, save_ply; c = load_ply('{path}'); save_ply('{plain}', c.points, c.colors)\") and name "
-            f"that file with {option} (its points are the recorded ones), or fit the scene again")
+            f"that file with {named} (its points are the recorded ones), or fit the scene again")
 
 
 def check_vgg_weights(lcfg: dict) -> None:
