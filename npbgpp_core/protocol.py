@@ -297,7 +297,8 @@ class AggregateBegin(Request):
     """Start aggregating NPBG++ descriptors of a dataset's points with ``weights``; empty
     ``weights``: the bundled file of ``domain`` ("scene", "object", or "auto": the
     dataset's own, ``npbgpp_core.datasets.scene_domain``). ``points``: a PLY file whose
-    points (and colours) replace the dataset's own cloud (Densify's output); empty: the
+    points (and colours) replace the dataset's own cloud (Densify's output; the dataset's own
+    cloud file is read as its loader reads it, ``service.aggregation_dataset``); empty: the
     dataset's cloud, the one ``pc_name`` names (as :class:`ReadDataset`) or the format's own."""
 
     dataset: str

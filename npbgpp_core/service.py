@@ -131,6 +131,24 @@ def with_points(data: Any, path: str) -> Any:
                                colors=None if cloud.colors is None else np.asarray(cloud.colors, np.float32))
 
 
+def aggregation_dataset(req: P.AggregateBegin) -> Any:
+    """The dataset Aggregate reads: its loader's cloud (``req.pc_name``, else the format's
+    own), or the cloud of ``req.points`` instead (:func:`with_points`: a dense cloud of the
+    dataset's frame; a dataset without a cloud of its own, Densify's input, loads too). A
+    ``points`` file that is the dataset's own cloud stays as its loader reads it: a
+    nerfstudio ``ply_file_path`` cloud is scaled by the file's ``applied_scale``, and Import
+    Dataset Folder's Point Cloud naming it becomes Dataset Points; read as a plain file it
+    lost the scale, and the bundle's points missed the photos' frame."""
+    from .atomic import same_file
+
+    data = load_dataset(req.dataset, req.format, req.undistort, req.allow_external_paths,
+                        require_points=not req.points, pc_name="" if req.points else req.pc_name)
+    own = data.metadata.get("point_cloud")
+    if req.points and not (own and same_file(own, req.points)):
+        data = with_points(data, req.points)
+    return data
+
+
 class DatasetAggregation:
     """NPBG++ descriptors of a dataset's points, streamed view by view into a bundle."""
 
@@ -144,11 +162,7 @@ class DatasetAggregation:
         self.device = pick_device(req.device)
         if not req.weights and req.domain != "auto":
             check_domain(req.domain)  # before the dataset is read
-        # Another cloud replaces the dataset's own: a dataset without one (Densify's input) loads too.
-        self.data = load_dataset(req.dataset, req.format, req.undistort, req.allow_external_paths,
-                                 require_points=not req.points, pc_name="" if req.points else req.pc_name)
-        if req.points:
-            self.data = with_points(self.data, req.points)
+        self.data = aggregation_dataset(req)
         self.views = list(self.data.train) or list(range(len(self.data.views)))
         # No file given: the bundled network of the data's domain (cut-out objects or scenes).
         self.domain = "" if req.weights else scene_domain(self.data) if req.domain == "auto" else req.domain

@@ -785,3 +785,31 @@ def test_export_max_side_reads_the_downscaled_copy(tmp_path, monkeypatch):
         assert export_main(["--checkpoint", weights, "--scene", root, "--out", out, "--device", "cpu",
                             "--max-side", max_side, "--views", "all"]) == 0
         assert sorted(read) == [os.path.join(root, folder, c["name"]) for c in cams], max_side
+
+
+def test_aggregate_reads_the_captures_own_cloud_as_dataset_points_scaled(tmp_path):
+    """Import Dataset Folder with Point Cloud naming a capture's own ply_file_path cloud
+    (sparse_pc.ply, applied_scale 2.5) reads it scaled and makes it Dataset Points; Aggregate
+    read Dataset Points as a plain file, unscaled, so the bundle's points missed the photos'
+    frame by the factor 2.5. It reads the dataset's own file as its loader does; another file
+    (a dense cloud, written in the poses' frame) is read as it is."""
+    from npbgpp_core import protocol as P
+    from npbgpp_core.service import aggregation_dataset
+
+    cams = random_cameras(3, seed=5)
+    root = str(tmp_path / "scaled")
+    write_images(root, cams)
+    write_transforms(root, cams, ply=False, applied_scale=2.5)
+    with open(os.path.join(root, "transforms.json")) as f:
+        meta = json.load(f)
+    meta["ply_file_path"] = "sparse_pc.ply"
+    with open(os.path.join(root, "transforms.json"), "w") as f:
+        json.dump(meta, f)
+    save_ply(os.path.join(root, "sparse_pc.ply"), POINTS.astype(np.float32), COLORS)
+    save_ply(os.path.join(root, "dense.ply"), POINTS[:7].astype(np.float32))
+    own = os.path.join(root, "sparse_pc.ply")
+    for points, pc_name in ((own, own), (own, ""), ("", own), ("", "")):
+        data = aggregation_dataset(P.AggregateBegin(root, "", points=points, pc_name=pc_name))
+        np.testing.assert_allclose(data.points, 2.5 * POINTS, atol=1e-5)
+    dense = aggregation_dataset(P.AggregateBegin(root, "", points=os.path.join(root, "dense.ply"), pc_name=own))
+    np.testing.assert_allclose(dense.points, POINTS[:7], atol=1e-6)
