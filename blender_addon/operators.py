@@ -543,6 +543,18 @@ class _WorkerStepJob(_ModalJob):
             return self._finish(context)
 
 
+def aggregate_cloud(s: Any) -> tuple[str, str]:
+    """(setting, file) of the cloud Aggregate reads instead of the format's own: Dataset Points
+    when set (Densify's output, or Import Dataset Folder's Point Cloud), else Dataset Cloud (that
+    Point Cloud, kept when Densify replaced Dataset Points); ("", "") for the format's own cloud.
+    The add-on's one reading of the rule the worker applies (AggregateBegin.points, then pc_name)."""
+    if s.dataset_points:
+        return "Dataset Points", resolved(s, s.dataset_points)
+    if s.dataset_cloud:
+        return "Dataset Cloud", resolved(s, s.dataset_cloud)
+    return "", ""
+
+
 class NPBGPP_OT_aggregate(_WorkerStepJob, bpy.types.Operator):
     """Compute NPBG++ descriptors of the imported dataset's points (after Densify Points: the dense cloud) from
     its views and save a bundle (in the background: progress in the status bar, Esc cancels)"""
@@ -573,13 +585,12 @@ class NPBGPP_OT_aggregate(_WorkerStepJob, bpy.types.Operator):
         if network is None:
             return None
         dataset = imported_dataset(self, s, "Aggregate needs a dataset")
-        if dataset and s.dataset_points and not os.path.isfile(resolved(s, s.dataset_points)):
-            self.report({"ERROR"}, f"Aggregate: the Dataset Points file {resolved(s, s.dataset_points)} is gone; "
-                                   "run Densify Points again, or clear Dataset Points to use the dataset's own points.")
-            return None
-        if dataset and not s.dataset_points and s.dataset_cloud and not os.path.isfile(resolved(s, s.dataset_cloud)):
-            self.report({"ERROR"}, f"Aggregate: the Dataset Cloud file {resolved(s, s.dataset_cloud)} (Import Dataset "
-                                   "Folder's Point Cloud) is gone; import the dataset again, or set Dataset Points.")
+        setting, cloud = aggregate_cloud(s)
+        if dataset and cloud and not os.path.isfile(cloud):
+            what, fix = (("", "run Densify Points again, or clear Dataset Points to use the dataset's cloud")
+                         if setting == "Dataset Points" else
+                         (" (Import Dataset Folder's Point Cloud)", "import the dataset again, or set Dataset Points"))
+            self.report({"ERROR"}, f"Aggregate: the {setting} file {cloud}{what} is gone; {fix}.")
             return None
         if dataset and s.dataset_no_cloud and not s.dataset_points:
             from .importers import DENSIFY_HINT
@@ -636,9 +647,8 @@ class NPBGPP_OT_aggregate(_WorkerStepJob, bpy.types.Operator):
         up = ", ".join(f"{v:g}" for v in reply.world_up)
         note, unchecked = follow_bundle_points(self, context, reply.points)
         s = context.scene.npbgpp
-        cloud = (f"of Dataset Points ({os.path.basename(resolved(s, s.dataset_points))})" if s.dataset_points
-                 else f"of Dataset Cloud ({os.path.basename(resolved(s, s.dataset_cloud))})" if s.dataset_cloud
-                 else "of the dataset's cloud")
+        setting, path = aggregate_cloud(s)
+        cloud = f"of {setting} ({os.path.basename(path)})" if setting else "of the dataset's cloud"
         self.report({"INFO"}, f"Saved {reply.points} points {cloud} ({reply.valid} seen by the views) to {self._out}, "
                               f"up axis ({up}), network {self._network}.{note}")
         if unchecked:
