@@ -299,10 +299,19 @@ def crop_input_views(
 
 
 class TrainSamples(Dataset):
-    """``num_samples`` random crops per active scene for one epoch (deterministic in seed, epoch, rank)."""
+    """``num_samples`` random crops per active scene for one epoch (deterministic in seed, epoch, rank).
+    ``seed``: the run's and rank's; :meth:`set_epoch` (:class:`EpochOrder` passes Lightning's
+    call on) makes each epoch's crops its own, also with a loader kept across epochs, which
+    drew every epoch's crops from the epoch it was made in: the same crops every epoch."""
 
-    def __init__(self, scenes: list, active: list[int], num_samples: int, opts: SampleOptions, seed: int):
-        self.scenes, self.active, self.num_samples, self.opts, self.seed = scenes, active, num_samples, opts, seed
+    def __init__(self, scenes: list, active: list[int], num_samples: int, opts: SampleOptions, seed: int,
+                 epoch: int = 0):
+        self.scenes, self.active, self.num_samples, self.opts = scenes, active, num_samples, opts
+        self.base_seed = seed
+        self.set_epoch(epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.seed = self.base_seed + 1000 * int(epoch)
 
     def __len__(self) -> int:
         return len(self.active) * self.num_samples
@@ -377,11 +386,12 @@ class EpochOrder(Sampler[int]):
     started the epoch's order again instead: the resumed steps retrained its first samples
     (the same crops) and never reached the rest."""
 
-    def __init__(self, count: int, seed: int, epoch: int, skip: int = 0):
-        self.count, self.seed, self.epoch, self.skip = count, seed, epoch, skip
+    def __init__(self, samples: TrainSamples, seed: int, epoch: int, skip: int = 0):
+        self.samples, self.count, self.seed, self.epoch, self.skip = samples, len(samples), seed, epoch, skip
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+        self.samples.set_epoch(epoch)  # before the epoch's iterator (and its workers' copies) is made
 
     def __len__(self) -> int:
         return self.count  # the whole epoch: Lightning counts the resumed steps as already fetched
@@ -482,9 +492,9 @@ class SceneDataModule(pl.LightningDataModule):
         per_rank = self.num_samples if self.mode == "each" else max(1, math.ceil(self.num_samples / world))
         if self.num_workers > 0:
             prefill_image_cache([self.scenes[i] for i in active])
-        ds = TrainSamples(self.scenes, active, per_rank, self.opts, seed=self.seed + 1000 * epoch + 7919 * rank)
+        ds = TrainSamples(self.scenes, active, per_rank, self.opts, seed=self.seed + 7919 * rank, epoch=epoch)
         done = resumed_batches(getattr(self, "trainer", None)) * self.batch_size
-        order = EpochOrder(len(ds), self.seed + rank, epoch, skip=done)
+        order = EpochOrder(ds, self.seed + rank, epoch, skip=done)
         return DataLoader(
             ds, batch_size=self.batch_size, sampler=order, num_workers=self.num_workers,
             collate_fn=collate_samples, persistent_workers=False, drop_last=False,

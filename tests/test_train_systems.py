@@ -952,6 +952,9 @@ def test_a_run_resumed_mid_epoch_trains_the_rest_of_that_epoch(data_root, tmp_pa
     run_inproc([*args, "trainer.max_steps=9"], str(tmp_path / "whole"))  # 6 samples (2 scenes x 3) per epoch
     whole = seen[:]
     assert len(whole) == 9 and sorted(i for _, i in whole[:6]) == list(range(6))
+    # each epoch its own crops (seed + 1000 * epoch), also with the loader kept across epochs
+    # (reload 0), which drew every epoch's crops with the seed of the epoch it was made in
+    assert {seed for seed, _ in whole[:6]} == {3407} and {seed for seed, _ in whole[6:]} == {4407}
     seen.clear()
     from headless_train.checkpoints import EpochAndLastCheckpoint
 
