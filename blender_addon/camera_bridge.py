@@ -290,10 +290,25 @@ class Clipped:
         return self.removed == self.in_view
 
 
+def _inside_clip_range(geo: CameraGeometry, points: np.ndarray) -> bool:
+    """Whether every one of the world ``points`` (N >= 1, float64) lies at a view depth inside
+    ``geo``'s clip range (near, far], from their depths alone (one matrix-vector product, no
+    pixel coordinates). A margin far above the rounding by which these depths may differ from
+    :meth:`CameraGeometry.project`'s leaves borderline clouds to the exact count."""
+    r, t = geo.R[2], float(geo.t[2])
+    z = points @ r + t
+    nearest, farthest = float(z.min()), float(z.max())
+    margin = 1e-9 * (1.0 + abs(t) + float(np.abs(points).max()) * float(np.abs(r).sum()))
+    return nearest > geo.near + margin and farthest <= geo.far - margin  # False for NaN
+
+
 def clipped(geo: CameraGeometry, points: np.ndarray) -> Clipped | None:
     """What ``geo``'s clip range (near, far] removes of the world ``points`` in its view,
     or None when it removes none (or none is in view at all)."""
-    uv, z = geo.project(np.asarray(points, np.float64).reshape(-1, 3))
+    points = np.asarray(points, np.float64).reshape(-1, 3)
+    if len(points) and _inside_clip_range(geo, points):
+        return None  # F12 asks this on every frame that drew points: skip projecting them all
+    uv, z = geo.project(points)
     h, w = geo.image_size
     with np.errstate(invalid="ignore"):
         seen = ((z > 0) & (uv[:, 0] >= -0.5) & (uv[:, 0] < w - 0.5) & (uv[:, 1] >= -0.5) & (uv[:, 1] < h - 0.5))

@@ -27,6 +27,7 @@ from blender_addon.camera_bridge import (  # noqa: E402
     CameraGeometry,
     bounding_sphere,
     clip_range_covering,
+    clipped,
     object_local_geometry,
     opencv_intrinsics,
     scene_camera_geometry,
@@ -208,6 +209,33 @@ def test_view_clip_covering_widens_only():
     assert view_clip_covering(0.01, 1000.0, center, center, radius) == (0.01, 1000.0)
     with pytest.raises(ValueError, match="no finite points"):
         bounding_sphere(np.full((2, 3), np.nan))
+
+
+def test_clipped_counts_like_brute_force_with_its_depth_shortcut():
+    """``clipped`` answers a cloud wholly inside the clip range from its depths alone (F12
+    asks on every frame); random cameras, ranges and clouds, some with a point on a range end
+    or a NaN point: the same answer as counting every projected point by hand."""
+    rng = np.random.default_rng(7)
+    K = np.array([[300.0, 0.0, 160.0], [0.0, 300.0, 120.0], [0.0, 0.0, 1.0]])
+    for k in range(400):
+        q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+        R, t = q * np.sign(np.linalg.det(q)), rng.normal(size=3) * 3.0
+        geo = CameraGeometry(K, R, t, (240, 320), rng.uniform(0.0, 3.0), rng.uniform(3.0, 12.0))
+        pts = rng.normal(size=(150, 3)) * rng.uniform(0.1, 3.0)
+        if k % 4 == 1:  # a point exactly at the far end: kept, as (near, far] says
+            pts[0] = np.linalg.solve(R, np.array([0.0, 0.0, geo.far]) - t)
+        if k % 4 == 2:
+            pts[0] = np.nan
+        uv, z = geo.project(pts)
+        with np.errstate(invalid="ignore"):
+            seen = (z > 0) & (uv[:, 0] >= -0.5) & (uv[:, 0] < 319.5) & (uv[:, 1] >= -0.5) & (uv[:, 1] < 239.5)
+            out = seen & ((z <= geo.near) | (z > geo.far))
+        got = clipped(geo, pts)
+        if not out.any():
+            assert got is None, k
+        else:
+            assert (got.in_view, got.removed) == (int(seen.sum()), int(out.sum())), k
+            assert (got.nearest, got.farthest) == (float(z[out].min()), float(z[out].max())), k
 
 
 def test_scaled_geometry_matches_core():
