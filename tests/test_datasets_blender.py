@@ -251,6 +251,29 @@ def test_every_procedural_scene_builds_and_random_is_seeded():
         build_procedural_scene("nope")
 
 
+def _quad(x: float, name: str, collection) -> bpy.types.Object:
+    """A 0.5-wide quad centred at (x, 0, 0), in ``collection``: a point's x says which quad it is on."""
+    me = bpy.data.meshes.new(name)
+    me.from_pydata([(x - 0.25, -0.25, 0.0), (x + 0.25, -0.25, 0.0), (x + 0.25, 0.25, 0.0), (x - 0.25, 0.25, 0.0)],
+                   [], [(0, 1, 2, 3)])
+    obj = bpy.data.objects.new(name, me)
+    collection.objects.link(obj)
+    return obj
+
+
+def _remove_test_scene(scene, collections) -> None:
+    """Remove a test's ``scene``, its own ``collections`` and the objects and meshes in them."""
+    for c in (scene.collection, *collections):
+        for obj in list(c.objects):
+            data = obj.data
+            bpy.data.objects.remove(obj)
+            if data is not None:
+                bpy.data.meshes.remove(data)
+    for c in collections:
+        bpy.data.collections.remove(c)
+    bpy.data.scenes.remove(scene)
+
+
 def test_scene_points_only_on_what_a_render_shows_directly():
     """The scene's point cloud samples only surfaces a render shows: a quad in a Holdout
     collection (a hole in the photos), an Indirect Only one, one disabled in renders by its
@@ -267,12 +290,7 @@ def test_scene_points_only_on_what_a_render_shows_directly():
         scene.collection.children.link(collections[name])
 
     def quad(x: float, where: str, name: str) -> bpy.types.Object:
-        me = bpy.data.meshes.new(name)
-        me.from_pydata([(x - 0.25, -0.25, 0.0), (x + 0.25, -0.25, 0.0), (x + 0.25, 0.25, 0.0), (x - 0.25, 0.25, 0.0)],
-                       [], [(0, 1, 2, 3)])
-        obj = bpy.data.objects.new(name, me)
-        collections[where].objects.link(obj)
-        return obj
+        return _quad(x, name, collections[where])
 
     quad(0.0, "Plain", "lf_plain")
     quad(1.0, "Holdout", "lf_holdout")
@@ -302,14 +320,7 @@ def test_scene_points_only_on_what_a_render_shows_directly():
         points, _ = sample_surface_points(scene, 4000, seed=1)
         assert sorted(set(np.round(points[:, 0]).astype(int).tolist())) == [0, 1, 17, 27]
     finally:
-        for c in collections.values():
-            for obj in list(c.objects):
-                data = obj.data
-                bpy.data.objects.remove(obj)
-                if data is not None:
-                    bpy.data.meshes.remove(data)
-            bpy.data.collections.remove(c)
-        bpy.data.scenes.remove(scene)
+        _remove_test_scene(scene, list(collections.values()))
 
 
 def test_dataset_points_and_framing_follow_render_visibility(tmp_path):
@@ -328,12 +339,7 @@ def test_dataset_points_and_framing_follow_render_visibility(tmp_path):
     scene.collection.children.link(indirect)
 
     def quad(x: float, name: str, where=None) -> bpy.types.Object:
-        me = bpy.data.meshes.new(name)
-        me.from_pydata([(x - 0.25, -0.25, 0.0), (x + 0.25, -0.25, 0.0), (x + 0.25, 0.25, 0.0), (x - 0.25, 0.25, 0.0)],
-                       [], [(0, 1, 2, 3)])
-        obj = bpy.data.objects.new(name, me)
-        (where or scene.collection).objects.link(obj)
-        return obj
+        return _quad(x, name, where or scene.collection)
 
     try:
         quad(0.0, "rv_plain")
@@ -359,14 +365,7 @@ def test_dataset_points_and_framing_follow_render_visibility(tmp_path):
         assert summary.extra["center"][0] == pytest.approx(3.0)
         assert summary.extra["radius"] == pytest.approx(math.hypot(3.25, 0.25))
     finally:
-        for obj in list(scene.objects):
-            data = obj.data
-            bpy.data.objects.remove(obj)
-            if data is not None:
-                bpy.data.meshes.remove(data)
-        bpy.data.collections.remove(hidden)
-        bpy.data.collections.remove(indirect)
-        bpy.data.scenes.remove(scene)
+        _remove_test_scene(scene, [hidden, indirect])
 
 
 def test_command_line_blend_file(tmp_path):
