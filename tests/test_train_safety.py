@@ -666,22 +666,30 @@ def test_network_differences_are_named_whatever_world_up_says(tmp_path, world_up
         ("input_canvas", own["input_canvas"], other)]
 
 
-@pytest.mark.parametrize("clouds", [[5], "points3d.ply", [["points3d.ply"]], ["a.ply", "b.ply"]])
-def test_export_names_a_damaged_point_clouds_record(data_root, tmp_path, capsys, clouds):
-    """An NPBG checkpoint whose recorded cloud (npbgpp.point_clouds) is damaged: export
-    failed with a TypeError naming neither the checkpoint nor the field (or read a string's
-    first letter as the cloud); it is refused naming both, as other malformed metadata."""
+def _export_refuses_damaged_meta(data_root: str, tmp_path, capsys, records: dict, field: str) -> str:
+    """Export of an NPBG checkpoint of sceneA whose metadata holds ``records``: refused with
+    status 2 naming the checkpoint and the malformed ``field``, no traceback, no bundle.
+    Returns the checkpoint's path."""
     from headless_train.export import main as export_main
 
     path = str(tmp_path / "odd.ckpt")
-    meta = {"system": "npbg", "config": {}, "scenes": ["sceneA"], "points": [300], "point_clouds": clouds}
+    meta = {"system": "npbg", "config": {}, "scenes": ["sceneA"], "points": [300], **records}
     torch.save({"state_dict": {"refiner.w": torch.zeros(1)}, "npbgpp": meta}, path)
     out = tmp_path / "o.npbgpp"
     assert export_main(["--checkpoint", path, "--scene", f"{data_root}/sceneA", "--out", str(out),
                         "--device", "cpu"]) == 2
     err = capsys.readouterr().err
-    assert f"checkpoint {path}: malformed 'npbgpp' metadata: point_clouds is " in err, err
+    assert f"checkpoint {path}: malformed 'npbgpp' metadata: {field} is " in err, err
     assert "Traceback" not in err and not out.exists()
+    return path
+
+
+@pytest.mark.parametrize("clouds", [[5], "points3d.ply", [["points3d.ply"]], ["a.ply", "b.ply"]])
+def test_export_names_a_damaged_point_clouds_record(data_root, tmp_path, capsys, clouds):
+    """An NPBG checkpoint whose recorded cloud (npbgpp.point_clouds) is damaged: export
+    failed with a TypeError naming neither the checkpoint nor the field (or read a string's
+    first letter as the cloud); it is refused naming both, as other malformed metadata."""
+    _export_refuses_damaged_meta(data_root, tmp_path, capsys, {"point_clouds": clouds}, "point_clouds")
 
 
 @pytest.mark.parametrize("digests", [[5], "ab", [None], ["a", "b"]])
@@ -690,18 +698,9 @@ def test_a_damaged_point_digests_record_is_refused_not_ignored(data_root, tmp_pa
     a word (recorded_digest read it as no digest, resume compared file names only); export,
     resume and eval refuse it naming the checkpoint and the field, as point_clouds."""
     from headless_train.checkpoints import CheckpointError, check_compatible
-    from headless_train.export import main as export_main
 
-    path = str(tmp_path / "odd.ckpt")
-    meta = {"system": "npbg", "config": {}, "scenes": ["sceneA"], "points": [300],
-            "point_clouds": ["points3d.ply"], "point_digests": digests}
-    torch.save({"state_dict": {"refiner.w": torch.zeros(1)}, "npbgpp": meta}, path)
-    out = tmp_path / "o.npbgpp"
-    assert export_main(["--checkpoint", path, "--scene", f"{data_root}/sceneA", "--out", str(out),
-                        "--device", "cpu"]) == 2
-    err = capsys.readouterr().err
-    assert f"checkpoint {path}: malformed 'npbgpp' metadata: point_digests is " in err, err
-    assert "Traceback" not in err and not out.exists()
+    path = _export_refuses_damaged_meta(data_root, tmp_path, capsys,
+                                        {"point_clouds": ["points3d.ply"], "point_digests": digests}, "point_digests")
     with pytest.raises(CheckpointError, match="point_digests is"):  # what resume and eval run first
         check_compatible(torch.load(path, weights_only=False), path, "npbg")
 
