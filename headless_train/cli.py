@@ -338,7 +338,7 @@ def _listing(pairs: list[tuple[str, int]]) -> str:
     return ", ".join(f"{n} ({p} points)" for n, p in pairs)
 
 
-def _other_clouds(meta: dict, scenes: list) -> list[tuple[str, str | None, str | None]]:
+def _changed_clouds(meta: dict, scenes: list) -> list[tuple[str, str | None, str | None]]:
     """(scene, the cloud file the checkpoint records, this run's) for each scene fitted to
     another cloud than this run loads: one of the same size passes the point-count check and
     would get descriptors fitted to other points. With ``point_digests`` the points decide:
@@ -375,7 +375,7 @@ def _splat_notes(meta: dict, scenes: list, option: str) -> str:
 
 
 def _cloud_listing(mismatches: list[tuple[str, str | None, str | None]], meta: dict) -> str:
-    """The refusals' account of :func:`_other_clouds`, with the rule that applies
+    """The refusals' account of :func:`_changed_clouds`, with the rule that applies
     (:func:`_cloud_rule`) after the clouds loaded under another name."""
     def shown(cloud: str | None) -> str:
         return cloud if cloud is not None else "the format's own points (no .ply)"
@@ -401,7 +401,7 @@ def _cloud_rule(meta: dict) -> str:
 def check_fitted_scenes(ckpt: dict, path: str, system_name: str, scenes: list) -> None:
     """UsageError when an NPBG / coefficients_ft evaluation's checkpoint holds no descriptors
     fitted to one of its scenes (another scene, another point count, or another cloud:
-    :func:`_other_clouds`): the refiner loaded, the scene's descriptors stayed at their
+    :func:`_changed_clouds`): the refiner loaded, the scene's descriptors stayed at their
     random start (or sat on other points), and the metrics said nothing of it."""
     from .systems.base import module_key
 
@@ -414,7 +414,7 @@ def check_fitted_scenes(ckpt: dict, path: str, system_name: str, scenes: list) -
                          f"{_listing(unfitted)} (it holds {held or 'none'}); evaluate the checkpoint of a run "
                          "fitted on them with the same datasets.* and system.max_points"
                          + _splat_notes(ckpt["npbgpp"], scenes, "datasets.pc_name"))
-    other = _other_clouds(ckpt["npbgpp"], scenes)
+    other = _changed_clouds(ckpt["npbgpp"], scenes)
     if other:
         raise UsageError(f"eval_only=true with system={system_name}: {path} holds descriptors fitted to another point "
                          f"cloud ({_cloud_listing(other, ckpt['npbgpp'])}); evaluate with the datasets.pc_name of "
@@ -425,7 +425,7 @@ def check_resumed_scenes(meta: dict, path: str, system_name: str, scenes: list) 
     """UsageError when an NPBG / coefficients_ft run resumes on other scenes or other point
     counts than its checkpoint's (their per-point descriptors would not fit: load_state_dict
     answered with a page of unexpected and missing keys), or on another cloud than the one
-    it records (:func:`_other_clouds`; same size: the descriptors would silently sit on
+    it records (:func:`_changed_clouds`; same size: the descriptors would silently sit on
     other points). NPBG++ re-aggregates its points and is never refused here."""
     if system_name not in ("npbg", "coefficients_ft"):
         return  # NPBG++ has no per-scene parameters
@@ -435,7 +435,7 @@ def check_resumed_scenes(meta: dict, path: str, system_name: str, scenes: list) 
                          f"{_listing(now)}. Resume with the datasets.* and system.max_points of that run, or start a "
                          "new run folder with weights_path= pointing at it"
                          + _splat_notes(meta, scenes, "datasets.pc_name"))
-    other = _other_clouds(meta, scenes)
+    other = _changed_clouds(meta, scenes)
     if other:
         raise UsageError(f"resume=true: {path} holds descriptors fitted to another point cloud "
                          f"({_cloud_listing(other, meta)}). Resume with the datasets.pc_name of that run and the "
