@@ -140,7 +140,8 @@ class NPBGPPSceneSettings(bpy.types.PropertyGroup):
         name="Dataset Cloud", subtype="FILE_PATH", default="", options=RELATIVE_OK,
         description="The .ply Import Dataset Folder's Point Cloud named, which the dataset's loader reads as its "
         "cloud (empty: the format's own); Aggregate reads it when Dataset Points is empty. Densify Points reads "
-        "it too (its depth range) and refuses to write over it; unlike Dataset Points, Densify does not replace it",
+        "it too (its depth range) and refuses to write over it; unlike Dataset Points, Densify does not replace it. "
+        "Read-only in the panel: importing the dataset again changes it",
     )
     dataset_no_cloud: StringProperty(  # type: ignore[valid-type]
         name="Dataset Without Cloud", default="",

@@ -48,6 +48,12 @@ class RENDER_PT_npbgpp_data(_NPBGPPPanel, bpy.types.Panel):
         layout.prop(s, "weights")
         layout.prop(s, "dataset_path")
         layout.prop(s, "dataset_points")
+        if s.dataset_cloud:
+            # read-only: it is what the dataset was imported with (the loader's cloud); a new
+            # import changes it, and an edit here would leave the point object another cloud's
+            row = layout.row()
+            row.enabled = False
+            row.prop(s, "dataset_cloud")
         if s.dataset_no_cloud and not s.dataset_points:
             layout.label(text="The dataset has no point cloud: Densify Points makes one", icon="INFO")
         layout.prop(s, "up_axis")

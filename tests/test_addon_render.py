@@ -1274,6 +1274,35 @@ def test_aggregate_with_dataset_points_cleared_reads_the_dataset_cloud(scene, ca
     assert not (scene["dir"] / "gone.npbgpp").exists()
 
 
+def test_data_panel_shows_the_dataset_cloud_read_only(scene):
+    """Render Properties > NPBG++ > Data shows Dataset Cloud (the Point Cloud the dataset was
+    imported with, which Aggregate reads with Dataset Points cleared and Densify refuses to
+    replace) next to Dataset Points, greyed out and not editable: a new import sets it. It
+    stays shown after Densify or the user changed Dataset Points, and a dataset imported
+    without Point Cloud has none to show."""
+    sc = scene["scene"]
+    root, _ = _two_cloud_capture(scene, "panel_cloud")
+    panel = bpy.types.RENDER_PT_npbgpp_data
+
+    def drawn() -> _Layout:
+        layout = _Layout()
+        panel.draw(type("P", (), {"layout": layout})(), bpy.context)
+        return layout
+
+    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root), point_cloud="b") == {"FINISHED"}
+    layout = drawn()
+    assert layout.props.index("dataset_cloud") == layout.props.index("dataset_points") + 1
+    assert layout.states["dataset_cloud"] == (True, False) and layout.states["dataset_points"] == (True, True)
+    assert layout.states["up_axis"] == (True, True)  # only its own row is read-only
+    assert os.path.samefile(bpy.path.abspath(sc.npbgpp.dataset_cloud), root / "b.ply")
+    sc.npbgpp.dataset_points = ""  # Aggregate now reads the Dataset Cloud: the panel must still say which
+    assert "dataset_cloud" in drawn().props
+    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root), point_cloud="a") == {"FINISHED"}
+    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(scene["dir"] / "panel_cloud"),
+                                               point_cloud="") == {"FINISHED"}
+    assert sc.npbgpp.dataset_cloud == "" and "dataset_cloud" not in drawn().props
+
+
 def test_import_dataset_forgets_the_last_datasets_settings(scene):
     """Import Dataset run as the UI runs it (undo on: Blender stores the operator's last
     settings and starts the next run from them): the settings of one dataset (Point Cloud,
@@ -1566,7 +1595,7 @@ def test_network_setting_picks_the_bundled_file(scene):
         layout = _Layout()
         panel.draw(type("P", (), {"layout": layout})(), bpy.context)
         assert layout.props[:2] == ["network", "weights"]
-        assert layout.active is active  # Network is greyed out while a Weights file replaces it
+        assert layout.states["network"] == (active, True)  # greyed out while a Weights file replaces it
     sc.npbgpp.weights = ""
     root = scene["dir"] / "nerf"
     _write_nerf_dataset(root, [cam], scene["points"], scene["colors"])  # random alpha: a cut-out
@@ -1812,24 +1841,40 @@ def test_ply_without_positions_names_what_is_missing(scene):
 
 # --------------------------------------------------------------------------- Blender's UI
 class _Layout:
-    """Records what a panel's draw() offers (prop names), standing in for UILayout."""
+    """Records what a panel's draw() offers (prop names), standing in for UILayout. A row or
+    column is a layout of its own (its ``active`` and ``enabled`` are its own, as in
+    Blender, and hold for its parent's too) that records into its root's lists; ``states``
+    says, for each prop, whether it was drawn active and enabled."""
 
-    def __init__(self) -> None:
-        self.props: list[str] = []
-        self.labels: list[str] = []
+    def __init__(self, parent: _Layout | None = None) -> None:
+        self.parent = parent
+        root = parent.root if parent is not None else self
+        self.root = root
+        if parent is None:
+            self.props: list[str] = []
+            self.labels: list[str] = []
+            self.states: dict[str, tuple[bool, bool]] = {}
         self.use_property_split = self.use_property_decorate = False
-        self.active = True
+        self.active = self.enabled = True
+
+    def _state(self) -> tuple[bool, bool]:
+        active, enabled, layout = True, True, self
+        while layout is not None:
+            active, enabled = active and layout.active, enabled and layout.enabled
+            layout = layout.parent
+        return active, enabled
 
     def prop(self, data, name, **kwargs) -> None:
-        self.props.append(name)
+        self.root.props.append(name)
+        self.root.states[name] = self._state()
 
     def column(self, **kwargs) -> _Layout:
-        return self
+        return _Layout(self)
 
     row = column
 
     def label(self, text: str = "", **kwargs) -> None:
-        self.labels.append(text)
+        self.root.labels.append(text)
 
     def operator(self, idname, **kwargs) -> None:
         pass
