@@ -14,7 +14,7 @@ import bpy
 
 from .app_handlers import add_handlers, remove_handlers
 
-PATH_SETTINGS = ("bundle", "weights", "dataset_path", "dataset_points", "dataset_cloud")
+PATH_SETTINGS = ("bundle", "weights", "dataset_path", "dataset_points", "dataset_cloud", "densify_output")
 _before_copy: list[tuple[str, str, str]] = []  # (scene, setting, value) before a save rebased it
 
 

@@ -521,6 +521,7 @@ class IMPORT_SCENE_OT_npbgpp_dataset(bpy.types.Operator):
         # the new dataset's own cloud, not an older dense one; a chosen cloud is what Aggregate reads too
         context.scene.npbgpp.dataset_points = stored(context.scene, cloud) if cloud else ""
         context.scene.npbgpp.dataset_cloud = stored(context.scene, cloud) if cloud else ""
+        context.scene.npbgpp.densify_output = ""  # an earlier dataset's dense cloud is no re-run's of this one
         context.scene.npbgpp.dataset_no_cloud = no_cloud
         context.scene.npbgpp.dataset_format = reply.format or ""
         context.scene.npbgpp.dataset_undistort = self.undistort

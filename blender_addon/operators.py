@@ -667,6 +667,26 @@ class NPBGPP_OT_aggregate(_WorkerStepJob, bpy.types.Operator):
         self._show_status(context, f"Aggregate: view {progress.done} of {progress.total} (Esc to cancel)")
 
 
+def densify_read_clouds(s: Any) -> tuple[tuple[str, str], ...]:
+    """``(file, what it is)`` of the clouds the scene's dataset settings name that Densify
+    must not write over (:func:`replaces_an_input`'s inputs): Dataset Cloud, and Dataset
+    Points unless it is the Densify Output a re-run may replace. A .blend saved before
+    Dataset Cloud existed records the Point Cloud chosen at import only as Dataset Points,
+    and writing there replaced it (the worker knew only the format's own cloud)."""
+    from npbgpp_core.atomic import same_file
+
+    clouds = []
+    cloud = resolved(s, s.dataset_cloud)
+    if cloud:
+        clouds.append((cloud, "the Dataset Cloud, the cloud the dataset was imported with (Aggregate and Densify "
+                              "read it)"))
+    points, own = resolved(s, s.dataset_points), resolved(s, s.densify_output)
+    if points and not (own and same_file(points, own)):
+        clouds.append((points, "the Dataset Points file, which Aggregate reads and no Densify Points of this "
+                               "dataset wrote (e.g. the Point Cloud it was imported with)"))
+    return tuple(clouds)
+
+
 class NPBGPP_OT_densify(_WorkerStepJob, bpy.types.Operator):
     """Dense coloured points from the imported dataset's photos (multi-view stereo), used as the point object"""
 
@@ -711,11 +731,12 @@ class NPBGPP_OT_densify(_WorkerStepJob, bpy.types.Operator):
         if not dataset or refused_in_linked_scene(self, context.scene, "the dense cloud's point object"):
             return None
         self._out = output_path(self, dataset, "_dense.ply", "dense cloud", "Output PLY",
-                                ((resolved(s, s.bundle), "the scene's bundle (a PLY written there breaks it)"),),
-                                (".ply",))
+                                ((resolved(s, s.bundle), "the scene's bundle (a PLY written there breaks it)"),
+                                 *densify_read_clouds(s)), (".ply",))
         if not self._out:
             return None
-        # the worker refuses a .ply the dataset reads (its cloud, the chosen one too) and lets a re-run replace its own
+        # the worker refuses a .ply the dataset reads (its cloud, the chosen one and the format's own) and lets a
+        # re-run replace its own
         return worker_reply(self, P.DensifyBegin(
             dataset, s.dataset_format or None, s.dataset_undistort, s.device, self.max_points, self.max_views,
             self.min_consistent, self.image_scale, s.dataset_allow_external_paths, fill=self.fill, out=self._out,
@@ -735,6 +756,7 @@ class NPBGPP_OT_densify(_WorkerStepJob, bpy.types.Operator):
         obj = make_point_object(name, cloud.points, cloud.colors, context, np.arange(len(cloud.points)))
         use_point_object(context, obj)
         context.scene.npbgpp.dataset_points = stored(context.scene, self._out)
+        context.scene.npbgpp.densify_output = stored(context.scene, self._out)  # a re-run may replace it
         # a dataset imported without a cloud: the first points its cameras and the 3D views show
         fit_unfitted_clips(context.scene, cloud.points)
         widen_view_clips(self, context, cloud.points)

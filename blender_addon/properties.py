@@ -143,6 +143,13 @@ class NPBGPPSceneSettings(bpy.types.PropertyGroup):
         "it too (its depth range) and refuses to write over it; unlike Dataset Points, Densify does not replace it. "
         "Read-only in the panel: importing the dataset again changes it",
     )
+    densify_output: StringProperty(  # type: ignore[valid-type]
+        name="Densify Output", subtype="FILE_PATH", default="", options=RELATIVE_OK,
+        description="The .ply Densify Points last wrote for the imported dataset (set by Densify Points, cleared "
+        "by Import Dataset Folder): a re-run may write over it. Densify refuses to write over Dataset Points when "
+        "it names another file (e.g. the Point Cloud the dataset was imported with, in a .blend saved before "
+        "Dataset Cloud existed)",
+    )
     dataset_no_cloud: StringProperty(  # type: ignore[valid-type]
         name="Dataset Without Cloud", default="",
         description="Why the imported dataset has no point cloud (its loader's message), set by Import Dataset "

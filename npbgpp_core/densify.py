@@ -49,6 +49,7 @@ import sys
 import time
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -1136,6 +1137,25 @@ def check_output(out: str, scene, field: str = "--out") -> None:
         raise ValueError(f"{field} {exc}") from None
 
 
+def check_not_the_own_cloud(out: str, load_unchosen: Callable[[], Any], field: str = "--out") -> None:
+    """With a chosen cloud (pc_name), refuse an output ``out`` that is the format's own
+    cloud, the one the dataset is read with when none is chosen (``load_unchosen``: the
+    scene loaded without pc_name and with ``require_points=False``): :func:`check_output`
+    sees only the chosen one, and a dense cloud written over points3d.ply destroyed the
+    dataset's own cloud. A folder whose own cloud the loader cannot tell (several .ply)
+    has none to refuse."""
+    from .atomic import same_file
+    from .datasets import DatasetError
+
+    try:
+        own = load_unchosen().metadata.get("point_cloud")
+    except DatasetError:
+        return
+    if own and same_file(out, own):
+        raise ValueError(f"{field} {out} is the dataset's own point cloud ({own}), which it is read with when no "
+                         "other cloud is chosen; write the dense cloud to another file")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m npbgpp_core.densify", description=__doc__.split("\n")[0])
     p.add_argument("scene", help="scene folder in any load_scene format")
@@ -1197,6 +1217,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             options["pc_name"] = a.pc_name
         scene = load_scene(a.scene, a.format, **options)  # refuses --undistort for a format without distortion
         check_output(a.out, scene)
+        if a.pc_name:
+            unchosen = {k: v for k, v in options.items() if k != "pc_name"}
+            check_not_the_own_cloud(a.out, lambda: load_scene(a.scene, a.format, **unchosen))
         views = _parse_views(a.views, len(scene.views), scene.train, [v.name for v in scene.views])
         problem = _views_problem(views, [v.name for v in scene.views])
         if problem:

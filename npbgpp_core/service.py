@@ -409,7 +409,7 @@ class RenderService:
         return self.aggregation
 
     def densify_begin(self, req: P.DensifyBegin) -> P.DensifyProgress:
-        from .densify import DensifyJob, DensifyOptions, check_output
+        from .densify import DensifyJob, DensifyOptions, check_not_the_own_cloud, check_output
 
         self.densify = None
         # the dataset's cloud only narrows the depth search: a capture without one densifies from its cameras
@@ -417,6 +417,9 @@ class RenderService:
                             pc_name=req.pc_name)
         if req.out:  # before the work (minutes), not when the cloud is written
             check_output(req.out, data, "output")
+            if req.pc_name:
+                check_not_the_own_cloud(req.out, lambda: load_dataset(
+                    req.dataset, req.format, req.undistort, req.allow_external_paths, require_points=False), "output")
         views = list(data.train) or list(range(len(data.views)))
         if req.max_views and len(views) > req.max_views:
             views = [views[int(round(k))] for k in np.linspace(0, len(views) - 1, req.max_views)]

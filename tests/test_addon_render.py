@@ -2237,7 +2237,7 @@ def test_densify_reads_and_keeps_the_datasets_chosen_point_cloud(scene):
     fused = (root / "fused.ply").read_bytes()
     assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root), point_cloud="fused.ply") == {"FINISHED"}
 
-    refused = f"Densify failed: .*output {re.escape(str(root / 'fused.ply'))} is an input of the scene"
+    refused = f"Output PLY {re.escape(str(root / 'fused.ply'))} is the Dataset Cloud, the cloud the dataset was"
     with pytest.raises(RuntimeError, match=refused):
         bpy.ops.npbgpp.densify(filepath=str(root / "fused.ply"))
     assert (root / "fused.ply").read_bytes() == fused
@@ -2250,6 +2250,60 @@ def test_densify_reads_and_keeps_the_datasets_chosen_point_cloud(scene):
     with pytest.raises(RuntimeError, match=refused):
         bpy.ops.npbgpp.densify(filepath=str(root / "fused.ply"))
     assert (root / "fused.ply").read_bytes() == fused
+
+
+def test_densify_never_writes_over_a_cloud_the_dataset_reads_in_a_blend_without_dataset_cloud(scene):
+    """A scene built the old way (a .blend saved before Dataset Cloud existed: the Point
+    Cloud chosen at import, fused.ply, is recorded only as Dataset Points): Densify with
+    fused.ply as its output was let through and replaced it; it is refused before any work,
+    as is a Dataset Points the user set by hand and the format's own cloud points3d.ply,
+    with Dataset Cloud empty (the worker reads that one) or set (it reads fused.ply). A
+    Densify's own output stays replaceable by a re-run, also with Dataset Cloud empty."""
+    from _mvs_scene import render as trace
+    from _mvs_scene import ring_cameras, write_nerf
+
+    from npbgpp_core.ply import load_ply, save_ply
+
+    sc = scene["scene"]
+    cams = ring_cameras(6, size=(45, 60))
+    root = scene["dir"] / "sphere"
+    write_nerf(root, cams, [trace(c) for c in cams], sphere_only_alpha=True)
+    true_cloud = load_ply(root / "points3d.ply")
+    save_ply(root / "fused.ply", true_cloud.points[::2])  # another cloud of the same surface
+    files = {name: (root / name).read_bytes() for name in ("fused.ply", "points3d.ply")}
+    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root), point_cloud="fused.ply") == {"FINISHED"}
+    sc.npbgpp.dataset_cloud = ""  # the old way: only Dataset Points says which cloud was chosen
+    assert sc.npbgpp.densify_output == ""
+
+    def refused(out, message: str) -> None:
+        with pytest.raises(RuntimeError, match=message):
+            bpy.ops.npbgpp.densify(filepath=str(out), max_points=1000)
+
+    fused = re.escape(str(root / "fused.ply"))
+    refused(root / "fused.ply", f"Output PLY {fused} is the Dataset Points file, which Aggregate reads")
+    refused(root / "points3d.ply", "Densify failed: .*output .*points3d.ply is an input of the scene")
+    hand = scene["dir"] / "hand.ply"
+    save_ply(hand, true_cloud.points[:50])
+    sc.npbgpp.dataset_points = str(hand)  # set by hand: a cloud Aggregate reads, not Densify's
+    refused(hand, "is the Dataset Points file")
+    assert len(load_ply(hand)) == 50
+    sc.npbgpp.dataset_points = str(root / "fused.ply")
+    sc.npbgpp.dataset_cloud = str(root / "fused.ply")  # the new way: the worker reads fused.ply
+    refused(root / "fused.ply", f"Output PLY {fused} is the Dataset Cloud")
+    refused(root / "points3d.ply", "Densify failed: .*output .*points3d.ply is the dataset's own point cloud")
+    assert {name: (root / name).read_bytes() for name in files} == files
+
+    dense = scene["dir"] / "dense.ply"
+    assert bpy.ops.npbgpp.densify(filepath=str(dense), max_points=1000) == {"FINISHED"}
+    assert os.path.samefile(bpy.path.abspath(sc.npbgpp.densify_output), dense)
+    assert os.path.samefile(bpy.path.abspath(sc.npbgpp.dataset_points), dense)
+    sc.npbgpp.dataset_cloud = ""
+    save_ply(dense, np.zeros((3, 3), np.float32))  # the earlier run's cloud, recognisably replaced below
+    assert bpy.ops.npbgpp.densify(filepath=str(dense), max_points=1000) == {"FINISHED"}
+    assert len(load_ply(dense)) > 100
+    assert {name: (root / name).read_bytes() for name in files} == files
+    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root), point_cloud="fused.ply") == {"FINISHED"}
+    assert sc.npbgpp.densify_output == ""  # a new import's Densify output is none yet
 
 
 def _subset_bundle(path: str, keep: np.ndarray):

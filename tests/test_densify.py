@@ -548,6 +548,12 @@ def test_cli_pc_name_chooses_the_cloud_it_reads_and_keeps(tmp_path, ring, capsys
     assert main([str(root), "--out", str(root / "fused.ply"), "--quiet", "--pc-name", "fused"]) == 2
     assert f"--out {root / 'fused.ply'} is an input of the scene" in capsys.readouterr().err
     assert (root / "fused.ply").read_bytes() == fused
+    # the format's own cloud is not read with --pc-name, but stays the dataset's: refused too
+    sphere = (root / "points3d.ply").read_bytes()
+    assert main([str(root), "--out", str(root / "points3d.ply"), "--quiet", "--pc-name", "fused"]) == 2
+    assert (f"--out {root / 'points3d.ply'} is the dataset's own point cloud ({root / 'points3d.ply'})"
+            in capsys.readouterr().err)
+    assert (root / "points3d.ply").read_bytes() == sphere
     assert main([str(root), "--out", str(out), "--quiet", "--pc-name", "nope.ply"]) == 2
     assert "nope.ply: point cloud file not found (pc_name='nope.ply')" in capsys.readouterr().err
     assert not out.exists()
