@@ -72,6 +72,10 @@ class CameraGeometry:
         return CameraGeometry(K, self.R, self.t, (int(height), int(width)), self.near, self.far)
 
 
+# The smallest image side npbgpp_core.Camera takes.
+MIN_RENDER_SIDE = 2
+
+
 def render_size(resolution_x: int, resolution_y: int, percentage: int) -> tuple[int, int]:
     """Blender's render size ``(winx, winy)`` (integer maths, as Blender does it)."""
     return max(1, resolution_x * percentage // 100), max(1, resolution_y * percentage // 100)
@@ -169,6 +173,16 @@ def scene_camera_geometry(camera_object: Any, scene: Any, use_border: bool = Tru
     window = border_window(r, width, height) if use_border else None
     if window is not None:
         geo = geo.cropped(*window)
+    h, w = geo.image_size
+    if h < MIN_RENDER_SIDE or w < MIN_RENDER_SIDE:
+        # npbgpp_core.Camera refuses such images (its NDC scale is (min(h, w) - 1) / 2); Blender
+        # renders them (Resolution is at least 4 px, but % and the border go lower)
+        what = "render border" if window is not None else "render"
+        raise ValueError(
+            f"the {what} is {w}x{h} pixels (Resolution {r.resolution_x}x{r.resolution_y} at "
+            f"{r.resolution_percentage}%): NPBG++ renders at least {MIN_RENDER_SIDE}x{MIN_RENDER_SIDE}; raise "
+            "Output Properties > Format > Resolution or its %" + (", or widen the border" if window else "")
+        )
     return geo
 
 

@@ -657,6 +657,38 @@ def test_border_render(scene, crop):
             assert pts_pass[r0 - 1 : r0 + 2, c0 - 1 : c0 + 2, 3].max() == 1.0
 
 
+def test_render_under_two_pixels_names_the_setting_and_two_pixels_render(scene):
+    """Blender renders 1-pixel images (Resolution 4 at 25 %, a thin border) that npbgpp_core's
+    cameras refuse: F12 says which setting to change, in width x height, and writes no file;
+    2x2 renders, each pixel covered exactly where Blender's projection puts a point, with the
+    nearest one's depth."""
+    sc, cam = scene["scene"], scene["camera"]
+    r = sc.render
+    r.resolution_x, r.resolution_y, r.resolution_percentage = 8, 4, 25
+    r.filepath = str(scene["dir"] / "tiny.exr")
+    with pytest.raises(RuntimeError, match=r"the render is 2x1 pixels \(Resolution 8x4 at 25%\).*Resolution or its %"):
+        bpy.ops.render.render(write_still=True)
+    assert not os.path.exists(r.filepath)
+    r.resolution_x, r.resolution_y, r.resolution_percentage = 64, 48, 100
+    r.use_border, r.use_crop_to_border = True, True
+    r.border_min_x, r.border_max_x, r.border_min_y, r.border_max_y = 0.5, 0.53, 0.2, 0.8  # 1 px wide
+    with pytest.raises(RuntimeError, match=r"the render border is 1x\d+ pixels.*widen the border"):
+        bpy.ops.render.render(write_still=True)
+    assert not os.path.exists(r.filepath)
+    r.use_border = False
+    r.resolution_x, r.resolution_y, r.resolution_percentage = 8, 8, 25
+    exr = render_exr(sc, r.filepath)
+    pts_pass = passes(exr, "NPBG Points")
+    assert pts_pass.shape[:2] == (2, 2)
+    row, col, z = expected_pixels(sc, cam, scene["points"])
+    for r0 in range(2):
+        for c0 in range(2):
+            here = (z > cam.data.clip_start) & (row == r0) & (col == c0)
+            assert pts_pass[r0, c0, 3] == float(here.any())
+            if here.any():
+                assert exr["ViewLayer.Depth.Z"][r0, c0] == pytest.approx(z[here].min(), rel=1e-4)
+
+
 def test_png_colour_standard_view_transform(scene):
     """A PNG written with the Standard view transform holds the PLY's 8-bit colours."""
     from PIL import Image
