@@ -916,9 +916,14 @@ class NPBGPP_OT_export_dataset(_ModalJob, bpy.types.Operator):
                                    "or new folder.")
             return {"CANCELLED"}
         try:
-            from .datagen.render import render_views_steps
+            from .datagen.render import check_renders_a_view_layer, render_views_steps
         except ImportError as exc:
             self.report({"ERROR"}, f"The dataset renderer is unavailable: {exc}")
+            return {"CANCELLED"}
+        try:
+            check_renders_a_view_layer(context.scene)
+        except ValueError as exc:
+            self.report({"ERROR"}, f"Export Dataset: {exc}.")
             return {"CANCELLED"}
         self._steps = render_views_steps(
             context.scene, bpy.path.abspath(self.directory), views=self.views, size=(self.height, self.width),

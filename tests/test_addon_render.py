@@ -1670,6 +1670,29 @@ def test_export_dataset_renders_views(scene):
     assert sc.render.image_settings.media_type == "MULTI_LAYER_IMAGE"
 
 
+def test_export_dataset_of_a_scene_without_a_rendered_view_layer_is_refused(scene):
+    """Every view layer's Use for Rendering off: Blender renders nothing without a word, and
+    the export failed after its preparation with the renderer's RuntimeError; refused before
+    any work, naming the setting, nothing written and the scene's settings untouched. With
+    one layer on again, it exports."""
+    sc = scene["scene"]
+    bpy.ops.mesh.primitive_cube_add(size=1.0)
+    sc.view_layers.new("Second")
+    for layer in sc.view_layers:
+        layer.use = False
+    out = scene["dir"] / "no_layer"
+    with pytest.raises(RuntimeError, match=r"Export Dataset: no view layer of the scene 'Scene' is enabled for "
+                                           r"rendering \('ViewLayer', 'Second'\): turn on View Layer Properties > "
+                                           r"View Layer > Use for Rendering"):
+        bpy.ops.npbgpp.export_dataset(directory=str(out), views=2, width=16, height=12, samples=1, points=50)
+    assert not out.exists() and sc.render.engine == "NPBGPP"
+    assert {o.name for o in sc.objects if o.type == "CAMERA"} == {"Cam"}
+    sc.view_layers["Second"].use = True
+    assert bpy.ops.npbgpp.export_dataset(directory=str(out), views=2, width=16, height=12, samples=1,
+                                         points=50) == {"FINISHED"}
+    assert (out / "train").is_dir()
+
+
 def test_export_dataset_never_replaces_the_project(scene):
     """Export Dataset with Overwrite into the folder holding the saved .blend (or the
     imported dataset) replaced that whole folder with the dataset: the .blend deleted.

@@ -455,6 +455,40 @@ def test_command_line_blend_file_hidden_in_viewports(tmp_path):
     assert not (tmp_path / "refused").exists() and not [p for p in os.listdir(tmp_path) if "partial" in p]
 
 
+def test_command_line_blend_file_without_a_rendered_view_layer(tmp_path):
+    """--blend on a file saved with every view layer's Use for Rendering off: Blender renders
+    nothing (render.render returns FINISHED without an image), and datagen ended in a
+    traceback after its preparation; refused with status 2 and one line naming the file,
+    the scene, its layers and the setting, before any work: nothing written."""
+    import subprocess
+    import sys
+
+    make = (
+        "import bpy, sys\n"
+        "bpy.ops.wm.read_homefile(use_empty=True)\n"
+        "sc = bpy.context.scene\n"
+        "me = bpy.data.meshes.new('q')\n"
+        "me.from_pydata([(-.5, -.5, 0), (.5, -.5, 0), (.5, .5, 0), (-.5, .5, 0)], [], [(0, 1, 2, 3)])\n"
+        "sc.collection.objects.link(bpy.data.objects.new('q', me))\n"
+        "sc.view_layers.new('Second')\n"
+        "for layer in sc.view_layers: layer.use = False\n"
+        "bpy.ops.wm.save_as_mainfile(filepath=sys.argv[1])\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root}
+    blend = tmp_path / "no_layer.blend"
+    subprocess.run([sys.executable, "-c", make, str(blend)], check=True, env=env, capture_output=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "blender_addon.datagen", "--blend", str(blend), "--views", "1", "--size", "8x8",
+         "--samples", "1", "--points", "50", "--val", "0", "--test", "0", "--out", str(tmp_path / "out")],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines()[-1] == (
+        f"python -m blender_addon.datagen: error: {blend}: no view layer of the scene 'Scene' is enabled for "
+        "rendering ('ViewLayer', 'Second'): turn on View Layer Properties > View Layer > Use for Rendering for one")
+    assert sorted(os.listdir(tmp_path)) == ["no_layer.blend"]
+
+
 def test_command_line_bad_input_exits_2_with_one_line(tmp_path, capsys):
     """An unknown procedural scene, an existing --out, bad view counts or a missing .blend:
     exit status 2 and the reason, no traceback, nothing written."""

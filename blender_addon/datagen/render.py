@@ -156,6 +156,17 @@ def _configure(bpy_scene, settings: _Settings, size: tuple[int, int], samples: i
     settings.set(im, "compression", 15)
 
 
+def check_renders_a_view_layer(bpy_scene) -> None:
+    """ValueError when no view layer of ``bpy_scene`` is enabled for rendering (``ViewLayer.use``
+    off for all): Blender then renders nothing and says nothing (``render.render`` returns
+    FINISHED, with no image and no render depsgraph), and the dataset failed part-way with
+    a traceback. Before any work, so nothing is written."""
+    if not any(layer.use for layer in bpy_scene.view_layers):
+        names = ", ".join(repr(layer.name) for layer in bpy_scene.view_layers)
+        raise ValueError(f"no view layer of the scene {bpy_scene.name!r} is enabled for rendering ({names}): turn "
+                         "on View Layer Properties > View Layer > Use for Rendering for one")
+
+
 def _render_tiny(bpy_scene) -> None:
     """Render ``bpy_scene`` once at Blender's smallest size (4x4 pixels), writing nothing:
     for :func:`~.surface_points.during_a_render`; its resolution comes back after."""
@@ -220,6 +231,7 @@ def render_views_steps(
 
     from .surface_points import during_a_render, rendered_surfaces
 
+    check_renders_a_view_layer(bpy_scene)
     if denoise is None:
         denoise = oidn_available()
     h, w = int(size[0]), int(size[1])
@@ -391,6 +403,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 bpy.ops.wm.open_mainfile(filepath=os.path.abspath(args.blend))
             except RuntimeError as exc:
                 raise ValueError(f"{args.blend}: cannot open the .blend file ({str(exc).strip()})") from exc
+            try:
+                check_renders_a_view_layer(bpy.context.scene)
+            except ValueError as exc:
+                raise ValueError(f"{args.blend}: {exc}") from None
     except ValueError as exc:
         print(f"python -m blender_addon.datagen: error: {exc}", file=sys.stderr)
         return 2
