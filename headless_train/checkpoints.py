@@ -385,7 +385,9 @@ def _worker_deaths_ignored() -> Iterator[None]:
 class EpochAndLastCheckpoint(pl.Callback):
     """Writes checkpoints/epoch{N}.ckpt and last.ckpt after every training epoch, refreshes
     last.ckpt every ``every_n_steps`` optimizer steps, and on Ctrl-C / SIGTERM / a crash
-    writes last.ckpt before the process ends (so ``resume=true`` can continue). With
+    writes last.ckpt before the process ends (so ``resume=true`` can continue). A run that
+    ``max_steps`` or ``should_stop`` ends mid-epoch has its last.ckpt written at its last
+    batch's end, so that a resume continues that epoch. With
     ``keep_epochs=N`` only the N newest epoch files are kept (short epochs otherwise fill
     the disk); ``None`` keeps every one, as the published paths (``epoch38.ckpt``) expect.
 
@@ -414,6 +416,7 @@ class EpochAndLastCheckpoint(pl.Callback):
         self.exit_status: int | None = None
         self._sigint_pending = False
         self._sigint_previous: Any = None  # the SIGINT handler replaced while training
+        self._at_epoch_end = False  # saving in on_train_epoch_end (see record_epoch_finished)
 
     @property
     def last_path(self) -> str:
@@ -476,15 +479,32 @@ class EpochAndLastCheckpoint(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._stop_if_ctrl_c(trainer)
         step = trainer.global_step
-        if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0 and step != self._last_saved_step:
+        if step == self._last_saved_step:
+            return
+        if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0:
+            self._save_last(trainer)
+        elif _stops_mid_epoch(trainer):
+            # Written here, not at the epoch's end that follows: Lightning's checkpoint there
+            # records the epoch as finished, so a resumed run skipped the rest of it
             self._save_last(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._stop_if_ctrl_c(trainer)
-        trainer.save_checkpoint(os.path.join(self.dirpath, f"epoch{trainer.current_epoch}.ckpt"), weights_only=False)
-        self._save_last(trainer)
+        self._at_epoch_end = True
+        try:
+            trainer.save_checkpoint(os.path.join(self.dirpath, f"epoch{trainer.current_epoch}.ckpt"),
+                                    weights_only=False)
+            # a mid-epoch stop's last.ckpt was written at its last batch's end (on_train_batch_end)
+            if trainer.global_step != self._last_saved_step or not _epoch_has_batches_left(trainer):
+                self._save_last(trainer)
+        finally:
+            self._at_epoch_end = False
         if self.keep_epochs is not None and trainer.global_rank == 0:
             self._drop_old_epochs(trainer.current_epoch)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        if self._at_epoch_end:
+            record_epoch_finished(checkpoint)
 
     def _drop_old_epochs(self, current: int) -> None:
         """Remove epoch{N}.ckpt files older than the ``keep_epochs`` newest (written last)."""
@@ -538,9 +558,40 @@ class EpochAndLastCheckpoint(pl.Callback):
             log.error("could not save %s after %s: %s", self.last_path, name, exc)
 
 
+def record_epoch_finished(checkpoint: dict) -> None:
+    """Make a checkpoint taken in ``on_train_epoch_end`` record its epoch as finished, the
+    state Lightning itself reaches just after the hook (epoch ``completed`` = ``processed``,
+    the next epoch's batch count at 0). Left as taken, a run resumed from it with
+    ``trainer.max_steps`` set (every stage call) ended the finished epoch a second time
+    (on_train_epoch_end again, without a batch) and numbered the following epochs one too
+    far for the samplers (``set_epoch``): the next epoch trained the crops of the one after."""
+    fit = checkpoint.get("loops", {}).get("fit_loop")
+    if not isinstance(fit, dict) or "epoch_progress" not in fit or "epoch_loop.batch_progress" not in fit:
+        return  # another Lightning layout: left as Lightning wrote it
+    for tracker in fit["epoch_progress"].values():
+        tracker["completed"] = tracker["processed"]
+    batches = fit["epoch_loop.batch_progress"]
+    batches["current"] = {key: 0 for key in batches["current"]}
+    batches["is_last_batch"] = False
+
+
+def _epoch_has_batches_left(trainer: pl.Trainer) -> bool:
+    """Whether the current epoch has batches not trained yet (counted across a resume)."""
+    return trainer.fit_loop.epoch_loop.batch_progress.current.processed < trainer.num_training_batches
+
+
+def _stops_mid_epoch(trainer: pl.Trainer) -> bool:
+    """At a batch's end: whether training stops after it (``max_steps`` reached, or
+    ``should_stop`` set, e.g. by :class:`TrainTimeLimit`, whose hook must run first) while the
+    epoch has batches left."""
+    limit_reached = trainer.max_steps is not None and 0 <= trainer.max_steps <= trainer.global_step
+    return (limit_reached or trainer.should_stop) and _epoch_has_batches_left(trainer)
+
+
 class TrainTimeLimit(pl.Callback):
-    """``trainer.max_minutes``: ends training like ``max_steps`` does (the epoch ends, so
-    :class:`EpochAndLastCheckpoint` writes last.ckpt, exit status 0) once this process has
+    """``trainer.max_minutes``: ends training like ``max_steps`` does (the epoch ends early,
+    :class:`EpochAndLastCheckpoint` writes last.ckpt, exit status 0; it must come after this
+    callback, so that it sees the stop at that batch's end) once this process has
     trained for ``seconds``. Unlike Lightning's ``max_time`` it keeps no state in the
     checkpoint: a resumed run gets the whole budget again, which is what a per-call backstop
     (``stage``) needs."""

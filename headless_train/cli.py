@@ -184,10 +184,12 @@ def _run(cfg: DictConfig, run_dir: str) -> dict | None:
     every_n_steps = config_number(tcfg.get("last_checkpoint_every_n_steps"), "trainer.last_checkpoint_every_n_steps",
                                   optional=True)
     saver = EpochAndLastCheckpoint(ckpt_dir, every_n_steps or 0, cfg.trainer.keep_epoch_checkpoints)
-    callbacks: list[pl.Callback] = [saver]
+    callbacks: list[pl.Callback] = []
     max_minutes = config_number(tcfg.get("max_minutes"), "trainer.max_minutes", float, optional=True)
     if max_minutes is not None:
+        # before the saver: at the batch where the time is up it writes last.ckpt mid-epoch
         callbacks.append(TrainTimeLimit(max_minutes * 60.0))
+    callbacks.append(saver)
     trainer = pl.Trainer(
         default_root_dir=run_dir,
         logger=TensorBoardLogger(save_dir=run_dir, name="", version="tensorboard"),

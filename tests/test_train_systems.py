@@ -973,3 +973,42 @@ def test_a_run_resumed_mid_epoch_trains_the_rest_of_that_epoch(data_root, tmp_pa
     run_inproc([*args, "trainer.max_steps=9", "resume=true"], str(tmp_path / "split"))
     assert seen == whole
     assert not [w for w in recwarn if "dataloader is not resumable" in str(w.message)]
+
+
+def test_a_run_stopped_by_its_step_or_time_limit_resumes_where_it_stopped(data_root, tmp_path, monkeypatch):
+    """trainer.max_steps / trainer.max_minutes end an epoch early; the checkpoint Lightning then
+    took at the epoch's end recorded the epoch as finished, so the resumed run went on with the
+    next epoch and the rest of the stopped one was never trained. Resumed (from last.ckpt), each
+    trains exactly the samples an uninterrupted run trains after that step; a run stopped at an
+    epoch's last step goes on with the next epoch."""
+    from types import SimpleNamespace
+
+    from headless_train import checkpoints, data
+
+    seen: list[tuple[int, int]] = []
+    get = data.TrainSamples.__getitem__
+    monkeypatch.setattr(data.TrainSamples, "__getitem__",
+                        lambda self, i: (seen.append((self.seed, i)), get(self, i))[1])
+    args = ["datasets=nerf_blender_pretrain", f"datasets.data_root={data_root}", "system=npbgpp_sphere",
+            "datasets.train_num_samples=3", "trainer.max_epochs=5", "system.max_scenes_per_train_epoch=null", *FAST]
+    run_inproc([*args, "trainer.max_steps=9"], str(tmp_path / "whole"))  # 6 samples (2 scenes x 3) per epoch
+    whole = seen[:]
+    assert len(whole) == 9
+    # one clock tick per reading: on_train_start reads it once, each batch end once, so a
+    # 3 s limit stops the run after its 3rd step
+    clock = iter(range(1000))
+    stops = {"steps2": (["trainer.max_steps=2"], 2, 0), "epoch_end": (["trainer.max_steps=6"], 6, 0),
+             "minutes": (["trainer.max_steps=9", "trainer.max_minutes=0.05"], 3, 0)}
+    for name, (stop, step, epoch) in stops.items():
+        seen.clear()
+        run_dir = tmp_path / name
+        with monkeypatch.context() as patch:
+            patch.setattr(checkpoints, "time", SimpleNamespace(monotonic=lambda: float(next(clock))))
+            run_inproc([*args, *stop], str(run_dir))
+        last = torch.load(run_dir / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+        assert (last["global_step"], last["epoch"]) == (step, epoch), name
+        assert sorted(os.listdir(run_dir / "checkpoints")) == ["epoch0.ckpt", "last.ckpt"], name
+        assert seen == whole[:step], name
+        run_inproc([*args, "trainer.max_steps=9", "resume=true"], str(run_dir))
+        assert seen == whole, name
+        assert step_count(str(run_dir / "checkpoints/last.ckpt")) == 9
