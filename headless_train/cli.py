@@ -20,6 +20,24 @@ class UsageError(ValueError):
     """A configuration that cannot run; the message says what to change."""
 
 
+def eval_device(gpus_value: Any) -> Any:
+    """The device of an ``eval_only`` run: CUDA for ``trainer.gpus`` > 0 when there is one, else
+    the CPU. Unlike training, evaluation on the CPU is allowed (the published test line says
+    ``trainer.gpus=1``), but the fallback is logged: it ran there without a word."""
+    import torch
+
+    from .data import config_number
+
+    gpus = config_number(gpus_value, "trainer.gpus", optional=True) or 0
+    if gpus <= 0:
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    log.warning("trainer.gpus=%s but no CUDA GPU is available here: evaluating on the CPU (trainer.gpus=0 asks for it)",
+                gpus)
+    return torch.device("cpu")
+
+
 def trainer_kwargs(tcfg: dict, system_name: str) -> dict:
     """Map the published trainer.* keys (trainer.gpus, ...) onto Lightning 2 Trainer arguments."""
     import torch
@@ -77,7 +95,6 @@ def run(cfg: DictConfig, run_dir: str) -> dict | None:
 
 def _run(cfg: DictConfig, run_dir: str) -> dict | None:
     import pytorch_lightning as pl
-    import torch
     from pytorch_lightning.loggers import TensorBoardLogger
 
     from .checkpoints import (
@@ -165,8 +182,7 @@ def _run(cfg: DictConfig, run_dir: str) -> dict | None:
     del source_ckpt
 
     if cfg.eval_only:
-        gpus = config_number(container["trainer"].get("gpus"), "trainer.gpus", optional=True) or 0
-        device = torch.device("cuda") if gpus > 0 and torch.cuda.is_available() else "cpu"
+        device = eval_device(container["trainer"].get("gpus"))
         if resume_state is not None:
             system.load_state_dict(resume_state)
             del resume_state

@@ -93,7 +93,8 @@ def export_weights(args: argparse.Namespace) -> dict[str, Any]:
     extra: dict[str, Any] = {}
     if args.card_json:
         if not os.path.isfile(args.card_json):
-            raise ExportWeightsError(f"card JSON not found: {args.card_json}")
+            raise ExportWeightsError(f"card JSON not found: {args.card_json} (--card-json reads an existing JSON "
+                                     "file of keys to add to the model card; leave it out for none)")
         try:
             with open(args.card_json, encoding="utf-8") as f:
                 extra = json.load(f)

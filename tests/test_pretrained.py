@@ -47,6 +47,18 @@ def _npbgpp_checkpoint(path, model, steps=12):
     torch.save(ckpt, path)
 
 
+def test_export_weights_card_json_is_an_input(tmp_path, capsys):
+    """--card-json reads keys for the card; a README reader took card.json for an output, and the
+    missing file now says what the option is for; nothing is written."""
+    torch.manual_seed(0)
+    _npbgpp_checkpoint(tmp_path / "last.ckpt", NPBGPlusPlus().eval())
+    out = tmp_path / "w.safetensors"
+    args = ["--checkpoint", str(tmp_path / "last.ckpt"), "--out", str(out), "--card-json", str(tmp_path / "card.json")]
+    assert export_main(args) == 2
+    assert "reads an existing JSON file of keys to add to the model card" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_export_weights_round_trip_renders_the_same(tmp_path, tiny):
     torch.manual_seed(0)
     model = NPBGPlusPlus().eval()

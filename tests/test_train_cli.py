@@ -163,6 +163,26 @@ def test_trainer_gpus_maps_to_lightning():
             trainer_kwargs({**base, key: value}, "npbg")
 
 
+def test_eval_only_says_when_it_falls_back_to_the_cpu(monkeypatch, caplog):
+    """The published test line's trainer.gpus=1 evaluates on the CPU where there is no GPU
+    (training refuses, above), and the log says so; gpus=0 is quiet; a GPU is used when present."""
+    import torch
+
+    from headless_train.cli import eval_device
+    from headless_train.data import DataConfigError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with caplog.at_level("WARNING", logger="headless_train"):
+        assert eval_device(0) == torch.device("cpu") and not caplog.records
+        assert eval_device("1") == torch.device("cpu")
+    assert [r.getMessage() for r in caplog.records] == [
+        "trainer.gpus=1 but no CUDA GPU is available here: evaluating on the CPU (trainer.gpus=0 asks for it)"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert eval_device(1) == torch.device("cuda")
+    with pytest.raises(DataConfigError, match="trainer.gpus"):
+        eval_device("one")
+
+
 def test_scene_rotation_is_a_seeded_permutation():
     epochs = [scenes_for_epoch(10, 4, e, seed=3407) for e in range(5)]
     assert all(len(e) == 4 for e in epochs)
