@@ -236,6 +236,22 @@ def _drop_bundle_without_cloud(op: Any, context: Any, dataset: str) -> None:
                            "Import > NPBG++ Bundle to render the bundle with its own points.")
 
 
+def _ignored_in_cloud(cloud_file: str) -> str:
+    """The import report's note when the PLY file a dataset's loader read as its cloud holds
+    more than vertices, e.g. " (fused.ply: 2 faces ignored; its vertices are the points)"
+    (the loaders read the vertex element alone, as Import Point Cloud does); "" otherwise,
+    and for a file whose header cannot be read again (the loader read it: nothing to say)."""
+    from npbgpp_core.ply import ignored_elements_note, ply_element_counts
+
+    if not cloud_file.lower().endswith(".ply"):
+        return ""
+    try:
+        ignored = ignored_elements_note(ply_element_counts(cloud_file))
+    except (ValueError, OSError):
+        return ""
+    return f" ({os.path.basename(cloud_file)}: {ignored}; its vertices are the points)" if ignored else ""
+
+
 # --------------------------------------------------------------------------- PLY
 class IMPORT_SCENE_OT_npbgpp_ply(bpy.types.Operator, ImportHelper):
     """Import a PLY point cloud (with colours) or a Gaussian-splat PLY (centres and base colours) for NPBG++"""
@@ -255,7 +271,13 @@ class IMPORT_SCENE_OT_npbgpp_ply(bpy.types.Operator, ImportHelper):
     )
 
     def execute(self, context: Any) -> set[str]:
-        from npbgpp_core.ply import color_properties, is_splat_header, ply_vertex_header
+        from npbgpp_core.ply import (
+            color_properties,
+            ignored_elements_note,
+            is_splat_header,
+            ply_element_counts,
+            ply_vertex_header,
+        )
 
         if refused_in_linked_scene(self, context.scene, "the imported point object"):
             return {"CANCELLED"}
@@ -270,6 +292,7 @@ class IMPORT_SCENE_OT_npbgpp_ply(bpy.types.Operator, ImportHelper):
             colors = None if splat else color_properties(header)
             # Blender's reader takes red/green/blue only: r/g/b or diffuse_* arrive as raw attributes
             raw_colors = colors if colors is not None and colors[0] != ("red", "green", "blue") else None
+            ignored = ignored_elements_note(ply_element_counts(path))
         except (ValueError, OSError) as exc:
             self.report({"ERROR"}, f"Cannot read PLY {path}: {exc}")
             return {"CANCELLED"}
@@ -293,7 +316,10 @@ class IMPORT_SCENE_OT_npbgpp_ply(bpy.types.Operator, ImportHelper):
             return self._finish_splat(context, path, obj)
         if raw_colors is not None and obj.type == "MESH":
             _colors_from_attributes(obj.data, *raw_colors)
-        if obj.type == "MESH" and len(obj.data.polygons) == 0:
+        if obj.type == "MESH":
+            # a PLY with faces (a fused.ply meshed, a scan) is imported for its points too, as a
+            # dataset's cloud is read: Blender's conversion keeps every vertex, loose ones too,
+            # with its colour, and drops edges and faces (not a shaded mesh the user must convert)
             with context.temp_override(selected_objects=[obj], active_object=obj, object=obj):
                 try:
                     bpy.ops.object.convert(target="POINTCLOUD")
@@ -301,7 +327,9 @@ class IMPORT_SCENE_OT_npbgpp_ply(bpy.types.Operator, ImportHelper):
                     pass
             obj = context.view_layer.objects.active or obj
         use_point_object(context, obj)
-        self.report({"INFO"}, f"Imported the points of {path} as {obj.name!r}.")
+        count = len(obj.data.points) if obj.type == "POINTCLOUD" else len(obj.data.vertices)
+        note = f" ({ignored}: its {count} vertices are the points)" if ignored else ""
+        self.report({"INFO"}, f"Imported the points of {path} as {obj.name!r}{note}.")
         widen_view_clips(self, context, object_positions(obj))
         return {"FINISHED"}
 
@@ -538,7 +566,8 @@ class IMPORT_SCENE_OT_npbgpp_dataset(bpy.types.Operator):
             self.report({"INFO"}, f"Imported {len(reply.views)} cameras and no points: the dataset has no point "
                                   f"cloud. {DENSIFY_HINT} ({no_cloud})")
         else:
-            self.report({"INFO"}, f"Imported {len(reply.points)} points and {len(reply.views)} cameras.")
+            self.report({"INFO"}, f"Imported {len(reply.points)} points and {len(reply.views)} cameras."
+                                  f"{_ignored_in_cloud(reply.cloud_file)}")
         if reply.other_clouds:  # e.g. COLMAP's dense fused.ply beside the sparse points3D just imported
             from npbgpp_core.datasets.other_clouds import other_clouds_note
 

@@ -78,13 +78,11 @@ def _color_trio(names: Any) -> tuple[str, str, str] | None:
     return next((trio for trio in _COLOR_NAMES if all(c in names for c in trio)), None)
 
 
-def ply_vertex_header(path: str | os.PathLike) -> list[tuple[str, str]]:
-    """``(name, type)`` of the ``vertex`` element's properties (type ``list`` for list
-    properties), from the header alone, as :func:`ply_vertex_properties`."""
-    path = os.fspath(path)
-    names: list[tuple[str, str]] = []
-    in_vertex = False
-    seen_vertex = False
+def _ply_header(path: str) -> list[list[str]]:
+    """The words of each header line of PLY file ``path`` between the magic line and
+    ``end_header`` (blank lines left out), read without plyfile; ValueError for a file
+    that is not PLY or whose header does not end."""
+    lines: list[list[str]] = []
     with open(path, "rb") as f:
         if f.readline().strip() != b"ply":
             raise ValueError(f"{path}: not a PLY file (no 'ply' magic line)")
@@ -96,17 +94,56 @@ def ply_vertex_header(path: str | os.PathLike) -> list[tuple[str, str]]:
             if not words:
                 continue
             if words[0] == "end_header":
-                break
-            if words[0] == "element":
-                in_vertex = len(words) > 1 and words[1] == "vertex"
-                seen_vertex |= in_vertex
-            elif words[0] == "property" and in_vertex and len(words) >= 3:
-                names.append((words[-1], words[1]))
-        else:
-            raise ValueError(f"{path}: PLY header too long")
+                return lines
+            lines.append(words)
+    raise ValueError(f"{path}: PLY header too long")
+
+
+def ply_vertex_header(path: str | os.PathLike) -> list[tuple[str, str]]:
+    """``(name, type)`` of the ``vertex`` element's properties (type ``list`` for list
+    properties), from the header alone, as :func:`ply_vertex_properties`."""
+    path = os.fspath(path)
+    names: list[tuple[str, str]] = []
+    in_vertex = False
+    seen_vertex = False
+    for words in _ply_header(path):
+        if words[0] == "element":
+            in_vertex = len(words) > 1 and words[1] == "vertex"
+            seen_vertex |= in_vertex
+        elif words[0] == "property" and in_vertex and len(words) >= 3:
+            names.append((words[-1], words[1]))
     if not seen_vertex:
         raise ValueError(f"{path}: PLY file has no 'vertex' element")
     return names
+
+
+def ply_element_counts(path: str | os.PathLike) -> dict[str, int]:
+    """``{element name: count}`` of a PLY file's elements (``vertex``, ``face``, ...), in
+    header order, from the header alone (no plyfile: the add-on calls it in Blender).
+    ValueError as :func:`ply_vertex_header`, and for a count that is not a number."""
+    path = os.fspath(path)
+    counts: dict[str, int] = {}
+    for words in _ply_header(path):
+        if words[0] == "element" and len(words) >= 3:
+            try:
+                counts[words[1]] = int(words[2])
+            except ValueError:
+                raise ValueError(f"{path}: PLY element {words[1]!r} has count {words[2]!r}, not a number") from None
+    return counts
+
+
+def ignored_elements_note(counts: dict[str, int]) -> str:
+    """What of a PLY file a point import leaves out, from :func:`ply_element_counts`: its
+    elements other than ``vertex`` that hold something ("2 faces ignored", "3 faces, 1 edge
+    ignored"); "" when there are none. A point cloud's points are its vertices (a fused.ply
+    with faces, a scanned mesh): every reader here takes the vertex element alone."""
+    parts = []
+    for name, count in counts.items():
+        if name == "vertex" or count <= 0:
+            continue
+        plural = "" if count == 1 else "s"
+        parts.append(f"{count} {name}{plural}" if name in ("face", "edge") else f"{count} '{name}' element{plural}")
+    return f"{', '.join(parts)} ignored" if parts else ""
 
 
 def is_splat_header(names: list[str] | tuple[str, ...]) -> bool:

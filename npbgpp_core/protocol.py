@@ -144,6 +144,7 @@ class DatasetSummary(Reply):
     no_cloud: str = ""  # the dataset has no point cloud (points empty): the loader's message saying why
     # .ply files in the folder the loader did not read, (path relative to it, bytes): datasets.other_clouds
     other_clouds: list[tuple[str, int]] = field(default_factory=list)
+    cloud_file: str = ""  # the point cloud file the loader read (metadata "point_cloud"); "": none
 
 
 @dataclass

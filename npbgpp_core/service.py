@@ -382,8 +382,9 @@ class RenderService:
             data = data.subsample_points(req.max_points)
         views = [P.DatasetView(v.name, str(v.image_path), P.CameraSpec.from_camera(v.camera)) for v in data.views]
         colors = None if data.colors is None else np.asarray(data.colors, np.float32)
+        cloud = data.metadata.get("point_cloud")
         return P.DatasetSummary(data.name, data.format, np.asarray(data.points, np.float32), colors, views, ids,
-                                no_cloud, other_clouds(data.root, data.metadata.get("point_cloud")))
+                                no_cloud, other_clouds(data.root, cloud), str(cloud or ""))
 
     def aggregate_begin(self, req: P.AggregateBegin) -> P.AggregationStarted:
         self.aggregation = None

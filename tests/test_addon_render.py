@@ -1832,6 +1832,63 @@ def test_import_splat_ply_without_opacity_keeps_every_splat(scene, capfd):
     assert "Warning" not in capfd.readouterr().out
 
 
+# 5 coloured vertices (the last in no face) and 2 triangles, as a meshed fused.ply holds them
+_FACES_PLY_VERTICES = [(0.0, 0.0, 0.0, 255, 0, 0), (1.0, 0.0, 0.0, 0, 255, 0), (1.0, 1.0, 0.0, 0, 0, 255),
+                       (0.0, 1.0, 0.5, 10, 20, 30), (5.0, 5.0, 5.0, 40, 50, 60)]
+_FACES_PLY_FACES = [(0, 1, 2), (0, 2, 3)]
+
+
+def _write_ply_with_faces(path, binary: bool) -> None:
+    """A PLY written by hand (not by our writer nor plyfile): vertices with uchar colours
+    and a face element, ascii or binary little-endian."""
+    import struct
+
+    head = ["ply", "format binary_little_endian 1.0" if binary else "format ascii 1.0",
+            f"element vertex {len(_FACES_PLY_VERTICES)}", "property float x", "property float y", "property float z",
+            "property uchar red", "property uchar green", "property uchar blue",
+            f"element face {len(_FACES_PLY_FACES)}", "property list uchar int vertex_indices", "end_header"]
+    body = b""
+    for v in _FACES_PLY_VERTICES:
+        body += struct.pack("<fffBBB", *v) if binary else (" ".join(map(str, v)) + "\n").encode()
+    for f in _FACES_PLY_FACES:
+        body += struct.pack("<Biii", 3, *f) if binary else ("3 " + " ".join(map(str, f)) + "\n").encode()
+    path.write_bytes(("\n".join(head) + "\n").encode() + body)
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_ply_with_faces_imports_its_vertices_as_points(scene, capfd, binary):
+    """A PLY that also has faces: Import Point Cloud made a shaded mesh of it; now it is a
+    point cloud of every vertex (the one in no face too) with its colour, as Import
+    Dataset's Point Cloud reads the same file, and both reports say "2 faces ignored"."""
+    from blender_addon.point_source import object_points
+
+    sc = scene["scene"]
+    want = np.array([v[:3] for v in _FACES_PLY_VERTICES], np.float32)
+    want_colors = np.array([v[3:] for v in _FACES_PLY_VERTICES], np.float64) / 255.0
+    path = scene["dir"] / "meshed.ply"
+    _write_ply_with_faces(path, binary)
+    capfd.readouterr()
+    assert bpy.ops.import_scene.npbgpp_ply(filepath=str(path)) == {"FINISHED"}
+    obj = sc.npbgpp.point_object
+    assert obj.type == "POINTCLOUD" and obj.name == "meshed"
+    pts, col = object_points(obj)
+    np.testing.assert_allclose(pts, want, atol=1e-6)
+    np.testing.assert_allclose(col, want_colors, atol=2e-3)
+    assert (f"Info: Imported the points of {path} as 'meshed' (2 faces ignored: its 5 vertices are the points)."
+            in capfd.readouterr().out)
+
+    root, _ = _two_cloud_capture(scene, "meshed_capture")
+    _write_ply_with_faces(root / "meshed.ply", binary)
+    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root), point_cloud="meshed.ply") == {"FINISHED"}
+    pts, col = object_points(sc.npbgpp.point_object)
+    np.testing.assert_allclose(pts, want, atol=1e-6)
+    np.testing.assert_allclose(col, want_colors, atol=2e-3)
+    assert ("Info: Imported 5 points and 1 cameras. (meshed.ply: 2 faces ignored; its vertices are the points)"
+            in capfd.readouterr().out)
+    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root), point_cloud="a.ply") == {"FINISHED"}
+    assert "ignored" not in capfd.readouterr().out  # a cloud of vertices alone: nothing to say
+
+
 def test_splat_ply_into_a_new_file(addon, tmp_path):
     """The first import of a new file: the splat importer removed Blender's import and then
     walked the view layer's objects, which still listed it as None (AttributeError)."""

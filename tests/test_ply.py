@@ -270,3 +270,28 @@ def test_dataset_loader_refuses_non_finite_cloud_the_same_way(tmp_path):
     save_ply(tmp_path / "cloud.ply", np.array([[0.0, 0.0, 1.0], [np.inf, 0.0, 0.0]], np.float32))
     with pytest.raises(DatasetError, match=r"cloud\.ply: 1 of 2 vertices have non-finite"):
         load_point_cloud(str(tmp_path), str(tmp_path / "cloud.ply"), ())
+
+
+def test_element_counts_and_ignored_elements_from_the_header(tmp_path):
+    """Element counts read from the header alone (the add-on's import note), checked against
+    plyfile's reading of the same hand-written file; the note names what a point import
+    leaves out, and nothing for a file of vertices alone."""
+    from plyfile import PlyData
+
+    from npbgpp_core.ply import ignored_elements_note, ply_element_counts
+
+    path = tmp_path / "mesh.ply"
+    path.write_text("ply\nformat ascii 1.0\ncomment made by hand\nelement vertex 3\nproperty float x\n"
+                    "property float y\nproperty float z\nelement face 1\nproperty list uchar int vertex_indices\n"
+                    "element edge 1\nproperty int vertex1\nproperty int vertex2\nelement material 0\n"
+                    "property float red\nend_header\n0 0 0\n1 0 0\n0 1 0\n3 0 1 2\n0 1\n")
+    counts = ply_element_counts(path)
+    assert counts == {e.name: e.count for e in PlyData.read(str(path)).elements}
+    assert counts == {"vertex": 3, "face": 1, "edge": 1, "material": 0}
+    assert ignored_elements_note(counts) == "1 face, 1 edge ignored"
+    assert ignored_elements_note({"vertex": 9, "face": 2, "tristrips": 3}) == "2 faces, 3 'tristrips' elements ignored"
+    assert ignored_elements_note({"vertex": 9}) == ""
+    assert len(load_ply(path)) == 3  # the reader takes the vertices alone
+    path.write_text("ply\nformat ascii 1.0\nelement vertex many\nproperty float x\nend_header\n")
+    with pytest.raises(ValueError, match="element 'vertex' has count 'many', not a number"):
+        ply_element_counts(path)
