@@ -4,6 +4,7 @@ views and colour jitter, and full-image validation views."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -142,9 +143,43 @@ def prefill_image_cache(scenes: list) -> None:
     DataLoader workers forked afterwards share the decoded images instead of each
     decoding (and holding) its own copy."""
     for scene in scenes:
-        if isinstance(scene.load_image, CachedImages):
-            for i in range(len(scene.views)):
-                scene.load_image(i)
+        for source in (scene, scene.metadata.get(INPUT_VIEW_SCENE)):  # the second: its input views' copy
+            if source is not None and isinstance(source.load_image, CachedImages):
+                for i in range(len(source.views)):
+                    source.load_image(i)
+
+
+INPUT_VIEW_SCENE = "input_view_scene"  # scene.metadata key: the scene input views are read from
+
+
+def _read_input_views_from_copy(scene, folder: str, options: dict, max_side: int) -> None:
+    """A nerfstudio scene trained with ``datasets.input_view_max_side=S`` reads its input
+    views from the ``images_N/`` copy whose images are the smallest still >= S on their long
+    side (the copy ``export --max-side S`` reads): the same input views, as those are
+    shrunk to at most S anyway, for less decoding. Targets keep ``images/``: their
+    resolution is the user's to choose (``+datasets.options.downscale=N``), not a side
+    effect of the input-view cap. Stored as ``scene.metadata[INPUT_VIEW_SCENE]`` (views in
+    the scene's order, no points) when a copy qualifies; nothing when the options already
+    choose the copy (``downscale``, ``min_side``)."""
+    from npbgpp_core.datasets.nerfstudio import copy_views
+
+    if "downscale" in options or "min_side" in options:
+        return
+    n, views = copy_views(folder, int(max_side), **options)
+    if n == 1:
+        return
+    if [v.name for v in views] != [v.name for v in scene.views]:  # the loader orders copies alike
+        raise DataConfigError(f"scene {folder}: images_{n}/ lists other views than images/")
+    scene.metadata[INPUT_VIEW_SCENE] = dataclasses.replace(
+        scene, views=views, points=scene.points[:0], colors=None, metadata={"downscale": n})
+    log.info("scene %s: input views read from images_%d/ (long side >= datasets.input_view_max_side=%d)",
+             scene.name, n, max_side)
+
+
+def input_view_scene(scene):
+    """The scene whose images input views are read from (see :func:`_read_input_views_from_copy`)."""
+    inputs = scene.metadata.get(INPUT_VIEW_SCENE)
+    return scene if inputs is None else inputs
 
 
 def load_scenes(dcfg: dict, max_points: int | None) -> list:
@@ -162,6 +197,7 @@ def load_scenes(dcfg: dict, max_points: int | None) -> list:
     limits = [v for v in (n_point, max_points) if v is not None]
     limit = min(limits) if limits else None
     kinds = variant_kinds(dcfg)
+    max_side = config_number(dcfg.get("input_view_max_side"), "datasets.input_view_max_side", optional=True)
     budget = None
     if dcfg.get("cache_images"):
         gb = config_number(dcfg.get("cache_images_max_gb") or 0, "datasets.cache_images_max_gb", float)
@@ -178,8 +214,13 @@ def load_scenes(dcfg: dict, max_points: int | None) -> list:
             scene.metadata["point_variants"] = variants
             if scene.points.shape[0] == 0:
                 scene.points, scene.colors = variants[0][1], None
+        if max_side is not None and scene.format == "nerfstudio":
+            _read_input_views_from_copy(scene, folder, scene_options, max_side)
         if budget is not None:
             scene.load_image = CachedImages(scene.load_image, budget)  # type: ignore[method-assign]
+            inputs = scene.metadata.get(INPUT_VIEW_SCENE)
+            if inputs is not None:
+                inputs.load_image = CachedImages(inputs.load_image, budget)
         n = int(scene.points.shape[0])
         if n == 0:
             raise DataConfigError(f"scene {folder} has no points (point cloud is empty)")
@@ -343,11 +384,12 @@ class TrainSamples(Dataset):
             chosen = select_input_views(scene, target, candidates, self.opts.selection_count, rng)
             chosen = [int(c) for c in chosen]
             if self.opts.image_size is None:  # whole target image: whole input views
-                inputs, cams = load_input_views(scene, chosen, self.opts.input_view_max_side)
+                inputs, cams = load_input_views(input_view_scene(scene), chosen, self.opts.input_view_max_side)
             else:
                 cloud = scene.points if variant is None else variants[variant][1]
                 pts = torch.from_numpy(np.ascontiguousarray(cloud, dtype=np.float32))
-                inputs, cams = crop_input_views(scene, chosen, camera, pts, self.opts.input_view_max_side)
+                inputs, cams = crop_input_views(input_view_scene(scene), chosen, camera, pts,
+                                                self.opts.input_view_max_side)
             sample["input_cameras"] = cams
         jittered = color_jitter([image] + inputs, rng, self.opts.jitter_prob)
         sample["image"] = jittered[0]

@@ -813,3 +813,66 @@ def test_aggregate_reads_the_captures_own_cloud_as_dataset_points_scaled(tmp_pat
         np.testing.assert_allclose(data.points, 2.5 * POINTS, atol=1e-5)
     dense = aggregation_dataset(P.AggregateBegin(root, "", points=os.path.join(root, "dense.ply"), pc_name=own))
     np.testing.assert_allclose(dense.points, POINTS[:7], atol=1e-6)
+
+
+def test_training_reads_input_views_from_the_copy_input_view_max_side_allows(tmp_path, monkeypatch):
+    """Training on a nerfstudio folder with datasets.input_view_max_side=S reads its input
+    views from the images_N/ copy export --max-side S reads (the smallest still S long),
+    shrunk to the same sizes and cameras as from images/; the targets stay full-size
+    (images/). No copy that large, or downscale= given: nothing changes."""
+    from headless_train import data
+    from headless_train.data import SampleOptions, TrainSamples, input_view_scene, load_scenes
+    from npbgpp_core.datasets import scene_data
+
+    cams = random_cameras(6, seed=47)
+    root = str(tmp_path / "data" / "ns")
+    write_images(root, cams)
+    write_images(root, cams, "images_2", (H // 2, W // 2))
+    write_transforms(root, cams)
+    read: list[str] = []
+    real = scene_data.read_image
+    monkeypatch.setattr(scene_data, "read_image", lambda path, *a, **k: read.append(path) or real(path, *a, **k))
+
+    def samples(max_side: int | None, **options) -> tuple[object, list[dict]]:
+        dcfg = {"format": "nerfstudio", "data_root": str(tmp_path / "data"), "scene_name": "ns",
+                "input_view_max_side": max_side, "options": options}
+        scene = load_scenes(dcfg, None)[0]
+        opts = SampleOptions(image_size=None, zoom_range=(1.0, 1.0), random_shift=False, selection_count=2,
+                             input_view_max_side=max_side, jitter_prob=0.0)
+        train = TrainSamples([scene], [0], 4, opts, seed=3)
+        return scene, [train[i] for i in range(len(train))]
+
+    full = os.path.join(root, "images")
+    read.clear()
+    scene, got = samples(None)
+    assert input_view_scene(scene) is scene and all(os.path.dirname(p) == full for p in read)
+    with monkeypatch.context() as patch:  # input views shrunk from images/, to compare with the copy's
+        patch.setattr(data, "_read_input_views_from_copy", lambda *a: None)
+        _, reference = samples(16)
+    for max_side, copy in ((16, "images_2"), (20, "images_2"), (21, None)):
+        read.clear()
+        scene, got = samples(max_side)
+        folder = os.path.join(root, copy or "images")
+        assert (input_view_scene(scene) is scene) == (copy is None)
+        n_inputs = sum(len(s["input_images"]) for s in got)
+        assert len(read) == len(got) + n_inputs
+        assert sorted(os.path.dirname(p) for p in read) == sorted([full] * len(got) + [folder] * n_inputs)
+        for sample in got:
+            assert sample["image"].shape[1:] == (H, W)
+            for image, cam in zip(sample["input_images"], sample["input_cameras"], strict=True):
+                assert max(image.shape[1:]) <= max_side and tuple(cam.image_size) == tuple(image.shape[1:])
+        if max_side == 16:
+            for sample, ref in zip(got, reference, strict=True):
+                for cam, ref_cam in zip(sample["input_cameras"], ref["input_cameras"], strict=True):
+                    assert cam.image_size == ref_cam.image_size
+                    np.testing.assert_allclose(cam.K.numpy(), ref_cam.K.numpy(), atol=1e-5)
+    # downscale= chooses the copy for every view: no second copy
+    scene, _ = samples(16, downscale=2)
+    assert input_view_scene(scene) is scene and scene.views[0].image_path.startswith(os.path.join(root, "images_2"))
+    # cache_images: the copy's images are decoded once up front too, beside the targets'
+    cached = load_scenes({"format": "nerfstudio", "data_root": str(tmp_path / "data"), "scene_name": "ns",
+                          "input_view_max_side": 16, "cache_images": True, "cache_images_max_gb": 1}, None)
+    read.clear()
+    data.prefill_image_cache(cached)
+    assert sorted(read) == sorted(os.path.join(root, folder, c["name"]) for folder in ("images", "images_2")
+                                  for c in cams)

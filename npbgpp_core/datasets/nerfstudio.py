@@ -75,7 +75,8 @@ the images found), ``min_side=S`` (for a caller that will shrink the images to a
 of S, as ``headless_train export --max-side``: the ``images_N/`` copy with the smallest
 images whose long side is still >= S in every view, else ``images/``; a copy qualifies only
 when every image and mask is there and is its full image scaled alike in x and y, the
-sizes read from the files; the N chosen is ``metadata['downscale']``), ``use_masks``
+sizes read from the files; the N chosen is ``metadata['downscale']``; :func:`copy_views`
+gives that copy's views alone, for a caller shrinking only some views), ``use_masks``
 (``mask_path`` per frame, default True), ``white_bg`` (background of RGBA images, which
 then carry their mask as alpha), ``undistort``, ``holdout_every``, ``*_indices``,
 ``allow_external_paths``.
@@ -382,9 +383,8 @@ def _point_cloud(root: str, meta: dict, options: dict, scale: float
     )
 
 
-def load_nerfstudio(root: str, **options) -> SceneData:
-    """Load the ``transforms.json`` scene in folder ``root`` (see the module docstring)."""
-    check_options("nerfstudio", options, OPTIONS)
+def _read_meta(root: str) -> tuple[dict, list]:
+    """The parsed ``transforms.json`` and its non-empty ``frames`` list."""
     path = os.path.join(root, FILE)
     meta = read_transforms_json(path)
     frames = meta.get("frames")
@@ -392,6 +392,13 @@ def load_nerfstudio(root: str, **options) -> SceneData:
         raise DatasetError(f"{path}: no 'frames' list")
     if not frames:
         raise DatasetError(f"{path} frames: the list is empty")
+    return meta, frames
+
+
+def _load_views(root: str, meta: dict, frames: list, options: dict) -> tuple[list[View], list[str], int, dict]:
+    """The frames' views in the scene's order (by ``file_path``), their keys, the
+    ``images_N`` copy read (N) and the parsed options."""
+    path = os.path.join(root, FILE)
     n = options.get("downscale", 1)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise DatasetError(f"{root}: downscale={n!r} must be a whole number >= 1")
@@ -414,6 +421,30 @@ def load_nerfstudio(root: str, **options) -> SceneData:
         if v.image_path in seen:
             raise DatasetError(f"{path} frames: image {v.image_path} is listed twice")
         seen.add(v.image_path)
+    return views, keys, n, opts
+
+
+def copy_views(root: str, min_side: int, **options) -> tuple[int, list[View]]:
+    """(N, views) of the ``images_N/`` copy that ``min_side`` chooses (1: ``images/``), in
+    the scene's view order, without reading its point cloud: a caller that shrinks only some
+    views (headless_train's input views, ``datasets.input_view_max_side``) reads those
+    from the copy and the others from the scene :func:`load_nerfstudio` loaded. ``options``:
+    the loader's; those choosing the copy (``downscale``, ``min_side``) are refused."""
+    check_options("nerfstudio", options, OPTIONS)
+    for key in ("downscale", "min_side"):
+        if key in options:
+            raise DatasetError(f"{root}: copy_views chooses the image copy itself; {key}= is not taken")
+    meta, frames = _read_meta(root)
+    views, _, n, _ = _load_views(root, meta, frames, {**options, "min_side": min_side})
+    return n, views
+
+
+def load_nerfstudio(root: str, **options) -> SceneData:
+    """Load the ``transforms.json`` scene in folder ``root`` (see the module docstring)."""
+    check_options("nerfstudio", options, OPTIONS)
+    path = os.path.join(root, FILE)
+    meta, frames = _read_meta(root)
+    views, keys, n, opts = _load_views(root, meta, frames, options)
     lists = _split_lists(root, meta, keys, opts["allow_external"])
     if lists is not None:
         default_val, default_test = lists.get("val", []), lists.get("test", [])
