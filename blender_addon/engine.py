@@ -162,22 +162,29 @@ def framing_note(camera: bpy.types.Object, scene: bpy.types.Scene) -> str:
 CLIP_NOTE_FRACTION = 0.05
 
 
+def selected_bundle_points(snap: SceneSnapshot) -> np.ndarray | None:
+    """The points of ``snap``'s bundle that its evaluated point object selects (its
+    ``npbgpp_id``; all without ids), in that object's local frame; None when unreadable."""
+    from npbgpp_core.bundle_file import read_points
+
+    try:
+        points = read_points(snap.bundle_path)
+    except (ValueError, OSError):
+        return None
+    if snap.point_ids is not None:
+        ids = snap.point_ids
+        points = points[ids[(ids >= 0) & (ids < len(points))]]
+    return points
+
+
 def drawn_points(snap: SceneSnapshot) -> np.ndarray | None:
     """The world points a render of ``snap`` draws: the snapshot's (the evaluated point
-    object's), else the bundle's points its evaluated point object selects (its
-    ``npbgpp_id``), placed by that object's evaluated transform; None when unreadable."""
+    object's), else :func:`selected_bundle_points` placed by that object's evaluated
+    transform; None when unreadable."""
     points = snap.points
     if points is None and snap.bundle_path:
-        from npbgpp_core.bundle_file import read_points
-
-        try:
-            points = read_points(snap.bundle_path)
-        except (ValueError, OSError):
-            return None
-        if snap.point_ids is not None:
-            ids = snap.point_ids
-            points = points[ids[(ids >= 0) & (ids < len(points))]]
-        if snap.object_matrix is not None and len(points):
+        points = selected_bundle_points(snap)
+        if points is not None and snap.object_matrix is not None and len(points):
             M = snap.object_matrix
             points = points.astype(np.float64) @ M[:3, :3].T + M[:3, 3]
     return points

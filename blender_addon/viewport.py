@@ -14,6 +14,7 @@ compiles fused kernels at most one more waits to render the view again.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Hashable
 from dataclasses import dataclass
@@ -91,13 +92,47 @@ class FrameScheduler:
         self.failed_target = None
 
 
+def viewed_camera(space: Any, region_data: Any, scene: Any) -> Any:
+    """The camera object a 3D view looks through (its local camera, else the scene's), or
+    None when it is not in camera view."""
+    camera = space.camera if space.use_local_camera and space.camera is not None else scene.camera
+    if region_data.view_perspective == "CAMERA" and camera is not None and camera.type == "CAMERA":
+        return camera
+    return None
+
+
 def view_clip(space: Any, region_data: Any, scene: Any) -> tuple[float, float]:
     """The clip range (near, far) Blender draws a 3D view with: the scene camera's clip
     start / end when looking through it, else the view's own (View > Clip Start / End)."""
-    camera = space.camera if space.use_local_camera and space.camera is not None else scene.camera
-    if region_data.view_perspective == "CAMERA" and camera is not None and camera.type == "CAMERA":
+    camera = viewed_camera(space, region_data, scene)
+    if camera is not None:
         return camera.data.clip_start, camera.data.clip_end
     return space.clip_start, space.clip_end
+
+
+def viewport_clip_note(geo: CameraGeometry, points: np.ndarray | None, camera: str) -> str:
+    """The viewport's counterpart of F12's clip note (engine.clip_note): when the view's
+    clip range (``camera``'s, by name, in camera view; else the 3D view's own) removes all
+    the points in view or an estimated :data:`engine.CLIP_NOTE_FRACTION` of them or more
+    (:func:`clipped_estimate`, a bounded cost on every frame), what and how to fix it; else
+    "". ``points``: what the frame draws (world), None when unknown."""
+    from .camera_bridge import clipped_estimate
+    from .engine import CLIP_NOTE_FRACTION
+
+    found = clipped_estimate(geo, points) if points is not None and len(points) else None
+    if found is None:
+        return ""
+    share = found.removed / found.in_view
+    if share < CLIP_NOTE_FRACTION:
+        return ""
+    if camera:
+        where = f"the camera {camera!r}'s clip range ({geo.near:.4g} .. {geo.far:.4g})"
+        fix = "set Clip Start / End in the camera's Lens properties to include them"
+    else:
+        where = f"the 3D view's clip range ({geo.near:.4g} .. {geo.far:.4g})"
+        fix = "set Clip Start / End in the sidebar's View tab to include them"
+    amount = "all" if found.all else f"about {100.0 * share:.0f}% of"
+    return f"{where} removes {amount} the points in view (depths {found.nearest:.4g} .. {found.farthest:.4g}); {fix}"
 
 
 def region_geometry(region_data: Any, width: int, height: int,
@@ -133,6 +168,8 @@ class ViewportSession:
         self.texture_id = -1
         self.message = ""
         self.status = ""  # the worker's note on the last frame (which refiner ran)
+        self.clip_note = ""  # what the view's clip range removes of the last frame's points (viewport_clip_note)
+        self._bundle_points: tuple[Any, np.ndarray | None] = (None, None)  # (key, points) for the clip note
         self.recheck = False  # the worker is compiling fused kernels: render the view again soon
         self.thread: threading.Thread | None = None
         self.closed = False
@@ -163,7 +200,31 @@ class ViewportSession:
         self.scene_version += 1
         self.scheduler.invalidate()
 
-    def _run(self, job: Job, geo: CameraGeometry, snap: Any, transparent: bool) -> None:
+    def _note_points(self, geo: CameraGeometry, snap: Any) -> tuple[CameraGeometry, np.ndarray | None]:
+        """``(geometry, points)`` for the clip note of a frame of ``snap`` through ``geo``:
+        the snapshot's world points, or the bundle's points the point object selects
+        (engine.selected_bundle_points, read once per bundle file and selection, not on every
+        frame) in its local frame with ``geo`` carried into that frame (moving the object
+        re-reads nothing, and transforms no point)."""
+        if snap.points is not None or not snap.bundle_path:
+            return geo, snap.points
+        from .engine import selected_bundle_points
+
+        try:
+            stamp = os.stat(snap.bundle_path).st_mtime_ns
+        except OSError:
+            return geo, None
+        key = (snap.bundle_path, stamp, snap.ids_key)
+        if self._bundle_points[0] != key:
+            self._bundle_points = (key, selected_bundle_points(snap))
+        M = snap.object_matrix
+        if M is None:
+            return geo, self._bundle_points[1]
+        # camera of world points M x: R (A x + b) + t; project and the depths take any R
+        local = CameraGeometry(geo.K, geo.R @ M[:3, :3], geo.R @ M[:3, 3] + geo.t, geo.image_size, geo.near, geo.far)
+        return local, self._bundle_points[1]
+
+    def _run(self, job: Job, geo: CameraGeometry, snap: Any, transparent: bool, camera: str = "") -> None:
         from . import frames
         from .render_job import render_frame
 
@@ -171,23 +232,28 @@ class ViewportSession:
             got = render_frame(snap, geo, roll_context=snap.viewport_roll_context, wait_for_kernels=False)
             image = frames.compose(got.pixels, snap.output, transparent, got.depth_scale,
                                    passes=("combined",))["combined"]
+            note = viewport_clip_note(*self._note_points(geo, snap), camera)
             with self.lock:
                 if self.scheduler.result(job.frame_id):
                     self.frame = (job.frame_id, image)
                     self.message = ""
                     self.status = got.status
+                    self.clip_note = note
                     self.recheck = got.compiling
         except Exception as exc:  # noqa: BLE001 - shown in the viewport header, never raised
             with self.lock:
                 self.scheduler.failed(job.frame_id)
                 self.message = str(exc)
 
-    def start_job(self, job: Job, geo: CameraGeometry, snap: Any, transparent: bool) -> threading.Thread:
+    def start_job(self, job: Job, geo: CameraGeometry, snap: Any, transparent: bool,
+                  camera: str = "") -> threading.Thread:
         """Main thread only: render ``job`` on a thread, and redraw when it ends (a timer
-        registered here polls the thread; bpy.app.timers is not safe to call from others)."""
+        registered here polls the thread; bpy.app.timers is not safe to call from others).
+        ``camera``: the name of the camera the view looks through ("" for none), for the
+        clip note."""
         import bpy
 
-        thread = threading.Thread(target=self._run, args=(job, geo, snap, transparent), daemon=True)
+        thread = threading.Thread(target=self._run, args=(job, geo, snap, transparent, camera), daemon=True)
         self.thread = thread
         thread.start()
         engine = self.engine
@@ -240,8 +306,11 @@ class ViewportSession:
             self.scheduler.still_scale = float(scene.npbgpp.preview_scale)
             job = self.scheduler.request(key, (region.height, region.width))
         if job is not None:
-            self.start_job(job, geo.scaled(*job.size), self.snapshot, scene.render.film_transparent)
-        text = header_text(self.message or self.status, scene)
+            camera = viewed_camera(context.space_data, rv3d, scene)
+            self.start_job(job, geo.scaled(*job.size), self.snapshot, scene.render.film_transparent,
+                           camera.name if camera is not None else "")
+        status = self.message or " | ".join(note for note in (self.status, self.clip_note) if note)
+        text = header_text(status, scene)
         if text:
             self.engine.update_stats("", f"NPBG++: {text}")
         self._draw_frame(scene, region)
