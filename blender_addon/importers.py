@@ -572,6 +572,8 @@ class IMPORT_SCENE_OT_npbgpp_dataset(bpy.types.Operator):
             from npbgpp_core.datasets.other_clouds import other_clouds_note
 
             self.report({"INFO"}, other_clouds_note(reply.other_clouds, "Point Cloud") + ".")
+        if reply.cloud_note:  # e.g. another capture's cloud chosen as Point Cloud
+            self.report({"WARNING"}, reply.cloud_note + ".")
         report_photo_colours(self, context.scene)
         widen_view_clips(self, context, reply.points)
         unmatched = _views_blender_cannot_frame(reply.views)

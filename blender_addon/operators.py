@@ -577,6 +577,7 @@ class NPBGPP_OT_aggregate(_WorkerStepJob, bpy.types.Operator):
     _count: int = 0
     _done: int = 0
     _network: str = ""  # the weights file the worker uses, and the domain that chose it
+    _cloud_note: str = ""  # the worker's warning that the cloud misses the dataset's reconstruction
 
     def _inputs(self, context: Any) -> tuple[str, str, str] | None:
         """(weights, domain, dataset) or None (reported); see :func:`network_choice`."""
@@ -622,6 +623,7 @@ class NPBGPP_OT_aggregate(_WorkerStepJob, bpy.types.Operator):
             return None
         self._count, self._done = started.views, 0
         self._network = os.path.basename(started.weights) + (f" ({started.domain})" if started.domain else "")
+        self._cloud_note = started.cloud_note
         return self._progress()
 
     def _step(self) -> Progress:
@@ -653,6 +655,8 @@ class NPBGPP_OT_aggregate(_WorkerStepJob, bpy.types.Operator):
                               f"up axis ({up}), network {self._network}.{note}")
         if unchecked:
             self.report({"WARNING"}, unchecked)
+        if self._cloud_note:
+            self.report({"WARNING"}, self._cloud_note + ".")
         return {"FINISHED"}
 
     def invoke(self, context: Any, event: Any) -> set[str]:

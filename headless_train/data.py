@@ -188,6 +188,7 @@ def load_scenes(dcfg: dict, max_points: int | None) -> list:
     (``scene.metadata['point_variants']``, [(kind, points)]); a scene without them keeps its
     default cloud. With ``cache_images`` decoded images stay in memory."""
     from npbgpp_core.datasets import load_scene
+    from npbgpp_core.datasets.cloud_fit import scene_cloud_note
     from npbgpp_core.datasets.other_clouds import other_clouds, other_clouds_note
 
     options = dict(dcfg.get("options") or {})
@@ -227,6 +228,9 @@ def load_scenes(dcfg: dict, max_points: int | None) -> list:
         note = other_clouds_note(other_clouds(scene.root, scene.metadata.get("point_cloud")), "datasets.pc_name=")
         if note and not variants:  # a corpus scene's variants are its other clouds, and read
             log.info("scene %s: %s", name, note)
+        misfit = scene_cloud_note(scene)
+        if misfit:
+            log.warning("scene %s: %s", name, misfit)
         if limit is not None and n > limit:
             scene = scene.subsample_points(limit, seed=123)
             log.warning("scene %s: %d points exceed the limit %d; kept a random subset (seed 123)", name, n, limit)

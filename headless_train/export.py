@@ -240,6 +240,11 @@ def export(args: argparse.Namespace) -> str:
         raise ExportError(f"--out {exc}") from None
     if scene.points.shape[0] == 0:
         raise ExportError(f"scene {args.scene} has no points")
+    from npbgpp_core.datasets.cloud_fit import scene_cloud_note
+
+    misfit = scene_cloud_note(scene)
+    if misfit:
+        log.warning("scene %s: %s", name, misfit)
     if system == "npbgpp":  # NPBG descriptors belong to the cloud they were fitted to: no other to suggest
         from npbgpp_core.datasets.other_clouds import other_clouds, other_clouds_note
 

@@ -1207,6 +1207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.threads > 0:
         torch.set_num_threads(a.threads)
     from .datasets import DatasetError, load_scene
+    from .datasets.cloud_fit import scene_cloud_note
     from .ply import save_ply
 
     try:
@@ -1220,6 +1221,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if a.pc_name:
             unchosen = {k: v for k, v in options.items() if k != "pc_name"}
             check_not_the_own_cloud(a.out, lambda: load_scene(a.scene, a.format, **unchosen))
+        misfit = scene_cloud_note(scene) if a.pc_name else ""
+        if misfit:  # its depth ranges would come from that cloud
+            print(f"warning: {misfit}", file=sys.stderr)
         views = _parse_views(a.views, len(scene.views), scene.train, [v.name for v in scene.views])
         problem = _views_problem(views, [v.name for v in scene.views])
         if problem:

@@ -145,6 +145,8 @@ class DatasetSummary(Reply):
     # .ply files in the folder the loader did not read, (path relative to it, bytes): datasets.other_clouds
     other_clouds: list[tuple[str, int]] = field(default_factory=list)
     cloud_file: str = ""  # the point cloud file the loader read (metadata "point_cloud"); "": none
+    # a warning that the cloud misses the dataset's own reconstruction (datasets.cloud_fit); "" when it fits
+    cloud_note: str = ""
 
 
 @dataclass
@@ -153,6 +155,7 @@ class AggregationStarted(Reply):
     world_up: list[float]
     weights: str = ""  # the NPBG++ weights file in use (the bundled one chosen, when none was given)
     domain: str = ""  # the data domain that chose it ("scene" / "object"); "" when a file was given
+    cloud_note: str = ""  # DatasetSummary.cloud_note of the cloud aggregated
 
 
 @dataclass

@@ -128,7 +128,8 @@ def with_points(data: Any, path: str) -> Any:
     if len(cloud) == 0:
         raise ValueError(f"point cloud to aggregate holds no points: {path}")
     return dataclasses.replace(data, points=np.asarray(cloud.points, np.float32),
-                               colors=None if cloud.colors is None else np.asarray(cloud.colors, np.float32))
+                               colors=None if cloud.colors is None else np.asarray(cloud.colors, np.float32),
+                               metadata={**data.metadata, "point_cloud": path})
 
 
 def aggregation_dataset(req: P.AggregateBegin) -> Any:
@@ -156,6 +157,7 @@ class DatasetAggregation:
         import torch
 
         from .datasets import scene_domain
+        from .datasets.cloud_fit import scene_cloud_note
         from .models.alignment import resolve_world_up
         from .pretrained import check_domain, default_weights_path, load_pretrained_npbgpp
 
@@ -163,6 +165,7 @@ class DatasetAggregation:
         if not req.weights and req.domain != "auto":
             check_domain(req.domain)  # before the dataset is read
         self.data = aggregation_dataset(req)
+        self.cloud_note = scene_cloud_note(self.data)
         self.views = list(self.data.train) or list(range(len(self.data.views)))
         # No file given: the bundled network of the data's domain (cut-out objects or scenes).
         self.domain = "" if req.weights else scene_domain(self.data) if req.domain == "auto" else req.domain
@@ -371,11 +374,13 @@ class RenderService:
         return P.PointSet(pts, None if col is None else col.detach().float().cpu().numpy())
 
     def read_dataset(self, req: P.ReadDataset) -> P.DatasetSummary:
+        from .datasets.cloud_fit import scene_cloud_note
         from .datasets.other_clouds import other_clouds
         from .datasets.scene_data import subsample_indices
 
         data, no_cloud = load_dataset_or_cameras(req.path, req.format, req.undistort, req.allow_external_paths,
                                                  req.pc_name)
+        cloud_note = scene_cloud_note(data)  # before subsampling: the whole cloud is what is checked
         ids = np.arange(len(data.points))
         if req.max_points:
             ids = subsample_indices(len(data.points), req.max_points)
@@ -384,13 +389,14 @@ class RenderService:
         colors = None if data.colors is None else np.asarray(data.colors, np.float32)
         cloud = data.metadata.get("point_cloud")
         return P.DatasetSummary(data.name, data.format, np.asarray(data.points, np.float32), colors, views, ids,
-                                no_cloud, other_clouds(data.root, cloud), str(cloud or ""))
+                                no_cloud, other_clouds(data.root, cloud), str(cloud or ""), cloud_note)
 
     def aggregate_begin(self, req: P.AggregateBegin) -> P.AggregationStarted:
         self.aggregation = None
         self.aggregation = DatasetAggregation(req)
         agg = self.aggregation
-        return P.AggregationStarted(len(agg.views), list(agg.model.config.world_up), agg.weights, agg.domain)
+        return P.AggregationStarted(len(agg.views), list(agg.model.config.world_up), agg.weights, agg.domain,
+                                    agg.cloud_note)
 
     def aggregate_view(self, req: P.AggregateView) -> P.Done:
         self._aggregation().add(int(req.index))

@@ -1283,6 +1283,33 @@ def test_import_dataset_names_the_other_clouds_of_its_folder(scene, capfd):
     assert len(sc.npbgpp.point_object.data.points) == 7 and "Also in the folder" not in out, out
 
 
+def test_import_dataset_warns_of_a_cloud_that_misses_the_capture(scene, capfd):
+    """Point Cloud naming another scene's cloud (here the capture's own grid of points moved
+    two grid widths aside) imports with a warning that it misses the COLMAP model's points;
+    a denser copy of the capture's own plane imports without one."""
+    from test_capture_import import write_capture
+
+    from npbgpp_core.ply import save_ply
+
+    root = scene["dir"] / "colmap_misfit"
+    pts, cols = write_capture(str(root), n_views=2)
+    rng = np.random.default_rng(1)
+    offsets = np.zeros((2000, 3))
+    offsets[:, :2] = rng.uniform(-0.1, 0.1, (2000, 2))  # within the plane, a third of the grid's spacing
+    dense = pts[rng.integers(0, len(pts), 2000)] + offsets
+    save_ply(str(root / "dense.ply"), dense.astype(np.float32))
+    save_ply(str(root / "other.ply"), (pts + [6.0, 0.0, 0.0]).astype(np.float32))
+    capfd.readouterr()
+    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root), undistort=True,
+                                               point_cloud="other.ply") == {"FINISHED"}
+    out = capfd.readouterr().out
+    assert "Warning: other.ply does not lie where the points of the COLMAP model" in out, out
+    assert "Is it this capture's cloud, in this model's frame?" in out
+    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root), undistort=True,
+                                               point_cloud="dense.ply") == {"FINISHED"}
+    assert "does not lie where" not in capfd.readouterr().out
+
+
 def test_aggregate_with_dataset_points_cleared_reads_the_dataset_cloud(scene, capfd):
     """Dataset Points cleared by hand after an import with Point Cloud b.ply: Aggregate read
     the format's default cloud (here none: the loader refuses two unnamed clouds), not the

@@ -318,7 +318,7 @@ def write_colmap(root: str, binary: bool, models=("PINHOLE", "SIMPLE_PINHOLE"), 
         write_png(os.path.join(root, "images", name), image_pattern(i))
     # image ids in a different order from names, to check sorting by name
     img_rows = [(10 - i, rotation_to_quaternion(cams[i][1]), cams[i][2], i + 1, names[i]) for i in range(n)]
-    pts = [(j + 1, points[j], np.round(COLORS[j] * 255).astype(int)) for j in range(len(points))]
+    pts = [(j + 1, points[j], np.round(COLORS[j % len(COLORS)] * 255).astype(int)) for j in range(len(points))]
     if binary:
         with open(os.path.join(sparse, "cameras.bin"), "wb") as f:
             f.write(struct.pack("<Q", len(cam_rows)))

@@ -353,6 +353,8 @@ def load_colmap(root: str, **options) -> SceneData:
         options.get("train_indices"), options.get("val_indices"), options.get("test_indices"),
     )
     require = options.get("require_points", True)
+    # the model's own points, kept to check a chosen cloud against (datasets.cloud_fit)
+    model_points = None if points is None or len(points[0]) == 0 else np.asarray(points[0], np.float32)
     if options.get("pc_name") is not None:
         pts, cols, pc_path = load_point_cloud(root, options["pc_name"], (), require)
     elif points is None or len(points[0]) == 0:
@@ -365,5 +367,5 @@ def load_colmap(root: str, **options) -> SceneData:
     return SceneData(
         name=os.path.basename(os.path.normpath(root)), root=root, format="colmap",
         points=pts, colors=cols, views=views, train=train, val=val, test=test,
-        background=None, metadata={"point_cloud": pc_path, "sparse": sparse},
+        background=None, metadata={"point_cloud": pc_path, "sparse": sparse, "model_points": model_points},
     )
