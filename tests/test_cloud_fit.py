@@ -118,7 +118,8 @@ def test_colmap_loader_keeps_its_model_and_the_note_names_a_misplaced_cloud(colm
     assert scene_cloud_note(load_scene(colmap_sphere, pc_name="dense.ply")) == ""
     other = load_scene(colmap_sphere, pc_name="other.ply")
     note = scene_cloud_note(other)
-    assert note.startswith(f"other.ply does not lie where the points of the COLMAP model {other.metadata['sparse']} are")
+    sparse = other.metadata["sparse"]
+    assert note.startswith(f"other.ply does not lie where the points of the COLMAP model {sparse} are")
     assert "% of the model's 300 points have a point of the cloud within" in note and "another reconstruction" in note
     small = load_scene(colmap_sphere, pc_name="far.ply")
     assert "% of the cloud's 100 points have a point of the model within" in scene_cloud_note(small)
