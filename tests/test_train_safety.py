@@ -8,6 +8,7 @@ import contextlib
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -705,6 +706,15 @@ def test_a_damaged_point_digests_record_is_refused_not_ignored(data_root, tmp_pa
         check_compatible(torch.load(path, weights_only=False), path, "npbg")
 
 
+def _run_printed_command(command: str, printed: str, cwd: str) -> None:
+    """Run ``command``, which ``printed`` must hold as is, through bash as a user pasting it
+    would (``python`` is this interpreter, the repository importable)."""
+    assert command in printed, printed
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=repo, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    subprocess.run(["bash", "-c", command], check=True, cwd=cwd, env=env)
+
+
 def _splat_file(path: str, points: np.ndarray, logits: np.ndarray) -> None:
     from plyfile import PlyData, PlyElement
 
@@ -727,7 +737,7 @@ def test_a_run_fitted_to_every_splat_is_told_why_its_point_count_changed(tmp_pat
 
     from headless_train.cli import UsageError, check_resumed_scenes
     from headless_train.export import main as export_main
-    from headless_train.systems.base import module_key, points_digest
+    from headless_train.systems.base import module_key, plain_cloud_command, points_digest
     from npbgpp_core.models import NPBG, NPBGConfig
     from npbgpp_core.ply import load_ply, save_ply
     from npbgpp_core.scene import NeuralScene
@@ -754,9 +764,7 @@ def test_a_run_fitted_to_every_splat_is_told_why_its_point_count_changed(tmp_pat
     assert "opacity >= 0.1 (10 of them)" in err and "name that file with --pc-name all_splats.ply " in err, err
     assert not os.path.exists(out)
     # the advice, followed
-    command = err.split('python -c "')[1].split('"')[0]
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    subprocess.run([sys.executable, "-c", command], check=True, cwd=tmp_path, env=dict(os.environ, PYTHONPATH=repo))
+    _run_printed_command(plain_cloud_command(splats, os.path.join(scene_dir, "all_splats.ply")), err, str(tmp_path))
     assert export_main([*export, "--pc-name", "all_splats.ply"]) == 0
     np.testing.assert_array_equal(NeuralScene.load(out).points.numpy(), every)
 
@@ -789,6 +797,41 @@ def test_the_splat_note_names_the_plain_cloud_as_the_option_takes_it(tmp_path):
     _splat_file(splats, every, np.array([-5.0, 3.0, -5.0, 3.0]))
     scene = SimpleNamespace(root=str(tmp_path), metadata={"point_cloud": splats}, points=every[[1, 3]])
     note = dropped_splats_note(scene, 4, "--pc-name")
-    assert f"save_ply('{tmp_path / 'exports' / 'all_splats.ply'}'" in note
+    assert f'save_ply("{tmp_path / "exports" / "all_splats.ply"}"' in note
     assert "name that file with --pc-name exports/all_splats.ply " in note, note
     assert "with datasets.pc_name=exports/all_splats.ply " in dropped_splats_note(scene, 4, "datasets.pc_name")
+
+
+def test_the_splat_notes_commands_run_whatever_the_paths_hold(tmp_path):
+    """The note's one-liner pasted the paths into Python quotes inside shell double quotes: a
+    path holding ' ended the Python literal, one holding $ was expanded by the shell. Run
+    through bash as printed, it writes every splat whatever the paths hold, and the option
+    naming the written file splits (shell, then Hydra's override parser) back to that name."""
+    from types import SimpleNamespace
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from headless_train.systems.base import dropped_splats_note, option_argument, plain_cloud_command
+    from npbgpp_core.ply import load_ply
+
+    root = tmp_path / "scene it's $HOME"
+    sub = root / 'exp\'s "$x" `y` dir'
+    sub.mkdir(parents=True)
+    splats = str(sub / "splats.ply")
+    every = np.arange(12, dtype=np.float32).reshape(4, 3)
+    _splat_file(splats, every, np.array([-5.0, 3.0, -5.0, 3.0]))
+    scene = SimpleNamespace(root=str(root), metadata={"point_cloud": splats}, points=every[[1, 3]])
+    plain = str(sub / "all_splats.ply")
+    name = os.path.relpath(plain, root)
+    note = dropped_splats_note(scene, 4, "--pc-name")
+    _run_printed_command(plain_cloud_command(splats, plain), note, str(tmp_path))
+    np.testing.assert_array_equal(load_ply(plain).points, every)
+    assert f"name that file with {option_argument('--pc-name', name)} " in note
+    assert shlex.split(option_argument("--pc-name", name)) == ["--pc-name", name]
+    hydra_note = dropped_splats_note(scene, 4, "datasets.pc_name")
+    assert f"name that file with {option_argument('datasets.pc_name', name)} " in hydra_note
+    parser = OverridesParser.create()
+    for value in (name, "all_splats.ply", "a b.ply", "it's.ply", "back\\'slash.ply", "ends in\\", 'dq"x.ply'):
+        [argument] = shlex.split(option_argument("datasets.pc_name", value))
+        [override] = parser.parse_overrides([argument])
+        assert (override.key_or_group, override.value()) == ("datasets.pc_name", value), argument

@@ -3,9 +3,11 @@ count), per-scene point tensors, the render loss, validation PSNR, checkpoint me
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
+import shlex
 from typing import Any
 
 import numpy as np
@@ -91,13 +93,32 @@ def dropped_splats_note(scene, recorded: int, option: str) -> str:
     plain = os.path.join(os.path.dirname(str(path)), "all_splats.ply")
     # the name the option takes (relative to the scene folder): a splat file in a subfolder
     # (exports/splat.ply) was followed by a bare 'all_splats.ply', which names no file
-    name = pc_name_of(plain, scene.root)
-    named = f"{option} {name}" if option.startswith("-") else f"{option}={name}"
+    named = option_argument(option, pc_name_of(plain, scene.root))
     return (f"{path} is a Gaussian-splat file of {recorded} splats: the run was fitted to every splat, and a splat "
             f"file read as a scene's cloud now keeps those with opacity >= {SCENE_MIN_OPACITY:g} ({now} of them). "
-            "To use this checkpoint, write every splat as a plain cloud (python -c \"from npbgpp_core.ply import "
-            f"load_ply, save_ply; c = load_ply('{path}'); save_ply('{plain}', c.points, c.colors)\") and name "
-            f"that file with {named} (its points are the recorded ones), or fit the scene again")
+            f"To use this checkpoint, write every splat as a plain cloud ({plain_cloud_command(str(path), plain)}) "
+            f"and name that file with {named} (its points are the recorded ones), or fit the scene again")
+
+
+def plain_cloud_command(splat_path: str, plain_path: str) -> str:
+    """The shell command that writes every splat of ``splat_path`` as the plain cloud
+    ``plain_path``. It runs as printed in a POSIX shell whatever the paths hold (quotes,
+    spaces, ``$``): the paths are JSON-quoted Python literals inside one shell-quoted
+    argument; pasted into Python quotes, a path holding ``'`` ended the literal."""
+    src, dst = (json.dumps(p, ensure_ascii=False) for p in (splat_path, plain_path))
+    code = f"from npbgpp_core.ply import load_ply, save_ply; c = load_ply({src}); save_ply({dst}, c.points, c.colors)"
+    return f"python -c {shlex.quote(code)}"
+
+
+def option_argument(option: str, value: str) -> str:
+    """``option`` given ``value`` as typed in a POSIX shell: ``--pc-name VALUE`` (two
+    arguments) or the Hydra override ``datasets.pc_name=VALUE``, its value Hydra-quoted when
+    Hydra's grammar needs it (a quote or space), backslashes before a quote doubled."""
+    if option.startswith("-"):
+        return f"{option} {shlex.quote(value)}"
+    if not re.fullmatch(r"[\w./+-]+", value):
+        value = "'" + re.sub(r"(\\*)(?='|$)", lambda m: m.group(1) * 2, value).replace("'", "\\'") + "'"
+    return shlex.quote(f"{option}={value}")
 
 
 def check_vgg_weights(lcfg: dict) -> None:
