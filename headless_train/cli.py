@@ -221,6 +221,10 @@ def _run(cfg: DictConfig, run_dir: str) -> dict | None:
                 # warning, printed by every stage call, would be false here
                 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the "
                                         "epoch ended and your dataloader is not resumable")
+            # Lightning's own pytree helper builds torch's LeafSpec, deprecated in torch 2.13 (pinned here),
+            # at every fit: a FutureWarning addressed to Lightning's code, not to a user of this one
+            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                                    category=FutureWarning, module=r"pytorch_lightning\.utilities\._pytree")
             trainer.fit(system, datamodule=datamodule, ckpt_path=resume_path)
     except SystemExit as exc:
         # Lightning ends a Ctrl-C with exit(1) and a SIGTERM with a bare SystemExit (status
