@@ -217,11 +217,6 @@ def load_scenes(dcfg: dict, max_points: int | None) -> list:
                 scene.points, scene.colors = variants[0][1], None
         if max_side is not None and scene.format == "nerfstudio":
             _read_input_views_from_copy(scene, folder, scene_options, max_side)
-        if budget is not None:
-            scene.load_image = CachedImages(scene.load_image, budget)  # type: ignore[method-assign]
-            inputs = scene.metadata.get(INPUT_VIEW_SCENE)
-            if inputs is not None:
-                inputs.load_image = CachedImages(inputs.load_image, budget)
         n = int(scene.points.shape[0])
         if n == 0:
             raise DataConfigError(f"scene {folder} has no points (point cloud is empty)")
@@ -236,6 +231,11 @@ def load_scenes(dcfg: dict, max_points: int | None) -> list:
             log.warning("scene %s: %d points exceed the limit %d; kept a random subset (seed 123)", name, n, limit)
         if not scene.train:
             raise DataConfigError(f"scene {folder} has no training views")
+        if budget is not None:  # after subsample_points: its copy of the scene dropped the wrapper
+            scene.load_image = CachedImages(scene.load_image, budget)  # type: ignore[method-assign]
+            inputs = scene.metadata.get(INPUT_VIEW_SCENE)
+            if inputs is not None:
+                inputs.load_image = CachedImages(inputs.load_image, budget)
         scenes.append(scene)
     return scenes
 

@@ -107,7 +107,7 @@ def test_point_cloud_variants_are_picked_per_sample(tmp_path):
 
 
 def test_cached_images_equal_decoded_images(tmp_path):
-    from headless_train.data import load_scenes
+    from headless_train.data import CachedImages, load_scenes
 
     root = _with_variants(str(tmp_path / "data"))
     dcfg = {"data_root": root, "format": "nerf_synthetic", "cache_images": True, "cache_images_max_gb": 1}
@@ -121,6 +121,11 @@ def test_cached_images_equal_decoded_images(tmp_path):
 
     prefill_image_cache([cached])
     assert len(cached.load_image.images) == len(cached.views)
+    # a scene whose cloud is cut to n_point / system.max_points (a copy of the scene) kept
+    # its images uncached, without a word
+    subsampled = load_scenes({**dcfg, "n_point": 10}, None)[0]
+    assert subsampled.points.shape[0] == 10 and isinstance(subsampled.load_image, CachedImages)
+    assert torch.equal(subsampled.load_image(1), plain.load_image(1))
 
 
 # ------------------------------------------------------------------ stage script
