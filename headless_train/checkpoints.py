@@ -94,6 +94,14 @@ def _foreign_file(path: str) -> str:
     return f"corrupt or not a torch checkpoint: it starts with {head[:8]!r}, neither a zip archive nor a pickle"
 
 
+def earlier_checkpoints(ckpt_dir: str) -> list[str]:
+    """The checkpoints a run writes (``last.ckpt``, ``epoch{N}.ckpt``) that ``ckpt_dir`` already
+    holds, sorted: a new (not resumed) training run there would replace them."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    return sorted(n for n in os.listdir(ckpt_dir) if n == "last.ckpt" or re.fullmatch(r"epoch\d+\.ckpt", n))
+
+
 def load_checkpoint_file(path: str, map_location: Any = "cpu") -> dict:
     """Load a checkpoint dict with a clear error for missing or corrupt files."""
     if not os.path.isfile(path):

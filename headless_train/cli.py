@@ -103,12 +103,14 @@ def _run(cfg: DictConfig, run_dir: str) -> dict | None:
         EpochAndLastCheckpoint,
         TrainTimeLimit,
         check_compatible,
+        earlier_checkpoints,
         load_checkpoint_file,
         load_source_checkpoint,
         network_differences,
     )
     from .data import SceneDataModule, config_number
     from .evaluate import evaluate
+    from .runlock import is_primary_process
     from .systems import build_system
     from .systems.base import check_vgg_weights
 
@@ -119,6 +121,13 @@ def _run(cfg: DictConfig, run_dir: str) -> dict | None:
     if name != "coefficients_ft":  # which reads no loss.* (coefficients_ft_loss)
         check_vgg_weights(container.get("loss") or {})  # before minutes of loading
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    earlier = [] if cfg.resume or cfg.eval_only or not is_primary_process() else earlier_checkpoints(ckpt_dir)
+    if earlier:
+        # the same command line run twice (resume=true forgotten) replaced a finished run's epoch and last files
+        raise UsageError(f"{ckpt_dir} holds checkpoints of an earlier run ({', '.join(earlier)}), which this new run "
+                         "would replace: resume=true continues that run; give a new run another hydra.run.dir (or "
+                         "move those files away)")
 
     source_ckpt = None
     if cfg.weights_path:
@@ -133,7 +142,6 @@ def _run(cfg: DictConfig, run_dir: str) -> dict | None:
                     "checkpoint's values to use it as trained)", wp,
                     " ".join(f"system.{k}={_override(v)}" for k, v, _ in differences),
                     " ".join(f"system.{k}={_override(v)}" for k, _, v in differences))
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
     resume_path = resume_state = None
     if cfg.resume:
         resume_path = os.path.join(ckpt_dir, "last.ckpt")

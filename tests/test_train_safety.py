@@ -118,21 +118,28 @@ def _step(path: str) -> int:
 
 
 def test_a_run_failing_at_start_keeps_the_good_last_checkpoint(data_root, tmp_path, caplog):
+    from headless_train.cli import UsageError
+
     run_dir = str(tmp_path / "run")
     run_inproc([f"datasets.data_root={data_root}", *ONE_SCENE], run_dir)
     last = os.path.join(run_dir, "checkpoints", "last.ckpt")
     assert _step(last) == 2
-    before = open(last, "rb").read()
-    # train_image_size=0 fails in the first batch, inside Lightning's fit (on_exception runs).
-    with pytest.raises(ValueError, match="image_size"):
-        run_inproc([f"datasets.data_root={data_root}", *ONE_SCENE, "datasets.train_image_size=0"], run_dir)
-    assert "kept as it was (this run took no training step)" in caplog.text
-    assert open(last, "rb").read() == before
-    # The same failure after resume=true: the file is kept too.
+    before = {n: open(os.path.join(run_dir, "checkpoints", n), "rb").read() for n in ("epoch0.ckpt", "last.ckpt")}
+    # A new run into the folder (the same command line again, resume=true forgotten) would
+    # replace both files once it trained: refused before anything is loaded.
+    earlier = r"holds checkpoints of an earlier run \(epoch0.ckpt, last.ckpt\).*resume=true"
+    with pytest.raises(UsageError, match=earlier):
+        run_inproc([f"datasets.data_root={data_root}", *ONE_SCENE], run_dir)
+    # train_image_size=0 fails in the first batch of a resumed run, inside Lightning's fit
+    # (on_exception runs): the file is kept.
     with pytest.raises(ValueError, match="image_size"):
         run_inproc([f"datasets.data_root={data_root}", *ONE_SCENE, "datasets.train_image_size=0", "resume=true",
                     "trainer.max_epochs=2"], run_dir)
-    assert open(last, "rb").read() == before
+    assert "kept as it was (this run took no training step)" in caplog.text
+    assert {n: open(os.path.join(run_dir, "checkpoints", n), "rb").read() for n in before} == before
+    # evaluating into the folder writes no checkpoint: allowed
+    assert run_inproc([f"datasets.data_root={data_root}", *ONE_SCENE, "eval_only=true",
+                       f"weights_path={last}"], run_dir) is not None
 
 
 def test_a_fresh_run_interrupted_behind_an_older_longer_run_keeps_its_checkpoint(tmp_path):
