@@ -838,7 +838,8 @@ def test_the_splat_notes_commands_run_whatever_the_paths_hold(tmp_path):
     hydra_note = dropped_splats_note(scene, 4, "datasets.pc_name")
     assert f"name that file with {option_argument('datasets.pc_name', name)} " in hydra_note
     parser = OverridesParser.create()
-    for value in (name, "all_splats.ply", "a b.ply", "it's.ply", "back\\'slash.ply", "ends in\\", 'dq"x.ply'):
+    for value in (name, "all_splats.ply", "a b.ply", "it's.ply", "back\\'slash.ply", "ends in\\", 'dq"x.ply',
+                  "café/all_splats.ply"):
         [argument] = shlex.split(option_argument("datasets.pc_name", value))
         [override] = parser.parse_overrides([argument])
         assert (override.key_or_group, override.value()) == ("datasets.pc_name", value), argument

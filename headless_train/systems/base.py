@@ -113,10 +113,11 @@ def plain_cloud_command(splat_path: str, plain_path: str) -> str:
 def option_argument(option: str, value: str) -> str:
     """``option`` given ``value`` as typed in a POSIX shell: ``--pc-name VALUE`` (two
     arguments) or the Hydra override ``datasets.pc_name=VALUE``, its value Hydra-quoted when
-    Hydra's grammar needs it (a quote or space), backslashes before a quote doubled."""
+    Hydra's grammar needs it (a quote, a space, a letter outside ASCII: Hydra's unquoted
+    values take ASCII alone), backslashes before a quote doubled."""
     if option.startswith("-"):
         return f"{option} {shlex.quote(value)}"
-    if not re.fullmatch(r"[\w./+-]+", value):
+    if not re.fullmatch(r"[\w./+-]+", value, re.ASCII):
         value = "'" + re.sub(r"(\\*)(?='|$)", lambda m: m.group(1) * 2, value).replace("'", "\\'") + "'"
     return shlex.quote(f"{option}={value}")
 
