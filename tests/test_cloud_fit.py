@@ -125,6 +125,21 @@ def test_colmap_loader_keeps_its_model_and_the_note_names_a_misplaced_cloud(colm
     assert "% of the cloud's 100 points have a point of the model within" in scene_cloud_note(small)
 
 
+def test_the_models_own_points_are_not_checked_against_themselves(colmap_sphere, monkeypatch):
+    """No cloud chosen (the default for every COLMAP load): the scene's points are the
+    model's, which fit by definition; the check, seconds for a large sparse model, is not
+    run. A chosen cloud, or the model's points subsampled, still is."""
+    from npbgpp_core.datasets import cloud_fit as module
+
+    calls = []
+    real = module.cloud_fit
+    monkeypatch.setattr(module, "cloud_fit", lambda *a, **k: calls.append(1) or real(*a, **k))
+    own = load_scene(colmap_sphere)
+    assert scene_cloud_note(own) == "" and calls == []
+    assert scene_cloud_note(own.subsample_points(100, seed=0)) == "" and calls == [1]
+    assert scene_cloud_note(load_scene(colmap_sphere, pc_name="other.ply")) != "" and calls == [1, 1]
+
+
 def test_read_dataset_and_aggregation_dataset_carry_the_note(colmap_sphere):
     """The add-on's two ways to a cloud: Import Dataset's Point Cloud (read_dataset, also
     subsampled) and Aggregate's Dataset Points (with_points, which now names its file)."""

@@ -112,11 +112,16 @@ def cloud_fit_note(fit: CloudFit | None, cloud: str, model: str) -> str:
 
 def scene_cloud_note(scene) -> str:
     """:func:`cloud_fit_note` for a loaded scene (``SceneData``) whose loader kept its
-    reconstruction's own points (``metadata["model_points"]``: COLMAP); "" otherwise."""
+    reconstruction's own points (``metadata["model_points"]``: COLMAP); "" otherwise, and
+    when the scene's cloud is those points."""
     import os
 
     model = scene.metadata.get("model_points")
     if model is None or len(scene.points) == 0:
+        return ""
+    if np.shape(scene.points) == np.shape(model) and np.array_equal(scene.points, model):
+        # the model's own points (no cloud chosen, the default) fit by definition; checking
+        # them took seconds for a large sparse model on every load (BENCHMARKS.md)
         return ""
     cloud = scene.metadata.get("point_cloud")
     sparse = scene.metadata.get("sparse")
