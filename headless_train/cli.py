@@ -38,6 +38,15 @@ def eval_device(gpus_value: Any) -> Any:
     return torch.device("cpu")
 
 
+def changed_loss_settings(loss_cfg: dict) -> list[str]:
+    """The ``loss.*`` keys whose value differs from conf/config.yaml's, as ``loss.key=value``:
+    what a user set for a system that reads none of them (coefficients_ft)."""
+    defaults = OmegaConf.to_container(OmegaConf.load(os.path.join(os.path.dirname(__file__), "conf", "config.yaml")))
+    assert isinstance(defaults, dict)
+    own = defaults.get("loss") or {}
+    return [f"loss.{k}={v}" for k, v in loss_cfg.items() if k not in own or own[k] != v]
+
+
 def trainer_kwargs(tcfg: dict, system_name: str) -> dict:
     """Map the published trainer.* keys (trainer.gpus, ...) onto Lightning 2 Trainer arguments."""
     import torch
@@ -120,6 +129,9 @@ def _run(cfg: DictConfig, run_dir: str) -> dict | None:
     name = scfg["name"]
     if name != "coefficients_ft":  # which reads no loss.* (coefficients_ft_loss)
         check_vgg_weights(container.get("loss") or {})  # before minutes of loading
+    elif not cfg.eval_only and (unread := changed_loss_settings(container.get("loss") or {})):
+        log.warning("system=coefficients_ft trains with the published recipe's own loss (L1 at the "
+                    "system.loss_factors resolutions) and does not read %s", ", ".join(unread))
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     earlier = [] if cfg.resume or cfg.eval_only or not is_primary_process() else earlier_checkpoints(ckpt_dir)

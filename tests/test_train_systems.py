@@ -152,7 +152,7 @@ def test_eval_only_writes_metrics_renders_and_coefficients(npbgpp_eval):
     assert coef.shape == (300, 56) and torch.isfinite(coef).all() and coef.abs().sum() > 0
 
 
-def test_coefficients_ft_trains_and_evaluates(npbgpp_eval, npbgpp_run, data_root):
+def test_coefficients_ft_trains_and_evaluates(npbgpp_eval, npbgpp_run, data_root, caplog):
     common = ["datasets=h3ds_one_scene", "datasets.format=nerf_synthetic", f"datasets.data_root={data_root}",
               "datasets.scene_name=sceneA", "datasets.selection_count=0", "system=coefficients_ft",
               "system.max_points=1e6", "dataloader=small", "trainer.enable_progress_bar=false"]
@@ -160,7 +160,11 @@ def test_coefficients_ft_trains_and_evaluates(npbgpp_eval, npbgpp_run, data_root
     run_inproc([*common, "datasets.train_num_samples=2", "datasets.train_image_size=null",
                 "datasets.train_random_shift=false", "datasets.train_random_zoom=[0.5,1.0]", "trainer.max_epochs=1",
                 f"system.descriptors_pretrained_dir={npbgpp_eval}/descriptors",
-                f"weights_path={npbgpp_run}/exp/pre/checkpoints/last.ckpt", "trainer.limit_val_batches=0"], ft)
+                f"weights_path={npbgpp_run}/exp/pre/checkpoints/last.ckpt", "trainer.limit_val_batches=0",
+                "loss.l1_weight=7"], ft)
+    # its loss is the recipe's own: a loss.* setting given is named as unread, not silently dropped
+    assert ("system=coefficients_ft trains with the published recipe's own loss (L1 at the system.loss_factors "
+            "resolutions) and does not read loss.l1_weight=7") in caplog.text
     from headless_train.checkpoints import load_descriptors
 
     before = load_descriptors(os.path.join(npbgpp_eval, "descriptors"), "sceneA")
