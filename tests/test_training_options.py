@@ -444,3 +444,40 @@ def test_scene_discovery_skips_folders_a_renderer_is_still_writing(tmp_path):
     (tmp_path / "env_1").rmdir()
     with pytest.raises(DataConfigError, match="no scene folders"):
         discover_scene_dirs({"data_root": str(tmp_path)})
+
+
+# ------------------------------------------------------- evaluation's input views
+def test_evaluation_aggregates_input_views_at_input_view_max_side(tmp_path):
+    """NPBG++ evaluation aggregates its input views shrunk to datasets.input_view_max_side,
+    as training and ``export --max-side`` do, not at full resolution."""
+    from omegaconf import OmegaConf
+
+    from headless_train.data import SceneDataModule
+    from headless_train.systems import build_system
+
+    root = make_dataset(str(tmp_path / "data"), views=6, size=32, n_points=300)
+    base = ["datasets=nerf_blender_pretrain", f"datasets.data_root={root}", "datasets.train_image_size=16",
+            "datasets.train_num_samples=2", "dataloader=small", f"system.descriptors_save_dir={tmp_path}/d"]
+
+    def evaluated(extra: list[str]):
+        cfg = _compose([*base, *extra])
+        system = build_system(OmegaConf.to_container(cfg, resolve=True), SceneDataModule(cfg, seed=0).scenes)
+        system.eval()
+        system.prepare_eval(0)
+        return system, system._eval_cache[0]
+
+    system, shrunk = evaluated(["datasets.input_view_max_side=16"])
+    _, full = evaluated([])
+    # reference: the same network fed the 32x32 views resized by hand to 16x16 (intrinsics halved)
+    scene = system.scenes[0]
+    state = system.model.begin_scene(system.points(0))
+    with torch.no_grad():
+        for i in system.eval_views(0):
+            assert tuple(scene.views[i].camera.image_size) == (32, 32)
+            state.add_views(scene.load_image(i, (16, 16)).unsqueeze(0), [scene.camera(i, (16, 16))])
+        expected = state.finish()
+    assert torch.equal(shrunk.valid, expected.valid)
+    assert torch.allclose(shrunk.coefficients, expected.coefficients, atol=1e-5)
+    # and it is not what the full-resolution views give (the option changes the evaluation)
+    both = full.valid & expected.valid
+    assert not torch.allclose(full.coefficients[both], expected.coefficients[both], atol=1e-3)

@@ -146,12 +146,28 @@ class NPBGPlusPlusSystem(BaseSystem):
         views = [i for i in range(len(scene.views)) if i not in held]
         return views or list(scene.train)
 
+    def input_view_max_side(self) -> int | None:
+        """``datasets.input_view_max_side``: the long side training shrinks input views to."""
+        from ..data import config_number
+
+        value = (self.cfg.get("datasets") or {}).get("input_view_max_side")
+        return config_number(value, "datasets.input_view_max_side", optional=True)
+
     @torch.no_grad()
     def prepare_eval(self, scene_id: int) -> None:
+        """Aggregate the scene from its non-held-out views, shrunk to
+        ``datasets.input_view_max_side`` and read from the same copy as in training (and as
+        ``export --max-side`` does): the network sees inputs at the scale it was trained
+        on, and the evaluation scores the bundle an export of the run gives."""
+        from ..data import input_view_scene, load_input_views
+
         scene = self.scenes[scene_id]
+        source = input_view_scene(scene)  # a nerfstudio images_N/ copy when training reads one
+        max_side = self.input_view_max_side()
         state = self.model.begin_scene(self.points(scene_id))
         for i in self.eval_views(scene_id):
-            state.add_views(scene.load_image(i).to(self.device).unsqueeze(0), [scene.camera(i).to(self.device)])
+            (image,), (camera,) = load_input_views(source, [i], max_side)
+            state.add_views(image.to(self.device).unsqueeze(0), [camera.to(self.device)])
         agg = state.finish()
         n_valid = int(agg.valid.sum())
         if n_valid == 0:
