@@ -67,6 +67,23 @@ def test_nerf_synthetic_file_path_outside_the_scene_needs_an_option(nerf_scene, 
     assert load_scene(root).views[0].image_path == os.path.join(root, "images", "r_0.png")
 
 
+@pytest.mark.parametrize("named", ["dtu", "h3ds", "scannet", "colmap", "nerfstudio"])
+def test_a_named_format_that_is_not_the_folders_says_which_it_is(nerf_scene, named):
+    """A NeRF-Synthetic folder read as another format (the published DTU line's datasets=dtu_one_scene
+    on it): the missing file is named, and so is the layout the folder holds; detected, it loads."""
+    with pytest.raises(DatasetError, match=f"the folder holds a nerf_synthetic scene, not {named}: name that format"):
+        load_scene(nerf_scene, format=named)
+    assert load_scene(nerf_scene).format == "nerf_synthetic"
+
+
+def test_a_broken_folder_of_the_named_format_gets_no_layout_note(nerf_scene, tmp_path):
+    root = _mutated(nerf_scene, str(tmp_path / "s"), _frame0("transform_matrix", "1 0 0 0"))
+    for fmt in ("nerf_synthetic", None):
+        with pytest.raises(DatasetError) as err:
+            load_scene(root, format=fmt)
+        assert "transform_matrix" in str(err.value) and "the folder holds" not in str(err.value)
+
+
 # ------------------------------------------------------------------ COLMAP
 def _colmap(root: str, images_txt: bytes, points: bytes | None = None) -> str:
     sparse = os.path.join(root, "sparse", "0")

@@ -50,6 +50,7 @@ def load_scene(path: str | os.PathLike, format: str | None = None, **options) ->
 
     root = os.path.abspath(os.fspath(path))
     check_scene_folder(root)
+    named = format is not None
     if format is None:
         format = detect_format(root)
     formats = _formats()
@@ -59,4 +60,23 @@ def load_scene(path: str | os.PathLike, format: str | None = None, **options) ->
     if options.get("undistort") and "undistort" not in accepted:
         raise DatasetError(f"{root}: undistort=True applies to COLMAP and nerfstudio scenes only; this scene is "
                            f"{format}, whose images have no lens distortion to remove")
-    return loader(root, **options)
+    try:
+        return loader(root, **options)
+    except DatasetError as exc:
+        layout = _other_layout(root, format) if named else None
+        if layout is None:
+            raise
+        # a named format's missing file ("image folder not found") hid that the folder is another layout
+        raise DatasetError(f"{exc} (the folder holds a {layout} scene, not {format}: name that format, or none to "
+                           "detect it)") from exc
+
+
+def _other_layout(root: str, format: str) -> str | None:
+    """The format :func:`detect_format` finds in ``root`` when it is one other than ``format``, else None."""
+    from .detect import detect_format
+
+    try:
+        found = detect_format(root)
+    except DatasetError:
+        return None
+    return found if found != format else None
