@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint bench addon gpu-kit clean-venv
+.PHONY: test demo lint bench addon gpu-kit gpu-kit-fresh clean-venv
 
 $(STAMP): requirements.txt
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; bpy==5.0.1 needs Python 3.11 exactly"; exit 1; }
@@ -35,9 +35,17 @@ addon: $(STAMP)
 # The ignored .gpurun/ kit for a lent GPU session (bench/gpu_session.py): wheels, the packed
 # training corpus, the bench_densify --gpu scene; prints the two device `run` calls. Without
 # CORPUS the kit's packed corpus is kept (prepare refuses, before building anything, when none).
-#   make gpu-kit CORPUS=corpus_env/train [GPU_KIT_ARGS="--no-densify --scenes 'env_*'"]
+#   make gpu-kit CORPUS=DIR [GPU_KIT_ARGS="--no-densify --scenes 'env_*'"]
 gpu-kit: $(STAMP)
 	OMP_NUM_THREADS=1 nice -n 10 $(PY) bench/gpu_session.py prepare $(if $(CORPUS),--corpus $(CORPUS)) $(GPU_KIT_ARGS)
+
+# The same kit on a machine without any corpus (wiped): renders the environment scenes the
+# corpus budget carries (ENVS=auto, or a count) into .gpurun/envs (or CORPUS) with MODEL_CARD's
+# command, skipping finished ones, then packs them and renders the densify scene. Resumable:
+# run it again after an interruption; it prints each part's time and, when stopped, what remains.
+#   make gpu-kit-fresh [ENVS=8] [CORPUS=/elsewhere/envs] [GPU_KIT_ARGS=--no-densify]
+gpu-kit-fresh: $(STAMP)
+	OMP_NUM_THREADS=1 nice -n 10 $(PY) bench/gpu_session.py prepare --render-envs $(or $(ENVS),auto) $(if $(CORPUS),--corpus $(CORPUS)) $(GPU_KIT_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

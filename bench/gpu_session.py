@@ -7,6 +7,12 @@ time in all, results only through ``$OUT``: at most 8 files of 16 MiB)::
     .venv/bin/python bench/gpu_session.py prepare --corpus /work/trainD/ready   # or `make gpu-kit`
     .venv/bin/python bench/gpu_session.py plan          # prints the two `run` calls again
 
+On a machine without a corpus, ``prepare --render-envs N|auto`` (``make gpu-kit-fresh``) first
+renders the environment scenes ``env_1..env_N`` missing in ``.gpurun/envs`` (or ``--corpus``)
+with MODEL_CARD's command (``auto``: enough to fill the corpus budget). Each part's time is
+printed; a prepare stopped by a signal or an error says what is done and what remains, and
+the same command resumes (finished scenes and kit parts are kept).
+
 ``prepare`` builds the ignored folder ``.gpurun/`` (the kit):
 
 - ``whl/``       pure-Python wheels of what the device's python lacks (hydra-core, omegaconf,
@@ -15,6 +21,8 @@ time in all, results only through ``$OUT``: at most 8 files of 16 MiB)::
 - ``corpus/``    the training corpus downscaled by ``python -m headless_train stage pack``
                  and cut to a balanced set of scenes that fits the carried-size budget (room
                  is kept for the stage state of a resumed call, see below);
+- ``envs/``      only with ``--render-envs`` and no ``--corpus``: the full-size environment
+                 scenes that ``corpus/`` is packed from (never carried);
 - ``densify/``   the scene of ``bench_densify.py --gpu`` (100 Cycles views of 1280x720: bpy
                  exists only here, so it is rendered here, about 15-20 minutes on 2 cores);
 - ``stage/``     only with ``--resume-from DIR``: the stage folder returned by an earlier
@@ -65,6 +73,7 @@ import argparse
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import re
 import shlex
@@ -104,6 +113,14 @@ NEEDED_MODULES = ("hydra", "omegaconf", "plyfile")
 WHEEL_PINS = ("hydra-core==1.3.2", "omegaconf==2.3.1", "antlr4-python3-runtime==4.9.3", "plyfile==1.0.3")
 DENSIFY_SCENE = ("textured_monkey", 100, (720, 1280))  # bench_densify.py gpu_plan: name, views, (h, w)
 DENSIFY_DONE = "transforms_train.json"  # written last by the render (bench_densify.render_scene's cache test)
+# The environment scenes of the training corpus (MODEL_CARD "Blender environments"), rendered by
+# `prepare --render-envs` on a machine that has none: the documented command and settings.
+ENV_GENERATOR = ("-m", "blender_addon.datagen.environments")
+ENV_RENDER_ARGS = ("--views", "24", "--size", "256x256", "--samples", "8")
+ENV_FOLDER = "envs"  # <kit>/envs: the full-size renders (ignored with the kit, never carried)
+# One env scene packed at --max-side 192 / --max-points 20000, the mean of env_1, env_2 and
+# env_901..904 (2.10-3.02 MiB, 2026-11-30): what `--render-envs auto` divides the budget by.
+ENV_PACKED_MIB = 2.4
 
 # Time: the one source of every time figure of the kit (the calls it prints, the bounds of
 # --budget-s and --budgets, the check of a plan against the session).
@@ -409,17 +426,160 @@ def restore_state(parts_dir: Path, stage_dir: Path) -> dict[str, Any]:
     return {"stage": str(stage_dir), "mib": round(path_bytes(stage_dir) / MIB, 1)}
 
 
+def parse_render_envs(text: str) -> int | str:
+    """``--render-envs``: a count of scenes >= 1, or ``auto`` (what the corpus budget carries)."""
+    if text == "auto":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise KitError(f"--render-envs takes a number of scenes >= 1 or 'auto', got {text!r}")
+    return int(text)
+
+
+def envs_to_render(count: int | str, budget_mib: float) -> int:
+    """``count``, or for ``auto`` enough env scenes of ~:data:`ENV_PACKED_MIB` to fill
+    ``budget_mib`` of packed corpus (rounded up: the kit is filled, and at most about one
+    scene is rendered that it does not carry)."""
+    if count != "auto":
+        return int(count)
+    if budget_mib < 1:
+        raise KitError(f"the corpus budget ({budget_mib:.1f} MiB) holds no env scene of ~{ENV_PACKED_MIB} MiB: "
+                       "carry less (no --resume-from, fewer untracked files) or give --no-resume-room")
+    return math.ceil(budget_mib / ENV_PACKED_MIB)
+
+
+def missing_env_seeds(corpus: Path, count: int) -> list[int]:
+    """The seeds of 1..``count`` whose ``env_<seed>`` is not finished in ``corpus`` (the
+    generator's own test, so what it would skip is what is not listed here)."""
+    from blender_addon.datagen.environments import env_scene_done
+
+    return [seed for seed in range(1, count + 1) if not env_scene_done(str(corpus / f"env_{seed}"))]
+
+
+def env_render_command(corpus: Path, seeds: Sequence[int]) -> list[str]:
+    """The MODEL_CARD's environment command for ``seeds`` into ``corpus``."""
+    return [sys.executable, *ENV_GENERATOR, "--seeds", ",".join(map(str, seeds)), *ENV_RENDER_ARGS,
+            "--out", str(corpus)]
+
+
+def render_envs(corpus: Path, seeds: Sequence[int]) -> None:
+    """Run the environment generator for ``seeds`` (output shown as it comes); a stopped
+    prepare stops it too (its unfinished scene is a ``.partial-<pid>`` folder, redone next
+    time). KitError when it fails."""
+    proc = subprocess.Popen(env_render_command(corpus, seeds), cwd=ROOT)
+    try:
+        rc = proc.wait()
+    except BaseException:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        raise
+    if rc != 0:
+        raise KitError(f"the environment generator exited with {rc} (its output is above)")
+
+
+def check_corpus_folder(corpus: Path, root: Path = ROOT) -> None:
+    """KitError when ``corpus`` is a file, or lies in the checkout where git does not ignore
+    it: every `run` call carries such files (64 MiB in all), so the kit would not fit."""
+    if corpus.exists() and not corpus.is_dir():
+        raise KitError(f"--corpus {corpus} is not a folder")
+    try:
+        rel = corpus.resolve().relative_to(root.resolve())
+    except ValueError:
+        return  # outside the checkout
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(rel)], cwd=root).returncode == 0
+    if not ignored:
+        raise KitError(f"--corpus {corpus} is inside the checkout and not ignored by git, so every `run` call would "
+                       f"carry it: put it outside the checkout or under {KIT}/ (the default of --render-envs is "
+                       f"{KIT}/{ENV_FOLDER})")
+
+
+class Interrupted(Exception):
+    """A signal stopped prepare (SIGTERM, SIGINT, SIGHUP)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise Interrupted(signum)
+
+
+@dataclass
+class Progress:
+    """The parts of one prepare: each one's time as it ends, and, when prepare stops early,
+    what was done and what remains (``notes``: a part's live state, e.g. scenes left)."""
+
+    todo: list[str]
+    done: list[tuple[str, float]] = field(default_factory=list)
+    notes: dict[str, Any] = field(default_factory=dict)  # part -> callable returning a line
+    current: str | None = None
+    started: float = 0.0
+
+    @contextmanager
+    def part(self, name: str) -> Iterator[None]:
+        self.current, self.started = name, time.time()
+        yield
+        seconds = time.time() - self.started
+        self.done.append((name, seconds))
+        self.todo.remove(name)
+        self.current = None
+        print(f"--- {name}: done in {seconds:.0f} s", flush=True)
+
+    def report(self, why: str) -> str:
+        lines = [f"prepare {why}" + (f" during '{self.current}', {time.time() - self.started:.0f} s into it"
+                                     if self.current else "")]
+        lines.append("done: " + (", ".join(f"{n} ({s:.0f} s)" for n, s in self.done) or "nothing"))
+        for name in self.todo:
+            lines.append(f"remaining: {name}" + (f": {self.notes[name]()}" if name in self.notes else ""))
+        if self.todo:
+            lines.append("The same command resumes (finished scenes and kit parts are kept).")
+        return "\n".join(lines)
+
+
 def prepare(args: argparse.Namespace) -> int:
+    """Build the kit; on a signal or an error say what was done and what remains."""
     kit = ROOT / args.kit
     corpus_dir = kit / "corpus"
+    if args.render_envs is not None and not args.corpus:
+        args.corpus = str(kit / ENV_FOLDER)
     if not args.corpus and (args.rebuild_corpus or not corpus_dir.exists()):
         # before anything is built; `make gpu-kit` relies on this check
-        raise KitError(f"no corpus yet: give --corpus DIR (scene folders, e.g. corpus_env/train; make gpu-kit "
-                       f"CORPUS=DIR) to pack {corpus_dir}")
-    kit.mkdir(exist_ok=True)
+        raise KitError(f"no corpus yet: give --corpus DIR (scene folders; make gpu-kit CORPUS=DIR) to pack "
+                       f"{corpus_dir}, or --render-envs N|auto to render environment scenes first "
+                       "(make gpu-kit-fresh)")
+    if args.corpus:
+        check_corpus_folder(Path(args.corpus))
+    packs = args.rebuild_corpus or not corpus_dir.exists()
+    parts = ["wheels"] + (["env scenes"] if packs and args.render_envs is not None else []) + \
+        (["corpus"] if packs else []) + ([] if args.no_densify else ["densify scene"])
+    progress = Progress(parts)
+    progress.notes["densify scene"] = lambda: (f"{densify_scene_name()}, one Cycles render (15-20 min on 2 cores); "
+                                               "an unfinished one starts over")
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        build_kit(args, kit, corpus_dir, progress)
+    except Interrupted as exc:
+        print(progress.report(f"stopped by {exc}"), file=sys.stderr, flush=True)
+        return exit_status(exc.signum)
+    except KitError as exc:
+        raise KitError(f"{exc}\n{progress.report('stopped by this error')}") from exc
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    print(f"kit built: {', '.join(f'{n} {s:.0f} s' for n, s in progress.done)}", flush=True)
+    return 0
+
+
+def build_kit(args: argparse.Namespace, kit: Path, corpus_dir: Path, progress: Progress) -> None:
     say = print
-    wheels = build_wheels(kit / "whl")
-    say(f"wheels: {', '.join(w.name for w in wheels)}")
+    kit.mkdir(exist_ok=True)
+    with progress.part("wheels"):
+        wheels = build_wheels(kit / "whl")
+        say(f"wheels: {', '.join(w.name for w in wheels)}")
     if args.resume_from:
         say(f"stage state: {restore_state(Path(args.resume_from), kit / 'stage')}")
     if args.start_weights:
@@ -430,24 +590,43 @@ def prepare(args: argparse.Namespace) -> int:
     if args.rebuild_corpus:
         shutil.rmtree(corpus_dir, ignore_errors=True)
     if corpus_dir.exists():
-        say(f"corpus: kept {corpus_dir} ({path_bytes(corpus_dir) / MIB:.1f} MiB; --rebuild-corpus to redo it)")
+        say(f"corpus: kept {corpus_dir} ({path_bytes(corpus_dir) / MIB:.1f} MiB; --rebuild-corpus to redo it"
+            f"{', and to render env scenes for it' if args.render_envs is not None else ''})")
     else:
         stage_dir = kit / "stage"
         state = path_bytes(stage_dir) if stage_dir.exists() else (0 if args.no_resume_room else None)
         budget = corpus_budget_mib(tree_bytes(), sum(w.stat().st_size for w in wheels), state)
         if args.corpus_mib is not None:
             budget = min(budget, args.corpus_mib)
-        r = pack_corpus(args.corpus, corpus_dir, args.max_side, args.max_points, budget, args.scenes)
-        say(f"corpus: {len(r['scenes'])} of {r['of']} scenes, {r['mib']} MiB (budget {budget:.1f} MiB): "
-            f"{', '.join(r['scenes'])}")
+        if args.render_envs is not None:
+            with progress.part("env scenes"):
+                corpus = Path(args.corpus)
+                count = envs_to_render(args.render_envs, budget)
+                try:
+                    corpus.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise KitError(f"cannot make the corpus folder {corpus}: {exc}") from exc
+                missing = missing_env_seeds(corpus, count)
+                progress.notes["env scenes"] = lambda: (
+                    f"{len(left := missing_env_seeds(corpus, count))} of env_1..env_{count} unfinished in {corpus}"
+                    + (f" ({', '.join(f'env_{s}' for s in left)})" if left else ""))
+                say(f"env scenes: env_1..env_{count} in {corpus} (a {budget:.1f} MiB corpus budget holds about "
+                    f"{budget / ENV_PACKED_MIB:.1f} of ~{ENV_PACKED_MIB} MiB packed); {count - len(missing)} "
+                    f"finished, {len(missing)} to render" + (f": {shlex.join(env_render_command(corpus, missing))}"
+                                                             if missing else ""))
+                if missing:
+                    render_envs(corpus, missing)
+        with progress.part("corpus"):
+            r = pack_corpus(args.corpus, corpus_dir, args.max_side, args.max_points, budget, args.scenes)
+            say(f"corpus: {len(r['scenes'])} of {r['of']} scenes, {r['mib']} MiB (budget {budget:.1f} MiB): "
+                f"{', '.join(r['scenes'])}")
     if args.no_densify:
         say("densify scene: skipped (--no-densify); the speed call then times gpu_speed.py only")
     else:
-        t0 = time.time()
-        scene = render_densify_scene(kit / "densify")
-        say(f"densify scene: {scene} ({path_bytes(scene) / MIB:.1f} MiB, {time.time() - t0:.0f} s)")
+        with progress.part("densify scene"):
+            scene = render_densify_scene(kit / "densify")
+            say(f"densify scene: {scene} ({path_bytes(scene) / MIB:.1f} MiB)")
     say(plan_text(args.kit, ROOT, args.budgets))
-    return 0
 
 
 # ------------------------------------------------------------------ the device modes
@@ -830,7 +1009,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                        help="train=SECONDS,speed=SECONDS of the two calls (default "
                             f"train={DEFAULT_BUDGET_S['train']},speed={DEFAULT_BUDGET_S['speed']})")
         if mode == "prepare":
-            m.add_argument("--corpus", default=None, help="training corpus to pack (scene folders; links followed)")
+            m.add_argument("--corpus", default=None, help="training corpus to pack (scene folders; links followed; "
+                           f"with --render-envs default {KIT}/{ENV_FOLDER})")
+            m.add_argument("--render-envs", type=parse_render_envs, default=None, metavar="N|auto",
+                           help="first render the environment scenes env_1..env_N missing in the corpus folder "
+                                "(MODEL_CARD's command, resumable); auto: as many as the corpus budget carries")
             m.add_argument("--scenes", default=None, help="only these scene folders (comma list, shell patterns)")
             m.add_argument("--max-side", type=int, default=192)
             m.add_argument("--max-points", type=int, default=20000)

@@ -1,7 +1,9 @@
 """bench/gpu_session.py, the kit for a lent GPU session: the `run` calls it prints fit the
 device tool's limits, the size budget and the balanced scene choice (hand-computed), the
-stage state's round trip through $OUT pieces, argument errors, and (slow) the train mode's
-whole plumbing on the CPU twice, the second call resuming the first from its pieces."""
+stage state's round trip through $OUT pieces, argument errors, ``prepare --render-envs``
+with a stand-in generator (only unfinished scenes rendered, what remains when stopped), and
+(slow) the train mode's whole plumbing on the CPU twice, the second call resuming the first
+from its pieces."""
 
 from __future__ import annotations
 
@@ -217,3 +219,117 @@ def test_speed_mode_dry_run_runs_gpu_speed_and_densify_and_keeps_benchmarks_md(t
     assert "plan: textured_monkey, 100 views 1280x720, device cuda, target 20 s" in log
     assert json.loads((out / "gpu_speed.json").read_text())["failed"] == []
     assert (ROOT / "BENCHMARKS.md").read_bytes() == before and not (out / "BENCHMARKS_appended.md").exists()
+
+
+# A stand-in for the environment generator (`prepare --render-envs` runs it as
+# `python <ENV_GENERATOR> --seeds ... --out DIR`): records its arguments, writes a tiny scene
+# with env.json (what the real one writes last) per seed, and optionally fails or stops.
+ENV_STUB = r"""
+import json, os, signal, sys, time
+sys.path[:0] = [{tests!r}, {root!r}]
+from _train_fixtures import make_tiny_scene
+args = sys.argv[1:]
+seeds = [int(s) for s in args[args.index("--seeds") + 1].split(",")]
+out = args[args.index("--out") + 1]
+with open(os.path.join({log!r}), "a") as f:
+    f.write(json.dumps(args) + "\n")
+for k, seed in enumerate(seeds):
+    if k == {fail_after}:
+        if {stop!r}:
+            os.kill(os.getppid(), signal.SIGTERM)
+            time.sleep(60)
+        sys.exit(1)
+    make_tiny_scene(os.path.join(out, f"env_{{seed}}"), views=4, size=16, n_points=50, seed=seed, splits=(3, 0, 1))
+    with open(os.path.join(out, f"env_{{seed}}", "env.json"), "w") as f:
+        json.dump({{"seed": seed}}, f)
+"""
+
+
+def _kit_with_wheels(path: Path) -> Path:
+    """A kit folder whose wheelhouse already holds a file for each pin (build_wheels then
+    downloads nothing)."""
+    (path / "whl").mkdir(parents=True)
+    for pin in gs.WHEEL_PINS:
+        name, version = pin.split("==")
+        (path / "whl" / f"{name.replace('-', '_')}-{version}-py3-none-any.whl").write_bytes(b"")
+    return path
+
+
+def _stub_generator(monkeypatch, tmp_path: Path, fail_after: int = -1, stop: bool = False) -> Path:
+    log = tmp_path / "generator_calls.jsonl"
+    code = ENV_STUB.format(tests=str(ROOT / "tests"), root=str(ROOT), log=str(log), fail_after=fail_after, stop=stop)
+    monkeypatch.setattr(gs, "ENV_GENERATOR", ("-c", code))
+    return log
+
+
+def _finished_env(corpus: Path, seed: int) -> None:
+    from _train_fixtures import make_tiny_scene
+
+    make_tiny_scene(str(corpus / f"env_{seed}"), views=4, size=16, n_points=50, seed=seed, splits=(3, 0, 1))
+    (corpus / f"env_{seed}" / "env.json").write_text("{}")
+
+
+def test_render_envs_renders_only_the_missing_scenes_then_packs(tmp_path, monkeypatch, capsys):
+    kit, corpus = _kit_with_wheels(tmp_path / "kit"), tmp_path / "envs"
+    _finished_env(corpus, 1)
+    (corpus / "env_2").mkdir()  # a scene without env.json is not finished: rendered again
+    (corpus / "env_2" / "transforms_train.json").write_text("{}")
+    log = _stub_generator(monkeypatch, tmp_path)
+    args = ["prepare", "--kit", str(kit), "--corpus", str(corpus), "--no-densify", "--corpus-mib", "5"]
+    assert gs.main([*args, "--render-envs", "3"]) == 0
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert calls == [["--seeds", "2,3", *gs.ENV_RENDER_ARGS, "--out", str(corpus)]]
+    out = capsys.readouterr().out
+    assert "env_1..env_3" in out and "1 finished, 2 to render" in out
+    assert "--- env scenes: done in" in out and "--- corpus: done in" in out and "kit built: wheels" in out
+    assert sorted(p.name for p in (kit / "corpus").iterdir()) == ["env_1", "env_2", "env_3"]
+    # again, corpus repacked: every scene finished, the generator is not started
+    assert gs.main([*args, "--render-envs", "3", "--rebuild-corpus"]) == 0
+    assert len(log.read_text().splitlines()) == 1
+    assert "3 finished, 0 to render" in capsys.readouterr().out
+    # a kept corpus needs no scenes: none are rendered for it
+    assert gs.main([*args, "--render-envs", "5"]) == 0
+    assert len(log.read_text().splitlines()) == 1 and not (corpus / "env_4").exists()
+    assert "corpus: kept" in capsys.readouterr().out
+
+
+def test_render_envs_stopped_says_what_is_done_and_what_remains(tmp_path, monkeypatch, capsys):
+    kit, corpus = _kit_with_wheels(tmp_path / "kit"), tmp_path / "envs"
+    args = ["prepare", "--kit", str(kit), "--corpus", str(corpus), "--render-envs", "3", "--corpus-mib", "5"]
+    _stub_generator(monkeypatch, tmp_path, fail_after=1)
+    assert gs.main(args) == 2
+    err = capsys.readouterr().err
+    assert "the environment generator exited with 1" in err
+    assert "prepare stopped by this error during 'env scenes'" in err and "done: wheels (" in err
+    assert "remaining: env scenes: 2 of env_1..env_3 unfinished in" in err and "(env_2, env_3)" in err
+    assert "remaining: corpus\n" in err and "remaining: densify scene: textured_monkey_100_1280x720" in err
+    assert not (kit / "corpus").exists()
+    # a signal (here SIGTERM from the generator to prepare) stops the generator and reports the same way
+    _stub_generator(monkeypatch, tmp_path, fail_after=0, stop=True)
+    assert gs.main(args) == 128 + 15
+    err = capsys.readouterr().err
+    assert "prepare stopped by SIGTERM during 'env scenes'" in err and "(env_2, env_3)" in err
+    assert "The same command resumes" in err and not (kit / "corpus").exists()
+
+
+def test_render_envs_arguments_and_corpus_folder_are_checked(tmp_path, capsys):
+    kit = tmp_path / "kit"
+    for bad in ("0", "-2", "abc", "2.5"):
+        assert gs.main(["prepare", "--kit", str(kit), "--render-envs", bad]) == 2
+        assert f"--render-envs takes a number of scenes >= 1 or 'auto', got '{bad}'" in capsys.readouterr().err
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    assert gs.main(["prepare", "--kit", str(kit), "--render-envs", "2", "--corpus", str(a_file)]) == 2
+    assert f"--corpus {a_file} is not a folder" in capsys.readouterr().err
+    # a corpus in the checkout that git does not ignore would travel with every run call
+    inside = ROOT / "corpus_env_not_ignored" / "train"
+    assert gs.main(["prepare", "--kit", str(kit), "--render-envs", "2", "--corpus", str(inside)]) == 2
+    assert "is inside the checkout and not ignored by git" in capsys.readouterr().err
+    assert not inside.parent.exists() and not kit.exists()  # refused before anything was made
+    gs.check_corpus_folder(ROOT / gs.KIT / gs.ENV_FOLDER)  # the default: ignored with the kit
+    # auto: enough ~2.4 MiB packed scenes to fill the budget (19.1 MiB: the default kit with
+    # room for a stage state, 7.96 -> 8; 46.6 MiB: --no-resume-room, 19.4 -> 20)
+    assert [gs.envs_to_render("auto", b) for b in (19.1, 46.6, 2.4, 1.0)] == [8, 20, 1, 1]
+    assert gs.envs_to_render(30, 2.0) == 30
+    with pytest.raises(gs.KitError, match="holds no env scene"):
+        gs.envs_to_render("auto", 0.9)

@@ -857,6 +857,13 @@ def render_env_scene(seed: int, out_dir: str, views: int = 24, size: Sequence[in
     return summary
 
 
+def env_scene_done(scene_dir: str) -> bool:
+    """Whether ``scene_dir`` holds a finished scene: ``env.json`` is written last, and the
+    folder only appears complete (``atomic_directory``). The test of the resumable command
+    line and of ``bench/gpu_session.py prepare --render-envs``."""
+    return os.path.isfile(os.path.join(scene_dir, "env.json"))
+
+
 def parse_seeds(text: str) -> list[int]:
     """'1-40', '901,902', '1-3,7' -> list of ints."""
     out: list[int] = []
@@ -898,10 +905,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for seed in seeds:
         dst = os.path.join(a.out, f"env_{seed}")
         if a.resimulate_points:
-            if os.path.isfile(os.path.join(dst, "env.json")):
+            if env_scene_done(dst):
                 print(f"env_{seed}: points {resimulate_points(dst)}", flush=True)
             continue
-        if os.path.isfile(os.path.join(dst, "env.json")) and not a.overwrite:
+        if env_scene_done(dst) and not a.overwrite:
             print(f"env_{seed}: done already, skipped", flush=True)
             continue
         s = render_env_scene(seed, dst, a.views, (h, w), samples=a.samples, denoise=a.denoise,
