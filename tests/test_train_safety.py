@@ -137,9 +137,11 @@ def test_a_run_failing_at_start_keeps_the_good_last_checkpoint(data_root, tmp_pa
                     "trainer.max_epochs=2"], run_dir)
     assert "kept as it was (this run took no training step)" in caplog.text
     assert {n: open(os.path.join(run_dir, "checkpoints", n), "rb").read() for n in before} == before
-    # evaluating into the folder writes no checkpoint: allowed
+    # evaluating into the folder writes no checkpoint: allowed (and, computing no loss, says nothing of it)
+    caplog.clear()
     assert run_inproc([f"datasets.data_root={data_root}", *ONE_SCENE, "eval_only=true",
                        f"weights_path={last}"], run_dir) is not None
+    assert "no VGG-19 weights configured" not in caplog.text
 
 
 def test_a_fresh_run_interrupted_behind_an_older_longer_run_keeps_its_checkpoint(tmp_path):
