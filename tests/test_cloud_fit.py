@@ -90,6 +90,25 @@ def test_clouds_of_the_same_surface_fit_and_others_do_not():
         assert fit is not None and not fit.fits and fit.share < 0.25, fit
 
 
+def test_a_cloud_above_the_read_limit_is_judged_by_a_random_subset(monkeypatch):
+    """A cloud over MAX_CLOUD_POINTS is checked through a random subset of that many points
+    (then the smaller set, asked about the model): half of the cloud copies model points
+    (always near), the other half lies far off or is not finite, so the subset's share is
+    about one half, and its non-finite points are left out of its count."""
+    from npbgpp_core.datasets import cloud_fit as module
+
+    monkeypatch.setattr(module, "MAX_CLOUD_POINTS", 1000)
+    model = sphere(3000)
+    far = sphere(3000, centre=(5.0, 0.0, 0.0))
+    far[::100] = np.nan
+    cloud = np.vstack([model[RNG.integers(0, 3000, 3000)], far]).astype(np.float32)
+    before = cloud.copy()
+    fit = cloud_fit(cloud, model)
+    assert 950 < fit.cloud_points < 1000 and fit.model_points == 3000
+    assert fit.share == pytest.approx(0.5 * 1000 / fit.cloud_points, abs=0.06)
+    np.testing.assert_array_equal(cloud, before)
+
+
 def test_too_few_or_flat_models_are_not_judged_and_non_finite_points_are_ignored():
     assert cloud_fit(sphere(100), sphere(MIN_MODEL_POINTS - 1)) is None
     assert cloud_fit(sphere(100), np.zeros((100, 3))) is None  # no extent

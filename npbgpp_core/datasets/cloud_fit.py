@@ -59,10 +59,12 @@ def cloud_fit(cloud: np.ndarray, model_points: np.ndarray, cell_share: float = C
     cell = float(np.linalg.norm(hi - lo)) * cell_share
     if not cell > 0:
         return None
-    pts = np.asarray(cloud, np.float64).reshape(-1, 3)
-    pts = pts[np.isfinite(pts).all(axis=1)]
+    pts = np.asarray(cloud).reshape(-1, 3)
     if len(pts) > MAX_CLOUD_POINTS:
+        # the subset before the float64 copy: a dense cloud of 20M points was held twice more
         pts = pts[np.random.default_rng(0).choice(len(pts), MAX_CLOUD_POINTS, replace=False)]
+    pts = pts.astype(np.float64)
+    pts = pts[np.isfinite(pts).all(axis=1)]
     if len(pts) == 0:
         return CloudFit(0.0, len(model), 0, cell)
     origin = model.min(axis=0)
