@@ -144,6 +144,16 @@ def test_a_run_failing_at_start_keeps_the_good_last_checkpoint(data_root, tmp_pa
     assert "no VGG-19 weights configured" not in caplog.text
 
 
+def test_resume_into_a_folder_without_a_run_names_the_setting(data_root, tmp_path):
+    from headless_train.cli import UsageError
+
+    run_dir = str(tmp_path / "new")
+    with pytest.raises(UsageError, match=r"resume=true continues the run in .*new, but it has no .*last.ckpt; leave "
+                                         r"resume=true out to start a new run there"):
+        run_inproc([f"datasets.data_root={data_root}", *ONE_SCENE, "resume=true"], run_dir)
+    assert not os.path.exists(os.path.join(run_dir, "checkpoints"))
+
+
 def test_a_fresh_run_interrupted_behind_an_older_longer_run_keeps_its_checkpoint(tmp_path):
     """The state on disk is newer (step 44) than the interrupted run's (step 3): kept."""
     from types import SimpleNamespace
