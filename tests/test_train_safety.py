@@ -829,6 +829,7 @@ def test_the_splat_notes_commands_run_whatever_the_paths_hold(tmp_path):
     from types import SimpleNamespace
 
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
 
     from headless_train.systems.base import dropped_splats_note, option_argument, plain_cloud_command
     from npbgpp_core.ply import load_ply
@@ -851,7 +852,9 @@ def test_the_splat_notes_commands_run_whatever_the_paths_hold(tmp_path):
     assert f"name that file with {option_argument('datasets.pc_name', name)} " in hydra_note
     parser = OverridesParser.create()
     for value in (name, "all_splats.ply", "a b.ply", "it's.ply", "back\\'slash.ply", "ends in\\", 'dq"x.ply',
-                  "café/all_splats.ply"):
+                  "café/all_splats.ply", "x${y}.ply", "$HOME/a.ply"):
         [argument] = shlex.split(option_argument("datasets.pc_name", value))
         [override] = parser.parse_overrides([argument])
-        assert (override.key_or_group, override.value()) == ("datasets.pc_name", value), argument
+        # what the run's config reads: OmegaConf resolves ${...} in the parsed value
+        read = OmegaConf.create({"pc_name": override.value()}).pc_name
+        assert (override.key_or_group, read) == ("datasets.pc_name", value), argument

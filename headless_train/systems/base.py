@@ -114,11 +114,13 @@ def option_argument(option: str, value: str) -> str:
     """``option`` given ``value`` as typed in a POSIX shell: ``--pc-name VALUE`` (two
     arguments) or the Hydra override ``datasets.pc_name=VALUE``, its value Hydra-quoted when
     Hydra's grammar needs it (a quote, a space, a letter outside ASCII: Hydra's unquoted
-    values take ASCII alone), backslashes before a quote doubled."""
+    values take ASCII alone), backslashes before a quote doubled, and ``${`` escaped: the
+    config (OmegaConf) resolves it as an interpolation, in quotes too."""
     if option.startswith("-"):
         return f"{option} {shlex.quote(value)}"
     if not re.fullmatch(r"[\w./+-]+", value, re.ASCII):
         value = "'" + re.sub(r"(\\*)(?='|$)", lambda m: m.group(1) * 2, value).replace("'", "\\'") + "'"
+        value = value.replace("${", "\\${")
     return shlex.quote(f"{option}={value}")
 
 
