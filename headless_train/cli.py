@@ -137,9 +137,10 @@ def _run(cfg: DictConfig, run_dir: str) -> dict | None:
     earlier = [] if cfg.resume or cfg.eval_only or not is_primary_process() else earlier_checkpoints(ckpt_dir)
     if earlier:
         # the same command line run twice (resume=true forgotten) replaced a finished run's epoch and last files
+        how = ("resume=true continues that run" if "last.ckpt" in earlier else
+               "it has no last.ckpt to resume from; weights_path= starts a new run from one of them")
         raise UsageError(f"{ckpt_dir} holds checkpoints of an earlier run ({', '.join(earlier)}), which this new run "
-                         "would replace: resume=true continues that run; give a new run another hydra.run.dir (or "
-                         "move those files away)")
+                         f"would replace: {how}; give a new run another hydra.run.dir (or move those files away)")
 
     source_ckpt = None
     if cfg.weights_path:

@@ -130,6 +130,11 @@ def test_a_run_failing_at_start_keeps_the_good_last_checkpoint(data_root, tmp_pa
     earlier = r"holds checkpoints of an earlier run \(epoch0.ckpt, last.ckpt\).*resume=true"
     with pytest.raises(UsageError, match=earlier):
         run_inproc([f"datasets.data_root={data_root}", *ONE_SCENE], run_dir)
+    # epoch files without last.ckpt (a run killed between the two saves): resume is no way out
+    os.rename(last, last + ".away")
+    with pytest.raises(UsageError, match=r"\(epoch0.ckpt\).*it has no last.ckpt to resume from; weights_path="):
+        run_inproc([f"datasets.data_root={data_root}", *ONE_SCENE], run_dir)
+    os.rename(last + ".away", last)
     # train_image_size=0 fails in the first batch of a resumed run, inside Lightning's fit
     # (on_exception runs): the file is kept.
     with pytest.raises(ValueError, match="image_size"):
