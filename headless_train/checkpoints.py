@@ -354,10 +354,32 @@ def load_descriptors(folder: str, scene_name: str, n_points: int | None = None) 
         raise ValueError(f"descriptor file {path} must hold one 2-D tensor [n_points, D]")
     if n_points is not None and t.shape[0] != n_points:
         raise ValueError(
-            f"descriptor file {path} has {t.shape[0]} rows but the scene's cloud has {n_points} points "
-            "(same max_points / n_point as when it was written?)"
+            f"descriptor file {path} has {t.shape[0]} rows but the scene's cloud has {n_points} points: a run "
+            "must read the cloud (datasets.pc_name) and subsample it (datasets.n_point / system.max_points) as "
+            f"the run that wrote the file did{writer_cloud_note(folder)}"
         )
     return t.float()
+
+
+def writer_cloud_note(folder: str) -> str:
+    """'; that run (<run dir>) had datasets.pc_name=... ...' from the Hydra config of the run
+    whose ``descriptors/`` folder ``folder`` is (the default ``system.descriptors_save_dir``),
+    so a mismatch names the setting to copy; '' when there is no such config."""
+    config = os.path.join(os.path.dirname(os.path.abspath(folder)), ".hydra", "config.yaml")
+    if not os.path.isfile(config):
+        return ""
+    try:
+        import yaml
+
+        with open(config, encoding="utf-8") as f:
+            cfg = yaml.safe_load(f)
+        datasets, system = cfg.get("datasets") or {}, cfg.get("system") or {}
+        values = {"datasets.pc_name": datasets.get("pc_name"), "datasets.n_point": datasets.get("n_point"),
+                  "system.max_points": system.get("max_points")}
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+        return ""
+    settings = " ".join(f"{k}={'null' if v is None else v}" for k, v in values.items())
+    return f"; that run ({os.path.dirname(os.path.dirname(config))}) had {settings}"
 
 
 # ----------------------------------------------------------------------------------------

@@ -116,3 +116,23 @@ def test_a_missing_checkpoint_names_what_its_folder_holds(tmp_path):
         ck.load_checkpoint_file(str(run / "result" / "checkpoints" / "epoch38.ckpt"))
     with pytest.raises(ck.CheckpointError, match=r"epoch38.ckpt \(.*checkpoints holds epoch0.ckpt, last.ckpt\)$"):
         ck.load_checkpoint_file(str(run / "checkpoints" / "epoch38.ckpt"))
+
+
+def test_descriptors_of_another_cloud_name_the_writing_runs_cloud_settings(tmp_path):
+    """A descriptors file whose row count is not the scene's cloud (a fine-tune that forgot
+    the evaluation's datasets.pc_name) names the setting and, from the writing run's Hydra
+    config, the values to copy."""
+    run = tmp_path / "eval_run"
+    folder = str(run / "descriptors")
+    ck.save_descriptors(folder, "scene", torch.zeros(5, 56))
+    with pytest.raises(ValueError, match="has 5 rows but the scene's cloud has 3 points") as plain:
+        ck.load_descriptors(folder, "scene", 3)
+    assert "datasets.pc_name" in str(plain.value) and "that run" not in str(plain.value)  # no config to read
+    (run / ".hydra").mkdir()
+    (run / ".hydra" / "config.yaml").write_text(
+        "datasets:\n  pc_name: dense.ply\n  n_point: null\nsystem:\n  max_points: 1000000.0\n")
+    with pytest.raises(ValueError) as named:
+        ck.load_descriptors(folder, "scene", 3)
+    assert (f"that run ({run}) had datasets.pc_name=dense.ply datasets.n_point=null system.max_points=1000000.0"
+            in str(named.value))
+    assert ck.load_descriptors(folder, "scene", 5).shape == (5, 56)  # the right cloud loads
