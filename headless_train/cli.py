@@ -160,9 +160,11 @@ def _run(cfg: DictConfig, run_dir: str) -> dict | None:
         resume_path = os.path.join(ckpt_dir, "last.ckpt")
         if not os.path.exists(resume_path):  # "checkpoint not found" alone did not say which setting asked for it
             held = earlier_checkpoints(ckpt_dir)
-            raise UsageError(f"resume=true continues the run in {run_dir}, but it has no {resume_path}"
-                             + (f" (checkpoints/ holds {', '.join(held)}: weights_path= starts a run from one)"
-                                if held else "") + "; leave resume=true out to start a new run there")
+            # with epoch files there, a new run in this folder is refused too (they would be replaced)
+            advice = (f" (checkpoints/ holds {', '.join(held)}); start a new run in another hydra.run.dir, from one "
+                      "of those with weights_path= if wanted" if held
+                      else "; leave resume=true out to start a new run there")
+            raise UsageError(f"resume=true continues the run in {run_dir}, but it has no {resume_path}{advice}")
         resume_ckpt = load_checkpoint_file(resume_path)  # fails clearly when corrupt
         check_compatible(resume_ckpt, resume_path, name, scfg)
         if resume_ckpt["npbgpp"]["system"] != name:

@@ -157,6 +157,19 @@ def test_resume_into_a_folder_without_a_run_names_the_setting(data_root, tmp_pat
                                          r"resume=true out to start a new run there"):
         run_inproc([f"datasets.data_root={data_root}", *ONE_SCENE, "resume=true"], run_dir)
     assert not os.path.exists(os.path.join(run_dir, "checkpoints"))
+    # epoch files without last.ckpt: leaving resume=true out is refused as well (a new run there
+    # would replace them), so the advice is another run folder; nothing is touched
+    os.makedirs(os.path.join(run_dir, "checkpoints"))
+    epoch = os.path.join(run_dir, "checkpoints", "epoch3.ckpt")
+    with open(epoch, "wb") as f:
+        f.write(b"kept")
+    with pytest.raises(UsageError, match=r"has no .*last.ckpt \(checkpoints/ holds epoch3.ckpt\); start a new run in "
+                                         r"another hydra.run.dir, from one of those with weights_path= if wanted$"):
+        run_inproc([f"datasets.data_root={data_root}", *ONE_SCENE, "resume=true"], run_dir)
+    with pytest.raises(UsageError, match="holds checkpoints of an earlier run"):
+        run_inproc([f"datasets.data_root={data_root}", *ONE_SCENE], run_dir)
+    assert os.listdir(os.path.join(run_dir, "checkpoints")) == ["epoch3.ckpt"]
+    assert open(epoch, "rb").read() == b"kept"
 
 
 def test_a_fresh_run_interrupted_behind_an_older_longer_run_keeps_its_checkpoint(tmp_path):
