@@ -336,8 +336,12 @@ def recorded_world_up(path: str) -> tuple[float, float, float] | None:
         raise ValueError(f"descriptor file {path}: unreadable {WORLD_UP_KEY} record: {exc}") from None
 
 
-def load_descriptors(folder: str, scene_name: str, n_points: int | None = None) -> torch.Tensor:
-    """Read ``<folder>/<scene_name>`` (safetensors, or a torch.save'd plain tensor) -> float32 [N, D]."""
+def load_descriptors(folder: str, scene_name: str, n_points: int | None = None,
+                     whole_cloud: int | None = None) -> torch.Tensor:
+    """Read ``<folder>/<scene_name>`` (safetensors, or a torch.save'd plain tensor) -> float32 [N, D].
+    ``whole_cloud``: the point count of the scene's cloud before this run subsampled it to
+    ``n_points`` (seed 123); a file with that many rows (an NPBG++ evaluation that kept every
+    point) gives the rows of the kept points, in their order."""
     path = os.path.join(folder, scene_name)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"descriptor file not found: {path} (run the NPBG++ evaluation first?)")
@@ -352,6 +356,13 @@ def load_descriptors(folder: str, scene_name: str, n_points: int | None = None) 
         raise ValueError(f"cannot read descriptor file {path}: {exc}") from exc
     if not isinstance(t, torch.Tensor) or t.dim() != 2:
         raise ValueError(f"descriptor file {path} must hold one 2-D tensor [n_points, D]")
+    if n_points is not None and whole_cloud is not None and t.shape[0] == whole_cloud != n_points:
+        # the published evaluate -> fine-tune lines: evaluation without max_points, the fine-tune with it
+        from npbgpp_core.datasets.scene_data import subsample_indices
+
+        t = t[torch.from_numpy(subsample_indices(whole_cloud, n_points, seed=123))]
+        log.info("descriptor file %s holds the whole cloud (%d points): took the rows of the %d points this run "
+                 "keeps (seed 123)", path, whole_cloud, n_points)
     if n_points is not None and t.shape[0] != n_points:
         raise ValueError(
             f"descriptor file {path} has {t.shape[0]} rows but the scene's cloud has {n_points} points: a run "

@@ -195,6 +195,38 @@ def test_coefficients_ft_trains_and_evaluates(npbgpp_eval, npbgpp_run, data_root
                     "eval_only=true"], os.path.join(npbgpp_run, "exp/ft_other"))
 
 
+def test_descriptors_of_the_whole_cloud_load_for_the_points_a_max_points_run_keeps(data_root, tmp_path):
+    """The published evaluate (every point) -> fine-tune (system.max_points) pair on a cloud over
+    the limit: the fine-tune takes the rows of the points it keeps. Each row holds its own
+    point's coordinates, so every loaded row must equal its point's (matched by content, not
+    by index); a file with another row count is still refused."""
+    from headless_train.checkpoints import save_descriptors
+    from headless_train.data import SceneDataModule
+    from headless_train.systems import build_system
+    from npbgpp_core.datasets import load_scene
+    from npbgpp_core.datasets.scene_data import subsample_indices
+
+    whole = torch.from_numpy(load_scene(os.path.join(data_root, "sceneA")).points).float()
+    assert len(whole) == 300
+    folder = tmp_path / "desc"
+    folder.mkdir()
+    save_descriptors(str(folder), "sceneA", torch.cat([whole, -whole, whole[:, :2]], dim=1))  # 8 numbers a point
+    overrides = ["datasets=nerf_blender_one_scene", f"datasets.data_root={data_root}", "datasets.scene_name=sceneA",
+                 "system=npbg", "system.max_points=120", f"system.descriptors_pretrained_dir={folder}",
+                 f"system.descriptors_save_dir={tmp_path}/out"]
+    cfg = compose_cfg(overrides)
+    system = build_system(OmegaConf.to_container(cfg, resolve=True), SceneDataModule(cfg, seed=0).scenes)
+    kept = system._points_cpu[0].float()
+    assert len(kept) == 120 and len(torch.unique(kept, dim=0)) == 120
+    loaded = system.scene_model(0).descriptors.detach()
+    assert torch.equal(loaded[:, :3], kept) and torch.equal(loaded[:, 3:6], -kept)
+    assert not torch.equal(kept, whole[:120])  # a subset spread over the cloud, not its first rows
+    assert torch.equal(kept, whole[torch.from_numpy(subsample_indices(300, 120))])
+    save_descriptors(str(folder), "sceneA", torch.zeros(200, 8))
+    with pytest.raises(ValueError, match="has 200 rows but the scene's cloud has 120 points"):
+        build_system(OmegaConf.to_container(cfg, resolve=True), SceneDataModule(cfg, seed=0).scenes)
+
+
 def test_coefficients_ft_renders_upright_about_the_axis_its_coefficients_were_aggregated_about(
         npbgpp_run, data_root, tmp_path):
     """The published evaluate -> fine-tune lines with no world_up flag on the fine-tune and

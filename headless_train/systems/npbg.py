@@ -46,7 +46,8 @@ class NPBGSystem(BaseSystem):
     def load_pretrained_descriptors(self, folder: str) -> None:
         for sid, name in enumerate(self.scene_names):
             m = self.scene_model(sid)
-            t = load_descriptors(folder, name, m.num_points)
+            dropped = int(self.scenes[sid].metadata.get("points_dropped") or 0)  # by max_points / n_point
+            t = load_descriptors(folder, name, m.num_points, m.num_points + dropped)
             if t.shape[1] != m.descriptors.shape[1]:
                 raise ValueError(
                     f"descriptor file {folder}/{name} has {t.shape[1]} numbers per point, "
