@@ -598,6 +598,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "export": ("headless_train.export", "a trained checkpoint + scene -> a NeuralScene bundle for the add-on"),
     "export-weights": ("headless_train.export_weights", "write a checkpoint's network as a weights file"),
     "average-weights": ("headless_train.average_weights", "mean of several weights files of one run"),
+    "fit": ("headless_train.fit", "the short per-scene fit of an aggregated bundle to its photos (Fit to Photos)"),
     "render": ("headless_train.render", "a scene bundle rendered along a dataset's cameras to PNG frames"),
     "check-corpus": ("npbgpp_core.datasets.corpus", "check a training corpus folder"),
     "prepare-capture": ("npbgpp_core.datasets.capture", "downscale and orient a COLMAP capture"),

@@ -1,0 +1,76 @@
+"""``python -m headless_train fit --bundle B.npbgpp --scene S --out F.npbgpp [--steps 200]``:
+the short per-scene fit of an aggregated NPBG++ bundle to its dataset's training photos
+(:func:`npbgpp_core.scene_fit.fit_bundle`, what the add-on's Fit to Photos runs), without
+Blender or Python code. Every output check runs before the fit; the bundle is written
+atomically."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+class FitError(RuntimeError):
+    """An input the fit command refuses (one line, exit 2)."""
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    from npbgpp_core.scene_fit import DEFAULT_STEPS
+
+    p = argparse.ArgumentParser(prog="python -m headless_train fit", description=__doc__)
+    p.add_argument("--bundle", required=True, help="an aggregated NPBG++ bundle (export of a weights file or "
+                   "NPBG++ checkpoint, the add-on's Aggregate)")
+    p.add_argument("--scene", required=True, help="the dataset folder the bundle was aggregated from")
+    p.add_argument("--out", required=True, help="the fitted bundle to write (.npbgpp)")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"fitting steps (default {DEFAULT_STEPS})")
+    p.add_argument("--weights", default="", help="NPBG++ weights file for the perceptual loss's encoder "
+                   "(default: the file the bundle was exported with, else the bundled one of its domain)")
+    p.add_argument("--format", default=None, help="dataset format (default: detected)")
+    p.add_argument("--undistort", action="store_true", help="distorted COLMAP / nerfstudio cameras (as export)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, ...")
+    return p.parse_args(argv)
+
+
+def fit(args: argparse.Namespace) -> str:
+    """Fit and write ``args.out``; returns its path."""
+    import torch
+
+    from npbgpp_core.atomic import check_output_file, check_output_suffix, same_file
+    from npbgpp_core.datasets import load_scene
+    from npbgpp_core.datasets.scene_data import scene_input_at
+    from npbgpp_core.scene_fit import BundleFit, check_steps
+
+    check_steps(args.steps)
+    check_output_suffix(args.out, ".npbgpp")
+    if os.path.exists(args.out) and same_file(args.out, args.bundle):
+        raise FitError(f"--out {args.out} is the --bundle it fits; write the fitted bundle to another file")
+    check_output_file(args.out, "fitted.npbgpp")
+    scene = load_scene(args.scene, format=args.format, **({"undistort": True} if args.undistort else {}))
+    replaced = scene_input_at(scene, args.out, (".npbgpp",))
+    if replaced is not None:
+        raise FitError(f"--out {args.out} is an input of the scene ({replaced}); write the bundle to another file")
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    job = BundleFit(args.bundle, scene, args.steps, args.weights, "", device)
+    while not job.step():
+        print(f"\rstep {job.done}/{job.total}", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    job.save(args.out)
+    losses = job.result.losses
+    print(f"fitted {job.views} views, {job.result.steps} steps in {job.result.seconds:.1f} s "
+          f"(loss {losses[0]:.4f} -> {losses[-1]:.4f})", file=sys.stderr)
+    return os.path.abspath(args.out)
+
+
+def main(argv: list[str]) -> int:
+    """0 on success, 2 with a one-line message on bad input."""
+    args = parse_args(argv)
+    try:
+        out = fit(args)
+    except (FitError, OSError, ValueError) as exc:  # DatasetError and the bundle's errors are ValueErrors
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0

@@ -1,0 +1,70 @@
+"""``python -m headless_train fit``: the library's bundle fit (fit_bundle) from the command
+line, with every output refusal made before the fit starts."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _train_fixtures import make_tiny_scene  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def scene_and_bundle(tmp_path_factory):
+    from headless_train.export import main as export_main
+    from npbgpp_core.pretrained import default_weights_path
+
+    root = tmp_path_factory.mktemp("fit")
+    folder = make_tiny_scene(str(root / "scene"), views=4, size=24, n_points=300, splits=(3, 0, 1))
+    bundle = str(root / "scene.npbgpp")
+    assert export_main(["--checkpoint", default_weights_path("npbgpp", "object"), "--scene", folder,
+                        "--out", bundle]) == 0
+    return folder, bundle
+
+
+def test_fit_command_writes_what_fit_bundle_writes(scene_and_bundle, tmp_path):
+    from headless_train.fit import main
+    from npbgpp_core.scene import NeuralScene
+    from npbgpp_core.scene_fit import fit_bundle
+
+    folder, bundle = scene_and_bundle
+    out = str(tmp_path / "fitted.npbgpp")
+    assert main(["--bundle", bundle, "--scene", folder, "--out", out, "--steps", "2", "--device", "cpu"]) == 0
+    fitted = NeuralScene.load(out)
+    assert fitted.kind != "npbgpp" and fitted.metadata["fit"]["steps"] == 2
+    assert fitted.metadata["fit"]["views"] == 3  # the training views only: the held-out one stays unseen
+    reference = str(tmp_path / "reference.npbgpp")
+    fit_bundle(bundle, folder, reference, steps=2)
+    expected = NeuralScene.load(reference)
+    assert torch.equal(fitted.features, expected.features)
+    assert torch.equal(fitted.points, expected.points)
+
+
+def test_fit_command_refuses_bad_outputs_before_fitting(scene_and_bundle, tmp_path, monkeypatch, capsys):
+    from headless_train import fit as fit_cli
+    from npbgpp_core import scene_fit
+
+    folder, bundle = scene_and_bundle
+    with open(bundle, "rb") as f:
+        original = f.read()
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("the fit started before the refusal")
+
+    monkeypatch.setattr(scene_fit, "BundleFit", no_fit)
+    link = str(tmp_path / "link.npbgpp")
+    os.symlink(bundle, link)
+    for out, message in ((bundle, "is the --bundle"), (link, "is the --bundle"),
+                         (str(tmp_path / "fitted.ply"), "must end with .npbgpp"),
+                         (str(tmp_path / "missing" / "fitted.npbgpp"), "does not exist")):
+        assert fit_cli.main(["--bundle", bundle, "--scene", folder, "--out", out, "--steps", "2"]) == 2
+        assert message in capsys.readouterr().err
+    assert fit_cli.main(["--bundle", bundle, "--scene", folder, "--out", str(tmp_path / "a.npbgpp"),
+                         "--steps", "0"]) == 2
+    assert "fit steps must be" in capsys.readouterr().err
+    with open(bundle, "rb") as f:
+        assert f.read() == original
