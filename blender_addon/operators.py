@@ -686,8 +686,12 @@ def densify_read_clouds(s: Any) -> tuple[tuple[str, str], ...]:
                               "read it)"))
     points, own = resolved(s, s.dataset_points), resolved(s, s.densify_output)
     if points and not (own and same_file(points, own)):
-        clouds.append((points, "the Dataset Points file, which Aggregate reads and no Densify Points of this "
-                               "dataset wrote (e.g. the Point Cloud it was imported with)"))
+        # also an earlier Densify output in a .blend saved before Densify Output existed: refused, as
+        # nothing tells it from the Point Cloud chosen at import there
+        clouds.append((points, "the Dataset Points file, which Aggregate reads and which is not recorded as "
+                               "Densify's own output (it may be the Point Cloud the dataset was imported with; a "
+                               ".blend saved before that record existed has none, even for an earlier Densify "
+                               "output)"))
     return tuple(clouds)
 
 

@@ -2441,6 +2441,15 @@ def test_densify_never_writes_over_a_cloud_the_dataset_reads_in_a_blend_without_
     assert bpy.ops.npbgpp.densify(filepath=str(dense), max_points=1000) == {"FINISHED"}
     assert len(load_ply(dense)) > 100
     assert {name: (root / name).read_bytes() for name in files} == files
+    # a .blend saved before Densify Output existed, its Dataset Points an earlier Densify output:
+    # refused (nothing tells it from a chosen Point Cloud), and the message says no more than that
+    sc.npbgpp.densify_output = ""
+    dense_cloud = dense.read_bytes()
+    refused(dense, re.escape(
+        f"Output PLY {dense} is the Dataset Points file, which Aggregate reads and which is not recorded as "
+        "Densify's own output (it may be the Point Cloud the dataset was imported with; a .blend saved before "
+        "that record existed has none, even for an earlier Densify output); choose another file."))
+    assert dense.read_bytes() == dense_cloud
     assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root), point_cloud="fused.ply") == {"FINISHED"}
     assert sc.npbgpp.densify_output == ""  # a new import's Densify output is none yet
 
