@@ -347,3 +347,28 @@ def clipped_estimate(geo: CameraGeometry, points: np.ndarray, sample: int = CLIP
     points = np.asarray(points).reshape(-1, 3)
     step = max(1, -(-len(points) // max(1, sample)))
     return clipped(geo, points[::step])
+
+
+def clip_note_text(found: Clipped, clip: tuple[float, float], camera: str, estimated: bool) -> str:
+    """The text of the clip note, F12's (engine.clip_note, exact counts) and the viewport's
+    (viewport.viewport_clip_note, a share estimated from a subset) alike, so that their
+    wording cannot drift: what the clip range ``clip`` (near, far) removes of the points in
+    view (``found``) and where to change it, ``camera``'s Lens properties (the camera's name)
+    or, with "", the 3D view's sidebar. Only an exact "all" says the frame is empty: an
+    estimate's subset may miss a point inside the range."""
+    near, far = clip
+    if camera:
+        where = f"the camera {camera!r}'s clip range ({near:.4g} .. {far:.4g})"
+        fix = "set Clip Start / End in the camera's Lens properties to include them"
+    else:
+        where = f"the 3D view's clip range ({near:.4g} .. {far:.4g})"
+        fix = "set Clip Start / End in the sidebar's View tab to include them"
+    depths = f"depths {found.nearest:.4g} .. {found.farthest:.4g}"
+    percent = 100.0 * found.removed / found.in_view
+    if estimated:
+        amount = "all the" if found.all else f"about {percent:.0f}% of the"
+        return f"{where} removes {amount} points in its view ({depths}); {fix}"
+    if found.all:
+        return f"{where} removes all {found.in_view} points in its view ({depths}): nothing rendered; {fix}"
+    amount = f"{found.removed} of the {found.in_view}"
+    return f"{where} removes {amount} points in its view ({percent:.0f}%, {depths}); {fix}"

@@ -9,7 +9,7 @@ from npbgpp_core.protocol import DEPTH
 
 from . import frames
 from .app_handlers import add_handlers, remove_handlers
-from .camera_bridge import CameraGeometry, clipped, scene_camera_geometry
+from .camera_bridge import CameraGeometry, clip_note_text, clipped, scene_camera_geometry
 from .colour import colour_note
 from .render_job import render_frame
 from .scene_snapshot import SceneSnapshot, snapshot
@@ -202,13 +202,7 @@ def clip_note(camera: bpy.types.Object, geo: CameraGeometry, snap: SceneSnapshot
     share = found.removed / found.in_view
     if partly and share < CLIP_NOTE_FRACTION:
         return ""
-    where = f"the camera {camera.name!r}'s clip range ({geo.near:.4g} .. {geo.far:.4g})"
-    fix = "set Clip Start / End in the camera's Lens properties to include them"
-    if found.all:
-        return (f"{where} removes all {found.in_view} points in its view (depths {found.nearest:.4g} .. "
-                f"{found.farthest:.4g}): nothing rendered; {fix}")
-    return (f"{where} removes {found.removed} of the {found.in_view} points in its view ({100.0 * share:.0f}%, "
-            f"depths {found.nearest:.4g} .. {found.farthest:.4g}); {fix}")
+    return clip_note_text(found, (geo.near, geo.far), camera.name, estimated=False)
 
 
 # Blender's engine template: every panel tagged BLENDER_RENDER shows for this engine,

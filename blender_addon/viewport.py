@@ -116,7 +116,7 @@ def viewport_clip_note(geo: CameraGeometry, points: np.ndarray | None, camera: s
     the points in view or an estimated :data:`engine.CLIP_NOTE_FRACTION` of them or more
     (:func:`clipped_estimate`, a bounded cost on every frame), what and how to fix it; else
     "". ``points``: what the frame draws (world), None when unknown."""
-    from .camera_bridge import clipped_estimate
+    from .camera_bridge import clip_note_text, clipped_estimate
     from .engine import CLIP_NOTE_FRACTION
 
     found = clipped_estimate(geo, points) if points is not None and len(points) else None
@@ -125,14 +125,7 @@ def viewport_clip_note(geo: CameraGeometry, points: np.ndarray | None, camera: s
     share = found.removed / found.in_view
     if share < CLIP_NOTE_FRACTION:
         return ""
-    if camera:
-        where = f"the camera {camera!r}'s clip range ({geo.near:.4g} .. {geo.far:.4g})"
-        fix = "set Clip Start / End in the camera's Lens properties to include them"
-    else:
-        where = f"the 3D view's clip range ({geo.near:.4g} .. {geo.far:.4g})"
-        fix = "set Clip Start / End in the sidebar's View tab to include them"
-    amount = "all" if found.all else f"about {100.0 * share:.0f}% of"
-    return f"{where} removes {amount} the points in view (depths {found.nearest:.4g} .. {found.farthest:.4g}); {fix}"
+    return clip_note_text(found, (geo.near, geo.far), camera, estimated=True)
 
 
 def region_geometry(region_data: Any, width: int, height: int,

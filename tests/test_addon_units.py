@@ -332,6 +332,43 @@ def test_viewport_frames_carry_the_clip_note_f12_gives(monkeypatch):
     assert len(reads) == 1 and shown >= 2
 
 
+def test_f12_and_viewport_clip_notes_word_the_same_facts_alike():
+    """F12's note (exact counts) and the viewport's (an estimated share) are built by one
+    function (camera_bridge.clip_note_text), so their wording cannot drift; their whole text
+    for 20 points on the optical axis at depths 1 .. 20, counted by hand: a range ending at
+    15.5 removes the 5 at 16 .. 20 (25%), one ending at 0.5 all of them."""
+    from types import SimpleNamespace
+
+    import blender_addon.engine as engine
+    from blender_addon.scene_snapshot import SceneSnapshot
+
+    points = np.stack([np.zeros(20), np.zeros(20), np.arange(1.0, 21.0)], axis=1)
+    K = np.array([[300.0, 0.0, 160.0], [0.0, 300.0, 120.0], [0.0, 0.0, 1.0]])
+    part = CameraGeometry(K, np.eye(3), np.zeros(3), (240, 320), 0.1, 15.5)
+    every = CameraGeometry(K, np.eye(3), np.zeros(3), (240, 320), 0.1, 0.5)
+    camera, snap = SimpleNamespace(name="Cam"), SceneSnapshot(points=points)
+    lens = "set Clip Start / End in the camera's Lens properties to include them"
+    sidebar = "set Clip Start / End in the sidebar's View tab to include them"
+    assert engine.clip_note(camera, part, snap, partly=True) == (
+        f"the camera 'Cam''s clip range (0.1 .. 15.5) removes 5 of the 20 points in its view (25%, depths 16 .. 20); "
+        f"{lens}")
+    assert engine.clip_note(camera, every, snap) == (
+        f"the camera 'Cam''s clip range (0.1 .. 0.5) removes all 20 points in its view (depths 1 .. 20): nothing "
+        f"rendered; {lens}")
+    assert viewport_clip_note(part, points, "Cam") == (
+        f"the camera 'Cam''s clip range (0.1 .. 15.5) removes about 25% of the points in its view (depths 16 .. 20); "
+        f"{lens}")
+    assert viewport_clip_note(every, points, "Cam") == (
+        f"the camera 'Cam''s clip range (0.1 .. 0.5) removes all the points in its view (depths 1 .. 20); {lens}")
+    assert viewport_clip_note(part, points, "") == (
+        f"the 3D view's clip range (0.1 .. 15.5) removes about 25% of the points in its view (depths 16 .. 20); "
+        f"{sidebar}")
+    assert viewport_clip_note(every, points, "") == (
+        f"the 3D view's clip range (0.1 .. 0.5) removes all the points in its view (depths 1 .. 20); {sidebar}")
+    # each says nothing where the other's rule does: F12's empty-frame note only of "all"
+    assert engine.clip_note(camera, part, snap) == "" and engine.clip_note(camera, every, snap, partly=True) == ""
+
+
 def test_scaled_geometry_matches_core():
     K = opencv_intrinsics(50, 36, 24, "AUTO", 0.1, 0.05, 64, 48)
     geo = CameraGeometry(K, np.eye(3), np.array([0.0, 0.0, 3.0]), (48, 64))
