@@ -39,13 +39,15 @@ addon: $(STAMP)
 gpu-kit: $(STAMP)
 	OMP_NUM_THREADS=1 nice -n 10 $(PY) bench/gpu_session.py prepare $(if $(CORPUS),--corpus $(CORPUS)) $(GPU_KIT_ARGS)
 
-# The same kit on a machine without any corpus (wiped): renders the environment scenes the
-# corpus budget carries (ENVS=auto, or a count) into .gpurun/envs (or CORPUS) with MODEL_CARD's
-# command, skipping finished ones, then packs them and renders the densify scene. Resumable:
-# run it again after an interruption; it prints each part's time and, when stopped, what remains.
-#   make gpu-kit-fresh [ENVS=8] [CORPUS=/elsewhere/envs] [GPU_KIT_ARGS=--no-densify]
+# The same kit on a machine without any corpus (wiped): renders the environment scenes and the
+# objects on white the corpus budget carries (ENVS / OBJECTS = auto, or a count) into
+# .gpurun/scenes (or CORPUS) with MODEL_CARD's commands, skipping finished ones, packs them with
+# the Z-up training captures of CAPTURES (bench/rebuild_captures.py --use training; without it
+# the kit is built with a warning) and renders the densify scene. Resumable: run it again after
+# an interruption; it prints each part's time and, when stopped, what remains.
+#   make gpu-kit-fresh [CAPTURES=/work/captures] [ENVS=6 OBJECTS=6] [CORPUS=/elsewhere] [GPU_KIT_ARGS=--no-densify]
 gpu-kit-fresh: $(STAMP)
-	OMP_NUM_THREADS=1 nice -n 10 $(PY) bench/gpu_session.py prepare --render-envs $(or $(ENVS),auto) $(if $(CORPUS),--corpus $(CORPUS)) $(GPU_KIT_ARGS)
+	OMP_NUM_THREADS=1 nice -n 10 $(PY) bench/gpu_session.py prepare --render-envs $(or $(ENVS),auto) --render-objects $(or $(OBJECTS),auto) $(if $(CAPTURES),--captures $(CAPTURES)) $(if $(CORPUS),--corpus $(CORPUS)) $(GPU_KIT_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -7,10 +7,14 @@ time in all, results only through ``$OUT``: at most 8 files of 16 MiB)::
     .venv/bin/python bench/gpu_session.py prepare --corpus /work/trainD/ready   # or `make gpu-kit`
     .venv/bin/python bench/gpu_session.py plan          # prints the two `run` calls again
 
-On a machine without a corpus, ``prepare --render-envs N|auto`` (``make gpu-kit-fresh``) first
-renders the environment scenes ``env_1..env_N`` missing in ``.gpurun/envs`` (or ``--corpus``)
-with MODEL_CARD's command (``auto``: enough to fill the corpus budget). Each part's time is
-printed; a prepare stopped by a signal or an error says what is done and what remains, and
+On a machine without a corpus, ``prepare --render-envs N|auto --render-objects N|auto
+--captures DIR`` (``make gpu-kit-fresh [CAPTURES=DIR]``) first renders the environment scenes
+``env_1..env_N`` and the objects on white ``random_1..random_N`` missing in ``.gpurun/scenes``
+(or ``--corpus``) with MODEL_CARD's commands (``auto``: as many of each as fill the corpus
+budget), and packs the three Z-up training captures of ``DIR`` (``skull``, ``lund``,
+``socketed_axe``, each once) with them: the model card's three families. Without them the kit
+is built all the same, with a warning naming the command that rebuilds them. Each part's time
+is printed; a prepare stopped by a signal or an error says what is done and what remains, and
 the same command resumes (finished scenes and kit parts are kept).
 
 ``prepare`` builds the ignored folder ``.gpurun/`` (the kit):
@@ -20,9 +24,13 @@ the same command resumes (finished scenes and kit parts are kept).
                  ``pip install --no-index`` into a temporary folder only when missing;
 - ``corpus/``    the training corpus downscaled by ``python -m headless_train stage pack``
                  and cut to a balanced set of scenes that fits the carried-size budget (room
-                 is kept for the stage state of a resumed call, see below);
-- ``envs/``      only with ``--render-envs`` and no ``--corpus``: the full-size environment
-                 scenes that ``corpus/`` is packed from (never carried);
+                 is kept for the stage state of a resumed call, see below): taken round-robin
+                 over the families (:func:`balanced_choice`), so each is represented and
+                 environments and objects stay equal, as in the card; each capture once (the
+                 card's 3 links a capture to 80 rendered scenes are under one entry a capture
+                 at the kit's 10-30 scenes);
+- ``scenes/``    only with ``--render-envs`` / ``--render-objects`` and no ``--corpus``: the
+                 full-size renders that ``corpus/`` is packed from (never carried);
 - ``densify/``   the scene of ``bench_densify.py --gpu`` (100 Cycles views of 1280x720: bpy
                  exists only here, so it is rendered here, about 15-20 minutes on 2 cores);
 - ``stage/``     only with ``--resume-from DIR``: the stage folder returned by an earlier
@@ -88,6 +96,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -113,14 +122,25 @@ NEEDED_MODULES = ("hydra", "omegaconf", "plyfile")
 WHEEL_PINS = ("hydra-core==1.3.2", "omegaconf==2.3.1", "antlr4-python3-runtime==4.9.3", "plyfile==1.0.3")
 DENSIFY_SCENE = ("textured_monkey", 100, (720, 1280))  # bench_densify.py gpu_plan: name, views, (h, w)
 DENSIFY_DONE = "transforms_train.json"  # written last by the render (bench_densify.render_scene's cache test)
-# The environment scenes of the training corpus (MODEL_CARD "Blender environments"), rendered by
-# `prepare --render-envs` on a machine that has none: the documented command and settings.
+# The two rendered families of the training corpus (MODEL_CARD "Training data"), rendered by
+# `prepare --render-envs / --render-objects` on a machine that has none: the documented
+# commands and settings. Environment scenes env_<seed>, one generator call for all seeds:
 ENV_GENERATOR = ("-m", "blender_addon.datagen.environments")
 ENV_RENDER_ARGS = ("--views", "24", "--size", "256x256", "--samples", "8")
-ENV_FOLDER = "envs"  # <kit>/envs: the full-size renders (ignored with the kit, never carried)
-# One env scene packed at --max-side 192 / --max-points 20000, the mean of env_1, env_2 and
-# env_901..904 (2.10-3.02 MiB, 2026-11-30): what `--render-envs auto` divides the budget by.
-ENV_PACKED_MIB = 2.4
+# Procedural objects on white random_<seed>, one call a scene (the command takes one --out):
+OBJECT_GENERATOR = ("-m", "blender_addon.datagen")
+OBJECT_RENDER_ARGS = ("--views", "24", "--size", "256x256")
+RENDER_FOLDER = "scenes"  # <kit>/scenes: the full-size renders (ignored with the kit, never carried)
+# One scene packed at --max-side 192 / --max-points 20000 (2026-11-30): env, the mean of env_1,
+# env_2 and env_901..904 (2.10-3.02 MiB); random, of random_1..3 (0.62-0.82 MiB); a training
+# capture (28-52 photos) from 6 prepared validation captures at 6-17 KiB a JPEG photo
+# (0.06-0.89 MiB). What `auto` divides the corpus budget by.
+PACKED_MIB = {"env": 2.4, "random": 0.75, "capture": 0.5}
+# The real captures trained on (MODEL_CARD "Real captures", use training), prepared Z-up, and
+# the command that rebuilds them (bench/rebuild_captures.py, from the card's git snapshots).
+TRAINING_CAPTURES = ("skull", "lund", "socketed_axe")
+CAPTURES_REBUILD = ("python bench/rebuild_captures.py --mirrors /work/.mirror --out DIR --use training "
+                    "--sfm-python <python with pycolmap> (snapshots: MODEL_CARD.md, 'Real captures')")
 
 # Time: the one source of every time figure of the kit (the calls it prints, the bounds of
 # --budget-s and --budgets, the check of a plan against the session).
@@ -335,23 +355,41 @@ def build_wheels(dest: Path, pins: Sequence[str] = WHEEL_PINS, python: str = sys
     return wheels
 
 
+# The model card's generated families; every other scene (the real captures) is one more.
+RENDERED_FAMILIES = ("env", "random")
+
+
 def scene_group(name: str) -> str:
     """A scene's family for a balanced choice: the name without a trailing ``_<number>`` and
     without ``_x2``-style variants (``env_12`` -> ``env``, ``skull_x3`` -> ``skull``)."""
     return re.sub(r"(_x\d+)?(_\d+)?$", "", name) or name
 
 
-def balanced_choice(sizes: dict[str, int], budget: int) -> list[str]:
-    """Scene names taken round-robin over their groups (smallest group first, scenes in
-    natural order) while they fit in ``budget`` bytes: every family is represented before
-    any has a second scene."""
-    def natural(s: str) -> list[Any]:
-        return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+def scene_family(name: str) -> str:
+    """A scene's family in the model card's corpus: ``env``, ``random`` (objects on white) or
+    ``capture`` (any other name: the real captures, ``skull``, ``lund_x2``, ...)."""
+    group = scene_group(name)
+    return group if group in RENDERED_FAMILIES else "capture"
 
-    groups: dict[str, list[str]] = {}
-    for name in sorted(sizes, key=natural):
-        groups.setdefault(scene_group(name), []).append(name)
-    queues = [groups[g] for g in sorted(groups, key=lambda g: (len(groups[g]), g))]
+
+def _natural(s: str) -> list[Any]:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+
+def balanced_choice(sizes: dict[str, int], budget: int) -> list[str]:
+    """Scene names taken round-robin over the families (:func:`scene_family`; the smallest
+    family first) while they fit in ``budget`` bytes: every family is represented before any
+    has a second scene, and environments and objects stay about equal, as in the model card
+    (40 and 40 scenes). Within a family, round-robin over its groups (``skull``, ``lund``,
+    then ``skull_x2``, ...), scenes in natural order."""
+    families: dict[str, dict[str, list[str]]] = {}
+    for name in sorted(sizes, key=_natural):
+        families.setdefault(scene_family(name), {}).setdefault(scene_group(name), []).append(name)
+    queues = []
+    for groups in families.values():
+        rounds = max(len(g) for g in groups.values())
+        queues.append([g[k] for k in range(rounds) for g in groups.values() if k < len(g)])
+    queues.sort(key=lambda q: (len(q), scene_family(q[0])))
     chosen, used = [], 0
     while any(queues):
         for q in queues:
@@ -360,24 +398,49 @@ def balanced_choice(sizes: dict[str, int], budget: int) -> list[str]:
                 if used + sizes[name] <= budget:
                     chosen.append(name)
                     used += sizes[name]
-    return sorted(chosen, key=natural)
+    return sorted(chosen, key=_natural)
+
+
+def linked_sources(corpus: str, extra: Sequence[Path], links: Path) -> str:
+    """The folder to pack: ``corpus`` itself, or with ``extra`` scene folders (the training
+    captures, kept elsewhere) ``links``, a fresh folder of links to ``corpus``'s scenes and
+    to them (``stage pack`` follows links). KitError when an extra scene's name is taken."""
+    if not extra:
+        return corpus
+    from npbgpp_core.atomic import is_listed_name
+
+    shutil.rmtree(links, ignore_errors=True)
+    links.mkdir(parents=True)
+    for scene in sorted(Path(corpus).iterdir()):
+        if scene.is_dir() and is_listed_name(scene.name):
+            (links / scene.name).symlink_to(scene.resolve())
+    for scene in extra:
+        if (links / scene.name).exists():
+            raise KitError(f"{corpus} already holds a scene {scene.name}: the capture {scene} would replace it in "
+                           "the kit's corpus; rename one of them")
+        (links / scene.name).symlink_to(scene.resolve())
+    return str(links)
 
 
 def pack_corpus(corpus: str, dest: Path, max_side: int, max_points: int, budget_mib: float,
-                scenes: str | None = None) -> dict[str, Any]:
-    """``stage pack`` of ``corpus`` into a scratch folder, then the balanced choice of its
-    scenes that fits ``budget_mib`` moved to ``dest``."""
+                scenes: str | None = None, extra: Sequence[Path] = ()) -> dict[str, Any]:
+    """``stage pack`` of ``corpus`` and the ``extra`` scene folders (each once) into a scratch
+    folder, then the balanced choice of their scenes that fits ``budget_mib`` moved to ``dest``."""
     from headless_train.stage import StageError, pack
 
     if budget_mib < 1:
         raise KitError(f"only {budget_mib:.1f} MiB are left for the corpus: carry less (no --resume-from, "
                        "fewer untracked files)")
     scratch = dest.parent / (dest.name + ".all")
+    links = dest.parent / (dest.name + ".sources")
     shutil.rmtree(scratch, ignore_errors=True)
     try:
-        sizes = pack(corpus, str(scratch), max_side, max_points, 10**6, scenes)["scene_bytes"]
+        sizes = pack(linked_sources(corpus, extra, links), str(scratch), max_side, max_points, 10**6,
+                     scenes)["scene_bytes"]
     except StageError as exc:
         raise KitError(str(exc)) from exc
+    finally:
+        shutil.rmtree(links, ignore_errors=True)
     try:
         chosen = balanced_choice(sizes, int(budget_mib * MIB))
         if not chosen:
@@ -390,7 +453,9 @@ def pack_corpus(corpus: str, dest: Path, max_side: int, max_points: int, budget_
         os.rename(tmp, dest)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return {"scenes": chosen, "of": len(sizes), "mib": round(sum(sizes[c] for c in chosen) / MIB, 2)}
+    families = {f: sum(scene_family(c) == f for c in chosen) for f in (*RENDERED_FAMILIES, "capture")}
+    return {"scenes": chosen, "of": len(sizes), "mib": round(sum(sizes[c] for c in chosen) / MIB, 2),
+            "families": families}
 
 
 def render_densify_scene(dest: Path) -> Path:
@@ -426,46 +491,79 @@ def restore_state(parts_dir: Path, stage_dir: Path) -> dict[str, Any]:
     return {"stage": str(stage_dir), "mib": round(path_bytes(stage_dir) / MIB, 1)}
 
 
-def parse_render_envs(text: str) -> int | str:
-    """``--render-envs``: a count of scenes >= 1, or ``auto`` (what the corpus budget carries)."""
-    if text == "auto":
-        return text
-    if not text.isdigit() or int(text) < 1:
-        raise KitError(f"--render-envs takes a number of scenes >= 1 or 'auto', got {text!r}")
-    return int(text)
+def render_count(flag: str) -> Any:
+    """The argument type of ``flag`` (``--render-envs``, ``--render-objects``): a count of
+    scenes >= 1, or ``auto`` (what the corpus budget carries)."""
+    def parse(text: str) -> int | str:
+        if text == "auto":
+            return text
+        if not text.isdigit() or int(text) < 1:
+            raise KitError(f"{flag} takes a number of scenes >= 1 or 'auto', got {text!r}")
+        return int(text)
+
+    return parse
 
 
-def envs_to_render(count: int | str, budget_mib: float) -> int:
-    """``count``, or for ``auto`` enough env scenes of ~:data:`ENV_PACKED_MIB` to fill
-    ``budget_mib`` of packed corpus (rounded up: the kit is filled, and at most about one
-    scene is rendered that it does not carry)."""
-    if count != "auto":
-        return int(count)
-    if budget_mib < 1:
-        raise KitError(f"the corpus budget ({budget_mib:.1f} MiB) holds no env scene of ~{ENV_PACKED_MIB} MiB: "
-                       "carry less (no --resume-from, fewer untracked files) or give --no-resume-room")
-    return math.ceil(budget_mib / ENV_PACKED_MIB)
+def scene_counts(requested: dict[str, int | str], budget_mib: float, captures: int = 0) -> dict[str, int]:
+    """How many scenes of each rendered family (``env``, ``random``) to render: the given
+    counts, and for ``auto`` equal counts (the card's 40 and 40) filling what ``budget_mib``
+    leaves after the given ones and ``captures`` training captures (~:data:`PACKED_MIB` each;
+    rounded up: the kit is filled, and at most about one scene a family is rendered that it
+    does not carry)."""
+    counts = {f: int(n) for f, n in requested.items() if n != "auto"}
+    auto = [f for f, n in requested.items() if n == "auto"]
+    if auto:
+        left = budget_mib - captures * PACKED_MIB["capture"] - sum(n * PACKED_MIB[f] for f, n in counts.items())
+        per_round = sum(PACKED_MIB[f] for f in auto)
+        if left < 1:
+            raise KitError(f"the corpus budget ({budget_mib:.1f} MiB, {left:.1f} after the other scenes) holds no "
+                           f"more scenes of ~{per_round:.1f} MiB: carry less (no --resume-from, fewer untracked "
+                           "files), give --no-resume-room, or give counts instead of auto")
+        counts.update({f: math.ceil(left / per_round) for f in auto})
+    return counts
 
 
-def missing_env_seeds(corpus: Path, count: int) -> list[int]:
-    """The seeds of 1..``count`` whose ``env_<seed>`` is not finished in ``corpus`` (the
-    generator's own test, so what it would skip is what is not listed here)."""
-    from blender_addon.datagen.environments import env_scene_done
+def scene_done(family: str, folder: Path) -> bool:
+    """Whether ``folder`` holds a finished scene of ``family``: the generator's own test, so
+    what it would skip is what counts as finished."""
+    if family == "env":
+        from blender_addon.datagen.environments import env_scene_done
 
-    return [seed for seed in range(1, count + 1) if not env_scene_done(str(corpus / f"env_{seed}"))]
+        return env_scene_done(str(folder))
+    from blender_addon.datagen.render import procedural_scene_done
 
-
-def env_render_command(corpus: Path, seeds: Sequence[int]) -> list[str]:
-    """The MODEL_CARD's environment command for ``seeds`` into ``corpus``."""
-    return [sys.executable, *ENV_GENERATOR, "--seeds", ",".join(map(str, seeds)), *ENV_RENDER_ARGS,
-            "--out", str(corpus)]
+    return procedural_scene_done(str(folder))
 
 
-def render_envs(corpus: Path, seeds: Sequence[int]) -> None:
-    """Run the environment generator for ``seeds`` (output shown as it comes); a stopped
-    prepare stops it too (its unfinished scene is a ``.partial-<pid>`` folder, redone next
-    time). KitError when it fails."""
-    proc = subprocess.Popen(env_render_command(corpus, seeds), cwd=ROOT)
+def missing_seeds(family: str, corpus: Path, count: int) -> list[int]:
+    """The seeds of 1..``count`` whose ``<family>_<seed>`` is not finished in ``corpus``.
+    KitError for an object scene folder that is neither finished nor empty: its command
+    refuses a non-empty ``--out`` (the environment generator redoes such a folder itself)."""
+    from npbgpp_core.atomic import occupied
+
+    missing = [seed for seed in range(1, count + 1) if not scene_done(family, corpus / f"{family}_{seed}")]
+    if family != "env":
+        stale = [str(corpus / f"{family}_{seed}") for seed in missing if occupied(corpus / f"{family}_{seed}")]
+        if stale:
+            raise KitError(f"{', '.join(stale)}: not a finished render (no transforms_train.json) and not empty, so "
+                           "the generator would refuse it: remove it and run the same command again")
+    return missing
+
+
+def render_commands(family: str, corpus: Path, seeds: Sequence[int]) -> list[list[str]]:
+    """The MODEL_CARD's commands that render ``seeds`` of ``family`` into ``corpus``."""
+    if family == "env":
+        return [[sys.executable, *ENV_GENERATOR, "--seeds", ",".join(map(str, seeds)), *ENV_RENDER_ARGS,
+                 "--out", str(corpus)]]
+    return [[sys.executable, *OBJECT_GENERATOR, "--procedural", f"{family}_{seed}", "--seed", str(seed),
+             *OBJECT_RENDER_ARGS, "--out", str(corpus / f"{family}_{seed}")] for seed in seeds]
+
+
+def run_generator(cmd: Sequence[str]) -> None:
+    """Run one generator command (output shown as it comes); a stopped prepare stops it too
+    (its unfinished scene is a ``.partial-<pid>`` folder, redone next time). KitError when
+    it fails."""
+    proc = subprocess.Popen(list(cmd), cwd=ROOT)
     try:
         rc = proc.wait()
     except BaseException:
@@ -477,7 +575,28 @@ def render_envs(corpus: Path, seeds: Sequence[int]) -> None:
             proc.wait()
         raise
     if rc != 0:
-        raise KitError(f"the environment generator exited with {rc} (its output is above)")
+        raise KitError(f"the generator exited with {rc} (its output is above): {shlex.join(cmd)}")
+
+
+def training_captures(folder: Path) -> tuple[list[Path], list[str]]:
+    """The prepared training captures in ``folder`` (``<name>/capture.json``, written last)
+    and the names missing there. KitError for one not prepared Z-up: the stage trains with
+    one up axis (+Z) for every scene."""
+    found, missing = [], []
+    for name in TRAINING_CAPTURES:
+        info = folder / name / "capture.json"
+        if not info.is_file():
+            missing.append(name)
+            continue
+        try:
+            orient = json.loads(info.read_text(encoding="utf-8")).get("orient", "keep")
+        except (OSError, ValueError, AttributeError) as exc:
+            raise KitError(f"{info}: not a capture.json prepare-capture writes ({exc})") from exc
+        if orient != "z-up":
+            raise KitError(f"{folder / name} was prepared with orient {orient!r}, the training stage needs its Z-up "
+                           f"copy (prepare-capture --orient z-up): {CAPTURES_REBUILD}")
+        found.append(folder / name)
+    return found, missing
 
 
 def check_corpus_folder(corpus: Path, root: Path = ROOT) -> None:
@@ -493,7 +612,7 @@ def check_corpus_folder(corpus: Path, root: Path = ROOT) -> None:
     if not ignored:
         raise KitError(f"--corpus {corpus} is inside the checkout and not ignored by git, so every `run` call would "
                        f"carry it: put it outside the checkout or under {KIT}/ (the default of --render-envs is "
-                       f"{KIT}/{ENV_FOLDER})")
+                       f"{KIT}/{RENDER_FOLDER})")
 
 
 class Interrupted(Exception):
@@ -540,28 +659,65 @@ class Progress:
         return "\n".join(lines)
 
 
+RENDER_PARTS = {"env": "env scenes", "random": "object scenes"}  # family -> its part of prepare
+
+
+def requested_renders(args: argparse.Namespace) -> dict[str, int | str]:
+    """The rendered families prepare is asked for (family -> count or ``auto``)."""
+    given = {"env": args.render_envs, "random": args.render_objects}
+    return {f: n for f, n in given.items() if n is not None}
+
+
+def captures_note(captures: str | None, missing: Sequence[str]) -> str | None:
+    """The warning for training captures the corpus will lack (None: it has them all)."""
+    if captures is None:
+        return (f"warning: no --captures: the corpus holds no real captures (the model card trains on "
+                f"{', '.join(TRAINING_CAPTURES)}, prepared Z-up); rebuild them with {CAPTURES_REBUILD}, then give "
+                "--captures DIR (make gpu-kit-fresh CAPTURES=DIR) and --rebuild-corpus")
+    if missing:
+        return (f"warning: {captures} lacks the training capture(s) {', '.join(missing)} (a folder with "
+                f"capture.json each): the corpus holds "
+                + ("no real captures" if len(missing) == len(TRAINING_CAPTURES) else "the others only")
+                + f"; rebuild them with {CAPTURES_REBUILD}")
+    return None
+
+
 def prepare(args: argparse.Namespace) -> int:
     """Build the kit; on a signal or an error say what was done and what remains."""
     kit = ROOT / args.kit
     corpus_dir = kit / "corpus"
-    if args.render_envs is not None and not args.corpus:
-        args.corpus = str(kit / ENV_FOLDER)
+    renders = requested_renders(args)
+    if renders and not args.corpus:
+        args.corpus = str(kit / RENDER_FOLDER)
     if not args.corpus and (args.rebuild_corpus or not corpus_dir.exists()):
         # before anything is built; `make gpu-kit` relies on this check
         raise KitError(f"no corpus yet: give --corpus DIR (scene folders; make gpu-kit CORPUS=DIR) to pack "
-                       f"{corpus_dir}, or --render-envs N|auto to render environment scenes first "
+                       f"{corpus_dir}, or --render-envs / --render-objects N|auto to render scenes first "
                        "(make gpu-kit-fresh)")
     if args.corpus:
         check_corpus_folder(Path(args.corpus))
     packs = args.rebuild_corpus or not corpus_dir.exists()
-    parts = ["wheels"] + (["env scenes"] if packs and args.render_envs is not None else []) + \
-        (["corpus"] if packs else []) + ([] if args.no_densify else ["densify scene"])
+    captures: list[Path] = []
+    if args.captures is not None:
+        if not Path(args.captures).is_dir():
+            raise KitError(f"--captures {args.captures}: folder not found (the prepared training captures "
+                           f"{', '.join(TRAINING_CAPTURES)}: {CAPTURES_REBUILD})")
+        captures, missing = training_captures(Path(args.captures))
+        note = captures_note(args.captures, missing)
+    else:
+        note = captures_note(None, ()) if renders else None
+    if not packs:
+        note = None  # a kept corpus: nothing is linked into it
+    if note:
+        print(note, flush=True)
+    parts = ["wheels"] + ([RENDER_PARTS[f] for f in renders] if packs else []) + (["corpus"] if packs else []) + \
+        ([] if args.no_densify else ["densify scene"])
     progress = Progress(parts)
     progress.notes["densify scene"] = lambda: (f"{densify_scene_name()}, one Cycles render (15-20 min on 2 cores); "
                                                "an unfinished one starts over")
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     try:
-        build_kit(args, kit, corpus_dir, progress)
+        build_kit(args, kit, corpus_dir, progress, captures)
     except Interrupted as exc:
         print(progress.report(f"stopped by {exc}"), file=sys.stderr, flush=True)
         return exit_status(exc.signum)
@@ -571,10 +727,32 @@ def prepare(args: argparse.Namespace) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     print(f"kit built: {', '.join(f'{n} {s:.0f} s' for n, s in progress.done)}", flush=True)
+    if note:
+        print(note, flush=True)  # again: the renders' output above is long
     return 0
 
 
-def build_kit(args: argparse.Namespace, kit: Path, corpus_dir: Path, progress: Progress) -> None:
+def unfinished_note(family: str, corpus: Path, count: int) -> str:
+    """What a stopped prepare says remains of a family's renders."""
+    left = missing_seeds(family, corpus, count)
+    return (f"{len(left)} of {family}_1..{family}_{count} unfinished in {corpus}"
+            + (f" ({', '.join(f'{family}_{s}' for s in left)})" if left else ""))
+
+
+def render_family(family: str, corpus: Path, count: int, budget: float) -> None:
+    """Render the unfinished ``<family>_1..<family>_<count>`` into ``corpus``."""
+    missing = missing_seeds(family, corpus, count)
+    cmds = render_commands(family, corpus, missing) if missing else []
+    print(f"{RENDER_PARTS[family]}: {family}_1..{family}_{count} in {corpus} (~{PACKED_MIB[family]} MiB packed "
+          f"each, corpus budget {budget:.1f} MiB); {count - len(missing)} finished, {len(missing)} to render"
+          + (f": {shlex.join(cmds[0])}" + (f" and {len(cmds) - 1} more like it" if len(cmds) > 1 else "")
+             if cmds else ""), flush=True)
+    for cmd in cmds:
+        run_generator(cmd)
+
+
+def build_kit(args: argparse.Namespace, kit: Path, corpus_dir: Path, progress: Progress,
+              captures: Sequence[Path] = ()) -> None:
     say = print
     kit.mkdir(exist_ok=True)
     with progress.part("wheels"):
@@ -589,37 +767,31 @@ def build_kit(args: argparse.Namespace, kit: Path, corpus_dir: Path, progress: P
         say(f"first call starts from {args.start_weights} ({kit / 'start.safetensors'})")
     if args.rebuild_corpus:
         shutil.rmtree(corpus_dir, ignore_errors=True)
+    renders = requested_renders(args)
     if corpus_dir.exists():
         say(f"corpus: kept {corpus_dir} ({path_bytes(corpus_dir) / MIB:.1f} MiB; --rebuild-corpus to redo it"
-            f"{', and to render env scenes for it' if args.render_envs is not None else ''})")
+            f"{', and to render scenes and link captures for it' if renders or captures else ''})")
     else:
         stage_dir = kit / "stage"
         state = path_bytes(stage_dir) if stage_dir.exists() else (0 if args.no_resume_room else None)
         budget = corpus_budget_mib(tree_bytes(), sum(w.stat().st_size for w in wheels), state)
         if args.corpus_mib is not None:
             budget = min(budget, args.corpus_mib)
-        if args.render_envs is not None:
-            with progress.part("env scenes"):
-                corpus = Path(args.corpus)
-                count = envs_to_render(args.render_envs, budget)
-                try:
-                    corpus.mkdir(parents=True, exist_ok=True)
-                except OSError as exc:
-                    raise KitError(f"cannot make the corpus folder {corpus}: {exc}") from exc
-                missing = missing_env_seeds(corpus, count)
-                progress.notes["env scenes"] = lambda: (
-                    f"{len(left := missing_env_seeds(corpus, count))} of env_1..env_{count} unfinished in {corpus}"
-                    + (f" ({', '.join(f'env_{s}' for s in left)})" if left else ""))
-                say(f"env scenes: env_1..env_{count} in {corpus} (a {budget:.1f} MiB corpus budget holds about "
-                    f"{budget / ENV_PACKED_MIB:.1f} of ~{ENV_PACKED_MIB} MiB packed); {count - len(missing)} "
-                    f"finished, {len(missing)} to render" + (f": {shlex.join(env_render_command(corpus, missing))}"
-                                                             if missing else ""))
-                if missing:
-                    render_envs(corpus, missing)
+        if renders:
+            counts = scene_counts(renders, budget, len(captures))
+            try:
+                Path(args.corpus).mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise KitError(f"cannot make the corpus folder {args.corpus}: {exc}") from exc
+            for family, count in counts.items():  # a stopped prepare names the scenes left of each
+                progress.notes[RENDER_PARTS[family]] = partial(unfinished_note, family, Path(args.corpus), count)
+            for family, count in counts.items():
+                with progress.part(RENDER_PARTS[family]):
+                    render_family(family, Path(args.corpus), count, budget)
         with progress.part("corpus"):
-            r = pack_corpus(args.corpus, corpus_dir, args.max_side, args.max_points, budget, args.scenes)
-            say(f"corpus: {len(r['scenes'])} of {r['of']} scenes, {r['mib']} MiB (budget {budget:.1f} MiB): "
-                f"{', '.join(r['scenes'])}")
+            r = pack_corpus(args.corpus, corpus_dir, args.max_side, args.max_points, budget, args.scenes, captures)
+            say(f"corpus: {len(r['scenes'])} of {r['of']} scenes, {r['mib']} MiB (budget {budget:.1f} MiB; "
+                f"{', '.join(f'{f} {n}' for f, n in r['families'].items())}): {', '.join(r['scenes'])}")
     if args.no_densify:
         say("densify scene: skipped (--no-densify); the speed call then times gpu_speed.py only")
     else:
@@ -1010,10 +1182,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                             f"train={DEFAULT_BUDGET_S['train']},speed={DEFAULT_BUDGET_S['speed']})")
         if mode == "prepare":
             m.add_argument("--corpus", default=None, help="training corpus to pack (scene folders; links followed; "
-                           f"with --render-envs default {KIT}/{ENV_FOLDER})")
-            m.add_argument("--render-envs", type=parse_render_envs, default=None, metavar="N|auto",
+                           f"with --render-envs / --render-objects default {KIT}/{RENDER_FOLDER})")
+            m.add_argument("--render-envs", type=render_count("--render-envs"), default=None, metavar="N|auto",
                            help="first render the environment scenes env_1..env_N missing in the corpus folder "
-                                "(MODEL_CARD's command, resumable); auto: as many as the corpus budget carries")
+                                "(MODEL_CARD's command, resumable); auto: as many as the corpus budget carries "
+                                "(as many as objects when both are auto)")
+            m.add_argument("--render-objects", type=render_count("--render-objects"), default=None,
+                           metavar="N|auto", help="the same for the procedural objects on white random_1..random_N")
+            m.add_argument("--captures", default=None,
+                           help=f"folder of the prepared Z-up training captures ({', '.join(TRAINING_CAPTURES)}), "
+                                "each packed into the corpus once")
             m.add_argument("--scenes", default=None, help="only these scene folders (comma list, shell patterns)")
             m.add_argument("--max-side", type=int, default=192)
             m.add_argument("--max-points", type=int, default=20000)

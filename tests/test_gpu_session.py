@@ -66,6 +66,19 @@ def test_corpus_budget_and_balanced_scene_choice():
     assert gs.balanced_choice(sizes, 7) == ["env_1", "random_1", "random_2", "skull", "skull_x2"]
     assert gs.balanced_choice(sizes, 100) == ["env_1", "env_2", "env_10", "random_1", "random_2", "skull", "skull_x2"]
     assert gs.balanced_choice(sizes, 0) == []
+    # the model card's three families: env, random (objects on white), capture (every other
+    # name); the captures count as one family, not one each, so they cannot crowd out the others
+    assert [gs.scene_family(n) for n in ("env_3", "random_12", "skull", "lund_x2", "socketed_axe")] == [
+        "env", "random", "capture", "capture", "capture"]
+    sizes = {"env_1": 3, "env_2": 3, "random_1": 1, "random_2": 1, "random_3": 1, "skull": 2, "lund": 2,
+             "socketed_axe": 2}
+    # families by size: env (2), capture (3), random (3); round 1: env_1, lund (natural order:
+    # lund before skull), random_1 (6 bytes); round 2: env_2 (9), skull (11), random_2 (12)
+    assert gs.balanced_choice(sizes, 12) == ["env_1", "env_2", "lund", "random_1", "random_2", "skull"]
+    # one group each for a capture: lund, skull, then their second links
+    assert gs.balanced_choice({"skull": 1, "skull_x2": 1, "lund": 1, "lund_x2": 1}, 3) == ["lund", "lund_x2", "skull"]
+    # tight: each family's first scene still comes before any second one
+    assert gs.balanced_choice(sizes, 6) == ["env_1", "lund", "random_1"]
 
 
 def test_stage_minutes_leave_the_stage_overhead_and_the_copies_their_time():
@@ -299,7 +312,7 @@ def test_render_envs_stopped_says_what_is_done_and_what_remains(tmp_path, monkey
     _stub_generator(monkeypatch, tmp_path, fail_after=1)
     assert gs.main(args) == 2
     err = capsys.readouterr().err
-    assert "the environment generator exited with 1" in err
+    assert "the generator exited with 1" in err
     assert "prepare stopped by this error during 'env scenes'" in err and "done: wheels (" in err
     assert "remaining: env scenes: 2 of env_1..env_3 unfinished in" in err and "(env_2, env_3)" in err
     assert "remaining: corpus\n" in err and "remaining: densify scene: textured_monkey_100_1280x720" in err
@@ -326,10 +339,146 @@ def test_render_envs_arguments_and_corpus_folder_are_checked(tmp_path, capsys):
     assert gs.main(["prepare", "--kit", str(kit), "--render-envs", "2", "--corpus", str(inside)]) == 2
     assert "is inside the checkout and not ignored by git" in capsys.readouterr().err
     assert not inside.parent.exists() and not kit.exists()  # refused before anything was made
-    gs.check_corpus_folder(ROOT / gs.KIT / gs.ENV_FOLDER)  # the default: ignored with the kit
+    gs.check_corpus_folder(ROOT / gs.KIT / gs.RENDER_FOLDER)  # the default: ignored with the kit
     # auto: enough ~2.4 MiB packed scenes to fill the budget (19.1 MiB: the default kit with
     # room for a stage state, 7.96 -> 8; 46.6 MiB: --no-resume-room, 19.4 -> 20)
-    assert [gs.envs_to_render("auto", b) for b in (19.1, 46.6, 2.4, 1.0)] == [8, 20, 1, 1]
-    assert gs.envs_to_render(30, 2.0) == 30
-    with pytest.raises(gs.KitError, match="holds no env scene"):
-        gs.envs_to_render("auto", 0.9)
+    assert [gs.scene_counts({"env": "auto"}, b)["env"] for b in (19.1, 46.6, 2.4, 1.0)] == [8, 20, 1, 1]
+    assert gs.scene_counts({"env": 30}, 2.0) == {"env": 30}
+    with pytest.raises(gs.KitError, match="holds no more scenes"):
+        gs.scene_counts({"env": "auto"}, 0.9)
+    # both auto: equal counts of env (2.4) and objects (0.75) in what 3 captures (0.5 each)
+    # leave: (19.1 - 1.5) / 3.15 = 5.6 -> 6 of each; (46.6 - 1.5) / 3.15 = 14.3 -> 15
+    assert gs.scene_counts({"env": "auto", "random": "auto"}, 19.1, 3) == {"env": 6, "random": 6}
+    assert gs.scene_counts({"env": "auto", "random": "auto"}, 46.6, 3) == {"env": 15, "random": 15}
+    # a given count is taken off first: (19.1 - 4 x 0.75) / 2.4 = 6.7 -> 7
+    assert gs.scene_counts({"env": "auto", "random": 4}, 19.1) == {"random": 4, "env": 7}
+    assert gs.main(["prepare", "--kit", str(kit), "--render-objects", "0"]) == 2
+    assert "--render-objects takes a number of scenes >= 1 or 'auto', got '0'" in capsys.readouterr().err
+
+
+# A stand-in for the objects command (`python <OBJECT_GENERATOR> --procedural random_<i> --seed
+# <i> ... --out DIR`, one scene a call): records its arguments, refuses a non-empty --out as the
+# real one does, writes a tiny scene (transforms_train.json included) at --out.
+OBJECT_STUB = r"""
+import json, os, sys
+sys.path[:0] = [{tests!r}, {root!r}]
+from _train_fixtures import make_tiny_scene
+args = sys.argv[1:]
+out = args[args.index("--out") + 1]
+with open({log!r}, "a") as f:
+    f.write(json.dumps(args) + "\n")
+if os.path.isdir(out) and os.listdir(out):
+    sys.exit(2)
+make_tiny_scene(out, views=4, size=16, n_points=50, seed=int(args[args.index("--seed") + 1]), splits=(3, 0, 1))
+"""
+
+
+def _stub_objects(monkeypatch, tmp_path: Path) -> Path:
+    log = tmp_path / "object_calls.jsonl"
+    code = OBJECT_STUB.format(tests=str(ROOT / "tests"), root=str(ROOT), log=str(log))
+    monkeypatch.setattr(gs, "OBJECT_GENERATOR", ("-c", code))
+    return log
+
+
+def _capture(folder: Path, name: str, orient: str | None = "z-up") -> Path:
+    """A stand-in prepared capture: a tiny scene with the capture.json prepare-capture writes
+    (``orient`` recorded only for a Z-up copy, as prepare_capture does)."""
+    from _train_fixtures import make_tiny_scene
+
+    make_tiny_scene(str(folder / name), views=4, size=16, n_points=50, seed=7, splits=(3, 0, 1))
+    (folder / name / "capture.json").write_text(json.dumps({"use": "training", **({"orient": orient} if orient
+                                                                                   else {})}))
+    return folder / name
+
+
+def test_fresh_kit_mixes_envs_objects_and_captures(tmp_path, monkeypatch, capsys):
+    kit, corpus, captures = _kit_with_wheels(tmp_path / "kit"), tmp_path / "scenes", tmp_path / "captures"
+    env_log, obj_log = _stub_generator(monkeypatch, tmp_path), _stub_objects(monkeypatch, tmp_path)
+    from _train_fixtures import make_tiny_scene
+
+    make_tiny_scene(str(corpus / "random_1"), views=4, size=16, n_points=50, seed=1, splits=(3, 0, 1))  # finished
+    _capture(captures, "skull")
+    _capture(captures, "lund")
+    (captures / "socketed_axe").mkdir()  # no capture.json: not prepared (missing)
+    args = ["prepare", "--kit", str(kit), "--corpus", str(corpus), "--no-densify", "--corpus-mib", "5",
+            "--render-envs", "2", "--render-objects", "3", "--captures", str(captures)]
+    assert gs.main(args) == 0
+    # only the unfinished object scenes, one call each, with the model card's command
+    assert [json.loads(line) for line in obj_log.read_text().splitlines()] == [
+        ["--procedural", f"random_{i}", "--seed", str(i), *gs.OBJECT_RENDER_ARGS, "--out", str(corpus / f"random_{i}")]
+        for i in (2, 3)]
+    assert len(env_log.read_text().splitlines()) == 1
+    out = capsys.readouterr().out
+    assert "object scenes: random_1..random_3" in out and "1 finished, 2 to render" in out
+    assert "--- object scenes: done in" in out
+    # the missing capture is named with the command that rebuilds it, before and after the build
+    assert out.count(f"warning: {captures} lacks the training capture(s) socketed_axe") == 2
+    assert "bench/rebuild_captures.py" in out and "--use training" in out
+    assert "env 2, random 3, capture 2" in out
+    packed = sorted(p.name for p in (kit / "corpus").iterdir())
+    assert packed == ["env_1", "env_2", "lund", "random_1", "random_2", "random_3", "skull"]
+    assert not (kit / "corpus" / "skull").is_symlink() and (kit / "corpus" / "skull" / "capture.json").is_file()
+    # the captures and the render folder are left as they were: no links, no scratch folders
+    assert sorted(p.name for p in corpus.iterdir()) == ["env_1", "env_2", "random_1", "random_2", "random_3"]
+    assert sorted(p.name for p in captures.iterdir()) == ["lund", "skull", "socketed_axe"]
+    assert sorted(p.name for p in kit.iterdir()) == ["corpus", "whl"]
+    # rebuilt: all finished, nothing rendered; a capture whose name the corpus holds is refused
+    _capture(corpus, "lund")
+    assert gs.main([*args, "--rebuild-corpus"]) == 2
+    assert f"{corpus} already holds a scene lund" in capsys.readouterr().err
+    assert len(obj_log.read_text().splitlines()) == 2 and not (kit / "corpus.sources").exists()
+
+
+def test_fresh_kit_without_captures_warns_and_bad_captures_are_refused(tmp_path, monkeypatch, capsys):
+    kit, corpus = _kit_with_wheels(tmp_path / "kit"), tmp_path / "scenes"
+    _stub_generator(monkeypatch, tmp_path)
+    obj_log = _stub_objects(monkeypatch, tmp_path)
+    args = ["prepare", "--kit", str(kit), "--corpus", str(corpus), "--no-densify", "--corpus-mib", "5",
+            "--render-objects", "1"]
+    assert gs.main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("warning: no --captures: the corpus holds no real captures") == 2
+    assert "skull, lund, socketed_axe" in out and "bench/rebuild_captures.py" in out
+    assert sorted(p.name for p in (kit / "corpus").iterdir()) == ["random_1"]
+    # a capture prepared without --orient z-up would train with the wrong up axis: refused
+    # before anything is built, as is a captures folder that does not exist
+    captures = tmp_path / "captures"
+    _capture(captures, "skull")
+    _capture(captures, "lund", orient=None)
+    assert gs.main([*args, "--rebuild-corpus", "--captures", str(captures)]) == 2
+    err = capsys.readouterr().err
+    assert f"{captures / 'lund'} was prepared with orient 'keep'" in err and "--orient z-up" in err
+    assert "prepare stopped" not in err and (kit / "corpus").exists()  # the kept corpus is untouched
+    assert gs.main([*args, "--captures", str(tmp_path / "nowhere")]) == 2
+    assert f"--captures {tmp_path / 'nowhere'}: folder not found" in capsys.readouterr().err
+    # an object folder neither finished nor empty: the generator would refuse it, so prepare does
+    (corpus / "random_2").mkdir()
+    (corpus / "random_2" / "stray.txt").write_text("x")
+    assert gs.main([*args[:-1], "2", "--rebuild-corpus"]) == 2
+    err = capsys.readouterr().err
+    assert f"{corpus / 'random_2'}: not a finished render" in err and "remove it" in err
+    assert len(obj_log.read_text().splitlines()) == 1
+
+
+def test_fresh_kit_stopped_names_what_remains_of_each_family(tmp_path, monkeypatch, capsys):
+    kit, corpus = _kit_with_wheels(tmp_path / "kit"), tmp_path / "scenes"
+    _stub_generator(monkeypatch, tmp_path, fail_after=1)
+    _stub_objects(monkeypatch, tmp_path)
+    assert gs.main(["prepare", "--kit", str(kit), "--corpus", str(corpus), "--corpus-mib", "5",
+                    "--render-envs", "2", "--render-objects", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "prepare stopped by this error during 'env scenes'" in err
+    assert "remaining: env scenes: 1 of env_1..env_2 unfinished" in err and "(env_2)" in err
+    assert "remaining: object scenes: 2 of random_1..random_2 unfinished" in err and "(random_1, random_2)" in err
+
+
+def test_procedural_scene_done_is_the_renders_own_finished_test(tmp_path):
+    """A finished render holds transforms_train.json (written inside the atomic folder), so
+    the kit's test and the command's refusal of a non-empty --out agree on every state."""
+    from blender_addon.datagen.render import procedural_scene_done, render_procedural_scene
+
+    out = tmp_path / "random_5"
+    assert not procedural_scene_done(str(out))
+    render_procedural_scene("random_5", str(out), views=2, size=(8, 8), seed=5, samples=1, points=10)
+    assert procedural_scene_done(str(out))
+    assert gs.missing_seeds("random", tmp_path, 6) == [1, 2, 3, 4, 6]

@@ -321,6 +321,14 @@ def render_views_steps(
     )
 
 
+def procedural_scene_done(scene_dir: str) -> bool:
+    """Whether ``scene_dir`` holds a finished render of this module: the folder only appears
+    complete (``atomic_directory``) and always with ``transforms_train.json``. The test
+    ``bench/gpu_session.py prepare --render-objects`` skips finished ``random_<seed>`` by (the
+    command line refuses any non-empty ``--out``), as ``environments.env_scene_done``."""
+    return os.path.isfile(os.path.join(scene_dir, "transforms_train.json"))
+
+
 def render_procedural_scene(
     name: str,
     out_dir: str,
