@@ -35,9 +35,10 @@ addon: $(STAMP)
 # The ignored .gpurun/ kit for a lent GPU session (bench/gpu_session.py): wheels, the packed
 # training corpus, the bench_densify --gpu scene; prints the two device `run` calls. Without
 # CORPUS the kit's packed corpus is kept (prepare refuses, before building anything, when none).
-#   make gpu-kit CORPUS=DIR [GPU_KIT_ARGS="--no-densify --scenes 'env_*'"]
+# CAPTURES=DIR adds the Z-up training captures of DIR to a corpus that lacks them.
+#   make gpu-kit CORPUS=DIR [CAPTURES=DIR] [GPU_KIT_ARGS="--no-densify --scenes 'env_*'"]
 gpu-kit: $(STAMP)
-	OMP_NUM_THREADS=1 nice -n 10 $(PY) bench/gpu_session.py prepare $(if $(CORPUS),--corpus $(CORPUS)) $(GPU_KIT_ARGS)
+	OMP_NUM_THREADS=1 nice -n 10 $(PY) bench/gpu_session.py prepare $(if $(CORPUS),--corpus $(CORPUS)) $(if $(CAPTURES),--captures $(CAPTURES)) $(GPU_KIT_ARGS)
 
 # The same kit on a machine without any corpus (wiped): renders the environment scenes and the
 # objects on white the corpus budget carries (ENVS / OBJECTS = auto, or a count) into
