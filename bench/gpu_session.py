@@ -536,18 +536,20 @@ def scene_done(family: str, folder: Path) -> bool:
 
 
 def missing_seeds(family: str, corpus: Path, count: int) -> list[int]:
-    """The seeds of 1..``count`` whose ``<family>_<seed>`` is not finished in ``corpus``.
-    KitError for an object scene folder that is neither finished nor empty: its command
-    refuses a non-empty ``--out`` (the environment generator redoes such a folder itself)."""
+    """The seeds of 1..``count`` whose ``<family>_<seed>`` is not finished in ``corpus``."""
+    return [seed for seed in range(1, count + 1) if not scene_done(family, corpus / f"{family}_{seed}")]
+
+
+def check_renderable(family: str, corpus: Path, seeds: Sequence[int]) -> None:
+    """KitError for an object scene folder of ``seeds`` that is neither finished nor empty:
+    its command refuses a non-empty ``--out`` (the environment generator redoes such a
+    folder itself)."""
     from npbgpp_core.atomic import occupied
 
-    missing = [seed for seed in range(1, count + 1) if not scene_done(family, corpus / f"{family}_{seed}")]
-    if family != "env":
-        stale = [str(corpus / f"{family}_{seed}") for seed in missing if occupied(corpus / f"{family}_{seed}")]
-        if stale:
-            raise KitError(f"{', '.join(stale)}: not a finished render (no transforms_train.json) and not empty, so "
-                           "the generator would refuse it: remove it and run the same command again")
-    return missing
+    stale = [str(corpus / f"{family}_{seed}") for seed in seeds if occupied(corpus / f"{family}_{seed}")]
+    if family != "env" and stale:
+        raise KitError(f"{', '.join(stale)}: not a finished render (no transforms_train.json) and not empty, so "
+                       "the generator would refuse it: remove it and run the same command again")
 
 
 def render_commands(family: str, corpus: Path, seeds: Sequence[int]) -> list[list[str]]:
@@ -742,6 +744,7 @@ def unfinished_note(family: str, corpus: Path, count: int) -> str:
 def render_family(family: str, corpus: Path, count: int, budget: float) -> None:
     """Render the unfinished ``<family>_1..<family>_<count>`` into ``corpus``."""
     missing = missing_seeds(family, corpus, count)
+    check_renderable(family, corpus, missing)
     cmds = render_commands(family, corpus, missing) if missing else []
     print(f"{RENDER_PARTS[family]}: {family}_1..{family}_{count} in {corpus} (~{PACKED_MIB[family]} MiB packed "
           f"each, corpus budget {budget:.1f} MiB); {count - len(missing)} finished, {len(missing)} to render"

@@ -457,6 +457,7 @@ def test_fresh_kit_without_captures_warns_and_bad_captures_are_refused(tmp_path,
     assert gs.main([*args[:-1], "2", "--rebuild-corpus"]) == 2
     err = capsys.readouterr().err
     assert f"{corpus / 'random_2'}: not a finished render" in err and "remove it" in err
+    assert "remaining: object scenes: 1 of random_1..random_2 unfinished" in err and "(random_2)" in err
     assert len(obj_log.read_text().splitlines()) == 1
 
 
