@@ -1,7 +1,8 @@
 """``python -m headless_train render --bundle B.npbgpp --scene S --out DIR [--views all]
 [--between N]``: render a scene bundle (NPBG++, fitted or NPBG) along the cameras of a
 dataset without Blender: one PNG per frame, the chosen views in order with ``N`` frames
-between each pair (centre and intrinsics linear, rotation along the shortest arc).
+between each pair (centre and intrinsics linear, rotation along the shortest arc), at the
+first view's size.
 ``DIR`` is built as ``DIR.partial-<pid>`` and renamed when complete; ``frames.json``
 lists every frame's camera and the views it lies between."""
 
@@ -67,13 +68,20 @@ def interpolate_pose(ra: np.ndarray, ca: np.ndarray, rb: np.ndarray, cb: np.ndar
 
 def path_cameras(scene, views: list[int], between: int, max_side: int | None) -> list[dict]:
     """The frames' cameras (K, R, t, size) along ``views``, ``between`` frames between each
-    pair, at the first view's size (long side at most ``max_side``)."""
+    pair, at the first view's size (long side at most ``max_side``). A view of another size
+    or aspect (portrait among landscape photos) is scaled by one factor to fit inside the
+    frame and centred in it (never stretched: its pixels stay square)."""
     from .data import _fit_size
 
     size = _fit_size(tuple(scene.views[views[0]].camera.image_size), max_side)
     poses = []
     for i in views:
-        K, R, t = (np.asarray(m, dtype=np.float64) for m in scene.camera(i, size).to_opencv())
+        h, w = scene.views[i].camera.image_size
+        scale = min(size[0] / h, size[1] / w)
+        fitted = (max(1, round(h * scale)), max(1, round(w * scale)))
+        K, R, t = (np.array(m, dtype=np.float64) for m in scene.camera(i, fitted).to_opencv())
+        K[0, 2] += (size[1] - fitted[1]) / 2.0  # centred: the same offset on both sides
+        K[1, 2] += (size[0] - fitted[0]) / 2.0
         poses.append((i, K, R, -R.T @ t))
     frames = []
     for k in range(len(poses)):

@@ -123,3 +123,26 @@ def test_render_refuses_bad_input_before_writing(scene_and_bundle, tmp_path, cap
     assert main(["--bundle", bundle, "--scene", folder, "--out", str(taken), "--device", "cpu"]) == 2
     assert "exists" in capsys.readouterr().err and os.listdir(taken) == ["keep.txt"]
     assert sorted(os.listdir(tmp_path)) == ["taken"]  # no output or temporary folder left by a refusal
+
+
+def test_a_view_of_another_aspect_is_fitted_into_the_frame_unstretched(scene_and_bundle):
+    """A portrait view among landscape ones (mouse's photos): one scale factor and a centred
+    principal point, so a point lands where the view shows it, shifted by the margin."""
+    import dataclasses
+
+    from headless_train.render import path_cameras
+
+    _, _, scene = scene_and_bundle
+    landscape = scene.views[0].camera.scaled((12, 24))  # the frame: 12 x 24
+    portrait = scene.views[1].camera.scaled((24, 12))
+    views = [dataclasses.replace(scene.views[0], camera=landscape),
+             dataclasses.replace(scene.views[1], camera=portrait), *scene.views[2:]]
+    odd = dataclasses.replace(scene, views=views)
+    frames = path_cameras(odd, [0, 1], 0, None)
+    assert [f["size"] for f in frames] == [[12, 24], [12, 24]]
+    K_view = np.asarray(portrait.scaled((12, 6)).to_opencv()[0])  # half size fits the 12 rows
+    K = np.asarray(frames[1]["K"])
+    assert K[0, 0] / K[1, 1] == pytest.approx(K_view[0, 0] / K_view[1, 1])  # square pixels stay square
+    assert K[0, 0] == pytest.approx(K_view[0, 0]) and K[1, 1] == pytest.approx(K_view[1, 1])
+    assert K[0, 2] == pytest.approx(K_view[0, 2] + 9.0) and K[1, 2] == pytest.approx(K_view[1, 2])  # (24 - 6) / 2
+    assert np.allclose(frames[0]["K"], np.asarray(landscape.to_opencv()[0]))  # the first view sets the frame
