@@ -428,7 +428,8 @@ class EpochAndLastCheckpoint(pl.Callback):
     last.ckpt every ``every_n_steps`` optimizer steps, and on Ctrl-C / SIGTERM / a crash
     writes last.ckpt before the process ends (so ``resume=true`` can continue). A run that
     ``max_steps`` or ``should_stop`` ends mid-epoch has its last.ckpt written at its last
-    batch's end, so that a resume continues that epoch. With
+    batch's end, so that a resume continues that epoch, and that epoch's file is a copy of
+    it (also unfinished). With
     ``keep_epochs=N`` only the N newest epoch files are kept (short epochs otherwise fill
     the disk); ``None`` keeps every one, as the published paths (``epoch38.ckpt``) expect.
 
@@ -458,6 +459,7 @@ class EpochAndLastCheckpoint(pl.Callback):
         self._sigint_pending = False
         self._sigint_previous: Any = None  # the SIGINT handler replaced while training
         self._at_epoch_end = False  # saving in on_train_epoch_end (see record_epoch_finished)
+        self._stopped_mid_epoch: tuple[int, int] | None = None  # (epoch, step) of a stop's last.ckpt
 
     @property
     def last_path(self) -> str:
@@ -522,24 +524,34 @@ class EpochAndLastCheckpoint(pl.Callback):
         step = trainer.global_step
         if step == self._last_saved_step:
             return
-        if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0:
+        # A stop mid-epoch writes here, not at the epoch's end that follows: Lightning's
+        # checkpoint there records the epoch as finished, so a resumed run skipped the rest of it
+        stops = _stops_mid_epoch(trainer)
+        if stops or (self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0):
             self._save_last(trainer)
-        elif _stops_mid_epoch(trainer):
-            # Written here, not at the epoch's end that follows: Lightning's checkpoint there
-            # records the epoch as finished, so a resumed run skipped the rest of it
-            self._save_last(trainer)
+        if stops:
+            self._stopped_mid_epoch = (trainer.current_epoch, step)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._stop_if_ctrl_c(trainer)
-        self._at_epoch_end = True
-        try:
-            trainer.save_checkpoint(os.path.join(self.dirpath, f"epoch{trainer.current_epoch}.ckpt"),
-                                    weights_only=False)
-            # a mid-epoch stop's last.ckpt was written at its last batch's end (on_train_batch_end)
-            if trainer.global_step != self._last_saved_step or not _epoch_has_batches_left(trainer):
-                self._save_last(trainer)
-        finally:
-            self._at_epoch_end = False
+        epoch_path = os.path.join(self.dirpath, f"epoch{trainer.current_epoch}.ckpt")
+        if (self._stopped_mid_epoch == (trainer.current_epoch, trainer.global_step)
+                and self._last_saved_step == trainer.global_step and _epoch_has_batches_left(trainer)):
+            # cut short by a stop: the epoch file is last.ckpt as written at that batch's end, which
+            # records the epoch unfinished, so that one copied to last.ckpt resumes the rest of it too
+            if trainer.is_global_zero:
+                with open(self.last_path, "rb") as f:
+                    atomic_write_bytes(epoch_path, f.read())
+        else:
+            self._at_epoch_end = True
+            try:
+                trainer.save_checkpoint(epoch_path, weights_only=False)
+                # a stop this callback did not see at the batch's end (should_stop set by a callback after
+                # it) keeps the last.ckpt written there, by every_n_steps, which records the epoch unfinished
+                if trainer.global_step != self._last_saved_step or not _epoch_has_batches_left(trainer):
+                    self._save_last(trainer)
+            finally:
+                self._at_epoch_end = False
         if self.keep_epochs is not None and trainer.global_rank == 0:
             self._drop_old_epochs(trainer.current_epoch)
 

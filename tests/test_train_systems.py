@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -1045,9 +1046,19 @@ def test_a_run_stopped_by_its_step_or_time_limit_resumes_where_it_stopped(data_r
         assert (last["global_step"], last["epoch"]) == (step, epoch), name
         assert sorted(os.listdir(run_dir / "checkpoints")) == ["epoch0.ckpt", "last.ckpt"], name
         assert seen == whole[:step], name
+        # resumed by hand from the epoch file (copied to last.ckpt): it records what last.ckpt
+        # does, the stopped epoch unfinished, so the rest of that epoch is trained too
+        by_hand = tmp_path / f"{name}_epoch_file"
+        shutil.copytree(run_dir, by_hand)
+        shutil.copyfile(run_dir / "checkpoints/epoch0.ckpt", by_hand / "checkpoints/last.ckpt")
+        epoch_file = torch.load(by_hand / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+        assert (epoch_file["global_step"], epoch_file["epoch"]) == (step, epoch), name
         run_inproc([*args, "trainer.max_steps=9", "resume=true"], str(run_dir))
         assert seen == whole, name
         assert step_count(str(run_dir / "checkpoints/last.ckpt")) == 9
+        seen[:] = whole[:step]
+        run_inproc([*args, "trainer.max_steps=9", "resume=true"], str(by_hand))
+        assert seen == whole, name
 
 
 def test_training_warns_nothing_of_lightnings_pytree_deprecation(data_root, tmp_path, recwarn):
