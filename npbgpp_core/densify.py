@@ -49,7 +49,6 @@ import sys
 import time
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -1137,10 +1136,10 @@ def check_output(out: str, scene, field: str = "--out") -> None:
         raise ValueError(f"{field} {exc}") from None
 
 
-def check_not_the_own_cloud(out: str, load_unchosen: Callable[[], Any], field: str = "--out") -> None:
+def check_not_the_own_cloud(out: str, own_cloud: Callable[[], str | None], field: str = "--out") -> None:
     """With a chosen cloud (pc_name), refuse an output ``out`` that is the format's own
-    cloud, the one the dataset is read with when none is chosen (``load_unchosen``: the
-    scene loaded without pc_name and with ``require_points=False``): :func:`check_output`
+    cloud, the one the dataset is read with when none is chosen (``own_cloud``: its file,
+    ``datasets.own_cloud_file``, found without reading the cloud again): :func:`check_output`
     sees only the chosen one, and a dense cloud written over points3d.ply destroyed the
     dataset's own cloud. A folder whose own cloud the loader cannot tell (several .ply)
     has none to refuse."""
@@ -1148,7 +1147,7 @@ def check_not_the_own_cloud(out: str, load_unchosen: Callable[[], Any], field: s
     from .datasets import DatasetError
 
     try:
-        own = load_unchosen().metadata.get("point_cloud")
+        own = own_cloud()
     except DatasetError:
         return
     if own and same_file(out, own):
@@ -1206,7 +1205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if a.threads > 0:
         torch.set_num_threads(a.threads)
-    from .datasets import DatasetError, load_scene
+    from .datasets import DatasetError, load_scene, own_cloud_file
     from .datasets.cloud_fit import scene_cloud_note
     from .ply import save_ply
 
@@ -1219,8 +1218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         scene = load_scene(a.scene, a.format, **options)  # refuses --undistort for a format without distortion
         check_output(a.out, scene)
         if a.pc_name:
-            unchosen = {k: v for k, v in options.items() if k != "pc_name"}
-            check_not_the_own_cloud(a.out, lambda: load_scene(a.scene, a.format, **unchosen))
+            check_not_the_own_cloud(a.out, lambda: own_cloud_file(a.scene, a.format))
         misfit = scene_cloud_note(scene) if a.pc_name else ""
         if misfit:  # its depth ranges would come from that cloud
             print(f"warning: {misfit}", file=sys.stderr)

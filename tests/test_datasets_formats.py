@@ -769,3 +769,64 @@ def test_other_clouds_lists_the_clouds_the_loader_did_not_read(tmp_path):
         "Also in the folder: dense/0/fused.ply (12.3 MB), dense/0/meshed-poisson.PLY (50 B), dense/fused.ply (1 kB), "
         "exports/pcd/point_cloud.ply (7 B), 2 more .ply; choose one with --pc-name")
     assert other_clouds(str(tmp_path / "gone"), None) == [] and other_clouds("", None) == []
+
+
+def _own_cloud_unread(monkeypatch, root: str, **options) -> str | None:
+    """``own_cloud_file`` with every cloud reader failing: it finds the file without reading it."""
+    import npbgpp_core.ply as ply
+    from npbgpp_core.datasets import colmap, own_cloud_file
+
+    def unread(*args, **kwargs):
+        raise AssertionError("a cloud was read")
+
+    with monkeypatch.context() as patch:
+        for module, name in ((ply, "load_scene_cloud"), (ply, "load_ply"), (colmap, "_read_points_bin"),
+                             (colmap, "_read_points_txt")):
+            patch.setattr(module, name, unread)
+        return own_cloud_file(root, **options)
+
+
+def test_own_cloud_file_is_the_cloud_each_loader_reads_unchosen_found_without_reading_it(tmp_path, monkeypatch):
+    """Densify's check that its output is not the format's own cloud (when another is chosen)
+    asks for that cloud's file without loading the dataset again: the file load_scene reads
+    with no pc_name (its metadata, with require_points=False), by each format's default
+    names, else the only .ply, else none (several .ply: the loader cannot tell, so None);
+    COLMAP's points3D file (.bin or .txt) where the loader reads the model's points."""
+    cams = make_cameras(4, seed=4)
+    scenes = {"nerf_synthetic": str(tmp_path / "lego"), "dtu": str(tmp_path / "scan1"),
+              "h3ds": str(tmp_path / "h3ds_scene"), "scannet": str(tmp_path / "scene0000_00")}
+    write_nerf(scenes["nerf_synthetic"])
+    write_idr(scenes["dtu"], make_cameras(49, seed=2), [f"{i:06d}.png" for i in range(49)], None)
+    write_idr(scenes["h3ds"], cams, [f"img_{i:04d}.jpg" for i in range(4)], [f"mask_{i:04d}.png" for i in range(4)])
+    write_scannet(scenes["scannet"])
+    defaults = {"nerf_synthetic": "points3d.ply", "dtu": "pointcloud.ply", "h3ds": "full.ply", "scannet": "full.ply"}
+    for fmt, root in scenes.items():
+        for name in os.listdir(root):
+            if name.endswith(".ply"):
+                os.remove(os.path.join(root, name))
+        assert detect_format(root) == fmt
+        cases = []
+        for kept, extra in ((defaults[fmt], "mine.ply"), ("mine.ply", None), ("mine.ply", "other.ply"), (None, None)):
+            for name in os.listdir(root):
+                if name.endswith(".ply"):
+                    os.remove(os.path.join(root, name))
+            for name in (kept, extra):
+                if name:
+                    save_ply(os.path.join(root, name), POINTS.astype(np.float32))
+            want = load_scene(root, require_points=False).metadata["point_cloud"]
+            cases.append(None if want is None else os.path.basename(want))
+            assert _own_cloud_unread(monkeypatch, root) == want, (fmt, kept, extra)
+            assert _own_cloud_unread(monkeypatch, root, pc_name="mine") == want, (fmt, kept, extra)
+        # the default name beats another cloud; the only .ply is read; several or none: none
+        assert cases == [defaults[fmt], "mine.ply", None, None], fmt
+    for binary in (True, False):
+        root = str(tmp_path / f"garden_{binary}")
+        write_colmap(root, binary)
+        save_ply(os.path.join(root, "fused.ply"), POINTS.astype(np.float32))  # not the model's own cloud
+        scene = load_scene(root)
+        assert scene.metadata["point_cloud"] == os.path.join(scene.metadata["sparse"], "points3D")
+        own = _own_cloud_unread(monkeypatch, root, format="colmap")
+        assert own == os.path.join(scene.metadata["sparse"], "points3D.bin" if binary else "points3D.txt")
+        os.remove(own)
+        assert load_scene(root, require_points=False).metadata["point_cloud"] is None
+        assert _own_cloud_unread(monkeypatch, root) is None

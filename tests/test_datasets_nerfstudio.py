@@ -876,3 +876,30 @@ def test_training_reads_input_views_from_the_copy_input_view_max_side_allows(tmp
     data.prefill_image_cache(cached)
     assert sorted(read) == sorted(os.path.join(root, folder, c["name"]) for folder in ("images", "images_2")
                                   for c in cams)
+
+
+def test_own_cloud_file_is_the_cloud_the_loader_reads_unchosen_found_without_reading_it(capture, monkeypatch):
+    """The nerfstudio cloud Densify must not write over when another is chosen: the file
+    load_scene reads with no pc_name (its metadata, require_points=False), ply_file_path
+    (none when that file is missing: no other .ply is taken in its place), else a default
+    name, found without reading a cloud."""
+    import npbgpp_core.ply as ply
+    from npbgpp_core.datasets import own_cloud_file
+
+    def unread_own_cloud() -> str | None:
+        with monkeypatch.context() as patch:
+            for name in ("load_scene_cloud", "load_ply"):
+                patch.setattr(ply, name, lambda *a, **k: pytest.fail("a cloud was read"))
+            return own_cloud_file(root, pc_name="dense")
+
+    root, _ = capture
+    save_ply(os.path.join(root, "dense.ply"), POINTS[:5].astype(np.float32))
+    found = []
+    for change in (lambda: None, lambda: os.remove(os.path.join(root, "sparse_pc.ply")),
+                   lambda: rewrite(root, lambda meta: meta.pop("ply_file_path")),
+                   lambda: os.remove(os.path.join(root, "dense.ply"))):
+        change()
+        want = load_scene(root, require_points=False).metadata["point_cloud"]
+        assert unread_own_cloud() == want
+        found.append(want)
+    assert found == [os.path.join(root, "sparse_pc.ply"), None, os.path.join(root, "dense.ply"), None]

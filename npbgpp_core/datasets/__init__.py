@@ -23,6 +23,7 @@ from typing import Any
 _EXPORTS = {
     "load_scene": ".loader",
     "format_options": ".loader",
+    "own_cloud_file": ".loader",
     "SceneData": ".scene_data",
     "View": ".scene_data",
     "Distortion": ".scene_data",

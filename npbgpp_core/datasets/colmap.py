@@ -261,6 +261,18 @@ def find_sparse_dir(root: str) -> str | None:
     return None
 
 
+def own_cloud_file(root: str, **options) -> str | None:
+    """The file of the model's own points (``points3D.bin``, else ``.txt``, as
+    :func:`_read_model` picks it), which :func:`load_colmap` reads when no ``pc_name``
+    names a cloud; found without reading it (None when there is none). ``options``: the
+    loader's, none of which moves it."""
+    sparse = find_sparse_dir(root)
+    if sparse is None:
+        return None
+    return next((p for p in (os.path.join(sparse, f"points3D.{e}") for e in ("bin", "txt")) if os.path.isfile(p)),
+                None)
+
+
 def _read_model(sparse: str):
     out = []
     for stem, rb, rt in (

@@ -24,41 +24,49 @@ def check_options(fmt: str, options: dict, allowed: Iterable[str]) -> None:
 PC_NAME_OPTIONS = ("pc_name= (headless_train: datasets.pc_name=, export --pc-name; densify --pc-name; "
                    "add-on: Import Dataset's Point Cloud)")
 
-def load_point_cloud(
+def find_point_cloud(
     root: str, pc_name: str | None, defaults: Sequence[str], require_points: bool = True
-) -> tuple[np.ndarray, np.ndarray | None, str | None]:
-    """Find and read the scene's point cloud.
-
-    ``pc_name`` (with or without ``.ply``, relative to ``root`` or absolute) wins; else
-    the first existing of ``defaults``; else the only ``.ply`` file in ``root``. A
-    Gaussian-splat file gives the splats with opacity >= ``ply.SCENE_MIN_OPACITY``.
-    Returns ``(points, colors, path)``; with ``require_points=False`` a missing cloud
-    gives ``(zeros (0, 3), None, None)``.
-    """
-    from ..ply import load_scene_cloud
-
+) -> str | None:
+    """The file :func:`load_point_cloud` reads, by its rules and with its errors, without
+    reading it: ``pc_name`` (with or without ``.ply``, relative to ``root`` or absolute)
+    wins; else the first existing of ``defaults``; else the only ``.ply`` file in ``root``.
+    None when there is none (or several) and ``require_points`` is False."""
     if pc_name is not None:
         # any letter case, as the folder scan below and check_output_suffix match it (FUSED.PLY)
         name = pc_name if pc_name.lower().endswith(".ply") else pc_name + ".ply"
         path = name if os.path.isabs(name) else os.path.join(root, name)
         if not os.path.isfile(path):
             raise DatasetError(f"{path}: point cloud file not found (pc_name={pc_name!r})")
-    else:
-        path = next((os.path.join(root, d) for d in defaults if os.path.isfile(os.path.join(root, d))), None)
-        if path is None:
-            plys = sorted(f for f in os.listdir(root) if f.lower().endswith(".ply"))
-            if len(plys) == 1:
-                path = os.path.join(root, plys[0])
-            elif not require_points:
-                return np.zeros((0, 3), np.float32), None, None
-            elif plys:
-                raise DatasetError(f"{root}: several point clouds {plys}; choose one with {PC_NAME_OPTIONS}")
-            else:
-                raise DatasetError(
-                    f"{root}: no point cloud found (looked for {list(defaults)} and any *.ply): put the scene's "
-                    f"cloud there as {defaults[0] if defaults else 'a .ply file'}, or name a .ply with "
-                    f"{PC_NAME_OPTIONS}"
-                )
+        return path
+    found = next((os.path.join(root, d) for d in defaults if os.path.isfile(os.path.join(root, d))), None)
+    if found is not None:
+        return found
+    plys = sorted(f for f in os.listdir(root) if f.lower().endswith(".ply"))
+    if len(plys) == 1:
+        return os.path.join(root, plys[0])
+    if not require_points:
+        return None
+    if plys:
+        raise DatasetError(f"{root}: several point clouds {plys}; choose one with {PC_NAME_OPTIONS}")
+    raise DatasetError(
+        f"{root}: no point cloud found (looked for {list(defaults)} and any *.ply): put the scene's "
+        f"cloud there as {defaults[0] if defaults else 'a .ply file'}, or name a .ply with "
+        f"{PC_NAME_OPTIONS}"
+    )
+
+
+def load_point_cloud(
+    root: str, pc_name: str | None, defaults: Sequence[str], require_points: bool = True
+) -> tuple[np.ndarray, np.ndarray | None, str | None]:
+    """Find (:func:`find_point_cloud`) and read the scene's point cloud. A Gaussian-splat
+    file gives the splats with opacity >= ``ply.SCENE_MIN_OPACITY``. Returns ``(points,
+    colors, path)``; with ``require_points=False`` a missing cloud gives ``(zeros (0, 3),
+    None, None)``."""
+    from ..ply import load_scene_cloud
+
+    path = find_point_cloud(root, pc_name, defaults, require_points)
+    if path is None:
+        return np.zeros((0, 3), np.float32), None, None
     try:
         pc = load_scene_cloud(path)
     except (ValueError, FileNotFoundError) as exc:

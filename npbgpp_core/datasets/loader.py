@@ -23,6 +23,29 @@ def _formats() -> dict[str, tuple[Callable[..., SceneData], tuple[str, ...]]]:
     }
 
 
+def own_cloud_file(path: str | os.PathLike, format: str | None = None, **options) -> str | None:
+    """The cloud file the scene in folder ``path`` is read with when no ``pc_name`` names
+    one (the format's default names or only ``.ply``, nerfstudio's ``ply_file_path``,
+    COLMAP's ``points3D``), found by the loader's own rules without reading the cloud or
+    the cameras; None when there is none or the loader could not tell (several ``.ply``).
+    ``format`` and ``options`` as for :func:`load_scene` (``pc_name`` is ignored)."""
+    from . import colmap, common, dtu, h3ds, nerf_synthetic, nerfstudio, scannet
+    from .detect import FORMATS, check_scene_folder, detect_format
+
+    root = os.path.abspath(os.fspath(path))
+    check_scene_folder(root)
+    format = format or detect_format(root)
+    by_default_names = {"nerf_synthetic": nerf_synthetic.DEFAULT_PC_NAMES, "dtu": dtu.DEFAULT_PC_NAMES,
+                        "h3ds": h3ds.DEFAULT_PC_NAMES, "scannet": scannet.DEFAULT_PC_NAMES}
+    if format in by_default_names:  # load_point_cloud's rules, as these loaders read it
+        return common.find_point_cloud(root, None, by_default_names[format], require_points=False)
+    if format == "colmap":
+        return colmap.own_cloud_file(root, **options)
+    if format == "nerfstudio":
+        return nerfstudio.own_cloud_file(root, **options)
+    raise DatasetError(f"{root}: unknown format {format!r}; choose one of {list(FORMATS)}")
+
+
 def format_options(format: str) -> tuple[str, ...]:
     """The options :func:`load_scene` takes for ``format``, so that a caller with settings
     shared by every format (the add-on's Import Dataset: Undistort, Allow External Paths)

@@ -328,16 +328,38 @@ def _split_lists(root: str, meta: dict, keys: list[str], allow_external: bool) -
     return out
 
 
+def _ply_file_path(root: str, meta: dict, allow_external: bool) -> str | None:
+    """The cloud the ``transforms.json`` names (``ply_file_path``), None when it names none."""
+    ply = meta.get("ply_file_path")
+    field = f"{os.path.join(root, FILE)} ply_file_path"
+    return None if ply is None else path_in_root(root, _posix(ply), field, allow_external)
+
+
+def _default_cloud(root: str) -> str | None:
+    """The first existing of :data:`DEFAULT_PC_NAMES` in ``root``, else None."""
+    return next((os.path.join(root, n) for n in DEFAULT_PC_NAMES if os.path.isfile(os.path.join(root, n))), None)
+
+
+def own_cloud_file(root: str, **options) -> str | None:
+    """The cloud file :func:`load_nerfstudio` reads when no ``pc_name`` names one (its
+    ``ply_file_path``, else the first of :data:`DEFAULT_PC_NAMES`), found as it finds it
+    but not read; None when there is none. ``options``: the loader's
+    (``allow_external_paths`` lets ``ply_file_path`` lie outside ``root``)."""
+    own = _ply_file_path(root, read_transforms_json(os.path.join(root, FILE)),
+                         bool(options.get("allow_external_paths", False)))
+    if own is not None:
+        return own if os.path.isfile(own) else None
+    return _default_cloud(root)
+
+
 def _point_cloud(root: str, meta: dict, options: dict, scale: float
                  ) -> tuple[np.ndarray, np.ndarray | None, str | None]:
     """(points, colours, path) in the poses' frame; ``scale``: the file's applied_scale."""
     from ..ply import load_scene_cloud
 
     require = options.get("require_points", True)
-    allow_external = bool(options.get("allow_external_paths", False))
     field = f"{os.path.join(root, FILE)} ply_file_path"
-    ply = meta.get("ply_file_path")
-    own = None if ply is None else path_in_root(root, _posix(ply), field, allow_external)
+    own = _ply_file_path(root, meta, bool(options.get("allow_external_paths", False)))
     if options.get("pc_name") is not None:
         pts, cols, path = load_point_cloud(root, options["pc_name"], (), require)
         if scale != 1.0 and own is not None and path is not None and same_file(path, own):
@@ -358,7 +380,7 @@ def _point_cloud(root: str, meta: dict, options: dict, scale: float
         if scale != 1.0:  # written before the scale (nerfstudio's reader multiplies it in as well)
             pts = check_points(pts.astype(np.float64) * scale, cols, own)[0]
         return pts, cols, path
-    found = next((os.path.join(root, n) for n in DEFAULT_PC_NAMES if os.path.isfile(os.path.join(root, n))), None)
+    found = _default_cloud(root)
     if found is not None:
         return load_point_cloud(root, found, (), require)
     if not require:

@@ -35,6 +35,7 @@ from .images import image_size_of
 from .scene_data import SceneData, View
 
 OPTIONS = ("pc_name", "require_points", "train_indices", "val_indices", "test_indices", "test_every")
+DEFAULT_PC_NAMES = ("full.ply",)
 
 
 # The only callables the pickle of a numpy object array needs (numpy 1.x and 2.x names).
@@ -130,7 +131,7 @@ def load_scannet(root: str, **options) -> SceneData:
         options.get("train_indices"), options.get("val_indices"), options.get("test_indices"),
     )
     points, colors, pc_path = load_point_cloud(
-        root, options.get("pc_name"), ("full.ply",), options.get("require_points", True)
+        root, options.get("pc_name"), DEFAULT_PC_NAMES, options.get("require_points", True)
     )
     return SceneData(
         name=os.path.basename(os.path.normpath(root)), root=root, format="scannet",
