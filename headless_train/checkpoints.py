@@ -25,6 +25,7 @@ import torch
 
 from npbgpp_core.atomic import atomic_write_bytes
 from npbgpp_core.pretrained import TRAINER_META_KEY
+from npbgpp_core.published import refusal
 
 from .lifeline import EXIT_SIGINT, EXIT_SIGTERM  # a run stopped by Ctrl-C / SIGTERM (128 + N)
 
@@ -113,6 +114,9 @@ def load_checkpoint_file(path: str, map_location: Any = "cpu") -> dict:
         with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
+        published = refusal(path)  # a published npbgplusplus file: say so, not 'a reference to omegaconf'
+        if published:
+            raise CheckpointError(published) from exc
         text = str(exc)
         glob = re.search(r"GLOBAL (\S+)", text)
         reason = re.search(r"WeightsUnpickler error: ([^\n.]+)", text)
@@ -131,6 +135,9 @@ def load_checkpoint_file(path: str, map_location: Any = "cpu") -> dict:
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):
         raise CheckpointError(f"checkpoint {path}: state_dict must map names to tensors")
+    published = refusal(path, state)  # one saved with plain-data hyper-parameters
+    if published:
+        raise CheckpointError(published)
     return ckpt
 
 

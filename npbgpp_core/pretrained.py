@@ -246,9 +246,14 @@ def _read_safetensors(path: str, kind: str) -> tuple[dict[str, Any], dict[str, A
 def _read_checkpoint(path: str, kind: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
     import torch
 
+    from .published import refusal
+
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - unreadable, truncated, or pickled code refused
+        published = refusal(path)  # a published npbgplusplus file: say so, not 'unsupported global'
+        if published:
+            raise WeightsError(published) from exc
         raise WeightsError(f"weights file {path} is not a readable torch checkpoint "
                            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
     if not isinstance(ckpt, dict):
@@ -262,6 +267,10 @@ def _read_checkpoint(path: str, kind: str) -> tuple[dict[str, Any], dict[str, An
         card.update(system=meta["system"], steps=ckpt.get("global_step", 0))
         return config, card, state
     config = ckpt["config"] if "config" in ckpt else ckpt.get("model_config")
+    state_keys = ckpt["state_dict"] if isinstance(ckpt.get("state_dict"), dict) else {}
+    published = refusal(path, [k for k in state_keys if isinstance(k, str)])
+    if published:  # plain-data hyper-parameters passed weights_only; the state dict tells
+        raise WeightsError(published)
     if config is None:
         # Loading with the default config would build another network than the one trained
         # (world_up, background, input_canvas, ...) or fail on a confusing key mismatch.

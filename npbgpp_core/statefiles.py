@@ -7,6 +7,8 @@ import os
 
 import torch
 
+from .published import refusal
+
 
 def load_state_dict_file(path: str | os.PathLike, what: str = "weights file") -> dict[str, torch.Tensor]:
     """Tensors of a local ``.safetensors`` or torch state-dict file (a Lightning-style
@@ -22,9 +24,15 @@ def load_state_dict_file(path: str | os.PathLike, what: str = "weights file") ->
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any read failure is a bad file
+        published = None if path.endswith(".safetensors") else refusal(path)
+        if published:
+            raise ValueError(f"{what}: {published}") from exc
         raise ValueError(f"{what}: cannot read {path}: {type(exc).__name__}: {exc}") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
+    published = refusal(path, [k for k in state if isinstance(k, str)]) if isinstance(state, dict) else None
+    if published:
+        raise ValueError(f"{what}: {published}")
     if not isinstance(state, dict):
         raise ValueError(f"{what}: {path} does not hold a state dict (got {type(state).__name__})")
     return state
