@@ -180,6 +180,10 @@ def _run(cfg: DictConfig, run_dir: str) -> dict | None:
     datamodule = SceneDataModule(cfg, seed=int(cfg.seed))
     up_spec = scfg.get("world_up")
     resolve_run_world_up(scfg, datamodule.scenes)
+    if name == "npbgpp" and cfg.eval_only and cfg.weights_path and resume_path is None:
+        note = export_world_up_note(scfg.get("world_up"), str(cfg.weights_path), source_ckpt, datamodule.scenes)
+        if note:
+            log.warning(note)
     if name == "coefficients_ft":
         # its model continues the resumed checkpoint's, else it is built from weights_path's
         source, source_path = ((resumed_meta, resume_path) if resume_path is not None else
@@ -288,6 +292,39 @@ def resolve_run_world_up(scfg: dict, scenes: list) -> None:
     scfg["world_up"] = [float(v) for v in up]
     log.info("system.world_up=%s: %s (from %d cameras of %d scene(s))", spec, _override(scfg["world_up"]),
              len(cameras), len(scenes))
+
+
+def export_world_up_note(run_up: Any, weights_path: str, source_ckpt: dict | None, scenes: list) -> str | None:
+    """A line saying so when this NPBG++ evaluation aggregates a scene about another up axis
+    than ``headless_train export`` of the same ``weights_path`` does (a weights file:
+    ``--world-up auto`` on the non-held-out views; a checkpoint: the axis its run stored), so
+    that metrics.json scores another aggregation than the exported bundle; None when they agree."""
+    from npbgpp_core.models.alignment import resolve_world_up, same_world_up
+
+    from .export import aggregated_views
+
+    if weights_path.lower().endswith(".safetensors"):
+        how = "--world-up auto, the mean up of the non-held-out cameras"
+        ups = [resolve_world_up("auto", [s.views[i].camera for i in aggregated_views(s, "non-held-out")])
+               for s in scenes]
+    else:
+        saved = ((source_ckpt or {}).get("npbgpp") or {}).get("config", {}).get("world_up")
+        if saved is None:
+            return None
+        how = "the system.world_up its run stored"
+        ups = [tuple(saved)] * len(scenes)
+    try:
+        differing = [(s.name, up) for s, up in zip(scenes, ups, strict=True) if not same_world_up(run_up, up)]
+    except (TypeError, ValueError):
+        return None  # a bad value is reported where the network is built
+    if not differing:
+        return None
+    scene, up = differing[0]
+    return (f"this evaluation aggregates about system.world_up={_override(list(run_up))}, but `python -m "
+            f"headless_train export` of {weights_path} aggregates scene {scene} about {_override(list(up))} ({how}): "
+            f"metrics.json and descriptors/ describe another aggregation than the exported bundle; "
+            f"system.world_up={'auto' if weights_path.lower().endswith('.safetensors') else _override(list(up))} "
+            "evaluates the bundle export writes")
 
 
 def resolve_coefficients_frame(scfg: dict, scene_names: list[str], source: dict, source_path: str,

@@ -284,3 +284,36 @@ def test_every_subcommand_module_has_main_and_is_listed_in_help(capsys):
     with pytest.raises(SystemExit):
         main(["stage", "--help"])
     assert "--corpus" in capsys.readouterr().out
+
+
+def test_npbgpp_evaluation_says_when_export_aggregates_about_another_up(tmp_path):
+    """An NPBG++ evaluation of a weights file aggregates about the configured system.world_up
+    (published +Y), export about --world-up auto: the note names the axis the exported bundle
+    really holds; a checkpoint's stored axis likewise; nothing when they agree."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from _train_fixtures import make_tiny_scene
+
+    from headless_train.cli import export_world_up_note
+    from headless_train.export import main as export_main
+    from npbgpp_core.datasets import load_scene
+    from npbgpp_core.pretrained import default_weights_path
+    from npbgpp_core.scene import NeuralScene
+
+    folder = make_tiny_scene(str(tmp_path / "scene"), views=4, size=24, n_points=200, splits=(3, 0, 1))
+    scene = load_scene(folder)
+    scene.name = "scene"
+    weights = default_weights_path("npbgpp", "object")
+    assert export_main(["--checkpoint", weights, "--scene", folder, "--out", str(tmp_path / "b.npbgpp")]) == 0
+    exported_up = [float(v) for v in NeuralScene.load(str(tmp_path / "b.npbgpp")).model_config["world_up"]]
+    assert max(abs(a - b) for a, b in zip(exported_up, (0.0, 1.0, 0.0), strict=True)) > 1e-3  # the case at hand
+    note = export_world_up_note([0.0, 1.0, 0.0], weights, None, [scene])
+    assert note is not None and "[" + ",".join(str(v) for v in exported_up) + "]" in note
+    assert "system.world_up=auto evaluates" in note
+    assert export_world_up_note(exported_up, weights, None, [scene]) is None
+    stored = {"npbgpp": {"config": {"world_up": [0.0, 0.0, 1.0]}}}
+    note = export_world_up_note([0.0, 1.0, 0.0], "run/checkpoints/last.ckpt", stored, [scene])
+    assert note is not None and "system.world_up=[0.0,0.0,1.0] evaluates" in note
+    assert export_world_up_note([0.0, 0.0, 2.0], "run/checkpoints/last.ckpt", stored, [scene]) is None
