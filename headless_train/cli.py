@@ -320,11 +320,15 @@ def export_world_up_note(run_up: Any, weights_path: str, source_ckpt: dict | Non
     if not differing:
         return None
     scene, up = differing[0]
+    # the numbers, not auto: this run resolves auto on the training views of all its scenes,
+    # export on each scene's non-held-out views (train and val), which differ when val views exist
+    if all(same_world_up(u, up) for u in ups):
+        fix = f"system.world_up={_override(list(up))} evaluates the bundle export writes"
+    else:
+        fix = "export's axes differ by scene: evaluate each scene alone with system.world_up= its axis"
     return (f"this evaluation aggregates about system.world_up={_override(list(run_up))}, but `python -m "
             f"headless_train export` of {weights_path} aggregates scene {scene} about {_override(list(up))} ({how}): "
-            f"metrics.json and descriptors/ describe another aggregation than the exported bundle; "
-            f"system.world_up={'auto' if weights_path.lower().endswith('.safetensors') else _override(list(up))} "
-            "evaluates the bundle export writes")
+            f"metrics.json and descriptors/ describe another aggregation than the exported bundle; {fix}")
 
 
 def resolve_coefficients_frame(scfg: dict, scene_names: list[str], source: dict, source_path: str,

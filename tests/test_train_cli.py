@@ -296,7 +296,7 @@ def test_npbgpp_evaluation_says_when_export_aggregates_about_another_up(tmp_path
     sys.path.insert(0, os.path.dirname(__file__))
     from _train_fixtures import make_tiny_scene
 
-    from headless_train.cli import export_world_up_note
+    from headless_train.cli import export_world_up_note, resolve_run_world_up
     from headless_train.export import main as export_main
     from npbgpp_core.datasets import load_scene
     from npbgpp_core.pretrained import default_weights_path
@@ -309,10 +309,26 @@ def test_npbgpp_evaluation_says_when_export_aggregates_about_another_up(tmp_path
     assert export_main(["--checkpoint", weights, "--scene", folder, "--out", str(tmp_path / "b.npbgpp")]) == 0
     exported_up = [float(v) for v in NeuralScene.load(str(tmp_path / "b.npbgpp")).model_config["world_up"]]
     assert max(abs(a - b) for a, b in zip(exported_up, (0.0, 1.0, 0.0), strict=True)) > 1e-3  # the case at hand
+    exported = "[" + ",".join(str(v) for v in exported_up) + "]"
     note = export_world_up_note([0.0, 1.0, 0.0], weights, None, [scene])
-    assert note is not None and "[" + ",".join(str(v) for v in exported_up) + "]" in note
-    assert "system.world_up=auto evaluates" in note
+    assert note is not None and f"system.world_up={exported} evaluates the bundle export writes" in note
     assert export_world_up_note(exported_up, weights, None, [scene]) is None
+    # with a val view, the run's auto (its training views) is not export's (every non-held-out
+    # view): the note names the numbers export uses, not auto, which would still differ
+    with_val = make_tiny_scene(str(tmp_path / "with_val"), views=5, size=24, n_points=200, splits=(3, 1, 1))
+    assert export_main(["--checkpoint", weights, "--scene", with_val, "--out", str(tmp_path / "v.npbgpp")]) == 0
+    val_up = [float(v) for v in NeuralScene.load(str(tmp_path / "v.npbgpp")).model_config["world_up"]]
+    val_scene = load_scene(with_val)
+    val_scene.name = "with_val"
+    scfg = {"world_up": "auto"}
+    resolve_run_world_up(scfg, [val_scene])
+    note = export_world_up_note(scfg["world_up"], weights, None, [val_scene])
+    assert note is not None and "system.world_up=auto" not in note
+    assert f"system.world_up=[{','.join(str(v) for v in val_up)}] evaluates" in note
+    assert export_world_up_note(val_up, weights, None, [val_scene]) is None
+    # two scenes whose exports use different axes: no one override evaluates both
+    note = export_world_up_note([0.0, 1.0, 0.0], weights, None, [scene, val_scene])
+    assert note is not None and "evaluate each scene alone" in note
     stored = {"npbgpp": {"config": {"world_up": [0.0, 0.0, 1.0]}}}
     note = export_world_up_note([0.0, 1.0, 0.0], "run/checkpoints/last.ckpt", stored, [scene])
     assert note is not None and "system.world_up=[0.0,0.0,1.0] evaluates" in note
