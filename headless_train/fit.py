@@ -46,7 +46,10 @@ def fit(args: argparse.Namespace) -> str:
     if os.path.exists(args.out) and same_file(args.out, args.bundle):
         raise FitError(f"--out {args.out} is the --bundle it fits; write the fitted bundle to another file")
     check_output_file(args.out, "fitted.npbgpp")
-    scene = load_scene(args.scene, format=args.format, **({"undistort": True} if args.undistort else {}))
+    # the bundle holds the points: the dataset gives photos and cameras, its cloud is not needed
+    # (as the add-on's Fit to Photos reads it; several .ply files or none are no error)
+    scene = load_scene(args.scene, format=args.format, require_points=False,
+                       **({"undistort": True} if args.undistort else {}))
     replaced = scene_input_at(scene, args.out, (".npbgpp",))
     if replaced is not None:
         raise FitError(f"--out {args.out} is an input of the scene ({replaced}); write the bundle to another file")

@@ -153,7 +153,9 @@ def fit_bundle(bundle_path: str, dataset: Any, out: str, steps: int = DEFAULT_ST
     :class:`BundleFit` (``aligned``: None is :data:`~npbgpp_core.fitting.FIT_ALIGNED`)."""
     from .datasets import load_scene
 
-    data = load_scene(os.fspath(dataset)) if isinstance(dataset, (str, os.PathLike)) else dataset
+    # the bundle holds the points; the dataset gives photos and cameras (it may have no cloud of its own)
+    data = (load_scene(os.fspath(dataset), require_points=False) if isinstance(dataset, (str, os.PathLike))
+            else dataset)
     job = BundleFit(bundle_path, data, steps, weights, domain, device, aligned)
     while not job.step():
         pass

@@ -68,3 +68,32 @@ def test_fit_command_refuses_bad_outputs_before_fitting(scene_and_bundle, tmp_pa
     assert "fit steps must be" in capsys.readouterr().err
     with open(bundle, "rb") as f:
         assert f.read() == original
+
+
+def test_fit_needs_no_cloud_of_the_dataset(tmp_path):
+    """The bundle holds the points, the dataset only photos and cameras (as the add-on's Fit
+    to Photos reads it): a folder whose cloud the loader cannot tell (two .ply files, no
+    default name) or that has none fits all the same, on the command line and in fit_bundle."""
+    import shutil
+
+    from headless_train.export import main as export_main
+    from headless_train.fit import main
+    from npbgpp_core.datasets import DatasetError, load_scene
+    from npbgpp_core.pretrained import default_weights_path
+    from npbgpp_core.scene import NeuralScene
+    from npbgpp_core.scene_fit import fit_bundle
+
+    several = make_tiny_scene(str(tmp_path / "several"), views=4, size=24, n_points=300, splits=(3, 0, 1))
+    bundle = str(tmp_path / "several.npbgpp")
+    assert export_main(["--checkpoint", default_weights_path("npbgpp", "object"), "--scene", several,
+                        "--out", bundle]) == 0
+    os.rename(os.path.join(several, "points3d.ply"), os.path.join(several, "a.ply"))
+    shutil.copyfile(os.path.join(several, "a.ply"), os.path.join(several, "b.ply"))
+    with pytest.raises(DatasetError, match="several point clouds"):
+        load_scene(several)  # the case at hand
+    out = str(tmp_path / "fitted.npbgpp")
+    assert main(["--bundle", bundle, "--scene", several, "--out", out, "--steps", "1", "--device", "cpu"]) == 0
+    assert NeuralScene.load(out).metadata["fit"]["steps"] == 1
+    for name in ("a.ply", "b.ply"):
+        os.remove(os.path.join(several, name))
+    assert fit_bundle(bundle, several, str(tmp_path / "library.npbgpp"), steps=1).steps == 1
