@@ -133,7 +133,8 @@ def render(args: argparse.Namespace) -> str:
             raise RenderError(f"--out {args.out} is or holds the input {source}: render into another folder")
     bundle = NeuralScene.load(args.bundle)
     options: dict = {"undistort": True} if args.undistort else {}
-    scene = load_scene(args.scene, format=args.format, **options)
+    # the bundle holds the points: only the dataset's cameras are used, its cloud is not needed
+    scene = load_scene(args.scene, format=args.format, require_points=False, **options)
     frames = path_cameras(scene, chosen_views(scene, args.views), args.between, args.max_side)
     device = args.device
     if device == "auto":

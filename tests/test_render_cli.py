@@ -146,3 +146,23 @@ def test_a_view_of_another_aspect_is_fitted_into_the_frame_unstretched(scene_and
     assert K[0, 0] == pytest.approx(K_view[0, 0]) and K[1, 1] == pytest.approx(K_view[1, 1])
     assert K[0, 2] == pytest.approx(K_view[0, 2] + 9.0) and K[1, 2] == pytest.approx(K_view[1, 2])  # (24 - 6) / 2
     assert np.allclose(frames[0]["K"], np.asarray(landscape.to_opencv()[0]))  # the first view sets the frame
+
+
+def test_render_needs_no_cloud_of_the_dataset(scene_and_bundle, tmp_path):
+    """The bundle holds the points, the dataset only the cameras: a folder whose cloud the
+    loader cannot tell (two .ply files, no default name) renders the same frames."""
+    import shutil
+
+    from npbgpp_core.datasets import DatasetError, load_scene
+
+    folder, bundle, _ = scene_and_bundle
+    several = str(tmp_path / "several")
+    shutil.copytree(folder, several)
+    os.rename(os.path.join(several, "points3d.ply"), os.path.join(several, "a.ply"))
+    shutil.copyfile(os.path.join(several, "a.ply"), os.path.join(several, "b.ply"))
+    with pytest.raises(DatasetError, match="several point clouds"):
+        load_scene(several)  # the case at hand
+    args = ["--bundle", bundle, "--views", "0", "--device", "cpu"]
+    assert main([*args, "--scene", folder, "--out", str(tmp_path / "own")]) == 0
+    assert main([*args, "--scene", several, "--out", str(tmp_path / "other")]) == 0
+    assert (tmp_path / "own" / "frame_0000.png").read_bytes() == (tmp_path / "other" / "frame_0000.png").read_bytes()
