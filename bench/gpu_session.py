@@ -744,7 +744,6 @@ def unfinished_note(family: str, corpus: Path, count: int) -> str:
 def render_family(family: str, corpus: Path, count: int, budget: float) -> None:
     """Render the unfinished ``<family>_1..<family>_<count>`` into ``corpus``."""
     missing = missing_seeds(family, corpus, count)
-    check_renderable(family, corpus, missing)
     cmds = render_commands(family, corpus, missing) if missing else []
     print(f"{RENDER_PARTS[family]}: {family}_1..{family}_{count} in {corpus} (~{PACKED_MIB[family]} MiB packed "
           f"each, corpus budget {budget:.1f} MiB); {count - len(missing)} finished, {len(missing)} to render"
@@ -788,6 +787,8 @@ def build_kit(args: argparse.Namespace, kit: Path, corpus_dir: Path, progress: P
                 raise KitError(f"cannot make the corpus folder {args.corpus}: {exc}") from exc
             for family, count in counts.items():  # a stopped prepare names the scenes left of each
                 progress.notes[RENDER_PARTS[family]] = partial(unfinished_note, family, Path(args.corpus), count)
+            for family, count in counts.items():  # before any render: the env scenes take minutes
+                check_renderable(family, Path(args.corpus), missing_seeds(family, Path(args.corpus), count))
             for family, count in counts.items():
                 with progress.part(RENDER_PARTS[family]):
                     render_family(family, Path(args.corpus), count, budget)

@@ -459,6 +459,12 @@ def test_fresh_kit_without_captures_warns_and_bad_captures_are_refused(tmp_path,
     assert f"{corpus / 'random_2'}: not a finished render" in err and "remove it" in err
     assert "remaining: object scenes: 1 of random_1..random_2 unfinished" in err and "(random_2)" in err
     assert len(obj_log.read_text().splitlines()) == 1
+    # refused before any render, also when env scenes (minutes each) come first
+    env_log = _stub_generator(monkeypatch, tmp_path)
+    assert gs.main([*args[:-1], "2", "--rebuild-corpus", "--render-envs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"{corpus / 'random_2'}: not a finished render" in err and "remaining: env scenes" in err
+    assert not env_log.exists() and len(obj_log.read_text().splitlines()) == 1
 
 
 def test_fresh_kit_stopped_names_what_remains_of_each_family(tmp_path, monkeypatch, capsys):
