@@ -157,20 +157,54 @@ def report_photo_colours(op: Any, scene: Any) -> None:
         op.report({"INFO"}, note)
 
 
-def _views_blender_cannot_frame(views: list) -> list[tuple[str, tuple[int, int], float]]:
-    """``(name, (h, w), fy / fx)`` of the dataset views whose cameras (:func:`create_camera`:
-    square pixels, at the scene's one resolution, the first view's) do not reproduce them:
-    another image size, or pixels more than 0.1% from square."""
+def _photo_size(view: Any) -> tuple[int, int]:
+    """(h, w) of a dataset view's photo."""
+    h, w = view.camera.image_size
+    return int(h), int(w)
+
+
+def render_photo_size(views: list) -> tuple[int, int]:
+    """(h, w) of the photo size most views have (ties: the earliest view's), the one render
+    resolution the import sets: a phone capture mixes portrait and landscape photos, and the
+    first view's size framed the minority wrongly (mouse: 17 portrait, 39 landscape)."""
+    sizes = [_photo_size(view) for view in views]
+    return max(sizes, key=lambda size: (sizes.count(size), -sizes.index(size)))
+
+
+def framing_warning(views: list, size: tuple[int, int]) -> str:
+    """What the import says of the dataset views whose cameras (:func:`create_camera`:
+    square pixels) do not reproduce their photo at the render resolution ``size`` (h, w):
+    another photo size, or pixels more than 0.1% from square (fy != fx), each counted with an
+    example, as one cure (the resolution) does not help the other; "" when every view fits."""
     if not views:
-        return []
-    size = tuple(views[0].camera.image_size)
-    out = []
-    for view in views:
-        K = view.camera.K
-        ratio = float(K[1][1]) / float(K[0][0])
-        if tuple(view.camera.image_size) != size or abs(ratio - 1.0) > 1e-3:
-            out.append((view.name, tuple(view.camera.image_size), ratio))
-    return out
+        return ""
+    other = [view for view in views if _photo_size(view) != tuple(size)]
+    ratios = [(float(view.camera.K[1][1]) / float(view.camera.K[0][0]), view) for view in views]
+    stretched = [(ratio, view) for ratio, view in ratios if abs(ratio - 1.0) > 1e-3]
+    if not other and not stretched:
+        return ""
+    h, w = size
+    parts = []
+    if other:
+        vh, vw = _photo_size(other[0])
+        has = "has a photo" if len(other) == 1 else "have photos"
+        parts.append(f"{len(other)} {has} of another size (e.g. {other[0].name} is {vw}x{vh}; set the resolution to "
+                     "a camera's photo size to render it)")
+    if stretched:
+        worst_ratio, worst = max(stretched, key=lambda rv: abs(rv[0] - 1.0))
+        if len(stretched) == 1:
+            which = f"1 has pixels that are not square ({worst.name}: fy/fx {worst_ratio:.3f})"
+        else:
+            low, high = min(r for r, _ in stretched), max(r for r, _ in stretched)
+            which = (f"{len(stretched)} have pixels that are not square (fy/fx {low:.3f} to {high:.3f}, e.g. "
+                     f"{worst.name}: {worst_ratio:.3f})")
+        parts.append(f"{which}, which Blender's square pixels cannot reproduce: their renders are stretched against "
+                     "the photo by that ratio")
+    count = len({id(v) for v in other} | {id(v) for _, v in stretched})
+    return (f"{count} of {len(views)} cameras do not render their photo's framing: Blender has one render "
+            f"resolution (now {w}x{h}, the most common photo size) and square pixels; "
+            + ", and ".join(parts) + ". Aggregate and Fit use the dataset's own cameras; each camera's photo size "
+            "is in its npbgpp_image_size property.")
 
 
 def _bundle_object(context: Any, bundle_points: np.ndarray) -> bpy.types.Object | None:
@@ -534,6 +568,7 @@ class IMPORT_SCENE_OT_npbgpp_dataset(bpy.types.Operator):
             context.scene.npbgpp.point_object = None
         collection = bpy.data.collections.new(f"{name} cameras")
         context.scene.collection.children.link(collection)
+        cameras = []
         for view in reply.views:
             c = view.camera
             cam = create_camera(view.name, np.array(c.K), np.array(c.R), np.array(c.t), c.image_size, context,
@@ -541,6 +576,7 @@ class IMPORT_SCENE_OT_npbgpp_dataset(bpy.types.Operator):
             for col in list(cam.users_collection):
                 col.objects.unlink(cam)
             collection.objects.link(cam)
+            cameras.append(cam)
             cam["npbgpp_image"] = view.image_path
             if no_cloud:
                 cam[CLIP_UNFITTED] = True  # Densify Points fits its clip range to the cloud it makes
@@ -554,13 +590,16 @@ class IMPORT_SCENE_OT_npbgpp_dataset(bpy.types.Operator):
         context.scene.npbgpp.dataset_format = reply.format or ""
         context.scene.npbgpp.dataset_undistort = self.undistort
         context.scene.npbgpp.dataset_allow_external_paths = self.allow_external_paths
-        if reply.views:
-            h, w = reply.views[0].camera.image_size
+        render_size = render_photo_size(reply.views) if reply.views else None
+        if render_size is not None:
+            h, w = render_size
             context.scene.render.resolution_x, context.scene.render.resolution_y = w, h
             context.scene.render.resolution_percentage = 100
             # the cameras are made for square pixels (and the warning below counts on them)
             context.scene.render.pixel_aspect_x = context.scene.render.pixel_aspect_y = 1.0
-            context.scene.camera = collection.objects[0]
+            # a camera whose photo has that size, so that F12 right after the import frames it
+            context.scene.camera = next(cam for cam, view in zip(cameras, reply.views, strict=True)
+                                        if _photo_size(view) == render_size)
         if no_cloud:
             # the hint first: Blender cuts a report after about 1000 characters, and the loader's can be long
             self.report({"INFO"}, f"Imported {len(reply.views)} cameras and no points: the dataset has no point "
@@ -576,14 +615,9 @@ class IMPORT_SCENE_OT_npbgpp_dataset(bpy.types.Operator):
             self.report({"WARNING"}, reply.cloud_note + ".")
         report_photo_colours(self, context.scene)
         widen_view_clips(self, context, reply.points)
-        unmatched = _views_blender_cannot_frame(reply.views)
-        if unmatched:
-            name, (vh, vw), ratio = unmatched[0]
-            self.report({"WARNING"}, f"{len(unmatched)} of {len(reply.views)} cameras do not render their photo's "
-                                     f"framing: Blender has one render resolution (now {w}x{h}, the first view's) "
-                                     f"and square pixels, and e.g. {name} is {vw}x{vh} with fy/fx {ratio:.3f}. "
-                                     "Aggregate and Fit use the dataset's own cameras; each camera's photo size is in "
-                                     "its npbgpp_image_size property.")
+        framing = framing_warning(reply.views, render_size) if render_size is not None else ""
+        if framing:
+            self.report({"WARNING"}, framing)
         if no_cloud:
             _drop_bundle_without_cloud(self, context, path)
         else:

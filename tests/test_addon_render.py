@@ -1517,7 +1517,9 @@ def test_import_dataset_warns_of_views_blender_cannot_frame(scene, capfd):
     root = scene["dir"] / "mixed"
     (root / "train").mkdir(parents=True)
     frames = []
-    for i, (w, h, fy_scale) in enumerate(((32, 24, 1.0), (24, 32, 1.0), (32, 24, 1.08))):
+    # the portrait photo first: the resolution is the most common size (a phone capture's first
+    # photo may be of the minority; mouse: 17 portrait, 39 landscape), not the first view's
+    for i, (w, h, fy_scale) in enumerate(((24, 32, 1.0), (32, 24, 1.0), (32, 24, 1.08))):
         Image.fromarray(np.full((h, w, 3), 90, np.uint8)).save(root / "train" / f"r_{i}.png")
         c2w = np.eye(4)
         c2w[:3, 3] = (0.2 * i, -4.0, 0.5)
@@ -1530,11 +1532,16 @@ def test_import_dataset_warns_of_views_blender_cannot_frame(scene, capfd):
     assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root)) == {"FINISHED"}
     warnings = [line for line in capfd.readouterr().out.splitlines() if line.startswith("Warning: ")]
     assert len(warnings) == 1 and "2 of 3 cameras do not render their photo's framing" in warnings[0]
-    assert "(now 32x24, the first view's)" in warnings[0] and "r_1 is 24x32 with fy/fx 1.000" in warnings[0]
+    assert "(now 32x24, the most common photo size)" in warnings[0]
+    # each cause counted on its own, as the resolution cures only the first
+    assert "1 has a photo of another size (e.g. train/r_0 is 24x32;" in warnings[0], warnings[0]
+    assert "1 has pixels that are not square (train/r_2: fy/fx 1.080)" in warnings[0], warnings[0]
+    sc = bpy.context.scene
+    assert (sc.render.resolution_x, sc.render.resolution_y) == (32, 24)
+    assert tuple(sc.camera["npbgpp_image_size"]) == (32, 24)  # F12 right away frames its photo
     sizes = sorted(tuple(o["npbgpp_image_size"]) for o in bpy.data.objects if "npbgpp_image_size" in o)
     assert sizes == [(24, 32), (32, 24), (32, 24)]
     # F12 through the portrait camera at the landscape resolution says so, and what to set.
-    sc = bpy.context.scene
     portrait = next(o for o in bpy.data.objects if tuple(o.get("npbgpp_image_size", ())) == (24, 32))
     landscape = next(o for o in bpy.data.objects if tuple(o.get("npbgpp_image_size", ())) == (32, 24))
     sc.camera = portrait
