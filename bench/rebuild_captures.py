@@ -189,6 +189,11 @@ def rebuild_one(entry: dict[str, Any], mirrors: str, out: str, sfm_python: str) 
         prov["licence_commit"] = entry["licence_commit"]
     partial = final + ".partial"
     summary = prepare_capture(src, partial, max_size=512, provenance=prov, overwrite=True, orient=entry["orient"])
+    # prepare-capture recorded the scratch folder it read, removed below: name the snapshot instead
+    summary["source"] = f"{repo}@{commit}:{entry['images']}" + (f" + {entry['sparse']}" if entry.get("sparse") else
+                                                               " (model recomputed by capture-sfm)")
+    with open(os.path.join(partial, "capture.json"), "w") as f:
+        json.dump(summary, f, indent=1)
     expected = entry["expected"]
     record["matches_card"] = {k: summary[k] == expected[k] for k in ("images", "points")}
     with open(os.path.join(partial, "rebuild.json"), "w") as f:

@@ -113,6 +113,7 @@ def test_rebuild_from_a_snapshot_then_skip(tmp_path, capsys):
     info = json.load(open(os.path.join(out, "cap", "capture.json")))
     assert (info["repo"], info["commit"], info["licence"], info["use"]) == ("owner/cap", commit, "CC BY 4.0",
                                                                             "validation")
+    assert info["source"] == f"owner/cap@{commit}:data/images + data/sparse/0"
     record = json.load(open(os.path.join(out, "cap", "rebuild.json")))
     assert record["matches_card"] == {"images": True, "points": True}
     assert record["photos"]["taken"] == 3 and record["photos"]["not_in_snapshot"] == ["big.jpg"]
