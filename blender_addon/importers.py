@@ -167,8 +167,10 @@ def render_photo_size(views: list) -> tuple[int, int]:
     """(h, w) of the photo size most views have (ties: the earliest view's), the one render
     resolution the import sets: a phone capture mixes portrait and landscape photos, and the
     first view's size framed the minority wrongly (mouse: 17 portrait, 39 landscape)."""
-    sizes = [_photo_size(view) for view in views]
-    return max(sizes, key=lambda size: (sizes.count(size), -sizes.index(size)))
+    from collections import Counter
+
+    counts = Counter(_photo_size(view) for view in views)  # one pass: a scan can have thousands of views
+    return max(counts, key=counts.__getitem__)  # ties: the first counted, the earliest view's size
 
 
 def framing_warning(views: list, size: tuple[int, int]) -> str:

@@ -1074,3 +1074,20 @@ def test_modal_job_starts_and_cleans_up_progress_timer_and_status():
     calls.clear()
     job._cleanup(SimpleNamespace(window_manager=wm, workspace=None))
     assert calls == [("end",)]
+
+
+def test_render_photo_size_is_the_most_common_size_ties_the_earliest():
+    """Import Dataset's one render resolution: the size most photos have, counted by hand
+    (3 landscape against 2 portrait, the portrait first); a tie goes to the earliest view's."""
+    from types import SimpleNamespace
+
+    from blender_addon.importers import render_photo_size
+
+    def views(*sizes):
+        return [SimpleNamespace(camera=SimpleNamespace(image_size=s)) for s in sizes]
+
+    portrait, landscape = (512, 384), (384, 512)
+    assert render_photo_size(views(portrait, landscape, portrait, landscape, landscape)) == landscape
+    assert render_photo_size(views(portrait, landscape, landscape, portrait)) == portrait
+    assert render_photo_size(views(landscape, portrait)) == landscape
+    assert render_photo_size(views(*[landscape] * 3000, *[portrait] * 2999)) == landscape
