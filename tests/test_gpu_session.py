@@ -489,3 +489,22 @@ def test_procedural_scene_done_is_the_renders_own_finished_test(tmp_path):
     render_procedural_scene("random_5", str(out), views=2, size=(8, 8), seed=5, samples=1, points=10)
     assert procedural_scene_done(str(out))
     assert gs.missing_seeds("random", tmp_path, 6) == [1, 2, 3, 4, 6]
+
+
+def test_training_captures_and_their_rebuild_command_follow_the_captures_manifest():
+    """The kit's training captures are bench/captures.json's (the model card's table) training
+    entries, each prepared Z-up there; the command the kit's warning prints is one
+    bench/rebuild_captures.py accepts, for those captures."""
+    import shlex
+
+    import rebuild_captures
+
+    manifest = json.loads((ROOT / "bench" / "captures.json").read_text())["captures"]
+    training = [c for c in manifest if c["use"] == "training"]
+    assert tuple(c["name"] for c in training) == gs.TRAINING_CAPTURES
+    assert {c["orient"] for c in training} == {"z-up"}
+    command = gs.CAPTURES_REBUILD.split(" (snapshots")[0].replace("<python with pycolmap>", "python3")
+    words = shlex.split(command)
+    assert words[:2] == ["python", "bench/rebuild_captures.py"]
+    args = rebuild_captures.parse_args(words[2:])
+    assert (args.use, args.out, args.names) == ("training", "DIR", None)
