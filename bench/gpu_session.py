@@ -132,10 +132,10 @@ OBJECT_GENERATOR = ("-m", "blender_addon.datagen")
 OBJECT_RENDER_ARGS = ("--views", "24", "--size", "256x256")
 RENDER_FOLDER = "scenes"  # <kit>/scenes: the full-size renders (ignored with the kit, never carried)
 # One scene packed at --max-side 192 / --max-points 20000 (2026-11-30): env, the mean of env_1,
-# env_2 and env_901..904 (2.10-3.02 MiB); random, of random_1..3 (0.62-0.82 MiB); a training
-# capture (28-52 photos) from 6 prepared validation captures at 6-17 KiB a JPEG photo
-# (0.06-0.89 MiB). What `auto` divides the corpus budget by.
-PACKED_MIB = {"env": 2.4, "random": 0.75, "capture": 0.5}
+# env_2 and env_901..904 (2.10-3.02 MiB); random, of random_1..3 (0.62-0.82 MiB); capture, of
+# the three training captures rebuilt by bench/rebuild_captures.py (0.26-0.42 MiB). What `auto`
+# divides the corpus budget by.
+PACKED_MIB = {"env": 2.4, "random": 0.75, "capture": 0.35}
 # The real captures trained on (MODEL_CARD "Real captures", use training), prepared Z-up, and
 # the command that rebuilds them (bench/rebuild_captures.py, from the card's git snapshots).
 TRAINING_CAPTURES = ("skull", "lund", "socketed_axe")

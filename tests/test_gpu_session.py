@@ -346,8 +346,8 @@ def test_render_envs_arguments_and_corpus_folder_are_checked(tmp_path, capsys):
     assert gs.scene_counts({"env": 30}, 2.0) == {"env": 30}
     with pytest.raises(gs.KitError, match="holds no more scenes"):
         gs.scene_counts({"env": "auto"}, 0.9)
-    # both auto: equal counts of env (2.4) and objects (0.75) in what 3 captures (0.5 each)
-    # leave: (19.1 - 1.5) / 3.15 = 5.6 -> 6 of each; (46.6 - 1.5) / 3.15 = 14.3 -> 15
+    # both auto: equal counts of env (2.4) and objects (0.75) in what 3 captures (0.35 each)
+    # leave: (19.1 - 1.05) / 3.15 = 5.7 -> 6 of each; (46.6 - 1.05) / 3.15 = 14.5 -> 15
     assert gs.scene_counts({"env": "auto", "random": "auto"}, 19.1, 3) == {"env": 6, "random": 6}
     assert gs.scene_counts({"env": "auto", "random": "auto"}, 46.6, 3) == {"env": 15, "random": 15}
     # a given count is taken off first: (19.1 - 4 x 0.75) / 2.4 = 6.7 -> 7
