@@ -10,8 +10,9 @@ the scene's colour management as the import left it, and under AgX (Blender's de
 and Standard set by hand.
 
 The library reference is the ``npbgpp_core`` pipeline at the same size: aggregated from
-the views the add-on aggregates (every training view: the held-out photo too, as the add-on
-has no split) and, as bench_quality does, from the input views only.
+the views the add-on aggregates (the dataset's training views: the add-on leaves its test split
+out too, so the held-out photo is unseen by both) and, as bench_quality does, from the input
+views (every view outside the test split, val included).
 
     OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python blender_addon/journey.py /work/captures/video_sfm
 

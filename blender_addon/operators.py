@@ -543,6 +543,18 @@ class _WorkerStepJob(_ModalJob):
             return self._finish(context)
 
 
+def held_out_note(used: int, total: int) -> str:
+    """The sentence Aggregate's report ends with when the dataset's split held views out: a
+    phone capture's user expects every photo to count, but COLMAP and nerfstudio folders
+    without split lists hold every 8th view out for evaluation, and Aggregate, Densify and
+    Fit read the training views only; "" when every view was used."""
+    if total <= used:
+        return ""
+    return (f" It used {used} of the dataset's {total} photos: its split holds {total - used} out for evaluation "
+            "(COLMAP and nerfstudio without split lists: every 8th, from the first), which Aggregate, Densify and "
+            "Fit to Photos do not read; F12 through their cameras shows unseen views.")
+
+
 def aggregate_cloud(s: Any) -> tuple[str, str]:
     """(setting, file) of the cloud Aggregate reads instead of the format's own: Dataset Points
     when set (Densify's output, or Import Dataset Folder's Point Cloud), else Dataset Cloud (that
@@ -578,6 +590,7 @@ class NPBGPP_OT_aggregate(_WorkerStepJob, bpy.types.Operator):
     _done: int = 0
     _network: str = ""  # the weights file the worker uses, and the domain that chose it
     _cloud_note: str = ""  # the worker's warning that the cloud misses the dataset's reconstruction
+    _held_out: str = ""  # held_out_note of the dataset's split
 
     def _inputs(self, context: Any) -> tuple[str, str, str] | None:
         """(weights, domain, dataset) or None (reported); see :func:`network_choice`."""
@@ -624,6 +637,7 @@ class NPBGPP_OT_aggregate(_WorkerStepJob, bpy.types.Operator):
         self._count, self._done = started.views, 0
         self._network = os.path.basename(started.weights) + (f" ({started.domain})" if started.domain else "")
         self._cloud_note = started.cloud_note
+        self._held_out = held_out_note(started.views, started.dataset_views)
         return self._progress()
 
     def _step(self) -> Progress:
@@ -652,7 +666,7 @@ class NPBGPP_OT_aggregate(_WorkerStepJob, bpy.types.Operator):
         setting, path = aggregate_cloud(s)
         cloud = f"of {setting} ({os.path.basename(path)})" if setting else "of the dataset's cloud"
         self.report({"INFO"}, f"Saved {reply.points} points {cloud} ({reply.valid} seen by the views) to {self._out}, "
-                              f"up axis ({up}), network {self._network}.{note}")
+                              f"up axis ({up}), network {self._network}.{note}{self._held_out}")
         if unchecked:
             self.report({"WARNING"}, unchecked)
         if self._cloud_note:

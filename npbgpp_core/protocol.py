@@ -156,6 +156,9 @@ class AggregationStarted(Reply):
     weights: str = ""  # the NPBG++ weights file in use (the bundled one chosen, when none was given)
     domain: str = ""  # the data domain that chose it ("scene" / "object"); "" when a file was given
     cloud_note: str = ""  # DatasetSummary.cloud_note of the cloud aggregated
+    # every view of the dataset; more than ``views`` when its split holds some out for evaluation
+    # (COLMAP and nerfstudio without split lists: every 8th), which Aggregate, Densify and Fit skip
+    dataset_views: int = 0
 
 
 @dataclass

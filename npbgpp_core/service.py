@@ -396,7 +396,7 @@ class RenderService:
         self.aggregation = DatasetAggregation(req)
         agg = self.aggregation
         return P.AggregationStarted(len(agg.views), list(agg.model.config.world_up), agg.weights, agg.domain,
-                                    agg.cloud_note)
+                                    agg.cloud_note, len(agg.data.views))
 
     def aggregate_view(self, req: P.AggregateView) -> P.Done:
         self._aggregation().add(int(req.index))

@@ -1670,6 +1670,39 @@ def test_aggregate_writes_a_bundle(scene):
     assert NeuralScene.load(scene["dir"] / "z.npbgpp").model_config["world_up"] == [0.0, 0.0, 1.0]
 
 
+def test_aggregate_says_how_many_photos_the_split_held_out(scene, capfd):
+    """A transforms.json capture without split lists holds every 8th view out (0 and 8 of 9),
+    and Aggregate reads the other 7: its report says so, as a phone capture's user expects
+    every photo to count. A capture whose views are all used gets no such sentence."""
+    import json
+
+    from PIL import Image
+
+    from npbgpp_core.ply import save_ply
+
+    def capture(name: str, frames: int):
+        root = scene["dir"] / name
+        (root / "images").mkdir(parents=True)
+        rows = []
+        for i in range(frames):
+            Image.fromarray(np.full((24, 32, 3), 60 + 10 * i, np.uint8)).save(root / "images" / f"f{i}.png")
+            c2w = [list(r) for r in scene["camera"].matrix_world]
+            c2w[0][3] += 0.05 * i
+            rows.append({"file_path": f"images/f{i}.png", "transform_matrix": c2w, "fl_x": 30.0, "fl_y": 30.0,
+                         "cx": 16.0, "cy": 12.0, "w": 32, "h": 24})
+        (root / "transforms.json").write_text(json.dumps({"frames": rows, "ply_file_path": "points.ply"}))
+        save_ply(str(root / "points.ply"), scene["points"], scene["colors"])
+        return root
+
+    for name, frames, note in (("nine", 9, "It used 7 of the dataset's 9 photos: its split holds 2 out for "
+                                           "evaluation"), ("one", 1, None)):
+        assert bpy.ops.import_scene.npbgpp_dataset(directory=str(capture(name, frames))) == {"FINISHED"}
+        capfd.readouterr()
+        assert bpy.ops.npbgpp.aggregate(filepath=str(scene["dir"] / f"{name}.npbgpp")) == {"FINISHED"}
+        out = capfd.readouterr().out
+        assert ("Saved 60 points" in out) and ((note in out) if note else ("photos: its split" not in out)), out
+
+
 def test_network_setting_picks_the_bundled_file(scene):
     """Network (Auto / Scenes and Captures / Objects on a Plain Background) picks which
     bundled NPBG++ file Aggregate uses; Auto detects it from the dataset's views; a Weights
