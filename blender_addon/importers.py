@@ -208,11 +208,11 @@ def framing_warning(views: list, size: tuple[int, int]) -> str:
             low, high = f"{min(r for r, _ in stretched):.3f}", f"{max(r for r, _ in stretched):.3f}"
             span = low if low == high else f"{low} to {high}, e.g. {worst.name}: {worst_ratio:.3f}"
             which = f"{len(stretched)} have pixels that are not square (fy/fx {span})"
-        parts.append(f"{which}, which Blender's square pixels cannot reproduce: their renders are stretched against "
-                     "the photo by that ratio")
+        parts.append(f"{which}: at square pixels their renders are stretched against the photo by that ratio "
+                     "(Pixel Aspect X / Y = fy/fx frames one; F12 through such a camera names the setting)")
     count = len({id(v) for v in other} | {id(v) for _, v in stretched})
     return (f"{count} of {len(views)} cameras do not render their photo's framing: Blender has one render "
-            f"resolution (now {w}x{h}, the most common photo size) and square pixels; "
+            f"resolution (now {w}x{h}, the most common photo size) and pixel aspect (now square); "
             + ", and ".join(parts) + ". Aggregate and Fit use the dataset's own cameras; each camera's photo size "
             "is in its npbgpp_image_size property.")
 
@@ -591,6 +591,9 @@ class IMPORT_SCENE_OT_npbgpp_dataset(bpy.types.Operator):
             if no_cloud:
                 cam[CLIP_UNFITTED] = True  # Densify Points fits its clip range to the cloud it makes
             cam["npbgpp_image_size"] = [int(c.image_size[1]), int(c.image_size[0])]  # width, height
+            fy_over_fx = float(c.K[1][1]) / float(c.K[0][0])
+            if stretch_pixels(fy_over_fx, int(c.image_size[0])) >= 0.5:  # F12 names the Pixel Aspect it needs
+                cam["npbgpp_fy_over_fx"] = fy_over_fx
         context.scene.npbgpp.dataset_path = stored(context.scene, path)
         # the new dataset's own cloud, not an older dense one; a chosen cloud is what Aggregate reads too
         context.scene.npbgpp.dataset_points = stored(context.scene, cloud) if cloud else ""

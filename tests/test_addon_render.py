@@ -1573,6 +1573,31 @@ def test_import_dataset_warns_of_views_blender_cannot_frame(scene, capfd):
     sc.render.pixel_aspect_x, sc.render.pixel_aspect_y = 1.0, 1.5
     sc.render.resolution_x, sc.render.resolution_y = 32, 16  # shows 32x24
     assert engine.framing_note(portrait, sc) and not engine.framing_note(landscape, sc)
+    # r_2's fy/fx 1.08: at its photo's size with square pixels F12 names the Pixel Aspect that
+    # frames it, and at that aspect Blender's own projection is the dataset camera's (a
+    # contradictory "the render is 32x24 ... set 32x24" came before); r_3's 0.06 px is not noted
+    from npbgpp_core.datasets import load_scene
+
+    stretched = bpy.data.objects["train/r_2"]
+    assert "npbgpp_fy_over_fx" not in bpy.data.objects["train/r_3"]
+    sc.render.resolution_x, sc.render.resolution_y, sc.render.resolution_percentage = 32, 24, 100
+    sc.render.pixel_aspect_x = sc.render.pixel_aspect_y = 1.0
+    assert not engine.framing_note(bpy.data.objects["train/r_3"], sc)
+    note = engine.framing_note(stretched, sc)
+    assert "fy/fx 1.0800" in note and "set Output Properties > Format > Resolution to 32x24 and Pixel Aspect X to " \
+        "1.0800, Y to 1.0000" in note, note
+    sc.render.pixel_aspect_x = 1.08
+    assert not engine.framing_note(stretched, sc)
+    data = load_scene(str(root))
+    index = next(i for i, v in enumerate(data.views) if v.name == "train/r_2")
+    ahead = np.random.default_rng(3).uniform([-0.6, -9.0, -0.4], [1.4, -7.0, 1.4], (80, 3))  # r_2 looks along -y
+    uv, depth = data.camera(index).project(ahead)
+    seen = (depth.numpy() > 0) & (uv.numpy() >= 0).all(1) & (uv.numpy() < [32, 24]).all(1)
+    assert seen.sum() > 20
+    got = np.array([tuple(world_to_camera_view(sc, stretched, Vector(p))) for p in ahead[seen]])
+    # Blender's 0..1 spans pixel edges, OpenCV's pixel centres are integers: half a pixel apart
+    np.testing.assert_allclose(got[:, 0] * 32 - 0.5, uv.numpy()[seen, 0], atol=1e-3)
+    np.testing.assert_allclose((1.0 - got[:, 1]) * 24 - 0.5, uv.numpy()[seen, 1], atol=1e-3)
 
 
 def test_import_dataset_framing_warning_counts_each_cause(addon):
