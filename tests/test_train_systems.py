@@ -416,12 +416,12 @@ def test_npbg_pretrain_then_fine_tune_and_export(data_root, tmp_path, caplog):
 
 
 def test_bad_inputs_give_clear_errors(data_root, tmp_path):
-    from headless_train.checkpoints import CheckpointError
+    from headless_train.cli import UsageError
     from headless_train.data import DataConfigError
 
     with pytest.raises(DataConfigError, match="nowhere"):
         run_inproc(["datasets=dtu_one_scene", f"datasets.data_root={tmp_path}/nowhere", *FAST], str(tmp_path / "r"))
-    with pytest.raises(CheckpointError, match="last.ckpt"):
+    with pytest.raises(UsageError, match="resume=true continues the run in .*, but it has no .*last.ckpt"):
         run_inproc(["datasets=nerf_blender_one_scene", f"datasets.data_root={data_root}",
                     "datasets.scene_name=sceneA", "resume=true", *FAST], str(tmp_path / "r"))
     empty = make_dataset(str(tmp_path / "empty"), ("sceneE",))
