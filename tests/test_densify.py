@@ -3,6 +3,8 @@ true depth, fusion against the true surface, masks, the command line and bad inp
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -575,3 +577,79 @@ def test_service_refuses_an_output_without_ply_before_any_work(ring_scene, tmp_p
         assert isinstance(reply, P.Failure) and f"output {out} must end with .ply" in reply.error, reply
         assert service.densify is None
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def _forward_walk(n: int = 5) -> list:
+    """Cameras walking straight towards the sphere, 0.4 apart, each looking along the walk
+    (slightly down): every pair's triangulation angle at the image centre is under 1 degree."""
+    from npbgpp_core.camera import Camera
+
+    return [Camera.look_at(eye=(-6.0 + 0.4 * i, 0.0, 0.0), target=(0.0, 0.0, -0.6), up=(0, 0, 1), fov_x_deg=60,
+                           image_size=(96, 128)) for i in range(n)]
+
+
+def _brute_score(ref, other, near: float, far: float) -> tuple[float, float]:
+    """(overlap, median angle in degrees) by the definition in choose_neighbors' docstring,
+    in float64 numpy from the OpenCV K, R, t: the 8x8 pixel grid unprojected at 6 depths
+    (equal steps in 1/depth) for the overlap; the angle at the grid's points at depth
+    sqrt(near * far) the other view sees (at the seen 6-depth points when it sees none)."""
+    K, R, t = (np.asarray(x, np.float64) for x in ref.to_opencv())
+    Ko, Ro, to = (np.asarray(x, np.float64) for x in other.to_opencv())
+    h, w = ref.image_size
+    gv, gu = np.meshgrid(np.linspace(0, h - 1, 8), np.linspace(0, w - 1, 8), indexing="ij")
+    rays = np.linalg.inv(K) @ np.stack([gu.ravel(), gv.ravel(), np.ones(64)])
+
+    def world(d: float) -> np.ndarray:
+        return R.T @ (rays * d - t[:, None])
+
+    def seen(X: np.ndarray) -> np.ndarray:
+        x = Ko @ (Ro @ X + to[:, None])
+        u, v = x[0] / x[2], x[1] / x[2]
+        oh, ow = other.image_size
+        return (x[2] > 0) & (u >= 0) & (u <= ow - 1) & (v >= 0) & (v <= oh - 1)
+
+    X = np.concatenate([world(d) for d in 1.0 / np.linspace(1.0 / near, 1.0 / far, 6)], 1)
+    mid = world(math.sqrt(near * far))
+    P = mid[:, seen(mid)] if seen(mid).any() else X[:, seen(X)]
+    if P.shape[1] == 0:
+        return 0.0, 0.0
+    a, b = (-R.T @ t)[:, None] - P, (-Ro.T @ to)[:, None] - P
+    cos = (a * b).sum(0) / (np.linalg.norm(a, axis=0) * np.linalg.norm(b, axis=0))
+    angles = np.sort(np.degrees(np.arccos(np.clip(cos, -1, 1))))
+    return float(seen(X).mean()), float(angles[(len(angles) - 1) // 2])  # the lower middle value for an even count
+
+
+def test_neighbours_of_a_forward_walk_are_scored_by_their_median_angle():
+    """A walk forward (a street, a corridor): the angle at the image centre is under 1
+    degree for every pair, so scoring by it dropped the views ahead and behind; the median
+    angle over the reference's grid points at mid depth keeps them, with the score the
+    docstring defines (brute force in float64 numpy)."""
+    from npbgpp_core.densify import _cam, choose_neighbors
+
+    cams = _forward_walk()
+    near, far = 1.0, 12.0
+    chosen = choose_neighbors([_cam(c, torch.device("cpu")) for c in cams], [(near, far)] * len(cams), 4)
+    for r, picks in enumerate(chosen):
+        expected = {}
+        for s in range(len(cams)):
+            if s == r:
+                continue
+            overlap, angle = _brute_score(cams[r], cams[s], near, far)
+            if overlap > 0 and angle >= 1.0:
+                expected[s] = overlap * (math.exp(-0.5 * ((angle - 15.0) / 10.0) ** 2) + 1e-3)
+        assert len(expected) >= 2, (r, expected)  # the walk's views do triangulate off-centre
+        assert sorted(s for s, _ in picks) == sorted(expected)
+        for s, score in picks:
+            assert score == pytest.approx(expected[s], rel=1e-4)
+        assert [score for _, score in picks] == sorted((score for _, score in picks), reverse=True)
+
+
+def test_a_forward_walk_densifies_the_floor_and_sphere_ahead():
+    """End to end on the walk: with every view's neighbours kept, the cloud has over 2,500
+    points (1,453 when only the centre angle counted, 2026-11-30), 85% within 0.05 of the
+    true surface."""
+    cams = _forward_walk()
+    cloud = densify_views([render(c)[0] for c in cams], cams, options=DensifyOptions(depth_range=(1.0, 12.0)))
+    assert len(cloud.points) > 2500
+    dist = surface_distance(torch.as_tensor(cloud.points)).numpy()
+    assert (dist < 0.05).mean() >= 0.85
