@@ -110,6 +110,8 @@ def check_fit_options(args: argparse.Namespace) -> None:
         coefficients_recipe(**fit_options(args))
     except ValueError as exc:
         raise QualityError(f"coefficients_ft options: {exc}") from exc
+    if args.fit_max_side is not None and args.fit_max_side < args.crop:
+        raise QualityError(f"--fit-max-side {args.fit_max_side} is below the fitting crop --crop {args.crop}")
 
 
 class QualityError(ValueError):
@@ -133,6 +135,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=200, help="fitting steps of coefficients_ft and NPBG")
     p.add_argument("--crop", type=int, default=128, help="fitting crop side")
     p.add_argument("--fit-seed", type=int, default=0, help="seed of the fits' random crops (seed-to-seed spread)")
+    p.add_argument("--fit-max-side", type=int, default=None,
+                   help="long side of the photos the fits see (default: --max-side); aggregation and scoring stay "
+                        "at --max-side")
     fit = p.add_argument_group("coefficients_ft recipe (unset: the defaults of npbgpp_core.fitting.fit_coefficients)")
     for flag, kind, help_ in FIT_KNOBS:
         fit.add_argument(flag, type=kind, default=None, help=help_)
@@ -316,7 +321,12 @@ def evaluate_scene(folder: str, args: argparse.Namespace, weights: dict[str, str
         if "npbgpp" in args.methods:
             m["npbgpp"] = {**scores([model.render(agg, c) for c in test_cams]), "aggregate_s": agg_s}
     if "coefficients_ft" in args.methods or "npbg" in args.methods:
-        views = padded_fit_views(in_images, in_cams)
+        if args.fit_max_side and args.fit_max_side != args.max_side:
+            fit_sizes = [fit_size(tuple(scene.views[i].camera.image_size), args.fit_max_side) for i in inputs]
+            views = padded_fit_views([scene.load_image(i, hw) for i, hw in zip(inputs, fit_sizes, strict=True)],
+                                     [scene.camera(i, hw) for i, hw in zip(inputs, fit_sizes, strict=True)])
+        else:
+            views = padded_fit_views(in_images, in_cams)
     if "coefficients_ft" in args.methods:
         fit = fit_coefficients(model, agg, views, steps=args.steps, crop=args.crop, seed=args.fit_seed,
                                **fit_options(args))
@@ -434,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps, "crop": args.crop, "threads": torch.get_num_threads(), "scenes": scenes,
         "average": averages(scenes, args.methods), "seconds": time.perf_counter() - t0,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "pc_name": args.pc_name,
-        "fit_options": fit_options(args), "fit_seed": args.fit_seed,
+        "fit_options": fit_options(args), "fit_seed": args.fit_seed, "fit_max_side": args.fit_max_side,
     }
     report["groups"] = group_means(report, groups)
     from npbgpp_core.atomic import atomic_write_bytes
@@ -460,6 +470,8 @@ def main(argv: list[str] | None = None) -> int:
                  "sharp as the photo, < 1 blurrier, > 1 noisier); (s) = fitting seconds"]
         if args.fit_seed:
             notes.append(f"fit seed {args.fit_seed}")
+        if args.fit_max_side:
+            notes.append(f"fits see the photos at long side {args.fit_max_side} px")
         if fit_options(args):
             notes.append("coefficients_ft options: " + ", ".join(f"{k}={v}" for k, v in fit_options(args).items()))
         if args.pc_name:

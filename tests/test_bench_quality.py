@@ -162,3 +162,35 @@ def test_warmup_steps_flag_goes_through_the_project_parser(capsys, bad):
     shown = bad if bad else "''"
     assert f"--warmup-steps must be an integer >= 0, got {shown}" in err, err
     assert "invalid" not in err, err
+
+
+def test_fit_max_side_shrinks_only_what_the_fit_sees(tmp_path, monkeypatch):
+    """--fit-max-side: the fit gets the input photos and cameras at that long side (the
+    loader's own resize of each), aggregation and the held-out scores stay at --max-side;
+    a value under the crop is refused before any scene is loaded."""
+    import bench.bench_quality as bq
+    import npbgpp_core.fitting as fitting
+
+    folder = make_tiny_scene(str(tmp_path / "s"), views=6, size=32, splits=(4, 1, 1))
+    seen = {}
+    real = fitting.fit_coefficients
+
+    def spy(model, agg, views, **kw):
+        seen["views"] = views
+        return real(model, agg, views, **kw)
+
+    monkeypatch.setattr(fitting, "fit_coefficients", spy)
+    args = parse_args(["--scenes", folder, "--methods", "coefficients_ft", "--max-side", "32", "--fit-max-side",
+                       "16", "--steps", "1", "--crop", "8"])
+    r = evaluate_scene(folder, args, {})
+    scene = load_scene(folder)
+    inputs = [i for i in range(6) if i not in scene.test]
+    assert r["size"] == [32, 32] and r["methods"]["coefficients_ft"]["steps"] == 1
+    assert len(seen["views"].images) == len(inputs)
+    for k, i in enumerate(inputs):
+        img = seen["views"].images[k]
+        assert tuple(img.shape[-2:]) == (16, 16)
+        assert torch.equal(img[:3], scene.load_image(i, (16, 16)))
+        assert torch.allclose(torch.as_tensor(seen["views"].cameras[k].K), torch.as_tensor(scene.camera(i, (16, 16)).K))
+    with pytest.raises(bq.QualityError, match="--fit-max-side 4 is below the fitting crop --crop 8"):
+        bq.check_fit_options(parse_args(["--scenes", folder, "--fit-max-side", "4", "--crop", "8"]))
