@@ -254,8 +254,8 @@ def evaluate_scene(folder: str, args: argparse.Namespace, weights: dict[str, str
     if args.max_test_views:
         held = held[: args.max_test_views]
 
-    def size_of(i: int) -> tuple[int, int]:
-        return fit_size(tuple(scene.views[i].camera.image_size), args.max_side)
+    def size_of(i: int, max_side: int = args.max_side) -> tuple[int, int]:
+        return fit_size(tuple(scene.views[i].camera.image_size), max_side)
 
     in_images = [scene.load_image(i, size_of(i)) for i in inputs]
     in_cams = [scene.camera(i, size_of(i)) for i in inputs]
@@ -322,9 +322,8 @@ def evaluate_scene(folder: str, args: argparse.Namespace, weights: dict[str, str
             m["npbgpp"] = {**scores([model.render(agg, c) for c in test_cams]), "aggregate_s": agg_s}
     if "coefficients_ft" in args.methods or "npbg" in args.methods:
         if args.fit_max_side and args.fit_max_side != args.max_side:
-            fit_sizes = [fit_size(tuple(scene.views[i].camera.image_size), args.fit_max_side) for i in inputs]
-            views = padded_fit_views([scene.load_image(i, hw) for i, hw in zip(inputs, fit_sizes, strict=True)],
-                                     [scene.camera(i, hw) for i, hw in zip(inputs, fit_sizes, strict=True)])
+            views = padded_fit_views([scene.load_image(i, size_of(i, args.fit_max_side)) for i in inputs],
+                                     [scene.camera(i, size_of(i, args.fit_max_side)) for i in inputs])
         else:
             views = padded_fit_views(in_images, in_cams)
     if "coefficients_ft" in args.methods:
