@@ -173,11 +173,14 @@ def render_photo_size(views: list) -> tuple[int, int]:
     return max(counts, key=counts.__getitem__)  # ties: the first counted, the earliest view's size
 
 
-def stretch_pixels(fy_over_fx: float, height: int) -> float:
-    """How far (pixels) a camera made with fx for both axes (:func:`create_camera`) moves the
-    photo's top and bottom edges when its fy differs: COLMAP fits fx and fy apart (PINHOLE),
-    and on phone photos they differ by 0.1-0.2% (test_colmap), a shift no one can see."""
-    return abs(fy_over_fx - 1.0) * height / 2.0
+def stretched_fy_over_fx(view: Any) -> float | None:
+    """A dataset view's fy/fx when a camera made with fx for both axes (:func:`create_camera`)
+    moves its photo's top and bottom edges by half a pixel or more, else None: COLMAP fits fx
+    and fy apart (PINHOLE), and on phone photos they differ by 0.1-0.2% (test_colmap), a shift
+    no one can see. The import's framing warning counts these views, and their cameras get
+    ``npbgpp_fy_over_fx`` (F12 names the Pixel Aspect that frames them)."""
+    fy_over_fx = float(view.camera.K[1][1]) / float(view.camera.K[0][0])
+    return fy_over_fx if abs(fy_over_fx - 1.0) * _photo_size(view)[0] / 2.0 >= 0.5 else None
 
 
 def framing_warning(views: list, size: tuple[int, int]) -> str:
@@ -189,8 +192,8 @@ def framing_warning(views: list, size: tuple[int, int]) -> str:
     if not views:
         return ""
     other = [view for view in views if _photo_size(view) != tuple(size)]
-    ratios = [(float(view.camera.K[1][1]) / float(view.camera.K[0][0]), view) for view in views]
-    stretched = [(ratio, view) for ratio, view in ratios if stretch_pixels(ratio, _photo_size(view)[0]) >= 0.5]
+    ratios = [(stretched_fy_over_fx(view), view) for view in views]
+    stretched = [(ratio, view) for ratio, view in ratios if ratio is not None]
     if not other and not stretched:
         return ""
     h, w = size
@@ -591,8 +594,8 @@ class IMPORT_SCENE_OT_npbgpp_dataset(bpy.types.Operator):
             if no_cloud:
                 cam[CLIP_UNFITTED] = True  # Densify Points fits its clip range to the cloud it makes
             cam["npbgpp_image_size"] = [int(c.image_size[1]), int(c.image_size[0])]  # width, height
-            fy_over_fx = float(c.K[1][1]) / float(c.K[0][0])
-            if stretch_pixels(fy_over_fx, int(c.image_size[0])) >= 0.5:  # F12 names the Pixel Aspect it needs
+            fy_over_fx = stretched_fy_over_fx(view)
+            if fy_over_fx is not None:  # F12 names the Pixel Aspect it needs
                 cam["npbgpp_fy_over_fx"] = fy_over_fx
         context.scene.npbgpp.dataset_path = stored(context.scene, path)
         # the new dataset's own cloud, not an older dense one; a chosen cloud is what Aggregate reads too
