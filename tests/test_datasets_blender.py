@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -368,43 +370,43 @@ def test_dataset_points_and_framing_follow_render_visibility(tmp_path):
         _remove_test_scene(scene, [hidden, indirect])
 
 
+def _fresh_python(*args: object, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run this Python (its bpy) with ``args`` in a new process, the repository importable and
+    output captured as text: the .blend files it saves or opens leave this process's data alone."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run([sys.executable, *map(str, args)], env={**os.environ, "PYTHONPATH": root},
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _datagen_one_tiny_view(blend, out, points: int) -> subprocess.CompletedProcess:
+    """``python -m blender_addon.datagen --blend`` of one 8x8 train view at 1 sample."""
+    return _fresh_python("-m", "blender_addon.datagen", "--blend", blend, "--views", "1", "--size", "8x8",
+                         "--samples", "1", "--points", points, "--val", "0", "--test", "0", "--out", out)
+
+
 def test_command_line_blend_file(tmp_path):
     """--blend renders the saved file's scene through main(); run in a fresh process."""
-    import subprocess
-    import sys
-
     blend = tmp_path / "scene.blend"
     make = (
         "import bpy; from blender_addon.datagen.procedural import build_procedural_scene; "
         "s = build_procedural_scene('ring_and_cone'); bpy.context.window.scene = s; "
         f"bpy.ops.wm.save_as_mainfile(filepath={str(blend)!r})"
     )
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": root}
-    subprocess.run([sys.executable, "-c", make], check=True, env=env, capture_output=True, timeout=120)
+    _fresh_python("-c", make, timeout=120).check_returncode()
     out = tmp_path / "out"
-    res = subprocess.run(
-        [sys.executable, "-m", "blender_addon.datagen", "--blend", str(blend), "--views", "3",
-         "--size", "24x16", "--samples", "1", "--points", "200", "--out", str(out), "--test", "1", "--val", "0",
-         "--hemisphere"],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
+    res = _fresh_python("-m", "blender_addon.datagen", "--blend", blend, "--views", "3", "--size", "24x16",
+                        "--samples", "1", "--points", "200", "--out", out, "--test", "1", "--val", "0", "--hemisphere")
     assert res.returncode == 0, res.stderr[-2000:]
     data = load_scene(str(out))
     assert data.views[0].camera.image_size == (16, 24)
     assert (len(data.train), len(data.test), data.points.shape) == (2, 1, (200, 3))
     assert all(float(v.camera.center()[2]) > data.points[:, 2].mean() for v in data.views)  # upper hemisphere
-    again = subprocess.run(
-        [sys.executable, "-m", "blender_addon.datagen", "--blend", str(blend), "--views", "3",
-         "--size", "24x16", "--out", str(out)], env=env, capture_output=True, text=True, timeout=300,
-    )
+    again = _fresh_python("-m", "blender_addon.datagen", "--blend", blend, "--views", "3", "--size", "24x16",
+                          "--out", out)
     assert again.returncode == 2 and "not empty" in again.stderr and "Traceback" not in again.stderr
     # --out holding the .blend with --overwrite replaced that folder, deleting the .blend
-    over = subprocess.run(
-        [sys.executable, "-m", "blender_addon.datagen", "--blend", str(blend), "--views", "3", "--size", "24x16",
-         "--samples", "1", "--points", "50", "--out", str(tmp_path), "--overwrite"],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
+    over = _fresh_python("-m", "blender_addon.datagen", "--blend", blend, "--views", "3", "--size", "24x16",
+                         "--samples", "1", "--points", "50", "--out", tmp_path, "--overwrite")
     assert over.returncode == 2 and "holds the --blend file" in over.stderr, over.stderr[-2000:]
     assert blend.is_file() and (out / "transforms_train.json").is_file()
 
@@ -414,9 +416,6 @@ def test_command_line_blend_file_hidden_in_viewports(tmp_path):
     icon, an object's) but rendered: the dataset is made, with points on both (the early
     check read the viewport's depsgraph and refused it); a file whose only mesh is disabled
     in renders is refused with status 2 and one line naming the file, nothing written."""
-    import subprocess
-    import sys
-
     make = (
         "import bpy, sys\n"
         "for path, hide_render in ((sys.argv[1], False), (sys.argv[2], True)):\n"
@@ -431,24 +430,14 @@ def test_command_line_blend_file_hidden_in_viewports(tmp_path):
         "    col.hide_viewport = True\n"
         "    bpy.ops.wm.save_as_mainfile(filepath=path)\n"
     )
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": root}
     shown, unrendered = tmp_path / "hidden.blend", tmp_path / "unrendered.blend"
-    subprocess.run([sys.executable, "-c", make, str(shown), str(unrendered)], check=True, env=env,
-                   capture_output=True, timeout=120)
-
-    def datagen(blend, out):
-        return subprocess.run(
-            [sys.executable, "-m", "blender_addon.datagen", "--blend", str(blend), "--views", "1", "--size", "8x8",
-             "--samples", "1", "--points", "400", "--val", "0", "--test", "0", "--out", str(out)],
-            env=env, capture_output=True, text=True, timeout=300)
-
-    res = datagen(shown, tmp_path / "out")
+    _fresh_python("-c", make, shown, unrendered, timeout=120).check_returncode()
+    res = _datagen_one_tiny_view(shown, tmp_path / "out", points=400)
     assert res.returncode == 0, res.stderr[-2000:]
     x = load_scene(str(tmp_path / "out")).points[:, 0]
     assert len(x) == 400 and ((np.abs(x) <= 0.5 + 1e-5) | (np.abs(x - 2.0) <= 0.5 + 1e-5)).all()
     assert (x < 1.0).any() and (x > 1.0).any()
-    res = datagen(unrendered, tmp_path / "refused")
+    res = _datagen_one_tiny_view(unrendered, tmp_path / "refused", points=400)
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
     assert res.stderr.strip().splitlines()[-1] == (f"python -m blender_addon.datagen: error: {unrendered}: scene "
                                                    "'Scene' has no visible mesh surfaces")
@@ -460,9 +449,6 @@ def test_command_line_blend_file_without_a_rendered_view_layer(tmp_path):
     nothing (render.render returns FINISHED without an image), and datagen ended in a
     traceback after its preparation; refused with status 2 and one line naming the file,
     the scene, its layers and the setting, before any work: nothing written."""
-    import subprocess
-    import sys
-
     make = (
         "import bpy, sys\n"
         "bpy.ops.wm.read_homefile(use_empty=True)\n"
@@ -474,14 +460,9 @@ def test_command_line_blend_file_without_a_rendered_view_layer(tmp_path):
         "for layer in sc.view_layers: layer.use = False\n"
         "bpy.ops.wm.save_as_mainfile(filepath=sys.argv[1])\n"
     )
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": root}
     blend = tmp_path / "no_layer.blend"
-    subprocess.run([sys.executable, "-c", make, str(blend)], check=True, env=env, capture_output=True, timeout=120)
-    res = subprocess.run(
-        [sys.executable, "-m", "blender_addon.datagen", "--blend", str(blend), "--views", "1", "--size", "8x8",
-         "--samples", "1", "--points", "50", "--val", "0", "--test", "0", "--out", str(tmp_path / "out")],
-        env=env, capture_output=True, text=True, timeout=300)
+    _fresh_python("-c", make, blend, timeout=120).check_returncode()
+    res = _datagen_one_tiny_view(blend, tmp_path / "out", points=50)
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
     assert res.stderr.strip().splitlines()[-1] == (
         f"python -m blender_addon.datagen: error: {blend}: no view layer of the scene 'Scene' is enabled for "
@@ -543,9 +524,6 @@ def test_render_steps_can_be_cancelled_leaving_nothing(tmp_path):
     """The step-wise dataset renderer (one view per step, as Export Dataset's background job
     runs it) yields its progress; closing it after the first view leaves no output folder
     and no temporary files, and restores the scene's settings and camera."""
-    import subprocess
-    import sys
-
     from blender_addon.datagen.render import render_views_steps
 
     scene = bpy.data.scenes.new("npbgpp_steps")
