@@ -256,7 +256,7 @@ def rotation_to_quaternion(R: np.ndarray) -> np.ndarray:
 
 def find_sparse_dir(root: str) -> str | None:
     for d in (os.path.join(root, "sparse", "0"), os.path.join(root, "sparse")):
-        if any(os.path.isfile(os.path.join(d, f"cameras.{e}")) for e in ("bin", "txt")):
+        if _model_file(d, "cameras") is not None:
             return d
     return None
 
@@ -267,10 +267,12 @@ def own_cloud_file(root: str, **options) -> str | None:
     names a cloud; found without reading it (None when there is none). ``options``: the
     loader's, none of which moves it."""
     sparse = find_sparse_dir(root)
-    if sparse is None:
-        return None
-    return next((p for p in (os.path.join(sparse, f"points3D.{e}") for e in ("bin", "txt")) if os.path.isfile(p)),
-                None)
+    return None if sparse is None else _model_file(sparse, "points3D")
+
+
+def _model_file(sparse: str, stem: str) -> str | None:
+    """The model file ``stem`` in ``sparse``: ``stem.bin``, else ``stem.txt``, else None."""
+    return next((p for p in (os.path.join(sparse, f"{stem}.{e}") for e in ("bin", "txt")) if os.path.isfile(p)), None)
 
 
 def _read_model(sparse: str):
@@ -280,11 +282,9 @@ def _read_model(sparse: str):
         ("images", _read_images_bin, _read_images_txt),
         ("points3D", _read_points_bin, _read_points_txt),
     ):
-        b, t = os.path.join(sparse, stem + ".bin"), os.path.join(sparse, stem + ".txt")
-        if os.path.isfile(b):
-            out.append(rb(b))
-        elif os.path.isfile(t):
-            out.append(rt(t))
+        path = _model_file(sparse, stem)
+        if path is not None:
+            out.append(rb(path) if path.endswith(".bin") else rt(path))
         elif stem == "points3D":
             out.append(None)
         else:
