@@ -220,6 +220,12 @@ def _project(c: _Cam, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     return x[0] / zs, x[1] / zs, z
 
 
+def _in_view(c: _Cam, X: torch.Tensor) -> torch.Tensor:
+    """Which world points (3, N) lie in front of camera ``c`` and project inside its image."""
+    u, v, z = _project(c, X)
+    return (z > 0) & (u >= 0) & (u <= c.w - 1) & (v >= 0) & (v <= c.h - 1)
+
+
 def _unproject(c: _Cam, rays: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
     """Rays (3, N) at camera depth (N,) -> world points (3, N)."""
     return c.R.T @ (rays * depth[None] - c.t[:, None])
@@ -314,13 +320,11 @@ def choose_neighbors(
             if s == r:
                 continue
             o = cams[s]
-            u, v, z = _project(o, X)
-            inside = (z > 0) & (u >= 0) & (u <= o.w - 1) & (v >= 0) & (v <= o.h - 1)
+            inside = _in_view(o, X)
             overlap = float(inside.float().mean())
             if overlap <= 0.0:
                 continue
-            u, v, z = _project(o, mid)
-            seen = mid[:, (z > 0) & (u >= 0) & (u <= o.w - 1) & (v >= 0) & (v <= o.h - 1)]
+            seen = mid[:, _in_view(o, mid)]
             if seen.shape[1] == 0:  # it sees only nearer or farther parts of the range
                 seen = X[:, inside]
             a, b = c.center[:, None] - seen, o.center[:, None] - seen
