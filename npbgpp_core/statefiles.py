@@ -30,9 +30,9 @@ def load_state_dict_file(path: str | os.PathLike, what: str = "weights file") ->
         raise ValueError(f"{what}: cannot read {path}: {type(exc).__name__}: {exc}") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
-    published = refusal(path, [k for k in state if isinstance(k, str)]) if isinstance(state, dict) else None
-    if published:
-        raise ValueError(f"{what}: {published}")
     if not isinstance(state, dict):
         raise ValueError(f"{what}: {path} does not hold a state dict (got {type(state).__name__})")
+    published = refusal(path, [k for k in state if isinstance(k, str)])
+    if published:
+        raise ValueError(f"{what}: {published}")
     return state
