@@ -1150,18 +1150,19 @@ def check_output(out: str, scene, field: str = "--out") -> None:
         raise ValueError(f"{field} {exc}") from None
 
 
-def check_not_the_own_cloud(out: str, own_cloud: Callable[[], str | None], field: str = "--out") -> None:
+def check_not_the_own_cloud(out: str, scene, field: str = "--out", allow_external_paths: bool = False) -> None:
     """With a chosen cloud (pc_name), refuse an output ``out`` that is the format's own
-    cloud, the one the dataset is read with when none is chosen (``own_cloud``: its file,
-    ``datasets.own_cloud_file``, found without reading the cloud again): :func:`check_output`
-    sees only the chosen one, and a dense cloud written over points3d.ply destroyed the
-    dataset's own cloud. A folder whose own cloud the loader cannot tell (several .ply)
-    has none to refuse."""
+    cloud of ``scene``, the one its folder is read with when none is chosen
+    (``datasets.own_cloud_file`` of the scene's folder and format, found without reading the
+    cloud again; ``allow_external_paths`` as the scene was loaded): :func:`check_output` sees
+    only the chosen one, and a dense cloud written over points3d.ply destroyed the dataset's
+    own cloud. A folder whose own cloud the loader cannot tell (several .ply) has none to
+    refuse."""
     from .atomic import same_file
-    from .datasets import DatasetError
+    from .datasets import DatasetError, own_cloud_file
 
     try:
-        own = own_cloud()
+        own = own_cloud_file(scene.root, scene.format, allow_external_paths=allow_external_paths)
     except DatasetError:
         return
     if own and same_file(out, own):
@@ -1219,7 +1220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if a.threads > 0:
         torch.set_num_threads(a.threads)
-    from .datasets import DatasetError, load_scene, own_cloud_file
+    from .datasets import DatasetError, load_scene
     from .datasets.cloud_fit import scene_cloud_note
     from .ply import save_ply
 
@@ -1232,7 +1233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         scene = load_scene(a.scene, a.format, **options)  # refuses --undistort for a format without distortion
         check_output(a.out, scene)
         if a.pc_name:
-            check_not_the_own_cloud(a.out, lambda: own_cloud_file(a.scene, a.format))
+            check_not_the_own_cloud(a.out, scene)
         misfit = scene_cloud_note(scene) if a.pc_name else ""
         if misfit:  # its depth ranges would come from that cloud
             print(f"warning: {misfit}", file=sys.stderr)

@@ -416,7 +416,6 @@ class RenderService:
         return self.aggregation
 
     def densify_begin(self, req: P.DensifyBegin) -> P.DensifyProgress:
-        from .datasets import own_cloud_file
         from .densify import DensifyJob, DensifyOptions, check_not_the_own_cloud, check_output
 
         self.densify = None
@@ -426,8 +425,7 @@ class RenderService:
         if req.out:  # before the work (minutes), not when the cloud is written
             check_output(req.out, data, "output")
             if req.pc_name:
-                check_not_the_own_cloud(req.out, lambda: own_cloud_file(
-                    req.dataset, req.format or None, allow_external_paths=req.allow_external_paths), "output")
+                check_not_the_own_cloud(req.out, data, "output", req.allow_external_paths)
         views = list(data.train) or list(range(len(data.views)))
         if req.max_views and len(views) > req.max_views:
             views = [views[int(round(k))] for k in np.linspace(0, len(views) - 1, req.max_views)]
