@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from npbgpp_core.atomic import atomic_write_bytes
+from npbgpp_core.atomic import atomic_copy_file, atomic_write_bytes
 from npbgpp_core.pretrained import TRAINER_META_KEY
 from npbgpp_core.published import refusal
 
@@ -547,8 +547,7 @@ class EpochAndLastCheckpoint(pl.Callback):
             # cut short by a stop: the epoch file is last.ckpt as written at that batch's end, which
             # records the epoch unfinished, so that one copied to last.ckpt resumes the rest of it too
             if trainer.is_global_zero:
-                with open(self.last_path, "rb") as f:
-                    atomic_write_bytes(epoch_path, f.read())
+                atomic_copy_file(self.last_path, epoch_path)
         else:
             self._at_epoch_end = True
             try:

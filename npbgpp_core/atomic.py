@@ -2,8 +2,10 @@
 half-written one under its final name.
 
 - ``atomic_write_bytes(path, data)``: a temporary file in the same folder, fsync, then
-  ``os.replace``; ``check_output_file(path)``: the same refusals (a folder, a missing
-  folder, a folder that cannot be written) for commands to make before their work;
+  ``os.replace``; ``atomic_copy_file(src, dst)``: the same for a copy, streamed in chunks
+  (a checkpoint of gigabytes is never held in memory whole); ``check_output_file(path)``:
+  the same refusals (a folder, a missing folder, a folder that cannot be written) for
+  commands to make before their work;
   ``check_output_suffix(path, suffix)``: an output named for another kind of file.
 - ``atomic_directory(target)``: a context manager that builds a folder at the temporary
   sibling name ``<target>.partial-<pid>`` and renames it into place on success (removes it
@@ -22,7 +24,8 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import BinaryIO
 
 # The permissions a plain open() would give (mkstemp's are 0600), read once at import.
 _UMASK = os.umask(0)
@@ -32,6 +35,11 @@ os.umask(_UMASK)
 def _write_bytes(fileobj, data: bytes) -> None:
     """Write ``data`` to an open file (a seam so tests can simulate a full disk)."""
     fileobj.write(data)
+
+
+# Bytes read and written at a time by atomic_copy_file: large enough that the copy runs at
+# disk speed, small enough that copying a multi-GB checkpoint costs no memory to speak of.
+COPY_CHUNK_BYTES = 1 << 20
 
 
 def check_output_file(path: str | os.PathLike, example: str = "") -> None:
@@ -106,6 +114,25 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, make_dirs: bool = T
     """Write ``data`` to ``path``; on any error the temporary file is removed and an
     existing ``path`` is untouched. A full disk raises ``OSError(ENOSPC)`` saying so; a
     missing folder (without ``make_dirs``) or a folder at ``path`` is refused by name."""
+    _atomic_write(path, lambda f: _write_bytes(f, data), make_dirs)
+
+
+def atomic_copy_file(src: str | os.PathLike, dst: str | os.PathLike, make_dirs: bool = True) -> None:
+    """Copy ``src`` to ``dst`` as :func:`atomic_write_bytes` writes (whole or not at all, the
+    same refusals), reading :data:`COPY_CHUNK_BYTES` at a time so that a large file is never
+    held in memory whole. A ``src`` that cannot be read fails before ``dst`` is touched."""
+    with open(src, "rb") as source:
+
+        def copy(f) -> None:
+            while chunk := source.read(COPY_CHUNK_BYTES):
+                _write_bytes(f, chunk)
+
+        _atomic_write(dst, copy, make_dirs)
+
+
+def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], make_dirs: bool) -> None:
+    """Run ``write`` on a temporary file beside ``path``, fsync, and rename it to ``path``;
+    on any error remove the temporary file (``path`` stays as it was)."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     if make_dirs:
@@ -115,7 +142,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, make_dirs: bool = T
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
-            _write_bytes(f, data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -40,6 +40,61 @@ def test_a_failed_write_keeps_the_previous_file_and_leaves_no_temporary(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin"]
 
 
+def test_copy_is_byte_identical_and_streamed_in_chunks(tmp_path, monkeypatch):
+    """atomic_copy_file writes the source's bytes unchanged, never more than one chunk at a
+    time (a multi-GB last.ckpt is not read into memory whole), with a plain file's permissions."""
+    src = tmp_path / "last.ckpt"
+    data = os.urandom(10_000)
+    src.write_bytes(data)
+    monkeypatch.setattr(atomic, "COPY_CHUNK_BYTES", 4096)
+    written: list[int] = []
+    plain = atomic._write_bytes
+    monkeypatch.setattr(atomic, "_write_bytes", lambda f, chunk: (written.append(len(chunk)), plain(f, chunk))[1])
+    atomic.atomic_copy_file(src, tmp_path / "epoch3.ckpt")
+    assert (tmp_path / "epoch3.ckpt").read_bytes() == data
+    assert written == [4096, 4096, 10_000 - 2 * 4096]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "epoch3.ckpt").stat().st_mode) == 0o666 & ~umask
+    (tmp_path / "empty").write_bytes(b"")
+    atomic.atomic_copy_file(tmp_path / "empty", tmp_path / "copy")
+    assert (tmp_path / "copy").read_bytes() == b""
+
+
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()])
+def test_a_copy_failing_midway_leaves_no_partial_file(tmp_path, monkeypatch, error):
+    """A full disk (or Ctrl-C) after the first chunk: no file under the new name, no temporary
+    beside it, and an older file of that name is kept as it was."""
+    src = tmp_path / "last.ckpt"
+    src.write_bytes(os.urandom(10_000))
+    monkeypatch.setattr(atomic, "COPY_CHUNK_BYTES", 4096)
+    chunks = iter(range(100))
+    plain = atomic._write_bytes
+
+    def fails_at_second_chunk(fileobj, chunk):
+        if next(chunks) == 1:
+            fileobj.write(chunk[:10])
+            raise error
+        plain(fileobj, chunk)
+
+    monkeypatch.setattr(atomic, "_write_bytes", fails_at_second_chunk)
+    with pytest.raises(type(error)):
+        atomic.atomic_copy_file(src, tmp_path / "epoch0.ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    (tmp_path / "epoch1.ckpt").write_bytes(b"older")
+    chunks = iter(range(100))
+    with pytest.raises(type(error)):
+        atomic.atomic_copy_file(src, tmp_path / "epoch1.ckpt")
+    assert (tmp_path / "epoch1.ckpt").read_bytes() == b"older"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch1.ckpt", "last.ckpt"]
+
+
+def test_a_copy_of_a_missing_source_touches_nothing(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        atomic.atomic_copy_file(tmp_path / "nothere.ckpt", tmp_path / "epoch0.ckpt")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_missing_folder_is_an_error_unless_asked_to_create_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="output folder does not exist"):
         atomic.atomic_write_bytes(tmp_path / "nope" / "a.bin", b"x", make_dirs=False)
