@@ -402,17 +402,49 @@ class TrainSamples(Dataset):
         return sample
 
 
-class EvalViews(Dataset):
-    """Full-resolution views (validation or held-out test) of the given scenes."""
+def check_eval_border(border: int, scene, views: list[int]) -> None:
+    """ValueError naming the view and the setting when ``datasets.eval_border_crop`` would crop
+    every pixel of one of ``views`` (checked before rendering, by the evaluation and the
+    validation alike)."""
+    from npbgpp_core.metrics import check_border
 
-    def __init__(self, scenes: list, split: str, max_views: int | None = None):
+    if border <= 0 or not views:
+        return
+    side, name, size = min((min(scene.views[v].camera.image_size), scene.views[v].name,
+                            tuple(scene.views[v].camera.image_size)) for v in views)
+    try:
+        check_border(border, *size)
+    except ValueError:
+        raise ValueError(f"datasets.eval_border_crop={border} crops every pixel of view {name} of scene "
+                         f"{scene.name} (its shorter side is {side} pixels); lower it (0: no crop)") from None
+
+
+class EvalViews(Dataset):
+    """Full-resolution views (validation or held-out test) of the given scenes: a scene's
+    ``split`` views, else its val views, else its test views. :attr:`summary` says which (the
+    validation log line quotes it), e.g. ``2 views of 1 scene (test views: no val split)``."""
+
+    def __init__(self, scenes: list, split: str, max_views: int | None = None, border: int = 0):
         self.items: list[tuple[int, int]] = []
+        taken_from: dict[str, list[str]] = {}  # split read -> scene names
         for s, scene in enumerate(scenes):
-            views = list(getattr(scene, split)) or list(scene.val) or list(scene.test)
+            source = next((name for name in (split, "val", "test") if getattr(scene, name)), split)
+            views = list(getattr(scene, source))
             if max_views is not None:
                 views = views[:max_views]
+            check_eval_border(border, scene, views)
+            taken_from.setdefault(source, []).append(scene.name)
             self.items += [(s, int(v)) for v in views]
         self.scenes = scenes
+        mixed = len(taken_from) > 1
+        parts = []
+        for source, names in taken_from.items():
+            which = f"{source} views" + (f" of {len(names)}" if mixed else "")
+            if source != split:
+                which += f" without a {split} split" if mixed else f": no {split} split"
+            parts.append(which)
+        count = f"{len(self.items)} view{'s' * (len(self.items) != 1)} of {len(scenes)} scene{'s' * (len(scenes) != 1)}"
+        self.summary = f"{count} ({'; '.join(parts)})" if parts else count
 
     def __len__(self) -> int:
         return len(self.items)
@@ -510,6 +542,8 @@ class SceneDataModule(pl.LightningDataModule):
         )
         self.val_max = config_number(d.val_num_samples, "datasets.val_num_samples", optional=True)
         self.eval_max = config_number(d.max_eval_views, "datasets.max_eval_views", optional=True)
+        self.eval_border = config_number(d.get("eval_border_crop") or 0, "datasets.eval_border_crop")
+        self.val_summary: str | None = None
 
     @property
     def scene_names(self) -> list[str]:
@@ -548,7 +582,8 @@ class SceneDataModule(pl.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
-        ds = EvalViews(self.scenes, "val", self.val_max)
+        ds = EvalViews(self.scenes, "val", self.val_max, self.eval_border)
+        self.val_summary = ds.summary  # before the ranks split the views: what val/psnr averages
         rank, world = self._rank_world()
         if world > 1:
             ds.items = ds.items[rank::world]

@@ -11,10 +11,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from npbgpp_core.metrics import MetricSuite, check_border, mean_finite
+from npbgpp_core.metrics import MetricSuite, mean_finite
 
 from .checkpoints import atomic_write_bytes
-from .data import config_number
+from .data import check_eval_border, config_number
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +63,7 @@ def evaluate(system, cfg: dict, run_dir: str, write_descriptors: str | None = No
                 "+datasets.options.test_indices=[...] (H3DS: +datasets.options.views_config=[...] names the input "
                 "views, the others are tested)" + (f"; datasets.max_eval_views={max_views}" if max_views is not None
                                                     else ""))
-        side, name, size = min((min(scene.views[v].camera.image_size), scene.views[v].name,
-                                tuple(scene.views[v].camera.image_size)) for v in views)
-        try:
-            check_border(suite.border, *size)
-        except ValueError:
-            raise ValueError(f"datasets.eval_border_crop={suite.border} crops every pixel of view {name} of scene "
-                             f"{scene.name} (its shorter side is {side} pixels); lower it (0: no crop)") from None
+        check_eval_border(suite.border, scene, views)
         scene_views.append(views)
     for sid, (scene, views) in enumerate(zip(system.scenes, scene_views, strict=True)):
         system.prepare_eval(sid)
@@ -84,8 +78,8 @@ def evaluate(system, cfg: dict, run_dir: str, write_descriptors: str | None = No
                 save_png(gt, base + "_gt.png")
         averages = {k: mean_finite([m[k] for m in per_image.values()]) for k in ("psnr", "ssim", "lpips")}
         result["scenes"][scene.name] = {"images": per_image, "mean": averages, "views": len(views)}
-        log.info("%s: PSNR %.3f SSIM %.4f LPIPS %s (%d views)", scene.name, averages["psnr"] or float("nan"),
-                 averages["ssim"] or float("nan"), averages["lpips"], len(views))
+        log.info("%s: PSNR %.3f SSIM %.4f LPIPS %s (%d %s views)", scene.name, averages["psnr"] or float("nan"),
+                 averages["ssim"] or float("nan"), averages["lpips"], len(views), "test" if scene.test else "val")
         if write_descriptors:
             result["scenes"][scene.name]["descriptors"] = system.save_scene_descriptors(write_descriptors, sid)
         system._eval_cache.pop(sid, None)

@@ -770,6 +770,58 @@ def test_an_eval_border_crop_larger_than_the_views_is_named_before_rendering(dat
                     "datasets.eval_border_crop=wide", "eval_only=true", *FAST], str(run))
 
 
+def test_validation_psnr_is_the_evaluations_on_the_same_views_and_says_what_it_averages(tmp_path, caplog):
+    """val/psnr (14.60 on the progress bar) and the test line (14.582) looked like two figures
+    for one model: the bar rounds to 3 significant figures, and validation skipped the
+    evaluation's border crop. A scene without val views validates on its test views: the
+    log line's val/psnr after the last epoch is then metrics.json's PSNR of the same weights
+    (to its 3 decimals), and the line names the step and the views it averages."""
+    import logging
+    import re
+
+    root = str(tmp_path / "data")
+    make_tiny_scene(os.path.join(root, "sceneA"), views=6, splits=(4, 0, 2))
+    base = ["datasets=nerf_blender_one_scene", f"datasets.data_root={root}", "datasets.scene_name=sceneA",
+            "system=npbg", "datasets.selection_count=0", "datasets.train_num_samples=2",
+            "datasets.eval_border_crop=3", *FAST, "trainer.limit_val_batches=1.0", "trainer.max_epochs=2"]
+    run = str(tmp_path / "run")
+    with caplog.at_level(logging.INFO):
+        run_inproc(base, run)
+        result = run_inproc([*base, "resume=true", "eval_only=true"], run)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("validation after")]
+    assert len(lines) == 2, lines
+    found = re.fullmatch(r"validation after step 4 \(epoch 1\): val/psnr (\S+), the mean over 2 views of 1 scene "
+                         r"\(test views: no val split\)", lines[-1])
+    assert found, lines[-1]
+    assert abs(float(found[1]) - result["mean"]["psnr"]) <= 0.0005 + 1e-6
+    assert "sceneA: PSNR" in caplog.text and "(2 test views)" in caplog.text
+
+
+def test_validation_views_summary_and_border_check():
+    """EvalViews says which split each scene's validation views come from (the log line quotes
+    it) and refuses, naming the option, a border crop that leaves nothing of a view."""
+    from types import SimpleNamespace
+
+    from headless_train.data import EvalViews
+
+    def scene(name: str, val: list[int], test: list[int], side: int = 32):
+        cam = SimpleNamespace(image_size=(side, side + 8))
+        views = [SimpleNamespace(name=f"v{i}", camera=cam) for i in range(6)]
+        return SimpleNamespace(name=name, views=views, train=[0, 1], val=val, test=test)
+
+    both, no_val = scene("a", [2], [3, 4]), scene("b", [], [3, 4, 5])
+    assert EvalViews([both], "val").summary == "1 view of 1 scene (val views)"
+    assert EvalViews([no_val], "val").summary == "3 views of 1 scene (test views: no val split)"
+    assert EvalViews([no_val], "val", max_views=2).items == [(0, 3), (0, 4)]
+    mixed = EvalViews([both, no_val, scene("c", [1], [])], "val")
+    assert mixed.items == [(0, 2), (1, 3), (1, 4), (1, 5), (2, 1)]
+    assert mixed.summary == "5 views of 3 scenes (val views of 2; test views of 1 without a val split)"
+    with pytest.raises(ValueError, match=r"datasets.eval_border_crop=10 crops every pixel of view v3 of scene b "
+                                         r"\(its shorter side is 20 pixels\)"):
+        EvalViews([both, scene("b", [], [3], side=20)], "val", border=10)
+    assert len(EvalViews([both], "val", border=10)) == 1
+
+
 def test_resuming_npbg_on_other_scenes_is_refused_naming_them(data_root, tmp_path):
     """Resuming an NPBG run with another scene set (or point count) failed in
     load_state_dict with a page of unexpected keys."""

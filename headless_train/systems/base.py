@@ -15,7 +15,7 @@ import pytorch_lightning as pl
 import torch
 
 from npbgpp_core.losses import RenderLoss
-from npbgpp_core.metrics import psnr
+from npbgpp_core.metrics import crop_border, psnr
 
 from ..checkpoints import FORMAT_VERSION, META_KEY
 
@@ -277,16 +277,32 @@ class BaseSystem(pl.LightningModule):
         self._eval_cache.clear()
 
     def validation_step(self, batch: list[dict], batch_idx: int) -> None:
+        # the evaluation's PSNR of a view (MetricSuite: clamped, datasets.eval_border_crop cropped),
+        # so that on the same views and weights val/psnr is the figure metrics.json gives
+        border = int((self.cfg.get("datasets") or {}).get("eval_border_crop") or 0)
         for sample in batch:
             scene_id = int(sample["scene"])
             if scene_id not in self._eval_cache:
                 self.prepare_eval(scene_id)
-            pred = self.render_eval(scene_id, sample["camera"])
-            value = psnr(pred, sample["image"].to(pred.device))[0]
+            pred = crop_border(self.render_eval(scene_id, sample["camera"]).clamp(0, 1), border)
+            value = psnr(pred, crop_border(sample["image"].to(pred.device).clamp(0, 1), border))[0]
             self.log("val/psnr", value, prog_bar=True, batch_size=1, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         self._eval_cache.clear()
+
+    def on_validation_end(self) -> None:
+        """One line with val/psnr to 3 decimals and what it averages: the progress bar rounds
+        it to 3 significant figures (14.582 shows as 14.60), and its views (a scene's val
+        views, its test views when it has none) and weights (the last finished epoch's; a
+        stop mid-epoch runs no validation) need not be those of the test line."""
+        trainer = self.trainer
+        value = trainer.callback_metrics.get("val/psnr")
+        if value is None or trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        views = getattr(trainer.datamodule, "val_summary", None) or "the validation views"
+        log.info("validation after step %d (epoch %d): val/psnr %.3f, the mean over %s", trainer.global_step,
+                 trainer.current_epoch, float(value), views)
 
     # ----------------------------------------------------------------- weights
     def load_initial_weights(self, ckpt: dict, path: str) -> None:
