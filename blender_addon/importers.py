@@ -89,19 +89,21 @@ def use_point_object(context: Any, obj: bpy.types.Object) -> None:
 
 def create_camera(
     name: str, K: np.ndarray, R: np.ndarray, t: np.ndarray, size: tuple[int, int], context: Any,
-    points: np.ndarray | None = None,
+    points: np.ndarray | None = None, fy_over_fx: float = 1.0,
 ) -> bpy.types.Object:
-    """A Blender camera object reproducing an OpenCV camera (square pixels assumed:
-    horizontal sensor fit, 36 mm sensor, lens shift for the principal point), its Clip
-    Start / End covering the world ``points`` in front of it (:func:`clip_range_covering`:
-    Blender's default range would cut a cloud at another scale than its own)."""
+    """A Blender camera object reproducing an OpenCV camera (horizontal sensor fit, 36 mm
+    sensor, the lens from fx, lens shift for the principal point) in a scene whose Pixel
+    Aspect X / Y is ``fy_over_fx`` (:func:`pixel_aspect`; Blender divides the vertical shift
+    by Y / X, so the shift depends on it), its Clip Start / End covering the world ``points``
+    in front of it (:func:`clip_range_covering`: Blender's default range would cut a cloud
+    at another scale than its own)."""
     h, w = size
     cam = bpy.data.cameras.new(name)
     cam.sensor_fit = "HORIZONTAL"
     cam.sensor_width = 36.0
     cam.lens = float(K[0, 0]) * 36.0 / w
     cam.shift_x = (w / 2.0 - 0.5 - float(K[0, 2])) / w
-    cam.shift_y = (float(K[1, 2]) - h / 2.0 + 0.5) / w
+    cam.shift_y = (float(K[1, 2]) - h / 2.0 + 0.5) / (w * fy_over_fx)
     clip = clip_range_covering(points, R, t) if points is not None else None
     if clip is not None:
         cam.clip_start, cam.clip_end = clip
@@ -173,26 +175,57 @@ def render_photo_size(views: list) -> tuple[int, int]:
     return max(counts, key=counts.__getitem__)  # ties: the first counted, the earliest view's size
 
 
-def stretched_fy_over_fx(view: Any) -> float | None:
-    """A dataset view's fy/fx when a camera made with fx for both axes (:func:`create_camera`)
-    moves its photo's top and bottom edges by half a pixel or more, else None: COLMAP fits fx
-    and fy apart (PINHOLE), and on phone photos they differ by 0.1-0.2% (test_colmap), a shift
-    no one can see. The import's framing warning counts these views, and their cameras get
+def _fy_over_fx(view: Any) -> float:
+    return float(view.camera.K[1][1]) / float(view.camera.K[0][0])
+
+
+def stretched_fy_over_fx(view: Any, pixel_fy_over_fx: float = 1.0) -> float | None:
+    """A dataset view's fy/fx when a camera made for pixels of fy/fx ``pixel_fy_over_fx``
+    (:func:`create_camera`, the scene's Pixel Aspect X / Y; 1: square) moves its photo's top
+    and bottom edges by half a pixel or more, else None: COLMAP fits fx and fy apart
+    (PINHOLE), and on phone photos they differ by 0.1-0.2% (test_colmap), a shift no one can
+    see. The import's framing warning counts these views, and their cameras get
     ``npbgpp_fy_over_fx`` (F12 names the Pixel Aspect that frames them)."""
-    fy_over_fx = float(view.camera.K[1][1]) / float(view.camera.K[0][0])
-    return fy_over_fx if abs(fy_over_fx - 1.0) * _photo_size(view)[0] / 2.0 >= 0.5 else None
+    fy_over_fx = _fy_over_fx(view)
+    off = abs(fy_over_fx / pixel_fy_over_fx - 1.0) * _photo_size(view)[0] / 2.0
+    return fy_over_fx if off >= 0.5 else None
+
+
+def shared_fy_over_fx(views: list) -> float:
+    """The pixels' fy/fx that frames every view to half a pixel when some need other than
+    square ones: the middle of their fy/fx range (desk's 29 views all have 0.99235, a 1.1 px
+    stretch at square pixels); 1.0 when square pixels frame them all, or when no one value
+    does (mouse: 0.987 to 1.082), as Blender has one Pixel Aspect per scene."""
+    if not views or all(stretched_fy_over_fx(view) is None for view in views):
+        return 1.0
+    ratios = [_fy_over_fx(view) for view in views]
+    middle = (min(ratios) + max(ratios)) / 2.0
+    return middle if all(stretched_fy_over_fx(view, middle) is None for view in views) else 1.0
+
+
+def pixel_aspect(fy_over_fx: float) -> tuple[float, float]:
+    """Blender's Pixel Aspect (X, Y) whose pixels have ``fy_over_fx`` (X / Y = fy/fx: the
+    lens is fx's); the smaller side is 1, as Blender keeps both at 1 or more."""
+    return (fy_over_fx, 1.0) if fy_over_fx >= 1.0 else (1.0, 1.0 / fy_over_fx)
+
+
+def _aspect_text(fy_over_fx: float) -> str:
+    x, y = pixel_aspect(fy_over_fx)
+    return f"X {x:.4f}, Y {y:.4f}"
 
 
 def framing_warning(views: list, size: tuple[int, int]) -> str:
-    """What the import says of the dataset views whose cameras (:func:`create_camera`:
-    square pixels) do not reproduce their photo at the render resolution ``size`` (h, w):
-    another photo size, or pixels far enough from square (fy != fx) to move the photo's top or
-    bottom edge by half a pixel or more, each counted with an example, as one cure (the
-    resolution) does not help the other; "" when every view fits."""
+    """What the import says of the dataset views whose cameras (:func:`create_camera`, at the
+    Pixel Aspect of :func:`shared_fy_over_fx`) do not reproduce their photo at the render
+    resolution ``size`` (h, w): another photo size, or pixels whose fy/fx differs from that
+    aspect's enough to move the photo's top or bottom edge by half a pixel or more (no one
+    aspect frames them all), each counted with an example, as one cure (the resolution) does
+    not help the other; "" when every view fits."""
     if not views:
         return ""
+    aspect = shared_fy_over_fx(views)
     other = [view for view in views if _photo_size(view) != tuple(size)]
-    ratios = [(stretched_fy_over_fx(view), view) for view in views]
+    ratios = [(stretched_fy_over_fx(view, aspect), view) for view in views]
     stretched = [(ratio, view) for ratio, view in ratios if ratio is not None]
     if not other and not stretched:
         return ""
@@ -211,11 +244,13 @@ def framing_warning(views: list, size: tuple[int, int]) -> str:
             low, high = f"{min(r for r, _ in stretched):.3f}", f"{max(r for r, _ in stretched):.3f}"
             span = low if low == high else f"{low} to {high}, e.g. {worst.name}: {worst_ratio:.3f}"
             which = f"{len(stretched)} have pixels that are not square (fy/fx {span})"
-        parts.append(f"{which}: at square pixels their renders are stretched against the photo by that ratio "
-                     "(Pixel Aspect X / Y = fy/fx frames one; F12 through such a camera names the setting)")
+        parts.append(f"{which}: at square pixels their renders are stretched against the photo by that ratio, and "
+                     "no one Pixel Aspect frames every view (X / Y = fy/fx frames one: "
+                     f"{worst.name} takes {_aspect_text(worst_ratio)}; F12 through such a camera names its own)")
     count = len({id(v) for v in other} | {id(v) for _, v in stretched})
+    now = "square" if aspect == 1.0 else f"{_aspect_text(aspect)}, the photos' fy/fx {aspect:.4f}"
     return (f"{count} of {len(views)} cameras do not render their photo's framing: Blender has one render "
-            f"resolution (now {w}x{h}, the most common photo size) and pixel aspect (now square); "
+            f"resolution (now {w}x{h}, the most common photo size) and pixel aspect (now {now}); "
             + ", and ".join(parts) + ". Aggregate and Fit use the dataset's own cameras; each camera's photo size "
             "is in its npbgpp_image_size property.")
 
@@ -582,10 +617,13 @@ class IMPORT_SCENE_OT_npbgpp_dataset(bpy.types.Operator):
         collection = bpy.data.collections.new(f"{name} cameras")
         context.scene.collection.children.link(collection)
         cameras = []
+        aspect = shared_fy_over_fx(reply.views)  # the Pixel Aspect set below, which the cameras are made for
         for view in reply.views:
             c = view.camera
+            # a view no one aspect frames: made for its own fy/fx, the Pixel Aspect F12 names for it
+            made_for = aspect if aspect != 1.0 else stretched_fy_over_fx(view) or 1.0
             cam = create_camera(view.name, np.array(c.K), np.array(c.R), np.array(c.t), c.image_size, context,
-                                reply.points if len(reply.points) else None)
+                                reply.points if len(reply.points) else None, made_for)
             for col in list(cam.users_collection):
                 col.objects.unlink(cam)
             collection.objects.link(cam)
@@ -594,9 +632,8 @@ class IMPORT_SCENE_OT_npbgpp_dataset(bpy.types.Operator):
             if no_cloud:
                 cam[CLIP_UNFITTED] = True  # Densify Points fits its clip range to the cloud it makes
             cam["npbgpp_image_size"] = [int(c.image_size[1]), int(c.image_size[0])]  # width, height
-            fy_over_fx = stretched_fy_over_fx(view)
-            if fy_over_fx is not None:  # F12 names the Pixel Aspect it needs
-                cam["npbgpp_fy_over_fx"] = fy_over_fx
+            if made_for != 1.0:  # F12 names the Pixel Aspect it needs (checks the scene's)
+                cam["npbgpp_fy_over_fx"] = made_for
         context.scene.npbgpp.dataset_path = stored(context.scene, path)
         # the new dataset's own cloud, not an older dense one; a chosen cloud is what Aggregate reads too
         context.scene.npbgpp.dataset_points = stored(context.scene, cloud) if cloud else ""
@@ -611,8 +648,8 @@ class IMPORT_SCENE_OT_npbgpp_dataset(bpy.types.Operator):
             h, w = render_size
             context.scene.render.resolution_x, context.scene.render.resolution_y = w, h
             context.scene.render.resolution_percentage = 100
-            # the cameras are made for square pixels (and the warning below counts on them)
-            context.scene.render.pixel_aspect_x = context.scene.render.pixel_aspect_y = 1.0
+            # the pixels the cameras are made for: square, or every photo's shared fy/fx
+            context.scene.render.pixel_aspect_x, context.scene.render.pixel_aspect_y = pixel_aspect(aspect)
             # a camera whose photo has that size, so that F12 right after the import frames it
             context.scene.camera = next(cam for cam, view in zip(cameras, reply.views, strict=True)
                                         if _photo_size(view) == render_size)
@@ -629,6 +666,10 @@ class IMPORT_SCENE_OT_npbgpp_dataset(bpy.types.Operator):
             self.report({"INFO"}, other_clouds_note(reply.other_clouds, "Point Cloud") + ".")
         if reply.cloud_note:  # e.g. another capture's cloud chosen as Point Cloud
             self.report({"WARNING"}, reply.cloud_note + ".")
+        if render_size is not None and aspect != 1.0:
+            self.report({"INFO"}, f"Set Pixel Aspect to {_aspect_text(aspect)} (Output Properties > Format): the "
+                                  f"photos' pixels are not square (fy/fx {aspect:.4f}, every view to half a pixel), "
+                                  "and the cameras frame their photos at that aspect.")
         report_photo_colours(self, context.scene)
         widen_view_clips(self, context, reply.points)
         framing = framing_warning(reply.views, render_size) if render_size is not None else ""

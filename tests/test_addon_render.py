@@ -1621,9 +1621,82 @@ def test_import_dataset_framing_warning_counts_each_cause(addon):
     assert "1 has a photo of another size (e.g. A is 24x32;" in text
     # B, C move the edges by 0.6 and 0.72 px; D by 0.36 px
     assert "2 have pixels that are not square (fy/fx 0.940 to 1.050, e.g. C: 0.940)" in text, text
+    # B and E share one fy/fx: the import sets the Pixel Aspect that frames both, and nothing is counted
     text = importers.framing_warning([view("B", 24, 32, 1.05), view("E", 24, 32, 1.05)], (24, 32))
-    assert "2 of 2 cameras" in text and "(fy/fx 1.050)" in text and "another size" not in text, text
+    assert text == "", text
+    assert importers.shared_fy_over_fx([view("B", 24, 32, 1.05), view("E", 24, 32, 1.05)]) == pytest.approx(1.05)
+    text = importers.framing_warning([view("B", 24, 32, 1.05), view("E", 24, 32, 1.05), view("A", 32, 24, 1.05)],
+                                     (24, 32))
+    assert text.startswith("1 of 3 cameras") and "pixel aspect (now X 1.0500, Y 1.0000, the photos' fy/fx" in text
+    # fy/fx 1.05 and 0.94: no one aspect frames both; the warning names an example's aspect
+    assert importers.shared_fy_over_fx(views) == 1.0
+    text = importers.framing_warning(views, (24, 32))
+    assert "no one Pixel Aspect frames every view (X / Y = fy/fx frames one: C takes X 1.0000, Y 1.0638" in text
     assert importers.framing_warning([view("D", 24, 32, 1.03)], (24, 32)) == ""
+
+
+def test_import_dataset_sets_the_pixel_aspect_every_view_shares(scene, capfd):
+    """Photos whose pixels all have one fy/fx (to half a pixel; desk's 29 views: 0.99235) are
+    framed by one Pixel Aspect: the import sets it and says so, warns of nothing, and each
+    camera (its lens shift made for that aspect) projects points where the dataset's own
+    camera does, by Blender's world_to_camera_view; F12 through one notes nothing."""
+    import json
+
+    from PIL import Image
+
+    from npbgpp_core.datasets import load_scene
+    from npbgpp_core.ply import save_ply
+
+    root = scene["dir"] / "shared_aspect"
+    (root / "train").mkdir(parents=True)
+    frames = []
+    # fy/fx 0.95 and 0.951 (0.6 px at 24 rows at square pixels; 0.006 px apart); an off-centre principal point
+    for i, fy_scale in enumerate((0.95, 0.951, 0.95)):
+        Image.fromarray(np.full((24, 32, 3), 90, np.uint8)).save(root / "train" / f"r_{i}.png")
+        c2w = np.eye(4)
+        c2w[:3, 3] = (0.2 * i, -4.0, 0.5)
+        c2w[:3, :3] = [[1, 0, 0], [0, 0, 1], [0, -1, 0]]  # looking along +y, z up
+        frames.append({"file_path": f"./train/r_{i}", "transform_matrix": c2w.tolist(), "fl_x": 30.0,
+                       "fl_y": 30.0 * fy_scale, "cx": 14.0, "cy": 15.5, "w": 32, "h": 24})
+    (root / "transforms_train.json").write_text(json.dumps({"frames": frames}))
+    save_ply(str(root / "points3d.ply"), scene["points"], scene["colors"])
+    sc = bpy.context.scene
+    sc.render.pixel_aspect_x = 2.0  # an earlier scene's: the import sets the one its cameras need
+    capfd.readouterr()
+    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root)) == {"FINISHED"}
+    out = capfd.readouterr().out
+    assert "Warning: " not in out, out
+    assert "Set Pixel Aspect to X 1.0000, Y 1.0521 (Output Properties > Format)" in out, out
+    assert sc.render.pixel_aspect_x == 1.0
+    np.testing.assert_allclose(sc.render.pixel_aspect_y, 1 / 0.9505, rtol=1e-6)
+    data = load_scene(str(root))
+    ahead = np.random.default_rng(3).uniform([-1.5, -9.0, -1.0], [2.0, -7.0, 2.0], (200, 3))  # they look along -y
+    engine = sys.modules[f"{MODULE}.engine"]
+    for index, view in enumerate(data.views):
+        cam = bpy.data.objects[view.name]
+        uv, depth = data.camera(index).project(ahead)
+        seen = (depth.numpy() > 0) & (uv.numpy() >= 0).all(1) & (uv.numpy() < [32, 24]).all(1)
+        assert seen.sum() > 50
+        got = np.array([tuple(world_to_camera_view(sc, cam, Vector(p))) for p in ahead[seen]])
+        # the views' own fy/fx differ from the aspect's by up to 0.0005: 0.006 px at the image's edge
+        np.testing.assert_allclose(got[:, 0] * 32 - 0.5, uv.numpy()[seen, 0], atol=1e-3)
+        np.testing.assert_allclose((1.0 - got[:, 1]) * 24 - 0.5, uv.numpy()[seen, 1], atol=1e-2)
+        assert not engine.framing_note(cam, sc)
+    # Blender's projection matrix of a camera at that aspect: its y scale over its x scale is fy/fx
+    depsgraph = bpy.context.evaluated_depsgraph_get()
+    P = np.array(bpy.data.objects["train/r_0"].calc_matrix_camera(
+        depsgraph, x=32, y=24, scale_x=sc.render.pixel_aspect_x, scale_y=sc.render.pixel_aspect_y))
+    np.testing.assert_allclose((P[1, 1] * 24) / (P[0, 0] * 32), 0.9505, rtol=1e-6)
+    sc.camera = bpy.data.objects["train/r_1"]
+    sc.render.image_settings.media_type = "IMAGE"  # Blender 5.0 writes no multi-part EXR with non-square pixels
+    sc.render.image_settings.file_format = "PNG"
+    sc.render.filepath = str(scene["dir"] / "shared.png")
+    capfd.readouterr()
+    bpy.ops.render.render(write_still=True)
+    assert "framing" not in capfd.readouterr().out
+    # back to square pixels, F12 says which aspect frames the camera
+    sc.render.pixel_aspect_y = 1.0
+    assert "Pixel Aspect X to 1.0000, Y to 1.0521" in engine.framing_note(bpy.data.objects["train/r_1"], sc)
 
 
 def test_import_dataset_allow_external_paths(scene):
