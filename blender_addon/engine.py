@@ -69,8 +69,7 @@ class NPBGPPRenderEngine(bpy.types.RenderEngine):
             self.report({"ERROR"}, f"NPBG++: {exc}")
             return
         framing = framing_note(camera, scene)
-        if framing and framing not in _reported_this_job:  # an animation would repeat it on every frame
-            _reported_this_job.add(framing)
+        if framing and self._first_of_job(FRAMING, camera.name_full, framing):
             self.report({"WARNING"}, f"NPBG++: {framing}")
         colours = colour_note(scene)
         if colours and colours not in _reported_this_job:  # a note, not a change: the user may want that look
@@ -92,10 +91,10 @@ class NPBGPPRenderEngine(bpy.types.RenderEngine):
             note = clip_note(camera, geo, snap)
             if note:  # not an error either: the camera's range says so, but the user should know why
                 self.report({"INFO"}, f"NPBG++: {note}")
-        elif (key := f"clip range of {camera.name_full}") not in _reported_this_job:
+        elif camera.name_full not in _cameras_noted_this_job.get(CLIPPED, ()):
             note = clip_note(camera, geo, snap, partly=True)
-            if note:  # its counts change from frame to frame: once per job and camera, by that key
-                _reported_this_job.add(key)
+            # its counts change from frame to frame: once per job and camera
+            if note and self._first_of_job(CLIPPED, camera.name_full, note):
                 self.report({"INFO"}, f"NPBG++: {note}")
         if status:
             self.update_stats("", f"NPBG++: {status}")
@@ -120,6 +119,35 @@ class NPBGPPRenderEngine(bpy.types.RenderEngine):
         finally:
             self.end_result(result)
         self.update_progress(1.0)
+        if self.is_animation and scene.frame_current >= last_frame(scene):
+            self._report_job_summaries()
+
+    def _first_of_job(self, kind: str, camera: str, note: str) -> bool:
+        """Record that ``camera`` got a note of ``kind`` (:data:`JOB_NOTES`) in this render job;
+        True when it is to be reported now: the job's first such note (with all it says), or
+        any new one of a still render. An animation through many cameras (markers) gave one
+        warning per camera; the others are named by :meth:`_report_job_summaries`."""
+        cameras = _cameras_noted_this_job.setdefault(kind, [])
+        if note in _reported_this_job or camera in cameras:
+            return False  # an animation would repeat it on every frame
+        cameras.append(camera)
+        if len(cameras) > 1 and self.is_animation:
+            return False
+        _reported_this_job.add(note)
+        return True
+
+    def _report_job_summaries(self) -> None:
+        """On an animation's last frame: one line per kind of note that more cameras than the
+        one reported in full had (:meth:`_first_of_job`), naming them."""
+        for kind, (level, what) in JOB_NOTES.items():
+            cameras = _cameras_noted_this_job.get(kind, [])
+            if len(cameras) < 2 or (key := f"summary of {kind}") in _reported_this_job:
+                continue  # a job renders its last frame once per view layer
+            _reported_this_job.add(key)
+            names = ", ".join(repr(name) for name in cameras[:SUMMARY_NAMES])
+            more = f" and {len(cameras) - SUMMARY_NAMES} more" if len(cameras) > SUMMARY_NAMES else ""
+            self.report({level}, f"NPBG++: {len(cameras)} cameras of this animation {what} ({names}{more}); "
+                                 f"the first one's note above says why, and F12 through each says what to set.")
 
     # --------------------------------------------------------------- viewport
     def view_update(self, context: bpy.types.Context, depsgraph: bpy.types.Depsgraph) -> None:
@@ -252,12 +280,28 @@ def get_panels() -> list[type]:
 # Warnings given in the current render job (F12 or an animation: Blender calls render()
 # per frame and view layer); emptied when a job starts and ends.
 _reported_this_job: set[str] = set()
+# Notes given per camera: the names of the cameras that had each in the current render job.
+FRAMING, CLIPPED = "framing", "clip range"
+_cameras_noted_this_job: dict[str, list[str]] = {}
+# Per kind: the report level and what the animation's summary says the cameras did.
+JOB_NOTES = {
+    FRAMING: ("WARNING", "did not show their photo's framing"),
+    CLIPPED: ("INFO", "had points removed by their Clip Start / End"),
+}
+SUMMARY_NAMES = 8  # cameras named in a summary line; the rest are counted
+
+
+def last_frame(scene: bpy.types.Scene) -> int:
+    """The last frame an animation render of ``scene`` renders (Frame Step may skip End)."""
+    step = max(1, scene.frame_step)
+    return scene.frame_start + (scene.frame_end - scene.frame_start) // step * step
 
 
 @bpy.app.handlers.persistent
 def _render_job_edge(*_args) -> None:
     """render_init / render_complete / render_cancel: a new job reports its warnings again."""
     _reported_this_job.clear()
+    _cameras_noted_this_job.clear()
 
 
 JOB_HANDLERS = ("render_init", "render_complete", "render_cancel")

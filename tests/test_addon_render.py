@@ -362,6 +362,74 @@ def test_clip_range_removing_part_of_the_points_says_so_once(scene, capfd):
     assert capfd.readouterr().out.count(f"removes {removed} of the {n} points") == 1
 
 
+def test_animation_through_many_cameras_notes_one_and_sums_up_the_rest(scene, capfd):
+    """An animation whose camera changes (markers) through imported cameras that do not
+    frame their photos at the render's resolution, and whose clip ranges cut points: the
+    first camera's notes in full, then one line per kind naming every camera on the last
+    frame, not one warning per camera; a still F12 through each still says all."""
+    import json
+
+    from PIL import Image
+
+    from npbgpp_core.ply import save_ply
+
+    root = scene["dir"] / "many"
+    (root / "train").mkdir(parents=True)
+    frames = []
+    for i in range(4):
+        Image.fromarray(np.full((32, 24, 3), 90, np.uint8)).save(root / "train" / f"r_{i}.png")
+        c2w = np.eye(4)
+        c2w[:3, 3] = (0.1 * i, -4.0, 0.0)
+        c2w[:3, :3] = [[1, 0, 0], [0, 0, -1], [0, 1, 0]]  # looking along +y, at the points, z up
+        frames.append({"file_path": f"./train/r_{i}", "transform_matrix": c2w.tolist(), "fl_x": 30.0,
+                       "fl_y": 30.0, "cx": 12.0, "cy": 16.0, "w": 24, "h": 32})
+    (root / "transforms_train.json").write_text(json.dumps({"frames": frames}))
+    save_ply(str(root / "points3d.ply"), scene["points"], scene["colors"])
+    sc = bpy.context.scene
+    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root)) == {"FINISHED"}
+    sc.npbgpp.output = "POINTS"
+    sc.render.resolution_x, sc.render.resolution_y = 40, 40  # no camera's 24x32 photo
+    cameras = [bpy.data.objects[f"train/r_{i}"] for i in range(4)]
+    for frame, cam in enumerate(cameras, start=1):
+        sc.timeline_markers.new(f"F_{frame}", frame=frame).camera = cam
+        # Clip End at the middle depth of the points in its view (Blender's projection): half removed
+        got = np.array([tuple(world_to_camera_view(sc, cam, Vector(p))) for p in scene["points"]])
+        inside = (got[:, :2] >= 0).all(1) & (got[:, :2] < 1).all(1) & (got[:, 2] > 0)
+        assert inside.sum() >= 20
+        cam.data.clip_start, cam.data.clip_end = 0.1, float(np.median(got[inside, 2]))
+    sc.frame_start, sc.frame_end = 1, 4
+    sc.render.image_settings.media_type = "IMAGE"
+    sc.render.image_settings.file_format = "PNG"
+    sc.render.filepath = str(scene["dir"] / "many_")
+    capfd.readouterr()
+    bpy.ops.render.render(animation=True)
+    out = capfd.readouterr().out
+    assert all((scene["dir"] / f"many_{f:04d}.png").is_file() for f in range(1, 5))
+    assert out.count("Warning: NPBG++: the camera 'train/r_0' was imported for a 24x32 photo") == 1, out
+    assert out.count("was imported for a") == 1, out
+    assert out.count("Info: NPBG++: the camera 'train/r_0''s clip range") == 1, out
+    assert out.count("s clip range (") == 1, out
+    names = "'train/r_0', 'train/r_1', 'train/r_2', 'train/r_3'"
+    assert out.count(f"Warning: NPBG++: 4 cameras of this animation did not show their photo's framing ({names}); "
+                     "the first one's note above says why, and F12 through each says what to set.") == 1, out
+    assert out.count(f"Info: NPBG++: 4 cameras of this animation had points removed by their Clip Start / End "
+                     f"({names});") == 1, out
+    # Frame Step 2 renders frames 1 and 3: frame 3 is the last, and its summary names the two cameras
+    sc.frame_step = 2
+    bpy.ops.render.render(animation=True)
+    out = capfd.readouterr().out
+    assert out.count("cameras of this animation did not show") == 1, out
+    assert "2 cameras of this animation did not show their photo's framing ('train/r_0', 'train/r_2')" in out, out
+    sc.frame_step = 1
+    # a still render through another camera is a job of its own: its notes in full
+    sc.frame_set(3)
+    assert sc.camera == cameras[2]
+    bpy.ops.render.render(write_still=True)
+    out = capfd.readouterr().out
+    assert "the camera 'train/r_2' was imported for a 24x32 photo" in out and "'train/r_2''s clip range" in out
+    assert "cameras of this animation" not in out
+
+
 def test_clip_note_counts_the_points_geometry_nodes_leave(scene, capfd):
     """The all-clipped note of a neural F12 counts the points the render draws: those the
     point object's evaluated geometry keeps (a Geometry Nodes Delete Geometry removing the
