@@ -458,6 +458,48 @@ def pack_corpus(corpus: str, dest: Path, max_side: int, max_points: int, budget_
             "families": families}
 
 
+def kit_scene_names(corpus: str, counts: dict[str, int], captures: Sequence[Path]) -> list[str]:
+    """The scenes the kit's corpus is packed from: ``corpus``'s scene folders, the renders
+    ``counts`` asks for (``<family>_1..<family>_<count>``, finished or not) and ``captures``."""
+    from npbgpp_core.atomic import is_listed_name
+
+    names = {p.name for p in Path(corpus).iterdir() if p.is_dir() and is_listed_name(p.name)} \
+        if Path(corpus).is_dir() else set()
+    names.update(f"{family}_{seed}" for family, count in counts.items() for seed in range(1, count + 1))
+    names.update(c.name for c in captures)
+    return sorted(names, key=_natural)
+
+
+def scene_selection_note(scenes: str | None, names: Sequence[str]) -> str | None:
+    """What ``--scenes`` leaves out of ``names`` (the kit's scenes), by family: a family it
+    leaves out whole (``--scenes 'env_*'`` drops the captures) is said, not dropped silently.
+    KitError, before anything is rendered, when it keeps none; None without ``--scenes`` or
+    when it keeps every scene."""
+    if not (scenes or "").strip(" ,"):
+        return None
+    from headless_train.stage import select_scene_names
+
+    kept = set(select_scene_names(names, scenes))
+    families = [f for f in (*RENDERED_FAMILIES, "capture") if any(scene_family(n) == f for n in names)]
+    have = ", ".join(f"{f} {sum(scene_family(n) == f for n in names)}" for f in families)
+    if not kept:
+        raise KitError(f"--scenes {scenes!r} matches none of the kit's {len(names)} scenes ({have or 'none'}"
+                       + (f": {', '.join(names[:8])}{', ...' if len(names) > 8 else ''})" if names else ")")
+                       + "; names or shell patterns, comma-separated, e.g. 'env_*,random_*,beer'")
+    if len(kept) == len(names):
+        return None
+    left = []
+    for f in families:
+        total = [n for n in names if scene_family(n) == f]
+        out = [n for n in total if n not in kept]
+        if out:
+            whole = " (the whole family" + (f": {', '.join(out)})" if f == "capture" else ")") \
+                if len(out) == len(total) else ""
+            left.append(f"{f} {len(out)} of {len(total)}{whole}")
+    return (f"note: --scenes {scenes!r} keeps {len(kept)} of the kit's {len(names)} scenes; left out: "
+            + "; ".join(left))
+
+
 def render_densify_scene(dest: Path) -> Path:
     """The Cycles scene of ``bench_densify.py --gpu`` under ``dest`` (its --cache layout),
     rendered once."""
@@ -779,8 +821,11 @@ def build_kit(args: argparse.Namespace, kit: Path, corpus_dir: Path, progress: P
         budget = corpus_budget_mib(tree_bytes(), sum(w.stat().st_size for w in wheels), state)
         if args.corpus_mib is not None:
             budget = min(budget, args.corpus_mib)
+        counts = scene_counts(renders, budget, len(captures)) if renders else {}
+        note = scene_selection_note(args.scenes, kit_scene_names(args.corpus, counts, captures))
+        if note:
+            say(note)
         if renders:
-            counts = scene_counts(renders, budget, len(captures))
             try:
                 Path(args.corpus).mkdir(parents=True, exist_ok=True)
             except OSError as exc:
@@ -1196,7 +1241,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             m.add_argument("--captures", default=None,
                            help=f"folder of the prepared Z-up training captures ({', '.join(TRAINING_CAPTURES)}), "
                                 "each packed into the corpus once")
-            m.add_argument("--scenes", default=None, help="only these scene folders (comma list, shell patterns)")
+            m.add_argument("--scenes", default=None, help="only these scene folders (comma list, shell patterns); "
+                           "prepare says which families they leave out")
             m.add_argument("--max-side", type=int, default=192)
             m.add_argument("--max-points", type=int, default=20000)
             m.add_argument("--corpus-mib", type=float, default=None, help="at most this many MiB of corpus")

@@ -51,6 +51,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from .lifeline import EXIT_SIGTERM, exit_status
@@ -508,6 +509,14 @@ def machine() -> str:
     return f"{platform.machine()} {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
 
 
+def select_scene_names(names: Iterable[str], scenes: str | None) -> list[str]:
+    """The ``names`` that ``--scenes`` keeps: comma-separated names or shell patterns (case
+    matters, as folder names do on Linux); every name when ``scenes`` is empty. The one rule
+    of ``pack`` and of the GPU kit, which checks a pattern before it renders anything."""
+    patterns = [p.strip() for p in (scenes or "").split(",") if p.strip()]
+    return [n for n in names if not patterns or any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+
+
 def pack(corpus: str, out: str, max_side: int, max_points: int, max_mib: float,
          scenes: str | None = None) -> dict[str, Any]:
     """Copy ``corpus`` to ``out`` with images downscaled to ``max_side`` (PNG) and every
@@ -535,7 +544,6 @@ def pack(corpus: str, out: str, max_side: int, max_points: int, max_mib: float,
     if holds(corpus, out):
         # a folder in the corpus that is not a scene: every later stage or pack of it failed
         raise StageError(f"--out {out} is inside --corpus {corpus}; put it outside the corpus folder")
-    patterns = [p.strip() for p in (scenes or "").split(",") if p.strip()]
     resized: dict[str, tuple[float, float]] = {}  # packed image path without extension -> (sx, sy)
     transforms: list[tuple[str, str]] = []  # (scene, packed transforms_*.json): scaled after the images
     scene_bytes: dict[str, int] = {}  # bytes written per scene folder (top-level files count under "")
@@ -545,9 +553,9 @@ def pack(corpus: str, out: str, max_side: int, max_points: int, max_mib: float,
         for dirpath, dirnames, files in os.walk(corpus, followlinks=True):
             rel = os.path.relpath(dirpath, corpus)
             if rel == os.curdir:
-                dirnames[:] = [d for d in dirnames if is_listed_name(d)
-                               and (not patterns or any(fnmatch.fnmatchcase(d, p) for p in patterns))]
-                if patterns and not dirnames:
+                listed = [d for d in dirnames if is_listed_name(d)]
+                dirnames[:] = select_scene_names(listed, scenes)
+                if not dirnames and (scenes or "").strip(" ,"):
                     raise StageError(f"no scene folder of {corpus} matches --scenes {scenes!r}")
             scene = "" if rel == os.curdir else rel.split(os.sep, 1)[0]
             dst_dir = os.path.join(tmp, rel)

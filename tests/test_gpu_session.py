@@ -467,6 +467,42 @@ def test_fresh_kit_without_captures_warns_and_bad_captures_are_refused(tmp_path,
     assert not env_log.exists() and len(obj_log.read_text().splitlines()) == 1
 
 
+def test_scene_patterns_say_which_families_they_leave_out():
+    """--scenes 'env_*' dropped the captures (and objects) without a word; a pattern keeping
+    no scene is refused naming what the kit holds."""
+    names = ["env_1", "env_2", "random_1", "beer", "mouse"]
+    assert gs.scene_selection_note(None, names) is None and gs.scene_selection_note(" , ", names) is None
+    assert gs.scene_selection_note("*", names) is None  # keeps every scene
+    assert gs.scene_selection_note("env_*", names) == (
+        "note: --scenes 'env_*' keeps 2 of the kit's 5 scenes; left out: random 1 of 1 (the whole family); "
+        "capture 2 of 2 (the whole family: beer, mouse)")
+    assert gs.scene_selection_note("env_1, random_*,beer", names) == (
+        "note: --scenes 'env_1, random_*,beer' keeps 3 of the kit's 5 scenes; left out: env 1 of 2; capture 1 of 2")
+    with pytest.raises(gs.KitError, match=r"--scenes 'Env_\*' matches none of the kit's 5 scenes \(env 2, random 1, "
+                                          r"capture 2: env_1, env_2, random_1, beer, mouse\)"):
+        gs.scene_selection_note("Env_*", names)  # case matters, as in stage pack
+
+
+def test_kit_scene_patterns_are_checked_before_rendering(tmp_path, monkeypatch, capsys):
+    kit, corpus, captures = _kit_with_wheels(tmp_path / "kit"), tmp_path / "scenes", tmp_path / "captures"
+    env_log, obj_log = _stub_generator(monkeypatch, tmp_path), _stub_objects(monkeypatch, tmp_path)
+    _capture(captures, "skull")
+    args = ["prepare", "--kit", str(kit), "--corpus", str(corpus), "--no-densify", "--corpus-mib", "5",
+            "--render-envs", "2", "--render-objects", "1", "--captures", str(captures)]
+    # nothing matches: refused before the env scenes (minutes each) are rendered
+    assert gs.main([*args, "--scenes", "envs_*"]) == 2
+    err = capsys.readouterr().err
+    assert "--scenes 'envs_*' matches none of the kit's 4 scenes (env 2, random 1, capture 1: env_1, env_2, " \
+           "random_1, skull)" in err
+    assert not env_log.exists() and not obj_log.exists() and not (kit / "corpus").exists()
+    # env_*: the objects and the capture are said to be left out
+    assert gs.main([*args, "--scenes", "env_*"]) == 0
+    out = capsys.readouterr().out
+    assert ("note: --scenes 'env_*' keeps 2 of the kit's 4 scenes; left out: random 1 of 1 (the whole family); "
+            "capture 1 of 1 (the whole family: skull)") in out
+    assert sorted(p.name for p in (kit / "corpus").iterdir()) == ["env_1", "env_2"]
+
+
 def test_fresh_kit_stopped_names_what_remains_of_each_family(tmp_path, monkeypatch, capsys):
     kit, corpus = _kit_with_wheels(tmp_path / "kit"), tmp_path / "scenes"
     _stub_generator(monkeypatch, tmp_path, fail_after=1)
