@@ -28,7 +28,11 @@ def own_cloud_file(path: str | os.PathLike, format: str | None = None, **options
     one (the format's default names or only ``.ply``, nerfstudio's ``ply_file_path``,
     COLMAP's ``points3D``), found by the loader's own rules without reading the cloud or
     the cameras; None when there is none or the loader could not tell (several ``.ply``).
-    ``format`` and ``options`` as for :func:`load_scene` (``pc_name`` is ignored)."""
+    ``format`` and ``options`` as for :func:`load_scene` (``pc_name`` is ignored).
+
+    Found here, not recorded by the loaders: their ``metadata["point_cloud"]`` is the file
+    they read, the chosen one when ``pc_name`` names one, and the callers (densify's
+    ``check_not_the_own_cloud``) need the default cloud exactly then, when no loader looks it up."""
     from . import colmap, common, dtu, h3ds, nerf_synthetic, nerfstudio, scannet
     from .detect import FORMATS, check_scene_folder, detect_format
 
