@@ -285,6 +285,24 @@ class SampleOptions:
     input_view_max_side: int | None
     jitter_prob: float
     loss_on_object_mask: bool = False
+    targets_per_sample: int = 1
+
+
+def targets_per_sample(dcfg: Any) -> int:
+    """``datasets.targets_per_sample`` (1 when the config has no such key): target views
+    trained per set of input views; DataConfigError for anything but a whole number >= 1."""
+    value = dcfg.get("targets_per_sample", 1) if dcfg is not None else 1
+    count = config_number(1 if value is None else value, "datasets.targets_per_sample")
+    if count < 1:
+        raise DataConfigError(f"datasets.targets_per_sample must be a whole number >= 1 (1: one target per set of "
+                              f"input views, as published), got {value!r}")
+    return count
+
+
+def sample_targets(sample: dict) -> list[dict]:
+    """Every target of a training sample: the sample itself (its ``image``, ``mask``,
+    ``camera``), then its ``extra_targets`` (``datasets.targets_per_sample`` > 1)."""
+    return [sample, *sample.get("extra_targets", ())]
 
 
 def _fit_size(size: tuple[int, int], max_side: int | None) -> tuple[int, int]:
@@ -343,11 +361,115 @@ def crop_input_views(
     return images, cams
 
 
+# An extra target must show at least this share of the points the anchor crop sees (projected
+# inside its image) from a direction within 90 degrees of the anchor's: a view that shows
+# little of them would mostly supervise points the input views did not aggregate.
+EXTRA_TARGET_MIN_SHARE = 0.5
+# The anchor crop's points used to rank and centre the extra targets (a random subset of
+# larger sets: the ranking costs one projection per candidate view).
+EXTRA_TARGET_POINTS = 2048
+
+
+def anchor_surface_points(camera, points: torch.Tensor) -> torch.Tensor:
+    """The points a target crop sees: those nearest to the camera in some pixel of a coarse
+    z-buffer of the crop (the front surface; a plain projection also takes every point
+    behind it, which other views see far apart). The z-buffer is at most half the crop's
+    resolution, and coarse enough for about 8 of the projected points per pixel, so that a
+    sparse cloud's front surface covers its pixels instead of points behind it showing
+    through the gaps."""
+    from npbgpp_core.rasterizer import rasterize
+
+    h, w = camera.image_size
+    uv, depth = camera.project(points)
+    inside = points[_in_image(uv, depth, h, w)]
+    if inside.shape[0] == 0:
+        return inside
+    scale = min(0.5, max(math.sqrt(inside.shape[0] / (8.0 * h * w)), 2.0 / min(h, w)))
+    index = rasterize(inside, camera, scales=(scale,))[0]
+    return inside[torch.unique(index[index >= 0])]
+
+
+def extra_target_crops(
+    scene, anchor_camera, exclude: list[int], points: torch.Tensor, count: int, rng: np.random.Generator,
+    random_shift: bool, with_mask: bool = False,
+) -> list[dict]:
+    """Up to ``count`` more target crops that share a sample's input views: training views
+    other than ``exclude`` (the anchor target and the input views) that show at least
+    :data:`EXTRA_TARGET_MIN_SHARE` of the points the anchor crop sees
+    (:func:`anchor_surface_points`) from within 90 degrees of the anchor's direction, drawn
+    (weighted by share x cosine of that angle) among the ``2 * count`` that score highest.
+    Each is cropped at the anchor crop's size, resized by the anchor's zoom (ratio of focal
+    lengths, raised where needed so the crop fits, as ``sample_crop`` does) and centred on
+    the median projection of those points (shifted by up to 1/8 of the crop with
+    ``random_shift``), with its exact camera. Fewer (none) when fewer views qualify: scenes
+    with few training views train fewer targets. ``with_mask``: read each view's object
+    mask (None without one; not read otherwise)."""
+    th, tw = anchor_camera.image_size
+    excluded = {int(v) for v in exclude}
+    candidates = [int(v) for v in scene.train if int(v) not in excluded]
+    if count <= 0 or not candidates:
+        return []
+    seen = anchor_surface_points(anchor_camera, points)
+    if seen.shape[0] == 0:
+        return []
+    if seen.shape[0] > EXTRA_TARGET_POINTS:
+        keep = np.sort(rng.choice(seen.shape[0], size=EXTRA_TARGET_POINTS, replace=False))
+        seen = seen[torch.from_numpy(keep)]
+    middle = seen.double().median(0).values.numpy()
+
+    def direction(cam) -> np.ndarray:
+        ray = cam.center().double().numpy() - middle
+        return ray / max(float(np.linalg.norm(ray)), 1e-12)
+
+    anchor_dir = direction(anchor_camera)
+    scores = np.zeros(len(candidates))
+    for k, view in enumerate(candidates):
+        cam = scene.views[view].camera
+        cosine = float(np.dot(anchor_dir, direction(cam)))
+        if cosine <= 0:
+            continue
+        uv, depth = cam.project(seen)
+        share = float(_in_image(uv, depth, *cam.image_size).float().mean())
+        if share >= EXTRA_TARGET_MIN_SHARE:
+            scores[k] = share * cosine
+    order = np.argsort(-scores, kind="stable")[: 2 * count]
+    pool = [int(k) for k in order if scores[k] > 0]
+    if len(pool) > count:
+        weights = scores[pool] / scores[pool].sum()
+        pool = [pool[k] for k in rng.choice(len(pool), size=count, replace=False, p=weights)]
+    anchor_f = anchor_camera.intrinsics().fx
+    crops = []
+    for k in pool:
+        view = candidates[k]
+        native = scene.views[view].camera
+        nh, nw = native.image_size
+        zoom = max(anchor_f / native.intrinsics().fx, th / nh, tw / nw)
+        h, w = max(2, th, round(nh * zoom)), max(2, tw, round(nw * zoom))
+        cam = native.scaled((h, w))
+        uv, depth = cam.project(seen)
+        inside = _in_image(uv, depth, h, w)
+        cx, cy = (float(c) for c in uv[inside].median(0).values) if bool(inside.any()) else (w / 2.0, h / 2.0)
+        if random_shift:
+            cx += float(rng.integers(-(tw // 8), tw // 8 + 1))
+            cy += float(rng.integers(-(th // 8), th // 8 + 1))
+        top = int(min(max(round(cy - th / 2), 0), h - th))
+        left = int(min(max(round(cx - tw / 2), 0), w - tw))
+        image = scene.load_image(view, (h, w))[:, top : top + th, left : left + tw].contiguous()
+        mask = scene.load_mask(view, (h, w)) if with_mask else None
+        if mask is not None:
+            mask = mask[:, top : top + th, left : left + tw].contiguous()
+        crops.append({"view": view, "image": image, "mask": mask, "camera": cam.cropped(top, left, th, tw)})
+    return crops
+
+
 class TrainSamples(Dataset):
     """``num_samples`` random crops per active scene for one epoch (deterministic in seed, epoch, rank).
     ``seed``: the run's and rank's; :meth:`set_epoch` (:class:`EpochOrder` passes Lightning's
     call on) makes each epoch's crops its own, also with a loader kept across epochs, which
-    drew every epoch's crops from the epoch it was made in: the same crops every epoch."""
+    drew every epoch's crops from the epoch it was made in: the same crops every epoch.
+    With ``opts.targets_per_sample`` = k > 1 a sample also holds up to k - 1
+    ``extra_targets`` (:func:`extra_target_crops`) drawn from a generator of their own, so
+    its anchor target, input views and colour jitter are those of k = 1."""
 
     def __init__(self, scenes: list, active: list[int], num_samples: int, opts: SampleOptions, seed: int,
                  epoch: int = 0):
@@ -383,6 +505,7 @@ class TrainSamples(Dataset):
         if variant is not None:
             sample["points_variant"] = variant
         inputs: list[torch.Tensor] = []
+        extras: list[dict] = []
         if self.opts.selection_count > 0:
             candidates = [int(t) for t in scene.train if int(t) != target] or [target]
             chosen = select_input_views(scene, target, candidates, self.opts.selection_count, rng)
@@ -394,11 +517,24 @@ class TrainSamples(Dataset):
                 pts = torch.from_numpy(np.ascontiguousarray(cloud, dtype=np.float32))
                 inputs, cams = crop_input_views(input_view_scene(scene), chosen, camera, pts,
                                                 self.opts.input_view_max_side)
+                if self.opts.targets_per_sample > 1:  # a generator of their own: the draws above stay k = 1's
+                    extras = extra_target_crops(scene, camera, [target, *chosen], pts,
+                                                self.opts.targets_per_sample - 1,
+                                                np.random.default_rng([self.seed, i, 1]), self.opts.random_shift,
+                                                self.opts.loss_on_object_mask)
             sample["input_cameras"] = cams
-        jittered = color_jitter([image] + inputs, rng, self.opts.jitter_prob)
+        for extra in extras:
+            if extra["mask"] is None or not self.opts.loss_on_object_mask:
+                extra["mask"] = torch.ones_like(extra["image"][:1])
+        # one jitter for every target and input view: the inputs must predict the targets' colours
+        jittered = color_jitter([image] + [e["image"] for e in extras] + inputs, rng, self.opts.jitter_prob)
         sample["image"] = jittered[0]
+        for extra, extra_image in zip(extras, jittered[1 : 1 + len(extras)], strict=True):
+            extra["image"] = extra_image
+        if self.opts.targets_per_sample > 1:
+            sample["extra_targets"] = extras
         if inputs:
-            sample["input_images"] = jittered[1:]
+            sample["input_images"] = jittered[1 + len(extras) :]
         return sample
 
 
@@ -539,7 +675,14 @@ class SceneDataModule(pl.LightningDataModule):
             input_view_max_side=config_number(d.input_view_max_side, "datasets.input_view_max_side", optional=True),
             jitter_prob=config_number(d.color_jitter_prob, "datasets.color_jitter_prob", float),
             loss_on_object_mask=bool(d.loss_on_object_mask),
+            targets_per_sample=targets_per_sample(d),
         )
+        if self.opts.targets_per_sample > 1 and (self.opts.image_size is None or self.opts.selection_count < 1):
+            raise DataConfigError(
+                f"datasets.targets_per_sample={self.opts.targets_per_sample} (NPBG++ training) crops more target "
+                "views around what the first one's crop shows, sharing its input views: it needs "
+                "datasets.train_image_size (crops, not whole images) and datasets.selection_count >= 1 (input "
+                "views); or leave it at 1")
         self.val_max = config_number(d.val_num_samples, "datasets.val_num_samples", optional=True)
         self.eval_max = config_number(d.max_eval_views, "datasets.max_eval_views", optional=True)
         self.eval_border = config_number(d.get("eval_border_crop") or 0, "datasets.eval_border_crop")

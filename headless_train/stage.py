@@ -121,6 +121,7 @@ def train_overrides(args: argparse.Namespace, run_dir: str, seed: str | None, re
         "datasets.format=null", f"datasets.data_root={os.path.abspath(args.corpus)}",
         f"datasets.train_image_size={crop}", "datasets.train_num_samples=2000", "datasets.point_cloud_variants=true",
         "datasets.cache_images=true", f"datasets.selection_count={args.views}",
+        f"datasets.targets_per_sample={args.targets_per_sample}",
         # every scene in every epoch (the default rotates 4 scenes per epoch: one stage
         # would see only the first 4)
         "system=npbgpp_sphere", "system.max_scenes_per_train_epoch=null", "system.visibility_scale=1.0",
@@ -314,7 +315,8 @@ def check_numbers(args: argparse.Namespace) -> None:
     if not args.dry_run and not (math.isfinite(args.minutes) and args.minutes > 0):
         raise StageError(f"--minutes {args.minutes:g}: must be a number of minutes above 0")
     for flag, value in (("--batch", args.batch), ("--crop", args.crop), ("--views", args.views),
-                        ("--dry-steps", args.dry_steps), ("--max-points", args.max_points)):
+                        ("--targets-per-sample", args.targets_per_sample), ("--dry-steps", args.dry_steps),
+                        ("--max-points", args.max_points)):
         if value < 1:
             raise StageError(f"{flag} {value}: must be at least 1")
     for flag, value in (("--gpus", args.gpus), ("--workers", args.workers)):
@@ -671,6 +673,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8, help="samples per step (default 8)")
     p.add_argument("--crop", type=int, default=256, help="training crop side in pixels (default 256)")
     p.add_argument("--views", type=int, default=3, help="input views per sample (default 3)")
+    p.add_argument("--targets-per-sample", type=int, default=1,
+                   help="target crops per set of input views (datasets.targets_per_sample; default 1: one, as "
+                        "published; K > 1 adds up to K - 1 other training views of the first crop's points)")
     p.add_argument("--workers", type=int, default=8, help="DataLoader workers (default 8)")
     p.add_argument("--lr", type=float, default=2e-4, help="system.lr (default 2e-4)")
     p.add_argument("--max-points", type=int, default=200000, help="system.max_points (default 200000)")

@@ -1022,28 +1022,42 @@ def test_a_resumed_npbg_evaluation_uses_the_resumed_descriptors(data_root, tmp_p
     assert same["mean"] == result["mean"]
 
 
-@pytest.mark.parametrize("reload", [0, 1])
-def test_a_run_resumed_mid_epoch_trains_the_rest_of_that_epoch(data_root, tmp_path, monkeypatch, recwarn, reload):
+@pytest.mark.parametrize(("reload", "targets"), [(0, 1), (1, 1), (0, 2)])
+def test_a_run_resumed_mid_epoch_trains_the_rest_of_that_epoch(data_root, tmp_path, monkeypatch, recwarn, reload,
+                                                               targets):
     """Resumed from a checkpoint taken mid-epoch (every stage call), the loader began the
     epoch's order again: the steps after the resume trained the epoch's first samples a second
     time (the same crops: a sample is a function of seed, epoch and index) and the rest of the
     epoch never, while Lightning warned that the loader is not resumable. The resumed run trains
-    exactly the samples an uninterrupted run trains after that step, and nothing is warned."""
+    exactly the samples an uninterrupted run trains after that step, and nothing is warned.
+    With two targets per sample (scenes of 10 training views, so that there are views left to
+    add) the extra targets are the same too."""
     from headless_train import data
 
-    seen: list[tuple[int, int]] = []
+    seen: list[tuple[int, int, tuple[int, ...]]] = []
     get = data.TrainSamples.__getitem__
-    monkeypatch.setattr(data.TrainSamples, "__getitem__",
-                        lambda self, i: (seen.append((self.seed, i)), get(self, i))[1])
-    args = ["datasets=nerf_blender_pretrain", f"datasets.data_root={data_root}", "system=npbgpp_sphere",
+
+    def recorded(self, i: int) -> dict:
+        sample = get(self, i)
+        seen.append((self.seed, i, tuple(e["view"] for e in sample.get("extra_targets", ()))))
+        return sample
+
+    monkeypatch.setattr(data.TrainSamples, "__getitem__", recorded)
+    root, more = data_root, []
+    if targets > 1:
+        root = make_dataset(str(tmp_path / "ring"), ("sceneA", "sceneB"), views=12, splits=(10, 1, 1))
+        more = [f"datasets.targets_per_sample={targets}"]
+    args = ["datasets=nerf_blender_pretrain", f"datasets.data_root={root}", "system=npbgpp_sphere",
             "datasets.train_num_samples=3", "trainer.max_epochs=5", "system.max_scenes_per_train_epoch=null",
-            f"trainer.reload_dataloaders_every_n_epochs={reload}", "trainer.last_checkpoint_every_n_steps=1", *FAST]
+            f"trainer.reload_dataloaders_every_n_epochs={reload}", "trainer.last_checkpoint_every_n_steps=1", *FAST,
+            *more]
     run_inproc([*args, "trainer.max_steps=9"], str(tmp_path / "whole"))  # 6 samples (2 scenes x 3) per epoch
     whole = seen[:]
-    assert len(whole) == 9 and sorted(i for _, i in whole[:6]) == list(range(6))
+    assert len(whole) == 9 and sorted(i for _, i, _ in whole[:6]) == list(range(6))
+    assert (sum(len(extra) for _, _, extra in whole) > 0) == (targets > 1)
     # each epoch its own crops (seed + 1000 * epoch), also with the loader kept across epochs
     # (reload 0), which drew every epoch's crops with the seed of the epoch it was made in
-    assert {seed for seed, _ in whole[:6]} == {3407} and {seed for seed, _ in whole[6:]} == {4407}
+    assert {seed for seed, _, _ in whole[:6]} == {3407} and {seed for seed, _, _ in whole[6:]} == {4407}
     seen.clear()
     from headless_train.checkpoints import EpochAndLastCheckpoint
 

@@ -292,6 +292,7 @@ def test_stage_refuses_bad_start_weights_work_and_world_up_by_name(tmp_path, cap
         (["--crop", "0"], "--crop 0: must be"), (["--lr", "-1"], "--lr -1: must be"),
         (["--max-points", "0"], "--max-points 0: must be at least 1"), (["--gpus", "-1"], "--gpus -1: must be 0"),
         (["--workers", "-2"], "--workers -2: must be 0 or more"),
+        (["--targets-per-sample", "0"], "--targets-per-sample 0: must be at least 1"),
     ]
     monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     for extra, message in cases:

@@ -162,8 +162,17 @@ class BaseSystem(pl.LightningModule):
                 gradient_scales=lcfg.get("gradient_scales", 3),
             )
         self._eval_cache: dict[int, Any] = {}
+        from ..data import targets_per_sample
+
+        count = targets_per_sample(cfg.get("datasets"))
+        if count > 1 and not self.trains_shared_input_targets:
+            raise ValueError(f"datasets.targets_per_sample={count}: several target views share one set of input "
+                             f"views only in system=npbgpp training; system={self.system_name} trains one target "
+                             "per sample (its samples would carry views it never renders): leave it at 1")
 
     uses_render_loss = True
+    # Whether sample_loss renders a sample's extra_targets (datasets.targets_per_sample > 1).
+    trains_shared_input_targets = False
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -238,15 +247,21 @@ class BaseSystem(pl.LightningModule):
         return list(schedulers) if isinstance(schedulers, list | tuple) else [schedulers]
 
     def batch_loss(self, batch: list[dict]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Mean loss over the samples of a batch (samples may differ in size)."""
-        total, parts = None, {}
-        for sample in batch:
+        """Mean loss over the targets of a batch (samples may differ in size): a sample's
+        ``sample_loss`` is the mean over its targets (``datasets.targets_per_sample``), so it
+        weighs as many targets as it has, as in one mean over every target of the batch."""
+        from ..data import sample_targets
+
+        weights = [len(sample_targets(s)) if self.trains_shared_input_targets else 1 for s in batch]
+        total, parts, count = None, {}, sum(weights)
+        for sample, weight in zip(batch, weights, strict=True):
             loss, logs = self.sample_loss(sample)
+            loss = loss if weight == 1 else loss * weight
             total = loss if total is None else total + loss
             for k, v in logs.items():
-                parts[k] = parts.get(k, 0.0) + v.detach() / len(batch)
+                parts[k] = parts.get(k, 0.0) + v.detach() * weight / count
         assert total is not None
-        return total / len(batch), parts
+        return total / count, parts
 
     def training_step(self, batch: list[dict], batch_idx: int) -> torch.Tensor:
         loss, parts = self.batch_loss(batch)

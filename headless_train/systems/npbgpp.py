@@ -13,12 +13,14 @@ from npbgpp_core.models import NPBGPlusPlus, NPBGPlusPlusConfig
 from npbgpp_core.pretrained import widen_for_background
 
 from ..checkpoints import save_scene_files
+from ..data import sample_targets
 from .base import BaseSystem
 
 log = logging.getLogger(__name__)
 
 class NPBGPlusPlusSystem(BaseSystem):
     system_name = "npbgpp"
+    trains_shared_input_targets = True  # a sample's aggregate renders each of its targets
 
     def __init__(self, cfg: dict, scenes: list):
         super().__init__(cfg, scenes)
@@ -85,8 +87,11 @@ class NPBGPlusPlusSystem(BaseSystem):
         input views go through the extractor together (one call per padded size), the
         aggregation is one accumulation and one solve, and the targets share one refiner
         call and one auxiliary pass: the same loss as the per-sample loop (which remains
-        for targets of different sizes), a fraction of the calls."""
-        same_size = len({tuple(s["image"].shape) for s in batch}) == 1
+        for targets of different sizes), a fraction of the calls. A sample's extra targets
+        (``datasets.targets_per_sample``) render its one aggregate; the loss is the mean over
+        every target of the batch."""
+        targets = [sample_targets(s) for s in batch]
+        same_size = len({tuple(t["image"].shape) for ts in targets for t in ts}) == 1
         if not self.scfg.get("batched_step", True) or not same_size:
             return super().batch_loss(batch)
         self.freeze_batchnorm()
@@ -101,9 +106,10 @@ class NPBGPlusPlusSystem(BaseSystem):
                   [c.to(dev) for c in s["input_cameras"]]) for s in batch],
                 channels_last=self._channels_last(), seen_only=self.seen_only_aggregation,
             )
-            preds = self.model.render_raw_batch(aggs, [s["camera"].to(dev) for s in batch])
-        target = torch.stack([s["image"] for s in batch]).to(dev, non_blocking=True)
-        mask = torch.stack([s["mask"] for s in batch]).to(dev, non_blocking=True)
+            preds = self.model.render_raw_batch([agg for agg, ts in zip(aggs, targets, strict=True) for _ in ts],
+                                                [t["camera"].to(dev) for ts in targets for t in ts])
+        target = torch.stack([t["image"] for ts in targets for t in ts]).to(dev, non_blocking=True)
+        mask = torch.stack([t["mask"] for ts in targets for t in ts]).to(dev, non_blocking=True)
         pred = torch.stack([p[:3] for p in preds]).float()
         main = self.loss_fn(pred, target, mask)
         logs = {"render": main.detach()}
@@ -119,14 +125,16 @@ class NPBGPlusPlusSystem(BaseSystem):
         return loss, logs
 
     def sample_loss(self, sample: dict):
+        """Loss of one sample: its input views aggregated once, the mean over its targets."""
         self.freeze_batchnorm()
         if "input_images" not in sample:
             raise ValueError("NPBG++ needs input views: datasets.selection_count must be >= 1")
         agg = self.aggregate_inputs(int(sample["scene"]), sample["input_images"], sample["input_cameras"],
                                     sample.get("points_variant"))
-        target = sample["image"].to(self.device).unsqueeze(0)
-        mask = sample["mask"].to(self.device).unsqueeze(0)
-        pred = self.model.render_raw(agg, sample["camera"].to(self.device))[:3].unsqueeze(0)
+        targets = sample_targets(sample)
+        target = torch.stack([t["image"] for t in targets]).to(self.device)
+        mask = torch.stack([t["mask"] for t in targets]).to(self.device)
+        pred = torch.stack([self.model.render_raw(agg, t["camera"].to(self.device))[:3] for t in targets])
         main = self.loss_fn(pred, target, mask)
         logs = {"render": main}
         loss = main

@@ -1,0 +1,273 @@
+"""Several target views per set of input views in NPBG++ training
+(``datasets.targets_per_sample``): k = 1 samples are the samples drawn before the option
+existed; extra targets are other training views cropped where the anchor crop's points
+are, with exact cameras; the batched step, the per-sample step and a hand-computed mean
+over targets agree; bad values are refused by name."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from _train_fixtures import make_tiny_scene, sphere_colors, sphere_points
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+from npbgpp_core.datasets import sample_crop, select_input_views
+
+SIZE = 48  # the ring scene's images
+CROP = 16
+
+
+def _turn_away(folder: str, frame: int) -> None:
+    """Turn training camera ``frame`` of a tiny scene by 180 degrees about its up axis: it
+    looks away from the sphere, so it sees none of the points."""
+    path = os.path.join(folder, "transforms_train.json")
+    with open(path) as f:
+        meta = json.load(f)
+    c2w = np.array(meta["frames"][frame]["transform_matrix"]) @ np.diag([-1.0, 1.0, -1.0, 1.0])
+    meta["frames"][frame]["transform_matrix"] = c2w.tolist()
+    with open(path, "w") as f:
+        json.dump(meta, f)
+
+
+@pytest.fixture(scope="module")
+def ring_root(tmp_path_factory) -> str:
+    """One scene of 12 views on a ring (10 training views, view 9 looking away)."""
+    root = str(tmp_path_factory.mktemp("ring"))
+    make_tiny_scene(os.path.join(root, "ring"), views=12, size=SIZE, n_points=400, splits=(10, 1, 1))
+    _turn_away(os.path.join(root, "ring"), 9)
+    return root
+
+
+def _cfg(root: str, extra: list[str], system: str = "npbgpp_sphere"):
+    up = [] if system == "npbg" else ["system.world_up=[0,1,0]"]
+    with initialize_config_module("headless_train.conf", version_base="1.3"):
+        return compose("config", overrides=[
+            f"system={system}", "datasets=nerf_blender_pretrain", f"datasets.data_root={root}",
+            "datasets.train_num_samples=6", f"datasets.train_image_size={CROP}", "dataloader=small",
+            "system.descriptors_save_dir=/nonexistent/d", *up, *extra])
+
+
+def _samples(root: str, extra: list[str], system: str = "npbgpp_sphere"):
+    from headless_train.data import SceneDataModule
+
+    dm = SceneDataModule(_cfg(root, extra, system), seed=3407)
+    return dm, dm.train_dataloader().dataset
+
+
+def _before(ds, i: int) -> dict:
+    """Sample ``i`` drawn as TrainSamples drew it before targets_per_sample: the same
+    generator, the same draws in the same order (target, crop, input views, jitter)."""
+    from headless_train.data import color_jitter, crop_input_views
+
+    scene = ds.scenes[ds.active[i // ds.num_samples]]
+    rng = np.random.default_rng([ds.seed, i])
+    target = int(scene.train[int(rng.integers(len(scene.train)))])
+    image, _, camera = sample_crop(scene, target, rng, image_size=ds.opts.image_size,
+                                   zoom_range=ds.opts.zoom_range, random_shift=ds.opts.random_shift)
+    chosen = [int(c) for c in select_input_views(scene, target, [int(t) for t in scene.train if int(t) != target],
+                                                 ds.opts.selection_count, rng)]
+    inputs, cams = crop_input_views(scene, chosen, camera, torch.from_numpy(scene.points), None)
+    images = color_jitter([image, *inputs], rng, ds.opts.jitter_prob)
+    return {"view": target, "inputs": chosen, "image": images[0], "input_images": images[1:], "camera": camera,
+            "input_cameras": cams}
+
+
+def _same_anchor(sample: dict, ref: dict) -> None:
+    assert sample["view"] == ref["view"]
+    assert torch.equal(sample["image"], ref["image"])
+    assert sample["camera"].image_size == ref["camera"].image_size
+    assert torch.equal(sample["camera"].K, ref["camera"].K)
+    assert len(sample["input_images"]) == len(ref["input_images"])
+    for a, b in zip(sample["input_images"], ref["input_images"], strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(sample["input_cameras"], ref["input_cameras"], strict=True):
+        assert torch.equal(a.K, b.K) and torch.equal(a.R, b.R) and torch.equal(a.t, b.t)
+
+
+def test_one_target_per_sample_draws_the_samples_of_before(ring_root):
+    """k = 1 (the default) gives exactly the samples drawn before the option; k = 3 gives the
+    same anchor target, input views and jitter, plus its extra targets."""
+    _, ds1 = _samples(ring_root, [])
+    _, ds3 = _samples(ring_root, ["datasets.targets_per_sample=3"])
+    assert ds1.opts.targets_per_sample == 1 and ds1.opts.jitter_prob > 0  # the jitter is drawn and applied
+    extras = []
+    for i in range(len(ds1)):
+        ref = _before(ds1, i)
+        one, three = ds1[i], ds3[i]
+        assert "extra_targets" not in one
+        _same_anchor(one, ref)
+        _same_anchor(three, ref)
+        extras.append(len(three["extra_targets"]))
+    assert max(extras) == 2  # (a sample whose anchor has no other view within 90 degrees has none)
+
+
+def _pixel_error(image: torch.Tensor, camera, shift: float = 0.0) -> float:
+    """Median colour error between the crop's pixels and the colours of the sphere points
+    that ``camera`` (its principal point moved by ``shift`` px) projects onto them: the
+    tiny scene's images are renders of exactly those colours."""
+    pts = sphere_points(20000, 1)  # the dense cloud the images were rendered from (seed 0 + 1)
+    centre = camera.center().double().numpy()
+    to_eye = centre[None] - pts
+    facing = (pts * to_eye).sum(1) > 0.8 * np.linalg.norm(to_eye, axis=1)  # well inside the silhouette
+    pts = pts[facing]
+    uv, depth = camera.project(torch.from_numpy(pts))
+    uv = uv.double().numpy() + shift
+    h, w = camera.image_size
+    inside = (depth.numpy() > 0) & (uv[:, 0] >= 0.5) & (uv[:, 0] < w - 1.5) & (uv[:, 1] >= 0.5) & (uv[:, 1] < h - 1.5)
+    assert inside.sum() > 20, "the crop shows too little of the sphere to test"
+    px = np.rint(uv[inside]).astype(int)
+    found = image[:, px[:, 1], px[:, 0]].T.numpy()
+    return float(np.median(np.abs(found - sphere_colors(pts[inside])).max(1)))
+
+
+def test_extra_targets_are_other_training_views_cropped_where_the_anchor_points_are(ring_root):
+    _, ds = _samples(ring_root, ["datasets.targets_per_sample=4", "datasets.color_jitter_prob=0",
+                                 "datasets.train_random_zoom=[0.75,1.0]"])
+    scene = ds.scenes[0]
+    points = torch.from_numpy(scene.points)
+    errors, shifted, counts, shares = [], [], [], []
+    for i in range(len(ds)):
+        sample, ref = ds[i], _before(ds, i)
+        extras = sample["extra_targets"]
+        views = [e["view"] for e in extras]
+        counts.append(len(views))
+        assert len(set(views)) == len(views) and set(views) <= {int(v) for v in scene.train}
+        assert not set(views) & {ref["view"], *ref["inputs"]}
+        assert 9 not in views  # the view that looks away sees none of the anchor's points
+        anchor = sample["camera"]
+        uv, depth = anchor.project(points)
+        h, w = anchor.image_size
+        in_anchor = (depth > 0) & (uv[:, 0] >= -0.5) & (uv[:, 0] < w - 0.5) & (uv[:, 1] >= -0.5) & (uv[:, 1] < h - 0.5)
+        # what the anchor crop sees of the (convex, unit) sphere: the points facing its camera
+        in_anchor &= ((anchor.center()[None] - points) * points).sum(1) > 0
+        for extra in extras:
+            cam = extra["camera"]
+            assert extra["image"].shape == (3, CROP, CROP) and cam.image_size == (CROP, CROP)
+            assert extra["mask"].shape == (1, CROP, CROP) and bool((extra["mask"] == 1).all())
+            # the same zoom as the anchor crop (the ring's views share one focal length)
+            assert cam.intrinsics().fx == pytest.approx(anchor.intrinsics().fx, rel=0.05)
+            uv, depth = cam.project(points[in_anchor])
+            seen = (depth > 0) & (uv[:, 0] >= -0.5) & (uv[:, 0] < CROP - 0.5) & (uv[:, 1] >= -0.5)
+            seen &= uv[:, 1] < CROP - 0.5
+            shares.append(float(seen.float().mean()))
+            errors.append(_pixel_error(extra["image"], cam))
+            shifted.append(_pixel_error(extra["image"], cam, shift=2.0))
+    assert max(counts) >= 2 and sum(counts) >= len(ds)
+    assert min(shares) > 0.3 and np.median(shares) > 0.6, shares  # they show the anchor crop's points
+    assert max(errors) < 0.05, (errors, shifted)  # each pixel shows the colour of the points its camera projects there
+    assert np.median(shifted) > 3 * np.median(errors), (errors, shifted)  # a camera 2 px off would be seen
+
+
+def test_few_training_views_give_fewer_extra_targets(tmp_path):
+    """4 training views and 3 input views leave no other view: samples without extras, no error;
+    with 2 input views at most the one view left."""
+    root = str(tmp_path / "few")
+    make_tiny_scene(os.path.join(root, "s"), views=12, size=32, n_points=200)  # training views 30 degrees apart
+    _, ds = _samples(root, ["datasets.targets_per_sample=3"])
+    assert all(ds[i]["extra_targets"] == [] for i in range(len(ds)))
+    _, ds = _samples(root, ["datasets.targets_per_sample=3", "datasets.selection_count=2"])
+    counts = [len(ds[i]["extra_targets"]) for i in range(len(ds))]
+    assert max(counts) == 1  # the one view left, when it sees the anchor's points within 90 degrees
+
+
+def test_samples_are_a_function_of_seed_epoch_and_index(ring_root):
+    _, a = _samples(ring_root, ["datasets.targets_per_sample=3"])
+    _, b = _samples(ring_root, ["datasets.targets_per_sample=3"])
+    b.set_epoch(1)
+    assert any(not torch.equal(a[i]["image"], b[i]["image"]) for i in range(len(a)))
+    b.set_epoch(0)
+    for i in (4, 0, 5):
+        x, y = a[i], b[i]
+        assert [e["view"] for e in x["extra_targets"]] == [e["view"] for e in y["extra_targets"]]
+        for e, f in zip(x["extra_targets"], y["extra_targets"], strict=True):
+            assert torch.equal(e["image"], f["image"]) and torch.equal(e["camera"].K, f["camera"].K)
+
+
+def _system(root: str, extra: list[str], system: str = "npbgpp_sphere"):
+    from headless_train.systems import build_system
+
+    dm, ds = _samples(root, extra, system)
+    cfg = OmegaConf.to_container(_cfg(root, extra, system), resolve=True)
+    torch.manual_seed(0)
+    return build_system(cfg, dm.scenes), ds
+
+
+def test_batched_and_per_sample_steps_give_the_mean_over_every_target(ring_root):
+    """With two targets per sample the batched step (one aggregate per sample rendered for
+    both targets), the per-sample step and the mean of the two one-target losses agree, and
+    so do the gradients of the two steps."""
+    system, ds = _system(ring_root, ["datasets.targets_per_sample=2", "loss.aux_drop_prob=0",
+                                     "datasets.color_jitter_prob=0"])
+    batch = [ds[0], ds[3]]
+    assert all(len(s["extra_targets"]) == 1 for s in batch)
+    params = [p for p in system.model.parameters() if p.requires_grad]
+    results = []
+    for batched in (True, False):
+        system.scfg["batched_step"] = batched
+        loss, parts = system.batch_loss(batch)
+        results.append((loss, parts, torch.autograd.grad(loss, params, allow_unused=True)))
+    (loss_b, parts_b, grads_b), (loss_s, parts_s, grads_s) = results
+    torch.testing.assert_close(loss_b, loss_s, atol=1e-4, rtol=1e-5)
+    for key in ("render", "aux"):
+        torch.testing.assert_close(parts_b[key], parts_s[key], atol=1e-5, rtol=1e-5)
+    nonzero = 0
+    for a, b in zip(grads_b, grads_s, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=2e-3)
+            nonzero += int(a.abs().sum() > 0)
+    assert nonzero > len(params) // 2
+    # by hand: each target as the only target of its sample, one loss per target, their mean
+    with torch.no_grad():
+        singles = []
+        for s in batch:
+            alone = {k: v for k, v in s.items() if k != "extra_targets"}
+            singles.append(system.sample_loss(alone)[0])
+            for e in s["extra_targets"]:
+                singles.append(system.sample_loss(dict(alone, image=e["image"], mask=e["mask"],
+                                                       camera=e["camera"]))[0])
+    torch.testing.assert_close(loss_b.detach(), torch.stack(singles).mean(), atol=1e-4, rtol=1e-5)
+    # samples of different target counts (a scene with few views) weigh by their targets
+    system.scfg["batched_step"] = True
+    uneven = [batch[0], dict(batch[1], extra_targets=[])]
+    with torch.no_grad():
+        loss_u = system.batch_loss(uneven)[0]
+        system.scfg["batched_step"] = False
+        torch.testing.assert_close(system.batch_loss(uneven)[0], loss_u, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(loss_u, torch.stack(singles[:3]).mean(), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "1.5", "abc"])
+def test_bad_targets_per_sample_values_are_refused_by_name(ring_root, value):
+    from headless_train.data import DataConfigError
+
+    with pytest.raises(DataConfigError, match="datasets.targets_per_sample"):
+        _samples(ring_root, [f"datasets.targets_per_sample={value}"])
+
+
+def test_targets_per_sample_needs_crops_input_views_and_npbgpp(ring_root):
+    from headless_train.data import DataConfigError
+
+    for extra in (["datasets.train_image_size=null"], ["datasets.selection_count=0"]):
+        with pytest.raises(DataConfigError, match="targets_per_sample=2 .*needs datasets.train_image_size"):
+            _samples(ring_root, ["datasets.targets_per_sample=2", *extra])
+    _samples(ring_root, ["datasets.targets_per_sample=1", "datasets.selection_count=0"])  # NPBG's default: fine
+    for system in ("npbg", "coefficients_ft"):
+        with pytest.raises(ValueError, match=f"targets_per_sample=2: .*system={system} trains one target"):
+            _system(ring_root, ["datasets.targets_per_sample=2"], system)
+
+
+def test_stage_passes_targets_per_sample_to_the_trainer():
+    from headless_train.stage import parse_args, train_overrides
+
+    args = parse_args(["--corpus", "c", "--work", "w", "--targets-per-sample", "3"])
+    assert "datasets.targets_per_sample=3" in train_overrides(args, "run", None, False, 10)
+    assert "datasets.targets_per_sample=1" in train_overrides(parse_args(["--corpus", "c", "--work", "w"]),
+                                                              "run", None, False, 10)
+    assert math.isfinite(args.minutes)
