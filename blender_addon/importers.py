@@ -683,8 +683,35 @@ class IMPORT_SCENE_OT_npbgpp_dataset(bpy.types.Operator):
 
 
 # --------------------------------------------------------------------------- meshes
+def render_setting_copies(objects: list, scene: Any) -> list:
+    """Copies of ``objects`` (sharing their data) linked to ``scene``, whose modifiers are set
+    as renders evaluate them: shown where Show in Renders is on, Subdivision and Multires at
+    their Render levels. The viewport's depsgraph, the one Python can evaluate without a
+    render, evaluates the viewport's settings; the photos of a dataset, and its points3d.ply
+    (``datagen.surface_points.during_a_render``), show the render's. Copies leave the user's
+    objects (linked ones too) untouched; the caller removes them. Not emulated: a Geometry
+    Nodes "Is Viewport" switch, and Simplify's viewport limit on subdivision levels."""
+    copies = []
+    try:
+        for obj in objects:
+            copy = obj.copy()
+            copy.hide_viewport = False  # evaluated in the viewport's depsgraph
+            for modifier in copy.modifiers:
+                modifier.show_viewport = modifier.show_render
+                if modifier.type in ("SUBSURF", "MULTIRES"):
+                    modifier.levels = modifier.render_levels
+            scene.collection.objects.link(copy)
+            copies.append(copy)
+    except Exception:
+        for copy in copies:
+            bpy.data.objects.remove(copy)
+        raise
+    return copies
+
+
 class NPBGPP_OT_points_from_meshes(bpy.types.Operator):
-    """Sample points (with colours) on the surfaces of the selected meshes"""
+    """Sample points (with colours) on the surfaces of the selected meshes as they render (modifiers' render
+    settings: Show in Renders, Subdivision's Render levels)"""
 
     bl_idname = "npbgpp.points_from_meshes"
     bl_label = "Points from Selected Meshes"
@@ -706,12 +733,17 @@ class NPBGPP_OT_points_from_meshes(bpy.types.Operator):
             return {"CANCELLED"}
         from .datagen.surface_points import sample_surface_points
 
+        copies = render_setting_copies(meshes, context.scene)
         try:
-            points, colors = sample_surface_points(context.scene, self.count, self.seed, objects=meshes,
-                                                   depsgraph=context.evaluated_depsgraph_get())
+            points, colors = sample_surface_points(context.scene, self.count, self.seed, objects=copies,
+                                                   depsgraph=context.evaluated_depsgraph_get(),
+                                                   name=f"objects {[o.name for o in meshes]}")
         except ValueError as exc:
             self.report({"ERROR"}, str(exc))
             return {"CANCELLED"}
+        finally:
+            for copy in copies:
+                bpy.data.objects.remove(copy)
         obj = make_point_object("NPBG++ Points", points, colors, context)
         use_point_object(context, obj)
         s = context.scene.npbgpp

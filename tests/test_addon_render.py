@@ -1983,6 +1983,61 @@ def _plane_selected(sc):
     return plane
 
 
+def test_points_from_meshes_sample_the_mesh_as_it_renders(scene, capfd):
+    """Points from Selected Meshes samples each mesh as renders show it (a dataset's photos,
+    and so its points3d.ply): Subdivision at its Render level (3 here, 1 in viewports) and a
+    modifier shown in renders only (an Array of 2); the points lie on Blender's own evaluated
+    mesh at those settings, not on the viewport's. The selected object is left as it was and
+    nothing else stays in the file."""
+    from mathutils.bvhtree import BVHTree
+
+    sc = scene["scene"]
+    bpy.ops.mesh.primitive_cube_add(size=2.0, location=(0.0, 0.0, 0.0))
+    cube = bpy.context.active_object
+    cube.name = "Rounded"
+    sub = cube.modifiers.new("Sub", "SUBSURF")
+    sub.levels, sub.render_levels = 1, 3
+    array = cube.modifiers.new("Arr", "ARRAY")
+    array.count, array.relative_offset_displace = 2, (1.5, 0.0, 0.0)
+    array.show_viewport = False
+
+    def evaluated(levels: int, with_array: bool) -> tuple[int, BVHTree]:
+        """Vertex count and BVH of Blender's own evaluation of a copy at those settings."""
+        ref = cube.copy()
+        ref.modifiers["Sub"].levels = levels
+        ref.modifiers["Arr"].show_viewport = with_array
+        sc.collection.objects.link(ref)
+        depsgraph = bpy.context.evaluated_depsgraph_get()
+        mesh = ref.evaluated_get(depsgraph).to_mesh()
+        mesh.calc_loop_triangles()  # Blender's own split of its (non-planar) quads
+        verts = [tuple(v.co) for v in mesh.vertices]
+        polys = [tuple(t.vertices) for t in mesh.loop_triangles]
+        ref.evaluated_get(depsgraph).to_mesh_clear()
+        bpy.data.objects.remove(ref)
+        return len(verts), BVHTree.FromPolygons(verts, polys)
+
+    render_count, render_bvh = evaluated(3, True)
+    viewport_count, viewport_bvh = evaluated(1, False)
+    assert (render_count, viewport_count) == (2 * 386, 26)  # 6 * 4^3 + 2 per cube at level 3
+    for o in sc.objects:
+        o.select_set(o == cube)
+    before = {o.name for o in bpy.data.objects}
+    assert bpy.ops.npbgpp.points_from_meshes(count=400, seed=4) == {"FINISHED"}
+    obj = sc.npbgpp.point_object
+    assert {o.name for o in bpy.data.objects} == before | {obj.name}
+    assert (sub.levels, sub.render_levels, array.show_viewport, array.show_render) == (1, 3, False, True)
+    sys.path.insert(0, ROOT)
+    from blender_addon.point_source import object_points
+
+    pts, _ = object_points(obj.evaluated_get(bpy.context.evaluated_depsgraph_get()))
+    assert pts.shape == (400, 3)
+    on_render = np.array([render_bvh.find_nearest(Vector(p))[3] for p in pts])
+    on_viewport = np.array([viewport_bvh.find_nearest(Vector(p))[3] for p in pts])
+    assert on_render.max() < 1e-4, on_render.max()
+    assert (on_viewport > 1e-2).mean() > 0.5  # the level-1 surface lies apart from most of them
+    assert pts[:, 0].max() > 2.5  # the second cube of the Array, centred at x = 3
+
+
 def test_points_from_meshes_vertex_colours(scene):
     sc = scene["scene"]
     plane = _plane_selected(sc)
