@@ -163,10 +163,16 @@ class AggregationStarted(Reply):
 
 @dataclass
 class AggregationResult(Reply):
+    """``valid``: the points nearest to the camera at some pixel of a view's z-buffer (at
+    the model's visibility scale of the photo's size), which get descriptors and render;
+    ``in_no_view``: the points on no pixel of any view (behind, outside). The rest lost
+    each pixel they fell on to a nearer point."""
+
     path: str
     points: int
-    valid: int  # points seen by at least one view
+    valid: int
     world_up: list[float]
+    in_no_view: int
 
 
 @dataclass

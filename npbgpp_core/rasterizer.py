@@ -245,6 +245,23 @@ def rasterize(
     return [keys_to_index(k) for k in rasterize_keys(points, camera, scales, near, backend)]
 
 
+def landing_mask(points: torch.Tensor, camera: Camera, scale: float = 1.0, near: float = 1e-3) -> torch.Tensor:
+    """Which points (bool (N,)) land on a pixel of :func:`rasterize`'s image at ``scale``,
+    winning it or not: finite, in front of ``near`` (and the camera's clip start), not
+    beyond its clip end, inside the image (the module's pixel mapping). A point that lands
+    and wins no pixel lost each one it fell on to a nearer point."""
+    points = _prepare_points(points)
+    p = raster_params(camera, (scale,), near, points.device)
+    h, w = p.sizes[0]
+    u, v, z = project_for_raster(points, p)
+    width = torch.tensor(float(p.width), dtype=torch.float32, device=points.device)
+    height = torch.tensor(float(p.height), dtype=torch.float32, device=points.device)
+    col = torch.floor((u + 0.5) / width * w)
+    row = torch.floor((v + 0.5) / height * h)
+    valid = torch.isfinite(u) & torch.isfinite(v) & (z > p.near) & (z <= p.far)
+    return valid & (col >= 0) & (col < w) & (row >= 0) & (row < h)
+
+
 def keys_to_depth(keys: torch.Tensor) -> torch.Tensor:
     """View depth of the winning point per pixel (float32), +inf where empty."""
     bits = (keys >> 32).to(torch.int32)

@@ -179,6 +179,8 @@ class DatasetAggregation:
         points = torch.as_tensor(np.asarray(self.data.points, np.float32), device=self.device)
         with torch.no_grad():
             self.state = self.model.begin_scene(points)
+        # points on a pixel of some view's z-buffer, winning it or not (the result's count of the rest)
+        self.in_a_view = torch.zeros(len(points), dtype=torch.bool, device=self.device)
 
     def add(self, k: int) -> None:
         import torch
@@ -187,8 +189,10 @@ class DatasetAggregation:
             raise IndexError(f"view {k} of {len(self.views)}")
         i = self.views[k]
         image = self.data.load_image(i).to(self.device)
+        camera = self.data.views[i].camera.to(self.device)
         with torch.no_grad():
-            self.state.add_views(image[None], [self.data.views[i].camera.to(self.device)])
+            self.state.add_views(image[None], [camera])
+            self.in_a_view |= self.model.points_in_view(self.state.points, camera)
 
     def finish(self, out: str) -> P.AggregationResult:
         import torch
@@ -205,7 +209,7 @@ class DatasetAggregation:
         )
         scene.save(out)
         return P.AggregationResult(out, int(agg.points.shape[0]), int(agg.valid.sum()),
-                                   list(self.model.config.world_up))
+                                   list(self.model.config.world_up), int((~self.in_a_view).sum()))
 
 
 def fused_kernels_compile(device: torch.device) -> bool:

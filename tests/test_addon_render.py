@@ -1836,6 +1836,65 @@ def test_aggregate_writes_a_bundle(scene):
     assert NeuralScene.load(scene["dir"] / "z.npbgpp").model_config["world_up"] == [0.0, 0.0, 1.0]
 
 
+def test_aggregate_says_which_points_no_photo_sees_and_why(scene, capfd):
+    """Aggregate's count of seen points is those nearest to the camera at some pixel of a
+    photo (a brute-force z-buffer of the dataset's camera here), and its note splits the rest
+    into points in no photo's view (behind the camera) and points that lost every pixel they
+    fell on to a nearer one (copies of points pushed back along their rays)."""
+    import math
+
+    from npbgpp_core.datasets import load_scene
+    from npbgpp_core.scene import NeuralScene
+
+    sc, cam = scene["scene"], scene["camera"]
+    bpy.context.view_layer.update()
+    eye = np.array(cam.matrix_world.translation)
+    base = scene["points"].astype(np.float64)
+    pushed = eye + 1.3 * (base[:10] - eye)  # the same pixels, farther
+    behind = eye + 0.5 * (eye - base[10:20])  # behind the camera
+    pts = np.concatenate([base, pushed, behind]).astype(np.float32)
+    colors = np.concatenate([scene["colors"]] * 2)[: len(pts)]
+    root = scene["dir"] / "nerf"
+    _write_nerf_dataset(root, [cam], pts, colors)
+    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root)) == {"FINISHED"}
+    sc.npbgpp.weights = ""
+    capfd.readouterr()
+    assert bpy.ops.npbgpp.aggregate(filepath=str(scene["dir"] / "seen.npbgpp")) == {"FINISHED"}
+    out = capfd.readouterr().out
+    # brute force: per pixel (floor(u + 0.5), floor(v + 0.5)) the point of smallest depth in front
+    camera = load_scene(str(root)).camera(0)
+    K, R, t = camera.to_opencv()
+    x = pts.astype(np.float64) @ R.T + t
+    h, w = camera.image_size
+    nearest: dict[tuple[int, int], tuple[float, int]] = {}
+    in_view = np.zeros(len(pts), bool)
+    for i, (xc, yc, zc) in enumerate(x):
+        if zc <= 1e-3:
+            continue
+        col, row = math.floor(K[0, 0] * xc / zc + K[0, 2] + 0.5), math.floor(K[1, 1] * yc / zc + K[1, 2] + 0.5)
+        if 0 <= col < w and 0 <= row < h:
+            in_view[i] = True
+            nearest[(row, col)] = min(nearest.get((row, col), (np.inf, -1)), (zc, i))
+    seen = np.zeros(len(pts), bool)
+    seen[[i for _, i in nearest.values()]] = True
+    bundle = NeuralScene.load(scene["dir"] / "seen.npbgpp")
+    np.testing.assert_array_equal(bundle.valid.numpy(), seen)
+    outside, lost = int((~in_view).sum()), int((in_view & ~seen).sum())
+    assert outside >= 10 and lost >= 10  # the ones behind; the pushed-back copies
+    assert f"Saved {len(pts)} points of the dataset's cloud ({seen.sum()} seen by the photos)" in out, out
+    assert (f"Info: {seen.sum()} of the {len(pts)} points are seen: the nearest point at some pixel of a photo, the "
+            f"ones NPBG++ takes descriptors for; the other {len(pts) - seen.sum()} get none and do not render: "
+            f"{outside} lie in no photo's view; {lost} fall only on pixels where a nearer point wins") in out, out
+    # every point seen: no note
+    keep = seen.copy()
+    _write_nerf_dataset(scene["dir"] / "all_seen", [cam], pts[keep], colors[keep])
+    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(scene["dir"] / "all_seen")) == {"FINISHED"}
+    capfd.readouterr()
+    assert bpy.ops.npbgpp.aggregate(filepath=str(scene["dir"] / "all.npbgpp")) == {"FINISHED"}
+    out = capfd.readouterr().out
+    assert f"({keep.sum()} seen by the photos)" in out and "points are seen" not in out, out
+
+
 def test_aggregate_says_how_many_photos_the_split_held_out(scene, capfd):
     """A transforms.json capture without split lists holds every 8th view out (0 and 8 of 9),
     and Aggregate reads the other 7: its report says so, as a phone capture's user expects

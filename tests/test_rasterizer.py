@@ -17,6 +17,7 @@ from npbgpp_core.camera import Camera
 from npbgpp_core.rasterizer import (
     DEFAULT_SCALES,
     keys_to_depth,
+    landing_mask,
     rasterize,
     rasterize_features,
     rasterize_keys,
@@ -326,3 +327,25 @@ def test_cuda_backend_matches_brute_force():
     got = rasterize(torch.from_numpy(X).cuda(), cam.to("cuda"), backend="cuda")
     for g, r in zip(got, brute_force(cam, X, DEFAULT_SCALES), strict=True):
         np.testing.assert_array_equal(g.cpu().numpy(), r)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_landing_mask_is_the_points_a_brute_force_zbuffer_places(scale):
+    """landing_mask: the points the brute-force z-buffer places on a pixel (in front of near,
+    inside the camera's clip range and the image), winning it or not; every winner is one,
+    and with a cloud denser than the image some land without winning."""
+    near, far = 2.4, 3.6
+    cam, X = _clip_cloud(near, far)
+    X = clean_cloud(cam, X, (scale,))
+    H, W = cam.image_size
+    h, w = sizes_of(cam, (scale,))[0]
+    u, v, z = reference_project(cam, X)
+    with np.errstate(invalid="ignore"):
+        col, row = np.floor((u + 0.5) / W * w), np.floor((v + 0.5) / H * h)
+        ref = np.isfinite(u) & (z > near) & (z <= far) & (col >= 0) & (col < w) & (row >= 0) & (row < h)
+    got = landing_mask(torch.from_numpy(X), cam, scale).numpy()
+    np.testing.assert_array_equal(got, ref)
+    winners = brute_force(cam, X, (scale,), near=near, far=far)[0]
+    won = np.zeros(len(X), bool)
+    won[winners[winners >= 0]] = True
+    assert got[won].all() and (got & ~won).sum() > 100 and (~got).sum() > 100

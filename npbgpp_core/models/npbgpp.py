@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..camera import Camera
-from ..rasterizer import rasterize
+from ..rasterizer import landing_mask, rasterize
 from .aggregator import AggregatedScene, BasisMLP, RunningSums, descriptors_from_coefficients
 from .alignment import align_views, warp_images
 from .background import BackgroundSums, refiner_background_rasters, view_samples
@@ -176,6 +176,13 @@ class NPBGPlusPlus(DescriptorRendering, nn.Module):
         near = max(cfg.near, cfg.min_view_depth)
         index = rasterize(points, camera.to(points.device), scales=(cfg.visibility_scale,), near=near)[0]
         return index[index >= 0]
+
+    def points_in_view(self, points: torch.Tensor, camera: Camera) -> torch.Tensor:
+        """Which points (bool (N,)) land on a pixel of :meth:`visible_points`' z-buffer,
+        winning it or not (``rasterizer.landing_mask``): the rest lie outside the view."""
+        cfg = self.config
+        near = max(cfg.near, cfg.min_view_depth)
+        return landing_mask(points, camera.to(points.device), cfg.visibility_scale, near)
 
     def new_background_sums(self) -> BackgroundSums | None:
         """Empty running sums of a scene's environment map (None without a background)."""
