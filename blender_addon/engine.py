@@ -88,9 +88,12 @@ class NPBGPPRenderEngine(bpy.types.RenderEngine):
         if snap.hidden:  # not an error: the user hid it, as other engines would show nothing
             self.report({"INFO"}, f"NPBG++: {snap.hidden}")
         elif not np.isfinite(frame[..., DEPTH]).any():
-            note = clip_note(camera, geo, snap)
-            if note:  # not an error either: the camera's range says so, but the user should know why
-                self.report({"INFO"}, f"NPBG++: {note}")
+            if camera.name_full not in _cameras_noted_this_job.get(EMPTIED, ()):
+                note = clip_note(camera, geo, snap)
+                # not an error either: the camera's range says so, but the user should know why (once per job
+                # and camera: an animation repeated it on every empty frame)
+                if note and self._first_of_job(EMPTIED, camera.name_full, note):
+                    self.report({"INFO"}, f"NPBG++: {note}")
         elif camera.name_full not in _cameras_noted_this_job.get(CLIPPED, ()):
             note = clip_note(camera, geo, snap, partly=True)
             # its counts change from frame to frame: once per job and camera
@@ -281,12 +284,13 @@ def get_panels() -> list[type]:
 # per frame and view layer); emptied when a job starts and ends.
 _reported_this_job: set[str] = set()
 # Notes given per camera: the names of the cameras that had each in the current render job.
-FRAMING, CLIPPED = "framing", "clip range"
+FRAMING, CLIPPED, EMPTIED = "framing", "clip range", "empty frame"
 _cameras_noted_this_job: dict[str, list[str]] = {}
 # Per kind: the report level and what the animation's summary says the cameras did.
 JOB_NOTES = {
     FRAMING: ("WARNING", "did not show their photo's framing"),
     CLIPPED: ("INFO", "had points removed by their Clip Start / End"),
+    EMPTIED: ("INFO", "rendered empty frames, their Clip Start / End removing every point in view"),
 }
 SUMMARY_NAMES = 8  # cameras named in a summary line; the rest are counted
 

@@ -309,6 +309,26 @@ def test_clip_range_removing_every_point_says_so(scene, capfd):
         out = capfd.readouterr().out
         assert f"Info: NPBG++: the camera 'Cam''s clip range ({start:g} .. {end:g}) removes all {in_view} points" in out
         assert "set Clip Start / End in the camera's Lens properties" in out and "Error" not in out
+    # an animation says it once per camera, not on every empty frame (a second camera: in one line at the end)
+    cam2 = cam.copy()
+    sc.collection.objects.link(cam2)
+    for frame, c in ((1, cam), (3, cam2)):
+        sc.timeline_markers.new(f"F_{frame}", frame=frame).camera = c
+    sc.frame_start, sc.frame_end = 1, 4
+    sc.render.image_settings.media_type = "IMAGE"
+    sc.render.image_settings.file_format = "PNG"
+    sc.render.filepath = str(scene["dir"] / "clipped_anim_")
+    bpy.ops.render.render(animation=True)
+    out = capfd.readouterr().out
+    assert out.count(f"removes all {in_view} points") == 1 and "'Cam''s clip range" in out, out
+    assert out.count(f"Info: NPBG++: 2 cameras of this animation rendered empty frames, their Clip Start / End "
+                     f"removing every point in view ('Cam', '{cam2.name}')") == 1, out
+    sc.timeline_markers.clear()
+    sc.camera = cam
+    bpy.data.objects.remove(cam2)
+    sc.render.image_settings.media_type = "MULTI_LAYER_IMAGE"
+    sc.render.image_settings.exr_codec = "NONE"
+    sc.render.image_settings.color_depth = "32"
     cam.data.clip_start, cam.data.clip_end = 0.1, 100.0
     exr = render_exr(sc, str(scene["dir"] / "shown.exr"))
     assert (passes(exr, "Combined")[..., 3] == 1.0).sum() >= 5 and "clip range" not in capfd.readouterr().out
