@@ -404,6 +404,7 @@ def writer_cloud_note(folder: str) -> str:
 # Lightning integration
 import pytorch_lightning as pl  # noqa: E402
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO  # noqa: E402
+from pytorch_lightning.callbacks import Checkpoint  # noqa: E402
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -430,7 +431,7 @@ def _worker_deaths_ignored() -> Iterator[None]:
         signal.signal(signal.SIGCHLD, previous)
 
 
-class EpochAndLastCheckpoint(pl.Callback):
+class EpochAndLastCheckpoint(Checkpoint):
     """Writes checkpoints/epoch{N}.ckpt and last.ckpt after every training epoch, refreshes
     last.ckpt every ``every_n_steps`` optimizer steps, and on Ctrl-C / SIGTERM / a crash
     writes last.ckpt before the process ends (so ``resume=true`` can continue). A run that
@@ -448,7 +449,13 @@ class EpochAndLastCheckpoint(pl.Callback):
     next batch boundary (Lightning does the same with SIGTERM). Raised at an arbitrary bytecode
     it can land inside a library's bookkeeping: between TensorBoard's writer queue taking an
     event and waking its thread, the shutdown's flush then waited for the writer's 120 s flush
-    interval. A second Ctrl-C stops at once."""
+    interval. A second Ctrl-C stops at once.
+
+    A Lightning ``Checkpoint``, so that Lightning runs it after every other callback, in
+    whatever order the list gives them: a stop another callback requests at a batch's end
+    (``should_stop``) is then seen at that batch's end here. Run before such a callback, the
+    epoch ended early and its checkpoints (the epoch file and last.ckpt) recorded it
+    finished, so a resumed run skipped the rest of it."""
 
     def __init__(self, dirpath: str, every_n_steps: int = 0, keep_epochs: int | None = None):
         from .data import DataConfigError, config_number
@@ -552,8 +559,9 @@ class EpochAndLastCheckpoint(pl.Callback):
             self._at_epoch_end = True
             try:
                 trainer.save_checkpoint(epoch_path, weights_only=False)
-                # a stop this callback did not see at the batch's end (should_stop set by a callback after
-                # it) keeps the last.ckpt written there, by every_n_steps, which records the epoch unfinished
+                # a stop this callback did not see at the batch's end (should_stop set by the module's own
+                # hook, which runs after the callbacks') keeps the last.ckpt written there, by
+                # every_n_steps, which records the epoch unfinished
                 if trainer.global_step != self._last_saved_step or not _epoch_has_batches_left(trainer):
                     self._save_last(trainer)
             finally:
@@ -649,8 +657,8 @@ def _stops_mid_epoch(trainer: pl.Trainer) -> bool:
 
 class TrainTimeLimit(pl.Callback):
     """``trainer.max_minutes``: ends training like ``max_steps`` does (the epoch ends early,
-    :class:`EpochAndLastCheckpoint` writes last.ckpt, exit status 0; it must come after this
-    callback, so that it sees the stop at that batch's end) once this process has
+    :class:`EpochAndLastCheckpoint`, which Lightning runs after this callback, sees the stop at
+    that batch's end and writes last.ckpt; exit status 0) once this process has
     trained for ``seconds``. Unlike Lightning's ``max_time`` it keeps no state in the
     checkpoint: a resumed run gets the whole budget again, which is what a per-call backstop
     (``stage``) needs."""

@@ -76,7 +76,6 @@ def trainer_kwargs(tcfg: dict, system_name: str) -> dict:
         accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy, **counts,
         limit_train_batches=tcfg["limit_train_batches"], limit_val_batches=tcfg["limit_val_batches"],
         enable_progress_bar=bool(tcfg["enable_progress_bar"]), use_distributed_sampler=False,
-        enable_checkpointing=False,
     )
 
 
@@ -235,13 +234,17 @@ def _run(cfg: DictConfig, run_dir: str) -> dict | None:
     callbacks: list[pl.Callback] = []
     max_minutes = config_number(tcfg.get("max_minutes"), "trainer.max_minutes", float, optional=True)
     if max_minutes is not None:
-        # before the saver: at the batch where the time is up it writes last.ckpt mid-epoch
+        # run before the saver (Lightning runs a Checkpoint last): at the batch where the time is up
+        # the saver sees the stop and writes last.ckpt mid-epoch
         callbacks.append(TrainTimeLimit(max_minutes * 60.0))
     callbacks.append(saver)
     trainer = pl.Trainer(
         default_root_dir=run_dir,
         logger=TensorBoardLogger(save_dir=run_dir, name="", version="tensorboard"),
         callbacks=callbacks,
+        # the saver is the run's checkpoint callback (a Lightning Checkpoint): Lightning adds no
+        # ModelCheckpoint of its own and runs the saver after every other callback
+        enable_checkpointing=True,
         plugins=[AtomicCheckpointIO()],
         **trainer_kwargs(tcfg, name),
     )

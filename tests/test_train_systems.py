@@ -1127,6 +1127,55 @@ def test_a_run_stopped_by_its_step_or_time_limit_resumes_where_it_stopped(data_r
         assert seen == whole, name
 
 
+def test_a_stop_by_a_callback_listed_after_the_saver_resumes_where_it_stopped(data_root, tmp_path, monkeypatch):
+    """A callback listed after the checkpoint callback that sets should_stop at a batch's end:
+    the saver ran first and missed the stop, the epoch ended early and both its checkpoints
+    (epoch0.ckpt, last.ckpt) recorded it finished, so the resumed run skipped the rest of the
+    epoch. Lightning runs a Checkpoint callback last: the resumed run trains exactly what an
+    uninterrupted one trains after that step, from last.ckpt and from the epoch file alike."""
+    import pytorch_lightning as pl
+
+    from headless_train import data
+
+    seen: list[tuple[int, int]] = []
+    get = data.TrainSamples.__getitem__
+    monkeypatch.setattr(data.TrainSamples, "__getitem__",
+                        lambda self, i: (seen.append((self.seed, i)), get(self, i))[1])
+    args = ["datasets=nerf_blender_pretrain", f"datasets.data_root={data_root}", "system=npbgpp_sphere",
+            "datasets.train_num_samples=3", "trainer.max_epochs=5", "system.max_scenes_per_train_epoch=null",
+            "trainer.max_steps=9", *FAST]
+    run_inproc(args, str(tmp_path / "whole"))  # 6 samples (2 scenes x 3) per epoch
+    whole = seen[:]
+    assert len(whole) == 9
+
+    class StopAtStep2(pl.Callback):
+        def on_train_batch_end(self, trainer, *a) -> None:
+            if trainer.global_step == 2:
+                trainer.should_stop = True
+
+    trainer_class = pl.Trainer
+
+    def with_stop_listed_last(*a, callbacks=(), **kw):
+        return trainer_class(*a, callbacks=[*callbacks, StopAtStep2()], **kw)
+
+    seen.clear()
+    run_dir = tmp_path / "stopped"
+    with monkeypatch.context() as patch:
+        patch.setattr(pl, "Trainer", with_stop_listed_last)
+        run_inproc(args, str(run_dir))
+    assert seen == whole[:2]
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["epoch0.ckpt", "last.ckpt"]
+    assert step_count(str(run_dir / "checkpoints/last.ckpt")) == 2
+    by_hand = tmp_path / "epoch_file"
+    shutil.copytree(run_dir, by_hand)
+    shutil.copyfile(run_dir / "checkpoints/epoch0.ckpt", by_hand / "checkpoints/last.ckpt")
+    for folder in (run_dir, by_hand):
+        seen[:] = whole[:2]
+        run_inproc([*args, "resume=true"], str(folder))
+        assert seen == whole, folder.name
+        assert step_count(str(folder / "checkpoints/last.ckpt")) == 9
+
+
 def test_training_warns_nothing_of_lightnings_pytree_deprecation(data_root, tmp_path, recwarn):
     """torch 2.13 deprecates the LeafSpec that Lightning 2.6's pytree helper builds at every
     fit: a FutureWarning about Lightning's code printed at each training start. Filtered
