@@ -11,10 +11,16 @@ work done independently of the other jobs (with ``--threads 1`` and ``--workers 
     .venv/bin/python bench/bench_train.py --device cuda --batch 8 --crop 256 --amp bf16
     .venv/bin/python bench/bench_train.py --data-root corpus_env --record
     .venv/bin/python bench/bench_train.py --compare per_sample_square,batched_before,batched
+    .venv/bin/python bench/bench_train.py --batch 2 --compare per_sample_square,batched,batched_k2,batched_k3
 
 ``--compare`` times several step variants in one process on the same batches, round by
 round in rotating order (:data:`MODES`), so a shared machine's load hits them alike; the
-ratios of CPU seconds per step are what to read there.
+ratios of CPU seconds per step are what to read there. The ``batched_kK`` variants train K
+target crops per set of input views (``datasets.targets_per_sample``): their samples are the
+same anchor crops and input views as the others', plus the extra targets; each variant
+loads its own batch (in the main process) inside its timing. Besides steps and input sets
+(samples) per CPU second they report target crops per CPU second, counting the targets
+trained (a sample gets fewer extras where fewer views qualify).
 
 Any scene folder works for speed (``--data-root`` with scene subfolders, or
 ``--scene-names``); quality is never measured here (see bench_quality.py).
@@ -36,20 +42,24 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-# Step variants for --compare: system.batched_step, the input canvas, and whether the
-# exact CPU speed paths are on (the extractor decoder's paths of npbgpp_core.models.cpu_paths,
-# aggregation of the seen points only).
-MODES: dict[str, tuple[bool, str, bool]] = {
-    "per_sample_square": (False, "square", False),  # the step before batching ("today's rate", 06:50)
-    "batched_before": (True, "bounds", False),      # the batched step before the CPU speed paths
-    "batched": (True, "bounds", True),              # the batched step now
-    "per_sample": (False, "bounds", True),
+# Step variants for --compare: system.batched_step, the input canvas, whether the exact CPU
+# speed paths are on (the extractor decoder's paths of npbgpp_core.models.cpu_paths,
+# aggregation of the seen points only), and target crops per set of input views.
+MODES: dict[str, tuple[bool, str, bool, int]] = {
+    "per_sample_square": (False, "square", False, 1),  # the step before batching ("today's rate", 06:50)
+    "batched_before": (True, "bounds", False, 1),      # the batched step before the CPU speed paths
+    "batched": (True, "bounds", True, 1),              # the batched step now
+    "per_sample": (False, "bounds", True, 1),
+    "batched_k2": (True, "bounds", True, 2),           # 2 target crops per set of input views
+    "batched_k3": (True, "bounds", True, 3),
+    "batched_k4": (True, "bounds", True, 4),
 }
 
 
 def apply_mode(system, mode: str) -> None:
-    """Switch ``system`` to the step variant ``mode`` of :data:`MODES`."""
-    batched, canvas, fast = MODES[mode]
+    """Switch ``system`` to the step variant ``mode`` of :data:`MODES` (its targets per
+    sample are the data's: :func:`mode_samples`)."""
+    batched, canvas, fast, _ = MODES[mode]
     system.scfg["batched_step"] = batched
     system.model.config.input_canvas = canvas
     system.model.extractor.fast_decoder = fast
@@ -65,6 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--crop", type=int, default=128)
     p.add_argument("--views", type=int, default=3, help="input views per sample")
+    p.add_argument("--targets-per-sample", type=int, default=1,
+                   help="target crops per set of input views (datasets.targets_per_sample; --compare: per variant)")
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch threads (CPU)")
@@ -92,6 +104,7 @@ def build(args: argparse.Namespace, run_dir: str):
         "system=npbgpp_sphere", "datasets=nerf_blender_pretrain", f"datasets.data_root={args.data_root}",
         f"datasets.format={args.format}", f"datasets.train_image_size={args.crop}",
         f"datasets.selection_count={args.views}", "datasets.train_num_samples=100000",
+        f"datasets.targets_per_sample={args.targets_per_sample}",
         f"system.max_points={args.max_points}", "system.visibility_scale=1.0", "system.lr=2e-4",
         f"system.world_up=[{args.world_up}]",
         f"system.descriptors_save_dir={run_dir}/d", f"dataloader.batch_size={args.batch}",
@@ -110,7 +123,7 @@ def build(args: argparse.Namespace, run_dir: str):
 
 def training_setup(args: argparse.Namespace) -> tuple[Any, Any, Any, list[str], Any, Any]:
     """Threads set, then (device, datamodule, system in train mode on the device, the
-    Hydra overrides, its optimiser, an iterator over training batches)."""
+    Hydra overrides, its optimiser, the training DataLoader)."""
     import torch
 
     from bench.bench_common import pick_device
@@ -121,21 +134,24 @@ def training_setup(args: argparse.Namespace) -> tuple[Any, Any, Any, list[str], 
         dm, system, overrides = build(args, tmp)
     system.to(device)
     system.train()
-    return device, dm, system, overrides, system.configure_optimizers(), iter(dm.train_dataloader())
+    return device, dm, system, overrides, system.configure_optimizers(), dm.train_dataloader()
 
 
 def measure(args: argparse.Namespace) -> dict:
 
     from bench.bench_common import machine_line, synchronize
+    from headless_train.data import sample_targets
 
     device, dm, system, overrides, opt, loader = training_setup(args)
+    batches = iter(loader)
     times: list[float] = []
     cpu_times: list[float] = []
     data_s = 0.0
+    targets = 0
     for step in range(args.warmup + args.steps):
         synchronize(device)
         t0, c0 = time.perf_counter(), time.process_time()
-        batch = next(loader)
+        batch = next(batches)
         t1 = time.perf_counter()
         loss, _ = system.batch_loss(batch)
         opt.zero_grad(set_to_none=True)
@@ -147,55 +163,83 @@ def measure(args: argparse.Namespace) -> dict:
             times.append(t2 - t0)
             cpu_times.append(time.process_time() - c0)
             data_s += t1 - t0
+            targets += sum(len(sample_targets(s)) for s in batch)
     total = sum(times)
     load = os.getloadavg()
     return {
         "device": str(device), "machine": machine_line(device), "batch": args.batch, "crop": args.crop,
         "views": args.views, "amp": args.amp, "steps": args.steps, "workers": args.workers,
         "scenes": dm.scene_names, "steps_per_s": args.steps / total, "samples_per_s": args.steps * args.batch / total,
-        "data_fraction": data_s / total,
+        "data_fraction": data_s / total, "targets_per_sample": args.targets_per_sample,
+        "targets_per_s": targets / total, "targets_per_cpu_s": targets / sum(cpu_times),
         "cpu_s_per_step": sum(cpu_times) / args.steps, "loadavg_1min": load[0], "overrides": overrides,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
 
 
+def mode_samples(dataset, modes: list[str]) -> dict[str, Any]:
+    """Per variant, the training samples it trains on: ``dataset`` (a TrainSamples) or its
+    twin with the variant's targets per sample. Same seed and options otherwise, so sample i
+    is the same anchor crop and input views in every variant (the extra targets draw from a
+    generator of their own)."""
+    import dataclasses
+
+    from headless_train.data import TrainSamples
+
+    twins: dict[int, Any] = {dataset.opts.targets_per_sample: dataset}
+    for m in modes:
+        k = MODES[m][3]
+        if k not in twins:
+            opts = dataclasses.replace(dataset.opts, targets_per_sample=k)
+            twins[k] = TrainSamples(dataset.scenes, dataset.active, dataset.num_samples, opts, seed=dataset.base_seed)
+    return {m: twins[MODES[m][3]] for m in modes}
+
+
 def compare(args: argparse.Namespace) -> dict:
     """CPU and wall seconds per step of each variant in ``args.compare``, interleaved: every
-    round fetches one batch and runs one optimiser step of every variant on it (order
-    rotating by round). The batch's loading time is added to every variant."""
+    round draws one batch of sample indices and runs one optimiser step of every variant on
+    those samples (order rotating by round), each loading its batch (its targets per sample)
+    inside its timing."""
 
     from bench.bench_common import machine_line, synchronize
+    from headless_train.data import sample_targets
 
     modes = [m.strip() for m in args.compare.split(",") if m.strip()]
     unknown = [m for m in modes if m not in MODES]
     if unknown or not modes:
         raise SystemExit(f"error: --compare takes variants from {', '.join(MODES)}; got {args.compare!r}")
     device, dm, system, overrides, opt, loader = training_setup(args)
+    samples = mode_samples(loader.dataset, modes)
+    order = iter(loader.sampler)  # the epoch's shuffled sample indices
     cpu = {m: [] for m in modes}
     wall = {m: [] for m in modes}
+    targets = {m: 0 for m in modes}
     for r in range(args.warmup + args.steps):
-        t0, c0 = time.perf_counter(), time.process_time()
-        batch = next(loader)
-        data_wall, data_cpu = time.perf_counter() - t0, time.process_time() - c0
+        indices = [next(order) for _ in range(args.batch)]
         for k in range(len(modes)):
             mode = modes[(r + k) % len(modes)]
             apply_mode(system, mode)
             synchronize(device)
             t0, c0 = time.perf_counter(), time.process_time()
+            batch = [samples[mode][i] for i in indices]
             loss, _ = system.batch_loss(batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             synchronize(device)
             if r >= args.warmup:
-                wall[mode].append(time.perf_counter() - t0 + data_wall)
-                cpu[mode].append(time.process_time() - c0 + data_cpu)
+                wall[mode].append(time.perf_counter() - t0)
+                cpu[mode].append(time.process_time() - c0)
+                targets[mode] += sum(len(sample_targets(s)) for s in batch)
     load = os.getloadavg()
     rows = {}
     for m in modes:
         c, w = sum(cpu[m]) / len(cpu[m]), sum(wall[m]) / len(wall[m])
+        per_step = targets[m] / len(cpu[m])
         rows[m] = {"cpu_s_per_step": c, "wall_s_per_step": w, "steps_per_cpu_s": 1 / c,
-                   "samples_per_cpu_s": args.batch / c, "steps_per_s": 1 / w, "samples_per_s": args.batch / w}
+                   "samples_per_cpu_s": args.batch / c, "steps_per_s": 1 / w, "samples_per_s": args.batch / w,
+                   "targets_per_sample": MODES[m][3], "targets_per_step": per_step,
+                   "targets_per_cpu_s": per_step / c, "targets_per_s": per_step / w}
     return {"device": str(device), "machine": machine_line(device), "batch": args.batch, "crop": args.crop,
             "views": args.views, "steps": args.steps, "modes": rows, "scenes": dm.scene_names,
             "loadavg": list(load), "overrides": overrides,
@@ -206,12 +250,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.compare:
         r = compare(args)
-        base = next(iter(r["modes"].values()))["cpu_s_per_step"]
+        first = next(iter(r["modes"].values()))
         print(f"bench_train --compare: {r['device']}, batch {r['batch']}, {r['crop']}^2 crops, {r['views']} input "
               f"views, {r['steps']} interleaved rounds; load average {r['loadavg'][0]:.2f}")
         for m, v in r["modes"].items():
             print(f"  {m:18s} {v['cpu_s_per_step']:.3f} CPU s/step = {v['steps_per_cpu_s']:.3f} steps, "
-                  f"{v['samples_per_cpu_s']:.3f} samples per CPU s ({base / v['cpu_s_per_step']:.2f}x the first); "
+                  f"{v['samples_per_cpu_s']:.3f} input sets per CPU s "
+                  f"({first['cpu_s_per_step'] / v['cpu_s_per_step']:.2f}x the first), "
+                  f"{v['targets_per_step']:.2f} targets/step = {v['targets_per_cpu_s']:.3f} target crops per CPU s "
+                  f"({v['targets_per_cpu_s'] / first['targets_per_cpu_s']:.2f}x the first); "
                   f"wall {v['wall_s_per_step']:.2f} s/step")
         print(r["machine"])
         if args.json:
@@ -220,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     r = measure(args)
     line = (f"bench_train: {r['device']}, batch {r['batch']}, {r['crop']}^2 crops, {r['views']} input views, "
-            f"amp {r['amp']}: {r['steps_per_s']:.3f} steps/s, {r['samples_per_s']:.3f} samples/s "
+            f"amp {r['amp']}, {r['targets_per_sample']} target(s) per sample: {r['steps_per_s']:.3f} steps/s, "
+            f"{r['samples_per_s']:.3f} samples/s, {r['targets_per_s']:.3f} target crops/s "
             f"(data {100 * r['data_fraction']:.0f}% of the time); {r['cpu_s_per_step']:.2f} CPU s per step "
             f"(process time: the work, whatever the load; load average {r['loadavg_1min']:.2f})")
     print(line)

@@ -44,10 +44,11 @@ def test_bench_densify_gpu_dry_run_plans_the_h100_case_on_a_cpu() -> None:
     assert (benchmarks.read_bytes() if benchmarks.exists() else None) == before
 
 
-@pytest.mark.parametrize("extra", [[], ["--compare", "batched,per_sample"]], ids=["measure", "compare"])
+@pytest.mark.parametrize("extra", [[], ["--compare", "batched,per_sample,batched_k2"]], ids=["measure", "compare"])
 def test_bench_train_runs_one_tiny_step_and_reports_rates(extra: list[str], tmp_path: Path) -> None:
     """bench_train's plain and --compare modes train one tiny step on the demo scene and
-    write positive, consistent rates to --json (samples/s = batch x steps/s)."""
+    write positive, consistent rates to --json (samples/s = batch x steps/s; target crops:
+    one per sample, up to two with batched_k2)."""
     import json
 
     out = tmp_path / "train.json"
@@ -61,8 +62,14 @@ def test_bench_train_runs_one_tiny_step_and_reports_rates(extra: list[str], tmp_
     rows = report["modes"].values() if extra else [report]
     for row in rows:
         assert row["steps_per_s"] > 0 and row["samples_per_s"] == pytest.approx(row["steps_per_s"])
+        assert row["targets_per_cpu_s"] > 0
     if extra:
-        assert set(report["modes"]) == {"batched", "per_sample"}
+        modes = report["modes"]
+        assert set(modes) == {"batched", "per_sample", "batched_k2"}
+        assert modes["batched"]["targets_per_step"] == modes["per_sample"]["targets_per_step"] == 1
+        assert 1 <= modes["batched_k2"]["targets_per_step"] <= 2
+        assert modes["batched_k2"]["targets_per_s"] == pytest.approx(
+            modes["batched_k2"]["targets_per_step"] * modes["batched_k2"]["steps_per_s"])
 
 
 @pytest.fixture(scope="module")
