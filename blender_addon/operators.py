@@ -686,11 +686,11 @@ class NPBGPP_OT_aggregate(_WorkerStepJob, bpy.types.Operator):
         s = context.scene.npbgpp
         setting, path = aggregate_cloud(s)
         cloud = f"of {setting} ({os.path.basename(path)})" if setting else "of the dataset's cloud"
+        unseen = unseen_points_note(reply.points, reply.valid, reply.in_no_view)
+        if unseen:  # before the Saved line, which the status bar shows last
+            self.report({"INFO"}, unseen)
         self.report({"INFO"}, f"Saved {reply.points} points {cloud} ({reply.valid} seen by the photos) to {self._out}, "
                               f"up axis ({up}), network {self._network}.{note}{self._held_out}")
-        unseen = unseen_points_note(reply.points, reply.valid, reply.in_no_view)
-        if unseen:
-            self.report({"INFO"}, unseen)
         if unchecked:
             self.report({"WARNING"}, unchecked)
         if self._cloud_note:
