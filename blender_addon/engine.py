@@ -171,9 +171,10 @@ class NPBGPPRenderEngine(bpy.types.RenderEngine):
 
 def framing_note(camera: bpy.types.Object, scene: bpy.types.Scene) -> str:
     """For a camera Import Dataset Folder made (its photo's width, height in
-    ``npbgpp_image_size``; its fy/fx in ``npbgpp_fy_over_fx`` when the photo's pixels are
-    not square): why its render does not show the photo's framing, when the render's shape
-    (resolution times pixel aspect) differs from the photo's field of view (w / fx by
+    ``npbgpp_image_size``; in ``npbgpp_fy_over_fx`` the fy/fx it is made for, when not
+    square: the one every view shares, or its photo's own, importers.shared_fy_over_fx): why
+    its render does not show the photo's framing, when the render's shape (resolution times
+    pixel aspect) differs from the photo's field of view (w / fx by
     h / fy, the photo's shape times fy/fx), else "". Blender has one resolution and pixel
     aspect for all cameras: a portrait photo among landscape ones needs the resolution
     changed, a photo with fy != fx the pixel aspect (X / Y = fy / fx: the lens is fx's)."""

@@ -184,8 +184,8 @@ def stretched_fy_over_fx(view: Any, pixel_fy_over_fx: float = 1.0) -> float | No
     (:func:`create_camera`, the scene's Pixel Aspect X / Y; 1: square) moves its photo's top
     and bottom edges by half a pixel or more, else None: COLMAP fits fx and fy apart
     (PINHOLE), and on phone photos they differ by 0.1-0.2% (test_colmap), a shift no one can
-    see. The import's framing warning counts these views, and their cameras get
-    ``npbgpp_fy_over_fx`` (F12 names the Pixel Aspect that frames them)."""
+    see. The import's framing warning counts these views (relative to the Pixel Aspect it
+    sets, :func:`shared_fy_over_fx`)."""
     fy_over_fx = _fy_over_fx(view)
     off = abs(fy_over_fx / pixel_fy_over_fx - 1.0) * _photo_size(view)[0] / 2.0
     return fy_over_fx if off >= 0.5 else None
