@@ -44,6 +44,13 @@ def crop_border(image: torch.Tensor, border: int) -> torch.Tensor:
     return image[..., border : h - border, border : w - border]
 
 
+def scored_pair(pred: torch.Tensor, target: torch.Tensor, border: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pixels a rendered view is scored on, by the evaluation (:class:`MetricSuite`) and
+    by training's validation alike: both images clamped to [0, 1], ``border`` pixels cropped
+    on every side (one rule, so that val/psnr and metrics.json agree on the same view)."""
+    return crop_border(pred.clamp(0, 1), border), crop_border(target.clamp(0, 1), border)
+
+
 def psnr(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
     """Peak signal-to-noise ratio per image (B,) in dB; +inf for identical images."""
     pred, target = _batched(pred).double(), _batched(target).double()
@@ -185,8 +192,7 @@ class MetricSuite:
 
     def __call__(self, pred: torch.Tensor, target: torch.Tensor) -> dict[str, float | None]:
         """Metrics of one image pair (3,H,W) as plain floats (lpips None when skipped)."""
-        pred = crop_border(pred.clamp(0, 1), self.border)
-        target = crop_border(target.clamp(0, 1), self.border)
+        pred, target = scored_pair(pred, target, self.border)
         out: dict[str, float | None] = {
             "psnr": float(psnr(pred, target)[0]),
             "ssim": float(ssim(pred, target)[0]),

@@ -822,6 +822,42 @@ def test_validation_views_summary_and_border_check():
     assert len(EvalViews([both], "val", border=10)) == 1
 
 
+def test_validation_scores_a_view_with_the_border_the_evaluation_reads(data_root, tmp_path, monkeypatch):
+    """validation_step read datasets.eval_border_crop with a bare int(): a value the data module
+    and the evaluation accept ('1e1', a whole number) failed at the first validation, an epoch
+    into the run. It is read once, as they read it, and val/psnr of a view is the PSNR of its
+    clamped, border-cropped pixels, computed here by hand in numpy."""
+    import numpy as np
+
+    from headless_train.data import DataConfigError, EvalViews, SceneDataModule
+    from headless_train.systems import build_system
+    from npbgpp_core.metrics import MetricSuite
+
+    def cfg_with(border: str):
+        return compose_cfg(["system=npbg", "datasets=nerf_blender_pretrain", f"datasets.data_root={data_root}",
+                            f"system.descriptors_save_dir={tmp_path}/d", f"datasets.eval_border_crop={border}",
+                            *FAST[1:]])
+
+    scenes = SceneDataModule(cfg_with("'1e1'"), seed=0).scenes
+    system = build_system(OmegaConf.to_container(cfg_with("'1e1'"), resolve=True), scenes)
+    assert system.eval_border == 10
+    with pytest.raises(DataConfigError, match="datasets.eval_border_crop must be a whole number"):
+        build_system(OmegaConf.to_container(cfg_with("2.5"), resolve=True), scenes)
+    logged: list[float] = []
+    monkeypatch.setattr(system, "log", lambda name, value, **kw: logged.append(float(value)))
+    sample = EvalViews(system.scenes, "val")[0]
+    system.eval()
+    with torch.no_grad():
+        system.validation_step([sample], 0)
+        pred = system.render_eval(int(sample["scene"]), sample["camera"]).numpy()
+    crop = (slice(None), slice(10, -10), slice(10, -10))
+    mse = float(((np.clip(pred, 0, 1)[crop] - np.clip(sample["image"].numpy(), 0, 1)[crop]) ** 2).mean())
+    assert pred.shape[1] == 32 and len(logged) == 1
+    assert logged[0] == pytest.approx(10 * math.log10(1 / mse), abs=1e-4)
+    suite = MetricSuite(None, None, border=10)
+    assert logged[0] == pytest.approx(suite(torch.from_numpy(pred), sample["image"])["psnr"], abs=1e-5)
+
+
 def test_resuming_npbg_on_other_scenes_is_refused_naming_them(data_root, tmp_path):
     """Resuming an NPBG run with another scene set (or point count) failed in
     load_state_dict with a page of unexpected keys."""

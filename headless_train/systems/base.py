@@ -15,7 +15,7 @@ import pytorch_lightning as pl
 import torch
 
 from npbgpp_core.losses import RenderLoss
-from npbgpp_core.metrics import crop_border, psnr
+from npbgpp_core.metrics import psnr, scored_pair
 
 from ..checkpoints import FORMAT_VERSION, META_KEY
 
@@ -162,8 +162,12 @@ class BaseSystem(pl.LightningModule):
                 gradient_scales=lcfg.get("gradient_scales", 3),
             )
         self._eval_cache: dict[int, Any] = {}
-        from ..data import targets_per_sample
+        from ..data import config_number, targets_per_sample
 
+        # read as the data module and the evaluation read it (config_number): a bare int() took
+        # what they accept ("1e1") for an error at the first validation, an epoch into the run
+        self.eval_border = config_number((cfg.get("datasets") or {}).get("eval_border_crop") or 0,
+                                         "datasets.eval_border_crop")
         count = targets_per_sample(cfg.get("datasets"))
         if count > 1 and not self.trains_shared_input_targets:
             raise ValueError(f"datasets.targets_per_sample={count}: several target views share one set of input "
@@ -294,13 +298,12 @@ class BaseSystem(pl.LightningModule):
     def validation_step(self, batch: list[dict], batch_idx: int) -> None:
         # the evaluation's PSNR of a view (MetricSuite: clamped, datasets.eval_border_crop cropped),
         # so that on the same views and weights val/psnr is the figure metrics.json gives
-        border = int((self.cfg.get("datasets") or {}).get("eval_border_crop") or 0)
         for sample in batch:
             scene_id = int(sample["scene"])
             if scene_id not in self._eval_cache:
                 self.prepare_eval(scene_id)
-            pred = crop_border(self.render_eval(scene_id, sample["camera"]).clamp(0, 1), border)
-            value = psnr(pred, crop_border(sample["image"].to(pred.device).clamp(0, 1), border))[0]
+            pred = self.render_eval(scene_id, sample["camera"])
+            value = psnr(*scored_pair(pred, sample["image"].to(pred.device), self.eval_border))[0]
             self.log("val/psnr", value, prog_bar=True, batch_size=1, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
