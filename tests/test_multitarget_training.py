@@ -164,6 +164,29 @@ def test_extra_targets_are_other_training_views_cropped_where_the_anchor_points_
     assert np.median(shifted) > 3 * np.median(errors), (errors, shifted)  # a camera 2 px off would be seen
 
 
+def test_extra_targets_crop_their_object_mask_at_their_window(ring_root):
+    """With ``datasets.loss_on_object_mask`` an extra target's mask is its view's alpha cropped
+    where its image is: 1 where the dense sphere the images were rendered from projects
+    through the extra camera, 0 elsewhere (a mask cropped at another window disagrees along
+    the silhouette, one left all ones wherever the crop shows background)."""
+    _, ds = _samples(ring_root, ["datasets.targets_per_sample=3", "datasets.loss_on_object_mask=true"])
+    dense = torch.from_numpy(sphere_points(20000, 1))
+    agree, partial = [], 0
+    for i in range(len(ds)):
+        for extra in ds[i]["extra_targets"]:
+            cam = extra["camera"]
+            h, w = cam.image_size
+            uv, depth = cam.project(dense)
+            px = torch.round(uv).long()
+            hit = (depth > 0) & (px[:, 0] >= 0) & (px[:, 0] < w) & (px[:, 1] >= 0) & (px[:, 1] < h)
+            covered = torch.zeros(h, w, dtype=torch.bool)
+            covered[px[hit, 1], px[hit, 0]] = True
+            assert extra["mask"].shape == (1, h, w)
+            agree.append(float(((extra["mask"][0] > 0.5) == covered).float().mean()))
+            partial += int(0 < float(extra["mask"].mean()) < 1)
+    assert partial >= 3 and min(agree) > 0.9, agree
+
+
 def test_few_training_views_give_fewer_extra_targets(tmp_path):
     """4 training views and 3 input views leave no other view: samples without extras, no error;
     with 2 input views at most the one view left."""
