@@ -1202,6 +1202,9 @@ def test_a_stop_by_a_callback_listed_after_the_saver_resumes_where_it_stopped(da
     assert seen == whole[:2]
     assert sorted(os.listdir(run_dir / "checkpoints")) == ["epoch0.ckpt", "last.ckpt"]
     assert step_count(str(run_dir / "checkpoints/last.ckpt")) == 2
+    # enable_checkpointing=True with the saver as the run's Checkpoint: Lightning added no
+    # ModelCheckpoint of its own (it would write <run>/tensorboard/checkpoints/epoch=..ckpt)
+    assert "checkpoints" not in os.listdir(run_dir / "tensorboard")
     by_hand = tmp_path / "epoch_file"
     shutil.copytree(run_dir, by_hand)
     shutil.copyfile(run_dir / "checkpoints/epoch0.ckpt", by_hand / "checkpoints/last.ckpt")
