@@ -581,15 +581,17 @@ def test_service_refuses_an_output_without_ply_before_any_work(ring_scene, tmp_p
 
 def _forward_walk(n: int = 5) -> list:
     """Cameras walking straight towards the sphere, 0.4 apart, each looking along the walk
-    (slightly down): every pair's triangulation angle at the image centre is under 1 degree."""
+    (slightly down): every pair's triangulation angle at the image centre is under 1 degree.
+    A longer walk starts farther back: its last view stands where the 5-view walk's does."""
     from npbgpp_core.camera import Camera
 
-    return [Camera.look_at(eye=(-6.0 + 0.4 * i, 0.0, 0.0), target=(0.0, 0.0, -0.6), up=(0, 0, 1), fov_x_deg=60,
+    start = -6.0 - 0.4 * max(0, n - 5)
+    return [Camera.look_at(eye=(start + 0.4 * i, 0.0, 0.0), target=(0.0, 0.0, -0.6), up=(0, 0, 1), fov_x_deg=60,
                            image_size=(96, 128)) for i in range(n)]
 
 
-def _brute_score(ref, other, near: float, far: float) -> tuple[float, float]:
-    """(overlap, median angle in degrees) by the definition in choose_neighbors' docstring,
+def _brute_score(ref, other, near: float, far: float) -> tuple[float, float, float]:
+    """(overlap, median angle in degrees, median log scale) by the definition in choose_neighbors' docstring,
     in float64 numpy from the OpenCV K, R, t: the 8x8 pixel grid unprojected at 6 depths
     (equal steps in 1/depth) for the overlap; the angle at the grid's points at depth
     sqrt(near * far) the other view sees (at the seen 6-depth points when it sees none)."""
@@ -612,11 +614,13 @@ def _brute_score(ref, other, near: float, far: float) -> tuple[float, float]:
     mid = world(math.sqrt(near * far))
     P = mid[:, seen(mid)] if seen(mid).any() else X[:, seen(X)]
     if P.shape[1] == 0:
-        return 0.0, 0.0
+        return 0.0, 0.0, 0.0
     a, b = (-R.T @ t)[:, None] - P, (-Ro.T @ to)[:, None] - P
     cos = (a * b).sum(0) / (np.linalg.norm(a, axis=0) * np.linalg.norm(b, axis=0))
     angles = np.sort(np.degrees(np.arccos(np.clip(cos, -1, 1))))
-    return float(seen(X).mean()), float(angles[(len(angles) - 1) // 2])  # the lower middle value for an even count
+    scales = np.sort(np.log(np.linalg.norm(b, axis=0) / np.linalg.norm(a, axis=0)))
+    lower_middle = (len(angles) - 1) // 2  # of an even count
+    return float(seen(X).mean()), float(angles[lower_middle]), float(scales[lower_middle])
 
 
 def test_neighbours_of_a_forward_walk_are_scored_by_their_median_angle():
@@ -634,14 +638,32 @@ def test_neighbours_of_a_forward_walk_are_scored_by_their_median_angle():
         for s in range(len(cams)):
             if s == r:
                 continue
-            overlap, angle = _brute_score(cams[r], cams[s], near, far)
+            overlap, angle, log_scale = _brute_score(cams[r], cams[s], near, far)
             if overlap > 0 and angle >= 1.0:
-                expected[s] = overlap * (math.exp(-0.5 * ((angle - 15.0) / 10.0) ** 2) + 1e-3)
+                expected[s] = (overlap * (math.exp(-0.5 * ((angle - 15.0) / 10.0) ** 2) + 1e-3)
+                               * math.exp(-0.5 * (log_scale / 0.2) ** 2))
         assert len(expected) >= 2, (r, expected)  # the walk's views do triangulate off-centre
         assert sorted(s for s, _ in picks) == sorted(expected)
         for s, score in picks:
             assert score == pytest.approx(expected[s], rel=1e-4)
         assert [score for _, score in picks] == sorted((score for _, score in picks), reverse=True)
+
+
+def test_neighbours_of_a_long_walk_are_the_nearby_steps():
+    """On a walk of 12 steps the views far behind see all of the reference's frustum at
+    nearer the best angle, but from much farther (the reference's windows shrunk, which 5 x 5
+    ZNCC cannot match): with the scale term the neighbours are the four steps just behind;
+    scored by overlap and angle alone they are the farthest ones, the step just behind left
+    out."""
+    from npbgpp_core.densify import _cam, choose_neighbors
+
+    cams = [_cam(c, torch.device("cpu")) for c in _forward_walk(12)]
+    ranges = [(1.0, 12.0)] * len(cams)
+    for r in (5, 6):
+        scaled = {s for s, _ in choose_neighbors(cams, ranges, 4)[r]}
+        assert scaled == {r - 4, r - 3, r - 2, r - 1}, (r, scaled)
+        unscaled = {s for s, _ in choose_neighbors(cams, ranges, 4, scale_sigma=math.inf)[r]}
+        assert r - 1 not in unscaled and max(r - s for s in unscaled) >= 5, (r, unscaled)
 
 
 def test_a_forward_walk_densifies_the_floor_and_sphere_ahead():
