@@ -7,17 +7,20 @@ Method, per reference view:
 
 1. Neighbours: the views scored highest by overlap (the share of the reference frustum,
    sampled inside the depth range, that lands inside the other image) times a Gaussian
-   of the triangulation angle at the reference view's scene point (best near 15 degrees).
+   of the triangulation angle at the reference view's scene points (best near 15 degrees)
+   times a Gaussian of the log of how much nearer or farther the other view sees them.
 2. Depth range: the 2nd-98th percentile of the scene's sparse points seen by the view,
    widened; without points (instant-ngp's transforms.json has none), the view's distance
    to the point the cameras' optical axes meet (their mean centre for parallel axes).
 3. Plane sweep in inverse depth at half size: every neighbour's grey image is warped onto
    each fronto-parallel plane of the reference and compared by ZNCC over a small window;
    per plane the mean of the best ``top_k`` neighbours counts (robust to occlusion in one
-   of them). Winner takes all, a parabola through the scores around the winner, then
-   local sweeps at full size around the upsampled estimate give sub-plane depth. Pixels
-   whose window finds too little texture keep a coarser level's depth (a separate
-   quarter-size sweep sees wider), marked weak: fusion asks more views to agree on them.
+   of them). With ``plane_tilts`` planes tilted about the camera's x and y axes are swept
+   too (ground and walls seen at a grazing angle). Winner takes all, a parabola through
+   the scores around the winner, then local sweeps at full size around the upsampled
+   estimate give sub-plane depth. Pixels whose window finds too little texture keep a
+   coarser level's depth (a separate quarter-size sweep sees wider), marked weak: fusion
+   asks more views to agree on them.
 4. Geometric consistency: a reference pixel's 3D point is projected into the other
    views' depth maps, their depth at that pixel projected back; it is consistent with a
    view when it comes back within ``pixel_tolerance`` pixels and ``depth_tolerance``
