@@ -30,6 +30,9 @@ inputs), that writes new weights and their card back.
   first N steps (``system.warmup_steps``), so that the fresh optimiser does not knock the
   starting weights off their optimum; resumed calls keep the run's setting and continue
   the ramp where last.ckpt left it. Its benefit is not measured yet.
+- ``--targets-per-sample K`` (default 1 on the first call) trains up to K target crops per
+  set of input views; resumed calls keep the run's setting (recorded in ``stage.json``) and
+  refuse another.
 - ``pack`` makes the corpus small enough: ``python -m headless_train stage pack --corpus
   corpus_env --out .gpurun/corpus --max-side 192`` (images downscaled, clouds subsampled).
 
@@ -292,6 +295,51 @@ def stage_warmup(given: int | None, resumed: dict[str, Any] | None) -> int:
     return own
 
 
+def recorded_targets_per_sample(call: dict[str, Any]) -> int:
+    """The ``--targets-per-sample`` a call recorded in ``stage.json`` trained with: its
+    ``targets_per_sample``, else (calls recorded before that key) the last
+    ``datasets.targets_per_sample=`` of its overrides, else 1 (calls before the option
+    trained one target per sample); DataConfigError when the record is not a whole number >= 1."""
+    value: Any = call.get("targets_per_sample")
+    if value is None:
+        overrides = call.get("overrides")
+        given = [o.split("=", 1)[1] for o in overrides if isinstance(o, str)
+                 and o.startswith("datasets.targets_per_sample=")] if isinstance(overrides, list) else []
+        value = given[-1] if given else 1
+    from .data import targets_per_sample
+
+    return targets_per_sample({"targets_per_sample": value})  # the data module's own reading
+
+
+def stage_targets_per_sample(given: int | None, resume: bool, calls: list[dict[str, Any]], history: str,
+                             work: str) -> int:
+    """The target crops per sample of this call: ``given`` or 1 on a first call; on a resumed
+    call the run's own (its last call in ``stage.json``, :func:`recorded_targets_per_sample`),
+    as ``--warmup-steps``: omitting the flag fell back to 1 without a word. StageError when
+    ``given`` asks for another value; a warning, and ``given`` or 1, when ``stage.json``
+    records no call (the first call was killed before it could record itself)."""
+    if not resume:
+        return 1 if given is None else given
+    if not calls:
+        chosen = 1 if given is None else given
+        say(f"warning: {history} records no call of the run in {work}, so its --targets-per-sample is unknown; "
+            f"this call trains with --targets-per-sample {chosen}", sys.stderr)
+        return chosen
+    from .data import DataConfigError
+
+    try:
+        own = recorded_targets_per_sample(calls[-1])
+    except DataConfigError as exc:
+        raise StageError(f"{history}: the run's last call records a bad setting ({exc}); repair it or start a new "
+                         "--work folder") from None
+    if given is not None and given != own:
+        raise StageError(f"this run was trained with --targets-per-sample {own} (recorded in {history}); a resumed "
+                         f"call keeps it (got --targets-per-sample {given}); drop the flag or give {own}, or start "
+                         f"a new --work folder with --weights {work}/npbgpp_sphere_stage.safetensors to train on "
+                         f"from this run's weights with {given}")
+    return own
+
+
 def read_history(path: str) -> list[dict[str, Any]]:
     """The calls recorded in ``stage.json`` (none when it does not exist); StageError naming
     the file when it is not a JSON list of calls."""
@@ -317,7 +365,7 @@ def check_numbers(args: argparse.Namespace) -> None:
     for flag, value in (("--batch", args.batch), ("--crop", args.crop), ("--views", args.views),
                         ("--targets-per-sample", args.targets_per_sample), ("--dry-steps", args.dry_steps),
                         ("--max-points", args.max_points)):
-        if value < 1:
+        if value is not None and value < 1:  # None: --targets-per-sample not given (the run's own)
             raise StageError(f"{flag} {value}: must be at least 1")
     for flag, value in (("--gpus", args.gpus), ("--workers", args.workers)):
         if value < 0:  # a negative count ran on the CPU / without workers, unsaid
@@ -355,6 +403,7 @@ def run_stage(args: argparse.Namespace) -> dict[str, Any]:
     args.warmup_steps = stage_warmup(warmup, resumed)
     history = os.path.join(work, "stage.json")
     calls = read_history(history)  # before training: a bad file failed only after the whole call
+    args.targets_per_sample = stage_targets_per_sample(args.targets_per_sample, resume, calls, history, work)
     seed = None
     if weights is not None:
         os.makedirs(work, exist_ok=True)
@@ -382,6 +431,7 @@ def run_stage(args: argparse.Namespace) -> dict[str, Any]:
         "corpus": os.path.abspath(args.corpus), "scenes": scenes, "resumed": resume, "start_step": start_step,
         "end_step": end_step, "seconds": round(seconds, 1), "exit_code": rc, "overrides": overrides,
         "dry_run": bool(args.dry_run), "background": args.background, "warmup_steps": args.warmup_steps,
+        "targets_per_sample": args.targets_per_sample,
         "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     if stopped_by is not None:
@@ -673,9 +723,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8, help="samples per step (default 8)")
     p.add_argument("--crop", type=int, default=256, help="training crop side in pixels (default 256)")
     p.add_argument("--views", type=int, default=3, help="input views per sample (default 3)")
-    p.add_argument("--targets-per-sample", type=int, default=1,
-                   help="target crops per set of input views (datasets.targets_per_sample; default 1: one, as "
-                        "published; K > 1 adds up to K - 1 other training views of the first crop's points)")
+    p.add_argument("--targets-per-sample", type=int, default=None,
+                   help="target crops per set of input views (datasets.targets_per_sample; default 1 on a first "
+                        "call: one, as published; K > 1 adds up to K - 1 other training views of the first crop's "
+                        "points); a resumed call keeps the run's setting")
     p.add_argument("--workers", type=int, default=8, help="DataLoader workers (default 8)")
     p.add_argument("--lr", type=float, default=2e-4, help="system.lr (default 2e-4)")
     p.add_argument("--max-points", type=int, default=200000, help="system.max_points (default 200000)")

@@ -291,6 +291,32 @@ def test_stage_passes_targets_per_sample_to_the_trainer():
 
     args = parse_args(["--corpus", "c", "--work", "w", "--targets-per-sample", "3"])
     assert "datasets.targets_per_sample=3" in train_overrides(args, "run", None, False, 10)
-    assert "datasets.targets_per_sample=1" in train_overrides(parse_args(["--corpus", "c", "--work", "w"]),
-                                                              "run", None, False, 10)
+    assert parse_args(["--corpus", "c", "--work", "w"]).targets_per_sample is None  # resolved by the stage
     assert math.isfinite(args.minutes)
+
+
+def test_stage_targets_per_sample_keeps_the_runs_own(capsys):
+    """A first call takes --targets-per-sample or 1; a resumed call the value its last
+    recorded call trained with (as --warmup-steps; omitting the flag fell back to 1), read
+    from calls recorded before the key existed through their overrides, and refuses another
+    value; with no recorded call it says that the run's value is unknown."""
+    from headless_train.stage import StageError, stage_targets_per_sample
+
+    assert stage_targets_per_sample(None, False, [], "h", "w") == 1
+    assert stage_targets_per_sample(4, False, [{"targets_per_sample": 2}], "h", "w") == 4  # a new run
+    two = [{"targets_per_sample": 1}, {"targets_per_sample": 2}]
+    assert stage_targets_per_sample(None, True, two, "h", "w") == 2
+    assert stage_targets_per_sample(2, True, two, "h", "w") == 2  # the same value, as a repeated command gives it
+    with pytest.raises(StageError, match=r"trained with --targets-per-sample 2 \(recorded in h\).*got "
+                                         r"--targets-per-sample 1.*--weights w/npbgpp_sphere_stage.safetensors"):
+        stage_targets_per_sample(1, True, two, "h", "w")
+    legacy = {"overrides": ["datasets.selection_count=3", "datasets.targets_per_sample=3", "system.lr=0.1"]}
+    assert stage_targets_per_sample(None, True, [legacy], "h", "w") == 3
+    assert stage_targets_per_sample(None, True, [{"overrides": ["system.lr=0.1"]}], "h", "w") == 1  # before K
+    with pytest.raises(StageError, match="h: the run's last call records a bad setting .*got 0"):
+        stage_targets_per_sample(None, True, [{"targets_per_sample": 0}], "h", "w")
+    capsys.readouterr()
+    assert stage_targets_per_sample(None, True, [], "h", "w") == 1
+    assert stage_targets_per_sample(5, True, [], "h", "w") == 5
+    err = capsys.readouterr().err
+    assert err.count("warning: h records no call of the run in w") == 2 and "--targets-per-sample 5" in err

@@ -247,18 +247,35 @@ def test_stage_pack_scales_pixel_intrinsics_follows_links_and_picks_scenes(tmp_p
     assert not (tmp_path / "none").exists()
 
 
-def test_stage_dry_run_resumes_and_writes_weights(tmp_path):
+def test_stage_dry_run_resumes_and_writes_weights(tmp_path, capsys):
+    """Two calls of a dry-run stage: the second resumes. The first trains two targets per
+    sample; the second, without --targets-per-sample, keeps them (it fell back to 1 while
+    --warmup-steps kept the run's value), and a third asking for 3 is refused untrained."""
+    from omegaconf import OmegaConf
+
+    from headless_train.data import targets_per_sample
     from headless_train.stage import main
     from npbgpp_core.pretrained import read_weights
 
     root = make_dataset(str(tmp_path / "data"), ("s1",), views=5, size=24, n_points=150)
     work = str(tmp_path / "stage")
     args = ["--corpus", root, "--work", work, "--dry-run", "--dry-steps", "1"]
-    assert main(args) == 0
+    assert main([*args, "--targets-per-sample", "2"]) == 0
     assert main(args) == 0
     with open(os.path.join(work, "stage.json")) as f:
         calls = json.load(f)
     assert [(c["resumed"], c["start_step"], c["end_step"]) for c in calls] == [(False, 0, 1), (True, 1, 2)]
+    assert [c["targets_per_sample"] for c in calls] == [2, 2]
+    assert all("datasets.targets_per_sample=2" in c["overrides"] for c in calls)
+    # the resumed trainer's own config, read as its data module reads it
+    trained = OmegaConf.load(os.path.join(work, "run", ".hydra", "config.yaml"))
+    assert trained.resume and targets_per_sample(trained.datasets) == 2
+    capsys.readouterr()
+    assert main([*args, "--targets-per-sample", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "this run was trained with --targets-per-sample 2" in err and "got --targets-per-sample 3" in err, err
+    with open(os.path.join(work, "stage.json")) as f:
+        assert len(json.load(f)) == 2  # refused before training: nothing recorded
     wf = read_weights(os.path.join(work, "npbgpp_sphere_stage.safetensors"), "npbgpp")
     assert wf.card["stage"]["end_step"] == 2 and wf.config["world_up"] == [0.0, 0.0, 1.0]
     assert "system.max_scenes_per_train_epoch=null" in calls[0]["overrides"]  # every scene, every epoch
