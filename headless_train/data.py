@@ -288,6 +288,19 @@ class SampleOptions:
     targets_per_sample: int = 1
 
 
+def eval_border_crop(dcfg: Any) -> int:
+    """``datasets.eval_border_crop`` (0 when unset): pixels cropped on every side of a view
+    before its metrics, read here for the data module, the system's validation and the
+    evaluation alike; DataConfigError for anything but a whole number >= 0 (a negative one
+    cropped nothing while metrics.json recorded it as the crop)."""
+    value = (dcfg.get("eval_border_crop") if dcfg is not None else None) or 0
+    border = config_number(value, "datasets.eval_border_crop")
+    if border < 0:
+        raise DataConfigError(f"datasets.eval_border_crop must be a whole number >= 0 (pixels cropped on every side "
+                              f"before metrics; 0: no crop), got {value!r}")
+    return border
+
+
 def targets_per_sample(dcfg: Any) -> int:
     """``datasets.targets_per_sample`` (1 when the config has no such key): target views
     trained per set of input views; DataConfigError for anything but a whole number >= 1."""
@@ -685,7 +698,7 @@ class SceneDataModule(pl.LightningDataModule):
                 "views); or leave it at 1")
         self.val_max = config_number(d.val_num_samples, "datasets.val_num_samples", optional=True)
         self.eval_max = config_number(d.max_eval_views, "datasets.max_eval_views", optional=True)
-        self.eval_border = config_number(d.get("eval_border_crop") or 0, "datasets.eval_border_crop")
+        self.eval_border = eval_border_crop(d)
         self.val_summary: str | None = None
 
     @property

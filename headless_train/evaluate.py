@@ -14,7 +14,7 @@ from PIL import Image
 from npbgpp_core.metrics import MetricSuite, mean_finite
 
 from .checkpoints import atomic_write_bytes
-from .data import check_eval_border, config_number
+from .data import check_eval_border, config_number, eval_border_crop
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def evaluate(system, cfg: dict, run_dir: str, write_descriptors: str | None = No
     dcfg, mcfg = cfg["datasets"], cfg.get("metrics", {})
     suite = MetricSuite.create(
         mcfg.get("lpips_vgg_weights"), mcfg.get("lpips_lin_weights"),
-        config_number(dcfg.get("eval_border_crop") or 0, "datasets.eval_border_crop"),
+        eval_border_crop(dcfg),
         device=str(system.device),
     )
     if suite.lpips_skip_reason:

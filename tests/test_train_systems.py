@@ -858,6 +858,34 @@ def test_validation_scores_a_view_with_the_border_the_evaluation_reads(data_root
     assert logged[0] == pytest.approx(suite(torch.from_numpy(pred), sample["image"])["psnr"], abs=1e-5)
 
 
+def test_a_negative_eval_border_crop_is_refused_where_it_is_read(data_root, tmp_path):
+    """datasets.eval_border_crop below 0 cropped nothing while metrics.json recorded the
+    negative number as the crop; now the data module, the system and the evaluation refuse
+    it by name (one reader, data.eval_border_crop) before anything is rendered or written."""
+    from headless_train.data import DataConfigError, SceneDataModule
+    from headless_train.evaluate import evaluate
+    from headless_train.systems import build_system
+
+    message = r"datasets.eval_border_crop must be a whole number >= 0 .*got -3"
+    run = tmp_path / "r"
+    base = ["datasets=nerf_blender_one_scene", f"datasets.data_root={data_root}", "datasets.scene_name=sceneA",
+            "system=npbg", f"system.descriptors_save_dir={tmp_path}/d", *FAST]
+    with pytest.raises(DataConfigError, match=message):
+        run_inproc([*base, "datasets.eval_border_crop=-3", "eval_only=true"], str(run))
+    assert not (run / "metrics.json").exists() and not (run / "renders").exists()
+    with pytest.raises(DataConfigError, match=message):
+        SceneDataModule(compose_cfg([*base, "datasets.eval_border_crop=-3"]), seed=0)
+    good = OmegaConf.to_container(compose_cfg(base), resolve=True)
+    scenes = SceneDataModule(compose_cfg(base), seed=0).scenes
+    negative = {**good, "datasets": {**good["datasets"], "eval_border_crop": "-3"}}
+    with pytest.raises(DataConfigError, match=message.replace("-3", "'-3'")):
+        build_system(negative, scenes)
+    system = build_system(good, scenes)
+    with pytest.raises(DataConfigError, match=message.replace("-3", "'-3'")):
+        evaluate(system, negative, str(run))
+    assert not (run / "metrics.json").exists()
+
+
 def test_resuming_npbg_on_other_scenes_is_refused_naming_them(data_root, tmp_path):
     """Resuming an NPBG run with another scene set (or point count) failed in
     load_state_dict with a page of unexpected keys."""

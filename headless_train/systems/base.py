@@ -162,12 +162,11 @@ class BaseSystem(pl.LightningModule):
                 gradient_scales=lcfg.get("gradient_scales", 3),
             )
         self._eval_cache: dict[int, Any] = {}
-        from ..data import config_number, targets_per_sample
+        from ..data import eval_border_crop, targets_per_sample
 
-        # read as the data module and the evaluation read it (config_number): a bare int() took
-        # what they accept ("1e1") for an error at the first validation, an epoch into the run
-        self.eval_border = config_number((cfg.get("datasets") or {}).get("eval_border_crop") or 0,
-                                         "datasets.eval_border_crop")
+        # read as the data module and the evaluation read it: a bare int() took what they
+        # accept ("1e1") for an error at the first validation, an epoch into the run
+        self.eval_border = eval_border_crop(cfg.get("datasets"))
         count = targets_per_sample(cfg.get("datasets"))
         if count > 1 and not self.trains_shared_input_targets:
             raise ValueError(f"datasets.targets_per_sample={count}: several target views share one set of input "
