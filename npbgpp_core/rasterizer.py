@@ -41,7 +41,8 @@ _log = logging.getLogger("npbgpp_core.rasterizer")
 
 __all__ = [
     "DEFAULT_CHUNK_POINTS", "DEFAULT_SCALES", "EMPTY_KEY", "RasterParams", "gather", "gather_features",
-    "keys_to_depth", "keys_to_index", "min_side", "nan_beyond_far", "project_for_raster", "raster_params", "rasterize",
+    "keys_to_depth", "keys_to_index", "landing_mask", "min_side", "nan_beyond_far", "project_for_raster",
+    "raster_params", "rasterize",
     "rasterize_descriptors", "rasterize_features", "rasterize_keys", "rasterize_keys_torch", "scale_sizes",
 ]
 
@@ -87,12 +88,35 @@ def project_for_raster(points: torch.Tensor, p: RasterParams) -> tuple[torch.Ten
     return u, v, zc
 
 
-def _scatter_direct(buf: torch.Tensor, qx, qy, key, valid, size: tuple[int, int]) -> None:
-    """Keep the smallest key per pixel of the flat ``buf`` (h*w + 1 slots, the last a spare)."""
+def _normalized(
+    points: torch.Tensor, p: RasterParams, width: torch.Tensor, height: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(qx, qy, z, valid)`` of (N, 3) float32 points: ``q = ((u + 0.5) / W, (v + 0.5) / H)``
+    and whether the point counts (finite, ``near < z <= far``). Reference twin of
+    ``project_point`` in kernels/csrc/rasterizer_math.h. ``width`` / ``height`` are 0-dim
+    float32 tensors on the points' device (see :func:`rasterize_keys_torch`)."""
+    u, v, z = project_for_raster(points, p)
+    valid = torch.isfinite(u) & torch.isfinite(v) & (z > p.near) & (z <= p.far)
+    return (u + 0.5) / width, (v + 0.5) / height, z, valid
+
+
+def _pixel_of(
+    qx: torch.Tensor, qy: torch.Tensor, size: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Column ``floor(qx * w)``, row ``floor(qy * h)`` (float32) of ``q`` in an ``size`` =
+    (h, w) image and whether that lies inside. Reference twin of ``pixel_of`` in
+    kernels/csrc/rasterizer_math.h."""
     h, w = size
     col = torch.floor(qx * w)
     row = torch.floor(qy * h)
-    ok = valid & (col >= 0) & (col < w) & (row >= 0) & (row < h)
+    return col, row, (col >= 0) & (col < w) & (row >= 0) & (row < h)
+
+
+def _scatter_direct(buf: torch.Tensor, qx, qy, key, valid, size: tuple[int, int]) -> None:
+    """Keep the smallest key per pixel of the flat ``buf`` (h*w + 1 slots, the last a spare)."""
+    h, w = size
+    col, row, inside = _pixel_of(qx, qy, size)
+    ok = valid & inside
     # Culled points go to a spare slot h*w (dropped below) instead of being filtered out:
     # no boolean indexing (nonzero + 4 gathers, a host sync on GPU), same keys.
     pix = torch.where(ok, row, h).long() * w + torch.where(ok, col, 0).long()
@@ -133,10 +157,7 @@ def rasterize_keys_torch(
     step = max(1, n if not chunk_points else min(n, int(chunk_points)))
     for start in range(0, n, step):
         chunk = points[start : start + step]
-        u, v, z = project_for_raster(chunk, p)
-        valid = torch.isfinite(u) & torch.isfinite(v) & (z > p.near) & (z <= p.far)
-        qx = (u + 0.5) / width
-        qy = (v + 0.5) / height
+        qx, qy, z, valid = _normalized(chunk, p, width, height)
         index = torch.arange(start, start + chunk.shape[0], device=device, dtype=torch.int64)
         key = (z.view(torch.int32).to(torch.int64) << 32) | index
         for i, buf in direct.items():
@@ -248,18 +269,16 @@ def rasterize(
 def landing_mask(points: torch.Tensor, camera: Camera, scale: float = 1.0, near: float = 1e-3) -> torch.Tensor:
     """Which points (bool (N,)) land on a pixel of :func:`rasterize`'s image at ``scale``,
     winning it or not: finite, in front of ``near`` (and the camera's clip start), not
-    beyond its clip end, inside the image (the module's pixel mapping). A point that lands
-    and wins no pixel lost each one it fell on to a nearer point."""
+    beyond its clip end, inside the image. The z-buffer's own mapping (the contract's,
+    which the CUDA kernel shares), so the same on either backend; torch only, as it needs
+    no z-buffer. A point that lands and wins no pixel lost each one it fell on to a nearer
+    point."""
     points = _prepare_points(points)
     p = raster_params(camera, (scale,), near, points.device)
-    h, w = p.sizes[0]
-    u, v, z = project_for_raster(points, p)
     width = torch.tensor(float(p.width), dtype=torch.float32, device=points.device)
     height = torch.tensor(float(p.height), dtype=torch.float32, device=points.device)
-    col = torch.floor((u + 0.5) / width * w)
-    row = torch.floor((v + 0.5) / height * h)
-    valid = torch.isfinite(u) & torch.isfinite(v) & (z > p.near) & (z <= p.far)
-    return valid & (col >= 0) & (col < w) & (row >= 0) & (row < h)
+    qx, qy, _, valid = _normalized(points, p, width, height)
+    return valid & _pixel_of(qx, qy, p.sizes[0])[2]
 
 
 def keys_to_depth(keys: torch.Tensor) -> torch.Tensor:
