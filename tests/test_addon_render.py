@@ -3550,7 +3550,13 @@ def test_aggregate_modal_path_steps_views_saves_and_esc_writes_nothing(scene):
     assert agg_op.modal(op, bpy.context, SimpleNamespace(type="MOUSEMOVE")) == {"PASS_THROUGH"}
     assert not os.path.exists(out)
     assert agg_op.modal(op, bpy.context, tick) == {"FINISHED"}
-    assert reports[1:3] == [("status", 2, 2), ("cleanup",)] and reports[3][1].startswith("Saved 60 points")
+    assert reports[1:3] == [("status", 2, 2), ("cleanup",)], reports
+    # the Saved line last (the status bar shows the last report), the unseen-points note before it
+    assert reports[-1][1].startswith("Saved 60 points"), reports
+    seen = int(re.search(r"\((\d+) seen by the photos\)", reports[-1][1]).group(1))
+    notes = [text for _, text in reports[3:-1]]
+    unseen_note = f"{seen} of the 60 points are seen"
+    assert (notes == []) if seen == 60 else (len(notes) == 1 and notes[0].startswith(unseen_note)), reports
     assert sc.npbgpp.bundle == out and len(NeuralScene.load(out)) == 60
     reports.clear()
     stopped = str(scene["dir"] / "esc.npbgpp")
