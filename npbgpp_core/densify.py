@@ -8,7 +8,8 @@ Method, per reference view:
 1. Neighbours: the views scored highest by overlap (the share of the reference frustum,
    sampled inside the depth range, that lands inside the other image) times a Gaussian
    of the triangulation angle at the reference view's scene points (best near 15 degrees)
-   times a Gaussian of the log of how much nearer or farther the other view sees them.
+   times a Gaussian of the log of how much larger or smaller the other view sees them
+   (distance and focal length).
 2. Depth range: the 2nd-98th percentile of the scene's sparse points seen by the view,
    widened; without points (instant-ngp's transforms.json has none), the view's distance
    to the point the cameras' optical axes meet (their mean centre for parallel axes).
@@ -317,12 +318,19 @@ def choose_neighbors(
     the image centre alone, the rule before, is 0 for a view straight ahead or behind (a walk
     or drive forward), though off-centre pixels of such a pair triangulate well. The scale is
     the median, over the same points, of their distance to the other camera over their
-    distance to the reference's: on a walk the views several steps behind see the reference's
-    points from twice as far, at the best angle but half the size, and matched that way the
-    depth maps of the lund capture were off by a median 17-40% (BENCHMARKS.md). Views with no
+    distance to the reference's, divided by the ratio of the two focal lengths in pixels
+    (``sqrt(fx * fy)``): how much more of the scene one pixel of the other view covers there.
+    On a walk the views several steps behind see the reference's points from twice as far,
+    at the best angle but half the size, and matched that way the depth maps of the lund
+    capture were off by a median 17-40% (BENCHMARKS.md); a view as far away with twice the
+    focal length (a zoomed or larger photo) sees them at the same size. Views with no
     overlap or under 1 degree (no baseline) are left out."""
     n = len(cams)
     out: list[list[tuple[int, float]]] = []
+    if n == 0:
+        return out
+    # Pixels per unit of scene at unit distance (one host copy for all views).
+    focal = torch.stack([c.K.diagonal()[:2] for c in cams]).cpu().double().prod(dim=1).sqrt().tolist()
     for r in range(n):
         c = cams[r]
         near, far = ranges[r]
@@ -351,8 +359,10 @@ def choose_neighbors(
                 continue
             # The floor keeps wide-baseline views usable when nothing better exists.
             score = overlap * (math.exp(-0.5 * ((angle - best_angle_deg) / 10.0) ** 2) + 1e-3)
-            # A view much nearer or farther sees the reference's windows scaled: 5 x 5 ZNCC fails.
-            log_scale = float(torch.log(b.norm(dim=0) / a.norm(dim=0).clamp_min(1e-12)).median())
+            # A view much nearer or farther, or zoomed in or out, sees the reference's windows
+            # scaled: 5 x 5 ZNCC fails. Equal focal lengths subtract exactly 0.
+            log_scale = (float(torch.log(b.norm(dim=0) / a.norm(dim=0).clamp_min(1e-12)).median())
+                         - math.log(focal[s] / focal[r]))
             scored.append((s, score * math.exp(-0.5 * (log_scale / scale_sigma) ** 2)))
         scored.sort(key=lambda p: -p[1])
         out.append(scored[:count])

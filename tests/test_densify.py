@@ -603,7 +603,8 @@ def _brute_score(ref, other, near: float, far: float) -> tuple[float, float, flo
     """(overlap, median angle in degrees, median log scale) by the definition in choose_neighbors' docstring,
     in float64 numpy from the OpenCV K, R, t: the 8x8 pixel grid unprojected at 6 depths
     (equal steps in 1/depth) for the overlap; the angle at the grid's points at depth
-    sqrt(near * far) the other view sees (at the seen 6-depth points when it sees none)."""
+    sqrt(near * far) the other view sees (at the seen 6-depth points when it sees none); the
+    log of their distance ratio over the focal length ratio (sqrt(fx * fy)) at the same points."""
     K, R, t = (np.asarray(x, np.float64) for x in ref.to_opencv())
     Ko, Ro, to = (np.asarray(x, np.float64) for x in other.to_opencv())
     h, w = ref.image_size
@@ -627,7 +628,8 @@ def _brute_score(ref, other, near: float, far: float) -> tuple[float, float, flo
     a, b = (-R.T @ t)[:, None] - P, (-Ro.T @ to)[:, None] - P
     cos = (a * b).sum(0) / (np.linalg.norm(a, axis=0) * np.linalg.norm(b, axis=0))
     angles = np.sort(np.degrees(np.arccos(np.clip(cos, -1, 1))))
-    scales = np.sort(np.log(np.linalg.norm(b, axis=0) / np.linalg.norm(a, axis=0)))
+    focal_ratio = math.sqrt(Ko[0, 0] * Ko[1, 1] / (K[0, 0] * K[1, 1]))
+    scales = np.sort(np.log(np.linalg.norm(b, axis=0) / np.linalg.norm(a, axis=0) / focal_ratio))
     lower_middle = (len(angles) - 1) // 2  # of an even count
     return float(seen(X).mean()), float(angles[lower_middle]), float(scales[lower_middle])
 
@@ -673,6 +675,35 @@ def test_neighbours_of_a_long_walk_are_the_nearby_steps():
         assert scaled == {r - 4, r - 3, r - 2, r - 1}, (r, scaled)
         unscaled = {s for s, _ in choose_neighbors(cams, ranges, 4, scale_sigma=math.inf)[r]}
         assert r - 1 not in unscaled and max(r - s for s in unscaled) >= 5, (r, unscaled)
+
+
+def test_neighbour_scale_counts_the_focal_length():
+    """The scale term is the size in pixels, not the distance alone: around a reference 4
+    from the centre, a view 8 away with twice its focal length (a zoomed photo) sees its
+    windows at nearly the same size and outranks a view 8 away with the same lens and one 4
+    away with twice the focal length; every score equals the brute-force definition (the
+    distance-only term scored the 8-away zoomed view as low as the unzoomed one)."""
+    from npbgpp_core.camera import Camera
+    from npbgpp_core.densify import _cam, choose_neighbors
+
+    zoom_fov = 2 * math.degrees(math.atan(math.tan(math.radians(30)) / 2))  # twice the focal length of 60 degrees
+
+    def around(deg: float, dist: float, fov: float) -> Camera:
+        a = math.radians(deg)
+        return Camera.look_at(eye=(dist * math.sin(a), -dist * math.cos(a), 0.0), target=(0, 0, 0), up=(0, 0, 1),
+                              fov_x_deg=fov, image_size=(96, 128))
+
+    cams = [around(0, 4, 60), around(15, 4, 60), around(-15, 8, zoom_fov), around(20, 8, 60), around(-20, 4, zoom_fov)]
+    near, far = 2.0, 6.0
+    picks = dict(choose_neighbors([_cam(c, torch.device("cpu")) for c in cams], [(near, far)] * 5, 4)[0])
+    for s in range(1, 5):
+        overlap, angle, log_scale = _brute_score(cams[0], cams[s], near, far)
+        assert overlap > 0 and angle >= 1.0, (s, overlap, angle)
+        expected = (overlap * (math.exp(-0.5 * ((angle - 15.0) / 10.0) ** 2) + 1e-3)
+                    * math.exp(-0.5 * (log_scale / 0.2) ** 2))
+        assert picks[s] == pytest.approx(expected, rel=1e-4), s
+    assert picks[2] > 10 * picks[3] and picks[2] > 10 * picks[4], picks
+    assert picks[1] > 10 * picks[4], picks
 
 
 def test_a_forward_walk_densifies_the_floor_and_sphere_ahead():
