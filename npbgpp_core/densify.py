@@ -523,7 +523,8 @@ def _slanted_sweep(
     best = torch.full_like(g, -1.0)
     r = m.k // 2
     along = g if axis == 0 else g.T  # lines (rows for a tilt about x) of the band direction
-    lo_line, hi_line = along.min(dim=1).values.tolist(), along.max(dim=1).values.tolist()
+    # One host copy per family: the band cuts below are host-side decisions.
+    lo_line, hi_line = torch.stack([along.min(dim=1).values, along.max(dim=1).values]).tolist()
     length = along.shape[0]
     start = r
     while start < length - r:
@@ -542,7 +543,7 @@ def _slanted_sweep(
         s_lo, s_hi = 1.0 / (far * g_hi), 1.0 / (near * g_lo)
         count = max(3, int(math.ceil((s_hi - s_lo) * g_hi / step)) + 1)
         inv = torch.linspace(s_hi, s_lo, count, device=dev)
-        ds = float(inv[0] - inv[1])
+        ds = (s_hi - s_lo) / (count - 1)  # linspace's spacing, without a device sync per band
         block = slice(band.start - r, band.stop + r)
         rows, cols = (block, None) if axis == 0 else (None, block)
         gb = g[block] if axis == 0 else g[:, block]
