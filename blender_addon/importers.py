@@ -203,6 +203,20 @@ def shared_fy_over_fx(views: list) -> float:
     return middle if all(stretched_fy_over_fx(view, middle) is None for view in views) else 1.0
 
 
+# measured in Blender 5.0.1: Cycles, EEVEE, Workbench and NPBG++ alike fail to write a file of
+# Combined and Depth ("Conflicting attributes found for header :: ViewLayer.Depth
+# 'pixelAspectRatio'"), leaving it empty; Combined alone is written (NPBG++ always adds its pass)
+MULTILAYER_EXR_NOTE = ("Blender 5.0 writes no multilayer OpenEXR of more than one pass (NPBG++ always has two) at a "
+                       "non-square Pixel Aspect, whatever the engine; OpenEXR, PNG and other single-layer formats work")
+
+
+def writes_multilayer_exr(scene: Any) -> bool:
+    """Whether ``scene``'s render output is a multilayer OpenEXR (Blender 5.0's Media Type
+    Multi-Layer, or older Blenders' OPEN_EXR_MULTILAYER format)."""
+    settings = scene.render.image_settings
+    return getattr(settings, "media_type", "") == "MULTI_LAYER_IMAGE" or settings.file_format == "OPEN_EXR_MULTILAYER"
+
+
 def pixel_aspect(fy_over_fx: float) -> tuple[float, float]:
     """Blender's Pixel Aspect (X, Y) whose pixels have ``fy_over_fx`` (X / Y = fy/fx: the
     lens is fx's); the smaller side is 1, as Blender keeps both at 1 or more."""
@@ -214,16 +228,17 @@ def _aspect_text(fy_over_fx: float) -> str:
     return f"X {x:.4f}, Y {y:.4f}"
 
 
-def framing_warning(views: list, size: tuple[int, int]) -> str:
+def framing_warning(views: list, size: tuple[int, int], aspect: float | None = None) -> str:
     """What the import says of the dataset views whose cameras (:func:`create_camera`, at the
-    Pixel Aspect of :func:`shared_fy_over_fx`) do not reproduce their photo at the render
-    resolution ``size`` (h, w): another photo size, or pixels whose fy/fx differs from that
-    aspect's enough to move the photo's top or bottom edge by half a pixel or more (no one
-    aspect frames them all), each counted with an example, as one cure (the resolution) does
-    not help the other; "" when every view fits."""
+    Pixel Aspect fy/fx ``aspect``; None: :func:`shared_fy_over_fx`'s, which the import sets
+    unless told not to) do not reproduce their photo at the render resolution ``size`` (h, w):
+    another photo size, or pixels whose fy/fx differs from that aspect's enough to move the
+    photo's top or bottom edge by half a pixel or more, each counted with an example, as one
+    cure (the resolution) does not help the other; "" when every view fits."""
     if not views:
         return ""
-    aspect = shared_fy_over_fx(views)
+    shared = shared_fy_over_fx(views)
+    aspect = shared if aspect is None else aspect
     other = [view for view in views if _photo_size(view) != tuple(size)]
     ratios = [(stretched_fy_over_fx(view, aspect), view) for view in views]
     stretched = [(ratio, view) for ratio, view in ratios if ratio is not None]
@@ -244,9 +259,14 @@ def framing_warning(views: list, size: tuple[int, int]) -> str:
             low, high = f"{min(r for r, _ in stretched):.3f}", f"{max(r for r, _ in stretched):.3f}"
             span = low if low == high else f"{low} to {high}, e.g. {worst.name}: {worst_ratio:.3f}"
             which = f"{len(stretched)} have pixels that are not square (fy/fx {span})"
+        if shared != aspect:  # the import was told to keep square pixels
+            cure = (f"Pixel Aspect {_aspect_text(shared)} frames every view (Import Dataset's Set Pixel Aspect sets "
+                    f"it; {MULTILAYER_EXR_NOTE})")
+        else:
+            cure = ("no one Pixel Aspect frames every view (X / Y = fy/fx frames one: "
+                    f"{worst.name} takes {_aspect_text(worst_ratio)}; F12 through such a camera names its own)")
         parts.append(f"{which}: at square pixels their renders are stretched against the photo by that ratio, and "
-                     "no one Pixel Aspect frames every view (X / Y = fy/fx frames one: "
-                     f"{worst.name} takes {_aspect_text(worst_ratio)}; F12 through such a camera names its own)")
+                     + cure)
     count = len({id(v) for v in other} | {id(v) for _, v in stretched})
     now = "square" if aspect == 1.0 else f"{_aspect_text(aspect)}, the photos' fy/fx {aspect:.4f}"
     return (f"{count} of {len(views)} cameras do not render their photo's framing: Blender has one render "
@@ -556,6 +576,14 @@ class IMPORT_SCENE_OT_npbgpp_dataset(bpy.types.Operator):
         name="Allow External Paths", default=False,
         description=EXTERNAL_PATHS_TOOLTIP, options={"SKIP_SAVE"},
     )
+    # remembered: whether renders go to multilayer OpenEXR is the user's, not one dataset's
+    set_pixel_aspect: BoolProperty(  # type: ignore[valid-type]
+        name="Set Pixel Aspect", default=True,
+        description="When every photo's pixels share one height/width ratio (fy/fx) that is not 1, set the scene's "
+                    "Pixel Aspect to it so that renders frame the photos. Blender 5.0 writes no multilayer OpenEXR "
+                    "at a non-square Pixel Aspect (any engine); off: square pixels, and the import says how much "
+                    "the renders are stretched",
+    )
     point_cloud: StringProperty(  # type: ignore[valid-type]
         name="Point Cloud", default="",
         description="A .ply file to use as the dataset's cloud, relative to the dataset folder (or absolute), in "
@@ -617,7 +645,8 @@ class IMPORT_SCENE_OT_npbgpp_dataset(bpy.types.Operator):
         collection = bpy.data.collections.new(f"{name} cameras")
         context.scene.collection.children.link(collection)
         cameras = []
-        aspect = shared_fy_over_fx(reply.views)  # the Pixel Aspect set below, which the cameras are made for
+        # the Pixel Aspect set below, which the cameras are made for
+        aspect = shared_fy_over_fx(reply.views) if self.set_pixel_aspect else 1.0
         for view in reply.views:
             c = view.camera
             # a view no one aspect frames: made for its own fy/fx, the Pixel Aspect F12 names for it
@@ -667,12 +696,15 @@ class IMPORT_SCENE_OT_npbgpp_dataset(bpy.types.Operator):
         if reply.cloud_note:  # e.g. another capture's cloud chosen as Point Cloud
             self.report({"WARNING"}, reply.cloud_note + ".")
         if render_size is not None and aspect != 1.0:
-            self.report({"INFO"}, f"Set Pixel Aspect to {_aspect_text(aspect)} (Output Properties > Format): the "
-                                  f"photos' pixels are not square (fy/fx {aspect:.4f}, every view to half a pixel), "
-                                  "and the cameras frame their photos at that aspect.")
+            # a warning when the scene's output already is multilayer: its next render would not be written
+            kind = "WARNING" if writes_multilayer_exr(context.scene) else "INFO"
+            self.report({kind}, f"Set Pixel Aspect to {_aspect_text(aspect)} (Output Properties > Format): the "
+                                f"photos' pixels are not square (fy/fx {aspect:.4f}, every view to half a pixel), "
+                                f"and the cameras frame their photos at that aspect. {MULTILAYER_EXR_NOTE} (import "
+                                "with Set Pixel Aspect off for square pixels).")
         report_photo_colours(self, context.scene)
         widen_view_clips(self, context, reply.points)
-        framing = framing_warning(reply.views, render_size) if render_size is not None else ""
+        framing = framing_warning(reply.views, render_size, aspect) if render_size is not None else ""
         if framing:
             self.report({"WARNING"}, framing)
         if no_cloud:

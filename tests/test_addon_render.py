@@ -1721,24 +1721,24 @@ def test_import_dataset_framing_warning_counts_each_cause(addon):
     text = importers.framing_warning(views, (24, 32))
     assert "no one Pixel Aspect frames every view (X / Y = fy/fx frames one: C takes X 1.0000, Y 1.0638" in text
     assert importers.framing_warning([view("D", 24, 32, 1.03)], (24, 32)) == ""
+    # B and E imported with Set Pixel Aspect off (square pixels): both counted, the aspect that frames them named
+    text = importers.framing_warning([view("B", 24, 32, 1.05), view("E", 24, 32, 1.05)], (24, 32), 1.0)
+    assert text.startswith("2 of 2 cameras") and "pixel aspect (now square)" in text, text
+    assert "Pixel Aspect X 1.0500, Y 1.0000 frames every view (Import Dataset's Set Pixel Aspect sets it" in text
 
 
-def test_import_dataset_sets_the_pixel_aspect_every_view_shares(scene, capfd):
-    """Photos whose pixels all have one fy/fx (to half a pixel; desk's 29 views: 0.99235) are
-    framed by one Pixel Aspect: the import sets it and says so, warns of nothing, and each
-    camera (its lens shift made for that aspect) projects points where the dataset's own
-    camera does, by Blender's world_to_camera_view; F12 through one notes nothing."""
+def _shared_aspect_dataset(scene) -> os.PathLike:
+    """A NeRF folder of 3 photos 32x24 whose pixels all have fy/fx 0.95 or 0.951 (0.6 px at 24
+    rows at square pixels; 0.006 px apart), an off-centre principal point, the scene's cloud."""
     import json
 
     from PIL import Image
 
-    from npbgpp_core.datasets import load_scene
     from npbgpp_core.ply import save_ply
 
     root = scene["dir"] / "shared_aspect"
     (root / "train").mkdir(parents=True)
     frames = []
-    # fy/fx 0.95 and 0.951 (0.6 px at 24 rows at square pixels; 0.006 px apart); an off-centre principal point
     for i, fy_scale in enumerate((0.95, 0.951, 0.95)):
         Image.fromarray(np.full((24, 32, 3), 90, np.uint8)).save(root / "train" / f"r_{i}.png")
         c2w = np.eye(4)
@@ -1748,13 +1748,73 @@ def test_import_dataset_sets_the_pixel_aspect_every_view_shares(scene, capfd):
                        "fl_y": 30.0 * fy_scale, "cx": 14.0, "cy": 15.5, "w": 32, "h": 24})
     (root / "transforms_train.json").write_text(json.dumps({"frames": frames}))
     save_ply(str(root / "points3d.ply"), scene["points"], scene["colors"])
+    return root
+
+
+def test_import_dataset_pixel_aspect_and_multilayer_exr(scene, capfd):
+    """Blender 5.0 writes no multilayer OpenEXR of several passes at a non-square Pixel Aspect
+    (with any engine: measured with Cycles, EEVEE and Workbench too), so an import that sets
+    one says so, as a warning when the scene's output already is multilayer; that render
+    indeed fails here, leaving an empty file. With Set Pixel Aspect off the pixels stay
+    square, the framing warning names the aspect that would frame every view, each camera
+    keeps its photo's fy/fx for F12's note, and the multilayer file is written."""
+    root = _shared_aspect_dataset(scene)
+    sc = bpy.context.scene
+    assert sc.render.image_settings.media_type == "MULTI_LAYER_IMAGE"  # the fixture's output
+    capfd.readouterr()
+    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root)) == {"FINISHED"}
+    out = capfd.readouterr().out
+    assert "Warning: Set Pixel Aspect to X 1.0000, Y 1.0521" in out, out
+    assert "Blender 5.0 writes no multilayer OpenEXR of more than one pass" in out, out
+    assert "Set Pixel Aspect off" in out
+    sc.camera = bpy.data.objects["train/r_0"]
+    path = scene["dir"] / "aspect.exr"
+    sc.render.filepath = str(path)
+    with pytest.raises(RuntimeError, match="cannot save"):
+        bpy.ops.render.render(write_still=True)
+    captured = capfd.readouterr()
+    assert "Conflicting attributes" in captured.out + captured.err and "pixelAspectRatio" in captured.out + captured.err
+
+    for obj in [o for o in bpy.data.objects if o.type == "CAMERA" and o.name.startswith("train/")]:
+        bpy.data.objects.remove(obj)
+    capfd.readouterr()
+    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root), set_pixel_aspect=False) == {"FINISHED"}
+    out = capfd.readouterr().out
+    assert "Set Pixel Aspect to" not in out, out
+    assert (sc.render.pixel_aspect_x, sc.render.pixel_aspect_y) == (1.0, 1.0)
+    assert "3 of 3 cameras do not render their photo's framing" in out, out
+    assert "Pixel Aspect X 1.0000, Y 1.0521 frames every view (Import Dataset's Set Pixel Aspect sets it" in out
+    engine = sys.modules[f"{MODULE}.engine"]
+    cam = bpy.data.objects["train/r_0"]
+    np.testing.assert_allclose(cam["npbgpp_fy_over_fx"], 0.95, rtol=1e-6)  # its own, named by F12's note
+    assert "Pixel Aspect X to 1.0000, Y to 1.0526" in engine.framing_note(cam, sc)
+    sc.camera = cam
+    square = scene["dir"] / "square.exr"
+    sc.render.filepath = str(square)
+    bpy.ops.render.render(write_still=True)
+    exr = read_exr(str(square))
+    assert "ViewLayer.NPBG Points.A" in exr and "ViewLayer.Combined.A" in exr, sorted(exr)
+
+
+def test_import_dataset_sets_the_pixel_aspect_every_view_shares(scene, capfd):
+    """Photos whose pixels all have one fy/fx (to half a pixel; desk's 29 views: 0.99235) are
+    framed by one Pixel Aspect: the import sets it and says so, warns of nothing, and each
+    camera (its lens shift made for that aspect) projects points where the dataset's own
+    camera does, by Blender's world_to_camera_view; F12 through one notes nothing."""
+
+
+    from npbgpp_core.datasets import load_scene
+
+    root = _shared_aspect_dataset(scene)
     sc = bpy.context.scene
     sc.render.pixel_aspect_x = 2.0  # an earlier scene's: the import sets the one its cameras need
+    sc.render.image_settings.media_type = "IMAGE"  # not multilayer: the report is an Info
+    sc.render.image_settings.file_format = "PNG"
     capfd.readouterr()
     assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root)) == {"FINISHED"}
     out = capfd.readouterr().out
     assert "Warning: " not in out, out
-    assert "Set Pixel Aspect to X 1.0000, Y 1.0521 (Output Properties > Format)" in out, out
+    assert "Info: Set Pixel Aspect to X 1.0000, Y 1.0521 (Output Properties > Format)" in out, out
     assert sc.render.pixel_aspect_x == 1.0
     np.testing.assert_allclose(sc.render.pixel_aspect_y, 1 / 0.9505, rtol=1e-6)
     data = load_scene(str(root))
@@ -1776,8 +1836,6 @@ def test_import_dataset_sets_the_pixel_aspect_every_view_shares(scene, capfd):
         depsgraph, x=32, y=24, scale_x=sc.render.pixel_aspect_x, scale_y=sc.render.pixel_aspect_y))
     np.testing.assert_allclose((P[1, 1] * 24) / (P[0, 0] * 32), 0.9505, rtol=1e-6)
     sc.camera = bpy.data.objects["train/r_1"]
-    sc.render.image_settings.media_type = "IMAGE"  # Blender 5.0 writes no multi-part EXR with non-square pixels
-    sc.render.image_settings.file_format = "PNG"
     sc.render.filepath = str(scene["dir"] / "shared.png")
     capfd.readouterr()
     bpy.ops.render.render(write_still=True)
