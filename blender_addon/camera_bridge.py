@@ -26,6 +26,37 @@ from npbgpp_core.protocol import CameraSpec
 BLENDER_TO_OPENCV = np.diag([1.0, -1.0, -1.0])
 
 
+# measured in Blender 5.0.1: Cycles, EEVEE, Workbench and NPBG++ alike fail to write a file of
+# Combined and Depth ("Conflicting attributes found for header :: ViewLayer.Depth
+# 'pixelAspectRatio'"), leaving it empty; Combined alone is written (NPBG++ always adds its pass)
+MULTILAYER_EXR_NOTE = ("Blender 5.0 writes no multilayer OpenEXR of more than one pass (NPBG++ always has two) at a "
+                       "non-square Pixel Aspect, whatever the engine; OpenEXR, PNG and other single-layer formats work")
+
+
+def writes_multilayer_exr(scene: Any) -> bool:
+    """Whether ``scene``'s render output is a multilayer OpenEXR (Blender 5.0's Media Type
+    Multi-Layer, or older Blenders' OPEN_EXR_MULTILAYER format)."""
+    settings = scene.render.image_settings
+    return getattr(settings, "media_type", "") == "MULTI_LAYER_IMAGE" or settings.file_format == "OPEN_EXR_MULTILAYER"
+
+
+def pixel_aspect(fy_over_fx: float) -> tuple[float, float]:
+    """Blender's Pixel Aspect (X, Y) whose pixels have ``fy_over_fx`` (X / Y = fy/fx: the
+    lens is fx's); the smaller side is 1, as Blender keeps both at 1 or more."""
+    return (fy_over_fx, 1.0) if fy_over_fx >= 1.0 else (1.0, 1.0 / fy_over_fx)
+
+
+def multilayer_exr_note(scene: Any) -> str:
+    """For a render of ``scene``: why Blender will not save it as its output's multilayer
+    OpenEXR (a non-square Pixel Aspect, :data:`MULTILAYER_EXR_NOTE`), else "". Blender's own
+    message names neither ("Error writing render result, Success")."""
+    r = scene.render
+    if r.pixel_aspect_x == r.pixel_aspect_y or not writes_multilayer_exr(scene):
+        return ""
+    return (f"this render cannot be saved as the output's multilayer OpenEXR: {MULTILAYER_EXR_NOTE} (Pixel Aspect "
+            f"now X {r.pixel_aspect_x:g}, Y {r.pixel_aspect_y:g}: set both to 1, or choose another file format)")
+
+
 @dataclass(frozen=True)
 class CameraGeometry:
     """An OpenCV camera: ``K`` (3, 3), world-to-camera ``R`` (3, 3), ``t`` (3,), ``(H, W)``,

@@ -9,7 +9,14 @@ from npbgpp_core.protocol import DEPTH
 
 from . import frames
 from .app_handlers import add_handlers, remove_handlers
-from .camera_bridge import CameraGeometry, clip_note_text, clipped, scene_camera_geometry
+from .camera_bridge import (
+    CameraGeometry,
+    clip_note_text,
+    clipped,
+    multilayer_exr_note,
+    pixel_aspect,
+    scene_camera_geometry,
+)
 from .colour import colour_note
 from .render_job import render_frame
 from .scene_snapshot import SceneSnapshot, snapshot
@@ -75,6 +82,10 @@ class NPBGPPRenderEngine(bpy.types.RenderEngine):
         if colours and colours not in _reported_this_job:  # a note, not a change: the user may want that look
             _reported_this_job.add(colours)
             self.report({"INFO"}, f"NPBG++: {colours}")
+        multilayer = multilayer_exr_note(scene)
+        if multilayer and multilayer not in _reported_this_job:  # before Blender's own cryptic write error
+            _reported_this_job.add(multilayer)
+            self.report({"WARNING"}, f"NPBG++: {multilayer}")
         self.update_stats("", f"NPBG++: rendering {geo.image_size[1]}x{geo.image_size[0]}")
         self.update_progress(0.0)
         try:
@@ -191,7 +202,7 @@ def framing_note(camera: bpy.types.Object, scene: bpy.types.Scene) -> str:
         return (f"the camera {camera.name!r} was imported for a {w}x{h} photo, but the render is {r.resolution_x}x"
                 f"{r.resolution_y}: it does not show the photo's framing (set Output Properties > Format > "
                 f"Resolution to {w}x{h}, or any size of that shape)")
-    ax, ay = (fy_over_fx, 1.0) if fy_over_fx >= 1.0 else (1.0, 1.0 / fy_over_fx)
+    ax, ay = pixel_aspect(fy_over_fx)
     return (f"the camera {camera.name!r} was imported for a {w}x{h} photo with fy/fx {fy_over_fx:.4f}, but the "
             f"render is {r.resolution_x}x{r.resolution_y} with Pixel Aspect {r.pixel_aspect_x:g}:"
             f"{r.pixel_aspect_y:g}: it does not show the photo's framing (set Output Properties > Format > Resolution "

@@ -13,7 +13,15 @@ from bpy_extras.io_utils import ImportHelper
 from npbgpp_core.ply import SCENE_MIN_OPACITY
 
 from .blend_paths import resolved, stored
-from .camera_bridge import BLENDER_TO_OPENCV, bounding_sphere, clip_range_covering, view_clip_covering
+from .camera_bridge import (
+    BLENDER_TO_OPENCV,
+    MULTILAYER_EXR_NOTE,
+    bounding_sphere,
+    clip_range_covering,
+    pixel_aspect,
+    view_clip_covering,
+    writes_multilayer_exr,
+)
 from .colour import use_photo_colours
 from .operators import refused_in_linked_scene
 from .point_source import ID_ATTRIBUTE, object_positions
@@ -201,26 +209,6 @@ def shared_fy_over_fx(views: list) -> float:
     ratios = [_fy_over_fx(view) for view in views]
     middle = (min(ratios) + max(ratios)) / 2.0
     return middle if all(stretched_fy_over_fx(view, middle) is None for view in views) else 1.0
-
-
-# measured in Blender 5.0.1: Cycles, EEVEE, Workbench and NPBG++ alike fail to write a file of
-# Combined and Depth ("Conflicting attributes found for header :: ViewLayer.Depth
-# 'pixelAspectRatio'"), leaving it empty; Combined alone is written (NPBG++ always adds its pass)
-MULTILAYER_EXR_NOTE = ("Blender 5.0 writes no multilayer OpenEXR of more than one pass (NPBG++ always has two) at a "
-                       "non-square Pixel Aspect, whatever the engine; OpenEXR, PNG and other single-layer formats work")
-
-
-def writes_multilayer_exr(scene: Any) -> bool:
-    """Whether ``scene``'s render output is a multilayer OpenEXR (Blender 5.0's Media Type
-    Multi-Layer, or older Blenders' OPEN_EXR_MULTILAYER format)."""
-    settings = scene.render.image_settings
-    return getattr(settings, "media_type", "") == "MULTI_LAYER_IMAGE" or settings.file_format == "OPEN_EXR_MULTILAYER"
-
-
-def pixel_aspect(fy_over_fx: float) -> tuple[float, float]:
-    """Blender's Pixel Aspect (X, Y) whose pixels have ``fy_over_fx`` (X / Y = fy/fx: the
-    lens is fx's); the smaller side is 1, as Blender keeps both at 1 or more."""
-    return (fy_over_fx, 1.0) if fy_over_fx >= 1.0 else (1.0, 1.0 / fy_over_fx)
 
 
 def _aspect_text(fy_over_fx: float) -> str:
