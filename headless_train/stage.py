@@ -114,7 +114,12 @@ def seed_checkpoint(weights: str | WeightsFile, out: str, world_up: list[float] 
 
 def train_overrides(args: argparse.Namespace, run_dir: str, seed: str | None, resume: bool,
                     max_steps: int) -> list[str]:
-    """Hydra overrides of the stage's training run."""
+    """Hydra overrides of the stage's training run (options not filled in by
+    :func:`stage_settings`: their first-call defaults)."""
+    args = argparse.Namespace(**vars(args))
+    for name, (_, default, _) in CARRIED.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, list(default) if isinstance(default, list) else default)
     gpu = args.gpus > 0 and not args.dry_run
     crop = 16 if args.dry_run else args.crop
     o = [
@@ -340,6 +345,175 @@ def stage_targets_per_sample(given: int | None, resume: bool, calls: list[dict[s
     return own
 
 
+# The options a resumed call takes from the run when left out (dest -> flag, first-call default,
+# whether another value is refused). Refused: what the trained state holds (the axis the
+# network learned about; the lr, which last.ckpt's optimiser and warm-up schedule restore
+# over the option's). Per call, used and said: sizes, loss weight, time and machine settings
+# the trainer reads afresh on every call. --weights, --input-canvas, --background,
+# --warmup-steps and --targets-per-sample follow the same rule through their own readers.
+CARRIED: dict[str, tuple[str, Any, bool]] = {
+    "world_up": ("--world-up", "0,0,1", True),
+    "lr": ("--lr", 2e-4, True),
+    "minutes": ("--minutes", 8.0, False),
+    "gpus": ("--gpus", 1, False),
+    "batch": ("--batch", 8, False),
+    "crop": ("--crop", 256, False),
+    "views": ("--views", 3, False),
+    "workers": ("--workers", 8, False),
+    "max_points": ("--max-points", 200000, False),
+    "gradient_weight": ("--gradient-weight", 0.0, False),
+    "amp": ("--amp/--no-amp", True, False),
+    "max_corpus_mib": ("--max-corpus-mib", float(MAX_CORPUS_MIB), False),
+    "override": ("--override", [], False),
+}
+
+
+def _flag_text(name: str, value: Any) -> str:
+    """An option as a command line gives it (``--no-amp``, ``--override a=1 --override b=2``)."""
+    if name == "amp":
+        return "--amp" if value else "--no-amp"
+    if name == "override":
+        return " ".join(f"--override {o}" for o in value) if value else "no --override"
+    return f"{CARRIED[name][0]} {value:g}" if isinstance(value, float) else f"{CARRIED[name][0]} {value}"
+
+
+def _typed(name: str, value: Any) -> Any:
+    """A recorded value as the option's type (ValueError/TypeError when it is not one)."""
+    default = CARRIED[name][1]
+    if name == "override":
+        if not isinstance(value, list) or not all(isinstance(o, str) for o in value):
+            raise ValueError(f"not a list of overrides: {value!r}")
+        return list(value)
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"not true/false: {value!r}")
+        return value
+    if isinstance(default, str):
+        return ",".join(f"{float(v):g}" for v in str(value).strip("[]").split(","))
+    if isinstance(value, bool):
+        raise ValueError(f"not a number: {value!r}")
+    return type(default)(value) if isinstance(default, float) else int(str(value))
+
+
+def _owned_keys() -> set[str]:
+    """The config keys the stage itself sets (``train_overrides``), whatever the options."""
+    probe = argparse.Namespace(gpus=1, dry_run=False, crop=1, corpus=".", views=1, targets_per_sample=1, lr=1.0,
+                               max_points=1, world_up="0,0,1", amp=True, batch=1, workers=0, minutes=1.0,
+                               gradient_weight=0.0, input_canvas="square", background="none", warmup_steps=0,
+                               max_corpus_mib=1.0, override=[])
+    keys = {o.split("=", 1)[0] for o in train_overrides(probe, "run", "seed", False, 1)}
+    return keys | {"resume", "weights_path"}
+
+
+
+def recorded_settings(call: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The :data:`CARRIED` settings a call in ``stage.json`` trained with, and the names it
+    does not record: its ``settings``, else (calls recorded before that key) what its
+    ``overrides`` show (a dry run's crop, batch, workers and GPUs are its tiny ones, not the
+    options; ``--minutes`` from the child's time limit). StageError when a value is not one
+    of the option's type."""
+    settings = call.get("settings")
+    found: dict[str, Any] = {}
+    if isinstance(settings, dict):
+        found = {k: v for k, v in settings.items() if k in CARRIED}
+    else:
+        overrides = call.get("overrides")
+        overrides = [o for o in overrides if isinstance(o, str) and "=" in o] if isinstance(overrides, list) else []
+        given = dict(o.split("=", 1) for o in overrides)
+        real = not call.get("dry_run", False)
+        keys = {"world_up": "system.world_up", "lr": "system.lr", "views": "datasets.selection_count",
+                "max_points": "system.max_points", "gradient_weight": "loss.gradient_weight"}
+        if real:
+            keys.update(crop="datasets.train_image_size", batch="dataloader.batch_size",
+                        workers="dataloader.num_workers", gpus="trainer.gpus")
+        found = {name: given[key] for name, key in keys.items() if key in given}
+        if "trainer.max_minutes" in given:  # child_time_limit_minutes inverted
+            try:
+                limit = float(given["trainer.max_minutes"])
+                found["minutes"] = round(limit - 2.0 if limit <= 22.0 else limit / 1.1, 6)
+            except ValueError:
+                pass
+        if real and given.get("system.amp") == "bf16":
+            found["amp"] = True
+        elif real and given.get("system.amp") == "none" and found.get("gpus", "0") != "0":
+            found["amp"] = False
+        if overrides:
+            # the stage's own list ends with resume=true or weights_path=...; --override's follow
+            ends = [i for i, o in enumerate(overrides) if o == "resume=true" or o.startswith("weights_path=")]
+            owned = _owned_keys()
+            found["override"] = (overrides[ends[0] + 1:] if ends else
+                                 [o for o in overrides if o.split("=", 1)[0] not in owned])
+    out: dict[str, Any] = {}
+    for name, value in found.items():
+        try:
+            out[name] = _typed(name, value)
+        except (TypeError, ValueError) as exc:
+            raise StageError(f"the run's last call records {CARRIED[name][0]} {value!r} ({exc})") from None
+    return out, [name for name in CARRIED if name not in out]
+
+
+def stage_settings(args: argparse.Namespace, resume: bool, calls: list[dict[str, Any]],
+                   resumed: dict[str, Any] | None, history: str, work: str) -> list[str]:
+    """Fill the :data:`CARRIED` options of ``args`` by the one rule of a resumed call: an
+    option left out (None) takes the run's recorded value (its last call in ``stage.json``;
+    the axis from last.ckpt itself), the default when nothing records it (said in a note); a
+    given value that differs is refused for the options that the trained state holds
+    (StageError before anything is written), and used for the per-call ones. A first call
+    takes the defaults. Returns the changes of this call, as one line's parts."""
+    if not resume:
+        for name, (_, default, _) in CARRIED.items():
+            if getattr(args, name) is None:
+                setattr(args, name, list(default) if isinstance(default, list) else default)
+        return []
+    recorded: dict[str, Any] = {}
+    missing = list(CARRIED)
+    if calls:
+        try:
+            recorded, missing = recorded_settings(calls[-1])
+        except StageError as exc:
+            raise StageError(f"{history}: {exc}; repair it or start a new --work folder") from None
+    own_up = (resumed or {}).get("config", {}).get("world_up")
+    if isinstance(own_up, list | tuple) and len(own_up) == 3:
+        recorded["world_up"] = ",".join(f"{float(v):g}" for v in own_up)  # what the network was trained about
+        missing = [m for m in missing if m != "world_up"]
+    defaults = []
+    changes = []
+    for name, (flag, default, refused) in CARRIED.items():
+        given = getattr(args, name)
+        if name in recorded:
+            own = recorded[name]
+        else:
+            own = list(default) if isinstance(default, list) else default
+            if given is None:
+                defaults.append(_flag_text(name, own))
+        if given is None or (name == "override" and not given):
+            setattr(args, name, own)
+            continue
+        same = (_same_axis(given, own) if name == "world_up" else
+                math.isclose(given, own, rel_tol=1e-9) if isinstance(own, float) else given == own)
+        if same or name not in recorded:
+            continue
+        if refused:
+            why = ("last.ckpt's optimiser and warm-up restore it over the option" if name == "lr" else
+                   "the network was trained about that axis")
+            raise StageError(f"{_flag_text(name, given)}: this run was trained with {_flag_text(name, own)}, which a "
+                             f"resumed call keeps ({why}); drop {flag} or give that value, or start a new --work "
+                             f"folder with --weights {work}/npbgpp_sphere_stage.safetensors to train on from this "
+                             f"run's weights with {_flag_text(name, given)}")
+        changes.append(f"{_flag_text(name, own)} -> {_flag_text(name, given)}")
+    if defaults:
+        why = (f"{history} records no call of the run" if not calls else
+               f"the run's last call in {history} was recorded before these settings were")
+        say(f"note: {why}, so this resumed call uses the defaults {', '.join(defaults)}", sys.stderr)
+    return changes
+
+
+def _same_axis(a: str, b: str) -> bool:
+    from npbgpp_core.models.alignment import same_world_up
+
+    return same_world_up([float(v) for v in a.split(",")], [float(v) for v in b.split(",")])
+
+
 def read_history(path: str) -> list[dict[str, Any]]:
     """The calls recorded in ``stage.json`` (none when it does not exist); StageError naming
     the file when it is not a JSON list of calls."""
@@ -360,26 +534,26 @@ def check_numbers(args: argparse.Namespace) -> None:
     """StageError naming the first option whose value can never train: --minutes 0 or less
     started the trainer and stopped it at once ('training wrote no last.ckpt', the option
     unnamed), nan failed in the child; sizes below 1 (--max-points 0 kept no point), negative counts."""
-    if not args.dry_run and not (math.isfinite(args.minutes) and args.minutes > 0):
+    if not args.dry_run and args.minutes is not None and not (math.isfinite(args.minutes) and args.minutes > 0):
         raise StageError(f"--minutes {args.minutes:g}: must be a number of minutes above 0")
     for flag, value in (("--batch", args.batch), ("--crop", args.crop), ("--views", args.views),
                         ("--targets-per-sample", args.targets_per_sample), ("--dry-steps", args.dry_steps),
                         ("--max-points", args.max_points)):
-        if value is not None and value < 1:  # None: --targets-per-sample not given (the run's own)
+        if value is not None and value < 1:  # None: not given (a resumed call: the run's own)
             raise StageError(f"{flag} {value}: must be at least 1")
     for flag, value in (("--gpus", args.gpus), ("--workers", args.workers)):
-        if value < 0:  # a negative count ran on the CPU / without workers, unsaid
+        if value is not None and value < 0:  # a negative count ran on the CPU / without workers, unsaid
             raise StageError(f"{flag} {value}: must be 0 or more")
-    if not (math.isfinite(args.lr) and args.lr > 0):
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
         raise StageError(f"--lr {args.lr:g}: must be a number above 0")
 
 
 def run_stage(args: argparse.Namespace) -> dict[str, Any]:
     """Seed or resume, train for ``--minutes`` (or ``--dry-steps``), export weights + card."""
     warmup = warmup_arg(args.warmup_steps)  # a bad value fails before anything is read
-    check_numbers(args)
-    up = stage_world_up(args.world_up)
-    args.world_up = ",".join(f"{v:g}" for v in up)
+    check_numbers(args)  # the options given, before anything is read; again once the run's are filled in
+    if args.world_up is not None:
+        args.world_up = ",".join(f"{v:g}" for v in stage_world_up(args.world_up))
     work = os.path.abspath(args.work)
     if os.path.exists(work) and not os.path.isdir(work):
         raise StageError(f"--work {args.work} is a file; give a folder (new or one an earlier call used)")
@@ -388,11 +562,17 @@ def run_stage(args: argparse.Namespace) -> dict[str, Any]:
     if holds(args.corpus, work):  # before the corpus check, which would call it a broken scene
         # the trainer would read the work folder as a scene and fail, and every later call too
         raise StageError(f"--work {args.work} is inside --corpus {args.corpus}; put it outside the corpus folder")
-    scenes = check_corpus(args.corpus, args.max_corpus_mib)
     run_dir = os.path.join(work, "run")
     last = os.path.join(run_dir, "checkpoints", "last.ckpt")
     resume = os.path.isfile(last)
     start_step, resumed = checkpoint_state(last) if resume else (0, None)
+    history = os.path.join(work, "stage.json")
+    calls = read_history(history)  # before training: a bad file failed only after the whole call
+    # the run's options (--max-corpus-mib too) before the corpus check that uses one
+    changes = stage_settings(args, resume, calls, resumed, history, work)
+    check_numbers(args)
+    up = stage_world_up(args.world_up)
+    scenes = check_corpus(args.corpus, args.max_corpus_mib)
     # every refusal before the work folder is made or written into
     weights = None if resume else start_weights(args)
     if resume:
@@ -401,9 +581,12 @@ def run_stage(args: argparse.Namespace) -> dict[str, Any]:
     args.background = stage_background(args, resumed, start)
     args.input_canvas = stage_input_canvas(args, resumed, start)
     args.warmup_steps = stage_warmup(warmup, resumed)
-    history = os.path.join(work, "stage.json")
-    calls = read_history(history)  # before training: a bad file failed only after the whole call
     args.targets_per_sample = stage_targets_per_sample(args.targets_per_sample, resume, calls, history, work)
+    corpus_before = calls[-1].get("corpus") if resume and calls else None
+    if isinstance(corpus_before, str) and corpus_before != os.path.abspath(args.corpus):
+        changes.insert(0, f"--corpus {corpus_before} -> {os.path.abspath(args.corpus)}")
+    if changes:
+        say(f"stage: this resumed call changes {', '.join(changes)}; the run's other settings are kept", sys.stderr)
     seed = None
     if weights is not None:
         os.makedirs(work, exist_ok=True)
@@ -432,6 +615,8 @@ def run_stage(args: argparse.Namespace) -> dict[str, Any]:
         "end_step": end_step, "seconds": round(seconds, 1), "exit_code": rc, "overrides": overrides,
         "dry_run": bool(args.dry_run), "background": args.background, "warmup_steps": args.warmup_steps,
         "targets_per_sample": args.targets_per_sample,
+        # every option a resumed call takes from the run when left out (recorded_settings)
+        "settings": {name: getattr(args, name) for name in CARRIED},
         "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     if stopped_by is not None:
@@ -712,27 +897,33 @@ def scale_transforms(path: str, resized: dict[str, tuple[float, float]]) -> None
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m headless_train stage", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m headless_train stage", description=__doc__.splitlines()[0],
+                                epilog="A resumed call (same --work) takes every option it leaves out from the "
+                                       "run (stage.json); --world-up, --lr, --weights, --input-canvas, "
+                                       "--background, --warmup-steps and --targets-per-sample cannot change, the "
+                                       "others can and the call says so (headless_train/README.md).")
     p.add_argument("--corpus", required=True, help="folder of training scenes (<= 64 MiB)")
     p.add_argument("--work", required=True, help="stage folder: run/, weights, card, stage.json")
     p.add_argument("--weights", default=None,
                    help="NPBG++ weights the first call starts from (default: bundled); a resumed call accepts only "
                         "the same file")
-    p.add_argument("--minutes", type=float, default=8.0, help="training time of this call (default 8)")
-    p.add_argument("--gpus", type=int, default=1, help="GPUs (default 1; 0: train on the CPU)")
-    p.add_argument("--batch", type=int, default=8, help="samples per step (default 8)")
-    p.add_argument("--crop", type=int, default=256, help="training crop side in pixels (default 256)")
-    p.add_argument("--views", type=int, default=3, help="input views per sample (default 3)")
+    # None: not given; a resumed call takes the run's recorded value (stage_settings)
+    p.add_argument("--minutes", type=float, default=None, help="training time of this call (default 8)")
+    p.add_argument("--gpus", type=int, default=None, help="GPUs (default 1; 0: train on the CPU)")
+    p.add_argument("--batch", type=int, default=None, help="samples per step (default 8)")
+    p.add_argument("--crop", type=int, default=None, help="training crop side in pixels (default 256)")
+    p.add_argument("--views", type=int, default=None, help="input views per sample (default 3)")
     p.add_argument("--targets-per-sample", type=int, default=None,
                    help="target crops per set of input views (datasets.targets_per_sample; default 1 on a first "
                         "call: one, as published; K > 1 adds up to K - 1 other training views of the first crop's "
                         "points); a resumed call keeps the run's setting")
-    p.add_argument("--workers", type=int, default=8, help="DataLoader workers (default 8)")
-    p.add_argument("--lr", type=float, default=2e-4, help="system.lr (default 2e-4)")
-    p.add_argument("--max-points", type=int, default=200000, help="system.max_points (default 200000)")
-    p.add_argument("--world-up", default="0,0,1", help="up axis of the corpus: x,y,z or an axis name like +z "
-                                                          "(default 0,0,1, Blender's)")
-    p.add_argument("--gradient-weight", type=float, default=0.0, help="loss.gradient_weight")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default 8)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="system.lr (default 2e-4); a resumed call keeps the run's (its optimiser holds it)")
+    p.add_argument("--max-points", type=int, default=None, help="system.max_points (default 200000)")
+    p.add_argument("--world-up", default=None, help="up axis of the corpus: x,y,z or an axis name like +z "
+                                                       "(default 0,0,1, Blender's); a resumed call keeps the run's")
+    p.add_argument("--gradient-weight", type=float, default=None, help="loss.gradient_weight (default 0)")
     p.add_argument("--input-canvas", default=None, choices=("square", "bounds"),
                    help="system.input_canvas (default: the resumed run's, else the starting weights'; bounds: "
                         "half the extractor pixels; stored in the weights)")
@@ -743,10 +934,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help=f"linear lr warm-up over this many steps (system.warmup_steps; default "
                         f"{DEFAULT_WARMUP_STEPS} on a call that starts from weights, 0 turns it off); a resumed "
                         "call keeps the run's setting")
-    p.add_argument("--no-amp", dest="amp", action="store_false", help="fp32 on the GPU (default bf16 autocast)")
-    p.add_argument("--max-corpus-mib", type=float, default=MAX_CORPUS_MIB,
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast on the GPU (default); --no-amp: fp32")
+    p.add_argument("--max-corpus-mib", type=float, default=None,
                    help=f"largest corpus accepted (default {MAX_CORPUS_MIB:g}, what a device call carries)")
-    p.add_argument("--override", action="append", default=[], help="extra Hydra override (repeatable)")
+    p.add_argument("--override", action="append", default=[],
+                   help="extra Hydra override (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny crops, --dry-steps steps")
     p.add_argument("--dry-steps", type=int, default=2, help="steps of a --dry-run (default 2)")
     return p.parse_args(argv)

@@ -260,20 +260,31 @@ def test_stage_dry_run_resumes_and_writes_weights(tmp_path, capsys):
     root = make_dataset(str(tmp_path / "data"), ("s1",), views=5, size=24, n_points=150)
     work = str(tmp_path / "stage")
     args = ["--corpus", root, "--work", work, "--dry-run", "--dry-steps", "1"]
-    assert main([*args, "--targets-per-sample", "2"]) == 0
+    first = ["--targets-per-sample", "2", "--crop", "128", "--lr", "1e-3", "--gradient-weight", "0.5",
+             "--override", "datasets.color_jitter_prob=0"]
+    assert main([*args, *first]) == 0
+    capsys.readouterr()
     assert main(args) == 0
+    assert "changes" not in capsys.readouterr().err  # nothing changed, nothing said
     with open(os.path.join(work, "stage.json")) as f:
         calls = json.load(f)
     assert [(c["resumed"], c["start_step"], c["end_step"]) for c in calls] == [(False, 0, 1), (True, 1, 2)]
     assert [c["targets_per_sample"] for c in calls] == [2, 2]
     assert all("datasets.targets_per_sample=2" in c["overrides"] for c in calls)
+    # the resumed call, given none of the first call's options, recorded and trained with them all
+    assert calls[1]["settings"] == calls[0]["settings"]
+    assert {k: calls[0]["settings"][k] for k in ("crop", "lr", "gradient_weight", "override")} == {
+        "crop": 128, "lr": 1e-3, "gradient_weight": 0.5, "override": ["datasets.color_jitter_prob=0"]}
     # the resumed trainer's own config, read as its data module reads it
     trained = OmegaConf.load(os.path.join(work, "run", ".hydra", "config.yaml"))
     assert trained.resume and targets_per_sample(trained.datasets) == 2
+    assert trained.system.lr == 1e-3 and trained.loss.gradient_weight == 0.5 and trained.datasets.color_jitter_prob == 0
     capsys.readouterr()
-    assert main([*args, "--targets-per-sample", "3"]) == 2
-    err = capsys.readouterr().err
-    assert "this run was trained with --targets-per-sample 2" in err and "got --targets-per-sample 3" in err, err
+    for extra, message in ((["--targets-per-sample", "3"], "this run was trained with --targets-per-sample 2"),
+                           (["--lr", "2e-4"], "--lr 0.0002: this run was trained with --lr 0.001")):
+        assert main([*args, *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "start a new --work folder" in err, err
     with open(os.path.join(work, "stage.json")) as f:
         assert len(json.load(f)) == 2  # refused before training: nothing recorded
     wf = read_weights(os.path.join(work, "npbgpp_sphere_stage.safetensors"), "npbgpp")
@@ -451,6 +462,116 @@ def test_stage_refuses_a_broken_stage_json_before_training(tmp_path, capsys, mon
         err = capsys.readouterr().err
         assert f"{work / 'stage.json'} is not" in err and "Traceback" not in err, err
     assert stage.read_history(str(tmp_path / "none.json")) == []
+
+
+def _resumable_run(work, settings: dict | None, overrides: list[str] | None = None) -> None:
+    """A stage run as a first call leaves it: last.ckpt at step 3 and that call in stage.json."""
+    from npbgpp_core.pretrained import default_weights_path, read_weights
+
+    own = read_weights(default_weights_path("npbgpp"), "npbgpp").config
+    (work / "run" / "checkpoints").mkdir(parents=True)
+    config = {"input_canvas": own["input_canvas"], "background": own.get("background", "none"), "warmup_steps": 200,
+              "world_up": [0.0, 0.0, 1.0]}
+    torch.save({"state_dict": {}, "global_step": 3,
+                "npbgpp": {"system": "npbgpp", "config": config, "scenes": [], "points": []}},
+               work / "run" / "checkpoints" / "last.ckpt")
+    call = {"end_step": 3, "targets_per_sample": 1, "overrides": overrides or []}
+    if settings is not None:
+        call["settings"] = settings
+    (work / "stage.json").write_text(json.dumps([call]))
+
+
+def test_a_resumed_stage_keeps_left_out_options_refuses_the_networks_and_says_what_changes(
+        tmp_path, capsys, monkeypatch):
+    """One rule for every option of a resumed call: left out, the run's recorded value (it fell
+    back to the default without a word: --crop 128 resumed at 256); another --world-up or
+    --lr is refused before anything runs (the trainer refused the axis only after launch, and
+    last.ckpt's optimiser overrides the lr); another per-call value is used and said in one line."""
+    import headless_train.stage as stage
+
+    started = []
+
+    def fake_child(cmd, *a, **k):
+        started.append(cmd)
+        return 1, False, None  # no step taken: the stage stops after the checks and the launch
+
+    monkeypatch.setattr(stage, "run_child", fake_child)
+    root = make_dataset(str(tmp_path / "data"), ("s1",), views=3, size=16, n_points=50)
+    work = tmp_path / "w"
+    settings = {"world_up": "0,0,1", "lr": 1e-3, "minutes": 30.0, "gpus": 0, "batch": 4, "crop": 128, "views": 2,
+                "workers": 1, "max_points": 5000, "gradient_weight": 0.5, "amp": True, "max_corpus_mib": 0.5,
+                "override": ["datasets.color_jitter_prob=0"]}
+    _resumable_run(work, settings)
+    base = ["--corpus", root, "--work", str(work)]
+
+    def launched(extra: list[str]) -> list[str]:
+        with pytest.raises(stage.StageError, match="took no step"):
+            stage.run_stage(stage.parse_args([*base, *extra]))
+        return started[-1]
+
+    cmd = launched([])
+    for o in ("datasets.train_image_size=128", "system.lr=0.001", "dataloader.batch_size=4",
+              "datasets.selection_count=2", "dataloader.num_workers=1", "system.max_points=5000",
+              "loss.gradient_weight=0.5", "trainer.gpus=0", "trainer.max_minutes=33", "system.world_up=[0,0,1]",
+              "resume=true"):
+        assert o in cmd, o
+    assert cmd[-1] == "datasets.color_jitter_prob=0"
+    assert "changes" not in capsys.readouterr().err
+    cmd = launched(["--crop", "64", "--batch", "2", "--no-amp", "--lr", "0.001", "--world-up", "+z",
+                    "--override", "datasets.color_jitter_prob=0.5"])
+    assert "datasets.train_image_size=64" in cmd and "dataloader.batch_size=2" in cmd
+    assert cmd[-1] == "datasets.color_jitter_prob=0.5"
+    err = capsys.readouterr().err
+    assert ("stage: this resumed call changes --batch 4 -> --batch 2, --crop 128 -> --crop 64, --amp -> --no-amp, "
+            "--override "
+            "datasets.color_jitter_prob=0 -> --override datasets.color_jitter_prob=0.5; the run's other settings "
+            "are kept") in err, err
+    n = len(started)
+    listing, record = sorted(os.listdir(work)), (work / "stage.json").read_text()
+    refused = [
+        (["--lr", "2e-4"], "--lr 0.0002: this run was trained with --lr 0.001, which a resumed call keeps"),
+        (["--world-up", "0,1,0"], "--world-up 0,1,0: this run was trained with --world-up 0,0,1"),
+    ]
+    for extra, message in refused:
+        assert stage.main([*base, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    assert len(started) == n and sorted(os.listdir(work)) == listing and (work / "stage.json").read_text() == record
+
+
+def test_recorded_settings_read_calls_recorded_before_the_settings_key(tmp_path, capsys, monkeypatch):
+    """stage.json calls written before ``settings``: the options are read back from the call's
+    overrides (a dry run's tiny crop, batch, workers and GPUs are not the options'); what
+    cannot be read takes the default, said in a note."""
+    import argparse
+
+    import headless_train.stage as stage
+
+    real = argparse.Namespace(gpus=1, dry_run=False, crop=128, corpus=".", views=2, targets_per_sample=1, lr=1e-3,
+                              max_points=5000, world_up="0,1,0", amp=False, batch=4, workers=2, minutes=30.0,
+                              gradient_weight=0.5, input_canvas="square", background="none", warmup_steps=0,
+                              max_corpus_mib=100.0, override=["datasets.color_jitter_prob=0"])
+    overrides = stage.train_overrides(real, "run", "seed.ckpt", False, 10)
+    got, missing = stage.recorded_settings({"overrides": overrides})
+    assert missing == ["max_corpus_mib"]  # not in the overrides
+    assert got == {k: getattr(real, k) for k in stage.CARRIED if k != "max_corpus_mib"}
+    dry = vars(real) | {"dry_run": True, "minutes": 8.0}
+    got, missing = stage.recorded_settings({"overrides": stage.train_overrides(argparse.Namespace(**dry), "run",
+                                                                               None, True, 10), "dry_run": True})
+    assert sorted(missing) == ["amp", "batch", "crop", "gpus", "max_corpus_mib", "workers"] and got["minutes"] == 8.0
+    assert got["override"] == ["datasets.color_jitter_prob=0"] and got["lr"] == 1e-3
+    with pytest.raises(stage.StageError, match="records --crop 'big'"):
+        stage.recorded_settings({"settings": {"crop": "big"}})
+    # resumed from a run whose record predates the settings: the defaults, with a note
+    monkeypatch.setattr(stage, "run_child", lambda cmd, *a, **k: (1, False, None))
+    root = make_dataset(str(tmp_path / "data"), ("s1",), views=3, size=16, n_points=50)
+    work = tmp_path / "w"
+    _resumable_run(work, None, ["system.lr=0.001"])
+    with pytest.raises(stage.StageError, match="took no step"):
+        stage.run_stage(stage.parse_args(["--corpus", root, "--work", str(work)]))
+    err = capsys.readouterr().err
+    assert "was recorded before these settings were, so this resumed call uses the defaults --minutes 8" in err, err
+    assert "--lr" not in err.split("note:")[1]  # read from the record
 
 
 def test_scene_discovery_skips_folders_a_renderer_is_still_writing(tmp_path):
