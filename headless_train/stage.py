@@ -405,6 +405,29 @@ def _owned_keys() -> set[str]:
     return keys | {"resume", "weights_path"}
 
 
+# Config keys that an option of the stage sets: an --override of one would train with its value
+# while stage.json recorded the option's (or, passed later, be lost), so it is refused.
+OPTION_KEYS = {
+    "datasets.train_image_size": "--crop", "datasets.selection_count": "--views",
+    "datasets.targets_per_sample": "--targets-per-sample", "datasets.data_root": "--corpus",
+    "system.lr": "--lr", "system.max_points": "--max-points", "system.world_up": "--world-up",
+    "system.amp": "--amp/--no-amp", "system.input_canvas": "--input-canvas", "system.background": "--background",
+    "system.warmup_steps": "--warmup-steps", "dataloader.batch_size": "--batch", "dataloader.num_workers": "--workers",
+    "trainer.gpus": "--gpus", "trainer.max_minutes": "--minutes", "trainer.max_steps": "--minutes / --dry-steps",
+    "loss.gradient_weight": "--gradient-weight", "weights_path": "--weights", "hydra.run.dir": "--work",
+    "resume": "--work (a call resumes when <work>/run/checkpoints/last.ckpt exists)",
+}
+
+
+def check_override_keys(overrides: list[str]) -> None:
+    """StageError for an ``--override`` of a key that an option sets (:data:`OPTION_KEYS`),
+    naming the option to use instead."""
+    for o in overrides:
+        key = o.split("=", 1)[0].lstrip("+~").strip()
+        if key in OPTION_KEYS:
+            raise StageError(f"--override {o}: {key} is set by {OPTION_KEYS[key]}; give that option instead "
+                             "(stage.json records the options, and a resumed call keeps or checks them)")
+
 
 def recorded_settings(call: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """The :data:`CARRIED` settings a call in ``stage.json`` trained with, and the names it
@@ -554,6 +577,7 @@ def run_stage(args: argparse.Namespace) -> dict[str, Any]:
     check_numbers(args)  # the options given, before anything is read; again once the run's are filled in
     if args.world_up is not None:
         args.world_up = ",".join(f"{v:g}" for v in stage_world_up(args.world_up))
+    check_override_keys(args.override)
     work = os.path.abspath(args.work)
     if os.path.exists(work) and not os.path.isdir(work):
         raise StageError(f"--work {args.work} is a file; give a folder (new or one an earlier call used)")
@@ -939,7 +963,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-corpus-mib", type=float, default=None,
                    help=f"largest corpus accepted (default {MAX_CORPUS_MIB:g}, what a device call carries)")
     p.add_argument("--override", action="append", default=[],
-                   help="extra Hydra override (repeatable)")
+                   help="extra Hydra override (repeatable; not for a key an option sets)")
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny crops, --dry-steps steps")
     p.add_argument("--dry-steps", type=int, default=2, help="steps of a --dry-run (default 2)")
     return p.parse_args(argv)

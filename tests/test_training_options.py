@@ -486,7 +486,8 @@ def test_a_resumed_stage_keeps_left_out_options_refuses_the_networks_and_says_wh
     """One rule for every option of a resumed call: left out, the run's recorded value (it fell
     back to the default without a word: --crop 128 resumed at 256); another --world-up or
     --lr is refused before anything runs (the trainer refused the axis only after launch, and
-    last.ckpt's optimiser overrides the lr); another per-call value is used and said in one line."""
+    last.ckpt's optimiser overrides the lr); another per-call value is used and said in one line.
+    An --override of a key an option sets is refused (stage.json recorded the option)."""
     import headless_train.stage as stage
 
     started = []
@@ -531,12 +532,17 @@ def test_a_resumed_stage_keeps_left_out_options_refuses_the_networks_and_says_wh
     refused = [
         (["--lr", "2e-4"], "--lr 0.0002: this run was trained with --lr 0.001, which a resumed call keeps"),
         (["--world-up", "0,1,0"], "--world-up 0,1,0: this run was trained with --world-up 0,0,1"),
+        (["--override", "system.lr=0.1"], "--override system.lr=0.1: system.lr is set by --lr"),
+        (["--override", "+datasets.targets_per_sample=2"], "is set by --targets-per-sample"),
     ]
     for extra, message in refused:
         assert stage.main([*base, *extra]) == 2, extra
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
     assert len(started) == n and sorted(os.listdir(work)) == listing and (work / "stage.json").read_text() == record
+    fresh = tmp_path / "fresh"  # the clash is refused on a first call too, before the folder is made
+    assert stage.main(["--corpus", root, "--work", str(fresh), "--override", "datasets.train_image_size=64"]) == 2
+    assert "is set by --crop" in capsys.readouterr().err and not fresh.exists()
 
 
 def test_recorded_settings_read_calls_recorded_before_the_settings_key(tmp_path, capsys, monkeypatch):
