@@ -33,6 +33,12 @@ inputs), that writes new weights and their card back.
 - ``--targets-per-sample K`` (default 1 on the first call) trains up to K target crops per
   set of input views; resumed calls keep the run's setting (recorded in ``stage.json``) and
   refuse another.
+- One rule for every option of a resumed call: left out, the run's value (recorded per call
+  in ``stage.json``, :func:`stage_settings`); given another value, refused before anything
+  runs when the trained state holds it (``--weights``, ``--input-canvas``, ``--background``,
+  ``--world-up``, ``--lr``, ``--warmup-steps``, ``--targets-per-sample``), else used and said
+  in one line. An ``--override`` of a key an option sets is refused (:data:`OPTION_KEYS`).
+  The table of options is in headless_train/README.md.
 - ``pack`` makes the corpus small enough: ``python -m headless_train stage pack --corpus
   corpus_env --out .gpurun/corpus --max-side 192`` (images downscaled, clouds subsampled).
 
