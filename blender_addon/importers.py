@@ -703,11 +703,23 @@ class IMPORT_SCENE_OT_npbgpp_dataset(bpy.types.Operator):
 
 
 # --------------------------------------------------------------------------- meshes
+# Modifier settings that renders and viewports have apart, as (viewport's, render's) property
+# names: every such pair of Blender 5.0's modifiers (found by listing each type's properties).
+RENDER_SETTINGS = {
+    "SUBSURF": (("levels", "render_levels"),),
+    "MULTIRES": (("levels", "render_levels"),),
+    "SCREW": (("steps", "render_steps"),),
+    "OCEAN": (("viewport_resolution", "resolution"),),
+}
+
+
 def render_setting_copies(objects: list, scene: Any) -> list:
     """Copies of ``objects`` (sharing their data) linked to ``scene``, whose modifiers are set
-    as renders evaluate them: shown where Show in Renders is on, Subdivision and Multires at
-    their Render levels. The viewport's depsgraph, the one Python can evaluate without a
-    render, evaluates the viewport's settings; the photos of a dataset, and its points3d.ply
+    as renders evaluate them: shown where Show in Renders is on, and each setting a modifier
+    has apart for renders (:data:`RENDER_SETTINGS`: Subdivision's and Multires' Render levels,
+    Screw's Render steps, Ocean's Render resolution) copied to its viewport twin. The
+    viewport's depsgraph, the one Python can evaluate without a render, evaluates the
+    viewport's settings; the photos of a dataset, and its points3d.ply
     (``datagen.surface_points.during_a_render``), show the render's. Copies leave the user's
     objects (linked ones too) untouched; the caller removes them. Not emulated: a Geometry
     Nodes "Is Viewport" switch, and Simplify's viewport limit on subdivision levels."""
@@ -718,8 +730,8 @@ def render_setting_copies(objects: list, scene: Any) -> list:
             copy.hide_viewport = False  # evaluated in the viewport's depsgraph
             for modifier in copy.modifiers:
                 modifier.show_viewport = modifier.show_render
-                if modifier.type in ("SUBSURF", "MULTIRES"):
-                    modifier.levels = modifier.render_levels
+                for viewport, render in RENDER_SETTINGS.get(modifier.type, ()):
+                    setattr(modifier, viewport, getattr(modifier, render))
             scene.collection.objects.link(copy)
             copies.append(copy)
     except Exception:

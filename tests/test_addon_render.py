@@ -2178,6 +2178,72 @@ def test_points_from_meshes_sample_the_mesh_as_it_renders(scene, capfd):
     assert pts[:, 0].max() > 2.5  # the second cube of the Array, centred at x = 3
 
 
+def test_points_from_meshes_screw_at_its_render_steps(scene):
+    """A Screw modifier turning an edge at radius 1 around z: at its Render steps (64) the
+    surface is a polygonal cylinder whose every point lies between cos(pi/64) and 1 from the
+    axis; its viewport steps (3) make a triangular prism, points down to 0.5 from it."""
+    sc = scene["scene"]
+    mesh = bpy.data.meshes.new("Edge")
+    mesh.from_pydata([(1.0, 0.0, 0.0), (1.0, 0.0, 1.0)], [(0, 1)], [])
+    edge = bpy.data.objects.new("Turned", mesh)
+    sc.collection.objects.link(edge)
+    screw = edge.modifiers.new("Screw", "SCREW")
+    screw.steps, screw.render_steps = 3, 64
+    for o in sc.objects:
+        o.select_set(o == edge)
+    assert bpy.ops.npbgpp.points_from_meshes(count=300, seed=2) == {"FINISHED"}
+    assert (screw.steps, screw.render_steps) == (3, 64)
+    sys.path.insert(0, ROOT)
+    from blender_addon.point_source import object_points
+
+    obj = sc.npbgpp.point_object
+    pts, _ = object_points(obj.evaluated_get(bpy.context.evaluated_depsgraph_get()))
+    radius = np.hypot(pts[:, 0], pts[:, 1])
+    assert radius.min() >= np.cos(np.pi / 64) - 1e-5 and radius.max() <= 1.0 + 1e-5, (radius.min(), radius.max())
+
+
+def test_points_from_meshes_ocean_at_its_render_resolution(scene):
+    """An Ocean modifier's Render resolution (not its Viewport one) makes the sampled
+    surface: the points lie on Blender's own evaluation of a copy at that resolution."""
+    from mathutils.bvhtree import BVHTree
+
+    sc = scene["scene"]
+    bpy.ops.mesh.primitive_plane_add(size=2.0)
+    plane = bpy.context.active_object
+    ocean = plane.modifiers.new("Ocean", "OCEAN")
+    ocean.geometry_mode = "GENERATE"
+    ocean.resolution, ocean.viewport_resolution = 6, 1
+
+    def evaluated(resolution: int) -> tuple[int, BVHTree]:
+        ref = plane.copy()
+        ref.modifiers["Ocean"].viewport_resolution = resolution
+        sc.collection.objects.link(ref)
+        depsgraph = bpy.context.evaluated_depsgraph_get()
+        mesh = ref.evaluated_get(depsgraph).to_mesh()
+        mesh.calc_loop_triangles()
+        verts, polys = [tuple(v.co) for v in mesh.vertices], [tuple(t.vertices) for t in mesh.loop_triangles]
+        ref.evaluated_get(depsgraph).to_mesh_clear()
+        bpy.data.objects.remove(ref)
+        return len(verts), BVHTree.FromPolygons(verts, polys)
+
+    render_count, render_bvh = evaluated(6)
+    viewport_count, viewport_bvh = evaluated(1)
+    assert render_count > viewport_count
+    for o in sc.objects:
+        o.select_set(o == plane)
+    assert bpy.ops.npbgpp.points_from_meshes(count=300, seed=3) == {"FINISHED"}
+    assert (ocean.resolution, ocean.viewport_resolution) == (6, 1)
+    sys.path.insert(0, ROOT)
+    from blender_addon.point_source import object_points
+
+    obj = sc.npbgpp.point_object
+    pts, _ = object_points(obj.evaluated_get(bpy.context.evaluated_depsgraph_get()))
+    on_render = np.array([render_bvh.find_nearest(Vector(p))[3] for p in pts])
+    on_viewport = np.array([viewport_bvh.find_nearest(Vector(p))[3] for p in pts])
+    assert on_render.max() < 1e-4, on_render.max()
+    assert (on_viewport > 1e-3).mean() > 0.5, np.median(on_viewport)
+
+
 def test_points_from_meshes_vertex_colours(scene):
     sc = scene["scene"]
     plane = _plane_selected(sc)
