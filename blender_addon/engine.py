@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import bpy
 import numpy as np
 
@@ -308,9 +310,17 @@ SUMMARY_NAMES = 8  # cameras named in a summary line; the rest are counted
 
 
 def last_frame(scene: bpy.types.Scene) -> int:
-    """The last frame an animation render of ``scene`` renders (Frame Step may skip End)."""
+    """The last frame an animation render of ``scene`` renders: Frame Step may skip End, and
+    with Overwrite off Blender skips the frames whose image files exist (a movie's are not
+    skipped), so the summaries come on the last frame left after the current one."""
     step = max(1, scene.frame_step)
-    return scene.frame_start + (scene.frame_end - scene.frame_start) // step * step
+    last = scene.frame_start + (scene.frame_end - scene.frame_start) // step * step
+    r = scene.render
+    if r.use_overwrite or r.is_movie_format:
+        return last
+    while last > scene.frame_current and os.path.exists(r.frame_path(frame=last)):
+        last -= step
+    return last
 
 
 @bpy.app.handlers.persistent

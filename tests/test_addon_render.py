@@ -382,11 +382,9 @@ def test_clip_range_removing_part_of_the_points_says_so_once(scene, capfd):
     assert capfd.readouterr().out.count(f"removes {removed} of the {n} points") == 1
 
 
-def test_animation_through_many_cameras_notes_one_and_sums_up_the_rest(scene, capfd):
-    """An animation whose camera changes (markers) through imported cameras that do not
-    frame their photos at the render's resolution, and whose clip ranges cut points: the
-    first camera's notes in full, then one line per kind naming every camera on the last
-    frame, not one warning per camera; a still F12 through each still says all."""
+def _animation_through_many_cameras(scene) -> list:
+    """4 imported cameras (24x32 photos) that a 40x40 render does not frame, each cutting half
+    of the points in its view by its Clip End, one per frame 1-4 (markers); PNG output."""
     import json
 
     from PIL import Image
@@ -421,6 +419,16 @@ def test_animation_through_many_cameras_notes_one_and_sums_up_the_rest(scene, ca
     sc.render.image_settings.media_type = "IMAGE"
     sc.render.image_settings.file_format = "PNG"
     sc.render.filepath = str(scene["dir"] / "many_")
+    return cameras
+
+
+def test_animation_through_many_cameras_notes_one_and_sums_up_the_rest(scene, capfd):
+    """An animation whose camera changes (markers) through imported cameras that do not
+    frame their photos at the render's resolution, and whose clip ranges cut points: the
+    first camera's notes in full, then one line per kind naming every camera on the last
+    frame, not one warning per camera; a still F12 through each still says all."""
+    cameras = _animation_through_many_cameras(scene)
+    sc = bpy.context.scene
     capfd.readouterr()
     bpy.ops.render.render(animation=True)
     out = capfd.readouterr().out
@@ -448,6 +456,24 @@ def test_animation_through_many_cameras_notes_one_and_sums_up_the_rest(scene, ca
     out = capfd.readouterr().out
     assert "the camera 'train/r_2' was imported for a 24x32 photo" in out and "'train/r_2''s clip range" in out
     assert "cameras of this animation" not in out
+
+
+def test_animation_sums_up_on_the_last_frame_it_renders(scene, capfd):
+    """With Overwrite off Blender skips the frames whose files exist: when the last ones are
+    skipped, the summary comes on the last frame rendered (frame 2 of 1-4 here)."""
+    _animation_through_many_cameras(scene)
+    sc = bpy.context.scene
+    sc.render.use_overwrite = False
+    for frame in (3, 4):
+        with open(sc.render.frame_path(frame=frame), "wb") as f:
+            f.write(b"an earlier render")
+    capfd.readouterr()
+    bpy.ops.render.render(animation=True)
+    out = capfd.readouterr().out
+    assert open(sc.render.frame_path(frame=4), "rb").read() == b"an earlier render"  # skipped
+    assert out.count("was imported for a") == 1, out
+    assert ("Warning: NPBG++: 2 cameras of this animation did not show their photo's framing ('train/r_0', "
+            "'train/r_1')") in out, out
 
 
 def test_clip_note_counts_the_points_geometry_nodes_leave(scene, capfd):
