@@ -577,6 +577,23 @@ def check_numbers(args: argparse.Namespace) -> None:
         raise StageError(f"--lr {args.lr:g}: must be a number above 0")
 
 
+def check_gpus(gpus: int, origin: str | None) -> None:
+    """StageError when ``gpus`` asks for more CUDA GPUs than this machine has, before anything
+    is written: the trainer refused it only after its start, in a failed call whose log tail
+    named ``trainer.gpus``. ``origin`` says where a value not on the command line came from
+    (a GPU session's run resumed on a CPU machine takes ``--gpus 1`` from ``stage.json``)."""
+    if gpus <= 0:
+        return
+    import torch
+
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus > visible:
+        where = f" ({origin}, as the flag was left out)" if origin else ""
+        raise StageError(f"--gpus {gpus}{where}: this machine has {visible or 'no'} CUDA GPU"
+                         f"{'' if visible == 1 else 's'}; give --gpus {visible} to train "
+                         f"{'on the CPU' if visible == 0 else 'on the GPUs here'}")
+
+
 def run_stage(args: argparse.Namespace) -> dict[str, Any]:
     """Seed or resume, train for ``--minutes`` (or ``--dry-steps``), export weights + card."""
     warmup = warmup_arg(args.warmup_steps)  # a bad value fails before anything is read
@@ -599,8 +616,12 @@ def run_stage(args: argparse.Namespace) -> dict[str, Any]:
     history = os.path.join(work, "stage.json")
     calls = read_history(history)  # before training: a bad file failed only after the whole call
     # the run's options (--max-corpus-mib too) before the corpus check that uses one
+    gpus_given = args.gpus is not None
     changes = stage_settings(args, resume, calls, resumed, history, work)
     check_numbers(args)
+    if not args.dry_run:  # a dry run trains on the CPU whatever --gpus says
+        check_gpus(args.gpus, None if gpus_given else f"the run's value, recorded in {history}" if resume and calls
+                   else "the default")
     up = stage_world_up(args.world_up)
     scenes = check_corpus(args.corpus, args.max_corpus_mib)
     # every refusal before the work folder is made or written into

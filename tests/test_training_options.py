@@ -545,6 +545,37 @@ def test_a_resumed_stage_keeps_left_out_options_refuses_the_networks_and_says_wh
     assert "is set by --crop" in capsys.readouterr().err and not fresh.exists()
 
 
+def test_a_gpu_run_resumed_on_a_cpu_machine_is_refused_early_naming_gpus(tmp_path, capsys, monkeypatch):
+    """A GPU session's run resumed without --gpus on a machine without CUDA took --gpus 1
+    from stage.json and failed only in the started trainer (a log tail naming trainer.gpus);
+    now it is refused before anything runs or is written, naming --gpus, where the 1 came
+    from and the way out; --gpus 0 given trains on the CPU, said as a change."""
+    import headless_train.stage as stage
+
+    started = []
+    monkeypatch.setattr(stage, "run_child", lambda cmd, *a, **k: started.append(cmd) or (1, False, None))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # this machine: no CUDA GPU
+    root = make_dataset(str(tmp_path / "data"), ("s1",), views=3, size=16, n_points=50)
+    work = tmp_path / "w"
+    _resumable_run(work, {"gpus": 1, "workers": 8})
+    listing, record = sorted(os.listdir(work)), (work / "stage.json").read_text()
+    base = ["--corpus", root, "--work", str(work)]
+    assert stage.main(base) == 2
+    err = capsys.readouterr().err
+    assert (f"--gpus 1 (the run's value, recorded in {work / 'stage.json'}, as the flag was left out): this "
+            "machine has no CUDA GPUs; give --gpus 0 to train on the CPU") in err, err
+    assert not started and sorted(os.listdir(work)) == listing and (work / "stage.json").read_text() == record
+    assert stage.main([*base, "--gpus", "2"]) == 2
+    assert "--gpus 2: this machine has no CUDA GPUs" in capsys.readouterr().err
+    with pytest.raises(stage.StageError, match="took no step"):
+        stage.run_stage(stage.parse_args([*base, "--gpus", "0"]))
+    assert "trainer.gpus=0" in started[-1] and "--gpus 1 -> --gpus 0" in capsys.readouterr().err
+    fresh = tmp_path / "fresh"  # a first call without the flag: the default, refused before the folder is made
+    assert stage.main(["--corpus", root, "--work", str(fresh)]) == 2
+    assert "--gpus 1 (the default, as the flag was left out)" in capsys.readouterr().err and not fresh.exists()
+    assert len(started) == 1
+
+
 def test_recorded_settings_read_calls_recorded_before_the_settings_key(tmp_path, capsys, monkeypatch):
     """stage.json calls written before ``settings``: the options are read back from the call's
     overrides (a dry run's tiny crop, batch, workers and GPUs are not the options'); what
