@@ -64,11 +64,22 @@ def make_point_object(
         other.select_set(False)
     obj.select_set(True)
     context.view_layer.objects.active = obj
+    return to_point_cloud(obj, context)
+
+
+def to_point_cloud(obj: bpy.types.Object, context: Any) -> bpy.types.Object:
+    """The point cloud object Blender's Convert makes of the mesh object ``obj`` (every
+    vertex with its attributes; edges and faces dropped), or ``obj`` itself where Convert
+    fails (a mesh renders the same). The mesh Convert leaves without users is removed: it
+    held every point until the file was reopened."""
+    mesh = obj.data
     try:
         with context.temp_override(selected_objects=[obj], active_object=obj, object=obj):
             bpy.ops.object.convert(target="POINTCLOUD")
     except RuntimeError:
-        pass  # keep the mesh: it renders the same
+        return context.view_layer.objects.active or obj
+    if mesh.users == 0:
+        bpy.data.meshes.remove(mesh)
     return context.view_layer.objects.active or obj
 
 
@@ -410,12 +421,7 @@ class IMPORT_SCENE_OT_npbgpp_ply(bpy.types.Operator, ImportHelper):
             # a PLY with faces (a fused.ply meshed, a scan) is imported for its points too, as a
             # dataset's cloud is read: Blender's conversion keeps every vertex, loose ones too,
             # with its colour, and drops edges and faces (not a shaded mesh the user must convert)
-            with context.temp_override(selected_objects=[obj], active_object=obj, object=obj):
-                try:
-                    bpy.ops.object.convert(target="POINTCLOUD")
-                except RuntimeError:
-                    pass
-            obj = context.view_layer.objects.active or obj
+            obj = to_point_cloud(obj, context)
         use_point_object(context, obj)
         count = len(obj.data.points) if obj.type == "POINTCLOUD" else len(obj.data.vertices)
         note = f" ({ignored}: its {count} vertices are the points)" if ignored else ""

@@ -2191,6 +2191,8 @@ def test_points_from_meshes_sample_the_mesh_as_it_renders(scene, capfd):
     assert bpy.ops.npbgpp.points_from_meshes(count=400, seed=4) == {"FINISHED"}
     obj = sc.npbgpp.point_object
     assert {o.name for o in bpy.data.objects} == before | {obj.name}
+    # nor the mesh Convert to Point Cloud leaves (the fixture's PLY import's neither)
+    assert obj.type == "POINTCLOUD" and [m.name for m in bpy.data.meshes if not m.users] == []
     assert (sub.levels, sub.render_levels, array.show_viewport, array.show_render) == (1, 3, False, True)
     sys.path.insert(0, ROOT)
     from blender_addon.point_source import object_points
