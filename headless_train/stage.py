@@ -37,7 +37,8 @@ inputs), that writes new weights and their card back.
   in ``stage.json``, :func:`stage_settings`); given another value, refused before anything
   runs when the trained state holds it (``--weights``, ``--input-canvas``, ``--background``,
   ``--world-up``, ``--lr``, ``--warmup-steps``, ``--targets-per-sample``), else used and said
-  in one line. An ``--override`` of a key an option sets is refused (:data:`OPTION_KEYS`).
+  in one line. An ``--override`` of a key an option sets is refused (:data:`OPTION_KEYS`), and
+  on a resumed call another ``system.background_lr_scale`` (:data:`OPTIMISER_OVERRIDES`).
   The table of options is in headless_train/README.md.
 - ``pack`` makes the corpus small enough: ``python -m headless_train stage pack --corpus
   corpus_env --out .gpurun/corpus --max-side 192`` (images downscaled, clouds subsampled).
@@ -425,6 +426,24 @@ OPTION_KEYS = {
 }
 
 
+# --override keys that, like --lr, set a learning rate: last.ckpt's optimiser restores each
+# parameter group's lr over the config (torch's Optimizer.load_state_dict, the warm-up's
+# base_lrs), so a resumed call's other value would train with the run's, said as a change.
+OPTIMISER_OVERRIDES = {"system.background_lr_scale": 1.0}
+
+
+def _override_value(overrides: list[str], key: str, default: float) -> str:
+    """The value the last ``--override`` of ``key`` sets (``default`` when none does), written
+    as a number when it reads as one (``10`` and ``10.0`` are one value)."""
+    values = [o.split("=", 1)[1].strip() for o in overrides
+              if "=" in o and o.split("=", 1)[0].lstrip("+~").strip() == key]
+    value = values[-1] if values else default
+    try:
+        return f"{float(value):g}"
+    except ValueError:
+        return str(value)
+
+
 def check_override_keys(overrides: list[str]) -> None:
     """StageError for an ``--override`` of a key that an option sets (:data:`OPTION_KEYS`),
     naming the option to use instead."""
@@ -529,6 +548,15 @@ def stage_settings(args: argparse.Namespace, resume: bool, calls: list[dict[str,
                              f"resumed call keeps ({why}); drop {flag} or give that value, or start a new --work "
                              f"folder with --weights {work}/npbgpp_sphere_stage.safetensors to train on from this "
                              f"run's weights with {_flag_text(name, given)}")
+        for key, key_default in OPTIMISER_OVERRIDES.items() if name == "override" else ():
+            before, after = _override_value(own, key, key_default), _override_value(given, key, key_default)
+            if before != after:
+                raise StageError(f"--override {key}={after}: this run was trained with {key}={before}, which a "
+                                 "resumed call keeps (last.ckpt's optimiser restores its learning rates over the "
+                                 f"config); give --override {key}={before} with the others, or leave every "
+                                 f"--override out, or start a new --work folder with --weights "
+                                 f"{work}/npbgpp_sphere_stage.safetensors to train on from this run's weights with "
+                                 f"{key}={after}")
         changes.append(f"{_flag_text(name, own)} -> {_flag_text(name, given)}")
     if defaults:
         why = (f"{history} records no call of the run" if not calls else

@@ -576,6 +576,41 @@ def test_a_gpu_run_resumed_on_a_cpu_machine_is_refused_early_naming_gpus(tmp_pat
     assert len(started) == 1
 
 
+def test_a_resumed_stage_refuses_another_background_lr_scale_override(tmp_path, capsys, monkeypatch):
+    """system.background_lr_scale sets the lr of a parameter group, which last.ckpt's
+    optimiser restores over the config as it does --lr's: a resumed call that changed it (or
+    dropped it with its other overrides) was said as a change and trained with the run's
+    value. Now refused before anything runs; the same value, written otherwise, is kept."""
+    import headless_train.stage as stage
+
+    started = []
+    monkeypatch.setattr(stage, "run_child", lambda cmd, *a, **k: started.append(cmd) or (1, False, None))
+    root = make_dataset(str(tmp_path / "data"), ("s1",), views=3, size=16, n_points=50)
+    work = tmp_path / "w"
+    _resumable_run(work, {"gpus": 0, "override": ["datasets.point_cloud_variants=true",
+                                                  "system.background_lr_scale=10"]})
+    record = (work / "stage.json").read_text()
+    base = ["--corpus", root, "--work", str(work)]
+    for extra, message in (
+            (["--override", "system.background_lr_scale=20"], "--override system.background_lr_scale=20: this run "
+             "was trained with system.background_lr_scale=10, which a resumed call keeps"),
+            (["--override", "datasets.point_cloud_variants=true"], "system.background_lr_scale=1: this run was "
+             "trained with system.background_lr_scale=10")):  # dropped: the config's 1 asked for
+        assert stage.main([*base, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and "leave every --override out" in err and "Traceback" not in err, err
+    assert not started and (work / "stage.json").read_text() == record
+    with pytest.raises(stage.StageError, match="took no step"):
+        stage.run_stage(stage.parse_args([*base, "--override", "system.background_lr_scale=10.0",
+                                          "--override", "datasets.color_jitter_prob=0"]))
+    assert started[-1][-2:] == ["system.background_lr_scale=10.0", "datasets.color_jitter_prob=0"]
+    with pytest.raises(stage.StageError, match="took no step"):
+        stage.run_stage(stage.parse_args(base))  # left out: the run's list
+    assert started[-1][-2:] == ["datasets.point_cloud_variants=true", "system.background_lr_scale=10"]
+    assert stage._override_value(["+system.background_lr_scale=3", "system.background_lr_scale=4"],
+                                 "system.background_lr_scale", 1.0) == "4"
+
+
 def test_recorded_settings_read_calls_recorded_before_the_settings_key(tmp_path, capsys, monkeypatch):
     """stage.json calls written before ``settings``: the options are read back from the call's
     overrides (a dry run's tiny crop, batch, workers and GPUs are not the options'); what
