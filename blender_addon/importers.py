@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import bpy
@@ -719,18 +721,24 @@ RENDER_SETTINGS = {
 }
 
 
-def render_setting_copies(objects: list, scene: Any) -> list:
+@contextmanager
+def render_setting_copies(objects: list, scene: Any) -> Iterator[list]:
     """Copies of ``objects`` (sharing their data) linked to ``scene``, whose modifiers are set
     as renders evaluate them: shown where Show in Renders is on, and each setting a modifier
     has apart for renders (:data:`RENDER_SETTINGS`: Subdivision's and Multires' Render levels,
-    Screw's Render steps, Ocean's Render resolution) copied to its viewport twin. The
-    viewport's depsgraph, the one Python can evaluate without a render, evaluates the
-    viewport's settings; the photos of a dataset, and its points3d.ply
-    (``datagen.surface_points.during_a_render``), show the render's. Copies leave the user's
-    objects (linked ones too) untouched; the caller removes them. Not emulated: a Geometry
-    Nodes "Is Viewport" switch, and Simplify's viewport limit on subdivision levels."""
-    copies = []
+    Screw's Render steps, Ocean's Render resolution) copied to its viewport twin; Simplify's
+    subdivision limit is the render's meanwhile. The viewport's depsgraph, the one Python can
+    evaluate without a render, evaluates the viewport's settings; the photos of a dataset, and
+    its points3d.ply (``datagen.surface_points.during_a_render``), show the render's. The
+    copies are removed and Simplify restored on leaving, errors included, so the user's
+    objects (linked ones too) and scene are as they were. Not emulated: a Geometry Nodes "Is
+    Viewport" switch."""
+    copies: list = []
+    r = scene.render
+    limit = r.simplify_subdivision
     try:
+        if r.use_simplify:
+            r.simplify_subdivision = r.simplify_subdivision_render
         for obj in objects:
             copy = obj.copy()
             copy.hide_viewport = False  # evaluated in the viewport's depsgraph
@@ -740,11 +748,12 @@ def render_setting_copies(objects: list, scene: Any) -> list:
                     setattr(modifier, viewport, getattr(modifier, render))
             scene.collection.objects.link(copy)
             copies.append(copy)
-    except Exception:
+        yield copies
+    finally:
         for copy in copies:
             bpy.data.objects.remove(copy)
-        raise
-    return copies
+        if r.simplify_subdivision != limit:
+            r.simplify_subdivision = limit
 
 
 class NPBGPP_OT_points_from_meshes(bpy.types.Operator):
@@ -771,17 +780,14 @@ class NPBGPP_OT_points_from_meshes(bpy.types.Operator):
             return {"CANCELLED"}
         from .datagen.surface_points import sample_surface_points
 
-        copies = render_setting_copies(meshes, context.scene)
         try:
-            points, colors = sample_surface_points(context.scene, self.count, self.seed, objects=copies,
-                                                   depsgraph=context.evaluated_depsgraph_get(),
-                                                   name=f"objects {[o.name for o in meshes]}")
+            with render_setting_copies(meshes, context.scene) as copies:
+                points, colors = sample_surface_points(context.scene, self.count, self.seed, objects=copies,
+                                                       depsgraph=context.evaluated_depsgraph_get(),
+                                                       name=f"objects {[o.name for o in meshes]}")
         except ValueError as exc:
             self.report({"ERROR"}, str(exc))
             return {"CANCELLED"}
-        finally:
-            for copy in copies:
-                bpy.data.objects.remove(copy)
         obj = make_point_object("NPBG++ Points", points, colors, context)
         use_point_object(context, obj)
         s = context.scene.npbgpp

@@ -2206,6 +2206,40 @@ def test_points_from_meshes_sample_the_mesh_as_it_renders(scene, capfd):
     assert pts[:, 0].max() > 2.5  # the second cube of the Array, centred at x = 3
 
 
+def test_points_from_meshes_at_simplifys_render_limit(scene):
+    """Simplify on, its viewport limit at 0 subdivisions and its render limit at 3: the points
+    lie on the surface renders show (Subdivision at level 3, Blender's own evaluation with
+    Simplify off), not on the bare cube, and the scene's Simplify is left as it was."""
+    from mathutils.bvhtree import BVHTree
+
+    sc = scene["scene"]
+    bpy.ops.mesh.primitive_cube_add(size=2.0)
+    cube = bpy.context.active_object
+    sub = cube.modifiers.new("Sub", "SUBSURF")
+    sub.levels = sub.render_levels = 3
+    depsgraph = bpy.context.evaluated_depsgraph_get()
+    mesh = cube.evaluated_get(depsgraph).to_mesh()  # Simplify still off
+    mesh.calc_loop_triangles()
+    verts, tris = [tuple(v.co) for v in mesh.vertices], [tuple(t.vertices) for t in mesh.loop_triangles]
+    rendered = BVHTree.FromPolygons(verts, tris)
+    assert len(mesh.vertices) == 386
+    cube.evaluated_get(depsgraph).to_mesh_clear()
+    r = sc.render
+    r.use_simplify, r.simplify_subdivision, r.simplify_subdivision_render = True, 0, 3
+    for o in sc.objects:
+        o.select_set(o == cube)
+    assert bpy.ops.npbgpp.points_from_meshes(count=300, seed=5) == {"FINISHED"}
+    assert (r.use_simplify, r.simplify_subdivision, r.simplify_subdivision_render) == (True, 0, 3)
+    assert len(cube.evaluated_get(bpy.context.evaluated_depsgraph_get()).data.vertices) == 8  # the viewport's
+    sys.path.insert(0, ROOT)
+    from blender_addon.point_source import object_points
+
+    pts, _ = object_points(sc.npbgpp.point_object.evaluated_get(bpy.context.evaluated_depsgraph_get()))
+    on_rendered = np.array([rendered.find_nearest(Vector(p))[3] for p in pts])
+    assert on_rendered.max() < 1e-4, on_rendered.max()
+    assert np.abs(pts).max(axis=1).min() < 0.95  # off the bare cube's faces (|coordinate| 1)
+
+
 def test_points_from_meshes_screw_at_its_render_steps(scene):
     """A Screw modifier turning an edge at radius 1 around z: at its Render steps (64) the
     surface is a polygonal cylinder whose every point lies between cos(pi/64) and 1 from the
@@ -2732,10 +2766,12 @@ def test_empty_bundle_and_faceless_mesh_give_messages(scene):
     sc.collection.objects.link(obj)
     for o in sc.objects:
         o.select_set(o == obj)
+    sc.render.use_simplify, sc.render.simplify_subdivision, sc.render.simplify_subdivision_render = True, 1, 4
     with pytest.raises(RuntimeError, match="no visible mesh surfaces to sample points on") as info:
         bpy.ops.npbgpp.points_from_meshes(count=10)
     assert "KeyError" not in str(info.value)
-    assert set(bpy.data.objects) == before | {obj}
+    assert set(bpy.data.objects) == before | {obj}  # the temporary copy removed
+    assert (sc.render.simplify_subdivision, sc.render.simplify_subdivision_render) == (1, 4)  # restored
 
 
 def test_z_combine_with_a_cycles_cube_shows_no_speckles(scene):
