@@ -545,6 +545,35 @@ def test_a_resumed_stage_keeps_left_out_options_refuses_the_networks_and_says_wh
     assert "is set by --crop" in capsys.readouterr().err and not fresh.exists()
 
 
+def test_the_model_cards_stage_recipe_repeated_verbatim_resumes_without_a_change(tmp_path, capsys):
+    """The model card's CPU recipe (read from MODEL_CARD.md), given again on every call as
+    its runs did, with step 3's --lr 3e-4: the second call resumes, refuses nothing, says no
+    change and no defaults note, and records the same settings as the first."""
+    import re
+    import shlex
+
+    from headless_train.stage import main
+
+    card = open(os.path.join(os.path.dirname(__file__), "..", "npbgpp_core", "weights", "MODEL_CARD.md"),
+                encoding="utf-8").read()
+    recipe = shlex.split(re.search(r"Recipe common to all stages:\s*`([^`]+)`", card).group(1))
+    assert recipe[:4] == ["python", "-m", "headless_train", "stage"] and "--gpus" in recipe
+    root = make_dataset(str(tmp_path / "data"), ("s1",), views=5, size=24, n_points=150)
+    work = str(tmp_path / "stage")
+    command = [*recipe[4:], "--corpus", root, "--work", work, "--minutes", "15", "--lr", "3e-4",
+               "--dry-run", "--dry-steps", "1"]
+    assert main(command) == 0
+    capsys.readouterr()
+    assert main(command) == 0
+    err = capsys.readouterr().err
+    assert "changes" not in err and "note:" not in err and "warning" not in err, err
+    with open(os.path.join(work, "stage.json")) as f:
+        calls = json.load(f)
+    assert [(c["resumed"], c["start_step"]) for c in calls] == [(False, 0), (True, 1)]
+    assert calls[1]["settings"] == calls[0]["settings"] and calls[0]["settings"]["crop"] == 128
+    assert calls[0]["settings"]["override"] == ["datasets.point_cloud_variants=true"]
+
+
 def test_a_gpu_run_resumed_on_a_cpu_machine_is_refused_early_naming_gpus(tmp_path, capsys, monkeypatch):
     """A GPU session's run resumed without --gpus on a machine without CUDA took --gpus 1
     from stage.json and failed only in the started trainer (a log tail naming trainer.gpus);
