@@ -648,7 +648,8 @@ def run_stage(args: argparse.Namespace) -> dict[str, Any]:
     changes = stage_settings(args, resume, calls, resumed, history, work)
     check_numbers(args)
     if not args.dry_run:  # a dry run trains on the CPU whatever --gpus says
-        check_gpus(args.gpus, None if gpus_given else f"the run's value, recorded in {history}" if resume and calls
+        kept = resume and bool(calls) and "gpus" in recorded_settings(calls[-1])[0]  # read by stage_settings
+        check_gpus(args.gpus, None if gpus_given else f"the run's value, recorded in {history}" if kept
                    else "the default")
     up = stage_world_up(args.world_up)
     scenes = check_corpus(args.corpus, args.max_corpus_mib)

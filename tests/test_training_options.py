@@ -602,6 +602,11 @@ def test_a_gpu_run_resumed_on_a_cpu_machine_is_refused_early_naming_gpus(tmp_pat
     fresh = tmp_path / "fresh"  # a first call without the flag: the default, refused before the folder is made
     assert stage.main(["--corpus", root, "--work", str(fresh)]) == 2
     assert "--gpus 1 (the default, as the flag was left out)" in capsys.readouterr().err and not fresh.exists()
+    old = tmp_path / "old"  # a dry run's record before 'settings' shows no --gpus: the default, said so
+    _resumable_run(old, None)
+    (old / "stage.json").write_text(json.dumps([{"end_step": 3, "dry_run": True, "overrides": ["trainer.gpus=0"]}]))
+    assert stage.main(["--corpus", root, "--work", str(old)]) == 2
+    assert "--gpus 1 (the default, as the flag was left out)" in capsys.readouterr().err
     assert len(started) == 1
 
 
