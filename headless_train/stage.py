@@ -587,22 +587,31 @@ def read_history(path: str) -> list[dict[str, Any]]:
     return calls
 
 
-def check_numbers(args: argparse.Namespace) -> None:
+def check_numbers(args: argparse.Namespace, recorded: Iterable[str] = (), origin: str = "") -> None:
     """StageError naming the first option whose value can never train: --minutes 0 or less
     started the trainer and stopped it at once ('training wrote no last.ckpt', the option
-    unnamed), nan failed in the child; sizes below 1 (--max-points 0 kept no point), negative counts."""
+    unnamed), nan failed in the child; sizes below 1 (--max-points 0 kept no point), negative counts.
+    ``recorded``: the options (dest names) whose value a resumed call took from the run's
+    record, said to come from ``origin`` (a bad value written into stage.json by hand or an
+    older version read as if the flag had been given)."""
+    taken = set(recorded)
+
+    def refuse(name: str, flag: str, value: str, rule: str) -> None:
+        where = f" ({origin}, as the flag was left out)" if name in taken and origin else ""
+        raise StageError(f"{flag} {value}{where}: {rule}")
+
     if not args.dry_run and args.minutes is not None and not (math.isfinite(args.minutes) and args.minutes > 0):
-        raise StageError(f"--minutes {args.minutes:g}: must be a number of minutes above 0")
-    for flag, value in (("--batch", args.batch), ("--crop", args.crop), ("--views", args.views),
-                        ("--targets-per-sample", args.targets_per_sample), ("--dry-steps", args.dry_steps),
-                        ("--max-points", args.max_points)):
+        refuse("minutes", "--minutes", f"{args.minutes:g}", "must be a number of minutes above 0")
+    for name in ("batch", "crop", "views", "targets_per_sample", "dry_steps", "max_points"):
+        value = getattr(args, name)
         if value is not None and value < 1:  # None: not given (a resumed call: the run's own)
-            raise StageError(f"{flag} {value}: must be at least 1")
-    for flag, value in (("--gpus", args.gpus), ("--workers", args.workers)):
+            refuse(name, "--" + name.replace("_", "-"), str(value), "must be at least 1")
+    for name in ("gpus", "workers"):
+        value = getattr(args, name)
         if value is not None and value < 0:  # a negative count ran on the CPU / without workers, unsaid
-            raise StageError(f"{flag} {value}: must be 0 or more")
+            refuse(name, f"--{name}", str(value), "must be 0 or more")
     if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
-        raise StageError(f"--lr {args.lr:g}: must be a number above 0")
+        refuse("lr", "--lr", f"{args.lr:g}", "must be a number above 0")
 
 
 def check_gpus(gpus: int, origin: str | None) -> None:
@@ -644,13 +653,15 @@ def run_stage(args: argparse.Namespace) -> dict[str, Any]:
     history = os.path.join(work, "stage.json")
     calls = read_history(history)  # before training: a bad file failed only after the whole call
     # the run's options (--max-corpus-mib too) before the corpus check that uses one
-    gpus_given = args.gpus is not None
+    left_out = {name for name in CARRIED if getattr(args, name) is None}
     changes = stage_settings(args, resume, calls, resumed, history, work)
-    check_numbers(args)
+    # the left-out options the run's last call records (read by stage_settings): a bad one is named as the record's
+    from_record = left_out & set(recorded_settings(calls[-1])[0]) if resume and calls else set()
+    record_origin = f"the run's value, recorded by call {len(calls)} in {history}"
+    check_numbers(args, from_record, record_origin)
     if not args.dry_run:  # a dry run trains on the CPU whatever --gpus says
-        kept = resume and bool(calls) and "gpus" in recorded_settings(calls[-1])[0]  # read by stage_settings
-        check_gpus(args.gpus, None if gpus_given else f"the run's value, recorded in {history}" if kept
-                   else "the default")
+        check_gpus(args.gpus, record_origin if "gpus" in from_record else
+                   None if "gpus" not in left_out else "the default")
     up = stage_world_up(args.world_up)
     scenes = check_corpus(args.corpus, args.max_corpus_mib)
     # every refusal before the work folder is made or written into

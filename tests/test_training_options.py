@@ -591,7 +591,7 @@ def test_a_gpu_run_resumed_on_a_cpu_machine_is_refused_early_naming_gpus(tmp_pat
     base = ["--corpus", root, "--work", str(work)]
     assert stage.main(base) == 2
     err = capsys.readouterr().err
-    assert (f"--gpus 1 (the run's value, recorded in {work / 'stage.json'}, as the flag was left out): this "
+    assert (f"--gpus 1 (the run's value, recorded by call 1 in {work / 'stage.json'}, as the flag was left out): this "
             "machine has no CUDA GPUs; give --gpus 0 to train on the CPU") in err, err
     assert not started and sorted(os.listdir(work)) == listing and (work / "stage.json").read_text() == record
     assert stage.main([*base, "--gpus", "2"]) == 2
@@ -607,6 +607,42 @@ def test_a_gpu_run_resumed_on_a_cpu_machine_is_refused_early_naming_gpus(tmp_pat
     (old / "stage.json").write_text(json.dumps([{"end_step": 3, "dry_run": True, "overrides": ["trainer.gpus=0"]}]))
     assert stage.main(["--corpus", root, "--work", str(old)]) == 2
     assert "--gpus 1 (the default, as the flag was left out)" in capsys.readouterr().err
+    assert len(started) == 1
+
+
+def test_a_bad_recorded_value_is_refused_naming_the_runs_record_and_call(tmp_path, capsys, monkeypatch):
+    """A value stage.json records that can never train (crop 0 written by hand or by an old
+    version) was refused as '--crop 0: must be at least 1', as if given on the command line;
+    now the message says it is the run's value and which call of which stage.json recorded
+    it, before anything runs or is written. The same value given is refused without that note,
+    and a good --crop given over the bad record passes the check."""
+    import headless_train.stage as stage
+
+    started = []
+    monkeypatch.setattr(stage, "run_child", lambda cmd, *a, **k: started.append(cmd) or (1, False, None))
+    root = make_dataset(str(tmp_path / "data"), ("s1",), views=3, size=16, n_points=50)
+    work = tmp_path / "w"
+    _resumable_run(work, {"gpus": 0, "crop": 0})
+    calls = json.loads((work / "stage.json").read_text())
+    (work / "stage.json").write_text(json.dumps([{**calls[0], "settings": {"gpus": 0, "crop": 64}}, *calls]))
+    listing, record = sorted(os.listdir(work)), (work / "stage.json").read_text()
+    base = ["--corpus", root, "--work", str(work)]
+    assert stage.main(base) == 2
+    err = capsys.readouterr().err
+    assert (f"--crop 0 (the run's value, recorded by call 2 in {work / 'stage.json'}, as the flag was left out): "
+            "must be at least 1") in err, err
+    assert not started and sorted(os.listdir(work)) == listing and (work / "stage.json").read_text() == record
+    assert stage.main([*base, "--crop", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--crop 0: must be at least 1" in err and "recorded" not in err, err
+    with pytest.raises(stage.StageError, match="took no step"):  # past every check: the fake trainer ran
+        stage.run_stage(stage.parse_args([*base, "--crop", "32"]))
+    assert "datasets.train_image_size=32" in started[-1]
+    old = tmp_path / "old"  # a call recorded before 'settings': the crop its overrides show
+    _resumable_run(old, None, ["datasets.train_image_size=0", "trainer.gpus=0"])
+    assert stage.main(["--corpus", root, "--work", str(old)]) == 2
+    assert (f"--crop 0 (the run's value, recorded by call 1 in {old / 'stage.json'}, as the flag was left out)"
+            in capsys.readouterr().err)
     assert len(started) == 1
 
 
