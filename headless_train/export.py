@@ -88,6 +88,20 @@ def scene_world_up(scene, which: str, spec: str | tuple[float, ...]) -> list[flo
     return up
 
 
+def seen_points_note(points: int, seen: int, in_no_view: int) -> str:
+    """What export logs of the points its views see: NPBG++ takes descriptors only for the
+    nearest point at some pixel of a view's z-buffer (the others do not render); the rest are
+    split, as the add-on's Aggregate does, into points on no pixel of any view
+    (``NPBGPlusPlus.points_in_view``) and points that lost every pixel they fell on to a nearer
+    one (a cloud denser than the views' pixels, or points behind a surface)."""
+    text = f"{seen} of {points} points seen (the nearest point at some pixel of a view: they get descriptors)"
+    if seen >= points:
+        return text
+    lost = points - seen - in_no_view
+    return (f"{text}; the other {points - seen} get none and do not render: {in_no_view} lie in no view, {lost} "
+            "fall only on pixels where a nearer point wins")
+
+
 def export_npbgpp(ckpt: dict, scene, args, name: str):
     from npbgpp_core.pretrained import WeightsError, build_network, bundled_domain, trainer_checkpoint_weights
     from npbgpp_core.scene import NeuralScene
@@ -106,12 +120,16 @@ def export_npbgpp(ckpt: dict, scene, args, name: str):
     points = torch.from_numpy(scene.points).float().to(args.device)
     with torch.no_grad():
         state_agg = model.begin_scene(points)
+        # points on a pixel of some view's z-buffer, winning it or not (the add-on's Aggregate counts them alike)
+        in_a_view = torch.zeros(len(points), dtype=torch.bool, device=args.device)
         for i in views:
             size = _fit_size(tuple(scene.views[i].camera.image_size), args.max_side)
-            state_agg.add_views(scene.load_image(i, size).unsqueeze(0).to(args.device), [scene.camera(i, size)])
+            camera = scene.camera(i, size)
+            state_agg.add_views(scene.load_image(i, size).unsqueeze(0).to(args.device), [camera])
+            in_a_view |= model.points_in_view(state_agg.points, camera)
         agg = state_agg.finish()
     n_valid = int(agg.valid.sum())
-    log.info("aggregated %d views; %d of %d points seen", len(views), n_valid, len(agg))
+    log.info("aggregated %d views; %s", len(views), seen_points_note(len(agg), n_valid, int((~in_a_view).sum())))
     if n_valid == 0:
         raise ExportError(f"no point of {scene.root} is visible in any of its {len(views)} views")
     # the keys Aggregate writes (npbgpp_core.service): Fit to Photos checks its dataset by "dataset"

@@ -286,6 +286,50 @@ def test_every_subcommand_module_has_main_and_is_listed_in_help(capsys):
     assert "--corpus" in capsys.readouterr().out
 
 
+
+def test_export_logs_which_points_no_view_sees_and_why(tmp_path, caplog):
+    """`headless_train export` logged only 'N of M points seen'; now it splits the unseen ones
+    as the add-on's Aggregate does (NPBGPlusPlus.points_in_view): on a one-view scene, 3 points
+    apart from each other (each wins its pixel), copies of them pushed back along the camera's
+    rays (the same pixels, farther: each loses to its original) and 2 points behind the camera
+    (on no pixel). Hand count: 3 seen, 2 in no view, 3 lost; the bundle's seen mask says which."""
+    import logging
+    import os
+    import sys
+
+    import numpy as np
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from _train_fixtures import make_tiny_scene
+
+    from headless_train.export import main as export_main
+    from npbgpp_core import save_ply
+    from npbgpp_core.pretrained import default_weights_path
+    from npbgpp_core.scene import NeuralScene
+
+    folder = make_tiny_scene(str(tmp_path / "scene"), views=1, size=24, n_points=10, splits=(1, 0, 0))
+    eye = np.array([0.0, 0.6, -3.0])  # make_tiny_scene's first camera, looking at the origin
+    base = np.array([[0.07, -0.41, 0.03], [-0.13, 0.02, 0.11], [0.21, 0.37, -0.06]])
+    pushed = eye + 1.5 * (base - eye)
+    behind = eye + 0.5 * (eye - base[:2])
+    pts = np.concatenate([base, pushed, behind]).astype(np.float32)
+    save_ply(os.path.join(folder, "points3d.ply"), pts, np.full((len(pts), 3), 0.5, np.float32))
+    out = str(tmp_path / "b.npbgpp")
+    weights = default_weights_path("npbgpp", "object")
+    with caplog.at_level(logging.INFO, logger="headless_train.export"):
+        assert export_main(["--checkpoint", weights, "--scene", folder, "--out", out, "--world-up=+y"]) == 0
+    assert NeuralScene.load(out).valid.tolist() == [True] * 3 + [False] * 5
+    assert ("aggregated 1 views; 3 of 8 points seen (the nearest point at some pixel of a view: they get "
+            "descriptors); the other 5 get none and do not render: 2 lie in no view, 3 fall only on pixels where "
+            "a nearer point wins") in caplog.text, caplog.text
+    caplog.clear()
+    save_ply(os.path.join(folder, "points3d.ply"), pts[:3], np.full((3, 3), 0.5, np.float32))  # all seen: no split
+    with caplog.at_level(logging.INFO, logger="headless_train.export"):
+        assert export_main(["--checkpoint", weights, "--scene", folder, "--out", str(tmp_path / "c.npbgpp"),
+                            "--world-up=+y"]) == 0
+    assert "3 of 3 points seen" in caplog.text and "no view" not in caplog.text, caplog.text
+
+
 def test_npbgpp_evaluation_says_when_export_aggregates_about_another_up(tmp_path):
     """An NPBG++ evaluation of a weights file aggregates about the configured system.world_up
     (published +Y), export about --world-up auto: the note names the axis the exported bundle
