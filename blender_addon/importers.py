@@ -719,6 +719,17 @@ RENDER_SETTINGS = {
     "SCREW": (("steps", "render_steps"),),
     "OCEAN": (("viewport_resolution", "resolution"),),
 }
+# The same for object data: curves, texts and NURBS surfaces (a render resolution of 0 means
+# the viewport's, so it is copied only when set) and metaballs; every such pair in bpy 5.0.1.
+_CURVE_RESOLUTIONS = (("resolution_u", "render_resolution_u"), ("resolution_v", "render_resolution_v"))
+DATA_RENDER_SETTINGS = {
+    "CURVE": _CURVE_RESOLUTIONS, "FONT": _CURVE_RESOLUTIONS, "SURFACE": _CURVE_RESOLUTIONS,
+    "META": (("resolution", "render_resolution"),),
+}
+# Prefix of the copies' names: a metaball copy named so forms a family (a basis and the
+# objects named as it plus ".NNN", polygonized together) of the selected members only,
+# apart from the user's family.
+COPY_PREFIX = "NPBG++ sampled "
 
 
 @contextmanager
@@ -727,13 +738,16 @@ def render_setting_copies(objects: list, scene: Any) -> Iterator[list]:
     as renders evaluate them: shown where Show in Renders is on, and each setting a modifier
     has apart for renders (:data:`RENDER_SETTINGS`: Subdivision's and Multires' Render levels,
     Screw's Render steps, Ocean's Render resolution) copied to its viewport twin; Simplify's
-    subdivision limit is the render's meanwhile. The viewport's depsgraph, the one Python can
+    subdivision limit is the render's meanwhile. Curves, texts, surfaces and metaballs get a copy
+    of their data at its render resolution (:data:`DATA_RENDER_SETTINGS`). The viewport's
+    depsgraph, the one Python can
     evaluate without a render, evaluates the viewport's settings; the photos of a dataset, and
     its points3d.ply (``datagen.surface_points.during_a_render``), show the render's. The
     copies are removed and Simplify restored on leaving, errors included, so the user's
     objects (linked ones too) and scene are as they were. Not emulated: a Geometry Nodes "Is
-    Viewport" switch."""
+    Viewport" switch; metaballs of a family combine only with its selected members."""
     copies: list = []
+    data_copies: list = []
     r = scene.render
     limit = r.simplify_subdivision
     try:
@@ -741,24 +755,43 @@ def render_setting_copies(objects: list, scene: Any) -> Iterator[list]:
             r.simplify_subdivision = r.simplify_subdivision_render
         for obj in objects:
             copy = obj.copy()
+            copies.append(copy)
+            copy.name = COPY_PREFIX + obj.name
             copy.hide_viewport = False  # evaluated in the viewport's depsgraph
+            if obj.type in DATA_RENDER_SETTINGS:
+                copy.data = obj.data.copy()  # the user's data keeps its viewport resolution
+                data_copies.append(copy.data)
+                for viewport, render in DATA_RENDER_SETTINGS[obj.type]:
+                    if getattr(copy.data, render):
+                        setattr(copy.data, viewport, getattr(copy.data, render))
             for modifier in copy.modifiers:
                 modifier.show_viewport = modifier.show_render
                 for viewport, render in RENDER_SETTINGS.get(modifier.type, ()):
                     setattr(modifier, viewport, getattr(modifier, render))
             scene.collection.objects.link(copy)
-            copies.append(copy)
         yield copies
     finally:
         for copy in copies:
             bpy.data.objects.remove(copy)
+        for data in data_copies:
+            (bpy.data.metaballs if isinstance(data, bpy.types.MetaBall) else bpy.data.curves).remove(data)
         if r.simplify_subdivision != limit:
             r.simplify_subdivision = limit
 
 
+def _has_faces(obj: Any, depsgraph: Any) -> bool:
+    """Whether ``obj`` evaluates (in ``depsgraph``) to a mesh with at least one face."""
+    evaluated = obj.evaluated_get(depsgraph)
+    try:
+        return len(evaluated.to_mesh().polygons) > 0
+    finally:
+        evaluated.to_mesh_clear()
+
+
 class NPBGPP_OT_points_from_meshes(bpy.types.Operator):
-    """Sample points (with colours) on the surfaces of the selected meshes as they render (modifiers' render
-    settings: Show in Renders, Subdivision's Render levels)"""
+    """Sample points (with colours) on the surfaces of the selected meshes, curves, texts, surfaces and
+    metaballs as they render (modifiers' render settings: Show in Renders, Subdivision's Render levels; curves'
+    Render resolution)"""
 
     bl_idname = "npbgpp.points_from_meshes"
     bl_label = "Points from Selected Meshes"
@@ -772,24 +805,35 @@ class NPBGPP_OT_points_from_meshes(bpy.types.Operator):
     )
 
     def execute(self, context: Any) -> set[str]:
-        meshes = [o for o in context.selected_objects if o.type == "MESH"]
+        from .datagen.surface_points import GEOMETRY_TYPES, sample_surface_points
+
+        # curves, texts, surfaces and metaballs too: Blender evaluates them to a mesh
+        meshes = [o for o in context.selected_objects if o.type in GEOMETRY_TYPES]
+        skipped = sorted(o.name for o in context.selected_objects if o.type not in GEOMETRY_TYPES)
         if not meshes:
-            self.report({"ERROR"}, "Select one or more mesh objects to sample points on.")
+            given = f" (selected: {', '.join(skipped)}, none with a surface)" if skipped else ""
+            self.report({"ERROR"}, "Select one or more mesh, curve, text, surface or metaball objects to sample "
+                                   f"points on{given}.")
             return {"CANCELLED"}
         if refused_in_linked_scene(self, context.scene, "the sampled point object"):
             return {"CANCELLED"}
-        from .datagen.surface_points import sample_surface_points
 
         try:
             with render_setting_copies(meshes, context.scene) as copies:
+                depsgraph = context.evaluated_depsgraph_get()
                 points, colors = sample_surface_points(context.scene, self.count, self.seed, objects=copies,
-                                                       depsgraph=context.evaluated_depsgraph_get(),
-                                                       name=f"objects {[o.name for o in meshes]}")
+                                                       depsgraph=depsgraph, name=f"objects {[o.name for o in meshes]}")
+                # e.g. a curve with no Bevel or Extrude: sampled nothing, so named with the skipped
+                skipped += sorted(o.name for o, c in zip(meshes, copies, strict=True) if not _has_faces(c, depsgraph))
         except ValueError as exc:
             self.report({"ERROR"}, str(exc))
             return {"CANCELLED"}
         obj = make_point_object("NPBG++ Points", points, colors, context)
         use_point_object(context, obj)
+        if skipped:
+            self.report({"WARNING"}, f"Sampled the objects with a surface; skipped: {', '.join(skipped)} (no "
+                                     "faces to sample: an empty, light or camera, or a curve with no Bevel or "
+                                     "Extrude).")
         s = context.scene.npbgpp
         if s.output == "NEURAL" and not s.bundle:
             s.output = "POINTS"

@@ -2306,6 +2306,206 @@ def test_points_from_meshes_ocean_at_its_render_resolution(scene):
     assert (on_viewport > 1e-3).mean() > 0.5, np.median(on_viewport)
 
 
+def _evaluated_bvh(sc, obj, **data_settings):
+    """Vertex count and BVH of Blender's own evaluated mesh of a copy of ``obj`` whose data
+    (copied) has ``data_settings``; the copy and its data are removed again."""
+    from mathutils.bvhtree import BVHTree
+
+    ref = obj.copy()
+    ref.data = obj.data.copy()
+    for key, value in data_settings.items():
+        setattr(ref.data, key, value)
+    sc.collection.objects.link(ref)
+    depsgraph = bpy.context.evaluated_depsgraph_get()
+    ev = ref.evaluated_get(depsgraph)
+    mesh = ev.to_mesh()
+    mesh.calc_loop_triangles()
+    verts = [tuple(ref.matrix_world @ v.co) for v in mesh.vertices]
+    polys = [tuple(t.vertices) for t in mesh.loop_triangles]
+    ev.to_mesh_clear()
+    data = ref.data
+    bpy.data.objects.remove(ref)
+    bpy.data.curves.remove(data)
+    return len(verts), BVHTree.FromPolygons(verts, polys)
+
+
+def test_points_from_meshes_text_and_bevelled_curve_at_render_resolution(scene, capfd):
+    """A text object and a bevelled curve selected with an empty and a light: both surfaces are
+    sampled as renders show them (their data's Render resolution U, not the viewport's): every
+    point lies on Blender's own evaluated mesh of a copy at the render resolution, and both
+    objects get points; the empty, the light and a curve with no Bevel (no faces, no points)
+    are named as skipped. The user's objects and
+    data keep their settings and no datablock is left behind."""
+    sc = scene["scene"]
+    bpy.ops.curve.primitive_bezier_circle_add(radius=1.0, location=(0.0, 0.0, 0.0))
+    ring = bpy.context.active_object
+    ring.data.bevel_depth, ring.data.resolution_u, ring.data.render_resolution_u = 0.2, 2, 24
+    bpy.ops.object.text_add(location=(3.0, 0.0, 0.0))
+    text = bpy.context.active_object
+    text.data.body, text.data.extrude = "S", 0.1
+    text.data.resolution_u, text.data.render_resolution_u = 1, 16
+    bpy.ops.object.empty_add(location=(0.0, 0.0, 4.0))
+    empty = bpy.context.active_object
+    bpy.ops.object.light_add(type="POINT", location=(0.0, 0.0, 6.0))
+    light = bpy.context.active_object
+    bpy.ops.curve.primitive_bezier_curve_add(location=(0.0, 0.0, 8.0))
+    line = bpy.context.active_object  # no Bevel nor Extrude: no faces
+    ring_render, ring_render_bvh = _evaluated_bvh(sc, ring, resolution_u=24)
+    ring_viewport, ring_viewport_bvh = _evaluated_bvh(sc, ring)
+    text_render, text_render_bvh = _evaluated_bvh(sc, text, resolution_u=16)
+    text_viewport, text_viewport_bvh = _evaluated_bvh(sc, text)
+    assert ring_render > 4 * ring_viewport and text_render > 4 * text_viewport
+    for o in sc.objects:
+        o.select_set(o in (ring, text, empty, light, line))
+    before = {n: set(getattr(bpy.data, n)) for n in ("objects", "curves", "meshes", "fonts")}
+    capfd.readouterr()
+    assert bpy.ops.npbgpp.points_from_meshes(count=600, seed=6) == {"FINISHED"}
+    assert f"skipped: {', '.join(sorted((empty.name, light.name)))}, {line.name} (no faces" in capfd.readouterr().out
+    obj = sc.npbgpp.point_object
+    after = {n: set(getattr(bpy.data, n)) for n in ("objects", "curves", "meshes", "fonts")}
+    assert after == {**before, "objects": before["objects"] | {obj}}
+    assert [m.name for m in bpy.data.meshes if not m.users] == []
+    assert (ring.data.resolution_u, ring.data.render_resolution_u) == (2, 24)
+    assert (text.data.resolution_u, text.data.render_resolution_u) == (1, 16)
+    sys.path.insert(0, ROOT)
+    from blender_addon.point_source import object_points
+
+    pts, _ = object_points(obj.evaluated_get(bpy.context.evaluated_depsgraph_get()))
+    on_ring = pts[:, 0] < 2.0  # the ring lies within x <= 1.2, the letter from x = 3
+    assert 50 < on_ring.sum() < 550
+    for sel, render_bvh, viewport_bvh in ((on_ring, ring_render_bvh, ring_viewport_bvh),
+                                          (~on_ring, text_render_bvh, text_viewport_bvh)):
+        on_render = np.array([render_bvh.find_nearest(Vector(p))[3] for p in pts[sel]])
+        on_viewport = np.array([viewport_bvh.find_nearest(Vector(p))[3] for p in pts[sel]])
+        assert on_render.max() < 1e-4, on_render.max()
+        assert (on_viewport > 1e-3).mean() > 0.3, np.median(on_viewport)
+
+
+def test_points_from_meshes_nurbs_surface_at_render_resolution(scene):
+    """A NURBS sphere (a Surface object) at Render resolution U/V 12 (2 in viewports): the points
+    lie on Blender's own evaluated mesh of a copy at 12, apart from the viewport's, and the
+    user's data keeps its resolutions."""
+    sc = scene["scene"]
+    bpy.ops.surface.primitive_nurbs_surface_sphere_add(radius=1.0)
+    ball = bpy.context.active_object
+    d = ball.data
+    d.resolution_u = d.resolution_v = 2
+    d.render_resolution_u = d.render_resolution_v = 12
+    render_count, render_bvh = _evaluated_bvh(sc, ball, resolution_u=12, resolution_v=12)
+    viewport_count, viewport_bvh = _evaluated_bvh(sc, ball)
+    assert render_count > 10 * viewport_count
+    for o in sc.objects:
+        o.select_set(o == ball)
+    assert bpy.ops.npbgpp.points_from_meshes(count=300, seed=9) == {"FINISHED"}
+    assert (d.resolution_u, d.resolution_v, d.render_resolution_u, d.render_resolution_v) == (2, 2, 12, 12)
+    sys.path.insert(0, ROOT)
+    from blender_addon.point_source import object_points
+
+    pts, _ = object_points(sc.npbgpp.point_object.evaluated_get(bpy.context.evaluated_depsgraph_get()))
+    on_render = np.array([render_bvh.find_nearest(Vector(p))[3] for p in pts])
+    on_viewport = np.array([viewport_bvh.find_nearest(Vector(p))[3] for p in pts])
+    assert on_render.max() < 1e-4, on_render.max()
+    assert (on_viewport > 1e-3).mean() > 0.5, np.median(on_viewport)
+
+
+def test_points_from_meshes_metaball_family_at_render_resolution(scene):
+    """Two metaballs of one family (Blob, Blob.001: polygonized together by the basis, Blob)
+    selected: the points lie on Blender's own evaluation of that family at the basis's Render
+    resolution (0.0625; 0.5 in viewports), near both balls; nothing is left behind and the
+    user's resolution is kept."""
+    from mathutils.bvhtree import BVHTree
+
+    sc = scene["scene"]
+    balls = []
+    for name, x in (("Blob", 0.0), ("Blob.001", 1.2)):
+        bpy.ops.object.metaball_add(type="BALL", radius=1.0, location=(x, 0.0, 0.0))
+        balls.append(bpy.context.active_object)
+        balls[-1].name = name
+    basis = balls[0].data
+    basis.resolution, basis.render_resolution = 0.5, 0.0625
+
+    def evaluated() -> tuple[int, BVHTree]:
+        """Blender's own mesh of the family (its basis's)."""
+        depsgraph = bpy.context.evaluated_depsgraph_get()
+        ev = balls[0].evaluated_get(depsgraph)
+        mesh = ev.to_mesh()
+        mesh.calc_loop_triangles()
+        verts = [tuple(balls[0].matrix_world @ v.co) for v in mesh.vertices]
+        polys = [tuple(t.vertices) for t in mesh.loop_triangles]
+        ev.to_mesh_clear()
+        return len(verts), BVHTree.FromPolygons(verts, polys)
+
+    viewport_count, viewport_bvh = evaluated()
+    basis.resolution = 0.0625
+    render_count, render_bvh = evaluated()
+    basis.resolution = 0.5
+    assert render_count > 10 * viewport_count
+    for o in sc.objects:
+        o.select_set(o in balls)
+    before = {n: set(getattr(bpy.data, n)) for n in ("objects", "metaballs", "meshes")}
+    assert bpy.ops.npbgpp.points_from_meshes(count=400, seed=7) == {"FINISHED"}
+    obj = sc.npbgpp.point_object
+    after = {n: set(getattr(bpy.data, n)) for n in ("objects", "metaballs", "meshes")}
+    assert after == {**before, "objects": before["objects"] | {obj}}
+    assert (basis.resolution, basis.render_resolution) == (0.5, 0.0625)
+    sys.path.insert(0, ROOT)
+    from blender_addon.point_source import object_points
+
+    pts, _ = object_points(obj.evaluated_get(bpy.context.evaluated_depsgraph_get()))
+    on_render = np.array([render_bvh.find_nearest(Vector(p))[3] for p in pts])
+    on_viewport = np.array([viewport_bvh.find_nearest(Vector(p))[3] for p in pts])
+    assert on_render.max() < 1e-4, on_render.max()
+    assert (on_viewport > 1e-3).mean() > 0.5, np.median(on_viewport)
+    assert pts[:, 0].min() < -0.5 and pts[:, 0].max() > 1.7  # beyond each ball's centre
+
+
+def test_points_from_meshes_geometry_nodes_mesh(scene):
+    """A mesh whose Geometry Nodes replace it by an Ico Sphere of radius 2: the points lie on
+    that sphere (Blender's evaluated mesh), not on the original plane."""
+    from mathutils.bvhtree import BVHTree
+
+    sc = scene["scene"]
+    bpy.ops.mesh.primitive_plane_add(size=0.5)
+    plane = bpy.context.active_object
+    tree = bpy.data.node_groups.new("Sphere", "GeometryNodeTree")
+    tree.interface.new_socket("Geometry", in_out="OUTPUT", socket_type="NodeSocketGeometry")
+    sphere = tree.nodes.new("GeometryNodeMeshIcoSphere")
+    sphere.inputs["Radius"].default_value, sphere.inputs["Subdivisions"].default_value = 2.0, 3
+    out = tree.nodes.new("NodeGroupOutput")
+    tree.links.new(sphere.outputs["Mesh"], out.inputs[0])
+    plane.modifiers.new("GN", "NODES").node_group = tree
+    depsgraph = bpy.context.evaluated_depsgraph_get()
+    ev = plane.evaluated_get(depsgraph)
+    mesh = ev.to_mesh()
+    mesh.calc_loop_triangles()
+    bvh = BVHTree.FromPolygons([tuple(v.co) for v in mesh.vertices], [tuple(t.vertices) for t in mesh.loop_triangles])
+    assert len(mesh.vertices) == 162
+    ev.to_mesh_clear()
+    for o in sc.objects:
+        o.select_set(o == plane)
+    assert bpy.ops.npbgpp.points_from_meshes(count=200, seed=8) == {"FINISHED"}
+    sys.path.insert(0, ROOT)
+    from blender_addon.point_source import object_points
+
+    pts, _ = object_points(sc.npbgpp.point_object.evaluated_get(bpy.context.evaluated_depsgraph_get()))
+    assert max(bvh.find_nearest(Vector(p))[3] for p in pts) < 1e-4
+    assert np.linalg.norm(pts, axis=1).min() > 1.8  # on the sphere, none on the 0.5 plane
+
+
+def test_points_from_meshes_without_surfaces_is_an_error(scene):
+    """Only an empty and a camera selected: a clear error naming them, and nothing added."""
+    sc = scene["scene"]
+    bpy.ops.object.empty_add()
+    empty = bpy.context.active_object
+    for o in sc.objects:
+        o.select_set(o in (empty, scene["camera"]))
+    before = set(bpy.data.objects)
+    with pytest.raises(RuntimeError, match=r"Select one or more mesh, curve, text, surface or metaball objects .*"
+                                           rf"\(selected: {scene['camera'].name}, {empty.name}, none with a surface\)"):
+        bpy.ops.npbgpp.points_from_meshes(count=10)
+    assert set(bpy.data.objects) == before
+
+
 def test_points_from_meshes_vertex_colours(scene):
     sc = scene["scene"]
     plane = _plane_selected(sc)
