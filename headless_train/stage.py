@@ -124,9 +124,7 @@ def train_overrides(args: argparse.Namespace, run_dir: str, seed: str | None, re
     """Hydra overrides of the stage's training run (options not filled in by
     :func:`stage_settings`: their first-call defaults)."""
     args = argparse.Namespace(**vars(args))
-    for name, (_, default, _) in CARRIED.items():
-        if getattr(args, name, None) is None:
-            setattr(args, name, list(default) if isinstance(default, list) else default)
+    fill_first_call_defaults(args)
     gpu = args.gpus > 0 and not args.dry_run
     crop = 16 if args.dry_run else args.crop
     o = [
@@ -307,6 +305,18 @@ def stage_warmup(given: int | None, resumed: dict[str, Any] | None) -> int:
     return own
 
 
+def stage_weights_path(work: str) -> str:
+    """The weights every call of the stage in ``work`` exports (fp16, with their card)."""
+    return os.path.join(work, "npbgpp_sphere_stage.safetensors")
+
+
+def new_run_hint(work: str, setting: str) -> str:
+    """How to get a setting a resumed call refuses: a new run that starts from this run's
+    exported weights (a fresh optimiser and warm-up), one wording for every such refusal."""
+    return (f"start a new --work folder with --weights {stage_weights_path(work)} to train on from this run's "
+            f"weights with {setting}")
+
+
 def recorded_targets_per_sample(call: dict[str, Any]) -> int:
     """The ``--targets-per-sample`` a call recorded in ``stage.json`` trained with: its
     ``targets_per_sample``, else (calls recorded before that key) the last
@@ -346,9 +356,8 @@ def stage_targets_per_sample(given: int | None, resume: bool, calls: list[dict[s
                          "--work folder") from None
     if given is not None and given != own:
         raise StageError(f"this run was trained with --targets-per-sample {own} (recorded in {history}); a resumed "
-                         f"call keeps it (got --targets-per-sample {given}); drop the flag or give {own}, or start "
-                         f"a new --work folder with --weights {work}/npbgpp_sphere_stage.safetensors to train on "
-                         f"from this run's weights with {given}")
+                         f"call keeps it (got --targets-per-sample {given}); drop the flag or give {own}, or "
+                         + new_run_hint(work, str(given)))
     return own
 
 
@@ -373,6 +382,19 @@ CARRIED: dict[str, tuple[str, Any, bool]] = {
     "max_corpus_mib": ("--max-corpus-mib", float(MAX_CORPUS_MIB), False),
     "override": ("--override", [], False),
 }
+
+
+def _default(name: str) -> Any:
+    """The first-call default of :data:`CARRIED` option ``name`` (a list copied: args own theirs)."""
+    default = CARRIED[name][1]
+    return list(default) if isinstance(default, list) else default
+
+
+def fill_first_call_defaults(args: argparse.Namespace) -> None:
+    """Set every :data:`CARRIED` option of ``args`` left out (None or absent) to its first-call default."""
+    for name in CARRIED:
+        if getattr(args, name, None) is None:
+            setattr(args, name, _default(name))
 
 
 def _flag_text(name: str, value: Any) -> str:
@@ -509,9 +531,7 @@ def stage_settings(args: argparse.Namespace, resume: bool, calls: list[dict[str,
     (StageError before anything is written), and used for the per-call ones. A first call
     takes the defaults. Returns the changes of this call, as one line's parts."""
     if not resume:
-        for name, (_, default, _) in CARRIED.items():
-            if getattr(args, name) is None:
-                setattr(args, name, list(default) if isinstance(default, list) else default)
+        fill_first_call_defaults(args)
         return []
     recorded: dict[str, Any] = {}
     missing = list(CARRIED)
@@ -526,12 +546,12 @@ def stage_settings(args: argparse.Namespace, resume: bool, calls: list[dict[str,
         missing = [m for m in missing if m != "world_up"]
     defaults = []
     changes = []
-    for name, (flag, default, refused) in CARRIED.items():
+    for name, (flag, _, refused) in CARRIED.items():
         given = getattr(args, name)
         if name in recorded:
             own = recorded[name]
         else:
-            own = list(default) if isinstance(default, list) else default
+            own = _default(name)
             if given is None:
                 defaults.append(_flag_text(name, own))
         if given is None or (name == "override" and not given):
@@ -545,18 +565,15 @@ def stage_settings(args: argparse.Namespace, resume: bool, calls: list[dict[str,
             why = ("last.ckpt's optimiser and warm-up restore it over the option" if name == "lr" else
                    "the network was trained about that axis")
             raise StageError(f"{_flag_text(name, given)}: this run was trained with {_flag_text(name, own)}, which a "
-                             f"resumed call keeps ({why}); drop {flag} or give that value, or start a new --work "
-                             f"folder with --weights {work}/npbgpp_sphere_stage.safetensors to train on from this "
-                             f"run's weights with {_flag_text(name, given)}")
+                             f"resumed call keeps ({why}); drop {flag} or give that value, or "
+                             + new_run_hint(work, _flag_text(name, given)))
         for key, key_default in OPTIMISER_OVERRIDES.items() if name == "override" else ():
             before, after = _override_value(own, key, key_default), _override_value(given, key, key_default)
             if before != after:
                 raise StageError(f"--override {key}={after}: this run was trained with {key}={before}, which a "
                                  "resumed call keeps (last.ckpt's optimiser restores its learning rates over the "
                                  f"config); give --override {key}={before} with the others, or leave every "
-                                 f"--override out, or start a new --work folder with --weights "
-                                 f"{work}/npbgpp_sphere_stage.safetensors to train on from this run's weights with "
-                                 f"{key}={after}")
+                                 "--override out, or " + new_run_hint(work, f"{key}={after}"))
         changes.append(f"{_flag_text(name, own)} -> {_flag_text(name, given)}")
     if defaults:
         why = (f"{history} records no call of the run" if not calls else
@@ -720,7 +737,7 @@ def run_stage(args: argparse.Namespace) -> dict[str, Any]:
 
     card = os.path.join(work, "card.json")
     atomic_write_bytes(card, json.dumps({"stage": info}, indent=2).encode("utf-8"))
-    out = os.path.join(work, "npbgpp_sphere_stage.safetensors")
+    out = stage_weights_path(work)
     from .export_weights import main as export_main
 
     if export_main(["--checkpoint", last, "--out", out, "--fp16", "--card-json", card]) != 0:
