@@ -16,7 +16,8 @@ is float32 in a fixed order (see :func:`project_for_raster`).
 Entry points: :func:`rasterize` (index images), :func:`rasterize_keys` (packed keys, for
 depth), :func:`rasterize_descriptors` (per-point descriptors computed only for the
 winners, gathered into ``(C+1, h, w)`` images: what NPBG++ and NPBG render and train
-with) and :func:`rasterize_features` (the same with a given (N, C) feature table).
+with), :func:`rasterize_features` (the same with a given (N, C) feature table) and
+:func:`landing_mask` (which points land on a pixel at all, winning it or not).
 
 Implementation: depth and index pack into one int64 key (positive float32 bits keep
 their order as integers), so one ``scatter_reduce_('amin')`` builds a z-buffer. A
@@ -88,13 +89,24 @@ def project_for_raster(points: torch.Tensor, p: RasterParams) -> tuple[torch.Ten
     return u, v, zc
 
 
+def _size_divisors(p: RasterParams, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The full-resolution ``W``, ``H`` as 0-dim float32 tensors on ``device``, for
+    :func:`_normalized`. Divide by these, not Python numbers: on CUDA torch computes a
+    division by a CPU scalar as a multiplication by its float32 reciprocal (an ulp off at
+    times), which would make the reference device-dependent; this way CPU, GPU and kernel
+    all divide."""
+    width = torch.tensor(float(p.width), dtype=torch.float32, device=device)
+    height = torch.tensor(float(p.height), dtype=torch.float32, device=device)
+    return width, height
+
+
 def _normalized(
     points: torch.Tensor, p: RasterParams, width: torch.Tensor, height: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(qx, qy, z, valid)`` of (N, 3) float32 points: ``q = ((u + 0.5) / W, (v + 0.5) / H)``
     and whether the point counts (finite, ``near < z <= far``). Reference twin of
-    ``project_point`` in kernels/csrc/rasterizer_math.h. ``width`` / ``height`` are 0-dim
-    float32 tensors on the points' device (see :func:`rasterize_keys_torch`)."""
+    ``project_point`` in kernels/csrc/rasterizer_math.h. ``width`` / ``height``: from
+    :func:`_size_divisors`."""
     u, v, z = project_for_raster(points, p)
     valid = torch.isfinite(u) & torch.isfinite(v) & (z > p.near) & (z <= p.far)
     return (u + 0.5) / width, (v + 0.5) / height, z, valid
@@ -149,11 +161,7 @@ def rasterize_keys_torch(
         if source is None:
             h, w = p.sizes[i]
             direct[i] = torch.full((h * w + 1,), EMPTY_KEY, dtype=torch.int64, device=device)
-    # Divide by 0-dim tensors, not Python numbers: on CUDA torch computes a division by a
-    # CPU scalar as a multiplication by its float32 reciprocal (an ulp off at times), which
-    # would make the reference device-dependent; this way CPU, GPU and kernel all divide.
-    width = torch.tensor(float(p.width), dtype=torch.float32, device=device)
-    height = torch.tensor(float(p.height), dtype=torch.float32, device=device)
+    width, height = _size_divisors(p, device)
     step = max(1, n if not chunk_points else min(n, int(chunk_points)))
     for start in range(0, n, step):
         chunk = points[start : start + step]
@@ -275,9 +283,7 @@ def landing_mask(points: torch.Tensor, camera: Camera, scale: float = 1.0, near:
     point."""
     points = _prepare_points(points)
     p = raster_params(camera, (scale,), near, points.device)
-    width = torch.tensor(float(p.width), dtype=torch.float32, device=points.device)
-    height = torch.tensor(float(p.height), dtype=torch.float32, device=points.device)
-    qx, qy, _, valid = _normalized(points, p, width, height)
+    qx, qy, _, valid = _normalized(points, p, *_size_divisors(p, points.device))
     return valid & _pixel_of(qx, qy, p.sizes[0])[2]
 
 
