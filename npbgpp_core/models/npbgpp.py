@@ -173,16 +173,19 @@ class NPBGPlusPlus(DescriptorRendering, nn.Module):
         """Indices of the points that win their pixel on a z-buffer at
         ``visibility_scale`` x the camera's resolution (as published)."""
         cfg = self.config
-        near = max(cfg.near, cfg.min_view_depth)
-        index = rasterize(points, camera.to(points.device), scales=(cfg.visibility_scale,), near=near)[0]
+        index = rasterize(points, camera.to(points.device), scales=(cfg.visibility_scale,),
+                          near=self._visibility_near())[0]
         return index[index >= 0]
 
     def points_in_view(self, points: torch.Tensor, camera: Camera) -> torch.Tensor:
         """Which points (bool (N,)) land on a pixel of :meth:`visible_points`' z-buffer,
         winning it or not (``rasterizer.landing_mask``): the rest lie outside the view."""
-        cfg = self.config
-        near = max(cfg.near, cfg.min_view_depth)
-        return landing_mask(points, camera.to(points.device), cfg.visibility_scale, near)
+        return landing_mask(points, camera.to(points.device), self.config.visibility_scale, self._visibility_near())
+
+    def _visibility_near(self) -> float:
+        """The near plane of the input views' visibility z-buffer: ``near``, raised to
+        ``min_view_depth`` (the published quirk, when on); one rule for both methods above."""
+        return max(self.config.near, self.config.min_view_depth)
 
     def new_background_sums(self) -> BackgroundSums | None:
         """Empty running sums of a scene's environment map (None without a background)."""
