@@ -104,6 +104,8 @@ class DensifyOptions:
     depth_range: tuple[float, float] | None = None
     # Degrees; per tilt four more plane families in the sweep, tilted about the camera's
     # x and y axes: slanted ground and walls (a walk forward) match (see _slanted_sweep).
+    # Off by default: about 2.3x the time, 8-15% fewer points on the Blender scenes and
+    # textured_monkey under its 1% accuracy target (BENCHMARKS.md, "Forward walks").
     plane_tilts: tuple[float, ...] = ()
     seed: int = 0
     # Texture-poor fill (off: measured +0.18 dB fitted on four captures, but fill points
@@ -310,21 +312,21 @@ def choose_neighbors(
     """Per view, up to ``count`` ``(index, score)`` pairs, best first, score > 0 only.
 
     Score = overlap x (exp(-((angle - best) / 10)^2 / 2) + 0.001) x exp(-(ln(scale) /
-    scale_sigma)^2 / 2). Overlap is the share of
-    the reference's scene points (its 8 x 8 pixel grid at 6 depths of its range, equal steps
-    in 1 / depth) inside the other image. The angle is the median (the lower middle value for
-    an even count) triangulation angle at the grid's points at depth sqrt(near * far) that the
-    other view sees (at its 6-depth points it sees when it sees none of those). The angle at
-    the image centre alone, the rule before, is 0 for a view straight ahead or behind (a walk
-    or drive forward), though off-centre pixels of such a pair triangulate well. The scale is
-    the median, over the same points, of their distance to the other camera over their
-    distance to the reference's, divided by the ratio of the two focal lengths in pixels
-    (``sqrt(fx * fy)``): how much more of the scene one pixel of the other view covers there.
-    On a walk the views several steps behind see the reference's points from twice as far,
-    at the best angle but half the size, and matched that way the depth maps of the lund
-    capture were off by a median 17-40% (BENCHMARKS.md); a view as far away with twice the
-    focal length (a zoomed or larger photo) sees them at the same size. Views with no
-    overlap or under 1 degree (no baseline) are left out."""
+    scale_sigma)^2 / 2). Overlap is the share of the reference's scene points (its 8 x 8
+    pixel grid at 6 depths of its range, equal steps in 1 / depth) inside the other image.
+    The angle is the median (the lower middle value for an even count) triangulation angle
+    at the grid's points at depth sqrt(near * far) that the other view sees (at its 6-depth
+    points it sees when it sees none of those). The angle at the image centre alone, the
+    rule before, is 0 for a view straight ahead or behind (a walk or drive forward), though
+    off-centre pixels of such a pair triangulate well. The scale is the median, over the
+    same points, of their distance to the other camera over their distance to the
+    reference's, divided by the ratio of the two focal lengths in pixels (``sqrt(fx*fy)``):
+    how much more of the scene one pixel of the other view covers there. On a walk the views
+    several steps behind see the reference's points from twice as far, at the best angle but
+    half the size, and matched that way the depth maps of the lund capture were off by a
+    median 17-40% (BENCHMARKS.md); a view as far away with twice the focal length (a zoomed
+    or larger photo) sees them at the same size. Views with no overlap or under 1 degree (no
+    baseline) are left out."""
     n = len(cams)
     out: list[list[tuple[int, float]]] = []
     if n == 0:
