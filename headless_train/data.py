@@ -475,6 +475,14 @@ def extra_target_crops(
     return crops
 
 
+def loss_mask(image: torch.Tensor, object_mask: torch.Tensor | None, on_object: bool) -> torch.Tensor:
+    """Where the loss counts on a training target crop. A crop never leaves the image, so by
+    default that is every pixel: the background (e.g. NeRF-Synthetic's white) must be learned
+    too. Object masks (alpha, mask/ folders) restrict the loss only when asked (``on_object``,
+    ``datasets.loss_on_object_mask``) and the view has one."""
+    return object_mask if on_object and object_mask is not None else torch.ones_like(image[:1])
+
+
 class TrainSamples(Dataset):
     """``num_samples`` random crops per active scene for one epoch (deterministic in seed, epoch, rank).
     ``seed``: the run's and rank's; :meth:`set_epoch` (:class:`EpochOrder` passes Lightning's
@@ -509,12 +517,8 @@ class TrainSamples(Dataset):
             scene, target, rng, image_size=self.opts.image_size, zoom_range=self.opts.zoom_range,
             random_shift=self.opts.random_shift,
         )
-        # "mask" is where the loss counts. A crop never leaves the image, so by default that
-        # is every pixel: the background (e.g. NeRF-Synthetic's white) must be learned too.
-        # Object masks (alpha, mask/ folders) restrict the loss only when asked.
-        if mask is None or not self.opts.loss_on_object_mask:
-            mask = torch.ones_like(image[:1])
-        sample = {"scene": scene_id, "view": target, "image": image, "mask": mask, "camera": camera}
+        sample = {"scene": scene_id, "view": target, "image": image,
+                  "mask": loss_mask(image, mask, self.opts.loss_on_object_mask), "camera": camera}
         if variant is not None:
             sample["points_variant"] = variant
         inputs: list[torch.Tensor] = []
@@ -537,8 +541,7 @@ class TrainSamples(Dataset):
                                                 self.opts.loss_on_object_mask)
             sample["input_cameras"] = cams
         for extra in extras:
-            if extra["mask"] is None or not self.opts.loss_on_object_mask:
-                extra["mask"] = torch.ones_like(extra["image"][:1])
+            extra["mask"] = loss_mask(extra["image"], extra["mask"], self.opts.loss_on_object_mask)
         # one jitter for every target and input view: the inputs must predict the targets' colours
         jittered = color_jitter([image] + [e["image"] for e in extras] + inputs, rng, self.opts.jitter_prob)
         sample["image"] = jittered[0]
