@@ -788,6 +788,14 @@ def _has_faces(obj: Any, depsgraph: Any) -> bool:
         evaluated.to_mesh_clear()
 
 
+def metaball_family(name: str) -> str:
+    """The family a metaball object named ``name`` belongs to (its name less a ".NNN"): Blender
+    polygonizes a family into one mesh, its first-named member's (the basis), the others'
+    evaluating empty (measured in bpy 5.0.1: Blob.001 is the basis when Blob is absent)."""
+    stem, dot, number = name.rpartition(".")
+    return stem if dot and number.isdigit() else name
+
+
 class NPBGPP_OT_points_from_meshes(bpy.types.Operator):
     """Sample points (with colours) on the surfaces of the selected meshes, curves, texts, surfaces and
     metaballs as they render (modifiers' render settings: Show in Renders, Subdivision's Render levels; curves'
@@ -823,8 +831,13 @@ class NPBGPP_OT_points_from_meshes(bpy.types.Operator):
                 depsgraph = context.evaluated_depsgraph_get()
                 points, colors = sample_surface_points(context.scene, self.count, self.seed, objects=copies,
                                                        depsgraph=depsgraph, name=f"objects {[o.name for o in meshes]}")
+                faces = [_has_faces(c, depsgraph) for c in copies]
+                # a metaball member's points are its basis's: not skipped when that family was sampled
+                families = {metaball_family(o.name) for o, f in zip(meshes, faces, strict=True)
+                            if o.type == "META" and f}
                 # e.g. a curve with no Bevel or Extrude: sampled nothing, so named with the skipped
-                skipped += sorted(o.name for o, c in zip(meshes, copies, strict=True) if not _has_faces(c, depsgraph))
+                skipped += sorted(o.name for o, f in zip(meshes, faces, strict=True) if not f
+                                  and not (o.type == "META" and metaball_family(o.name) in families))
         except ValueError as exc:
             self.report({"ERROR"}, str(exc))
             return {"CANCELLED"}

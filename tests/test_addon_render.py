@@ -2408,11 +2408,13 @@ def test_points_from_meshes_nurbs_surface_at_render_resolution(scene):
     assert (on_viewport > 1e-3).mean() > 0.5, np.median(on_viewport)
 
 
-def test_points_from_meshes_metaball_family_at_render_resolution(scene):
+def test_points_from_meshes_metaball_family_at_render_resolution(scene, capfd):
     """Two metaballs of one family (Blob, Blob.001: polygonized together by the basis, Blob)
     selected: the points lie on Blender's own evaluation of that family at the basis's Render
     resolution (0.0625; 0.5 in viewports), near both balls; nothing is left behind and the
-    user's resolution is kept."""
+    user's resolution is kept. The member, whose own mesh is empty (the family's is the
+    basis's), is not named as skipped; selected without Blob (with a cube) it is its copies'
+    family's basis and gets points of its own."""
     from mathutils.bvhtree import BVHTree
 
     sc = scene["scene"]
@@ -2443,7 +2445,9 @@ def test_points_from_meshes_metaball_family_at_render_resolution(scene):
     for o in sc.objects:
         o.select_set(o in balls)
     before = {n: set(getattr(bpy.data, n)) for n in ("objects", "metaballs", "meshes")}
+    capfd.readouterr()
     assert bpy.ops.npbgpp.points_from_meshes(count=400, seed=7) == {"FINISHED"}
+    assert "skipped" not in capfd.readouterr().out
     obj = sc.npbgpp.point_object
     after = {n: set(getattr(bpy.data, n)) for n in ("objects", "metaballs", "meshes")}
     assert after == {**before, "objects": before["objects"] | {obj}}
@@ -2457,6 +2461,16 @@ def test_points_from_meshes_metaball_family_at_render_resolution(scene):
     assert on_render.max() < 1e-4, on_render.max()
     assert (on_viewport > 1e-3).mean() > 0.5, np.median(on_viewport)
     assert pts[:, 0].min() < -0.5 and pts[:, 0].max() > 1.7  # beyond each ball's centre
+    bpy.ops.mesh.primitive_cube_add(location=(0.0, 5.0, 0.0))
+    cube = bpy.context.active_object
+    for o in sc.objects:
+        o.select_set(o in (balls[1], cube))
+    capfd.readouterr()
+    assert bpy.ops.npbgpp.points_from_meshes(count=200, seed=7) == {"FINISHED"}
+    assert "skipped" not in capfd.readouterr().out
+    pts, _ = object_points(sc.npbgpp.point_object.evaluated_get(bpy.context.evaluated_depsgraph_get()))
+    near_member = np.linalg.norm(pts - [1.2, 0.0, 0.0], axis=1) < 1.0
+    assert near_member.any() and (near_member | (pts[:, 1] > 3.0)).all()  # the member's ball, the cube
 
 
 def test_points_from_meshes_geometry_nodes_mesh(scene):
