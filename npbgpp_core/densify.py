@@ -499,8 +499,10 @@ def _plane_sweep(
 # A slanted family skips pixels whose ray meets its planes at under about 6 degrees
 # (n . ray below this, ray with z = 1): such a plane is seen edge-on.
 _MIN_INCIDENCE = 0.1
-# Largest ratio of n . ray within one band of a slanted sweep: its planes then sample
-# every pixel of the band at up to this times the fronto-parallel spacing or finer.
+# Largest ratio of n . ray within one band of a slanted sweep (but for bands of
+# _BAND_MIN lines): its planes are spaced for the band's largest n . ray, so every pixel
+# is sampled at the fronto-parallel spacing or finer, at most this many times finer
+# (the planes a band sweeps beyond the need, i.e. its extra time).
 _BAND_RATIO = 1.3
 # Fewest rows (columns) per band: each band re-reads window-radius rows on both sides.
 _BAND_MIN = 8
