@@ -123,7 +123,7 @@ def atomic_copy_file(src: str | os.PathLike, dst: str | os.PathLike, make_dirs: 
     held in memory whole. A ``src`` that cannot be read fails before ``dst`` is touched."""
     with open(src, "rb") as source:
 
-        def copy(f) -> None:
+        def copy(f: BinaryIO) -> None:
             while chunk := source.read(COPY_CHUNK_BYTES):
                 _write_bytes(f, chunk)
 
