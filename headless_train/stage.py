@@ -426,10 +426,9 @@ def _typed(name: str, value: Any) -> Any:
 
 def _owned_keys() -> set[str]:
     """The config keys the stage itself sets (``train_overrides``), whatever the options."""
-    probe = argparse.Namespace(gpus=1, dry_run=False, crop=1, corpus=".", views=1, targets_per_sample=1, lr=1.0,
-                               max_points=1, world_up="0,0,1", amp=True, batch=1, workers=0, minutes=1.0,
-                               gradient_weight=0.0, input_canvas="square", background="none", warmup_steps=0,
-                               max_corpus_mib=1.0, override=[])
+    # the options outside CARRIED; train_overrides fills CARRIED's with their defaults
+    probe = argparse.Namespace(dry_run=False, corpus=".", targets_per_sample=1, input_canvas="square",
+                               background="none", warmup_steps=0)
     keys = {o.split("=", 1)[0] for o in train_overrides(probe, "run", "seed", False, 1)}
     return keys | {"resume", "weights_path"}
 

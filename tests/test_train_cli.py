@@ -286,7 +286,6 @@ def test_every_subcommand_module_has_main_and_is_listed_in_help(capsys):
     assert "--corpus" in capsys.readouterr().out
 
 
-
 def test_export_logs_which_points_no_view_sees_and_why(tmp_path, caplog):
     """`headless_train export` logged only 'N of M points seen'; now it splits the unseen ones
     as the add-on's Aggregate does (NPBGPlusPlus.points_in_view): on a one-view scene, 3 points
