@@ -35,24 +35,33 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-# Step variants for --compare: system.batched_step, the input canvas, whether the exact CPU
-# speed paths are on (the extractor decoder's paths of npbgpp_core.models.cpu_paths,
-# aggregation of the seen points only), and target crops per set of input views.
-MODES: dict[str, tuple[bool, str, bool, int]] = {
-    "per_sample_square": (False, "square", False, 1),  # the step before batching ("today's rate", 06:50)
-    "batched_before": (True, "bounds", False, 1),      # the batched step before the CPU speed paths
-    "batched": (True, "bounds", True, 1),              # the batched step now
-    "per_sample": (False, "bounds", True, 1),
-    "batched_k2": (True, "bounds", True, 2),           # 2 target crops per set of input views
-    "batched_k3": (True, "bounds", True, 3),
-    "batched_k4": (True, "bounds", True, 4),
+class StepVariant(NamedTuple):
+    """A step variant of ``--compare`` (:data:`MODES`)."""
+
+    batched: bool  # system.batched_step
+    canvas: str  # system.input_canvas
+    # the exact CPU speed paths: the extractor decoder's (npbgpp_core.models.cpu_paths),
+    # aggregation of the seen points only
+    fast: bool
+    targets_per_sample: int  # datasets.targets_per_sample: target crops per set of input views
+
+
+# Step variants for --compare.
+MODES: dict[str, StepVariant] = {
+    "per_sample_square": StepVariant(False, "square", False, 1),  # the step before batching ("today's rate", 06:50)
+    "batched_before": StepVariant(True, "bounds", False, 1),      # the batched step before the CPU speed paths
+    "batched": StepVariant(True, "bounds", True, 1),              # the batched step now
+    "per_sample": StepVariant(False, "bounds", True, 1),
+    "batched_k2": StepVariant(True, "bounds", True, 2),           # 2 target crops per set of input views
+    "batched_k3": StepVariant(True, "bounds", True, 3),
+    "batched_k4": StepVariant(True, "bounds", True, 4),
 }
 
 
@@ -188,11 +197,11 @@ def mode_samples(dataset, modes: list[str]) -> dict[str, Any]:
 
     twins: dict[int, Any] = {dataset.opts.targets_per_sample: dataset}
     for m in modes:
-        k = MODES[m][3]
+        k = MODES[m].targets_per_sample
         if k not in twins:
             opts = dataclasses.replace(dataset.opts, targets_per_sample=k)
             twins[k] = TrainSamples(dataset.scenes, dataset.active, dataset.num_samples, opts, seed=dataset.base_seed)
-    return {m: twins[MODES[m][3]] for m in modes}
+    return {m: twins[MODES[m].targets_per_sample] for m in modes}
 
 
 def compare(args: argparse.Namespace) -> dict:
@@ -238,7 +247,7 @@ def compare(args: argparse.Namespace) -> dict:
         per_step = targets[m] / len(cpu[m])
         rows[m] = {"cpu_s_per_step": c, "wall_s_per_step": w, "steps_per_cpu_s": 1 / c,
                    "samples_per_cpu_s": args.batch / c, "steps_per_s": 1 / w, "samples_per_s": args.batch / w,
-                   "targets_per_sample": MODES[m][3], "targets_per_step": per_step,
+                   "targets_per_sample": MODES[m].targets_per_sample, "targets_per_step": per_step,
                    "targets_per_cpu_s": per_step / c, "targets_per_s": per_step / w}
     return {"device": str(device), "machine": machine_line(device), "batch": args.batch, "crop": args.crop,
             "views": args.views, "steps": args.steps, "modes": rows, "scenes": dm.scene_names,
