@@ -81,12 +81,10 @@ class NPBGPPRenderEngine(bpy.types.RenderEngine):
         if framing and self._first_of_job(FRAMING, camera.name_full, framing):
             self.report({"WARNING"}, f"NPBG++: {framing}")
         colours = colour_note(scene)
-        if colours and colours not in _reported_this_job:  # a note, not a change: the user may want that look
-            _reported_this_job.add(colours)
+        if colours and first_time_this_job(colours):  # a note, not a change: the user may want that look
             self.report({"INFO"}, f"NPBG++: {colours}")
         multilayer = multilayer_exr_note(scene)
-        if multilayer and multilayer not in _reported_this_job:  # before Blender's own cryptic write error
-            _reported_this_job.add(multilayer)
+        if multilayer and first_time_this_job(multilayer):  # before Blender's own cryptic write error
             self.report({"WARNING"}, f"NPBG++: {multilayer}")
         self.update_stats("", f"NPBG++: rendering {geo.image_size[1]}x{geo.image_size[0]}")
         self.update_progress(0.0)
@@ -157,9 +155,8 @@ class NPBGPPRenderEngine(bpy.types.RenderEngine):
         one reported in full had (:meth:`_first_of_job`), naming them."""
         for kind, (level, what) in JOB_NOTES.items():
             cameras = _cameras_noted_this_job.get(kind, [])
-            if len(cameras) < 2 or (key := f"summary of {kind}") in _reported_this_job:
+            if len(cameras) < 2 or not first_time_this_job(f"summary of {kind}"):
                 continue  # a job renders its last frame once per view layer
-            _reported_this_job.add(key)
             names = ", ".join(repr(name) for name in cameras[:SUMMARY_NAMES])
             more = f" and {len(cameras) - SUMMARY_NAMES} more" if len(cameras) > SUMMARY_NAMES else ""
             self.report({level}, f"NPBG++: {len(cameras)} cameras of this animation {what} ({names}{more}); "
@@ -307,6 +304,15 @@ JOB_NOTES = {
     EMPTIED: ("INFO", "rendered empty frames, their Clip Start / End removing every point in view"),
 }
 SUMMARY_NAMES = 8  # cameras named in a summary line; the rest are counted
+
+
+def first_time_this_job(note: str) -> bool:
+    """True the first time ``note`` comes in the current render job, recording it: an
+    animation would repeat it on every frame."""
+    if note in _reported_this_job:
+        return False
+    _reported_this_job.add(note)
+    return True
 
 
 def last_frame(scene: bpy.types.Scene) -> int:
