@@ -79,7 +79,7 @@ def to_point_cloud(obj: bpy.types.Object, context: Any) -> bpy.types.Object:
         with context.temp_override(selected_objects=[obj], active_object=obj, object=obj):
             bpy.ops.object.convert(target="POINTCLOUD")
     except RuntimeError:
-        return context.view_layer.objects.active or obj
+        return obj
     if mesh.users == 0:
         bpy.data.meshes.remove(mesh)
     return context.view_layer.objects.active or obj
