@@ -475,9 +475,10 @@ def scene_selection_note(scenes: str | None, names: Sequence[str]) -> str | None
     leaves out whole (``--scenes 'env_*'`` drops the captures) is said, not dropped silently.
     KitError, before anything is rendered, when it keeps none; None without ``--scenes`` or
     when it keeps every scene."""
-    if not (scenes or "").strip(" ,"):
+    from headless_train.stage import scene_patterns, select_scene_names
+
+    if not scene_patterns(scenes):
         return None
-    from headless_train.stage import select_scene_names
 
     kept = set(select_scene_names(names, scenes))
     families = [f for f in (*RENDERED_FAMILIES, "capture") if any(scene_family(n) == f for n in names)]

@@ -853,11 +853,17 @@ def machine() -> str:
     return f"{platform.machine()} {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
 
 
+def scene_patterns(scenes: str | None) -> list[str]:
+    """The names or shell patterns a ``--scenes`` value gives (comma-separated, blanks
+    dropped); none: every scene."""
+    return [p.strip() for p in (scenes or "").split(",") if p.strip()]
+
+
 def select_scene_names(names: Iterable[str], scenes: str | None) -> list[str]:
     """The ``names`` that ``--scenes`` keeps: comma-separated names or shell patterns (case
     matters, as folder names do on Linux); every name when ``scenes`` is empty. The one rule
     of ``pack`` and of the GPU kit, which checks a pattern before it renders anything."""
-    patterns = [p.strip() for p in (scenes or "").split(",") if p.strip()]
+    patterns = scene_patterns(scenes)
     return [n for n in names if not patterns or any(fnmatch.fnmatchcase(n, p) for p in patterns)]
 
 
@@ -899,7 +905,7 @@ def pack(corpus: str, out: str, max_side: int, max_points: int, max_mib: float,
             if rel == os.curdir:
                 listed = [d for d in dirnames if is_listed_name(d)]
                 dirnames[:] = select_scene_names(listed, scenes)
-                if not dirnames and (scenes or "").strip(" ,"):
+                if not dirnames and scene_patterns(scenes):
                     raise StageError(f"no scene folder of {corpus} matches --scenes {scenes!r}")
             scene = "" if rel == os.curdir else rel.split(os.sep, 1)[0]
             dst_dir = os.path.join(tmp, rel)
