@@ -2149,14 +2149,48 @@ def _plane_selected(sc):
     return plane
 
 
+def _bvh_of_evaluated(obj):
+    """Vertex count and world-space BVH of Blender's own evaluated mesh of ``obj`` (its loop
+    triangles: Blender's own split of non-planar faces)."""
+    from mathutils.bvhtree import BVHTree
+
+    ev = obj.evaluated_get(bpy.context.evaluated_depsgraph_get())
+    mesh = ev.to_mesh()
+    mesh.calc_loop_triangles()
+    verts = [tuple(ev.matrix_world @ v.co) for v in mesh.vertices]
+    polys = [tuple(t.vertices) for t in mesh.loop_triangles]
+    ev.to_mesh_clear()
+    return len(verts), BVHTree.FromPolygons(verts, polys)
+
+
+def _evaluated_bvh(sc, obj, modifier_settings=None, **data_settings):
+    """:func:`_bvh_of_evaluated` of a copy of ``obj`` whose modifiers have ``modifier_settings``
+    ({modifier name: {setting: value}}) and whose curve data (copied) has ``data_settings``;
+    the copy and its data are removed again."""
+    ref = obj.copy()
+    if data_settings:
+        ref.data = obj.data.copy()
+        for key, value in data_settings.items():
+            setattr(ref.data, key, value)
+    for name, settings in (modifier_settings or {}).items():
+        for key, value in settings.items():
+            setattr(ref.modifiers[name], key, value)
+    sc.collection.objects.link(ref)
+    try:
+        return _bvh_of_evaluated(ref)
+    finally:
+        data = ref.data
+        bpy.data.objects.remove(ref)
+        if data_settings:
+            bpy.data.curves.remove(data)
+
+
 def test_points_from_meshes_sample_the_mesh_as_it_renders(scene, capfd):
     """Points from Selected Meshes samples each mesh as renders show it (a dataset's photos,
     and so its points3d.ply): Subdivision at its Render level (3 here, 1 in viewports) and a
     modifier shown in renders only (an Array of 2); the points lie on Blender's own evaluated
     mesh at those settings, not on the viewport's. The selected object is left as it was and
     nothing else stays in the file."""
-    from mathutils.bvhtree import BVHTree
-
     sc = scene["scene"]
     bpy.ops.mesh.primitive_cube_add(size=2.0, location=(0.0, 0.0, 0.0))
     cube = bpy.context.active_object
@@ -2167,23 +2201,8 @@ def test_points_from_meshes_sample_the_mesh_as_it_renders(scene, capfd):
     array.count, array.relative_offset_displace = 2, (1.5, 0.0, 0.0)
     array.show_viewport = False
 
-    def evaluated(levels: int, with_array: bool) -> tuple[int, BVHTree]:
-        """Vertex count and BVH of Blender's own evaluation of a copy at those settings."""
-        ref = cube.copy()
-        ref.modifiers["Sub"].levels = levels
-        ref.modifiers["Arr"].show_viewport = with_array
-        sc.collection.objects.link(ref)
-        depsgraph = bpy.context.evaluated_depsgraph_get()
-        mesh = ref.evaluated_get(depsgraph).to_mesh()
-        mesh.calc_loop_triangles()  # Blender's own split of its (non-planar) quads
-        verts = [tuple(v.co) for v in mesh.vertices]
-        polys = [tuple(t.vertices) for t in mesh.loop_triangles]
-        ref.evaluated_get(depsgraph).to_mesh_clear()
-        bpy.data.objects.remove(ref)
-        return len(verts), BVHTree.FromPolygons(verts, polys)
-
-    render_count, render_bvh = evaluated(3, True)
-    viewport_count, viewport_bvh = evaluated(1, False)
+    render_count, render_bvh = _evaluated_bvh(sc, cube, {"Sub": {"levels": 3}, "Arr": {"show_viewport": True}})
+    viewport_count, viewport_bvh = _evaluated_bvh(sc, cube)  # level 1, no Array
     assert (render_count, viewport_count) == (2 * 386, 26)  # 6 * 4^3 + 2 per cube at level 3
     for o in sc.objects:
         o.select_set(o == cube)
@@ -2210,20 +2229,13 @@ def test_points_from_meshes_at_simplifys_render_limit(scene):
     """Simplify on, its viewport limit at 0 subdivisions and its render limit at 3: the points
     lie on the surface renders show (Subdivision at level 3, Blender's own evaluation with
     Simplify off), not on the bare cube, and the scene's Simplify is left as it was."""
-    from mathutils.bvhtree import BVHTree
-
     sc = scene["scene"]
     bpy.ops.mesh.primitive_cube_add(size=2.0)
     cube = bpy.context.active_object
     sub = cube.modifiers.new("Sub", "SUBSURF")
     sub.levels = sub.render_levels = 3
-    depsgraph = bpy.context.evaluated_depsgraph_get()
-    mesh = cube.evaluated_get(depsgraph).to_mesh()  # Simplify still off
-    mesh.calc_loop_triangles()
-    verts, tris = [tuple(v.co) for v in mesh.vertices], [tuple(t.vertices) for t in mesh.loop_triangles]
-    rendered = BVHTree.FromPolygons(verts, tris)
-    assert len(mesh.vertices) == 386
-    cube.evaluated_get(depsgraph).to_mesh_clear()
+    count, rendered = _bvh_of_evaluated(cube)  # Simplify still off
+    assert count == 386
     r = sc.render
     r.use_simplify, r.simplify_subdivision, r.simplify_subdivision_render = True, 0, 3
     for o in sc.objects:
@@ -2267,8 +2279,6 @@ def test_points_from_meshes_screw_at_its_render_steps(scene):
 def test_points_from_meshes_ocean_at_its_render_resolution(scene):
     """An Ocean modifier's Render resolution (not its Viewport one) makes the sampled
     surface: the points lie on Blender's own evaluation of a copy at that resolution."""
-    from mathutils.bvhtree import BVHTree
-
     sc = scene["scene"]
     bpy.ops.mesh.primitive_plane_add(size=2.0)
     plane = bpy.context.active_object
@@ -2276,20 +2286,8 @@ def test_points_from_meshes_ocean_at_its_render_resolution(scene):
     ocean.geometry_mode = "GENERATE"
     ocean.resolution, ocean.viewport_resolution = 6, 1
 
-    def evaluated(resolution: int) -> tuple[int, BVHTree]:
-        ref = plane.copy()
-        ref.modifiers["Ocean"].viewport_resolution = resolution
-        sc.collection.objects.link(ref)
-        depsgraph = bpy.context.evaluated_depsgraph_get()
-        mesh = ref.evaluated_get(depsgraph).to_mesh()
-        mesh.calc_loop_triangles()
-        verts, polys = [tuple(v.co) for v in mesh.vertices], [tuple(t.vertices) for t in mesh.loop_triangles]
-        ref.evaluated_get(depsgraph).to_mesh_clear()
-        bpy.data.objects.remove(ref)
-        return len(verts), BVHTree.FromPolygons(verts, polys)
-
-    render_count, render_bvh = evaluated(6)
-    viewport_count, viewport_bvh = evaluated(1)
+    render_count, render_bvh = _evaluated_bvh(sc, plane, {"Ocean": {"viewport_resolution": 6}})
+    viewport_count, viewport_bvh = _evaluated_bvh(sc, plane)
     assert render_count > viewport_count
     for o in sc.objects:
         o.select_set(o == plane)
@@ -2304,29 +2302,6 @@ def test_points_from_meshes_ocean_at_its_render_resolution(scene):
     on_viewport = np.array([viewport_bvh.find_nearest(Vector(p))[3] for p in pts])
     assert on_render.max() < 1e-4, on_render.max()
     assert (on_viewport > 1e-3).mean() > 0.5, np.median(on_viewport)
-
-
-def _evaluated_bvh(sc, obj, **data_settings):
-    """Vertex count and BVH of Blender's own evaluated mesh of a copy of ``obj`` whose data
-    (copied) has ``data_settings``; the copy and its data are removed again."""
-    from mathutils.bvhtree import BVHTree
-
-    ref = obj.copy()
-    ref.data = obj.data.copy()
-    for key, value in data_settings.items():
-        setattr(ref.data, key, value)
-    sc.collection.objects.link(ref)
-    depsgraph = bpy.context.evaluated_depsgraph_get()
-    ev = ref.evaluated_get(depsgraph)
-    mesh = ev.to_mesh()
-    mesh.calc_loop_triangles()
-    verts = [tuple(ref.matrix_world @ v.co) for v in mesh.vertices]
-    polys = [tuple(t.vertices) for t in mesh.loop_triangles]
-    ev.to_mesh_clear()
-    data = ref.data
-    bpy.data.objects.remove(ref)
-    bpy.data.curves.remove(data)
-    return len(verts), BVHTree.FromPolygons(verts, polys)
 
 
 def test_points_from_meshes_text_and_bevelled_curve_at_render_resolution(scene, capfd):
@@ -2415,8 +2390,6 @@ def test_points_from_meshes_metaball_family_at_render_resolution(scene, capfd):
     user's resolution is kept. The member, whose own mesh is empty (the family's is the
     basis's), is not named as skipped; selected without Blob (with a cube) it is its copies'
     family's basis and gets points of its own."""
-    from mathutils.bvhtree import BVHTree
-
     sc = scene["scene"]
     balls = []
     for name, x in (("Blob", 0.0), ("Blob.001", 1.2)):
@@ -2426,20 +2399,9 @@ def test_points_from_meshes_metaball_family_at_render_resolution(scene, capfd):
     basis = balls[0].data
     basis.resolution, basis.render_resolution = 0.5, 0.0625
 
-    def evaluated() -> tuple[int, BVHTree]:
-        """Blender's own mesh of the family (its basis's)."""
-        depsgraph = bpy.context.evaluated_depsgraph_get()
-        ev = balls[0].evaluated_get(depsgraph)
-        mesh = ev.to_mesh()
-        mesh.calc_loop_triangles()
-        verts = [tuple(balls[0].matrix_world @ v.co) for v in mesh.vertices]
-        polys = [tuple(t.vertices) for t in mesh.loop_triangles]
-        ev.to_mesh_clear()
-        return len(verts), BVHTree.FromPolygons(verts, polys)
-
-    viewport_count, viewport_bvh = evaluated()
+    viewport_count, viewport_bvh = _bvh_of_evaluated(balls[0])  # the family's mesh is its basis's
     basis.resolution = 0.0625
-    render_count, render_bvh = evaluated()
+    render_count, render_bvh = _bvh_of_evaluated(balls[0])
     basis.resolution = 0.5
     assert render_count > 10 * viewport_count
     for o in sc.objects:
@@ -2476,8 +2438,6 @@ def test_points_from_meshes_metaball_family_at_render_resolution(scene, capfd):
 def test_points_from_meshes_geometry_nodes_mesh(scene):
     """A mesh whose Geometry Nodes replace it by an Ico Sphere of radius 2: the points lie on
     that sphere (Blender's evaluated mesh), not on the original plane."""
-    from mathutils.bvhtree import BVHTree
-
     sc = scene["scene"]
     bpy.ops.mesh.primitive_plane_add(size=0.5)
     plane = bpy.context.active_object
@@ -2488,13 +2448,8 @@ def test_points_from_meshes_geometry_nodes_mesh(scene):
     out = tree.nodes.new("NodeGroupOutput")
     tree.links.new(sphere.outputs["Mesh"], out.inputs[0])
     plane.modifiers.new("GN", "NODES").node_group = tree
-    depsgraph = bpy.context.evaluated_depsgraph_get()
-    ev = plane.evaluated_get(depsgraph)
-    mesh = ev.to_mesh()
-    mesh.calc_loop_triangles()
-    bvh = BVHTree.FromPolygons([tuple(v.co) for v in mesh.vertices], [tuple(t.vertices) for t in mesh.loop_triangles])
-    assert len(mesh.vertices) == 162
-    ev.to_mesh_clear()
+    count, bvh = _bvh_of_evaluated(plane)
+    assert count == 162
     for o in sc.objects:
         o.select_set(o == plane)
     assert bpy.ops.npbgpp.points_from_meshes(count=200, seed=8) == {"FINISHED"}
