@@ -1830,8 +1830,6 @@ def test_import_dataset_sets_the_pixel_aspect_every_view_shares(scene, capfd):
     framed by one Pixel Aspect: the import sets it and says so, warns of nothing, and each
     camera (its lens shift made for that aspect) projects points where the dataset's own
     camera does, by Blender's world_to_camera_view; F12 through one notes nothing."""
-
-
     from npbgpp_core.datasets import load_scene
 
     root = _shared_aspect_dataset(scene)
