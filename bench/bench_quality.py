@@ -91,6 +91,8 @@ FIT_KNOBS = (
     ("--fft-weight", float, "weight of the amplitude-spectrum (FFT) L1"),
     ("--average-from", float, "return the mean of the iterates from this fraction of the steps on"),
     ("--background-rows", int, "rows of the environment map the fit starts from (the aggregated map resampled)"),
+    ("--coarse-fraction", float, "share of the steps (the first) fitted on the photos shrunk to --coarse-side"),
+    ("--coarse-side", int, "long side in pixels of the photos in the coarse phase"),
     ("--aligned", on_off_arg, "on: the fitted model renders rolled views upright as NPBG++ does (training crops "
      "too); off: in the view's own frame (published NPBG)"),
 )

@@ -49,6 +49,11 @@ FIT_ALIGNED = True
 # any length is the start of a longer one and a few-step fit only nudges the aggregated scene.
 FIT_WARMUP_STEPS = 20
 
+# Long side, in pixels, of the photos in fit_coefficients' coarse phase (its first
+# ``coarse_fraction`` of the steps): the size its short-fit recipe was tuned at, see
+# fit_coefficients. Photos no larger are fitted as they are throughout.
+FIT_COARSE_SIDE = 256
+
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
@@ -120,6 +125,33 @@ def as_fit_views(views: FitViews | tuple | Sequence) -> FitViews:
     if isinstance(views, FitViews):
         return views
     return FitViews(*views)
+
+
+def downsized_fit_views(views: FitViews, max_side: int) -> FitViews:
+    """``views`` shrunk so that the long side is at most ``max_side`` pixels (``views``
+    itself when it already is): images area-averaged (as the datasets resize photos),
+    cameras scaled to the same canvas (:meth:`Camera.scaled`), a pixel of the masks valid
+    only where every pixel it covers was (so padding never leaks into the loss)."""
+    max_side = coarse_side_value(max_side)
+    H, W = views.images.shape[-2:]
+    if max(H, W) <= max_side:
+        return views
+    scale = max_side / max(H, W)
+    size = (max(1, round(H * scale)), max(1, round(W * scale)))
+    images = torch.nn.functional.interpolate(views.images, size=size, mode="area")
+    masks = None
+    if views.masks is not None:
+        area = torch.nn.functional.interpolate(views.masks, size=size, mode="area")
+        masks = (area > 0.999).to(views.masks.dtype)
+    return FitViews(images, [c.scaled(size) for c in views.cameras], masks)
+
+
+def coarse_side_value(value: Any, name: str = "coarse_side") -> int:
+    """A coarse-phase long side as an int >= 16 (the refiner's coarsest level needs a few
+    pixels); ValueError naming ``name`` otherwise (fractional, bool, text)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 16:
+        raise ValueError(f"{name} must be an integer >= 16 pixels, got {value!r}")
+    return value
 
 
 def random_crop(
@@ -240,7 +272,9 @@ class FitRecipe:
     instead of zero): ``d -= lr_t * descriptor_decay * (d - d_start)``. ``average_from``
     < 1: the returned model holds the mean of the trained parameters after every step from
     ``int(average_from * steps)`` on (iterate averaging: the last iterate of a short
-    noisy fit leans toward the last few crops' views)."""
+    noisy fit leans toward the last few crops' views). ``coarse_fraction``: the share of
+    the steps (the first ones) whose crops come from the views shrunk to a long side of
+    ``coarse_side`` pixels (:func:`downsized_fit_views`; coarse-to-fine)."""
 
     lr_descriptors: float
     lr_refiner: float
@@ -252,6 +286,8 @@ class FitRecipe:
     descriptor_decay: float = 0.0
     descriptor_optimizer: str = "rmsprop"
     average_from: float = 1.0
+    coarse_fraction: float = 0.0
+    coarse_side: int = FIT_COARSE_SIDE
 
     def __post_init__(self) -> None:
         if self.train_refiner not in REFINER_PARTS:
@@ -266,6 +302,9 @@ class FitRecipe:
         object.__setattr__(self, "warmup_steps", warmup_steps_value(self.warmup_steps))
         if not 0.0 <= self.average_from <= 1.0:
             raise ValueError(f"average_from must be in [0, 1], got {self.average_from}")
+        if not 0.0 <= self.coarse_fraction <= 1.0:
+            raise ValueError(f"coarse_fraction must be in [0, 1], got {self.coarse_fraction}")
+        coarse_side_value(self.coarse_side)
         if self.descriptor_decay < 0:
             raise ValueError(f"descriptor_decay must be >= 0, got {self.descriptor_decay}")
         for name in ("lr_descriptors", "lr_refiner", "lr_background"):
@@ -345,6 +384,8 @@ def _fit_steps(
     averaged = [model.descriptors, *extra, *trained]
     mean: list[torch.Tensor] | None = None
     first_averaged = int(recipe.average_from * steps) if recipe.average_from < 1.0 else steps
+    coarse_steps = round(recipe.coarse_fraction * steps)
+    coarse_views = downsized_fit_views(views, recipe.coarse_side) if coarse_steps else views
     result = FitResult(model)
     model.train()
     busy = 0.0
@@ -359,7 +400,7 @@ def _fit_steps(
                 o.zero_grad(set_to_none=True)
             total = 0.0
             for _ in range(recipe.crops_per_step):
-                image, mask, camera = random_crop(views, rng, crop)
+                image, mask, camera = random_crop(coarse_views if step < coarse_steps else views, rng, crop)
                 image = image.to(device)
                 mask = None if mask is None else mask.to(device)
                 loss = npbg_step_loss(model, points, camera.to(device), image, mask, loss_fn)
@@ -414,6 +455,8 @@ def coefficients_recipe(
     fft_weight: float = 0.0,
     background_rows: int | None = BACKGROUND_FIT_ROWS,
     aligned: bool = FIT_ALIGNED,
+    coarse_fraction: float = 0.0,
+    coarse_side: int = FIT_COARSE_SIDE,
 ) -> FitRecipe:
     """The :class:`FitRecipe` of :func:`fit_coefficients` for its keywords (same names and
     defaults); raises ValueError naming a bad value. The loss weights (:data:`LOSS_WEIGHTS`),
@@ -426,7 +469,7 @@ def coefficients_recipe(
     if not isinstance(aligned, bool):
         raise ValueError(f"aligned must be True or False, got {aligned!r}")
     return FitRecipe(lr_coefficients, lr_refiner, lr_background, train_refiner, crops_per_step, warmup_steps,
-                     schedule, coefficient_decay, coefficient_optimizer, average_from)
+                     schedule, coefficient_decay, coefficient_optimizer, average_from, coarse_fraction, coarse_side)
 
 
 def fit_coefficients(
@@ -454,6 +497,8 @@ def fit_coefficients(
     fft_weight: float = 0.0,
     background_rows: int | None = BACKGROUND_FIT_ROWS,
     aligned: bool = FIT_ALIGNED,
+    coarse_fraction: float = 0.0,
+    coarse_side: int = FIT_COARSE_SIDE,
 ) -> FitResult:
     """coefficients_ft: fine-tune ``aggregated``'s coefficients and a copy of ``model``'s
     refiner on ``views`` for ``steps`` steps; ``model`` itself is not changed. The result's
@@ -505,7 +550,9 @@ def fit_coefficients(
     :func:`lr_factor`) scale every rate; ``coefficient_decay`` pulls the coefficients
     back toward the aggregated ones after every step; ``coefficient_optimizer``
     "rmsprop" (published) or "adam"; ``average_from`` < 1 returns the mean of the iterates
-    from that fraction of the steps on.
+    from that fraction of the steps on; ``coarse_fraction`` the share of the steps (the
+    first ones) fitted on the photos shrunk to a long side of ``coarse_side`` pixels
+    (:data:`FIT_COARSE_SIDE`, :func:`downsized_fit_views`; photos no larger are left alone).
 
     Sharpening terms added to the default loss (:func:`coefficients_ft_loss`; ignored with
     ``loss_fn``): ``gradient_weight`` the multi-scale edge loss, ``laplacian_weight`` the
@@ -548,7 +595,7 @@ def _coefficients_steps(
     lr_background: float | None, train_refiner: str, crops_per_step: int, warmup_steps: int, schedule: str,
     coefficient_decay: float, coefficient_optimizer: str, gradient_weight: float, average_from: float,
     laplacian_weight: float, perceptual_weight: float, fft_weight: float, background_rows: int | None,
-    aligned: bool,
+    aligned: bool, coarse_fraction: float, coarse_side: int,
 ) -> Generator[int, None, FitResult]:
     """The model, loss and recipe of :func:`fit_coefficients` (every argument checked
     here, before a step runs) and its fitting loop, not started yet."""
@@ -561,7 +608,7 @@ def _coefficients_steps(
     recipe = coefficients_recipe(lr_coefficients, lr_refiner, lr_background, train_refiner, crops_per_step,
                                  warmup_steps, schedule, coefficient_decay, coefficient_optimizer, gradient_weight,
                                  average_from, laplacian_weight, perceptual_weight, fft_weight, background_rows,
-                                 aligned)
+                                 aligned, coarse_fraction, coarse_side)
     if loss_fn is None:
         perceptual = None
         if perceptual_weight > 0:  # ValueError for an encoder no file was read into

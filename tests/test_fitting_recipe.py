@@ -17,6 +17,7 @@ from npbgpp_core.fitting import (
     FitViews,
     coefficients_ft_loss,
     coefficients_recipe,
+    downsized_fit_views,
     fit_coefficients,
     lr_factor,
     padded_fit_views,
@@ -207,7 +208,12 @@ def test_bad_recipe_values_are_named():
                          ({"laplacian_weight": float("inf")}, "laplacian_weight must be a finite number >= 0"),
                          ({"perceptual_weight": "x"}, "perceptual_weight must be a finite number >= 0"),
                          ({"fft_weight": -2}, "fft_weight must be a finite number >= 0"),
-                         ({"aligned": 1}, "aligned must be True or False, got 1")):
+                         ({"aligned": 1}, "aligned must be True or False, got 1"),
+                         ({"coarse_fraction": 1.5}, "coarse_fraction must be in \\[0, 1\\], got 1.5"),
+                         ({"coarse_fraction": -0.1}, "coarse_fraction must be in"),
+                         ({"coarse_side": 8}, "coarse_side must be an integer >= 16 pixels, got 8"),
+                         ({"coarse_side": 256.0}, "coarse_side must be an integer >= 16 pixels, got 256.0"),
+                         ({"coarse_side": True}, "coarse_side must be an integer >= 16 pixels, got True")):
         with pytest.raises(ValueError, match=text):
             coefficients_recipe(**kwargs)
 
@@ -468,3 +474,75 @@ def test_perceptual_fit_refuses_a_bundle_model_whose_encoder_is_random(scene, tm
     with pytest.raises(ValueError, match=r"another NPBG\+\+ network .*config differs in \['input_canvas'\]"):
         fitting_model(bundle, path, weights, "cpu")
 
+
+
+def block_mean(x: torch.Tensor, k: int) -> torch.Tensor:
+    """(N, C, H, W) averaged over k x k blocks, written out (the reference for the area resize)."""
+    n, c, h, w = x.shape
+    return x.reshape(n, c, h // k, k, w // k, k).mean(dim=(3, 5))
+
+
+def test_downsized_fit_views_are_block_means_with_matching_cameras_and_strict_masks():
+    cams = ring_cameras(2, size=(32, 48))
+    g = torch.Generator().manual_seed(3)
+    images = torch.rand(2, 3, 32, 48, generator=g)
+    masks = torch.ones(2, 1, 32, 48)
+    masks[1, :, 31:, :] = 0  # one padded row: the coarse row over it is not valid
+    masks[1, :, :, 45:] = 0
+    small = downsized_fit_views(FitViews(images, cams, masks), 24)
+    assert small.images.shape == (2, 3, 16, 24)
+    assert torch.allclose(small.images, block_mean(images, 2), atol=1e-6)
+    want = torch.ones(2, 1, 16, 24)
+    want[1, :, 15:, :] = 0
+    want[1, :, :, 22:] = 0  # columns 44-45 and 46-47 each hold a padded one
+    assert torch.equal(small.masks, want)
+    # the same 3D point lands on the same spot of the picture: pixel centres map by (u + 0.5) / 2 - 0.5
+    R = cams[0].R.to(torch.float64)
+    point = cams[0].center().to(torch.float64) + R.T @ torch.tensor([0.4, -0.3, 3.0], dtype=torch.float64)
+    uv_full, _ = cams[0].project(point[None])
+    uv_small, _ = small.cameras[0].project(point[None])
+    assert torch.allclose(uv_small, (uv_full + 0.5) / 2 - 0.5, atol=1e-6)
+    assert tuple(small.cameras[1].image_size) == (16, 24)
+    same = FitViews(images, cams)
+    assert downsized_fit_views(same, 48) is same  # already small enough: untouched
+    with pytest.raises(ValueError, match="coarse_side must be an integer >= 16"):
+        downsized_fit_views(same, 4)
+
+
+def test_coarse_phase_fits_its_first_steps_on_the_shrunk_photos(scene):
+    """coarse_fraction 0.5 of 4 steps: a hand-written loop whose first 2 crops come from the
+    views block-averaged to half size (cameras Camera.scaled) and the last 2 from the full
+    views, same seed: the same coefficients, map and refiner."""
+    model, agg, views = scene
+    knobs = dict(lr_coefficients=0.01, lr_refiner=1e-3, crops_per_step=1, warmup_steps=0,
+                 perceptual_weight=0.0, seed=4)
+    fit = fit_coefficients(model, agg, views, steps=4, crop=12, coarse_fraction=0.5, coarse_side=16, **knobs)
+    ref = fit_coefficients(model, agg, views, steps=0).model
+    ref.train()
+    rms = torch.optim.RMSprop([ref.descriptors, ref.background, ref.environment], lr=0.01)
+    adam = torch.optim.Adam(ref.refiner.parameters(), lr=1e-3)
+    half = FitViews(block_mean(views.images, 2), [c.scaled((16, 16)) for c in views.cameras])
+    rng = np.random.default_rng(4)
+    for step in range(4):
+        image, _, cam = random_crop(half if step < 2 else views, rng, 12)
+        loss = multiscale_l1(ref.render_raw(agg.points, cam)[:3][None], image, None, (1, 2, 4))
+        rms.zero_grad()
+        adam.zero_grad()
+        loss.backward()
+        rms.step()
+        adam.step()
+    assert torch.allclose(fit.model.descriptors, ref.descriptors, atol=1e-6)
+    assert torch.allclose(fit.model.environment, ref.environment, atol=1e-6)
+    for (name, p), q in zip(fit.model.refiner.named_parameters(), ref.refiner.parameters(), strict=True):
+        assert torch.allclose(p, q, atol=1e-6), name
+    plain = fit_coefficients(model, agg, views, steps=4, crop=12, coarse_fraction=0.0, **knobs)
+    assert not torch.allclose(plain.model.descriptors, fit.model.descriptors, atol=1e-4)
+
+
+def test_coarse_phase_leaves_photos_no_larger_than_its_side_alone(scene):
+    model, agg, views = scene  # 32 x 32 photos
+    knobs = dict(steps=3, crop=16, perceptual_weight=0.0, seed=2)
+    plain = fit_coefficients(model, agg, views, coarse_fraction=0.0, **knobs)
+    coarse = fit_coefficients(model, agg, views, coarse_fraction=1.0, coarse_side=32, **knobs)
+    assert plain.losses == coarse.losses
+    assert torch.equal(plain.model.descriptors, coarse.model.descriptors)
