@@ -830,7 +830,7 @@ class NPBGPP_OT_points_from_meshes(bpy.types.Operator):
             with render_setting_copies(meshes, context.scene) as copies:
                 depsgraph = context.evaluated_depsgraph_get()
                 points, colors = sample_surface_points(context.scene, self.count, self.seed, objects=copies,
-                                                       depsgraph=depsgraph, name=f"objects {[o.name for o in meshes]}")
+                                                       depsgraph=depsgraph, what=f"objects {[o.name for o in meshes]}")
                 faces = [_has_faces(c, depsgraph) for c in copies]
                 # a metaball member's points are its basis's: not skipped when that family was sampled
                 families = {metaball_family(o.name) for o, f in zip(meshes, faces, strict=True)

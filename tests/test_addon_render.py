@@ -2937,6 +2937,7 @@ def test_empty_bundle_and_faceless_mesh_give_messages(scene):
     with pytest.raises(RuntimeError, match="no visible mesh surfaces to sample points on") as info:
         bpy.ops.npbgpp.points_from_meshes(count=10)
     assert "KeyError" not in str(info.value)
+    assert "objects ['Edges']" in str(info.value), info.value  # the user's object, not its temporary copy
     assert set(bpy.data.objects) == before | {obj}  # the temporary copy removed
     assert (sc.render.simplify_subdivision, sc.render.simplify_subdivision_render) == (1, 4)  # restored
 

@@ -282,13 +282,13 @@ def scene_triangles(bpy_scene, objects: Sequence[Any] | None = None, depsgraph: 
 
 
 def sample_surface_points(bpy_scene, count: int, seed: int = 0, objects: Sequence[Any] | None = None,
-                          depsgraph: Any = None, name: str = "") -> tuple[np.ndarray, np.ndarray]:
+                          depsgraph: Any = None, what: str = "") -> tuple[np.ndarray, np.ndarray]:
     """``count`` points (float32 (N, 3)) uniformly on the render-visible surfaces (or on
     ``objects``' surfaces) and their sRGB albedo colours (float32 (N, 3) in [0, 1]);
-    ``name``: what errors call the objects (by default their names; copies' are not the
+    ``what``: what errors call the objects (by default their names; copies' are not the
     user's)."""
     meshes = scene_triangles(bpy_scene, objects, depsgraph)
-    what = name or (f"scene {bpy_scene.name!r}" if objects is None else f"objects {[o.name for o in objects]}")
+    what = what or (f"scene {bpy_scene.name!r}" if objects is None else f"objects {[o.name for o in objects]}")
     return _sample(meshes, count, seed, what)
 
 
