@@ -734,18 +734,18 @@ COPY_PREFIX = "NPBG++ sampled "
 
 @contextmanager
 def render_setting_copies(objects: list, scene: Any) -> Iterator[list]:
-    """Copies of ``objects`` (sharing their data) linked to ``scene``, whose modifiers are set
-    as renders evaluate them: shown where Show in Renders is on, and each setting a modifier
-    has apart for renders (:data:`RENDER_SETTINGS`: Subdivision's and Multires' Render levels,
-    Screw's Render steps, Ocean's Render resolution) copied to its viewport twin; Simplify's
-    subdivision limit is the render's meanwhile. Curves, texts, surfaces and metaballs get a copy
-    of their data at its render resolution (:data:`DATA_RENDER_SETTINGS`). The viewport's
-    depsgraph, the one Python can
-    evaluate without a render, evaluates the viewport's settings; the photos of a dataset, and
-    its points3d.ply (``datagen.surface_points.during_a_render``), show the render's. The
-    copies are removed and Simplify restored on leaving, errors included, so the user's
-    objects (linked ones too) and scene are as they were. Not emulated: a Geometry Nodes "Is
-    Viewport" switch; metaballs of a family combine only with its selected members."""
+    """Copies of ``objects`` linked to ``scene`` (a mesh's sharing its data), whose modifiers
+    are set as renders evaluate them: shown where Show in Renders is on, and each setting a
+    modifier has apart for renders (:data:`RENDER_SETTINGS`: Subdivision's and Multires' Render
+    levels, Screw's Render steps, Ocean's Render resolution) copied to its viewport twin;
+    Simplify's subdivision limit is the render's meanwhile. Curves, texts, surfaces and
+    metaballs get a copy of their data at its render resolution (:data:`DATA_RENDER_SETTINGS`).
+    The viewport's depsgraph, the one Python can evaluate without a render, evaluates the
+    viewport's settings; the photos of a dataset, and its points3d.ply
+    (``datagen.surface_points.during_a_render``), show the render's. The copies are removed
+    and Simplify restored on leaving, errors included, so the user's objects (linked ones too)
+    and scene are as they were. Not emulated: a Geometry Nodes "Is Viewport" switch; metaballs
+    of a family combine only with its selected members."""
     copies: list = []
     data_copies: list = []
     r = scene.render
