@@ -141,8 +141,11 @@ def downsized_fit_views(views: FitViews, max_side: int) -> FitViews:
     images = torch.nn.functional.interpolate(views.images, size=size, mode="area")
     masks = None
     if views.masks is not None:
-        area = torch.nn.functional.interpolate(views.masks, size=size, mode="area")
-        masks = (area > 0.999).to(views.masks.dtype)
+        # the least mask value over the pixels each area-averaged pixel covers (max pooling
+        # over the same windows): an average's threshold would let one invalid pixel through
+        # once a coarse pixel covers more than a thousand
+        least = -torch.nn.functional.adaptive_max_pool2d(-views.masks, size)
+        masks = (least > 0.999).to(views.masks.dtype)
     return FitViews(images, [c.scaled(size) for c in views.cameras], masks)
 
 

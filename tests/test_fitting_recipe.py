@@ -509,6 +509,23 @@ def test_downsized_fit_views_are_block_means_with_matching_cameras_and_strict_ma
         downsized_fit_views(same, 4)
 
 
+def test_downsized_masks_drop_every_coarse_pixel_a_masked_pixel_enters_however_large_its_window():
+    """Photos 600 x 1000 shrunk to 16 columns (a coarse pixel averages ~38 x 63 pixels, a
+    non-integer ratio): the image is 1 on five scattered masked pixels and 0 elsewhere, so a
+    coarse pixel's average is 0 exactly when no masked pixel enters it; the coarse mask must
+    be valid exactly there."""
+    cam = ring_cameras(1, size=(600, 1000))
+    masks = torch.ones(1, 1, 600, 1000)
+    for y, x in ((0, 0), (37, 500), (300, 333), (451, 62), (599, 999)):
+        masks[0, 0, y, x] = 0
+    images = (1 - masks).expand(1, 3, 600, 1000).contiguous()
+    small = downsized_fit_views(FitViews(images, cam, masks), 16)
+    assert small.images.shape == (1, 3, 10, 16)
+    clean = small.images[:, :1] == 0
+    assert 5 <= int((~clean).sum()) < clean.numel()  # each masked pixel reaches at least one coarse pixel
+    assert torch.equal(small.masks, clean.to(small.masks.dtype))
+
+
 def test_coarse_phase_fits_its_first_steps_on_the_shrunk_photos(scene):
     """coarse_fraction 0.5 of 4 steps: a hand-written loop whose first 2 crops come from the
     views block-averaged to half size (cameras Camera.scaled) and the last 2 from the full
