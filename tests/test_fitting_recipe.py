@@ -24,6 +24,7 @@ from npbgpp_core.fitting import (
     random_crop,
 )
 from npbgpp_core.losses import gradient_loss, multiscale_l1
+from npbgpp_core.models import NPBG
 
 
 @pytest.fixture(scope="module")
@@ -274,6 +275,33 @@ def test_crops_per_step_average_identical_crops_like_one(scene):
     assert torch.allclose(a.model.descriptors, b.model.descriptors, atol=1e-5)  # the fit moves them by 0.28
 
 
+def hand_written_fit(model, agg, views_of_step: list[FitViews], crop: int, seed: int) -> NPBG:
+    """The published loop, written out: RMSprop (lr 0.01) on the coefficients and the map, Adam
+    (lr 1e-3) on the whole refiner, constant rates, one random crop a step drawn from
+    ``views_of_step[step]``, plain multi-scale L1; the fitted model."""
+    ref = fit_coefficients(model, agg, views_of_step[0], steps=0).model
+    ref.train()
+    rms = torch.optim.RMSprop([ref.descriptors, ref.background, ref.environment], lr=0.01)
+    adam = torch.optim.Adam(ref.refiner.parameters(), lr=1e-3)
+    rng = np.random.default_rng(seed)
+    for views in views_of_step:
+        image, _, cam = random_crop(views, rng, crop)
+        loss = multiscale_l1(ref.render_raw(agg.points, cam)[:3][None], image, None, (1, 2, 4))
+        rms.zero_grad()
+        adam.zero_grad()
+        loss.backward()
+        rms.step()
+        adam.step()
+    return ref
+
+
+def assert_same_fitted_parameters(fitted: NPBG, ref: NPBG) -> None:
+    assert torch.allclose(fitted.descriptors, ref.descriptors, atol=1e-6)
+    assert torch.allclose(fitted.environment, ref.environment, atol=1e-6)
+    for (name, p), q in zip(fitted.refiner.named_parameters(), ref.refiner.parameters(), strict=True):
+        assert torch.allclose(p, q, atol=1e-6), name
+
+
 def test_plain_recipe_equals_a_hand_written_rmsprop_adam_loop(scene):
     """constant rate, whole refiner, RMSprop, one crop: the published loop, written out."""
     model, agg, views = scene
@@ -281,23 +309,7 @@ def test_plain_recipe_equals_a_hand_written_rmsprop_adam_loop(scene):
                            lr_background=None, train_refiner="all", crops_per_step=1, warmup_steps=0,
                            schedule="constant", coefficient_decay=0.0, coefficient_optimizer="rmsprop",
                            gradient_weight=0.0, perceptual_weight=0.0, seed=4)
-    ref = fit_coefficients(model, agg, views, steps=0).model
-    ref.train()
-    rms = torch.optim.RMSprop([ref.descriptors, ref.background, ref.environment], lr=0.01)
-    adam = torch.optim.Adam(ref.refiner.parameters(), lr=1e-3)
-    rng = np.random.default_rng(4)
-    for _ in range(3):
-        image, _, cam = random_crop(views, rng, 16)
-        loss = multiscale_l1(ref.render_raw(agg.points, cam)[:3][None], image, None, (1, 2, 4))
-        rms.zero_grad()
-        adam.zero_grad()
-        loss.backward()
-        rms.step()
-        adam.step()
-    assert torch.allclose(fit.model.descriptors, ref.descriptors, atol=1e-6)
-    assert torch.allclose(fit.model.environment, ref.environment, atol=1e-6)
-    for (name, p), q in zip(fit.model.refiner.named_parameters(), ref.refiner.parameters(), strict=True):
-        assert torch.allclose(p, q, atol=1e-6), name
+    assert_same_fitted_parameters(fit.model, hand_written_fit(model, agg, [views] * 3, crop=16, seed=4))
 
 
 def test_gradient_weight_adds_the_edge_loss():
@@ -475,7 +487,6 @@ def test_perceptual_fit_refuses_a_bundle_model_whose_encoder_is_random(scene, tm
         fitting_model(bundle, path, weights, "cpu")
 
 
-
 def block_mean(x: torch.Tensor, k: int) -> torch.Tensor:
     """(N, C, H, W) averaged over k x k blocks, written out (the reference for the area resize)."""
     n, c, h, w = x.shape
@@ -534,24 +545,8 @@ def test_coarse_phase_fits_its_first_steps_on_the_shrunk_photos(scene):
     knobs = dict(lr_coefficients=0.01, lr_refiner=1e-3, crops_per_step=1, warmup_steps=0,
                  perceptual_weight=0.0, seed=4)
     fit = fit_coefficients(model, agg, views, steps=4, crop=12, coarse_fraction=0.5, coarse_side=16, **knobs)
-    ref = fit_coefficients(model, agg, views, steps=0).model
-    ref.train()
-    rms = torch.optim.RMSprop([ref.descriptors, ref.background, ref.environment], lr=0.01)
-    adam = torch.optim.Adam(ref.refiner.parameters(), lr=1e-3)
     half = FitViews(block_mean(views.images, 2), [c.scaled((16, 16)) for c in views.cameras])
-    rng = np.random.default_rng(4)
-    for step in range(4):
-        image, _, cam = random_crop(half if step < 2 else views, rng, 12)
-        loss = multiscale_l1(ref.render_raw(agg.points, cam)[:3][None], image, None, (1, 2, 4))
-        rms.zero_grad()
-        adam.zero_grad()
-        loss.backward()
-        rms.step()
-        adam.step()
-    assert torch.allclose(fit.model.descriptors, ref.descriptors, atol=1e-6)
-    assert torch.allclose(fit.model.environment, ref.environment, atol=1e-6)
-    for (name, p), q in zip(fit.model.refiner.named_parameters(), ref.refiner.parameters(), strict=True):
-        assert torch.allclose(p, q, atol=1e-6), name
+    assert_same_fitted_parameters(fit.model, hand_written_fit(model, agg, [half, half, views, views], crop=12, seed=4))
     plain = fit_coefficients(model, agg, views, steps=4, crop=12, coarse_fraction=0.0, **knobs)
     assert not torch.allclose(plain.model.descriptors, fit.model.descriptors, atol=1e-4)
 
