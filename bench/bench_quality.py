@@ -15,8 +15,8 @@ noisier) of
   bundled file of its domain, ``npbgpp_core.datasets.scene_domain``: cut-out objects on a
   plain colour get the objects file, everything else the general one; the file each scene
   used is in the JSON and the table; world_up from ``resolve_world_up('auto', cameras)``);
-- ``coefficients_ft`` and ``npbg``: ``npbgpp_core.fitting`` for ``--steps`` steps each,
-  with seconds, on every input view (photos of different sizes are padded to one canvas,
+- ``coefficients_ft`` and ``npbg``: ``npbgpp_core.fitting`` for ``--steps`` steps each
+  on ``--crop`` windows (``--crop none``: whole views), with seconds, on every input view (photos of different sizes are padded to one canvas,
   the padding masked out of the loss: ``padded_fit_views``).
 
     .venv/bin/python bench/bench_quality.py --scenes /work/captures/* /work/corpus_env_val/*
@@ -61,6 +61,25 @@ def warmup_steps_arg(text: str) -> int:
         return warmup_steps_value(text, "--warmup-steps")
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def crop_arg(text: str) -> int | None:
+    """``--crop N`` (a positive side in pixels) or ``--crop none``: whole views per fitting
+    step (fit_coefficients / fit_npbg ``crop=None``), the recipe video_sfm gained from at 512 px."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        side = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive crop side or none, got {text!r}") from None
+    if side < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive crop side or none, got {text!r}")
+    return side
+
+
+def crop_label(crop: int | None) -> str:
+    """How a run's fitting crop reads in notes: "128^2 crops" or "whole views"."""
+    return "whole views" if crop is None else f"{crop}^2 crops"
 
 
 def on_off_arg(text: str) -> bool:
@@ -112,7 +131,7 @@ def check_fit_options(args: argparse.Namespace) -> None:
         coefficients_recipe(**fit_options(args))
     except ValueError as exc:
         raise QualityError(f"coefficients_ft options: {exc}") from exc
-    if args.fit_max_side is not None and args.fit_max_side < args.crop:
+    if args.fit_max_side is not None and args.crop is not None and args.fit_max_side < args.crop:
         raise QualityError(f"--fit-max-side {args.fit_max_side} is below the fitting crop --crop {args.crop}")
 
 
@@ -135,7 +154,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-test-views", type=int, default=None, help="score at most this many held-out views")
     p.add_argument("--max-input-views", type=int, default=None, help="use at most this many input views (evenly)")
     p.add_argument("--steps", type=int, default=200, help="fitting steps of coefficients_ft and NPBG")
-    p.add_argument("--crop", type=int, default=128, help="fitting crop side")
+    p.add_argument("--crop", type=crop_arg, default=128,
+                   help="fitting crop side, or none: whole views per step (--crops-per-step views each)")
     p.add_argument("--fit-seed", type=int, default=0, help="seed of the fits' random crops (seed-to-seed spread)")
     p.add_argument("--fit-max-side", type=int, default=None,
                    help="long side of the photos the fits see (default: --max-side); aggregation and scoring stay "
@@ -465,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
         used = weights["npbgpp"] or "per scene by domain: " + ", ".join(
             f"{r['scene']} {os.path.basename(r['weights'])}" for r in scenes if r.get("weights"))
         notes = [f"weights: {label} ({used})", f"long side {args.max_side} px, fits {args.steps} "
-                 f"steps at {args.crop}^2 crops, torch threads {torch.get_num_threads()}",
+                 f"steps at {crop_label(args.crop)}, torch threads {torch.get_num_threads()}",
                  "PSNR dB / SSIM / sharpness on held-out views (test split or every 8th view); sharpness = RMS "
                  "image gradient of the rendering / of the photo (npbgpp_core.metrics.sharpness_ratio: 1 = as "
                  "sharp as the photo, < 1 blurrier, > 1 noisier); (s) = fitting seconds"]

@@ -194,3 +194,34 @@ def test_fit_max_side_shrinks_only_what_the_fit_sees(tmp_path, monkeypatch):
         assert torch.allclose(torch.as_tensor(seen["views"].cameras[k].K), torch.as_tensor(scene.camera(i, (16, 16)).K))
     with pytest.raises(bq.QualityError, match="--fit-max-side 4 is below the fitting crop --crop 8"):
         bq.check_fit_options(parse_args(["--scenes", folder, "--fit-max-side", "4", "--crop", "8"]))
+
+
+def test_crop_none_fits_whole_views(tmp_path, monkeypatch, capsys):
+    """--crop none: fit_coefficients gets crop=None (each step a whole view) with the given
+    --steps / --crops-per-step; a non-positive or non-numeric side is refused by name, and
+    --fit-max-side has no crop to stay above."""
+    import bench.bench_quality as bq
+    import npbgpp_core.fitting as fitting
+
+    folder = make_tiny_scene(str(tmp_path / "s"), views=6, size=32, splits=(4, 1, 1))
+    seen = {}
+    real = fitting.fit_coefficients
+
+    def spy(model, agg, views, **kw):
+        seen.update(kw)
+        return real(model, agg, views, **kw)
+
+    monkeypatch.setattr(fitting, "fit_coefficients", spy)
+    args = parse_args(["--scenes", folder, "--methods", "coefficients_ft", "--max-side", "32", "--crop", " None ",
+                       "--steps", "2", "--crops-per-step", "1"])
+    assert args.crop is None and bq.crop_label(args.crop) == "whole views" and bq.crop_label(128) == "128^2 crops"
+    r = evaluate_scene(folder, args, {})
+    assert seen["crop"] is None and seen["steps"] == 2 and seen["crops_per_step"] == 1
+    assert r["methods"]["coefficients_ft"]["steps"] == 2
+    bq.check_fit_options(parse_args(["--scenes", folder, "--crop", "none", "--fit-max-side", "4"]))
+    assert parse_args(["--scenes", "x", "--crop", "64"]).crop == 64
+    for bad in ("0", "-8", "whole", "12.5"):
+        with pytest.raises(SystemExit) as exc:
+            parse_args(["--scenes", "x", "--crop", bad])
+        assert exc.value.code == 2
+        assert f"expected a positive crop side or none, got '{bad}'" in capsys.readouterr().err
