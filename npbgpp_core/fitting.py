@@ -50,8 +50,9 @@ FIT_ALIGNED = True
 FIT_WARMUP_STEPS = 20
 
 # Long side, in pixels, of the photos in fit_coefficients' coarse phase (its first
-# ``coarse_fraction`` of the steps): the size its short-fit recipe was tuned at, see
-# fit_coefficients. Photos no larger are fitted as they are throughout.
+# ``coarse_fraction`` of the steps): the size its short-fit recipe was tuned at (bench_quality's
+# default long side; BENCHMARKS.md "Short fits at the photos' own size"). Photos no larger are
+# fitted as they are throughout.
 FIT_COARSE_SIDE = 256
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
