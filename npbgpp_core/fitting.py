@@ -558,7 +558,8 @@ def fit_coefficients(
     first ones) fitted on the photos shrunk to a long side of ``coarse_side`` pixels
     (:data:`FIT_COARSE_SIDE`, :func:`downsized_fit_views`; photos no larger are left alone).
     Off by default: at 512 px, 75% of the steps at 256 px gave +0.10 dB on the 9 real captures
-    at seed 0 and lost it at seed 1 (BENCHMARKS.md "Fitting at the photos' own size").
+    at seed 0, all of it from two captures, which lost it at seed 1 (BENCHMARKS.md "Fitting at
+    the photos' own size").
 
     Sharpening terms added to the default loss (:func:`coefficients_ft_loss`; ignored with
     ``loss_fn``): ``gradient_weight`` the multi-scale edge loss, ``laplacian_weight`` the
