@@ -16,8 +16,9 @@ noisier) of
   plain colour get the objects file, everything else the general one; the file each scene
   used is in the JSON and the table; world_up from ``resolve_world_up('auto', cameras)``);
 - ``coefficients_ft`` and ``npbg``: ``npbgpp_core.fitting`` for ``--steps`` steps each
-  on ``--crop`` windows (``--crop none``: whole views), with seconds, on every input view (photos of different sizes are padded to one canvas,
-  the padding masked out of the loss: ``padded_fit_views``).
+  on ``--crop`` windows (``--crop none``: whole views), with seconds, on every input view
+  (photos of different sizes are padded to one canvas, the padding masked out of the loss:
+  ``padded_fit_views``).
 
     .venv/bin/python bench/bench_quality.py --scenes /work/captures/* /work/corpus_env_val/*
     .venv/bin/python bench/bench_quality.py --scenes-file val.txt --weights new.safetensors --label new
