@@ -230,12 +230,6 @@ def split_views(scene) -> tuple[list[int], list[int]]:
     return inputs, held
 
 
-def fit_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
-    h, w = size
-    s = min(1.0, max_side / max(h, w))
-    return max(1, round(h * s)), max(1, round(w * s))
-
-
 def raw_points(points, colors, camera, fill):
     """Nearest-point colours (3, H, W); ``fill`` where no point lands."""
     import torch
@@ -257,6 +251,7 @@ def evaluate_scene(folder: str, args: argparse.Namespace, weights: dict[str, str
 
     from npbgpp_core.datasets import load_scene, scene_domain
     from npbgpp_core.fitting import fit_coefficients, fit_npbg, padded_fit_views
+    from npbgpp_core.image_size import fit_long_side
     from npbgpp_core.metrics import mean_finite, psnr, sharpness_ratio, ssim
     from npbgpp_core.models.alignment import alignment_angle, resolve_world_up
     from npbgpp_core.pretrained import default_weights_path, load_pretrained_npbg_refiner, load_pretrained_npbgpp
@@ -278,7 +273,7 @@ def evaluate_scene(folder: str, args: argparse.Namespace, weights: dict[str, str
         held = held[: args.max_test_views]
 
     def size_of(i: int, max_side: int = args.max_side) -> tuple[int, int]:
-        return fit_size(tuple(scene.views[i].camera.image_size), max_side)
+        return fit_long_side(tuple(scene.views[i].camera.image_size), max_side)
 
     in_images = [scene.load_image(i, size_of(i)) for i in inputs]
     in_cams = [scene.camera(i, size_of(i)) for i in inputs]

@@ -15,10 +15,11 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from bench_quality import fit_size, split_views
+from bench_quality import split_views
 
 from npbgpp_core import rasterize
 from npbgpp_core.datasets import load_scene
+from npbgpp_core.image_size import fit_long_side
 
 
 def coverage(folder: str, pc_name: str | None, max_side: int = 256, max_points: int = 300_000) -> dict[str, float]:
@@ -30,7 +31,7 @@ def coverage(folder: str, pc_name: str | None, max_side: int = 256, max_points: 
     points = torch.as_tensor(scene.points, dtype=torch.float32)
     hit = covered = total = 0
     for i in held:
-        cam = scene.camera(i, fit_size(tuple(scene.views[i].camera.image_size), max_side))
+        cam = scene.camera(i, fit_long_side(tuple(scene.views[i].camera.image_size), max_side))
         on = (rasterize(points, cam, scales=(1.0,))[0] >= 0).float()
         near = F.max_pool2d(on[None, None], 9, stride=1, padding=4)[0, 0]
         hit += float(on.sum())

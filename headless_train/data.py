@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from npbgpp_core.atomic import is_listed_name
+from npbgpp_core.image_size import fit_long_side
 
 log = logging.getLogger(__name__)
 
@@ -318,19 +319,11 @@ def sample_targets(sample: dict) -> list[dict]:
     return [sample, *sample.get("extra_targets", ())]
 
 
-def _fit_size(size: tuple[int, int], max_side: int | None) -> tuple[int, int]:
-    h, w = size
-    if max_side is None or max(h, w) <= max_side:
-        return h, w
-    s = max_side / max(h, w)
-    return max(1, round(h * s)), max(1, round(w * s))
-
-
 def load_input_views(scene, indices: list[int], max_side: int | None) -> tuple[list[torch.Tensor], list]:
     """Images (3,h,w) and matching cameras of input views, long side at most ``max_side``."""
     images, cams = [], []
     for i in indices:
-        size = _fit_size(tuple(scene.views[i].camera.image_size), max_side)
+        size = fit_long_side(tuple(scene.views[i].camera.image_size), max_side)
         images.append(scene.load_image(i, size))
         cams.append(scene.camera(i, size))
     return images, cams
@@ -357,7 +350,7 @@ def crop_input_views(
         nh, nw = native.image_size
         h, w = max(2, round(nh * zoom)), max(2, round(nw * zoom))
         if max_side is not None and max(h, w) > max_side:
-            h, w = _fit_size((h, w), max_side)
+            h, w = fit_long_side((h, w), max_side)
         cam = native.scaled((h, w))
         ch, cw = min(h, 2 * th), min(w, 2 * tw)
         cy, cx = h / 2.0, w / 2.0

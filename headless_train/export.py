@@ -103,10 +103,9 @@ def seen_points_note(points: int, seen: int, in_no_view: int) -> str:
 
 
 def export_npbgpp(ckpt: dict, scene, args, name: str):
+    from npbgpp_core.image_size import fit_long_side
     from npbgpp_core.pretrained import WeightsError, build_network, bundled_domain, trainer_checkpoint_weights
     from npbgpp_core.scene import NeuralScene
-
-    from .data import _fit_size
 
     views = aggregated_views(scene, args.views)
     if not views:
@@ -123,7 +122,7 @@ def export_npbgpp(ckpt: dict, scene, args, name: str):
         # points on a pixel of some view's z-buffer, winning it or not (the add-on's Aggregate counts them alike)
         in_a_view = torch.zeros(len(points), dtype=torch.bool, device=args.device)
         for i in views:
-            size = _fit_size(tuple(scene.views[i].camera.image_size), args.max_side)
+            size = fit_long_side(tuple(scene.views[i].camera.image_size), args.max_side)
             camera = scene.camera(i, size)
             state_agg.add_views(scene.load_image(i, size).unsqueeze(0).to(args.device), [camera])
             in_a_view |= model.points_in_view(state_agg.points, camera)

@@ -71,9 +71,9 @@ def path_cameras(scene, views: list[int], between: int, max_side: int | None) ->
     pair, at the first view's size (long side at most ``max_side``). A view of another size
     or aspect (portrait among landscape photos) is scaled by one factor to fit inside the
     frame and centred in it (never stretched: its pixels stay square)."""
-    from .data import _fit_size
+    from npbgpp_core.image_size import fit_long_side
 
-    size = _fit_size(tuple(scene.views[views[0]].camera.image_size), max_side)
+    size = fit_long_side(tuple(scene.views[views[0]].camera.image_size), max_side)
     poses = []
     for i in views:
         h, w = scene.views[i].camera.image_size

@@ -883,6 +883,7 @@ def pack(corpus: str, out: str, max_side: int, max_points: int, max_mib: float,
     from PIL import Image
 
     from npbgpp_core.atomic import atomic_directory, is_listed_name
+    from npbgpp_core.image_size import fit_long_side
     from npbgpp_core.ply import load_scene_cloud, save_ply
 
     if not os.path.isdir(corpus):
@@ -917,9 +918,8 @@ def pack(corpus: str, out: str, max_side: int, max_points: int, max_mib: float,
                     with Image.open(src) as img:
                         img.load()
                         w, h = img.size
-                        s = min(1.0, max_side / max(w, h))
-                        if s < 1.0:
-                            nw, nh = max(1, round(w * s)), max(1, round(h * s))
+                        if max(w, h) > max_side:
+                            nw, nh = fit_long_side((w, h), max_side)
                             img = img.resize((nw, nh), Image.Resampling.BOX)
                             resized[os.path.splitext(os.path.normpath(dst))[0]] = (nw / w, nh / h)
                         img.save(dst)

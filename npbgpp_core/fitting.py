@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from .camera import Camera
+from .image_size import fit_long_side
 from .losses import EncoderFeatureLoss, fft_amplitude_loss, gradient_loss, laplacian_pyramid_loss, multiscale_l1
 from .models import NPBG, NPBGConfig, NPBGPlusPlus
 from .models.aggregator import AggregatedScene
@@ -137,8 +138,7 @@ def downsized_fit_views(views: FitViews, max_side: int) -> FitViews:
     H, W = views.images.shape[-2:]
     if max(H, W) <= max_side:
         return views
-    scale = max_side / max(H, W)
-    size = (max(1, round(H * scale)), max(1, round(W * scale)))
+    size = fit_long_side((H, W), max_side)
     images = torch.nn.functional.interpolate(views.images, size=size, mode="area")
     masks = None
     if views.masks is not None:

@@ -45,6 +45,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from ..atomic import atomic_directory
+from ..image_size import fit_long_side
 from .colmap import (
     CAMERA_MODELS,
     _intrinsics,
@@ -122,11 +123,6 @@ def _write_points_bin(path: str, xyz: np.ndarray, rgb: np.ndarray) -> None:
         f.write(b"".join(parts))
 
 
-def _scaled_size(w: int, h: int, max_size: int) -> tuple[int, int]:
-    s = min(1.0, max_size / max(w, h))
-    return max(1, round(w * s)), max(1, round(h * s))
-
-
 def prepare_capture(
     src: str,
     out: str,
@@ -201,7 +197,7 @@ def prepare_capture(
             pw, ph = photo.size
             if abs(pw / cw - ph / ch) > 0.01:
                 raise DatasetError(f"{path}: image is {pw}x{ph} but camera {cam_id} is {cw}x{ch} (aspect differs)")
-            nw, nh = _scaled_size(pw, ph, max_size)
+            nw, nh = fit_long_side((pw, ph), max_size)
             if (nw, nh) != (pw, ph):
                 photo = photo.resize((nw, nh), Image.Resampling.LANCZOS)
             # the loader's own cameras of this photo at its new size (load_scene(src, undistort=True))

@@ -18,6 +18,7 @@ The domains and their files are defined in :mod:`npbgpp_core.pretrained`.
 
 from __future__ import annotations
 
+from ..image_size import fit_long_side
 from .images import read_alpha
 from .scene_data import SceneData
 
@@ -37,8 +38,7 @@ def transparent_fraction(scene: SceneData, views: int = 2) -> float:
         if not v.mask_from_alpha:
             continue
         h, w = v.camera.image_size
-        s = min(1.0, PROBE_SIDE / max(h, w))
-        alpha = read_alpha(v.image_path, (max(1, round(h * s)), max(1, round(w * s))))
+        alpha = read_alpha(v.image_path, fit_long_side((h, w), PROBE_SIDE))
         fractions.append(float((alpha < 0.5).float().mean()))
     return sum(fractions) / len(fractions) if fractions else 0.0
 
