@@ -1169,11 +1169,7 @@ def test_points_from_meshes_base_colour(scene):
     for o in sc.objects:
         o.select_set(o == plane)
     assert bpy.ops.npbgpp.points_from_meshes(count=300, seed=1) == {"FINISHED"}
-    obj = sc.npbgpp.point_object
-    sys.path.insert(0, ROOT)
-    from blender_addon.point_source import object_points
-
-    pts, col = object_points(obj.evaluated_get(bpy.context.evaluated_depsgraph_get()))
+    pts, col = _sampled_points(sc)
     assert pts.shape == (300, 3)
     np.testing.assert_allclose(pts[:, 2], 0.5, atol=1e-5)
     assert np.abs(pts[:, :2]).max() <= 1.0 + 1e-5 and np.abs(pts[:, :2]).max() > 0.8
@@ -2161,6 +2157,20 @@ def _bvh_of_evaluated(obj):
     return len(verts), BVHTree.FromPolygons(verts, polys)
 
 
+def _sampled_points(sc) -> tuple[np.ndarray, np.ndarray]:
+    """Points and colours of ``sc``'s point object as Blender evaluates it: what Points from
+    Selected Meshes sampled."""
+    sys.path.insert(0, ROOT)
+    from blender_addon.point_source import object_points
+
+    return object_points(sc.npbgpp.point_object.evaluated_get(bpy.context.evaluated_depsgraph_get()))
+
+
+def _distances(bvh, pts: np.ndarray) -> np.ndarray:
+    """Distance of each of ``pts`` to the nearest point of the surface ``bvh``."""
+    return np.array([bvh.find_nearest(Vector(p))[3] for p in pts])
+
+
 def _evaluated_bvh(sc, obj, modifier_settings=None, **data_settings):
     """:func:`_bvh_of_evaluated` of a copy of ``obj`` whose modifiers have ``modifier_settings``
     ({modifier name: {setting: value}}) and whose curve data (copied) has ``data_settings``;
@@ -2211,13 +2221,10 @@ def test_points_from_meshes_sample_the_mesh_as_it_renders(scene, capfd):
     # nor the mesh Convert to Point Cloud leaves (the fixture's PLY import's neither)
     assert obj.type == "POINTCLOUD" and [m.name for m in bpy.data.meshes if not m.users] == []
     assert (sub.levels, sub.render_levels, array.show_viewport, array.show_render) == (1, 3, False, True)
-    sys.path.insert(0, ROOT)
-    from blender_addon.point_source import object_points
-
-    pts, _ = object_points(obj.evaluated_get(bpy.context.evaluated_depsgraph_get()))
+    pts, _ = _sampled_points(sc)
     assert pts.shape == (400, 3)
-    on_render = np.array([render_bvh.find_nearest(Vector(p))[3] for p in pts])
-    on_viewport = np.array([viewport_bvh.find_nearest(Vector(p))[3] for p in pts])
+    on_render = _distances(render_bvh, pts)
+    on_viewport = _distances(viewport_bvh, pts)
     assert on_render.max() < 1e-4, on_render.max()
     assert (on_viewport > 1e-2).mean() > 0.5  # the level-1 surface lies apart from most of them
     assert pts[:, 0].max() > 2.5  # the second cube of the Array, centred at x = 3
@@ -2241,11 +2248,8 @@ def test_points_from_meshes_at_simplifys_render_limit(scene):
     assert bpy.ops.npbgpp.points_from_meshes(count=300, seed=5) == {"FINISHED"}
     assert (r.use_simplify, r.simplify_subdivision, r.simplify_subdivision_render) == (True, 0, 3)
     assert len(cube.evaluated_get(bpy.context.evaluated_depsgraph_get()).data.vertices) == 8  # the viewport's
-    sys.path.insert(0, ROOT)
-    from blender_addon.point_source import object_points
-
-    pts, _ = object_points(sc.npbgpp.point_object.evaluated_get(bpy.context.evaluated_depsgraph_get()))
-    on_rendered = np.array([rendered.find_nearest(Vector(p))[3] for p in pts])
+    pts, _ = _sampled_points(sc)
+    on_rendered = _distances(rendered, pts)
     assert on_rendered.max() < 1e-4, on_rendered.max()
     assert np.abs(pts).max(axis=1).min() < 0.95  # off the bare cube's faces (|coordinate| 1)
 
@@ -2265,11 +2269,7 @@ def test_points_from_meshes_screw_at_its_render_steps(scene):
         o.select_set(o == edge)
     assert bpy.ops.npbgpp.points_from_meshes(count=300, seed=2) == {"FINISHED"}
     assert (screw.steps, screw.render_steps) == (3, 64)
-    sys.path.insert(0, ROOT)
-    from blender_addon.point_source import object_points
-
-    obj = sc.npbgpp.point_object
-    pts, _ = object_points(obj.evaluated_get(bpy.context.evaluated_depsgraph_get()))
+    pts, _ = _sampled_points(sc)
     radius = np.hypot(pts[:, 0], pts[:, 1])
     assert radius.min() >= np.cos(np.pi / 64) - 1e-5 and radius.max() <= 1.0 + 1e-5, (radius.min(), radius.max())
 
@@ -2291,13 +2291,9 @@ def test_points_from_meshes_ocean_at_its_render_resolution(scene):
         o.select_set(o == plane)
     assert bpy.ops.npbgpp.points_from_meshes(count=300, seed=3) == {"FINISHED"}
     assert (ocean.resolution, ocean.viewport_resolution) == (6, 1)
-    sys.path.insert(0, ROOT)
-    from blender_addon.point_source import object_points
-
-    obj = sc.npbgpp.point_object
-    pts, _ = object_points(obj.evaluated_get(bpy.context.evaluated_depsgraph_get()))
-    on_render = np.array([render_bvh.find_nearest(Vector(p))[3] for p in pts])
-    on_viewport = np.array([viewport_bvh.find_nearest(Vector(p))[3] for p in pts])
+    pts, _ = _sampled_points(sc)
+    on_render = _distances(render_bvh, pts)
+    on_viewport = _distances(viewport_bvh, pts)
     assert on_render.max() < 1e-4, on_render.max()
     assert (on_viewport > 1e-3).mean() > 0.5, np.median(on_viewport)
 
@@ -2340,16 +2336,13 @@ def test_points_from_meshes_text_and_bevelled_curve_at_render_resolution(scene, 
     assert [m.name for m in bpy.data.meshes if not m.users] == []
     assert (ring.data.resolution_u, ring.data.render_resolution_u) == (2, 24)
     assert (text.data.resolution_u, text.data.render_resolution_u) == (1, 16)
-    sys.path.insert(0, ROOT)
-    from blender_addon.point_source import object_points
-
-    pts, _ = object_points(obj.evaluated_get(bpy.context.evaluated_depsgraph_get()))
+    pts, _ = _sampled_points(sc)
     on_ring = pts[:, 0] < 2.0  # the ring lies within x <= 1.2, the letter from x = 3
     assert 50 < on_ring.sum() < 550
     for sel, render_bvh, viewport_bvh in ((on_ring, ring_render_bvh, ring_viewport_bvh),
                                           (~on_ring, text_render_bvh, text_viewport_bvh)):
-        on_render = np.array([render_bvh.find_nearest(Vector(p))[3] for p in pts[sel]])
-        on_viewport = np.array([viewport_bvh.find_nearest(Vector(p))[3] for p in pts[sel]])
+        on_render = _distances(render_bvh, pts[sel])
+        on_viewport = _distances(viewport_bvh, pts[sel])
         assert on_render.max() < 1e-4, on_render.max()
         assert (on_viewport > 1e-3).mean() > 0.3, np.median(on_viewport)
 
@@ -2371,12 +2364,9 @@ def test_points_from_meshes_nurbs_surface_at_render_resolution(scene):
         o.select_set(o == ball)
     assert bpy.ops.npbgpp.points_from_meshes(count=300, seed=9) == {"FINISHED"}
     assert (d.resolution_u, d.resolution_v, d.render_resolution_u, d.render_resolution_v) == (2, 2, 12, 12)
-    sys.path.insert(0, ROOT)
-    from blender_addon.point_source import object_points
-
-    pts, _ = object_points(sc.npbgpp.point_object.evaluated_get(bpy.context.evaluated_depsgraph_get()))
-    on_render = np.array([render_bvh.find_nearest(Vector(p))[3] for p in pts])
-    on_viewport = np.array([viewport_bvh.find_nearest(Vector(p))[3] for p in pts])
+    pts, _ = _sampled_points(sc)
+    on_render = _distances(render_bvh, pts)
+    on_viewport = _distances(viewport_bvh, pts)
     assert on_render.max() < 1e-4, on_render.max()
     assert (on_viewport > 1e-3).mean() > 0.5, np.median(on_viewport)
 
@@ -2412,12 +2402,9 @@ def test_points_from_meshes_metaball_family_at_render_resolution(scene, capfd):
     after = {n: set(getattr(bpy.data, n)) for n in ("objects", "metaballs", "meshes")}
     assert after == {**before, "objects": before["objects"] | {obj}}
     assert (basis.resolution, basis.render_resolution) == (0.5, 0.0625)
-    sys.path.insert(0, ROOT)
-    from blender_addon.point_source import object_points
-
-    pts, _ = object_points(obj.evaluated_get(bpy.context.evaluated_depsgraph_get()))
-    on_render = np.array([render_bvh.find_nearest(Vector(p))[3] for p in pts])
-    on_viewport = np.array([viewport_bvh.find_nearest(Vector(p))[3] for p in pts])
+    pts, _ = _sampled_points(sc)
+    on_render = _distances(render_bvh, pts)
+    on_viewport = _distances(viewport_bvh, pts)
     assert on_render.max() < 1e-4, on_render.max()
     assert (on_viewport > 1e-3).mean() > 0.5, np.median(on_viewport)
     assert pts[:, 0].min() < -0.5 and pts[:, 0].max() > 1.7  # beyond each ball's centre
@@ -2428,7 +2415,7 @@ def test_points_from_meshes_metaball_family_at_render_resolution(scene, capfd):
     capfd.readouterr()
     assert bpy.ops.npbgpp.points_from_meshes(count=200, seed=7) == {"FINISHED"}
     assert "skipped" not in capfd.readouterr().out
-    pts, _ = object_points(sc.npbgpp.point_object.evaluated_get(bpy.context.evaluated_depsgraph_get()))
+    pts, _ = _sampled_points(sc)
     near_member = np.linalg.norm(pts - [1.2, 0.0, 0.0], axis=1) < 1.0
     assert near_member.any() and (near_member | (pts[:, 1] > 3.0)).all()  # the member's ball, the cube
 
@@ -2451,11 +2438,8 @@ def test_points_from_meshes_geometry_nodes_mesh(scene):
     for o in sc.objects:
         o.select_set(o == plane)
     assert bpy.ops.npbgpp.points_from_meshes(count=200, seed=8) == {"FINISHED"}
-    sys.path.insert(0, ROOT)
-    from blender_addon.point_source import object_points
-
-    pts, _ = object_points(sc.npbgpp.point_object.evaluated_get(bpy.context.evaluated_depsgraph_get()))
-    assert max(bvh.find_nearest(Vector(p))[3] for p in pts) < 1e-4
+    pts, _ = _sampled_points(sc)
+    assert _distances(bvh, pts).max() < 1e-4
     assert np.linalg.norm(pts, axis=1).min() > 1.8  # on the sphere, none on the 0.5 plane
 
 
