@@ -381,9 +381,6 @@ class _Matcher:
         mu = _box(I, self.k)
         var = (_box(I * I, self.k) - mu * mu).clamp_min(0.0)
         self.I, self.mu, self.sigma = I, mu, var.sqrt()
-        r = self.k // 2
-        self.inner = (slice(r, ref.h - r), slice(r, ref.w - r))
-        self.mu_in, self.sigma_in = self.mu[self.inner], self.sigma[self.inner]
         rays = _rays(ref)
         self.nbrs = []
         for cam, gray in nbrs:
@@ -409,15 +406,11 @@ class _Matcher:
         rho = inv_depth[..., None]
         # Scores of the k//2-pixel border stay -1: windows there leave the image.
         per = torch.full((len(self.nbrs), P, H, W), -1.0, device=inv_depth.device)
-        if rows is None and cols is None:
-            I, mu_in, sigma_in = self.I, self.mu_in, self.sigma_in
-            iy, ix = self.inner
-            block = (slice(None), slice(None))
-        else:
-            block = (rows or slice(None), cols or slice(None))
-            r = self.k // 2
-            iy, ix = slice(r, H - r), slice(r, W - r)
-            I, mu_in, sigma_in = self.I[block], self.mu[block][iy, ix], self.sigma[block][iy, ix]
+        # The whole image is the block of all rows and columns (slices: views, no copies).
+        block = (rows or slice(None), cols or slice(None))
+        r = self.k // 2
+        iy, ix = slice(r, H - r), slice(r, W - r)
+        I, mu_in, sigma_in = self.I[block], self.mu[block][iy, ix], self.sigma[block][iy, ix]
         for n, (_c, pair, axy_full, az_full, bxy, bz) in enumerate(self.nbrs):
             axy, az = axy_full[block], az_full[block]
             z = az + rho * bz
