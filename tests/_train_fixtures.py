@@ -70,3 +70,18 @@ def make_dataset(root: str, names: tuple[str, ...] = ("sceneA",), **kwargs) -> s
     for k, name in enumerate(names):
         make_tiny_scene(os.path.join(root, name), seed=10 * k, **kwargs)
     return root
+
+
+def assert_same_gradients(
+    grads_a: tuple[torch.Tensor | None, ...], grads_b: tuple[torch.Tensor | None, ...], n_params: int, rtol: float
+) -> None:
+    """Two gradient tuples of one parameter list (``torch.autograd.grad(..., allow_unused=True)``)
+    agree parameter by parameter, and more than half the parameters get a nonzero gradient, so
+    the comparison is not passed by gradients that are all zero."""
+    nonzero = 0
+    for a, b in zip(grads_a, grads_b, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=rtol)
+            nonzero += int(a.abs().sum() > 0)
+    assert nonzero > n_params // 2
