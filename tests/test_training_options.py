@@ -481,6 +481,16 @@ def _resumable_run(work, settings: dict | None, overrides: list[str] | None = No
     (work / "stage.json").write_text(json.dumps([call]))
 
 
+def _refused_leaving_the_run_as_it_was(stage, argv: list[str], work, capsys) -> str:
+    """stage.main(argv) refuses (exit 2) and leaves the run folder's listing and stage.json
+    as they were; returns what it wrote to stderr, for the caller's message check."""
+    listing, record = sorted(os.listdir(work)), (work / "stage.json").read_text()
+    assert stage.main(argv) == 2, argv
+    err = capsys.readouterr().err
+    assert sorted(os.listdir(work)) == listing and (work / "stage.json").read_text() == record
+    return err
+
+
 def test_a_resumed_stage_keeps_left_out_options_refuses_the_networks_and_says_what_changes(
         tmp_path, capsys, monkeypatch):
     """One rule for every option of a resumed call: left out, the run's recorded value (it fell
@@ -528,7 +538,6 @@ def test_a_resumed_stage_keeps_left_out_options_refuses_the_networks_and_says_wh
             "datasets.color_jitter_prob=0 -> --override datasets.color_jitter_prob=0.5; the run's other settings "
             "are kept") in err, err
     n = len(started)
-    listing, record = sorted(os.listdir(work)), (work / "stage.json").read_text()
     refused = [
         (["--lr", "2e-4"], "--lr 0.0002: this run was trained with --lr 0.001, which a resumed call keeps"),
         (["--world-up", "0,1,0"], "--world-up 0,1,0: this run was trained with --world-up 0,0,1"),
@@ -536,10 +545,9 @@ def test_a_resumed_stage_keeps_left_out_options_refuses_the_networks_and_says_wh
         (["--override", "+datasets.targets_per_sample=2"], "is set by --targets-per-sample"),
     ]
     for extra, message in refused:
-        assert stage.main([*base, *extra]) == 2, extra
-        err = capsys.readouterr().err
+        err = _refused_leaving_the_run_as_it_was(stage, [*base, *extra], work, capsys)
         assert message in err and "Traceback" not in err, err
-    assert len(started) == n and sorted(os.listdir(work)) == listing and (work / "stage.json").read_text() == record
+    assert len(started) == n
     fresh = tmp_path / "fresh"  # the clash is refused on a first call too, before the folder is made
     assert stage.main(["--corpus", root, "--work", str(fresh), "--override", "datasets.train_image_size=64"]) == 2
     assert "is set by --crop" in capsys.readouterr().err and not fresh.exists()
@@ -587,13 +595,11 @@ def test_a_gpu_run_resumed_on_a_cpu_machine_is_refused_early_naming_gpus(tmp_pat
     root = make_dataset(str(tmp_path / "data"), ("s1",), views=3, size=16, n_points=50)
     work = tmp_path / "w"
     _resumable_run(work, {"gpus": 1, "workers": 8})
-    listing, record = sorted(os.listdir(work)), (work / "stage.json").read_text()
     base = ["--corpus", root, "--work", str(work)]
-    assert stage.main(base) == 2
-    err = capsys.readouterr().err
+    err = _refused_leaving_the_run_as_it_was(stage, base, work, capsys)
     assert (f"--gpus 1 (the run's value, recorded by call 1 in {work / 'stage.json'}, as the flag was left out): this "
             "machine has no CUDA GPUs; give --gpus 0 to train on the CPU") in err, err
-    assert not started and sorted(os.listdir(work)) == listing and (work / "stage.json").read_text() == record
+    assert not started
     assert stage.main([*base, "--gpus", "2"]) == 2
     assert "--gpus 2: this machine has no CUDA GPUs" in capsys.readouterr().err
     with pytest.raises(stage.StageError, match="took no step"):
@@ -625,13 +631,11 @@ def test_a_bad_recorded_value_is_refused_naming_the_runs_record_and_call(tmp_pat
     _resumable_run(work, {"gpus": 0, "crop": 0})
     calls = json.loads((work / "stage.json").read_text())
     (work / "stage.json").write_text(json.dumps([{**calls[0], "settings": {"gpus": 0, "crop": 64}}, *calls]))
-    listing, record = sorted(os.listdir(work)), (work / "stage.json").read_text()
     base = ["--corpus", root, "--work", str(work)]
-    assert stage.main(base) == 2
-    err = capsys.readouterr().err
+    err = _refused_leaving_the_run_as_it_was(stage, base, work, capsys)
     assert (f"--crop 0 (the run's value, recorded by call 2 in {work / 'stage.json'}, as the flag was left out): "
             "must be at least 1") in err, err
-    assert not started and sorted(os.listdir(work)) == listing and (work / "stage.json").read_text() == record
+    assert not started
     assert stage.main([*base, "--crop", "0"]) == 2
     err = capsys.readouterr().err
     assert "--crop 0: must be at least 1" in err and "recorded" not in err, err
