@@ -147,8 +147,7 @@ class NPBGPPRenderEngine(bpy.types.RenderEngine):
         cameras.append(camera)
         if len(cameras) > 1 and self.is_animation:
             return False
-        _reported_this_job.add(note)
-        return True
+        return first_time_this_job(note)  # records the note, as the colour and EXR notes are
 
     def _report_job_summaries(self) -> None:
         """On an animation's last frame: one line per kind of note that more cameras than the
