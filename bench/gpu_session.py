@@ -808,7 +808,10 @@ def build_kit(args: argparse.Namespace, kit: Path, corpus_dir: Path, progress: P
     if args.start_weights:
         if not os.path.isfile(args.start_weights):
             raise KitError(f"--start-weights: file not found: {args.start_weights}")
-        shutil.copyfile(args.start_weights, kit / "start.safetensors")
+        from npbgpp_core.atomic import atomic_copy_file
+
+        # the kit is built in place and carried as it is: a copy cut short must not look whole
+        atomic_copy_file(args.start_weights, kit / "start.safetensors")
         say(f"first call starts from {args.start_weights} ({kit / 'start.safetensors'})")
     if args.rebuild_corpus:
         shutil.rmtree(corpus_dir, ignore_errors=True)
@@ -1084,10 +1087,12 @@ def log_tail(s: Session, path: Path, lines: int) -> None:
 
 def collect_train(s: Session, work: Path) -> None:
     """Weights, stage.json and the stage state (tar pieces) to $OUT."""
+    from npbgpp_core.atomic import atomic_copy_file
+
     t0 = time.time()
     for name in ("npbgpp_sphere_stage.safetensors", "stage.json"):
         if (work / name).is_file():
-            shutil.copyfile(work / name, s.out / name)
+            atomic_copy_file(work / name, s.out / name)  # $OUT comes back as it is: whole files or none
     last = work / "run" / "checkpoints" / "last.ckpt"
     if last.is_file():
         tar_path = s.scratch / "stage_state.tar"

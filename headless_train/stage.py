@@ -936,6 +936,7 @@ def pack(corpus: str, out: str, max_side: int, max_points: int, max_mib: float,
                         keep = np.sort(np.random.default_rng(123).choice(len(keep), max_points, replace=False))
                     save_ply(dst, pc.points[keep], None if pc.colors is None else pc.colors[keep])
                 elif low.endswith((".json", ".txt", ".bin", ".md")):
+                    # a plain copy: ``tmp`` is atomic_directory's folder, removed whole on any error
                     shutil.copyfile(src, dst)
                     if f.startswith("transforms_") and low.endswith(".json"):
                         transforms.append((scene, dst))

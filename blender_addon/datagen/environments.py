@@ -835,6 +835,7 @@ def render_env_scene(seed: int, out_dir: str, views: int = 24, size: Sequence[in
             max_depth = _sim_kwargs(info, path)["max_depth"]
             counts, sim_info = _simulate_points(scene, info, rays, train_maps, seed, max_depth, surface_points,
                                                 os.path.join(tmp, "points"))
+            # a plain copy: ``tmp`` is atomic_directory's folder, removed whole on any error
             shutil.copyfile(os.path.join(tmp, "points", "surface.ply"), os.path.join(tmp, "points3d.ply"))
             sim_s = time.perf_counter() - t1
             total = time.perf_counter() - t0
