@@ -317,59 +317,16 @@ def new_run_hint(work: str, setting: str) -> str:
             f"weights with {setting}")
 
 
-def recorded_targets_per_sample(call: dict[str, Any]) -> int:
-    """The ``--targets-per-sample`` a call recorded in ``stage.json`` trained with: its
-    ``targets_per_sample``, else (calls recorded before that key) the last
-    ``datasets.targets_per_sample=`` of its overrides, else 1 (calls before the option
-    trained one target per sample); DataConfigError when the record is not a whole number >= 1."""
-    value: Any = call.get("targets_per_sample")
-    if value is None:
-        overrides = call.get("overrides")
-        given = [o.split("=", 1)[1] for o in overrides if isinstance(o, str)
-                 and o.startswith("datasets.targets_per_sample=")] if isinstance(overrides, list) else []
-        value = given[-1] if given else 1
-    from .data import targets_per_sample
-
-    return targets_per_sample({"targets_per_sample": value})  # the data module's own reading
-
-
-def stage_targets_per_sample(given: int | None, resume: bool, calls: list[dict[str, Any]], history: str,
-                             work: str) -> int:
-    """The target crops per sample of this call: ``given`` or 1 on a first call; on a resumed
-    call the run's own (its last call in ``stage.json``, :func:`recorded_targets_per_sample`),
-    as ``--warmup-steps``: omitting the flag fell back to 1 without a word. StageError when
-    ``given`` asks for another value; a warning, and ``given`` or 1, when ``stage.json``
-    records no call (the first call was killed before it could record itself)."""
-    if not resume:
-        return 1 if given is None else given
-    if not calls:
-        chosen = 1 if given is None else given
-        say(f"warning: {history} records no call of the run in {work}, so its --targets-per-sample is unknown; "
-            f"this call trains with --targets-per-sample {chosen}", sys.stderr)
-        return chosen
-    from .data import DataConfigError
-
-    try:
-        own = recorded_targets_per_sample(calls[-1])
-    except DataConfigError as exc:
-        raise StageError(f"{history}: the run's last call records a bad setting ({exc}); repair it or start a new "
-                         "--work folder") from None
-    if given is not None and given != own:
-        raise StageError(f"this run was trained with --targets-per-sample {own} (recorded in {history}); a resumed "
-                         f"call keeps it (got --targets-per-sample {given}); drop the flag or give {own}, or "
-                         + new_run_hint(work, str(given)))
-    return own
-
-
 # The options a resumed call takes from the run when left out (dest -> flag, first-call default,
 # whether another value is refused). Refused: what the trained state holds (the axis the
 # network learned about; the lr, which last.ckpt's optimiser and warm-up schedule restore
 # over the option's). Per call, used and said: sizes, loss weight, time and machine settings
-# the trainer reads afresh on every call. --weights, --input-canvas, --background,
-# --warmup-steps and --targets-per-sample follow the same rule through their own readers.
+# the trainer reads afresh on every call. --weights, --input-canvas, --background and
+# --warmup-steps follow the same rule through their own readers (last.ckpt and seed.ckpt hold them).
 CARRIED: dict[str, tuple[str, Any, bool]] = {
     "world_up": ("--world-up", "0,0,1", True),
     "lr": ("--lr", 2e-4, True),
+    "targets_per_sample": ("--targets-per-sample", 1, True),
     "minutes": ("--minutes", 8.0, False),
     "gpus": ("--gpus", 1, False),
     "batch": ("--batch", 8, False),
@@ -381,6 +338,14 @@ CARRIED: dict[str, tuple[str, Any, bool]] = {
     "amp": ("--amp/--no-amp", True, False),
     "max_corpus_mib": ("--max-corpus-mib", float(MAX_CORPUS_MIB), False),
     "override": ("--override", [], False),
+}
+
+
+# Why a resumed call refuses another value of a refused CARRIED option (said in the refusal).
+REFUSED_WHY = {
+    "world_up": "the network was trained about that axis",
+    "lr": "last.ckpt's optimiser and warm-up restore it over the option",
+    "targets_per_sample": "one run trains one recipe of target crops per set of input views",
 }
 
 
@@ -427,8 +392,7 @@ def _typed(name: str, value: Any) -> Any:
 def _owned_keys() -> set[str]:
     """The config keys the stage itself sets (``train_overrides``), whatever the options."""
     # the options outside CARRIED; train_overrides fills CARRIED's with their defaults
-    probe = argparse.Namespace(dry_run=False, corpus=".", targets_per_sample=1, input_canvas="square",
-                               background="none", warmup_steps=0)
+    probe = argparse.Namespace(dry_run=False, corpus=".", input_canvas="square", background="none", warmup_steps=0)
     keys = {o.split("=", 1)[0] for o in train_overrides(probe, "run", "seed", False, 1)}
     return keys | {"resume", "weights_path"}
 
@@ -479,16 +443,17 @@ def recorded_settings(call: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """The :data:`CARRIED` settings a call in ``stage.json`` trained with, and the names it
     does not record: its ``settings``, else (calls recorded before that key) what its
     ``overrides`` show (a dry run's crop, batch, workers and GPUs are its tiny ones, not the
-    options; ``--minutes`` from the child's time limit). StageError when a value is not one
-    of the option's type."""
+    options; ``--minutes`` from the child's time limit). ``targets_per_sample`` is always
+    known: a call that does not record it trained one target per sample, as every call did
+    before the option. StageError when a value is not one of the option's type."""
     settings = call.get("settings")
+    overrides = call.get("overrides")
+    overrides = [o for o in overrides if isinstance(o, str) and "=" in o] if isinstance(overrides, list) else []
+    given = dict(o.split("=", 1) for o in overrides)
     found: dict[str, Any] = {}
     if isinstance(settings, dict):
         found = {k: v for k, v in settings.items() if k in CARRIED}
     else:
-        overrides = call.get("overrides")
-        overrides = [o for o in overrides if isinstance(o, str) and "=" in o] if isinstance(overrides, list) else []
-        given = dict(o.split("=", 1) for o in overrides)
         real = not call.get("dry_run", False)
         keys = {"world_up": "system.world_up", "lr": "system.lr", "views": "datasets.selection_count",
                 "max_points": "system.max_points", "gradient_weight": "loss.gradient_weight"}
@@ -512,6 +477,11 @@ def recorded_settings(call: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
             owned = _owned_keys()
             found["override"] = (overrides[ends[0] + 1:] if ends else
                                  [o for o in overrides if o.split("=", 1)[0] not in owned])
+    if "targets_per_sample" not in found:
+        # calls recorded before it joined ``settings`` kept it beside them, older ones in their overrides
+        found["targets_per_sample"] = next(
+            (v for v in (call.get("targets_per_sample"), given.get("datasets.targets_per_sample")) if v is not None),
+            _default("targets_per_sample"))
     out: dict[str, Any] = {}
     for name, value in found.items():
         try:
@@ -561,8 +531,7 @@ def stage_settings(args: argparse.Namespace, resume: bool, calls: list[dict[str,
         if same or name not in recorded:
             continue
         if refused:
-            why = ("last.ckpt's optimiser and warm-up restore it over the option" if name == "lr" else
-                   "the network was trained about that axis")
+            why = REFUSED_WHY[name]
             raise StageError(f"{_flag_text(name, given)}: this run was trained with {_flag_text(name, own)}, which a "
                              f"resumed call keeps ({why}); drop {flag} or give that value, or "
                              + new_run_hint(work, _flag_text(name, given)))
@@ -688,7 +657,6 @@ def run_stage(args: argparse.Namespace) -> dict[str, Any]:
     args.background = stage_background(args, resumed, start)
     args.input_canvas = stage_input_canvas(args, resumed, start)
     args.warmup_steps = stage_warmup(warmup, resumed)
-    args.targets_per_sample = stage_targets_per_sample(args.targets_per_sample, resume, calls, history, work)
     corpus_before = calls[-1].get("corpus") if resume and calls else None
     if isinstance(corpus_before, str) and corpus_before != os.path.abspath(args.corpus):
         changes.insert(0, f"--corpus {corpus_before} -> {os.path.abspath(args.corpus)}")

@@ -291,27 +291,41 @@ def test_stage_passes_targets_per_sample_to_the_trainer():
 
 
 def test_stage_targets_per_sample_keeps_the_runs_own(capsys):
-    """A first call takes --targets-per-sample or 1; a resumed call the value its last
-    recorded call trained with (as --warmup-steps; omitting the flag fell back to 1), read
-    from calls recorded before the key existed through their overrides, and refuses another
-    value; with no recorded call it says that the run's value is unknown."""
-    from headless_train.stage import StageError, stage_targets_per_sample
+    """--targets-per-sample follows the one rule of the stage's CARRIED options: a first call
+    takes the flag or 1; a resumed call the value its last recorded call trained with (read
+    also from calls recorded before it joined ``settings`` and before the option, which
+    trained one target) and refuses another value; with no recorded call, one note names
+    the default it uses (there were two messages: the defaults note and a warning)."""
+    from headless_train.stage import StageError, parse_args, recorded_settings, stage_settings
 
-    assert stage_targets_per_sample(None, False, [], "h", "w") == 1
-    assert stage_targets_per_sample(4, False, [{"targets_per_sample": 2}], "h", "w") == 4  # a new run
-    two = [{"targets_per_sample": 1}, {"targets_per_sample": 2}]
-    assert stage_targets_per_sample(None, True, two, "h", "w") == 2
-    assert stage_targets_per_sample(2, True, two, "h", "w") == 2  # the same value, as a repeated command gives it
-    with pytest.raises(StageError, match=r"trained with --targets-per-sample 2 \(recorded in h\).*got "
-                                         r"--targets-per-sample 1.*--weights w/npbgpp_sphere_stage.safetensors"):
-        stage_targets_per_sample(1, True, two, "h", "w")
+    def chosen(flag: list[str], resume: bool, calls: list[dict]) -> int:
+        args = parse_args(["--corpus", "c", "--work", "w", *flag])
+        stage_settings(args, resume, calls, None, "h", "w")
+        return args.targets_per_sample
+
+    assert chosen([], False, []) == 1
+    assert chosen(["--targets-per-sample", "4"], False, [{"settings": {"targets_per_sample": 2}}]) == 4  # a new run
+    two = [{"settings": {"targets_per_sample": 1}}, {"settings": {"targets_per_sample": 2}}]
+    assert chosen([], True, two) == 2
+    assert chosen(["--targets-per-sample", "2"], True, two) == 2  # the same value, as a repeated command gives it
+    with pytest.raises(StageError, match=r"--targets-per-sample 1: this run was trained with --targets-per-sample 2, "
+                                         r"which a resumed call keeps .*--weights w/npbgpp_sphere_stage.safetensors"):
+        chosen(["--targets-per-sample", "1"], True, two)
+
+    def recorded(call: dict) -> int:
+        return recorded_settings(call)[0]["targets_per_sample"]
+
+    assert recorded({"settings": {"lr": 0.1}, "targets_per_sample": 3}) == 3  # beside settings, before it joined
+    assert recorded({"targets_per_sample": 3, "overrides": ["datasets.targets_per_sample=2"]}) == 3
     legacy = {"overrides": ["datasets.selection_count=3", "datasets.targets_per_sample=3", "system.lr=0.1"]}
-    assert stage_targets_per_sample(None, True, [legacy], "h", "w") == 3
-    assert stage_targets_per_sample(None, True, [{"overrides": ["system.lr=0.1"]}], "h", "w") == 1  # before K
-    with pytest.raises(StageError, match="h: the run's last call records a bad setting .*got 0"):
-        stage_targets_per_sample(None, True, [{"targets_per_sample": 0}], "h", "w")
+    assert recorded(legacy) == 3
+    assert recorded({"overrides": ["system.lr=0.1"]}) == 1 and recorded({"settings": {}}) == 1  # before the option
+    with pytest.raises(StageError, match="records --targets-per-sample 'two'"):
+        recorded({"settings": {"targets_per_sample": "two"}})
     capsys.readouterr()
-    assert stage_targets_per_sample(None, True, [], "h", "w") == 1
-    assert stage_targets_per_sample(5, True, [], "h", "w") == 5
+    assert chosen([], True, []) == 1
     err = capsys.readouterr().err
-    assert err.count("warning: h records no call of the run in w") == 2 and "--targets-per-sample 5" in err
+    assert err.count("\n") == 1 and err.startswith("note: h records no call of the run, so this resumed call uses "
+                                                    "the defaults") and "--targets-per-sample 1," in err, err
+    assert chosen(["--targets-per-sample", "5"], True, []) == 5
+    assert "targets-per-sample" not in capsys.readouterr().err  # given: nothing to say
