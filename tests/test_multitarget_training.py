@@ -329,3 +329,71 @@ def test_stage_targets_per_sample_keeps_the_runs_own(capsys):
                                                     "the defaults") and "--targets-per-sample 1," in err, err
     assert chosen(["--targets-per-sample", "5"], True, []) == 5
     assert "targets-per-sample" not in capsys.readouterr().err  # given: nothing to say
+
+
+# one process of a 2-process gloo group: a DDP-wrapped Linear (seeded, the same on both) trains
+# on rows 0..split-1 (rank 0) or split.. (rank 1) of seeded rows, the loss the mean over its own
+# rows times distributed_loss_scale, as training_step scales it; rank 0 saves the gradients
+_DDP_CHILD = """
+import sys, torch, torch.distributed as dist
+from headless_train.systems.base import distributed_loss_scale
+rank, store, out, split = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
+dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=2)
+torch.manual_seed(0)
+model = torch.nn.Linear(3, 2)
+ddp = torch.nn.parallel.DistributedDataParallel(model)
+rows = torch.randn(5, 3, generator=torch.Generator().manual_seed(1))
+mine = rows[:split] if rank == 0 else rows[split:]
+loss = ddp(mine).pow(2).mean(dim=1).mean()
+(loss * distributed_loss_scale(len(mine), "cpu")).backward()
+if rank == 0:
+    torch.save([model.weight.grad, model.bias.grad], out)
+dist.destroy_process_group()
+"""
+
+
+def test_process_loss_scales_make_the_average_of_process_means_the_mean_over_every_target():
+    """DDP averages the processes' gradients; each process's loss is the mean over its own
+    targets. Scaled by process_loss_scale, the average of the processes' losses (and so of
+    their gradients, which are linear in them) is the mean over every target: hand-made
+    per-target losses on 3 processes with 1, 4 and 2 targets. Alone, the scale is 1."""
+    from headless_train.systems.base import distributed_loss_scale, process_loss_scale
+
+    per_target = [[0.9], [0.1, 0.2, 0.3, 0.4], [0.5, 0.7]]
+    world, everyone = len(per_target), [v for ts in per_target for v in ts]
+    means = [sum(ts) / len(ts) for ts in per_target]
+    averaged = sum(process_loss_scale(len(ts), len(everyone), world) * m
+                   for ts, m in zip(per_target, means, strict=True)) / world
+    assert math.isclose(averaged, sum(everyone) / len(everyone), rel_tol=1e-12)  # 0.4428...
+    assert not math.isclose(sum(means) / world, averaged, rel_tol=1e-3)  # unscaled: 0.5, the bias fixed
+    assert process_loss_scale(3, 6, 2) == 1.0  # equal counts: DDP's average was already the mean
+    assert distributed_loss_scale(4, "cpu") == 1.0  # no process group: one process, nothing to scale
+
+
+@pytest.mark.slow
+def test_two_process_gloo_gradients_are_those_of_the_mean_over_every_target(tmp_path):
+    """A real 2-process DDP group on the CPU (gloo): with 1 and 4 targets on the two processes,
+    the synchronised gradient of the scaled per-process means equals the single-process
+    gradient of the mean over all 5 targets (brute force here), which the unscaled average
+    of the two means does not give."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1")
+    out, store = tmp_path / "grads.pt", tmp_path / "store"
+    procs = [subprocess.Popen([sys.executable, "-c", _DDP_CHILD, str(rank), str(store), str(out), "1"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    logs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    synced = torch.load(out, weights_only=True)
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    rows = torch.randn(5, 3, generator=torch.Generator().manual_seed(1))
+    per_target = model(rows).pow(2).mean(dim=1)
+    reference = torch.autograd.grad(per_target.mean(), [model.weight, model.bias], retain_graph=True)
+    unscaled = torch.autograd.grad((per_target[:1].mean() + per_target[1:].mean()) / 2, [model.weight, model.bias])
+    for got, want, biased in zip(synced, reference, unscaled, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+        assert not torch.allclose(biased, want, rtol=1e-3)

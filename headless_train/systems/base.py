@@ -28,6 +28,27 @@ def module_key(scene_name: str) -> str:
 
 
 
+def process_loss_scale(local_count: Any, global_count: Any, world_size: int) -> Any:
+    """The factor on one process's mean loss over its ``local_count`` targets that makes DDP's
+    gradient, the average over ``world_size`` processes, the mean over all ``global_count``
+    targets: sum_p (n_p W / N) L_p / W = sum_p n_p L_p / N. Without it a process with fewer
+    targets (samples with fewer extra targets, a short last batch) weighs each of them more."""
+    return local_count * world_size / global_count
+
+
+def distributed_loss_scale(local_count: int, device: torch.device | str) -> torch.Tensor | float:
+    """:func:`process_loss_scale` of this process under ``torch.distributed`` (1.0 alone):
+    the global count is one all-reduce of the local ones, on ``device`` (NCCL reduces device
+    tensors only); every process of the group must call it at the same step, as backward."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
+        return 1.0
+    total = torch.tensor(float(local_count), device=device)
+    dist.all_reduce(total)  # sum
+    return process_loss_scale(float(local_count), total, dist.get_world_size())
+
+
 def point_cloud_name(scene) -> str | None:
     """The .ply a scene's cloud came from, relative to its folder (absolute when it lies
     elsewhere, or when no relative path exists: another drive on Windows, where
@@ -253,9 +274,7 @@ class BaseSystem(pl.LightningModule):
         """Mean loss over the targets of a batch (samples may differ in size): a sample's
         ``sample_loss`` is the mean over its targets (``datasets.targets_per_sample``), so it
         weighs as many targets as it has, as in one mean over every target of the batch."""
-        from ..data import sample_targets
-
-        weights = [len(sample_targets(s)) if self.trains_shared_input_targets else 1 for s in batch]
+        weights = self.sample_weights(batch)
         total, parts, count = None, {}, sum(weights)
         for sample, weight in zip(batch, weights, strict=True):
             loss, logs = self.sample_loss(sample)
@@ -266,6 +285,13 @@ class BaseSystem(pl.LightningModule):
         assert total is not None
         return total / count, parts
 
+    def sample_weights(self, batch: list[dict]) -> list[int]:
+        """Targets each sample of ``batch`` adds to the mean :meth:`batch_loss` takes: its
+        targets when the system renders its extra ones, else 1."""
+        from ..data import sample_targets
+
+        return [len(sample_targets(s)) if self.trains_shared_input_targets else 1 for s in batch]
+
     def training_step(self, batch: list[dict], batch_idx: int) -> torch.Tensor:
         loss, parts = self.batch_loss(batch)
         if not torch.isfinite(loss):
@@ -273,7 +299,9 @@ class BaseSystem(pl.LightningModule):
         opts = self.optimizer_list()
         for o in opts:
             o.zero_grad()
-        self.manual_backward(loss)
+        # DDP averages gradients over processes: scaled, they are those of the mean over every
+        # process's targets (batch_loss is the mean over this process's); the log keeps the local mean
+        self.manual_backward(loss * distributed_loss_scale(sum(self.sample_weights(batch)), self.device))
         opts[0].step()  # the Lightning-wrapped step counts global_step once per batch
         for o in opts[1:]:
             o.optimizer.step()
