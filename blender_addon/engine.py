@@ -39,6 +39,7 @@ class NPBGPPRenderEngine(bpy.types.RenderEngine):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.viewport = None
+        self.stopped_job = False  # this frame was cancelled or reported an error (:meth:`_error`)
 
     def __del__(self) -> None:
         viewport = getattr(self, "viewport", None)
@@ -56,10 +57,22 @@ class NPBGPPRenderEngine(bpy.types.RenderEngine):
 
     # ------------------------------------------------------------------ final
     def render(self, depsgraph: bpy.types.Depsgraph) -> None:  # type: ignore[override]
+        self.stopped_job = False
         try:
             self._render(depsgraph)
         except Exception as exc:  # noqa: BLE001 - Blender would swallow it: report instead
-            self.report({"ERROR"}, f"NPBG++: {type(exc).__name__}: {exc}")
+            self._error(f"{type(exc).__name__}: {exc}")
+        if self.is_animation and (self.stopped_job or self.test_break()
+                                  or depsgraph.scene.frame_current >= last_frame(depsgraph.scene)):
+            # the job's last frame: its last one to render, or one cancelled (Esc) or failed,
+            # after which Blender renders no more (the notes so far were never summed up)
+            self._report_job_summaries()
+
+    def _error(self, message: str) -> None:
+        """Report ``message`` as an error. Blender ends an animation at a frame whose engine
+        reported one: that frame is its last."""
+        self.report({"ERROR"}, f"NPBG++: {message}")
+        self.stopped_job = True
 
     def _render(self, depsgraph: bpy.types.Depsgraph) -> None:
         scene = depsgraph.scene
@@ -75,7 +88,7 @@ class NPBGPPRenderEngine(bpy.types.RenderEngine):
             geo = scene_camera_geometry(camera_eval, scene)
             snap = snapshot(scene, depsgraph)
         except (ValueError, RuntimeError, OSError) as exc:
-            self.report({"ERROR"}, f"NPBG++: {exc}")
+            self._error(str(exc))
             return
         framing = framing_note(camera, scene)
         if framing and self._first_of_job(FRAMING, camera.name_full, framing):
@@ -90,10 +103,11 @@ class NPBGPPRenderEngine(bpy.types.RenderEngine):
         self.update_progress(0.0)
         try:
             frame, depth_scale, status, _ = render_frame(snap, geo, self.test_break)
-        except Cancelled:
+        except Cancelled:  # Esc: Blender renders no more frames
+            self.stopped_job = True
             return
         except (WorkerError, ValueError, RuntimeError, OSError) as exc:
-            self.report({"ERROR"}, f"NPBG++: {exc}")
+            self._error(str(exc))
             return
         self.update_progress(0.8)
         if snap.hidden:  # not an error: the user hid it, as other engines would show nothing
@@ -119,7 +133,7 @@ class NPBGPPRenderEngine(bpy.types.RenderEngine):
         result = self.begin_result(0, 0, self.resolution_x, self.resolution_y, layer=depsgraph.view_layer.name)
         try:
             if (result.resolution_y, result.resolution_x) != (h, w):
-                self.report({"ERROR"}, f"NPBG++: result is {result.resolution_x}x{result.resolution_y}, camera {w}x{h}")
+                self._error(f"result is {result.resolution_x}x{result.resolution_y}, camera {w}x{h}")
                 return
             for layer in result.layers:
                 passes = layer.passes
@@ -133,8 +147,6 @@ class NPBGPPRenderEngine(bpy.types.RenderEngine):
         finally:
             self.end_result(result)
         self.update_progress(1.0)
-        if self.is_animation and scene.frame_current >= last_frame(scene):
-            self._report_job_summaries()
 
     def _first_of_job(self, kind: str, camera: str, note: str) -> bool:
         """Record that ``camera`` got a note of ``kind`` (:data:`JOB_NOTES`) in this render job;
@@ -150,8 +162,9 @@ class NPBGPPRenderEngine(bpy.types.RenderEngine):
         return first_time_this_job(note)  # records the note, as the colour and EXR notes are
 
     def _report_job_summaries(self) -> None:
-        """On an animation's last frame: one line per kind of note that more cameras than the
-        one reported in full had (:meth:`_first_of_job`), naming them."""
+        """On an animation's last frame (:meth:`render`: also one cancelled or failed): one line
+        per kind of note that more cameras than the one reported in full had
+        (:meth:`_first_of_job`), naming them."""
         for kind, (level, what) in JOB_NOTES.items():
             cameras = _cameras_noted_this_job.get(kind, [])
             if len(cameras) < 2 or not first_time_this_job(f"summary of {kind}"):

@@ -476,6 +476,54 @@ def test_animation_sums_up_on_the_last_frame_it_renders(scene, capfd):
             "'train/r_1')") in out, out
 
 
+def test_animation_stopped_by_an_error_sums_up_the_frames_before(scene, capfd):
+    """Blender ends an animation at the frame whose engine reported an error (frame 3 of 1-4
+    here: an orthographic camera): the cameras noted on frames 1 and 2 are summed up then,
+    as on a last frame (they were never named)."""
+    cameras = _animation_through_many_cameras(scene)
+    cameras[2].data.type = "ORTHO"
+    capfd.readouterr()
+    with pytest.raises(RuntimeError, match="renders perspective cameras only"):
+        bpy.ops.render.render(animation=True)
+    out = capfd.readouterr().out
+    sc = bpy.context.scene
+    assert os.path.isfile(sc.render.frame_path(frame=2)) and not os.path.exists(sc.render.frame_path(frame=4))
+    names = "'train/r_0', 'train/r_1'"
+    assert out.count(f"Warning: NPBG++: 2 cameras of this animation did not show their photo's framing ({names});") \
+        == 1, out
+    assert out.count(f"Info: NPBG++: 2 cameras of this animation had points removed by their Clip Start / End "
+                     f"({names});") == 1, out
+    assert out.count("cameras of this animation") == 2, out
+
+
+def test_animation_cancelled_sums_up_on_the_frame_it_stopped(scene, capfd, monkeypatch):
+    """Esc during an animation's frame: the engine's ``test_break`` turns True and the worker
+    request raises Cancelled (made so here from frame 2 on; Blender's own loop does not see
+    it, so it goes on): the cameras noted so far are summed up on that frame, once, not on a
+    last frame it never reaches."""
+    _animation_through_many_cameras(scene)
+    engine_module = sys.modules[f"{MODULE}.engine"]
+    real_render_frame = engine_module.render_frame
+
+    def render_frame_cancelled_from_frame_2(*args, **kwargs):
+        if bpy.context.scene.frame_current >= 2:
+            raise engine_module.Cancelled("cancelled")
+        return real_render_frame(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "render_frame", render_frame_cancelled_from_frame_2)
+    # Blender 5.0.1 crashes writing a 16-bit PNG (or EXR) of a frame that has no result; a real
+    # Esc stops it before it writes that frame (as an error does above), but here its loop goes
+    # on to write the cancelled frames: 8-bit ones
+    bpy.context.scene.render.image_settings.color_depth = "8"
+    capfd.readouterr()
+    bpy.ops.render.render(animation=True)
+    out = capfd.readouterr().out
+    # frame 2's framing note was taken before its render was cancelled; frames 3 and 4 add none
+    assert out.count("Warning: NPBG++: 2 cameras of this animation did not show their photo's framing "
+                     "('train/r_0', 'train/r_1');") == 1, out
+    assert out.count("cameras of this animation") == 1, out
+
+
 def test_clip_note_counts_the_points_geometry_nodes_leave(scene, capfd):
     """The all-clipped note of a neural F12 counts the points the render draws: those the
     point object's evaluated geometry keeps (a Geometry Nodes Delete Geometry removing the
