@@ -745,7 +745,7 @@ def render_setting_copies(objects: list, scene: Any) -> Iterator[list]:
     (``datagen.surface_points.during_a_render``), show the render's. The copies are removed
     and Simplify restored on leaving, errors included, so the user's objects (linked ones too)
     and scene are as they were. Not emulated: a Geometry Nodes "Is Viewport" switch; metaballs
-    of a family combine only with its selected members."""
+    of a family combine only with its selected members (the operator names the others)."""
     copies: list = []
     data_copies: list = []
     r = scene.render
@@ -796,67 +796,132 @@ def metaball_family(name: str) -> str:
     return stem if dot and number.isdigit() else name
 
 
+# Why Points from Selected Meshes skips a selected object, by its kind (:func:`skip_reason`).
+NO_FACES = ("no faces to sample: a curve with no Bevel or Extrude, or a mesh of vertices or edges only (Object > "
+            "Convert > Point Cloud makes its vertices points)")
+NO_POINTS = "no points"
+SKIP_REASONS = {
+    "VOLUME": "a volume: density, no surface nor points to take",
+    "GREASEPENCIL": "grease pencil strokes are not sampled",
+}
+NO_GEOMETRY = "no geometry: an empty, light, camera or the like"
+
+
+def skip_reason(obj: Any) -> str:
+    """Why Points from Selected Meshes takes nothing of ``obj``, by its type, when its type has
+    neither surfaces nor points of its own (:data:`SKIP_REASONS`, else :data:`NO_GEOMETRY`)."""
+    return SKIP_REASONS.get(obj.type, NO_GEOMETRY)
+
+
+def skipped_text(skipped: list[tuple[str, str]]) -> str:
+    """``skipped`` ((name, reason) pairs) as one report phrase: the names of each reason, sorted,
+    then the reason in brackets; reasons in order of first appearance."""
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in skipped:
+        by_reason.setdefault(reason, []).append(name)
+    return "; ".join(f"{', '.join(sorted(names))} ({reason})" for reason, names in by_reason.items())
+
+
+def unselected_family_members(meshes: list, scene: Any) -> dict[str, list[str]]:
+    """Per selected metaball object of ``meshes`` whose family (:func:`metaball_family`) has
+    members in ``scene`` that are not selected: their names. Renders merge them all into one
+    surface; the copies sampled form a family of the selected members only."""
+    chosen = {o.name for o in meshes}
+    out: dict[str, list[str]] = {}
+    for obj in meshes:
+        if obj.type != "META":
+            continue
+        family = metaball_family(obj.name)
+        others = sorted(o.name for o in scene.objects if o.type == "META" and o.name not in chosen
+                        and metaball_family(o.name) == family)
+        if others:
+            out[obj.name] = others
+    return out
+
+
 class NPBGPP_OT_points_from_meshes(bpy.types.Operator):
     """Sample points (with colours) on the surfaces of the selected meshes, curves, texts, surfaces and
     metaballs as they render (modifiers' render settings: Show in Renders, Subdivision's Render levels; curves'
-    Render resolution)"""
+    Render resolution), and take the points of selected point clouds and hair curves as they are"""
 
     bl_idname = "npbgpp.points_from_meshes"
     bl_label = "Points from Selected Meshes"
     bl_options = {"REGISTER", "UNDO"}
     count: IntProperty(  # type: ignore[valid-type]
         name="Points", default=100_000, min=1,
-        description="Points sampled over all selected meshes, spread by surface area",
+        description="Points sampled over all selected meshes, spread by surface area (point clouds and hair curves "
+                    "give all their points besides)",
     )
     seed: IntProperty(  # type: ignore[valid-type]
         name="Seed", default=0, description="Random seed: the same seed gives the same points",
     )
 
     def execute(self, context: Any) -> set[str]:
-        from .datagen.surface_points import GEOMETRY_TYPES, sample_surface_points
+        from .datagen.surface_points import GEOMETRY_TYPES, POINT_TYPES, own_points, sample_surface_points
 
         # curves, texts, surfaces and metaballs too: Blender evaluates them to a mesh
-        meshes = [o for o in context.selected_objects if o.type in GEOMETRY_TYPES]
-        skipped = sorted(o.name for o in context.selected_objects if o.type not in GEOMETRY_TYPES)
-        if not meshes:
-            given = f" (selected: {', '.join(skipped)}, none with a surface)" if skipped else ""
-            self.report({"ERROR"}, "Select one or more mesh, curve, text, surface or metaball objects to sample "
-                                   f"points on{given}.")
+        chosen = [o for o in context.selected_objects if o.type in GEOMETRY_TYPES | POINT_TYPES]
+        skipped = [(o.name, skip_reason(o)) for o in context.selected_objects
+                   if o.type not in GEOMETRY_TYPES | POINT_TYPES]
+        if not chosen:
+            given = f" (selected: {', '.join(sorted(n for n, _ in skipped))}, none with a surface or points)" \
+                if skipped else ""
+            self.report({"ERROR"}, "Select one or more mesh, curve, text, surface, metaball, point cloud or hair "
+                                   f"curves objects to sample points on{given}.")
             return {"CANCELLED"}
         if refused_in_linked_scene(self, context.scene, "the sampled point object"):
             return {"CANCELLED"}
 
         try:
-            with render_setting_copies(meshes, context.scene) as copies:
+            with render_setting_copies(chosen, context.scene) as copies:
                 depsgraph = context.evaluated_depsgraph_get()
-                points, colors = sample_surface_points(context.scene, self.count, self.seed, objects=copies,
-                                                       depsgraph=depsgraph, what=f"objects {[o.name for o in meshes]}")
-                faces = [_has_faces(c, depsgraph) for c in copies]
+                faces = [c.type in GEOMETRY_TYPES and _has_faces(c, depsgraph) for c in copies]
+                # a point cloud's points, a hair's, those a mesh's Geometry Nodes make: taken as they are
+                taken = [own_points(c.evaluated_get(depsgraph)) for c in copies]
+                taken_from = [o.name for o, (pts, _) in zip(chosen, taken, strict=True) if len(pts)]
+                surfaces = [c for c, f in zip(copies, faces, strict=True) if f]
+                parts = [t for t in taken if len(t[0])]
+                sampled = 0
+                if surfaces or not parts:  # none of either: the sampler's error names the objects
+                    names = [o.name for o in chosen if o.type in GEOMETRY_TYPES] or [o.name for o in chosen]
+                    parts.insert(0, sample_surface_points(context.scene, self.count, self.seed, objects=surfaces,
+                                                          depsgraph=depsgraph, what=f"objects {names}"))
+                    sampled = len(parts[0][0])
+                points = np.concatenate([pts for pts, _ in parts])
+                colors = np.concatenate([cols for _, cols in parts])
                 # a metaball member's points are its basis's: not skipped when that family was sampled
-                families = {metaball_family(o.name) for o, f in zip(meshes, faces, strict=True)
+                families = {metaball_family(o.name) for o, f in zip(chosen, faces, strict=True)
                             if o.type == "META" and f}
-                # e.g. a curve with no Bevel or Extrude: sampled nothing, so named with the skipped
-                skipped += sorted(o.name for o, f in zip(meshes, faces, strict=True) if not f
-                                  and not (o.type == "META" and metaball_family(o.name) in families))
+                for obj, has_faces, (pts, _) in zip(chosen, faces, taken, strict=True):
+                    if has_faces or len(pts) or (obj.type == "META" and metaball_family(obj.name) in families):
+                        continue
+                    # e.g. a curve with no Bevel or Extrude: sampled nothing, so named with the skipped
+                    skipped.append((obj.name, NO_POINTS if obj.type in POINT_TYPES else NO_FACES))
         except ValueError as exc:
             self.report({"ERROR"}, str(exc))
             return {"CANCELLED"}
         obj = make_point_object("NPBG++ Points", points, colors, context)
         use_point_object(context, obj)
         if skipped:
-            self.report({"WARNING"}, f"Sampled the objects with a surface; skipped: {', '.join(skipped)} (no "
-                                     "faces to sample: an empty, light or camera, or a curve with no Bevel or "
-                                     "Extrude).")
+            self.report({"WARNING"}, f"Sampled the objects with a surface or points; skipped: {skipped_text(skipped)}.")
+        for name, others in unselected_family_members(chosen, context.scene).items():
+            self.report({"WARNING"}, f"The metaball {name!r} merges in renders with {', '.join(map(repr, others))} "
+                                     "of its family, which are not selected: sampled without them (select them too "
+                                     "for the merged surface).")
+        what = f"Sampled {sampled} points" if sampled else ""
+        if taken_from:
+            took = f"took the {len(points) - sampled} points of {', '.join(map(repr, sorted(taken_from)))}"
+            what = f"{what} on surfaces and {took}" if sampled else took[0].upper() + took[1:]
         s = context.scene.npbgpp
         if s.output == "NEURAL" and not s.bundle:
             s.output = "POINTS"
-            self.report({"INFO"}, f"Sampled {len(points)} points into {obj.name!r}; Output is now Points. Neural "
-                                  "output needs a bundle: export a dataset of the scene, import it and Aggregate.")
+            self.report({"INFO"}, f"{what} into {obj.name!r}; Output is now Points. Neural output needs a bundle: "
+                                  "export a dataset of the scene, import it and Aggregate.")
         elif s.output == "NEURAL":
-            self.report({"INFO"}, f"Sampled {len(points)} points into {obj.name!r}. Output stays Neural and renders "
-                                  "the bundle; switch Output to Points to see the new points.")
+            self.report({"INFO"}, f"{what} into {obj.name!r}. Output stays Neural and renders the bundle; switch "
+                                  "Output to Points to see the new points.")
         else:
-            self.report({"INFO"}, f"Sampled {len(points)} points into {obj.name!r}.")
+            self.report({"INFO"}, f"{what} into {obj.name!r}.")
         return {"FINISHED"}
 
 

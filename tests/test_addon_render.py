@@ -2377,7 +2377,8 @@ def test_points_from_meshes_text_and_bevelled_curve_at_render_resolution(scene, 
     before = {n: set(getattr(bpy.data, n)) for n in ("objects", "curves", "meshes", "fonts")}
     capfd.readouterr()
     assert bpy.ops.npbgpp.points_from_meshes(count=600, seed=6) == {"FINISHED"}
-    assert f"skipped: {', '.join(sorted((empty.name, light.name)))}, {line.name} (no faces" in capfd.readouterr().out
+    assert (f"skipped: {', '.join(sorted((empty.name, light.name)))} (no geometry: an empty, light, camera or the "
+            f"like); {line.name} (no faces") in capfd.readouterr().out
     obj = sc.npbgpp.point_object
     after = {n: set(getattr(bpy.data, n)) for n in ("objects", "curves", "meshes", "fonts")}
     assert after == {**before, "objects": before["objects"] | {obj}}
@@ -2462,7 +2463,10 @@ def test_points_from_meshes_metaball_family_at_render_resolution(scene, capfd):
         o.select_set(o in (balls[1], cube))
     capfd.readouterr()
     assert bpy.ops.npbgpp.points_from_meshes(count=200, seed=7) == {"FINISHED"}
-    assert "skipped" not in capfd.readouterr().out
+    out = capfd.readouterr().out
+    assert "skipped" not in out
+    # renders merge it with Blob: said, as the points are of its ball alone
+    assert "The metaball 'Blob.001' merges in renders with 'Blob' of its family, which are not selected" in out, out
     pts, _ = _sampled_points(sc)
     near_member = np.linalg.norm(pts - [1.2, 0.0, 0.0], axis=1) < 1.0
     assert near_member.any() and (near_member | (pts[:, 1] > 3.0)).all()  # the member's ball, the cube
@@ -2499,8 +2503,9 @@ def test_points_from_meshes_without_surfaces_is_an_error(scene):
     for o in sc.objects:
         o.select_set(o in (empty, scene["camera"]))
     before = set(bpy.data.objects)
-    with pytest.raises(RuntimeError, match=r"Select one or more mesh, curve, text, surface or metaball objects .*"
-                                           rf"\(selected: {scene['camera'].name}, {empty.name}, none with a surface\)"):
+    with pytest.raises(RuntimeError, match=r"Select one or more mesh, curve, text, surface, metaball, point cloud or "
+                                           rf"hair curves objects .*\(selected: {scene['camera'].name}, {empty.name}, "
+                                           "none with a surface or points\\)"):
         bpy.ops.npbgpp.points_from_meshes(count=10)
     assert set(bpy.data.objects) == before
 
@@ -2543,6 +2548,139 @@ def test_points_from_meshes_image_texture(scene):
     want = texels[np.floor(v * 2).astype(int), np.floor(u * 2).astype(int), :3]
     np.testing.assert_allclose(col[keep], want[keep], atol=2e-3)
     assert keep.sum() > 150
+
+
+def _point_cloud_object(sc, name: str, local: np.ndarray, rgba: np.ndarray | None = None):
+    """A Point Cloud object of ``local`` points (a vertex-only mesh converted, as Blender's
+    Python cannot give a new point cloud points), with a "Col" colour of ``rgba`` (sRGB)."""
+    mesh = bpy.data.meshes.new(name)
+    mesh.vertices.add(len(local))
+    mesh.attributes["position"].data.foreach_set("vector", local.astype(np.float32).ravel())
+    if rgba is not None:
+        mesh.color_attributes.new("Col", "FLOAT_COLOR", "POINT").data.foreach_set(
+            "color_srgb", rgba.astype(np.float32).ravel())
+    obj = bpy.data.objects.new(name, mesh)
+    sc.collection.objects.link(obj)
+    for o in sc.objects:
+        o.select_set(o == obj)
+    bpy.context.view_layer.objects.active = obj
+    assert bpy.ops.object.convert(target="POINTCLOUD") == {"FINISHED"}
+    obj = bpy.context.active_object
+    assert obj.type == "POINTCLOUD" and obj.name == name
+    return obj
+
+
+def _blender_points(obj, attribute: str = "position") -> np.ndarray:
+    """World positions of ``obj``'s evaluated points as Blender places them (``matrix_world @``)."""
+    data = obj.evaluated_get(bpy.context.evaluated_depsgraph_get()).data
+    return np.array([tuple(obj.matrix_world @ Vector(a.vector)) for a in data.attributes[attribute].data])
+
+
+def test_points_from_meshes_takes_point_clouds_as_they_are(scene, capfd):
+    """A cube, a coloured Point Cloud object (moved, rotated) and one with no colours but a
+    material selected: the cube gets the sampled points; every point of each cloud is taken
+    as it is, at Blender's own world position, with its colour, or the material's Base Color
+    (Blender's own sRGB of it) for the other; the report says so."""
+    from mathutils import Color
+
+    sc = scene["scene"]
+    bpy.ops.mesh.primitive_cube_add(size=1.0, location=(0.0, 6.0, 0.0))
+    cube = bpy.context.active_object
+    rng = np.random.default_rng(3)
+    local = rng.uniform(-1, 1, (25, 3))
+    rgba = np.concatenate([rng.uniform(0, 1, (25, 3)), np.ones((25, 1))], axis=1)
+    coloured = _point_cloud_object(sc, "Coloured", local, rgba)
+    coloured.location, coloured.rotation_euler = (2.0, 0.0, 1.0), (0.3, 0.0, 0.7)
+    plain = _point_cloud_object(sc, "Plain", local[:5])
+    plain.location = (-3.0, 0.0, 0.0)
+    mat = bpy.data.materials.new("Base")
+    bsdf = mat.node_tree.nodes.get("Principled BSDF")
+    if bsdf is None:
+        pytest.skip("no Principled BSDF in a new material")
+    bsdf.inputs["Base Color"].default_value = (0.2, 0.4, 0.05, 1.0)  # scene linear
+    plain.data.materials.append(mat)
+    bpy.context.view_layer.update()
+    for o in sc.objects:
+        o.select_set(o in (cube, coloured, plain))
+    capfd.readouterr()
+    assert bpy.ops.npbgpp.points_from_meshes(count=100, seed=2) == {"FINISHED"}
+    out = capfd.readouterr().out
+    assert "Sampled 100 points on surfaces and took the 30 points of 'Coloured', 'Plain' into" in out, out
+    assert "skipped" not in out
+    pts, col = _sampled_points(sc)
+    assert pts.shape == (130, 3)
+    assert (np.abs(pts[:100] - [0.0, 6.0, 0.0]) <= 0.5 + 1e-5).all()  # on the cube
+    # the clouds follow in the selection's order (Blender's), each whole: compare as sets of rows
+    clouds = {"Coloured": (_blender_points(coloured), rgba[:, :3]),
+              "Plain": (_blender_points(plain), np.tile(Color((0.2, 0.4, 0.05)).from_scene_linear_to_srgb(), (5, 1)))}
+    taken, taken_col = pts[100:], col[100:]
+    for want, want_col in clouds.values():
+        match = np.array([np.argmin(np.linalg.norm(taken - p, axis=1)) for p in want])
+        np.testing.assert_allclose(taken[match], want, atol=1e-5)
+        np.testing.assert_allclose(taken_col[match], want_col, atol=2e-3)
+    assert len(np.unique(np.round(taken, 4), axis=0)) == 30
+
+
+def test_points_from_meshes_takes_hair_control_points(scene, capfd):
+    """A hair Curves object of two strands (3 and 4 points, a colour per strand) selected
+    alone: its 7 control points are taken at Blender's own world positions, each with its
+    strand's colour; a Volume and an empty selected with it are named as skipped, each with
+    why; the Volume alone is an error naming it."""
+    sc = scene["scene"]
+    hair = bpy.data.hair_curves.new("Hair")
+    hair.add_curves([3, 4])
+    local = np.array([[0, 0, 0], [0, 0, 0.5], [0.1, 0, 1], [1, 0, 0], [1, 0.2, 0.4], [1, 0.3, 0.8], [1.1, 0.3, 1.2]])
+    hair.attributes["position"].data.foreach_set("vector", local.astype(np.float32).ravel())
+    strand_rgba = np.array([[0.9, 0.5, 0.1, 1.0], [0.1, 0.2, 0.8, 1.0]], np.float32)
+    hair.attributes.new("Color", "FLOAT_COLOR", "CURVE").data.foreach_set("color_srgb", strand_rgba.ravel())
+    obj = bpy.data.objects.new("Hair", hair)
+    sc.collection.objects.link(obj)
+    obj.location, obj.scale = (0.5, 1.0, -0.5), (2.0, 2.0, 2.0)
+    volume = bpy.data.objects.new("Fog", bpy.data.volumes.new("Fog"))
+    sc.collection.objects.link(volume)
+    bpy.ops.object.empty_add()
+    empty = bpy.context.active_object
+    bpy.context.view_layer.update()
+    for o in sc.objects:
+        o.select_set(o in (obj, volume, empty))
+    capfd.readouterr()
+    assert bpy.ops.npbgpp.points_from_meshes(count=50, seed=1) == {"FINISHED"}
+    out = capfd.readouterr().out
+    assert "Took the 7 points of 'Hair' into" in out, out
+    assert (f"skipped: {', '.join(sorted((empty.name, 'Fog')))}" not in out
+            and "Fog (a volume: density, no surface nor points to take)" in out
+            and f"{empty.name} (no geometry: an empty, light, camera or the like)" in out), out
+    pts, col = _sampled_points(sc)
+    np.testing.assert_allclose(pts, _blender_points(obj), atol=1e-5)
+    np.testing.assert_allclose(col, np.repeat(strand_rgba[:, :3], [3, 4], axis=0), atol=2e-3)
+    for o in sc.objects:
+        o.select_set(o == volume)
+    with pytest.raises(RuntimeError, match=r"\(selected: Fog, none with a surface or points\)"):
+        bpy.ops.npbgpp.points_from_meshes(count=10)
+
+
+def test_points_from_meshes_takes_the_points_geometry_nodes_make(scene):
+    """A plane whose Geometry Nodes turn its vertices into points (Mesh to Points: a point
+    cloud, which renders as points, and no faces): its 4 points are taken, at Blender's own
+    evaluated positions, and it is not named as skipped."""
+    sc = scene["scene"]
+    plane = _plane_selected(sc)
+    plane.location = (0.0, 0.0, 3.0)
+    tree = bpy.data.node_groups.new("ToPoints", "GeometryNodeTree")
+    tree.interface.new_socket("Geometry", in_out="INPUT", socket_type="NodeSocketGeometry")
+    tree.interface.new_socket("Geometry", in_out="OUTPUT", socket_type="NodeSocketGeometry")
+    to_points = tree.nodes.new("GeometryNodeMeshToPoints")
+    tree.links.new(tree.nodes.new("NodeGroupInput").outputs[0], to_points.inputs["Mesh"])
+    tree.links.new(to_points.outputs["Points"], tree.nodes.new("NodeGroupOutput").inputs[0])
+    plane.modifiers.new("GN", "NODES").node_group = tree
+    ev = plane.evaluated_get(bpy.context.evaluated_depsgraph_get())
+    geometry = ev.evaluated_geometry()  # its parts live as long as it does
+    cloud = geometry.pointcloud
+    want = np.array([tuple(plane.matrix_world @ Vector(a.vector)) for a in cloud.attributes["position"].data])
+    assert want.shape == (4, 3)
+    assert bpy.ops.npbgpp.points_from_meshes(count=10, seed=1) == {"FINISHED"}
+    pts, _ = _sampled_points(sc)
+    np.testing.assert_allclose(pts, want, atol=1e-6)
 
 
 def test_import_bundle_creates_points_and_sets_scene(scene):

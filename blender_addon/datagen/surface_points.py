@@ -22,6 +22,10 @@ import numpy as np
 from .. import srgb
 
 GEOMETRY_TYPES = {"MESH", "CURVE", "SURFACE", "META", "FONT"}
+# Objects whose points are taken as they are (:func:`own_points`), not sampled: point clouds
+# and hair curves (Blender 3.3+'s Curves objects; their strands have no surface).
+POINT_TYPES = {"POINTCLOUD", "CURVES"}
+MID_GREY = 0.8  # the colour of a point with no colour of its own nor a material's
 T = TypeVar("T")
 
 
@@ -208,6 +212,61 @@ class _MeshTris:
                 idx = self.tri_loops[t] if domain == "CORNER" else self.tri_verts[t]
                 out[sel] = np.einsum("nk,nkc->nc", b, values[idx])
         return np.clip(out, 0.0, 1.0)
+
+
+def own_points(obj_eval: Any) -> tuple[np.ndarray, np.ndarray]:
+    """World-space points (float32 (N, 3)) and sRGB colours (float32 (N, 3) in [0, 1]) that the
+    evaluated object ``obj_eval`` renders as points of its own, taken as they are, not sampled:
+    its evaluated geometry's point cloud (a Point Cloud object's, or a mesh's whose Geometry
+    Nodes make points: Cycles draws each as a sphere) and, of a hair Curves object, its
+    strands' control points (the points the strands are drawn through). Colours: the points'
+    colour attribute (of hair, a strand's too), else the first material's constant base
+    colour (:func:`_base_color_source`), else :data:`MID_GREY`."""
+    from ..point_source import COLOR_NAMES
+
+    if hasattr(obj_eval, "evaluated_geometry"):
+        geometry = obj_eval.evaluated_geometry()  # holds its parts: kept until they are read
+        cloud, curves = geometry.pointcloud, geometry.curves
+    else:  # Blender < 4.4: the object's own data only
+        cloud = obj_eval.data if obj_eval.type == "POINTCLOUD" else None
+        curves = obj_eval.data if obj_eval.type == "CURVES" else None
+    parts = [(cloud, None)]
+    if obj_eval.type == "CURVES" and curves is not None:
+        offsets = np.empty(len(curves.curves) + 1, np.int32)
+        curves.curve_offset_data.foreach_get("value", offsets)
+        parts.append((curves, np.diff(offsets)))
+    slots = obj_eval.material_slots
+    source = _base_color_source(slots[0].material) if len(slots) else ("none",)
+    fallback = np.asarray(source[1] if source[0] == "const" else np.full(3, MID_GREY), np.float64)
+    M = np.array(obj_eval.matrix_world, dtype=np.float64)
+    points, colours = [np.empty((0, 3))], [np.empty((0, 3))]
+    for data, strand_sizes in parts:
+        position = data.attributes.get("position") if data is not None else None
+        n = len(position.data) if position is not None else 0
+        if n == 0:
+            continue
+        local = np.empty(n * 3, np.float32)
+        position.data.foreach_get("vector", local)
+        points.append(local.reshape(n, 3).astype(np.float64) @ M[:3, :3].T + M[:3, 3])
+        colours.append(_own_colours(data, n, strand_sizes, COLOR_NAMES, fallback))
+    return np.concatenate(points).astype(np.float32), np.clip(np.concatenate(colours), 0.0, 1.0).astype(np.float32)
+
+
+def _own_colours(data: Any, n: int, strand_sizes: np.ndarray | None, names: Sequence[str],
+                 fallback: np.ndarray) -> np.ndarray:
+    """(n, 3) sRGB colours of the ``n`` points of ``data`` (a point cloud or curves): its colour
+    attribute of the points (one of ``names`` first), else of the strands (curves: repeated
+    over each strand's ``strand_sizes`` points), else ``fallback`` for all."""
+    domains = ("POINT",) if strand_sizes is None else ("POINT", "CURVE")
+    found = [a for a in data.attributes if a.data_type in ("FLOAT_COLOR", "BYTE_COLOR") and a.domain in domains]
+    found.sort(key=lambda a: (domains.index(a.domain), a.name not in names))
+    if not found:
+        return np.broadcast_to(fallback, (n, 3))
+    attr = found[0]
+    rgba = np.empty(len(attr.data) * 4, np.float32)
+    attr.data.foreach_get("color_srgb", rgba)
+    rgb = rgba.reshape(-1, 4)[:, :3].astype(np.float64)
+    return rgb if attr.domain == "POINT" else np.repeat(rgb, strand_sizes, axis=0)
 
 
 def evaluated_depsgraph(bpy_scene):
