@@ -42,14 +42,20 @@ Modes on the device (``--out`` defaults to ``$OUT``; each step has its own time 
 ``$OUT/<mode>.log`` and a summary table ends the output):
 
 - ``train``: python deps, CUDA rasterizer build, ``bench/bench_train.py`` on CUDA at batch 8,
-  256^2 crops, 3 input views, bf16 (first and time-boxed, so the throughput figure comes
-  back whatever the stage does), then ``python -m headless_train stage --gpus 1`` on
-  ``.gpurun/corpus`` for the minutes the budget leaves (first call: from the shipped
+  256^2 crops, 3 input views, bf16 (first and time-boxed, so the throughput figures come
+  back whatever the stage does): the recipe's rate with DataLoader workers, then
+  ``--compare batched,batched_k3`` (one target against three per set of input views,
+  interleaved on the same batches, each loading its batch in the main process inside its
+  timing: their ratio, not the recipe's rate); then ``python -m headless_train stage --gpus
+  1`` on ``.gpurun/corpus`` for the minutes the budget leaves (first call: from the shipped
   ``npbgpp_sphere.safetensors`` with the default 200-step warm-up; with ``.gpurun/stage``:
-  resumed). Returns the new weights, ``stage.json``, the bench JSON, the BENCHMARKS.md sections
-  written there, the log, and the stage state (last.ckpt with Adam moments is 26 MiB, more
-  than one returned file may hold) as a tar in parts of at most 15 MiB, which
-  ``prepare --resume-from`` joins again.
+  resumed), with ``--targets-per-sample K`` when ``prepare``/``plan`` (and so the call) got
+  it (left out: 1 on a first call, today's recipe, the run's own on a resumed one; a K the
+  kit's run did not train with is refused by ``prepare`` and named by ``plan``). Returns the
+  new weights, ``stage.json``, the two bench JSONs, the BENCHMARKS.md sections written there,
+  the log, and the stage state (last.ckpt with Adam moments is 26 MiB, more than one returned
+  file may hold) as a tar in parts of at most 15 MiB, which ``prepare --resume-from`` joins
+  again: 8 files, the most that come back.
 - ``speed``: ``bench/gpu_speed.py`` within its budget, then ``bench/bench_densify.py --gpu``
   on the carried scene; returns their JSON / the BENCHMARKS.md sections and the log.
 
@@ -59,9 +65,10 @@ call gets ``timeout_s`` 405, of which its ``--budget-s`` 360 (45 s go to python'
 copies and the summary), and the second call should follow the first at once (a machine
 stays warm 30 s; a new start costs minutes and none starts with under 4 left). ``--budget-s``
 and ``prepare --budgets`` take 60..555 s (``--budgets train=540`` for one long training call
-alone: ``plan`` then says the two no longer fit together). In the default split the stage
-trains about 3 minutes and gpu_speed.py gets about 2.5 (its later steps, compile last, are
-cut first).
+alone: ``plan`` then says the two no longer fit together). In the default split the two
+benches take up to 3.3 minutes of the train call (limits 110 and 90 s; unmeasured on a GPU),
+the stage the rest (1.5 minutes when both use their whole limit), and gpu_speed.py gets about 2.5 (its later steps,
+compile last, are cut first).
 
 Continuing a stage: exactly, with ``prepare --resume-from <files_at>`` (the corpus leaves
 room for the 26 MiB state: about 20 MiB of corpus); or from the returned weights with
@@ -279,21 +286,46 @@ def join_parts(folder: Path, stem: str, dest: Path) -> Path:
 
 
 # ------------------------------------------------------------------ the two run calls
-def run_command(mode: str, budget_s: int) -> str:
-    """The shell command of a mode's `run` call."""
+def run_command(mode: str, budget_s: int, targets_per_sample: int | None = None) -> str:
+    """The shell command of a mode's `run` call (the train call passes ``targets_per_sample``
+    on to its stage when given)."""
+    extra = f" --targets-per-sample {targets_per_sample}" if mode == "train" and targets_per_sample is not None else ""
     return (f"set -o pipefail; export PYTHONUNBUFFERED=1; python3 bench/gpu_session.py {mode} "
-            f"--out \"$OUT\" --budget-s {budget_s} 2>&1")
+            f"--out \"$OUT\" --budget-s {budget_s}{extra} 2>&1")
 
 
-def run_calls(kit: str = KIT, root: Path = ROOT, budgets: dict[str, int] | None = None) -> list[dict[str, Any]]:
+def run_calls(kit: str = KIT, root: Path = ROOT, budgets: dict[str, int] | None = None,
+              targets_per_sample: int | None = None) -> list[dict[str, Any]]:
     """The `run` calls of a session, in order: {mode, command, carry, timeout_s}."""
     budgets = {**DEFAULT_BUDGET_S, **(budgets or {})}
     calls = []
     for mode in ("train", "speed"):
         b = int(budgets[mode])
-        calls.append({"mode": mode, "command": run_command(mode, b), "carry": carry_paths(mode, kit, root),
-                      "timeout_s": b + CALL_MARGIN_S})
+        calls.append({"mode": mode, "command": run_command(mode, b, targets_per_sample),
+                      "carry": carry_paths(mode, kit, root), "timeout_s": b + CALL_MARGIN_S})
     return calls
+
+
+def stage_targets_problem(stage_dir: Path, targets_per_sample: int | None) -> str | None:
+    """Why the stage in ``stage_dir`` would refuse ``--targets-per-sample`` (None: it would
+    not): a resumed run keeps the value its ``stage.json`` records (headless_train stage's
+    rule, read by its own reader), and that refusal on the device would cost the call's stage."""
+    if targets_per_sample is None or not (stage_dir / "run" / "checkpoints" / "last.ckpt").is_file():
+        return None
+    from headless_train.stage import StageError, read_history, recorded_settings
+
+    history = stage_dir / "stage.json"
+    try:
+        calls = read_history(str(history))
+        own = recorded_settings(calls[-1])[0]["targets_per_sample"] if calls else None
+    except StageError as exc:
+        return f"{history}: {exc}"
+    if own is None or own == targets_per_sample:
+        return None
+    return (f"--targets-per-sample {targets_per_sample}: the kit's stage run ({stage_dir}) was trained with "
+            f"--targets-per-sample {own}, which its next (resumed) call keeps; give {own} or leave the flag out, "
+            "or start a new run from its weights (remove that folder, prepare --start-weights "
+            "<returned npbgpp_sphere_stage.safetensors>)")
 
 
 def check_calls(calls: Sequence[dict[str, Any]]) -> list[str]:
@@ -313,18 +345,20 @@ def check_calls(calls: Sequence[dict[str, Any]]) -> list[str]:
     return problems
 
 
-def plan_text(kit: str = KIT, root: Path = ROOT, budgets: dict[str, int] | None = None) -> str:
+def plan_text(kit: str = KIT, root: Path = ROOT, budgets: dict[str, int] | None = None,
+              targets_per_sample: int | None = None) -> str:
     """The sizes of both calls against the 64 MiB limit and the exact `run` calls."""
     tree = tree_bytes(root)
     lines = [f"checkout (tracked + untracked-not-ignored): {tree / MIB:.1f} MiB"]
-    calls = run_calls(kit, root, budgets)
+    calls = run_calls(kit, root, budgets, targets_per_sample)
     for c in calls:
         carried = sum(path_bytes(root / p) for p in c["carry"])
         total = (tree + carried) / MIB
         verdict = "ok" if total <= TREE_LIMIT_MIB - TREE_MARGIN_MIB else f"OVER the {TREE_LIMIT_MIB:g} MiB limit"
         lines.append(f"{c['mode']} call carries {carried / MIB:.1f} MiB -> {total:.1f} MiB in all ({verdict})")
     problems = check_calls(calls)
-    lines += [f"problem: {p}" for p in problems]
+    targets = stage_targets_problem(root / kit / "stage", targets_per_sample)
+    lines += [f"problem: {p}" for p in [*problems, *([targets] if targets else [])]]
     lines.append(f"The two `run` calls (device tool), one right after the other (the machine stays warm {WARM_S} s):")
     for c in calls:
         lines.append(json.dumps({k: c[k] for k in ("command", "carry", "timeout_s")}))
@@ -800,11 +834,14 @@ def build_kit(args: argparse.Namespace, kit: Path, corpus_dir: Path, progress: P
               captures: Sequence[Path] = ()) -> None:
     say = print
     kit.mkdir(exist_ok=True)
+    if args.resume_from:
+        say(f"stage state: {restore_state(Path(args.resume_from), kit / 'stage')}")
+    problem = stage_targets_problem(kit / "stage", args.targets_per_sample)  # before any part is built
+    if problem:
+        raise KitError(problem)
     with progress.part("wheels"):
         wheels = build_wheels(kit / "whl")
         say(f"wheels: {', '.join(w.name for w in wheels)}")
-    if args.resume_from:
-        say(f"stage state: {restore_state(Path(args.resume_from), kit / 'stage')}")
     if args.start_weights:
         if not os.path.isfile(args.start_weights):
             raise KitError(f"--start-weights: file not found: {args.start_weights}")
@@ -851,7 +888,7 @@ def build_kit(args: argparse.Namespace, kit: Path, corpus_dir: Path, progress: P
         with progress.part("densify scene"):
             scene = render_densify_scene(kit / "densify")
             say(f"densify scene: {scene} ({path_bytes(scene) / MIB:.1f} MiB)")
-    say(plan_text(args.kit, ROOT, args.budgets))
+    say(plan_text(args.kit, ROOT, args.budgets, args.targets_per_sample))
 
 
 # ------------------------------------------------------------------ the device modes
@@ -1030,6 +1067,11 @@ def returned_benchmarks(out: Path, path: Path = ROOT / "BENCHMARKS.md") -> Itera
 # checkpoint), the last checkpoint after SIGTERM and the fp16 export.
 STAGE_OVERHEAD_S = 45
 BENCH_TRAIN_LIMIT_S = 110  # python start, scene loading, workers, 10 warm-up and 100 timed steps
+# The step variants timed side by side (bench_train.py --compare, interleaved on the same
+# batches, each loading its batch in the main process inside its timing): today's step and
+# three target crops per set of input views (stage --targets-per-sample 3).
+COMPARED_VARIANTS = "batched,batched_k3"
+BENCH_COMPARE_LIMIT_S = 90  # python start, scene loading, 3 warm-up and 15 timed rounds of both variants
 COLLECT_RESERVE_S = 20
 
 
@@ -1040,22 +1082,31 @@ def stage_minutes(left_s: float) -> float:
     return 0.0 if m < 0.5 else int(m * 10) / 10.0
 
 
-def mode_train(s: Session, corpus: Path | None) -> None:
-    """bench_train first (short, time-boxed: the throughput figure comes back whatever the
-    stage does), then the stage for the minutes left, then the copies to $OUT."""
+def mode_train(s: Session, corpus: Path | None, targets_per_sample: int | None = None) -> None:
+    """bench_train first (short, time-boxed: the throughput figures come back whatever the
+    stage does): the recipe's rate, then one target against three per set of input views
+    (``--compare batched,batched_k3``); then the stage for the minutes left (with
+    ``targets_per_sample`` when given), then the copies to $OUT."""
     corpus = corpus or s.kit / "corpus"
     work = s.kit / "stage"
-    bench = [sys.executable, "bench/bench_train.py", "--data-root", str(corpus), "--format", "null",
-             "--views", "3", "--json", str(s.out / "bench_train.json")]
+    common = [sys.executable, "bench/bench_train.py", "--data-root", str(corpus), "--format", "null", "--views", "3"]
+    bench = [*common, "--json", str(s.out / "bench_train.json")]
+    compare = [*common, "--compare", COMPARED_VARIANTS, "--json", str(s.out / "bench_train_compare.json")]
     if s.dry_run:
         bench += ["--device", "cpu", "--batch", "1", "--crop", "32", "--steps", "2", "--warmup", "1"]
+        compare += ["--device", "cpu", "--batch", "1", "--crop", "32", "--steps", "1", "--warmup", "0"]
     else:
         bench += ["--device", "cuda", "--batch", "8", "--crop", "256", "--amp", "bf16", "--steps", "100",
                   "--warmup", "10", "--workers", str(min(8, os.cpu_count() or 1)), "--record"]
+        compare += ["--device", "cuda", "--batch", "8", "--crop", "256", "--amp", "bf16", "--steps", "15",
+                    "--warmup", "3"]
     s.step("bench_train", bench, BENCH_TRAIN_LIMIT_S, reserve_s=STAGE_OVERHEAD_S + COLLECT_RESERVE_S + 30)
+    s.step("bench_compare", compare, BENCH_COMPARE_LIMIT_S, reserve_s=STAGE_OVERHEAD_S + COLLECT_RESERVE_S + 30)
     cmd = [sys.executable, "-m", "headless_train", "stage", "--corpus", str(corpus), "--work", str(work)]
     if not (work / "run" / "checkpoints" / "last.ckpt").is_file() and (s.kit / "start.safetensors").is_file():
         cmd += ["--weights", str(s.kit / "start.safetensors")]
+    if targets_per_sample is not None:  # left out: 1 on a first call, the run's own on a resumed one
+        cmd += ["--targets-per-sample", str(targets_per_sample)]
     if s.dry_run:
         minutes = 0.3
         cmd += ["--gpus", "0", "--batch", "1", "--workers", "0", "--crop", "32", "--minutes", str(minutes)]
@@ -1187,7 +1238,7 @@ def run_steps(s: Session, args: argparse.Namespace, kit: Path, budget: int) -> i
         build_kernels(s)
         with returned_benchmarks(s.out):
             if args.mode == "train":
-                mode_train(s, Path(args.corpus).resolve() if args.corpus else None)
+                mode_train(s, Path(args.corpus).resolve() if args.corpus else None, args.targets_per_sample)
             else:
                 mode_speed(s)
     s.summary()
@@ -1216,6 +1267,22 @@ def parse_budgets(text: str | None) -> dict[str, int]:
     return out
 
 
+TARGETS_HELP = ("the stage's --targets-per-sample: target crops per set of input views (default: left out, i.e. 1 "
+                "on a first call, today's recipe, and the run's own on a resumed one)")
+
+
+def targets_count(text: str) -> int:
+    """``--targets-per-sample`` K: a whole number >= 1, refused here rather than by the stage
+    on the device."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return value
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bench/gpu_session.py", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="mode", required=True)
@@ -1228,6 +1295,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         m.add_argument("--kit", default=KIT, help="kit folder relative to the repository (default .gpurun)")
         if mode == "train":
             m.add_argument("--corpus", default=None, help="corpus folder (default: <kit>/corpus)")
+            m.add_argument("--targets-per-sample", type=targets_count, default=None, metavar="K",
+                           help=TARGETS_HELP)
     for mode in ("prepare", "plan"):
         m = sub.add_parser(mode, help="build the kit here and print the run calls" if mode == "prepare"
                            else "print the run calls and sizes of the kit as it is")
@@ -1235,6 +1304,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         m.add_argument("--budgets", type=parse_budgets, default={},
                        help="train=SECONDS,speed=SECONDS of the two calls (default "
                             f"train={DEFAULT_BUDGET_S['train']},speed={DEFAULT_BUDGET_S['speed']})")
+        m.add_argument("--targets-per-sample", type=targets_count, default=None, metavar="K",
+                       help=TARGETS_HELP + " (the train call passes it on)")
         if mode == "prepare":
             m.add_argument("--corpus", default=None, help="training corpus to pack (scene folders; links followed; "
                            f"with --render-envs / --render-objects default {KIT}/{RENDER_FOLDER})")
@@ -1267,7 +1338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parse_args(argv)
         if args.mode == "plan":
-            print(plan_text(args.kit, ROOT, args.budgets))
+            print(plan_text(args.kit, ROOT, args.budgets, args.targets_per_sample))
             return 0
         if args.mode == "prepare":
             return prepare(args)

@@ -53,6 +53,38 @@ def test_run_calls_fit_the_device_tool_limits(tmp_path):
     assert len(gs.check_calls(bad)) == 3
 
 
+def test_targets_per_sample_goes_to_the_train_call_and_is_checked_against_the_kits_run(tmp_path, capsys):
+    """plan/prepare --targets-per-sample K puts the option into the train call's command only
+    (left out: today's command, above). Against a kit whose stage run recorded another K,
+    which the resumed stage would refuse on the device (losing the call's stage), plan names
+    the problem and prepare refuses before building any part; the same K, or none, passes."""
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    calls = gs.run_calls(".gpurun", tmp_path, None, 3)
+    assert calls[0]["command"] == ('set -o pipefail; export PYTHONUNBUFFERED=1; python3 bench/gpu_session.py train '
+                                   '--out "$OUT" --budget-s 360 --targets-per-sample 3 2>&1')
+    assert "--targets-per-sample" not in calls[1]["command"] and gs.check_calls(calls) == []
+    stage = tmp_path / ".gpurun" / "stage"
+    assert gs.stage_targets_problem(stage, 3) is None  # no run yet: the first call takes any K
+    (stage / "run" / "checkpoints").mkdir(parents=True)
+    (stage / "run" / "checkpoints" / "last.ckpt").write_bytes(b"")
+    (stage / "stage.json").write_text(json.dumps([{"end_step": 5, "settings": {"targets_per_sample": 2}}]))
+    assert gs.stage_targets_problem(stage, 2) is None and gs.stage_targets_problem(stage, None) is None
+    problem = gs.stage_targets_problem(stage, 3)
+    assert problem and "--targets-per-sample 3: the kit's stage run" in problem and "trained with " \
+        "--targets-per-sample 2" in problem
+    assert f"problem: {problem}" in gs.plan_text(".gpurun", tmp_path, None, 3)
+    assert "problem" not in gs.plan_text(".gpurun", tmp_path, None, 2)
+    kit = tmp_path / ".gpurun"
+    (kit / "corpus").mkdir()  # a kept corpus: prepare goes straight to building the kit
+    assert gs.main(["prepare", "--kit", str(kit), "--no-densify", "--targets-per-sample", "3"]) == 2
+    err = capsys.readouterr().err
+    assert problem in err and "done: nothing" in err and not (kit / "whl").exists(), err
+    for bad in ("0", "two"):
+        with pytest.raises(SystemExit):
+            gs.parse_args(["plan", "--targets-per-sample", bad])
+        assert "--targets-per-sample: must be a whole number >= 1" in capsys.readouterr().err
+
+
 def test_corpus_budget_and_balanced_scene_choice():
     # 62 MiB usable - 14 checkout - 0.5 wheels - 27.5 kept for a returned stage state
     assert gs.corpus_budget_mib(14 * MIB, MIB // 2, None) == pytest.approx(20.0)
@@ -198,9 +230,9 @@ def test_train_mode_dry_run_twice_resumes_from_the_returned_pieces(tmp_path):
         for w in wheels:  # the real wheelhouse when prepared here; without it the deps step checks imports only
             (kit / "whl" / w.name).write_bytes(w.read_bytes())
 
-    def call(kit: Path, out: Path) -> list[dict]:
+    def call(kit: Path, out: Path, extra: tuple[str, ...] = ()) -> list[dict]:
         r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_session.py"), "train", "--dry-run",
-                            "--kit", str(kit), "--corpus", corpus, "--out", str(out)],
+                            "--kit", str(kit), "--corpus", corpus, "--out", str(out), *extra],
                            cwd=ROOT, capture_output=True, text=True, timeout=400)
         assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
         assert "gpu_session train: all steps passed" in r.stdout
@@ -209,14 +241,18 @@ def test_train_mode_dry_run_twice_resumes_from_the_returned_pieces(tmp_path):
         assert {"npbgpp_sphere_stage.safetensors", "stage.json", "bench_train.json", "train.log"} <= set(names)
         assert sum(n.startswith("stage_state.") for n in names) == 2  # last.ckpt with Adam: 26 MiB in 2 pieces
         assert json.loads((out / "bench_train.json").read_text())["steps"] == 2
+        compared = json.loads((out / "bench_train_compare.json").read_text())["modes"]
+        assert {m: v["targets_per_sample"] for m, v in compared.items()} == {"batched": 1, "batched_k3": 3}
         return json.loads((out / "stage.json").read_text())
 
-    first = call(kit1, tmp_path / "out1")
+    # the first call trains 2 targets per sample; the second, given none, keeps the run's
+    first = call(kit1, tmp_path / "out1", ("--targets-per-sample", "2"))
     assert [(c["resumed"], c["start_step"]) for c in first] == [(False, 0)] and first[0]["end_step"] > 0
     gs.restore_state(tmp_path / "out1", kit2 / "stage")
     second = call(kit2, tmp_path / "out2")
     assert [(c["resumed"], c["start_step"]) for c in second] == [(False, 0), (True, first[0]["end_step"])]
     assert second[1]["end_step"] > second[1]["start_step"]
+    assert [c["settings"]["targets_per_sample"] for c in second] == [2, 2]
 
 
 @pytest.mark.slow
