@@ -744,7 +744,8 @@ def render_setting_copies(objects: list, scene: Any) -> Iterator[list]:
     viewport's settings; the photos of a dataset, and its points3d.ply
     (``datagen.surface_points.during_a_render``), show the render's. The copies are removed
     and Simplify restored on leaving, errors included, so the user's objects (linked ones too)
-    and scene are as they were. Not emulated: a Geometry Nodes "Is Viewport" switch; metaballs
+    and scene are as they were. Not emulated: a Geometry Nodes "Is Viewport" switch (the
+    operator warns of one, :func:`viewport_switches`); metaballs
     of a family combine only with its selected members (the operator names the others)."""
     copies: list = []
     data_copies: list = []
@@ -839,6 +840,32 @@ def unselected_family_members(meshes: list, scene: Any) -> dict[str, list[str]]:
     return out
 
 
+def has_is_viewport_node(tree: Any, seen: set | None = None) -> bool:
+    """Whether the node tree ``tree``, or a node group it uses (at any depth), has an unmuted
+    Is Viewport node."""
+    seen = set() if seen is None else seen
+    if tree is None or tree.as_pointer() in seen:
+        return False
+    seen.add(tree.as_pointer())
+    for node in tree.nodes:
+        if node.mute:
+            continue
+        if node.bl_idname == "GeometryNodeIsViewport":
+            return True
+        if getattr(node, "node_tree", None) is not None and has_is_viewport_node(node.node_tree, seen):
+            return True
+    return False
+
+
+def viewport_switches(obj: Any) -> list[str]:
+    """The names of ``obj``'s Geometry Nodes modifiers shown in renders whose nodes have an Is
+    Viewport switch (:func:`has_is_viewport_node`): their viewport side is what Python evaluates
+    outside a render (measured in bpy 5.0.1: only a render's depsgraph, seen in a handler while
+    it renders, evaluates Is Viewport as False)."""
+    return [m.name for m in obj.modifiers
+            if m.type == "NODES" and m.show_render and has_is_viewport_node(m.node_group)]
+
+
 class NPBGPP_OT_points_from_meshes(bpy.types.Operator):
     """Sample points (with colours) on the surfaces of the selected meshes, curves, texts, surfaces and
     metaballs as they render (modifiers' render settings: Show in Renders, Subdivision's Render levels; curves'
@@ -904,6 +931,12 @@ class NPBGPP_OT_points_from_meshes(bpy.types.Operator):
         use_point_object(context, obj)
         if skipped:
             self.report({"WARNING"}, f"Sampled the objects with a surface or points; skipped: {skipped_text(skipped)}.")
+        switches = {o.name: viewport_switches(o) for o in chosen}
+        if any(switches.values()):
+            named = ", ".join(f"{name!r} ({', '.join(map(repr, mods))})" for name, mods in switches.items() if mods)
+            self.report({"WARNING"}, f"Geometry Nodes of {named} have an Is Viewport switch: sampled as viewports "
+                                     "evaluate them (its True side); renders, and a dataset's photos, take its "
+                                     "False side.")
         for name, others in unselected_family_members(chosen, context.scene).items():
             self.report({"WARNING"}, f"The metaball {name!r} merges in renders with {', '.join(map(repr, others))} "
                                      "of its family, which are not selected: sampled without them (select them too "

@@ -2683,6 +2683,51 @@ def test_points_from_meshes_takes_the_points_geometry_nodes_make(scene):
     np.testing.assert_allclose(pts, want, atol=1e-6)
 
 
+def test_points_from_meshes_warns_of_an_is_viewport_switch(scene, capfd):
+    """A plane whose Geometry Nodes switch, by an Is Viewport node inside a nested group,
+    between an Ico Sphere of radius 1 (viewports) and 2 (renders): Python evaluates the
+    viewport's side, so the points lie on the radius-1 sphere, and a warning names the object
+    and modifier; with the node muted, or the modifier off in renders, no warning."""
+    sc = scene["scene"]
+    plane = _plane_selected(sc)
+    inner = bpy.data.node_groups.new("IsViewportInside", "GeometryNodeTree")
+    inner.interface.new_socket("Viewport", in_out="OUTPUT", socket_type="NodeSocketBool")
+    is_viewport = inner.nodes.new("GeometryNodeIsViewport")
+    inner.links.new(is_viewport.outputs[0], inner.nodes.new("NodeGroupOutput").inputs[0])
+    tree = bpy.data.node_groups.new("Spheres", "GeometryNodeTree")
+    tree.interface.new_socket("Geometry", in_out="OUTPUT", socket_type="NodeSocketGeometry")
+    nodes = tree.nodes
+    small, big = nodes.new("GeometryNodeMeshIcoSphere"), nodes.new("GeometryNodeMeshIcoSphere")
+    small.inputs["Radius"].default_value, big.inputs["Radius"].default_value = 1.0, 2.0
+    switch = nodes.new("GeometryNodeSwitch")
+    switch.input_type = "GEOMETRY"
+    group = nodes.new("GeometryNodeGroup")
+    group.node_tree = inner
+    tree.links.new(group.outputs[0], switch.inputs["Switch"])
+    tree.links.new(small.outputs["Mesh"], switch.inputs["True"])
+    tree.links.new(big.outputs["Mesh"], switch.inputs["False"])
+    tree.links.new(switch.outputs[0], nodes.new("NodeGroupOutput").inputs[0])
+    modifier = plane.modifiers.new("Switched", "NODES")
+    modifier.node_group = tree
+    _, viewport_bvh = _bvh_of_evaluated(plane)
+    capfd.readouterr()
+    assert bpy.ops.npbgpp.points_from_meshes(count=50, seed=1) == {"FINISHED"}
+    assert (f"Geometry Nodes of {plane.name!r} ('Switched') have an Is Viewport switch: sampled as viewports "
+            "evaluate them") in capfd.readouterr().out
+    pts, _ = _sampled_points(sc)
+    assert _distances(viewport_bvh, pts).max() < 1e-4
+    assert np.linalg.norm(pts, axis=1).max() < 1.01
+    for change in ("mute", "show_render"):
+        for o in sc.objects:
+            o.select_set(o == plane)
+        if change == "mute":
+            is_viewport.mute = True
+        else:
+            is_viewport.mute, modifier.show_render = False, False
+        assert bpy.ops.npbgpp.points_from_meshes(count=10, seed=1) == {"FINISHED"}
+        assert "Is Viewport" not in capfd.readouterr().out, change
+
+
 def test_import_bundle_creates_points_and_sets_scene(scene):
     sc = scene["scene"]
     bundle = str(scene["dir"] / "tiny.npbgpp")
