@@ -908,14 +908,6 @@ class NPBGPP_OT_points_from_meshes(bpy.types.Operator):
                 taken_from = [o.name for o, (pts, _) in zip(chosen, taken, strict=True) if len(pts)]
                 surfaces = [c for c, f in zip(copies, faces, strict=True) if f]
                 parts = [t for t in taken if len(t[0])]
-                sampled = 0
-                if surfaces or not parts:  # none of either: the sampler's error names the objects
-                    names = [o.name for o in chosen if o.type in GEOMETRY_TYPES] or [o.name for o in chosen]
-                    parts.insert(0, sample_surface_points(context.scene, self.count, self.seed, objects=surfaces,
-                                                          depsgraph=depsgraph, what=f"objects {names}"))
-                    sampled = len(parts[0][0])
-                points = np.concatenate([pts for pts, _ in parts])
-                colors = np.concatenate([cols for _, cols in parts])
                 # a metaball member's points are its basis's: not skipped when that family was sampled
                 families = {metaball_family(o.name) for o, f in zip(chosen, faces, strict=True)
                             if o.type == "META" and f}
@@ -924,6 +916,16 @@ class NPBGPP_OT_points_from_meshes(bpy.types.Operator):
                         continue
                     # e.g. a curve with no Bevel or Extrude: sampled nothing, so named with the skipped
                     skipped.append((obj.name, NO_POINTS if obj.type in POINT_TYPES else NO_FACES))
+                if not surfaces and not parts:  # each object named with why (the sampler's error said "mesh")
+                    raise ValueError(f"Nothing to sample points on or take points of: {skipped_text(skipped)}.")
+                sampled = 0
+                if surfaces:
+                    names = [o.name for o in chosen if o.type in GEOMETRY_TYPES]
+                    parts.insert(0, sample_surface_points(context.scene, self.count, self.seed, objects=surfaces,
+                                                          depsgraph=depsgraph, what=f"objects {names}"))
+                    sampled = len(parts[0][0])
+                points = np.concatenate([pts for pts, _ in parts])
+                colors = np.concatenate([cols for _, cols in parts])
         except ValueError as exc:
             self.report({"ERROR"}, str(exc))
             return {"CANCELLED"}

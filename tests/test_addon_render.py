@@ -3124,8 +3124,9 @@ def test_refiner_kernels_setting_reaches_the_worker_and_the_status_says_what_ran
 
 
 def test_empty_bundle_and_faceless_mesh_give_messages(scene):
-    """A 0-point bundle and Points from Meshes on a mesh without faces are refused with a
-    sentence (no KeyError traceback), and nothing is added to the scene."""
+    """A 0-point bundle and Points from Meshes on a mesh without faces (and a point cloud of
+    no points) are refused with a sentence naming each object with why (no KeyError
+    traceback), and nothing is added to the scene."""
     import torch
 
     from npbgpp_core.models import NPBGPlusPlus
@@ -3149,11 +3150,22 @@ def test_empty_bundle_and_faceless_mesh_give_messages(scene):
     for o in sc.objects:
         o.select_set(o == obj)
     sc.render.use_simplify, sc.render.simplify_subdivision, sc.render.simplify_subdivision_render = True, 1, 4
-    with pytest.raises(RuntimeError, match="no visible mesh surfaces to sample points on") as info:
+    with pytest.raises(RuntimeError, match=r"Nothing to sample points on or take points of: Edges \(no faces to "
+                                           "sample: a curve with no Bevel or Extrude, or a mesh of vertices or edges "
+                                           "only") as info:
         bpy.ops.npbgpp.points_from_meshes(count=10)
     assert "KeyError" not in str(info.value)
-    assert "objects ['Edges']" in str(info.value), info.value  # the user's object, not its temporary copy
+    assert "NPBG++ sampled" not in str(info.value), info.value  # the user's object, not its temporary copy
     assert set(bpy.data.objects) == before | {obj}  # the temporary copy removed
+    # a point cloud of no points, alone or beside that mesh: each named with why (was "no visible mesh surfaces")
+    cloud = bpy.data.objects.new("NoPoints", bpy.data.pointclouds.new("NoPoints"))
+    sc.collection.objects.link(cloud)
+    for o in sc.objects:
+        o.select_set(o in (obj, cloud))
+    with pytest.raises(RuntimeError, match=r"Nothing to sample points on or take points of: Edges \(no faces to "
+                                           r"sample: .*\); NoPoints \(no points\)\.$"):
+        bpy.ops.npbgpp.points_from_meshes(count=10)
+    assert set(bpy.data.objects) == before | {obj, cloud}
     assert (sc.render.simplify_subdivision, sc.render.simplify_subdivision_render) == (1, 4)  # restored
 
 
