@@ -2621,6 +2621,28 @@ def test_points_from_meshes_takes_point_clouds_as_they_are(scene, capfd):
     assert len(np.unique(np.round(taken, 4), axis=0)) == 30
 
 
+def test_points_from_meshes_takes_the_colour_attribute_the_material_reads(scene):
+    """A Point Cloud object with two colour attributes, "Col" (red) and "paint" (blue), whose
+    material's Base Color reads "paint" by an Attribute node: its points take blue, as renders
+    show them, not the "Col" a cloud without such a material would give."""
+    sc = scene["scene"]
+    local = np.random.default_rng(4).uniform(-1, 1, (4, 3))
+    cloud = _point_cloud_object(sc, "Painted", local, np.tile([1.0, 0.0, 0.0, 1.0], (4, 1)))
+    cloud.data.attributes.new("paint", "FLOAT_COLOR", "POINT").data.foreach_set(
+        "color_srgb", np.tile([0.0, 0.2, 1.0, 1.0], 4).astype(np.float32))
+    mat = bpy.data.materials.new("ReadsPaint")
+    bsdf = mat.node_tree.nodes.get("Principled BSDF")
+    if bsdf is None:
+        pytest.skip("no Principled BSDF in a new material")
+    attribute = mat.node_tree.nodes.new("ShaderNodeAttribute")
+    attribute.attribute_name = "paint"
+    mat.node_tree.links.new(attribute.outputs["Color"], bsdf.inputs["Base Color"])
+    cloud.data.materials.append(mat)
+    assert bpy.ops.npbgpp.points_from_meshes(count=5, seed=1) == {"FINISHED"}
+    _, col = _sampled_points(sc)
+    np.testing.assert_allclose(col, np.tile([0.0, 0.2, 1.0], (4, 1)), atol=2e-3)
+
+
 def test_points_from_meshes_takes_hair_control_points(scene, capfd):
     """A hair Curves object of two strands (3 and 4 points, a colour per strand) selected
     alone: its 7 control points are taken at Blender's own world positions, each with its

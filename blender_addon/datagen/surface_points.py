@@ -220,10 +220,9 @@ def own_points(obj_eval: Any) -> tuple[np.ndarray, np.ndarray]:
     its evaluated geometry's point cloud (a Point Cloud object's, or a mesh's whose Geometry
     Nodes make points: Cycles draws each as a sphere) and, of a hair Curves object, its
     strands' control points (the points the strands are drawn through). Colours: the points'
-    colour attribute (of hair, a strand's too), else the first material's constant base
+    colour attribute (of hair, a strand's too; the one the first material's Base Color reads
+    by an Attribute node first, as renders show it), else that material's constant base
     colour (:func:`_base_color_source`), else :data:`MID_GREY`."""
-    from ..point_source import COLOR_NAMES
-
     if hasattr(obj_eval, "evaluated_geometry"):
         geometry = obj_eval.evaluated_geometry()  # holds its parts: kept until they are read
         cloud, curves = geometry.pointcloud, geometry.curves
@@ -238,6 +237,7 @@ def own_points(obj_eval: Any) -> tuple[np.ndarray, np.ndarray]:
     slots = obj_eval.material_slots
     source = _base_color_source(slots[0].material) if len(slots) else ("none",)
     fallback = np.asarray(source[1] if source[0] == "const" else np.full(3, MID_GREY), np.float64)
+    read = (source[1],) if source[0] == "attr" and source[1] else ()  # the attribute the material renders
     M = np.array(obj_eval.matrix_world, dtype=np.float64)
     points, colours = [np.empty((0, 3))], [np.empty((0, 3))]
     for data, strand_sizes in parts:
@@ -248,18 +248,21 @@ def own_points(obj_eval: Any) -> tuple[np.ndarray, np.ndarray]:
         local = np.empty(n * 3, np.float32)
         position.data.foreach_get("vector", local)
         points.append(local.reshape(n, 3).astype(np.float64) @ M[:3, :3].T + M[:3, 3])
-        colours.append(_own_colours(data, n, strand_sizes, COLOR_NAMES, fallback))
+        colours.append(_own_colours(data, n, strand_sizes, read, fallback))
     return np.concatenate(points).astype(np.float32), np.clip(np.concatenate(colours), 0.0, 1.0).astype(np.float32)
 
 
-def _own_colours(data: Any, n: int, strand_sizes: np.ndarray | None, names: Sequence[str],
+def _own_colours(data: Any, n: int, strand_sizes: np.ndarray | None, read: Sequence[str],
                  fallback: np.ndarray) -> np.ndarray:
-    """(n, 3) sRGB colours of the ``n`` points of ``data`` (a point cloud or curves): its colour
-    attribute of the points (one of ``names`` first), else of the strands (curves: repeated
-    over each strand's ``strand_sizes`` points), else ``fallback`` for all."""
+    """(n, 3) sRGB colours of the ``n`` points of ``data`` (a point cloud or curves): the colour
+    attribute named in ``read`` (what the material reads), else one of the points (one of
+    :data:`~blender_addon.point_source.COLOR_NAMES` first), else of the strands (curves:
+    repeated over each strand's ``strand_sizes`` points), else ``fallback`` for all."""
+    from ..point_source import COLOR_NAMES
+
     domains = ("POINT",) if strand_sizes is None else ("POINT", "CURVE")
     found = [a for a in data.attributes if a.data_type in ("FLOAT_COLOR", "BYTE_COLOR") and a.domain in domains]
-    found.sort(key=lambda a: (domains.index(a.domain), a.name not in names))
+    found.sort(key=lambda a: (a.name not in read, domains.index(a.domain), a.name not in COLOR_NAMES))
     if not found:
         return np.broadcast_to(fallback, (n, 3))
     attr = found[0]
