@@ -370,6 +370,37 @@ def test_process_loss_scales_make_the_average_of_process_means_the_mean_over_eve
     assert distributed_loss_scale(4, "cpu") == 1.0  # no process group: one process, nothing to scale
 
 
+def test_training_step_backpropagates_the_loss_times_the_process_scale(ring_root, monkeypatch):
+    """training_step backpropagates its batch's mean loss times distributed_loss_scale of the
+    batch's target count (a sample with an extra target counts 2, one with none 1), the loss
+    that DDP's gradient average needs; it logs and returns the unscaled mean. The scale is a
+    stand-in here (3.0, recording the count it is asked about): the gloo test checks its value."""
+    import headless_train.systems.base as base
+
+    system, ds = _system(ring_root, ["datasets.targets_per_sample=2", "loss.aux_drop_prob=0",
+                                     "datasets.color_jitter_prob=0"])
+    batch = [ds[0], dict(ds[3], extra_targets=[])]
+    asked, backward, logged = [], [], {}
+
+    class Optimiser:
+        def zero_grad(self) -> None:
+            pass
+
+        def step(self) -> None:
+            pass
+
+    monkeypatch.setattr(base, "distributed_loss_scale", lambda count, device: asked.append(count) or 3.0)
+    monkeypatch.setattr(system, "manual_backward", backward.append)
+    monkeypatch.setattr(system, "optimizer_list", lambda: [Optimiser()])
+    monkeypatch.setattr(system, "scheduler_list", list)
+    monkeypatch.setattr(system, "log", lambda name, value, **_: logged.setdefault(name, value))
+    returned = system.training_step(batch, 0)
+    assert asked == [3]
+    assert len(backward) == 1 and backward[0].requires_grad
+    torch.testing.assert_close(backward[0].detach(), 3.0 * returned)
+    torch.testing.assert_close(logged["train/loss"], returned)
+
+
 @pytest.mark.slow
 def test_two_process_gloo_gradients_are_those_of_the_mean_over_every_target(tmp_path):
     """A real 2-process DDP group on the CPU (gloo): with 1 and 4 targets on the two processes,
