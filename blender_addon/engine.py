@@ -40,6 +40,8 @@ class NPBGPPRenderEngine(bpy.types.RenderEngine):
         super().__init__(*args, **kwargs)
         self.viewport = None
         self.stopped_job = False  # this frame was cancelled or reported an error (:meth:`_error`)
+        self.reported_error = False  # this frame reported an error (:meth:`_error`)
+        self.gave_result = False  # this frame handed Blender a result (begin_result / end_result)
 
     def __del__(self) -> None:
         viewport = getattr(self, "viewport", None)
@@ -57,11 +59,19 @@ class NPBGPPRenderEngine(bpy.types.RenderEngine):
 
     # ------------------------------------------------------------------ final
     def render(self, depsgraph: bpy.types.Depsgraph) -> None:  # type: ignore[override]
-        self.stopped_job = False
+        """Render one frame of one view layer. A frame ends with a result, an error (Blender
+        then writes nothing and stops), or Blender cancelling (Esc: it writes nothing either)."""
+        self.stopped_job = self.reported_error = self.gave_result = False
         try:
             self._render(depsgraph)
         except Exception as exc:  # noqa: BLE001 - Blender would swallow it: report instead
             self._error(f"{type(exc).__name__}: {exc}")
+        if not (self.gave_result or self.reported_error or self.test_break()):
+            # Blender writes a frame left without a result unless it is cancelling (Esc) or the
+            # engine reported an error; 5.0.1 crashes writing one as a 16-bit PNG or TIFF or an
+            # OpenEXR, and an empty result would be written as a black frame: stop the job here.
+            self._error(f"frame {depsgraph.scene.frame_current} was cancelled before it was rendered while "
+                        "Blender went on: the render stops here, writing nothing for that frame")
         if self.is_animation and (self.stopped_job or self.test_break()
                                   or depsgraph.scene.frame_current >= last_frame(depsgraph.scene)):
             # the job's last frame: its last one to render, or one cancelled (Esc) or failed,
@@ -72,7 +82,7 @@ class NPBGPPRenderEngine(bpy.types.RenderEngine):
         """Report ``message`` as an error. Blender ends an animation at a frame whose engine
         reported one: that frame is its last."""
         self.report({"ERROR"}, f"NPBG++: {message}")
-        self.stopped_job = True
+        self.stopped_job = self.reported_error = True
 
     def _render(self, depsgraph: bpy.types.Depsgraph) -> None:
         scene = depsgraph.scene
@@ -103,7 +113,7 @@ class NPBGPPRenderEngine(bpy.types.RenderEngine):
         self.update_progress(0.0)
         try:
             frame, depth_scale, status, _ = render_frame(snap, geo, self.test_break)
-        except Cancelled:  # Esc: Blender renders no more frames
+        except Cancelled:  # Esc: Blender writes no frame from here (render() stops a job that goes on)
             self.stopped_job = True
             return
         except (WorkerError, ValueError, RuntimeError, OSError) as exc:
@@ -131,6 +141,7 @@ class NPBGPPRenderEngine(bpy.types.RenderEngine):
         # Blender calls render() once per view layer: write that layer's passes only (a
         # result of every layer let the last layer's image replace the others').
         result = self.begin_result(0, 0, self.resolution_x, self.resolution_y, layer=depsgraph.view_layer.name)
+        self.gave_result = True  # end_result below hands it over, written or not
         try:
             if (result.resolution_y, result.resolution_x) != (h, w):
                 self._error(f"result is {result.resolution_x}x{result.resolution_y}, camera {w}x{h}")

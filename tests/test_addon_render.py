@@ -88,12 +88,18 @@ def read_exr(path: str) -> dict[str, np.ndarray]:
 
 # --------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def addon(tmp_path_factory):
-    """Build the zip and install + enable it the way Blender does."""
+def addon_zip(tmp_path_factory) -> str:
+    """The add-on zip, built as a user downloads it."""
     sys.path.insert(0, ROOT)
     import build_addon
 
-    zip_path = build_addon.build(str(tmp_path_factory.mktemp("dist")))
+    return build_addon.build(str(tmp_path_factory.mktemp("dist")))
+
+
+@pytest.fixture(scope="module")
+def addon(addon_zip):
+    """Install + enable the zip the way Blender does."""
+    zip_path = addon_zip
     bpy.ops.wm.read_factory_settings(use_empty=True)
     result = bpy.ops.extensions.package_install_files(filepath=zip_path, repo="user_default", enable_on_install=True)
     assert result == {"FINISHED"}
@@ -499,8 +505,8 @@ def test_animation_stopped_by_an_error_sums_up_the_frames_before(scene, capfd):
 def test_animation_cancelled_sums_up_on_the_frame_it_stopped(scene, capfd, monkeypatch):
     """Esc during an animation's frame: the engine's ``test_break`` turns True and the worker
     request raises Cancelled (made so here from frame 2 on; Blender's own loop does not see
-    it, so it goes on): the cameras noted so far are summed up on that frame, once, not on a
-    last frame it never reaches."""
+    it, so the engine stops the job with an error): the cameras noted so far are summed up on
+    that frame, once, not on a last frame it never reaches."""
     _animation_through_many_cameras(scene)
     engine_module = sys.modules[f"{MODULE}.engine"]
     real_render_frame = engine_module.render_frame
@@ -511,17 +517,171 @@ def test_animation_cancelled_sums_up_on_the_frame_it_stopped(scene, capfd, monke
         return real_render_frame(*args, **kwargs)
 
     monkeypatch.setattr(engine_module, "render_frame", render_frame_cancelled_from_frame_2)
-    # Blender 5.0.1 crashes writing a 16-bit PNG (or EXR) of a frame that has no result; a real
-    # Esc stops it before it writes that frame (as an error does above), but here its loop goes
-    # on to write the cancelled frames: 8-bit ones
-    bpy.context.scene.render.image_settings.color_depth = "8"
+    # Blender 5.0.1 crashed writing a 16-bit PNG or an EXR of a frame without a result: the
+    # engine now stops such a frame with an error (test_frame_cancelled_while_blender_goes_on_*,
+    # in a child process); 8-bit, which did not crash, keeps this process safe
+    sc = bpy.context.scene
+    sc.render.image_settings.color_depth = "8"
     capfd.readouterr()
-    bpy.ops.render.render(animation=True)
+    with pytest.raises(RuntimeError, match="frame 2 was cancelled before it was rendered while Blender went on"):
+        bpy.ops.render.render(animation=True)
     out = capfd.readouterr().out
-    # frame 2's framing note was taken before its render was cancelled; frames 3 and 4 add none
+    assert os.path.isfile(sc.render.frame_path(frame=1)) and not os.path.exists(sc.render.frame_path(frame=2))
+    # frame 2's framing note was taken before its render was cancelled; frames 3 and 4 are not rendered
     assert out.count("Warning: NPBG++: 2 cameras of this animation did not show their photo's framing "
                      "('train/r_0', 'train/r_1');") == 1, out
     assert out.count("cameras of this animation") == 1, out
+
+
+# A child process renders frames 1-3 with the installed add-on; render_frame is replaced
+# so that frame 2 ends without a result in a given way (a crash must not end pytest).
+_NO_RESULT_SCRIPT = r"""
+import ctypes, json, os, sys
+import bpy
+zip_path, fmt, out_dir, cases = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4].split(",")
+assert bpy.ops.extensions.package_install_files(filepath=zip_path, repo="user_default",
+                                                enable_on_install=True) == {"FINISHED"}
+engine = sys.modules["bl_ext.user_default.npbgpp.engine"]
+real_render_frame = engine.render_frame
+from npbgpp_core.ply import save_ply
+import numpy as np
+
+def blender_break_flag():
+    # Blender's G.is_break (set by Esc, or Ctrl+C in background mode), located in bpy 5.0.1's
+    # library: its default_break() reads it (lea G(%rip),%rax; movzbl 0xc20(%rax),%eax; ret).
+    DEFAULT_BREAK, G, IS_BREAK = 0x167BE80, 0x9C0F5E0, 0xC20
+    for line in open("/proc/self/maps"):
+        parts = line.split()
+        if len(parts) >= 6 and parts[5].endswith("/bpy/__init__.so") and int(parts[2], 16) == 0:
+            base = int(parts[0].split("-")[0], 16)
+            code = ctypes.string_at(base + DEFAULT_BREAK, 15)
+            lea = int.from_bytes(code[3:7], "little", signed=True)
+            if (code[:3] == bytes.fromhex("488d05") and base + DEFAULT_BREAK + 7 + lea == base + G
+                    and code[7:] == bytes.fromhex("0fb680200c0000c3")):
+                return ctypes.c_bool.from_address(base + G + IS_BREAK)
+    return None
+
+BREAK = blender_break_flag()
+
+def frame_2(how):
+    def render_frame(snap, geo, should_cancel=None, *args, **kwargs):
+        if bpy.context.scene.frame_current == 2:
+            if how == "esc":
+                BREAK.value = True
+                assert should_cancel()  # the engine's test_break sees Blender's break
+            if how == "error":
+                raise engine.WorkerError("the worker died")
+            raise engine.Cancelled("cancelled")
+        return real_render_frame(snap, geo, should_cancel, *args, **kwargs)
+    return render_frame
+
+for case in cases:
+    how, kind = case.split("-")
+    if how == "esc" and BREAK is None:
+        print("CASE", json.dumps({"case": case, "outcome": "unavailable"}), flush=True)
+        continue
+    bpy.ops.wm.read_homefile(use_empty=True)
+    sc = bpy.context.scene
+    rng = np.random.default_rng(0)
+    save_ply(os.path.join(out_dir, "points.ply"), rng.uniform(-1, 1, (200, 3)).astype(np.float32),
+             rng.uniform(0, 1, (200, 3)).astype(np.float32))
+    assert bpy.ops.import_scene.npbgpp_ply(filepath=os.path.join(out_dir, "points.ply")) == {"FINISHED"}
+    cam = bpy.data.objects.new("Cam", bpy.data.cameras.new("Cam"))
+    sc.collection.objects.link(cam)
+    cam.location, cam.rotation_euler = (0.0, -4.5, 0.0), (1.5708, 0.0, 0.0)
+    sc.camera = cam
+    sc.render.engine = "NPBGPP"
+    sc.npbgpp.output, sc.npbgpp.worker_mode = "POINTS", "IN_PROCESS"
+    sc.render.resolution_x, sc.render.resolution_y, sc.render.resolution_percentage = 32, 24, 100
+    sc.render.film_transparent = True
+    sc.frame_start, sc.frame_end = 1, 3
+    settings = sc.render.image_settings
+    settings.media_type = "IMAGE"
+    if fmt == "png16":
+        settings.file_format, settings.color_depth = "PNG", "16"
+    else:
+        settings.file_format, settings.exr_codec, settings.color_depth = "OPEN_EXR", "NONE", "32"
+    folder = os.path.join(out_dir, case)
+    os.makedirs(folder)
+    engine.render_frame = frame_2(how)
+    try:
+        if kind == "still":
+            sc.frame_set(2)
+            sc.render.filepath = os.path.join(folder, "still")
+            outcome = sorted(bpy.ops.render.render(write_still=True))[0]
+        else:
+            sc.render.filepath = os.path.join(folder, "frame_")
+            outcome = sorted(bpy.ops.render.render(animation=True))[0]
+    except RuntimeError as exc:
+        outcome = f"raised: {exc}"
+    engine.render_frame = real_render_frame
+    if BREAK is not None:
+        BREAK.value = False
+    print("CASE", json.dumps({"case": case, "outcome": outcome, "files": sorted(os.listdir(folder))}), flush=True)
+"""
+
+
+def _render_frame_2_without_result(addon_zip: str, tmp_path, fmt: str, cases: list[str]) -> dict[str, dict]:
+    """Run :data:`_NO_RESULT_SCRIPT` in a child process; per case its outcome and files."""
+    import json
+    import subprocess
+
+    script = tmp_path / "no_result.py"
+    script.write_text(_NO_RESULT_SCRIPT)
+    env = dict(os.environ, BLENDER_USER_RESOURCES=str(tmp_path / "blender_user"), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(script), addon_zip, fmt, str(tmp_path), ",".join(cases)],
+                          capture_output=True, text=True, timeout=600, env=env)
+    # a crash (SIGSEGV: return code -11) is the failure this guards against
+    assert proc.returncode == 0, f"return code {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    got = [json.loads(line[5:]) for line in proc.stdout.splitlines() if line.startswith("CASE ")]
+    return {c["case"]: c for c in got}
+
+
+def _covered_pixels(path: str) -> int:
+    """Pixels with alpha > 0 in a written frame: a 16-bit PNG (PIL) or an uncompressed EXR."""
+    if path.endswith(".exr"):
+        return int((read_exr(path)["A"] > 0).sum())
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return int((np.asarray(im.getchannel("A")) > 0).sum())
+
+
+@pytest.mark.parametrize("fmt", ["png16", "exr"])
+def test_frame_cancelled_while_blender_goes_on_stops_with_an_error_and_no_file(addon_zip, tmp_path, fmt):
+    """Frame 2 of 1-3 cancelled (render_frame raising Cancelled) while Blender's own loop goes
+    on: Blender 5.0.1 crashed writing that frame, which had no result, as a 16-bit PNG or an
+    EXR (an empty result would have been written as a black frame). The engine reports an error
+    instead: Blender stops, writes no file for frames 2 and 3, and frame 1 is the real render.
+    A frame that failed (WorkerError) is not written either, and a still render neither."""
+    ext = "png" if fmt == "png16" else "exr"
+    cases = ["cancel-animation", "cancel-still", "error-animation"]
+    got = _render_frame_2_without_result(addon_zip, tmp_path, fmt, cases)
+    assert sorted(got) == sorted(cases), got
+    cancelled = "frame 2 was cancelled before it was rendered while Blender went on"
+    assert got["cancel-animation"]["outcome"].startswith("raised: Error: NPBG++: " + cancelled), got
+    assert got["cancel-animation"]["files"] == [f"frame_0001.{ext}"], got
+    assert _covered_pixels(str(tmp_path / "cancel-animation" / f"frame_0001.{ext}")) > 20
+    assert got["cancel-still"]["outcome"].startswith("raised: Error: NPBG++: " + cancelled), got
+    assert got["cancel-still"]["files"] == [], got
+    assert got["error-animation"]["outcome"].startswith("raised: Error: NPBG++: the worker died"), got
+    assert got["error-animation"]["files"] == [f"frame_0001.{ext}"], got
+
+
+@pytest.mark.parametrize("fmt", ["png16", "exr"])
+def test_frame_cancelled_by_esc_writes_nothing_and_no_error(addon_zip, tmp_path, fmt):
+    """Esc during frame 2 (Blender's break flag set, as Esc or Ctrl+C in background mode do;
+    the engine's render_frame then raises Cancelled): no result, no error; Blender cancels the
+    job (CANCELLED) and writes nothing for frames 2 and 3, as measured: no crash, no empty
+    frame left in the output folder."""
+    ext = "png" if fmt == "png16" else "exr"
+    got = _render_frame_2_without_result(addon_zip, tmp_path, fmt, ["esc-animation", "esc-still"])
+    if got["esc-animation"]["outcome"] == "unavailable":
+        pytest.skip("Blender's break flag was not found in this bpy build (the offsets are bpy 5.0.1's)")
+    assert got["esc-animation"] == {"case": "esc-animation", "outcome": "CANCELLED",
+                                    "files": [f"frame_0001.{ext}"]}, got
+    assert _covered_pixels(str(tmp_path / "esc-animation" / f"frame_0001.{ext}")) > 20
+    assert got["esc-still"] == {"case": "esc-still", "outcome": "CANCELLED", "files": []}, got
 
 
 def test_clip_note_counts_the_points_geometry_nodes_leave(scene, capfd):
