@@ -3343,6 +3343,12 @@ def test_empty_bundle_and_faceless_mesh_give_messages(scene):
     cloud = bpy.data.objects.new("NoPoints", bpy.data.pointclouds.new("NoPoints"))
     sc.collection.objects.link(cloud)
     for o in sc.objects:
+        o.select_set(o == cloud)
+    with pytest.raises(RuntimeError, match=r"^Error: Nothing to sample points on or take points of: NoPoints \(no "
+                                           r"points\)\.\n?$"):
+        bpy.ops.npbgpp.points_from_meshes(count=10)
+    assert set(bpy.data.objects) == before | {obj, cloud}
+    for o in sc.objects:
         o.select_set(o in (obj, cloud))
     with pytest.raises(RuntimeError, match=r"Nothing to sample points on or take points of: Edges \(no faces to "
                                            r"sample: .*\); NoPoints \(no points\)\.$"):
