@@ -806,11 +806,17 @@ SKIP_REASONS = {
     "GREASEPENCIL": "grease pencil strokes are not sampled",
 }
 NO_GEOMETRY = "no geometry: an empty, light, camera or the like"
+# An empty that instances a collection renders that collection's objects, which it does not own.
+INSTANCER = ("an empty instancing a collection: its objects are not taken (select them, or Object > Apply > Make "
+             "Instances Real)")
 
 
 def skip_reason(obj: Any) -> str:
     """Why Points from Selected Meshes takes nothing of ``obj``, by its type, when its type has
-    neither surfaces nor points of its own (:data:`SKIP_REASONS`, else :data:`NO_GEOMETRY`)."""
+    neither surfaces nor points of its own (:data:`SKIP_REASONS`; :data:`INSTANCER` for an
+    empty instancing a collection, which renders geometry; else :data:`NO_GEOMETRY`)."""
+    if obj.type == "EMPTY" and obj.instance_type == "COLLECTION" and obj.instance_collection is not None:
+        return INSTANCER
     return SKIP_REASONS.get(obj.type, NO_GEOMETRY)
 
 

@@ -2841,6 +2841,35 @@ def test_points_from_meshes_takes_hair_control_points(scene, capfd):
         bpy.ops.npbgpp.points_from_meshes(count=10)
 
 
+def test_points_from_meshes_names_a_collection_instance_as_such(scene, capfd):
+    """An empty instancing a collection (whose cube it renders) selected beside a plane: the
+    plane is sampled and the empty is named as skipped for what it is, with what to do, not
+    as an empty without geometry; a plain empty still is."""
+    sc = scene["scene"]
+    plane = _plane_selected(sc)
+    bpy.ops.mesh.primitive_cube_add(size=1.0, location=(0.0, 5.0, 0.0))
+    cube = bpy.context.active_object
+    kept = bpy.data.collections.new("Kept")
+    kept.objects.link(cube)
+    sc.collection.objects.unlink(cube)
+    instancer = bpy.data.objects.new("Instancer", None)
+    instancer.instance_type, instancer.instance_collection = "COLLECTION", kept
+    plain = bpy.data.objects.new("Plain", None)
+    for o in (instancer, plain):
+        sc.collection.objects.link(o)
+    bpy.context.view_layer.update()
+    for o in sc.objects:
+        o.select_set(o in (plane, instancer, plain))
+    capfd.readouterr()
+    assert bpy.ops.npbgpp.points_from_meshes(count=20, seed=1) == {"FINISHED"}
+    out = capfd.readouterr().out
+    assert ("Instancer (an empty instancing a collection: its objects are not taken (select them, or Object > "
+            "Apply > Make Instances Real))") in out, out
+    assert "Plain (no geometry: an empty, light, camera or the like)" in out, out
+    pts, _ = _sampled_points(sc)
+    assert len(pts) == 20 and (np.abs(pts[:, 2]) < 1e-5).all()  # the plane's, none of the instanced cube
+
+
 def test_points_from_meshes_takes_the_points_geometry_nodes_make(scene):
     """A plane whose Geometry Nodes turn its vertices into points (Mesh to Points: a point
     cloud, which renders as points, and no faces): its 4 points are taken, at Blender's own
