@@ -780,15 +780,6 @@ def render_setting_copies(objects: list, scene: Any) -> Iterator[list]:
             r.simplify_subdivision = limit
 
 
-def _has_faces(obj: Any, depsgraph: Any) -> bool:
-    """Whether ``obj`` evaluates (in ``depsgraph``) to a mesh with at least one face."""
-    evaluated = obj.evaluated_get(depsgraph)
-    try:
-        return len(evaluated.to_mesh().polygons) > 0
-    finally:
-        evaluated.to_mesh_clear()
-
-
 def metaball_family(name: str) -> str:
     """The family a metaball object named ``name`` belongs to (its name less a ".NNN"): Blender
     polygonizes a family into one mesh, its first-named member's (the basis), the others'
@@ -801,6 +792,8 @@ def metaball_family(name: str) -> str:
 NO_FACES = ("no faces to sample: a curve with no Bevel or Extrude, or a mesh of vertices or edges only (Object > "
             "Convert > Point Cloud makes its vertices points)")
 NO_POINTS = "no points"
+# Faces whose world-space area is 0: nothing to spread points over (the sampler would refuse them all).
+NO_AREA = "zero surface area: its faces are flat or scaled to nothing"
 SKIP_REASONS = {
     "VOLUME": "a volume: density, no surface nor points to take",
     "GREASEPENCIL": "grease pencil strokes are not sampled",
@@ -890,7 +883,7 @@ class NPBGPP_OT_points_from_meshes(bpy.types.Operator):
     )
 
     def execute(self, context: Any) -> set[str]:
-        from .datagen.surface_points import GEOMETRY_TYPES, POINT_TYPES, own_points, sample_surface_points
+        from .datagen.surface_points import GEOMETRY_TYPES, POINT_TYPES, object_triangles, own_points, sample_triangles
 
         # curves, texts, surfaces and metaballs too: Blender evaluates them to a mesh
         chosen = [o for o in context.selected_objects if o.type in GEOMETRY_TYPES | POINT_TYPES]
@@ -908,27 +901,30 @@ class NPBGPP_OT_points_from_meshes(bpy.types.Operator):
         try:
             with render_setting_copies(chosen, context.scene) as copies:
                 depsgraph = context.evaluated_depsgraph_get()
-                faces = [c.type in GEOMETRY_TYPES and _has_faces(c, depsgraph) for c in copies]
+                evaluated = [c.evaluated_get(depsgraph) for c in copies]
+                # each surface read once; one of zero area is skipped alone, not failing the others
+                triangles = [object_triangles(e) if e.type in GEOMETRY_TYPES else None for e in evaluated]
+                areas = [t.area() if t is not None else 0.0 for t in triangles]
                 # a point cloud's points, a hair's, those a mesh's Geometry Nodes make: taken as they are
-                taken = [own_points(c.evaluated_get(depsgraph)) for c in copies]
+                taken = [own_points(e) for e in evaluated]
                 taken_from = [o.name for o, (pts, _) in zip(chosen, taken, strict=True) if len(pts)]
-                surfaces = [c for c, f in zip(copies, faces, strict=True) if f]
+                surfaces = [t for t, a in zip(triangles, areas, strict=True) if a > 0]
                 parts = [t for t in taken if len(t[0])]
                 # a metaball member's points are its basis's: not skipped when that family was sampled
-                families = {metaball_family(o.name) for o, f in zip(chosen, faces, strict=True)
-                            if o.type == "META" and f}
-                for obj, has_faces, (pts, _) in zip(chosen, faces, taken, strict=True):
-                    if has_faces or len(pts) or (obj.type == "META" and metaball_family(obj.name) in families):
+                families = {metaball_family(o.name) for o, a in zip(chosen, areas, strict=True)
+                            if o.type == "META" and a > 0}
+                for obj, tris, area, (pts, _) in zip(chosen, triangles, areas, taken, strict=True):
+                    if area > 0 or len(pts) or (obj.type == "META" and metaball_family(obj.name) in families):
                         continue
                     # e.g. a curve with no Bevel or Extrude: sampled nothing, so named with the skipped
-                    skipped.append((obj.name, NO_POINTS if obj.type in POINT_TYPES else NO_FACES))
+                    reason = NO_AREA if tris is not None and len(tris.tri_verts) else NO_FACES
+                    skipped.append((obj.name, NO_POINTS if obj.type in POINT_TYPES else reason))
                 if not surfaces and not parts:  # each object named with why (the sampler's error said "mesh")
                     raise ValueError(f"Nothing to sample points on or take points of: {skipped_text(skipped)}.")
                 sampled = 0
                 if surfaces:
                     names = [o.name for o in chosen if o.type in GEOMETRY_TYPES]
-                    parts.insert(0, sample_surface_points(context.scene, self.count, self.seed, objects=surfaces,
-                                                          depsgraph=depsgraph, what=f"objects {names}"))
+                    parts.insert(0, sample_triangles(surfaces, self.count, self.seed, what=f"objects {names}"))
                     sampled = len(parts[0][0])
                 points = np.concatenate([pts for pts, _ in parts])
                 colors = np.concatenate([cols for _, cols in parts])

@@ -2939,6 +2939,38 @@ def test_points_from_meshes_warns_of_an_is_viewport_switch(scene, capfd):
         assert "Is Viewport" not in capfd.readouterr().out, change
 
 
+def test_points_from_meshes_takes_what_it_can_beside_a_flat_mesh(scene, capfd):
+    """A plane squashed to no area (scale 0 on x: faces, but nothing to sample) selected with
+    a Point Cloud object: the cloud's 6 points are taken and the plane is named as skipped
+    with why, instead of the whole operation failing; beside a cube too, the cube gets all
+    the sampled points and the plane is named."""
+    sc = scene["scene"]
+    flat = _plane_selected(sc)
+    flat.name, flat.scale = "Flat", (0.0, 1.0, 1.0)
+    local = np.random.default_rng(5).uniform(-1, 1, (6, 3))
+    cloud = _point_cloud_object(sc, "Cloud", local)
+    bpy.context.view_layer.update()
+    for o in sc.objects:
+        o.select_set(o in (flat, cloud))
+    capfd.readouterr()
+    assert bpy.ops.npbgpp.points_from_meshes(count=50, seed=1) == {"FINISHED"}
+    out = capfd.readouterr().out
+    assert "Took the 6 points of 'Cloud' into" in out, out
+    assert "skipped: Flat (zero surface area: its faces are flat or scaled to nothing)" in out, out
+    pts, _ = _sampled_points(sc)
+    np.testing.assert_allclose(pts, _blender_points(cloud), atol=1e-5)
+    bpy.ops.mesh.primitive_cube_add(size=1.0, location=(0.0, 6.0, 0.0))
+    cube = bpy.context.active_object
+    for o in sc.objects:
+        o.select_set(o in (flat, cube))
+    capfd.readouterr()
+    assert bpy.ops.npbgpp.points_from_meshes(count=40, seed=1) == {"FINISHED"}
+    out = capfd.readouterr().out
+    assert "Sampled 40 points into" in out and "skipped: Flat (zero surface area" in out, out
+    pts, _ = _sampled_points(sc)
+    assert len(pts) == 40 and (np.abs(pts - [0.0, 6.0, 0.0]) <= 0.5 + 1e-5).all()
+
+
 def test_import_bundle_creates_points_and_sets_scene(scene):
     sc = scene["scene"]
     bundle = str(scene["dir"] / "tiny.npbgpp")

@@ -186,6 +186,11 @@ class _MeshTris:
     def corners(self) -> np.ndarray:
         return self.world[self.tri_verts]  # (T, 3, 3)
 
+    def area(self) -> float:
+        """Total world-space area of the triangles (0 for a mesh flattened or scaled to nothing)."""
+        c = self.corners()
+        return float(0.5 * np.linalg.norm(np.cross(c[:, 1] - c[:, 0], c[:, 2] - c[:, 0]), axis=1).sum())
+
     def colors(self, tri: np.ndarray, bary: np.ndarray, cache: dict) -> np.ndarray:
         out = np.full((len(tri), 3), 0.8)
         mats = np.clip(self.material_index[tri], 0, len(self.sources) - 1)
@@ -352,6 +357,17 @@ def sample_surface_points(bpy_scene, count: int, seed: int = 0, objects: Sequenc
     meshes = scene_triangles(bpy_scene, objects, depsgraph)
     what = what or (f"scene {bpy_scene.name!r}" if objects is None else f"objects {[o.name for o in objects]}")
     return _sample(meshes, count, seed, what)
+
+
+def object_triangles(obj_eval: Any) -> _MeshTris:
+    """World-space triangles of the evaluated geometry object ``obj_eval``, at its own place:
+    read once, to weigh (:meth:`_MeshTris.area`) and then sample (:func:`sample_triangles`)."""
+    return _MeshTris(obj_eval, obj_eval.matrix_world.copy())
+
+
+def sample_triangles(meshes: list[_MeshTris], count: int, seed: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`sample_surface_points` of triangles already read (:func:`object_triangles`)."""
+    return _sample([m for m in meshes if len(m.tri_verts)], count, seed, what)
 
 
 def _sample(meshes: list[_MeshTris], count: int, seed: int, what: str) -> tuple[np.ndarray, np.ndarray]:
