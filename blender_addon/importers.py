@@ -822,20 +822,21 @@ def skipped_text(skipped: list[tuple[str, str]]) -> str:
     return "; ".join(f"{', '.join(sorted(names))} ({reason})" for reason, names in by_reason.items())
 
 
-def unselected_family_members(meshes: list, scene: Any) -> dict[str, list[str]]:
-    """Per selected metaball object of ``meshes`` whose family (:func:`metaball_family`) has
-    members in ``scene`` that are not selected: their names. Renders merge them all into one
-    surface; the copies sampled form a family of the selected members only."""
+def unselected_family_members(meshes: list, scene: Any) -> list[tuple[list[str], list[str]]]:
+    """Per metaball family (:func:`metaball_family`) of ``meshes`` that has members in ``scene``
+    that are not selected: its selected members' names and the others'. Renders merge them all
+    into one surface; the copies sampled form a family of the selected members only."""
     chosen = {o.name for o in meshes}
-    out: dict[str, list[str]] = {}
+    selected: dict[str, list[str]] = {}
     for obj in meshes:
-        if obj.type != "META":
-            continue
-        family = metaball_family(obj.name)
+        if obj.type == "META":
+            selected.setdefault(metaball_family(obj.name), []).append(obj.name)
+    out = []
+    for family, names in selected.items():
         others = sorted(o.name for o in scene.objects if o.type == "META" and o.name not in chosen
                         and metaball_family(o.name) == family)
         if others:
-            out[obj.name] = others
+            out.append((sorted(names), others))
     return out
 
 
@@ -941,10 +942,14 @@ class NPBGPP_OT_points_from_meshes(bpy.types.Operator):
             self.report({"WARNING"}, f"Geometry Nodes of {named} have an Is Viewport switch: sampled as viewports "
                                      "evaluate them (its True side); renders, and a dataset's photos, take its "
                                      "False side.")
-        for name, others in unselected_family_members(chosen, context.scene).items():
-            self.report({"WARNING"}, f"The metaball {name!r} merges in renders with {', '.join(map(repr, others))} "
-                                     "of its family, which are not selected: sampled without them (select them too "
-                                     "for the merged surface).")
+        for names, others in unselected_family_members(chosen, context.scene):  # one warning per family
+            these = (f"The metaball {names[0]!r} merges", "its") if len(names) == 1 else \
+                (f"The metaballs {', '.join(map(repr, names))} merge", "their")
+            which = "which is" if len(others) == 1 else "which are"
+            self.report({"WARNING"}, f"{these[0]} in renders with {', '.join(map(repr, others))} of {these[1]} "
+                                     f"family, {which} not selected: sampled without "
+                                     f"{'it' if len(others) == 1 else 'them'} (select "
+                                     f"{'it' if len(others) == 1 else 'them'} too for the merged surface).")
         what = f"Sampled {sampled} points" if sampled else ""
         if taken_from:
             took = f"took the {len(points) - sampled} points of {', '.join(map(repr, sorted(taken_from)))}"

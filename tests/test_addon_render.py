@@ -2626,7 +2626,7 @@ def test_points_from_meshes_metaball_family_at_render_resolution(scene, capfd):
     out = capfd.readouterr().out
     assert "skipped" not in out
     # renders merge it with Blob: said, as the points are of its ball alone
-    assert "The metaball 'Blob.001' merges in renders with 'Blob' of its family, which are not selected" in out, out
+    assert "The metaball 'Blob.001' merges in renders with 'Blob' of its family, which is not selected" in out, out
     pts, _ = _sampled_points(sc)
     near_member = np.linalg.norm(pts - [1.2, 0.0, 0.0], axis=1) < 1.0
     assert near_member.any() and (near_member | (pts[:, 1] > 3.0)).all()  # the member's ball, the cube
@@ -2969,6 +2969,25 @@ def test_points_from_meshes_takes_what_it_can_beside_a_flat_mesh(scene, capfd):
     assert "Sampled 40 points into" in out and "skipped: Flat (zero surface area" in out, out
     pts, _ = _sampled_points(sc)
     assert len(pts) == 40 and (np.abs(pts - [0.0, 6.0, 0.0]) <= 0.5 + 1e-5).all()
+
+
+def test_points_from_meshes_warns_of_a_metaball_family_once(scene, capfd):
+    """Blob.001 and Blob.002 selected, Blob (their family's basis) not: one warning names
+    the family's unselected member for both selected members, not one warning each."""
+    sc = scene["scene"]
+    balls = []
+    for name, x in (("Blob", 0.0), ("Blob.001", 1.2), ("Blob.002", 2.4)):
+        bpy.ops.object.metaball_add(type="BALL", radius=1.0, location=(x, 0.0, 0.0))
+        balls.append(bpy.context.active_object)
+        balls[-1].name = name
+    for o in sc.objects:
+        o.select_set(o in balls[1:])
+    capfd.readouterr()
+    assert bpy.ops.npbgpp.points_from_meshes(count=50, seed=1) == {"FINISHED"}
+    out = capfd.readouterr().out
+    assert out.count(" in renders with ") == 1, out
+    assert ("The metaballs 'Blob.001', 'Blob.002' merge in renders with 'Blob' of their family, which is not "
+            "selected") in out, out
 
 
 def test_import_bundle_creates_points_and_sets_scene(scene):
