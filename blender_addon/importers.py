@@ -804,6 +804,19 @@ INSTANCER = ("an empty instancing a collection: its objects are not taken (selec
              "Instances Real)")
 
 
+# Blender < 4.4 gives Python only a point cloud's or hair's own data: not a mesh its Geometry Nodes output.
+NO_POINTS_NODES = ("no points: Blender before 4.4 does not give Python the mesh its Geometry Nodes may output "
+                   "(Object > Apply the modifier, or Convert > Mesh, to sample it)")
+
+
+def no_points_reason(obj: Any) -> str:
+    """Why a point cloud or hair object ``obj`` gave no points nor surface: :data:`NO_POINTS_NODES`
+    when this Blender cannot read its Geometry Nodes' mesh and it has a Geometry Nodes modifier
+    shown in renders, else :data:`NO_POINTS`."""
+    nodes = any(m.type == "NODES" and m.show_render for m in obj.modifiers)
+    return NO_POINTS_NODES if nodes and not hasattr(obj, "evaluated_geometry") else NO_POINTS
+
+
 def skip_reason(obj: Any) -> str:
     """Why Points from Selected Meshes takes nothing of ``obj``, by its type, when its type has
     neither surfaces nor points of its own (:data:`SKIP_REASONS`; :data:`INSTANCER` for an
@@ -904,7 +917,8 @@ class NPBGPP_OT_points_from_meshes(bpy.types.Operator):
                 depsgraph = context.evaluated_depsgraph_get()
                 evaluated = [c.evaluated_get(depsgraph) for c in copies]
                 # each surface read once; one of zero area is skipped alone, not failing the others
-                triangles = [object_triangles(e) if e.type in GEOMETRY_TYPES else None for e in evaluated]
+                # a point cloud's or hair's too when its Geometry Nodes make a mesh (Blender 4.4+)
+                triangles = [object_triangles(e) for e in evaluated]
                 areas = [t.area() if t is not None else 0.0 for t in triangles]
                 # a point cloud's points, a hair's, those a mesh's Geometry Nodes make: taken as they are
                 taken = [own_points(e) for e in evaluated]
@@ -918,13 +932,18 @@ class NPBGPP_OT_points_from_meshes(bpy.types.Operator):
                     if area > 0 or len(pts) or (obj.type == "META" and metaball_family(obj.name) in families):
                         continue
                     # e.g. a curve with no Bevel or Extrude: sampled nothing, so named with the skipped
-                    reason = NO_AREA if tris is not None and len(tris.tri_verts) else NO_FACES
-                    skipped.append((obj.name, NO_POINTS if obj.type in POINT_TYPES else reason))
+                    if tris is not None and len(tris.tri_verts):
+                        reason = NO_AREA
+                    elif obj.type in POINT_TYPES:
+                        reason = no_points_reason(obj)
+                    else:
+                        reason = NO_FACES
+                    skipped.append((obj.name, reason))
                 if not surfaces and not parts:  # each object named with why (the sampler's error said "mesh")
                     raise ValueError(f"Nothing to sample points on or take points of: {skipped_text(skipped)}.")
                 sampled = 0
                 if surfaces:
-                    names = [o.name for o in chosen if o.type in GEOMETRY_TYPES]
+                    names = [o.name for o, t in zip(chosen, triangles, strict=True) if t is not None]
                     parts.insert(0, sample_triangles(surfaces, self.count, self.seed, what=f"objects {names}"))
                     sampled = len(parts[0][0])
                 points = np.concatenate([pts for pts, _ in parts])

@@ -2990,6 +2990,90 @@ def test_points_from_meshes_warns_of_a_metaball_family_once(scene, capfd):
             "selected") in out, out
 
 
+def test_points_from_meshes_samples_the_mesh_a_point_clouds_nodes_make(scene, capfd):
+    """A Point Cloud object and a hair Curves object whose Geometry Nodes replace them by an
+    Ico Sphere (radius 2 and 1, apart): they render that mesh, so its surface is sampled like
+    a mesh's (the Points count shared by area), every point on Blender's own evaluated
+    sphere of one of them, each sphere getting some; neither is named as skipped."""
+    from mathutils.bvhtree import BVHTree
+
+    if not hasattr(bpy.types.Object, "evaluated_geometry"):
+        pytest.skip("Blender < 4.4 gives Python no evaluated geometry")
+    sc = scene["scene"]
+    objects = []
+    for name, radius, x in (("Cloud", 2.0, -4.0), ("Hair", 1.0, 4.0)):
+        if name == "Cloud":
+            obj = _point_cloud_object(sc, name, np.zeros((3, 3)))
+        else:
+            obj = bpy.data.objects.new(name, bpy.data.hair_curves.new(name))
+            sc.collection.objects.link(obj)
+        tree = bpy.data.node_groups.new(f"Sphere{name}", "GeometryNodeTree")
+        tree.interface.new_socket("Geometry", in_out="OUTPUT", socket_type="NodeSocketGeometry")
+        sphere = tree.nodes.new("GeometryNodeMeshIcoSphere")
+        sphere.inputs["Radius"].default_value, sphere.inputs["Subdivisions"].default_value = radius, 3
+        tree.links.new(sphere.outputs["Mesh"], tree.nodes.new("NodeGroupOutput").inputs[0])
+        obj.modifiers.new("GN", "NODES").node_group = tree
+        obj.location = (x, 0.0, 0.0)
+        objects.append(obj)
+    bpy.context.view_layer.update()
+    assert [o.type for o in objects] == ["POINTCLOUD", "CURVES"]
+    bvhs = []
+    for obj in objects:
+        geometry = obj.evaluated_get(bpy.context.evaluated_depsgraph_get()).evaluated_geometry()
+        mesh = geometry.mesh
+        mesh.calc_loop_triangles()
+        verts = [tuple(obj.matrix_world @ v.co) for v in mesh.vertices]
+        bvhs.append(BVHTree.FromPolygons(verts, [tuple(t.vertices) for t in mesh.loop_triangles]))
+    for o in sc.objects:
+        o.select_set(o in objects)
+    capfd.readouterr()
+    assert bpy.ops.npbgpp.points_from_meshes(count=300, seed=2) == {"FINISHED"}
+    out = capfd.readouterr().out
+    assert "Sampled 300 points into" in out and "skipped" not in out, out
+    pts, _ = _sampled_points(sc)
+    on_cloud, on_hair = (_distances(bvh, pts) < 1e-4 for bvh in bvhs)
+    assert (on_cloud | on_hair).all() and on_cloud.sum() > on_hair.sum() > 0
+
+
+class _BeforeBlender44:
+    """An object as Blender 4.2 and 4.3 give it to Python: no ``evaluated_geometry``."""
+
+    def __init__(self, obj) -> None:
+        self._obj = obj
+
+    def __getattr__(self, name: str):
+        if name == "evaluated_geometry":
+            raise AttributeError(name)
+        return getattr(self._obj, name)
+
+
+def test_points_from_meshes_names_a_point_clouds_nodes_mesh_before_blender_4_4(scene):
+    """A Point Cloud object whose Geometry Nodes output a mesh, seen as Blender < 4.4 shows
+    it (no evaluated geometry): no surface is read and no points are taken, without an
+    error, and the skip reason names the case and what to do; with evaluated geometry (this
+    Blender) the reason is not needed, and a cloud without Geometry Nodes is plain "no points"."""
+    from importlib import import_module
+
+    importers = import_module(f"{MODULE}.importers")
+    surface_points = import_module(f"{MODULE}.datagen.surface_points")
+    sc = scene["scene"]
+    obj = _point_cloud_object(sc, "Cloud", np.zeros((2, 3)))
+    assert importers.no_points_reason(_BeforeBlender44(obj)) == importers.NO_POINTS
+    tree = bpy.data.node_groups.new("Sphere", "GeometryNodeTree")
+    tree.interface.new_socket("Geometry", in_out="OUTPUT", socket_type="NodeSocketGeometry")
+    sphere = tree.nodes.new("GeometryNodeMeshIcoSphere")
+    tree.links.new(sphere.outputs["Mesh"], tree.nodes.new("NodeGroupOutput").inputs[0])
+    obj.modifiers.new("GN", "NODES").node_group = tree
+    bpy.context.view_layer.update()
+    old = _BeforeBlender44(obj.evaluated_get(bpy.context.evaluated_depsgraph_get()))
+    assert surface_points.object_triangles(old) is None
+    assert len(surface_points.own_points(old)[0]) == 0
+    assert importers.no_points_reason(_BeforeBlender44(obj)) == importers.NO_POINTS_NODES
+    assert "Blender before 4.4" in importers.NO_POINTS_NODES and "Apply" in importers.NO_POINTS_NODES
+    if hasattr(bpy.types.Object, "evaluated_geometry"):
+        assert importers.no_points_reason(obj) == importers.NO_POINTS
+
+
 def test_import_bundle_creates_points_and_sets_scene(scene):
     sc = scene["scene"]
     bundle = str(scene["dir"] / "tiny.npbgpp")

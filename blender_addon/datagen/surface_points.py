@@ -123,8 +123,13 @@ def _color_attribute(mesh, name: str | None):
 class _MeshTris:
     """World-space triangles of one evaluated mesh plus what colouring needs."""
 
-    def __init__(self, obj_eval, matrix) -> None:
-        mesh = obj_eval.to_mesh()
+    def __init__(self, obj_eval, matrix, mesh: Any = None) -> None:
+        """``mesh``: an evaluated geometry's mesh component to read instead of ``obj_eval``'s
+        own mesh (a point cloud's or hair's, which ``to_mesh`` refuses); its owner must live
+        while this reads it."""
+        own_mesh = mesh is None
+        if own_mesh:
+            mesh = obj_eval.to_mesh()
         try:
             mesh.calc_loop_triangles()
             nv, nt = len(mesh.vertices), len(mesh.loop_triangles)
@@ -158,9 +163,11 @@ class _MeshTris:
             self.active_color = active.name if active is not None else None
             self._canonical_order()
             slots = obj_eval.material_slots
-            self.sources = [_base_color_source(s.material) for s in slots] or [("none",)]
+            materials = [s.material for s in slots] or ([] if own_mesh else list(mesh.materials))
+            self.sources = [_base_color_source(m) for m in materials] or [("none",)]
         finally:
-            obj_eval.to_mesh_clear()
+            if own_mesh:
+                obj_eval.to_mesh_clear()
 
     def _canonical_order(self) -> None:
         """Order triangles (and each triangle's corners, winding kept) by position, so
@@ -359,10 +366,19 @@ def sample_surface_points(bpy_scene, count: int, seed: int = 0, objects: Sequenc
     return _sample(meshes, count, seed, what)
 
 
-def object_triangles(obj_eval: Any) -> _MeshTris:
-    """World-space triangles of the evaluated geometry object ``obj_eval``, at its own place:
-    read once, to weigh (:meth:`_MeshTris.area`) and then sample (:func:`sample_triangles`)."""
-    return _MeshTris(obj_eval, obj_eval.matrix_world.copy())
+def object_triangles(obj_eval: Any) -> _MeshTris | None:
+    """World-space triangles of the evaluated object ``obj_eval``, at its own place: read once,
+    to weigh (:meth:`_MeshTris.area`) and then sample (:func:`sample_triangles`). A point cloud
+    or hair object has them when its Geometry Nodes output a mesh, which it renders: read from
+    its evaluated geometry (Blender 4.4+; before, and for one without a mesh, None)."""
+    if obj_eval.type in GEOMETRY_TYPES:
+        return _MeshTris(obj_eval, obj_eval.matrix_world.copy())
+    if obj_eval.type not in POINT_TYPES or not hasattr(obj_eval, "evaluated_geometry"):
+        return None
+    geometry = obj_eval.evaluated_geometry()  # owns the mesh: alive while it is read
+    if geometry.mesh is None:
+        return None
+    return _MeshTris(obj_eval, obj_eval.matrix_world.copy(), mesh=geometry.mesh)
 
 
 def sample_triangles(meshes: list[_MeshTris], count: int, seed: int, what: str) -> tuple[np.ndarray, np.ndarray]:
