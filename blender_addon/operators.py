@@ -914,7 +914,9 @@ class NPBGPP_OT_export_dataset(_ModalJob, bpy.types.Operator):
         name="Samples", default=16, min=1, description="Cycles samples per pixel of each view",
     )
     points: IntProperty(  # type: ignore[valid-type]
-        name="Points", default=100_000, min=1, description="Points sampled on the scene's surfaces",
+        name="Points", default=100_000, min=1,
+        description="Points sampled on the scene's surfaces (the point clouds and hair it renders give all their "
+                    "points besides)",
     )
     overwrite: BoolProperty(  # type: ignore[valid-type]
         name="Overwrite", default=False, description="Replace a dataset already in the folder",

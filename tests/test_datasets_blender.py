@@ -547,3 +547,71 @@ def test_render_steps_can_be_cancelled_leaving_nothing(tmp_path):
         assert done == [(1, 2), (2, 2)] and os.path.isfile(tmp_path / "out" / "points3d.ply")
     finally:
         remove_scene(scene)
+
+
+def _nodes_modifier(obj, name: str, make) -> None:
+    """A Geometry Nodes modifier on ``obj`` whose output is ``make(tree, input socket)``'s socket."""
+    tree = bpy.data.node_groups.new(name, "GeometryNodeTree")
+    tree.interface.new_socket("Geometry", in_out="INPUT", socket_type="NodeSocketGeometry")
+    tree.interface.new_socket("Geometry", in_out="OUTPUT", socket_type="NodeSocketGeometry")
+    out = make(tree, tree.nodes.new("NodeGroupInput").outputs[0])
+    tree.links.new(out, tree.nodes.new("NodeGroupOutput").inputs[0])
+    obj.modifiers.new(name, "NODES").node_group = tree
+
+
+def test_dataset_points_take_the_point_clouds_and_hair_a_render_shows(tmp_path):
+    """points3d.ply holds, besides the points sampled on surfaces, every point the render shows
+    as points, as Points from Selected Meshes takes them: a Point Cloud object's (5 points a
+    Points node makes), a hair object's (3 control points), those a mesh's Geometry Nodes make
+    (Mesh to Points of a 4-vertex quad) and a hair instanced by an empty (at the empty's
+    place); not a point cloud disabled in renders. Each sits at its own x."""
+    from npbgpp_core.ply import load_ply
+
+    scene = bpy.data.scenes.new("dataset_own_points")
+    kept = bpy.data.collections.new("dop_instanced")  # in no scene: drawn through the instancer only
+    made = []
+
+    def link(name: str, data, x: float, collection=None) -> bpy.types.Object:
+        obj = bpy.data.objects.new(name, data)
+        obj.location = (x, 0.0, 0.0)
+        (collection or scene.collection).objects.link(obj)
+        made.append(obj)
+        return obj
+
+    def points_node(tree, _geometry):
+        node = tree.nodes.new("GeometryNodePoints")
+        node.inputs["Count"].default_value = 5
+        return node.outputs["Points"]
+
+    def mesh_to_points(tree, geometry):
+        node = tree.nodes.new("GeometryNodeMeshToPoints")
+        tree.links.new(geometry, node.inputs["Mesh"])
+        return node.outputs["Points"]
+
+    try:
+        made.append(_quad(0.0, "dop_surface", scene.collection))
+        _nodes_modifier(link("dop_cloud", bpy.data.pointclouds.new("dop_cloud"), 20.0), "dop_points", points_node)
+        for name, x, collection in (("dop_hair", 30.0, None), ("dop_instanced_hair", 0.0, kept)):
+            hair = bpy.data.hair_curves.new(name)
+            hair.add_curves([3])
+            link(name, hair, x, collection)
+        _nodes_modifier(_quad(40.0, "dop_to_points", scene.collection), "dop_mesh_points", mesh_to_points)
+        made.append(scene.collection.objects["dop_to_points"])
+        hidden = link("dop_not_rendered", bpy.data.pointclouds.new("dop_hidden"), 50.0)
+        _nodes_modifier(hidden, "dop_hidden_points", points_node)
+        hidden.hide_render = True
+        instancer = link("dop_instancer", None, 60.0)
+        instancer.instance_type, instancer.instance_collection = "COLLECTION", kept
+        scene.view_layers[0].update()
+        render_views_of_current_scene(scene, str(tmp_path / "out"), views=1, size=(8, 8), samples=1,
+                                      points=100, val_views=0, test_views=0, seed=1)
+        points = load_ply(tmp_path / "out" / "points3d.ply").points
+        centres = np.round(points[:, 0] / 10.0).astype(int) * 10
+        got = {int(c): int(n) for c, n in zip(*np.unique(centres, return_counts=True), strict=True)}
+        assert got == {0: 100, 20: 5, 30: 3, 40: 4, 60: 3}, got
+        assert (np.abs(points[:, 0] - centres) <= 0.25 + 1e-5).all()
+    finally:
+        for obj in made:
+            bpy.data.objects.remove(obj)
+        bpy.data.collections.remove(kept)
+        bpy.data.scenes.remove(scene)

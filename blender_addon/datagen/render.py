@@ -4,7 +4,8 @@ Output folder::
 
     transforms_train.json / transforms_val.json / transforms_test.json
     train/r_<k>.png, val/r_<k>.png, test/r_<k>.png   RGBA, 8-bit sRGB (Standard view, no dither)
-    points3d.ply                                      surface points + sRGB albedo colours
+    points3d.ply                                      surface points + sRGB albedo colours, then
+                                                      the points rendered as points (clouds, hair)
 
 Each json holds ``camera_angle_x`` plus exact ``fl_x, fl_y, cx, cy, w, h`` (``cx, cy``
 with the pixel-corner origin, as instant-ngp / nerfstudio: the image centre is ``w/2``)
@@ -15,6 +16,9 @@ far enough for the whole bounding sphere to fit the view. Views are shuffled (se
 and split into train / val / test. The bounding sphere and ``points3d.ply`` cover the
 surfaces the renders show: both are read from the depsgraph Blender evaluates for a
 render (:func:`.surface_points.during_a_render`, a 4x4-pixel render before the views).
+``points3d.ply`` also takes whole the points the render shows as points (point clouds,
+hair's control points, a mesh's Geometry Nodes points), as Points from Selected Meshes
+does (:func:`.surface_points.rendered_own_points`); the bounding sphere is the surfaces'.
 
 Command line::
 
@@ -377,7 +381,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hemisphere", action="store_true", help="cameras on the upper hemisphere only")
     p.add_argument("--samples", type=int, default=16, help="Cycles samples per pixel")
-    p.add_argument("--points", type=int, default=100_000, help="points in points3d.ply (0: none)")
+    p.add_argument("--points", type=int, default=100_000,
+                   help="points sampled on surfaces into points3d.ply, which also takes point clouds' and hair's "
+                        "points whole (0: no points3d.ply)")
     p.add_argument("--val", type=int, default=None, help="number of val views (default views//10)")
     p.add_argument("--test", type=int, default=None, help="number of test views (default views//10)")
     p.add_argument("--fov", type=float, default=40.0, help="horizontal field of view in degrees")

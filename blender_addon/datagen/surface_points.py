@@ -226,8 +226,9 @@ class _MeshTris:
         return np.clip(out, 0.0, 1.0)
 
 
-def own_points(obj_eval: Any) -> tuple[np.ndarray, np.ndarray]:
-    """World-space points (float32 (N, 3)) and sRGB colours (float32 (N, 3) in [0, 1]) that the
+def own_points(obj_eval: Any, matrix: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """World-space points (float32 (N, 3); placed by ``matrix``, by default the object's: an
+    instance's differs) and sRGB colours (float32 (N, 3) in [0, 1]) that the
     evaluated object ``obj_eval`` renders as points of its own, taken as they are, not sampled:
     its evaluated geometry's point cloud (a Point Cloud object's, or a mesh's whose Geometry
     Nodes make points: Cycles draws each as a sphere) and, of a hair Curves object, its
@@ -250,7 +251,7 @@ def own_points(obj_eval: Any) -> tuple[np.ndarray, np.ndarray]:
     source = _base_color_source(slots[0].material) if len(slots) else ("none",)
     fallback = np.asarray(source[1] if source[0] == "const" else np.full(3, MID_GREY), np.float64)
     read = (source[1],) if source[0] == "attr" and source[1] else ()  # the attribute the material renders
-    M = np.array(obj_eval.matrix_world, dtype=np.float64)
+    M = np.array(obj_eval.matrix_world if matrix is None else matrix, dtype=np.float64)
     points, colours = [np.empty((0, 3))], [np.empty((0, 3))]
     for data, strand_sizes in parts:
         position = data.attributes.get("position") if data is not None else None
@@ -429,15 +430,38 @@ def _bounds(meshes: list[_MeshTris], bpy_scene: Any) -> tuple[np.ndarray, float]
     return center, float(np.linalg.norm(verts - center, axis=1).max())
 
 
+def rendered_own_points(depsgraph: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The points (and colours) a render of ``depsgraph``'s view layer shows as points: the
+    :func:`own_points` of each point cloud, hair and mesh whose Geometry Nodes make points that
+    it shows directly (:func:`seen_by_camera`), at each instance's place. What Points from
+    Selected Meshes takes of such objects when they are selected, so the two agree."""
+    view_layer = depsgraph.view_layer
+    rendered = _rendered_collections(view_layer.layer_collection)
+    parts = [(np.empty((0, 3), np.float32), np.empty((0, 3), np.float32))]
+    for inst in depsgraph.object_instances:
+        obj = inst.object
+        if obj.type in GEOMETRY_TYPES | POINT_TYPES and seen_by_camera(inst, view_layer, rendered):
+            # a Geometry Nodes point cloud comes as its own instance too, which gives none (measured
+            # in bpy 5.0.1): its points are read once, with its object's
+            parts.append(own_points(obj, inst.matrix_world))
+    return np.concatenate([p for p, _ in parts]), np.concatenate([c for _, c in parts])
+
+
 def rendered_surfaces(bpy_scene, depsgraph: Any, count: int, seed: int = 0
                       ) -> tuple[np.ndarray, float, tuple[np.ndarray, np.ndarray] | None]:
     """``(centre, radius, points)`` of the surfaces ``depsgraph`` shows a camera: its
     :func:`scene_bounds` and ``count`` :func:`sample_surface_points` (None for 0), from one
-    read of its meshes. Meant for the depsgraph a render evaluates (``mode == 'RENDER'``),
-    whose objects are valid only while the render runs (:func:`during_a_render`)."""
+    read of its meshes, followed by the points it shows as points (:func:`rendered_own_points`,
+    taken whole, as Points from Selected Meshes takes them). Meant for the depsgraph a render
+    evaluates (``mode == 'RENDER'``), whose objects are valid only while the render runs
+    (:func:`during_a_render`)."""
     meshes = scene_triangles(bpy_scene, depsgraph=depsgraph)
     center, radius = _bounds(meshes, bpy_scene)
-    return center, radius, _sample(meshes, count, seed, f"scene {bpy_scene.name!r}") if count > 0 else None
+    if count <= 0:
+        return center, radius, None
+    points, colours = _sample(meshes, count, seed, f"scene {bpy_scene.name!r}")
+    own, own_colours = rendered_own_points(depsgraph)
+    return center, radius, (np.concatenate([points, own]), np.concatenate([colours, own_colours]))
 
 
 def during_a_render(bpy_scene, render: Callable[[], Any], use: Callable[[Any], T]) -> T:
