@@ -65,10 +65,16 @@ call gets ``timeout_s`` 405, of which its ``--budget-s`` 360 (45 s go to python'
 copies and the summary), and the second call should follow the first at once (a machine
 stays warm 30 s; a new start costs minutes and none starts with under 4 left). ``--budget-s``
 and ``prepare --budgets`` take 60..555 s (``--budgets train=540`` for one long training call
-alone: ``plan`` then says the two no longer fit together). In the default split the two
-benches take up to 3.3 minutes of the train call (limits 110 and 90 s; unmeasured on a GPU),
-the stage the rest (1.5 minutes when both use their whole limit), and gpu_speed.py gets about 2.5 (its later steps,
-compile last, are cut first).
+alone: ``plan`` then says the two no longer fit together). Training gets the device first:
+each bench step (limits 110 and 45 s; unmeasured on a GPU) runs only when its whole limit
+still leaves the stage ``MIN_STAGE_MINUTES`` (2) of training, else it is skipped and the log
+says so. In the default split, after python's checks, the deps and the CUDA build (26-34 s
+measured, about 50 s in all), the 310 s left hold bench_train (110 s, 2 minutes still left
+for the stage); the compare runs when bench_train took at most 70 s; the stage gets the
+rest, never under 2 minutes: 2.2 after a whole-limit bench_train (the compare skipped),
+2.1 after a 70 s bench_train and a whole-limit compare, 3.0 after a 40 s bench_train and a
+25 s compare (was 0.5-1.5 minutes, with a 90 s compare limit and no such rule); gpu_speed.py
+gets about 2.5 minutes (its later steps, compile last, are cut first).
 
 Continuing a stage: exactly, with ``prepare --resume-from <files_at>`` (the corpus leaves
 room for the 26 MiB state: about 20 MiB of corpus); or from the returned weights with
@@ -1071,8 +1077,15 @@ BENCH_TRAIN_LIMIT_S = 110  # python start, scene loading, workers, 10 warm-up an
 # batches, each loading its batch in the main process inside its timing): today's step and
 # three target crops per set of input views (stage --targets-per-sample 3).
 COMPARED_VARIANTS = "batched,batched_k3"
-BENCH_COMPARE_LIMIT_S = 90  # python start, scene loading, 3 warm-up and 15 timed rounds of both variants
+# Python start, scene loading, 3 warm-up and 15 timed rounds of both variants: 30 steps of batch 8
+# at the target 30 steps/s are 1-3 s of GPU time (k3 three crops a set); the rest is fixed cost,
+# 9 s of the CPU dry run (2 busy cores, 2026-11-30), so 45 s leaves it room (was 90 s, unmeasured).
+BENCH_COMPARE_LIMIT_S = 45
 COLLECT_RESERVE_S = 20
+# Training gets the device first: a bench step runs only when its whole limit still leaves the
+# stage this many minutes (else it is skipped, and the log says so); a bench cut short returns nothing.
+MIN_STAGE_MINUTES = 2.0
+BENCH_GRACE_S = 10  # Session.step's default SIGTERM-to-SIGKILL wait, part of a step's time
 
 
 def stage_minutes(left_s: float) -> float:
@@ -1080,6 +1093,29 @@ def stage_minutes(left_s: float) -> float:
     leave the copies their time (one decimal, at least 0.5; 0: no time for one)."""
     m = (left_s - STAGE_OVERHEAD_S - COLLECT_RESERVE_S) / 60.0
     return 0.0 if m < 0.5 else int(m * 10) / 10.0
+
+
+def stage_reserve_s() -> float:
+    """Seconds a train call keeps for its stage before any bench step: the stage's overhead,
+    the copies and :data:`MIN_STAGE_MINUTES` of training (:func:`stage_minutes` of it)."""
+    return MIN_STAGE_MINUTES * 60 + STAGE_OVERHEAD_S + COLLECT_RESERVE_S
+
+
+def bench_fits(left_s: float, limit_s: float) -> bool:
+    """Whether a bench step of ``limit_s`` (and its SIGKILL grace) fits in ``left_s`` and
+    still leaves the stage :func:`stage_reserve_s`."""
+    return left_s - limit_s - BENCH_GRACE_S >= stage_reserve_s()
+
+
+def bench_step(s: Session, name: str, cmd: Sequence[str], limit_s: float) -> int | None:
+    """Run the bench step ``cmd`` within ``limit_s`` when it fits before the stage's share
+    (:func:`bench_fits`), else skip it, saying so (None)."""
+    if not bench_fits(s.left(), limit_s):
+        s.say(f"=== {name}: skipped, {s.left():.0f} s left: its {limit_s:.0f} s limit would leave the stage under "
+              f"{MIN_STAGE_MINUTES:g} minutes (training first)")
+        s.results.append((name, "skipped (stage first)", 0.0))
+        return None
+    return s.step(name, cmd, limit_s, grace_s=BENCH_GRACE_S, reserve_s=stage_reserve_s())
 
 
 def mode_train(s: Session, corpus: Path | None, targets_per_sample: int | None = None) -> None:
@@ -1100,8 +1136,8 @@ def mode_train(s: Session, corpus: Path | None, targets_per_sample: int | None =
                   "--warmup", "10", "--workers", str(min(8, os.cpu_count() or 1)), "--record"]
         compare += ["--device", "cuda", "--batch", "8", "--crop", "256", "--amp", "bf16", "--steps", "15",
                     "--warmup", "3"]
-    s.step("bench_train", bench, BENCH_TRAIN_LIMIT_S, reserve_s=STAGE_OVERHEAD_S + COLLECT_RESERVE_S + 30)
-    s.step("bench_compare", compare, BENCH_COMPARE_LIMIT_S, reserve_s=STAGE_OVERHEAD_S + COLLECT_RESERVE_S + 30)
+    bench_step(s, "bench_train", bench, BENCH_TRAIN_LIMIT_S)
+    bench_step(s, "bench_compare", compare, BENCH_COMPARE_LIMIT_S)
     cmd = [sys.executable, "-m", "headless_train", "stage", "--corpus", str(corpus), "--work", str(work)]
     if not (work / "run" / "checkpoints" / "last.ckpt").is_file() and (s.kit / "start.safetensors").is_file():
         cmd += ["--weights", str(s.kit / "start.safetensors")]

@@ -7,10 +7,12 @@ from its pieces."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -118,6 +120,30 @@ def test_stage_minutes_leave_the_stage_overhead_and_the_copies_their_time():
     assert gs.stage_minutes(235) == 2.8
     assert gs.stage_minutes(65 + 30) == 0.5
     assert gs.stage_minutes(65 + 29) == 0.0
+
+
+def test_bench_steps_leave_the_stage_its_minutes(tmp_path):
+    """Training first: a bench step runs only when its whole limit and SIGKILL grace still
+    leave the stage MIN_STAGE_MINUTES (2). Hand-computed for the default split (about 310 s
+    left after python's checks, the deps and the CUDA build): bench_train (110 s) fits; the
+    compare (45 s) after a whole-limit bench_train (200 s left) does not, with 240 s left it
+    does; the stage then gets at least 2 minutes. A skipped step says why in the log; one
+    that fits runs."""
+    assert gs.stage_reserve_s() == 2 * 60 + 45 + 20
+    assert gs.bench_fits(310, gs.BENCH_TRAIN_LIMIT_S) and not gs.bench_fits(304, gs.BENCH_TRAIN_LIMIT_S)
+    assert not gs.bench_fits(200, gs.BENCH_COMPARE_LIMIT_S)
+    assert gs.bench_fits(240, gs.BENCH_COMPARE_LIMIT_S) and not gs.bench_fits(239, gs.BENCH_COMPARE_LIMIT_S)
+    assert gs.stage_minutes(200) == 2.2 and gs.stage_minutes(gs.stage_reserve_s()) == 2.0
+    log = io.StringIO()
+    s = gs.Session(mode="train", out=tmp_path, kit=tmp_path, deadline=time.time() + 200, dry_run=True, log=log,
+                   scratch=tmp_path)
+    exits_7 = [sys.executable, "-c", "raise SystemExit(7)"]
+    assert gs.bench_step(s, "bench_compare", exits_7, gs.BENCH_COMPARE_LIMIT_S) is None
+    assert "=== bench_compare: skipped, " in log.getvalue() and \
+        "its 45 s limit would leave the stage under 2 minutes (training first)" in log.getvalue(), log.getvalue()
+    assert s.results == [("bench_compare", "skipped (stage first)", 0.0)]
+    s.deadline = time.time() + 300
+    assert gs.bench_step(s, "bench_compare", exits_7, gs.BENCH_COMPARE_LIMIT_S) == 7
 
 
 def test_state_pieces_round_trip_and_damage_is_refused(tmp_path):
