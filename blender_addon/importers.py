@@ -26,7 +26,7 @@ from .camera_bridge import (
 )
 from .colour import use_photo_colours
 from .operators import refused_in_linked_scene
-from .point_source import ID_ATTRIBUTE, object_positions
+from .point_source import ID_ATTRIBUTE, POINT_OBJECT_MARK, object_positions
 
 COLOR_ATTRIBUTE = "Col"
 # Camera property: imported without a cloud, so its Clip Start / End are Blender's defaults until
@@ -105,6 +105,12 @@ def fit_unfitted_clips(scene: Any, points: np.ndarray) -> int:
 
 
 def use_point_object(context: Any, obj: bpy.types.Object) -> None:
+    """Make ``obj`` the scene's Point Object, marked as the add-on's (:data:`POINT_OBJECT_MARK`:
+    Export Dataset leaves it out of its photos and points)."""
+    try:
+        obj[POINT_OBJECT_MARK] = True
+    except (AttributeError, TypeError):  # linked from a library: the scene's Point Object is left out anyway
+        pass
     context.scene.npbgpp.point_object = obj
 
 
@@ -520,7 +526,7 @@ class IMPORT_SCENE_OT_npbgpp_bundle(bpy.types.Operator, ImportHelper):
             self.report({"ERROR"}, f"Cannot import bundle {path}: {exc}")
             return {"CANCELLED"}
         s.bundle = stored(s, path)
-        s.point_object = obj
+        use_point_object(context, obj)
         s.output = "NEURAL"
         widen_view_clips(self, context, object_positions(obj))
         report_photo_colours(self, context.scene)

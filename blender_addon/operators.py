@@ -1015,9 +1015,12 @@ class NPBGPP_OT_export_dataset(_ModalJob, bpy.types.Operator):
         try:
             done, total = next(self._steps)
         except StopIteration as finished:
+            from .datagen.render import left_out_note
+
             summary = finished.value
+            note = left_out_note(summary.extra.get("left_out", ()))
             self.report({"INFO"}, f"Exported {summary.views} views and {summary.points} points to "
-                                  f"{summary.out_dir} in {summary.seconds:.0f} s.")
+                                  f"{summary.out_dir} in {summary.seconds:.0f} s{'; ' + note if note else ''}.")
             return {"FINISHED"}
         except Exception as exc:  # noqa: BLE001 - the renderer is other code: report anything it raises
             self.report({"ERROR"}, f"Export dataset failed: {type(exc).__name__}: {exc}")

@@ -9,6 +9,10 @@ import numpy as np
 
 COLOR_NAMES = ("Col", "Color", "color", "Cd")
 ID_ATTRIBUTE = "npbgpp_id"  # per point: its index in the bundle / dataset cloud it came from
+# Object custom property: the add-on made or imported this object as a point object (Points from
+# Selected Meshes, PLY / bundle / dataset import, Densify): it stands for the scene's cloud, not
+# scene content, so Export Dataset leaves it out of its photos and points3d.ply.
+POINT_OBJECT_MARK = "npbgpp_point_object"
 
 
 def _color_attribute(data: Any) -> Any | None:

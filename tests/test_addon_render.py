@@ -2299,6 +2299,56 @@ def test_export_dataset_renders_views(scene):
     assert sc.render.image_settings.media_type == "MULTI_LAYER_IMAGE"
 
 
+def _export_pixels(out) -> dict[str, np.ndarray]:
+    """The RGBA pixels of each photo of an exported dataset, by its path in the folder."""
+    from PIL import Image
+
+    return {f"{split}/{name}": np.asarray(Image.open(out / split / name)) for split in ("train", "val", "test")
+            if (out / split).is_dir() for name in sorted(os.listdir(out / split))}
+
+
+def test_export_dataset_leaves_out_the_addons_point_objects(scene, capfd):
+    """The add-on's own point objects (the fixture's imported PLY, 60 points around the cube,
+    and the cloud Points from Selected Meshes just made of the cube) stand for the scene's
+    cloud: Export Dataset neither photographs them (its photos equal those of an export with
+    both disabled in renders by hand, Blender's own way to leave an object out) nor takes their
+    points (points3d.ply holds the 50 sampled on the cube, not 50 + 300 + 60); the report names
+    them, and their render visibility is as before."""
+    from npbgpp_core.ply import load_ply
+
+    sc = scene["scene"]
+    imported = sc.npbgpp.point_object
+    bpy.ops.mesh.primitive_cube_add(size=1.0)
+    assert bpy.ops.npbgpp.points_from_meshes(count=300, seed=1) == {"FINISHED"}
+    made = sc.npbgpp.point_object
+    assert made != imported and len(made.data.points) == 300
+
+    def export(name: str):
+        out = scene["dir"] / name
+        assert bpy.ops.npbgpp.export_dataset(directory=str(out), views=2, width=40, height=40, samples=1,
+                                             points=50) == {"FINISHED"}
+        return out
+
+    capfd.readouterr()
+    got = export("left_out")
+    report = capfd.readouterr().out
+    assert f"left out the NPBG++ point objects {made.name!r}, {imported.name!r}" in report or \
+        f"left out the NPBG++ point objects {imported.name!r}, {made.name!r}" in report, report
+    points = load_ply(got / "points3d.ply").points
+    assert len(points) == 50 and np.abs(points).max() <= 0.5 + 1e-5  # on the cube only
+    assert not imported.hide_render and not made.hide_render  # as they were
+    imported.hide_render = made.hide_render = True
+    reference = export("reference")
+    photos, expected = _export_pixels(got), _export_pixels(reference)
+    assert photos.keys() == expected.keys() and len(photos) == 2
+    for name, pixels in photos.items():
+        np.testing.assert_array_equal(pixels, expected[name], err_msg=name)
+    imported.hide_render = made.hide_render = False
+    sc.npbgpp.point_object = None  # the imported one is still the add-on's: marked
+    assert export("marked").joinpath("points3d.ply").is_file()
+    assert len(load_ply(scene["dir"] / "marked" / "points3d.ply").points) == 50
+
+
 def test_export_dataset_of_a_scene_without_a_rendered_view_layer_is_refused(scene):
     """Every view layer's Use for Rendering off: Blender renders nothing without a word, and
     the export failed after its preparation with the renderer's RuntimeError; refused before

@@ -549,6 +549,46 @@ def test_render_steps_can_be_cancelled_leaving_nothing(tmp_path):
         remove_scene(scene)
 
 
+def test_render_leaves_out_the_addons_point_objects_and_restores_them(tmp_path):
+    """An object the add-on marked as its point object (:data:`POINT_OBJECT_MARK`; here a quad,
+    at x = 2) is disabled in renders while the dataset renders (its points are not in
+    points3d.ply, the cameras do not frame it) and enabled again after: when the steps are
+    closed early (Esc), at the end, and when the export fails (nothing left but it: the error
+    names it). One already disabled in renders stays so and is not named."""
+    from blender_addon.datagen.render import render_views_steps
+    from blender_addon.datagen.surface_points import NoSurfacesError
+    from blender_addon.point_source import POINT_OBJECT_MARK
+    from npbgpp_core.ply import load_ply
+
+    scene = bpy.data.scenes.new("left_out_points")
+    try:
+        plain = _quad(0.0, "lo_plain", scene.collection)
+        marked = _quad(2.0, "lo_marked", scene.collection)
+        hidden = _quad(4.0, "lo_marked_hidden", scene.collection)
+        marked[POINT_OBJECT_MARK] = hidden[POINT_OBJECT_MARK] = True
+        hidden.hide_render = True
+        options = dict(views=2, size=(8, 8), samples=1, points=100, val_views=0, test_views=0, seed=1)
+        steps = render_views_steps(scene, str(tmp_path / "cancelled"), **options)
+        assert next(steps) == (1, 2) and marked.hide_render  # left out while it renders
+        steps.close()
+        assert not marked.hide_render and hidden.hide_render and not (tmp_path / "cancelled").exists()
+        summary = render_views_of_current_scene(scene, str(tmp_path / "out"), **options)
+        assert not marked.hide_render and hidden.hide_render
+        assert summary.extra["left_out"] == ["lo_marked"]
+        points = load_ply(tmp_path / "out" / "points3d.ply").points
+        assert len(points) == 100 and np.abs(points[:, 0]).max() <= 0.25 + 1e-5  # the plain quad's only
+        assert summary.extra["center"][0] == pytest.approx(0.0, abs=1e-6)  # framed without it
+        mesh = plain.data
+        bpy.data.objects.remove(plain)
+        bpy.data.meshes.remove(mesh)
+        with pytest.raises(NoSurfacesError, match=r"left out the NPBG\+\+ point object 'lo_marked' \(the scene's "
+                                                  r"cloud, not its content"):
+            render_views_of_current_scene(scene, str(tmp_path / "failed"), **options)
+        assert not marked.hide_render and hidden.hide_render and not (tmp_path / "failed").exists()
+    finally:
+        _remove_test_scene(scene, [])
+
+
 def _nodes_modifier(obj, name: str, make) -> None:
     """A Geometry Nodes modifier on ``obj`` whose output is ``make(tree, input socket)``'s socket."""
     tree = bpy.data.node_groups.new(name, "GeometryNodeTree")

@@ -19,6 +19,10 @@ render (:func:`.surface_points.during_a_render`, a 4x4-pixel render before the v
 ``points3d.ply`` also takes whole the points the render shows as points (point clouds,
 hair's control points, a mesh's Geometry Nodes points), as Points from Selected Meshes
 does (:func:`.surface_points.rendered_own_points`); the bounding sphere is the surfaces'.
+The add-on's own point objects (:func:`addon_point_objects`: its Points from Selected Meshes,
+imported PLY, bundle or dataset clouds, the scene's Point Object) stand for the scene's cloud,
+not its content: disabled in renders while the dataset renders (restored after, also on error or
+cancel), they are in neither the photos nor ``points3d.ply``.
 
 Command line::
 
@@ -171,6 +175,47 @@ def check_renders_a_view_layer(bpy_scene) -> None:
                          "on View Layer Properties > View Layer > Use for Rendering for one")
 
 
+def addon_point_objects(bpy_scene) -> list[Any]:
+    """The add-on's point objects: every object it made or imported as one (marked
+    :data:`~blender_addon.point_source.POINT_OBJECT_MARK`: Points from Selected Meshes, PLY,
+    bundle and dataset import, Densify) and ``bpy_scene``'s Point Object (whatever made it, as in
+    a file from before the mark). They stand for the scene's cloud, not scene content: a
+    dataset of the scene photographed them as dots and took their points twice."""
+    import bpy
+
+    from ..point_source import POINT_OBJECT_MARK
+
+    found = [obj for obj in bpy.data.objects if obj.get(POINT_OBJECT_MARK)]
+    current = getattr(getattr(bpy_scene, "npbgpp", None), "point_object", None)
+    if current is not None and current not in found:
+        found.append(current)
+    return found
+
+
+def _leave_out_point_objects(bpy_scene, settings: _Settings) -> list[str]:
+    """Disable the add-on's point objects (:func:`addon_point_objects`) in renders, through
+    ``settings`` (restored with the scene's other settings, also on error or cancel): neither
+    the photos nor points3d.ply (read from the render's depsgraph) take them. Returns the
+    names of those of ``bpy_scene`` it disabled."""
+    in_scene = set(bpy_scene.objects)
+    names = []
+    for obj in addon_point_objects(bpy_scene):
+        if obj.hide_render:
+            continue
+        settings.set(obj, "hide_render", True)
+        if obj in in_scene:
+            names.append(obj.name)
+    return sorted(names)
+
+
+def left_out_note(names: Sequence[str]) -> str:
+    """What the report says of the point objects :func:`_leave_out_point_objects` left out."""
+    if not names:
+        return ""
+    return (f"left out the NPBG++ point object{'s' if len(names) > 1 else ''} {', '.join(map(repr, names))} (the "
+            "scene's cloud, not its content: not in the photos nor points3d.ply)")
+
+
 def _render_tiny(bpy_scene) -> None:
     """Render ``bpy_scene`` once at Blender's smallest size (4x4 pixels), writing nothing:
     for :func:`~.surface_points.during_a_render`; its resolution comes back after."""
@@ -233,7 +278,7 @@ def render_views_steps(
 
     from npbgpp_core.ply import save_ply
 
-    from .surface_points import during_a_render, rendered_surfaces
+    from .surface_points import NoSurfacesError, during_a_render, rendered_surfaces
 
     check_renders_a_view_layer(bpy_scene)
     if denoise is None:
@@ -257,12 +302,18 @@ def render_views_steps(
             bpy_scene.collection.objects.link(cam_obj)  # refused in a linked scene: the camera goes too
             _configure(bpy_scene, settings, (h, w), samples, seed, denoise)
             settings.set(bpy_scene, "camera", cam_obj)
+            left_out = _leave_out_point_objects(bpy_scene, settings)
             surfaces = None
             if center is None or radius is None or points > 0:
                 # what the photos show: the render's own depsgraph, read in a render of
                 # the fewest pixels (the views' render reuses its scene: persistent data)
-                surfaces = during_a_render(bpy_scene, lambda: _render_tiny(bpy_scene),
-                                           lambda dg: rendered_surfaces(bpy_scene, dg, int(points), seed))
+                try:
+                    surfaces = during_a_render(bpy_scene, lambda: _render_tiny(bpy_scene),
+                                               lambda dg: rendered_surfaces(bpy_scene, dg, int(points), seed))
+                except NoSurfacesError as exc:
+                    if left_out:
+                        raise NoSurfacesError(f"{exc} ({left_out_note(left_out)})") from None
+                    raise
                 center = surfaces[0] if center is None else center
                 radius = surfaces[1] if radius is None else radius
             center = np.asarray(center, dtype=np.float64)
@@ -321,7 +372,7 @@ def render_views_steps(
         out_dir=out_abs, views=views, splits={"train": n_train, "val": n_val, "test": n_test},
         points=n_points, seconds=seconds, seconds_per_view=seconds / views,
         camera_object=cam_obj.name if keep_camera else None,
-        extra={"center": center.tolist(), "radius": float(radius), "distance": distance},
+        extra={"center": center.tolist(), "radius": float(radius), "distance": distance, "left_out": left_out},
     )
 
 
@@ -437,8 +488,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             # depsgraph (what viewports hide is rendered), by a 4x4-pixel render before any view
             print(f"python -m blender_addon.datagen: error: {args.blend}: {exc}", file=sys.stderr)
             return 2
+    note = left_out_note(summary.extra.get("left_out", ()))
     print(f"wrote {summary.views} views {summary.splits} and {summary.points} points to {summary.out_dir} "
-          f"in {summary.seconds:.1f} s ({summary.seconds_per_view:.2f} s/view)")
+          f"in {summary.seconds:.1f} s ({summary.seconds_per_view:.2f} s/view){'; ' + note if note else ''}")
     return 0
 
 
