@@ -440,7 +440,7 @@ def test_command_line_blend_file_hidden_in_viewports(tmp_path):
     res = _datagen_one_tiny_view(unrendered, tmp_path / "refused", points=400)
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
     assert res.stderr.strip().splitlines()[-1] == (f"python -m blender_addon.datagen: error: {unrendered}: scene "
-                                                   "'Scene' has no visible mesh surfaces")
+                                                   "'Scene' has no visible mesh surfaces or points")
     assert not (tmp_path / "refused").exists() and not [p for p in os.listdir(tmp_path) if "partial" in p]
 
 
@@ -654,4 +654,46 @@ def test_dataset_points_take_the_point_clouds_and_hair_a_render_shows(tmp_path):
         for obj in made:
             bpy.data.objects.remove(obj)
         bpy.data.collections.remove(kept)
+        bpy.data.scenes.remove(scene)
+
+
+def test_dataset_of_points_only_frames_the_points(tmp_path):
+    """A scene whose only render-visible content is points (a mesh that Geometry Nodes turn
+    into its 4 corner points, at x = 0, and a hair of 3 control points at x = 3) exports: the
+    cameras frame the points (the sphere around x from -0.25 to 3) and points3d.ply holds the 7
+    (was: "no visible mesh surfaces", the sphere covering surfaces only). The hair alone, its
+    points all at one place, is refused: no camera frames a point."""
+    from blender_addon.datagen.surface_points import NoSurfacesError
+    from npbgpp_core.ply import load_ply
+
+    scene = bpy.data.scenes.new("points_only")
+    made = []
+
+    def mesh_to_points(tree, geometry):
+        node = tree.nodes.new("GeometryNodeMeshToPoints")
+        tree.links.new(geometry, node.inputs["Mesh"])
+        return node.outputs["Points"]
+
+    try:
+        hair = bpy.data.hair_curves.new("po_hair")
+        hair.add_curves([3])
+        made.append(bpy.data.objects.new("po_hair", hair))
+        made[0].location.x = 3.0
+        scene.collection.objects.link(made[0])
+        with pytest.raises(NoSurfacesError, match=r"scene 'points_only': all it shows lies at one place "
+                                                  r"\[3\.0, 0\.0, 0\.0\], which no camera can frame"):
+            render_views_of_current_scene(scene, str(tmp_path / "point"), views=1, size=(8, 8), samples=1)
+        assert not (tmp_path / "point").exists()
+        made.append(_quad(0.0, "po_to_points", scene.collection))
+        _nodes_modifier(made[1], "po_mesh_points", mesh_to_points)
+        summary = render_views_of_current_scene(scene, str(tmp_path / "out"), views=1, size=(8, 8), samples=1,
+                                                points=100, val_views=0, test_views=0, seed=1)
+        points = load_ply(tmp_path / "out" / "points3d.ply").points
+        assert sorted(np.round(points[:, 0], 2).tolist()) == [-0.25, -0.25, 0.25, 0.25, 3.0, 3.0, 3.0]
+        assert summary.points == 7
+        assert summary.extra["center"] == pytest.approx([1.375, 0.0, 0.0])
+        assert summary.extra["radius"] == pytest.approx(math.hypot(1.625, 0.25))
+    finally:
+        for obj in made:
+            bpy.data.objects.remove(obj)
         bpy.data.scenes.remove(scene)

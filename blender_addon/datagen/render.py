@@ -18,7 +18,8 @@ surfaces the renders show: both are read from the depsgraph Blender evaluates fo
 render (:func:`.surface_points.during_a_render`, a 4x4-pixel render before the views).
 ``points3d.ply`` also takes whole the points the render shows as points (point clouds,
 hair's control points, a mesh's Geometry Nodes points), as Points from Selected Meshes
-does (:func:`.surface_points.rendered_own_points`); the bounding sphere is the surfaces'.
+does (:func:`.surface_points.rendered_own_points`); the bounding sphere covers them too, so a
+scene of point clouds only exports (it needs no surface).
 The add-on's own point objects (:func:`addon_point_objects`: its Points from Selected Meshes,
 imported PLY, bundle or dataset clouds, the scene's Point Object) stand for the scene's cloud,
 not its content: disabled in renders while the dataset renders (restored after, also on error or

@@ -422,12 +422,20 @@ def scene_bounds(bpy_scene, depsgraph: Any = None) -> tuple[np.ndarray, float]:
     return _bounds(scene_triangles(bpy_scene, depsgraph=depsgraph), bpy_scene)
 
 
-def _bounds(meshes: list[_MeshTris], bpy_scene: Any) -> tuple[np.ndarray, float]:
-    if not meshes:
-        raise NoSurfacesError(f"scene {bpy_scene.name!r} has no visible mesh surfaces")
-    verts = np.concatenate([m.world for m in meshes])
+def _bounds(meshes: list[_MeshTris], bpy_scene: Any, points: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+    """Centre and radius of a sphere around the vertices of ``meshes`` and the world ``points``
+    (those a render shows as points, or None)."""
+    parts = [m.world for m in meshes] + ([] if points is None or not len(points) else [points.astype(np.float64)])
+    if not parts:
+        what = "mesh surfaces" if points is None else "mesh surfaces or points"
+        raise NoSurfacesError(f"scene {bpy_scene.name!r} has no visible {what}")
+    verts = np.concatenate(parts)
     center = 0.5 * (verts.min(axis=0) + verts.max(axis=0))
-    return center, float(np.linalg.norm(verts - center, axis=1).max())
+    radius = float(np.linalg.norm(verts - center, axis=1).max())
+    if not radius > 0:  # cameras at distance 0 from it looked nowhere
+        raise NoSurfacesError(f"scene {bpy_scene.name!r}: all it shows lies at one place {center.round(6).tolist()}, "
+                              "which no camera can frame")
+    return center, radius
 
 
 def rendered_own_points(depsgraph: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -449,18 +457,21 @@ def rendered_own_points(depsgraph: Any) -> tuple[np.ndarray, np.ndarray]:
 
 def rendered_surfaces(bpy_scene, depsgraph: Any, count: int, seed: int = 0
                       ) -> tuple[np.ndarray, float, tuple[np.ndarray, np.ndarray] | None]:
-    """``(centre, radius, points)`` of the surfaces ``depsgraph`` shows a camera: its
-    :func:`scene_bounds` and ``count`` :func:`sample_surface_points` (None for 0), from one
-    read of its meshes, followed by the points it shows as points (:func:`rendered_own_points`,
-    taken whole, as Points from Selected Meshes takes them). Meant for the depsgraph a render
-    evaluates (``mode == 'RENDER'``), whose objects are valid only while the render runs
+    """``(centre, radius, points)`` of what ``depsgraph`` shows a camera: the sphere around its
+    surfaces' vertices and the points it shows as points (:func:`rendered_own_points`), so a
+    scene of point clouds only is framed too, and ``count`` :func:`sample_surface_points` (none
+    without surfaces; None for 0), from one read of its meshes, followed by those points, taken
+    whole as Points from Selected Meshes takes them. Meant for the depsgraph a render evaluates
+    (``mode == 'RENDER'``), whose objects are valid only while the render runs
     (:func:`during_a_render`)."""
     meshes = scene_triangles(bpy_scene, depsgraph=depsgraph)
-    center, radius = _bounds(meshes, bpy_scene)
+    own, own_colours = rendered_own_points(depsgraph)
+    center, radius = _bounds(meshes, bpy_scene, own)
     if count <= 0:
         return center, radius, None
+    if not meshes:
+        return center, radius, (own, own_colours)
     points, colours = _sample(meshes, count, seed, f"scene {bpy_scene.name!r}")
-    own, own_colours = rendered_own_points(depsgraph)
     return center, radius, (np.concatenate([points, own]), np.concatenate([colours, own_colours]))
 
 
