@@ -39,7 +39,6 @@ class NPBGPPRenderEngine(bpy.types.RenderEngine):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.viewport = None
-        self.stopped_job = False  # this frame was cancelled or reported an error (:meth:`_error`)
         self.reported_error = False  # this frame reported an error (:meth:`_error`)
         self.gave_result = False  # this frame handed Blender a result (begin_result / end_result)
 
@@ -61,7 +60,7 @@ class NPBGPPRenderEngine(bpy.types.RenderEngine):
     def render(self, depsgraph: bpy.types.Depsgraph) -> None:  # type: ignore[override]
         """Render one frame of one view layer. A frame ends with a result, an error (Blender
         then writes nothing and stops), or Blender cancelling (Esc: it writes nothing either)."""
-        self.stopped_job = self.reported_error = self.gave_result = False
+        self.reported_error = self.gave_result = False
         try:
             self._render(depsgraph)
         except Exception as exc:  # noqa: BLE001 - Blender would swallow it: report instead
@@ -72,7 +71,8 @@ class NPBGPPRenderEngine(bpy.types.RenderEngine):
             # OpenEXR, and an empty result would be written as a black frame: stop the job here.
             self._error(f"frame {depsgraph.scene.frame_current} was cancelled before it was rendered while "
                         "Blender went on: the render stops here, writing nothing for that frame")
-        if self.is_animation and (self.stopped_job or self.test_break()
+        # a frame cancelled without Blender's break flag was stopped with an error just above
+        if self.is_animation and (self.reported_error or self.test_break()
                                   or depsgraph.scene.frame_current >= last_frame(depsgraph.scene)):
             # the job's last frame: its last one to render, or one cancelled (Esc) or failed,
             # after which Blender renders no more (the notes so far were never summed up)
@@ -82,7 +82,7 @@ class NPBGPPRenderEngine(bpy.types.RenderEngine):
         """Report ``message`` as an error. Blender ends an animation at a frame whose engine
         reported one: that frame is its last."""
         self.report({"ERROR"}, f"NPBG++: {message}")
-        self.stopped_job = self.reported_error = True
+        self.reported_error = True
 
     def _render(self, depsgraph: bpy.types.Depsgraph) -> None:
         scene = depsgraph.scene
@@ -114,7 +114,6 @@ class NPBGPPRenderEngine(bpy.types.RenderEngine):
         try:
             frame, depth_scale, status, _ = render_frame(snap, geo, self.test_break)
         except Cancelled:  # Esc: Blender writes no frame from here (render() stops a job that goes on)
-            self.stopped_job = True
             return
         except (WorkerError, ValueError, RuntimeError, OSError) as exc:
             self._error(str(exc))
