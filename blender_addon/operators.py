@@ -1022,8 +1022,11 @@ class NPBGPP_OT_export_dataset(_ModalJob, bpy.types.Operator):
             self.report({"INFO"}, f"Exported {summary.views} views and {summary.points} points to "
                                   f"{summary.out_dir} in {summary.seconds:.0f} s{'; ' + note if note else ''}.")
             return {"FINISHED"}
+        except (ValueError, OSError, RuntimeError) as exc:  # the scene, the disk, Blender: each says what is wrong
+            self.report({"ERROR"}, f"Export Dataset failed: {exc}")
+            return {"CANCELLED"}
         except Exception as exc:  # noqa: BLE001 - the renderer is other code: report anything it raises
-            self.report({"ERROR"}, f"Export dataset failed: {type(exc).__name__}: {exc}")
+            self.report({"ERROR"}, f"Export Dataset failed: {type(exc).__name__}: {exc}")  # a bug: its type helps
             return {"CANCELLED"}
         if self._timer is not None:
             context.window_manager.progress_update(done)

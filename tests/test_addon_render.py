@@ -2366,6 +2366,20 @@ def test_export_dataset_leaves_out_the_addons_point_objects(scene, capfd):
     assert len(load_ply(scene["dir"] / "marked" / "points3d.ply").points) == 50
 
 
+def test_export_dataset_of_nothing_to_photograph_says_why_in_words(scene):
+    """The fixture's scene holds only the add-on's own point object (left out) and a camera:
+    the export fails with the renderer's sentence, naming the left-out object, and no
+    internal exception name (was "Export dataset failed: NoSurfacesError: ..."); nothing is
+    written."""
+    out = scene["dir"] / "nothing"
+    with pytest.raises(RuntimeError) as info:
+        bpy.ops.npbgpp.export_dataset(directory=str(out), views=2, width=16, height=12, samples=1, points=50)
+    said = str(info.value)
+    assert (f"Export Dataset failed: scene 'Scene' has no visible mesh surfaces or points (left out the NPBG++ point "
+            f"object {scene['scene'].npbgpp.point_object.name!r}") in said, said
+    assert "NoSurfacesError" not in said and not out.exists()
+
+
 def test_export_dataset_of_a_scene_without_a_rendered_view_layer_is_refused(scene):
     """Every view layer's Use for Rendering off: Blender renders nothing without a word, and
     the export failed after its preparation with the renderer's RuntimeError; refused before
