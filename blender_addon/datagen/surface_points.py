@@ -15,6 +15,7 @@ included.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import cached_property
 from typing import Any, TypeVar
 
 import numpy as np
@@ -193,10 +194,16 @@ class _MeshTris:
     def corners(self) -> np.ndarray:
         return self.world[self.tri_verts]  # (T, 3, 3)
 
+    @cached_property
+    def triangle_areas(self) -> np.ndarray:
+        """World-space area of each triangle: computed once, for :meth:`area` (Points from
+        Selected Meshes weighs each object first) and for sampling by area (:func:`_sample`)."""
+        c = self.corners()
+        return 0.5 * np.linalg.norm(np.cross(c[:, 1] - c[:, 0], c[:, 2] - c[:, 0]), axis=1)
+
     def area(self) -> float:
         """Total world-space area of the triangles (0 for a mesh flattened or scaled to nothing)."""
-        c = self.corners()
-        return float(0.5 * np.linalg.norm(np.cross(c[:, 1] - c[:, 0], c[:, 2] - c[:, 0]), axis=1).sum())
+        return float(self.triangle_areas.sum())
 
     def colors(self, tri: np.ndarray, bary: np.ndarray, cache: dict) -> np.ndarray:
         out = np.full((len(tri), 3), 0.8)
@@ -391,9 +398,7 @@ def _sample(meshes: list[_MeshTris], count: int, seed: int, what: str) -> tuple[
     """:func:`sample_surface_points` of the triangles ``meshes`` (``what``: their owner, for errors)."""
     if not meshes:
         raise NoSurfacesError(f"{what}: no visible mesh surfaces to sample points on")
-    corners = [m.corners() for m in meshes]
-    areas = np.concatenate([0.5 * np.linalg.norm(np.cross(c[:, 1] - c[:, 0], c[:, 2] - c[:, 0]), axis=1)
-                            for c in corners])
+    areas = np.concatenate([m.triangle_areas for m in meshes])
     total = areas.sum()
     if not total > 0:
         raise NoSurfacesError(f"{what}: meshes have zero surface area")
@@ -402,16 +407,16 @@ def _sample(meshes: list[_MeshTris], count: int, seed: int, what: str) -> tuple[
     r1, r2 = rng.random(count), rng.random(count)
     s1 = np.sqrt(r1)
     bary = np.stack([1 - s1, s1 * (1 - r2), s1 * r2], axis=1)
-    offsets = np.cumsum([0] + [len(c) for c in corners])
+    offsets = np.cumsum([0] + [len(m.tri_verts) for m in meshes])
     points = np.empty((count, 3))
     colors = np.empty((count, 3))
     cache: dict = {}
-    for k, (m, c) in enumerate(zip(meshes, corners, strict=True)):
+    for k, m in enumerate(meshes):
         sel = np.nonzero((picked >= offsets[k]) & (picked < offsets[k + 1]))[0]
         if len(sel) == 0:
             continue
         tri = picked[sel] - offsets[k]
-        points[sel] = np.einsum("nk,nkc->nc", bary[sel], c[tri])
+        points[sel] = np.einsum("nk,nkc->nc", bary[sel], m.world[m.tri_verts[tri]])
         colors[sel] = m.colors(tri, bary[sel], cache)
     return points.astype(np.float32), colors.astype(np.float32)
 
