@@ -351,16 +351,33 @@ def scene_triangles(bpy_scene, objects: Sequence[Any] | None = None, depsgraph: 
             if len(tris.tri_verts):
                 out.append(tris)
         return out
+    return _shown_geometry(depsgraph, points=False)[0]
+
+
+def _shown_geometry(depsgraph: Any, surfaces: bool = True, points: bool = True
+                    ) -> tuple[list[_MeshTris], tuple[np.ndarray, np.ndarray]]:
+    """What a render of ``depsgraph``'s view layer shows directly (:func:`seen_by_camera`),
+    each instance at its own place, from one pass over its instances: the triangles of its
+    geometry objects (with ``surfaces``) and the :func:`own_points` (and colours) of those and
+    its point clouds and hair (with ``points``; empty without)."""
     view_layer = depsgraph.view_layer
     rendered = _rendered_collections(view_layer.layer_collection)
+    types = GEOMETRY_TYPES | POINT_TYPES if points else GEOMETRY_TYPES
+    meshes = []
+    parts = [(np.empty((0, 3), np.float32), np.empty((0, 3), np.float32))]
     for inst in depsgraph.object_instances:
         obj = inst.object
-        if obj.type not in GEOMETRY_TYPES or not seen_by_camera(inst, view_layer, rendered):
+        if obj.type not in types or not seen_by_camera(inst, view_layer, rendered):
             continue
-        tris = _MeshTris(obj, inst.matrix_world.copy())
-        if len(tris.tri_verts):
-            out.append(tris)
-    return out
+        if surfaces and obj.type in GEOMETRY_TYPES:
+            tris = _MeshTris(obj, inst.matrix_world.copy())
+            if len(tris.tri_verts):
+                meshes.append(tris)
+        if points:
+            # a Geometry Nodes point cloud comes as its own instance too, which gives none (measured
+            # in bpy 5.0.1): its points are read once, with its object's
+            parts.append(own_points(obj, inst.matrix_world))
+    return meshes, (np.concatenate([p for p, _ in parts]), np.concatenate([c for _, c in parts]))
 
 
 def sample_surface_points(bpy_scene, count: int, seed: int = 0, objects: Sequence[Any] | None = None,
@@ -448,16 +465,7 @@ def rendered_own_points(depsgraph: Any) -> tuple[np.ndarray, np.ndarray]:
     :func:`own_points` of each point cloud, hair and mesh whose Geometry Nodes make points that
     it shows directly (:func:`seen_by_camera`), at each instance's place. What Points from
     Selected Meshes takes of such objects when they are selected, so the two agree."""
-    view_layer = depsgraph.view_layer
-    rendered = _rendered_collections(view_layer.layer_collection)
-    parts = [(np.empty((0, 3), np.float32), np.empty((0, 3), np.float32))]
-    for inst in depsgraph.object_instances:
-        obj = inst.object
-        if obj.type in GEOMETRY_TYPES | POINT_TYPES and seen_by_camera(inst, view_layer, rendered):
-            # a Geometry Nodes point cloud comes as its own instance too, which gives none (measured
-            # in bpy 5.0.1): its points are read once, with its object's
-            parts.append(own_points(obj, inst.matrix_world))
-    return np.concatenate([p for p, _ in parts]), np.concatenate([c for _, c in parts])
+    return _shown_geometry(depsgraph, surfaces=False)[1]
 
 
 def rendered_surfaces(bpy_scene, depsgraph: Any, count: int, seed: int = 0
@@ -469,8 +477,7 @@ def rendered_surfaces(bpy_scene, depsgraph: Any, count: int, seed: int = 0
     whole as Points from Selected Meshes takes them. Meant for the depsgraph a render evaluates
     (``mode == 'RENDER'``), whose objects are valid only while the render runs
     (:func:`during_a_render`)."""
-    meshes = scene_triangles(bpy_scene, depsgraph=depsgraph)
-    own, own_colours = rendered_own_points(depsgraph)
+    meshes, (own, own_colours) = _shown_geometry(depsgraph)  # one pass over its instances
     center, radius = _bounds(meshes, bpy_scene, own)
     if count <= 0:
         return center, radius, None
