@@ -599,6 +599,13 @@ def _nodes_modifier(obj, name: str, make) -> None:
     obj.modifiers.new(name, "NODES").node_group = tree
 
 
+def _mesh_to_points(tree, geometry):
+    """For :func:`_nodes_modifier`: a Mesh to Points node of the modifier's input mesh."""
+    node = tree.nodes.new("GeometryNodeMeshToPoints")
+    tree.links.new(geometry, node.inputs["Mesh"])
+    return node.outputs["Points"]
+
+
 def test_dataset_points_take_the_point_clouds_and_hair_a_render_shows(tmp_path):
     """points3d.ply holds, besides the points sampled on surfaces, every point the render shows
     as points, as Points from Selected Meshes takes them: a Point Cloud object's (5 points a
@@ -623,11 +630,6 @@ def test_dataset_points_take_the_point_clouds_and_hair_a_render_shows(tmp_path):
         node.inputs["Count"].default_value = 5
         return node.outputs["Points"]
 
-    def mesh_to_points(tree, geometry):
-        node = tree.nodes.new("GeometryNodeMeshToPoints")
-        tree.links.new(geometry, node.inputs["Mesh"])
-        return node.outputs["Points"]
-
     try:
         made.append(_quad(0.0, "dop_surface", scene.collection))
         _nodes_modifier(link("dop_cloud", bpy.data.pointclouds.new("dop_cloud"), 20.0), "dop_points", points_node)
@@ -635,7 +637,7 @@ def test_dataset_points_take_the_point_clouds_and_hair_a_render_shows(tmp_path):
             hair = bpy.data.hair_curves.new(name)
             hair.add_curves([3])
             link(name, hair, x, collection)
-        _nodes_modifier(_quad(40.0, "dop_to_points", scene.collection), "dop_mesh_points", mesh_to_points)
+        _nodes_modifier(_quad(40.0, "dop_to_points", scene.collection), "dop_mesh_points", _mesh_to_points)
         made.append(scene.collection.objects["dop_to_points"])
         hidden = link("dop_not_rendered", bpy.data.pointclouds.new("dop_hidden"), 50.0)
         _nodes_modifier(hidden, "dop_hidden_points", points_node)
@@ -669,11 +671,6 @@ def test_dataset_of_points_only_frames_the_points(tmp_path):
     scene = bpy.data.scenes.new("points_only")
     made = []
 
-    def mesh_to_points(tree, geometry):
-        node = tree.nodes.new("GeometryNodeMeshToPoints")
-        tree.links.new(geometry, node.inputs["Mesh"])
-        return node.outputs["Points"]
-
     try:
         hair = bpy.data.hair_curves.new("po_hair")
         hair.add_curves([3])
@@ -685,7 +682,7 @@ def test_dataset_of_points_only_frames_the_points(tmp_path):
             render_views_of_current_scene(scene, str(tmp_path / "point"), views=1, size=(8, 8), samples=1)
         assert not (tmp_path / "point").exists()
         made.append(_quad(0.0, "po_to_points", scene.collection))
-        _nodes_modifier(made[1], "po_mesh_points", mesh_to_points)
+        _nodes_modifier(made[1], "po_mesh_points", _mesh_to_points)
         summary = render_views_of_current_scene(scene, str(tmp_path / "out"), views=1, size=(8, 8), samples=1,
                                                 points=100, val_views=0, test_views=0, seed=1)
         points = load_ply(tmp_path / "out" / "points3d.ply").points
