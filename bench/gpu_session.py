@@ -62,10 +62,12 @@ Modes on the device (``--out`` defaults to ``$OUT``; each step has its own time 
 Time (the constants after ``SESSION_DEVICE_S``, the one source of these figures): one machine
 start (about 90 s) and both calls must fit the session's 15 minutes of device time, so each
 call gets ``timeout_s`` 405, of which its ``--budget-s`` 360 (45 s go to python's start, the
-copies and the summary), and the second call should follow the first at once (a machine
-stays warm 30 s; a new start costs minutes and none starts with under 4 left). ``--budget-s``
-and ``prepare --budgets`` take 60..555 s (``--budgets train=540`` for one long training call
-alone: ``plan`` then says the two no longer fit together). Training gets the device first:
+copies and the summary; up to 20 of them to a hung stage's backstop, SIGTERM 10 s after
+the stage's own end, SIGKILL 30 s later), and the second call should follow the first at
+once (a machine stays warm 30 s; a new start costs minutes and none starts with under 4
+left). ``--budget-s`` and ``prepare --budgets`` take 60..555 s (``--budgets train=540`` for
+one long training call alone: ``plan`` then says the two no longer fit together). Training
+gets the device first:
 each bench step (limits 110 and 45 s; unmeasured on a GPU) runs only when its whole limit
 still leaves the stage ``MIN_STAGE_MINUTES`` (2) of training, else it is skipped and the log
 says so. In the default split, after python's checks, the deps and the CUDA build (26-34 s
@@ -161,7 +163,7 @@ SESSION_DEVICE_S = 15 * 60  # a session's device time: machine starts, calls and
 MACHINE_START_S = 90  # a fresh machine's start (1-2 minutes); the second call follows at once, warm
 WARM_S = 30  # how long a machine stays warm after a call
 CALL_MAX_S = 600  # one call's timeout_s at most
-CALL_MARGIN_S = 45  # a call's timeout_s over its --budget-s: python start, copies, the summary
+CALL_MARGIN_S = 45  # a call's timeout_s over its --budget-s: python start, copies, the summary, a hung stage's kill
 # One machine start, then the two calls share the rest: timeout_s 405, --budget-s 360 each
 # (--budgets changes them, e.g. train=540 for one long training call alone).
 CALL_TIMEOUT_S = (SESSION_DEVICE_S - MACHINE_START_S) // 2
@@ -930,12 +932,17 @@ class Session:
     def left(self) -> float:
         return self.deadline - time.time()
 
+    def step_limit(self, limit_s: float, grace_s: float, reserve_s: float) -> float:
+        """Seconds a step may run before its SIGTERM: ``limit_s``, cut so that its SIGKILL
+        (``grace_s`` later) still comes ``reserve_s`` before the deadline."""
+        return min(limit_s, self.left() - reserve_s - grace_s)
+
     def step(self, name: str, cmd: Sequence[str], limit_s: float, grace_s: float = 10.0,
              reserve_s: float = 0.0) -> int | None:
         """Run ``cmd`` (output tee'd to stdout and the log) for at most ``limit_s`` and
         never past the deadline less ``reserve_s``; at its limit SIGTERM to its process
         group, SIGKILL after ``grace_s``. Returns the exit code (None: skipped)."""
-        limit = min(limit_s, self.left() - reserve_s - grace_s)
+        limit = self.step_limit(limit_s, grace_s, reserve_s)
         if self.stopped_by is not None:
             self.say(f"=== {name}: skipped, stopped by {signal.Signals(self.stopped_by).name}")
             self.results.append((name, "skipped (stopped)", 0.0))
@@ -1086,6 +1093,11 @@ COLLECT_RESERVE_S = 20
 # stage this many minutes (else it is skipped, and the log says so); a bench cut short returns nothing.
 MIN_STAGE_MINUTES = 2.0
 BENCH_GRACE_S = 10  # Session.step's default SIGTERM-to-SIGKILL wait, part of a step's time
+# The stage's backstop (a stage that hangs): SIGTERM this long after its own end (--minutes +
+# STAGE_OVERHEAD_S), SIGKILL STAGE_KILL_GRACE_S later: at most 20 s past the deadline, within
+# the call's CALL_MARGIN_S (python's start and the copies take a few seconds of its 45).
+STAGE_BACKSTOP_S = 10
+STAGE_KILL_GRACE_S = 30
 
 
 def stage_minutes(left_s: float) -> float:
@@ -1153,10 +1165,14 @@ def mode_train(s: Session, corpus: Path | None, targets_per_sample: int | None =
         s.say(f"=== stage: skipped, {s.left():.0f} s left is too little for a stage")
         s.results.append(("stage", "skipped (budget spent)", 0.0))
     else:
-        # Its own --minutes ends it (SIGTERM to the trainer, last.ckpt, export); this limit
-        # is a backstop for a stage that hangs: SIGTERM (the stage still saves and exports),
-        # SIGKILL a minute later.
-        s.step("stage", cmd, minutes * 60 + STAGE_OVERHEAD_S + 30, grace_s=60)
+        # Its own --minutes ends it (SIGTERM to the trainer, last.ckpt, export) within
+        # minutes + STAGE_OVERHEAD_S, COLLECT_RESERVE_S before the deadline; this limit is a
+        # backstop for a stage that hangs, STAGE_BACKSTOP_S after that end: SIGTERM (the stage
+        # still saves and exports), SIGKILL STAGE_KILL_GRACE_S later, past the deadline into the
+        # call's CALL_MARGIN_S (the negative reserve). Cut to the deadline less a 60 s grace, it
+        # came 5-11 s after --minutes, before the stage's own end.
+        s.step("stage", cmd, minutes * 60 + STAGE_OVERHEAD_S + STAGE_BACKSTOP_S, grace_s=STAGE_KILL_GRACE_S,
+               reserve_s=COLLECT_RESERVE_S - STAGE_BACKSTOP_S - STAGE_KILL_GRACE_S)
         log_tail(s, work / "train.log", 40)
     collect_train(s, work)
 

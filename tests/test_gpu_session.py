@@ -146,6 +146,34 @@ def test_bench_steps_leave_the_stage_its_minutes(tmp_path):
     assert gs.bench_step(s, "bench_compare", exits_7, gs.BENCH_COMPARE_LIMIT_S) == 7
 
 
+def test_stage_backstop_comes_after_the_stages_own_end_and_its_kill_before_the_call_ends(tmp_path, monkeypatch):
+    """The stage's backstop (Session.step's time limit) is for a stage that hangs: it must
+    come after the stage's own end (its --minutes plus STAGE_OVERHEAD_S, the start, last.ckpt
+    and the export), and its SIGKILL (limit + grace) before the call's timeout_s ends it
+    (the deadline plus CALL_MARGIN_S, less python's start and the copies). Checked on a
+    non-dry train call at the docstring's splits (the benches skipped at 200 s left), the
+    steps recorded with the limit Session.step would give them, not run."""
+    steps = []
+
+    def record(self, name, cmd, limit_s, grace_s=10.0, reserve_s=0.0):
+        steps.append((name, cmd, self.step_limit(limit_s, grace_s, reserve_s), grace_s, self.left()))
+        return 0
+
+    monkeypatch.setattr(gs.Session, "step", record)
+    for left in (200.0, 195.0, 245.0, 310.0, 555.0):
+        steps.clear()
+        s = gs.Session(mode="train", out=tmp_path, kit=tmp_path, deadline=time.time() + left, dry_run=False,
+                       log=io.StringIO(), scratch=tmp_path)
+        gs.mode_train(s, tmp_path / "corpus")
+        name, cmd, limit, grace, at = steps[-1]
+        assert name == "stage", steps
+        minutes = float(cmd[cmd.index("--minutes") + 1])
+        assert minutes >= gs.MIN_STAGE_MINUTES
+        own_end = minutes * 60 + gs.STAGE_OVERHEAD_S
+        assert limit >= own_end + 10, (left, minutes, limit)  # was 140 s at 200 s left: 37 s before its end
+        assert limit + grace <= at + gs.CALL_MARGIN_S - 20, (left, limit, grace)
+
+
 def test_state_pieces_round_trip_and_damage_is_refused(tmp_path):
     data = os.urandom(2500)
     src = tmp_path / "state.tar"
