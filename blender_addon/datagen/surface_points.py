@@ -26,7 +26,7 @@ GEOMETRY_TYPES = {"MESH", "CURVE", "SURFACE", "META", "FONT"}
 # Objects whose points are taken as they are (:func:`own_points`), not sampled: point clouds
 # and hair curves (Blender 3.3+'s Curves objects; their strands have no surface).
 POINT_TYPES = {"POINTCLOUD", "CURVES"}
-MID_GREY = 0.8  # the colour of a point with no colour of its own nor a material's
+MID_GREY = 0.8  # the colour of a point with no colour of its own nor a material's (an empty image's too)
 T = TypeVar("T")
 
 
@@ -79,7 +79,7 @@ def _image_pixels(image, cache: dict) -> np.ndarray:
     if key not in cache:
         w, h = image.size
         if w == 0 or h == 0:
-            cache[key] = np.full((1, 1, 3), 0.8)
+            cache[key] = np.full((1, 1, 3), MID_GREY)
         else:
             buf = np.empty(w * h * image.channels, np.float32)
             image.pixels.foreach_get(buf)
@@ -206,7 +206,7 @@ class _MeshTris:
         return float(self.triangle_areas.sum())
 
     def colors(self, tri: np.ndarray, bary: np.ndarray, cache: dict) -> np.ndarray:
-        out = np.full((len(tri), 3), 0.8)
+        out = np.full((len(tri), 3), MID_GREY)
         mats = np.clip(self.material_index[tri], 0, len(self.sources) - 1)
         for m, src in enumerate(self.sources):
             sel = np.nonzero(mats == m)[0]
@@ -214,7 +214,7 @@ class _MeshTris:
                 continue
             t, b = tri[sel], bary[sel]
             if src[0] == "none":
-                src = ("attr", self.active_color) if self.active_color else ("const", np.full(3, 0.8))
+                src = ("attr", self.active_color) if self.active_color else ("const", np.full(3, MID_GREY))
             if src[0] == "const":
                 out[sel] = src[1]
             elif src[0] == "image":
