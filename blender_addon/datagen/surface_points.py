@@ -408,7 +408,7 @@ def object_triangles(obj_eval: Any) -> _MeshTris | None:
 
 def sample_triangles(meshes: list[_MeshTris], count: int, seed: int, what: str) -> tuple[np.ndarray, np.ndarray]:
     """:func:`sample_surface_points` of triangles already read (:func:`object_triangles`)."""
-    return _sample([m for m in meshes if len(m.tri_verts)], count, seed, what)
+    return _sample(meshes, count, seed, what)
 
 
 def _sample(meshes: list[_MeshTris], count: int, seed: int, what: str) -> tuple[np.ndarray, np.ndarray]:
