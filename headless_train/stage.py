@@ -10,7 +10,8 @@ inputs), that writes new weights and their card back.
   (steps, seconds, machine, corpus, overrides) and ``<work>/stage.json`` records the call.
 - The training child never outlives the stage (:func:`run_child`): SIGTERM, SIGINT or SIGHUP
   to the stage reaches it as one SIGTERM; the stage waits for last.ckpt, exports and records
-  the call (``stopped_by``) and exits 128 + the signal. A stage killed outright (SIGKILL)
+  the call (``stopped_by``) and exits 128 + the signal; one that comes after training is held
+  until the export and the record are written (:func:`held_stop_signals`). A stage killed outright (SIGKILL)
   stops its child through :mod:`headless_train.lifeline` (the child still writes last.ckpt);
   the next call records those steps as ``unrecorded_steps``. The child also stops by itself
   after ``--minutes`` plus a margin (``trainer.max_minutes``).
@@ -51,6 +52,7 @@ Typical GPU call (copy ``.gpurun/`` with the repository, then)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import json
 import math
@@ -61,7 +63,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .lifeline import EXIT_SIGTERM, exit_status
@@ -671,51 +673,84 @@ def run_stage(args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "headless_train", *overrides]
     log_path = os.path.join(work, "train.log")
     os.makedirs(work, exist_ok=True)
-    t0 = time.time()
-    with open(log_path, "a", encoding="utf-8") as log:
-        log.write(f"\n=== stage call {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}: {' '.join(cmd)}\n")
-        log.flush()
-        rc, timed_out, stopped_by = run_child(cmd, log, None if args.dry_run else args.minutes * 60, STOP_GRACE_S)
-    seconds = time.time() - t0
-    if not os.path.isfile(last):
-        raise StageError(f"training wrote no {last} (exit code {rc}){stopped_note(stopped_by)}; see {log_path}"
-                         f"{log_tail(log_path)}")
-    end_step = checkpoint_state(last)[0]
-    # 0: max_steps or the child's own time limit; EXIT_SIGTERM: the SIGTERM this call sent
-    finished = rc == 0 or (rc == EXIT_SIGTERM and (timed_out or stopped_by is not None))
-    if not finished and stopped_by is None and end_step == start_step:
-        raise StageError(f"training exited with code {rc} and took no step; see {log_path}{log_tail(log_path)}")
-    info: dict[str, Any] = {
-        "corpus": os.path.abspath(args.corpus), "scenes": scenes, "resumed": resume, "start_step": start_step,
-        "end_step": end_step, "seconds": round(seconds, 1), "exit_code": rc, "overrides": overrides,
-        "dry_run": bool(args.dry_run), "background": args.background, "warmup_steps": args.warmup_steps,
-        "targets_per_sample": args.targets_per_sample,
-        # every option a resumed call takes from the run when left out (recorded_settings)
-        "settings": {name: getattr(args, name) for name in CARRIED},
-        "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-    }
-    if stopped_by is not None:
-        info["stopped_by"] = signal.Signals(stopped_by).name
-    recorded = calls[-1].get("end_step", 0) if calls else 0
-    if resume and recorded != start_step:
-        # a call killed before it could record itself (SIGKILL): its steps are in last.ckpt
-        info["unrecorded_steps"] = [recorded, start_step]
-    from npbgpp_core.atomic import atomic_write_bytes
+    # from here to the record a stop signal is held (run_child passes one held before it on, and
+    # those during training): one that came during the export killed the stage with no weights
+    # and no record
+    with held_stop_signals() as late:
+        t0 = time.time()
+        with open(log_path, "a", encoding="utf-8") as log:
+            log.write(f"\n=== stage call {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}: {' '.join(cmd)}\n")
+            log.flush()
+            rc, timed_out, stopped_by = run_child(cmd, log, None if args.dry_run else args.minutes * 60, STOP_GRACE_S,
+                                                  pending=late)
+        seconds = time.time() - t0
+        if not os.path.isfile(last):
+            raise StageError(f"training wrote no {last} (exit code {rc}){stopped_note(stopped_by)}; see {log_path}"
+                             f"{log_tail(log_path)}")
+        end_step = checkpoint_state(last)[0]
+        # 0: max_steps or the child's own time limit; EXIT_SIGTERM: the SIGTERM this call sent
+        finished = rc == 0 or (rc == EXIT_SIGTERM and (timed_out or stopped_by is not None))
+        if not finished and stopped_by is None and end_step == start_step:
+            raise StageError(f"training exited with code {rc} and took no step; see {log_path}{log_tail(log_path)}")
+        info: dict[str, Any] = {
+            "corpus": os.path.abspath(args.corpus), "scenes": scenes, "resumed": resume, "start_step": start_step,
+            "end_step": end_step, "seconds": round(seconds, 1), "exit_code": rc, "overrides": overrides,
+            "dry_run": bool(args.dry_run), "background": args.background, "warmup_steps": args.warmup_steps,
+            "targets_per_sample": args.targets_per_sample,
+            # every option a resumed call takes from the run when left out (recorded_settings)
+            "settings": {name: getattr(args, name) for name in CARRIED},
+            "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        }
+        if stopped_by is not None:
+            info["stopped_by"] = signal.Signals(stopped_by).name
+        recorded = calls[-1].get("end_step", 0) if calls else 0
+        if resume and recorded != start_step:
+            # a call killed before it could record itself (SIGKILL): its steps are in last.ckpt
+            info["unrecorded_steps"] = [recorded, start_step]
+        from npbgpp_core.atomic import atomic_write_bytes
 
-    card = os.path.join(work, "card.json")
-    atomic_write_bytes(card, json.dumps({"stage": info}, indent=2).encode("utf-8"))
-    out = stage_weights_path(work)
-    from .export_weights import main as export_main
+        card = os.path.join(work, "card.json")
+        atomic_write_bytes(card, json.dumps({"stage": info}, indent=2).encode("utf-8"))
+        out = stage_weights_path(work)
+        from .export_weights import main as export_main
 
-    if export_main(["--checkpoint", last, "--out", out, "--fp16", "--card-json", card]) != 0:
-        raise StageError(f"exporting {last} failed")
-    info["weights"] = out
-    calls.append(info)
-    atomic_write_bytes(history, json.dumps(calls, indent=2).encode("utf-8"))
+        if export_main(["--checkpoint", last, "--out", out, "--fp16", "--card-json", card]) != 0:
+            raise StageError(f"exporting {last} failed")
+        info["weights"] = out
+        calls.append(info)
+        atomic_write_bytes(history, json.dumps(calls, indent=2).encode("utf-8"))
+    if late and "stopped_by" not in info:  # asked to stop after training: the call is whole, the exit says so
+        info["stopped_by"] = signal.Signals(late[0]).name
     if not finished and stopped_by is None:
         raise StageError(f"training exited with code {rc} at step {end_step} (recorded in {history}); see "
                          f"{log_path}{log_tail(log_path)}")
     return info
+
+
+@contextlib.contextmanager
+def held_stop_signals() -> Iterator[list[int]]:
+    """Within the block, the first stop signal (:data:`STOP_SIGNALS`) is held, not acted on:
+    the list it yields gets it, and the caller ends the call whole and exits with it; a second
+    one acts at once (the default: the process ends), so a stage is never stuck. Only in the
+    main thread, and not for a signal the process was started ignoring, as :func:`run_child`."""
+    held: list[int] = []
+
+    def hold(signum: int, frame: Any) -> None:
+        if held:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        held.append(signum)
+
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for s in STOP_SIGNALS:
+            if signal.getsignal(s) is not signal.SIG_IGN:
+                previous[s] = signal.signal(s, hold)
+    try:
+        yield held
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 # How long the child may take to write last.ckpt after SIGTERM before it is killed.
@@ -744,7 +779,7 @@ def log_tail(path: str, lines: int = 15) -> str:
 
 
 def run_child(cmd: list[str], log: Any, timeout_s: float | None, grace_s: float,
-              poll_s: float = 0.5) -> tuple[int, bool, int | None]:
+              poll_s: float = 0.5, pending: Sequence[int] = ()) -> tuple[int, bool, int | None]:
     """Run the training command ``cmd`` (output to ``log``) until it exits; after
     ``timeout_s`` send it SIGTERM (it writes last.ckpt and exits 143). Returns
     (exit code, timed out, the signal that stopped the stage or None).
@@ -759,7 +794,9 @@ def run_child(cmd: list[str], log: Any, timeout_s: float | None, grace_s: float,
     - a child that does not exit ``grace_s`` after its SIGTERM is killed (checkpoints are
       written atomically, so the previous last.ckpt stays intact).
     Signal handlers are installed only in the main thread (elsewhere Python cannot), and not
-    for a signal this process was started ignoring (``nohup`` ignores SIGHUP)."""
+    for a signal this process was started ignoring (``nohup`` ignores SIGHUP). ``pending``:
+    stop signals the caller held (:func:`held_stop_signals`) before these handlers took over,
+    passed on at once."""
     from .lifeline import PARENT_ENV
 
     env = dict(os.environ, **{PARENT_ENV: str(os.getpid())})
@@ -783,6 +820,8 @@ def run_child(cmd: list[str], log: Any, timeout_s: float | None, grace_s: float,
         for s in STOP_SIGNALS:
             if signal.getsignal(s) is not signal.SIG_IGN:  # `nohup` / a background job keeps ignoring it
                 previous[s] = signal.signal(s, on_signal)
+    if pending:
+        on_signal(pending[0], None)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     timed_out = False
     try:

@@ -180,7 +180,8 @@ from headless_train.stage import run_child
 folder, mode, timeout, grace = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
 with open(folder + "/child.log", "a") as log:
     rc, timed_out, stopped = run_child([sys.executable, "-c", sys.argv[5], folder, mode], log,
-                                       timeout if timeout > 0 else None, grace, poll_s=0.1)
+                                       timeout if timeout > 0 else None, grace, poll_s=0.1,
+                                       pending=[int(v) for v in sys.argv[6:]])
 print(rc, timed_out, stopped)
 """
 
@@ -235,6 +236,23 @@ def test_the_time_limit_sends_sigterm(tmp_path):
 def test_a_child_that_ignores_sigterm_is_killed_after_the_grace_time(tmp_path):
     out, terms = drive(tmp_path, "ignore", 0.5, 1.0)
     assert out == f"{-signal.SIGKILL} True None" and terms == ["TERM"]
+
+
+def test_a_signal_held_before_the_child_started_stops_it_at_once(tmp_path):
+    """A stop signal the stage held before run_child took over (``pending``) is passed on at
+    once, not after the child's whole time: the child may die of it before its own handler
+    is set (-15) or answer it (143); the result names the signal."""
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(tmp_path), "obey", "0", "60", FAKE_CHILD,
+                               str(int(signal.SIGTERM))], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True,
+                              start_new_session=True, preexec_fn=default_signals)
+    try:
+        out, _ = driver.communicate(timeout=60)  # the child sleeps 600 s unless stopped
+    finally:
+        pid_file = tmp_path / "child.pid"
+        kill_leftovers(driver, int(pid_file.read_text()) if pid_file.exists() and pid_file.read_text().isdigit()
+                       else None)
+    assert out.split() in ([str(-signal.SIGTERM), "False", str(int(signal.SIGTERM))],
+                           ["143", "False", str(int(signal.SIGTERM))]), out
 
 
 def test_a_second_signal_kills_the_child_at_once(tmp_path):
@@ -307,6 +325,40 @@ def test_parent_pid_env_is_checked_and_not_inherited(monkeypatch):
     assert lifeline.tie_to_parent_from_env({}) is None
     with pytest.raises(ValueError, match="HEADLESS_TRAIN_PARENT_PID must be a process id, got 'x1'"):
         lifeline.tie_to_parent_from_env({lifeline.PARENT_ENV: "x1"})
+
+
+# a dry-run stage that gets SIGTERM while it exports (after its child ended): the export runs
+# the real code after the signal
+_SIGTERM_IN_EXPORT = """
+import os, signal, sys
+import headless_train.export_weights as export_weights
+from headless_train.stage import main
+real = export_weights.main
+def export(argv):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return real(argv)
+export_weights.main = export
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_while_exporting_still_exports_and_records_the_call(corpus, tmp_path):
+    """A stop signal that comes after the child ended (the device tool's time limit, a
+    backstop, Ctrl-C) is held while the stage exports and records the call: the weights and
+    stage.json are written, and the stage exits 143 (it was asked to stop). The signal
+    handlers were run_child's only, so such a SIGTERM killed the stage with no export."""
+    work = str(tmp_path / "stage")
+    proc = subprocess.run([sys.executable, "-c", _SIGTERM_IN_EXPORT, "--corpus", corpus, "--work", work,
+                           "--dry-run", "--dry-steps", "1"], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=BOUND_S, preexec_fn=default_signals)
+    assert proc.returncode == 143, (proc.returncode, proc.stderr[-3000:])
+    assert "stage stopped by SIGTERM" in proc.stderr
+    calls = json.load(open(os.path.join(work, "stage.json")))
+    assert [(c["start_step"], c["end_step"]) for c in calls] == [(0, 1)]
+    assert "stopped_by" not in calls[0]  # the call trained its steps; the signal came after
+    from npbgpp_core.pretrained import read_weights
+
+    assert read_weights(os.path.join(work, "npbgpp_sphere_stage.safetensors"), "npbgpp").card["stage"]["end_step"] == 1
 
 
 def test_max_minutes_stops_training_and_writes_last_ckpt(corpus, tmp_path):
