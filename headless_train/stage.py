@@ -731,8 +731,8 @@ def run_stage(args: argparse.Namespace) -> dict[str, Any]:
 def held_stop_signals() -> Iterator[list[int]]:
     """Within the block, the first stop signal (:data:`STOP_SIGNALS`) is held, not acted on:
     the list it yields gets it, and the caller ends the call whole and exits with it; a second
-    one acts at once (the default: the process ends), so a stage is never stuck. Only in the
-    main thread, and not for a signal the process was started ignoring, as :func:`run_child`."""
+    one acts at once (the default: the process ends), so a stage is never stuck
+    (:func:`install_stop_handlers`)."""
     held: list[int] = []
 
     def hold(signum: int, frame: Any) -> None:
@@ -741,16 +741,24 @@ def held_stop_signals() -> Iterator[list[int]]:
             os.kill(os.getpid(), signum)
         held.append(signum)
 
-    previous: dict[int, Any] = {}
-    if threading.current_thread() is threading.main_thread():
-        for s in STOP_SIGNALS:
-            if signal.getsignal(s) is not signal.SIG_IGN:
-                previous[s] = signal.signal(s, hold)
+    previous = install_stop_handlers(hold)
     try:
         yield held
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def install_stop_handlers(handler: Any) -> dict[int, Any]:
+    """``handler`` for each of :data:`STOP_SIGNALS`; the handlers it replaced, to restore.
+    Only in the main thread (elsewhere Python cannot), and not for a signal this process was
+    started ignoring (``nohup`` ignores SIGHUP, a background job SIGINT)."""
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for s in STOP_SIGNALS:
+            if signal.getsignal(s) is not signal.SIG_IGN:
+                previous[s] = signal.signal(s, handler)
+    return previous
 
 
 # How long the child may take to write last.ckpt after SIGTERM before it is killed.
@@ -815,11 +823,7 @@ def run_child(cmd: list[str], log: Any, timeout_s: float | None, grace_s: float,
         received.append(signum)
         stop(kill=len(received) > 1)
 
-    previous: dict[int, Any] = {}
-    if threading.current_thread() is threading.main_thread():
-        for s in STOP_SIGNALS:
-            if signal.getsignal(s) is not signal.SIG_IGN:  # `nohup` / a background job keeps ignoring it
-                previous[s] = signal.signal(s, on_signal)
+    previous = install_stop_handlers(on_signal)
     if pending:
         on_signal(pending[0], None)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
