@@ -2460,6 +2460,17 @@ def _distances(bvh, pts: np.ndarray) -> np.ndarray:
     return np.array([bvh.find_nearest(Vector(p))[3] for p in pts])
 
 
+def _assert_on_render_surface(pts: np.ndarray, render_bvh, viewport_bvh, apart: float = 1e-3,
+                              share: float = 0.5) -> None:
+    """Every one of ``pts`` lies on the render-resolution surface ``render_bvh`` (within 1e-4),
+    and more than ``share`` of them lie over ``apart`` from the viewport's ``viewport_bvh``:
+    the points were sampled as renders show the object, not as viewports do."""
+    on_render = _distances(render_bvh, pts)
+    on_viewport = _distances(viewport_bvh, pts)
+    assert on_render.max() < 1e-4, on_render.max()
+    assert (on_viewport > apart).mean() > share, np.median(on_viewport)
+
+
 def _evaluated_bvh(sc, obj, modifier_settings=None, **data_settings):
     """:func:`_bvh_of_evaluated` of a copy of ``obj`` whose modifiers have ``modifier_settings``
     ({modifier name: {setting: value}}) and whose curve data (copied) has ``data_settings``;
@@ -2512,10 +2523,8 @@ def test_points_from_meshes_sample_the_mesh_as_it_renders(scene, capfd):
     assert (sub.levels, sub.render_levels, array.show_viewport, array.show_render) == (1, 3, False, True)
     pts, _ = _sampled_points(sc)
     assert pts.shape == (400, 3)
-    on_render = _distances(render_bvh, pts)
-    on_viewport = _distances(viewport_bvh, pts)
-    assert on_render.max() < 1e-4, on_render.max()
-    assert (on_viewport > 1e-2).mean() > 0.5  # the level-1 surface lies apart from most of them
+    # the level-1 surface lies apart from most of them
+    _assert_on_render_surface(pts, render_bvh, viewport_bvh, apart=1e-2)
     assert pts[:, 0].max() > 2.5  # the second cube of the Array, centred at x = 3
 
 
@@ -2581,10 +2590,7 @@ def test_points_from_meshes_ocean_at_its_render_resolution(scene):
     assert bpy.ops.npbgpp.points_from_meshes(count=300, seed=3) == {"FINISHED"}
     assert (ocean.resolution, ocean.viewport_resolution) == (6, 1)
     pts, _ = _sampled_points(sc)
-    on_render = _distances(render_bvh, pts)
-    on_viewport = _distances(viewport_bvh, pts)
-    assert on_render.max() < 1e-4, on_render.max()
-    assert (on_viewport > 1e-3).mean() > 0.5, np.median(on_viewport)
+    _assert_on_render_surface(pts, render_bvh, viewport_bvh)
 
 
 def test_points_from_meshes_text_and_bevelled_curve_at_render_resolution(scene, capfd):
@@ -2631,10 +2637,7 @@ def test_points_from_meshes_text_and_bevelled_curve_at_render_resolution(scene, 
     assert 50 < on_ring.sum() < 550
     for sel, render_bvh, viewport_bvh in ((on_ring, ring_render_bvh, ring_viewport_bvh),
                                           (~on_ring, text_render_bvh, text_viewport_bvh)):
-        on_render = _distances(render_bvh, pts[sel])
-        on_viewport = _distances(viewport_bvh, pts[sel])
-        assert on_render.max() < 1e-4, on_render.max()
-        assert (on_viewport > 1e-3).mean() > 0.3, np.median(on_viewport)
+        _assert_on_render_surface(pts[sel], render_bvh, viewport_bvh, share=0.3)
 
 
 def test_points_from_meshes_nurbs_surface_at_render_resolution(scene):
@@ -2655,10 +2658,7 @@ def test_points_from_meshes_nurbs_surface_at_render_resolution(scene):
     assert bpy.ops.npbgpp.points_from_meshes(count=300, seed=9) == {"FINISHED"}
     assert (d.resolution_u, d.resolution_v, d.render_resolution_u, d.render_resolution_v) == (2, 2, 12, 12)
     pts, _ = _sampled_points(sc)
-    on_render = _distances(render_bvh, pts)
-    on_viewport = _distances(viewport_bvh, pts)
-    assert on_render.max() < 1e-4, on_render.max()
-    assert (on_viewport > 1e-3).mean() > 0.5, np.median(on_viewport)
+    _assert_on_render_surface(pts, render_bvh, viewport_bvh)
 
 
 def test_points_from_meshes_metaball_family_at_render_resolution(scene, capfd):
@@ -2693,10 +2693,7 @@ def test_points_from_meshes_metaball_family_at_render_resolution(scene, capfd):
     assert after == {**before, "objects": before["objects"] | {obj}}
     assert (basis.resolution, basis.render_resolution) == (0.5, 0.0625)
     pts, _ = _sampled_points(sc)
-    on_render = _distances(render_bvh, pts)
-    on_viewport = _distances(viewport_bvh, pts)
-    assert on_render.max() < 1e-4, on_render.max()
-    assert (on_viewport > 1e-3).mean() > 0.5, np.median(on_viewport)
+    _assert_on_render_surface(pts, render_bvh, viewport_bvh)
     assert pts[:, 0].min() < -0.5 and pts[:, 0].max() > 1.7  # beyond each ball's centre
     bpy.ops.mesh.primitive_cube_add(location=(0.0, 5.0, 0.0))
     cube = bpy.context.active_object
