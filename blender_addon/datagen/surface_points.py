@@ -197,7 +197,7 @@ class _MeshTris:
     @cached_property
     def triangle_areas(self) -> np.ndarray:
         """World-space area of each triangle: computed once, for :meth:`area` (Points from
-        Selected Meshes weighs each object first) and for sampling by area (:func:`_sample`)."""
+        Selected Meshes weighs each object first) and for sampling by area (:func:`sample_triangles`)."""
         c = self.corners()
         return 0.5 * np.linalg.norm(np.cross(c[:, 1] - c[:, 0], c[:, 2] - c[:, 0]), axis=1)
 
@@ -388,7 +388,7 @@ def sample_surface_points(bpy_scene, count: int, seed: int = 0, objects: Sequenc
     user's)."""
     meshes = scene_triangles(bpy_scene, objects, depsgraph)
     what = what or (f"scene {bpy_scene.name!r}" if objects is None else f"objects {[o.name for o in objects]}")
-    return _sample(meshes, count, seed, what)
+    return sample_triangles(meshes, count, seed, what)
 
 
 def object_triangles(obj_eval: Any) -> _MeshTris | None:
@@ -407,12 +407,8 @@ def object_triangles(obj_eval: Any) -> _MeshTris | None:
 
 
 def sample_triangles(meshes: list[_MeshTris], count: int, seed: int, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`sample_surface_points` of triangles already read (:func:`object_triangles`)."""
-    return _sample(meshes, count, seed, what)
-
-
-def _sample(meshes: list[_MeshTris], count: int, seed: int, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`sample_surface_points` of the triangles ``meshes`` (``what``: their owner, for errors)."""
+    """:func:`sample_surface_points` of triangles already read (:func:`object_triangles`,
+    :func:`scene_triangles`; ``what``: their owner, for errors)."""
     if not meshes:
         raise NoSurfacesError(f"{what}: no visible mesh surfaces to sample points on")
     areas = np.concatenate([m.triangle_areas for m in meshes])
@@ -483,7 +479,7 @@ def rendered_surfaces(bpy_scene, depsgraph: Any, count: int, seed: int = 0
         return center, radius, None
     if not meshes:
         return center, radius, (own, own_colours)
-    points, colours = _sample(meshes, count, seed, f"scene {bpy_scene.name!r}")
+    points, colours = sample_triangles(meshes, count, seed, f"scene {bpy_scene.name!r}")
     return center, radius, (np.concatenate([points, own]), np.concatenate([colours, own_colours]))
 
 
