@@ -17,10 +17,14 @@ work done independently of the other jobs (with ``--threads 1`` and ``--workers 
 round in rotating order (:data:`MODES`), so a shared machine's load hits them alike; the
 ratios of CPU seconds per step are what to read there. The ``batched_kK`` variants train K
 target crops per set of input views (``datasets.targets_per_sample``): their samples are the
-same anchor crops and input views as the others', plus the extra targets; each variant
-loads its own batch (in the main process) inside its timing. Besides steps and input sets
-(samples) per CPU second they report target crops per CPU second, counting the targets
-trained (a sample gets fewer extras where fewer views qualify).
+same anchor crops and input views as the others', plus the extra targets. Each round loads
+every variant's batch (in the main process) before timing the steps, so the step's seconds
+are the step alone (on a GPU the recipe's workers load during the steps) and the loading is
+reported apart (``load_cpu_s_per_step``, ``load_wall_s_per_step``); until 2026-11-30 14:45 UTC
+each variant loaded its batch inside its timing (that definition is
+``cpu_s_per_step_with_load``). Besides steps and input sets (samples) per CPU second they
+report target crops per CPU second, counting the targets trained (a sample gets fewer extras
+where fewer views qualify).
 
 Any scene folder works for speed (``--data-root`` with scene subfolders, or
 ``--scene-names``); quality is never measured here (see bench_quality.py).
@@ -34,6 +38,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -204,11 +209,47 @@ def mode_samples(dataset, modes: list[str]) -> dict[str, Any]:
     return {m: twins[MODES[m].targets_per_sample] for m in modes}
 
 
+def time_rounds(modes: list[str], rounds: int, warmup: int, draw: Callable[[], list[int]],
+                load: Callable[[str, list[int]], Any], prepare: Callable[[str], None],
+                step: Callable[[str, Any], None], clock: Callable[[], float] = time.perf_counter,
+                cpu_clock: Callable[[], float] = time.process_time) -> dict[str, dict[str, list]]:
+    """Per variant, the wall and CPU seconds of its steps and of its loads, and its batches,
+    over ``rounds`` rounds after ``warmup`` untimed ones. Every round draws one set of sample
+    indices, loads every variant's batch of them (timed apart: loading is not the step's
+    cost on a GPU, where workers load during the steps), then runs ``prepare`` (untimed:
+    switching variant, synchronising) and ``step`` of each variant, order rotating by round.
+    The clocks are parameters so a test can count what each timing holds."""
+    record: dict[str, dict[str, list]] = {
+        m: {"wall": [], "cpu": [], "load_wall": [], "load_cpu": [], "batches": []} for m in modes}
+    for r in range(warmup + rounds):
+        indices = draw()
+        timed = r >= warmup
+        batches = {}
+        for mode in modes:
+            t0, c0 = clock(), cpu_clock()
+            batches[mode] = load(mode, indices)
+            if timed:
+                record[mode]["load_wall"].append(clock() - t0)
+                record[mode]["load_cpu"].append(cpu_clock() - c0)
+        for k in range(len(modes)):
+            mode = modes[(r + k) % len(modes)]
+            prepare(mode)
+            t0, c0 = clock(), cpu_clock()
+            step(mode, batches[mode])
+            if timed:
+                record[mode]["wall"].append(clock() - t0)
+                record[mode]["cpu"].append(cpu_clock() - c0)
+                record[mode]["batches"].append(batches[mode])
+    return record
+
+
 def compare(args: argparse.Namespace) -> dict:
     """CPU and wall seconds per step of each variant in ``args.compare``, interleaved: every
-    round draws one batch of sample indices and runs one optimiser step of every variant on
-    those samples (order rotating by round), each loading its batch (its targets per sample)
-    inside its timing."""
+    round draws one batch of sample indices, loads every variant's batch of those samples
+    (its targets per sample) and then runs one optimiser step of every variant (order
+    rotating by round). The step's seconds exclude the loading, which is reported apart
+    (``load_*``; ``cpu_s_per_step_with_load`` is the definition of the CPU figures before
+    2026-11-30 14:45 UTC, when each variant loaded its batch inside its timing)."""
 
     from bench.bench_common import machine_line, synchronize
     from headless_train.data import sample_targets
@@ -220,37 +261,37 @@ def compare(args: argparse.Namespace) -> dict:
     device, dm, system, overrides, opt, loader = training_setup(args)
     samples = mode_samples(loader.dataset, modes)
     order = iter(loader.sampler)  # the epoch's shuffled sample indices
-    cpu = {m: [] for m in modes}
-    wall = {m: [] for m in modes}
-    targets = {m: 0 for m in modes}
-    for r in range(args.warmup + args.steps):
-        indices = [next(order) for _ in range(args.batch)]
-        for k in range(len(modes)):
-            mode = modes[(r + k) % len(modes)]
-            apply_mode(system, mode)
-            synchronize(device)
-            t0, c0 = time.perf_counter(), time.process_time()
-            batch = [samples[mode][i] for i in indices]
-            loss, _ = system.batch_loss(batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            synchronize(device)
-            if r >= args.warmup:
-                wall[mode].append(time.perf_counter() - t0)
-                cpu[mode].append(time.process_time() - c0)
-                targets[mode] += sum(len(sample_targets(s)) for s in batch)
+
+    def prepare(mode: str) -> None:
+        apply_mode(system, mode)
+        synchronize(device)
+
+    def step(mode: str, batch: Any) -> None:
+        loss, _ = system.batch_loss(batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        synchronize(device)
+
+    record = time_rounds(modes, args.steps, args.warmup, lambda: [next(order) for _ in range(args.batch)],
+                         lambda mode, indices: [samples[mode][i] for i in indices], prepare, step)
     load = os.getloadavg()
     rows = {}
     for m in modes:
-        c, w = sum(cpu[m]) / len(cpu[m]), sum(wall[m]) / len(wall[m])
-        per_step = targets[m] / len(cpu[m])
+        rec = record[m]
+        n = len(rec["cpu"])
+        c, w = sum(rec["cpu"]) / n, sum(rec["wall"]) / n
+        load_c, load_w = sum(rec["load_cpu"]) / n, sum(rec["load_wall"]) / n
+        per_step = sum(len(sample_targets(s)) for b in rec["batches"] for s in b) / n
         rows[m] = {"cpu_s_per_step": c, "wall_s_per_step": w, "steps_per_cpu_s": 1 / c,
                    "samples_per_cpu_s": args.batch / c, "steps_per_s": 1 / w, "samples_per_s": args.batch / w,
                    "targets_per_sample": MODES[m].targets_per_sample, "targets_per_step": per_step,
-                   "targets_per_cpu_s": per_step / c, "targets_per_s": per_step / w}
+                   "targets_per_cpu_s": per_step / c, "targets_per_s": per_step / w,
+                   "load_cpu_s_per_step": load_c, "load_wall_s_per_step": load_w,
+                   "cpu_s_per_step_with_load": c + load_c}
     return {"device": str(device), "machine": machine_line(device), "batch": args.batch, "crop": args.crop,
             "views": args.views, "steps": args.steps, "modes": rows, "scenes": dm.scene_names,
+            "timing": "step alone; load_* is the main-process loading of its batch, timed apart",
             "loadavg": list(load), "overrides": overrides,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
@@ -268,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"({first['cpu_s_per_step'] / v['cpu_s_per_step']:.2f}x the first), "
                   f"{v['targets_per_step']:.2f} targets/step = {v['targets_per_cpu_s']:.3f} target crops per CPU s "
                   f"({v['targets_per_cpu_s'] / first['targets_per_cpu_s']:.2f}x the first); "
-                  f"wall {v['wall_s_per_step']:.2f} s/step")
+                  f"wall {v['wall_s_per_step']:.2f} s/step; loading its batch apart: "
+                  f"{v['load_cpu_s_per_step']:.3f} CPU s, wall {v['load_wall_s_per_step']:.3f} s")
         print(r["machine"])
         if args.json:
             with open(args.json, "w", encoding="utf-8") as f:

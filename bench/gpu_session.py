@@ -45,8 +45,9 @@ Modes on the device (``--out`` defaults to ``$OUT``; each step has its own time 
   256^2 crops, 3 input views, bf16 (first and time-boxed, so the throughput figures come
   back whatever the stage does): the recipe's rate with DataLoader workers, then
   ``--compare batched,batched_k3`` (one target against three per set of input views,
-  interleaved on the same batches, each loading its batch in the main process inside its
-  timing: their ratio, not the recipe's rate); then ``python -m headless_train stage --gpus
+  interleaved on the same batches; each round's batches are loaded in the main process
+  before the steps are timed, so the step seconds are the step alone, comparable with the
+  recipe's rate, and the loading is reported apart); then ``python -m headless_train stage --gpus
   1`` on ``.gpurun/corpus`` for the minutes the budget leaves (first call: from the shipped
   ``npbgpp_sphere.safetensors`` with the default 200-step warm-up; with ``.gpurun/stage``:
   resumed), with ``--targets-per-sample K`` when ``prepare``/``plan`` (and so the call) got
@@ -1081,7 +1082,7 @@ def returned_benchmarks(out: Path, path: Path = ROOT / "BENCHMARKS.md") -> Itera
 STAGE_OVERHEAD_S = 45
 BENCH_TRAIN_LIMIT_S = 110  # python start, scene loading, workers, 10 warm-up and 100 timed steps
 # The step variants timed side by side (bench_train.py --compare, interleaved on the same
-# batches, each loading its batch in the main process inside its timing): today's step and
+# batches, the step timed alone, its loading reported apart): today's step and
 # three target crops per set of input views (stage --targets-per-sample 3).
 COMPARED_VARIANTS = "batched,batched_k3"
 # Python start, scene loading, 3 warm-up and 15 timed rounds of both variants: 30 steps of batch 8

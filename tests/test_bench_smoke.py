@@ -70,6 +70,50 @@ def test_bench_train_runs_one_tiny_step_and_reports_rates(extra: list[str], tmp_
         assert 1 <= modes["batched_k2"]["targets_per_step"] <= 2
         assert modes["batched_k2"]["targets_per_s"] == pytest.approx(
             modes["batched_k2"]["targets_per_step"] * modes["batched_k2"]["steps_per_s"])
+        for row in modes.values():  # the loading is reported apart, and the old definition is the sum
+            assert row["load_cpu_s_per_step"] > 0 and row["load_wall_s_per_step"] > 0
+            assert row["cpu_s_per_step_with_load"] == pytest.approx(
+                row["cpu_s_per_step"] + row["load_cpu_s_per_step"])
+
+
+def test_bench_train_compare_times_the_step_without_its_loading() -> None:
+    """--compare's timing (time_rounds) holds the step alone: with stand-in clocks that the
+    stand-in loader moves by 100 s and the step by 1 s (7 s of CPU), every timed step reads
+    1 s / 7 CPU s and every load 100 s; each round loads all variants' batches of the same
+    indices before any step, steps rotate by round, and the warm-up round is not recorded."""
+    sys.path.insert(0, str(ROOT))
+    from bench.bench_train import time_rounds
+
+    now = {"wall": 0.0, "cpu": 0.0}
+    events: list[tuple] = []
+    draws = iter([[0, 1], [2, 3], [4, 5]])
+
+    def load(mode: str, indices: list[int]) -> tuple:
+        events.append(("load", mode, tuple(indices)))
+        now["wall"] += 100.0
+        now["cpu"] += 100.0
+        return (mode, tuple(indices))
+
+    def prepare(mode: str) -> None:  # untimed: the clocks must not see this
+        now["wall"] += 1000.0
+
+    def step(mode: str, batch: tuple) -> None:
+        assert batch[0] == mode
+        events.append(("step", mode, batch[1]))
+        now["wall"] += 1.0
+        now["cpu"] += 7.0
+
+    record = time_rounds(["a", "b"], 2, 1, lambda: next(draws), load, prepare, step,
+                         clock=lambda: now["wall"], cpu_clock=lambda: now["cpu"])
+    for mode in ("a", "b"):
+        assert record[mode]["wall"] == [1.0, 1.0] and record[mode]["cpu"] == [7.0, 7.0]
+        assert record[mode]["load_wall"] == [100.0, 100.0] and record[mode]["load_cpu"] == [100.0, 100.0]
+        assert record[mode]["batches"] == [(mode, (2, 3)), (mode, (4, 5))]
+    assert events == [
+        ("load", "a", (0, 1)), ("load", "b", (0, 1)), ("step", "a", (0, 1)), ("step", "b", (0, 1)),
+        ("load", "a", (2, 3)), ("load", "b", (2, 3)), ("step", "b", (2, 3)), ("step", "a", (2, 3)),
+        ("load", "a", (4, 5)), ("load", "b", (4, 5)), ("step", "a", (4, 5)), ("step", "b", (4, 5)),
+    ]
 
 
 @pytest.fixture(scope="module")
