@@ -1021,12 +1021,35 @@ def scale_transforms(path: str, resized: dict[str, tuple[float, float]]) -> None
         json.dump(meta, f, indent=1)
 
 
+# The help's one-line summary (the module docstring's first sentence spans two lines).
+STAGE_SUMMARY = ("one resumable NPBG++ training stage, sized for a lent GPU machine (at most 10 minutes a "
+                 "command, at most 64 MiB of inputs), that writes new weights and their card back")
+
+
+def parse_pack_args(argv: list[str]) -> argparse.Namespace:
+    """Options of ``stage pack``: a corpus copied small enough for a device call."""
+    p = argparse.ArgumentParser(prog="python -m headless_train stage pack",
+                                description="Copy a corpus small enough for a stage: images downscaled (NeRF-style "
+                                            "pixel intrinsics scaled with them), clouds subsampled.")
+    p.add_argument("--corpus", required=True, help="folder of scene folders (linked scene folders are followed)")
+    p.add_argument("--out", required=True,
+                   help="the packed corpus folder (new, not inside --corpus; written only when complete)")
+    p.add_argument("--max-side", type=int, default=192, help="longer image side in pixels (default 192)")
+    p.add_argument("--max-points", type=int, default=60000, help="points kept per cloud (default 60000)")
+    p.add_argument("--max-mib", type=float, default=MAX_CORPUS_MIB - 4,
+                   help=f"largest packed corpus; a bigger one is refused (default {MAX_CORPUS_MIB - 4:g})")
+    p.add_argument("--scenes", default=None,
+                   help="comma-separated scene folder names or shell patterns (default: all)")
+    return p.parse_args(argv)
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m headless_train stage", description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(prog="python -m headless_train stage", description=STAGE_SUMMARY,
                                 epilog="A resumed call (same --work) takes every option it leaves out from the "
                                        "run (stage.json); --world-up, --lr, --weights, --input-canvas, "
                                        "--background, --warmup-steps and --targets-per-sample cannot change, the "
-                                       "others can and the call says so (headless_train/README.md).")
+                                       "others can and the call says so (headless_train/README.md). "
+                                       "`python -m headless_train stage pack --help`: make a corpus small enough.")
     p.add_argument("--corpus", required=True, help="folder of training scenes (<= 64 MiB)")
     p.add_argument("--work", required=True, help="stage folder: run/, weights, card, stage.json")
     p.add_argument("--weights", default=None,
@@ -1074,15 +1097,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         if argv and argv[0] == "pack":
-            p = argparse.ArgumentParser(prog="python -m headless_train stage pack")
-            p.add_argument("--corpus", required=True)
-            p.add_argument("--out", required=True)
-            p.add_argument("--max-side", type=int, default=192)
-            p.add_argument("--max-points", type=int, default=60000)
-            p.add_argument("--max-mib", type=float, default=MAX_CORPUS_MIB - 4)
-            p.add_argument("--scenes", default=None,
-                           help="comma-separated scene folder names or shell patterns (default: all)")
-            a = p.parse_args(argv[1:])
+            a = parse_pack_args(argv[1:])
             print(json.dumps(pack(a.corpus, a.out, a.max_side, a.max_points, a.max_mib, a.scenes)))
             return 0
         info = run_stage(parse_args(argv))

@@ -286,6 +286,32 @@ def test_every_subcommand_module_has_main_and_is_listed_in_help(capsys):
     assert "--corpus" in capsys.readouterr().out
 
 
+def test_stage_help_says_what_a_stage_is_and_pack_help_gives_its_defaults(capsys):
+    """`stage --help` ended mid-sentence ("one resumable NPBG++ training": the docstring's first
+    line) and did not name `stage pack`, whose --help gave no option a word or a default. Now
+    the summary is whole, pack is named, and every pack option's help states the default the
+    parser really uses (read from the parser, not repeated here)."""
+    import re
+
+    from headless_train.cli import main
+    from headless_train.stage import parse_pack_args
+
+    with pytest.raises(SystemExit):
+        main(["stage", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "one resumable NPBG++ training stage, sized for a lent GPU machine" in out
+    assert "stage pack --help" in out
+    with pytest.raises(SystemExit):
+        main(["stage", "pack", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    defaults = vars(parse_pack_args(["--corpus", "c", "--out", "o"]))
+    for name in ("max_side", "max_points", "max_mib"):
+        flag = "--" + name.replace("_", "-")
+        said = re.search(re.escape(flag) + r" \S+ [^-]*?\(default ([0-9.]+)\)", help_text)
+        assert said and float(said.group(1)) == defaults[name], (flag, help_text)
+    assert "(default: all)" in help_text and defaults["scenes"] is None
+
+
 def test_export_logs_which_points_no_view_sees_and_why(tmp_path, caplog):
     """`headless_train export` logged only 'N of M points seen'; now it splits the unseen ones
     as the add-on's Aggregate does (NPBGPlusPlus.points_in_view): on a one-view scene, 3 points
