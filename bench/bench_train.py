@@ -20,7 +20,7 @@ target crops per set of input views (``datasets.targets_per_sample``): their sam
 same anchor crops and input views as the others', plus the extra targets. Each round loads
 every variant's batch (in the main process) before timing the steps, so the step's seconds
 are the step alone (on a GPU the recipe's workers load during the steps) and the loading is
-reported apart (``load_cpu_s_per_step``, ``load_wall_s_per_step``); until 2026-11-30 14:45 UTC
+reported apart (``load_cpu_s_per_step``, ``load_wall_s_per_step``); until 2026-11-30 14:34 UTC
 each variant loaded its batch inside its timing (that definition is
 ``cpu_s_per_step_with_load``). Besides steps and input sets (samples) per CPU second they
 report target crops per CPU second, counting the targets trained (a sample gets fewer extras
@@ -249,7 +249,7 @@ def compare(args: argparse.Namespace) -> dict:
     (its targets per sample) and then runs one optimiser step of every variant (order
     rotating by round). The step's seconds exclude the loading, which is reported apart
     (``load_*``; ``cpu_s_per_step_with_load`` is the definition of the CPU figures before
-    2026-11-30 14:45 UTC, when each variant loaded its batch inside its timing)."""
+    2026-11-30 14:34 UTC, when each variant loaded its batch inside its timing)."""
 
     from bench.bench_common import machine_line, synchronize
     from headless_train.data import sample_targets
