@@ -4,13 +4,17 @@ and ``headless_train``. Never imports ``bpy``.
 Public API (others rely on these names)::
 
     Camera                 pinhole camera: OpenCV K, R, t; PyTorch3D conversions at the edges
+    OpenCVIntrinsics       fx, fy, cx, cy in pixels of an image of a given size
     rasterize              nearest-point index per pixel at several scales (-1 = empty)
+    rasterize_keys         the packed (depth bits << 32 | index) z-buffer keys behind rasterize
     rasterize_descriptors  (C+1, h, w) descriptor + mask images per scale, descriptors
                            computed for the winning points only (the render path)
     rasterize_features     the same from an (N, C) feature table, differentiable
     DEFAULT_SCALES         (1, 1/2, 1/4, 1/8, 1/16)
     NPBGPlusPlus           the NPBG++ network (extractor, view-dependent aggregator, refiner)
     NPBG                   per-scene learnable descriptors + the same refiner
+    NPBGPlusPlusConfig,    their network options (models/config.py, the one source of them)
+    NPBGConfig
     NeuralScene            points + coefficients/descriptors + weights in one safe file
     load_ply, save_ply     PLY point clouds (and Gaussian-splat files); PointCloud holds one
     densify_scene          dense coloured PointCloud from a dataset's calibrated photos (MVS)
