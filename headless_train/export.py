@@ -32,7 +32,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    "NPBG / coefficients_ft: the cloud the run was fitted to, NPBG++: the format's default cloud")
     p.add_argument("--max-points", type=float, default=None, help="NPBG++: subsample the cloud (seed 123)")
     p.add_argument("--views", choices=("non-held-out", "all", "train"), default="non-held-out",
-                   help="NPBG++: which views are aggregated")
+                   help="NPBG++: which views are aggregated (default non-held-out: every view but the "
+                   "scene's held-out test views; train: the train split only; all: every view)")
     p.add_argument("--max-side", type=int, default=None, help="NPBG++: downscale input views to this long side "
                    "(a nerfstudio scene reads its smallest images_N/ copy still this large)")
     p.add_argument("--undistort", action="store_true",
@@ -46,7 +47,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    "5 degrees, as the add-on's Aggregate with Up Axis: Auto), an axis name (+z, -y, ...) or 3 "
                    "numbers; write --world-up=-y for a value starting with '-'. A headless_train checkpoint keeps its "
                    "run's world_up")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda, ... (default: cuda when available, else cpu)")
     return p.parse_args(argv)
 
 
