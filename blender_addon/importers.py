@@ -805,30 +805,21 @@ SKIP_REASONS = {
     "GREASEPENCIL": "grease pencil strokes are not sampled",
 }
 NO_GEOMETRY = "no geometry: an empty, light, camera or the like"
-# An empty that instances a collection renders that collection's objects, which it does not own.
-INSTANCER = ("an empty instancing a collection: its objects are not taken (select them, or Object > Apply > Make "
-             "Instances Real)")
+# An empty whose instanced collection renders nothing to sample (no surfaces nor points).
+EMPTY_COLLECTION = "an empty instancing a collection with no surfaces nor points"
 
 
-# Blender < 4.4 gives Python only a point cloud's or hair's own data: not a mesh its Geometry Nodes output.
-NO_POINTS_NODES = ("no points: Blender before 4.4 does not give Python the mesh its Geometry Nodes may output "
-                   "(Object > Apply the modifier, or Convert > Mesh, to sample it)")
-
-
-def no_points_reason(obj: Any) -> str:
-    """Why a point cloud or hair object ``obj`` gave no points nor surface: :data:`NO_POINTS_NODES`
-    when this Blender cannot read its Geometry Nodes' mesh and it has a Geometry Nodes modifier
-    shown in renders, else :data:`NO_POINTS`."""
-    nodes = any(m.type == "NODES" and m.show_render for m in obj.modifiers)
-    return NO_POINTS_NODES if nodes and not hasattr(obj, "evaluated_geometry") else NO_POINTS
+def instances_a_collection(obj: Any) -> bool:
+    """Whether ``obj`` is an empty instancing a collection: it renders that collection's
+    objects (its instances), which Points from Selected Meshes samples as it does any
+    object's instances."""
+    return obj.type == "EMPTY" and obj.instance_type == "COLLECTION" and obj.instance_collection is not None
 
 
 def skip_reason(obj: Any) -> str:
     """Why Points from Selected Meshes takes nothing of ``obj``, by its type, when its type has
-    neither surfaces nor points of its own (:data:`SKIP_REASONS`; :data:`INSTANCER` for an
-    empty instancing a collection, which renders geometry; else :data:`NO_GEOMETRY`)."""
-    if obj.type == "EMPTY" and obj.instance_type == "COLLECTION" and obj.instance_collection is not None:
-        return INSTANCER
+    neither surfaces nor points of its own nor instances a collection (:data:`SKIP_REASONS`,
+    else :data:`NO_GEOMETRY`)."""
     return SKIP_REASONS.get(obj.type, NO_GEOMETRY)
 
 
@@ -888,7 +879,8 @@ def viewport_switches(obj: Any) -> list[str]:
 class NPBGPP_OT_points_from_meshes(bpy.types.Operator):
     """Sample points (with colours) on the surfaces of the selected meshes, curves, texts, surfaces and
     metaballs as they render (modifiers' render settings: Show in Renders, Subdivision's Render levels; curves'
-    Render resolution), and take the points of selected point clouds and hair curves as they are"""
+    Render resolution), their Geometry Nodes instances and an instanced collection's objects included, and take
+    the points of selected point clouds and hair curves as they are"""
 
     bl_idname = "npbgpp.points_from_meshes"
     bl_label = "Points from Selected Meshes"
@@ -903,17 +895,18 @@ class NPBGPP_OT_points_from_meshes(bpy.types.Operator):
     )
 
     def execute(self, context: Any) -> set[str]:
-        from .datagen.surface_points import GEOMETRY_TYPES, POINT_TYPES, object_triangles, own_points, sample_triangles
+        from .datagen.surface_points import GEOMETRY_TYPES, POINT_TYPES, rendered_parts, sample_triangles
 
-        # curves, texts, surfaces and metaballs too: Blender evaluates them to a mesh
-        chosen = [o for o in context.selected_objects if o.type in GEOMETRY_TYPES | POINT_TYPES]
-        skipped = [(o.name, skip_reason(o)) for o in context.selected_objects
-                   if o.type not in GEOMETRY_TYPES | POINT_TYPES]
+        # curves, texts, surfaces and metaballs too: Blender evaluates them to a mesh; an empty
+        # instancing a collection renders that collection's objects, sampled as its instances
+        chosen = [o for o in context.selected_objects
+                  if o.type in GEOMETRY_TYPES | POINT_TYPES or instances_a_collection(o)]
+        skipped = [(o.name, skip_reason(o)) for o in context.selected_objects if o not in chosen]
         if not chosen:
             given = f" (selected: {', '.join(sorted(n for n, _ in skipped))}, none with a surface or points)" \
                 if skipped else ""
             self.report({"ERROR"}, "Select one or more mesh, curve, text, surface, metaball, point cloud or hair "
-                                   f"curves objects to sample points on{given}.")
+                                   f"curves objects (or empties instancing a collection) to sample points on{given}.")
             return {"CANCELLED"}
         if refused_in_linked_scene(self, context.scene, "the sampled point object"):
             return {"CANCELLED"}
@@ -921,27 +914,28 @@ class NPBGPP_OT_points_from_meshes(bpy.types.Operator):
         try:
             with render_setting_copies(chosen, context.scene) as copies:
                 depsgraph = context.evaluated_depsgraph_get()
-                evaluated = [c.evaluated_get(depsgraph) for c in copies]
-                # each surface read once; one of zero area is skipped alone, not failing the others
-                # a point cloud's or hair's too when its Geometry Nodes make a mesh (Blender 4.4+)
-                triangles = [object_triangles(e) for e in evaluated]
-                areas = [t.area() if t is not None else 0.0 for t in triangles]
-                # a point cloud's points, a hair's, those a mesh's Geometry Nodes make: taken as they are
-                taken = [own_points(e) for e in evaluated]
-                taken_from = [o.name for o, (pts, _) in zip(chosen, taken, strict=True) if len(pts)]
-                surfaces = [t for t, a in zip(triangles, areas, strict=True) if a > 0]
-                parts = [t for t in taken if len(t[0])]
+                # per object: the triangles and points of all it renders (its own, its evaluated
+                # mesh or points, its Geometry Nodes / collection / particle instances), read once;
+                # one of zero area is skipped alone, not failing the others
+                owned = rendered_parts(depsgraph, copies)
+                areas = [sum(t.area() for t in tris) for tris, _ in owned]
+                # point clouds', hair's, a mesh's Geometry Nodes points: taken as they are
+                taken_from = [o.name for o, (_, pts) in zip(chosen, owned, strict=True) if pts]
+                surfaces = [t for (tris, _), a in zip(owned, areas, strict=True) if a > 0 for t in tris]
+                parts = [p for _, pts in owned for p in pts]
                 # a metaball member's points are its basis's: not skipped when that family was sampled
                 families = {metaball_family(o.name) for o, a in zip(chosen, areas, strict=True)
                             if o.type == "META" and a > 0}
-                for obj, tris, area, (pts, _) in zip(chosen, triangles, areas, taken, strict=True):
-                    if area > 0 or len(pts) or (obj.type == "META" and metaball_family(obj.name) in families):
+                for obj, (tris, pts), area in zip(chosen, owned, areas, strict=True):
+                    if area > 0 or pts or (obj.type == "META" and metaball_family(obj.name) in families):
                         continue
                     # e.g. a curve with no Bevel or Extrude: sampled nothing, so named with the skipped
-                    if tris is not None and len(tris.tri_verts):
+                    if tris:
                         reason = NO_AREA
+                    elif obj.type == "EMPTY":
+                        reason = EMPTY_COLLECTION
                     elif obj.type in POINT_TYPES:
-                        reason = no_points_reason(obj)
+                        reason = NO_POINTS
                     else:
                         reason = NO_FACES
                     skipped.append((obj.name, reason))
@@ -949,7 +943,7 @@ class NPBGPP_OT_points_from_meshes(bpy.types.Operator):
                     raise ValueError(f"Nothing to sample points on or take points of: {skipped_text(skipped)}.")
                 sampled = 0
                 if surfaces:
-                    names = [o.name for o, t in zip(chosen, triangles, strict=True) if t is not None]
+                    names = [o.name for o, a in zip(chosen, areas, strict=True) if a > 0]
                     parts.insert(0, sample_triangles(surfaces, self.count, self.seed, what=f"objects {names}"))
                     sampled = len(parts[0][0])
                 points = np.concatenate([pts for pts, _ in parts])

@@ -2919,10 +2919,37 @@ def test_points_from_meshes_takes_hair_control_points(scene, capfd):
         bpy.ops.npbgpp.points_from_meshes(count=10)
 
 
-def test_points_from_meshes_names_a_collection_instance_as_such(scene, capfd):
-    """An empty instancing a collection (whose cube it renders) selected beside a plane: the
-    plane is sampled and the empty is named as skipped for what it is, with what to do, not
-    as an empty without geometry; a plain empty still is."""
+def _made_real_bvh(sc, instancer):
+    """World-space BVH of what Blender's own Object > Apply > Make Instances Real gives for
+    ``instancer`` (an empty instancing a collection): its objects made real, joined; they and
+    their data are removed again."""
+    from mathutils.bvhtree import BVHTree
+
+    for o in sc.objects:
+        o.select_set(o == instancer)
+    bpy.context.view_layer.objects.active = instancer
+    before = set(sc.objects)
+    assert bpy.ops.object.duplicates_make_real() == {"FINISHED"}
+    made = [o for o in sc.objects if o not in before]
+    verts, polys = [], []
+    for obj in made:
+        ev = obj.evaluated_get(bpy.context.evaluated_depsgraph_get())
+        mesh = ev.to_mesh()
+        mesh.calc_loop_triangles()
+        polys += [tuple(len(verts) + i for i in t.vertices) for t in mesh.loop_triangles]
+        verts += [tuple(ev.matrix_world @ v.co) for v in mesh.vertices]
+        ev.to_mesh_clear()
+    for obj in made:
+        bpy.data.objects.remove(obj)
+    return BVHTree.FromPolygons(verts, polys)
+
+
+def test_points_from_meshes_samples_an_instanced_collection(scene, capfd):
+    """An empty (moved, turned, scaled 2) instancing a collection whose cube it renders, selected
+    beside a plane: the cube is sampled where the empty shows it, every point on the plane or on
+    the cube Make Instances Real gives, the Points shared by world-space area (plane 4, cube 24);
+    the collection's own cube, elsewhere, gets none. A plain empty is still named as skipped,
+    and so is an empty instancing an empty collection, each with why."""
     sc = scene["scene"]
     plane = _plane_selected(sc)
     bpy.ops.mesh.primitive_cube_add(size=1.0, location=(0.0, 5.0, 0.0))
@@ -2932,20 +2959,131 @@ def test_points_from_meshes_names_a_collection_instance_as_such(scene, capfd):
     sc.collection.objects.unlink(cube)
     instancer = bpy.data.objects.new("Instancer", None)
     instancer.instance_type, instancer.instance_collection = "COLLECTION", kept
+    instancer.location, instancer.rotation_euler, instancer.scale = (0.0, -5.0, 3.0), (0.0, 0.0, 0.4), (2.0, 2.0, 2.0)
+    nothing = bpy.data.objects.new("InstancesNothing", None)
+    nothing.instance_type, nothing.instance_collection = "COLLECTION", bpy.data.collections.new("Empty")
     plain = bpy.data.objects.new("Plain", None)
-    for o in (instancer, plain):
+    for o in (instancer, nothing, plain):
         sc.collection.objects.link(o)
     bpy.context.view_layer.update()
     for o in sc.objects:
-        o.select_set(o in (plane, instancer, plain))
+        o.select_set(o in (plane, instancer, nothing, plain))
     capfd.readouterr()
-    assert bpy.ops.npbgpp.points_from_meshes(count=20, seed=1) == {"FINISHED"}
+    assert bpy.ops.npbgpp.points_from_meshes(count=2000, seed=1) == {"FINISHED"}
     out = capfd.readouterr().out
-    assert ("Instancer (an empty instancing a collection: its objects are not taken (select them, or Object > "
-            "Apply > Make Instances Real))") in out, out
     assert "Plain (no geometry: an empty, light, camera or the like)" in out, out
+    assert "InstancesNothing (an empty instancing a collection with no surfaces nor points)" in out, out
+    assert "Instancer" not in out.split("skipped:")[1], out
     pts, _ = _sampled_points(sc)
-    assert len(pts) == 20 and (np.abs(pts[:, 2]) < 1e-5).all()  # the plane's, none of the instanced cube
+    on_plane = (np.abs(pts[:, 2]) < 1e-5) & (np.abs(pts[:, :2]) <= 1.0 + 1e-5).all(axis=1)
+    on_cube = _distances(_made_real_bvh(sc, instancer), pts) < 1e-4
+    assert len(pts) == 2000 and (on_plane | on_cube).all() and not (on_plane & on_cube).any()
+    share = on_plane.mean()  # 4 of 28 by area; binomial standard deviation ~0.008
+    assert abs(share - 4 / 28) < 0.04, share
+
+
+def _pure_material(name: str, rgb: tuple[float, float, float]):
+    """A material named ``name`` of base colour ``rgb`` (0 or 1 per channel: the same in linear
+    and sRGB), with nodes or without."""
+    mat = bpy.data.materials.get(name) or bpy.data.materials.new(name)
+    mat.diffuse_color = (*rgb, 1.0)
+    bsdf = mat.node_tree.nodes.get("Principled BSDF") if mat.node_tree else None
+    if bsdf is not None:
+        bsdf.inputs["Base Color"].default_value = (*rgb, 1.0)
+    return mat
+
+
+def _scatter_tree(tree_object, realize: bool = False):
+    """Geometry Nodes that keep their mesh and put on each of its vertices an instance of
+    ``tree_object`` (scaled 0.5, turned 0.3 about Z) and one of a blue Ico Sphere (radius 0.3,
+    moved up 1); with ``realize``, the same made real (Realize Instances) as one mesh."""
+    tree = bpy.data.node_groups.new("Scatter", "GeometryNodeTree")
+    tree.interface.new_socket("Geometry", in_out="INPUT", socket_type="NodeSocketGeometry")
+    tree.interface.new_socket("Geometry", in_out="OUTPUT", socket_type="NodeSocketGeometry")
+    nodes, link = tree.nodes, tree.links.new
+    given, join = nodes.new("NodeGroupInput"), nodes.new("GeometryNodeJoinGeometry")
+    info = nodes.new("GeometryNodeObjectInfo")
+    info.inputs["Object"].default_value, info.inputs["As Instance"].default_value = tree_object, True
+    trees = nodes.new("GeometryNodeInstanceOnPoints")
+    trees.inputs["Scale"].default_value, trees.inputs["Rotation"].default_value = (0.5, 0.5, 0.5), (0.0, 0.0, 0.3)
+    link(given.outputs[0], trees.inputs["Points"])
+    link(info.outputs["Geometry"], trees.inputs["Instance"])
+    ball = nodes.new("GeometryNodeMeshIcoSphere")
+    ball.inputs["Radius"].default_value, ball.inputs["Subdivisions"].default_value = 0.3, 2
+    blue = nodes.new("GeometryNodeSetMaterial")
+    blue.inputs["Material"].default_value = _pure_material("Blue", (0.0, 0.0, 1.0))
+    link(ball.outputs["Mesh"], blue.inputs["Geometry"])
+    balls = nodes.new("GeometryNodeInstanceOnPoints")
+    link(given.outputs[0], balls.inputs["Points"])
+    link(blue.outputs[0], balls.inputs["Instance"])
+    lift = nodes.new("GeometryNodeTranslateInstances")
+    lift.inputs["Translation"].default_value = (0.0, 0.0, 1.0)
+    link(balls.outputs[0], lift.inputs["Instances"])
+    for part in (given.outputs[0], trees.outputs[0], lift.outputs[0]):
+        link(part, join.inputs[0])
+    out = join.outputs[0]
+    if realize:
+        real = nodes.new("GeometryNodeRealizeInstances")
+        link(out, real.inputs[0])
+        out = real.outputs[0]
+    link(out, nodes.new("NodeGroupOutput").inputs[0])
+    return tree
+
+
+def test_points_from_meshes_samples_geometry_nodes_instances(scene):
+    """A plane (4 x 4, moved) whose Geometry Nodes put on each corner an instance of a red cube object
+    (scaled 0.5, turned) and of a blue Ico Sphere (not an object; moved up 1): every point lies
+    on the same Geometry Nodes' Realize Instances mesh, with the colour of what it lies on
+    (cube points: red, on the unit cube by the hand-made inverse transform; sphere points:
+    blue, within 0.3 of a corner lifted by 1; plane points: mid grey), and the Points are
+    shared by world-space area among the plane (16), the four cubes (4 x 6 x 0.25) and the four
+    spheres (Blender's own area of the realized mesh's blue faces). The cube object itself,
+    elsewhere and not selected, gets none."""
+    from mathutils.bvhtree import BVHTree
+
+    sc = scene["scene"]
+    bpy.ops.mesh.primitive_cube_add(size=1.0, location=(20.0, 0.0, 0.0))
+    cube = bpy.context.active_object
+    cube.data.materials.append(_pure_material("Red", (1.0, 0.0, 0.0)))
+    bpy.ops.mesh.primitive_plane_add(size=4.0, location=(1.0, 0.0, 0.5))  # corners at (1 +- 2, +-2, 0.5)
+    terrain = bpy.context.active_object
+    for o in sc.objects:
+        o.select_set(o == terrain)
+    terrain.modifiers.new("GN", "NODES").node_group = _scatter_tree(cube)
+    bpy.context.view_layer.update()
+    assert bpy.ops.npbgpp.points_from_meshes(count=3000, seed=3) == {"FINISHED"}
+    pts, cols = _sampled_points(sc)
+    # the reference: a copy whose nodes realize the instances, read by Blender
+    real = terrain.copy()
+    real.modifiers["GN"].node_group = _scatter_tree(cube, realize=True)
+    sc.collection.objects.link(real)
+    ev = real.evaluated_get(bpy.context.evaluated_depsgraph_get())
+    mesh = ev.to_mesh()
+    mesh.calc_loop_triangles()
+    verts = [tuple(ev.matrix_world @ v.co) for v in mesh.vertices]
+    bvh = BVHTree.FromPolygons(verts, [tuple(t.vertices) for t in mesh.loop_triangles])
+    blue_index = [m.name if m else None for m in mesh.materials].index("Blue")
+    sphere_area = sum(p.area for p in mesh.polygons if p.material_index == blue_index)  # moved only: world area
+    ev.to_mesh_clear()
+    assert _distances(bvh, pts).max() < 1e-4
+    corners = np.array([(x, y, 0.5) for x in (-1.0, 3.0) for y in (-2.0, 2.0)])
+    is_red = np.all(np.abs(cols - (1.0, 0.0, 0.0)) < 1e-3, axis=1)
+    is_blue = np.all(np.abs(cols - (0.0, 0.0, 1.0)) < 1e-3, axis=1)
+    is_grey = np.all(np.abs(cols - 0.8) < 1e-3, axis=1)
+    assert (is_red | is_blue | is_grey).all()
+    turn = np.array([[np.cos(0.3), np.sin(0.3), 0.0], [-np.sin(0.3), np.cos(0.3), 0.0], [0.0, 0.0, 1.0]])
+    for p in pts[is_red]:  # back into the unit cube's frame: on its surface, |coordinate| max 0.5
+        local = min((turn @ (p - c) / 0.5 for c in corners), key=lambda q: abs(np.abs(q).max() - 0.5))
+        assert abs(np.abs(local).max() - 0.5) < 1e-4, local
+    lifted = corners + (0.0, 0.0, 1.0)
+    ball_gap = np.linalg.norm(pts[is_blue][:, None] - lifted[None], axis=2).min(axis=1)
+    assert (ball_gap <= 0.3 + 1e-5).all() and (ball_gap > 0.2).all()
+    assert (np.abs(pts[is_grey] - (1.0, 0.0, 0.5)) <= (2.0 + 1e-5, 2.0 + 1e-5, 1e-5)).all()
+    areas = np.array([16.0, 4 * 6 * 0.25, sphere_area])
+    want = areas / areas.sum()
+    got = np.array([is_grey.mean(), is_red.mean(), is_blue.mean()])
+    assert (np.abs(got - want) < 5 * np.sqrt(want * (1 - want) / len(pts))).all(), (got, want)
+    assert is_red.sum() > 0 and is_blue.sum() > 0
 
 
 def test_points_from_meshes_takes_the_points_geometry_nodes_make(scene):
@@ -3111,45 +3249,6 @@ def test_points_from_meshes_samples_the_mesh_a_point_clouds_nodes_make(scene, ca
     pts, _ = _sampled_points(sc)
     on_cloud, on_hair = (_distances(bvh, pts) < 1e-4 for bvh in bvhs)
     assert (on_cloud | on_hair).all() and on_cloud.sum() > on_hair.sum() > 0
-
-
-class _BeforeBlender44:
-    """An object as Blender 4.2 and 4.3 give it to Python: no ``evaluated_geometry``."""
-
-    def __init__(self, obj) -> None:
-        self._obj = obj
-
-    def __getattr__(self, name: str):
-        if name == "evaluated_geometry":
-            raise AttributeError(name)
-        return getattr(self._obj, name)
-
-
-def test_points_from_meshes_names_a_point_clouds_nodes_mesh_before_blender_4_4(scene):
-    """A Point Cloud object whose Geometry Nodes output a mesh, seen as Blender < 4.4 shows
-    it (no evaluated geometry): no surface is read and no points are taken, without an
-    error, and the skip reason names the case and what to do; with evaluated geometry (this
-    Blender) the reason is not needed, and a cloud without Geometry Nodes is plain "no points"."""
-    from importlib import import_module
-
-    importers = import_module(f"{MODULE}.importers")
-    surface_points = import_module(f"{MODULE}.datagen.surface_points")
-    sc = scene["scene"]
-    obj = _point_cloud_object(sc, "Cloud", np.zeros((2, 3)))
-    assert importers.no_points_reason(_BeforeBlender44(obj)) == importers.NO_POINTS
-    tree = bpy.data.node_groups.new("Sphere", "GeometryNodeTree")
-    tree.interface.new_socket("Geometry", in_out="OUTPUT", socket_type="NodeSocketGeometry")
-    sphere = tree.nodes.new("GeometryNodeMeshIcoSphere")
-    tree.links.new(sphere.outputs["Mesh"], tree.nodes.new("NodeGroupOutput").inputs[0])
-    obj.modifiers.new("GN", "NODES").node_group = tree
-    bpy.context.view_layer.update()
-    old = _BeforeBlender44(obj.evaluated_get(bpy.context.evaluated_depsgraph_get()))
-    assert surface_points.object_triangles(old) is None
-    assert len(surface_points.own_points(old)[0]) == 0
-    assert importers.no_points_reason(_BeforeBlender44(obj)) == importers.NO_POINTS_NODES
-    assert "Blender before 4.4" in importers.NO_POINTS_NODES and "Apply" in importers.NO_POINTS_NODES
-    if hasattr(bpy.types.Object, "evaluated_geometry"):
-        assert importers.no_points_reason(obj) == importers.NO_POINTS
 
 
 def test_import_bundle_creates_points_and_sets_scene(scene):

@@ -325,6 +325,51 @@ def test_scene_points_only_on_what_a_render_shows_directly():
         _remove_test_scene(scene, list(collections.values()))
 
 
+def test_scene_surfaces_read_each_curve_text_and_metaball_once():
+    """A bevelled curve, a text and a metaball render one mesh each, which Blender's
+    depsgraph gives as an instance of its own beside the object: the scene's surfaces are
+    each read once (their total area is that of Blender's own evaluated meshes, and a
+    quad's), not twice, so they do not get twice their share of the points."""
+    from blender_addon.datagen.surface_points import evaluated_depsgraph, scene_triangles
+
+    scene = bpy.data.scenes.new("read_once")
+    curve = bpy.data.curves.new("ro_curve", "CURVE")
+    curve.dimensions, curve.bevel_depth = "3D", 0.1
+    spline = curve.splines.new("POLY")
+    spline.points.add(2)
+    for point, x in zip(spline.points, (0.0, 1.0, 2.0), strict=True):
+        point.co = (x, 0.0, x * x, 1.0)
+    text = bpy.data.curves.new("ro_text", "FONT")
+    text.body = "Hi"
+    meta = bpy.data.metaballs.new("ro_meta")
+    meta.elements.new().radius = 1.0
+    quad = bpy.data.meshes.new("ro_quad")
+    quad.from_pydata([(0, 0, 0), (1, 0, 0), (1, 1, 0), (0, 1, 0)], [], [(0, 1, 2, 3)])
+    objects = []
+    for k, data in enumerate((curve, text, meta, quad)):
+        objects.append(bpy.data.objects.new(data.name, data))
+        objects[-1].location.y = 4.0 * k
+        scene.collection.objects.link(objects[-1])
+    try:
+        depsgraph = evaluated_depsgraph(scene)
+        want = 0.0
+        for obj in objects:
+            ev = obj.evaluated_get(depsgraph)
+            want += sum(p.area for p in ev.to_mesh().polygons)
+            ev.to_mesh_clear()
+        meshes = scene_triangles(scene)
+        assert len(meshes) == 4 and want > 1.0
+        assert sum(m.area() for m in meshes) == pytest.approx(want, rel=1e-5)
+    finally:
+        for obj in objects:
+            bpy.data.objects.remove(obj)
+        bpy.data.curves.remove(curve)
+        bpy.data.curves.remove(text)
+        bpy.data.metaballs.remove(meta)
+        bpy.data.meshes.remove(quad)
+        bpy.data.scenes.remove(scene)
+
+
 def test_dataset_points_and_framing_follow_render_visibility(tmp_path):
     """The dataset's points3d.ply and its cameras' framing come from what Cycles renders,
     not from the viewport: a quad in a collection disabled in viewports (the monitor icon),

@@ -14,6 +14,7 @@ included.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from functools import cached_property
 from typing import Any, TypeVar
@@ -124,21 +125,16 @@ def _color_attribute(mesh, name: str | None):
 class _MeshTris:
     """World-space triangles of one evaluated mesh plus what colouring needs."""
 
-    def __init__(self, obj_eval, matrix, mesh: Any = None) -> None:
-        """``mesh``: an evaluated geometry's mesh component to read instead of ``obj_eval``'s
-        own mesh (a point cloud's or hair's, which ``to_mesh`` refuses); its owner must live
-        while this reads it."""
-        own_mesh = mesh is None
-        if own_mesh:
-            mesh = obj_eval.to_mesh()
+    def __init__(self, obj_eval, matrix) -> None:
+        mesh = obj_eval.to_mesh()
         try:
             mesh.calc_loop_triangles()
             nv, nt = len(mesh.vertices), len(mesh.loop_triangles)
             co = np.empty(nv * 3, np.float32)
             mesh.vertices.foreach_get("co", co)
-            co = co.reshape(nv, 3).astype(np.float64)
+            self.local = co.reshape(nv, 3).astype(np.float64)
             M = np.array(matrix, dtype=np.float64)
-            self.world = co @ M[:3, :3].T + M[:3, 3]
+            self.world = self.local @ M[:3, :3].T + M[:3, 3]
             tv = np.empty(nt * 3, np.int64)
             mesh.loop_triangles.foreach_get("vertices", tv)
             self.tri_verts = tv.reshape(nt, 3)
@@ -164,11 +160,9 @@ class _MeshTris:
             self.active_color = active.name if active is not None else None
             self._canonical_order()
             slots = obj_eval.material_slots
-            materials = [s.material for s in slots] or ([] if own_mesh else list(mesh.materials))
-            self.sources = [_base_color_source(m) for m in materials] or [("none",)]
+            self.sources = [_base_color_source(s.material) for s in slots] or [("none",)]
         finally:
-            if own_mesh:
-                obj_eval.to_mesh_clear()
+            obj_eval.to_mesh_clear()
 
     def _canonical_order(self) -> None:
         """Order triangles (and each triangle's corners, winding kept) by position, so
@@ -193,6 +187,16 @@ class _MeshTris:
 
     def corners(self) -> np.ndarray:
         return self.world[self.tri_verts]  # (T, 3, 3)
+
+    def placed(self, matrix: Any) -> _MeshTris:
+        """These triangles at the world ``matrix`` (another instance of the same geometry),
+        sharing all but their world positions and areas: a mesh instanced a thousand times is
+        read once."""
+        other = copy.copy(self)
+        other.__dict__.pop("triangle_areas", None)  # cached for this placement only
+        M = np.array(matrix, dtype=np.float64)
+        other.world = self.local @ M[:3, :3].T + M[:3, 3]
+        return other
 
     @cached_property
     def triangle_areas(self) -> np.ndarray:
@@ -235,41 +239,85 @@ class _MeshTris:
 
 def own_points(obj_eval: Any, matrix: Any = None) -> tuple[np.ndarray, np.ndarray]:
     """World-space points (float32 (N, 3); placed by ``matrix``, by default the object's: an
-    instance's differs) and sRGB colours (float32 (N, 3) in [0, 1]) that the
-    evaluated object ``obj_eval`` renders as points of its own, taken as they are, not sampled:
-    its evaluated geometry's point cloud (a Point Cloud object's, or a mesh's whose Geometry
-    Nodes make points: Cycles draws each as a sphere) and, of a hair Curves object, its
-    strands' control points (the points the strands are drawn through). Colours: the points'
-    colour attribute (of hair, a strand's too; the one the first material's Base Color reads
-    by an Attribute node first, as renders show it), else that material's constant base
-    colour (:func:`_base_color_source`), else :data:`MID_GREY`."""
-    if hasattr(obj_eval, "evaluated_geometry"):
-        geometry = obj_eval.evaluated_geometry()  # holds its parts: kept until they are read
-        cloud, curves = geometry.pointcloud, geometry.curves
-    else:  # Blender < 4.4: the object's own data only
-        cloud = obj_eval.data if obj_eval.type == "POINTCLOUD" else None
-        curves = obj_eval.data if obj_eval.type == "CURVES" else None
-    parts = [(cloud, None)]
-    if obj_eval.type == "CURVES" and curves is not None:
-        offsets = np.empty(len(curves.curves) + 1, np.int32)
-        curves.curve_offset_data.foreach_get("value", offsets)
-        parts.append((curves, np.diff(offsets)))
+    instance's differs) and sRGB colours (float32 (N, 3) in [0, 1]) that the evaluated object
+    or depsgraph entry ``obj_eval`` renders as points of its own, taken as they are, not
+    sampled: a point cloud's points, and of a hair Curves object its strands' control points
+    (the points the strands are drawn through); none of other kinds. Its own data only, as
+    Cycles draws each depsgraph entry: the points a mesh's Geometry Nodes make come as an
+    entry of their own (:func:`rendered_parts`). Colours: the points' colour attribute (of hair,
+    a strand's too; the one the first material's Base Color reads by an Attribute node first,
+    as renders show it), else that material's constant base colour
+    (:func:`_base_color_source`), else :data:`MID_GREY`."""
+    data = obj_eval.data if obj_eval.type in POINT_TYPES else None
+    position = data.attributes.get("position") if data is not None else None
+    n = len(position.data) if position is not None else 0
+    if n == 0:  # also hair of no strands, whose offsets are empty (not one 0)
+        return np.empty((0, 3), np.float32), np.empty((0, 3), np.float32)
+    strand_sizes = None
+    if obj_eval.type == "CURVES":
+        offsets = np.empty(len(data.curves) + 1, np.int32)
+        data.curve_offset_data.foreach_get("value", offsets)
+        strand_sizes = np.diff(offsets)
     slots = obj_eval.material_slots
     source = _base_color_source(slots[0].material) if len(slots) else ("none",)
     fallback = np.asarray(source[1] if source[0] == "const" else np.full(3, MID_GREY), np.float64)
     read = (source[1],) if source[0] == "attr" and source[1] else ()  # the attribute the material renders
     M = np.array(obj_eval.matrix_world if matrix is None else matrix, dtype=np.float64)
-    points, colours = [np.empty((0, 3))], [np.empty((0, 3))]
-    for data, strand_sizes in parts:
-        position = data.attributes.get("position") if data is not None else None
-        n = len(position.data) if position is not None else 0
-        if n == 0:
+    local = np.empty(n * 3, np.float32)
+    position.data.foreach_get("vector", local)
+    points = local.reshape(n, 3).astype(np.float64) @ M[:3, :3].T + M[:3, 3]
+    colours = _own_colours(data, n, strand_sizes, read, fallback)
+    return points.astype(np.float32), np.clip(colours, 0.0, 1.0).astype(np.float32)
+
+
+def _entry_triangles(obj_eval: Any, matrix: Any, cache: dict) -> _MeshTris | None:
+    """World-space triangles (placed by ``matrix``) of the depsgraph entry ``obj_eval`` when it
+    is a mesh (a curve's, text's, surface's or metaball's evaluated mesh, and a point cloud's
+    or hair's Geometry Nodes mesh, come as mesh entries of their own: :func:`rendered_parts`),
+    else None. ``cache``: geometry already read this pass, by its data and materials, so each
+    instance of it only moves it (:meth:`_MeshTris.placed`)."""
+    if obj_eval.type != "MESH" or obj_eval.data is None:
+        return None
+    key = (obj_eval.data.as_pointer(), tuple(s.material.as_pointer() if s.material else 0
+                                             for s in obj_eval.material_slots))
+    if key not in cache:
+        cache[key] = _MeshTris(obj_eval, matrix)
+        return cache[key]
+    return cache[key].placed(matrix)
+
+
+def rendered_parts(depsgraph: Any, owners: Sequence[Any]) -> list[tuple[list[_MeshTris],
+                                                                        list[tuple[np.ndarray, np.ndarray]]]]:
+    """Per object of ``owners`` (originals in ``depsgraph``'s view layer): the triangles (one
+    :class:`_MeshTris` per mesh entry, empty ones left out) and :func:`own_points` (non-empty
+    ones) of every depsgraph entry it renders, each at its own place: its own, the parts
+    Blender evaluates for it as entries of their own, and every instance it makes (Geometry
+    Nodes instances, an instanced collection's objects, particles' objects; nested ones too).
+
+    Measured in bpy 5.0.1: ``depsgraph.object_instances`` gives a curve, text, NURBS surface
+    or metaball object as an entry whose data is not a mesh plus its evaluated mesh as an
+    instance of its own; a mesh's Geometry Nodes points, a point cloud's or hair's Geometry
+    Nodes mesh likewise; a Geometry Nodes instance of an object as that object, of other
+    geometry (an Ico Sphere node's) as a temporary object of that geometry, each with its
+    world matrix and ``parent`` the object whose modifier made it (also for nested
+    instances). Cycles draws each entry's own data only, so each is read once: its mesh
+    (:func:`_entry_triangles`) or its points (:func:`own_points`)."""
+    index = {o.as_pointer(): k for k, o in enumerate(owners)}
+    out: list[tuple[list[_MeshTris], list[tuple[np.ndarray, np.ndarray]]]] = [([], []) for _ in owners]
+    cache: dict = {}
+    for inst in depsgraph.object_instances:
+        owner = inst.parent if inst.is_instance else inst.object
+        k = index.get(owner.original.as_pointer()) if owner is not None else None
+        if k is None:
             continue
-        local = np.empty(n * 3, np.float32)
-        position.data.foreach_get("vector", local)
-        points.append(local.reshape(n, 3).astype(np.float64) @ M[:3, :3].T + M[:3, 3])
-        colours.append(_own_colours(data, n, strand_sizes, read, fallback))
-    return np.concatenate(points).astype(np.float32), np.clip(np.concatenate(colours), 0.0, 1.0).astype(np.float32)
+        obj = inst.object
+        tris = _entry_triangles(obj, inst.matrix_world, cache)
+        if tris is not None and len(tris.tri_verts):
+            out[k][0].append(tris)
+        points = own_points(obj, inst.matrix_world)
+        if len(points[0]):
+            out[k][1].append(points)
+    return out
 
 
 def _own_colours(data: Any, n: int, strand_sizes: np.ndarray | None, read: Sequence[str],
@@ -357,25 +405,27 @@ def scene_triangles(bpy_scene, objects: Sequence[Any] | None = None, depsgraph: 
 def _shown_geometry(depsgraph: Any, surfaces: bool = True, points: bool = True
                     ) -> tuple[list[_MeshTris], tuple[np.ndarray, np.ndarray]]:
     """What a render of ``depsgraph``'s view layer shows directly (:func:`seen_by_camera`),
-    each instance at its own place, from one pass over its instances: the triangles of its
-    geometry objects (with ``surfaces``) and the :func:`own_points` (and colours) of those and
-    its point clouds and hair (with ``points``; empty without)."""
+    each instance at its own place, from one pass over its entries: the triangles of its mesh
+    entries (with ``surfaces``; a curve's, text's, surface's or metaball's evaluated mesh is
+    one) and the :func:`own_points` (and colours) of its point cloud and hair entries (with
+    ``points``; empty without), each entry read once (:func:`rendered_parts`)."""
     view_layer = depsgraph.view_layer
     rendered = _rendered_collections(view_layer.layer_collection)
     types = GEOMETRY_TYPES | POINT_TYPES if points else GEOMETRY_TYPES
     meshes = []
     parts = [(np.empty((0, 3), np.float32), np.empty((0, 3), np.float32))]
+    cache: dict = {}
     for inst in depsgraph.object_instances:
         obj = inst.object
         if obj.type not in types or not seen_by_camera(inst, view_layer, rendered):
             continue
-        if surfaces and obj.type in GEOMETRY_TYPES:
-            tris = _MeshTris(obj, inst.matrix_world.copy())
-            if len(tris.tri_verts):
+        # each entry's own data, as Cycles draws it (:func:`rendered_parts`): a curve's mesh, a
+        # mesh's Geometry Nodes points come as entries of their own, so each is read once
+        if surfaces:
+            tris = _entry_triangles(obj, inst.matrix_world, cache)
+            if tris is not None and len(tris.tri_verts):
                 meshes.append(tris)
         if points:
-            # a Geometry Nodes point cloud comes as its own instance too, which gives none (measured
-            # in bpy 5.0.1): its points are read once, with its object's
             parts.append(own_points(obj, inst.matrix_world))
     return meshes, (np.concatenate([p for p, _ in parts]), np.concatenate([c for _, c in parts]))
 
@@ -391,23 +441,8 @@ def sample_surface_points(bpy_scene, count: int, seed: int = 0, objects: Sequenc
     return sample_triangles(meshes, count, seed, what)
 
 
-def object_triangles(obj_eval: Any) -> _MeshTris | None:
-    """World-space triangles of the evaluated object ``obj_eval``, at its own place: read once,
-    to weigh (:meth:`_MeshTris.area`) and then sample (:func:`sample_triangles`). A point cloud
-    or hair object has them when its Geometry Nodes output a mesh, which it renders: read from
-    its evaluated geometry (Blender 4.4+; before, and for one without a mesh, None)."""
-    if obj_eval.type in GEOMETRY_TYPES:
-        return _MeshTris(obj_eval, obj_eval.matrix_world.copy())
-    if obj_eval.type not in POINT_TYPES or not hasattr(obj_eval, "evaluated_geometry"):
-        return None
-    geometry = obj_eval.evaluated_geometry()  # owns the mesh: alive while it is read
-    if geometry.mesh is None:
-        return None
-    return _MeshTris(obj_eval, obj_eval.matrix_world.copy(), mesh=geometry.mesh)
-
-
 def sample_triangles(meshes: list[_MeshTris], count: int, seed: int, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`sample_surface_points` of triangles already read (:func:`object_triangles`,
+    """:func:`sample_surface_points` of triangles already read (:func:`rendered_parts`,
     :func:`scene_triangles`; ``what``: their owner, for errors)."""
     if not meshes:
         raise NoSurfacesError(f"{what}: no visible mesh surfaces to sample points on")
