@@ -99,9 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     p = argparse.ArgumentParser(prog="python -m headless_train check-corpus",
-                                description="Check that every scene of a corpus folder loads.")
-    p.add_argument("root")
-    p.add_argument("--kinds", default=None, help="comma-separated point variants every scene must have")
+                                description="Check that every scene of a corpus folder loads (its cameras, "
+                                            "images and point-cloud variants); exit status 2 names the first bad "
+                                            "file.")
+    p.add_argument("root", help="corpus folder: one scene folder per subfolder")
+    p.add_argument("--kinds", default=None,
+                   help="comma-separated point variants every scene must have (points/<kind>.ply, e.g. mvs,sfm)")
     a = p.parse_args(argv)
     kinds = tuple(k for k in a.kinds.split(",") if k) if a.kinds else None
     try:
