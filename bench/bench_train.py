@@ -100,7 +100,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"), help="mixed precision (GPU)")
     p.add_argument("--override", action="append", default=[], help="extra Hydra override (repeatable)")
     p.add_argument("--compare", default=None,
-                   help=f"comma-separated step variants timed interleaved on the same batches: {', '.join(MODES)}")
+                   help=f"comma-separated step variants timed interleaved on the same batches (the step alone; "
+                        f"each batch's loading is timed apart): {', '.join(MODES)}")
     p.add_argument("--json", default=None, help="write the result here")
     p.add_argument("--record", action="store_true", help="append the result to BENCHMARKS.md")
     return p.parse_args(argv)
