@@ -172,17 +172,10 @@ class NPBGPPRenderEngine(bpy.types.RenderEngine):
         return first_time_this_job(note)  # records the note, as the colour and EXR notes are
 
     def _report_job_summaries(self) -> None:
-        """On an animation's last frame (:meth:`render`: also one cancelled or failed): one line
-        per kind of note that more cameras than the one reported in full had
-        (:meth:`_first_of_job`), naming them."""
-        for kind, (level, what) in JOB_NOTES.items():
-            cameras = _cameras_noted_this_job.get(kind, [])
-            if len(cameras) < 2 or not first_time_this_job(f"summary of {kind}"):
-                continue  # a job renders its last frame once per view layer
-            names = ", ".join(repr(name) for name in cameras[:SUMMARY_NAMES])
-            more = f" and {len(cameras) - SUMMARY_NAMES} more" if len(cameras) > SUMMARY_NAMES else ""
-            self.report({level}, f"NPBG++: {len(cameras)} cameras of this animation {what} ({names}{more}); "
-                                 f"the first one's note above says why, and F12 through each says what to set.")
+        """On an animation's last frame (:meth:`render`: also one cancelled or failed): the
+        :func:`job_summaries` not given yet, as reports."""
+        for level, text in job_summaries():
+            self.report({level}, f"NPBG++: {text}")
 
     # --------------------------------------------------------------- viewport
     def view_update(self, context: bpy.types.Context, depsgraph: bpy.types.Depsgraph) -> None:
@@ -328,6 +321,28 @@ JOB_NOTES = {
 SUMMARY_NAMES = 8  # cameras named in a summary line; the rest are counted
 
 
+def job_summaries() -> list[tuple[str, str]]:
+    """(report level, text) of one line per kind of note (:data:`JOB_NOTES`) that more cameras
+    of this render job than the one reported in full had (:meth:`NPBGPPRenderEngine._first_of_job`),
+    naming them; each kind once per job (a job renders its last frame once per view layer, and
+    :func:`_render_job_cancelled` asks too)."""
+    lines = []
+    for kind, (level, what) in JOB_NOTES.items():
+        cameras = _cameras_noted_this_job.get(kind, [])
+        if len(cameras) < 2 or not first_time_this_job(f"summary of {kind}"):
+            continue
+        names = ", ".join(repr(name) for name in cameras[:SUMMARY_NAMES])
+        more = f" and {len(cameras) - SUMMARY_NAMES} more" if len(cameras) > SUMMARY_NAMES else ""
+        lines.append((level, f"{len(cameras)} cameras of this animation {what} ({names}{more}); the first one's "
+                             "note above says why, and F12 through each says what to set."))
+    return lines
+
+
+# The summaries of the last render job, cancelled between frames (:func:`_render_job_cancelled`),
+# that no engine could report; the NPBG++ render panel shows them until the next job starts.
+cancelled_job_summaries: list[tuple[str, str]] = []
+
+
 def first_time_this_job(note: str) -> bool:
     """True the first time ``note`` comes in the current render job, recording it: an
     animation would repeat it on every frame."""
@@ -353,12 +368,31 @@ def last_frame(scene: bpy.types.Scene) -> int:
 
 @bpy.app.handlers.persistent
 def _render_job_edge(*_args) -> None:
-    """render_init / render_complete / render_cancel: a new job reports its warnings again."""
+    """render_init / render_complete: a new job reports its warnings again (and the panel no
+    longer shows an earlier job's :data:`cancelled_job_summaries`)."""
     _reported_this_job.clear()
     _cameras_noted_this_job.clear()
+    cancelled_job_summaries.clear()
 
 
-JOB_HANDLERS = ("render_init", "render_complete", "render_cancel")
+@bpy.app.handlers.persistent
+def _render_job_cancelled(*_args) -> None:
+    """render_cancel: Esc while Blender writes a frame's image (or composites it) ends an
+    animation with no engine left to report the :func:`job_summaries` (Blender checks its break
+    flag after the engine's frame and before the next one's: pipeline.cc RE_RenderAnim; an
+    Esc before that frame's engine returns is summed up by that engine, :meth:`render`).
+    Blender's Python has no report list without an operator or engine, and this handler runs
+    in the render job's thread, which must not call operators: the summaries are printed to
+    the console as Blender prints reports, and kept for the NPBG++ render panel."""
+    lines = job_summaries()
+    for level, text in lines:
+        print(f"{level.capitalize()}: NPBG++: {text} (printed here: the animation was cancelled between frames)")
+    _render_job_edge()
+    cancelled_job_summaries.extend(lines)
+
+
+JOB_HANDLERS = (("render_init", _render_job_edge), ("render_complete", _render_job_edge),
+                ("render_cancel", _render_job_cancelled))
 
 CLASSES = (NPBGPPRenderEngine,)
 _tagged_panels: list[type] = []  # the Blender panels register() tagged, untagged by unregister()
@@ -371,11 +405,11 @@ def register() -> None:
         if NPBGPPRenderEngine.bl_idname not in panel.COMPAT_ENGINES:
             panel.COMPAT_ENGINES.add(NPBGPPRenderEngine.bl_idname)
             _tagged_panels.append(panel)
-    add_handlers((kind, _render_job_edge) for kind in JOB_HANDLERS)
+    add_handlers(JOB_HANDLERS)
 
 
 def unregister() -> None:
-    remove_handlers((kind, _render_job_edge) for kind in JOB_HANDLERS)
+    remove_handlers(JOB_HANDLERS)
     while _tagged_panels:
         _tagged_panels.pop().COMPAT_ENGINES.discard(NPBGPPRenderEngine.bl_idname)
     for cls in reversed(CLASSES):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import textwrap
 from typing import Any
 
 import bpy
+
+SUMMARY_WIDTH = 60  # characters per label of a cancelled animation's summary: the panel cuts a longer one
 
 
 class _NPBGPPPanel:
@@ -32,6 +35,14 @@ class RENDER_PT_npbgpp(_NPBGPPPanel, bpy.types.Panel):
         layout.prop(s, "bundle")
         if s.output == "NEURAL" and not s.bundle:
             layout.label(text="Neural output needs a bundle (Import or Aggregate)", icon="INFO")
+        from .engine import cancelled_job_summaries
+
+        if cancelled_job_summaries:  # no engine was left to report them (engine._render_job_cancelled)
+            col = layout.column(align=True)
+            col.label(text="The animation was cancelled between frames:", icon="INFO")
+            for level, text in cancelled_job_summaries:
+                for k, part in enumerate(textwrap.wrap(text, SUMMARY_WIDTH)):
+                    col.label(text=part, icon=("ERROR" if level == "WARNING" else "INFO") if k == 0 else "BLANK1")
 
 
 class RENDER_PT_npbgpp_data(_NPBGPPPanel, bpy.types.Panel):
