@@ -190,17 +190,21 @@ def test_a_fresh_run_interrupted_behind_an_older_longer_run_keeps_its_checkpoint
 @contextlib.contextmanager
 def lock_held(folder: str, env: dict[str, str]) -> Iterator[subprocess.Popen]:
     """Another process holding the run lock (headless_train.runlock) on ``folder`` for the
-    block; then SIGKILLed: the lock file still names it, the kernel drops the flock."""
+    block; then SIGKILLed: the lock file still names it, the kernel drops the flock. It holds
+    until its stdin closes, not for a fixed time: the block's subprocess may take up to 240 s
+    on a loaded machine, and a holder gone before it would free the lock."""
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import time; from headless_train.runlock import RunLock; "
-         f"RunLock({folder!r}).acquire(); print('held', flush=True); time.sleep(120)"],
-        env=env, stdout=subprocess.PIPE, text=True)
+        [sys.executable, "-c", "import sys; from headless_train.runlock import RunLock; "
+         f"RunLock({folder!r}).acquire(); print('held', flush=True); sys.stdin.read()"],
+        env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         yield holder
     finally:
         holder.kill()
         holder.wait(timeout=30)
+        holder.stdin.close()
+        holder.stdout.close()
 
 
 @pytest.mark.parametrize("override, message", [
