@@ -13,6 +13,35 @@ ID_ATTRIBUTE = "npbgpp_id"  # per point: its index in the bundle / dataset cloud
 # Selected Meshes, PLY / bundle / dataset import, Densify): it stands for the scene's cloud, not
 # scene content, so Export Dataset leaves it out of its photos and points3d.ply.
 POINT_OBJECT_MARK = "npbgpp_point_object"
+# The name Points from Selected Meshes has given its object from the first version on (Blender
+# adds ".001" and so on to a second one).
+SAMPLED_POINTS_NAME = "NPBG++ Points"
+# The attributes the add-on's point objects hold: Blender's own of a point cloud made by Convert
+# of a vertex-only mesh, the add-on's colour (importers.COLOR_ATTRIBUTE) and point ids.
+_POINT_OBJECT_ATTRIBUTES = {"position", "radius", "Col", ID_ATTRIBUTE}
+
+
+def unmarked_point_object(obj: Any) -> bool:
+    """Whether ``obj`` is a point object an older add-on made, before :data:`POINT_OBJECT_MARK`
+    existed, by the structure every version gave it (``git log -S make_point_object``): a point
+    cloud, or a mesh of vertices only where Convert failed, holding no attribute the add-on did
+    not write, and either its points' ids (:data:`ID_ATTRIBUTE`: bundle and dataset imports,
+    Aggregate, Densify; a name no one else writes) or Points from Selected Meshes' name
+    (:data:`SAMPLED_POINTS_NAME`, ".NNN" allowed). Imported PLY files gave no such sign (the
+    object takes the file's name; a PLY the user converted looks the same), so those are not
+    recognised: the scene's Point Object is left out anyway, and any other can be marked by hand."""
+    data = obj.data
+    if obj.type == "MESH":
+        if data is None or len(data.edges) or len(data.polygons):
+            return False
+    elif obj.type != "POINTCLOUD" or data is None:
+        return False
+    names = {a.name for a in data.attributes if not a.name.startswith(".")}  # "." names are Blender's own
+    if not names <= _POINT_OBJECT_ATTRIBUTES:
+        return False
+    stem, dot, number = obj.name.rpartition(".")
+    sampled = obj.name == SAMPLED_POINTS_NAME or (dot and number.isdigit() and stem == SAMPLED_POINTS_NAME)
+    return ID_ATTRIBUTE in names or bool(sampled)
 
 
 def _color_attribute(data: Any) -> Any | None:

@@ -2387,6 +2387,65 @@ def test_export_dataset_leaves_out_the_addons_point_objects(scene, capfd):
     assert len(load_ply(scene["dir"] / "marked" / "points3d.ply").points) == 50
 
 
+def _point_object_made_the_old_way(sc, name: str, points: np.ndarray, ids: bool = False):
+    """A point object as the add-on made one before it marked them (its make_point_object since
+    the first version: a vertex-only mesh with a "Col" colour, and from d09b6ec "npbgpp_id" ids
+    on imported bundles and datasets, converted to a point cloud), without the mark."""
+    mesh = bpy.data.meshes.new(name)
+    mesh.vertices.add(len(points))
+    mesh.attributes["position"].data.foreach_set("vector", points.astype(np.float32).ravel())
+    mesh.color_attributes.new("Col", "FLOAT_COLOR", "POINT")
+    if ids:
+        mesh.attributes.new("npbgpp_id", "INT", "POINT").data.foreach_set("value", np.arange(len(points)))
+    obj = bpy.data.objects.new(name, mesh)
+    sc.collection.objects.link(obj)
+    for o in sc.objects:
+        o.select_set(o == obj)
+    bpy.context.view_layer.objects.active = obj
+    assert bpy.ops.object.convert(target="POINTCLOUD") == {"FINISHED"}
+    obj = bpy.data.objects[name]
+    assert obj.type == "POINTCLOUD" and "npbgpp_point_object" not in obj
+    return obj
+
+
+def test_export_dataset_leaves_out_point_objects_an_older_addon_made(scene, capfd):
+    """Point objects made before the add-on marked them, recognised by their structure: Points
+    from Selected Meshes' cloud (its name) and an imported bundle's (its point ids) are left out
+    of the export, as is a duplicate of a marked one (Shift+D keeps the mark: another copy of the
+    cloud); a point cloud of the user's own with the same "Col" colour is scene content, its 7
+    points in points3d.ply beside the 50 sampled on the cube, and so is an older one whose mark
+    the user set off."""
+    from npbgpp_core.ply import load_ply
+
+    sc = scene["scene"]
+    imported = sc.npbgpp.point_object
+    rng = np.random.default_rng(5)
+    sampled = _point_object_made_the_old_way(sc, "NPBG++ Points.001", rng.uniform(-1, 1, (30, 3)))
+    bundle = _point_object_made_the_old_way(sc, "tiny", rng.uniform(-1, 1, (20, 3)), ids=True)
+    scan = _point_object_made_the_old_way(sc, "Scan", rng.uniform(-0.4, 0.4, (7, 3)))
+    for o in sc.objects:
+        o.select_set(o == imported)
+    bpy.context.view_layer.objects.active = imported
+    assert bpy.ops.object.duplicate() == {"FINISHED"}
+    copy = bpy.context.active_object
+    assert copy != imported and copy.get("npbgpp_point_object")
+    bpy.ops.mesh.primitive_cube_add(size=1.0)
+    capfd.readouterr()
+    out = scene["dir"] / "old_objects"
+    assert bpy.ops.npbgpp.export_dataset(directory=str(out), views=2, width=16, height=16, samples=1,
+                                         points=50) == {"FINISHED"}
+    report = capfd.readouterr().out
+    names = ", ".join(repr(o.name) for o in sorted((imported, copy, sampled, bundle), key=lambda o: o.name))
+    assert f"left out the NPBG++ point objects {names} (" in report, report
+    assert scan.name not in report.split("left out")[1], report
+    points = load_ply(out / "points3d.ply").points
+    assert len(points) == 57 and np.abs(points).max() <= 0.5 + 1e-5  # the cube's 50 and the scan's 7
+    render = sys.modules[f"{MODULE}.datagen.render"]
+    assert sampled in render.addon_point_objects(sc)
+    sampled["npbgpp_point_object"] = False  # the mark set off by hand: scene content, whatever its structure
+    assert sampled not in render.addon_point_objects(sc)
+
+
 def test_export_dataset_of_nothing_to_photograph_says_why_in_words(scene):
     """The fixture's scene holds only the add-on's own point object (left out) and a camera:
     the export fails with the renderer's sentence, naming the left-out object, and no

@@ -179,14 +179,18 @@ def check_renders_a_view_layer(bpy_scene) -> None:
 def addon_point_objects(bpy_scene) -> list[Any]:
     """The add-on's point objects: every object it made or imported as one (marked
     :data:`~blender_addon.point_source.POINT_OBJECT_MARK`: Points from Selected Meshes, PLY,
-    bundle and dataset import, Densify) and ``bpy_scene``'s Point Object (whatever made it, as in
-    a file from before the mark). They stand for the scene's cloud, not scene content: a
-    dataset of the scene photographed them as dots and took their points twice."""
+    bundle and dataset import, Densify; a duplicate keeps the mark, and is a copy of the cloud
+    too), one an older add-on made before the mark, recognised by its structure
+    (:func:`~blender_addon.point_source.unmarked_point_object`), and ``bpy_scene``'s Point Object
+    (whatever made it). They stand for the scene's cloud, not scene content: a dataset of the
+    scene photographed them as dots and took their points twice."""
     import bpy
 
-    from ..point_source import POINT_OBJECT_MARK
+    from ..point_source import POINT_OBJECT_MARK, unmarked_point_object
 
-    found = [obj for obj in bpy.data.objects if obj.get(POINT_OBJECT_MARK)]
+    # a mark set to False or 0 by hand says "scene content" also of an older point object
+    found = [obj for obj in bpy.data.objects
+             if (obj.get(POINT_OBJECT_MARK) if POINT_OBJECT_MARK in obj else unmarked_point_object(obj))]
     current = getattr(getattr(bpy_scene, "npbgpp", None), "point_object", None)
     if current is not None and current not in found:
         found.append(current)
