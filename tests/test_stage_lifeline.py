@@ -214,22 +214,24 @@ def kill_leftovers(proc: subprocess.Popen, pid: int | None) -> None:
 
 def drive(tmp_path, mode: str, timeout: float, grace: float, signals: tuple[int, ...] = ()) -> tuple[str, list[str]]:
     """Run run_child (in a process of its own, as the stage does) over FAKE_CHILD, send it
-    ``signals`` once the child runs; returns (its printed result, the child's SIGTERM log)."""
+    ``signals`` once the child runs, each after the child has answered the first (its SIGTERM
+    line); returns (its printed result, the child's SIGTERM log)."""
     driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(tmp_path), mode, str(timeout), str(grace),
                                FAKE_CHILD], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True,
                               start_new_session=True, preexec_fn=default_signals)
-    pid_file = tmp_path / "child.pid"
+    pid_file, terms = tmp_path / "child.pid", tmp_path / "terms"
     child = None
     try:
         child = pid_from(pid_file, "fake child")
         for signum in signals:
             os.kill(driver.pid, signum)
-            time.sleep(0.3)
+            # a second signal sent after a fixed pause (0.3 s) could kill a child that had not
+            # yet been scheduled to write its line: no TERM logged on a loaded machine
+            wait_for(lambda: terms.exists() and terms.read_text() != "", "the child's SIGTERM line", bound=60)
         out, _ = driver.communicate(timeout=60)
         assert not alive(child)
     finally:
         kill_leftovers(driver, child)
-    terms = tmp_path / "terms"
     return out.strip(), terms.read_text().split() if terms.exists() else []
 
 
