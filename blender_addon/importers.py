@@ -895,7 +895,13 @@ class NPBGPP_OT_points_from_meshes(bpy.types.Operator):
     )
 
     def execute(self, context: Any) -> set[str]:
-        from .datagen.surface_points import GEOMETRY_TYPES, POINT_TYPES, rendered_parts, sample_triangles
+        from .datagen.surface_points import (
+            GEOMETRY_TYPES,
+            POINT_TYPES,
+            collection_members,
+            rendered_parts,
+            sample_triangles,
+        )
 
         # curves, texts, surfaces and metaballs too: Blender evaluates them to a mesh; an empty
         # instancing a collection renders that collection's objects, sampled as its instances
@@ -955,6 +961,12 @@ class NPBGPP_OT_points_from_meshes(bpy.types.Operator):
         use_point_object(context, obj)
         if skipped:
             self.report({"WARNING"}, f"Sampled the objects with a surface or points; skipped: {skipped_text(skipped)}.")
+        for instancer in chosen:
+            hidden = collection_members(instancer)[2]
+            if hidden:
+                self.report({"WARNING"}, f"{instancer.name!r} instances {', '.join(map(repr, hidden))}, which "
+                                         "renders show and viewports hide: not sampled (Python evaluates the "
+                                         "viewport's instances; show them in viewports to sample them).")
         switches = {o.name: viewport_switches(o) for o in chosen}
         if any(switches.values()):
             named = ", ".join(f"{name!r} ({', '.join(map(repr, mods))})" for name, mods in switches.items() if mods)

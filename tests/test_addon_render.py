@@ -3028,8 +3028,9 @@ def test_points_from_meshes_samples_an_instanced_collection(scene, capfd):
     """An empty (moved, turned, scaled 2) instancing a collection whose cube it renders, selected
     beside a plane: the cube is sampled where the empty shows it, every point on the plane or on
     the cube Make Instances Real gives, the Points shared by world-space area (plane 4, cube 24);
-    the collection's own cube, elsewhere, gets none. A plain empty is still named as skipped,
-    and so is an empty instancing an empty collection, each with why."""
+    the collection's own cube, elsewhere, gets none, nor does its sphere disabled in renders, and
+    its cube hidden in viewports (which renders show) is named in a warning. A plain empty is
+    still named as skipped, and so is an empty instancing an empty collection, each with why."""
     sc = scene["scene"]
     plane = _plane_selected(sc)
     bpy.ops.mesh.primitive_cube_add(size=1.0, location=(0.0, 5.0, 0.0))
@@ -3037,6 +3038,17 @@ def test_points_from_meshes_samples_an_instanced_collection(scene, capfd):
     kept = bpy.data.collections.new("Kept")
     kept.objects.link(cube)
     sc.collection.objects.unlink(cube)
+    # renders leave out the collection's objects disabled in renders, the viewport's depsgraph those
+    # hidden in viewports (measured): the first is not sampled, the second named in a warning
+    bpy.ops.mesh.primitive_uv_sphere_add(radius=1.0, location=(0.0, 5.0, 3.0))
+    not_rendered = bpy.context.active_object
+    not_rendered.name, not_rendered.hide_render = "NotRendered", True
+    bpy.ops.mesh.primitive_cube_add(size=1.0, location=(0.0, 5.0, -3.0))
+    viewport_hidden = bpy.context.active_object
+    viewport_hidden.name, viewport_hidden.hide_viewport = "ViewportHidden", True
+    for obj in (not_rendered, viewport_hidden):
+        kept.objects.link(obj)
+        sc.collection.objects.unlink(obj)
     instancer = bpy.data.objects.new("Instancer", None)
     instancer.instance_type, instancer.instance_collection = "COLLECTION", kept
     instancer.location, instancer.rotation_euler, instancer.scale = (0.0, -5.0, 3.0), (0.0, 0.0, 0.4), (2.0, 2.0, 2.0)
@@ -3053,9 +3065,11 @@ def test_points_from_meshes_samples_an_instanced_collection(scene, capfd):
     out = capfd.readouterr().out
     assert "Plain (no geometry: an empty, light, camera or the like)" in out, out
     assert "InstancesNothing (an empty instancing a collection with no surfaces nor points)" in out, out
-    assert "Instancer" not in out.split("skipped:")[1], out
+    assert "Instancer" not in out.split("skipped:")[1].splitlines()[0], out
+    assert "'Instancer' instances 'ViewportHidden', which renders show and viewports hide: not sampled" in out, out
     pts, _ = _sampled_points(sc)
     on_plane = (np.abs(pts[:, 2]) < 1e-5) & (np.abs(pts[:, :2]) <= 1.0 + 1e-5).all(axis=1)
+    not_rendered.hide_viewport = True  # the reference: the cube alone made real
     on_cube = _distances(_made_real_bvh(sc, instancer), pts) < 1e-4
     assert len(pts) == 2000 and (on_plane | on_cube).all() and not (on_plane & on_cube).any()
     share = on_plane.mean()  # 4 of 28 by area; binomial standard deviation ~0.008
