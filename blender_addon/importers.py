@@ -732,6 +732,14 @@ DATA_RENDER_SETTINGS = {
     "CURVE": _CURVE_RESOLUTIONS, "FONT": _CURVE_RESOLUTIONS, "SURFACE": _CURVE_RESOLUTIONS,
     "META": (("resolution", "render_resolution"),),
 }
+# A particle system's viewport display of the objects or collection it instances, and what a render
+# takes instead (measured in bpy 5.0.1: the viewport's depsgraph holds Display Amount percent of
+# the particles, none with Display As None, and Children's viewport Display Amount).
+PARTICLE_RENDER_SETTINGS = (
+    ("display_method", lambda settings: "RENDER"),
+    ("display_percentage", lambda settings: 100),
+    ("child_percent", lambda settings: settings.rendered_child_count),
+)
 # Prefix of the copies' names: a metaball copy named so forms a family (a basis and the
 # objects named as it plus ".NNN", polygonized together) of the selected members only,
 # apart from the user's family.
@@ -744,8 +752,11 @@ def render_setting_copies(objects: list, scene: Any) -> Iterator[list]:
     are set as renders evaluate them: shown where Show in Renders is on, and each setting a
     modifier has apart for renders (:data:`RENDER_SETTINGS`: Subdivision's and Multires' Render
     levels, Screw's Render steps, Ocean's Render resolution) copied to its viewport twin;
-    Simplify's subdivision limit is the render's meanwhile. Curves, texts, surfaces and
-    metaballs get a copy of their data at its render resolution (:data:`DATA_RENDER_SETTINGS`).
+    Simplify's subdivision and child particles limits are the render's meanwhile. Curves, texts, surfaces and
+    metaballs get a copy of their data at its render resolution (:data:`DATA_RENDER_SETTINGS`);
+    a copy shows its instancer (Show Instancer, a particle emitter's Show Emitter) as renders
+    do, and a particle system instancing objects gets a copy of its settings that shows all
+    a render instances (:data:`PARTICLE_RENDER_SETTINGS`).
     The viewport's depsgraph, the one Python can evaluate without a render, evaluates the
     viewport's settings; the photos of a dataset, and its points3d.ply
     (``datagen.surface_points.during_a_render``), show the render's. The copies are removed
@@ -755,11 +766,13 @@ def render_setting_copies(objects: list, scene: Any) -> Iterator[list]:
     of a family combine only with its selected members (the operator names the others)."""
     copies: list = []
     data_copies: list = []
+    settings_copies: list = []
     r = scene.render
-    limit = r.simplify_subdivision
+    limit, children = r.simplify_subdivision, r.simplify_child_particles
     try:
         if r.use_simplify:
             r.simplify_subdivision = r.simplify_subdivision_render
+            r.simplify_child_particles = r.simplify_child_particles_render
         for obj in objects:
             copy = obj.copy()
             copies.append(copy)
@@ -775,15 +788,27 @@ def render_setting_copies(objects: list, scene: Any) -> Iterator[list]:
                 modifier.show_viewport = modifier.show_render
                 for viewport, render in RENDER_SETTINGS.get(modifier.type, ()):
                     setattr(modifier, viewport, getattr(modifier, render))
+            # Show Instancer / Show Emitter: the depsgraph entry's show_self, which Cycles obeys
+            copy.show_instancer_for_viewport = obj.show_instancer_for_render
+            for system in copy.particle_systems:
+                if system.settings is not None and system.settings.render_type in ("OBJECT", "COLLECTION"):
+                    system.settings = settings = system.settings.copy()  # the user's keeps its display
+                    settings_copies.append(settings)
+                    for viewport, render in PARTICLE_RENDER_SETTINGS:
+                        setattr(settings, viewport, render(settings))
             scene.collection.objects.link(copy)
         yield copies
     finally:
         for copy in copies:
             bpy.data.objects.remove(copy)
+        for settings in settings_copies:
+            bpy.data.particles.remove(settings)
         for data in data_copies:
             (bpy.data.metaballs if isinstance(data, bpy.types.MetaBall) else bpy.data.curves).remove(data)
         if r.simplify_subdivision != limit:
             r.simplify_subdivision = limit
+        if r.simplify_child_particles != children:
+            r.simplify_child_particles = children
 
 
 def metaball_family(name: str) -> str:

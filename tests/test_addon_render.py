@@ -2999,10 +2999,11 @@ def test_points_from_meshes_takes_hair_control_points(scene, capfd):
         bpy.ops.npbgpp.points_from_meshes(count=10)
 
 
-def _made_real_bvh(sc, instancer):
+def _made_real_bvh(sc, instancer, apart: bool = False):
     """World-space BVH of what Blender's own Object > Apply > Make Instances Real gives for
-    ``instancer`` (an empty instancing a collection): its objects made real, joined; they and
-    their data are removed again."""
+    ``instancer`` (an empty instancing a collection, or a particle emitter): its objects made
+    real, joined (with ``apart``: a list of one BVH per object); they and their data are
+    removed again."""
     from mathutils.bvhtree import BVHTree
 
     for o in sc.objects:
@@ -3011,17 +3012,51 @@ def _made_real_bvh(sc, instancer):
     before = set(sc.objects)
     assert bpy.ops.object.duplicates_make_real() == {"FINISHED"}
     made = [o for o in sc.objects if o not in before]
-    verts, polys = [], []
+    verts, polys, each = [], [], []
     for obj in made:
         ev = obj.evaluated_get(bpy.context.evaluated_depsgraph_get())
         mesh = ev.to_mesh()
         mesh.calc_loop_triangles()
+        start = len(verts)
         polys += [tuple(len(verts) + i for i in t.vertices) for t in mesh.loop_triangles]
         verts += [tuple(ev.matrix_world @ v.co) for v in mesh.vertices]
+        each.append(BVHTree.FromPolygons(verts[start:], [tuple(i - start for i in p) for p in polys[-len(
+            mesh.loop_triangles):]]))
         ev.to_mesh_clear()
     for obj in made:
         bpy.data.objects.remove(obj)
-    return BVHTree.FromPolygons(verts, polys)
+    return each if apart else BVHTree.FromPolygons(verts, polys)
+
+
+def test_points_from_meshes_samples_particles_as_renders_show_them(scene):
+    """A plane emitting 10 hair particles that instance a ball, its Show Emitter off in renders
+    (on in viewports) and its viewport Display Amount 40 %: renders show the 10 balls and not
+    the plane, so every point lies on one of the balls Blender's own Make Instances Real gives
+    at full Display Amount, and each of the 10 gets points (the viewport's 40 % gave 4, and the
+    plane, 400 of the 400.5 area, nearly all). The user's settings are as they were after."""
+    sc = scene["scene"]
+    bpy.ops.mesh.primitive_ico_sphere_add(subdivisions=2, radius=1.0, location=(0.0, 0.0, -50.0))
+    ball = bpy.context.active_object
+    bpy.ops.mesh.primitive_plane_add(size=20.0)
+    emitter = bpy.context.active_object
+    emitter.modifiers.new("Balls", "PARTICLE_SYSTEM")
+    settings = emitter.particle_systems[0].settings
+    settings.type, settings.count, settings.hair_length = "HAIR", 10, 1.0
+    settings.render_type, settings.instance_object, settings.particle_size = "OBJECT", ball, 0.2
+    bpy.context.view_layer.update()
+    balls = _made_real_bvh(sc, emitter, apart=True)  # before the viewport's display differs from renders
+    assert len(balls) == 10
+    settings.display_percentage = 40
+    emitter.show_instancer_for_render = False
+    for o in sc.objects:
+        o.select_set(o == emitter)
+    assert bpy.ops.npbgpp.points_from_meshes(count=1000, seed=2) == {"FINISHED"}
+    pts, _ = _sampled_points(sc)
+    on_ball = np.stack([_distances(bvh, pts) < 1e-4 for bvh in balls])
+    assert on_ball.any(axis=0).all(), (~on_ball.any(axis=0)).sum()  # none on the plane
+    assert on_ball.any(axis=1).all(), on_ball.sum(axis=1)  # all 10 balls, not the viewport's 4
+    assert settings.display_percentage == 40 and emitter.show_instancer_for_viewport
+    assert emitter.particle_systems[0].settings == settings and len(bpy.data.particles) == 1
 
 
 def test_points_from_meshes_samples_an_instanced_collection(scene, capfd):

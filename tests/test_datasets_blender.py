@@ -279,8 +279,9 @@ def _remove_test_scene(scene, collections) -> None:
 def test_scene_points_only_on_what_a_render_shows_directly():
     """The scene's point cloud samples only surfaces a render shows: a quad in a Holdout
     collection (a hole in the photos), an Indirect Only one, one disabled in renders by its
-    collection or its own flag, an excluded one, a Holdout object and one hidden from camera
-    rays give no points; a collection instance counts by its instancer's flags. Each quad
+    collection or its own flag, an excluded one, a Holdout object, one hidden from camera
+    rays and a particle emitter whose Show Emitter is off (Cycles skips it: the depsgraph
+    entry's show_self) give no points; a collection instance counts by its instancer's flags. Each quad
     sits at its own x, so a point's x says which it came from."""
     from blender_addon.datagen.surface_points import sample_surface_points
 
@@ -301,6 +302,11 @@ def test_scene_points_only_on_what_a_render_shows_directly():
     quad(4.0, "Excluded", "lf_excluded")
     quad(5.0, "Plain", "lf_object_holdout").is_holdout = True
     quad(6.0, "Plain", "lf_no_camera_rays").visible_camera = False
+    emitter = quad(8.0, "Plain", "lf_emitter_not_shown")  # emits particles drawn as nothing; Show Emitter off
+    emitter.modifiers.new("lf_particles", "PARTICLE_SYSTEM")
+    particles = emitter.particle_systems[0].settings
+    particles.render_type = "NONE"
+    emitter.show_instancer_for_viewport = emitter.show_instancer_for_render = False
     quad(7.0, "Source", "lf_source")  # drawn only through instances, 10 and 20 to its right
     for where, dx in (("Plain", 10.0), ("Holdout", 20.0)):
         empty = bpy.data.objects.new(f"lf_instance_{where}", None)
@@ -323,6 +329,7 @@ def test_scene_points_only_on_what_a_render_shows_directly():
         assert sorted(set(np.round(points[:, 0]).astype(int).tolist())) == [0, 1, 17, 27]
     finally:
         _remove_test_scene(scene, list(collections.values()))
+        bpy.data.particles.remove(particles)
 
 
 def test_scene_surfaces_read_each_curve_text_and_metaball_once():

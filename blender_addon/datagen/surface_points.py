@@ -301,7 +301,9 @@ def rendered_parts(depsgraph: Any, owners: Sequence[Any]) -> list[tuple[list[_Me
     geometry (an Ico Sphere node's) as a temporary object of that geometry, each with its
     world matrix and ``parent`` the object whose modifier made it (also for nested
     instances). Cycles draws each entry's own data only, so each is read once: its mesh
-    (:func:`_entry_triangles`) or its points (:func:`own_points`)."""
+    (:func:`_entry_triangles`) or its points (:func:`own_points`); and only an entry whose
+    ``show_self`` is on (measured: a particle emitter with Show Emitter off, or an instancer
+    with Show Instancer off, is an entry with it off)."""
     index = {o.as_pointer(): k for k, o in enumerate(owners)}
     # per owner instancing a collection: its objects a render leaves out, whose instances this
     # (viewport's) depsgraph holds (:func:`collection_members`)
@@ -315,6 +317,8 @@ def rendered_parts(depsgraph: Any, owners: Sequence[Any]) -> list[tuple[list[_Me
         if k is None:
             continue
         obj = inst.object
+        if not inst.show_self:
+            continue  # an instancer or emitter whose Show Instancer / Show Emitter is off: Cycles skips it
         if k in not_rendered and inst.is_instance and obj.original.as_pointer() in not_rendered[k]:
             continue  # also its Geometry Nodes instances (their original is the object)
         tris = _entry_triangles(obj, inst.matrix_world, cache)
@@ -398,8 +402,10 @@ def _rendered_collections(layer_collection: Any, out: set[int] | None = None) ->
 
 def seen_by_camera(inst: Any, view_layer: Any, rendered: set[int]) -> bool:
     """Whether a render of ``view_layer`` shows the depsgraph instance ``inst`` directly,
-    as Cycles takes it: the object is not disabled in renders, not Holdout (a hole in the
-    image) and visible to camera rays, and the object it stands for (its instancer, for
+    as Cycles takes it: the entry shows itself (``show_self``: not an instancer or particle
+    emitter with Show Instancer / Show Emitter off), the object is not disabled in renders,
+    not Holdout (a hole in the image) and visible to camera rays, and the object it stands
+    for (its instancer, for
     an instance) is in one of the ``rendered`` collections (:func:`_rendered_collections`)
     and neither Holdout nor Indirect Only there (Blender's own ``holdout_get`` /
     ``indirect_only_get``: the object's flag or any of its view-layer collections'). Even a
@@ -407,7 +413,7 @@ def seen_by_camera(inst: Any, view_layer: Any, rendered: set[int]) -> bool:
     hidden from camera rays, and the viewport's also those disabled in renders: their points
     were not in the photos."""
     obj = inst.object.original
-    if obj.hide_render or obj.is_holdout or not obj.visible_camera:
+    if not inst.show_self or obj.hide_render or obj.is_holdout or not obj.visible_camera:
         return False
     base = inst.parent.original if inst.is_instance and inst.parent is not None else obj
     if not any(c.as_pointer() in rendered for c in base.users_collection):
