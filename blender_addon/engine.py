@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import bpy
 import numpy as np
@@ -339,8 +340,10 @@ def job_summaries() -> list[tuple[str, str]]:
 
 
 # The summaries of the last render job, cancelled between frames (:func:`_render_job_cancelled`),
-# that no engine could report; the NPBG++ render panel shows them until the next job starts.
-cancelled_job_summaries: list[tuple[str, str]] = []
+# that no engine could report, by the name of the scene it rendered: that scene's NPBG++ render
+# panel shows them until the next job starts or another file (or File > New) is loaded. Written
+# in the render thread, read by the panel's draw: replaced whole, never changed in place.
+cancelled_job_summaries: dict[str, list[tuple[str, str]]] = {}
 
 
 def first_time_this_job(note: str) -> bool:
@@ -369,30 +372,35 @@ def last_frame(scene: bpy.types.Scene) -> int:
 @bpy.app.handlers.persistent
 def _render_job_edge(*_args) -> None:
     """render_init / render_complete: a new job reports its warnings again (and the panel no
-    longer shows an earlier job's :data:`cancelled_job_summaries`)."""
+    longer shows an earlier job's :data:`cancelled_job_summaries`); load_post: those of the
+    file left behind."""
+    global cancelled_job_summaries
     _reported_this_job.clear()
     _cameras_noted_this_job.clear()
-    cancelled_job_summaries.clear()
+    cancelled_job_summaries = {}
 
 
 @bpy.app.handlers.persistent
-def _render_job_cancelled(*_args) -> None:
+def _render_job_cancelled(scene: Any = None, *_args) -> None:
     """render_cancel: Esc while Blender writes a frame's image (or composites it) ends an
     animation with no engine left to report the :func:`job_summaries` (Blender checks its break
     flag after the engine's frame and before the next one's: pipeline.cc RE_RenderAnim; an
     Esc before that frame's engine returns is summed up by that engine, :meth:`render`).
     Blender's Python has no report list without an operator or engine, and this handler runs
     in the render job's thread, which must not call operators: the summaries are printed to
-    the console as Blender prints reports, and kept for the NPBG++ render panel."""
+    the console as Blender prints reports, and kept for ``scene``'s NPBG++ render panel (only
+    plain Python data is touched here: the panel reads it in the main thread)."""
+    global cancelled_job_summaries
     lines = job_summaries()
     for level, text in lines:
         print(f"{level.capitalize()}: NPBG++: {text} (printed here: the animation was cancelled between frames)")
     _render_job_edge()
-    cancelled_job_summaries.extend(lines)
+    if lines and isinstance(scene, bpy.types.Scene):
+        cancelled_job_summaries = {scene.name_full: lines}
 
 
 JOB_HANDLERS = (("render_init", _render_job_edge), ("render_complete", _render_job_edge),
-                ("render_cancel", _render_job_cancelled))
+                ("render_cancel", _render_job_cancelled), ("load_post", _render_job_edge))
 
 CLASSES = (NPBGPPRenderEngine,)
 _tagged_panels: list[type] = []  # the Blender panels register() tagged, untagged by unregister()

@@ -35,12 +35,14 @@ class RENDER_PT_npbgpp(_NPBGPPPanel, bpy.types.Panel):
         layout.prop(s, "bundle")
         if s.output == "NEURAL" and not s.bundle:
             layout.label(text="Neural output needs a bundle (Import or Aggregate)", icon="INFO")
-        from .engine import cancelled_job_summaries
+        from . import engine
 
-        if cancelled_job_summaries:  # no engine was left to report them (engine._render_job_cancelled)
+        # no engine was left to report them (engine._render_job_cancelled); this scene's only
+        summaries = engine.cancelled_job_summaries.get(context.scene.name_full)
+        if summaries:
             col = layout.column(align=True)
             col.label(text="The animation was cancelled between frames:", icon="INFO")
-            for level, text in cancelled_job_summaries:
+            for level, text in summaries:
                 for k, part in enumerate(textwrap.wrap(text, SUMMARY_WIDTH)):
                     col.label(text=part, icon=("ERROR" if level == "WARNING" else "INFO") if k == 0 else "BLANK1")
 
