@@ -2482,6 +2482,7 @@ def test_export_dataset_leaves_out_point_objects_an_older_addon_made(scene, capf
     report = capfd.readouterr().out
     names = ", ".join(repr(o.name) for o in sorted((imported, copy, sampled, bundle), key=lambda o: o.name))
     assert f"left out the NPBG++ point objects {names} (" in report, report
+    assert "to photograph one, set its custom property npbgpp_point_object to 0" in report, report  # told how
     assert scan.name not in report.split("left out")[1], report
     points = load_ply(out / "points3d.ply").points
     assert len(points) == 57 and np.abs(points).max() <= 0.5 + 1e-5  # the cube's 50 and the scan's 7

@@ -217,8 +217,13 @@ def left_out_note(names: Sequence[str]) -> str:
     """What the report says of the point objects :func:`_leave_out_point_objects` left out."""
     if not names:
         return ""
+    from ..point_source import POINT_OBJECT_MARK
+
+    # an object recognised by its structure alone (point_source.unmarked_point_object) may be the
+    # user's: the note says how to keep one
     return (f"left out the NPBG++ point object{'s' if len(names) > 1 else ''} {', '.join(map(repr, names))} (the "
-            "scene's cloud, not its content: not in the photos nor points3d.ply)")
+            "scene's cloud, not its content: not in the photos nor points3d.ply; to photograph one, set its custom "
+            f"property {POINT_OBJECT_MARK} to 0, and clear the Point Object field if it is the scene's)")
 
 
 def _render_tiny(bpy_scene) -> None:
