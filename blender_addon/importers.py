@@ -823,6 +823,9 @@ def metaball_family(name: str) -> str:
 NO_FACES = ("no faces to sample: a curve with no Bevel or Extrude, or a mesh of vertices or edges only (Object > "
             "Convert > Point Cloud makes its vertices points)")
 NO_POINTS = "no points"
+# A child of an object instancing it at its vertices or faces: renders show it only there.
+INSTANCED_BY_PARENT = ("renders show it only where its parent {parent!r} instances it (Instancing: Vertices / "
+                       "Faces): select that to sample those")
 # Faces whose world-space area is 0: nothing to spread points over (the sampler would refuse them all).
 NO_AREA = "zero surface area: its faces are flat or scaled to nothing"
 SKIP_REASONS = {
@@ -922,6 +925,7 @@ class NPBGPP_OT_points_from_meshes(bpy.types.Operator):
     def execute(self, context: Any) -> set[str]:
         from .datagen.surface_points import (
             GEOMETRY_TYPES,
+            INSTANCES_CHILDREN,
             POINT_TYPES,
             collection_members,
             rendered_parts,
@@ -948,7 +952,7 @@ class NPBGPP_OT_points_from_meshes(bpy.types.Operator):
                 # per object: the triangles and points of all it renders (its own, its evaluated
                 # mesh or points, its Geometry Nodes / collection / particle instances), read once;
                 # one of zero area is skipped alone, not failing the others
-                owned = rendered_parts(depsgraph, copies)
+                owned = rendered_parts(depsgraph, copies, chosen)
                 areas = [sum(t.area() for t in tris) for tris, _ in owned]
                 # point clouds', hair's, a mesh's Geometry Nodes points: taken as they are
                 taken_from = [o.name for o, (_, pts) in zip(chosen, owned, strict=True) if pts]
@@ -961,7 +965,9 @@ class NPBGPP_OT_points_from_meshes(bpy.types.Operator):
                     if area > 0 or pts or (obj.type == "META" and metaball_family(obj.name) in families):
                         continue
                     # e.g. a curve with no Bevel or Extrude: sampled nothing, so named with the skipped
-                    if tris:
+                    if obj.parent is not None and obj.parent.instance_type in INSTANCES_CHILDREN:
+                        reason = INSTANCED_BY_PARENT.format(parent=obj.parent.name)
+                    elif tris:
                         reason = NO_AREA
                     elif obj.type == "EMPTY":
                         reason = EMPTY_COLLECTION

@@ -3074,6 +3074,41 @@ def _made_real_bvh(sc, instancer, apart: bool = False):
     return each if apart else BVHTree.FromPolygons(verts, polys)
 
 
+def test_points_from_meshes_samples_a_parent_instancing_its_child_at_its_vertices(scene):
+    """A plane (moved, turned, mirrored by a negative scale) instancing its child ball at its
+    4 vertices (Instancing: Vertices), both selected: renders show the 4 balls and not the
+    child at its own place, so every point lies on the plane or on one of the balls Blender's
+    own Make Instances Real gives, each of the 4 gets points, and none lies on the child where it
+    stands (the copies Points from Selected Meshes evaluates have no children: the plane's
+    balls were missing and the child was sampled at its own place). The child selected alone
+    is named with why, not as having no faces."""
+    sc = scene["scene"]
+    bpy.ops.mesh.primitive_plane_add(size=4.0, location=(0.0, 10.0, 1.0), rotation=(0.0, 0.0, 0.5))
+    grid = bpy.context.active_object
+    grid.name, grid.scale, grid.instance_type = "Grid", (1.5, -1.5, 1.5), "VERTS"
+    bpy.ops.mesh.primitive_ico_sphere_add(subdivisions=2, radius=0.3)
+    ball = bpy.context.active_object
+    ball.parent = grid
+    ball.location = (0.0, 0.0, 2.0)  # in the plane's space: 3 above its centre
+    bpy.context.view_layer.update()
+    own_place = np.array(ball.matrix_world.translation)
+    for o in sc.objects:
+        o.select_set(o in (grid, ball))
+    assert bpy.ops.npbgpp.points_from_meshes(count=1000, seed=3) == {"FINISHED"}
+    pts, _ = _sampled_points(sc)
+    for o in sc.objects:
+        o.select_set(o == ball)
+    with pytest.raises(RuntimeError, match=r"Icosphere \(renders show it only where its parent 'Grid' instances it "):
+        bpy.ops.npbgpp.points_from_meshes(count=10)
+    balls = _made_real_bvh(sc, grid, apart=True)  # (Blender turns the plane's instancing off)
+    assert len(balls) == 4
+    on_ball = np.stack([_distances(bvh, pts) < 1e-4 for bvh in balls])
+    on_plane = _distances(_bvh_of_evaluated(grid)[1], pts) < 1e-4
+    assert (on_plane | on_ball.any(axis=0)).all(), (~(on_plane | on_ball.any(axis=0))).sum()
+    assert on_ball.any(axis=1).all(), on_ball.sum(axis=1)
+    assert np.linalg.norm(pts - own_place, axis=1).min() > 0.3 + 1e-3
+
+
 def test_points_from_meshes_samples_particles_as_renders_show_them(scene):
     """A plane emitting 10 hair particles that instance a ball, its Show Emitter off in renders
     (on in viewports) and its viewport Display Amount 40 %: renders show the 10 balls and not

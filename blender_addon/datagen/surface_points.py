@@ -286,8 +286,13 @@ def _entry_triangles(obj_eval: Any, matrix: Any, cache: dict) -> _MeshTris | Non
     return cache[key].placed(matrix)
 
 
-def rendered_parts(depsgraph: Any, owners: Sequence[Any]) -> list[tuple[list[_MeshTris],
-                                                                        list[tuple[np.ndarray, np.ndarray]]]]:
+# Instancing by vertices or faces: the object instances its children there, and renders show a
+# child only there (Blender's depsgraph hides it at its own place in renders, not in viewports).
+INSTANCES_CHILDREN = ("VERTS", "FACES")
+
+
+def rendered_parts(depsgraph: Any, owners: Sequence[Any], originals: Sequence[Any] | None = None
+                   ) -> list[tuple[list[_MeshTris], list[tuple[np.ndarray, np.ndarray]]]]:
     """Per object of ``owners`` (originals in ``depsgraph``'s view layer): the triangles (one
     :class:`_MeshTris` per mesh entry, empty ones left out) and :func:`own_points` (non-empty
     ones) of every depsgraph entry it renders, each at its own place: its own, the parts
@@ -303,8 +308,23 @@ def rendered_parts(depsgraph: Any, owners: Sequence[Any]) -> list[tuple[list[_Me
     instances). Cycles draws each entry's own data only, so each is read once: its mesh
     (:func:`_entry_triangles`) or its points (:func:`own_points`); and only an entry whose
     ``show_self`` is on (measured: a particle emitter with Show Emitter off, or an instancer
-    with Show Instancer off, is an entry with it off)."""
+    with Show Instancer off, is an entry with it off).
+
+    ``originals``: the objects ``owners`` are copies of (``importers.render_setting_copies``),
+    if they are: a copy has no children, so an original instancing its children by vertices or
+    faces (:data:`INSTANCES_CHILDREN`) gives its copy those instances (not of the copies), and a
+    copy of such a child renders nothing of its own (Blender shows it only where its parent
+    instances it, in renders; measured in bpy 5.0.1: the viewport's depsgraph holds it at its
+    own place too)."""
     index = {o.as_pointer(): k for k, o in enumerate(owners)}
+    by_children: dict[int, int] = {}  # an original instancing its children -> its copy's index
+    shown_by_parent: set[int] = set()  # copies of children their parent instances
+    for k, original in enumerate(originals or ()):
+        if original.instance_type in INSTANCES_CHILDREN:
+            by_children[original.as_pointer()] = k
+        parent = original.parent
+        if parent is not None and parent.instance_type in INSTANCES_CHILDREN and original.type != "META":
+            shown_by_parent.add(k)  # metaballs have rules of their own (their family's basis)
     # per owner instancing a collection: its objects a render leaves out, whose instances this
     # (viewport's) depsgraph holds (:func:`collection_members`)
     not_rendered = {k: members - rendered for k, o in enumerate(owners)
@@ -313,8 +333,14 @@ def rendered_parts(depsgraph: Any, owners: Sequence[Any]) -> list[tuple[list[_Me
     cache: dict = {}
     for inst in depsgraph.object_instances:
         owner = inst.parent if inst.is_instance else inst.object
-        k = index.get(owner.original.as_pointer()) if owner is not None else None
-        if k is None:
+        if owner is None:
+            continue
+        k = index.get(owner.original.as_pointer())
+        if k is None and inst.is_instance and owner.original.as_pointer() in by_children:
+            child = inst.object.original  # the original's instance of a child of its own, not of a copy
+            if child.parent == owner.original and child.as_pointer() not in index:
+                k = by_children[owner.original.as_pointer()]
+        if k is None or k in shown_by_parent:
             continue
         obj = inst.object
         if not inst.show_self:
