@@ -3192,6 +3192,37 @@ def test_points_from_meshes_samples_an_instanced_collection(scene, capfd):
     assert abs(share - 4 / 28) < 0.04, share
 
 
+def test_points_from_meshes_leaves_out_a_nested_collection_instance_disabled_in_renders(scene):
+    """An empty instancing a collection that holds an empty instancing another collection, which
+    holds a cube and a sphere disabled in renders: the viewport's depsgraph holds the nested
+    sphere's instance, renders do not show it, so every point lies on the cube where the two
+    empties put it (5 up from its own place); the sphere, 3 above it, gets none (was sampled:
+    only the top collection's flags were read)."""
+    sc = scene["scene"]
+    inner, outer = bpy.data.collections.new("Inner"), bpy.data.collections.new("Outer")
+    bpy.ops.mesh.primitive_cube_add(size=1.0, location=(0.0, 0.0, 0.0))
+    cube = bpy.context.active_object
+    bpy.ops.mesh.primitive_uv_sphere_add(radius=1.0, location=(0.0, 0.0, 3.0))
+    sphere = bpy.context.active_object
+    sphere.hide_render = True
+    for obj in (cube, sphere):
+        inner.objects.link(obj)
+        sc.collection.objects.unlink(obj)
+    nested = bpy.data.objects.new("Nested", None)
+    nested.instance_type, nested.instance_collection, nested.location = "COLLECTION", inner, (0.0, 0.0, 2.0)
+    outer.objects.link(nested)
+    top = bpy.data.objects.new("Top", None)
+    top.instance_type, top.instance_collection, top.location = "COLLECTION", outer, (0.0, 0.0, 3.0)
+    sc.collection.objects.link(top)
+    bpy.context.view_layer.update()
+    for o in sc.objects:
+        o.select_set(o == top)
+    assert bpy.ops.npbgpp.points_from_meshes(count=500, seed=4) == {"FINISHED"}
+    pts, _ = _sampled_points(sc)
+    assert len(pts) == 500
+    assert (np.abs(pts - np.array([0.0, 0.0, 5.0])) <= 0.5 + 1e-5).all(), np.abs(pts[:, 2] - 5.0).max()
+
+
 def _pure_material(name: str, rgb: tuple[float, float, float]):
     """A material named ``name`` of base colour ``rgb`` (0 or 1 per channel: the same in linear
     and sRGB), with nodes or without."""

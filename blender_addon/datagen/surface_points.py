@@ -358,8 +358,9 @@ def rendered_parts(depsgraph: Any, owners: Sequence[Any], originals: Sequence[An
 
 def collection_members(obj: Any) -> tuple[set[int], set[int], list[str]]:
     """For ``obj`` instancing a collection (else empty): the objects of that collection and its
-    children (``as_pointer()``), those a render draws (neither the object nor a collection on its
-    way disabled in renders), and the names of those it draws that are hidden in viewports (the
+    children, and of the collections its empties instance in turn (``as_pointer()``), those a
+    render draws (neither the object nor a collection or instancing empty on its way disabled
+    in renders), and the names of those it draws that are hidden in viewports (the
     object's or a collection's monitor icon). Measured in bpy 5.0.1: a collection instance in
     the viewport's depsgraph holds the objects shown in viewports, the render's those shown in
     renders; Python evaluates only the viewport's outside a render."""
@@ -370,14 +371,22 @@ def collection_members(obj: Any) -> tuple[set[int], set[int], list[str]]:
     rendered: set[int] = set()
     hidden: list[str] = []
 
+    walked: set[tuple[int, bool, bool]] = set()
+
     def walk(coll: Any, renders: bool, shows: bool) -> None:
         renders, shows = renders and not coll.hide_render, shows and not coll.hide_viewport
+        if (coll.as_pointer(), renders, shows) in walked:  # a collection met twice the same way
+            return
+        walked.add((coll.as_pointer(), renders, shows))
         for member in coll.objects:
             members.add(member.as_pointer())
             if renders and not member.hide_render:
                 rendered.add(member.as_pointer())
                 if not (shows and not member.hide_viewport) and member.name not in hidden:
                     hidden.append(member.name)
+            nested = member.instance_collection if member.instance_type == "COLLECTION" else None
+            if nested is not None:  # its instances are the top instancer's too (nested ones)
+                walk(nested, renders and not member.hide_render, shows and not member.hide_viewport)
         for child in coll.children:
             walk(child, renders, shows)
 
