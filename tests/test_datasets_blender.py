@@ -332,6 +332,41 @@ def test_scene_points_only_on_what_a_render_shows_directly():
         bpy.data.particles.remove(particles)
 
 
+def test_scene_points_on_instances_of_a_source_disabled_in_renders():
+    """Scattering an object disabled in renders (the usual way: its particles' or Geometry Nodes'
+    instances render, it does not) gives points on its instances, as the photos show them (the
+    instanced object's own flag left them out: a scene of such instances had no surfaces at
+    all); a collection instance's object disabled in renders still gives none (renders leave it
+    out). The source quad sits at x 0, the emitter's particles at x 10 (the emitter not shown:
+    Show Emitter off), the collection instance's hidden quad at 20 and its shown one at 30."""
+    from blender_addon.datagen.surface_points import sample_surface_points
+
+    scene = bpy.data.scenes.new("hidden_sources")
+    main, kit = bpy.data.collections.new("hs_main"), bpy.data.collections.new("hs_kit")
+    scene.collection.children.link(main)
+    source = _quad(0.0, "hs_source", main)
+    source.hide_render = True
+    emitter = _quad(10.0, "hs_emitter", main)
+    emitter.modifiers.new("hs_particles", "PARTICLE_SYSTEM")
+    particles = emitter.particle_systems[0].settings
+    particles.type, particles.count, particles.render_type = "HAIR", 5, "OBJECT"
+    particles.instance_object, particles.particle_size = source, 0.5
+    emitter.show_instancer_for_viewport = emitter.show_instancer_for_render = False
+    _quad(20.0, "hs_kit_hidden", kit).hide_render = True
+    _quad(30.0, "hs_kit_shown", kit)
+    instancer = bpy.data.objects.new("hs_instancer", None)
+    instancer.instance_type, instancer.instance_collection = "COLLECTION", kit
+    main.objects.link(instancer)
+    try:
+        points, _ = sample_surface_points(scene, 2000, seed=3)
+        assert sorted(set(np.round(points[:, 0] / 10.0).astype(int).tolist())) == [1, 3], np.unique(
+            np.round(points[:, 0]))
+        assert (np.abs(points[:, 0] - np.round(points[:, 0] / 10.0) * 10.0) <= 0.25 + 0.125 + 1e-5).all()
+    finally:
+        _remove_test_scene(scene, [main, kit])
+        bpy.data.particles.remove(particles)
+
+
 def test_scene_surfaces_read_each_curve_text_and_metaball_once():
     """A bevelled curve, a text and a metaball render one mesh each, which Blender's
     depsgraph gives as an instance of its own beside the object: the scene's surfaces are

@@ -438,8 +438,10 @@ def _rendered_collections(layer_collection: Any, out: set[int] | None = None) ->
 def seen_by_camera(inst: Any, view_layer: Any, rendered: set[int]) -> bool:
     """Whether a render of ``view_layer`` shows the depsgraph instance ``inst`` directly,
     as Cycles takes it: the entry shows itself (``show_self``: not an instancer or particle
-    emitter with Show Instancer / Show Emitter off), the object is not disabled in renders,
-    not Holdout (a hole in the image) and visible to camera rays, and the object it stands
+    emitter with Show Instancer / Show Emitter off), the object is not disabled in renders
+    (for an instance, only a collection instance's member: the other instances of an object
+    disabled in renders render, measured in bpy 5.0.1's render depsgraph), not Holdout (a hole
+    in the image) and visible to camera rays, and the object it stands
     for (its instancer, for
     an instance) is in one of the ``rendered`` collections (:func:`_rendered_collections`)
     and neither Holdout nor Indirect Only there (Blender's own ``holdout_get`` /
@@ -448,9 +450,14 @@ def seen_by_camera(inst: Any, view_layer: Any, rendered: set[int]) -> bool:
     hidden from camera rays, and the viewport's also those disabled in renders: their points
     were not in the photos."""
     obj = inst.object.original
-    if not inst.show_self or obj.hide_render or obj.is_holdout or not obj.visible_camera:
+    instanced = inst.is_instance and inst.parent is not None
+    base = inst.parent.original if instanced else obj
+    # an instance of an object disabled in renders renders (particles', Geometry Nodes' or an
+    # instancing parent's of a hidden source object: the usual way to scatter one), but not a
+    # collection instance's such member, which only the viewport's depsgraph holds
+    disabled = obj.hide_render and (not instanced or base.instance_type == "COLLECTION")
+    if not inst.show_self or disabled or obj.is_holdout or not obj.visible_camera:
         return False
-    base = inst.parent.original if inst.is_instance and inst.parent is not None else obj
     if not any(c.as_pointer() in rendered for c in base.users_collection):
         return False
     return not (base.holdout_get(view_layer=view_layer) or base.indirect_only_get(view_layer=view_layer))
