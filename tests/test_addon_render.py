@@ -3081,7 +3081,7 @@ def test_points_from_meshes_samples_a_parent_instancing_its_child_at_its_vertice
     own Make Instances Real gives, each of the 4 gets points, and none lies on the child where it
     stands (the copies Points from Selected Meshes evaluates have no children: the plane's
     balls were missing and the child was sampled at its own place). The child selected alone
-    is named with why, not as having no faces."""
+    is named with why, not as having no faces; disabled in renders, it is instanced nowhere."""
     sc = scene["scene"]
     bpy.ops.mesh.primitive_plane_add(size=4.0, location=(0.0, 10.0, 1.0), rotation=(0.0, 0.0, 0.5))
     grid = bpy.context.active_object
@@ -3107,6 +3107,12 @@ def test_points_from_meshes_samples_a_parent_instancing_its_child_at_its_vertice
     assert (on_plane | on_ball.any(axis=0)).all(), (~(on_plane | on_ball.any(axis=0))).sum()
     assert on_ball.any(axis=1).all(), on_ball.sum(axis=1)
     assert np.linalg.norm(pts - own_place, axis=1).min() > 0.3 + 1e-3
+    grid.instance_type, ball.hide_render = "VERTS", True  # renders instance a child disabled in them nowhere
+    for o in sc.objects:
+        o.select_set(o == grid)
+    assert bpy.ops.npbgpp.points_from_meshes(count=200, seed=3) == {"FINISHED"}
+    pts, _ = _sampled_points(sc)
+    assert np.abs(pts[:, 2] - 1.0).max() < 1e-5  # the plane's only
 
 
 def test_points_from_meshes_samples_particles_as_renders_show_them(scene):

@@ -337,8 +337,10 @@ def test_scene_points_on_instances_of_a_source_disabled_in_renders():
     instances render, it does not) gives points on its instances, as the photos show them (the
     instanced object's own flag left them out: a scene of such instances had no surfaces at
     all); a collection instance's object disabled in renders still gives none (renders leave it
-    out). The source quad sits at x 0, the emitter's particles at x 10 (the emitter not shown:
-    Show Emitter off), the collection instance's hidden quad at 20 and its shown one at 30."""
+    out), nor does a child disabled in renders that its parent instances at its vertices. The
+    source quad sits at x 0, the emitter's particles at x 10 (the emitter not shown: Show
+    Emitter off), the collection instance's hidden quad at 20 and its shown one at 30, the
+    parent's vertices near 40."""
     from blender_addon.datagen.surface_points import sample_surface_points
 
     scene = bpy.data.scenes.new("hidden_sources")
@@ -352,6 +354,11 @@ def test_scene_points_on_instances_of_a_source_disabled_in_renders():
     particles.type, particles.count, particles.render_type = "HAIR", 5, "OBJECT"
     particles.instance_object, particles.particle_size = source, 0.5
     emitter.show_instancer_for_viewport = emitter.show_instancer_for_render = False
+    grid = _quad(40.0, "hs_grid", main)  # instances its child at its vertices, itself not shown
+    grid.instance_type = "VERTS"
+    grid.show_instancer_for_viewport = grid.show_instancer_for_render = False
+    child = _quad(0.0, "hs_child", main)
+    child.parent, child.hide_render = grid, True  # renders instance it nowhere (measured)
     _quad(20.0, "hs_kit_hidden", kit).hide_render = True
     _quad(30.0, "hs_kit_shown", kit)
     instancer = bpy.data.objects.new("hs_instancer", None)

@@ -338,8 +338,8 @@ def rendered_parts(depsgraph: Any, owners: Sequence[Any], originals: Sequence[An
         k = index.get(owner.original.as_pointer())
         if k is None and inst.is_instance and owner.original.as_pointer() in by_children:
             child = inst.object.original  # the original's instance of a child of its own, not of a copy
-            if child.parent == owner.original and child.as_pointer() not in index:
-                k = by_children[owner.original.as_pointer()]
+            if child.parent == owner.original and child.as_pointer() not in index and not child.hide_render:
+                k = by_children[owner.original.as_pointer()]  # (renders instance no child disabled in them)
         if k is None or k in shown_by_parent:
             continue
         obj = inst.object
@@ -439,8 +439,9 @@ def seen_by_camera(inst: Any, view_layer: Any, rendered: set[int]) -> bool:
     """Whether a render of ``view_layer`` shows the depsgraph instance ``inst`` directly,
     as Cycles takes it: the entry shows itself (``show_self``: not an instancer or particle
     emitter with Show Instancer / Show Emitter off), the object is not disabled in renders
-    (for an instance, only a collection instance's member: the other instances of an object
-    disabled in renders render, measured in bpy 5.0.1's render depsgraph), not Holdout (a hole
+    (for an instance, only a collection instance's member or a child instanced at its parent's
+    vertices or faces: particles' and Geometry Nodes' instances of an object disabled in renders
+    render, measured in bpy 5.0.1's render depsgraph), not Holdout (a hole
     in the image) and visible to camera rays, and the object it stands
     for (its instancer, for
     an instance) is in one of the ``rendered`` collections (:func:`_rendered_collections`)
@@ -452,10 +453,12 @@ def seen_by_camera(inst: Any, view_layer: Any, rendered: set[int]) -> bool:
     obj = inst.object.original
     instanced = inst.is_instance and inst.parent is not None
     base = inst.parent.original if instanced else obj
-    # an instance of an object disabled in renders renders (particles', Geometry Nodes' or an
-    # instancing parent's of a hidden source object: the usual way to scatter one), but not a
-    # collection instance's such member, which only the viewport's depsgraph holds
-    disabled = obj.hide_render and (not instanced or base.instance_type == "COLLECTION")
+    # an instance of an object disabled in renders renders (particles' or Geometry Nodes' of a
+    # hidden source object: the usual way to scatter one), but not a collection instance's such
+    # member nor a parent's such child instanced at its vertices or faces, which only the
+    # viewport's depsgraph holds (measured in bpy 5.0.1)
+    disabled = obj.hide_render and (not instanced or base.instance_type == "COLLECTION"
+                                    or (base.instance_type in INSTANCES_CHILDREN and obj.parent == base))
     if not inst.show_self or disabled or obj.is_holdout or not obj.visible_camera:
         return False
     if not any(c.as_pointer() in rendered for c in base.users_collection):
