@@ -3115,6 +3115,37 @@ def test_points_from_meshes_samples_a_parent_instancing_its_child_at_its_vertice
     assert np.abs(pts[:, 2] - 1.0).max() < 1e-5  # the plane's only
 
 
+def test_points_from_meshes_leaves_out_a_particle_collection_member_disabled_in_renders(scene):
+    """Hair particles instancing a whole collection of a cube and a sphere disabled in renders:
+    the viewport's depsgraph holds the spheres' instances, renders do not (measured), so every
+    point lies on the cubes Blender's own Make Instances Real gives with the sphere hidden."""
+    sc = scene["scene"]
+    kit = bpy.data.collections.new("Kit")
+    bpy.ops.mesh.primitive_cube_add(size=0.4, location=(0.0, 0.0, -50.0))
+    cube = bpy.context.active_object
+    bpy.ops.mesh.primitive_uv_sphere_add(radius=0.5, location=(0.0, 0.0, -49.0))
+    sphere = bpy.context.active_object
+    sphere.hide_render = True
+    for obj in (cube, sphere):
+        kit.objects.link(obj)
+        sc.collection.objects.unlink(obj)
+    bpy.ops.mesh.primitive_plane_add(size=10.0)
+    emitter = bpy.context.active_object
+    emitter.show_instancer_for_render = False
+    emitter.modifiers.new("Kits", "PARTICLE_SYSTEM")
+    settings = emitter.particle_systems[0].settings
+    settings.type, settings.count, settings.hair_length = "HAIR", 4, 1.0
+    settings.render_type, settings.instance_collection, settings.use_whole_collection = "COLLECTION", kit, True
+    bpy.context.view_layer.update()
+    for o in sc.objects:
+        o.select_set(o == emitter)
+    assert bpy.ops.npbgpp.points_from_meshes(count=500, seed=5) == {"FINISHED"}
+    pts, _ = _sampled_points(sc)
+    sphere.hide_viewport = True  # the reference: the cubes alone made real
+    cubes = _made_real_bvh(sc, emitter)
+    assert (_distances(cubes, pts) < 1e-4).all(), (_distances(cubes, pts) >= 1e-4).sum()
+
+
 def test_points_from_meshes_samples_particles_as_renders_show_them(scene):
     """A plane emitting 10 hair particles that instance a ball, its Show Emitter off in renders
     (on in viewports) and its viewport Display Amount 40 %: renders show the 10 balls and not

@@ -325,10 +325,11 @@ def rendered_parts(depsgraph: Any, owners: Sequence[Any], originals: Sequence[An
         parent = original.parent
         if parent is not None and parent.instance_type in INSTANCES_CHILDREN and original.type != "META":
             shown_by_parent.add(k)  # metaballs have rules of their own (their family's basis)
-    # per owner instancing a collection: its objects a render leaves out, whose instances this
-    # (viewport's) depsgraph holds (:func:`collection_members`)
-    not_rendered = {k: members - rendered for k, o in enumerate(owners)
-                    for members, rendered, _ in [collection_members(o)] if members - rendered}
+    # per owner instancing a collection (itself or by its particles): its objects a render leaves
+    # out, whose instances this (viewport's) depsgraph holds (:func:`collection_members`)
+    not_rendered = {k: left_out for k, o in enumerate(owners)
+                    for members, rendered, _ in [collection_members(o)]
+                    for left_out in [(members - rendered) | _particle_collections_not_rendered(o)] if left_out}
     out: list[tuple[list[_MeshTris], list[tuple[np.ndarray, np.ndarray]]]] = [([], []) for _ in owners]
     cache: dict = {}
     for inst in depsgraph.object_instances:
@@ -367,6 +368,24 @@ def collection_members(obj: Any) -> tuple[set[int], set[int], list[str]]:
     collection = getattr(obj, "instance_collection", None)
     if obj.instance_type != "COLLECTION" or collection is None:
         return set(), set(), []
+    return _collection_visibility(collection)
+
+
+def _particle_collections_not_rendered(obj: Any) -> set[int]:
+    """The objects (``as_pointer()``) of the collections ``obj``'s particle systems instance
+    that renders leave out (disabled in renders: :func:`collection_members`' rule; measured in
+    bpy 5.0.1: the viewport's depsgraph holds their particle instances, the render's not)."""
+    out: set[int] = set()
+    for system in getattr(obj, "particle_systems", ()):
+        settings = system.settings
+        if settings is not None and settings.render_type == "COLLECTION" and settings.instance_collection:
+            members, rendered, _ = _collection_visibility(settings.instance_collection)
+            out |= members - rendered
+    return out
+
+
+def _collection_visibility(collection: Any) -> tuple[set[int], set[int], list[str]]:
+    """:func:`collection_members` of an instanced ``collection``."""
     members: set[int] = set()
     rendered: set[int] = set()
     hidden: list[str] = []
