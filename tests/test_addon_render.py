@@ -3146,6 +3146,42 @@ def test_points_from_meshes_leaves_out_a_particle_collection_member_disabled_in_
     assert (_distances(cubes, pts) < 1e-4).all(), (_distances(cubes, pts) >= 1e-4).sum()
 
 
+def test_points_from_meshes_leaves_out_a_collection_info_member_disabled_in_renders(scene):
+    """Geometry Nodes putting a collection (Collection Info) on each corner of a plane, the
+    collection a cube (0.2 wide) and a sphere 3 above it disabled in renders: the viewport's
+    depsgraph holds the spheres' instances, renders do not (measured), so every point lies on
+    the cubes at the corners (the nodes output the instances only)."""
+    sc = scene["scene"]
+    kit = bpy.data.collections.new("Kit")
+    bpy.ops.mesh.primitive_cube_add(size=0.2)
+    cube = bpy.context.active_object
+    bpy.ops.mesh.primitive_uv_sphere_add(radius=0.2, location=(0.0, 0.0, 3.0))
+    sphere = bpy.context.active_object
+    sphere.hide_render = True
+    for obj in (cube, sphere):
+        kit.objects.link(obj)
+        sc.collection.objects.unlink(obj)
+    bpy.ops.mesh.primitive_plane_add(size=4.0)  # corners at (+-2, +-2, 0)
+    plane = bpy.context.active_object
+    tree = bpy.data.node_groups.new("Kits", "GeometryNodeTree")
+    tree.interface.new_socket("Geometry", in_out="INPUT", socket_type="NodeSocketGeometry")
+    tree.interface.new_socket("Geometry", in_out="OUTPUT", socket_type="NodeSocketGeometry")
+    given, info = tree.nodes.new("NodeGroupInput"), tree.nodes.new("GeometryNodeCollectionInfo")
+    info.inputs["Collection"].default_value = kit
+    put = tree.nodes.new("GeometryNodeInstanceOnPoints")
+    tree.links.new(given.outputs[0], put.inputs["Points"])
+    tree.links.new(info.outputs[0], put.inputs["Instance"])
+    tree.links.new(put.outputs[0], tree.nodes.new("NodeGroupOutput").inputs[0])
+    plane.modifiers.new("Kits", "NODES").node_group = tree
+    for o in sc.objects:
+        o.select_set(o == plane)
+    assert bpy.ops.npbgpp.points_from_meshes(count=500, seed=6) == {"FINISHED"}
+    pts, _ = _sampled_points(sc)
+    corners = np.round(pts[:, :2] / 2.0) * 2.0
+    assert (np.abs(corners) == 2.0).all() and (np.abs(pts - np.c_[corners, np.zeros(len(pts))]) <= 0.1 + 1e-5).all()
+    assert len({tuple(c) for c in corners}) == 4
+
+
 def test_points_from_meshes_samples_particles_as_renders_show_them(scene):
     """A plane emitting 10 hair particles that instance a ball, its Show Emitter off in renders
     (on in viewports) and its viewport Display Amount 40 %: renders show the 10 balls and not

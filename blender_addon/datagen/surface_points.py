@@ -372,16 +372,50 @@ def collection_members(obj: Any) -> tuple[set[int], set[int], list[str]]:
 
 
 def _particle_collections_not_rendered(obj: Any) -> set[int]:
-    """The objects (``as_pointer()``) of the collections ``obj``'s particle systems instance
-    that renders leave out (disabled in renders: :func:`collection_members`' rule; measured in
-    bpy 5.0.1: the viewport's depsgraph holds their particle instances, the render's not)."""
+    """The objects (``as_pointer()``) of the collections ``obj``'s particle systems instance, or
+    its Geometry Nodes by a Collection Info node (:func:`_node_collections`), that renders leave
+    out (disabled in renders: :func:`collection_members`' rule; measured in bpy 5.0.1 for both:
+    the viewport's depsgraph holds their instances, the render's not). An object disabled in
+    renders that the same Geometry Nodes also instance by Object Info (which renders) is left
+    out too: the depsgraph's entries do not say which node made them."""
+    collections = [s.instance_collection for s in (p.settings for p in getattr(obj, "particle_systems", ()))
+                   if s is not None and s.render_type == "COLLECTION" and s.instance_collection is not None]
     out: set[int] = set()
-    for system in getattr(obj, "particle_systems", ()):
-        settings = system.settings
-        if settings is not None and settings.render_type == "COLLECTION" and settings.instance_collection:
-            members, rendered, _ = _collection_visibility(settings.instance_collection)
-            out |= members - rendered
+    for collection in collections + _node_collections(obj):
+        members, rendered, _ = _collection_visibility(collection)
+        out |= members - rendered
     return out
+
+
+def _node_collections(obj: Any) -> list[Any]:
+    """The collections ``obj``'s Geometry Nodes modifiers may instance: each Collection Info
+    node's collection set in the node (node groups inside followed) and each collection the
+    modifier is given as an input."""
+    found: list[Any] = []
+    seen: set[int] = set()
+
+    def scan(tree: Any) -> None:
+        if tree is None or tree.as_pointer() in seen:
+            return
+        seen.add(tree.as_pointer())
+        for node in tree.nodes:
+            if node.bl_idname == "GeometryNodeCollectionInfo":
+                socket = node.inputs[0]
+                if not socket.is_linked and socket.default_value is not None:
+                    found.append(socket.default_value)
+            elif node.bl_idname == "GeometryNodeGroup":
+                scan(node.node_tree)
+
+    for modifier in getattr(obj, "modifiers", ()):
+        if modifier.type != "NODES" or modifier.node_group is None:
+            continue
+        scan(modifier.node_group)
+        for item in modifier.node_group.interface.items_tree:
+            if getattr(item, "socket_type", None) == "NodeSocketCollection":
+                value = modifier.get(item.identifier)
+                if value is not None and hasattr(value, "all_objects"):
+                    found.append(value)
+    return found
 
 
 def _collection_visibility(collection: Any) -> tuple[set[int], set[int], list[str]]:
