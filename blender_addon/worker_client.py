@@ -125,16 +125,21 @@ class ProcessWorker:
                 except Exception as exc:  # noqa: BLE001
                     accepted.append(exc)
 
-            thread = threading.Thread(target=accept, daemon=True)
+            thread = threading.Thread(target=accept, name="npbgpp-worker-accept", daemon=True)
             thread.start()
             end = time.monotonic() + timeout
             while thread.is_alive() and time.monotonic() < end and self.proc.poll() is None:
                 thread.join(0.05)
             if not accepted or isinstance(accepted[0], Exception):
                 code = self.proc.poll()
-                listener.close()
                 tail = self.log_tail()
-                self.stop()
+                self.stop()  # the worker is gone: nothing but the wake-up below can connect now
+                if thread.is_alive():
+                    _wake_listener(listener.address)
+                thread.join(5.0)
+                listener.close()
+                if accepted and not isinstance(accepted[0], Exception):
+                    accepted[0].close()  # the dead worker connected just as the wait ended
                 why = f"it exited with code {code}" if code is not None else "it did not connect in time"
                 raise WorkerError(
                     f"the NPBG++ worker ({self.python}) failed to start: {why}" + (f"\n{tail}" if tail else "")
@@ -227,6 +232,22 @@ class ProcessWorker:
                 except OSError:
                     pass
                 self.log_path = ""
+
+
+def _wake_listener(address: Any) -> None:
+    """Connect to a listener and hang up at once, so that a thread blocked in its accept()
+    returns (its handshake then fails): closing a listening socket does not wake such a
+    thread on Linux, and a worker that failed to start would leave it blocked for good."""
+    from multiprocessing import connection
+
+    try:
+        if connection.address_type(address) == "AF_PIPE":
+            client = connection.PipeClient(address)  # type: ignore[attr-defined]  # Windows only
+        else:
+            client = connection.SocketClient(address)  # type: ignore[attr-defined]
+        client.close()
+    except OSError:
+        pass  # nothing listens any more: no thread is waiting either
 
 
 def _checked(req: P.Request, reply: Any) -> Any:

@@ -778,6 +778,29 @@ def test_worker_in_env_without_packages_explains(tmp_path):
     assert worker.proc is None and worker.log_path == ""
 
 
+@pytest.mark.skipif(os.name == "nt", reason="stands in for the worker with a shell script")
+@pytest.mark.parametrize("script, timeout, why", [
+    ("read key\nexit 3\n", 60.0, "exited with code 3"),
+    ("read key\nexec sleep 60\n", 0.5, "did not connect in time"),
+])
+def test_failed_worker_start_leaves_no_thread_behind(tmp_path, script, timeout, why):
+    """A worker that exits, or never connects, before connecting: the start fails with the
+    reason, and the thread that waited for its connection has ended (it stayed blocked in
+    accept for good before), as has the process."""
+    import threading
+
+    fake = tmp_path / "fake-python"
+    fake.write_text("#!/bin/sh\n" + script)
+    fake.chmod(0o755)
+    before = set(threading.enumerate())
+    worker = ProcessWorker(str(fake))
+    with pytest.raises(WorkerError, match=f"failed to start: it {why}"):
+        worker.start(timeout=timeout)
+    left = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+    assert left == [], left
+    assert worker.proc is None and worker.log_path == ""
+
+
 def test_every_request_is_answered_by_the_service_with_its_reply_type(tmp_path):
     """Each protocol request names a service method; a wrong input comes back as a
     Failure naming the problem, and the service keeps answering."""
