@@ -14,7 +14,6 @@ compiles fused kernels at most one more waits to render the view again.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Hashable
 from dataclasses import dataclass
@@ -201,10 +200,12 @@ class ViewportSession:
         re-reads nothing, and transforms no point)."""
         if snap.points is not None or not snap.bundle_path:
             return geo, snap.points
+        from npbgpp_core.atomic import file_version
+
         from .engine import selected_bundle_points
 
         try:
-            stamp = os.stat(snap.bundle_path).st_mtime_ns
+            stamp = file_version(snap.bundle_path)
         except OSError:
             return geo, None
         key = (snap.bundle_path, stamp, snap.ids_key)

@@ -12,6 +12,8 @@ half-written one under its final name.
   on failure).
 - ``same_file(a, b)`` / ``holds(folder, path)``: the one rule for "this output is (or
   holds) an input" that every command and the add-on refuse before writing.
+- ``file_version(path)``: what tells one saved version of a file from another without
+  reading it, for caches that re-read a file only when it changed.
 - ``is_partial_name(name)`` / ``is_listed_name(name)``: the one test every corpus or scene
   listing uses to skip such temporary folders (and hidden ones).
 """
@@ -160,6 +162,15 @@ PARTIAL = ".partial"
 # <name>.partial-<pid> (ours), <name>.partial-<pid>-old (a replaced target on its way out) and
 # <name>.partial (written by older versions, which had no pid in the name).
 _PARTIAL_RE = re.compile(r"^(?P<base>.+)\.partial(?:-(?P<pid>\d+)(?:-old)?)?$")
+
+
+def file_version(path: str | os.PathLike) -> tuple[int, ...]:
+    """The stat fields that change whenever ``path`` is saved again (OSError when it is
+    gone): size and modification time miss a re-save of the same size within the
+    filesystem's timestamp resolution (1-2 s on FAT or SMB), but our writers replace a file
+    (``atomic_write_bytes``), so a re-save also gets a new inode and change time."""
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def is_partial_name(name: str) -> bool:

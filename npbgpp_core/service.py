@@ -331,8 +331,9 @@ class RenderService:
             raise ValueError("no NeuralScene bundle set (Render Properties > NPBG++ > Bundle)")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"NeuralScene bundle not found: {path}")
-        st = os.stat(path)
-        key = (os.path.abspath(path), st.st_size, st.st_mtime_ns, req.device, req.precision)
+        from .atomic import file_version
+
+        key = (os.path.abspath(path), file_version(path), req.device, req.precision)
         if key != self.bundle_key:
             self.bundle = self.renderer = self.bundle_key = None
             self.warmups = {}

@@ -1062,6 +1062,38 @@ def test_bundle_point_selection_renders_subset_and_refuses_foreign_ids(tmp_path)
     np.testing.assert_array_equal(service.handle(P.RenderFrame(spec, "bundle")).pixels, full)
 
 
+def test_bundle_resaved_with_the_same_size_and_time_is_read_again(tmp_path):
+    """A bundle saved again with the same size and modification time (a re-save within a
+    FAT or SMB timestamp tick, made here with os.utime) is read again on the next
+    LoadBundle: the service answers with the new points, not the ones it held."""
+    from npbgpp_core.models import NPBGPlusPlus
+    from npbgpp_core.scene import NeuralScene
+
+    torch.manual_seed(0)
+    model = NPBGPlusPlus().eval()
+    view = Camera.look_at((0, -4, 0), (0, 0, 0), (0, 0, 1), 50.0, (24, 32))
+    path = tmp_path / "b.npbgpp"
+
+    def save(points: torch.Tensor) -> None:
+        with torch.no_grad():
+            agg = model.aggregate(points, torch.rand(1, 3, 24, 32), [view])
+        NeuralScene.from_aggregated(model, agg, torch.eye(3)).save(path)
+
+    first = torch.tensor([[-0.5, 0.0, 0.0], [0.5, 0.0, 0.0], [0.0, 0.0, 0.5]])
+    save(first)
+    old = path.stat()
+    service = RenderService()
+    assert service.handle(P.LoadBundle(str(path), "CPU")) == P.BundleInfo(3, "cpu")
+    np.testing.assert_array_equal(service.handle(P.GetBundlePoints()).points, first.numpy())
+    second = first * 0.5
+    save(second)
+    os.utime(path, ns=(old.st_atime_ns, old.st_mtime_ns))
+    new = path.stat()
+    assert (new.st_size, new.st_mtime_ns) == (old.st_size, old.st_mtime_ns)  # what the cache read before
+    assert service.handle(P.LoadBundle(str(path), "CPU")) == P.BundleInfo(3, "cpu")
+    np.testing.assert_array_equal(service.handle(P.GetBundlePoints()).points, second.numpy())
+
+
 def test_modal_job_starts_and_cleans_up_progress_timer_and_status():
     """The one modal plumbing of Aggregate, Densify, Fit to Photos and Export Dataset: a timer, the progress
     bar and the status text are all released on cleanup, and cleanup twice is harmless."""

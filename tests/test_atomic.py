@@ -295,3 +295,20 @@ def test_holds_and_same_file_see_another_name_of_the_folder(tmp_path):
         pytest.skip(f"no bind mount here: {run.stderr.strip()}")
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["True", "True", "True", "False", "False"]
+
+
+def test_file_version_tells_a_resave_of_the_same_size_and_time(tmp_path):
+    """A file replaced by atomic_write_bytes with as many bytes and its old modification time
+    (a re-save within a FAT or SMB timestamp tick) has another version; an untouched one
+    keeps its version, and a missing one raises OSError."""
+    path = tmp_path / "a.bin"
+    atomic.atomic_write_bytes(path, b"first")
+    old = path.stat()
+    version = atomic.file_version(path)
+    assert atomic.file_version(path) == version
+    atomic.atomic_write_bytes(path, b"again")
+    os.utime(path, ns=(old.st_atime_ns, old.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (old.st_size, old.st_mtime_ns)
+    assert atomic.file_version(path) != version
+    with pytest.raises(OSError):
+        atomic.file_version(tmp_path / "missing.bin")
