@@ -374,6 +374,58 @@ def test_scene_points_on_instances_of_a_source_disabled_in_renders():
         bpy.data.particles.remove(particles)
 
 
+def test_scene_points_leave_out_particle_collection_members_disabled_in_renders():
+    """Hair particles instancing a whole collection of a quad, a quad disabled in renders and a
+    child collection disabled in renders (its quad): the viewport's depsgraph, which the scene's
+    points are read from outside a render, holds all three quads' instances, renders only the
+    first's (measured in bpy 5.0.1), so every point lies on the first quad's instances (their
+    triangles read here from Blender's own depsgraph entries) and none on the others'."""
+    from blender_addon.datagen.surface_points import evaluated_depsgraph, sample_surface_points
+
+    scene = bpy.data.scenes.new("particle_kit")
+    main = bpy.data.collections.new("pk_main")
+    kit, kit_off = bpy.data.collections.new("pk_kit"), bpy.data.collections.new("pk_kit_off")
+    scene.collection.children.link(main)
+    kit.children.link(kit_off)  # the kit itself is in no scene: only its instances render
+    kit_off.hide_render = True
+    shown = _quad(0.0, "pk_shown", kit)
+    hidden = _quad(10.0, "pk_hidden", kit)
+    hidden.hide_render = True
+    off = _quad(20.0, "pk_in_hidden_collection", kit_off)
+    emitter = _quad(-40.0, "pk_emitter", main)
+    emitter.show_instancer_for_viewport = emitter.show_instancer_for_render = False
+    emitter.modifiers.new("pk_particles", "PARTICLE_SYSTEM")
+    particles = emitter.particle_systems[0].settings
+    particles.type, particles.count, particles.hair_length = "HAIR", 4, 1.0
+    particles.render_type, particles.instance_collection, particles.use_whole_collection = "COLLECTION", kit, True
+    try:
+        depsgraph = evaluated_depsgraph(scene)
+        placed: dict[str, list[tuple[list, list]]] = {}
+        for inst in depsgraph.object_instances:
+            name = inst.object.original.name
+            if inst.is_instance and name in (shown.name, hidden.name, off.name):
+                M = inst.matrix_world
+                mesh = inst.object.original.data
+                placed.setdefault(name, []).append(([tuple(M @ v.co) for v in mesh.vertices],
+                                                    [tuple(p.vertices) for p in mesh.polygons]))
+        assert {k: len(v) for k, v in placed.items()} == {shown.name: 4, hidden.name: 4, off.name: 4}
+
+        def bvh(name: str) -> BVHTree:
+            verts, polys = [], []
+            for vs, ps in placed[name]:
+                polys += [tuple(len(verts) + i for i in p) for p in ps]
+                verts += vs
+            return BVHTree.FromPolygons(verts, polys)
+
+        points, _ = sample_surface_points(scene, 1000, seed=4)
+        on = {name: np.array([bvh(name).find_nearest(Vector(p))[3] for p in points]) for name in placed}
+        assert on[shown.name].max() < 1e-4, (on[hidden.name] < 1e-4).sum() + (on[off.name] < 1e-4).sum()
+        assert min(on[hidden.name].min(), on[off.name].min()) > 0.1  # the instances lie apart (scaled to 1/20)
+    finally:
+        _remove_test_scene(scene, [main, kit, kit_off])
+        bpy.data.particles.remove(particles)
+
+
 def test_scene_surfaces_read_each_curve_text_and_metaball_once():
     """A bevelled curve, a text and a metaball render one mesh each, which Blender's
     depsgraph gives as an instance of its own beside the object: the scene's surfaces are

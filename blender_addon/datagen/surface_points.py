@@ -327,9 +327,7 @@ def rendered_parts(depsgraph: Any, owners: Sequence[Any], originals: Sequence[An
             shown_by_parent.add(k)  # metaballs have rules of their own (their family's basis)
     # per owner instancing a collection (itself or by its particles): its objects a render leaves
     # out, whose instances this (viewport's) depsgraph holds (:func:`collection_members`)
-    not_rendered = {k: left_out for k, o in enumerate(owners)
-                    for members, rendered, _ in [collection_members(o)]
-                    for left_out in [(members - rendered) | _particle_collections_not_rendered(o)] if left_out}
+    not_rendered = {k: left_out for k, o in enumerate(owners) for left_out in [instances_not_rendered(o)] if left_out}
     out: list[tuple[list[_MeshTris], list[tuple[np.ndarray, np.ndarray]]]] = [([], []) for _ in owners]
     cache: dict = {}
     for inst in depsgraph.object_instances:
@@ -369,6 +367,16 @@ def collection_members(obj: Any) -> tuple[set[int], set[int], list[str]]:
     if obj.instance_type != "COLLECTION" or collection is None:
         return set(), set(), []
     return _collection_visibility(collection)
+
+
+def instances_not_rendered(obj: Any) -> set[int]:
+    """The objects (``as_pointer()``) that ``obj`` instances from a collection (as an instancer,
+    by its particle systems or by its Geometry Nodes) whose instances the viewport's depsgraph
+    holds but renders leave out: :func:`collection_members` and
+    :func:`_particle_collections_not_rendered`, the one rule every sampling of a viewport's
+    depsgraph applies so that it takes what renders show."""
+    members, rendered, _ = collection_members(obj)
+    return (members - rendered) | _particle_collections_not_rendered(obj)
 
 
 def _particle_collections_not_rendered(obj: Any) -> set[int]:
@@ -547,17 +555,28 @@ def _shown_geometry(depsgraph: Any, surfaces: bool = True, points: bool = True
     each instance at its own place, from one pass over its entries: the triangles of its mesh
     entries (with ``surfaces``; a curve's, text's, surface's or metaball's evaluated mesh is
     one) and the :func:`own_points` (and colours) of its point cloud and hair entries (with
-    ``points``; empty without), each entry read once (:func:`rendered_parts`)."""
+    ``points``; empty without), each entry read once (:func:`rendered_parts`). Of a viewport's
+    depsgraph, no instance of an object that renders leave out of an instanced collection
+    (:func:`instances_not_rendered` of its instancer: particles' and Geometry Nodes' collections
+    too); a render's holds none, and its Object Info instances of such an object do render."""
     view_layer = depsgraph.view_layer
     rendered = _rendered_collections(view_layer.layer_collection)
     types = GEOMETRY_TYPES | POINT_TYPES if points else GEOMETRY_TYPES
     meshes = []
     parts = [(np.empty((0, 3), np.float32), np.empty((0, 3), np.float32))]
     cache: dict = {}
+    # per instancer (as_pointer()): its instanced objects that renders leave out; None: a render's depsgraph
+    not_rendered: dict[int, set[int]] | None = None if depsgraph.mode == "RENDER" else {}
     for inst in depsgraph.object_instances:
         obj = inst.object
         if obj.type not in types or not seen_by_camera(inst, view_layer, rendered):
             continue
+        if not_rendered is not None and inst.is_instance and inst.parent is not None:
+            instancer = inst.parent.original
+            if instancer.as_pointer() not in not_rendered:
+                not_rendered[instancer.as_pointer()] = instances_not_rendered(instancer)
+            if obj.original.as_pointer() in not_rendered[instancer.as_pointer()]:
+                continue
         # each entry's own data, as Cycles draws it (:func:`rendered_parts`): a curve's mesh, a
         # mesh's Geometry Nodes points come as entries of their own, so each is read once
         if surfaces:
