@@ -26,7 +26,7 @@ from .camera_bridge import (
 )
 from .colour import use_photo_colours
 from .operators import refused_in_linked_scene
-from .point_source import ID_ATTRIBUTE, POINT_OBJECT_MARK, object_positions
+from .point_source import ID_ATTRIBUTE, POINT_OBJECT_MARK, SAMPLED_POINTS_NAME, object_positions
 
 COLOR_ATTRIBUTE = "Col"
 # Camera property: imported without a cloud, so its Clip Start / End are Blender's defaults until
@@ -988,7 +988,7 @@ class NPBGPP_OT_points_from_meshes(bpy.types.Operator):
         except ValueError as exc:
             self.report({"ERROR"}, str(exc))
             return {"CANCELLED"}
-        obj = make_point_object("NPBG++ Points", points, colors, context)
+        obj = make_point_object(SAMPLED_POINTS_NAME, points, colors, context)
         use_point_object(context, obj)
         if skipped:
             self.report({"WARNING"}, f"Sampled the objects with a surface or points; skipped: {skipped_text(skipped)}.")
