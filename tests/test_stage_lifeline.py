@@ -161,8 +161,9 @@ def stop_own(stage: subprocess.Popen, work: str) -> None:
 
 # A stand-in for the training child: reports its pid, answers SIGTERM like the trainer
 # (a line in a file, exit 143), or ignores it (a stuck trainer). It starts with SIGTERM
-# blocked (DRIVER) and unblocks it once its handler is set, so a SIGTERM sent while Python
-# starts up (a 0.5 s time limit on a loaded machine) is answered, not fatal by default.
+# blocked (DRIVER) and unblocks it once its handler is set and its pid written, so a SIGTERM
+# sent while Python starts up (a 0.5 s time limit on a loaded machine) is answered, not fatal
+# by default, and drive() still learns the pid (an obeying child would exit before writing it).
 FAKE_CHILD = """
 import os, signal, sys, time
 folder, mode = sys.argv[1], sys.argv[2]
@@ -172,8 +173,9 @@ def on_term(signum, frame):
     if mode == "obey":
         sys.exit(143)
 signal.signal(signal.SIGTERM, on_term)
-signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM])  # one sent while Python started: now
+# the pid before the unblock: a SIGTERM held since start-up must not end it unannounced
 open(os.path.join(folder, "child.pid"), "w").write(str(os.getpid()))
+signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM])  # one sent while Python started: now
 time.sleep(600)
 """
 
