@@ -374,6 +374,41 @@ def test_scene_points_on_instances_of_a_source_disabled_in_renders():
         bpy.data.particles.remove(particles)
 
 
+def test_scene_points_leave_out_a_child_at_its_own_place_that_its_parent_instances():
+    """A quad instancing its children at its vertices (Instancing: Vertices, itself not shown):
+    renders show the children only there, but the viewport's depsgraph, which the scene's
+    points are read from outside a render, also holds each at its own place (measured in bpy
+    5.0.1): every point lies near the parent's vertices (x near 40), none at the children's own
+    place (x near 0; were sampled there). The children: a quad (z 0) and a bevelled curve 1
+    above it, whose mesh the depsgraph gives as an entry of its own, so the rule holds for all
+    the child makes (the curve's points lie at z near 1)."""
+    from blender_addon.datagen.surface_points import sample_surface_points
+
+    scene = bpy.data.scenes.new("vertex_children")
+    main = bpy.data.collections.new("vc_main")
+    scene.collection.children.link(main)
+    grid = _quad(40.0, "vc_grid", main)
+    grid.instance_type = "VERTS"
+    grid.show_instancer_for_viewport = grid.show_instancer_for_render = False
+    _quad(0.0, "vc_child_quad", main).parent = grid
+    curve = bpy.data.curves.new("vc_child_curve", "CURVE")
+    curve.dimensions, curve.bevel_depth = "3D", 0.05
+    spline = curve.splines.new("POLY")
+    spline.points.add(1)
+    spline.points[0].co, spline.points[1].co = (0.0, -0.2, 1.0, 1.0), (0.0, 0.2, 1.0, 1.0)
+    tube = bpy.data.objects.new("vc_child_curve", curve)
+    tube.parent = grid
+    main.objects.link(tube)
+    try:
+        points, _ = sample_surface_points(scene, 2000, seed=5)
+        assert (np.abs(points[:, 0] - 40.0) <= 0.25 + 0.25 + 1e-5).all(), (np.abs(points[:, 0]) < 1.0).sum()
+        assert (points[:, 2] > 0.5).any() and (points[:, 2] < 0.5).any()  # on both children's instances
+    finally:
+        bpy.data.objects.remove(tube)
+        bpy.data.curves.remove(curve)
+        _remove_test_scene(scene, [main])
+
+
 def test_scene_points_leave_out_particle_collection_members_disabled_in_renders():
     """Hair particles instancing a whole collection of a quad, a quad disabled in renders and a
     child collection disabled in renders (its quad): the viewport's depsgraph, which the scene's

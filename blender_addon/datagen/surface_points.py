@@ -502,10 +502,10 @@ def seen_by_camera(inst: Any, view_layer: Any, rendered: set[int]) -> bool:
     emitter with Show Instancer / Show Emitter off), the object is not disabled in renders
     (for an instance, only a collection instance's member or a child instanced at its parent's
     vertices or faces: particles' and Geometry Nodes' instances of an object disabled in renders
-    render, measured in bpy 5.0.1's render depsgraph), not Holdout (a hole
-    in the image) and visible to camera rays, and the object it stands
-    for (its instancer, for
-    an instance) is in one of the ``rendered`` collections (:func:`_rendered_collections`)
+    render, measured in bpy 5.0.1's render depsgraph), not a child at its own place that its
+    parent instances at its vertices or faces (renders show it only there), not Holdout (a
+    hole in the image) and visible to camera rays, and the object it stands for (its
+    instancer, for an instance) is in one of the ``rendered`` collections (:func:`_rendered_collections`)
     and neither Holdout nor Indirect Only there (Blender's own ``holdout_get`` /
     ``indirect_only_get``: the object's flag or any of its view-layer collections'). Even a
     render's depsgraph (:func:`during_a_render`) holds Holdout, Indirect Only and objects
@@ -520,6 +520,12 @@ def seen_by_camera(inst: Any, view_layer: Any, rendered: set[int]) -> bool:
     # viewport's depsgraph holds (measured in bpy 5.0.1)
     disabled = obj.hide_render and (not instanced or base.instance_type == "COLLECTION"
                                     or (base.instance_type in INSTANCES_CHILDREN and obj.parent == base))
+    # a child its parent instances at its vertices or faces, at its own place (with all it makes
+    # there: its evaluated mesh, its instances): renders show it only where its parent instances it,
+    # which only the viewport's depsgraph also holds here (:data:`INSTANCES_CHILDREN`, the rule of
+    # :func:`rendered_parts`; metaballs have rules of their own)
+    disabled = disabled or (base.parent is not None and base.type != "META"
+                            and base.parent.instance_type in INSTANCES_CHILDREN)
     if not inst.show_self or disabled or obj.is_holdout or not obj.visible_camera:
         return False
     if not any(c.as_pointer() in rendered for c in base.users_collection):
