@@ -826,6 +826,10 @@ NO_POINTS = "no points"
 # A child of an object instancing it at its vertices or faces: renders show it only there.
 INSTANCED_BY_PARENT = ("renders show it only where its parent {parent!r} instances it (Instancing: Vertices / "
                        "Faces): select that to sample those")
+# An emitter or instancer whose Show Emitter / Show Instancer is off for renders: renders show only what
+# it instances (the depsgraph entry's show_self), here nothing with a surface or points.
+NOT_SHOWN_ITSELF = ("not shown itself in renders (Show Emitter / Show Instancer off), and what it instances has no "
+                    "surfaces nor points")
 # Faces whose world-space area is 0: nothing to spread points over (the sampler would refuse them all).
 NO_AREA = "zero surface area: its faces are flat or scaled to nothing"
 SKIP_REASONS = {
@@ -969,6 +973,9 @@ class NPBGPP_OT_points_from_meshes(bpy.types.Operator):
                         reason = INSTANCED_BY_PARENT.format(parent=obj.parent.name)
                     elif tris:
                         reason = NO_AREA
+                    elif not obj.show_instancer_for_render and (len(obj.particle_systems)
+                                                                or obj.instance_type in INSTANCES_CHILDREN):
+                        reason = NOT_SHOWN_ITSELF  # its own faces were left out as renders leave them out
                     elif obj.type == "EMPTY":
                         reason = EMPTY_COLLECTION
                     elif obj.type in POINT_TYPES:

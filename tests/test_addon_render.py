@@ -3213,6 +3213,35 @@ def test_points_from_meshes_samples_particles_as_renders_show_them(scene):
     assert emitter.particle_systems[0].settings == settings and len(bpy.data.particles) == 1
 
 
+def test_points_from_meshes_failing_after_copying_particle_settings_leaves_none(scene):
+    """Nothing to sample on a plane whose Show Emitter is off in renders and whose particles
+    instance a mesh of vertices only (after the plane's particle settings were copied at their
+    render display): the error names the plane with that reason (not as a mesh without faces:
+    it has one), and the temporary copies of the object and of its particle settings are gone,
+    the user's settings as they were."""
+    sc = scene["scene"]
+    mesh = bpy.data.meshes.new("Dots")
+    mesh.from_pydata([(0.0, 0.0, 0.0), (1.0, 0.0, 0.0)], [], [])
+    dots = bpy.data.objects.new("Dots", mesh)
+    sc.collection.objects.link(dots)
+    bpy.ops.mesh.primitive_plane_add(size=2.0)
+    emitter = bpy.context.active_object
+    emitter.name, emitter.show_instancer_for_render = "Emitter", False
+    emitter.modifiers.new("Dots", "PARTICLE_SYSTEM")
+    settings = emitter.particle_systems[0].settings
+    settings.type, settings.count, settings.hair_length = "HAIR", 5, 1.0
+    settings.render_type, settings.instance_object, settings.display_percentage = "OBJECT", dots, 40
+    bpy.context.view_layer.update()
+    for o in sc.objects:
+        o.select_set(o == emitter)
+    objects, particles = set(bpy.data.objects), set(bpy.data.particles)
+    with pytest.raises(RuntimeError, match=r"Nothing to sample points on or take points of: Emitter \(not shown "
+                                           r"itself in renders \(Show Emitter / Show Instancer off\)"):
+        bpy.ops.npbgpp.points_from_meshes(count=10)
+    assert set(bpy.data.objects) == objects and set(bpy.data.particles) == particles
+    assert emitter.particle_systems[0].settings == settings and settings.display_percentage == 40
+
+
 def test_points_from_meshes_samples_an_instanced_collection(scene, capfd):
     """An empty (moved, turned, scaled 2) instancing a collection whose cube it renders, selected
     beside a plane: the cube is sampled where the empty shows it, every point on the plane or on
