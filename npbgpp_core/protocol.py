@@ -268,7 +268,8 @@ class SetPoints(Request):
 
 @dataclass
 class LoadBundle(Request):
-    """Load a NeuralScene file (kept while path, size, mtime, device and precision match)."""
+    """Load a NeuralScene file (kept while its path, saved version (atomic.file_version), device and
+    precision match)."""
 
     path: str
     device: str = "AUTO"
