@@ -1005,6 +1005,14 @@ class NPBGPP_OT_points_from_meshes(bpy.types.Operator):
                 self.report({"WARNING"}, f"{instancer.name!r} instances {', '.join(map(repr, hidden))}, which "
                                          "renders show and viewports hide: not sampled (Python evaluates the "
                                          "viewport's instances; show them in viewports to sample them).")
+        emitters = sorted(o.name for o in chosen if any(
+            settings.type == "EMITTER" and settings.render_type in ("OBJECT", "COLLECTION")
+            for settings in (p.settings for p in o.particle_systems) if settings is not None))
+        if emitters:  # measured in bpy 5.0.1: a copy's emitted particles stand where they are born
+            self.report({"WARNING"}, f"{', '.join(map(repr, emitters))} emit particles that instance objects: sampled "
+                                     "where a temporary copy puts them, which has no simulation cache (where they "
+                                     "are born), not where the animation moved them. For their rendered places, "
+                                     "Object > Apply > Make Instances Real and sample the objects it makes.")
         switches = {o.name: viewport_switches(o) for o in chosen}
         if any(switches.values()):
             named = ", ".join(f"{name!r} ({', '.join(map(repr, mods))})" for name, mods in switches.items() if mods)

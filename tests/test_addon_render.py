@@ -3242,6 +3242,40 @@ def test_points_from_meshes_failing_after_copying_particle_settings_leaves_none(
     assert emitter.particle_systems[0].settings == settings and settings.display_percentage == 40
 
 
+def test_points_from_meshes_warns_of_emitted_particles_instancing_objects(scene, capfd):
+    """Emitted (not hair) particles instancing a ball, simulated to frame 20 (they fall): the
+    temporary copy Points from Selected Meshes evaluates has no simulation cache, and its
+    particles stand where they are born, on the emitter (measured in bpy 5.0.1; the original's
+    have fallen below it), so a warning names the emitter and what to do; hair particles
+    (strands, no simulation) give none."""
+    sc = scene["scene"]
+    bpy.ops.mesh.primitive_ico_sphere_add(radius=0.1, location=(0.0, 0.0, -50.0))
+    ball = bpy.context.active_object
+    bpy.ops.mesh.primitive_plane_add(size=2.0)
+    emitter = bpy.context.active_object
+    emitter.name = "Emitter"
+    emitter.modifiers.new("Balls", "PARTICLE_SYSTEM")
+    settings = emitter.particle_systems[0].settings
+    settings.count, settings.frame_start, settings.frame_end, settings.lifetime = 20, 1, 5, 200
+    settings.render_type, settings.instance_object = "OBJECT", ball
+    for frame in range(1, 21):
+        sc.frame_set(frame)
+    depsgraph = bpy.context.evaluated_depsgraph_get()
+    fallen = [i.matrix_world.translation.z for i in depsgraph.object_instances
+              if i.is_instance and i.parent is not None and i.parent.original == emitter]
+    assert len(fallen) == 20 and max(fallen) < -0.1  # the original's, simulated
+    for o in sc.objects:
+        o.select_set(o == emitter)
+    capfd.readouterr()
+    assert bpy.ops.npbgpp.points_from_meshes(count=200, seed=1) == {"FINISHED"}
+    out = capfd.readouterr().out
+    assert "'Emitter' emit particles that instance objects: sampled where a temporary copy puts them" in out, out
+    settings.type = "HAIR"
+    capfd.readouterr()
+    assert bpy.ops.npbgpp.points_from_meshes(count=200, seed=1) == {"FINISHED"}
+    assert "emit particles" not in capfd.readouterr().out
+
+
 def test_points_from_meshes_samples_an_instanced_collection(scene, capfd):
     """An empty (moved, turned, scaled 2) instancing a collection whose cube it renders, selected
     beside a plane: the cube is sampled where the empty shows it, every point on the plane or on
