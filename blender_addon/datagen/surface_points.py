@@ -651,12 +651,6 @@ def sample_triangles(meshes: list[_MeshTris], count: int, seed: int, what: str) 
     return points.astype(np.float32), colors.astype(np.float32)
 
 
-def scene_bounds(bpy_scene, depsgraph: Any = None) -> tuple[np.ndarray, float]:
-    """Centre and radius of a sphere around all visible mesh vertices (those
-    :func:`scene_triangles` reads from ``depsgraph``, by default the viewport's)."""
-    return _bounds(scene_triangles(bpy_scene, depsgraph=depsgraph), bpy_scene)
-
-
 def _bounds(meshes: list[_MeshTris], bpy_scene: Any, points: np.ndarray | None = None) -> tuple[np.ndarray, float]:
     """Centre and radius of a sphere around the vertices of ``meshes`` and the world ``points``
     (those a render shows as points, or None)."""
