@@ -740,6 +740,13 @@ PARTICLE_RENDER_SETTINGS = (
     ("display_percentage", lambda settings: 100),
     ("child_percent", lambda settings: settings.rendered_child_count),
 )
+# Modifiers that step a simulation frame by frame into a cache of the object's own: a copy has
+# none (measured in bpy 5.0.1, 20 frames stepped: a cloth grid's copy evaluates to min z -1.78
+# where the original hangs at -1.46, a soft body's copy stands where the original fell from, a
+# Geometry Nodes simulation zone's copy shows its first step, emitted particles stand where born).
+SIMULATION_MODIFIERS = {"CLOTH", "SOFT_BODY", "FLUID", "DYNAMIC_PAINT"}
+# Geometry Nodes nodes whose output is a cache of earlier frames (a simulation zone, a Bake node).
+SIMULATION_NODES = {"GeometryNodeSimulationInput", "GeometryNodeSimulationOutput", "GeometryNodeBake"}
 # Prefix of the copies' names: a metaball copy named so forms a family (a basis and the
 # objects named as it plus ".NNN", polygonized together) of the selected members only,
 # apart from the user's family.
@@ -761,7 +768,10 @@ def render_setting_copies(objects: list, scene: Any) -> Iterator[list]:
     viewport's settings; the photos of a dataset, and its points3d.ply
     (``datagen.surface_points.during_a_render``), show the render's. The copies are removed
     and Simplify restored on leaving, errors included, so the user's objects (linked ones too)
-    and scene are as they were. Not emulated: a Geometry Nodes "Is Viewport" switch (the
+    and scene are as they were. An object holding a simulation (:func:`simulations`) is given
+    itself, not a copy: a copy has no simulation cache, and changing the original's settings
+    could free its cache; its settings that differ for renders are the viewport's
+    (:func:`viewport_differences`). Not emulated: a Geometry Nodes "Is Viewport" switch (the
     operator warns of one, :func:`viewport_switches`); metaballs
     of a family combine only with its selected members (the operator names the others)."""
     copies: list = []
@@ -774,6 +784,9 @@ def render_setting_copies(objects: list, scene: Any) -> Iterator[list]:
             r.simplify_subdivision = r.simplify_subdivision_render
             r.simplify_child_particles = r.simplify_child_particles_render
         for obj in objects:
+            if simulations(obj):  # sampled as it stands, cache and all (:func:`viewport_differences`)
+                copies.append(obj)
+                continue
             copy = obj.copy()
             copies.append(copy)
             copy.name = COPY_PREFIX + obj.name
@@ -799,8 +812,9 @@ def render_setting_copies(objects: list, scene: Any) -> Iterator[list]:
             scene.collection.objects.link(copy)
         yield copies
     finally:
-        for copy in copies:
-            bpy.data.objects.remove(copy)
+        for copy, obj in zip(copies, objects, strict=False):
+            if copy != obj:
+                bpy.data.objects.remove(copy)
         for settings in settings_copies:
             bpy.data.particles.remove(settings)
         for data in data_copies:
@@ -882,9 +896,9 @@ def unselected_family_members(meshes: list, scene: Any) -> list[tuple[list[str],
     return out
 
 
-def has_is_viewport_node(tree: Any, seen: set | None = None) -> bool:
+def has_node(tree: Any, kinds: set[str], seen: set | None = None) -> bool:
     """Whether the node tree ``tree``, or a node group it uses (at any depth), has an unmuted
-    Is Viewport node."""
+    node whose ``bl_idname`` is one of ``kinds``."""
     seen = set() if seen is None else seen
     if tree is None or tree.as_pointer() in seen:
         return False
@@ -892,11 +906,74 @@ def has_is_viewport_node(tree: Any, seen: set | None = None) -> bool:
     for node in tree.nodes:
         if node.mute:
             continue
-        if node.bl_idname == "GeometryNodeIsViewport":
+        if node.bl_idname in kinds:
             return True
-        if getattr(node, "node_tree", None) is not None and has_is_viewport_node(node.node_tree, seen):
+        if getattr(node, "node_tree", None) is not None and has_node(node.node_tree, kinds, seen):
             return True
     return False
+
+
+def has_is_viewport_node(tree: Any) -> bool:
+    """Whether the node tree ``tree``, or a node group it uses (at any depth), has an unmuted
+    Is Viewport node."""
+    return has_node(tree, {"GeometryNodeIsViewport"})
+
+
+def simulations(obj: Any) -> list[str]:
+    """The names of ``obj``'s modifiers shown in renders that hold a simulation stepped frame by
+    frame, whose cache a copy of ``obj`` lacks: cloth, soft body, fluid, dynamic paint
+    (:data:`SIMULATION_MODIFIERS`), a particle system of emitted particles or of hair with hair
+    dynamics, and Geometry Nodes with a simulation zone or a Bake node (:data:`SIMULATION_NODES`)."""
+    out = []
+    for modifier in getattr(obj, "modifiers", ()):
+        if not modifier.show_render:
+            continue
+        if modifier.type == "PARTICLE_SYSTEM":
+            system = modifier.particle_system
+            simulated = system.settings is not None and (system.settings.type == "EMITTER"
+                                                         or system.use_hair_dynamics)
+        elif modifier.type == "NODES":
+            simulated = has_node(modifier.node_group, SIMULATION_NODES)
+        else:
+            simulated = modifier.type in SIMULATION_MODIFIERS
+        if simulated:
+            out.append(modifier.name)
+    return out
+
+
+def viewport_differences(obj: Any) -> list[str]:
+    """What of ``obj`` the viewport evaluates otherwise than renders, in words (empty when
+    nothing): modifiers shown in one of them only, each modifier's setting of
+    :data:`RENDER_SETTINGS`, its data's of :data:`DATA_RENDER_SETTINGS`, its particles' display
+    of :data:`PARTICLE_RENDER_SETTINGS`, and Show Instancer / Show Emitter on for renders only.
+    What an object sampled as it stands (one holding a simulation) is sampled with."""
+    out = []
+    for modifier in obj.modifiers:
+        if modifier.show_viewport != modifier.show_render:
+            out.append(f"modifier {modifier.name!r} is shown in {'renders' if modifier.show_render else 'viewports'}"
+                       " only")
+        elif modifier.show_render:
+            for viewport, render in RENDER_SETTINGS.get(modifier.type, ()):
+                if getattr(modifier, viewport) != getattr(modifier, render):
+                    out.append(f"modifier {modifier.name!r} has {viewport} {getattr(modifier, viewport)}, "
+                               f"{render} {getattr(modifier, render)}")
+    for viewport, render in DATA_RENDER_SETTINGS.get(obj.type, ()):
+        if getattr(obj.data, render) and getattr(obj.data, viewport) != getattr(obj.data, render):
+            out.append(f"its data has {viewport} {getattr(obj.data, viewport)}, {render} {getattr(obj.data, render)}")
+    for system in obj.particle_systems:
+        settings = system.settings
+        if settings is not None and settings.render_type in ("OBJECT", "COLLECTION"):
+            for viewport, render in PARTICLE_RENDER_SETTINGS:
+                if viewport == "display_method" and settings.display_method != "NONE":
+                    continue  # only None leaves the viewport without the instances
+                if viewport == "child_percent" and settings.child_type == "NONE":
+                    continue
+                if getattr(settings, viewport) != render(settings):
+                    out.append(f"particles {settings.name!r} have {viewport} {getattr(settings, viewport)!r} "
+                               f"(renders: {render(settings)!r})")
+    if obj.show_instancer_for_render and not obj.show_instancer_for_viewport:
+        out.append("Show Instancer / Show Emitter is on for renders only")
+    return out
 
 
 def viewport_switches(obj: Any) -> list[str]:
@@ -1005,14 +1082,13 @@ class NPBGPP_OT_points_from_meshes(bpy.types.Operator):
                 self.report({"WARNING"}, f"{instancer.name!r} instances {', '.join(map(repr, hidden))}, which "
                                          "renders show and viewports hide: not sampled (Python evaluates the "
                                          "viewport's instances; show them in viewports to sample them).")
-        emitters = sorted(o.name for o in chosen if any(
-            settings.type == "EMITTER" and settings.render_type in ("OBJECT", "COLLECTION")
-            for settings in (p.settings for p in o.particle_systems) if settings is not None))
-        if emitters:  # measured in bpy 5.0.1: a copy's emitted particles stand where they are born
-            self.report({"WARNING"}, f"{', '.join(map(repr, emitters))} emit particles that instance objects: sampled "
-                                     "where a temporary copy puts them, which has no simulation cache (where they "
-                                     "are born), not where the animation moved them. For their rendered places, "
-                                     "Object > Apply > Make Instances Real and sample the objects it makes.")
+        for simulated in chosen:  # sampled as it stands (no copy: a copy has no simulation cache)
+            differences = viewport_differences(simulated) if simulations(simulated) else []
+            if differences:
+                self.report({"WARNING"}, f"{simulated.name!r} holds a simulation "
+                                         f"({', '.join(map(repr, simulations(simulated)))}): sampled as the viewport "
+                                         f"shows it at frame {context.scene.frame_current}, with its viewport "
+                                         f"settings where renders differ: {'; '.join(differences)}.")
         switches = {o.name: viewport_switches(o) for o in chosen}
         if any(switches.values()):
             named = ", ".join(f"{name!r} ({', '.join(map(repr, mods))})" for name, mods in switches.items() if mods)

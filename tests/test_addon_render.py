@@ -3242,38 +3242,114 @@ def test_points_from_meshes_failing_after_copying_particle_settings_leaves_none(
     assert emitter.particle_systems[0].settings == settings and settings.display_percentage == 40
 
 
-def test_points_from_meshes_warns_of_emitted_particles_instancing_objects(scene, capfd):
-    """Emitted (not hair) particles instancing a ball, simulated to frame 20 (they fall): the
-    temporary copy Points from Selected Meshes evaluates has no simulation cache, and its
-    particles stand where they are born, on the emitter (measured in bpy 5.0.1; the original's
-    have fallen below it), so a warning names the emitter and what to do; hair particles
-    (strands, no simulation) give none."""
+def test_points_from_meshes_samples_emitted_particles_where_simulated(scene, capfd):
+    """Emitted particles instancing a ball (radius 0.1), simulated to frame 20 (they fall below
+    the plane emitting them, Show Emitter off for renders): every point lies on a ball where
+    Blender's own depsgraph puts it at that frame (a temporary copy, having no simulation cache,
+    put them where they are born, on the plane: measured in bpy 5.0.1), the plane is left out
+    as renders leave it out, no warning is given, and the simulation is as it was."""
     sc = scene["scene"]
     bpy.ops.mesh.primitive_ico_sphere_add(radius=0.1, location=(0.0, 0.0, -50.0))
     ball = bpy.context.active_object
+    ball.hide_render = True  # renders show it where the particles instance it only
     bpy.ops.mesh.primitive_plane_add(size=2.0)
     emitter = bpy.context.active_object
     emitter.name = "Emitter"
+    emitter.show_instancer_for_render = False
     emitter.modifiers.new("Balls", "PARTICLE_SYSTEM")
     settings = emitter.particle_systems[0].settings
     settings.count, settings.frame_start, settings.frame_end, settings.lifetime = 20, 1, 5, 200
     settings.render_type, settings.instance_object = "OBJECT", ball
+    settings.particle_size = 1.0  # the ball at its own size
     for frame in range(1, 21):
         sc.frame_set(frame)
-    depsgraph = bpy.context.evaluated_depsgraph_get()
-    fallen = [i.matrix_world.translation.z for i in depsgraph.object_instances
-              if i.is_instance and i.parent is not None and i.parent.original == emitter]
-    assert len(fallen) == 20 and max(fallen) < -0.1  # the original's, simulated
+
+    def centres() -> np.ndarray:
+        depsgraph = bpy.context.evaluated_depsgraph_get()
+        return np.array([tuple(i.matrix_world.translation) for i in depsgraph.object_instances
+                         if i.is_instance and i.parent is not None and i.parent.original == emitter])
+
+    fallen = centres()
+    assert len(fallen) == 20 and fallen[:, 2].max() < -0.1  # the original's, simulated
     for o in sc.objects:
         o.select_set(o == emitter)
     capfd.readouterr()
-    assert bpy.ops.npbgpp.points_from_meshes(count=200, seed=1) == {"FINISHED"}
-    out = capfd.readouterr().out
-    assert "'Emitter' emit particles that instance objects: sampled where a temporary copy puts them" in out, out
-    settings.type = "HAIR"
+    assert bpy.ops.npbgpp.points_from_meshes(count=300, seed=1) == {"FINISHED"}
+    assert "WARNING" not in capfd.readouterr().out
+    pts, _ = _sampled_points(sc)
+    assert pts.shape == (300, 3)
+    # the nearest ball centre: within the ball's radius (its faces lie between its inradius and 0.1)
+    nearest = np.linalg.norm(pts[:, None, :] - fallen[None].astype(np.float32), axis=2).min(axis=1)
+    assert nearest.max() < 0.1 + 1e-5 and nearest.min() > 0.07, (nearest.min(), nearest.max())
+    np.testing.assert_allclose(centres(), fallen, atol=1e-6)  # the user's simulation kept
+
+
+def _simulation_zone_tree():
+    """A Geometry Nodes tree moving its geometry 0.1 down at each step of a simulation zone."""
+    tree = bpy.data.node_groups.new("Sinking", "GeometryNodeTree")
+    tree.interface.new_socket("Geometry", in_out="INPUT", socket_type="NodeSocketGeometry")
+    tree.interface.new_socket("Geometry", in_out="OUTPUT", socket_type="NodeSocketGeometry")
+    group_in, group_out = tree.nodes.new("NodeGroupInput"), tree.nodes.new("NodeGroupOutput")
+    sim_in, sim_out = tree.nodes.new("GeometryNodeSimulationInput"), tree.nodes.new("GeometryNodeSimulationOutput")
+    sim_in.pair_with_output(sim_out)
+    move = tree.nodes.new("GeometryNodeTransform")
+    move.inputs["Translation"].default_value = (0.0, 0.0, -0.1)
+    tree.links.new(group_in.outputs[0], sim_in.inputs["Geometry"])
+    tree.links.new(sim_in.outputs["Geometry"], move.inputs["Geometry"])
+    tree.links.new(move.outputs["Geometry"], sim_out.inputs["Geometry"])
+    tree.links.new(sim_out.outputs["Geometry"], group_out.inputs[0])
+    return tree
+
+
+@pytest.mark.parametrize("kind", ["CLOTH", "SOFT_BODY", "SIMULATION_ZONE"])
+def test_points_from_meshes_samples_a_simulation_at_the_frame(scene, capfd, kind):
+    """A cloth grid (with a Subdivision at level 1, Render level 2), a falling soft-body sphere and
+    a cube sinking in a Geometry Nodes simulation zone, simulated to frame 20: every point lies on
+    Blender's own evaluated mesh of the object at that frame (a temporary copy, having no
+    simulation cache, showed the first step: measured in bpy 5.0.1, the cloth's copy reaches z
+    -1.78 where it hangs at -1.46), the simulation is as it was, and for the cloth a warning
+    names the Subdivision, sampled at its viewport level."""
+    sc = scene["scene"]
+    if kind == "CLOTH":
+        bpy.ops.mesh.primitive_grid_add(x_subdivisions=10, y_subdivisions=10, size=2.0)
+        obj = bpy.context.active_object
+        obj.modifiers.new("Cloth", "CLOTH")
+        sub = obj.modifiers.new("Sub", "SUBSURF")
+        sub.levels, sub.render_levels = 1, 2
+    elif kind == "SOFT_BODY":
+        bpy.ops.mesh.primitive_ico_sphere_add()
+        obj = bpy.context.active_object
+        obj.modifiers.new("Soft", "SOFT_BODY")
+        obj.soft_body.use_goal = False  # falls freely
+    else:
+        bpy.ops.mesh.primitive_cube_add()
+        obj = bpy.context.active_object
+        obj.modifiers.new("Sink", "NODES").node_group = _simulation_zone_tree()
+    obj.name = "Simulated"
+    _, start_bvh = _bvh_of_evaluated(obj)
+    for frame in range(1, 21):
+        sc.frame_set(frame)
+    count, simulated_bvh = _bvh_of_evaluated(obj)
+    z_min = min(simulated_bvh.find_nearest(Vector((0.0, 0.0, -100.0)))[0].z, 0.0)
+    assert z_min < -1.1  # it moved from its first step (cube's -1 then -1.1; the grid's 0)
+    for o in sc.objects:
+        o.select_set(o == obj)
     capfd.readouterr()
-    assert bpy.ops.npbgpp.points_from_meshes(count=200, seed=1) == {"FINISHED"}
-    assert "emit particles" not in capfd.readouterr().out
+    assert bpy.ops.npbgpp.points_from_meshes(count=300, seed=2) == {"FINISHED"}
+    out = capfd.readouterr().out
+    pts, _ = _sampled_points(sc)
+    assert pts.shape == (300, 3)
+    on_simulated = _distances(simulated_bvh, pts)
+    assert on_simulated.max() < 1e-4, on_simulated.max()
+    assert (_distances(start_bvh, pts) > 1e-2).mean() > 0.5  # not the unsimulated shape
+    after_count, after_bvh = _bvh_of_evaluated(obj)
+    assert after_count == count and _distances(after_bvh, pts).max() < 1e-4  # its cache kept
+    if kind == "CLOTH":
+        assert ("'Simulated' holds a simulation ('Cloth'): sampled as the viewport shows it at frame 20, with its "
+                "viewport settings where renders differ: modifier 'Sub' has levels 1, render_levels 2.") in out, out
+    else:
+        assert "WARNING" not in out, out
+    assert [o.name for o in bpy.data.objects if o.name.startswith("NPBG++ sampled")] == []
 
 
 def test_points_from_meshes_samples_an_instanced_collection(scene, capfd):

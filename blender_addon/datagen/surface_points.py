@@ -315,8 +315,14 @@ def rendered_parts(depsgraph: Any, owners: Sequence[Any], originals: Sequence[An
     faces (:data:`INSTANCES_CHILDREN`) gives its copy those instances (not of the copies), and a
     copy of such a child renders nothing of its own (Blender shows it only where its parent
     instances it, in renders; measured in bpy 5.0.1: the viewport's depsgraph holds it at its
-    own place too)."""
+    own place too). An owner may be its original itself (one holding a simulation, whose cache
+    a copy lacks): its Show Instancer / Show Emitter for renders is then taken from the original."""
     index = {o.as_pointer(): k for k, o in enumerate(owners)}
+    # owners given as they stand, not copied (one holding a simulation): their Show Instancer /
+    # Show Emitter off for renders only leaves their own entry out, as a copy's would be
+    hidden_self = {k for k, o in enumerate(originals or ()) if o == owners[k] and o.show_instancer_for_viewport
+                   and not o.show_instancer_for_render
+                   and (len(o.particle_systems) or o.instance_type in INSTANCES_CHILDREN)}
     by_children: dict[int, int] = {}  # an original instancing its children -> its copy's index
     shown_by_parent: set[int] = set()  # copies of children their parent instances
     for k, original in enumerate(originals or ()):
@@ -342,7 +348,7 @@ def rendered_parts(depsgraph: Any, owners: Sequence[Any], originals: Sequence[An
         if k is None or k in shown_by_parent:
             continue
         obj = inst.object
-        if not inst.show_self:
+        if not inst.show_self or (k in hidden_self and not inst.is_instance):
             continue  # an instancer or emitter whose Show Instancer / Show Emitter is off: Cycles skips it
         if k in not_rendered and inst.is_instance and obj.original.as_pointer() in not_rendered[k]:
             continue  # also its Geometry Nodes instances (their original is the object)
