@@ -3301,10 +3301,11 @@ def _simulation_zone_tree():
     return tree
 
 
-@pytest.mark.parametrize("kind", ["CLOTH", "SOFT_BODY", "SIMULATION_ZONE"])
+@pytest.mark.parametrize("kind", ["CLOTH", "SOFT_BODY", "SIMULATION_ZONE", "RIGID_BODY"])
 def test_points_from_meshes_samples_a_simulation_at_the_frame(scene, capfd, kind):
-    """A cloth grid (with a Subdivision at level 1, Render level 2), a falling soft-body sphere and
-    a cube sinking in a Geometry Nodes simulation zone, simulated to frame 20: every point lies on
+    """A cloth grid (with a Subdivision at level 1, Render level 2), a falling soft-body sphere, a
+    cube sinking in a Geometry Nodes simulation zone and a falling rigid-body cube, simulated to
+    frame 20: every point lies on
     Blender's own evaluated mesh of the object at that frame (a temporary copy, having no
     simulation cache, showed the first step: measured in bpy 5.0.1, the cloth's copy reaches z
     -1.78 where it hangs at -1.46), the simulation is as it was, and for the cloth a warning
@@ -3321,10 +3322,14 @@ def test_points_from_meshes_samples_a_simulation_at_the_frame(scene, capfd, kind
         obj = bpy.context.active_object
         obj.modifiers.new("Soft", "SOFT_BODY")
         obj.soft_body.use_goal = False  # falls freely
-    else:
+    elif kind == "SIMULATION_ZONE":
         bpy.ops.mesh.primitive_cube_add()
         obj = bpy.context.active_object
         obj.modifiers.new("Sink", "NODES").node_group = _simulation_zone_tree()
+    else:
+        bpy.ops.mesh.primitive_cube_add()
+        obj = bpy.context.active_object
+        bpy.ops.rigidbody.object_add()  # falls freely (its copy stood at z 0: measured in bpy 5.0.1)
     obj.name = "Simulated"
     _, start_bvh = _bvh_of_evaluated(obj)
     for frame in range(1, 21):
