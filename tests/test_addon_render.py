@@ -533,12 +533,11 @@ def test_animation_cancelled_sums_up_on_the_frame_it_stopped(scene, capfd, monke
     assert out.count("cameras of this animation") == 1, out
 
 
-def test_animation_cancelled_between_frames_sums_up_in_the_console_and_the_panel(scene, capfd, monkeypatch):
-    """Esc after frame 2's engine returned, while Blender composites and writes it (Blender's
-    break flag set then): Blender ends the job without another engine call (frame 2 is not
-    written), so no engine can report the summary of the cameras noted on frames 1 and 2;
-    render_cancel prints it to the console, once, as Blender prints reports, and the NPBG++
-    render panel shows it until the next render job starts."""
+def _animation_escaped_after_frame_2(scene, monkeypatch) -> tuple[list[int], object]:
+    """Render the many-camera animation with Esc (Blender's break flag) set once frame 2's
+    engine has returned, while Blender composites and writes it; the job must end CANCELLED.
+    Returns the frames the engine rendered and the engine's own render method (replaced
+    for the job by ``monkeypatch``). Skips where the flag is not found."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from _blender_break import blender_break_flag
 
@@ -548,7 +547,7 @@ def test_animation_cancelled_between_frames_sums_up_in_the_console_and_the_panel
     _animation_through_many_cameras(scene)
     engine_module = sys.modules[f"{MODULE}.engine"]
     real_render = engine_module.NPBGPPRenderEngine.render
-    frames = []
+    frames: list[int] = []
 
     def render_then_esc_on_frame_2(self, depsgraph):
         frames.append(depsgraph.scene.frame_current)
@@ -557,12 +556,23 @@ def test_animation_cancelled_between_frames_sums_up_in_the_console_and_the_panel
             flag.value = True  # Esc once the engine has given frame 2's result
 
     monkeypatch.setattr(engine_module.NPBGPPRenderEngine, "render", render_then_esc_on_frame_2)
-    sc = bpy.context.scene
-    capfd.readouterr()
     try:
         assert bpy.ops.render.render(animation=True) == {"CANCELLED"}
     finally:
         flag.value = False
+    return frames, real_render
+
+
+def test_animation_cancelled_between_frames_sums_up_in_the_console_and_the_panel(scene, capfd, monkeypatch):
+    """Esc after frame 2's engine returned, while Blender composites and writes it (Blender's
+    break flag set then): Blender ends the job without another engine call (frame 2 is not
+    written), so no engine can report the summary of the cameras noted on frames 1 and 2;
+    render_cancel prints it to the console, once, as Blender prints reports, and the NPBG++
+    render panel shows it until the next render job starts."""
+    capfd.readouterr()
+    frames, real_render = _animation_escaped_after_frame_2(scene, monkeypatch)
+    engine_module = sys.modules[f"{MODULE}.engine"]
+    sc = bpy.context.scene
     out = capfd.readouterr().out
     assert frames == [1, 2] and os.path.isfile(sc.render.frame_path(frame=1))
     assert not os.path.exists(sc.render.frame_path(frame=2))
@@ -593,26 +603,7 @@ def test_cancelled_animation_summary_goes_with_its_file(scene, capfd, monkeypatc
     """The summary an animation cancelled between frames left in the NPBG++ render panel
     (made as the test above makes it) is gone once another file is loaded (File > New here):
     it spoke of the file left behind."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from _blender_break import blender_break_flag
-
-    flag = blender_break_flag()
-    if flag is None:
-        pytest.skip("Blender's break flag was not found in this bpy build (the offsets are bpy 5.0.1's)")
-    _animation_through_many_cameras(scene)
-    engine_module = sys.modules[f"{MODULE}.engine"]
-    real_render = engine_module.NPBGPPRenderEngine.render
-
-    def render_then_esc_on_frame_2(self, depsgraph):
-        real_render(self, depsgraph)
-        if depsgraph.scene.frame_current == 2:
-            flag.value = True
-
-    monkeypatch.setattr(engine_module.NPBGPPRenderEngine, "render", render_then_esc_on_frame_2)
-    try:
-        assert bpy.ops.render.render(animation=True) == {"CANCELLED"}
-    finally:
-        flag.value = False
+    _animation_escaped_after_frame_2(scene, monkeypatch)
 
     def labels() -> list[str]:
         layout = _Layout()
