@@ -3106,20 +3106,29 @@ def test_points_from_meshes_samples_a_parent_instancing_its_child_at_its_vertice
     assert np.abs(pts[:, 2] - 1.0).max() < 1e-5  # the plane's only
 
 
-def test_points_from_meshes_leaves_out_a_particle_collection_member_disabled_in_renders(scene):
-    """Hair particles instancing a whole collection of a cube and a sphere disabled in renders:
-    the viewport's depsgraph holds the spheres' instances, renders do not (measured), so every
-    point lies on the cubes Blender's own Make Instances Real gives with the sphere hidden."""
-    sc = scene["scene"]
-    kit = bpy.data.collections.new("Kit")
-    bpy.ops.mesh.primitive_cube_add(size=0.4, location=(0.0, 0.0, -50.0))
+def _cube_and_hidden_sphere(sc, name: str, cube_size: float, radius: float, at: tuple[float, float, float],
+                            sphere_up: float = 1.0):
+    """A new collection ``name``, in no scene, of a cube (``cube_size`` wide, at ``at``) and a
+    sphere of ``radius`` ``sphere_up`` above it, disabled in renders: the kit that collection
+    instancing tests put somewhere. Returns (collection, cube, sphere)."""
+    kit = bpy.data.collections.new(name)
+    bpy.ops.mesh.primitive_cube_add(size=cube_size, location=at)
     cube = bpy.context.active_object
-    bpy.ops.mesh.primitive_uv_sphere_add(radius=0.5, location=(0.0, 0.0, -49.0))
+    bpy.ops.mesh.primitive_uv_sphere_add(radius=radius, location=(at[0], at[1], at[2] + sphere_up))
     sphere = bpy.context.active_object
     sphere.hide_render = True
     for obj in (cube, sphere):
         kit.objects.link(obj)
         sc.collection.objects.unlink(obj)
+    return kit, cube, sphere
+
+
+def test_points_from_meshes_leaves_out_a_particle_collection_member_disabled_in_renders(scene):
+    """Hair particles instancing a whole collection of a cube and a sphere disabled in renders:
+    the viewport's depsgraph holds the spheres' instances, renders do not (measured), so every
+    point lies on the cubes Blender's own Make Instances Real gives with the sphere hidden."""
+    sc = scene["scene"]
+    kit, cube, sphere = _cube_and_hidden_sphere(sc, "Kit", 0.4, 0.5, (0.0, 0.0, -50.0))
     bpy.ops.mesh.primitive_plane_add(size=10.0)
     emitter = bpy.context.active_object
     emitter.show_instancer_for_render = False
@@ -3143,15 +3152,7 @@ def test_points_from_meshes_leaves_out_a_collection_info_member_disabled_in_rend
     depsgraph holds the spheres' instances, renders do not (measured), so every point lies on
     the cubes at the corners (the nodes output the instances only)."""
     sc = scene["scene"]
-    kit = bpy.data.collections.new("Kit")
-    bpy.ops.mesh.primitive_cube_add(size=0.2)
-    cube = bpy.context.active_object
-    bpy.ops.mesh.primitive_uv_sphere_add(radius=0.2, location=(0.0, 0.0, 3.0))
-    sphere = bpy.context.active_object
-    sphere.hide_render = True
-    for obj in (cube, sphere):
-        kit.objects.link(obj)
-        sc.collection.objects.unlink(obj)
+    kit, cube, sphere = _cube_and_hidden_sphere(sc, "Kit", 0.2, 0.2, (0.0, 0.0, 0.0), sphere_up=3.0)
     bpy.ops.mesh.primitive_plane_add(size=4.0)  # corners at (+-2, +-2, 0)
     plane = bpy.context.active_object
     tree = bpy.data.node_groups.new("Kits", "GeometryNodeTree")
@@ -3407,15 +3408,8 @@ def test_points_from_meshes_leaves_out_a_nested_collection_instance_disabled_in_
     empties put it (5 up from its own place); the sphere, 3 above it, gets none (was sampled:
     only the top collection's flags were read)."""
     sc = scene["scene"]
-    inner, outer = bpy.data.collections.new("Inner"), bpy.data.collections.new("Outer")
-    bpy.ops.mesh.primitive_cube_add(size=1.0, location=(0.0, 0.0, 0.0))
-    cube = bpy.context.active_object
-    bpy.ops.mesh.primitive_uv_sphere_add(radius=1.0, location=(0.0, 0.0, 3.0))
-    sphere = bpy.context.active_object
-    sphere.hide_render = True
-    for obj in (cube, sphere):
-        inner.objects.link(obj)
-        sc.collection.objects.unlink(obj)
+    inner, cube, sphere = _cube_and_hidden_sphere(sc, "Inner", 1.0, 1.0, (0.0, 0.0, 0.0), sphere_up=3.0)
+    outer = bpy.data.collections.new("Outer")
     nested = bpy.data.objects.new("Nested", None)
     nested.instance_type, nested.instance_collection, nested.location = "COLLECTION", inner, (0.0, 0.0, 2.0)
     outer.objects.link(nested)
