@@ -2427,20 +2427,8 @@ def _point_object_made_the_old_way(sc, name: str, points: np.ndarray, ids: bool 
     """A point object as the add-on made one before it marked them (its make_point_object since
     the first version: a vertex-only mesh with a "Col" colour, and from d09b6ec "npbgpp_id" ids
     on imported bundles and datasets, converted to a point cloud), without the mark."""
-    mesh = bpy.data.meshes.new(name)
-    mesh.vertices.add(len(points))
-    mesh.attributes["position"].data.foreach_set("vector", points.astype(np.float32).ravel())
-    mesh.color_attributes.new("Col", "FLOAT_COLOR", "POINT")
-    if ids:
-        mesh.attributes.new("npbgpp_id", "INT", "POINT").data.foreach_set("value", np.arange(len(points)))
-    obj = bpy.data.objects.new(name, mesh)
-    sc.collection.objects.link(obj)
-    for o in sc.objects:
-        o.select_set(o == obj)
-    bpy.context.view_layer.objects.active = obj
-    assert bpy.ops.object.convert(target="POINTCLOUD") == {"FINISHED"}
-    obj = bpy.data.objects[name]
-    assert obj.type == "POINTCLOUD" and "npbgpp_point_object" not in obj
+    obj = _point_cloud_object(sc, name, points, np.full((len(points), 4), 0.5), ids=ids)
+    assert "npbgpp_point_object" not in obj
     return obj
 
 
@@ -2905,15 +2893,18 @@ def test_points_from_meshes_image_texture(scene):
     assert keep.sum() > 150
 
 
-def _point_cloud_object(sc, name: str, local: np.ndarray, rgba: np.ndarray | None = None):
+def _point_cloud_object(sc, name: str, local: np.ndarray, rgba: np.ndarray | None = None, ids: bool = False):
     """A Point Cloud object of ``local`` points (a vertex-only mesh converted, as Blender's
-    Python cannot give a new point cloud points), with a "Col" colour of ``rgba`` (sRGB)."""
+    Python cannot give a new point cloud points), with a "Col" colour of ``rgba`` (sRGB) and,
+    with ``ids``, "npbgpp_id" point ids 0, 1, ..."""
     mesh = bpy.data.meshes.new(name)
     mesh.vertices.add(len(local))
     mesh.attributes["position"].data.foreach_set("vector", local.astype(np.float32).ravel())
     if rgba is not None:
         mesh.color_attributes.new("Col", "FLOAT_COLOR", "POINT").data.foreach_set(
             "color_srgb", rgba.astype(np.float32).ravel())
+    if ids:
+        mesh.attributes.new("npbgpp_id", "INT", "POINT").data.foreach_set("value", np.arange(len(local)))
     obj = bpy.data.objects.new(name, mesh)
     sc.collection.objects.link(obj)
     for o in sc.objects:
