@@ -1021,11 +1021,6 @@ def scale_transforms(path: str, resized: dict[str, tuple[float, float]]) -> None
         json.dump(meta, f, indent=1)
 
 
-# The help's one-line summary (the module docstring's first sentence spans two lines).
-STAGE_SUMMARY = ("one resumable NPBG++ training stage, sized for a lent GPU machine (at most 10 minutes a "
-                 "command, at most 64 MiB of inputs), that writes new weights and their card back")
-
-
 def parse_pack_args(argv: list[str]) -> argparse.Namespace:
     """Options of ``stage pack``: a corpus copied small enough for a device call."""
     p = argparse.ArgumentParser(prog="python -m headless_train stage pack",
@@ -1044,7 +1039,7 @@ def parse_pack_args(argv: list[str]) -> argparse.Namespace:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m headless_train stage", description=STAGE_SUMMARY,
+    p = argparse.ArgumentParser(prog="python -m headless_train stage", description=__doc__.split("\n\n")[0],
                                 epilog="A resumed call (same --work) takes every option it leaves out from the "
                                        "run (stage.json); --world-up, --lr, --weights, --input-canvas, "
                                        "--background, --warmup-steps and --targets-per-sample cannot change, the "
