@@ -1086,10 +1086,11 @@ class NPBGPP_OT_points_from_meshes(bpy.types.Operator):
                                          "renders show and viewports hide: not sampled (Python evaluates the "
                                          "viewport's instances; show them in viewports to sample them).")
         for simulated in chosen:  # sampled as it stands (no copy: a copy has no simulation cache)
-            differences = viewport_differences(simulated) if simulations(simulated) else []
+            held = simulations(simulated)
+            differences = viewport_differences(simulated) if held else []
             if differences:
                 self.report({"WARNING"}, f"{simulated.name!r} holds a simulation "
-                                         f"({', '.join(map(repr, simulations(simulated)))}): sampled as the viewport "
+                                         f"({', '.join(map(repr, held))}): sampled as the viewport "
                                          f"shows it at frame {context.scene.frame_current}, with its viewport "
                                          f"settings where renders differ: {'; '.join(differences)}.")
         switches = {o.name: viewport_switches(o) for o in chosen}
