@@ -291,6 +291,15 @@ def _entry_triangles(obj_eval: Any, matrix: Any, cache: dict) -> _MeshTris | Non
 INSTANCES_CHILDREN = ("VERTS", "FACES")
 
 
+def shown_only_where_instanced(obj: Any) -> bool:
+    """Whether renders show the original ``obj`` only where its parent instances it at its
+    vertices or faces (:data:`INSTANCES_CHILDREN`), not at its own place, where a viewport's
+    depsgraph holds it too; metaballs have rules of their own (their family's basis). The one
+    rule of :func:`rendered_parts` and :func:`seen_by_camera`."""
+    parent = obj.parent
+    return parent is not None and parent.instance_type in INSTANCES_CHILDREN and obj.type != "META"
+
+
 def rendered_parts(depsgraph: Any, owners: Sequence[Any], originals: Sequence[Any] | None = None
                    ) -> list[tuple[list[_MeshTris], list[tuple[np.ndarray, np.ndarray]]]]:
     """Per object of ``owners`` (originals in ``depsgraph``'s view layer): the triangles (one
@@ -328,9 +337,8 @@ def rendered_parts(depsgraph: Any, owners: Sequence[Any], originals: Sequence[An
     for k, original in enumerate(originals or ()):
         if original.instance_type in INSTANCES_CHILDREN:
             by_children[original.as_pointer()] = k
-        parent = original.parent
-        if parent is not None and parent.instance_type in INSTANCES_CHILDREN and original.type != "META":
-            shown_by_parent.add(k)  # metaballs have rules of their own (their family's basis)
+        if shown_only_where_instanced(original):
+            shown_by_parent.add(k)
     # per owner instancing a collection (itself or by its particles): its objects a render leaves
     # out, whose instances this (viewport's) depsgraph holds (:func:`collection_members`)
     not_rendered = {k: left_out for k, o in enumerate(owners) for left_out in [instances_not_rendered(o)] if left_out}
@@ -528,10 +536,8 @@ def seen_by_camera(inst: Any, view_layer: Any, rendered: set[int]) -> bool:
                                     or (base.instance_type in INSTANCES_CHILDREN and obj.parent == base))
     # a child its parent instances at its vertices or faces, at its own place (with all it makes
     # there: its evaluated mesh, its instances): renders show it only where its parent instances it,
-    # which only the viewport's depsgraph also holds here (:data:`INSTANCES_CHILDREN`, the rule of
-    # :func:`rendered_parts`; metaballs have rules of their own)
-    disabled = disabled or (base.parent is not None and base.type != "META"
-                            and base.parent.instance_type in INSTANCES_CHILDREN)
+    # which only the viewport's depsgraph also holds here
+    disabled = disabled or shown_only_where_instanced(base)
     if not inst.show_self or disabled or obj.is_holdout or not obj.visible_camera:
         return False
     if not any(c.as_pointer() in rendered for c in base.users_collection):
