@@ -1012,6 +1012,7 @@ class NPBGPP_OT_points_from_meshes(bpy.types.Operator):
             INSTANCES_CHILDREN,
             POINT_TYPES,
             collection_members,
+            not_shown_itself_in_renders,
             rendered_parts,
             sample_triangles,
         )
@@ -1053,8 +1054,7 @@ class NPBGPP_OT_points_from_meshes(bpy.types.Operator):
                         reason = INSTANCED_BY_PARENT.format(parent=obj.parent.name)
                     elif tris:
                         reason = NO_AREA
-                    elif not obj.show_instancer_for_render and (len(obj.particle_systems)
-                                                                or obj.instance_type in INSTANCES_CHILDREN):
+                    elif not_shown_itself_in_renders(obj):
                         reason = NOT_SHOWN_ITSELF  # its own faces were left out as renders leave them out
                     elif obj.type == "EMPTY":
                         reason = EMPTY_COLLECTION

@@ -300,6 +300,15 @@ def shown_only_where_instanced(obj: Any) -> bool:
     return parent is not None and parent.instance_type in INSTANCES_CHILDREN and obj.type != "META"
 
 
+def not_shown_itself_in_renders(obj: Any) -> bool:
+    """Whether renders leave out ``obj``'s own geometry and show only what it instances: a
+    particle emitter with Show Emitter off, or an instancer by vertices or faces with Show
+    Instancer off, for renders (the depsgraph entry's ``show_self``; the flag means nothing to
+    other objects)."""
+    return not obj.show_instancer_for_render and bool(len(obj.particle_systems)
+                                                      or obj.instance_type in INSTANCES_CHILDREN)
+
+
 def rendered_parts(depsgraph: Any, owners: Sequence[Any], originals: Sequence[Any] | None = None
                    ) -> list[tuple[list[_MeshTris], list[tuple[np.ndarray, np.ndarray]]]]:
     """Per object of ``owners`` (originals in ``depsgraph``'s view layer): the triangles (one
@@ -330,8 +339,7 @@ def rendered_parts(depsgraph: Any, owners: Sequence[Any], originals: Sequence[An
     # owners given as they stand, not copied (one holding a simulation): their Show Instancer /
     # Show Emitter off for renders only leaves their own entry out, as a copy's would be
     hidden_self = {k for k, o in enumerate(originals or ()) if o == owners[k] and o.show_instancer_for_viewport
-                   and not o.show_instancer_for_render
-                   and (len(o.particle_systems) or o.instance_type in INSTANCES_CHILDREN)}
+                   and not_shown_itself_in_renders(o)}
     by_children: dict[int, int] = {}  # an original instancing its children -> its copy's index
     shown_by_parent: set[int] = set()  # copies of children their parent instances
     for k, original in enumerate(originals or ()):
