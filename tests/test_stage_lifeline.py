@@ -214,13 +214,15 @@ def kill_leftovers(proc: subprocess.Popen, pid: int | None) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
-def drive(tmp_path, mode: str, timeout: float, grace: float, signals: tuple[int, ...] = ()) -> tuple[str, list[str]]:
-    """Run run_child (in a process of its own, as the stage does) over FAKE_CHILD, send it
-    ``signals`` once the child runs, each after the child has answered the first (its SIGTERM
-    line); returns (its printed result, the child's SIGTERM log)."""
+def drive(tmp_path, mode: str, timeout: float, grace: float, signals: tuple[int, ...] = (),
+          held: tuple[int, ...] = ()) -> tuple[str, list[str]]:
+    """Run run_child (in a process of its own, as the stage does) over FAKE_CHILD, with
+    ``held`` as the stop signals held before it (``pending``), send it ``signals`` once the
+    child runs, each after the child has answered the first (its SIGTERM line); returns (its
+    printed result, the child's SIGTERM log)."""
     driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(tmp_path), mode, str(timeout), str(grace),
-                               FAKE_CHILD], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True,
-                              start_new_session=True, preexec_fn=default_signals)
+                               FAKE_CHILD, *(str(int(s)) for s in held)], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                              text=True, start_new_session=True, preexec_fn=default_signals)
     pid_file, terms = tmp_path / "child.pid", tmp_path / "terms"
     child = None
     try:
@@ -259,16 +261,9 @@ def test_a_signal_held_before_the_child_started_stops_it_at_once(tmp_path):
     """A stop signal the stage held before run_child took over (``pending``) is passed on at
     once, not after the child's whole time: the child answers it (143; FAKE_CHILD holds it
     until its handler is set); the result names the signal."""
-    driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(tmp_path), "obey", "0", "60", FAKE_CHILD,
-                               str(int(signal.SIGTERM))], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True,
-                              start_new_session=True, preexec_fn=default_signals)
-    try:
-        out, _ = driver.communicate(timeout=60)  # the child sleeps 600 s unless stopped
-    finally:
-        pid_file = tmp_path / "child.pid"
-        kill_leftovers(driver, int(pid_file.read_text()) if pid_file.exists() and pid_file.read_text().isdigit()
-                       else None)
+    out, terms = drive(tmp_path, "obey", 0, 60, held=(signal.SIGTERM,))  # the child sleeps 600 s unless stopped
     assert out.split() == ["143", "False", str(int(signal.SIGTERM))], out
+    assert terms == ["TERM"]
 
 
 def test_a_second_signal_kills_the_child_at_once(tmp_path):
