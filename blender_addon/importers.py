@@ -1019,9 +1019,14 @@ class NPBGPP_OT_points_from_meshes(bpy.types.Operator):
 
         # curves, texts, surfaces and metaballs too: Blender evaluates them to a mesh; an empty
         # instancing a collection renders that collection's objects, sampled as its instances
-        chosen = [o for o in context.selected_objects
-                  if o.type in GEOMETRY_TYPES | POINT_TYPES or instances_a_collection(o)]
-        skipped = [(o.name, skip_reason(o)) for o in context.selected_objects if o not in chosen]
+        # one pass: a membership test of chosen per selected object grew with the square of the selection
+        chosen: list[Any] = []
+        skipped: list[tuple[str, str]] = []
+        for o in context.selected_objects:
+            if o.type in GEOMETRY_TYPES | POINT_TYPES or instances_a_collection(o):
+                chosen.append(o)
+            else:
+                skipped.append((o.name, skip_reason(o)))
         if not chosen:
             given = f" (selected: {', '.join(sorted(n for n, _ in skipped))}, none with a surface or points)" \
                 if skipped else ""
