@@ -115,6 +115,8 @@ FIT_KNOBS = (
     ("--coarse-side", int, "long side in pixels of the photos in the coarse phase"),
     ("--aligned", on_off_arg, "on: the fitted model renders rolled views upright as NPBG++ does (training crops "
      "too); off: in the view's own frame (published NPBG)"),
+    ("--check-view", on_off_arg, "on: keep the middle input view apart, fit on the others and keep the unfitted "
+     "scene when the fit scores lower on it (what Fit to Photos and headless_train fit run with it)"),
 )
 
 
@@ -347,8 +349,15 @@ def evaluate_scene(folder: str, args: argparse.Namespace, weights: dict[str, str
     if "coefficients_ft" in args.methods:
         fit = fit_coefficients(model, agg, views, steps=args.steps, crop=args.crop, seed=args.fit_seed,
                                **fit_options(args))
-        m["coefficients_ft"] = {**scores([fit.model.render(agg.points, c) for c in test_cams]),
-                                "fit_s": fit.seconds, "steps": fit.steps}
+        if fit.check is not None and fit.check.kept == "unfitted":
+            # what a user then has: the source bundle itself (scene_fit.BundleFit saves it), NPBG++'s render
+            preds = [model.render(agg, c) for c in test_cams]
+        else:
+            preds = [fit.model.render(agg.points, c) for c in test_cams]
+        m["coefficients_ft"] = {**scores(preds), "fit_s": fit.seconds, "steps": fit.steps}
+        if fit.check is not None:
+            m["coefficients_ft"]["check"] = {**fit.check.as_dict(), "view_id": None if fit.check.view is None
+                                             else inputs[fit.check.view]}
     if "npbg" in args.methods:
         refiner = load_pretrained_npbg_refiner(weights["npbg_refiner"])
         fit = fit_npbg(points, views, refiner.state, steps=args.steps, crop=args.crop, config=refiner.config,
@@ -394,7 +403,9 @@ def markdown(report: dict[str, Any]) -> str:
         text = f"{r['psnr']:.2f} / {r['ssim']:.3f}"
         if r.get("sharpness") is not None:
             text += f" / {r['sharpness']:.2f}"
-        return text + (f" ({r['fit_s']:.0f} s)" if "fit_s" in r else "")
+        text += f" ({r['fit_s']:.0f} s)" if "fit_s" in r else ""
+        # a checked fit that kept the unfitted scene (its check view scored lower after the fit)
+        return text + (" unfitted kept" if (r.get("check") or {}).get("kept") == "unfitted" else "")
 
     for s, f in zip(report["scenes"], files, strict=True):
         lines.append("| " + " | ".join([s["scene"], f"{s['input_views']}/{s['held_out_views']}",

@@ -56,6 +56,14 @@ FIT_WARMUP_STEPS = 20
 # fitted as they are throughout.
 FIT_COARSE_SIDE = 256
 
+# Whether fit_coefficients keeps one input view apart to check the fit against no fit
+# (check_view; see fit_coefficients and BENCHMARKS.md "A fit that cannot make a scene worse").
+FIT_CHECK_VIEW = False
+
+# The fewest input views a checked fit keeps one apart from: with fewer, the fit would lose a
+# third or more of its photos to the check, so it fits on all of them unchecked (and says so).
+CHECK_VIEW_MIN_VIEWS = 3
+
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
@@ -80,12 +88,41 @@ class FitViews:
 
 
 @dataclass
+class FitCheck:
+    """The outcome of a checked fit (``check_view``): ``view`` is the index, among the
+    views given, of the one kept apart (None when the check could not apply: ``skipped``
+    says why, and the fit used every view); ``psnr_unfitted`` / ``psnr_fitted`` its PSNR
+    in dB before step 1 and after the last step; ``kept`` "fitted" or "unfitted" (the
+    fitted model scored below the unfitted one, so the result is the unfitted model)."""
+
+    view: int | None
+    psnr_unfitted: float | None = None
+    psnr_fitted: float | None = None
+    kept: str = "fitted"
+    skipped: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready (PSNRs rounded to 0.001 dB; +inf, an exact match, as None)."""
+        def db(value: float | None) -> float | None:
+            return None if value is None or not math.isfinite(value) else round(value, 3)
+
+        out: dict[str, Any] = {"view": self.view, "kept": self.kept}
+        if self.skipped:
+            out["skipped"] = self.skipped
+        else:
+            out.update(psnr_unfitted=db(self.psnr_unfitted), psnr_fitted=db(self.psnr_fitted))
+        return out
+
+
+@dataclass
 class FitResult:
-    """The fitted model, the loss of every step and the wall time."""
+    """The fitted model, the loss of every step and the wall time; ``check`` the
+    :class:`FitCheck` of a fit with ``check_view`` (None without)."""
 
     model: NPBG
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    check: FitCheck | None = None
 
     @property
     def steps(self) -> int:
@@ -360,6 +397,84 @@ def run_fit(fit: Generator[int, None, FitResult]) -> FitResult:
             return end.value
 
 
+def check_view_index(count: int) -> int | None:
+    """The input view a checked fit keeps apart among ``count`` views: the middle one of the
+    order they are given in (index ``count // 2``: a capture's photos are usually in shooting
+    order, so its neighbours stay in the fit, as a held-out view between input views is);
+    None below :data:`CHECK_VIEW_MIN_VIEWS` views."""
+    return count // 2 if count >= CHECK_VIEW_MIN_VIEWS else None
+
+
+def view_psnr(model: NPBG, points: torch.Tensor, views: FitViews, k: int) -> float:
+    """PSNR in dB of ``model``'s inference render (``model.render``, as a saved fitted
+    bundle renders) of view ``k`` against its photo, over the view's valid pixels (its
+    mask; padding never counts); +inf for an exact match."""
+    camera = views.cameras[k].to(model.device)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        pred = model.render(points, camera).float().cpu()
+    model.train(was_training)
+    err = (pred - views.images[k].float()) ** 2
+    if views.masks is None:
+        mse = float(err.mean())
+    else:
+        mask = views.masks[k].float()
+        mse = float((err * mask).sum()) / max(1.0, 3.0 * float(mask.sum()))
+    return math.inf if mse == 0.0 else 10.0 * math.log10(1.0 / mse)
+
+
+def views_without(views: FitViews, k: int) -> FitViews:
+    """``views`` less view ``k``."""
+    keep = [i for i in range(len(views.cameras)) if i != k]
+    return FitViews(views.images[keep], [views.cameras[i] for i in keep],
+                    None if views.masks is None else views.masks[keep])
+
+
+def _checked_steps(
+    model: NPBG, points: torch.Tensor, views: FitViews, steps: int, crop: int | None, loss_fn: LossFn,
+    recipe: FitRecipe, seed: int, device: torch.device,
+) -> Generator[int, None, FitResult]:
+    """:func:`_fit_steps` with one view kept apart (:func:`check_view_index`): its PSNR is
+    scored before step 1 and after the last step, and if the fitted model scores below the
+    unfitted one the result's model is put back to the unfitted state. Yields units of work:
+    the two scoring renders count one each (``steps + 2`` in all). Below
+    :data:`CHECK_VIEW_MIN_VIEWS` views it is :func:`_fit_steps` on every view, its result's
+    check saying it was skipped."""
+    k = check_view_index(len(views.cameras))
+    if k is None:
+        result = yield from _fit_steps(model, points, views, steps, crop, loss_fn, recipe, seed, device)
+        result.check = FitCheck(None, skipped=f"{len(views.cameras)} input views: a check needs "
+                                              f"{CHECK_VIEW_MIN_VIEWS} or more, so the fit used them all unchecked")
+        return result
+    start = time.perf_counter()
+    unfitted = {name: value.detach().clone() for name, value in model.state_dict().items()}
+    before = view_psnr(model, points, views, k)
+    scoring = time.perf_counter() - start
+    yield 1
+    fit = _fit_steps(model, points, views_without(views, k), steps, crop, loss_fn, recipe, seed, device)
+    try:
+        while True:
+            try:
+                done = next(fit)
+            except StopIteration as end:
+                result: FitResult = end.value
+                break
+            yield done + 1
+    finally:
+        fit.close()  # a caller that stops early: restores the refiner's frozen flags
+    start = time.perf_counter()
+    after = view_psnr(model, points, views, k)
+    kept = "fitted" if after >= before else "unfitted"
+    if kept == "unfitted":
+        model.load_state_dict(unfitted)
+    scoring += time.perf_counter() - start
+    result.seconds += scoring
+    result.check = FitCheck(k, before, after, kept)
+    yield steps + 2
+    return result
+
+
 def _fit_steps(
     model: NPBG, points: torch.Tensor, views: FitViews, steps: int, crop: int | None, loss_fn: LossFn,
     recipe: FitRecipe, seed: int, device: torch.device,
@@ -461,17 +576,20 @@ def coefficients_recipe(
     aligned: bool = FIT_ALIGNED,
     coarse_fraction: float = 0.0,
     coarse_side: int = FIT_COARSE_SIDE,
+    check_view: bool = FIT_CHECK_VIEW,
 ) -> FitRecipe:
     """The :class:`FitRecipe` of :func:`fit_coefficients` for its keywords (same names and
     defaults); raises ValueError naming a bad value. The loss weights (:data:`LOSS_WEIGHTS`),
-    ``background_rows`` and ``aligned`` are only checked here (they belong to the loss and
-    the model)."""
+    ``background_rows``, ``aligned`` and ``check_view`` are only checked here (they belong to
+    the loss, the model and the loop around the fit)."""
     check_loss_weights(gradient_weight=gradient_weight, laplacian_weight=laplacian_weight,
                        perceptual_weight=perceptual_weight, fft_weight=fft_weight)
     if background_rows is not None:
         check_rows(background_rows)
     if not isinstance(aligned, bool):
         raise ValueError(f"aligned must be True or False, got {aligned!r}")
+    if not isinstance(check_view, bool):
+        raise ValueError(f"check_view must be True or False, got {check_view!r}")
     return FitRecipe(lr_coefficients, lr_refiner, lr_background, train_refiner, crops_per_step, warmup_steps,
                      schedule, coefficient_decay, coefficient_optimizer, average_from, coarse_fraction, coarse_side)
 
@@ -503,6 +621,7 @@ def fit_coefficients(
     aligned: bool = FIT_ALIGNED,
     coarse_fraction: float = 0.0,
     coarse_side: int = FIT_COARSE_SIDE,
+    check_view: bool = FIT_CHECK_VIEW,
 ) -> FitResult:
     """coefficients_ft: fine-tune ``aggregated``'s coefficients and a copy of ``model``'s
     refiner on ``views`` for ``steps`` steps; ``model`` itself is not changed. The result's
@@ -580,7 +699,18 @@ def fit_coefficients(
     the rows, so its bundle loads as any other); None keeps the aggregated map's rows. Off
     by default: 32 rows instead of 16 gave 19.26 vs 19.19 dB (seed 0) and 19.13 vs 19.14
     (seed 1) on the 4 dense real captures, within the seed-to-seed spread (BENCHMARKS.md
-    "A finer or parallax-keyed environment map")."""
+    "A finer or parallax-keyed environment map").
+
+    ``check_view`` (default :data:`FIT_CHECK_VIEW`): a fit that cannot make the scene worse
+    on a photo it did not see. One input view (:func:`check_view_index`: the middle one of
+    those given) is kept apart, the fit runs on the others, and that view's PSNR is scored
+    (:func:`view_psnr`, over its valid pixels) with the model before step 1 and after the
+    last step; if the fitted one scores lower, the result's model is the unfitted one (the
+    aggregated scene as NPBG++ renders it). The result's ``check`` (:class:`FitCheck`) says
+    which view, both scores and what was kept. With fewer than :data:`CHECK_VIEW_MIN_VIEWS`
+    views the fit runs on all of them unchecked and ``check`` says so. The step-by-step
+    generator (:func:`iter_fit_coefficients`) then counts the two scoring renders as one step
+    each (``steps + 2``); ``seconds`` includes them."""
     return run_fit(_coefficients_steps(**locals()))
 
 
@@ -602,7 +732,7 @@ def _coefficients_steps(
     lr_background: float | None, train_refiner: str, crops_per_step: int, warmup_steps: int, schedule: str,
     coefficient_decay: float, coefficient_optimizer: str, gradient_weight: float, average_from: float,
     laplacian_weight: float, perceptual_weight: float, fft_weight: float, background_rows: int | None,
-    aligned: bool, coarse_fraction: float, coarse_side: int,
+    aligned: bool, coarse_fraction: float, coarse_side: int, check_view: bool,
 ) -> Generator[int, None, FitResult]:
     """The model, loss and recipe of :func:`fit_coefficients` (every argument checked
     here, before a step runs) and its fitting loop, not started yet."""
@@ -615,7 +745,7 @@ def _coefficients_steps(
     recipe = coefficients_recipe(lr_coefficients, lr_refiner, lr_background, train_refiner, crops_per_step,
                                  warmup_steps, schedule, coefficient_decay, coefficient_optimizer, gradient_weight,
                                  average_from, laplacian_weight, perceptual_weight, fft_weight, background_rows,
-                                 aligned, coarse_fraction, coarse_side)
+                                 aligned, coarse_fraction, coarse_side, check_view)
     if loss_fn is None:
         perceptual = None
         if perceptual_weight > 0:  # ValueError for an encoder no file was read into
@@ -636,7 +766,8 @@ def _coefficients_steps(
         config, valid=aggregated.valid.detach().cpu(), background=background, aligned=aligned,
     ).to(device)
     points = aggregated.points.detach().to(device, torch.float32)
-    return _fit_steps(npbg, points, views, steps, crop, loss_fn, recipe, seed, device)
+    loop = _checked_steps if check_view else _fit_steps
+    return loop(npbg, points, views, steps, crop, loss_fn, recipe, seed, device)
 
 
 def fit_npbg(

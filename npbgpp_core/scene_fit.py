@@ -10,6 +10,11 @@ the source bundle's and add ``fit`` (steps, losses, seconds, source file).
 
 :class:`BundleFit` runs the fit step by step (the add-on's worker reports progress and
 can drop it between steps); :func:`fit_bundle` runs it to the end and saves.
+
+With ``check_view`` (the fit's :func:`~npbgpp_core.fitting.fit_coefficients` option) one
+photo is kept apart and scored before and after the fit; when the fit scores lower there,
+the saved bundle is the source bundle itself (it renders exactly as the unfitted scene),
+with ``fit`` metadata saying so (``fit["check"]``).
 """
 
 from __future__ import annotations
@@ -58,18 +63,29 @@ class BundleFit:
     metadata), or else the dataset's. The bundle's own
     basis and refiner weights are what the fit starts from. ``aligned``: the fit's
     ``aligned`` (rolled views rendered upright); None: :data:`~npbgpp_core.fitting.FIT_ALIGNED`.
+    ``check_view``: the fit's ``check_view`` (one training photo kept apart: the fit is
+    kept only if it scores no lower there than the unfitted scene); None:
+    :data:`~npbgpp_core.fitting.FIT_CHECK_VIEW`. ``checked``: whether the check applies
+    (it needs :data:`~npbgpp_core.fitting.CHECK_VIEW_MIN_VIEWS` training photos).
 
-    ``step()`` runs one step (True once all are done); ``done`` / ``total`` count them;
-    ``save(out)`` writes the fitted bundle atomically. Every check runs in the constructor."""
+    ``step()`` runs one unit of work (True once all are done); ``done`` / ``total`` count
+    them: the ``steps`` fitting steps, plus one for each of the two scoring renders of a
+    checked fit; ``save(out)`` writes the fitted bundle atomically. Every check runs in the
+    constructor."""
 
     def __init__(self, bundle_path: str, data: Any, steps: int = DEFAULT_STEPS, weights: str = "",
-                 domain: str = "", device: str = "cpu", aligned: bool | None = None) -> None:
+                 domain: str = "", device: str = "cpu", aligned: bool | None = None,
+                 check_view: bool | None = None) -> None:
         from .datasets import scene_domain
-        from .fitting import iter_fit_coefficients, padded_fit_views
+        from .fitting import FIT_CHECK_VIEW, check_view_index, iter_fit_coefficients, padded_fit_views
         from .pretrained import check_domain, default_weights_path
         from .scene import NeuralScene
 
-        self.total = check_steps(steps)
+        self.steps = check_steps(steps)
+        if check_view is None:
+            check_view = FIT_CHECK_VIEW
+        if not isinstance(check_view, bool):
+            raise ValueError(f"check_view must be True or False, got {check_view!r}")
         self.bundle_path = os.fspath(bundle_path)
         bundle = NeuralScene.load(self.bundle_path)
         if bundle.kind != "npbgpp":
@@ -101,8 +117,12 @@ class BundleFit:
             raise ValueError(f"dataset {data.root} has no views to fit to")
         views = padded_fit_views([data.load_image(i) for i in ids], [data.views[i].camera for i in ids])
         self.views = len(ids)
+        self.view_names = [data.views[i].name for i in ids]
+        self.check_view = check_view
+        self.checked = check_view and check_view_index(len(ids)) is not None
+        self.total = self.steps + (2 if self.checked else 0)
         options = {} if aligned is None else {"aligned": aligned}  # checked by iter_fit_coefficients
-        self._fit = iter_fit_coefficients(model, aggregated, views, self.total, **options)
+        self._fit = iter_fit_coefficients(model, aggregated, views, self.steps, check_view=check_view, **options)
         self.done = 0
         self.result: Any = None  # the FitResult once finished
 
@@ -132,9 +152,42 @@ class BundleFit:
         fit = {"steps": self.result.steps, "seconds": round(self.result.seconds, 3), "views": self.views,
                "source": os.path.basename(self.bundle_path), "weights": os.path.basename(self.weights),
                "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None}
+        check = self.check()
+        if check is not None:
+            fit["check"] = check
         meta = {**self.bundle.metadata, "fit": fit}
+        if check is not None and check["kept"] == "unfitted":
+            # the fit lost to no fit on the photo kept apart: the source bundle itself, which
+            # renders exactly as the unfitted scene, its metadata saying why
+            b = self.bundle
+            return NeuralScene(b.points, b.colors, b.kind, b.features, b.valid, b.model_config, b.model_state,
+                               meta, b.background)
         return NeuralScene.from_npbg(self.result.model, self.bundle.points, self.bundle.colors,
                                      name=str(self.bundle.metadata.get("name", "scene")), metadata=meta)
+
+    def check(self) -> dict[str, Any] | None:
+        """The outcome of a checked fit once finished (None without ``check_view``):
+        :meth:`~npbgpp_core.fitting.FitCheck.as_dict` plus ``name``, the photo kept apart
+        (None when the check was skipped)."""
+        if self.result is None or self.result.check is None:
+            return None
+        check = self.result.check.as_dict()
+        k = self.result.check.view
+        return {**check, "name": None if k is None else self.view_names[k]}
+
+    def outcome(self) -> str:
+        """One line on what a finished fit kept: the check's outcome, or that there was none."""
+        check = self.check()
+        if check is None:
+            return "the fit was not checked on a photo kept apart"
+        if check.get("skipped"):
+            return f"the fit was not checked: {check['skipped']}"
+        raw = self.result.check  # unrounded; +inf is an exact match
+        gain = 0.0 if raw.psnr_fitted == raw.psnr_unfitted else raw.psnr_fitted - raw.psnr_unfitted
+        if check["kept"] == "fitted":
+            return f"kept the fit: {gain:+.2f} dB on held-apart photo {check['name']}"
+        return (f"kept the unfitted scene: the fit scored {-gain:.2f} dB below it on held-apart photo "
+                f"{check['name']}")
 
     def save(self, out: str) -> Any:
         """Write the fitted bundle to ``out`` (atomically); returns the scene written."""
@@ -147,16 +200,18 @@ class BundleFit:
 
 
 def fit_bundle(bundle_path: str, dataset: Any, out: str, steps: int = DEFAULT_STEPS, weights: str = "",
-               domain: str = "", device: str = "cpu", aligned: bool | None = None) -> Any:
+               domain: str = "", device: str = "cpu", aligned: bool | None = None,
+               check_view: bool | None = None) -> Any:
     """Fit ``bundle_path`` to ``dataset`` (a folder or a loaded SceneData) and save the
     fitted bundle to ``out``; returns the :class:`~npbgpp_core.fitting.FitResult`. See
-    :class:`BundleFit` (``aligned``: None is :data:`~npbgpp_core.fitting.FIT_ALIGNED`)."""
+    :class:`BundleFit` (``aligned``: None is :data:`~npbgpp_core.fitting.FIT_ALIGNED`;
+    ``check_view``: None is :data:`~npbgpp_core.fitting.FIT_CHECK_VIEW`)."""
     from .datasets import load_scene
 
     # the bundle holds the points; the dataset gives photos and cameras (it may have no cloud of its own)
     data = (load_scene(os.fspath(dataset), require_points=False) if isinstance(dataset, (str, os.PathLike))
             else dataset)
-    job = BundleFit(bundle_path, data, steps, weights, domain, device, aligned)
+    job = BundleFit(bundle_path, data, steps, weights, domain, device, aligned, check_view)
     while not job.step():
         pass
     job.save(out)

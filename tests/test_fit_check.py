@@ -1,0 +1,154 @@
+"""The checked fit (``check_view``): one training photo is kept apart, the fit runs on the
+others, and a fit that scores lower on the kept photo than the unfitted scene is dropped, so
+that the saved bundle renders exactly as the bundle it was fitted from. The scores are checked
+against PSNRs recomputed here from the saved bundles' own renders, and the fallback against a
+render of the source bundle."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from _train_fixtures import make_tiny_scene
+
+from npbgpp_core import fitting
+from npbgpp_core import protocol as P
+from npbgpp_core.datasets import load_scene
+from npbgpp_core.fitting import check_view_index, iter_fit_coefficients, padded_fit_views, run_fit
+from npbgpp_core.scene import NeuralScene
+from npbgpp_core.scene_fit import BundleFit, fit_bundle, fitting_model
+from npbgpp_core.service import RenderService
+
+
+def aggregate(folder: str, bundle: str) -> None:
+    """``folder``'s aggregated bundle, written by the worker's own Aggregate job."""
+    service = RenderService()
+    started = service.handle(P.AggregateBegin(folder, "", device="CPU", up_axis="POS_Z"))
+    assert isinstance(started, P.AggregationStarted), started
+    for k in range(started.views):
+        assert service.handle(P.AggregateView(k)) == P.Done()
+    assert isinstance(service.handle(P.AggregateFinish(bundle)), P.AggregationResult)
+
+
+@pytest.fixture(scope="module")
+def four_views(tmp_path_factory):
+    """A tiny cut-out scene with 4 training views (the check keeps the third, index 2) and
+    one test view, and its aggregated bundle."""
+    root = tmp_path_factory.mktemp("check")
+    folder = make_tiny_scene(str(root / "scene"), views=5, size=32, n_points=200, splits=(4, 0, 1))
+    bundle = str(root / "agg.npbgpp")
+    aggregate(folder, bundle)
+    return folder, bundle
+
+
+def psnr_of(render: torch.Tensor, photo: torch.Tensor) -> float:
+    """PSNR in dB, computed here (not by the code under test)."""
+    mse = float(((render.float() - photo.float()) ** 2).mean())
+    return 10.0 * math.log10(1.0 / mse)
+
+
+def ascent_loss(*_args, **_kwargs):
+    """A loss whose minimisation makes every render worse (minus the L1): a fit that must lose."""
+    return lambda pred, target, mask: -(pred - target).abs().mean()
+
+
+def test_the_kept_view_is_the_middle_one_and_needs_three_views():
+    assert [check_view_index(n) for n in range(6)] == [None, None, None, 1, 2, 2]
+    assert check_view_index(9) == 4
+
+
+def test_the_fit_never_sees_the_kept_photo(four_views):
+    """Whole-view crops: every step's targets are training photos, never the one kept apart,
+    and all the others are used."""
+    folder, bundle = four_views
+    data = load_scene(folder)
+    scene = NeuralScene.load(bundle)
+    model = fitting_model(scene, bundle, BundleFit(bundle, data, steps=1).weights)
+    ids = list(data.train)
+    views = padded_fit_views([data.load_image(i) for i in ids], [data.views[i].camera for i in ids])
+    seen: list[int] = []
+
+    def recording_l1(pred, target, mask):
+        seen.append(next(k for k in range(len(ids)) if torch.equal(target[0], views.images[k])))
+        return (pred - target).abs().mean()
+
+    result = run_fit(iter_fit_coefficients(model, scene.aggregated_scene(), views, 12, crop=None,
+                                           loss_fn=recording_l1, crops_per_step=2, check_view=True))
+    assert result.check is not None and result.check.view == 2 and result.steps == 12
+    assert 2 not in seen and set(seen) == {0, 1, 3}
+
+
+def test_a_fit_that_loses_on_the_kept_photo_saves_the_unfitted_scene(four_views, tmp_path, monkeypatch):
+    """A fit driven to lose (minus the L1) is dropped: the saved bundle renders exactly as
+    the source bundle, and its metadata give the kept photo and both scores, which match
+    PSNRs recomputed from the source bundle's render and the dropped model's."""
+    folder, bundle = four_views
+    data = load_scene(folder)
+    monkeypatch.setattr(fitting, "coefficients_ft_loss", ascent_loss)
+    job = BundleFit(bundle, data, steps=30, check_view=True)
+    assert job.checked and (job.done, job.total) == (0, 32)
+    seen = []
+    while not job.step():
+        seen.append(job.done)
+    assert seen == list(range(1, 32)) and job.done == 32
+    out = str(tmp_path / "fitted.npbgpp")
+    job.save(out)
+    saved, source = NeuralScene.load(out), NeuralScene.load(bundle)
+    check = saved.metadata["fit"]["check"]
+    kept_id = list(data.train)[2]
+    assert check["kept"] == "unfitted" and check["view"] == 2 and check["name"] == data.views[kept_id].name
+    assert check["psnr_fitted"] < check["psnr_unfitted"]
+    assert saved.kind == "npbgpp" and saved.metadata["fit"]["steps"] == 30
+    kept_camera = data.views[kept_id].camera
+    photo = data.load_image(kept_id)
+    for camera in (kept_camera, data.views[list(data.test)[0]].camera):
+        with torch.no_grad():
+            assert torch.equal(saved.renderer("cpu").render(camera), source.renderer("cpu").render(camera))
+    with torch.no_grad():
+        unfitted = source.renderer("cpu").render(kept_camera)
+        dropped = job.result.model  # put back to the unfitted state: renders as the source bundle does
+        back = dropped.render(source.points, kept_camera)
+    assert check["psnr_unfitted"] == pytest.approx(psnr_of(unfitted, photo), abs=0.01)
+    torch.testing.assert_close(back, unfitted, atol=1e-4, rtol=0)
+    assert job.outcome().startswith("kept the unfitted scene: the fit scored ")
+    assert job.outcome().endswith(f"dB below it on held-apart photo {check['name']}")
+
+
+def test_a_fit_that_wins_on_the_kept_photo_is_saved(four_views, tmp_path):
+    """The ordinary fit of this scene improves the kept photo: the fitted bundle is saved
+    and its render of the kept photo scores what the check says."""
+    folder, bundle = four_views
+    data = load_scene(folder)
+    out = str(tmp_path / "fitted.npbgpp")
+    result = fit_bundle(bundle, data, out, steps=30, check_view=True)
+    saved = NeuralScene.load(out)
+    check = saved.metadata["fit"]["check"]
+    assert result.check.kept == check["kept"] == "fitted" and saved.kind == "coefficients"
+    assert check["psnr_fitted"] > check["psnr_unfitted"]
+    kept_id = list(data.train)[2]
+    with torch.no_grad():
+        render = saved.renderer("cpu").render(data.views[kept_id].camera)
+    assert check["psnr_fitted"] == pytest.approx(psnr_of(render, data.load_image(kept_id)), abs=0.01)
+
+
+def test_fewer_than_three_photos_fit_unchecked_and_say_so(tmp_path):
+    folder = make_tiny_scene(str(tmp_path / "scene"), views=3, size=32, n_points=100, splits=(2, 0, 1))
+    bundle = str(tmp_path / "agg.npbgpp")
+    aggregate(folder, bundle)
+    job = BundleFit(bundle, load_scene(folder), steps=2, check_view=True)
+    assert not job.checked and job.total == 2
+    while not job.step():
+        pass
+    out = str(tmp_path / "fitted.npbgpp")
+    job.save(out)
+    check = NeuralScene.load(out).metadata["fit"]["check"]
+    assert check["view"] is None and check["kept"] == "fitted" and "2 input views" in check["skipped"]
+    assert NeuralScene.load(out).kind == "coefficients"
+    assert job.outcome().startswith("the fit was not checked: 2 input views")
+
+
+def test_check_view_must_be_a_bool(four_views):
+    folder, bundle = four_views
+    with pytest.raises(ValueError, match="check_view must be True or False, got 'yes'"):
+        BundleFit(bundle, load_scene(folder), steps=1, check_view="yes")
