@@ -2,7 +2,8 @@
 the short per-scene fit of an aggregated NPBG++ bundle to its dataset's training photos
 (:func:`npbgpp_core.scene_fit.fit_bundle`, what the add-on's Fit to Photos runs), without
 Blender or Python code. Every output check runs before the fit; the bundle is written
-atomically."""
+atomically. ``--check-view`` keeps one training photo apart and writes the unfitted scene
+if the fit scores lower on it; the last line on stderr says what was kept."""
 
 from __future__ import annotations
 
@@ -29,6 +30,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--format", default=None, help="dataset format (default: detected)")
     p.add_argument("--undistort", action="store_true", help="distorted COLMAP / nerfstudio cameras (as export)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, ...")
+    p.add_argument("--check-view", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep the middle training photo apart, fit on the others and write the unfitted scene "
+                   "if the fit scores lower on it (needs 3 photos or more; default: "
+                   "npbgpp_core.fitting.FIT_CHECK_VIEW)")
     return p.parse_args(argv)
 
 
@@ -56,14 +61,15 @@ def fit(args: argparse.Namespace) -> str:
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    job = BundleFit(args.bundle, scene, args.steps, args.weights, "", device)
-    while not job.step():
+    job = BundleFit(args.bundle, scene, args.steps, args.weights, "", device, check_view=args.check_view)
+    while not job.step():  # a checked fit counts its two scoring renders as steps
         print(f"\rstep {job.done}/{job.total}", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     job.save(args.out)
     losses = job.result.losses
     print(f"fitted {job.views} views, {job.result.steps} steps in {job.result.seconds:.1f} s "
           f"(loss {losses[0]:.4f} -> {losses[-1]:.4f})", file=sys.stderr)
+    print(job.outcome(), file=sys.stderr)
     return os.path.abspath(args.out)
 
 

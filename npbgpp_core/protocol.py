@@ -198,13 +198,18 @@ class FitProgress(Reply):
 
 @dataclass
 class FitResultInfo(Reply):
-    """The fitted bundle written: its path, steps, first and last loss, seconds fitting."""
+    """The fitted bundle written: its path, steps, first and last loss, seconds fitting.
+    ``kept``: "fitted", or "unfitted" when a checked fit (:class:`FitBegin` ``check_view``)
+    scored below the unfitted scene on the photo kept apart, so the bundle written is the
+    unfitted one; ``outcome``: one line saying so for the user (``BundleFit.outcome``)."""
 
     path: str
     steps: int
     loss_first: float
     loss_last: float
     seconds: float
+    kept: str = "fitted"
+    outcome: str = ""
 
 
 @dataclass
@@ -406,7 +411,10 @@ class FitBegin(Request):
     :class:`FitFinish` or :class:`FitCancel`. ``weights``: the NPBG++ file whose encoder
     the fit's perceptual loss uses; empty: the bundled file of ``domain`` (empty: the
     bundle's own domain). ``aligned``: whether the fitted scene renders rolled views
-    upright (``fit_coefficients``' ``aligned``); None: its default, ``FIT_ALIGNED``."""
+    upright (``fit_coefficients``' ``aligned``); None: its default, ``FIT_ALIGNED``.
+    ``check_view``: keep one training photo apart and write the unfitted scene if the fit
+    scores lower on it (``fit_coefficients``' ``check_view``); None: its default,
+    ``FIT_CHECK_VIEW``. A checked fit's ``total`` counts its two scoring renders as steps."""
 
     bundle: str
     dataset: str
@@ -418,6 +426,7 @@ class FitBegin(Request):
     allow_external_paths: bool = False
     device: str = "AUTO"
     aligned: bool | None = None
+    check_view: bool | None = None
     op: ClassVar[str] = "fit_begin"
     reply: ClassVar[type[Reply]] = FitProgress
 

@@ -480,7 +480,7 @@ class RenderService:
         # the bundle holds the points; the dataset gives photos and cameras (it may have no cloud of its own)
         data = load_dataset(req.dataset, req.format, req.undistort, req.allow_external_paths, require_points=False)
         self.fit = BundleFit(req.bundle, data, req.steps, req.weights, req.domain, pick_device(req.device),
-                             req.aligned)
+                             req.aligned, req.check_view)
         return self._fit_progress()
 
     def fit_step(self, req: P.FitStep) -> P.FitProgress:
@@ -494,7 +494,9 @@ class RenderService:
         job.save(req.out)
         self.fit = None
         losses = job.result.losses
-        return P.FitResultInfo(req.out, job.result.steps, float(losses[0]), float(losses[-1]), job.result.seconds)
+        check = job.check()
+        return P.FitResultInfo(req.out, job.result.steps, float(losses[0]), float(losses[-1]), job.result.seconds,
+                               "fitted" if check is None else check["kept"], job.outcome())
 
     def fit_cancel(self, req: P.FitCancel) -> P.Done:
         self._drop_fit()

@@ -48,9 +48,9 @@ def psnr_of(render: torch.Tensor, photo: torch.Tensor) -> float:
     return 10.0 * math.log10(1.0 / mse)
 
 
-def ascent_loss(*_args, **_kwargs):
-    """A loss whose minimisation makes every render worse (minus the L1): a fit that must lose."""
-    return lambda pred, target, mask: -(pred - target).abs().mean()
+def inverted_loss(*_args, **_kwargs):
+    """A loss that fits the renders to the inverted photos: a fit that must lose on any photo."""
+    return lambda pred, target, mask: (pred - (1 - target)).abs().mean()
 
 
 def test_the_kept_view_is_the_middle_one_and_needs_three_views():
@@ -80,12 +80,12 @@ def test_the_fit_never_sees_the_kept_photo(four_views):
 
 
 def test_a_fit_that_loses_on_the_kept_photo_saves_the_unfitted_scene(four_views, tmp_path, monkeypatch):
-    """A fit driven to lose (minus the L1) is dropped: the saved bundle renders exactly as
+    """A fit driven to lose (to the inverted photos) is dropped: the saved bundle renders exactly as
     the source bundle, and its metadata give the kept photo and both scores, which match
     PSNRs recomputed from the source bundle's render and the dropped model's."""
     folder, bundle = four_views
     data = load_scene(folder)
-    monkeypatch.setattr(fitting, "coefficients_ft_loss", ascent_loss)
+    monkeypatch.setattr(fitting, "coefficients_ft_loss", inverted_loss)
     job = BundleFit(bundle, data, steps=30, check_view=True)
     assert job.checked and (job.done, job.total) == (0, 32)
     seen = []
@@ -152,3 +152,29 @@ def test_check_view_must_be_a_bool(four_views):
     folder, bundle = four_views
     with pytest.raises(ValueError, match="check_view must be True or False, got 'yes'"):
         BundleFit(bundle, load_scene(folder), steps=1, check_view="yes")
+
+
+def test_the_worker_s_fit_job_carries_the_check_and_its_outcome(four_views, tmp_path, monkeypatch):
+    """FitBegin(check_view=True): total counts the two scoring renders, FitResultInfo says
+    what was kept in a line naming the photo; check_view=False fits unchecked."""
+    folder, bundle = four_views
+    monkeypatch.setattr(fitting, "coefficients_ft_loss", inverted_loss)
+    service = RenderService()
+    first = service.handle(P.FitBegin(bundle, folder, steps=20, device="CPU", check_view=True))
+    assert isinstance(first, P.FitProgress) and (first.done, first.total) == (0, 22), first
+    seen = []
+    while not (progress := service.handle(P.FitStep(seconds=0.0))).finished:
+        seen.append(progress.done)
+    assert seen == list(range(1, 22)) and progress.done == 22
+    out = str(tmp_path / "checked.npbgpp")
+    info = service.handle(P.FitFinish(out))
+    assert isinstance(info, P.FitResultInfo), info
+    check = NeuralScene.load(out).metadata["fit"]["check"]
+    assert info.kept == check["kept"] == "unfitted" and info.steps == 20
+    assert info.outcome.startswith("kept the unfitted scene") and info.outcome.endswith(check["name"])
+    plain = service.handle(P.FitBegin(bundle, folder, steps=2, device="CPU", check_view=False))
+    assert plain.total == 2
+    while not service.handle(P.FitStep(seconds=0.0)).finished:
+        pass
+    info = service.handle(P.FitFinish(str(tmp_path / "plain.npbgpp")))
+    assert info.kept == "fitted" and info.outcome == "the fit was not checked on a photo kept apart"

@@ -97,3 +97,35 @@ def test_fit_needs_no_cloud_of_the_dataset(tmp_path):
     for name in ("a.ply", "b.ply"):
         os.remove(os.path.join(several, name))
     assert fit_bundle(bundle, several, str(tmp_path / "library.npbgpp"), steps=1).steps == 1
+
+
+def test_fit_command_check_view_prints_and_records_what_it_kept(scene_and_bundle, tmp_path, monkeypatch, capsys):
+    """--check-view: a fit driven to lose (to the inverted photos) on the photo kept apart writes the
+    unfitted scene (the source bundle's features, kind 'npbgpp') and says so in one line that
+    names the photo and the gap the metadata record; --no-check-view fits unchecked."""
+    from headless_train.fit import main
+    from npbgpp_core import fitting
+    from npbgpp_core.datasets import load_scene
+    from npbgpp_core.scene import NeuralScene
+
+    folder, bundle = scene_and_bundle
+    monkeypatch.setattr(fitting, "coefficients_ft_loss", lambda *a, **k: lambda p, t, m: (p - (1 - t)).abs().mean())
+    out = str(tmp_path / "checked.npbgpp")
+    capsys.readouterr()
+    assert main(["--bundle", bundle, "--scene", folder, "--out", out, "--steps", "20", "--device", "cpu",
+                 "--check-view"]) == 0
+    err = capsys.readouterr().err
+    saved, source = NeuralScene.load(out), NeuralScene.load(bundle)
+    check = saved.metadata["fit"]["check"]
+    data = load_scene(folder, require_points=False)
+    assert check["kept"] == "unfitted" and check["name"] == data.views[list(data.train)[1]].name
+    assert saved.kind == "npbgpp" and torch.equal(saved.features, source.features)
+    gap = check["psnr_unfitted"] - check["psnr_fitted"]
+    line = [ln for ln in err.splitlines() if ln.startswith("kept the unfitted scene")]
+    assert len(line) == 1 and line[0].endswith(f"dB below it on held-apart photo {check['name']}")
+    assert float(line[0].split("scored ")[1].split(" dB")[0]) == pytest.approx(gap, abs=0.006)
+    plain = str(tmp_path / "plain.npbgpp")
+    assert main(["--bundle", bundle, "--scene", folder, "--out", plain, "--steps", "2", "--device", "cpu",
+                 "--no-check-view"]) == 0
+    assert "check" not in NeuralScene.load(plain).metadata["fit"]
+    assert "the fit was not checked on a photo kept apart" in capsys.readouterr().err
