@@ -3097,6 +3097,42 @@ def test_points_from_meshes_samples_a_parent_instancing_its_child_at_its_vertice
     assert np.abs(pts[:, 2] - 1.0).max() < 1e-5  # the plane's only
 
 
+def test_points_from_meshes_simulated_parent_instances_no_child_disabled_in_renders(scene):
+    """A plane holding a simulation (Cloth, so sampled as it stands, not as a copy) instancing its
+    children at its 4 vertices (Instancing: Vertices): a ball 2 above and one disabled in
+    renders 5 above. Blender's own answer, the depsgraph of a render: it holds the first ball's
+    4 instances and none of the second's. Points from Selected Meshes of the plane agrees: points
+    on the plane and on the first ball's instances, none on the second's (the viewport's
+    depsgraph holds them; they were sampled when the plane was not a copy)."""
+    from blender_addon.datagen.render import _render_tiny
+    from blender_addon.datagen.surface_points import during_a_render
+
+    sc = scene["scene"]
+    bpy.ops.mesh.primitive_plane_add(size=4.0)
+    grid = bpy.context.active_object
+    grid.name, grid.instance_type = "Grid", "VERTS"
+    grid.modifiers.new("Cloth", "CLOTH")
+    balls = []
+    for name, up in (("Shown", 2.0), ("Hidden", 5.0)):
+        bpy.ops.mesh.primitive_ico_sphere_add(subdivisions=1, radius=0.3)
+        balls.append(bpy.context.active_object)
+        balls[-1].name, balls[-1].parent, balls[-1].location = name, grid, (0.0, 0.0, up)
+    balls[1].hide_render = True
+    engine, sc.render.engine = sc.render.engine, "CYCLES"
+    try:
+        instanced = during_a_render(sc, lambda: _render_tiny(sc), lambda dg: sorted(
+            i.object.original.name for i in dg.object_instances if i.is_instance and i.parent.original == grid))
+    finally:
+        sc.render.engine = engine
+    assert instanced == ["Shown"] * 4
+    for o in sc.objects:
+        o.select_set(o == grid)
+    assert bpy.ops.npbgpp.points_from_meshes(count=600, seed=1) == {"FINISHED"}
+    pts, _ = _sampled_points(sc)
+    assert pts[:, 2].max() < 2.0 + 0.3 + 1e-4, pts[:, 2].max()  # none on the hidden ball's instances
+    assert (pts[:, 2] > 1.0).any() and (np.abs(pts[:, 2]) < 1e-5).any()  # on the shown ball's and the plane
+
+
 def _cube_and_hidden_sphere(sc, name: str, cube_size: float, radius: float, at: tuple[float, float, float],
                             sphere_up: float = 1.0):
     """A new collection ``name``, in no scene, of a cube (``cube_size`` wide, at ``at``) and a

@@ -461,6 +461,76 @@ def test_scene_points_leave_out_particle_collection_members_disabled_in_renders(
         bpy.data.particles.remove(particles)
 
 
+def test_scene_points_follow_the_render_depsgraph_where_the_samplings_disagreed():
+    """Two cases where the scene's sampling and Points from Selected Meshes' walked the depsgraph
+    differently, with Blender's own answer (the depsgraph of a render, and what Cycles draws):
+    a collection instance's quad whose Geometry Nodes instance (Object Info) a quad disabled in
+    renders gives points on that instance, which the render's depsgraph holds (measured in bpy
+    5.0.1: Cycles draws it; the scene's sampling left it out as a collection member disabled in
+    renders); a particle emitter whose Show Emitter is off for renders only gives none (the
+    render's entry of it has show_self off; the viewport's, which the scene's points are read
+    from outside a render, on). Both from the viewport's depsgraph and the render's. The
+    collection's quad sits at x 0, the instanced quad at x 10 (both y 5, the instancer's
+    place), the emitter at x 20, a plain quad at x 30 (y 0); the hidden quad itself at x 10, y 0."""
+    from blender_addon.datagen.render import _render_tiny
+    from blender_addon.datagen.surface_points import during_a_render, rendered_surfaces, sample_surface_points
+
+    scene = bpy.data.scenes.new("render_answer")
+    scene.render.engine = "CYCLES"
+    scene.cycles.samples = 1
+    main, kit = bpy.data.collections.new("ra_main"), bpy.data.collections.new("ra_kit")
+    scene.collection.children.link(main)  # the kit is in no scene: only its instance renders
+    hidden = _quad(10.0, "ra_hidden", main)
+    hidden.hide_render = True
+
+    def object_info(tree, geometry):
+        info = tree.nodes.new("GeometryNodeObjectInfo")
+        info.inputs["Object"].default_value = hidden
+        info.inputs["As Instance"].default_value = True
+        join = tree.nodes.new("GeometryNodeJoinGeometry")
+        tree.links.new(info.outputs["Geometry"], join.inputs[0])
+        tree.links.new(geometry, join.inputs[0])
+        return join.outputs[0]
+
+    _nodes_modifier(_quad(0.0, "ra_member", kit), "ra_object_info", object_info)
+    instancer = bpy.data.objects.new("ra_instancer", None)
+    instancer.instance_type, instancer.instance_collection = "COLLECTION", kit
+    instancer.location.y = 5.0
+    main.objects.link(instancer)
+    emitter = _quad(20.0, "ra_emitter", main)
+    emitter.modifiers.new("ra_particles", "PARTICLE_SYSTEM")
+    particles = emitter.particle_systems[0].settings
+    particles.render_type = "NONE"
+    emitter.show_instancer_for_viewport, emitter.show_instancer_for_render = True, False
+    _quad(30.0, "ra_plain", main)
+    cam_data = bpy.data.cameras.new("ra_camera")
+    camera = bpy.data.objects.new("ra_camera", cam_data)
+    main.objects.link(camera)
+    scene.camera = camera
+
+    def read(depsgraph):
+        entries = {(i.object.original.name, i.parent.original.name if i.is_instance else None): i.show_self
+                   for i in depsgraph.object_instances}
+        return entries, rendered_surfaces(scene, depsgraph, 3000, seed=2)[2][0]
+
+    try:
+        entries, from_render = during_a_render(scene, lambda: _render_tiny(scene), read)
+        assert entries[(hidden.name, instancer.name)] and (hidden.name, None) not in entries  # Blender's answer
+        assert not entries[(emitter.name, None)]
+        want = [(0, 5), (10, 5), (30, 0)]
+        for points in (sample_surface_points(scene, 3000, seed=2)[0], from_render):
+            centres = np.round(points[:, :2] / 5.0).astype(int) * 5
+            assert sorted(set(map(tuple, centres.tolist()))) == want, np.unique(centres, axis=0)
+            assert (np.abs(points[:, :2] - centres) <= 0.25 + 1e-5).all()
+    finally:
+        tree = kit.objects["ra_member"].modifiers[0].node_group
+        bpy.data.objects.remove(camera)
+        bpy.data.cameras.remove(cam_data)
+        _remove_test_scene(scene, [main, kit])
+        bpy.data.node_groups.remove(tree)
+        bpy.data.particles.remove(particles)
+
+
 def test_scene_surfaces_read_each_curve_text_and_metaball_once():
     """A bevelled curve, a text and a metaball render one mesh each, which Blender's
     depsgraph gives as an instance of its own beside the object: the scene's surfaces are

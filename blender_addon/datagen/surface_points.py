@@ -15,7 +15,7 @@ included.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import cached_property
 from typing import Any, TypeVar
 
@@ -244,7 +244,7 @@ def own_points(obj_eval: Any, matrix: Any = None) -> tuple[np.ndarray, np.ndarra
     sampled: a point cloud's points, and of a hair Curves object its strands' control points
     (the points the strands are drawn through); none of other kinds. Its own data only, as
     Cycles draws each depsgraph entry: the points a mesh's Geometry Nodes make come as an
-    entry of their own (:func:`rendered_parts`). Colours: the points' colour attribute (of hair,
+    entry of their own (:func:`rendered_entries`). Colours: the points' colour attribute (of hair,
     a strand's too; the one the first material's Base Color reads by an Attribute node first,
     as renders show it), else that material's constant base colour
     (:func:`_base_color_source`), else :data:`MID_GREY`."""
@@ -273,7 +273,7 @@ def own_points(obj_eval: Any, matrix: Any = None) -> tuple[np.ndarray, np.ndarra
 def _entry_triangles(obj_eval: Any, matrix: Any, cache: dict) -> _MeshTris | None:
     """World-space triangles (placed by ``matrix``) of the depsgraph entry ``obj_eval`` when it
     is a mesh (a curve's, text's, surface's or metaball's evaluated mesh, and a point cloud's
-    or hair's Geometry Nodes mesh, come as mesh entries of their own: :func:`rendered_parts`),
+    or hair's Geometry Nodes mesh, come as mesh entries of their own: :func:`rendered_entries`),
     else None. ``cache``: geometry already read this pass, by its data and materials, so each
     instance of it only moves it (:meth:`_MeshTris.placed`)."""
     if obj_eval.type != "MESH" or obj_eval.data is None:
@@ -294,8 +294,8 @@ INSTANCES_CHILDREN = ("VERTS", "FACES")
 def shown_only_where_instanced(obj: Any) -> bool:
     """Whether renders show the original ``obj`` only where its parent instances it at its
     vertices or faces (:data:`INSTANCES_CHILDREN`), not at its own place, where a viewport's
-    depsgraph holds it too; metaballs have rules of their own (their family's basis). The one
-    rule of :func:`rendered_parts` and :func:`seen_by_camera`."""
+    depsgraph holds it too; metaballs have rules of their own (their family's basis). A rule
+    of :func:`rendered_entries`."""
     parent = obj.parent
     return parent is not None and parent.instance_type in INSTANCES_CHILDREN and obj.type != "META"
 
@@ -304,18 +304,19 @@ def not_shown_itself_in_renders(obj: Any) -> bool:
     """Whether renders leave out ``obj``'s own geometry and show only what it instances: a
     particle emitter with Show Emitter off, or an instancer by vertices or faces with Show
     Instancer off, for renders (the depsgraph entry's ``show_self``; the flag means nothing to
-    other objects)."""
+    other objects). A rule of :func:`rendered_entries`."""
     return not obj.show_instancer_for_render and bool(len(obj.particle_systems)
                                                       or obj.instance_type in INSTANCES_CHILDREN)
 
 
-def rendered_parts(depsgraph: Any, owners: Sequence[Any], originals: Sequence[Any] | None = None
-                   ) -> list[tuple[list[_MeshTris], list[tuple[np.ndarray, np.ndarray]]]]:
-    """Per object of ``owners`` (originals in ``depsgraph``'s view layer): the triangles (one
-    :class:`_MeshTris` per mesh entry, empty ones left out) and :func:`own_points` (non-empty
-    ones) of every depsgraph entry it renders, each at its own place: its own, the parts
-    Blender evaluates for it as entries of their own, and every instance it makes (Geometry
-    Nodes instances, an instanced collection's objects, particles' objects; nested ones too).
+def rendered_entries(depsgraph: Any) -> Iterator[tuple[Any, Any]]:
+    """``(inst, stands_for)`` for each entry ``inst`` of ``depsgraph.object_instances`` (a
+    viewport's or a render's) that renders show, with the original object it is part of: the
+    entry's own object, or for an instance its instancer (``inst.parent``; for an instance
+    within an instanced collection the outermost instancer, measured in bpy 5.0.1). The one
+    walk over what renders show, its rules written once; which objects a caller takes
+    (:func:`rendered_parts`: a selection; :func:`_shown_geometry`: the view layer, through
+    :func:`seen_by_camera`) and how it reads each entry are the caller's.
 
     Measured in bpy 5.0.1: ``depsgraph.object_instances`` gives a curve, text, NURBS surface
     or metaball object as an entry whose data is not a mesh plus its evaluated mesh as an
@@ -323,10 +324,65 @@ def rendered_parts(depsgraph: Any, owners: Sequence[Any], originals: Sequence[An
     Nodes mesh likewise; a Geometry Nodes instance of an object as that object, of other
     geometry (an Ico Sphere node's) as a temporary object of that geometry, each with its
     world matrix and ``parent`` the object whose modifier made it (also for nested
-    instances). Cycles draws each entry's own data only, so each is read once: its mesh
-    (:func:`_entry_triangles`) or its points (:func:`own_points`); and only an entry whose
-    ``show_self`` is on (measured: a particle emitter with Show Emitter off, or an instancer
-    with Show Instancer off, is an entry with it off).
+    instances). Cycles draws each entry's own data only, so a caller reads each once: its
+    mesh (:func:`_entry_triangles`) or its points (:func:`own_points`).
+
+    Left out:
+
+    - an entry whose ``show_self`` is off, which Cycles skips (measured: a particle emitter
+      with Show Emitter off, or an instancer with Show Instancer off, is an entry with it
+      off); a viewport's depsgraph sets it by the viewport's flag, so an object's own entry
+      is also left out when the flag is off for renders (:func:`not_shown_itself_in_renders`);
+    - all of an object that its parent instances at its vertices or faces, at its own place
+      (its evaluated mesh, its instances): renders show it only where its parent instances it
+      (:func:`shown_only_where_instanced`), which only the viewport's depsgraph also holds here;
+    - an instance of such a child disabled in renders: renders instance it nowhere; only the
+      viewport's depsgraph holds it (measured in bpy 5.0.1);
+    - of a viewport's depsgraph, an instance of an object that renders leave out of an
+      instanced collection (:func:`instances_not_rendered` of its instancer: particles' and
+      Geometry Nodes' collections too); a render's holds none, and its Object Info instances
+      of such an object do render.
+
+    Kept: particles' and Geometry Nodes' instances of an object disabled in renders (the usual
+    way to scatter one), also those a collection instance's member makes (measured in bpy
+    5.0.1: a render's depsgraph holds such a member's Object Info instance of a quad disabled
+    in renders, its parent the collection's instancer, and Cycles draws it)."""
+    viewport = depsgraph.mode != "RENDER"
+    # per instancer (as_pointer()): its instanced objects that renders leave out (viewport only)
+    not_rendered: dict[int, set[int]] = {}
+    for inst in depsgraph.object_instances:
+        if not inst.show_self:
+            continue
+        obj = inst.object.original
+        instanced = inst.is_instance and inst.parent is not None
+        stands_for = inst.parent.original if instanced else obj
+        if shown_only_where_instanced(stands_for):
+            continue
+        if not instanced:
+            if not_shown_itself_in_renders(obj):
+                continue
+            yield inst, stands_for
+            continue
+        if obj.hide_render and stands_for.instance_type in INSTANCES_CHILDREN and obj.parent == stands_for:
+            continue
+        if viewport:
+            key = stands_for.as_pointer()
+            if key not in not_rendered:
+                not_rendered[key] = instances_not_rendered(stands_for)
+            if obj.as_pointer() in not_rendered[key]:
+                continue  # also its Geometry Nodes instances (their original is the object)
+        yield inst, stands_for
+
+
+def rendered_parts(depsgraph: Any, owners: Sequence[Any], originals: Sequence[Any] | None = None
+                   ) -> list[tuple[list[_MeshTris], list[tuple[np.ndarray, np.ndarray]]]]:
+    """Per object of ``owners`` (originals in ``depsgraph``'s view layer): the triangles (one
+    :class:`_MeshTris` per mesh entry, empty ones left out) and :func:`own_points` (non-empty
+    ones) of every depsgraph entry renders show of it (:func:`rendered_entries`), each at its
+    own place: its own, the parts Blender evaluates for it as entries of their own, and every
+    instance it makes (Geometry Nodes instances, an instanced collection's objects, particles'
+    objects; nested ones too). Whether the view layer renders the owners themselves is not
+    asked: they are what the caller chose.
 
     ``originals``: the objects ``owners`` are copies of (``importers.render_setting_copies``),
     if they are: a copy has no children, so an original instancing its children by vertices or
@@ -334,44 +390,25 @@ def rendered_parts(depsgraph: Any, owners: Sequence[Any], originals: Sequence[An
     copy of such a child renders nothing of its own (Blender shows it only where its parent
     instances it, in renders; measured in bpy 5.0.1: the viewport's depsgraph holds it at its
     own place too). An owner may be its original itself (one holding a simulation, whose cache
-    a copy lacks): its Show Instancer / Show Emitter for renders is then taken from the original."""
+    a copy lacks): its Show Instancer / Show Emitter for renders then leaves out its own entry
+    as the copy's viewport flag would."""
     index = {o.as_pointer(): k for k, o in enumerate(owners)}
-    # owners given as they stand, not copied (one holding a simulation): their Show Instancer /
-    # Show Emitter off for renders only leaves their own entry out, as a copy's would be
-    hidden_self = {k for k, o in enumerate(originals or ()) if o == owners[k] and o.show_instancer_for_viewport
-                   and not_shown_itself_in_renders(o)}
-    by_children: dict[int, int] = {}  # an original instancing its children -> its copy's index
-    shown_by_parent: set[int] = set()  # copies of children their parent instances
-    for k, original in enumerate(originals or ()):
-        if original.instance_type in INSTANCES_CHILDREN:
-            by_children[original.as_pointer()] = k
-        if shown_only_where_instanced(original):
-            shown_by_parent.add(k)
-    # per owner instancing a collection (itself or by its particles): its objects a render leaves
-    # out, whose instances this (viewport's) depsgraph holds (:func:`collection_members`)
-    not_rendered = {k: left_out for k, o in enumerate(owners) for left_out in [instances_not_rendered(o)] if left_out}
+    # an original instancing its children -> its copy's index
+    by_children = {o.as_pointer(): k for k, o in enumerate(originals or ()) if o.instance_type in INSTANCES_CHILDREN}
     out: list[tuple[list[_MeshTris], list[tuple[np.ndarray, np.ndarray]]]] = [([], []) for _ in owners]
     cache: dict = {}
-    for inst in depsgraph.object_instances:
-        owner = inst.parent if inst.is_instance else inst.object
-        if owner is None:
-            continue
-        k = index.get(owner.original.as_pointer())
-        if k is None and inst.is_instance and owner.original.as_pointer() in by_children:
+    for inst, stands_for in rendered_entries(depsgraph):
+        k = index.get(stands_for.as_pointer())
+        if k is None and inst.is_instance and stands_for.as_pointer() in by_children:
             child = inst.object.original  # the original's instance of a child of its own, not of a copy
-            if child.parent == owner.original and child.as_pointer() not in index and not child.hide_render:
-                k = by_children[owner.original.as_pointer()]  # (renders instance no child disabled in them)
-        if k is None or k in shown_by_parent:
+            if child.parent == stands_for and child.as_pointer() not in index:
+                k = by_children[stands_for.as_pointer()]
+        if k is None:
             continue
-        obj = inst.object
-        if not inst.show_self or (k in hidden_self and not inst.is_instance):
-            continue  # an instancer or emitter whose Show Instancer / Show Emitter is off: Cycles skips it
-        if k in not_rendered and inst.is_instance and obj.original.as_pointer() in not_rendered[k]:
-            continue  # also its Geometry Nodes instances (their original is the object)
-        tris = _entry_triangles(obj, inst.matrix_world, cache)
+        tris = _entry_triangles(inst.object, inst.matrix_world, cache)
         if tris is not None and len(tris.tri_verts):
             out[k][0].append(tris)
-        points = own_points(obj, inst.matrix_world)
+        points = own_points(inst.object, inst.matrix_world)
         if len(points[0]):
             out[k][1].append(points)
     return out
@@ -518,39 +555,23 @@ def _rendered_collections(layer_collection: Any, out: set[int] | None = None) ->
     return out
 
 
-def seen_by_camera(inst: Any, view_layer: Any, rendered: set[int]) -> bool:
-    """Whether a render of ``view_layer`` shows the depsgraph instance ``inst`` directly,
-    as Cycles takes it: the entry shows itself (``show_self``: not an instancer or particle
-    emitter with Show Instancer / Show Emitter off), the object is not disabled in renders
-    (for an instance, only a collection instance's member or a child instanced at its parent's
-    vertices or faces: particles' and Geometry Nodes' instances of an object disabled in renders
-    render, measured in bpy 5.0.1's render depsgraph), not a child at its own place that its
-    parent instances at its vertices or faces (renders show it only there), not Holdout (a
-    hole in the image) and visible to camera rays, and the object it stands for (its
-    instancer, for an instance) is in one of the ``rendered`` collections (:func:`_rendered_collections`)
-    and neither Holdout nor Indirect Only there (Blender's own ``holdout_get`` /
-    ``indirect_only_get``: the object's flag or any of its view-layer collections'). Even a
-    render's depsgraph (:func:`during_a_render`) holds Holdout, Indirect Only and objects
-    hidden from camera rays, and the viewport's also those disabled in renders: their points
-    were not in the photos."""
+def seen_by_camera(inst: Any, stands_for: Any, view_layer: Any, rendered: set[int]) -> bool:
+    """Whether a render of ``view_layer`` shows directly, as Cycles takes it, the depsgraph
+    instance ``inst`` that renders show as part of ``stands_for`` (:func:`rendered_entries`,
+    whose rules are not repeated here): the object is not disabled in renders (an instance of
+    one is: :func:`rendered_entries`), not Holdout (a hole in the image) and visible to camera
+    rays, and ``stands_for`` (its instancer, for an instance) is in one of the ``rendered``
+    collections (:func:`_rendered_collections`) and neither Holdout nor Indirect Only there
+    (Blender's own ``holdout_get`` / ``indirect_only_get``: the object's flag or any of its
+    view-layer collections'). Even a render's depsgraph (:func:`during_a_render`) holds
+    Holdout, Indirect Only and objects hidden from camera rays, and the viewport's also those
+    disabled in renders: their points were not in the photos."""
     obj = inst.object.original
-    instanced = inst.is_instance and inst.parent is not None
-    base = inst.parent.original if instanced else obj
-    # an instance of an object disabled in renders renders (particles' or Geometry Nodes' of a
-    # hidden source object: the usual way to scatter one), but not a collection instance's such
-    # member nor a parent's such child instanced at its vertices or faces, which only the
-    # viewport's depsgraph holds (measured in bpy 5.0.1)
-    disabled = obj.hide_render and (not instanced or base.instance_type == "COLLECTION"
-                                    or (base.instance_type in INSTANCES_CHILDREN and obj.parent == base))
-    # a child its parent instances at its vertices or faces, at its own place (with all it makes
-    # there: its evaluated mesh, its instances): renders show it only where its parent instances it,
-    # which only the viewport's depsgraph also holds here
-    disabled = disabled or shown_only_where_instanced(base)
-    if not inst.show_self or disabled or obj.is_holdout or not obj.visible_camera:
+    if (obj.hide_render and not inst.is_instance) or obj.is_holdout or not obj.visible_camera:
         return False
-    if not any(c.as_pointer() in rendered for c in base.users_collection):
+    if not any(c.as_pointer() in rendered for c in stands_for.users_collection):
         return False
-    return not (base.holdout_get(view_layer=view_layer) or base.indirect_only_get(view_layer=view_layer))
+    return not (stands_for.holdout_get(view_layer=view_layer) or stands_for.indirect_only_get(view_layer=view_layer))
 
 
 def scene_triangles(bpy_scene, objects: Sequence[Any] | None = None, depsgraph: Any = None) -> list[_MeshTris]:
@@ -577,34 +598,21 @@ def scene_triangles(bpy_scene, objects: Sequence[Any] | None = None, depsgraph: 
 
 def _shown_geometry(depsgraph: Any, surfaces: bool = True, points: bool = True
                     ) -> tuple[list[_MeshTris], tuple[np.ndarray, np.ndarray]]:
-    """What a render of ``depsgraph``'s view layer shows directly (:func:`seen_by_camera`),
-    each instance at its own place, from one pass over its entries: the triangles of its mesh
-    entries (with ``surfaces``; a curve's, text's, surface's or metaball's evaluated mesh is
-    one) and the :func:`own_points` (and colours) of its point cloud and hair entries (with
-    ``points``; empty without), each entry read once (:func:`rendered_parts`). Of a viewport's
-    depsgraph, no instance of an object that renders leave out of an instanced collection
-    (:func:`instances_not_rendered` of its instancer: particles' and Geometry Nodes' collections
-    too); a render's holds none, and its Object Info instances of such an object do render."""
+    """What a render of ``depsgraph``'s view layer shows directly (:func:`rendered_entries`
+    that are :func:`seen_by_camera`), each instance at its own place, from one pass over its
+    entries: the triangles of its mesh entries (with ``surfaces``; a curve's, text's,
+    surface's or metaball's evaluated mesh is one) and the :func:`own_points` (and colours) of
+    its point cloud and hair entries (with ``points``; empty without), each entry read once."""
     view_layer = depsgraph.view_layer
     rendered = _rendered_collections(view_layer.layer_collection)
     types = GEOMETRY_TYPES | POINT_TYPES if points else GEOMETRY_TYPES
     meshes = []
     parts = [(np.empty((0, 3), np.float32), np.empty((0, 3), np.float32))]
     cache: dict = {}
-    # per instancer (as_pointer()): its instanced objects that renders leave out; None: a render's depsgraph
-    not_rendered: dict[int, set[int]] | None = None if depsgraph.mode == "RENDER" else {}
-    for inst in depsgraph.object_instances:
+    for inst, stands_for in rendered_entries(depsgraph):
         obj = inst.object
-        if obj.type not in types or not seen_by_camera(inst, view_layer, rendered):
+        if obj.type not in types or not seen_by_camera(inst, stands_for, view_layer, rendered):
             continue
-        if not_rendered is not None and inst.is_instance and inst.parent is not None:
-            instancer = inst.parent.original
-            if instancer.as_pointer() not in not_rendered:
-                not_rendered[instancer.as_pointer()] = instances_not_rendered(instancer)
-            if obj.original.as_pointer() in not_rendered[instancer.as_pointer()]:
-                continue
-        # each entry's own data, as Cycles draws it (:func:`rendered_parts`): a curve's mesh, a
-        # mesh's Geometry Nodes points come as entries of their own, so each is read once
         if surfaces:
             tris = _entry_triangles(obj, inst.matrix_world, cache)
             if tris is not None and len(tris.tri_verts):
