@@ -358,10 +358,9 @@ def rendered_entries(depsgraph: Any) -> Iterator[tuple[Any, Any]]:
         stands_for = inst.parent.original if instanced else obj
         if shown_only_where_instanced(stands_for):
             continue
-        if not instanced:
-            if not_shown_itself_in_renders(obj):
-                continue
-            yield inst, stands_for
+        if not instanced:  # the object's own entry (a viewport's show_self followed the viewport's flag)
+            if not not_shown_itself_in_renders(obj):
+                yield inst, stands_for
             continue
         if obj.hide_render and stands_for.instance_type in INSTANCES_CHILDREN and obj.parent == stands_for:
             continue
