@@ -876,7 +876,7 @@ class NPBGPP_OT_fit(_WorkerStepJob, bpy.types.Operator):
             return None
         return worker_reply(self, P.FitBegin(
             bundle, dataset, self.steps, weights, "" if domain == "auto" else domain, s.dataset_format or None,
-            s.dataset_undistort, s.dataset_allow_external_paths, s.device, s.fit_upright,
+            s.dataset_undistort, s.dataset_allow_external_paths, s.device, s.fit_upright, s.fit_check_view,
         ), context)
 
     def _finish(self, context: Any) -> set[str]:
@@ -887,8 +887,10 @@ class NPBGPP_OT_fit(_WorkerStepJob, bpy.types.Operator):
             return {"CANCELLED"}
         context.scene.npbgpp.bundle = stored(context.scene, self._out)
         warn_linked_scene(self, context.scene, "Bundle")
-        self.report({"INFO"}, f"Fitted {reply.steps} steps in {reply.seconds:.0f} s (loss {reply.loss_first:.4f} -> "
-                              f"{reply.loss_last:.4f}); saved to {self._out}, now the scene's bundle.")
+        # a checked fit that lost on its held-apart photo saved the unfitted scene: worth a warning
+        kind = {"WARNING"} if reply.kept == "unfitted" else {"INFO"}
+        self.report(kind, f"Fitted {reply.steps} steps in {reply.seconds:.0f} s (loss {reply.loss_first:.4f} -> "
+                          f"{reply.loss_last:.4f}); {reply.outcome}; saved to {self._out}, now the scene's bundle.")
         return {"FINISHED"}
 
     def _status(self, context: Any, progress: Any) -> None:

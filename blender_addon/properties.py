@@ -126,6 +126,13 @@ class NPBGPPSceneSettings(bpy.types.PropertyGroup):
         "published NPBG fits. Upright scored 0.2 to 0.5 dB better on real captures (BENCHMARKS.md, Upright "
         "fitted scenes)",
     )
+    fit_check_view: BoolProperty(  # type: ignore[valid-type]
+        name="Check Fit on a Photo", default=False,  # npbgpp_core.fitting.FIT_CHECK_VIEW (that module imports torch)
+        description="Fit to Photos keeps the middle training photo apart (3 photos or more), fits on the others, "
+        "and keeps the unfitted scene when the fit scores lower on that photo, so a fit cannot make the scene "
+        "worse there; the report says which was kept. With few photos the default fit lost to no fit on some "
+        "captures (BENCHMARKS.md, A fit that cannot make a scene worse)",
+    )
     dataset_path: StringProperty(  # type: ignore[valid-type]
         name="Dataset", description="Dataset folder the input cameras came from (Aggregate reads its images)",
         subtype="DIR_PATH", default="", options=RELATIVE_OK,

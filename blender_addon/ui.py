@@ -71,6 +71,7 @@ class RENDER_PT_npbgpp_data(_NPBGPPPanel, bpy.types.Panel):
             layout.label(text="The dataset has no point cloud: Densify Points makes one", icon="INFO")
         layout.prop(s, "up_axis")
         layout.prop(s, "fit_upright")
+        layout.prop(s, "fit_check_view")
         col = layout.column(align=True)
         col.operator("import_scene.npbgpp_ply", icon="IMPORT")
         col.operator("import_scene.npbgpp_bundle", icon="IMPORT")

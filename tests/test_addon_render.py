@@ -5563,6 +5563,78 @@ def test_fit_to_photos_operator(scene):
         op._worker.request(P.FitStep(), None, 60)
 
 
+def test_fit_to_photos_checks_the_fit_on_a_held_apart_photo(scene):
+    """Check Fit on a Photo (shown under Fit Upright, default the library's FIT_CHECK_VIEW)
+    reaches the worker's fit: with 4 training photos the fitted bundle's metadata name the
+    photo kept apart and what was kept, the bundle written is the fit or else the aggregated
+    scene itself, and the operator's report says the same in one line; off, the fit is
+    unchecked and the report says so."""
+    from types import SimpleNamespace
+
+    from npbgpp_core.fitting import FIT_CHECK_VIEW
+    from npbgpp_core.scene import NeuralScene
+
+    sc, cam = scene["scene"], scene["camera"]
+    cams = [cam]
+    for k in range(1, 4):  # three more cameras a little around the first
+        other = cam.copy()
+        other.data = cam.data.copy()
+        other.location = (cam.location.x + 0.15 * k, cam.location.y, cam.location.z + 0.05 * k)
+        sc.collection.objects.link(other)
+        cams.append(other)
+    root = scene["dir"] / "nerf4"
+    _write_nerf_dataset(root, cams, scene["points"], scene["colors"])
+    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root)) == {"FINISHED"}
+    sc.npbgpp.weights = ""
+    agg = str(scene["dir"] / "agg.npbgpp")
+    assert bpy.ops.npbgpp.aggregate(filepath=agg) == {"FINISHED"}
+    panel = {p.__name__: p for p in bpy.types.Panel.__subclasses__()}["RENDER_PT_npbgpp_data"]
+    layout = _Recorder()
+    panel.draw(type("P", (), {"layout": layout})(), bpy.context)
+    assert layout.props.index("fit_check_view") == layout.props.index("fit_upright") + 1
+    assert type(sc.npbgpp).bl_rna.properties["fit_check_view"].default == FIT_CHECK_VIEW
+
+    fit_op = sys.modules[f"{MODULE}.operators"].NPBGPP_OT_fit
+
+    def fit(out: str) -> tuple:
+        """Fit to Photos through the operator's own begin / step / finish: (total, its report)."""
+        sc.npbgpp.bundle = agg
+        reports: list[tuple] = []
+        op = SimpleNamespace(filepath=out, steps=50, report=lambda kind, text: reports.append((kind, text)))
+        for name in ("_job", "_step_request", "_cancel_request", "_cancel_note", "_timeout"):
+            setattr(op, name, getattr(fit_op, name))
+        op._request = lambda name: fit_op._request(op, name)
+        first = fit_op._begin(op, bpy.context)
+        assert first is not None, reports
+        while not op._request("FitStep").finished:
+            pass
+        assert fit_op._finish(op, bpy.context) == {"FINISHED"}
+        assert sc.npbgpp.bundle == out
+        return first.total, reports[-1]
+
+    sc.npbgpp.fit_check_view = True
+    checked = str(scene["dir"] / "checked.npbgpp")
+    total, (kind, text) = fit(checked)
+    saved = NeuralScene.load(checked)
+    check = saved.metadata["fit"]["check"]
+    assert total == 52 and check["view"] == 2 and check["name"] == "train/r_2"
+    gain = check["psnr_fitted"] - check["psnr_unfitted"]
+    if check["kept"] == "fitted":
+        assert saved.kind == "coefficients" and kind == {"INFO"} and gain >= 0
+        shown = float(text.split("kept the fit: ")[1].split(" dB")[0])
+    else:
+        assert saved.kind == "npbgpp" and kind == {"WARNING"} and gain < 0
+        assert bool((saved.features == NeuralScene.load(agg).features).all())
+        shown = -float(text.split("kept the unfitted scene: the fit scored ")[1].split(" dB below it")[0])
+    assert shown == pytest.approx(gain, abs=0.006)
+    assert f"on held-apart photo {check['name']}; saved to {checked}" in text
+    sc.npbgpp.fit_check_view = False
+    plain = str(scene["dir"] / "plain.npbgpp")
+    total, (kind, text) = fit(plain)
+    assert total == 50 and "check" not in NeuralScene.load(plain).metadata["fit"] and kind == {"INFO"}
+    assert "; the fit was not checked on a photo kept apart; saved to" in text
+
+
 def _png_rgb(sc, path) -> np.ndarray:
     """F12 saved as Blender saves renders: an 8-bit RGB PNG, its codes (0 .. 255) as floats."""
     from PIL import Image
