@@ -531,6 +531,61 @@ def test_scene_points_follow_the_render_depsgraph_where_the_samplings_disagreed(
         bpy.data.particles.remove(particles)
 
 
+def test_scene_points_leave_out_all_an_object_disabled_in_renders_makes():
+    """An emitter disabled in renders whose particles instance a shown quad, and a bevelled
+    curve disabled in renders: Blender's own answer, the depsgraph of a render, holds neither
+    the particles' instances nor the curve's evaluated mesh (measured in bpy 5.0.1: the
+    viewport's, which the scene's points are read from outside a render, holds both; they were
+    sampled), so the scene's points, from either depsgraph, lie on the shown quad (x 0) and a
+    plain one (x 30) only; the emitter sits at x 10, the curve at x 20."""
+    from blender_addon.datagen.render import _render_tiny
+    from blender_addon.datagen.surface_points import during_a_render, rendered_surfaces, sample_surface_points
+
+    scene = bpy.data.scenes.new("hidden_makers")
+    scene.render.engine = "CYCLES"
+    scene.cycles.samples = 1
+    main = bpy.data.collections.new("hm_main")
+    scene.collection.children.link(main)
+    source = _quad(0.0, "hm_source", main)
+    emitter = _quad(10.0, "hm_emitter", main)
+    emitter.hide_render = True
+    emitter.modifiers.new("hm_particles", "PARTICLE_SYSTEM")
+    particles = emitter.particle_systems[0].settings
+    particles.type, particles.count, particles.render_type = "HAIR", 5, "OBJECT"
+    particles.instance_object, particles.particle_size = source, 0.5
+    curve = bpy.data.curves.new("hm_curve", "CURVE")
+    curve.dimensions, curve.bevel_depth = "3D", 0.05
+    spline = curve.splines.new("POLY")
+    spline.points.add(1)
+    spline.points[0].co, spline.points[1].co = (20.0, -0.2, 0.0, 1.0), (20.0, 0.2, 0.0, 1.0)
+    tube = bpy.data.objects.new("hm_curve", curve)
+    tube.hide_render = True
+    main.objects.link(tube)
+    _quad(30.0, "hm_plain", main)
+    cam_data = bpy.data.cameras.new("hm_camera")
+    camera = bpy.data.objects.new("hm_camera", cam_data)
+    main.objects.link(camera)
+    scene.camera = camera
+
+    def read(depsgraph):
+        standing = {(i.parent if i.is_instance else i.object).original.name for i in depsgraph.object_instances}
+        return standing, rendered_surfaces(scene, depsgraph, 2000, seed=3)[2][0]
+
+    try:
+        standing, from_render = during_a_render(scene, lambda: _render_tiny(scene), read)
+        assert emitter.name not in standing and tube.name not in standing  # Blender's answer
+        for points in (sample_surface_points(scene, 2000, seed=3)[0], from_render):
+            centres = np.round(points[:, 0] / 10.0).astype(int) * 10
+            assert sorted(set(centres.tolist())) == [0, 30], np.unique(centres)
+    finally:
+        bpy.data.objects.remove(camera)
+        bpy.data.cameras.remove(cam_data)
+        bpy.data.objects.remove(tube)
+        bpy.data.curves.remove(curve)
+        _remove_test_scene(scene, [main])
+        bpy.data.particles.remove(particles)
+
+
 def test_scene_surfaces_read_each_curve_text_and_metaball_once():
     """A bevelled curve, a text and a metaball render one mesh each, which Blender's
     depsgraph gives as an instance of its own beside the object: the scene's surfaces are
