@@ -225,3 +225,30 @@ def test_crop_none_fits_whole_views(tmp_path, monkeypatch, capsys):
             parse_args(["--scenes", "x", "--crop", bad])
         assert exc.value.code == 2
         assert f"expected a positive crop side or none, got '{bad}'" in capsys.readouterr().err
+
+
+def test_check_view_flag_scores_what_the_user_gets(tmp_path, monkeypatch):
+    """--check-view on: a fit driven to lose (to the inverted photos) on the kept input view
+    leaves the unfitted scene, so the fit's column is NPBG++'s own to the last bit (the user
+    gets the source bundle back); the report names the kept input view and the table marks
+    the cell; off records no check."""
+    from bench.bench_quality import averages, check_fit_options, markdown
+    from npbgpp_core import fitting
+
+    folder = make_tiny_scene(str(tmp_path / "s"), views=6, size=32, splits=(4, 1, 1))
+    monkeypatch.setattr(fitting, "coefficients_ft_loss", lambda *a, **k: lambda p, t, m: (p - (1 - t)).abs().mean())
+    args = parse_args(["--scenes", folder, "--methods", "npbgpp,coefficients_ft", "--steps", "20", "--crop", "16",
+                       "--check-view", "on"])
+    check_fit_options(args)
+    r = evaluate_scene(folder, args, {})
+    fit, plain = r["methods"]["coefficients_ft"], r["methods"]["npbgpp"]
+    inputs, _ = split_views(load_scene(folder))
+    assert fit["check"]["kept"] == "unfitted" and fit["check"]["view"] == 2 and fit["check"]["view_id"] == inputs[2]
+    assert fit["check"]["psnr_fitted"] < fit["check"]["psnr_unfitted"]
+    assert fit["psnr_views"] == plain["psnr_views"] and fit["ssim"] == plain["ssim"]
+    report = {"methods": ["npbgpp", "coefficients_ft"], "scenes": [r]}
+    report["average"] = averages(report["scenes"], report["methods"])
+    assert " unfitted kept |" in markdown(report).splitlines()[2]
+    off = evaluate_scene(folder, parse_args(["--scenes", folder, "--methods", "npbgpp,coefficients_ft",
+                                             "--steps", "2", "--crop", "16", "--check-view", "off"]), {})
+    assert "check" not in off["methods"]["coefficients_ft"]
