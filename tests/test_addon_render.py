@@ -3133,6 +3133,67 @@ def test_points_from_meshes_simulated_parent_instances_no_child_disabled_in_rend
     assert (pts[:, 2] > 1.0).any() and (np.abs(pts[:, 2]) < 1e-5).any()  # on the shown ball's and the plane
 
 
+@pytest.mark.parametrize("simulated", [None, "Grid", "Ball"])
+def test_points_from_meshes_parent_and_its_selected_child_sample_each_instance_once(scene, simulated):
+    """A plane instancing its child ball at its 4 vertices, both selected; the ball grows from
+    0.3 to 0.8 in renders only (a Displace shown in renders only; in both when the ball holds
+    a simulation, which is sampled as it stands). ``simulated``: the object holding a
+    simulation (sampled as it stands, not as a copy): the plane (Cloth) or the ball (Soft Body).
+    The child's copy keeps its parent, so the plane instanced both the child (as the viewport
+    shows it) and the copy: each ball was sampled twice when the plane held a simulation, once
+    too small; and only as the viewport shows it (the child's, not its copy's, instances) when
+    neither did; a child holding a simulation was sampled nowhere. Blender's own answer, the
+    depsgraph of a render: 4 instances of the grown ball. Every point lies on the plane or on
+    one of them, each gets points, and their share of the points is their share of the area
+    (each sampled once)."""
+    from mathutils.bvhtree import BVHTree
+
+    from blender_addon.datagen.render import _render_tiny
+    from blender_addon.datagen.surface_points import during_a_render
+
+    sc = scene["scene"]
+    bpy.ops.mesh.primitive_plane_add(size=4.0)
+    grid = bpy.context.active_object
+    grid.name, grid.instance_type = "Grid", "VERTS"
+    bpy.ops.mesh.primitive_ico_sphere_add(subdivisions=1, radius=0.3)
+    ball = bpy.context.active_object
+    ball.name, ball.parent, ball.location = "Ball", grid, (0.0, 0.0, 2.0)
+    grow = ball.modifiers.new("Grow", "DISPLACE")
+    grow.strength = 1.0  # no texture: every vertex 0.5 out along its normal
+    grow.show_viewport = simulated == "Ball"
+    if simulated == "Grid":
+        grid.modifiers.new("Cloth", "CLOTH")
+    elif simulated == "Ball":
+        ball.modifiers.new("Soft", "SOFT_BODY")
+
+    def instances(depsgraph) -> list[tuple[str, np.ndarray, list[tuple[int, ...]]]]:
+        """The render's instances the plane makes: name, world vertices, faces."""
+        return [(i.object.original.name, np.array([tuple(i.matrix_world @ v.co) for v in i.object.data.vertices]),
+                 [tuple(p.vertices) for p in i.object.data.polygons])
+                for i in depsgraph.object_instances if i.is_instance and i.parent.original == grid]
+
+    engine, sc.render.engine = sc.render.engine, "CYCLES"
+    try:
+        rendered = during_a_render(sc, lambda: _render_tiny(sc), instances)
+    finally:
+        sc.render.engine = engine
+    assert [name for name, _, _ in rendered] == ["Ball"] * 4
+    assert all(np.isclose(np.linalg.norm(v - v.mean(axis=0), axis=1).max(), 0.8) for _, v, _ in rendered)
+    balls = [BVHTree.FromPolygons([tuple(p) for p in v], faces) for _, v, faces in rendered]
+    ball_area = sum(0.5 * np.linalg.norm(np.cross(v[f[1]] - v[f[0]], v[f[2]] - v[f[0]]))
+                    for _, v, faces in rendered for f in faces)  # icosphere faces: triangles
+    for o in sc.objects:
+        o.select_set(o in (grid, ball))
+    assert bpy.ops.npbgpp.points_from_meshes(count=3000, seed=5) == {"FINISHED"}
+    pts, _ = _sampled_points(sc)
+    on_ball = np.stack([_distances(bvh, pts) < 1e-4 for bvh in balls])
+    on_plane = (np.abs(pts[:, 2]) < 1e-5) & (np.abs(pts[:, :2]) <= 2.0 + 1e-5).all(axis=1)
+    assert (on_plane | on_ball.any(axis=0)).all(), (~(on_plane | on_ball.any(axis=0))).sum()
+    assert on_ball.any(axis=1).all(), on_ball.sum(axis=1)
+    share = on_ball.any(axis=0).mean()
+    assert abs(share - ball_area / (ball_area + 16.0)) < 0.03, (share, ball_area / (ball_area + 16.0))
+
+
 def _cube_and_hidden_sphere(sc, name: str, cube_size: float, radius: float, at: tuple[float, float, float],
                             sphere_up: float = 1.0):
     """A new collection ``name``, in no scene, of a cube (``cube_size`` wide, at ``at``) and a

@@ -385,23 +385,32 @@ def rendered_parts(depsgraph: Any, owners: Sequence[Any], originals: Sequence[An
 
     ``originals``: the objects ``owners`` are copies of (``importers.render_setting_copies``),
     if they are: a copy has no children, so an original instancing its children by vertices or
-    faces (:data:`INSTANCES_CHILDREN`) gives its copy those instances (not of the copies), and a
-    copy of such a child renders nothing of its own (Blender shows it only where its parent
-    instances it, in renders; measured in bpy 5.0.1: the viewport's depsgraph holds it at its
-    own place too). An owner may be its original itself (one holding a simulation, whose cache
-    a copy lacks): its Show Instancer / Show Emitter for renders then leaves out its own entry
+    faces (:data:`INSTANCES_CHILDREN`) gives its copy those instances, and a copy of such a
+    child renders nothing of its own (Blender shows it only where its parent instances it, in
+    renders; measured in bpy 5.0.1: the viewport's depsgraph holds it at its own place too).
+    A copy keeps its parent, so that parent instances the child's copy too (measured in bpy
+    5.0.1): a child with a copy is taken as its copy's instances only (once, at the render's
+    settings). An owner may be its original itself (one holding a simulation, whose cache a
+    copy lacks): its Show Instancer / Show Emitter for renders then leaves out its own entry
     as the copy's viewport flag would."""
     index = {o.as_pointer(): k for k, o in enumerate(owners)}
     # an original instancing its children -> its copy's index
     by_children = {o.as_pointer(): k for k, o in enumerate(originals or ()) if o.instance_type in INSTANCES_CHILDREN}
+    # originals among owners' copies: a copy keeps its parent, so a parent instancing its children
+    # instances the copy of a child too, at the render's settings (the child at the viewport's)
+    copied = {o.as_pointer() for o, owner in zip(originals or owners, owners, strict=True) if o != owner}
     out: list[tuple[list[_MeshTris], list[tuple[np.ndarray, np.ndarray]]]] = [([], []) for _ in owners]
     cache: dict = {}
     for inst, stands_for in rendered_entries(depsgraph):
+        child = inst.object.original
+        # a parent's instance of its child at its vertices or faces (not one its particles make)
+        by_parent = (inst.is_instance and child.parent == stands_for and inst.particle_system is None
+                     and stands_for.instance_type in INSTANCES_CHILDREN)
+        if by_parent and child.as_pointer() in copied:
+            continue  # its copy's instance stands for it, once
         k = index.get(stands_for.as_pointer())
-        if k is None and inst.is_instance and stands_for.as_pointer() in by_children:
-            child = inst.object.original  # the original's instance of a child of its own, not of a copy
-            if child.parent == stands_for and child.as_pointer() not in index:
-                k = by_children[stands_for.as_pointer()]
+        if k is None and by_parent:  # the original's instance of a child of its own (or of the child's copy)
+            k = by_children.get(stands_for.as_pointer())
         if k is None:
             continue
         tris = _entry_triangles(inst.object, inst.matrix_world, cache)
