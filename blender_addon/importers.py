@@ -1051,11 +1051,14 @@ class NPBGPP_OT_points_from_meshes(bpy.types.Operator):
                 # a metaball member's points are its basis's: not skipped when that family was sampled
                 families = {metaball_family(o.name) for o, a in zip(chosen, areas, strict=True)
                             if o.type == "META" and a > 0}
+                chosen_at = {o.as_pointer() for o in chosen}
                 for obj, (tris, pts), area in zip(chosen, owned, areas, strict=True):
                     if area > 0 or pts or (obj.type == "META" and metaball_family(obj.name) in families):
                         continue
                     # e.g. a curve with no Bevel or Extrude: sampled nothing, so named with the skipped
                     if obj.parent is not None and obj.parent.instance_type in INSTANCES_CHILDREN:
+                        if obj.parent.as_pointer() in chosen_at and not obj.hide_render:
+                            continue  # sampled where renders show it: as its selected parent's instances
                         reason = INSTANCED_BY_PARENT.format(parent=obj.parent.name)
                     elif tris:
                         reason = NO_AREA

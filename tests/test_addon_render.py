@@ -3134,7 +3134,7 @@ def test_points_from_meshes_simulated_parent_instances_no_child_disabled_in_rend
 
 
 @pytest.mark.parametrize("simulated", [None, "Grid", "Ball"])
-def test_points_from_meshes_parent_and_its_selected_child_sample_each_instance_once(scene, simulated):
+def test_points_from_meshes_parent_and_its_selected_child_sample_each_instance_once(scene, simulated, capfd):
     """A plane instancing its child ball at its 4 vertices, both selected; the ball grows from
     0.3 to 0.8 in renders only (a Displace shown in renders only; in both when the ball holds
     a simulation, which is sampled as it stands). ``simulated``: the object holding a
@@ -3145,7 +3145,7 @@ def test_points_from_meshes_parent_and_its_selected_child_sample_each_instance_o
     neither did; a child holding a simulation was sampled nowhere. Blender's own answer, the
     depsgraph of a render: 4 instances of the grown ball. Every point lies on the plane or on
     one of them, each gets points, and their share of the points is their share of the area
-    (each sampled once)."""
+    (each sampled once). The child is not named as skipped: it was sampled as the plane's."""
     from mathutils.bvhtree import BVHTree
 
     from blender_addon.datagen.render import _render_tiny
@@ -3184,7 +3184,9 @@ def test_points_from_meshes_parent_and_its_selected_child_sample_each_instance_o
                     for _, v, faces in rendered for f in faces)  # icosphere faces: triangles
     for o in sc.objects:
         o.select_set(o in (grid, ball))
+    capfd.readouterr()
     assert bpy.ops.npbgpp.points_from_meshes(count=3000, seed=5) == {"FINISHED"}
+    assert "skipped" not in capfd.readouterr().out
     pts, _ = _sampled_points(sc)
     on_ball = np.stack([_distances(bvh, pts) < 1e-4 for bvh in balls])
     on_plane = (np.abs(pts[:, 2]) < 1e-5) & (np.abs(pts[:, :2]) <= 2.0 + 1e-5).all(axis=1)
