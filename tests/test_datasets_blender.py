@@ -586,6 +586,78 @@ def test_scene_points_leave_out_all_an_object_disabled_in_renders_makes():
         bpy.data.particles.remove(particles)
 
 
+def test_scene_points_leave_out_instances_of_what_is_not_shown_itself_in_renders():
+    """An emitter whose Show Emitter is off for renders only, and a parent instancing its child
+    at its vertices whose Show Instancer is, both in a collection an empty instances; and a
+    top-level such emitter that a quad's Geometry Nodes instance (Object Info). Blender's own
+    answer, the depsgraph of a render: each such instance's entry has show_self off (the
+    parent's is not there), as the objects' own entries do; the viewport's, which the scene's
+    points are read from outside a render, has it on (measured in bpy 5.0.1; they were sampled).
+    The scene's points, from either depsgraph, lie on the child's instances (x 10, z 2), the
+    Geometry Nodes' quad (x 20) and a plain one (x 30) only; the instanced emitter sits at x 0,
+    the parent at x 10 (z 0), the top-level emitter at x 40."""
+    from blender_addon.datagen.render import _render_tiny
+    from blender_addon.datagen.surface_points import during_a_render, rendered_surfaces, sample_surface_points
+
+    scene = bpy.data.scenes.new("not_shown_itself")
+    scene.render.engine = "CYCLES"
+    scene.cycles.samples = 1
+    main, kit = bpy.data.collections.new("ns_main"), bpy.data.collections.new("ns_kit")
+    scene.collection.children.link(main)  # the kit is in no scene: only its instance renders
+    emitter = _quad(0.0, "ns_emitter", kit)
+    loose = _quad(40.0, "ns_loose_emitter", main)
+    for obj in (emitter, loose):
+        obj.modifiers.new("ns_particles", "PARTICLE_SYSTEM")
+        obj.show_instancer_for_viewport, obj.show_instancer_for_render = True, False
+    particles = emitter.particle_systems[0].settings
+    particles.render_type = "NONE"
+    loose.particle_systems[0].settings = particles
+    parent = _quad(10.0, "ns_parent", kit)
+    parent.instance_type = "VERTS"
+    parent.show_instancer_for_viewport, parent.show_instancer_for_render = True, False
+    child = _quad(0.0, "ns_child", kit)
+    child.parent, child.location.z = parent, 2.0
+    instancer = bpy.data.objects.new("ns_instancer", None)
+    instancer.instance_type, instancer.instance_collection = "COLLECTION", kit
+    main.objects.link(instancer)
+
+    def object_info(tree, geometry):
+        info = tree.nodes.new("GeometryNodeObjectInfo")
+        info.inputs["Object"].default_value = loose
+        info.inputs["As Instance"].default_value = True
+        join = tree.nodes.new("GeometryNodeJoinGeometry")
+        tree.links.new(info.outputs["Geometry"], join.inputs[0])
+        tree.links.new(geometry, join.inputs[0])
+        return join.outputs[0]
+
+    _nodes_modifier(_quad(20.0, "ns_holder", main), "ns_object_info", object_info)
+    _quad(30.0, "ns_plain", main)
+    cam_data = bpy.data.cameras.new("ns_camera")
+    camera = bpy.data.objects.new("ns_camera", cam_data)
+    main.objects.link(camera)
+    scene.camera = camera
+
+    def read(depsgraph):
+        shown = {(i.object.original.name, i.parent.original.name if i.is_instance else None): i.show_self
+                 for i in depsgraph.object_instances}
+        return shown, rendered_surfaces(scene, depsgraph, 3000, seed=4)[2][0]
+
+    try:
+        shown, from_render = during_a_render(scene, lambda: _render_tiny(scene), read)
+        assert not shown[(emitter.name, instancer.name)] and not shown[(loose.name, "ns_holder")]  # Blender's answer
+        assert not shown.get((parent.name, instancer.name), False)
+        for points in (sample_surface_points(scene, 3000, seed=4)[0], from_render):
+            centres = np.round(points[:, [0, 2]] / [10.0, 2.0]).astype(int) * [10, 2]
+            assert sorted(set(map(tuple, centres.tolist()))) == [(10, 2), (20, 0), (30, 0)], np.unique(centres, axis=0)
+    finally:
+        tree = scene.objects["ns_holder"].modifiers[0].node_group
+        bpy.data.objects.remove(camera)
+        bpy.data.cameras.remove(cam_data)
+        _remove_test_scene(scene, [main, kit])
+        bpy.data.node_groups.remove(tree)
+        bpy.data.particles.remove(particles)
+
+
 def test_scene_surfaces_read_each_curve_text_and_metaball_once():
     """A bevelled curve, a text and a metaball render one mesh each, which Blender's
     depsgraph gives as an instance of its own beside the object: the scene's surfaces are

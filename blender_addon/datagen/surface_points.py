@@ -331,8 +331,11 @@ def rendered_entries(depsgraph: Any) -> Iterator[tuple[Any, Any]]:
 
     - an entry whose ``show_self`` is off, which Cycles skips (measured: a particle emitter
       with Show Emitter off, or an instancer with Show Instancer off, is an entry with it
-      off); a viewport's depsgraph sets it by the viewport's flag, so an object's own entry
-      is also left out when the flag is off for renders (:func:`not_shown_itself_in_renders`);
+      off); a viewport's depsgraph sets it by the viewport's flag, so an entry of such an
+      object is also left out when the flag is off for renders
+      (:func:`not_shown_itself_in_renders`): its own, its Geometry Nodes' output, and an
+      instance of it (a collection instance's member, an Object Info instance; measured in bpy
+      5.0.1: a render's depsgraph has each with ``show_self`` off, or not at all);
     - all of an object that its parent instances at its vertices or faces, at its own place
       (its evaluated mesh, its instances): renders show it only where its parent instances it
       (:func:`shown_only_where_instanced`), which only the viewport's depsgraph also holds here;
@@ -358,9 +361,10 @@ def rendered_entries(depsgraph: Any) -> Iterator[tuple[Any, Any]]:
         stands_for = inst.parent.original if instanced else obj
         if shown_only_where_instanced(stands_for):
             continue
-        if not instanced:  # the object's own entry (a viewport's show_self followed the viewport's flag)
-            if not not_shown_itself_in_renders(obj):
-                yield inst, stands_for
+        if not_shown_itself_in_renders(obj):  # a viewport's show_self followed the viewport's flag
+            continue
+        if not instanced:
+            yield inst, stands_for
             continue
         if obj.hide_render and stands_for.instance_type in INSTANCES_CHILDREN and obj.parent == stands_for:
             continue
