@@ -658,6 +658,67 @@ def test_scene_points_leave_out_instances_of_what_is_not_shown_itself_in_renders
         bpy.data.particles.remove(particles)
 
 
+def test_scene_points_take_camera_visibility_and_holdout_of_an_instance_as_cycles_does(tmp_path):
+    """Cycles takes an instance's camera visibility from the instanced object and its instancer
+    both, and its holdout from the instancer only (measured in bpy 5.0.1: a collection
+    instance's quad marked Holdout renders opaque; one whose instancer is hidden from camera
+    rays renders nothing). Blender's own answer, a 4x4 Cycles render of each quad alone (film
+    transparent: alpha 1 where it is drawn, 0 where not), for collection instances of a quad
+    marked Holdout (x 0), of a quad whose instancer is hidden from camera rays (x 10), and of a
+    quad hidden from camera rays itself (x 20), and a plain quad (x 30). The scene's points,
+    from either depsgraph, lie where the render draws: x 0 and 30."""
+    from blender_addon.datagen.render import _render_tiny
+    from blender_addon.datagen.surface_points import during_a_render, rendered_surfaces, sample_surface_points
+
+    scene = bpy.data.scenes.new("instance_flags")
+    scene.render.engine = "CYCLES"
+    scene.cycles.samples = 1
+    scene.render.film_transparent = True
+    scene.render.resolution_x = scene.render.resolution_y = 4
+    scene.render.image_settings.file_format, scene.render.image_settings.color_mode = "PNG", "RGBA"
+    main = bpy.data.collections.new("if_main")
+    scene.collection.children.link(main)
+    kits = []
+    for x, name in ((0.0, "holdout"), (10.0, "instancer_unseen"), (20.0, "unseen")):
+        kits.append(bpy.data.collections.new(f"if_kit_{name}"))  # in no scene: only its instance renders
+        quad = _quad(x, f"if_{name}", kits[-1])
+        instancer = bpy.data.objects.new(f"if_instancer_{name}", None)
+        instancer.instance_type, instancer.instance_collection = "COLLECTION", kits[-1]
+        main.objects.link(instancer)
+        quad.is_holdout = name == "holdout"
+        quad.visible_camera = name != "unseen"
+        instancer.visible_camera = name != "instancer_unseen"
+    _quad(30.0, "if_plain", main)
+    cam_data = bpy.data.cameras.new("if_camera")
+    cam_data.type, cam_data.ortho_scale = "ORTHO", 0.4  # sees the middle of one quad
+    camera = bpy.data.objects.new("if_camera", cam_data)
+    camera.location.z = 5.0
+    main.objects.link(camera)
+    scene.camera = camera
+
+    def drawn(x: float) -> float:
+        """Mean alpha of a render of the quad at ``x`` alone."""
+        camera.location.x = x
+        scene.render.filepath = str(tmp_path / f"at_{int(x)}.png")
+        bpy.ops.render.render(write_still=True, scene=scene.name)
+        image = bpy.data.images.load(scene.render.filepath)
+        alpha = float(np.array(image.pixels[:]).reshape(-1, 4)[:, 3].mean())
+        bpy.data.images.remove(image)
+        return alpha
+
+    try:
+        assert [drawn(x) for x in (0.0, 10.0, 20.0, 30.0)] == [1.0, 0.0, 0.0, 1.0]  # Blender's answer
+        from_render = during_a_render(scene, lambda: _render_tiny(scene),
+                                      lambda depsgraph: rendered_surfaces(scene, depsgraph, 2000, seed=6)[2][0])
+        for points in (sample_surface_points(scene, 2000, seed=6)[0], from_render):
+            centres = np.round(points[:, 0] / 10.0).astype(int) * 10
+            assert sorted(set(centres.tolist())) == [0, 30], np.unique(centres)
+    finally:
+        bpy.data.objects.remove(camera)
+        bpy.data.cameras.remove(cam_data)
+        _remove_test_scene(scene, [main, *kits])
+
+
 def test_scene_surfaces_read_each_curve_text_and_metaball_once():
     """A bevelled curve, a text and a metaball render one mesh each, which Blender's
     depsgraph gives as an instance of its own beside the object: the scene's surfaces are

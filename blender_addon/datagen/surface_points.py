@@ -574,15 +574,18 @@ def seen_by_camera(inst: Any, stands_for: Any, view_layer: Any, rendered: set[in
     disabled in renders, which leave out all it makes too (measured in bpy 5.0.1: a render's
     depsgraph holds neither such an emitter's particle instances nor such a curve's evaluated
     mesh, the viewport's both; an instance *of* an object disabled in renders is shown:
-    :func:`rendered_entries`), the object is not Holdout (a hole in the image) and visible to
-    camera rays, and ``stands_for`` is in one of the ``rendered``
-    collections (:func:`_rendered_collections`) and neither Holdout nor Indirect Only there
-    (Blender's own ``holdout_get`` / ``indirect_only_get``: the object's flag or any of its
-    view-layer collections'). Even a render's depsgraph (:func:`during_a_render`) holds
-    Holdout, Indirect Only and objects hidden from camera rays, and the viewport's also those
-    disabled in renders: their points were not in the photos."""
+    :func:`rendered_entries`), the object and ``stands_for`` are both visible to camera rays,
+    and ``stands_for`` is in one of the ``rendered`` collections
+    (:func:`_rendered_collections`) and neither Holdout (a hole in the image) nor Indirect Only
+    there (Blender's own ``holdout_get`` / ``indirect_only_get``: the object's flag or any of
+    its view-layer collections'). As Cycles takes an instance (measured in bpy 5.0.1): camera
+    rays by the instanced object's flag and its instancer's, Holdout by the instancer's only
+    (a collection instance's quad marked Holdout renders opaque). Even a render's depsgraph
+    (:func:`during_a_render`) holds Holdout, Indirect Only and objects hidden from camera
+    rays, and the viewport's also those disabled in renders: their points were not in the
+    photos."""
     obj = inst.object.original
-    if stands_for.hide_render or obj.is_holdout or not obj.visible_camera:
+    if stands_for.hide_render or not (obj.visible_camera and stands_for.visible_camera):
         return False
     if not any(c.as_pointer() in rendered for c in stands_for.users_collection):
         return False
