@@ -719,6 +719,60 @@ def test_scene_points_take_camera_visibility_and_holdout_of_an_instance_as_cycle
         _remove_test_scene(scene, [main, *kits])
 
 
+def test_scene_points_leave_out_particles_of_a_collection_member_disabled_in_renders():
+    """An instanced collection's two emitters whose hair particles instance a quad disabled in
+    renders (the usual scatter), the one at x 0 disabled in renders itself, the one at x 10 not:
+    Blender's own answer, the depsgraph of a render, holds the particles' instances of the
+    second only (measured in bpy 5.0.1; the viewport's, which the scene's points are read from
+    outside a render, holds both: they were sampled). The scene's points, from either
+    depsgraph, lie around x 10 and on a plain quad (x 30) only."""
+    from blender_addon.datagen.render import _render_tiny
+    from blender_addon.datagen.surface_points import during_a_render, rendered_surfaces, sample_surface_points
+
+    scene = bpy.data.scenes.new("hidden_member_particles")
+    scene.render.engine = "CYCLES"
+    scene.cycles.samples = 1
+    main, kit = bpy.data.collections.new("hp_main"), bpy.data.collections.new("hp_kit")
+    scene.collection.children.link(main)  # the kit is in no scene: only its instance renders
+    source = _quad(50.0, "hp_source", main)
+    source.hide_render = True
+    hidden, shown = _quad(0.0, "hp_hidden_emitter", kit), _quad(10.0, "hp_emitter", kit)
+    hidden.hide_render = True
+    for emitter in (hidden, shown):
+        emitter.modifiers.new("hp_particles", "PARTICLE_SYSTEM")
+    particles = hidden.particle_systems[0].settings
+    particles.type, particles.count, particles.render_type = "HAIR", 5, "OBJECT"
+    particles.instance_object, particles.particle_size = source, 0.5
+    shown.particle_systems[0].settings = particles
+    for emitter in (hidden, shown):
+        emitter.show_instancer_for_viewport = emitter.show_instancer_for_render = False  # their particles only
+    instancer = bpy.data.objects.new("hp_instancer", None)
+    instancer.instance_type, instancer.instance_collection = "COLLECTION", kit
+    main.objects.link(instancer)
+    _quad(30.0, "hp_plain", main)
+    cam_data = bpy.data.cameras.new("hp_camera")
+    camera = bpy.data.objects.new("hp_camera", cam_data)
+    main.objects.link(camera)
+    scene.camera = camera
+
+    def read(depsgraph):
+        made = [i.matrix_world.translation.x for i in depsgraph.object_instances
+                if i.is_instance and i.object.original == source]
+        return made, rendered_surfaces(scene, depsgraph, 2000, seed=7)[2][0]
+
+    try:
+        made, from_render = during_a_render(scene, lambda: _render_tiny(scene), read)
+        assert len(made) == 5 and all(abs(x - 10.0) < 1.0 for x in made), made  # Blender's answer
+        for points in (sample_surface_points(scene, 2000, seed=7)[0], from_render):
+            centres = np.round(points[:, 0] / 10.0).astype(int) * 10
+            assert sorted(set(centres.tolist())) == [10, 30], np.unique(centres)
+    finally:
+        bpy.data.objects.remove(camera)
+        bpy.data.cameras.remove(cam_data)
+        _remove_test_scene(scene, [main, kit])
+        bpy.data.particles.remove(particles)
+
+
 def test_scene_surfaces_read_each_curve_text_and_metaball_once():
     """A bevelled curve, a text and a metaball render one mesh each, which Blender's
     depsgraph gives as an instance of its own beside the object: the scene's surfaces are

@@ -343,16 +343,22 @@ def rendered_entries(depsgraph: Any) -> Iterator[tuple[Any, Any]]:
       viewport's depsgraph holds it (measured in bpy 5.0.1);
     - of a viewport's depsgraph, an instance of an object that renders leave out of an
       instanced collection (:func:`instances_not_rendered` of its instancer: particles' and
-      Geometry Nodes' collections too); a render's holds none, and its Object Info instances
-      of such an object do render.
+      Geometry Nodes' collections too), and the particles such an object emits; a render's
+      holds none, and its Object Info instances of such an object do render. Not told apart:
+      the instances such an object's own Geometry Nodes make (the entry names only the
+      outermost instancer), which a viewport's depsgraph holds (a render's leaves out such an
+      object and all it makes, as it does its particles).
 
     Kept: particles' and Geometry Nodes' instances of an object disabled in renders (the usual
     way to scatter one), also those a collection instance's member makes (measured in bpy
     5.0.1: a render's depsgraph holds such a member's Object Info instance of a quad disabled
     in renders, its parent the collection's instancer, and Cycles draws it)."""
     viewport = depsgraph.mode != "RENDER"
-    # per instancer (as_pointer()): its instanced objects that renders leave out (viewport only)
+    # per instancer (as_pointer()): its instanced objects that renders leave out, and their
+    # particle systems (viewport only; the systems by those objects, shared by instancers)
     not_rendered: dict[int, set[int]] = {}
+    systems_not_rendered: dict[int, set[int]] = {}
+    systems_of: dict[frozenset[int], set[int]] = {}
     for inst in depsgraph.object_instances:
         if not inst.show_self:
             continue
@@ -371,10 +377,29 @@ def rendered_entries(depsgraph: Any) -> Iterator[tuple[Any, Any]]:
         if viewport:
             key = stands_for.as_pointer()
             if key not in not_rendered:
-                not_rendered[key] = instances_not_rendered(stands_for)
+                not_rendered[key] = left_out = instances_not_rendered(stands_for)
+                if frozenset(left_out) not in systems_of:
+                    systems_of[frozenset(left_out)] = _particle_systems(left_out, depsgraph)
+                systems_not_rendered[key] = systems_of[frozenset(left_out)]
             if obj.as_pointer() in not_rendered[key]:
                 continue  # also its Geometry Nodes instances (their original is the object)
+            system = inst.particle_system  # particles such an object emits (its Geometry Nodes' are not told apart)
+            if system is not None and system.as_pointer() in systems_not_rendered[key]:
+                continue
         yield inst, stands_for
+
+
+def _particle_systems(objects: set[int], depsgraph: Any) -> set[int]:
+    """The particle systems (``as_pointer()``) of ``depsgraph``'s evaluated copies of the
+    original objects ``objects`` (``as_pointer()``): what its particle instances name as their
+    ``particle_system`` (measured in bpy 5.0.1), so that those of an object renders leave out
+    can be told apart."""
+    if not objects:
+        return set()
+    import bpy
+
+    return {system.as_pointer() for obj in bpy.data.objects if obj.as_pointer() in objects and len(obj.particle_systems)
+            for system in obj.evaluated_get(depsgraph).particle_systems}
 
 
 def rendered_parts(depsgraph: Any, owners: Sequence[Any], originals: Sequence[Any] | None = None
