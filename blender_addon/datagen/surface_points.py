@@ -354,9 +354,9 @@ def rendered_entries(depsgraph: Any) -> Iterator[tuple[Any, Any]]:
     5.0.1: a render's depsgraph holds such a member's Object Info instance of a quad disabled
     in renders, its parent the collection's instancer, and Cycles draws it)."""
     viewport = depsgraph.mode != "RENDER"
-    # per instancer (as_pointer()): its instanced objects that renders leave out, and their
-    # particle systems (viewport only; the systems by those objects, shared by instancers)
-    not_rendered: dict[int, set[int]] = {}
+    # per instancer (as_pointer()), viewport only: the objects it instances that renders leave
+    # out, and the particle systems they emit (read once per such set of objects)
+    not_rendered: dict[int, frozenset[int]] = {}
     systems_not_rendered: dict[int, set[int]] = {}
     systems_of: dict[frozenset[int], set[int]] = {}
     for inst in depsgraph.object_instances:
@@ -377,10 +377,10 @@ def rendered_entries(depsgraph: Any) -> Iterator[tuple[Any, Any]]:
         if viewport:
             key = stands_for.as_pointer()
             if key not in not_rendered:
-                not_rendered[key] = left_out = instances_not_rendered(stands_for)
-                if frozenset(left_out) not in systems_of:
-                    systems_of[frozenset(left_out)] = _particle_systems(left_out, depsgraph)
-                systems_not_rendered[key] = systems_of[frozenset(left_out)]
+                not_rendered[key] = left_out = frozenset(instances_not_rendered(stands_for))
+                if left_out not in systems_of:
+                    systems_of[left_out] = _particle_systems(left_out, depsgraph)
+                systems_not_rendered[key] = systems_of[left_out]
             if obj.as_pointer() in not_rendered[key]:
                 continue  # also its Geometry Nodes instances (their original is the object)
             system = inst.particle_system  # particles such an object emits (its Geometry Nodes' are not told apart)
@@ -389,7 +389,7 @@ def rendered_entries(depsgraph: Any) -> Iterator[tuple[Any, Any]]:
         yield inst, stands_for
 
 
-def _particle_systems(objects: set[int], depsgraph: Any) -> set[int]:
+def _particle_systems(objects: frozenset[int], depsgraph: Any) -> set[int]:
     """The particle systems (``as_pointer()``) of ``depsgraph``'s evaluated copies of the
     original objects ``objects`` (``as_pointer()``): what its particle instances name as their
     ``particle_system`` (measured in bpy 5.0.1), so that those of an object renders leave out
