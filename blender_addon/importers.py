@@ -841,6 +841,10 @@ NO_POINTS = "no points"
 # A child of an object instancing it at its vertices or faces: renders show it only there.
 INSTANCED_BY_PARENT = ("renders show it only where its parent {parent!r} instances it (Instancing: Vertices / "
                        "Faces): select that to sample those")
+# Such a child disabled in renders: renders instance it nowhere (measured in bpy 5.0.1: a render's depsgraph
+# holds none of its parent's instances of it).
+HIDDEN_INSTANCED_BY_PARENT = ("disabled in renders, and its parent {parent!r} instances it (Instancing: Vertices / "
+                              "Faces): renders show it nowhere")
 # An emitter or instancer whose Show Emitter / Show Instancer is off for renders: renders show only what
 # it instances (the depsgraph entry's show_self), here nothing with a surface or points.
 NOT_SHOWN_ITSELF = ("not shown itself in renders (Show Emitter / Show Instancer off), and what it instances has no "
@@ -1057,9 +1061,12 @@ class NPBGPP_OT_points_from_meshes(bpy.types.Operator):
                         continue
                     # e.g. a curve with no Bevel or Extrude: sampled nothing, so named with the skipped
                     if obj.parent is not None and obj.parent.instance_type in INSTANCES_CHILDREN:
-                        if obj.parent.as_pointer() in chosen_at and not obj.hide_render:
+                        if obj.hide_render:
+                            reason = HIDDEN_INSTANCED_BY_PARENT.format(parent=obj.parent.name)
+                        elif obj.parent.as_pointer() in chosen_at:
                             continue  # sampled where renders show it: as its selected parent's instances
-                        reason = INSTANCED_BY_PARENT.format(parent=obj.parent.name)
+                        else:
+                            reason = INSTANCED_BY_PARENT.format(parent=obj.parent.name)
                     elif tris:
                         reason = NO_AREA
                     elif not_shown_itself_in_renders(obj):

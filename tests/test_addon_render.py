@@ -3056,14 +3056,15 @@ def _made_real_bvh(sc, instancer, apart: bool = False):
     return each if apart else BVHTree.FromPolygons(verts, polys)
 
 
-def test_points_from_meshes_samples_a_parent_instancing_its_child_at_its_vertices(scene):
+def test_points_from_meshes_samples_a_parent_instancing_its_child_at_its_vertices(scene, capfd):
     """A plane (moved, turned, mirrored by a negative scale) instancing its child ball at its
     4 vertices (Instancing: Vertices), both selected: renders show the 4 balls and not the
     child at its own place, so every point lies on the plane or on one of the balls Blender's
     own Make Instances Real gives, each of the 4 gets points, and none lies on the child where it
     stands (the copies Points from Selected Meshes evaluates have no children: the plane's
     balls were missing and the child was sampled at its own place). The child selected alone
-    is named with why, not as having no faces; disabled in renders, it is instanced nowhere."""
+    is named with why, not as having no faces; disabled in renders, it is instanced nowhere, and
+    selected with the plane it is named as such (not told to select the plane)."""
     sc = scene["scene"]
     bpy.ops.mesh.primitive_plane_add(size=4.0, location=(0.0, 10.0, 1.0), rotation=(0.0, 0.0, 0.5))
     grid = bpy.context.active_object
@@ -3095,6 +3096,12 @@ def test_points_from_meshes_samples_a_parent_instancing_its_child_at_its_vertice
     assert bpy.ops.npbgpp.points_from_meshes(count=200, seed=3) == {"FINISHED"}
     pts, _ = _sampled_points(sc)
     assert np.abs(pts[:, 2] - 1.0).max() < 1e-5  # the plane's only
+    for o in sc.objects:
+        o.select_set(o in (grid, ball))
+    capfd.readouterr()
+    assert bpy.ops.npbgpp.points_from_meshes(count=200, seed=3) == {"FINISHED"}
+    assert ("skipped: Icosphere (disabled in renders, and its parent 'Grid' instances it (Instancing: Vertices / "
+            "Faces): renders show it nowhere)") in capfd.readouterr().out
 
 
 def test_points_from_meshes_simulated_parent_instances_no_child_disabled_in_renders(scene):
