@@ -188,7 +188,8 @@ class DensifyProgress(Reply):
 
 @dataclass
 class FitProgress(Reply):
-    """Where a fit job stands: ``done`` of ``total`` steps; ``finished`` when the fitted
+    """Where a fit job stands: ``done`` of ``total`` steps (a checked fit's two scoring
+    renders count as one step each, :class:`FitBegin`); ``finished`` when the fitted
     bundle is ready for :class:`FitFinish`."""
 
     done: int
