@@ -18,7 +18,9 @@ noisier) of
 - ``coefficients_ft`` and ``npbg``: ``npbgpp_core.fitting`` for ``--steps`` steps each
   on ``--crop`` windows (``--crop none``: whole views), with seconds, on every input view
   (photos of different sizes are padded to one canvas, the padding masked out of the loss:
-  ``padded_fit_views``).
+  ``padded_fit_views``); coefficients_ft as the users' fits run it: by default
+  (``FIT_CHECK_VIEW``, ``--check-view on|off``) with the middle input view kept apart and
+  the unfitted scene scored when the fit lost there (the cell says "unfitted kept").
 
     .venv/bin/python bench/bench_quality.py --scenes /work/captures/* /work/corpus_env_val/*
     .venv/bin/python bench/bench_quality.py --scenes-file val.txt --weights new.safetensors --label new
@@ -116,14 +118,24 @@ FIT_KNOBS = (
     ("--aligned", on_off_arg, "on: the fitted model renders rolled views upright as NPBG++ does (training crops "
      "too); off: in the view's own frame (published NPBG)"),
     ("--check-view", on_off_arg, "on: keep the middle input view apart, fit on the others and keep the unfitted "
-     "scene when the fit scores lower on it (what Fit to Photos and headless_train fit run with it)"),
+     "scene when the fit scores lower on it, as Fit to Photos and headless_train fit do (default: "
+     "npbgpp_core.fitting.FIT_CHECK_VIEW, what they run)"),
 )
 
 
 def fit_options(args: argparse.Namespace) -> dict[str, Any]:
-    """fit_coefficients keywords of the FIT_KNOBS flags that were given."""
+    """fit_coefficients keywords of the FIT_KNOBS flags that were given (without
+    ``--check-view``: the users' default, see :func:`users_check_view`)."""
     names = [flag[2:].replace("-", "_") for flag, _, _ in FIT_KNOBS]
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+def users_check_view(args: argparse.Namespace) -> bool:
+    """Whether the fits keep a view apart: ``--check-view``, or else what the users' fits
+    do (npbgpp_core.fitting.FIT_CHECK_VIEW; fit_coefficients' own default is off)."""
+    from npbgpp_core.fitting import FIT_CHECK_VIEW
+
+    return FIT_CHECK_VIEW if args.check_view is None else args.check_view
 
 
 def check_fit_options(args: argparse.Namespace) -> None:
@@ -348,7 +360,7 @@ def evaluate_scene(folder: str, args: argparse.Namespace, weights: dict[str, str
             views = padded_fit_views(in_images, in_cams)
     if "coefficients_ft" in args.methods:
         fit = fit_coefficients(model, agg, views, steps=args.steps, crop=args.crop, seed=args.fit_seed,
-                               **fit_options(args))
+                               **{**fit_options(args), "check_view": users_check_view(args)})
         if fit.check is not None and fit.check.kept == "unfitted":
             # what a user then has: the source bundle itself (scene_fit.BundleFit saves it), NPBG++'s render
             preds = [model.render(agg, c) for c in test_cams]
@@ -473,6 +485,7 @@ def main(argv: list[str] | None = None) -> int:
         "average": averages(scenes, args.methods), "seconds": time.perf_counter() - t0,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "pc_name": args.pc_name,
         "fit_options": fit_options(args), "fit_seed": args.fit_seed, "fit_max_side": args.fit_max_side,
+        "check_view": users_check_view(args),
     }
     report["groups"] = group_means(report, groups)
     from npbgpp_core.atomic import atomic_write_bytes
@@ -498,6 +511,9 @@ def main(argv: list[str] | None = None) -> int:
                  "sharp as the photo, < 1 blurrier, > 1 noisier); (s) = fitting seconds"]
         if args.fit_seed:
             notes.append(f"fit seed {args.fit_seed}")
+        if "coefficients_ft" in args.methods:
+            notes.append("coefficients_ft checked on a held-apart input view (unfitted scene kept when it lost)"
+                         if users_check_view(args) else "coefficients_ft unchecked (--check-view off)")
         if args.fit_max_side:
             notes.append(f"fits see the photos at long side {args.fit_max_side} px")
         if fit_options(args):

@@ -127,7 +127,7 @@ class NPBGPPSceneSettings(bpy.types.PropertyGroup):
         "fitted scenes)",
     )
     fit_check_view: BoolProperty(  # type: ignore[valid-type]
-        name="Check Fit on a Photo", default=False,  # npbgpp_core.fitting.FIT_CHECK_VIEW (that module imports torch)
+        name="Check Fit on a Photo", default=True,  # npbgpp_core.fitting.FIT_CHECK_VIEW (that module imports torch)
         description="Fit to Photos keeps the middle training photo apart (3 photos or more), fits on the others, "
         "and keeps the unfitted scene when the fit scores lower on that photo, so a fit cannot make the scene "
         "worse there; the report says which was kept. With few photos the default fit lost to no fit on some "

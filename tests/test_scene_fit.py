@@ -42,7 +42,7 @@ def test_fitted_bundle_renders_as_the_fit(aggregated, tmp_path):
     data = load_scene(folder)
     out = str(tmp_path / "fitted.npbgpp")
     torch.manual_seed(0)
-    result = fit_bundle(bundle, data, out, steps=3)
+    result = fit_bundle(bundle, data, out, steps=3, check_view=False)  # the fitted path (test_fit_check: the check)
     assert result.steps == 3 and len(result.losses) == 3
     fitted = NeuralScene.load(out)
     assert fitted.kind == "coefficients" and fitted.metadata["fit"]["steps"] == 3
@@ -71,7 +71,7 @@ def test_fit_bundle_takes_the_upright_choice(aggregated, tmp_path, aligned):
     records it."""
     folder, bundle = aggregated
     out = str(tmp_path / "fitted.npbgpp")
-    fit_bundle(bundle, load_scene(folder), out, steps=1, aligned=aligned)
+    fit_bundle(bundle, load_scene(folder), out, steps=1, aligned=aligned, check_view=False)
     assert NeuralScene.load(out).model_config["align_during_rendering"] is aligned
 
 
@@ -112,7 +112,8 @@ def test_worker_fit_job_counts_steps_and_cancel_writes_nothing(aggregated, tmp_p
     out = str(tmp_path / "job.npbgpp")
     first = service.handle(P.FitBegin(bundle, folder, steps=4, device="CPU"))
     assert isinstance(first, P.FitProgress), first
-    assert (first.done, first.total, first.finished) == (0, 4, False)
+    # checked by default (3 training views): the two scoring renders count as steps
+    assert (first.done, first.total, first.finished) == (0, 6, False)
     early = service.handle(P.FitFinish(out))
     assert isinstance(early, P.Failure) and "not finished" in early.error and not os.path.exists(out)
     seen = [first.done]
@@ -122,7 +123,7 @@ def test_worker_fit_job_counts_steps_and_cancel_writes_nothing(aggregated, tmp_p
         seen.append(progress.done)
         if progress.finished:
             break
-    assert seen == [0, 1, 2, 3, 4]
+    assert seen == [0, 1, 2, 3, 4, 5, 6]
     done = service.handle(P.FitFinish(out))
     assert isinstance(done, P.FitResultInfo), done
     assert done.path == out and done.steps == 4 and NeuralScene.load(out).metadata["fit"]["steps"] == 4
