@@ -68,6 +68,12 @@ FIT_CHECK_VIEW = True
 # third or more of its photos to the check, so it fits on all of them unchecked (and says so).
 CHECK_VIEW_MIN_VIEWS = 3
 
+# The most pixels a checked fit's scoring render of its kept-apart photo computes at once:
+# larger photos render in windows (scene.render_model_windowed), as the add-on's frames do
+# at its default Tile Size (2048): a whole 3000x3000 frame peaked at 6.0 GB, in windows at
+# 2.9 GB (BENCHMARKS.md "Tiled neural frames (bounded memory)").
+CHECK_VIEW_MAX_PIXELS = 2048 * 2048
+
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
@@ -409,22 +415,50 @@ def check_view_index(count: int) -> int | None:
     return count // 2 if count >= CHECK_VIEW_MIN_VIEWS else None
 
 
+def view_extent(views: FitViews, k: int) -> tuple[int, int]:
+    """Height and width of view ``k``'s own photo: the canvas less the padding
+    :func:`padded_fit_views` added at the bottom and right (the last row and column its
+    mask marks valid); (0, 0) when the mask marks none."""
+    H, W = views.images.shape[-2:]
+    if views.masks is None:
+        return int(H), int(W)
+    valid = views.masks[k][0] > 0
+    rows, cols = torch.nonzero(valid.any(dim=1)), torch.nonzero(valid.any(dim=0))
+    if rows.numel() == 0:
+        return 0, 0
+    return int(rows.max()) + 1, int(cols.max()) + 1
+
+
 def view_psnr(model: NPBG, points: torch.Tensor, views: FitViews, k: int) -> float:
-    """PSNR in dB of ``model``'s inference render (``model.render``, as a saved fitted
-    bundle renders) of view ``k`` against its photo, over the view's valid pixels (its
-    mask; padding never counts); +inf for an exact match."""
-    camera = views.cameras[k].to(model.device)
+    """PSNR in dB of ``model``'s inference render of view ``k`` against its photo, over the
+    view's valid pixels (its mask; padding never counts); +inf for an exact match, NaN when
+    the view has no valid pixel. The view is rendered at its photo's own size (the padded
+    canvas would give the network other borders than the photo's camera gets from a saved
+    bundle), in windows when it has more than :data:`CHECK_VIEW_MAX_PIXELS` pixels, as the
+    add-on's Tile Size renders large frames (a 12-megapixel photo rendered whole needs
+    several GB)."""
+    from .scene import render_model_windowed
+
+    h, w = view_extent(views, k)
+    if h == 0:
+        return math.nan
+    camera = views.cameras[k].cropped(0, 0, h, w).to(model.device)
     was_training = model.training
     model.eval()
-    with torch.no_grad():
-        pred = model.render(points, camera).float().cpu()
-    model.train(was_training)
-    err = (pred - views.images[k].float()) ** 2
+    try:
+        if h * w > CHECK_VIEW_MAX_PIXELS:
+            pred = render_model_windowed(model, points, camera, CHECK_VIEW_MAX_PIXELS)
+        else:
+            with torch.no_grad():
+                pred = model.render(points, camera).float().cpu()
+    finally:
+        model.train(was_training)
+    err = (pred - views.images[k][:, :h, :w].float()) ** 2
     if views.masks is None:
         mse = float(err.mean())
     else:
-        mask = views.masks[k].float()
-        mse = float((err * mask).sum()) / max(1.0, 3.0 * float(mask.sum()))
+        mask = views.masks[k][:, :h, :w].float()
+        mse = float((err * mask).sum()) / (3.0 * float(mask.sum()))
     return math.inf if mse == 0.0 else 10.0 * math.log10(1.0 / mse)
 
 

@@ -366,28 +366,8 @@ class SceneRenderer:
                                  roll_context=roll_context)
 
     def _render_windowed(self, camera: Camera, max_pixels: int) -> torch.Tensor:
-        """:meth:`render` in windows. Views are windowed on the canvas the network really
-        renders (the roll-aligned camera's when the model renders upright), which is then
-        turned or resampled as a whole, exactly as the model's ``render_raw`` does: windows
-        of an unrolled canvas equal the whole canvas up to float rounding."""
-        from .models.alignment import warp_images
-        from .models.rendering import autocast_context
-
-        camera = camera.to(self.device)
-        model, scene = self.model, self._model_scene()
-        canvas_camera, quarter_turns = model.canvas_camera(camera)
-
-        def window(cam: Camera) -> torch.Tensor:
-            with torch.inference_mode(), autocast_context(self.device, self.dtype):
-                return model._render_direct(scene, cam).float().cpu()
-
-        with torch.inference_mode():
-            canvas = render_in_windows(window, canvas_camera, max_pixels)
-            if quarter_turns is None:
-                out = warp_images(canvas.unsqueeze(0), canvas_camera.to("cpu"), camera.to("cpu"))[0]
-            else:
-                out = torch.rot90(canvas, quarter_turns, dims=(1, 2))
-        return out[:3].clamp(0, 1).clone()
+        """:meth:`render` in windows (:func:`render_model_windowed`)."""
+        return render_model_windowed(self.model, self._model_scene(), camera.to(self.device), max_pixels, self.dtype)
 
     def render_points(self, camera: Camera) -> torch.Tensor:
         """(3, H, W): colour of the nearest point per pixel, black where empty (no network)."""
@@ -439,6 +419,35 @@ def render_in_windows(
         out[:, top : top + ph, left : left + pw] = img[:, top - t0 : top - t0 + ph, left - l0 : left - l0 + pw]
     assert out is not None
     return out
+
+
+def render_model_windowed(
+    model: Any, scene: Any, camera: Camera, max_pixels: int, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """``model.render(scene, camera)`` (3, H, W) on the CPU, rendered in windows of about
+    ``max_pixels`` (:func:`render_in_windows`) so that the network's memory stays bounded.
+    Views are windowed on the canvas the network really renders (the roll-aligned camera's
+    when the model renders upright), which is then turned or resampled as a whole, exactly
+    as the model's ``render_raw`` does: windows of an unrolled canvas equal the whole canvas
+    up to float rounding. ``dtype``: autocast as in ``model.render``."""
+    from .models.alignment import warp_images
+    from .models.rendering import autocast_context
+
+    camera = camera.to(model.device)
+    canvas_camera, quarter_turns = model.canvas_camera(camera)
+
+    def window(cam: Camera) -> torch.Tensor:
+        with torch.inference_mode(), autocast_context(model.device, dtype):
+            return model._render_direct(scene, cam).float().cpu()
+
+    with torch.inference_mode():
+        # the margin read now, not bound at import (render_in_windows' default)
+        canvas = render_in_windows(window, canvas_camera, max_pixels, WINDOW_MARGIN)
+        if quarter_turns is None:
+            out = warp_images(canvas.unsqueeze(0), canvas_camera.to("cpu"), camera.to("cpu"))[0]
+        else:
+            out = torch.rot90(canvas, quarter_turns, dims=(1, 2))
+    return out[:3].clamp(0, 1).clone()
 
 
 def fill_coverage(mask: torch.Tensor, depth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

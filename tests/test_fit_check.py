@@ -178,3 +178,61 @@ def test_the_worker_s_fit_job_carries_the_check_and_its_outcome(four_views, tmp_
         pass
     info = service.handle(P.FitFinish(str(tmp_path / "plain.npbgpp")))
     assert info.kept == "fitted" and info.outcome == "the fit was not checked on a photo kept apart"
+
+
+def _fitting_setup(folder: str, bundle: str):
+    """The dataset, the source bundle, its fitting model and the training ids."""
+    data = load_scene(folder)
+    scene = NeuralScene.load(bundle)
+    model = fitting_model(scene, bundle, BundleFit(bundle, data, steps=1).weights)
+    return data, scene, model, list(data.train)
+
+
+def test_a_smaller_kept_photo_is_scored_at_its_own_size(four_views):
+    """Photos of different sizes are padded to one canvas for the fit; the kept photo is
+    scored as a saved bundle renders its own camera (not the padded canvas, whose extra
+    border the network would see), against its own pixels."""
+    folder, bundle = four_views
+    data, scene, model, ids = _fitting_setup(folder, bundle)
+    h, w = 24, 20
+    images = [data.load_image(i) for i in ids]
+    cameras = [data.views[i].camera for i in ids]
+    images[2], cameras[2] = images[2][:, :h, :w].contiguous(), cameras[2].cropped(0, 0, h, w)
+    views = padded_fit_views(images, cameras)
+    assert views.masks is not None and tuple(views.images.shape[-2:]) == (32, 32)
+    result = run_fit(iter_fit_coefficients(model, scene.aggregated_scene(), views, 0, check_view=True))
+    with torch.no_grad():
+        own = scene.renderer("cpu").render(cameras[2])
+    assert tuple(own.shape[-2:]) == (h, w)
+    assert result.check.view == 2
+    assert result.check.psnr_unfitted == pytest.approx(psnr_of(own, images[2]), abs=1e-3)
+
+
+def test_a_large_kept_photo_is_scored_in_windows(four_views, monkeypatch):
+    """Above CHECK_VIEW_MAX_PIXELS the scoring render runs in windows, as the add-on's tiled
+    frames do (here windows of 600 pixels with 4-pixel margins on the 32x32 photos): no
+    network pass is larger, and the score is that of the source bundle's own windowed render."""
+    from npbgpp_core import scene as scene_module
+    from npbgpp_core.models.rendering import DescriptorRendering
+
+    folder, bundle = four_views
+    data, scene, model, ids = _fitting_setup(folder, bundle)
+    views = padded_fit_views([data.load_image(i) for i in ids], [data.views[i].camera for i in ids])
+    monkeypatch.setattr(scene_module, "WINDOW_MARGIN", 4)
+    monkeypatch.setattr(fitting, "CHECK_VIEW_MAX_PIXELS", 600)
+    passes: list[int] = []
+    direct = DescriptorRendering._render_direct
+
+    def recording(self, scene_, camera):
+        passes.append(camera.image_size[0] * camera.image_size[1])
+        return direct(self, scene_, camera)
+
+    monkeypatch.setattr(DescriptorRendering, "_render_direct", recording)
+    result = run_fit(iter_fit_coefficients(model, scene.aggregated_scene(), views, 0, check_view=True))
+    assert len(passes) > 2 and max(passes) <= 600
+    camera, photo = data.views[ids[2]].camera, data.load_image(ids[2])
+    with torch.no_grad():
+        windowed = scene.renderer("cpu").render(camera, max_pixels=600)
+        whole = scene.renderer("cpu").render(camera)
+    assert abs(psnr_of(windowed, photo) - psnr_of(whole, photo)) > 0.01  # the windows are seen in the score
+    assert result.check.psnr_unfitted == pytest.approx(psnr_of(windowed, photo), abs=1e-3)
