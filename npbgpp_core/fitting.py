@@ -103,7 +103,8 @@ class FitCheck:
     views given, of the one kept apart (None when the check could not apply: ``skipped``
     says why, and the fit used every view); ``psnr_unfitted`` / ``psnr_fitted`` its PSNR
     in dB before step 1 and after the last step; ``kept`` "fitted" or "unfitted" (the
-    fitted model scored below the unfitted one, so the result is the unfitted model)."""
+    fitted model scored below the unfitted one, or its render was not finite, so the result
+    is the unfitted model; a tie, or an unfitted score of NaN, keeps the fit)."""
 
     view: int | None
     psnr_unfitted: float | None = None
@@ -503,7 +504,9 @@ def _checked_steps(
         fit.close()  # a caller that stops early: restores the refiner's frozen flags
     start = time.perf_counter()
     after = view_psnr(model, points, views, k)
-    kept = "fitted" if after >= before else "unfitted"
+    # a tie keeps the fit; a fitted render that is not finite (NaN) loses; an unfitted one
+    # that could not be scored (NaN: no valid pixel) cannot judge, so the fit is kept
+    kept = "unfitted" if after < before or (math.isnan(after) and not math.isnan(before)) else "fitted"
     if kept == "unfitted":
         model.load_state_dict(unfitted)
     scoring += time.perf_counter() - start

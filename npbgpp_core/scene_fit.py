@@ -19,6 +19,7 @@ with ``fit`` metadata saying so (``fit["check"]``).
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -182,7 +183,12 @@ class BundleFit:
             return "the fit was not checked on a photo kept apart"
         if check.get("skipped"):
             return f"the fit was not checked: {check['skipped']}"
-        raw = self.result.check  # unrounded; +inf is an exact match
+        raw = self.result.check  # unrounded; +inf is an exact match, NaN a render not scored
+        if math.isnan(raw.psnr_fitted) and check["kept"] == "unfitted":
+            return (f"kept the unfitted scene: the fit's render of held-apart photo {check['name']} was not "
+                    "finite")
+        if math.isnan(raw.psnr_unfitted) or math.isnan(raw.psnr_fitted):
+            return f"kept the fit: held-apart photo {check['name']} could not be scored"
         gain = 0.0 if raw.psnr_fitted == raw.psnr_unfitted else raw.psnr_fitted - raw.psnr_unfitted
         if check["kept"] == "fitted":
             return f"kept the fit: {gain:+.2f} dB on held-apart photo {check['name']}"

@@ -236,3 +236,46 @@ def test_a_large_kept_photo_is_scored_in_windows(four_views, monkeypatch):
         whole = scene.renderer("cpu").render(camera)
     assert abs(psnr_of(windowed, photo) - psnr_of(whole, photo)) > 0.01  # the windows are seen in the score
     assert result.check.psnr_unfitted == pytest.approx(psnr_of(windowed, photo), abs=1e-3)
+
+
+def test_a_fit_whose_kept_photo_render_is_not_finite_is_dropped_and_said_so(four_views, tmp_path, monkeypatch):
+    """A fitted render that scores NaN (not finite) loses to the unfitted scene, and the line
+    says why in words, not as 'nan dB'."""
+    folder, bundle = four_views
+    real = fitting.view_psnr
+    calls: list[float] = []
+
+    def nan_after(*args):
+        calls.append(real(*args))
+        return calls[-1] if len(calls) == 1 else math.nan  # the fitted model's render
+
+    monkeypatch.setattr(fitting, "view_psnr", nan_after)
+    job = BundleFit(bundle, load_scene(folder), steps=2, check_view=True)
+    while not job.step():
+        pass
+    assert len(calls) == 2 and math.isfinite(calls[0])
+    out = str(tmp_path / "fitted.npbgpp")
+    saved = job.save(out)
+    check = saved.metadata["fit"]["check"]
+    assert check["kept"] == "unfitted" and check["psnr_fitted"] is None and saved.kind == "npbgpp"
+    assert job.outcome() == (f"kept the unfitted scene: the fit's render of held-apart photo {check['name']} "
+                             "was not finite")
+
+
+def test_a_kept_photo_the_unfitted_scene_cannot_score_keeps_the_fit(four_views, monkeypatch):
+    """An unfitted score of NaN (a photo with no valid pixel to judge on) cannot judge the
+    fit: the fit is kept and the line says the photo could not be scored."""
+    folder, bundle = four_views
+    real = fitting.view_psnr
+    calls: list[float] = []
+
+    def nan_before(*args):
+        calls.append(real(*args))
+        return math.nan if len(calls) == 1 else calls[-1]
+
+    monkeypatch.setattr(fitting, "view_psnr", nan_before)
+    job = BundleFit(bundle, load_scene(folder), steps=2, check_view=True)
+    while not job.step():
+        pass
+    assert len(calls) == 2 and job.check()["kept"] == "fitted" and job.fitted_scene().kind == "coefficients"
+    assert job.outcome() == f"kept the fit: held-apart photo {job.check()['name']} could not be scored"
