@@ -5705,6 +5705,61 @@ def test_fit_to_photos_checks_the_fit_on_a_held_apart_photo(scene):
     assert "; the fit was not checked on a photo kept apart; saved to" in text
 
 
+def test_fit_to_photos_that_loses_on_its_held_apart_photo_says_how_to_keep_a_fit(scene, monkeypatch):
+    """A fit driven to lose (towards the inverted photos; in-process worker) on the photo kept
+    apart: the operator warns, saves the aggregated scene itself and says how to keep a fit
+    regardless; following that (Check Fit on a Photo off, fit the saved bundle again) gives a
+    fitted bundle."""
+    from types import SimpleNamespace
+
+    from npbgpp_core import fitting
+    from npbgpp_core.scene import NeuralScene
+
+    sc, cam = scene["scene"], scene["camera"]
+    sc.npbgpp.worker_mode = "IN_PROCESS"  # the losing loss below is this process's
+    cams = [cam]
+    for k in range(1, 4):
+        other = cam.copy()
+        other.data = cam.data.copy()
+        other.location = (cam.location.x + 0.15 * k, cam.location.y, cam.location.z + 0.05 * k)
+        sc.collection.objects.link(other)
+        cams.append(other)
+    root = scene["dir"] / "nerf4"
+    _write_nerf_dataset(root, cams, scene["points"], scene["colors"])
+    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root)) == {"FINISHED"}
+    sc.npbgpp.weights = ""
+    agg = str(scene["dir"] / "agg.npbgpp")
+    assert bpy.ops.npbgpp.aggregate(filepath=agg) == {"FINISHED"}
+    monkeypatch.setattr(fitting, "coefficients_ft_loss", lambda *a, **k: lambda p, t, m: (p - (1 - t)).abs().mean())
+    fit_op = sys.modules[f"{MODULE}.operators"].NPBGPP_OT_fit
+
+    def fit(out: str) -> tuple:
+        """Fit to Photos of the scene's bundle through the operator's begin / step / finish: its report."""
+        reports: list[tuple] = []
+        op = SimpleNamespace(filepath=out, steps=20, report=lambda kind, text: reports.append((kind, text)))
+        for name in ("_job", "_step_request", "_cancel_request", "_cancel_note", "_timeout"):
+            setattr(op, name, getattr(fit_op, name))
+        op._request = lambda name: fit_op._request(op, name)
+        assert fit_op._begin(op, bpy.context) is not None, reports
+        while not op._request("FitStep").finished:
+            pass
+        assert fit_op._finish(op, bpy.context) == {"FINISHED"}
+        assert sc.npbgpp.bundle == out
+        return reports[-1]
+
+    sc.npbgpp.bundle, sc.npbgpp.fit_check_view = agg, True
+    dropped = str(scene["dir"] / "dropped.npbgpp")
+    kind, text = fit(dropped)
+    assert NeuralScene.load(dropped).metadata["fit"]["check"]["kept"] == "unfitted"
+    assert kind == {"WARNING"} and NeuralScene.load(dropped).kind == "npbgpp"
+    assert text.endswith("now the scene's bundle. To keep a fit regardless, turn off Check Fit on a Photo and fit "
+                         "again.")
+    sc.npbgpp.fit_check_view = False
+    kept = str(scene["dir"] / "kept.npbgpp")
+    kind, text = fit(kept)  # the scene's bundle is now the dropped fit's file: the unfitted scene
+    assert kind == {"INFO"} and NeuralScene.load(kept).kind == "coefficients" and "regardless" not in text
+
+
 def _png_rgb(sc, path) -> np.ndarray:
     """F12 saved as Blender saves renders: an 8-bit RGB PNG, its codes (0 .. 255) as floats."""
     from PIL import Image
