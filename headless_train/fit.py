@@ -67,7 +67,9 @@ def fit(args: argparse.Namespace) -> str:
     print(file=sys.stderr)
     job.save(args.out)
     losses = job.result.losses
-    print(f"fitted {job.views} views, {job.result.steps} steps in {job.result.seconds:.1f} s "
+    # a checked fit trained on every photo but the one it kept apart
+    views = f"{job.views - 1} of {job.views} views (one kept apart)" if job.checked else f"{job.views} views"
+    print(f"fitted {views}, {job.result.steps} steps in {job.result.seconds:.1f} s "
           f"(loss {losses[0]:.4f} -> {losses[-1]:.4f})", file=sys.stderr)
     print(job.outcome(), file=sys.stderr)
     return os.path.abspath(args.out)
