@@ -120,6 +120,8 @@ FIT_KNOBS = (
     ("--check-view", on_off_arg, "on: keep the middle input view apart, fit on the others and keep the unfitted "
      "scene when the fit scores lower on it, as Fit to Photos and headless_train fit do (default: "
      "npbgpp_core.fitting.FIT_CHECK_VIEW, what they run)"),
+    ("--fair-check", on_off_arg, "on: the checked fit aggregates the scene again without the kept view, scores "
+     "that unfitted and fits from it (default: npbgpp_core.fitting.FIT_FAIR_CHECK with a checked fit)"),
 )
 
 
@@ -138,12 +140,26 @@ def users_check_view(args: argparse.Namespace) -> bool:
     return FIT_CHECK_VIEW if args.check_view is None else args.check_view
 
 
+def users_fair_check(args: argparse.Namespace) -> bool:
+    """Whether a checked fit aggregates again without its kept view: ``--fair-check``, or
+    else what the users' fits do (npbgpp_core.fitting.FIT_FAIR_CHECK, when checked)."""
+    from npbgpp_core.fitting import FIT_FAIR_CHECK
+
+    return FIT_FAIR_CHECK and users_check_view(args) if args.fair_check is None else args.fair_check
+
+
+def fit_keywords(args: argparse.Namespace) -> dict[str, Any]:
+    """fit_coefficients keywords of a coefficients_ft fit: :func:`fit_options` with the
+    users' check (:func:`users_check_view`, :func:`users_fair_check`)."""
+    return {**fit_options(args), "check_view": users_check_view(args), "fair_check": users_fair_check(args)}
+
+
 def check_fit_options(args: argparse.Namespace) -> None:
     """Reject bad recipe flags before any scene is loaded (QualityError naming the value)."""
     from npbgpp_core.fitting import coefficients_recipe
 
     try:
-        coefficients_recipe(**fit_options(args))
+        coefficients_recipe(**fit_keywords(args))
     except ValueError as exc:
         raise QualityError(f"coefficients_ft options: {exc}") from exc
     if args.fit_max_side is not None and args.crop is not None and args.fit_max_side < args.crop:
@@ -360,7 +376,7 @@ def evaluate_scene(folder: str, args: argparse.Namespace, weights: dict[str, str
             views = padded_fit_views(in_images, in_cams)
     if "coefficients_ft" in args.methods:
         fit = fit_coefficients(model, agg, views, steps=args.steps, crop=args.crop, seed=args.fit_seed,
-                               **{**fit_options(args), "check_view": users_check_view(args)})
+                               **fit_keywords(args))
         if fit.check is not None and fit.check.kept == "unfitted":
             # what a user then has: the source bundle itself (scene_fit.BundleFit saves it), NPBG++'s render
             preds = [model.render(agg, c) for c in test_cams]
@@ -485,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
         "average": averages(scenes, args.methods), "seconds": time.perf_counter() - t0,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "pc_name": args.pc_name,
         "fit_options": fit_options(args), "fit_seed": args.fit_seed, "fit_max_side": args.fit_max_side,
-        "check_view": users_check_view(args),
+        "check_view": users_check_view(args), "fair_check": users_fair_check(args),
     }
     report["groups"] = group_means(report, groups)
     from npbgpp_core.atomic import atomic_write_bytes
@@ -514,6 +530,8 @@ def main(argv: list[str] | None = None) -> int:
         if "coefficients_ft" in args.methods:
             notes.append("coefficients_ft checked on a held-apart input view (unfitted scene kept when it lost)"
                          if users_check_view(args) else "coefficients_ft unchecked (--check-view off)")
+            if users_fair_check(args):
+                notes.append("the check aggregated the scene again without its kept view (--fair-check on)")
         if args.fit_max_side:
             notes.append(f"fits see the photos at long side {args.fit_max_side} px")
         if fit_options(args):
