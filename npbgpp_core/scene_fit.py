@@ -72,13 +72,20 @@ class BundleFit:
     ``step()`` runs one unit of work (True once all are done); ``done`` / ``total`` count
     them: the ``steps`` fitting steps, plus one for each of the two scoring renders of a
     checked fit; ``save(out)`` writes the fitted bundle atomically. Every check runs in the
-    constructor."""
+    constructor.
+
+    ``fair_check`` (with ``check_view``): the fit's ``fair_check``: the check scores, and the
+    fit starts from, the scene aggregated again from the dataset's training photos (at their
+    own size, as Aggregate Descriptors reads them) without the kept one; a fit that loses
+    there saves the source bundle, as without it. None: :data:`~npbgpp_core.fitting.FIT_FAIR_CHECK`
+    when checked. (A bundle ``headless_train export --max-side`` aggregated from smaller
+    photos is aggregated again at the photos' own size.)"""
 
     def __init__(self, bundle_path: str, data: Any, steps: int = DEFAULT_STEPS, weights: str = "",
                  domain: str = "", device: str = "cpu", aligned: bool | None = None,
-                 check_view: bool | None = None) -> None:
+                 check_view: bool | None = None, fair_check: bool | None = None) -> None:
         from .datasets import scene_domain
-        from .fitting import FIT_CHECK_VIEW, check_view_index, iter_fit_coefficients, padded_fit_views
+        from .fitting import FIT_CHECK_VIEW, FIT_FAIR_CHECK, check_view_index, iter_fit_coefficients, padded_fit_views
         from .pretrained import check_domain, default_weights_path
         from .scene import NeuralScene
 
@@ -87,6 +94,12 @@ class BundleFit:
             check_view = FIT_CHECK_VIEW
         if not isinstance(check_view, bool):
             raise ValueError(f"check_view must be True or False, got {check_view!r}")
+        if fair_check is None:
+            fair_check = FIT_FAIR_CHECK and check_view
+        if not isinstance(fair_check, bool):
+            raise ValueError(f"fair_check must be True or False, got {fair_check!r}")
+        if fair_check and not check_view:
+            raise ValueError("fair_check is a way of checking the fit on a photo kept apart: it needs check_view")
         self.bundle_path = os.fspath(bundle_path)
         bundle = NeuralScene.load(self.bundle_path)
         if bundle.kind != "npbgpp":
@@ -123,7 +136,9 @@ class BundleFit:
         self.checked = check_view and check_view_index(len(ids)) is not None
         self.total = self.steps + (2 if self.checked else 0)
         options = {} if aligned is None else {"aligned": aligned}  # checked by iter_fit_coefficients
-        self._fit = iter_fit_coefficients(model, aggregated, views, self.steps, check_view=check_view, **options)
+        self.fair_check = fair_check
+        self._fit = iter_fit_coefficients(model, aggregated, views, self.steps, check_view=check_view,
+                                          fair_check=fair_check, **options)
         self.done = 0
         self.result: Any = None  # the FitResult once finished
 
@@ -207,17 +222,18 @@ class BundleFit:
 
 def fit_bundle(bundle_path: str, dataset: Any, out: str, steps: int = DEFAULT_STEPS, weights: str = "",
                domain: str = "", device: str = "cpu", aligned: bool | None = None,
-               check_view: bool | None = None) -> Any:
+               check_view: bool | None = None, fair_check: bool | None = None) -> Any:
     """Fit ``bundle_path`` to ``dataset`` (a folder or a loaded SceneData) and save the
     fitted bundle to ``out``; returns the :class:`~npbgpp_core.fitting.FitResult`. See
     :class:`BundleFit` (``aligned``: None is :data:`~npbgpp_core.fitting.FIT_ALIGNED`;
-    ``check_view``: None is :data:`~npbgpp_core.fitting.FIT_CHECK_VIEW`)."""
+    ``check_view``: None is :data:`~npbgpp_core.fitting.FIT_CHECK_VIEW`; ``fair_check``: None is
+    :data:`~npbgpp_core.fitting.FIT_FAIR_CHECK` when checked)."""
     from .datasets import load_scene
 
     # the bundle holds the points; the dataset gives photos and cameras (it may have no cloud of its own)
     data = (load_scene(os.fspath(dataset), require_points=False) if isinstance(dataset, (str, os.PathLike))
             else dataset)
-    job = BundleFit(bundle_path, data, steps, weights, domain, device, aligned, check_view)
+    job = BundleFit(bundle_path, data, steps, weights, domain, device, aligned, check_view, fair_check)
     while not job.step():
         pass
     job.save(out)

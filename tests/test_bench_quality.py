@@ -252,3 +252,23 @@ def test_check_view_flag_scores_what_the_user_gets(tmp_path, monkeypatch):
     off = evaluate_scene(folder, parse_args(["--scenes", folder, "--methods", "npbgpp,coefficients_ft",
                                              "--steps", "2", "--crop", "16", "--check-view", "off"]), {})
     assert "check" not in off["methods"]["coefficients_ft"]
+
+
+def test_fair_check_flag_scores_the_full_scene_when_the_fit_loses_and_needs_the_check(tmp_path, monkeypatch):
+    """--fair-check on: a fit driven to lose leaves NPBG++'s render of the full aggregation
+    (what the user keeps), the check records the aggregation without the kept view; with
+    --check-view off the flag is refused before any scene is read."""
+    from bench.bench_quality import QualityError, check_fit_options
+    from npbgpp_core import fitting
+
+    folder = make_tiny_scene(str(tmp_path / "s"), views=6, size=32, splits=(4, 1, 1))
+    monkeypatch.setattr(fitting, "coefficients_ft_loss", lambda *a, **k: lambda p, t, m: (p - (1 - t)).abs().mean())
+    args = parse_args(["--scenes", folder, "--methods", "npbgpp,coefficients_ft", "--steps", "20", "--crop", "16",
+                       "--check-view", "on", "--fair-check", "on"])
+    check_fit_options(args)
+    r = evaluate_scene(folder, args, {})
+    fit, plain = r["methods"]["coefficients_ft"], r["methods"]["npbgpp"]
+    assert fit["check"]["kept"] == "unfitted" and fit["check"]["aggregated_without"] is True
+    assert fit["psnr_views"] == plain["psnr_views"]
+    with pytest.raises(QualityError, match="fair_check .* needs check_view"):
+        check_fit_options(parse_args(["--scenes", folder, "--check-view", "off", "--fair-check", "on"]))

@@ -7,6 +7,7 @@ render of the source bundle."""
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -279,3 +280,144 @@ def test_a_kept_photo_the_unfitted_scene_cannot_score_keeps_the_fit(four_views, 
         pass
     assert len(calls) == 2 and job.check()["kept"] == "fitted" and job.fitted_scene().kind == "coefficients"
     assert job.outcome() == f"kept the fit: held-apart photo {job.check()['name']} could not be scored"
+
+
+def without_kept_photo(folder: str, out: str) -> str:
+    """A copy of ``folder`` whose training split lacks the photo a check keeps apart (index 2
+    of 4): the dataset the worker's own Aggregate reads for a scene built without it."""
+    import json
+    import shutil
+
+    shutil.copytree(folder, out)
+    path = os.path.join(out, "transforms_train.json")
+    with open(path) as f:
+        meta = json.load(f)
+    meta["frames"] = [frame for k, frame in enumerate(meta["frames"]) if k != 2]
+    with open(path, "w") as f:
+        json.dump(meta, f)
+    return out
+
+
+@pytest.fixture(scope="module")
+def bundle_without_kept(four_views, tmp_path_factory):
+    """The worker's Aggregate of the four-view scene without its kept photo (a reference
+    the fair check's aggregation is compared against)."""
+    folder, _ = four_views
+    root = tmp_path_factory.mktemp("fair")
+    other = without_kept_photo(folder, str(root / "scene_without"))
+    bundle = str(root / "agg_without.npbgpp")
+    aggregate(other, bundle)
+    return bundle
+
+
+def test_the_fair_check_scores_the_scene_aggregate_builds_without_the_kept_photo(four_views, bundle_without_kept):
+    """fair_check's unfitted score of the kept photo is that of the bundle the worker's
+    Aggregate writes from the dataset without it (not that of the full bundle, which has
+    seen it), and a zero-step fit from it renders as that bundle."""
+    folder, bundle = four_views
+    data, scene, model, ids = _fitting_setup(folder, bundle)
+    views = padded_fit_views([data.load_image(i) for i in ids], [data.views[i].camera for i in ids])
+    result = run_fit(iter_fit_coefficients(model, scene.aggregated_scene(), views, 0, check_view=True,
+                                           fair_check=True))
+    camera, photo = data.views[ids[2]].camera, data.load_image(ids[2])
+    reference = NeuralScene.load(bundle_without_kept)
+    with torch.no_grad():
+        without = reference.renderer("cpu").render(camera)
+        full = scene.renderer("cpu").render(camera)
+        fair = result.model.render(scene.points, camera)
+    check = result.check
+    assert check.view == 2 and check.aggregated_without and check.kept == "fitted"  # a tie keeps the fit
+    assert check.psnr_unfitted == pytest.approx(psnr_of(without, photo), abs=1e-3)
+    assert abs(psnr_of(full, photo) - check.psnr_unfitted) > 0.01  # the full bundle, having seen it, differs
+    torch.testing.assert_close(fair, without, atol=1e-4, rtol=0)
+    assert check.as_dict()["aggregated_without"] is True and check.as_dict()["aggregate_s"] >= 0
+
+
+def test_the_kept_photo_s_pixels_do_not_touch_the_fair_aggregation(four_views):
+    """Changing the kept photo's pixels (here inverting them) leaves the scene the fair check
+    scores unfitted unchanged; without fair_check the unfitted scene is the full aggregation,
+    which changes with them (so this test can tell the two apart)."""
+    folder, bundle = four_views
+    data, scene, model, ids = _fitting_setup(folder, bundle)
+    images = [data.load_image(i) for i in ids]
+    cameras = [data.views[i].camera for i in ids]
+    changed = list(images)
+    changed[2] = 1.0 - images[2]
+    camera = cameras[2]
+    renders = {}
+    for name, photos in (("photo", images), ("inverted", changed)):
+        views = padded_fit_views(photos, cameras)
+        agg = model.aggregate(scene.points, views.images, views.cameras)  # every photo, the kept one too
+        for fair in (True, False):
+            fit = run_fit(iter_fit_coefficients(model, agg, views, 0, check_view=True, fair_check=fair))
+            with torch.no_grad():
+                renders[name, fair] = fit.model.render(scene.points, camera)
+    assert torch.equal(renders["photo", True], renders["inverted", True])
+    assert (renders["photo", False] - renders["inverted", False]).abs().max() > 0.01
+
+
+def test_a_fair_fit_that_loses_saves_the_source_bundle_unchanged(four_views, bundle_without_kept, tmp_path,
+                                                                  monkeypatch):
+    """A fit driven to lose under the fair check saves the full source bundle (not the scene
+    aggregated without the kept photo): it renders exactly as the source; the unfitted score
+    is that of the aggregation without the photo."""
+    folder, bundle = four_views
+    data = load_scene(folder)
+    monkeypatch.setattr(fitting, "coefficients_ft_loss", inverted_loss)
+    job = BundleFit(bundle, data, steps=20, check_view=True, fair_check=True)
+    assert job.total == 22
+    while not job.step():
+        pass
+    out = str(tmp_path / "fitted.npbgpp")
+    saved, source = job.save(out), NeuralScene.load(bundle)
+    check = NeuralScene.load(out).metadata["fit"]["check"]
+    assert check["kept"] == "unfitted" and check["aggregated_without"] is True and saved.kind == "npbgpp"
+    kept_id = list(data.train)[2]
+    camera = data.views[kept_id].camera
+    with torch.no_grad():
+        assert torch.equal(NeuralScene.load(out).renderer("cpu").render(camera), source.renderer("cpu").render(camera))
+        without = NeuralScene.load(bundle_without_kept).renderer("cpu").render(camera)
+        back = job.result.model.render(source.points, camera)  # the full aggregation's unfitted model
+        full = source.renderer("cpu").render(camera)
+    assert check["psnr_unfitted"] == pytest.approx(psnr_of(without, data.load_image(kept_id)), abs=0.01)
+    torch.testing.assert_close(back, full, atol=1e-4, rtol=0)
+
+
+def test_a_fair_fit_that_wins_is_saved_from_the_aggregation_without_the_photo(four_views, bundle_without_kept,
+                                                                              tmp_path, monkeypatch):
+    """A fit that wins under the fair check (here one step of a fit whose fitted score is
+    raised by 10 dB: on this tiny scene 30-60 real steps from the aggregation without the
+    kept photo still lose on it) saves the fit, which started from that aggregation: one
+    step away from the bundle Aggregate writes without the photo, further from the full one."""
+    folder, bundle = four_views
+    data = load_scene(folder)
+    real = fitting.view_psnr
+    calls: list[float] = []
+
+    def fitted_ahead(*args):
+        calls.append(real(*args))
+        return calls[-1] + (10.0 if len(calls) == 2 else 0.0)
+
+    monkeypatch.setattr(fitting, "view_psnr", fitted_ahead)
+    out = str(tmp_path / "fitted.npbgpp")
+    result = fit_bundle(bundle, data, out, steps=1, check_view=True, fair_check=True, weights="")
+    saved = NeuralScene.load(out)
+    check = saved.metadata["fit"]["check"]
+    assert result.check.kept == check["kept"] == "fitted" and saved.kind == "coefficients"
+    assert check["aggregated_without"] is True and check["psnr_fitted"] == pytest.approx(calls[1] + 10, abs=1e-3)
+    camera = data.views[list(data.train)[2]].camera
+    with torch.no_grad():
+        fitted = saved.renderer("cpu").render(camera)
+        without = NeuralScene.load(bundle_without_kept).renderer("cpu").render(camera)
+        full = NeuralScene.load(bundle).renderer("cpu").render(camera)
+    assert (fitted - without).abs().mean() < (fitted - full).abs().mean()
+
+
+def test_fair_check_needs_a_checked_fit_and_a_bool(four_views):
+    folder, bundle = four_views
+    data = load_scene(folder)
+    with pytest.raises(ValueError, match="fair_check .* needs check_view"):
+        BundleFit(bundle, data, steps=1, check_view=False, fair_check=True)
+    with pytest.raises(ValueError, match="fair_check must be True or False, got 'yes'"):
+        BundleFit(bundle, data, steps=1, check_view=True, fair_check="yes")
+    assert not BundleFit(bundle, data, steps=1, check_view=False).fair_check  # the default follows the check
