@@ -197,7 +197,7 @@ class BundleFit:
         if check is None:
             return "the fit was not checked on a photo kept apart"
         if check.get("skipped"):
-            return f"the fit was not checked: {check['skipped']}"
+            return f"the fit used every photo unchecked: {check['skipped']}"
         raw = self.result.check  # unrounded; +inf is an exact match, NaN a render not scored
         if math.isnan(raw.psnr_fitted) and check["kept"] == "unfitted":
             return (f"kept the unfitted scene: the fit's render of held-apart photo {check['name']} was not "

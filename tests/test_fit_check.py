@@ -116,6 +116,45 @@ def test_a_fit_that_loses_on_the_kept_photo_saves_the_unfitted_scene(four_views,
     assert job.outcome().endswith(f"dB below it on held-apart photo {check['name']}")
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_the_unfitted_copy_a_losing_fit_restores_is_kept_in_cpu_memory(four_views, monkeypatch, device):
+    """The copy of the unfitted weights a losing fit is put back to lies in CPU memory for the
+    whole fit (on a GPU one more copy of every coefficient otherwise), and the restore puts the
+    model back exactly: its state equals, bit for bit, a copy taken here when the kept photo
+    was first scored (before step 1). On CPU the device half cannot tell the old copy (on the
+    model's device) apart; on CUDA it does."""
+    folder, bundle = four_views
+    data, scene, _, ids = _fitting_setup(folder, bundle)
+    model = fitting_model(scene, bundle, BundleFit(bundle, data, steps=1).weights, device=device)
+    views = padded_fit_views([data.load_image(i) for i in ids], [data.views[i].camera for i in ids])
+    before: dict[str, torch.Tensor] = {}
+    restored: list[dict[str, torch.Tensor]] = []
+    scored = fitting.view_psnr
+
+    def first_scoring_copies_the_state(fitted, points, fit_views, k):
+        if not before:
+            before.update({name: v.detach().cpu().clone() for name, v in fitted.state_dict().items()})
+        return scored(fitted, points, fit_views, k)
+
+    original_load = torch.nn.Module.load_state_dict
+
+    def recording_load(module, state, *args, **kwargs):
+        restored.append(dict(state))
+        return original_load(module, state, *args, **kwargs)
+
+    monkeypatch.setattr(fitting, "view_psnr", first_scoring_copies_the_state)
+    monkeypatch.setattr(fitting.NPBG, "load_state_dict", recording_load)
+    result = run_fit(iter_fit_coefficients(model, scene.aggregated_scene(), views, 30, check_view=True,
+                                           loss_fn=inverted_loss()))
+    assert result.check.kept == "unfitted" and len(restored) == 1
+    assert {v.device.type for v in restored[0].values()} == {"cpu"}
+    after = result.model.state_dict()
+    assert set(after) == set(before)
+    assert {v.device.type for v in after.values()} == {device}  # put back on the fit's device
+    for name, value in before.items():
+        assert torch.equal(after[name].cpu(), value), name
+
+
 def test_a_fit_that_wins_on_the_kept_photo_is_saved(four_views, tmp_path):
     """The ordinary fit of this scene improves the kept photo: the fitted bundle is saved
     and its render of the kept photo scores what the check says."""
@@ -146,7 +185,8 @@ def test_fewer_than_three_photos_fit_unchecked_and_say_so(tmp_path):
     check = NeuralScene.load(out).metadata["fit"]["check"]
     assert check["view"] is None and check["kept"] == "fitted" and "2 input views" in check["skipped"]
     assert NeuralScene.load(out).kind == "coefficients"
-    assert job.outcome().startswith("the fit was not checked: 2 input views")
+    assert job.outcome() == "the fit used every photo unchecked: 2 input views, fewer than the 3 a check needs"
+    assert job.outcome().count(":") == 1  # one sentence: the outcome, then why
 
 
 def test_check_view_must_be_a_bool(four_views):
