@@ -898,7 +898,9 @@ class NPBGPP_OT_fit(_WorkerStepJob, bpy.types.Operator):
         return {"FINISHED"}
 
     def _status(self, context: Any, progress: Any) -> None:
-        self._show_status(context, f"Fit to Photos: step {progress.done} of {progress.total} (Esc to cancel)")
+        # a checked fit's scoring renders count as steps: say so, the status may stay on them a while
+        doing = f", {progress.doing}" if progress.doing else ""
+        self._show_status(context, f"Fit to Photos: step {progress.done} of {progress.total}{doing} (Esc to cancel)")
 
 
 class NPBGPP_OT_export_dataset(_ModalJob, bpy.types.Operator):

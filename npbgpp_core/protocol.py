@@ -190,11 +190,13 @@ class DensifyProgress(Reply):
 class FitProgress(Reply):
     """Where a fit job stands: ``done`` of ``total`` steps (a checked fit's two scoring
     renders count as one step each, :class:`FitBegin`); ``finished`` when the fitted
-    bundle is ready for :class:`FitFinish`."""
+    bundle is ready for :class:`FitFinish`. ``doing``: what the next step does when it is
+    not a fitting step (``BundleFit.doing``: a checked fit scoring its kept photo), else ""."""
 
     done: int
     total: int
     finished: bool
+    doing: str = ""
 
 
 @dataclass

@@ -154,6 +154,18 @@ class BundleFit:
         self.result = run_fit(self._fit)  # after the last step: the averaging and the result
         return True
 
+    @property
+    def doing(self) -> str:
+        """What the next step does when it fits nothing, for a status line ("" for a fitting
+        step): a checked fit's first and last steps render the kept photo to score it (a fair
+        check's first one aggregates the scene without it before), which at full size can
+        take as long as many fitting steps."""
+        if not self.checked or self.result is not None or 0 < self.done < self.total - 1:
+            return ""
+        if self.done == 0 and self.fair_check:
+            return "aggregating without the kept photo, then scoring it"
+        return "scoring the kept photo"
+
     def close(self) -> None:
         """Stop a fit that will not be finished (frees it; nothing is written)."""
         self._fit.close()

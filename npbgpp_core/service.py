@@ -514,7 +514,7 @@ class RenderService:
 
     def _fit_progress(self) -> P.FitProgress:
         job = self._fit_job()
-        return P.FitProgress(job.done, job.total, job.result is not None)
+        return P.FitProgress(job.done, job.total, job.result is not None, job.doing)
 
     def render(self, req: P.RenderFrame) -> P.Frame:
         """(H, W, FRAME_CHANNELS) float32 frame, rows top-down (see the protocol)."""

@@ -1131,6 +1131,23 @@ def test_modal_job_starts_and_cleans_up_progress_timer_and_status():
     assert calls == [("end",)]
 
 
+def test_fit_to_photos_status_says_when_a_step_scores_the_kept_photo():
+    """The status line of Fit to Photos names what a step does when it fits nothing (the
+    worker's FitProgress.doing), and is the plain step count otherwise."""
+    from types import SimpleNamespace
+
+    from blender_addon.operators import NPBGPP_OT_fit, _ModalJob
+    from npbgpp_core import protocol as P
+
+    shown: list[str] = []
+    context = SimpleNamespace(workspace=SimpleNamespace(status_text_set=shown.append))
+    job = _ModalJob()
+    NPBGPP_OT_fit._status(job, context, P.FitProgress(201, 202, False, "scoring the kept photo"))
+    NPBGPP_OT_fit._status(job, context, P.FitProgress(7, 202, False))
+    assert shown == ["Fit to Photos: step 201 of 202, scoring the kept photo (Esc to cancel)",
+                     "Fit to Photos: step 7 of 202 (Esc to cancel)"]
+
+
 def test_render_photo_size_is_the_most_common_size_ties_the_earliest():
     """Import Dataset's one render resolution: the size most photos have, counted by hand
     (3 landscape against 2 portrait, the portrait first); a tie goes to the earliest view's."""

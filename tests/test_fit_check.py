@@ -203,10 +203,14 @@ def test_the_worker_s_fit_job_carries_the_check_and_its_outcome(four_views, tmp_
     service = RenderService()
     first = service.handle(P.FitBegin(bundle, folder, steps=20, device="CPU", check_view=True))
     assert isinstance(first, P.FitProgress) and (first.done, first.total) == (0, 22), first
-    seen = []
+    assert first.doing == "scoring the kept photo"  # the next step renders it, fitting nothing
+    seen, doing = [], {}
     while not (progress := service.handle(P.FitStep(seconds=0.0))).finished:
         seen.append(progress.done)
-    assert seen == list(range(1, 22)) and progress.done == 22
+        doing[progress.done] = progress.doing
+    assert seen == list(range(1, 22)) and progress.done == 22 and progress.doing == ""
+    assert doing[21] == "scoring the kept photo" and set(doing.values()) == {"", "scoring the kept photo"}
+    assert [done for done, what in doing.items() if what] == [21]
     out = str(tmp_path / "checked.npbgpp")
     info = service.handle(P.FitFinish(out))
     assert isinstance(info, P.FitResultInfo), info
@@ -214,7 +218,7 @@ def test_the_worker_s_fit_job_carries_the_check_and_its_outcome(four_views, tmp_
     assert info.kept == check["kept"] == "unfitted" and info.steps == 20
     assert info.outcome.startswith("kept the unfitted scene") and info.outcome.endswith(check["name"])
     plain = service.handle(P.FitBegin(bundle, folder, steps=2, device="CPU", check_view=False))
-    assert plain.total == 2
+    assert plain.total == 2 and plain.doing == ""
     while not service.handle(P.FitStep(seconds=0.0)).finished:
         pass
     info = service.handle(P.FitFinish(str(tmp_path / "plain.npbgpp")))
@@ -461,3 +465,15 @@ def test_fair_check_needs_a_checked_fit_and_a_bool(four_views):
     with pytest.raises(ValueError, match="fair_check must be True or False, got 'yes'"):
         BundleFit(bundle, data, steps=1, check_view=True, fair_check="yes")
     assert not BundleFit(bundle, data, steps=1, check_view=False).fair_check  # the default follows the check
+
+
+def test_a_fair_check_s_first_step_says_it_aggregates_without_the_kept_photo(four_views):
+    """BundleFit.doing, step by step: the fair check's first step aggregates and scores, the
+    fitting step says nothing, the last scores; once finished nothing."""
+    folder, bundle = four_views
+    job = BundleFit(bundle, load_scene(folder), steps=1, check_view=True, fair_check=True)
+    doing = [job.doing]
+    while not job.step():
+        doing.append(job.doing)
+    assert doing == ["aggregating without the kept photo, then scoring it", "", "scoring the kept photo"]
+    assert job.doing == ""
