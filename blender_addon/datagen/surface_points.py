@@ -620,10 +620,12 @@ def seen_by_camera(inst: Any, stands_for: Any, view_layer: Any, rendered: set[in
 def scene_triangles(bpy_scene, objects: Sequence[Any] | None = None, depsgraph: Any = None) -> list[_MeshTris]:
     """Evaluated world-space triangles of every geometry object (instances included) of
     ``depsgraph`` (by default the viewport's of ``bpy_scene``'s first view layer) that a
-    render of its view layer shows directly (:func:`seen_by_camera`), or of ``objects``
+    render of its view layer shows directly (:func:`_shown_geometry`), or of ``objects``
     only (each once at its own place, whether render-visible or not). Only a render's
-    depsgraph (:func:`during_a_render`) holds objects disabled in viewports and evaluates
-    modifiers as a render does."""
+    depsgraph (:func:`during_a_render`) holds objects disabled in viewports, shows an emitter
+    or instancer itself by its Show Emitter / Show Instancer for renders (a viewport's entry's
+    ``show_self`` follows the viewport's: :func:`rendered_entries`) and evaluates modifiers as
+    a render does."""
     if depsgraph is None:
         depsgraph = evaluated_depsgraph(bpy_scene)
     out = []
@@ -741,7 +743,7 @@ def _bounds(meshes: list[_MeshTris], bpy_scene: Any, points: np.ndarray | None =
 def rendered_own_points(depsgraph: Any) -> tuple[np.ndarray, np.ndarray]:
     """The points (and colours) a render of ``depsgraph``'s view layer shows as points: the
     :func:`own_points` of each point cloud, hair and mesh whose Geometry Nodes make points that
-    it shows directly (:func:`seen_by_camera`), at each instance's place. What Points from
+    it shows directly (:func:`_shown_geometry`), at each instance's place. What Points from
     Selected Meshes takes of such objects when they are selected, so the two agree."""
     return _shown_geometry(depsgraph, surfaces=False)[1]
 
