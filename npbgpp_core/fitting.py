@@ -798,7 +798,9 @@ def iter_fit_coefficients(
     model: NPBGPlusPlus, aggregated: AggregatedScene, views: FitViews | tuple, steps: int = 100, **options: Any,
 ) -> Generator[int, None, FitResult]:
     """:func:`fit_coefficients` step by step (same keywords and defaults, checked now): a
-    generator yielding the number of steps done after each step and returning the
+    generator yielding the number of steps done after each step (a ``check_view`` fit of
+    :data:`CHECK_VIEW_MIN_VIEWS` views or more counts its two scoring renders one each:
+    ``steps + 2`` in all) and returning the
     :class:`FitResult` (``StopIteration.value``; :func:`run_fit` runs it to the end). For
     callers that report progress or may stop early (the add-on's worker)."""
     bound = inspect.signature(fit_coefficients).bind(model, aggregated, views, steps, **options)

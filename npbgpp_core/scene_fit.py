@@ -143,7 +143,8 @@ class BundleFit:
         self.result: Any = None  # the FitResult once finished
 
     def step(self) -> bool:
-        """Run one fitting step; True when the fit is finished (then a no-op)."""
+        """Run one step (a fitting step, or one of a checked fit's two scoring renders); True
+        when the fit is finished (then a no-op)."""
         if self.result is not None:
             return True
         from .fitting import run_fit
