@@ -121,7 +121,9 @@ FIT_KNOBS = (
      "scene when the fit scores lower on it, as Fit to Photos and headless_train fit do (default: "
      "npbgpp_core.fitting.FIT_CHECK_VIEW, what they run)"),
     ("--fair-check", on_off_arg, "on: the checked fit aggregates the scene again without the kept view, scores "
-     "that unfitted and fits from it (default: npbgpp_core.fitting.FIT_FAIR_CHECK with a checked fit)"),
+     "that unfitted and fits from it (default: npbgpp_core.fitting.FIT_FAIR_CHECK with a checked fit); it "
+     "aggregates the photos the fit sees, so with --fit-max-side at that size, not at --max-side as the "
+     "no-fitting column"),
 )
 
 
