@@ -62,8 +62,15 @@ def fit(args: argparse.Namespace) -> str:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     job = BundleFit(args.bundle, scene, args.steps, args.weights, "", device, check_view=args.check_view)
-    while not job.step():  # a checked fit counts its two scoring renders as steps
-        print(f"\rstep {job.done}/{job.total}", end="", file=sys.stderr, flush=True)
+    # a checked fit counts its two scoring renders as steps; the line names one while it runs
+    # (BundleFit.doing: a full-size photo's render can take as long as many fitting steps)
+    width = 0
+    while True:
+        line = f"step {job.done}/{job.total}" + (f", {job.doing}" if job.doing else "")
+        print("\r" + line.ljust(width), end="", file=sys.stderr, flush=True)
+        width = len(line)
+        if job.step():
+            break
     print(file=sys.stderr)
     job.save(args.out)
     losses = job.result.losses

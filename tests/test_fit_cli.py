@@ -125,6 +125,9 @@ def test_fit_command_check_view_prints_and_records_what_it_kept(scene_and_bundle
     line = [ln for ln in err.splitlines() if ln.startswith("kept the unfitted scene")]
     assert len(line) == 1 and line[0].endswith(f"dB below it on held-apart photo {check['name']}")
     assert "fitted 2 of 3 views (one kept apart), 20 steps in " in err  # the photo kept apart is not fitted
+    # the progress line names the two scoring steps while they run, and only them
+    assert "step 0/22, scoring the kept photo" in err and "step 21/22, scoring the kept photo" in err
+    assert "step 1/22 " in err and err.count("scoring the kept photo") == 2
     assert float(line[0].split("scored ")[1].split(" dB")[0]) == pytest.approx(gap, abs=0.006)
     plain = str(tmp_path / "plain.npbgpp")
     assert main(["--bundle", bundle, "--scene", folder, "--out", plain, "--steps", "2", "--device", "cpu",
@@ -132,3 +135,4 @@ def test_fit_command_check_view_prints_and_records_what_it_kept(scene_and_bundle
     assert "check" not in NeuralScene.load(plain).metadata["fit"]
     err = capsys.readouterr().err
     assert "the fit was not checked on a photo kept apart" in err and "fitted 3 views, 2 steps in " in err
+    assert "step 1/2" in err and "scoring" not in err
