@@ -432,9 +432,10 @@ def rendered_parts(depsgraph: Any, owners: Sequence[Any], originals: Sequence[An
     cache: dict = {}
     for inst, stands_for in rendered_entries(depsgraph):
         child = inst.object.original
-        # a parent's instance of its child at its vertices or faces (not one its particles make)
-        by_parent = (inst.is_instance and child.parent == stands_for and inst.particle_system is None
-                     and stands_for.instance_type in INSTANCES_CHILDREN)
+        # a parent's instance of its child at its vertices or faces: the only instances of its child a
+        # parent instancing its children makes (measured in bpy 5.0.1: its particles' or Geometry Nodes'
+        # instances of such a child are not in the depsgraph)
+        by_parent = inst.is_instance and child.parent == stands_for and stands_for.instance_type in INSTANCES_CHILDREN
         if by_parent and child.as_pointer() in copied:
             continue  # its copy's instance stands for it, once
         k = index.get(stands_for.as_pointer())
