@@ -6077,7 +6077,8 @@ def test_densify_then_aggregate_on_a_dataset_without_a_cloud(scene, capfd):
 
     service = RenderService()
     started = service.handle(P.FitBegin(str(work / "dense.npbgpp"), str(root), 50, device="CPU"))
-    assert isinstance(started, P.FitProgress) and started.total == 50, started
+    # 6 photos: a checked fit (the users' default), whose two scoring renders of the kept photo count as steps
+    assert isinstance(started, P.FitProgress) and started.total == 50 + 2, started
     assert isinstance(service.handle(P.FitCancel()), P.Done)
     sc.npbgpp.output = "NEURAL"
     sc.render.film_transparent = True
