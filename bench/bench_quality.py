@@ -20,7 +20,8 @@ noisier) of
   (photos of different sizes are padded to one canvas, the padding masked out of the loss:
   ``padded_fit_views``); coefficients_ft as the users' fits run it: by default
   (``FIT_CHECK_VIEW``, ``--check-view on|off``) with the middle input view kept apart and
-  the unfitted scene scored when the fit lost there (the cell says "unfitted kept").
+  the unfitted scene scored when the fit lost more than ``CHECK_TOLERANCE_DB`` there (the cell
+  says "unfitted kept").
 
     .venv/bin/python bench/bench_quality.py --scenes /work/captures/* /work/corpus_env_val/*
     .venv/bin/python bench/bench_quality.py --scenes-file val.txt --weights new.safetensors --label new
@@ -118,7 +119,8 @@ FIT_KNOBS = (
     ("--aligned", on_off_arg, "on: the fitted model renders rolled views upright as NPBG++ does (training crops "
      "too); off: in the view's own frame (published NPBG)"),
     ("--check-view", on_off_arg, "on: keep the middle input view apart, fit on the others and keep the unfitted "
-     "scene when the fit scores lower on it, as Fit to Photos and headless_train fit do (default: "
+     "scene when the fit scores more than CHECK_TOLERANCE_DB (0.5 dB) lower on it, as Fit to Photos and "
+     "headless_train fit do (default: "
      "npbgpp_core.fitting.FIT_CHECK_VIEW, what they run)"),
     ("--fair-check", on_off_arg, "on: the checked fit aggregates the scene again without the kept view, scores "
      "that unfitted and fits from it (default: npbgpp_core.fitting.FIT_FAIR_CHECK with a checked fit); it "

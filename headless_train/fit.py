@@ -3,7 +3,8 @@ the short per-scene fit of an aggregated NPBG++ bundle to its dataset's training
 (:func:`npbgpp_core.scene_fit.fit_bundle`, what the add-on's Fit to Photos runs), without
 Blender or Python code. Every output check runs before the fit; the bundle is written
 atomically. ``--check-view`` keeps one training photo apart and writes the unfitted scene
-if the fit scores lower on it; the last line on stderr says what was kept."""
+if the fit scores more than :data:`~npbgpp_core.fitting.CHECK_TOLERANCE_DB` lower on it; the
+last line on stderr says what was kept."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, ...")
     p.add_argument("--check-view", action=argparse.BooleanOptionalAction, default=None,
                    help="keep the middle training photo apart, fit on the others and write the unfitted scene "
-                   "if the fit scores lower on it (needs 3 photos or more; default: "
+                   "if the fit scores more than 0.5 dB lower on it (needs 3 photos or more; default: "
                    "npbgpp_core.fitting.FIT_CHECK_VIEW)")
     return p.parse_args(argv)
 

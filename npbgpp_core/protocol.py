@@ -203,8 +203,8 @@ class FitProgress(Reply):
 class FitResultInfo(Reply):
     """The fitted bundle written: its path, steps, first and last loss, seconds fitting.
     ``kept``: "fitted", or "unfitted" when a checked fit (:class:`FitBegin` ``check_view``)
-    scored below the unfitted scene on the photo kept apart, so the bundle written is the
-    unfitted one; ``outcome``: one line saying so for the user (``BundleFit.outcome``)."""
+    scored more than ``CHECK_TOLERANCE_DB`` below the unfitted scene on the photo kept apart, so
+    the bundle written is the unfitted one; ``outcome``: one line saying so for the user (``BundleFit.outcome``)."""
 
     path: str
     steps: int
@@ -416,7 +416,7 @@ class FitBegin(Request):
     bundle's own domain). ``aligned``: whether the fitted scene renders rolled views
     upright (``fit_coefficients``' ``aligned``); None: its default, ``FIT_ALIGNED``.
     ``check_view``: keep one training photo apart and write the unfitted scene if the fit
-    scores lower on it (``fit_coefficients``' ``check_view``); None: its default,
+    scores more than ``CHECK_TOLERANCE_DB`` lower on it (``fit_coefficients``' ``check_view``); None: its default,
     ``FIT_CHECK_VIEW``. A checked fit's ``total`` counts its two scoring renders as steps."""
 
     bundle: str

@@ -12,7 +12,8 @@ the source bundle's and add ``fit`` (steps, losses, seconds, source file).
 can drop it between steps); :func:`fit_bundle` runs it to the end and saves.
 
 With ``check_view`` (the fit's :func:`~npbgpp_core.fitting.fit_coefficients` option) one
-photo is kept apart and scored before and after the fit; when the fit scores lower there,
+photo is kept apart and scored before and after the fit; when the fit scores more than
+``check_tolerance`` (:data:`~npbgpp_core.fitting.CHECK_TOLERANCE_DB`) lower there,
 the saved bundle is the source bundle itself (it renders exactly as the unfitted scene),
 with ``fit`` metadata saying so (``fit["check"]``).
 """
@@ -65,8 +66,9 @@ class BundleFit:
     basis and refiner weights are what the fit starts from. ``aligned``: the fit's
     ``aligned`` (rolled views rendered upright); None: :data:`~npbgpp_core.fitting.FIT_ALIGNED`.
     ``check_view``: the fit's ``check_view`` (one training photo kept apart: the fit is
-    kept only if it scores no lower there than the unfitted scene); None:
-    :data:`~npbgpp_core.fitting.FIT_CHECK_VIEW`. ``checked``: whether the check applies
+    kept unless it scores more than ``check_tolerance`` dB below the unfitted scene there); None:
+    :data:`~npbgpp_core.fitting.FIT_CHECK_VIEW`. ``check_tolerance``: the fit's; None:
+    :data:`~npbgpp_core.fitting.CHECK_TOLERANCE_DB`. ``checked``: whether the check applies
     (it needs :data:`~npbgpp_core.fitting.CHECK_VIEW_MIN_VIEWS` training photos).
 
     ``step()`` runs one unit of work (True once all are done); ``done`` / ``total`` count
@@ -83,9 +85,18 @@ class BundleFit:
 
     def __init__(self, bundle_path: str, data: Any, steps: int = DEFAULT_STEPS, weights: str = "",
                  domain: str = "", device: str = "cpu", aligned: bool | None = None,
-                 check_view: bool | None = None, fair_check: bool | None = None) -> None:
+                 check_view: bool | None = None, fair_check: bool | None = None,
+                 check_tolerance: float | None = None) -> None:
         from .datasets import scene_domain
-        from .fitting import FIT_CHECK_VIEW, FIT_FAIR_CHECK, check_view_index, iter_fit_coefficients, padded_fit_views
+        from .fitting import (
+            CHECK_TOLERANCE_DB,
+            FIT_CHECK_VIEW,
+            FIT_FAIR_CHECK,
+            check_tolerance_db,
+            check_view_index,
+            iter_fit_coefficients,
+            padded_fit_views,
+        )
         from .pretrained import check_domain, default_weights_path
         from .scene import NeuralScene
 
@@ -100,6 +111,7 @@ class BundleFit:
             raise ValueError(f"fair_check must be True or False, got {fair_check!r}")
         if fair_check and not check_view:
             raise ValueError("fair_check is a way of checking the fit on a photo kept apart: it needs check_view")
+        self.check_tolerance = check_tolerance_db(CHECK_TOLERANCE_DB if check_tolerance is None else check_tolerance)
         self.bundle_path = os.fspath(bundle_path)
         bundle = NeuralScene.load(self.bundle_path)
         if bundle.kind != "npbgpp":
@@ -138,7 +150,7 @@ class BundleFit:
         options = {} if aligned is None else {"aligned": aligned}  # checked by iter_fit_coefficients
         self.fair_check = fair_check
         self._fit = iter_fit_coefficients(model, aggregated, views, self.steps, check_view=check_view,
-                                          fair_check=fair_check, **options)
+                                          fair_check=fair_check, check_tolerance=self.check_tolerance, **options)
         self.done = 0
         self.result: Any = None  # the FitResult once finished
 
@@ -218,9 +230,13 @@ class BundleFit:
         if math.isnan(raw.psnr_unfitted) or math.isnan(raw.psnr_fitted):
             return f"kept the fit: held-apart photo {check['name']} could not be scored"
         gain = 0.0 if raw.psnr_fitted == raw.psnr_unfitted else raw.psnr_fitted - raw.psnr_unfitted
+        # the allowance before the photo's name: the add-on's report goes on after the name
+        allowed = f"the {raw.tolerance:.2f} dB the check allows"
         if check["kept"] == "fitted":
-            return f"kept the fit: {gain:+.2f} dB on held-apart photo {check['name']}"
-        return (f"kept the unfitted scene: the fit scored {-gain:.2f} dB below it on held-apart photo "
+            within = f" (within {allowed})" if gain < 0 else ""
+            return f"kept the fit: {gain:+.2f} dB{within} on held-apart photo {check['name']}"
+        more = f" (more than {allowed})" if raw.tolerance > 0 else ""
+        return (f"kept the unfitted scene: the fit scored {-gain:.2f} dB below it{more} on held-apart photo "
                 f"{check['name']}")
 
     def save(self, out: str) -> Any:
@@ -235,18 +251,21 @@ class BundleFit:
 
 def fit_bundle(bundle_path: str, dataset: Any, out: str, steps: int = DEFAULT_STEPS, weights: str = "",
                domain: str = "", device: str = "cpu", aligned: bool | None = None,
-               check_view: bool | None = None, fair_check: bool | None = None) -> Any:
+               check_view: bool | None = None, fair_check: bool | None = None,
+               check_tolerance: float | None = None) -> Any:
     """Fit ``bundle_path`` to ``dataset`` (a folder or a loaded SceneData) and save the
     fitted bundle to ``out``; returns the :class:`~npbgpp_core.fitting.FitResult`. See
     :class:`BundleFit` (``aligned``: None is :data:`~npbgpp_core.fitting.FIT_ALIGNED`;
     ``check_view``: None is :data:`~npbgpp_core.fitting.FIT_CHECK_VIEW`; ``fair_check``: None is
-    :data:`~npbgpp_core.fitting.FIT_FAIR_CHECK` when checked)."""
+    :data:`~npbgpp_core.fitting.FIT_FAIR_CHECK` when checked; ``check_tolerance``: None is
+    :data:`~npbgpp_core.fitting.CHECK_TOLERANCE_DB`)."""
     from .datasets import load_scene
 
     # the bundle holds the points; the dataset gives photos and cameras (it may have no cloud of its own)
     data = (load_scene(os.fspath(dataset), require_points=False) if isinstance(dataset, (str, os.PathLike))
             else dataset)
-    job = BundleFit(bundle_path, data, steps, weights, domain, device, aligned, check_view, fair_check)
+    job = BundleFit(bundle_path, data, steps, weights, domain, device, aligned, check_view, fair_check,
+                    check_tolerance)
     while not job.step():
         pass
     job.save(out)

@@ -5690,10 +5690,10 @@ def test_fit_to_photos_checks_the_fit_on_a_held_apart_photo(scene):
     assert total == 52 and check["view"] == 2 and check["name"] == "train/r_2"
     gain = check["psnr_fitted"] - check["psnr_unfitted"]
     if check["kept"] == "fitted":
-        assert saved.kind == "coefficients" and kind == {"INFO"} and gain >= 0
+        assert saved.kind == "coefficients" and kind == {"INFO"} and gain >= -check["tolerance_db"]
         shown = float(text.split("kept the fit: ")[1].split(" dB")[0])
     else:
-        assert saved.kind == "npbgpp" and kind == {"WARNING"} and gain < 0
+        assert saved.kind == "npbgpp" and kind == {"WARNING"} and gain < -check["tolerance_db"]
         assert bool((saved.features == NeuralScene.load(agg).features).all())
         shown = -float(text.split("kept the unfitted scene: the fit scored ")[1].split(" dB below it")[0])
     assert shown == pytest.approx(gain, abs=0.006)

@@ -1,5 +1,6 @@
 """The checked fit (``check_view``): one training photo is kept apart, the fit runs on the
-others, and a fit that scores lower on the kept photo than the unfitted scene is dropped, so
+others, and a fit that scores more than ``check_tolerance`` dB lower on the kept photo than the
+unfitted scene is dropped, so
 that the saved bundle renders exactly as the bundle it was fitted from. The scores are checked
 against PSNRs recomputed here from the saved bundles' own renders, and the fallback against a
 render of the source bundle."""
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -113,7 +115,9 @@ def test_a_fit_that_loses_on_the_kept_photo_saves_the_unfitted_scene(four_views,
     assert check["psnr_unfitted"] == pytest.approx(psnr_of(unfitted, photo), abs=0.01)
     torch.testing.assert_close(back, unfitted, atol=1e-4, rtol=0)
     assert job.outcome().startswith("kept the unfitted scene: the fit scored ")
-    assert job.outcome().endswith(f"dB below it on held-apart photo {check['name']}")
+    assert job.outcome().endswith(f"dB below it (more than the 0.50 dB the check allows) on held-apart photo "
+                                  f"{check['name']}")
+    assert check["tolerance_db"] == fitting.CHECK_TOLERANCE_DB == 0.5
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
@@ -477,3 +481,92 @@ def test_a_fair_check_s_first_step_says_it_aggregates_without_the_kept_photo(fou
         doing.append(job.doing)
     assert doing == ["aggregating without the kept photo, then scoring it", "", "scoring the kept photo"]
     assert job.doing == ""
+
+
+def scored(before: float, after: float):
+    """A stand-in for view_psnr scoring the kept photo ``before`` dB unfitted, ``after`` fitted."""
+    calls: list[int] = []
+
+    def fake(*_args):
+        calls.append(1)
+        return before if len(calls) == 1 else after
+    return fake
+
+
+@pytest.mark.parametrize(("after", "tolerance", "kept"), [
+    (19.75, 0.5, "fitted"),     # 0.25 dB below: within the tolerance
+    (19.5, 0.5, "fitted"),      # exactly the tolerance below (exact in binary): kept
+    (19.25, 0.5, "unfitted"),   # 0.75 dB below: more than the tolerance
+    (19.75, 0.0, "unfitted"),   # no tolerance: any loss drops the fit, as before it had one
+    (20.0, 0.0, "fitted"),      # a tie keeps the fit
+    (18.0, 2.5, "fitted"),
+])
+def test_the_tolerance_decides_a_losing_fit(four_views, monkeypatch, after, tolerance, kept):
+    """The fit is dropped only when it scores more than ``check_tolerance`` dB below the unfitted
+    scene on the kept photo (scores set here: unfitted 20 dB); a dropped fit is put back to the
+    unfitted model, a kept one is not."""
+    folder, bundle = four_views
+    data, scene, model, ids = _fitting_setup(folder, bundle)
+    views = padded_fit_views([data.load_image(i) for i in ids], [data.views[i].camera for i in ids])
+    monkeypatch.setattr(fitting, "view_psnr", scored(20.0, after))
+    with torch.no_grad():
+        source = scene.renderer("cpu").render(data.views[ids[0]].camera)
+    result = run_fit(iter_fit_coefficients(model, scene.aggregated_scene(), views, 3, crop=16,
+                                           check_view=True, check_tolerance=tolerance))
+    assert result.check.kept == kept and result.check.tolerance == tolerance
+    assert result.check.as_dict()["tolerance_db"] == tolerance
+    with torch.no_grad():
+        render = result.model.render(scene.points, data.views[ids[0]].camera)
+    assert ((render - source).abs().max() < 1e-4) == (kept == "unfitted")
+
+
+def test_a_fit_kept_within_the_tolerance_says_so(four_views, monkeypatch):
+    """The default tolerance (CHECK_TOLERANCE_DB) keeps a fit 0.07 dB below the unfitted scene
+    and the line says it lost, and by how much it could have."""
+    folder, bundle = four_views
+    monkeypatch.setattr(fitting, "view_psnr", scored(20.91, 20.84))
+    job = BundleFit(bundle, load_scene(folder), steps=2, check_view=True)
+    while not job.step():
+        pass
+    name = job.check()["name"]
+    assert job.check()["kept"] == "fitted" and job.fitted_scene().kind == "coefficients"
+    assert job.outcome() == f"kept the fit: -0.07 dB (within the 0.50 dB the check allows) on held-apart photo {name}"
+    monkeypatch.setattr(fitting, "view_psnr", scored(20.0, 20.5))
+    job = BundleFit(bundle, load_scene(folder), steps=1, check_view=True, check_tolerance=1)
+    while not job.step():
+        pass
+    assert job.outcome() == f"kept the fit: +0.50 dB on held-apart photo {name}"  # a gain needs no allowance
+    monkeypatch.setattr(fitting, "view_psnr", scored(20.0, 19.0))
+    job = BundleFit(bundle, load_scene(folder), steps=1, check_view=True, check_tolerance=0)
+    while not job.step():
+        pass
+    assert job.outcome() == f"kept the unfitted scene: the fit scored 1.00 dB below it on held-apart photo {name}"
+
+
+def test_a_non_finite_fitted_score_loses_whatever_the_tolerance(four_views, monkeypatch):
+    folder, bundle = four_views
+    data, scene, model, ids = _fitting_setup(folder, bundle)
+    views = padded_fit_views([data.load_image(i) for i in ids], [data.views[i].camera for i in ids])
+    monkeypatch.setattr(fitting, "view_psnr", scored(20.0, math.nan))
+    result = run_fit(iter_fit_coefficients(model, scene.aggregated_scene(), views, 1, crop=16, check_view=True,
+                                           check_tolerance=100.0))
+    assert result.check.kept == "unfitted"
+
+
+@pytest.mark.parametrize(("bad", "says"), [
+    (-0.1, "must be a finite number of dB >= 0, got -0.1"),
+    (math.nan, "must be a finite number of dB >= 0, got nan"),
+    (math.inf, "must be a finite number of dB >= 0, got inf"),
+    ("0.5", "must be a number of dB, got '0.5'"),
+    (True, "must be a number of dB, got True"),
+    (None, "must be a number of dB, got None"),
+])
+def test_a_bad_tolerance_is_refused_before_any_step(four_views, bad, says):
+    folder, bundle = four_views
+    data, scene, model, ids = _fitting_setup(folder, bundle)
+    views = padded_fit_views([data.load_image(i) for i in ids], [data.views[i].camera for i in ids])
+    with pytest.raises(ValueError, match="check_tolerance " + re.escape(says)):
+        iter_fit_coefficients(model, scene.aggregated_scene(), views, 1, check_view=True, check_tolerance=bad)
+    if bad is not None:  # None is BundleFit's "the default"
+        with pytest.raises(ValueError, match="check_tolerance " + re.escape(says)):
+            BundleFit(bundle, data, steps=1, check_tolerance=bad)
