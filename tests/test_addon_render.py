@@ -5633,17 +5633,9 @@ def test_fit_to_photos_operator(scene):
         op._worker.request(P.FitStep(), None, 60)
 
 
-def test_fit_to_photos_checks_the_fit_on_a_held_apart_photo(scene):
-    """Check Fit on a Photo (shown under Fit Upright, default the library's FIT_CHECK_VIEW)
-    reaches the worker's fit: with 4 training photos the fitted bundle's metadata name the
-    photo kept apart and what was kept, the bundle written is the fit or else the aggregated
-    scene itself, and the operator's report says the same in one line; off, the fit is
-    unchecked and the report says so."""
-    from types import SimpleNamespace
-
-    from npbgpp_core.fitting import FIT_CHECK_VIEW
-    from npbgpp_core.scene import NeuralScene
-
+def _four_camera_aggregated(scene) -> str:
+    """Import a NeRF dataset of the scene's camera and three more a little around it, aggregate it
+    (Weights field cleared) and return the bundle's path: photos enough to keep one apart in a fit."""
     sc, cam = scene["scene"], scene["camera"]
     cams = [cam]
     for k in range(1, 4):  # three more cameras a little around the first
@@ -5658,6 +5650,22 @@ def test_fit_to_photos_checks_the_fit_on_a_held_apart_photo(scene):
     sc.npbgpp.weights = ""
     agg = str(scene["dir"] / "agg.npbgpp")
     assert bpy.ops.npbgpp.aggregate(filepath=agg) == {"FINISHED"}
+    return agg
+
+
+def test_fit_to_photos_checks_the_fit_on_a_held_apart_photo(scene):
+    """Check Fit on a Photo (shown under Fit Upright, default the library's FIT_CHECK_VIEW)
+    reaches the worker's fit: with 4 training photos the fitted bundle's metadata name the
+    photo kept apart and what was kept, the bundle written is the fit or else the aggregated
+    scene itself, and the operator's report says the same in one line; off, the fit is
+    unchecked and the report says so."""
+    from types import SimpleNamespace
+
+    from npbgpp_core.fitting import FIT_CHECK_VIEW
+    from npbgpp_core.scene import NeuralScene
+
+    sc = scene["scene"]
+    agg = _four_camera_aggregated(scene)
     panel = {p.__name__: p for p in bpy.types.Panel.__subclasses__()}["RENDER_PT_npbgpp_data"]
     layout = _Recorder()
     panel.draw(type("P", (), {"layout": layout})(), bpy.context)
@@ -5715,21 +5723,9 @@ def test_fit_to_photos_that_loses_on_its_held_apart_photo_says_how_to_keep_a_fit
     from npbgpp_core import fitting
     from npbgpp_core.scene import NeuralScene
 
-    sc, cam = scene["scene"], scene["camera"]
+    sc = scene["scene"]
     sc.npbgpp.worker_mode = "IN_PROCESS"  # the losing loss below is this process's
-    cams = [cam]
-    for k in range(1, 4):
-        other = cam.copy()
-        other.data = cam.data.copy()
-        other.location = (cam.location.x + 0.15 * k, cam.location.y, cam.location.z + 0.05 * k)
-        sc.collection.objects.link(other)
-        cams.append(other)
-    root = scene["dir"] / "nerf4"
-    _write_nerf_dataset(root, cams, scene["points"], scene["colors"])
-    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root)) == {"FINISHED"}
-    sc.npbgpp.weights = ""
-    agg = str(scene["dir"] / "agg.npbgpp")
-    assert bpy.ops.npbgpp.aggregate(filepath=agg) == {"FINISHED"}
+    agg = _four_camera_aggregated(scene)
     monkeypatch.setattr(fitting, "coefficients_ft_loss", lambda *a, **k: lambda p, t, m: (p - (1 - t)).abs().mean())
     fit_op = sys.modules[f"{MODULE}.operators"].NPBGPP_OT_fit
 
