@@ -263,6 +263,26 @@ def _quad(x: float, name: str, collection) -> bpy.types.Object:
     return obj
 
 
+def _tube(x: float, z: float, name: str, collection) -> bpy.types.Object:
+    """A bevelled curve (radius 0.05) from (x, -0.2, z) to (x, 0.2, z), in ``collection``: Blender
+    evaluates it to a mesh of its own; remove it with :func:`_remove_tube`."""
+    curve = bpy.data.curves.new(name, "CURVE")
+    curve.dimensions, curve.bevel_depth = "3D", 0.05
+    spline = curve.splines.new("POLY")
+    spline.points.add(1)
+    spline.points[0].co, spline.points[1].co = (x, -0.2, z, 1.0), (x, 0.2, z, 1.0)
+    tube = bpy.data.objects.new(name, curve)
+    collection.objects.link(tube)
+    return tube
+
+
+def _remove_tube(tube) -> None:
+    """Remove a curve of :func:`_tube` and its curve data (:func:`_remove_test_scene` removes only meshes')."""
+    curve = tube.data
+    bpy.data.objects.remove(tube)
+    bpy.data.curves.remove(curve)
+
+
 def _remove_test_scene(scene, collections) -> None:
     """Remove a test's ``scene``, its own ``collections`` and the objects and meshes in them."""
     for c in (scene.collection, *collections):
@@ -391,21 +411,14 @@ def test_scene_points_leave_out_a_child_at_its_own_place_that_its_parent_instanc
     grid.instance_type = "VERTS"
     grid.show_instancer_for_viewport = grid.show_instancer_for_render = False
     _quad(0.0, "vc_child_quad", main).parent = grid
-    curve = bpy.data.curves.new("vc_child_curve", "CURVE")
-    curve.dimensions, curve.bevel_depth = "3D", 0.05
-    spline = curve.splines.new("POLY")
-    spline.points.add(1)
-    spline.points[0].co, spline.points[1].co = (0.0, -0.2, 1.0, 1.0), (0.0, 0.2, 1.0, 1.0)
-    tube = bpy.data.objects.new("vc_child_curve", curve)
+    tube = _tube(0.0, 1.0, "vc_child_curve", main)
     tube.parent = grid
-    main.objects.link(tube)
     try:
         points, _ = sample_surface_points(scene, 2000, seed=5)
         assert (np.abs(points[:, 0] - 40.0) <= 0.25 + 0.25 + 1e-5).all(), (np.abs(points[:, 0]) < 1.0).sum()
         assert (points[:, 2] > 0.5).any() and (points[:, 2] < 0.5).any()  # on both children's instances
     finally:
-        bpy.data.objects.remove(tube)
-        bpy.data.curves.remove(curve)
+        _remove_tube(tube)
         _remove_test_scene(scene, [main])
 
 
@@ -461,6 +474,67 @@ def test_scene_points_leave_out_particle_collection_members_disabled_in_renders(
         bpy.data.particles.remove(particles)
 
 
+def _cycles_scene(name: str) -> bpy.types.Scene:
+    """A new scene rendered by Cycles at 1 sample: the renderer whose depsgraph is Blender's own answer."""
+    scene = bpy.data.scenes.new(name)
+    scene.render.engine = "CYCLES"
+    scene.cycles.samples = 1
+    return scene
+
+
+def _add_camera(scene, collection, name: str) -> bpy.types.Object:
+    """A camera ``name`` in ``collection``, the scene's camera (a render needs one); remove it with
+    :func:`_remove_render_test_scene` (:func:`_remove_test_scene` removes only meshes' data)."""
+    camera = bpy.data.objects.new(name, bpy.data.cameras.new(name))
+    collection.objects.link(camera)
+    scene.camera = camera
+    return camera
+
+
+def _remove_render_test_scene(scene, collections, camera, *data) -> None:
+    """Remove a test's ``scene``, its ``camera`` of :func:`_add_camera` with its camera data, its own
+    ``collections`` with the objects and meshes in them, and the other ``data`` it made (node
+    groups, particle settings), which no object uses any more."""
+    camera_data = camera.data
+    bpy.data.objects.remove(camera)
+    bpy.data.cameras.remove(camera_data)
+    _remove_test_scene(scene, collections)
+    bpy.data.batch_remove(data)
+
+
+def _object_info_of(target):
+    """For :func:`_nodes_modifier`: its input joined with a Geometry Nodes instance (Object Info) of ``target``."""
+
+    def object_info(tree, geometry):
+        info = tree.nodes.new("GeometryNodeObjectInfo")
+        info.inputs["Object"].default_value = target
+        info.inputs["As Instance"].default_value = True
+        join = tree.nodes.new("GeometryNodeJoinGeometry")
+        tree.links.new(info.outputs["Geometry"], join.inputs[0])
+        tree.links.new(geometry, join.inputs[0])
+        return join.outputs[0]
+
+    return object_info
+
+
+def _show_self_by_entry(depsgraph) -> dict[tuple[str, str | None], bool]:
+    """Each depsgraph entry's show_self, keyed by its object's name and its instancer's (None if not an instance)."""
+    return {(i.object.original.name, i.parent.original.name if i.is_instance else None): i.show_self
+            for i in depsgraph.object_instances}
+
+
+def _read_during_a_render(scene, count: int, seed: int, read=lambda depsgraph: None) -> tuple:
+    """(``read(depsgraph)``, ``count`` points on the surfaces it renders) for the depsgraph of a tiny
+    render of ``scene``: Blender's own answer, beside the scene's points from the viewport's."""
+    from blender_addon.datagen.render import _render_tiny
+    from blender_addon.datagen.surface_points import during_a_render, rendered_surfaces
+
+    def both(depsgraph) -> tuple:
+        return read(depsgraph), rendered_surfaces(scene, depsgraph, count, seed=seed)[2][0]
+
+    return during_a_render(scene, lambda: _render_tiny(scene), both)
+
+
 def test_scene_points_follow_the_render_depsgraph_where_the_samplings_disagreed():
     """Two cases where the scene's sampling and Points from Selected Meshes' walked the depsgraph
     differently, with Blender's own answer (the depsgraph of a render, and what Cycles draws):
@@ -472,27 +546,15 @@ def test_scene_points_follow_the_render_depsgraph_where_the_samplings_disagreed(
     from outside a render, on). Both from the viewport's depsgraph and the render's. The
     collection's quad sits at x 0, the instanced quad at x 10 (both y 5, the instancer's
     place), the emitter at x 20, a plain quad at x 30 (y 0); the hidden quad itself at x 10, y 0."""
-    from blender_addon.datagen.render import _render_tiny
-    from blender_addon.datagen.surface_points import during_a_render, rendered_surfaces, sample_surface_points
+    from blender_addon.datagen.surface_points import sample_surface_points
 
-    scene = bpy.data.scenes.new("render_answer")
-    scene.render.engine = "CYCLES"
-    scene.cycles.samples = 1
+    scene = _cycles_scene("render_answer")
     main, kit = bpy.data.collections.new("ra_main"), bpy.data.collections.new("ra_kit")
     scene.collection.children.link(main)  # the kit is in no scene: only its instance renders
     hidden = _quad(10.0, "ra_hidden", main)
     hidden.hide_render = True
 
-    def object_info(tree, geometry):
-        info = tree.nodes.new("GeometryNodeObjectInfo")
-        info.inputs["Object"].default_value = hidden
-        info.inputs["As Instance"].default_value = True
-        join = tree.nodes.new("GeometryNodeJoinGeometry")
-        tree.links.new(info.outputs["Geometry"], join.inputs[0])
-        tree.links.new(geometry, join.inputs[0])
-        return join.outputs[0]
-
-    _nodes_modifier(_quad(0.0, "ra_member", kit), "ra_object_info", object_info)
+    _nodes_modifier(_quad(0.0, "ra_member", kit), "ra_object_info", _object_info_of(hidden))
     instancer = bpy.data.objects.new("ra_instancer", None)
     instancer.instance_type, instancer.instance_collection = "COLLECTION", kit
     instancer.location.y = 5.0
@@ -503,18 +565,10 @@ def test_scene_points_follow_the_render_depsgraph_where_the_samplings_disagreed(
     particles.render_type = "NONE"
     emitter.show_instancer_for_viewport, emitter.show_instancer_for_render = True, False
     _quad(30.0, "ra_plain", main)
-    cam_data = bpy.data.cameras.new("ra_camera")
-    camera = bpy.data.objects.new("ra_camera", cam_data)
-    main.objects.link(camera)
-    scene.camera = camera
-
-    def read(depsgraph):
-        entries = {(i.object.original.name, i.parent.original.name if i.is_instance else None): i.show_self
-                   for i in depsgraph.object_instances}
-        return entries, rendered_surfaces(scene, depsgraph, 3000, seed=2)[2][0]
+    camera = _add_camera(scene, main, "ra_camera")
 
     try:
-        entries, from_render = during_a_render(scene, lambda: _render_tiny(scene), read)
+        entries, from_render = _read_during_a_render(scene, 3000, 2, _show_self_by_entry)
         assert entries[(hidden.name, instancer.name)] and (hidden.name, None) not in entries  # Blender's answer
         assert not entries[(emitter.name, None)]
         want = [(0, 5), (10, 5), (30, 0)]
@@ -524,11 +578,7 @@ def test_scene_points_follow_the_render_depsgraph_where_the_samplings_disagreed(
             assert (np.abs(points[:, :2] - centres) <= 0.25 + 1e-5).all()
     finally:
         tree = kit.objects["ra_member"].modifiers[0].node_group
-        bpy.data.objects.remove(camera)
-        bpy.data.cameras.remove(cam_data)
-        _remove_test_scene(scene, [main, kit])
-        bpy.data.node_groups.remove(tree)
-        bpy.data.particles.remove(particles)
+        _remove_render_test_scene(scene, [main, kit], camera, tree, particles)
 
 
 def test_scene_points_leave_out_all_an_object_disabled_in_renders_makes():
@@ -538,12 +588,9 @@ def test_scene_points_leave_out_all_an_object_disabled_in_renders_makes():
     viewport's, which the scene's points are read from outside a render, holds both; they were
     sampled), so the scene's points, from either depsgraph, lie on the shown quad (x 0) and a
     plain one (x 30) only; the emitter sits at x 10, the curve at x 20."""
-    from blender_addon.datagen.render import _render_tiny
-    from blender_addon.datagen.surface_points import during_a_render, rendered_surfaces, sample_surface_points
+    from blender_addon.datagen.surface_points import sample_surface_points
 
-    scene = bpy.data.scenes.new("hidden_makers")
-    scene.render.engine = "CYCLES"
-    scene.cycles.samples = 1
+    scene = _cycles_scene("hidden_makers")
     main = bpy.data.collections.new("hm_main")
     scene.collection.children.link(main)
     source = _quad(0.0, "hm_source", main)
@@ -553,37 +600,24 @@ def test_scene_points_leave_out_all_an_object_disabled_in_renders_makes():
     particles = emitter.particle_systems[0].settings
     particles.type, particles.count, particles.render_type = "HAIR", 5, "OBJECT"
     particles.instance_object, particles.particle_size = source, 0.5
-    curve = bpy.data.curves.new("hm_curve", "CURVE")
-    curve.dimensions, curve.bevel_depth = "3D", 0.05
-    spline = curve.splines.new("POLY")
-    spline.points.add(1)
-    spline.points[0].co, spline.points[1].co = (20.0, -0.2, 0.0, 1.0), (20.0, 0.2, 0.0, 1.0)
-    tube = bpy.data.objects.new("hm_curve", curve)
+    tube = _tube(20.0, 0.0, "hm_curve", main)
     tube.hide_render = True
-    main.objects.link(tube)
     _quad(30.0, "hm_plain", main)
-    cam_data = bpy.data.cameras.new("hm_camera")
-    camera = bpy.data.objects.new("hm_camera", cam_data)
-    main.objects.link(camera)
-    scene.camera = camera
+    camera = _add_camera(scene, main, "hm_camera")
 
-    def read(depsgraph):
-        standing = {(i.parent if i.is_instance else i.object).original.name for i in depsgraph.object_instances}
-        return standing, rendered_surfaces(scene, depsgraph, 2000, seed=3)[2][0]
+    def standing_names(depsgraph) -> set[str]:
+        """The names of the objects that stand in the depsgraph, themselves or as an instancer."""
+        return {(i.parent if i.is_instance else i.object).original.name for i in depsgraph.object_instances}
 
     try:
-        standing, from_render = during_a_render(scene, lambda: _render_tiny(scene), read)
+        standing, from_render = _read_during_a_render(scene, 2000, 3, standing_names)
         assert emitter.name not in standing and tube.name not in standing  # Blender's answer
         for points in (sample_surface_points(scene, 2000, seed=3)[0], from_render):
             centres = np.round(points[:, 0] / 10.0).astype(int) * 10
             assert sorted(set(centres.tolist())) == [0, 30], np.unique(centres)
     finally:
-        bpy.data.objects.remove(camera)
-        bpy.data.cameras.remove(cam_data)
-        bpy.data.objects.remove(tube)
-        bpy.data.curves.remove(curve)
-        _remove_test_scene(scene, [main])
-        bpy.data.particles.remove(particles)
+        _remove_tube(tube)
+        _remove_render_test_scene(scene, [main], camera, particles)
 
 
 def test_scene_points_leave_out_instances_of_what_is_not_shown_itself_in_renders():
@@ -596,12 +630,9 @@ def test_scene_points_leave_out_instances_of_what_is_not_shown_itself_in_renders
     The scene's points, from either depsgraph, lie on the child's instances (x 10, z 2), the
     Geometry Nodes' quad (x 20) and a plain one (x 30) only; the instanced emitter sits at x 0,
     the parent at x 10 (z 0), the top-level emitter at x 40."""
-    from blender_addon.datagen.render import _render_tiny
-    from blender_addon.datagen.surface_points import during_a_render, rendered_surfaces, sample_surface_points
+    from blender_addon.datagen.surface_points import sample_surface_points
 
-    scene = bpy.data.scenes.new("not_shown_itself")
-    scene.render.engine = "CYCLES"
-    scene.cycles.samples = 1
+    scene = _cycles_scene("not_shown_itself")
     main, kit = bpy.data.collections.new("ns_main"), bpy.data.collections.new("ns_kit")
     scene.collection.children.link(main)  # the kit is in no scene: only its instance renders
     emitter = _quad(0.0, "ns_emitter", kit)
@@ -621,29 +652,12 @@ def test_scene_points_leave_out_instances_of_what_is_not_shown_itself_in_renders
     instancer.instance_type, instancer.instance_collection = "COLLECTION", kit
     main.objects.link(instancer)
 
-    def object_info(tree, geometry):
-        info = tree.nodes.new("GeometryNodeObjectInfo")
-        info.inputs["Object"].default_value = loose
-        info.inputs["As Instance"].default_value = True
-        join = tree.nodes.new("GeometryNodeJoinGeometry")
-        tree.links.new(info.outputs["Geometry"], join.inputs[0])
-        tree.links.new(geometry, join.inputs[0])
-        return join.outputs[0]
-
-    _nodes_modifier(_quad(20.0, "ns_holder", main), "ns_object_info", object_info)
+    _nodes_modifier(_quad(20.0, "ns_holder", main), "ns_object_info", _object_info_of(loose))
     _quad(30.0, "ns_plain", main)
-    cam_data = bpy.data.cameras.new("ns_camera")
-    camera = bpy.data.objects.new("ns_camera", cam_data)
-    main.objects.link(camera)
-    scene.camera = camera
-
-    def read(depsgraph):
-        shown = {(i.object.original.name, i.parent.original.name if i.is_instance else None): i.show_self
-                 for i in depsgraph.object_instances}
-        return shown, rendered_surfaces(scene, depsgraph, 3000, seed=4)[2][0]
+    camera = _add_camera(scene, main, "ns_camera")
 
     try:
-        shown, from_render = during_a_render(scene, lambda: _render_tiny(scene), read)
+        shown, from_render = _read_during_a_render(scene, 3000, 4, _show_self_by_entry)
         assert not shown[(emitter.name, instancer.name)] and not shown[(loose.name, "ns_holder")]  # Blender's answer
         assert not shown.get((parent.name, instancer.name), False)
         for points in (sample_surface_points(scene, 3000, seed=4)[0], from_render):
@@ -651,11 +665,7 @@ def test_scene_points_leave_out_instances_of_what_is_not_shown_itself_in_renders
             assert sorted(set(map(tuple, centres.tolist()))) == [(10, 2), (20, 0), (30, 0)], np.unique(centres, axis=0)
     finally:
         tree = scene.objects["ns_holder"].modifiers[0].node_group
-        bpy.data.objects.remove(camera)
-        bpy.data.cameras.remove(cam_data)
-        _remove_test_scene(scene, [main, kit])
-        bpy.data.node_groups.remove(tree)
-        bpy.data.particles.remove(particles)
+        _remove_render_test_scene(scene, [main, kit], camera, tree, particles)
 
 
 def test_scene_points_take_camera_visibility_and_holdout_of_an_instance_as_cycles_does(tmp_path):
@@ -667,12 +677,9 @@ def test_scene_points_take_camera_visibility_and_holdout_of_an_instance_as_cycle
     marked Holdout (x 0), of a quad whose instancer is hidden from camera rays (x 10), and of a
     quad hidden from camera rays itself (x 20), and a plain quad (x 30). The scene's points,
     from either depsgraph, lie where the render draws: x 0 and 30."""
-    from blender_addon.datagen.render import _render_tiny
-    from blender_addon.datagen.surface_points import during_a_render, rendered_surfaces, sample_surface_points
+    from blender_addon.datagen.surface_points import sample_surface_points
 
-    scene = bpy.data.scenes.new("instance_flags")
-    scene.render.engine = "CYCLES"
-    scene.cycles.samples = 1
+    scene = _cycles_scene("instance_flags")
     scene.render.film_transparent = True
     scene.render.resolution_x = scene.render.resolution_y = 4
     scene.render.image_settings.file_format, scene.render.image_settings.color_mode = "PNG", "RGBA"
@@ -689,12 +696,9 @@ def test_scene_points_take_camera_visibility_and_holdout_of_an_instance_as_cycle
         quad.visible_camera = name != "unseen"
         instancer.visible_camera = name != "instancer_unseen"
     _quad(30.0, "if_plain", main)
-    cam_data = bpy.data.cameras.new("if_camera")
-    cam_data.type, cam_data.ortho_scale = "ORTHO", 0.4  # sees the middle of one quad
-    camera = bpy.data.objects.new("if_camera", cam_data)
+    camera = _add_camera(scene, main, "if_camera")
+    camera.data.type, camera.data.ortho_scale = "ORTHO", 0.4  # sees the middle of one quad
     camera.location.z = 5.0
-    main.objects.link(camera)
-    scene.camera = camera
 
     def drawn(x: float) -> float:
         """Mean alpha of a render of the quad at ``x`` alone."""
@@ -708,15 +712,12 @@ def test_scene_points_take_camera_visibility_and_holdout_of_an_instance_as_cycle
 
     try:
         assert [drawn(x) for x in (0.0, 10.0, 20.0, 30.0)] == [1.0, 0.0, 0.0, 1.0]  # Blender's answer
-        from_render = during_a_render(scene, lambda: _render_tiny(scene),
-                                      lambda depsgraph: rendered_surfaces(scene, depsgraph, 2000, seed=6)[2][0])
+        _, from_render = _read_during_a_render(scene, 2000, 6)
         for points in (sample_surface_points(scene, 2000, seed=6)[0], from_render):
             centres = np.round(points[:, 0] / 10.0).astype(int) * 10
             assert sorted(set(centres.tolist())) == [0, 30], np.unique(centres)
     finally:
-        bpy.data.objects.remove(camera)
-        bpy.data.cameras.remove(cam_data)
-        _remove_test_scene(scene, [main, *kits])
+        _remove_render_test_scene(scene, [main, *kits], camera)
 
 
 def test_scene_points_leave_out_particles_of_a_collection_member_disabled_in_renders():
@@ -726,12 +727,9 @@ def test_scene_points_leave_out_particles_of_a_collection_member_disabled_in_ren
     second only (measured in bpy 5.0.1; the viewport's, which the scene's points are read from
     outside a render, holds both: they were sampled). The scene's points, from either
     depsgraph, lie around x 10 and on a plain quad (x 30) only."""
-    from blender_addon.datagen.render import _render_tiny
-    from blender_addon.datagen.surface_points import during_a_render, rendered_surfaces, sample_surface_points
+    from blender_addon.datagen.surface_points import sample_surface_points
 
-    scene = bpy.data.scenes.new("hidden_member_particles")
-    scene.render.engine = "CYCLES"
-    scene.cycles.samples = 1
+    scene = _cycles_scene("hidden_member_particles")
     main, kit = bpy.data.collections.new("hp_main"), bpy.data.collections.new("hp_kit")
     scene.collection.children.link(main)  # the kit is in no scene: only its instance renders
     source = _quad(50.0, "hp_source", main)
@@ -750,27 +748,21 @@ def test_scene_points_leave_out_particles_of_a_collection_member_disabled_in_ren
     instancer.instance_type, instancer.instance_collection = "COLLECTION", kit
     main.objects.link(instancer)
     _quad(30.0, "hp_plain", main)
-    cam_data = bpy.data.cameras.new("hp_camera")
-    camera = bpy.data.objects.new("hp_camera", cam_data)
-    main.objects.link(camera)
-    scene.camera = camera
+    camera = _add_camera(scene, main, "hp_camera")
 
-    def read(depsgraph):
-        made = [i.matrix_world.translation.x for i in depsgraph.object_instances
-                if i.is_instance and i.object.original == source]
-        return made, rendered_surfaces(scene, depsgraph, 2000, seed=7)[2][0]
+    def source_instance_xs(depsgraph) -> list[float]:
+        """The x of each instance of the particles' source quad."""
+        return [i.matrix_world.translation.x for i in depsgraph.object_instances
+               if i.is_instance and i.object.original == source]
 
     try:
-        made, from_render = during_a_render(scene, lambda: _render_tiny(scene), read)
+        made, from_render = _read_during_a_render(scene, 2000, 7, source_instance_xs)
         assert len(made) == 5 and all(abs(x - 10.0) < 1.0 for x in made), made  # Blender's answer
         for points in (sample_surface_points(scene, 2000, seed=7)[0], from_render):
             centres = np.round(points[:, 0] / 10.0).astype(int) * 10
             assert sorted(set(centres.tolist())) == [10, 30], np.unique(centres)
     finally:
-        bpy.data.objects.remove(camera)
-        bpy.data.cameras.remove(cam_data)
-        _remove_test_scene(scene, [main, kit])
-        bpy.data.particles.remove(particles)
+        _remove_render_test_scene(scene, [main, kit], camera, particles)
 
 
 def test_scene_surfaces_read_each_curve_text_and_metaball_once():
