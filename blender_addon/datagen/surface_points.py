@@ -705,8 +705,9 @@ def sample_triangles(meshes: list[_MeshTris], count: int, seed: int, what: str) 
     geometry_of = np.empty(len(meshes), np.int64)
     for g, ks in enumerate(geometries.values()):
         geometry_of[ks] = g
-    by_geometry = np.argsort(geometry_of[mesh_of], kind="stable")
-    bounds = np.searchsorted(geometry_of[mesh_of][by_geometry], np.arange(len(geometries) + 1))
+    sample_geometry = geometry_of[mesh_of]  # the geometry each sample lies on
+    by_geometry = np.argsort(sample_geometry, kind="stable")
+    bounds = np.searchsorted(sample_geometry[by_geometry], np.arange(len(geometries) + 1))
     points = np.empty((count, 3))
     colors = np.empty((count, 3))
     cache: dict = {}
