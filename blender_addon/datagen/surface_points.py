@@ -354,10 +354,9 @@ def rendered_entries(depsgraph: Any) -> Iterator[tuple[Any, Any]]:
     5.0.1: a render's depsgraph holds such a member's Object Info instance of a quad disabled
     in renders, its parent the collection's instancer, and Cycles draws it)."""
     viewport = depsgraph.mode != "RENDER"
-    # per instancer (as_pointer()), viewport only: the objects it instances that renders leave
-    # out, and the particle systems they emit (read once per such set of objects)
+    # viewport only: per instancer (as_pointer()), the objects it instances that renders leave
+    # out; per such set of objects, the particle systems they emit (read once per set)
     not_rendered: dict[int, frozenset[int]] = {}
-    systems_not_rendered: dict[int, set[int]] = {}
     systems_of: dict[frozenset[int], set[int]] = {}
     for inst in depsgraph.object_instances:
         if not inst.show_self:
@@ -380,11 +379,10 @@ def rendered_entries(depsgraph: Any) -> Iterator[tuple[Any, Any]]:
                 not_rendered[key] = left_out = frozenset(instances_not_rendered(stands_for))
                 if left_out not in systems_of:
                     systems_of[left_out] = _particle_systems(left_out, depsgraph)
-                systems_not_rendered[key] = systems_of[left_out]
             if obj.as_pointer() in not_rendered[key]:
                 continue  # also its Geometry Nodes instances (their original is the object)
             system = inst.particle_system  # particles such an object emits (its Geometry Nodes' are not told apart)
-            if system is not None and system.as_pointer() in systems_not_rendered[key]:
+            if system is not None and system.as_pointer() in systems_of[not_rendered[key]]:
                 continue
         yield inst, stands_for
 
