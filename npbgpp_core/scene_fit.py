@@ -92,8 +92,8 @@ class BundleFit:
             CHECK_TOLERANCE_DB,
             FIT_CHECK_VIEW,
             FIT_FAIR_CHECK,
-            check_tolerance_db,
             check_view_index,
+            coefficients_recipe,
             iter_fit_coefficients,
             padded_fit_views,
         )
@@ -103,15 +103,12 @@ class BundleFit:
         self.steps = check_steps(steps)
         if check_view is None:
             check_view = FIT_CHECK_VIEW
-        if not isinstance(check_view, bool):
-            raise ValueError(f"check_view must be True or False, got {check_view!r}")
         if fair_check is None:
             fair_check = FIT_FAIR_CHECK and check_view
-        if not isinstance(fair_check, bool):
-            raise ValueError(f"fair_check must be True or False, got {fair_check!r}")
-        if fair_check and not check_view:
-            raise ValueError("fair_check is a way of checking the fit on a photo kept apart: it needs check_view")
-        self.check_tolerance = check_tolerance_db(CHECK_TOLERANCE_DB if check_tolerance is None else check_tolerance)
+        if check_tolerance is None:
+            check_tolerance = CHECK_TOLERANCE_DB
+        # the fit's own checks of these three, run now: before the bundle and photos are read
+        coefficients_recipe(check_view=check_view, fair_check=fair_check, check_tolerance=check_tolerance)
         self.bundle_path = os.fspath(bundle_path)
         bundle = NeuralScene.load(self.bundle_path)
         if bundle.kind != "npbgpp":
@@ -150,7 +147,7 @@ class BundleFit:
         options = {} if aligned is None else {"aligned": aligned}  # checked by iter_fit_coefficients
         self.fair_check = fair_check
         self._fit = iter_fit_coefficients(model, aggregated, views, self.steps, check_view=check_view,
-                                          fair_check=fair_check, check_tolerance=self.check_tolerance, **options)
+                                          fair_check=fair_check, check_tolerance=check_tolerance, **options)
         self.done = 0
         self.result: Any = None  # the FitResult once finished
 
