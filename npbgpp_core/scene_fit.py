@@ -141,7 +141,6 @@ class BundleFit:
         views = padded_fit_views([data.load_image(i) for i in ids], [data.views[i].camera for i in ids])
         self.views = len(ids)
         self.view_names = [data.views[i].name for i in ids]
-        self.check_view = check_view
         self.checked = check_view and check_view_index(len(ids)) is not None
         self.total = self.steps + (2 if self.checked else 0)
         options = {} if aligned is None else {"aligned": aligned}  # checked by iter_fit_coefficients
