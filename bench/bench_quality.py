@@ -130,8 +130,8 @@ FIT_KNOBS = (
 
 
 def fit_options(args: argparse.Namespace) -> dict[str, Any]:
-    """fit_coefficients keywords of the FIT_KNOBS flags that were given (without
-    ``--check-view``: the users' default, see :func:`users_check_view`)."""
+    """fit_coefficients keywords of the FIT_KNOBS flags that were given (``--check-view`` and
+    ``--fair-check`` too, but only when given: :func:`fit_keywords` adds the users' defaults)."""
     names = [flag[2:].replace("-", "_") for flag, _, _ in FIT_KNOBS]
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
