@@ -632,6 +632,7 @@ def test_scene_points_leave_out_instances_of_what_is_not_shown_itself_in_renders
     the parent at x 10 (z 0), the top-level emitter at x 40."""
     from blender_addon.datagen.surface_points import sample_surface_points
 
+    settings_before = set(bpy.data.particles)  # a new particle system makes settings of its own
     scene = _cycles_scene("not_shown_itself")
     main, kit = bpy.data.collections.new("ns_main"), bpy.data.collections.new("ns_kit")
     scene.collection.children.link(main)  # the kit is in no scene: only its instance renders
@@ -640,9 +641,10 @@ def test_scene_points_leave_out_instances_of_what_is_not_shown_itself_in_renders
     for obj in (emitter, loose):
         obj.modifiers.new("ns_particles", "PARTICLE_SYSTEM")
         obj.show_instancer_for_viewport, obj.show_instancer_for_render = True, False
-    particles = emitter.particle_systems[0].settings
+    particles, replaced = emitter.particle_systems[0].settings, loose.particle_systems[0].settings
     particles.render_type = "NONE"
     loose.particle_systems[0].settings = particles
+    bpy.data.particles.remove(replaced)  # the loose emitter's own settings, no longer used
     parent = _quad(10.0, "ns_parent", kit)
     parent.instance_type = "VERTS"
     parent.show_instancer_for_viewport, parent.show_instancer_for_render = True, False
@@ -666,6 +668,7 @@ def test_scene_points_leave_out_instances_of_what_is_not_shown_itself_in_renders
     finally:
         tree = scene.objects["ns_holder"].modifiers[0].node_group
         _remove_render_test_scene(scene, [main, kit], camera, tree, particles)
+    assert set(bpy.data.particles) == settings_before  # none left behind
 
 
 def test_scene_points_take_camera_visibility_and_holdout_of_an_instance_as_cycles_does(tmp_path):
@@ -729,6 +732,7 @@ def test_scene_points_leave_out_particles_of_a_collection_member_disabled_in_ren
     depsgraph, lie around x 10 and on a plain quad (x 30) only."""
     from blender_addon.datagen.surface_points import sample_surface_points
 
+    settings_before = set(bpy.data.particles)  # a new particle system makes settings of its own
     scene = _cycles_scene("hidden_member_particles")
     main, kit = bpy.data.collections.new("hp_main"), bpy.data.collections.new("hp_kit")
     scene.collection.children.link(main)  # the kit is in no scene: only its instance renders
@@ -741,7 +745,9 @@ def test_scene_points_leave_out_particles_of_a_collection_member_disabled_in_ren
     particles = hidden.particle_systems[0].settings
     particles.type, particles.count, particles.render_type = "HAIR", 5, "OBJECT"
     particles.instance_object, particles.particle_size = source, 0.5
+    replaced = shown.particle_systems[0].settings
     shown.particle_systems[0].settings = particles
+    bpy.data.particles.remove(replaced)  # the shown emitter's own settings, no longer used
     for emitter in (hidden, shown):
         emitter.show_instancer_for_viewport = emitter.show_instancer_for_render = False  # their particles only
     instancer = bpy.data.objects.new("hp_instancer", None)
@@ -763,6 +769,7 @@ def test_scene_points_leave_out_particles_of_a_collection_member_disabled_in_ren
             assert sorted(set(centres.tolist())) == [10, 30], np.unique(centres)
     finally:
         _remove_render_test_scene(scene, [main, kit], camera, particles)
+    assert set(bpy.data.particles) == settings_before  # none left behind
 
 
 def test_scene_surfaces_read_each_curve_text_and_metaball_once():
