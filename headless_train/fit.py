@@ -4,7 +4,7 @@ the short per-scene fit of an aggregated NPBG++ bundle to its dataset's training
 Blender or Python code. Every output check runs before the fit; the bundle is written
 atomically. ``--check-view`` keeps one training photo apart and writes the unfitted scene
 if the fit scores more than :data:`~npbgpp_core.fitting.CHECK_TOLERANCE_DB` lower on it; the
-last line on stderr says what was kept."""
+last line on stderr says what was kept; ``--check-tolerance DB`` sets that allowance."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ class FitError(RuntimeError):
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
+    from npbgpp_core.fitting import CHECK_TOLERANCE_DB
     from npbgpp_core.scene_fit import DEFAULT_STEPS
 
     p = argparse.ArgumentParser(prog="python -m headless_train fit", description=__doc__)
@@ -33,8 +34,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, ...")
     p.add_argument("--check-view", action=argparse.BooleanOptionalAction, default=None,
                    help="keep the middle training photo apart, fit on the others and write the unfitted scene "
-                   "if the fit scores more than 0.5 dB lower on it (needs 3 photos or more; default: "
-                   "npbgpp_core.fitting.FIT_CHECK_VIEW)")
+                   "if the fit scores more than --check-tolerance dB lower on it (needs 3 photos or more; "
+                   "default: npbgpp_core.fitting.FIT_CHECK_VIEW)")
+    p.add_argument("--check-tolerance", type=float, default=None, metavar="DB",
+                   help="how many dB the fit may score below the unfitted scene on the photo --check-view keeps "
+                   f"apart and still be kept: a finite number >= 0, 0 drops any loss (default {CHECK_TOLERANCE_DB})")
     return p.parse_args(argv)
 
 
@@ -45,9 +49,16 @@ def fit(args: argparse.Namespace) -> str:
     from npbgpp_core.atomic import check_output_file, check_output_suffix, same_file
     from npbgpp_core.datasets import load_scene
     from npbgpp_core.datasets.scene_data import scene_input_at
+    from npbgpp_core.fitting import FIT_CHECK_VIEW, check_tolerance_db
     from npbgpp_core.scene_fit import BundleFit, check_steps
 
     check_steps(args.steps)
+    if args.check_tolerance is not None:
+        # refused now, before the scene is read (BundleFit checks it again, with the same function)
+        check_tolerance_db(args.check_tolerance)
+        if not (FIT_CHECK_VIEW if args.check_view is None else args.check_view):
+            raise FitError("--check-tolerance is what the fit may lose on the photo --check-view keeps apart; with "
+                           "--no-check-view no photo is kept apart: drop one of the two")
     check_output_suffix(args.out, ".npbgpp")
     if os.path.exists(args.out) and same_file(args.out, args.bundle):
         raise FitError(f"--out {args.out} is the --bundle it fits; write the fitted bundle to another file")
@@ -62,7 +73,8 @@ def fit(args: argparse.Namespace) -> str:
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    job = BundleFit(args.bundle, scene, args.steps, args.weights, "", device, check_view=args.check_view)
+    job = BundleFit(args.bundle, scene, args.steps, args.weights, "", device, check_view=args.check_view,
+                    check_tolerance=args.check_tolerance)
     # a checked fit counts its two scoring renders as steps; the line names one while it runs
     # (BundleFit.doing: a full-size photo's render can take as long as many fitting steps)
     width = 0

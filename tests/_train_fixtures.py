@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -85,3 +86,15 @@ def assert_same_gradients(
             torch.testing.assert_close(a, b, atol=1e-5, rtol=rtol)
             nonzero += int(a.abs().sum() > 0)
     assert nonzero > n_params // 2
+
+
+def kept_photo_scores(before: float, after: float) -> Callable[..., float]:
+    """A stand-in for ``npbgpp_core.fitting.view_psnr`` in a checked fit: it scores the kept
+    photo ``before`` dB unfitted (its first call) and ``after`` dB fitted, so the fit's loss
+    there is known exactly whatever the fit did."""
+    calls: list[int] = []
+
+    def fake(*_args: object) -> float:
+        calls.append(1)
+        return before if len(calls) == 1 else after
+    return fake

@@ -13,7 +13,7 @@ import re
 
 import pytest
 import torch
-from _train_fixtures import make_tiny_scene
+from _train_fixtures import kept_photo_scores, make_tiny_scene
 
 from npbgpp_core import fitting
 from npbgpp_core import protocol as P
@@ -483,16 +483,6 @@ def test_a_fair_check_s_first_step_says_it_aggregates_without_the_kept_photo(fou
     assert job.doing == ""
 
 
-def scored(before: float, after: float):
-    """A stand-in for view_psnr scoring the kept photo ``before`` dB unfitted, ``after`` fitted."""
-    calls: list[int] = []
-
-    def fake(*_args):
-        calls.append(1)
-        return before if len(calls) == 1 else after
-    return fake
-
-
 @pytest.mark.parametrize(("after", "tolerance", "kept"), [
     (19.75, 0.5, "fitted"),     # 0.25 dB below: within the tolerance
     (19.5, 0.5, "fitted"),      # exactly the tolerance below (exact in binary): kept
@@ -508,7 +498,7 @@ def test_the_tolerance_decides_a_losing_fit(four_views, monkeypatch, after, tole
     folder, bundle = four_views
     data, scene, model, ids = _fitting_setup(folder, bundle)
     views = padded_fit_views([data.load_image(i) for i in ids], [data.views[i].camera for i in ids])
-    monkeypatch.setattr(fitting, "view_psnr", scored(20.0, after))
+    monkeypatch.setattr(fitting, "view_psnr", kept_photo_scores(20.0, after))
     with torch.no_grad():
         source = scene.renderer("cpu").render(data.views[ids[0]].camera)
     result = run_fit(iter_fit_coefficients(model, scene.aggregated_scene(), views, 3, crop=16,
@@ -524,19 +514,19 @@ def test_a_fit_kept_within_the_tolerance_says_so(four_views, monkeypatch):
     """The default tolerance (CHECK_TOLERANCE_DB) keeps a fit 0.07 dB below the unfitted scene
     and the line says it lost, and by how much it could have."""
     folder, bundle = four_views
-    monkeypatch.setattr(fitting, "view_psnr", scored(20.91, 20.84))
+    monkeypatch.setattr(fitting, "view_psnr", kept_photo_scores(20.91, 20.84))
     job = BundleFit(bundle, load_scene(folder), steps=2, check_view=True)
     while not job.step():
         pass
     name = job.check()["name"]
     assert job.check()["kept"] == "fitted" and job.fitted_scene().kind == "coefficients"
     assert job.outcome() == f"kept the fit: -0.07 dB (within the 0.50 dB the check allows) on held-apart photo {name}"
-    monkeypatch.setattr(fitting, "view_psnr", scored(20.0, 20.5))
+    monkeypatch.setattr(fitting, "view_psnr", kept_photo_scores(20.0, 20.5))
     job = BundleFit(bundle, load_scene(folder), steps=1, check_view=True, check_tolerance=1)
     while not job.step():
         pass
     assert job.outcome() == f"kept the fit: +0.50 dB on held-apart photo {name}"  # a gain needs no allowance
-    monkeypatch.setattr(fitting, "view_psnr", scored(20.0, 19.0))
+    monkeypatch.setattr(fitting, "view_psnr", kept_photo_scores(20.0, 19.0))
     job = BundleFit(bundle, load_scene(folder), steps=1, check_view=True, check_tolerance=0)
     while not job.step():
         pass
@@ -547,7 +537,7 @@ def test_a_non_finite_fitted_score_loses_whatever_the_tolerance(four_views, monk
     folder, bundle = four_views
     data, scene, model, ids = _fitting_setup(folder, bundle)
     views = padded_fit_views([data.load_image(i) for i in ids], [data.views[i].camera for i in ids])
-    monkeypatch.setattr(fitting, "view_psnr", scored(20.0, math.nan))
+    monkeypatch.setattr(fitting, "view_psnr", kept_photo_scores(20.0, math.nan))
     result = run_fit(iter_fit_coefficients(model, scene.aggregated_scene(), views, 1, crop=16, check_view=True,
                                            check_tolerance=100.0))
     assert result.check.kept == "unfitted"

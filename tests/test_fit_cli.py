@@ -10,7 +10,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _train_fixtures import make_tiny_scene  # noqa: E402
+from _train_fixtures import kept_photo_scores, make_tiny_scene  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +137,74 @@ def test_fit_command_check_view_prints_and_records_what_it_kept(scene_and_bundle
     err = capsys.readouterr().err
     assert "the fit was not checked on a photo kept apart" in err and "fitted 3 views, 2 steps in " in err
     assert "step 1/2" in err and "scoring" not in err
+
+
+@pytest.mark.parametrize(("unfitted", "fitted", "tolerance", "kept"), [
+    (20.0, 19.0, None, "unfitted"),    # 1 dB lost: more than the default 0.5 dB
+    (20.0, 19.0, "0.75", "unfitted"),  # more than 0.75 dB
+    (20.0, 19.0, "1", "fitted"),       # exactly the tolerance (exact in binary): kept
+    (20.0, 19.0, "1.25", "fitted"),
+    (20.0, 19.75, None, "fitted"),     # 0.25 dB lost: within the default
+    (20.0, 19.75, "0", "unfitted"),    # no tolerance: any loss drops the fit
+])
+def test_fit_command_check_tolerance_decides_and_is_recorded(scene_and_bundle, tmp_path, monkeypatch, capsys,
+                                                            unfitted, fitted, tolerance, kept):
+    """--check-tolerance DB: a fit whose kept-photo scores are set here (its loss there known
+    exactly) is kept or dropped on either side of the tolerance; the bundle written is the fit or
+    the source bundle, its metadata record the tolerance, the last line names it."""
+    from headless_train.fit import main
+    from npbgpp_core import fitting
+    from npbgpp_core.scene import NeuralScene
+
+    folder, bundle = scene_and_bundle
+    monkeypatch.setattr(fitting, "view_psnr", kept_photo_scores(unfitted, fitted))
+    out = str(tmp_path / "fitted.npbgpp")
+    flag = [] if tolerance is None else ["--check-tolerance", tolerance]
+    capsys.readouterr()
+    assert main(["--bundle", bundle, "--scene", folder, "--out", out, "--steps", "1", "--device", "cpu",
+                 *flag]) == 0
+    saved = NeuralScene.load(out)
+    allowed = fitting.CHECK_TOLERANCE_DB if tolerance is None else float(tolerance)
+    check = saved.metadata["fit"]["check"]
+    assert check["kept"] == kept and check["tolerance_db"] == allowed
+    assert (check["psnr_unfitted"], check["psnr_fitted"]) == (unfitted, fitted)
+    assert (saved.kind == "npbgpp") == (kept == "unfitted")
+    if kept == "unfitted":
+        assert torch.equal(saved.features, NeuralScene.load(bundle).features)
+    last = capsys.readouterr().err.splitlines()[-1]
+    if allowed:
+        assert f"the {allowed:.2f} dB the check allows" in last
+    assert last.startswith("kept the fit: -" if kept == "fitted" else "kept the unfitted scene: ")
+
+
+def test_fit_command_refuses_a_bad_check_tolerance_before_fitting(scene_and_bundle, tmp_path, monkeypatch, capsys):
+    """A negative or non-finite --check-tolerance is refused with the library's own message, and
+    a tolerance with --no-check-view (no photo is kept apart to apply it to) in one line; exit 2,
+    before the fit, nothing written. --help shows the default."""
+    from headless_train import fit as fit_cli
+    from npbgpp_core import scene_fit
+    from npbgpp_core.fitting import CHECK_TOLERANCE_DB, check_tolerance_db
+
+    folder, bundle = scene_and_bundle
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("the fit started before the refusal")
+
+    monkeypatch.setattr(scene_fit, "BundleFit", no_fit)
+    out = str(tmp_path / "fitted.npbgpp")
+    run = ["--bundle", bundle, "--scene", folder, "--out", out, "--steps", "2"]
+    for value in ("-0.1", "nan", "inf", "-inf"):
+        with pytest.raises(ValueError) as core:
+            check_tolerance_db(float(value))
+        assert fit_cli.main([*run, f"--check-tolerance={value}"]) == 2
+        assert capsys.readouterr().err == f"error: {core.value}\n"
+    assert fit_cli.main([*run, "--no-check-view", "--check-tolerance", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --check-tolerance") and "--no-check-view" in err and err.count("\n") == 1
+    with pytest.raises(SystemExit) as bad:
+        fit_cli.main([*run, "--check-tolerance", "half"])
+    assert bad.value.code == 2 and "--check-tolerance: invalid float value: 'half'" in capsys.readouterr().err
+    assert not os.path.exists(out) and os.listdir(tmp_path) == []
+    with pytest.raises(SystemExit):
+        fit_cli.parse_args(["--help"])
+    assert f"(default {CHECK_TOLERANCE_DB})" in " ".join(capsys.readouterr().out.split())
