@@ -11,8 +11,11 @@ inputs), that writes new weights and their card back.
 - The training child never outlives the stage (:func:`run_child`): SIGTERM, SIGINT or SIGHUP
   to the stage reaches it as one SIGTERM; the stage waits for last.ckpt, exports and records
   the call (``stopped_by``) and exits 128 + the signal; one that comes after training is held
-  until the export and the record are written (:func:`held_stop_signals`). A stage killed outright (SIGKILL)
-  stops its child through :mod:`headless_train.lifeline` (the child still writes last.ckpt);
+  until the export and the record are written (:func:`held_stop_signals`); if the child had
+  failed (an exit code other than a stop's), the stage exits 2 as without the signal, and its
+  error line names the signal (the failure is the call's outcome; the stop changed nothing).
+  A stage killed outright (SIGKILL) stops its child through :mod:`headless_train.lifeline` (the
+  child still writes last.ckpt);
   the next call records those steps as ``unrecorded_steps``. The child also stops by itself
   after ``--minutes`` plus a margin (``trainer.max_minutes``).
 - The corpus may mix layouts: every scene folder is read in the format detected from its
@@ -719,11 +722,15 @@ def run_stage(args: argparse.Namespace) -> dict[str, Any]:
         info["weights"] = out
         calls.append(info)
         atomic_write_bytes(history, json.dumps(calls, indent=2).encode("utf-8"))
-    if late and "stopped_by" not in info:  # asked to stop after training: the call is whole, the exit says so
-        info["stopped_by"] = signal.Signals(late[0]).name
+    held = signal.Signals(late[0]).name if late and stopped_by is None else None  # asked to stop after training
     if not finished and stopped_by is None:
-        raise StageError(f"training exited with code {rc} at step {end_step} (recorded in {history}); see "
+        # the failure outranks a stop that came after it: the stop changed nothing, and its exit
+        # (128 + the signal: "run again to continue") would hide a failure the next call likely repeats
+        note = f"; {held} came after training and was held until the call was recorded" if held else ""
+        raise StageError(f"training exited with code {rc} at step {end_step} (recorded in {history}{note}); see "
                          f"{log_path}{log_tail(log_path)}")
+    if held:  # the call is whole, the exit says it was asked to stop
+        info["stopped_by"] = held
     return info
 
 

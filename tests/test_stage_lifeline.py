@@ -372,6 +372,43 @@ def test_sigterm_while_exporting_still_exports_and_records_the_call(corpus, tmp_
     assert read_weights(os.path.join(work, "npbgpp_sphere_stage.safetensors"), "npbgpp").card["stage"]["end_step"] == 1
 
 
+# as _SIGTERM_IN_EXPORT, with a child that trained its step and then failed (exit code 1, as
+# a trainer that crashed after writing last.ckpt): the real child runs, its code is replaced
+_FAILED_CHILD_THEN_SIGTERM_IN_EXPORT = _SIGTERM_IN_EXPORT.replace("""
+sys.exit(main""", """
+import headless_train.stage as stage
+real_child = stage.run_child
+def failed_child(*args, **kwargs):
+    rc, timed_out, stopped_by = real_child(*args, **kwargs)
+    assert (rc, stopped_by) == (0, None), (rc, stopped_by)
+    return 1, timed_out, stopped_by
+stage.run_child = failed_child
+sys.exit(main""")
+
+
+def test_a_failed_child_exits_2_even_when_a_stop_signal_came_after_training(corpus, tmp_path):
+    """The child trained a step and failed (exit code 1); SIGTERM came while the stage exported.
+    The call is still exported and recorded whole (held signal), and the stage exits 2, the
+    training's failure, not 143: the stop changed nothing (training had ended), and 143 says
+    "stopped, run again to continue", hiding a failure the next call would likely repeat. The
+    error line names the child's code and the signal."""
+    assert "failed_child" in _FAILED_CHILD_THEN_SIGTERM_IN_EXPORT  # the replacement above took
+    work = str(tmp_path / "stage")
+    proc = subprocess.run([sys.executable, "-c", _FAILED_CHILD_THEN_SIGTERM_IN_EXPORT, "--corpus", corpus, "--work",
+                           work, "--dry-run", "--dry-steps", "1"], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=BOUND_S, preexec_fn=default_signals)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    error = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1 and error[0].startswith("error: training exited with code 1 at step 1"), proc.stderr[-3000:]
+    assert "SIGTERM came after training" in error[0] and "stage stopped by" not in proc.stderr
+    calls = json.load(open(os.path.join(work, "stage.json")))
+    assert [(c["start_step"], c["end_step"], c["exit_code"]) for c in calls] == [(0, 1, 1)]
+    assert "stopped_by" not in calls[0]
+    from npbgpp_core.pretrained import read_weights
+
+    assert read_weights(os.path.join(work, "npbgpp_sphere_stage.safetensors"), "npbgpp").card["stage"]["end_step"] == 1
+
+
 def test_max_minutes_stops_training_and_writes_last_ckpt(corpus, tmp_path):
     """The child's own backstop: an endless run with trainer.max_minutes ends by itself
     (exit 0) and leaves a last.ckpt a resume can use."""
