@@ -841,6 +841,11 @@ NO_POINTS = "no points"
 # A child of an object instancing it at its vertices or faces: renders show it only there.
 INSTANCED_BY_PARENT = ("renders show it only where its parent {parent!r} instances it (Instancing: Vertices / "
                        "Faces): select that to sample those")
+# A child of such a parent whose particles or Geometry Nodes make instances: those take the place of its
+# children's (measured in bpy 5.0.1: a render's depsgraph holds no instance of the child, nor the child).
+NOT_INSTANCED_BY_PARENT = ("renders show it nowhere: its parent {parent!r} (Instancing: Vertices / Faces) hides it "
+                           "at its own place and instances its particles' or Geometry Nodes' instances instead of "
+                           "its children")
 # Such a child disabled in renders: renders instance it nowhere (measured in bpy 5.0.1: a render's depsgraph
 # holds none of its parent's instances of it).
 HIDDEN_INSTANCED_BY_PARENT = ("disabled in renders, and its parent {parent!r} instances it (Instancing: Vertices / "
@@ -1016,6 +1021,7 @@ class NPBGPP_OT_points_from_meshes(bpy.types.Operator):
             INSTANCES_CHILDREN,
             POINT_TYPES,
             collection_members,
+            instances_its_children,
             not_shown_itself_in_renders,
             rendered_parts,
             sample_triangles,
@@ -1063,6 +1069,8 @@ class NPBGPP_OT_points_from_meshes(bpy.types.Operator):
                     if obj.parent is not None and obj.parent.instance_type in INSTANCES_CHILDREN:
                         if obj.hide_render:
                             reason = HIDDEN_INSTANCED_BY_PARENT.format(parent=obj.parent.name)
+                        elif not instances_its_children(obj.parent, depsgraph):
+                            reason = NOT_INSTANCED_BY_PARENT.format(parent=obj.parent.name)
                         elif obj.parent.as_pointer() in chosen_at:
                             continue  # sampled where renders show it: as its selected parent's instances
                         else:

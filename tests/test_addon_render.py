@@ -3140,6 +3140,70 @@ def test_points_from_meshes_simulated_parent_instances_no_child_disabled_in_rend
     assert (pts[:, 2] > 1.0).any() and (np.abs(pts[:, 2]) < 1e-5).any()  # on the shown ball's and the plane
 
 
+@pytest.mark.parametrize("instances", ["particles", "nodes", "none"])
+def test_points_from_meshes_names_a_child_its_parent_instances_nowhere(scene, instances, capfd):
+    """A plane instancing its child ball at its 4 vertices (Instancing: Vertices) whose own
+    ``instances`` take their place: hair rendering a cube, or Geometry Nodes putting an Ico
+    Sphere on its points ("none": Geometry Nodes passing its mesh through, the control).
+    Blender's own answer, the depsgraph of a render: it holds the ball nowhere, neither at its
+    own place nor as the plane's instances (the 4 of them in the control). The ball selected
+    alone is named as shown nowhere (it was told to select the plane, whose points have no
+    ball), in the control as shown where the plane instances it; selected with the plane, it is
+    named as shown nowhere (it was left out silently) and no point lies on it."""
+    from blender_addon.datagen.render import _render_tiny
+    from blender_addon.datagen.surface_points import during_a_render
+
+    sc = scene["scene"]
+    bpy.ops.mesh.primitive_cube_add(size=0.2, location=(0.0, 0.0, -50.0))
+    cube = bpy.context.active_object
+    bpy.ops.mesh.primitive_plane_add(size=4.0)
+    grid = bpy.context.active_object
+    grid.name, grid.instance_type = "Grid", "VERTS"
+    if instances == "particles":
+        grid.modifiers.new("Cubes", "PARTICLE_SYSTEM")
+        settings = grid.particle_systems[0].settings
+        settings.type, settings.count, settings.hair_length = "HAIR", 3, 1.0
+        settings.render_type, settings.instance_object = "OBJECT", cube
+    else:
+        tree = bpy.data.node_groups.new("Spheres", "GeometryNodeTree")
+        tree.interface.new_socket("Geometry", in_out="INPUT", socket_type="NodeSocketGeometry")
+        tree.interface.new_socket("Geometry", in_out="OUTPUT", socket_type="NodeSocketGeometry")
+        given, out = tree.nodes.new("NodeGroupInput"), tree.nodes.new("NodeGroupOutput")
+        if instances == "nodes":
+            put, sphere = tree.nodes.new("GeometryNodeInstanceOnPoints"), tree.nodes.new("GeometryNodeMeshIcoSphere")
+            tree.links.new(given.outputs[0], put.inputs["Points"])
+            tree.links.new(sphere.outputs[0], put.inputs["Instance"])
+            tree.links.new(put.outputs[0], out.inputs[0])
+        else:
+            tree.links.new(given.outputs[0], out.inputs[0])
+        grid.modifiers.new("Spheres", "NODES").node_group = tree
+    bpy.ops.mesh.primitive_ico_sphere_add(subdivisions=1, radius=0.3)
+    ball = bpy.context.active_object
+    ball.name, ball.parent, ball.location = "Ball", grid, (0.0, 0.0, 2.0)
+    engine, sc.render.engine = sc.render.engine, "CYCLES"
+    try:
+        rendered = during_a_render(sc, lambda: _render_tiny(sc), lambda dg: [
+            i.object.original.name for i in dg.object_instances if i.object.original == ball])
+    finally:
+        sc.render.engine = engine
+    assert rendered == ([] if instances != "none" else ["Ball"] * 4)  # all 4 the plane's instances
+    for o in sc.objects:
+        o.select_set(o == ball)
+    nowhere = "renders show it nowhere: its parent 'Grid' (Instancing: Vertices / Faces) hides it at its own place"
+    where = "renders show it only where its parent 'Grid' instances it"
+    with pytest.raises(RuntimeError, match=re.escape(f"Ball ({where if instances == 'none' else nowhere}")):
+        bpy.ops.npbgpp.points_from_meshes(count=10)
+    if instances == "none":
+        return
+    for o in sc.objects:
+        o.select_set(o in (grid, ball))
+    capfd.readouterr()
+    assert bpy.ops.npbgpp.points_from_meshes(count=300, seed=1) == {"FINISHED"}
+    assert f"skipped: Ball ({nowhere}" in capfd.readouterr().out
+    pts, _ = _sampled_points(sc)
+    assert pts[:, 2].max() < 2.0 - 0.3, pts[:, 2].max()  # none on the ball (at z 2, radius 0.3)
+
+
 @pytest.mark.parametrize("simulated", [None, "Grid", "Ball"])
 def test_points_from_meshes_parent_and_its_selected_child_sample_each_instance_once(scene, simulated, capfd):
     """A plane instancing its child ball at its 4 vertices, both selected; the ball grows from

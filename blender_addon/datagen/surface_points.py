@@ -300,6 +300,37 @@ def shown_only_where_instanced(obj: Any) -> bool:
     return parent is not None and parent.instance_type in INSTANCES_CHILDREN and obj.type != "META"
 
 
+def instances_its_children(obj: Any, depsgraph: Any) -> bool:
+    """Whether renders show ``obj``'s children where it instances them at its vertices or faces
+    (:data:`INSTANCES_CHILDREN`). An instancer makes one kind of instances, the first it has of:
+    its Geometry Nodes' (instances, or geometry of another type than its own, which Blender
+    gives as instances), its particles' (a particle system shown in renders rendering an
+    object or a collection it names), its children at its vertices or faces; its children are
+    hidden at their own place all the same (:func:`shown_only_where_instanced`). Measured in
+    bpy 5.0.1, a render's depsgraph: a parent whose hair renders an object or a collection,
+    or whose Geometry Nodes instance an Ico Sphere on its points or make it points, instances
+    its child nowhere; with particles rendering None or an object unset, its particle
+    modifier off in renders, or Geometry Nodes passing its mesh through, it instances its
+    child. Its particles are read at their render settings (a viewport showing them as Path
+    instances the children: measured); its Geometry Nodes as ``depsgraph`` evaluates them
+    (their instances are its entries' that no particle system made and that are not of its
+    children)."""
+    if obj.instance_type not in INSTANCES_CHILDREN:
+        return False
+    for modifier in obj.modifiers:
+        if modifier.type == "PARTICLE_SYSTEM" and modifier.show_render:
+            settings = modifier.particle_system.settings
+            if settings is not None and (settings.render_type == "OBJECT" and settings.instance_object is not None
+                                         or settings.render_type == "COLLECTION"
+                                         and settings.instance_collection is not None):
+                return False
+    for inst in depsgraph.object_instances:
+        if (inst.is_instance and inst.parent is not None and inst.parent.original == obj
+                and inst.particle_system is None and inst.object.original.parent != obj):
+            return False
+    return True
+
+
 def not_shown_itself_in_renders(obj: Any) -> bool:
     """Whether renders leave out ``obj``'s own geometry and show only what it instances: a
     particle emitter with Show Emitter off, or an instancer by vertices or faces with Show
