@@ -96,6 +96,17 @@ def on_off_arg(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
 
 
+def check_recipes_arg(text: str) -> tuple[str, ...]:
+    """``--check-recipes crops,whole``: the recipes a checked fit chooses between on its kept photo
+    (fit_coefficients' check_recipes; names from npbgpp_core.fitting.CHECK_RECIPES)."""
+    from npbgpp_core.fitting import check_recipe_names
+
+    try:
+        return check_recipe_names(tuple(n.strip() for n in text.split(",") if n.strip()))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 # coefficients_ft knobs: flag, type, help; each maps to fit_coefficients' keyword of the
 # same name (dashes -> underscores); unset ones keep the library defaults.
 FIT_KNOBS = (
@@ -126,6 +137,9 @@ FIT_KNOBS = (
      "that unfitted and fits from it (default: npbgpp_core.fitting.FIT_FAIR_CHECK with a checked fit); it "
      "aggregates the photos the fit sees, so with --fit-max-side at that size, not at --max-side as the "
      "no-fitting column"),
+    ("--check-recipes", check_recipes_arg, "comma-separated recipes a checked fit fits and chooses between on its "
+     "kept photo (crops: the --crop/--steps/--crops-per-step recipe; whole: 50 steps of one whole view); "
+     "every candidate's kept-photo and held-out PSNR are recorded (default: one recipe, no choice)"),
 )
 
 
@@ -379,8 +393,10 @@ def evaluate_scene(folder: str, args: argparse.Namespace, weights: dict[str, str
         else:
             views = padded_fit_views(in_images, in_cams)
     if "coefficients_ft" in args.methods:
+        keywords = fit_keywords(args)
+        choosing = bool(keywords.get("check_recipes"))
         fit = fit_coefficients(model, agg, views, steps=args.steps, crop=args.crop, seed=args.fit_seed,
-                               **fit_keywords(args))
+                               keep_candidates=choosing, **keywords)
         if fit.check is not None and fit.check.kept == "unfitted":
             # what a user then has: the source bundle itself (scene_fit.BundleFit saves it), NPBG++'s render
             preds = [model.render(agg, c) for c in test_cams]
@@ -390,6 +406,10 @@ def evaluate_scene(folder: str, args: argparse.Namespace, weights: dict[str, str
         if fit.check is not None:
             m["coefficients_ft"]["check"] = {**fit.check.as_dict(), "view_id": None if fit.check.view is None
                                              else inputs[fit.check.view]}
+            # every candidate recipe's held-out scores, the ones not chosen too (last: it reloads the model)
+            for cand in m["coefficients_ft"]["check"].get("candidates", []):
+                fit.model.load_state_dict(fit.candidate_states[cand["recipe"]])
+                cand["held_out"] = scores([fit.model.render(agg.points, c) for c in test_cams])
     if "npbg" in args.methods:
         refiner = load_pretrained_npbg_refiner(weights["npbg_refiner"])
         fit = fit_npbg(points, views, refiner.state, steps=args.steps, crop=args.crop, config=refiner.config,

@@ -74,6 +74,16 @@ FIT_CHECK_VIEW = True
 # on a separate set (BENCHMARKS.md "A tolerance for the check").
 CHECK_TOLERANCE_DB = 0.5
 
+# The recipes a checked fit can choose between on its kept-apart photo (fit_coefficients'
+# check_recipes): "crops" is the call's own crop, steps and crops_per_step; "whole" is
+# WHOLE_VIEW_STEPS steps of one whole input view each (crop=None, crops_per_step=1), the recipe that
+# beat the crops on some captures and lost on others (BENCHMARKS.md "Whole-view steps at the
+# photos' own size", "Fits for captures with few photos").
+CHECK_RECIPES = ("crops", "whole")
+
+# Steps of the "whole" candidate recipe of a choosing check (CHECK_RECIPES).
+WHOLE_VIEW_STEPS = 50
+
 # The fewest input views a checked fit keeps one apart from: with fewer, the fit would lose a
 # third or more of its photos to the check, so it fits on all of them unchecked (and says so).
 CHECK_VIEW_MIN_VIEWS = 3
@@ -117,6 +127,22 @@ class FitViews:
 
 
 @dataclass
+class FitCandidate:
+    """One recipe of a choosing check (``check_recipes``): its name (:data:`CHECK_RECIPES`), the
+    kept-apart photo's PSNR in dB after its fit, its steps and fitting seconds."""
+
+    recipe: str
+    psnr_fitted: float
+    steps: int
+    seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready (PSNR rounded to 0.001 dB; not finite as None)."""
+        db = round(self.psnr_fitted, 3) if math.isfinite(self.psnr_fitted) else None
+        return {"recipe": self.recipe, "psnr_fitted": db, "steps": self.steps, "seconds": round(self.seconds, 3)}
+
+
+@dataclass
 class FitCheck:
     """The outcome of a checked fit (``check_view``): ``view`` is the index, among the
     views given, of the one kept apart (None when the check could not apply: ``skipped``
@@ -126,7 +152,9 @@ class FitCheck:
     not finite, so the result is the unfitted model; a loss of ``tolerance`` or less, or an
     unfitted score of NaN, keeps the fit).
     ``aggregated_without``: a fair check (``fair_check``): both scores and the fit came from
-    an aggregation without the kept view, which took ``aggregate_seconds``."""
+    an aggregation without the kept view, which took ``aggregate_seconds``.
+    ``candidates``: a choosing check (``check_recipes``): every recipe fitted, in order, with its
+    score on the kept view; ``recipe`` the one chosen (the best score; ``psnr_fitted`` is its)."""
 
     view: int | None
     psnr_unfitted: float | None = None
@@ -136,6 +164,8 @@ class FitCheck:
     aggregated_without: bool = False
     aggregate_seconds: float = 0.0
     tolerance: float = 0.0
+    recipe: str = ""
+    candidates: list[FitCandidate] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready (PSNRs rounded to 0.001 dB; +inf, an exact match, as None)."""
@@ -150,18 +180,23 @@ class FitCheck:
                        tolerance_db=self.tolerance)
         if self.aggregated_without:
             out.update(aggregated_without=True, aggregate_s=round(self.aggregate_seconds, 3))
+        if self.candidates:
+            out.update(recipe=self.recipe, candidates=[c.as_dict() for c in self.candidates])
         return out
 
 
 @dataclass
 class FitResult:
     """The fitted model, the loss of every step and the wall time; ``check`` the
-    :class:`FitCheck` of a fit with ``check_view`` (None without)."""
+    :class:`FitCheck` of a fit with ``check_view`` (None without). ``candidate_states``: with
+    ``keep_candidates``, each fitted candidate recipe's model state (CPU), by recipe name, so
+    that a benchmark can score the recipes the check did not choose."""
 
     model: NPBG
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
     check: FitCheck | None = None
+    candidate_states: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def steps(self) -> int:
@@ -508,18 +543,57 @@ def views_without(views: FitViews, k: int) -> FitViews:
                     None if views.masks is None else views.masks[keep])
 
 
+# One recipe a checked fit runs: its name ("" for a plain check, else one of CHECK_RECIPES),
+# steps, crop and FitRecipe.
+Candidate = tuple[str, int, int | None, FitRecipe]
+
+
+def candidate_recipes(names: Sequence[str], steps: int, crop: int | None,
+                      recipe: FitRecipe) -> list[Candidate]:
+    """The recipes a choosing check fits (:data:`CHECK_RECIPES`): "crops" the call's own
+    ``steps``, ``crop`` and ``recipe``; "whole" :data:`WHOLE_VIEW_STEPS` steps of one whole
+    view (``crop=None``, ``crops_per_step=1``), the rest of ``recipe`` as it is. No names: the
+    call's own recipe alone (a plain check)."""
+    if not names:
+        return [("", steps, crop, recipe)]
+    out: list[Candidate] = []
+    for name in names:
+        if name == "crops":
+            out.append((name, steps, crop, recipe))
+        else:
+            out.append((name, WHOLE_VIEW_STEPS, None, dataclasses.replace(recipe, crops_per_step=1)))
+    return out
+
+
+def check_recipe_names(names: object) -> tuple[str, ...]:
+    """``names`` as a choosing check's recipes (:data:`CHECK_RECIPES`); raises ValueError for
+    anything but a sequence of distinct known names (a string is not one)."""
+    if isinstance(names, str) or not isinstance(names, (list, tuple)):
+        raise ValueError(f"check_recipes must be a list of names from {CHECK_RECIPES}, got {names!r}")
+    unknown = [n for n in names if n not in CHECK_RECIPES]
+    if unknown:
+        raise ValueError(f"check_recipes: unknown recipe(s) {unknown}; choose from {CHECK_RECIPES}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"check_recipes names a recipe twice: {list(names)}")
+    return tuple(names)
+
+
 def _checked_steps(
-    model: NPBG, points: torch.Tensor, views: FitViews, steps: int, crop: int | None, loss_fn: LossFn,
-    recipe: FitRecipe, seed: int, device: torch.device, tolerance: float,
+    model: NPBG, points: torch.Tensor, views: FitViews, candidates: list[Candidate], loss_fn: LossFn,
+    seed: int, device: torch.device, tolerance: float, keep_candidates: bool = False,
 ) -> Generator[int, None, FitResult]:
     """:func:`_fit_steps` with one view kept apart (:func:`check_view_index`): its PSNR is
-    scored before step 1 and after the last step, and if the fitted model scores more than
-    ``tolerance`` dB below the unfitted one the result's model is put back to the unfitted state. Yields units of work:
-    the two scoring renders count one each (``steps + 2`` in all). Below
-    :data:`CHECK_VIEW_MIN_VIEWS` views it is :func:`_fit_steps` on every view, its result's
-    check saying it was skipped."""
+    scored before step 1 and after each candidate recipe's fit (each from the unfitted state,
+    same seed); the best-scoring candidate is kept (the first on a tie), and if it scores more than
+    ``tolerance`` dB below the unfitted model the result's model is put back to the unfitted
+    state. Yields units of work: each candidate's steps, plus one for the first scoring render and
+    one for the last candidate's (``steps + 2`` for a single recipe; the other candidates'
+    renders are not counted). Below :data:`CHECK_VIEW_MIN_VIEWS` views it is :func:`_fit_steps`
+    of the first candidate on every view, its result's check saying it was skipped.
+    ``keep_candidates``: the result holds each candidate's fitted state (CPU)."""
     k = check_view_index(len(views.cameras))
     if k is None:
+        _, steps, crop, recipe = candidates[0]
         result = yield from _fit_steps(model, points, views, steps, crop, loss_fn, recipe, seed, device)
         result.check = FitCheck(None, skipped=f"{len(views.cameras)} input views, fewer than the "
                                               f"{CHECK_VIEW_MIN_VIEWS} a check needs")
@@ -531,19 +605,49 @@ def _checked_steps(
     before = view_psnr(model, points, views, k)
     scoring = time.perf_counter() - start
     yield 1
-    fit = _fit_steps(model, points, views_without(views, k), steps, crop, loss_fn, recipe, seed, device)
-    try:
-        while True:
-            try:
-                done = next(fit)
-            except StopIteration as end:
-                result: FitResult = end.value
-                break
-            yield done + 1
-    finally:
-        fit.close()  # a caller that stops early: restores the refiner's frozen flags
-    start = time.perf_counter()
-    after = view_psnr(model, points, views, k)
+    rest = views_without(views, k)
+    done_units = 1
+    fitting = 0.0
+    scored: list[FitCandidate] = []
+    best: tuple[int, FitResult] | None = None  # index into scored, that candidate's result
+    best_state: dict[str, torch.Tensor] | None = None
+    states: dict[str, dict[str, torch.Tensor]] = {}
+    for i, (name, steps, crop, recipe) in enumerate(candidates):
+        if i > 0:
+            model.load_state_dict(unfitted)  # every candidate starts from the unfitted scene
+        fit = _fit_steps(model, points, rest, steps, crop, loss_fn, recipe, seed, device)
+        try:
+            while True:
+                try:
+                    done = next(fit)
+                except StopIteration as end:
+                    result: FitResult = end.value
+                    break
+                yield done_units + done
+        finally:
+            fit.close()  # a caller that stops early: restores the refiner's frozen flags
+        done_units += steps
+        fitting += result.seconds
+        start = time.perf_counter()
+        after = view_psnr(model, points, views, k)
+        scoring += time.perf_counter() - start
+        scored.append(FitCandidate(name, after, result.steps, result.seconds))
+        if keep_candidates:
+            states[name] = {n: v.detach().to("cpu", copy=True) for n, v in model.state_dict().items()}
+        # a NaN score never wins; ties keep the earlier candidate
+        if best is None or (after > scored[best[0]].psnr_fitted) or (
+                math.isnan(scored[best[0]].psnr_fitted) and not math.isnan(after)):
+            best = (i, result)
+            if i < len(candidates) - 1:  # a later candidate refits the model: keep this state
+                best_state = states.get(name) or {n: v.detach().to("cpu", copy=True)
+                                                  for n, v in model.state_dict().items()}
+            else:
+                best_state = None  # the model holds it
+    assert best is not None
+    chosen, result = best
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    after = scored[chosen].psnr_fitted
     # a loss of up to `tolerance` keeps the fit (the kept photo built the unfitted scene, which
     # starts ahead there); a fitted render that is not finite (NaN) loses; an unfitted one
     # that could not be scored (NaN: no valid pixel) cannot judge, so the fit is kept
@@ -551,10 +655,14 @@ def _checked_steps(
     kept = "unfitted" if lost or (math.isnan(after) and not math.isnan(before)) else "fitted"
     if kept == "unfitted":
         model.load_state_dict(unfitted)
-    scoring += time.perf_counter() - start
-    result.seconds += scoring
+    result.model = model
+    result.seconds = fitting + scoring
     result.check = FitCheck(k, before, after, kept, tolerance=tolerance)
-    yield steps + 2
+    if candidates[0][0]:  # a choosing check: say what each recipe scored and which was chosen
+        result.check.recipe = scored[chosen].recipe
+        result.check.candidates = scored
+    result.candidate_states = states
+    yield done_units + 1
     return result
 
 
@@ -662,6 +770,7 @@ def coefficients_recipe(
     check_view: bool = False,
     fair_check: bool = False,
     check_tolerance: float = CHECK_TOLERANCE_DB,
+    check_recipes: Sequence[str] = (),
 ) -> FitRecipe:
     """The :class:`FitRecipe` of :func:`fit_coefficients` for its keywords (same names and
     defaults); raises ValueError naming a bad value. The loss weights (:data:`LOSS_WEIGHTS`),
@@ -679,6 +788,8 @@ def coefficients_recipe(
     if fair_check and not check_view:
         raise ValueError("fair_check is a way of checking the fit on a view kept apart: it needs check_view=True")
     check_tolerance_db(check_tolerance)
+    if check_recipe_names(check_recipes) and not check_view:
+        raise ValueError("check_recipes chooses a recipe on a view kept apart: it needs check_view=True")
     return FitRecipe(lr_coefficients, lr_refiner, lr_background, train_refiner, crops_per_step, warmup_steps,
                      schedule, coefficient_decay, coefficient_optimizer, average_from, coarse_fraction, coarse_side)
 
@@ -713,6 +824,8 @@ def fit_coefficients(
     check_view: bool = False,
     fair_check: bool = False,
     check_tolerance: float = CHECK_TOLERANCE_DB,
+    check_recipes: Sequence[str] = (),
+    keep_candidates: bool = False,
 ) -> FitResult:
     """coefficients_ft: fine-tune ``aggregated``'s coefficients and a copy of ``model``'s
     refiner on ``views`` for ``steps`` steps; ``model`` itself is not changed. The result's
@@ -845,7 +958,7 @@ def _coefficients_steps(
     coefficient_decay: float, coefficient_optimizer: str, gradient_weight: float, average_from: float,
     laplacian_weight: float, perceptual_weight: float, fft_weight: float, background_rows: int | None,
     aligned: bool, coarse_fraction: float, coarse_side: int, check_view: bool, fair_check: bool,
-    check_tolerance: float,
+    check_tolerance: float, check_recipes: Sequence[str], keep_candidates: bool,
 ) -> Generator[int, None, FitResult]:
     """The model, loss and recipe of :func:`fit_coefficients` (every argument checked
     here, before a step runs) and its fitting loop, not started yet."""
@@ -858,8 +971,11 @@ def _coefficients_steps(
     recipe = coefficients_recipe(lr_coefficients, lr_refiner, lr_background, train_refiner, crops_per_step,
                                  warmup_steps, schedule, coefficient_decay, coefficient_optimizer, gradient_weight,
                                  average_from, laplacian_weight, perceptual_weight, fft_weight, background_rows,
-                                 aligned, coarse_fraction, coarse_side, check_view, fair_check, check_tolerance)
+                                 aligned, coarse_fraction, coarse_side, check_view, fair_check, check_tolerance,
+                                 check_recipes)
     tolerance = check_tolerance_db(check_tolerance)
+    if not isinstance(keep_candidates, bool):
+        raise ValueError(f"keep_candidates must be True or False, got {keep_candidates!r}")
     if loss_fn is None:
         perceptual = None
         if perceptual_weight > 0:  # ValueError for an encoder no file was read into
@@ -871,12 +987,13 @@ def _coefficients_steps(
     def start_model(scene: AggregatedScene) -> NPBG:
         return coefficients_model(model, scene, background_rows, aligned)
 
+    candidates = candidate_recipes(check_recipe_names(check_recipes), steps, crop, recipe)
     if check_view and fair_check:
-        return _fair_checked_steps(model, aggregated, start_model, points, views, steps, crop, loss_fn, recipe, seed,
-                                   device, tolerance)
+        return _fair_checked_steps(model, aggregated, start_model, points, views, candidates, loss_fn, seed,
+                                   device, tolerance, keep_candidates)
     if check_view:
-        return _checked_steps(start_model(aggregated), points, views, steps, crop, loss_fn, recipe, seed, device,
-                              tolerance)
+        return _checked_steps(start_model(aggregated), points, views, candidates, loss_fn, seed, device,
+                              tolerance, keep_candidates)
     return _fit_steps(start_model(aggregated), points, views, steps, crop, loss_fn, recipe, seed, device)
 
 
@@ -922,8 +1039,8 @@ def aggregation_without(model: NPBGPlusPlus, points: torch.Tensor, views: FitVie
 
 def _fair_checked_steps(
     model: NPBGPlusPlus, aggregated: AggregatedScene, start_model: Callable[[AggregatedScene], NPBG],
-    points: torch.Tensor, views: FitViews, steps: int, crop: int | None, loss_fn: LossFn, recipe: FitRecipe,
-    seed: int, device: torch.device, tolerance: float,
+    points: torch.Tensor, views: FitViews, candidates: list[Candidate], loss_fn: LossFn,
+    seed: int, device: torch.device, tolerance: float, keep_candidates: bool = False,
 ) -> Generator[int, None, FitResult]:
     """:func:`_checked_steps` on the scene aggregated without the kept view
     (:func:`aggregation_without`); when the fit loses there, the result's model is the
@@ -931,13 +1048,13 @@ def _fair_checked_steps(
     Below :data:`CHECK_VIEW_MIN_VIEWS` views: the unchecked fit of ``aggregated``."""
     k = check_view_index(len(views.cameras))
     if k is None:
-        return (yield from _checked_steps(start_model(aggregated), points, views, steps, crop, loss_fn, recipe,
-                                          seed, device, tolerance))
+        return (yield from _checked_steps(start_model(aggregated), points, views, candidates, loss_fn, seed, device,
+                                          tolerance, keep_candidates))
     start = time.perf_counter()
     without = aggregation_without(model, points, views, k)
     aggregate_seconds = time.perf_counter() - start
-    result = yield from _checked_steps(start_model(without), points, views, steps, crop, loss_fn, recipe, seed,
-                                       device, tolerance)
+    result = yield from _checked_steps(start_model(without), points, views, candidates, loss_fn, seed, device,
+                                       tolerance, keep_candidates)
     check = result.check  # set by _checked_steps, on view k
     if check is not None and check.kept == "unfitted":
         result.model = start_model(aggregated).eval()
