@@ -933,7 +933,21 @@ def fit_coefficients(
     re-aggregation's seconds count in the first scoring unit and in ``seconds`` (256 px, 9 real
     captures: 0.3-0.9 s at 6 input views, up to 8.7 s for 111 photos). Measured not better than
     the plain check: at 6 views mean 17.61 vs 17.72 dB, one capture below no fitting (BENCHMARKS.md
-    "A fair check: the kept photo left out of the aggregation too")."""
+    "A fair check: the kept photo left out of the aggregation too").
+
+    ``check_recipes`` (with ``check_view``; empty by default: the call's own recipe alone): a
+    choosing check. Each named recipe (:data:`CHECK_RECIPES`: "crops", the call's own ``steps``,
+    ``crop`` and ``crops_per_step``; "whole", :data:`WHOLE_VIEW_STEPS` steps of one whole view,
+    ``crop=None``, ``crops_per_step=1``; the other knobs as given) is fitted in turn from the
+    unfitted scene with the same ``seed`` on the views less the kept one and scored there; the
+    best score is kept (the earlier recipe on a tie, NaN never), then checked against the
+    unfitted scene with ``check_tolerance`` as above. Comparing the candidates with each other is
+    fair (both start from the same aggregation); the lean above applies to fit-vs-unfitted only.
+    The check's ``candidates`` give every recipe's score, steps and seconds, ``recipe`` the chosen
+    one; the result's ``losses`` are the chosen recipe's, ``seconds`` all the fits' and scorings'.
+    The step-by-step generator counts every candidate's steps (``sum + 2``).
+    ``keep_candidates`` (for benchmarks): the result's ``candidate_states`` hold each recipe's
+    fitted state (CPU), to score the ones not chosen."""
     return run_fit(_coefficients_steps(**locals()))
 
 

@@ -272,3 +272,34 @@ def test_fair_check_flag_scores_the_full_scene_when_the_fit_loses_and_needs_the_
     assert fit["psnr_views"] == plain["psnr_views"]
     with pytest.raises(QualityError, match="fair_check .* needs check_view"):
         check_fit_options(parse_args(["--scenes", folder, "--check-view", "off", "--fair-check", "on"]))
+
+
+def test_check_recipes_flag_records_every_candidates_held_out_scores(tmp_path, monkeypatch, capsys):
+    """--check-recipes crops,whole: a loss that inverts the 16^2 crop targets makes the crop recipe
+    lose, so the whole-view one is chosen; every candidate records its kept-photo score and its
+    held-out scores, the chosen one's equal to the fit's column, the other's its own fit's (lower
+    here); a bad name or a recipe without the check is refused."""
+    from bench.bench_quality import QualityError, check_fit_options
+    from npbgpp_core import fitting
+
+    def inverted_crops(*_a, **_k):
+        return lambda p, t, m: (p - (1 - t if t.shape[-2] == 16 else t)).abs().mean()
+
+    folder = make_tiny_scene(str(tmp_path / "s"), views=6, size=32, splits=(4, 1, 1))
+    monkeypatch.setattr(fitting, "coefficients_ft_loss", inverted_crops)
+    args = parse_args(["--scenes", folder, "--methods", "npbgpp,coefficients_ft", "--max-side", "32",
+                       "--steps", "20", "--crop", "16", "--check-view", "on", "--check-recipes", "crops, whole"])
+    check_fit_options(args)
+    fit = evaluate_scene(folder, args, {})["methods"]["coefficients_ft"]
+    check = fit["check"]
+    crops, whole = check["candidates"]
+    assert (crops["recipe"], whole["recipe"], check["recipe"]) == ("crops", "whole", "whole")
+    assert (crops["steps"], whole["steps"]) == (20, 50) and fit["steps"] == 50
+    assert check["kept"] == "fitted" and check["psnr_fitted"] == whole["psnr_fitted"] > crops["psnr_fitted"]
+    assert whole["held_out"]["psnr_views"] == fit["psnr_views"]
+    assert crops["held_out"]["psnr"] < whole["held_out"]["psnr"]
+    with pytest.raises(SystemExit):
+        parse_args(["--scenes", folder, "--check-recipes", "crops,tiles"])
+    assert "unknown recipe(s) ['tiles']" in capsys.readouterr().err
+    with pytest.raises(QualityError, match="check_recipes .* needs check_view=True"):
+        check_fit_options(parse_args(["--scenes", folder, "--check-view", "off", "--check-recipes", "whole"]))

@@ -1,0 +1,164 @@
+"""The choosing check (``fit_coefficients(check_view=True, check_recipes=...)``): every candidate
+recipe is fitted on the photos less the kept one, scored on the kept one, and the best one kept.
+Each candidate's score and the chosen model are checked against direct fits of that recipe
+alone on the same photos (no check), scored here by ``view_psnr`` of those direct fits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _train_fixtures import make_tiny_scene
+from test_fit_check import aggregate
+
+from npbgpp_core.datasets import load_scene
+from npbgpp_core.fitting import (
+    WHOLE_VIEW_STEPS,
+    check_view_index,
+    fit_coefficients,
+    iter_fit_coefficients,
+    padded_fit_views,
+    view_psnr,
+    views_without,
+)
+from npbgpp_core.scene import NeuralScene
+from npbgpp_core.scene_fit import BundleFit, fitting_model
+
+SIZE = 32
+CROP = 16
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny cut-out scene with 4 training views (the check keeps index 2): its fitting
+    model, aggregated scene and the padded training views."""
+    root = tmp_path_factory.mktemp("choose")
+    folder = make_tiny_scene(str(root / "scene"), views=5, size=SIZE, n_points=200, splits=(4, 0, 1))
+    bundle = str(root / "agg.npbgpp")
+    aggregate(folder, bundle)
+    data = load_scene(folder)
+    scene = NeuralScene.load(bundle)
+    model = fitting_model(scene, bundle, BundleFit(bundle, data, steps=1).weights)
+    ids = list(data.train)
+    views = padded_fit_views([data.load_image(i) for i in ids], [data.views[i].camera for i in ids])
+    return model, scene.aggregated_scene(), views
+
+
+def inverted_at(side: int):
+    """An L1 loss that fits targets ``side`` pixels high to the inverted photo (a fit that
+    must lose on any photo) and other targets to the photo itself: it makes one recipe lose,
+    the crop recipe (CROP^2 targets) or the whole-view one (SIZE^2)."""
+    def loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        goal = 1 - target if target.shape[-2] == side else target
+        return (pred - goal).abs().mean()
+    return loss
+
+
+def direct_fit(setup, loss, **recipe):
+    """The recipe fitted alone, unchecked, on the views less the kept one; its model and the
+    kept view's PSNR."""
+    model, aggregated, views = setup
+    k = check_view_index(len(views.cameras))
+    fit = fit_coefficients(model, aggregated, views_without(views, k), loss_fn=loss, **recipe)
+    return fit.model, view_psnr(fit.model, aggregated.points, views, k)
+
+
+CROPS = {"steps": 30, "crop": CROP, "crops_per_step": 2}
+WHOLE = {"steps": WHOLE_VIEW_STEPS, "crop": None, "crops_per_step": 1}
+
+
+@pytest.mark.parametrize(("losing_side", "winner"), [(CROP, "whole"), (SIZE, "crops")])
+def test_the_recipe_that_scores_best_on_the_kept_photo_is_kept(setup, losing_side, winner):
+    """The recipe whose fit is driven to lose scores lower on the kept photo, so the other one
+    is chosen: the result is, bit for bit, the direct fit of the winning recipe, and each
+    candidate's score is that of its direct fit."""
+    model, aggregated, views = setup
+    loss = inverted_at(losing_side)
+    result = fit_coefficients(model, aggregated, views, check_view=True, check_recipes=("crops", "whole"),
+                              loss_fn=loss, **CROPS)
+    direct = {"crops": direct_fit(setup, loss, **CROPS), "whole": direct_fit(setup, loss, **WHOLE)}
+    check = result.check
+    assert [c.recipe for c in check.candidates] == ["crops", "whole"]
+    for cand in check.candidates:
+        assert cand.psnr_fitted == pytest.approx(direct[cand.recipe][1], abs=1e-9)
+    loser = "crops" if winner == "whole" else "whole"
+    assert direct[winner][1] > direct[loser][1]
+    assert check.recipe == winner and check.psnr_fitted == direct[winner][1]
+    assert check.kept == "fitted" and check.psnr_fitted >= check.psnr_unfitted - check.tolerance
+    assert [c.steps for c in check.candidates] == [30, WHOLE_VIEW_STEPS]
+    assert result.steps == (30 if winner == "crops" else WHOLE_VIEW_STEPS)
+    fitted, reference = result.model.state_dict(), direct[winner][0].state_dict()
+    assert set(fitted) == set(reference)
+    for name, value in reference.items():
+        assert torch.equal(fitted[name], value), name
+    as_dict = check.as_dict()
+    assert as_dict["recipe"] == winner and [c["recipe"] for c in as_dict["candidates"]] == ["crops", "whole"]
+
+
+def test_a_plain_check_equals_a_choice_of_one_recipe(setup):
+    """check_recipes=("crops",) fits the call's own recipe alone: the same model, bit for bit, as
+    the plain check, which records no candidates."""
+    model, aggregated, views = setup
+    loss = inverted_at(-1)  # never inverted: the plain L1
+    plain = fit_coefficients(model, aggregated, views, check_view=True, loss_fn=loss, **CROPS)
+    one = fit_coefficients(model, aggregated, views, check_view=True, check_recipes=("crops",), loss_fn=loss,
+                           **CROPS)
+    assert plain.check.candidates == [] and plain.check.recipe == "" and "candidates" not in plain.check.as_dict()
+    assert one.check.recipe == "crops" and one.check.psnr_fitted == plain.check.psnr_fitted
+    for name, value in plain.model.state_dict().items():
+        assert torch.equal(one.model.state_dict()[name], value), name
+
+
+def test_the_best_candidate_is_still_dropped_when_it_loses_to_the_unfitted_scene(setup):
+    """Both recipes driven to lose: the better of them is compared with the unfitted scene and
+    dropped, the result renders as the unfitted model."""
+    model, aggregated, views = setup
+    loss = inverted_at(-1)
+
+    def inverted(pred, target, mask):
+        return (pred - (1 - target)).abs().mean()
+
+    result = fit_coefficients(model, aggregated, views, check_view=True, check_recipes=("crops", "whole"),
+                              loss_fn=inverted, **CROPS)
+    unfitted = fit_coefficients(model, aggregated, views, steps=0, loss_fn=loss)
+    check = result.check
+    assert check.kept == "unfitted"
+    assert check.psnr_fitted == max(c.psnr_fitted for c in check.candidates) < check.psnr_unfitted - 0.5
+    for name, value in unfitted.model.state_dict().items():
+        assert torch.equal(result.model.state_dict()[name], value), name
+
+
+def test_progress_counts_every_candidates_steps_and_kept_states_are_each_recipes_fit(setup):
+    """The step-by-step generator yields 1, each step of every candidate in turn, then the last
+    scoring: 1 + 30 + 50 + 1 units; keep_candidates returns each recipe's fitted state, equal to
+    its direct fit."""
+    model, aggregated, views = setup
+    loss = inverted_at(CROP)
+    fit = iter_fit_coefficients(model, aggregated, views, check_view=True, check_recipes=["crops", "whole"],
+                                keep_candidates=True, loss_fn=loss, **CROPS)
+    seen = []
+    while True:
+        try:
+            seen.append(next(fit))
+        except StopIteration as end:
+            result = end.value
+            break
+    assert seen == list(range(1, 30 + WHOLE_VIEW_STEPS + 3))
+    for name, recipe in (("crops", CROPS), ("whole", WHOLE)):
+        reference = direct_fit(setup, loss, **recipe)[0].state_dict()
+        for key, value in reference.items():
+            assert torch.equal(result.candidate_states[name][key], value), (name, key)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"check_recipes": ("crops", "whole")}, "check_recipes chooses a recipe on a view kept apart: it needs "
+                                            "check_view=True"),
+    ({"check_view": True, "check_recipes": ("crops", "tiles")}, r"unknown recipe\(s\) \['tiles'\]"),
+    ({"check_view": True, "check_recipes": ("whole", "whole")}, "names a recipe twice"),
+    ({"check_view": True, "check_recipes": "crops"}, "must be a list of names"),
+    ({"check_view": True, "keep_candidates": "yes"}, "keep_candidates must be True or False"),
+])
+def test_bad_choices_are_refused_before_a_step(setup, options, message):
+    model, aggregated, views = setup
+    with pytest.raises(ValueError, match=message):
+        fit_coefficients(model, aggregated, views, steps=1, **options)
+
