@@ -838,6 +838,8 @@ def metaball_family(name: str) -> str:
 NO_FACES = ("no faces to sample: a curve with no Bevel or Extrude, or a mesh of vertices or edges only (Object > "
             "Convert > Point Cloud makes its vertices points)")
 NO_POINTS = "no points"
+# A metaball (its family, when sampled with it) polygonized to nothing: e.g. negative elements only.
+NO_METABALL_SURFACE = "no surface: its metaball elements enclose none (negative elements only, or too small)"
 # A child of an object instancing it at its vertices or faces: renders show it only there.
 INSTANCED_BY_PARENT = ("renders show it only where its parent {parent!r} instances it (Instancing: Vertices / "
                        "Faces): select that to sample those")
@@ -1018,13 +1020,13 @@ class NPBGPP_OT_points_from_meshes(bpy.types.Operator):
     def execute(self, context: Any) -> set[str]:
         from .datagen.surface_points import (
             GEOMETRY_TYPES,
-            INSTANCES_CHILDREN,
             POINT_TYPES,
             collection_members,
             instances_its_children,
             not_shown_itself_in_renders,
             rendered_parts,
             sample_triangles,
+            shown_only_where_instanced,
         )
 
         # curves, texts, surfaces and metaballs too: Blender evaluates them to a mesh; an empty
@@ -1066,7 +1068,12 @@ class NPBGPP_OT_points_from_meshes(bpy.types.Operator):
                     if area > 0 or pts or (obj.type == "META" and metaball_family(obj.name) in families):
                         continue
                     # e.g. a curve with no Bevel or Extrude: sampled nothing, so named with the skipped
-                    if obj.parent is not None and obj.parent.instance_type in INSTANCES_CHILDREN:
+                    # a child its parent instances at its vertices or faces; a metaball child is not one: its
+                    # family's surface holds it at its own place and where its parent instances it, its copy's
+                    # too (the copy keeps its parent; measured in bpy 5.0.1: a render's depsgraph holds no
+                    # instance of it, and its one mesh a ball there and at each vertex), so one that sampled
+                    # nothing has no surface anywhere
+                    if shown_only_where_instanced(obj):
                         if obj.hide_render:
                             reason = HIDDEN_INSTANCED_BY_PARENT.format(parent=obj.parent.name)
                         elif not instances_its_children(obj.parent, depsgraph):
@@ -1083,6 +1090,8 @@ class NPBGPP_OT_points_from_meshes(bpy.types.Operator):
                         reason = EMPTY_COLLECTION
                     elif obj.type in POINT_TYPES:
                         reason = NO_POINTS
+                    elif obj.type == "META":
+                        reason = NO_METABALL_SURFACE
                     else:
                         reason = NO_FACES
                     skipped.append((obj.name, reason))

@@ -3204,6 +3204,63 @@ def test_points_from_meshes_names_a_child_its_parent_instances_nowhere(scene, in
     assert pts[:, 2].max() < 2.0 - 0.3, pts[:, 2].max()  # none on the ball (at z 2, radius 0.3)
 
 
+def test_points_from_meshes_samples_a_metaball_child_of_an_instancing_parent_where_renders_show_it(scene):
+    """Two metaball children of a plane instancing its children at its 4 vertices (Instancing:
+    Vertices): a ball of radius 0.5 standing at (0, 0, 2) and, 3 higher, one of a negative
+    element only. Blender's own answer, the depsgraph of a render: no instance of either, the
+    first's one mesh (the entry at its own place) holds a ball at each of the plane's 4
+    vertices (z 2) and one at its own place (metaballs are polygonized by family, the
+    parent's instances of its members included, and a metaball child is not hidden at its own
+    place); the second has no mesh. The first selected alone: every point lies on one of those
+    5 balls and each gets points (its copy keeps its parent); the second alone is named as
+    having no surface, not told to select the plane (which has no instance of it to sample)."""
+    from blender_addon.datagen.render import _render_tiny
+    from blender_addon.datagen.surface_points import during_a_render
+
+    sc = scene["scene"]
+    bpy.ops.mesh.primitive_plane_add(size=4.0)
+    grid = bpy.context.active_object
+    grid.name, grid.instance_type = "Grid", "VERTS"
+    centres = np.array([(x, y, 2.0) for x in (-2.0, 2.0) for y in (-2.0, 2.0)] + [(0.0, 0.0, 2.0)])
+    balls = []
+    for name, up, negative in (("Ball", 2.0, False), ("Hollow", 5.0, True)):
+        data = bpy.data.metaballs.new(name)
+        element = data.elements.new()
+        element.radius, element.use_negative = 0.5, negative
+        balls.append(bpy.data.objects.new(name, data))
+        sc.collection.objects.link(balls[-1])
+        balls[-1].parent, balls[-1].location = grid, (0.0, 0.0, up)
+
+    def meshes(depsgraph) -> list:
+        """(name, is an instance, world vertices of its mesh or None) of each entry of the balls."""
+        return [(i.object.original.name, i.is_instance and i.parent.original == grid,
+                 np.array([(i.matrix_world @ v.co)[:] for v in i.object.data.vertices])
+                 if i.object.type == "MESH" else None)
+                for i in depsgraph.object_instances if i.object.original in balls]
+
+    engine, sc.render.engine = sc.render.engine, "CYCLES"
+    try:
+        rendered = during_a_render(sc, lambda: _render_tiny(sc), meshes)
+    finally:
+        sc.render.engine = engine
+    assert sorted((name, by_grid, verts is not None) for name, by_grid, verts in rendered) == [
+        ("Ball", False, False), ("Ball", False, True), ("Hollow", False, False)]
+    verts = next(v for name, _, v in rendered if name == "Ball" and v is not None)
+    to_centre = np.linalg.norm(verts[:, None] - centres[None], axis=2)
+    assert to_centre.min(axis=1).max() < 0.5 + 1e-3 and (to_centre < 0.5 + 1e-3).any(axis=0).all()
+    for o in sc.objects:
+        o.select_set(o == balls[0])
+    assert bpy.ops.npbgpp.points_from_meshes(count=400, seed=1) == {"FINISHED"}
+    pts, _ = _sampled_points(sc)
+    to_centre = np.linalg.norm(pts[:, None] - centres[None], axis=2)
+    assert to_centre.min(axis=1).max() < 0.5 + 1e-3, to_centre.min(axis=1).max()
+    assert (to_centre < 0.5 + 1e-3).any(axis=0).all(), (to_centre < 0.5 + 1e-3).sum(axis=0)
+    for o in sc.objects:
+        o.select_set(o == balls[1])
+    with pytest.raises(RuntimeError, match=re.escape("Hollow (no surface: its metaball elements enclose none")):
+        bpy.ops.npbgpp.points_from_meshes(count=10)
+
+
 @pytest.mark.parametrize("simulated", [None, "Grid", "Ball"])
 def test_points_from_meshes_parent_and_its_selected_child_sample_each_instance_once(scene, simulated, capfd):
     """A plane instancing its child ball at its 4 vertices, both selected; the ball grows from

@@ -294,8 +294,11 @@ INSTANCES_CHILDREN = ("VERTS", "FACES")
 def shown_only_where_instanced(obj: Any) -> bool:
     """Whether renders show the original ``obj`` only where its parent instances it at its
     vertices or faces (:data:`INSTANCES_CHILDREN`), not at its own place, where a viewport's
-    depsgraph holds it too; metaballs have rules of their own (their family's basis). A rule
-    of :func:`rendered_entries`."""
+    depsgraph holds it too. Not a metaball: its family's one mesh holds it at its own place and
+    where its parent instances it, no instance of it standing apart (measured in bpy 5.0.1, a
+    render's depsgraph: a ball child of a plane instancing at its 4 vertices is a mesh of 5
+    balls). A rule of :func:`rendered_entries` and of Points from Selected Meshes' skip
+    reasons."""
     parent = obj.parent
     return parent is not None and parent.instance_type in INSTANCES_CHILDREN and obj.type != "META"
 
