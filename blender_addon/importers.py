@@ -908,21 +908,12 @@ def unselected_family_members(meshes: list, scene: Any) -> list[tuple[list[str],
     return out
 
 
-def has_node(tree: Any, kinds: set[str], seen: set | None = None) -> bool:
+def has_node(tree: Any, kinds: set[str]) -> bool:
     """Whether the node tree ``tree``, or a node group it uses (at any depth), has an unmuted
-    node whose ``bl_idname`` is one of ``kinds``."""
-    seen = set() if seen is None else seen
-    if tree is None or tree.as_pointer() in seen:
-        return False
-    seen.add(tree.as_pointer())
-    for node in tree.nodes:
-        if node.mute:
-            continue
-        if node.bl_idname in kinds:
-            return True
-        if getattr(node, "node_tree", None) is not None and has_node(node.node_tree, kinds, seen):
-            return True
-    return False
+    node whose ``bl_idname`` is one of ``kinds`` (``datagen.surface_points.unmuted_nodes``)."""
+    from .datagen.surface_points import unmuted_nodes
+
+    return any(node.bl_idname in kinds for node in unmuted_nodes(tree))
 
 
 def has_is_viewport_node(tree: Any) -> bool:

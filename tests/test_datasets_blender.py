@@ -581,6 +581,65 @@ def test_scene_points_follow_the_render_depsgraph_where_the_samplings_disagreed(
         _remove_render_test_scene(scene, [main, kit], camera, tree, particles)
 
 
+@pytest.mark.parametrize("muted", ["node", "group"])
+def test_scene_points_take_an_object_a_muted_collection_info_names(muted):
+    """A quad (x 0) whose Geometry Nodes instance a quad disabled in renders (Object Info, x 10)
+    and a collection holding it (Collection Info put on the quad's points), the Collection Info
+    node muted (``muted`` "node") or the group node holding it ("group"). Blender's own answer,
+    the depsgraph of a render: it holds the Object Info instance and no instance of the
+    collection (measured in bpy 5.0.1: a muted node instances nothing). The scene's points, from
+    either depsgraph, lie on the quad, the instance and a plain quad (x 30): the instance was
+    left out of the viewport's, its object counted as a render-disabled member of the muted
+    node's collection."""
+    from blender_addon.datagen.surface_points import sample_surface_points
+
+    scene = _cycles_scene(f"muted_{muted}")
+    main, kit = bpy.data.collections.new("mc_main"), bpy.data.collections.new("mc_kit")
+    scene.collection.children.link(main)  # the kit is in no scene: nothing but the nodes could show it
+    hidden = _quad(10.0, "mc_hidden", kit)
+    hidden.hide_render = True
+    group = bpy.data.node_groups.new("mc_collection", "GeometryNodeTree")
+    group.interface.new_socket("Geometry", in_out="INPUT", socket_type="NodeSocketGeometry")
+    group.interface.new_socket("Geometry", in_out="OUTPUT", socket_type="NodeSocketGeometry")
+    given, info = group.nodes.new("NodeGroupInput"), group.nodes.new("GeometryNodeCollectionInfo")
+    info.inputs["Collection"].default_value = kit
+    put = group.nodes.new("GeometryNodeInstanceOnPoints")
+    group.links.new(given.outputs[0], put.inputs["Points"])
+    group.links.new(info.outputs[0], put.inputs["Instance"])
+    group.links.new(put.outputs[0], group.nodes.new("NodeGroupOutput").inputs[0])
+    info.mute = muted == "node"
+
+    def both(tree, geometry):
+        """The Object Info instance of the hidden quad, the group's output and the input once."""
+        node = tree.nodes.new("GeometryNodeGroup")
+        node.node_tree, node.mute = group, muted == "group"
+        tree.links.new(geometry, node.inputs[0])
+        join = tree.nodes.new("GeometryNodeJoinGeometry")
+        tree.links.new(node.outputs[0], join.inputs[0])
+        if muted == "node":  # the group outputs the instances only; muted, it passes its input through
+            tree.links.new(geometry, join.inputs[0])
+        return _object_info_of(hidden)(tree, join.outputs[0])
+
+    holder = _quad(0.0, "mc_holder", main)
+    _nodes_modifier(holder, "mc_nodes", both)
+    _quad(30.0, "mc_plain", main)
+    camera = _add_camera(scene, main, "mc_camera")
+
+    def instances(depsgraph) -> list[str]:
+        """The names of the holder's instances."""
+        return sorted(i.object.original.name for i in depsgraph.object_instances
+                      if i.is_instance and i.parent.original == holder and i.object.type == "MESH")
+
+    try:
+        made, from_render = _read_during_a_render(scene, 2000, 8, instances)
+        assert made == [hidden.name]  # Blender's answer: the Object Info instance only
+        for points in (sample_surface_points(scene, 2000, seed=8)[0], from_render):
+            centres = np.round(points[:, 0] / 10.0).astype(int) * 10
+            assert sorted(set(centres.tolist())) == [0, 10, 30], np.unique(centres)
+    finally:
+        _remove_render_test_scene(scene, [main, kit], camera, holder.modifiers[0].node_group, group)
+
+
 def test_scene_points_leave_out_all_an_object_disabled_in_renders_makes():
     """An emitter disabled in renders whose particles instance a shown quad, and a bevelled
     curve disabled in renders: Blender's own answer, the depsgraph of a render, holds neither

@@ -524,29 +524,40 @@ def _particle_collections_not_rendered(obj: Any) -> set[int]:
     return out
 
 
-def _node_collections(obj: Any) -> list[Any]:
-    """The collections ``obj``'s Geometry Nodes modifiers may instance: each Collection Info
-    node's collection set in the node (node groups inside followed) and each collection the
-    modifier is given as an input."""
-    found: list[Any] = []
+def unmuted_nodes(tree: Any) -> Iterator[Any]:
+    """The nodes of the node tree ``tree`` (None: none) and of the node groups it uses, at any
+    depth (each group once), that are not muted: what Blender evaluates. A muted node passes
+    its inputs through to outputs of their type, or outputs nothing (measured in bpy 5.0.1, a
+    render's depsgraph: a muted Collection Info node, or a muted group node holding one,
+    instances none of its collection), so neither it nor a muted group's nodes make anything."""
     seen: set[int] = set()
-
-    def scan(tree: Any) -> None:
+    trees = [tree]
+    while trees:
+        tree = trees.pop()
         if tree is None or tree.as_pointer() in seen:
-            return
+            continue
         seen.add(tree.as_pointer())
         for node in tree.nodes:
+            if node.mute:
+                continue
+            yield node
+            if getattr(node, "node_tree", None) is not None:
+                trees.append(node.node_tree)
+
+
+def _node_collections(obj: Any) -> list[Any]:
+    """The collections ``obj``'s Geometry Nodes modifiers may instance: each unmuted Collection
+    Info node's collection set in the node (:func:`unmuted_nodes`) and each collection the
+    modifier is given as an input."""
+    found: list[Any] = []
+    for modifier in getattr(obj, "modifiers", ()):
+        if modifier.type != "NODES" or modifier.node_group is None:
+            continue
+        for node in unmuted_nodes(modifier.node_group):
             if node.bl_idname == "GeometryNodeCollectionInfo":
                 socket = node.inputs[0]
                 if not socket.is_linked and socket.default_value is not None:
                     found.append(socket.default_value)
-            elif node.bl_idname == "GeometryNodeGroup":
-                scan(node.node_tree)
-
-    for modifier in getattr(obj, "modifiers", ()):
-        if modifier.type != "NODES" or modifier.node_group is None:
-            continue
-        scan(modifier.node_group)
         for item in modifier.node_group.interface.items_tree:
             if getattr(item, "socket_type", None) == "NodeSocketCollection":
                 value = modifier.get(item.identifier)
