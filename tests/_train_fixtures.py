@@ -1,6 +1,8 @@
 """Tiny NeRF-Synthetic-layout scenes for the trainer tests, made without Blender: a
 coloured sphere seen by cameras on a ring, images from the project's own rasterizer
-(a dense cloud, so every object pixel is covered), a sparse point cloud beside them."""
+(a dense cloud, so every object pixel is covered), a sparse point cloud beside them; and
+helpers several test files share (gradient comparison, the worker's Aggregate of a scene,
+set scores of a checked fit's kept photo)."""
 
 from __future__ import annotations
 
@@ -8,12 +10,17 @@ import json
 import math
 import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from PIL import Image
 
 from npbgpp_core import Camera, rasterize, save_ply
+
+if TYPE_CHECKING:
+    from npbgpp_core.protocol import AggregationStarted
+    from npbgpp_core.service import RenderService
 
 
 def sphere_points(n: int, seed: int) -> np.ndarray:
@@ -98,3 +105,23 @@ def kept_photo_scores(before: float, after: float) -> Callable[..., float]:
         calls.append(1)
         return before if len(calls) == 1 else after
     return fake
+
+
+def aggregate_with_worker(folder: str, out: str, weights: str = "", service: RenderService | None = None,
+                          **begin: Any) -> AggregationStarted:
+    """Write ``folder``'s aggregated bundle to ``out`` with the worker's own Aggregate job (what
+    the add-on runs: AggregateBegin, one AggregateView per view, AggregateFinish), asserting each
+    reply; returns the AggregationStarted reply (the weights and domain it chose). ``service``:
+    a RenderService to run it on (a new one when None; give one to use it after). ``begin``:
+    other AggregateBegin fields; the defaults here are device "CPU" and up_axis "POS_Z"."""
+    from npbgpp_core import protocol as P
+    from npbgpp_core.service import RenderService as Service
+
+    service = Service() if service is None else service
+    started = service.handle(P.AggregateBegin(folder, weights, **{"device": "CPU", "up_axis": "POS_Z", **begin}))
+    assert isinstance(started, P.AggregationStarted), started
+    for k in range(started.views):
+        assert service.handle(P.AggregateView(k)) == P.Done()
+    finished = service.handle(P.AggregateFinish(out))
+    assert isinstance(finished, P.AggregationResult), finished
+    return started

@@ -608,7 +608,7 @@ def test_service_aggregates_and_renders_with_the_map(tmp_path):
     """The add-on's worker path: aggregation requests with environment weights write a
     bundle holding the map, and neural frames of that bundle render with it."""
     import numpy as np
-    from _train_fixtures import make_tiny_scene
+    from _train_fixtures import aggregate_with_worker, make_tiny_scene
 
     from npbgpp_core import protocol as P
     from npbgpp_core.pretrained import save_weights
@@ -623,12 +623,8 @@ def test_service_aggregates_and_renders_with_the_map(tmp_path):
     save_weights(weights, model.state_dict(), "npbgpp", model.config.to_dict(), {}, fp16=False)
     folder = make_tiny_scene(str(tmp_path / "scene"), views=4, size=64, n_points=150, splits=(4, 0, 0))
     service = RenderService()
-    started = service.handle(P.AggregateBegin(folder, weights, device="CPU", up_axis="+Y"))
-    assert isinstance(started, P.AggregationStarted), started
-    for k in range(started.views):
-        assert service.handle(P.AggregateView(k)) == P.Done()
     out = str(tmp_path / "s.npbgpp")
-    assert isinstance(service.handle(P.AggregateFinish(out)), P.AggregationResult)
+    aggregate_with_worker(folder, out, weights, service=service, up_axis="+Y")
     bundle = NeuralScene.load(out)
     assert bundle.background is not None and bundle.background.shape == (9, 8, 16)
     assert float(bundle.background[8].sum()) > 0

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from _train_fixtures import make_tiny_scene
+from _train_fixtures import aggregate_with_worker, make_tiny_scene
 from PIL import Image
 
 from npbgpp_core import protocol as P
@@ -136,15 +136,6 @@ def test_missing_objects_file_names_its_git_restore(tmp_path, capsys, monkeypatc
     assert main([str(bad)]) == 2 and "unusable" in capsys.readouterr().err
 
 
-def _aggregate(service, folder, weights="", domain="auto", out=None):
-    started = service.handle(P.AggregateBegin(folder, weights, device="CPU", up_axis="POS_Z", domain=domain))
-    assert isinstance(started, P.AggregationStarted), started
-    for k in range(started.views):
-        assert service.handle(P.AggregateView(k)) == P.Done()
-    assert isinstance(service.handle(P.AggregateFinish(out)), P.AggregationResult)
-    return started
-
-
 def test_service_picks_the_network_by_domain_and_bundles_render_with_their_own(cutout, tmp_path):
     """Aggregate with empty weights: the worker detects the domain, uses that bundled file
     and names it; the bundle then renders with the network it embeds (the objects file's),
@@ -155,13 +146,13 @@ def test_service_picks_the_network_by_domain_and_bundles_render_with_their_own(c
 
     service = RenderService()
     out = str(tmp_path / "auto.npbgpp")
-    started = _aggregate(service, cutout, out=out)
+    started = aggregate_with_worker(cutout, out, service=service)
     assert (started.weights, started.domain) == (OBJECTS, "object")
     bundle = NeuralScene.load(out)
     assert bundle.metadata["weights"] == os.path.basename(OBJECTS) and bundle.metadata["domain"] == "object"
-    forced = _aggregate(service, cutout, domain="scene", out=str(tmp_path / "scene.npbgpp"))
+    forced = aggregate_with_worker(cutout, str(tmp_path / "scene.npbgpp"), service=service, domain="scene")
     assert (forced.weights, forced.domain) == (GENERAL, "scene")
-    given = _aggregate(service, cutout, weights=GENERAL, domain="object", out=str(tmp_path / "given.npbgpp"))
+    given = aggregate_with_worker(cutout, str(tmp_path / "given.npbgpp"), GENERAL, service=service, domain="object")
     assert (given.weights, given.domain) == (GENERAL, "")  # a file given wins over the domain
     bad = service.handle(P.AggregateBegin(cutout, "", device="CPU", domain="rooms"))
     assert isinstance(bad, P.Failure) and "unknown data domain 'rooms'" in bad.error

@@ -13,7 +13,7 @@ import re
 
 import pytest
 import torch
-from _train_fixtures import kept_photo_scores, make_tiny_scene
+from _train_fixtures import aggregate_with_worker, kept_photo_scores, make_tiny_scene
 
 from npbgpp_core import fitting
 from npbgpp_core import protocol as P
@@ -24,16 +24,6 @@ from npbgpp_core.scene_fit import BundleFit, fit_bundle, fitting_model
 from npbgpp_core.service import RenderService
 
 
-def aggregate(folder: str, bundle: str) -> None:
-    """``folder``'s aggregated bundle, written by the worker's own Aggregate job."""
-    service = RenderService()
-    started = service.handle(P.AggregateBegin(folder, "", device="CPU", up_axis="POS_Z"))
-    assert isinstance(started, P.AggregationStarted), started
-    for k in range(started.views):
-        assert service.handle(P.AggregateView(k)) == P.Done()
-    assert isinstance(service.handle(P.AggregateFinish(bundle)), P.AggregationResult)
-
-
 @pytest.fixture(scope="module")
 def four_views(tmp_path_factory):
     """A tiny cut-out scene with 4 training views (the check keeps the third, index 2) and
@@ -41,7 +31,7 @@ def four_views(tmp_path_factory):
     root = tmp_path_factory.mktemp("check")
     folder = make_tiny_scene(str(root / "scene"), views=5, size=32, n_points=200, splits=(4, 0, 1))
     bundle = str(root / "agg.npbgpp")
-    aggregate(folder, bundle)
+    aggregate_with_worker(folder, bundle)
     return folder, bundle
 
 
@@ -179,7 +169,7 @@ def test_a_fit_that_wins_on_the_kept_photo_is_saved(four_views, tmp_path):
 def test_fewer_than_three_photos_fit_unchecked_and_say_so(tmp_path):
     folder = make_tiny_scene(str(tmp_path / "scene"), views=3, size=32, n_points=100, splits=(2, 0, 1))
     bundle = str(tmp_path / "agg.npbgpp")
-    aggregate(folder, bundle)
+    aggregate_with_worker(folder, bundle)
     job = BundleFit(bundle, load_scene(folder), steps=2, check_view=True)
     assert not job.checked and job.total == 2
     while not job.step():
@@ -354,7 +344,7 @@ def bundle_without_kept(four_views, tmp_path_factory):
     root = tmp_path_factory.mktemp("fair")
     other = without_kept_photo(folder, str(root / "scene_without"))
     bundle = str(root / "agg_without.npbgpp")
-    aggregate(other, bundle)
+    aggregate_with_worker(other, bundle)
     return bundle
 
 

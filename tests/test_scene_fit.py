@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from _train_fixtures import make_tiny_scene
+from _train_fixtures import aggregate_with_worker, make_tiny_scene
 
 from npbgpp_core import protocol as P
 from npbgpp_core.datasets import load_scene
@@ -24,13 +24,8 @@ def aggregated(tmp_path_factory):
     written by the worker's own Aggregate job with the bundled network."""
     root = tmp_path_factory.mktemp("fit")
     folder = make_tiny_scene(str(root / "scene"), views=4, size=32, n_points=200, splits=(3, 0, 1))
-    service = RenderService()
-    started = service.handle(P.AggregateBegin(folder, "", device="CPU", up_axis="POS_Z"))
-    assert isinstance(started, P.AggregationStarted), started
-    for k in range(started.views):
-        assert service.handle(P.AggregateView(k)) == P.Done()
     bundle = str(root / "agg.npbgpp")
-    assert isinstance(service.handle(P.AggregateFinish(bundle)), P.AggregationResult)
+    aggregate_with_worker(folder, bundle)
     return folder, bundle
 
 
