@@ -889,9 +889,15 @@ class NPBGPP_OT_fit(_WorkerStepJob, bpy.types.Operator):
         warn_linked_scene(self, context.scene, "Bundle")
         # a checked fit that lost on its held-apart photo saved the unfitted scene: worth a warning
         kind = {"WARNING"} if reply.kept == "unfitted" else {"INFO"}
-        # the way to a fit anyway: the same fit (same seed) would be dropped again while the check is on
-        remedy = " To keep a fit regardless, turn off Check Fit on a Photo and fit again." if reply.kept == "unfitted" \
-            else ""
+        # the way to a fit anyway: the same fit (same seed) would be dropped again while the check is on;
+        # none for a fit whose render was not finite: that fit is broken, keeping it would save the breakage
+        if reply.render_not_finite:
+            remedy = " The fit itself broke (its render was not finite), so it is not worth keeping: the scene " \
+                     "renders as before the fit."
+        elif reply.kept == "unfitted":
+            remedy = " To keep a fit regardless, turn off Check Fit on a Photo and fit again."
+        else:
+            remedy = ""
         self.report(kind, f"Fitted {reply.steps} steps in {reply.seconds:.0f} s (loss {reply.loss_first:.4f} -> "
                           f"{reply.loss_last:.4f}); {reply.outcome}; saved to {self._out}, now the scene's bundle."
                           + remedy)

@@ -167,6 +167,13 @@ class FitCheck:
     recipe: str = ""
     candidates: list[FitCandidate] = field(default_factory=list)
 
+    @property
+    def render_not_finite(self) -> bool:
+        """Whether the fit was dropped because its render of the kept view was not finite
+        (its score NaN; +inf is an exact match): the fit itself is broken, so no setting of the
+        check is a way to keep it, unlike a fit that merely scored lower."""
+        return self.kept == "unfitted" and self.psnr_fitted is not None and math.isnan(self.psnr_fitted)
+
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready (PSNRs rounded to 0.001 dB; +inf, an exact match, as None)."""
         def db(value: float | None) -> float | None:

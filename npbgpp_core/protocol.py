@@ -204,7 +204,9 @@ class FitResultInfo(Reply):
     """The fitted bundle written: its path, steps, first and last loss, seconds fitting.
     ``kept``: "fitted", or "unfitted" when a checked fit (:class:`FitBegin` ``check_view``)
     scored more than ``CHECK_TOLERANCE_DB`` below the unfitted scene on the photo kept apart, so
-    the bundle written is the unfitted one; ``outcome``: one line saying so for the user (``BundleFit.outcome``)."""
+    the bundle written is the unfitted one; ``outcome``: one line saying so for the user (``BundleFit.outcome``);
+    ``render_not_finite``: the fit was dropped because its render of that photo was not finite
+    (``FitCheck.render_not_finite``): the fit itself is broken, not merely worse."""
 
     path: str
     steps: int
@@ -213,6 +215,7 @@ class FitResultInfo(Reply):
     seconds: float
     kept: str = "fitted"
     outcome: str = ""
+    render_not_finite: bool = False
 
 
 @dataclass

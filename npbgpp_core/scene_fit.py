@@ -220,7 +220,7 @@ class BundleFit:
         if check.get("skipped"):
             return f"the fit used every photo unchecked: {check['skipped']}"
         raw = self.result.check  # unrounded; +inf is an exact match, NaN a render not scored
-        if math.isnan(raw.psnr_fitted) and check["kept"] == "unfitted":
+        if raw.render_not_finite:
             return (f"kept the unfitted scene: the fit's render of held-apart photo {check['name']} was not "
                     "finite")
         if math.isnan(raw.psnr_unfitted) or math.isnan(raw.psnr_fitted):

@@ -496,7 +496,8 @@ class RenderService:
         losses = job.result.losses
         check = job.check()
         return P.FitResultInfo(req.out, job.result.steps, float(losses[0]), float(losses[-1]), job.result.seconds,
-                               "fitted" if check is None else check["kept"], job.outcome())
+                               "fitted" if check is None else check["kept"], job.outcome(),
+                               job.result.check is not None and job.result.check.render_not_finite)
 
     def fit_cancel(self, req: P.FitCancel) -> P.Done:
         self._drop_fit()

@@ -5838,7 +5838,9 @@ def test_fit_to_photos_that_loses_on_its_held_apart_photo_says_how_to_keep_a_fit
     """A fit driven to lose (towards the inverted photos; in-process worker) on the photo kept
     apart: the operator warns, saves the aggregated scene itself and says how to keep a fit
     regardless; following that (Check Fit on a Photo off, fit the saved bundle again) gives a
-    fitted bundle."""
+    fitted bundle. A checked fit whose render of the kept photo is not finite (its score made
+    NaN) is dropped too, and the report says the fit broke, not how to keep it."""
+    import math
     from types import SimpleNamespace
 
     from npbgpp_core import fitting
@@ -5875,6 +5877,23 @@ def test_fit_to_photos_that_loses_on_its_held_apart_photo_says_how_to_keep_a_fit
     kept = str(scene["dir"] / "kept.npbgpp")
     kind, text = fit(kept)  # the scene's bundle is now the dropped fit's file: the unfitted scene
     assert kind == {"INFO"} and NeuralScene.load(kept).kind == "coefficients" and "regardless" not in text
+    real, scores = fitting.view_psnr, []
+
+    def nan_when_fitted(*args):
+        """The real score before the fit, NaN after (a fitted render that is not finite)."""
+        scores.append(real(*args) if not scores else math.nan)
+        return scores[-1]
+
+    monkeypatch.setattr(fitting, "view_psnr", nan_when_fitted)
+    sc.npbgpp.bundle, sc.npbgpp.fit_check_view = agg, True
+    broken = str(scene["dir"] / "broken.npbgpp")
+    kind, text = fit(broken)
+    check = NeuralScene.load(broken).metadata["fit"]["check"]
+    assert len(scores) == 2 and check["kept"] == "unfitted" and check["psnr_fitted"] is None
+    assert kind == {"WARNING"} and "regardless" not in text
+    assert text.endswith(f"the fit's render of held-apart photo {check['name']} was not finite; saved to {broken}, "
+                         "now the scene's bundle. The fit itself broke (its render was not finite), so it is not "
+                         "worth keeping: the scene renders as before the fit.")
 
 
 def _png_rgb(sc, path) -> np.ndarray:
