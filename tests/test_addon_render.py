@@ -3140,11 +3140,13 @@ def test_points_from_meshes_simulated_parent_instances_no_child_disabled_in_rend
     assert (pts[:, 2] > 1.0).any() and (np.abs(pts[:, 2]) < 1e-5).any()  # on the shown ball's and the plane
 
 
-@pytest.mark.parametrize("instances", ["particles", "nodes", "none"])
+@pytest.mark.parametrize("instances", ["particles", "particles_path", "nodes", "none"])
 def test_points_from_meshes_names_a_child_its_parent_instances_nowhere(scene, instances, capfd):
     """A plane instancing its child ball at its 4 vertices (Instancing: Vertices) whose own
     ``instances`` take their place: hair rendering a cube, or Geometry Nodes putting an Ico
-    Sphere on its points ("none": Geometry Nodes passing its mesh through, the control).
+    Sphere on its points ("none": Geometry Nodes passing its mesh through, the control);
+    "particles_path": the hair shown as Path in viewports, where the plane then instances the
+    ball (measured in bpy 5.0.1; those instances were sampled with the plane).
     Blender's own answer, the depsgraph of a render: it holds the ball nowhere, neither at its
     own place nor as the plane's instances (the 4 of them in the control). The ball selected
     alone is named as shown nowhere (it was told to select the plane, whose points have no
@@ -3159,11 +3161,12 @@ def test_points_from_meshes_names_a_child_its_parent_instances_nowhere(scene, in
     bpy.ops.mesh.primitive_plane_add(size=4.0)
     grid = bpy.context.active_object
     grid.name, grid.instance_type = "Grid", "VERTS"
-    if instances == "particles":
+    if instances.startswith("particles"):
         grid.modifiers.new("Cubes", "PARTICLE_SYSTEM")
         settings = grid.particle_systems[0].settings
         settings.type, settings.count, settings.hair_length = "HAIR", 3, 1.0
         settings.render_type, settings.instance_object = "OBJECT", cube
+        settings.display_method = "PATH" if instances == "particles_path" else "RENDER"
     else:
         tree = bpy.data.node_groups.new("Spheres", "GeometryNodeTree")
         tree.interface.new_socket("Geometry", in_out="INPUT", socket_type="NodeSocketGeometry")

@@ -318,20 +318,29 @@ def instances_its_children(obj: Any, depsgraph: Any) -> bool:
     instances the children: measured); its Geometry Nodes as ``depsgraph`` evaluates them
     (their instances are its entries' that no particle system made and that are not of its
     children)."""
-    if obj.instance_type not in INSTANCES_CHILDREN:
+    if obj.instance_type not in INSTANCES_CHILDREN or particles_instance_in_renders(obj):
         return False
-    for modifier in obj.modifiers:
-        if modifier.type == "PARTICLE_SYSTEM" and modifier.show_render:
-            settings = modifier.particle_system.settings
-            if settings is not None and (settings.render_type == "OBJECT" and settings.instance_object is not None
-                                         or settings.render_type == "COLLECTION"
-                                         and settings.instance_collection is not None):
-                return False
     for inst in depsgraph.object_instances:
         if (inst.is_instance and inst.parent is not None and inst.parent.original == obj
                 and inst.particle_system is None and inst.object.original.parent != obj):
             return False
     return True
+
+
+def particles_instance_in_renders(obj: Any) -> bool:
+    """Whether a particle system of ``obj`` shown in renders renders an object or a collection
+    it names: renders then show its particles' instances in place of its children's
+    (:func:`instances_its_children`). A viewport showing the particles otherwise than as
+    rendered (Display As Path or None) instances the children there instead (measured in bpy
+    5.0.1), which :func:`rendered_entries` leaves out."""
+    for modifier in getattr(obj, "modifiers", ()):
+        if modifier.type == "PARTICLE_SYSTEM" and modifier.show_render:
+            settings = modifier.particle_system.settings
+            if settings is not None and (settings.render_type == "OBJECT" and settings.instance_object is not None
+                                         or settings.render_type == "COLLECTION"
+                                         and settings.instance_collection is not None):
+                return True
+    return False
 
 
 def not_shown_itself_in_renders(obj: Any) -> bool:
@@ -375,6 +384,12 @@ def rendered_entries(depsgraph: Any) -> Iterator[tuple[Any, Any]]:
       (:func:`shown_only_where_instanced`), which only the viewport's depsgraph also holds here;
     - an instance of such a child disabled in renders: renders instance it nowhere; only the
       viewport's depsgraph holds it (measured in bpy 5.0.1);
+    - of a viewport's depsgraph, a parent's instance of such a child where the parent's
+      particles instance in renders (:func:`particles_instance_in_renders`): renders show
+      those instead; a viewport displaying the particles as Path or None holds the child's
+      (measured in bpy 5.0.1). Not emulated: the converse, a particle modifier shown in
+      viewports only (the viewport holds its instances, renders the child's), nor Geometry
+      Nodes shown in one of them only;
     - of a viewport's depsgraph, an instance of an object that renders leave out of an
       instanced collection (:func:`instances_not_rendered` of its instancer: particles' and
       Geometry Nodes' collections too), and the particles such an object emits; a render's
@@ -405,8 +420,9 @@ def rendered_entries(depsgraph: Any) -> Iterator[tuple[Any, Any]]:
         if not instanced:
             yield inst, stands_for
             continue
-        if obj.hide_render and stands_for.instance_type in INSTANCES_CHILDREN and obj.parent == stands_for:
-            continue
+        if stands_for.instance_type in INSTANCES_CHILDREN and obj.parent == stands_for and (
+                obj.hide_render or viewport and particles_instance_in_renders(stands_for)):
+            continue  # a child instanced at vertices / faces that renders do not instance
         if viewport:
             key = stands_for.as_pointer()
             if key not in not_rendered:
