@@ -513,9 +513,11 @@ def view_extent(views: FitViews, k: int) -> tuple[int, int]:
 def view_psnr(model: NPBG, points: torch.Tensor, views: FitViews, k: int) -> float:
     """PSNR in dB of ``model``'s inference render of view ``k`` against its photo, over the
     view's valid pixels (its mask; padding never counts); +inf for an exact match, NaN when
-    the view has no valid pixel. The view is rendered at its photo's own size (the padded
-    canvas would give the network other borders than the photo's camera gets from a saved
-    bundle), in windows when it has more than :data:`CHECK_VIEW_MAX_PIXELS` pixels, as the
+    the view has no valid pixel or the render's error there is not finite (a NaN or infinite
+    pixel, or a squared error overflowing): no score (a checked fit drops a fit scoring NaN as
+    broken, :attr:`FitCheck.render_not_finite`). The view is rendered at its photo's own size
+    (the padded canvas would give the network other borders than the photo's camera gets from
+    a saved bundle), in windows when it has more than :data:`CHECK_VIEW_MAX_PIXELS` pixels, as the
     add-on's Tile Size renders large frames (a 12-megapixel photo rendered whole needs
     several GB)."""
     from .scene import render_model_windowed
@@ -539,7 +541,10 @@ def view_psnr(model: NPBG, points: torch.Tensor, views: FitViews, k: int) -> flo
         mse = float(err.mean())
     else:
         mask = views.masks[k][:, :h, :w].float()
-        mse = float((err * mask).sum()) / (3.0 * float(mask.sum()))
+        # where, not a product: an invalid pixel's NaN or inf times 0 would be NaN
+        mse = float(torch.where(mask > 0, err * mask, 0.0).sum()) / (3.0 * float(mask.sum()))
+    if not math.isfinite(mse):  # NaN, or inf (math.log10(1 / inf) raised a math domain error)
+        return math.nan
     return math.inf if mse == 0.0 else 10.0 * math.log10(1.0 / mse)
 
 

@@ -301,6 +301,62 @@ def test_a_fit_whose_kept_photo_render_is_not_finite_is_dropped_and_said_so(four
                              "was not finite")
 
 
+class FixedRender(torch.nn.Module):
+    """A stand-in model whose inference render is a given image: a render the real model's
+    clamp to [0, 1] never gives (values far out of range, infinite, NaN)."""
+
+    def __init__(self, image: torch.Tensor) -> None:
+        super().__init__()
+        self.image = image
+        self.device = torch.device("cpu")
+
+    def render(self, points: torch.Tensor, camera) -> torch.Tensor:
+        return self.image.clone()
+
+
+def test_a_render_whose_error_is_not_finite_scores_nan(four_views):
+    """An overflowing render (squared error beyond float32: mse inf) or an infinite or NaN
+    pixel scores NaN, a render not finite, instead of raising 'math domain error'
+    (log10 of 1 / inf); a NaN on a pixel outside the mask does not count (the score is that
+    of the valid pixels, 20 dB for an error of 0.1 on each)."""
+    folder, _ = four_views
+    data = load_scene(folder)
+    i = data.train[0]
+    photo = data.load_image(i)
+    views = fitting.FitViews(photo[None], [data.views[i].camera])
+    points = torch.zeros(1, 3)
+    for render in (photo + 1e20, photo.clone().index_put_((torch.tensor(0),) * 3, torch.tensor(math.inf)),
+                   photo.clone().index_put_((torch.tensor(0),) * 3, torch.tensor(math.nan))):
+        assert math.isnan(fitting.view_psnr(FixedRender(render), points, views, 0))
+    mask = torch.ones(1, 1, *photo.shape[-2:])
+    mask[..., 0, 0] = 0.0  # the top-left pixel is not valid; the bottom-right one is, so the extent is the photo's
+    masked = fitting.FitViews(photo[None], [data.views[i].camera], mask)
+    off = (photo + 0.1).index_put_((torch.arange(3), torch.tensor(0), torch.tensor(0)), torch.tensor(math.nan))
+    assert fitting.view_psnr(FixedRender(off), points, masked, 0) == pytest.approx(20.0, abs=1e-4)
+
+
+def test_a_fit_whose_kept_photo_render_overflows_is_dropped_as_not_finite(four_views, monkeypatch):
+    """A fitted model whose render of the kept photo overflows (its pixels made 1e30 times
+    larger after the fit) scores NaN and the check drops it as a broken render."""
+    folder, bundle = four_views
+    data, scene, model, ids = _fitting_setup(folder, bundle)
+    views = padded_fit_views([data.load_image(i) for i in ids], [data.views[i].camera for i in ids])
+    from npbgpp_core.models.npbg import NPBG
+
+    real = NPBG.render
+    scorings: list[int] = []
+
+    def overflowing_after_the_fit(self, *args, **kwargs):
+        scorings.append(1)
+        return real(self, *args, **kwargs) * (1.0 if len(scorings) == 1 else 1e30)
+
+    monkeypatch.setattr(NPBG, "render", overflowing_after_the_fit)  # the fit's model is an NPBG
+    result = run_fit(iter_fit_coefficients(model, scene.aggregated_scene(), views, 1, crop=16, check_view=True))
+    assert len(scorings) == 2 and math.isfinite(result.check.psnr_unfitted)
+    assert math.isnan(result.check.psnr_fitted) and result.check.kept == "unfitted"
+    assert result.check.render_not_finite
+
+
 def test_a_kept_photo_the_unfitted_scene_cannot_score_keeps_the_fit(four_views, monkeypatch):
     """An unfitted score of NaN (a photo with no valid pixel to judge on) cannot judge the
     fit: the fit is kept and the line says the photo could not be scored."""
