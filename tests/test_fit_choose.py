@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _train_fixtures import make_tiny_scene
-from test_fit_check import aggregate
+from _train_fixtures import aggregate_with_worker, make_tiny_scene
 
 from npbgpp_core.datasets import load_scene
 from npbgpp_core.fitting import (
@@ -34,7 +33,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("choose")
     folder = make_tiny_scene(str(root / "scene"), views=5, size=SIZE, n_points=200, splits=(4, 0, 1))
     bundle = str(root / "agg.npbgpp")
-    aggregate(folder, bundle)
+    aggregate_with_worker(folder, bundle)
     data = load_scene(folder)
     scene = NeuralScene.load(bundle)
     model = fitting_model(scene, bundle, BundleFit(bundle, data, steps=1).weights)
