@@ -22,10 +22,15 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from typing import Any
 
 DEFAULT_STEPS = 200  # BENCHMARKS.md "Sharpening loss in the 200-step fit"
 MAX_STEPS = 100_000
+
+
+# What the outcome line calls each recipe a choosing check can choose (fitting.CHECK_RECIPES).
+RECIPE_LABELS = {"crops": "crops", "whole": "whole views"}
 
 
 def check_steps(steps: Any) -> int:
@@ -68,12 +73,15 @@ class BundleFit:
     ``check_view``: the fit's ``check_view`` (one training photo kept apart: the fit is
     kept unless it scores more than ``check_tolerance`` dB below the unfitted scene there); None:
     :data:`~npbgpp_core.fitting.FIT_CHECK_VIEW`. ``check_tolerance``: the fit's; None:
-    :data:`~npbgpp_core.fitting.CHECK_TOLERANCE_DB`. ``checked``: whether the check applies
-    (it needs :data:`~npbgpp_core.fitting.CHECK_VIEW_MIN_VIEWS` training photos).
+    :data:`~npbgpp_core.fitting.CHECK_TOLERANCE_DB`. ``check_recipes``: the fit's (a choosing
+    check, opt-in: each recipe named, :data:`~npbgpp_core.fitting.CHECK_RECIPES`, is fitted and
+    the best on the kept photo kept); None or empty: the fit's own recipe alone. ``checked``:
+    whether the check applies (it needs :data:`~npbgpp_core.fitting.CHECK_VIEW_MIN_VIEWS`
+    training photos).
 
     ``step()`` runs one unit of work (True once all are done); ``done`` / ``total`` count
-    them: the ``steps`` fitting steps, plus one for each of the two scoring renders of a
-    checked fit; ``save(out)`` writes the fitted bundle atomically. Every check runs in the
+    them: the ``steps`` fitting steps (a choosing check: every recipe's), plus one for each of
+    the two scoring renders of a checked fit; ``save(out)`` writes the fitted bundle atomically. Every check runs in the
     constructor.
 
     ``fair_check`` (with ``check_view``): the fit's ``fair_check``: the check scores, and the
@@ -86,12 +94,13 @@ class BundleFit:
     def __init__(self, bundle_path: str, data: Any, steps: int = DEFAULT_STEPS, weights: str = "",
                  domain: str = "", device: str = "cpu", aligned: bool | None = None,
                  check_view: bool | None = None, fair_check: bool | None = None,
-                 check_tolerance: float | None = None) -> None:
+                 check_tolerance: float | None = None, check_recipes: Sequence[str] | None = None) -> None:
         from .datasets import scene_domain
         from .fitting import (
             CHECK_TOLERANCE_DB,
             FIT_CHECK_VIEW,
             FIT_FAIR_CHECK,
+            candidate_recipes,
             check_view_index,
             coefficients_recipe,
             iter_fit_coefficients,
@@ -107,8 +116,11 @@ class BundleFit:
             fair_check = FIT_FAIR_CHECK and check_view
         if check_tolerance is None:
             check_tolerance = CHECK_TOLERANCE_DB
-        # the fit's own checks of these three, run now: before the bundle and photos are read
-        coefficients_recipe(check_view=check_view, fair_check=fair_check, check_tolerance=check_tolerance)
+        if check_recipes is None:
+            check_recipes = ()
+        # the fit's own checks of these four, run now: before the bundle and photos are read
+        recipe = coefficients_recipe(check_view=check_view, fair_check=fair_check, check_tolerance=check_tolerance,
+                                     check_recipes=check_recipes)
         self.bundle_path = os.fspath(bundle_path)
         bundle = NeuralScene.load(self.bundle_path)
         if bundle.kind != "npbgpp":
@@ -142,11 +154,15 @@ class BundleFit:
         self.views = len(ids)
         self.view_names = [data.views[i].name for i in ids]
         self.checked = check_view and check_view_index(len(ids)) is not None
-        self.total = self.steps + (2 if self.checked else 0)
+        # each candidate recipe's steps (the fit's own alone without check_recipes; a check that
+        # cannot apply runs the first candidate only), plus a checked fit's two scoring renders
+        candidate_steps = [c[1] for c in candidate_recipes(tuple(check_recipes), self.steps, None, recipe)]
+        self.total = sum(candidate_steps) + 2 if self.checked else candidate_steps[0]
         options = {} if aligned is None else {"aligned": aligned}  # checked by iter_fit_coefficients
         self.fair_check = fair_check
         self._fit = iter_fit_coefficients(model, aggregated, views, self.steps, check_view=check_view,
-                                          fair_check=fair_check, check_tolerance=check_tolerance, **options)
+                                          fair_check=fair_check, check_tolerance=check_tolerance,
+                                          check_recipes=tuple(check_recipes), **options)
         self.done = 0
         self.result: Any = None  # the FitResult once finished
 
@@ -220,20 +236,22 @@ class BundleFit:
         if check.get("skipped"):
             return f"the fit used every photo unchecked: {check['skipped']}"
         raw = self.result.check  # unrounded; +inf is an exact match, NaN a render not scored
+        # a choosing check names the recipe it chose ("kept the fit (whole views): ...")
+        chosen = f" ({RECIPE_LABELS.get(raw.recipe, raw.recipe)})" if raw.recipe else ""
         if raw.render_not_finite:
-            return (f"kept the unfitted scene: the fit's render of held-apart photo {check['name']} was not "
+            return (f"kept the unfitted scene: the fit's{chosen} render of held-apart photo {check['name']} was not "
                     "finite")
         if math.isnan(raw.psnr_unfitted) or math.isnan(raw.psnr_fitted):
-            return f"kept the fit: held-apart photo {check['name']} could not be scored"
+            return f"kept the fit{chosen}: held-apart photo {check['name']} could not be scored"
         gain = 0.0 if raw.psnr_fitted == raw.psnr_unfitted else raw.psnr_fitted - raw.psnr_unfitted
         # the allowance before the photo's name: the add-on's report goes on after the name
         allowed = f"the {raw.tolerance:.2f} dB the check allows"
         if check["kept"] == "fitted":
             within = f" (within {allowed})" if gain < 0 else ""
-            return f"kept the fit: {gain:+.2f} dB{within} on held-apart photo {check['name']}"
+            return f"kept the fit{chosen}: {gain:+.2f} dB{within} on held-apart photo {check['name']}"
         more = f" (more than {allowed})" if raw.tolerance > 0 else ""
-        return (f"kept the unfitted scene: the fit scored {-gain:.2f} dB below it{more} on held-apart photo "
-                f"{check['name']}")
+        return (f"kept the unfitted scene: the fit{chosen} scored {-gain:.2f} dB below it{more} on held-apart "
+                f"photo {check['name']}")
 
     def save(self, out: str) -> Any:
         """Write the fitted bundle to ``out`` (atomically); returns the scene written."""
@@ -248,20 +266,21 @@ class BundleFit:
 def fit_bundle(bundle_path: str, dataset: Any, out: str, steps: int = DEFAULT_STEPS, weights: str = "",
                domain: str = "", device: str = "cpu", aligned: bool | None = None,
                check_view: bool | None = None, fair_check: bool | None = None,
-               check_tolerance: float | None = None) -> Any:
+               check_tolerance: float | None = None, check_recipes: Sequence[str] | None = None) -> Any:
     """Fit ``bundle_path`` to ``dataset`` (a folder or a loaded SceneData) and save the
     fitted bundle to ``out``; returns the :class:`~npbgpp_core.fitting.FitResult`. See
     :class:`BundleFit` (``aligned``: None is :data:`~npbgpp_core.fitting.FIT_ALIGNED`;
     ``check_view``: None is :data:`~npbgpp_core.fitting.FIT_CHECK_VIEW`; ``fair_check``: None is
     :data:`~npbgpp_core.fitting.FIT_FAIR_CHECK` when checked; ``check_tolerance``: None is
-    :data:`~npbgpp_core.fitting.CHECK_TOLERANCE_DB`)."""
+    :data:`~npbgpp_core.fitting.CHECK_TOLERANCE_DB`; ``check_recipes``: None is the fit's own
+    recipe alone)."""
     from .datasets import load_scene
 
     # the bundle holds the points; the dataset gives photos and cameras (it may have no cloud of its own)
     data = (load_scene(os.fspath(dataset), require_points=False) if isinstance(dataset, (str, os.PathLike))
             else dataset)
     job = BundleFit(bundle_path, data, steps, weights, domain, device, aligned, check_view, fair_check,
-                    check_tolerance)
+                    check_tolerance, check_recipes)
     while not job.step():
         pass
     job.save(out)

@@ -161,3 +161,39 @@ def test_bad_choices_are_refused_before_a_step(setup, options, message):
     with pytest.raises(ValueError, match=message):
         fit_coefficients(model, aggregated, views, steps=1, **options)
 
+
+
+def test_a_bundle_fit_counts_every_recipes_steps_and_names_the_one_it_dropped(tmp_path, monkeypatch):
+    """BundleFit with check_recipes: ``total`` is both recipes' steps plus the two scoring
+    renders, and ``step()`` reaches it; both recipes scoring more than the tolerance below the
+    unfitted scene (scores set here), the better one is named in the line saying it was dropped.
+    With too few photos for the check, the first recipe alone runs on all of them: ``total`` is
+    its steps."""
+    from npbgpp_core import fitting
+
+    folder = make_tiny_scene(str(tmp_path / "scene"), views=4, size=SIZE, n_points=200, splits=(3, 0, 1))
+    bundle = str(tmp_path / "agg.npbgpp")
+    aggregate_with_worker(folder, bundle)
+    scores = [20.0, 18.0, 19.0]  # unfitted, crops, whole
+
+    def scored(*_args):
+        return scores.pop(0)
+
+    monkeypatch.setattr(fitting, "view_psnr", scored)
+    job = BundleFit(bundle, load_scene(folder), steps=3, check_view=True, check_recipes=["crops", "whole"])
+    assert job.total == 3 + WHOLE_VIEW_STEPS + 2
+    while not job.step():
+        pass
+    assert job.done == job.total and scores == []
+    check = job.check()
+    assert check["kept"] == "unfitted" and check["recipe"] == "whole"
+    assert job.outcome() == ("kept the unfitted scene: the fit (whole views) scored 1.00 dB below it (more than "
+                             f"the 0.50 dB the check allows) on held-apart photo {check['name']}")
+    few = make_tiny_scene(str(tmp_path / "few"), views=3, size=SIZE, n_points=200, splits=(2, 0, 1))
+    few_bundle = str(tmp_path / "few.npbgpp")
+    aggregate_with_worker(few, few_bundle)
+    job = BundleFit(few_bundle, load_scene(few), steps=3, check_view=True, check_recipes=["whole", "crops"])
+    assert not job.checked and job.total == WHOLE_VIEW_STEPS
+    while not job.step():
+        pass
+    assert job.done == WHOLE_VIEW_STEPS and job.result.steps == WHOLE_VIEW_STEPS and job.check()["skipped"]

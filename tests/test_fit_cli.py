@@ -208,3 +208,97 @@ def test_fit_command_refuses_a_bad_check_tolerance_before_fitting(scene_and_bund
     with pytest.raises(SystemExit):
         fit_cli.parse_args(["--help"])
     assert f"(default {CHECK_TOLERANCE_DB})" in " ".join(capsys.readouterr().out.split())
+
+
+def scores_in_turn(*scores: float):
+    """A stand-in for ``npbgpp_core.fitting.view_psnr`` in a choosing check: the kept photo's
+    scores in the order the check asks for them (unfitted, then after each recipe's fit), so
+    which recipe wins there is known whatever the fits did."""
+    left = list(scores)
+
+    def fake(*_args):
+        return left.pop(0)
+    return fake
+
+
+def test_fit_command_check_recipes_keeps_the_whole_view_fit_when_it_scores_best(scene_and_bundle, tmp_path,
+                                                                              monkeypatch, capsys):
+    """--check-recipes crops,whole with the whole-view fit scoring best on the kept photo: the
+    bundle written is, bit for bit, the whole-view recipe fitted alone (as the choice's other
+    candidate it starts from the unfitted scene with the same seed), its metadata name the
+    recipe and both candidates, the progress counts both fits' steps and the last line names the
+    recipe."""
+    from headless_train.fit import main
+    from npbgpp_core import fitting
+    from npbgpp_core.scene import NeuralScene
+    from npbgpp_core.scene_fit import fit_bundle
+
+    folder, bundle = scene_and_bundle
+    monkeypatch.setattr(fitting, "view_psnr", scores_in_turn(20.0, 19.0, 21.9))
+    out = str(tmp_path / "fitted.npbgpp")
+    capsys.readouterr()
+    assert main(["--bundle", bundle, "--scene", folder, "--out", out, "--steps", "2", "--device", "cpu",
+                 "--check-recipes", "crops,whole"]) == 0
+    err = capsys.readouterr().err
+    total = 2 + fitting.WHOLE_VIEW_STEPS + 2  # both fits' steps and the two scoring renders
+    assert f"step {total - 1}/{total}, scoring the kept photo" in err
+    saved = NeuralScene.load(out)
+    check = saved.metadata["fit"]["check"]
+    assert check["kept"] == "fitted" and check["recipe"] == "whole"
+    assert [(c["recipe"], c["psnr_fitted"], c["steps"]) for c in check["candidates"]] == [
+        ("crops", 19.0, 2), ("whole", 21.9, fitting.WHOLE_VIEW_STEPS)]
+    assert saved.metadata["fit"]["steps"] == fitting.WHOLE_VIEW_STEPS
+    assert err.splitlines()[-1] == f"kept the fit (whole views): +1.90 dB on held-apart photo {check['name']}"
+    monkeypatch.setattr(fitting, "view_psnr", scores_in_turn(20.0, 21.9))
+    reference = str(tmp_path / "whole_alone.npbgpp")
+    fit_bundle(bundle, folder, reference, steps=2, check_view=True, check_recipes=("whole",))
+    assert torch.equal(saved.features, NeuralScene.load(reference).features)
+    assert saved.model_state.keys() == NeuralScene.load(reference).model_state.keys()
+    for name, value in NeuralScene.load(reference).model_state.items():
+        assert torch.equal(saved.model_state[name], value), name
+
+
+def test_fit_command_without_check_recipes_records_no_choice(scene_and_bundle, tmp_path, monkeypatch, capsys):
+    """By default the check fits the crop recipe alone, as before: no recipe in the metadata or
+    the last line, the progress counting its own steps only."""
+    from headless_train.fit import main
+    from npbgpp_core import fitting
+    from npbgpp_core.scene import NeuralScene
+
+    folder, bundle = scene_and_bundle
+    monkeypatch.setattr(fitting, "view_psnr", scores_in_turn(20.0, 21.0))
+    out = str(tmp_path / "fitted.npbgpp")
+    capsys.readouterr()
+    assert main(["--bundle", bundle, "--scene", folder, "--out", out, "--steps", "2", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    check = NeuralScene.load(out).metadata["fit"]["check"]
+    assert "recipe" not in check and "candidates" not in check and "step 3/4" in err
+    assert err.splitlines()[-1] == f"kept the fit: +1.00 dB on held-apart photo {check['name']}"
+
+
+def test_fit_command_refuses_bad_check_recipes_before_fitting(scene_and_bundle, tmp_path, monkeypatch, capsys):
+    """Unknown or repeated --check-recipes names, and --check-recipes with --no-check-view (no
+    photo kept apart to choose on), are refused with the core's own message in one line; exit 2,
+    before the fit, nothing written."""
+    from headless_train import fit as fit_cli
+    from npbgpp_core import scene_fit
+    from npbgpp_core.fitting import coefficients_recipe
+
+    folder, bundle = scene_and_bundle
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("the fit started before the refusal")
+
+    monkeypatch.setattr(scene_fit, "BundleFit", no_fit)
+    out = str(tmp_path / "fitted.npbgpp")
+    run = ["--bundle", bundle, "--scene", folder, "--out", out, "--steps", "2"]
+    for value, names, check_view in (("crops,wide", ("crops", "wide"), True), ("whole,whole", ("whole", "whole"), True),
+                                     ("", ("",), True), ("crops,whole", ("crops", "whole"), False)):
+        with pytest.raises(ValueError) as core:
+            coefficients_recipe(check_view=check_view, check_recipes=names)
+        flags = [] if check_view else ["--no-check-view"]
+        assert fit_cli.main([*run, *flags, f"--check-recipes={value}"]) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: {core.value}\n" and err.count("\n") == 1
+    assert "it needs check_view=True" in str(core.value)
+    assert not os.path.exists(out) and os.listdir(tmp_path) == []
