@@ -72,6 +72,9 @@ class RENDER_PT_npbgpp_data(_NPBGPPPanel, bpy.types.Panel):
         layout.prop(s, "up_axis")
         layout.prop(s, "fit_upright")
         layout.prop(s, "fit_check_view")
+        row = layout.row()
+        row.enabled = s.fit_check_view  # it chooses on the kept photo: nothing to choose on without the check
+        row.prop(s, "fit_check_whole_views")
         col = layout.column(align=True)
         col.operator("import_scene.npbgpp_ply", icon="IMPORT")
         col.operator("import_scene.npbgpp_bundle", icon="IMPORT")

@@ -420,7 +420,10 @@ class FitBegin(Request):
     upright (``fit_coefficients``' ``aligned``); None: its default, ``FIT_ALIGNED``.
     ``check_view``: keep one training photo apart and write the unfitted scene if the fit
     scores more than ``CHECK_TOLERANCE_DB`` lower on it (``fit_coefficients``' ``check_view``); None: its default,
-    ``FIT_CHECK_VIEW``. A checked fit's ``total`` counts its two scoring renders as steps."""
+    ``FIT_CHECK_VIEW``. A checked fit's ``total`` counts its two scoring renders as steps.
+    ``check_recipes`` (with ``check_view``): the fit's choosing check (``fit_coefficients``'
+    ``check_recipes``, names from ``CHECK_RECIPES``: each recipe fitted, the best on the kept
+    photo kept); empty: the fit's own recipe alone. ``total`` then counts every recipe's steps."""
 
     bundle: str
     dataset: str
@@ -433,6 +436,7 @@ class FitBegin(Request):
     device: str = "AUTO"
     aligned: bool | None = None
     check_view: bool | None = None
+    check_recipes: tuple[str, ...] = ()
     op: ClassVar[str] = "fit_begin"
     reply: ClassVar[type[Reply]] = FitProgress
 

@@ -480,7 +480,7 @@ class RenderService:
         # the bundle holds the points; the dataset gives photos and cameras (it may have no cloud of its own)
         data = load_dataset(req.dataset, req.format, req.undistort, req.allow_external_paths, require_points=False)
         self.fit = BundleFit(req.bundle, data, req.steps, req.weights, req.domain, pick_device(req.device),
-                             req.aligned, req.check_view)
+                             req.aligned, req.check_view, check_recipes=req.check_recipes)
         return self._fit_progress()
 
     def fit_step(self, req: P.FitStep) -> P.FitProgress:

@@ -5899,6 +5899,83 @@ def test_fit_to_photos_that_loses_on_its_held_apart_photo_says_how_to_keep_a_fit
                          "worth keeping: the scene renders as before the fit.")
 
 
+def test_fit_to_photos_also_tries_whole_views_when_asked(scene, monkeypatch):
+    """Also Try Whole Views (drawn under Check Fit on a Photo, off by default, greyed while the
+    check is off) reaches the worker's fit (in-process, the kept photo's scores set here: the
+    whole-view fit's best): the progress counts both fits' steps, the bundle's metadata and the
+    report name the recipe kept, and the bundle is the whole-view recipe's fit. With the check
+    off the box is ignored: a plain fit of its own steps."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from npbgpp_core import fitting
+    from npbgpp_core import protocol as P
+    from npbgpp_core.scene import NeuralScene
+    from npbgpp_core.scene_fit import fit_bundle
+
+    sc = scene["scene"]
+    sc.npbgpp.worker_mode = "IN_PROCESS"  # the scores below are this process's
+    panel = {p.__name__: p for p in bpy.types.Panel.__subclasses__()}["RENDER_PT_npbgpp_data"]
+    props = type(sc.npbgpp).bl_rna.properties
+    assert props["fit_check_whole_views"].default is False and P.FitBegin("b", "d").check_recipes == ()
+    for check in (True, False):
+        sc.npbgpp.fit_check_view = check
+        layout = _Layout()
+        panel.draw(type("P", (), {"layout": layout})(), bpy.context)
+        assert layout.props.index("fit_check_whole_views") == layout.props.index("fit_check_view") + 1
+        assert layout.states["fit_check_whole_views"][1] is check and layout.states["fit_check_view"][1]
+    agg = _four_camera_aggregated(scene)
+    fit_op = sys.modules[f"{MODULE}.operators"].NPBGPP_OT_fit
+
+    def fit(out: str) -> tuple:
+        """Fit to Photos through the operator's begin / step / finish: (the totals seen, its report)."""
+        sc.npbgpp.bundle = agg
+        reports: list[tuple] = []
+        op = SimpleNamespace(filepath=out, steps=50, report=lambda kind, text: reports.append((kind, text)))
+        for name in ("_job", "_step_request", "_cancel_request", "_cancel_note", "_timeout"):
+            setattr(op, name, getattr(fit_op, name))
+        op._request = lambda name: fit_op._request(op, name)
+        first = fit_op._begin(op, bpy.context)
+        assert first is not None, reports
+        totals = {first.total}
+        while True:
+            progress = op._request("FitStep")
+            totals.add(progress.total)
+            if progress.finished:
+                break
+        assert progress.done == first.total
+        assert fit_op._finish(op, bpy.context) == {"FINISHED"}
+        return totals, reports[-1]
+
+    scores = [20.0, 19.0, 21.9]  # the kept photo unfitted, after the crops' fit, after the whole views'
+
+    def scored(*_args):
+        return scores.pop(0)
+
+    monkeypatch.setattr(fitting, "view_psnr", scored)
+    sc.npbgpp.fit_check_view, sc.npbgpp.fit_check_whole_views = True, True
+    chosen = str(scene["dir"] / "whole.npbgpp")
+    totals, (kind, text) = fit(chosen)
+    saved = NeuralScene.load(chosen)
+    check = saved.metadata["fit"]["check"]
+    assert totals == {50 + fitting.WHOLE_VIEW_STEPS + 2} and scores == []
+    assert check["recipe"] == "whole" and [c["recipe"] for c in check["candidates"]] == ["crops", "whole"]
+    assert check["kept"] == "fitted" and saved.kind == "coefficients" and kind == {"INFO"}
+    assert saved.metadata["fit"]["steps"] == fitting.WHOLE_VIEW_STEPS
+    assert (f"; kept the fit (whole views): +1.90 dB on held-apart photo {check['name']}; saved to {chosen}"
+            in text)
+    scores[:] = [20.0, 21.9]  # the whole-view recipe alone, from the same unfitted scene and seed
+    alone = str(scene["dir"] / "whole_alone.npbgpp")
+    fit_bundle(agg, str(scene["dir"] / "nerf4"), alone, steps=50, check_view=True, check_recipes=("whole",))
+    assert torch.equal(saved.features, NeuralScene.load(alone).features)
+    sc.npbgpp.fit_check_view = False  # the box stays on, unused
+    plain = str(scene["dir"] / "plain.npbgpp")
+    totals, (kind, text) = fit(plain)
+    assert totals == {50} and "check" not in NeuralScene.load(plain).metadata["fit"]
+    assert "; the fit was not checked on a photo kept apart; saved to" in text
+
+
 def _png_rgb(sc, path) -> np.ndarray:
     """F12 saved as Blender saves renders: an 8-bit RGB PNG, its codes (0 .. 255) as floats."""
     from PIL import Image
