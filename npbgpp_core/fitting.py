@@ -956,7 +956,8 @@ def fit_coefficients(
     ``crop=None``, ``crops_per_step=1``; the other knobs as given) is fitted in turn from the
     unfitted scene with the same ``seed`` on the views less the kept one and scored there; the
     best score is kept (the earlier recipe on a tie, NaN never), then checked against the
-    unfitted scene with ``check_tolerance`` as above. Off for the users' fits: measured, it won at
+    unfitted scene with ``check_tolerance`` as above. Off by default for the users' fits (opt-in:
+    ``headless_train fit --check-recipes``, the add-on's Also Try Whole Views): measured, it won at
     512 px / 6 input views (mean of 9 captures +0.47 dB, video_sfm +3.51) and lost elsewhere
     (256 px / 6 views -0.12, flowerpot -0.60; 512 px all views beer -0.84): one photo is a coin
     between two fits tenths of a dB apart, and the lean above favours the gentler fit too (at 256 px
