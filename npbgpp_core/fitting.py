@@ -80,7 +80,7 @@ CHECK_TOLERANCE_DB = 0.5
 # beat the crops on some captures and lost on others (BENCHMARKS.md "Whole-view steps at the
 # photos' own size", "Fits for captures with few photos"). Opt-in, not the users' fits: choosing
 # on the kept photo won at 512 px / 6 views (mean of 9 +0.47 dB, video_sfm +3.51) but lost
-# elsewhere (256 px / 6 views -0.12, flowerpot -0.60; 512 px all views beer -0.84 on a 0.10 dB
+# elsewhere (256 px / 6 views -0.12, flowerpot -0.60; 512 px all views beer -0.84 on a 0.11 dB
 # kept-photo margin; BENCHMARKS.md "A checked fit that chooses its recipe on the kept photo").
 CHECK_RECIPES = ("crops", "whole")
 
