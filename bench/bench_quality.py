@@ -99,10 +99,10 @@ def on_off_arg(text: str) -> bool:
 def check_recipes_arg(text: str) -> tuple[str, ...]:
     """``--check-recipes crops,whole``: the recipes a checked fit chooses between on its kept photo
     (fit_coefficients' check_recipes; names from npbgpp_core.fitting.CHECK_RECIPES)."""
-    from npbgpp_core.fitting import check_recipe_names
+    from npbgpp_core.fitting import check_recipe_names, split_check_recipes
 
     try:
-        return check_recipe_names(tuple(n.strip() for n in text.split(",") if n.strip()))
+        return check_recipe_names(split_check_recipes(text))
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 

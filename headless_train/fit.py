@@ -19,7 +19,7 @@ class FitError(RuntimeError):
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    from npbgpp_core.fitting import CHECK_RECIPES, CHECK_TOLERANCE_DB, WHOLE_VIEW_STEPS
+    from npbgpp_core.fitting import CHECK_RECIPES, CHECK_TOLERANCE_DB, WHOLE_VIEW_STEPS, split_check_recipes
     from npbgpp_core.scene_fit import DEFAULT_STEPS
 
     p = argparse.ArgumentParser(prog="python -m headless_train fit", description=__doc__)
@@ -40,17 +40,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--check-tolerance", type=float, default=None, metavar="DB",
                    help="how many dB the fit may score below the unfitted scene on the photo --check-view keeps "
                    f"apart and still be kept: a finite number >= 0, 0 drops any loss (default {CHECK_TOLERANCE_DB})")
-    p.add_argument("--check-recipes", type=recipe_names, default=None, metavar="NAMES",
+    # names checked in fit() by the core, with its message (argparse would replace it with its own)
+    p.add_argument("--check-recipes", type=split_check_recipes, default=None, metavar="NAMES",
                    help=f"comma-separated recipes from {','.join(CHECK_RECIPES)}: fit each (crops: --steps steps of "
                    f"crops; whole: {WHOLE_VIEW_STEPS} steps of whole photos) on the photos less the one --check-view "
                    "keeps apart and keep the one scoring best there, then check it as usual (default: crops "
                    "alone; crops,whole: about 2.3x the time)")
     return p.parse_args(argv)
-
-
-def recipe_names(text: str) -> tuple[str, ...]:
-    """``--check-recipes``' names, split on commas (checked by the core, with its message)."""
-    return tuple(name.strip() for name in text.split(","))
 
 
 def fit(args: argparse.Namespace) -> str:

@@ -593,6 +593,13 @@ def check_recipe_names(names: object) -> tuple[str, ...]:
     return tuple(names)
 
 
+def split_check_recipes(text: str) -> tuple[str, ...]:
+    """The comma-separated names of a ``--check-recipes`` flag (``headless_train fit``,
+    ``bench_quality``), spaces around each dropped, not yet checked: an empty name stays, so
+    :func:`check_recipe_names` refuses it as unknown rather than one flag reading "" as no choice."""
+    return tuple(name.strip() for name in text.split(","))
+
+
 def _checked_steps(
     model: NPBG, points: torch.Tensor, views: FitViews, candidates: list[Candidate], loss_fn: LossFn,
     seed: int, device: torch.device, tolerance: float, keep_candidates: bool = False,

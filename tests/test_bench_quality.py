@@ -303,3 +303,13 @@ def test_check_recipes_flag_records_every_candidates_held_out_scores(tmp_path, m
     assert "unknown recipe(s) ['tiles']" in capsys.readouterr().err
     with pytest.raises(QualityError, match="check_recipes .* needs check_view=True"):
         check_fit_options(parse_args(["--scenes", folder, "--check-view", "off", "--check-recipes", "whole"]))
+
+
+def test_check_recipes_flag_refuses_an_empty_name_as_the_fit_command_does(capsys):
+    """bench_quality's --check-recipes splits its names as headless_train fit's does
+    (fitting.split_check_recipes): an empty name, or an empty flag, is refused as an unknown
+    recipe with the core's message, not read as no choice (a plain check run under the wrong name)."""
+    for value in ("", "crops,,whole"):
+        with pytest.raises(SystemExit):
+            parse_args(["--scenes", "unused", "--check-recipes", value])
+        assert "unknown recipe(s) ['']" in capsys.readouterr().err
