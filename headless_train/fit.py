@@ -60,16 +60,16 @@ def fit(args: argparse.Namespace) -> str:
     from npbgpp_core.scene_fit import BundleFit, check_steps
 
     check_steps(args.steps)
+    check_view = FIT_CHECK_VIEW if args.check_view is None else args.check_view
     if args.check_tolerance is not None:
         # refused now, before the scene is read (BundleFit checks it again, with the same function)
         check_tolerance_db(args.check_tolerance)
-        if not (FIT_CHECK_VIEW if args.check_view is None else args.check_view):
+        if not check_view:
             raise FitError("--check-tolerance is what the fit may lose on the photo --check-view keeps apart; with "
                            "--no-check-view no photo is kept apart: drop one of the two")
     if args.check_recipes is not None:
         # refused now with the core's own messages (unknown names; no --check-view to choose on)
-        coefficients_recipe(check_view=FIT_CHECK_VIEW if args.check_view is None else args.check_view,
-                            check_recipes=args.check_recipes)
+        coefficients_recipe(check_view=check_view, check_recipes=args.check_recipes)
     check_output_suffix(args.out, ".npbgpp")
     if os.path.exists(args.out) and same_file(args.out, args.bundle):
         raise FitError(f"--out {args.out} is the --bundle it fits; write the fitted bundle to another file")
