@@ -138,8 +138,9 @@ FIT_KNOBS = (
      "aggregates the photos the fit sees, so with --fit-max-side at that size, not at --max-side as the "
      "no-fitting column"),
     ("--check-recipes", check_recipes_arg, "comma-separated recipes a checked fit fits and chooses between on its "
-     "kept photo (crops: the --crop/--steps/--crops-per-step recipe; whole: 50 steps of one whole view); "
-     "every candidate's kept-photo and held-out PSNR are recorded (default: one recipe, no choice)"),
+     "kept photo (crops: the --crop/--steps/--crops-per-step recipe; whole: npbgpp_core.fitting.WHOLE_VIEW_STEPS "
+     "steps of one whole view); every candidate's kept-photo and held-out PSNR are recorded (default: one "
+     "recipe, no choice)"),
 )
 
 
