@@ -157,10 +157,11 @@ def test_progress_counts_every_candidates_steps_and_kept_states_are_each_recipes
     ({"check_view": True, "keep_candidates": "yes"}, "keep_candidates must be True or False"),
 ])
 def test_bad_choices_are_refused_before_a_step(setup, options, message):
+    """A choice without the check, an unknown or repeated recipe, a bare string for the list and a
+    keep_candidates that is not a bool are each refused with a ValueError naming the problem."""
     model, aggregated, views = setup
     with pytest.raises(ValueError, match=message):
         fit_coefficients(model, aggregated, views, steps=1, **options)
-
 
 
 def test_a_bundle_fit_counts_every_recipes_steps_and_names_the_one_it_dropped(tmp_path, monkeypatch):
