@@ -141,9 +141,9 @@ class NPBGPPSceneSettings(bpy.types.PropertyGroup):
         description="Only with Check Fit on a Photo: Fit to Photos fits twice on the photos less the kept one, "
         "the usual crops and 50 steps of whole photos, keeps the fit scoring better on the kept photo and checks "
         "it as usual; the report names the one kept. Measured at 512 px with 6 photos on 9 captures: +0.2 to "
-        "+0.5 dB mean on held-out views, one capture 1.5 to 3.5 dB, for about 2x the fitting time; with all "
-        "photos or at 256 px it lost up to 0.8 dB on some captures, so it is off by default (BENCHMARKS.md, A "
-        "checked fit that chooses its recipe on the kept photo)",
+        "+0.5 dB mean on held-out views, one capture 1.5 to 3.5 dB, for about 2.3x the fitting time (1.3x at "
+        "256 px); with all photos or at 256 px it lost up to 0.84 dB on some captures, so it is off by default "
+        "(BENCHMARKS.md, A checked fit that chooses its recipe on the kept photo)",
     )
     dataset_path: StringProperty(  # type: ignore[valid-type]
         name="Dataset", description="Dataset folder the input cameras came from (Aggregate reads its images)",
