@@ -902,9 +902,13 @@ class NPBGPP_OT_fit(_WorkerStepJob, bpy.types.Operator):
             remedy = " To keep a fit regardless, turn off Check Fit on a Photo and fit again."
         else:
             remedy = ""
-        self.report(kind, f"Fitted {reply.steps} steps in {reply.seconds:.0f} s (loss {reply.loss_first:.4f} -> "
-                          f"{reply.loss_last:.4f}); {reply.outcome}; saved to {self._out}, now the scene's bundle."
-                          + remedy)
+        losses = f"loss {reply.loss_first:.4f} -> {reply.loss_last:.4f}"
+        if reply.steps_in_all:  # Also Try Whole Views: the seconds are both fits', the steps and losses the chosen's
+            fitted = (f"Fitted {reply.steps_in_all} steps in {reply.seconds:.0f} s over both recipes (the one chosen: "
+                      f"{reply.steps} steps, {losses})")
+        else:
+            fitted = f"Fitted {reply.steps} steps in {reply.seconds:.0f} s ({losses})"
+        self.report(kind, f"{fitted}; {reply.outcome}; saved to {self._out}, now the scene's bundle." + remedy)
         return {"FINISHED"}
 
     def _status(self, context: Any, progress: Any) -> None:

@@ -206,7 +206,10 @@ class FitResultInfo(Reply):
     scored more than ``CHECK_TOLERANCE_DB`` below the unfitted scene on the photo kept apart, so
     the bundle written is the unfitted one; ``outcome``: one line saying so for the user (``BundleFit.outcome``);
     ``render_not_finite``: the fit was dropped because its render of that photo was not finite
-    (``FitCheck.render_not_finite``): the fit itself is broken, not merely worse."""
+    (``FitCheck.render_not_finite``): the fit itself is broken, not merely worse.
+    ``steps_in_all``: a choosing check (:class:`FitBegin` ``check_recipes``) fitted each recipe
+    and chose one: the steps of them all (``FitCheck.candidates``), of which ``steps`` and the
+    losses are the chosen fit's while ``seconds`` count every fit; 0 for any other fit."""
 
     path: str
     steps: int
@@ -216,6 +219,7 @@ class FitResultInfo(Reply):
     kept: str = "fitted"
     outcome: str = ""
     render_not_finite: bool = False
+    steps_in_all: int = 0
 
 
 @dataclass

@@ -495,9 +495,11 @@ class RenderService:
         self.fit = None
         losses = job.result.losses
         check = job.check()
+        raw = job.result.check
         return P.FitResultInfo(req.out, job.result.steps, float(losses[0]), float(losses[-1]), job.result.seconds,
                                "fitted" if check is None else check["kept"], job.outcome(),
-                               job.result.check is not None and job.result.check.render_not_finite)
+                               raw is not None and raw.render_not_finite,
+                               sum(c.steps for c in raw.candidates) if raw is not None else 0)
 
     def fit_cancel(self, req: P.FitCancel) -> P.Done:
         self._drop_fit()

@@ -5903,8 +5903,9 @@ def test_fit_to_photos_also_tries_whole_views_when_asked(scene, monkeypatch):
     """Also Try Whole Views (drawn under Check Fit on a Photo, off by default, greyed while the
     check is off) reaches the worker's fit (in-process, the kept photo's scores set here: the
     whole-view fit's best): the progress counts both fits' steps, the bundle's metadata and the
-    report name the recipe kept, and the bundle is the whole-view recipe's fit. With the check
-    off the box is ignored: a plain fit of its own steps."""
+    report name the recipe kept, the report gives both fits' steps and the chosen one's, and the
+    bundle is the whole-view recipe's fit. With the check off the box is ignored: a plain fit of
+    its own steps."""
     from types import SimpleNamespace
 
     import torch
@@ -5928,11 +5929,11 @@ def test_fit_to_photos_also_tries_whole_views_when_asked(scene, monkeypatch):
     agg = _four_camera_aggregated(scene)
     fit_op = sys.modules[f"{MODULE}.operators"].NPBGPP_OT_fit
 
-    def fit(out: str) -> tuple:
+    def fit(out: str, steps: int) -> tuple:
         """Fit to Photos through the operator's begin / step / finish: (the totals seen, its report)."""
         sc.npbgpp.bundle = agg
         reports: list[tuple] = []
-        op = SimpleNamespace(filepath=out, steps=50, report=lambda kind, text: reports.append((kind, text)))
+        op = SimpleNamespace(filepath=out, steps=steps, report=lambda kind, text: reports.append((kind, text)))
         for name in ("_job", "_step_request", "_cancel_request", "_cancel_note", "_timeout"):
             setattr(op, name, getattr(fit_op, name))
         op._request = lambda name: fit_op._request(op, name)
@@ -5956,13 +5957,18 @@ def test_fit_to_photos_also_tries_whole_views_when_asked(scene, monkeypatch):
     monkeypatch.setattr(fitting, "view_psnr", scored)
     sc.npbgpp.fit_check_view, sc.npbgpp.fit_check_whole_views = True, True
     chosen = str(scene["dir"] / "whole.npbgpp")
-    totals, (kind, text) = fit(chosen)
+    totals, (kind, text) = fit(chosen, 20)  # crops' steps other than the whole views' 50
     saved = NeuralScene.load(chosen)
     check = saved.metadata["fit"]["check"]
-    assert totals == {50 + fitting.WHOLE_VIEW_STEPS + 2} and scores == []
-    assert check["recipe"] == "whole" and [c["recipe"] for c in check["candidates"]] == ["crops", "whole"]
+    assert totals == {20 + fitting.WHOLE_VIEW_STEPS + 2} and scores == []
+    assert check["recipe"] == "whole" and [(c["recipe"], c["steps"]) for c in check["candidates"]] == [
+        ("crops", 20), ("whole", fitting.WHOLE_VIEW_STEPS)]
     assert check["kept"] == "fitted" and saved.kind == "coefficients" and kind == {"INFO"}
     assert saved.metadata["fit"]["steps"] == fitting.WHOLE_VIEW_STEPS
+    assert text.startswith(f"Fitted {20 + fitting.WHOLE_VIEW_STEPS} steps in ")
+    chosen_fit = saved.metadata["fit"]  # the chosen fit's steps and losses
+    assert (f" s over both recipes (the one chosen: {chosen_fit['steps']} steps, loss "
+            f"{chosen_fit['loss_first']:.4f} -> {chosen_fit['loss_last']:.4f}); " in text)
     assert (f"; kept the fit (whole views): +1.90 dB on held-apart photo {check['name']}; saved to {chosen}"
             in text)
     scores[:] = [20.0, 21.9]  # the whole-view recipe alone, from the same unfitted scene and seed
@@ -5971,8 +5977,9 @@ def test_fit_to_photos_also_tries_whole_views_when_asked(scene, monkeypatch):
     assert torch.equal(saved.features, NeuralScene.load(alone).features)
     sc.npbgpp.fit_check_view = False  # the box stays on, unused
     plain = str(scene["dir"] / "plain.npbgpp")
-    totals, (kind, text) = fit(plain)
+    totals, (kind, text) = fit(plain, 50)
     assert totals == {50} and "check" not in NeuralScene.load(plain).metadata["fit"]
+    assert text.startswith("Fitted 50 steps in ") and "recipes" not in text
     assert "; the fit was not checked on a photo kept apart; saved to" in text
 
 
