@@ -157,7 +157,8 @@ class FitCheck:
     ``aggregated_without``: a fair check (``fair_check``): both scores and the fit came from
     an aggregation without the kept view, which took ``aggregate_seconds``.
     ``candidates``: a choosing check (``check_recipes``): every recipe fitted, in order, with its
-    score on the kept view; ``recipe`` the one chosen (the best score; ``psnr_fitted`` is its)."""
+    score on the kept view; ``recipe`` the one chosen (the best score; ``psnr_fitted`` is its),
+    or, when the check could not apply, the one that ran unchecked (the first named)."""
 
     view: int | None
     psnr_unfitted: float | None = None
@@ -190,8 +191,10 @@ class FitCheck:
                        tolerance_db=self.tolerance)
         if self.aggregated_without:
             out.update(aggregated_without=True, aggregate_s=round(self.aggregate_seconds, 3))
+        if self.recipe:
+            out["recipe"] = self.recipe
         if self.candidates:
-            out.update(recipe=self.recipe, candidates=[c.as_dict() for c in self.candidates])
+            out["candidates"] = [c.as_dict() for c in self.candidates]
         return out
 
 
@@ -615,10 +618,11 @@ def _checked_steps(
     ``keep_candidates``: the result holds each candidate's fitted state (CPU)."""
     k = check_view_index(len(views.cameras))
     if k is None:
-        _, steps, crop, recipe = candidates[0]
+        name, steps, crop, recipe = candidates[0]
         result = yield from _fit_steps(model, points, views, steps, crop, loss_fn, recipe, seed, device)
+        # a choosing check's first recipe ran: named, since it need not be the call's own
         result.check = FitCheck(None, skipped=f"{len(views.cameras)} input views, fewer than the "
-                                              f"{CHECK_VIEW_MIN_VIEWS} a check needs")
+                                              f"{CHECK_VIEW_MIN_VIEWS} a check needs", recipe=name)
         return result
     start = time.perf_counter()
     # in CPU memory: on a GPU a copy there would hold one more set of coefficients for the

@@ -233,11 +233,12 @@ class BundleFit:
         check = self.check()
         if check is None:
             return "the fit was not checked on a photo kept apart"
-        if check.get("skipped"):
-            return f"the fit used every photo unchecked: {check['skipped']}"
         raw = self.result.check  # unrounded; +inf is an exact match, NaN a render not scored
-        # a choosing check names the recipe it chose ("kept the fit (whole views): ...")
+        # a choosing check names the recipe it chose ("kept the fit (whole views): ..."), or the
+        # one that ran unchecked when the check could not apply
         chosen = f" ({RECIPE_LABELS.get(raw.recipe, raw.recipe)})" if raw.recipe else ""
+        if check.get("skipped"):
+            return f"the fit{chosen} used every photo unchecked: {check['skipped']}"
         if raw.render_not_finite:
             return (f"kept the unfitted scene: the fit's{chosen} render of held-apart photo {check['name']} was not "
                     "finite")

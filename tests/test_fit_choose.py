@@ -169,7 +169,7 @@ def test_a_bundle_fit_counts_every_recipes_steps_and_names_the_one_it_dropped(tm
     renders, and ``step()`` reaches it; both recipes scoring more than the tolerance below the
     unfitted scene (scores set here), the better one is named in the line saying it was dropped.
     With too few photos for the check, the first recipe alone runs on all of them: ``total`` is
-    its steps."""
+    its steps, the metadata and the line name it."""
     from npbgpp_core import fitting
 
     folder = make_tiny_scene(str(tmp_path / "scene"), views=4, size=SIZE, n_points=200, splits=(3, 0, 1))
@@ -198,3 +198,7 @@ def test_a_bundle_fit_counts_every_recipes_steps_and_names_the_one_it_dropped(tm
     while not job.step():
         pass
     assert job.done == WHOLE_VIEW_STEPS and job.result.steps == WHOLE_VIEW_STEPS and job.check()["skipped"]
+    # the recipe that ran is named: with "whole" first it is not the fit's own crop recipe
+    assert job.check()["recipe"] == "whole" and "candidates" not in job.check()
+    assert job.outcome() == ("the fit (whole views) used every photo unchecked: 2 input views, fewer than the 3 a "
+                             "check needs")
