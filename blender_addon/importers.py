@@ -1065,10 +1065,11 @@ class NPBGPP_OT_points_from_meshes(bpy.types.Operator):
                     # instance of it, and its one mesh a ball there and at each vertex), so one that sampled
                     # nothing has no surface anywhere
                     if shown_only_where_instanced(obj):
-                        if obj.hide_render:
-                            reason = HIDDEN_INSTANCED_BY_PARENT.format(parent=obj.parent.name)
-                        elif not instances_its_children(obj.parent, depsgraph):
+                        # first: a parent instancing other things does not instance it, disabled in renders or not
+                        if not instances_its_children(obj.parent, depsgraph):
                             reason = NOT_INSTANCED_BY_PARENT.format(parent=obj.parent.name)
+                        elif obj.hide_render:
+                            reason = HIDDEN_INSTANCED_BY_PARENT.format(parent=obj.parent.name)
                         elif obj.parent.as_pointer() in chosen_at:
                             continue  # sampled where renders show it: as its selected parent's instances
                         else:

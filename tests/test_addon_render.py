@@ -3140,13 +3140,14 @@ def test_points_from_meshes_simulated_parent_instances_no_child_disabled_in_rend
     assert (pts[:, 2] > 1.0).any() and (np.abs(pts[:, 2]) < 1e-5).any()  # on the shown ball's and the plane
 
 
-@pytest.mark.parametrize("instances", ["particles", "particles_path", "nodes", "none"])
+@pytest.mark.parametrize("instances", ["particles", "particles_path", "particles_hidden", "nodes", "none"])
 def test_points_from_meshes_names_a_child_its_parent_instances_nowhere(scene, instances, capfd):
     """A plane instancing its child ball at its 4 vertices (Instancing: Vertices) whose own
     ``instances`` take their place: hair rendering a cube, or Geometry Nodes putting an Ico
     Sphere on its points ("none": Geometry Nodes passing its mesh through, the control);
     "particles_path": the hair shown as Path in viewports, where the plane then instances the
-    ball (measured in bpy 5.0.1; those instances were sampled with the plane).
+    ball (measured in bpy 5.0.1; those instances were sampled with the plane); "particles_hidden":
+    the ball disabled in renders too (it was said to be instanced by the plane).
     Blender's own answer, the depsgraph of a render: it holds the ball nowhere, neither at its
     own place nor as the plane's instances (the 4 of them in the control). The ball selected
     alone is named as shown nowhere (it was told to select the plane, whose points have no
@@ -3183,6 +3184,7 @@ def test_points_from_meshes_names_a_child_its_parent_instances_nowhere(scene, in
     bpy.ops.mesh.primitive_ico_sphere_add(subdivisions=1, radius=0.3)
     ball = bpy.context.active_object
     ball.name, ball.parent, ball.location = "Ball", grid, (0.0, 0.0, 2.0)
+    ball.hide_render = instances == "particles_hidden"
     engine, sc.render.engine = sc.render.engine, "CYCLES"
     try:
         rendered = during_a_render(sc, lambda: _render_tiny(sc), lambda dg: [
