@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 from _blender_user import use_private_blender_user_folder
+from _geometry_nodes import collection_on_points_tree
 
 use_private_blender_user_folder()
 bpy = pytest.importorskip("bpy")
@@ -3378,15 +3379,7 @@ def test_points_from_meshes_leaves_out_a_collection_info_member_disabled_in_rend
     kit, cube, sphere = _cube_and_hidden_sphere(sc, "Kit", 0.2, 0.2, (0.0, 0.0, 0.0), sphere_up=3.0)
     bpy.ops.mesh.primitive_plane_add(size=4.0)  # corners at (+-2, +-2, 0)
     plane = bpy.context.active_object
-    tree = bpy.data.node_groups.new("Kits", "GeometryNodeTree")
-    tree.interface.new_socket("Geometry", in_out="INPUT", socket_type="NodeSocketGeometry")
-    tree.interface.new_socket("Geometry", in_out="OUTPUT", socket_type="NodeSocketGeometry")
-    given, info = tree.nodes.new("NodeGroupInput"), tree.nodes.new("GeometryNodeCollectionInfo")
-    info.inputs["Collection"].default_value = kit
-    put = tree.nodes.new("GeometryNodeInstanceOnPoints")
-    tree.links.new(given.outputs[0], put.inputs["Points"])
-    tree.links.new(info.outputs[0], put.inputs["Instance"])
-    tree.links.new(put.outputs[0], tree.nodes.new("NodeGroupOutput").inputs[0])
+    tree, _ = collection_on_points_tree("Kits", kit)
     plane.modifiers.new("Kits", "NODES").node_group = tree
     for o in sc.objects:
         o.select_set(o == plane)

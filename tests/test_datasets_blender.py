@@ -16,6 +16,7 @@ import torch
 
 bpy = pytest.importorskip("bpy")
 
+from _geometry_nodes import collection_on_points_tree  # noqa: E402
 from bpy_extras.object_utils import world_to_camera_view  # noqa: E402
 from mathutils import Matrix, Vector  # noqa: E402
 from mathutils.bvhtree import BVHTree  # noqa: E402
@@ -598,15 +599,7 @@ def test_scene_points_take_an_object_a_muted_collection_info_names(muted):
     scene.collection.children.link(main)  # the kit is in no scene: nothing but the nodes could show it
     hidden = _quad(10.0, "mc_hidden", kit)
     hidden.hide_render = True
-    group = bpy.data.node_groups.new("mc_collection", "GeometryNodeTree")
-    group.interface.new_socket("Geometry", in_out="INPUT", socket_type="NodeSocketGeometry")
-    group.interface.new_socket("Geometry", in_out="OUTPUT", socket_type="NodeSocketGeometry")
-    given, info = group.nodes.new("NodeGroupInput"), group.nodes.new("GeometryNodeCollectionInfo")
-    info.inputs["Collection"].default_value = kit
-    put = group.nodes.new("GeometryNodeInstanceOnPoints")
-    group.links.new(given.outputs[0], put.inputs["Points"])
-    group.links.new(info.outputs[0], put.inputs["Instance"])
-    group.links.new(put.outputs[0], group.nodes.new("NodeGroupOutput").inputs[0])
+    group, info = collection_on_points_tree("mc_collection", kit)
     info.mute = muted == "node"
 
     def both(tree, geometry):

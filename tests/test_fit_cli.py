@@ -177,13 +177,11 @@ def test_fit_command_check_tolerance_decides_and_is_recorded(scene_and_bundle, t
     assert last.startswith("kept the fit: -" if kept == "fitted" else "kept the unfitted scene: ")
 
 
-def test_fit_command_refuses_a_bad_check_tolerance_before_fitting(scene_and_bundle, tmp_path, monkeypatch, capsys):
-    """A negative or non-finite --check-tolerance is refused with the library's own message, and
-    a tolerance with --no-check-view (no photo is kept apart to apply it to) in one line; exit 2,
-    before the fit, nothing written. --help shows the default."""
-    from headless_train import fit as fit_cli
+def refused_before_fitting(scene_and_bundle, tmp_path, monkeypatch) -> tuple[list[str], str]:
+    """The fit command's arguments for ``scene_and_bundle`` writing to a file in ``tmp_path``,
+    with ``BundleFit`` made to fail the test if a fit starts (a refusal must come first); the
+    arguments and that output path."""
     from npbgpp_core import scene_fit
-    from npbgpp_core.fitting import CHECK_TOLERANCE_DB, check_tolerance_db
 
     folder, bundle = scene_and_bundle
 
@@ -192,7 +190,17 @@ def test_fit_command_refuses_a_bad_check_tolerance_before_fitting(scene_and_bund
 
     monkeypatch.setattr(scene_fit, "BundleFit", no_fit)
     out = str(tmp_path / "fitted.npbgpp")
-    run = ["--bundle", bundle, "--scene", folder, "--out", out, "--steps", "2"]
+    return ["--bundle", bundle, "--scene", folder, "--out", out, "--steps", "2"], out
+
+
+def test_fit_command_refuses_a_bad_check_tolerance_before_fitting(scene_and_bundle, tmp_path, monkeypatch, capsys):
+    """A negative or non-finite --check-tolerance is refused with the library's own message, and
+    a tolerance with --no-check-view (no photo is kept apart to apply it to) in one line; exit 2,
+    before the fit, nothing written. --help shows the default."""
+    from headless_train import fit as fit_cli
+    from npbgpp_core.fitting import CHECK_TOLERANCE_DB, check_tolerance_db
+
+    run, out = refused_before_fitting(scene_and_bundle, tmp_path, monkeypatch)
     for value in ("-0.1", "nan", "inf", "-inf"):
         with pytest.raises(ValueError) as core:
             check_tolerance_db(float(value))
@@ -281,17 +289,9 @@ def test_fit_command_refuses_bad_check_recipes_before_fitting(scene_and_bundle, 
     photo kept apart to choose on), are refused with the core's own message in one line; exit 2,
     before the fit, nothing written."""
     from headless_train import fit as fit_cli
-    from npbgpp_core import scene_fit
     from npbgpp_core.fitting import coefficients_recipe
 
-    folder, bundle = scene_and_bundle
-
-    def no_fit(*args, **kwargs):
-        raise AssertionError("the fit started before the refusal")
-
-    monkeypatch.setattr(scene_fit, "BundleFit", no_fit)
-    out = str(tmp_path / "fitted.npbgpp")
-    run = ["--bundle", bundle, "--scene", folder, "--out", out, "--steps", "2"]
+    run, out = refused_before_fitting(scene_and_bundle, tmp_path, monkeypatch)
     for value, names, check_view in (("crops,wide", ("crops", "wide"), True), ("whole,whole", ("whole", "whole"), True),
                                      ("", ("",), True), ("crops,whole", ("crops", "whole"), False)):
         with pytest.raises(ValueError) as core:

@@ -1,0 +1,23 @@
+"""A Geometry Nodes tree the add-on's instancing tests build in several files (real bpy)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def collection_on_points_tree(name: str, collection: Any) -> tuple[Any, Any]:
+    """A new node group ``name`` that instances ``collection`` (a Collection Info node) on the
+    points of its geometry input and outputs the instances only; returns the group and its
+    Collection Info node (a test mutes it, or reads its settings)."""
+    import bpy
+
+    tree = bpy.data.node_groups.new(name, "GeometryNodeTree")
+    tree.interface.new_socket("Geometry", in_out="INPUT", socket_type="NodeSocketGeometry")
+    tree.interface.new_socket("Geometry", in_out="OUTPUT", socket_type="NodeSocketGeometry")
+    given, info = tree.nodes.new("NodeGroupInput"), tree.nodes.new("GeometryNodeCollectionInfo")
+    info.inputs["Collection"].default_value = collection
+    put = tree.nodes.new("GeometryNodeInstanceOnPoints")
+    tree.links.new(given.outputs[0], put.inputs["Points"])
+    tree.links.new(info.outputs[0], put.inputs["Instance"])
+    tree.links.new(put.outputs[0], tree.nodes.new("NodeGroupOutput").inputs[0])
+    return tree, info
