@@ -603,6 +603,13 @@ def split_check_recipes(text: str) -> tuple[str, ...]:
     return tuple(name.strip() for name in text.split(","))
 
 
+def _cpu_state(model: NPBG) -> dict[str, torch.Tensor]:
+    """A copy of ``model``'s state in CPU memory, for a checked fit to load back later: on a
+    GPU a copy there would hold one more set of coefficients for the whole fit (~0.7 GB at
+    3M points); load_state_dict copies it back onto the model's device."""
+    return {name: value.detach().to("cpu", copy=True) for name, value in model.state_dict().items()}
+
+
 def _checked_steps(
     model: NPBG, points: torch.Tensor, views: FitViews, candidates: list[Candidate], loss_fn: LossFn,
     seed: int, device: torch.device, tolerance: float, keep_candidates: bool = False,
@@ -625,9 +632,7 @@ def _checked_steps(
                                               f"{CHECK_VIEW_MIN_VIEWS} a check needs", recipe=name)
         return result
     start = time.perf_counter()
-    # in CPU memory: on a GPU a copy there would hold one more set of coefficients for the
-    # whole fit (~0.7 GB at 3M points); load_state_dict copies it back onto the model's device
-    unfitted = {name: value.detach().to("cpu", copy=True) for name, value in model.state_dict().items()}
+    unfitted = _cpu_state(model)
     before = view_psnr(model, points, views, k)
     scoring = time.perf_counter() - start
     yield 1
@@ -659,14 +664,13 @@ def _checked_steps(
         scoring += time.perf_counter() - start
         scored.append(FitCandidate(name, after, result.steps, result.seconds))
         if keep_candidates:
-            states[name] = {n: v.detach().to("cpu", copy=True) for n, v in model.state_dict().items()}
+            states[name] = _cpu_state(model)
         # a NaN score never wins; ties keep the earlier candidate
         if best is None or (after > scored[best[0]].psnr_fitted) or (
                 math.isnan(scored[best[0]].psnr_fitted) and not math.isnan(after)):
             best = (i, result)
             if i < len(candidates) - 1:  # a later candidate refits the model: keep this state
-                best_state = states.get(name) or {n: v.detach().to("cpu", copy=True)
-                                                  for n, v in model.state_dict().items()}
+                best_state = states.get(name) or _cpu_state(model)
             else:
                 best_state = None  # the model holds it
     assert best is not None
