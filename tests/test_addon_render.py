@@ -5772,14 +5772,38 @@ def _four_camera_aggregated(scene) -> str:
     return agg
 
 
+def _fit_through_the_operator(sc, out: str, steps: int) -> tuple[set[int], tuple]:
+    """Fit to Photos of the scene's bundle to ``out`` through the operator's own begin / step /
+    finish (its modal path, without the timer): (each total its progress gave, its last report).
+    It ends with ``out`` the scene's bundle, its steps done the first progress's total."""
+    from types import SimpleNamespace
+
+    fit_op = sys.modules[f"{MODULE}.operators"].NPBGPP_OT_fit
+    reports: list[tuple] = []
+    op = SimpleNamespace(filepath=out, steps=steps, report=lambda kind, text: reports.append((kind, text)))
+    for name in ("_job", "_step_request", "_cancel_request", "_cancel_note", "_timeout"):
+        setattr(op, name, getattr(fit_op, name))
+    op._request = lambda name: fit_op._request(op, name)
+    first = fit_op._begin(op, bpy.context)
+    assert first is not None, reports
+    totals = {first.total}
+    while True:
+        progress = op._request("FitStep")
+        totals.add(progress.total)
+        if progress.finished:
+            break
+    assert progress.done == first.total
+    assert fit_op._finish(op, bpy.context) == {"FINISHED"}
+    assert sc.npbgpp.bundle == out
+    return totals, reports[-1]
+
+
 def test_fit_to_photos_checks_the_fit_on_a_held_apart_photo(scene):
     """Check Fit on a Photo (shown under Fit Upright, default the library's FIT_CHECK_VIEW)
     reaches the worker's fit: with 4 training photos the fitted bundle's metadata name the
     photo kept apart and what was kept, the bundle written is the fit or else the aggregated
     scene itself, and the operator's report says the same in one line; off, the fit is
     unchecked and the report says so."""
-    from types import SimpleNamespace
-
     from npbgpp_core.fitting import FIT_CHECK_VIEW
     from npbgpp_core.scene import NeuralScene
 
@@ -5791,30 +5815,12 @@ def test_fit_to_photos_checks_the_fit_on_a_held_apart_photo(scene):
     assert layout.props.index("fit_check_view") == layout.props.index("fit_upright") + 1
     assert type(sc.npbgpp).bl_rna.properties["fit_check_view"].default == FIT_CHECK_VIEW
 
-    fit_op = sys.modules[f"{MODULE}.operators"].NPBGPP_OT_fit
-
-    def fit(out: str) -> tuple:
-        """Fit to Photos through the operator's own begin / step / finish: (total, its report)."""
-        sc.npbgpp.bundle = agg
-        reports: list[tuple] = []
-        op = SimpleNamespace(filepath=out, steps=50, report=lambda kind, text: reports.append((kind, text)))
-        for name in ("_job", "_step_request", "_cancel_request", "_cancel_note", "_timeout"):
-            setattr(op, name, getattr(fit_op, name))
-        op._request = lambda name: fit_op._request(op, name)
-        first = fit_op._begin(op, bpy.context)
-        assert first is not None, reports
-        while not op._request("FitStep").finished:
-            pass
-        assert fit_op._finish(op, bpy.context) == {"FINISHED"}
-        assert sc.npbgpp.bundle == out
-        return first.total, reports[-1]
-
-    sc.npbgpp.fit_check_view = True
+    sc.npbgpp.bundle, sc.npbgpp.fit_check_view = agg, True
     checked = str(scene["dir"] / "checked.npbgpp")
-    total, (kind, text) = fit(checked)
+    totals, (kind, text) = _fit_through_the_operator(sc, checked, 50)
     saved = NeuralScene.load(checked)
     check = saved.metadata["fit"]["check"]
-    assert total == 52 and check["view"] == 2 and check["name"] == "train/r_2"
+    assert totals == {52} and check["view"] == 2 and check["name"] == "train/r_2"
     gain = check["psnr_fitted"] - check["psnr_unfitted"]
     if check["kept"] == "fitted":
         assert saved.kind == "coefficients" and kind == {"INFO"} and gain >= -check["tolerance_db"]
@@ -5825,10 +5831,10 @@ def test_fit_to_photos_checks_the_fit_on_a_held_apart_photo(scene):
         shown = -float(text.split("kept the unfitted scene: the fit scored ")[1].split(" dB below it")[0])
     assert shown == pytest.approx(gain, abs=0.006)
     assert f"on held-apart photo {check['name']}; saved to {checked}" in text
-    sc.npbgpp.fit_check_view = False
+    sc.npbgpp.bundle, sc.npbgpp.fit_check_view = agg, False
     plain = str(scene["dir"] / "plain.npbgpp")
-    total, (kind, text) = fit(plain)
-    assert total == 50 and "check" not in NeuralScene.load(plain).metadata["fit"] and kind == {"INFO"}
+    totals, (kind, text) = _fit_through_the_operator(sc, plain, 50)
+    assert totals == {50} and "check" not in NeuralScene.load(plain).metadata["fit"] and kind == {"INFO"}
     assert "; the fit was not checked on a photo kept apart; saved to" in text
 
 
@@ -5839,7 +5845,6 @@ def test_fit_to_photos_that_loses_on_its_held_apart_photo_says_how_to_keep_a_fit
     fitted bundle. A checked fit whose render of the kept photo is not finite (its score made
     NaN) is dropped too, and the report says the fit broke, not how to keep it."""
     import math
-    from types import SimpleNamespace
 
     from npbgpp_core import fitting
     from npbgpp_core.scene import NeuralScene
@@ -5848,21 +5853,10 @@ def test_fit_to_photos_that_loses_on_its_held_apart_photo_says_how_to_keep_a_fit
     sc.npbgpp.worker_mode = "IN_PROCESS"  # the losing loss below is this process's
     agg = _four_camera_aggregated(scene)
     monkeypatch.setattr(fitting, "coefficients_ft_loss", lambda *a, **k: lambda p, t, m: (p - (1 - t)).abs().mean())
-    fit_op = sys.modules[f"{MODULE}.operators"].NPBGPP_OT_fit
 
     def fit(out: str) -> tuple:
-        """Fit to Photos of the scene's bundle through the operator's begin / step / finish: its report."""
-        reports: list[tuple] = []
-        op = SimpleNamespace(filepath=out, steps=20, report=lambda kind, text: reports.append((kind, text)))
-        for name in ("_job", "_step_request", "_cancel_request", "_cancel_note", "_timeout"):
-            setattr(op, name, getattr(fit_op, name))
-        op._request = lambda name: fit_op._request(op, name)
-        assert fit_op._begin(op, bpy.context) is not None, reports
-        while not op._request("FitStep").finished:
-            pass
-        assert fit_op._finish(op, bpy.context) == {"FINISHED"}
-        assert sc.npbgpp.bundle == out
-        return reports[-1]
+        """Fit to Photos of the scene's bundle, 20 steps, through the operator: its report."""
+        return _fit_through_the_operator(sc, out, 20)[1]
 
     sc.npbgpp.bundle, sc.npbgpp.fit_check_view = agg, True
     dropped = str(scene["dir"] / "dropped.npbgpp")
@@ -5901,8 +5895,6 @@ def test_fit_to_photos_also_tries_whole_views_when_asked(scene, monkeypatch):
     report name the recipe kept, the report gives both fits' steps and the chosen one's, and the
     bundle is the whole-view recipe's fit. With the check off the box is ignored: a plain fit of
     its own steps."""
-    from types import SimpleNamespace
-
     import torch
 
     from npbgpp_core import fitting
@@ -5922,27 +5914,11 @@ def test_fit_to_photos_also_tries_whole_views_when_asked(scene, monkeypatch):
         assert layout.props.index("fit_check_whole_views") == layout.props.index("fit_check_view") + 1
         assert layout.states["fit_check_whole_views"][1] is check and layout.states["fit_check_view"][1]
     agg = _four_camera_aggregated(scene)
-    fit_op = sys.modules[f"{MODULE}.operators"].NPBGPP_OT_fit
 
     def fit(out: str, steps: int) -> tuple:
-        """Fit to Photos through the operator's begin / step / finish: (the totals seen, its report)."""
+        """Fit the aggregated scene to Photos through the operator: (the totals seen, its report)."""
         sc.npbgpp.bundle = agg
-        reports: list[tuple] = []
-        op = SimpleNamespace(filepath=out, steps=steps, report=lambda kind, text: reports.append((kind, text)))
-        for name in ("_job", "_step_request", "_cancel_request", "_cancel_note", "_timeout"):
-            setattr(op, name, getattr(fit_op, name))
-        op._request = lambda name: fit_op._request(op, name)
-        first = fit_op._begin(op, bpy.context)
-        assert first is not None, reports
-        totals = {first.total}
-        while True:
-            progress = op._request("FitStep")
-            totals.add(progress.total)
-            if progress.finished:
-                break
-        assert progress.done == first.total
-        assert fit_op._finish(op, bpy.context) == {"FINISHED"}
-        return totals, reports[-1]
+        return _fit_through_the_operator(sc, out, steps)
 
     scores = [20.0, 19.0, 21.9]  # the kept photo unfitted, after the crops' fit, after the whole views'
 
