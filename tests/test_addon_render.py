@@ -8,6 +8,8 @@ import os
 import re
 import struct
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -3105,6 +3107,19 @@ def test_points_from_meshes_samples_a_parent_instancing_its_child_at_its_vertice
             "Faces): renders show it nowhere)") in capfd.readouterr().out
 
 
+def _read_during_a_cycles_render(sc, read: Callable[[Any], Any]) -> Any:
+    """``read(depsgraph)`` of the depsgraph of a tiny Cycles render of ``sc`` (its engine put back
+    after): Blender's own answer of what a render holds."""
+    from blender_addon.datagen.render import _render_tiny
+    from blender_addon.datagen.surface_points import during_a_render
+
+    engine, sc.render.engine = sc.render.engine, "CYCLES"
+    try:
+        return during_a_render(sc, lambda: _render_tiny(sc), read)
+    finally:
+        sc.render.engine = engine
+
+
 def test_points_from_meshes_simulated_parent_instances_no_child_disabled_in_renders(scene):
     """A plane holding a simulation (Cloth, so sampled as it stands, not as a copy) instancing its
     children at its 4 vertices (Instancing: Vertices): a ball 2 above and one disabled in
@@ -3112,9 +3127,6 @@ def test_points_from_meshes_simulated_parent_instances_no_child_disabled_in_rend
     4 instances and none of the second's. Points from Selected Meshes of the plane agrees: points
     on the plane and on the first ball's instances, none on the second's (the viewport's
     depsgraph holds them; they were sampled when the plane was not a copy)."""
-    from blender_addon.datagen.render import _render_tiny
-    from blender_addon.datagen.surface_points import during_a_render
-
     sc = scene["scene"]
     bpy.ops.mesh.primitive_plane_add(size=4.0)
     grid = bpy.context.active_object
@@ -3126,12 +3138,8 @@ def test_points_from_meshes_simulated_parent_instances_no_child_disabled_in_rend
         balls.append(bpy.context.active_object)
         balls[-1].name, balls[-1].parent, balls[-1].location = name, grid, (0.0, 0.0, up)
     balls[1].hide_render = True
-    engine, sc.render.engine = sc.render.engine, "CYCLES"
-    try:
-        instanced = during_a_render(sc, lambda: _render_tiny(sc), lambda dg: sorted(
-            i.object.original.name for i in dg.object_instances if i.is_instance and i.parent.original == grid))
-    finally:
-        sc.render.engine = engine
+    instanced = _read_during_a_cycles_render(sc, lambda dg: sorted(
+        i.object.original.name for i in dg.object_instances if i.is_instance and i.parent.original == grid))
     assert instanced == ["Shown"] * 4
     for o in sc.objects:
         o.select_set(o == grid)
@@ -3154,9 +3162,6 @@ def test_points_from_meshes_names_a_child_its_parent_instances_nowhere(scene, in
     alone is named as shown nowhere (it was told to select the plane, whose points have no
     ball), in the control as shown where the plane instances it; selected with the plane, it is
     named as shown nowhere (it was left out silently) and no point lies on it."""
-    from blender_addon.datagen.render import _render_tiny
-    from blender_addon.datagen.surface_points import during_a_render
-
     sc = scene["scene"]
     bpy.ops.mesh.primitive_cube_add(size=0.2, location=(0.0, 0.0, -50.0))
     cube = bpy.context.active_object
@@ -3186,12 +3191,8 @@ def test_points_from_meshes_names_a_child_its_parent_instances_nowhere(scene, in
     ball = bpy.context.active_object
     ball.name, ball.parent, ball.location = "Ball", grid, (0.0, 0.0, 2.0)
     ball.hide_render = instances == "particles_hidden"
-    engine, sc.render.engine = sc.render.engine, "CYCLES"
-    try:
-        rendered = during_a_render(sc, lambda: _render_tiny(sc), lambda dg: [
-            i.object.original.name for i in dg.object_instances if i.object.original == ball])
-    finally:
-        sc.render.engine = engine
+    rendered = _read_during_a_cycles_render(sc, lambda dg: [
+        i.object.original.name for i in dg.object_instances if i.object.original == ball])
     assert rendered == ([] if instances != "none" else ["Ball"] * 4)  # all 4 the plane's instances
     for o in sc.objects:
         o.select_set(o == ball)
@@ -3220,9 +3221,6 @@ def test_points_from_meshes_samples_a_metaball_child_of_an_instancing_parent_whe
     place); the second has no mesh. The first selected alone: every point lies on one of those
     5 balls and each gets points (its copy keeps its parent); the second alone is named as
     having no surface, not told to select the plane (which has no instance of it to sample)."""
-    from blender_addon.datagen.render import _render_tiny
-    from blender_addon.datagen.surface_points import during_a_render
-
     sc = scene["scene"]
     bpy.ops.mesh.primitive_plane_add(size=4.0)
     grid = bpy.context.active_object
@@ -3244,11 +3242,7 @@ def test_points_from_meshes_samples_a_metaball_child_of_an_instancing_parent_whe
                  if i.object.type == "MESH" else None)
                 for i in depsgraph.object_instances if i.object.original in balls]
 
-    engine, sc.render.engine = sc.render.engine, "CYCLES"
-    try:
-        rendered = during_a_render(sc, lambda: _render_tiny(sc), meshes)
-    finally:
-        sc.render.engine = engine
+    rendered = _read_during_a_cycles_render(sc, meshes)
     assert sorted((name, by_grid, verts is not None) for name, by_grid, verts in rendered) == [
         ("Ball", False, False), ("Ball", False, True), ("Hollow", False, False)]
     verts = next(v for name, _, v in rendered if name == "Ball" and v is not None)
@@ -3282,9 +3276,6 @@ def test_points_from_meshes_parent_and_its_selected_child_sample_each_instance_o
     (each sampled once). The child is not named as skipped: it was sampled as the plane's."""
     from mathutils.bvhtree import BVHTree
 
-    from blender_addon.datagen.render import _render_tiny
-    from blender_addon.datagen.surface_points import during_a_render
-
     sc = scene["scene"]
     bpy.ops.mesh.primitive_plane_add(size=4.0)
     grid = bpy.context.active_object
@@ -3306,11 +3297,7 @@ def test_points_from_meshes_parent_and_its_selected_child_sample_each_instance_o
                  [tuple(p.vertices) for p in i.object.data.polygons])
                 for i in depsgraph.object_instances if i.is_instance and i.parent.original == grid]
 
-    engine, sc.render.engine = sc.render.engine, "CYCLES"
-    try:
-        rendered = during_a_render(sc, lambda: _render_tiny(sc), instances)
-    finally:
-        sc.render.engine = engine
+    rendered = _read_during_a_cycles_render(sc, instances)
     assert [name for name, _, _ in rendered] == ["Ball"] * 4
     assert all(np.isclose(np.linalg.norm(v - v.mean(axis=0), axis=1).max(), 0.8) for _, v, _ in rendered)
     balls = [BVHTree.FromPolygons([tuple(p) for p in v], faces) for _, v, faces in rendered]
