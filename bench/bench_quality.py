@@ -153,18 +153,18 @@ def fit_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def users_check_view(args: argparse.Namespace) -> bool:
     """Whether the fits keep a view apart: ``--check-view``, or else what the users' fits
-    do (npbgpp_core.fitting.FIT_CHECK_VIEW; fit_coefficients' own default is off)."""
-    from npbgpp_core.fitting import FIT_CHECK_VIEW
+    do (npbgpp_core.scene_fit.users_check: FIT_CHECK_VIEW; fit_coefficients' own default is off)."""
+    from npbgpp_core.scene_fit import users_check
 
-    return FIT_CHECK_VIEW if args.check_view is None else args.check_view
+    return users_check(args.check_view, args.fair_check)[0]
 
 
 def users_fair_check(args: argparse.Namespace) -> bool:
     """Whether a checked fit aggregates again without its kept view: ``--fair-check``, or
-    else what the users' fits do (npbgpp_core.fitting.FIT_FAIR_CHECK, when checked)."""
-    from npbgpp_core.fitting import FIT_FAIR_CHECK
+    else what the users' fits do (npbgpp_core.scene_fit.users_check: FIT_FAIR_CHECK, when checked)."""
+    from npbgpp_core.scene_fit import users_check
 
-    return FIT_FAIR_CHECK and users_check_view(args) if args.fair_check is None else args.fair_check
+    return users_check(args.check_view, args.fair_check)[1]
 
 
 def fit_keywords(args: argparse.Namespace) -> dict[str, Any]:

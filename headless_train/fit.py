@@ -56,11 +56,11 @@ def fit(args: argparse.Namespace) -> str:
     from npbgpp_core.atomic import check_output_file, check_output_suffix, same_file
     from npbgpp_core.datasets import load_scene
     from npbgpp_core.datasets.scene_data import scene_input_at
-    from npbgpp_core.fitting import FIT_CHECK_VIEW, check_tolerance_db, coefficients_recipe
-    from npbgpp_core.scene_fit import BundleFit, check_steps
+    from npbgpp_core.fitting import check_tolerance_db, coefficients_recipe
+    from npbgpp_core.scene_fit import BundleFit, check_steps, users_check
 
     check_steps(args.steps)
-    check_view = FIT_CHECK_VIEW if args.check_view is None else args.check_view
+    check_view = users_check(args.check_view, None)[0]
     if args.check_tolerance is not None:
         # refused now, before the scene is read (BundleFit checks it again, with the same function)
         check_tolerance_db(args.check_tolerance)

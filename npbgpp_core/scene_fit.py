@@ -58,6 +58,20 @@ def fitting_model(bundle: Any, bundle_path: str, weights: str, device: str = "cp
     return model
 
 
+def users_check(check_view: Any, fair_check: Any) -> tuple[Any, Any]:
+    """``check_view`` and ``fair_check`` as the users' fits run them (:class:`BundleFit`, and
+    bench_quality, which scores what they run): None is :data:`~npbgpp_core.fitting.FIT_CHECK_VIEW`,
+    and :data:`~npbgpp_core.fitting.FIT_FAIR_CHECK` when checked; any other value as given (the
+    fit's own checks refuse a bad one)."""
+    from .fitting import FIT_CHECK_VIEW, FIT_FAIR_CHECK
+
+    if check_view is None:
+        check_view = FIT_CHECK_VIEW
+    if fair_check is None:
+        fair_check = FIT_FAIR_CHECK and check_view
+    return check_view, fair_check
+
+
 class BundleFit:
     """The fit of the NPBG++ bundle ``bundle_path`` to the training views of ``data`` (a
     loaded :class:`~npbgpp_core.datasets.scene_data.SceneData`), ``steps`` steps of
@@ -98,8 +112,6 @@ class BundleFit:
         from .datasets import scene_domain
         from .fitting import (
             CHECK_TOLERANCE_DB,
-            FIT_CHECK_VIEW,
-            FIT_FAIR_CHECK,
             candidate_recipes,
             check_view_index,
             coefficients_recipe,
@@ -110,10 +122,7 @@ class BundleFit:
         from .scene import NeuralScene
 
         self.steps = check_steps(steps)
-        if check_view is None:
-            check_view = FIT_CHECK_VIEW
-        if fair_check is None:
-            fair_check = FIT_FAIR_CHECK and check_view
+        check_view, fair_check = users_check(check_view, fair_check)
         if check_tolerance is None:
             check_tolerance = CHECK_TOLERANCE_DB
         if check_recipes is None:
