@@ -107,6 +107,19 @@ def kept_photo_scores(before: float, after: float) -> Callable[..., float]:
     return fake
 
 
+def scores_in_turn(*scores: float) -> Callable[..., float]:
+    """A stand-in for ``npbgpp_core.fitting.view_psnr`` in a choosing check: the kept photo's
+    scores in the order the check asks for them (unfitted, then after each recipe's fit), so
+    which recipe wins there is known whatever the fits did. Its ``left`` attribute is the list
+    of scores not asked for yet ([] once the check asked for every one)."""
+    left = list(scores)
+
+    def fake(*_args: object) -> float:
+        return left.pop(0)
+    fake.left = left  # type: ignore[attr-defined]
+    return fake
+
+
 def aggregate_with_worker(folder: str, out: str, weights: str = "", service: RenderService | None = None,
                           **begin: Any) -> AggregationStarted:
     """Write ``folder``'s aggregated bundle to ``out`` with the worker's own Aggregate job (what

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _train_fixtures import aggregate_with_worker, make_tiny_scene
+from _train_fixtures import aggregate_with_worker, make_tiny_scene, scores_in_turn
 
 from npbgpp_core.datasets import load_scene
 from npbgpp_core.fitting import (
@@ -175,17 +175,13 @@ def test_a_bundle_fit_counts_every_recipes_steps_and_names_the_one_it_dropped(tm
     folder = make_tiny_scene(str(tmp_path / "scene"), views=4, size=SIZE, n_points=200, splits=(3, 0, 1))
     bundle = str(tmp_path / "agg.npbgpp")
     aggregate_with_worker(folder, bundle)
-    scores = [20.0, 18.0, 19.0]  # unfitted, crops, whole
-
-    def scored(*_args):
-        return scores.pop(0)
-
+    scored = scores_in_turn(20.0, 18.0, 19.0)  # unfitted, crops, whole
     monkeypatch.setattr(fitting, "view_psnr", scored)
     job = BundleFit(bundle, load_scene(folder), steps=3, check_view=True, check_recipes=["crops", "whole"])
     assert job.total == 3 + WHOLE_VIEW_STEPS + 2
     while not job.step():
         pass
-    assert job.done == job.total and scores == []
+    assert job.done == job.total and scored.left == []
     check = job.check()
     assert check["kept"] == "unfitted" and check["recipe"] == "whole"
     assert job.outcome() == ("kept the unfitted scene: the fit (whole views) scored 1.00 dB below it (more than "

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _train_fixtures import kept_photo_scores, make_tiny_scene  # noqa: E402
+from _train_fixtures import kept_photo_scores, make_tiny_scene, scores_in_turn  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -216,17 +216,6 @@ def test_fit_command_refuses_a_bad_check_tolerance_before_fitting(scene_and_bund
     with pytest.raises(SystemExit):
         fit_cli.parse_args(["--help"])
     assert f"(default {CHECK_TOLERANCE_DB})" in " ".join(capsys.readouterr().out.split())
-
-
-def scores_in_turn(*scores: float):
-    """A stand-in for ``npbgpp_core.fitting.view_psnr`` in a choosing check: the kept photo's
-    scores in the order the check asks for them (unfitted, then after each recipe's fit), so
-    which recipe wins there is known whatever the fits did."""
-    left = list(scores)
-
-    def fake(*_args):
-        return left.pop(0)
-    return fake
 
 
 def test_fit_command_check_recipes_keeps_the_whole_view_fit_when_it_scores_best(scene_and_bundle, tmp_path,
