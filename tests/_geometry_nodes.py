@@ -1,7 +1,8 @@
-"""A Geometry Nodes tree the add-on's instancing tests build in several files (real bpy)."""
+"""Geometry Nodes the add-on's tests build in several files (real bpy)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 
@@ -21,3 +22,16 @@ def collection_on_points_tree(name: str, collection: Any) -> tuple[Any, Any]:
     tree.links.new(info.outputs[0], put.inputs["Instance"])
     tree.links.new(put.outputs[0], tree.nodes.new("NodeGroupOutput").inputs[0])
     return tree, info
+
+
+def nodes_modifier(obj: Any, name: str, make: Callable[[Any, Any], Any]) -> None:
+    """A Geometry Nodes modifier ``name`` on ``obj`` (its node group named so too) whose output
+    is ``make(tree, input socket)``'s socket."""
+    import bpy
+
+    tree = bpy.data.node_groups.new(name, "GeometryNodeTree")
+    tree.interface.new_socket("Geometry", in_out="INPUT", socket_type="NodeSocketGeometry")
+    tree.interface.new_socket("Geometry", in_out="OUTPUT", socket_type="NodeSocketGeometry")
+    out = make(tree, tree.nodes.new("NodeGroupInput").outputs[0])
+    tree.links.new(out, tree.nodes.new("NodeGroupOutput").inputs[0])
+    obj.modifiers.new(name, "NODES").node_group = tree

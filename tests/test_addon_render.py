@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 from _blender_user import use_private_blender_user_folder
-from _geometry_nodes import collection_on_points_tree
+from _geometry_nodes import collection_on_points_tree, nodes_modifier
 
 use_private_blender_user_folder()
 bpy = pytest.importorskip("bpy")
@@ -3175,18 +3175,17 @@ def test_points_from_meshes_names_a_child_its_parent_instances_nowhere(scene, in
         settings.render_type, settings.instance_object = "OBJECT", cube
         settings.display_method = "PATH" if instances == "particles_path" else "RENDER"
     else:
-        tree = bpy.data.node_groups.new("Spheres", "GeometryNodeTree")
-        tree.interface.new_socket("Geometry", in_out="INPUT", socket_type="NodeSocketGeometry")
-        tree.interface.new_socket("Geometry", in_out="OUTPUT", socket_type="NodeSocketGeometry")
-        given, out = tree.nodes.new("NodeGroupInput"), tree.nodes.new("NodeGroupOutput")
-        if instances == "nodes":
+
+        def spheres(tree, geometry):
+            """An Ico Sphere put on each of the plane's points ("nodes"), or the plane passed through."""
+            if instances != "nodes":
+                return geometry
             put, sphere = tree.nodes.new("GeometryNodeInstanceOnPoints"), tree.nodes.new("GeometryNodeMeshIcoSphere")
-            tree.links.new(given.outputs[0], put.inputs["Points"])
+            tree.links.new(geometry, put.inputs["Points"])
             tree.links.new(sphere.outputs[0], put.inputs["Instance"])
-            tree.links.new(put.outputs[0], out.inputs[0])
-        else:
-            tree.links.new(given.outputs[0], out.inputs[0])
-        grid.modifiers.new("Spheres", "NODES").node_group = tree
+            return put.outputs[0]
+
+        nodes_modifier(grid, "Spheres", spheres)
     bpy.ops.mesh.primitive_ico_sphere_add(subdivisions=1, radius=0.3)
     ball = bpy.context.active_object
     ball.name, ball.parent, ball.location = "Ball", grid, (0.0, 0.0, 2.0)

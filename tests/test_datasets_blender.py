@@ -16,7 +16,7 @@ import torch
 
 bpy = pytest.importorskip("bpy")
 
-from _geometry_nodes import collection_on_points_tree  # noqa: E402
+from _geometry_nodes import collection_on_points_tree, nodes_modifier  # noqa: E402
 from bpy_extras.object_utils import world_to_camera_view  # noqa: E402
 from mathutils import Matrix, Vector  # noqa: E402
 from mathutils.bvhtree import BVHTree  # noqa: E402
@@ -504,7 +504,7 @@ def _remove_render_test_scene(scene, collections, camera, *data) -> None:
 
 
 def _object_info_of(target):
-    """For :func:`_nodes_modifier`: its input joined with a Geometry Nodes instance (Object Info) of ``target``."""
+    """For :func:`nodes_modifier`: its input joined with a Geometry Nodes instance (Object Info) of ``target``."""
 
     def object_info(tree, geometry):
         info = tree.nodes.new("GeometryNodeObjectInfo")
@@ -555,7 +555,7 @@ def test_scene_points_follow_the_render_depsgraph_where_the_samplings_disagreed(
     hidden = _quad(10.0, "ra_hidden", main)
     hidden.hide_render = True
 
-    _nodes_modifier(_quad(0.0, "ra_member", kit), "ra_object_info", _object_info_of(hidden))
+    nodes_modifier(_quad(0.0, "ra_member", kit), "ra_object_info", _object_info_of(hidden))
     instancer = bpy.data.objects.new("ra_instancer", None)
     instancer.instance_type, instancer.instance_collection = "COLLECTION", kit
     instancer.location.y = 5.0
@@ -614,7 +614,7 @@ def test_scene_points_take_an_object_a_muted_collection_info_names(muted):
         return _object_info_of(hidden)(tree, join.outputs[0])
 
     holder = _quad(0.0, "mc_holder", main)
-    _nodes_modifier(holder, "mc_nodes", both)
+    nodes_modifier(holder, "mc_nodes", both)
     _quad(30.0, "mc_plain", main)
     camera = _add_camera(scene, main, "mc_camera")
 
@@ -706,7 +706,7 @@ def test_scene_points_leave_out_instances_of_what_is_not_shown_itself_in_renders
     instancer.instance_type, instancer.instance_collection = "COLLECTION", kit
     main.objects.link(instancer)
 
-    _nodes_modifier(_quad(20.0, "ns_holder", main), "ns_object_info", _object_info_of(loose))
+    nodes_modifier(_quad(20.0, "ns_holder", main), "ns_object_info", _object_info_of(loose))
     _quad(30.0, "ns_plain", main)
     camera = _add_camera(scene, main, "ns_camera")
 
@@ -1133,18 +1133,8 @@ def test_render_leaves_out_the_addons_point_objects_and_restores_them(tmp_path):
         _remove_test_scene(scene, [])
 
 
-def _nodes_modifier(obj, name: str, make) -> None:
-    """A Geometry Nodes modifier on ``obj`` whose output is ``make(tree, input socket)``'s socket."""
-    tree = bpy.data.node_groups.new(name, "GeometryNodeTree")
-    tree.interface.new_socket("Geometry", in_out="INPUT", socket_type="NodeSocketGeometry")
-    tree.interface.new_socket("Geometry", in_out="OUTPUT", socket_type="NodeSocketGeometry")
-    out = make(tree, tree.nodes.new("NodeGroupInput").outputs[0])
-    tree.links.new(out, tree.nodes.new("NodeGroupOutput").inputs[0])
-    obj.modifiers.new(name, "NODES").node_group = tree
-
-
 def _mesh_to_points(tree, geometry):
-    """For :func:`_nodes_modifier`: a Mesh to Points node of the modifier's input mesh."""
+    """For :func:`nodes_modifier`: a Mesh to Points node of the modifier's input mesh."""
     node = tree.nodes.new("GeometryNodeMeshToPoints")
     tree.links.new(geometry, node.inputs["Mesh"])
     return node.outputs["Points"]
@@ -1176,15 +1166,15 @@ def test_dataset_points_take_the_point_clouds_and_hair_a_render_shows(tmp_path):
 
     try:
         made.append(_quad(0.0, "dop_surface", scene.collection))
-        _nodes_modifier(link("dop_cloud", bpy.data.pointclouds.new("dop_cloud"), 20.0), "dop_points", points_node)
+        nodes_modifier(link("dop_cloud", bpy.data.pointclouds.new("dop_cloud"), 20.0), "dop_points", points_node)
         for name, x, collection in (("dop_hair", 30.0, None), ("dop_instanced_hair", 0.0, kept)):
             hair = bpy.data.hair_curves.new(name)
             hair.add_curves([3])
             link(name, hair, x, collection)
-        _nodes_modifier(_quad(40.0, "dop_to_points", scene.collection), "dop_mesh_points", _mesh_to_points)
+        nodes_modifier(_quad(40.0, "dop_to_points", scene.collection), "dop_mesh_points", _mesh_to_points)
         made.append(scene.collection.objects["dop_to_points"])
         hidden = link("dop_not_rendered", bpy.data.pointclouds.new("dop_hidden"), 50.0)
-        _nodes_modifier(hidden, "dop_hidden_points", points_node)
+        nodes_modifier(hidden, "dop_hidden_points", points_node)
         hidden.hide_render = True
         instancer = link("dop_instancer", None, 60.0)
         instancer.instance_type, instancer.instance_collection = "COLLECTION", kept
@@ -1226,7 +1216,7 @@ def test_dataset_of_points_only_frames_the_points(tmp_path):
             render_views_of_current_scene(scene, str(tmp_path / "point"), views=1, size=(8, 8), samples=1)
         assert not (tmp_path / "point").exists()
         made.append(_quad(0.0, "po_to_points", scene.collection))
-        _nodes_modifier(made[1], "po_mesh_points", _mesh_to_points)
+        nodes_modifier(made[1], "po_mesh_points", _mesh_to_points)
         summary = render_views_of_current_scene(scene, str(tmp_path / "out"), views=1, size=(8, 8), samples=1,
                                                 points=100, val_views=0, test_views=0, seed=1)
         points = load_ply(tmp_path / "out" / "points3d.ply").points
