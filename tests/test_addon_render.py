@@ -3210,6 +3210,39 @@ def test_points_from_meshes_names_a_child_its_parent_instances_nowhere(scene, in
     assert pts[:, 2].max() < 2.0 - 0.3, pts[:, 2].max()  # none on the ball (at z 2, radius 0.3)
 
 
+def test_scene_walk_asks_whether_particles_instance_in_renders_once_per_instancer(scene, monkeypatch):
+    """Two grids of 9 vertices each instancing their child ball at their vertices (Instancing:
+    Vertices), each with hair rendering a cube shown as Path in viewports. Blender's own
+    answer, the viewport's depsgraph: 9 instances of each ball (renders show the cubes
+    instead). The walk over what renders show leaves all 18 out, and reads each grid's
+    particle settings once, not once per instance (a dense particle system makes thousands)."""
+    from blender_addon.datagen import surface_points
+
+    bpy.ops.mesh.primitive_cube_add(size=0.2, location=(0.0, 0.0, -50.0))
+    cube = bpy.context.active_object
+    grids, balls = [], []
+    for name, x in (("GridA", -5.0), ("GridB", 5.0)):
+        bpy.ops.mesh.primitive_grid_add(x_subdivisions=2, y_subdivisions=2, size=4.0, location=(x, 0.0, 0.0))
+        grids.append(bpy.context.active_object)
+        grids[-1].name, grids[-1].instance_type = name, "VERTS"
+        grids[-1].modifiers.new("Cubes", "PARTICLE_SYSTEM")
+        settings = grids[-1].particle_systems[0].settings
+        settings.type, settings.count, settings.hair_length = "HAIR", 3, 1.0
+        settings.render_type, settings.instance_object, settings.display_method = "OBJECT", cube, "PATH"
+        bpy.ops.mesh.primitive_ico_sphere_add(subdivisions=1, radius=0.3)
+        balls.append(bpy.context.active_object)
+        balls[-1].parent, balls[-1].location = grids[-1], (0.0, 0.0, 2.0)
+    depsgraph = bpy.context.evaluated_depsgraph_get()
+    held = [i.object.original for i in depsgraph.object_instances if i.is_instance and i.object.original in balls]
+    assert sorted(held.count(b) for b in balls) == [9, 9]
+    asked: list[str] = []
+    real = surface_points.particles_instance_in_renders
+    monkeypatch.setattr(surface_points, "particles_instance_in_renders", lambda o: asked.append(o.name) or real(o))
+    shown = [inst.object.original for inst, _ in surface_points.rendered_entries(depsgraph)]
+    assert not any(o in balls for o in shown) and cube in shown
+    assert sorted(asked) == ["GridA", "GridB"]
+
+
 def test_points_from_meshes_samples_a_metaball_child_of_an_instancing_parent_where_renders_show_it(scene):
     """Two metaball children of a plane instancing its children at its 4 vertices (Instancing:
     Vertices): a ball of radius 0.5 standing at (0, 0, 2) and, 3 higher, one of a negative

@@ -407,6 +407,9 @@ def rendered_entries(depsgraph: Any) -> Iterator[tuple[Any, Any]]:
     # out; per such set of objects, the particle systems they emit (read once per set)
     not_rendered: dict[int, frozenset[int]] = {}
     systems_of: dict[frozenset[int], set[int]] = {}
+    # viewport only: per instancer (as_pointer()), whether its particles instance in renders,
+    # read once: a dense particle system makes thousands of instances of one instancer
+    particles_instance: dict[int, bool] = {}
     for inst in depsgraph.object_instances:
         if not inst.show_self:
             continue
@@ -420,11 +423,13 @@ def rendered_entries(depsgraph: Any) -> Iterator[tuple[Any, Any]]:
         if not instanced:
             yield inst, stands_for
             continue
-        if stands_for.instance_type in INSTANCES_CHILDREN and obj.parent == stands_for and (
-                obj.hide_render or viewport and particles_instance_in_renders(stands_for)):
-            continue  # a child instanced at vertices / faces that renders do not instance
+        key = stands_for.as_pointer()
+        if stands_for.instance_type in INSTANCES_CHILDREN and obj.parent == stands_for:
+            if viewport and key not in particles_instance:
+                particles_instance[key] = particles_instance_in_renders(stands_for)
+            if obj.hide_render or viewport and particles_instance[key]:
+                continue  # a child instanced at vertices / faces that renders do not instance
         if viewport:
-            key = stands_for.as_pointer()
             if key not in not_rendered:
                 not_rendered[key] = left_out = frozenset(instances_not_rendered(stands_for))
                 if left_out not in systems_of:
