@@ -299,7 +299,7 @@ def evaluate_scene(folder: str, args: argparse.Namespace, weights: dict[str, str
     import torch
 
     from npbgpp_core.datasets import load_scene, scene_domain
-    from npbgpp_core.fitting import fit_coefficients, fit_npbg, padded_fit_views
+    from npbgpp_core.fitting import fit_coefficients, fit_npbg, padded_fit_views, view_psnr
     from npbgpp_core.image_size import fit_long_side
     from npbgpp_core.metrics import mean_finite, psnr, sharpness_ratio, ssim
     from npbgpp_core.models.alignment import alignment_angle, resolve_world_up
@@ -408,9 +408,19 @@ def evaluate_scene(folder: str, args: argparse.Namespace, weights: dict[str, str
             m["coefficients_ft"]["check"] = {**fit.check.as_dict(), "view_id": None if fit.check.view is None
                                              else inputs[fit.check.view]}
             # every candidate recipe's held-out scores, the ones not chosen too (last: it reloads the model)
-            for cand in m["coefficients_ft"]["check"].get("candidates", []):
+            check = m["coefficients_ft"]["check"]
+            for cand in check.get("candidates", []):
                 fit.model.load_state_dict(fit.candidate_states[cand["recipe"]])
                 cand["held_out"] = scores([fit.model.render(agg.points, c) for c in test_cams])
+                # the kept photo scored again as the mixes are below (equal to psnr_fitted: one measure)
+                cand["psnr_kept"] = view_psnr(fit.model, agg.points, views, fit.check.view)
+            if len(check.get("candidates", [])) >= 2 and fit.unfitted_state is not None:
+                check["mixes"] = []
+                for name, state in check_mixes(fit.unfitted_state, fit.candidate_states).items():
+                    fit.model.load_state_dict(state)
+                    check["mixes"].append({"mix": name, "psnr_kept": view_psnr(fit.model, agg.points, views,
+                                                                               fit.check.view),
+                                           "held_out": scores([fit.model.render(agg.points, c) for c in test_cams])})
     if "npbg" in args.methods:
         refiner = load_pretrained_npbg_refiner(weights["npbg_refiner"])
         fit = fit_npbg(points, views, refiner.state, steps=args.steps, crop=args.crop, config=refiner.config,
@@ -418,6 +428,22 @@ def evaluate_scene(folder: str, args: argparse.Namespace, weights: dict[str, str
         m["npbg"] = {**scores([fit.model.render(points, c) for c in test_cams]), "fit_s": fit.seconds,
                      "steps": fit.steps}
     return result
+
+
+def check_mixes(unfitted: dict[str, Any], candidates: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The "soups" a choosing check's states give, by name: the mean of every candidate ("crops+whole"),
+    and the unfitted state's mean with each candidate and with all of them ("unfitted+crops",
+    "unfitted+whole", "unfitted+crops+whole"); fine-tunes from one start usually share a basin, so
+    their mean is a fit too, with no judge needed (npbgpp_core.fitting.average_states)."""
+    from npbgpp_core.fitting import average_states
+
+    names = list(candidates)
+    mixes = {"+".join(names): average_states([candidates[n] for n in names])} if len(names) >= 2 else {}
+    for n in names:
+        mixes[f"unfitted+{n}"] = average_states([unfitted, candidates[n]])
+    if len(names) >= 2:
+        mixes["unfitted+" + "+".join(names)] = average_states([unfitted, *(candidates[n] for n in names)])
+    return mixes
 
 
 def averages(scenes: list[dict[str, Any]], methods: list[str]) -> dict[str, dict[str, Any]]:

@@ -203,13 +203,16 @@ class FitResult:
     """The fitted model, the loss of every step and the wall time; ``check`` the
     :class:`FitCheck` of a fit with ``check_view`` (None without). ``candidate_states``: with
     ``keep_candidates``, each fitted candidate recipe's model state (CPU), by recipe name, so
-    that a benchmark can score the recipes the check did not choose."""
+    that a benchmark can score the recipes the check did not choose; ``unfitted_state`` with it
+    the state every candidate started from (CPU; a fair check's: the scene without the kept view),
+    for a benchmark's mixes of the two (:func:`average_states`)."""
 
     model: NPBG
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
     check: FitCheck | None = None
     candidate_states: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    unfitted_state: dict[str, torch.Tensor] | None = None
 
     @property
     def steps(self) -> int:
@@ -603,6 +606,36 @@ def split_check_recipes(text: str) -> tuple[str, ...]:
     return tuple(name.strip() for name in text.split(","))
 
 
+def average_states(states: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The element-wise mean of model states with the same keys and shapes (a "soup" of fits that
+    started from one scene: they usually sit in one basin, so their mean renders as a fit too).
+    Floating tensors are averaged in float64 and stored back in their own dtype; any other tensor
+    (a count, a mask) must be equal in every state and is kept as is. ValueError naming the key for
+    states that differ in keys, shapes or such a tensor, or for no state at all."""
+    if isinstance(states, dict) or len(states) == 0:
+        raise ValueError("average_states needs a list of at least one state dict")
+    first = states[0]
+    for i, state in enumerate(states[1:], start=1):
+        if set(state) != set(first):
+            odd = sorted(set(state) ^ set(first))[:5]
+            raise ValueError(f"state {i} has other keys than state 0 (e.g. {odd})")
+        for key, value in state.items():
+            if value.shape != first[key].shape:
+                raise ValueError(f"state {i}: {key} is {tuple(value.shape)}, state 0 has {tuple(first[key].shape)}")
+            if value.is_floating_point() != first[key].is_floating_point():
+                raise ValueError(f"state {i}: {key} is {value.dtype}, state 0 has {first[key].dtype}")
+            if not value.is_floating_point() and not torch.equal(value.cpu(), first[key].cpu()):
+                raise ValueError(f"state {i}: {key} ({value.dtype}) differs from state 0's and cannot be averaged")
+    mean: dict[str, torch.Tensor] = {}
+    for key, value in first.items():
+        if value.is_floating_point():
+            total = sum(state[key].detach().to("cpu", torch.float64) for state in states)
+            mean[key] = (total / len(states)).to(value.dtype)
+        else:
+            mean[key] = value.detach().cpu().clone()
+    return mean
+
+
 def _cpu_state(model: NPBG) -> dict[str, torch.Tensor]:
     """A copy of ``model``'s state in CPU memory, for a checked fit to load back later: on a
     GPU a copy there would hold one more set of coefficients for the whole fit (~0.7 GB at
@@ -622,7 +655,7 @@ def _checked_steps(
     one for the last candidate's (``steps + 2`` for a single recipe; the other candidates'
     renders are not counted). Below :data:`CHECK_VIEW_MIN_VIEWS` views it is :func:`_fit_steps`
     of the first candidate on every view, its result's check saying it was skipped.
-    ``keep_candidates``: the result holds each candidate's fitted state (CPU)."""
+    ``keep_candidates``: the result holds each candidate's fitted state (CPU) and the unfitted one."""
     k = check_view_index(len(views.cameras))
     if k is None:
         name, steps, crop, recipe = candidates[0]
@@ -692,6 +725,8 @@ def _checked_steps(
         result.check.recipe = scored[chosen].recipe
         result.check.candidates = scored
     result.candidate_states = states
+    if keep_candidates:
+        result.unfitted_state = unfitted
     yield done_units + 1
     return result
 
@@ -981,7 +1016,8 @@ def fit_coefficients(
     one; the result's ``losses`` are the chosen recipe's, ``seconds`` all the fits' and scorings'.
     The step-by-step generator counts every candidate's steps (``sum + 2``).
     ``keep_candidates`` (for benchmarks): the result's ``candidate_states`` hold each recipe's
-    fitted state (CPU), to score the ones not chosen."""
+    fitted state (CPU), to score the ones not chosen, and ``unfitted_state`` the state they all
+    started from, to score mixes of them (:func:`average_states`)."""
     return run_fit(_coefficients_steps(**locals()))
 
 

@@ -298,11 +298,32 @@ def test_check_recipes_flag_records_every_candidates_held_out_scores(tmp_path, m
     assert check["kept"] == "fitted" and check["psnr_fitted"] == whole["psnr_fitted"] > crops["psnr_fitted"]
     assert whole["held_out"]["psnr_views"] == fit["psnr_views"]
     assert crops["held_out"]["psnr"] < whole["held_out"]["psnr"]
+    for cand in (crops, whole):  # the bench's kept-photo score is the check's own measure
+        assert round(cand["psnr_kept"], 3) == cand["psnr_fitted"]
+    mixes = {mix["mix"]: mix for mix in check["mixes"]}
+    assert list(mixes) == ["crops+whole", "unfitted+crops", "unfitted+whole", "unfitted+crops+whole"]
+    for mix in mixes.values():
+        assert math.isfinite(mix["psnr_kept"]) and len(mix["held_out"]["psnr_views"]) == 1
     with pytest.raises(SystemExit):
         parse_args(["--scenes", folder, "--check-recipes", "crops,tiles"])
     assert "unknown recipe(s) ['tiles']" in capsys.readouterr().err
     with pytest.raises(QualityError, match="check_recipes .* needs check_view=True"):
         check_fit_options(parse_args(["--scenes", folder, "--check-view", "off", "--check-recipes", "whole"]))
+
+
+def test_check_mixes_are_the_means_of_the_named_states():
+    """The four soups of a crops / whole choice, each the element-wise mean of its states (by hand)."""
+    from bench.bench_quality import check_mixes
+
+    unfitted, crops = {"w": torch.tensor([0.0, 3.0])}, {"w": torch.tensor([2.0, 3.0])}
+    whole = {"w": torch.tensor([4.0, 0.0])}
+    mixes = check_mixes(unfitted, {"crops": crops, "whole": whole})
+    expect = {"crops+whole": [3.0, 1.5], "unfitted+crops": [1.0, 3.0], "unfitted+whole": [2.0, 1.5],
+              "unfitted+crops+whole": [2.0, 2.0]}
+    assert list(mixes) == list(expect)
+    for name, values in expect.items():
+        assert torch.equal(mixes[name]["w"], torch.tensor(values)), name
+    assert list(check_mixes(unfitted, {"crops": crops})) == ["unfitted+crops"]
 
 
 def test_check_recipes_flag_refuses_an_empty_name_as_the_fit_command_does(capsys):

@@ -12,6 +12,7 @@ from _train_fixtures import aggregate_with_worker, make_tiny_scene, scores_in_tu
 from npbgpp_core.datasets import load_scene
 from npbgpp_core.fitting import (
     WHOLE_VIEW_STEPS,
+    average_states,
     check_view_index,
     fit_coefficients,
     iter_fit_coefficients,
@@ -129,7 +130,7 @@ def test_the_best_candidate_is_still_dropped_when_it_loses_to_the_unfitted_scene
 def test_progress_counts_every_candidates_steps_and_kept_states_are_each_recipes_fit(setup):
     """The step-by-step generator yields 1, each step of every candidate in turn, then the last
     scoring: 1 + 30 + 50 + 1 units; keep_candidates returns each recipe's fitted state, equal to
-    its direct fit."""
+    its direct fit, and the state they started from, equal to a fit of no step."""
     model, aggregated, views = setup
     loss = inverted_at(CROP)
     fit = iter_fit_coefficients(model, aggregated, views, check_view=True, check_recipes=["crops", "whole"],
@@ -146,6 +147,13 @@ def test_progress_counts_every_candidates_steps_and_kept_states_are_each_recipes
         reference = direct_fit(setup, loss, **recipe)[0].state_dict()
         for key, value in reference.items():
             assert torch.equal(result.candidate_states[name][key], value), (name, key)
+    unfitted = fit_coefficients(model, aggregated, views, steps=0, loss_fn=loss).model.state_dict()
+    assert set(result.unfitted_state) == set(unfitted)
+    for key, value in unfitted.items():
+        assert torch.equal(result.unfitted_state[key], value), key
+    plain = fit_coefficients(model, aggregated, views, check_view=True, check_recipes=["crops", "whole"],
+                             loss_fn=loss, **CROPS)
+    assert plain.unfitted_state is None and plain.candidate_states == {}
 
 
 @pytest.mark.parametrize(("options", "message"), [
@@ -198,3 +206,39 @@ def test_a_bundle_fit_counts_every_recipes_steps_and_names_the_one_it_dropped(tm
     assert job.check()["recipe"] == "whole" and "candidates" not in job.check()
     assert job.outcome() == ("the fit (whole views) used every photo unchecked: 2 input views, fewer than the 3 a "
                              "check needs")
+
+
+def test_average_states_is_the_hand_computed_mean_and_keeps_equal_other_tensors():
+    """Floating tensors: the element-wise mean, in their own dtype (float16 averaged in float64, so
+    1 + 2 + 4 gives 7/3 rounded once); an integer or bool tensor equal in every state is kept."""
+    a = {"w": torch.tensor([[1.0, -2.0], [0.5, 3.0]]), "h": torch.tensor([1.0], dtype=torch.float16),
+         "count": torch.tensor(7), "valid": torch.tensor([True, False])}
+    b = {"w": torch.tensor([[3.0, 2.0], [0.5, -1.0]]), "h": torch.tensor([2.0], dtype=torch.float16),
+         "count": torch.tensor(7), "valid": torch.tensor([True, False])}
+    c = {"w": torch.tensor([[2.0, 6.0], [2.0, 1.0]]), "h": torch.tensor([4.0], dtype=torch.float16),
+         "count": torch.tensor(7), "valid": torch.tensor([True, False])}
+    mean = average_states([a, b, c])
+    assert torch.equal(mean["w"], torch.tensor([[2.0, 2.0], [1.0, 1.0]]))
+    assert mean["h"].dtype == torch.float16 and mean["h"].item() == float(torch.tensor(7 / 3).half())
+    assert torch.equal(mean["count"], torch.tensor(7)) and torch.equal(mean["valid"], torch.tensor([True, False]))
+    two = average_states([a, b])
+    assert torch.equal(two["w"], torch.tensor([[2.0, 0.0], [0.5, 1.0]]))
+    assert torch.equal(average_states([a])["w"], a["w"]) and average_states([a])["w"] is not a["w"]
+
+
+@pytest.mark.parametrize(("second", "message"), [
+    ({"w": torch.zeros(2), "n": torch.tensor(1), "x": torch.zeros(1)}, r"state 1 has other keys .*\['x'\]"),
+    ({"w": torch.zeros(3), "n": torch.tensor(1)}, r"state 1: w is \(3,\), state 0 has \(2,\)"),
+    ({"w": torch.zeros(2), "n": torch.tensor(2)}, r"state 1: n \(torch.int64\) differs from state 0's"),
+    ({"w": torch.zeros(2, dtype=torch.int64), "n": torch.tensor(1)}, r"state 1: w is torch.int64, state 0 has "
+                                                                      r"torch.float32"),
+])
+def test_average_states_refuses_states_that_differ_naming_the_key(second, message):
+    """Other keys, another shape, an unequal integer tensor or a float tensor against an integer one:
+    ValueError naming the key; no state at all, or one dict in place of a list, too."""
+    first = {"w": torch.ones(2), "n": torch.tensor(1)}
+    with pytest.raises(ValueError, match=message):
+        average_states([first, second])
+    for nothing in ([], first):
+        with pytest.raises(ValueError, match="needs a list of at least one state dict"):
+            average_states(nothing)
