@@ -844,7 +844,8 @@ NO_METABALL_SURFACE = "no surface: its metaball elements enclose none (negative 
 INSTANCED_BY_PARENT = ("renders show it only where its parent {parent!r} instances it (Instancing: Vertices / "
                        "Faces): select that to sample those")
 # A child of such a parent whose particles or Geometry Nodes make instances: those take the place of its
-# children's (measured in bpy 5.0.1: a render's depsgraph holds no instance of the child, nor the child).
+# children's (measured in bpy 5.0.1: a render's depsgraph holds no instance of the child, nor the child;
+# nor a Geometry Nodes instance of that child itself, e.g. Object Info As Instance, in either depsgraph).
 NOT_INSTANCED_BY_PARENT = ("renders show it nowhere: its parent {parent!r} (Instancing: Vertices / Faces) hides it "
                            "at its own place and instances its particles' or Geometry Nodes' instances instead of "
                            "its children")

@@ -3149,14 +3149,17 @@ def test_points_from_meshes_simulated_parent_instances_no_child_disabled_in_rend
     assert (pts[:, 2] > 1.0).any() and (np.abs(pts[:, 2]) < 1e-5).any()  # on the shown ball's and the plane
 
 
-@pytest.mark.parametrize("instances", ["particles", "particles_path", "particles_hidden", "nodes", "none"])
+@pytest.mark.parametrize("instances", ["particles", "particles_path", "particles_hidden", "nodes", "nodes_child",
+                                       "none"])
 def test_points_from_meshes_names_a_child_its_parent_instances_nowhere(scene, instances, capfd):
     """A plane instancing its child ball at its 4 vertices (Instancing: Vertices) whose own
     ``instances`` take their place: hair rendering a cube, or Geometry Nodes putting an Ico
     Sphere on its points ("none": Geometry Nodes passing its mesh through, the control);
     "particles_path": the hair shown as Path in viewports, where the plane then instances the
     ball (measured in bpy 5.0.1; those instances were sampled with the plane); "particles_hidden":
-    the ball disabled in renders too (it was said to be instanced by the plane).
+    the ball disabled in renders too (it was said to be instanced by the plane); "nodes_child":
+    Geometry Nodes joining to the plane's mesh an Object Info instance (As Instance) of the
+    ball itself, which no depsgraph holds (it was said to be instanced by the plane).
     Blender's own answer, the depsgraph of a render: it holds the ball nowhere, neither at its
     own place nor as the plane's instances (the 4 of them in the control). The ball selected
     alone is named as shown nowhere (it was told to select the plane, whose points have no
@@ -3177,7 +3180,15 @@ def test_points_from_meshes_names_a_child_its_parent_instances_nowhere(scene, in
     else:
 
         def spheres(tree, geometry):
-            """An Ico Sphere put on each of the plane's points ("nodes"), or the plane passed through."""
+            """An Ico Sphere put on each of the plane's points ("nodes"), an instance of the ball
+            (its Object Info node's object set below) joined to the plane ("nodes_child"), or the
+            plane passed through."""
+            if instances == "nodes_child":
+                join, info = tree.nodes.new("GeometryNodeJoinGeometry"), tree.nodes.new("GeometryNodeObjectInfo")
+                info.inputs["As Instance"].default_value = True
+                tree.links.new(geometry, join.inputs[0])
+                tree.links.new(info.outputs["Geometry"], join.inputs[0])
+                return join.outputs[0]
             if instances != "nodes":
                 return geometry
             put, sphere = tree.nodes.new("GeometryNodeInstanceOnPoints"), tree.nodes.new("GeometryNodeMeshIcoSphere")
@@ -3190,6 +3201,8 @@ def test_points_from_meshes_names_a_child_its_parent_instances_nowhere(scene, in
     ball = bpy.context.active_object
     ball.name, ball.parent, ball.location = "Ball", grid, (0.0, 0.0, 2.0)
     ball.hide_render = instances == "particles_hidden"
+    if instances == "nodes_child":
+        bpy.data.node_groups["Spheres"].nodes["Object Info"].inputs["Object"].default_value = ball
     rendered = _read_during_a_cycles_render(sc, lambda dg: [
         i.object.original.name for i in dg.object_instances if i.object.original == ball])
     assert rendered == ([] if instances != "none" else ["Ball"] * 4)  # all 4 the plane's instances
@@ -3252,7 +3265,11 @@ def test_points_from_meshes_samples_a_metaball_child_of_an_instancing_parent_whe
     parent's instances of its members included, and a metaball child is not hidden at its own
     place); the second has no mesh. The first selected alone: every point lies on one of those
     5 balls and each gets points (its copy keeps its parent); the second alone is named as
-    having no surface, not told to select the plane (which has no instance of it to sample)."""
+    having no surface, not told to select the plane (which has no instance of it to sample).
+    The plane is found to instance its children where renders show them (the rule that tells
+    apart a child its parent instances nowhere), though the render holds no instance of them."""
+    from blender_addon.datagen.surface_points import instances_its_children
+
     sc = scene["scene"]
     bpy.ops.mesh.primitive_plane_add(size=4.0)
     grid = bpy.context.active_object
@@ -3274,9 +3291,10 @@ def test_points_from_meshes_samples_a_metaball_child_of_an_instancing_parent_whe
                  if i.object.type == "MESH" else None)
                 for i in depsgraph.object_instances if i.object.original in balls]
 
-    rendered = _read_during_a_cycles_render(sc, meshes)
+    rendered, instanced = _read_during_a_cycles_render(sc, lambda dg: (meshes(dg), instances_its_children(grid, dg)))
     assert sorted((name, by_grid, verts is not None) for name, by_grid, verts in rendered) == [
         ("Ball", False, False), ("Ball", False, True), ("Hollow", False, False)]
+    assert instanced
     verts = next(v for name, _, v in rendered if name == "Ball" and v is not None)
     to_centre = np.linalg.norm(verts[:, None] - centres[None], axis=2)
     assert to_centre.min(axis=1).max() < 0.5 + 1e-3 and (to_centre < 0.5 + 1e-3).any(axis=0).all()

@@ -317,14 +317,29 @@ def instances_its_children(obj: Any, depsgraph: Any) -> bool:
     child. Its particles are read at their render settings (a viewport showing them as Path
     instances the children: measured); its Geometry Nodes as ``depsgraph`` evaluates them
     (their instances are its entries' that no particle system made and that are not of its
-    children)."""
+    children, and the instances its evaluated geometry holds when it has no entry of its
+    children: Blender holds no instance of its own children that its Geometry Nodes make,
+    e.g. by an Object Info node set to As Instance; measured in bpy 5.0.1, both depsgraphs:
+    such an instance, and the children at its vertices, are nowhere)."""
     if obj.instance_type not in INSTANCES_CHILDREN or particles_instance_in_renders(obj):
         return False
+    has_children_entries = False
     for inst in depsgraph.object_instances:
         if (inst.is_instance and inst.parent is not None and inst.parent.original == obj
-                and inst.particle_system is None and inst.object.original.parent != obj):
-            return False
-    return True
+                and inst.particle_system is None):
+            if inst.object.original.parent != obj:
+                return False  # its Geometry Nodes' instances
+            has_children_entries = True
+    if has_children_entries:
+        return True
+    # None held: its evaluated geometry's instances (measured in bpy 5.0.1) are its children
+    # at its vertices or faces that ``depsgraph`` shows, or its Geometry Nodes' instances, also
+    # of its own children, which no depsgraph holds. Metaball children are none of its entries
+    # either (their family's mesh holds them), so instances of metaballs only are its children.
+    import bpy
+
+    return all(isinstance(ref, bpy.types.Object) and ref.type == "META"
+               for ref in obj.evaluated_get(depsgraph).evaluated_geometry().instance_references())
 
 
 def particles_instance_in_renders(obj: Any) -> bool:
