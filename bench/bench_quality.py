@@ -98,13 +98,11 @@ def on_off_arg(text: str) -> bool:
 
 def check_recipes_arg(text: str) -> tuple[str, ...]:
     """``--check-recipes crops,whole``: the recipes a checked fit chooses between on its kept photo
-    (fit_coefficients' check_recipes; names from npbgpp_core.fitting.CHECK_RECIPES)."""
-    from npbgpp_core.fitting import check_recipe_names, split_check_recipes
+    (fit_coefficients' check_recipes; names from npbgpp_core.fitting.CHECK_RECIPES), split as
+    headless_train fit splits them; :func:`check_fit_options` checks them, in the flags' words."""
+    from npbgpp_core.fitting import split_check_recipes
 
-    try:
-        return check_recipe_names(split_check_recipes(text))
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    return split_check_recipes(text)
 
 
 # coefficients_ft knobs: flag, type, help; each maps to fit_coefficients' keyword of the
@@ -174,11 +172,20 @@ def fit_keywords(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def check_fit_options(args: argparse.Namespace) -> None:
-    """Reject bad recipe flags before any scene is loaded (QualityError naming the value)."""
-    from npbgpp_core.fitting import coefficients_recipe
+    """Reject bad recipe flags before any scene is loaded (QualityError naming the value; the
+    check's flags by their names, as headless_train fit does)."""
+    from npbgpp_core.fitting import CHECK_TOLERANCE_DB, CheckOptionNames, checked_fit_options, coefficients_recipe
 
+    keywords = fit_keywords(args)
+    flags = CheckOptionNames(check_view_on="--check-view on", fair_check="--fair-check on",
+                             check_recipes="--check-recipes")  # no flag sets the tolerance here
     try:
-        coefficients_recipe(**fit_keywords(args))
+        checked_fit_options(keywords["check_view"], keywords["fair_check"], CHECK_TOLERANCE_DB,
+                            keywords.get("check_recipes", ()), flags)
+    except ValueError as exc:
+        raise QualityError(str(exc)) from exc
+    try:
+        coefficients_recipe(**keywords)
     except ValueError as exc:
         raise QualityError(f"coefficients_ft options: {exc}") from exc
     if args.fit_max_side is not None and args.crop is not None and args.fit_max_side < args.crop:

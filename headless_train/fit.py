@@ -40,7 +40,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--check-tolerance", type=float, default=None, metavar="DB",
                    help="how many dB the fit may score below the unfitted scene on the photo --check-view keeps "
                    f"apart and still be kept: a finite number >= 0, 0 drops any loss (default {CHECK_TOLERANCE_DB})")
-    # names checked in fit() by the core, with its message (argparse would replace it with its own)
+    # names checked in fit() by the core's rule, in the flags' words (argparse would turn a ValueError into its
+    # own "invalid value")
     p.add_argument("--check-recipes", type=split_check_recipes, default=None, metavar="NAMES",
                    help=f"comma-separated recipes from {','.join(CHECK_RECIPES)}: fit each (crops: --steps steps of "
                    f"crops; whole: {WHOLE_VIEW_STEPS} steps of whole photos) on the photos less the one --check-view "
@@ -56,20 +57,22 @@ def fit(args: argparse.Namespace) -> str:
     from npbgpp_core.atomic import check_output_file, check_output_suffix, same_file
     from npbgpp_core.datasets import load_scene
     from npbgpp_core.datasets.scene_data import scene_input_at
-    from npbgpp_core.fitting import check_tolerance_db, coefficients_recipe
+    from npbgpp_core.fitting import CHECK_TOLERANCE_DB, CheckOptionNames, checked_fit_options
     from npbgpp_core.scene_fit import BundleFit, check_steps, users_check
 
     check_steps(args.steps)
-    check_view = users_check(args.check_view, None)[0]
-    if args.check_tolerance is not None:
-        # refused now, before the scene is read (BundleFit checks it again, with the same function)
-        check_tolerance_db(args.check_tolerance)
-        if not check_view:
-            raise FitError("--check-tolerance is what the fit may lose on the photo --check-view keeps apart; with "
-                           "--no-check-view no photo is kept apart: drop one of the two")
-    if args.check_recipes is not None:
-        # refused now with the core's own messages (unknown names; no --check-view to choose on)
-        coefficients_recipe(check_view=check_view, check_recipes=args.check_recipes)
+    check_view, fair_check = users_check(args.check_view, None)
+    # the core's rules for the check's options, refused now (before the scene is read) in the
+    # flags' words; BundleFit checks them again with the same function
+    flags = CheckOptionNames(check_view_on="--check-view" + (", not --no-check-view" if args.check_view is False
+                                                             else ""),
+                             check_tolerance="--check-tolerance", check_recipes="--check-recipes")
+    checked_fit_options(check_view, fair_check,
+                        CHECK_TOLERANCE_DB if args.check_tolerance is None else args.check_tolerance,
+                        () if args.check_recipes is None else args.check_recipes, flags)
+    if args.check_tolerance is not None and not check_view:
+        raise FitError("--check-tolerance is what the fit may lose on the photo --check-view keeps apart; with "
+                       "--no-check-view no photo is kept apart: drop one of the two")
     check_output_suffix(args.out, ".npbgpp")
     if os.path.exists(args.out) and same_file(args.out, args.bundle):
         raise FitError(f"--out {args.out} is the --bundle it fits; write the fitted bundle to another file")

@@ -487,14 +487,49 @@ def run_fit(fit: Generator[int, None, FitResult]) -> FitResult:
             return end.value
 
 
-def check_tolerance_db(value: object) -> float:
+def check_tolerance_db(value: object, name: str = "check_tolerance") -> float:
     """``value`` as a checked fit's tolerance in dB (:data:`CHECK_TOLERANCE_DB`); raises
-    ValueError for anything but a finite number >= 0 (a bool is not one)."""
+    ValueError naming it ``name`` for anything but a finite number >= 0 (a bool is not one)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"check_tolerance must be a number of dB, got {value!r}")
+        raise ValueError(f"{name} must be a number of dB, got {value!r}")
     if not math.isfinite(value) or value < 0:
-        raise ValueError(f"check_tolerance must be a finite number of dB >= 0, got {value!r}")
+        raise ValueError(f"{name} must be a finite number of dB >= 0, got {value!r}")
     return float(value)
+
+
+@dataclass(frozen=True)
+class CheckOptionNames:
+    """How the messages of :func:`checked_fit_options` name a checked fit's options:
+    fit_coefficients' keywords by default; a command line passes its flags, so that its user
+    reads what to change (``check_view_on``: what turns the check on)."""
+
+    check_view_on: str = "check_view=True"
+    fair_check: str = "fair_check"
+    check_tolerance: str = "check_tolerance"
+    check_recipes: str = "check_recipes"
+
+
+KEYWORD_NAMES = CheckOptionNames()
+
+
+def checked_fit_options(check_view: object, fair_check: object, check_tolerance: object, check_recipes: object,
+                        names: CheckOptionNames = KEYWORD_NAMES) -> tuple[float, tuple[str, ...]]:
+    """The rules of a checked fit's options (fit_coefficients' ``check_view``, ``fair_check``,
+    ``check_tolerance``, ``check_recipes``), in one place for the library and its command lines:
+    raises ValueError naming a bad value or a missing ``check_view`` as ``names`` spell them;
+    returns the tolerance in dB and the recipe names."""
+    for name, flag in (("check_view", check_view), ("fair_check", fair_check)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be True or False, got {flag!r}")
+    if fair_check and not check_view:
+        raise ValueError(f"{names.fair_check} is a way of checking the fit on a view kept apart: it needs "
+                         f"{names.check_view_on}")
+    tolerance = check_tolerance_db(check_tolerance, names.check_tolerance)
+    recipes = check_recipe_names(check_recipes, names.check_recipes)
+    if recipes and not check_view:
+        raise ValueError(f"{names.check_recipes} chooses a recipe on a view kept apart: it needs "
+                         f"{names.check_view_on}")
+    return tolerance, recipes
 
 
 def check_view_index(count: int) -> int | None:
@@ -586,16 +621,16 @@ def candidate_recipes(names: Sequence[str], steps: int, crop: int | None,
     return out
 
 
-def check_recipe_names(names: object) -> tuple[str, ...]:
-    """``names`` as a choosing check's recipes (:data:`CHECK_RECIPES`); raises ValueError for
-    anything but a sequence of distinct known names (a string is not one)."""
+def check_recipe_names(names: object, name: str = "check_recipes") -> tuple[str, ...]:
+    """``names`` as a choosing check's recipes (:data:`CHECK_RECIPES`); raises ValueError naming
+    them ``name`` for anything but a sequence of distinct known names (a string is not one)."""
     if isinstance(names, str) or not isinstance(names, (list, tuple)):
-        raise ValueError(f"check_recipes must be a list of names from {CHECK_RECIPES}, got {names!r}")
+        raise ValueError(f"{name} must be a list of names from {CHECK_RECIPES}, got {names!r}")
     unknown = [n for n in names if n not in CHECK_RECIPES]
     if unknown:
-        raise ValueError(f"check_recipes: unknown recipe(s) {unknown}; choose from {CHECK_RECIPES}")
+        raise ValueError(f"{name}: unknown recipe(s) {unknown}; choose from {CHECK_RECIPES}")
     if len(set(names)) != len(names):
-        raise ValueError(f"check_recipes names a recipe twice: {list(names)}")
+        raise ValueError(f"{name} names a recipe twice: {list(names)}")
     return tuple(names)
 
 
@@ -847,14 +882,7 @@ def coefficients_recipe(
         check_rows(background_rows)
     if not isinstance(aligned, bool):
         raise ValueError(f"aligned must be True or False, got {aligned!r}")
-    for name, flag in (("check_view", check_view), ("fair_check", fair_check)):
-        if not isinstance(flag, bool):
-            raise ValueError(f"{name} must be True or False, got {flag!r}")
-    if fair_check and not check_view:
-        raise ValueError("fair_check is a way of checking the fit on a view kept apart: it needs check_view=True")
-    check_tolerance_db(check_tolerance)
-    if check_recipe_names(check_recipes) and not check_view:
-        raise ValueError("check_recipes chooses a recipe on a view kept apart: it needs check_view=True")
+    checked_fit_options(check_view, fair_check, check_tolerance, check_recipes)
     return FitRecipe(lr_coefficients, lr_refiner, lr_background, train_refiner, crops_per_step, warmup_steps,
                      schedule, coefficient_decay, coefficient_optimizer, average_from, coarse_fraction, coarse_side)
 

@@ -254,11 +254,11 @@ def test_check_view_flag_scores_what_the_user_gets(tmp_path, monkeypatch):
     assert "check" not in off["methods"]["coefficients_ft"]
 
 
-def test_fair_check_flag_scores_the_full_scene_when_the_fit_loses_and_needs_the_check(tmp_path, monkeypatch):
+def test_fair_check_flag_scores_the_full_scene_when_the_fit_loses(tmp_path, monkeypatch):
     """--fair-check on: a fit driven to lose leaves NPBG++'s render of the full aggregation
-    (what the user keeps), the check records the aggregation without the kept view; with
-    --check-view off the flag is refused before any scene is read."""
-    from bench.bench_quality import QualityError, check_fit_options
+    (what the user keeps), the check records the aggregation without the kept view (its refusal
+    without --check-view: test_check_flags_are_refused_in_the_flags_words)."""
+    from bench.bench_quality import check_fit_options
     from npbgpp_core import fitting
 
     folder = make_tiny_scene(str(tmp_path / "s"), views=6, size=32, splits=(4, 1, 1))
@@ -270,16 +270,14 @@ def test_fair_check_flag_scores_the_full_scene_when_the_fit_loses_and_needs_the_
     fit, plain = r["methods"]["coefficients_ft"], r["methods"]["npbgpp"]
     assert fit["check"]["kept"] == "unfitted" and fit["check"]["aggregated_without"] is True
     assert fit["psnr_views"] == plain["psnr_views"]
-    with pytest.raises(QualityError, match="fair_check .* needs check_view"):
-        check_fit_options(parse_args(["--scenes", folder, "--check-view", "off", "--fair-check", "on"]))
 
 
-def test_check_recipes_flag_records_every_candidates_held_out_scores(tmp_path, monkeypatch, capsys):
+def test_check_recipes_flag_records_every_candidates_held_out_scores(tmp_path, monkeypatch):
     """--check-recipes crops,whole: a loss that inverts the 16^2 crop targets makes the crop recipe
     lose, so the whole-view one is chosen; every candidate records its kept-photo score and its
     held-out scores, the chosen one's equal to the fit's column, the other's its own fit's (lower
-    here); a bad name or a recipe without the check is refused."""
-    from bench.bench_quality import QualityError, check_fit_options
+    here)."""
+    from bench.bench_quality import check_fit_options
     from npbgpp_core import fitting
 
     def inverted_crops(*_a, **_k):
@@ -304,11 +302,6 @@ def test_check_recipes_flag_records_every_candidates_held_out_scores(tmp_path, m
     assert list(mixes) == ["crops+whole", "unfitted+crops", "unfitted+whole", "unfitted+crops+whole"]
     for mix in mixes.values():
         assert math.isfinite(mix["psnr_kept"]) and len(mix["held_out"]["psnr_views"]) == 1
-    with pytest.raises(SystemExit):
-        parse_args(["--scenes", folder, "--check-recipes", "crops,tiles"])
-    assert "unknown recipe(s) ['tiles']" in capsys.readouterr().err
-    with pytest.raises(QualityError, match="check_recipes .* needs check_view=True"):
-        check_fit_options(parse_args(["--scenes", folder, "--check-view", "off", "--check-recipes", "whole"]))
 
 
 def test_check_mixes_are_the_means_of_the_named_states():
@@ -326,11 +319,23 @@ def test_check_mixes_are_the_means_of_the_named_states():
     assert list(check_mixes(unfitted, {"crops": crops})) == ["unfitted+crops"]
 
 
-def test_check_recipes_flag_refuses_an_empty_name_as_the_fit_command_does(capsys):
+def test_check_flags_are_refused_in_the_flags_words():
     """bench_quality's --check-recipes splits its names as headless_train fit's does
     (fitting.split_check_recipes): an empty name, or an empty flag, is refused as an unknown
-    recipe with the core's message, not read as no choice (a plain check run under the wrong name)."""
-    for value in ("", "crops,,whole"):
-        with pytest.raises(SystemExit):
-            parse_args(["--scenes", "unused", "--check-recipes", value])
-        assert "unknown recipe(s) ['']" in capsys.readouterr().err
+    recipe, not read as no choice (a plain check run under the wrong name); an unknown name, and
+    --check-recipes or --fair-check with --check-view off, are refused by the core's rule naming
+    the flags, not the keywords (check_recipes, check_view=True), before any scene is read."""
+    from bench.bench_quality import QualityError, check_fit_options
+
+    for value, unknown in (("", ""), ("crops,,whole", ""), ("crops,tiles", "tiles")):
+        with pytest.raises(QualityError) as refused:
+            check_fit_options(parse_args(["--scenes", "unused", "--check-recipes", value]))
+        assert str(refused.value).startswith(f"--check-recipes: unknown recipe(s) [{unknown!r}]; choose from ")
+    for flags, expected in (
+            (["--check-recipes", "whole"], "--check-recipes chooses a recipe on a view kept apart: it needs "
+                                           "--check-view on"),
+            (["--fair-check", "on"], "--fair-check on is a way of checking the fit on a view kept apart: it needs "
+                                     "--check-view on")):
+        with pytest.raises(QualityError) as refused:
+            check_fit_options(parse_args(["--scenes", "unused", "--check-view", "off", *flags]))
+        assert str(refused.value) == expected

@@ -194,9 +194,10 @@ def refused_before_fitting(scene_and_bundle, tmp_path, monkeypatch) -> tuple[lis
 
 
 def test_fit_command_refuses_a_bad_check_tolerance_before_fitting(scene_and_bundle, tmp_path, monkeypatch, capsys):
-    """A negative or non-finite --check-tolerance is refused with the library's own message, and
-    a tolerance with --no-check-view (no photo is kept apart to apply it to) in one line; exit 2,
-    before the fit, nothing written. --help shows the default."""
+    """A negative or non-finite --check-tolerance is refused by the library's rule in the flag's
+    words (not the keyword check_tolerance), and a tolerance with --no-check-view (no photo is
+    kept apart to apply it to) in one line; exit 2, before the fit, nothing written. --help shows
+    the default."""
     from headless_train import fit as fit_cli
     from npbgpp_core.fitting import CHECK_TOLERANCE_DB, check_tolerance_db
 
@@ -204,8 +205,9 @@ def test_fit_command_refuses_a_bad_check_tolerance_before_fitting(scene_and_bund
     for value in ("-0.1", "nan", "inf", "-inf"):
         with pytest.raises(ValueError) as core:
             check_tolerance_db(float(value))
+        assert str(core.value).startswith("check_tolerance must be a finite number of dB >= 0, got ")
         assert fit_cli.main([*run, f"--check-tolerance={value}"]) == 2
-        assert capsys.readouterr().err == f"error: {core.value}\n"
+        assert capsys.readouterr().err == f"error: --{str(core.value).replace('_', '-')}\n"
     assert fit_cli.main([*run, "--no-check-view", "--check-tolerance", "1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --check-tolerance") and "--no-check-view" in err and err.count("\n") == 1
@@ -275,19 +277,25 @@ def test_fit_command_without_check_recipes_records_no_choice(scene_and_bundle, t
 
 def test_fit_command_refuses_bad_check_recipes_before_fitting(scene_and_bundle, tmp_path, monkeypatch, capsys):
     """Unknown or repeated --check-recipes names, and --check-recipes with --no-check-view (no
-    photo kept apart to choose on), are refused with the core's own message in one line; exit 2,
-    before the fit, nothing written."""
+    photo kept apart to choose on), are refused by the core's rule in the flags' words (not the
+    keywords check_recipes, check_view=True) in one line; exit 2, before the fit, nothing written."""
     from headless_train import fit as fit_cli
     from npbgpp_core.fitting import coefficients_recipe
 
     run, out = refused_before_fitting(scene_and_bundle, tmp_path, monkeypatch)
-    for value, names, check_view in (("crops,wide", ("crops", "wide"), True), ("whole,whole", ("whole", "whole"), True),
-                                     ("", ("",), True), ("crops,whole", ("crops", "whole"), False)):
-        with pytest.raises(ValueError) as core:
+    for value, names, check_view, expected in (
+            ("crops,wide", ("crops", "wide"), True, "--check-recipes: unknown recipe(s) ['wide']; choose from "),
+            ("whole,whole", ("whole", "whole"), True, "--check-recipes names a recipe twice: ['whole', 'whole']"),
+            ("", ("",), True, "--check-recipes: unknown recipe(s) ['']; choose from "),
+            ("crops,whole", ("crops", "whole"), False,
+             "--check-recipes chooses a recipe on a view kept apart: it needs --check-view, not --no-check-view")):
+        with pytest.raises(ValueError) as core:  # the library's rule, in its keywords' words
             coefficients_recipe(check_view=check_view, check_recipes=names)
+        assert str(core.value).startswith("check_recipes") and "--" not in str(core.value)
         flags = [] if check_view else ["--no-check-view"]
         assert fit_cli.main([*run, *flags, f"--check-recipes={value}"]) == 2
         err = capsys.readouterr().err
-        assert err == f"error: {core.value}\n" and err.count("\n") == 1
-    assert "it needs check_view=True" in str(core.value)
+        assert err.startswith(f"error: {expected}") and err.count("\n") == 1
+        assert "check_recipes" not in err and "check_view" not in err
+    assert str(core.value).endswith("it needs check_view=True")
     assert not os.path.exists(out) and os.listdir(tmp_path) == []
