@@ -12,8 +12,9 @@ inputs), that writes new weights and their card back.
   to the stage reaches it as one SIGTERM; the stage waits for last.ckpt, exports and records
   the call (``stopped_by``) and exits 128 + the signal; one that comes after training is held
   until the export and the record are written (:func:`held_stop_signals`); if the child had
-  failed (an exit code other than a stop's), the stage exits 2 as without the signal, and its
-  error line names the signal (the failure is the call's outcome; the stop changed nothing).
+  failed (an exit code other than a stop's), or the call fails otherwise (no last.ckpt, no
+  step taken, the export), the stage exits 2 as without the signal, and its error line names
+  the signal (the failure is the call's outcome; the stop changed nothing; :func:`stop_note`).
   A stage killed outright (SIGKILL) stops its child through :mod:`headless_train.lifeline` (the
   child still writes last.ckpt);
   the next call records those steps as ``unrecorded_steps``. The child also stops by itself
@@ -688,13 +689,14 @@ def run_stage(args: argparse.Namespace) -> dict[str, Any]:
                                                   pending=late)
         seconds = time.time() - t0
         if not os.path.isfile(last):
-            raise StageError(f"training wrote no {last} (exit code {rc}){stopped_note(stopped_by)}; see {log_path}"
-                             f"{log_tail(log_path)}")
+            raise StageError(f"training wrote no {last} (exit code {rc}){stop_note(late, stopped_by)}; "
+                             f"see {log_path}{log_tail(log_path)}")
         end_step = checkpoint_state(last)[0]
         # 0: max_steps or the child's own time limit; EXIT_SIGTERM: the SIGTERM this call sent
         finished = rc == 0 or (rc == EXIT_SIGTERM and (timed_out or stopped_by is not None))
         if not finished and stopped_by is None and end_step == start_step:
-            raise StageError(f"training exited with code {rc} and took no step; see {log_path}{log_tail(log_path)}")
+            raise StageError(f"training exited with code {rc} and took no step{stop_note(late, stopped_by)}; see "
+                             f"{log_path}{log_tail(log_path)}")
         info: dict[str, Any] = {
             "corpus": os.path.abspath(args.corpus), "scenes": scenes, "resumed": resume, "start_step": start_step,
             "end_step": end_step, "seconds": round(seconds, 1), "exit_code": rc, "overrides": overrides,
@@ -718,19 +720,18 @@ def run_stage(args: argparse.Namespace) -> dict[str, Any]:
         from .export_weights import main as export_main
 
         if export_main(["--checkpoint", last, "--out", out, "--fp16", "--card-json", card]) != 0:
-            raise StageError(f"exporting {last} failed")
+            raise StageError(f"exporting {last} failed{stop_note(late, stopped_by)}")
         info["weights"] = out
         calls.append(info)
         atomic_write_bytes(history, json.dumps(calls, indent=2).encode("utf-8"))
-    held = signal.Signals(late[0]).name if late and stopped_by is None else None  # asked to stop after training
     if not finished and stopped_by is None:
         # the failure outranks a stop that came after it: the stop changed nothing, and its exit
         # (128 + the signal: "run again to continue") would hide a failure the next call likely repeats
-        note = f"; {held} came after training and was held until the call was recorded" if held else ""
+        note = stop_note(late, stopped_by) + (" until the call was recorded" if late else "")
         raise StageError(f"training exited with code {rc} at step {end_step} (recorded in {history}{note}); see "
                          f"{log_path}{log_tail(log_path)}")
-    if held:  # the call is whole, the exit says it was asked to stop
-        info["stopped_by"] = held
+    if late and stopped_by is None:  # asked to stop after training: the call is whole, the exit says so
+        info["stopped_by"] = signal.Signals(late[0]).name
     return info
 
 
@@ -780,8 +781,16 @@ def child_time_limit_minutes(minutes: float) -> float:
     return minutes + max(2.0, 0.1 * minutes)
 
 
-def stopped_note(stopped_by: int | None) -> str:
-    return "" if stopped_by is None else f" after {signal.Signals(stopped_by).name}"
+def stop_note(late: list[int], stopped_by: int | None) -> str:
+    """What the error line of a call that fails (exit 2) adds for a stop signal: one that
+    stopped training (``stopped_by``), or one that came after it and was held
+    (:func:`held_stop_signals`, ``late``). The failure is the call's outcome, but whoever sent
+    the signal reads that it arrived."""
+    if stopped_by is not None:
+        return f"; {signal.Signals(stopped_by).name} stopped training"
+    if late:
+        return f"; {signal.Signals(late[0]).name} came after training and was held"
+    return ""
 
 
 def log_tail(path: str, lines: int = 15) -> str:

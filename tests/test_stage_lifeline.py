@@ -409,6 +409,57 @@ def test_a_failed_child_exits_2_even_when_a_stop_signal_came_after_training(corp
     assert read_weights(os.path.join(work, "npbgpp_sphere_stage.safetensors"), "npbgpp").card["stage"]["end_step"] == 1
 
 
+# a dry-run stage whose child and export are replaced by mode (STAGE_TEST_MODE): "no-ckpt" a child
+# that wrote nothing and fails; "export" the real child, then an export that fails; "no-step" a
+# child that fails without a step; in these three a SIGTERM comes after the child ended (held).
+# "stopped-export": a child that SIGTERM stopped (no signal sent here), then an export that fails.
+_FAILING_ENDS = """
+import os, signal, sys
+import headless_train.export_weights as export_weights
+import headless_train.stage as stage
+mode = os.environ["STAGE_TEST_MODE"]
+real_child = stage.run_child
+def child(*args, **kwargs):
+    if mode == "export":
+        return real_child(*args, **kwargs)
+    if mode == "stopped-export":
+        return stage.EXIT_SIGTERM, False, signal.SIGTERM
+    os.kill(os.getpid(), signal.SIGTERM)
+    return 1, False, None
+def export(argv):
+    if mode == "export":
+        os.kill(os.getpid(), signal.SIGTERM)
+    return 1
+stage.run_child = child
+export_weights.main = export
+sys.exit(stage.main(sys.argv[1:]))
+"""
+
+
+def test_every_failing_end_names_the_stop_signal(corpus, tmp_path):
+    """A call that fails (exit 2) after a stop signal says so in its one error line, as a
+    failed child's does: a SIGTERM held after training (no last.ckpt written; the export failed;
+    the child took no step) is named as having come after training, one that stopped training
+    as having stopped it. Nothing is recorded and no weights are written."""
+    work = str(tmp_path / "stage")
+    last = os.path.join(work, "run", "checkpoints", "last.ckpt")
+    held = "; SIGTERM came after training and was held"
+    for mode, expected in (("no-ckpt", f"training wrote no {last} (exit code 1){held}; see "),
+                           ("export", f"exporting {last} failed{held}"),
+                           ("no-step", f"training exited with code 1 and took no step{held}; see "),
+                           ("stopped-export", f"exporting {last} failed; SIGTERM stopped training")):
+        proc = subprocess.run([sys.executable, "-c", _FAILING_ENDS, "--corpus", corpus, "--work", work,
+                               "--dry-run", "--dry-steps", "1"], cwd=ROOT, env={**ENV, "STAGE_TEST_MODE": mode},
+                              capture_output=True, text=True, timeout=BOUND_S, preexec_fn=default_signals)
+        assert proc.returncode == 2, (mode, proc.returncode, proc.stderr[-3000:])
+        error = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+        assert len(error) == 1 and error[0].startswith(f"error: {expected}"), (mode, proc.stderr[-3000:])
+        assert "stage stopped by" not in proc.stderr
+        assert not os.path.exists(os.path.join(work, "stage.json"))
+        assert not os.path.exists(os.path.join(work, "npbgpp_sphere_stage.safetensors"))
+    assert step_of(last) == 1  # the one real child's step: the later calls resumed it
+
+
 def test_max_minutes_stops_training_and_writes_last_ckpt(corpus, tmp_path):
     """The child's own backstop: an endless run with trainer.max_minutes ends by itself
     (exit 0) and leaves a last.ckpt a resume can use."""
