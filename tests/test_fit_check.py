@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -39,6 +40,22 @@ def psnr_of(render: torch.Tensor, photo: torch.Tensor) -> float:
     """PSNR in dB, computed here (not by the code under test)."""
     mse = float(((render.float() - photo.float()) ** 2).mean())
     return 10.0 * math.log10(1.0 / mse)
+
+
+def real_scores_with_one_changed(monkeypatch: pytest.MonkeyPatch, call: int,
+                                 change: Callable[[float], float]) -> list[float]:
+    """Make ``fitting.view_psnr`` score the kept photo as it does, except that its ``call``-th
+    call (1: the unfitted scene's, 2: the fit's) returns ``change(real score)``; returns the
+    real scores, one per call, as they come."""
+    real = fitting.view_psnr
+    scores: list[float] = []
+
+    def changed(*args: object) -> float:
+        scores.append(real(*args))
+        return change(scores[-1]) if len(scores) == call else scores[-1]
+
+    monkeypatch.setattr(fitting, "view_psnr", changed)
+    return scores
 
 
 def inverted_loss(*_args, **_kwargs):
@@ -281,14 +298,7 @@ def test_a_fit_whose_kept_photo_render_is_not_finite_is_dropped_and_said_so(four
     """A fitted render that scores NaN (not finite) loses to the unfitted scene, and the line
     says why in words, not as 'nan dB'."""
     folder, bundle = four_views
-    real = fitting.view_psnr
-    calls: list[float] = []
-
-    def nan_after(*args):
-        calls.append(real(*args))
-        return calls[-1] if len(calls) == 1 else math.nan  # the fitted model's render
-
-    monkeypatch.setattr(fitting, "view_psnr", nan_after)
+    calls = real_scores_with_one_changed(monkeypatch, 2, lambda _: math.nan)  # the fitted model's render
     job = BundleFit(bundle, load_scene(folder), steps=2, check_view=True)
     while not job.step():
         pass
@@ -361,14 +371,7 @@ def test_a_kept_photo_the_unfitted_scene_cannot_score_keeps_the_fit(four_views, 
     """An unfitted score of NaN (a photo with no valid pixel to judge on) cannot judge the
     fit: the fit is kept and the line says the photo could not be scored."""
     folder, bundle = four_views
-    real = fitting.view_psnr
-    calls: list[float] = []
-
-    def nan_before(*args):
-        calls.append(real(*args))
-        return math.nan if len(calls) == 1 else calls[-1]
-
-    monkeypatch.setattr(fitting, "view_psnr", nan_before)
+    calls = real_scores_with_one_changed(monkeypatch, 1, lambda _: math.nan)  # the unfitted scene's render
     job = BundleFit(bundle, load_scene(folder), steps=2, check_view=True)
     while not job.step():
         pass
@@ -485,14 +488,7 @@ def test_a_fair_fit_that_wins_is_saved_from_the_aggregation_without_the_photo(fo
     step away from the bundle Aggregate writes without the photo, further from the full one."""
     folder, bundle = four_views
     data = load_scene(folder)
-    real = fitting.view_psnr
-    calls: list[float] = []
-
-    def fitted_ahead(*args):
-        calls.append(real(*args))
-        return calls[-1] + (10.0 if len(calls) == 2 else 0.0)
-
-    monkeypatch.setattr(fitting, "view_psnr", fitted_ahead)
+    calls = real_scores_with_one_changed(monkeypatch, 2, lambda score: score + 10.0)  # the fit 10 dB ahead
     out = str(tmp_path / "fitted.npbgpp")
     result = fit_bundle(bundle, data, out, steps=1, check_view=True, fair_check=True, weights="")
     saved = NeuralScene.load(out)
