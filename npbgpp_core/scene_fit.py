@@ -249,6 +249,10 @@ class BundleFit:
         if check.get("skipped"):
             return f"the fit{chosen} used every photo unchecked: {check['skipped']}"
         if raw.render_not_finite:
+            if len(raw.candidates) > 1:  # NaN never wins a choice: every recipe's render was not finite
+                tried = ", ".join(RECIPE_LABELS.get(c.recipe, c.recipe) for c in raw.candidates)
+                return (f"kept the unfitted scene: no recipe's render of held-apart photo {check['name']} was finite "
+                        f"({tried})")
             return (f"kept the unfitted scene: the fit's{chosen} render of held-apart photo {check['name']} was not "
                     "finite")
         if math.isnan(raw.psnr_unfitted) or math.isnan(raw.psnr_fitted):

@@ -5,6 +5,8 @@ alone on the same photos (no check), scored here by ``view_psnr`` of those direc
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from _train_fixtures import aggregate_with_worker, make_tiny_scene, scores_in_turn
@@ -206,6 +208,31 @@ def test_a_bundle_fit_counts_every_recipes_steps_and_names_the_one_it_dropped(tm
     assert job.check()["recipe"] == "whole" and "candidates" not in job.check()
     assert job.outcome() == ("the fit (whole views) used every photo unchecked: 2 input views, fewer than the 3 a "
                              "check needs")
+
+
+def test_a_bundle_fit_whose_every_recipe_renders_not_finite_keeps_the_unfitted_scene_and_says_so(tmp_path,
+                                                                                              monkeypatch):
+    """Both recipes' renders of the kept photo score NaN (not finite; scores set here): the
+    unfitted scene is kept and saved (the source bundle), and the line says that no recipe's
+    render was finite, naming both, not that 'the fit's (crops) render' was not."""
+    from npbgpp_core import fitting
+
+    folder = make_tiny_scene(str(tmp_path / "scene"), views=4, size=SIZE, n_points=200, splits=(3, 0, 1))
+    bundle = str(tmp_path / "agg.npbgpp")
+    aggregate_with_worker(folder, bundle)
+    scored = scores_in_turn(20.0, math.nan, math.nan)  # unfitted, crops, whole
+    monkeypatch.setattr(fitting, "view_psnr", scored)
+    job = BundleFit(bundle, load_scene(folder), steps=1, check_view=True, check_recipes=["crops", "whole"])
+    while not job.step():
+        pass
+    assert scored.left == []
+    check = job.check()
+    assert check["kept"] == "unfitted" and job.result.check.render_not_finite
+    assert [c["psnr_fitted"] for c in check["candidates"]] == [None, None]
+    assert job.outcome() == (f"kept the unfitted scene: no recipe's render of held-apart photo {check['name']} was "
+                             "finite (crops, whole views)")
+    saved = job.save(str(tmp_path / "fitted.npbgpp"))
+    assert saved.kind == "npbgpp" and torch.equal(saved.features, NeuralScene.load(bundle).features)
 
 
 def test_average_states_is_the_hand_computed_mean_and_keeps_equal_other_tensors():
