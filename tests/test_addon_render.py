@@ -760,6 +760,34 @@ def test_frame_cancelled_by_esc_writes_nothing_and_no_error(addon_zip, tmp_path,
     assert got["esc-still"] == {"case": "esc-still", "outcome": "CANCELLED", "files": []}, got
 
 
+def _points_deleted_where(axis: str, operation: str) -> Callable[[Any, Any], Any]:
+    """For :func:`nodes_modifier`: a Delete Geometry removing the points whose ``axis``
+    coordinate ("X", "Y", "Z") compares to 0 by the Compare node's ``operation`` (e.g.
+    "LESS_THAN")."""
+
+    def delete_points(tree, geometry):
+        nodes, links = tree.nodes, tree.links
+        delete, xyz, compare = (nodes.new("GeometryNodeDeleteGeometry"), nodes.new("ShaderNodeSeparateXYZ"),
+                                nodes.new("FunctionNodeCompare"))
+        delete.domain = "POINT"
+        compare.data_type, compare.operation = "FLOAT", operation
+        compare.inputs["B"].default_value = 0.0
+        links.new(nodes.new("GeometryNodeInputPosition").outputs[0], xyz.inputs[0])
+        links.new(xyz.outputs[axis], compare.inputs["A"])
+        links.new(compare.outputs["Result"], delete.inputs["Selection"])
+        links.new(geometry, delete.inputs["Geometry"])
+        return delete.outputs["Geometry"]
+
+    return delete_points
+
+
+def _mesh_to_points(tree, geometry):
+    """For :func:`nodes_modifier`: the mesh's vertices as a point cloud (Mesh to Points)."""
+    to_points = tree.nodes.new("GeometryNodeMeshToPoints")
+    tree.links.new(geometry, to_points.inputs["Mesh"])
+    return to_points.outputs["Points"]
+
+
 def test_clip_note_counts_the_points_geometry_nodes_leave(scene, capfd):
     """The all-clipped note of a neural F12 counts the points the render draws: those the
     point object's evaluated geometry keeps (a Geometry Nodes Delete Geometry removing the
@@ -769,21 +797,7 @@ def test_clip_note_counts_the_points_geometry_nodes_leave(scene, capfd):
     _tiny_bundle(str(scene["dir"] / "tiny.npbgpp"), pts, scene["colors"])
     assert bpy.ops.import_scene.npbgpp_bundle(filepath=str(scene["dir"] / "tiny.npbgpp")) == {"FINISHED"}
     obj = sc.npbgpp.point_object
-    tree = bpy.data.node_groups.new("DropNear", "GeometryNodeTree")
-    tree.interface.new_socket("Geometry", in_out="INPUT", socket_type="NodeSocketGeometry")
-    tree.interface.new_socket("Geometry", in_out="OUTPUT", socket_type="NodeSocketGeometry")
-    nodes, links = tree.nodes, tree.links
-    delete, xyz, less = (nodes.new("GeometryNodeDeleteGeometry"), nodes.new("ShaderNodeSeparateXYZ"),
-                         nodes.new("FunctionNodeCompare"))
-    delete.domain = "POINT"
-    less.data_type, less.operation = "FLOAT", "LESS_THAN"
-    less.inputs["B"].default_value = 0.0
-    links.new(nodes.new("GeometryNodeInputPosition").outputs[0], xyz.inputs[0])
-    links.new(xyz.outputs["Y"], less.inputs["A"])  # y < 0: the half nearer the camera
-    links.new(less.outputs[0], delete.inputs["Selection"])
-    links.new(nodes.new("NodeGroupInput").outputs[0], delete.inputs[0])
-    links.new(delete.outputs[0], nodes.new("NodeGroupOutput").inputs[0])
-    obj.modifiers.new("DropNear", "NODES").node_group = tree
+    nodes_modifier(obj, "DropNear", _points_deleted_where("Y", "LESS_THAN"))  # y < 0: the half nearer the camera
     bpy.context.view_layer.update()
     got = np.array([tuple(world_to_camera_view(sc, cam, Vector(p))) for p in pts])
     in_view = (got[:, 0] >= 0) & (got[:, 0] < 1) & (got[:, 1] >= 0) & (got[:, 1] < 1) & (got[:, 2] > 0)
@@ -887,13 +901,7 @@ def test_mesh_turned_into_points_by_geometry_nodes_renders_them(scene):
     obj = bpy.data.objects.new("made", me)
     sc.collection.objects.link(obj)
     sc.npbgpp.point_object = obj
-    tree = bpy.data.node_groups.new("ToPoints", "GeometryNodeTree")
-    tree.interface.new_socket("Geometry", in_out="INPUT", socket_type="NodeSocketGeometry")
-    tree.interface.new_socket("Geometry", in_out="OUTPUT", socket_type="NodeSocketGeometry")
-    to_points = tree.nodes.new("GeometryNodeMeshToPoints")
-    tree.links.new(tree.nodes.new("NodeGroupInput").outputs[0], to_points.inputs[0])
-    tree.links.new(to_points.outputs[0], tree.nodes.new("NodeGroupOutput").inputs[0])
-    obj.modifiers.new("ToPoints", "NODES").node_group = tree
+    nodes_modifier(obj, "ToPoints", _mesh_to_points)
     evaluated = obj.evaluated_get(bpy.context.evaluated_depsgraph_get())
     assert len(evaluated.data.vertices) == 0  # what the add-on read: nothing rendered
     np.testing.assert_array_equal(point_source.point_ids(evaluated), np.arange(len(pts))[::-1])
@@ -946,16 +954,18 @@ def test_point_object_instanced_by_geometry_nodes_says_so(scene, capfd):
     holder = bpy.data.objects.new("Scatter", bpy.data.meshes.new("Scatter"))
     holder.data.from_pydata([(0.0, 0.0, 0.0), (2.0, 0.0, 0.0)], [], [])
     sc.collection.objects.link(holder)
-    tree = bpy.data.node_groups.new("Scatter", "GeometryNodeTree")
-    tree.interface.new_socket("Geometry", in_out="INPUT", socket_type="NodeSocketGeometry")
-    tree.interface.new_socket("Geometry", in_out="OUTPUT", socket_type="NodeSocketGeometry")
-    info, on_points = tree.nodes.new("GeometryNodeObjectInfo"), tree.nodes.new("GeometryNodeInstanceOnPoints")
-    info.inputs["Object"].default_value = obj
-    info.inputs["As Instance"].default_value = True
-    tree.links.new(tree.nodes.new("NodeGroupInput").outputs[0], on_points.inputs["Points"])
-    tree.links.new(info.outputs["Geometry"], on_points.inputs["Instance"])
-    tree.links.new(on_points.outputs[0], tree.nodes.new("NodeGroupOutput").inputs[0])
-    holder.modifiers.new("Scatter", "NODES").node_group = tree
+
+    def scatter(tree, geometry):
+        """An instance of the point object (Object Info, As Instance) on each of the points."""
+        info, on_points = tree.nodes.new("GeometryNodeObjectInfo"), tree.nodes.new("GeometryNodeInstanceOnPoints")
+        info.inputs["Object"].default_value = obj
+        info.inputs["As Instance"].default_value = True
+        tree.links.new(geometry, on_points.inputs["Points"])
+        tree.links.new(info.outputs["Geometry"], on_points.inputs["Instance"])
+        return on_points.outputs[0]
+
+    nodes_modifier(holder, "Scatter", scatter)
+    info = holder.modifiers["Scatter"].node_group.nodes["Object Info"]
     depsgraph = bpy.context.evaluated_depsgraph_get()
     assert not depsgraph.id_eval_get(holder).is_instancer
     note = (f"'{obj.name}' is hidden in the viewport and shows only through the instances the Geometry Nodes of "
@@ -3529,21 +3539,16 @@ def test_points_from_meshes_samples_emitted_particles_where_simulated(scene, cap
     np.testing.assert_allclose(centres(), fallen, atol=1e-6)  # the user's simulation kept
 
 
-def _simulation_zone_tree():
-    """A Geometry Nodes tree moving its geometry 0.1 down at each step of a simulation zone."""
-    tree = bpy.data.node_groups.new("Sinking", "GeometryNodeTree")
-    tree.interface.new_socket("Geometry", in_out="INPUT", socket_type="NodeSocketGeometry")
-    tree.interface.new_socket("Geometry", in_out="OUTPUT", socket_type="NodeSocketGeometry")
-    group_in, group_out = tree.nodes.new("NodeGroupInput"), tree.nodes.new("NodeGroupOutput")
+def _sinking(tree, geometry):
+    """For :func:`nodes_modifier`: the geometry moved 0.1 down at each step of a simulation zone."""
     sim_in, sim_out = tree.nodes.new("GeometryNodeSimulationInput"), tree.nodes.new("GeometryNodeSimulationOutput")
     sim_in.pair_with_output(sim_out)
     move = tree.nodes.new("GeometryNodeTransform")
     move.inputs["Translation"].default_value = (0.0, 0.0, -0.1)
-    tree.links.new(group_in.outputs[0], sim_in.inputs["Geometry"])
+    tree.links.new(geometry, sim_in.inputs["Geometry"])
     tree.links.new(sim_in.outputs["Geometry"], move.inputs["Geometry"])
     tree.links.new(move.outputs["Geometry"], sim_out.inputs["Geometry"])
-    tree.links.new(sim_out.outputs["Geometry"], group_out.inputs[0])
-    return tree
+    return sim_out.outputs["Geometry"]
 
 
 @pytest.mark.parametrize("kind", ["CLOTH", "SOFT_BODY", "SIMULATION_ZONE", "RIGID_BODY"])
@@ -3570,7 +3575,7 @@ def test_points_from_meshes_samples_a_simulation_at_the_frame(scene, capfd, kind
     elif kind == "SIMULATION_ZONE":
         bpy.ops.mesh.primitive_cube_add()
         obj = bpy.context.active_object
-        obj.modifiers.new("Sink", "NODES").node_group = _simulation_zone_tree()
+        nodes_modifier(obj, "Sink", _sinking)
     else:
         bpy.ops.mesh.primitive_cube_add()
         obj = bpy.context.active_object
@@ -3789,13 +3794,7 @@ def test_points_from_meshes_takes_the_points_geometry_nodes_make(scene):
     sc = scene["scene"]
     plane = _plane_selected(sc)
     plane.location = (0.0, 0.0, 3.0)
-    tree = bpy.data.node_groups.new("ToPoints", "GeometryNodeTree")
-    tree.interface.new_socket("Geometry", in_out="INPUT", socket_type="NodeSocketGeometry")
-    tree.interface.new_socket("Geometry", in_out="OUTPUT", socket_type="NodeSocketGeometry")
-    to_points = tree.nodes.new("GeometryNodeMeshToPoints")
-    tree.links.new(tree.nodes.new("NodeGroupInput").outputs[0], to_points.inputs["Mesh"])
-    tree.links.new(to_points.outputs["Points"], tree.nodes.new("NodeGroupOutput").inputs[0])
-    plane.modifiers.new("GN", "NODES").node_group = tree
+    nodes_modifier(plane, "ToPoints", _mesh_to_points)
     ev = plane.evaluated_get(bpy.context.evaluated_depsgraph_get())
     geometry = ev.evaluated_geometry()  # its parts live as long as it does
     cloud = geometry.pointcloud
@@ -4683,23 +4682,7 @@ def test_neural_output_follows_deleted_points(scene):
     sc.render.film_transparent = False
     full = _neural_display(sc, str(scene["dir"] / "full.exr"))
     np.testing.assert_allclose(full, _core_render(sc, cam, NeuralScene.load(bundle)), atol=2e-4)
-    ng = bpy.data.node_groups.new("Crop", "GeometryNodeTree")
-    ng.interface.new_socket("Geometry", in_out="INPUT", socket_type="NodeSocketGeometry")
-    ng.interface.new_socket("Geometry", in_out="OUTPUT", socket_type="NodeSocketGeometry")
-    nodes, links = ng.nodes, ng.links
-    gin, gout = nodes.new("NodeGroupInput"), nodes.new("NodeGroupOutput")
-    sep = nodes.new("ShaderNodeSeparateXYZ")
-    cmp = nodes.new("FunctionNodeCompare")
-    cmp.data_type, cmp.operation = "FLOAT", "GREATER_THAN"
-    cmp.inputs[1].default_value = 0.0
-    delete = nodes.new("GeometryNodeDeleteGeometry")
-    delete.domain = "POINT"
-    links.new(nodes.new("GeometryNodeInputPosition").outputs[0], sep.inputs[0])
-    links.new(sep.outputs["X"], cmp.inputs[0])
-    links.new(cmp.outputs["Result"], delete.inputs["Selection"])
-    links.new(gin.outputs[0], delete.inputs["Geometry"])
-    links.new(delete.outputs["Geometry"], gout.inputs[0])
-    obj.modifiers.new("Crop", "NODES").node_group = ng
+    nodes_modifier(obj, "Crop", _points_deleted_where("X", "GREATER_THAN"))
     bpy.context.view_layer.update()
     keep = scene["points"][:, 0] <= 0
     evaluated = obj.evaluated_get(bpy.context.evaluated_depsgraph_get())
