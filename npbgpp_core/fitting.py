@@ -25,7 +25,7 @@ import math
 import time
 from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -848,6 +848,16 @@ def _fit_steps(
     return result
 
 
+class CoefficientsRecipe(NamedTuple):
+    """:func:`coefficients_recipe`'s checked keywords, normalised: the fitting loop's
+    :class:`FitRecipe`, and the checked fit's tolerance in dB and recipe names (so that a caller
+    does not check them a second time)."""
+
+    recipe: FitRecipe
+    check_tolerance: float
+    check_recipes: tuple[str, ...]
+
+
 def coefficients_recipe(
     lr_coefficients: float = 0.01,
     lr_refiner: float = 3e-4,
@@ -871,9 +881,10 @@ def coefficients_recipe(
     fair_check: bool = False,
     check_tolerance: float = CHECK_TOLERANCE_DB,
     check_recipes: Sequence[str] = (),
-) -> FitRecipe:
+) -> CoefficientsRecipe:
     """The :class:`FitRecipe` of :func:`fit_coefficients` for its keywords (same names and
-    defaults); raises ValueError naming a bad value. The loss weights (:data:`LOSS_WEIGHTS`),
+    defaults) with the check's tolerance and recipe names (:class:`CoefficientsRecipe`); raises
+    ValueError naming a bad value. The loss weights (:data:`LOSS_WEIGHTS`),
     ``background_rows``, ``aligned``, ``check_view`` and ``fair_check`` are only checked here
     (they belong to the loss, the model and the loop around the fit)."""
     check_loss_weights(gradient_weight=gradient_weight, laplacian_weight=laplacian_weight,
@@ -882,9 +893,10 @@ def coefficients_recipe(
         check_rows(background_rows)
     if not isinstance(aligned, bool):
         raise ValueError(f"aligned must be True or False, got {aligned!r}")
-    checked_fit_options(check_view, fair_check, check_tolerance, check_recipes)
-    return FitRecipe(lr_coefficients, lr_refiner, lr_background, train_refiner, crops_per_step, warmup_steps,
-                     schedule, coefficient_decay, coefficient_optimizer, average_from, coarse_fraction, coarse_side)
+    tolerance, recipes = checked_fit_options(check_view, fair_check, check_tolerance, check_recipes)
+    recipe = FitRecipe(lr_coefficients, lr_refiner, lr_background, train_refiner, crops_per_step, warmup_steps,
+                       schedule, coefficient_decay, coefficient_optimizer, average_from, coarse_fraction, coarse_side)
+    return CoefficientsRecipe(recipe, tolerance, recipes)
 
 
 def fit_coefficients(
@@ -1080,12 +1092,11 @@ def _coefficients_steps(
     device = model.device
     if model.basis is None:
         raise ValueError("coefficient fine-tuning needs an NPBG++ model with the 'sphere' aggregator")
-    recipe = coefficients_recipe(lr_coefficients, lr_refiner, lr_background, train_refiner, crops_per_step,
-                                 warmup_steps, schedule, coefficient_decay, coefficient_optimizer, gradient_weight,
-                                 average_from, laplacian_weight, perceptual_weight, fft_weight, background_rows,
-                                 aligned, coarse_fraction, coarse_side, check_view, fair_check, check_tolerance,
-                                 check_recipes)
-    tolerance = check_tolerance_db(check_tolerance)
+    recipe, tolerance, recipe_names = coefficients_recipe(
+        lr_coefficients, lr_refiner, lr_background, train_refiner, crops_per_step, warmup_steps, schedule,
+        coefficient_decay, coefficient_optimizer, gradient_weight, average_from, laplacian_weight, perceptual_weight,
+        fft_weight, background_rows, aligned, coarse_fraction, coarse_side, check_view, fair_check, check_tolerance,
+        check_recipes)
     if not isinstance(keep_candidates, bool):
         raise ValueError(f"keep_candidates must be True or False, got {keep_candidates!r}")
     if loss_fn is None:
@@ -1099,7 +1110,7 @@ def _coefficients_steps(
     def start_model(scene: AggregatedScene) -> NPBG:
         return coefficients_model(model, scene, background_rows, aligned)
 
-    candidates = candidate_recipes(check_recipe_names(check_recipes), steps, crop, recipe)
+    candidates = candidate_recipes(recipe_names, steps, crop, recipe)
     if check_view and fair_check:
         return _fair_checked_steps(model, aggregated, start_model, points, views, candidates, loss_fn, seed,
                                    device, tolerance, keep_candidates)

@@ -128,8 +128,8 @@ class BundleFit:
         if check_recipes is None:
             check_recipes = ()
         # the fit's own checks of these four, run now: before the bundle and photos are read
-        recipe = coefficients_recipe(check_view=check_view, fair_check=fair_check, check_tolerance=check_tolerance,
-                                     check_recipes=check_recipes)
+        recipe, check_tolerance, check_recipes = coefficients_recipe(
+            check_view=check_view, fair_check=fair_check, check_tolerance=check_tolerance, check_recipes=check_recipes)
         self.bundle_path = os.fspath(bundle_path)
         bundle = NeuralScene.load(self.bundle_path)
         if bundle.kind != "npbgpp":
@@ -165,13 +165,13 @@ class BundleFit:
         self.checked = check_view and check_view_index(len(ids)) is not None
         # each candidate recipe's steps (the fit's own alone without check_recipes; a check that
         # cannot apply runs the first candidate only), plus a checked fit's two scoring renders
-        candidate_steps = [c[1] for c in candidate_recipes(tuple(check_recipes), self.steps, None, recipe)]
+        candidate_steps = [c[1] for c in candidate_recipes(check_recipes, self.steps, None, recipe)]
         self.total = sum(candidate_steps) + 2 if self.checked else candidate_steps[0]
         options = {} if aligned is None else {"aligned": aligned}  # checked by iter_fit_coefficients
         self.fair_check = fair_check
         self._fit = iter_fit_coefficients(model, aggregated, views, self.steps, check_view=check_view,
                                           fair_check=fair_check, check_tolerance=check_tolerance,
-                                          check_recipes=tuple(check_recipes), **options)
+                                          check_recipes=check_recipes, **options)
         self.done = 0
         self.result: Any = None  # the FitResult once finished
 

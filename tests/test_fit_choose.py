@@ -174,6 +174,34 @@ def test_bad_choices_are_refused_before_a_step(setup, options, message):
         fit_coefficients(model, aggregated, views, steps=1, **options)
 
 
+def test_the_checks_options_are_checked_once_and_returned_normalised(setup, monkeypatch):
+    """coefficients_recipe returns the tolerance as a float and the recipe names as a tuple, with
+    the loop's recipe; a fit checks each of them once (the fit takes coefficients_recipe's values
+    instead of checking them again)."""
+    from npbgpp_core import fitting
+
+    checked = fitting.coefficients_recipe(check_view=True, check_tolerance=1, check_recipes=["whole", "crops"])
+    assert isinstance(checked.recipe, fitting.FitRecipe) and checked.recipe == fitting.coefficients_recipe().recipe
+    assert type(checked.check_tolerance) is float and checked.check_tolerance == 1.0
+    assert checked.check_recipes == ("whole", "crops")
+    calls: list[str] = []
+
+    def counted(name: str):
+        real = getattr(fitting, name)
+
+        def check(*args, **kwargs):
+            calls.append(name)
+            return real(*args, **kwargs)
+        return check
+
+    for name in ("check_tolerance_db", "check_recipe_names"):
+        monkeypatch.setattr(fitting, name, counted(name))
+    model, aggregated, views = setup
+    iter_fit_coefficients(model, aggregated, views, 1, check_view=True, check_tolerance=1,
+                          check_recipes=["whole", "crops"]).close()  # checked when made, before a step
+    assert sorted(calls) == ["check_recipe_names", "check_tolerance_db"]
+
+
 def test_a_bundle_fit_counts_every_recipes_steps_and_names_the_one_it_dropped(tmp_path, monkeypatch):
     """BundleFit with check_recipes: ``total`` is both recipes' steps plus the two scoring
     renders, and ``step()`` reaches it; both recipes scoring more than the tolerance below the

@@ -53,7 +53,7 @@ def test_coefficient_fits_ramp_their_rates_over_the_first_20_steps_whatever_thei
     import inspect
 
     assert FIT_WARMUP_STEPS == 20
-    assert coefficients_recipe().warmup_steps == 20
+    assert coefficients_recipe().recipe.warmup_steps == 20
     assert inspect.signature(fit_coefficients).parameters["warmup_steps"].default == 20
     # (step + 1) / 21 for steps 0..19, then 1; a 2-step fit is the start of a 200-step one
     assert [lr_factor(s, 2, 20) for s in range(2)] == pytest.approx([1 / 21, 2 / 21])
