@@ -874,9 +874,9 @@ class NPBGPP_OT_fit(_WorkerStepJob, bpy.types.Operator):
             return None
         if not output_folder_exists(self, self._out, "Fitted Bundle"):
             return None
-        # Also Try Whole Views: the core's choosing check between its two recipes (fitting.CHECK_RECIPES,
-        # not imported: that module imports torch); only with the check, which it chooses on
-        recipes = ("crops", "whole") if s.fit_check_view and s.fit_check_whole_views else ()
+        # Also Try Whole Views: the core's choosing check between its recipes (protocol.CHECK_RECIPES, the
+        # tuple npbgpp_core.fitting uses); only with the check, which it chooses on
+        recipes = P.CHECK_RECIPES if s.fit_check_view and s.fit_check_whole_views else ()
         return worker_reply(self, P.FitBegin(
             bundle, dataset, self.steps, weights, "" if domain == "auto" else domain, s.dataset_format or None,
             s.dataset_undistort, s.dataset_allow_external_paths, s.device, s.fit_upright, s.fit_check_view,

@@ -36,6 +36,7 @@ from .losses import EncoderFeatureLoss, fft_amplitude_loss, gradient_loss, lapla
 from .models import NPBG, NPBGConfig, NPBGPlusPlus
 from .models.aggregator import AggregatedScene
 from .models.background import check_rows, resample_map
+from .protocol import CHECK_RECIPES
 
 # Rows of the environment map a fit starts from (the aggregated map resampled to it;
 # None: the map's own rows), see fit_coefficients.
@@ -74,15 +75,16 @@ FIT_CHECK_VIEW = True
 # on a separate set (BENCHMARKS.md "A tolerance for the check").
 CHECK_TOLERANCE_DB = 0.5
 
-# The recipes a checked fit can choose between on its kept-apart photo (fit_coefficients'
-# check_recipes): "crops" is the call's own crop, steps and crops_per_step; "whole" is
-# WHOLE_VIEW_STEPS steps of one whole input view each (crop=None, crops_per_step=1), the recipe that
-# beat the crops on some captures and lost on others (BENCHMARKS.md "Whole-view steps at the
-# photos' own size", "Fits for captures with few photos"). Opt-in, not the users' fits: choosing
-# on the kept photo won at 512 px / 6 views (mean of 9 +0.47 dB, video_sfm +3.51) but lost
-# elsewhere (256 px / 6 views -0.12, flowerpot -0.60; 512 px all views beer -0.84 on a 0.11 dB
-# kept-photo margin; BENCHMARKS.md "A checked fit that chooses its recipe on the kept photo").
-CHECK_RECIPES = ("crops", "whole")
+# CHECK_RECIPES (imported above from npbgpp_core.protocol, which is torch-free, so that the add-on
+# sends the same tuple; this module re-exports it): the recipes a checked fit can choose between on
+# its kept-apart photo (fit_coefficients' check_recipes): "crops" is the call's own crop, steps and
+# crops_per_step; "whole" is WHOLE_VIEW_STEPS steps of one whole input view each (crop=None,
+# crops_per_step=1), the recipe that beat the crops on some captures and lost on others
+# (BENCHMARKS.md "Whole-view steps at the photos' own size", "Fits for captures with few photos").
+# Opt-in, not the users' fits: choosing on the kept photo won at 512 px / 6 views (mean of 9
+# +0.47 dB, video_sfm +3.51) but lost elsewhere (256 px / 6 views -0.12, flowerpot -0.60; 512 px
+# all views beer -0.84 on a 0.11 dB kept-photo margin; BENCHMARKS.md "A checked fit that chooses
+# its recipe on the kept photo").
 
 # Steps of the "whole" candidate recipe of a choosing check (CHECK_RECIPES).
 WHOLE_VIEW_STEPS = 50

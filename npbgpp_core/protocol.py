@@ -35,6 +35,11 @@ SOURCES = ("points", "bundle")
 # The refiner's inference implementations (npbgpp_core.models.refiner.IMPLS): the torch
 # reference, or the fused Triton kernels of npbgpp_core/models/refiner_triton.py.
 REFINER_IMPLS = ("torch", "triton", "triton_conv")
+# The recipes a checked fit can choose between on its kept-apart photo (FitBegin.check_recipes;
+# fit_coefficients' check_recipes: what each recipe is, and what was measured, in
+# npbgpp_core.fitting, which re-exports this tuple): here because the add-on's Also Try Whole
+# Views sends it and this module is torch-free.
+CHECK_RECIPES = ("crops", "whole")
 # Frame.note while the service compiles a fused refiner's kernels (text for the user; the
 # viewport reads Frame.compiling).
 COMPILING_KERNELS_NOTE = "compiling fused kernels..."

@@ -69,3 +69,28 @@ def test_checker_sees_function_level_and_dynamic_imports(tmp_path):
                    "    import importlib\n    importlib.import_module('_cycles')\n    __import__('bmesh')\n")
     assert [name for _, name in imported_modules(str(src))] == ["os", "bpy", "mathutils", "importlib", "_cycles",
                                                                  "bmesh"]
+
+
+def test_the_choosing_checks_recipes_are_one_torch_free_tuple_the_addon_sends():
+    """CHECK_RECIPES lives in npbgpp_core.protocol, which the add-on imports without torch (a fresh
+    interpreter importing it loads no torch); fitting uses that very tuple, and no add-on source
+    holds a copy of its names (Fit to Photos sends protocol's; tests/test_addon_render drives it)."""
+    import subprocess
+    import sys
+
+    code = "import sys; import npbgpp_core.protocol as P; print(P.CHECK_RECIPES, 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[0] == "('crops', 'whole') False"
+    from npbgpp_core import fitting, protocol
+
+    assert fitting.CHECK_RECIPES is protocol.CHECK_RECIPES
+    names = set(protocol.CHECK_RECIPES)
+    copies = []
+    for path in _sources("blender_addon"):
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read(), path)
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Tuple, ast.List, ast.Set)) and len(node.elts) > 1 and all(
+                    isinstance(e, ast.Constant) and e.value in names for e in node.elts):
+                copies.append(f"{os.path.relpath(path, ROOT)}:{node.lineno}")
+    assert not copies, copies
