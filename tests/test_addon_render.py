@@ -3233,6 +3233,75 @@ def test_points_from_meshes_names_a_child_its_parent_instances_nowhere(scene, in
     assert pts[:, 2].max() < 2.0 - 0.3, pts[:, 2].max()  # none on the ball (at z 2, radius 0.3)
 
 
+@pytest.mark.parametrize("makes", ["collection", "object_info", "child"])
+def test_points_from_meshes_names_a_child_that_instances_as_shown_where_its_parent_instances_it(scene, makes, capfd):
+    """A plane instancing its child at its 4 vertices (Instancing: Vertices), the child making
+    instances of its own: an empty instancing a collection of a cube ("collection"), a ball whose
+    Geometry Nodes join an Object Info instance (As Instance) of a cube ("object_info"), a ball
+    instancing its own child cube at its vertices ("child"). Blender's own answer, the depsgraph
+    of a render: it holds the child at the plane's 4 vertices, and the cubes the child makes
+    there too, their parent the plane. The child selected alone is named as shown where the
+    plane instances it (it was named as shown nowhere: the cubes were read as the plane's
+    Geometry Nodes' instances); selected with the plane, it is not named as skipped, and a ball
+    is sampled as the plane's instances."""
+    from blender_addon.datagen.surface_points import instances_its_children
+
+    sc = scene["scene"]
+    bpy.ops.mesh.primitive_cube_add(size=0.2, location=(0.0, 0.0, -50.0))
+    cube = bpy.context.active_object
+    bpy.ops.mesh.primitive_plane_add(size=4.0)
+    grid = bpy.context.active_object
+    grid.name, grid.instance_type = "Grid", "VERTS"
+    if makes == "collection":
+        members = bpy.data.collections.new("Members")
+        for collection in cube.users_collection:
+            collection.objects.unlink(cube)
+        members.objects.link(cube)
+        cube.location = (0.0, 0.0, 0.0)  # at the empty's place
+        child = bpy.data.objects.new("Child", None)
+        sc.collection.objects.link(child)
+        child.instance_type, child.instance_collection = "COLLECTION", members
+    else:
+        bpy.ops.mesh.primitive_ico_sphere_add(subdivisions=1, radius=0.3)
+        child = bpy.context.active_object
+        child.name = "Child"
+        if makes == "object_info":
+
+            def with_the_cube(tree, geometry):
+                """The ball's mesh joined to an instance of the cube."""
+                join, info = tree.nodes.new("GeometryNodeJoinGeometry"), tree.nodes.new("GeometryNodeObjectInfo")
+                info.inputs["As Instance"].default_value = True
+                info.inputs["Object"].default_value = cube
+                tree.links.new(geometry, join.inputs[0])
+                tree.links.new(info.outputs["Geometry"], join.inputs[0])
+                return join.outputs[0]
+
+            nodes_modifier(child, "WithCube", with_the_cube)
+        else:
+            child.instance_type = "VERTS"
+            cube.parent = child
+    child.parent, child.location = grid, (0.0, 0.0, 2.0)
+    rendered, instanced = _read_during_a_cycles_render(sc, lambda dg: (sorted(
+        i.object.original.name for i in dg.object_instances if i.is_instance and i.parent.original == grid
+        and i.object.original in (child, cube)),
+        instances_its_children(grid, dg)))
+    assert rendered.count("Child") == 4 and "Cube" in rendered, rendered  # at the plane's 4 vertices
+    assert instanced
+    for o in sc.objects:
+        o.select_set(o == child)
+    where = "renders show it only where its parent 'Grid' instances it"
+    with pytest.raises(RuntimeError, match=re.escape(f"Child ({where}")):
+        bpy.ops.npbgpp.points_from_meshes(count=10)
+    for o in sc.objects:
+        o.select_set(o in (grid, child))
+    capfd.readouterr()
+    assert bpy.ops.npbgpp.points_from_meshes(count=300, seed=1) == {"FINISHED"}
+    assert "Child (" not in capfd.readouterr().out
+    if makes != "collection":  # an empty has no surface (the collection's cubes are not sampled here)
+        pts, _ = _sampled_points(sc)
+        assert (pts[:, 2] > 1.0).any()  # on the balls at the plane's vertices
+
+
 def test_scene_walk_asks_whether_particles_instance_in_renders_once_per_instancer(scene, monkeypatch):
     """Two grids of 9 vertices each instancing their child ball at their vertices (Instancing:
     Vertices), each with hair rendering a cube shown as Path in viewports. Blender's own

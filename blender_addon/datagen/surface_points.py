@@ -316,22 +316,26 @@ def instances_its_children(obj: Any, depsgraph: Any) -> bool:
     modifier off in renders, or Geometry Nodes passing its mesh through, it instances its
     child. Its particles are read at their render settings (a viewport showing them as Path
     instances the children: measured); its Geometry Nodes as ``depsgraph`` evaluates them
-    (their instances are its entries' that no particle system made and that are not of its
-    children, and the instances its evaluated geometry holds when it has no entry of its
-    children: Blender holds no instance of its own children that its Geometry Nodes make,
-    e.g. by an Object Info node set to As Instance; measured in bpy 5.0.1, both depsgraphs:
-    such an instance, and the children at its vertices, are nowhere)."""
+    (their instances are its entries' that no particle system made when none is of its
+    children, whose own instances are its entries too, and the instances its evaluated
+    geometry holds when it has no entry of its children: Blender holds no instance of its own
+    children that its Geometry Nodes make, e.g. by an Object Info node set to As Instance;
+    measured in bpy 5.0.1, both depsgraphs: such an instance, and the children at its
+    vertices, are nowhere)."""
     if obj.instance_type not in INSTANCES_CHILDREN or particles_instance_in_renders(obj):
         return False
-    has_children_entries = False
+    others = False
     for inst in depsgraph.object_instances:
         if (inst.is_instance and inst.parent is not None and inst.parent.original == obj
                 and inst.particle_system is None):
-            if inst.object.original.parent != obj:
-                return False  # its Geometry Nodes' instances
-            has_children_entries = True
-    if has_children_entries:
-        return True
+            if inst.object.original.parent == obj:
+                # its children: what they make is held beside them with ``obj`` as its parent
+                # (a collection's members, their own Geometry Nodes' Object Info instances,
+                # their own children: measured in bpy 5.0.1), not its Geometry Nodes' instances
+                return True
+            others = True
+    if others:
+        return False  # its Geometry Nodes' instances, held in place of its children
     # None held: its evaluated geometry's instances (measured in bpy 5.0.1) are its children
     # at its vertices or faces that ``depsgraph`` shows, or its Geometry Nodes' instances, also
     # of its own children, which no depsgraph holds. Metaball children are none of its entries
