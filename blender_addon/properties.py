@@ -137,7 +137,7 @@ class NPBGPPSceneSettings(bpy.types.PropertyGroup):
         "own size)",
     )
     fit_check_whole_views: BoolProperty(  # type: ignore[valid-type]
-        name="Also Try Whole Views", default=False,  # opt-in: the choosing check (fitting.CHECK_RECIPES)
+        name="Also Try Whole Views", default=False,  # opt-in: the choosing check (protocol.CHECK_RECIPES)
         description="Only with Check Fit on a Photo: Fit to Photos fits twice on the photos less the kept one, "
         "the usual crops and 50 steps of whole photos, keeps the fit scoring better on the kept photo and checks "
         "it as usual; the report names the one kept. Measured at 512 px with 6 photos on 9 captures: +0.2 to "
