@@ -3233,20 +3233,12 @@ def test_points_from_meshes_names_a_child_its_parent_instances_nowhere(scene, in
     assert pts[:, 2].max() < 2.0 - 0.3, pts[:, 2].max()  # none on the ball (at z 2, radius 0.3)
 
 
-@pytest.mark.parametrize("makes", ["collection", "object_info", "child"])
-def test_points_from_meshes_names_a_child_that_instances_as_shown_where_its_parent_instances_it(scene, makes, capfd):
-    """A plane instancing its child at its 4 vertices (Instancing: Vertices), the child making
-    instances of its own: an empty instancing a collection of a cube ("collection"), a ball whose
-    Geometry Nodes join an Object Info instance (As Instance) of a cube ("object_info"), a ball
-    instancing its own child cube at its vertices ("child"). Blender's own answer, the depsgraph
-    of a render: it holds the child at the plane's 4 vertices, and the cubes the child makes
-    there too, their parent the plane. The child selected alone is named as shown where the
-    plane instances it (it was named as shown nowhere: the cubes were read as the plane's
-    Geometry Nodes' instances); selected with the plane, it is not named as skipped, and a ball
-    is sampled as the plane's instances."""
-    from blender_addon.datagen.surface_points import instances_its_children
-
-    sc = scene["scene"]
+def _grid_with_a_child_making_cubes(sc, makes: str) -> tuple[Any, Any, Any]:
+    """``(grid, child, cube)``: a plane "Grid" instancing its child "Child" at its 4 vertices
+    (Instancing: Vertices), the child 2 above it making instances of a cube of size 0.2 of its
+    own: an empty instancing a collection of the cube ("collection"), a ball whose Geometry
+    Nodes join an Object Info instance (As Instance) of the cube ("object_info"), a ball
+    instancing its own child cube at its vertices ("child")."""
     bpy.ops.mesh.primitive_cube_add(size=0.2, location=(0.0, 0.0, -50.0))
     cube = bpy.context.active_object
     bpy.ops.mesh.primitive_plane_add(size=4.0)
@@ -3281,6 +3273,24 @@ def test_points_from_meshes_names_a_child_that_instances_as_shown_where_its_pare
             child.instance_type = "VERTS"
             cube.parent = child
     child.parent, child.location = grid, (0.0, 0.0, 2.0)
+    return grid, child, cube
+
+
+@pytest.mark.parametrize("makes", ["collection", "object_info", "child"])
+def test_points_from_meshes_names_a_child_that_instances_as_shown_where_its_parent_instances_it(scene, makes, capfd):
+    """A plane instancing its child at its 4 vertices (Instancing: Vertices), the child making
+    instances of its own: an empty instancing a collection of a cube ("collection"), a ball whose
+    Geometry Nodes join an Object Info instance (As Instance) of a cube ("object_info"), a ball
+    instancing its own child cube at its vertices ("child"). Blender's own answer, the depsgraph
+    of a render: it holds the child at the plane's 4 vertices, and the cubes the child makes
+    there too, their parent the plane. The child selected alone is named as shown where the
+    plane instances it (it was named as shown nowhere: the cubes were read as the plane's
+    Geometry Nodes' instances); selected with the plane, it is not named as skipped, and a ball
+    is sampled as the plane's instances."""
+    from blender_addon.datagen.surface_points import instances_its_children
+
+    sc = scene["scene"]
+    grid, child, cube = _grid_with_a_child_making_cubes(sc, makes)
     rendered, instanced = _read_during_a_cycles_render(sc, lambda dg: (sorted(
         i.object.original.name for i in dg.object_instances if i.is_instance and i.parent.original == grid
         and i.object.original in (child, cube)),
@@ -3300,6 +3310,99 @@ def test_points_from_meshes_names_a_child_that_instances_as_shown_where_its_pare
     if makes != "collection":  # an empty has no surface (the collection's cubes are not sampled here)
         pts, _ = _sampled_points(sc)
         assert (pts[:, 2] > 1.0).any()  # on the balls at the plane's vertices
+
+
+def _cube_centres(dg, grid, cube) -> np.ndarray:
+    """World centres (K, 3) of the instances of ``cube`` that the depsgraph ``dg`` holds with
+    ``grid`` as their instancer: directly or nested in its children's instances."""
+    return np.array([tuple(i.matrix_world.translation) for i in dg.object_instances
+                     if i.is_instance and i.parent is not None and i.parent.original == grid
+                     and i.object.original == cube]).reshape(-1, 3)
+
+
+# a point on a cube of size 0.2 lies at most its half-diagonal from its centre; a ball's surface
+# (an Ico Sphere of radius 0.3 at subdivision 1) lies farther from the cube inside it
+ON_CUBE = 0.1 * 3 ** 0.5 + 1e-4
+
+
+@pytest.mark.parametrize("selected", ["grid", "grid_and_child"])
+@pytest.mark.parametrize("makes", ["collection", "object_info", "child"])
+def test_points_from_meshes_samples_what_a_vertex_instanced_child_instances(scene, makes, selected):
+    """The plane of :func:`_grid_with_a_child_making_cubes` selected (with its child, which is
+    then sampled through a copy of its own, "grid_and_child"). Blender's own answer, the
+    depsgraph of a render: the child at the plane's 4 vertices, and the cubes it makes there
+    (4, or with a ball instancing its child cube at its 12 vertices 48, and 4 more the plane
+    instances of its grandchild directly), their parent the plane. Points from Selected Meshes
+    samples each of those cubes (none was: only the plane's instances of its children were
+    taken), and their share of the 2,000 points is their share of the area renders show
+    (Blender's own face areas), within 5 standard deviations: the cubes a child's copy makes
+    are not taken twice with the child's own."""
+    sc = scene["scene"]
+    grid, child, cube = _grid_with_a_child_making_cubes(sc, makes)
+    centres, balls = _read_during_a_cycles_render(sc, lambda dg: (_cube_centres(dg, grid, cube), sum(
+        1 for i in dg.object_instances if i.is_instance and i.parent.original == grid and i.object.original == child)))
+    assert len(centres) == (52 if makes == "child" else 4) and balls == 4, (len(centres), balls)
+    for o in sc.objects:
+        o.select_set(o == grid or selected == "grid_and_child" and o == child)
+    count = 2000
+    assert bpy.ops.npbgpp.points_from_meshes(count=count, seed=3) == {"FINISHED"}
+    pts, _ = _sampled_points(sc)
+    assert len(pts) == count
+    near = np.linalg.norm(pts[:, None, :] - centres[None, :, :], axis=2)
+    assert (near.min(axis=0) <= ON_CUBE).all(), (near.min(axis=0) <= ON_CUBE).sum()  # each cube has points
+    on_cubes = int((near.min(axis=1) <= ON_CUBE).sum())
+
+    def area(obj) -> float:
+        """Blender's own area of ``obj``'s faces (unscaled)."""
+        return sum(p.area for p in obj.data.polygons) if obj.type == "MESH" else 0.0
+
+    cubes_area = len(centres) * area(cube)
+    share = cubes_area / (cubes_area + area(grid) + balls * area(child))
+    spread = 5 * (count * share * (1 - share)) ** 0.5
+    assert abs(on_cubes - count * share) < spread, (on_cubes, count * share, spread)
+
+
+@pytest.mark.parametrize("kind", ["collection_hidden", "object_info_hidden", "child_cube_hidden",
+                                  "collection_particles_path"])
+def test_scene_points_leave_out_what_a_child_renders_do_not_instance_makes(scene, kind):
+    """The plane of :func:`_grid_with_a_child_making_cubes` (its child an empty instancing a
+    collection of a cube, or a ball making an Object Info instance of it), the child disabled in
+    renders ("_hidden"; "child_cube_hidden": the ball's child cube, which the plane also
+    instances at its vertices, is disabled in renders), or the plane's hair rendering another
+    cube and shown as Path in viewports ("particles_path"). Blender's own answer, the depsgraph
+    of a render: it holds none of those cubes (neither the child at the plane's vertices, except
+    with its cube disabled); the viewport's holds them all.
+    Points of the scene as the viewport evaluates it (``sample_surface_points``' default), and
+    Points from Selected Meshes of the plane holding a simulation (Cloth: sampled as it stands,
+    not as a copy), lie on none of those cubes (they did: the child's instances were left out,
+    not the cubes nested in them)."""
+    from blender_addon.datagen.surface_points import sample_surface_points
+
+    sc = scene["scene"]
+    grid, child, cube = _grid_with_a_child_making_cubes(sc, kind.split("_")[0] if kind != "object_info_hidden"
+                                                        else "object_info")
+    if kind == "child_cube_hidden":
+        cube.hide_render = True
+    elif kind.endswith("_hidden"):
+        child.hide_render = True
+    else:
+        bpy.ops.mesh.primitive_cube_add(size=0.5, location=(0.0, 0.0, -80.0))
+        grid.modifiers.new("Cubes", "PARTICLE_SYSTEM")
+        settings = grid.particle_systems[0].settings
+        settings.type, settings.count, settings.hair_length = "HAIR", 3, 1.0
+        settings.render_type, settings.instance_object = "OBJECT", bpy.context.active_object
+        settings.display_method = "PATH"
+    assert len(_read_during_a_cycles_render(sc, lambda dg: _cube_centres(dg, grid, cube))) == 0
+    centres = _cube_centres(bpy.context.evaluated_depsgraph_get(), grid, cube)
+    assert len(centres) == (52 if kind == "child_cube_hidden" else 4)
+    pts, _ = sample_surface_points(sc, 2000, seed=3)
+    assert np.linalg.norm(pts[:, None, :] - centres[None, :, :], axis=2).min() > ON_CUBE
+    grid.modifiers.new("Cloth", "CLOTH")
+    for o in sc.objects:
+        o.select_set(o == grid)
+    assert bpy.ops.npbgpp.points_from_meshes(count=2000, seed=3) == {"FINISHED"}
+    pts, _ = _sampled_points(sc)
+    assert np.linalg.norm(pts[:, None, :] - centres[None, :, :], axis=2).min() > ON_CUBE
 
 
 def test_scene_walk_asks_whether_particles_instance_in_renders_once_per_instancer(scene, monkeypatch):
@@ -3330,7 +3433,7 @@ def test_scene_walk_asks_whether_particles_instance_in_renders_once_per_instance
     asked: list[str] = []
     real = surface_points.particles_instance_in_renders
     monkeypatch.setattr(surface_points, "particles_instance_in_renders", lambda o: asked.append(o.name) or real(o))
-    shown = [inst.object.original for inst, _ in surface_points.rendered_entries(depsgraph)]
+    shown = [inst.object.original for inst, *_ in surface_points.rendered_entries(depsgraph)]
     assert not any(o in balls for o in shown) and cube in shown
     assert sorted(asked) == ["GridA", "GridB"]
 

@@ -371,11 +371,55 @@ def not_shown_itself_in_renders(obj: Any) -> bool:
                                                       or obj.instance_type in INSTANCES_CHILDREN)
 
 
-def rendered_entries(depsgraph: Any) -> Iterator[tuple[Any, Any]]:
-    """``(inst, stands_for)`` for each entry ``inst`` of ``depsgraph.object_instances`` (a
-    viewport's or a render's) that renders show, with the original object it is part of: the
+# persistent_id's places an entry leaves unused: an instance made directly by its instancer
+# (``inst.parent``) uses the first only, one nested in another instance one more per level
+# (measured in bpy 5.0.1)
+UNUSED_ID = 2**31 - 1
+
+
+def _instance_depth(inst: Any) -> int:
+    """How deep in its instancer's instances the depsgraph entry ``inst`` lies: 1 for one the
+    instancer makes itself, 2 for one that such an instance makes, and so on."""
+    ids = tuple(inst.persistent_id)
+    return ids.index(UNUSED_ID) if UNUSED_ID in ids else len(ids)
+
+
+def descends_from(obj: Any, ancestor: Any) -> bool:
+    """Whether ``ancestor`` is ``obj``'s parent, or its parent's, and so on: an instancer by
+    vertices or faces instances all such objects (measured in bpy 5.0.1: a plane's grandchild
+    at the plane's 4 vertices, besides where its own parent instances it)."""
+    parent = obj.parent
+    while parent is not None:
+        if parent == ancestor:
+            return True
+        parent = parent.parent
+    return False
+
+
+def _descendant_disabled_in_renders(within: tuple[Any, ...]) -> bool:
+    """Whether an entry instanced ``within`` (:func:`rendered_entries`) is, or is nested in, an
+    instance of a descendant disabled in renders that an instancer by vertices or faces makes:
+    renders instance it nowhere, nor what it makes (measured in bpy 5.0.1, a render's
+    depsgraph: a ball's child cube disabled in renders is at neither the ball's vertices nor
+    the vertices of the plane instancing the ball, of which the ball is a child). Geometry
+    Nodes' and particles' instances of an object disabled in renders are rendered: not asked."""
+    return within[0].hide_render or any(
+        obj.hide_render and outer.instance_type in INSTANCES_CHILDREN and descends_from(obj, outer)
+        for outer, obj in zip(within, within[1:], strict=False))
+
+
+def rendered_entries(depsgraph: Any) -> Iterator[tuple[Any, Any, tuple[Any, ...]]]:
+    """``(inst, stands_for, within)`` for each entry ``inst`` of ``depsgraph.object_instances``
+    (a viewport's or a render's) that renders show, with the original object it is part of: the
     entry's own object, or for an instance its instancer (``inst.parent``; for an instance
-    within an instanced collection the outermost instancer, measured in bpy 5.0.1). The one
+    within an instanced collection the outermost instancer, measured in bpy 5.0.1). ``within``:
+    for an instance its instancer makes of a descendant at its vertices or faces
+    (:data:`INSTANCES_CHILDREN`), or one nested in such an instance (the instances that
+    descendant makes: an instanced collection's objects, its Geometry Nodes' instances, its own
+    children at its vertices), the originals it is instanced within, from that descendant down
+    to its own object; else empty. Measured in bpy 5.0.1: a nested instance's ``parent`` is the
+    outermost instancer, and it follows the instance it is nested in (its ``persistent_id``
+    one place longer), which is how it is told apart. The one
     walk over what renders show, its rules written once; which objects a caller takes
     (:func:`rendered_parts`: a selection; :func:`_shown_geometry`: the view layer, through
     :func:`seen_by_camera`) and how it reads each entry are the caller's.
@@ -401,12 +445,15 @@ def rendered_entries(depsgraph: Any) -> Iterator[tuple[Any, Any]]:
     - all of an object that its parent instances at its vertices or faces, at its own place
       (its evaluated mesh, its instances): renders show it only where its parent instances it
       (:func:`shown_only_where_instanced`), which only the viewport's depsgraph also holds here;
-    - an instance of such a child disabled in renders: renders instance it nowhere; only the
-      viewport's depsgraph holds it (measured in bpy 5.0.1);
-    - of a viewport's depsgraph, a parent's instance of such a child where the parent's
-      particles instance in renders (:func:`particles_instance_in_renders`): renders show
-      those instead; a viewport displaying the particles as Path or None holds the child's
-      (measured in bpy 5.0.1). Not emulated: the converse, a particle modifier shown in
+    - an instance of such a child disabled in renders, and all nested in it: renders instance
+      it nowhere, nor what it makes; only the viewport's depsgraph holds them (measured in bpy
+      5.0.1: an empty instancing a collection, and a ball making an Object Info instance of a
+      cube, each disabled in renders: a render's depsgraph holds neither at the parent's
+      vertices, nor the cubes they make there);
+    - of a viewport's depsgraph, a parent's instance of such a child, and all nested in it,
+      where the parent's particles instance in renders (:func:`particles_instance_in_renders`):
+      renders show those instead; a viewport displaying the particles as Path or None holds the
+      child's (measured in bpy 5.0.1). Not emulated: the converse, a particle modifier shown in
       viewports only (the viewport holds its instances, renders the child's), nor Geometry
       Nodes shown in one of them only;
     - of a viewport's depsgraph, an instance of an object that renders leave out of an
@@ -429,25 +476,38 @@ def rendered_entries(depsgraph: Any) -> Iterator[tuple[Any, Any]]:
     # viewport only: per instancer (as_pointer()), whether its particles instance in renders,
     # read once: a dense particle system makes thousands of instances of one instancer
     particles_instance: dict[int, bool] = {}
+    # per instancer by vertices or faces (as_pointer()): the objects its last entry is instanced
+    # within, outermost first; read before any entry is left out, as what follows is nested in it
+    paths: dict[int, list[Any]] = {}
     for inst in depsgraph.object_instances:
-        if not inst.show_self:
-            continue
         obj = inst.object.original
         instanced = inst.is_instance and inst.parent is not None
         stands_for = inst.parent.original if instanced else obj
+        within: tuple[Any, ...] = ()
+        if instanced and stands_for.instance_type in INSTANCES_CHILDREN:
+            path = paths.setdefault(stands_for.as_pointer(), [])
+            depth = _instance_depth(inst)
+            del path[depth - 1:]
+            path.append(obj)
+            # not its own particles' instances, nor one whose outer instances were not all read
+            if (len(path) == depth and (depth > 1 or inst.particle_system is None)
+                    and descends_from(path[0], stands_for)):
+                within = tuple(path)
+        if not inst.show_self:
+            continue
         if shown_only_where_instanced(stands_for):
             continue
         if not_shown_itself_in_renders(obj):  # a viewport's show_self followed the viewport's flag
             continue
         if not instanced:
-            yield inst, stands_for
+            yield inst, stands_for, within
             continue
         key = stands_for.as_pointer()
-        if stands_for.instance_type in INSTANCES_CHILDREN and obj.parent == stands_for:
+        if within:
             if viewport and key not in particles_instance:
                 particles_instance[key] = particles_instance_in_renders(stands_for)
-            if obj.hide_render or viewport and particles_instance[key]:
-                continue  # a child instanced at vertices / faces that renders do not instance
+            if viewport and particles_instance[key] or _descendant_disabled_in_renders(within):
+                continue  # a descendant instanced at vertices / faces that renders do not instance, or nested in one
         if viewport:
             if key not in not_rendered:
                 not_rendered[key] = left_out = frozenset(instances_not_rendered(stands_for))
@@ -458,7 +518,7 @@ def rendered_entries(depsgraph: Any) -> Iterator[tuple[Any, Any]]:
             system = inst.particle_system  # particles such an object emits (its Geometry Nodes' are not told apart)
             if system is not None and system.as_pointer() in systems_of[not_rendered[key]]:
                 continue
-        yield inst, stands_for
+        yield inst, stands_for, within
 
 
 def _particle_systems(objects: frozenset[int], depsgraph: Any) -> set[int]:
@@ -491,7 +551,12 @@ def rendered_parts(depsgraph: Any, owners: Sequence[Any], originals: Sequence[An
     renders; measured in bpy 5.0.1: the viewport's depsgraph holds it at its own place too).
     A copy keeps its parent, so that parent instances the child's copy too (measured in bpy
     5.0.1): a child with a copy is taken as its copy's instances only (once, at the render's
-    settings). An owner may be its original itself (one holding a simulation, whose cache a
+    settings), and what it makes there (a collection's, its Geometry Nodes' instances) as what
+    its copy makes; but a copy has no children, so the original child's instances of its own
+    descendants at its vertices or faces are taken (measured in bpy 5.0.1: a render's
+    depsgraph holds the cubes an empty instancing a collection makes at each of its parent's
+    vertices, its copy's too; the cubes a ball instancing its child cube makes there, none of
+    its copy's). An owner may be its original itself (one holding a simulation, whose cache a
     copy lacks): its Show Instancer / Show Emitter for renders then leaves out its own entry
     as the copy's viewport flag would."""
     index = {o.as_pointer(): k for k, o in enumerate(owners)}
@@ -502,16 +567,18 @@ def rendered_parts(depsgraph: Any, owners: Sequence[Any], originals: Sequence[An
     copied = {o.as_pointer() for o, owner in zip(originals or owners, owners, strict=True) if o != owner}
     out: list[tuple[list[_MeshTris], list[tuple[np.ndarray, np.ndarray]]]] = [([], []) for _ in owners]
     cache: dict = {}
-    for inst, stands_for in rendered_entries(depsgraph):
-        child = inst.object.original
-        # a parent's instance of its child at its vertices or faces: the only instances of its child a
-        # parent instancing its children makes (measured in bpy 5.0.1: its particles' or Geometry Nodes'
-        # instances of such a child are not in the depsgraph)
-        by_parent = inst.is_instance and child.parent == stands_for and stands_for.instance_type in INSTANCES_CHILDREN
-        if by_parent and child.as_pointer() in copied:
-            continue  # its copy's instance stands for it, once
+    for inst, stands_for, within in rendered_entries(depsgraph):
+        # within: a parent's instance of its descendant at its vertices or faces, or one nested in it: the only
+        # instances of its descendants a parent instancing its children makes (measured in bpy 5.0.1: its
+        # particles' or Geometry Nodes' instances of such a child are not in the depsgraph)
+        if within and within[0].as_pointer() in copied and not (len(within) > 1
+                                                                 and descends_from(within[1], within[0])):
+            # its copy's instance stands for it, once, and what the copy makes (its collection's, Geometry
+            # Nodes', particles' instances) for what it makes; the copy has no children, so the child's own
+            # instances of its descendants at its vertices or faces are the original's
+            continue
         k = index.get(stands_for.as_pointer())
-        if k is None and by_parent:  # the original's instance of a child of its own (or of the child's copy)
+        if k is None and within:  # the original's instance of a descendant of its own (or of the child's copy)
             k = by_children.get(stands_for.as_pointer())
         if k is None:
             continue
@@ -738,7 +805,7 @@ def _shown_geometry(depsgraph: Any, surfaces: bool = True, points: bool = True
     meshes = []
     parts = [(np.empty((0, 3), np.float32), np.empty((0, 3), np.float32))]
     cache: dict = {}
-    for inst, stands_for in rendered_entries(depsgraph):
+    for inst, stands_for, _ in rendered_entries(depsgraph):
         obj = inst.object
         if obj.type not in types or not seen_by_camera(inst, stands_for, view_layer, rendered):
             continue
