@@ -5,6 +5,8 @@ from __future__ import annotations
 import bpy
 from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, PointerProperty, StringProperty
 
+from npbgpp_core.protocol import WHOLE_VIEW_STEPS
+
 # Blender 5.0 refuses "//" in a file path setting unless it says it resolves it (else each
 # set warns); these settings are stored relative by blend_paths and read with
 # blend_paths.resolved (relative to the .blend holding the scene: a linked one's library).
@@ -137,13 +139,13 @@ class NPBGPPSceneSettings(bpy.types.PropertyGroup):
         "own size)",
     )
     fit_check_whole_views: BoolProperty(  # type: ignore[valid-type]
-        name="Also Try Whole Views", default=False,  # opt-in: the choosing check (protocol.CHECK_RECIPES)
+        name="Also Try Whole Views", default=False,  # opt-in: protocol.CHECK_RECIPES
         description="Only with Check Fit on a Photo: Fit to Photos fits twice on the photos less the kept one, "
-        "the usual crops and 50 steps of whole photos, keeps the fit scoring better on the kept photo and checks "
-        "it as usual; the report names the one kept. Measured at 512 px with 6 photos on 9 captures: +0.2 to "
-        "+0.5 dB mean on held-out views, one capture 1.5 to 3.5 dB, for about 2.3x the fitting time (1.3x at "
-        "256 px); with all photos or at 256 px it lost up to 0.84 dB on some captures, so it is off by default "
-        "(BENCHMARKS.md, A checked fit that chooses its recipe on the kept photo)",
+        f"the usual crops and {WHOLE_VIEW_STEPS} steps of whole photos, keeps the fit scoring better on the kept "
+        "photo and checks it as usual; the report names the one kept. Measured at 512 px with 6 photos on 9 "
+        "captures: +0.2 to +0.5 dB mean on held-out views, one capture 1.5 to 3.5 dB, for about 2.3x the fitting "
+        "time (1.3x at 256 px); with all photos or at 256 px it lost up to 0.84 dB on some captures, so it is off "
+        "by default (BENCHMARKS.md, A checked fit that chooses its recipe on the kept photo)",
     )
     dataset_path: StringProperty(  # type: ignore[valid-type]
         name="Dataset", description="Dataset folder the input cameras came from (Aggregate reads its images)",

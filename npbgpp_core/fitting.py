@@ -36,7 +36,7 @@ from .losses import EncoderFeatureLoss, fft_amplitude_loss, gradient_loss, lapla
 from .models import NPBG, NPBGConfig, NPBGPlusPlus
 from .models.aggregator import AggregatedScene
 from .models.background import check_rows, resample_map
-from .protocol import CHECK_RECIPES
+from .protocol import CHECK_RECIPES, WHOLE_VIEW_STEPS
 
 # Rows of the environment map a fit starts from (the aggregated map resampled to it;
 # None: the map's own rows), see fit_coefficients.
@@ -86,8 +86,8 @@ CHECK_TOLERANCE_DB = 0.5
 # all views beer -0.84 on a 0.11 dB kept-photo margin; BENCHMARKS.md "A checked fit that chooses
 # its recipe on the kept photo").
 
-# Steps of the "whole" candidate recipe of a choosing check (CHECK_RECIPES).
-WHOLE_VIEW_STEPS = 50
+# WHOLE_VIEW_STEPS (imported above from npbgpp_core.protocol, for the add-on's text; re-exported):
+# steps of the "whole" candidate recipe of a choosing check (CHECK_RECIPES).
 
 # The fewest input views a checked fit keeps one apart from: with fewer, the fit would lose a
 # third or more of its photos to the check, so it fits on all of them unchecked (and says so).

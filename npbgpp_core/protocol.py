@@ -40,6 +40,9 @@ REFINER_IMPLS = ("torch", "triton", "triton_conv")
 # npbgpp_core.fitting, which re-exports this tuple): here because the add-on's Also Try Whole
 # Views sends it and this module is torch-free.
 CHECK_RECIPES = ("crops", "whole")
+# Steps of the "whole" recipe of CHECK_RECIPES (npbgpp_core.fitting runs it and re-exports this
+# number): here so that the add-on's Also Try Whole Views can say it without importing torch.
+WHOLE_VIEW_STEPS = 50
 # Frame.note while the service compiles a fused refiner's kernels (text for the user; the
 # viewport reads Frame.compiling).
 COMPILING_KERNELS_NOTE = "compiling fused kernels..."

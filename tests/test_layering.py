@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 
 import pytest
 
@@ -94,3 +95,29 @@ def test_the_choosing_checks_recipes_are_one_torch_free_tuple_the_addon_sends():
                     isinstance(e, ast.Constant) and e.value in names for e in node.elts):
                 copies.append(f"{os.path.relpath(path, ROOT)}:{node.lineno}")
     assert not copies, copies
+
+
+def test_the_whole_view_steps_are_one_torch_free_number_the_addon_says():
+    """WHOLE_VIEW_STEPS, the steps of the choosing check's "whole" recipe, lives in
+    npbgpp_core.protocol beside CHECK_RECIPES (a fresh interpreter importing it loads no torch);
+    fitting runs that very number, and no add-on text says a number of steps of whole photos
+    of its own (Also Try Whole Views' description said "50 steps" as it was written)."""
+    import subprocess
+    import sys
+
+    code = "import sys; import npbgpp_core.protocol as P; print(P.WHOLE_VIEW_STEPS, 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[0] == "50 False"
+    from npbgpp_core import fitting, protocol
+
+    assert fitting.WHOLE_VIEW_STEPS is protocol.WHOLE_VIEW_STEPS
+    assert [steps for _, steps, _, _ in fitting.candidate_recipes(("whole",), 7, 64, fitting.FitRecipe(1.0, 1.0))] == [
+        protocol.WHOLE_VIEW_STEPS]
+    literal = re.compile(r"\b\d+ steps of whole")
+    said = []
+    for path in _sources("blender_addon"):
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read(), path)
+        said += [f"{os.path.relpath(path, ROOT)}:{node.lineno}" for node in ast.walk(tree)
+                 if isinstance(node, ast.Constant) and isinstance(node.value, str) and literal.search(node.value)]
+    assert not said, said
