@@ -3363,15 +3363,18 @@ def test_points_from_meshes_samples_what_a_vertex_instanced_child_instances(scen
 
 
 @pytest.mark.parametrize("kind", ["collection_hidden", "object_info_hidden", "child_cube_hidden",
+                                  "collection_member_hidden", "collection_of_members_hidden",
                                   "collection_particles_path"])
 def test_scene_points_leave_out_what_a_child_renders_do_not_instance_makes(scene, kind):
     """The plane of :func:`_grid_with_a_child_making_cubes` (its child an empty instancing a
     collection of a cube, or a ball making an Object Info instance of it), the child disabled in
     renders ("_hidden"; "child_cube_hidden": the ball's child cube, which the plane also
-    instances at its vertices, is disabled in renders), or the plane's hair rendering another
-    cube and shown as Path in viewports ("particles_path"). Blender's own answer, the depsgraph
-    of a render: it holds none of those cubes (neither the child at the plane's vertices, except
-    with its cube disabled); the viewport's holds them all.
+    instances at its vertices, is disabled in renders; "collection_member_hidden" /
+    "collection_of_members_hidden": the empty's cube / its collection is), or the plane's hair
+    rendering another cube and shown as Path in viewports ("particles_path"). Blender's own
+    answer, the depsgraph of a render: it holds none of those cubes (nor the child at the
+    plane's vertices, but where only what the child makes is disabled); the viewport's holds
+    them all.
     Points of the scene as the viewport evaluates it (``sample_surface_points``' default), and
     Points from Selected Meshes of the plane holding a simulation (Cloth: sampled as it stands,
     not as a copy), lie on none of those cubes (they did: the child's instances were left out,
@@ -3381,8 +3384,10 @@ def test_scene_points_leave_out_what_a_child_renders_do_not_instance_makes(scene
     sc = scene["scene"]
     grid, child, cube = _grid_with_a_child_making_cubes(sc, kind.split("_")[0] if kind != "object_info_hidden"
                                                         else "object_info")
-    if kind == "child_cube_hidden":
+    if kind in ("child_cube_hidden", "collection_member_hidden"):
         cube.hide_render = True
+    elif kind == "collection_of_members_hidden":
+        child.instance_collection.hide_render = True
     elif kind.endswith("_hidden"):
         child.hide_render = True
     else:

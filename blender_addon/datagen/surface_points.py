@@ -458,7 +458,10 @@ def rendered_entries(depsgraph: Any) -> Iterator[tuple[Any, Any, tuple[Any, ...]
       Nodes shown in one of them only;
     - of a viewport's depsgraph, an instance of an object that renders leave out of an
       instanced collection (:func:`instances_not_rendered` of its instancer: particles' and
-      Geometry Nodes' collections too), and the particles such an object emits; a render's
+      Geometry Nodes' collections too; for one nested in an instance of a descendant, of that
+      descendant: measured in bpy 5.0.1, a render's depsgraph holds no member disabled in
+      renders, nor one of a collection disabled in renders, of an empty its parent instances at
+      its vertices), and the particles such an object emits; a render's
       holds none, and its Object Info instances of such an object do render. Not told apart:
       the instances such an object's own Geometry Nodes make (the entry names only the
       outermost instancer), which a viewport's depsgraph holds (a render's leaves out such an
@@ -509,14 +512,18 @@ def rendered_entries(depsgraph: Any) -> Iterator[tuple[Any, Any, tuple[Any, ...]
             if viewport and particles_instance[key] or _descendant_disabled_in_renders(within):
                 continue  # a descendant instanced at vertices / faces that renders do not instance, or nested in one
         if viewport:
-            if key not in not_rendered:
-                not_rendered[key] = left_out = frozenset(instances_not_rendered(stands_for))
+            # nested in an instance of a descendant: what that descendant instances (its collection's
+            # members), not the parent, which instances its descendants only
+            source = within[0] if len(within) > 1 else stands_for
+            source_key = source.as_pointer()
+            if source_key not in not_rendered:
+                not_rendered[source_key] = left_out = frozenset(instances_not_rendered(source))
                 if left_out not in systems_of:
                     systems_of[left_out] = _particle_systems(left_out, depsgraph)
-            if obj.as_pointer() in not_rendered[key]:
+            if obj.as_pointer() in not_rendered[source_key]:
                 continue  # also its Geometry Nodes instances (their original is the object)
             system = inst.particle_system  # particles such an object emits (its Geometry Nodes' are not told apart)
-            if system is not None and system.as_pointer() in systems_of[not_rendered[key]]:
+            if system is not None and system.as_pointer() in systems_of[not_rendered[source_key]]:
                 continue
         yield inst, stands_for, within
 
