@@ -36,7 +36,7 @@ from .losses import EncoderFeatureLoss, fft_amplitude_loss, gradient_loss, lapla
 from .models import NPBG, NPBGConfig, NPBGPlusPlus
 from .models.aggregator import AggregatedScene
 from .models.background import check_rows, resample_map
-from .protocol import CHECK_RECIPES, WHOLE_VIEW_STEPS
+from .protocol import CHECK_COMBINES, CHECK_RECIPES, WHOLE_VIEW_STEPS
 
 # Rows of the environment map a fit starts from (the aggregated map resampled to it;
 # None: the map's own rows), see fit_coefficients.
@@ -85,6 +85,12 @@ CHECK_TOLERANCE_DB = 0.5
 # +0.47 dB, video_sfm +3.51) but lost elsewhere (256 px / 6 views -0.12, flowerpot -0.60; 512 px
 # all views beer -0.84 on a 0.11 dB kept-photo margin; BENCHMARKS.md "A checked fit that chooses
 # its recipe on the kept photo").
+
+# CHECK_COMBINES (imported above from npbgpp_core.protocol; re-exported): how a choosing check turns its
+# recipes' fits into one (fit_coefficients' check_combine): "choose" (the default) keeps the best on the
+# kept photo; "average" (opt-in) the element-wise mean of every recipe's fitted state (average_states),
+# scored there and checked as usual: a mean of fits that started from one scene needs no judge between
+# them, only the check against no fit (BENCHMARKS.md, the "soup" mixes of a choosing check).
 
 # WHOLE_VIEW_STEPS (imported above from npbgpp_core.protocol, for the add-on's text; re-exported):
 # steps of the "whole" candidate recipe of a choosing check (CHECK_RECIPES).
@@ -160,7 +166,10 @@ class FitCheck:
     an aggregation without the kept view, which took ``aggregate_seconds``.
     ``candidates``: a choosing check (``check_recipes``): every recipe fitted, in order, with its
     score on the kept view; ``recipe`` the one chosen (the best score; ``psnr_fitted`` is its),
-    or, when the check could not apply, the one that ran unchecked (the first named)."""
+    or, when the check could not apply, the one that ran unchecked (the first named).
+    ``combine``: "average" for a check that kept the mean of every candidate's fit
+    (``check_combine``): ``recipe`` is then "average" and ``psnr_fitted`` the mean's score; ""
+    otherwise (a choice, or no candidates)."""
 
     view: int | None
     psnr_unfitted: float | None = None
@@ -172,6 +181,7 @@ class FitCheck:
     tolerance: float = 0.0
     recipe: str = ""
     candidates: list[FitCandidate] = field(default_factory=list)
+    combine: str = ""
 
     @property
     def render_not_finite(self) -> bool:
@@ -195,6 +205,8 @@ class FitCheck:
             out.update(aggregated_without=True, aggregate_s=round(self.aggregate_seconds, 3))
         if self.recipe:
             out["recipe"] = self.recipe
+        if self.combine:
+            out["combine"] = self.combine
         if self.candidates:
             out["candidates"] = [c.as_dict() for c in self.candidates]
         return out
@@ -509,17 +521,20 @@ class CheckOptionNames:
     fair_check: str = "fair_check"
     check_tolerance: str = "check_tolerance"
     check_recipes: str = "check_recipes"
+    check_combine: str = "check_combine"
 
 
 KEYWORD_NAMES = CheckOptionNames()
 
 
 def checked_fit_options(check_view: object, fair_check: object, check_tolerance: object, check_recipes: object,
-                        names: CheckOptionNames = KEYWORD_NAMES) -> tuple[float, tuple[str, ...]]:
+                        names: CheckOptionNames = KEYWORD_NAMES,
+                        check_combine: object = "choose") -> tuple[float, tuple[str, ...]]:
     """The rules of a checked fit's options (fit_coefficients' ``check_view``, ``fair_check``,
-    ``check_tolerance``, ``check_recipes``), in one place for the library and its command lines:
-    raises ValueError naming a bad value or a missing ``check_view`` as ``names`` spell them;
-    returns the tolerance in dB and the recipe names."""
+    ``check_tolerance``, ``check_recipes``, ``check_combine``), in one place for the library and its
+    command lines: raises ValueError naming a bad value or a missing ``check_view`` as ``names``
+    spell them; returns the tolerance in dB and the recipe names (``check_combine``, once accepted,
+    is one of :data:`CHECK_COMBINES` as given)."""
     for name, flag in (("check_view", check_view), ("fair_check", fair_check)):
         if not isinstance(flag, bool):
             raise ValueError(f"{name} must be True or False, got {flag!r}")
@@ -531,6 +546,13 @@ def checked_fit_options(check_view: object, fair_check: object, check_tolerance:
     if recipes and not check_view:
         raise ValueError(f"{names.check_recipes} chooses a recipe on a view kept apart: it needs "
                          f"{names.check_view_on}")
+    if not isinstance(check_combine, str) or check_combine not in CHECK_COMBINES:
+        raise ValueError(f"{names.check_combine} must be one of {CHECK_COMBINES}, got {check_combine!r}")
+    if check_combine == "average" and len(recipes) < 2:
+        # nothing to average: one recipe's fit is the plain check's
+        raise ValueError(f"{names.check_combine} average takes the mean of the fits of the recipes "
+                         f"{names.check_recipes} names: it needs {names.check_recipes} with 2 or more of "
+                         f"{CHECK_RECIPES} (and {names.check_view_on}), got {list(recipes)}")
     return tolerance, recipes
 
 
@@ -682,7 +704,7 @@ def _cpu_state(model: NPBG) -> dict[str, torch.Tensor]:
 
 def _checked_steps(
     model: NPBG, points: torch.Tensor, views: FitViews, candidates: list[Candidate], loss_fn: LossFn,
-    seed: int, device: torch.device, tolerance: float, keep_candidates: bool = False,
+    seed: int, device: torch.device, tolerance: float, keep_candidates: bool = False, combine: str = "choose",
 ) -> Generator[int, None, FitResult]:
     """:func:`_fit_steps` with one view kept apart (:func:`check_view_index`): its PSNR is
     scored before step 1 and after each candidate recipe's fit (each from the unfitted state,
@@ -692,7 +714,10 @@ def _checked_steps(
     one for the last candidate's (``steps + 2`` for a single recipe; the other candidates'
     renders are not counted). Below :data:`CHECK_VIEW_MIN_VIEWS` views it is :func:`_fit_steps`
     of the first candidate on every view, its result's check saying it was skipped.
-    ``keep_candidates``: the result holds each candidate's fitted state (CPU) and the unfitted one."""
+    ``keep_candidates``: the result holds each candidate's fitted state (CPU) and the unfitted one.
+    ``combine`` "average": instead of the best candidate, the model takes the mean of every
+    candidate's fitted state (:func:`average_states`), scored on the kept view (one more render, not
+    counted) and checked as above; the result's ``losses`` are the first candidate's."""
     k = check_view_index(len(views.cameras))
     if k is None:
         name, steps, crop, recipe = candidates[0]
@@ -713,6 +738,8 @@ def _checked_steps(
     best: tuple[int, FitResult] | None = None  # index into scored, that candidate's result
     best_state: dict[str, torch.Tensor] | None = None
     states: dict[str, dict[str, torch.Tensor]] = {}
+    averaging = combine == "average"
+    first: FitResult | None = None  # an average's losses: the first candidate's
     for i, (name, steps, crop, recipe) in enumerate(candidates):
         if i > 0:
             model.load_state_dict(unfitted)  # every candidate starts from the unfitted scene
@@ -733,8 +760,12 @@ def _checked_steps(
         after = view_psnr(model, points, views, k)
         scoring += time.perf_counter() - start
         scored.append(FitCandidate(name, after, result.steps, result.seconds))
-        if keep_candidates:
-            states[name] = _cpu_state(model)
+        if first is None:
+            first = result
+        if keep_candidates or (averaging and i < len(candidates) - 1):
+            states[name] = _cpu_state(model)  # the last candidate an average takes from the model itself
+        if averaging:
+            continue
         # a NaN score never wins; ties keep the earlier candidate
         if best is None or (after > scored[best[0]].psnr_fitted) or (
                 math.isnan(scored[best[0]].psnr_fitted) and not math.isnan(after)):
@@ -743,11 +774,23 @@ def _checked_steps(
                 best_state = states.get(name) or _cpu_state(model)
             else:
                 best_state = None  # the model holds it
-    assert best is not None
-    chosen, result = best
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    after = scored[chosen].psnr_fitted
+    if averaging:
+        assert first is not None
+        result = first
+        fitted = [states.get(name) or model.state_dict() for name, *_ in candidates]
+        model.load_state_dict(average_states(fitted))
+        del fitted
+        start = time.perf_counter()
+        after = view_psnr(model, points, views, k)
+        scoring += time.perf_counter() - start
+        if not keep_candidates:
+            states = {}  # the copies the mean was made of
+    else:
+        assert best is not None
+        chosen, result = best
+        if best_state is not None:
+            model.load_state_dict(best_state)
+        after = scored[chosen].psnr_fitted
     # a loss of up to `tolerance` keeps the fit (the kept photo built the unfitted scene, which
     # starts ahead there); a fitted render that is not finite (NaN) loses; an unfitted one
     # that could not be scored (NaN: no valid pixel) cannot judge, so the fit is kept
@@ -759,9 +802,11 @@ def _checked_steps(
     result.seconds = fitting + scoring
     result.check = FitCheck(k, before, after, kept, tolerance=tolerance)
     if candidates[0][0]:  # a choosing check: say what each recipe scored and which was chosen
-        result.check.recipe = scored[chosen].recipe
+        result.check.recipe = "average" if averaging else scored[chosen].recipe
         result.check.candidates = scored
-    result.candidate_states = states
+        if averaging:
+            result.check.combine = "average"
+    result.candidate_states = states if keep_candidates else {}
     if keep_candidates:
         result.unfitted_state = unfitted
     yield done_units + 1
@@ -858,6 +903,7 @@ class CoefficientsRecipe(NamedTuple):
     recipe: FitRecipe
     check_tolerance: float
     check_recipes: tuple[str, ...]
+    check_combine: str = "choose"
 
 
 def coefficients_recipe(
@@ -883,6 +929,7 @@ def coefficients_recipe(
     fair_check: bool = False,
     check_tolerance: float = CHECK_TOLERANCE_DB,
     check_recipes: Sequence[str] = (),
+    check_combine: str = "choose",
 ) -> CoefficientsRecipe:
     """The :class:`FitRecipe` of :func:`fit_coefficients` for its keywords (same names and
     defaults) with the check's tolerance and recipe names (:class:`CoefficientsRecipe`); raises
@@ -895,10 +942,11 @@ def coefficients_recipe(
         check_rows(background_rows)
     if not isinstance(aligned, bool):
         raise ValueError(f"aligned must be True or False, got {aligned!r}")
-    tolerance, recipes = checked_fit_options(check_view, fair_check, check_tolerance, check_recipes)
+    tolerance, recipes = checked_fit_options(check_view, fair_check, check_tolerance, check_recipes,
+                                             check_combine=check_combine)
     recipe = FitRecipe(lr_coefficients, lr_refiner, lr_background, train_refiner, crops_per_step, warmup_steps,
                        schedule, coefficient_decay, coefficient_optimizer, average_from, coarse_fraction, coarse_side)
-    return CoefficientsRecipe(recipe, tolerance, recipes)
+    return CoefficientsRecipe(recipe, tolerance, recipes, str(check_combine))
 
 
 def fit_coefficients(
@@ -932,6 +980,7 @@ def fit_coefficients(
     fair_check: bool = False,
     check_tolerance: float = CHECK_TOLERANCE_DB,
     check_recipes: Sequence[str] = (),
+    check_combine: str = "choose",
     keep_candidates: bool = False,
 ) -> FitResult:
     """coefficients_ft: fine-tune ``aggregated``'s coefficients and a copy of ``model``'s
@@ -1057,6 +1106,12 @@ def fit_coefficients(
     The check's ``candidates`` give every recipe's score, steps and seconds, ``recipe`` the chosen
     one; the result's ``losses`` are the chosen recipe's, ``seconds`` all the fits' and scorings'.
     The step-by-step generator counts every candidate's steps (``sum + 2``).
+    ``check_combine`` (:data:`CHECK_COMBINES`; with ``check_recipes`` of 2 or more): "choose" (default)
+    as above; "average" (opt-in) keeps the element-wise mean of every recipe's fitted state
+    (:func:`average_states`) instead of the best one, scored on the kept view and checked against the
+    unfitted scene as above (``check.recipe`` "average", ``psnr_fitted`` the mean's; ``losses`` the first
+    recipe's): no single photo picks between fits a few tenths of a dB apart (measured in BENCHMARKS.md,
+    the choosing check's mixes).
     ``keep_candidates`` (for benchmarks): the result's ``candidate_states`` hold each recipe's
     fitted state (CPU), to score the ones not chosen, and ``unfitted_state`` the state they all
     started from, to score mixes of them (:func:`average_states`)."""
@@ -1084,7 +1139,7 @@ def _coefficients_steps(
     coefficient_decay: float, coefficient_optimizer: str, gradient_weight: float, average_from: float,
     laplacian_weight: float, perceptual_weight: float, fft_weight: float, background_rows: int | None,
     aligned: bool, coarse_fraction: float, coarse_side: int, check_view: bool, fair_check: bool,
-    check_tolerance: float, check_recipes: Sequence[str], keep_candidates: bool,
+    check_tolerance: float, check_recipes: Sequence[str], check_combine: str, keep_candidates: bool,
 ) -> Generator[int, None, FitResult]:
     """The model, loss and recipe of :func:`fit_coefficients` (every argument checked
     here, before a step runs) and its fitting loop, not started yet."""
@@ -1094,11 +1149,11 @@ def _coefficients_steps(
     device = model.device
     if model.basis is None:
         raise ValueError("coefficient fine-tuning needs an NPBG++ model with the 'sphere' aggregator")
-    recipe, tolerance, recipe_names = coefficients_recipe(
+    recipe, tolerance, recipe_names, combine = coefficients_recipe(
         lr_coefficients, lr_refiner, lr_background, train_refiner, crops_per_step, warmup_steps, schedule,
         coefficient_decay, coefficient_optimizer, gradient_weight, average_from, laplacian_weight, perceptual_weight,
         fft_weight, background_rows, aligned, coarse_fraction, coarse_side, check_view, fair_check, check_tolerance,
-        check_recipes)
+        check_recipes, check_combine)
     if not isinstance(keep_candidates, bool):
         raise ValueError(f"keep_candidates must be True or False, got {keep_candidates!r}")
     if loss_fn is None:
@@ -1115,10 +1170,10 @@ def _coefficients_steps(
     candidates = candidate_recipes(recipe_names, steps, crop, recipe)
     if check_view and fair_check:
         return _fair_checked_steps(model, aggregated, start_model, points, views, candidates, loss_fn, seed,
-                                   device, tolerance, keep_candidates)
+                                   device, tolerance, keep_candidates, combine)
     if check_view:
         return _checked_steps(start_model(aggregated), points, views, candidates, loss_fn, seed, device,
-                              tolerance, keep_candidates)
+                              tolerance, keep_candidates, combine)
     return _fit_steps(start_model(aggregated), points, views, steps, crop, loss_fn, recipe, seed, device)
 
 
@@ -1165,7 +1220,7 @@ def aggregation_without(model: NPBGPlusPlus, points: torch.Tensor, views: FitVie
 def _fair_checked_steps(
     model: NPBGPlusPlus, aggregated: AggregatedScene, start_model: Callable[[AggregatedScene], NPBG],
     points: torch.Tensor, views: FitViews, candidates: list[Candidate], loss_fn: LossFn,
-    seed: int, device: torch.device, tolerance: float, keep_candidates: bool = False,
+    seed: int, device: torch.device, tolerance: float, keep_candidates: bool = False, combine: str = "choose",
 ) -> Generator[int, None, FitResult]:
     """:func:`_checked_steps` on the scene aggregated without the kept view
     (:func:`aggregation_without`); when the fit loses there, the result's model is the
@@ -1174,12 +1229,12 @@ def _fair_checked_steps(
     k = check_view_index(len(views.cameras))
     if k is None:
         return (yield from _checked_steps(start_model(aggregated), points, views, candidates, loss_fn, seed, device,
-                                          tolerance, keep_candidates))
+                                          tolerance, keep_candidates, combine))
     start = time.perf_counter()
     without = aggregation_without(model, points, views, k)
     aggregate_seconds = time.perf_counter() - start
     result = yield from _checked_steps(start_model(without), points, views, candidates, loss_fn, seed, device,
-                                       tolerance, keep_candidates)
+                                       tolerance, keep_candidates, combine)
     check = result.check  # set by _checked_steps, on view k
     if check is not None and check.kept == "unfitted":
         result.model = start_model(aggregated).eval()

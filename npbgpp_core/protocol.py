@@ -43,6 +43,10 @@ CHECK_RECIPES = ("crops", "whole")
 # Steps of the "whole" recipe of CHECK_RECIPES (npbgpp_core.fitting runs it and re-exports this
 # number): here so that the add-on's Also Try Whole Views can say it without importing torch.
 WHOLE_VIEW_STEPS = 50
+# How a choosing check (CHECK_RECIPES) turns its recipes' fits into one (FitBegin.check_combine;
+# fit_coefficients' check_combine, re-exported by npbgpp_core.fitting): "choose" keeps the one
+# scoring best on the kept photo, "average" the element-wise mean of them all (then checked as usual).
+CHECK_COMBINES = ("choose", "average")
 # Frame.note while the service compiles a fused refiner's kernels (text for the user; the
 # viewport reads Frame.compiling).
 COMPILING_KERNELS_NOTE = "compiling fused kernels..."
@@ -217,7 +221,9 @@ class FitResultInfo(Reply):
     (``FitCheck.render_not_finite``): the fit itself is broken, not merely worse.
     ``steps_in_all``: a choosing check (:class:`FitBegin` ``check_recipes``) fitted each recipe
     and chose one: the steps of them all (``FitCheck.candidates``), of which ``steps`` and the
-    losses are the chosen fit's while ``seconds`` count every fit; 0 for any other fit."""
+    losses are the chosen fit's while ``seconds`` count every fit; 0 for any other fit.
+    ``combine``: "average" when the check kept the mean of every recipe's fit (:class:`FitBegin`
+    ``check_combine``; then ``steps`` and the losses are the first recipe's), else ""."""
 
     path: str
     steps: int
@@ -228,6 +234,7 @@ class FitResultInfo(Reply):
     outcome: str = ""
     render_not_finite: bool = False
     steps_in_all: int = 0
+    combine: str = ""
 
 
 @dataclass
@@ -435,7 +442,9 @@ class FitBegin(Request):
     ``FIT_CHECK_VIEW``. A checked fit's ``total`` counts its two scoring renders as steps.
     ``check_recipes`` (with ``check_view``): the fit's choosing check (``fit_coefficients``'
     ``check_recipes``, names from ``CHECK_RECIPES``: each recipe fitted, the best on the kept
-    photo kept); empty: the fit's own recipe alone. ``total`` then counts every recipe's steps."""
+    photo kept); empty: the fit's own recipe alone. ``total`` then counts every recipe's steps.
+    ``check_combine`` (with two or more ``check_recipes``): ``fit_coefficients``' ``check_combine``,
+    one of ``CHECK_COMBINES``: "choose" the best recipe, "average" the mean of every recipe's fit."""
 
     bundle: str
     dataset: str
@@ -449,6 +458,7 @@ class FitBegin(Request):
     aligned: bool | None = None
     check_view: bool | None = None
     check_recipes: tuple[str, ...] = ()
+    check_combine: str = "choose"
     op: ClassVar[str] = "fit_begin"
     reply: ClassVar[type[Reply]] = FitProgress
 

@@ -89,7 +89,9 @@ class BundleFit:
     :data:`~npbgpp_core.fitting.FIT_CHECK_VIEW`. ``check_tolerance``: the fit's; None:
     :data:`~npbgpp_core.fitting.CHECK_TOLERANCE_DB`. ``check_recipes``: the fit's (a choosing
     check, opt-in: each recipe named, :data:`~npbgpp_core.fitting.CHECK_RECIPES`, is fitted and
-    the best on the kept photo kept); None or empty: the fit's own recipe alone. ``checked``:
+    the best on the kept photo kept); None or empty: the fit's own recipe alone. ``check_combine``:
+    the fit's (:data:`~npbgpp_core.fitting.CHECK_COMBINES`; None: "choose"); "average" keeps the mean of
+    every recipe's fit instead of the best (opt-in, with 2 or more ``check_recipes``). ``checked``:
     whether the check applies (it needs :data:`~npbgpp_core.fitting.CHECK_VIEW_MIN_VIEWS`
     training photos).
 
@@ -108,7 +110,8 @@ class BundleFit:
     def __init__(self, bundle_path: str, data: Any, steps: int = DEFAULT_STEPS, weights: str = "",
                  domain: str = "", device: str = "cpu", aligned: bool | None = None,
                  check_view: bool | None = None, fair_check: bool | None = None,
-                 check_tolerance: float | None = None, check_recipes: Sequence[str] | None = None) -> None:
+                 check_tolerance: float | None = None, check_recipes: Sequence[str] | None = None,
+                 check_combine: str | None = None) -> None:
         from .datasets import scene_domain
         from .fitting import (
             CHECK_TOLERANCE_DB,
@@ -127,9 +130,12 @@ class BundleFit:
             check_tolerance = CHECK_TOLERANCE_DB
         if check_recipes is None:
             check_recipes = ()
-        # the fit's own checks of these four, run now: before the bundle and photos are read
-        recipe, check_tolerance, check_recipes = coefficients_recipe(
-            check_view=check_view, fair_check=fair_check, check_tolerance=check_tolerance, check_recipes=check_recipes)
+        if check_combine is None:
+            check_combine = "choose"
+        # the fit's own checks of these five, run now: before the bundle and photos are read
+        recipe, check_tolerance, check_recipes, check_combine = coefficients_recipe(
+            check_view=check_view, fair_check=fair_check, check_tolerance=check_tolerance, check_recipes=check_recipes,
+            check_combine=check_combine)
         self.bundle_path = os.fspath(bundle_path)
         bundle = NeuralScene.load(self.bundle_path)
         if bundle.kind != "npbgpp":
@@ -171,7 +177,7 @@ class BundleFit:
         self.fair_check = fair_check
         self._fit = iter_fit_coefficients(model, aggregated, views, self.steps, check_view=check_view,
                                           fair_check=fair_check, check_tolerance=check_tolerance,
-                                          check_recipes=check_recipes, **options)
+                                          check_recipes=check_recipes, check_combine=check_combine, **options)
         self.done = 0
         self.result: Any = None  # the FitResult once finished
 
@@ -244,12 +250,16 @@ class BundleFit:
             return "the fit was not checked on a photo kept apart"
         raw = self.result.check  # unrounded; +inf is an exact match, NaN a render not scored
         # a choosing check names the recipe it chose ("kept the fit (whole views): ..."), or the
-        # one that ran unchecked when the check could not apply
-        chosen = f" ({RECIPE_LABELS.get(raw.recipe, raw.recipe)})" if raw.recipe else ""
+        # one that ran unchecked when the check could not apply; an averaging one what it averaged
+        if raw.combine == "average":
+            labels = [RECIPE_LABELS.get(c.recipe, c.recipe) for c in raw.candidates]
+            chosen = f" (average of {', '.join(labels[:-1])} and {labels[-1]})"
+        else:
+            chosen = f" ({RECIPE_LABELS.get(raw.recipe, raw.recipe)})" if raw.recipe else ""
         if check.get("skipped"):
             return f"the fit{chosen} used every photo unchecked: {check['skipped']}"
         if raw.render_not_finite:
-            if len(raw.candidates) > 1:  # NaN never wins a choice: every recipe's render was not finite
+            if len(raw.candidates) > 1 and not raw.combine:  # NaN never wins a choice: no recipe's was finite
                 tried = ", ".join(RECIPE_LABELS.get(c.recipe, c.recipe) for c in raw.candidates)
                 return (f"kept the unfitted scene: no recipe's render of held-apart photo {check['name']} was finite "
                         f"({tried})")
@@ -280,21 +290,22 @@ class BundleFit:
 def fit_bundle(bundle_path: str, dataset: Any, out: str, steps: int = DEFAULT_STEPS, weights: str = "",
                domain: str = "", device: str = "cpu", aligned: bool | None = None,
                check_view: bool | None = None, fair_check: bool | None = None,
-               check_tolerance: float | None = None, check_recipes: Sequence[str] | None = None) -> Any:
+               check_tolerance: float | None = None, check_recipes: Sequence[str] | None = None,
+               check_combine: str | None = None) -> Any:
     """Fit ``bundle_path`` to ``dataset`` (a folder or a loaded SceneData) and save the
     fitted bundle to ``out``; returns the :class:`~npbgpp_core.fitting.FitResult`. See
     :class:`BundleFit` (``aligned``: None is :data:`~npbgpp_core.fitting.FIT_ALIGNED`;
     ``check_view``: None is :data:`~npbgpp_core.fitting.FIT_CHECK_VIEW`; ``fair_check``: None is
     :data:`~npbgpp_core.fitting.FIT_FAIR_CHECK` when checked; ``check_tolerance``: None is
     :data:`~npbgpp_core.fitting.CHECK_TOLERANCE_DB`; ``check_recipes``: None is the fit's own
-    recipe alone)."""
+    recipe alone; ``check_combine``: None is "choose")."""
     from .datasets import load_scene
 
     # the bundle holds the points; the dataset gives photos and cameras (it may have no cloud of its own)
     data = (load_scene(os.fspath(dataset), require_points=False) if isinstance(dataset, (str, os.PathLike))
             else dataset)
     job = BundleFit(bundle_path, data, steps, weights, domain, device, aligned, check_view, fair_check,
-                    check_tolerance, check_recipes)
+                    check_tolerance, check_recipes, check_combine)
     while not job.step():
         pass
     job.save(out)

@@ -480,7 +480,8 @@ class RenderService:
         # the bundle holds the points; the dataset gives photos and cameras (it may have no cloud of its own)
         data = load_dataset(req.dataset, req.format, req.undistort, req.allow_external_paths, require_points=False)
         self.fit = BundleFit(req.bundle, data, req.steps, req.weights, req.domain, pick_device(req.device),
-                             req.aligned, req.check_view, check_recipes=req.check_recipes)
+                             req.aligned, req.check_view, check_recipes=req.check_recipes,
+                             check_combine=req.check_combine)
         return self._fit_progress()
 
     def fit_step(self, req: P.FitStep) -> P.FitProgress:
@@ -499,7 +500,8 @@ class RenderService:
         return P.FitResultInfo(req.out, job.result.steps, float(losses[0]), float(losses[-1]), job.result.seconds,
                                "fitted" if check is None else check["kept"], job.outcome(),
                                raw is not None and raw.render_not_finite,
-                               sum(c.steps for c in raw.candidates) if raw is not None else 0)
+                               sum(c.steps for c in raw.candidates) if raw is not None else 0,
+                               raw.combine if raw is not None else "")
 
     def fit_cancel(self, req: P.FitCancel) -> P.Done:
         self._drop_fit()

@@ -297,3 +297,118 @@ def test_average_states_refuses_states_that_differ_naming_the_key(second, messag
     for nothing in ([], first):
         with pytest.raises(ValueError, match="needs a list of at least one state dict"):
             average_states(nothing)
+
+
+def test_an_averaging_check_keeps_the_mean_of_the_direct_fits_of_each_recipe(setup):
+    """check_combine="average": the result's model is, bit for bit, average_states of the direct fits
+    of each recipe alone on the views less the kept one (same seed); each candidate's score is its
+    direct fit's, and the check's fitted score is the mean model's own on the kept photo. A tolerance
+    no fit can exceed keeps it whatever the tiny fit scores; the losses are the first recipe's."""
+    model, aggregated, views = setup
+    loss = inverted_at(-1)  # never inverted: the plain L1
+    result = fit_coefficients(model, aggregated, views, check_view=True, check_recipes=("crops", "whole"),
+                              check_combine="average", check_tolerance=1000.0, loss_fn=loss, **CROPS)
+    direct = {"crops": direct_fit(setup, loss, **CROPS), "whole": direct_fit(setup, loss, **WHOLE)}
+    mean = average_states([direct["crops"][0].state_dict(), direct["whole"][0].state_dict()])
+    fitted = result.model.state_dict()
+    assert set(fitted) == set(mean)
+    for name, value in mean.items():
+        assert torch.equal(fitted[name].cpu(), value), name
+    # the mean differs from either fit: the test would catch a check that kept one of them
+    assert any(not torch.equal(direct["crops"][0].state_dict()[n].cpu(), v) for n, v in mean.items())
+    check = result.check
+    assert check.kept == "fitted" and check.recipe == "average" and check.combine == "average"
+    assert [c.recipe for c in check.candidates] == ["crops", "whole"]
+    for cand in check.candidates:
+        assert cand.psnr_fitted == pytest.approx(direct[cand.recipe][1], abs=1e-9)
+    reference = direct["crops"][0]
+    reference.load_state_dict(mean)
+    k = check_view_index(len(views.cameras))
+    assert check.psnr_fitted == pytest.approx(view_psnr(reference, aggregated.points, views, k), abs=1e-9)
+    assert result.steps == 30 and result.candidate_states == {} and result.unfitted_state is None
+    as_dict = check.as_dict()
+    assert as_dict["recipe"] == "average" and as_dict["combine"] == "average"
+
+
+@pytest.mark.parametrize(("scores", "kept"), [
+    ((20.0, 19.9, 19.8, 18.0), "unfitted"),  # both recipes within the tolerance, their mean 2 dB below
+    ((20.0, 17.0, 17.5, 19.6), "fitted"),  # both recipes 2.5 dB or more below, their mean within 0.5
+])
+def test_an_averaging_check_judges_the_mean_not_the_recipes(setup, monkeypatch, scores, kept):
+    """The kept photo's scores set here (unfitted, crops, whole, the mean): the check against the
+    unfitted scene reads the mean's score alone. Dropped, the model is the unfitted one; kept, it is
+    the mean of the two recipes' fitted states (keep_candidates returns them)."""
+    from npbgpp_core import fitting
+
+    model, aggregated, views = setup
+    loss = inverted_at(-1)
+    scored = scores_in_turn(*scores)
+    monkeypatch.setattr(fitting, "view_psnr", scored)
+    result = fit_coefficients(model, aggregated, views, check_view=True, check_recipes=("crops", "whole"),
+                              check_combine="average", keep_candidates=True, loss_fn=loss, steps=3, crop=CROP)
+    assert scored.left == []
+    check = result.check
+    assert check.kept == kept and check.psnr_unfitted == scores[0] and check.psnr_fitted == scores[3]
+    assert [c.psnr_fitted for c in check.candidates] == list(scores[1:3])
+    expected = (result.unfitted_state if kept == "unfitted"
+                else average_states([result.candidate_states["crops"], result.candidate_states["whole"]]))
+    for name, value in expected.items():
+        assert torch.equal(result.model.state_dict()[name].cpu(), value), name
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"check_view": True, "check_recipes": ("crops",), "check_combine": "average"},
+     r"check_combine average takes the mean .* it needs check_recipes with 2 or more"),
+    ({"check_view": True, "check_combine": "average"}, "it needs check_recipes with 2 or more"),
+    ({"check_combine": "average"}, r"needs check_recipes with 2 or more .*\(and check_view=True\)"),
+    ({"check_view": True, "check_recipes": ("crops", "whole"), "check_combine": "mean"},
+     r"check_combine must be one of \('choose', 'average'\), got 'mean'"),
+    ({"check_view": True, "check_recipes": ("crops", "whole"), "check_combine": None}, "check_combine must be one"),
+])
+def test_bad_combines_are_refused_before_a_step(setup, options, message):
+    """An average of fewer than two recipes (or without the check), and a combine that is not one of
+    CHECK_COMBINES: ValueError in the keywords' words."""
+    model, aggregated, views = setup
+    with pytest.raises(ValueError, match=message):
+        fit_coefficients(model, aggregated, views, steps=1, **options)
+
+
+def test_a_bundle_fit_that_averages_names_the_average_in_every_outcome(tmp_path, monkeypatch):
+    """BundleFit(check_combine="average"): the outcome line names the average of both recipes when
+    it is kept and when it is dropped (scores set here), and a render of the mean that is not finite
+    is the mean's, not every recipe's. With too few photos it runs the first recipe unchecked, as a
+    choosing check does."""
+    from npbgpp_core import fitting
+
+    folder = make_tiny_scene(str(tmp_path / "scene"), views=4, size=SIZE, n_points=200, splits=(3, 0, 1))
+    bundle = str(tmp_path / "agg.npbgpp")
+    aggregate_with_worker(folder, bundle)
+    data = load_scene(folder)
+    expected = {
+        (20.0, 19.0, 19.5, 20.25): "kept the fit (average of crops and whole views): +0.25 dB on held-apart photo",
+        (20.0, 19.0, 19.5, 18.0): ("kept the unfitted scene: the fit (average of crops and whole views) scored "
+                                   "2.00 dB below it (more than the 0.50 dB the check allows) on held-apart photo"),
+        (20.0, 19.0, 19.5, math.nan): "kept the unfitted scene: the fit's (average of crops and whole views) render "
+                                      "of held-apart photo",
+    }
+    for scores, line in expected.items():
+        scored = scores_in_turn(*scores)
+        monkeypatch.setattr(fitting, "view_psnr", scored)
+        job = BundleFit(bundle, data, steps=1, check_view=True, check_recipes=["crops", "whole"],
+                        check_combine="average")
+        assert job.total == 1 + WHOLE_VIEW_STEPS + 2
+        while not job.step():
+            pass
+        assert scored.left == [] and job.done == job.total
+        assert job.outcome().startswith(line), job.outcome()
+        assert job.check()["combine"] == "average" and job.check()["recipe"] == "average"
+    few = make_tiny_scene(str(tmp_path / "few"), views=3, size=SIZE, n_points=200, splits=(2, 0, 1))
+    few_bundle = str(tmp_path / "few.npbgpp")
+    aggregate_with_worker(few, few_bundle)
+    job = BundleFit(few_bundle, load_scene(few), steps=3, check_view=True, check_recipes=["crops", "whole"],
+                    check_combine="average")
+    assert not job.checked and job.total == 3
+    while not job.step():
+        pass
+    assert job.check()["recipe"] == "crops" and "combine" not in job.check()
+    assert job.outcome().startswith("the fit (crops) used every photo unchecked")

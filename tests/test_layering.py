@@ -97,6 +97,22 @@ def test_the_choosing_checks_recipes_are_one_torch_free_tuple_the_addon_sends():
     assert not copies, copies
 
 
+def test_the_choosing_checks_combines_are_one_torch_free_tuple():
+    """CHECK_COMBINES (how a choosing check turns its recipes' fits into one) lives in
+    npbgpp_core.protocol beside CHECK_RECIPES, loading no torch; fitting uses that very tuple, and
+    FitBegin's default is its first ("choose", what older callers get)."""
+    import subprocess
+    import sys
+
+    code = "import sys; import npbgpp_core.protocol as P; print(P.CHECK_COMBINES, 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[0] == "('choose', 'average') False"
+    from npbgpp_core import fitting, protocol
+
+    assert fitting.CHECK_COMBINES is protocol.CHECK_COMBINES
+    assert protocol.FitBegin("b", "d").check_combine == protocol.CHECK_COMBINES[0] == "choose"
+
+
 def test_the_whole_view_steps_are_one_torch_free_number_the_addon_says():
     """WHOLE_VIEW_STEPS, the steps of the choosing check's "whole" recipe, lives in
     npbgpp_core.protocol beside CHECK_RECIPES (a fresh interpreter importing it loads no torch);
