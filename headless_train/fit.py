@@ -5,7 +5,8 @@ Blender or Python code. Every output check runs before the fit; the bundle is wr
 atomically. ``--check-view`` keeps one training photo apart and writes the unfitted scene
 if the fit scores more than :data:`~npbgpp_core.fitting.CHECK_TOLERANCE_DB` lower on it; the
 last line on stderr says what was kept; ``--check-tolerance DB`` sets that allowance;
-``--check-recipes crops,whole`` (opt-in) fits both recipes and keeps the better one there."""
+``--check-recipes crops,whole`` (opt-in) fits both recipes and keeps the better one there;
+with ``--check-combine average`` (opt-in) the mean of both fits instead, checked there as usual."""
 
 from __future__ import annotations
 
@@ -19,7 +20,13 @@ class FitError(RuntimeError):
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    from npbgpp_core.fitting import CHECK_RECIPES, CHECK_TOLERANCE_DB, WHOLE_VIEW_STEPS, split_check_recipes
+    from npbgpp_core.fitting import (
+        CHECK_COMBINES,
+        CHECK_RECIPES,
+        CHECK_TOLERANCE_DB,
+        WHOLE_VIEW_STEPS,
+        split_check_recipes,
+    )
     from npbgpp_core.scene_fit import DEFAULT_STEPS
 
     p = argparse.ArgumentParser(prog="python -m headless_train fit", description=__doc__)
@@ -47,6 +54,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    f"crops; whole: {WHOLE_VIEW_STEPS} steps of whole photos) on the photos less the one --check-view "
                    "keeps apart and keep the one scoring best there, then check it as usual (default: crops "
                    "alone; crops,whole: about 2.3x the time)")
+    p.add_argument("--check-combine", choices=CHECK_COMBINES, default=None,
+                   help="with --check-recipes of 2 or more: choose keeps the recipe scoring best on the kept photo "
+                   "(default); average keeps the element-wise mean of every recipe's fit, scored and checked there "
+                   "as usual (see BENCHMARKS.md)")
     return p.parse_args(argv)
 
 
@@ -66,10 +77,12 @@ def fit(args: argparse.Namespace) -> str:
     # flags' words; BundleFit checks them again with the same function
     flags = CheckOptionNames(check_view_on="--check-view" + (", not --no-check-view" if args.check_view is False
                                                              else ""),
-                             check_tolerance="--check-tolerance", check_recipes="--check-recipes")
+                             check_tolerance="--check-tolerance", check_recipes="--check-recipes",
+                             check_combine="--check-combine")
     checked_fit_options(check_view, fair_check,
                         CHECK_TOLERANCE_DB if args.check_tolerance is None else args.check_tolerance,
-                        () if args.check_recipes is None else args.check_recipes, flags)
+                        () if args.check_recipes is None else args.check_recipes, flags,
+                        "choose" if args.check_combine is None else args.check_combine)
     if args.check_tolerance is not None and not check_view:
         raise FitError("--check-tolerance is what the fit may lose on the photo --check-view keeps apart; with "
                        "--no-check-view no photo is kept apart: drop one of the two")
@@ -88,7 +101,8 @@ def fit(args: argparse.Namespace) -> str:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     job = BundleFit(args.bundle, scene, args.steps, args.weights, "", device, check_view=args.check_view,
-                    check_tolerance=args.check_tolerance, check_recipes=args.check_recipes)
+                    check_tolerance=args.check_tolerance, check_recipes=args.check_recipes,
+                    check_combine=args.check_combine)
     # a checked fit counts its two scoring renders as steps (and a choosing check every recipe's
     # steps); the line names a scoring render while it runs
     # (BundleFit.doing: a full-size photo's render can take as long as many fitting steps)

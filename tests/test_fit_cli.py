@@ -299,3 +299,70 @@ def test_fit_command_refuses_bad_check_recipes_before_fitting(scene_and_bundle, 
         assert "check_recipes" not in err and "check_view" not in err
     assert str(core.value).endswith("it needs check_view=True")
     assert not os.path.exists(out) and os.listdir(tmp_path) == []
+
+
+def test_fit_command_refuses_check_combine_average_without_two_recipes(scene_and_bundle, tmp_path, monkeypatch,
+                                                                     capsys):
+    """--check-combine average without --check-recipes, with one recipe or with --no-check-view is
+    refused by the core's rule in the flags' words (not the keywords check_combine, check_recipes), and
+    a name not in CHECK_COMBINES by argparse; exit 2, before the fit, nothing written."""
+    from headless_train import fit as fit_cli
+    from npbgpp_core.fitting import coefficients_recipe
+
+    run, out = refused_before_fitting(scene_and_bundle, tmp_path, monkeypatch)
+    for flags, names, check_view in (([], (), True), (["--check-recipes", "whole"], ("whole",), True),
+                                     (["--no-check-view", "--check-recipes", "crops,whole"], ("crops", "whole"),
+                                      False)):
+        with pytest.raises(ValueError) as core:  # the library's rule, in its keywords' words
+            coefficients_recipe(check_view=check_view, check_recipes=names, check_combine="average")
+        assert str(core.value).startswith("check_") and "--" not in str(core.value)
+        assert fit_cli.main([*run, *flags, "--check-combine", "average"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --check-") and err.count("\n") == 1, err
+        assert "check_combine" not in err and "check_recipes" not in err and "check_view" not in err
+        if check_view:
+            assert err.startswith("error: --check-combine average takes the mean of the fits of the recipes "
+                                  "--check-recipes names: it needs --check-recipes with 2 or more"), err
+    with pytest.raises(SystemExit) as bad:
+        fit_cli.main([*run, "--check-recipes", "crops,whole", "--check-combine", "mean"])
+    assert bad.value.code == 2 and "--check-combine: invalid choice: 'mean'" in capsys.readouterr().err
+    assert not os.path.exists(out) and os.listdir(tmp_path) == []
+
+
+def test_fit_command_check_combine_average_writes_the_mean_of_both_recipes(scene_and_bundle, tmp_path,
+                                                                         monkeypatch, capsys):
+    """--check-recipes crops,whole --check-combine average: the bundle written holds, bit for bit, the
+    element-wise mean of the two recipes fitted alone (each from the unfitted scene, same seed; their
+    states from a choosing check's keep_candidates), its metadata and last line name the average."""
+    from headless_train.fit import main
+    from npbgpp_core import fitting
+    from npbgpp_core.scene import NeuralScene
+
+    folder, bundle = scene_and_bundle
+    kept_states: dict = {}
+    real_fit = fitting._checked_steps
+
+    def keeping(*args, **kwargs):  # the same check, its candidates' states kept for the reference
+        result = yield from real_fit(*args[:7], args[7], True, *args[9:], **kwargs)
+        kept_states.update(result.candidate_states)
+        return result
+
+    monkeypatch.setattr(fitting, "_checked_steps", keeping)
+    monkeypatch.setattr(fitting, "view_psnr", scores_in_turn(20.0, 19.0, 19.5, 20.3))
+    out = str(tmp_path / "fitted.npbgpp")
+    capsys.readouterr()
+    assert main(["--bundle", bundle, "--scene", folder, "--out", out, "--steps", "2", "--device", "cpu",
+                 "--check-recipes", "crops,whole", "--check-combine", "average"]) == 0
+    err = capsys.readouterr().err
+    saved = NeuralScene.load(out)
+    check = saved.metadata["fit"]["check"]
+    assert check["kept"] == "fitted" and check["recipe"] == "average" and check["combine"] == "average"
+    assert check["psnr_fitted"] == 20.3 and [c["psnr_fitted"] for c in check["candidates"]] == [19.0, 19.5]
+    assert err.splitlines()[-1] == ("kept the fit (average of crops and whole views): +0.30 dB on held-apart photo "
+                                    f"{check['name']}")
+    mean = fitting.average_states([kept_states["crops"], kept_states["whole"]])
+    assert torch.equal(saved.features, mean["descriptors"])
+    assert not torch.equal(saved.features, kept_states["crops"]["descriptors"])
+    assert set(saved.model_state) == set(mean) - {"descriptors", "active"}
+    for name, value in saved.model_state.items():
+        assert torch.equal(value, mean[name]), name
