@@ -139,6 +139,9 @@ FIT_KNOBS = (
      "kept photo (crops: the --crop/--steps/--crops-per-step recipe; whole: npbgpp_core.fitting.WHOLE_VIEW_STEPS "
      "steps of one whole view); every candidate's kept-photo and held-out PSNR are recorded (default: one "
      "recipe, no choice)"),
+    ("--check-combine", str, "with --check-recipes of 2 or more: choose (default) keeps the recipe scoring best on "
+     "the kept photo; average the mean of every recipe's fitted state, scored there and checked as usual "
+     "(fit_coefficients' check_combine; the mixes are recorded either way)"),
 )
 
 
@@ -178,10 +181,11 @@ def check_fit_options(args: argparse.Namespace) -> None:
 
     keywords = fit_keywords(args)
     flags = CheckOptionNames(check_view_on="--check-view on", fair_check="--fair-check on",
-                             check_recipes="--check-recipes")  # no flag sets the tolerance here
+                             check_recipes="--check-recipes",
+                             check_combine="--check-combine")  # no flag sets the tolerance here
     try:
         checked_fit_options(keywords["check_view"], keywords["fair_check"], CHECK_TOLERANCE_DB,
-                            keywords.get("check_recipes", ()), flags)
+                            keywords.get("check_recipes", ()), flags, keywords.get("check_combine", "choose"))
     except ValueError as exc:
         raise QualityError(str(exc)) from exc
     try:

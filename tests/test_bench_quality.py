@@ -304,6 +304,36 @@ def test_check_recipes_flag_records_every_candidates_held_out_scores(tmp_path, m
         assert math.isfinite(mix["psnr_kept"]) and len(mix["held_out"]["psnr_views"]) == 1
 
 
+def test_check_combine_average_scores_the_mean_the_mixes_score(tmp_path):
+    """--check-combine average: the fit's column is the "crops+whole" mix (the mean of both recipes'
+    fits, scored as the mixes are) when the check keeps it, NPBG++'s own when it drops it; its
+    kept-photo score is that mix's. Refused in the flags' words without two recipes, and an unknown
+    name, before any scene is read."""
+    from bench.bench_quality import QualityError, check_fit_options
+
+    folder = make_tiny_scene(str(tmp_path / "s"), views=6, size=32, splits=(4, 1, 1))
+    args = parse_args(["--scenes", folder, "--methods", "npbgpp,coefficients_ft", "--max-side", "32",
+                       "--steps", "4", "--crop", "16", "--check-view", "on", "--check-recipes", "crops,whole",
+                       "--check-combine", "average"])
+    check_fit_options(args)
+    methods = evaluate_scene(folder, args, {})["methods"]
+    fit = methods["coefficients_ft"]
+    check = fit["check"]
+    assert check["recipe"] == "average" and check["combine"] == "average"
+    mean = {mix["mix"]: mix for mix in check["mixes"]}["crops+whole"]
+    assert round(mean["psnr_kept"], 3) == check["psnr_fitted"]
+    kept = mean["held_out"] if check["kept"] == "fitted" else methods["npbgpp"]
+    assert fit["psnr_views"] == kept["psnr_views"]
+    for flags, expected in ((["--check-recipes", "whole", "--check-combine", "average"],
+                             "--check-combine average takes the mean of the fits of the recipes --check-recipes "
+                             "names: it needs --check-recipes with 2 or more"),
+                            (["--check-recipes", "crops,whole", "--check-combine", "best"],
+                             "--check-combine must be one of ('choose', 'average'), got 'best'")):
+        with pytest.raises(QualityError) as refused:
+            check_fit_options(parse_args(["--scenes", "unused", "--check-view", "on", *flags]))
+        assert str(refused.value).startswith(expected), refused.value
+
+
 def test_check_mixes_are_the_means_of_the_named_states():
     """The four soups of a crops / whole choice, each the element-wise mean of its states (by hand)."""
     from bench.bench_quality import check_mixes
