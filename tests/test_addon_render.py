@@ -3410,6 +3410,85 @@ def test_scene_points_leave_out_what_a_child_renders_do_not_instance_makes(scene
     assert np.linalg.norm(pts[:, None, :] - centres[None, :, :], axis=2).min() > ON_CUBE
 
 
+@pytest.mark.parametrize("kind", ["collection_info", "instancer_not_shown"])
+def test_scene_points_tell_which_child_a_nested_instance_is_in_where_a_level_has_no_entry(scene, kind):
+    """A plane instancing its children at its 4 vertices (Instancing: Vertices), where an
+    instance nested in a child's has no depsgraph entry of its own at one level. "collection_info":
+    a ball child disabled in renders whose Geometry Nodes join its mesh, a collection instance
+    (Collection Info) of a cube "Kept" ... here left out, and an Object Info instance of a cube
+    "Other"; the collection instance is no entry (measured in bpy 5.0.1: the cube in it has a
+    persistent_id one place longer than the Object Info cube's). "instancer_not_shown": an empty
+    disabled in renders instancing a collection of "Other", and an empty instancing a
+    collection of "Kept" with Show Instancer off in viewports (measured in bpy 5.0.1: the
+    viewport's depsgraph holds no entry of that empty, only the cubes it makes). Blender's own
+    answer, the depsgraph of a render: with the ball disabled in renders, neither cube at the
+    plane's vertices; with the empties, the 4 "Kept" cubes and no "Other". Points of the scene
+    as the viewport evaluates it lie on no cube the render leaves out, and on each it holds
+    (the "Kept" cubes were taken for the ball's Geometry Nodes' and kept, or for the hidden
+    empty's and left out: the entry read before was taken for the one they are nested in)."""
+    from blender_addon.datagen.surface_points import sample_surface_points
+
+    sc = scene["scene"]
+    cubes = {}
+    for name, down in (("Kept", -50.0), ("Other", -60.0)):
+        bpy.ops.mesh.primitive_cube_add(size=0.2, location=(0.0, 0.0, down))
+        cubes[name] = bpy.context.active_object
+        cubes[name].name = name
+    bpy.ops.mesh.primitive_plane_add(size=4.0)
+    grid = bpy.context.active_object
+    grid.name, grid.instance_type = "Grid", "VERTS"
+
+    def collection_of(cube) -> Any:
+        """A new collection holding ``cube`` alone, at its origin."""
+        members = bpy.data.collections.new(cube.name + "s")
+        for collection in cube.users_collection:
+            collection.objects.unlink(cube)
+        members.objects.link(cube)
+        cube.location = (0.0, 0.0, 0.0)
+        return members
+
+    if kind == "collection_info":
+        bpy.ops.mesh.primitive_ico_sphere_add(subdivisions=1, radius=0.3)
+        ball = bpy.context.active_object
+        members = collection_of(cubes["Kept"])
+
+        def with_both_cubes(tree, geometry):
+            """The ball's mesh joined to an instance of "Other" and one of the collection."""
+            join = tree.nodes.new("GeometryNodeJoinGeometry")
+            info, collection = tree.nodes.new("GeometryNodeObjectInfo"), tree.nodes.new("GeometryNodeCollectionInfo")
+            info.inputs["As Instance"].default_value = True
+            info.inputs["Object"].default_value = cubes["Other"]
+            collection.inputs["Collection"].default_value = members
+            for socket in (geometry, info.outputs["Geometry"], collection.outputs[0]):
+                tree.links.new(socket, join.inputs[0])
+            return join.outputs[0]
+
+        nodes_modifier(ball, "WithCubes", with_both_cubes)
+        ball.parent, ball.location, ball.hide_render = grid, (0.0, 0.0, 2.0), True
+        rendered = {"Kept": 0, "Other": 0}
+    else:
+        for name, up in (("Other", 2.0), ("Kept", 3.0)):
+            empty = bpy.data.objects.new("Empty" + name, None)
+            sc.collection.objects.link(empty)
+            empty.instance_type, empty.instance_collection = "COLLECTION", collection_of(cubes[name])
+            empty.parent, empty.location = grid, (0.0, 0.0, up)
+        bpy.data.objects["EmptyOther"].hide_render = True
+        bpy.data.objects["EmptyKept"].show_instancer_for_viewport = False
+        rendered = {"Kept": 4, "Other": 0}
+    held = _read_during_a_cycles_render(sc, lambda dg: {n: len(_cube_centres(dg, grid, c)) for n, c in cubes.items()})
+    assert held == rendered, held
+    depsgraph = bpy.context.evaluated_depsgraph_get()
+    centres = {name: _cube_centres(depsgraph, grid, cube) for name, cube in cubes.items()}
+    assert {name: len(c) for name, c in centres.items()} == {"Kept": 4, "Other": 4}
+    pts, _ = sample_surface_points(sc, 4000, seed=3)
+    for name, count in rendered.items():
+        near = np.linalg.norm(pts[:, None, :] - centres[name][None, :, :], axis=2).min(axis=0)
+        if count:
+            assert (near <= ON_CUBE).all(), (name, near)  # each cube the render holds has points
+        else:
+            assert (near > ON_CUBE).all(), (name, near)
+
+
 def test_scene_walk_asks_whether_particles_instance_in_renders_once_per_instancer(scene, monkeypatch):
     """Two grids of 9 vertices each instancing their child ball at their vertices (Instancing:
     Vertices), each with hair rendering a cube shown as Path in viewports. Blender's own

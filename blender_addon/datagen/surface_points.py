@@ -377,11 +377,14 @@ def not_shown_itself_in_renders(obj: Any) -> bool:
 UNUSED_ID = 2**31 - 1
 
 
-def _instance_depth(inst: Any) -> int:
-    """How deep in its instancer's instances the depsgraph entry ``inst`` lies: 1 for one the
-    instancer makes itself, 2 for one that such an instance makes, and so on."""
+def _used_id(inst: Any) -> tuple[int, ...]:
+    """The places of the depsgraph entry ``inst``'s ``persistent_id`` it uses, innermost index
+    first: one for an instance its instancer makes itself, two for one nested in such an
+    instance, and so on. The entry it is nested in at level ``k`` has this id's last ``k``
+    places (measured in bpy 5.0.1), including one with no entry of its own (a Geometry Nodes'
+    collection instance, an instancer with Show Instancer off)."""
     ids = tuple(inst.persistent_id)
-    return ids.index(UNUSED_ID) if UNUSED_ID in ids else len(ids)
+    return ids[:ids.index(UNUSED_ID)] if UNUSED_ID in ids else ids
 
 
 def descends_from(obj: Any, ancestor: Any) -> bool:
@@ -418,8 +421,12 @@ def rendered_entries(depsgraph: Any) -> Iterator[tuple[Any, Any, tuple[Any, ...]
     descendant makes: an instanced collection's objects, its Geometry Nodes' instances, its own
     children at its vertices), the originals it is instanced within, from that descendant down
     to its own object; else empty. Measured in bpy 5.0.1: a nested instance's ``parent`` is the
-    outermost instancer, and it follows the instance it is nested in (its ``persistent_id``
-    one place longer), which is how it is told apart. The one
+    outermost instancer, and it follows the instance it is nested in, its ``persistent_id`` one
+    place longer and ending in that one's (:func:`_used_id`), which is how it is told apart; a
+    level with no entry of its own (a Geometry Nodes' collection instance, an instancer with
+    Show Instancer off) is told by that id, and left out of ``within``. Not told apart: such an
+    instancer of a parent of one vertex or face, whose id is the one its sibling before it had
+    there (its nested instances are taken as that sibling's). The one
     walk over what renders show, its rules written once; which objects a caller takes
     (:func:`rendered_parts`: a selection; :func:`_shown_geometry`: the view layer, through
     :func:`seen_by_camera`) and how it reads each entry are the caller's.
@@ -479,23 +486,31 @@ def rendered_entries(depsgraph: Any) -> Iterator[tuple[Any, Any, tuple[Any, ...]
     # viewport only: per instancer (as_pointer()), whether its particles instance in renders,
     # read once: a dense particle system makes thousands of instances of one instancer
     particles_instance: dict[int, bool] = {}
-    # per instancer by vertices or faces (as_pointer()): the objects its last entry is instanced
-    # within, outermost first; read before any entry is left out, as what follows is nested in it
-    paths: dict[int, list[Any]] = {}
+    # per instancer by vertices or faces (as_pointer()): for its last entry and each level it is
+    # nested in, outermost first, that level's used persistent_id and original object (None: its
+    # own particles' instance, or a level with no entry); read before any entry is left out, as
+    # what follows may be nested in it
+    paths: dict[int, list[tuple[tuple[int, ...], Any]]] = {}
     for inst in depsgraph.object_instances:
         obj = inst.object.original
         instanced = inst.is_instance and inst.parent is not None
         stands_for = inst.parent.original if instanced else obj
         within: tuple[Any, ...] = ()
         if instanced and stands_for.instance_type in INSTANCES_CHILDREN:
-            path = paths.setdefault(stands_for.as_pointer(), [])
-            depth = _instance_depth(inst)
-            del path[depth - 1:]
-            path.append(obj)
-            # not its own particles' instances, nor one whose outer instances were not all read
-            if (len(path) == depth and (depth > 1 or inst.particle_system is None)
-                    and descends_from(path[0], stands_for)):
-                within = tuple(path)
+            key = stands_for.as_pointer()
+            used = _used_id(inst)
+            depth = len(used)
+            # an entry read before is the one this is nested in only where its id is this id's
+            # tail: an outer level with no entry (a Geometry Nodes' collection instance, an
+            # instancer with Show Instancer off) is not taken for the last entry of that level
+            outer = {len(ids): (ids, o) for ids, o in paths.get(key, ()) if len(ids) < depth}
+            path = [outer[level] if level in outer and outer[level][0] == used[depth - level:]
+                    else (used[depth - level:], None) for level in range(1, depth)]
+            path.append((used, obj if depth > 1 or inst.particle_system is None else None))
+            paths[key] = path
+            # not within its own particles' instances, nor within one it has no entry of
+            if path[0][1] is not None and descends_from(path[0][1], stands_for):
+                within = tuple(o for _, o in path if o is not None)
         if not inst.show_self:
             continue
         if shown_only_where_instanced(stands_for):
