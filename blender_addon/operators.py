@@ -877,10 +877,12 @@ class NPBGPP_OT_fit(_WorkerStepJob, bpy.types.Operator):
         # Also Try Whole Views: the core's choosing check between its recipes (protocol.CHECK_RECIPES, the
         # tuple npbgpp_core.fitting uses); only with the check, which it chooses on
         recipes = P.CHECK_RECIPES if s.fit_check_view and s.fit_check_whole_views else ()
+        # Keep: how the two fits become one (protocol.CHECK_COMBINES, upper-cased in the enum); only with them
+        combine = s.fit_check_combine.lower() if recipes else P.CHECK_COMBINES[0]
         return worker_reply(self, P.FitBegin(
             bundle, dataset, self.steps, weights, "" if domain == "auto" else domain, s.dataset_format or None,
             s.dataset_undistort, s.dataset_allow_external_paths, s.device, s.fit_upright, s.fit_check_view,
-            recipes,
+            recipes, combine,
         ), context)
 
     def _finish(self, context: Any) -> set[str]:
@@ -903,7 +905,10 @@ class NPBGPP_OT_fit(_WorkerStepJob, bpy.types.Operator):
         else:
             remedy = ""
         losses = f"loss {reply.loss_first:.4f} -> {reply.loss_last:.4f}"
-        if reply.steps_in_all:  # Also Try Whole Views: the seconds are both fits', the steps and losses the chosen's
+        if reply.steps_in_all and reply.combine == "average":  # the steps and losses the first (crops) fit's
+            fitted = (f"Fitted {reply.steps_in_all} steps in {reply.seconds:.0f} s over both recipes, kept averaged "
+                      f"(the {P.CHECK_RECIPES[0]} fit: {reply.steps} steps, {losses})")
+        elif reply.steps_in_all:  # Also Try Whole Views: the seconds are both fits', the steps and losses the chosen's
             fitted = (f"Fitted {reply.steps_in_all} steps in {reply.seconds:.0f} s over both recipes (the one chosen: "
                       f"{reply.steps} steps, {losses})")
         else:

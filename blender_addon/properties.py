@@ -147,6 +147,19 @@ class NPBGPPSceneSettings(bpy.types.PropertyGroup):
         "time (1.3x at 256 px); with all photos or at 256 px it lost up to 0.84 dB on some captures, so it is off "
         "by default (BENCHMARKS.md, A checked fit that chooses its recipe on the kept photo)",
     )
+    fit_check_combine: EnumProperty(  # type: ignore[valid-type]
+        # identifiers: protocol.CHECK_COMBINES upper-cased (the operator sends them lower-cased)
+        name="Keep", default="CHOOSE",
+        items=(
+            ("CHOOSE", "Better on Kept Photo", "Keep the fit scoring better on the kept photo (one photo judges "
+             "between two fits often a few tenths of a dB apart)"),
+            ("AVERAGE", "Average of Both", "Keep the average of both fits (each number of the scene the mean of "
+             "the two), scored on the kept photo and checked as usual: no single photo picks between them "
+             "(opt-in; measured in BENCHMARKS.md, the averaged fits of a choosing check)"),
+        ),
+        description="Only with Also Try Whole Views and Check Fit on a Photo: what Fit to Photos keeps of its two "
+        "fits",
+    )
     dataset_path: StringProperty(  # type: ignore[valid-type]
         name="Dataset", description="Dataset folder the input cameras came from (Aggregate reads its images)",
         subtype="DIR_PATH", default="", options=RELATIVE_OK,

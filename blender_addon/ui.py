@@ -75,6 +75,10 @@ class RENDER_PT_npbgpp_data(_NPBGPPPanel, bpy.types.Panel):
         row = layout.row()
         row.enabled = s.fit_check_view  # it chooses on the kept photo: nothing to choose on without the check
         row.prop(s, "fit_check_whole_views")
+        row = layout.row()
+        # what is kept of the two fits: nothing to keep between without both
+        row.enabled = s.fit_check_view and s.fit_check_whole_views
+        row.prop(s, "fit_check_combine")
         col = layout.column(align=True)
         col.operator("import_scene.npbgpp_ply", icon="IMPORT")
         col.operator("import_scene.npbgpp_bundle", icon="IMPORT")

@@ -6230,6 +6230,78 @@ def test_fit_to_photos_also_tries_whole_views_when_asked(scene, monkeypatch):
     assert "; the fit was not checked on a photo kept apart; saved to" in text
 
 
+def test_fit_to_photos_keeps_the_average_of_both_fits_when_asked(scene, monkeypatch):
+    """Keep (drawn under Also Try Whole Views, Better on Kept Photo by default, greyed unless the
+    check and Also Try Whole Views are on; its identifiers protocol.CHECK_COMBINES upper-cased) set to
+    Average of Both reaches the worker's fit (in-process, the kept photo's scores set here: the
+    average's within the tolerance, above both fits'): the bundle is, bit for bit, the mean of each
+    recipe's fit alone, its metadata and the report name the average. With Also Try Whole Views off
+    the setting is ignored: the worker is asked to choose, as older callers are."""
+    import torch
+
+    from npbgpp_core import fitting
+    from npbgpp_core import protocol as P
+    from npbgpp_core.scene import NeuralScene
+    from npbgpp_core.scene_fit import fit_bundle
+
+    sc = scene["scene"]
+    sc.npbgpp.worker_mode = "IN_PROCESS"  # the scores below are this process's
+    panel = {p.__name__: p for p in bpy.types.Panel.__subclasses__()}["RENDER_PT_npbgpp_data"]
+    prop = type(sc.npbgpp).bl_rna.properties["fit_check_combine"]
+    assert prop.default == "CHOOSE" and prop.name == "Keep"
+    assert [item.identifier.lower() for item in prop.enum_items] == list(P.CHECK_COMBINES)
+    assert [item.name for item in prop.enum_items] == ["Better on Kept Photo", "Average of Both"]
+    for check, whole in ((True, True), (True, False), (False, True)):
+        sc.npbgpp.fit_check_view, sc.npbgpp.fit_check_whole_views = check, whole
+        layout = _Layout()
+        panel.draw(type("P", (), {"layout": layout})(), bpy.context)
+        assert layout.props.index("fit_check_combine") == layout.props.index("fit_check_whole_views") + 1
+        assert layout.states["fit_check_combine"][1] is (check and whole)
+    agg = _four_camera_aggregated(scene)
+    scores = [20.0, 19.0, 19.5, 19.7]  # unfitted, after the crops' fit, the whole views', their average
+
+    def scored(*_args):
+        return scores.pop(0)
+
+    monkeypatch.setattr(fitting, "view_psnr", scored)
+    sent: list = []
+    real_begin = fitting.iter_fit_coefficients
+
+    def begin(*args, **kwargs):  # what the worker's fit was asked for
+        sent.append(kwargs.get("check_combine"))
+        return real_begin(*args, **kwargs)
+
+    monkeypatch.setattr(fitting, "iter_fit_coefficients", begin)
+    sc.npbgpp.fit_check_view, sc.npbgpp.fit_check_whole_views = True, True
+    sc.npbgpp.fit_check_combine = "AVERAGE"
+    sc.npbgpp.bundle = agg
+    averaged = str(scene["dir"] / "average.npbgpp")
+    totals, (kind, text) = _fit_through_the_operator(sc, averaged, 20)
+    saved = NeuralScene.load(averaged)
+    check = saved.metadata["fit"]["check"]
+    assert sent == ["average"] and scores == [] and totals == {20 + fitting.WHOLE_VIEW_STEPS + 2}
+    assert check["recipe"] == "average" and check["combine"] == "average" and check["kept"] == "fitted"
+    assert kind == {"INFO"} and text.startswith(f"Fitted {20 + fitting.WHOLE_VIEW_STEPS} steps in ")
+    assert " s over both recipes, kept averaged (the crops fit: 20 steps, loss " in text
+    assert (f"; kept the fit (average of crops and whole views): -0.30 dB (within the 0.50 dB the check allows) on "
+            f"held-apart photo {check['name']}; saved to {averaged}" in text)
+    alone = {}
+    for name, steps in (("crops", 20), ("whole", fitting.WHOLE_VIEW_STEPS)):
+        scores[:] = [20.0, 21.0]  # each recipe alone, from the same unfitted scene and seed
+        path = str(scene["dir"] / f"{name}_alone.npbgpp")
+        fit_bundle(agg, str(scene["dir"] / "nerf4"), path, steps=steps, check_view=True, check_recipes=(name,))
+        alone[name] = NeuralScene.load(path)
+    mean = fitting.average_states([{"f": alone["crops"].features}, {"f": alone["whole"].features}])["f"]
+    assert torch.equal(saved.features, mean) and not torch.equal(saved.features, alone["crops"].features)
+    sc.npbgpp.fit_check_whole_views = False  # Keep stays on Average of Both, unused
+    sent.clear()
+    scores[:] = [20.0, 21.0]
+    sc.npbgpp.bundle = agg  # the fit above made its bundle the scene's
+    _, (kind, text) = _fit_through_the_operator(sc, str(scene["dir"] / "plain.npbgpp"), 20)
+    assert sent == ["choose"] and "average" not in text and "recipes" not in text
+    sc.npbgpp.fit_check_combine = "CHOOSE"
+
+
 def _png_rgb(sc, path) -> np.ndarray:
     """F12 saved as Blender saves renders: an 8-bit RGB PNG, its codes (0 .. 255) as floats."""
     from PIL import Image
