@@ -412,3 +412,24 @@ def test_a_bundle_fit_that_averages_names_the_average_in_every_outcome(tmp_path,
         pass
     assert job.check()["recipe"] == "crops" and "combine" not in job.check()
     assert job.outcome().startswith("the fit (crops) used every photo unchecked")
+
+
+def test_a_fair_check_averages_too_and_drops_to_the_full_aggregation(setup, monkeypatch):
+    """fair_check with check_combine="average": the mean is scored (scores set here: 2 dB below the
+    unfitted scene), recorded as the average on the scene aggregated without the kept view, and
+    dropped to the unfitted model of the full aggregation, as a fair choosing check is."""
+    from npbgpp_core import fitting
+
+    model, aggregated, views = setup
+    scored = scores_in_turn(20.0, 19.9, 19.8, 18.0)  # unfitted, crops, whole, their mean
+    monkeypatch.setattr(fitting, "view_psnr", scored)
+    result = fit_coefficients(model, aggregated, views, check_view=True, fair_check=True,
+                              check_recipes=("crops", "whole"), check_combine="average", loss_fn=inverted_at(-1),
+                              steps=3, crop=CROP)
+    assert scored.left == []
+    check = result.check
+    assert check.aggregated_without and check.combine == "average" and check.recipe == "average"
+    assert check.kept == "unfitted" and check.psnr_fitted == 18.0
+    unfitted = fit_coefficients(model, aggregated, views, steps=0, loss_fn=inverted_at(-1)).model.state_dict()
+    for name, value in unfitted.items():
+        assert torch.equal(result.model.state_dict()[name], value), name
