@@ -406,7 +406,7 @@ def _descendant_disabled_in_renders(within: tuple[Any, ...]) -> bool:
     depsgraph: a ball's child cube disabled in renders is at neither the ball's vertices nor
     the vertices of the plane instancing the ball, of which the ball is a child). Geometry
     Nodes' and particles' instances of an object disabled in renders are rendered: not asked."""
-    return within[0].hide_render or any(
+    return within[0].hide_render or len(within) > 1 and any(
         obj.hide_render and outer.instance_type in INSTANCES_CHILDREN and descends_from(obj, outer)
         for outer, obj in zip(within, within[1:], strict=False))
 
@@ -503,10 +503,13 @@ def rendered_entries(depsgraph: Any) -> Iterator[tuple[Any, Any, tuple[Any, ...]
             # an entry read before is the one this is nested in only where its id is this id's
             # tail: an outer level with no entry (a Geometry Nodes' collection instance, an
             # instancer with Show Instancer off) is not taken for the last entry of that level
-            outer = {len(ids): (ids, o) for ids, o in paths.get(key, ()) if len(ids) < depth}
-            path = [outer[level] if level in outer and outer[level][0] == used[depth - level:]
-                    else (used[depth - level:], None) for level in range(1, depth)]
-            path.append((used, obj if depth > 1 or inst.particle_system is None else None))
+            if depth == 1:  # most entries of a dense instancer: nested in none
+                path = [(used, obj if inst.particle_system is None else None)]
+            else:
+                outer = {len(ids): (ids, o) for ids, o in paths.get(key, ()) if len(ids) < depth}
+                path = [outer[level] if level in outer and outer[level][0] == used[depth - level:]
+                        else (used[depth - level:], None) for level in range(1, depth)]
+                path.append((used, obj))
             paths[key] = path
             # not within its own particles' instances, nor within one it has no entry of
             if path[0][1] is not None and descends_from(path[0][1], stands_for):
