@@ -116,6 +116,10 @@ CHECK_VIEW_MAX_PIXELS = 2048 * 2048
 # "A fair check: the kept photo left out of the aggregation too").
 FIT_FAIR_CHECK = False
 
+# How many elements of a state average_states sums at a time (float64, 8 MB): summed whole, a state
+# of millions of points held three float64 copies of its descriptors at once (~4 GB at 3M points).
+AVERAGE_CHUNK = 1 << 20
+
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
@@ -669,10 +673,18 @@ def split_check_recipes(text: str) -> tuple[str, ...]:
 
 def average_states(states: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """The element-wise mean of model states with the same keys and shapes (a "soup" of fits that
-    started from one scene: they usually sit in one basin, so their mean renders as a fit too).
-    Floating tensors are averaged in float64 and stored back in their own dtype; any other tensor
-    (a count, a mask) must be equal in every state and is kept as is. ValueError naming the key for
-    states that differ in keys, shapes or such a tensor, or for no state at all."""
+    started from one scene: they usually sit in one basin, so their mean renders as a fit too), as
+    new CPU tensors. Floating tensors are averaged in float64 and stored back in their own dtype; any
+    other tensor (a count, a mask) must be equal in every state and is kept as is. ValueError naming
+    the key for states that differ in keys, shapes or such a tensor, or for no state at all."""
+    _check_same_states(states)
+    mean = {key: torch.empty(value.shape, dtype=value.dtype) for key, value in states[0].items()}
+    _average_into(mean, states)
+    return mean
+
+
+def _check_same_states(states: Sequence[dict[str, torch.Tensor]]) -> None:
+    """:func:`average_states`' refusals, all before anything is written."""
     if isinstance(states, dict) or len(states) == 0:
         raise ValueError("average_states needs a list of at least one state dict")
     first = states[0]
@@ -687,14 +699,32 @@ def average_states(states: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch
                 raise ValueError(f"state {i}: {key} is {value.dtype}, state 0 has {first[key].dtype}")
             if not value.is_floating_point() and not torch.equal(value.cpu(), first[key].cpu()):
                 raise ValueError(f"state {i}: {key} ({value.dtype}) differs from state 0's and cannot be averaged")
-    mean: dict[str, torch.Tensor] = {}
-    for key, value in first.items():
-        if value.is_floating_point():
-            total = sum(state[key].detach().to("cpu", torch.float64) for state in states)
-            mean[key] = (total / len(states)).to(value.dtype)
-        else:
-            mean[key] = value.detach().cpu().clone()
-    return mean
+
+
+@torch.no_grad()
+def _average_into(out: dict[str, torch.Tensor], states: Sequence[dict[str, torch.Tensor]]) -> None:
+    """Write the mean of ``states`` (checked by :func:`_check_same_states`) into ``out``'s tensors
+    (same keys and shapes, any device; one of ``states`` may be ``out`` itself: each chunk is read
+    from every state before it is written), :data:`AVERAGE_CHUNK` elements at a time, so that
+    averaging holds no whole float64 copy of a state (the sum in float64, in the states' order,
+    divided once and rounded once to ``out``'s dtype)."""
+    for key, target in out.items():
+        first = states[0][key]
+        if not first.is_floating_point():
+            target.copy_(first)
+            continue
+        sources = [state[key].detach().reshape(-1) for state in states]
+        whole = target if target.is_contiguous() else torch.empty(target.shape, dtype=target.dtype,
+                                                                   device=target.device)
+        flat = whole.view(-1)
+        for begin in range(0, flat.numel(), AVERAGE_CHUNK):
+            end = min(begin + AVERAGE_CHUNK, flat.numel())
+            total = sources[0][begin:end].to("cpu", torch.float64, copy=True)
+            for source in sources[1:]:
+                total += source[begin:end].to("cpu", torch.float64)
+            flat[begin:end].copy_(total / len(states))
+        if whole is not target:
+            target.copy_(whole)
 
 
 def _cpu_state(model: NPBG) -> dict[str, torch.Tensor]:
@@ -779,9 +809,13 @@ def _checked_steps(
     if averaging:
         assert first is not None
         result = first
-        fitted = [states.get(name) or model.state_dict() for name, *_ in candidates]
-        model.load_state_dict(average_states(fitted))
-        del fitted
+        # the mean written into the model, which holds the last candidate's fit (each chunk read
+        # before it is written): no copy of a state beyond the unfitted and earlier candidates' ones
+        own = model.state_dict()
+        fitted = [states[name] for name, *_ in candidates[:-1]] + [own]
+        _check_same_states(fitted)
+        _average_into(own, fitted)
+        del fitted, own
         start = time.perf_counter()
         after = view_psnr(model, points, views, k)
         scoring += time.perf_counter() - start

@@ -263,9 +263,15 @@ def test_a_bundle_fit_whose_every_recipe_renders_not_finite_keeps_the_unfitted_s
     assert saved.kind == "npbgpp" and torch.equal(saved.features, NeuralScene.load(bundle).features)
 
 
-def test_average_states_is_the_hand_computed_mean_and_keeps_equal_other_tensors():
+@pytest.mark.parametrize("chunk", [None, 3, 1])
+def test_average_states_is_the_hand_computed_mean_and_keeps_equal_other_tensors(monkeypatch, chunk):
     """Floating tensors: the element-wise mean, in their own dtype (float16 averaged in float64, so
-    1 + 2 + 4 gives 7/3 rounded once); an integer or bool tensor equal in every state is kept."""
+    1 + 2 + 4 gives 7/3 rounded once); an integer or bool tensor equal in every state is kept. The
+    same when summed a few elements at a time (AVERAGE_CHUNK 3: the 4 of w in two pieces, or 1)."""
+    from npbgpp_core import fitting
+
+    if chunk is not None:
+        monkeypatch.setattr(fitting, "AVERAGE_CHUNK", chunk)
     a = {"w": torch.tensor([[1.0, -2.0], [0.5, 3.0]]), "h": torch.tensor([1.0], dtype=torch.float16),
          "count": torch.tensor(7), "valid": torch.tensor([True, False])}
     b = {"w": torch.tensor([[3.0, 2.0], [0.5, -1.0]]), "h": torch.tensor([2.0], dtype=torch.float16),
@@ -299,15 +305,19 @@ def test_average_states_refuses_states_that_differ_naming_the_key(second, messag
             average_states(nothing)
 
 
-def test_an_averaging_check_keeps_the_mean_of_the_direct_fits_of_each_recipe(setup):
+def test_an_averaging_check_keeps_the_mean_of_the_direct_fits_of_each_recipe(setup, monkeypatch):
     """check_combine="average": the result's model is, bit for bit, average_states of the direct fits
     of each recipe alone on the views less the kept one (same seed); each candidate's score is its
     direct fit's, and the check's fitted score is the mean model's own on the kept photo. A tolerance
     no fit can exceed keeps it whatever the tiny fit scores; the losses are the first recipe's."""
+    from npbgpp_core import fitting
+
     model, aggregated, views = setup
     loss = inverted_at(-1)  # never inverted: the plain L1
-    result = fit_coefficients(model, aggregated, views, check_view=True, check_recipes=("crops", "whole"),
-                              check_combine="average", check_tolerance=1000.0, loss_fn=loss, **CROPS)
+    with monkeypatch.context() as patch:  # the mean written into the model in pieces (the reference whole)
+        patch.setattr(fitting, "AVERAGE_CHUNK", 1000)
+        result = fit_coefficients(model, aggregated, views, check_view=True, check_recipes=("crops", "whole"),
+                                  check_combine="average", check_tolerance=1000.0, loss_fn=loss, **CROPS)
     direct = {"crops": direct_fit(setup, loss, **CROPS), "whole": direct_fit(setup, loss, **WHOLE)}
     mean = average_states([direct["crops"][0].state_dict(), direct["whole"][0].state_dict()])
     fitted = result.model.state_dict()
