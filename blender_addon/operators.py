@@ -906,8 +906,9 @@ class NPBGPP_OT_fit(_WorkerStepJob, bpy.types.Operator):
             remedy = ""
         losses = f"loss {reply.loss_first:.4f} -> {reply.loss_last:.4f}"
         if reply.steps_in_all and reply.combine == "average":  # the steps and losses the first (crops) fit's
-            fitted = (f"Fitted {reply.steps_in_all} steps in {reply.seconds:.0f} s over both recipes, kept averaged "
-                      f"(the {P.CHECK_RECIPES[0]} fit: {reply.steps} steps, {losses})")
+            # "averaged", not "kept": the check may still drop the average (the outcome says so next)
+            fitted = (f"Fitted {reply.steps_in_all} steps in {reply.seconds:.0f} s over both recipes and averaged "
+                      f"them (the {P.CHECK_RECIPES[0]} fit: {reply.steps} steps, {losses})")
         elif reply.steps_in_all:  # Also Try Whole Views: the seconds are both fits', the steps and losses the chosen's
             fitted = (f"Fitted {reply.steps_in_all} steps in {reply.seconds:.0f} s over both recipes (the one chosen: "
                       f"{reply.steps} steps, {losses})")

@@ -6282,7 +6282,7 @@ def test_fit_to_photos_keeps_the_average_of_both_fits_when_asked(scene, monkeypa
     assert sent == ["average"] and scores == [] and totals == {20 + fitting.WHOLE_VIEW_STEPS + 2}
     assert check["recipe"] == "average" and check["combine"] == "average" and check["kept"] == "fitted"
     assert kind == {"INFO"} and text.startswith(f"Fitted {20 + fitting.WHOLE_VIEW_STEPS} steps in ")
-    assert " s over both recipes, kept averaged (the crops fit: 20 steps, loss " in text
+    assert " s over both recipes and averaged them (the crops fit: 20 steps, loss " in text
     assert (f"; kept the fit (average of crops and whole views): -0.30 dB (within the 0.50 dB the check allows) on "
             f"held-apart photo {check['name']}; saved to {averaged}" in text)
     alone = {}
