@@ -118,8 +118,14 @@ def fit(args: argparse.Namespace) -> str:
     losses = job.result.losses
     # a checked fit trained on every photo but the one it kept apart
     views = f"{job.views - 1} of {job.views} views (one kept apart)" if job.checked else f"{job.views} views"
-    print(f"fitted {views}, {job.result.steps} steps in {job.result.seconds:.1f} s "
-          f"(loss {losses[0]:.4f} -> {losses[-1]:.4f})", file=sys.stderr)
+    loss = f"loss {losses[0]:.4f} -> {losses[-1]:.4f}"
+    raw = job.result.check
+    if raw is not None and raw.combine == "average":  # the steps and losses the first recipe's, the seconds all
+        print(f"fitted {views}, {sum(c.steps for c in raw.candidates)} steps in {job.result.seconds:.1f} s over "
+              f"{len(raw.candidates)} recipes and averaged them (the {raw.candidates[0].recipe} fit: "
+              f"{job.result.steps} steps, {loss})", file=sys.stderr)
+    else:
+        print(f"fitted {views}, {job.result.steps} steps in {job.result.seconds:.1f} s ({loss})", file=sys.stderr)
     print(job.outcome(), file=sys.stderr)
     return os.path.abspath(args.out)
 

@@ -173,9 +173,10 @@ class FitCheck:
     ``candidates``: a choosing check (``check_recipes``): every recipe fitted, in order, with its
     score on the kept view; ``recipe`` the one chosen (the best score; ``psnr_fitted`` is its),
     or, when the check could not apply, the one that ran unchecked (the first named).
-    ``combine``: "average" for a check that kept the mean of every candidate's fit
-    (``check_combine``): ``recipe`` is then "average" and ``psnr_fitted`` the mean's score; ""
-    otherwise (a choice, or no candidates)."""
+    ``combine``: "average" for a check that took the mean of every candidate's fit
+    (``check_combine``) and judged it, whether ``kept`` or not: ``recipe`` is then "average" and
+    ``psnr_fitted`` the mean's score; "" otherwise (a choice, no candidates, or a check that could
+    not apply: the first recipe ran unchecked, nothing was averaged)."""
 
     view: int | None
     psnr_unfitted: float | None = None

@@ -4,6 +4,7 @@ line, with every output refusal made before the fit starts."""
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import pytest
@@ -360,6 +361,12 @@ def test_fit_command_check_combine_average_writes_the_mean_of_both_recipes(scene
     assert check["psnr_fitted"] == 20.3 and [c["psnr_fitted"] for c in check["candidates"]] == [19.0, 19.5]
     assert err.splitlines()[-1] == ("kept the fit (average of crops and whole views): +0.30 dB on held-apart photo "
                                     f"{check['name']}")
+    # the line before counts both recipes' steps (2 + WHOLE_VIEW_STEPS), its steps and losses the crops fit's
+    fit = saved.metadata["fit"]
+    assert re.fullmatch(rf"fitted 2 of 3 views \(one kept apart\), {2 + fitting.WHOLE_VIEW_STEPS} steps in [0-9.]+ s "
+                        rf"over 2 recipes and averaged them \(the crops fit: 2 steps, loss {fit['loss_first']:.4f} -> "
+                        rf"{fit['loss_last']:.4f}\)", err.splitlines()[-2]), err.splitlines()[-2]
+    assert fit["steps"] == 2 and check["candidates"][0]["steps"] == 2
     mean = fitting.average_states([kept_states["crops"], kept_states["whole"]])
     assert torch.equal(saved.features, mean["descriptors"])
     assert not torch.equal(saved.features, kept_states["crops"]["descriptors"])
