@@ -263,8 +263,13 @@ class BundleFit:
                 tried = ", ".join(RECIPE_LABELS.get(c.recipe, c.recipe) for c in raw.candidates)
                 return (f"kept the unfitted scene: no recipe's render of held-apart photo {check['name']} was finite "
                         f"({tried})")
+            # an average is broken by any broken recipe: name those whose own render was not finite
+            # either (choosing between the recipes would have kept another)
+            alone = [RECIPE_LABELS.get(c.recipe, c.recipe) for c in raw.candidates
+                     if raw.combine and math.isnan(c.psnr_fitted)]
+            either = f" (alone, not finite either: {', '.join(alone)})" if alone else ""
             return (f"kept the unfitted scene: the fit's{chosen} render of held-apart photo {check['name']} was not "
-                    "finite")
+                    f"finite{either}")
         if math.isnan(raw.psnr_unfitted) or math.isnan(raw.psnr_fitted):
             return f"kept the fit{chosen}: held-apart photo {check['name']} could not be scored"
         gain = 0.0 if raw.psnr_fitted == raw.psnr_unfitted else raw.psnr_fitted - raw.psnr_unfitted

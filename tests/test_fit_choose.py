@@ -400,6 +400,8 @@ def test_a_bundle_fit_that_averages_names_the_average_in_every_outcome(tmp_path,
                                    "2.00 dB below it (more than the 0.50 dB the check allows) on held-apart photo"),
         (20.0, 19.0, 19.5, math.nan): "kept the unfitted scene: the fit's (average of crops and whole views) render "
                                       "of held-apart photo",
+        (20.0, 19.0, math.nan, math.nan): "kept the unfitted scene: the fit's (average of crops and whole views) "
+                                          "render of held-apart photo",
     }
     for scores, line in expected.items():
         scored = scores_in_turn(*scores)
@@ -411,6 +413,9 @@ def test_a_bundle_fit_that_averages_names_the_average_in_every_outcome(tmp_path,
             pass
         assert scored.left == [] and job.done == job.total
         assert job.outcome().startswith(line), job.outcome()
+        # a recipe whose own render was not finite broke the average: named (the whole views' here)
+        broken = " was not finite (alone, not finite either: whole views)"
+        assert job.outcome().endswith(broken) is math.isnan(scores[2]), job.outcome()
         assert job.check()["combine"] == "average" and job.check()["recipe"] == "average"
     few = make_tiny_scene(str(tmp_path / "few"), views=3, size=SIZE, n_points=200, splits=(2, 0, 1))
     few_bundle = str(tmp_path / "few.npbgpp")
