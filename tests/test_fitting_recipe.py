@@ -558,3 +558,26 @@ def test_coarse_phase_leaves_photos_no_larger_than_its_side_alone(scene):
     coarse = fit_coefficients(model, agg, views, coarse_fraction=1.0, coarse_side=32, **knobs)
     assert plain.losses == coarse.losses
     assert torch.equal(plain.model.descriptors, coarse.model.descriptors)
+
+
+def test_an_averaging_check_averages_every_tensor_the_environment_map_too(scene):
+    """check_combine="average" on a model with a learnt environment map: every floating tensor of the
+    kept model (descriptors, background, environment map, refiner, the frozen basis) is, bit for bit,
+    the mean of the two recipes' fitted states computed here in float64 and rounded once; the bool
+    'active' buffer is theirs. A tolerance no fit exceeds keeps the mean."""
+    model, agg, views = scene
+    fit = fit_coefficients(model, agg, views, steps=2, crop=16, perceptual_weight=0.0, check_view=True,
+                           check_recipes=("crops", "whole"), check_combine="average", check_tolerance=1000.0,
+                           keep_candidates=True)
+    crops, whole = fit.candidate_states["crops"], fit.candidate_states["whole"]
+    state = fit.model.state_dict()
+    assert fit.check.kept == "fitted" and set(state) == set(crops) == set(whole)
+    assert {"environment", "background", "descriptors", "active"} <= set(state)
+    assert not torch.equal(crops["environment"], whole["environment"])
+    for key, value in state.items():
+        if value.is_floating_point():
+            expected = ((crops[key].double() + whole[key].double()) / 2).to(value.dtype)
+        else:
+            assert torch.equal(crops[key], whole[key]), key
+            expected = crops[key]
+        assert value.dtype == crops[key].dtype and torch.equal(value.cpu(), expected), key
