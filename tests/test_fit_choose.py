@@ -287,6 +287,20 @@ def test_average_states_is_the_hand_computed_mean_and_keeps_equal_other_tensors(
     assert torch.equal(average_states([a])["w"], a["w"]) and average_states([a])["w"] is not a["w"]
 
 
+def test_the_mean_written_in_place_may_be_one_of_its_states_and_not_contiguous(monkeypatch):
+    """_average_into (how an averaging check writes the mean into its model, which holds the last
+    fit): the target read as one of the states, 2 elements at a time, gives the hand-computed mean,
+    for a contiguous target and for a transposed (non-contiguous) one."""
+    from npbgpp_core import fitting
+
+    monkeypatch.setattr(fitting, "AVERAGE_CHUNK", 2)
+    values = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    for target in (values.clone(), values.clone().T):
+        expected = target / 2 + 1
+        fitting._average_into({"w": target}, [{"w": torch.full(target.shape, 2.0)}, {"w": target}])
+        assert torch.equal(target, expected), target
+
+
 @pytest.mark.parametrize(("second", "message"), [
     ({"w": torch.zeros(2), "n": torch.tensor(1), "x": torch.zeros(1)}, r"state 1 has other keys .*\['x'\]"),
     ({"w": torch.zeros(3), "n": torch.tensor(1)}, r"state 1: w is \(3,\), state 0 has \(2,\)"),
