@@ -177,7 +177,13 @@ def fit_keywords(args: argparse.Namespace) -> dict[str, Any]:
 def check_fit_options(args: argparse.Namespace) -> None:
     """Reject bad recipe flags before any scene is loaded (QualityError naming the value; the
     check's flags by their names, as headless_train fit does)."""
-    from npbgpp_core.fitting import CHECK_TOLERANCE_DB, CheckOptionNames, checked_fit_options, coefficients_recipe
+    from npbgpp_core.fitting import (
+        CHECK_TOLERANCE_DB,
+        FIT_CHECK_COMBINE,
+        CheckOptionNames,
+        checked_fit_options,
+        coefficients_recipe,
+    )
 
     keywords = fit_keywords(args)
     flags = CheckOptionNames(check_view_on="--check-view on", fair_check="--fair-check on",
@@ -185,7 +191,7 @@ def check_fit_options(args: argparse.Namespace) -> None:
                              check_combine="--check-combine")  # no flag sets the tolerance here
     try:
         checked_fit_options(keywords["check_view"], keywords["fair_check"], CHECK_TOLERANCE_DB,
-                            keywords.get("check_recipes", ()), flags, keywords.get("check_combine", "choose"))
+                            keywords.get("check_recipes", ()), flags, keywords.get("check_combine", FIT_CHECK_COMBINE))
     except ValueError as exc:
         raise QualityError(str(exc)) from exc
     try:

@@ -68,7 +68,7 @@ def fit(args: argparse.Namespace) -> str:
     from npbgpp_core.atomic import check_output_file, check_output_suffix, same_file
     from npbgpp_core.datasets import load_scene
     from npbgpp_core.datasets.scene_data import scene_input_at
-    from npbgpp_core.fitting import CHECK_TOLERANCE_DB, CheckOptionNames, checked_fit_options
+    from npbgpp_core.fitting import CHECK_TOLERANCE_DB, FIT_CHECK_COMBINE, CheckOptionNames, checked_fit_options
     from npbgpp_core.scene_fit import BundleFit, check_steps, users_check
 
     check_steps(args.steps)
@@ -82,7 +82,7 @@ def fit(args: argparse.Namespace) -> str:
     checked_fit_options(check_view, fair_check,
                         CHECK_TOLERANCE_DB if args.check_tolerance is None else args.check_tolerance,
                         () if args.check_recipes is None else args.check_recipes, flags,
-                        "choose" if args.check_combine is None else args.check_combine)
+                        FIT_CHECK_COMBINE if args.check_combine is None else args.check_combine)
     if args.check_tolerance is not None and not check_view:
         raise FitError("--check-tolerance is what the fit may lose on the photo --check-view keeps apart; with "
                        "--no-check-view no photo is kept apart: drop one of the two")

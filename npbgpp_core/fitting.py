@@ -36,7 +36,7 @@ from .losses import EncoderFeatureLoss, fft_amplitude_loss, gradient_loss, lapla
 from .models import NPBG, NPBGConfig, NPBGPlusPlus
 from .models.aggregator import AggregatedScene
 from .models.background import check_rows, resample_map
-from .protocol import CHECK_COMBINES, CHECK_RECIPES, WHOLE_VIEW_STEPS
+from .protocol import CHECK_COMBINES, CHECK_RECIPES, FIT_CHECK_COMBINE, WHOLE_VIEW_STEPS
 
 # Rows of the environment map a fit starts from (the aggregated map resampled to it;
 # None: the map's own rows), see fit_coefficients.
@@ -87,7 +87,8 @@ CHECK_TOLERANCE_DB = 0.5
 # its recipe on the kept photo").
 
 # CHECK_COMBINES (imported above from npbgpp_core.protocol; re-exported): how a choosing check turns its
-# recipes' fits into one (fit_coefficients' check_combine): "choose" (the default) keeps the best on the
+# recipes' fits into one (fit_coefficients' check_combine): "choose" (FIT_CHECK_COMBINE, the default,
+# imported and re-exported likewise) keeps the best on the
 # kept photo; "average" (opt-in) the element-wise mean of every recipe's fitted state (average_states),
 # scored there and checked as usual: a mean of fits that started from one scene needs no judge between
 # them, only the check against no fit. Opt-in: at 512 px seed 0 it gained over the plain check (mean of
@@ -536,7 +537,7 @@ KEYWORD_NAMES = CheckOptionNames()
 
 def checked_fit_options(check_view: object, fair_check: object, check_tolerance: object, check_recipes: object,
                         names: CheckOptionNames = KEYWORD_NAMES,
-                        check_combine: object = "choose") -> tuple[float, tuple[str, ...]]:
+                        check_combine: object = FIT_CHECK_COMBINE) -> tuple[float, tuple[str, ...]]:
     """The rules of a checked fit's options (fit_coefficients' ``check_view``, ``fair_check``,
     ``check_tolerance``, ``check_recipes``, ``check_combine``), in one place for the library and its
     command lines: raises ValueError naming a bad value or a missing ``check_view`` as ``names``
@@ -737,7 +738,8 @@ def _cpu_state(model: NPBG) -> dict[str, torch.Tensor]:
 
 def _checked_steps(
     model: NPBG, points: torch.Tensor, views: FitViews, candidates: list[Candidate], loss_fn: LossFn,
-    seed: int, device: torch.device, tolerance: float, keep_candidates: bool = False, combine: str = "choose",
+    seed: int, device: torch.device, tolerance: float, keep_candidates: bool = False,
+    combine: str = FIT_CHECK_COMBINE,
 ) -> Generator[int, None, FitResult]:
     """:func:`_fit_steps` with one view kept apart (:func:`check_view_index`): its PSNR is
     scored before step 1 and after each candidate recipe's fit (each from the unfitted state,
@@ -940,7 +942,7 @@ class CoefficientsRecipe(NamedTuple):
     recipe: FitRecipe
     check_tolerance: float
     check_recipes: tuple[str, ...]
-    check_combine: str = "choose"
+    check_combine: str = FIT_CHECK_COMBINE
 
 
 def coefficients_recipe(
@@ -966,7 +968,7 @@ def coefficients_recipe(
     fair_check: bool = False,
     check_tolerance: float = CHECK_TOLERANCE_DB,
     check_recipes: Sequence[str] = (),
-    check_combine: str = "choose",
+    check_combine: str = FIT_CHECK_COMBINE,
 ) -> CoefficientsRecipe:
     """The :class:`FitRecipe` of :func:`fit_coefficients` for its keywords (same names and
     defaults) with the check's tolerance and recipe names (:class:`CoefficientsRecipe`); raises
@@ -1017,7 +1019,7 @@ def fit_coefficients(
     fair_check: bool = False,
     check_tolerance: float = CHECK_TOLERANCE_DB,
     check_recipes: Sequence[str] = (),
-    check_combine: str = "choose",
+    check_combine: str = FIT_CHECK_COMBINE,
     keep_candidates: bool = False,
 ) -> FitResult:
     """coefficients_ft: fine-tune ``aggregated``'s coefficients and a copy of ``model``'s
@@ -1257,7 +1259,8 @@ def aggregation_without(model: NPBGPlusPlus, points: torch.Tensor, views: FitVie
 def _fair_checked_steps(
     model: NPBGPlusPlus, aggregated: AggregatedScene, start_model: Callable[[AggregatedScene], NPBG],
     points: torch.Tensor, views: FitViews, candidates: list[Candidate], loss_fn: LossFn,
-    seed: int, device: torch.device, tolerance: float, keep_candidates: bool = False, combine: str = "choose",
+    seed: int, device: torch.device, tolerance: float, keep_candidates: bool = False,
+    combine: str = FIT_CHECK_COMBINE,
 ) -> Generator[int, None, FitResult]:
     """:func:`_checked_steps` on the scene aggregated without the kept view
     (:func:`aggregation_without`); when the fit loses there, the result's model is the

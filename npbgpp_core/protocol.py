@@ -47,6 +47,9 @@ WHOLE_VIEW_STEPS = 50
 # fit_coefficients' check_combine, re-exported by npbgpp_core.fitting): "choose" keeps the one
 # scoring best on the kept photo, "average" the element-wise mean of them all (then checked as usual).
 CHECK_COMBINES = ("choose", "average")
+# The check_combine of a fit that names none (FitBegin's, fit_coefficients', fit_bundle's and the
+# command lines'): choosing, what a choosing check did before averaging was added; averaging is opt-in.
+FIT_CHECK_COMBINE = CHECK_COMBINES[0]
 # Frame.note while the service compiles a fused refiner's kernels (text for the user; the
 # viewport reads Frame.compiling).
 COMPILING_KERNELS_NOTE = "compiling fused kernels..."
@@ -459,7 +462,7 @@ class FitBegin(Request):
     aligned: bool | None = None
     check_view: bool | None = None
     check_recipes: tuple[str, ...] = ()
-    check_combine: str = "choose"
+    check_combine: str = FIT_CHECK_COMBINE
     op: ClassVar[str] = "fit_begin"
     reply: ClassVar[type[Reply]] = FitProgress
 

@@ -90,7 +90,8 @@ class BundleFit:
     :data:`~npbgpp_core.fitting.CHECK_TOLERANCE_DB`. ``check_recipes``: the fit's (a choosing
     check, opt-in: each recipe named, :data:`~npbgpp_core.fitting.CHECK_RECIPES`, is fitted and
     the best on the kept photo kept); None or empty: the fit's own recipe alone. ``check_combine``:
-    the fit's (:data:`~npbgpp_core.fitting.CHECK_COMBINES`; None: "choose"); "average" keeps the mean of
+    the fit's (:data:`~npbgpp_core.fitting.CHECK_COMBINES`; None:
+    :data:`~npbgpp_core.fitting.FIT_CHECK_COMBINE`, "choose"); "average" keeps the mean of
     every recipe's fit instead of the best (opt-in, with 2 or more ``check_recipes``). ``checked``:
     whether the check applies (it needs :data:`~npbgpp_core.fitting.CHECK_VIEW_MIN_VIEWS`
     training photos).
@@ -115,6 +116,7 @@ class BundleFit:
         from .datasets import scene_domain
         from .fitting import (
             CHECK_TOLERANCE_DB,
+            FIT_CHECK_COMBINE,
             candidate_recipes,
             check_view_index,
             coefficients_recipe,
@@ -131,7 +133,7 @@ class BundleFit:
         if check_recipes is None:
             check_recipes = ()
         if check_combine is None:
-            check_combine = "choose"
+            check_combine = FIT_CHECK_COMBINE
         # the fit's own checks of these five, run now: before the bundle and photos are read
         recipe, check_tolerance, check_recipes, check_combine = coefficients_recipe(
             check_view=check_view, fair_check=fair_check, check_tolerance=check_tolerance, check_recipes=check_recipes,
@@ -303,7 +305,7 @@ def fit_bundle(bundle_path: str, dataset: Any, out: str, steps: int = DEFAULT_ST
     ``check_view``: None is :data:`~npbgpp_core.fitting.FIT_CHECK_VIEW`; ``fair_check``: None is
     :data:`~npbgpp_core.fitting.FIT_FAIR_CHECK` when checked; ``check_tolerance``: None is
     :data:`~npbgpp_core.fitting.CHECK_TOLERANCE_DB`; ``check_recipes``: None is the fit's own
-    recipe alone; ``check_combine``: None is "choose")."""
+    recipe alone; ``check_combine``: None is :data:`~npbgpp_core.fitting.FIT_CHECK_COMBINE`)."""
     from .datasets import load_scene
 
     # the bundle holds the points; the dataset gives photos and cameras (it may have no cloud of its own)

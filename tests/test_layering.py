@@ -6,6 +6,7 @@ the core reaching kernels only through npbgpp_core/_backend.py)."""
 from __future__ import annotations
 
 import ast
+import inspect
 import os
 import re
 
@@ -100,7 +101,8 @@ def test_the_choosing_checks_recipes_are_one_torch_free_tuple_the_addon_sends():
 def test_the_choosing_checks_combines_are_one_torch_free_tuple():
     """CHECK_COMBINES (how a choosing check turns its recipes' fits into one) lives in
     npbgpp_core.protocol beside CHECK_RECIPES, loading no torch; fitting uses that very tuple, and
-    FitBegin's default is its first ("choose", what older callers get)."""
+    FitBegin's default is its first ("choose", what older callers get), the one named default
+    FIT_CHECK_COMBINE that fitting's keywords use too."""
     import subprocess
     import sys
 
@@ -111,6 +113,8 @@ def test_the_choosing_checks_combines_are_one_torch_free_tuple():
 
     assert fitting.CHECK_COMBINES is protocol.CHECK_COMBINES
     assert protocol.FitBegin("b", "d").check_combine == protocol.CHECK_COMBINES[0] == "choose"
+    assert fitting.FIT_CHECK_COMBINE is protocol.FIT_CHECK_COMBINE == "choose"
+    assert inspect.signature(fitting.fit_coefficients).parameters["check_combine"].default == "choose"
 
 
 def test_the_whole_view_steps_are_one_torch_free_number_the_addon_says():
