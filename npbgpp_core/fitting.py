@@ -819,11 +819,11 @@ def _checked_steps(
         _check_same_states(fitted)
         _average_into(own, fitted)
         del fitted, own
+        if not keep_candidates:
+            states = {}  # the copies the mean was made of, freed before the scoring render
         start = time.perf_counter()
         after = view_psnr(model, points, views, k)
         scoring += time.perf_counter() - start
-        if not keep_candidates:
-            states = {}  # the copies the mean was made of
     else:
         assert best is not None
         chosen, result = best
@@ -845,7 +845,7 @@ def _checked_steps(
         result.check.candidates = scored
         if averaging:
             result.check.combine = "average"
-    result.candidate_states = states if keep_candidates else {}
+    result.candidate_states = states  # without keep_candidates: empty
     if keep_candidates:
         result.unfitted_state = unfitted
     yield done_units + 1
