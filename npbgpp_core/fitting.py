@@ -936,8 +936,8 @@ def _fit_steps(
 
 class CoefficientsRecipe(NamedTuple):
     """:func:`coefficients_recipe`'s checked keywords, normalised: the fitting loop's
-    :class:`FitRecipe`, and the checked fit's tolerance in dB and recipe names (so that a caller
-    does not check them a second time)."""
+    :class:`FitRecipe`, and the checked fit's tolerance in dB, recipe names and combine (one of
+    :data:`CHECK_COMBINES`), so that a caller does not check them a second time."""
 
     recipe: FitRecipe
     check_tolerance: float
