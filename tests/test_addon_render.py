@@ -3312,6 +3312,35 @@ def test_points_from_meshes_names_a_child_that_instances_as_shown_where_its_pare
         assert (pts[:, 2] > 1.0).any()  # on the balls at the plane's vertices
 
 
+def test_points_from_meshes_names_a_child_instancer_not_shown_as_shown_where_its_parent_instances_it(scene):
+    """The plane of :func:`_grid_with_a_child_making_cubes`, its child an empty instancing a
+    collection of a cube, with Show Instancer off for viewports and renders. Blender's own
+    answer, the depsgraph of a render and the viewport's: no entry of the empty, the cube at
+    each of the plane's 4 vertices, its parent the plane. The plane instances its children (it
+    was found not to: the cubes were read as its Geometry Nodes' instances, though it has none),
+    and the empty selected alone is named as shown where the plane instances it, not as shown
+    nowhere."""
+    from blender_addon.datagen.surface_points import instances_its_children
+
+    sc = scene["scene"]
+    grid, child, cube = _grid_with_a_child_making_cubes(sc, "collection")
+    child.show_instancer_for_viewport = child.show_instancer_for_render = False
+
+    def held(dg):
+        """The names of the plane's instances of its child and of the cube, and whether it instances its children."""
+        return (sorted(i.object.original.name for i in dg.object_instances if i.is_instance
+                       and i.parent.original == grid and i.object.original in (child, cube)),
+                instances_its_children(grid, dg))
+
+    assert _read_during_a_cycles_render(sc, held) == held(bpy.context.evaluated_depsgraph_get()) == (["Cube"] * 4,
+                                                                                                    True)
+    for o in sc.objects:
+        o.select_set(o == child)
+    where = "renders show it only where its parent 'Grid' instances it"
+    with pytest.raises(RuntimeError, match=re.escape(f"Child ({where}")):
+        bpy.ops.npbgpp.points_from_meshes(count=10)
+
+
 def _cube_centres(dg, grid, cube) -> np.ndarray:
     """World centres (K, 3) of the instances of ``cube`` that the depsgraph ``dg`` holds with
     ``grid`` as their instancer: directly or nested in its children's instances."""

@@ -321,9 +321,15 @@ def instances_its_children(obj: Any, depsgraph: Any) -> bool:
     geometry holds when it has no entry of its children: Blender holds no instance of its own
     children that its Geometry Nodes make, e.g. by an Object Info node set to As Instance;
     measured in bpy 5.0.1, both depsgraphs: such an instance, and the children at its
-    vertices, are nowhere)."""
+    vertices, are nowhere). With no Geometry Nodes modifier shown in ``depsgraph``'s mode, what
+    it makes besides its particles is its children's, held or not: a child with Show Instancer
+    off has no entry, only what it instances does (measured in bpy 5.0.1, both depsgraphs: an
+    empty instancing a collection of a cube, the cube at each of its parent's 4 vertices)."""
     if obj.instance_type not in INSTANCES_CHILDREN or particles_instance_in_renders(obj):
         return False
+    shown = "show_render" if depsgraph.mode == "RENDER" else "show_viewport"
+    if not any(m.type == "NODES" and getattr(m, shown) for m in obj.modifiers):
+        return True  # no Geometry Nodes' instances to take the place of its children's
     others = False
     for inst in depsgraph.object_instances:
         if (inst.is_instance and inst.parent is not None and inst.parent.original == obj
