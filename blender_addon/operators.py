@@ -877,8 +877,9 @@ class NPBGPP_OT_fit(_WorkerStepJob, bpy.types.Operator):
         # Also Try Whole Views: the core's choosing check between its recipes (protocol.CHECK_RECIPES, the
         # tuple npbgpp_core.fitting uses); only with the check, which it chooses on
         recipes = P.CHECK_RECIPES if s.fit_check_view and s.fit_check_whole_views else ()
-        # Keep: how the two fits become one (protocol.CHECK_COMBINES, upper-cased in the enum); only with them
-        combine = s.fit_check_combine.lower() if recipes else P.CHECK_COMBINES[0]
+        # Keep: how the two fits become one (protocol.CHECK_COMBINES, upper-cased in the enum); only with them,
+        # else the core's default (choosing: what a fit naming none does)
+        combine = s.fit_check_combine.lower() if recipes else P.FIT_CHECK_COMBINE
         return worker_reply(self, P.FitBegin(
             bundle, dataset, self.steps, weights, "" if domain == "auto" else domain, s.dataset_format or None,
             s.dataset_undistort, s.dataset_allow_external_paths, s.device, s.fit_upright, s.fit_check_view,

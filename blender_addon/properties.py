@@ -5,7 +5,7 @@ from __future__ import annotations
 import bpy
 from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, PointerProperty, StringProperty
 
-from npbgpp_core.protocol import WHOLE_VIEW_STEPS
+from npbgpp_core.protocol import FIT_CHECK_COMBINE, WHOLE_VIEW_STEPS
 
 # Blender 5.0 refuses "//" in a file path setting unless it says it resolves it (else each
 # set warns); these settings are stored relative by blend_paths and read with
@@ -148,8 +148,9 @@ class NPBGPPSceneSettings(bpy.types.PropertyGroup):
         "by default (BENCHMARKS.md, A checked fit that chooses its recipe on the kept photo)",
     )
     fit_check_combine: EnumProperty(  # type: ignore[valid-type]
-        # identifiers: protocol.CHECK_COMBINES upper-cased (the operator sends them lower-cased)
-        name="Keep", default="CHOOSE",
+        # identifiers: protocol.CHECK_COMBINES upper-cased (the operator sends them lower-cased); the default
+        # the core's (FIT_CHECK_COMBINE: choosing)
+        name="Keep", default=FIT_CHECK_COMBINE.upper(),
         items=(
             ("CHOOSE", "Better on Kept Photo", "Keep the fit scoring better on the kept photo (one photo judges "
              "between two fits often a few tenths of a dB apart)"),

@@ -6265,7 +6265,8 @@ def test_fit_to_photos_keeps_the_average_of_both_fits_when_asked(scene, monkeypa
     Average of Both reaches the worker's fit (in-process, the kept photo's scores set here: the
     average's within the tolerance, above both fits'): the bundle is, bit for bit, the mean of each
     recipe's fit alone, its metadata and the report name the average. With Also Try Whole Views off
-    the setting is ignored: the worker is asked to choose, as older callers are."""
+    the setting is ignored: the worker is asked for the core's default (protocol.FIT_CHECK_COMBINE,
+    choosing), as older callers are."""
     import torch
 
     from npbgpp_core import fitting
@@ -6277,7 +6278,7 @@ def test_fit_to_photos_keeps_the_average_of_both_fits_when_asked(scene, monkeypa
     sc.npbgpp.worker_mode = "IN_PROCESS"  # the scores below are this process's
     panel = {p.__name__: p for p in bpy.types.Panel.__subclasses__()}["RENDER_PT_npbgpp_data"]
     prop = type(sc.npbgpp).bl_rna.properties["fit_check_combine"]
-    assert prop.default == "CHOOSE" and prop.name == "Keep"
+    assert prop.default == P.FIT_CHECK_COMBINE.upper() == "CHOOSE" and prop.name == "Keep"
     assert [item.identifier.lower() for item in prop.enum_items] == list(P.CHECK_COMBINES)
     assert [item.name for item in prop.enum_items] == ["Better on Kept Photo", "Average of Both"]
     for check, whole in ((True, True), (True, False), (False, True)):
