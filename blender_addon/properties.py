@@ -142,10 +142,11 @@ class NPBGPPSceneSettings(bpy.types.PropertyGroup):
         name="Also Try Whole Views", default=False,  # opt-in: protocol.CHECK_RECIPES
         description="Only with Check Fit on a Photo: Fit to Photos fits twice on the photos less the kept one, "
         f"the usual crops and {WHOLE_VIEW_STEPS} steps of whole photos, keeps the fit scoring better on the kept "
-        "photo and checks it as usual; the report names the one kept. Measured at 512 px with 6 photos on 9 "
-        "captures: +0.2 to +0.5 dB mean on held-out views, one capture 1.5 to 3.5 dB, for about 2.3x the fitting "
-        "time (1.3x at 256 px); with all photos or at 256 px it lost up to 0.84 dB on some captures, so it is off "
-        "by default (BENCHMARKS.md, A checked fit that chooses its recipe on the kept photo)",
+        "photo (or, as Keep says, their average) and checks it as usual; the report names what it kept. Keeping "
+        "the better, measured at 512 px with 6 photos on 9 captures: +0.2 to +0.5 dB mean on held-out views, one "
+        "capture 1.5 to 3.5 dB, for about 2.3x the fitting time (1.3x at 256 px); with all photos or at 256 px it "
+        "lost up to 0.84 dB on some captures, so it is off by default (BENCHMARKS.md, A checked fit that chooses "
+        "its recipe on the kept photo)",
     )
     fit_check_combine: EnumProperty(  # type: ignore[valid-type]
         # identifiers: protocol.CHECK_COMBINES upper-cased (the operator sends them lower-cased); the default
