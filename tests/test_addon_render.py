@@ -3276,12 +3276,16 @@ def _grid_with_a_child_making_cubes(sc, makes: str) -> tuple[Any, Any, Any]:
     return grid, child, cube
 
 
+@pytest.mark.parametrize("grid_nodes", [False, True])
 @pytest.mark.parametrize("makes", ["collection", "object_info", "child"])
-def test_points_from_meshes_names_a_child_that_instances_as_shown_where_its_parent_instances_it(scene, makes, capfd):
+def test_points_from_meshes_names_a_child_that_instances_as_shown_where_its_parent_instances_it(scene, makes,
+                                                                                                 grid_nodes, capfd):
     """A plane instancing its child at its 4 vertices (Instancing: Vertices), the child making
     instances of its own: an empty instancing a collection of a cube ("collection"), a ball whose
     Geometry Nodes join an Object Info instance (As Instance) of a cube ("object_info"), a ball
-    instancing its own child cube at its vertices ("child"). Blender's own answer, the depsgraph
+    instancing its own child cube at its vertices ("child"); ``grid_nodes``: the plane also has
+    Geometry Nodes passing its mesh through (so its instances are read one by one: without
+    Geometry Nodes it can make none of its own). Blender's own answer, the depsgraph
     of a render: it holds the child at the plane's 4 vertices, and the cubes the child makes
     there too, their parent the plane. The child selected alone is named as shown where the
     plane instances it (it was named as shown nowhere: the cubes were read as the plane's
@@ -3291,6 +3295,8 @@ def test_points_from_meshes_names_a_child_that_instances_as_shown_where_its_pare
 
     sc = scene["scene"]
     grid, child, cube = _grid_with_a_child_making_cubes(sc, makes)
+    if grid_nodes:
+        nodes_modifier(grid, "PassThrough", lambda tree, geometry: geometry)
     rendered, instanced = _read_during_a_cycles_render(sc, lambda dg: (sorted(
         i.object.original.name for i in dg.object_instances if i.is_instance and i.parent.original == grid
         and i.object.original in (child, cube)),
