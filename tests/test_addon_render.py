@@ -3399,13 +3399,16 @@ def test_points_from_meshes_samples_what_a_vertex_instanced_child_instances(scen
 
 @pytest.mark.parametrize("kind", ["collection_hidden", "object_info_hidden", "child_cube_hidden",
                                   "collection_member_hidden", "collection_of_members_hidden",
-                                  "collection_particles_path"])
+                                  "collection_particles_path", "collection_hidden_instancer_not_shown",
+                                  "collection_member_hidden_instancer_not_shown"])
 def test_scene_points_leave_out_what_a_child_renders_do_not_instance_makes(scene, kind):
     """The plane of :func:`_grid_with_a_child_making_cubes` (its child an empty instancing a
     collection of a cube, or a ball making an Object Info instance of it), the child disabled in
     renders ("_hidden"; "child_cube_hidden": the ball's child cube, which the plane also
     instances at its vertices, is disabled in renders; "collection_member_hidden" /
-    "collection_of_members_hidden": the empty's cube / its collection is), or the plane's hair
+    "collection_of_members_hidden": the empty's cube / its collection is; "_instancer_not_shown":
+    the empty with Show Instancer off for viewports and renders, so that no depsgraph holds an
+    entry of it, only the cubes it makes), or the plane's hair
     rendering another cube and shown as Path in viewports ("particles_path"). Blender's own
     answer, the depsgraph of a render: it holds none of those cubes (nor the child at the
     plane's vertices, but where only what the child makes is disabled); the viewport's holds
@@ -3413,12 +3416,15 @@ def test_scene_points_leave_out_what_a_child_renders_do_not_instance_makes(scene
     Points of the scene as the viewport evaluates it (``sample_surface_points``' default), and
     Points from Selected Meshes of the plane holding a simulation (Cloth: sampled as it stands,
     not as a copy), lie on none of those cubes (they did: the child's instances were left out,
-    not the cubes nested in them)."""
+    not the cubes nested in them; with no entry of the empty, the cubes were taken as in none)."""
     from blender_addon.datagen.surface_points import sample_surface_points
 
     sc = scene["scene"]
     grid, child, cube = _grid_with_a_child_making_cubes(sc, kind.split("_")[0] if kind != "object_info_hidden"
                                                         else "object_info")
+    if kind.endswith("_instancer_not_shown"):
+        child.show_instancer_for_viewport = child.show_instancer_for_render = False
+        kind = kind.removesuffix("_instancer_not_shown")
     if kind in ("child_cube_hidden", "collection_member_hidden"):
         cube.hide_render = True
     elif kind == "collection_of_members_hidden":

@@ -327,8 +327,7 @@ def instances_its_children(obj: Any, depsgraph: Any) -> bool:
     empty instancing a collection of a cube, the cube at each of its parent's 4 vertices)."""
     if obj.instance_type not in INSTANCES_CHILDREN or particles_instance_in_renders(obj):
         return False
-    shown = "show_render" if depsgraph.mode == "RENDER" else "show_viewport"
-    if not any(m.type == "NODES" and getattr(m, shown) for m in obj.modifiers):
+    if not geometry_nodes_shown(obj, depsgraph.mode == "RENDER"):
         return True  # no Geometry Nodes' instances to take the place of its children's
     others = False
     for inst in depsgraph.object_instances:
@@ -350,6 +349,29 @@ def instances_its_children(obj: Any, depsgraph: Any) -> bool:
 
     return all(isinstance(ref, bpy.types.Object) and ref.type == "META"
                for ref in obj.evaluated_get(depsgraph).evaluated_geometry().instance_references())
+
+
+def geometry_nodes_shown(obj: Any, rendering: bool) -> bool:
+    """Whether ``obj`` has a Geometry Nodes modifier shown in renders (``rendering``) or in
+    viewports: only those make instances of a mesh's own (besides its particles and its children
+    at its vertices or faces)."""
+    shown = "show_render" if rendering else "show_viewport"
+    return any(m.type == "NODES" and getattr(m, shown) for m in obj.modifiers)
+
+
+def _instancer_not_shown(parent: Any, rendering: bool) -> Any:
+    """The descendant of ``parent`` (an instancer by vertices or faces) that an instance nested
+    at a level with no entry of its own was made by: with no Geometry Nodes shown
+    (:func:`geometry_nodes_shown`) nor particles, whose instances may have none, its one
+    descendant with Show Instancer off in renders (``rendering``) or viewports (measured in bpy
+    5.0.1, both depsgraphs: such an empty instancing a collection has no entry at its parent's
+    vertices, the collection's members do). None where it has those, or none or several such
+    descendants (not told apart)."""
+    if parent.particle_systems or geometry_nodes_shown(parent, rendering):
+        return None
+    flag = "show_instancer_for_render" if rendering else "show_instancer_for_viewport"
+    unseen = [o for o in parent.children_recursive if not getattr(o, flag)]
+    return unseen[0] if len(unseen) == 1 else None
 
 
 def particles_instance_in_renders(obj: Any) -> bool:
@@ -430,7 +452,9 @@ def rendered_entries(depsgraph: Any) -> Iterator[tuple[Any, Any, tuple[Any, ...]
     outermost instancer, and it follows the instance it is nested in, its ``persistent_id`` one
     place longer and ending in that one's (:func:`_used_id`), which is how it is told apart; a
     level with no entry of its own (a Geometry Nodes' collection instance, an instancer with
-    Show Instancer off) is told by that id, and left out of ``within``. Not told apart: such an
+    Show Instancer off) is told by that id, and left out of ``within``, but for a descendant
+    with Show Instancer off at its vertices or faces (:func:`_instancer_not_shown`, the one
+    such descendant of an instancer with no Geometry Nodes or particles). Not told apart: such an
     instancer of a parent of one vertex or face, whose id is the one its sibling before it had
     there (its nested instances are taken as that sibling's). The one
     walk over what renders show, its rules written once; which objects a caller takes
@@ -497,6 +521,9 @@ def rendered_entries(depsgraph: Any) -> Iterator[tuple[Any, Any, tuple[Any, ...]
     # own particles' instance, or a level with no entry); read before any entry is left out, as
     # what follows may be nested in it
     paths: dict[int, list[tuple[tuple[int, ...], Any]]] = {}
+    # per instancer by vertices or faces (as_pointer()): its descendant an instance nested in a first level with
+    # no entry is in (:func:`_instancer_not_shown`), read once
+    unseen: dict[int, Any] = {}
     for inst in depsgraph.object_instances:
         obj = inst.object.original
         instanced = inst.is_instance and inst.parent is not None
@@ -515,6 +542,10 @@ def rendered_entries(depsgraph: Any) -> Iterator[tuple[Any, Any, tuple[Any, ...]
                 outer = {len(ids): (ids, o) for ids, o in paths.get(key, ()) if len(ids) < depth}
                 path = [outer[level] if level in outer and outer[level][0] == used[depth - level:]
                         else (used[depth - level:], None) for level in range(1, depth)]
+                if not (1 in outer and outer[1][0] == used[depth - 1:]):  # no entry at its vertex or face
+                    if key not in unseen:
+                        unseen[key] = _instancer_not_shown(stands_for, not viewport)
+                    path[0] = (path[0][0], unseen[key])
                 path.append((used, obj))
             paths[key] = path
             # not within its own particles' instances, nor within one it has no entry of
