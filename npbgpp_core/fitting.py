@@ -91,8 +91,9 @@ CHECK_TOLERANCE_DB = 0.5
 # imported and re-exported likewise) keeps the best on the
 # kept photo; "average" (opt-in) the element-wise mean of every recipe's fitted state (average_states),
 # scored there and checked as usual: a mean of fits that started from one scene needs no judge between
-# them, only the check against no fit. Opt-in: at 512 px seed 0 it gained over the plain check (mean of
-# 9, 6 / all views +0.26 / +0.27 dB) and lost at 256 px (-0.02 / -0.12, up to 0.54 on a capture;
+# them, only the check against no fit. Opt-in: at 512 px it gained over the plain check (mean of 9,
+# 6 / all views: +0.26 / +0.27 dB at seed 0, +0.09 / +0.16 at seed 1; no capture more than 0.3 dB below
+# it in those runs, where choosing lost up to 0.84) and lost at 256 px (-0.02 / -0.12, up to 0.54 on a capture;
 # BENCHMARKS.md "Averaged fits ("soups") of a choosing check's states").
 
 # WHOLE_VIEW_STEPS (imported above from npbgpp_core.protocol, for the add-on's text; re-exported):
