@@ -561,7 +561,8 @@ def checked_fit_options(check_view: object, fair_check: object, check_tolerance:
         # nothing to average: one recipe's fit is the plain check's
         raise ValueError(f"{names.check_combine} average takes the mean of the fits of the recipes "
                          f"{names.check_recipes} names: it needs {names.check_recipes} with 2 or more of "
-                         f"{CHECK_RECIPES} (and {names.check_view_on}), got {list(recipes)}")
+                         f"{CHECK_RECIPES} (and {names.check_view_on}), got "
+                         f"{list(recipes) if recipes else 'none'}")
     return tolerance, recipes
 
 

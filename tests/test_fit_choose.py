@@ -382,8 +382,8 @@ def test_an_averaging_check_judges_the_mean_not_the_recipes(setup, monkeypatch, 
 
 @pytest.mark.parametrize(("options", "message"), [
     ({"check_view": True, "check_recipes": ("crops",), "check_combine": "average"},
-     r"check_combine average takes the mean .* it needs check_recipes with 2 or more"),
-    ({"check_view": True, "check_combine": "average"}, "it needs check_recipes with 2 or more"),
+     r"check_combine average takes the mean .* it needs check_recipes with 2 or more .*, got \['crops'\]$"),
+    ({"check_view": True, "check_combine": "average"}, r"it needs check_recipes with 2 or more .*, got none$"),
     ({"check_combine": "average"}, r"needs check_recipes with 2 or more .*\(and check_view=True\)"),
     ({"check_view": True, "check_recipes": ("crops", "whole"), "check_combine": "mean"},
      r"check_combine must be one of \('choose', 'average'\), got 'mean'"),
