@@ -897,8 +897,17 @@ class NPBGPP_OT_fit(_WorkerStepJob, bpy.types.Operator):
         # a checked fit that lost on its held-apart photo saved the unfitted scene: worth a warning
         kind = {"WARNING"} if reply.kept == "unfitted" else {"INFO"}
         # the way to a fit anyway: the same fit (same seed) would be dropped again while the check is on;
-        # none for a fit whose render was not finite: that fit is broken, keeping it would save the breakage
-        if reply.render_not_finite:
+        # none for a fit whose render was not finite: that fit is broken, keeping it would save the breakage;
+        # but an average is broken by one broken recipe, and choosing would keep a sound one: say that setting
+        if reply.render_not_finite and reply.choosing_keeps:
+            from npbgpp_core.scene_fit import RECIPE_LABELS
+
+            label = RECIPE_LABELS.get(reply.choosing_keeps, reply.choosing_keeps)
+            keep = type(context.scene.npbgpp).bl_rna.properties["fit_check_combine"]
+            choose = keep.enum_items["CHOOSE"].name  # "Better on Kept Photo"
+            remedy = (f" The average of both fits broke (its render was not finite), but the {label} fit alone "
+                      f"scored within what the check allows: set {keep.name} to {choose} and fit again to keep it.")
+        elif reply.render_not_finite:
             remedy = " The fit itself broke (its render was not finite), so it is not worth keeping: the scene " \
                      "renders as before the fit."
         elif reply.kept == "unfitted":

@@ -199,6 +199,25 @@ class FitCheck:
         check is a way to keep it, unlike a fit that merely scored lower."""
         return self.kept == "unfitted" and self.psnr_fitted is not None and math.isnan(self.psnr_fitted)
 
+    @property
+    def choosing_keeps(self) -> str:
+        """For an average dropped because its render was not finite: the recipe a choosing check
+        ("choose") would keep of the same candidates (the best own score that is not NaN, the first
+        on a tie, as choosing picks, and kept by the check: no more than ``tolerance`` below the
+        unfitted score); "" when no candidate would be kept, or for any other check. Why: one
+        broken recipe breaks the mean, while choosing would have kept a sound one, so the advice
+        for such a fit is a setting and not that the fit itself broke."""
+        if self.combine != "average" or not self.render_not_finite:
+            return ""
+        best: FitCandidate | None = None
+        for candidate in self.candidates:
+            if not math.isnan(candidate.psnr_fitted) and (best is None or candidate.psnr_fitted > best.psnr_fitted):
+                best = candidate
+        unfitted = math.nan if self.psnr_unfitted is None else self.psnr_unfitted
+        if best is None or best.psnr_fitted < unfitted - self.tolerance:
+            return ""
+        return best.recipe
+
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready (PSNRs rounded to 0.001 dB; +inf, an exact match, as None)."""
         def db(value: float | None) -> float | None:

@@ -228,7 +228,10 @@ class FitResultInfo(Reply):
     other fit.
     ``combine``: "average" when the check took the mean of every recipe's fit and judged it, kept or
     not (:class:`FitBegin` ``check_combine``; then ``steps`` and the losses are the first recipe's),
-    else ""."""
+    else "".
+    ``choosing_keeps``: such an average dropped because its render was not finite, while a choosing
+    check (``check_combine`` "choose") would have kept one recipe's own fit (``FitCheck.choosing_keeps``):
+    that recipe (one of :data:`CHECK_RECIPES`), for the add-on's advice; else ""."""
 
     path: str
     steps: int
@@ -240,6 +243,7 @@ class FitResultInfo(Reply):
     render_not_finite: bool = False
     steps_in_all: int = 0
     combine: str = ""
+    choosing_keeps: str = ""
 
 
 @dataclass

@@ -501,7 +501,8 @@ class RenderService:
                                "fitted" if check is None else check["kept"], job.outcome(),
                                raw is not None and raw.render_not_finite,
                                sum(c.steps for c in raw.candidates) if raw is not None else 0,
-                               raw.combine if raw is not None else "")
+                               raw.combine if raw is not None else "",
+                               raw.choosing_keeps if raw is not None else "")
 
     def fit_cancel(self, req: P.FitCancel) -> P.Done:
         self._drop_fit()

@@ -6344,6 +6344,54 @@ def test_fit_to_photos_keeps_the_average_of_both_fits_when_asked(scene, monkeypa
     sc.npbgpp.fit_check_combine = "CHOOSE"
 
 
+def test_fit_to_photos_whose_average_broke_advises_choosing_when_a_recipe_alone_would_be_kept(scene, monkeypatch):
+    """Keep: Average of Both whose average renders the kept photo not finite (scores set here, in-process):
+    the average is dropped; when one recipe's own render was finite and within the check's allowance the
+    report advises Keep: Better on Kept Photo, naming that fit, and following it keeps that fit; when no
+    recipe's render was finite, or the finite one scored too low to be kept, the report keeps saying the
+    fit itself broke."""
+    import math
+
+    from npbgpp_core import fitting
+    from npbgpp_core.scene import NeuralScene
+
+    sc = scene["scene"]
+    sc.npbgpp.worker_mode = "IN_PROCESS"  # the scores below are this process's
+    agg = _four_camera_aggregated(scene)
+    scores: list = []
+
+    def scored(*_args):
+        return scores.pop(0)
+
+    monkeypatch.setattr(fitting, "view_psnr", scored)
+    sc.npbgpp.fit_check_view, sc.npbgpp.fit_check_whole_views = True, True
+    advice = ("The average of both fits broke (its render was not finite), but the whole views fit alone scored "
+              "within what the check allows: set Keep to Better on Kept Photo and fit again to keep it.")
+    broke = ("The fit itself broke (its render was not finite), so it is not worth keeping: the scene renders as "
+             "before the fit.")
+    # unfitted, after the crops' fit, the whole views', their average
+    for name, kept_scores, ending in (("one_sound", [20.0, 19.0, 19.8, math.nan], advice),
+                                      ("none_finite", [20.0, math.nan, math.nan, math.nan], broke),
+                                      ("too_low", [20.0, 18.0, math.nan, math.nan], broke)):
+        sc.npbgpp.fit_check_combine = "AVERAGE"
+        sc.npbgpp.bundle = agg
+        scores[:] = kept_scores
+        out = str(scene["dir"] / f"{name}.npbgpp")
+        _, (kind, text) = _fit_through_the_operator(sc, out, 20)
+        check = NeuralScene.load(out).metadata["fit"]["check"]
+        assert scores == [] and check["kept"] == "unfitted" and check["combine"] == "average", name
+        assert kind == {"WARNING"} and text.endswith(f"now the scene's bundle. {ending}"), (name, text)
+        assert "regardless" not in text, name
+    sc.npbgpp.fit_check_combine = "CHOOSE"  # the advice followed: the same fits, now chosen between
+    sc.npbgpp.bundle = agg
+    scores[:] = [20.0, 19.0, 19.8]
+    chosen = str(scene["dir"] / "chosen.npbgpp")
+    _, (kind, text) = _fit_through_the_operator(sc, chosen, 20)
+    check = NeuralScene.load(chosen).metadata["fit"]["check"]
+    assert scores == [] and check["kept"] == "fitted" and check["recipe"] == "whole" and kind == {"INFO"}
+    assert NeuralScene.load(chosen).kind == "coefficients" and "kept the fit (whole views): -0.20 dB" in text
+
+
 def _png_rgb(sc, path) -> np.ndarray:
     """F12 saved as Blender saves renders: an 8-bit RGB PNG, its codes (0 .. 255) as floats."""
     from PIL import Image

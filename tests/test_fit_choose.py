@@ -443,6 +443,30 @@ def test_a_bundle_fit_that_averages_names_the_average_in_every_outcome(tmp_path,
     assert job.outcome().startswith("the fit (crops) used every photo unchecked")
 
 
+@pytest.mark.parametrize(("unfitted", "own", "combine", "kept"), [
+    (20.0, (19.0, 19.8), "average", "whole"),  # the better own score, within the 0.5 dB allowance
+    (20.0, (19.8, 19.8), "average", "crops"),  # a tie: the first, as choosing picks
+    (20.0, (math.nan, 19.6), "average", "whole"),  # NaN never chosen
+    (20.0, (19.4, math.nan), "average", ""),  # the finite one 0.6 dB below: choosing would drop it too
+    (20.0, (math.nan, math.nan), "average", ""),  # none finite
+    (math.nan, (5.0, math.nan), "average", "crops"),  # an unfitted score of NaN cannot judge: kept
+    (20.0, (19.0, 19.8), "", ""),  # a choice: FitCheck.render_not_finite says all
+])
+def test_choosing_keeps_names_the_recipe_a_choice_would_have_kept_of_a_broken_average(unfitted, own, combine, kept):
+    """FitCheck.choosing_keeps, hand-computed cases: of an average whose render was NaN (dropped), the
+    best own score that is not NaN (first on a tie) if the check would keep it; "" otherwise, and for a
+    check whose render was finite."""
+    from npbgpp_core.fitting import FitCandidate, FitCheck
+
+    candidates = [FitCandidate(name, score, 1, 0.0) for name, score in zip(("crops", "whole"), own, strict=True)]
+    check = FitCheck(1, unfitted, math.nan, "unfitted", tolerance=0.5, recipe="average" if combine else "crops",
+                     candidates=candidates, combine=combine)
+    assert check.render_not_finite and check.choosing_keeps == kept
+    finite = FitCheck(1, unfitted, 18.0, "unfitted", tolerance=0.5, recipe="average", candidates=candidates,
+                      combine="average")  # an average dropped for scoring low, not for breaking
+    assert finite.choosing_keeps == ""
+
+
 def test_a_fair_check_averages_too_and_drops_to_the_full_aggregation(setup, monkeypatch):
     """fair_check with check_combine="average": the mean is scored (scores set here: 2 dB below the
     unfitted scene), recorded as the average on the scene aggregated without the kept view, and
