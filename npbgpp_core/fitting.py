@@ -178,7 +178,8 @@ class FitCheck:
     ``combine``: "average" for a check that took the mean of every candidate's fit
     (``check_combine``) and judged it, whether ``kept`` or not: ``recipe`` is then "average" and
     ``psnr_fitted`` the mean's score; "" otherwise (a choice, no candidates, or a check that could
-    not apply: the first recipe ran unchecked, nothing was averaged)."""
+    not apply: the first recipe ran unchecked, nothing was averaged; ``skipped`` then names the
+    average or choice asked for, with two or more recipes)."""
 
     view: int | None
     psnr_unfitted: float | None = None
@@ -769,7 +770,8 @@ def _checked_steps(
     state. Yields units of work: each candidate's steps, plus one for the first scoring render and
     one for the last candidate's (``steps + 2`` for a single recipe; the other candidates'
     renders are not counted). Below :data:`CHECK_VIEW_MIN_VIEWS` views it is :func:`_fit_steps`
-    of the first candidate on every view, its result's check saying it was skipped.
+    of the first candidate on every view, its result's check saying it was skipped (and, with two or
+    more candidates, that the first ran alone, no average or choice as ``combine`` asked).
     ``keep_candidates``: the result holds each candidate's fitted state (CPU) and the unfitted one.
     ``combine`` "average": instead of the best candidate, the model takes the mean of every
     candidate's fitted state (:func:`average_states`), scored on the kept view (one more render, not
@@ -779,8 +781,11 @@ def _checked_steps(
         name, steps, crop, recipe = candidates[0]
         result = yield from _fit_steps(model, points, views, steps, crop, loss_fn, recipe, seed, device)
         # a choosing check's first recipe ran: named, since it need not be the call's own
-        result.check = FitCheck(None, skipped=f"{len(views.cameras)} input views, fewer than the "
-                                              f"{CHECK_VIEW_MIN_VIEWS} a check needs", recipe=name)
+        skipped = f"{len(views.cameras)} input views, fewer than the {CHECK_VIEW_MIN_VIEWS} a check needs"
+        if len(candidates) > 1:  # what was asked and not done, so that the metadata and the line keep it
+            asked = "average of" if combine == "average" else "choice between"
+            skipped += f", so the first recipe ran alone (no {asked} {' and '.join(c[0] for c in candidates)})"
+        result.check = FitCheck(None, skipped=skipped, recipe=name)
         return result
     start = time.perf_counter()
     unfitted = _cpu_state(model)

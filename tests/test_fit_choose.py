@@ -235,7 +235,7 @@ def test_a_bundle_fit_counts_every_recipes_steps_and_names_the_one_it_dropped(tm
     # the recipe that ran is named: with "whole" first it is not the fit's own crop recipe
     assert job.check()["recipe"] == "whole" and "candidates" not in job.check()
     assert job.outcome() == ("the fit (whole views) used every photo unchecked: 2 input views, fewer than the 3 a "
-                             "check needs")
+                             "check needs, so the first recipe ran alone (no choice between whole and crops)")
 
 
 def test_a_bundle_fit_whose_every_recipe_renders_not_finite_keeps_the_unfitted_scene_and_says_so(tmp_path,
@@ -440,7 +440,14 @@ def test_a_bundle_fit_that_averages_names_the_average_in_every_outcome(tmp_path,
     while not job.step():
         pass
     assert job.check()["recipe"] == "crops" and "combine" not in job.check()
-    assert job.outcome().startswith("the fit (crops) used every photo unchecked")
+    # the average asked for leaves its trace: the metadata's skipped reason and the line say the first ran alone
+    alone = ("2 input views, fewer than the 3 a check needs, so the first recipe ran alone (no average of crops "
+             "and whole)")
+    assert job.check()["skipped"] == alone and "candidates" not in job.check()
+    assert job.outcome() == f"the fit (crops) used every photo unchecked: {alone}"
+    out = str(tmp_path / "few_fitted.npbgpp")
+    job.save(out)
+    assert NeuralScene.load(out).metadata["fit"]["check"]["skipped"] == alone
 
 
 @pytest.mark.parametrize(("unfitted", "own", "combine", "kept"), [
