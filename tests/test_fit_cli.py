@@ -3,6 +3,7 @@ line, with every output refusal made before the fit starts."""
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import sys
@@ -344,7 +345,10 @@ def test_fit_command_check_combine_average_writes_the_mean_of_both_recipes(scene
     real_fit = fitting._checked_steps
 
     def keeping(*args, **kwargs):  # the same check, its candidates' states kept for the reference
-        result = yield from real_fit(*args[:7], args[7], True, *args[9:], **kwargs)
+        # bound by name, so that the real function's parameter order is no part of this test
+        bound = inspect.signature(real_fit).bind(*args, **kwargs)
+        bound.arguments["keep_candidates"] = True
+        result = yield from real_fit(*bound.args, **bound.kwargs)
         kept_states.update(result.candidate_states)
         return result
 
