@@ -159,7 +159,8 @@ class NPBGPPSceneSettings(bpy.types.PropertyGroup):
              "the two), scored on the kept photo and checked as usual: no single photo picks between them "
              "(opt-in: on 9 captures with 6 / all photos, +0.26 / +0.27 dB (seed 0) and +0.09 / +0.16 (seed 1) mean "
              "over the plain check at 512 px, no capture 0.3 dB below it; Better on Kept Photo +0.47 / +0.36 and "
-             "+0.21 / +0.14, up to 0.84 dB below on a capture; at 256 px -0.02 / -0.12 dB; BENCHMARKS.md, "
+             "+0.21 / +0.14, up to 0.84 dB below on a capture; at 256 px -0.02 / -0.12 (seed 0), +0.04 / +0.11 "
+             "(seed 1), desk 0.38-0.49 dB below; BENCHMARKS.md, "
              "Averaged fits of a choosing check's states)"),
         ),
         description="Only with Also Try Whole Views and Check Fit on a Photo: what Fit to Photos keeps of its two "

@@ -93,7 +93,8 @@ CHECK_TOLERANCE_DB = 0.5
 # scored there and checked as usual: a mean of fits that started from one scene needs no judge between
 # them, only the check against no fit. Opt-in: at 512 px it gained over the plain check (mean of 9,
 # 6 / all views: +0.26 / +0.27 dB at seed 0, +0.09 / +0.16 at seed 1; no capture more than 0.3 dB below
-# it in those runs, where choosing lost up to 0.84) and lost at 256 px (-0.02 / -0.12, up to 0.54 on a capture;
+# it in those runs, where choosing lost up to 0.84); at 256 px about level on the mean (-0.02 / -0.12 at
+# seed 0, +0.04 / +0.11 at seed 1) with desk 0.38-0.49 dB below it in all four runs;
 # BENCHMARKS.md "Averaged fits ("soups") of a choosing check's states").
 
 # WHOLE_VIEW_STEPS (imported above from npbgpp_core.protocol, for the add-on's text; re-exported):
