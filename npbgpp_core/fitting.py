@@ -213,10 +213,10 @@ class FitCheck:
             return ""
         best: FitCandidate | None = None
         for candidate in self.candidates:
-            if not math.isnan(candidate.psnr_fitted) and (best is None or candidate.psnr_fitted > best.psnr_fitted):
+            if beats_best(candidate.psnr_fitted, None if best is None else best.psnr_fitted):
                 best = candidate
         unfitted = math.nan if self.psnr_unfitted is None else self.psnr_unfitted
-        if best is None or best.psnr_fitted < unfitted - self.tolerance:
+        if best is None or not check_keeps_fit(best.psnr_fitted, unfitted, self.tolerance):
             return ""
         return best.recipe
 
@@ -587,6 +587,25 @@ def checked_fit_options(check_view: object, fair_check: object, check_tolerance:
     return tolerance, recipes
 
 
+def beats_best(score: float, best: float | None) -> bool:
+    """Whether a choosing check's candidate scoring ``score`` on the kept photo takes the place
+    of the best so far (``best``; None before the first): a higher score, or any score over a
+    NaN. A NaN never wins and a tie keeps the earlier candidate. The one rule of choosing, for
+    :func:`_checked_steps` and :attr:`FitCheck.choosing_keeps`."""
+    return best is None or score > best or (math.isnan(best) and not math.isnan(score))
+
+
+def check_keeps_fit(fitted: float, unfitted: float, tolerance: float) -> bool:
+    """Whether a checked fit scoring ``fitted`` on the kept photo is kept against the unfitted
+    scene's ``unfitted``: a loss of up to ``tolerance`` dB keeps it (the kept photo built the
+    unfitted scene, which starts ahead there); a fitted render that is not finite (NaN) loses;
+    an unfitted one that could not be scored (NaN: no valid pixel) cannot judge, so the fit is
+    kept."""
+    if math.isnan(fitted):
+        return math.isnan(unfitted)
+    return not fitted < unfitted - tolerance
+
+
 def check_view_index(count: int) -> int | None:
     """The input view a checked fit keeps apart among ``count`` views: the middle one of the
     order they are given in (index ``count // 2``: a capture's photos are usually in shooting
@@ -828,9 +847,7 @@ def _checked_steps(
             states[name] = _cpu_state(model)  # the last candidate an average takes from the model itself
         if averaging:
             continue
-        # a NaN score never wins; ties keep the earlier candidate
-        if best is None or (after > scored[best[0]].psnr_fitted) or (
-                math.isnan(scored[best[0]].psnr_fitted) and not math.isnan(after)):
+        if beats_best(after, None if best is None else scored[best[0]].psnr_fitted):
             best = (i, result)
             if i < len(candidates) - 1:  # a later candidate refits the model: keep this state
                 best_state = states.get(name) or _cpu_state(model)
@@ -857,11 +874,7 @@ def _checked_steps(
         if best_state is not None:
             model.load_state_dict(best_state)
         after = scored[chosen].psnr_fitted
-    # a loss of up to `tolerance` keeps the fit (the kept photo built the unfitted scene, which
-    # starts ahead there); a fitted render that is not finite (NaN) loses; an unfitted one
-    # that could not be scored (NaN: no valid pixel) cannot judge, so the fit is kept
-    lost = after < before - tolerance
-    kept = "unfitted" if lost or (math.isnan(after) and not math.isnan(before)) else "fitted"
+    kept = "fitted" if check_keeps_fit(after, before, tolerance) else "unfitted"
     if kept == "unfitted":
         model.load_state_dict(unfitted)
     result.model = model
