@@ -9,6 +9,9 @@ import ast
 import inspect
 import os
 import re
+import subprocess
+import sys
+from collections.abc import Iterator
 
 import pytest
 
@@ -49,6 +52,24 @@ def _sources(package: str) -> list[str]:
     return sorted(files)
 
 
+def _addon_nodes() -> Iterator[tuple[str, ast.AST]]:
+    """(file:line, node) for every syntax node of the add-on's sources, for the tests that look
+    for a copy of the core's names or numbers there."""
+    for path in _sources("blender_addon"):
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read(), path)
+        for node in ast.walk(tree):
+            yield f"{os.path.relpath(path, ROOT)}:{getattr(node, 'lineno', 0)}", node
+
+
+def _protocol_value_alone(name: str) -> str:
+    """What a fresh interpreter that imports npbgpp_core.protocol alone prints for ``name`` of it,
+    followed by whether that import loaded torch ("<value> False" for a torch-free module)."""
+    code = f"import sys; import npbgpp_core.protocol as P; print(P.{name}, 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    return out.stdout.split("\n")[0]
+
+
 @pytest.mark.parametrize("package", sorted(INWARD))
 def test_no_blender_modules_and_inward_dependencies(package):
     files = _sources(package)
@@ -77,24 +98,14 @@ def test_the_choosing_checks_recipes_are_one_torch_free_tuple_the_addon_sends():
     """CHECK_RECIPES lives in npbgpp_core.protocol, which the add-on imports without torch (a fresh
     interpreter importing it loads no torch); fitting uses that very tuple, and no add-on source
     holds a copy of its names (Fit to Photos sends protocol's; tests/test_addon_render drives it)."""
-    import subprocess
-    import sys
-
-    code = "import sys; import npbgpp_core.protocol as P; print(P.CHECK_RECIPES, 'torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert out.stdout.split("\n")[0] == "('crops', 'whole') False"
+    assert _protocol_value_alone("CHECK_RECIPES") == "('crops', 'whole') False"
     from npbgpp_core import fitting, protocol
 
     assert fitting.CHECK_RECIPES is protocol.CHECK_RECIPES
     names = set(protocol.CHECK_RECIPES)
-    copies = []
-    for path in _sources("blender_addon"):
-        with open(path, encoding="utf-8") as f:
-            tree = ast.parse(f.read(), path)
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Tuple, ast.List, ast.Set)) and len(node.elts) > 1 and all(
-                    isinstance(e, ast.Constant) and e.value in names for e in node.elts):
-                copies.append(f"{os.path.relpath(path, ROOT)}:{node.lineno}")
+    copies = [where for where, node in _addon_nodes()
+              if isinstance(node, (ast.Tuple, ast.List, ast.Set)) and len(node.elts) > 1
+              and all(isinstance(e, ast.Constant) and e.value in names for e in node.elts)]
     assert not copies, copies
 
 
@@ -103,12 +114,7 @@ def test_the_choosing_checks_combines_are_one_torch_free_tuple():
     npbgpp_core.protocol beside CHECK_RECIPES, loading no torch; fitting uses that very tuple, and
     FitBegin's default is its first ("choose", what older callers get), the one named default
     FIT_CHECK_COMBINE that fitting's keywords use too."""
-    import subprocess
-    import sys
-
-    code = "import sys; import npbgpp_core.protocol as P; print(P.CHECK_COMBINES, 'torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert out.stdout.split("\n")[0] == "('choose', 'average') False"
+    assert _protocol_value_alone("CHECK_COMBINES") == "('choose', 'average') False"
     from npbgpp_core import fitting, protocol
 
     assert fitting.CHECK_COMBINES is protocol.CHECK_COMBINES
@@ -122,12 +128,7 @@ def test_the_whole_view_steps_are_one_torch_free_number_the_addon_says():
     npbgpp_core.protocol beside CHECK_RECIPES (a fresh interpreter importing it loads no torch);
     fitting runs that very number, and no add-on text says a number of steps of whole photos
     of its own (Also Try Whole Views' description said "50 steps" as it was written)."""
-    import subprocess
-    import sys
-
-    code = "import sys; import npbgpp_core.protocol as P; print(P.WHOLE_VIEW_STEPS, 'torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert out.stdout.split("\n")[0] == "50 False"
+    assert _protocol_value_alone("WHOLE_VIEW_STEPS") == "50 False"
     from npbgpp_core import fitting, protocol
 
     # fitting binds the name by importing protocol's only (``is`` cannot tell: ints below 257 are
@@ -140,10 +141,6 @@ def test_the_whole_view_steps_are_one_torch_free_number_the_addon_says():
     assert [steps for _, steps, _, _ in fitting.candidate_recipes(("whole",), 7, 64, fitting.FitRecipe(1.0, 1.0))] == [
         protocol.WHOLE_VIEW_STEPS]
     literal = re.compile(r"\b\d+ steps of whole")
-    said = []
-    for path in _sources("blender_addon"):
-        with open(path, encoding="utf-8") as f:
-            tree = ast.parse(f.read(), path)
-        said += [f"{os.path.relpath(path, ROOT)}:{node.lineno}" for node in ast.walk(tree)
-                 if isinstance(node, ast.Constant) and isinstance(node.value, str) and literal.search(node.value)]
+    said = [where for where, node in _addon_nodes()
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and literal.search(node.value)]
     assert not said, said
