@@ -3233,6 +3233,18 @@ def test_points_from_meshes_names_a_child_its_parent_instances_nowhere(scene, in
     assert pts[:, 2].max() < 2.0 - 0.3, pts[:, 2].max()  # none on the ball (at z 2, radius 0.3)
 
 
+def _collection_of(obj: Any, name: str) -> Any:
+    """A new collection ``name``, in no scene, holding ``obj`` alone, moved out of its
+    collections and to the origin: an instancer of it shows ``obj`` at the instancer's place,
+    and nothing shows it at its own."""
+    members = bpy.data.collections.new(name)
+    for collection in obj.users_collection:
+        collection.objects.unlink(obj)
+    members.objects.link(obj)
+    obj.location = (0.0, 0.0, 0.0)
+    return members
+
+
 def _grid_with_a_child_making_cubes(sc, makes: str) -> tuple[Any, Any, Any]:
     """``(grid, child, cube)``: a plane "Grid" instancing its child "Child" at its 4 vertices
     (Instancing: Vertices), the child 2 above it making instances of a cube of size 0.2 of its
@@ -3245,14 +3257,9 @@ def _grid_with_a_child_making_cubes(sc, makes: str) -> tuple[Any, Any, Any]:
     grid = bpy.context.active_object
     grid.name, grid.instance_type = "Grid", "VERTS"
     if makes == "collection":
-        members = bpy.data.collections.new("Members")
-        for collection in cube.users_collection:
-            collection.objects.unlink(cube)
-        members.objects.link(cube)
-        cube.location = (0.0, 0.0, 0.0)  # at the empty's place
         child = bpy.data.objects.new("Child", None)
         sc.collection.objects.link(child)
-        child.instance_type, child.instance_collection = "COLLECTION", members
+        child.instance_type, child.instance_collection = "COLLECTION", _collection_of(cube, "Members")
     else:
         bpy.ops.mesh.primitive_ico_sphere_add(subdivisions=1, radius=0.3)
         child = bpy.context.active_object
@@ -3479,19 +3486,10 @@ def test_scene_points_tell_which_child_a_nested_instance_is_in_where_a_level_has
     grid = bpy.context.active_object
     grid.name, grid.instance_type = "Grid", "VERTS"
 
-    def collection_of(cube) -> Any:
-        """A new collection holding ``cube`` alone, at its origin."""
-        members = bpy.data.collections.new(cube.name + "s")
-        for collection in cube.users_collection:
-            collection.objects.unlink(cube)
-        members.objects.link(cube)
-        cube.location = (0.0, 0.0, 0.0)
-        return members
-
     if kind == "collection_info":
         bpy.ops.mesh.primitive_ico_sphere_add(subdivisions=1, radius=0.3)
         ball = bpy.context.active_object
-        members = collection_of(cubes["Kept"])
+        members = _collection_of(cubes["Kept"], "Kepts")
 
         def with_both_cubes(tree, geometry):
             """The ball's mesh joined to an instance of "Other" and one of the collection."""
@@ -3511,7 +3509,7 @@ def test_scene_points_tell_which_child_a_nested_instance_is_in_where_a_level_has
         for name, up in (("Other", 2.0), ("Kept", 3.0)):
             empty = bpy.data.objects.new("Empty" + name, None)
             sc.collection.objects.link(empty)
-            empty.instance_type, empty.instance_collection = "COLLECTION", collection_of(cubes[name])
+            empty.instance_type, empty.instance_collection = "COLLECTION", _collection_of(cubes[name], name + "s")
             empty.parent, empty.location = grid, (0.0, 0.0, up)
         bpy.data.objects["EmptyOther"].hide_render = True
         bpy.data.objects["EmptyKept"].show_instancer_for_viewport = False
