@@ -6087,6 +6087,15 @@ def _four_camera_aggregated(scene) -> str:
     return agg
 
 
+def _kept_photo_scores(monkeypatch, scores: list[float]) -> list[float]:
+    """``scores``, which ``fitting.view_psnr`` now returns one by one, in order (each popped as
+    it is asked: a test refills the list for its next fit and checks it ends empty)."""
+    from npbgpp_core import fitting
+
+    monkeypatch.setattr(fitting, "view_psnr", lambda *_args: scores.pop(0))
+    return scores
+
+
 def _fit_through_the_operator(sc, out: str, steps: int) -> tuple[set[int], tuple]:
     """Fit to Photos of the scene's bundle to ``out`` through the operator's own begin / step /
     finish (its modal path, without the timer): (each total its progress gave, its last report).
@@ -6235,12 +6244,8 @@ def test_fit_to_photos_also_tries_whole_views_when_asked(scene, monkeypatch):
         sc.npbgpp.bundle = agg
         return _fit_through_the_operator(sc, out, steps)
 
-    scores = [20.0, 19.0, 21.9]  # the kept photo unfitted, after the crops' fit, after the whole views'
-
-    def scored(*_args):
-        return scores.pop(0)
-
-    monkeypatch.setattr(fitting, "view_psnr", scored)
+    # the kept photo unfitted, after the crops' fit, after the whole views'
+    scores = _kept_photo_scores(monkeypatch, [20.0, 19.0, 21.9])
     sc.npbgpp.fit_check_view, sc.npbgpp.fit_check_whole_views = True, True
     chosen = str(scene["dir"] / "whole.npbgpp")
     totals, (kind, text) = fit(chosen, 20)  # crops' steps other than the whole views' 50
@@ -6298,12 +6303,8 @@ def test_fit_to_photos_keeps_the_average_of_both_fits_when_asked(scene, monkeypa
         assert layout.props.index("fit_check_combine") == layout.props.index("fit_check_whole_views") + 1
         assert layout.states["fit_check_combine"][1] is (check and whole)
     agg = _four_camera_aggregated(scene)
-    scores = [20.0, 19.0, 19.5, 19.7]  # unfitted, after the crops' fit, the whole views', their average
-
-    def scored(*_args):
-        return scores.pop(0)
-
-    monkeypatch.setattr(fitting, "view_psnr", scored)
+    # unfitted, after the crops' fit, the whole views', their average
+    scores = _kept_photo_scores(monkeypatch, [20.0, 19.0, 19.5, 19.7])
     sent: list = []
     real_begin = fitting.iter_fit_coefficients
 
@@ -6350,18 +6351,12 @@ def test_fit_to_photos_whose_average_broke_advises_choosing_when_a_recipe_alone_
     fit itself broke."""
     import math
 
-    from npbgpp_core import fitting
     from npbgpp_core.scene import NeuralScene
 
     sc = scene["scene"]
     sc.npbgpp.worker_mode = "IN_PROCESS"  # the scores below are this process's
     agg = _four_camera_aggregated(scene)
-    scores: list = []
-
-    def scored(*_args):
-        return scores.pop(0)
-
-    monkeypatch.setattr(fitting, "view_psnr", scored)
+    scores = _kept_photo_scores(monkeypatch, [])
     sc.npbgpp.fit_check_view, sc.npbgpp.fit_check_whole_views = True, True
     advice = ("The average of both fits broke (its render was not finite), but the whole views fit alone scored "
               "within what the check allows: set Keep to Better on Kept Photo and fit again to keep it.")
