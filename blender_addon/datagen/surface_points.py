@@ -560,8 +560,7 @@ def rendered_entries(depsgraph: Any) -> Iterator[tuple[Any, Any, tuple[Any, ...]
         if not instanced:
             yield inst, stands_for, within
             continue
-        key = stands_for.as_pointer()
-        if within:
+        if within:  # only an entry of an instancer by vertices or faces: ``key`` is its, read above
             if viewport and key not in particles_instance:
                 particles_instance[key] = particles_instance_in_renders(stands_for)
             if viewport and particles_instance[key] or _descendant_disabled_in_renders(within):
