@@ -3159,6 +3159,28 @@ def test_points_from_meshes_simulated_parent_instances_no_child_disabled_in_rend
     assert (pts[:, 2] > 1.0).any() and (np.abs(pts[:, 2]) < 1e-5).any()  # on the shown ball's and the plane
 
 
+def _joined_to_an_instance_of(obj: Any, collection: Any = None) -> Callable[[Any, Any], Any]:
+    """For :func:`nodes_modifier`: the geometry joined to an Object Info instance (As Instance)
+    of ``obj`` (None: a test sets the "Object Info" node's object later) and, given
+    ``collection``, then to a Collection Info instance of it."""
+
+    def join_them(tree, geometry):
+        join, info = tree.nodes.new("GeometryNodeJoinGeometry"), tree.nodes.new("GeometryNodeObjectInfo")
+        info.inputs["As Instance"].default_value = True
+        if obj is not None:
+            info.inputs["Object"].default_value = obj
+        sockets = [geometry, info.outputs["Geometry"]]
+        if collection is not None:
+            collection_info = tree.nodes.new("GeometryNodeCollectionInfo")
+            collection_info.inputs["Collection"].default_value = collection
+            sockets.append(collection_info.outputs[0])
+        for socket in sockets:  # joined in this order
+            tree.links.new(socket, join.inputs[0])
+        return join.outputs[0]
+
+    return join_them
+
+
 @pytest.mark.parametrize("instances", ["particles", "particles_path", "particles_hidden", "nodes", "nodes_child",
                                        "none"])
 def test_points_from_meshes_names_a_child_its_parent_instances_nowhere(scene, instances, capfd):
@@ -3194,11 +3216,7 @@ def test_points_from_meshes_names_a_child_its_parent_instances_nowhere(scene, in
             (its Object Info node's object set below) joined to the plane ("nodes_child"), or the
             plane passed through."""
             if instances == "nodes_child":
-                join, info = tree.nodes.new("GeometryNodeJoinGeometry"), tree.nodes.new("GeometryNodeObjectInfo")
-                info.inputs["As Instance"].default_value = True
-                tree.links.new(geometry, join.inputs[0])
-                tree.links.new(info.outputs["Geometry"], join.inputs[0])
-                return join.outputs[0]
+                return _joined_to_an_instance_of(None)(tree, geometry)
             if instances != "nodes":
                 return geometry
             put, sphere = tree.nodes.new("GeometryNodeInstanceOnPoints"), tree.nodes.new("GeometryNodeMeshIcoSphere")
@@ -3265,17 +3283,7 @@ def _grid_with_a_child_making_cubes(sc, makes: str) -> tuple[Any, Any, Any]:
         child = bpy.context.active_object
         child.name = "Child"
         if makes == "object_info":
-
-            def with_the_cube(tree, geometry):
-                """The ball's mesh joined to an instance of the cube."""
-                join, info = tree.nodes.new("GeometryNodeJoinGeometry"), tree.nodes.new("GeometryNodeObjectInfo")
-                info.inputs["As Instance"].default_value = True
-                info.inputs["Object"].default_value = cube
-                tree.links.new(geometry, join.inputs[0])
-                tree.links.new(info.outputs["Geometry"], join.inputs[0])
-                return join.outputs[0]
-
-            nodes_modifier(child, "WithCube", with_the_cube)
+            nodes_modifier(child, "WithCube", _joined_to_an_instance_of(cube))  # the ball's mesh and the cube
         else:
             child.instance_type = "VERTS"
             cube.parent = child
@@ -3490,19 +3498,8 @@ def test_scene_points_tell_which_child_a_nested_instance_is_in_where_a_level_has
         bpy.ops.mesh.primitive_ico_sphere_add(subdivisions=1, radius=0.3)
         ball = bpy.context.active_object
         members = _collection_of(cubes["Kept"], "Kepts")
-
-        def with_both_cubes(tree, geometry):
-            """The ball's mesh joined to an instance of "Other" and one of the collection."""
-            join = tree.nodes.new("GeometryNodeJoinGeometry")
-            info, collection = tree.nodes.new("GeometryNodeObjectInfo"), tree.nodes.new("GeometryNodeCollectionInfo")
-            info.inputs["As Instance"].default_value = True
-            info.inputs["Object"].default_value = cubes["Other"]
-            collection.inputs["Collection"].default_value = members
-            for socket in (geometry, info.outputs["Geometry"], collection.outputs[0]):
-                tree.links.new(socket, join.inputs[0])
-            return join.outputs[0]
-
-        nodes_modifier(ball, "WithCubes", with_both_cubes)
+        # the ball's mesh joined to an instance of "Other" and one of the collection
+        nodes_modifier(ball, "WithCubes", _joined_to_an_instance_of(cubes["Other"], members))
         ball.parent, ball.location, ball.hide_render = grid, (0.0, 0.0, 2.0), True
         rendered = {"Kept": 0, "Other": 0}
     else:
