@@ -83,6 +83,8 @@ def fit(args: argparse.Namespace) -> str:
                         CHECK_TOLERANCE_DB if args.check_tolerance is None else args.check_tolerance,
                         () if args.check_recipes is None else args.check_recipes, flags,
                         FIT_CHECK_COMBINE if args.check_combine is None else args.check_combine)
+    # the core refuses a tolerance other than the default without the check; only here can a flag given
+    # at the default be told from none, and it too would be ignored
     if args.check_tolerance is not None and not check_view:
         raise FitError("--check-tolerance is what the fit may lose on the photo --check-view keeps apart; with "
                        "--no-check-view no photo is kept apart: drop one of the two")

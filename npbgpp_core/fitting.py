@@ -562,7 +562,8 @@ def checked_fit_options(check_view: object, fair_check: object, check_tolerance:
                         check_combine: object = FIT_CHECK_COMBINE) -> tuple[float, tuple[str, ...]]:
     """The rules of a checked fit's options (fit_coefficients' ``check_view``, ``fair_check``,
     ``check_tolerance``, ``check_recipes``, ``check_combine``), in one place for the library and its
-    command lines: raises ValueError naming a bad value or a missing ``check_view`` as ``names``
+    command lines: raises ValueError naming a bad value or a missing ``check_view`` (for
+    ``fair_check``, ``check_recipes`` and a tolerance other than :data:`CHECK_TOLERANCE_DB`) as ``names``
     spell them; returns the tolerance in dB and the recipe names (``check_combine``, once accepted,
     is one of :data:`CHECK_COMBINES` as given)."""
     for name, flag in (("check_view", check_view), ("fair_check", fair_check)):
@@ -572,6 +573,12 @@ def checked_fit_options(check_view: object, fair_check: object, check_tolerance:
         raise ValueError(f"{names.fair_check} is a way of checking the fit on a view kept apart: it needs "
                          f"{names.check_view_on}")
     tolerance = check_tolerance_db(check_tolerance, names.check_tolerance)
+    if tolerance != CHECK_TOLERANCE_DB and not check_view:
+        # the default is what every caller passes when it sets none (fit_coefficients', BundleFit's None,
+        # the bench's), so only a tolerance chosen by the user can be one the fit would ignore
+        raise ValueError(f"{names.check_tolerance} {check_tolerance!r} is how many dB the fit may lose on the view "
+                         f"a check keeps apart; without the check no view is kept apart: a tolerance other than "
+                         f"the default {CHECK_TOLERANCE_DB} needs {names.check_view_on}")
     recipes = check_recipe_names(check_recipes, names.check_recipes)
     if recipes and not check_view:
         raise ValueError(f"{names.check_recipes} chooses a recipe on a view kept apart: it needs "
@@ -1147,7 +1154,8 @@ def fit_coefficients(
     those given) is kept apart, the fit runs on the others, and that view's PSNR is scored
     (:func:`view_psnr`, over its valid pixels) with the model before step 1 and after the
     last step; if the fitted one scores more than ``check_tolerance`` dB lower
-    (:data:`CHECK_TOLERANCE_DB`, 0.5; a finite number >= 0, 0 drops any loss), the result's
+    (:data:`CHECK_TOLERANCE_DB`, 0.5; a finite number >= 0, 0 drops any loss; another value
+    without ``check_view`` is a ValueError, not ignored), the result's
     model is the unfitted one (the aggregated scene as NPBG++ renders it). The result's
     ``check`` (:class:`FitCheck`) says
     which view, both scores and what was kept. With fewer than :data:`CHECK_VIEW_MIN_VIEWS`

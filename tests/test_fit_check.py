@@ -513,6 +513,28 @@ def test_fair_check_needs_a_checked_fit_and_a_bool(four_views):
     assert not BundleFit(bundle, data, steps=1, check_view=False).fair_check  # the default follows the check
 
 
+def test_a_tolerance_without_the_check_is_refused_unless_it_is_the_default(four_views):
+    """A tolerance the fit would ignore (no view kept apart) is a ValueError naming it and what it
+    needs, from the library's fit, its recipe check and BundleFit alike, before any step; the
+    default tolerance, which every caller passes when it sets none, is no error."""
+    folder, bundle = four_views
+    data, scene, model, ids = _fitting_setup(folder, bundle)
+    views = padded_fit_views([data.load_image(i) for i in ids], [data.views[i].camera for i in ids])
+    says = re.escape("check_tolerance 1 is how many dB the fit may lose on the view a check keeps apart; without "
+                     "the check no view is kept apart: a tolerance other than the default 0.5 needs check_view=True")
+    with pytest.raises(ValueError, match=f"^{says}$"):
+        iter_fit_coefficients(model, scene.aggregated_scene(), views, 1, check_tolerance=1)
+    with pytest.raises(ValueError, match=f"^{says}$"):
+        fitting.coefficients_recipe(check_view=False, check_tolerance=1)
+    with pytest.raises(ValueError, match=f"^{says}$"):
+        BundleFit(bundle, data, steps=1, check_view=False, check_tolerance=1)
+    with pytest.raises(ValueError, match="check_tolerance 0.0 is how many dB .* needs check_view=True$"):
+        BundleFit(bundle, data, steps=1, check_view=False, check_tolerance=0.0)
+    assert fitting.coefficients_recipe(check_tolerance=fitting.CHECK_TOLERANCE_DB).check_tolerance == 0.5
+    assert not BundleFit(bundle, data, steps=1, check_view=False, check_tolerance=0.5).checked
+    assert not BundleFit(bundle, data, steps=1, check_view=False).checked
+
+
 def test_a_fair_check_s_first_step_says_it_aggregates_without_the_kept_photo(four_views):
     """BundleFit.doing, step by step: the fair check's first step aggregates and scores, the
     fitting step says nothing, the last scores; once finished nothing."""

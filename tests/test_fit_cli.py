@@ -210,9 +210,15 @@ def test_fit_command_refuses_a_bad_check_tolerance_before_fitting(scene_and_bund
         assert str(core.value).startswith("check_tolerance must be a finite number of dB >= 0, got ")
         assert fit_cli.main([*run, f"--check-tolerance={value}"]) == 2
         assert capsys.readouterr().err == f"error: --{str(core.value).replace('_', '-')}\n"
+    # a tolerance other than the default: the core's rule, in the flags' words
     assert fit_cli.main([*run, "--no-check-view", "--check-tolerance", "1"]) == 2
+    assert capsys.readouterr().err == ("error: --check-tolerance 1.0 is how many dB the fit may lose on the view a "
+                                       "check keeps apart; without the check no view is kept apart: a tolerance "
+                                       "other than the default 0.5 needs --check-view, not --no-check-view\n")
+    # the default given as a flag: ignored all the same, which only the command can tell from no flag
+    assert fit_cli.main([*run, "--no-check-view", f"--check-tolerance={CHECK_TOLERANCE_DB}"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: --check-tolerance") and "--no-check-view" in err and err.count("\n") == 1
+    assert err.startswith("error: --check-tolerance is what") and "--no-check-view" in err and err.count("\n") == 1
     with pytest.raises(SystemExit) as bad:
         fit_cli.main([*run, "--check-tolerance", "half"])
     assert bad.value.code == 2 and "--check-tolerance: invalid float value: 'half'" in capsys.readouterr().err
