@@ -837,7 +837,8 @@ class NPBGPP_OT_fit(_WorkerStepJob, bpy.types.Operator):
     # within 0.3 dB of it, 100-200 gained.
     steps: IntProperty(  # type: ignore[valid-type]
         name="Steps", default=200, min=50, max=100_000,
-        description="Fitting steps, two 128-pixel crops each. 200 adds up to about 1 dB on real captures; "
+        description="Fitting steps, two 128-pixel crops each. 200 added 1.75 dB on average on 9 real captures "
+                    "with photos at 256 px (0.67 at their own 512 px); "
                     "the fit gets worse before it gets better (5-20 steps lost up to 2.4 dB against no fit), "
                     "so at least 50",
     )

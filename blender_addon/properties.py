@@ -105,7 +105,7 @@ class NPBGPPSceneSettings(bpy.types.PropertyGroup):
         name="Refiner Kernels",
         description="How the network's refiner runs. The fused kernels apply on a CUDA GPU with Triton installed "
         "(elsewhere Torch runs; the viewport's status line says which ran) and compile once, into Triton's cache, "
-        "while the viewport keeps showing Torch frames; GPU timings are in the add-on's BENCHMARKS.md",
+        "while the viewport keeps showing Torch frames; not timed on a GPU yet (the repository's BENCHMARKS.md)",
         items=[
             ("TORCH", "Torch", "PyTorch's own operations (the reference)"),
             ("TRITON", "Fused (Triton)", "cuDNN convolutions, everything between them in fused Triton kernels"),
