@@ -262,6 +262,14 @@ class FitResult:
     def steps(self) -> int:
         return len(self.losses)
 
+    @property
+    def steps_in_all(self) -> int:
+        """The steps of every recipe a choosing check fitted (``check.candidates``, each from the
+        unfitted scene), of which ``steps`` and ``losses`` are one fit's (the chosen one, or an
+        average's first); 0 when no choosing check fitted any (no check, a plain one, or one that
+        could not apply: ``steps`` are then all there were). One sum for every report of it."""
+        return 0 if self.check is None else sum(c.steps for c in self.check.candidates)
+
 
 def padded_fit_views(images: Sequence[torch.Tensor], cameras: Sequence[Camera]) -> FitViews:
     """FitViews of photos of different sizes (3, H_k, W_k): each is padded at the bottom and

@@ -223,7 +223,7 @@ class FitResultInfo(Reply):
     ``render_not_finite``: the fit was dropped because its render of that photo was not finite
     (``FitCheck.render_not_finite``): the fit itself is broken, not merely worse.
     ``steps_in_all``: a choosing check (:class:`FitBegin` ``check_recipes``) fitted each recipe
-    and chose one (or averaged them all: ``combine``): the steps of them all (``FitCheck.candidates``),
+    and chose one (or averaged them all: ``combine``): the steps of them all (``FitResult.steps_in_all``),
     of which ``steps`` and the losses are the chosen fit's while ``seconds`` count every fit; 0 for any
     other fit.
     ``combine``: "average" when the check took the mean of every recipe's fit and judged it, kept or

@@ -500,7 +500,7 @@ class RenderService:
         return P.FitResultInfo(req.out, job.result.steps, float(losses[0]), float(losses[-1]), job.result.seconds,
                                "fitted" if check is None else check["kept"], job.outcome(),
                                raw is not None and raw.render_not_finite,
-                               sum(c.steps for c in raw.candidates) if raw is not None else 0,
+                               job.result.steps_in_all,
                                raw.combine if raw is not None else "",
                                raw.choosing_keeps if raw is not None else "")
 

@@ -493,3 +493,24 @@ def test_a_fair_check_averages_too_and_drops_to_the_full_aggregation(setup, monk
     unfitted = fit_coefficients(model, aggregated, views, steps=0, loss_fn=inverted_at(-1)).model.state_dict()
     for name, value in unfitted.items():
         assert torch.equal(result.model.state_dict()[name], value), name
+
+
+def test_steps_in_all_sums_the_recipes_a_choosing_check_fitted():
+    """FitResult.steps_in_all, hand-computed: crops 200 + whole 50 = 250 steps for a choice or an
+    average of both (the result's own steps one fit's); a choice of one recipe its 50; 0 for a plain
+    check, a check that could not apply (the first recipe ran alone, unchecked) and no check."""
+    from npbgpp_core.fitting import FitCandidate, FitCheck, FitResult
+
+    both = [FitCandidate("crops", 20.0, 200, 3.0), FitCandidate("whole", 20.5, 50, 1.0)]
+    chosen = FitResult(None, losses=[0.1] * 50, check=FitCheck(1, 19.0, 20.5, recipe="whole", candidates=both))
+    assert chosen.steps_in_all == 250 and chosen.steps == 50
+    averaged = FitResult(None, losses=[0.1] * 200,
+                         check=FitCheck(1, 19.0, 20.2, recipe="average", candidates=both, combine="average"))
+    assert averaged.steps_in_all == 250 and averaged.steps == 200
+    alone = FitResult(None, losses=[0.1] * 50,
+                      check=FitCheck(1, 19.0, 20.5, recipe="whole", candidates=[both[1]]))
+    assert alone.steps_in_all == 50
+    plain = FitResult(None, losses=[0.1] * 200, check=FitCheck(1, 19.0, 20.0))
+    skipped = FitResult(None, losses=[0.1] * 200, check=FitCheck(None, skipped="2 input views", recipe="crops"))
+    unchecked = FitResult(None, losses=[0.1] * 200)
+    assert plain.steps_in_all == skipped.steps_in_all == unchecked.steps_in_all == 0
