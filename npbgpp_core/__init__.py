@@ -19,7 +19,8 @@ Public API (others rely on these names)::
     load_ply, save_ply     PLY point clouds (and Gaussian-splat files); PointCloud holds one
     densify_scene          dense coloured PointCloud from a dataset's calibrated photos (MVS)
     fit_bundle             fit an aggregated NeuralScene to its dataset's photos (the 200-step
-                           per-scene fit) and save the fitted bundle
+                           per-scene fit, by default checked on a photo kept apart) and save
+                           the fitted bundle, or the unfitted one when the fit lost there
 
 Example::
 
