@@ -20,7 +20,8 @@ Public API (others rely on these names)::
     densify_scene          dense coloured PointCloud from a dataset's calibrated photos (MVS)
     fit_bundle             fit an aggregated NeuralScene to its dataset's photos (the 200-step
                            per-scene fit, by default checked on a photo kept apart) and save
-                           the fitted bundle, or the unfitted one when the fit lost there
+                           the fitted bundle, or the unfitted one when the fit scored more
+                           than CHECK_TOLERANCE_DB (0.5) lower there
 
 Example::
 
