@@ -122,7 +122,7 @@ def fit(args: argparse.Namespace) -> str:
     views = f"{job.views - 1} of {job.views} views (one kept apart)" if job.checked else f"{job.views} views"
     loss = f"loss {losses[0]:.4f} -> {losses[-1]:.4f}"
     raw = job.result.check
-    if raw is not None and raw.combine == "average":  # the steps and losses the first recipe's, the seconds all
+    if raw is not None and raw.averaged:  # the steps and losses the first recipe's, the seconds all
         print(f"fitted {views}, {job.result.steps_in_all} steps in {job.result.seconds:.1f} s over "
               f"{len(raw.candidates)} recipes and averaged them (the {raw.candidates[0].recipe} fit: "
               f"{job.result.steps} steps, {loss})", file=sys.stderr)

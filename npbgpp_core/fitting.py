@@ -173,14 +173,14 @@ class FitCheck:
     unfitted score of NaN, keeps the fit).
     ``aggregated_without``: a fair check (``fair_check``): both scores and the fit came from
     an aggregation without the kept view, which took ``aggregate_seconds``.
-    ``candidates``: a choosing check (``check_recipes``): every recipe fitted, in order, with its
-    score on the kept view; ``recipe`` the one chosen (the best score; ``psnr_fitted`` is its),
-    or, when the check could not apply, the one that ran unchecked (the first named).
-    ``combine``: "average" for a check that took the mean of every candidate's fit
-    (``check_combine``) and judged it, whether ``kept`` or not: ``recipe`` is then "average" and
-    ``psnr_fitted`` the mean's score; "" otherwise (a choice, no candidates, or a check that could
-    not apply: the first recipe ran unchecked, nothing was averaged; ``skipped`` then names the
-    average or choice asked for, with two or more recipes)."""
+    A choosing check (``check_recipes``): ``combine`` what it was asked to do with the recipes' fits
+    (``check_combine``: "choose" or "average"), also when it could not apply; "" for a plain check.
+    ``candidates``: every recipe fitted, in order, with its score on the kept view (none when the
+    check could not apply). ``chosen``: the recipe whose fit is the result's: the best-scoring one of
+    a choice (``psnr_fitted`` is its), or, when the check could not apply, the one that ran unchecked
+    (the first named; ``skipped`` then names the average or choice asked for, with two or more
+    recipes); "" for an average. ``averaged`` and ``recipe`` are derived from these: one record, no
+    two fields that could disagree."""
 
     view: int | None
     psnr_unfitted: float | None = None
@@ -190,9 +190,21 @@ class FitCheck:
     aggregated_without: bool = False
     aggregate_seconds: float = 0.0
     tolerance: float = 0.0
-    recipe: str = ""
+    chosen: str = ""
     candidates: list[FitCandidate] = field(default_factory=list)
     combine: str = ""
+
+    @property
+    def averaged(self) -> bool:
+        """Whether the check took the mean of every candidate's fit (asked "average", and the check
+        applied) and judged it, whether ``kept`` or not: ``psnr_fitted`` is then the mean's score."""
+        return self.combine == "average" and self.view is not None
+
+    @property
+    def recipe(self) -> str:
+        """What the result's fit is, for the metadata and the lines: "average" for an average, else
+        ``chosen`` ("" for a plain check)."""
+        return "average" if self.averaged else self.chosen
 
     @property
     def render_not_finite(self) -> bool:
@@ -209,7 +221,7 @@ class FitCheck:
         unfitted score); "" when no candidate would be kept, or for any other check. Why: one
         broken recipe breaks the mean, while choosing would have kept a sound one, so the advice
         for such a fit is a setting and not that the fit itself broke."""
-        if self.combine != "average" or not self.render_not_finite:
+        if not self.averaged or not self.render_not_finite:
             return ""
         best: FitCandidate | None = None
         for candidate in self.candidates:
@@ -820,7 +832,7 @@ def _checked_steps(
         if len(candidates) > 1:  # what was asked and not done, so that the metadata and the line keep it
             asked = "average of" if combine == "average" else "choice between"
             skipped += f", so the first recipe ran alone (no {asked} {' and '.join(c[0] for c in candidates)})"
-        result.check = FitCheck(None, skipped=skipped, recipe=name)
+        result.check = FitCheck(None, skipped=skipped, chosen=name, combine=combine if name else "")
         return result
     start = time.perf_counter()
     unfitted = _cpu_state(model)
@@ -896,10 +908,9 @@ def _checked_steps(
     result.seconds = fitting + scoring
     result.check = FitCheck(k, before, after, kept, tolerance=tolerance)
     if candidates[0][0]:  # a choosing check: say what each recipe scored and which was chosen
-        result.check.recipe = "average" if averaging else scored[chosen].recipe
+        result.check.chosen = "" if averaging else scored[chosen].recipe
         result.check.candidates = scored
-        if averaging:
-            result.check.combine = "average"
+        result.check.combine = combine
     result.candidate_states = states  # without keep_candidates: empty
     if keep_candidates:
         result.unfitted_state = unfitted

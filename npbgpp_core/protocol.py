@@ -226,9 +226,11 @@ class FitResultInfo(Reply):
     and chose one (or averaged them all: ``combine``): the steps of them all (``FitResult.steps_in_all``),
     of which ``steps`` and the losses are the chosen fit's while ``seconds`` count every fit; 0 for any
     other fit.
-    ``combine``: "average" when the check took the mean of every recipe's fit and judged it, kept or
-    not (:class:`FitBegin` ``check_combine``; then ``steps`` and the losses are the first recipe's),
-    else "".
+    ``combine``: what a choosing check was asked to do with the recipes' fits (:class:`FitBegin`
+    ``check_combine``, ``FitCheck.combine``: "choose" or "average"), also when it could not apply
+    (then ``steps_in_all`` is 0); "" for any other fit. "average" with ``steps_in_all`` above 0: the
+    check took the mean of every recipe's fit and judged it, kept or not (``steps`` and the losses are
+    then the first recipe's).
     ``choosing_keeps``: such an average dropped because its render was not finite, while a choosing
     check (``check_combine`` "choose") would have kept one recipe's own fit (``FitCheck.choosing_keeps``):
     that recipe (one of :data:`CHECK_RECIPES`), for the add-on's advice; else ""."""

@@ -254,20 +254,20 @@ class BundleFit:
         # a choosing check names the recipe it chose ("kept the fit (whole views): ..."), or the
         # one that ran unchecked when the check could not apply; an averaging one what it averaged
         labels = [RECIPE_LABELS.get(c.recipe, c.recipe) for c in raw.candidates]
-        if raw.combine == "average":
+        if raw.averaged:
             chosen = f" (average of {', '.join(labels[:-1])} and {labels[-1]})"
         else:
-            chosen = f" ({RECIPE_LABELS.get(raw.recipe, raw.recipe)})" if raw.recipe else ""
+            chosen = f" ({RECIPE_LABELS.get(raw.chosen, raw.chosen)})" if raw.chosen else ""
         if check.get("skipped"):
             return f"the fit{chosen} used every photo unchecked: {check['skipped']}"
         if raw.render_not_finite:
-            if len(raw.candidates) > 1 and not raw.combine:  # NaN never wins a choice: no recipe's was finite
+            if len(raw.candidates) > 1 and not raw.averaged:  # NaN never wins a choice: no recipe's was finite
                 return (f"kept the unfitted scene: no recipe's render of held-apart photo {check['name']} was finite "
                         f"({', '.join(labels)})")
             # an average is broken by any broken recipe: name those whose own render was not finite
             # either (choosing between the recipes would have kept another)
             alone = [label for label, c in zip(labels, raw.candidates, strict=True)
-                     if raw.combine and math.isnan(c.psnr_fitted)]
+                     if raw.averaged and math.isnan(c.psnr_fitted)]
             either = f" (alone, not finite either: {', '.join(alone)})" if alone else ""
             return (f"kept the unfitted scene: the fit's{chosen} render of held-apart photo {check['name']} was not "
                     f"finite{either}")

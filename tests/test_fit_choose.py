@@ -94,6 +94,7 @@ def test_the_recipe_that_scores_best_on_the_kept_photo_is_kept(setup, losing_sid
         assert torch.equal(fitted[name], value), name
     as_dict = check.as_dict()
     assert as_dict["recipe"] == winner and [c["recipe"] for c in as_dict["candidates"]] == ["crops", "whole"]
+    assert as_dict["combine"] == "choose" and not check.averaged  # what was asked, as an average records its own
 
 
 def test_a_plain_check_equals_a_choice_of_one_recipe(setup):
@@ -105,6 +106,7 @@ def test_a_plain_check_equals_a_choice_of_one_recipe(setup):
     one = fit_coefficients(model, aggregated, views, check_view=True, check_recipes=("crops",), loss_fn=loss,
                            **CROPS)
     assert plain.check.candidates == [] and plain.check.recipe == "" and "candidates" not in plain.check.as_dict()
+    assert plain.check.combine == "" and "combine" not in plain.check.as_dict()  # nothing to choose between
     assert one.check.recipe == "crops" and one.check.psnr_fitted == plain.check.psnr_fitted
     for name, value in plain.model.state_dict().items():
         assert torch.equal(one.model.state_dict()[name], value), name
@@ -439,15 +441,18 @@ def test_a_bundle_fit_that_averages_names_the_average_in_every_outcome(tmp_path,
     assert not job.checked and job.total == 3
     while not job.step():
         pass
-    assert job.check()["recipe"] == "crops" and "combine" not in job.check()
-    # the average asked for leaves its trace: the metadata's skipped reason and the line say the first ran alone
+    # the average asked for is recorded (combine), not only in words: the recipe that ran alone is the
+    # metadata's recipe, the skipped reason and the line say why, and nothing was averaged
+    assert job.check()["recipe"] == "crops" and job.check()["combine"] == "average"
+    assert not job.result.check.averaged and job.result.check.chosen == "crops"
     alone = ("2 input views, fewer than the 3 a check needs, so the first recipe ran alone (no average of crops "
              "and whole)")
     assert job.check()["skipped"] == alone and "candidates" not in job.check()
     assert job.outcome() == f"the fit (crops) used every photo unchecked: {alone}"
     out = str(tmp_path / "few_fitted.npbgpp")
     job.save(out)
-    assert NeuralScene.load(out).metadata["fit"]["check"]["skipped"] == alone
+    saved = NeuralScene.load(out).metadata["fit"]["check"]
+    assert (saved["skipped"], saved["combine"], saved["recipe"]) == (alone, "average", "crops")
 
 
 @pytest.mark.parametrize(("unfitted", "own", "combine", "kept"), [
@@ -457,7 +462,7 @@ def test_a_bundle_fit_that_averages_names_the_average_in_every_outcome(tmp_path,
     (20.0, (19.4, math.nan), "average", ""),  # the finite one 0.6 dB below: choosing would drop it too
     (20.0, (math.nan, math.nan), "average", ""),  # none finite
     (math.nan, (5.0, math.nan), "average", "crops"),  # an unfitted score of NaN cannot judge: kept
-    (20.0, (19.0, 19.8), "", ""),  # a choice: FitCheck.render_not_finite says all
+    (20.0, (19.0, 19.8), "choose", ""),  # a choice: FitCheck.render_not_finite says all
 ])
 def test_choosing_keeps_names_the_recipe_a_choice_would_have_kept_of_a_broken_average(unfitted, own, combine, kept):
     """FitCheck.choosing_keeps, hand-computed cases: of an average whose render was NaN (dropped), the
@@ -466,10 +471,10 @@ def test_choosing_keeps_names_the_recipe_a_choice_would_have_kept_of_a_broken_av
     from npbgpp_core.fitting import FitCandidate, FitCheck
 
     candidates = [FitCandidate(name, score, 1, 0.0) for name, score in zip(("crops", "whole"), own, strict=True)]
-    check = FitCheck(1, unfitted, math.nan, "unfitted", tolerance=0.5, recipe="average" if combine else "crops",
+    check = FitCheck(1, unfitted, math.nan, "unfitted", tolerance=0.5, chosen="" if combine == "average" else "crops",
                      candidates=candidates, combine=combine)
     assert check.render_not_finite and check.choosing_keeps == kept
-    finite = FitCheck(1, unfitted, 18.0, "unfitted", tolerance=0.5, recipe="average", candidates=candidates,
+    finite = FitCheck(1, unfitted, 18.0, "unfitted", tolerance=0.5, candidates=candidates,
                       combine="average")  # an average dropped for scoring low, not for breaking
     assert finite.choosing_keeps == ""
 
@@ -502,15 +507,17 @@ def test_steps_in_all_sums_the_recipes_a_choosing_check_fitted():
     from npbgpp_core.fitting import FitCandidate, FitCheck, FitResult
 
     both = [FitCandidate("crops", 20.0, 200, 3.0), FitCandidate("whole", 20.5, 50, 1.0)]
-    chosen = FitResult(None, losses=[0.1] * 50, check=FitCheck(1, 19.0, 20.5, recipe="whole", candidates=both))
+    chosen = FitResult(None, losses=[0.1] * 50,
+                       check=FitCheck(1, 19.0, 20.5, chosen="whole", candidates=both, combine="choose"))
     assert chosen.steps_in_all == 250 and chosen.steps == 50
     averaged = FitResult(None, losses=[0.1] * 200,
-                         check=FitCheck(1, 19.0, 20.2, recipe="average", candidates=both, combine="average"))
+                         check=FitCheck(1, 19.0, 20.2, candidates=both, combine="average"))
     assert averaged.steps_in_all == 250 and averaged.steps == 200
     alone = FitResult(None, losses=[0.1] * 50,
-                      check=FitCheck(1, 19.0, 20.5, recipe="whole", candidates=[both[1]]))
+                      check=FitCheck(1, 19.0, 20.5, chosen="whole", candidates=[both[1]], combine="choose"))
     assert alone.steps_in_all == 50
     plain = FitResult(None, losses=[0.1] * 200, check=FitCheck(1, 19.0, 20.0))
-    skipped = FitResult(None, losses=[0.1] * 200, check=FitCheck(None, skipped="2 input views", recipe="crops"))
+    skipped = FitResult(None, losses=[0.1] * 200,
+                        check=FitCheck(None, skipped="2 input views", chosen="crops", combine="choose"))
     unchecked = FitResult(None, losses=[0.1] * 200)
     assert plain.steps_in_all == skipped.steps_in_all == unchecked.steps_in_all == 0
