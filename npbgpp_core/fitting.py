@@ -847,7 +847,7 @@ def _checked_steps(
     best_state: dict[str, torch.Tensor] | None = None
     states: dict[str, dict[str, torch.Tensor]] = {}
     averaging = combine == "average"
-    first: FitResult | None = None  # an average's losses: the first candidate's
+    first: FitResult | None = None  # an average's losses: the first candidate's (a choice keeps the best's)
     for i, (name, steps, crop, recipe) in enumerate(candidates):
         if i > 0:
             model.load_state_dict(unfitted)  # every candidate starts from the unfitted scene
@@ -868,11 +868,11 @@ def _checked_steps(
         after = view_psnr(model, points, views, k)
         scoring += time.perf_counter() - start
         scored.append(FitCandidate(name, after, result.steps, result.seconds))
-        if first is None:
-            first = result
         if keep_candidates or (averaging and i < len(candidates) - 1):
             states[name] = _cpu_state(model)  # the last candidate an average takes from the model itself
         if averaging:
+            if i == 0:
+                first = result
             continue
         if beats_best(after, None if best is None else scored[best[0]].psnr_fitted):
             best = (i, result)
