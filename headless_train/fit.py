@@ -122,10 +122,12 @@ def fit(args: argparse.Namespace) -> str:
     views = f"{job.views - 1} of {job.views} views (one kept apart)" if job.checked else f"{job.views} views"
     loss = f"loss {losses[0]:.4f} -> {losses[-1]:.4f}"
     raw = job.result.check
-    if raw is not None and raw.averaged:  # the steps and losses the first recipe's, the seconds all
+    if raw is not None and len(raw.candidates) > 1:
+        # the seconds all the fits', the steps and losses one fit's: the chosen one, or an average's first
+        did, which = ("averaged them", raw.candidates[0].recipe) if raw.averaged else ("chose one", raw.chosen)
         print(f"fitted {views}, {job.result.steps_in_all} steps in {job.result.seconds:.1f} s over "
-              f"{len(raw.candidates)} recipes and averaged them (the {raw.candidates[0].recipe} fit: "
-              f"{job.result.steps} steps, {loss})", file=sys.stderr)
+              f"{len(raw.candidates)} recipes and {did} (the {which} fit: {job.result.steps} steps, {loss})",
+              file=sys.stderr)
     else:
         print(f"fitted {views}, {job.result.steps} steps in {job.result.seconds:.1f} s ({loss})", file=sys.stderr)
     print(job.outcome(), file=sys.stderr)

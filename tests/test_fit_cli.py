@@ -233,8 +233,8 @@ def test_fit_command_check_recipes_keeps_the_whole_view_fit_when_it_scores_best(
     """--check-recipes crops,whole with the whole-view fit scoring best on the kept photo: the
     bundle written is, bit for bit, the whole-view recipe fitted alone (as the choice's other
     candidate it starts from the unfitted scene with the same seed), its metadata name the
-    recipe and both candidates, the progress counts both fits' steps and the last line names the
-    recipe."""
+    recipe and both candidates, the progress counts both fits' steps, the line of the fit says its
+    steps and losses are the chosen one's and the last line names the recipe."""
     from headless_train.fit import main
     from npbgpp_core import fitting
     from npbgpp_core.scene import NeuralScene
@@ -254,8 +254,13 @@ def test_fit_command_check_recipes_keeps_the_whole_view_fit_when_it_scores_best(
     assert check["kept"] == "fitted" and check["recipe"] == "whole"
     assert [(c["recipe"], c["psnr_fitted"], c["steps"]) for c in check["candidates"]] == [
         ("crops", 19.0, 2), ("whole", 21.9, fitting.WHOLE_VIEW_STEPS)]
-    assert saved.metadata["fit"]["steps"] == fitting.WHOLE_VIEW_STEPS
+    fit = saved.metadata["fit"]
+    assert fit["steps"] == fitting.WHOLE_VIEW_STEPS
     assert err.splitlines()[-1] == f"kept the fit (whole views): +1.90 dB on held-apart photo {check['name']}"
+    # the line before counts both recipes' steps and says its steps and losses are the chosen fit's
+    assert re.fullmatch(rf"fitted 2 of 3 views \(one kept apart\), {2 + fitting.WHOLE_VIEW_STEPS} steps in [0-9.]+ s "
+                        rf"over 2 recipes and chose one \(the whole fit: {fitting.WHOLE_VIEW_STEPS} steps, loss "
+                        rf"{fit['loss_first']:.4f} -> {fit['loss_last']:.4f}\)", err.splitlines()[-2]), err
     monkeypatch.setattr(fitting, "view_psnr", scores_in_turn(20.0, 21.9))
     reference = str(tmp_path / "whole_alone.npbgpp")
     fit_bundle(bundle, folder, reference, steps=2, check_view=True, check_recipes=("whole",))
