@@ -3558,6 +3558,38 @@ def test_scene_walk_asks_whether_particles_instance_in_renders_once_per_instance
     assert sorted(asked) == ["GridA", "GridB"]
 
 
+def test_scene_walk_reads_each_objects_flags_afresh_on_every_walk(scene):
+    """A plane instancing its child cube at its 4 vertices (Instancing: Vertices). The walk
+    reads what its rules ask of an object once per walk (a dense instancer's entries are almost
+    all of one child), so a change between two walks must be seen by the second: the cube
+    disabled in renders is instanced nowhere (renders show none of it), then enabled again
+    at the 4 vertices; the plane with Show Instancer for renders off has no entry of its own,
+    then with it on again has one. Counts by hand: 4 vertices."""
+    from blender_addon.datagen import surface_points
+
+    bpy.ops.mesh.primitive_plane_add(size=4.0)
+    plane = bpy.context.active_object
+    plane.instance_type = "VERTS"
+    bpy.ops.mesh.primitive_cube_add(size=0.3, location=(0.0, 0.0, 1.0))
+    cube = bpy.context.active_object
+    cube.parent = plane
+
+    def walked() -> tuple[int, int]:
+        """(instances of the cube, entries of the plane's own) the walk yields."""
+        objects = [(inst.object.original, inst.is_instance)
+                   for inst, *_ in surface_points.rendered_entries(bpy.context.evaluated_depsgraph_get())]
+        return objects.count((cube, True)), objects.count((plane, False))
+
+    assert walked() == (4, 1)
+    cube.hide_render = True
+    assert walked() == (0, 1)
+    cube.hide_render = False
+    plane.show_instancer_for_render = False
+    assert walked() == (4, 0)
+    plane.show_instancer_for_render = True
+    assert walked() == (4, 1)
+
+
 def test_points_from_meshes_samples_a_metaball_child_of_an_instancing_parent_where_renders_show_it(scene):
     """Two metaball children of a plane instancing its children at its 4 vertices (Instancing:
     Vertices): a ball of radius 0.5 standing at (0, 0, 2) and, 3 higher, one of a negative

@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterator, Sequence
 from functools import cached_property
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 
@@ -411,7 +411,11 @@ def _used_id(inst: Any) -> tuple[int, ...]:
     instance, and so on. The entry it is nested in at level ``k`` has this id's last ``k``
     places (measured in bpy 5.0.1), including one with no entry of its own (a Geometry Nodes'
     collection instance, an instancer with Show Instancer off)."""
-    ids = tuple(inst.persistent_id)
+    ids = inst.persistent_id
+    if ids[1] == UNUSED_ID:  # most entries of a dense instancer: two places read, not all eight
+        first = ids[0]
+        return (first,) if first != UNUSED_ID else ()
+    ids = tuple(ids)
     return ids[:ids.index(UNUSED_ID)] if UNUSED_ID in ids else ids
 
 
@@ -427,16 +431,39 @@ def descends_from(obj: Any, ancestor: Any) -> bool:
     return False
 
 
-def _descendant_disabled_in_renders(within: tuple[Any, ...]) -> bool:
-    """Whether an entry instanced ``within`` (:func:`rendered_entries`) is, or is nested in, an
+def _descendant_disabled_in_renders(within: Sequence[_ObjectRules]) -> bool:
+    """Whether an entry instanced within the objects whose rules are ``within``
+    (:func:`rendered_entries`' ``within``, :func:`_object_rules` of each) is, or is nested in, an
     instance of a descendant disabled in renders that an instancer by vertices or faces makes:
     renders instance it nowhere, nor what it makes (measured in bpy 5.0.1, a render's
     depsgraph: a ball's child cube disabled in renders is at neither the ball's vertices nor
     the vertices of the plane instancing the ball, of which the ball is a child). Geometry
     Nodes' and particles' instances of an object disabled in renders are rendered: not asked."""
-    return within[0].hide_render or len(within) > 1 and any(
-        obj.hide_render and outer.instance_type in INSTANCES_CHILDREN and descends_from(obj, outer)
-        for outer, obj in zip(within, within[1:], strict=False))
+    return within[0].hide_render or any(
+        inner.hide_render and outer.instances_children and outer.pointer in inner.ancestors  # descends_from
+        for outer, inner in zip(within, within[1:], strict=False))
+
+
+class _ObjectRules(NamedTuple):
+    """What :func:`rendered_entries` asks of an original object, read once per walk."""
+
+    pointer: int  # as_pointer(), the key of the walk's per-instancer tables
+    ancestors: frozenset[int]  # its parent's, its parent's parent's, ... as_pointer(): :func:`descends_from`
+    instances_children: bool  # an instancer by vertices or faces (:data:`INSTANCES_CHILDREN`)
+    shown_only_where_instanced: bool  # :func:`shown_only_where_instanced`
+    not_shown_itself: bool  # :func:`not_shown_itself_in_renders`
+    hide_render: bool
+
+
+def _object_rules(obj: Any) -> _ObjectRules:
+    """:class:`_ObjectRules` of the original object ``obj``, read now."""
+    ancestors = []
+    parent = obj.parent
+    while parent is not None:
+        ancestors.append(parent.as_pointer())
+        parent = parent.parent
+    return _ObjectRules(obj.as_pointer(), frozenset(ancestors), obj.instance_type in INSTANCES_CHILDREN,
+                        shown_only_where_instanced(obj), not_shown_itself_in_renders(obj), obj.hide_render)
 
 
 def rendered_entries(depsgraph: Any) -> Iterator[tuple[Any, Any, tuple[Any, ...]]]:
@@ -524,20 +551,40 @@ def rendered_entries(depsgraph: Any) -> Iterator[tuple[Any, Any, tuple[Any, ...]
     # per instancer by vertices or faces (as_pointer()): its descendant an instance nested in a first level with
     # no entry is in (:func:`_instancer_not_shown`), read once
     unseen: dict[int, Any] = {}
+    # per original object met (bpy hashes and compares a struct by its pointer), what the rules
+    # ask of it, read once: a dense instancer's entries are almost all of one child, and each
+    # read of a bpy property costs about as much as the rest of an entry's work
+    rules: dict[Any, _ObjectRules] = {}
+
+    def rules_of(obj: Any) -> _ObjectRules:
+        found = rules.get(obj)
+        return found if found is not None else rules.setdefault(obj, _object_rules(obj))
+
     for inst in depsgraph.object_instances:
         obj = inst.object.original
-        instanced = inst.is_instance and inst.parent is not None
-        stands_for = inst.parent.original if instanced else obj
+        own = rules_of(obj)
+        parent = inst.parent if inst.is_instance else None
+        instanced = parent is not None
+        if instanced:
+            stands_for = parent.original
+            its = rules_of(stands_for)
+            # what the particles such an object emits are told apart by, and which of its own instances
+            # a parent instancing its children makes (read once per entry)
+            system = inst.particle_system if viewport or its.instances_children else None
+        else:
+            stands_for, its = obj, own
         within: tuple[Any, ...] = ()
-        if instanced and stands_for.instance_type in INSTANCES_CHILDREN:
-            key = stands_for.as_pointer()
+        if instanced and its.instances_children:
+            key = its.pointer
             used = _used_id(inst)
             depth = len(used)
             # an entry read before is the one this is nested in only where its id is this id's
             # tail: an outer level with no entry (a Geometry Nodes' collection instance, an
             # instancer with Show Instancer off) is not taken for the last entry of that level
             if depth == 1:  # most entries of a dense instancer: nested in none
-                path = [(used, obj if inst.particle_system is None else None)]
+                path = [(used, obj if system is None else None)]
+                if system is None and key in own.ancestors:  # descends_from
+                    within = (obj,)
             else:
                 outer = {len(ids): (ids, o) for ids, o in paths.get(key, ()) if len(ids) < depth}
                 path = [outer[level] if level in outer and outer[level][0] == used[depth - level:]
@@ -547,15 +594,15 @@ def rendered_entries(depsgraph: Any) -> Iterator[tuple[Any, Any, tuple[Any, ...]
                         unseen[key] = _instancer_not_shown(stands_for, not viewport)
                     path[0] = (path[0][0], unseen[key])
                 path.append((used, obj))
+                # not within its own particles' instances, nor within one it has no entry of
+                if path[0][1] is not None and key in rules_of(path[0][1]).ancestors:  # descends_from
+                    within = tuple(o for _, o in path if o is not None)
             paths[key] = path
-            # not within its own particles' instances, nor within one it has no entry of
-            if path[0][1] is not None and descends_from(path[0][1], stands_for):
-                within = tuple(o for _, o in path if o is not None)
         if not inst.show_self:
             continue
-        if shown_only_where_instanced(stands_for):
+        if its.shown_only_where_instanced:
             continue
-        if not_shown_itself_in_renders(obj):  # a viewport's show_self followed the viewport's flag
+        if own.not_shown_itself:  # a viewport's show_self followed the viewport's flag
             continue
         if not instanced:
             yield inst, stands_for, within
@@ -563,20 +610,23 @@ def rendered_entries(depsgraph: Any) -> Iterator[tuple[Any, Any, tuple[Any, ...]
         if within:  # only an entry of an instancer by vertices or faces: ``key`` is its, read above
             if viewport and key not in particles_instance:
                 particles_instance[key] = particles_instance_in_renders(stands_for)
-            if viewport and particles_instance[key] or _descendant_disabled_in_renders(within):
+            # a one-object within is this entry's own object (depth 1)
+            disabled = own.hide_render if len(within) == 1 else _descendant_disabled_in_renders(
+                [rules_of(o) for o in within])
+            if viewport and particles_instance[key] or disabled:
                 continue  # a descendant instanced at vertices / faces that renders do not instance, or nested in one
         if viewport:
             # nested in an instance of a descendant: what that descendant instances (its collection's
             # members), not the parent, which instances its descendants only
-            source = within[0] if len(within) > 1 else stands_for
-            source_key = source.as_pointer()
+            source, source_key = (within[0], rules_of(within[0]).pointer) if len(within) > 1 else (
+                stands_for, its.pointer)
             if source_key not in not_rendered:
                 not_rendered[source_key] = left_out = frozenset(instances_not_rendered(source))
                 if left_out not in systems_of:
                     systems_of[left_out] = _particle_systems(left_out, depsgraph)
-            if obj.as_pointer() in not_rendered[source_key]:
+            if own.pointer in not_rendered[source_key]:
                 continue  # also its Geometry Nodes instances (their original is the object)
-            system = inst.particle_system  # particles such an object emits (its Geometry Nodes' are not told apart)
+            # particles such an object emits (its Geometry Nodes' are not told apart)
             if system is not None and system.as_pointer() in systems_of[not_rendered[source_key]]:
                 continue
         yield inst, stands_for, within
