@@ -340,3 +340,41 @@ def remove_scene(scene) -> None:
     for img in list(bpy.data.images):
         if img.users == 0:
             bpy.data.images.remove(img)
+
+
+def build_dense_instancer_scene(side: int, nested: bool = False) -> tuple[Any, Any]:
+    """Create a new ``bpy`` scene ``npbgpp_dense_instancer`` of a flat ``side`` x ``side``
+    vertex grid instancing its child at its vertices: a small triangle, or with ``nested`` an
+    empty instancing a collection of two triangles (three depsgraph entries per vertex, two
+    nested in the empty's). The scene-points walk's worst case (``bench/bench_scene_walk.py``):
+    one depsgraph entry per instance. Returns the scene and its evaluated viewport depsgraph;
+    :func:`remove_scene` deletes it (the collection stays until the file's next purge)."""
+    import bpy
+
+    scene = bpy.data.scenes.new("npbgpp_dense_instancer")
+    xs, ys = np.meshgrid(np.linspace(-5.0, 5.0, side), np.linspace(-5.0, 5.0, side))
+    grid_mesh = bpy.data.meshes.new("dense_grid")
+    grid_mesh.from_pydata(np.stack([xs.ravel(), ys.ravel(), np.zeros(side * side)], 1).tolist(), [], [])
+    grid = bpy.data.objects.new("dense_grid", grid_mesh)
+    grid.instance_type = "VERTS"
+    scene.collection.objects.link(grid)
+
+    def triangle(name: str) -> Any:
+        mesh = bpy.data.meshes.new(name)
+        mesh.from_pydata([(0.0, 0.0, 0.0), (0.01, 0.0, 0.0), (0.0, 0.01, 0.0)], [], [(0, 1, 2)])
+        return bpy.data.objects.new(name, mesh)
+
+    if nested:
+        collection = bpy.data.collections.new("dense_members")
+        for k in range(2):
+            collection.objects.link(triangle(f"dense_member_{k}"))
+        child = bpy.data.objects.new("dense_empty", None)
+        child.instance_type = "COLLECTION"
+        child.instance_collection = collection
+    else:
+        child = triangle("dense_child")
+    scene.collection.objects.link(child)
+    child.parent = grid
+    with bpy.context.temp_override(scene=scene, view_layer=scene.view_layers[0]):
+        depsgraph = bpy.context.evaluated_depsgraph_get()
+    return scene, depsgraph
