@@ -79,15 +79,13 @@ def fit(args: argparse.Namespace) -> str:
                                                              else ""),
                              check_tolerance="--check-tolerance", check_recipes="--check-recipes",
                              check_combine="--check-combine")
+    # only here can a flag given at the default be told from none: it too would be ignored without
+    # the check, so any --check-tolerance is refused then, in the one message of the core's rule
     checked_fit_options(check_view, fair_check,
                         CHECK_TOLERANCE_DB if args.check_tolerance is None else args.check_tolerance,
                         () if args.check_recipes is None else args.check_recipes, flags,
-                        FIT_CHECK_COMBINE if args.check_combine is None else args.check_combine)
-    # the core refuses a tolerance other than the default without the check; only here can a flag given
-    # at the default be told from none, and it too would be ignored
-    if args.check_tolerance is not None and not check_view:
-        raise FitError("--check-tolerance is what the fit may lose on the photo --check-view keeps apart; with "
-                       "--no-check-view no photo is kept apart: drop one of the two")
+                        FIT_CHECK_COMBINE if args.check_combine is None else args.check_combine,
+                        tolerance_given=args.check_tolerance is not None)
     check_output_suffix(args.out, ".npbgpp")
     if os.path.exists(args.out) and same_file(args.out, args.bundle):
         raise FitError(f"--out {args.out} is the --bundle it fits; write the fitted bundle to another file")

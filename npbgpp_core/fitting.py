@@ -579,13 +579,16 @@ KEYWORD_NAMES = CheckOptionNames()
 
 def checked_fit_options(check_view: object, fair_check: object, check_tolerance: object, check_recipes: object,
                         names: CheckOptionNames = KEYWORD_NAMES,
-                        check_combine: object = FIT_CHECK_COMBINE) -> tuple[float, tuple[str, ...]]:
+                        check_combine: object = FIT_CHECK_COMBINE,
+                        tolerance_given: bool | None = None) -> tuple[float, tuple[str, ...]]:
     """The rules of a checked fit's options (fit_coefficients' ``check_view``, ``fair_check``,
     ``check_tolerance``, ``check_recipes``, ``check_combine``), in one place for the library and its
     command lines: raises ValueError naming a bad value or a missing ``check_view`` (for
-    ``fair_check``, ``check_recipes`` and a tolerance other than :data:`CHECK_TOLERANCE_DB`) as ``names``
-    spell them; returns the tolerance in dB and the recipe names (``check_combine``, once accepted,
-    is one of :data:`CHECK_COMBINES` as given)."""
+    ``fair_check``, ``check_recipes`` and a tolerance the caller gave) as ``names`` spell them;
+    returns the tolerance in dB and the recipe names (``check_combine``, once accepted, is one of
+    :data:`CHECK_COMBINES` as given). ``tolerance_given``: whether the caller's user set the
+    tolerance (a command line can tell a flag from none); None: a tolerance other than
+    :data:`CHECK_TOLERANCE_DB`, which is what a caller that sets none passes."""
     for name, flag in (("check_view", check_view), ("fair_check", fair_check)):
         if not isinstance(flag, bool):
             raise ValueError(f"{name} must be True or False, got {flag!r}")
@@ -593,12 +596,14 @@ def checked_fit_options(check_view: object, fair_check: object, check_tolerance:
         raise ValueError(f"{names.fair_check} is a way of checking the fit on a view kept apart: it needs "
                          f"{names.check_view_on}")
     tolerance = check_tolerance_db(check_tolerance, names.check_tolerance)
-    if tolerance != CHECK_TOLERANCE_DB and not check_view:
+    if tolerance_given is None:
         # the default is what every caller passes when it sets none (fit_coefficients', BundleFit's None,
-        # the bench's), so only a tolerance chosen by the user can be one the fit would ignore
+        # the bench's), so only another value is known to be chosen by the user
+        tolerance_given = tolerance != CHECK_TOLERANCE_DB
+    if tolerance_given and not check_view:  # a tolerance the fit would ignore
         raise ValueError(f"{names.check_tolerance} {check_tolerance!r} is how many dB the fit may lose on the view "
-                         f"a check keeps apart; without the check no view is kept apart: a tolerance other than "
-                         f"the default {CHECK_TOLERANCE_DB} needs {names.check_view_on}")
+                         f"a check keeps apart; without the check no view is kept apart: it needs "
+                         f"{names.check_view_on}")
     recipes = check_recipe_names(check_recipes, names.check_recipes)
     if recipes and not check_view:
         raise ValueError(f"{names.check_recipes} chooses a recipe on a view kept apart: it needs "

@@ -516,12 +516,13 @@ def test_fair_check_needs_a_checked_fit_and_a_bool(four_views):
 def test_a_tolerance_without_the_check_is_refused_unless_it_is_the_default(four_views):
     """A tolerance the fit would ignore (no view kept apart) is a ValueError naming it and what it
     needs, from the library's fit, its recipe check and BundleFit alike, before any step; the
-    default tolerance, which every caller passes when it sets none, is no error."""
+    default tolerance, which every caller passes when it sets none, is no error, unless the caller
+    says it was set (checked_fit_options' tolerance_given, what the fit command passes)."""
     folder, bundle = four_views
     data, scene, model, ids = _fitting_setup(folder, bundle)
     views = padded_fit_views([data.load_image(i) for i in ids], [data.views[i].camera for i in ids])
     says = re.escape("check_tolerance 1 is how many dB the fit may lose on the view a check keeps apart; without "
-                     "the check no view is kept apart: a tolerance other than the default 0.5 needs check_view=True")
+                     "the check no view is kept apart: it needs check_view=True")
     with pytest.raises(ValueError, match=f"^{says}$"):
         iter_fit_coefficients(model, scene.aggregated_scene(), views, 1, check_tolerance=1)
     with pytest.raises(ValueError, match=f"^{says}$"):
@@ -531,6 +532,10 @@ def test_a_tolerance_without_the_check_is_refused_unless_it_is_the_default(four_
     with pytest.raises(ValueError, match="check_tolerance 0.0 is how many dB .* needs check_view=True$"):
         BundleFit(bundle, data, steps=1, check_view=False, check_tolerance=0.0)
     assert fitting.coefficients_recipe(check_tolerance=fitting.CHECK_TOLERANCE_DB).check_tolerance == 0.5
+    # a caller that can tell a tolerance set from none (a command line) has the default refused too, alike
+    with pytest.raises(ValueError, match=re.escape("check_tolerance 0.5 is how many dB the fit may lose on the view")):
+        fitting.checked_fit_options(False, False, 0.5, (), tolerance_given=True)
+    assert fitting.checked_fit_options(False, False, 0.5, (), tolerance_given=False) == (0.5, ())
     assert not BundleFit(bundle, data, steps=1, check_view=False, check_tolerance=0.5).checked
     assert not BundleFit(bundle, data, steps=1, check_view=False).checked
 
