@@ -133,8 +133,8 @@ class NPBGPPSceneSettings(bpy.types.PropertyGroup):
         description="Fit to Photos keeps the middle training photo apart (3 photos or more), fits on the others, "
         "and keeps the unfitted scene when the fit scores more than 0.5 dB lower on that photo (the photo also "
         "built the unfitted scene, which starts ahead there), so a fit cannot make the scene clearly worse "
-        "there; the report says which was kept. With 6 photos the unchecked fit lost to no fit on 2 to 3 of "
-        "9 captures, the checked one on none; one photo does not judge every view: at 512 px it kept a fit that "
+        "there; the report says which was kept. With 6 photos at 256 px the unchecked fit lost to no fit on 2 to "
+        "3 of 9 captures, the checked one on none; one photo does not judge every view: at 512 px it kept a fit that "
         "lost on the held-out view (BENCHMARKS.md, A fit that cannot make a scene worse; The check at the photos' "
         "own size)",
     )
