@@ -521,3 +521,28 @@ def test_steps_in_all_sums_the_recipes_a_choosing_check_fitted():
                         check=FitCheck(None, skipped="2 input views", chosen="crops", combine="choose"))
     unchecked = FitResult(None, losses=[0.1] * 200)
     assert plain.steps_in_all == skipped.steps_in_all == unchecked.steps_in_all == 0
+
+
+def test_the_worker_s_fit_reply_records_what_a_skipped_choosing_check_was_asked(tmp_path):
+    """FitResultInfo of a choosing check that could not apply (2 training photos): ``combine`` is
+    what was asked ("average" or "choose") while ``steps_in_all`` is 0 and ``steps`` the first
+    recipe's run alone, so a reader that tells an average by ``steps_in_all`` and ``combine`` (the
+    add-on's Fit to Photos report) reads a plain fit, and the outcome says why."""
+    from npbgpp_core import protocol as P
+    from npbgpp_core.service import RenderService
+
+    few = make_tiny_scene(str(tmp_path / "few"), views=3, size=SIZE, n_points=200, splits=(2, 0, 1))
+    bundle = str(tmp_path / "few.npbgpp")
+    aggregate_with_worker(few, bundle)
+    service = RenderService()
+    for combine, asked in (("average", "average of"), ("choose", "choice between")):
+        begin = service.handle(P.FitBegin(bundle, few, steps=2, device="CPU", check_view=True,
+                                          check_recipes=("crops", "whole"), check_combine=combine))
+        assert isinstance(begin, P.FitProgress) and begin.total == 2, begin
+        while not service.handle(P.FitStep(seconds=0.0)).finished:
+            pass
+        info = service.handle(P.FitFinish(str(tmp_path / f"{combine}.npbgpp")))
+        assert isinstance(info, P.FitResultInfo), info
+        assert (info.combine, info.steps_in_all, info.steps, info.kept) == (combine, 0, 2, "fitted")
+        assert info.outcome == ("the fit (crops) used every photo unchecked: 2 input views, fewer than the 3 a "
+                                f"check needs, so the first recipe ran alone (no {asked} crops and whole)")
