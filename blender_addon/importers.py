@@ -764,7 +764,12 @@ def render_setting_copies(objects: list, scene: Any) -> Iterator[list]:
     metaballs get a copy of their data at its render resolution (:data:`DATA_RENDER_SETTINGS`);
     a copy shows its instancer (Show Instancer, a particle emitter's Show Emitter) as renders
     do, and a particle system instancing objects gets a copy of its settings that shows all
-    a render instances (:data:`PARTICLE_RENDER_SETTINGS`).
+    a render instances (:data:`PARTICLE_RENDER_SETTINGS`). An original with Show Instancer off
+    for viewports shows it meanwhile (when it is editable): an empty instancing a collection
+    with it off has no depsgraph entry, only what it makes does (measured in bpy 5.0.1), so its
+    copy, a second such child of its parent making the same instances, would leave the
+    instances of both untold apart (``surface_points.rendered_entries``), and the copy's, which
+    stand for it, untaken.
     The viewport's depsgraph, the one Python can evaluate without a render, evaluates the
     viewport's settings; the photos of a dataset, and its points3d.ply
     (``datagen.surface_points.during_a_render``), show the render's. The copies are removed
@@ -778,6 +783,7 @@ def render_setting_copies(objects: list, scene: Any) -> Iterator[list]:
     copies: list = []
     data_copies: list = []
     settings_copies: list = []
+    shown_instancers: list = []  # originals whose Show Instancer for viewports is on meanwhile
     r = scene.render
     limit, children = r.simplify_subdivision, r.simplify_child_particles
     try:
@@ -804,6 +810,9 @@ def render_setting_copies(objects: list, scene: Any) -> Iterator[list]:
                     setattr(modifier, viewport, getattr(modifier, render))
             # Show Instancer / Show Emitter: the depsgraph entry's show_self, which Cycles obeys
             copy.show_instancer_for_viewport = obj.show_instancer_for_render
+            if not obj.show_instancer_for_viewport and obj.is_editable:
+                obj.show_instancer_for_viewport = True  # its instances told apart from its copy's by its entry
+                shown_instancers.append(obj)
             for system in copy.particle_systems:
                 if system.settings is not None and system.settings.render_type in ("OBJECT", "COLLECTION"):
                     system.settings = settings = system.settings.copy()  # the user's keeps its display
@@ -816,6 +825,8 @@ def render_setting_copies(objects: list, scene: Any) -> Iterator[list]:
         for copy, obj in zip(copies, objects, strict=False):
             if copy != obj:
                 bpy.data.objects.remove(copy)
+        for obj in shown_instancers:
+            obj.show_instancer_for_viewport = False
         for settings in settings_copies:
             bpy.data.particles.remove(settings)
         for data in data_copies:

@@ -3333,19 +3333,24 @@ def test_points_from_meshes_names_a_child_that_instances_as_shown_where_its_pare
         assert (pts[:, 2] > 1.0).any()  # on the balls at the plane's vertices
 
 
-def test_points_from_meshes_names_a_child_instancer_not_shown_as_shown_where_its_parent_instances_it(scene):
+@pytest.mark.parametrize("grid_nodes", [False, True])
+def test_points_from_meshes_names_a_child_instancer_not_shown_as_shown_where_its_parent_instances_it(scene,
+                                                                                                     grid_nodes):
     """The plane of :func:`_grid_with_a_child_making_cubes`, its child an empty instancing a
-    collection of a cube, with Show Instancer off for viewports and renders. Blender's own
-    answer, the depsgraph of a render and the viewport's: no entry of the empty, the cube at
-    each of the plane's 4 vertices, its parent the plane. The plane instances its children (it
-    was found not to: the cubes were read as its Geometry Nodes' instances, though it has none),
-    and the empty selected alone is named as shown where the plane instances it, not as shown
-    nowhere."""
+    collection of a cube, with Show Instancer off for viewports and renders; ``grid_nodes``: the
+    plane also has Geometry Nodes passing its mesh through. Blender's own answer, the depsgraph
+    of a render and the viewport's: no entry of the empty, the cube at each of the plane's 4
+    vertices, its parent the plane. The plane instances its children (it was found not to: the
+    cubes were read as its Geometry Nodes' instances, though it has none, or with Geometry
+    Nodes, though they make none), and the empty selected alone is named as shown where the
+    plane instances it, not as shown nowhere."""
     from blender_addon.datagen.surface_points import instances_its_children
 
     sc = scene["scene"]
     grid, child, cube = _grid_with_a_child_making_cubes(sc, "collection")
     child.show_instancer_for_viewport = child.show_instancer_for_render = False
+    if grid_nodes:
+        nodes_modifier(grid, "PassThrough", lambda tree, geometry: geometry)
 
     def held(dg):
         """The names of the plane's instances of its child and of the cube, and whether it instances its children."""
@@ -3518,6 +3523,115 @@ def test_scene_points_tell_which_child_a_nested_instance_is_in_where_a_level_has
     assert {name: len(c) for name, c in centres.items()} == {"Kept": 4, "Other": 4}
     pts, _ = sample_surface_points(sc, 4000, seed=3)
     for name, count in rendered.items():
+        near = np.linalg.norm(pts[:, None, :] - centres[name][None, :, :], axis=2).min(axis=0)
+        if count:
+            assert (near <= ON_CUBE).all(), (name, near)  # each cube the render holds has points
+        else:
+            assert (near > ON_CUBE).all(), (name, near)
+
+
+@pytest.mark.parametrize("selected", ["grid", "grid_and_child"])
+def test_points_from_meshes_samples_what_a_child_with_show_instancer_off_instances(scene, selected):
+    """The plane of :func:`_grid_with_a_child_making_cubes`, its child an empty instancing a
+    collection of a cube with Show Instancer off for viewports and renders, selected (with the
+    empty, "grid_and_child", which is then sampled through a copy of its own). Blender's own
+    answer, the depsgraph of a render: the cube at the plane's 4 vertices. Points from Selected
+    Meshes samples each of them, and their share of the 2,000 points is their share of the area
+    (Blender's own face areas) within 5 standard deviations (with the empty selected none was
+    sampled: its copy, a second such child of the plane making the same cubes, left both
+    sets untold apart); the empty's Show Instancer for viewports is off again after."""
+    sc = scene["scene"]
+    grid, child, cube = _grid_with_a_child_making_cubes(sc, "collection")
+    child.show_instancer_for_viewport = child.show_instancer_for_render = False
+    centres = _read_during_a_cycles_render(sc, lambda dg: _cube_centres(dg, grid, cube))
+    assert len(centres) == 4
+    for o in sc.objects:
+        o.select_set(o == grid or selected == "grid_and_child" and o == child)
+    count = 2000
+    assert bpy.ops.npbgpp.points_from_meshes(count=count, seed=3) == {"FINISHED"}
+    assert not child.show_instancer_for_viewport
+    pts, _ = _sampled_points(sc)
+    near = np.linalg.norm(pts[:, None, :] - centres[None, :, :], axis=2)
+    assert (near.min(axis=0) <= ON_CUBE).all()  # each cube has points
+    on_cubes = int((near.min(axis=1) <= ON_CUBE).sum())
+    cubes_area = len(centres) * sum(p.area for p in cube.data.polygons)
+    share = cubes_area / (cubes_area + sum(p.area for p in grid.data.polygons))
+    spread = 5 * (count * share * (1 - share)) ** 0.5
+    assert abs(on_cubes - count * share) < spread, (on_cubes, count * share, spread)
+
+
+def _empty_instancing(sc, cube: Any, parent: Any, up: float) -> Any:
+    """A new empty "Empty<cube's name>" instancing a collection of ``cube`` alone, a child of
+    ``parent`` standing ``up`` above it, with Show Instancer off for viewports and renders."""
+    empty = bpy.data.objects.new("Empty" + cube.name, None)
+    sc.collection.objects.link(empty)
+    empty.instance_type, empty.instance_collection = "COLLECTION", _collection_of(cube, cube.name + "s")
+    empty.parent, empty.location = parent, (0.0, 0.0, up)
+    empty.show_instancer_for_viewport = empty.show_instancer_for_render = False
+    return empty
+
+
+@pytest.mark.parametrize("kind", ["nodes", "particles_path", "particles_shown_as_path", "two", "one_vertex"])
+def test_scene_points_tell_which_child_with_show_instancer_off_a_nested_instance_is_in(scene, kind):
+    """A parent instancing its children at its vertices (Instancing: Vertices), among them
+    empties with Show Instancer off instancing a collection of a cube, which have no depsgraph
+    entry of their own, only the cubes they make do. "nodes": a plane with Geometry Nodes
+    passing its mesh through, its empty disabled in renders; "particles_path": the plane's hair
+    rendered as Path, the empty disabled in renders; "particles_shown_as_path": the plane's hair
+    rendering another cube, displayed as Path in viewports; "two": two such empties, of
+    "Kept" and of "Other", the second disabled in renders; "one_vertex": a mesh of one vertex
+    instancing a ball and then the empty, disabled in renders. Blender's own answer, the
+    depsgraph of a render: the 4 "Kept" cubes of "two", no other cube of an empty (renders
+    instance no child disabled in renders, nor what it makes; hair rendering a cube shows it in
+    place of the children); the viewport's holds all those cubes. Points of the scene as the
+    viewport evaluates it lie on no cube the render leaves out, and on each it holds (they were
+    taken as the parent's own instances, in no child, or as nested in the ball: kept)."""
+    from blender_addon.datagen.surface_points import sample_surface_points
+
+    sc = scene["scene"]
+    cubes = {}
+    for name, down in (("Kept", -50.0), ("Other", -60.0)):
+        bpy.ops.mesh.primitive_cube_add(size=0.2, location=(0.0, 0.0, down))
+        cubes[name] = bpy.context.active_object
+        cubes[name].name = name
+    if kind == "one_vertex":
+        mesh = bpy.data.meshes.new("OneVertex")
+        mesh.from_pydata([(1.0, 1.0, 0.0)], [], [])
+        grid = bpy.data.objects.new("Grid", mesh)
+        sc.collection.objects.link(grid)
+        bpy.ops.mesh.primitive_ico_sphere_add(subdivisions=1, radius=0.3)
+        ball = bpy.context.active_object
+        ball.name, ball.parent, ball.location = "Ball", grid, (0.0, 0.0, 1.0)  # an entry before the empty's cubes
+    else:
+        bpy.ops.mesh.primitive_plane_add(size=4.0)
+        grid = bpy.context.active_object
+    grid.name, grid.instance_type = "Grid", "VERTS"
+    if kind == "nodes":
+        nodes_modifier(grid, "PassThrough", lambda tree, geometry: geometry)
+    elif kind.startswith("particles"):
+        bpy.ops.mesh.primitive_cube_add(size=0.5, location=(0.0, 0.0, -80.0))
+        grid.modifiers.new("Hair", "PARTICLE_SYSTEM")
+        settings = grid.particle_systems[0].settings
+        settings.type, settings.count, settings.hair_length = "HAIR", 3, 1.0
+        if kind == "particles_path":
+            settings.render_type = "PATH"
+        else:
+            settings.render_type, settings.instance_object = "OBJECT", bpy.context.active_object
+            settings.display_method = "PATH"
+    shown = {"Kept": 4 if kind == "two" else 0, "Other": 0}
+    if kind == "two":
+        _empty_instancing(sc, cubes["Kept"], grid, 2.0)
+    else:
+        del cubes["Kept"], shown["Kept"]
+    hidden = _empty_instancing(sc, cubes["Other"], grid, 3.0)
+    hidden.hide_render = kind != "particles_shown_as_path"
+    held = _read_during_a_cycles_render(sc, lambda dg: {n: len(_cube_centres(dg, grid, c)) for n, c in cubes.items()})
+    assert held == shown, held
+    depsgraph = bpy.context.evaluated_depsgraph_get()
+    centres = {name: _cube_centres(depsgraph, grid, cube) for name, cube in cubes.items()}
+    assert {name: len(c) for name, c in centres.items()} == {name: 1 if kind == "one_vertex" else 4 for name in cubes}
+    pts, _ = sample_surface_points(sc, 4000, seed=3)
+    for name, count in shown.items():
         near = np.linalg.norm(pts[:, None, :] - centres[name][None, :, :], axis=2).min(axis=0)
         if count:
             assert (near <= ON_CUBE).all(), (name, near)  # each cube the render holds has points
@@ -6746,3 +6860,4 @@ def test_densify_then_aggregate_on_a_dataset_without_a_cloud(scene, capfd):
     covered = rgba[..., 3] > 0.5
     assert 0.05 < covered.mean() < 0.95  # the sphere, not an empty or full frame
     assert np.isfinite(rgba).all() and rgba[covered][:, :3].std() > 0.01
+

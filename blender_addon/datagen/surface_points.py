@@ -340,7 +340,13 @@ def instances_its_children(obj: Any, depsgraph: Any) -> bool:
                 return True
             others = True
     if others:
-        return False  # its Geometry Nodes' instances, held in place of its children
+        # its Geometry Nodes' instances, held in place of its children; or what children with Show
+        # Instancer off make (they have no entry: measured in bpy 5.0.1, both depsgraphs, a plane
+        # whose Geometry Nodes pass its mesh through, an empty child instancing a collection of a
+        # cube: the cube at the plane's 4 vertices), when its evaluated geometry's instances are
+        # its own descendants only (its children at its vertices or faces; its Geometry Nodes'
+        # instances of its own children are held nowhere)
+        return _makes_children_only(obj, depsgraph)
     # None held: its evaluated geometry's instances (measured in bpy 5.0.1) are its children
     # at its vertices or faces that ``depsgraph`` shows, or its Geometry Nodes' instances, also
     # of its own children, which no depsgraph holds. Metaball children are none of its entries
@@ -348,6 +354,18 @@ def instances_its_children(obj: Any, depsgraph: Any) -> bool:
     import bpy
 
     return all(isinstance(ref, bpy.types.Object) and ref.type == "META"
+               for ref in obj.evaluated_get(depsgraph).evaluated_geometry().instance_references())
+
+
+def _makes_children_only(obj: Any, depsgraph: Any) -> bool:
+    """Whether every instance ``obj``'s evaluated geometry holds in ``depsgraph`` is of an object
+    descending from it: its children at its vertices or faces, not its Geometry Nodes'
+    instances of other objects or geometry (measured in bpy 5.0.1: a plane whose Geometry Nodes
+    pass its mesh through lists its children; one putting an Ico Sphere on its points, a
+    Collection Info instance, lists those)."""
+    import bpy
+
+    return all(isinstance(ref, bpy.types.Object) and descends_from(ref.original, obj)
                for ref in obj.evaluated_get(depsgraph).evaluated_geometry().instance_references())
 
 
@@ -359,19 +377,39 @@ def geometry_nodes_shown(obj: Any, rendering: bool) -> bool:
     return any(m.type == "NODES" and getattr(m, shown) for m in obj.modifiers)
 
 
-def _instancer_not_shown(parent: Any, rendering: bool) -> Any:
+def _instancer_not_shown(parent: Any, member: Any, depsgraph: Any) -> Any:
     """The descendant of ``parent`` (an instancer by vertices or faces) that an instance nested
-    at a level with no entry of its own was made by: with no Geometry Nodes shown
-    (:func:`geometry_nodes_shown`) nor particles, whose instances may have none, its one
-    descendant with Show Instancer off in renders (``rendering``) or viewports (measured in bpy
-    5.0.1, both depsgraphs: such an empty instancing a collection has no entry at its parent's
-    vertices, the collection's members do). None where it has those, or none or several such
-    descendants (not told apart)."""
-    if parent.particle_systems or geometry_nodes_shown(parent, rendering):
+    at a level with no entry of its own was made by, ``member`` the original object of the
+    instance nested in it (None: not known): its one descendant with Show Instancer off in
+    ``depsgraph``'s mode that may make ``member`` (:func:`_may_make`; measured in bpy 5.0.1,
+    both depsgraphs: such an empty instancing a collection has no entry at its parent's
+    vertices, the collection's members do, the parent their ``parent``). None where ``parent``'s
+    Geometry Nodes make instances of their own (:func:`_makes_children_only`; a Geometry Nodes'
+    collection instance has no entry either), or no such descendant or several may make it (two
+    empties instancing one collection, an empty beside a descendant with Geometry Nodes or
+    particles: not told apart). A particle instance of ``parent``'s, which has no entry at the
+    first level either, is the caller's to tell apart (its ``particle_system``)."""
+    rendering = depsgraph.mode == "RENDER"
+    if geometry_nodes_shown(parent, rendering) and not _makes_children_only(parent, depsgraph):
         return None
     flag = "show_instancer_for_render" if rendering else "show_instancer_for_viewport"
-    unseen = [o for o in parent.children_recursive if not getattr(o, flag)]
+    unseen = [o for o in parent.children_recursive if not getattr(o, flag)
+              and (member is None or _may_make(o, member, rendering))]
     return unseen[0] if len(unseen) == 1 else None
+
+
+def _may_make(obj: Any, member: Any, rendering: bool) -> bool:
+    """Whether an instance of the original ``member`` may be one that ``obj`` makes, or ``obj``'s
+    own geometry nested in its entry (a curve's mesh: :func:`rendered_entries`): False only
+    where ``obj`` surely makes none of it (no Geometry Nodes shown in renders, ``rendering``, or
+    viewports, no particle systems, and ``member`` neither in the collection it instances nor a
+    descendant it instances at its vertices or faces), so that an instance is not taken as
+    nested in an object that cannot have made it."""
+    if member == obj or geometry_nodes_shown(obj, rendering) or len(obj.particle_systems):
+        return True
+    if obj.instance_type == "COLLECTION":
+        return obj.instance_collection is not None and member in obj.instance_collection.all_objects.values()
+    return obj.instance_type in INSTANCES_CHILDREN and descends_from(member, obj)
 
 
 def particles_instance_in_renders(obj: Any) -> bool:
@@ -480,10 +518,18 @@ def rendered_entries(depsgraph: Any) -> Iterator[tuple[Any, Any, tuple[Any, ...]
     place longer and ending in that one's (:func:`_used_id`), which is how it is told apart; a
     level with no entry of its own (a Geometry Nodes' collection instance, an instancer with
     Show Instancer off) is told by that id, and left out of ``within``, but for a descendant
-    with Show Instancer off at its vertices or faces (:func:`_instancer_not_shown`, the one
-    such descendant of an instancer with no Geometry Nodes or particles). Not told apart: such an
-    instancer of a parent of one vertex or face, whose id is the one its sibling before it had
-    there (its nested instances are taken as that sibling's). The one
+    with Show Instancer off at its vertices or faces (:func:`_instancer_not_shown`: the one such
+    descendant that may make what is nested in it, as an empty's collection holds it, of an
+    instancer whose Geometry Nodes, if any, make no instances of their own; not its particles'
+    instances, which name their ``particle_system``; measured in bpy 5.0.1, both depsgraphs, a
+    plane with Geometry Nodes passing its mesh through, or hair rendered as Path, and two such
+    empties instancing one cube each: each cube at the plane's 4 vertices, its ``parent`` the
+    plane, its id two places long). Of a parent of one vertex or face, an instance of such a
+    descendant has the id its sibling before it had there, and is taken as nested in that sibling
+    only where the sibling may make it (:func:`_may_make`). Not told apart: several such
+    descendants that may make it (two empties instancing one collection, or one with Geometry
+    Nodes or particles of its own, whose instances are unknown before they are read), where its
+    instances are taken as the parent's, within none. The one
     walk over what renders show, its rules written once; which objects a caller takes
     (:func:`rendered_parts`: a selection; :func:`_shown_geometry`: the view layer, through
     :func:`seen_by_camera`) and how it reads each entry are the caller's.
@@ -548,9 +594,11 @@ def rendered_entries(depsgraph: Any) -> Iterator[tuple[Any, Any, tuple[Any, ...]
     # own particles' instance, or a level with no entry); read before any entry is left out, as
     # what follows may be nested in it
     paths: dict[int, list[tuple[tuple[int, ...], Any]]] = {}
-    # per instancer by vertices or faces (as_pointer()): its descendant an instance nested in a first level with
-    # no entry is in (:func:`_instancer_not_shown`), read once
-    unseen: dict[int, Any] = {}
+    # per instancer by vertices or faces (as_pointer()) and the original nested next (None: not known): its
+    # descendant an instance nested in a first level with no entry is in (:func:`_instancer_not_shown`), read once
+    unseen: dict[tuple[int, Any], Any] = {}
+    # per (object, original): whether an instance of that original may be nested in that object's (:func:`_may_make`)
+    may_make: dict[tuple[Any, Any], bool] = {}
     # per original object met (bpy hashes and compares a struct by its pointer), what the rules
     # ask of it, read once: a dense instancer's entries are almost all of one child, and each
     # read of a bpy property costs about as much as the rest of an entry's work
@@ -589,10 +637,20 @@ def rendered_entries(depsgraph: Any) -> Iterator[tuple[Any, Any, tuple[Any, ...]
                 outer = {len(ids): (ids, o) for ids, o in paths.get(key, ()) if len(ids) < depth}
                 path = [outer[level] if level in outer and outer[level][0] == used[depth - level:]
                         else (used[depth - level:], None) for level in range(1, depth)]
-                if not (1 in outer and outer[1][0] == used[depth - 1:]):  # no entry at its vertex or face
-                    if key not in unseen:
-                        unseen[key] = _instancer_not_shown(stands_for, not viewport)
-                    path[0] = (path[0][0], unseen[key])
+                entry_there = 1 in outer and outer[1][0] == used[depth - 1:]
+                if entry_there and depth == 2 and outer[1][1] is not None:
+                    # of a parent of one vertex or face, the entry read before there may be a sibling's
+                    # (its id is this one's tail too), which cannot have made this instance
+                    entry_there = may_make.get((outer[1][1], obj))
+                    if entry_there is None:
+                        entry_there = may_make[outer[1][1], obj] = _may_make(outer[1][1], obj, not viewport)
+                    if not entry_there:
+                        path[0] = (used[1:], None)
+                if not entry_there and system is None:  # no entry at its vertex or face (not its own particles')
+                    member = obj if depth == 2 else path[1][1]  # what is nested in it, if known
+                    if (key, member) not in unseen:
+                        unseen[key, member] = _instancer_not_shown(stands_for, member, depsgraph)
+                    path[0] = (path[0][0], unseen[key, member])
                 path.append((used, obj))
                 # not within its own particles' instances, nor within one it has no entry of
                 if path[0][1] is not None and key in rules_of(path[0][1]).ancestors:  # descends_from
