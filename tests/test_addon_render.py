@@ -585,20 +585,17 @@ def test_animation_cancelled_between_frames_sums_up_in_the_console_and_the_panel
     assert out.count(f"Info: NPBG++: 2 cameras of this animation had points removed by their Clip Start / End "
                      f"({names});") == 1, out
     assert out.count("(printed here: the animation was cancelled between frames)") == 2, out
-    layout = _Layout()
-    bpy.types.RENDER_PT_npbgpp.draw(type("P", (), {"layout": layout})(), bpy.context)
+    layout = _drawn("RENDER_PT_npbgpp")
     assert "The animation was cancelled between frames:" in layout.labels, layout.labels
     assert framing in " ".join(layout.labels), layout.labels
     other = bpy.data.scenes.new("Another")  # its panel says nothing of this scene's animation
     other.render.engine = "NPBGPP"
-    layout = _Layout()
-    bpy.types.RENDER_PT_npbgpp.draw(type("P", (), {"layout": layout})(), type("C", (), {"scene": other})())
+    layout = _drawn("RENDER_PT_npbgpp", context=type("C", (), {"scene": other})())
     assert not any("cancelled" in label for label in layout.labels), layout.labels
     bpy.data.scenes.remove(other)
     monkeypatch.setattr(engine_module.NPBGPPRenderEngine, "render", real_render)
     bpy.ops.render.render(write_still=True)  # a new job: the panel no longer shows the old one's
-    layout = _Layout()
-    bpy.types.RENDER_PT_npbgpp.draw(type("P", (), {"layout": layout})(), bpy.context)
+    layout = _drawn("RENDER_PT_npbgpp")
     assert not any("cancelled" in label for label in layout.labels), layout.labels
 
 
@@ -609,9 +606,7 @@ def test_cancelled_animation_summary_goes_with_its_file(scene, capfd, monkeypatc
     _animation_escaped_after_frame_2(scene, monkeypatch)
 
     def labels() -> list[str]:
-        layout = _Layout()
-        bpy.types.RENDER_PT_npbgpp.draw(type("P", (), {"layout": layout})(), bpy.context)
-        return layout.labels
+        return _drawn("RENDER_PT_npbgpp").labels
 
     assert "The animation was cancelled between frames:" in labels()
     name = bpy.context.scene.name
@@ -1746,25 +1741,18 @@ def test_data_panel_shows_the_dataset_cloud_read_only(scene):
     without Point Cloud has none to show."""
     sc = scene["scene"]
     root, _ = _two_cloud_capture(scene, "panel_cloud")
-    panel = bpy.types.RENDER_PT_npbgpp_data
-
-    def drawn() -> _Layout:
-        layout = _Layout()
-        panel.draw(type("P", (), {"layout": layout})(), bpy.context)
-        return layout
-
     assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root), point_cloud="b") == {"FINISHED"}
-    layout = drawn()
+    layout = _drawn()
     assert layout.props.index("dataset_cloud") == layout.props.index("dataset_points") + 1
     assert layout.states["dataset_cloud"] == (True, False) and layout.states["dataset_points"] == (True, True)
     assert layout.states["up_axis"] == (True, True)  # only its own row is read-only
     assert os.path.samefile(bpy.path.abspath(sc.npbgpp.dataset_cloud), root / "b.ply")
     sc.npbgpp.dataset_points = ""  # Aggregate now reads the Dataset Cloud: the panel must still say which
-    assert "dataset_cloud" in drawn().props
+    assert "dataset_cloud" in _drawn().props
     assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root), point_cloud="a") == {"FINISHED"}
     assert bpy.ops.import_scene.npbgpp_dataset(directory=str(scene["dir"] / "panel_cloud"),
                                                point_cloud="") == {"FINISHED"}
-    assert sc.npbgpp.dataset_cloud == "" and "dataset_cloud" not in drawn().props
+    assert sc.npbgpp.dataset_cloud == "" and "dataset_cloud" not in _drawn().props
 
 
 def test_import_dataset_forgets_the_last_datasets_settings(scene):
@@ -2337,11 +2325,9 @@ def test_network_setting_picks_the_bundled_file(scene):
     prop = sc.npbgpp.bl_rna.properties["network"]
     assert prop.default == "AUTO" and sc.npbgpp.network == "AUTO"
     assert [i.identifier for i in prop.enum_items] == ["AUTO", "SCENE", "OBJECT"]
-    panel = {p.__name__: p for p in bpy.types.Panel.__subclasses__()}["RENDER_PT_npbgpp_data"]
     for weights, active in (("", True), ("/some/file.safetensors", False)):
         sc.npbgpp.weights = weights
-        layout = _Layout()
-        panel.draw(type("P", (), {"layout": layout})(), bpy.context)
+        layout = _drawn()
         assert layout.props[:2] == ["network", "weights"]
         assert layout.states["network"] == (active, True)  # greyed out while a Weights file replaces it
     sc.npbgpp.weights = ""
@@ -4614,6 +4600,15 @@ class _Layout:
         pass
 
 
+def _drawn(panel: str = "RENDER_PT_npbgpp_data", layout: Any = None, context: Any = None) -> Any:
+    """``layout`` (a new :class:`_Layout` unless given) after the registered panel ``panel``
+    (Render Properties > NPBG++ > Data unless named) drew into it in ``context`` (``bpy.context``
+    unless given): what the panel offers now, drawn as Blender calls a panel's draw()."""
+    layout = _Layout() if layout is None else layout
+    getattr(bpy.types, panel).draw(type("P", (), {"layout": layout})(), bpy.context if context is None else context)
+    return layout
+
+
 def test_stock_panels_follow_blenders_engine_template(addon):
     """Every panel Blender tags BLENDER_RENDER shows for NPBG++ except a named exclusion
     list; View Layer > Passes offers the Depth pass; Film > Transparent, video encoding,
@@ -4638,12 +4633,8 @@ def test_stock_panels_follow_blenders_engine_template(addon):
     sc.render.image_settings.media_type = "VIDEO"
     sc.render.image_settings.file_format = "FFMPEG"
     assert panels["RENDER_PT_encoding"].poll(bpy.context) and panels["RENDER_PT_encoding_video"].poll(bpy.context)
-    layout = _Layout()
-    panels["VIEWLAYER_PT_npbgpp_passes"].draw(type("P", (), {"layout": layout})(), bpy.context)
-    assert "use_pass_z" in layout.props
-    layout = _Layout()
-    panels["RENDER_PT_opengl_film"].draw(type("P", (), {"layout": layout})(), bpy.context)
-    assert layout.props == ["film_transparent"]
+    assert "use_pass_z" in _drawn("VIEWLAYER_PT_npbgpp_passes").props
+    assert _drawn("RENDER_PT_opengl_film").props == ["film_transparent"]
 
 
 def test_built_zip_passes_blenders_extension_validator(tmp_path):
@@ -6156,9 +6147,7 @@ def test_fit_to_photos_operator(scene):
         bpy.ops.npbgpp.fit(steps=3)
     assert not os.path.exists(fitted)
     sc.npbgpp.weights = ""
-    panel = {p.__name__: p for p in bpy.types.Panel.__subclasses__()}["RENDER_PT_npbgpp_data"]
-    layout = _Recorder()
-    panel.draw(type("P", (), {"layout": layout})(), bpy.context)
+    layout = _drawn(layout=_Recorder())
     ops = layout.operators
     assert ops.index("npbgpp.fit") == ops.index("npbgpp.aggregate") + 1  # next to Aggregate
     assert layout.props.index("fit_upright") == layout.props.index("up_axis") + 1  # by the aggregate option
@@ -6276,9 +6265,7 @@ def test_fit_to_photos_checks_the_fit_on_a_held_apart_photo(scene):
 
     sc = scene["scene"]
     agg = _four_camera_aggregated(scene)
-    panel = {p.__name__: p for p in bpy.types.Panel.__subclasses__()}["RENDER_PT_npbgpp_data"]
-    layout = _Recorder()
-    panel.draw(type("P", (), {"layout": layout})(), bpy.context)
+    layout = _drawn(layout=_Recorder())
     assert layout.props.index("fit_check_view") == layout.props.index("fit_upright") + 1
     assert type(sc.npbgpp).bl_rna.properties["fit_check_view"].default == FIT_CHECK_VIEW
 
@@ -6371,13 +6358,11 @@ def test_fit_to_photos_also_tries_whole_views_when_asked(scene, monkeypatch):
 
     sc = scene["scene"]
     sc.npbgpp.worker_mode = "IN_PROCESS"  # the scores below are this process's
-    panel = {p.__name__: p for p in bpy.types.Panel.__subclasses__()}["RENDER_PT_npbgpp_data"]
     props = type(sc.npbgpp).bl_rna.properties
     assert props["fit_check_whole_views"].default is False and P.FitBegin("b", "d").check_recipes == ()
     for check in (True, False):
         sc.npbgpp.fit_check_view = check
-        layout = _Layout()
-        panel.draw(type("P", (), {"layout": layout})(), bpy.context)
+        layout = _drawn()
         assert layout.props.index("fit_check_whole_views") == layout.props.index("fit_check_view") + 1
         assert layout.states["fit_check_whole_views"][1] is check and layout.states["fit_check_view"][1]
     agg = _four_camera_aggregated(scene)
@@ -6434,15 +6419,13 @@ def test_fit_to_photos_keeps_the_average_of_both_fits_when_asked(scene, monkeypa
 
     sc = scene["scene"]
     sc.npbgpp.worker_mode = "IN_PROCESS"  # the scores below are this process's
-    panel = {p.__name__: p for p in bpy.types.Panel.__subclasses__()}["RENDER_PT_npbgpp_data"]
     prop = type(sc.npbgpp).bl_rna.properties["fit_check_combine"]
     assert prop.default == P.FIT_CHECK_COMBINE.upper() == "CHOOSE" and prop.name == "Keep"
     assert [item.identifier.lower() for item in prop.enum_items] == list(P.CHECK_COMBINES)
     assert [item.name for item in prop.enum_items] == ["Better on Kept Photo", "Average of Both"]
     for check, whole in ((True, True), (True, False), (False, True)):
         sc.npbgpp.fit_check_view, sc.npbgpp.fit_check_whole_views = check, whole
-        layout = _Layout()
-        panel.draw(type("P", (), {"layout": layout})(), bpy.context)
+        layout = _drawn()
         assert layout.props.index("fit_check_combine") == layout.props.index("fit_check_whole_views") + 1
         assert layout.states["fit_check_combine"][1] is (check and whole)
     agg = _four_camera_aggregated(scene)
@@ -6746,13 +6729,6 @@ def _write_cloudless(kind: str, root) -> None:
         os.remove(root / "points3d.ply")
 
 
-def _data_panel_labels() -> list[str]:
-    """The texts of the labels Render Properties > NPBG++ > Data draws now."""
-    layout = _Layout()
-    bpy.types.RENDER_PT_npbgpp_data.draw(type("P", (), {"layout": layout})(), bpy.context)
-    return layout.labels
-
-
 @pytest.mark.parametrize("kind, fmt, loader_says", [
     ("nerf", "AUTO", "no point cloud found"),
     ("colmap", "COLMAP", "points3D file is missing"),
@@ -6783,7 +6759,7 @@ def test_import_dataset_without_a_cloud_makes_cameras_and_points_at_densify(scen
     assert len(new_cameras) >= 2 and sc.camera in new_cameras
     assert sc.npbgpp.point_object is None and loader_says in sc.npbgpp.dataset_no_cloud
     assert sc.npbgpp.dataset_path and sc.npbgpp.dataset_format
-    assert "The dataset has no point cloud: Densify Points makes one" in _data_panel_labels()
+    assert "The dataset has no point cloud: Densify Points makes one" in _drawn().labels
     sc.npbgpp.weights = ""
     with pytest.raises(RuntimeError, match=f"Aggregate needs points, and the imported dataset .* has no point cloud: "
                                            f"Densify Points \\(Render Properties.*\\(.*{loader_says}"):
@@ -6831,7 +6807,8 @@ def test_densify_then_aggregate_on_a_dataset_without_a_cloud(scene, capfd):
 
     assert (surface_distance(torch.as_tensor(pts), floor=False) < 0.035).float().mean() >= 0.9
     np.testing.assert_allclose(load_ply(work / "nerf_dense.ply").points, pts, atol=1e-5)
-    assert not any("no point cloud" in text for text in _data_panel_labels())
+    panel = _drawn()
+    assert "dataset_points" in panel.props and not any("no point cloud" in text for text in panel.labels)
     sc.npbgpp.weights = ""
     assert bpy.ops.npbgpp.aggregate(filepath=str(work / "dense.npbgpp")) == {"FINISHED"}
     from npbgpp_core.scene import NeuralScene
