@@ -35,11 +35,12 @@ def module_at(revision: str) -> ModuleType:
     the working tree's as a module of the same package, so that its relative imports resolve."""
     source = subprocess.run(["git", "show", f"{revision}:blender_addon/datagen/surface_points.py"], cwd=ROOT,
                             capture_output=True, text=True, check=True).stdout
-    path = Path(tempfile.mkdtemp(prefix="walk_")) / "surface_points_then.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location("blender_addon.datagen._surface_points_then", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    with tempfile.TemporaryDirectory(prefix="walk_") as folder:  # read once: the module keeps its code
+        path = Path(folder) / "surface_points_then.py"
+        path.write_text(source)
+        spec = importlib.util.spec_from_file_location("blender_addon.datagen._surface_points_then", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
     return module
 
 
