@@ -764,12 +764,14 @@ def render_setting_copies(objects: list, scene: Any) -> Iterator[list]:
     metaballs get a copy of their data at its render resolution (:data:`DATA_RENDER_SETTINGS`);
     a copy shows its instancer (Show Instancer, a particle emitter's Show Emitter) as renders
     do, and a particle system instancing objects gets a copy of its settings that shows all
-    a render instances (:data:`PARTICLE_RENDER_SETTINGS`). An original with Show Instancer off
-    for viewports shows it meanwhile (when it is editable): an empty instancing a collection
-    with it off has no depsgraph entry, only what it makes does (measured in bpy 5.0.1), so its
-    copy, a second such child of its parent making the same instances, would leave the
-    instances of both untold apart (``surface_points.rendered_entries``), and the copy's, which
-    stand for it, untaken.
+    a render instances (:data:`PARTICLE_RENDER_SETTINGS`). A child with Show Instancer off has no
+    depsgraph entry, only what it makes does (measured in bpy 5.0.1: an empty instancing a
+    collection, a ball whose Geometry Nodes make an instance), so beside its copy, a second such
+    child of its parent making the same instances, the instances of both would be untold apart
+    (``surface_points.rendered_entries``) and the copy's, which stand for it, untaken: a copy of
+    an empty shows its instancer (it has nothing of its own to show), and an editable original
+    whose copy must keep it off shows it in viewports meanwhile (restored on leaving; a linked
+    one is not changed, and what its copy makes is not told apart).
     The viewport's depsgraph, the one Python can evaluate without a render, evaluates the
     viewport's settings; the photos of a dataset, and its points3d.ply
     (``datagen.surface_points.during_a_render``), show the render's. The copies are removed
@@ -809,9 +811,13 @@ def render_setting_copies(objects: list, scene: Any) -> Iterator[list]:
                 for viewport, render in RENDER_SETTINGS.get(modifier.type, ()):
                     setattr(modifier, viewport, getattr(modifier, render))
             # Show Instancer / Show Emitter: the depsgraph entry's show_self, which Cycles obeys
-            copy.show_instancer_for_viewport = obj.show_instancer_for_render
-            if not obj.show_instancer_for_viewport and obj.is_editable:
-                obj.show_instancer_for_viewport = True  # its instances told apart from its copy's by its entry
+            # an empty has nothing of its own to show, and with it off no entry: its copy gets one, so
+            # the copy's instances are told from its original's without changing the original
+            copy.show_instancer_for_viewport = obj.show_instancer_for_render or obj.type == "EMPTY"
+            if not (copy.show_instancer_for_viewport or obj.show_instancer_for_viewport) and obj.parent is not None \
+                    and obj.is_editable:
+                # a child with no entry beside its copy with none (a mesh's own faces would show on its copy)
+                obj.show_instancer_for_viewport = True
                 shown_instancers.append(obj)
             for system in copy.particle_systems:
                 if system.settings is not None and system.settings.render_type in ("OBJECT", "COLLECTION"):

@@ -3516,23 +3516,51 @@ def test_scene_points_tell_which_child_a_nested_instance_is_in_where_a_level_has
             assert (near > ON_CUBE).all(), (name, near)
 
 
-@pytest.mark.parametrize("selected", ["grid", "grid_and_child"])
-def test_points_from_meshes_samples_what_a_child_with_show_instancer_off_instances(scene, selected):
-    """The plane of :func:`_grid_with_a_child_making_cubes`, its child an empty instancing a
-    collection of a cube with Show Instancer off for viewports and renders, selected (with the
-    empty, "grid_and_child", which is then sampled through a copy of its own). Blender's own
-    answer, the depsgraph of a render: the cube at the plane's 4 vertices. Points from Selected
-    Meshes samples each of them, and their share of the 2,000 points is their share of the area
-    (Blender's own face areas) within 5 standard deviations (with the empty selected none was
-    sampled: its copy, a second such child of the plane making the same cubes, left both
-    sets untold apart); the empty's Show Instancer for viewports is off again after."""
+def _linked_back(sc, objects: list[Any], path: str) -> list[Any]:
+    """``objects`` (all in ``sc``'s collection) written to the library ``path`` in a collection
+    of their own, removed, and that collection linked back into ``sc``: the linked objects, by
+    name (not editable; what they instance is linked too)."""
+    holder = bpy.data.collections.new("Library objects")
+    for obj in objects:
+        holder.objects.link(obj)
+    bpy.data.libraries.write(path, {holder}, fake_user=True)
+    names = [obj.name for obj in objects]
+    for obj in objects:
+        bpy.data.objects.remove(obj)
+    bpy.data.collections.remove(holder)
+    with bpy.data.libraries.load(path, link=True) as (_, into):
+        into.collections = ["Library objects"]
+    sc.collection.children.link(into.collections[0])
+    linked = {obj.name: obj for obj in into.collections[0].objects}
+    return [linked[name] for name in names]
+
+
+@pytest.mark.parametrize(("makes", "selected"), [("collection", "grid"), ("collection", "grid_and_child"),
+                                                 ("object_info", "grid_and_child"),
+                                                 ("collection", "grid_and_linked_child")])
+def test_points_from_meshes_samples_what_a_child_with_show_instancer_off_instances(scene, tmp_path, makes,
+                                                                                   selected):
+    """The plane of :func:`_grid_with_a_child_making_cubes`, its child making cubes (an empty
+    instancing a collection of a cube, or a ball whose Geometry Nodes make an instance of it)
+    with Show Instancer off for viewports and renders, selected (with the child, which is then
+    sampled through a copy of its own; "grid_and_linked_child": both linked from a library,
+    not editable). Blender's own answer, the depsgraph of a render: the cube at the plane's 4
+    vertices (the ball's own faces not). Points from Selected Meshes samples each of them, and
+    their share of the 2,000 points is their share of the area (Blender's own face areas)
+    within 5 standard deviations (with the child selected none was sampled: its copy, a second
+    such child of the plane making the same cubes, left both sets untold apart; the linked
+    empty's stayed so); the child's Show Instancer for viewports is off again after."""
     sc = scene["scene"]
-    grid, child, cube = _grid_with_a_child_making_cubes(sc, "collection")
+    grid, child, cube = _grid_with_a_child_making_cubes(sc, makes)
     child.show_instancer_for_viewport = child.show_instancer_for_render = False
+    if selected == "grid_and_linked_child":
+        grid, child = _linked_back(sc, [grid, child], str(tmp_path / "library.blend"))
+        cube = child.instance_collection.objects[0]
+        assert not child.is_editable
     centres = _read_during_a_cycles_render(sc, lambda dg: _cube_centres(dg, grid, cube))
     assert len(centres) == 4
     for o in sc.objects:
-        o.select_set(o == grid or selected == "grid_and_child" and o == child)
+        o.select_set(o == grid or selected != "grid" and o == child)
     count = 2000
     assert bpy.ops.npbgpp.points_from_meshes(count=count, seed=3) == {"FINISHED"}
     assert not child.show_instancer_for_viewport
