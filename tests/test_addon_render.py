@@ -3653,6 +3653,73 @@ def test_scene_points_tell_which_child_with_show_instancer_off_a_nested_instance
             assert (near > ON_CUBE).all(), (name, near)
 
 
+@pytest.mark.parametrize("makes", ["object_info", "ico_spheres", "points", "member", "nothing"])
+def test_scene_points_leave_out_what_instances_hide_where_show_instancer_is_off_for_renders_only(scene, makes):
+    """A ball (Ico Sphere of radius 0.3, 3 above the origin) with Show Instancer on for viewports
+    and off for renders, whose Geometry Nodes join to its mesh an Object Info instance of a cube
+    ("object_info"), Ico Spheres of radius 0.05 on its 12 vertices ("ico_spheres") or its
+    vertices as points ("points"); "member": the first, as the member of a collection an empty
+    instances there; "nothing": its mesh passed through. Blender's own answer, a render's
+    depsgraph: no entry of the ball's mesh (the viewport's has one), the instances' and points'
+    are there; the ball passed through is. Scene points from the viewport's depsgraph lie on no
+    face of the ball away from its vertices (2,541 of 4,000 did, on a ball renders do not show)
+    but the one passed through and, of the Ico Spheres, on each."""
+    from blender_addon.datagen.surface_points import rendered_own_points, sample_surface_points
+
+    sc = scene["scene"]
+    bpy.ops.mesh.primitive_cube_add(size=0.2, location=(0.0, 0.0, -50.0))
+    cube = bpy.context.active_object
+    bpy.ops.mesh.primitive_ico_sphere_add(subdivisions=1, radius=0.3, location=(0.0, 0.0, 3.0))
+    ball = bpy.context.active_object
+    corners = np.array([tuple(v.co) for v in ball.data.vertices]) + [0.0, 0.0, 3.0]
+
+    def spheres_on_points(tree, geometry):
+        join, put = tree.nodes.new("GeometryNodeJoinGeometry"), tree.nodes.new("GeometryNodeInstanceOnPoints")
+        sphere = tree.nodes.new("GeometryNodeMeshIcoSphere")
+        sphere.inputs["Radius"].default_value = 0.05
+        tree.links.new(geometry, put.inputs["Points"])
+        tree.links.new(sphere.outputs[0], put.inputs["Instance"])
+        for socket in (geometry, put.outputs[0]):
+            tree.links.new(socket, join.inputs[0])
+        return join.outputs[0]
+
+    def joined_to_points(tree, geometry):
+        join, points = tree.nodes.new("GeometryNodeJoinGeometry"), tree.nodes.new("GeometryNodeMeshToPoints")
+        tree.links.new(geometry, points.inputs[0])
+        for socket in (geometry, points.outputs[0]):
+            tree.links.new(socket, join.inputs[0])
+        return join.outputs[0]
+
+    make = {"ico_spheres": spheres_on_points, "points": joined_to_points,
+            "nothing": lambda tree, geometry: geometry}.get(makes, _joined_to_an_instance_of(cube))
+    nodes_modifier(ball, "Makes", make)
+    ball.show_instancer_for_viewport, ball.show_instancer_for_render = True, False
+    if makes == "member":
+        empty = bpy.data.objects.new("Instancer", None)
+        sc.collection.objects.link(empty)
+        empty.instance_type, empty.instance_collection = "COLLECTION", _collection_of(ball, "Balls")
+        empty.location = (0.0, 0.0, 3.0)
+
+    def balls_held(dg) -> int:
+        """The entries of the ball's own mesh (itself, or the collection's member)."""
+        return sum(1 for i in dg.object_instances if i.object.original == ball and i.object.type == "MESH"
+                   and (not i.is_instance or makes == "member"))
+
+    assert _read_during_a_cycles_render(sc, balls_held) == (makes == "nothing")
+    assert balls_held(bpy.context.evaluated_depsgraph_get()) == 1
+    pts, _ = sample_surface_points(sc, 4000, seed=3)
+    from_centre = np.linalg.norm(pts - [0.0, 0.0, 3.0], axis=1)
+    from_corners = np.linalg.norm(pts[:, None, :] - corners[None, :, :], axis=2).min(axis=1)
+    on_faces = (from_centre > 0.2) & (from_centre < 0.31) & (from_corners > 0.06)
+    assert on_faces.any() == (makes == "nothing")
+    if makes == "ico_spheres":
+        on_spheres = np.linalg.norm(pts[:, None, :] - corners[None, :, :], axis=2) <= 0.05 + 1e-4
+        assert on_spheres.any(axis=0).all()
+    if makes == "points":
+        taken = rendered_own_points(bpy.context.evaluated_depsgraph_get())[0]  # the fixture's cloud's too
+        assert (np.linalg.norm(taken[:, None, :] - corners[None, :, :], axis=2).min(axis=0) < 1e-4).all()
+
+
 def test_scene_walk_asks_whether_particles_instance_in_renders_once_per_instancer(scene, monkeypatch):
     """Two grids of 9 vertices each instancing their child ball at their vertices (Instancing:
     Vertices), each with hair rendering a cube shown as Path in viewports. Blender's own

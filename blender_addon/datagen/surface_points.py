@@ -431,10 +431,33 @@ def particles_instance_in_renders(obj: Any) -> bool:
 def not_shown_itself_in_renders(obj: Any) -> bool:
     """Whether renders leave out ``obj``'s own geometry and show only what it instances: a
     particle emitter with Show Emitter off, or an instancer by vertices or faces with Show
-    Instancer off, for renders (the depsgraph entry's ``show_self``; the flag means nothing to
-    other objects). A rule of :func:`rendered_entries`."""
+    Instancer off, for renders (the depsgraph entry's ``show_self``). Besides, the flag hides an
+    entry whose evaluated geometry holds instances (:func:`_holds_instances`), e.g. a mesh
+    whose Geometry Nodes make some, told per entry, not per object (:func:`rendered_entries`);
+    it means nothing to other objects. A rule of :func:`rendered_entries`."""
     return not obj.show_instancer_for_render and bool(len(obj.particle_systems)
                                                       or obj.instance_type in INSTANCES_CHILDREN)
+
+
+# Per object type, the geometry it has of its own (bpy's GeometrySet): any other, like instances,
+# is made as entries of their own
+_OWN_GEOMETRY = {"MESH": "mesh", "POINTCLOUD": "pointcloud", "CURVES": "curves", "VOLUME": "volume",
+                 "GREASEPENCIL": "grease_pencil"}
+
+
+def _holds_instances(obj_eval: Any) -> bool:
+    """Whether the evaluated object or depsgraph entry ``obj_eval`` holds instances or geometry of
+    another type than its own (Blender makes those entries of their own), so that Show
+    Instancer off hides its own geometry, and what its Geometry Nodes make stays shown
+    (measured in bpy 5.0.1, a render's depsgraph, Show Instancer off for renders: of a ball whose
+    Geometry Nodes add an Object Info instance of a cube, Ico Spheres on its vertices or its
+    vertices as points, the ball's own mesh is not there, also as an instanced collection's
+    member, the cube, the 12 Ico Spheres, the points are; with its mesh passed through only, the
+    ball is)."""
+    geometry = obj_eval.evaluated_geometry()
+    own = _OWN_GEOMETRY.get(obj_eval.type)
+    return len(geometry.instance_references()) > 0 or any(
+        getattr(geometry, name) is not None for name in _OWN_GEOMETRY.values() if name != own)
 
 
 # persistent_id's places an entry leaves unused: an instance made directly by its instancer
@@ -490,6 +513,7 @@ class _ObjectRules(NamedTuple):
     instances_children: bool  # an instancer by vertices or faces (:data:`INSTANCES_CHILDREN`)
     shown_only_where_instanced: bool  # :func:`shown_only_where_instanced`
     not_shown_itself: bool  # :func:`not_shown_itself_in_renders`
+    shown_in_viewports_only: bool  # Show Instancer on for viewports, off for renders
     hide_render: bool
 
 
@@ -501,7 +525,8 @@ def _object_rules(obj: Any) -> _ObjectRules:
         ancestors.append(parent.as_pointer())
         parent = parent.parent
     return _ObjectRules(obj.as_pointer(), frozenset(ancestors), obj.instance_type in INSTANCES_CHILDREN,
-                        shown_only_where_instanced(obj), not_shown_itself_in_renders(obj), obj.hide_render)
+                        shown_only_where_instanced(obj), not_shown_itself_in_renders(obj),
+                        obj.show_instancer_for_viewport and not obj.show_instancer_for_render, obj.hide_render)
 
 
 def rendered_entries(depsgraph: Any) -> Iterator[tuple[Any, Any, tuple[Any, ...]]]:
@@ -551,7 +576,9 @@ def rendered_entries(depsgraph: Any) -> Iterator[tuple[Any, Any, tuple[Any, ...]
       object is also left out when the flag is off for renders
       (:func:`not_shown_itself_in_renders`): its own, its Geometry Nodes' output, and an
       instance of it (a collection instance's member, an Object Info instance; measured in bpy
-      5.0.1: a render's depsgraph has each with ``show_self`` off, or not at all);
+      5.0.1: a render's depsgraph has each with ``show_self`` off, or not at all); and of an
+      object with it off for renders only, an entry holding instances (:func:`_holds_instances`:
+      its own mesh, an instance of it, not the instances and points its Geometry Nodes make);
     - all of an object that its parent instances at its vertices or faces, at its own place
       (its evaluated mesh, its instances): renders show it only where its parent instances it
       (:func:`shown_only_where_instanced`), which only the viewport's depsgraph also holds here;
@@ -662,6 +689,8 @@ def rendered_entries(depsgraph: Any) -> Iterator[tuple[Any, Any, tuple[Any, ...]
             continue
         if own.not_shown_itself:  # a viewport's show_self followed the viewport's flag
             continue
+        if viewport and own.shown_in_viewports_only and _holds_instances(inst.object):
+            continue  # likewise, an entry whose instances hide it in renders
         if not instanced:
             yield inst, stands_for, within
             continue
