@@ -762,16 +762,14 @@ def render_setting_copies(objects: list, scene: Any) -> Iterator[list]:
     levels, Screw's Render steps, Ocean's Render resolution) copied to its viewport twin;
     Simplify's subdivision and child particles limits are the render's meanwhile. Curves, texts, surfaces and
     metaballs get a copy of their data at its render resolution (:data:`DATA_RENDER_SETTINGS`);
-    a copy shows its instancer (Show Instancer, a particle emitter's Show Emitter) as renders
-    do, and a particle system instancing objects gets a copy of its settings that shows all
-    a render instances (:data:`PARTICLE_RENDER_SETTINGS`). A child with Show Instancer off has no
-    depsgraph entry, only what it makes does (measured in bpy 5.0.1: an empty instancing a
-    collection, a ball whose Geometry Nodes make an instance), so beside its copy, a second such
-    child of its parent making the same instances, the instances of both would be untold apart
-    (``surface_points.rendered_entries``) and the copy's, which stand for it, untaken: a copy of
-    an empty shows its instancer (it has nothing of its own to show), and an editable original
-    whose copy must keep it off shows it in viewports meanwhile (restored on leaving; a linked
-    one is not changed, and what its copy makes is not told apart).
+    a particle system instancing objects gets a copy of its settings that shows all a render
+    instances (:data:`PARTICLE_RENDER_SETTINGS`). A copy shows its instancer (Show
+    Instancer / Show Emitter) in viewports, and renders' flag is applied by
+    ``surface_points.rendered_entries``: a child with it off has no depsgraph entry, only what it
+    makes does (measured in bpy 5.0.1: an empty instancing a collection, a ball whose Geometry
+    Nodes make an instance), so a copy with it off, a second such child of its parent making the
+    same instances, left the instances of both untold apart, and the copy's, which stand for the
+    original, untaken.
     The viewport's depsgraph, the one Python can evaluate without a render, evaluates the
     viewport's settings; the photos of a dataset, and its points3d.ply
     (``datagen.surface_points.during_a_render``), show the render's. The copies are removed
@@ -785,7 +783,6 @@ def render_setting_copies(objects: list, scene: Any) -> Iterator[list]:
     copies: list = []
     data_copies: list = []
     settings_copies: list = []
-    shown_instancers: list = []  # originals whose Show Instancer for viewports is on meanwhile
     r = scene.render
     limit, children = r.simplify_subdivision, r.simplify_child_particles
     try:
@@ -810,15 +807,10 @@ def render_setting_copies(objects: list, scene: Any) -> Iterator[list]:
                 modifier.show_viewport = modifier.show_render
                 for viewport, render in RENDER_SETTINGS.get(modifier.type, ()):
                     setattr(modifier, viewport, getattr(modifier, render))
-            # Show Instancer / Show Emitter: the depsgraph entry's show_self, which Cycles obeys
-            # an empty has nothing of its own to show, and with it off no entry: its copy gets one, so
-            # the copy's instances are told from its original's without changing the original
-            copy.show_instancer_for_viewport = obj.show_instancer_for_render or obj.type == "EMPTY"
-            if not (copy.show_instancer_for_viewport or obj.show_instancer_for_viewport) and obj.parent is not None \
-                    and obj.is_editable:
-                # a child with no entry beside its copy with none (a mesh's own faces would show on its copy)
-                obj.show_instancer_for_viewport = True
-                shown_instancers.append(obj)
+            # Show Instancer / Show Emitter on: the copy has entries of its own, so what it makes is told
+            # from what its original makes; which of them renders show is the walk's rule, by the flag
+            # for renders (surface_points.not_shown_itself_in_renders, _holds_instances)
+            copy.show_instancer_for_viewport = True
             for system in copy.particle_systems:
                 if system.settings is not None and system.settings.render_type in ("OBJECT", "COLLECTION"):
                     system.settings = settings = system.settings.copy()  # the user's keeps its display
@@ -831,8 +823,6 @@ def render_setting_copies(objects: list, scene: Any) -> Iterator[list]:
         for copy, obj in zip(copies, objects, strict=False):
             if copy != obj:
                 bpy.data.objects.remove(copy)
-        for obj in shown_instancers:
-            obj.show_instancer_for_viewport = False
         for settings in settings_copies:
             bpy.data.particles.remove(settings)
         for data in data_copies:

@@ -3537,7 +3537,8 @@ def _linked_back(sc, objects: list[Any], path: str) -> list[Any]:
 
 @pytest.mark.parametrize(("makes", "selected"), [("collection", "grid"), ("collection", "grid_and_child"),
                                                  ("object_info", "grid_and_child"),
-                                                 ("collection", "grid_and_linked_child")])
+                                                 ("collection", "grid_and_linked_child"),
+                                                 ("object_info", "grid_and_linked_child")])
 def test_points_from_meshes_samples_what_a_child_with_show_instancer_off_instances(scene, tmp_path, makes,
                                                                                    selected):
     """The plane of :func:`_grid_with_a_child_making_cubes`, its child making cubes (an empty
@@ -3548,14 +3549,15 @@ def test_points_from_meshes_samples_what_a_child_with_show_instancer_off_instanc
     vertices (the ball's own faces not). Points from Selected Meshes samples each of them, and
     their share of the 2,000 points is their share of the area (Blender's own face areas)
     within 5 standard deviations (with the child selected none was sampled: its copy, a second
-    such child of the plane making the same cubes, left both sets untold apart; the linked
-    empty's stayed so); the child's Show Instancer for viewports is off again after."""
+    such child of the plane making the same cubes, left both sets untold apart, and once the
+    original was shown meanwhile, still the linked ones); the child's Show Instancer for
+    viewports is off after (the user's object is not changed)."""
     sc = scene["scene"]
     grid, child, cube = _grid_with_a_child_making_cubes(sc, makes)
     child.show_instancer_for_viewport = child.show_instancer_for_render = False
     if selected == "grid_and_linked_child":
         grid, child = _linked_back(sc, [grid, child], str(tmp_path / "library.blend"))
-        cube = child.instance_collection.objects[0]
+        cube = next(o for o in bpy.data.objects if o.library is not None and o.name == cube.name)
         assert not child.is_editable
     centres = _read_during_a_cycles_render(sc, lambda dg: _cube_centres(dg, grid, cube))
     assert len(centres) == 4

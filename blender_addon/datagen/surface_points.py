@@ -755,8 +755,8 @@ def rendered_parts(depsgraph: Any, owners: Sequence[Any], originals: Sequence[An
     depsgraph holds the cubes an empty instancing a collection makes at each of its parent's
     vertices, its copy's too; the cubes a ball instancing its child cube makes there, none of
     its copy's). An owner may be its original itself (one holding a simulation, whose cache a
-    copy lacks): its Show Instancer / Show Emitter for renders then leaves out its own entry
-    as the copy's viewport flag would."""
+    copy lacks): its Show Instancer / Show Emitter for renders then leaves out its own entry,
+    as a copy's does (:func:`rendered_entries`; a copy shows it in viewports)."""
     index = {o.as_pointer(): k for k, o in enumerate(owners)}
     # an original instancing its children -> its copy's index
     by_children = {o.as_pointer(): k for k, o in enumerate(originals or ()) if o.instance_type in INSTANCES_CHILDREN}
