@@ -3665,7 +3665,8 @@ def test_scene_points_leave_out_what_instances_hide_where_show_instancer_is_off_
     depsgraph: no entry of the ball's mesh (the viewport's has one), the instances' and points'
     are there; the ball passed through is. Scene points from the viewport's depsgraph lie on no
     face of the ball away from its vertices (2,541 of 4,000 did, on a ball renders do not show)
-    but the one passed through and, of the Ico Spheres, on each."""
+    but the one passed through and, of the Ico Spheres, on each. The camera has the same flags:
+    an object of no geometry is not asked for it."""
     from blender_addon.datagen.surface_points import rendered_own_points, sample_surface_points
 
     sc = scene["scene"]
@@ -3696,6 +3697,7 @@ def test_scene_points_leave_out_what_instances_hide_where_show_instancer_is_off_
             "nothing": lambda tree, geometry: geometry}.get(makes, _joined_to_an_instance_of(cube))
     nodes_modifier(ball, "Makes", make)
     ball.show_instancer_for_viewport, ball.show_instancer_for_render = True, False
+    scene["camera"].show_instancer_for_render = False  # no geometry to hide (it raised a TypeError)
     if makes == "member":
         empty = bpy.data.objects.new("Instancer", None)
         sc.collection.objects.link(empty)

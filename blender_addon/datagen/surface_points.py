@@ -453,7 +453,10 @@ def _holds_instances(obj_eval: Any) -> bool:
     Geometry Nodes add an Object Info instance of a cube, Ico Spheres on its vertices or its
     vertices as points, the ball's own mesh is not there, also as an instanced collection's
     member, the cube, the 12 Ico Spheres, the points are; with its mesh passed through only, the
-    ball is)."""
+    ball is). Not a camera's, a light's, an empty's: they have no geometry to hide (bpy's
+    ``evaluated_geometry`` refuses them)."""
+    if obj_eval.type not in GEOMETRY_TYPES | POINT_TYPES | {"VOLUME", "GREASEPENCIL"}:
+        return False
     geometry = obj_eval.evaluated_geometry()
     own = _OWN_GEOMETRY.get(obj_eval.type)
     return len(geometry.instance_references()) > 0 or any(
