@@ -3,13 +3,17 @@
     python bench/bench_scene_walk.py                        # 317 x 317 grid instancing a triangle, 7 walks
     python bench/bench_scene_walk.py --against c4ea18b      # interleaved with the walk of that commit
     python bench/bench_scene_walk.py --case nested --quick  # smoke test: a 20 x 20 grid
+    python bench/bench_scene_walk.py --case nodes_off_for_renders  # Geometry Nodes' triangles
 
 A grid (``--side`` vertices a side; 317 makes 100,489) instancing its child at its vertices, in
 real bpy, the viewport's depsgraph (``procedural.build_dense_instancer_scene``): ``single``, a
 child triangle (one entry per vertex); ``nested``, a child empty instancing a collection of two
-triangles (three per vertex: the empty and the two nested in it). Prints the median and range of the walk's seconds per
-implementation, each walk run in turn with the other (``--against``) so that the machine's load
-falls on both alike; the entries both yield are checked equal first. Writes nothing.
+triangles (three per vertex: the empty and the two nested in it); ``nodes``, no child, the
+grid's Geometry Nodes putting a triangle on each vertex, ``nodes_off_for_renders`` the same with
+its Show Instancer off for renders only (each entry asked whether it holds instances). Prints
+the median and range of the walk's seconds per implementation, each walk run in turn with the
+other (``--against``) so that the machine's load falls on both alike; the entries both yield are
+checked equal first. Writes nothing.
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ def entries(walk: Any, depsgraph: Any) -> list[tuple[Any, ...]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--case", choices=("single", "nested"), default="single")
+    parser.add_argument("--case", choices=("single", "nested", "nodes", "nodes_off_for_renders"), default="single")
     parser.add_argument("--side", type=int, default=317, help="grid vertices a side (317: 100,489 instances)")
     parser.add_argument("--repeats", type=int, default=7, help="timed walks per implementation")
     parser.add_argument("--against", default="", help="a git revision whose walk is timed in turn with this one")
@@ -68,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     walks = {"working tree": surface_points.rendered_entries}
     if args.against:
         walks = {args.against: module_at(args.against).rendered_entries, **walks}
-    _scene, depsgraph = build_dense_instancer_scene(args.side, nested=args.case == "nested")
+    nodes = {"nodes": True, "nodes_off_for_renders": False}.get(args.case)
+    _scene, depsgraph = build_dense_instancer_scene(args.side, nested=args.case == "nested",
+                                                    nodes_shown_in_renders=nodes)
     yielded = {name: entries(walk, depsgraph) for name, walk in walks.items()}
     first = next(iter(yielded.values()))
     if any(other != first for other in yielded.values()):

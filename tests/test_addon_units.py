@@ -1165,24 +1165,28 @@ def test_render_photo_size_is_the_most_common_size_ties_the_earliest():
     assert render_photo_size(views(*[landscape] * 3000, *[portrait] * 2999)) == landscape
 
 
-@pytest.mark.parametrize("nested", [False, True], ids=["single", "nested"])
-def test_dense_instancer_scene_holds_one_instance_per_vertex_and_its_bench_runs(nested):
+@pytest.mark.parametrize("case", ["single", "nested", "nodes", "nodes_off_for_renders"])
+def test_dense_instancer_scene_holds_one_instance_per_vertex_and_its_bench_runs(case):
     """bench_scene_walk's scene (``procedural.build_dense_instancer_scene``), a 3 x 3 grid
     instancing its child at its vertices: Blender's viewport depsgraph holds the child at each
-    of the 9 vertices, and with ``nested`` each of the 2 collection members there too (counted
-    by hand). The bench itself runs in --quick mode and prints its table, writing nothing."""
+    of the 9 vertices, and with ``nested`` each of the 2 collection members there too; the
+    "nodes" cases' Geometry Nodes' triangle (a 3-vertex face) at each, the instances' original
+    the grid (counted by hand). The bench itself runs in --quick mode and prints its table,
+    writing nothing; the walk yields the grid itself but in "nodes_off_for_renders"."""
     import subprocess
 
     from blender_addon.datagen.procedural import build_dense_instancer_scene, remove_scene
 
-    scene, depsgraph = build_dense_instancer_scene(3, nested=nested)
+    nested, nodes = case == "nested", {"nodes": True, "nodes_off_for_renders": False}.get(case)
+    scene, depsgraph = build_dense_instancer_scene(3, nested=nested, nodes_shown_in_renders=nodes)
     try:
         counts: dict[str, int] = {}
         for inst in depsgraph.object_instances:
             if inst.is_instance and inst.parent.original.name == "dense_grid":
+                assert nodes is None or (len(inst.object.data.vertices), len(inst.object.data.polygons)) == (3, 1)
                 counts[inst.object.original.name] = counts.get(inst.object.original.name, 0) + 1
         expected = ({"dense_empty": 9, "dense_member_0": 9, "dense_member_1": 9} if nested
-                    else {"dense_child": 9})
+                    else {"dense_child" if nodes is None else "dense_grid": 9})
         assert counts == expected
     finally:
         remove_scene(scene)
@@ -1190,11 +1194,11 @@ def test_dense_instancer_scene_holds_one_instance_per_vertex_and_its_bench_runs(
     benchmarks = os.path.join(root, "BENCHMARKS.md")
     with open(benchmarks, "rb") as f:
         before = f.read()
-    case = "nested" if nested else "single"
     proc = subprocess.run([sys.executable, os.path.join(root, "bench", "bench_scene_walk.py"), "--quick",
                            "--case", case], cwd=root, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert f"{case}: 20 x 20 grid, {(3 if nested else 1) * 400 + 1:,} entries yielded" in proc.stdout
+    yielded = (3 if nested else 1) * 400 + (nodes is not False)
+    assert f"{case}: 20 x 20 grid, {yielded:,} entries yielded" in proc.stdout
     assert sum(line.startswith("| working tree |") for line in proc.stdout.splitlines()) == 1
     with open(benchmarks, "rb") as f:
         assert f.read() == before

@@ -342,13 +342,18 @@ def remove_scene(scene) -> None:
             bpy.data.images.remove(img)
 
 
-def build_dense_instancer_scene(side: int, nested: bool = False) -> tuple[Any, Any]:
+def build_dense_instancer_scene(side: int, nested: bool = False,
+                                nodes_shown_in_renders: bool | None = None) -> tuple[Any, Any]:
     """Create a new ``bpy`` scene ``npbgpp_dense_instancer`` of a flat ``side`` x ``side``
     vertex grid instancing its child at its vertices: a small triangle, or with ``nested`` an
     empty instancing a collection of two triangles (three depsgraph entries per vertex, two
-    nested in the empty's). The scene-points walk's worst case (``bench/bench_scene_walk.py``):
-    one depsgraph entry per instance. Returns the scene and its evaluated viewport depsgraph;
-    :func:`remove_scene` deletes it (the collection stays until the file's next purge)."""
+    nested in the empty's). With ``nodes_shown_in_renders`` given, no child: the grid's Geometry
+    Nodes put a triangle of their own on each vertex, its Show Instancer on for viewports and
+    for renders as given (off: each entry, whose original is the grid, is asked whether it holds
+    instances, ``surface_points._holds_instances``). The scene-points walk's worst case
+    (``bench/bench_scene_walk.py``): one depsgraph entry per instance. Returns the scene and its
+    evaluated viewport depsgraph; :func:`remove_scene` deletes it (the collection stays until
+    the file's next purge)."""
     import bpy
 
     scene = bpy.data.scenes.new("npbgpp_dense_instancer")
@@ -364,7 +369,21 @@ def build_dense_instancer_scene(side: int, nested: bool = False) -> tuple[Any, A
         mesh.from_pydata([(0.0, 0.0, 0.0), (0.01, 0.0, 0.0), (0.0, 0.01, 0.0)], [], [(0, 1, 2)])
         return bpy.data.objects.new(name, mesh)
 
-    if nested:
+    if nodes_shown_in_renders is not None:
+        tree = bpy.data.node_groups.new("dense_triangles", "GeometryNodeTree")
+        tree.interface.new_socket("Geometry", in_out="INPUT", socket_type="NodeSocketGeometry")
+        tree.interface.new_socket("Geometry", in_out="OUTPUT", socket_type="NodeSocketGeometry")
+        put, shape = tree.nodes.new("GeometryNodeInstanceOnPoints"), tree.nodes.new("GeometryNodeMeshCircle")
+        shape.fill_type = "NGON"
+        shape.inputs["Vertices"].default_value, shape.inputs["Radius"].default_value = 3, 0.01
+        tree.links.new(tree.nodes.new("NodeGroupInput").outputs[0], put.inputs["Points"])
+        tree.links.new(shape.outputs[0], put.inputs["Instance"])
+        tree.links.new(put.outputs[0], tree.nodes.new("NodeGroupOutput").inputs[0])
+        grid.modifiers.new("dense_triangles", "NODES").node_group = tree
+        grid.instance_type = "NONE"
+        grid.show_instancer_for_render = nodes_shown_in_renders
+        child = None
+    elif nested:
         collection = bpy.data.collections.new("dense_members")
         for k in range(2):
             collection.objects.link(triangle(f"dense_member_{k}"))
@@ -373,8 +392,9 @@ def build_dense_instancer_scene(side: int, nested: bool = False) -> tuple[Any, A
         child.instance_collection = collection
     else:
         child = triangle("dense_child")
-    scene.collection.objects.link(child)
-    child.parent = grid
+    if child is not None:
+        scene.collection.objects.link(child)
+        child.parent = grid
     with bpy.context.temp_override(scene=scene, view_layer=scene.view_layers[0]):
         depsgraph = bpy.context.evaluated_depsgraph_get()
     return scene, depsgraph
