@@ -356,6 +356,8 @@ def build_dense_instancer_scene(side: int, nested: bool = False,
     the file's next purge)."""
     import bpy
 
+    from .surface_points import evaluated_depsgraph
+
     scene = bpy.data.scenes.new("npbgpp_dense_instancer")
     xs, ys = np.meshgrid(np.linspace(-5.0, 5.0, side), np.linspace(-5.0, 5.0, side))
     grid_mesh = bpy.data.meshes.new("dense_grid")
@@ -395,6 +397,4 @@ def build_dense_instancer_scene(side: int, nested: bool = False,
     if child is not None:
         scene.collection.objects.link(child)
         child.parent = grid
-    with bpy.context.temp_override(scene=scene, view_layer=scene.view_layers[0]):
-        depsgraph = bpy.context.evaluated_depsgraph_get()
-    return scene, depsgraph
+    return scene, evaluated_depsgraph(scene)
