@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator, Sequence
-from functools import cached_property
+from functools import cache, cached_property
 from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
@@ -511,7 +511,7 @@ def _descendant_disabled_in_renders(within: Sequence[_ObjectRules]) -> bool:
 class _ObjectRules(NamedTuple):
     """What :func:`rendered_entries` asks of an original object, read once per walk."""
 
-    pointer: int  # as_pointer(), the key of the walk's per-instancer tables
+    pointer: int  # as_pointer(): the key of the walk's paths per instancer, what sets of objects hold
     ancestors: frozenset[int]  # its parent's, its parent's parent's, ... as_pointer(): :func:`descends_from`
     instances_children: bool  # an instancer by vertices or faces (:data:`INSTANCES_CHILDREN`)
     shown_only_where_instanced: bool  # :func:`shown_only_where_instanced`
@@ -612,32 +612,27 @@ def rendered_entries(depsgraph: Any) -> Iterator[tuple[Any, Any, tuple[Any, ...]
     5.0.1: a render's depsgraph holds such a member's Object Info instance of a quad disabled
     in renders, its parent the collection's instancer, and Cycles draws it)."""
     viewport = depsgraph.mode != "RENDER"
-    # viewport only: per instancer (as_pointer()), the objects it instances that renders leave
-    # out; per such set of objects, the particle systems they emit (read once per set)
-    not_rendered: dict[int, frozenset[int]] = {}
-    systems_of: dict[frozenset[int], set[int]] = {}
-    # viewport only: per instancer (as_pointer()), whether its particles instance in renders,
-    # read once: a dense particle system makes thousands of instances of one instancer
-    particles_instance: dict[int, bool] = {}
+    # What the rules ask of an object (bpy hashes and compares a struct by its pointer) is read
+    # once per walk, not once per entry: a dense instancer's or particle system's entries are
+    # almost all of one object, and each read of a bpy property costs about as much as the rest
+    # of an entry's work. Per original object met, its flags:
+    rules_of = cache(_object_rules)
+    # viewport only: per instancer, the objects it instances that renders leave out; per such
+    # set of objects, the particle systems they emit
+    not_rendered = cache(lambda source: frozenset(instances_not_rendered(source)))
+    systems_of = cache(lambda objects: _particle_systems(objects, depsgraph))
+    # viewport only: per instancer, whether its particles instance in renders
+    particles_instance = cache(particles_instance_in_renders)
+    # per instancer by vertices or faces and the original nested next (None: not known): its
+    # descendant an instance nested in a first level with no entry is in (:func:`_instancer_not_shown`)
+    instancer_not_shown = cache(lambda parent, member: _instancer_not_shown(parent, member, depsgraph))
+    # per (object, original): whether an instance of that original may be nested in that object's (:func:`_may_make`)
+    may_make = cache(lambda obj, member: _may_make(obj, member, not viewport))
     # per instancer by vertices or faces (as_pointer()): for its last entry and each level it is
     # nested in, outermost first, that level's used persistent_id and original object (None: its
     # own particles' instance, or a level with no entry); read before any entry is left out, as
     # what follows may be nested in it
     paths: dict[int, list[tuple[tuple[int, ...], Any]]] = {}
-    # per instancer by vertices or faces (as_pointer()) and the original nested next (None: not known): its
-    # descendant an instance nested in a first level with no entry is in (:func:`_instancer_not_shown`), read once
-    unseen: dict[tuple[int, Any], Any] = {}
-    # per (object, original): whether an instance of that original may be nested in that object's (:func:`_may_make`)
-    may_make: dict[tuple[Any, Any], bool] = {}
-    # per original object met (bpy hashes and compares a struct by its pointer), what the rules
-    # ask of it, read once: a dense instancer's entries are almost all of one child, and each
-    # read of a bpy property costs about as much as the rest of an entry's work
-    rules: dict[Any, _ObjectRules] = {}
-
-    def rules_of(obj: Any) -> _ObjectRules:
-        found = rules.get(obj)
-        return found if found is not None else rules.setdefault(obj, _object_rules(obj))
-
     for inst in depsgraph.object_instances:
         obj = inst.object.original
         own = rules_of(obj)
@@ -671,16 +666,12 @@ def rendered_entries(depsgraph: Any) -> Iterator[tuple[Any, Any, tuple[Any, ...]
                 if entry_there and depth == 2 and outer[1][1] is not None:
                     # of a parent of one vertex or face, the entry read before there may be a sibling's
                     # (its id is this one's tail too), which cannot have made this instance
-                    entry_there = may_make.get((outer[1][1], obj))
-                    if entry_there is None:
-                        entry_there = may_make[outer[1][1], obj] = _may_make(outer[1][1], obj, not viewport)
+                    entry_there = may_make(outer[1][1], obj)
                     if not entry_there:
                         path[0] = (used[1:], None)
                 if not entry_there and system is None:  # no entry at its vertex or face (not its own particles')
                     member = obj if depth == 2 else path[1][1]  # what is nested in it, if known
-                    if (key, member) not in unseen:
-                        unseen[key, member] = _instancer_not_shown(stands_for, member, depsgraph)
-                    path[0] = (path[0][0], unseen[key, member])
+                    path[0] = (path[0][0], instancer_not_shown(stands_for, member))
                 path.append((used, obj))
                 # not within its own particles' instances, nor within one it has no entry of
                 if path[0][1] is not None and key in rules_of(path[0][1]).ancestors:  # descends_from
@@ -698,26 +689,19 @@ def rendered_entries(depsgraph: Any) -> Iterator[tuple[Any, Any, tuple[Any, ...]
             yield inst, stands_for, within
             continue
         if within:  # only an entry of an instancer by vertices or faces: ``key`` is its, read above
-            if viewport and key not in particles_instance:
-                particles_instance[key] = particles_instance_in_renders(stands_for)
             # a one-object within is this entry's own object (depth 1)
             disabled = own.hide_render if len(within) == 1 else _descendant_disabled_in_renders(
                 [rules_of(o) for o in within])
-            if viewport and particles_instance[key] or disabled:
+            if viewport and particles_instance(stands_for) or disabled:
                 continue  # a descendant instanced at vertices / faces that renders do not instance, or nested in one
         if viewport:
             # nested in an instance of a descendant: what that descendant instances (its collection's
             # members), not the parent, which instances its descendants only
-            source, source_key = (within[0], rules_of(within[0]).pointer) if len(within) > 1 else (
-                stands_for, its.pointer)
-            if source_key not in not_rendered:
-                not_rendered[source_key] = left_out = frozenset(instances_not_rendered(source))
-                if left_out not in systems_of:
-                    systems_of[left_out] = _particle_systems(left_out, depsgraph)
-            if own.pointer in not_rendered[source_key]:
+            left_out = not_rendered(within[0] if len(within) > 1 else stands_for)
+            if own.pointer in left_out:
                 continue  # also its Geometry Nodes instances (their original is the object)
             # particles such an object emits (its Geometry Nodes' are not told apart)
-            if system is not None and system.as_pointer() in systems_of[not_rendered[source_key]]:
+            if system is not None and system.as_pointer() in systems_of(left_out):
                 continue
         yield inst, stands_for, within
 
