@@ -3687,9 +3687,8 @@ def test_scene_points_leave_out_what_instances_hide_where_show_instancer_is_off_
         return join.outputs[0]
 
     def joined_to_points(tree, geometry):
-        join, points = tree.nodes.new("GeometryNodeJoinGeometry"), tree.nodes.new("GeometryNodeMeshToPoints")
-        tree.links.new(geometry, points.inputs[0])
-        for socket in (geometry, points.outputs[0]):
+        join = tree.nodes.new("GeometryNodeJoinGeometry")
+        for socket in (geometry, _mesh_to_points(tree, geometry)):
             tree.links.new(socket, join.inputs[0])
         return join.outputs[0]
 
