@@ -1,7 +1,7 @@
 """Rebuild the real captures of the model card from git snapshots, one command.
 
     python bench/rebuild_captures.py --mirrors /work/.mirror --out /work/captures \
-        [--names beer,lund] [--use validation] [--sfm-python /path/to/env/bin/python]
+        [--names beer,lund] [--use validation] [--max-size 512] [--sfm-python /path/to/env/bin/python]
 
 For each capture of ``bench/captures.json`` (the model card's table, "Real captures"): the
 photos (and the COLMAP model where the repository has one) are read from the bare snapshot
@@ -12,7 +12,8 @@ library function) writes the prepared copy with its provenance. Each capture is 
 always complete; a finished one is skipped, so the command resumes. A recomputed model is
 kept in ``<out>/.work/<name>/sfm`` until its capture is finished, so an interrupted run does
 not repeat the (slow) SfM. ``<out>/<name>/rebuild.json`` records the manifest entry, the
-snapshot files taken and capture-sfm's ``sfm.json``.
+snapshot files taken and capture-sfm's ``sfm.json``. ``--max-size`` is the prepared photos' long
+side (512, the card's, unless a benchmark asks for another size; smaller photos keep theirs).
 
 Snapshots come from the session's ``fetch github:<owner>/<name>``; files the snapshot did not
 bring (large blobs) are left out and counted, and a photo count other than the card's is an
@@ -147,8 +148,9 @@ def run_capture_sfm(raw: str, out: str, options: dict[str, Any], python: str) ->
                            "--sfm-python with an interpreter that has it)")
 
 
-def rebuild_one(entry: dict[str, Any], mirrors: str, out: str, sfm_python: str) -> str:
-    """Build ``<out>/<name>`` for one manifest entry; returns 'skipped' or 'built'."""
+def rebuild_one(entry: dict[str, Any], mirrors: str, out: str, sfm_python: str, max_size: int = 512) -> str:
+    """Build ``<out>/<name>`` for one manifest entry with photos of long side ``max_size``;
+    returns 'skipped' or 'built'."""
     from npbgpp_core.datasets.capture import prepare_capture
 
     name, repo, commit = entry["name"], entry["repo"], entry["commit"]
@@ -188,7 +190,7 @@ def rebuild_one(entry: dict[str, Any], mirrors: str, out: str, sfm_python: str) 
     if "licence_commit" in entry:
         prov["licence_commit"] = entry["licence_commit"]
     partial = final + ".partial"
-    summary = prepare_capture(src, partial, max_size=512, provenance=prov, overwrite=True, orient=entry["orient"])
+    summary = prepare_capture(src, partial, max_size=max_size, provenance=prov, overwrite=True, orient=entry["orient"])
     # prepare-capture recorded the scratch folder it read, removed below: name the snapshot instead
     summary["source"] = f"{repo}@{commit}:{entry['images']}" + (f" + {entry['sparse']}" if entry.get("sparse") else
                                                                " (model recomputed by capture-sfm)")
@@ -215,6 +217,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--names", default=None, help="comma-separated capture names (default: all)")
     p.add_argument("--use", choices=USES, default=None, help="only the captures of this use")
     p.add_argument("--manifest", default=str(MANIFEST), help="captures manifest (default bench/captures.json)")
+    p.add_argument("--max-size", type=int, default=512,
+                   help="long side of the prepared photos in pixels (default 512, the model card's)")
     p.add_argument("--sfm-python", default=sys.executable,
                    help="Python with pycolmap for capture-sfm (default: this one)")
     return p.parse_args(argv)
@@ -226,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
 
     a = parse_args(sys.argv[1:] if argv is None else argv)
     try:
+        if a.max_size < 16:  # prepare_capture's own floor, refused before anything is extracted
+            raise RebuildError(f"--max-size must be at least 16 pixels (got {a.max_size})")
         entries = load_manifest(a.manifest)
         if a.names:
             wanted = [n.strip() for n in a.names.split(",") if n.strip()]
@@ -239,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         os.makedirs(a.out, exist_ok=True)
         for e in entries:
             print(f"{e['name']}: {e['repo']}@{e['commit'][:12]}", flush=True)
-            print(f"  {rebuild_one(e, a.mirrors, a.out, a.sfm_python)}: {os.path.join(a.out, e['name'])}",
+            print(f"  {rebuild_one(e, a.mirrors, a.out, a.sfm_python, a.max_size)}: {os.path.join(a.out, e['name'])}",
                   flush=True)
     except (RebuildError, DatasetError) as exc:
         print(f"rebuild_captures: {exc}", file=sys.stderr)

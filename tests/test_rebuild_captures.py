@@ -149,3 +149,27 @@ def test_unknown_name_is_refused(tmp_path, capsys):
     assert rc.main(["--mirrors", str(tmp_path), "--out", str(tmp_path / "o"), "--manifest", man,
                     "--names", "cap,nope"]) == 2
     assert "unknown capture name(s) nope" in capsys.readouterr().err
+
+
+def test_max_size_reaches_the_prepared_photos(tmp_path, capsys):
+    """--max-size is the written photos' long side (the test photos are 240x180), the points
+    unchanged; a size below prepare_capture's floor is refused before anything is written."""
+    from PIL import Image
+
+    mirrors, commit, git_dir = _snapshot(tmp_path)
+    pts = load_scene(os.path.join(os.path.dirname(git_dir), "data"), undistort=True).points
+    man = _manifest(tmp_path, _entry(commit, expected={"images": 3, "points": len(pts)}))
+    out = str(tmp_path / "out")
+    assert rc.main(["--mirrors", mirrors, "--out", out, "--manifest", man, "--max-size", "120"]) == 0
+    photos = sorted(os.listdir(os.path.join(out, "cap", "images")))
+    assert len(photos) == 3
+    for name in photos:
+        with Image.open(os.path.join(out, "cap", "images", name)) as im:
+            assert im.size == (120, 90)
+    assert json.load(open(os.path.join(out, "cap", "capture.json")))["max_size"] == 120
+    np.testing.assert_allclose(load_scene(os.path.join(out, "cap")).points, pts, atol=1e-6)
+    capsys.readouterr()
+    small = str(tmp_path / "small")
+    assert rc.main(["--mirrors", mirrors, "--out", small, "--manifest", man, "--max-size", "8"]) == 2
+    assert "--max-size must be at least 16 pixels (got 8)" in capsys.readouterr().err
+    assert not os.path.exists(small)
