@@ -809,7 +809,7 @@ def render_setting_copies(objects: list, scene: Any) -> Iterator[list]:
                     setattr(modifier, viewport, getattr(modifier, render))
             # Show Instancer / Show Emitter on: the copy has entries of its own, so what it makes is told
             # from what its original makes; which of them renders show is the walk's rule, by the flag
-            # for renders (surface_points.not_shown_itself_in_renders, _holds_instances)
+            # for renders (surface_points.not_shown_itself_in_renders, hidden_by_its_instances)
             copy.show_instancer_for_viewport = True
             for system in copy.particle_systems:
                 if system.settings is not None and system.settings.render_type in ("OBJECT", "COLLECTION"):
@@ -1021,6 +1021,7 @@ class NPBGPP_OT_points_from_meshes(bpy.types.Operator):
             GEOMETRY_TYPES,
             POINT_TYPES,
             collection_members,
+            hidden_by_its_instances,
             instances_its_children,
             not_shown_itself_in_renders,
             rendered_parts,
@@ -1063,7 +1064,7 @@ class NPBGPP_OT_points_from_meshes(bpy.types.Operator):
                 families = {metaball_family(o.name) for o, a in zip(chosen, areas, strict=True)
                             if o.type == "META" and a > 0}
                 chosen_at = {o.as_pointer() for o in chosen}
-                for obj, (tris, pts), area in zip(chosen, owned, areas, strict=True):
+                for obj, copy, (tris, pts), area in zip(chosen, copies, owned, areas, strict=True):
                     if area > 0 or pts or (obj.type == "META" and metaball_family(obj.name) in families):
                         continue
                     # e.g. a curve with no Bevel or Extrude: sampled nothing, so named with the skipped
@@ -1084,8 +1085,11 @@ class NPBGPP_OT_points_from_meshes(bpy.types.Operator):
                             reason = INSTANCED_BY_PARENT.format(parent=obj.parent.name)
                     elif tris:
                         reason = NO_AREA
-                    elif not_shown_itself_in_renders(obj):
-                        reason = NOT_SHOWN_ITSELF  # its own faces were left out as renders leave them out
+                    elif not_shown_itself_in_renders(obj) or hidden_by_its_instances(obj,
+                                                                                 copy.evaluated_get(depsgraph)):
+                        # its own faces were left out as renders leave them out: by the flag alone, or where
+                        # its copy's evaluated geometry holds instances (the walk's rule for its entry)
+                        reason = NOT_SHOWN_ITSELF
                     elif obj.type == "EMPTY":
                         reason = EMPTY_COLLECTION
                     elif obj.type in POINT_TYPES:

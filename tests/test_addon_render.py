@@ -3723,6 +3723,52 @@ def test_scene_points_leave_out_what_instances_hide_where_show_instancer_is_off_
         assert (np.linalg.norm(taken[:, None, :] - corners[None, :, :], axis=2).min(axis=0) < 1e-4).all()
 
 
+@pytest.mark.parametrize("instanced", ["EMPTY", "CURVE"])
+def test_points_from_meshes_names_a_mesh_its_instances_hide_in_renders_as_not_shown_itself(scene, capfd, instanced):
+    """A ball (Ico Sphere) with Show Instancer on for viewports and off for renders, whose
+    Geometry Nodes join to its mesh an Object Info instance of an empty or of a curve with no
+    Bevel nor Extrude (nothing to sample), selected with a plane. Blender's own answer, a
+    render's depsgraph: no entry of the ball's or of what it makes with faces or points.
+    Points from Selected Meshes samples the plane and names the ball as not shown itself in
+    renders, the walk's rule (surface_points.hidden_by_its_instances), not as having no faces
+    to sample (it has 20)."""
+    from blender_addon.importers import NOT_SHOWN_ITSELF
+
+    sc = scene["scene"]
+    if instanced == "EMPTY":
+        made = bpy.data.objects.new("Made", None)
+    else:
+        data = bpy.data.curves.new("Made", "CURVE")
+        data.splines.new("POLY").points.add(1)
+        made = bpy.data.objects.new("Made", data)
+    sc.collection.objects.link(made)
+    made.location = (0.0, 0.0, -50.0)
+    plane = _plane_selected(sc)
+    bpy.ops.mesh.primitive_ico_sphere_add(subdivisions=1, radius=0.3, location=(0.0, 0.0, 3.0))
+    ball = bpy.context.active_object
+    ball.name = "Ball"
+    nodes_modifier(ball, "Makes", _joined_to_an_instance_of(made))
+    ball.show_instancer_for_viewport, ball.show_instancer_for_render = True, False
+
+    def sampled_of_ball(dg) -> int:
+        """The faces and points of the entries standing for the ball."""
+        return sum(len(i.object.data.polygons) if i.object.type == "MESH" else
+                   len(i.object.data.points) if i.object.type == "POINTCLOUD" else 0
+                   for i in dg.object_instances
+                   if (i.parent if i.is_instance else i.object).original == ball)
+
+    assert _read_during_a_cycles_render(sc, sampled_of_ball) == 0
+    assert len(ball.data.polygons) == 20
+    for o in sc.objects:
+        o.select_set(o in (plane, ball))
+    capfd.readouterr()
+    assert bpy.ops.npbgpp.points_from_meshes(count=200, seed=1) == {"FINISHED"}
+    out = capfd.readouterr().out
+    assert f"skipped: Ball ({NOT_SHOWN_ITSELF})" in out, out
+    pts, _ = _sampled_points(sc)
+    assert len(pts) == 200 and (np.abs(pts[:, 2]) < 1e-5).all()
+
+
 def test_scene_walk_asks_whether_particles_instance_in_renders_once_per_instancer(scene, monkeypatch):
     """Two grids of 9 vertices each instancing their child ball at their vertices (Instancing:
     Vertices), each with hair rendering a cube shown as Path in viewports. Blender's own

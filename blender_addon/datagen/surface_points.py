@@ -463,6 +463,14 @@ def _holds_instances(obj_eval: Any) -> bool:
         getattr(geometry, name) is not None for name in _OWN_GEOMETRY.values() if name != own)
 
 
+def hidden_by_its_instances(obj: Any, obj_eval: Any) -> bool:
+    """Whether renders leave out ``obj_eval`` (an evaluated object or depsgraph entry of the
+    original ``obj``) for what it holds: Show Instancer off for renders, and it holds instances
+    or geometry of another type (:func:`_holds_instances`). The rule :func:`rendered_entries`
+    leaves such an entry out by, and Points from Selected Meshes names such an object by."""
+    return not obj.show_instancer_for_render and _holds_instances(obj_eval)
+
+
 # persistent_id's places an entry leaves unused: an instance made directly by its instancer
 # (``inst.parent``) uses the first only, one nested in another instance one more per level
 # (measured in bpy 5.0.1)
@@ -580,7 +588,7 @@ def rendered_entries(depsgraph: Any) -> Iterator[tuple[Any, Any, tuple[Any, ...]
       (:func:`not_shown_itself_in_renders`): its own, its Geometry Nodes' output, and an
       instance of it (a collection instance's member, an Object Info instance; measured in bpy
       5.0.1: a render's depsgraph has each with ``show_self`` off, or not at all); and of an
-      object with it off for renders only, an entry holding instances (:func:`_holds_instances`:
+      object with it off for renders only, an entry holding instances (:func:`hidden_by_its_instances`:
       its own mesh, an instance of it, not the instances and points its Geometry Nodes make);
     - all of an object that its parent instances at its vertices or faces, at its own place
       (its evaluated mesh, its instances): renders show it only where its parent instances it
@@ -683,7 +691,7 @@ def rendered_entries(depsgraph: Any) -> Iterator[tuple[Any, Any, tuple[Any, ...]
             continue
         if own.not_shown_itself:  # a viewport's show_self followed the viewport's flag
             continue
-        if viewport and own.shown_in_viewports_only and _holds_instances(inst.object):
+        if viewport and own.shown_in_viewports_only and hidden_by_its_instances(obj, inst.object):
             continue  # likewise, an entry whose instances hide it in renders
         if not instanced:
             yield inst, stands_for, within
