@@ -5,8 +5,10 @@ Blender or Python code. Every output check runs before the fit; the bundle is wr
 atomically. ``--check-view`` keeps one training photo apart and writes the unfitted scene
 if the fit scores more than :data:`~npbgpp_core.fitting.CHECK_TOLERANCE_DB` lower on it; the
 last line on stderr says what was kept; ``--check-tolerance DB`` sets that allowance;
-``--check-recipes crops,whole`` (opt-in) fits both recipes and keeps the better one there;
-with ``--check-combine average`` (opt-in) the mean of both fits instead, checked there as usual."""
+without ``--check-recipes`` the users' default decides by the photos' long side (both recipes
+averaged within 384-768 px, the plain check otherwise: ``npbgpp_core.protocol.auto_check_recipes``);
+``--check-recipes crops`` or ``none`` is the plain check; ``crops,whole`` fits both recipes and keeps
+the better one there, with ``--check-combine average`` the mean of both fits instead, checked there as usual."""
 
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         WHOLE_VIEW_STEPS,
         split_check_recipes,
     )
+    from npbgpp_core.protocol import AUTO_AVERAGE_HIGH_SIDE, AUTO_AVERAGE_LOW_SIDE
     from npbgpp_core.scene_fit import DEFAULT_STEPS
 
     p = argparse.ArgumentParser(prog="python -m headless_train fit", description=__doc__)
@@ -52,12 +55,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--check-recipes", type=split_check_recipes, default=None, metavar="NAMES",
                    help=f"comma-separated recipes from {','.join(CHECK_RECIPES)}: fit each (crops: --steps steps of "
                    f"crops; whole: {WHOLE_VIEW_STEPS} steps of whole photos) on the photos less the one --check-view "
-                   "keeps apart and keep the one scoring best there, then check it as usual (default: crops "
-                   "alone; crops,whole: about 2.3x the time)")
+                   "keeps apart and keep the one scoring best there, then check it as usual; none or crops: the "
+                   "plain check (crops alone). Default (flag left out, no --check-combine): by the photos' long "
+                   f"side, both recipes averaged within {AUTO_AVERAGE_LOW_SIDE}-{AUTO_AVERAGE_HIGH_SIDE} px "
+                   "(about 2x the fit time or more: the whole-view steps grow with the pixels), the plain check "
+                   "otherwise; the last line says when it averaged (BENCHMARKS.md)")
     p.add_argument("--check-combine", choices=CHECK_COMBINES, default=None,
                    help="with --check-recipes of 2 or more: choose keeps the recipe scoring best on the kept photo "
                    "(default); average keeps the element-wise mean of every recipe's fit, scored and checked there "
-                   "as usual (see BENCHMARKS.md)")
+                   "as usual (see BENCHMARKS.md); given without --check-recipes: no recipes (the plain check), as "
+                   "before the size rule")
     return p.parse_args(argv)
 
 
@@ -100,8 +107,11 @@ def fit(args: argparse.Namespace) -> str:
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    # both left out: the users' default (BundleFit decides by the photos' size); a --check-combine alone
+    # keeps its meaning from before the size rule (no recipes: choose is the plain check, average refused)
+    recipes = () if args.check_recipes is None and args.check_combine is not None else args.check_recipes
     job = BundleFit(args.bundle, scene, args.steps, args.weights, "", device, check_view=args.check_view,
-                    check_tolerance=args.check_tolerance, check_recipes=args.check_recipes,
+                    check_tolerance=args.check_tolerance, check_recipes=recipes,
                     check_combine=args.check_combine)
     # a checked fit counts its two scoring renders as steps (and a choosing check every recipe's
     # steps); the line names a scoring render while it runs

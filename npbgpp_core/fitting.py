@@ -743,7 +743,10 @@ def check_recipe_names(names: object, name: str = "check_recipes") -> tuple[str,
 def split_check_recipes(text: str) -> tuple[str, ...]:
     """The comma-separated names of a ``--check-recipes`` flag (``headless_train fit``,
     ``bench_quality``), spaces around each dropped, not yet checked: an empty name stays, so
-    :func:`check_recipe_names` refuses it as unknown rather than one flag reading "" as no choice."""
+    :func:`check_recipe_names` refuses it as unknown rather than one flag reading "" as no choice.
+    ``none`` alone is no recipes (the plain check): the flag's way to opt out of the users' default."""
+    if text.strip().lower() == "none":
+        return ()
     return tuple(name.strip() for name in text.split(","))
 
 

@@ -50,6 +50,25 @@ CHECK_COMBINES = ("choose", "average")
 # The check_combine of a fit that names none (FitBegin's, fit_coefficients', fit_bundle's and the
 # command lines'): choosing, what a choosing check did before averaging was added; averaging is opt-in.
 FIT_CHECK_COMBINE = CHECK_COMBINES[0]
+# The users' default for a checked fit (Fit to Photos' Also Try Whole Views on Auto, headless_train
+# fit without --check-recipes, scene_fit.BundleFit's check_recipes None): both CHECK_RECIPES averaged
+# when the fitting photos' long side is within this inclusive range of pixels, the plain check
+# otherwise (BENCHMARKS.md, Averaged fits ("soups") of a choosing check's states: ahead of the plain
+# check at 384, 512 and 768 px, behind on a capture at 256 px; the whole-view steps cost more with
+# every pixel). The library's own defaults (fit_coefficients, FitBegin) stay the plain check.
+AUTO_AVERAGE_LOW_SIDE = 384
+AUTO_AVERAGE_HIGH_SIDE = 768
+
+
+def auto_check_recipes(long_side: int) -> tuple[tuple[str, ...], str]:
+    """The (check_recipes, check_combine) the users' default gives fitting photos whose long side
+    is ``long_side`` pixels: every CHECK_RECIPES averaged within AUTO_AVERAGE_LOW_SIDE..
+    AUTO_AVERAGE_HIGH_SIDE (inclusive), else no recipes and FIT_CHECK_COMBINE (the plain check)."""
+    if AUTO_AVERAGE_LOW_SIDE <= long_side <= AUTO_AVERAGE_HIGH_SIDE:
+        return CHECK_RECIPES, "average"
+    return (), FIT_CHECK_COMBINE
+
+
 # Frame.note while the service compiles a fused refiner's kernels (text for the user; the
 # viewport reads Frame.compiling).
 COMPILING_KERNELS_NOTE = "compiling fused kernels..."
@@ -455,7 +474,9 @@ class FitBegin(Request):
     ``check_recipes``, names from ``CHECK_RECIPES``: each recipe fitted, the best on the kept
     photo kept); empty: the fit's own recipe alone. ``total`` then counts every recipe's steps.
     ``check_combine`` (with two or more ``check_recipes``): ``fit_coefficients``' ``check_combine``,
-    one of ``CHECK_COMBINES``: "choose" the best recipe, "average" the mean of every recipe's fit."""
+    one of ``CHECK_COMBINES``: "choose" the best recipe, "average" the mean of every recipe's fit.
+    Both None: the users' default, by the training photos' long side (:func:`auto_check_recipes`,
+    ``scene_fit.BundleFit``'s check_recipes None), what the add-on's Also Try Whole Views on Auto sends."""
 
     bundle: str
     dataset: str
@@ -468,8 +489,8 @@ class FitBegin(Request):
     device: str = "AUTO"
     aligned: bool | None = None
     check_view: bool | None = None
-    check_recipes: tuple[str, ...] = ()
-    check_combine: str = FIT_CHECK_COMBINE
+    check_recipes: tuple[str, ...] | None = ()
+    check_combine: str | None = FIT_CHECK_COMBINE
     op: ClassVar[str] = "fit_begin"
     reply: ClassVar[type[Reply]] = FitProgress
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 DEFAULT_STEPS = 200  # BENCHMARKS.md "Sharpening loss in the 200-step fit"
@@ -72,6 +72,23 @@ def users_check(check_view: Any, fair_check: Any) -> tuple[Any, Any]:
     return check_view, fair_check
 
 
+def users_check_recipes(checked: bool, image_sizes: Iterable[Sequence[int]]) -> dict[str, Any] | None:
+    """What the users' default check recipes are for a fit on photos of ``image_sizes`` ((H, W)
+    each, their own sizes, not a padded canvas): :func:`~npbgpp_core.protocol.auto_check_recipes` of
+    their largest long side, as ``{"long_side", "range", "recipes", "combine"}`` (the fitted
+    bundle's ``fit["recipes_by_size"]``); None when the fit is not ``checked`` (no check applies:
+    the rule chooses between a checked fit's recipes). :class:`BundleFit` and bench_quality's
+    ``--check-recipes auto`` use it, so the bench scores what users get."""
+    from .protocol import AUTO_AVERAGE_HIGH_SIDE, AUTO_AVERAGE_LOW_SIDE, auto_check_recipes
+
+    if not checked:
+        return None
+    long_side = max(max(int(h), int(w)) for h, w in image_sizes)
+    recipes, combine = auto_check_recipes(long_side)
+    return {"long_side": long_side, "range": [AUTO_AVERAGE_LOW_SIDE, AUTO_AVERAGE_HIGH_SIDE],
+            "recipes": list(recipes), "combine": combine}
+
+
 class BundleFit:
     """The fit of the NPBG++ bundle ``bundle_path`` to the training views of ``data`` (a
     loaded :class:`~npbgpp_core.datasets.scene_data.SceneData`), ``steps`` steps of
@@ -88,11 +105,17 @@ class BundleFit:
     kept unless it scores more than ``check_tolerance`` dB below the unfitted scene there); None:
     :data:`~npbgpp_core.fitting.FIT_CHECK_VIEW`. ``check_tolerance``: the fit's; None:
     :data:`~npbgpp_core.fitting.CHECK_TOLERANCE_DB`. ``check_recipes``: the fit's (a choosing
-    check, opt-in: each recipe named, :data:`~npbgpp_core.fitting.CHECK_RECIPES`, is fitted and
-    the best on the kept photo kept); None or empty: the fit's own recipe alone. ``check_combine``:
+    check: each recipe named, :data:`~npbgpp_core.fitting.CHECK_RECIPES`, is fitted and
+    the best on the kept photo kept); empty: the fit's own recipe alone. ``check_combine``:
     the fit's (:data:`~npbgpp_core.fitting.CHECK_COMBINES`; None:
     :data:`~npbgpp_core.fitting.FIT_CHECK_COMBINE`, "choose"); "average" keeps the mean of
-    every recipe's fit instead of the best (opt-in, with 2 or more ``check_recipes``). ``checked``:
+    every recipe's fit instead of the best (with 2 or more ``check_recipes``). Both None: the users'
+    default, decided by the training photos' long side once they are read
+    (:func:`~npbgpp_core.protocol.auto_check_recipes`: both recipes averaged within
+    :data:`~npbgpp_core.protocol.AUTO_AVERAGE_LOW_SIDE`..``AUTO_AVERAGE_HIGH_SIDE`` px, the plain check
+    otherwise; only for a check that applies); ``recipes_by_size`` then says what it decided (also in the
+    metadata, ``fit["recipes_by_size"]``, and the outcome line when it averaged). ``check_recipes`` None
+    with a ``check_combine`` given: no recipes, as before the rule. ``checked``:
     whether the check applies (it needs :data:`~npbgpp_core.fitting.CHECK_VIEW_MIN_VIEWS`
     training photos).
 
@@ -130,6 +153,8 @@ class BundleFit:
         check_view, fair_check = users_check(check_view, fair_check)
         if check_tolerance is None:
             check_tolerance = CHECK_TOLERANCE_DB
+        # the users' default (both None): decided by the photos' size below, checked now as the plain check
+        by_size = check_recipes is None and check_combine is None
         if check_recipes is None:
             check_recipes = ()
         if check_combine is None:
@@ -167,10 +192,19 @@ class BundleFit:
         ids = list(data.train) or list(range(len(data.views)))
         if not ids:
             raise ValueError(f"dataset {data.root} has no views to fit to")
-        views = padded_fit_views([data.load_image(i) for i in ids], [data.views[i].camera for i in ids])
+        images = [data.load_image(i) for i in ids]
+        views = padded_fit_views(images, [data.views[i].camera for i in ids])
         self.views = len(ids)
         self.view_names = [data.views[i].name for i in ids]
         self.checked = check_view and check_view_index(len(ids)) is not None
+        # what the users' default decided, for the metadata and the outcome (None: not asked for, or
+        # no check to apply it to); the photos' own long side, not the padded canvas's
+        self.recipes_by_size = users_check_recipes(self.checked, [im.shape[-2:] for im in images]) if by_size \
+            else None
+        if self.recipes_by_size is not None:
+            recipe, check_tolerance, check_recipes, check_combine = coefficients_recipe(
+                check_view=check_view, fair_check=fair_check, check_tolerance=check_tolerance,
+                check_recipes=self.recipes_by_size["recipes"], check_combine=self.recipes_by_size["combine"])
         # each candidate recipe's steps (the fit's own alone without check_recipes; a check that
         # cannot apply runs the first candidate only), plus a checked fit's two scoring renders
         candidate_steps = [c[1] for c in candidate_recipes(check_recipes, self.steps, None, recipe)]
@@ -225,6 +259,8 @@ class BundleFit:
         check = self.check()
         if check is not None:
             fit["check"] = check
+        if self.recipes_by_size is not None:
+            fit["recipes_by_size"] = self.recipes_by_size
         meta = {**self.bundle.metadata, "fit": fit}
         if check is not None and check["kept"] == "unfitted":
             # the fit lost to no fit on the photo kept apart: the source bundle itself, which
@@ -246,7 +282,19 @@ class BundleFit:
         return {**check, "name": None if k is None else self.view_names[k]}
 
     def outcome(self) -> str:
-        """One line on what a finished fit kept: the check's outcome, or that there was none."""
+        """One line on what a finished fit kept: the check's outcome, or that there was none; and
+        when the users' default averaged both recipes by the photos' size, that it did and why (a
+        user sees why the fit took about twice as long)."""
+        line = self._check_outcome()
+        by_size = self.recipes_by_size
+        if by_size is not None and by_size["combine"] == "average":
+            low, high = by_size["range"]
+            line += (f"; both recipes averaged: photos {by_size['long_side']} px, within the {low}-{high} px range "
+                     "where the size rule averages them")
+        return line
+
+    def _check_outcome(self) -> str:
+        """The check's outcome, or that there was none (:meth:`outcome`)."""
         check = self.check()
         if check is None:
             return "the fit was not checked on a photo kept apart"
@@ -303,8 +351,9 @@ def fit_bundle(bundle_path: str, dataset: Any, out: str, steps: int = DEFAULT_ST
     :class:`BundleFit` (``aligned``: None is :data:`~npbgpp_core.fitting.FIT_ALIGNED`;
     ``check_view``: None is :data:`~npbgpp_core.fitting.FIT_CHECK_VIEW`; ``fair_check``: None is
     :data:`~npbgpp_core.fitting.FIT_FAIR_CHECK` when checked; ``check_tolerance``: None is
-    :data:`~npbgpp_core.fitting.CHECK_TOLERANCE_DB`; ``check_recipes``: None is the fit's own
-    recipe alone; ``check_combine``: None is :data:`~npbgpp_core.fitting.FIT_CHECK_COMBINE`)."""
+    :data:`~npbgpp_core.fitting.CHECK_TOLERANCE_DB`; ``check_recipes`` and ``check_combine`` both None:
+    the users' default by the photos' size, :func:`~npbgpp_core.protocol.auto_check_recipes`;
+    ``check_combine`` alone None: :data:`~npbgpp_core.fitting.FIT_CHECK_COMBINE`)."""
     from .datasets import load_scene
 
     # the bundle holds the points; the dataset gives photos and cameras (it may have no cloud of its own)

@@ -386,3 +386,53 @@ def test_fit_command_check_combine_average_writes_the_mean_of_both_recipes(scene
     assert set(saved.model_state) == set(mean) - {"descriptors", "active"}
     for name, value in saved.model_state.items():
         assert torch.equal(value, mean[name]), name
+
+
+def test_fit_command_without_check_recipes_averages_both_recipes_by_photo_size(scene_and_bundle, tmp_path,
+                                                                               monkeypatch, capsys):
+    """No --check-recipes: the users' default by the photos' long side (24 px here; the range made
+    tiny so that the test stays fast): within it both recipes averaged, the metadata and the last
+    line saying the size rule chose them; outside it the plain check, the metadata saying why;
+    --check-recipes none / crops opt out (the plain check, no size rule recorded) inside the range."""
+    from headless_train.fit import main
+    from npbgpp_core import fitting, protocol
+    from npbgpp_core.scene import NeuralScene
+
+    folder, bundle = scene_and_bundle
+    run = ["--bundle", bundle, "--scene", folder, "--steps", "2", "--device", "cpu"]
+    monkeypatch.setattr(protocol, "AUTO_AVERAGE_LOW_SIDE", 24)
+    monkeypatch.setattr(protocol, "AUTO_AVERAGE_HIGH_SIDE", 30)
+    monkeypatch.setattr(fitting, "view_psnr", scores_in_turn(20.0, 19.0, 19.5, 20.3))
+    out = str(tmp_path / "averaged.npbgpp")
+    capsys.readouterr()
+    assert main([*run, "--out", out]) == 0
+    err = capsys.readouterr().err
+    fit = NeuralScene.load(out).metadata["fit"]
+    assert fit["check"]["recipe"] == "average" and [c["recipe"] for c in fit["check"]["candidates"]] == [
+        "crops", "whole"]
+    assert fit["recipes_by_size"] == {"long_side": 24, "range": [24, 30], "recipes": ["crops", "whole"],
+                                      "combine": "average"}
+    assert f"step {2 + fitting.WHOLE_VIEW_STEPS + 1}/{2 + fitting.WHOLE_VIEW_STEPS + 2}" in err
+    assert err.splitlines()[-1] == (f"kept the fit (average of crops and whole views): +0.30 dB on held-apart photo "
+                                    f"{fit['check']['name']}; both recipes averaged: photos 24 px, within the 24-30 "
+                                    "px range where the size rule averages them")
+    for flags in (["--check-recipes", "none"], ["--check-recipes", "crops"], ["--check-combine", "choose"]):
+        monkeypatch.setattr(fitting, "view_psnr", scores_in_turn(20.0, 21.0))
+        out = str(tmp_path / f"plain_{flags[1]}.npbgpp")
+        assert main([*run, "--out", out, *flags]) == 0
+        err = capsys.readouterr().err
+        fit = NeuralScene.load(out).metadata["fit"]
+        # crops alone: a choosing check of one candidate, which fits as the plain check does
+        recipes = [c["recipe"] for c in fit["check"].get("candidates", [])]
+        assert "recipes_by_size" not in fit and recipes in ([], ["crops"]) and "step 3/4" in err, flags
+        assert err.splitlines()[-1].endswith(f": +1.00 dB on held-apart photo {fit['check']['name']}"), flags
+        assert "averaged" not in err, flags
+    monkeypatch.setattr(protocol, "AUTO_AVERAGE_LOW_SIDE", 25)  # 24 px photos now below the range
+    monkeypatch.setattr(fitting, "view_psnr", scores_in_turn(20.0, 21.0))
+    out = str(tmp_path / "below.npbgpp")
+    assert main([*run, "--out", out]) == 0
+    err = capsys.readouterr().err
+    fit = NeuralScene.load(out).metadata["fit"]
+    assert fit["recipes_by_size"] == {"long_side": 24, "range": [25, 30], "recipes": [], "combine": "choose"}
+    assert "candidates" not in fit["check"] and "step 3/4" in err
+    assert err.splitlines()[-1] == f"kept the fit: +1.00 dB on held-apart photo {fit['check']['name']}"
