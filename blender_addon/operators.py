@@ -875,12 +875,15 @@ class NPBGPP_OT_fit(_WorkerStepJob, bpy.types.Operator):
             return None
         if not output_folder_exists(self, self._out, "Fitted Bundle"):
             return None
-        # Also Try Whole Views: the core's choosing check between its recipes (protocol.CHECK_RECIPES, the
+        # Also Try Whole Views On: the core's choosing check between its recipes (protocol.CHECK_RECIPES, the
         # tuple npbgpp_core.fitting uses); only with the check, which it chooses on
-        recipes = P.CHECK_RECIPES if s.fit_check_view and s.fit_check_whole_views else ()
+        whole = s.fit_check_whole_views if s.fit_check_view else "OFF"
+        recipes: tuple[str, ...] | None = P.CHECK_RECIPES if whole == "ON" else ()
         # Keep: how the two fits become one (protocol.CHECK_COMBINES, upper-cased in the enum); only with them,
         # else the core's default (choosing: what a fit naming none does)
-        combine = s.fit_check_combine.lower() if recipes else P.FIT_CHECK_COMBINE
+        combine: str | None = s.fit_check_combine.lower() if recipes else P.FIT_CHECK_COMBINE
+        if whole == "AUTO":  # the users' default: the worker's fit decides by the photos' size
+            recipes, combine = None, None
         return worker_reply(self, P.FitBegin(
             bundle, dataset, self.steps, weights, "" if domain == "auto" else domain, s.dataset_format or None,
             s.dataset_undistort, s.dataset_allow_external_paths, s.device, s.fit_upright, s.fit_check_view,

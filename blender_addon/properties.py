@@ -5,12 +5,22 @@ from __future__ import annotations
 import bpy
 from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, PointerProperty, StringProperty
 
-from npbgpp_core.protocol import FIT_CHECK_COMBINE, WHOLE_VIEW_STEPS
+from npbgpp_core.protocol import AUTO_AVERAGE_HIGH_SIDE, AUTO_AVERAGE_LOW_SIDE, FIT_CHECK_COMBINE, WHOLE_VIEW_STEPS
 
 # Blender 5.0 refuses "//" in a file path setting unless it says it resolves it (else each
 # set warns); these settings are stored relative by blend_paths and read with
 # blend_paths.resolved (relative to the .blend holding the scene: a linked one's library).
 RELATIVE_OK = {"PATH_SUPPORTS_BLEND_RELATIVE"} if bpy.app.version >= (5, 0, 0) else set()
+
+
+# What was measured for Also Try Whole Views' Auto (averaging both fits by the photos' size), in one
+# place so that new figures replace these alone (BENCHMARKS.md names the runs).
+AUTO_AVERAGE_FIGURES = (
+    "averaging both fits beat the plain check at 384 px (seed 0: +0.21 dB mean with 6 photos, +0.16 with all), "
+    "512 px (4 runs: +0.09 to +0.27) and 768 px (6 of 9 captures: +0.39), no capture more than 0.3 dB below it, "
+    "but not at 256 px (one capture 0.38-0.49 dB below); it takes 1.6-1.7x the fitting time at 384 px, 2.0-2.2x "
+    "at 512 px, 4.2x at 768 px (BENCHMARKS.md, Averaged fits (\"soups\") of a choosing check's states)"
+)
 
 
 def _is_point_object(_self: bpy.types.PropertyGroup, obj: bpy.types.Object) -> bool:
@@ -138,15 +148,25 @@ class NPBGPPSceneSettings(bpy.types.PropertyGroup):
         "lost on the held-out view (BENCHMARKS.md, A fit that cannot make a scene worse; The check at the photos' "
         "own size)",
     )
-    fit_check_whole_views: BoolProperty(  # type: ignore[valid-type]
-        name="Also Try Whole Views", default=False,  # opt-in: protocol.CHECK_RECIPES
-        description="Only with Check Fit on a Photo: Fit to Photos fits twice on the photos less the kept one, "
-        f"the usual crops and {WHOLE_VIEW_STEPS} steps of whole photos, keeps the fit scoring better on the kept "
-        "photo (or, as Keep says, their average) and checks it as usual; the report names what it kept. Keeping "
-        "the better, measured at 512 px with 6 photos on 9 captures: +0.2 to +0.5 dB mean on held-out views, one "
-        "capture 1.5 to 3.5 dB, for about 2.3x the fitting time (1.3x at 256 px); with all photos or at 256 px it "
-        "lost up to 0.84 dB on some captures, so it is off by default (BENCHMARKS.md, A checked fit that chooses "
-        "its recipe on the kept photo)",
+    fit_check_whole_views: EnumProperty(  # type: ignore[valid-type]
+        # a BoolProperty before Auto: the item numbers make a .blend's stored False / True read back as
+        # Off / On, one that never set it as the default Auto (measured in bpy 5.0.1; tests/test_addon_render.py)
+        name="Also Try Whole Views", default="AUTO",
+        items=(
+            ("OFF", "Off", "Fit the usual crops only, checked on the kept photo as usual (the plain check)", 0),
+            ("ON", "On", f"Fit twice on the photos less the kept one, the usual crops and {WHOLE_VIEW_STEPS} steps of "
+             "whole photos, and keep what Keep says: the fit scoring better on the kept photo, or their average. "
+             "Keeping the better, measured at 512 px with 6 photos on 9 captures: +0.2 to +0.5 dB mean on held-out "
+             "views, one capture 1.5 to 3.5 dB, for about 2.3x the fitting time (1.3x at 256 px); with all photos "
+             "or at 256 px it lost up to 0.84 dB on some captures (BENCHMARKS.md, A checked fit that chooses its "
+             "recipe on the kept photo)", 1),
+            ("AUTO", "Auto", "By the photos' size: both fits (crops and whole photos) averaged when the photos' long "
+             f"side is {AUTO_AVERAGE_LOW_SIDE} to {AUTO_AVERAGE_HIGH_SIDE} px, the usual crops alone otherwise (Keep "
+             f"is not used); the report says when it averaged. Measured: {AUTO_AVERAGE_FIGURES}", 2),
+        ),
+        description="Only with Check Fit on a Photo: whether Fit to Photos also fits whole photos besides the usual "
+        "crops and keeps the better or the average of both fits, checked as usual; the report names what it kept "
+        "(protocol.CHECK_RECIPES; Auto: protocol.auto_check_recipes)",
     )
     fit_check_combine: EnumProperty(  # type: ignore[valid-type]
         # identifiers: protocol.CHECK_COMBINES upper-cased (the operator sends them lower-cased); the default
@@ -163,8 +183,8 @@ class NPBGPPSceneSettings(bpy.types.PropertyGroup):
              "(seed 1), desk 0.38-0.49 dB below; BENCHMARKS.md, "
              "Averaged fits of a choosing check's states)"),
         ),
-        description="Only with Also Try Whole Views and Check Fit on a Photo: what Fit to Photos keeps of its two "
-        "fits",
+        description="Only with Also Try Whole Views On and Check Fit on a Photo: what Fit to Photos keeps of its "
+        "two fits (Auto averages them)",
     )
     dataset_path: StringProperty(  # type: ignore[valid-type]
         name="Dataset", description="Dataset folder the input cameras came from (Aggregate reads its images)",

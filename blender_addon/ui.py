@@ -77,7 +77,7 @@ class RENDER_PT_npbgpp_data(_NPBGPPPanel, bpy.types.Panel):
         row.prop(s, "fit_check_whole_views")
         row = layout.row()
         # what is kept of the two fits: nothing to keep between without both
-        row.enabled = s.fit_check_view and s.fit_check_whole_views
+        row.enabled = s.fit_check_view and s.fit_check_whole_views == "ON"  # Auto averages
         row.prop(s, "fit_check_combine")
         col = layout.column(align=True)
         col.operator("import_scene.npbgpp_ply", icon="IMPORT")

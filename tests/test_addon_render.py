@@ -6487,7 +6487,7 @@ def test_fit_to_photos_that_loses_on_its_held_apart_photo_says_how_to_keep_a_fit
 
 
 def test_fit_to_photos_also_tries_whole_views_when_asked(scene, monkeypatch):
-    """Also Try Whole Views (drawn under Check Fit on a Photo, off by default, greyed while the
+    """Also Try Whole Views On (drawn under Check Fit on a Photo, Auto by default, greyed while the
     check is off) reaches the worker's fit (in-process, the kept photo's scores set here: the
     whole-view fit's best): the progress counts both fits' steps, the bundle's metadata and the
     report name the recipe kept, the report gives both fits' steps and the chosen one's, and the
@@ -6503,7 +6503,7 @@ def test_fit_to_photos_also_tries_whole_views_when_asked(scene, monkeypatch):
     sc = scene["scene"]
     sc.npbgpp.worker_mode = "IN_PROCESS"  # the scores below are this process's
     props = type(sc.npbgpp).bl_rna.properties
-    assert props["fit_check_whole_views"].default is False and P.FitBegin("b", "d").check_recipes == ()
+    assert props["fit_check_whole_views"].default == "AUTO" and P.FitBegin("b", "d").check_recipes == ()
     for check in (True, False):
         sc.npbgpp.fit_check_view = check
         layout = _drawn()
@@ -6518,7 +6518,7 @@ def test_fit_to_photos_also_tries_whole_views_when_asked(scene, monkeypatch):
 
     # the kept photo unfitted, after the crops' fit, after the whole views'
     scores = _kept_photo_scores(monkeypatch, [20.0, 19.0, 21.9])
-    sc.npbgpp.fit_check_view, sc.npbgpp.fit_check_whole_views = True, True
+    sc.npbgpp.fit_check_view, sc.npbgpp.fit_check_whole_views = True, "ON"
     chosen = str(scene["dir"] / "whole.npbgpp")
     totals, (kind, text) = fit(chosen, 20)  # crops' steps other than the whole views' 50
     saved = NeuralScene.load(chosen)
@@ -6567,11 +6567,11 @@ def test_fit_to_photos_keeps_the_average_of_both_fits_when_asked(scene, monkeypa
     assert prop.default == P.FIT_CHECK_COMBINE.upper() == "CHOOSE" and prop.name == "Keep"
     assert [item.identifier.lower() for item in prop.enum_items] == list(P.CHECK_COMBINES)
     assert [item.name for item in prop.enum_items] == ["Better on Kept Photo", "Average of Both"]
-    for check, whole in ((True, True), (True, False), (False, True)):
+    for check, whole in ((True, "ON"), (True, "OFF"), (True, "AUTO"), (False, "ON")):
         sc.npbgpp.fit_check_view, sc.npbgpp.fit_check_whole_views = check, whole
         layout = _drawn()
         assert layout.props.index("fit_check_combine") == layout.props.index("fit_check_whole_views") + 1
-        assert layout.states["fit_check_combine"][1] is (check and whole)
+        assert layout.states["fit_check_combine"][1] is (check and whole == "ON")  # Auto averages
     agg = _four_camera_aggregated(scene)
     # unfitted, after the crops' fit, the whole views', their average
     scores = _kept_photo_scores(monkeypatch, [20.0, 19.0, 19.5, 19.7])
@@ -6583,7 +6583,7 @@ def test_fit_to_photos_keeps_the_average_of_both_fits_when_asked(scene, monkeypa
         return real_begin(*args, **kwargs)
 
     monkeypatch.setattr(fitting, "iter_fit_coefficients", begin)
-    sc.npbgpp.fit_check_view, sc.npbgpp.fit_check_whole_views = True, True
+    sc.npbgpp.fit_check_view, sc.npbgpp.fit_check_whole_views = True, "ON"
     sc.npbgpp.fit_check_combine = "AVERAGE"
     sc.npbgpp.bundle = agg
     averaged = str(scene["dir"] / "average.npbgpp")
@@ -6604,7 +6604,7 @@ def test_fit_to_photos_keeps_the_average_of_both_fits_when_asked(scene, monkeypa
         alone[name] = NeuralScene.load(path)
     mean = fitting.average_states([{"f": alone["crops"].features}, {"f": alone["whole"].features}])["f"]
     assert torch.equal(saved.features, mean) and not torch.equal(saved.features, alone["crops"].features)
-    sc.npbgpp.fit_check_whole_views = False  # Keep stays on Average of Both, unused
+    sc.npbgpp.fit_check_whole_views = "OFF"  # Keep stays on Average of Both, unused
     sent.clear()
     scores[:] = [20.0, 21.0]
     sc.npbgpp.bundle = agg  # the fit above made its bundle the scene's
@@ -6627,7 +6627,7 @@ def test_fit_to_photos_whose_average_broke_advises_choosing_when_a_recipe_alone_
     sc.npbgpp.worker_mode = "IN_PROCESS"  # the scores below are this process's
     agg = _four_camera_aggregated(scene)
     scores = _kept_photo_scores(monkeypatch, [])
-    sc.npbgpp.fit_check_view, sc.npbgpp.fit_check_whole_views = True, True
+    sc.npbgpp.fit_check_view, sc.npbgpp.fit_check_whole_views = True, "ON"
     advice = ("The average of both fits broke (its render was not finite), but the whole views fit alone scored "
               "within what the check allows: set Keep to Better on Kept Photo and fit again to keep it.")
     broke = ("The fit itself broke (its render was not finite), so it is not worth keeping: the scene renders as "
@@ -6653,6 +6653,107 @@ def test_fit_to_photos_whose_average_broke_advises_choosing_when_a_recipe_alone_
     check = NeuralScene.load(chosen).metadata["fit"]["check"]
     assert scores == [] and check["kept"] == "fitted" and check["recipe"] == "whole" and kind == {"INFO"}
     assert NeuralScene.load(chosen).kind == "coefficients" and "kept the fit (whole views): -0.20 dB" in text
+
+
+def test_fit_to_photos_auto_averages_both_fits_by_the_photos_size(scene, monkeypatch):
+    """Also Try Whole Views on Auto (the default) asks the worker for the users' default, which the fit
+    decides by the photos' long side (32 px here, the range of protocol.auto_check_recipes made tiny):
+    inside it both recipes averaged, the bundle's metadata and the report saying the size rule chose them;
+    outside it, or with Off (or the check off), the plain check."""
+    from npbgpp_core import fitting
+    from npbgpp_core import protocol as P
+    from npbgpp_core.scene import NeuralScene
+
+    sc = scene["scene"]
+    sc.npbgpp.worker_mode = "IN_PROCESS"  # the scores and the range below are this process's
+    assert sc.npbgpp.fit_check_whole_views == "AUTO" and sc.npbgpp.fit_check_view
+    agg = _four_camera_aggregated(scene)  # 24x32 photos, 3 of them fitted
+    sent: list = []
+    real_begin = fitting.iter_fit_coefficients
+
+    def begin(*args, **kwargs):  # what the worker's fit was asked for
+        sent.append((kwargs.get("check_recipes"), kwargs.get("check_combine")))
+        return real_begin(*args, **kwargs)
+
+    monkeypatch.setattr(fitting, "iter_fit_coefficients", begin)
+    monkeypatch.setattr(P, "AUTO_AVERAGE_LOW_SIDE", 24)
+    monkeypatch.setattr(P, "AUTO_AVERAGE_HIGH_SIDE", 32)
+    scores = _kept_photo_scores(monkeypatch, [20.0, 19.0, 19.5, 19.7])  # unfitted, crops, whole, average
+    sc.npbgpp.bundle = agg
+    averaged = str(scene["dir"] / "auto_average.npbgpp")
+    totals, (kind, text) = _fit_through_the_operator(sc, averaged, 20)
+    fit = NeuralScene.load(averaged).metadata["fit"]
+    assert sent == [(P.CHECK_RECIPES, "average")] and scores == [] and totals == {20 + fitting.WHOLE_VIEW_STEPS + 2}
+    assert fit["check"]["recipe"] == "average" and fit["recipes_by_size"] == {
+        "long_side": 32, "range": [24, 32], "recipes": ["crops", "whole"], "combine": "average"}
+    assert kind == {"INFO"} and " s over both recipes and averaged them (the crops fit: 20 steps, loss " in text
+    assert ("-0.30 dB (within the 0.50 dB the check allows) on held-apart photo "
+            f"{fit['check']['name']}; both recipes averaged: photos 32 px, within the 24-32 px range where the size "
+            f"rule averages them; saved to {averaged}") in text
+    for name, low, whole in (("above", 33, "AUTO"), ("off", 24, "OFF")):
+        monkeypatch.setattr(P, "AUTO_AVERAGE_LOW_SIDE", low)
+        sc.npbgpp.fit_check_whole_views = whole
+        sent.clear()
+        scores[:] = [20.0, 21.0]
+        sc.npbgpp.bundle = agg
+        out = str(scene["dir"] / f"auto_{name}.npbgpp")
+        totals, (kind, text) = _fit_through_the_operator(sc, out, 20)
+        fit = NeuralScene.load(out).metadata["fit"]
+        assert sent == [((), "choose")] and scores == [] and totals == {20 + 2}, name
+        assert "candidates" not in fit["check"] and "averaged" not in text and "recipes" not in text, name
+        assert text.startswith("Fitted 20 steps in ") and "; kept the fit: +1.00 dB on held-apart photo" in text
+        assert ("recipes_by_size" in fit) is (whole == "AUTO"), name
+    sc.npbgpp.fit_check_whole_views = "AUTO"
+    sc.npbgpp.fit_check_view = False  # no check: nothing for the size rule to choose on
+    sent.clear()
+    sc.npbgpp.bundle = agg
+    out = str(scene["dir"] / "auto_unchecked.npbgpp")
+    totals, (kind, text) = _fit_through_the_operator(sc, out, 20)
+    assert sent == [((), "choose")] and totals == {20}
+    assert "recipes_by_size" not in NeuralScene.load(out).metadata["fit"] and "averaged" not in text
+    sc.npbgpp.fit_check_view = True
+
+
+def test_also_try_whole_views_of_a_blend_saved_with_the_old_checkbox_reads_back(scene):
+    """A .blend saved while Also Try Whole Views was a checkbox (BoolProperty) reads back with the
+    add-on's choice: a stored True as On, a stored False as Off, never set as the default Auto
+    (the item numbers OFF 0, ON 1, AUTO 2 match the stored bool). Measured with the old definition
+    registered, the file saved, the add-on's own definition registered in its place, the file opened."""
+    properties = sys.modules[f"{MODULE}.properties"]
+    # the add-on's own definition (its annotations are strings: the module's __future__ annotations)
+    new_prop = eval(properties.NPBGPPSceneSettings.__annotations__["fit_check_whole_views"], vars(properties))
+
+    def register(prop):
+        group = type("NPBGPPWholeViewsMigration", (bpy.types.PropertyGroup,), {"__annotations__": {
+            "fit_check_whole_views": prop}})
+        bpy.utils.register_class(group)
+        bpy.types.Scene.npbgpp_whole_views_migration = bpy.props.PointerProperty(type=group)
+        return group
+
+    def unregister(group):
+        del bpy.types.Scene.npbgpp_whole_views_migration
+        bpy.utils.unregister_class(group)
+
+    old = register(bpy.props.BoolProperty(name="Also Try Whole Views", default=False))
+    try:
+        for name, value in (("stored_true", True), ("stored_false", False), ("never_set", None)):
+            sc = bpy.data.scenes.new(name)
+            if value is not None:
+                sc.npbgpp_whole_views_migration.fit_check_whole_views = value
+        assert bpy.data.scenes["stored_false"].npbgpp_whole_views_migration.is_property_set("fit_check_whole_views")
+        blend = str(scene["dir"] / "old_checkbox.blend")
+        assert bpy.ops.wm.save_as_mainfile(filepath=blend) == {"FINISHED"}
+    finally:
+        unregister(old)
+    new = register(new_prop)
+    try:
+        assert bpy.ops.wm.open_mainfile(filepath=blend) == {"FINISHED"}
+        read = {name: bpy.data.scenes[name].npbgpp_whole_views_migration.fit_check_whole_views
+                for name in ("stored_true", "stored_false", "never_set")}
+        assert read == {"stored_true": "ON", "stored_false": "OFF", "never_set": "AUTO"}
+        assert bpy.data.scenes["never_set"].npbgpp.fit_check_whole_views == "AUTO"  # the add-on's own too
+    finally:
+        unregister(new)
 
 
 def _png_rgb(sc, path) -> np.ndarray:
