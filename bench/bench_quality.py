@@ -96,13 +96,32 @@ def on_off_arg(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
 
 
-def check_recipes_arg(text: str) -> tuple[str, ...]:
+def check_recipes_arg(text: str) -> tuple[str, ...] | str:
     """``--check-recipes crops,whole``: the recipes a checked fit chooses between on its kept photo
     (fit_coefficients' check_recipes; names from npbgpp_core.fitting.CHECK_RECIPES), split as
-    headless_train fit splits them; :func:`check_fit_options` checks them, in the flags' words."""
+    headless_train fit splits them; :func:`check_fit_options` checks them, in the flags' words.
+    ``auto``: the string "auto", the users' default decided per scene by the fitting photos' size
+    (:func:`users_recipes`)."""
     from npbgpp_core.fitting import split_check_recipes
 
+    if text.strip().lower() == "auto":
+        return "auto"
     return split_check_recipes(text)
+
+
+def users_recipes(keywords: dict[str, Any], image_sizes: list[Any], views: int) -> dict[str, Any] | None:
+    """With ``--check-recipes auto`` in ``keywords`` (fit_keywords'), set their check_recipes and
+    check_combine to what the users' fits get for fitting photos of ``image_sizes`` ((H, W), their
+    own sizes; ``views`` of them) by npbgpp_core.scene_fit.users_check_recipes, the function BundleFit
+    uses; returns what it decided (None: no check applies, so the plain fit, as BundleFit's)."""
+    from npbgpp_core.fitting import FIT_CHECK_COMBINE, check_view_index
+    from npbgpp_core.scene_fit import users_check_recipes
+
+    checked = bool(keywords["check_view"]) and check_view_index(views) is not None
+    by_size = users_check_recipes(checked, image_sizes)
+    keywords["check_recipes"] = tuple(by_size["recipes"]) if by_size else ()
+    keywords["check_combine"] = by_size["combine"] if by_size else FIT_CHECK_COMBINE
+    return by_size
 
 
 # coefficients_ft knobs: flag, type, help; each maps to fit_coefficients' keyword of the
@@ -138,7 +157,8 @@ FIT_KNOBS = (
     ("--check-recipes", check_recipes_arg, "comma-separated recipes a checked fit fits and chooses between on its "
      "kept photo (crops: the --crop/--steps/--crops-per-step recipe; whole: npbgpp_core.fitting.WHOLE_VIEW_STEPS "
      "steps of one whole view); every candidate's kept-photo and held-out PSNR are recorded (default: one "
-     "recipe, no choice)"),
+     "recipe, no choice); auto: what the users' fits get (npbgpp_core.protocol.auto_check_recipes of the fitting "
+     "photos' long side: both averaged within its range, else one recipe), recorded as recipes_by_size"),
     ("--check-combine", str, "with --check-recipes of 2 or more: choose (default) keeps the recipe scoring best on "
      "the kept photo; average the mean of every recipe's fitted state, scored there and checked as usual "
      "(fit_coefficients' check_combine; the mixes are recorded either way)"),
@@ -186,6 +206,11 @@ def check_fit_options(args: argparse.Namespace) -> None:
     )
 
     keywords = fit_keywords(args)
+    if keywords.get("check_recipes") == "auto":
+        if "check_combine" in keywords:
+            raise QualityError("--check-combine with --check-recipes auto: the size rule decides how the fits are "
+                               "kept; name the recipes to set it")
+        del keywords["check_recipes"]  # checked per scene once its photos' size is known (users_recipes)
     flags = CheckOptionNames(check_view_on="--check-view on", fair_check="--fair-check on",
                              check_recipes="--check-recipes",
                              check_combine="--check-combine")  # no flag sets the tolerance here
@@ -406,12 +431,16 @@ def evaluate_scene(folder: str, args: argparse.Namespace, weights: dict[str, str
             m["npbgpp"] = {**scores([model.render(agg, c) for c in test_cams]), "aggregate_s": agg_s}
     if "coefficients_ft" in args.methods or "npbg" in args.methods:
         if args.fit_max_side and args.fit_max_side != args.max_side:
-            views = padded_fit_views([scene.load_image(i, size_of(i, args.fit_max_side)) for i in inputs],
-                                     [scene.camera(i, size_of(i, args.fit_max_side)) for i in inputs])
+            fit_images = [scene.load_image(i, size_of(i, args.fit_max_side)) for i in inputs]
+            views = padded_fit_views(fit_images, [scene.camera(i, size_of(i, args.fit_max_side)) for i in inputs])
         else:
+            fit_images = in_images
             views = padded_fit_views(in_images, in_cams)
     if "coefficients_ft" in args.methods:
         keywords = fit_keywords(args)
+        auto = keywords.get("check_recipes") == "auto"
+        if auto:  # the users' default, by the photos the fit sees
+            by_size = users_recipes(keywords, [im.shape[-2:] for im in fit_images], len(fit_images))
         choosing = bool(keywords.get("check_recipes"))
         fit = fit_coefficients(model, agg, views, steps=args.steps, crop=args.crop, seed=args.fit_seed,
                                keep_candidates=choosing, **keywords)
@@ -421,6 +450,8 @@ def evaluate_scene(folder: str, args: argparse.Namespace, weights: dict[str, str
         else:
             preds = [fit.model.render(agg.points, c) for c in test_cams]
         m["coefficients_ft"] = {**scores(preds), "fit_s": fit.seconds, "steps": fit.steps}
+        if auto:  # what the size rule decided (None: no check applied, the plain fit)
+            m["coefficients_ft"]["recipes_by_size"] = by_size
         if fit.check is not None:
             m["coefficients_ft"]["check"] = {**fit.check.as_dict(), "view_id": None if fit.check.view is None
                                              else inputs[fit.check.view]}

@@ -369,3 +369,32 @@ def test_check_flags_are_refused_in_the_flags_words():
         with pytest.raises(QualityError) as refused:
             check_fit_options(parse_args(["--scenes", "unused", "--check-view", "off", *flags]))
         assert str(refused.value) == expected
+
+
+def test_check_recipes_auto_fits_what_users_get_by_the_photos_size(tmp_path, monkeypatch):
+    """--check-recipes auto: the users' default (npbgpp_core.protocol.auto_check_recipes, the range made
+    tiny here) of the photos the fit sees: 32 px photos inside the range are fitted by both recipes
+    averaged, outside it (or at a --fit-max-side outside it) by the plain check, recorded as
+    recipes_by_size; --check-combine with auto is refused before any scene is read."""
+    from bench.bench_quality import QualityError, check_fit_options
+    from npbgpp_core import protocol
+
+    folder = make_tiny_scene(str(tmp_path / "s"), views=6, size=32, splits=(4, 1, 1))
+    monkeypatch.setattr(protocol, "AUTO_AVERAGE_LOW_SIDE", 30)
+    monkeypatch.setattr(protocol, "AUTO_AVERAGE_HIGH_SIDE", 40)
+    run = ["--scenes", folder, "--methods", "npbgpp,coefficients_ft", "--max-side", "32", "--steps", "2",
+           "--crop", "16", "--check-recipes", "auto"]
+    args = parse_args(run)
+    check_fit_options(args)
+    fit = evaluate_scene(folder, args, {})["methods"]["coefficients_ft"]
+    assert fit["recipes_by_size"] == {"long_side": 32, "range": [30, 40], "recipes": ["crops", "whole"],
+                                      "combine": "average"}
+    assert fit["check"]["recipe"] == "average" and [c["recipe"] for c in fit["check"]["candidates"]] == [
+        "crops", "whole"]
+    args = parse_args([*run, "--fit-max-side", "24"])  # the fit's photos 24 px: below the range
+    check_fit_options(args)
+    fit = evaluate_scene(folder, args, {})["methods"]["coefficients_ft"]
+    assert fit["recipes_by_size"] == {"long_side": 24, "range": [30, 40], "recipes": [], "combine": "choose"}
+    assert "candidates" not in fit["check"] and fit["steps"] == 2
+    with pytest.raises(QualityError, match="--check-combine with --check-recipes auto"):
+        check_fit_options(parse_args([*run, "--check-combine", "average"]))
