@@ -844,6 +844,7 @@ class NPBGPP_OT_fit(_WorkerStepJob, bpy.types.Operator):
     )
 
     _job = "Fit to Photos"
+    _whole_views = "OFF"  # Also Try Whole Views as the fit began (Off too without the check): the advice's words
     _step_request = "FitStep"
     _cancel_request = "FitCancel"
     _cancel_note = ": no fitted bundle was written."
@@ -877,7 +878,7 @@ class NPBGPP_OT_fit(_WorkerStepJob, bpy.types.Operator):
             return None
         # Also Try Whole Views On: the core's choosing check between its recipes (protocol.CHECK_RECIPES, the
         # tuple npbgpp_core.fitting uses); only with the check, which it chooses on
-        whole = s.fit_check_whole_views if s.fit_check_view else "OFF"
+        whole = self._whole_views = s.fit_check_whole_views if s.fit_check_view else "OFF"
         recipes: tuple[str, ...] | None = P.CHECK_RECIPES if whole == "ON" else ()
         # Keep: how the two fits become one (protocol.CHECK_COMBINES, upper-cased in the enum); only with them,
         # else the core's default (choosing: what a fit naming none does)
@@ -907,10 +908,15 @@ class NPBGPP_OT_fit(_WorkerStepJob, bpy.types.Operator):
             from npbgpp_core.scene_fit import RECIPE_LABELS
 
             label = RECIPE_LABELS.get(reply.choosing_keeps, reply.choosing_keeps)
-            keep = type(context.scene.npbgpp).bl_rna.properties["fit_check_combine"]
+            props = type(context.scene.npbgpp).bl_rna.properties
+            keep = props["fit_check_combine"]
             choose = keep.enum_items["CHOOSE"].name  # "Better on Kept Photo"
+            setting = f"set {keep.name} to {choose}"
+            if self._whole_views == "AUTO":  # Auto averages whatever Keep says: choosing needs On
+                whole = props["fit_check_whole_views"]
+                setting = f"set {whole.name} to {whole.enum_items['ON'].name} and {keep.name} to {choose}"
             remedy = (f" The average of both fits broke (its render was not finite), but the {label} fit alone "
-                      f"scored within what the check allows: set {keep.name} to {choose} and fit again to keep it.")
+                      f"scored within what the check allows: {setting} and fit again to keep it.")
         elif reply.render_not_finite:
             remedy = " The fit itself broke (its render was not finite), so it is not worth keeping: the scene " \
                      "renders as before the fit."

@@ -6714,6 +6714,41 @@ def test_fit_to_photos_auto_averages_both_fits_by_the_photos_size(scene, monkeyp
     sc.npbgpp.fit_check_view = True
 
 
+def test_fit_to_photos_whose_auto_average_broke_advises_on_and_choosing(scene, monkeypatch):
+    """Auto's average broken by one recipe (its render not finite) while the other alone scored
+    within the allowance: Keep is not used on Auto, so the advice names both settings (Also Try
+    Whole Views On and Keep on Better on Kept Photo); followed, the same fits keep the sound one."""
+    import math
+
+    from npbgpp_core import protocol as P
+    from npbgpp_core.scene import NeuralScene
+
+    sc = scene["scene"]
+    sc.npbgpp.worker_mode = "IN_PROCESS"  # the scores and the range below are this process's
+    agg = _four_camera_aggregated(scene)  # 24x32 photos
+    monkeypatch.setattr(P, "AUTO_AVERAGE_LOW_SIDE", 24)
+    monkeypatch.setattr(P, "AUTO_AVERAGE_HIGH_SIDE", 32)
+    scores = _kept_photo_scores(monkeypatch, [20.0, 19.0, 19.8, math.nan])  # unfitted, crops, whole, average
+    sc.npbgpp.fit_check_view, sc.npbgpp.fit_check_whole_views = True, "AUTO"
+    sc.npbgpp.fit_check_combine = "CHOOSE"  # unused on Auto: the advice cannot be this setting alone
+    sc.npbgpp.bundle = agg
+    out = str(scene["dir"] / "auto_broke.npbgpp")
+    _, (kind, text) = _fit_through_the_operator(sc, out, 20)
+    fit = NeuralScene.load(out).metadata["fit"]
+    assert scores == [] and fit["check"]["kept"] == "unfitted" and fit["recipes_by_size"]["combine"] == "average"
+    assert kind == {"WARNING"} and text.endswith(
+        "now the scene's bundle. The average of both fits broke (its render was not finite), but the whole views "
+        "fit alone scored within what the check allows: set Also Try Whole Views to On and Keep to Better on Kept "
+        "Photo and fit again to keep it."), text
+    sc.npbgpp.fit_check_whole_views = "ON"  # the advice followed
+    sc.npbgpp.bundle = agg
+    scores[:] = [20.0, 19.0, 19.8]
+    chosen = str(scene["dir"] / "auto_broke_chosen.npbgpp")
+    _, (kind, text) = _fit_through_the_operator(sc, chosen, 20)
+    assert scores == [] and kind == {"INFO"} and "kept the fit (whole views): -0.20 dB" in text
+    sc.npbgpp.fit_check_whole_views = "AUTO"
+
+
 def test_also_try_whole_views_of_a_blend_saved_with_the_old_checkbox_reads_back(scene):
     """A .blend saved while Also Try Whole Views was a checkbox (BoolProperty) reads back with the
     add-on's choice: a stored True as On, a stored False as Off, never set as the default Auto
