@@ -16,10 +16,11 @@ RELATIVE_OK = {"PATH_SUPPORTS_BLEND_RELATIVE"} if bpy.app.version >= (5, 0, 0) e
 # What was measured for Also Try Whole Views' Auto (averaging both fits by the photos' size), in one
 # place so that new figures replace these alone (BENCHMARKS.md names the runs).
 AUTO_AVERAGE_FIGURES = (
-    "averaging both fits beat the plain check at 384 px (seed 0: +0.21 dB mean with 6 photos, +0.16 with all), "
-    "512 px (4 runs: +0.09 to +0.27) and 768 px (6 of 9 captures: +0.39), no capture more than 0.3 dB below it, "
-    "but not at 256 px (one capture 0.38-0.49 dB below); it takes 1.6-1.7x the fitting time at 384 px, 2.0-2.2x "
-    "at 512 px, 4.2x at 768 px (BENCHMARKS.md, Averaged fits (\"soups\") of a choosing check's states)"
+    "averaging both fits beat the plain check at 384 px (4 runs: +0.10 to +0.21 dB mean on held-out views), "
+    "512 px (4 runs: +0.09 to +0.27) and 768 px (6 photos on 9 captures: +0.33), no capture more than 0.3 dB "
+    "below it, but not at 256 px (desk 0.38-0.49 dB below in all 4 runs); it takes 1.6-1.7x the fitting time at "
+    "384 px, 2.0-2.2x at 512 px, 4.1x at 768 px (BENCHMARKS.md, Averaged fits (\"soups\") of a choosing check's "
+    "states)"
 )
 
 
@@ -161,8 +162,9 @@ class NPBGPPSceneSettings(bpy.types.PropertyGroup):
              "or at 256 px it lost up to 0.84 dB on some captures (BENCHMARKS.md, A checked fit that chooses its "
              "recipe on the kept photo)", 1),
             ("AUTO", "Auto", "By the photos' size: both fits (crops and whole photos) averaged when the photos' long "
-             f"side is {AUTO_AVERAGE_LOW_SIDE} to {AUTO_AVERAGE_HIGH_SIDE} px, the usual crops alone otherwise (Keep "
-             f"is not used); the report says when it averaged. Measured: {AUTO_AVERAGE_FIGURES}", 2),
+             f"side (the largest training photo's) is {AUTO_AVERAGE_LOW_SIDE} to {AUTO_AVERAGE_HIGH_SIDE} px, the "
+             "usual crops alone otherwise (Keep is not used); the report says when it averaged. Measured: "
+             f"{AUTO_AVERAGE_FIGURES}", 2),
         ),
         description="Only with Check Fit on a Photo: whether Fit to Photos also fits whole photos besides the usual "
         "crops and keeps the better or the average of both fits, checked as usual; the report names what it kept "
