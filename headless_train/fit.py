@@ -108,10 +108,10 @@ def fit(args: argparse.Namespace) -> str:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     # both left out: the users' default (BundleFit decides by the photos' size); a --check-combine alone
-    # keeps its meaning from before the size rule (no recipes: choose is the plain check, average refused)
-    recipes = () if args.check_recipes is None and args.check_combine is not None else args.check_recipes
+    # keeps its meaning from before the size rule (BundleFit reads check_recipes None then as no recipes:
+    # choose is the plain check, average refused)
     job = BundleFit(args.bundle, scene, args.steps, args.weights, "", device, check_view=args.check_view,
-                    check_tolerance=args.check_tolerance, check_recipes=recipes,
+                    check_tolerance=args.check_tolerance, check_recipes=args.check_recipes,
                     check_combine=args.check_combine)
     # a checked fit counts its two scoring renders as steps (and a choosing check every recipe's
     # steps); the line names a scoring render while it runs
