@@ -201,10 +201,8 @@ class BundleFit:
         # no check to apply it to); the photos' own long side, not the padded canvas's
         self.recipes_by_size = users_check_recipes(self.checked, [im.shape[-2:] for im in images]) if by_size \
             else None
-        if self.recipes_by_size is not None:
-            recipe, check_tolerance, check_recipes, check_combine = coefficients_recipe(
-                check_view=check_view, fair_check=fair_check, check_tolerance=check_tolerance,
-                check_recipes=self.recipes_by_size["recipes"], check_combine=self.recipes_by_size["combine"])
+        if self.recipes_by_size is not None:  # the rule's own values; iter_fit_coefficients checks them as it starts
+            check_recipes, check_combine = tuple(self.recipes_by_size["recipes"]), self.recipes_by_size["combine"]
         # each candidate recipe's steps (the fit's own alone without check_recipes; a check that
         # cannot apply runs the first candidate only), plus a checked fit's two scoring renders
         candidate_steps = [c[1] for c in candidate_recipes(check_recipes, self.steps, None, recipe)]
