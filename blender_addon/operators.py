@@ -876,15 +876,18 @@ class NPBGPP_OT_fit(_WorkerStepJob, bpy.types.Operator):
             return None
         if not output_folder_exists(self, self._out, "Fitted Bundle"):
             return None
-        # Also Try Whole Views On: the core's choosing check between its recipes (protocol.CHECK_RECIPES, the
-        # tuple npbgpp_core.fitting uses); only with the check, which it chooses on
+        # Also Try Whole Views (only with the check, which it chooses on)
         whole = self._whole_views = s.fit_check_whole_views if s.fit_check_view else "OFF"
-        recipes: tuple[str, ...] | None = P.CHECK_RECIPES if whole == "ON" else ()
-        # Keep: how the two fits become one (protocol.CHECK_COMBINES, upper-cased in the enum); only with them,
-        # else the core's default (choosing: what a fit naming none does)
-        combine: str | None = s.fit_check_combine.lower() if recipes else P.FIT_CHECK_COMBINE
-        if whole == "AUTO":  # the users' default: the worker's fit decides by the photos' size
+        recipes: tuple[str, ...] | None
+        combine: str | None
+        if whole == "ON":
+            # the core's choosing check between its recipes (protocol.CHECK_RECIPES, the tuple npbgpp_core.fitting
+            # uses); Keep: how the two fits become one (protocol.CHECK_COMBINES, upper-cased in the enum)
+            recipes, combine = P.CHECK_RECIPES, s.fit_check_combine.lower()
+        elif whole == "AUTO":  # the users' default: the worker's fit decides by the photos' size
             recipes, combine = None, None
+        else:  # the plain check, or none: the core's default combine (choosing: what a fit naming none does)
+            recipes, combine = (), P.FIT_CHECK_COMBINE
         return worker_reply(self, P.FitBegin(
             bundle, dataset, self.steps, weights, "" if domain == "auto" else domain, s.dataset_format or None,
             s.dataset_undistort, s.dataset_allow_external_paths, s.device, s.fit_upright, s.fit_check_view,
