@@ -226,12 +226,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """Rebuild the selected captures in manifest order; exit 2 with one line on an error."""
+    from npbgpp_core.datasets.capture import MIN_MAX_SIZE
     from npbgpp_core.datasets.errors import DatasetError
 
     a = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        if a.max_size < 16:  # prepare_capture's own floor, refused before anything is extracted
-            raise RebuildError(f"--max-size must be at least 16 pixels (got {a.max_size})")
+        if a.max_size < MIN_MAX_SIZE:  # prepare_capture's own floor, refused before anything is extracted
+            raise RebuildError(f"--max-size must be at least {MIN_MAX_SIZE} pixels (got {a.max_size})")
         entries = load_manifest(a.manifest)
         if a.names:
             wanted = [n.strip() for n in a.names.split(",") if n.strip()]

@@ -60,6 +60,9 @@ from .errors import DatasetError
 _MODEL_ID = {name: i for i, (name, _) in CAMERA_MODELS.items()}
 USES = ("train", "validation")
 ORIENTS = ("keep", "z-up")
+# The smallest long side prepare_capture writes photos at (its max_size), in pixels; the
+# commands that pass it one refuse a smaller one before any work by the same figure.
+MIN_MAX_SIZE = 16
 # Length of the mean of the cameras' unit image-up vectors below which they are taken to
 # disagree about up (0 = no agreement, 1 = all rolled alike).
 MIN_UP_AGREEMENT = 0.5
@@ -141,8 +144,8 @@ def prepare_capture(
 
     from .distortion import undistort
 
-    if max_size < 16:
-        raise DatasetError(f"max_size must be at least 16 pixels (got {max_size})")
+    if max_size < MIN_MAX_SIZE:
+        raise DatasetError(f"max_size must be at least {MIN_MAX_SIZE} pixels (got {max_size})")
     if image_format not in ("jpg", "png"):
         raise DatasetError(f"image_format must be 'jpg' or 'png' (got {image_format!r})")
     if orient not in ORIENTS:
