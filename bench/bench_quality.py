@@ -109,15 +109,15 @@ def check_recipes_arg(text: str) -> tuple[str, ...] | str:
     return split_check_recipes(text)
 
 
-def users_recipes(keywords: dict[str, Any], image_sizes: list[Any], views: int) -> dict[str, Any] | None:
+def users_recipes(keywords: dict[str, Any], image_sizes: list[Any]) -> dict[str, Any] | None:
     """With ``--check-recipes auto`` in ``keywords`` (fit_keywords'), set their check_recipes and
     check_combine to what the users' fits get for fitting photos of ``image_sizes`` ((H, W), their
-    own sizes; ``views`` of them) by npbgpp_core.scene_fit.users_check_recipes, the function BundleFit
+    own sizes, one per view) by npbgpp_core.scene_fit.users_check_recipes, the function BundleFit
     uses; returns what it decided (None: no check applies, so the plain fit, as BundleFit's)."""
     from npbgpp_core.fitting import FIT_CHECK_COMBINE, check_view_index
     from npbgpp_core.scene_fit import users_check_recipes
 
-    checked = bool(keywords["check_view"]) and check_view_index(views) is not None
+    checked = bool(keywords["check_view"]) and check_view_index(len(image_sizes)) is not None
     by_size = users_check_recipes(checked, image_sizes)
     keywords["check_recipes"] = tuple(by_size["recipes"]) if by_size else ()
     keywords["check_combine"] = by_size["combine"] if by_size else FIT_CHECK_COMBINE
@@ -440,7 +440,7 @@ def evaluate_scene(folder: str, args: argparse.Namespace, weights: dict[str, str
         keywords = fit_keywords(args)
         auto = keywords.get("check_recipes") == "auto"
         if auto:  # the users' default, by the photos the fit sees
-            by_size = users_recipes(keywords, [im.shape[-2:] for im in fit_images], len(fit_images))
+            by_size = users_recipes(keywords, [im.shape[-2:] for im in fit_images])
         choosing = bool(keywords.get("check_recipes"))
         fit = fit_coefficients(model, agg, views, steps=args.steps, crop=args.crop, seed=args.fit_seed,
                                keep_candidates=choosing, **keywords)
