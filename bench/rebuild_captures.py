@@ -148,7 +148,7 @@ def run_capture_sfm(raw: str, out: str, options: dict[str, Any], python: str) ->
                            "--sfm-python with an interpreter that has it)")
 
 
-def rebuild_one(entry: dict[str, Any], mirrors: str, out: str, sfm_python: str, max_size: int = 512) -> str:
+def rebuild_one(entry: dict[str, Any], mirrors: str, out: str, sfm_python: str, max_size: int) -> str:
     """Build ``<out>/<name>`` for one manifest entry with photos of long side ``max_size``;
     returns 'skipped' or 'built'."""
     from npbgpp_core.datasets.capture import prepare_capture
