@@ -3366,6 +3366,27 @@ def _cube_centres(dg, grid, cube) -> np.ndarray:
 ON_CUBE = 0.1 * 3 ** 0.5 + 1e-4
 
 
+def _scene_points_match_the_render(sc, grid, cubes: dict[str, Any], rendered: dict[str, int],
+                                   in_viewport: dict[str, int]) -> None:
+    """The cubes ``grid`` instances as a Cycles render's depsgraph holds them (``rendered``: how many of
+    each) and as the viewport's does (``in_viewport``); then scene points: each cube the render holds has
+    points on every instance, a cube it leaves out has none."""
+    from blender_addon.datagen.surface_points import sample_surface_points
+
+    held = _read_during_a_cycles_render(sc, lambda dg: {n: len(_cube_centres(dg, grid, c)) for n, c in cubes.items()})
+    assert held == rendered, held
+    depsgraph = bpy.context.evaluated_depsgraph_get()
+    centres = {name: _cube_centres(depsgraph, grid, cube) for name, cube in cubes.items()}
+    assert {name: len(c) for name, c in centres.items()} == in_viewport
+    pts, _ = sample_surface_points(sc, 4000, seed=3)
+    for name, count in rendered.items():
+        near = np.linalg.norm(pts[:, None, :] - centres[name][None, :, :], axis=2).min(axis=0)
+        if count:
+            assert (near <= ON_CUBE).all(), (name, near)  # each cube the render holds has points
+        else:
+            assert (near > ON_CUBE).all(), (name, near)
+
+
 @pytest.mark.parametrize("selected", ["grid", "grid_and_child"])
 @pytest.mark.parametrize("makes", ["collection", "object_info", "child"])
 def test_points_from_meshes_samples_what_a_vertex_instanced_child_instances(scene, makes, selected):
@@ -3473,7 +3494,6 @@ def test_scene_points_tell_which_child_a_nested_instance_is_in_where_a_level_has
     as the viewport evaluates it lie on no cube the render leaves out, and on each it holds
     (the "Kept" cubes were taken for the ball's Geometry Nodes' and kept, or for the hidden
     empty's and left out: the entry read before was taken for the one they are nested in)."""
-    from blender_addon.datagen.surface_points import sample_surface_points
 
     sc = scene["scene"]
     cubes = {}
@@ -3502,18 +3522,7 @@ def test_scene_points_tell_which_child_a_nested_instance_is_in_where_a_level_has
         bpy.data.objects["EmptyOther"].hide_render = True
         bpy.data.objects["EmptyKept"].show_instancer_for_viewport = False
         rendered = {"Kept": 4, "Other": 0}
-    held = _read_during_a_cycles_render(sc, lambda dg: {n: len(_cube_centres(dg, grid, c)) for n, c in cubes.items()})
-    assert held == rendered, held
-    depsgraph = bpy.context.evaluated_depsgraph_get()
-    centres = {name: _cube_centres(depsgraph, grid, cube) for name, cube in cubes.items()}
-    assert {name: len(c) for name, c in centres.items()} == {"Kept": 4, "Other": 4}
-    pts, _ = sample_surface_points(sc, 4000, seed=3)
-    for name, count in rendered.items():
-        near = np.linalg.norm(pts[:, None, :] - centres[name][None, :, :], axis=2).min(axis=0)
-        if count:
-            assert (near <= ON_CUBE).all(), (name, near)  # each cube the render holds has points
-        else:
-            assert (near > ON_CUBE).all(), (name, near)
+    _scene_points_match_the_render(sc, grid, cubes, rendered, {"Kept": 4, "Other": 4})
 
 
 def _linked_back(sc, objects: list[Any], path: str) -> list[Any]:
@@ -3602,7 +3611,6 @@ def test_scene_points_tell_which_child_with_show_instancer_off_a_nested_instance
     place of the children); the viewport's holds all those cubes. Points of the scene as the
     viewport evaluates it lie on no cube the render leaves out, and on each it holds (they were
     taken as the parent's own instances, in no child, or as nested in the ball: kept)."""
-    from blender_addon.datagen.surface_points import sample_surface_points
 
     sc = scene["scene"]
     cubes = {}
@@ -3641,18 +3649,7 @@ def test_scene_points_tell_which_child_with_show_instancer_off_a_nested_instance
         del cubes["Kept"], shown["Kept"]
     hidden = _empty_instancing(sc, cubes["Other"], grid, 3.0)
     hidden.hide_render = kind != "particles_shown_as_path"
-    held = _read_during_a_cycles_render(sc, lambda dg: {n: len(_cube_centres(dg, grid, c)) for n, c in cubes.items()})
-    assert held == shown, held
-    depsgraph = bpy.context.evaluated_depsgraph_get()
-    centres = {name: _cube_centres(depsgraph, grid, cube) for name, cube in cubes.items()}
-    assert {name: len(c) for name, c in centres.items()} == {name: 1 if kind == "one_vertex" else 4 for name in cubes}
-    pts, _ = sample_surface_points(sc, 4000, seed=3)
-    for name, count in shown.items():
-        near = np.linalg.norm(pts[:, None, :] - centres[name][None, :, :], axis=2).min(axis=0)
-        if count:
-            assert (near <= ON_CUBE).all(), (name, near)  # each cube the render holds has points
-        else:
-            assert (near > ON_CUBE).all(), (name, near)
+    _scene_points_match_the_render(sc, grid, cubes, shown, {name: 1 if kind == "one_vertex" else 4 for name in cubes})
 
 
 @pytest.mark.parametrize("makes", ["object_info", "ico_spheres", "points", "member", "nothing"])
