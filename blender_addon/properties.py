@@ -17,10 +17,10 @@ RELATIVE_OK = {"PATH_SUPPORTS_BLEND_RELATIVE"} if bpy.app.version >= (5, 0, 0) e
 # place so that new figures replace these alone (BENCHMARKS.md names the runs).
 AUTO_AVERAGE_FIGURES = (
     "averaging both fits beat the plain check at 384 px (4 runs: +0.10 to +0.21 dB mean on held-out views), "
-    "512 px (4 runs: +0.09 to +0.27) and 768 px (6 photos on 9 captures: +0.33), no capture more than 0.3 dB "
-    "below it, but not at 256 px (desk 0.38-0.49 dB below in all 4 runs); it takes 1.6-1.7x the fitting time at "
-    "384 px, 2.0-2.2x at 512 px, 4.1x at 768 px (BENCHMARKS.md, Averaged fits (\"soups\") of a choosing check's "
-    "states)"
+    "512 px (4 runs: +0.09 to +0.27) and 768 px (2 runs, 6 / all photos on 9 captures: +0.33 / +0.46), no capture "
+    "more than 0.3 dB below it, but not at 256 px (desk 0.38-0.49 dB below in all 4 runs); it takes 1.6-1.7x the "
+    "fitting time at 384 px, 2.0-2.2x at 512 px, 4.1-4.4x at 768 px (BENCHMARKS.md, The choosing and averaging "
+    "checks at 384 and 768 px)"
 )
 
 
