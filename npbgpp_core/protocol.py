@@ -53,9 +53,11 @@ FIT_CHECK_COMBINE = CHECK_COMBINES[0]
 # The users' default for a checked fit (Fit to Photos' Also Try Whole Views on Auto, headless_train
 # fit without --check-recipes, scene_fit.BundleFit's check_recipes None): both CHECK_RECIPES averaged
 # when the fitting photos' long side is within this inclusive range of pixels, the plain check
-# otherwise (BENCHMARKS.md, Averaged fits ("soups") of a choosing check's states: ahead of the plain
-# check at 384, 512 and 768 px, behind on a capture at 256 px; the whole-view steps cost more with
-# every pixel). The library's own defaults (fit_coefficients, FitBegin) stay the plain check.
+# otherwise (BENCHMARKS.md, Averaged fits ("soups") of a choosing check's states, and The choosing and
+# averaging checks at 384 and 768 px: ahead of the plain check at 384, 512 and 768 px with no capture
+# 0.3 dB below it, behind on a capture at 256 px; the whole-view steps cost more with every pixel,
+# about 4x the fit at 768 px, and no larger size was measured). The library's own defaults
+# (fit_coefficients, FitBegin) stay the plain check.
 AUTO_AVERAGE_LOW_SIDE = 384
 AUTO_AVERAGE_HIGH_SIDE = 768
 
