@@ -3366,6 +3366,17 @@ def _cube_centres(dg, grid, cube) -> np.ndarray:
 ON_CUBE = 0.1 * 3 ** 0.5 + 1e-4
 
 
+def _kept_and_other_cubes() -> dict[str, Any]:
+    """Two cubes of size 0.2, "Kept" and "Other", far below the scene (50 and 60 down), to be
+    instanced by the tests' instancers and told apart by name."""
+    cubes = {}
+    for name, down in (("Kept", -50.0), ("Other", -60.0)):
+        bpy.ops.mesh.primitive_cube_add(size=0.2, location=(0.0, 0.0, down))
+        cubes[name] = bpy.context.active_object
+        cubes[name].name = name
+    return cubes
+
+
 def _scene_points_match_the_render(sc, grid, cubes: dict[str, Any], rendered: dict[str, int],
                                    in_viewport: dict[str, int]) -> None:
     """The cubes ``grid`` instances as a Cycles render's depsgraph holds them (``rendered``: how many of
@@ -3496,11 +3507,7 @@ def test_scene_points_tell_which_child_a_nested_instance_is_in_where_a_level_has
     empty's and left out: the entry read before was taken for the one they are nested in)."""
 
     sc = scene["scene"]
-    cubes = {}
-    for name, down in (("Kept", -50.0), ("Other", -60.0)):
-        bpy.ops.mesh.primitive_cube_add(size=0.2, location=(0.0, 0.0, down))
-        cubes[name] = bpy.context.active_object
-        cubes[name].name = name
+    cubes = _kept_and_other_cubes()
     bpy.ops.mesh.primitive_plane_add(size=4.0)
     grid = bpy.context.active_object
     grid.name, grid.instance_type = "Grid", "VERTS"
@@ -3613,11 +3620,7 @@ def test_scene_points_tell_which_child_with_show_instancer_off_a_nested_instance
     taken as the parent's own instances, in no child, or as nested in the ball: kept)."""
 
     sc = scene["scene"]
-    cubes = {}
-    for name, down in (("Kept", -50.0), ("Other", -60.0)):
-        bpy.ops.mesh.primitive_cube_add(size=0.2, location=(0.0, 0.0, down))
-        cubes[name] = bpy.context.active_object
-        cubes[name].name = name
+    cubes = _kept_and_other_cubes()
     if kind == "one_vertex":
         mesh = bpy.data.meshes.new("OneVertex")
         mesh.from_pydata([(1.0, 1.0, 0.0)], [], [])
