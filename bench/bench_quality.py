@@ -162,6 +162,9 @@ FIT_KNOBS = (
     ("--check-combine", str, "with --check-recipes of 2 or more: choose (default) keeps the recipe scoring best on "
      "the kept photo; average the mean of every recipe's fitted state, scored there and checked as usual "
      "(fit_coefficients' check_combine; the mixes are recorded either way)"),
+    ("--whole-max-side", int, "with a whole recipe in --check-recipes: the long side in pixels its steps see the "
+     "photos shrunk to (larger ones only; the kept photo is still scored at its own size; fit_coefficients' "
+     "whole_max_side, default npbgpp_core.protocol.WHOLE_VIEW_MAX_SIDE)"),
 )
 
 
@@ -206,6 +209,10 @@ def check_fit_options(args: argparse.Namespace) -> None:
     )
 
     keywords = fit_keywords(args)
+    if "whole_max_side" in keywords and keywords.get("check_recipes") != "auto" \
+            and "whole" not in keywords.get("check_recipes", ()):
+        raise QualityError(f"--whole-max-side {keywords['whole_max_side']} caps the whole-view recipe of a choosing "
+                           "check: it needs --check-recipes with whole (or auto)")
     if keywords.get("check_recipes") == "auto":
         if "check_combine" in keywords:
             raise QualityError("--check-combine with --check-recipes auto: the size rule decides how the fits are "
@@ -570,6 +577,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from npbgpp_core.pretrained import default_weights_path
+    from npbgpp_core.protocol import WHOLE_VIEW_MAX_SIDE
 
     torch.set_num_threads(max(1, args.threads))
     try:
@@ -601,6 +609,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "pc_name": args.pc_name,
         "fit_options": fit_options(args), "fit_seed": args.fit_seed, "fit_max_side": args.fit_max_side,
         "check_view": users_check_view(args), "fair_check": users_fair_check(args),
+        "whole_max_side": fit_options(args).get("whole_max_side", WHOLE_VIEW_MAX_SIDE),  # the cap in effect
     }
     report["groups"] = group_means(report, groups)
     from npbgpp_core.atomic import atomic_write_bytes

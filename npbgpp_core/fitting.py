@@ -36,7 +36,7 @@ from .losses import EncoderFeatureLoss, fft_amplitude_loss, gradient_loss, lapla
 from .models import NPBG, NPBGConfig, NPBGPlusPlus
 from .models.aggregator import AggregatedScene
 from .models.background import check_rows, resample_map
-from .protocol import CHECK_COMBINES, CHECK_RECIPES, FIT_CHECK_COMBINE, WHOLE_VIEW_STEPS
+from .protocol import CHECK_COMBINES, CHECK_RECIPES, FIT_CHECK_COMBINE, WHOLE_VIEW_MAX_SIDE, WHOLE_VIEW_STEPS
 
 # Rows of the environment map a fit starts from (the aggregated map resampled to it;
 # None: the map's own rows), see fit_coefficients.
@@ -98,7 +98,8 @@ CHECK_TOLERANCE_DB = 0.5
 # BENCHMARKS.md "Averaged fits ("soups") of a choosing check's states").
 
 # WHOLE_VIEW_STEPS (imported above from npbgpp_core.protocol, for the add-on's text; re-exported):
-# steps of the "whole" candidate recipe of a choosing check (CHECK_RECIPES).
+# steps of the "whole" candidate recipe of a choosing check (CHECK_RECIPES). WHOLE_VIEW_MAX_SIDE (likewise):
+# the long side that recipe fits its photos at (None: their own; fit_coefficients' whole_max_side).
 
 # The fewest input views a checked fit keeps one apart from: with fewer, the fit would lose a
 # third or more of its photos to the check, so it fits on all of them unchecked (and says so).
@@ -711,20 +712,31 @@ Candidate = tuple[str, int, int | None, FitRecipe]
 
 
 def candidate_recipes(names: Sequence[str], steps: int, crop: int | None,
-                      recipe: FitRecipe) -> list[Candidate]:
+                      recipe: FitRecipe, whole_max_side: int | None = None) -> list[Candidate]:
     """The recipes a choosing check fits (:data:`CHECK_RECIPES`): "crops" the call's own
     ``steps``, ``crop`` and ``recipe``; "whole" :data:`WHOLE_VIEW_STEPS` steps of one whole
-    view (``crop=None``, ``crops_per_step=1``), the rest of ``recipe`` as it is. No names: the
-    call's own recipe alone (a plain check)."""
+    view (``crop=None``, ``crops_per_step=1``), the rest of ``recipe`` as it is, but with
+    ``whole_max_side`` every one of its steps on the photos shrunk to that long side
+    (``coarse_fraction=1``, ``coarse_side=whole_max_side``; photos no larger are left alone). No
+    names: the call's own recipe alone (a plain check)."""
     if not names:
         return [("", steps, crop, recipe)]
+    whole = dataclasses.replace(recipe, crops_per_step=1)
+    if whole_max_side is not None:
+        whole = dataclasses.replace(whole, coarse_fraction=1.0, coarse_side=whole_max_side)
     out: list[Candidate] = []
     for name in names:
         if name == "crops":
             out.append((name, steps, crop, recipe))
         else:
-            out.append((name, WHOLE_VIEW_STEPS, None, dataclasses.replace(recipe, crops_per_step=1)))
+            out.append((name, WHOLE_VIEW_STEPS, None, whole))
     return out
+
+
+def whole_max_side_value(value: Any, name: str = "whole_max_side") -> int | None:
+    """``value`` as the whole-view recipe's long-side cap (:data:`WHOLE_VIEW_MAX_SIDE`): None (no
+    cap) or, as :func:`coarse_side_value`, an int >= 16; ValueError naming ``name`` otherwise."""
+    return None if value is None else coarse_side_value(value, name)
 
 
 def check_recipe_names(names: object, name: str = "check_recipes") -> tuple[str, ...]:
@@ -1010,13 +1022,14 @@ def _fit_steps(
 
 class CoefficientsRecipe(NamedTuple):
     """:func:`coefficients_recipe`'s checked keywords, normalised: the fitting loop's
-    :class:`FitRecipe`, and the checked fit's tolerance in dB, recipe names and combine (one of
-    :data:`CHECK_COMBINES`), so that a caller does not check them a second time."""
+    :class:`FitRecipe`, and the checked fit's tolerance in dB, recipe names, combine (one of
+    :data:`CHECK_COMBINES`) and whole-view cap, so that a caller does not check them a second time."""
 
     recipe: FitRecipe
     check_tolerance: float
     check_recipes: tuple[str, ...]
     check_combine: str = FIT_CHECK_COMBINE
+    whole_max_side: int | None = WHOLE_VIEW_MAX_SIDE
 
 
 def coefficients_recipe(
@@ -1043,6 +1056,7 @@ def coefficients_recipe(
     check_tolerance: float = CHECK_TOLERANCE_DB,
     check_recipes: Sequence[str] = (),
     check_combine: str = FIT_CHECK_COMBINE,
+    whole_max_side: int | None = WHOLE_VIEW_MAX_SIDE,
 ) -> CoefficientsRecipe:
     """The :class:`FitRecipe` of :func:`fit_coefficients` for its keywords (same names and
     defaults) with the check's tolerance and recipe names (:class:`CoefficientsRecipe`); raises
@@ -1057,9 +1071,10 @@ def coefficients_recipe(
         raise ValueError(f"aligned must be True or False, got {aligned!r}")
     tolerance, recipes = checked_fit_options(check_view, fair_check, check_tolerance, check_recipes,
                                              check_combine=check_combine)
+    cap = whole_max_side_value(whole_max_side)
     recipe = FitRecipe(lr_coefficients, lr_refiner, lr_background, train_refiner, crops_per_step, warmup_steps,
                        schedule, coefficient_decay, coefficient_optimizer, average_from, coarse_fraction, coarse_side)
-    return CoefficientsRecipe(recipe, tolerance, recipes, str(check_combine))
+    return CoefficientsRecipe(recipe, tolerance, recipes, str(check_combine), cap)
 
 
 def fit_coefficients(
@@ -1094,6 +1109,7 @@ def fit_coefficients(
     check_tolerance: float = CHECK_TOLERANCE_DB,
     check_recipes: Sequence[str] = (),
     check_combine: str = FIT_CHECK_COMBINE,
+    whole_max_side: int | None = WHOLE_VIEW_MAX_SIDE,
     keep_candidates: bool = False,
 ) -> FitResult:
     """coefficients_ft: fine-tune ``aggregated``'s coefficients and a copy of ``model``'s
@@ -1226,6 +1242,11 @@ def fit_coefficients(
     unfitted scene as above (``check.recipe`` "average", ``psnr_fitted`` the mean's; ``losses`` the first
     recipe's): no single photo picks between fits a few tenths of a dB apart (BENCHMARKS.md "Averaged
     fits ("soups") of a choosing check's states": above the plain check at 512 px, below at 256 px).
+    ``whole_max_side`` (:data:`WHOLE_VIEW_MAX_SIDE`, None: no cap; else an int >= 16): the "whole"
+    recipe's steps all see the photos shrunk to that long side (``coarse_fraction=1``, ``coarse_side``
+    it, for that recipe alone; photos no larger are fitted as they are, bit for bit as without the cap);
+    the kept photo is still scored at its own size. It bounds the whole-view steps' cost, which grows
+    with the pixels. Ignored without a "whole" recipe.
     ``keep_candidates`` (for benchmarks): the result's ``candidate_states`` hold each recipe's
     fitted state (CPU), to score the ones not chosen, and ``unfitted_state`` the state they all
     started from, to score mixes of them (:func:`average_states`)."""
@@ -1253,7 +1274,8 @@ def _coefficients_steps(
     coefficient_decay: float, coefficient_optimizer: str, gradient_weight: float, average_from: float,
     laplacian_weight: float, perceptual_weight: float, fft_weight: float, background_rows: int | None,
     aligned: bool, coarse_fraction: float, coarse_side: int, check_view: bool, fair_check: bool,
-    check_tolerance: float, check_recipes: Sequence[str], check_combine: str, keep_candidates: bool,
+    check_tolerance: float, check_recipes: Sequence[str], check_combine: str, whole_max_side: int | None,
+    keep_candidates: bool,
 ) -> Generator[int, None, FitResult]:
     """The model, loss and recipe of :func:`fit_coefficients` (every argument checked
     here, before a step runs) and its fitting loop, not started yet."""
@@ -1263,11 +1285,11 @@ def _coefficients_steps(
     device = model.device
     if model.basis is None:
         raise ValueError("coefficient fine-tuning needs an NPBG++ model with the 'sphere' aggregator")
-    recipe, tolerance, recipe_names, combine = coefficients_recipe(
+    recipe, tolerance, recipe_names, combine, whole_cap = coefficients_recipe(
         lr_coefficients, lr_refiner, lr_background, train_refiner, crops_per_step, warmup_steps, schedule,
         coefficient_decay, coefficient_optimizer, gradient_weight, average_from, laplacian_weight, perceptual_weight,
         fft_weight, background_rows, aligned, coarse_fraction, coarse_side, check_view, fair_check, check_tolerance,
-        check_recipes, check_combine)
+        check_recipes, check_combine, whole_max_side)
     if not isinstance(keep_candidates, bool):
         raise ValueError(f"keep_candidates must be True or False, got {keep_candidates!r}")
     if loss_fn is None:
@@ -1281,7 +1303,7 @@ def _coefficients_steps(
     def start_model(scene: AggregatedScene) -> NPBG:
         return coefficients_model(model, scene, background_rows, aligned)
 
-    candidates = candidate_recipes(recipe_names, steps, crop, recipe)
+    candidates = candidate_recipes(recipe_names, steps, crop, recipe, whole_cap)
     if check_view and fair_check:
         return _fair_checked_steps(model, aggregated, start_model, points, views, candidates, loss_fn, seed,
                                    device, tolerance, keep_candidates, combine)

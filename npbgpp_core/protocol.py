@@ -43,6 +43,13 @@ CHECK_RECIPES = ("crops", "whole")
 # Steps of the "whole" recipe of CHECK_RECIPES (npbgpp_core.fitting runs it and re-exports this
 # number): here so that the add-on's Also Try Whole Views can say it without importing torch.
 WHOLE_VIEW_STEPS = 50
+# The long side (pixels) the "whole" recipe of CHECK_RECIPES fits its photos at (fit_coefficients'
+# whole_max_side): larger photos are shrunk to it for every whole-view step (FitRecipe.coarse_fraction 1 at
+# coarse_side this), photos no larger are fitted as they are, and the check still scores the kept photo at
+# its own size. Why a cap: the whole-view steps cost more with every pixel (both recipes about 4x the crops
+# fit at 768 px, BENCHMARKS.md "The choosing and averaging checks at 384 and 768 px"), which is why the
+# users' averaged check stops at AUTO_AVERAGE_HIGH_SIDE. None: no cap (what every figure so far measured).
+WHOLE_VIEW_MAX_SIDE: int | None = None
 # How a choosing check (CHECK_RECIPES) turns its recipes' fits into one (FitBegin.check_combine;
 # fit_coefficients' check_combine, re-exported by npbgpp_core.fitting): "choose" keeps the one
 # scoring best on the kept photo, "average" the element-wise mean of them all (then checked as usual).

@@ -159,8 +159,9 @@ class BundleFit:
             check_recipes = ()
         if check_combine is None:
             check_combine = FIT_CHECK_COMBINE
-        # the fit's own checks of these five, run now: before the bundle and photos are read
-        recipe, check_tolerance, check_recipes, check_combine = coefficients_recipe(
+        # the fit's own checks of these five, run now: before the bundle and photos are read (the
+        # whole-view cap is the library's, WHOLE_VIEW_MAX_SIDE)
+        recipe, check_tolerance, check_recipes, check_combine, _ = coefficients_recipe(
             check_view=check_view, fair_check=fair_check, check_tolerance=check_tolerance, check_recipes=check_recipes,
             check_combine=check_combine)
         self.bundle_path = os.fspath(bundle_path)

@@ -398,3 +398,41 @@ def test_check_recipes_auto_fits_what_users_get_by_the_photos_size(tmp_path, mon
     assert "candidates" not in fit["check"] and fit["steps"] == 2
     with pytest.raises(QualityError, match="--check-combine with --check-recipes auto"):
         check_fit_options(parse_args([*run, "--check-combine", "average"]))
+
+
+def test_whole_max_side_reaches_the_fit_and_is_recorded_and_bad_ones_stop_early(tmp_path, monkeypatch):
+    """--whole-max-side 24: the fit gets whole_max_side=24 and the report records it in its fit options and
+    as the cap in effect (without the flag: the library's, WHOLE_VIEW_MAX_SIDE); the flag without a whole
+    recipe, or below 16 px, is refused in words before any scene is read."""
+    from bench.bench_quality import QualityError, check_fit_options, main
+    from npbgpp_core import fitting
+    from npbgpp_core.protocol import WHOLE_VIEW_MAX_SIDE
+
+    real = fitting.fit_coefficients
+    caps: list[object] = []
+
+    def recorded(*args, **kwargs):
+        caps.append(kwargs.get("whole_max_side", "unset"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fitting, "fit_coefficients", recorded)
+    folder = make_tiny_scene(str(tmp_path / "s"), views=6, size=32, splits=(4, 1, 1))
+    common = ["--scenes", folder, "--methods", "coefficients_ft", "--max-side", "32", "--steps", "2", "--crop", "16",
+              "--check-view", "on", "--check-recipes", "crops,whole"]
+    for flags, cap in ((["--whole-max-side", "24"], 24), ([], WHOLE_VIEW_MAX_SIDE)):
+        out = tmp_path / f"res{cap}"
+        assert main([*common, *flags, "--out", str(out)]) == 0
+        report = json.loads(out.with_suffix(".json").read_text())
+        assert report["whole_max_side"] == cap
+        assert report["fit_options"].get("whole_max_side", WHOLE_VIEW_MAX_SIDE) == cap
+        assert caps.pop() == (cap if flags else "unset")
+    for flags, expected in (
+            (["--check-recipes", "crops", "--whole-max-side", "512"],
+             "--whole-max-side 512 caps the whole-view recipe of a choosing check: it needs --check-recipes with "
+             "whole (or auto)"),
+            (["--whole-max-side", "512"], "--whole-max-side 512 caps"),
+            (["--check-recipes", "crops,whole", "--whole-max-side", "8"],
+             "coefficients_ft options: whole_max_side must be an integer >= 16 pixels, got 8")):
+        with pytest.raises(QualityError) as refused:
+            check_fit_options(parse_args(["--scenes", "unused", "--check-view", "on", *flags]))
+        assert str(refused.value).startswith(expected), refused.value

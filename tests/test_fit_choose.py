@@ -6,6 +6,7 @@ alone on the same photos (no check), scored here by ``view_psnr`` of those direc
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -546,3 +547,71 @@ def test_the_worker_s_fit_reply_records_what_a_skipped_choosing_check_was_asked(
         assert (info.combine, info.steps_in_all, info.steps, info.kept) == (combine, 0, 2, "fitted")
         assert info.outcome == ("the fit (crops) used every photo unchecked: 2 input views, fewer than the 3 a "
                                 f"check needs, so the first recipe ran alone (no {asked} crops and whole)")
+
+
+def test_a_capped_whole_candidate_fits_on_the_shrunk_photos_and_is_scored_at_their_own_size(setup):
+    """whole_max_side 24 on 32-px photos: every step of the whole-view recipe renders a 24 x 24 target
+    (the loss sees each target), the crops recipe's 16^2 crops come from the photos at their own size,
+    and each candidate is, bit for bit, its direct fit (the whole one with coarse_fraction 1 at
+    coarse_side 24), scored on the kept photo at 32 px as that direct fit is."""
+    from npbgpp_core import fitting
+
+    model, aggregated, views = setup
+    seen: list[tuple[int, ...]] = []
+
+    def recorded(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        seen.append(tuple(target.shape[-2:]))
+        return (pred - target).abs().mean()
+
+    result = fit_coefficients(model, aggregated, views, check_view=True, check_recipes=("crops", "whole"),
+                              whole_max_side=24, keep_candidates=True, loss_fn=recorded, **CROPS)
+    assert seen == [(CROP, CROP)] * 30 * 2 + [(24, 24)] * WHOLE_VIEW_STEPS
+    capped = dict(WHOLE, coarse_fraction=1.0, coarse_side=24)
+    direct = {"crops": direct_fit(setup, recorded, **CROPS), "whole": direct_fit(setup, recorded, **capped)}
+    assert seen[-WHOLE_VIEW_STEPS:] == [(24, 24)] * WHOLE_VIEW_STEPS  # the direct fit shrinks them too
+    for cand in result.check.candidates:
+        assert cand.psnr_fitted == pytest.approx(direct[cand.recipe][1], abs=1e-9)
+        for key, value in direct[cand.recipe][0].state_dict().items():
+            assert torch.equal(result.candidate_states[cand.recipe][key], value), (cand.recipe, key)
+    own = fitting.FitRecipe(1.0, 1.0, crops_per_step=2)
+    recipes = {name: recipe for name, _, _, recipe in fitting.candidate_recipes(("crops", "whole"), 30, CROP, own, 24)}
+    assert recipes == {"crops": own, "whole": fitting.FitRecipe(1.0, 1.0, coarse_fraction=1.0, coarse_side=24)}
+
+
+@pytest.mark.parametrize("cap", [SIZE, 4096])
+def test_a_whole_view_cap_no_smaller_than_the_photos_changes_nothing(setup, cap):
+    """A cap at or above the photos' long side: the same candidates' states, scores, losses and kept
+    model, bit for bit, as no cap (None, the library's default, WHOLE_VIEW_MAX_SIDE)."""
+    from npbgpp_core.protocol import WHOLE_VIEW_MAX_SIDE
+
+    assert WHOLE_VIEW_MAX_SIDE is None  # the default measured so far: no cap
+    model, aggregated, views = setup
+    loss = inverted_at(-1)
+    common = dict(check_view=True, check_recipes=("crops", "whole"), check_combine="average", keep_candidates=True,
+                  loss_fn=loss, steps=3, crop=CROP)
+    plain = fit_coefficients(model, aggregated, views, **common)
+    capped = fit_coefficients(model, aggregated, views, whole_max_side=cap, **common)
+    assert capped.check.kept == plain.check.kept and capped.check.psnr_fitted == plain.check.psnr_fitted
+    assert [c.psnr_fitted for c in capped.check.candidates] == [c.psnr_fitted for c in plain.check.candidates]
+    assert capped.losses == plain.losses
+    for name in ("crops", "whole"):
+        for key, value in plain.candidate_states[name].items():
+            assert torch.equal(capped.candidate_states[name][key], value), (name, key)
+    for key, value in plain.model.state_dict().items():
+        assert torch.equal(capped.model.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("cap", [8, 15, 512.0, True, "512", -1])
+def test_a_bad_whole_view_cap_is_refused_before_a_step(setup, cap):
+    """A cap below 16 pixels, fractional, a bool or text: ValueError naming whole_max_side, from the fit and
+    from coefficients_recipe (bench_quality's early check)."""
+    from npbgpp_core import fitting
+
+    model, aggregated, views = setup
+    message = f"whole_max_side must be an integer >= 16 pixels, got {cap!r}"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        fit_coefficients(model, aggregated, views, steps=1, check_view=True, check_recipes=("crops", "whole"),
+                         whole_max_side=cap)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        fitting.coefficients_recipe(whole_max_side=cap)
+    assert fitting.coefficients_recipe(whole_max_side=16).whole_max_side == 16
