@@ -1,0 +1,298 @@
+"""A user's capture with big photos: what Aggregate Descriptors, Fit to Photos and an F12
+still cost in time and memory when the photos are 1000-4032 px (BENCHMARKS.md, "A user's
+capture with big photos: time and memory").
+
+Two commands:
+
+    python bench/bench_big_photos.py upscale SRC OUT --long-side 2048
+    python bench/bench_big_photos.py run DATASET --work DIR [--stages aggregate,fit,render]
+
+``upscale`` writes a copy of the prepared COLMAP capture ``SRC`` (PINHOLE cameras, as
+``bench/rebuild_captures.py`` writes them) whose photos are enlarged with PIL's Lanczos filter
+so their long side is ``--long-side`` pixels, each camera's intrinsics scaled with its photo
+(COLMAP's pixel-edge convention: fx, cx by the width's factor, fy, cy by the height's); the
+poses and points are the source's. The public captures' originals are about 1000 px, so an
+enlarged copy is the only way to give the pipeline photos of a phone's size: it costs what
+such photos cost, not what they would score.
+
+``run`` drives :class:`npbgpp_core.service.RenderService` with the requests the add-on sends
+on its defaults (``blender_addon/operators.py``, ``render_job.py``, ``properties.py``):
+``AggregateBegin`` with no weights and Network Auto, one ``AggregateView`` per view, then
+``FitBegin`` (200 steps, Check Fit on a Photo, Fit Upright, Also Try Whole Views Auto) and
+``FitStep`` requests of 0.25 s until finished, then ``LoadBundle`` of the fitted bundle and a
+``RenderFrame`` of the first training camera widened to 1920x1080 (the network on, Tile Size 2048,
+the exact roll context, torch refiner: an F12 still), and one of the first held-out camera. It
+prints one JSON line per stage: wall seconds, the longest single request (the add-on's Worker
+Timeout, 600 s by default, stops a worker that takes longer over one request), each request
+type's count, seconds, longest and peak resident memory, the stage's peak resident memory (the
+process's high-water mark, reset through ``/proc/self/clear_refs``), any failure or warning, and
+each still's PSNR against its photo (:func:`still_psnr`). The worker runs the stages in one
+process, so its peak is the largest stage's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+F12_SIZE = (1080, 1920)  # (H, W) of the still
+TILE_SIZE = 2048  # properties.tile_size's default: RenderFrame.max_pixels is its square
+FIT_STEP_SECONDS = 0.25  # FitStep's default, what the add-on's modal operator sends
+STAGES = ("aggregate", "fit", "render")
+
+
+def upscale_capture(src: str, out: str, long_side: int) -> dict[str, Any]:
+    """Write ``src`` (a prepared COLMAP capture with PINHOLE cameras) to ``out`` with photos
+    enlarged to a long side of ``long_side`` px; returns the summary written to
+    ``out/capture.json``."""
+    from PIL import Image
+
+    from npbgpp_core.atomic import atomic_directory
+    from npbgpp_core.datasets.capture import _write_cameras_bin
+    from npbgpp_core.datasets.colmap import _read_model, find_sparse_dir
+
+    sparse = find_sparse_dir(src)
+    if sparse is None:
+        raise SystemExit(f"{src}: no COLMAP sparse model")
+    cams, images, _ = _read_model(sparse)
+    out_cams = []
+    sizes = set()
+    with atomic_directory(out, overwrite=False) as tmp:
+        os.makedirs(os.path.join(tmp, "images"))
+        os.makedirs(os.path.join(tmp, "sparse", "0"))
+        for _, (_, _, cam_id, name) in sorted(images.items()):
+            model, cw, ch, params = cams[cam_id]
+            if model != "PINHOLE":
+                raise SystemExit(f"{src}: camera {cam_id} is {model}; upscale reads prepared (PINHOLE) captures")
+            with Image.open(os.path.join(src, "images", name)) as im:
+                photo = im.convert("RGB")
+            if photo.size != (cw, ch):
+                raise SystemExit(f"{src}/images/{name} is {photo.size}, its camera {(cw, ch)}")
+            scale = long_side / max(cw, ch)
+            nw, nh = round(cw * scale), round(ch * scale)
+            photo.resize((nw, nh), Image.Resampling.LANCZOS).save(os.path.join(tmp, "images", name), quality=95)
+            fx, fy, cx, cy = params
+            sx, sy = nw / cw, nh / ch  # COLMAP's principal point is measured from the pixel edge: scales as is
+            out_cams.append((cam_id, nw, nh, (fx * sx, fy * sy, cx * sx, cy * sy)))
+            sizes.add(f"{nw}x{nh}")
+        _write_cameras_bin(os.path.join(tmp, "sparse", "0", "cameras.bin"), sorted(out_cams))
+        for stem in ("images", "points3D"):
+            shutil.copyfile(os.path.join(sparse, f"{stem}.bin"), os.path.join(tmp, "sparse", "0", f"{stem}.bin"))
+        summary = {"source": os.path.abspath(src), "upscaled_to": long_side, "filter": "PIL LANCZOS",
+                   "images": len(images), "image_sizes": sorted(sizes)}
+        with open(os.path.join(tmp, "capture.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+    return summary
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the process's resident high-water mark (Linux: "5" to /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mib() -> float:
+    """The resident high-water mark since the last reset (VmHWM), else ru_maxrss, in MiB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class StageLog:
+    """Sends requests to the service, timing each; collects failures and warnings."""
+
+    def __init__(self, service: Any, stage: str, size: str) -> None:
+        self.service, self.stage, self.size = service, stage, size
+        self.longest = 0.0
+        self.longest_op = ""
+        self.requests = 0
+        # request type -> [count, seconds in all, longest, peak RSS MiB while one ran]
+        self.by_op: dict[str, list[float]] = {}
+        self.stage_peak = 0.0
+        self.failure = ""
+        self.caught: list[warnings.WarningMessage] = []
+
+    def ask(self, req: Any) -> Any:
+        from npbgpp_core import protocol as P
+
+        stage_peak = _peak_rss_mib()
+        _reset_peak_rss()  # this request's own peak, then the stage's again
+        t0 = time.perf_counter()
+        reply = self.service.handle(req)
+        dt = time.perf_counter() - t0
+        peak = _peak_rss_mib()
+        self.stage_peak = max(self.stage_peak, stage_peak, peak)
+        self.requests += 1
+        count, total, longest, top = self.by_op.get(type(req).__name__, [0, 0.0, 0.0, 0])
+        self.by_op[type(req).__name__] = [count + 1, round(total + dt, 2), round(max(longest, dt), 2),
+                                          round(max(top, peak))]
+        if dt > self.longest:
+            self.longest, self.longest_op = dt, type(req).__name__
+        if isinstance(reply, P.Failure):
+            self.failure = reply.message
+            raise RuntimeError(reply.message)
+        return reply
+
+    def report(self, seconds: float, extra: dict[str, Any]) -> dict[str, Any]:
+        notes = sorted({f"{w.category.__name__}: {w.message}" for w in self.caught})
+        return {"size": self.size, "stage": self.stage, "seconds": round(seconds, 1),
+                "longest_request_s": round(self.longest, 1), "longest_request": self.longest_op,
+                "requests": self.requests, "by_request": self.by_op,
+                "peak_rss_mib": round(max(self.stage_peak, _peak_rss_mib())),
+                "failure": self.failure, "warnings": notes, **extra}
+
+
+def run_stages(dataset: str, work: str, stages: list[str], size: str) -> list[dict[str, Any]]:
+    """Each stage in turn as the add-on asks for it; one report per stage run."""
+    import torch
+
+    from npbgpp_core import protocol as P
+    from npbgpp_core.datasets import load_scene
+    from npbgpp_core.service import RenderService
+
+    os.makedirs(work, exist_ok=True)
+    bundle, fitted = os.path.join(work, "scene.npbgpp"), os.path.join(work, "scene_fitted.npbgpp")
+    service = RenderService()
+    reports = []
+    for stage in stages:
+        _reset_peak_rss()
+        log = StageLog(service, stage, size)
+        extra: dict[str, Any] = {}
+        t0 = time.perf_counter()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                if stage == "aggregate":
+                    started = log.ask(P.AggregateBegin(dataset, ""))  # Weights empty, Network Auto
+                    for k in range(started.views):
+                        log.ask(P.AggregateView(k))
+                    result = log.ask(P.AggregateFinish(bundle))
+                    extra = {"views": started.views, "network": os.path.basename(started.weights),
+                             "points": result.points, "seen": result.valid}
+                elif stage == "fit":
+                    # the operator's defaults: 200 steps, Check Fit on a Photo, Fit Upright, Also Try Whole
+                    # Views Auto (recipes and combine None: the worker decides by the photos' size)
+                    progress = log.ask(P.FitBegin(bundle, dataset, 200, "", "", None, False, False, "AUTO",
+                                                  True, True, None, None))
+                    while not progress.finished:
+                        progress = log.ask(P.FitStep(FIT_STEP_SECONDS))
+                    info = log.ask(P.FitFinish(fitted))
+                    extra = {"fit_seconds": round(info.seconds, 1), "kept": info.kept, "outcome": info.outcome,
+                             "loss": [round(info.loss_first, 4), round(info.loss_last, 4)]}
+                elif stage == "render":
+                    log.ask(P.LoadBundle(fitted, "AUTO", "FP32"))
+                    data = load_scene(dataset, require_points=False)
+                    # the F12 still of the first training camera (what a user renders), then one of
+                    # the first held-out camera (a photo the bundle never saw: a fairer PSNR)
+                    stills = [("train", (list(data.train) or [0])[0])] + [("held_out", i) for i in data.test[:1]]
+                    for label, view in stills:
+                        still = f12_camera(data.views[view].camera)
+                        frame = log.ask(P.RenderFrame(P.CameraSpec.from_camera(still), "bundle", True,
+                                                      TILE_SIZE * TILE_SIZE, 1, "exact", "torch", True))
+                        neural = torch.from_numpy(frame.pixels[..., P.NEURAL]).permute(2, 0, 1)
+                        extra[label] = {
+                            "view": data.views[view].name, "frame": f"{still.width}x{still.height}",
+                            "finite": bool(torch.isfinite(neural).all()),
+                            "points_on_pixels": int((frame.pixels[..., P.POINTS_RGBA.stop - 1] > 0).sum()),
+                            "psnr_vs_photo": round(still_psnr(neural, data.load_image(view)), 2)}
+                else:
+                    raise ValueError(f"unknown stage {stage!r}; expected {STAGES}")
+            except Exception as exc:  # noqa: BLE001 - a failing stage is what this bench reports
+                log.failure = log.failure or f"{type(exc).__name__}: {exc}"
+            log.caught = list(caught)
+        reports.append(log.report(time.perf_counter() - t0, extra))
+        print(json.dumps(reports[-1]), flush=True)
+        if log.failure:
+            break
+    return reports
+
+
+def f12_camera(camera: Any) -> Any:
+    """``camera`` (a training view's) as a 1920x1080 output sees it: the horizontal field of
+    view kept (Blender's sensor fit for a landscape frame), the principal point's offset from
+    the centre scaled alike, square pixels."""
+    import numpy as np
+
+    from npbgpp_core.camera import Camera
+
+    K, R, t = camera.to_opencv()
+    h, w = camera.image_size
+    H, W = F12_SIZE
+    s = W / w
+    K2 = np.array([[K[0, 0] * s, 0.0, W / 2 + (K[0, 2] - w / 2) * s],
+                   [0.0, K[1, 1] * s, H / 2 + (K[1, 2] - h / 2) * s], [0.0, 0.0, 1.0]])
+    return Camera.from_opencv(K2, R, t, (H, W))
+
+
+def still_psnr(still: Any, photo: Any) -> float:
+    """PSNR in dB of a (3, H, W) still of :func:`f12_camera` against its training photo
+    (3, h, w): the photo area-resized to the still's width and cut to the still's rows about
+    its centre (the field of view the still keeps). The same for every photo size when the
+    pipeline does not depend on it; the sub-pixel offset of the rounded rows costs a little."""
+    import math
+
+    import torch.nn.functional as F
+
+    H, W = still.shape[-2:]
+    h, w = photo.shape[-2:]
+    rows = round(h * W / w)
+    scaled = F.interpolate(photo[None], size=(rows, W), mode="area")[0]
+    top = (rows - H) // 2
+    mse = float(((still.float() - scaled[:, top:top + H]) ** 2).mean())
+    return math.inf if mse == 0 else 10 * math.log10(1 / mse)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    up = sub.add_parser("upscale", help="enlarge a prepared capture's photos (and cameras)")
+    up.add_argument("src")
+    up.add_argument("out")
+    up.add_argument("--long-side", type=int, required=True)
+    run = sub.add_parser("run", help="Aggregate, Fit to Photos and an F12 still, as the add-on asks")
+    run.add_argument("dataset")
+    run.add_argument("--work", required=True, help="folder for the bundles")
+    run.add_argument("--stages", default=",".join(STAGES))
+    run.add_argument("--threads", type=int, default=1, help="torch threads (the worker: cores - 1)")
+    run.add_argument("--json", default="", help="also append the reports to this file")
+    a = ap.parse_args(argv)
+    if a.cmd == "upscale":
+        print(json.dumps(upscale_capture(a.src, a.out, a.long_side)))
+        return 0
+    import torch
+
+    torch.set_num_threads(a.threads)
+    from npbgpp_core.datasets import load_scene
+
+    data = load_scene(a.dataset, require_points=False)
+    size = f"{max(data.views[0].camera.image_size)} px"
+    reports = run_stages(a.dataset, a.work, a.stages.split(","), size)
+    if a.json:
+        with open(a.json, "a") as f:
+            for r in reports:
+                f.write(json.dumps(r) + "\n")
+    return 1 if any(r["failure"] for r in reports) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
