@@ -239,8 +239,11 @@ def f12_camera(camera: Any) -> Any:
     h, w = camera.image_size
     H, W = F12_SIZE
     s = W / w
-    K2 = np.array([[K[0, 0] * s, 0.0, W / 2 + (K[0, 2] - w / 2) * s],
-                   [0.0, K[1, 1] * s, H / 2 + (K[1, 2] - h / 2) * s], [0.0, 0.0, 1.0]])
+    # OpenCV's K has pixel centres at integers: the offset from the image's centre is taken
+    # in edge coordinates (+0.5), where scaling is exact, and brought back (-0.5)
+    cx = W / 2 + (K[0, 2] + 0.5 - w / 2) * s - 0.5
+    cy = H / 2 + (K[1, 2] + 0.5 - h / 2) * s - 0.5
+    K2 = np.array([[K[0, 0] * s, 0.0, cx], [0.0, K[1, 1] * s, cy], [0.0, 0.0, 1.0]])
     return Camera.from_opencv(K2, R, t, (H, W))
 
 

@@ -1,0 +1,80 @@
+"""bench_big_photos' enlarged copies of a capture: the photos are the source's, enlarged, and
+the cameras still see the points where the enlarged photos show them; its F12 camera keeps a
+training camera's horizontal field of view."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, os.path.dirname(__file__))
+from test_datasets_formats import POINTS, H, W, write_colmap  # noqa: E402
+
+from bench import bench_big_photos as bbp  # noqa: E402
+from npbgpp_core.datasets import load_scene  # noqa: E402
+
+
+def _pixels(path: str) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"), np.float64)
+
+
+def test_upscaled_copy_projects_the_points_where_the_enlarged_photos_show_them(tmp_path: Path) -> None:
+    src, out = str(tmp_path / "src"), str(tmp_path / "big")
+    write_colmap(src, binary=True, models=("PINHOLE",))  # 40x30 photos of random pixels
+    summary = bbp.upscale_capture(src, out, 2 * W)
+    assert summary["image_sizes"] == [f"{2 * W}x{2 * H}"]
+    small, big = load_scene(src), load_scene(out)
+    assert [v.name for v in big.views] == [v.name for v in small.views]
+    np.testing.assert_allclose(big.points, POINTS, atol=1e-6)
+    for vs, vb in zip(small.views, big.views, strict=True):
+        assert vb.camera.image_size == (2 * H, 2 * W)
+        us, ds = vs.camera.project(torch.as_tensor(POINTS, dtype=torch.float32))
+        ub, db = vb.camera.project(torch.as_tensor(POINTS, dtype=torch.float32))
+        # pixel centres at integers: a point at edge coordinate e (from the image's left or top
+        # edge) is at pixel e - 0.5, and enlarging by 2 doubles e
+        torch.testing.assert_close(ub + 0.5, (us + 0.5) * 2, atol=1e-3, rtol=1e-5)
+        torch.testing.assert_close(db, ds)
+    # the photos are their sources enlarged: 2x2 means of the enlarged photo follow the source's
+    # random pixels, not another view's
+    photos = sorted(os.listdir(os.path.join(src, "images")))
+    for k, name in enumerate(photos):
+        enlarged = _pixels(os.path.join(out, "images", name))
+        shrunk = enlarged.reshape(H, 2, W, 2, 3).mean((1, 3)).ravel()
+        own = _pixels(os.path.join(src, "images", name)).ravel()
+        other = _pixels(os.path.join(src, "images", photos[(k + 1) % len(photos)])).ravel()
+        assert np.corrcoef(shrunk, own)[0, 1] > 0.9
+        assert abs(np.corrcoef(shrunk, other)[0, 1]) < 0.2
+
+
+def test_upscale_refuses_a_distorted_camera(tmp_path: Path) -> None:
+    src = str(tmp_path / "src")
+    write_colmap(src, binary=True, models=("OPENCV",), dist=(0.1, 0.0, 0.0, 0.0))
+    with pytest.raises(SystemExit, match="OPENCV"):
+        bbp.upscale_capture(src, str(tmp_path / "big"), 2 * W)
+    assert not os.path.exists(tmp_path / "big")
+
+
+def test_f12_camera_keeps_the_horizontal_field_of_view(tmp_path: Path) -> None:
+    """A point on a photo's left or right edge, or at its principal point, lands on the same
+    place of the 1920x1080 still (edge coordinates scaled by 1920 / the photo's width)."""
+    src = str(tmp_path / "src")
+    write_colmap(src, binary=True, models=("PINHOLE",))
+    camera = load_scene(src).views[0].camera
+    still = bbp.f12_camera(camera)
+    assert still.image_size == (1080, 1920)
+    u, depth = camera.project(torch.as_tensor(POINTS, dtype=torch.float32))
+    v, depth2 = still.project(torch.as_tensor(POINTS, dtype=torch.float32))
+    s = 1920 / W
+    torch.testing.assert_close(v[:, 0] + 0.5, (u[:, 0] + 0.5) * s, atol=1e-3, rtol=1e-5)
+    # rows: the still's centre row is the photo's centre row scaled
+    torch.testing.assert_close(v[:, 1] + 0.5 - 540, (u[:, 1] + 0.5 - H / 2) * s, atol=1e-3, rtol=1e-5)
+    torch.testing.assert_close(depth2, depth)
