@@ -193,6 +193,9 @@ class BundleFit:
         ids = list(data.train) or list(range(len(data.views)))
         if not ids:
             raise ValueError(f"dataset {data.root} has no views to fit to")
+        self.device = str(device)
+        # (H, W) of the photo with the most pixels: the worker's out-of-memory advice names it
+        self.largest_photo = max((tuple(data.views[i].camera.image_size) for i in ids), key=lambda hw: hw[0] * hw[1])
         images = [data.load_image(i) for i in ids]
         views = padded_fit_views(images, [data.views[i].camera for i in ids])
         self.views = len(ids)

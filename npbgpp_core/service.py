@@ -25,6 +25,11 @@ if TYPE_CHECKING:
     import torch
 
 DEFAULT_POINT_COLOR = 0.8  # grey for loose points without colours
+# The requests of the jobs that read a dataset's photos at their own size, whose memory grows
+# with the photos' pixels (the out-of-memory advice names the photos, not the frame).
+# AggregateFinish is not one: it solves per-point sums, with the photos read and dropped.
+AGGREGATE_JOBS = (P.AggregateBegin, P.AggregateView)
+PHOTO_JOBS = (*AGGREGATE_JOBS, P.FitBegin, P.FitStep, P.FitFinish)
 PRECISIONS = ("FP32", "FP16", "BF16")
 
 
@@ -167,6 +172,9 @@ class DatasetAggregation:
         self.data = aggregation_dataset(req)
         self.cloud_note = scene_cloud_note(self.data)
         self.views = list(self.data.train) or list(range(len(self.data.views)))
+        # (H, W) of the photo with the most pixels: the out-of-memory advice names it
+        self.largest_photo = max((tuple(self.data.views[i].camera.image_size) for i in self.views),
+                                 key=lambda hw: hw[0] * hw[1], default=None)
         # No file given: the bundled network of the data's domain (cut-out objects or scenes).
         self.domain = "" if req.weights else scene_domain(self.data) if req.domain == "auto" else req.domain
         self.weights = req.weights or default_weights_path("npbgpp", self.domain)
@@ -294,14 +302,36 @@ class RenderService:
             return P.Failure(f"{type(exc).__name__}: {exc}", traceback.format_exc())
 
     def _memory_advice(self, req: P.Request, exc: BaseException) -> str:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(req, PHOTO_JOBS):
+            return self._photo_job_memory_advice(req, first)
         what = type(req).__name__
         if isinstance(req, P.RenderFrame):
             h, w = req.camera.image_size
             what = f"rendering {w}x{h} pixels"
         device = self.device if self.renderer is not None else "cpu"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return (f"out of memory on {device} while {what} ({first}). Render fewer pixels (Output > Resolution %), "
                 "choose FP16 precision on a GPU, or switch Device to CPU when the GPU is the one that is full")
+
+    def _photo_job_memory_advice(self, req: P.Request, first: str) -> str:
+        """Aggregate and Fit read every photo at its own size, so what runs out of memory there
+        is the photos' pixels (BENCHMARKS.md, A user's capture with big photos), not a frame's:
+        the advice names the largest photo and a copy of the dataset with smaller ones."""
+        job: Any = self.aggregation if isinstance(req, AGGREGATE_JOBS) else self.fit
+        what = "aggregating descriptors" if isinstance(req, AGGREGATE_JOBS) else "fitting to the photos"
+        device = getattr(job, "device", None)
+        if device is None:  # the job's constructor ran out (Begin): the device it asked for
+            try:
+                device = pick_device(getattr(req, "device", "AUTO"))
+            except (RuntimeError, ValueError):
+                device = str(getattr(req, "device", "?")).lower()
+        size = getattr(job, "largest_photo", None)
+        photos = "" if size is None else f" The largest photo is {size[1]}x{size[0]} pixels."
+        return (f"out of memory on {device} while {what} ({first}).{photos} Aggregate Descriptors and Fit to "
+                "Photos read every photo at its own size (about 8 GB to aggregate and 10 GB to fit 20 photos of "
+                "12 megapixels on the CPU): import a copy of the dataset with smaller photos (a COLMAP capture: "
+                "python -m headless_train prepare-capture SRC --out DST --max-size 2048), or switch Device to CPU "
+                "when the GPU is the one that is full")
 
     # ------------------------------------------------------------------ requests
     def hello(self, req: P.Hello) -> P.TorchInfo:

@@ -184,3 +184,44 @@ def test_a_bundle_exported_from_a_training_run_fits_with_that_run_s_network(tmp_
     assert export_main(["--checkpoint", ckpt_path, "--scene", mine, "--out", out, "--device", "cpu"]) == 0
     job = BundleFit(out, load_scene(mine), steps=1)
     assert job.weights == ckpt_path
+
+
+def test_out_of_memory_in_aggregate_or_fit_names_the_photos_not_the_frame(aggregated, monkeypatch):
+    """Aggregate and Fit read every photo at its own size: running out of memory there names the
+    largest photo and a copy with smaller photos (BENCHMARKS.md, A user's capture with big
+    photos), not the F12 frame's Resolution % a render's failure suggests; the service goes on."""
+    import npbgpp_core.scene_fit as scene_fit
+
+    folder, bundle = aggregated
+    data = load_scene(folder)
+    h, w = max((tuple(v.camera.image_size) for v in data.views), key=lambda hw: hw[0] * hw[1])
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 15.00 GiB")
+
+    service = RenderService()
+    assert isinstance(service.handle(P.AggregateBegin(folder, "", device="CPU")), P.AggregationStarted)
+    monkeypatch.setattr(service.aggregation.state, "add_views", oom)
+    failed = service.handle(P.AggregateView(0))
+    assert isinstance(failed, P.Failure)
+    assert failed.error.startswith("out of memory on cpu while aggregating descriptors (CUDA out of memory.")
+    assert f"The largest photo is {w}x{h} pixels" in failed.error and "--max-size 2048" in failed.error
+    assert "Resolution %" not in failed.error
+    assert service.handle(P.AggregateCancel()) == P.Done()
+
+    assert isinstance(service.handle(P.FitBegin(bundle, folder, steps=4, device="CPU")), P.FitProgress)
+    monkeypatch.setattr(service.fit, "step", oom)
+    failed = service.handle(P.FitStep(seconds=0.0))
+    assert isinstance(failed, P.Failure)
+    assert failed.error.startswith("out of memory on cpu while fitting to the photos (CUDA out of memory.")
+    assert f"The largest photo is {w}x{h} pixels" in failed.error and "Resolution %" not in failed.error
+    assert service.handle(P.FitCancel()) == P.Done()
+
+    # out of memory while the fit reads the photos: no job yet, the device asked for
+    monkeypatch.setattr(scene_fit, "BundleFit", oom)
+    failed = service.handle(P.FitBegin(bundle, folder, steps=4, device="CPU"))
+    assert isinstance(failed, P.Failure)
+    assert failed.error.startswith("out of memory on cpu while fitting to the photos (CUDA out of memory.")
+    assert "largest photo" not in failed.error and "prepare-capture" in failed.error
+    monkeypatch.undo()
+    assert isinstance(service.handle(P.FitBegin(bundle, folder, steps=4, device="CPU")), P.FitProgress)
