@@ -27,7 +27,8 @@ noisier) of
     .venv/bin/python bench/bench_quality.py --scenes-file val.txt --weights new.safetensors --label new
 
 Images are resized so their long side is at most ``--max-side`` (default 256) to keep a
-2-core CPU run short. Writes ``<out>.json`` and ``<out>.md``; ``--record`` appends the
+2-core CPU run short (``--aggregate-max-side N``: NPBG++ aggregates the input photos at long side
+N, scoring stays at ``--max-side``). Writes ``<out>.json`` and ``<out>.md``; ``--record`` appends the
 table to BENCHMARKS.md. ``--group NAME=SCENE,SCENE`` adds a mean row over those scenes;
 ``--table REPORT.json`` prints the table of an earlier report (with its groups) without
 evaluating anything.
@@ -234,6 +235,23 @@ def check_fit_options(args: argparse.Namespace) -> None:
         raise QualityError(f"--fit-max-side {args.fit_max_side} is below the fitting crop --crop {args.crop}")
 
 
+AGGREGATE_MIN_SIDE = 16  # below this a photo is a few encoder cells: nothing to aggregate
+
+
+def check_aggregate_max_side(args: argparse.Namespace) -> None:
+    """Refuse an --aggregate-max-side the run cannot mean: under AGGREGATE_MIN_SIDE, or above
+    --max-side (the question it answers is aggregating from photos smaller than the ones scored;
+    equal to --max-side is the default run)."""
+    side = args.aggregate_max_side
+    if side is None:
+        return
+    if side < AGGREGATE_MIN_SIDE:
+        raise QualityError(f"--aggregate-max-side {side} is below {AGGREGATE_MIN_SIDE} pixels")
+    if side > args.max_side:
+        raise QualityError(f"--aggregate-max-side {side} is above --max-side {args.max_side}: the aggregation reads "
+                           "the photos at most at the scoring size; leave it unset for that")
+
+
 class QualityError(ValueError):
     """A scene or option the benchmark cannot use; the message names it."""
 
@@ -259,6 +277,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fit-max-side", type=int, default=None,
                    help="long side of the photos the fits see (default: --max-side); aggregation and scoring stay "
                         "at --max-side")
+    p.add_argument("--aggregate-max-side", type=int, default=None,
+                   help="long side of the input photos NPBG++ aggregates (cameras scaled alike; the no-fitting "
+                        "column and the fits' starting scene), at least 16 and at most --max-side (default: "
+                        "--max-side); scoring and the fits' photos stay at --max-side / --fit-max-side (a fair "
+                        "check aggregates again from the fits' photos)")
     fit = p.add_argument_group("coefficients_ft recipe (unset: the defaults of npbgpp_core.fitting.fit_coefficients)")
     for flag, kind, help_ in FIT_KNOBS:
         fit.add_argument(flag, type=kind, default=None, help=help_)
@@ -375,6 +398,12 @@ def evaluate_scene(folder: str, args: argparse.Namespace, weights: dict[str, str
 
     in_images = [scene.load_image(i, size_of(i)) for i in inputs]
     in_cams = [scene.camera(i, size_of(i)) for i in inputs]
+    if args.aggregate_max_side and args.aggregate_max_side != args.max_side:
+        # the loader's own resize and camera scaling, as at --max-side (the rule export --max-side uses)
+        agg_images = [scene.load_image(i, size_of(i, args.aggregate_max_side)) for i in inputs]
+        agg_cams = [scene.camera(i, size_of(i, args.aggregate_max_side)) for i in inputs]
+    else:
+        agg_images, agg_cams = in_images, in_cams
     gts = [scene.load_image(i, size_of(i)) for i in held]
     test_cams = [scene.camera(i, size_of(i)) for i in held]
     load_s = time.perf_counter() - t_load
@@ -394,6 +423,7 @@ def evaluate_scene(folder: str, args: argparse.Namespace, weights: dict[str, str
         "scene": os.path.basename(os.path.normpath(folder)), "folder": os.path.abspath(folder),
         "format": scene.format, "points": int(points.shape[0]), "input_views": len(inputs),
         "held_out_views": len(held), "size": list(size_of(held[0])), "load_s": load_s, "methods": {},
+        "aggregate_sizes": [list(im.shape[-2:]) for im in agg_images],
     }
     m = result["methods"]
     if "points" in args.methods:
@@ -430,7 +460,7 @@ def evaluate_scene(folder: str, args: argparse.Namespace, weights: dict[str, str
         t = time.perf_counter()
         with torch.no_grad():
             state = model.begin_scene(points)
-            for im, cam in zip(in_images, in_cams, strict=True):
+            for im, cam in zip(agg_images, agg_cams, strict=True):
                 state.add_views(im[None], [cam])
             agg = state.finish()
         agg_s = time.perf_counter() - t
@@ -586,6 +616,7 @@ def main(argv: list[str] | None = None) -> int:
             print(retabulate(args.table, groups))
             return 0
         folders = scene_list(args)
+        check_aggregate_max_side(args)
         check_fit_options(args)
     except QualityError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -608,6 +639,7 @@ def main(argv: list[str] | None = None) -> int:
         "average": averages(scenes, args.methods), "seconds": time.perf_counter() - t0,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "pc_name": args.pc_name,
         "fit_options": fit_options(args), "fit_seed": args.fit_seed, "fit_max_side": args.fit_max_side,
+        "aggregate_max_side": args.aggregate_max_side or args.max_side,  # the long side aggregation read at most
         "check_view": users_check_view(args), "fair_check": users_fair_check(args),
         "whole_max_side": fit_options(args).get("whole_max_side", WHOLE_VIEW_MAX_SIDE),  # the cap in effect
     }
@@ -642,6 +674,8 @@ def main(argv: list[str] | None = None) -> int:
                 notes.append("the check aggregated the scene again without its kept view (--fair-check on)")
         if args.fit_max_side:
             notes.append(f"fits see the photos at long side {args.fit_max_side} px")
+        if args.aggregate_max_side:
+            notes.append(f"NPBG++ aggregated the input photos at long side {args.aggregate_max_side} px")
         if fit_options(args):
             notes.append("coefficients_ft options: " + ", ".join(f"{k}={v}" for k, v in fit_options(args).items()))
         if args.pc_name:

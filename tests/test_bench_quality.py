@@ -436,3 +436,59 @@ def test_whole_max_side_reaches_the_fit_and_is_recorded_and_bad_ones_stop_early(
         with pytest.raises(QualityError) as refused:
             check_fit_options(parse_args(["--scenes", "unused", "--check-view", "on", *flags]))
         assert str(refused.value).startswith(expected), refused.value
+
+
+def test_aggregate_max_side_aggregates_smaller_photos_and_scores_at_max_side(tmp_path):
+    """--aggregate-max-side 16 on 32-px photos: the no-fitting column equals a hand aggregation of the
+    input photos and cameras the loader gives at 16 px, rendered and scored at 32 px; unset, the column
+    equals the hand aggregation at 32 px (the run of before, bit for bit) and the two differ; under
+    16 px or above --max-side it is refused in words before any scene is read; the report records the side."""
+    import numpy as np
+
+    from bench.bench_quality import QualityError, check_aggregate_max_side
+    from npbgpp_core.datasets import scene_domain
+    from npbgpp_core.metrics import psnr
+    from npbgpp_core.models.alignment import resolve_world_up
+    from npbgpp_core.pretrained import default_weights_path, load_pretrained_npbgpp
+
+    folder = make_tiny_scene(str(tmp_path / "s"), views=6, size=32, splits=(4, 1, 1))
+    scene = load_scene(folder)
+    inputs, held = split_views(scene)
+    up = resolve_world_up("auto", [scene.views[i].camera for i in inputs])
+    model = load_pretrained_npbgpp(default_weights_path("npbgpp", scene_domain(scene)), world_up=up)
+    points = torch.from_numpy(np.ascontiguousarray(scene.points, dtype=np.float32))
+
+    def hand_psnr(side: int) -> float:
+        with torch.no_grad():
+            state = model.begin_scene(points)
+            for i in inputs:
+                state.add_views(scene.load_image(i, (side, side))[None], [scene.camera(i, (side, side))])
+            agg = state.finish()
+            rows = [float(psnr(model.render(agg, scene.camera(i, (32, 32))).clamp(0, 1),
+                               scene.load_image(i, (32, 32)))[0]) for i in held]
+        return sum(rows) / len(rows)
+
+    common = ["--scenes", folder, "--methods", "npbgpp", "--max-side", "32"]
+    small = evaluate_scene(folder, parse_args([*common, "--aggregate-max-side", "16"]), {})
+    full = evaluate_scene(folder, parse_args(common), {})
+    assert small["aggregate_sizes"] == [[16, 16]] * len(inputs) and small["size"] == [32, 32]
+    assert full["aggregate_sizes"] == [[32, 32]] * len(inputs)
+    assert small["methods"]["npbgpp"]["psnr"] == hand_psnr(16)
+    assert full["methods"]["npbgpp"]["psnr"] == hand_psnr(32)
+    assert small["methods"]["npbgpp"]["psnr"] != full["methods"]["npbgpp"]["psnr"]
+    same = evaluate_scene(folder, parse_args([*common, "--aggregate-max-side", "32"]), {})
+    assert same["methods"]["npbgpp"]["psnr"] == full["methods"]["npbgpp"]["psnr"]
+    for side, expected in ((15, "--aggregate-max-side 15 is below 16 pixels"),
+                           (33, "--aggregate-max-side 33 is above --max-side 32")):
+        with pytest.raises(QualityError) as refused:
+            check_aggregate_max_side(parse_args([*common, "--aggregate-max-side", str(side)]))
+        assert str(refused.value).startswith(expected), refused.value
+    check_aggregate_max_side(parse_args([*common, "--aggregate-max-side", "16"]))
+    from bench.bench_quality import main
+
+    assert main([*common, "--aggregate-max-side", "16", "--out", str(tmp_path / "res")]) == 0
+    report = json.loads((tmp_path / "res.json").read_text())
+    assert report["aggregate_max_side"] == 16 and report["max_side"] == 32
+    assert report["average"]["npbgpp"]["psnr"] == small["methods"]["npbgpp"]["psnr"]
+    assert main([*common, "--aggregate-max-side", "64", "--out", str(tmp_path / "bad")]) == 2
+    assert not (tmp_path / "bad.json").exists()
