@@ -149,8 +149,8 @@ class StageLog:
         if dt > self.longest:
             self.longest, self.longest_op = dt, type(req).__name__
         if isinstance(reply, P.Failure):
-            self.failure = reply.message
-            raise RuntimeError(reply.message)
+            self.failure = reply.error
+            raise RuntimeError(reply.error)
         return reply
 
     def report(self, seconds: float, extra: dict[str, Any]) -> dict[str, Any]:
@@ -192,8 +192,8 @@ def run_stages(dataset: str, work: str, stages: list[str], size: str) -> list[di
                 elif stage == "fit":
                     # the operator's defaults: 200 steps, Check Fit on a Photo, Fit Upright, Also Try Whole
                     # Views Auto (recipes and combine None: the worker decides by the photos' size)
-                    progress = log.ask(P.FitBegin(bundle, dataset, 200, "", "", None, False, False, "AUTO",
-                                                  True, True, None, None))
+                    progress = log.ask(P.FitBegin(bundle, dataset, steps=200, device="AUTO", aligned=True,
+                                                  check_view=True, check_recipes=None, check_combine=None))
                     while not progress.finished:
                         progress = log.ask(P.FitStep(FIT_STEP_SECONDS))
                     info = log.ask(P.FitFinish(fitted))

@@ -78,3 +78,17 @@ def test_f12_camera_keeps_the_horizontal_field_of_view(tmp_path: Path) -> None:
     # rows: the still's centre row is the photo's centre row scaled
     torch.testing.assert_close(v[:, 1] + 0.5 - 540, (u[:, 1] + 0.5 - H / 2) * s, atol=1e-3, rtol=1e-5)
     torch.testing.assert_close(depth2, depth)
+
+
+def test_a_failing_stage_reports_the_service_s_own_error_and_stops(tmp_path: Path, capsys) -> None:
+    """A request the service answers with a Failure: the stage's report carries that Failure's
+    error word for word (not an error of the bench's own), and no later stage runs."""
+    from npbgpp_core import protocol as P
+    from npbgpp_core.service import RenderService
+
+    missing = str(tmp_path / "no_such_capture")
+    expected = RenderService().handle(P.AggregateBegin(missing, ""))
+    assert isinstance(expected, P.Failure) and expected.error
+    reports = bbp.run_stages(missing, str(tmp_path / "work"), ["aggregate", "fit"], "0 px")
+    assert [(r["stage"], r["failure"], r["requests"]) for r in reports] == [("aggregate", expected.error, 1)]
+    assert capsys.readouterr().out.count("\n") == 1  # one JSON line: the failed stage's
