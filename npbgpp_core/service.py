@@ -30,6 +30,9 @@ DEFAULT_POINT_COLOR = 0.8  # grey for loose points without colours
 # AggregateFinish is not one: it solves per-point sums, with the photos read and dropped.
 AGGREGATE_JOBS = (P.AggregateBegin, P.AggregateView)
 PHOTO_JOBS = (*AGGREGATE_JOBS, P.FitBegin, P.FitStep, P.FitFinish)
+# Densify Points' requests: it holds every view it matches at its processing size (at most
+# DensifyOptions.max_image_size, times Image Scale), so its advice names those knobs.
+DENSIFY_JOBS = (P.DensifyBegin, P.DensifyStep, P.DensifyFinish)
 PRECISIONS = ("FP32", "FP16", "BF16")
 
 
@@ -259,6 +262,24 @@ class KernelWarmup:
         return not self.thread.is_alive() and not self.error
 
 
+def job_device(job: Any, req: P.Request) -> str:
+    """The device a job (aggregation, densify, fit) runs on, for an out-of-memory message; its
+    request's when there is no job yet (its constructor ran out of memory)."""
+    device = getattr(job, "device", None)
+    if device is None:
+        try:
+            device = pick_device(getattr(req, "device", "AUTO"))
+        except (RuntimeError, ValueError):
+            device = str(getattr(req, "device", "?")).lower()
+    return str(device)
+
+
+def gpu_full_hint(device: str) -> str:
+    """The out-of-memory advice's last clause: off a GPU only when on one (the CPU's memory has no
+    other device to move to)."""
+    return "" if device == "cpu" else ", or switch Device to CPU when the GPU is the one that is full"
+
+
 def step_for(job: Any, seconds: float) -> None:
     """Run ``job.step()`` (True once finished) for about ``seconds``, at least once: a
     step request's share of a long job (densify, fit), short enough for Blender to stay
@@ -305,33 +326,36 @@ class RenderService:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if isinstance(req, PHOTO_JOBS):
             return self._photo_job_memory_advice(req, first)
-        what = type(req).__name__
+        if isinstance(req, DENSIFY_JOBS):
+            device = job_device(self.densify, req)
+            return (f"out of memory on {device} while densifying points ({first}). Densify Points holds every view "
+                    "it matches: lower its Image Scale or Max Views" + gpu_full_hint(device))
+        device = self.device if self.renderer is not None else "cpu"
         if isinstance(req, P.RenderFrame):
             h, w = req.camera.image_size
-            what = f"rendering {w}x{h} pixels"
-        device = self.device if self.renderer is not None else "cpu"
-        return (f"out of memory on {device} while {what} ({first}). Render fewer pixels (Output > Resolution %), "
-                "choose FP16 precision on a GPU, or switch Device to CPU when the GPU is the one that is full")
+            return (f"out of memory on {device} while rendering {w}x{h} pixels ({first}). Render fewer pixels "
+                    "(Output > Resolution %), choose FP16 precision on a GPU, or switch Device to CPU when the GPU "
+                    "is the one that is full")
+        # the rest (setting points, finishing an aggregation): no frame size to lower
+        return f"out of memory on {device} while {type(req).__name__} ({first})" + gpu_full_hint(device)
 
     def _photo_job_memory_advice(self, req: P.Request, first: str) -> str:
         """Aggregate and Fit read every photo at its own size, so what runs out of memory there
         is the photos' pixels (BENCHMARKS.md, A user's capture with big photos), not a frame's:
-        the advice names the largest photo and a copy of the dataset with smaller ones."""
-        job: Any = self.aggregation if isinstance(req, AGGREGATE_JOBS) else self.fit
-        what = "aggregating descriptors" if isinstance(req, AGGREGATE_JOBS) else "fitting to the photos"
-        device = getattr(job, "device", None)
-        if device is None:  # the job's constructor ran out (Begin): the device it asked for
-            try:
-                device = pick_device(getattr(req, "device", "AUTO"))
-            except (RuntimeError, ValueError):
-                device = str(getattr(req, "device", "?")).lower()
+        the advice names the largest photo and a copy of the dataset with smaller ones (which a
+        fit needs aggregated again: a bundle fits the dataset it was aggregated from)."""
+        aggregating = isinstance(req, AGGREGATE_JOBS)
+        job: Any = self.aggregation if aggregating else self.fit
+        what = "aggregating descriptors" if aggregating else "fitting to the photos"
+        device = job_device(job, req)
         size = getattr(job, "largest_photo", None)
         photos = "" if size is None else f" The largest photo is {size[1]}x{size[0]} pixels."
+        again = "" if aggregating else ", aggregate it and fit that bundle"
         return (f"out of memory on {device} while {what} ({first}).{photos} Aggregate Descriptors and Fit to "
                 "Photos read every photo at its own size (about 8 GB to aggregate and 10 GB to fit 20 photos of "
-                "12 megapixels on the CPU): import a copy of the dataset with smaller photos (a COLMAP capture: "
-                "python -m headless_train prepare-capture SRC --out DST --max-size 2048), or switch Device to CPU "
-                "when the GPU is the one that is full")
+                f"12 megapixels on the CPU): import a copy of the dataset with smaller photos{again} (a COLMAP "
+                "capture, with this project's repository: python -m headless_train prepare-capture SRC --out DST "
+                "--max-size 2048)" + gpu_full_hint(device))
 
     # ------------------------------------------------------------------ requests
     def hello(self, req: P.Hello) -> P.TorchInfo:

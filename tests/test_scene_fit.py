@@ -215,6 +215,13 @@ def test_out_of_memory_in_aggregate_or_fit_names_the_photos_not_the_frame(aggreg
     assert isinstance(failed, P.Failure)
     assert failed.error.startswith("out of memory on cpu while fitting to the photos (CUDA out of memory.")
     assert f"The largest photo is {w}x{h} pixels" in failed.error and "Resolution %" not in failed.error
+    # a smaller copy is another dataset: the fit's bundle does not fit it, its own aggregation does
+    assert "smaller photos, aggregate it and fit that bundle (a COLMAP capture" in failed.error
+    assert "switch Device to CPU" not in failed.error  # it ran on the CPU already
+    service.fit.device = "cuda"  # a job on a GPU: moving it to the CPU is advice too
+    failed = service.handle(P.FitStep(seconds=0.0))
+    assert failed.error.startswith("out of memory on cuda while fitting to the photos")
+    assert failed.error.endswith("--max-size 2048), or switch Device to CPU when the GPU is the one that is full")
     assert service.handle(P.FitCancel()) == P.Done()
 
     # out of memory while the fit reads the photos: no job yet, the device asked for
@@ -225,3 +232,32 @@ def test_out_of_memory_in_aggregate_or_fit_names_the_photos_not_the_frame(aggreg
     assert "largest photo" not in failed.error and "prepare-capture" in failed.error
     monkeypatch.undo()
     assert isinstance(service.handle(P.FitBegin(bundle, folder, steps=4, device="CPU")), P.FitProgress)
+
+
+def test_out_of_memory_in_densify_or_loading_a_bundle_names_no_frame(aggregated, monkeypatch):
+    """Densify Points holds every view it matches: running out of memory there names its own
+    Image Scale and Max Views, not the F12 frame's Resolution %; finishing an aggregation has no
+    frame either. Neither suggests switching to the CPU the job runs on; the service goes on."""
+    folder, bundle = aggregated
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 15.00 GiB")
+
+    service = RenderService()
+    assert isinstance(service.handle(P.DensifyBegin(folder, device="CPU")), P.DensifyProgress)
+    monkeypatch.setattr(service.densify, "step", oom)
+    failed = service.handle(P.DensifyStep(seconds=0.0))
+    assert isinstance(failed, P.Failure)
+    assert failed.error == ("out of memory on cpu while densifying points (CUDA out of memory. Tried to allocate "
+                            "15.00 GiB). Densify Points holds every view it matches: lower its Image Scale or Max "
+                            "Views")
+    assert service.handle(P.DensifyCancel()) == P.Done()
+
+    assert isinstance(service.handle(P.AggregateBegin(folder, "", device="CPU")), P.AggregationStarted)
+    monkeypatch.setattr(service.aggregation, "finish", oom)
+    failed = service.handle(P.AggregateFinish(os.path.join(os.path.dirname(bundle), "never.npbgpp")))
+    assert isinstance(failed, P.Failure)
+    assert failed.error == ("out of memory on cpu while AggregateFinish (CUDA out of memory. Tried to allocate "
+                            "15.00 GiB)")
+    monkeypatch.undo()
+    assert isinstance(service.handle(P.LoadBundle(bundle, "CPU")), P.BundleInfo)
