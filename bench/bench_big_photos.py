@@ -252,17 +252,16 @@ def still_psnr(still: Any, photo: Any) -> float:
     (3, h, w): the photo area-resized to the still's width and cut to the still's rows about
     its centre (the field of view the still keeps). The same for every photo size when the
     pipeline does not depend on it; the sub-pixel offset of the rounded rows costs a little."""
-    import math
-
     import torch.nn.functional as F
+
+    from npbgpp_core.metrics import psnr
 
     H, W = still.shape[-2:]
     h, w = photo.shape[-2:]
     rows = round(h * W / w)
     scaled = F.interpolate(photo[None], size=(rows, W), mode="area")[0]
     top = (rows - H) // 2
-    mse = float(((still.float() - scaled[:, top:top + H]) ** 2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(1 / mse)
+    return float(psnr(still.float(), scaled[:, top:top + H]))
 
 
 def main(argv: list[str] | None = None) -> int:

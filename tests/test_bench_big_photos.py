@@ -92,3 +92,14 @@ def test_a_failing_stage_reports_the_service_s_own_error_and_stops(tmp_path: Pat
     reports = bbp.run_stages(missing, str(tmp_path / "work"), ["aggregate", "fit"], "0 px")
     assert [(r["stage"], r["failure"], r["requests"]) for r in reports] == [("aggregate", expected.error, 1)]
     assert capsys.readouterr().out.count("\n") == 1  # one JSON line: the failed stage's
+
+
+def test_still_psnr_compares_the_still_with_the_photo_s_centre_rows_at_its_width() -> None:
+    """A photo twice the still's width (each pixel repeated 2 x 2, so the area resize gives the
+    small photo back exactly) and 4 rows taller at that width: the still is compared with rows 2-7
+    of the small photo; 0.1 off everywhere is an MSE of 0.01, 20 dB; the same rows exactly: inf."""
+    small = torch.rand(3, 10, 8, generator=torch.Generator().manual_seed(0)) * 0.8
+    photo = small.repeat_interleave(2, 1).repeat_interleave(2, 2)
+    assert bbp.still_psnr(small[:, 2:8] + 0.1, photo) == pytest.approx(20.0, abs=1e-4)
+    assert bbp.still_psnr(small[:, 2:8].clone(), photo) == float("inf")
+    assert bbp.still_psnr(small[:, 1:7] + 0.1, photo) < 15  # rows one off: not the same picture
