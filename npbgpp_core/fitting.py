@@ -129,22 +129,95 @@ LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tenso
 
 @dataclass
 class FitViews:
-    """Training views: images (K, 3, H, W) in [0, 1], one camera each, optional masks
-    (K, 1, H, W) of valid pixels (pixels outside never contribute to the loss)."""
+    """Training views: images (K, 3, H, W), one camera each, optional masks (K, 1, H, W) of
+    valid pixels (pixels outside never contribute to the loss).
+
+    ``images`` is the stored stack: float in [0, 1], or uint8 holding k/255 (photos read from
+    8-bit files, 4x smaller: 12-MP photos held as float32 took 129 MB each, BENCHMARKS.md "A
+    user's capture with big photos"); ``masks`` float or bool. Read them through :meth:`image`
+    and :meth:`mask`, which give float32 (a uint8 k as float32(k) / 255, bit for bit what the
+    image reader gives), so that no caller sees the stored type. ``rows``: the row of the stack
+    each camera's view is (None: row k), so that :func:`views_without` shares the stack
+    instead of copying all but one photo."""
 
     images: torch.Tensor
     cameras: list[Camera]
     masks: torch.Tensor | None = None
+    rows: list[int] | None = None
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4 or self.images.shape[1] != 3:
             raise ValueError(f"images must be (K, 3, H, W), got {tuple(self.images.shape)}")
-        if len(self.cameras) != self.images.shape[0]:
-            raise ValueError(f"{self.images.shape[0]} images but {len(self.cameras)} cameras")
-        if self.masks is not None and (self.masks.shape[0] != self.images.shape[0] or self.masks.shape[1] != 1):
+        if self.images.dtype != torch.uint8 and not self.images.is_floating_point():
+            raise ValueError(f"images must be float in [0, 1] or uint8, got {self.images.dtype}")
+        stored = self.images.shape[0]
+        if self.rows is None:
+            if len(self.cameras) != stored:
+                raise ValueError(f"{stored} images but {len(self.cameras)} cameras")
+        else:
+            self.rows = [int(r) for r in self.rows]
+            if len(self.rows) != len(self.cameras) or any(not 0 <= r < stored for r in self.rows):
+                raise ValueError(f"rows {self.rows} must name one of the {stored} images for each of "
+                                 f"{len(self.cameras)} cameras")
+        if self.masks is not None and (self.masks.shape[0] != stored or self.masks.shape[1] != 1):
             raise ValueError(f"masks must be (K, 1, H, W), got {tuple(self.masks.shape)}")
         if not self.cameras:
             raise ValueError("fitting needs at least one view")
+
+    @property
+    def canvas(self) -> tuple[int, int]:
+        """Height and width every view's image has (the padded canvas)."""
+        return int(self.images.shape[-2]), int(self.images.shape[-1])
+
+    def row(self, k: int) -> int:
+        """The row of the stored stack that view ``k`` is."""
+        return k if self.rows is None else self.rows[k]
+
+    def image(self, k: int, top: int = 0, left: int = 0, height: int | None = None,
+              width: int | None = None) -> torch.Tensor:
+        """View ``k``'s image (3, h, w) as float in [0, 1], the window at ``top``, ``left`` of
+        ``height`` x ``width`` (None: to the canvas's edge): only the window is converted."""
+        bottom = None if height is None else top + height
+        right = None if width is None else left + width
+        window = self.images[self.row(k), :, top:bottom, left:right]
+        return _as_float_pixels(window)
+
+    def mask(self, k: int, top: int = 0, left: int = 0, height: int | None = None,
+             width: int | None = None) -> torch.Tensor | None:
+        """View ``k``'s mask (1, h, w) as float32 (1 valid, 0 not), the same window as
+        :meth:`image`; None for unmasked views."""
+        if self.masks is None:
+            return None
+        bottom = None if height is None else top + height
+        right = None if width is None else left + width
+        window = self.masks[self.row(k), :, top:bottom, left:right]
+        return window.to(torch.float32) if window.dtype == torch.bool else window
+
+
+def _as_float_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    """Stored pixels as float in [0, 1]: uint8 k as float32(k) / 255 (a division, as the image
+    reader computes it, so that an 8-bit photo's values are bit for bit the reader's); float
+    pixels as they are (no copy)."""
+    if pixels.dtype == torch.uint8:
+        return pixels.to(torch.float32).div_(255.0)
+    return pixels
+
+
+def eight_bit_pixels(image: torch.Tensor) -> torch.Tensor | None:
+    """``image`` as uint8 when it is float32 holding exactly k/255 in every pixel (a photo read
+    from an 8-bit file, not resampled), so that storing it as uint8 loses nothing
+    (:func:`_as_float_pixels` gives the same floats back); None otherwise (resampled or
+    16-bit photos, other float types, NaN), which are then kept as floats."""
+    if image.dtype == torch.uint8:
+        return image
+    if image.dtype != torch.float32:
+        return None
+    levels = (image * 255.0).round_()
+    if not bool(((levels >= 0) & (levels <= 255)).all()):
+        return None
+    eight = levels.to(torch.uint8)
+    del levels
+    return eight if torch.equal(_as_float_pixels(eight), image) else None
 
 
 @dataclass
@@ -290,28 +363,48 @@ def padded_fit_views(images: Sequence[torch.Tensor], cameras: Sequence[Camera]) 
     (:meth:`Camera.cropped` keeps the intrinsics), and a mask marks its own pixels, so that
     the padding never enters the loss. Without it a caller would have to drop or resample
     the odd-sized views (a COLMAP capture's undistorted photos differ by a row or two,
-    phone captures mix portrait and landscape). Same-sized photos give unmasked views."""
+    phone captures mix portrait and landscape). Same-sized photos give unmasked views.
+    Photos that are all exactly k/255 are stored as uint8 (:func:`read_fit_views`)."""
     if len(images) != len(cameras):
         raise ValueError(f"{len(images)} images but {len(cameras)} cameras")
-    if not images:
+    return read_fit_views(lambda k: images[k], cameras)
+
+
+def read_fit_views(load: Callable[[int], torch.Tensor], cameras: Sequence[Camera]) -> FitViews:
+    """:func:`padded_fit_views` of the photos ``load(k)`` gives for k = 0 .. K-1, each read
+    straight into its slot of the padded stack (the canvas known from the cameras' sizes), so
+    that the photos are never held twice (a list read, then the stack). The stack is uint8
+    while every photo is exactly k/255 (:func:`eight_bit_pixels`: 8-bit files, not resampled):
+    4x smaller, and the floats read back are the photos' own, so a fit is bit for bit the same.
+    At the first photo that is not (undistorted, resized or 16-bit photos) the stack turns
+    float (the earlier photos converted exactly) and keeps every photo's floats as read: those
+    are not rounded, so no fit changes. Masks are bool."""
+    cameras = list(cameras)
+    if not cameras:
         raise ValueError("fitting needs at least one view")
-    for k, im in enumerate(images):
-        if im.ndim != 3 or im.shape[0] != 3:
-            raise ValueError(f"image {k} must be (3, H, W), got {tuple(im.shape)}")
-        if tuple(cameras[k].image_size) != tuple(im.shape[-2:]):
-            raise ValueError(f"image {k} is {tuple(im.shape[-2:])} but its camera {tuple(cameras[k].image_size)}")
-    sizes = {tuple(im.shape[-2:]) for im in images}
-    if len(sizes) == 1:
-        return FitViews(torch.stack(list(images)), list(cameras), None)
+    sizes = [(int(c.image_size[0]), int(c.image_size[1])) for c in cameras]
     H = max(h for h, _ in sizes)
     W = max(w for _, w in sizes)
-    out = torch.zeros((len(images), 3, H, W), dtype=images[0].dtype)
-    valid = torch.zeros((len(images), 1, H, W), dtype=images[0].dtype)
-    for k, im in enumerate(images):
-        h, w = im.shape[-2:]
-        out[k, :, :h, :w] = im
-        valid[k, :, :h, :w] = 1.0
-    return FitViews(out, [c.cropped(0, 0, H, W) for c in cameras], valid)
+    padded = len(set(sizes)) > 1
+    out = torch.zeros((len(cameras), 3, H, W), dtype=torch.uint8)
+    valid = torch.zeros((len(cameras), 1, H, W), dtype=torch.bool) if padded else None
+    for k, (h, w) in enumerate(sizes):
+        im = load(k)
+        if im.ndim != 3 or im.shape[0] != 3:
+            raise ValueError(f"image {k} must be (3, H, W), got {tuple(im.shape)}")
+        if tuple(im.shape[-2:]) != (h, w):
+            raise ValueError(f"image {k} is {tuple(im.shape[-2:])} but its camera {(h, w)}")
+        eight = eight_bit_pixels(im) if out.dtype == torch.uint8 else None
+        if eight is not None:
+            out[k, :, :h, :w] = eight
+        else:
+            if out.dtype == torch.uint8:  # the first photo that is not 8-bit: the stack turns float
+                out = _as_float_pixels(out) if im.dtype == torch.float32 else out.to(im.dtype).div_(255.0)
+            out[k, :, :h, :w] = im
+        if valid is not None:
+            valid[k, :, :h, :w] = True
+        del im, eight
+    return FitViews(out, [c.cropped(0, 0, H, W) for c in cameras] if padded else cameras, valid)
 
 
 def as_fit_views(views: FitViews | tuple | Sequence) -> FitViews:
@@ -325,20 +418,26 @@ def downsized_fit_views(views: FitViews, max_side: int) -> FitViews:
     """``views`` shrunk so that the long side is at most ``max_side`` pixels (``views``
     itself when it already is): images area-averaged (as the datasets resize photos),
     cameras scaled to the same canvas (:meth:`Camera.scaled`), a pixel of the masks valid
-    only where every pixel it covers was (so padding never leaks into the loss)."""
+    only where every pixel it covers was (so padding never leaks into the loss). One view at a
+    time, so that an 8-bit stack is never converted to floats whole; the result is float32."""
     max_side = coarse_side_value(max_side)
-    H, W = views.images.shape[-2:]
+    H, W = views.canvas
     if max(H, W) <= max_side:
         return views
     size = fit_long_side((H, W), max_side)
-    images = torch.nn.functional.interpolate(views.images, size=size, mode="area")
-    masks = None
-    if views.masks is not None:
-        # the least mask value over the pixels each area-averaged pixel covers (max pooling
-        # over the same windows): an average's threshold would let one invalid pixel through
-        # once a coarse pixel covers more than a thousand
-        least = -torch.nn.functional.adaptive_max_pool2d(-views.masks, size)
-        masks = (least > 0.999).to(views.masks.dtype)
+    count = len(views.cameras)
+    dtype = torch.float32 if views.images.dtype == torch.uint8 else views.images.dtype
+    images = torch.empty((count, 3, *size), dtype=dtype)
+    masks = None if views.masks is None else torch.empty((count, 1, *size), dtype=torch.float32)
+    for k in range(count):
+        images[k] = torch.nn.functional.interpolate(views.image(k)[None], size=size, mode="area")[0]
+        mask = views.mask(k)
+        if masks is not None and mask is not None:
+            # the least mask value over the pixels each area-averaged pixel covers (max pooling
+            # over the same windows): an average's threshold would let one invalid pixel through
+            # once a coarse pixel covers more than a thousand
+            least = -torch.nn.functional.adaptive_max_pool2d(-mask[None], size)[0]
+            masks[k] = (least > 0.999).to(torch.float32)
     return FitViews(images, [c.scaled(size) for c in views.cameras], masks)
 
 
@@ -356,14 +455,12 @@ def random_crop(
     """One random view's random ``crop`` x ``crop`` window (the whole image when ``crop`` is
     None or not smaller): image (1, 3, h, w), mask (1, 1, h, w) or None, its camera."""
     k = int(rng.integers(len(views.cameras)))
-    image, camera = views.images[k], views.cameras[k]
-    mask = None if views.masks is None else views.masks[k]
-    h, w = image.shape[-2:]
+    camera = views.cameras[k]
+    h, w = views.canvas
     ch, cw = (h, w) if crop is None else (min(crop, h), min(crop, w))
     top, left = int(rng.integers(h - ch + 1)), int(rng.integers(w - cw + 1))
+    image, mask = views.image(k, top, left, ch, cw), views.mask(k, top, left, ch, cw)
     if (ch, cw) != (h, w):
-        image = image[:, top : top + ch, left : left + cw]
-        mask = None if mask is None else mask[:, top : top + ch, left : left + cw]
         camera = camera.cropped(top, left, ch, cw)
     return image[None], (None if mask is None else mask[None]), camera
 
@@ -651,10 +748,11 @@ def view_extent(views: FitViews, k: int) -> tuple[int, int]:
     """Height and width of view ``k``'s own photo: the canvas less the padding
     :func:`padded_fit_views` added at the bottom and right (the last row and column its
     mask marks valid); (0, 0) when the mask marks none."""
-    H, W = views.images.shape[-2:]
-    if views.masks is None:
-        return int(H), int(W)
-    valid = views.masks[k][0] > 0
+    H, W = views.canvas
+    mask = views.mask(k)
+    if mask is None:
+        return H, W
+    valid = mask[0] > 0
     rows, cols = torch.nonzero(valid.any(dim=1)), torch.nonzero(valid.any(dim=0))
     if rows.numel() == 0:
         return 0, 0
@@ -687,11 +785,11 @@ def view_psnr(model: NPBG, points: torch.Tensor, views: FitViews, k: int) -> flo
                 pred = model.render(points, camera).float().cpu()
     finally:
         model.train(was_training)
-    err = (pred - views.images[k][:, :h, :w].float()) ** 2
-    if views.masks is None:
+    err = (pred - views.image(k, 0, 0, h, w).float()) ** 2
+    mask = views.mask(k, 0, 0, h, w)
+    if mask is None:
         mse = float(err.mean())
     else:
-        mask = views.masks[k][:, :h, :w].float()
         # where, not a product: an invalid pixel's NaN or inf times 0 would be NaN
         mse = float(torch.where(mask > 0, err * mask, 0.0).sum()) / (3.0 * float(mask.sum()))
     if not math.isfinite(mse):  # NaN, or inf (math.log10(1 / inf) raised a math domain error)
@@ -700,10 +798,10 @@ def view_psnr(model: NPBG, points: torch.Tensor, views: FitViews, k: int) -> flo
 
 
 def views_without(views: FitViews, k: int) -> FitViews:
-    """``views`` less view ``k``."""
+    """``views`` less view ``k``, sharing the stored stack (``rows``): a copy of all but one
+    photo would hold them twice for the whole of a checked fit."""
     keep = [i for i in range(len(views.cameras)) if i != k]
-    return FitViews(views.images[keep], [views.cameras[i] for i in keep],
-                    None if views.masks is None else views.masks[keep])
+    return FitViews(views.images, [views.cameras[i] for i in keep], views.masks, [views.row(i) for i in keep])
 
 
 # One recipe a checked fit runs: its name ("" for a plain check, else one of CHECK_RECIPES),
@@ -1348,7 +1446,7 @@ def aggregation_without(model: NPBGPlusPlus, points: torch.Tensor, views: FitVie
             h, w = view_extent(views, i)
             if h == 0:
                 continue  # no valid pixel: nothing to add
-            image = views.images[i][:, :h, :w].to(device, torch.float32)
+            image = views.image(i, 0, 0, h, w).to(device, torch.float32)
             state.add_views(image[None], [views.cameras[i].cropped(0, 0, h, w).to(device)])
         return state.finish()
 

@@ -144,7 +144,7 @@ class BundleFit:
             check_view_index,
             coefficients_recipe,
             iter_fit_coefficients,
-            padded_fit_views,
+            read_fit_views,
         )
         from .pretrained import check_domain, default_weights_path
         from .scene import NeuralScene
@@ -196,15 +196,16 @@ class BundleFit:
         self.device = str(device)
         # (H, W) of the photo with the most pixels: the worker's out-of-memory advice names it
         self.largest_photo = max((tuple(data.views[i].camera.image_size) for i in ids), key=lambda hw: hw[0] * hw[1])
-        images = [data.load_image(i) for i in ids]
-        views = padded_fit_views(images, [data.views[i].camera for i in ids])
+        # each photo read into its slot of the stack (8-bit photos stored as uint8): a list of every
+        # photo as float32 and then their stack held them twice (BENCHMARKS.md, big photos)
+        views = read_fit_views(lambda k: data.load_image(ids[k]), [data.views[i].camera for i in ids])
         self.views = len(ids)
         self.view_names = [data.views[i].name for i in ids]
         self.checked = check_view and check_view_index(len(ids)) is not None
         # what the users' default decided, for the metadata and the outcome (None: not asked for, or
         # no check to apply it to); the photos' own long side, not the padded canvas's
-        self.recipes_by_size = users_check_recipes(self.checked, [im.shape[-2:] for im in images]) if by_size \
-            else None
+        sizes = [tuple(data.views[i].camera.image_size) for i in ids]  # read_fit_views checked the photos'
+        self.recipes_by_size = users_check_recipes(self.checked, sizes) if by_size else None
         if self.recipes_by_size is not None:  # the rule's own values; iter_fit_coefficients checks them as it starts
             check_recipes, check_combine = tuple(self.recipes_by_size["recipes"]), self.recipes_by_size["combine"]
         # each candidate recipe's steps (the fit's own alone without check_recipes; a check that

@@ -188,7 +188,7 @@ def test_fit_max_side_shrinks_only_what_the_fit_sees(tmp_path, monkeypatch):
     assert r["size"] == [32, 32] and r["methods"]["coefficients_ft"]["steps"] == 1
     assert len(seen["views"].images) == len(inputs)
     for k, i in enumerate(inputs):
-        img = seen["views"].images[k]
+        img = seen["views"].image(k)
         assert tuple(img.shape[-2:]) == (16, 16)
         assert torch.equal(img[:3], scene.load_image(i, (16, 16)))
         assert torch.allclose(torch.as_tensor(seen["views"].cameras[k].K), torch.as_tensor(scene.camera(i, (16, 16)).K))

@@ -80,7 +80,7 @@ def test_the_fit_never_sees_the_kept_photo(four_views):
     seen: list[int] = []
 
     def recording_l1(pred, target, mask):
-        seen.append(next(k for k in range(len(ids)) if torch.equal(target[0], views.images[k])))
+        seen.append(next(k for k in range(len(ids)) if torch.equal(target[0], views.image(k))))
         return (pred - target).abs().mean()
 
     result = run_fit(iter_fit_coefficients(model, scene.aggregated_scene(), views, 12, crop=None,
@@ -444,7 +444,8 @@ def test_the_kept_photo_s_pixels_do_not_touch_the_fair_aggregation(four_views):
     renders = {}
     for name, photos in (("photo", images), ("inverted", changed)):
         views = padded_fit_views(photos, cameras)
-        agg = model.aggregate(scene.points, views.images, views.cameras)  # every photo, the kept one too
+        stack = torch.stack([views.image(k) for k in range(len(views.cameras))])
+        agg = model.aggregate(scene.points, stack, views.cameras)  # every photo, the kept one too
         for fair in (True, False):
             fit = run_fit(iter_fit_coefficients(model, agg, views, 0, check_view=True, fair_check=fair))
             with torch.no_grad():

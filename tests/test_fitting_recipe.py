@@ -368,8 +368,8 @@ def test_padded_fit_views_keep_every_photo_and_mask_the_padding():
     assert views.images.shape == (3, 3, 30, 30) and views.masks.shape == (3, 1, 30, 30)
     for k, (im, cam) in enumerate(zip(images, cams, strict=True)):
         h, w = im.shape[-2:]
-        assert torch.equal(views.images[k, :, :h, :w], im)
-        assert float(views.masks[k].sum()) == h * w and bool((views.masks[k, :, :h, :w] == 1).all())
+        assert torch.equal(views.image(k, 0, 0, h, w), im)
+        assert float(views.mask(k).sum()) == h * w and bool((views.mask(k, 0, 0, h, w) == 1).all())
         assert tuple(views.cameras[k].image_size) == (30, 30)
         # The canvas grows at the bottom and right: every world point keeps its pixel.
         pts = torch.tensor([[0.0, 0.0, 0.0], [0.3, -0.2, 0.1], [-0.4, 0.5, 0.2]], dtype=torch.float64)
@@ -381,7 +381,7 @@ def test_padded_fit_views_keep_every_photo_and_mask_the_padding():
     other = pred.clone()
     other[..., 20:, :] = 5.0
     for k in range(3):
-        target, mask = views.images[k : k + 1], views.masks[k : k + 1]
+        target, mask = views.image(k)[None], views.mask(k)[None]
         h, w = images[k].shape[-2:]
         assert float(multiscale_l1(pred, target, mask, (1,))) == pytest.approx(
             float((pred[..., :h, :w] - images[k]).abs().mean()), rel=1e-5)
@@ -394,7 +394,7 @@ def test_padded_fit_views_same_size_and_bad_input():
     cams = ring_cameras(2, size=(16, 24))
     images = [torch.rand(3, 16, 24), torch.rand(3, 16, 24)]
     views = padded_fit_views(images, cams)
-    assert views.masks is None and torch.equal(views.images, torch.stack(images))
+    assert views.masks is None and torch.equal(views.images, torch.stack(images))  # not 8-bit: kept as given
     with pytest.raises(ValueError, match=r"image 1 is \(16, 20\) but its camera \(16, 24\)"):
         padded_fit_views([images[0], torch.rand(3, 16, 20)], cams)
     with pytest.raises(ValueError, match="2 images but 1 cameras"):

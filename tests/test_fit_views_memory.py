@@ -1,0 +1,153 @@
+"""Fit to Photos' photos in memory (issue #11): photos read from 8-bit files are stored as uint8
+(4x smaller than float32) with bool masks, read straight into the padded stack, the check's views
+share that stack, and every fit on them is bit for bit the fit on the same photos as float32
+(the path before: a float stack and float masks built by hand here)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_background import env_scene, from_weights_file, ring_cameras
+
+from npbgpp_core.datasets.images import read_image
+from npbgpp_core.fitting import (
+    FitViews,
+    downsized_fit_views,
+    eight_bit_pixels,
+    iter_fit_coefficients,
+    padded_fit_views,
+    read_fit_views,
+    run_fit,
+    views_without,
+)
+
+# (H, W) of four photos: a landscape, a portrait-ish one, one a row shorter, one as the first
+SIZES = [(32, 40), (36, 30), (31, 40), (32, 40)]
+
+
+def bits(x: torch.Tensor) -> torch.Tensor:
+    """The float32 values' bit patterns, so that equal means bit for bit (not merely ==)."""
+    return x.contiguous().view(torch.int32)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """Four 8-bit PNG photos of SIZES and their cameras; the photos as the image reader gives them."""
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(3)
+    cameras = [ring_cameras(4, size=size)[k] for k, size in enumerate(SIZES)]
+    images = []
+    for k, (h, w) in enumerate(SIZES):
+        path = str(folder / f"p{k}.png")
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+        images.append(read_image(path))
+    return images, cameras
+
+
+def float_views(images: list[torch.Tensor], cameras) -> FitViews:
+    """The padded views as they were built before: a float32 stack and float32 masks."""
+    H, W = max(h for h, _ in SIZES), max(w for _, w in SIZES)
+    stack = torch.zeros(len(images), 3, H, W)
+    masks = torch.zeros(len(images), 1, H, W)
+    for k, im in enumerate(images):
+        stack[k, :, : im.shape[1], : im.shape[2]] = im
+        masks[k, :, : im.shape[1], : im.shape[2]] = 1.0
+    return FitViews(stack, [c.cropped(0, 0, H, W) for c in cameras], masks)
+
+
+def test_8bit_photos_are_stored_as_uint8_and_read_back_as_the_readers_floats(photos):
+    images, cameras = photos
+    views = padded_fit_views(images, cameras)
+    assert views.images.dtype == torch.uint8 and views.masks is not None and views.masks.dtype == torch.bool
+    # a quarter of float32's bytes for the photos, an eighth... of a float mask: one byte a pixel
+    assert views.images.nbytes == 4 * 3 * 36 * 40 and views.masks.nbytes == 4 * 36 * 40
+    for k, im in enumerate(images):
+        h, w = im.shape[-2:]
+        got = views.image(k, 0, 0, h, w)
+        assert got.dtype == torch.float32 and torch.equal(bits(got), bits(im))
+        assert float(views.image(k).sum()) == float(im.sum())  # the padding is 0
+        mask = views.mask(k)
+        assert mask.dtype == torch.float32 and float(mask.sum()) == h * w and bool(mask[:, :h, :w].all())
+    # a window, as a random crop reads it
+    assert torch.equal(bits(views.image(1, 5, 7, 9, 11)), bits(images[1][:, 5:14, 7:18]))
+
+
+def test_a_photo_that_is_not_8bit_turns_the_stack_float_and_keeps_every_photo_exactly(photos):
+    images, cameras = photos
+    resampled = images[2] * 0.999  # not k/255: an undistorted or resized photo
+    assert eight_bit_pixels(resampled) is None and eight_bit_pixels(images[2]) is not None
+    mixed = [images[0], images[1], resampled, images[3]]
+    views = padded_fit_views(mixed, cameras)
+    assert views.images.dtype == torch.float32
+    for k, im in enumerate(mixed):
+        assert torch.equal(bits(views.image(k, 0, 0, *im.shape[-2:])), bits(im))
+    # float64 photos are left in their own type, as before
+    doubles = padded_fit_views([im.double() for im in images], cameras)
+    assert doubles.images.dtype == torch.float64 and torch.equal(doubles.image(3, 0, 0, 32, 40), images[3].double())
+    assert eight_bit_pixels(torch.tensor([[[float("nan")]]])) is None
+    assert eight_bit_pixels(torch.full((1, 1, 1), 256 / 255)) is None  # above 1: not storable
+
+
+def test_read_fit_views_reads_each_photo_once_in_order_and_checks_its_size(photos):
+    images, cameras = photos
+    read: list[int] = []
+
+    def load(k: int) -> torch.Tensor:
+        read.append(k)
+        return images[k]
+
+    views = read_fit_views(load, cameras)
+    assert read == [0, 1, 2, 3] and views.images.dtype == torch.uint8
+    with pytest.raises(ValueError, match=r"image 1 is \(36, 30\) but its camera \(32, 40\)"):
+        read_fit_views(lambda k: images[k], [cameras[0], cameras[0]])
+    with pytest.raises(ValueError, match="fitting needs at least one view"):
+        read_fit_views(lambda k: images[k], [])
+
+
+def test_views_without_share_the_stack_instead_of_copying_it(photos):
+    images, cameras = photos
+    views = padded_fit_views(images, cameras)
+    rest = views_without(views, 1)
+    assert rest.images.data_ptr() == views.images.data_ptr() and rest.masks.data_ptr() == views.masks.data_ptr()
+    assert rest.rows == [0, 2, 3] and len(rest.cameras) == 3
+    for i, k in enumerate([0, 2, 3]):
+        assert torch.equal(rest.image(i), views.image(k)) and torch.equal(rest.mask(i), views.mask(k))
+        assert rest.cameras[i] is views.cameras[k]
+    assert views_without(rest, 0).rows == [2, 3]
+    with pytest.raises(ValueError, match="rows"):
+        FitViews(views.images, cameras[:2], views.masks, [0, 4])
+    with pytest.raises(ValueError, match="float in \\[0, 1\\] or uint8"):
+        FitViews(views.images.to(torch.int32), cameras)
+
+
+def test_downsized_8bit_views_equal_the_downsized_float_views(photos):
+    images, cameras = photos
+    small = downsized_fit_views(padded_fit_views(images, cameras), 20)
+    want = downsized_fit_views(float_views(images, cameras), 20)
+    assert small.images.dtype == torch.float32 and small.images.shape == want.images.shape == (4, 3, 18, 20)
+    assert torch.equal(bits(small.images), bits(want.images)) and torch.equal(small.masks, want.masks)
+
+
+def test_a_checked_fit_on_8bit_views_is_bit_for_bit_the_float_fit(photos, tmp_path):
+    """A checked fit with both recipes (crops and whole views shrunk to 24 px), on padded
+    views: the kept photo scored on views_without's shared stack, crops converted one at a
+    time; the same losses, scores and fitted state as on the float32 stack."""
+    images, cameras = photos
+    model, agg = env_scene()
+    model = from_weights_file(model, tmp_path)
+    options = dict(crop=12, check_view=True, check_recipes=("crops", "whole"), check_combine="choose",
+                   whole_max_side=24, seed=1)
+    eight = padded_fit_views(images, cameras)
+    assert eight.images.dtype == torch.uint8
+    a = run_fit(iter_fit_coefficients(model, agg, eight, 3, **options))
+    b = run_fit(iter_fit_coefficients(model, agg, float_views(images, cameras), 3, **options))
+    assert a.losses == b.losses and len(a.losses) > 0
+    assert a.check is not None and b.check is not None and a.check.view == b.check.view == 2
+    assert (a.check.psnr_unfitted, a.check.psnr_fitted, a.check.kept, a.check.chosen) == \
+        (b.check.psnr_unfitted, b.check.psnr_fitted, b.check.kept, b.check.chosen)
+    assert [c.psnr_fitted for c in a.check.candidates] == [c.psnr_fitted for c in b.check.candidates]
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[n], sb[n]) for n in sa)
