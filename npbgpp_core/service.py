@@ -352,7 +352,7 @@ class RenderService:
         photos = "" if size is None else f" The largest photo is {size[1]}x{size[0]} pixels."
         again = "" if aggregating else ", aggregate it and fit that bundle"
         return (f"out of memory on {device} while {what} ({first}).{photos} Aggregate Descriptors and Fit to "
-                "Photos read every photo at its own size (about 8 GB to aggregate and 10 GB to fit 20 photos of "
+                "Photos read every photo at its own size (about 8 GB to aggregate and 4 GB to fit 20 photos of "
                 f"12 megapixels on the CPU): import a copy of the dataset with smaller photos{again} (a COLMAP "
                 "capture, with this project's repository: python -m headless_train prepare-capture SRC --out DST "
                 "--max-size 2048)" + gpu_full_hint(device))
