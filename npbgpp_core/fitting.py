@@ -378,7 +378,8 @@ def read_fit_views(load: Callable[[int], torch.Tensor], cameras: Sequence[Camera
     4x smaller, and the floats read back are the photos' own, so a fit is bit for bit the same.
     At the first photo that is not (undistorted, resized or 16-bit photos) the stack turns
     float (the earlier photos converted exactly) and keeps every photo's floats as read: those
-    are not rounded, so no fit changes. Masks are bool."""
+    are not rounded, so no fit changes. The float stack's type is the photos' types promoted, as
+    :func:`torch.stack` gives it. Masks are bool."""
     cameras = list(cameras)
     if not cameras:
         raise ValueError("fitting needs at least one view")
@@ -394,13 +395,21 @@ def read_fit_views(load: Callable[[int], torch.Tensor], cameras: Sequence[Camera
             raise ValueError(f"image {k} must be (3, H, W), got {tuple(im.shape)}")
         if tuple(im.shape[-2:]) != (h, w):
             raise ValueError(f"image {k} is {tuple(im.shape[-2:])} but its camera {(h, w)}")
+        if im.dtype != torch.uint8 and not im.is_floating_point():
+            raise ValueError(f"image {k} must be float in [0, 1] or uint8, got {im.dtype}")
         eight = eight_bit_pixels(im) if out.dtype == torch.uint8 else None
         if eight is not None:
             out[k, :, :h, :w] = eight
         else:
-            if out.dtype == torch.uint8:  # the first photo that is not 8-bit: the stack turns float
-                out = _as_float_pixels(out) if im.dtype == torch.float32 else out.to(im.dtype).div_(255.0)
-            out[k, :, :h, :w] = im
+            pixels = _as_float_pixels(im)  # a uint8 photo read after the stack turned float: k/255, not k
+            # the stack's type is the photos' types promoted (8-bit ones float32), as torch.stack gave
+            # it: a float32 photo after a float16 one is not rounded, and a float64 stack holds the
+            # 8-bit photos' float32 values widened (float64(k) / 255 would differ in the last bits)
+            stored = torch.float32 if out.dtype == torch.uint8 else out.dtype
+            stored = pixels.dtype if k == 0 else torch.promote_types(stored, pixels.dtype)
+            if out.dtype != stored:  # exact: k/255 as float32, then a float type at least as wide
+                out = _as_float_pixels(out).to(stored)
+            out[k, :, :h, :w] = pixels
         if valid is not None:
             valid[k, :, :h, :w] = True
         del im, eight

@@ -91,6 +91,26 @@ def test_a_photo_that_is_not_8bit_turns_the_stack_float_and_keeps_every_photo_ex
     assert eight_bit_pixels(torch.full((1, 1, 1), 256 / 255)) is None  # above 1: not storable
 
 
+def test_photos_of_mixed_types_are_stacked_as_torch_stack_stacks_them(photos):
+    """Same-sized photos of mixed types: the stack torch.stack made of them before (the types
+    promoted, every value exact), whichever photo turns the stack float; a uint8 photo is k/255."""
+    images, cameras = photos
+    same = [images[0], images[3]]  # both (32, 40)
+    two = [cameras[0], cameras[3]]
+    eight = (images[3] * 255).round().to(torch.uint8)
+    halves = images[3].half() * 0.5  # not k/255
+    for mixed in ([same[0], same[1].double()],  # 8-bit float32 then float64: float32(k)/255 widened
+                  [halves, same[0]],  # float16 then an 8-bit float32 photo: float32, nothing rounded
+                  [same[0], halves, same[1] * 0.999],  # float16 then a float32 one not 8-bit
+                  [halves, eight]):  # a uint8 photo after the stack turned float
+        views = padded_fit_views(mixed, two + two[:1] if len(mixed) == 3 else two)
+        want = torch.stack([im.float() / 255 if im.dtype == torch.uint8 else im for im in mixed])
+        assert views.images.dtype == want.dtype
+        assert all(torch.equal(views.image(k), want[k]) for k in range(len(mixed)))
+    with pytest.raises(ValueError, match="image 1 must be float in \\[0, 1\\] or uint8, got torch.int32"):
+        padded_fit_views([images[0], eight.to(torch.int32)], two)
+
+
 def test_read_fit_views_reads_each_photo_once_in_order_and_checks_its_size(photos):
     images, cameras = photos
     read: list[int] = []
