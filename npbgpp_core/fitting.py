@@ -135,10 +135,12 @@ class FitViews:
     ``images`` is the stored stack: float in [0, 1], or uint8 holding k/255 (photos read from
     8-bit files, 4x smaller: 12-MP photos held as float32 took 129 MB each, BENCHMARKS.md "A
     user's capture with big photos"); ``masks`` float or bool. Read them through :meth:`image`
-    and :meth:`mask`, which give float32 (a uint8 k as float32(k) / 255, bit for bit what the
-    image reader gives), so that no caller sees the stored type. ``rows``: the row of the stack
-    each camera's view is (None: row k), so that :func:`views_without` shares the stack
-    instead of copying all but one photo."""
+    and :meth:`mask`, which give floats (a uint8 k as float32(k) / 255, bit for bit what the
+    image reader gives; bool masks as float32; float stacks as stored), so that no caller sees
+    uint8 or bool. ``rows``: the row of the stack each camera's view is (None: row k), so that
+    :func:`views_without` shares the stack instead of copying all but one photo; the stack may
+    then hold more rows than there are views, so view k is ``images[row(k)]``, never
+    ``images[k]``, and the count is ``len(cameras)``."""
 
     images: torch.Tensor
     cameras: list[Camera]
@@ -184,8 +186,8 @@ class FitViews:
 
     def mask(self, k: int, top: int = 0, left: int = 0, height: int | None = None,
              width: int | None = None) -> torch.Tensor | None:
-        """View ``k``'s mask (1, h, w) as float32 (1 valid, 0 not), the same window as
-        :meth:`image`; None for unmasked views."""
+        """View ``k``'s mask (1, h, w) as float (1 valid, 0 not; bool masks as float32, float
+        ones as stored), the same window as :meth:`image`; None for unmasked views."""
         if self.masks is None:
             return None
         bottom = None if height is None else top + height
