@@ -214,9 +214,9 @@ def eight_bit_pixels(image: torch.Tensor) -> torch.Tensor | None:
         return image
     if image.dtype != torch.float32:
         return None
-    levels = (image * 255.0).round_()
-    if not bool(((levels >= 0) & (levels <= 255)).all()):
-        return None
+    # clamped, not range-checked (three passes and three masks fewer on a 12-MP photo): a pixel
+    # out of [0, 1] becomes 0 or 255, whose float differs from it, so the comparison refuses it
+    levels = (image * 255.0).round_().clamp_(0.0, 255.0)
     eight = levels.to(torch.uint8)
     del levels
     return eight if torch.equal(_as_float_pixels(eight), image) else None

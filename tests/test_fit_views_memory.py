@@ -89,6 +89,8 @@ def test_a_photo_that_is_not_8bit_turns_the_stack_float_and_keeps_every_photo_ex
     assert doubles.images.dtype == torch.float64 and torch.equal(doubles.image(3, 0, 0, 32, 40), images[3].double())
     assert eight_bit_pixels(torch.tensor([[[float("nan")]]])) is None
     assert eight_bit_pixels(torch.full((1, 1, 1), 256 / 255)) is None  # above 1: not storable
+    for outside in (-1 / 255, -float("inf"), float("inf"), 1e10):  # nor below 0, nor infinite
+        assert eight_bit_pixels(torch.tensor([[[0.0, outside, 1.0]]])) is None
 
 
 def test_photos_of_mixed_types_are_stacked_as_torch_stack_stacks_them(photos):
