@@ -196,9 +196,10 @@ class BundleFit:
         self.device = str(device)
         # (H, W) of the photo with the most pixels: the worker's out-of-memory advice names it
         self.largest_photo = max((tuple(data.views[i].camera.image_size) for i in ids), key=lambda hw: hw[0] * hw[1])
-        # each photo read into its slot of the stack (8-bit photos stored as uint8): a list of every
-        # photo as float32 and then their stack held them twice (BENCHMARKS.md, big photos)
-        views = read_fit_views(lambda k: data.load_image(ids[k]), [data.views[i].camera for i in ids])
+        # each photo read into its slot of the stack (8-bit photos stored as uint8, read as uint8: not
+        # converted to floats and scanned back): a list of every photo as float32 and then their stack
+        # held them twice (BENCHMARKS.md, big photos)
+        views = read_fit_views(lambda k: data.load_image_pixels(ids[k]), [data.views[i].camera for i in ids])
         self.views = len(ids)
         self.view_names = [data.views[i].name for i in ids]
         self.checked = check_view and check_view_index(len(ids)) is not None

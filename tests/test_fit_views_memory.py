@@ -173,3 +173,49 @@ def test_a_checked_fit_on_8bit_views_is_bit_for_bit_the_float_fit(photos, tmp_pa
     assert [c.psnr_fitted for c in a.check.candidates] == [c.psnr_fitted for c in b.check.candidates]
     sa, sb = a.model.state_dict(), b.model.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[n], sb[n]) for n in sa)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA"])
+def test_the_readers_8bit_pixels_are_its_floats_bit_for_bit(tmp_path, mode):
+    # every level in each channel: uint8 k read back as float32(k) / 255 is the image reader's float
+    from PIL import Image
+
+    from npbgpp_core.datasets.images import read_image_pixels
+
+    levels = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    channels = {"RGB": 3, "L": 1, "RGBA": 4}[mode]
+    arr = np.stack([np.roll(levels, c) for c in range(channels)], axis=2)
+    if mode == "RGBA":
+        arr[..., 3] = 128  # alpha composited over the background: not 8-bit levels, so floats
+    Image.fromarray(arr[..., 0] if mode == "L" else arr).save(tmp_path / "p.png")  # mode from the shape
+    path = str(tmp_path / "p.png")
+    pixels, floats = read_image_pixels(path), read_image(path)
+    assert pixels.dtype == (torch.float32 if mode == "RGBA" else torch.uint8)
+    if mode != "RGBA":
+        assert torch.equal(pixels, eight_bit_pixels(floats))  # what the stack stored from the floats
+    camera = ring_cameras(1, size=(16, 16))[0]
+    got = FitViews(pixels[None], [camera]).image(0)
+    assert got.dtype == torch.float32 and torch.equal(bits(got), bits(floats))
+    # the stack read from them is the stack read from the floats (type and values)
+    stored, stored_from_floats = (read_fit_views(lambda k, im=im: im, [camera]).images for im in (pixels, floats))
+    assert stored.dtype == stored_from_floats.dtype and torch.equal(stored, stored_from_floats)
+
+
+def test_a_datasets_pixels_are_its_images(tmp_path):
+    # load_image_pixels: uint8 for a view stored as an 8-bit RGB file, load_image's floats otherwise
+    # (the tiny scene's RGBA photos, composited over the background); bit for bit load_image once read
+    from _train_fixtures import make_tiny_scene
+    from PIL import Image
+
+    from npbgpp_core.datasets import load_scene
+
+    folder = make_tiny_scene(str(tmp_path / "scene"), views=3, size=16, n_points=20, splits=(3, 0, 0))
+    data = load_scene(folder)
+    first = data.views[0].image_path
+    with Image.open(first) as im:
+        im.convert("RGB").save(first)  # an 8-bit RGB photo, as a phone's
+    for i in range(len(data.views)):
+        pixels, floats = data.load_image_pixels(i), data.load_image(i)
+        assert pixels.dtype == (torch.uint8 if i == 0 else torch.float32)
+        got = FitViews(pixels[None], [data.views[i].camera]).image(0)
+        assert torch.equal(bits(got), bits(floats))

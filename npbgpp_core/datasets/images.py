@@ -88,7 +88,27 @@ def read_image(
     An alpha channel is composited over ``background`` (``None`` keeps the colour
     channels unchanged, i.e. drops alpha).
     """
-    arr = _to_float(_open(path))
+    return _composited(_to_float(_open(path)), size, background)
+
+
+def read_image_pixels(path: str, background: Sequence[float] | None = (1.0, 1.0, 1.0)) -> torch.Tensor:
+    """The image :func:`read_image` reads at its own size, but as ``(3, H, W)`` uint8 holding k
+    when the file stores 8-bit grey or RGB without alpha (read_image's floats are then exactly
+    float32(k) / 255): a caller that stores photos as 8 bits takes them as read, instead of
+    converting them to floats and scanning those for 8-bit levels again. Other files (alpha,
+    16-bit, palette, float): read_image's float32."""
+    img = _open(path)
+    if img.mode in ("L", "RGB"):  # the modes _to_float divides by 255 as they are
+        arr = np.asarray(img, dtype=np.uint8)
+        arr = np.repeat(arr[:, :, None], 3, axis=2) if arr.ndim == 2 else arr
+        return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+    return _composited(_to_float(img), None, background)
+
+
+def _composited(arr: np.ndarray, size: Sequence[int] | None,
+                background: Sequence[float] | None) -> torch.Tensor:
+    """:func:`read_image`'s (3, H, W) float32 of ``arr`` (:func:`_to_float`'s), alpha composited
+    over ``background`` (None: dropped), grey repeated, resized to ``size``."""
     c = arr.shape[2]
     if c in (2, 4):
         rgb, alpha = arr[:, :, : c - 1], arr[:, :, c - 1 :]

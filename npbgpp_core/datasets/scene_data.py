@@ -14,7 +14,7 @@ import torch
 
 from ..camera import Camera
 from .errors import DatasetError
-from .images import read_alpha, read_image, read_mask
+from .images import read_alpha, read_image, read_image_pixels, read_mask
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,15 @@ class SceneData:
             img = undistort(img, v.source_camera, v.distortion, v.camera)
             return _resize_tensor(img, size)
         return read_image(v.image_path, size, self.background)
+
+    def load_image_pixels(self, i: int) -> torch.Tensor:
+        """Image of view ``i`` at its own size as :meth:`load_image` gives it, but uint8 (k for
+        k/255) when it is an 8-bit file read as it is (:func:`read_image_pixels`; undistorted
+        views are resampled: floats), for a caller that stores 8-bit photos as uint8."""
+        v = self._check_index(i)
+        if v.distortion is not None and not v.distortion.is_identity():
+            return self.load_image(i)
+        return read_image_pixels(v.image_path, self.background)
 
     def load_mask(self, i: int, size: Sequence[int] | None = None) -> torch.Tensor | None:
         """Mask of view ``i`` as ``(1, H, W)`` float32 in [0, 1], or None when the view
