@@ -195,7 +195,7 @@ class BundleFit:
             raise ValueError(f"dataset {data.root} has no views to fit to")
         self.device = str(device)
         # (H, W) of the photo with the most pixels: the worker's out-of-memory advice names it
-        self.largest_photo = max((tuple(data.views[i].camera.image_size) for i in ids), key=lambda hw: hw[0] * hw[1])
+        self.largest_photo = data.largest_image_size(ids)
         # each photo read into its slot of the stack (8-bit photos stored as uint8, read as uint8: not
         # converted to floats and scanned back): a list of every photo as float32 and then their stack
         # held them twice (BENCHMARKS.md, big photos)

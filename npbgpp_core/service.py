@@ -176,8 +176,7 @@ class DatasetAggregation:
         self.cloud_note = scene_cloud_note(self.data)
         self.views = list(self.data.train) or list(range(len(self.data.views)))
         # (H, W) of the photo with the most pixels: the out-of-memory advice names it
-        self.largest_photo = max((tuple(self.data.views[i].camera.image_size) for i in self.views),
-                                 key=lambda hw: hw[0] * hw[1], default=None)
+        self.largest_photo = self.data.largest_image_size(self.views)
         # No file given: the bundled network of the data's domain (cut-out objects or scenes).
         self.domain = "" if req.weights else scene_domain(self.data) if req.domain == "auto" else req.domain
         self.weights = req.weights or default_weights_path("npbgpp", self.domain)

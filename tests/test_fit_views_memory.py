@@ -219,3 +219,16 @@ def test_a_datasets_pixels_are_its_images(tmp_path):
         assert pixels.dtype == (torch.uint8 if i == 0 else torch.float32)
         got = FitViews(pixels[None], [data.views[i].camera]).image(0)
         assert torch.equal(bits(got), bits(floats))
+
+
+def test_largest_image_size_is_the_view_with_most_pixels():
+    # hand-made views: the longest side (90) is not the most pixels (60 x 70 = 4200 > 90 x 40 = 3600);
+    # the first of equals; only the ids asked about; None for none (the out-of-memory advice's photo)
+    from npbgpp_core.datasets.scene_data import SceneData, View
+
+    sizes = [(90, 40), (60, 70), (70, 60), (100, 100)]
+    views = [View(f"v{k}", f"v{k}.png", None, ring_cameras(1, size=size)[0]) for k, size in enumerate(sizes)]
+    data = SceneData("s", ".", "test", np.zeros((0, 3), np.float32), None, views, [0, 1, 2], [], [3])
+    assert data.largest_image_size([0, 1, 2]) == (60, 70)
+    assert data.largest_image_size([2, 1]) == (70, 60)
+    assert data.largest_image_size([0]) == (90, 40) and data.largest_image_size([]) is None

@@ -103,6 +103,12 @@ class SceneData:
         cam = self._check_index(i).camera
         return cam if size is None else cam.scaled((int(size[0]), int(size[1])))
 
+    def largest_image_size(self, ids: Sequence[int]) -> tuple[int, int] | None:
+        """``(H, W)`` of the view among ``ids`` whose camera has the most pixels (the first of
+        equals; None for no ids): what a job reading those photos at their own size holds most of."""
+        sizes = (tuple(self.views[i].camera.image_size) for i in ids)
+        return max(((int(h), int(w)) for h, w in sizes), key=lambda hw: hw[0] * hw[1], default=None)
+
     def load_image(self, i: int, size: Sequence[int] | None = None) -> torch.Tensor:
         """Image of view ``i`` as ``(3, H, W)`` float32 in [0, 1] (native size, or resized
         to ``size=(h, w)``; the matching camera is ``self.camera(i, size)``)."""
