@@ -179,10 +179,7 @@ class FitViews:
               width: int | None = None) -> torch.Tensor:
         """View ``k``'s image (3, h, w) as float in [0, 1], the window at ``top``, ``left`` of
         ``height`` x ``width`` (None: to the canvas's edge): only the window is converted."""
-        bottom = None if height is None else top + height
-        right = None if width is None else left + width
-        window = self.images[self.row(k), :, top:bottom, left:right]
-        return _as_float_pixels(window)
+        return _as_float_pixels(self._window(self.images, k, top, left, height, width))
 
     def mask(self, k: int, top: int = 0, left: int = 0, height: int | None = None,
              width: int | None = None) -> torch.Tensor | None:
@@ -190,10 +187,16 @@ class FitViews:
         ones as stored), the same window as :meth:`image`; None for unmasked views."""
         if self.masks is None:
             return None
+        window = self._window(self.masks, k, top, left, height, width)
+        return window.to(torch.float32) if window.dtype == torch.bool else window
+
+    def _window(self, stack: torch.Tensor, k: int, top: int, left: int, height: int | None,
+                width: int | None) -> torch.Tensor:
+        """View ``k``'s window of ``stack`` (the images or the masks) as :meth:`image` names it,
+        stored type (a view of the stack, nothing copied)."""
         bottom = None if height is None else top + height
         right = None if width is None else left + width
-        window = self.masks[self.row(k), :, top:bottom, left:right]
-        return window.to(torch.float32) if window.dtype == torch.bool else window
+        return stack[self.row(k), :, top:bottom, left:right]
 
 
 def _as_float_pixels(pixels: torch.Tensor) -> torch.Tensor:
