@@ -13,6 +13,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from .file_kind import KIND_NAMES, file_kind
+from .memory import is_out_of_memory
 from .pretrained import FORMAT_NAME as WEIGHTS_FORMAT_NAME  # torch-free at import, as this module
 
 FORMAT_NAME = "npbgpp-neural-scene"
@@ -40,6 +41,8 @@ def read_header(f: BinaryIO, size: int, path: str) -> tuple[dict[str, Any], int]
     try:
         header = json.loads(f.read(n).decode("utf-8"))
     except Exception as exc:  # noqa: BLE001
+        if is_out_of_memory(exc):  # a header this file holds, too big for this computer: not a bad file
+            raise
         raise ValueError(f"{path}: corrupt neural scene file (unreadable header: {exc})") from exc
     meta = header.get("__metadata__") if isinstance(header, dict) else None
     if not isinstance(meta, dict):
@@ -60,6 +63,20 @@ def check_format(meta: dict[str, Any], path: str) -> None:
             f"{path}: mismatched bundle version: the file has format version {version}, "
             f"this code reads version {FORMAT_VERSION}"
         )
+
+
+def point_count(path: str | os.PathLike) -> int:
+    """The number of points a NeuralScene file holds, from its header alone (the out-of-memory
+    advice names it for a bundle too big to load). ValueError naming the file when the header
+    does not say."""
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        header = read_header(f, os.path.getsize(path), path)[0]
+    entry = header.get("points")
+    shape = entry.get("shape") if isinstance(entry, dict) else None
+    if not (isinstance(shape, list) and len(shape) == 2 and isinstance(shape[0], int) and shape[0] >= 0):
+        raise ValueError(f"{path}: neural scene file has no (N, 3) 'points' tensor")
+    return shape[0]
 
 
 def read_points(path: str | os.PathLike) -> np.ndarray:

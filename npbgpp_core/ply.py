@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from .memory import is_out_of_memory
+
 log = logging.getLogger(__name__)
 
 
@@ -200,6 +202,8 @@ def load_ply(path: str | os.PathLike, min_opacity: float = 0.0) -> PointCloud:
     except (PlyParseError, ValueError, EOFError, IndexError, KeyError) as exc:
         raise ValueError(f"{path}: not a readable PLY file ({type(exc).__name__}: {exc})") from exc
     except Exception as exc:  # plyfile raises a variety of errors on truncated data
+        if is_out_of_memory(exc):  # a cloud too big for this computer is not a bad file
+            raise
         raise ValueError(f"{path}: not a readable PLY file ({type(exc).__name__}: {exc})") from exc
     if "vertex" not in [e.name for e in ply.elements]:
         raise ValueError(f"{path}: PLY file has no 'vertex' element")

@@ -16,6 +16,7 @@ import torch
 from .atomic import atomic_write_bytes
 from .bundle_file import FORMAT_NAME, FORMAT_VERSION, check_format, read_header
 from .camera import Camera
+from .memory import is_out_of_memory
 from .rasterizer import keys_to_depth, keys_to_index, rasterize_keys
 
 # Render quality presets: internal resolution factor (the image is upsampled to the
@@ -145,7 +146,8 @@ class NeuralScene:
     @classmethod
     def load(cls, path: str | os.PathLike) -> NeuralScene:
         """Read a scene written by :meth:`save`; raises ``ValueError`` naming the file for
-        corrupt, truncated, foreign or other-version files."""
+        corrupt, truncated, foreign or other-version files. Running out of memory is raised as
+        it came (MemoryError, torch's OutOfMemoryError), never as a corrupt file."""
         from safetensors.torch import load
 
         path = os.fspath(path)
@@ -160,6 +162,8 @@ class NeuralScene:
             model_config = json.loads(meta.get("model_config", "{}"))
             metadata = json.loads(meta.get("metadata", "{}"))
         except Exception as exc:  # noqa: BLE001 - any decoding failure means a corrupt file
+            if is_out_of_memory(exc):  # a big bundle, not a bad one: the caller says so
+                raise
             raise ValueError(f"{path}: corrupt or truncated neural scene file ({type(exc).__name__}: {exc})") from exc
         missing = [k for k in ("points", "features", "valid") if k not in tensors]
         if missing:

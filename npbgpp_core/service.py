@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import protocol as P
+from .memory import is_out_of_memory
 
 if TYPE_CHECKING:
     import torch
@@ -34,16 +35,6 @@ PHOTO_JOBS = (*AGGREGATE_JOBS, P.FitBegin, P.FitStep, P.FitFinish)
 # DensifyOptions.max_image_size, times Image Scale), so its advice names those knobs.
 DENSIFY_JOBS = (P.DensifyBegin, P.DensifyStep, P.DensifyFinish)
 PRECISIONS = ("FP32", "FP16", "BF16")
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """A host MemoryError, torch's OutOfMemoryError, or an allocator failure reported as a
-    RuntimeError ("out of memory", "not enough memory", "can't allocate memory")."""
-    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and any(
-        s in text for s in ("out of memory", "not enough memory", "can't allocate memory"))
 
 
 def pick_device(name: str) -> str:
@@ -279,6 +270,28 @@ def gpu_full_hint(device: str) -> str:
     return "" if device == "cpu" else ", or switch Device to CPU when the GPU is the one that is full"
 
 
+# Peak memory of loading a NeuralScene bundle on the CPU, in times its file's size (BENCHMARKS.md,
+# Loading a big bundle: 3.6-3.7x for 1 and 3 million points).
+BUNDLE_LOAD_TIMES_FILE = 4
+
+
+def bundle_memory_advice(req: P.LoadBundle, first: str) -> str:
+    """Out of memory while loading a bundle: its size and points and what makes it smaller; the
+    device is the request's (the renderer being replaced is not the one that ran out)."""
+    from .bundle_file import point_count
+    from .datasets.other_clouds import size_text
+
+    device = job_device(None, req)
+    try:
+        size = f" ({size_text(os.path.getsize(req.path))}, {point_count(req.path):,} points)"
+    except Exception:  # noqa: BLE001 - the advice must not fail (a header too big to read too): no size then
+        size = ""
+    return (f"out of memory on {device} while loading the bundle {req.path}{size} ({first}). Loading a bundle "
+            f"takes about {BUNDLE_LOAD_TIMES_FILE} times its file's size in memory: aggregate fewer points (Aggregate "
+            "Descriptors' Max Points, or a smaller point cloud) or load it on a computer with more memory"
+            + gpu_full_hint(device))
+
+
 def step_for(job: Any, seconds: float) -> None:
     """Run ``job.step()`` (True once finished) for about ``seconds``, at least once: a
     step request's share of a long job (densify, fit), short enough for Blender to stay
@@ -329,6 +342,8 @@ class RenderService:
             device = job_device(self.densify, req)
             return (f"out of memory on {device} while densifying points ({first}). Densify Points holds every view "
                     "it matches: lower its Image Scale or Max Views" + gpu_full_hint(device))
+        if isinstance(req, P.LoadBundle):
+            return bundle_memory_advice(req, first)
         device = self.device if self.renderer is not None else "cpu"
         if isinstance(req, P.RenderFrame):
             h, w = req.camera.image_size
@@ -397,6 +412,8 @@ class RenderService:
 
                 bundle = NeuralScene.load(path)
             except Exception as exc:  # noqa: BLE001 - any parse failure is a bad file
+                if is_out_of_memory(exc):  # a big bundle, not a bad one: handle() says so (bundle_memory_advice)
+                    raise
                 raise ValueError(f"cannot read NeuralScene bundle {path}: {type(exc).__name__}: {exc}") from exc
             renderer = bundle.renderer(device, dtype=dtype)
             self.bundle, self.renderer, self.device, self.bundle_key = bundle, renderer, device, key

@@ -62,13 +62,14 @@ def other_clouds_note(clouds: Sequence[tuple[str, int]], choose: str) -> str:
     the caller's setting, e.g. "Point Cloud"); "" when there are none."""
     if not clouds:
         return ""
-    names = [f"{name} ({_size_text(size)})" for name, size in clouds[:NOTE_MAX_CLOUDS]]
+    names = [f"{name} ({size_text(size)})" for name, size in clouds[:NOTE_MAX_CLOUDS]]
     if len(clouds) > NOTE_MAX_CLOUDS:
         names.append(f"{len(clouds) - NOTE_MAX_CLOUDS} more .ply")
     return f"Also in the folder: {', '.join(names)}; choose {'it' if len(clouds) == 1 else 'one'} with {choose}"
 
 
-def _size_text(size: int) -> str:
+def size_text(size: int) -> str:
+    """A file size for a message: B, kB, then MB with one decimal (2500.0 MB, not 2.5 GB)."""
     if size < 1_000_000:
         return f"{size / 1000:.0f} kB" if size >= 1000 else f"{size} B"
     return f"{size / 1e6:.1f} MB"

@@ -1,0 +1,110 @@
+"""Running out of memory reaches the user as out of memory, with advice that fits the job and the
+device: a bundle or a cloud too big for this computer is never called a corrupt file, and no
+advice moves a job that already runs on the CPU to the CPU (issue #11)."""
+
+from __future__ import annotations
+
+import os
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from npbgpp_core import protocol as P
+from npbgpp_core import service as service_module
+from npbgpp_core.models import NPBGPlusPlus
+from npbgpp_core.scene import NeuralScene
+from npbgpp_core.service import RenderService
+
+GPU_HINT = ", or switch Device to CPU when the GPU is the one that is full"
+
+
+def _bundle(path: str, n: int = 20) -> str:
+    torch.manual_seed(0)
+    model = NPBGPlusPlus()
+    state = {k: v for k, v in model.state_dict().items() if k.startswith(("basis.", "refiner."))}
+    config = {**model.config.to_dict(), "extractor_weights": None}
+    NeuralScene(torch.randn(n, 3), None, "npbgpp", torch.randn(n, 7, 8), None, config, state).save(path)
+    return path
+
+
+def _raise(exc: BaseException):
+    def fail(*args, **kwargs):
+        raise exc
+    return fail
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return _bundle(str(tmp_path_factory.mktemp("oom") / "big.npbgpp"))
+
+
+def _size(path: str) -> str:
+    """The bundle's size and points as the advice writes them (its weights make it over 1 MB)."""
+    return f" ({os.path.getsize(path) / 1e6:.1f} MB, 20 points)"
+
+
+def _advice(path: str, first: str, device: str = "cpu", size: str = "") -> str:
+    return (f"out of memory on {device} while loading the bundle {path}{size} ({first}). Loading a bundle takes "
+            "about 4 times its file's size in memory: aggregate fewer points (Aggregate Descriptors' Max Points, or "
+            "a smaller point cloud) or load it on a computer with more memory" + ("" if device == "cpu" else GPU_HINT))
+
+
+@pytest.mark.parametrize("error", [MemoryError(), torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9GiB")])
+def test_a_bundle_too_big_to_load_is_out_of_memory_not_corrupt(bundle, monkeypatch, error):
+    """Decoding the tensors runs out of memory: NeuralScene.load raises that error itself (it was
+    a ValueError 'corrupt or truncated'), and LoadBundle names the bundle's size and points (hand
+    counted: the file's bytes in MB, the 20 points it was saved with) and what makes it smaller."""
+    import safetensors.torch
+
+    monkeypatch.setattr(safetensors.torch, "load", _raise(error))
+    with pytest.raises(type(error)):
+        NeuralScene.load(bundle)
+    reply = RenderService().handle(P.LoadBundle(bundle, "CPU"))
+    assert isinstance(reply, P.Failure)
+    first = str(error) or type(error).__name__
+    assert reply.error == _advice(bundle, first, size=_size(bundle))
+    assert "corrupt" not in reply.error.lower()
+    monkeypatch.undo()
+    assert RenderService().handle(P.LoadBundle(bundle, "CPU")) == P.BundleInfo(20, "cpu")
+
+
+def test_out_of_memory_reading_a_bundles_header_leaves_the_size_out(bundle, monkeypatch):
+    """The header itself too big to decode: not 'corrupt (unreadable header)', and the advice,
+    which reads the header for the point count, goes without the size instead of failing."""
+    from npbgpp_core import bundle_file
+
+    monkeypatch.setattr(bundle_file, "json", types.SimpleNamespace(loads=_raise(MemoryError())))
+    with pytest.raises(MemoryError):
+        bundle_file.read_points(bundle)
+    reply = RenderService().handle(P.LoadBundle(bundle, "CPU"))
+    assert isinstance(reply, P.Failure) and reply.error == _advice(bundle, "MemoryError")
+
+
+def test_out_of_memory_building_the_renderer_names_the_requested_device(bundle, monkeypatch):
+    """The renderer's copy on a GPU runs out of memory: the device asked for (no renderer is
+    loaded yet, which made it 'cpu'), the load's advice (it was 'while LoadBundle'), and the
+    way to the CPU."""
+    monkeypatch.setattr(service_module, "pick_device", lambda name: "cuda")
+    monkeypatch.setattr(NeuralScene, "renderer", _raise(torch.OutOfMemoryError("CUDA out of memory.")))
+    reply = RenderService().handle(P.LoadBundle(bundle, "CUDA"))
+    assert isinstance(reply, P.Failure)
+    assert reply.error == _advice(bundle, "CUDA out of memory.", "cuda", _size(bundle))
+
+
+def test_out_of_memory_reading_a_ply_is_not_an_unreadable_file(tmp_path, monkeypatch):
+    """A PLY cloud too big for memory: the reader raises the MemoryError (it was 'not a readable
+    PLY file'); a damaged file is still called unreadable."""
+    import plyfile
+
+    from npbgpp_core.ply import load_ply, save_ply
+
+    path = str(tmp_path / "cloud.ply")
+    save_ply(path, np.zeros((4, 3), np.float32))
+    monkeypatch.setattr(plyfile.PlyData, "read", _raise(MemoryError("Unable to allocate 9.0 GiB")))
+    with pytest.raises(MemoryError, match="9.0 GiB"):
+        load_ply(path)
+    monkeypatch.setattr(plyfile.PlyData, "read", _raise(RuntimeError("bad element")))
+    with pytest.raises(ValueError, match="not a readable PLY file"):
+        load_ply(path)
