@@ -292,6 +292,21 @@ def bundle_memory_advice(req: P.LoadBundle, first: str) -> str:
             + gpu_full_hint(device))
 
 
+def render_memory_advice(req: P.RenderFrame, device: str, first: str) -> str:
+    """Out of memory while rendering a frame: fewer pixels always; a neural frame's Tile Size (the
+    network's memory follows the tile, not the frame); on a GPU, FP16 or the CPU too."""
+    h, w = req.camera.image_size
+    fixes = ["render fewer pixels (Output > Resolution %)"]
+    if req.neural:
+        tiles = f"a Tile Size below {math.isqrt(req.max_pixels)}" if req.max_pixels > 0 else "a Tile Size (not 0)"
+        fixes.append(f"set {tiles} in Render Properties > NPBG++ > Performance")
+    if device != "cpu":
+        fixes.append("choose FP16 precision")
+    hint = gpu_full_hint(device)  # the one wording of 'switch Device to CPU', never on the CPU
+    advice = ", ".join(fixes) + hint if hint or len(fixes) == 1 else ", ".join(fixes[:-1]) + " or " + fixes[-1]
+    return f"out of memory on {device} while rendering {w}x{h} pixels ({first}). {advice[0].upper()}{advice[1:]}"
+
+
 def step_for(job: Any, seconds: float) -> None:
     """Run ``job.step()`` (True once finished) for about ``seconds``, at least once: a
     step request's share of a long job (densify, fit), short enough for Blender to stay
@@ -346,10 +361,7 @@ class RenderService:
             return bundle_memory_advice(req, first)
         device = self.device if self.renderer is not None else "cpu"
         if isinstance(req, P.RenderFrame):
-            h, w = req.camera.image_size
-            return (f"out of memory on {device} while rendering {w}x{h} pixels ({first}). Render fewer pixels "
-                    "(Output > Resolution %), choose FP16 precision on a GPU, or switch Device to CPU when the GPU "
-                    "is the one that is full")
+            return render_memory_advice(req, device, first)
         # the rest (setting points, finishing an aggregation): no frame size to lower
         return f"out of memory on {device} while {type(req).__name__} ({first})" + gpu_full_hint(device)
 

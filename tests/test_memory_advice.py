@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from npbgpp_core import Camera
 from npbgpp_core import protocol as P
 from npbgpp_core import service as service_module
 from npbgpp_core.models import NPBGPlusPlus
@@ -108,3 +109,38 @@ def test_out_of_memory_reading_a_ply_is_not_an_unreadable_file(tmp_path, monkeyp
     monkeypatch.setattr(plyfile.PlyData, "read", _raise(RuntimeError("bad element")))
     with pytest.raises(ValueError, match="not a readable PLY file"):
         load_ply(path)
+
+
+def _frame(service: RenderService, **options) -> P.Reply:
+    spec = P.CameraSpec.from_camera(Camera.look_at((0, -4, 1), (0, 0, 0), (0, 0, 1), 50.0, (30, 40)))
+    return service.handle(P.RenderFrame(spec, **options))
+
+
+def test_out_of_memory_rendering_advises_by_frame_and_device(bundle, monkeypatch):
+    """A frame's advice: fewer pixels always; a neural frame's Tile Size too (the network's memory
+    follows the tile), a smaller one than set or one at all; FP16 and the CPU only on a GPU (on
+    the CPU the frame said 'switch Device to CPU' and 'FP16 on a GPU' as well)."""
+    service = RenderService()
+    assert service.handle(P.LoadBundle(bundle, "CPU")) == P.BundleInfo(20, "cpu")
+    oom = _raise(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 15.00 GiB"))
+    monkeypatch.setattr(service.renderer, "render_point_layers", oom)
+    start = "out of memory on {} while rendering 40x30 pixels (CUDA out of memory. Tried to allocate 15.00 GiB). "
+    tiles = "set a Tile Size below 2048 in Render Properties > NPBG++ > Performance"
+
+    failed = _frame(service, source="bundle", neural=True, max_pixels=2048 * 2048)
+    assert failed.error == start.format("cpu") + f"Render fewer pixels (Output > Resolution %) or {tiles}"
+    failed = _frame(service, source="bundle", neural=True, max_pixels=0)
+    assert failed.error.endswith("or set a Tile Size (not 0) in Render Properties > NPBG++ > Performance")
+    failed = _frame(service, source="bundle")  # points only: no network, no tiles
+    assert failed.error == start.format("cpu") + "Render fewer pixels (Output > Resolution %)"
+
+    service.device = "cuda"  # the bundle's renderer on a GPU
+    failed = _frame(service, source="bundle", neural=True, max_pixels=2048 * 2048)
+    assert failed.error == (start.format("cuda") + f"Render fewer pixels (Output > Resolution %), {tiles}, choose FP16 "
+                            "precision" + GPU_HINT)
+    failed = _frame(service, source="bundle")
+    assert failed.error == (start.format("cuda") + "Render fewer pixels (Output > Resolution %), choose FP16 precision"
+                            + GPU_HINT)
+    service.device = "cpu"
+    monkeypatch.undo()
+    assert isinstance(_frame(service, source="bundle", neural=True), P.Frame)  # the service goes on
