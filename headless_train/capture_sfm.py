@@ -68,11 +68,15 @@ def downscale_photos(photos: list[str], img_dir: str, max_side: int) -> None:
     """JPEG (q95) copies, upright by their EXIF orientation, at most ``max_side`` px."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    from npbgpp_core.image_size import too_many_pixels
+
     os.makedirs(img_dir, exist_ok=True)
     for p in photos:
         try:
             with Image.open(p) as im:
                 im = ImageOps.exif_transpose(im).convert("RGB")
+        except Image.DecompressionBombError as exc:  # PIL's error names no file and calls it an attack
+            raise CaptureSfmError(too_many_pixels(p, exc, "Downscale the photos first (any image editor)")) from None
         except (OSError, UnidentifiedImageError) as exc:
             raise CaptureSfmError(f"{p}: cannot be read as a photo ({exc})") from None
         im.thumbnail((max_side, max_side), Image.LANCZOS)

@@ -1,10 +1,13 @@
-"""One rule for shrinking an image size so its long side is at most N pixels.
+"""One rule for shrinking an image size so its long side is at most N pixels, and the one
+message for an image too large to read at all.
 
 Kept free of torch and numpy so that light tools (``headless_train stage pack``, the
-capture importer) can use it without loading the heavy stack.
+capture importer, ``capture-sfm``) can use it without loading the heavy stack.
 """
 
 from __future__ import annotations
+
+import re
 
 
 def fit_long_side(size: tuple[int, int], max_side: int | None) -> tuple[int, int]:
@@ -20,3 +23,18 @@ def fit_long_side(size: tuple[int, int], max_side: int | None) -> tuple[int, int
         return a, b
     scale = max_side / max(a, b)
     return max(1, round(a * scale)), max(1, round(b * scale))
+
+
+# What to do about a photo too large to read, for a dataset (its cameras scale with the photos).
+SMALLER_COPY = ("Make a copy of the dataset with smaller photos and cameras scaled to match (a COLMAP capture: "
+                "python -m headless_train prepare-capture SRC --out DST --max-size 2048)")
+
+
+def too_many_pixels(path: str, exc: BaseException, fix: str = SMALLER_COPY) -> str:
+    """The message for an image PIL refuses as too large (``exc``, its DecompressionBombError,
+    which says how many pixels the file claims and PIL's limit), ending with ``fix``."""
+    counts = re.search(r"\((\d+) pixels\) exceeds limit of (\d+) pixels", str(exc))
+    size = (f"{int(counts[1]):,} pixels, more than the {int(counts[2]):,}" if counts
+            else "more pixels than the")
+    return (f"{path}: the image has {size} this project reads (PIL's guard against decompression bombs, files that "
+            f"claim a huge image). {fix}")

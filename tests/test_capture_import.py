@@ -391,3 +391,36 @@ def test_training_and_export_name_the_dense_cloud_beside_the_sparse_one(tmp_path
     caplog.clear()
     assert export_main([*args, "--out", str(tmp_path / "b.npbgpp"), "--pc-name", "dense/0/fused.ply"]) == 0
     assert "Also in the folder" not in caplog.text
+
+
+def test_photos_over_pils_limit_refused_by_the_readers_and_read_by_prepare_capture(tmp_path, monkeypatch):
+    """PIL refuses images of more than twice Image.MAX_IMAGE_PIXELS (179 MP by default; lowered
+    here so that the 240x180 photos, 43,200 pixels, are over it): loading the dataset or reading
+    a photo is a DatasetError naming the photo, its pixels and prepare-capture (it was PIL's own
+    DecompressionBombError, naming no file), and prepare-capture reads photos as big as their
+    camera states, so the copy it advises can be made. Between the limit and twice it photos
+    are read, with PIL's warning (a 100-MP photo by default). A photo larger than its camera
+    states stays refused."""
+    from npbgpp_core.datasets.images import read_image
+
+    src, out = str(tmp_path / "src"), str(tmp_path / "out")
+    write_capture(src, n_views=2)
+    photo = os.path.join(src, "images", "view_00.jpg")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40_000)
+    with pytest.warns(Image.DecompressionBombWarning):
+        assert read_image(photo).shape == (3, H, W)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)
+    refused = f"{photo}: the image has 43,200 pixels, more than the 40,000 this project reads"
+    for read in (lambda root: load_scene(root, undistort=True), lambda _: read_image(photo)):
+        with pytest.raises(DatasetError) as info:
+            read(src)
+        message = str(info.value)
+        assert message.startswith(refused) and "prepare-capture SRC --out DST --max-size 2048" in message
+
+    prepare_capture(src, out, max_size=120)
+    assert Image.MAX_IMAGE_PIXELS == 20_000  # raised for the photos' opening only
+    assert [v.camera.image_size for v in load_scene(out).views] == [(90, 120)] * 2
+
+    Image.new("RGB", (2 * W, 2 * H)).save(os.path.join(src, "images", "view_01.jpg"))  # 4x its camera's pixels
+    with pytest.raises(DatasetError, match=r"view_01\.jpg: the image has 172,800 pixels, more than the 86,400 "):
+        prepare_capture(src, str(tmp_path / "out2"), max_size=120)

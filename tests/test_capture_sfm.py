@@ -218,3 +218,18 @@ def test_real_run_sequential_with_every(tmp_path, capsys):
     assert record["photos_not_imported"] == ["view_08.jpg"] and record["registered_images"] <= 4
     with Image.open(out / "images" / "view_02.jpg") as im:
         assert im.size == (200, 150)
+
+
+def test_a_photo_over_pils_limit_is_named_with_its_pixels(tmp_path, monkeypatch):
+    """PIL refuses images of more than twice Image.MAX_IMAGE_PIXELS (179 MP; lowered here): the
+    copying step says which photo, its pixels and what to do, as CaptureSfmError (status 2), not
+    PIL's DecompressionBombError naming no file."""
+    raw = tmp_path / "raw"
+    _photos(raw, 1, size=(64, 48))  # 3,072 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    photo = str(raw / "p00.png")
+    with pytest.raises(cs.CaptureSfmError) as info:
+        cs.downscale_photos([photo], str(tmp_path / "images"), 32)
+    assert str(info.value) == (f"{photo}: the image has 3,072 pixels, more than the 2,000 this project reads (PIL's "
+                               "guard against decompression bombs, files that claim a huge image). Downscale the "
+                               "photos first (any image editor)")

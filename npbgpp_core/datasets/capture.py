@@ -56,6 +56,7 @@ from .colmap import (
 )
 from .distortion import view_cameras
 from .errors import DatasetError
+from .images import open_image
 
 _MODEL_ID = {name: i for i, (name, _) in CAMERA_MODELS.items()}
 USES = ("train", "validation")
@@ -193,7 +194,9 @@ def prepare_capture(
             if not os.path.isfile(path):
                 raise DatasetError(f"{path}: photo of {sparse} image {image_id} not found")
             try:
-                with Image.open(path) as im:
+                # a photo as big as its camera states is read whatever PIL's decompression-bomb limit:
+                # this copy with smaller photos is what the readers' refusal of bigger ones advises
+                with open_image(path, camera_pixels=cw * ch) as im:
                     photo = im.convert("RGB")
             except OSError as exc:
                 raise DatasetError(f"{path}: cannot read image ({exc})") from exc

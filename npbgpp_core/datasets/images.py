@@ -15,34 +15,54 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from ..image_size import too_many_pixels
 from .errors import DatasetError
 
 
-def _open(path: str):
+def open_image(path: str, camera_pixels: int = 0):
+    """PIL's ``Image.open`` of ``path`` (the header read, the pixels when loaded). PIL refuses
+    images of more than twice ``Image.MAX_IMAGE_PIXELS`` (178,956,970 pixels by default) as
+    possible decompression bombs, files whose few bytes claim a huge image: here a DatasetError
+    naming the file, its pixels and the fix (a copy with smaller photos), not PIL's error about
+    an attack. ``camera_pixels`` > 0: the size the photo's camera states (prepare-capture, which
+    makes that copy), read up to twice that whatever PIL's limit, as a photo as big as its
+    calibration says is the user's own (PIL's limit is raised during the call, for any thread:
+    prepare-capture runs as a command of its own). Missing or unreadable files: DatasetError too.
+    Between PIL's limit and twice it (89.5-179 MP by default) images are read, with PIL's
+    DecompressionBombWarning."""
     from PIL import Image, UnidentifiedImageError
 
     if not os.path.isfile(path):
         raise DatasetError(f"{path}: image file not found")
+    limit = Image.MAX_IMAGE_PIXELS
+    raise_limit = limit is not None and camera_pixels > limit
     try:
-        img = Image.open(path)
-        img.load()
+        if raise_limit:
+            Image.MAX_IMAGE_PIXELS = camera_pixels
+        return Image.open(path)
+    except Image.DecompressionBombError as exc:
+        raise DatasetError(too_many_pixels(path, exc)) from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise DatasetError(f"{path}: unreadable image ({type(exc).__name__}: {exc})") from exc
+    finally:
+        if raise_limit:
+            Image.MAX_IMAGE_PIXELS = limit
+
+
+def _open(path: str):
+    img = open_image(path)
+    try:
+        img.load()
+    except (OSError, ValueError) as exc:
         raise DatasetError(f"{path}: unreadable image ({type(exc).__name__}: {exc})") from exc
     return img
 
 
 def image_size_of(path: str) -> tuple[int, int]:
     """``(H, W)`` of an image file, reading only its header. Raises DatasetError when the
-    file is missing or not an image."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not os.path.isfile(path):
-        raise DatasetError(f"{path}: image file not found")
-    try:
-        with Image.open(path) as img:
-            w, h = img.size
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise DatasetError(f"{path}: unreadable image ({type(exc).__name__}: {exc})") from exc
+    file is missing, not an image or larger than :func:`open_image` reads."""
+    with open_image(path) as img:
+        w, h = img.size
     return int(h), int(w)
 
 
@@ -126,9 +146,7 @@ def _composited(arr: np.ndarray, size: Sequence[int] | None,
 
 def has_alpha(path: str) -> bool:
     """Whether an image file stores an alpha channel (header only)."""
-    from PIL import Image
-
-    with Image.open(path) as img:
+    with open_image(path) as img:
         return img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info
 
 
