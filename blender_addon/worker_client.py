@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import tempfile
@@ -183,7 +184,8 @@ class ProcessWorker:
                     tail = self.log_tail()
                     self.stop()
                     raise WorkerError(
-                        f"the NPBG++ worker died (exit code {code}); it restarts on the next render"
+                        (_killed(req) if _by_sigkill(code) else
+                         f"the NPBG++ worker died (exit code {code}); it restarts on the next render")
                         + (f"\n{tail}" if tail else "")
                     )
                 if should_cancel is not None and should_cancel():
@@ -194,11 +196,22 @@ class ProcessWorker:
             reply = self.conn.recv()
         except (EOFError, OSError, BrokenPipeError) as exc:
             tail = self.log_tail()
+            killed = _by_sigkill(self._exit_code(wait=2.0))  # a killed worker's connection ends first
             self.stop()
-            raise WorkerError(f"lost the NPBG++ worker: {exc}" + (f"\n{tail}" if tail else "")) from exc
+            lost = _killed(req) if killed else f"lost the NPBG++ worker: {exc}"
+            raise WorkerError(lost + (f"\n{tail}" if tail else "")) from exc
         if isinstance(reply, P.SharedFrame):
             reply = reply.with_pixels(_read_shared(reply.shm, tuple(reply.shape)))
         return _checked(req, reply)
+
+    def _exit_code(self, wait: float) -> int | None:
+        """The worker's exit status, waiting up to ``wait`` seconds for it to end (None: running)."""
+        if self.proc is None:
+            return None
+        try:
+            return self.proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            return None
 
     def stop(self, grace: float = 2.0) -> None:
         """End the worker: ask it to shut down (``grace`` seconds), then kill it."""
@@ -248,6 +261,22 @@ def _wake_listener(address: Any) -> None:
         client.close()
     except OSError:
         pass  # nothing listens any more: no thread is waiting either
+
+
+def _by_sigkill(code: int | None) -> bool:
+    """Whether an exit status is a SIGKILL's (POSIX), which nothing of the worker's own sends:
+    on Linux most often the kernel's out-of-memory killer (the add-on's own stops are not
+    reported as deaths)."""
+    kill = getattr(signal, "SIGKILL", None)
+    return kill is not None and code == -kill
+
+
+def _killed(req: P.Request) -> str:
+    """What a worker killed while answering ``req`` tells the user: out of memory, most likely."""
+    return (f"the NPBG++ worker was killed (SIGKILL) while answering {type(req).__name__}: most often the "
+            "system's out-of-memory killer, when the job needs more memory than this computer has (photos, points "
+            "or a frame too large for it; the system log says so: journalctl -k or dmesg); it restarts on the next "
+            "render")
 
 
 def _checked(req: P.Request, reply: Any) -> Any:

@@ -979,6 +979,35 @@ def test_frozen_worker_times_out_and_is_replaced():
         worker.stop()
 
 
+def test_a_worker_killed_mid_request_is_reported_as_likely_out_of_memory():
+    """The kernel's out-of-memory killer ends a worker with SIGKILL, mostly while it answers (a
+    big photo, a big frame): the request fails saying that (it said "lost the NPBG++ worker:
+    [Errno 104] Connection reset by peer"), and the next request starts a fresh worker."""
+    import signal
+    import threading
+
+    if not hasattr(signal, "SIGKILL"):
+        pytest.skip("needs SIGKILL")
+    pts = np.random.default_rng(0).uniform(-1, 1, (50, 3)).astype(np.float32)
+    cam = P.CameraSpec.from_camera(Camera.look_at((0, -4, 1), (0, 0, 0), (0, 0, 1), 50.0, (12, 16)))
+    worker = ProcessWorker(sys.executable)
+    try:
+        worker.start()
+        worker.request(P.SetPoints(pts, None))
+        proc = worker.proc
+        os.kill(proc.pid, signal.SIGSTOP)  # busy with the frame below, until killed
+        threading.Timer(0.5, os.kill, (proc.pid, signal.SIGKILL)).start()
+        with pytest.raises(WorkerError) as info:
+            worker.request(P.RenderFrame(cam), timeout=60)
+        assert str(info.value).startswith("the NPBG++ worker was killed (SIGKILL) while answering RenderFrame: "
+                                          "most often the system's out-of-memory killer")
+        assert worker.proc is None
+        worker.request(P.SetPoints(pts, None), timeout=60)
+        assert worker.request(P.RenderFrame(cam), timeout=60).pixels[..., 6].max() == 1.0
+    finally:
+        worker.stop()
+
+
 def test_out_of_memory_names_the_cause_and_the_fix(monkeypatch):
     from npbgpp_core import scene as scene_module
 
