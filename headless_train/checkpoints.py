@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from npbgpp_core.atomic import atomic_copy_file, atomic_write_bytes
+from npbgpp_core.memory import is_out_of_memory
 from npbgpp_core.pretrained import TRAINER_META_KEY
 from npbgpp_core.published import refusal
 
@@ -128,6 +129,8 @@ def load_checkpoint_file(path: str, map_location: Any = "cpu") -> dict:
             ) from exc
         raise CheckpointError(f"checkpoint {path} is corrupt or not a torch checkpoint: {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - every parse failure means a damaged file
+        if is_out_of_memory(exc):  # a checkpoint too big for this computer, not a damaged one
+            raise
         raise CheckpointError(f"checkpoint {path} is corrupt or not a torch checkpoint: {exc}") from exc
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"checkpoint {path} has no state_dict (not a Lightning checkpoint)")
@@ -360,6 +363,8 @@ def load_descriptors(folder: str, scene_name: str, n_points: int | None = None,
         else:
             t = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
+        if is_out_of_memory(exc):  # descriptors too many for this computer's memory: not a bad file
+            raise
         raise ValueError(f"cannot read descriptor file {path}: {exc}") from exc
     if not isinstance(t, torch.Tensor) or t.dim() != 2:
         raise ValueError(f"descriptor file {path} must hold one 2-D tensor [n_points, D]")

@@ -37,6 +37,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .memory import is_out_of_memory
+
 if TYPE_CHECKING:
     import torch
 
@@ -225,6 +227,8 @@ def _read_safetensors(path: str, kind: str) -> tuple[dict[str, Any], dict[str, A
             for key in f.keys():
                 state[key] = f.get_tensor(key)
     except Exception as exc:  # noqa: BLE001 - every parse failure means a damaged file
+        if is_out_of_memory(exc):  # a file too big for this computer's memory is not a damaged one
+            raise
         hint = (f"; replace it, e.g. `git checkout -- {os.path.relpath(path)}` or: {regenerate_hint(kind, path)}"
                 if is_bundled(path) else "")
         raise WeightsError(
@@ -251,6 +255,8 @@ def _read_checkpoint(path: str, kind: str) -> tuple[dict[str, Any], dict[str, An
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - unreadable, truncated, or pickled code refused
+        if is_out_of_memory(exc):  # a file too big for this computer's memory is not an unreadable one
+            raise
         published = refusal(path)  # a published npbgplusplus file: say so, not 'unsupported global'
         if published:
             raise WeightsError(published) from exc

@@ -136,3 +136,44 @@ def test_descriptors_of_another_cloud_name_the_writing_runs_cloud_settings(tmp_p
     assert (f"that run ({run}) had datasets.pc_name=dense.ply datasets.n_point=null system.max_points=1000000.0"
             in str(named.value))
     assert ck.load_descriptors(folder, "scene", 5).shape == (5, 56)  # the right cloud loads
+
+
+def test_files_too_big_for_memory_are_not_called_corrupt(tmp_path, monkeypatch):
+    """Running out of memory while reading a checkpoint, a descriptor file or a weights file is
+    raised as it came (they were 'corrupt or not a torch checkpoint', 'cannot read descriptor
+    file', 'corrupt or not a safetensors file' / 'not a readable torch checkpoint'); any other
+    failure still names the file as bad."""
+    import safetensors
+
+    from npbgpp_core import pretrained
+
+    ckpt = str(tmp_path / "last.ckpt")
+    torch.save({"state_dict": {}}, ckpt)
+    ck.save_descriptors(str(tmp_path / "descriptors"), "scene", torch.ones(2, 3))
+    pt = str(tmp_path / "net.pt")
+    torch.save({"config": {}, "state_dict": {}}, pt)
+    st = str(tmp_path / "net.safetensors")
+    (tmp_path / "net.safetensors").write_bytes(b"\0" * 64)
+
+    def read_all():
+        descriptors = str(tmp_path / "descriptors")
+        for read in (lambda: ck.load_checkpoint_file(ckpt), lambda: ck.load_descriptors(descriptors, "scene"),
+                     lambda: pretrained.read_weights(pt, "npbgpp"), lambda: pretrained.read_weights(st, "npbgpp")):
+            with pytest.raises(Exception) as info:
+                read()
+            yield info.value
+
+    def fail(error):
+        def raise_it(*args, **kwargs):
+            raise error
+        return raise_it
+
+    for error in (MemoryError("Unable to allocate 9.0 GiB"), torch.OutOfMemoryError("CUDA out of memory.")):
+        monkeypatch.setattr(torch, "load", fail(error))
+        monkeypatch.setattr(safetensors, "safe_open", fail(error))
+        monkeypatch.setattr("safetensors.torch.load_file", fail(error))
+        assert [type(e) for e in read_all()] == [type(error)] * 4
+    monkeypatch.setattr(torch, "load", fail(RuntimeError("PytorchStreamReader failed reading zip archive")))
+    monkeypatch.setattr(safetensors, "safe_open", fail(RuntimeError("invalid header")))
+    monkeypatch.setattr("safetensors.torch.load_file", fail(RuntimeError("invalid header")))
+    assert [type(e).__name__ for e in read_all()] == ["CheckpointError", "ValueError", "WeightsError", "WeightsError"]
