@@ -101,6 +101,41 @@ def _ply_header(path: str) -> list[list[str]]:
     raise ValueError(f"{path}: PLY header too long")
 
 
+# Bytes of one value of each PLY scalar type in a binary file (a list's length counts as its type's).
+_TYPE_BYTES = {"char": 1, "uchar": 1, "int8": 1, "uint8": 1, "short": 2, "ushort": 2, "int16": 2, "uint16": 2,
+               "int": 4, "uint": 4, "int32": 4, "uint32": 4, "float": 4, "float32": 4, "double": 8, "float64": 8}
+
+
+def _overcounted(path: str) -> str:
+    """Why the header of PLY file ``path`` counts more rows than the file can hold, "" when it
+    can (or the header does not tell): plyfile allocates the counted rows before reading an
+    ASCII file or a binary one with list properties, so such a damaged header runs it out of
+    memory, which must not read as a cloud too big for this computer. The least a row takes:
+    2 bytes a value in ASCII (a digit and a separator), its type's bytes in binary (a list:
+    its length's, for an empty list)."""
+    try:
+        header = _ply_header(path)
+    except ValueError:
+        return ""
+    text = any(words[:2] == ["format", "ascii"] for words in header)
+    counts: list[str] = []
+    count = fewest = 0
+    for words in header:
+        if words[0] == "element" and len(words) >= 3:
+            if not words[2].isdigit():
+                return ""
+            count = int(words[2])
+            counts.append(f"{count:,} {words[1]}")
+        elif words[0] == "property" and len(words) >= 3:
+            kind = words[2] if words[1] == "list" else words[1]
+            fewest += count * (2 if text else _TYPE_BYTES.get(kind, 1))
+    size = os.path.getsize(path)
+    if fewest <= size:
+        return ""
+    return (f"its header counts {', '.join(counts)}, at least {fewest:,} bytes of data, but the file has {size:,} "
+            "bytes; fix the element counts in the header")
+
+
 def ply_vertex_header(path: str | os.PathLike) -> list[tuple[str, str]]:
     """``(name, type)`` of the ``vertex`` element's properties (type ``list`` for list
     properties), from the header alone, as :func:`ply_vertex_properties`."""
@@ -203,7 +238,10 @@ def load_ply(path: str | os.PathLike, min_opacity: float = 0.0) -> PointCloud:
         raise ValueError(f"{path}: not a readable PLY file ({type(exc).__name__}: {exc})") from exc
     except Exception as exc:  # plyfile raises a variety of errors on truncated data
         if is_out_of_memory(exc):  # a cloud too big for this computer is not a bad file
-            raise
+            damage = _overcounted(path)  # but a header counting rows the file cannot hold is one
+            if not damage:
+                raise
+            raise ValueError(f"{path}: not a readable PLY file ({damage})") from exc
         raise ValueError(f"{path}: not a readable PLY file ({type(exc).__name__}: {exc})") from exc
     if "vertex" not in [e.name for e in ply.elements]:
         raise ValueError(f"{path}: PLY file has no 'vertex' element")

@@ -144,3 +144,31 @@ def test_out_of_memory_rendering_advises_by_frame_and_device(bundle, monkeypatch
     service.device = "cpu"
     monkeypatch.undo()
     assert isinstance(_frame(service, source="bundle", neural=True), P.Frame)  # the service goes on
+
+
+@pytest.mark.parametrize("body", [
+    "format ascii 1.0\nelement vertex {n}\nproperty float x\nproperty float y\nproperty float z\nend_header\n"
+    "0 0 0\n",
+    "format binary_little_endian 1.0\nelement vertex 1\nproperty float x\nproperty float y\nproperty float z\n"
+    "element face {n}\nproperty list uchar int vertex_indices\nend_header\n" + "\0" * 13,
+], ids=["ascii", "binary with a list"])
+def test_a_ply_header_counting_more_rows_than_the_file_holds_is_damaged_not_big(tmp_path, monkeypatch, body):
+    """plyfile allocates the rows a header counts before reading an ASCII file or a binary one
+    with list properties: a header counting 10^11 rows in a file of a few bytes runs it out of
+    memory (1.09 TiB), yet the file is damaged, not too big; the reader says so, with the
+    header's count and the file's size (hand counted: 2 bytes an ASCII value at the least, the
+    list's 1-byte length in binary). A real read here, and one whose failure is forced."""
+    import plyfile
+
+    from npbgpp_core.ply import load_ply
+
+    path = tmp_path / "cloud.ply"
+    path.write_bytes(("ply\n" + body.format(n=10**11)).encode("ascii"))
+    fewest = "600,000,000,000" if "ascii" in body else "100,000,000,012"
+    damaged = rf"not a readable PLY file \(its header counts .*100,000,000,000 .*at least {fewest} bytes of data, " \
+              rf"but the file has {path.stat().st_size} bytes; fix the element counts in the header\)"
+    with pytest.raises(ValueError, match=damaged):
+        load_ply(str(path))
+    monkeypatch.setattr(plyfile.PlyData, "read", _raise(MemoryError("Unable to allocate 1.09 TiB")))
+    with pytest.raises(ValueError, match=damaged):
+        load_ply(str(path))
