@@ -422,5 +422,36 @@ def test_photos_over_pils_limit_refused_by_the_readers_and_read_by_prepare_captu
     assert [v.camera.image_size for v in load_scene(out).views] == [(90, 120)] * 2
 
     Image.new("RGB", (2 * W, 2 * H)).save(os.path.join(src, "images", "view_01.jpg"))  # 4x its camera's pixels
-    with pytest.raises(DatasetError, match=r"view_01\.jpg: the image has 172,800 pixels, more than the 86,400 "):
+    bigger = r"view_01\.jpg: the image has 172,800 pixels, more than the 86,400 "
+    with pytest.raises(DatasetError, match=bigger) as info:
         prepare_capture(src, str(tmp_path / "out2"), max_size=120)
+    # what to do there: not prepare-capture again, which is what failed
+    assert str(info.value).endswith(f"Camera 1 in {os.path.join(src, 'sparse', '0')} states {W}x{H}; prepare-capture "
+                                    "reads a photo of up to twice its camera's pixels (at most 1,000,000,000): "
+                                    "downscale the photo first (any image editor: the camera is scaled to match) or "
+                                    "check that it is this capture's photo")
+
+
+def test_prepare_capture_reads_no_more_than_its_bound_whatever_a_camera_states(tmp_path, monkeypatch):
+    """A cameras file stating a huge camera must not let prepare-capture decode a decompression
+    bomb (a few-MB PNG claiming 10 gigapixels is 30 GB as RGB): it reads photos up to twice its
+    camera's pixels but never more than MAX_PHOTO_PIXELS. Scaled down here: PIL refuses above
+    40,000 pixels, the bound is 60,000, the camera states 1000x the photos' side (43.2 G pixels):
+    the capture's 43,200-pixel photos are read, a 172,800-pixel one is refused (it was read: the
+    camera's pixels were PIL's limit for it)."""
+    from npbgpp_core.datasets import capture
+
+    src = str(tmp_path / "src")
+    write_capture(src, n_views=2)
+    k = 1000
+    with open(os.path.join(src, "sparse", "0", "cameras.txt"), "w") as f:
+        f.write(f"1 SIMPLE_RADIAL {W * k} {H * k} {F * k} {W * k / 2} {H * k / 2} {K1}\n")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)
+    monkeypatch.setattr(capture, "MAX_PHOTO_PIXELS", 60_000)
+    prepare_capture(src, str(tmp_path / "out"), max_size=120)
+    assert Image.MAX_IMAGE_PIXELS == 20_000
+    Image.new("RGB", (2 * W, 2 * H)).save(os.path.join(src, "images", "view_01.jpg"))
+    with pytest.raises(DatasetError, match=r"view_01\.jpg: the image has 172,800 pixels, more than the 60,000 .* "
+                                           r"\(at most 60,000\): downscale the photo first"):
+        prepare_capture(src, str(tmp_path / "out2"), max_size=120)
+    assert not os.path.exists(tmp_path / "out2")

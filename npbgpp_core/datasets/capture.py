@@ -64,6 +64,12 @@ ORIENTS = ("keep", "z-up")
 # The smallest long side prepare_capture writes photos at (its max_size), in pixels; the
 # commands that pass it one refuse a smaller one before any work by the same figure.
 MIN_MAX_SIZE = 16
+# The most pixels prepare_capture reads of one photo, whatever its camera states (it reads up to
+# twice the camera's pixels, beyond PIL's decompression-bomb limit): a cameras file stating a huge
+# camera must not make it decode a bomb (a PNG of a few MB claiming 10 gigapixels: 30 GB as RGB).
+# 1 gigapixel is beyond any camera's photo (400-MP multi-shot); reading it takes about 6 GB (the
+# decoded photo and its RGB copy, 3 bytes a pixel each).
+MAX_PHOTO_PIXELS = 1_000_000_000
 # Length of the mean of the cameras' unit image-up vectors below which they are taken to
 # disagree about up (0 = no agreement, 1 = all rolled alike).
 MIN_UP_AGREEMENT = 0.5
@@ -194,9 +200,14 @@ def prepare_capture(
             if not os.path.isfile(path):
                 raise DatasetError(f"{path}: photo of {sparse} image {image_id} not found")
             try:
-                # a photo as big as its camera states is read whatever PIL's decompression-bomb limit:
-                # this copy with smaller photos is what the readers' refusal of bigger ones advises
-                with open_image(path, camera_pixels=cw * ch) as im:
+                # a photo as big as its camera states is read whatever PIL's decompression-bomb limit
+                # (this copy with smaller photos is what the readers' refusal of bigger ones advises),
+                # up to MAX_PHOTO_PIXELS: PIL reads up to twice the limit it is given
+                too_large = (f"Camera {cam_id} in {sparse} states {cw}x{ch}; prepare-capture reads a photo of up to "
+                             f"twice its camera's pixels (at most {MAX_PHOTO_PIXELS:,}): downscale the photo first "
+                             "(any image editor: the camera is scaled to match) or check that it is this capture's "
+                             "photo")
+                with open_image(path, min(cw * ch, MAX_PHOTO_PIXELS // 2), too_large) as im:
                     photo = im.convert("RGB")
             except OSError as exc:
                 raise DatasetError(f"{path}: cannot read image ({exc})") from exc

@@ -15,19 +15,20 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..image_size import too_many_pixels
+from ..image_size import SMALLER_COPY, too_many_pixels
 from .errors import DatasetError
 
 
-def open_image(path: str, camera_pixels: int = 0):
+def open_image(path: str, camera_pixels: int = 0, too_large: str = SMALLER_COPY):
     """PIL's ``Image.open`` of ``path`` (the header read, the pixels when loaded). PIL refuses
     images of more than twice ``Image.MAX_IMAGE_PIXELS`` (178,956,970 pixels by default) as
     possible decompression bombs, files whose few bytes claim a huge image: here a DatasetError
-    naming the file, its pixels and the fix (a copy with smaller photos), not PIL's error about
-    an attack. ``camera_pixels`` > 0: the size the photo's camera states (prepare-capture, which
-    makes that copy), read up to twice that whatever PIL's limit, as a photo as big as its
-    calibration says is the user's own (PIL's limit is raised during the call, for any thread:
-    prepare-capture runs as a command of its own). Missing or unreadable files: DatasetError too.
+    naming the file, its pixels and ``too_large``, what to do (by default: a copy with smaller
+    photos), not PIL's error about an attack. ``camera_pixels`` > 0: the size the photo's camera
+    states (prepare-capture, which makes that copy, bounds it), read up to twice that whatever
+    PIL's limit, as a photo as big as its calibration says is the user's own (PIL's limit is
+    raised during the call, for any thread: prepare-capture runs as a command of its own).
+    Missing or unreadable files: DatasetError too.
     Between PIL's limit and twice it (89.5-179 MP by default) images are read, with PIL's
     DecompressionBombWarning."""
     from PIL import Image, UnidentifiedImageError
@@ -41,7 +42,7 @@ def open_image(path: str, camera_pixels: int = 0):
             Image.MAX_IMAGE_PIXELS = camera_pixels
         return Image.open(path)
     except Image.DecompressionBombError as exc:
-        raise DatasetError(too_many_pixels(path, exc)) from None
+        raise DatasetError(too_many_pixels(path, exc, too_large)) from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise DatasetError(f"{path}: unreadable image ({type(exc).__name__}: {exc})") from exc
     finally:
