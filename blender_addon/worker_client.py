@@ -175,7 +175,7 @@ class ProcessWorker:
                 if deadline is not None and time.monotonic() > deadline:
                     self.stop(grace=0.0)
                     raise WorkerError(
-                        f"the NPBG++ worker did not answer {type(req).__name__} within {timeout:g} s and was "
+                        f"the NPBG++ worker did not finish {req.doing} within {timeout:g} s and was "
                         "stopped (it restarts on the next render); raise Worker Timeout in Render Properties > "
                         "NPBG++ > Performance for very large frames, or render smaller"
                     )
@@ -273,10 +273,9 @@ def _by_sigkill(code: int | None) -> bool:
 
 def _killed(req: P.Request) -> str:
     """What a worker killed while answering ``req`` tells the user: out of memory, most likely."""
-    return (f"the NPBG++ worker was killed (SIGKILL) while answering {type(req).__name__}: most often the "
-            "system's out-of-memory killer, when the job needs more memory than this computer has (photos, points "
-            "or a frame too large for it; the system log says so: journalctl -k or dmesg); it restarts on the next "
-            "render")
+    return (f"the NPBG++ worker was killed (SIGKILL) while {req.doing}: most often by the system's out-of-memory "
+            "killer, when the job needs more memory than this computer has (photos, points or a frame too large "
+            "for it; on Linux the system log says so: journalctl -k or dmesg); it restarts on the next render")
 
 
 def _checked(req: P.Request, reply: Any) -> Any:

@@ -313,16 +313,20 @@ class SharedFrame(Reply):
 
 # --------------------------------------------------------------------------- requests
 class Request:
-    """Base of every request: ``op`` is the :class:`RenderService` method answering it."""
+    """Base of every request: ``op`` is the :class:`RenderService` method answering it;
+    ``doing`` what it does in the add-on's words, for messages ("rendering a frame"), which
+    never show the request's own name."""
 
     op: ClassVar[str]
     reply: ClassVar[type[Reply]]
+    doing: ClassVar[str]
 
 
 @dataclass
 class Hello(Request):
     op: ClassVar[str] = "hello"
     reply: ClassVar[type[Reply]] = TorchInfo
+    doing: ClassVar[str] = "starting"
 
 
 @dataclass
@@ -333,6 +337,7 @@ class SetPoints(Request):
     colors: np.ndarray | None = None
     op: ClassVar[str] = "set_points"
     reply: ClassVar[type[Reply]] = PointCount
+    doing: ClassVar[str] = "taking the scene's points"
 
 
 @dataclass
@@ -345,12 +350,14 @@ class LoadBundle(Request):
     precision: str = "FP32"
     op: ClassVar[str] = "load_bundle"
     reply: ClassVar[type[Reply]] = BundleInfo
+    doing: ClassVar[str] = "loading the bundle"
 
 
 @dataclass
 class GetBundlePoints(Request):
     op: ClassVar[str] = "bundle_points"
     reply: ClassVar[type[Reply]] = PointSet
+    doing: ClassVar[str] = "reading the bundle's points"
 
 
 @dataclass
@@ -361,6 +368,7 @@ class SelectBundlePoints(Request):
     ids: np.ndarray | None = None
     op: ClassVar[str] = "select_bundle_points"
     reply: ClassVar[type[Reply]] = PointCount
+    doing: ClassVar[str] = "selecting the bundle's points"
 
 
 @dataclass
@@ -373,6 +381,7 @@ class ReadDataset(Request):
     pc_name: str = ""  # the loaders' pc_name: a .ply (relative to the dataset folder, or absolute); "": the default
     op: ClassVar[str] = "read_dataset"
     reply: ClassVar[type[Reply]] = DatasetSummary
+    doing: ClassVar[str] = "importing the dataset"
 
 
 @dataclass
@@ -397,6 +406,7 @@ class AggregateBegin(Request):
     pc_name: str = ""  # the dataset's chosen cloud (ReadDataset.pc_name), read when ``points`` is empty
     op: ClassVar[str] = "aggregate_begin"
     reply: ClassVar[type[Reply]] = AggregationStarted
+    doing: ClassVar[str] = "aggregating descriptors"
 
 
 @dataclass
@@ -404,6 +414,7 @@ class AggregateView(Request):
     index: int  # 0 .. AggregationStarted.views - 1
     op: ClassVar[str] = "aggregate_view"
     reply: ClassVar[type[Reply]] = Done
+    doing: ClassVar[str] = "aggregating descriptors"
 
 
 @dataclass
@@ -412,6 +423,7 @@ class AggregateCancel(Request):
 
     op: ClassVar[str] = "aggregate_cancel"
     reply: ClassVar[type[Reply]] = Done
+    doing: ClassVar[str] = "cancelling Aggregate Descriptors"
 
 
 @dataclass
@@ -419,6 +431,7 @@ class AggregateFinish(Request):
     out: str  # the bundle file to write
     op: ClassVar[str] = "aggregate_finish"
     reply: ClassVar[type[Reply]] = AggregationResult
+    doing: ClassVar[str] = "aggregating descriptors"
 
 
 @dataclass
@@ -440,6 +453,7 @@ class DensifyBegin(Request):
     pc_name: str = ""  # the dataset's chosen cloud (ReadDataset.pc_name): read, and refused as ``out``
     op: ClassVar[str] = "densify_begin"
     reply: ClassVar[type[Reply]] = DensifyProgress
+    doing: ClassVar[str] = "densifying points"
 
 
 @dataclass
@@ -449,6 +463,7 @@ class DensifyStep(Request):
     seconds: float = 0.25
     op: ClassVar[str] = "densify_step"
     reply: ClassVar[type[Reply]] = DensifyProgress
+    doing: ClassVar[str] = "densifying points"
 
 
 @dataclass
@@ -458,6 +473,7 @@ class DensifyFinish(Request):
     out: str
     op: ClassVar[str] = "densify_finish"
     reply: ClassVar[type[Reply]] = PointSet
+    doing: ClassVar[str] = "densifying points"
 
 
 @dataclass
@@ -466,6 +482,7 @@ class DensifyCancel(Request):
 
     op: ClassVar[str] = "densify_cancel"
     reply: ClassVar[type[Reply]] = Done
+    doing: ClassVar[str] = "cancelling Densify Points"
 
 
 @dataclass
@@ -502,6 +519,7 @@ class FitBegin(Request):
     check_combine: str | None = FIT_CHECK_COMBINE
     op: ClassVar[str] = "fit_begin"
     reply: ClassVar[type[Reply]] = FitProgress
+    doing: ClassVar[str] = "fitting to the photos"
 
 
 @dataclass
@@ -511,6 +529,7 @@ class FitStep(Request):
     seconds: float = 0.25
     op: ClassVar[str] = "fit_step"
     reply: ClassVar[type[Reply]] = FitProgress
+    doing: ClassVar[str] = "fitting to the photos"
 
 
 @dataclass
@@ -520,6 +539,7 @@ class FitFinish(Request):
     out: str
     op: ClassVar[str] = "fit_finish"
     reply: ClassVar[type[Reply]] = FitResultInfo
+    doing: ClassVar[str] = "fitting to the photos"
 
 
 @dataclass
@@ -528,6 +548,7 @@ class FitCancel(Request):
 
     op: ClassVar[str] = "fit_cancel"
     reply: ClassVar[type[Reply]] = Done
+    doing: ClassVar[str] = "cancelling Fit to Photos"
 
 
 @dataclass
@@ -550,12 +571,14 @@ class RenderFrame(Request):
     wait_for_kernels: bool = False
     op: ClassVar[str] = "render"
     reply: ClassVar[type[Reply]] = Frame
+    doing: ClassVar[str] = "rendering a frame"
 
 
 @dataclass
 class Shutdown(Request):
     op: ClassVar[str] = "shutdown"
     reply: ClassVar[type[Reply]] = Done
+    doing: ClassVar[str] = "shutting down"
 
 
 REQUESTS: tuple[type[Request], ...] = (

@@ -8,6 +8,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 
 if "bpy" not in sys.modules and "BLENDER_USER_RESOURCES" not in os.environ:
     # A private Blender user folder (installed extensions, preferences), removed at exit.
@@ -808,6 +809,7 @@ def test_every_request_is_answered_by_the_service_with_its_reply_type(tmp_path):
     for req in P.REQUESTS:
         assert callable(getattr(service, req.op)), req.__name__
         assert issubclass(req.reply, P.Reply)
+        assert req.doing and req.__name__ not in req.doing  # messages' words, not the request's name
     assert len({r.op for r in P.REQUESTS}) == len(P.REQUESTS)
     bad = service.handle(P.SetPoints(np.zeros((4, 2), np.float32)))
     assert isinstance(bad, P.Failure) and "(N, 3)" in bad.error
@@ -953,10 +955,10 @@ def test_viewport_keeps_one_rerender_timer_while_the_kernels_compile(monkeypatch
         HUB.shutdown()
 
 
-def test_frozen_worker_times_out_and_is_replaced():
-    """A worker that stops answering (SIGSTOP) fails the request after the timeout with a
-    message saying what happened and what to do; it is killed, and the next request starts
-    a fresh worker."""
+def _stopped_then_replaced(fail: Callable[[ProcessWorker, P.RenderFrame], None]) -> None:
+    """Start a worker holding 50 points, stop its process (SIGSTOP: the frame asked next waits)
+    and call ``fail(worker, frame)``, which asks for the frame and checks its error; then the
+    stopped process must be gone and the next requests start a fresh worker that renders."""
     import signal
 
     if not hasattr(signal, "SIGSTOP"):
@@ -969,14 +971,24 @@ def test_frozen_worker_times_out_and_is_replaced():
         worker.request(P.SetPoints(pts, None))
         proc = worker.proc
         os.kill(proc.pid, signal.SIGSTOP)
-        with pytest.raises(WorkerError, match=r"did not answer RenderFrame within 1\.5 s.*Worker Timeout"):
-            worker.request(P.RenderFrame(cam), timeout=1.5)
-        assert proc.poll() is not None and worker.proc is None  # the frozen process is gone
+        fail(worker, P.RenderFrame(cam))
+        assert proc.poll() is not None and worker.proc is None  # the stopped process is gone
         worker.request(P.SetPoints(pts, None), timeout=60)
         assert worker.request(P.RenderFrame(cam), timeout=60).pixels[..., 6].max() == 1.0
         assert worker.proc.pid != proc.pid
     finally:
         worker.stop()
+
+
+def test_frozen_worker_times_out_and_is_replaced():
+    """A worker that stops answering (SIGSTOP) fails the request after the timeout with a
+    message saying what happened and what to do; it is killed, and the next request starts
+    a fresh worker."""
+    def times_out(worker: ProcessWorker, frame: P.RenderFrame) -> None:
+        with pytest.raises(WorkerError, match=r"did not finish rendering a frame within 1\.5 s.*Worker Timeout"):
+            worker.request(frame, timeout=1.5)
+
+    _stopped_then_replaced(times_out)
 
 
 def test_a_worker_killed_mid_request_is_reported_as_likely_out_of_memory():
@@ -986,26 +998,14 @@ def test_a_worker_killed_mid_request_is_reported_as_likely_out_of_memory():
     import signal
     import threading
 
-    if not hasattr(signal, "SIGKILL"):
-        pytest.skip("needs SIGKILL")
-    pts = np.random.default_rng(0).uniform(-1, 1, (50, 3)).astype(np.float32)
-    cam = P.CameraSpec.from_camera(Camera.look_at((0, -4, 1), (0, 0, 0), (0, 0, 1), 50.0, (12, 16)))
-    worker = ProcessWorker(sys.executable)
-    try:
-        worker.start()
-        worker.request(P.SetPoints(pts, None))
-        proc = worker.proc
-        os.kill(proc.pid, signal.SIGSTOP)  # busy with the frame below, until killed
-        threading.Timer(0.5, os.kill, (proc.pid, signal.SIGKILL)).start()
+    def killed(worker: ProcessWorker, frame: P.RenderFrame) -> None:
+        threading.Timer(0.5, os.kill, (worker.proc.pid, signal.SIGKILL)).start()  # busy with the frame till then
         with pytest.raises(WorkerError) as info:
-            worker.request(P.RenderFrame(cam), timeout=60)
-        assert str(info.value).startswith("the NPBG++ worker was killed (SIGKILL) while answering RenderFrame: "
-                                          "most often the system's out-of-memory killer")
-        assert worker.proc is None
-        worker.request(P.SetPoints(pts, None), timeout=60)
-        assert worker.request(P.RenderFrame(cam), timeout=60).pixels[..., 6].max() == 1.0
-    finally:
-        worker.stop()
+            worker.request(frame, timeout=60)
+        assert str(info.value).startswith("the NPBG++ worker was killed (SIGKILL) while rendering a frame: most "
+                                          "often by the system's out-of-memory killer")
+
+    _stopped_then_replaced(killed)
 
 
 def test_out_of_memory_names_the_cause_and_the_fix(monkeypatch):
