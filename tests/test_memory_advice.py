@@ -10,24 +10,15 @@ import types
 import numpy as np
 import pytest
 import torch
+from test_bundle_checks import _npbgpp_bundle
 
 from npbgpp_core import Camera
 from npbgpp_core import protocol as P
 from npbgpp_core import service as service_module
-from npbgpp_core.models import NPBGPlusPlus
 from npbgpp_core.scene import NeuralScene
 from npbgpp_core.service import RenderService
 
 GPU_HINT = ", or switch Device to CPU when the GPU is the one that is full"
-
-
-def _bundle(path: str, n: int = 20) -> str:
-    torch.manual_seed(0)
-    model = NPBGPlusPlus()
-    state = {k: v for k, v in model.state_dict().items() if k.startswith(("basis.", "refiner."))}
-    config = {**model.config.to_dict(), "extractor_weights": None}
-    NeuralScene(torch.randn(n, 3), None, "npbgpp", torch.randn(n, 7, 8), None, config, state).save(path)
-    return path
 
 
 def _raise(exc: BaseException):
@@ -38,7 +29,7 @@ def _raise(exc: BaseException):
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
-    return _bundle(str(tmp_path_factory.mktemp("oom") / "big.npbgpp"))
+    return _npbgpp_bundle(str(tmp_path_factory.mktemp("oom") / "big.npbgpp"))
 
 
 def _size(path: str) -> str:
