@@ -294,12 +294,18 @@ def bundle_memory_advice(req: P.LoadBundle, first: str) -> str:
 
 def render_memory_advice(req: P.RenderFrame, device: str, first: str) -> str:
     """Out of memory while rendering a frame: fewer pixels always; a neural frame's Tile Size (the
-    network's memory follows the tile, not the frame); on a GPU, FP16 or the CPU too."""
+    network's memory follows the tile, not the frame) below the side of the tiles it renders now,
+    or of the whole frame when it is not tiled (0, or a frame within Tile Size squared: a Tile Size
+    between that and the set one would change nothing), and only where a smaller tile can be set;
+    on a GPU, FP16 or the CPU too."""
+    from .scene import WINDOW_ALIGN, WINDOW_MARGIN
+
     h, w = req.camera.image_size
     fixes = ["render fewer pixels (Output > Resolution %)"]
-    if req.neural:
-        tiles = f"a Tile Size below {math.isqrt(req.max_pixels)}" if req.max_pixels > 0 else "a Tile Size (not 0)"
-        fixes.append(f"set {tiles} in Render Properties > NPBG++ > Performance")
+    tiled = 0 < req.max_pixels < h * w
+    side = math.isqrt(req.max_pixels if tiled else h * w)
+    if req.neural and side > 2 * WINDOW_MARGIN + WINDOW_ALIGN:  # the smallest tile (window_grid's)
+        fixes.append(f"set a Tile Size below {side} in Render Properties > NPBG++ > Performance")
     if device != "cpu":
         fixes.append("choose FP16 precision")
     hint = gpu_full_hint(device)  # the one wording of 'switch Device to CPU', never on the CPU

@@ -102,36 +102,43 @@ def test_out_of_memory_reading_a_ply_is_not_an_unreadable_file(tmp_path, monkeyp
         load_ply(path)
 
 
-def _frame(service: RenderService, **options) -> P.Reply:
-    spec = P.CameraSpec.from_camera(Camera.look_at((0, -4, 1), (0, 0, 0), (0, 0, 1), 50.0, (30, 40)))
+def _frame(service: RenderService, size: tuple[int, int] = (30, 40), **options) -> P.Reply:
+    spec = P.CameraSpec.from_camera(Camera.look_at((0, -4, 1), (0, 0, 0), (0, 0, 1), 50.0, size))
     return service.handle(P.RenderFrame(spec, **options))
 
 
 def test_out_of_memory_rendering_advises_by_frame_and_device(bundle, monkeypatch):
     """A frame's advice: fewer pixels always; a neural frame's Tile Size too (the network's memory
-    follows the tile), a smaller one than set or one at all; FP16 and the CPU only on a GPU (on
-    the CPU the frame said 'switch Device to CPU' and 'FP16 on a GPU' as well)."""
+    follows the tile), below the tiles' side or, for a frame not tiled, below the frame's (hand
+    computed: a 1920x1080 frame is 1440^2 pixels, within the default Tile Size's 2048^2, so a Tile
+    Size of 1500 would change nothing; it said 'below 2048'), none where no smaller tile can be set
+    (a 300x200 frame: below 272, the smallest); FP16 and the CPU only on a GPU (on the CPU the frame
+    said 'switch Device to CPU' and 'FP16 on a GPU' as well). The failure comes before any pixel."""
     service = RenderService()
     assert service.handle(P.LoadBundle(bundle, "CPU")) == P.BundleInfo(20, "cpu")
     oom = _raise(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 15.00 GiB"))
     monkeypatch.setattr(service.renderer, "render_point_layers", oom)
-    start = "out of memory on {} while rendering 40x30 pixels (CUDA out of memory. Tried to allocate 15.00 GiB). "
-    tiles = "set a Tile Size below 2048 in Render Properties > NPBG++ > Performance"
+    start = "out of memory on {} while rendering {} pixels (CUDA out of memory. Tried to allocate 15.00 GiB). "
+    fewer = "Render fewer pixels (Output > Resolution %)"
+    tiles = "set a Tile Size below {} in Render Properties > NPBG++ > Performance"
+    big, hd, small = (3000, 4000), (1080, 1920), (200, 300)
 
-    failed = _frame(service, source="bundle", neural=True, max_pixels=2048 * 2048)
-    assert failed.error == start.format("cpu") + f"Render fewer pixels (Output > Resolution %) or {tiles}"
-    failed = _frame(service, source="bundle", neural=True, max_pixels=0)
-    assert failed.error.endswith("or set a Tile Size (not 0) in Render Properties > NPBG++ > Performance")
-    failed = _frame(service, source="bundle")  # points only: no network, no tiles
-    assert failed.error == start.format("cpu") + "Render fewer pixels (Output > Resolution %)"
+    failed = _frame(service, big, source="bundle", neural=True, max_pixels=2048 * 2048)  # tiled
+    assert failed.error == start.format("cpu", "4000x3000") + f"{fewer} or {tiles.format(2048)}"
+    for tile in (2048, 0):
+        failed = _frame(service, hd, source="bundle", neural=True, max_pixels=tile * tile)  # not tiled
+        assert failed.error == start.format("cpu", "1920x1080") + f"{fewer} or {tiles.format(1440)}"
+    failed = _frame(service, small, source="bundle", neural=True, max_pixels=2048 * 2048)
+    assert failed.error == start.format("cpu", "300x200") + fewer
+    failed = _frame(service, hd, source="bundle")  # points only: no network, no tiles
+    assert failed.error == start.format("cpu", "1920x1080") + fewer
 
     service.device = "cuda"  # the bundle's renderer on a GPU
-    failed = _frame(service, source="bundle", neural=True, max_pixels=2048 * 2048)
-    assert failed.error == (start.format("cuda") + f"Render fewer pixels (Output > Resolution %), {tiles}, choose FP16 "
+    failed = _frame(service, big, source="bundle", neural=True, max_pixels=2048 * 2048)
+    assert failed.error == (start.format("cuda", "4000x3000") + f"{fewer}, {tiles.format(2048)}, choose FP16 "
                             "precision" + GPU_HINT)
-    failed = _frame(service, source="bundle")
-    assert failed.error == (start.format("cuda") + "Render fewer pixels (Output > Resolution %), choose FP16 precision"
-                            + GPU_HINT)
+    failed = _frame(service, hd, source="bundle")
+    assert failed.error == start.format("cuda", "1920x1080") + f"{fewer}, choose FP16 precision" + GPU_HINT
     service.device = "cpu"
     monkeypatch.undo()
     assert isinstance(_frame(service, source="bundle", neural=True), P.Frame)  # the service goes on
