@@ -427,7 +427,7 @@ def test_photos_over_pils_limit_refused_by_the_readers_and_read_by_prepare_captu
         prepare_capture(src, str(tmp_path / "out2"), max_size=120)
     # what to do there: not prepare-capture again, which is what failed
     assert str(info.value).endswith(f"Camera 1 in {os.path.join(src, 'sparse', '0')} states {W}x{H}; prepare-capture "
-                                    "reads a photo of up to twice its camera's pixels (at most 1,000,000,000): "
+                                    "reads a photo of up to twice its camera's pixels (at most 500,000,000): "
                                     "downscale the photo first (any image editor: the camera is scaled to match) or "
                                     "check that it is this capture's photo")
 

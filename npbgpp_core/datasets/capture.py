@@ -66,10 +66,10 @@ ORIENTS = ("keep", "z-up")
 MIN_MAX_SIZE = 16
 # The most pixels prepare_capture reads of one photo, whatever its camera states (it reads up to
 # twice the camera's pixels, beyond PIL's decompression-bomb limit): a cameras file stating a huge
-# camera must not make it decode a bomb (a PNG of a few MB claiming 10 gigapixels: 30 GB as RGB).
-# 1 gigapixel is beyond any camera's photo (400-MP multi-shot); reading it takes about 6 GB (the
-# decoded photo and its RGB copy, 3 bytes a pixel each).
-MAX_PHOTO_PIXELS = 1_000_000_000
+# camera must not make it decode a bomb (a PNG of a few MB claiming 10 gigapixels). 500 MP is
+# beyond any camera's photo (400-MP multi-shot); reading it takes about 4.3 GB (8.6 bytes a pixel:
+# BENCHMARKS.md, prepare-capture reading a 200-MP photo).
+MAX_PHOTO_PIXELS = 500_000_000
 # Length of the mean of the cameras' unit image-up vectors below which they are taken to
 # disagree about up (0 = no agreement, 1 = all rolled alike).
 MIN_UP_AGREEMENT = 0.5
