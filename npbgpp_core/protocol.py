@@ -431,7 +431,7 @@ class AggregateFinish(Request):
     out: str  # the bundle file to write
     op: ClassVar[str] = "aggregate_finish"
     reply: ClassVar[type[Reply]] = AggregationResult
-    doing: ClassVar[str] = "aggregating descriptors"
+    doing: ClassVar[str] = "finishing Aggregate Descriptors"
 
 
 @dataclass
@@ -473,7 +473,7 @@ class DensifyFinish(Request):
     out: str
     op: ClassVar[str] = "densify_finish"
     reply: ClassVar[type[Reply]] = PointSet
-    doing: ClassVar[str] = "densifying points"
+    doing: ClassVar[str] = "finishing Densify Points"
 
 
 @dataclass
@@ -539,7 +539,7 @@ class FitFinish(Request):
     out: str
     op: ClassVar[str] = "fit_finish"
     reply: ClassVar[type[Reply]] = FitResultInfo
-    doing: ClassVar[str] = "fitting to the photos"
+    doing: ClassVar[str] = "finishing Fit to Photos"
 
 
 @dataclass

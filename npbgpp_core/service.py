@@ -369,7 +369,7 @@ class RenderService:
         if isinstance(req, P.RenderFrame):
             return render_memory_advice(req, device, first)
         # the rest (setting points, finishing an aggregation): no frame size to lower
-        return f"out of memory on {device} while {type(req).__name__} ({first})" + gpu_full_hint(device)
+        return f"out of memory on {device} while {req.doing} ({first})" + gpu_full_hint(device)
 
     def _photo_job_memory_advice(self, req: P.Request, first: str) -> str:
         """Aggregate and Fit read every photo at its own size, so what runs out of memory there

@@ -257,7 +257,7 @@ def test_out_of_memory_in_densify_or_loading_a_bundle_names_no_frame(aggregated,
     monkeypatch.setattr(service.aggregation, "finish", oom)
     failed = service.handle(P.AggregateFinish(os.path.join(os.path.dirname(bundle), "never.npbgpp")))
     assert isinstance(failed, P.Failure)
-    assert failed.error == ("out of memory on cpu while AggregateFinish (CUDA out of memory. Tried to allocate "
-                            "15.00 GiB)")
+    assert failed.error == ("out of memory on cpu while finishing Aggregate Descriptors (CUDA out of memory. Tried "
+                            "to allocate 15.00 GiB)")  # the add-on's words, not the request's name
     monkeypatch.undo()
     assert isinstance(service.handle(P.LoadBundle(bundle, "CPU")), P.BundleInfo)
