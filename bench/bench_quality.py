@@ -235,13 +235,12 @@ def check_fit_options(args: argparse.Namespace) -> None:
         raise QualityError(f"--fit-max-side {args.fit_max_side} is below the fitting crop --crop {args.crop}")
 
 
-AGGREGATE_MIN_SIDE = 16  # below this a photo is a few encoder cells: nothing to aggregate
-
-
 def check_aggregate_max_side(args: argparse.Namespace) -> None:
     """Refuse an --aggregate-max-side the run cannot mean: under AGGREGATE_MIN_SIDE, or above
     --max-side (the question it answers is aggregating from photos smaller than the ones scored;
     equal to --max-side is the default run)."""
+    from npbgpp_core.protocol import AGGREGATE_MIN_SIDE
+
     side = args.aggregate_max_side
     if side is None:
         return
@@ -399,9 +398,9 @@ def evaluate_scene(folder: str, args: argparse.Namespace, weights: dict[str, str
     in_images = [scene.load_image(i, size_of(i)) for i in inputs]
     in_cams = [scene.camera(i, size_of(i)) for i in inputs]
     if args.aggregate_max_side and args.aggregate_max_side != args.max_side:
-        # the loader's own resize and camera scaling, as at --max-side (the rule export --max-side uses)
-        agg_images = [scene.load_image(i, size_of(i, args.aggregate_max_side)) for i in inputs]
-        agg_cams = [scene.camera(i, size_of(i, args.aggregate_max_side)) for i in inputs]
+        # what the add-on's Aggregate reads at its Photo Size (and export --max-side): the one helper
+        agg_views = [scene.view_at_long_side(i, args.aggregate_max_side) for i in inputs]
+        agg_images, agg_cams = [v[0] for v in agg_views], [v[1] for v in agg_views]
     else:
         agg_images, agg_cams = in_images, in_cams
     gts = [scene.load_image(i, size_of(i)) for i in held]
@@ -479,8 +478,10 @@ def evaluate_scene(folder: str, args: argparse.Namespace, weights: dict[str, str
         if auto:  # the users' default, by the photos the fit sees
             by_size = users_recipes(keywords, [im.shape[-2:] for im in fit_images])
         choosing = bool(keywords.get("check_recipes"))
+        # a fair check aggregates again at the side the scene was aggregated at, as a user's fit of a bundle does
+        cap = {"aggregate_max_side": args.aggregate_max_side} if args.aggregate_max_side else {}
         fit = fit_coefficients(model, agg, views, steps=args.steps, crop=args.crop, seed=args.fit_seed,
-                               keep_candidates=choosing, **keywords)
+                               keep_candidates=choosing, **cap, **keywords)
         if fit.check is not None and fit.check.kept == "unfitted":
             # what a user then has: the source bundle itself (scene_fit.BundleFit saves it), NPBG++'s render
             preds = [model.render(agg, c) for c in test_cams]

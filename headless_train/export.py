@@ -34,8 +34,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--views", choices=("non-held-out", "all", "train"), default="non-held-out",
                    help="NPBG++: which views are aggregated (default non-held-out: every view but the "
                    "scene's held-out test views; train: the train split only; all: every view)")
-    p.add_argument("--max-side", type=int, default=None, help="NPBG++: downscale input views to this long side "
-                   "(a nerfstudio scene reads its smallest images_N/ copy still this large)")
+    p.add_argument("--max-side", type=int, default=None, help="NPBG++: read the input views at most this long side "
+                   "in pixels (larger ones shrunk, cameras scaled alike; at least 16; 0 or unset: their own size), as "
+                   "the add-on's Aggregate Photo Size; recorded in the bundle as aggregate_max_side (a nerfstudio "
+                   "scene reads its smallest images_N/ copy still this large)")
     p.add_argument("--undistort", action="store_true",
                    help="COLMAP models and nerfstudio transforms.json with lens distortion: remap the photos to "
                    "pinhole images on load")
@@ -68,6 +70,18 @@ def world_up_spec(text: str | None) -> str | tuple[float, ...] | None:
     except ValueError:
         raise ExportError(f"--world-up must be 'auto', one of {', '.join(sorted(UP_AXES))} or 3 numbers x,y,z "
                           f"(not all zero), got {text!r}") from None
+
+
+def max_side_value(value: int | None) -> int | None:
+    """``--max-side`` as the long side the aggregation reads photos at (None: their own size, also
+    for 0), checked as the add-on's Photo Size is (``protocol.check_aggregate_max_side``: at least
+    AGGREGATE_MIN_SIDE pixels); ExportError naming the option."""
+    from npbgpp_core.protocol import check_aggregate_max_side
+
+    try:
+        return check_aggregate_max_side(value, "--max-side")
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
 
 
 def aggregated_views(scene, which: str) -> list[int]:
@@ -105,10 +119,10 @@ def seen_points_note(points: int, seen: int, in_no_view: int) -> str:
 
 
 def export_npbgpp(ckpt: dict, scene, args, name: str):
-    from npbgpp_core.image_size import fit_long_side
     from npbgpp_core.pretrained import WeightsError, build_network, bundled_domain, trainer_checkpoint_weights
     from npbgpp_core.scene import NeuralScene
 
+    max_side = max_side_value(args.max_side)
     views = aggregated_views(scene, args.views)
     if not views:
         raise ExportError(f"scene {scene.root} has no views to aggregate")
@@ -124,9 +138,9 @@ def export_npbgpp(ckpt: dict, scene, args, name: str):
         # points on a pixel of some view's z-buffer, winning it or not (the add-on's Aggregate counts them alike)
         in_a_view = torch.zeros(len(points), dtype=torch.bool, device=args.device)
         for i in views:
-            size = fit_long_side(tuple(scene.views[i].camera.image_size), args.max_side)
-            camera = scene.camera(i, size)
-            state_agg.add_views(scene.load_image(i, size).unsqueeze(0).to(args.device), [camera])
+            image, camera = scene.view_at_long_side(i, max_side)  # as the add-on's Aggregate at its Photo Size
+            camera = camera.to(args.device)
+            state_agg.add_views(image.unsqueeze(0).to(args.device), [camera])
             in_a_view |= model.points_in_view(state_agg.points, camera)
         agg = state_agg.finish()
     n_valid = int(agg.valid.sum())
@@ -135,8 +149,10 @@ def export_npbgpp(ckpt: dict, scene, args, name: str):
         raise ExportError(f"no point of {scene.root} is visible in any of its {len(views)} views")
     # the keys Aggregate writes (npbgpp_core.service): Fit to Photos checks its dataset by "dataset"
     # and picks the weights of "domain"
+    # "aggregate_max_side": the long side the photos were read at most (None: their own size), at which a
+    # fit's fair check aggregates them again (scene_fit.BundleFit)
     meta = {"dataset": scene.root, "views": len(views), "weights": os.path.basename(args.checkpoint),
-            "source_checkpoint": os.path.abspath(args.checkpoint)}
+            "source_checkpoint": os.path.abspath(args.checkpoint), "aggregate_max_side": max_side}
     domain = bundled_domain(args.checkpoint)
     if domain:
         meta["domain"] = domain
@@ -221,6 +237,7 @@ def export(args: argparse.Namespace) -> str:
         raise ExportError(f"--out {args.out} is the --checkpoint it reads; write the bundle to another file, "
                           "e.g. scene.npbgpp")
     up_spec = world_up_spec(args.world_up)
+    max_side_value(args.max_side)  # before the checkpoint and the scene are read
     weights_file = args.checkpoint.lower().endswith(".safetensors")
     if up_spec is not None and not weights_file:
         # the run resolved and stored its up (system.world_up); its descriptors and

@@ -1223,6 +1223,7 @@ def fit_coefficients(
     check_combine: str = FIT_CHECK_COMBINE,
     whole_max_side: int | None = WHOLE_VIEW_MAX_SIDE,
     keep_candidates: bool = False,
+    aggregate_max_side: int | None = None,
 ) -> FitResult:
     """coefficients_ft: fine-tune ``aggregated``'s coefficients and a copy of ``model``'s
     refiner on ``views`` for ``steps`` steps; ``model`` itself is not changed. The result's
@@ -1324,7 +1325,8 @@ def fit_coefficients(
     ``fair_check`` (with ``check_view``; off here, the users' fits by
     :data:`FIT_FAIR_CHECK`): the check without that lean. ``model`` aggregates the scene again
     from the views less the kept one (:func:`aggregation_without`: each photo at its own
-    size, as Aggregate Descriptors, ``headless_train export`` and bench_quality add them),
+    size, or at ``aggregate_max_side``, as Aggregate Descriptors, ``headless_train export`` and
+    bench_quality add them),
     that aggregation is scored unfitted on the kept view, fitted on the others and scored
     again; the fit (from that aggregation) is kept if it scores no lower, else the result is
     the unfitted model of ``aggregated`` itself, as without ``fair_check``. The
@@ -1359,6 +1361,11 @@ def fit_coefficients(
     it, for that recipe alone; photos no larger are fitted as they are, bit for bit as without the cap);
     the kept photo is still scored at its own size. It bounds the whole-view steps' cost, which grows
     with the pixels. Ignored without a "whole" recipe.
+    ``aggregate_max_side`` (with ``fair_check``; None: each photo at its own size): the long side
+    ``aggregated`` was aggregated at (a bundle's "aggregate_max_side": the add-on's Photo Size,
+    ``headless_train export --max-side``); the fair check's aggregation without the kept view reads
+    the photos shrunk to it as that aggregation did (:func:`aggregation_without`), so it compares
+    like with like. The fit itself and the check's scores stay at the photos' own size.
     ``keep_candidates`` (for benchmarks): the result's ``candidate_states`` hold each recipe's
     fitted state (CPU), to score the ones not chosen, and ``unfitted_state`` the state they all
     started from, to score mixes of them (:func:`average_states`)."""
@@ -1387,7 +1394,7 @@ def _coefficients_steps(
     laplacian_weight: float, perceptual_weight: float, fft_weight: float, background_rows: int | None,
     aligned: bool, coarse_fraction: float, coarse_side: int, check_view: bool, fair_check: bool,
     check_tolerance: float, check_recipes: Sequence[str], check_combine: str, whole_max_side: int | None,
-    keep_candidates: bool,
+    keep_candidates: bool, aggregate_max_side: int | None,
 ) -> Generator[int, None, FitResult]:
     """The model, loss and recipe of :func:`fit_coefficients` (every argument checked
     here, before a step runs) and its fitting loop, not started yet."""
@@ -1404,6 +1411,9 @@ def _coefficients_steps(
         check_recipes, check_combine, whole_max_side)
     if not isinstance(keep_candidates, bool):
         raise ValueError(f"keep_candidates must be True or False, got {keep_candidates!r}")
+    from .protocol import check_aggregate_max_side
+
+    aggregate_max_side = check_aggregate_max_side(aggregate_max_side, "aggregate_max_side")
     if loss_fn is None:
         perceptual = None
         if perceptual_weight > 0:  # ValueError for an encoder no file was read into
@@ -1418,7 +1428,7 @@ def _coefficients_steps(
     candidates = candidate_recipes(recipe_names, steps, crop, recipe, whole_cap)
     if check_view and fair_check:
         return _fair_checked_steps(model, aggregated, start_model, points, views, candidates, loss_fn, seed,
-                                   device, tolerance, keep_candidates, combine)
+                                   device, tolerance, keep_candidates, combine, aggregate_max_side)
     if check_view:
         return _checked_steps(start_model(aggregated), points, views, candidates, loss_fn, seed, device,
                               tolerance, keep_candidates, combine)
@@ -1446,11 +1456,17 @@ def coefficients_model(model: NPBGPlusPlus, aggregated: AggregatedScene, backgro
     ).to(model.device)
 
 
-def aggregation_without(model: NPBGPlusPlus, points: torch.Tensor, views: FitViews, k: int) -> AggregatedScene:
+def aggregation_without(model: NPBGPlusPlus, points: torch.Tensor, views: FitViews, k: int,
+                        max_side: int | None = None) -> AggregatedScene:
     """``model``'s aggregation of ``points`` from every view of ``views`` but ``k``, each
-    photo at its own size (the padding :func:`padded_fit_views` added cut off again), one at
-    a time, as Aggregate Descriptors, ``headless_train export`` and bench_quality add them:
-    the scene a fair check scores unfitted, in which view ``k``'s pixels play no part."""
+    photo at its own size (the padding :func:`padded_fit_views` added cut off again) or, with
+    ``max_side``, shrunk to that long side with its camera
+    (:func:`~npbgpp_core.datasets.scene_data.shrink_photo`, what the loader reads at that size),
+    one at a time, as Aggregate Descriptors (at its Photo Size), ``headless_train export``
+    (--max-side) and bench_quality add them: the scene a fair check scores unfitted, in which
+    view ``k``'s pixels play no part."""
+    from .datasets.scene_data import shrink_photo
+
     device = model.device
     with torch.no_grad():
         state = model.begin_scene(points.detach().to(device, torch.float32))
@@ -1460,8 +1476,8 @@ def aggregation_without(model: NPBGPlusPlus, points: torch.Tensor, views: FitVie
             h, w = view_extent(views, i)
             if h == 0:
                 continue  # no valid pixel: nothing to add
-            image = views.image(i, 0, 0, h, w).to(device, torch.float32)
-            state.add_views(image[None], [views.cameras[i].cropped(0, 0, h, w).to(device)])
+            image, camera = shrink_photo(views.image(i, 0, 0, h, w), views.cameras[i].cropped(0, 0, h, w), max_side)
+            state.add_views(image.to(device, torch.float32)[None], [camera.to(device)])
         return state.finish()
 
 
@@ -1469,10 +1485,10 @@ def _fair_checked_steps(
     model: NPBGPlusPlus, aggregated: AggregatedScene, start_model: Callable[[AggregatedScene], NPBG],
     points: torch.Tensor, views: FitViews, candidates: list[Candidate], loss_fn: LossFn,
     seed: int, device: torch.device, tolerance: float, keep_candidates: bool = False,
-    combine: str = FIT_CHECK_COMBINE,
+    combine: str = FIT_CHECK_COMBINE, max_side: int | None = None,
 ) -> Generator[int, None, FitResult]:
     """:func:`_checked_steps` on the scene aggregated without the kept view
-    (:func:`aggregation_without`); when the fit loses there, the result's model is the
+    (:func:`aggregation_without`, photos at most ``max_side`` long); when the fit loses there, the result's model is the
     unfitted one of ``aggregated`` (every view's aggregation, as without the fair check).
     Below :data:`CHECK_VIEW_MIN_VIEWS` views: the unchecked fit of ``aggregated``."""
     k = check_view_index(len(views.cameras))
@@ -1480,7 +1496,7 @@ def _fair_checked_steps(
         return (yield from _checked_steps(start_model(aggregated), points, views, candidates, loss_fn, seed, device,
                                           tolerance, keep_candidates, combine))
     start = time.perf_counter()
-    without = aggregation_without(model, points, views, k)
+    without = aggregation_without(model, points, views, k, max_side)
     aggregate_seconds = time.perf_counter() - start
     result = yield from _checked_steps(start_model(without), points, views, candidates, loss_fn, seed, device,
                                        tolerance, keep_candidates, combine)

@@ -78,6 +78,33 @@ def auto_check_recipes(long_side: int) -> tuple[tuple[str, ...], str]:
     return (), FIT_CHECK_COMBINE
 
 
+# The add-on's Photo Size, Aggregate Descriptors' default (AggregateBegin.max_side): the long side, in
+# pixels, it reads each photo at (larger photos shrunk with their cameras, npbgpp_core.image_size.fit_long_side;
+# smaller ones kept as they are). Why: aggregating reads every photo whole through the extractor, about
+# 0.7 GiB per megapixel (BENCHMARKS.md "A user's capture with big photos": 20 photos at 4032 px took 16 min
+# and 8 GB); aggregating from half the size the views are looked at stayed within the quality bar at 1024 px
+# (BENCHMARKS.md "Aggregating from smaller photos": mean +0.05 / -0.03 dB, worst -0.28). The add-on's
+# property, the READMEs and the tests read this one number.
+AGGREGATE_MAX_SIDE = 2048
+# The smallest long side an aggregation reads photos at (below it a photo is a few encoder cells: nothing
+# to aggregate); Photo Size, export --max-side and bench_quality --aggregate-max-side refuse less (0 aside).
+AGGREGATE_MIN_SIDE = 16
+
+
+def check_aggregate_max_side(value: Any, what: str = "Photo Size") -> int | None:
+    """The long side an aggregation reads photos at (AggregateBegin.max_side, export --max-side, a
+    bundle's "aggregate_max_side"): None for 0 or None (each photo at its own size), else ``value``
+    when it is a whole number of at least :data:`AGGREGATE_MIN_SIDE`; ValueError naming ``what``
+    and saying what to give otherwise."""
+    whole = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    if value is None or (whole and value == 0):
+        return None
+    if not whole or value < AGGREGATE_MIN_SIDE:
+        raise ValueError(f"{what} must be 0 (each photo at its own size) or a whole number of pixels of at least "
+                         f"{AGGREGATE_MIN_SIDE}, got {value!r}")
+    return int(value)
+
+
 # Frame.note while the service compiles a fused refiner's kernels (text for the user; the
 # viewport reads Frame.compiling).
 COMPILING_KERNELS_NOTE = "compiling fused kernels..."
@@ -202,6 +229,8 @@ class AggregationStarted(Reply):
     # every view of the dataset; more than ``views`` when its split holds some out for evaluation
     # (COLMAP and nerfstudio without split lists: every 8th), which Aggregate, Densify and Fit skip
     dataset_views: int = 0
+    max_side: int = 0  # AggregateBegin.max_side as applied (0: each photo at its own size)
+    largest_side: int = 0  # the longest side of the photos aggregated, at their own size
 
 
 @dataclass
@@ -404,6 +433,7 @@ class AggregateBegin(Request):
     domain: str = "auto"
     points: str = ""
     pc_name: str = ""  # the dataset's chosen cloud (ReadDataset.pc_name), read when ``points`` is empty
+    max_side: int = 0
     op: ClassVar[str] = "aggregate_begin"
     reply: ClassVar[type[Reply]] = AggregationStarted
     doing: ClassVar[str] = "aggregating descriptors"

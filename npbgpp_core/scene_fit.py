@@ -89,6 +89,19 @@ def users_check_recipes(checked: bool, image_sizes: Iterable[Sequence[int]]) -> 
             "recipes": list(recipes), "combine": combine}
 
 
+def bundle_aggregate_max_side(bundle: Any, path: str) -> int | None:
+    """The long side ``bundle`` (read from ``path``) records its photos were aggregated at (metadata
+    "aggregate_max_side", written by Aggregate Descriptors and ``headless_train export``); None when
+    it records none (their own size; bundles written before the key). ValueError naming the file for
+    a value no aggregation writes."""
+    from .protocol import check_aggregate_max_side
+
+    try:
+        return check_aggregate_max_side(bundle.metadata.get("aggregate_max_side"), "its aggregate_max_side")
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc} (the bundle's metadata is damaged: aggregate the dataset again)") from None
+
+
 class BundleFit:
     """The fit of the NPBG++ bundle ``bundle_path`` to the training views of ``data`` (a
     loaded :class:`~npbgpp_core.datasets.scene_data.SceneData`), ``steps`` steps of
@@ -125,11 +138,12 @@ class BundleFit:
     constructor.
 
     ``fair_check`` (with ``check_view``): the fit's ``fair_check``: the check scores, and the
-    fit starts from, the scene aggregated again from the dataset's training photos (at their
-    own size, as Aggregate Descriptors reads them) without the kept one; a fit that loses
-    there saves the source bundle, as without it. None: :data:`~npbgpp_core.fitting.FIT_FAIR_CHECK`
-    when checked. (A bundle ``headless_train export --max-side`` aggregated from smaller
-    photos is aggregated again at the photos' own size.)"""
+    fit starts from, the scene aggregated again from the dataset's training photos without the
+    kept one, each read at the long side the bundle records it was aggregated at (its metadata's
+    "aggregate_max_side": Aggregate Descriptors' Photo Size, ``headless_train export --max-side``;
+    none recorded: the photos' own size), as the bundle was; a fit that loses there saves the
+    source bundle, as without it. None: :data:`~npbgpp_core.fitting.FIT_FAIR_CHECK` when checked.
+    The fit itself fits the photos at their own size, whatever the bundle records."""
 
     def __init__(self, bundle_path: str, data: Any, steps: int = DEFAULT_STEPS, weights: str = "",
                  domain: str = "", device: str = "cpu", aligned: bool | None = None,
@@ -180,6 +194,8 @@ class BundleFit:
             raise ValueError(f"{self.bundle_path} was aggregated from the dataset {source}, not {data.root}: fit "
                              "it to its own dataset (or aggregate this one first)")
         self.bundle = bundle
+        # the long side its photos were aggregated at (None: their own), which a fair check aggregates again at
+        self.aggregate_max_side = bundle_aggregate_max_side(bundle, self.bundle_path)
         source_weights = str(bundle.metadata.get("source_checkpoint") or "")  # headless_train export's network
         if not weights and not domain and source_weights and os.path.isfile(source_weights):
             weights = source_weights
@@ -217,7 +233,8 @@ class BundleFit:
         self.fair_check = fair_check
         self._fit = iter_fit_coefficients(model, aggregated, views, self.steps, check_view=check_view,
                                           fair_check=fair_check, check_tolerance=check_tolerance,
-                                          check_recipes=check_recipes, check_combine=check_combine, **options)
+                                          check_recipes=check_recipes, check_combine=check_combine,
+                                          aggregate_max_side=self.aggregate_max_side, **options)
         self.done = 0
         self.result: Any = None  # the FitResult once finished
 

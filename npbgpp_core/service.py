@@ -161,13 +161,16 @@ class DatasetAggregation:
         from .pretrained import check_domain, default_weights_path, load_pretrained_npbgpp
 
         self.device = pick_device(req.device)
+        # the long side each photo is read at (None: its own), checked before the dataset is read
+        self.max_side = P.check_aggregate_max_side(req.max_side)
         if not req.weights and req.domain != "auto":
             check_domain(req.domain)  # before the dataset is read
         self.data = aggregation_dataset(req)
         self.cloud_note = scene_cloud_note(self.data)
         self.views = list(self.data.train) or list(range(len(self.data.views)))
-        # (H, W) of the photo with the most pixels: the out-of-memory advice names it
+        # (H, W) of the photo with the most pixels, at its own size: the out-of-memory advice names it
         self.largest_photo = self.data.largest_image_size(self.views)
+        self.largest_side = max((max(self.data.views[i].camera.image_size) for i in self.views), default=0)
         # No file given: the bundled network of the data's domain (cut-out objects or scenes).
         self.domain = "" if req.weights else scene_domain(self.data) if req.domain == "auto" else req.domain
         self.weights = req.weights or default_weights_path("npbgpp", self.domain)
@@ -188,9 +191,8 @@ class DatasetAggregation:
 
         if not 0 <= k < len(self.views):
             raise IndexError(f"view {k} of {len(self.views)}")
-        i = self.views[k]
-        image = self.data.load_image(i).to(self.device)
-        camera = self.data.views[i].camera.to(self.device)
+        image, camera = self.data.view_at_long_side(self.views[k], self.max_side)
+        image, camera = image.to(self.device), camera.to(self.device)
         with torch.no_grad():
             self.state.add_views(image[None], [camera])
             self.in_a_view |= self.model.points_in_view(self.state.points, camera)
@@ -205,8 +207,11 @@ class DatasetAggregation:
         colors = None if self.data.colors is None else torch.from_numpy(np.asarray(self.data.colors, np.float32))
         scene = NeuralScene.from_aggregated(
             self.model, agg, colors, name=self.data.name,
+            # "aggregate_max_side": the long side the photos were read at most (None: their own size); a fit's
+            # fair check aggregates them again at it (scene_fit.BundleFit)
             metadata={"dataset": str(self.data.root), "views": len(self.views),
-                      "weights": os.path.basename(self.weights), "domain": self.domain},
+                      "weights": os.path.basename(self.weights), "domain": self.domain,
+                      "aggregate_max_side": self.max_side},
         )
         scene.save(out)
         return P.AggregationResult(out, int(agg.points.shape[0]), int(agg.valid.sum()),
@@ -372,22 +377,35 @@ class RenderService:
         return f"out of memory on {device} while {req.doing} ({first})" + gpu_full_hint(device)
 
     def _photo_job_memory_advice(self, req: P.Request, first: str) -> str:
-        """Aggregate and Fit read every photo at its own size, so what runs out of memory there
-        is the photos' pixels (BENCHMARKS.md, A user's capture with big photos), not a frame's:
-        the advice names the largest photo and a copy of the dataset with smaller ones (which a
-        fit needs aggregated again: a bundle fits the dataset it was aggregated from)."""
+        """What runs out of memory in Aggregate and Fit is the photos' pixels (BENCHMARKS.md, A user's
+        capture with big photos), not a frame's: the advice names the largest photo. Aggregate reads
+        each photo at most at its Photo Size (AggregateBegin.max_side), so it first says to lower that
+        (``headless_train export``: --max-side); Fit reads every photo at its own size, so it names a
+        copy of the dataset with smaller photos (which it needs aggregated again: a bundle fits the
+        dataset it was aggregated from), as Aggregate does after Photo Size."""
         aggregating = isinstance(req, AGGREGATE_JOBS)
         job: Any = self.aggregation if aggregating else self.fit
-        what = "aggregating descriptors" if aggregating else "fitting to the photos"
         device = job_device(job, req)
         size = getattr(job, "largest_photo", None)
-        photos = "" if size is None else f" The largest photo is {size[1]}x{size[0]} pixels."
-        again = "" if aggregating else ", aggregate it and fit that bundle"
-        return (f"out of memory on {device} while {what} ({first}).{photos} Aggregate Descriptors and Fit to "
-                "Photos read every photo at its own size (about 8 GB to aggregate and 4 GB to fit 20 photos of "
-                f"12 megapixels on the CPU): import a copy of the dataset with smaller photos{again} (a COLMAP "
-                "capture, with this project's repository: python -m headless_train prepare-capture SRC --out DST "
-                "--max-size 2048)" + gpu_full_hint(device))
+        photos = "" if size is None else f" The largest photo is {size[1]}x{size[0]} pixels"
+        copy = ("import a copy of the dataset with smaller photos{again} (a COLMAP capture, with this project's "
+                "repository: python -m headless_train prepare-capture SRC --out DST --max-size 2048)")
+        if not aggregating:
+            return (f"out of memory on {device} while fitting to the photos ({first}).{photos and photos + '.'} "
+                    "Fit to Photos reads every photo at its own size (about 4 GB to fit 20 photos of 12 megapixels "
+                    "on the CPU): " + copy.format(again=", aggregate it and fit that bundle") + gpu_full_hint(device))
+        cap = getattr(job, "max_side", None) if job is not None else getattr(req, "max_side", 0) or None
+        if size is not None and cap is not None:
+            from .image_size import fit_long_side
+
+            h, w = fit_long_side(size, cap)
+            photos += f", read at {w}x{h}" if (h, w) != tuple(size) else ", read at its own size"
+        read = f"at most {cap} px on the long side (Photo Size {cap})" if cap else "at its own size (Photo Size 0)"
+        return (f"out of memory on {device} while aggregating descriptors ({first}).{photos and photos + '.'} "
+                f"Aggregate Descriptors reads every photo {read}; its memory grows with those pixels (about 8 GB "
+                "for photos of 12 megapixels, 2.9 GB at 2048 px on the CPU): set a smaller Photo Size in its "
+                "options (headless_train export: --max-side), or " + copy.format(again="")
+                + gpu_full_hint(device))
 
     # ------------------------------------------------------------------ requests
     def hello(self, req: P.Hello) -> P.TorchInfo:
@@ -489,7 +507,7 @@ class RenderService:
         self.aggregation = DatasetAggregation(req)
         agg = self.aggregation
         return P.AggregationStarted(len(agg.views), list(agg.model.config.world_up), agg.weights, agg.domain,
-                                    agg.cloud_note, len(agg.data.views))
+                                    agg.cloud_note, len(agg.data.views), agg.max_side or 0, int(agg.largest_side))
 
     def aggregate_view(self, req: P.AggregateView) -> P.Done:
         self._aggregation().add(int(req.index))

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..camera import Camera
+from ..image_size import fit_long_side
 from .errors import DatasetError
 from .images import read_alpha, read_image, read_image_pixels, read_mask
 
@@ -121,6 +122,21 @@ class SceneData:
             return _resize_tensor(img, size)
         return read_image(v.image_path, size, self.background)
 
+    def view_at_long_side(self, i: int, max_side: int | None) -> tuple[torch.Tensor, Camera]:
+        """Photo ``(3, h, w)`` and camera of view ``i`` with the long side at most ``max_side``
+        pixels: a larger photo shrunk by :func:`~npbgpp_core.image_size.fit_long_side` with the
+        loaders' area resize (:meth:`load_image` at that size) and its camera scaled alike
+        (:meth:`camera`); one no larger, or ``max_side`` None, as :meth:`load_image` and the view's
+        camera give it (never enlarged). The one reading of "this view at long side N" of every
+        aggregation: the add-on's Aggregate (Photo Size), ``headless_train export --max-side``,
+        training's input views and bench_quality (:func:`shrink_photo`: the same for a photo
+        already read)."""
+        own = tuple(int(s) for s in self._check_index(i).camera.image_size)
+        size = fit_long_side(own, max_side)
+        if size == own:
+            return self.load_image(i), self.camera(i)
+        return self.load_image(i, size), self.camera(i, size)
+
     def load_image_pixels(self, i: int) -> torch.Tensor:
         """Image of view ``i`` at its own size as :meth:`load_image` gives it, but uint8 (k for
         k/255) when it is an 8-bit file read as it is (:func:`read_image_pixels`; undistorted
@@ -198,6 +214,21 @@ def scene_input_at(scene: SceneData, path: str | os.PathLike, outputs: tuple[str
             and not target.lower().endswith(outputs):
         return target
     return None
+
+
+def shrink_photo(image: torch.Tensor, camera: Camera, max_side: int | None) -> tuple[torch.Tensor, Camera]:
+    """:meth:`SceneData.view_at_long_side` for a photo already read at its own size: ``image``
+    ``(C, H, W)`` floats in [0, 1] and its ``camera``, shrunk so the long side is at most
+    ``max_side`` (:func:`~npbgpp_core.image_size.fit_long_side`, the loaders' area resize, clamped
+    to [0, 1] as :func:`~npbgpp_core.datasets.images.read_image` does; the camera scaled alike);
+    no larger, or ``max_side`` None: both returned as they are. A view's photo read by the
+    loader and shrunk here equals the loader's own read at that size (a fit's fair check
+    aggregates its photos again this way, :func:`npbgpp_core.fitting.aggregation_without`)."""
+    own = (int(image.shape[-2]), int(image.shape[-1]))
+    size = fit_long_side(own, max_side)
+    if size == own:
+        return image, camera
+    return _resize_tensor(image.detach().cpu(), size).clamp_(0.0, 1.0), camera.scaled(size)
 
 
 def _resize_tensor(img: torch.Tensor, size: Sequence[int] | None) -> torch.Tensor:

@@ -1,0 +1,243 @@
+"""Aggregate's Photo Size (AggregateBegin.max_side, ``headless_train export --max-side``): each
+photo read at most that long side with its camera scaled alike, recorded in the bundle as
+"aggregate_max_side", and a fit's fair check aggregating again at the side recorded. The
+references are hand aggregations of the loader's photos read at a hand-computed size."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from _train_fixtures import aggregate_with_worker, make_tiny_scene
+
+from npbgpp_core import protocol as P
+from npbgpp_core.datasets import load_scene
+from npbgpp_core.models.alignment import resolve_world_up
+from npbgpp_core.pretrained import default_weights_path, load_pretrained_npbgpp
+from npbgpp_core.scene import NeuralScene
+from npbgpp_core.service import RenderService
+
+REFUSED = "must be 0 (each photo at its own size) or a whole number of pixels of at least 16, got"
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A tiny cut-out scene of 32x32 photos: 4 training views, one test view."""
+    root = tmp_path_factory.mktemp("photo_size")
+    return make_tiny_scene(str(root / "scene"), views=5, size=32, n_points=200, splits=(4, 0, 1))
+
+
+def hand_aggregation(folder: str, size: tuple[int, int] | None, skip: int | None = None):
+    """The bundled network's aggregation of the training views, each photo read by the loader at
+    ``size`` (None: its own) with its camera scaled to it, one view at a time; up +z as the
+    worker's POS_Z. ``skip``: a training view (position in the train list) left out."""
+    data = load_scene(folder)
+    ids = [i for k, i in enumerate(data.train) if k != skip]
+    model = load_pretrained_npbgpp(default_weights_path("npbgpp", "object"),
+                                   world_up=resolve_world_up("POS_Z", [data.views[i].camera for i in data.train]))
+    with torch.no_grad():
+        state = model.begin_scene(torch.from_numpy(data.points).float())
+        for i in ids:
+            image = data.load_image(i) if size is None else data.load_image(i, size)
+            camera = data.views[i].camera if size is None else data.camera(i, size)
+            state.add_views(image[None], [camera])
+        return state.finish()
+
+
+def aggregated(folder: str, out: str, **begin) -> tuple[P.AggregationStarted, NeuralScene]:
+    started = aggregate_with_worker(folder, out, **begin)
+    return started, NeuralScene.load(out)
+
+
+def test_a_capped_aggregation_reads_shrunk_photos_and_records_the_cap(folder, tmp_path):
+    """Photo Size 16 on 32-px photos: the bundle is, bit for bit, the hand aggregation of the
+    photos the loader reads at 16x16 with cameras scaled alike (20: 20x20), records the cap, and
+    differs from the own-size bundle; the worker says what it read."""
+    started, capped = aggregated(folder, str(tmp_path / "16.npbgpp"), max_side=16)
+    assert (started.max_side, started.largest_side) == (16, 32)
+    hand = hand_aggregation(folder, (16, 16))
+    assert torch.equal(capped.features, hand.coefficients) and torch.equal(capped.valid, hand.valid)
+    assert capped.metadata["aggregate_max_side"] == 16
+    _, at20 = aggregated(folder, str(tmp_path / "20.npbgpp"), max_side=20)
+    assert torch.equal(at20.features, hand_aggregation(folder, (20, 20)).coefficients)
+    _, own = aggregated(folder, str(tmp_path / "own.npbgpp"), max_side=0)
+    assert not torch.equal(own.features, capped.features)
+
+
+def test_photo_size_0_and_photos_within_the_cap_are_read_as_they_are(folder, tmp_path):
+    """Photo Size 0 (AggregateBegin's default) is the aggregation of before, bit for bit (the photos
+    and cameras as the dataset gives them), recorded as None; a cap at or above the photos' size
+    (32, 2048) changes nothing but the record."""
+    started, own = aggregated(folder, str(tmp_path / "own.npbgpp"))
+    assert (started.max_side, started.largest_side) == (0, 32)
+    hand = hand_aggregation(folder, None)
+    assert torch.equal(own.features, hand.coefficients) and torch.equal(own.valid, hand.valid)
+    assert "aggregate_max_side" in own.metadata and own.metadata["aggregate_max_side"] is None
+    for cap in (32, P.AGGREGATE_MAX_SIDE):
+        started, bundle = aggregated(folder, str(tmp_path / f"{cap}.npbgpp"), max_side=cap)
+        assert started.max_side == cap
+        assert torch.equal(bundle.features, own.features) and torch.equal(bundle.valid, own.valid)
+        assert bundle.metadata["aggregate_max_side"] == cap
+
+
+@pytest.mark.parametrize("bad", [-1, 1, 15, True, 16.0, "2048"])
+def test_a_photo_size_no_aggregation_can_mean_is_refused_before_any_work(folder, bad):
+    """Negative, tiny (below AGGREGATE_MIN_SIDE), or not a whole number: the worker refuses it in
+    words naming Photo Size, starts no job and goes on."""
+    service = RenderService()
+    failed = service.handle(P.AggregateBegin(folder, "", device="CPU", max_side=bad))
+    assert isinstance(failed, P.Failure)
+    assert failed.error == f"ValueError: Photo Size {REFUSED} {bad!r}"
+    assert service.aggregation is None
+    assert isinstance(service.handle(P.AggregateBegin(folder, "", device="CPU", max_side=16)), P.AggregationStarted)
+
+
+def test_check_aggregate_max_side_by_hand():
+    """0 and None read at own size (None); 16 and more as given; below 16 or not an int refused."""
+    assert P.check_aggregate_max_side(0) is None and P.check_aggregate_max_side(None) is None
+    assert P.check_aggregate_max_side(16) == 16 and P.check_aggregate_max_side(4032) == 4032
+    with pytest.raises(ValueError, match="^" + re.escape(f"--max-side {REFUSED} 15") + "$"):
+        P.check_aggregate_max_side(15, "--max-side")
+
+
+def test_view_at_long_side_and_shrink_photo_are_the_loader_s_read_at_that_size(folder):
+    """SceneData.view_at_long_side(i, N): a 32-px photo at N=16 is load_image(i, (16, 16)) with
+    camera(i, (16, 16)); at N >= 32 or None the photo and camera as the dataset gives them. A
+    photo read at its own size and shrunk by shrink_photo equals the loader's read at that size."""
+    from npbgpp_core.datasets.scene_data import shrink_photo
+
+    data = load_scene(folder)
+    for i in range(len(data.views)):
+        image, camera = data.view_at_long_side(i, 16)
+        assert torch.equal(image, data.load_image(i, (16, 16))) and camera.image_size == (16, 16)
+        assert torch.equal(camera.K, data.camera(i, (16, 16)).K)
+        for side in (32, 40, None):
+            image, camera = data.view_at_long_side(i, side)
+            assert torch.equal(image, data.load_image(i)) and camera is data.views[i].camera
+        shrunk, cam = shrink_photo(data.load_image(i), data.views[i].camera, 12)
+        assert torch.equal(shrunk, data.load_image(i, (12, 12))) and torch.equal(cam.K, data.camera(i, (12, 12)).K)
+
+
+def test_the_fair_check_aggregates_again_at_the_bundle_s_cap(folder, tmp_path, monkeypatch):
+    """aggregation_without(..., max_side=16) from the fit's own-size photos is, bit for bit, the hand
+    aggregation of the photos read at 16x16 without the kept one; Fit to Photos' fair check of a bundle
+    aggregated at Photo Size 16 aggregates again at 16, of an own-size bundle at own size; the fit's
+    photos stay at their own size."""
+    from npbgpp_core import fitting
+    from npbgpp_core.scene_fit import BundleFit
+
+    data = load_scene(folder)
+    views = fitting.read_fit_views(lambda k: data.load_image_pixels(data.train[k]),
+                                   [data.views[i].camera for i in data.train])
+    k = fitting.check_view_index(len(data.train))
+    model = load_pretrained_npbgpp(default_weights_path("npbgpp", "object"),
+                                   world_up=resolve_world_up("POS_Z", [data.views[i].camera for i in data.train]))
+    points = torch.from_numpy(data.points).float()
+    without = fitting.aggregation_without(model, points, views, k, 16)
+    hand = hand_aggregation(folder, (16, 16), skip=k)
+    assert torch.equal(without.coefficients, hand.coefficients) and torch.equal(without.valid, hand.valid)
+    own = fitting.aggregation_without(model, points, views, k)
+    assert torch.equal(own.coefficients, hand_aggregation(folder, None, skip=k).coefficients)
+
+    seen = []
+    original = fitting.aggregation_without
+
+    def spy(model, points, views, k, max_side=None):
+        seen.append((max_side, tuple(views.cameras[0].image_size)))
+        return original(model, points, views, k, max_side)
+
+    monkeypatch.setattr(fitting, "aggregation_without", spy)
+    for cap, expected in ((16, 16), (0, None)):
+        bundle = str(tmp_path / f"{cap}.npbgpp")
+        aggregate_with_worker(folder, bundle, max_side=cap)
+        job = BundleFit(bundle, data, steps=1, check_view=True, fair_check=True)
+        assert job.aggregate_max_side == expected
+        while not job.step():
+            pass
+        assert seen[-1] == (expected, (32, 32))  # the fit's photos: their own size
+        assert job.check()["aggregated_without"] is True
+    assert len(seen) == 2
+
+
+def test_a_bundle_recording_a_cap_no_aggregation_writes_is_refused(folder, tmp_path):
+    """A bundle whose "aggregate_max_side" is damaged (8, a string) is refused by Fit to Photos with
+    its file named, before any photo is read; fit_coefficients refuses such a cap too."""
+    from npbgpp_core import fitting
+    from npbgpp_core.scene_fit import BundleFit
+
+    good = str(tmp_path / "good.npbgpp")
+    aggregate_with_worker(folder, good, max_side=16)
+    bundle = NeuralScene.load(good)
+    data = load_scene(folder)
+    for bad in (8, "16"):
+        bundle.metadata["aggregate_max_side"] = bad
+        path = str(tmp_path / "bad.npbgpp")
+        bundle.save(path)
+        with pytest.raises(ValueError) as refused:
+            BundleFit(path, data, steps=1)
+        assert str(refused.value) == (f"{path}: its aggregate_max_side {REFUSED} {bad!r} (the bundle's metadata is "
+                                      "damaged: aggregate the dataset again)")
+    model = load_pretrained_npbgpp(default_weights_path("npbgpp", "object"))
+    agg = NeuralScene.load(good).aggregated_scene(model.device)
+    with pytest.raises(ValueError, match="^" + re.escape(f"aggregate_max_side {REFUSED} 8") + "$"):
+        fitting.fit_coefficients(model, agg, (data.load_image(0)[None], [data.views[0].camera]), steps=0,
+                                 aggregate_max_side=8)
+
+
+def test_export_max_side_is_the_workers_photo_size_and_records_it(folder, tmp_path):
+    """``export --max-side 16`` of the bundled weights writes the bundle the worker's Aggregate
+    writes at Photo Size 16 (same views and up axis), recording 16; unset, None; below 16 or
+    negative it is refused in words, with no file written."""
+    from headless_train.export import main as export_main
+
+    weights = default_weights_path("npbgpp", "object")
+    worker = str(tmp_path / "worker.npbgpp")
+    aggregate_with_worker(folder, worker, weights, max_side=16)
+    out = str(tmp_path / "export.npbgpp")
+    common = ["--checkpoint", weights, "--scene", folder, "--views", "train", "--world-up", "+z", "--device", "cpu"]
+    assert export_main([*common, "--out", out, "--max-side", "16"]) == 0
+    exported, aggregated_ = NeuralScene.load(out), NeuralScene.load(worker)
+    assert torch.equal(exported.features, aggregated_.features) and torch.equal(exported.valid, aggregated_.valid)
+    assert exported.metadata["aggregate_max_side"] == 16
+    own = str(tmp_path / "own.npbgpp")
+    assert export_main([*common, "--out", own]) == 0
+    assert NeuralScene.load(own).metadata["aggregate_max_side"] is None
+
+
+@pytest.mark.parametrize("bad", ["8", "-5"])
+def test_export_refuses_a_max_side_below_16(folder, tmp_path, capsys, bad):
+    from headless_train.export import main as export_main
+
+    out = tmp_path / "bad.npbgpp"
+    assert export_main(["--checkpoint", default_weights_path("npbgpp", "object"), "--scene", folder,
+                        "--out", str(out), f"--max-side={bad}", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --max-side {REFUSED} {bad}"
+    assert not out.exists()
+
+
+def test_out_of_memory_in_aggregate_first_suggests_a_smaller_photo_size(folder, monkeypatch):
+    """Out of memory while aggregating names the largest photo, the size it was read at, and first a
+    smaller Photo Size (export: --max-side), then a copy with smaller photos; at Photo Size 0 it says
+    the photos were read at their own size."""
+    service = RenderService()
+    for cap, read in ((16, "The largest photo is 32x32 pixels, read at 16x16. Aggregate Descriptors reads every "
+                           "photo at most 16 px on the long side (Photo Size 16)"),
+                      (0, "The largest photo is 32x32 pixels. Aggregate Descriptors reads every photo at its own "
+                          "size (Photo Size 0)")):
+        assert isinstance(service.handle(P.AggregateBegin(folder, "", device="CPU", max_side=cap)),
+                          P.AggregationStarted)
+
+        def oom(*args, **kwargs):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 15.00 GiB")
+
+        monkeypatch.setattr(service.aggregation.state, "add_views", oom)
+        failed = service.handle(P.AggregateView(0))
+        assert isinstance(failed, P.Failure)
+        assert failed.error.startswith("out of memory on cpu while aggregating descriptors (CUDA out of memory.")
+        assert read in failed.error, failed.error
+        advice = failed.error.split(read)[1]
+        assert advice.index("set a smaller Photo Size") < advice.index("prepare-capture")
+        assert "(headless_train export: --max-side)" in advice and "--max-size 2048" in advice
+        assert service.handle(P.AggregateCancel()) == P.Done()
+
