@@ -12,6 +12,8 @@ import bpy
 import numpy as np
 from bpy.props import BoolProperty, FloatProperty, IntProperty, StringProperty
 
+from npbgpp_core.protocol import AGGREGATE_MAX_SIDE, AGGREGATE_MIN_SIDE
+
 from .blend_paths import linked_library, resolved, stored
 
 # Network setting -> the data domain of the bundled NPBG++ file (npbgpp_core.pretrained);
@@ -555,6 +557,16 @@ def held_out_note(used: int, total: int) -> str:
             "Fit to Photos do not read; F12 through their cameras shows unseen views.")
 
 
+def photo_size_note(max_side: int, largest_side: int) -> str:
+    """The sentence Aggregate's report gives its Photo Size when it shrank photos (``max_side``, the
+    worker's AggregationStarted, below ``largest_side``, the longest side of the photos as they are):
+    the bundle was aggregated from smaller photos than the user brought; "" when none was shrunk."""
+    if not max_side or largest_side <= max_side:
+        return ""
+    return (f" Photos read at {max_side} px long side (originals up to {largest_side}; Photo Size, 0 reads them "
+            "at their own size).")
+
+
 def aggregate_cloud(s: Any) -> tuple[str, str]:
     """(setting, file) of the cloud Aggregate reads instead of the format's own: Dataset Points
     when set (Densify's output, or Import Dataset Folder's Point Cloud), else Dataset Cloud (that
@@ -603,6 +615,13 @@ class NPBGPP_OT_aggregate(_WorkerStepJob, bpy.types.Operator):
         name="Max Points", default=0, min=0,
         description="Aggregate at most this many of the dataset's points (chosen at random); 0: all",
     )
+    max_side: IntProperty(  # type: ignore[valid-type]
+        name="Photo Size", default=AGGREGATE_MAX_SIDE, min=0, subtype="PIXEL",
+        description=f"Read each photo at most this long side in pixels (larger ones shrunk, their cameras alike): "
+                    f"Aggregate's time and memory grow with the pixels read (20 photos of 12 megapixels at their own "
+                    f"size: about 16 min and 8 GB on a CPU). 0: each photo at its own size; else at least "
+                    f"{AGGREGATE_MIN_SIDE}",
+    )
 
     _job = "Aggregate"
     _cancel_request = "AggregateCancel"
@@ -612,6 +631,7 @@ class NPBGPP_OT_aggregate(_WorkerStepJob, bpy.types.Operator):
     _network: str = ""  # the weights file the worker uses, and the domain that chose it
     _cloud_note: str = ""  # the worker's warning that the cloud misses the dataset's reconstruction
     _held_out: str = ""  # held_out_note of the dataset's split
+    _photo_size: str = ""  # photo_size_note of the Photo Size the worker applied
 
     def _inputs(self, context: Any) -> tuple[str, str, str] | None:
         """(weights, domain, dataset) or None (reported); see :func:`network_choice`."""
@@ -652,6 +672,7 @@ class NPBGPP_OT_aggregate(_WorkerStepJob, bpy.types.Operator):
             dataset, weights, s.dataset_format or None, s.device, self.max_points, s.up_axis, s.dataset_undistort,
             s.dataset_allow_external_paths, domain or "auto",
             resolved(s, s.dataset_points), pc_name=resolved(s, s.dataset_cloud),  # Dataset Points cleared: this one
+            max_side=self.max_side,
         ), context)
         if started is None:
             return None
@@ -659,6 +680,7 @@ class NPBGPP_OT_aggregate(_WorkerStepJob, bpy.types.Operator):
         self._network = os.path.basename(started.weights) + (f" ({started.domain})" if started.domain else "")
         self._cloud_note = started.cloud_note
         self._held_out = held_out_note(started.views, started.dataset_views)
+        self._photo_size = photo_size_note(started.max_side, started.largest_side)
         return self._progress()
 
     def _step(self) -> Progress:
@@ -690,7 +712,7 @@ class NPBGPP_OT_aggregate(_WorkerStepJob, bpy.types.Operator):
         if unseen:  # before the Saved line, which the status bar shows last
             self.report({"INFO"}, unseen)
         self.report({"INFO"}, f"Saved {reply.points} points {cloud} ({reply.valid} seen by the photos) to {self._out}, "
-                              f"up axis ({up}), network {self._network}.{note}{self._held_out}")
+                              f"up axis ({up}), network {self._network}.{self._photo_size}{note}{self._held_out}")
         if unchecked:
             self.report({"WARNING"}, unchecked)
         if self._cloud_note:

@@ -5457,6 +5457,43 @@ def test_aggregate_checks_the_point_object_without_loading_the_bundle(scene, cap
     assert sc.npbgpp.bundle == bad and sc.npbgpp.point_object == dataset_obj
 
 
+def test_aggregate_photo_size_reaches_the_worker_and_the_report(scene, capfd, monkeypatch):
+    """Aggregate's Photo Size (default npbgpp_core.protocol.AGGREGATE_MAX_SIDE) travels in AggregateBegin
+    and the bundle records it; at 16 on the dataset's 32x24 photo the report says the photos were read at
+    16 px long side (originals up to 32), at the default, above the photo's size, it says nothing of it;
+    8 is refused in the worker's words and no bundle is written."""
+    from npbgpp_core.protocol import AGGREGATE_MAX_SIDE
+    from npbgpp_core.scene import NeuralScene
+
+    worker_client = sys.modules[f"{MODULE}.worker_client"]
+    _import_nerf_dataset(scene)
+    sides: list[int] = []
+    forward = worker_client.ProcessWorker.request
+
+    def recorded(self, req, *args, **kwargs):
+        if type(req).__name__ == "AggregateBegin":
+            sides.append(req.max_side)
+        return forward(self, req, *args, **kwargs)
+
+    monkeypatch.setattr(worker_client.ProcessWorker, "request", recorded)
+    capfd.readouterr()
+    default = scene["dir"] / "default.npbgpp"
+    assert bpy.ops.npbgpp.aggregate(filepath=str(default)) == {"FINISHED"}
+    assert sides == [AGGREGATE_MAX_SIDE]
+    assert "Photos read at" not in capfd.readouterr().out
+    assert NeuralScene.load(str(default)).metadata["aggregate_max_side"] == AGGREGATE_MAX_SIDE
+    small = scene["dir"] / "small.npbgpp"
+    assert bpy.ops.npbgpp.aggregate(filepath=str(small), max_side=16) == {"FINISHED"}
+    assert sides[-1] == 16
+    assert "Photos read at 16 px long side (originals up to 32; Photo Size" in capfd.readouterr().out
+    assert NeuralScene.load(str(small)).metadata["aggregate_max_side"] == 16
+    bad = scene["dir"] / "bad.npbgpp"
+    with pytest.raises(RuntimeError, match=re.escape("Photo Size must be 0 (each photo at its own size) or a whole "
+                                                     "number of pixels of at least 16, got 8")):
+        bpy.ops.npbgpp.aggregate(filepath=str(bad), max_side=8)
+    assert sides[-1] == 8 and not bad.exists()
+
+
 def test_import_of_a_copied_dataset_keeps_its_bundle(scene, capfd, monkeypatch):
     """Importing a dataset keeps the scene's bundle when the new cloud's ids name the
     bundle's points, wherever the folder lies (a copy elsewhere, renamed): F12 then renders
