@@ -241,3 +241,19 @@ def test_out_of_memory_in_aggregate_first_suggests_a_smaller_photo_size(folder, 
         assert "(headless_train export: --max-side)" in advice and "--max-size 2048" in advice
         assert service.handle(P.AggregateCancel()) == P.Done()
 
+
+def test_the_docs_state_the_default_photo_size_the_add_on_uses():
+    """The READMEs give Photo Size's default as the one constant the add-on's property reads
+    (protocol.AGGREGATE_MAX_SIDE): changing the number there makes this fail until they follow."""
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def text(path: str) -> str:
+        with open(os.path.join(root, path), encoding="utf-8") as f:
+            return " ".join(f.read().split())
+
+    side = P.AGGREGATE_MAX_SIDE
+    assert f"default {side}, `npbgpp_core.protocol.AGGREGATE_MAX_SIDE`" in text("blender_addon/README.md")
+    assert f"at most {side} px on its long side by default" in text("README.md")
+    assert f"Photo Size, default {side}: `npbgpp_core.protocol.AGGREGATE_MAX_SIDE`" in text("headless_train/README.md")
