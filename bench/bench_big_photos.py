@@ -17,7 +17,9 @@ such photos cost, not what they would score.
 
 ``run`` drives :class:`npbgpp_core.service.RenderService` with the requests the add-on sends
 on its defaults (``blender_addon/operators.py``, ``render_job.py``, ``properties.py``):
-``AggregateBegin`` with no weights and Network Auto, one ``AggregateView`` per view, then
+``AggregateBegin`` with no weights, Network Auto and Photo Size at its default
+(``--photo-size``: another; 0, each photo at its own size, is what the section's first figures
+ran, before the option), one ``AggregateView`` per view, then
 ``FitBegin`` (200 steps, Check Fit on a Photo, Fit Upright, Also Try Whole Views Auto) and
 ``FitStep`` requests of 0.25 s until finished, then ``LoadBundle`` of the fitted bundle and a
 ``RenderFrame`` of the first training camera widened to 1920x1080 (the network on, Tile Size 2048,
@@ -162,14 +164,19 @@ class StageLog:
                 "failure": self.failure, "warnings": notes, **extra}
 
 
-def run_stages(dataset: str, work: str, stages: list[str], size: str) -> list[dict[str, Any]]:
-    """Each stage in turn as the add-on asks for it; one report per stage run."""
+def run_stages(dataset: str, work: str, stages: list[str], size: str, photo_size: int | None = None
+               ) -> list[dict[str, Any]]:
+    """Each stage in turn as the add-on asks for it; one report per stage run. ``photo_size``:
+    Aggregate's Photo Size (AggregateBegin.max_side; None: the operator's default,
+    ``protocol.AGGREGATE_MAX_SIDE``; 0: each photo at its own size)."""
     import torch
 
     from npbgpp_core import protocol as P
     from npbgpp_core.datasets import load_scene
     from npbgpp_core.service import RenderService
 
+    if photo_size is None:
+        photo_size = P.AGGREGATE_MAX_SIDE
     os.makedirs(work, exist_ok=True)
     bundle, fitted = os.path.join(work, "scene.npbgpp"), os.path.join(work, "scene_fitted.npbgpp")
     service = RenderService()
@@ -183,12 +190,13 @@ def run_stages(dataset: str, work: str, stages: list[str], size: str) -> list[di
             warnings.simplefilter("always")
             try:
                 if stage == "aggregate":
-                    started = log.ask(P.AggregateBegin(dataset, ""))  # Weights empty, Network Auto
+                    # Weights empty, Network Auto, the operator's Photo Size
+                    started = log.ask(P.AggregateBegin(dataset, "", max_side=photo_size))
                     for k in range(started.views):
                         log.ask(P.AggregateView(k))
                     result = log.ask(P.AggregateFinish(bundle))
                     extra = {"views": started.views, "network": os.path.basename(started.weights),
-                             "points": result.points, "seen": result.valid}
+                             "points": result.points, "seen": result.valid, "photo_size": photo_size}
                 elif stage == "fit":
                     # the operator's defaults: 200 steps, Check Fit on a Photo, Fit Upright, Also Try Whole
                     # Views Auto (recipes and combine None: the worker decides by the photos' size)
@@ -277,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--stages", default=",".join(STAGES))
     run.add_argument("--threads", type=int, default=1, help="torch threads (the worker: cores - 1)")
     run.add_argument("--json", default="", help="also append the reports to this file")
+    run.add_argument("--photo-size", type=int, default=None,
+                     help="Aggregate's Photo Size in pixels (default: the add-on's, protocol.AGGREGATE_MAX_SIDE; "
+                     "0: each photo at its own size, as before the option)")
     a = ap.parse_args(argv)
     if a.cmd == "upscale":
         print(json.dumps(upscale_capture(a.src, a.out, a.long_side)))
@@ -288,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
 
     data = load_scene(a.dataset, require_points=False)
     size = f"{max(data.views[0].camera.image_size)} px"
-    reports = run_stages(a.dataset, a.work, a.stages.split(","), size)
+    reports = run_stages(a.dataset, a.work, a.stages.split(","), size, a.photo_size)
     if a.json:
         with open(a.json, "a") as f:
             for r in reports:
