@@ -81,7 +81,8 @@ def to8(image) -> np.ndarray:
 def library_images(folder: str, held: int, inputs: list[int], all_views: list[int],
                    blender_camera: dict) -> dict[str, np.ndarray]:
     """The npbgpp_core pipeline's image of view ``held`` at the photo's size, aggregated from
-    ``all_views`` (as the add-on does) and from ``inputs`` (bench_quality's split); and, from
+    ``all_views`` (as the add-on does) and from ``inputs`` (bench_quality's split), each photo read
+    as the add-on's Aggregate reads it at its default Photo Size (``AGGREGATE_MAX_SIDE``); and, from
     ``all_views``, through the camera the add-on derived from the Blender camera object
     (``blender_camera``: K, R, t, near, far), with and without its clip range."""
     import torch
@@ -90,6 +91,7 @@ def library_images(folder: str, held: int, inputs: list[int], all_views: list[in
     from npbgpp_core.datasets import load_scene, scene_domain
     from npbgpp_core.models.alignment import resolve_world_up
     from npbgpp_core.pretrained import default_weights_path, load_pretrained_npbgpp
+    from npbgpp_core.protocol import AGGREGATE_MAX_SIDE
 
     scene = load_scene(folder)
     weights = default_weights_path("npbgpp", scene_domain(scene))
@@ -101,7 +103,8 @@ def library_images(folder: str, held: int, inputs: list[int], all_views: list[in
         with torch.no_grad():
             state = model.begin_scene(points)
             for i in views:
-                state.add_views(scene.load_image(i)[None], [scene.camera(i)])
+                image, camera = scene.view_at_long_side(i, AGGREGATE_MAX_SIDE)
+                state.add_views(image[None], [camera])
             agg = state.finish()
             image = model.render(agg, scene.camera(held))
             out[name] = to8(image[0] if image.dim() == 4 else image)
