@@ -5915,9 +5915,11 @@ def _aggregate_stand_in(agg_op, out: str, **overrides):
     unless ``overrides`` replace them."""
     from types import SimpleNamespace
 
-    op = SimpleNamespace(filepath=out, max_points=0, report=lambda kind, text: None, _cleanup=lambda context: None,
-                         _status=lambda context, p: None, _start_modal=lambda context, total: None,
-                         _worker=None, _generation=None)
+    from npbgpp_core.protocol import AGGREGATE_MAX_SIDE
+
+    op = SimpleNamespace(filepath=out, max_points=0, max_side=AGGREGATE_MAX_SIDE, report=lambda kind, text: None,
+                         _cleanup=lambda context: None, _status=lambda context, p: None,
+                         _start_modal=lambda context, total: None, _worker=None, _generation=None)
     for name, value in overrides.items():
         setattr(op, name, value)
     for name in ("_job", "_cancel_request", "_cancel_note"):
@@ -6146,7 +6148,8 @@ def test_aggregate_after_the_file_browser_runs_as_the_modal_job(scene):
     agg_op = ops_module.NPBGPP_OT_aggregate
     calls: list[str] = []
     out = str(scene["dir"] / "chosen.npbgpp")
-    op = SimpleNamespace(filepath="", max_points=0, report=lambda kind, text: calls.append(text),
+    op = SimpleNamespace(filepath="", max_points=0, max_side=ops_module.AGGREGATE_MAX_SIDE,
+                         report=lambda kind, text: calls.append(text),
                          _cleanup=lambda context: calls.append("cleanup"), _status=lambda context, p: None,
                          _start_modal=lambda context, total: calls.append("modal"), _worker=None, _generation=None)
     for name in ("_job", "_cancel_request", "_cancel_note"):
