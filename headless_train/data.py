@@ -320,12 +320,17 @@ def sample_targets(sample: dict) -> list[dict]:
 
 
 def load_input_views(scene, indices: list[int], max_side: int | None) -> tuple[list[torch.Tensor], list]:
-    """Images (3,h,w) and matching cameras of input views, long side at most ``max_side``."""
+    """Images (3,h,w) and matching cameras of input views, long side at most ``max_side``: each
+    view as :meth:`~npbgpp_core.datasets.scene_data.SceneData.view_at_long_side` reads it, the one
+    rule the add-on's Aggregate (Photo Size) and ``export --max-side`` use, so a run is trained and
+    evaluated on the inputs its exported bundle is aggregated from. (A view already within
+    ``max_side`` is its own photo and camera; the camera scaled to its own size would be the same
+    bits, as cx + 0.5 - 0.5 is exact for the float32 K the loaders store.)"""
     images, cams = [], []
     for i in indices:
-        size = fit_long_side(tuple(scene.views[i].camera.image_size), max_side)
-        images.append(scene.load_image(i, size))
-        cams.append(scene.camera(i, size))
+        image, camera = scene.view_at_long_side(i, max_side)
+        images.append(image)
+        cams.append(camera)
     return images, cams
 
 

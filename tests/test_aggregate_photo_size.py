@@ -257,3 +257,34 @@ def test_the_docs_state_the_default_photo_size_the_add_on_uses():
     assert f"default {side}, `npbgpp_core.protocol.AGGREGATE_MAX_SIDE`" in text("blender_addon/README.md")
     assert f"at most {side} px on its long side by default" in text("README.md")
     assert f"Photo Size, default {side}: `npbgpp_core.protocol.AGGREGATE_MAX_SIDE`" in text("headless_train/README.md")
+
+
+def test_training_s_input_views_are_read_as_aggregate_reads_them(folder):
+    """headless_train's load_input_views (training's input views and its evaluation's aggregation)
+    reads each view as SceneData.view_at_long_side does, bit for bit what it read before by hand
+    (fit_long_side, then load_image and camera at that size, own size included): the photos and the
+    K, R, t of their cameras, on the tiny scene and on its views given an off-centre principal point
+    and fx != fy (the camera scaled to its own size keeps the same float32 bits)."""
+    import dataclasses
+
+    from headless_train.data import load_input_views
+    from npbgpp_core.camera import Camera
+    from npbgpp_core.image_size import fit_long_side
+
+    data = load_scene(folder)
+    skewed = []
+    for v in data.views:
+        R, t = v.camera.R, v.camera.t
+        K = [[40.123457, 0.0, 15.373], [0.0, 38.7654321, 17.0417], [0.0, 0.0, 1.0]]
+        skewed.append(dataclasses.replace(v, camera=Camera(K, R, t, v.camera.image_size, near=0.25, far=9.0)))
+    ids = list(range(len(data.views)))
+    for scene in (data, dataclasses.replace(data, views=skewed)):
+        for side in (None, 40, 32, 31, 17, 16):
+            images, cams = load_input_views(scene, ids, side)
+            for i, image, camera in zip(ids, images, cams, strict=True):
+                size = fit_long_side(tuple(scene.views[i].camera.image_size), side)
+                reference = scene.camera(i, size)
+                assert image.shape[-2:] == size and torch.equal(image, scene.load_image(i, size))
+                assert camera.image_size == reference.image_size and camera.clip == reference.clip
+                for got, want in ((camera.K, reference.K), (camera.R, reference.R), (camera.t, reference.t)):
+                    assert got.dtype == want.dtype and torch.equal(got, want)
