@@ -288,3 +288,47 @@ def test_training_s_input_views_are_read_as_aggregate_reads_them(folder):
                 assert camera.image_size == reference.image_size and camera.clip == reference.clip
                 for got, want in ((camera.K, reference.K), (camera.R, reference.R), (camera.t, reference.t)):
                     assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+def test_a_cap_shrinks_only_the_photos_above_it_in_a_dataset_of_mixed_sizes(folder, tmp_path):
+    """One training photo 20x20 among 32x32 ones (its camera follows its own size, as the loader
+    reads it): Photo Size 24 shrinks the 32-px photos to 24x24 and reads the 20-px one as it is;
+    the bundle is, bit for bit, the hand aggregation of exactly those reads, and the worker reports
+    the largest own size (32) it capped."""
+    import shutil
+
+    from PIL import Image
+
+    mixed = str(tmp_path / "mixed")
+    shutil.copytree(folder, mixed)
+    small = load_scene(mixed).views[1].image_path
+    with Image.open(small) as im:
+        im.resize((20, 20), Image.Resampling.BOX).save(small)
+    data = load_scene(mixed)
+    assert [tuple(data.views[i].camera.image_size) for i in data.train] == [(32, 32), (20, 20), (32, 32), (32, 32)]
+    started, bundle = aggregated(mixed, str(tmp_path / "24.npbgpp"), max_side=24)
+    assert (started.max_side, started.largest_side) == (24, 32)
+    model = load_pretrained_npbgpp(default_weights_path("npbgpp", "object"),
+                                   world_up=resolve_world_up("POS_Z", [data.views[i].camera for i in data.train]))
+    with torch.no_grad():
+        state = model.begin_scene(torch.from_numpy(data.points).float())
+        for i in data.train:
+            size = (20, 20) if i == 1 else (24, 24)
+            state.add_views(data.load_image(i, size)[None], [data.camera(i, size)])
+        hand = state.finish()
+    assert torch.equal(bundle.features, hand.coefficients) and torch.equal(bundle.valid, hand.valid)
+
+
+def test_a_bundle_written_before_the_record_is_fair_checked_at_own_size(folder, tmp_path):
+    """A bundle without "aggregate_max_side" (written before Photo Size) is read as aggregated
+    at the photos' own size: Fit to Photos takes it, its fair check aggregating again at own size."""
+    from npbgpp_core.scene_fit import BundleFit
+
+    path = str(tmp_path / "old.npbgpp")
+    aggregate_with_worker(folder, path)
+    bundle = NeuralScene.load(path)
+    del bundle.metadata["aggregate_max_side"]
+    bundle.save(path)
+    assert "aggregate_max_side" not in NeuralScene.load(path).metadata
+    job = BundleFit(path, load_scene(folder), steps=1, check_view=True, fair_check=True)
+    assert job.aggregate_max_side is None
