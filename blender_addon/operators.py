@@ -616,10 +616,12 @@ class NPBGPP_OT_aggregate(_WorkerStepJob, bpy.types.Operator):
         description="Aggregate at most this many of the dataset's points (chosen at random); 0: all",
     )
     max_side: IntProperty(  # type: ignore[valid-type]
-        name="Photo Size", default=AGGREGATE_MAX_SIDE, min=0, subtype="PIXEL",
-        description=f"Read each photo at most this long side in pixels (larger ones shrunk, their cameras alike): "
-                    f"Aggregate's time and memory grow with the pixels read (20 photos of 12 megapixels at their own "
-                    f"size: about 16 min and 8 GB on a CPU). 0: each photo at its own size; else at least "
+        # min 0 (own size) with 1..15 refused in _begin: Blender's min cannot say "0 or at least 16"
+        name="Photo Size", default=AGGREGATE_MAX_SIDE, min=0, soft_max=8192, subtype="PIXEL",
+        description=f"Read each photo at most this long side in pixels (larger ones shrunk with their cameras, "
+                    f"smaller ones as they are; the bundle records it). Aggregate's time and memory grow with the "
+                    f"pixels read: 20 photos of 12 megapixels took 8 GB on a CPU at their own size, 2.9 GB and 3.5x "
+                    f"less time at 2048 (BENCHMARKS.md). 0: each photo at its own size; else at least "
                     f"{AGGREGATE_MIN_SIDE}",
     )
 
@@ -658,6 +660,11 @@ class NPBGPP_OT_aggregate(_WorkerStepJob, bpy.types.Operator):
     def _begin(self, context: Any) -> Progress | None:
         from npbgpp_core import protocol as P
 
+        try:  # here, not in the worker: no worker started (or dataset read) for a size nothing can mean
+            P.check_aggregate_max_side(self.max_side)
+        except ValueError as exc:
+            self.report({"ERROR"}, f"Aggregate: {exc}.")
+            return None
         inputs = self._inputs(context)
         if inputs is None:
             return None

@@ -5461,7 +5461,7 @@ def test_aggregate_photo_size_reaches_the_worker_and_the_report(scene, capfd, mo
     """Aggregate's Photo Size (default npbgpp_core.protocol.AGGREGATE_MAX_SIDE) travels in AggregateBegin
     and the bundle records it; at 16 on the dataset's 32x24 photo the report says the photos were read at
     16 px long side (originals up to 32), at the default, above the photo's size, it says nothing of it;
-    8 is refused in the worker's words and no bundle is written."""
+    8 is refused in Photo Size's words before the worker is asked and no bundle is written."""
     from npbgpp_core.protocol import AGGREGATE_MAX_SIDE
     from npbgpp_core.scene import NeuralScene
 
@@ -5488,10 +5488,14 @@ def test_aggregate_photo_size_reaches_the_worker_and_the_report(scene, capfd, mo
     assert "Photos read at 16 px long side (originals up to 32; Photo Size" in capfd.readouterr().out
     assert NeuralScene.load(str(small)).metadata["aggregate_max_side"] == 16
     bad = scene["dir"] / "bad.npbgpp"
-    with pytest.raises(RuntimeError, match=re.escape("Photo Size must be 0 (each photo at its own size) or a whole "
-                                                     "number of pixels of at least 16, got 8")):
+    with pytest.raises(RuntimeError, match=re.escape("Aggregate: Photo Size must be 0 (each photo at its own size) or "
+                                                     "a whole number of pixels of at least 16, got 8.")):
         bpy.ops.npbgpp.aggregate(filepath=str(bad), max_side=8)
-    assert sides[-1] == 8 and not bad.exists()
+    assert sides == [AGGREGATE_MAX_SIDE, 16] and not bad.exists()  # refused before the worker is asked
+    # the dialog's field: 0 allowed (own size), the slider's range up to 8192 as Tile Size's
+    prop = bpy.ops.npbgpp.aggregate.get_rna_type().properties["max_side"]
+    assert (prop.name, prop.default, prop.hard_min, prop.soft_max, prop.subtype) == (
+        "Photo Size", AGGREGATE_MAX_SIDE, 0, 8192, "PIXEL")
 
 
 def test_import_of_a_copied_dataset_keeps_its_bundle(scene, capfd, monkeypatch):
