@@ -332,3 +332,35 @@ def test_a_bundle_written_before_the_record_is_fair_checked_at_own_size(folder, 
     assert "aggregate_max_side" not in NeuralScene.load(path).metadata
     job = BundleFit(path, load_scene(folder), steps=1, check_view=True, fair_check=True)
     assert job.aggregate_max_side is None
+
+
+def test_a_distorted_photo_is_undistorted_at_its_own_size_then_shrunk_with_the_undistorted_camera(tmp_path):
+    """A SIMPLE_RADIAL capture read with undistort: view_at_long_side shrinks the photo remapped
+    at its own size (the loader's undistortion, then the area resize), with the undistorted pinhole
+    camera scaled to that size (not the lens's source camera); and shrink_photo of the photo as Fit
+    to Photos reads it (load_image_pixels) equals it bit for bit, so a fair check of a capped bundle
+    of distorted photos aggregates what the worker aggregated."""
+    from test_capture_import import write_capture
+
+    from npbgpp_core.datasets.distortion import undistort
+    from npbgpp_core.datasets.images import _resize, read_image
+    from npbgpp_core.datasets.scene_data import shrink_photo
+    from npbgpp_core.image_size import fit_long_side
+
+    root = str(tmp_path / "lens")
+    write_capture(root, n_views=2)
+    data = load_scene(root, undistort=True)
+    for i, v in enumerate(data.views):
+        assert v.distortion is not None and not torch.equal(v.camera.K, v.source_camera.K)
+        own = tuple(v.camera.image_size)
+        side = max(own) // 2 + 1  # an odd factor: sizes rounded
+        size = fit_long_side(own, side)
+        image, camera = data.view_at_long_side(i, side)
+        remapped = undistort(read_image(v.image_path, None, data.background), v.source_camera, v.distortion, v.camera)
+        by_hand = torch.from_numpy(_resize(remapped.permute(1, 2, 0).contiguous().numpy(), size)).permute(2, 0, 1)
+        assert tuple(image.shape[-2:]) == size and torch.equal(image, by_hand)
+        assert torch.equal(camera.K, v.camera.scaled(size).K) and camera.image_size == size
+        as_fit_reads = data.load_image_pixels(i)  # undistorted: floats, as the fit's views hold them
+        assert as_fit_reads.dtype == torch.float32
+        shrunk, cam = shrink_photo(as_fit_reads, v.camera, side)
+        assert torch.equal(shrunk, image) and torch.equal(cam.K, camera.K)
