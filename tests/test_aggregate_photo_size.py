@@ -256,7 +256,9 @@ def test_the_docs_state_the_default_photo_size_the_add_on_uses():
     side = P.AGGREGATE_MAX_SIDE
     assert f"default {side}, `npbgpp_core.protocol.AGGREGATE_MAX_SIDE`" in text("blender_addon/README.md")
     assert f"at most {side} px on its long side by default" in text("README.md")
-    assert f"Photo Size, default {side}: `npbgpp_core.protocol.AGGREGATE_MAX_SIDE`" in text("headless_train/README.md")
+    export_doc = text("headless_train/README.md")
+    assert f"Photo Size, default {side}: `npbgpp_core.protocol.AGGREGATE_MAX_SIDE`" in export_doc
+    assert f"pass `--max-side {side}` for the bundle the add-on writes" in export_doc
 
 
 def test_training_s_input_views_are_read_as_aggregate_reads_them(folder):
