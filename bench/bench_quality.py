@@ -371,7 +371,6 @@ def evaluate_scene(folder: str, args: argparse.Namespace, weights: dict[str, str
 
     from npbgpp_core.datasets import load_scene, scene_domain
     from npbgpp_core.fitting import fit_coefficients, fit_npbg, padded_fit_views, view_psnr
-    from npbgpp_core.image_size import fit_long_side
     from npbgpp_core.metrics import mean_finite, psnr, sharpness_ratio, ssim
     from npbgpp_core.models.alignment import alignment_angle, resolve_world_up
     from npbgpp_core.pretrained import default_weights_path, load_pretrained_npbg_refiner, load_pretrained_npbgpp
@@ -392,19 +391,18 @@ def evaluate_scene(folder: str, args: argparse.Namespace, weights: dict[str, str
     if args.max_test_views:
         held = held[: args.max_test_views]
 
-    def size_of(i: int, max_side: int = args.max_side) -> tuple[int, int]:
-        return fit_long_side(tuple(scene.views[i].camera.image_size), max_side)
+    def at_long_side(ids: list[int], max_side: int | None = args.max_side) -> tuple[list, list]:
+        """Photos and cameras of views ``ids`` at most ``max_side`` long, as the add-on's Aggregate
+        reads them at its Photo Size (SceneData.view_at_long_side, the one rule)."""
+        read = [scene.view_at_long_side(i, max_side) for i in ids]
+        return [image for image, _ in read], [camera for _, camera in read]
 
-    in_images = [scene.load_image(i, size_of(i)) for i in inputs]
-    in_cams = [scene.camera(i, size_of(i)) for i in inputs]
+    in_images, in_cams = at_long_side(inputs)
     if args.aggregate_max_side and args.aggregate_max_side != args.max_side:
-        # what the add-on's Aggregate reads at its Photo Size (and export --max-side): the one helper
-        agg_views = [scene.view_at_long_side(i, args.aggregate_max_side) for i in inputs]
-        agg_images, agg_cams = [v[0] for v in agg_views], [v[1] for v in agg_views]
+        agg_images, agg_cams = at_long_side(inputs, args.aggregate_max_side)
     else:
         agg_images, agg_cams = in_images, in_cams
-    gts = [scene.load_image(i, size_of(i)) for i in held]
-    test_cams = [scene.camera(i, size_of(i)) for i in held]
+    gts, test_cams = at_long_side(held)
     load_s = time.perf_counter() - t_load
     points = torch.from_numpy(np.ascontiguousarray(scene.points, dtype=np.float32))
     mean_rgb = torch.stack([im.mean(dim=(1, 2)) for im in in_images]).mean(0)
@@ -421,7 +419,7 @@ def evaluate_scene(folder: str, args: argparse.Namespace, weights: dict[str, str
     result: dict[str, Any] = {
         "scene": os.path.basename(os.path.normpath(folder)), "folder": os.path.abspath(folder),
         "format": scene.format, "points": int(points.shape[0]), "input_views": len(inputs),
-        "held_out_views": len(held), "size": list(size_of(held[0])), "load_s": load_s, "methods": {},
+        "held_out_views": len(held), "size": list(test_cams[0].image_size), "load_s": load_s, "methods": {},
         "aggregate_sizes": [list(im.shape[-2:]) for im in agg_images],
     }
     m = result["methods"]
@@ -467,8 +465,8 @@ def evaluate_scene(folder: str, args: argparse.Namespace, weights: dict[str, str
             m["npbgpp"] = {**scores([model.render(agg, c) for c in test_cams]), "aggregate_s": agg_s}
     if "coefficients_ft" in args.methods or "npbg" in args.methods:
         if args.fit_max_side and args.fit_max_side != args.max_side:
-            fit_images = [scene.load_image(i, size_of(i, args.fit_max_side)) for i in inputs]
-            views = padded_fit_views(fit_images, [scene.camera(i, size_of(i, args.fit_max_side)) for i in inputs])
+            fit_images, fit_cams = at_long_side(inputs, args.fit_max_side)
+            views = padded_fit_views(fit_images, fit_cams)
         else:
             fit_images = in_images
             views = padded_fit_views(in_images, in_cams)
