@@ -563,8 +563,9 @@ def photo_size_note(max_side: int, largest_side: int) -> str:
     the bundle was aggregated from smaller photos than the user brought; "" when none was shrunk."""
     if not max_side or largest_side <= max_side:
         return ""
-    return (f" Photos read at {max_side} px long side (originals up to {largest_side}; Photo Size, 0 reads them "
-            "at their own size).")
+    # "larger than": in a dataset of mixed sizes the smaller photos were read as they are
+    return (f" Photos larger than {max_side} px read at {max_side} px long side (originals up to {largest_side}; "
+            "Photo Size, 0 reads them at their own size).")
 
 
 def aggregate_cloud(s: Any) -> tuple[str, str]:

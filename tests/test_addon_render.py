@@ -5480,12 +5480,12 @@ def test_aggregate_photo_size_reaches_the_worker_and_the_report(scene, capfd, mo
     default = scene["dir"] / "default.npbgpp"
     assert bpy.ops.npbgpp.aggregate(filepath=str(default)) == {"FINISHED"}
     assert sides == [AGGREGATE_MAX_SIDE]
-    assert "Photos read at" not in capfd.readouterr().out
+    assert "px long side (originals" not in capfd.readouterr().out
     assert NeuralScene.load(str(default)).metadata["aggregate_max_side"] == AGGREGATE_MAX_SIDE
     small = scene["dir"] / "small.npbgpp"
     assert bpy.ops.npbgpp.aggregate(filepath=str(small), max_side=16) == {"FINISHED"}
     assert sides[-1] == 16
-    assert "Photos read at 16 px long side (originals up to 32; Photo Size" in capfd.readouterr().out
+    assert "Photos larger than 16 px read at 16 px long side (originals up to 32; Photo Size" in capfd.readouterr().out
     assert NeuralScene.load(str(small)).metadata["aggregate_max_side"] == 16
     bad = scene["dir"] / "bad.npbgpp"
     with pytest.raises(RuntimeError, match=re.escape("Aggregate: Photo Size must be 0 (each photo at its own size) or "
