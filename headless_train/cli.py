@@ -13,6 +13,8 @@ import hydra
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from . import oom
+
 log = logging.getLogger("headless_train")
 
 
@@ -176,6 +178,7 @@ def _run(cfg: DictConfig, run_dir: str) -> dict | None:
             resume_state = resume_ckpt["state_dict"]  # evaluated below: the file is read once
         del resume_ckpt
 
+    oom.step("loading the scenes", "")
     datamodule = SceneDataModule(cfg, seed=int(cfg.seed))
     up_spec = scfg.get("world_up")
     resolve_run_world_up(scfg, datamodule.scenes)
@@ -217,6 +220,7 @@ def _run(cfg: DictConfig, run_dir: str) -> dict | None:
         if resume_state is not None:
             system.load_state_dict(resume_state)
             del resume_state
+        oom.step("evaluating", evaluation_memory_advice(container))
         system.to(device)
         out_dir = scfg.get("descriptors_save_dir") if name == "npbgpp" else None
         return evaluate(system, container, run_dir, write_descriptors=out_dir)
@@ -260,6 +264,7 @@ def _run(cfg: DictConfig, run_dir: str) -> dict | None:
             # at every fit: a FutureWarning addressed to Lightning's code, not to a user of this one
             warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                                     category=FutureWarning, module=r"pytorch_lightning\.utilities\._pytree")
+            oom.step("training", training_memory_advice(container))
             trainer.fit(system, datamodule=datamodule, ckpt_path=resume_path)
     except SystemExit as exc:
         # Lightning ends a Ctrl-C with exit(1) and a SIGTERM with a bare SystemExit (status
@@ -275,6 +280,31 @@ def _run(cfg: DictConfig, run_dir: str) -> dict | None:
         paths = system.save_descriptors(str(scfg["descriptors_save_dir"]))
         log.info("descriptors written: %s", ", ".join(paths))
     return None
+
+
+def training_memory_advice(container: dict) -> str:
+    """What needs less memory in training: fewer or smaller samples per step (and fewer input
+    views per sample for NPBG++, read and aggregated at twice the crop)."""
+    dcfg, lcfg = container.get("datasets") or {}, container.get("dataloader") or {}
+    fixes = [f"dataloader.batch_size (now {lcfg.get('batch_size')})",
+             f"datasets.train_image_size (the crop side, now {dcfg.get('train_image_size')})"]
+    if dcfg.get("selection_count"):
+        fixes.append(f"datasets.selection_count (input views per sample, now {dcfg['selection_count']})")
+    advice = f"lower {', '.join(fixes[:-1])} or {fixes[-1]}"
+    if dcfg.get("cache_images"):
+        advice += f", or datasets.cache_images=false (it holds up to {dcfg.get('cache_images_max_gb')} GB of views)"
+    return advice
+
+
+def evaluation_memory_advice(container: dict) -> str:
+    """What needs less memory in an evaluation: it renders each held-out view whole at its own
+    size; NPBG++ aggregates its input views at ``datasets.input_view_max_side``."""
+    advice = "the evaluation renders each held-out view whole at its own size: evaluate on a computer with more memory"
+    if container["system"]["name"] == "npbgpp":
+        side = (container.get("datasets") or {}).get("input_view_max_side")
+        advice += (", or aggregate smaller input views with datasets.input_view_max_side"
+                   + (f" (below {side})" if side else ""))
+    return advice
 
 
 def resolve_run_world_up(scfg: dict, scenes: list) -> None:
@@ -628,11 +658,23 @@ def hydra_main(cfg: DictConfig) -> None:
         expected = expected + (DatasetError,)
     except ImportError:
         pass
+    oom.reset()
     try:
         run(cfg, run_dir)
     except expected as exc:
         log.error(_friendly(exc))
         print(_friendly(exc), file=sys.stderr)
+        sys.exit(2)
+    except Exception as exc:
+        if not oom.is_out_of_memory(exc):
+            raise
+        # the traceback in the log with hydra.verbose=headless_train; the checkpoint saver has already
+        # written last.ckpt (atomically) when this run took a step since its last one
+        log.debug("out of memory", exc_info=True)
+        training = not cfg.eval_only
+        line = _friendly(oom.memory_error(exc, "cuda", "" if training else "trainer.gpus=0 (the CPU)"))
+        log.error(line)
+        print(line, file=sys.stderr)
         sys.exit(2)
 
 

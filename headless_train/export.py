@@ -11,6 +11,8 @@ import sys
 
 import torch
 
+from . import oom
+
 log = logging.getLogger("headless_train.export")
 
 
@@ -118,7 +120,17 @@ def seen_points_note(points: int, seen: int, in_no_view: int) -> str:
             "fall only on pixels where a nearer point wins")
 
 
+def aggregation_advice(scene, views: list[int], max_side: int | None) -> str:
+    """What needs less memory when aggregating ``views`` of ``scene``: the views read smaller
+    (``--max-side``: their long side now) or fewer points (``--max-points``)."""
+    side = max(max(scene.views[i].camera.image_size) for i in views)
+    read = side if max_side is None else min(side, max_side)  # fit_long_side's long side
+    return (f"read the views smaller with --max-side (below {read}, the long side they are read at now) or "
+            f"aggregate fewer points with --max-points (the cloud has {scene.points.shape[0]:,})")
+
+
 def export_npbgpp(ckpt: dict, scene, args, name: str):
+    from npbgpp_core.image_size import fit_long_side
     from npbgpp_core.pretrained import WeightsError, build_network, bundled_domain, trainer_checkpoint_weights
     from npbgpp_core.scene import NeuralScene
 
@@ -131,17 +143,22 @@ def export_npbgpp(ckpt: dict, scene, args, name: str):
         model = build_network(kind, config, state, args.checkpoint)
     except WeightsError as exc:
         raise ExportError(str(exc)) from None
+    advice = aggregation_advice(scene, views, max_side)
+    oom.step(f"starting the aggregation of {scene.points.shape[0]:,} points", advice)
     model.to(args.device).eval()
     points = torch.from_numpy(scene.points).float().to(args.device)
     with torch.no_grad():
         state_agg = model.begin_scene(points)
         # points on a pixel of some view's z-buffer, winning it or not (the add-on's Aggregate counts them alike)
         in_a_view = torch.zeros(len(points), dtype=torch.bool, device=args.device)
-        for i in views:
+        for k, i in enumerate(views):
+            h, w = fit_long_side(tuple(scene.views[i].camera.image_size), max_side)  # view_at_long_side's size
+            oom.step(f"aggregating view {k + 1} of {len(views)} ({scene.views[i].name}) at {w}x{h} px", advice)
             image, camera = scene.view_at_long_side(i, max_side)  # as the add-on's Aggregate at its Photo Size
             camera = camera.to(args.device)
             state_agg.add_views(image.unsqueeze(0).to(args.device), [camera])
             in_a_view |= model.points_in_view(state_agg.points, camera)
+        oom.step(f"finishing the aggregation of {len(points):,} points", advice)
         agg = state_agg.finish()
     n_valid = int(agg.valid.sum())
     log.info("aggregated %d views; %s", len(views), seen_points_note(len(agg), n_valid, int((~in_a_view).sum())))
@@ -244,6 +261,7 @@ def export(args: argparse.Namespace) -> str:
         # background were trained in that frame, so another one here would be silently wrong
         raise ExportError(f"--world-up applies to weights files (.safetensors); {args.checkpoint} keeps the "
                           "system.world_up its run stored")
+    oom.step(f"reading the checkpoint {args.checkpoint}", "")
     ckpt = load_source_checkpoint(args.checkpoint)
     system, _ = checkpoint_system(ckpt, args.checkpoint)
     options: dict = {"allow_external_paths": True} if args.allow_external_paths else {}
@@ -263,6 +281,8 @@ def export(args: argparse.Namespace) -> str:
         if "min_side" in format_options(args.format or detect_format(args.scene)):
             # nerfstudio's smaller copies (images_2/ ...) still at least --max-side: less to decode and resize
             options["min_side"] = int(args.max_side)
+    # the cloud is read whole (--max-points subsamples it after): only a smaller file reads in less
+    oom.step(f"reading the scene {args.scene}", "give a smaller point cloud with --pc-name")
     scene = load_scene(args.scene, format=args.format, **options)
     from npbgpp_core.datasets.scene_data import scene_input_at
 
@@ -294,18 +314,22 @@ def export(args: argparse.Namespace) -> str:
             ckpt[META_KEY]["config"]["world_up"] = list(scene_world_up(scene, args.views, up_spec or "auto"))
         bundle = export_npbgpp(ckpt, scene, args, name)
     elif system in ("npbg", "coefficients_ft"):
+        oom.step(f"building the bundle of {scene.points.shape[0]:,} points", "")
         bundle = export_npbg(ckpt, scene, args, name)
     else:
         raise ExportError(f"{args.checkpoint}: cannot export system '{system}'")
-    bundle.save(args.out)
+    oom.step(f"writing {args.out} ({len(bundle.points):,} points)", "")
+    bundle.save(args.out)  # atomic: a failed write leaves no part of the file
     log.info("wrote %s (%s)", args.out, bundle)
     return args.out
 
 
 def main(argv: list[str]) -> int:
-    """Run the export; 0 on success, 2 with a message on bad input."""
+    """Run the export; 0 on success, 2 with a message on bad input or when memory runs out
+    (what ran out, during which step, what to do: :mod:`headless_train.oom`)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
+    oom.reset()
     from .checkpoints import CheckpointError
 
     try:
@@ -316,6 +340,11 @@ def main(argv: list[str]) -> int:
         path = export(args)
     except (ExportError, CheckpointError, DatasetError, FileNotFoundError, ValueError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        if not oom.is_out_of_memory(exc):
+            raise
+        print(f"error: {oom.memory_error(exc, args.device)}", file=sys.stderr)
         return 2
     print(path)
     return 0

@@ -16,6 +16,8 @@ import argparse
 import os
 import sys
 
+from . import oom
+
 
 class FitError(RuntimeError):
     """An input the fit command refuses (one line, exit 2)."""
@@ -107,6 +109,8 @@ def fit(args: argparse.Namespace) -> str:
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.device = device  # the device the out-of-memory message names
+    oom.step(f"loading the bundle {args.bundle} and the photos", photos_advice(scene))
     # both left out: the users' default (BundleFit decides by the photos' size); a --check-combine alone
     # keeps its meaning from before the size rule (BundleFit reads check_recipes None then as no recipes:
     # choose is the plain check, average refused)
@@ -117,13 +121,18 @@ def fit(args: argparse.Namespace) -> str:
     # steps); the line names a scoring render while it runs
     # (BundleFit.doing: a full-size photo's render can take as long as many fitting steps)
     width = 0
-    while True:
-        line = f"step {job.done}/{job.total}" + (f", {job.doing}" if job.doing else "")
-        print("\r" + line.ljust(width), end="", file=sys.stderr, flush=True)
-        width = len(line)
-        if job.step():
-            break
-    print(file=sys.stderr)
+    advice = photos_advice(scene)
+    try:
+        while True:
+            line = f"step {job.done}/{job.total}" + (f", {job.doing}" if job.doing else "")
+            oom.step(f"fitting, {line}", advice)
+            print("\r" + line.ljust(width), end="", file=sys.stderr, flush=True)
+            width = len(line)
+            if job.step():
+                break
+    finally:
+        print(file=sys.stderr)  # ends the step line, also before a failing step's error line
+    oom.step(f"writing {args.out}", "")
     job.save(args.out)
     losses = job.result.losses
     # a checked fit trained on every photo but the one it kept apart
@@ -142,13 +151,33 @@ def fit(args: argparse.Namespace) -> str:
     return os.path.abspath(args.out)
 
 
+def photos_advice(scene) -> str:
+    """What needs less memory in a fit: it holds every training photo at its own size, so a
+    dataset with smaller photos (which needs its own bundle: a bundle fits the dataset it was
+    aggregated from)."""
+    from npbgpp_core.memory import FIT_PHOTOS_MEMORY
+
+    size = scene.largest_image_size(list(scene.train) or list(range(len(scene.views))))
+    largest = "" if size is None else f"the largest here is {size[1]}x{size[0]} px; "
+    return (f"the fit holds every training photo at its own size ({largest}{FIT_PHOTOS_MEMORY}): make a copy of the "
+            "dataset with smaller photos (a COLMAP capture: python -m headless_train prepare-capture SRC --out DST "
+            "--max-size 2048), export a bundle of it and fit that one")
+
+
 def main(argv: list[str]) -> int:
-    """0 on success, 2 with a one-line message on bad input."""
+    """0 on success, 2 with a one-line message on bad input or when memory runs out (what ran
+    out, during which step, what to do: :mod:`headless_train.oom`)."""
     args = parse_args(argv)
+    oom.reset()
     try:
         out = fit(args)
     except (FitError, OSError, ValueError) as exc:  # DatasetError and the bundle's errors are ValueErrors
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        if not oom.is_out_of_memory(exc):
+            raise
+        print(f"error: {oom.memory_error(exc, args.device)}", file=sys.stderr)
         return 2
     print(out)
     return 0

@@ -16,6 +16,8 @@ import sys
 
 import numpy as np
 
+from . import oom
+
 
 class RenderError(RuntimeError):
     """An input the render command refuses (one line, exit 2)."""
@@ -131,6 +133,7 @@ def render(args: argparse.Namespace) -> str:
     for source in (args.scene, args.bundle):
         if os.path.exists(source) and (same_file(args.out, source) or holds(args.out, source)):
             raise RenderError(f"--out {args.out} is or holds the input {source}: render into another folder")
+    oom.step(f"loading the bundle {args.bundle}", bundle_advice(args.bundle))
     bundle = NeuralScene.load(args.bundle)
     options: dict = {"undistort": True} if args.undistort else {}
     # the bundle holds the points: only the dataset's cameras are used, its cloud is not needed
@@ -139,30 +142,59 @@ def render(args: argparse.Namespace) -> str:
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.device = device  # the device the out-of-memory message names
+    oom.step(f"moving the bundle to {device}", bundle_advice(args.bundle))
     renderer = bundle.renderer(device)
     with atomic_directory(args.out, overwrite=args.overwrite) as tmp:
-        for k, frame in enumerate(frames):
-            cam = Camera.from_opencv(np.asarray(frame["K"]), np.asarray(frame["R"]), np.asarray(frame["t"]),
-                                     tuple(frame["size"]))
-            with torch.no_grad():
-                image = renderer.render(cam).clamp(0, 1).permute(1, 2, 0).float().cpu().numpy()
-            frame["file"] = f"frame_{k:04d}.png"
-            Image.fromarray((image * 255.0 + 0.5).astype(np.uint8)).save(os.path.join(tmp, frame["file"]))
-            print(f"\rframe {k + 1}/{len(frames)}", end="", file=sys.stderr, flush=True)
-        print(file=sys.stderr)
+        try:
+            for k, frame in enumerate(frames):
+                cam = Camera.from_opencv(np.asarray(frame["K"]), np.asarray(frame["R"]), np.asarray(frame["t"]),
+                                         tuple(frame["size"]))
+                h, w = frame["size"]
+                oom.step(f"rendering frame {k + 1} of {len(frames)} at {w}x{h} px",
+                         f"render smaller frames with --max-side (below {max(h, w)}, their long side now)")
+                # the frame being rendered (a big one takes a while), as fit's step line
+                print(f"\rframe {k + 1}/{len(frames)}", end="", file=sys.stderr, flush=True)
+                with torch.no_grad():
+                    image = renderer.render(cam).clamp(0, 1).permute(1, 2, 0).float().cpu().numpy()
+                frame["file"] = f"frame_{k:04d}.png"
+                Image.fromarray((image * 255.0 + 0.5).astype(np.uint8)).save(os.path.join(tmp, frame["file"]))
+        finally:
+            print(file=sys.stderr)  # ends the frame line, also before a failing frame's error line
         with open(os.path.join(tmp, "frames.json"), "w", encoding="utf-8") as f:
             json.dump({"bundle": os.path.abspath(args.bundle), "scene": os.path.abspath(args.scene),
                        "views": args.views, "between": args.between, "frames": frames}, f, indent=1)
     return os.path.abspath(args.out)
 
 
+def bundle_advice(path: str) -> str:
+    """What needs less memory in loading a bundle: one of fewer points (loading takes about
+    :data:`~npbgpp_core.memory.BUNDLE_LOAD_TIMES_FILE` times its file's size)."""
+    from npbgpp_core.memory import BUNDLE_LOAD_TIMES_FILE
+
+    try:
+        size = f" ({os.path.getsize(path) / 2**20:,.0f} MiB)"
+    except OSError:
+        size = ""
+    return (f"loading a bundle takes about {BUNDLE_LOAD_TIMES_FILE} times its file's size{size} in memory: export "
+            "one of fewer points (export --max-points)")
+
+
 def main(argv: list[str]) -> int:
-    """0 on success, 2 with a one-line message on bad input."""
+    """0 on success, 2 with a one-line message on bad input or when memory runs out (what ran
+    out, during which step, what to do: :mod:`headless_train.oom`); the output folder is then
+    left as it was (frames are written into a temporary folder, renamed when complete)."""
     args = parse_args(argv)
+    oom.reset()
     try:
         out = render(args)
     except (RenderError, OSError, ValueError) as exc:  # DatasetError and the bundle's errors are ValueErrors
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        if not oom.is_out_of_memory(exc):
+            raise
+        print(f"error: {oom.memory_error(exc, args.device)}", file=sys.stderr)
         return 2
     print(out)
     return 0

@@ -685,18 +685,21 @@ def run_stage(args: argparse.Namespace) -> dict[str, Any]:
         with open(log_path, "a", encoding="utf-8") as log:
             log.write(f"\n=== stage call {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}: {' '.join(cmd)}\n")
             log.flush()
+            call_start = log.tell()  # this call's part of the log (memory_note)
             rc, timed_out, stopped_by = run_child(cmd, log, None if args.dry_run else args.minutes * 60, STOP_GRACE_S,
                                                   pending=late)
         seconds = time.time() - t0
+        # out of memory: what to lower in this stage's options ("" for any other end)
+        memory = memory_note(log_path, call_start, overrides, rc, timed_out or stopped_by is not None)
         if not os.path.isfile(last):
-            raise StageError(f"training wrote no {last} (exit code {rc}){stop_note(late, stopped_by)}; "
-                             f"see {log_path}{log_tail(log_path)}")
+            raise StageError(f"training wrote no {last} (exit code {rc}){stop_note(late, stopped_by)}"
+                             f"{memory}; see {log_path}{log_tail(log_path)}")
         end_step = checkpoint_state(last)[0]
         # 0: max_steps or the child's own time limit; EXIT_SIGTERM: the SIGTERM this call sent
         finished = rc == 0 or (rc == EXIT_SIGTERM and (timed_out or stopped_by is not None))
         if not finished and stopped_by is None and end_step == start_step:
-            raise StageError(f"training exited with code {rc} and took no step{stop_note(late, stopped_by)}; see "
-                             f"{log_path}{log_tail(log_path)}")
+            raise StageError(f"training exited with code {rc} and took no step{stop_note(late, stopped_by)}"
+                             f"{memory}; see {log_path}{log_tail(log_path)}")
         info: dict[str, Any] = {
             "corpus": os.path.abspath(args.corpus), "scenes": scenes, "resumed": resume, "start_step": start_step,
             "end_step": end_step, "seconds": round(seconds, 1), "exit_code": rc, "overrides": overrides,
@@ -728,8 +731,8 @@ def run_stage(args: argparse.Namespace) -> dict[str, Any]:
         # the failure outranks a stop that came after it: the stop changed nothing, and its exit
         # (128 + the signal: "run again to continue") would hide a failure the next call likely repeats
         note = stop_note(late, stopped_by) + (" until the call was recorded" if late else "")
-        raise StageError(f"training exited with code {rc} at step {end_step} (recorded in {history}{note}); see "
-                         f"{log_path}{log_tail(log_path)}")
+        raise StageError(f"training exited with code {rc} at step {end_step} (recorded in {history}{note})"
+                         f"{memory}; see {log_path}{log_tail(log_path)}")
     if late and stopped_by is None:  # asked to stop after training: the call is whole, the exit says so
         info["stopped_by"] = signal.Signals(late[0]).name
     return info
@@ -800,6 +803,43 @@ def log_tail(path: str, lines: int = 15) -> str:
     except OSError:
         return ""
     return ":\n" + "".join("  | " + line for line in tail).rstrip("\n")
+
+
+# The options of a stage that make a training step need less memory, with the config keys they set.
+MEMORY_OPTIONS = (("--batch", "dataloader.batch_size"), ("--crop", "datasets.train_image_size"),
+                  ("--views", "datasets.selection_count"))
+
+
+def memory_note(log_path: str, start: int, overrides: list[str], rc: int | None = None,
+                stopped_here: bool = False) -> str:
+    """When this call's training ran out of memory, what to lower in the stage's own options,
+    with the values the child trained with; "" otherwise. Out of memory is the child's own
+    error line (:mod:`headless_train.oom`'s, naming config keys) at the end of this call's part
+    of the log (from ``start``: an earlier call's is not this one's), or a SIGKILL the stage did
+    not send (``stopped_here``: its own stop and its kill after the grace time), on Linux most
+    often the kernel's out-of-memory killer, which leaves no line."""
+    from .oom import OUT_OF_MEMORY_LINE
+
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(max(start, os.path.getsize(log_path) - 65536))  # the end: a long run logs much
+            tail = f.read().decode("utf-8", errors="replace").splitlines()[-15:]
+    except OSError:
+        tail = []
+    found = next((m for line in tail if (m := OUT_OF_MEMORY_LINE.search(line))), None)
+    values = dict(o.split("=", 1) for o in overrides if "=" in o)
+    lower = [f"{flag} (now {values.get(key, '?')})" for flag, key in MEMORY_OPTIONS]
+    advice = f"lower {', '.join(lower[:-1])} or {lower[-1]}"
+    if found is not None:
+        note = f"; it ran out of {found[1]} memory: {advice}"
+    elif rc == -getattr(signal, "SIGKILL", 9) and not stopped_here:
+        note = ("; it was killed (SIGKILL), most often by the system's out-of-memory killer when training needs more "
+                f"memory than this computer has (on Linux the system log says so: journalctl -k or dmesg): {advice}")
+    else:
+        return ""
+    if (found is None or found[1] == "host") and values.get("datasets.cache_images") == "true":
+        note += ", or give --override datasets.cache_images=false (the stage keeps every view decoded in memory)"
+    return note
 
 
 def run_child(cmd: list[str], log: Any, timeout_s: float | None, grace_s: float,

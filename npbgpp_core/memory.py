@@ -17,3 +17,28 @@ def is_out_of_memory(exc: BaseException) -> bool:
         return True
     text = str(exc).lower()
     return isinstance(exc, RuntimeError) and any(s in text for s in _OUT_OF_MEMORY_TEXTS)
+
+
+def ran_out_on_gpu(exc: BaseException) -> bool:
+    """Whether an out-of-memory failure (:func:`is_out_of_memory`) is a GPU's: torch's
+    OutOfMemoryError is raised by its GPU allocators (its CPU allocator raises a RuntimeError,
+    "DefaultCPUAllocator: can't allocate memory"; numpy and Python a MemoryError)."""
+    text = str(exc).lower()
+    return (type(exc).__name__ == "OutOfMemoryError" and "cpuallocator" not in text) or "cuda out of memory" in text
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none), for the
+    parenthesis of an out-of-memory message: torch's CUDA message runs over several lines."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# Peak memory of loading a NeuralScene bundle on the CPU, in times its file's size (BENCHMARKS.md,
+# Loading a big bundle: 3.6-3.7x for 1 and 3 million points).
+BUNDLE_LOAD_TIMES_FILE = 4
+
+# What aggregating and fitting photos cost (BENCHMARKS.md, A user's capture with big photos; 2048 px:
+# Aggregate's Photo Size): the add-on's and the headless commands' advice quote them.
+AGGREGATE_PHOTOS_MEMORY = "about 8 GB for photos of 12 megapixels, 2.9 GB at 2048 px on the CPU"
+FIT_PHOTOS_MEMORY = "about 4 GB to fit 20 photos of 12 megapixels on the CPU"

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import protocol as P
-from .memory import is_out_of_memory
+from .memory import AGGREGATE_PHOTOS_MEMORY, BUNDLE_LOAD_TIMES_FILE, FIT_PHOTOS_MEMORY, first_line, is_out_of_memory
 
 if TYPE_CHECKING:
     import torch
@@ -275,11 +275,6 @@ def gpu_full_hint(device: str) -> str:
     return "" if device == "cpu" else ", or switch Device to CPU when the GPU is the one that is full"
 
 
-# Peak memory of loading a NeuralScene bundle on the CPU, in times its file's size (BENCHMARKS.md,
-# Loading a big bundle: 3.6-3.7x for 1 and 3 million points).
-BUNDLE_LOAD_TIMES_FILE = 4
-
-
 def bundle_memory_advice(req: P.LoadBundle, first: str) -> str:
     """Out of memory while loading a bundle: its size and points and what makes it smaller; the
     device is the request's (the renderer being replaced is not the one that ran out)."""
@@ -361,7 +356,7 @@ class RenderService:
             return P.Failure(f"{type(exc).__name__}: {exc}", traceback.format_exc())
 
     def _memory_advice(self, req: P.Request, exc: BaseException) -> str:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         if isinstance(req, PHOTO_JOBS):
             return self._photo_job_memory_advice(req, first)
         if isinstance(req, DENSIFY_JOBS):
@@ -392,8 +387,8 @@ class RenderService:
                 "repository: python -m headless_train prepare-capture SRC --out DST --max-size 2048)")
         if not aggregating:
             return (f"out of memory on {device} while fitting to the photos ({first}).{photos and photos + '.'} "
-                    "Fit to Photos reads every photo at its own size (about 4 GB to fit 20 photos of 12 megapixels "
-                    "on the CPU): " + copy.format(again=", aggregate it and fit that bundle") + gpu_full_hint(device))
+                    f"Fit to Photos reads every photo at its own size ({FIT_PHOTOS_MEMORY}): "
+                    + copy.format(again=", aggregate it and fit that bundle") + gpu_full_hint(device))
         cap = getattr(job, "max_side", None) if job is not None else getattr(req, "max_side", 0) or None
         if size is not None and cap is not None:
             from .image_size import fit_long_side
@@ -402,10 +397,9 @@ class RenderService:
             photos += f", read at {w}x{h}" if (h, w) != tuple(size) else ", read at its own size"
         read = f"at most {cap} px on the long side (Photo Size {cap})" if cap else "at its own size (Photo Size 0)"
         return (f"out of memory on {device} while aggregating descriptors ({first}).{photos and photos + '.'} "
-                f"Aggregate Descriptors reads every photo {read}; its memory grows with those pixels (about 8 GB "
-                "for photos of 12 megapixels, 2.9 GB at 2048 px on the CPU): set a smaller Photo Size in its "
-                "options (headless_train export: --max-side), or " + copy.format(again="")
-                + gpu_full_hint(device))
+                f"Aggregate Descriptors reads every photo {read}; its memory grows with those pixels "
+                f"({AGGREGATE_PHOTOS_MEMORY}): set a smaller Photo Size in its options (headless_train export: "
+                "--max-side), or " + copy.format(again="") + gpu_full_hint(device))
 
     # ------------------------------------------------------------------ requests
     def hello(self, req: P.Hello) -> P.TorchInfo:

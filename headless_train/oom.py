@@ -1,0 +1,52 @@
+"""The headless commands' out-of-memory error: one line, ``error: out of host memory (RAM)
+while ... (first line of the error). What to do``, through each command's own exit path for
+bad input (exit status 2), instead of a MemoryError or torch OutOfMemoryError traceback.
+
+What ran out (the computer's memory or a GPU's) comes from the exception; during what and
+what to do from the step the command last announced with :func:`step` (each command runs in
+a process of its own, one step at a time, so the last step announced is the one that failed,
+and :func:`reset` starts a command afresh). The advice names the command's own options
+(``export --max-side``, ``--max-points``, ``--device cpu`` when the GPU is the one that is
+full); the figures it quotes come from :mod:`npbgpp_core.memory`, which the add-on's messages
+quote too."""
+
+from __future__ import annotations
+
+import re
+
+from npbgpp_core.memory import first_line, is_out_of_memory, ran_out_on_gpu
+
+__all__ = ["is_out_of_memory", "memory_error", "reset", "step", "OUT_OF_MEMORY_LINE"]
+
+# The start of the line a command writes with :func:`memory_error`: ``stage`` finds its training
+# child's in the training log by it (anywhere in a line: a logged one starts with the time and logger).
+OUT_OF_MEMORY_LINE = re.compile(r"error: out of (host|GPU) memory\b")
+
+_DOING = "starting"
+_ADVICE = ""
+
+
+def step(doing: str, advice: str) -> None:
+    """Announce the step the command starts now: ``doing`` ("reading view 3 of 12 ...") and
+    what would need less memory there ("lower --max-side ..."), for :func:`memory_error`."""
+    global _DOING, _ADVICE
+    _DOING, _ADVICE = doing, advice
+
+
+def reset() -> None:
+    """Forget the steps of an earlier command (a test runs several in one process)."""
+    step("starting", "")
+
+
+def memory_error(exc: BaseException, device: str, gpu_fix: str = "--device cpu") -> str:
+    """The one-line message (without ``error: ``) for ``exc``, an out-of-memory failure
+    (:func:`is_out_of_memory`) during the step last announced: what ran out (``device``'s
+    memory when the GPU's allocator failed, the computer's otherwise: a photo is read into
+    host memory whatever the device), and the step's advice, with ``gpu_fix`` (the command's
+    way to the CPU) when a GPU is the one that is full."""
+    gpu = ran_out_on_gpu(exc)
+    what = f"GPU memory ({device})" if gpu else "host memory (RAM)"
+    advice = _ADVICE or "run it on a computer with more memory"
+    if gpu and gpu_fix:
+        advice += f", or {gpu_fix} when the GPU is the one that is full"
+    return f"out of {what} while {_DOING} ({first_line(exc)}). {advice[0].upper()}{advice[1:]}"

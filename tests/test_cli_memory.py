@@ -1,0 +1,293 @@
+"""The headless commands out of memory: one line through the command's own exit path (exit 2,
+``error: ...``) saying what ran out (the computer's memory or the GPU's), during which step and
+what to do in the command's own options, nothing written; no MemoryError / OutOfMemoryError
+traceback. The failures are injected into the step that reads or computes (a real one would
+need gigabytes)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _train_fixtures import make_tiny_scene  # noqa: E402
+
+from headless_train import oom  # noqa: E402
+
+HOST_OOM = "Unable to allocate 90.9 TiB for an array with shape (100000000000000,) and data type uint8"
+
+
+@pytest.fixture(scope="module")
+def scene_and_bundle(tmp_path_factory):
+    from headless_train.export import main as export_main
+    from npbgpp_core.pretrained import default_weights_path
+
+    root = tmp_path_factory.mktemp("cli_memory")
+    folder = make_tiny_scene(str(root / "scene"), views=3, size=24, n_points=300, splits=(3, 0, 0))
+    bundle = str(root / "scene.npbgpp")
+    assert export_main(["--checkpoint", default_weights_path("npbgpp", "object"), "--scene", folder,
+                        "--out", bundle]) == 0
+    return folder, bundle
+
+
+def _one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith(("step ", "\r", "frame "))]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    return errors[0]
+
+
+def test_export_out_of_memory_reading_a_view_names_it_and_max_side(scene_and_bundle, tmp_path, monkeypatch,
+                                                                     capsys):
+    """numpy's MemoryError while the second view is read: the view, its size, --max-side below
+    that size and --max-points with the cloud's count; no bundle written."""
+    from headless_train.export import main as export_main
+    from npbgpp_core.datasets.scene_data import SceneData
+    from npbgpp_core.pretrained import default_weights_path
+
+    folder, _ = scene_and_bundle
+    real = SceneData.load_image
+    calls = []
+
+    def load_image(self, i, size=None):
+        calls.append(i)
+        if len(calls) == 2:
+            raise MemoryError(HOST_OOM)
+        return real(self, i, size)
+
+    monkeypatch.setattr(SceneData, "load_image", load_image)
+    out = str(tmp_path / "b.npbgpp")
+    capsys.readouterr()
+    assert export_main(["--checkpoint", default_weights_path("npbgpp", "object"), "--scene", folder,
+                        "--out", out, "--device", "cpu"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert line == ("error: out of host memory (RAM) while aggregating view 2 of 3 (images/r_1) at 24x24 px "
+                    f"({HOST_OOM}). Read the views smaller with --max-side (below 24, the long side they are read at "
+                    "now) or aggregate fewer points with --max-points (the cloud has 300)"), line
+    assert not os.path.exists(out) and os.listdir(tmp_path) == []
+    # with --max-side the advice asks for less than that
+    calls.clear()
+    assert export_main(["--checkpoint", default_weights_path("npbgpp", "object"), "--scene", folder,
+                        "--out", out, "--device", "cpu", "--max-side", "16", "--max-points", "200"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "at 16x16 px" in line and "--max-side (below 16," in line and "(the cloud has 200)" in line, line
+
+
+def test_fit_out_of_memory_while_fitting_names_the_step_and_a_copy_with_smaller_photos(scene_and_bundle, tmp_path,
+                                                                                       monkeypatch, capsys):
+    from headless_train.fit import main as fit_main
+    from npbgpp_core import scene_fit
+
+    folder, bundle = scene_and_bundle
+    real = scene_fit.BundleFit.step
+
+    def step(self):
+        if self.done == 1:
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                               "memory: you tried to allocate 10000000000000 bytes.\nError code 12")
+        return real(self)
+
+    monkeypatch.setattr(scene_fit.BundleFit, "step", step)
+    out = str(tmp_path / "fitted.npbgpp")
+    assert fit_main(["--bundle", bundle, "--scene", folder, "--out", out, "--steps", "3", "--device", "cpu",
+                     "--no-check-view"]) == 2
+    err = capsys.readouterr().err
+    line = _one_error_line(err)
+    assert line.startswith("error: out of host memory (RAM) while fitting, step 1/3 ([enforce fail at "
+                           "alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to "
+                           "allocate 10000000000000 bytes.). The fit holds every training photo at its own size "
+                           "(the largest here is 24x24 px; about 4 GB to fit"), line
+    assert "prepare-capture SRC --out DST --max-size 2048), export a bundle of it and fit that one" in line
+    assert "--device cpu" not in line  # the host's memory: no GPU to leave
+    assert not os.path.exists(out) and os.listdir(tmp_path) == []
+
+
+def test_render_out_of_memory_names_the_frame_size_and_leaves_no_folder(scene_and_bundle, tmp_path, monkeypatch,
+                                                                        capsys):
+    from headless_train.render import main as render_main
+    from npbgpp_core.scene import SceneRenderer
+
+    folder, bundle = scene_and_bundle
+    real = SceneRenderer.render
+    calls = []
+
+    def render(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise MemoryError()
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(SceneRenderer, "render", render)
+    out = str(tmp_path / "frames")
+    assert render_main(["--bundle", bundle, "--scene", folder, "--out", out, "--device", "cpu",
+                        "--max-side", "20"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert line == ("error: out of host memory (RAM) while rendering frame 2 of 3 at 20x20 px (MemoryError). "
+                    "Render smaller frames with --max-side (below 20, their long side now)"), line
+    assert os.listdir(tmp_path) == []  # neither the folder nor its partial one
+
+
+def test_render_out_of_memory_loading_the_bundle_names_its_size(scene_and_bundle, tmp_path, monkeypatch, capsys):
+    from headless_train.render import main as render_main
+    from npbgpp_core import scene as scene_module
+
+    folder, bundle = scene_and_bundle
+
+    def load(path):
+        raise MemoryError(HOST_OOM)
+
+    monkeypatch.setattr(scene_module.NeuralScene, "load", staticmethod(load))
+    assert render_main(["--bundle", bundle, "--scene", folder, "--out", str(tmp_path / "f"), "--device", "cpu"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    mib = os.path.getsize(bundle) / 2**20
+    assert line == (f"error: out of host memory (RAM) while loading the bundle {bundle} ({HOST_OOM}). Loading a "
+                    f"bundle takes about 4 times its file's size ({mib:,.0f} MiB) in memory: export one of fewer "
+                    "points (export --max-points)"), line
+
+
+def test_a_gpu_that_is_full_is_named_and_the_cpu_advised():
+    """torch's CUDA OutOfMemoryError (several lines): the GPU's memory, its first line, the
+    step's advice and the command's way to the CPU; the CPU allocator's failure and a
+    MemoryError are the computer's memory, without it."""
+    oom.reset()
+    oom.step("rendering frame 1 of 2 at 4000x3000 px", "render smaller frames with --max-side (below 4000, ...)")
+    cuda = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
+                                  "8 GiB\nOf the allocated memory ...")
+    assert oom.memory_error(cuda, "cuda") == (
+        "out of GPU memory (cuda) while rendering frame 1 of 2 at 4000x3000 px (CUDA out of memory. Tried to "
+        "allocate 2.00 GiB. GPU 0 has a total capacity of 8 GiB). Render smaller frames with --max-side (below "
+        "4000, ...), or --device cpu when the GPU is the one that is full")
+    assert oom.memory_error(cuda, "cuda", "trainer.gpus=0").endswith(", or trainer.gpus=0 when the GPU is the one "
+                                                                     "that is full")
+    cpu = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes")
+    for exc in (cpu, MemoryError()):
+        assert oom.is_out_of_memory(exc)
+        text = oom.memory_error(exc, "cuda")
+        assert text.startswith("out of host memory (RAM) while rendering") and "--device cpu" not in text
+    oom.reset()
+    assert oom.memory_error(MemoryError(), "cpu") == ("out of host memory (RAM) while starting (MemoryError). "
+                                                      "Run it on a computer with more memory")
+
+
+# Out of memory at the second training step (global_step 1), injected into the system's training step
+_TRAIN_OOM = """
+import sys
+from headless_train.systems.npbg import NPBGSystem
+real = NPBGSystem.training_step
+def training_step(self, batch, batch_idx):
+    if self.global_step >= 1:
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 10000000000000 bytes.")
+    return real(self, batch, batch_idx)
+NPBGSystem.training_step = training_step
+from headless_train.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_training_out_of_memory_is_one_line_with_its_settings_and_keeps_the_saved_step(tmp_path):
+    """The hydra training path: exit 2 with the batch, crop and input-view settings to lower, no
+    traceback on stderr; the checkpoint saver wrote last.ckpt at the last step taken (its
+    atomic writer: no temporary file left)."""
+    import subprocess
+
+    from _train_fixtures import make_dataset
+
+    root = make_dataset(str(tmp_path / "data"), ("sceneA",))
+    run_dir = str(tmp_path / "run")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-c", _TRAIN_OOM, f"hydra.run.dir={run_dir}", f"datasets.data_root={root}",
+         "datasets=nerf_blender_one_scene", "datasets.scene_name=sceneA", "system=npbg", "datasets.selection_count=0",
+         "datasets.train_num_samples=3", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
+         "trainer.limit_val_batches=0", "dataloader=small", "datasets.train_image_size=16"],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line == ("error: out of host memory (RAM) while training (DefaultCPUAllocator: can't allocate memory: you "
+                    "tried to allocate 10000000000000 bytes.). Lower dataloader.batch_size (now 1) or "
+                    "datasets.train_image_size (the crop side, now 16)"), line
+    ckpt = os.path.join(run_dir, "checkpoints")
+    assert sorted(os.listdir(ckpt)) == ["last.ckpt"]
+    assert torch.load(os.path.join(ckpt, "last.ckpt"), map_location="cpu", weights_only=True)["global_step"] == 1
+
+
+# A GPU out of memory while evaluating, injected into the evaluation
+_EVAL_OOM = """
+import sys
+import torch
+from headless_train import evaluate
+def failing(*args, **kwargs):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB.\\nOf the allocated memory ...")
+evaluate.evaluate = failing
+from headless_train.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_evaluation_out_of_memory_on_the_gpu_advises_the_cpu(tmp_path):
+    import subprocess
+
+    from _train_fixtures import make_dataset
+
+    root = make_dataset(str(tmp_path / "data"), ("sceneA",))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-c", _EVAL_OOM, f"hydra.run.dir={tmp_path / 'run'}", f"datasets.data_root={root}",
+         "datasets=nerf_blender_one_scene", "datasets.scene_name=sceneA", "system=npbgpp_sphere", "eval_only=true",
+         "dataloader=small", "datasets.input_view_max_side=64"],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: out of GPU memory (cuda) while evaluating (CUDA out of memory. Tried to allocate 3.00 GiB.). The "
+        "evaluation renders each held-out view whole at its own size: evaluate on a computer with more memory, or "
+        "aggregate smaller input views with datasets.input_view_max_side (below 64), or trainer.gpus=0 (the CPU) "
+        "when the GPU is the one that is full"), proc.stderr[-2000:]
+
+
+def test_stage_names_its_own_options_when_training_ran_out_of_memory(tmp_path, monkeypatch, capsys):
+    """`stage` runs training as a child: that child's out-of-memory line (hydra keys) becomes the
+    stage's --batch / --crop / --views with the values the child trained with."""
+    from _train_fixtures import make_dataset
+
+    from headless_train import stage
+
+    root = make_dataset(str(tmp_path / "data"), ("sceneA",))
+
+    def child(cmd, log, *args, **kwargs):
+        log.write("[2026-12-01 06:50:00,000][headless_train][ERROR] - error: out of host memory (RAM) while training "
+                  "(MemoryError). Lower dataloader.batch_size (now 1), ...\n")
+        log.flush()
+        return 2, False, None
+
+    monkeypatch.setattr(stage, "run_child", child)
+    work = str(tmp_path / "work")
+    assert stage.main(["--corpus", root, "--work", work, "--dry-run", "--views", "2"]) == 2
+    err = capsys.readouterr().err
+    assert (f"training wrote no {work}/run/checkpoints/last.ckpt (exit code 2); it ran out of host memory: lower "
+            "--batch (now 1), --crop (now 16) or --views (now 2), or give --override datasets.cache_images=false "
+            "(the stage keeps every view decoded in memory); see ") in err, err
+
+    # a SIGKILL the stage did not send (Linux's out-of-memory killer), the earlier call's line above in the log
+    def killed(cmd, log, *args, **kwargs):
+        return -9, False, None
+
+    monkeypatch.setattr(stage, "run_child", killed)
+    assert stage.main(["--corpus", root, "--work", work, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert (f"training wrote no {work}/run/checkpoints/last.ckpt (exit code -9); it was killed (SIGKILL), most often "
+            "by the system's out-of-memory killer when training needs more memory than this computer has (on Linux "
+            "the system log says so: journalctl -k or dmesg): lower --batch (now 1), --crop (now 16) or --views "
+            "(now 3), or give --override datasets.cache_images=false") in err, err
+
+    def failing(cmd, log, *args, **kwargs):  # any other failure: no such note
+        log.write("RuntimeError: something else\n")
+        return 1, False, None
+
+    monkeypatch.setattr(stage, "run_child", failing)
+    assert stage.main(["--corpus", root, "--work", work, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "training wrote no" in err and "ran out of" not in err.split("; see ")[0], err
