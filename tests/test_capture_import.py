@@ -456,3 +456,20 @@ def test_prepare_capture_reads_no_more_than_its_bound_whatever_a_camera_states(t
     with pytest.warns(Image.DecompressionBombWarning), pytest.raises(DatasetError, match=refused):  # view_00 read
         prepare_capture(src, str(tmp_path / "out2"), max_size=120)
     assert not os.path.exists(tmp_path / "out2")
+
+
+def test_prepare_capture_reads_tiff_photos_over_pils_limit_as_it_reads_jpegs(tmp_path, monkeypatch):
+    """TIFF checks PIL's limit again as it decodes (TiffImageFile.load_prepare), not only when
+    the file is opened: prepare-capture raised the limit to the camera's pixels for the opening
+    only, so a TIFF photo over PIL's limit (as the JPEGs above) failed with PIL's own
+    DecompressionBombError, naming no file, in the very command advised for such photos."""
+    src, out = str(tmp_path / "src"), str(tmp_path / "out")
+    write_capture(src, n_views=2)
+    for name in ("view_00.jpg", "view_01.jpg"):  # TIFF content: PIL goes by the bytes, not the name
+        path = os.path.join(src, "images", name)
+        with Image.open(path) as im:
+            im.convert("RGB").save(path, format="TIFF")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)  # the 43,200-pixel photos are over it
+    prepare_capture(src, out, max_size=120)
+    assert Image.MAX_IMAGE_PIXELS == 20_000
+    assert [v.camera.image_size for v in load_scene(out).views] == [(90, 120)] * 2

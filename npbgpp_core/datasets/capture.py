@@ -207,7 +207,8 @@ def prepare_capture(
                              f"twice its camera's pixels (at most {MAX_PHOTO_PIXELS:,}): downscale the photo first "
                              "(any image editor: the camera is scaled to match) or check that it is this capture's "
                              "photo")
-                with open_image(path, min(cw * ch, MAX_PHOTO_PIXELS // 2), too_large) as im:
+                # loaded under the raised limit: TIFF checks the size again as it decodes
+                with open_image(path, min(cw * ch, MAX_PHOTO_PIXELS // 2), too_large, load=True) as im:
                     photo = im.convert("RGB")
             except OSError as exc:
                 raise DatasetError(f"{path}: cannot read image ({exc})") from exc

@@ -19,8 +19,9 @@ from ..image_size import SMALLER_COPY, too_many_pixels
 from .errors import DatasetError
 
 
-def open_image(path: str, camera_pixels: int = 0, too_large: str = SMALLER_COPY):
-    """PIL's ``Image.open`` of ``path`` (the header read, the pixels when loaded). PIL refuses
+def open_image(path: str, camera_pixels: int = 0, too_large: str = SMALLER_COPY, load: bool = False):
+    """PIL's ``Image.open`` of ``path`` (the header read; with ``load`` the pixels too, else when
+    loaded). PIL refuses
     images of more than twice ``Image.MAX_IMAGE_PIXELS`` (178,956,970 pixels by default) as
     possible decompression bombs, files whose few bytes claim a huge image: here a DatasetError
     naming the file, its pixels and ``too_large``, what to do (by default: a copy with smaller
@@ -30,7 +31,9 @@ def open_image(path: str, camera_pixels: int = 0, too_large: str = SMALLER_COPY)
     raised during the call, for any thread: prepare-capture runs as a command of its own).
     Missing or unreadable files: DatasetError too.
     Between PIL's limit and twice it (89.5-179 MP by default) images are read, with PIL's
-    DecompressionBombWarning."""
+    DecompressionBombWarning. Some formats check the size again as they decode (TIFF), so a
+    photo read under a raised limit is loaded with ``load``, before the limit is restored, and
+    a refusal while decoding is the same DatasetError."""
     from PIL import Image, UnidentifiedImageError
 
     if not os.path.isfile(path):
@@ -40,7 +43,14 @@ def open_image(path: str, camera_pixels: int = 0, too_large: str = SMALLER_COPY)
     try:
         if raise_limit:
             Image.MAX_IMAGE_PIXELS = camera_pixels
-        return Image.open(path)
+        img = Image.open(path)
+        if load:
+            try:
+                img.load()
+            except BaseException:
+                img.close()
+                raise
+        return img
     except Image.DecompressionBombError as exc:
         raise DatasetError(too_many_pixels(path, exc, too_large)) from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
@@ -51,12 +61,8 @@ def open_image(path: str, camera_pixels: int = 0, too_large: str = SMALLER_COPY)
 
 
 def _open(path: str):
-    img = open_image(path)
-    try:
-        img.load()
-    except (OSError, ValueError) as exc:
-        raise DatasetError(f"{path}: unreadable image ({type(exc).__name__}: {exc})") from exc
-    return img
+    """:func:`open_image` of ``path``, its pixels loaded (every refusal a DatasetError)."""
+    return open_image(path, load=True)
 
 
 def image_size_of(path: str) -> tuple[int, int]:
