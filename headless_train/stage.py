@@ -982,8 +982,8 @@ def pack(corpus: str, out: str, max_side: int, max_points: int, max_mib: float,
                 src, dst = os.path.join(dirpath, f), os.path.join(dst_dir, f)
                 low = f.lower()
                 if low.endswith((".png", ".jpg", ".jpeg")):
-                    with Image.open(src) as img:
-                        img.load()
+                    img = _open_corpus_image(src)
+                    with img:
                         w, h = img.size
                         if max(w, h) > max_side:
                             nw, nh = fit_long_side((w, h), max_side)
@@ -1022,6 +1022,29 @@ def pack(corpus: str, out: str, max_side: int, max_points: int, max_mib: float,
                              "--max-side, --max-points or fewer scenes (nothing was written)")
     scene_bytes.pop("", None)
     return {"out": out, "mib": round(size, 2), "scene_bytes": scene_bytes}
+
+
+def _open_corpus_image(path: str) -> Any:
+    """``path`` opened and loaded by PIL; StageError naming it when PIL refuses it: too many
+    pixels (the readers' message, :func:`~npbgpp_core.image_size.too_many_pixels`; PIL's own
+    named no file and called it an attack) or not an image it reads. Torch-free, as pack is."""
+    from PIL import Image
+
+    from npbgpp_core.image_size import too_many_pixels
+
+    leave_out = "leave its scene out with --scenes (nothing was written)"
+    img = None
+    try:
+        img = Image.open(path)
+        img.load()  # some formats check the size again as they decode (TIFF)
+        return img
+    except Image.DecompressionBombError as exc:
+        message = too_many_pixels(path, exc, f"Downscale it first (any image editor), or {leave_out}")
+    except (OSError, ValueError) as exc:  # UnidentifiedImageError is an OSError
+        message = f"{path}: not an image PIL reads ({exc}); fix or remove it, or {leave_out}"
+    if img is not None:
+        img.close()
+    raise StageError(message)
 
 
 PIXEL_KEYS_X, PIXEL_KEYS_Y = ("w", "fl_x", "cx"), ("h", "fl_y", "cy")

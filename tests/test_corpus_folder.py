@@ -156,3 +156,33 @@ def test_stage_pack_names_a_cloud_no_scene_can_read(tmp_path, capsys):
     assert stage_main(args) == 2
     assert f"error: {broken}: not a point cloud a scene can read" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["corpus"]
+
+
+def test_stage_pack_names_a_photo_over_pils_limit_and_a_broken_one(tmp_path, monkeypatch, capsys):
+    """stage pack opened corpus photos with PIL's own Image.open: a photo over PIL's limit was
+    its DecompressionBombError traceback (naming no file, calling it an attack), a broken one
+    an UnidentifiedImageError traceback; now the readers' line naming the photo and its pixels,
+    what to do, status 2, nothing written (PIL's limit lowered to 50: PIL refuses above 100
+    pixels, the 16x12 photos have 192)."""
+    from headless_train.stage import main as stage_main
+
+    scene = make_scene(str(tmp_path / "corpus" / "env_1"), variants=("mvs",))
+    photos = [os.path.join(scene, "train", f"r_{k}.png") for k in range(2)]
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50)
+    out = tmp_path / "packed"
+    args = ["pack", "--corpus", str(tmp_path / "corpus"), "--out", str(out)]
+    assert stage_main(args) == 2
+    err = capsys.readouterr().err
+    assert any(err == (f"error: {p}: the image has 192 pixels, more than the 100 this project reads (PIL's guard "
+                       "against decompression bombs, files that claim a huge image). Downscale it first (any image "
+                       "editor), or leave its scene out with --scenes (nothing was written)\n") for p in photos), err
+    assert not out.exists()
+    monkeypatch.undo()
+    for p in photos:
+        with open(p, "wb") as f:
+            f.write(b"not a photo")
+    assert stage_main(args) == 2
+    err = capsys.readouterr().err
+    assert any(err.startswith(f"error: {p}: not an image PIL reads (cannot identify image file") for p in photos), err
+    assert err.rstrip().endswith("fix or remove it, or leave its scene out with --scenes (nothing was written)"), err
+    assert sorted(os.listdir(tmp_path)) == ["corpus"]
