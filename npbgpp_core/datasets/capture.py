@@ -265,6 +265,11 @@ def prepare_capture(
     return summary
 
 
+# Memory of reading and downscaling a photo, in bytes a pixel (BENCHMARKS.md, prepare-capture reading
+# a 200-MP photo: 8.6, the decoded photo, its RGB conversion and the resampling's copy).
+PREPARE_BYTES_PER_PIXEL = 9
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m headless_train prepare-capture SRC --out DST [--max-size 512] ...``"""
     import argparse
@@ -292,6 +297,16 @@ def main(argv: list[str] | None = None) -> int:
         s = prepare_capture(a.src, a.out, a.max_size, a.images_dir, a.format, prov, a.overwrite, a.orient)
     except DatasetError as exc:
         print(f"prepare-capture: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # out of memory: one line as the refusals (the output folder is atomic)
+        from ..memory import first_line, is_out_of_memory
+
+        if not is_out_of_memory(exc):
+            raise
+        print(f"prepare-capture: out of host memory (RAM) while reading the photos ({first_line(exc)}). It reads one "
+              f"photo at a time at its own size, about {PREPARE_BYTES_PER_PIXEL} bytes a pixel (a 200-MP photo: 1.7 "
+              "GB): downscale the largest photos first (any image editor: the cameras are scaled to match) or run it "
+              "on a computer with more memory; nothing was written", file=sys.stderr)
         return 2
     print(f"{a.out}: {s['images']} images ({', '.join(s['image_sizes'])}), {s['points']} points, "
           f"{s['undistorted_images']} undistorted")
