@@ -143,6 +143,7 @@ def _run(cfg: DictConfig, run_dir: str) -> dict | None:
         raise UsageError(f"{ckpt_dir} holds checkpoints of an earlier run ({', '.join(earlier)}), which this new run "
                          f"would replace: {how}; give a new run another hydra.run.dir (or move those files away)")
 
+    oom.step("reading the checkpoints", "")  # weights_path=, resume=true's last.ckpt
     source_ckpt = None
     if cfg.weights_path:
         wp = str(cfg.weights_path)
