@@ -19,12 +19,21 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(s in text for s in _OUT_OF_MEMORY_TEXTS)
 
 
+# What a GPU's failure to allocate writes when it is not torch's OutOfMemoryError: a CUDA call's
+# RuntimeError ("CUDA error: out of memory", cuBLAS / cuDNN) and Apple's MPS allocator
+# ("MPS backend out of memory"), lower case, matched as substrings.
+_GPU_TEXTS = ("cuda", "cublas", "cudnn", "mps backend")
+
+
 def ran_out_on_gpu(exc: BaseException) -> bool:
     """Whether an out-of-memory failure (:func:`is_out_of_memory`) is a GPU's: torch's
     OutOfMemoryError is raised by its GPU allocators (its CPU allocator raises a RuntimeError,
-    "DefaultCPUAllocator: can't allocate memory"; numpy and Python a MemoryError)."""
+    "DefaultCPUAllocator: can't allocate memory"; numpy and Python a MemoryError), other GPU
+    failures name their backend (:data:`_GPU_TEXTS`)."""
     text = str(exc).lower()
-    return (type(exc).__name__ == "OutOfMemoryError" and "cpuallocator" not in text) or "cuda out of memory" in text
+    if "cpuallocator" in text:
+        return False
+    return type(exc).__name__ == "OutOfMemoryError" or any(s in text for s in _GPU_TEXTS)
 
 
 def first_line(exc: BaseException) -> str:

@@ -162,6 +162,15 @@ def test_a_gpu_that_is_full_is_named_and_the_cpu_advised():
         "4000, ...), or --device cpu when the GPU is the one that is full")
     assert oom.memory_error(cuda, "cuda", "trainer.gpus=0").endswith(", or trainer.gpus=0 when the GPU is the one "
                                                                      "that is full")
+    # a GPU's failure reported as a RuntimeError: a CUDA call's, Apple's MPS allocator's
+    for exc, device in ((RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be ..."), "cuda"),
+                        (RuntimeError("MPS backend out of memory (MPS allocated: 17.00 GB, other allocations: 1.00 "
+                                      "GB, max allowed: 18.13 GB). Tried to allocate 256.00 MB on private pool."),
+                         "mps")):
+        assert oom.is_out_of_memory(exc)
+        text = oom.memory_error(exc, device)
+        assert text.startswith(f"out of GPU memory ({device}) while rendering"), text
+        assert text.endswith(", or --device cpu when the GPU is the one that is full"), text
     cpu = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes")
     for exc in (cpu, MemoryError()):
         assert oom.is_out_of_memory(exc)
