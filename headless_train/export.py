@@ -122,11 +122,16 @@ def seen_points_note(points: int, seen: int, in_no_view: int) -> str:
 
 def aggregation_advice(scene, views: list[int], max_side: int | None) -> str:
     """What needs less memory when aggregating ``views`` of ``scene``: the views read smaller
-    (``--max-side``: their long side now) or fewer points (``--max-points``)."""
+    (``--max-side`` below their long side now, when that is above the least it takes,
+    AGGREGATE_MIN_SIDE) or fewer points (``--max-points``)."""
+    from npbgpp_core.protocol import AGGREGATE_MIN_SIDE
+
     side = max(max(scene.views[i].camera.image_size) for i in views)
     read = side if max_side is None else min(side, max_side)  # fit_long_side's long side
-    return (f"read the views smaller with --max-side (below {read}, the long side they are read at now) or "
-            f"aggregate fewer points with --max-points (the cloud has {scene.points.shape[0]:,})")
+    points = f"aggregate fewer points with --max-points (the cloud has {scene.points.shape[0]:,})"
+    if read <= AGGREGATE_MIN_SIDE:  # --max-side refuses less: only fewer points help
+        return points
+    return f"read the views smaller with --max-side (below {read}, the long side they are read at now) or {points}"
 
 
 def export_npbgpp(ckpt: dict, scene, args, name: str):

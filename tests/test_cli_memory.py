@@ -71,9 +71,16 @@ def test_export_out_of_memory_reading_a_view_names_it_and_max_side(scene_and_bun
     # with --max-side the advice asks for less than that
     calls.clear()
     assert export_main(["--checkpoint", default_weights_path("npbgpp", "object"), "--scene", folder,
-                        "--out", out, "--device", "cpu", "--max-side", "16", "--max-points", "200"]) == 2
+                        "--out", out, "--device", "cpu", "--max-side", "20", "--max-points", "200"]) == 2
     line = _one_error_line(capsys.readouterr().err)
-    assert "at 16x16 px" in line and "--max-side (below 16," in line and "(the cloud has 200)" in line, line
+    assert "at 20x20 px" in line and "--max-side (below 20," in line and "(the cloud has 200)" in line, line
+    # at the least --max-side takes (AGGREGATE_MIN_SIDE, 16) it cannot go lower: fewer points only
+    calls.clear()
+    assert export_main(["--checkpoint", default_weights_path("npbgpp", "object"), "--scene", folder,
+                        "--out", out, "--device", "cpu", "--max-side", "16"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert line.endswith(f"at 16x16 px ({HOST_OOM}). Aggregate fewer points with --max-points (the cloud has "
+                         "300)"), line
 
 
 def test_fit_out_of_memory_while_fitting_names_the_step_and_a_copy_with_smaller_photos(scene_and_bundle, tmp_path,
