@@ -286,9 +286,12 @@ def export(args: argparse.Namespace) -> str:
         if "min_side" in format_options(args.format or detect_format(args.scene)):
             # nerfstudio's smaller copies (images_2/ ...) still at least --max-side: less to decode and resize
             options["min_side"] = int(args.max_side)
-    # the cloud is read whole (--max-points subsamples it after): only a smaller file reads in less
-    oom.step(f"reading the scene {args.scene}", "give a smaller point cloud with --pc-name")
+    # the cloud is read whole (--max-points subsamples it after): only a smaller file reads in less, which
+    # only NPBG++ can take (NPBG's descriptors belong to the cloud they were fitted to)
+    oom.step(f"reading the scene {args.scene}",
+             "give a smaller point cloud with --pc-name" if system == "npbgpp" else "")
     scene = load_scene(args.scene, format=args.format, **options)
+    oom.step(f"preparing the export of {scene.points.shape[0]:,} points", "")  # not the reading's advice
     from npbgpp_core.datasets.scene_data import scene_input_at
 
     replaced = scene_input_at(scene, args.out, (".npbgpp",))  # a re-run replaces its bundle, never a cloud

@@ -135,6 +135,7 @@ def render(args: argparse.Namespace) -> str:
             raise RenderError(f"--out {args.out} is or holds the input {source}: render into another folder")
     oom.step(f"loading the bundle {args.bundle}", bundle_advice(args.bundle))
     bundle = NeuralScene.load(args.bundle)
+    oom.step(f"reading the cameras of {args.scene}", "")  # not the bundle's advice
     options: dict = {"undistort": True} if args.undistort else {}
     # the bundle holds the points: only the dataset's cameras are used, its cloud is not needed
     scene = load_scene(args.scene, format=args.format, require_points=False, **options)

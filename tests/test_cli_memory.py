@@ -83,6 +83,28 @@ def test_export_out_of_memory_reading_a_view_names_it_and_max_side(scene_and_bun
                          "300)"), line
 
 
+def test_export_out_of_memory_after_reading_the_scene_has_not_the_reading_s_advice(scene_and_bundle, tmp_path,
+                                                                                      monkeypatch, capsys):
+    """A step after the scene is read (building the network) is not 'reading the scene' and does
+    not advise another cloud (--pc-name)."""
+    from headless_train.export import main as export_main
+    from npbgpp_core import pretrained
+
+    folder, _ = scene_and_bundle
+
+    def build_network(*args, **kwargs):
+        raise MemoryError()
+
+    monkeypatch.setattr(pretrained, "build_network", build_network)
+    out = str(tmp_path / "b.npbgpp")
+    assert export_main(["--checkpoint", pretrained.default_weights_path("npbgpp", "object"), "--scene", folder,
+                        "--out", out, "--device", "cpu"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert line == ("error: out of host memory (RAM) while preparing the export of 300 points (MemoryError). Run it "
+                    "on a computer with more memory"), line
+    assert os.listdir(tmp_path) == []
+
+
 def test_fit_out_of_memory_while_fitting_names_the_step_and_a_copy_with_smaller_photos(scene_and_bundle, tmp_path,
                                                                                        monkeypatch, capsys):
     from headless_train.fit import main as fit_main
