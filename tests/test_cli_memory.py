@@ -321,6 +321,15 @@ def test_stage_names_its_own_options_when_training_ran_out_of_memory(tmp_path, m
             "the system log says so: journalctl -k or dmesg): lower --batch (now 1), --crop (now 16) or --views "
             "(now 3), or give --override datasets.cache_images=false") in err, err
 
+    # a SIGKILL the stage sent itself (its time limit's or a second Ctrl-C's, after the SIGTERM's grace time)
+    import signal
+
+    for timed_out, stopped_by in ((True, None), (False, int(signal.SIGINT))):
+        monkeypatch.setattr(stage, "run_child", lambda *a, t=timed_out, s=stopped_by, **k: (-9, t, s))
+        assert stage.main(["--corpus", root, "--work", work, "--dry-run"]) == 2
+        err = capsys.readouterr().err
+        assert "training wrote no" in err and "SIGKILL" not in err and "ran out of" not in err.split("; see ")[0], err
+
     def failing(cmd, log, *args, **kwargs):  # any other failure: no such note
         log.write("RuntimeError: something else\n")
         return 1, False, None
