@@ -73,6 +73,19 @@ def make_tiny_scene(
     return folder
 
 
+def tiny_scene_and_bundle(root: str, views: int, splits: tuple[int, int, int]) -> tuple[str, str]:
+    """A :func:`make_tiny_scene` (24 px, 300 points) in ``root``/scene and its bundle, exported
+    with the bundled object weights by ``headless_train export``: (scene folder, bundle path)."""
+    from headless_train.export import main as export_main
+    from npbgpp_core.pretrained import default_weights_path
+
+    folder = make_tiny_scene(os.path.join(root, "scene"), views=views, size=24, n_points=300, splits=splits)
+    bundle = os.path.join(root, "scene.npbgpp")
+    assert export_main(["--checkpoint", default_weights_path("npbgpp", "object"), "--scene", folder,
+                        "--out", bundle]) == 0
+    return folder, bundle
+
+
 def make_dataset(root: str, names: tuple[str, ...] = ("sceneA",), **kwargs) -> str:
     """A data_root holding one tiny scene per name."""
     for k, name in enumerate(names):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _train_fixtures import make_tiny_scene  # noqa: E402
+from _train_fixtures import tiny_scene_and_bundle  # noqa: E402
 
 from headless_train import oom  # noqa: E402
 
@@ -22,15 +22,7 @@ HOST_OOM = "Unable to allocate 90.9 TiB for an array with shape (100000000000000
 
 @pytest.fixture(scope="module")
 def scene_and_bundle(tmp_path_factory):
-    from headless_train.export import main as export_main
-    from npbgpp_core.pretrained import default_weights_path
-
-    root = tmp_path_factory.mktemp("cli_memory")
-    folder = make_tiny_scene(str(root / "scene"), views=3, size=24, n_points=300, splits=(3, 0, 0))
-    bundle = str(root / "scene.npbgpp")
-    assert export_main(["--checkpoint", default_weights_path("npbgpp", "object"), "--scene", folder,
-                        "--out", bundle]) == 0
-    return folder, bundle
+    return tiny_scene_and_bundle(str(tmp_path_factory.mktemp("cli_memory")), views=3, splits=(3, 0, 0))
 
 
 def _one_error_line(err: str) -> str:

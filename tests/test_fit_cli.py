@@ -12,20 +12,12 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _train_fixtures import kept_photo_scores, make_tiny_scene, scores_in_turn  # noqa: E402
+from _train_fixtures import kept_photo_scores, make_tiny_scene, scores_in_turn, tiny_scene_and_bundle  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def scene_and_bundle(tmp_path_factory):
-    from headless_train.export import main as export_main
-    from npbgpp_core.pretrained import default_weights_path
-
-    root = tmp_path_factory.mktemp("fit")
-    folder = make_tiny_scene(str(root / "scene"), views=4, size=24, n_points=300, splits=(3, 0, 1))
-    bundle = str(root / "scene.npbgpp")
-    assert export_main(["--checkpoint", default_weights_path("npbgpp", "object"), "--scene", folder,
-                        "--out", bundle]) == 0
-    return folder, bundle
+    return tiny_scene_and_bundle(str(tmp_path_factory.mktemp("fit")), views=4, splits=(3, 0, 1))
 
 
 def test_fit_command_writes_what_fit_bundle_writes(scene_and_bundle, tmp_path):
