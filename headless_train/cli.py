@@ -287,8 +287,10 @@ def training_memory_advice(container: dict) -> str:
     """What needs less memory in training: fewer or smaller samples per step (and fewer input
     views per sample for NPBG++, read and aggregated at twice the crop)."""
     dcfg, lcfg = container.get("datasets") or {}, container.get("dataloader") or {}
+    crop = dcfg.get("train_image_size")  # null: whole views, which a crop side makes smaller
     fixes = [f"dataloader.batch_size (now {lcfg.get('batch_size')})",
-             f"datasets.train_image_size (the crop side, now {dcfg.get('train_image_size')})"]
+             "datasets.train_image_size (the crop side, now "
+             + ("null: whole views; give one, e.g. 256" if crop is None else f"{crop}") + ")"]
     if dcfg.get("selection_count"):
         fixes.append(f"datasets.selection_count (input views per sample, now {dcfg['selection_count']})")
     advice = f"lower {', '.join(fixes[:-1])} or {fixes[-1]}"

@@ -330,3 +330,14 @@ def test_stage_names_its_own_options_when_training_ran_out_of_memory(tmp_path, m
     assert stage.main(["--corpus", root, "--work", work, "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert "training wrote no" in err and "ran out of" not in err.split("; see ")[0], err
+
+
+def test_training_advice_without_a_crop_asks_for_one():
+    """datasets.train_image_size null trains on whole views: the advice says so and gives a crop
+    side to set, not 'now None'."""
+    from headless_train.cli import training_memory_advice
+
+    advice = training_memory_advice({"datasets": {"train_image_size": None, "selection_count": 3},
+                                     "dataloader": {"batch_size": 2}})
+    assert advice == ("lower dataloader.batch_size (now 2), datasets.train_image_size (the crop side, now null: "
+                      "whole views; give one, e.g. 256) or datasets.selection_count (input views per sample, now 3)")
