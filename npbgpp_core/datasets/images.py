@@ -21,9 +21,8 @@ from .errors import DatasetError
 
 def open_image(path: str, camera_pixels: int = 0, too_large: str = SMALLER_COPY, load: bool = False):
     """PIL's ``Image.open`` of ``path`` (the header read; with ``load`` the pixels too, else when
-    loaded). PIL refuses
-    images of more than twice ``Image.MAX_IMAGE_PIXELS`` (178,956,970 pixels by default) as
-    possible decompression bombs, files whose few bytes claim a huge image: here a DatasetError
+    loaded). PIL refuses images of more than twice ``Image.MAX_IMAGE_PIXELS`` (178,956,970 pixels
+    by default) as possible decompression bombs, files whose few bytes claim a huge image: here a DatasetError
     naming the file, its pixels and ``too_large``, what to do (by default: a copy with smaller
     photos), not PIL's error about an attack. ``camera_pixels`` > 0: the size the photo's camera
     states (prepare-capture, which makes that copy, bounds it), read up to twice that whatever
