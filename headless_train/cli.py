@@ -198,6 +198,7 @@ def _run(cfg: DictConfig, run_dir: str) -> dict | None:
         check_resumed_scenes(resumed_meta, resume_path, name, datamodule.scenes)
     # A resumed run continues the model its checkpoint holds (coefficients_ft builds it from the
     # stored config: its render alignment and up axis), not one rebuilt from weights_path's.
+    oom.step("building the model", "")  # not "loading the scenes": they are loaded
     system = build_system(container, datamodule.scenes, {"npbgpp": resumed_meta} if resume_path else source_ckpt)
     if system.loss_message() and not cfg.eval_only:  # an evaluation computes no loss
         log.warning(system.loss_message())
