@@ -70,6 +70,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from . import oom
 from .lifeline import EXIT_SIGTERM, exit_status
 
 if TYPE_CHECKING:
@@ -981,6 +982,7 @@ def pack(corpus: str, out: str, max_side: int, max_points: int, max_mib: float,
             for f in files:
                 src, dst = os.path.join(dirpath, f), os.path.join(dst_dir, f)
                 low = f.lower()
+                oom.step(f"packing {src}", pack_memory_advice(low))
                 if low.endswith((".png", ".jpg", ".jpeg")):
                     img = _open_corpus_image(src)
                     with img:
@@ -1011,6 +1013,7 @@ def pack(corpus: str, out: str, max_side: int, max_points: int, max_mib: float,
                 else:
                     continue
                 scene_bytes[scene] = scene_bytes.get(scene, 0) + os.path.getsize(dst)
+        oom.step(f"scaling the cameras of {len(transforms)} scenes", "")  # no file's advice
         for scene, path in transforms:
             scale_transforms(path, resized)
             scene_bytes[scene] = scene_bytes.get(scene, 0) + os.path.getsize(path)
@@ -1022,6 +1025,15 @@ def pack(corpus: str, out: str, max_side: int, max_points: int, max_mib: float,
                              "--max-side, --max-points or fewer scenes (nothing was written)")
     scene_bytes.pop("", None)
     return {"out": out, "mib": round(size, 2), "scene_bytes": scene_bytes}
+
+
+def pack_memory_advice(name: str) -> str:
+    """What to do when packing the file ``name`` (lower case) runs out of memory: pack reads one
+    photo or cloud at a time, whole, so only that file made smaller or left out helps."""
+    leave_out = "leave its scene out with --scenes; nothing was written"
+    if name.endswith((".png", ".jpg", ".jpeg")):
+        return f"downscale it first (any image editor), or {leave_out}"
+    return leave_out if name.endswith(".ply") else ""
 
 
 def _open_corpus_image(path: str) -> Any:
@@ -1169,6 +1181,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    oom.reset()
     try:
         if argv and argv[0] == "pack":
             a = parse_pack_args(argv[1:])
@@ -1177,6 +1190,11 @@ def main(argv: list[str] | None = None) -> int:
         info = run_stage(parse_args(argv))
     except StageError as exc:
         say(f"error: {exc}", sys.stderr)
+        return 2
+    except Exception as exc:  # the stage's own process (pack reads a photo or a cloud at a time): one line too
+        if not oom.is_out_of_memory(exc):
+            raise
+        say(f"error: {oom.memory_error(exc, 'cpu')}", sys.stderr)
         return 2
     if "stopped_by" in info:
         name = info["stopped_by"]

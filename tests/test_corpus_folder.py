@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -185,4 +186,24 @@ def test_stage_pack_names_a_photo_over_pils_limit_and_a_broken_one(tmp_path, mon
     err = capsys.readouterr().err
     assert any(err.startswith(f"error: {p}: not an image PIL reads (cannot identify image file") for p in photos), err
     assert err.rstrip().endswith("fix or remove it, or leave its scene out with --scenes (nothing was written)"), err
+    assert sorted(os.listdir(tmp_path)) == ["corpus"]
+
+
+def test_stage_pack_out_of_memory_names_the_photo_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    """Out of memory reading a corpus photo (injected: a real one needs gigabytes) was a
+    MemoryError traceback; now one line naming the photo, what to do, status 2, nothing written."""
+    from headless_train import stage
+
+    make_scene(str(tmp_path / "corpus" / "env_1"), variants=("mvs",))
+
+    def no_memory(path):
+        raise MemoryError()
+
+    monkeypatch.setattr(stage, "_open_corpus_image", no_memory)
+    out = tmp_path / "packed"
+    assert stage.main(["pack", "--corpus", str(tmp_path / "corpus"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"error: out of host memory \(RAM\) while packing \S+\.png \(MemoryError\)\. Downscale it "
+                        r"first \(any image editor\), or leave its scene out with --scenes; nothing was written\n",
+                        err), err
     assert sorted(os.listdir(tmp_path)) == ["corpus"]
