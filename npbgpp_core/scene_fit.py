@@ -28,6 +28,13 @@ from typing import Any
 DEFAULT_STEPS = 200  # BENCHMARKS.md "Sharpening loss in the 200-step fit"
 MAX_STEPS = 100_000
 
+# Whether the fit holds undistorted (resampled) photos of 8-bit files rounded to 8 bits
+# (SceneData.load_image_pixels' round_resampled): stored as uint8 instead of float32, 4x less
+# memory for distorted captures (COLMAP SIMPLE_RADIAL / OPENCV with Undistort). Each target pixel
+# moves by at most 1/510, as in the prepared captures' photos (BENCHMARKS.md "Fit to Photos'
+# undistorted photos as 8 bits"). False: floats as read, the fit before.
+FIT_ROUND_RESAMPLED = True
+
 
 # What the outcome line calls each recipe a choosing check can choose (fitting.CHECK_RECIPES).
 RECIPE_LABELS = {"crops": "crops", "whole": "whole views"}
@@ -215,7 +222,9 @@ class BundleFit:
         # each photo read into its slot of the stack (8-bit photos stored as uint8, read as uint8: not
         # converted to floats and scanned back): a list of every photo as float32 and then their stack
         # held them twice (BENCHMARKS.md, big photos)
-        views = read_fit_views(lambda k: data.load_image_pixels(ids[k]), [data.views[i].camera for i in ids])
+        # (undistorted photos of 8-bit files rounded to 8 bits: FIT_ROUND_RESAMPLED)
+        views = read_fit_views(lambda k: data.load_image_pixels(ids[k], round_resampled=FIT_ROUND_RESAMPLED),
+                               [data.views[i].camera for i in ids])
         self.views = len(ids)
         self.view_names = [data.views[i].name for i in ids]
         self.checked = check_view and check_view_index(len(ids)) is not None

@@ -5,9 +5,12 @@ share that stack, and every fit on them is bit for bit the fit on the same photo
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from test_background import env_scene, from_weights_file, ring_cameras
 
 from npbgpp_core.datasets.images import read_image
@@ -232,3 +235,87 @@ def test_largest_image_size_is_the_view_with_most_pixels():
     assert data.largest_image_size([0, 1, 2]) == (60, 70)
     assert data.largest_image_size([2, 1]) == (70, 60)
     assert data.largest_image_size([0]) == (90, 40) and data.largest_image_size([]) is None
+
+
+@pytest.fixture(scope="module")
+def distorted(tmp_path_factory):
+    """A distorted COLMAP capture (SIMPLE_RADIAL, 8-bit JPEG photos) loaded with undistort=True, and
+    prepare-capture's copy of it at the same size as PNG (its undistorted photos rounded to 8 bits)."""
+    from test_capture_import import write_capture
+
+    from npbgpp_core.datasets import load_scene
+    from npbgpp_core.datasets.capture import prepare_capture
+
+    root = tmp_path_factory.mktemp("distorted")
+    src, out = str(root / "src"), str(root / "prepared")
+    write_capture(src, n_views=3)
+    prepare_capture(src, out, max_size=1000, image_format="png")  # no downscaling
+    return src, load_scene(src, undistort=True), load_scene(out)
+
+
+def test_undistorted_8bit_photos_are_rounded_to_prepare_captures_pixels(distorted):
+    # round_resampled: uint8, bit for bit the photo prepare-capture wrote for the same view and the
+    # nearest levels of load_image's floats rounded by hand in numpy, so within 1/510 of those floats;
+    # without it load_image's floats as before
+    _, data, prepared = distorted
+    for i in range(len(data.views)):
+        assert data.views[i].distortion is not None
+        floats = data.load_image(i)
+        rounded = data.load_image_pixels(i, round_resampled=True)
+        assert rounded.dtype == torch.uint8 and rounded.shape == floats.shape
+        with Image.open(prepared.views[i].image_path) as im:
+            written = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
+        assert torch.equal(rounded, written)
+        by_hand = (floats.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)  # nearest level, halves up
+        assert torch.equal(rounded, torch.from_numpy(by_hand).permute(2, 0, 1))
+        err = (rounded.to(torch.float64) / 255.0 - floats.to(torch.float64)).abs().max()
+        assert 0.0 < float(err) <= 1.0 / 510.0 + 1e-7  # resampled: not k/255 before rounding
+        plain = data.load_image_pixels(i)
+        assert plain.dtype == torch.float32 and torch.equal(bits(plain), bits(floats))
+
+
+def test_undistorted_16bit_photos_stay_floats(tmp_path):
+    # a 16-bit photo holds more levels than 8 bits: never rounded, load_image's floats either way
+    from test_capture_import import write_capture
+
+    from npbgpp_core.datasets import load_scene
+
+    src = str(tmp_path / "src")
+    write_capture(src, n_views=1)
+    path = os.path.join(src, "images", "view_00.jpg")
+    with Image.open(path) as im:
+        grey = np.asarray(im.convert("L"), dtype=np.uint16) * 257 + 3  # not a multiple of 257: 16-bit levels
+    Image.fromarray(grey.astype(np.uint16)).save(path, format="PNG")  # PNG bytes under the model's name
+    data = load_scene(src, undistort=True)
+    floats = data.load_image(0)
+    for pixels in (data.load_image_pixels(0, round_resampled=True), data.load_image_pixels(0)):
+        assert pixels.dtype == torch.float32 and torch.equal(bits(pixels), bits(floats))
+
+
+@pytest.mark.parametrize("rounded", [True, False])
+def test_fit_to_photos_holds_undistorted_8bit_photos_as_uint8(distorted, tmp_path, monkeypatch, rounded):
+    # BundleFit's stack (what read_fit_views returned to it): uint8, the prepared capture's photos,
+    # with FIT_ROUND_RESAMPLED; float32 as load_image gives them without (the fit before)
+    from headless_train.export import main as export_main
+    from npbgpp_core import fitting, scene_fit
+    from npbgpp_core.pretrained import default_weights_path
+
+    src, data, prepared = distorted
+    bundle = str(tmp_path / "b.npbgpp")
+    assert export_main(["--checkpoint", default_weights_path("npbgpp", "object"), "--scene", src, "--undistort",
+                        "--out", bundle]) == 0
+    seen = []
+
+    def spy(load, cameras):
+        seen.append(read_fit_views(load, cameras))
+        return seen[-1]
+
+    monkeypatch.setattr(fitting, "read_fit_views", spy)
+    monkeypatch.setattr(scene_fit, "FIT_ROUND_RESAMPLED", rounded)
+    scene_fit.BundleFit(bundle, data, steps=1, check_view=False)
+    (views,) = seen
+    ids = list(data.train) or list(range(len(data.views)))
+    assert views.images.dtype == (torch.uint8 if rounded else torch.float32)
+    for k, i in enumerate(ids):
+        want = prepared.load_image(i) if rounded else data.load_image(i)
+        assert torch.equal(bits(views.image(k)), bits(want))

@@ -56,7 +56,7 @@ from .colmap import (
 )
 from .distortion import view_cameras
 from .errors import DatasetError
-from .images import open_image
+from .images import eight_bit_levels, open_image
 
 _MODEL_ID = {name: i for i, (name, _) in CAMERA_MODELS.items()}
 USES = ("train", "validation")
@@ -224,7 +224,7 @@ def prepare_capture(
             if dist is not None:
                 arr = torch.from_numpy(np.asarray(photo, dtype=np.float32) / 255.0).permute(2, 0, 1)
                 arr = undistort(arr, cam, dist, target)
-                photo = Image.fromarray((arr.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8))
+                photo = Image.fromarray(eight_bit_levels(arr).permute(1, 2, 0).numpy())
                 undistorted += 1
             t_in = target.intrinsics()  # back to COLMAP's pixel-edge principal point
             fx, fy, cx, cy = t_in.fx, t_in.fy, t_in.cx + 0.5, t_in.cy + 0.5

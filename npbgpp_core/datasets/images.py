@@ -131,6 +131,14 @@ def read_image_pixels(path: str, background: Sequence[float] | None = (1.0, 1.0,
     return _composited(_to_float(img), None, background)
 
 
+def eight_bit_levels(image: torch.Tensor) -> torch.Tensor:
+    """A float image in [0, 1] as uint8 levels, each the nearest (halves up: floor(x * 255 + 0.5),
+    in float32 as prepare-capture writes its undistorted photos), so that k / 255 is within 1/510
+    of the float. Values outside [0, 1] are clamped first."""
+    levels = image.to(torch.float32).clamp(0.0, 1.0).mul_(255.0).add_(0.5).floor_()
+    return levels.to(torch.uint8)
+
+
 def _composited(arr: np.ndarray, size: Sequence[int] | None,
                 background: Sequence[float] | None) -> torch.Tensor:
     """:func:`read_image`'s (3, H, W) float32 of ``arr`` (:func:`_to_float`'s), alpha composited

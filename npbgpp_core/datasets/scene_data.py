@@ -15,7 +15,7 @@ import torch
 from ..camera import Camera
 from ..image_size import fit_long_side
 from .errors import DatasetError
-from .images import read_alpha, read_image, read_image_pixels, read_mask
+from .images import eight_bit_levels, read_alpha, read_image, read_image_pixels, read_mask
 
 log = logging.getLogger(__name__)
 
@@ -137,14 +137,27 @@ class SceneData:
             return self.load_image(i), self.camera(i)
         return self.load_image(i, size), self.camera(i, size)
 
-    def load_image_pixels(self, i: int) -> torch.Tensor:
+    def load_image_pixels(self, i: int, round_resampled: bool = False) -> torch.Tensor:
         """Image of view ``i`` at its own size as :meth:`load_image` gives it, but uint8 (k for
-        k/255) when it is an 8-bit file read as it is (:func:`read_image_pixels`; undistorted
-        views are resampled: floats), for a caller that stores 8-bit photos as uint8."""
+        k/255) when it is an 8-bit file read as it is (:func:`read_image_pixels`), for a caller
+        that stores 8-bit photos as uint8. An undistorted view is resampled, so its floats are
+        not k/255: as floats, or with ``round_resampled`` (an 8-bit grey or RGB file only) as
+        uint8 rounded to the nearest level (:func:`eight_bit_levels`, within 1/510 of the
+        floats: the photos prepare-capture writes for the same view). Other files (16-bit,
+        alpha) stay floats either way: rounding would lose levels they hold."""
         v = self._check_index(i)
-        if v.distortion is not None and not v.distortion.is_identity():
+        if v.distortion is None or v.distortion.is_identity():
+            return read_image_pixels(v.image_path, self.background)
+        if not round_resampled:
             return self.load_image(i)
-        return read_image_pixels(v.image_path, self.background)
+        from .distortion import undistort
+
+        pixels = read_image_pixels(v.image_path, self.background)
+        eight_bit = pixels.dtype == torch.uint8
+        # k/255 exactly as read_image divides (load_image's floats), then the same remap
+        img = pixels.to(torch.float32).div_(255.0) if eight_bit else pixels
+        img = undistort(img, v.source_camera, v.distortion, v.camera)
+        return eight_bit_levels(img) if eight_bit else img
 
     def load_mask(self, i: int, size: Sequence[int] | None = None) -> torch.Tensor | None:
         """Mask of view ``i`` as ``(1, H, W)`` float32 in [0, 1], or None when the view
