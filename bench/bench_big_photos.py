@@ -5,15 +5,21 @@ capture with big photos: time and memory").
 Two commands:
 
     python bench/bench_big_photos.py upscale SRC OUT --long-side 2048
-    python bench/bench_big_photos.py run DATASET --work DIR [--stages aggregate,fit,render]
+    python bench/bench_big_photos.py run DATASET --work DIR [--stages aggregate,fit,render,score]
+        [--undistort] [--round-resampled on|off]
 
-``upscale`` writes a copy of the prepared COLMAP capture ``SRC`` (PINHOLE cameras, as
-``bench/rebuild_captures.py`` writes them) whose photos are enlarged with PIL's Lanczos filter
-so their long side is ``--long-side`` pixels, each camera's intrinsics scaled with its photo
-(COLMAP's pixel-edge convention: fx, cx by the width's factor, fy, cy by the height's); the
-poses and points are the source's. The public captures' originals are about 1000 px, so an
-enlarged copy is the only way to give the pipeline photos of a phone's size: it costs what
-such photos cost, not what they would score.
+``upscale`` writes a copy of the COLMAP capture ``SRC`` whose photos are resized with PIL's
+Lanczos filter so their long side is ``--long-side`` pixels (enlarged, or shrunk when smaller).
+A prepared capture (PINHOLE cameras, as ``bench/rebuild_captures.py`` writes them) gets each
+camera's intrinsics scaled with its photo (COLMAP's pixel-edge convention: fx, cx by the
+width's factor, fy, cy by the height's). A raw model with lens distortion (SIMPLE_RADIAL,
+OPENCV: a phone capture before ``prepare-capture`` undistorts it) is copied as it is: the
+loader scales each camera to its photo's size (``distortion.view_cameras``, as it does for
+prepare-capture's downscaled photos), and the distortion coefficients, on normalised
+coordinates, do not change with the size; ``run --undistort`` then loads it as the add-on's
+Undistort does. The poses and points are the source's. The public captures' originals are
+about 1000 px, so an enlarged copy is the only way to give the pipeline photos of a phone's
+size: it costs what such photos cost, not what they would score.
 
 ``run`` drives :class:`npbgpp_core.service.RenderService` with the requests the add-on sends
 on its defaults (``blender_addon/operators.py``, ``render_job.py``, ``properties.py``):
@@ -28,8 +34,12 @@ prints one JSON line per stage: wall seconds, the longest single request (the ad
 Timeout, 600 s by default, stops a worker that takes longer over one request), each request
 type's count, seconds, longest and peak resident memory, the stage's peak resident memory (the
 process's high-water mark, reset through ``/proc/self/clear_refs``), any failure or warning, and
-each still's PSNR against its photo (:func:`still_psnr`). The worker runs the stages in one
-process, so its peak is the largest stage's.
+each still's PSNR against its photo (:func:`still_psnr`). ``score`` renders every held-out view
+of the fitted bundle at its photo's own size (``RenderFrame``, the network on, as an F12 frame of
+that camera) and gives its PSNR against the photo as loaded (undistorted floats with
+``--undistort``). ``--round-resampled off`` makes the fit hold undistorted photos as floats
+(``scene_fit.FIT_ROUND_RESAMPLED``; the worker runs in this process). The worker runs the stages
+in one process, so its peak is the largest stage's.
 """
 
 from __future__ import annotations
@@ -52,23 +62,29 @@ if str(ROOT) not in sys.path:
 F12_SIZE = (1080, 1920)  # (H, W) of the still
 TILE_SIZE = 2048  # properties.tile_size's default: RenderFrame.max_pixels is its square
 FIT_STEP_SECONDS = 0.25  # FitStep's default, what the add-on's modal operator sends
-STAGES = ("aggregate", "fit", "render")
+STAGES = ("aggregate", "fit", "render", "score")
+DISTORTED_MODELS = ("SIMPLE_RADIAL", "OPENCV")  # the loader's models with distortion (datasets.colmap)
 
 
 def upscale_capture(src: str, out: str, long_side: int) -> dict[str, Any]:
-    """Write ``src`` (a prepared COLMAP capture with PINHOLE cameras) to ``out`` with photos
-    enlarged to a long side of ``long_side`` px; returns the summary written to
-    ``out/capture.json``."""
+    """Write ``src`` (a COLMAP capture: PINHOLE cameras, or a raw one with SIMPLE_RADIAL /
+    OPENCV) to ``out`` with photos resized to a long side of ``long_side`` px; returns the
+    summary written to ``out/capture.json``."""
     from PIL import Image
 
     from npbgpp_core.atomic import atomic_directory
     from npbgpp_core.datasets.capture import _write_cameras_bin
-    from npbgpp_core.datasets.colmap import _read_model, find_sparse_dir
+    from npbgpp_core.datasets.colmap import _model_file, _read_model, find_sparse_dir
 
     sparse = find_sparse_dir(src)
     if sparse is None:
         raise SystemExit(f"{src}: no COLMAP sparse model")
     cams, images, _ = _read_model(sparse)
+    models = {m for m, _, _, _ in cams.values()}
+    if not models <= {"PINHOLE", *DISTORTED_MODELS}:
+        raise SystemExit(f"{src}: cameras of {sorted(models)}; upscale reads PINHOLE, SIMPLE_RADIAL and OPENCV")
+    # a distorted model is copied as it is (the loader scales its cameras to the photos), a PINHOLE one scaled
+    distorted = bool(models & set(DISTORTED_MODELS))
     out_cams = []
     sizes = set()
     with atomic_directory(out, overwrite=False) as tmp:
@@ -76,8 +92,6 @@ def upscale_capture(src: str, out: str, long_side: int) -> dict[str, Any]:
         os.makedirs(os.path.join(tmp, "sparse", "0"))
         for _, (_, _, cam_id, name) in sorted(images.items()):
             model, cw, ch, params = cams[cam_id]
-            if model != "PINHOLE":
-                raise SystemExit(f"{src}: camera {cam_id} is {model}; upscale reads prepared (PINHOLE) captures")
             with Image.open(os.path.join(src, "images", name)) as im:
                 photo = im.convert("RGB")
             if photo.size != (cw, ch):
@@ -85,15 +99,23 @@ def upscale_capture(src: str, out: str, long_side: int) -> dict[str, Any]:
             scale = long_side / max(cw, ch)
             nw, nh = round(cw * scale), round(ch * scale)
             photo.resize((nw, nh), Image.Resampling.LANCZOS).save(os.path.join(tmp, "images", name), quality=95)
+            sizes.add(f"{nw}x{nh}")
+            if distorted:
+                continue
             fx, fy, cx, cy = params
             sx, sy = nw / cw, nh / ch  # COLMAP's principal point is measured from the pixel edge: scales as is
             out_cams.append((cam_id, nw, nh, (fx * sx, fy * sy, cx * sx, cy * sy)))
-            sizes.add(f"{nw}x{nh}")
-        _write_cameras_bin(os.path.join(tmp, "sparse", "0", "cameras.bin"), sorted(out_cams))
-        for stem in ("images", "points3D"):
-            shutil.copyfile(os.path.join(sparse, f"{stem}.bin"), os.path.join(tmp, "sparse", "0", f"{stem}.bin"))
+        if distorted:
+            copied = ("cameras", "images", "points3D")
+        else:
+            copied = ("images", "points3D")
+            _write_cameras_bin(os.path.join(tmp, "sparse", "0", "cameras.bin"), sorted(out_cams))
+        for stem in copied:
+            path = _model_file(sparse, stem)  # .bin or .txt, as the loader finds it
+            if path is not None:
+                shutil.copyfile(path, os.path.join(tmp, "sparse", "0", os.path.basename(path)))
         summary = {"source": os.path.abspath(src), "upscaled_to": long_side, "filter": "PIL LANCZOS",
-                   "images": len(images), "image_sizes": sorted(sizes)}
+                   "images": len(images), "image_sizes": sorted(sizes), "camera_models": sorted(models)}
         with open(os.path.join(tmp, "capture.json"), "w") as f:
             json.dump(summary, f, indent=1)
     return summary
@@ -164,15 +186,17 @@ class StageLog:
                 "failure": self.failure, "warnings": notes, **extra}
 
 
-def run_stages(dataset: str, work: str, stages: list[str], size: str, photo_size: int | None = None
-               ) -> list[dict[str, Any]]:
+def run_stages(dataset: str, work: str, stages: list[str], size: str, photo_size: int | None = None,
+               undistort: bool = False) -> list[dict[str, Any]]:
     """Each stage in turn as the add-on asks for it; one report per stage run. ``photo_size``:
     Aggregate's Photo Size (AggregateBegin.max_side; None: the operator's default,
-    ``protocol.AGGREGATE_MAX_SIDE``; 0: each photo at its own size)."""
+    ``protocol.AGGREGATE_MAX_SIDE``; 0: each photo at its own size). ``undistort``: its Undistort on."""
     import torch
 
     from npbgpp_core import protocol as P
+    from npbgpp_core import scene_fit
     from npbgpp_core.datasets import load_scene
+    from npbgpp_core.metrics import psnr
     from npbgpp_core.service import RenderService
 
     if photo_size is None:
@@ -191,7 +215,7 @@ def run_stages(dataset: str, work: str, stages: list[str], size: str, photo_size
             try:
                 if stage == "aggregate":
                     # Weights empty, Network Auto, the operator's Photo Size
-                    started = log.ask(P.AggregateBegin(dataset, "", max_side=photo_size))
+                    started = log.ask(P.AggregateBegin(dataset, "", max_side=photo_size, undistort=undistort))
                     for k in range(started.views):
                         log.ask(P.AggregateView(k))
                     result = log.ask(P.AggregateFinish(bundle))
@@ -201,15 +225,17 @@ def run_stages(dataset: str, work: str, stages: list[str], size: str, photo_size
                     # the operator's defaults: 200 steps, Check Fit on a Photo, Fit Upright, Also Try Whole
                     # Views Auto (recipes and combine None: the worker decides by the photos' size)
                     progress = log.ask(P.FitBegin(bundle, dataset, steps=200, device="AUTO", aligned=True,
-                                                  check_view=True, check_recipes=None, check_combine=None))
+                                                  check_view=True, check_recipes=None, check_combine=None,
+                                                  undistort=undistort))
                     while not progress.finished:
                         progress = log.ask(P.FitStep(FIT_STEP_SECONDS))
                     info = log.ask(P.FitFinish(fitted))
                     extra = {"fit_seconds": round(info.seconds, 1), "kept": info.kept, "outcome": info.outcome,
+                             "round_resampled": scene_fit.FIT_ROUND_RESAMPLED,
                              "loss": [round(info.loss_first, 4), round(info.loss_last, 4)]}
                 elif stage == "render":
                     log.ask(P.LoadBundle(fitted, "AUTO", "FP32"))
-                    data = load_scene(dataset, require_points=False)
+                    data = load_scene(dataset, require_points=False, undistort=undistort)
                     # the F12 still of the first training camera (what a user renders), then one of
                     # the first held-out camera (a photo the bundle never saw: a fairer PSNR)
                     stills = [("train", (list(data.train) or [0])[0])] + [("held_out", i) for i in data.test[:1]]
@@ -223,6 +249,18 @@ def run_stages(dataset: str, work: str, stages: list[str], size: str, photo_size
                             "finite": bool(torch.isfinite(neural).all()),
                             "points_on_pixels": int((frame.pixels[..., P.POINTS_RGBA.stop - 1] > 0).sum()),
                             "psnr_vs_photo": round(still_psnr(neural, data.load_image(view)), 2)}
+                elif stage == "score":
+                    log.ask(P.LoadBundle(fitted, "AUTO", "FP32"))
+                    data = load_scene(dataset, require_points=False, undistort=undistort)
+                    scores = {}
+                    for view in data.test:
+                        camera = data.views[view].camera
+                        frame = log.ask(P.RenderFrame(P.CameraSpec.from_camera(camera), "bundle", True,
+                                                      TILE_SIZE * TILE_SIZE, 1, "exact", "torch", True))
+                        neural = torch.from_numpy(frame.pixels[..., P.NEURAL]).permute(2, 0, 1)
+                        scores[data.views[view].name] = round(float(psnr(neural.float(), data.load_image(view))), 3)
+                    extra = {"held_out_psnr": scores,
+                             "mean_psnr": round(sum(scores.values()) / len(scores), 3) if scores else None}
                 else:
                     raise ValueError(f"unknown stage {stage!r}; expected {STAGES}")
             except Exception as exc:  # noqa: BLE001 - a failing stage is what this bench reports
@@ -288,6 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--photo-size", type=int, default=None,
                      help="Aggregate's Photo Size in pixels (default: the add-on's, protocol.AGGREGATE_MAX_SIDE; "
                      "0: each photo at its own size, as before the option)")
+    run.add_argument("--undistort", action="store_true", help="distorted COLMAP cameras: the add-on's Undistort")
+    run.add_argument("--round-resampled", choices=("on", "off"), default="on",
+                     help="off: the fit holds undistorted photos as floats (scene_fit.FIT_ROUND_RESAMPLED False)")
     a = ap.parse_args(argv)
     if a.cmd == "upscale":
         print(json.dumps(upscale_capture(a.src, a.out, a.long_side)))
@@ -295,11 +336,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(a.threads)
+    from npbgpp_core import scene_fit
     from npbgpp_core.datasets import load_scene
 
-    data = load_scene(a.dataset, require_points=False)
+    scene_fit.FIT_ROUND_RESAMPLED = a.round_resampled == "on"
+    data = load_scene(a.dataset, require_points=False, undistort=a.undistort)
     size = f"{max(data.views[0].camera.image_size)} px"
-    reports = run_stages(a.dataset, a.work, a.stages.split(","), size, a.photo_size)
+    reports = run_stages(a.dataset, a.work, a.stages.split(","), size, a.photo_size, a.undistort)
     if a.json:
         with open(a.json, "a") as f:
             for r in reports:

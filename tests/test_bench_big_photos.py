@@ -55,10 +55,37 @@ def test_upscaled_copy_projects_the_points_where_the_enlarged_photos_show_them(t
         assert abs(np.corrcoef(shrunk, other)[0, 1]) < 0.2
 
 
-def test_upscale_refuses_a_distorted_camera(tmp_path: Path) -> None:
+def test_upscale_copies_a_distorted_model_which_the_loader_scales_to_the_photos(tmp_path: Path) -> None:
+    # a raw OPENCV model (a phone capture before prepare-capture): copied byte for byte, and loaded
+    # with undistort=True the lens's camera sees every point at twice its edge coordinates in the
+    # photos enlarged 2x, with the same distortion coefficients; the undistorted camera keeps the
+    # principal point (edge coordinates doubled) and nearly doubles its focal length (the widest view
+    # is found on each size's own pixel grid, with a margin in pixels)
+    src, out = str(tmp_path / "src"), str(tmp_path / "big")
+    write_colmap(src, binary=True, models=("OPENCV",), dist=(0.1, -0.02, 0.003, 0.001))
+    summary = bbp.upscale_capture(src, out, 2 * W)
+    assert summary["image_sizes"] == [f"{2 * W}x{2 * H}"] and summary["camera_models"] == ["OPENCV"]
+    for name in ("cameras.bin", "images.bin", "points3D.bin"):
+        assert Path(out, "sparse", "0", name).read_bytes() == Path(src, "sparse", "0", name).read_bytes()
+    small, big = load_scene(src, undistort=True), load_scene(out, undistort=True)
+    pts = torch.as_tensor(POINTS, dtype=torch.float32)
+    for vs, vb in zip(small.views, big.views, strict=True):
+        assert vb.distortion == vs.distortion and vb.camera.image_size == (2 * H, 2 * W)
+        (us, ds), (ub, db) = vs.source_camera.project(pts), vb.source_camera.project(pts)
+        torch.testing.assert_close(ub + 0.5, (us + 0.5) * 2, atol=1e-3, rtol=1e-5)
+        torch.testing.assert_close(db, ds)
+        ks, kb = vs.camera.intrinsics(), vb.camera.intrinsics()
+        assert (kb.cx + 0.5, kb.cy + 0.5) == pytest.approx((2 * (ks.cx + 0.5), 2 * (ks.cy + 0.5)), abs=1e-4)
+        assert kb.fx / ks.fx == pytest.approx(2.0, rel=1e-3) and kb.fy / ks.fy == pytest.approx(2.0, rel=1e-3)
+
+
+def test_upscale_refuses_a_model_the_loader_does_not_read(tmp_path: Path) -> None:
     src = str(tmp_path / "src")
-    write_colmap(src, binary=True, models=("OPENCV",), dist=(0.1, 0.0, 0.0, 0.0))
-    with pytest.raises(SystemExit, match="OPENCV"):
+    write_colmap(src, binary=False, models=("PINHOLE",))
+    cameras = Path(src, "sparse", "0", "cameras.txt")
+    rows = [line.split() for line in cameras.read_text().splitlines() if not line.startswith("#")]
+    cameras.write_text("".join(f"{r[0]} RADIAL {r[2]} {r[3]} {r[4]} {r[6]} {r[7]} 0.1 0.0\n" for r in rows))
+    with pytest.raises(SystemExit, match="RADIAL"):
         bbp.upscale_capture(src, str(tmp_path / "big"), 2 * W)
     assert not os.path.exists(tmp_path / "big")
 
