@@ -134,25 +134,42 @@ class FitViews:
 
     ``images`` is the stored stack: float in [0, 1], or uint8 holding k/255 (photos read from
     8-bit files, 4x smaller: 12-MP photos held as float32 took 129 MB each, BENCHMARKS.md "A
-    user's capture with big photos"); ``masks`` float or bool. Read them through :meth:`image`
-    and :meth:`mask`, which give floats (a uint8 k as float32(k) / 255, bit for bit what the
-    image reader gives; bool masks as float32; float stacks as stored), so that no caller sees
-    uint8 or bool. ``rows``: the row of the stack each camera's view is (None: row k), so that
-    :func:`views_without` shares the stack instead of copying all but one photo; the stack may
-    then hold more rows than there are views, so view k is ``images[row(k)]``, never
-    ``images[k]``, and the count is ``len(cameras)``."""
+    user's capture with big photos"); ``masks`` float or bool. Or ``images`` is a list of
+    photos (3, h, w) of their own sizes, each uint8 or float (:func:`read_fit_views` for photos
+    of different sizes): the canvas is then the largest height and width, each photo reads as
+    padded with zeros at the bottom and right to it, and its mask (implied: ``masks`` must be
+    None) marks its own pixels, exactly as a padded stack with bool masks gives them, without
+    holding the padding (a portrait and landscape capture padded every photo to a square) or
+    the masks. Read them through :meth:`image` and :meth:`mask`, which give floats (a uint8 k as
+    float32(k) / 255, bit for bit what the image reader gives; bool masks as float32; float
+    stacks as stored; a list's photos as its :attr:`float_dtype`), so that no caller sees uint8
+    or bool. ``rows``: the row of the stack (or list) each camera's view is (None: row k), so
+    that :func:`views_without` shares the stored photos instead of copying all but one; there
+    may then be more rows than views, so view k is row ``row(k)``, never ``k``, and the count is
+    ``len(cameras)``."""
 
-    images: torch.Tensor
+    images: torch.Tensor | list[torch.Tensor]
     cameras: list[Camera]
     masks: torch.Tensor | None = None
     rows: list[int] | None = None
 
     def __post_init__(self) -> None:
-        if self.images.ndim != 4 or self.images.shape[1] != 3:
-            raise ValueError(f"images must be (K, 3, H, W), got {tuple(self.images.shape)}")
-        if self.images.dtype != torch.uint8 and not self.images.is_floating_point():
-            raise ValueError(f"images must be float in [0, 1] or uint8, got {self.images.dtype}")
-        stored = self.images.shape[0]
+        if isinstance(self.images, tuple):
+            self.images = list(self.images)
+        if isinstance(self.images, list):
+            for k, im in enumerate(self.images):
+                if im.ndim != 3 or im.shape[0] != 3:
+                    raise ValueError(f"image {k} must be (3, H, W), got {tuple(im.shape)}")
+                if im.dtype != torch.uint8 and not im.is_floating_point():
+                    raise ValueError(f"image {k} must be float in [0, 1] or uint8, got {im.dtype}")
+            if self.masks is not None:
+                raise ValueError("photos of their own sizes (a list) have implied masks: masks must be None")
+        else:
+            if self.images.ndim != 4 or self.images.shape[1] != 3:
+                raise ValueError(f"images must be (K, 3, H, W), got {tuple(self.images.shape)}")
+            if self.images.dtype != torch.uint8 and not self.images.is_floating_point():
+                raise ValueError(f"images must be float in [0, 1] or uint8, got {self.images.dtype}")
+        stored = len(self.images)
         if self.rows is None:
             if len(self.cameras) != stored:
                 raise ValueError(f"{stored} images but {len(self.cameras)} cameras")
@@ -167,9 +184,33 @@ class FitViews:
             raise ValueError("fitting needs at least one view")
 
     @property
+    def own_sizes(self) -> bool:
+        """Whether the photos are stored at their own sizes (a list), not as a padded stack."""
+        return isinstance(self.images, list)
+
+    @property
     def canvas(self) -> tuple[int, int]:
         """Height and width every view's image has (the padded canvas)."""
+        if isinstance(self.images, list):
+            return max(int(im.shape[-2]) for im in self.images), max(int(im.shape[-1]) for im in self.images)
         return int(self.images.shape[-2]), int(self.images.shape[-1])
+
+    @property
+    def float_dtype(self) -> torch.dtype:
+        """The float type :meth:`image` gives: a stack's (float32 for uint8); for a list, the
+        photos' types promoted (an 8-bit photo's float32), the type their padded stack had."""
+        stored = self.images if isinstance(self.images, list) else [self.images]
+        dtype = None
+        for im in stored:
+            own = torch.float32 if im.dtype == torch.uint8 else im.dtype
+            dtype = own if dtype is None else torch.promote_types(dtype, own)
+        return dtype
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes the stored photos and masks take (shared rows counted once)."""
+        stored = self.images if isinstance(self.images, list) else [self.images]
+        return sum(im.nbytes for im in stored) + (0 if self.masks is None else self.masks.nbytes)
 
     def row(self, k: int) -> int:
         """The row of the stored stack that view ``k`` is."""
@@ -179,12 +220,22 @@ class FitViews:
               width: int | None = None) -> torch.Tensor:
         """View ``k``'s image (3, h, w) as float in [0, 1], the window at ``top``, ``left`` of
         ``height`` x ``width`` (None: to the canvas's edge): only the window is converted."""
+        if isinstance(self.images, list):
+            photo = self.images[self.row(k)]
+            window = _as_float_pixels(self._padded(photo, top, left, height, width))
+            return window.to(self.float_dtype)
         return _as_float_pixels(self._window(self.images, k, top, left, height, width))
 
     def mask(self, k: int, top: int = 0, left: int = 0, height: int | None = None,
              width: int | None = None) -> torch.Tensor | None:
         """View ``k``'s mask (1, h, w) as float (1 valid, 0 not; bool masks as float32, float
         ones as stored), the same window as :meth:`image`; None for unmasked views."""
+        if isinstance(self.images, list):
+            # ones on the photo's own pixels, zeros on the padding: only the window is made
+            (rows, cols), (h, w) = self._padded_extent(self.images[self.row(k)], top, left, height, width)
+            window = torch.zeros((1, rows, cols), dtype=torch.float32)
+            window[:, :h, :w] = 1.0
+            return window
         if self.masks is None:
             return None
         window = self._window(self.masks, k, top, left, height, width)
@@ -197,6 +248,29 @@ class FitViews:
         bottom = None if height is None else top + height
         right = None if width is None else left + width
         return stack[self.row(k), :, top:bottom, left:right]
+
+    def _padded_extent(self, photo: torch.Tensor, top: int, left: int, height: int | None,
+                       width: int | None) -> tuple[tuple[int, int], tuple[int, int]]:
+        """The window's (rows, columns) as a padded stack's slicing gives them (clipped to the
+        canvas) and how many of those lie on ``photo`` (c, h, w) itself."""
+        H, W = self.canvas
+        bottom = H if height is None else min(top + height, H)
+        right = W if width is None else min(left + width, W)
+        h, w = int(photo.shape[-2]), int(photo.shape[-1])
+        window = (max(bottom - top, 0), max(right - left, 0))
+        return window, (max(min(h, bottom) - top, 0), max(min(w, right) - left, 0))
+
+    def _padded(self, photo: torch.Tensor, top: int, left: int, height: int | None,
+                width: int | None) -> torch.Tensor:
+        """The window of ``photo`` (c, h, w) as if it were padded with zeros at the bottom and
+        right to the canvas (the window a padded stack gives), stored type: a view of the photo
+        when the window lies inside it, else only the window, zeros outside the photo."""
+        (rows, cols), (h, w) = self._padded_extent(photo, top, left, height, width)
+        if (h, w) == (rows, cols):
+            return photo[:, top:top + h, left:left + w]
+        out = photo.new_zeros((photo.shape[0], rows, cols))
+        out[:, :h, :w] = photo[:, top:top + h, left:left + w]
+        return out
 
 
 def _as_float_pixels(pixels: torch.Tensor) -> torch.Tensor:
@@ -369,7 +443,8 @@ def padded_fit_views(images: Sequence[torch.Tensor], cameras: Sequence[Camera]) 
     the padding never enters the loss. Without it a caller would have to drop or resample
     the odd-sized views (a COLMAP capture's undistorted photos differ by a row or two,
     phone captures mix portrait and landscape). Same-sized photos give unmasked views.
-    Photos that are all exactly k/255 are stored as uint8 (:func:`read_fit_views`)."""
+    Photos exactly k/255 are stored as uint8, photos of different sizes at their own sizes with
+    the padding and masks implied (:func:`read_fit_views`)."""
     if len(images) != len(cameras):
         raise ValueError(f"{len(images)} images but {len(cameras)} cameras")
     return read_fit_views(lambda k: images[k], cameras)
@@ -377,14 +452,19 @@ def padded_fit_views(images: Sequence[torch.Tensor], cameras: Sequence[Camera]) 
 
 def read_fit_views(load: Callable[[int], torch.Tensor], cameras: Sequence[Camera]) -> FitViews:
     """:func:`padded_fit_views` of the photos ``load(k)`` gives for k = 0 .. K-1, each read
-    straight into its slot of the padded stack (the canvas known from the cameras' sizes), so
-    that the photos are never held twice (a list read, then the stack). The stack is uint8
-    while every photo is exactly k/255 (:func:`eight_bit_pixels`: 8-bit files, not resampled):
-    4x smaller, and the floats read back are the photos' own, so a fit is bit for bit the same.
-    At the first photo that is not (undistorted, resized or 16-bit photos) the stack turns
-    float (the earlier photos converted exactly) and keeps every photo's floats as read: those
-    are not rounded, so no fit changes. The float stack's type is the photos' types promoted, as
-    :func:`torch.stack` gives it. Masks are bool."""
+    once and stored as it will be held, so that the photos are never held twice (a list read,
+    then the stack). A photo exactly k/255 (:func:`eight_bit_pixels`: an 8-bit file, not
+    resampled) is stored as uint8: 4x smaller, and the floats read back are the photo's own, so a
+    fit is bit for bit the same. Photos that are not (undistorted, resized or 16-bit ones) are
+    kept as read: not rounded, so no fit changes; they read back as the photos' float types
+    promoted (an 8-bit photo's float32), as :func:`torch.stack` gave them.
+
+    Photos of one size are read into one stack (uint8 while every photo is 8-bit; at the first
+    that is not, the stack turns float, the earlier photos converted exactly). Photos of
+    different sizes are kept at their own sizes (a list, :class:`FitViews`), their cameras
+    widened to the canvas and their masks implied: the padding a stack needs to hold a portrait
+    and a landscape photo (and one byte a pixel of mask) is never held, while every window and
+    mask reads as the padded stack's."""
     cameras = list(cameras)
     if not cameras:
         raise ValueError("fitting needs at least one view")
@@ -392,8 +472,8 @@ def read_fit_views(load: Callable[[int], torch.Tensor], cameras: Sequence[Camera
     H = max(h for h, _ in sizes)
     W = max(w for _, w in sizes)
     padded = len(set(sizes)) > 1
-    out = torch.zeros((len(cameras), 3, H, W), dtype=torch.uint8)
-    valid = torch.zeros((len(cameras), 1, H, W), dtype=torch.bool) if padded else None
+    out = torch.zeros((0 if padded else len(cameras), 3, H, W), dtype=torch.uint8)
+    photos: list[torch.Tensor] = []
     for k, (h, w) in enumerate(sizes):
         im = load(k)
         if im.ndim != 3 or im.shape[0] != 3:
@@ -402,9 +482,14 @@ def read_fit_views(load: Callable[[int], torch.Tensor], cameras: Sequence[Camera
             raise ValueError(f"image {k} is {tuple(im.shape[-2:])} but its camera {(h, w)}")
         if im.dtype != torch.uint8 and not im.is_floating_point():
             raise ValueError(f"image {k} must be float in [0, 1] or uint8, got {im.dtype}")
+        if padded:  # stored at its own size: 8-bit as uint8 whatever came before, others as read
+            eight = eight_bit_pixels(im)
+            photos.append(eight if eight is not None else im)
+            del im, eight
+            continue
         eight = eight_bit_pixels(im) if out.dtype == torch.uint8 else None
         if eight is not None:
-            out[k, :, :h, :w] = eight
+            out[k] = eight
         else:
             pixels = _as_float_pixels(im)  # a uint8 photo read after the stack turned float: k/255, not k
             # the stack's type is the photos' types promoted (8-bit ones float32), as torch.stack gave
@@ -414,11 +499,11 @@ def read_fit_views(load: Callable[[int], torch.Tensor], cameras: Sequence[Camera
             stored = pixels.dtype if k == 0 else torch.promote_types(stored, pixels.dtype)
             if out.dtype != stored:  # exact: k/255 as float32, then a float type at least as wide
                 out = _as_float_pixels(out).to(stored)
-            out[k, :, :h, :w] = pixels
-        if valid is not None:
-            valid[k, :, :h, :w] = True
+            out[k] = pixels
         del im, eight
-    return FitViews(out, [c.cropped(0, 0, H, W) for c in cameras] if padded else cameras, valid)
+    if padded:
+        return FitViews(photos, [c.cropped(0, 0, H, W) for c in cameras])
+    return FitViews(out, cameras)
 
 
 def as_fit_views(views: FitViews | tuple | Sequence) -> FitViews:
@@ -440,9 +525,10 @@ def downsized_fit_views(views: FitViews, max_side: int) -> FitViews:
         return views
     size = fit_long_side((H, W), max_side)
     count = len(views.cameras)
-    dtype = torch.float32 if views.images.dtype == torch.uint8 else views.images.dtype
+    dtype = views.float_dtype
     images = torch.empty((count, 3, *size), dtype=dtype)
-    masks = None if views.masks is None else torch.empty((count, 1, *size), dtype=torch.float32)
+    masked = views.masks is not None or views.own_sizes  # a list's masks are implied, not stored
+    masks = torch.empty((count, 1, *size), dtype=torch.float32) if masked else None
     for k in range(count):
         images[k] = torch.nn.functional.interpolate(views.image(k)[None], size=size, mode="area")[0]
         mask = views.mask(k)
@@ -763,6 +849,9 @@ def view_extent(views: FitViews, k: int) -> tuple[int, int]:
     :func:`padded_fit_views` added at the bottom and right (the last row and column its
     mask marks valid); (0, 0) when the mask marks none."""
     H, W = views.canvas
+    if views.own_sizes:  # a photo of its own size: its mask marks exactly its pixels
+        photo = views.images[views.row(k)]
+        return int(photo.shape[-2]), int(photo.shape[-1])
     mask = views.mask(k)
     if mask is None:
         return H, W

@@ -219,10 +219,10 @@ class BundleFit:
         self.device = str(device)
         # (H, W) of the photo with the most pixels: the worker's out-of-memory advice names it
         self.largest_photo = data.largest_image_size(ids)
-        # each photo read into its slot of the stack (8-bit photos stored as uint8, read as uint8: not
-        # converted to floats and scanned back): a list of every photo as float32 and then their stack
-        # held them twice (BENCHMARKS.md, big photos)
-        # (undistorted photos of 8-bit files rounded to 8 bits: FIT_ROUND_RESAMPLED)
+        # each photo read once into what the fit holds (8-bit photos stored as uint8, read as uint8: not
+        # converted to floats and scanned back; photos of different sizes at their own sizes, not
+        # padded): a list of every photo as float32 and then their stack held them twice (BENCHMARKS.md,
+        # big photos); undistorted photos of 8-bit files rounded to 8 bits (FIT_ROUND_RESAMPLED)
         views = read_fit_views(lambda k: data.load_image_pixels(ids[k], round_resampled=FIT_ROUND_RESAMPLED),
                                [data.views[i].camera for i in ids])
         self.views = len(ids)

@@ -255,7 +255,7 @@ def test_a_smaller_kept_photo_is_scored_at_its_own_size(four_views):
     cameras = [data.views[i].camera for i in ids]
     images[2], cameras[2] = images[2][:, :h, :w].contiguous(), cameras[2].cropped(0, 0, h, w)
     views = padded_fit_views(images, cameras)
-    assert views.masks is not None and tuple(views.images.shape[-2:]) == (32, 32)
+    assert views.own_sizes and views.canvas == (32, 32)
     result = run_fit(iter_fit_coefficients(model, scene.aggregated_scene(), views, 0, check_view=True))
     with torch.no_grad():
         own = scene.renderer("cpu").render(cameras[2])

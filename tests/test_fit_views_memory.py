@@ -1,7 +1,8 @@
 """Fit to Photos' photos in memory (issue #11): photos read from 8-bit files are stored as uint8
-(4x smaller than float32) with bool masks, read straight into the padded stack, the check's views
-share that stack, and every fit on them is bit for bit the fit on the same photos as float32
-(the path before: a float stack and float masks built by hand here)."""
+(4x smaller than float32), photos of different sizes at their own sizes (no padded canvas, no
+masks: both implied), the check's views share what is stored, and every window, mask and fit on
+them is bit for bit the one on the same photos as a padded float32 stack with float32 masks (the
+path before, built by hand here)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from npbgpp_core.fitting import (
     padded_fit_views,
     read_fit_views,
     run_fit,
+    view_extent,
     views_without,
 )
 
@@ -31,7 +33,7 @@ SIZES = [(32, 40), (36, 30), (31, 40), (32, 40)]
 
 def bits(x: torch.Tensor) -> torch.Tensor:
     """The float32 values' bit patterns, so that equal means bit for bit (not merely ==)."""
-    return x.contiguous().view(torch.int32)
+    return x.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()])
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +52,11 @@ def photos(tmp_path_factory):
     return images, cameras
 
 
-def float_views(images: list[torch.Tensor], cameras) -> FitViews:
-    """The padded views as they were built before: a float32 stack and float32 masks."""
-    H, W = max(h for h, _ in SIZES), max(w for _, w in SIZES)
-    stack = torch.zeros(len(images), 3, H, W)
+def float_views(images: list[torch.Tensor], cameras, dtype: torch.dtype = torch.float32) -> FitViews:
+    """The padded views as they were built before: a float stack (float32 unless ``dtype``) and
+    float32 masks."""
+    H, W = max(im.shape[1] for im in images), max(im.shape[2] for im in images)
+    stack = torch.zeros(len(images), 3, H, W, dtype=dtype)
     masks = torch.zeros(len(images), 1, H, W)
     for k, im in enumerate(images):
         stack[k, :, : im.shape[1], : im.shape[2]] = im
@@ -61,12 +64,35 @@ def float_views(images: list[torch.Tensor], cameras) -> FitViews:
     return FitViews(stack, [c.cropped(0, 0, H, W) for c in cameras], masks)
 
 
-def test_8bit_photos_are_stored_as_uint8_and_read_back_as_the_readers_floats(photos):
+def every_window(views: FitViews, want: FitViews, k: int) -> None:
+    """View k's image and mask in ``views`` are bit for bit ``want``'s (a padded float stack) in
+    every window a crop or a score reads: whole, the photo's own, inside, across the padding, past
+    the canvas's edge (clipped as slicing clips), empty."""
+    H, W = want.canvas
+    h, w = view_extent(want, k)
+    windows = [(0, 0, None, None), (0, 0, h, w), (3, 5, 9, 11), (h - 4, w - 6, 9, 11), (H - 3, W - 2, 8, 8),
+               (h, 0, H - h, W), (0, w, H, W - w), (2, 2, 0, 5), (H - 12, W - 12, 12, 12)]
+    for top, left, height, width in windows:
+        got, ref = views.image(k, top, left, height, width), want.image(k, top, left, height, width)
+        assert got.dtype == ref.dtype and got.shape == ref.shape, (k, top, left, height, width)
+        assert torch.equal(bits(got), bits(ref)), (k, top, left, height, width)
+        got, ref = views.mask(k, top, left, height, width), want.mask(k, top, left, height, width)
+        assert got.dtype == ref.dtype and torch.equal(got, ref), (k, top, left, height, width)
+
+
+def test_8bit_photos_of_different_sizes_are_stored_as_uint8_at_their_own_sizes(photos):
     images, cameras = photos
     views = padded_fit_views(images, cameras)
-    assert views.images.dtype == torch.uint8 and views.masks is not None and views.masks.dtype == torch.bool
-    # a quarter of float32's bytes for the photos, an eighth... of a float mask: one byte a pixel
-    assert views.images.nbytes == 4 * 3 * 36 * 40 and views.masks.nbytes == 4 * 36 * 40
+    assert views.own_sizes and views.masks is None and views.canvas == (36, 40)
+    assert [(im.dtype, tuple(im.shape[-2:])) for im in views.images] == [(torch.uint8, s) for s in SIZES]
+    # a quarter of float32's bytes for the photos, none for padding or masks: three bytes a photo pixel
+    # (a padded uint8 stack and bool masks: 4 * 36 * 40 bytes a photo)
+    assert views.stored_bytes == 3 * sum(h * w for h, w in SIZES)
+    assert views.float_dtype == torch.float32
+    want = float_views(images, cameras)
+    for k in range(len(images)):
+        every_window(views, want, k)
+        assert views.cameras[k].image_size == want.cameras[k].image_size == (36, 40)
     for k, im in enumerate(images):
         h, w = im.shape[-2:]
         got = views.image(k, 0, 0, h, w)
@@ -84,12 +110,16 @@ def test_a_photo_that_is_not_8bit_turns_the_stack_float_and_keeps_every_photo_ex
     assert eight_bit_pixels(resampled) is None and eight_bit_pixels(images[2]) is not None
     mixed = [images[0], images[1], resampled, images[3]]
     views = padded_fit_views(mixed, cameras)
-    assert views.images.dtype == torch.float32
+    assert views.float_dtype == torch.float32
+    assert [im.dtype for im in views.images] == [torch.uint8, torch.uint8, torch.float32, torch.uint8]
     for k, im in enumerate(mixed):
         assert torch.equal(bits(views.image(k, 0, 0, *im.shape[-2:])), bits(im))
+        every_window(views, float_views(mixed, cameras), k)
+    same = padded_fit_views([images[0], images[0] * 0.999, images[3]], [cameras[0]] * 3)  # one size: a stack
+    assert same.images.dtype == torch.float32 and same.masks is None
     # float64 photos are left in their own type, as before
     doubles = padded_fit_views([im.double() for im in images], cameras)
-    assert doubles.images.dtype == torch.float64 and torch.equal(doubles.image(3, 0, 0, 32, 40), images[3].double())
+    assert doubles.float_dtype == torch.float64 and torch.equal(doubles.image(3, 0, 0, 32, 40), images[3].double())
     assert eight_bit_pixels(torch.tensor([[[float("nan")]]])) is None
     assert eight_bit_pixels(torch.full((1, 1, 1), 256 / 255)) is None  # above 1: not storable
     for outside in (-1 / 255, -float("inf"), float("inf"), 1e10):  # nor below 0, nor infinite
@@ -114,6 +144,19 @@ def test_photos_of_mixed_types_are_stacked_as_torch_stack_stacks_them(photos):
         assert all(torch.equal(views.image(k), want[k]) for k in range(len(mixed)))
     with pytest.raises(ValueError, match="image 1 must be float in \\[0, 1\\] or uint8, got torch.int32"):
         padded_fit_views([images[0], eight.to(torch.int32)], two)
+    # photos of different sizes read back as the same types and values, the padding 0
+    other = [cameras[1]]  # (36, 30)
+    for mixed in ([images[1], same[1].double()], [halves, images[1]], [halves, images[1], same[1] * 0.999],
+                  [halves, images[1] * 0.999, eight], [images[1].half(), halves]):
+        cams = (two[:1] + other + two[1:])[:len(mixed)] if len(mixed) == 3 else [
+            other[0] if im.shape[-1] == 30 else two[0] for im in mixed]
+        views = padded_fit_views(mixed, cams)
+        assert views.own_sizes
+        floats = [im.float() / 255 if im.dtype == torch.uint8 else im for im in mixed]
+        want = float_views(floats, cams, torch.stack([torch.zeros(1, dtype=f.dtype) for f in floats]).dtype)
+        assert views.float_dtype == want.images.dtype
+        for k in range(len(mixed)):
+            every_window(views, want, k)
 
 
 def test_read_fit_views_reads_each_photo_once_in_order_and_checks_its_size(photos):
@@ -125,27 +168,44 @@ def test_read_fit_views_reads_each_photo_once_in_order_and_checks_its_size(photo
         return images[k]
 
     views = read_fit_views(load, cameras)
-    assert read == [0, 1, 2, 3] and views.images.dtype == torch.uint8
+    assert read == [0, 1, 2, 3] and [im.dtype for im in views.images] == [torch.uint8] * 4
     with pytest.raises(ValueError, match=r"image 1 is \(36, 30\) but its camera \(32, 40\)"):
         read_fit_views(lambda k: images[k], [cameras[0], cameras[0]])
     with pytest.raises(ValueError, match="fitting needs at least one view"):
         read_fit_views(lambda k: images[k], [])
 
 
-def test_views_without_share_the_stack_instead_of_copying_it(photos):
+@pytest.mark.parametrize("own_sizes", [True, False])
+def test_views_without_share_the_stored_photos_instead_of_copying_them(photos, own_sizes):
     images, cameras = photos
-    views = padded_fit_views(images, cameras)
+    if own_sizes:
+        views = padded_fit_views(images, cameras)
+    else:  # a padded stack with masks (as before, and as a caller may still give them)
+        eight = float_views(images, cameras)
+        views = FitViews((eight.images * 255).round().to(torch.uint8), eight.cameras, eight.masks.bool())
+    assert views.own_sizes == own_sizes
     rest = views_without(views, 1)
-    assert rest.images.data_ptr() == views.images.data_ptr() and rest.masks.data_ptr() == views.masks.data_ptr()
-    assert rest.rows == [0, 2, 3] and len(rest.cameras) == 3
+    if own_sizes:
+        assert rest.images is views.images and rest.masks is None
+    else:
+        assert rest.images.data_ptr() == views.images.data_ptr() and rest.masks.data_ptr() == views.masks.data_ptr()
+    assert rest.rows == [0, 2, 3] and len(rest.cameras) == 3 and rest.canvas == views.canvas
     for i, k in enumerate([0, 2, 3]):
         assert torch.equal(rest.image(i), views.image(k)) and torch.equal(rest.mask(i), views.mask(k))
         assert rest.cameras[i] is views.cameras[k]
     assert views_without(rest, 0).rows == [2, 3]
     with pytest.raises(ValueError, match="rows"):
         FitViews(views.images, cameras[:2], views.masks, [0, 4])
-    with pytest.raises(ValueError, match="float in \\[0, 1\\] or uint8"):
-        FitViews(views.images.to(torch.int32), cameras)
+    if own_sizes:
+        with pytest.raises(ValueError, match="image 2 must be float in \\[0, 1\\] or uint8"):
+            FitViews([im if k != 2 else im.to(torch.int32) for k, im in enumerate(views.images)], cameras)
+        with pytest.raises(ValueError, match="image 1 must be \\(3, H, W\\)"):
+            FitViews([views.images[0], views.images[1][:1]], cameras[:2])
+        with pytest.raises(ValueError, match="implied masks: masks must be None"):
+            FitViews(views.images, cameras, torch.ones(4, 1, 36, 40, dtype=torch.bool))
+    else:
+        with pytest.raises(ValueError, match="float in \\[0, 1\\] or uint8"):
+            FitViews(views.images.to(torch.int32), cameras)
 
 
 def test_downsized_8bit_views_equal_the_downsized_float_views(photos):
@@ -156,17 +216,23 @@ def test_downsized_8bit_views_equal_the_downsized_float_views(photos):
     assert torch.equal(bits(small.images), bits(want.images)) and torch.equal(small.masks, want.masks)
 
 
-def test_a_checked_fit_on_8bit_views_is_bit_for_bit_the_float_fit(photos, tmp_path):
-    """A checked fit with both recipes (crops and whole views shrunk to 24 px), on padded
-    views: the kept photo scored on views_without's shared stack, crops converted one at a
-    time; the same losses, scores and fitted state as on the float32 stack."""
+@pytest.mark.parametrize("options", [
+    dict(crop=12, check_view=True, check_recipes=("crops", "whole"), check_combine="choose", whole_max_side=24,
+         seed=1),
+    dict(crop=20, check_view=True, fair_check=True, coarse_fraction=0.5, coarse_side=16, seed=2),
+], ids=["both_recipes", "fair_check_coarse"])
+def test_a_checked_fit_on_8bit_views_is_bit_for_bit_the_float_fit(photos, tmp_path, options):
+    """A checked fit on photos of different sizes held at their own sizes as uint8, against the
+    padded float32 stack with float32 masks: with both recipes (crops and whole views shrunk to
+    24 px), or a fair check (the kept photo left out of the aggregation, each photo added at its
+    own size) with a coarse phase (the views shrunk, masks pooled) and crops reaching into the
+    padding; the kept photo scored on views_without's shared photos, crops converted one at a
+    time; the same losses, scores and fitted state."""
     images, cameras = photos
     model, agg = env_scene()
     model = from_weights_file(model, tmp_path)
-    options = dict(crop=12, check_view=True, check_recipes=("crops", "whole"), check_combine="choose",
-                   whole_max_side=24, seed=1)
     eight = padded_fit_views(images, cameras)
-    assert eight.images.dtype == torch.uint8
+    assert eight.own_sizes and all(im.dtype == torch.uint8 for im in eight.images)
     a = run_fit(iter_fit_coefficients(model, agg, eight, 3, **options))
     b = run_fit(iter_fit_coefficients(model, agg, float_views(images, cameras), 3, **options))
     assert a.losses == b.losses and len(a.losses) > 0
@@ -319,3 +385,46 @@ def test_fit_to_photos_holds_undistorted_8bit_photos_as_uint8(distorted, tmp_pat
     for k, i in enumerate(ids):
         want = prepared.load_image(i) if rounded else data.load_image(i)
         assert torch.equal(bits(views.image(k)), bits(want))
+
+
+def test_fit_to_photos_of_mixed_sizes_is_bit_for_bit_the_padded_stacks(tmp_path, monkeypatch):
+    # BundleFit on a dataset of 8-bit photos of three sizes (a square, one turned portrait, one a
+    # row shorter): the photos held at their own sizes as uint8 give the fitted bundle that a padded
+    # float32 stack with float32 masks, built here by hand from the reader's floats, gives
+    from _train_fixtures import make_tiny_scene
+
+    from headless_train.export import main as export_main
+    from npbgpp_core import fitting
+    from npbgpp_core.datasets import load_scene
+    from npbgpp_core.pretrained import default_weights_path
+    from npbgpp_core.scene_fit import BundleFit
+
+    folder = make_tiny_scene(str(tmp_path / "scene"), views=5, size=32, n_points=300, splits=(4, 0, 1))
+    for k, box in ((0, (0, 0, 32, 32)), (1, (4, 0, 28, 32)), (2, (0, 0, 32, 31)), (3, (0, 0, 32, 32))):
+        path = os.path.join(folder, "images", f"r_{k}.png")
+        with Image.open(path) as im:
+            im.convert("RGB").crop(box).save(path)  # 8-bit RGB, as a phone's
+    bundle = str(tmp_path / "b.npbgpp")
+    assert export_main(["--checkpoint", default_weights_path("npbgpp", "object"), "--scene", folder,
+                        "--out", bundle]) == 0
+    data = load_scene(folder, require_points=False)
+    assert {data.views[i].camera.image_size for i in data.train} == {(32, 32), (32, 24), (31, 32)}
+
+    def by_hand(load, cameras):
+        photos = [read_image(data.views[data.train[k]].image_path) for k in range(len(cameras))]
+        return float_views(photos, cameras)
+
+    fitted = {}
+    for name in ("own_sizes", "by_hand"):
+        if name == "by_hand":
+            monkeypatch.setattr(fitting, "read_fit_views", by_hand)
+        job = BundleFit(bundle, data, steps=3, check_view=True)
+        while not job.step():
+            pass
+        check = job.result.check
+        fitted[name] = (job.result.losses, (check.psnr_unfitted, check.psnr_fitted, check.kept), job.fitted_scene())
+    (la, ca, a), (lb, cb, b) = fitted["own_sizes"], fitted["by_hand"]
+    assert la == lb and len(la) == 3 and ca == cb
+    assert torch.equal(a.features, b.features) and torch.equal(a.valid, b.valid)
+    assert a.model_state.keys() == b.model_state.keys()
+    assert all(torch.equal(a.model_state[n], b.model_state[n]) for n in a.model_state)

@@ -365,7 +365,9 @@ def test_padded_fit_views_keep_every_photo_and_mask_the_padding():
     g = torch.Generator().manual_seed(2)
     images = [torch.rand(3, *c.image_size, generator=g) for c in cams]
     views = padded_fit_views(images, cams)
-    assert views.images.shape == (3, 3, 30, 30) and views.masks.shape == (3, 1, 30, 30)
+    # each kept at its own size, read back padded to the 30 x 30 canvas with its mask
+    assert views.own_sizes and views.canvas == (30, 30) and [tuple(im.shape) for im in views.images] == [
+        (3, *c.image_size) for c in cams]
     for k, (im, cam) in enumerate(zip(images, cams, strict=True)):
         h, w = im.shape[-2:]
         assert torch.equal(views.image(k, 0, 0, h, w), im)
