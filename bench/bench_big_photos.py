@@ -202,6 +202,7 @@ def run_stages(dataset: str, work: str, stages: list[str], size: str, photo_size
     if photo_size is None:
         photo_size = P.AGGREGATE_MAX_SIDE
     os.makedirs(work, exist_ok=True)
+    options = {"undistort": True} if undistort else {}  # only COLMAP and nerfstudio loaders take it
     bundle, fitted = os.path.join(work, "scene.npbgpp"), os.path.join(work, "scene_fitted.npbgpp")
     service = RenderService()
     reports = []
@@ -235,7 +236,7 @@ def run_stages(dataset: str, work: str, stages: list[str], size: str, photo_size
                              "loss": [round(info.loss_first, 4), round(info.loss_last, 4)]}
                 elif stage == "render":
                     log.ask(P.LoadBundle(fitted, "AUTO", "FP32"))
-                    data = load_scene(dataset, require_points=False, undistort=undistort)
+                    data = load_scene(dataset, require_points=False, **options)
                     # the F12 still of the first training camera (what a user renders), then one of
                     # the first held-out camera (a photo the bundle never saw: a fairer PSNR)
                     stills = [("train", (list(data.train) or [0])[0])] + [("held_out", i) for i in data.test[:1]]
@@ -251,7 +252,7 @@ def run_stages(dataset: str, work: str, stages: list[str], size: str, photo_size
                             "psnr_vs_photo": round(still_psnr(neural, data.load_image(view)), 2)}
                 elif stage == "score":
                     log.ask(P.LoadBundle(fitted, "AUTO", "FP32"))
-                    data = load_scene(dataset, require_points=False, undistort=undistort)
+                    data = load_scene(dataset, require_points=False, **options)
                     scores = {}
                     for view in data.test:
                         camera = data.views[view].camera
@@ -340,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     from npbgpp_core.datasets import load_scene
 
     scene_fit.FIT_ROUND_RESAMPLED = a.round_resampled == "on"
-    data = load_scene(a.dataset, require_points=False, undistort=a.undistort)
+    data = load_scene(a.dataset, require_points=False, **({"undistort": True} if a.undistort else {}))
     size = f"{max(data.views[0].camera.image_size)} px"
     reports = run_stages(a.dataset, a.work, a.stages.split(","), size, a.photo_size, a.undistort)
     if a.json:

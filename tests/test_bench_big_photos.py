@@ -130,3 +130,41 @@ def test_still_psnr_compares_the_still_with_the_photo_s_centre_rows_at_its_width
     assert bbp.still_psnr(small[:, 2:8] + 0.1, photo) == pytest.approx(20.0, abs=1e-4)
     assert bbp.still_psnr(small[:, 2:8].clone(), photo) == float("inf")
     assert bbp.still_psnr(small[:, 1:7] + 0.1, photo) < 15  # rows one off: not the same picture
+
+
+def test_score_stage_gives_each_held_out_views_psnr_against_its_loaded_photo(tmp_path: Path, monkeypatch) -> None:
+    """The score stage on a tiny scene's bundle (copied in as the fitted one): one PSNR per held-out
+    view, the bundle's render of its camera at the photo's size against the photo as loaded, here
+    computed by hand from the squared error; ``--round-resampled off`` sets the fit's switch."""
+    from _train_fixtures import make_tiny_scene
+
+    from headless_train.export import main as export_main
+    from npbgpp_core import scene_fit
+    from npbgpp_core.pretrained import default_weights_path
+    from npbgpp_core.scene import NeuralScene
+
+    folder = make_tiny_scene(str(tmp_path / "scene"), views=4, size=24, n_points=300, splits=(2, 0, 2))
+    work = tmp_path / "work"
+    work.mkdir()
+    assert export_main(["--checkpoint", default_weights_path("npbgpp", "object"), "--scene", folder,
+                        "--out", str(work / "scene_fitted.npbgpp")]) == 0
+    monkeypatch.setattr(scene_fit, "FIT_ROUND_RESAMPLED", True)
+    json_path = tmp_path / "r.jsonl"
+    assert bbp.main(["run", folder, "--work", str(work), "--stages", "score", "--round-resampled", "off",
+                     "--json", str(json_path)]) == 0
+    assert scene_fit.FIT_ROUND_RESAMPLED is False
+    import json
+
+    (report,) = [json.loads(line) for line in json_path.read_text().splitlines()]
+    data = load_scene(folder, require_points=False)
+    renderer = NeuralScene.load(str(work / "scene_fitted.npbgpp")).renderer("cpu")
+    want = {}
+    for i in data.test:
+        with torch.no_grad():
+            pred = renderer.render(data.views[i].camera).double()
+        mse = float(((pred - data.load_image(i).double()) ** 2).mean())
+        want[data.views[i].name] = 10 * np.log10(1.0 / mse)
+    assert report["held_out_psnr"].keys() == want.keys() and len(want) == 2
+    for name, db in want.items():
+        assert report["held_out_psnr"][name] == pytest.approx(db, abs=0.01)
+    assert report["mean_psnr"] == pytest.approx(sum(report["held_out_psnr"].values()) / 2, abs=1e-3)
