@@ -129,8 +129,8 @@ LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tenso
 
 @dataclass
 class FitViews:
-    """Training views: images (K, 3, H, W), one camera each, optional masks (K, 1, H, W) of
-    valid pixels (pixels outside never contribute to the loss).
+    """Training views: images (K, 3, H, W) or K photos of their own sizes, one camera each,
+    optional masks (K, 1, H, W) of valid pixels (pixels outside never contribute to the loss).
 
     ``images`` is the stored stack: float in [0, 1], or uint8 holding k/255 (photos read from
     8-bit files, 4x smaller: 12-MP photos held as float32 took 129 MB each, BENCHMARKS.md "A
@@ -190,7 +190,8 @@ class FitViews:
 
     @property
     def canvas(self) -> tuple[int, int]:
-        """Height and width every view's image has (the padded canvas)."""
+        """Height and width every view's image has (the padded canvas: for photos of their own
+        sizes, the largest height and width among them, the rows views_without left out too)."""
         if isinstance(self.images, list):
             return max(int(im.shape[-2]) for im in self.images), max(int(im.shape[-1]) for im in self.images)
         return int(self.images.shape[-2]), int(self.images.shape[-1])
@@ -213,7 +214,7 @@ class FitViews:
         return sum(im.nbytes for im in stored) + (0 if self.masks is None else self.masks.nbytes)
 
     def row(self, k: int) -> int:
-        """The row of the stored stack that view ``k`` is."""
+        """The row of the stored stack (or index of the stored list) that view ``k`` is."""
         return k if self.rows is None else self.rows[k]
 
     def image(self, k: int, top: int = 0, left: int = 0, height: int | None = None,
@@ -437,8 +438,8 @@ class FitResult:
 
 
 def padded_fit_views(images: Sequence[torch.Tensor], cameras: Sequence[Camera]) -> FitViews:
-    """FitViews of photos of different sizes (3, H_k, W_k): each is padded at the bottom and
-    right to the largest height and width, its camera widened to that canvas
+    """FitViews of photos of different sizes (3, H_k, W_k): each reads as padded at the bottom
+    and right to the largest height and width, its camera widened to that canvas
     (:meth:`Camera.cropped` keeps the intrinsics), and a mask marks its own pixels, so that
     the padding never enters the loss. Without it a caller would have to drop or resample
     the odd-sized views (a COLMAP capture's undistorted photos differ by a row or two,
