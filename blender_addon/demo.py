@@ -208,10 +208,12 @@ def read_png(path: str, over_white: bool = False) -> Any:
 
 
 def write_png(path: str, image: Any) -> None:
-    import numpy as np
+    """(3, H, W) in [0, 1] -> 8-bit PNG (eight_bit_levels, the one rounding), written via a temporary file."""
     from PIL import Image
 
-    arr = (image.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
+    from npbgpp_core.datasets.images import eight_bit_levels
+
+    arr = eight_bit_levels(image.detach().cpu()).permute(1, 2, 0).numpy()
     tmp = path + ".tmp.png"
     Image.fromarray(arr).save(tmp)
     os.replace(tmp, path)

@@ -7,10 +7,10 @@ import json
 import logging
 import os
 
-import numpy as np
 import torch
 from PIL import Image
 
+from npbgpp_core.datasets.images import eight_bit_levels
 from npbgpp_core.metrics import MetricSuite, mean_finite
 
 from .checkpoints import atomic_write_bytes
@@ -20,10 +20,10 @@ log = logging.getLogger(__name__)
 
 
 def save_png(image: torch.Tensor, path: str) -> None:
-    """(3,H,W) in [0,1] -> 8-bit PNG, written atomically."""
+    """(3,H,W) in [0,1] -> 8-bit PNG (eight_bit_levels, the one rounding), written atomically."""
     import io
 
-    arr = (image.detach().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
+    arr = eight_bit_levels(image.detach().cpu()).permute(1, 2, 0).numpy()
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())

@@ -124,6 +124,7 @@ def render(args: argparse.Namespace) -> str:
     from npbgpp_core import Camera
     from npbgpp_core.atomic import atomic_directory, holds, same_file
     from npbgpp_core.datasets import load_scene
+    from npbgpp_core.datasets.images import eight_bit_levels
     from npbgpp_core.scene import NeuralScene
 
     if args.between < 0:
@@ -157,9 +158,9 @@ def render(args: argparse.Namespace) -> str:
                 # the frame being rendered (a big one takes a while), as fit's step line
                 print(f"\rframe {k + 1}/{len(frames)}", end="", file=sys.stderr, flush=True)
                 with torch.no_grad():
-                    image = renderer.render(cam).clamp(0, 1).permute(1, 2, 0).float().cpu().numpy()
+                    image = eight_bit_levels(renderer.render(cam).cpu())
                 frame["file"] = f"frame_{k:04d}.png"
-                Image.fromarray((image * 255.0 + 0.5).astype(np.uint8)).save(os.path.join(tmp, frame["file"]))
+                Image.fromarray(image.permute(1, 2, 0).numpy()).save(os.path.join(tmp, frame["file"]))
         finally:
             print(file=sys.stderr)  # ends the frame line, also before a failing frame's error line
         with open(os.path.join(tmp, "frames.json"), "w", encoding="utf-8") as f:
