@@ -155,13 +155,14 @@ def photos_advice(scene) -> str:
     """What needs less memory in a fit: it holds every training photo at its own size, so a
     dataset with smaller photos (which needs its own bundle: a bundle fits the dataset it was
     aggregated from)."""
+    from npbgpp_core.image_size import SMALLER_PHOTOS_COMMAND
     from npbgpp_core.memory import FIT_PHOTOS_MEMORY
 
     size = scene.largest_image_size(list(scene.train) or list(range(len(scene.views))))
     largest = "" if size is None else f"the largest here is {size[1]}x{size[0]} px; "
     return (f"the fit holds every training photo at its own size ({largest}{FIT_PHOTOS_MEMORY}): make a copy of the "
-            "dataset with smaller photos (a COLMAP capture: python -m headless_train prepare-capture SRC --out DST "
-            "--max-size 2048), export a bundle of it and fit that one")
+            f"dataset with smaller photos (a COLMAP capture: {SMALLER_PHOTOS_COMMAND}), export a bundle of it and fit "
+            "that one")
 
 
 def main(argv: list[str]) -> int:

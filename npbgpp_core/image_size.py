@@ -25,9 +25,14 @@ def fit_long_side(size: tuple[int, int], max_side: int | None) -> tuple[int, int
     return max(1, round(a * scale)), max(1, round(b * scale))
 
 
+# The command that makes a copy of a capture with smaller photos and cameras scaled to match: the one
+# wording for every message that advises such a copy (photos too large to read, Aggregate's and Fit
+# to Photos' out of memory in the add-on, headless fit's).
+SMALLER_PHOTOS_COMMAND = "python -m headless_train prepare-capture SRC --out DST --max-size 2048"
+
 # What to do about a photo too large to read, for a dataset (its cameras scale with the photos).
 SMALLER_COPY = ("Make a copy of the dataset with smaller photos and cameras scaled to match (a COLMAP capture: "
-                "python -m headless_train prepare-capture SRC --out DST --max-size 2048)")
+                f"{SMALLER_PHOTOS_COMMAND})")
 
 
 def too_many_pixels(path: str, exc: BaseException, fix: str = SMALLER_COPY) -> str:

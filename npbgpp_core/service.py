@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import protocol as P
+from .image_size import SMALLER_PHOTOS_COMMAND
 from .memory import AGGREGATE_PHOTOS_MEMORY, BUNDLE_LOAD_TIMES_FILE, FIT_PHOTOS_MEMORY, first_line, is_out_of_memory
 
 if TYPE_CHECKING:
@@ -384,7 +385,7 @@ class RenderService:
         size = getattr(job, "largest_photo", None)
         photos = "" if size is None else f" The largest photo is {size[1]}x{size[0]} pixels"
         copy = ("import a copy of the dataset with smaller photos{again} (a COLMAP capture, with this project's "
-                "repository: python -m headless_train prepare-capture SRC --out DST --max-size 2048)")
+                "repository: " + SMALLER_PHOTOS_COMMAND + ")")
         if not aggregating:
             return (f"out of memory on {device} while fitting to the photos ({first}).{photos and photos + '.'} "
                     f"Fit to Photos reads every photo at its own size ({FIT_PHOTOS_MEMORY}): "
