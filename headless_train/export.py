@@ -124,12 +124,11 @@ def aggregation_advice(scene, views: list[int], max_side: int | None) -> str:
     """What needs less memory when aggregating ``views`` of ``scene``: the views read smaller
     (``--max-side`` below their long side now, when that is above the least it takes,
     AGGREGATE_MIN_SIDE) or fewer points (``--max-points``)."""
-    from npbgpp_core.protocol import AGGREGATE_MIN_SIDE
+    from npbgpp_core.protocol import photo_size_bound
 
-    side = max(max(scene.views[i].camera.image_size) for i in views)
-    read = side if max_side is None else min(side, max_side)  # fit_long_side's long side
+    read = photo_size_bound(max(max(scene.views[i].camera.image_size) for i in views), max_side)
     points = f"aggregate fewer points with --max-points (the cloud has {scene.points.shape[0]:,})"
-    if read <= AGGREGATE_MIN_SIDE:  # --max-side refuses less: only fewer points help
+    if read is None:  # read at AGGREGATE_MIN_SIDE or less, which --max-side refuses: only fewer points help
         return points
     return f"read the views smaller with --max-side (below {read}, the long side they are read at now) or {points}"
 

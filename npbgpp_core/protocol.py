@@ -91,6 +91,16 @@ AGGREGATE_MAX_SIDE = 2048
 AGGREGATE_MIN_SIDE = 16
 
 
+def photo_size_bound(long_side: int | None, max_side: int | None) -> int | None:
+    """The long side an aggregation reads the largest photo at now, which a smaller Photo Size (export
+    --max-side) must go below to read it smaller: ``long_side`` (the photos' largest; None: not known)
+    capped at ``max_side`` (None: own size). None when no smaller one can be set (at most
+    :data:`AGGREGATE_MIN_SIDE`: both refuse less) or when neither side is known. The one rule of the
+    out-of-memory advice of the add-on's Aggregate and of export."""
+    read = long_side if max_side is None else max_side if long_side is None else min(long_side, max_side)
+    return read if read is not None and read > AGGREGATE_MIN_SIDE else None
+
+
 def check_aggregate_max_side(value: Any, what: str = "Photo Size") -> int | None:
     """The long side an aggregation reads photos at (AggregateBegin.max_side, export --max-side, a
     bundle's "aggregate_max_side"): None for 0 or None (each photo at its own size), else ``value``

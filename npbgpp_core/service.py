@@ -397,10 +397,15 @@ class RenderService:
             h, w = fit_long_side(size, cap)
             photos += f", read at {w}x{h}" if (h, w) != tuple(size) else ", read at its own size"
         read = f"at most {cap} px on the long side (Photo Size {cap})" if cap else "at its own size (Photo Size 0)"
+        # a smaller Photo Size only below the side the largest photo is read at, and none at the least
+        # one (export's rule: P.photo_size_bound); photos not read yet (the job never started): any
+        below = P.photo_size_bound(getattr(job, "largest_side", None) or None, cap)
+        smaller = (f"set a Photo Size below {below}" if below is not None else
+                   "set a Photo Size" if cap is None and job is None else "")
+        smaller += " in its options (headless_train export: --max-side), or " if smaller else ""
         return (f"out of memory on {device} while aggregating descriptors ({first}).{photos and photos + '.'} "
                 f"Aggregate Descriptors reads every photo {read}; its memory grows with those pixels "
-                f"({AGGREGATE_PHOTOS_MEMORY}): set a smaller Photo Size in its options (headless_train export: "
-                "--max-side), or " + copy.format(again="") + gpu_full_hint(device))
+                f"({AGGREGATE_PHOTOS_MEMORY}): {smaller}" + copy.format(again="") + gpu_full_hint(device))
 
     # ------------------------------------------------------------------ requests
     def hello(self, req: P.Hello) -> P.TorchInfo:
