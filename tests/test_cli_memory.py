@@ -120,7 +120,7 @@ def test_fit_out_of_memory_while_fitting_names_the_step_and_a_copy_with_smaller_
     assert line.startswith("error: out of host memory (RAM) while fitting, step 1/3 ([enforce fail at "
                            "alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to "
                            "allocate 10000000000000 bytes.). The fit holds every training photo at its own size "
-                           "(the largest here is 24x24 px; about 4 GB to fit"), line
+                           "(the largest here is 24x24 px; about 4 GiB to fit"), line
     assert "prepare-capture SRC --out DST --max-size 2048), export a bundle of it and fit that one" in line
     assert "--device cpu" not in line  # the host's memory: no GPU to leave
     assert not os.path.exists(out) and os.listdir(tmp_path) == []
