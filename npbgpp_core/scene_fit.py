@@ -148,7 +148,8 @@ class BundleFit:
     fit starts from, the scene aggregated again from the dataset's training photos without the
     kept one, each read at the long side the bundle records it was aggregated at (its metadata's
     "aggregate_max_side": Aggregate Descriptors' Photo Size, ``headless_train export --max-side``;
-    none recorded: the photos' own size), as the bundle was; a fit that loses there saves the
+    none recorded: the photos' own size), as the bundle was (undistorted photos of 8-bit files as
+    the fit holds them, rounded to 8 bits: within 1/510 of Aggregate's); a fit that loses there saves the
     source bundle, as without it. None: :data:`~npbgpp_core.fitting.FIT_FAIR_CHECK` when checked.
     The fit itself fits the photos at their own size, whatever the bundle records."""
 

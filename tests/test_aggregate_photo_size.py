@@ -351,15 +351,17 @@ def test_a_bundle_written_before_the_record_is_fair_checked_at_own_size(folder, 
 def test_a_distorted_photo_is_undistorted_at_its_own_size_then_shrunk_with_the_undistorted_camera(tmp_path):
     """A SIMPLE_RADIAL capture read with undistort: view_at_long_side shrinks the photo remapped
     at its own size (the loader's undistortion, then the area resize), with the undistorted pinhole
-    camera scaled to that size (not the lens's source camera); and shrink_photo of the photo as Fit
-    to Photos reads it (load_image_pixels) equals it bit for bit, so a fair check of a capped bundle
-    of distorted photos aggregates what the worker aggregated."""
+    camera scaled to that size (not the lens's source camera); shrink_photo of the photo read as
+    floats (load_image_pixels) equals it bit for bit, and of the photo as Fit to Photos holds it
+    (rounded to 8 bits, scene_fit.FIT_ROUND_RESAMPLED) is within 1/510 of it, so a fair check of a
+    capped bundle of distorted photos aggregates what the worker aggregated, to 8 bits."""
     from test_capture_import import write_capture
 
     from npbgpp_core.datasets.distortion import undistort
     from npbgpp_core.datasets.images import _resize, read_image
     from npbgpp_core.datasets.scene_data import shrink_photo
     from npbgpp_core.image_size import fit_long_side
+    from npbgpp_core.scene_fit import FIT_ROUND_RESAMPLED
 
     root = str(tmp_path / "lens")
     write_capture(root, n_views=2)
@@ -374,7 +376,14 @@ def test_a_distorted_photo_is_undistorted_at_its_own_size_then_shrunk_with_the_u
         by_hand = torch.from_numpy(_resize(remapped.permute(1, 2, 0).contiguous().numpy(), size)).permute(2, 0, 1)
         assert tuple(image.shape[-2:]) == size and torch.equal(image, by_hand)
         assert torch.equal(camera.K, v.camera.scaled(size).K) and camera.image_size == size
-        as_fit_reads = data.load_image_pixels(i)  # undistorted: floats, as the fit's views hold them
-        assert as_fit_reads.dtype == torch.float32
-        shrunk, cam = shrink_photo(as_fit_reads, v.camera, side)
+        floats = data.load_image_pixels(i)  # undistorted, not rounded: floats
+        assert floats.dtype == torch.float32
+        shrunk, cam = shrink_photo(floats, v.camera, side)
         assert torch.equal(shrunk, image) and torch.equal(cam.K, camera.K)
+        # what the fit holds (BundleFit reads with FIT_ROUND_RESAMPLED) and its fair check shrinks: FitViews.image's
+        # k/255 of the rounded levels; an area resize averages, so it stays within half a level
+        assert FIT_ROUND_RESAMPLED
+        held = data.load_image_pixels(i, round_resampled=FIT_ROUND_RESAMPLED)
+        assert held.dtype == torch.uint8
+        shrunk, cam = shrink_photo(held.to(torch.float32) / 255.0, v.camera, side)
+        assert torch.equal(cam.K, camera.K) and (shrunk - image).abs().max() <= 1 / 510 + 1e-6
