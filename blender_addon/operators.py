@@ -621,8 +621,8 @@ class NPBGPP_OT_aggregate(_WorkerStepJob, bpy.types.Operator):
         name="Photo Size", default=AGGREGATE_MAX_SIDE, min=0, soft_max=8192, subtype="PIXEL",
         description=f"Read each photo at most this long side in pixels (larger ones shrunk with their cameras, "
                     f"smaller ones as they are; the bundle records it). Aggregate's time and memory grow with the "
-                    f"pixels read: 20 photos of 12 megapixels took 8 GiB on a CPU at their own size, 2.9 GiB and 3.5x "
-                    f"less time at 2048 (BENCHMARKS.md). 0: each photo at its own size; else at least "
+                    f"pixels read: 20 photos of 11 megapixels (4032 px) took 8 GiB on a CPU at their own size, "
+                    f"2.9 GiB and 3.5x less time at 2048 (BENCHMARKS.md). 0: each photo at its own size; else at least "
                     f"{AGGREGATE_MIN_SIDE}",
     )
 
