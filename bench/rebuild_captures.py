@@ -13,7 +13,11 @@ always complete; a finished one is skipped, so the command resumes. A recomputed
 kept in ``<out>/.work/<name>/sfm`` until its capture is finished, so an interrupted run does
 not repeat the (slow) SfM. ``<out>/<name>/rebuild.json`` records the manifest entry, the
 snapshot files taken and capture-sfm's ``sfm.json``. ``--max-size`` is the prepared photos' long
-side (512, the card's, unless a benchmark asks for another size; smaller photos keep theirs).
+side (512, the card's, unless a benchmark asks for another size; smaller photos keep theirs). A
+capture whose model capture-sfm recomputes is prepared from the photos its SfM read, so it is at most
+that size (the manifest's ``sfm.max_side``, else capture-sfm's default 1600 px) whatever ``--max-size``
+says (BENCHMARKS.md "Aggregating from smaller photos at 2048 px": buddha_grey 1400, flowerpot 1600,
+perikles 1200 px at ``--max-size 2048``).
 
 Snapshots come from the session's ``fetch github:<owner>/<name>``; files the snapshot did not
 bring (large blobs) are left out and counted, and a photo count other than the card's is an
