@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from .camera import Camera
+from .datasets.images import eight_bit_levels
 from .image_size import fit_long_side
 from .losses import EncoderFeatureLoss, fft_amplitude_loss, gradient_loss, laplacian_pyramid_loss, multiscale_l1
 from .models import NPBG, NPBGConfig, NPBGPlusPlus
@@ -292,11 +293,10 @@ def eight_bit_pixels(image: torch.Tensor) -> torch.Tensor | None:
         return image
     if image.dtype != torch.float32:
         return None
-    # clamped, not range-checked (three passes and three masks fewer on a 12-MP photo): a pixel
-    # out of [0, 1] becomes 0 or 255, whose float differs from it, so the comparison refuses it
-    levels = (image * 255.0).round_().clamp_(0.0, 255.0)
-    eight = levels.to(torch.uint8)
-    del levels
+    # the one rounding rule; it clamps rather than range-checks (three passes and three masks
+    # fewer on a 12-MP photo): a pixel out of [0, 1] (or NaN) becomes a level whose float differs
+    # from it, so the comparison refuses it
+    eight = eight_bit_levels(image)
     return eight if torch.equal(_as_float_pixels(eight), image) else None
 
 
