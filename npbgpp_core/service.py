@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import protocol as P
-from .image_size import SMALLER_PHOTOS_COMMAND
+from .image_size import SMALLER_PHOTOS_COMMAND, fit_long_side
 from .memory import AGGREGATE_PHOTOS_MEMORY, BUNDLE_LOAD_TIMES_FILE, FIT_PHOTOS_MEMORY, first_line, is_out_of_memory
 
 if TYPE_CHECKING:
@@ -392,8 +392,6 @@ class RenderService:
                     + copy.format(again=", aggregate it and fit that bundle") + gpu_full_hint(device))
         cap = getattr(job, "max_side", None) if job is not None else getattr(req, "max_side", 0) or None
         if size is not None and cap is not None:
-            from .image_size import fit_long_side
-
             h, w = fit_long_side(size, cap)
             photos += f", read at {w}x{h}" if (h, w) != tuple(size) else ", read at its own size"
         read = f"at most {cap} px on the long side (Photo Size {cap})" if cap else "at its own size (Photo Size 0)"
