@@ -670,16 +670,14 @@ def hydra_main(cfg: DictConfig) -> None:
         print(_friendly(exc), file=sys.stderr)
         sys.exit(2)
     except Exception as exc:
-        if not oom.is_out_of_memory(exc):
-            raise
-        # the traceback in the log with hydra.verbose=headless_train; the checkpoint saver has already
-        # written last.ckpt (atomically) when this run took a step since its last one
-        log.debug("out of memory", exc_info=True)
-        training = not cfg.eval_only
-        line = _friendly(oom.memory_error(exc, "cuda", "" if training else "trainer.gpus=0 (the CPU)"))
-        log.error(line)
-        print(line, file=sys.stderr)
-        sys.exit(2)
+        # out of memory: the checkpoint saver has already written last.ckpt (atomically) when this
+        # run took a step since its last one
+        def write(line: str) -> None:
+            log.debug("out of memory", exc_info=True)  # the traceback in the log with hydra.verbose=headless_train
+            log.error(line)
+            print(line, file=sys.stderr)
+
+        sys.exit(oom.exit_status(exc, "cuda", "trainer.gpus=0 (the CPU)" if cfg.eval_only else "", write=write))
 
 
 # Subcommands handled outside Hydra: name -> (module with a ``main(argv) -> int``, summary).

@@ -13,10 +13,12 @@ quote too."""
 from __future__ import annotations
 
 import re
+import sys
+from collections.abc import Callable
 
 from npbgpp_core.memory import first_line, is_out_of_memory, ran_out_on_gpu
 
-__all__ = ["is_out_of_memory", "memory_error", "reset", "step", "OUT_OF_MEMORY_LINE"]
+__all__ = ["exit_status", "is_out_of_memory", "memory_error", "reset", "step", "OUT_OF_MEMORY_LINE"]
 
 # The start of the line a command writes with :func:`memory_error`: ``stage`` finds its training
 # child's in the training log by it (anywhere in a line: a logged one starts with the time and logger).
@@ -50,3 +52,19 @@ def memory_error(exc: BaseException, device: str, gpu_fix: str = "--device cpu")
     if gpu and gpu_fix:
         advice += f", or {gpu_fix} when the GPU is the one that is full"
     return f"out of {what} while {_DOING} ({first_line(exc)}). {advice[0].upper()}{advice[1:]}"
+
+
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def exit_status(exc: BaseException, device: str, gpu_fix: str = "--device cpu",
+                write: Callable[[str], None] = _to_stderr) -> int:
+    """A command's end on ``exc``, an error none of its own refusals caught: when it is out of
+    memory, 2 after writing ``error: `` and :func:`memory_error`'s line with ``write`` (stderr by
+    default); any other error is raised again, a bug whose traceback is wanted. Called in the
+    command's ``except Exception`` so every command ends out of memory alike."""
+    if not is_out_of_memory(exc):
+        raise exc
+    write(f"error: {memory_error(exc, device, gpu_fix)}")
+    return 2

@@ -194,9 +194,6 @@ def main(argv: list[str]) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
-        if not oom.is_out_of_memory(exc):
-            raise
-        print(f"error: {oom.memory_error(exc, args.device)}", file=sys.stderr)
-        return 2
+        return oom.exit_status(exc, args.device)
     print(out)
     return 0

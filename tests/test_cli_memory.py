@@ -202,6 +202,20 @@ def test_a_gpu_that_is_full_is_named_and_the_cpu_advised():
                                                       "Run it on a computer with more memory")
 
 
+def test_exit_status_ends_out_of_memory_alike_and_raises_anything_else_again():
+    """The one end every command's ``except Exception`` takes: out of memory, 2 and the
+    message's one line to the writer given; any other error raised again, unchanged."""
+    oom.reset()
+    lines: list[str] = []
+    assert oom.exit_status(MemoryError(), "cpu", write=lines.append) == 2
+    assert lines == ["error: out of host memory (RAM) while starting (MemoryError). Run it on a computer with more "
+                     "memory"]
+    bug = KeyError("not memory")
+    with pytest.raises(KeyError) as raised:
+        oom.exit_status(bug, "cpu", write=lines.append)
+    assert raised.value is bug and len(lines) == 1
+
+
 # Out of memory at the second training step (global_step 1), injected into the system's training step
 _TRAIN_OOM = """
 import sys
