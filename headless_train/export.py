@@ -53,6 +53,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    "run's world_up")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda, ... (default: cuda when available, else cpu)")
+    oom.add_debug_flag(p)
     return p.parse_args(argv)
 
 
@@ -346,9 +347,11 @@ def main(argv: list[str]) -> int:
     try:
         path = export(args)
     except (ExportError, CheckpointError, DatasetError, FileNotFoundError, ValueError, TypeError) as exc:
+        if args.debug:
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
-        return oom.exit_status(exc, args.device)
+        return oom.exit_status(exc, args.device, debug=args.debug)
     print(path)
     return 0

@@ -67,6 +67,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    "(default); average keeps the element-wise mean of every recipe's fit, scored and checked there "
                    "as usual (see BENCHMARKS.md); given without --check-recipes: no recipes (the plain check), as "
                    "before the size rule")
+    oom.add_debug_flag(p)
     return p.parse_args(argv)
 
 
@@ -173,9 +174,11 @@ def main(argv: list[str]) -> int:
     try:
         out = fit(args)
     except (FitError, OSError, ValueError) as exc:  # DatasetError and the bundle's errors are ValueErrors
+        if args.debug:
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
-        return oom.exit_status(exc, args.device)
+        return oom.exit_status(exc, args.device, debug=args.debug)
     print(out)
     return 0

@@ -8,17 +8,22 @@ a process of its own, one step at a time, so the last step announced is the one 
 and :func:`reset` starts a command afresh). The advice names the command's own options
 (``export --max-side``, ``--max-points``, ``--device cpu`` when the GPU is the one that is
 full); the figures it quotes come from :mod:`npbgpp_core.memory`, which the add-on's messages
-quote too."""
+quote too.
+
+``--debug`` (:func:`add_debug_flag`, the same in export, fit and render) turns every such
+one-line end, a refusal's and out of memory's, into the error itself raised with its full
+traceback, for a bug report: what training and evaluation show with ``hydra.verbose``."""
 
 from __future__ import annotations
 
 import re
 import sys
+from argparse import ArgumentParser
 from collections.abc import Callable
 
 from npbgpp_core.memory import first_line, is_out_of_memory, ran_out_on_gpu
 
-__all__ = ["exit_status", "is_out_of_memory", "memory_error", "reset", "step", "OUT_OF_MEMORY_LINE"]
+__all__ = ["add_debug_flag", "exit_status", "is_out_of_memory", "memory_error", "reset", "step", "OUT_OF_MEMORY_LINE"]
 
 # The start of the line a command writes with :func:`memory_error`: ``stage`` finds its training
 # child's in the training log by it (anywhere in a line: a logged one starts with the time and logger).
@@ -58,13 +63,21 @@ def _to_stderr(line: str) -> None:
     print(line, file=sys.stderr)
 
 
+def add_debug_flag(parser: ArgumentParser) -> None:
+    """The commands' one switch for the traceback of an error they end with one line."""
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, raise it with its full traceback instead of the one-line message "
+                             "(for a bug report)")
+
+
 def exit_status(exc: BaseException, device: str, gpu_fix: str = "--device cpu",
-                write: Callable[[str], None] = _to_stderr) -> int:
+                write: Callable[[str], None] = _to_stderr, debug: bool = False) -> int:
     """A command's end on ``exc``, an error none of its own refusals caught: when it is out of
     memory, 2 after writing ``error: `` and :func:`memory_error`'s line with ``write`` (stderr by
-    default); any other error is raised again, a bug whose traceback is wanted. Called in the
-    command's ``except Exception`` so every command ends out of memory alike."""
-    if not is_out_of_memory(exc):
+    default); any other error, and this one too with ``debug`` (``--debug``), is raised again:
+    a bug's traceback is wanted. Called in the command's ``except Exception`` so every command
+    ends out of memory alike."""
+    if debug or not is_out_of_memory(exc):
         raise exc
     write(f"error: {memory_error(exc, device, gpu_fix)}")
     return 2

@@ -35,6 +35,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--undistort", action="store_true", help="distorted COLMAP / nerfstudio cameras (as export)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, ...")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    oom.add_debug_flag(p)
     return p.parse_args(argv)
 
 
@@ -191,9 +192,11 @@ def main(argv: list[str]) -> int:
     try:
         out = render(args)
     except (RenderError, OSError, ValueError) as exc:  # DatasetError and the bundle's errors are ValueErrors
+        if args.debug:
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
-        return oom.exit_status(exc, args.device)
+        return oom.exit_status(exc, args.device, debug=args.debug)
     print(out)
     return 0

@@ -125,6 +125,38 @@ def test_render_refuses_bad_input_before_writing(scene_and_bundle, tmp_path, cap
     assert sorted(os.listdir(tmp_path)) == ["taken"]  # no output or temporary folder left by a refusal
 
 
+def test_debug_raises_the_error_with_its_traceback_instead_of_the_line(scene_and_bundle, tmp_path, capsys,
+                                                                      monkeypatch):
+    """--debug (export, fit and render alike): a refusal and an out-of-memory end are the error
+    itself raised, not the one-line message; nothing written either way."""
+    from headless_train import export, fit
+    from npbgpp_core.scene import NeuralScene
+
+    folder, bundle, _ = scene_and_bundle
+    missing = str(tmp_path / "none.npbgpp")
+    args = ["--bundle", missing, "--scene", folder, "--out", str(tmp_path / "a"), "--device", "cpu"]
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip() == f"error: neural scene file not found: {missing}"
+    with pytest.raises(FileNotFoundError, match="neural scene file not found") as raised:
+        main(args + ["--debug"])
+    assert raised.traceback[-1].name == "load"  # raised where it happened, NeuralScene.load
+    assert capsys.readouterr().err == ""
+
+    def out_of_memory(path):
+        raise MemoryError("Unable to allocate 1.00 TiB")
+
+    monkeypatch.setattr(NeuralScene, "load", staticmethod(out_of_memory))
+    args[1] = bundle
+    assert main(args) == 2 and "error: out of host memory (RAM) while loading the bundle" in capsys.readouterr().err
+    with pytest.raises(MemoryError, match="Unable to allocate"):
+        main(args + ["--debug"])
+    assert os.listdir(tmp_path) == []
+    # the same switch in the other two commands
+    for parse, required in ((export.parse_args, ["--checkpoint", "c", "--scene", "s", "--out", "o.npbgpp"]),
+                            (fit.parse_args, ["--bundle", "b", "--scene", "s", "--out", "o.npbgpp"])):
+        assert parse(required).debug is False and parse(required + ["--debug"]).debug is True
+
+
 def test_a_view_of_another_aspect_is_fitted_into_the_frame_unstretched(scene_and_bundle):
     """A portrait view among landscape ones (mouse's photos): one scale factor and a centred
     principal point, so a point lands where the view shows it, shifted by the margin."""
