@@ -21,7 +21,7 @@ import sys
 from argparse import ArgumentParser
 from collections.abc import Callable
 
-from npbgpp_core.memory import first_line, is_out_of_memory, ran_out_on_gpu
+from npbgpp_core.memory import first_line, is_out_of_memory, killed_worker, ran_out_on_gpu
 
 __all__ = ["add_debug_flag", "exit_status", "is_out_of_memory", "memory_error", "reset", "step", "OUT_OF_MEMORY_LINE"]
 
@@ -31,13 +31,16 @@ OUT_OF_MEMORY_LINE = re.compile(r"error: out of (host|GPU) memory\b")
 
 _DOING = "starting"
 _ADVICE = ""
+_WORKERS = ""
 
 
-def step(doing: str, advice: str) -> None:
+def step(doing: str, advice: str, workers: str = "") -> None:
     """Announce the step the command starts now: ``doing`` ("reading view 3 of 12 ...") and
-    what would need less memory there ("lower --max-side ..."), for :func:`memory_error`."""
-    global _DOING, _ADVICE
-    _DOING, _ADVICE = doing, advice
+    what would need less memory there ("lower --max-side ..."), for :func:`memory_error`;
+    ``workers``: what would when a DataLoader worker of the step was killed (fewer workers,
+    fewer cached views), for a step that loads data in workers."""
+    global _DOING, _ADVICE, _WORKERS
+    _DOING, _ADVICE, _WORKERS = doing, advice, workers
 
 
 def reset() -> None:
@@ -51,6 +54,12 @@ def memory_error(exc: BaseException, device: str, gpu_fix: str = "--device cpu")
     memory when the GPU's allocator failed, the computer's otherwise: a photo is read into
     host memory whatever the device), and the step's advice, with ``gpu_fix`` (the command's
     way to the CPU) when a GPU is the one that is full."""
+    worker = killed_worker(exc)
+    if worker is not None:  # the computer's memory: a worker process killed by the system
+        why = (f"{first_line(worker).rstrip('. ')}: most often the system's out-of-memory killer; on Linux "
+               "journalctl -k or dmesg says so")
+        advice = _WORKERS or _ADVICE or "run it on a computer with more memory"
+        return f"out of host memory (RAM) while {_DOING} ({why}). {advice[0].upper()}{advice[1:]}"
     gpu = ran_out_on_gpu(exc)
     what = f"GPU memory ({device})" if gpu else "host memory (RAM)"
     advice = _ADVICE or "run it on a computer with more memory"

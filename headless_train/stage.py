@@ -829,7 +829,10 @@ def memory_note(log_path: str, start: int, overrides: list[str], rc: int | None 
         tail = []
     found = next((m for line in tail if (m := OUT_OF_MEMORY_LINE.search(line))), None)
     values = dict(o.split("=", 1) for o in overrides if "=" in o)
-    lower = [f"{flag} (now {values.get(key, '?')})" for flag, key in MEMORY_OPTIONS]
+    options = MEMORY_OPTIONS
+    if found is not None and "DataLoader worker" in found.string:  # a worker killed (memory.killed_worker)
+        options = (("--workers", "dataloader.num_workers"),) + options
+    lower = [f"{flag} (now {values.get(key, '?')})" for flag, key in options]
     advice = f"lower {', '.join(lower[:-1])} or {lower[-1]}"
     if found is not None:
         note = f"; it ran out of {found[1]} memory: {advice}"

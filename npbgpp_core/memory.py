@@ -11,12 +11,36 @@ _OUT_OF_MEMORY_TEXTS = ("out of memory", "not enough memory", "can't allocate me
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
-    """A host MemoryError, torch's OutOfMemoryError, or an allocator failure reported as a
-    RuntimeError ("out of memory", "not enough memory", "can't allocate memory")."""
+    """A host MemoryError, torch's OutOfMemoryError, an allocator failure reported as a
+    RuntimeError ("out of memory", "not enough memory", "can't allocate memory"), or a
+    DataLoader worker killed outright (:func:`killed_worker`)."""
     if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
         return True
     text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and any(s in text for s in _OUT_OF_MEMORY_TEXTS)
+    if isinstance(exc, RuntimeError) and any(s in text for s in _OUT_OF_MEMORY_TEXTS):
+        return True
+    return killed_worker(exc) is not None
+
+
+# torch's report of a DataLoader worker that died of SIGKILL, lower case: "DataLoader worker (pid
+# 123) is killed by signal: Killed. " (the C library's name of the signal; matched as substrings).
+_KILLED_WORKER_TEXTS = ("dataloader worker (pid", "is killed by signal: killed")
+
+
+def killed_worker(exc: BaseException) -> BaseException | None:
+    """torch's RuntimeError saying a DataLoader worker was killed by SIGKILL, when ``exc`` is it
+    or was raised from it (torch's loader raises "DataLoader worker (pid(s) 123) exited
+    unexpectedly" from it); None otherwise. Nothing in training sends its workers SIGKILL: on
+    Linux it is most often the kernel's out-of-memory killer (each worker is a process holding
+    its own batches), so it counts as the computer's memory running out."""
+    link: BaseException | None = exc
+    seen: set[int] = set()
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        if isinstance(link, RuntimeError) and all(s in str(link).lower() for s in _KILLED_WORKER_TEXTS):
+            return link
+        link = link.__cause__
+    return None
 
 
 # What a GPU's failure to allocate writes when it is not torch's OutOfMemoryError: a CUDA call's

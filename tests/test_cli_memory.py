@@ -216,6 +216,86 @@ def test_exit_status_ends_out_of_memory_alike_and_raises_anything_else_again():
     assert raised.value is bug and len(lines) == 1
 
 
+class _DyingDataset(torch.utils.data.Dataset):
+    """A dataset whose worker ends itself at its first item: by SIGKILL (what the system's
+    out-of-memory killer sends) or with an exit status (a worker's own failure)."""
+
+    def __init__(self, kill: bool):
+        self.kill = kill
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int):
+        import signal
+
+        if self.kill:
+            os.kill(os.getpid(), signal.SIGKILL)
+        os._exit(3)
+
+
+def _loader_error(kill: bool) -> BaseException:
+    with pytest.raises(RuntimeError) as raised:
+        list(torch.utils.data.DataLoader(_DyingDataset(kill), num_workers=1))
+    return raised.value
+
+
+def test_a_dataloader_worker_killed_is_out_of_host_memory_with_the_workers_advice():
+    """torch's own error for a worker killed by SIGKILL (a real DataLoader whose worker is
+    killed: "exited unexpectedly", raised from "is killed by signal: Killed"): the computer's
+    memory, the kill quoted, dataloader.num_workers and the cached views to lower; a worker
+    that exited by itself is not out of memory."""
+    from headless_train.cli import training_memory_advice, workers_memory_advice
+    from npbgpp_core.memory import killed_worker, ran_out_on_gpu
+
+    exc = _loader_error(kill=True)
+    assert oom.is_out_of_memory(exc) and not ran_out_on_gpu(exc)
+    killed = killed_worker(exc)
+    assert killed is not None and killed is exc.__cause__
+    pid = str(killed).split("(pid ")[1].split(")")[0]
+    assert str(exc) == f"DataLoader worker (pid(s) {pid}) exited unexpectedly"
+    assert str(killed) == f"DataLoader worker (pid {pid}) is killed by signal: Killed. "
+    assert oom.is_out_of_memory(killed)  # the same error raised at once (torch's SIGCHLD handler)
+    container = {"datasets": {"train_image_size": 256, "cache_images": True, "cache_images_max_gb": 4},
+                 "dataloader": {"batch_size": 2, "num_workers": 8}}
+    oom.reset()
+    oom.step("training", training_memory_advice(container), workers_memory_advice(container))
+    assert oom.memory_error(exc, "cuda", "") == (
+        f"out of host memory (RAM) while training (DataLoader worker (pid {pid}) is killed by signal: Killed: most "
+        "often the system's out-of-memory killer; on Linux journalctl -k or dmesg says so). Lower "
+        "dataloader.num_workers (now 8; 0 loads the data in the training process, with no worker), or keep fewer "
+        "decoded views with datasets.cache_images_max_gb (now 4) or datasets.cache_images=false")
+    container["datasets"]["cache_images"] = False
+    assert workers_memory_advice(container) == ("lower dataloader.num_workers (now 8; 0 loads the data in the "
+                                                "training process, with no worker)")
+    oom.reset()
+    exited = _loader_error(kill=False)
+    assert "exited unexpectedly" in str(exited) and not oom.is_out_of_memory(exited)
+    assert killed_worker(RuntimeError("DataLoader worker (pid 7) is killed by signal: Terminated. ")) is None
+
+
+def test_stage_names_workers_when_the_training_child_s_worker_was_killed(tmp_path, monkeypatch, capsys):
+    from _train_fixtures import make_dataset
+
+    from headless_train import stage
+
+    root = make_dataset(str(tmp_path / "data"), ("sceneA",))
+
+    def child(cmd, log, *args, **kwargs):
+        log.write("[2026-12-01 06:50:00,000][headless_train][ERROR] - error: out of host memory (RAM) while training "
+                  "(DataLoader worker (pid 12) is killed by signal: Killed: most often ...). Lower "
+                  "dataloader.num_workers (now 8; ...)\n")
+        log.flush()
+        return 2, False, None
+
+    monkeypatch.setattr(stage, "run_child", child)
+    work = str(tmp_path / "work")
+    assert stage.main(["--corpus", root, "--work", work, "--dry-run", "--workers", "3"]) == 2
+    err = capsys.readouterr().err
+    assert ("; it ran out of host memory: lower --workers (now 0), --batch (now 1), --crop (now 16) or --views "
+            "(now 3), or give --override datasets.cache_images=false") in err, err
+
+
 # Out of memory at the second training step (global_step 1), injected into the system's training step
 _TRAIN_OOM = """
 import sys
