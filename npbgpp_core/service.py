@@ -378,7 +378,8 @@ class RenderService:
         each photo at most at its Photo Size (AggregateBegin.max_side), so it first says to lower that
         (``headless_train export``: --max-side); Fit reads every photo at its own size, so it names a
         copy of the dataset with smaller photos (which it needs aggregated again: a bundle fits the
-        dataset it was aggregated from), as Aggregate does after Photo Size."""
+        dataset it was aggregated from), as Aggregate does after Photo Size. Aggregate's start
+        (AggregateBegin) reads no photo, only the cloud and the network: fewer points help there."""
         aggregating = isinstance(req, AGGREGATE_JOBS)
         job: Any = self.aggregation if aggregating else self.fit
         device = job_device(job, req)
@@ -390,16 +391,22 @@ class RenderService:
             return (f"out of memory on {device} while fitting to the photos ({first}).{photos and photos + '.'} "
                     f"Fit to Photos reads every photo at its own size ({FIT_PHOTOS_MEMORY}): "
                     + copy.format(again=", aggregate it and fit that bundle") + gpu_full_hint(device))
+        if isinstance(req, P.AggregateBegin):  # photos are read by AggregateView: none was read yet
+            fewer = f"a Max Points below {req.max_points:,}" if req.max_points else "a Max Points"
+            return (f"out of memory on {device} while reading the point cloud and the network for Aggregate "
+                    f"Descriptors, before any photo was read ({first}). It holds every point of the cloud with its "
+                    f"descriptor: aggregate fewer points (set {fewer} in its options, headless_train export: "
+                    "--max-points, or choose a smaller point cloud) or run it on a computer with more memory"
+                    + gpu_full_hint(device))
         cap = getattr(job, "max_side", None) if job is not None else getattr(req, "max_side", 0) or None
         if size is not None and cap is not None:
             h, w = fit_long_side(size, cap)
             photos += f", read at {w}x{h}" if (h, w) != tuple(size) else ", read at its own size"
         read = f"at most {cap} px on the long side (Photo Size {cap})" if cap else "at its own size (Photo Size 0)"
         # a smaller Photo Size only below the side the largest photo is read at, and none at the least
-        # one (export's rule: P.photo_size_bound); photos not read yet (the job never started): any
+        # one (export's rule: P.photo_size_bound)
         below = P.photo_size_bound(getattr(job, "largest_side", None) or None, cap)
-        smaller = (f"set a Photo Size below {below}" if below is not None else
-                   "set a Photo Size" if cap is None and job is None else "")
+        smaller = f"set a Photo Size below {below}" if below is not None else ""
         smaller += " in its options (headless_train export: --max-side), or " if smaller else ""
         return (f"out of memory on {device} while aggregating descriptors ({first}).{photos and photos + '.'} "
                 f"Aggregate Descriptors reads every photo {read}; its memory grows with those pixels "
