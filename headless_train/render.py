@@ -172,11 +172,13 @@ def render(args: argparse.Namespace) -> str:
 
 def bundle_advice(path: str) -> str:
     """What needs less memory in loading a bundle: one of fewer points (loading takes about
-    :data:`~npbgpp_core.memory.BUNDLE_LOAD_TIMES_FILE` times its file's size)."""
+    :data:`~npbgpp_core.memory.BUNDLE_LOAD_TIMES_FILE` times its file's size, written as the
+    add-on's advice writes it: ``other_clouds.size_text``)."""
+    from npbgpp_core.datasets.other_clouds import size_text
     from npbgpp_core.memory import BUNDLE_LOAD_TIMES_FILE
 
     try:
-        size = f" ({os.path.getsize(path) / 2**20:,.0f} MiB)"
+        size = f" ({size_text(os.path.getsize(path))})"
     except OSError:
         size = ""
     return (f"loading a bundle takes about {BUNDLE_LOAD_TIMES_FILE} times its file's size{size} in memory: export "
