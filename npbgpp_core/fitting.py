@@ -153,6 +153,9 @@ class FitViews:
     cameras: list[Camera]
     masks: torch.Tensor | None = None
     rows: list[int] | None = None
+    # canvas and float_dtype, found once from the stored photos (every image() call asks for them)
+    _canvas: tuple[int, int] = field(init=False, repr=False, compare=False)
+    _float_dtype: torch.dtype = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.images, tuple):
@@ -183,6 +186,13 @@ class FitViews:
             raise ValueError(f"masks must be (K, 1, H, W), got {tuple(self.masks.shape)}")
         if not self.cameras:
             raise ValueError("fitting needs at least one view")
+        stored = self.images if isinstance(self.images, list) else [self.images]
+        self._canvas = max(int(im.shape[-2]) for im in stored), max(int(im.shape[-1]) for im in stored)
+        dtype = None
+        for im in stored:
+            own = torch.float32 if im.dtype == torch.uint8 else im.dtype
+            dtype = own if dtype is None else torch.promote_types(dtype, own)
+        self._float_dtype = dtype
 
     @property
     def own_sizes(self) -> bool:
@@ -193,20 +203,13 @@ class FitViews:
     def canvas(self) -> tuple[int, int]:
         """Height and width every view's image has (the padded canvas: for photos of their own
         sizes, the largest height and width among them, the rows views_without left out too)."""
-        if isinstance(self.images, list):
-            return max(int(im.shape[-2]) for im in self.images), max(int(im.shape[-1]) for im in self.images)
-        return int(self.images.shape[-2]), int(self.images.shape[-1])
+        return self._canvas
 
     @property
     def float_dtype(self) -> torch.dtype:
         """The float type :meth:`image` gives: a stack's (float32 for uint8); for a list, the
         photos' types promoted (an 8-bit photo's float32), the type their padded stack had."""
-        stored = self.images if isinstance(self.images, list) else [self.images]
-        dtype = None
-        for im in stored:
-            own = torch.float32 if im.dtype == torch.uint8 else im.dtype
-            dtype = own if dtype is None else torch.promote_types(dtype, own)
-        return dtype
+        return self._float_dtype
 
     @property
     def stored_bytes(self) -> int:
