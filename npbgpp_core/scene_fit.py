@@ -224,7 +224,8 @@ class BundleFit:
         # converted to floats and scanned back; photos of different sizes at their own sizes, not
         # padded): a list of every photo as float32 and then their stack held them twice (BENCHMARKS.md,
         # big photos); undistorted photos of 8-bit files rounded to 8 bits (FIT_ROUND_RESAMPLED)
-        views = read_fit_views(lambda k: data.load_image_pixels(ids[k], round_resampled=FIT_ROUND_RESAMPLED),
+        self.round_resampled = FIT_ROUND_RESAMPLED  # as read now: the fit record says what the fit held
+        views = read_fit_views(lambda k: data.load_image_pixels(ids[k], round_resampled=self.round_resampled),
                                [data.views[i].camera for i in ids])
         self.views = len(ids)
         self.view_names = [data.views[i].name for i in ids]
@@ -286,7 +287,10 @@ class BundleFit:
         losses = self.result.losses
         fit = {"steps": self.result.steps, "seconds": round(self.result.seconds, 3), "views": self.views,
                "source": os.path.basename(self.bundle_path), "weights": os.path.basename(self.weights),
-               "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None}
+               "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+               # whether undistorted photos of 8-bit files were held rounded to 8 bits (FIT_ROUND_RESAMPLED);
+               # other photos are held as read either way
+               "round_resampled": self.round_resampled}
         check = self.check()
         if check is not None:
             fit["check"] = check

@@ -378,13 +378,18 @@ def test_fit_to_photos_holds_undistorted_8bit_photos_as_uint8(distorted, tmp_pat
 
     monkeypatch.setattr(fitting, "read_fit_views", spy)
     monkeypatch.setattr(scene_fit, "FIT_ROUND_RESAMPLED", rounded)
-    scene_fit.BundleFit(bundle, data, steps=1, check_view=False)
+    job = scene_fit.BundleFit(bundle, data, steps=1, check_view=False)
     (views,) = seen
     ids = list(data.train) or list(range(len(data.views)))
     assert views.images.dtype == (torch.uint8 if rounded else torch.float32)
     for k, i in enumerate(ids):
         want = prepared.load_image(i) if rounded else data.load_image(i)
         assert torch.equal(bits(views.image(k)), bits(want))
+    # the fitted bundle's fit record says which photos the fit held, whatever the switch is afterwards
+    monkeypatch.setattr(scene_fit, "FIT_ROUND_RESAMPLED", not rounded)
+    while not job.step():
+        pass
+    assert job.fitted_scene().metadata["fit"]["round_resampled"] is rounded
 
 
 def test_fit_to_photos_of_mixed_sizes_is_bit_for_bit_the_padded_stacks(tmp_path, monkeypatch):
