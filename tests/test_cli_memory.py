@@ -297,9 +297,16 @@ def test_stage_names_workers_when_the_training_child_s_worker_was_killed(tmp_pat
             "(now 3), or give --override datasets.cache_images=false") in err, err
 
 
-# Out of memory at the second training step (global_step 1), injected into the system's training step
-_TRAIN_OOM = """
+# The hydra path's out-of-memory ends, each failure injected: host memory at the second training
+# step (global_step 1, the system's training step), a GPU's while evaluating (the evaluation). The
+# runs share one process (each of its starts imports torch, Lightning and Hydra: most of a run's
+# time), one after another as separate command lines; each run's stderr ends with "@@ exit N".
+_HYDRA_OOM = """
+import json
 import sys
+import traceback
+import torch
+from headless_train import evaluate
 from headless_train.systems.npbg import NPBGSystem
 real = NPBGSystem.training_step
 def training_step(self, batch, batch_idx):
@@ -307,31 +314,62 @@ def training_step(self, batch, batch_idx):
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 10000000000000 bytes.")
     return real(self, batch, batch_idx)
 NPBGSystem.training_step = training_step
+def failing(*args, **kwargs):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB.\\nOf the allocated memory ...")
+evaluate.evaluate = failing
 from headless_train.cli import main
-main(sys.argv[1:])
+for argv in json.loads(sys.argv[1]):
+    sys.argv[1:] = argv  # what Hydra reads
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    except Exception:  # a run that fails otherwise: its traceback in its part, the next run still runs
+        traceback.print_exc()
+        code = "raised"
+    print(f"@@ exit {code}", file=sys.stderr, flush=True)
 """
 
 
-def test_training_out_of_memory_is_one_line_with_its_settings_and_keeps_the_saved_step(tmp_path):
-    """The hydra training path: exit 2 with the batch, crop and input-view settings to lower, no
-    traceback on stderr; the checkpoint saver wrote last.ckpt at the last step taken (its
-    atomic writer: no temporary file left)."""
+@pytest.fixture(scope="module")
+def hydra_runs(tmp_path_factory) -> dict[str, tuple[str, str, str]]:
+    """name -> (exit code as printed, stderr, run folder) of the training and the evaluation run."""
+    import json
+    import re
     import subprocess
 
     from _train_fixtures import make_dataset
 
-    root = make_dataset(str(tmp_path / "data"), ("sceneA",))
-    run_dir = str(tmp_path / "run")
+    tmp = tmp_path_factory.mktemp("hydra_oom")
+    root = make_dataset(str(tmp / "data"), ("sceneA",))
+    scene = [f"datasets.data_root={root}", "datasets=nerf_blender_one_scene", "datasets.scene_name=sceneA",
+             "dataloader=small"]
+    runs = {
+        "training": [f"hydra.run.dir={tmp / 'train'}", *scene, "system=npbg", "datasets.selection_count=0",
+                     "datasets.train_num_samples=3", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
+                     "trainer.limit_val_batches=0", "datasets.train_image_size=16"],
+        "evaluation": [f"hydra.run.dir={tmp / 'eval'}", *scene, "system=npbgpp_sphere", "eval_only=true",
+                       "datasets.input_view_max_side=64"],
+    }
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
-    proc = subprocess.run(
-        [sys.executable, "-c", _TRAIN_OOM, f"hydra.run.dir={run_dir}", f"datasets.data_root={root}",
-         "datasets=nerf_blender_one_scene", "datasets.scene_name=sceneA", "system=npbg", "datasets.selection_count=0",
-         "datasets.train_num_samples=3", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
-         "trainer.limit_val_batches=0", "dataloader=small", "datasets.train_image_size=16"],
-        env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    line = proc.stderr.strip().splitlines()[-1]
+    proc = subprocess.run([sys.executable, "-c", _HYDRA_OOM, json.dumps(list(runs.values()))], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    parts = re.split(r"^@@ exit (\S+)\n", proc.stderr, flags=re.M)  # [err, code, err, code, '']
+    assert len(parts) == 2 * len(runs) + 1, proc.stderr[-3000:]
+    return {name: (parts[2 * k + 1], parts[2 * k], argv[0].split("=", 1)[1])
+            for k, (name, argv) in enumerate(runs.items())}
+
+
+def test_training_out_of_memory_is_one_line_with_its_settings_and_keeps_the_saved_step(hydra_runs):
+    """The hydra training path: exit 2 with the batch, crop and input-view settings to lower, no
+    traceback on stderr; the checkpoint saver wrote last.ckpt at the last step taken (its
+    atomic writer: no temporary file left)."""
+    code, err, run_dir = hydra_runs["training"]
+    assert code == "2", err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    line = err.strip().splitlines()[-1]
     assert line == ("error: out of host memory (RAM) while training (DefaultCPUAllocator: can't allocate memory: you "
                     "tried to allocate 10000000000000 bytes.). Lower dataloader.batch_size (now 1) or "
                     "datasets.train_image_size (the crop side, now 16)"), line
@@ -340,37 +378,14 @@ def test_training_out_of_memory_is_one_line_with_its_settings_and_keeps_the_save
     assert torch.load(os.path.join(ckpt, "last.ckpt"), map_location="cpu", weights_only=True)["global_step"] == 1
 
 
-# A GPU out of memory while evaluating, injected into the evaluation
-_EVAL_OOM = """
-import sys
-import torch
-from headless_train import evaluate
-def failing(*args, **kwargs):
-    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB.\\nOf the allocated memory ...")
-evaluate.evaluate = failing
-from headless_train.cli import main
-main(sys.argv[1:])
-"""
-
-
-def test_evaluation_out_of_memory_on_the_gpu_advises_the_cpu(tmp_path):
-    import subprocess
-
-    from _train_fixtures import make_dataset
-
-    root = make_dataset(str(tmp_path / "data"), ("sceneA",))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
-    proc = subprocess.run(
-        [sys.executable, "-c", _EVAL_OOM, f"hydra.run.dir={tmp_path / 'run'}", f"datasets.data_root={root}",
-         "datasets=nerf_blender_one_scene", "datasets.scene_name=sceneA", "system=npbgpp_sphere", "eval_only=true",
-         "dataloader=small", "datasets.input_view_max_side=64"],
-        env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert proc.stderr.strip().splitlines()[-1] == (
+def test_evaluation_out_of_memory_on_the_gpu_advises_the_cpu(hydra_runs):
+    code, err, _ = hydra_runs["evaluation"]
+    assert code == "2" and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == (
         "error: out of GPU memory (cuda) while evaluating (CUDA out of memory. Tried to allocate 3.00 GiB.). The "
         "evaluation renders each held-out view whole at its own size: evaluate on a computer with more memory, or "
         "aggregate smaller input views with datasets.input_view_max_side (below 64), or trainer.gpus=0 (the CPU) "
-        "when the GPU is the one that is full"), proc.stderr[-2000:]
+        "when the GPU is the one that is full"), err[-2000:]
 
 
 def test_stage_names_its_own_options_when_training_ran_out_of_memory(tmp_path, monkeypatch, capsys):
