@@ -298,7 +298,8 @@ def test_stage_names_workers_when_the_training_child_s_worker_was_killed(tmp_pat
 
 
 # The hydra path's out-of-memory ends, each failure injected: host memory at the second training
-# step (global_step 1, the system's training step), a GPU's while evaluating (the evaluation). The
+# step (global_step 1, the system's training step), a GPU's while evaluating (the evaluation), a
+# training's DataLoader worker killed by SIGKILL (workers only: the other runs load without). The
 # runs share one process (each of its starts imports torch, Lightning and Hydra: most of a run's
 # time), one after another as separate command lines; each run's stderr ends with "@@ exit N".
 _HYDRA_OOM = """
@@ -317,6 +318,15 @@ NPBGSystem.training_step = training_step
 def failing(*args, **kwargs):
     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB.\\nOf the allocated memory ...")
 evaluate.evaluate = failing
+import os
+import signal
+from headless_train.data import TrainSamples
+real_item = TrainSamples.__getitem__
+def item(self, i):
+    if torch.utils.data.get_worker_info() is not None:  # in a DataLoader worker: killed as the OOM killer does
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_item(self, i)
+TrainSamples.__getitem__ = item
 from headless_train.cli import main
 for argv in json.loads(sys.argv[1]):
     sys.argv[1:] = argv  # what Hydra reads
@@ -334,7 +344,7 @@ for argv in json.loads(sys.argv[1]):
 
 @pytest.fixture(scope="module")
 def hydra_runs(tmp_path_factory) -> dict[str, tuple[str, str, str]]:
-    """name -> (exit code as printed, stderr, run folder) of the training and the evaluation run."""
+    """name -> (exit code as printed, stderr, run folder) of each run."""
     import json
     import re
     import subprocess
@@ -351,6 +361,10 @@ def hydra_runs(tmp_path_factory) -> dict[str, tuple[str, str, str]]:
                      "trainer.limit_val_batches=0", "datasets.train_image_size=16"],
         "evaluation": [f"hydra.run.dir={tmp / 'eval'}", *scene, "system=npbgpp_sphere", "eval_only=true",
                        "datasets.input_view_max_side=64"],
+        "workers": [f"hydra.run.dir={tmp / 'workers'}", *scene, "system=npbg", "datasets.selection_count=0",
+                    "datasets.train_num_samples=3", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
+                    "trainer.limit_val_batches=0", "datasets.train_image_size=16", "dataloader.num_workers=1",
+                    "datasets.cache_images=true"],
     }
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
     proc = subprocess.run([sys.executable, "-c", _HYDRA_OOM, json.dumps(list(runs.values()))], env=env,
@@ -386,6 +400,22 @@ def test_evaluation_out_of_memory_on_the_gpu_advises_the_cpu(hydra_runs):
         "evaluation renders each held-out view whole at its own size: evaluate on a computer with more memory, or "
         "aggregate smaller input views with datasets.input_view_max_side (below 64), or trainer.gpus=0 (the CPU) "
         "when the GPU is the one that is full"), err[-2000:]
+
+
+def test_training_whose_dataloader_worker_is_killed_names_the_workers(hydra_runs):
+    """torch's own error for a worker killed by SIGKILL, through Lightning and the hydra path:
+    exit 2, one line saying the computer's memory, quoting the kill, with the workers and the
+    cached views to lower."""
+    import re
+
+    code, err, _ = hydra_runs["workers"]
+    assert code == "2" and "Traceback" not in err, err[-3000:]
+    line = err.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"error: out of host memory \(RAM\) while training \(DataLoader worker \(pid \d+\) is killed by signal: "
+        r"Killed: most often the system's out-of-memory killer; on Linux journalctl -k or dmesg says so\)\. Lower "
+        r"dataloader\.num_workers \(now 1; 0 loads the data in the training process, with no worker\), or keep "
+        r"fewer decoded views with datasets\.cache_images_max_gb \(now 4\) or datasets\.cache_images=false", line), line
 
 
 def test_stage_names_its_own_options_when_training_ran_out_of_memory(tmp_path, monkeypatch, capsys):
