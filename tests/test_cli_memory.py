@@ -236,8 +236,24 @@ class _DyingDataset(torch.utils.data.Dataset):
 
 
 def _loader_error(kill: bool) -> BaseException:
+    """torch's error for a DataLoader whose one worker dies as :class:`_DyingDataset` says, with
+    the failed loader freed: torch's SIGCHLD handler, left installed in this process, holds the
+    worker's pid until its loader is freed, and the error's frames hold the loader. Kept, a later
+    test's child given that pid (pids wrap) and exiting with an error would raise torch's worker
+    error inside that test."""
+    import traceback
+    import weakref
+
+    loader = iter(torch.utils.data.DataLoader(_DyingDataset(kill), num_workers=1))
+    freed = weakref.ref(loader)
     with pytest.raises(RuntimeError) as raised:
-        list(torch.utils.data.DataLoader(_DyingDataset(kill), num_workers=1))
+        list(loader)
+    del loader
+    link: BaseException | None = raised.value
+    while link is not None:
+        traceback.clear_frames(link.__traceback__)  # the locals of the frames it passed: the loader
+        link = link.__cause__
+    assert freed() is None, "the failed DataLoader is still held"
     return raised.value
 
 
