@@ -291,28 +291,6 @@ def test_a_dataloader_worker_killed_is_out_of_host_memory_with_the_workers_advic
     assert killed_worker(RuntimeError("DataLoader worker (pid 7) is killed by signal: Terminated. ")) is None
 
 
-def test_stage_names_workers_when_the_training_child_s_worker_was_killed(tmp_path, monkeypatch, capsys):
-    from _train_fixtures import make_dataset
-
-    from headless_train import stage
-
-    root = make_dataset(str(tmp_path / "data"), ("sceneA",))
-
-    def child(cmd, log, *args, **kwargs):
-        log.write("[2026-12-01 06:50:00,000][headless_train][ERROR] - error: out of host memory (RAM) while training "
-                  "(DataLoader worker (pid 12) is killed by signal: Killed: most often ...). Lower "
-                  "dataloader.num_workers (now 8; ...)\n")
-        log.flush()
-        return 2, False, None
-
-    monkeypatch.setattr(stage, "run_child", child)
-    work = str(tmp_path / "work")
-    assert stage.main(["--corpus", root, "--work", work, "--dry-run", "--workers", "3"]) == 2
-    err = capsys.readouterr().err
-    assert ("; it ran out of host memory: lower --workers (now 0), --batch (now 1), --crop (now 16) or --views "
-            "(now 3), or give --override datasets.cache_images=false") in err, err
-
-
 # The hydra path's out-of-memory ends, each failure injected: host memory at the second training
 # step (global_step 1, the system's training step), a GPU's while evaluating (the evaluation), a
 # training's DataLoader worker killed by SIGKILL (workers only: the other runs load without). The
@@ -436,7 +414,8 @@ def test_training_whose_dataloader_worker_is_killed_names_the_workers(hydra_runs
 
 def test_stage_names_its_own_options_when_training_ran_out_of_memory(tmp_path, monkeypatch, capsys):
     """`stage` runs training as a child: that child's out-of-memory line (hydra keys) becomes the
-    stage's --batch / --crop / --views with the values the child trained with."""
+    stage's --batch / --crop / --views (and --workers for a killed DataLoader worker) with the
+    values the child trained with."""
     from _train_fixtures import make_dataset
 
     from headless_train import stage
@@ -456,6 +435,21 @@ def test_stage_names_its_own_options_when_training_ran_out_of_memory(tmp_path, m
     assert (f"training wrote no {work}/run/checkpoints/last.ckpt (exit code 2); it ran out of host memory: lower "
             "--batch (now 1), --crop (now 16) or --views (now 2), or give --override datasets.cache_images=false "
             "(the stage keeps every view decoded in memory); see ") in err, err
+
+    # a DataLoader worker of the child killed (memory.killed_worker's line): --workers first (a dry
+    # run's child trains without workers, so 0 here)
+    def worker_killed(cmd, log, *args, **kwargs):
+        log.write("[2026-12-01 06:50:00,000][headless_train][ERROR] - error: out of host memory (RAM) while training "
+                  "(DataLoader worker (pid 12) is killed by signal: Killed: most often ...). Lower "
+                  "dataloader.num_workers (now 8; ...)\n")
+        log.flush()
+        return 2, False, None
+
+    monkeypatch.setattr(stage, "run_child", worker_killed)
+    assert stage.main(["--corpus", root, "--work", work, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert ("; it ran out of host memory: lower --workers (now 0), --batch (now 1), --crop (now 16) or --views "
+            "(now 3), or give --override datasets.cache_images=false") in err, err
 
     # a SIGKILL the stage did not send (Linux's out-of-memory killer), the earlier call's line above in the log
     def killed(cmd, log, *args, **kwargs):
