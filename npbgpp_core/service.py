@@ -379,7 +379,9 @@ class RenderService:
         (``headless_train export``: --max-side); Fit reads every photo at its own size, so it names a
         copy of the dataset with smaller photos (which it needs aggregated again: a bundle fits the
         dataset it was aggregated from), as Aggregate does after Photo Size. Aggregate's start
-        (AggregateBegin) reads no photo, only the cloud and the network: fewer points help there."""
+        (AggregateBegin) aggregates no photo (AggregateView does): it reads the dataset, its cloud and
+        the network and holds a descriptor for every point, so fewer points help there (Network Auto
+        reads two photos' alpha there to choose the network, no more: domain.scene_domain)."""
         aggregating = isinstance(req, AGGREGATE_JOBS)
         job: Any = self.aggregation if aggregating else self.fit
         device = job_device(job, req)
@@ -391,11 +393,11 @@ class RenderService:
             return (f"out of memory on {device} while fitting to the photos ({first}).{photos and photos + '.'} "
                     f"Fit to Photos reads every photo at its own size ({FIT_PHOTOS_MEMORY}): "
                     + copy.format(again=", aggregate it and fit that bundle") + gpu_full_hint(device))
-        if isinstance(req, P.AggregateBegin):  # photos are read by AggregateView: none was read yet
+        if isinstance(req, P.AggregateBegin):  # AggregateView aggregates the photos: none yet
             fewer = f"a Max Points below {req.max_points:,}" if req.max_points else "a Max Points"
-            return (f"out of memory on {device} while reading the point cloud and the network for Aggregate "
-                    f"Descriptors, before any photo was read ({first}). It holds every point of the cloud with its "
-                    f"descriptor: aggregate fewer points (set {fewer} in its options, headless_train export: "
+            return (f"out of memory on {device} while starting Aggregate Descriptors (reading the point cloud and "
+                    f"the network), before aggregating any photo ({first}). It holds every point of the cloud with "
+                    f"its descriptor: aggregate fewer points (set {fewer} in its options, headless_train export: "
                     "--max-points, or choose a smaller point cloud) or run it on a computer with more memory"
                     + gpu_full_hint(device))
         cap = getattr(job, "max_side", None) if job is not None else getattr(req, "max_side", 0) or None

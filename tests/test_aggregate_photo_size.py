@@ -256,9 +256,9 @@ def test_out_of_memory_in_aggregate_first_suggests_a_smaller_photo_size(folder, 
 
 @pytest.mark.parametrize("max_points", [0, 150])
 def test_out_of_memory_before_any_photo_is_read_names_the_cloud_and_max_points(folder, monkeypatch, max_points):
-    """Aggregate's start reads the cloud and the network, no photo (AggregateView reads them): out
-    of memory there asks for fewer points (below the Max Points set), never a smaller Photo Size;
-    the service goes on and aggregates afterwards."""
+    """Aggregate's start reads the cloud and the network and aggregates no photo (AggregateView
+    does): out of memory there asks for fewer points (below the Max Points set), never a smaller
+    Photo Size; the service goes on and aggregates afterwards."""
     from npbgpp_core import service as service_module
 
     service = RenderService()
@@ -272,9 +272,9 @@ def test_out_of_memory_before_any_photo_is_read_names_the_cloud_and_max_points(f
     assert isinstance(failed, P.Failure)
     fewer = "a Max Points below 150" if max_points else "a Max Points"
     assert failed.error == (
-        "out of memory on cpu while reading the point cloud and the network for Aggregate Descriptors, before any "
-        "photo was read (Unable to allocate 30.0 GiB for an array with shape (1000000000, 8) and data type "
-        "float32). It holds every point of the cloud with its descriptor: aggregate fewer points (set "
+        "out of memory on cpu while starting Aggregate Descriptors (reading the point cloud and the network), "
+        "before aggregating any photo (Unable to allocate 30.0 GiB for an array with shape (1000000000, 8) and "
+        "data type float32). It holds every point of the cloud with its descriptor: aggregate fewer points (set "
         f"{fewer} in its options, headless_train export: --max-points, or choose a smaller point cloud) or run it "
         "on a computer with more memory"), failed.error
     assert "Photo Size" not in failed.error and "photos" not in failed.error
