@@ -689,7 +689,7 @@ def hydra_main(cfg: DictConfig) -> None:
             log.error(line)
             print(line, file=sys.stderr)
 
-        sys.exit(oom.exit_status(exc, "cuda", "trainer.gpus=0 (the CPU)" if cfg.eval_only else "", write=write))
+        sys.exit(oom.out_of_memory_exit(exc, "cuda", "trainer.gpus=0 (the CPU)" if cfg.eval_only else "", write=write))
 
 
 # Subcommands handled outside Hydra: name -> (module with a ``main(argv) -> int``, summary).

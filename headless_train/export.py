@@ -352,6 +352,6 @@ def main(argv: list[str]) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
-        return oom.exit_status(exc, args.device, debug=args.debug)
+        return oom.out_of_memory_exit(exc, args.device, debug=args.debug)
     print(path)
     return 0

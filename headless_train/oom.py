@@ -23,7 +23,9 @@ from collections.abc import Callable
 
 from npbgpp_core.memory import first_line, is_out_of_memory, killed_worker, ran_out_on_gpu
 
-__all__ = ["add_debug_flag", "exit_status", "is_out_of_memory", "memory_error", "reset", "step", "OUT_OF_MEMORY_LINE"]
+__all__ = [
+    "add_debug_flag", "is_out_of_memory", "memory_error", "out_of_memory_exit", "reset", "step", "OUT_OF_MEMORY_LINE",
+]
 
 # The start of the line a command writes with :func:`memory_error`: ``stage`` finds its training
 # child's in the training log by it (anywhere in a line: a logged one starts with the time and logger).
@@ -79,7 +81,7 @@ def add_debug_flag(parser: ArgumentParser) -> None:
                              "(for a bug report)")
 
 
-def exit_status(exc: BaseException, device: str, gpu_fix: str = "--device cpu",
+def out_of_memory_exit(exc: BaseException, device: str, gpu_fix: str = "--device cpu",
                 write: Callable[[str], None] = _to_stderr, debug: bool = False) -> int:
     """A command's end on ``exc``, an error none of its own refusals caught: when it is out of
     memory, 2 after writing ``error: `` and :func:`memory_error`'s line with ``write`` (stderr by

@@ -1195,7 +1195,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"error: {exc}", sys.stderr)
         return 2
     except Exception as exc:  # the stage's own process (pack reads a photo or a cloud at a time): one line too
-        return oom.exit_status(exc, "cpu", write=lambda line: say(line, sys.stderr))
+        return oom.out_of_memory_exit(exc, "cpu", write=lambda line: say(line, sys.stderr))
     if "stopped_by" in info:
         name = info["stopped_by"]
         say(f"stage stopped by {name}: steps {info['start_step']} -> {info['end_step']} saved in last.ckpt, weights "

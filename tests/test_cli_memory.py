@@ -208,12 +208,12 @@ def test_exit_status_ends_out_of_memory_alike_and_raises_anything_else_again():
     message's one line to the writer given; any other error raised again, unchanged."""
     oom.reset()
     lines: list[str] = []
-    assert oom.exit_status(MemoryError(), "cpu", write=lines.append) == 2
+    assert oom.out_of_memory_exit(MemoryError(), "cpu", write=lines.append) == 2
     assert lines == ["error: out of host memory (RAM) while starting (MemoryError). Run it on a computer with more "
                      "memory"]
     bug = KeyError("not memory")
     with pytest.raises(KeyError) as raised:
-        oom.exit_status(bug, "cpu", write=lines.append)
+        oom.out_of_memory_exit(bug, "cpu", write=lines.append)
     assert raised.value is bug and len(lines) == 1
 
 
