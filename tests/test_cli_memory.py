@@ -203,7 +203,7 @@ def test_a_gpu_that_is_full_is_named_and_the_cpu_advised():
                                                       "Run it on a computer with more memory")
 
 
-def test_exit_status_ends_out_of_memory_alike_and_raises_anything_else_again():
+def test_out_of_memory_exit_ends_out_of_memory_alike_and_raises_anything_else_again():
     """The one end every command's ``except Exception`` takes: out of memory, 2 and the
     message's one line to the writer given; any other error raised again, unchanged."""
     oom.reset()
