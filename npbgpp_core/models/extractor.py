@@ -21,6 +21,17 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 ENCODER_CHANNELS = (16, 24, 40, 96, 320)
 DECODER_CHANNELS = (256, 128, 64, 32, 16)
 NORM_GROUPS = 8
+# Gradient-free calls on images of more padded pixels than this decode in tiles
+# (:meth:`FeatureExtractor._decode_tiles`): the decoder holds about 92 floats a pixel at full
+# resolution (peak RSS of one whole call ~470 MiB a megapixel, the encoder's ~120: BENCHMARKS
+# "Aggregate at own size in tiles"). 3072 x 3072 keeps every photo up to 2048 px whole, as
+# before, even on the square canvas of its in-plane alignment (2897 px for 2048 x 2048).
+TILE_ABOVE_PIXELS = 3072 * 3072
+# Core side of a decoder tile and its halo, full-resolution pixels, multiples of 32 (the
+# encoder's stride) so every level's slice starts on a whole pixel. The halo covers the
+# decoder's receptive radius (95 px, measured by tests/test_extractor_tiles.py).
+DECODER_TILE = 512
+DECODER_HALO = 128
 
 
 def _conv_bn_act(
@@ -190,10 +201,56 @@ class FeatureExtractor(nn.Module):
         return out  # type: ignore[return-value]
 
     def _padded(self, x: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
-        """The U-Net on normalised images ``x`` and raw images ``raw`` padded to a multiple of 32."""
+        """The U-Net on normalised images ``x`` and raw images ``raw`` padded to a multiple of 32.
+
+        The encoder always runs on whole images: its GroupNorms normalise over the whole
+        image, so a tile's encoder features would differ from the whole image's. The decoder
+        is local (convolutions, bilinear upsampling, LeakyReLU), so a gradient-free call on
+        images above ``TILE_ABOVE_PIXELS`` decodes in tiles, equal to the whole decode up to
+        float rounding, in a fraction of its memory."""
         feats = self.encoder(x)
         skips = list(reversed(feats[:-1])) + [raw]
-        y = feats[-1]
+        h, w = raw.shape[-2:]
+        needs_grad = torch.is_grad_enabled() and (
+            raw.requires_grad or any(p.requires_grad for p in self.parameters()))
+        if not needs_grad and h * w > TILE_ABOVE_PIXELS:
+            return self._decode_tiles(feats[-1], skips)
+        return self._decode(feats[-1], skips)
+
+    def _decode(self, y: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
+        """Decoder and head on the deepest features ``y`` and the skips, finest last."""
         for block, skip in zip(self.decoder, skips, strict=True):
             y = block(y, skip, self.fast_decoder)
         return self.head(y)
+
+    def _decode_tiles(
+        self, y: torch.Tensor, skips: list[torch.Tensor], tile: int | None = None, halo: int | None = None
+    ) -> torch.Tensor:
+        """:meth:`_decode` tile by tile: each ``tile`` x ``tile`` core of the padded image is
+        decoded from every level's features over the core plus ``halo`` pixels each side (cut
+        at the padded image's border, where the tile's zero padding and edge repeat are the
+        whole image's), and only the core is kept. Tile bounds are multiples of 32, so each
+        level's slice is exact; with a halo at least the decoder's receptive radius each core
+        pixel sees exactly the values the whole decode gives it. ``tile``, ``halo``: None, the
+        module's ``DECODER_TILE`` and ``DECODER_HALO``."""
+        tile = DECODER_TILE if tile is None else tile
+        halo = DECODER_HALO if halo is None else halo
+        if tile % 32 or halo % 32 or tile <= 0 or halo < 0:
+            raise ValueError(f"tile ({tile}) and halo ({halo}) must be multiples of 32, tile > 0")
+        raw = skips[-1]
+        n, _, h, w = raw.shape
+        out = raw.new_empty(n, self.head.out_channels, h, w)
+        levels = [y, *skips]
+        for y0 in range(0, h, tile):
+            y1 = min(y0 + tile, h)
+            ey0, ey1 = max(0, y0 - halo), min(h, y1 + halo)
+            for x0 in range(0, w, tile):
+                x1 = min(x0 + tile, w)
+                ex0, ex1 = max(0, x0 - halo), min(w, x1 + halo)
+                cut = []
+                for level in levels:
+                    s = h // level.shape[-2]  # the level's stride: 32, 16, ..., 1
+                    cut.append(level[..., ey0 // s : ey1 // s, ex0 // s : ex1 // s])
+                part = self._decode(cut[0], cut[1:])
+                out[..., y0:y1, x0:x1] = part[..., y0 - ey0 : y1 - ey0, x0 - ex0 : x1 - ex0]
+        return out

@@ -1,0 +1,172 @@
+"""The extractor's tiled decoder (gradient-free calls on big images, e.g. aggregating 12-MP
+photos at their own size) against the whole-image decoder, on random weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from npbgpp_core.models import FeatureExtractor, NPBGPlusPlus, NPBGPlusPlusConfig
+from npbgpp_core.models import extractor as extractor_module
+from tests.test_models import sphere_scene
+
+
+def random_extractor(seed: int = 0) -> FeatureExtractor:
+    """An extractor with every weight random, GroupNorm scales and shifts included (their
+    default 1 / 0 would hide a wrong normalisation)."""
+    torch.manual_seed(seed)
+    model = FeatureExtractor(8).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * (0.5 if p.ndim == 1 else 1.0) / max(1, p[0].numel()) ** 0.5)
+    return model
+
+
+def whole(model: FeatureExtractor, images: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(images)
+
+
+@pytest.fixture
+def forced_tiles(monkeypatch):
+    """``force(tile)``: every gradient-free call tiles, with small tiles (many of them, cut by
+    the image border); ``force.tiles`` counts the tiles decoded since."""
+    original = FeatureExtractor._decode
+
+    def counted(self, *args, **kwargs):
+        force.tiles += 1
+        return original(self, *args, **kwargs)
+
+    def force(tile: int, halo: int = extractor_module.DECODER_HALO) -> None:
+        monkeypatch.setattr(extractor_module, "TILE_ABOVE_PIXELS", 0)
+        monkeypatch.setattr(extractor_module, "DECODER_TILE", tile)
+        monkeypatch.setattr(extractor_module, "DECODER_HALO", halo)
+        monkeypatch.setattr(FeatureExtractor, "_decode", counted)
+        force.tiles = 0
+
+    force.tiles = 0
+    return force
+
+
+def assert_close_relative(got: torch.Tensor, want: torch.Tensor, rel: float = 1e-5) -> None:
+    scale = want.abs().max().item()
+    assert scale > 0
+    err = (got - want).abs().max().item()
+    assert err <= rel * scale, f"max abs difference {err:.3g} > {rel} x {scale:.3g}"
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_decoder_receptive_radius_is_inside_the_halo(fast):
+    """The footprint of the gradient of one output pixel w.r.t. every input of the decoder
+    (the encoder's five levels and the raw image), in full-resolution pixels, for pixels at
+    every offset within a 32-pixel cell: it must lie within DECODER_HALO of the pixel."""
+    model = random_extractor()
+    model.fast_decoder = fast
+    size = 448
+    images = torch.rand(1, 3, size, size)
+    with torch.no_grad():
+        feats = model.encoder((images - model.mean) / model.std)
+    levels = [f.clone().requires_grad_() for f in reversed(feats)] + [images.clone().requires_grad_()]
+    out = model._decode(levels[0], levels[1:])
+    radius = 0
+    for offset in range(32):
+        py, px = 192 + offset, 192 + (offset * 7) % 32
+        grads = torch.autograd.grad(out[0, offset % 8, py, px], levels, retain_graph=True)
+        for level, grad in zip(levels, grads, strict=True):
+            stride = size // level.shape[-2]
+            rows, cols = (grad.abs().sum((0, 1)) > 0).nonzero().unbind(1)
+            assert rows.numel() > 0
+            # a level pixel i covers full-resolution pixels [i * stride, (i + 1) * stride - 1]
+            reach = max(py - rows.min().item() * stride, (rows.max().item() + 1) * stride - 1 - py,
+                        px - cols.min().item() * stride, (cols.max().item() + 1) * stride - 1 - px)
+            radius = max(radius, reach)
+            # the footprint must not touch the image border, or it would be cut short
+            assert rows.min() > 0 and cols.min() > 0
+            assert rows.max() < level.shape[-2] - 1 and cols.max() < level.shape[-1] - 1
+    assert 64 < radius <= extractor_module.DECODER_HALO, radius
+    assert extractor_module.DECODER_HALO % 32 == 0 and extractor_module.DECODER_TILE % 32 == 0
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("tile", [32, 96])
+def test_tiled_decode_equals_whole_decode(forced_tiles, fast, tile):
+    """K views of an odd size (padded to 320 x 544: tiles cut by the border and by the
+    padding), the tiled output equals the whole one to float rounding."""
+    model = random_extractor(1)
+    model.fast_decoder = fast
+    images = torch.rand(3, 3, 301, 517)
+    want = whole(model, images)
+    forced_tiles(tile)
+    got = whole(model, images)
+    assert got.shape == want.shape == (3, 8, 301, 517)
+    assert forced_tiles.tiles == -(-320 // tile) * -(-544 // tile)
+    assert_close_relative(got, want)
+
+
+def test_a_halo_below_the_receptive_radius_is_not_exact(forced_tiles):
+    """The equality above depends on the halo: 32 px (below the measured radius) gives a
+    visibly different map, so the test's tolerance is not what makes it pass."""
+    model = random_extractor(2)
+    images = torch.rand(1, 3, 200, 260)
+    want = whole(model, images)
+    forced_tiles(64, halo=32)
+    got = whole(model, images)
+    assert forced_tiles.tiles == 4 * 5
+    assert (got - want).abs().max().item() > 1e-3 * want.abs().max().item()
+
+
+def test_forward_many_tiled_equals_whole(forced_tiles):
+    """Images of different sizes, NHWC or not, as aggregation's 'bounds' canvases call it."""
+    model = random_extractor(3)
+    images = [torch.rand(3, 230, 190), torch.rand(3, 130, 250), torch.rand(3, 225, 180)]
+    with torch.no_grad():
+        wants = [model.forward_many(images, channels_last=cl) for cl in (False, True)]
+    forced_tiles(64)
+    for channels_last, want in zip((False, True), wants, strict=True):
+        with torch.no_grad():
+            got = model.forward_many(images, channels_last=channels_last)
+        for g, w in zip(got, want, strict=True):
+            assert g.shape == w.shape
+            assert_close_relative(g, w)
+    # per call, two padded sizes: 256 x 192 (two images, one batch): 4 x 3 tiles; 160 x 256: 3 x 4
+    assert forced_tiles.tiles == 2 * (4 * 3 + 3 * 4)
+
+
+def test_small_images_and_gradients_decode_whole(forced_tiles):
+    """Below TILE_ABOVE_PIXELS nothing changes, bit for bit; with a gradient wanted (the
+    training step) the decoder never tiles, whatever the size."""
+    model = random_extractor(4)
+    images = torch.rand(2, 3, 100, 140)
+    with torch.no_grad():
+        top, skips = _levels(model, images)
+        reference = model._decode(top, skips)[..., :100, :140]
+    assert torch.equal(whole(model, images), reference)  # default budget: whole, as before
+    forced_tiles(32)
+    out = model(images)  # grad enabled, the weights require it: whole
+    assert out.grad_fn is not None and forced_tiles.tiles == 1
+    assert torch.equal(out.detach(), reference)
+    whole(model, images)
+    assert forced_tiles.tiles == 1 + 4 * 5  # the same call without a gradient tiles
+
+
+def _levels(model: FeatureExtractor, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    h, w = images.shape[-2:]
+    pad = (0, (-w) % 32, 0, (-h) % 32)
+    x = torch.nn.functional.pad((images - model.mean) / model.std, pad)
+    feats = model.encoder(x)
+    return feats[-1], list(reversed(feats[:-1])) + [torch.nn.functional.pad(images, pad)]
+
+
+@pytest.mark.parametrize("canvas", ["square", "bounds"])
+def test_aggregation_with_tiles_equals_whole(forced_tiles, canvas):
+    """A scene aggregated with every view's extractor call tiled gives the same descriptors."""
+    pts, _, cams, images = sphere_scene(views=3, size=(90, 120))
+    torch.manual_seed(0)
+    model = NPBGPlusPlus(NPBGPlusPlusConfig(input_canvas=canvas)).eval()
+    with torch.no_grad():
+        want = model.aggregate(pts, images, cams)
+        forced_tiles(32)
+        got = model.aggregate(pts, images, cams)
+    assert forced_tiles.tiles > 3
+    assert torch.equal(got.valid, want.valid) and want.valid.any()
+    assert_close_relative(got.coefficients, want.coefficients, rel=1e-5)
