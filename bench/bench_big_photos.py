@@ -6,7 +6,7 @@ Two commands:
 
     python bench/bench_big_photos.py upscale SRC OUT --long-side 2048
     python bench/bench_big_photos.py run DATASET --work DIR [--stages aggregate,fit,render,score]
-        [--undistort] [--round-resampled on|off]
+        [--undistort] [--round-resampled on|off] [--max-views N] [--extractor-tiles on|off]
 
 ``upscale`` writes a copy of the COLMAP capture ``SRC`` whose photos are resized with PIL's
 Lanczos filter so their long side is ``--long-side`` pixels (enlarged, or shrunk when smaller).
@@ -38,7 +38,10 @@ each still's PSNR against its photo (:func:`still_psnr`). ``score`` renders ever
 of the fitted bundle at its photo's own size (``RenderFrame``, the network on, as an F12 frame of
 that camera) and gives its PSNR against the photo as loaded (undistorted floats with
 ``--undistort``). ``--round-resampled off`` makes the fit hold undistorted photos as floats
-(``scene_fit.FIT_ROUND_RESAMPLED``; the worker runs in this process). The worker runs the stages
+(``scene_fit.FIT_ROUND_RESAMPLED``; the worker runs in this process). ``--extractor-tiles off``
+makes the feature extractor decode every photo whole, as before it decoded big ones in tiles
+(``models.extractor.TILE_ABOVE_PIXELS``); ``--max-views N`` aggregates only the first N views
+(shorter before/after runs). The worker runs the stages
 in one process, so its peak is the largest stage's.
 """
 
@@ -187,16 +190,19 @@ class StageLog:
 
 
 def run_stages(dataset: str, work: str, stages: list[str], size: str, photo_size: int | None = None,
-               undistort: bool = False) -> list[dict[str, Any]]:
+               undistort: bool = False, max_views: int = 0) -> list[dict[str, Any]]:
     """Each stage in turn as the add-on asks for it; one report per stage run. ``photo_size``:
     Aggregate's Photo Size (AggregateBegin.max_side; None: the operator's default,
-    ``protocol.AGGREGATE_MAX_SIDE``; 0: each photo at its own size). ``undistort``: its Undistort on."""
+    ``protocol.AGGREGATE_MAX_SIDE``; 0: each photo at its own size). ``undistort``: its Undistort on.
+    ``max_views``: Aggregate sends only the first that many AggregateView requests (0: all), a
+    shorter run for before/after comparisons of the stage (its bundle sees fewer views)."""
     import torch
 
     from npbgpp_core import protocol as P
     from npbgpp_core import scene_fit
     from npbgpp_core.datasets import load_scene
     from npbgpp_core.metrics import psnr
+    from npbgpp_core.models import extractor
     from npbgpp_core.service import RenderService
 
     if photo_size is None:
@@ -217,11 +223,13 @@ def run_stages(dataset: str, work: str, stages: list[str], size: str, photo_size
                 if stage == "aggregate":
                     # Weights empty, Network Auto, the operator's Photo Size
                     started = log.ask(P.AggregateBegin(dataset, "", max_side=photo_size, undistort=undistort))
-                    for k in range(started.views):
+                    views = min(started.views, max_views) if max_views > 0 else started.views
+                    for k in range(views):
                         log.ask(P.AggregateView(k))
                     result = log.ask(P.AggregateFinish(bundle))
-                    extra = {"views": started.views, "network": os.path.basename(started.weights),
-                             "points": result.points, "seen": result.valid, "photo_size": photo_size}
+                    extra = {"views": views, "network": os.path.basename(started.weights),
+                             "points": result.points, "seen": result.valid, "photo_size": photo_size,
+                             "tile_above_pixels": extractor.TILE_ABOVE_PIXELS}
                 elif stage == "fit":
                     # the operator's defaults: 200 steps, Check Fit on a Photo, Fit Upright, Also Try Whole
                     # Views Auto (recipes and combine None: the worker decides by the photos' size)
@@ -330,6 +338,11 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--undistort", action="store_true", help="distorted COLMAP cameras: the add-on's Undistort")
     run.add_argument("--round-resampled", choices=("on", "off"), default="on",
                      help="off: the fit holds undistorted photos as floats (scene_fit.FIT_ROUND_RESAMPLED False)")
+    run.add_argument("--max-views", type=int, default=0,
+                     help="Aggregate only the first that many views (0: all)")
+    run.add_argument("--extractor-tiles", choices=("on", "off"), default="on",
+                     help="off: the feature extractor decodes every photo whole, as before tiling "
+                     "(models.extractor.TILE_ABOVE_PIXELS unlimited)")
     a = ap.parse_args(argv)
     if a.cmd == "upscale":
         print(json.dumps(upscale_capture(a.src, a.out, a.long_side)))
@@ -341,9 +354,13 @@ def main(argv: list[str] | None = None) -> int:
     from npbgpp_core.datasets import load_scene
 
     scene_fit.FIT_ROUND_RESAMPLED = a.round_resampled == "on"
+    if a.extractor_tiles == "off":
+        from npbgpp_core.models import extractor
+
+        extractor.TILE_ABOVE_PIXELS = sys.maxsize
     data = load_scene(a.dataset, require_points=False, **({"undistort": True} if a.undistort else {}))
     size = f"{max(data.views[0].camera.image_size)} px"
-    reports = run_stages(a.dataset, a.work, a.stages.split(","), size, a.photo_size, a.undistort)
+    reports = run_stages(a.dataset, a.work, a.stages.split(","), size, a.photo_size, a.undistort, a.max_views)
     if a.json:
         with open(a.json, "a") as f:
             for r in reports:
