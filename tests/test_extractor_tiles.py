@@ -29,23 +29,23 @@ def whole(model: FeatureExtractor, images: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture
 def forced_tiles(monkeypatch):
-    """``force(tile)``: every gradient-free call tiles, with small tiles (many of them, cut by
-    the image border); ``force.tiles`` counts the tiles decoded since."""
-    original = FeatureExtractor._decode
-
-    def counted(self, *args, **kwargs):
-        force.tiles += 1
-        return original(self, *args, **kwargs)
-
-    def force(tile: int, halo: int = extractor_module.DECODER_HALO) -> None:
+    """``force(tile, halo, margins)``: every gradient-free call tiles, with small tiles (many of
+    them, cut by the image border)."""
+    def force(tile: int, halo: int = extractor_module.DECODER_HALO,
+              margins: tuple[int, ...] = extractor_module.DECODER_MARGINS) -> None:
         monkeypatch.setattr(extractor_module, "TILE_ABOVE_PIXELS", 0)
         monkeypatch.setattr(extractor_module, "DECODER_TILE", tile)
         monkeypatch.setattr(extractor_module, "DECODER_HALO", halo)
-        monkeypatch.setattr(FeatureExtractor, "_decode", counted)
-        force.tiles = 0
-
-    force.tiles = 0
+        monkeypatch.setattr(extractor_module, "DECODER_MARGINS", margins)
     return force
+
+
+def head_calls(model: FeatureExtractor) -> list[int]:
+    """A list that grows by one at each call of the extractor's head: once per whole decode,
+    once per tile."""
+    calls: list[int] = []
+    model.head.register_forward_hook(lambda *_: calls.append(1))
+    return calls
 
 
 def assert_close_relative(got: torch.Tensor, want: torch.Tensor, rel: float = 1e-5) -> None:
@@ -56,35 +56,42 @@ def assert_close_relative(got: torch.Tensor, want: torch.Tensor, rel: float = 1e
 
 
 @pytest.mark.parametrize("fast", [True, False])
-def test_decoder_receptive_radius_is_inside_the_halo(fast):
-    """The footprint of the gradient of one output pixel w.r.t. every input of the decoder
-    (the encoder's five levels and the raw image), in full-resolution pixels, for pixels at
-    every offset within a 32-pixel cell: it must lie within DECODER_HALO of the pixel."""
+def test_decoder_reach_is_inside_the_halo_and_margins(fast):
+    """The footprint of the gradient of one output pixel w.r.t. every tensor a tile cuts (the
+    deepest features and the first skip: DECODER_HALO; each of the first four blocks' outputs
+    and the skip that joins it in the next block: that block's DECODER_MARGINS entry), in
+    full-resolution pixels, for pixels at every offset within a 32-pixel cell."""
     model = random_extractor()
     model.fast_decoder = fast
     size = 448
     images = torch.rand(1, 3, size, size)
     with torch.no_grad():
         feats = model.encoder((images - model.mean) / model.std)
-    levels = [f.clone().requires_grad_() for f in reversed(feats)] + [images.clone().requires_grad_()]
-    out = model._decode(levels[0], levels[1:])
-    radius = 0
+    bottom = feats[-1].clone().requires_grad_()
+    skips = [f.clone().requires_grad_() for f in reversed(feats[:-1])] + [images.clone().requires_grad_()]
+    cut, bounds = [bottom, skips[0]], [extractor_module.DECODER_HALO] * 2
+    y = bottom
+    for j, (block, skip) in enumerate(zip(model.decoder, skips, strict=True)):
+        y = block(y, skip, fast)
+        if j < 4:
+            cut += [y, skips[j + 1]]
+            bounds += [extractor_module.DECODER_MARGINS[j]] * 2
+    out = model.head(y)
+    reach = [0] * len(cut)
     for offset in range(32):
         py, px = 192 + offset, 192 + (offset * 7) % 32
-        grads = torch.autograd.grad(out[0, offset % 8, py, px], levels, retain_graph=True)
-        for level, grad in zip(levels, grads, strict=True):
+        grads = torch.autograd.grad(out[0, offset % 8, py, px], cut, retain_graph=True)
+        for i, (level, grad) in enumerate(zip(cut, grads, strict=True)):
             stride = size // level.shape[-2]
             rows, cols = (grad.abs().sum((0, 1)) > 0).nonzero().unbind(1)
-            assert rows.numel() > 0
-            # a level pixel i covers full-resolution pixels [i * stride, (i + 1) * stride - 1]
-            reach = max(py - rows.min().item() * stride, (rows.max().item() + 1) * stride - 1 - py,
-                        px - cols.min().item() * stride, (cols.max().item() + 1) * stride - 1 - px)
-            radius = max(radius, reach)
             # the footprint must not touch the image border, or it would be cut short
             assert rows.min() > 0 and cols.min() > 0
             assert rows.max() < level.shape[-2] - 1 and cols.max() < level.shape[-1] - 1
-    assert 64 < radius <= extractor_module.DECODER_HALO, radius
-    assert extractor_module.DECODER_HALO % 32 == 0 and extractor_module.DECODER_TILE % 32 == 0
+            # a level pixel i covers full-resolution pixels [i * stride, (i + 1) * stride - 1]
+            reach[i] = max(reach[i], py - rows.min().item() * stride, (rows.max().item() + 1) * stride - 1 - py,
+                           px - cols.min().item() * stride, (cols.max().item() + 1) * stride - 1 - px)
+    assert all(r <= b for r, b in zip(reach, bounds, strict=True)), (reach, bounds)
+    assert reach[0] > 64  # the deepest features reach past 2 cells of 32 px: the halo is needed
 
 
 @pytest.mark.parametrize("fast", [True, False])
@@ -97,21 +104,24 @@ def test_tiled_decode_equals_whole_decode(forced_tiles, fast, tile):
     images = torch.rand(3, 3, 301, 517)
     want = whole(model, images)
     forced_tiles(tile)
+    calls = head_calls(model)
     got = whole(model, images)
     assert got.shape == want.shape == (3, 8, 301, 517)
-    assert forced_tiles.tiles == -(-320 // tile) * -(-544 // tile)
+    assert len(calls) == -(-320 // tile) * -(-544 // tile)
     assert_close_relative(got, want)
 
 
-def test_a_halo_below_the_receptive_radius_is_not_exact(forced_tiles):
-    """The equality above depends on the halo: 32 px (below the measured radius) gives a
-    visibly different map, so the test's tolerance is not what makes it pass."""
+@pytest.mark.parametrize("halo, margins", [(32, extractor_module.DECODER_MARGINS), (128, (16, 8, 4, 2))])
+def test_a_halo_or_margins_below_the_reach_are_not_exact(forced_tiles, halo, margins):
+    """The equality above depends on the halo and the margins: below the measured reach the
+    map is visibly different, so the tests' tolerance is not what makes them pass."""
     model = random_extractor(2)
     images = torch.rand(1, 3, 200, 260)
     want = whole(model, images)
-    forced_tiles(64, halo=32)
+    forced_tiles(64, halo, margins)
+    calls = head_calls(model)
     got = whole(model, images)
-    assert forced_tiles.tiles == 4 * 5
+    assert len(calls) == 4 * 5
     assert (got - want).abs().max().item() > 1e-3 * want.abs().max().item()
 
 
@@ -122,6 +132,7 @@ def test_forward_many_tiled_equals_whole(forced_tiles):
     with torch.no_grad():
         wants = [model.forward_many(images, channels_last=cl) for cl in (False, True)]
     forced_tiles(64)
+    calls = head_calls(model)
     for channels_last, want in zip((False, True), wants, strict=True):
         with torch.no_grad():
             got = model.forward_many(images, channels_last=channels_last)
@@ -129,7 +140,7 @@ def test_forward_many_tiled_equals_whole(forced_tiles):
             assert g.shape == w.shape
             assert_close_relative(g, w)
     # per call, two padded sizes: 256 x 192 (two images, one batch): 4 x 3 tiles; 160 x 256: 3 x 4
-    assert forced_tiles.tiles == 2 * (4 * 3 + 3 * 4)
+    assert len(calls) == 2 * (4 * 3 + 3 * 4)
 
 
 def test_small_images_and_gradients_decode_whole(forced_tiles):
@@ -140,13 +151,15 @@ def test_small_images_and_gradients_decode_whole(forced_tiles):
     with torch.no_grad():
         top, skips = _levels(model, images)
         reference = model._decode(top, skips)[..., :100, :140]
+    calls = head_calls(model)
     assert torch.equal(whole(model, images), reference)  # default budget: whole, as before
+    assert len(calls) == 1
     forced_tiles(32)
     out = model(images)  # grad enabled, the weights require it: whole
-    assert out.grad_fn is not None and forced_tiles.tiles == 1
+    assert out.grad_fn is not None and len(calls) == 2
     assert torch.equal(out.detach(), reference)
     whole(model, images)
-    assert forced_tiles.tiles == 1 + 4 * 5  # the same call without a gradient tiles
+    assert len(calls) == 2 + 4 * 5  # the same call without a gradient tiles
 
 
 def _levels(model: FeatureExtractor, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -166,7 +179,8 @@ def test_aggregation_with_tiles_equals_whole(forced_tiles, canvas):
     with torch.no_grad():
         want = model.aggregate(pts, images, cams)
         forced_tiles(32)
+        calls = head_calls(model.extractor)
         got = model.aggregate(pts, images, cams)
-    assert forced_tiles.tiles > 3
+    assert len(calls) > 3
     assert torch.equal(got.valid, want.valid) and want.valid.any()
     assert_close_relative(got.coefficients, want.coefficients, rel=1e-5)

@@ -27,12 +27,17 @@ NORM_GROUPS = 8
 # "Aggregate at own size in tiles"). 3072 x 3072 keeps every photo up to 2048 px whole, as
 # before, even on the square canvas of its in-plane alignment (2897 px for 2048 x 2048).
 TILE_ABOVE_PIXELS = 3072 * 3072
-# Core side of a decoder tile and its halo, full-resolution pixels, multiples of 32 (the
-# encoder's stride) so every level's slice starts on a whole pixel. The halo covers the
-# decoder's receptive radius (95 px, measured by tests/test_extractor_tiles.py).
+# Core side of a decoder tile, full-resolution pixels, a multiple of 32 (the encoder's stride) so
+# every level's slice starts on a whole pixel. DECODER_HALO: the pixels around the core that the
+# decoder's inputs (the deepest features and the first skip) are cut with; DECODER_MARGINS: those
+# kept around the core after each of the first four blocks (strides 16, 8, 4, 2; the last block
+# keeps only the core), each a multiple of its stride. Each covers the reach of the core's output
+# into that level (its gradient footprint, measured by tests/test_extractor_tiles.py: 90 px into
+# the inputs; the margins shrink toward full resolution, so the full-resolution blocks, most of
+# the work, compute the core plus 8 px instead of 128).
 DECODER_TILE = 512
 DECODER_HALO = 128
-
+DECODER_MARGINS = (64, 32, 16, 8)
 
 def _conv_bn_act(
     cin: int, cout: int, kernel: int = 3, stride: int = 1, groups: int = 1, act: bool = True
@@ -110,6 +115,16 @@ class DecoderBlock(nn.Module):
             x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             return self.act(self.conv(torch.cat([x, skip], dim=1)))
         return self.act(upsample_cat_conv3x3(x, skip, self.conv.weight))
+
+
+def _grow(box: tuple[int, int, int, int], m: int, h: int, w: int) -> tuple[int, int, int, int]:
+    """``box`` (top, bottom, left, right) grown by ``m`` pixels each side, cut at an h x w image."""
+    return max(0, box[0] - m), min(h, box[1] + m), max(0, box[2] - m), min(w, box[3] + m)
+
+
+def _cut(t: torch.Tensor, box: tuple[int, int, int, int], stride: int) -> torch.Tensor:
+    """The part of a level of ``stride`` under ``box`` (full-resolution pixels, multiples of stride)."""
+    return t[..., box[0] // stride : box[1] // stride, box[2] // stride : box[3] // stride]
 
 
 class FeatureExtractor(nn.Module):
@@ -224,33 +239,38 @@ class FeatureExtractor(nn.Module):
         return self.head(y)
 
     def _decode_tiles(
-        self, y: torch.Tensor, skips: list[torch.Tensor], tile: int | None = None, halo: int | None = None
+        self, y: torch.Tensor, skips: list[torch.Tensor], tile: int | None = None, halo: int | None = None,
+        margins: tuple[int, ...] | None = None,
     ) -> torch.Tensor:
         """:meth:`_decode` tile by tile: each ``tile`` x ``tile`` core of the padded image is
-        decoded from every level's features over the core plus ``halo`` pixels each side (cut
-        at the padded image's border, where the tile's zero padding and edge repeat are the
-        whole image's), and only the core is kept. Tile bounds are multiples of 32, so each
-        level's slice is exact; with a halo at least the decoder's receptive radius each core
-        pixel sees exactly the values the whole decode gives it. ``tile``, ``halo``: None, the
-        module's ``DECODER_TILE`` and ``DECODER_HALO``."""
+        decoded from the deepest features and the first skip cut over the core plus ``halo``
+        pixels each side; after each block but the last only the core plus that block's
+        ``margins`` entry is kept (and the next skip cut to match); after the last, the core.
+        Cuts stop at the padded image's border, where the tile's zero padding and edge repeat
+        are the whole image's; bounds are multiples of each level's stride, so every slice is
+        exact. With each halo and margin at least the reach of the core's output into that
+        level, every core pixel sees exactly the values the whole decode gives it. None: the
+        module's ``DECODER_TILE``, ``DECODER_HALO``, ``DECODER_MARGINS``."""
         tile = DECODER_TILE if tile is None else tile
         halo = DECODER_HALO if halo is None else halo
-        if tile % 32 or halo % 32 or tile <= 0 or halo < 0:
-            raise ValueError(f"tile ({tile}) and halo ({halo}) must be multiples of 32, tile > 0")
+        margins = DECODER_MARGINS if margins is None else margins
         raw = skips[-1]
         n, _, h, w = raw.shape
+        strides = [h // skip.shape[-2] for skip in skips]  # 16, 8, 4, 2, 1
+        if tile <= 0 or tile % 32 or halo < 0 or halo % 32 or len(margins) != len(skips) - 1 or any(
+                m < 0 or m % s for m, s in zip(margins, strides, strict=False)):
+            raise ValueError(f"tile ({tile}) and halo ({halo}) must be multiples of 32, tile > 0, and "
+                             f"margins {margins} multiples of the strides {strides[:-1]}")
         out = raw.new_empty(n, self.head.out_channels, h, w)
-        levels = [y, *skips]
         for y0 in range(0, h, tile):
-            y1 = min(y0 + tile, h)
-            ey0, ey1 = max(0, y0 - halo), min(h, y1 + halo)
             for x0 in range(0, w, tile):
-                x1 = min(x0 + tile, w)
-                ex0, ex1 = max(0, x0 - halo), min(w, x1 + halo)
-                cut = []
-                for level in levels:
-                    s = h // level.shape[-2]  # the level's stride: 32, 16, ..., 1
-                    cut.append(level[..., ey0 // s : ey1 // s, ex0 // s : ex1 // s])
-                part = self._decode(cut[0], cut[1:])
-                out[..., y0:y1, x0:x1] = part[..., y0 - ey0 : y1 - ey0, x0 - ex0 : x1 - ex0]
+                core = (y0, min(y0 + tile, h), x0, min(x0 + tile, w))
+                box = _grow(core, halo, h, w)  # (top, bottom, left, right), full-resolution pixels
+                part = y[..., box[0] // 32 : box[1] // 32, box[2] // 32 : box[3] // 32]
+                for j, (block, skip, stride) in enumerate(zip(self.decoder, skips, strides, strict=True)):
+                    part = block(part, _cut(skip, box, stride), self.fast_decoder)
+                    kept = _grow(core, margins[j], h, w) if j < len(margins) else core
+                    inner = (kept[0] - box[0], kept[1] - box[0], kept[2] - box[2], kept[3] - box[2])
+                    part, box = _cut(part, inner, stride), kept
+                out[..., core[0] : core[1], core[2] : core[3]] = self.head(part)
         return out
