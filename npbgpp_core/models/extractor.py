@@ -22,22 +22,24 @@ ENCODER_CHANNELS = (16, 24, 40, 96, 320)
 DECODER_CHANNELS = (256, 128, 64, 32, 16)
 NORM_GROUPS = 8
 # Gradient-free calls on images of more padded pixels than this decode in tiles
-# (:meth:`FeatureExtractor._decode_tiles`): the decoder holds about 92 floats a pixel at full
-# resolution (peak RSS of one whole call ~470 MiB a megapixel, the encoder's ~120: BENCHMARKS
-# "Aggregate at own size in tiles"). 3072 x 3072 keeps every photo up to 2048 px whole, as
-# before, even on the square canvas of its in-plane alignment (2897 px for 2048 x 2048).
+# (:meth:`FeatureExtractor._decode_tiles`): a whole call's peak memory is mostly the decoder's
+# full-resolution blocks (one 4000 x 3000 image, one thread: 5,625 MiB whole, 1,711 MiB tiled, the
+# encoder alone 1,431; BENCHMARKS "Aggregate at own size in tiles"). 3072 x 3072 keeps every
+# photo up to 2048 px whole and bit for bit as before, even on the square canvas of its in-plane
+# alignment (2897 px for 2048 x 2048).
 TILE_ABOVE_PIXELS = 3072 * 3072
 # Core side of a decoder tile, full-resolution pixels, a multiple of 32 (the encoder's stride) so
 # every level's slice starts on a whole pixel. DECODER_HALO: the pixels around the core that the
 # decoder's inputs (the deepest features and the first skip) are cut with; DECODER_MARGINS: those
 # kept around the core after each of the first four blocks (strides 16, 8, 4, 2; the last block
 # keeps only the core), each a multiple of its stride. Each covers the reach of the core's output
-# into that level (its gradient footprint, measured by tests/test_extractor_tiles.py: 90 px into
-# the inputs; the margins shrink toward full resolution, so the full-resolution blocks, most of
-# the work, compute the core plus 8 px instead of 128).
+# into that level, its gradient footprint (tests/test_extractor_tiles.py: 93 px into the deepest
+# features, 61 into the first skip, 45 / 21 / 9 / 3 into the outputs of blocks 1-4), so the
+# full-resolution blocks, most of the work, compute the core plus 8 px.
 DECODER_TILE = 512
 DECODER_HALO = 128
 DECODER_MARGINS = (64, 32, 16, 8)
+
 
 def _conv_bn_act(
     cin: int, cout: int, kernel: int = 3, stride: int = 1, groups: int = 1, act: bool = True
@@ -131,7 +133,9 @@ class FeatureExtractor(nn.Module):
     """U-Net: image (K, 3, H, W) in [0, 1] -> feature map (K, out_channels, H, W).
 
     The image is ImageNet-normalised and zero-padded (after normalisation) at the
-    bottom/right to a multiple of 32; the output is cropped back to H x W.
+    bottom/right to a multiple of 32; the output is cropped back to H x W. Without a gradient
+    (aggregation) an image above ``TILE_ABOVE_PIXELS`` is decoded in tiles, in bounded decoder
+    memory, equal to the whole decode up to float rounding (:meth:`_decode_tiles`).
     """
 
     def __init__(self, out_channels: int = 8, weights: str | os.PathLike | None = None) -> None:
