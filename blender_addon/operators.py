@@ -621,8 +621,8 @@ class NPBGPP_OT_aggregate(_WorkerStepJob, bpy.types.Operator):
         name="Photo Size", default=AGGREGATE_MAX_SIDE, min=0, soft_max=8192, subtype="PIXEL",
         description=f"Read each photo at most this long side in pixels (larger ones shrunk with their cameras, "
                     f"smaller ones as they are; the bundle records it). Aggregate's time and memory grow with the "
-                    f"pixels read: 20 photos of 11 megapixels (4032 px) took 8 GiB on a CPU at their own size, "
-                    f"2.9 GiB and 3.5x less time at 2048 (BENCHMARKS.md). Rendering larger than this side, raise it "
+                    f"pixels read: 20 photos of 11 megapixels (4032 px) took 3.6 GiB on a CPU at their own size, "
+                    f"2.9 GiB and 4x less time at 2048 (BENCHMARKS.md). Rendering larger than this side, raise it "
                     f"toward the render's size: descriptors from photos half the render's size lost up to 0.35 dB. "
                     f"0: each photo at its own size; else at least {AGGREGATE_MIN_SIDE}",
     )

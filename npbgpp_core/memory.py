@@ -73,5 +73,5 @@ BUNDLE_LOAD_TIMES_FILE = 4
 
 # What aggregating and fitting photos cost (BENCHMARKS.md, A user's capture with big photos; 2048 px:
 # Aggregate's Photo Size): the add-on's and the headless commands' advice quote them.
-AGGREGATE_PHOTOS_MEMORY = "about 8 GiB for photos of 11 megapixels (4032 px), 2.9 GiB at 2048 px on the CPU"
+AGGREGATE_PHOTOS_MEMORY = "about 3.6 GiB for photos of 11 megapixels (4032 px), 2.9 GiB at 2048 px on the CPU"
 FIT_PHOTOS_MEMORY = "about 4 GiB to fit 20 photos of 11 megapixels (4032 px) on the CPU"
