@@ -184,3 +184,15 @@ def test_aggregation_with_tiles_equals_whole(forced_tiles, canvas):
     assert len(calls) > 3
     assert torch.equal(got.valid, want.valid) and want.valid.any()
     assert_close_relative(got.coefficients, want.coefficients, rel=1e-5)
+
+
+def test_tiles_keep_the_autocast_dtype(forced_tiles):
+    """Under autocast the tiled map has the whole map's lowered dtype (not the input's)."""
+    model = random_extractor(5)
+    images = torch.rand(1, 3, 96, 128)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model(images)
+        forced_tiles(32)
+        got = model(images)
+    assert want.dtype == got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), atol=0.05 * want.float().abs().max().item(), rtol=0)

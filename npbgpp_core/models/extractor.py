@@ -265,7 +265,7 @@ class FeatureExtractor(nn.Module):
                 m < 0 or m % s for m, s in zip(margins, strides, strict=False)):
             raise ValueError(f"tile ({tile}) and halo ({halo}) must be multiples of 32, tile > 0, and "
                              f"margins {margins} multiples of the strides {strides[:-1]}")
-        out = raw.new_empty(n, self.head.out_channels, h, w)
+        out: torch.Tensor | None = None  # made at the first tile, of its dtype (autocast may lower it)
         for y0 in range(0, h, tile):
             for x0 in range(0, w, tile):
                 core = (y0, min(y0 + tile, h), x0, min(x0 + tile, w))
@@ -276,5 +276,9 @@ class FeatureExtractor(nn.Module):
                     kept = _grow(core, margins[j], h, w) if j < len(margins) else core
                     inner = (kept[0] - box[0], kept[1] - box[0], kept[2] - box[2], kept[3] - box[2])
                     part, box = _cut(part, inner, stride), kept
-                out[..., core[0] : core[1], core[2] : core[3]] = self.head(part)
+                part = self.head(part)
+                if out is None:
+                    out = part.new_empty(n, part.shape[1], h, w)
+                out[..., core[0] : core[1], core[2] : core[3]] = part
+        assert out is not None  # h, w > 0: at least one tile
         return out
