@@ -2,11 +2,12 @@
 still cost in time and memory when the photos are 1000-4032 px (BENCHMARKS.md, "A user's
 capture with big photos: time and memory").
 
-Two commands:
+Three commands:
 
     python bench/bench_big_photos.py upscale SRC OUT --long-side 2048
     python bench/bench_big_photos.py run DATASET --work DIR [--stages aggregate,fit,render,score]
         [--undistort] [--round-resampled on|off] [--max-views N] [--extractor-tiles on|off]
+    python bench/bench_big_photos.py extractor --size WxH [--decode auto|whole|tiles|encoder]
 
 ``upscale`` writes a copy of the COLMAP capture ``SRC`` whose photos are resized with PIL's
 Lanczos filter so their long side is ``--long-side`` pixels (enlarged, or shrunk when smaller).
@@ -41,7 +42,12 @@ that camera) and gives its PSNR against the photo as loaded (undistorted floats 
 (``scene_fit.FIT_ROUND_RESAMPLED``; the worker runs in this process). ``--extractor-tiles off``
 makes the feature extractor decode every photo whole, as before it decoded big ones in tiles
 (``models.extractor.TILE_ABOVE_PIXELS``); ``--max-views N`` aggregates only the first N views
-(shorter before/after runs). The worker runs the stages
+(shorter before/after runs).
+
+``extractor`` times one gradient-free call of the feature extractor (random weights) on one
+random image of ``--size`` and gives the peak resident memory above the process's before it:
+``--decode`` auto (the module's threshold decides), whole, tiles (forced at any size), or encoder
+(the encoder alone, what the tiles leave whole). The worker runs the stages
 in one process, so its peak is the largest stage's.
 """
 
@@ -187,6 +193,35 @@ class StageLog:
                 "requests": self.requests, "by_request": self.by_op,
                 "peak_rss_mib": round(max(self.stage_peak, _peak_rss_mib())),
                 "failure": self.failure, "warnings": notes, **extra}
+
+
+def extractor_call(width: int, height: int, decode: str = "auto") -> dict[str, Any]:
+    """One gradient-free feature-extractor call on a random (1, 3, height, width) image: seconds
+    and peak RSS above the process's before the call (MiB)."""
+    import torch
+
+    from npbgpp_core.models import FeatureExtractor, extractor
+
+    if decode not in ("auto", "whole", "tiles", "encoder"):
+        raise ValueError(f"decode must be auto, whole, tiles or encoder, got {decode!r}")
+    if decode == "whole":
+        extractor.TILE_ABOVE_PIXELS = sys.maxsize
+    elif decode == "tiles":
+        extractor.TILE_ABOVE_PIXELS = 0
+    torch.manual_seed(0)
+    model = FeatureExtractor(8).eval()
+    image = torch.rand(1, 3, height, width)
+    _reset_peak_rss()
+    before = _peak_rss_mib()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        if decode == "encoder":
+            model.encoder((image - model.mean) / model.std)
+        else:
+            model(image)
+    return {"size": f"{width}x{height}", "megapixels": round(width * height / 1e6, 2), "decode": decode,
+            "tile_above_pixels": extractor.TILE_ABOVE_PIXELS, "seconds": round(time.perf_counter() - t0, 2),
+            "peak_rss_above_mib": round(_peak_rss_mib() - before)}
 
 
 def run_stages(dataset: str, work: str, stages: list[str], size: str, photo_size: int | None = None,
@@ -343,7 +378,18 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--extractor-tiles", choices=("on", "off"), default="on",
                      help="off: the feature extractor decodes every photo whole, as before tiling "
                      "(models.extractor.TILE_ABOVE_PIXELS unlimited)")
+    ex = sub.add_parser("extractor", help="one feature-extractor call's time and peak memory")
+    ex.add_argument("--size", required=True, help="WxH, e.g. 4000x3000")
+    ex.add_argument("--decode", default="auto", choices=("auto", "whole", "tiles", "encoder"))
+    ex.add_argument("--threads", type=int, default=1, help="torch threads")
     a = ap.parse_args(argv)
+    if a.cmd == "extractor":
+        import torch
+
+        torch.set_num_threads(a.threads)
+        width, height = (int(v) for v in a.size.lower().split("x"))
+        print(json.dumps(extractor_call(width, height, a.decode)))
+        return 0
     if a.cmd == "upscale":
         print(json.dumps(upscale_capture(a.src, a.out, a.long_side)))
         return 0

@@ -168,3 +168,16 @@ def test_score_stage_gives_each_held_out_views_psnr_against_its_loaded_photo(tmp
     for name, db in want.items():
         assert report["held_out_psnr"][name] == pytest.approx(db, abs=0.01)
     assert report["mean_psnr"] == pytest.approx(sum(report["held_out_psnr"].values()) / 2, abs=1e-3)
+
+
+@pytest.mark.parametrize("decode", ["whole", "tiles", "encoder"])
+def test_extractor_command_reports_one_call(decode: str, capsys, monkeypatch) -> None:
+    import json
+
+    from npbgpp_core.models import extractor
+
+    monkeypatch.setattr(extractor, "TILE_ABOVE_PIXELS", extractor.TILE_ABOVE_PIXELS)  # the command sets it
+    assert bbp.main(["extractor", "--size", "96x64", "--decode", decode]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["size"] == "96x64" and report["decode"] == decode and report["peak_rss_above_mib"] >= 0
+    assert report["tile_above_pixels"] == {"whole": sys.maxsize, "tiles": 0}.get(decode, extractor.TILE_ABOVE_PIXELS)
