@@ -111,10 +111,24 @@ def test_tiled_decode_equals_whole_decode(forced_tiles, fast, tile):
     assert_close_relative(got, want)
 
 
-@pytest.mark.parametrize("halo, margins", [(32, extractor_module.DECODER_MARGINS), (128, (16, 8, 4, 2))])
-def test_a_halo_or_margins_below_the_reach_are_not_exact(forced_tiles, halo, margins):
-    """The equality above depends on the halo and the margins: below the measured reach the
-    map is visibly different, so the tests' tolerance is not what makes them pass."""
+# The reach past the core's own 32-px cells (cores start on multiples of 32), measured like the
+# footprint above but from the cell's edge instead of the pixel: 64 px into the deepest features,
+# 32 / 16 / 8 / 2 into blocks 1-4's outputs. The module's halo and margins are twice that.
+TIGHT_HALO, TIGHT_MARGINS = 64, (32, 16, 8, 2)
+
+
+@pytest.mark.parametrize("halo, margins, exact", [
+    (TIGHT_HALO, TIGHT_MARGINS, True),
+    (TIGHT_HALO - 32, TIGHT_MARGINS, False),
+    (TIGHT_HALO, (16, 16, 8, 2), False),
+    (TIGHT_HALO, (32, 8, 8, 2), False),
+    (TIGHT_HALO, (32, 16, 4, 2), False),
+    (TIGHT_HALO, (32, 16, 8, 0), False),
+])
+def test_a_halo_or_margin_below_the_reach_is_not_exact(forced_tiles, halo, margins, exact):
+    """The equality depends on every bound: at the reach past the core's cells the tiles are
+    exact, and one bound lowered a step (the others kept) makes the map visibly different, so
+    the tests' tolerance is not what makes them pass."""
     model = random_extractor(2)
     images = torch.rand(1, 3, 200, 260)
     want = whole(model, images)
@@ -122,7 +136,20 @@ def test_a_halo_or_margins_below_the_reach_are_not_exact(forced_tiles, halo, mar
     calls = head_calls(model)
     got = whole(model, images)
     assert len(calls) == 4 * 5
-    assert (got - want).abs().max().item() > 1e-3 * want.abs().max().item()
+    err = (got - want).abs().max().item()
+    assert (err <= 1e-5 * want.abs().max().item()) == exact, err
+
+
+@pytest.mark.parametrize("halo, margins", [(32, (64, 32, 16, 8)), (128, (64, 32, 64, 8))])
+def test_margins_wider_than_the_box_they_are_cut_from_are_refused(halo, margins):
+    """A kept box wider than the box it is cut from would slice from a negative start (the
+    reference upsampling then resamples the mis-sized tile without a word): refused."""
+    model = random_extractor(6)
+    images = torch.rand(1, 3, 96, 128)
+    with torch.no_grad():
+        top, skips = _levels(model, images)
+        with pytest.raises(ValueError, match="at most the halo and the margins before it"):
+            model._decode_tiles(top, skips, 32, halo, margins)
 
 
 def test_forward_many_tiled_equals_whole(forced_tiles):

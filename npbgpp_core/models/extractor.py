@@ -261,10 +261,15 @@ class FeatureExtractor(nn.Module):
         raw = skips[-1]
         n, _, h, w = raw.shape
         strides = [h // skip.shape[-2] for skip in skips]  # 16, 8, 4, 2, 1
-        if tile <= 0 or tile % 32 or halo < 0 or halo % 32 or len(margins) != len(skips) - 1 or any(
-                m < 0 or m % s for m, s in zip(margins, strides, strict=False)):
+        # Each kept box must lie inside the box it is cut from: a wider margin would slice from a
+        # negative start, and the next block's upsampling would silently resample a mis-sized tile.
+        widths = (halo, *margins)  # non-increasing, the last >= 0: every one >= 0
+        if (tile <= 0 or tile % 32 or halo % 32 or len(margins) != len(skips) - 1
+                or any(m % s for m, s in zip(margins, strides, strict=False))
+                or any(a < b for a, b in zip(widths, widths[1:], strict=False)) or widths[-1] < 0):
             raise ValueError(f"tile ({tile}) and halo ({halo}) must be multiples of 32, tile > 0, and "
-                             f"margins {margins} multiples of the strides {strides[:-1]}")
+                             f"margins {margins} multiples of the strides {strides[:-1]}, each at most the "
+                             "halo and the margins before it, none negative")
         out: torch.Tensor | None = None  # made at the first tile, of its dtype (autocast may lower it)
         for y0 in range(0, h, tile):
             for x0 in range(0, w, tile):
