@@ -189,6 +189,52 @@ def test_small_images_and_gradients_decode_whole(forced_tiles):
     assert len(calls) == 2 + 4 * 5  # the same call without a gradient tiles
 
 
+@pytest.mark.parametrize("case, tiles", [
+    ("inference_mode", True),
+    ("frozen weights, grad enabled", True),  # nothing to differentiate: no graph either way
+    ("frozen weights, image requires grad", False),  # a caller differentiating w.r.t. the image
+    ("no_grad, image requires grad", True),
+])
+def test_tiling_follows_whether_a_gradient_is_wanted(forced_tiles, case, tiles):
+    """Tiles exactly when no gradient can flow through the call; a call that builds a graph
+    decodes whole and its gradient w.r.t. the image is the whole decode's."""
+    model = random_extractor(7)
+    images = torch.rand(1, 3, 96, 128)
+    want = whole(model, images)
+    forced_tiles(32)
+    calls = head_calls(model)
+    if case.startswith("frozen"):
+        model.requires_grad_(False)
+    if case.endswith("image requires grad"):
+        images.requires_grad_()
+    if case == "inference_mode":
+        with torch.inference_mode():
+            got = model(images)
+    elif case.startswith("no_grad"):
+        with torch.no_grad():
+            got = model(images)
+    else:
+        got = model(images)
+    assert len(calls) == (3 * 4 if tiles else 1)
+    assert got.requires_grad == (case == "frozen weights, image requires grad")
+    assert_close_relative(got.detach(), want)
+
+
+def test_the_threshold_counts_padded_pixels(monkeypatch):
+    """An image tiles when its padded pixels exceed TILE_ABOVE_PIXELS, not at it; one tile
+    high (the default 512-px tile over a 96-px image), the tiles run along the width."""
+    model = random_extractor(8)
+    images = torch.rand(1, 3, 90, 1100)  # padded 96 x 1120
+    calls = head_calls(model)
+    monkeypatch.setattr(extractor_module, "TILE_ABOVE_PIXELS", 96 * 1120)
+    want = whole(model, images)
+    assert len(calls) == 1
+    monkeypatch.setattr(extractor_module, "TILE_ABOVE_PIXELS", 96 * 1120 - 1)
+    got = whole(model, images)
+    assert len(calls) == 1 + 3  # 1120 = 512 + 512 + 96
+    assert_close_relative(got, want)
+
+
 def _levels(model: FeatureExtractor, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     h, w = images.shape[-2:]
     pad = (0, (-w) % 32, 0, (-h) % 32)

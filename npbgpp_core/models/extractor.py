@@ -231,7 +231,7 @@ class FeatureExtractor(nn.Module):
         skips = list(reversed(feats[:-1])) + [raw]
         h, w = raw.shape[-2:]
         needs_grad = torch.is_grad_enabled() and (
-            raw.requires_grad or any(p.requires_grad for p in self.parameters()))
+            x.requires_grad or raw.requires_grad or any(p.requires_grad for p in self.parameters()))
         if not needs_grad and h * w > TILE_ABOVE_PIXELS:
             return self._decode_tiles(feats[-1], skips)
         return self._decode(feats[-1], skips)
