@@ -81,7 +81,7 @@ def auto_check_recipes(long_side: int) -> tuple[tuple[str, ...], str]:
 # The add-on's Photo Size, Aggregate Descriptors' default (AggregateBegin.max_side): the long side, in
 # pixels, it reads each photo at (larger photos shrunk with their cameras, npbgpp_core.image_size.fit_long_side;
 # smaller ones kept as they are). Why: aggregating reads every photo whole through the extractor, about
-# 0.34 GiB per megapixel since it decodes big photos in tiles, 0.75 before (BENCHMARKS.md "A user's capture
+# 0.34 GiB per megapixel since it decodes big photos in tiles, 0.74 before (BENCHMARKS.md "A user's capture
 # with big photos", "Aggregate at own size in tiles": 20 photos at 4032 px took 591 s and 3.6 GiB, 144 s and
 # 2.9 GiB at 2048); aggregating from half the size the views are looked at stayed within the quality bar at 1024 px
 # (BENCHMARKS.md "Aggregating from smaller photos": mean +0.05 / -0.03 dB, worst -0.28). The add-on's

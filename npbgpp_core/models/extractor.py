@@ -35,7 +35,9 @@ TILE_ABOVE_PIXELS = 3072 * 3072
 # keeps only the core), each a multiple of its stride. Each covers the reach of the core's output
 # into that level, its gradient footprint (tests/test_extractor_tiles.py: 93 px into the deepest
 # features, 61 into the first skip, 45 / 21 / 9 / 3 into the outputs of blocks 1-4), so the
-# full-resolution blocks, most of the work, compute the core plus 8 px.
+# full-resolution blocks, most of the work, compute the core plus 8 px. Measured from the core's
+# 32-px cell edges instead of the pixel, what a tile needs is half that (64 and 32 / 16 / 8 / 2,
+# exact; one step lower is not): the constants keep a factor of 2.
 DECODER_TILE = 512
 DECODER_HALO = 128
 DECODER_MARGINS = (64, 32, 16, 8)
