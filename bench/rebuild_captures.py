@@ -13,11 +13,16 @@ always complete; a finished one is skipped, so the command resumes. A recomputed
 kept in ``<out>/.work/<name>/sfm`` until its capture is finished, so an interrupted run does
 not repeat the (slow) SfM. ``<out>/<name>/rebuild.json`` records the manifest entry, the
 snapshot files taken and capture-sfm's ``sfm.json``. ``--max-size`` is the prepared photos' long
-side (512, the card's, unless a benchmark asks for another size; smaller photos keep theirs). A
-capture whose model capture-sfm recomputes is prepared from the photos its SfM read, so it is at most
-that size (the manifest's ``sfm.max_side``, else capture-sfm's default 1600 px) whatever ``--max-size``
-says (BENCHMARKS.md "Aggregating from smaller photos at 2048 px": buddha_grey 1400, flowerpot 1600,
-perikles 1200 px at ``--max-size 2048``).
+side (512, the card's, unless a benchmark asks for another size; smaller photos keep theirs, none is
+enlarged). A capture whose model capture-sfm recomputes is prepared from the photos its SfM read (its
+downscaled copies, at most the manifest's ``sfm.max_side``, else capture-sfm's default 1600 px) while
+``--max-size`` is within their size, as before; a larger ``--max-size`` prepares it from the ORIGINAL
+photos of the snapshot (BENCHMARKS.md "Renders above 2048 px": flowerpot 3104x4192, perikles
+2610x4640), the SfM model's poses and points unchanged and each camera scaled by prepare-capture's one
+rule (``Camera.scaled``: f and c per axis by the prepared photo's size over the photo SfM read, in
+COLMAP's corner-origin pixels; the lens distortion is in normalised coordinates, so it is kept).
+An original with an EXIF rotation is turned upright as capture-sfm turned its copy (written as PNG).
+``rebuild.json``'s ``photos_read`` says which photos were read and at which sizes.
 
 Snapshots come from the session's ``fetch github:<owner>/<name>``; files the snapshot did not
 bring (large blobs) are left out and counted, and a photo count other than the card's is an
@@ -152,6 +157,86 @@ def run_capture_sfm(raw: str, out: str, options: dict[str, Any], python: str) ->
                            "--sfm-python with an interpreter that has it)")
 
 
+def _sfm_model(sfm_dir: str) -> tuple[str, dict, dict]:
+    """(sparse folder, cameras, images) of capture-sfm's model in ``sfm_dir``."""
+    from npbgpp_core.datasets.colmap import _read_model, find_sparse_dir
+
+    sparse = find_sparse_dir(sfm_dir)
+    if sparse is None:
+        raise RebuildError(f"{sfm_dir}: capture-sfm's folder holds no sparse model: delete it and run again")
+    cams, images, _ = _read_model(sparse)
+    return sparse, cams, images
+
+
+def sfm_source(entry: dict[str, Any], git_dir: str, sfm_dir: str, work: str,
+               max_size: int) -> tuple[str, dict[str, Any]]:
+    """The folder prepare-capture reads for a model capture-sfm recomputed, and what was read.
+
+    capture-sfm's own folder (its downscaled copies, the old behaviour bit for bit) unless
+    ``max_size`` gives some photo a longer side than the copy SfM read; then a folder of the
+    snapshot's original photos with the SfM model (cameras and points as SfM wrote them, the
+    images file naming the originals), whose cameras prepare-capture scales to the photos it
+    writes (``Camera.scaled`` in ``distortion.view_cameras``, the one scaling rule)."""
+    from PIL import Image, ImageOps
+
+    from npbgpp_core.datasets.colmap import _model_file
+    from npbgpp_core.image_size import fit_long_side
+
+    repo, commit = entry["repo"], entry["commit"]
+    sparse, cams, images = _sfm_model(sfm_dir)
+    sfm_sizes = {name: (cams[cam_id][1], cams[cam_id][2]) for _, _, cam_id, name in images.values()}
+    info: dict[str, Any] = {"sfm_photo_sizes": sorted({f"{w}x{h}" for w, h in sfm_sizes.values()})}
+    kept = dict(info, read="capture-sfm's downscaled copies (--max-size within their size)")
+    if max_size <= min(max(s) for s in sfm_sizes.values()):
+        return sfm_dir, kept
+    raw = os.path.join(work, "originals")
+    shutil.rmtree(raw, ignore_errors=True)
+    info["originals"] = extract_folder(git_dir, repo, commit, entry["images"], raw, entry.get("image_pattern", "*"))
+    by_stem = {os.path.splitext(n)[0]: n for n in os.listdir(raw)
+               if os.path.splitext(n)[1].lower() in PHOTO_SUFFIXES}
+    src = os.path.join(work, "from_originals")
+    shutil.rmtree(src, ignore_errors=True)
+    os.makedirs(os.path.join(src, "images"))
+    os.makedirs(os.path.join(src, "sparse", "0"))
+    lines, sizes, turned, larger = [], set(), [], False
+    for image_id, (q, t, cam_id, name) in sorted(images.items()):
+        stem = os.path.splitext(os.path.basename(name))[0]
+        if stem not in by_stem:
+            raise RebuildError(f"{repo}@{commit[:12]}: SfM photo {name} has no original in {entry['images']}/ "
+                               "(a snapshot without it?): rebuild at --max-size "
+                               f"{min(max(s) for s in sfm_sizes.values())} or less, from the SfM's copies")
+        orig = by_stem[stem]
+        with Image.open(os.path.join(raw, orig)) as im:
+            orientation = im.getexif().get(0x0112, 1)
+            if orientation in (None, 1):
+                size, read = im.size, orig
+            else:  # capture-sfm's copy is upright (ImageOps.exif_transpose): so is the photo read here
+                upright = ImageOps.exif_transpose(im).convert("RGB")
+                size, read = upright.size, stem + ".png"
+                upright.save(os.path.join(src, "images", read))
+                turned.append(orig)
+        if read == orig:
+            os.replace(os.path.join(raw, orig), os.path.join(src, "images", read))
+        sizes.add(f"{size[0]}x{size[1]}")
+        larger |= max(fit_long_side(size, max_size)) > max(sfm_sizes[name])
+        pose = " ".join(repr(float(x)) for x in (*q, *t))
+        lines.append(f"{image_id} {pose} {cam_id} {read}\n\n")
+    shutil.rmtree(raw)
+    if not larger:  # the originals are no larger than the copies SfM read: nothing to gain
+        shutil.rmtree(src)
+        return sfm_dir, kept
+    for stem in ("cameras", "points3D"):  # as SfM wrote them, each file the loader would read
+        path = _model_file(sparse, stem)
+        if path is not None:
+            shutil.copyfile(path, os.path.join(src, "sparse", "0", os.path.basename(path)))
+    with open(os.path.join(src, "sparse", "0", "images.txt"), "w") as f:
+        f.write("# capture-sfm's poses (repr of its float64 values), naming the original photos\n" + "".join(lines))
+    info.update(read="the original photos (--max-size above the SfM copies' size)", original_sizes=sorted(sizes),
+                exif_turned_upright=turned,
+                camera_scaling="prepare-capture's Camera.scaled: f and c per axis by prepared size / SfM photo size")
+    return src, info
+
+
 def rebuild_one(entry: dict[str, Any], mirrors: str, out: str, sfm_python: str, max_size: int) -> str:
     """Build ``<out>/<name>`` for one manifest entry with photos of long side ``max_size``;
     returns 'skipped' or 'built'."""
@@ -182,7 +267,7 @@ def rebuild_one(entry: dict[str, Any], mirrors: str, out: str, sfm_python: str, 
             shutil.rmtree(raw)
         with open(os.path.join(sfm_dir, "sfm.json")) as f:
             record["sfm"] = json.load(f)
-        src = sfm_dir
+        src, record["photos_read"] = sfm_source(entry, git_dir, sfm_dir, work, max_size)
     else:
         src = os.path.join(work, "src")
         shutil.rmtree(src, ignore_errors=True)

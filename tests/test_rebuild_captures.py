@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -173,3 +174,163 @@ def test_max_size_reaches_the_prepared_photos(tmp_path, capsys):
     assert rc.main(["--mirrors", mirrors, "--out", small, "--manifest", man, "--max-size", "8"]) == 2
     assert "--max-size must be at least 16 pixels (got 8)" in capsys.readouterr().err
     assert not os.path.exists(small)
+
+
+# A capture whose model capture-sfm recomputed: the snapshot holds big original photos, the SfM
+# cache (``<out>/.work/cap/sfm``, which the rebuild reuses instead of running SfM) the small copies
+# capture-sfm's own downscale made and a model at their size.
+SFM_SIDE = 120
+
+
+def _sfm_capture(tmp_path, originals: dict[str, Image.Image], f: float, k1: float,
+                 points: np.ndarray) -> tuple[str, str, dict, str]:
+    """(mirrors, out, manifest entry, sfm folder) for photos ``originals`` (name -> image, EXIF
+    kept) whose SfM model is SIMPLE_RADIAL(f, w/2, h/2, k1) at the copies' size, poses R = I at
+    -t_i (t_i as in test_capture_import's write_capture)."""
+    from headless_train.capture_sfm import downscale_photos
+
+    work = tmp_path / "mirrors" / "owner+cap" / "repo"
+    (work / "data" / "photos").mkdir(parents=True)
+    for name, im in originals.items():
+        im.save(work / "data" / "photos" / name, quality=98, exif=im.info.get("exif", b""))
+    _git(str(work), "init", "-q")
+    _git(str(work), "add", "-A")
+    _git(str(work), "commit", "-q", "-m", "photos")
+    commit = _git(str(work), "rev-parse", "HEAD")
+    out = str(tmp_path / "out")
+    sfm = os.path.join(out, ".work", "cap", "sfm")
+    downscale_photos([str(work / "data" / "photos" / n) for n in sorted(originals)], os.path.join(sfm, "images"),
+                     SFM_SIDE)
+    names = sorted(os.listdir(os.path.join(sfm, "images")))
+    with Image.open(os.path.join(sfm, "images", names[0])) as im:
+        w, h = im.size
+    os.makedirs(os.path.join(sfm, "sparse", "0"))
+    with open(os.path.join(sfm, "sparse", "0", "cameras.txt"), "w") as fh:
+        fh.write(f"1 SIMPLE_RADIAL {w} {h} {f} {w / 2} {h / 2} {k1}\n")
+    with open(os.path.join(sfm, "sparse", "0", "images.txt"), "w") as fh:
+        for i, n in enumerate(names):
+            t = np.array([0.05 * i, -0.03 * i, 0.1 * i])
+            fh.write(f"{i + 1} 1 0 0 0 {t[0]} {t[1]} {t[2]} 1 {n}\n\n")
+    with open(os.path.join(sfm, "sparse", "0", "points3D.txt"), "w") as fh:
+        for i, p in enumerate(points):
+            fh.write(f"{i + 1} {p[0]} {p[1]} {p[2]} 200 200 200 0.5\n")
+    with open(os.path.join(sfm, "sfm.json"), "w") as fh:
+        json.dump({"tool": "test"}, fh)
+    entry = _entry(commit, images="data/photos", sparse=None, sfm={"single_camera": True}, photos=len(originals),
+                   expected={"images": len(originals), "points": len(points)})
+    return str(tmp_path / "mirrors"), out, entry, sfm
+
+
+@pytest.mark.parametrize("max_size, size", [(1000, (479, 360)), (240, (240, 180))])
+def test_bigger_max_size_reads_the_originals_with_cameras_scaled_by_hand(tmp_path, capsys, max_size, size):
+    """Originals 479x360, SfM copies 120x90 (capture-sfm's thumbnail), a lens without distortion:
+    --max-size above the copies' size writes photos from the originals (never enlarged), with
+    f and c scaled by hand per axis in COLMAP's corner-origin pixels (479/120 across, 360/90 down)."""
+    originals = {f"view_{i}.jpg": Image.new("RGB", (479, 360), (90 + 40 * i, 128, 128)) for i in range(3)}
+    mirrors, out, entry, sfm = _sfm_capture(tmp_path, originals, 100.0, 0.0, np.array([[0.0, 0.0, 3.0]]))
+    w, h = 120, 90
+    assert sorted(os.listdir(os.path.join(sfm, "images")))[0] and Image.open(
+        os.path.join(sfm, "images", "view_0.jpg")).size == (w, h)
+    assert rc.main(["--mirrors", mirrors, "--out", out, "--manifest", _manifest(tmp_path, entry),
+                    "--max-size", str(max_size)]) == 0
+    scene = load_scene(os.path.join(out, "cap"))
+    sx, sy = size[0] / w, size[1] / h
+    for v in scene.views:
+        with Image.open(v.image_path) as im:
+            assert im.size == size
+        K, _, _ = v.camera.to_opencv()
+        # COLMAP's c (corner origin) w/2 -> w/2 * sx; K's c is at pixel centres, half a pixel less
+        np.testing.assert_allclose([K[0, 0], K[1, 1], K[0, 2], K[1, 2]],
+                                   [100.0 * sx, 100.0 * sy, w / 2 * sx - 0.5, h / 2 * sy - 0.5], rtol=1e-6)
+    record = json.load(open(os.path.join(out, "cap", "rebuild.json")))
+    assert record["photos_read"]["read"].startswith("the original photos")
+    assert record["photos_read"]["sfm_photo_sizes"] == ["120x90"]
+    assert record["photos_read"]["original_sizes"] == ["479x360"]
+    assert not os.path.exists(os.path.join(out, ".work"))
+
+
+def test_max_size_within_the_sfm_copies_keeps_the_old_result_bit_for_bit(tmp_path):
+    """--max-size at or below the SfM copies' size prepares from the copies, as before: the same
+    files as prepare_capture of capture-sfm's folder (what the rebuild did for every size)."""
+    import shutil
+
+    from npbgpp_core.datasets.capture import prepare_capture
+
+    originals = {f"view_{i}.jpg": Image.fromarray(np.random.default_rng(i).integers(0, 256, (360, 479, 3),
+                                                                                    dtype=np.uint8))
+                 for i in range(3)}
+    mirrors, out, entry, sfm = _sfm_capture(tmp_path, originals, 100.0, 0.05, np.array([[0.0, 0.0, 3.0]]))
+    ref_src = str(tmp_path / "ref_src")
+    shutil.copytree(sfm, ref_src)
+    assert rc.main(["--mirrors", mirrors, "--out", out, "--manifest", _manifest(tmp_path, entry),
+                    "--max-size", "100"]) == 0
+    ref = str(tmp_path / "ref")
+    prepare_capture(ref_src, ref, max_size=100, provenance={}, orient="keep")
+    for sub in ("images", os.path.join("sparse", "0")):
+        names = sorted(os.listdir(os.path.join(ref, sub)))
+        assert names == sorted(os.listdir(os.path.join(out, "cap", sub)))
+        for n in names:
+            with open(os.path.join(ref, sub, n), "rb") as a, open(os.path.join(out, "cap", sub, n), "rb") as b:
+                assert a.read() == b.read(), n
+    assert json.load(open(os.path.join(out, "cap", "rebuild.json")))["photos_read"]["read"].startswith(
+        "capture-sfm's downscaled copies")
+
+
+def test_bigger_max_size_projects_points_where_the_sfm_model_saw_them(tmp_path):
+    """SIMPLE_RADIAL(50, 60, 45, 0.2) at the 120x90 SfM copies; the 480x360 originals are painted
+    by projecting each point by hand through that lens to its position relative to the photo
+    (corner origin), times the original's size; one original is stored turned with an EXIF
+    orientation, as a phone writes it. Rebuilt at 480 px, each undistorted photo holds every
+    point's disc centred where its prepared camera projects the point (within 0.2 px; the
+    measured worst is 0.12)."""
+    import torch
+
+    f, k1, w, h, big = 50.0, 0.2, 120, 90, 4
+    xn, yn = np.meshgrid(np.linspace(-0.45, 0.45, 7), np.linspace(-0.35, 0.35, 5))
+    pts = np.stack([xn.ravel() * 3.0, yn.ravel() * 3.0, np.full(xn.size, 3.0)], 1)
+    cols = np.array([[255, 40, 40], [40, 255, 40], [40, 40, 255], [255, 255, 40]])[np.arange(len(pts)) % 4]
+    originals = {}
+    for i in range(3):
+        t = np.array([0.05 * i, -0.03 * i, 0.1 * i])
+        cam = pts + t
+        x, y = cam[:, 0] / cam[:, 2], cam[:, 1] / cam[:, 2]
+        r = 1.0 + k1 * (x * x + y * y)
+        u_rel, v_rel = (f * x * r + w / 2) / w, (f * y * r + h / 2) / h
+        img = np.full((h * big, w * big, 3), 128.0)
+        for u, v, c in zip(u_rel * w * big, v_rel * h * big, cols, strict=True):
+            x0, y0 = int(u) - 7, int(v) - 7  # discs lie inside the photo and do not overlap
+            yy, xx = np.mgrid[0:15 * 4, 0:15 * 4] / 4.0 + 0.125  # 4x4 samples a pixel, corner origin
+            disc = (xx + x0 - u) ** 2 + (yy + y0 - v) ** 2 <= 5.0 ** 2  # radius 5 px
+            cover = disc.reshape(15, 4, 15, 4).mean((1, 3))
+            img[y0:y0 + 15, x0:x0 + 15] += cover[:, :, None] * (c - 128.0)
+        im = Image.fromarray(np.round(img).astype(np.uint8))
+        if i == 1:  # stored turned a quarter; EXIF orientation 6 turns it upright again
+            im = im.transpose(Image.Transpose.ROTATE_90)
+            exif = Image.Exif()
+            exif[0x0112] = 6
+            im.info["exif"] = exif.tobytes()
+        originals[f"view_{i}.jpg"] = im
+    mirrors, out, entry, _ = _sfm_capture(tmp_path, originals, f, k1, pts)
+    assert rc.main(["--mirrors", mirrors, "--out", out, "--manifest", _manifest(tmp_path, entry),
+                    "--max-size", str(w * big)]) == 0
+    scene = load_scene(os.path.join(out, "cap"))
+    checked = 0
+    for v in scene.views:
+        img = np.asarray(Image.open(v.image_path).convert("RGB"), np.float64)
+        assert img.shape == (h * big, w * big, 3)
+        uv, _ = v.camera.project(torch.as_tensor(pts, dtype=torch.float32))
+        for (u, vv), c in zip(uv.numpy().astype(float), cols, strict=True):
+            if not (8 <= u < img.shape[1] - 8 and 8 <= vv < img.shape[0] - 8):
+                continue  # the undistorted view is narrower: a border disc is cut
+            y0, x0 = int(vv) - 8, int(u) - 8
+            win = img[y0:y0 + 17, x0:x0 + 17]
+            # the disc's coverage of each pixel (its colour's share against the grey), a linear measure
+            weight = np.clip((win - 128.0) @ (c - 128.0) / float((c - 128.0) @ (c - 128.0)), 0.0, 1.0)
+            yy, xx = np.mgrid[y0:y0 + 17, x0:x0 + 17]
+            cu = (weight * xx).sum() / weight.sum()  # pixel centres at integers, as Camera.project
+            cv = (weight * yy).sum() / weight.sum()
+            assert abs(cu - u) < 0.2 and abs(cv - vv) < 0.2, (v.image_path, u, vv, cu, cv)
+            checked += 1
+    assert checked >= 50
+    record = json.load(open(os.path.join(out, "cap", "rebuild.json")))["photos_read"]
+    assert record["exif_turned_upright"] == ["view_1.jpg"]
