@@ -623,7 +623,8 @@ class NPBGPP_OT_aggregate(_WorkerStepJob, bpy.types.Operator):
                     f"smaller ones as they are; the bundle records it). Aggregate's time and memory grow with the "
                     f"pixels read: 20 photos of 11 megapixels (4032 px) took 3.6 GiB on a CPU at their own size, "
                     f"2.9 GiB and 4x less time at 2048 (BENCHMARKS.md). Rendering larger than this side, raise it "
-                    f"toward the render's size: descriptors from photos half the render's size lost up to 0.35 dB. "
+                    f"to the render's size: descriptors from photos read at half the render's size lost up to 0.52 dB, "
+                    f"at three quarters up to 0.23 dB. "
                     f"0: each photo at its own size; else at least {AGGREGATE_MIN_SIDE}",
     )
 
