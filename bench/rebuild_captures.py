@@ -21,7 +21,9 @@ photos of the snapshot (BENCHMARKS.md "Renders above 2048 px": flowerpot 3104x41
 2610x4640), the SfM model's poses and points unchanged and each camera scaled by prepare-capture's one
 rule (``Camera.scaled``: f and c per axis by the prepared photo's size over the photo SfM read, in
 COLMAP's corner-origin pixels; the lens distortion is in normalised coordinates, so it is kept).
-An original with an EXIF rotation is turned upright as capture-sfm turned its copy (written as PNG).
+An original with an EXIF orientation (turned or mirrored) is turned upright by capture-sfm's own
+``read_upright``, as its copy was, and saved as PNG in the scratch folder only (the prepared photos
+are JPEG as for every capture).
 ``rebuild.json``'s ``photos_read`` says which photos were read and at which sizes.
 
 Snapshots come from the session's ``fetch github:<owner>/<name>``; files the snapshot did not
@@ -177,8 +179,7 @@ def sfm_source(entry: dict[str, Any], git_dir: str, sfm_dir: str, work: str,
     snapshot's original photos with the SfM model (cameras and points as SfM wrote them, the
     images file naming the originals), whose cameras prepare-capture scales to the photos it
     writes (``Camera.scaled`` in ``distortion.view_cameras``, the one scaling rule)."""
-    from PIL import Image, ImageOps
-
+    from headless_train.capture_sfm import CaptureSfmError, read_upright
     from npbgpp_core.datasets.colmap import _model_file
     from npbgpp_core.image_size import fit_long_side
 
@@ -206,17 +207,20 @@ def sfm_source(entry: dict[str, Any], git_dir: str, sfm_dir: str, work: str,
                                "(a snapshot without it?): rebuild at --max-size "
                                f"{min(max(s) for s in sfm_sizes.values())} or less, from the SfM's copies")
         orig = by_stem[stem]
-        with Image.open(os.path.join(raw, orig)) as im:
-            orientation = im.getexif().get(0x0112, 1)
-            if orientation in (None, 1):
-                size, read = im.size, orig
-            else:  # capture-sfm's copy is upright (ImageOps.exif_transpose): so is the photo read here
-                upright = ImageOps.exif_transpose(im).convert("RGB")
-                size, read = upright.size, stem + ".png"
-                upright.save(os.path.join(src, "images", read))
-                turned.append(orig)
-        if read == orig:
+        try:  # capture-sfm's own reading: its copy is upright, so is the photo prepared here
+            upright, orientation = read_upright(os.path.join(raw, orig))
+        except CaptureSfmError as exc:
+            raise RebuildError(f"{repo}@{commit[:12]}: {exc} (the SfM read this photo: another snapshot? "
+                               f"rebuild at --max-size {min(max(s) for s in sfm_sizes.values())} or less, from "
+                               "the SfM's copies)") from None
+        size, read = upright.size, orig
+        if orientation != 1:  # stored turned or mirrored: saved upright, lossless, in the scratch folder only
+            read = stem + ".png"  # (a PNG original keeps its name: the upright copy replaces it)
+            upright.save(os.path.join(src, "images", read))
+            turned.append(orig)
+        else:
             os.replace(os.path.join(raw, orig), os.path.join(src, "images", read))
+        del upright
         sizes.add(f"{size[0]}x{size[1]}")
         larger |= max(fit_long_side(size, max_size)) > max(sfm_sizes[name])
         pose = " ".join(repr(float(x)) for x in (*q, *t))

@@ -64,21 +64,31 @@ def list_photos(raw: str, every: int = 1) -> list[str]:
     return [os.path.join(raw, n) for n in names]
 
 
-def downscale_photos(photos: list[str], img_dir: str, max_side: int) -> None:
-    """JPEG (q95) copies, upright by their EXIF orientation, at most ``max_side`` px."""
+def read_upright(path: str) -> tuple[Any, int]:
+    """(the photo at ``path`` in RGB turned upright by its EXIF orientation, that orientation:
+    1 where it is stored upright). The one rule by which the SfM copies are turned, so a rebuild
+    that reads the originals again (bench/rebuild_captures.py) sees them as SfM did."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     from npbgpp_core.image_size import too_many_pixels
 
+    try:
+        with Image.open(path) as im:
+            orientation = im.getexif().get(0x0112, 1) or 1
+            return ImageOps.exif_transpose(im).convert("RGB"), int(orientation)
+    except Image.DecompressionBombError as exc:  # PIL's error names no file and calls it an attack
+        raise CaptureSfmError(too_many_pixels(path, exc, "Downscale the photos first (any image editor)")) from None
+    except (OSError, UnidentifiedImageError) as exc:
+        raise CaptureSfmError(f"{path}: cannot be read as a photo ({exc})") from None
+
+
+def downscale_photos(photos: list[str], img_dir: str, max_side: int) -> None:
+    """JPEG (q95) copies, upright by their EXIF orientation, at most ``max_side`` px."""
+    from PIL import Image
+
     os.makedirs(img_dir, exist_ok=True)
     for p in photos:
-        try:
-            with Image.open(p) as im:
-                im = ImageOps.exif_transpose(im).convert("RGB")
-        except Image.DecompressionBombError as exc:  # PIL's error names no file and calls it an attack
-            raise CaptureSfmError(too_many_pixels(p, exc, "Downscale the photos first (any image editor)")) from None
-        except (OSError, UnidentifiedImageError) as exc:
-            raise CaptureSfmError(f"{p}: cannot be read as a photo ({exc})") from None
+        im, _ = read_upright(p)
         im.thumbnail((max_side, max_side), Image.LANCZOS)
         im.save(os.path.join(img_dir, os.path.splitext(os.path.basename(p))[0] + ".jpg"), quality=95)
 

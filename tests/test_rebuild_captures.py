@@ -334,3 +334,59 @@ def test_bigger_max_size_projects_points_where_the_sfm_model_saw_them(tmp_path):
     assert checked >= 50
     record = json.load(open(os.path.join(out, "cap", "rebuild.json")))["photos_read"]
     assert record["exif_turned_upright"] == ["view_1.jpg"]
+
+
+# What each EXIF orientation means (the EXIF 2.3 table, independent of PIL's ImageOps): the stored
+# pixels are the upright photo put through this transpose (each one the inverse of the viewer's).
+STORED_FROM_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                       4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+                       6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_270}
+
+
+@pytest.mark.parametrize("orientation", sorted(STORED_FROM_UPRIGHT))
+def test_bigger_max_size_turns_each_exif_orientation_upright_as_the_sfm_copy(tmp_path, orientation):
+    """An original stored turned or mirrored with EXIF orientation 2-8 (random 20-px blocks, no
+    symmetry) is prepared upright: the rebuilt photo matches the upright pattern and capture-sfm's
+    copy of the same original, both by the EXIF table above."""
+    rng = np.random.default_rng(orientation)
+    upright = np.kron(rng.integers(0, 2, (12, 16, 1)) * 200 + 28, np.ones((20, 20, 3))).astype(np.uint8)  # 320x240
+    originals = {}
+    for i in range(3):
+        im = Image.fromarray(upright)
+        if i == 2:  # PNG: lossless, and the upright copy keeps the original's name
+            im = im.transpose(STORED_FROM_UPRIGHT[orientation])
+            exif = Image.Exif()
+            exif[0x0112] = orientation
+            im.info["exif"] = exif.tobytes()
+        originals[f"view_{i}.png"] = im
+    mirrors, out, entry, sfm = _sfm_capture(tmp_path, originals, 100.0, 0.0, np.array([[0.0, 0.0, 3.0]]))
+    copy = np.asarray(Image.open(os.path.join(sfm, "images", "view_2.jpg")).convert("RGB"), np.float64)
+    assert copy.shape == (90, 120, 3)  # capture-sfm turned its copy upright (320x240 -> 120x90)
+    assert rc.main(["--mirrors", mirrors, "--out", out, "--manifest", _manifest(tmp_path, entry),
+                    "--max-size", "320"]) == 0
+    got = np.asarray(Image.open(os.path.join(out, "cap", "images", "view_2.jpg")).convert("RGB"), np.float64)
+    assert got.shape == upright.shape
+    assert np.abs(got - upright).mean() < 3.0  # JPEG q95 of the upright pattern; a wrong turn is ~100 off
+    small = np.asarray(Image.fromarray(got.astype(np.uint8)).resize((120, 90), Image.Resampling.LANCZOS), np.float64)
+    assert np.abs(small - copy).mean() < 6.0
+    record = json.load(open(os.path.join(out, "cap", "rebuild.json")))["photos_read"]
+    assert record["exif_turned_upright"] == ["view_2.png"]
+
+
+def test_an_unreadable_original_is_a_clear_error(tmp_path, capsys):
+    """The SfM's copies came from real photos but the snapshot's original is a Git LFS pointer
+    (text): the rebuild at a larger --max-size stops with one line naming the photo and the
+    size to rebuild at instead (was PIL's traceback), and leaves no prepared folder."""
+    originals = {f"view_{i}.jpg": Image.new("RGB", (479, 360), (90 + 40 * i, 128, 128)) for i in range(3)}
+    mirrors, out, entry, _ = _sfm_capture(tmp_path, originals, 100.0, 0.0, np.array([[0.0, 0.0, 3.0]]))
+    work = tmp_path / "mirrors" / "owner+cap" / "repo"
+    (work / "data" / "photos" / "view_1.jpg").write_text(
+        "version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 123456\n")
+    _git(str(work), "commit", "-q", "-am", "pointer")
+    entry["commit"] = _git(str(work), "rev-parse", "HEAD")
+    assert rc.main(["--mirrors", mirrors, "--out", out, "--manifest", _manifest(tmp_path, entry),
+                    "--max-size", "479"]) == 2
+    err = capsys.readouterr().err
+    assert "view_1.jpg: cannot be read as a photo" in err and "rebuild at --max-size 120 or less" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not os.path.exists(os.path.join(out, "cap")) and not os.path.exists(os.path.join(out, "cap.partial"))
