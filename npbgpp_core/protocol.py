@@ -84,8 +84,12 @@ def auto_check_recipes(long_side: int) -> tuple[tuple[str, ...], str]:
 # 0.34 GiB per megapixel since it decodes big photos in tiles, 0.74 before (BENCHMARKS.md "A user's capture
 # with big photos", "Aggregate at own size in tiles": 20 photos at 4032 px took 591 s and 3.6 GiB, 144 s and
 # 2.9 GiB at 2048); aggregating from half the size the views are looked at stayed within the quality bar at 1024 px
-# (BENCHMARKS.md "Aggregating from smaller photos": mean +0.05 / -0.03 dB, worst -0.28). The add-on's
-# property, the READMEs and the tests read this one number.
+# (BENCHMARKS.md "Aggregating from smaller photos": mean +0.05 / -0.03 dB, worst -0.28). Renders up to 2048 px
+# lose nothing at this cap (it leaves their photos at the render's size: "... at 2048 px"); renders above it of
+# bigger photos do: 12-13 MP photos aggregated at 2048 lost up to 0.52 dB rendered at their own size, at 3072 up
+# to 0.23 (BENCHMARKS.md "Renders above 2048 px"), so the docs advise Photo Size = the render's size there; the
+# cap stays for time and memory (own size took 4.9x the time). The add-on's property, the READMEs and the tests
+# read this one number.
 AGGREGATE_MAX_SIDE = 2048
 # The smallest long side an aggregation reads photos at (below it a photo is a few encoder cells: nothing
 # to aggregate); Photo Size, export --max-side and bench_quality --aggregate-max-side refuse less (0 aside).
