@@ -15,6 +15,7 @@ from bpy.props import BoolProperty, FloatProperty, IntProperty, StringProperty
 from npbgpp_core.protocol import AGGREGATE_MAX_SIDE, AGGREGATE_MIN_SIDE
 
 from .blend_paths import linked_library, resolved, stored
+from .camera_bridge import render_size
 
 # Network setting -> the data domain of the bundled NPBG++ file (npbgpp_core.pretrained);
 # "auto": the worker detects it from the dataset (npbgpp_core.datasets.scene_domain).
@@ -568,6 +569,15 @@ def photo_size_note(max_side: int, largest_side: int) -> str:
             "Photo Size, 0 reads them at their own size).")
 
 
+def default_photo_size(scene: Any) -> int:
+    """Aggregate's Photo Size when none was given: the long side F12 renders ``scene`` at (Resolution
+    times %, as the engine's camera reads it), at least AGGREGATE_MAX_SIDE. Descriptors read from
+    photos smaller than the render lost up to 0.52 dB (BENCHMARKS.md "Renders above 2048 px"), so a
+    large render raises the cap by itself; smaller renders keep the constant's time and memory."""
+    r = scene.render
+    return max(AGGREGATE_MAX_SIDE, *render_size(r.resolution_x, r.resolution_y, r.resolution_percentage))
+
+
 def aggregate_cloud(s: Any) -> tuple[str, str]:
     """(setting, file) of the cloud Aggregate reads instead of the format's own: Dataset Points
     when set (Densify's output, or Import Dataset Folder's Point Cloud), else Dataset Cloud (that
@@ -618,8 +628,11 @@ class NPBGPP_OT_aggregate(_WorkerStepJob, bpy.types.Operator):
     )
     max_side: IntProperty(  # type: ignore[valid-type]
         # min 0 (own size) with 1..15 refused in _begin: Blender's min cannot say "0 or at least 16"
-        name="Photo Size", default=AGGREGATE_MAX_SIDE, min=0, soft_max=8192, subtype="PIXEL",
-        description=f"Read each photo at most this long side in pixels (larger ones shrunk with their cameras, "
+        # SKIP_SAVE: a run from the UI would start from the last run's value, which counts as set
+        # (is_property_set), and the default would stop following the render (default_photo_size)
+        name="Photo Size", default=AGGREGATE_MAX_SIDE, min=0, soft_max=8192, subtype="PIXEL", options={"SKIP_SAVE"},
+        description=f"Unless set, the long side F12 renders at (Resolution times %), at least {AGGREGATE_MAX_SIDE}. "
+                    f"Read each photo at most this long side in pixels (larger ones shrunk with their cameras, "
                     f"smaller ones as they are; the bundle records it). Aggregate's time and memory grow with the "
                     f"pixels read: 20 photos of 11 megapixels (4032 px) took 3.6 GiB on a CPU at their own size, "
                     f"2.9 GiB and 4x less time at 2048 (BENCHMARKS.md). Rendering larger than this side, raise it "
@@ -663,6 +676,7 @@ class NPBGPP_OT_aggregate(_WorkerStepJob, bpy.types.Operator):
     def _begin(self, context: Any) -> Progress | None:
         from npbgpp_core import protocol as P
 
+        self._follow_render(context)
         try:  # here, not in the worker: no worker started (or dataset read) for a size nothing can mean
             P.check_aggregate_max_side(self.max_side)
         except ValueError as exc:
@@ -729,10 +743,18 @@ class NPBGPP_OT_aggregate(_WorkerStepJob, bpy.types.Operator):
             self.report({"WARNING"}, self._cloud_note + ".")
         return {"FINISHED"}
 
+    def _follow_render(self, context: Any) -> None:
+        """Photo Size not given (by the user, a script or the dialog): the scene's default_photo_size.
+        Set as a value, so the dialog and file browser show what will be used, and a run that follows
+        keeps it (it is then set)."""
+        if not self.properties.is_property_set("max_side"):
+            self.max_side = default_photo_size(context.scene)
+
     def invoke(self, context: Any, event: Any) -> set[str]:
         inputs = self._inputs(context)
         if inputs is None:
             return {"CANCELLED"}
+        self._follow_render(context)  # before the file browser or the dialog, which show it
         if ask_for_output(self, context, inputs[2], ".npbgpp"):  # ask where the bundle goes
             return {"RUNNING_MODAL"}
         return self._ask_options(context)

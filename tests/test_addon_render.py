@@ -5498,6 +5498,78 @@ def test_aggregate_photo_size_reaches_the_worker_and_the_report(scene, capfd, mo
         "Photo Size", AGGREGATE_MAX_SIDE, 0, 8192, "PIXEL")
 
 
+def test_aggregate_photo_size_follows_the_render_size_unless_given(scene, monkeypatch):
+    """Photo Size not given: Aggregate reads photos at the long side F12 renders at (Resolution times %,
+    Blender's integer maths: 4097 at 75% is 3072), at least AGGREGATE_MAX_SIDE (2048), and the bundle
+    records it; a Photo Size given, the constant's own value included, is used as is (0: own size).
+    The property skips Blender's last-used values (SKIP_SAVE): from the UI those count as given, and
+    the default would stay the first render's size (bpy.ops calls never reuse them)."""
+    from npbgpp_core.scene import NeuralScene
+
+    worker_client = sys.modules[f"{MODULE}.worker_client"]
+    sc = scene["scene"]
+    _import_nerf_dataset(scene)
+    sides: list[int] = []
+    forward = worker_client.ProcessWorker.request
+
+    def recorded(self, req, *args, **kwargs):
+        if type(req).__name__ == "AggregateBegin":
+            sides.append(req.max_side)
+        return forward(self, req, *args, **kwargs)
+
+    monkeypatch.setattr(worker_client.ProcessWorker, "request", recorded)
+    cases = [((3840, 2160, 100), {}, 3840), ((3840, 2160, 50), {}, 2048), ((1920, 1080, 100), {}, 2048),
+             ((4097, 100, 75), {}, 3072), ((2160, 5000, 60), {}, 3000),
+             ((3840, 2160, 100), {"max_side": 1024}, 1024), ((3840, 2160, 100), {"max_side": 0}, 0),
+             ((3840, 2160, 100), {"max_side": 2048}, 2048)]
+    for k, (resolution, given, expected) in enumerate(cases):
+        sc.render.resolution_x, sc.render.resolution_y, sc.render.resolution_percentage = resolution
+        out = scene["dir"] / f"{k}.npbgpp"
+        assert bpy.ops.npbgpp.aggregate(filepath=str(out), **given) == {"FINISHED"}
+        assert sides[-1] == expected, (resolution, given)
+        assert NeuralScene.load(str(out)).metadata["aggregate_max_side"] == (expected or None)
+    assert len(sides) == len(cases)
+    assert bpy.ops.npbgpp.aggregate.get_rna_type().properties["max_side"].is_skip_save
+
+
+def test_aggregate_dialog_shows_the_photo_size_it_will_use(addon):
+    """In a window (invoke), Photo Size not given is set to the render's long side before the options
+    dialog opens, so the dialog shows the value OK will use; one given (a script's max_side, or an
+    earlier dialog) is left as it is. (bpy without a window runs no invoke: the operator's Python side
+    is a stand-in, the scene Blender's.) Without a Bundle path in an unsaved .blend, the file browser
+    opens first and shows it too."""
+    from types import SimpleNamespace
+
+    ops = sys.modules[f"{MODULE}.operators"]
+    bpy.ops.wm.read_homefile(use_empty=True)
+    sc = bpy.context.scene
+    sc.render.resolution_x, sc.render.resolution_y, sc.render.resolution_percentage = 2160, 3840, 100
+    shown: list[int] = []
+
+    def dialog(operator: object, confirm_text: str = "") -> set[str]:
+        shown.append(operator.max_side)
+        return {"RUNNING_MODAL"}
+
+    context = SimpleNamespace(scene=sc, window=object(), window_manager=SimpleNamespace(invoke_props_dialog=dialog))
+    for given, expected in ((None, 3840), (1024, 1024), (0, 0)):
+        op = SimpleNamespace(filepath="x.npbgpp", _asked=False, bl_label="Aggregate Descriptors",
+                             max_side=ops.AGGREGATE_MAX_SIDE if given is None else given,
+                             properties=SimpleNamespace(is_property_set=lambda name, given=given: given is not None),
+                             _inputs=lambda context: ("w.pt", "", "dataset"))
+        # (a no-op where the operator has none, so that the test fails on the value shown)
+        op._follow_render = getattr(ops.NPBGPP_OT_aggregate, "_follow_render", lambda self, context: None).__get__(op)
+        op._ask_options = ops._WorkerStepJob._ask_options.__get__(op)
+        assert ops.NPBGPP_OT_aggregate.invoke(op, context, None) == {"RUNNING_MODAL"}
+        assert shown[-1] == expected and op._asked
+    # no Bundle path and an unsaved .blend: the file browser opens first, showing the same value
+    assert not bpy.data.filepath
+    context.window_manager.fileselect_add = lambda operator: shown.append(("browser", operator.max_side))
+    op.filepath, op.max_side = "", ops.AGGREGATE_MAX_SIDE
+    op.properties = SimpleNamespace(is_property_set=lambda name: False)
+    assert ops.NPBGPP_OT_aggregate.invoke(op, context, None) == {"RUNNING_MODAL"}
+    assert shown[-1] == ("browser", 3840) and op.filepath == "dataset.npbgpp"
+
+
 def test_import_of_a_copied_dataset_keeps_its_bundle(scene, capfd, monkeypatch):
     """Importing a dataset keeps the scene's bundle when the new cloud's ids name the
     bundle's points, wherever the folder lies (a copy elsewhere, renamed): F12 then renders
@@ -5923,13 +5995,14 @@ def _aggregate_stand_in(agg_op, out: str, **overrides):
 
     op = SimpleNamespace(filepath=out, max_points=0, max_side=AGGREGATE_MAX_SIDE, report=lambda kind, text: None,
                          _cleanup=lambda context: None, _status=lambda context, p: None,
-                         _start_modal=lambda context, total: None, _worker=None, _generation=None)
+                         _start_modal=lambda context, total: None, _worker=None, _generation=None,
+                         properties=SimpleNamespace(is_property_set=lambda name: True))  # Photo Size as given
     for name, value in overrides.items():
         setattr(op, name, value)
     for name in ("_job", "_cancel_request", "_cancel_note"):
         setattr(op, name, getattr(agg_op, name))
     for name in ("_inputs", "_begin", "_step", "_progress", "_finish", "_request", "_cancel_quietly",
-                 "_already_running", "_drop_after_error"):
+                 "_already_running", "_drop_after_error", "_follow_render"):
         setattr(op, name, getattr(agg_op, name).__get__(op))
     return op
 
@@ -6155,11 +6228,12 @@ def test_aggregate_after_the_file_browser_runs_as_the_modal_job(scene):
     op = SimpleNamespace(filepath="", max_points=0, max_side=ops_module.AGGREGATE_MAX_SIDE,
                          report=lambda kind, text: calls.append(text),
                          _cleanup=lambda context: calls.append("cleanup"), _status=lambda context, p: None,
-                         _start_modal=lambda context, total: calls.append("modal"), _worker=None, _generation=None)
+                         _start_modal=lambda context, total: calls.append("modal"), _worker=None, _generation=None,
+                         properties=SimpleNamespace(is_property_set=lambda name: True))  # Photo Size as given
     for name in ("_job", "_cancel_request", "_cancel_note"):
         setattr(op, name, getattr(agg_op, name))
     for name in ("_inputs", "_begin", "_step", "_progress", "_finish", "_request", "_cancel_quietly",
-                 "_already_running", "_drop_after_error", "_start_job"):
+                 "_already_running", "_drop_after_error", "_start_job", "_follow_render"):
         setattr(op, name, getattr(agg_op, name).__get__(op))
     browser = SimpleNamespace(fileselect_add=lambda o: calls.append("browser"))
     assert ops_module.ask_for_output(op, SimpleNamespace(window_manager=browser), str(scene["dir"] / "nerf2"),
