@@ -227,8 +227,9 @@ def extractor_call(width: int, height: int, decode: str = "auto") -> dict[str, A
 def run_stages(dataset: str, work: str, stages: list[str], size: str, photo_size: int | None = None,
                undistort: bool = False, max_views: int = 0) -> list[dict[str, Any]]:
     """Each stage in turn as the add-on asks for it; one report per stage run. ``photo_size``:
-    Aggregate's Photo Size (AggregateBegin.max_side; None: the operator's default,
-    ``protocol.AGGREGATE_MAX_SIDE``; 0: each photo at its own size). ``undistort``: its Undistort on.
+    Aggregate's Photo Size (AggregateBegin.max_side; None: the operator's default for
+    renders up to 2048 px, ``protocol.AGGREGATE_MAX_SIDE``; 0: each photo at its own size).
+    ``undistort``: its Undistort on.
     ``max_views``: Aggregate sends only the first that many AggregateView requests (0: all), a
     shorter run for before/after comparisons of the stage (its bundle sees fewer views)."""
     import torch
@@ -368,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--threads", type=int, default=1, help="torch threads (the worker: cores - 1)")
     run.add_argument("--json", default="", help="also append the reports to this file")
     run.add_argument("--photo-size", type=int, default=None,
-                     help="Aggregate's Photo Size in pixels (default: the add-on's, protocol.AGGREGATE_MAX_SIDE; "
+                     help="Aggregate's Photo Size in pixels (default: the add-on's for renders up to 2048 px, "
+                     "protocol.AGGREGATE_MAX_SIDE; "
                      "0: each photo at its own size, as before the option)")
     run.add_argument("--undistort", action="store_true", help="distorted COLMAP cameras: the add-on's Undistort")
     run.add_argument("--round-resampled", choices=("on", "off"), default="on",

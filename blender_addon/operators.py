@@ -12,7 +12,7 @@ import bpy
 import numpy as np
 from bpy.props import BoolProperty, FloatProperty, IntProperty, StringProperty
 
-from npbgpp_core.protocol import AGGREGATE_MAX_SIDE, AGGREGATE_MIN_SIDE
+from npbgpp_core.protocol import AGGREGATE_MAX_SIDE, AGGREGATE_MIN_SIDE, AGGREGATE_RENDER_MAX_SIDE
 
 from .blend_paths import linked_library, resolved, stored
 from .camera_bridge import render_size
@@ -571,11 +571,14 @@ def photo_size_note(max_side: int, largest_side: int) -> str:
 
 def default_photo_size(scene: Any) -> int:
     """Aggregate's Photo Size when none was given: the long side F12 renders ``scene`` at (Resolution
-    times %, as the engine's camera reads it), at least AGGREGATE_MAX_SIDE. Descriptors read from
-    photos smaller than the render lost up to 0.52 dB (BENCHMARKS.md "Renders above 2048 px"), so a
-    large render raises the cap by itself; smaller renders keep the constant's time and memory."""
+    times %, as the engine's camera reads it), at least AGGREGATE_MAX_SIDE and at most
+    AGGREGATE_RENDER_MAX_SIDE. Descriptors read from photos smaller than the render lost up to 0.52 dB
+    (BENCHMARKS.md "Renders above 2048 px"), so a large render raises the cap by itself; smaller renders
+    keep the constant's time and memory, and the upper bound keeps 48-MP photos from being read whole
+    unasked."""
     r = scene.render
-    return max(AGGREGATE_MAX_SIDE, *render_size(r.resolution_x, r.resolution_y, r.resolution_percentage))
+    side = max(render_size(r.resolution_x, r.resolution_y, r.resolution_percentage))
+    return min(AGGREGATE_RENDER_MAX_SIDE, max(AGGREGATE_MAX_SIDE, side))
 
 
 def aggregate_cloud(s: Any) -> tuple[str, str]:
@@ -631,7 +634,8 @@ class NPBGPP_OT_aggregate(_WorkerStepJob, bpy.types.Operator):
         # SKIP_SAVE: a run from the UI would start from the last run's value, which counts as set
         # (is_property_set), and the default would stop following the render (default_photo_size)
         name="Photo Size", default=AGGREGATE_MAX_SIDE, min=0, soft_max=8192, subtype="PIXEL", options={"SKIP_SAVE"},
-        description=f"Unless set, the long side F12 renders at (Resolution times %), at least {AGGREGATE_MAX_SIDE}. "
+        description=f"Unless set, the long side F12 renders at (Resolution times %), at least {AGGREGATE_MAX_SIDE} "
+                    f"and at most {AGGREGATE_RENDER_MAX_SIDE}. "
                     f"Read each photo at most this long side in pixels (larger ones shrunk with their cameras, "
                     f"smaller ones as they are; the bundle records it). Aggregate's time and memory grow with the "
                     f"pixels read: 20 photos of 11 megapixels (4032 px) took 3.6 GiB on a CPU at their own size, "

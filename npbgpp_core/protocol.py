@@ -91,6 +91,12 @@ def auto_check_recipes(long_side: int) -> tuple[tuple[str, ...], str]:
 # cap stays for time and memory (own size took 4.9x the time). The add-on's property, the READMEs and the tests
 # read this one number.
 AGGREGATE_MAX_SIDE = 2048
+# The most the add-on's Photo Size follows the render by itself when the user sets none
+# (blender_addon.operators.default_photo_size): 4K renders (3840) and 12-MP phone photos (4032-4080 px) are
+# read at their size, about 3.6 GiB for 20 photos of 11 MP on a CPU (BENCHMARKS.md "Aggregate at own size in
+# tiles"); a 48-MP photo (8064 px) would take ~6.8 GiB and 86 s an extractor call there, so larger renders
+# or photos need Photo Size set (0: own size).
+AGGREGATE_RENDER_MAX_SIDE = 4096
 # The smallest long side an aggregation reads photos at (below it a photo is a few encoder cells: nothing
 # to aggregate); Photo Size, export --max-side and bench_quality --aggregate-max-side refuse less (0 aside).
 AGGREGATE_MIN_SIDE = 16

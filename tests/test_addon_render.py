@@ -5500,8 +5500,9 @@ def test_aggregate_photo_size_reaches_the_worker_and_the_report(scene, capfd, mo
 
 def test_aggregate_photo_size_follows_the_render_size_unless_given(scene, monkeypatch):
     """Photo Size not given: Aggregate reads photos at the long side F12 renders at (Resolution times %,
-    Blender's integer maths: 4097 at 75% is 3072), at least AGGREGATE_MAX_SIDE (2048), and the bundle
-    records it; a Photo Size given, the constant's own value included, is used as is (0: own size).
+    Blender's integer maths: 4097 at 75% is 3072), at least AGGREGATE_MAX_SIDE (2048) and at most
+    AGGREGATE_RENDER_MAX_SIDE (4096: an 8064-px render reads at 4096), and the bundle records it; a
+    Photo Size given, the constant's own value included, is used as is (0: own size).
     The property skips Blender's last-used values (SKIP_SAVE): from the UI those count as given, and
     the default would stay the first render's size (bpy.ops calls never reuse them)."""
     from npbgpp_core.scene import NeuralScene
@@ -5519,7 +5520,8 @@ def test_aggregate_photo_size_follows_the_render_size_unless_given(scene, monkey
 
     monkeypatch.setattr(worker_client.ProcessWorker, "request", recorded)
     cases = [((3840, 2160, 100), {}, 3840), ((3840, 2160, 50), {}, 2048), ((1920, 1080, 100), {}, 2048),
-             ((4097, 100, 75), {}, 3072), ((2160, 5000, 60), {}, 3000),
+             ((4097, 100, 75), {}, 3072), ((2160, 5000, 60), {}, 3000), ((8064, 6048, 100), {}, 4096),
+             ((8064, 6048, 100), {"max_side": 0}, 0),
              ((3840, 2160, 100), {"max_side": 1024}, 1024), ((3840, 2160, 100), {"max_side": 0}, 0),
              ((3840, 2160, 100), {"max_side": 2048}, 2048)]
     for k, (resolution, given, expected) in enumerate(cases):
