@@ -87,8 +87,9 @@ def auto_check_recipes(long_side: int) -> tuple[tuple[str, ...], str]:
 # (BENCHMARKS.md "Aggregating from smaller photos": mean +0.05 / -0.03 dB, worst -0.28). Renders up to 2048 px
 # lose nothing at this cap (it leaves their photos at the render's size: "... at 2048 px"); renders above it of
 # bigger photos do: 12-13 MP photos aggregated at 2048 lost up to 0.52 dB rendered at their own size, at 3072 up
-# to 0.23 (BENCHMARKS.md "Renders above 2048 px"), so the docs advise Photo Size = the render's size there; the
-# cap stays for time and memory (own size took 4.9x the time). The add-on's property, the READMEs and the tests
+# to 0.23 (BENCHMARKS.md "Renders above 2048 px"), so the add-on's Photo Size, when the user sets none, follows
+# the render's long side above this cap (up to AGGREGATE_RENDER_MAX_SIDE below); the cap stays for renders up to
+# 2048 px, for time and memory (own size took 4.9x the time). The add-on's property, the READMEs and the tests
 # read this one number.
 AGGREGATE_MAX_SIDE = 2048
 # The most the add-on's Photo Size follows the render by itself when the user sets none
