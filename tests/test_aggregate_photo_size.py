@@ -284,8 +284,9 @@ def test_out_of_memory_before_any_photo_is_read_names_the_cloud_and_max_points(f
 
 
 def test_the_docs_state_the_default_photo_size_the_add_on_uses():
-    """The READMEs give Photo Size's default as the one constant the add-on's property reads
-    (protocol.AGGREGATE_MAX_SIDE): changing the number there makes this fail until they follow."""
+    """The READMEs give Photo Size's default as the add-on computes it (operators.default_photo_size):
+    the render's long side within protocol.AGGREGATE_MAX_SIDE and AGGREGATE_RENDER_MAX_SIDE, 2048 only
+    for renders up to 2048 px; changing either number makes this fail until they follow."""
     import os
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -294,12 +295,21 @@ def test_the_docs_state_the_default_photo_size_the_add_on_uses():
         with open(os.path.join(root, path), encoding="utf-8") as f:
             return " ".join(f.read().split())
 
-    side = P.AGGREGATE_MAX_SIDE
-    assert f"default {side}, `npbgpp_core.protocol.AGGREGATE_MAX_SIDE`" in text("blender_addon/README.md")
-    assert f"at most {side} px on its long side by default" in text("README.md")
+    side, most = P.AGGREGATE_MAX_SIDE, P.AGGREGATE_RENDER_MAX_SIDE
+    addon_doc = text("blender_addon/README.md")
+    assert (f"default: the render's long side, at least {side}, `npbgpp_core.protocol.AGGREGATE_MAX_SIDE`, "
+            f"and at most {most}") in addon_doc
+    assert f"at least {side} and at most {most}" in addon_doc
+    readme = text("README.md")
+    assert f"at most {side} px on its long side by default for renders up to {side} px" in readme
+    assert f"at least {side} and at most {most} (`protocol.AGGREGATE_RENDER_MAX_SIDE`)" in readme
     export_doc = text("headless_train/README.md")
-    assert f"Photo Size, default {side}: `npbgpp_core.protocol.AGGREGATE_MAX_SIDE`" in export_doc
-    assert f"pass `--max-side {side}` for the bundle the add-on writes" in export_doc
+    assert f"Photo Size, default {side} for renders up to {side} px: `npbgpp_core.protocol.AGGREGATE_MAX_SIDE`" \
+        in export_doc
+    assert (f"pass `--max-side {side}` for the bundle the add-on writes for renders up to {side} px; it follows "
+            f"larger renders up to {most}") in export_doc
+    for doc in (addon_doc, readme, export_doc):  # the old unconditional default is gone
+        assert f"default {side}," not in doc and f"default {side}:" not in doc
 
 
 def test_training_s_input_views_are_read_as_aggregate_reads_them(folder):
