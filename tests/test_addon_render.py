@@ -5457,16 +5457,10 @@ def test_aggregate_checks_the_point_object_without_loading_the_bundle(scene, cap
     assert sc.npbgpp.bundle == bad and sc.npbgpp.point_object == dataset_obj
 
 
-def test_aggregate_photo_size_reaches_the_worker_and_the_report(scene, capfd, monkeypatch):
-    """Aggregate's Photo Size (default npbgpp_core.protocol.AGGREGATE_MAX_SIDE) travels in AggregateBegin
-    and the bundle records it; at 16 on the dataset's 32x24 photo the report says the photos were read at
-    16 px long side (originals up to 32), at the default, above the photo's size, it says nothing of it;
-    8 is refused in Photo Size's words before the worker is asked and no bundle is written."""
-    from npbgpp_core.protocol import AGGREGATE_MAX_SIDE
-    from npbgpp_core.scene import NeuralScene
-
+def _record_photo_sizes(monkeypatch) -> list[int]:
+    """The Photo Size (AggregateBegin.max_side) of every Aggregate the worker is asked for from now on,
+    in order; the requests still go to the worker."""
     worker_client = sys.modules[f"{MODULE}.worker_client"]
-    _import_nerf_dataset(scene)
     sides: list[int] = []
     forward = worker_client.ProcessWorker.request
 
@@ -5476,6 +5470,19 @@ def test_aggregate_photo_size_reaches_the_worker_and_the_report(scene, capfd, mo
         return forward(self, req, *args, **kwargs)
 
     monkeypatch.setattr(worker_client.ProcessWorker, "request", recorded)
+    return sides
+
+
+def test_aggregate_photo_size_reaches_the_worker_and_the_report(scene, capfd, monkeypatch):
+    """Aggregate's Photo Size (default for renders up to 2048 px: protocol.AGGREGATE_MAX_SIDE) travels in AggregateBegin
+    and the bundle records it; at 16 on the dataset's 32x24 photo the report says the photos were read at
+    16 px long side (originals up to 32), at the default, above the photo's size, it says nothing of it;
+    8 is refused in Photo Size's words before the worker is asked and no bundle is written."""
+    from npbgpp_core.protocol import AGGREGATE_MAX_SIDE
+    from npbgpp_core.scene import NeuralScene
+
+    _import_nerf_dataset(scene)
+    sides = _record_photo_sizes(monkeypatch)
     capfd.readouterr()
     default = scene["dir"] / "default.npbgpp"
     assert bpy.ops.npbgpp.aggregate(filepath=str(default)) == {"FINISHED"}
@@ -5507,18 +5514,9 @@ def test_aggregate_photo_size_follows_the_render_size_unless_given(scene, monkey
     the default would stay the first render's size (bpy.ops calls never reuse them)."""
     from npbgpp_core.scene import NeuralScene
 
-    worker_client = sys.modules[f"{MODULE}.worker_client"]
     sc = scene["scene"]
     _import_nerf_dataset(scene)
-    sides: list[int] = []
-    forward = worker_client.ProcessWorker.request
-
-    def recorded(self, req, *args, **kwargs):
-        if type(req).__name__ == "AggregateBegin":
-            sides.append(req.max_side)
-        return forward(self, req, *args, **kwargs)
-
-    monkeypatch.setattr(worker_client.ProcessWorker, "request", recorded)
+    sides = _record_photo_sizes(monkeypatch)
     cases = [((3840, 2160, 100), {}, 3840), ((3840, 2160, 50), {}, 2048), ((1920, 1080, 100), {}, 2048),
              ((4097, 100, 75), {}, 3072), ((2160, 5000, 60), {}, 3000), ((8064, 6048, 100), {}, 4096),
              ((8064, 6048, 100), {"max_side": 0}, 0),
