@@ -79,10 +79,12 @@ def to8(image) -> np.ndarray:
 
 
 def library_images(folder: str, held: int, inputs: list[int], all_views: list[int],
-                   blender_camera: dict) -> dict[str, np.ndarray]:
+                   blender_camera: dict, max_side: int | None) -> dict[str, np.ndarray]:
     """The npbgpp_core pipeline's image of view ``held`` at the photo's size, aggregated from
     ``all_views`` (as the add-on does) and from ``inputs`` (bench_quality's split), each photo read
-    as the add-on's Aggregate reads it at its default Photo Size (``AGGREGATE_MAX_SIDE``); and, from
+    at the long side ``max_side`` the add-on's Aggregate read it at (its bundle's ``aggregate_max_side``:
+    Photo Size unset follows the render, so photos above 2048 px are not read at the constant; None:
+    own size); and, from
     ``all_views``, through the camera the add-on derived from the Blender camera object
     (``blender_camera``: K, R, t, near, far), with and without its clip range."""
     import torch
@@ -91,7 +93,6 @@ def library_images(folder: str, held: int, inputs: list[int], all_views: list[in
     from npbgpp_core.datasets import load_scene, scene_domain
     from npbgpp_core.models.alignment import resolve_world_up
     from npbgpp_core.pretrained import default_weights_path, load_pretrained_npbgpp
-    from npbgpp_core.protocol import AGGREGATE_MAX_SIDE
 
     scene = load_scene(folder)
     weights = default_weights_path("npbgpp", scene_domain(scene))
@@ -103,7 +104,7 @@ def library_images(folder: str, held: int, inputs: list[int], all_views: list[in
         with torch.no_grad():
             state = model.begin_scene(points)
             for i in views:
-                image, camera = scene.view_at_long_side(i, AGGREGATE_MAX_SIDE)
+                image, camera = scene.view_at_long_side(i, max_side)
                 state.add_views(image[None], [camera])
             agg = state.finish()
             image = model.render(agg, scene.camera(held))
@@ -179,7 +180,11 @@ def run(folder: str, out: str, workdir: str) -> dict:
         renders[name] = read_png(sc.render.filepath)
     bpy.ops.npbgpp.stop_worker()
 
-    lib = library_images(folder, held, inputs, all_views, blender_camera)
+    from npbgpp_core.scene import NeuralScene
+
+    # the Photo Size the add-on's Aggregate used, as its bundle records it
+    lib = library_images(folder, held, inputs, all_views, blender_camera,
+                         NeuralScene.load(bundle).metadata["aggregate_max_side"])
     report = {"scene": folder, "held_out_view": held, "view_name": data.views[held].name, "size": [h, w],
               "inputs": inputs, "addon_aggregated_views": all_views, "weights": lib["weights"],
               "factory_defaults": defaults, "after_import": after_import, "renders": {}}
