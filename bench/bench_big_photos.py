@@ -24,9 +24,12 @@ size: it costs what such photos cost, not what they would score.
 
 ``run`` drives :class:`npbgpp_core.service.RenderService` with the requests the add-on sends
 on its defaults (``blender_addon/operators.py``, ``render_job.py``, ``properties.py``):
-``AggregateBegin`` with no weights, Network Auto and Photo Size at its default
-(``--photo-size``: another; 0, each photo at its own size, is what the section's first figures
-ran, before the option), one ``AggregateView`` per view, then
+``AggregateBegin`` with no weights, Network Auto and Photo Size at the add-on's default for a
+render up to 2048 px such as this tool's 1920x1080 still (``protocol.AGGREGATE_MAX_SIDE``; the
+add-on's Photo Size, unset, follows larger renders up to 4096, so after Import Dataset, which sets the
+render to the photos' size, it reads photos of up to 4096 px at their own size: ``--photo-size`` gives
+that or another; 0, each photo at its own size, is what the section's first figures ran, before the
+option), one ``AggregateView`` per view, then
 ``FitBegin`` (200 steps, Check Fit on a Photo, Fit Upright, Also Try Whole Views Auto) and
 ``FitStep`` requests of 0.25 s until finished, then ``LoadBundle`` of the fitted bundle and a
 ``RenderFrame`` of the first training camera widened to 1920x1080 (the network on, Tile Size 2048,
@@ -228,7 +231,8 @@ def run_stages(dataset: str, work: str, stages: list[str], size: str, photo_size
                undistort: bool = False, max_views: int = 0) -> list[dict[str, Any]]:
     """Each stage in turn as the add-on asks for it; one report per stage run. ``photo_size``:
     Aggregate's Photo Size (AggregateBegin.max_side; None: the operator's default for
-    renders up to 2048 px, ``protocol.AGGREGATE_MAX_SIDE``; 0: each photo at its own size).
+    renders up to 2048 px, as the 1920x1080 still, ``protocol.AGGREGATE_MAX_SIDE``; 0: each photo at its
+    own size).
     ``undistort``: its Undistort on.
     ``max_views``: Aggregate sends only the first that many AggregateView requests (0: all), a
     shorter run for before/after comparisons of the stage (its bundle sees fewer views)."""
