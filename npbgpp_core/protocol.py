@@ -78,7 +78,8 @@ def auto_check_recipes(long_side: int) -> tuple[tuple[str, ...], str]:
     return (), FIT_CHECK_COMBINE
 
 
-# The add-on's Photo Size, Aggregate Descriptors' default (AggregateBegin.max_side): the long side, in
+# The add-on's Photo Size, Aggregate Descriptors' default for renders up to this side and the least one for
+# larger renders (AggregateBegin.max_side; blender_addon.operators.default_photo_size): the long side, in
 # pixels, it reads each photo at (larger photos shrunk with their cameras, npbgpp_core.image_size.fit_long_side;
 # smaller ones kept as they are). Why: aggregating reads every photo whole through the extractor, about
 # 0.34 GiB per megapixel since it decodes big photos in tiles, 0.74 before (BENCHMARKS.md "A user's capture
