@@ -44,7 +44,7 @@ that camera) and gives its PSNR against the photo as loaded (undistorted floats 
 ``--undistort``). ``--round-resampled off`` makes the fit hold undistorted photos as floats
 (``scene_fit.FIT_ROUND_RESAMPLED``; the worker runs in this process). ``--extractor-tiles off``
 makes the feature extractor decode every photo whole, as before it decoded big ones in tiles
-(``models.extractor.TILE_ABOVE_PIXELS``); ``--max-views N`` aggregates only the first N views
+(``models.extractor.TILE_ABOVE_SIDE``); ``--max-views N`` aggregates only the first N views
 (shorter before/after runs).
 
 ``extractor`` times one gradient-free call of the feature extractor (random weights) on one
@@ -208,9 +208,9 @@ def extractor_call(width: int, height: int, decode: str = "auto") -> dict[str, A
     if decode not in ("auto", "whole", "tiles", "encoder"):
         raise ValueError(f"decode must be auto, whole, tiles or encoder, got {decode!r}")
     if decode == "whole":
-        extractor.TILE_ABOVE_PIXELS = sys.maxsize
+        extractor.TILE_ABOVE_SIDE = sys.maxsize
     elif decode == "tiles":
-        extractor.TILE_ABOVE_PIXELS = 0
+        extractor.TILE_ABOVE_SIDE = 0
     torch.manual_seed(0)
     model = FeatureExtractor(8).eval()
     image = torch.rand(1, 3, height, width)
@@ -223,7 +223,7 @@ def extractor_call(width: int, height: int, decode: str = "auto") -> dict[str, A
         else:
             model(image)
     return {"size": f"{width}x{height}", "megapixels": round(width * height / 1e6, 2), "decode": decode,
-            "tile_above_pixels": extractor.TILE_ABOVE_PIXELS, "seconds": round(time.perf_counter() - t0, 2),
+            "tile_above_side": extractor.TILE_ABOVE_SIDE, "seconds": round(time.perf_counter() - t0, 2),
             "peak_rss_above_mib": round(_peak_rss_mib() - before)}
 
 
@@ -269,7 +269,7 @@ def run_stages(dataset: str, work: str, stages: list[str], size: str, photo_size
                     result = log.ask(P.AggregateFinish(bundle))
                     extra = {"views": views, "network": os.path.basename(started.weights),
                              "points": result.points, "seen": result.valid, "photo_size": photo_size,
-                             "tile_above_pixels": extractor.TILE_ABOVE_PIXELS}
+                             "tile_above_side": extractor.TILE_ABOVE_SIDE}
                 elif stage == "fit":
                     # the operator's defaults: 200 steps, Check Fit on a Photo, Fit Upright, Also Try Whole
                     # Views Auto (recipes and combine None: the worker decides by the photos' size)
@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
                      help="Aggregate only the first that many views (0: all)")
     run.add_argument("--extractor-tiles", choices=("on", "off"), default="on",
                      help="off: the feature extractor decodes every photo whole, as before tiling "
-                     "(models.extractor.TILE_ABOVE_PIXELS unlimited)")
+                     "(models.extractor.TILE_ABOVE_SIDE unlimited)")
     ex = sub.add_parser("extractor", help="one feature-extractor call's time and peak memory")
     ex.add_argument("--size", required=True, help="WxH, e.g. 4000x3000")
     ex.add_argument("--decode", default="auto", choices=("auto", "whole", "tiles", "encoder"))
@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.extractor_tiles == "off":
         from npbgpp_core.models import extractor
 
-        extractor.TILE_ABOVE_PIXELS = sys.maxsize
+        extractor.TILE_ABOVE_SIDE = sys.maxsize
     data = load_scene(a.dataset, require_points=False, **({"undistort": True} if a.undistort else {}))
     size = f"{max(data.views[0].camera.image_size)} px"
     reports = run_stages(a.dataset, a.work, a.stages.split(","), size, a.photo_size, a.undistort, a.max_views)

@@ -96,8 +96,8 @@ AGGREGATE_MAX_SIDE = 2048
 # The most the add-on's Photo Size follows the render by itself when the user sets none
 # (blender_addon.operators.default_photo_size): 4K renders (3840) and 12-MP phone photos (4032-4080 px) are
 # read at their size, about 3.6 GiB for 20 photos of 11 MP on a CPU (BENCHMARKS.md "Aggregate at own size in
-# tiles"); photos of 3840x2160 decode whole, under the extractor's tile threshold: 3.8 GiB an extractor call
-# against 1.7 for a 12-MP photo (BENCHMARKS.md "The extractor at the render sizes Photo Size now follows"); a
+# tiles"); photos of 3840x2160 decode in tiles too (the extractor's TILE_ABOVE_SIDE), 1.2 GiB an extractor
+# call, 3.8 whole (BENCHMARKS.md "The extractor at the render sizes Photo Size now follows"); a
 # 48-MP photo (8064 px) would take ~6.6 GiB and 86 s an extractor call there, so larger renders or photos need
 # Photo Size set (0: own size).
 AGGREGATE_RENDER_MAX_SIDE = 4096

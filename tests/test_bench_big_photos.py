@@ -176,8 +176,8 @@ def test_extractor_command_reports_one_call(decode: str, capsys, monkeypatch) ->
 
     from npbgpp_core.models import extractor
 
-    monkeypatch.setattr(extractor, "TILE_ABOVE_PIXELS", extractor.TILE_ABOVE_PIXELS)  # the command sets it
+    monkeypatch.setattr(extractor, "TILE_ABOVE_SIDE", extractor.TILE_ABOVE_SIDE)  # the command sets it
     assert bbp.main(["extractor", "--size", "96x64", "--decode", decode]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["size"] == "96x64" and report["decode"] == decode and report["peak_rss_above_mib"] >= 0
-    assert report["tile_above_pixels"] == {"whole": sys.maxsize, "tiles": 0}.get(decode, extractor.TILE_ABOVE_PIXELS)
+    assert report["tile_above_side"] == {"whole": sys.maxsize, "tiles": 0}.get(decode, extractor.TILE_ABOVE_SIDE)

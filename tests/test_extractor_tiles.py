@@ -3,6 +3,8 @@ photos at their own size) against the whole-image decoder, on random weights."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -33,7 +35,7 @@ def forced_tiles(monkeypatch):
     them, cut by the image border)."""
     def force(tile: int, halo: int = extractor_module.DECODER_HALO,
               margins: tuple[int, ...] = extractor_module.DECODER_MARGINS) -> None:
-        monkeypatch.setattr(extractor_module, "TILE_ABOVE_PIXELS", 0)
+        monkeypatch.setattr(extractor_module, "TILE_ABOVE_SIDE", 0)
         monkeypatch.setattr(extractor_module, "DECODER_TILE", tile)
         monkeypatch.setattr(extractor_module, "DECODER_HALO", halo)
         monkeypatch.setattr(extractor_module, "DECODER_MARGINS", margins)
@@ -171,7 +173,7 @@ def test_forward_many_tiled_equals_whole(forced_tiles):
 
 
 def test_small_images_and_gradients_decode_whole(forced_tiles):
-    """Below TILE_ABOVE_PIXELS nothing changes, bit for bit; with a gradient wanted (the
+    """Below TILE_ABOVE_SIDE nothing changes, bit for bit; with a gradient wanted (the
     training step) the decoder never tiles, whatever the size."""
     model = random_extractor(4)
     images = torch.rand(2, 3, 100, 140)
@@ -220,16 +222,29 @@ def test_tiling_follows_whether_a_gradient_is_wanted(forced_tiles, case, tiles):
     assert_close_relative(got.detach(), want)
 
 
-def test_the_threshold_counts_padded_pixels(monkeypatch):
-    """An image tiles when its padded pixels exceed TILE_ABOVE_PIXELS, not at it; one tile
+def test_the_threshold_keeps_2048_px_photos_whole_and_tiles_4k_frames():
+    """TILE_ABOVE_SIDE sits at the padded side of the largest canvas a 2048-px photo gets (the square
+    of its in-plane alignment, ceil(2048 * sqrt 2) = 2897 px, padded to 2912): those decode whole, bit
+    for bit as before, while a 3840 x 2160 frame (4K renders' Photo Size) tiles, though it has fewer
+    padded pixels than that canvas (the reason the rule is a side, not a pixel count)."""
+    def padded(side: int) -> int:
+        return -(-side // 32) * 32
+
+    canvas = padded(math.ceil(2048 * math.sqrt(2)))
+    assert canvas == 2912 and extractor_module.TILE_ABOVE_SIDE == canvas
+    assert padded(3840) > extractor_module.TILE_ABOVE_SIDE and padded(3840) * padded(2160) < canvas * canvas
+
+
+def test_the_threshold_is_the_padded_long_side(monkeypatch):
+    """An image tiles when its padded long side exceeds TILE_ABOVE_SIDE, not at it; one tile
     high (the default 512-px tile over a 96-px image), the tiles run along the width."""
     model = random_extractor(8)
     images = torch.rand(1, 3, 90, 1100)  # padded 96 x 1120
     calls = head_calls(model)
-    monkeypatch.setattr(extractor_module, "TILE_ABOVE_PIXELS", 96 * 1120)
+    monkeypatch.setattr(extractor_module, "TILE_ABOVE_SIDE", 1120)
     want = whole(model, images)
     assert len(calls) == 1
-    monkeypatch.setattr(extractor_module, "TILE_ABOVE_PIXELS", 96 * 1120 - 1)
+    monkeypatch.setattr(extractor_module, "TILE_ABOVE_SIDE", 1119)
     got = whole(model, images)
     assert len(calls) == 1 + 3  # 1120 = 512 + 512 + 96
     assert_close_relative(got, want)

@@ -21,13 +21,16 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 ENCODER_CHANNELS = (16, 24, 40, 96, 320)
 DECODER_CHANNELS = (256, 128, 64, 32, 16)
 NORM_GROUPS = 8
-# Gradient-free calls on images of more padded pixels than this decode in tiles
+# Gradient-free calls on images whose padded long side is above this decode in tiles
 # (:meth:`FeatureExtractor._decode_tiles`): a whole call's peak memory is mostly the decoder's
 # full-resolution blocks (one 4000 x 3000 image, one thread: 5,625 MiB whole, 1,711 MiB tiled, the
-# encoder alone 1,431; BENCHMARKS "Aggregate at own size in tiles"). 3072 x 3072 keeps every
-# photo up to 2048 px whole and bit for bit as before, even on the square canvas of its in-plane
-# alignment (2897 px for 2048 x 2048).
-TILE_ABOVE_PIXELS = 3072 * 3072
+# encoder alone 1,431; BENCHMARKS "Aggregate at own size in tiles"). 2912 is the padded side of the
+# largest canvas a photo up to 2048 px gets (the 2897-px square of a 2048 x 2048 photo's in-plane
+# alignment), so those decode whole and bit for bit as before, while a 3840 x 2160 photo, which the
+# add-on's Photo Size now reads at 4K renders, tiles (3,924 -> 1,193 MiB: BENCHMARKS "The extractor at
+# the render sizes Photo Size now follows"). A side, not a pixel count: 3840 x 2176 padded pixels are
+# fewer than 2912 x 2912.
+TILE_ABOVE_SIDE = 2912
 # Core side of a decoder tile, full-resolution pixels, a multiple of 32 (the encoder's stride) so
 # every level's slice starts on a whole pixel. DECODER_HALO: the pixels around the core that the
 # decoder's inputs (the deepest features and the first skip) are cut with; DECODER_MARGINS: those
@@ -136,7 +139,7 @@ class FeatureExtractor(nn.Module):
 
     The image is ImageNet-normalised and zero-padded (after normalisation) at the
     bottom/right to a multiple of 32; the output is cropped back to H x W. Without a gradient
-    (aggregation) an image above ``TILE_ABOVE_PIXELS`` is decoded in tiles, in bounded decoder
+    (aggregation) an image whose padded long side is above ``TILE_ABOVE_SIDE`` is decoded in tiles, in bounded decoder
     memory, equal to the whole decode up to float rounding (:meth:`_decode_tiles`).
     """
 
@@ -227,14 +230,14 @@ class FeatureExtractor(nn.Module):
         The encoder always runs on whole images: its GroupNorms normalise over the whole
         image, so a tile's encoder features would differ from the whole image's. The decoder
         is local (convolutions, bilinear upsampling, LeakyReLU), so a gradient-free call on
-        images above ``TILE_ABOVE_PIXELS`` decodes in tiles, equal to the whole decode up to
+        images whose padded long side is above ``TILE_ABOVE_SIDE`` decodes in tiles, equal to the whole decode up to
         float rounding, in a fraction of its memory."""
         feats = self.encoder(x)
         skips = list(reversed(feats[:-1])) + [raw]
         h, w = raw.shape[-2:]
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or raw.requires_grad or any(p.requires_grad for p in self.parameters()))
-        if not needs_grad and h * w > TILE_ABOVE_PIXELS:
+        if not needs_grad and max(h, w) > TILE_ABOVE_SIDE:
             return self._decode_tiles(feats[-1], skips)
         return self._decode(feats[-1], skips)
 
