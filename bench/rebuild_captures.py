@@ -188,7 +188,8 @@ def sfm_source(entry: dict[str, Any], git_dir: str, sfm_dir: str, work: str,
     sfm_sizes = {name: (cams[cam_id][1], cams[cam_id][2]) for _, _, cam_id, name in images.values()}
     info: dict[str, Any] = {"sfm_photo_sizes": sorted({f"{w}x{h}" for w, h in sfm_sizes.values()})}
     kept = dict(info, read="capture-sfm's downscaled copies (--max-size within their size)")
-    if max_size <= min(max(s) for s in sfm_sizes.values()):
+    copies_side = min(max(s) for s in sfm_sizes.values())  # the largest --max-size the copies serve
+    if max_size <= copies_side:
         return sfm_dir, kept
     raw = os.path.join(work, "originals")
     shutil.rmtree(raw, ignore_errors=True)
@@ -204,15 +205,14 @@ def sfm_source(entry: dict[str, Any], git_dir: str, sfm_dir: str, work: str,
         stem = os.path.splitext(os.path.basename(name))[0]
         if stem not in by_stem:
             raise RebuildError(f"{repo}@{commit[:12]}: SfM photo {name} has no original in {entry['images']}/ "
-                               "(a snapshot without it?): rebuild at --max-size "
-                               f"{min(max(s) for s in sfm_sizes.values())} or less, from the SfM's copies")
+                               f"(a snapshot without it?): rebuild at --max-size {copies_side} or less, from the "
+                               "SfM's copies")
         orig = by_stem[stem]
         try:  # capture-sfm's own reading: its copy is upright, so is the photo prepared here
             upright, orientation = read_upright(os.path.join(raw, orig))
         except CaptureSfmError as exc:
             raise RebuildError(f"{repo}@{commit[:12]}: {exc} (the SfM read this photo: another snapshot? "
-                               f"rebuild at --max-size {min(max(s) for s in sfm_sizes.values())} or less, from "
-                               "the SfM's copies)") from None
+                               f"rebuild at --max-size {copies_side} or less, from the SfM's copies)") from None
         size, read = upright.size, orig
         if orientation != 1:  # stored turned or mirrored: saved upright, lossless, in the scratch folder only
             read = stem + ".png"  # (a PNG original keeps its name: the upright copy replaces it)

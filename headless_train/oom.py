@@ -82,7 +82,7 @@ def add_debug_flag(parser: ArgumentParser) -> None:
 
 
 def out_of_memory_exit(exc: BaseException, device: str, gpu_fix: str = "--device cpu",
-                write: Callable[[str], None] = _to_stderr, debug: bool = False) -> int:
+                       write: Callable[[str], None] = _to_stderr, debug: bool = False) -> int:
     """A command's end on ``exc``, an error none of its own refusals caught: when it is out of
     memory, 2 after writing ``error: `` and :func:`memory_error`'s line with ``write`` (stderr by
     default); any other error, and this one too with ``debug`` (``--debug``), is raised again:

@@ -139,8 +139,9 @@ class FeatureExtractor(nn.Module):
 
     The image is ImageNet-normalised and zero-padded (after normalisation) at the
     bottom/right to a multiple of 32; the output is cropped back to H x W. Without a gradient
-    (aggregation) an image whose padded long side is above ``TILE_ABOVE_SIDE`` is decoded in tiles, in bounded decoder
-    memory, equal to the whole decode up to float rounding (:meth:`_decode_tiles`).
+    (aggregation) an image whose padded long side is above ``TILE_ABOVE_SIDE`` is decoded in
+    tiles, in bounded decoder memory, equal to the whole decode up to float rounding
+    (:meth:`_decode_tiles`).
     """
 
     def __init__(self, out_channels: int = 8, weights: str | os.PathLike | None = None) -> None:
@@ -230,8 +231,8 @@ class FeatureExtractor(nn.Module):
         The encoder always runs on whole images: its GroupNorms normalise over the whole
         image, so a tile's encoder features would differ from the whole image's. The decoder
         is local (convolutions, bilinear upsampling, LeakyReLU), so a gradient-free call on
-        images whose padded long side is above ``TILE_ABOVE_SIDE`` decodes in tiles, equal to the whole decode up to
-        float rounding, in a fraction of its memory."""
+        images whose padded long side is above ``TILE_ABOVE_SIDE`` decodes in tiles, equal to
+        the whole decode up to float rounding, in a fraction of its memory."""
         feats = self.encoder(x)
         skips = list(reversed(feats[:-1])) + [raw]
         h, w = raw.shape[-2:]
@@ -280,7 +281,7 @@ class FeatureExtractor(nn.Module):
             for x0 in range(0, w, tile):
                 core = (y0, min(y0 + tile, h), x0, min(x0 + tile, w))
                 box = _grow(core, halo, h, w)  # (top, bottom, left, right), full-resolution pixels
-                part = y[..., box[0] // 32 : box[1] // 32, box[2] // 32 : box[3] // 32]
+                part = _cut(y, box, 32)
                 for j, (block, skip, stride) in enumerate(zip(self.decoder, skips, strides, strict=True)):
                     part = block(part, _cut(skip, box, stride), self.fast_decoder)
                     kept = _grow(core, margins[j], h, w) if j < len(margins) else core
