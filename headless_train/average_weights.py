@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import sys
 from typing import Any
+
+from . import oom
 
 
 class AverageWeightsError(ValueError):
@@ -24,6 +25,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.add_argument("--kind", default="npbgpp", help="kind of the inputs (npbgpp or npbg_refiner)")
     p.add_argument("--fp16", action="store_true", help="store tensors as float16 (half the size)")
+    oom.add_debug_flag(p)
     return p.parse_args(argv)
 
 
@@ -76,14 +78,17 @@ def average_weights(inputs: list[str], out: str, kind: str = "npbgpp", fp16: boo
 
 
 def main(argv: list[str]) -> int:
-    """0 on success, 2 with a one-line message on bad input."""
+    """0 on success, 2 with a one-line message on bad input or when memory runs out
+    (:func:`headless_train.oom.run_command`; ``--debug``: the error with its traceback)."""
     from npbgpp_core.pretrained import WeightsError
 
     args = parse_args(argv)
-    try:
+    oom.step(f"averaging {len(args.inputs)} weights files", "")
+
+    def body() -> int:
         info = average_weights(args.inputs, args.out, args.kind, args.fp16)
-    except (AverageWeightsError, WeightsError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {info['out']}: mean of {info['inputs']} {info['kind']} weights files, {info['bytes'] / 1e6:.2f} MB")
-    return 0
+        print(f"wrote {info['out']}: mean of {info['inputs']} {info['kind']} weights files, "
+              f"{info['bytes'] / 1e6:.2f} MB")
+        return 0
+
+    return oom.run_command(body, (AverageWeightsError, WeightsError, FileNotFoundError, ValueError), args.debug)

@@ -19,6 +19,8 @@ import sys
 import time
 from typing import Any
 
+from . import oom  # torch-free, as this module: pycolmap may live in an environment without torch
+
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
 SIFT_MAX_FEATURES = 4096
 CAMERA_MODEL = "SIMPLE_RADIAL"
@@ -242,18 +244,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--sequential", type=int, default=0, metavar="OVERLAP",
                    help="match each photo with the next OVERLAP ones (video-like order) instead of all pairs")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    oom.add_debug_flag(p)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line entry; bad input exits with status 2 and one line on stderr."""
+    """Command line entry; bad input (or running out of memory) exits with status 2 and one line
+    on stderr, the error with its traceback with ``--debug`` (:func:`headless_train.oom.run_command`)."""
     a = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
+    oom.step(f"recovering a model from the photos of {a.raw}",
+             "lower --max-side or use fewer photos (--every), or run it on a computer with more memory")
+
+    def body() -> int:
         capture_sfm(a.raw, a.out, a.max_side, a.every, a.threads, a.single_camera, a.sequential, a.overwrite)
-    except CaptureSfmError as exc:
-        print(f"capture-sfm: {exc}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return oom.run_command(body, (CaptureSfmError,), a.debug, "cpu", gpu_fix="", prefix="capture-sfm: ")
 
 
 if __name__ == "__main__":

@@ -701,7 +701,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "fit": ("headless_train.fit", "the short per-scene fit of an aggregated bundle to its photos (Fit to Photos)"),
     "render": ("headless_train.render", "a scene bundle rendered along a dataset's cameras to PNG frames"),
     "check-corpus": ("npbgpp_core.datasets.corpus", "check a training corpus folder"),
-    "prepare-capture": ("npbgpp_core.datasets.capture", "downscale and orient a COLMAP capture"),
+    "prepare-capture": ("headless_train.prepare_capture", "downscale and orient a COLMAP capture"),
     "capture-sfm": ("headless_train.capture_sfm", "photos -> COLMAP model (optional pycolmap)"),
     "stage": ("headless_train.stage", "one resumable training stage on a corpus"),
 }

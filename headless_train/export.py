@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 
 import torch
 
@@ -344,14 +343,10 @@ def main(argv: list[str]) -> int:
         from npbgpp_core.datasets import DatasetError
     except ImportError:  # pragma: no cover
         DatasetError = ValueError  # noqa: N806
-    try:
-        path = export(args)
-    except (ExportError, CheckpointError, DatasetError, FileNotFoundError, ValueError, TypeError) as exc:
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:
-        return oom.out_of_memory_exit(exc, args.device, debug=args.debug)
-    print(path)
-    return 0
+
+    def body() -> int:
+        print(export(args))
+        return 0
+
+    return oom.run_command(body, (ExportError, CheckpointError, DatasetError, FileNotFoundError, ValueError, TypeError),
+                           args.debug, args.device)

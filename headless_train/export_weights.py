@@ -8,11 +8,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from typing import Any
 
 import torch
+
+from . import oom
 
 
 class ExportWeightsError(RuntimeError):
@@ -26,6 +27,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--fp16", action="store_true", help="store tensors as float16 (half the size)")
     p.add_argument("--card-json", default=None, help="JSON file whose keys are added to the model card "
                    "(corpus recipe, time, hardware, metrics, ...)")
+    oom.add_debug_flag(p)
     return p.parse_args(argv)
 
 
@@ -116,17 +118,20 @@ def export_weights(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> int:
-    """0 on success, 2 with a one-line message on bad input."""
+    """0 on success, 2 with a one-line message on bad input or when memory runs out
+    (:func:`headless_train.oom.run_command`; ``--debug``: the error with its traceback)."""
     from npbgpp_core.pretrained import WeightsError
 
     from .checkpoints import CheckpointError
 
     args = parse_args(argv)
-    try:
+    oom.step(f"exporting the weights of {args.checkpoint}", "")
+
+    def body() -> int:
         info = export_weights(args)
-    except (ExportWeightsError, CheckpointError, WeightsError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {info['out']}: {info['kind']} weights after {info['steps']} steps, "
-          f"{info['bytes'] / 1e6:.2f} MB")
-    return 0
+        print(f"wrote {info['out']}: {info['kind']} weights after {info['steps']} steps, "
+              f"{info['bytes'] / 1e6:.2f} MB")
+        return 0
+
+    return oom.run_command(body, (ExportWeightsError, CheckpointError, WeightsError, FileNotFoundError, ValueError),
+                           args.debug)

@@ -171,14 +171,10 @@ def main(argv: list[str]) -> int:
     out, during which step, what to do: :mod:`headless_train.oom`)."""
     args = parse_args(argv)
     oom.reset()
-    try:
-        out = fit(args)
-    except (FitError, OSError, ValueError) as exc:  # DatasetError and the bundle's errors are ValueErrors
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:
-        return oom.out_of_memory_exit(exc, args.device, debug=args.debug)
-    print(out)
-    return 0
+
+    def body() -> int:
+        print(fit(args))
+        return 0
+
+    # DatasetError and the bundle's errors are ValueErrors
+    return oom.run_command(body, (FitError, OSError, ValueError), args.debug, args.device)

@@ -10,9 +10,11 @@ and :func:`reset` starts a command afresh). The advice names the command's own o
 full); the figures it quotes come from :mod:`npbgpp_core.memory`, which the add-on's messages
 quote too.
 
-``--debug`` (:func:`add_debug_flag`, the same in export, fit and render) turns every such
-one-line end, a refusal's and out of memory's, into the error itself raised with its full
-traceback, for a bug report: what training and evaluation show with ``hydra.verbose``."""
+Every command outside Hydra ends through :func:`run_command`: a refusal (bad input) or running
+out of memory is one line and exit status 2, and ``--debug`` (:func:`add_debug_flag`, the same in
+export, fit, render, stage, prepare-capture, export-weights, average-weights and capture-sfm)
+turns each such end into the error itself raised with its full traceback, for a bug report:
+what training and evaluation show with ``hydra.verbose``."""
 
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ from collections.abc import Callable
 from npbgpp_core.memory import first_line, is_out_of_memory, killed_worker, ran_out_on_gpu
 
 __all__ = [
-    "add_debug_flag", "is_out_of_memory", "memory_error", "out_of_memory_exit", "reset", "step", "OUT_OF_MEMORY_LINE",
+    "add_debug_flag", "is_out_of_memory", "memory_error", "out_of_memory_exit", "reset", "run_command", "step",
+    "OUT_OF_MEMORY_LINE",
 ]
 
 # The start of the line a command writes with :func:`memory_error`: ``stage`` finds its training
@@ -82,13 +85,32 @@ def add_debug_flag(parser: ArgumentParser) -> None:
 
 
 def out_of_memory_exit(exc: BaseException, device: str, gpu_fix: str = "--device cpu",
-                       write: Callable[[str], None] = _to_stderr, debug: bool = False) -> int:
+                       write: Callable[[str], None] = _to_stderr, debug: bool = False, prefix: str = "error: ") -> int:
     """A command's end on ``exc``, an error none of its own refusals caught: when it is out of
-    memory, 2 after writing ``error: `` and :func:`memory_error`'s line with ``write`` (stderr by
+    memory, 2 after writing ``prefix`` and :func:`memory_error`'s line with ``write`` (stderr by
     default); any other error, and this one too with ``debug`` (``--debug``), is raised again:
     a bug's traceback is wanted. Called in the command's ``except Exception`` so every command
     ends out of memory alike."""
     if debug or not is_out_of_memory(exc):
         raise exc
-    write(f"error: {memory_error(exc, device, gpu_fix)}")
+    write(f"{prefix}{memory_error(exc, device, gpu_fix)}")
     return 2
+
+
+def run_command(body: Callable[[], int], refusals: tuple[type[BaseException], ...], debug: bool,
+                device: str = "cpu", gpu_fix: str = "--device cpu", prefix: str = "error: ",
+                write: Callable[[str], None] = _to_stderr) -> int:
+    """A command's ``body()`` (its exit status) with the commands' one way to end on an error:
+    one of ``refusals`` (bad input, its message says what to do) is written as one line after
+    ``prefix`` and ends with 2, so is running out of memory (:func:`out_of_memory_exit`); any
+    other error is raised again (a bug: its traceback is wanted). ``debug`` (``--debug``) raises
+    the refusal and the out-of-memory error too, with the traceback of where they happened."""
+    try:
+        return body()
+    except refusals as exc:
+        if debug:
+            raise
+        write(f"{prefix}{exc}")
+        return 2
+    except Exception as exc:
+        return out_of_memory_exit(exc, device, gpu_fix, write, debug, prefix)

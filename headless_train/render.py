@@ -191,14 +191,10 @@ def main(argv: list[str]) -> int:
     left as it was (frames are written into a temporary folder, renamed when complete)."""
     args = parse_args(argv)
     oom.reset()
-    try:
-        out = render(args)
-    except (RenderError, OSError, ValueError) as exc:  # DatasetError and the bundle's errors are ValueErrors
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:
-        return oom.out_of_memory_exit(exc, args.device, debug=args.debug)
-    print(out)
-    return 0
+
+    def body() -> int:
+        print(render(args))
+        return 0
+
+    # DatasetError and the bundle's errors are ValueErrors
+    return oom.run_command(body, (RenderError, OSError, ValueError), args.debug, args.device)

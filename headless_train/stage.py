@@ -723,7 +723,8 @@ def run_stage(args: argparse.Namespace) -> dict[str, Any]:
         out = stage_weights_path(work)
         from .export_weights import main as export_main
 
-        if export_main(["--checkpoint", last, "--out", out, "--fp16", "--card-json", card]) != 0:
+        debug = ["--debug"] if args.debug else []  # its error raised with the traceback, as this call's own
+        if export_main(["--checkpoint", last, "--out", out, "--fp16", "--card-json", card] + debug) != 0:
             raise StageError(f"exporting {last} failed{stop_note(late, stopped_by)}")
         info["weights"] = out
         calls.append(info)
@@ -1129,6 +1130,7 @@ def parse_pack_args(argv: list[str]) -> argparse.Namespace:
                    help=f"largest packed corpus; a bigger one is refused (default {MAX_CORPUS_MIB - 4:g})")
     p.add_argument("--scenes", default=None,
                    help="comma-separated scene folder names or shell patterns (default: all)")
+    oom.add_debug_flag(p)
     return p.parse_args(argv)
 
 
@@ -1179,23 +1181,28 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="extra Hydra override (repeatable; not for a key an option sets)")
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny crops, --dry-steps steps")
     p.add_argument("--dry-steps", type=int, default=2, help="steps of a --dry-run (default 2)")
+    oom.add_debug_flag(p)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     oom.reset()
-    try:
-        if argv and argv[0] == "pack":
-            a = parse_pack_args(argv[1:])
-            print(json.dumps(pack(a.corpus, a.out, a.max_side, a.max_points, a.max_mib, a.scenes)))
+    packing = bool(argv) and argv[0] == "pack"
+    args = parse_pack_args(argv[1:]) if packing else parse_args(argv)
+
+    def body() -> int:
+        if packing:
+            print(json.dumps(pack(args.corpus, args.out, args.max_side, args.max_points, args.max_mib, args.scenes)))
             return 0
-        info = run_stage(parse_args(argv))
-    except StageError as exc:
-        say(f"error: {exc}", sys.stderr)
-        return 2
-    except Exception as exc:  # the stage's own process (pack reads a photo or a cloud at a time): one line too
-        return oom.out_of_memory_exit(exc, "cpu", write=lambda line: say(line, sys.stderr))
+        return report(run_stage(args))
+
+    # out of memory in the stage's own process (pack reads a photo or a cloud at a time): one line too
+    return oom.run_command(body, (StageError,), args.debug, "cpu", write=lambda line: say(line, sys.stderr))
+
+
+def report(info: dict[str, Any]) -> int:
+    """Say how the stage call ``info`` ended; its exit status."""
     if "stopped_by" in info:
         name = info["stopped_by"]
         say(f"stage stopped by {name}: steps {info['start_step']} -> {info['end_step']} saved in last.ckpt, weights "

@@ -477,7 +477,9 @@ def test_prepare_capture_reads_tiff_photos_over_pils_limit_as_it_reads_jpegs(tmp
 
 def test_prepare_capture_out_of_memory_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys):
     """Out of memory while reading a photo (injected: a real one needs gigabytes) was a
-    MemoryError traceback; now one line as the refusals (exit 2), what to do, no output folder."""
+    MemoryError traceback; now one line as the refusals (exit 2), what to do, no output folder;
+    with --debug the MemoryError itself."""
+    from headless_train.prepare_capture import main
     from npbgpp_core.datasets import capture
 
     src, out = str(tmp_path / "src"), str(tmp_path / "out")
@@ -487,11 +489,13 @@ def test_prepare_capture_out_of_memory_is_one_line_and_writes_nothing(tmp_path, 
         raise MemoryError("Unable to allocate 1.60 GiB for an array with shape (20000, 10000, 3) and data type uint8")
 
     monkeypatch.setattr(capture, "open_image", no_memory)
-    assert capture.main([src, "--out", out]) == 2
+    assert main([src, "--out", out]) == 2
     err = capsys.readouterr().err
     assert err == ("prepare-capture: out of host memory (RAM) while reading the photos (Unable to allocate 1.60 GiB "
                    "for an array with shape (20000, 10000, 3) and data type uint8). It reads one photo at a time at "
                    "its own size, about 9 bytes a pixel (a 200-MP photo: 1.7 GB): downscale the largest photos first "
                    "(any image editor: the cameras are scaled to match) or run it on a computer with more memory; "
                    "nothing was written\n"), err
+    with pytest.raises(MemoryError, match="Unable to allocate 1.60 GiB"):
+        main([src, "--out", out, "--debug"])
     assert sorted(os.listdir(tmp_path)) == ["src"]

@@ -127,9 +127,8 @@ def test_render_refuses_bad_input_before_writing(scene_and_bundle, tmp_path, cap
 
 def test_debug_raises_the_error_with_its_traceback_instead_of_the_line(scene_and_bundle, tmp_path, capsys,
                                                                       monkeypatch):
-    """--debug (export, fit and render alike): a refusal and an out-of-memory end are the error
-    itself raised, not the one-line message; nothing written either way."""
-    from headless_train import export, fit
+    """--debug: a refusal and an out-of-memory end are the error itself raised, not the one-line
+    message; nothing written either way (the other commands' refusals: test_cli_debug)."""
     from npbgpp_core.scene import NeuralScene
 
     folder, bundle, _ = scene_and_bundle
@@ -151,10 +150,6 @@ def test_debug_raises_the_error_with_its_traceback_instead_of_the_line(scene_and
     with pytest.raises(MemoryError, match="Unable to allocate"):
         main(args + ["--debug"])
     assert os.listdir(tmp_path) == []
-    # the same switch in the other two commands
-    for parse, required in ((export.parse_args, ["--checkpoint", "c", "--scene", "s", "--out", "o.npbgpp"]),
-                            (fit.parse_args, ["--bundle", "b", "--scene", "s", "--out", "o.npbgpp"])):
-        assert parse(required).debug is False and parse(required + ["--debug"]).debug is True
 
 
 def test_a_view_of_another_aspect_is_fitted_into_the_frame_unstretched(scene_and_bundle):
