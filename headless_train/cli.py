@@ -222,7 +222,8 @@ def _run(cfg: DictConfig, run_dir: str) -> dict | None:
         if resume_state is not None:
             system.load_state_dict(resume_state)
             del resume_state
-        oom.step("evaluating", evaluation_memory_advice(container), workers_memory_advice(container))
+        oom.step("evaluating", evaluation_memory_advice(container), workers_memory_advice(container),
+                 fewer_workers_advice(container))
         system.to(device)
         out_dir = scfg.get("descriptors_save_dir") if name == "npbgpp" else None
         return evaluate(system, container, run_dir, write_descriptors=out_dir)
@@ -266,7 +267,8 @@ def _run(cfg: DictConfig, run_dir: str) -> dict | None:
             # at every fit: a FutureWarning addressed to Lightning's code, not to a user of this one
             warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                                     category=FutureWarning, module=r"pytorch_lightning\.utilities\._pytree")
-            oom.step("training", training_memory_advice(container), workers_memory_advice(container))
+            oom.step("training", training_memory_advice(container), workers_memory_advice(container),
+                     fewer_workers_advice(container))
             trainer.fit(system, datamodule=datamodule, ckpt_path=resume_path)
     except SystemExit as exc:
         # Lightning ends a Ctrl-C with exit(1) and a SIGTERM with a bare SystemExit (status
@@ -300,12 +302,17 @@ def training_memory_advice(container: dict) -> str:
     return advice
 
 
+def fewer_workers_advice(container: dict) -> str:
+    """The way to fewer DataLoader workers (none: no batch passes through shared memory)."""
+    workers = (container.get("dataloader") or {}).get("num_workers")
+    return f"lower dataloader.num_workers (now {workers}; 0 loads the data in the training process, with no worker)"
+
+
 def workers_memory_advice(container: dict) -> str:
     """What needs less memory when a DataLoader worker was killed: fewer workers (each a process
     holding its own batches) and, with ``cache_images``, fewer decoded views kept in memory."""
-    dcfg, lcfg = container.get("datasets") or {}, container.get("dataloader") or {}
-    advice = (f"lower dataloader.num_workers (now {lcfg.get('num_workers')}; 0 loads the data in the training "
-              "process, with no worker)")
+    dcfg = container.get("datasets") or {}
+    advice = fewer_workers_advice(container)
     if dcfg.get("cache_images"):
         advice += (f", or keep fewer decoded views with datasets.cache_images_max_gb (now "
                    f"{dcfg.get('cache_images_max_gb')}) or datasets.cache_images=false")

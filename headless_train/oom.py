@@ -23,7 +23,7 @@ import sys
 from argparse import ArgumentParser
 from collections.abc import Callable
 
-from npbgpp_core.memory import first_line, is_out_of_memory, killed_worker, ran_out_on_gpu
+from npbgpp_core.memory import first_line, is_out_of_memory, killed_worker, ran_out_on_gpu, shared_memory_worker
 
 __all__ = [
     "add_debug_flag", "is_out_of_memory", "memory_error", "out_of_memory_exit", "reset", "run_command", "step",
@@ -32,20 +32,25 @@ __all__ = [
 
 # The start of the line a command writes with :func:`memory_error`: ``stage`` finds its training
 # child's in the training log by it (anywhere in a line: a logged one starts with the time and logger).
-OUT_OF_MEMORY_LINE = re.compile(r"error: out of (host|GPU) memory\b")
+OUT_OF_MEMORY_LINE = re.compile(r"error: out of (host|GPU|shared) memory\b")
+
+# What to do about too little shared memory, after the step's way to fewer workers.
+SHARED_MEMORY_FIX = "or give the system more shared memory (/dev/shm; a Docker container: docker run --shm-size=8g)"
 
 _DOING = "starting"
 _ADVICE = ""
 _WORKERS = ""
+_FEWER_WORKERS = ""
 
 
-def step(doing: str, advice: str, workers: str = "") -> None:
+def step(doing: str, advice: str, workers: str = "", fewer_workers: str = "") -> None:
     """Announce the step the command starts now: ``doing`` ("reading view 3 of 12 ...") and
     what would need less memory there ("lower --max-side ..."), for :func:`memory_error`;
     ``workers``: what would when a DataLoader worker of the step was killed (fewer workers,
-    fewer cached views), for a step that loads data in workers."""
-    global _DOING, _ADVICE, _WORKERS
-    _DOING, _ADVICE, _WORKERS = doing, advice, workers
+    fewer cached views), ``fewer_workers``: the step's way to fewer workers alone (a worker
+    killed by a bus error: too little shared memory), for a step that loads data in workers."""
+    global _DOING, _ADVICE, _WORKERS, _FEWER_WORKERS
+    _DOING, _ADVICE, _WORKERS, _FEWER_WORKERS = doing, advice, workers, fewer_workers
 
 
 def reset() -> None:
@@ -56,21 +61,32 @@ def reset() -> None:
 def memory_error(exc: BaseException, device: str, gpu_fix: str = "--device cpu") -> str:
     """The one-line message (without ``error: ``) for ``exc``, an out-of-memory failure
     (:func:`is_out_of_memory`) during the step last announced: what ran out (``device``'s
-    memory when the GPU's allocator failed, the computer's otherwise: a photo is read into
-    host memory whatever the device), and the step's advice, with ``gpu_fix`` (the command's
-    way to the CPU) when a GPU is the one that is full."""
+    memory when the GPU's allocator failed, shared memory when a DataLoader worker died of a
+    bus error, the computer's otherwise: a photo is read into host memory whatever the
+    device), and the step's advice, with ``gpu_fix`` (the command's way to the CPU) when a GPU
+    is the one that is full."""
+    worker = shared_memory_worker(exc)
+    if worker is not None:  # workers hand batches over in /dev/shm: that ran out, not the RAM
+        why = (f"{first_line(worker).split('. ')[0]}: the DataLoader's workers pass their batches through shared "
+               "memory, /dev/shm, and it is full")
+        fewer = _FEWER_WORKERS or "load the data without worker processes"
+        return f"out of shared memory (/dev/shm) while {_DOING} ({why}). {_sentence(fewer)}, {SHARED_MEMORY_FIX}"
     worker = killed_worker(exc)
     if worker is not None:  # the computer's memory: a worker process killed by the system
         why = (f"{first_line(worker).rstrip('. ')}: most often the system's out-of-memory killer; on Linux "
                "journalctl -k or dmesg says so")
         advice = _WORKERS or _ADVICE or "run it on a computer with more memory"
-        return f"out of host memory (RAM) while {_DOING} ({why}). {advice[0].upper()}{advice[1:]}"
+        return f"out of host memory (RAM) while {_DOING} ({why}). {_sentence(advice)}"
     gpu = ran_out_on_gpu(exc)
     what = f"GPU memory ({device})" if gpu else "host memory (RAM)"
     advice = _ADVICE or "run it on a computer with more memory"
     if gpu and gpu_fix:
         advice += f", or {gpu_fix} when the GPU is the one that is full"
-    return f"out of {what} while {_DOING} ({first_line(exc)}). {advice[0].upper()}{advice[1:]}"
+    return f"out of {what} while {_DOING} ({first_line(exc)}). {_sentence(advice)}"
+
+
+def _sentence(text: str) -> str:
+    return text[0].upper() + text[1:]
 
 
 def _to_stderr(line: str) -> None:

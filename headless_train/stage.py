@@ -820,7 +820,7 @@ def memory_note(log_path: str, start: int, overrides: list[str], rc: int | None 
     of the log (from ``start``: an earlier call's is not this one's), or a SIGKILL the stage did
     not send (``stopped_here``: its own stop and its kill after the grace time), on Linux most
     often the kernel's out-of-memory killer, which leaves no line."""
-    from .oom import OUT_OF_MEMORY_LINE
+    from .oom import OUT_OF_MEMORY_LINE, SHARED_MEMORY_FIX
 
     try:
         with open(log_path, "rb") as f:
@@ -831,12 +831,14 @@ def memory_note(log_path: str, start: int, overrides: list[str], rc: int | None 
     found = next((m for line in tail if (m := OUT_OF_MEMORY_LINE.search(line))), None)
     values = dict(o.split("=", 1) for o in overrides if "=" in o)
     options = MEMORY_OPTIONS
-    if found is not None and "DataLoader worker" in found.string:  # a worker killed (memory.killed_worker)
+    if found is not None and "DataLoader worker" in found.string:  # a worker killed (memory.worker_signal)
         options = (("--workers", "dataloader.num_workers"),) + options
     lower = [f"{flag} (now {values.get(key, '?')})" for flag, key in options]
     advice = f"lower {', '.join(lower[:-1])} or {lower[-1]}"
     if found is not None:
         note = f"; it ran out of {found[1]} memory: {advice}"
+        if found[1] == "shared":  # a worker's bus error (memory.shared_memory_worker)
+            note += f", {SHARED_MEMORY_FIX}"
     elif rc == -getattr(signal, "SIGKILL", 9) and not stopped_here:
         note = ("; it was killed (SIGKILL), most often by the system's out-of-memory killer when training needs more "
                 f"memory than this computer has (on Linux the system log says so: journalctl -k or dmesg): {advice}")

@@ -5,6 +5,8 @@ test is by type name), so Blender's own Python can use it."""
 
 from __future__ import annotations
 
+import re
+
 # What allocators write when they fail and report it as a RuntimeError (torch's CPU allocator,
 # older CUDA builds, the C library): lower case, matched as substrings.
 _OUT_OF_MEMORY_TEXTS = ("out of memory", "not enough memory", "can't allocate memory")
@@ -13,34 +15,57 @@ _OUT_OF_MEMORY_TEXTS = ("out of memory", "not enough memory", "can't allocate me
 def is_out_of_memory(exc: BaseException) -> bool:
     """A host MemoryError, torch's OutOfMemoryError, an allocator failure reported as a
     RuntimeError ("out of memory", "not enough memory", "can't allocate memory"), or a
-    DataLoader worker killed outright (:func:`killed_worker`)."""
+    DataLoader worker killed outright (:func:`killed_worker`) or by a bus error, shared memory
+    having run out (:func:`shared_memory_worker`)."""
     if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
         return True
     text = str(exc).lower()
     if isinstance(exc, RuntimeError) and any(s in text for s in _OUT_OF_MEMORY_TEXTS):
         return True
-    return killed_worker(exc) is not None
+    return killed_worker(exc) is not None or shared_memory_worker(exc) is not None
 
 
-# torch's report of a DataLoader worker that died of SIGKILL, lower case: "DataLoader worker (pid
-# 123) is killed by signal: Killed. " (the C library's name of the signal; matched as substrings).
-_KILLED_WORKER_TEXTS = ("dataloader worker (pid", "is killed by signal: killed")
+# torch's report of a DataLoader worker that died of a signal: "DataLoader worker (pid 123) is
+# killed by signal: Killed. " (DataLoader.cpp; the C library's name of the signal: "Killed" for
+# SIGKILL, "Bus error" for SIGBUS, which adds a sentence about shared memory, "Segmentation fault").
+_WORKER_SIGNAL = re.compile(r"DataLoader worker \(pid \d+\) is killed by signal: ([^.]+)\.")
 
 
-def killed_worker(exc: BaseException) -> BaseException | None:
-    """torch's RuntimeError saying a DataLoader worker was killed by SIGKILL, when ``exc`` is it
-    or was raised from it (torch's loader raises "DataLoader worker (pid(s) 123) exited
-    unexpectedly" from it); None otherwise. Nothing in training sends its workers SIGKILL: on
-    Linux it is most often the kernel's out-of-memory killer (each worker is a process holding
-    its own batches), so it counts as the computer's memory running out."""
+def worker_signal(exc: BaseException) -> tuple[BaseException, str] | None:
+    """torch's RuntimeError saying a DataLoader worker was killed by a signal, when ``exc`` is
+    it or was raised from it (torch's loader raises "DataLoader worker (pid(s) 123) exited
+    unexpectedly" from it), with the signal's name as torch wrote it ("Killed", "Bus error");
+    None otherwise."""
     link: BaseException | None = exc
     seen: set[int] = set()
     while link is not None and id(link) not in seen:
         seen.add(id(link))
-        if isinstance(link, RuntimeError) and all(s in str(link).lower() for s in _KILLED_WORKER_TEXTS):
-            return link
+        found = _WORKER_SIGNAL.search(str(link)) if isinstance(link, RuntimeError) else None
+        if found is not None:
+            return link, found[1]
         link = link.__cause__
     return None
+
+
+def _worker_killed_by(exc: BaseException, name: str) -> BaseException | None:
+    found = worker_signal(exc)
+    return found[0] if found is not None and found[1] == name else None
+
+
+def killed_worker(exc: BaseException) -> BaseException | None:
+    """torch's error saying a DataLoader worker was killed by SIGKILL (:func:`worker_signal`),
+    None otherwise. Nothing in training sends its workers SIGKILL: on Linux it is most often
+    the kernel's out-of-memory killer (each worker is a process holding its own batches), so
+    it counts as the computer's memory running out."""
+    return _worker_killed_by(exc, "Killed")
+
+
+def shared_memory_worker(exc: BaseException) -> BaseException | None:
+    """torch's error saying a DataLoader worker was killed by SIGBUS ("Bus error"), None
+    otherwise. Workers hand their batches over in shared memory (/dev/shm on Linux); a bus
+    error there is in practice that memory being full, e.g. a Docker container's default 64
+    MB, however much RAM is free, so it counts as memory running out, with its own advice."""
+    return _worker_killed_by(exc, "Bus error")
 
 
 # What a GPU's failure to allocate writes when it is not torch's OutOfMemoryError: a CUDA call's

@@ -7,6 +7,7 @@ need gigabytes)."""
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 import pytest
@@ -218,24 +219,30 @@ def test_out_of_memory_exit_ends_out_of_memory_alike_and_raises_anything_else_ag
 
 
 class _DyingDataset(torch.utils.data.Dataset):
-    """A dataset whose worker ends itself at its first item: by SIGKILL (what the system's
-    out-of-memory killer sends) or with an exit status (a worker's own failure)."""
+    """A dataset whose worker ends itself at its first item: by the signal ``kill`` (SIGKILL:
+    what the system's out-of-memory killer sends; SIGBUS: what a worker gets when shared memory
+    is full) or, when None, with an exit status (a worker's own failure)."""
 
-    def __init__(self, kill: bool):
+    def __init__(self, kill: int | None):
         self.kill = kill
 
     def __len__(self) -> int:
         return 2
 
     def __getitem__(self, i: int):
-        import signal
+        import resource
 
-        if self.kill:
-            os.kill(os.getpid(), signal.SIGKILL)
+        if self.kill is not None:
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a bus error dumps core: not into the test's folder
+            if sys.platform.startswith("linux"):  # nor to a core_pattern pipe (which ignores the limit)
+                import ctypes
+
+                ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0
+            os.kill(os.getpid(), self.kill)
         os._exit(3)
 
 
-def _loader_error(kill: bool) -> BaseException:
+def _loader_error(kill: int | None) -> BaseException:
     """torch's error for a DataLoader whose one worker dies as :class:`_DyingDataset` says, with
     the failed loader freed: torch's SIGCHLD handler, left installed in this process, holds the
     worker's pid until its loader is freed, and the error's frames hold the loader. Kept, a later
@@ -265,7 +272,7 @@ def test_a_dataloader_worker_killed_is_out_of_host_memory_with_the_workers_advic
     from headless_train.cli import training_memory_advice, workers_memory_advice
     from npbgpp_core.memory import killed_worker, ran_out_on_gpu
 
-    exc = _loader_error(kill=True)
+    exc = _loader_error(signal.SIGKILL)
     assert oom.is_out_of_memory(exc) and not ran_out_on_gpu(exc)
     killed = killed_worker(exc)
     assert killed is not None and killed is exc.__cause__
@@ -286,9 +293,45 @@ def test_a_dataloader_worker_killed_is_out_of_host_memory_with_the_workers_advic
     assert workers_memory_advice(container) == ("lower dataloader.num_workers (now 8; 0 loads the data in the "
                                                 "training process, with no worker)")
     oom.reset()
-    exited = _loader_error(kill=False)
+    exited = _loader_error(None)
     assert "exited unexpectedly" in str(exited) and not oom.is_out_of_memory(exited)
     assert killed_worker(RuntimeError("DataLoader worker (pid 7) is killed by signal: Terminated. ")) is None
+
+
+def test_a_dataloader_worker_killed_by_a_bus_error_is_out_of_shared_memory_with_its_own_advice():
+    """torch's own error for a worker killed by SIGBUS (a real DataLoader whose worker gets it),
+    in practice shared memory (/dev/shm) full, e.g. a Docker container's 64 MB: out of shared
+    memory, not of RAM, with fewer workers and a larger /dev/shm as the advice (no cached views,
+    no out-of-memory killer)."""
+    from headless_train.cli import fewer_workers_advice, training_memory_advice, workers_memory_advice
+    from npbgpp_core.memory import killed_worker, ran_out_on_gpu, shared_memory_worker
+
+    exc = _loader_error(signal.SIGBUS)
+    assert oom.is_out_of_memory(exc) and not ran_out_on_gpu(exc) and killed_worker(exc) is None
+    bus = shared_memory_worker(exc)
+    assert bus is not None and bus is exc.__cause__
+    pid = str(bus).split("(pid ")[1].split(")")[0]
+    assert str(exc) == f"DataLoader worker (pid(s) {pid}) exited unexpectedly"
+    assert str(bus) == (f"DataLoader worker (pid {pid}) is killed by signal: Bus error. It is possible that "
+                        "dataloader's workers are out of shared memory. Please try to raise your shared memory limit.")
+    assert oom.is_out_of_memory(bus) and shared_memory_worker(bus) is bus  # torch's SIGCHLD handler raises it as is
+    container = {"datasets": {"train_image_size": 256, "cache_images": True, "cache_images_max_gb": 4},
+                 "dataloader": {"batch_size": 2, "num_workers": 8}}
+    oom.reset()
+    oom.step("training", training_memory_advice(container), workers_memory_advice(container),
+             fewer_workers_advice(container))
+    line = (f"out of shared memory (/dev/shm) while training (DataLoader worker (pid {pid}) is killed by signal: Bus "
+            "error: the DataLoader's workers pass their batches through shared memory, /dev/shm, and it is full). "
+            "Lower dataloader.num_workers (now 8; 0 loads the data in the training process, with no worker), or give "
+            "the system more shared memory (/dev/shm; a Docker container: docker run --shm-size=8g)")
+    assert oom.memory_error(exc, "cuda", "") == line
+    lines: list[str] = []
+    assert oom.out_of_memory_exit(exc, "cuda", "", write=lines.append) == 2
+    assert lines == [f"error: {line}"] and oom.OUT_OF_MEMORY_LINE.search(lines[0])[1] == "shared"
+    oom.reset()  # a command that announced no way to fewer workers
+    assert oom.memory_error(bus, "cpu").endswith(
+        "is full). Load the data without worker processes, or give the system more shared memory (/dev/shm; a "
+        "Docker container: docker run --shm-size=8g)")
 
 
 # The hydra path's out-of-memory ends, each failure injected: host memory at the second training
@@ -450,6 +493,21 @@ def test_stage_names_its_own_options_when_training_ran_out_of_memory(tmp_path, m
     err = capsys.readouterr().err
     assert ("; it ran out of host memory: lower --workers (now 0), --batch (now 1), --crop (now 16) or --views "
             "(now 3), or give --override datasets.cache_images=false") in err, err
+
+    # a worker of the child killed by a bus error (memory.shared_memory_worker's line): shared memory, no cache advice
+    def worker_bus_error(cmd, log, *args, **kwargs):
+        log.write("[2026-12-01 06:50:00,000][headless_train][ERROR] - error: out of shared memory (/dev/shm) while "
+                  "training (DataLoader worker (pid 12) is killed by signal: Bus error: the DataLoader's ...). Lower "
+                  "dataloader.num_workers (now 8; ...)\n")
+        log.flush()
+        return 2, False, None
+
+    monkeypatch.setattr(stage, "run_child", worker_bus_error)
+    assert stage.main(["--corpus", root, "--work", work, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert ("; it ran out of shared memory: lower --workers (now 0), --batch (now 1), --crop (now 16) or --views "
+            "(now 3), or give the system more shared memory (/dev/shm; a Docker container: docker run "
+            "--shm-size=8g); see ") in err, err
 
     # a SIGKILL the stage did not send (Linux's out-of-memory killer), the earlier call's line above in the log
     def killed(cmd, log, *args, **kwargs):
