@@ -47,11 +47,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from headless_train.capture_sfm import PHOTO_SUFFIXES  # noqa: E402  (what capture-sfm counts as a photo)
+
 MANIFEST = ROOT / "bench" / "captures.json"
 USES = ("training", "validation")
 # prepare-capture's --use values for the manifest's (the card's) words
 PREPARE_USE = {"training": "train", "validation": "validation"}
-PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 class RebuildError(RuntimeError):

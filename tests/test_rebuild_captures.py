@@ -390,3 +390,14 @@ def test_an_unreadable_original_is_a_clear_error(tmp_path, capsys):
     assert "view_1.jpg: cannot be read as a photo" in err and "rebuild at --max-size 120 or less" in err
     assert len(err.strip().splitlines()) == 1
     assert not os.path.exists(os.path.join(out, "cap")) and not os.path.exists(os.path.join(out, "cap.partial"))
+
+
+def test_a_photo_is_what_capture_sfm_takes(tmp_path):
+    """The rebuild counts and matches photos by capture-sfm's own rule (one PHOTO_SUFFIXES, any
+    case): the folders it checks are the ones capture-sfm reads."""
+    from headless_train import capture_sfm
+
+    assert rc.PHOTO_SUFFIXES is capture_sfm.PHOTO_SUFFIXES
+    for name in ("a.JPG", "b.jpeg", "c.png", "d.txt", "e.tif", "f.heic"):
+        (tmp_path / name).write_bytes(b"x")
+    assert rc._photo_count(str(tmp_path)) == len(capture_sfm.list_photos(str(tmp_path))) == 3
