@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .camera import Camera
-from .datasets.images import eight_bit_levels
+from .datasets.images import eight_bit_levels, float_pixels
 from .image_size import fit_long_side
 from .losses import EncoderFeatureLoss, fft_amplitude_loss, gradient_loss, laplacian_pyramid_loss, multiscale_l1
 from .models import NPBG, NPBGConfig, NPBGPlusPlus
@@ -227,9 +227,9 @@ class FitViews:
         ``height`` x ``width`` (None: to the canvas's edge): only the window is converted."""
         if isinstance(self.images, list):
             photo = self.images[self.row(k)]
-            window = _as_float_pixels(self._padded(photo, top, left, height, width))
+            window = float_pixels(self._padded(photo, top, left, height, width))
             return window.to(self.float_dtype)
-        return _as_float_pixels(self._window(self.images, k, top, left, height, width))
+        return float_pixels(self._window(self.images, k, top, left, height, width))
 
     def mask(self, k: int, top: int = 0, left: int = 0, height: int | None = None,
              width: int | None = None) -> torch.Tensor | None:
@@ -278,19 +278,10 @@ class FitViews:
         return out
 
 
-def _as_float_pixels(pixels: torch.Tensor) -> torch.Tensor:
-    """Stored pixels as float in [0, 1]: uint8 k as float32(k) / 255 (a division, as the image
-    reader computes it, so that an 8-bit photo's values are bit for bit the reader's); float
-    pixels as they are (no copy)."""
-    if pixels.dtype == torch.uint8:
-        return pixels.to(torch.float32).div_(255.0)
-    return pixels
-
-
 def eight_bit_pixels(image: torch.Tensor) -> torch.Tensor | None:
     """``image`` as uint8 when it is float32 holding exactly k/255 in every pixel (a photo read
     from an 8-bit file, not resampled), so that storing it as uint8 loses nothing
-    (:func:`_as_float_pixels` gives the same floats back); None otherwise (resampled or
+    (:func:`float_pixels` gives the same floats back); None otherwise (resampled or
     16-bit photos, other float types, NaN), which are then kept as floats."""
     if image.dtype == torch.uint8:
         return image
@@ -300,7 +291,7 @@ def eight_bit_pixels(image: torch.Tensor) -> torch.Tensor | None:
     # fewer on a 12-MP photo): a pixel out of [0, 1] (or NaN) becomes a level whose float differs
     # from it, so the comparison refuses it
     eight = eight_bit_levels(image)
-    return eight if torch.equal(_as_float_pixels(eight), image) else None
+    return eight if torch.equal(float_pixels(eight), image) else None
 
 
 @dataclass
@@ -495,14 +486,14 @@ def read_fit_views(load: Callable[[int], torch.Tensor], cameras: Sequence[Camera
         if eight is not None:
             out[k] = eight
         else:
-            pixels = _as_float_pixels(im)  # a uint8 photo read after the stack turned float: k/255, not k
+            pixels = float_pixels(im)  # a uint8 photo read after the stack turned float: k/255, not k
             # the stack's type is the photos' types promoted (8-bit ones float32), as torch.stack gave
             # it: a float32 photo after a float16 one is not rounded, and a float64 stack holds the
             # 8-bit photos' float32 values widened (float64(k) / 255 would differ in the last bits)
             stored = torch.float32 if out.dtype == torch.uint8 else out.dtype
             stored = pixels.dtype if k == 0 else torch.promote_types(stored, pixels.dtype)
             if out.dtype != stored:  # exact: k/255 as float32, then a float type at least as wide
-                out = _as_float_pixels(out).to(stored)
+                out = float_pixels(out).to(stored)
             out[k] = pixels
         del im, eight
     if padded:

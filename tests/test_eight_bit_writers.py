@@ -50,3 +50,21 @@ def test_png_writers_write_eight_bit_levels(tmp_path, writer, dtype):
     writer(path, image) if writer is write_png else writer(image, path)
     written = np.asarray(Image.open(path))
     np.testing.assert_array_equal(written, eight_bit_levels(image).permute(1, 2, 0).numpy())
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_float_pixels_of_the_read_bytes_are_read_image_s_floats_bit_for_bit(tmp_path, mode):
+    """The one conversion of stored 8-bit pixels (datasets.images.float_pixels, used by the fit's
+    photo stack and SceneData.load_image_pixels): every level k of an 8-bit file as the reader's
+    own float32, and each level's float turned back into itself by eight_bit_levels."""
+    from npbgpp_core.datasets.images import float_pixels, read_image, read_image_pixels
+
+    levels = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    path = str(tmp_path / "levels.png")
+    Image.fromarray(levels if mode == "L" else np.stack([levels, levels[::-1], levels.T], axis=2), mode).save(path)
+    pixels = read_image_pixels(path)
+    assert pixels.dtype == torch.uint8
+    floats = float_pixels(pixels)
+    assert floats.dtype == torch.float32 and torch.equal(floats, read_image(path))
+    assert torch.equal(eight_bit_levels(floats), pixels)
+    assert float_pixels(floats) is floats  # float pixels as they are, no copy

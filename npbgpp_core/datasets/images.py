@@ -131,6 +131,16 @@ def read_image_pixels(path: str, background: Sequence[float] | None = (1.0, 1.0,
     return _composited(_to_float(img), None, background)
 
 
+def float_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    """Pixels as float in [0, 1], the one conversion of stored 8-bit pixels: uint8 k
+    (:func:`read_image_pixels`', :func:`eight_bit_levels`') as float32(k) / 255, a division as
+    :func:`read_image` computes it, so that an 8-bit photo's values are bit for bit its; float
+    pixels as they are (no copy)."""
+    if pixels.dtype == torch.uint8:
+        return pixels.to(torch.float32).div_(255.0)
+    return pixels
+
+
 def eight_bit_levels(image: torch.Tensor) -> torch.Tensor:
     """A float image in [0, 1] as uint8 levels, each the nearest (halves up: floor(x * 255 + 0.5),
     in float32 as prepare-capture writes its undistorted photos), so that k / 255 is within 1/510

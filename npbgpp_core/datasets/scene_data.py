@@ -15,7 +15,7 @@ import torch
 from ..camera import Camera
 from ..image_size import fit_long_side
 from .errors import DatasetError
-from .images import eight_bit_levels, read_alpha, read_image, read_image_pixels, read_mask
+from .images import eight_bit_levels, float_pixels, read_alpha, read_image, read_image_pixels, read_mask
 
 log = logging.getLogger(__name__)
 
@@ -153,11 +153,9 @@ class SceneData:
         from .distortion import undistort
 
         pixels = read_image_pixels(v.image_path, self.background)
-        eight_bit = pixels.dtype == torch.uint8
         # k/255 exactly as read_image divides (load_image's floats), then the same remap
-        img = pixels.to(torch.float32).div_(255.0) if eight_bit else pixels
-        img = undistort(img, v.source_camera, v.distortion, v.camera)
-        return eight_bit_levels(img) if eight_bit else img
+        img = undistort(float_pixels(pixels), v.source_camera, v.distortion, v.camera)
+        return eight_bit_levels(img) if pixels.dtype == torch.uint8 else img
 
     def load_mask(self, i: int, size: Sequence[int] | None = None) -> torch.Tensor | None:
         """Mask of view ``i`` as ``(1, H, W)`` float32 in [0, 1], or None when the view
