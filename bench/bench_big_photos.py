@@ -24,12 +24,13 @@ size: it costs what such photos cost, not what they would score.
 
 ``run`` drives :class:`npbgpp_core.service.RenderService` with the requests the add-on sends
 on its defaults (``blender_addon/operators.py``, ``render_job.py``, ``properties.py``):
-``AggregateBegin`` with no weights, Network Auto and Photo Size at the add-on's default for a
-render up to 2048 px such as this tool's 1920x1080 still (``protocol.AGGREGATE_MAX_SIDE``; the
-add-on's Photo Size, unset, follows larger renders up to 4096, so after Import Dataset, which sets the
-render to the photos' size, it reads photos of up to 4096 px at their own size: ``--photo-size`` gives
-that or another; 0, each photo at its own size, is what the section's first figures ran, before the
-option), one ``AggregateView`` per view, then
+``AggregateBegin`` with no weights, Network Auto and Photo Size at the add-on's default after
+Import Dataset (:func:`addon_photo_size`: Import Dataset sets the render to the size most photos
+have, and Photo Size, unset, is that render's long side clamped to 2048-4096 px,
+``protocol.photo_size_for_render``, the add-on's own rule; so photos of 1920 px are read at 2048,
+of 4032 at their own size; ``--photo-size`` gives another, 2048 the default before the add-on's
+followed the render, 0 each photo at its own size, what the section's first figures ran, before
+the option), one ``AggregateView`` per view, then
 ``FitBegin`` (200 steps, Check Fit on a Photo, Fit Upright, Also Try Whole Views Auto) and
 ``FitStep`` requests of 0.25 s until finished, then ``LoadBundle`` of the fitted bundle and a
 ``RenderFrame`` of the first training camera widened to 1920x1080 (the network on, Tile Size 2048,
@@ -227,12 +228,22 @@ def extractor_call(width: int, height: int, decode: str = "auto") -> dict[str, A
             "peak_rss_above_mib": round(_peak_rss_mib() - before)}
 
 
+def addon_photo_size(data: Any) -> int:
+    """The add-on's Photo Size, unset, after Import Dataset of ``data`` (a loaded scene): the
+    render Import Dataset sets, the size most photos have (``image_size.most_common_size``, as
+    ``importers.render_photo_size``), through the add-on's rule (``protocol.photo_size_for_render``)."""
+    from npbgpp_core.image_size import most_common_size
+    from npbgpp_core.protocol import photo_size_for_render
+
+    height, width = most_common_size(tuple(v.camera.image_size) for v in data.views)
+    return photo_size_for_render(width, height)
+
+
 def run_stages(dataset: str, work: str, stages: list[str], size: str, photo_size: int | None = None,
                undistort: bool = False, max_views: int = 0) -> list[dict[str, Any]]:
     """Each stage in turn as the add-on asks for it; one report per stage run. ``photo_size``:
-    Aggregate's Photo Size (AggregateBegin.max_side; None: the operator's default for
-    renders up to 2048 px, as the 1920x1080 still, ``protocol.AGGREGATE_MAX_SIDE``; 0: each photo at its
-    own size).
+    Aggregate's Photo Size (AggregateBegin.max_side; None: the add-on's default after Import
+    Dataset, :func:`addon_photo_size`; 0: each photo at its own size).
     ``undistort``: its Undistort on.
     ``max_views``: Aggregate sends only the first that many AggregateView requests (0: all), a
     shorter run for before/after comparisons of the stage (its bundle sees fewer views)."""
@@ -245,8 +256,6 @@ def run_stages(dataset: str, work: str, stages: list[str], size: str, photo_size
     from npbgpp_core.models import extractor
     from npbgpp_core.service import RenderService
 
-    if photo_size is None:
-        photo_size = P.AGGREGATE_MAX_SIDE
     os.makedirs(work, exist_ok=True)
     options = {"undistort": True} if undistort else {}  # only COLMAP and nerfstudio loaders take it
     bundle, fitted = os.path.join(work, "scene.npbgpp"), os.path.join(work, "scene_fitted.npbgpp")
@@ -261,7 +270,10 @@ def run_stages(dataset: str, work: str, stages: list[str], size: str, photo_size
             warnings.simplefilter("always")
             try:
                 if stage == "aggregate":
-                    # Weights empty, Network Auto, the operator's Photo Size
+                    # Weights empty, Network Auto, the operator's Photo Size (after Import Dataset: the
+                    # dataset read first, as the add-on's import does)
+                    if photo_size is None:
+                        photo_size = addon_photo_size(load_scene(dataset, require_points=False, **options))
                     started = log.ask(P.AggregateBegin(dataset, "", max_side=photo_size, undistort=undistort))
                     views = min(started.views, max_views) if max_views > 0 else started.views
                     for k in range(views):
@@ -373,8 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--threads", type=int, default=1, help="torch threads (the worker: cores - 1)")
     run.add_argument("--json", default="", help="also append the reports to this file")
     run.add_argument("--photo-size", type=int, default=None,
-                     help="Aggregate's Photo Size in pixels (default: the add-on's for renders up to 2048 px, "
-                     "protocol.AGGREGATE_MAX_SIDE; "
+                     help="Aggregate's Photo Size in pixels (default: the add-on's after Import Dataset, the "
+                     "long side most photos have clamped to 2048-4096, protocol.photo_size_for_render; "
                      "0: each photo at its own size, as before the option)")
     run.add_argument("--undistort", action="store_true", help="distorted COLMAP cameras: the add-on's Undistort")
     run.add_argument("--round-resampled", choices=("on", "off"), default="on",

@@ -196,10 +196,9 @@ def render_photo_size(views: list) -> tuple[int, int]:
     """(h, w) of the photo size most views have (ties: the earliest view's), the one render
     resolution the import sets: a phone capture mixes portrait and landscape photos, and the
     first view's size framed the minority wrongly (mouse: 17 portrait, 39 landscape)."""
-    from collections import Counter
+    from npbgpp_core.image_size import most_common_size
 
-    counts = Counter(_photo_size(view) for view in views)  # one pass: a scan can have thousands of views
-    return max(counts, key=counts.__getitem__)  # ties: the first counted, the earliest view's size
+    return most_common_size(_photo_size(view) for view in views)
 
 
 def _fy_over_fx(view: Any) -> float:

@@ -12,7 +12,12 @@ import bpy
 import numpy as np
 from bpy.props import BoolProperty, FloatProperty, IntProperty, StringProperty
 
-from npbgpp_core.protocol import AGGREGATE_MAX_SIDE, AGGREGATE_MIN_SIDE, AGGREGATE_RENDER_MAX_SIDE
+from npbgpp_core.protocol import (
+    AGGREGATE_MAX_SIDE,
+    AGGREGATE_MIN_SIDE,
+    AGGREGATE_RENDER_MAX_SIDE,
+    photo_size_for_render,
+)
 
 from .blend_paths import linked_library, resolved, stored
 from .camera_bridge import render_size
@@ -572,13 +577,12 @@ def photo_size_note(max_side: int, largest_side: int) -> str:
 def default_photo_size(scene: Any) -> int:
     """Aggregate's Photo Size when none was given: the long side F12 renders ``scene`` at (Resolution
     times %, as the engine's camera reads it), at least AGGREGATE_MAX_SIDE and at most
-    AGGREGATE_RENDER_MAX_SIDE. Descriptors read from photos smaller than the render lost up to 0.52 dB
-    (BENCHMARKS.md "Renders above 2048 px"), so a large render raises the cap by itself; smaller renders
-    keep the constant's time and memory, and the upper bound keeps 48-MP photos from being read whole
-    unasked."""
+    AGGREGATE_RENDER_MAX_SIDE (``protocol.photo_size_for_render``, the rule bench_big_photos follows
+    too). Descriptors read from photos smaller than the render lost up to 0.52 dB (BENCHMARKS.md
+    "Renders above 2048 px"), so a large render raises the cap by itself; smaller renders keep the
+    constant's time and memory, and the upper bound keeps 48-MP photos from being read whole unasked."""
     r = scene.render
-    side = max(render_size(r.resolution_x, r.resolution_y, r.resolution_percentage))
-    return min(AGGREGATE_RENDER_MAX_SIDE, max(AGGREGATE_MAX_SIDE, side))
+    return photo_size_for_render(*render_size(r.resolution_x, r.resolution_y, r.resolution_percentage))
 
 
 def aggregate_cloud(s: Any) -> tuple[str, str]:

@@ -8,6 +8,8 @@ capture importer, ``capture-sfm``) can use it without loading the heavy stack.
 from __future__ import annotations
 
 import re
+from collections import Counter
+from collections.abc import Iterable
 
 
 def fit_long_side(size: tuple[int, int], max_side: int | None) -> tuple[int, int]:
@@ -23,6 +25,15 @@ def fit_long_side(size: tuple[int, int], max_side: int | None) -> tuple[int, int
         return a, b
     scale = max_side / max(a, b)
     return max(1, round(a * scale)), max(1, round(b * scale))
+
+
+def most_common_size(sizes: Iterable[tuple[int, int]]) -> tuple[int, int]:
+    """The size most of ``sizes`` have (ties: the earliest); ValueError for none. The render size
+    Import Dataset sets from its photos' sizes (a phone capture mixes portrait and landscape)."""
+    counts = Counter((int(a), int(b)) for a, b in sizes)  # one pass: a scan can have thousands of views
+    if not counts:
+        raise ValueError("no sizes to choose from")
+    return max(counts, key=counts.__getitem__)  # ties: the first counted, the earliest
 
 
 # The command that makes a copy of a capture with smaller photos and cameras scaled to match: the one

@@ -106,6 +106,14 @@ AGGREGATE_RENDER_MAX_SIDE = 4096
 AGGREGATE_MIN_SIDE = 16
 
 
+def photo_size_for_render(width: int, height: int) -> int:
+    """Aggregate's Photo Size when none is given, for a render of ``width`` x ``height`` pixels:
+    its long side, at least :data:`AGGREGATE_MAX_SIDE` and at most :data:`AGGREGATE_RENDER_MAX_SIDE`.
+    The one rule of the add-on's default (``operators.default_photo_size``, with the size F12
+    renders at) and of ``bench/bench_big_photos.py run``'s (with the render Import Dataset sets)."""
+    return min(AGGREGATE_RENDER_MAX_SIDE, max(AGGREGATE_MAX_SIDE, int(width), int(height)))
+
+
 def photo_size_bound(long_side: int | None, max_side: int | None) -> int | None:
     """The long side an aggregation reads the largest photo at now, which a smaller Photo Size (export
     --max-side) must go below to read it smaller: ``long_side`` (the photos' largest; None: not known)

@@ -283,6 +283,18 @@ def test_out_of_memory_before_any_photo_is_read_names_the_cloud_and_max_points(f
     assert service.handle(P.AggregateCancel()) == P.Done()
 
 
+@pytest.mark.parametrize("width, height, side", [
+    (3840, 2160, 3840), (2160, 3840, 3840),  # 4K, landscape or portrait: its own long side
+    (1920, 1080, 2048), (64, 48, 2048),  # renders up to 2048 px: the 2048-px cap
+    (2048, 2048, 2048), (4096, 1, 4096),
+    (8064, 6048, 4096), (4097, 4097, 4096),  # 48 MP and anything above 4096: 4096
+])
+def test_photo_size_for_render_by_hand(width, height, side):
+    """The one rule of Photo Size left unset (the add-on's operators.default_photo_size, with the
+    size F12 renders at, and bench_big_photos run's): the render's long side within 2048-4096."""
+    assert P.photo_size_for_render(width, height) == side
+
+
 def test_the_docs_state_the_default_photo_size_the_add_on_uses():
     """The READMEs give Photo Size's default as the add-on computes it (operators.default_photo_size):
     the render's long side within protocol.AGGREGATE_MAX_SIDE and AGGREGATE_RENDER_MAX_SIDE, 2048 only

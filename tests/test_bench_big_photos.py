@@ -116,7 +116,8 @@ def test_a_failing_stage_reports_the_service_s_own_error_and_stops(tmp_path: Pat
     missing = str(tmp_path / "no_such_capture")
     expected = RenderService().handle(P.AggregateBegin(missing, ""))
     assert isinstance(expected, P.Failure) and expected.error
-    reports = bbp.run_stages(missing, str(tmp_path / "work"), ["aggregate", "fit"], "0 px")
+    # Photo Size given: unset, the stage reads the dataset first for the add-on's default
+    reports = bbp.run_stages(missing, str(tmp_path / "work"), ["aggregate", "fit"], "0 px", photo_size=2048)
     assert [(r["stage"], r["failure"], r["requests"]) for r in reports] == [("aggregate", expected.error, 1)]
     assert capsys.readouterr().out.count("\n") == 1  # one JSON line: the failed stage's
 
@@ -181,3 +182,36 @@ def test_extractor_command_reports_one_call(decode: str, capsys, monkeypatch) ->
     report = json.loads(capsys.readouterr().out)
     assert report["size"] == "96x64" and report["decode"] == decode and report["peak_rss_above_mib"] >= 0
     assert report["tile_above_side"] == {"whole": sys.maxsize, "tiles": 0}.get(decode, extractor.TILE_ABOVE_SIDE)
+
+
+def test_run_s_photo_size_is_the_add_on_s_after_import_dataset(tmp_path: Path, monkeypatch) -> None:
+    """Unset, run's Photo Size is the add-on's after Import Dataset: the long side most photos have
+    (Import Dataset's render) clamped by protocol.photo_size_for_render, the add-on's own rule (here
+    with the bounds lowered to 16-20 so that 24-px photos are clamped at 20, cheaply); given, it is
+    used as is."""
+    from _train_fixtures import make_tiny_scene
+
+    from npbgpp_core import protocol as P
+
+    folder = make_tiny_scene(str(tmp_path / "scene"), views=3, size=24, n_points=200, splits=(3, 0, 0))
+    monkeypatch.setattr(P, "AGGREGATE_MAX_SIDE", 16)
+    monkeypatch.setattr(P, "AGGREGATE_RENDER_MAX_SIDE", 20)
+    (report,) = bbp.run_stages(folder, str(tmp_path / "a"), ["aggregate"], "24 px")
+    assert not report["failure"] and report["photo_size"] == 20
+    (report,) = bbp.run_stages(folder, str(tmp_path / "b"), ["aggregate"], "24 px", photo_size=18)
+    assert not report["failure"] and report["photo_size"] == 18
+
+
+def test_the_add_on_s_photo_size_of_a_dataset_by_hand() -> None:
+    """addon_photo_size on datasets whose photos' sizes (h, w) are given: the size most photos
+    have (a tie: the earliest), its long side clamped to [2048, 4096]."""
+    from types import SimpleNamespace
+
+    def data(*sizes):
+        return SimpleNamespace(views=[SimpleNamespace(camera=SimpleNamespace(image_size=s)) for s in sizes])
+
+    assert bbp.addon_photo_size(data((2160, 3840))) == 3840
+    assert bbp.addon_photo_size(data((1080, 1920), (1080, 1920))) == 2048
+    assert bbp.addon_photo_size(data((6048, 8064))) == 4096
+    assert bbp.addon_photo_size(data((3024, 4032), (2304, 3072), (2304, 3072))) == 3072  # most photos'
+    assert bbp.addon_photo_size(data((3024, 2268), (2160, 3840))) == 3024  # a tie: the earliest

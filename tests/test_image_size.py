@@ -32,3 +32,15 @@ def test_shrinks_long_side_to_max(size, max_side, expected):
 @pytest.mark.parametrize(("size", "max_side"), [((384, 512), 512), ((384, 512), 4096), ((7, 3), 7), ((10, 20), None)])
 def test_unchanged_when_within_max_or_no_max(size, max_side):
     assert fit_long_side(size, max_side) == size
+
+
+def test_most_common_size_ties_the_earliest():
+    """Import Dataset's render size: the size most photos have, a tie the earliest's; none refused."""
+    from npbgpp_core.image_size import most_common_size
+
+    portrait, landscape = (4032, 3024), (3024, 4032)
+    assert most_common_size([portrait, landscape, landscape]) == landscape
+    assert most_common_size([portrait, landscape, landscape, portrait]) == portrait
+    assert most_common_size(iter([landscape, portrait])) == landscape  # one pass over any iterable
+    with pytest.raises(ValueError):
+        most_common_size([])
