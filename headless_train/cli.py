@@ -689,10 +689,10 @@ def hydra_main(cfg: DictConfig) -> None:
         print(_friendly(exc), file=sys.stderr)
         sys.exit(2)
     except Exception as exc:
-        # out of memory: the checkpoint saver has already written last.ckpt (atomically) when this
-        # run took a step since its last one
+        # out of memory or a DataLoader worker's crash (oom.out_of_memory_exit): the checkpoint saver has
+        # already written last.ckpt (atomically) when this run took a step since its last one
         def write(line: str) -> None:
-            log.debug("out of memory", exc_info=True)  # the traceback in the log with hydra.verbose=headless_train
+            log.debug("the error", exc_info=True)  # the traceback in the log with hydra.verbose=headless_train
             log.error(line)
             print(line, file=sys.stderr)
 

@@ -19,15 +19,23 @@ what training and evaluation show with ``hydra.verbose``."""
 from __future__ import annotations
 
 import re
+import signal
 import sys
 from argparse import ArgumentParser
 from collections.abc import Callable
 
-from npbgpp_core.memory import first_line, is_out_of_memory, killed_worker, ran_out_on_gpu, shared_memory_worker
+from npbgpp_core.memory import (
+    first_line,
+    is_out_of_memory,
+    killed_worker,
+    ran_out_on_gpu,
+    shared_memory_worker,
+    worker_signal,
+)
 
 __all__ = [
     "add_debug_flag", "is_out_of_memory", "memory_error", "out_of_memory_exit", "reset", "run_command", "step",
-    "OUT_OF_MEMORY_LINE",
+    "worker_crash", "OUT_OF_MEMORY_LINE",
 ]
 
 # The start of the line a command writes with :func:`memory_error`: ``stage`` finds its training
@@ -89,6 +97,25 @@ def _sentence(text: str) -> str:
     return text[0].upper() + text[1:]
 
 
+def worker_crash(exc: BaseException) -> str | None:
+    """The one-line message (without ``error: ``) for ``exc`` when it is torch's error for a
+    DataLoader worker killed by a signal other than memory running out (:func:`is_out_of_memory`:
+    SIGKILL, SIGBUS), e.g. SIGSEGV or SIGFPE from native code the data loading calls; None
+    otherwise. The crash happened in the worker process, so this one has no traceback of it (torch's
+    text says only that the worker exited): the line names the signal and says how to see where
+    it happens, with the data loaded in this process."""
+    died = worker_signal(exc)
+    if died is None or is_out_of_memory(exc):
+        return None
+    link, name = died
+    number = next((s.name for s in signal.Signals if signal.strsignal(s) == name), "")  # "SIGSEGV"
+    what = first_line(link).split(". ")[0].rstrip(".") + (f", {number}" if number else "")
+    fewer = _FEWER_WORKERS or "load the data without worker processes"
+    return (f"a DataLoader worker crashed while {_DOING} ({what}): the error is in that process, which leaves no "
+            f"traceback here (its own message, if any, is above). {_sentence(fewer)} and run it again with "
+            "python -X faulthandler to see where it fails")
+
+
 def _to_stderr(line: str) -> None:
     print(line, file=sys.stderr)
 
@@ -104,13 +131,20 @@ def out_of_memory_exit(exc: BaseException, device: str, gpu_fix: str = "--device
                        write: Callable[[str], None] = _to_stderr, debug: bool = False, prefix: str = "error: ") -> int:
     """A command's end on ``exc``, an error none of its own refusals caught: when it is out of
     memory, 2 after writing ``prefix`` and :func:`memory_error`'s line with ``write`` (stderr by
-    default); any other error, and this one too with ``debug`` (``--debug``), is raised again:
-    a bug's traceback is wanted. Called in the command's ``except Exception`` so every command
-    ends out of memory alike."""
-    if debug or not is_out_of_memory(exc):
+    default); a DataLoader worker crashed by a signal, 1 (a failure, not bad input) after
+    :func:`worker_crash`'s line instead of torch's text; any other error, and these too with
+    ``debug`` (``--debug``), is raised again: a bug's traceback is wanted. Called in the
+    command's ``except Exception`` so every command ends out of memory alike."""
+    if debug:
         raise exc
-    write(f"{prefix}{memory_error(exc, device, gpu_fix)}")
-    return 2
+    if is_out_of_memory(exc):
+        write(f"{prefix}{memory_error(exc, device, gpu_fix)}")
+        return 2
+    crash = worker_crash(exc)
+    if crash is None:
+        raise exc
+    write(f"{prefix}{crash}")
+    return 1
 
 
 def run_command(body: Callable[[], int], refusals: tuple[type[BaseException], ...], debug: bool,

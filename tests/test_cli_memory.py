@@ -298,6 +298,39 @@ def test_a_dataloader_worker_killed_is_out_of_host_memory_with_the_workers_advic
     assert killed_worker(RuntimeError("DataLoader worker (pid 7) is killed by signal: Terminated. ")) is None
 
 
+@pytest.mark.parametrize("kill, name", [(signal.SIGSEGV, "Segmentation fault"),
+                                        (signal.SIGFPE, "Floating point exception")])
+def test_a_dataloader_worker_crashed_by_another_signal_is_one_line_naming_it(kill, name):
+    """A real worker killed by SIGSEGV or SIGFPE (native code's crash, not memory): one line
+    naming the signal, no traceback, exit 1 (a failure, not bad input), how to see where it
+    happens in this process; --debug raises torch's error as it is."""
+    from headless_train.cli import fewer_workers_advice, training_memory_advice, workers_memory_advice
+
+    exc = _loader_error(kill)
+    assert not oom.is_out_of_memory(exc)
+    pid = str(exc).split("(pid(s) ")[1].split(")")[0]
+    assert str(exc.__cause__) == f"DataLoader worker (pid {pid}) is killed by signal: {name}. "
+    container = {"datasets": {"train_image_size": 256, "cache_images": False}, "dataloader": {"num_workers": 8}}
+    oom.reset()
+    oom.step("training", training_memory_advice(container), workers_memory_advice(container),
+             fewer_workers_advice(container))
+    lines: list[str] = []
+    assert oom.out_of_memory_exit(exc, "cuda", "", write=lines.append) == 1
+    assert lines == [
+        f"error: a DataLoader worker crashed while training (DataLoader worker (pid {pid}) is killed by signal: "
+        f"{name}, {kill.name}): the error is in that process, which leaves no traceback here (its own message, if "
+        "any, is above). Lower dataloader.num_workers (now 8; 0 loads the data in the training process, with no "
+        "worker) and run it again with python -X faulthandler to see where it fails"]
+    with pytest.raises(RuntimeError) as raised:
+        oom.out_of_memory_exit(exc, "cuda", "", write=lines.append, debug=True)
+    assert raised.value is exc and len(lines) == 1
+    oom.reset()
+    assert oom.worker_crash(exc.__cause__).endswith(  # torch's SIGCHLD handler's error, raised as is
+        "Load the data without worker processes and run it again with python -X faulthandler to see where it fails")
+    assert oom.worker_crash(RuntimeError("DataLoader worker (pid(s) 7) exited unexpectedly")) is None
+    assert oom.worker_crash(_loader_error(signal.SIGKILL)) is None  # out of memory: memory_error's
+
+
 def test_a_dataloader_worker_killed_by_a_bus_error_is_out_of_shared_memory_with_its_own_advice():
     """torch's own error for a worker killed by SIGBUS (a real DataLoader whose worker gets it),
     in practice shared memory (/dev/shm) full, e.g. a Docker container's 64 MB: out of shared
