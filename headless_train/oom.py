@@ -14,7 +14,9 @@ Every command outside Hydra ends through :func:`run_command`: a refusal (bad inp
 out of memory is one line and exit status 2, and ``--debug`` (:func:`add_debug_flag`, the same in
 export, fit, render, stage, prepare-capture, export-weights, average-weights and capture-sfm)
 turns each such end into the error itself raised with its full traceback, for a bug report:
-what training and evaluation show with ``hydra.verbose``."""
+what training and evaluation show with ``hydra.verbose``. A DataLoader worker killed by a signal
+is out of memory when it is SIGKILL (the RAM) or SIGBUS (shared memory), else a crash with a line
+of its own (:func:`worker_crash`)."""
 
 from __future__ import annotations
 
@@ -152,9 +154,10 @@ def run_command(body: Callable[[], int], refusals: tuple[type[BaseException], ..
                 write: Callable[[str], None] = _to_stderr) -> int:
     """A command's ``body()`` (its exit status) with the commands' one way to end on an error:
     one of ``refusals`` (bad input, its message says what to do) is written as one line after
-    ``prefix`` and ends with 2, so is running out of memory (:func:`out_of_memory_exit`); any
-    other error is raised again (a bug: its traceback is wanted). ``debug`` (``--debug``) raises
-    the refusal and the out-of-memory error too, with the traceback of where they happened."""
+    ``prefix`` and ends with 2, so is running out of memory (:func:`out_of_memory_exit`, which
+    ends a DataLoader worker's crash with 1); any other error is raised again (a bug: its
+    traceback is wanted). ``debug`` (``--debug``) raises the refusal and the out-of-memory error
+    too, with the traceback of where they happened."""
     try:
         return body()
     except refusals as exc:

@@ -1197,13 +1197,13 @@ def main(argv: list[str] | None = None) -> int:
         if packing:
             print(json.dumps(pack(args.corpus, args.out, args.max_side, args.max_points, args.max_mib, args.scenes)))
             return 0
-        return report(run_stage(args))
+        return say_outcome(run_stage(args))
 
     # out of memory in the stage's own process (pack reads a photo or a cloud at a time): one line too
     return oom.run_command(body, (StageError,), args.debug, "cpu", write=lambda line: say(line, sys.stderr))
 
 
-def report(info: dict[str, Any]) -> int:
+def say_outcome(info: dict[str, Any]) -> int:
     """Say how the stage call ``info`` ended; its exit status."""
     if "stopped_by" in info:
         name = info["stopped_by"]
