@@ -15,8 +15,8 @@ out of memory is one line and exit status 2, and ``--debug`` (:func:`add_debug_f
 export, fit, render, stage, prepare-capture, export-weights, average-weights and capture-sfm)
 turns each such end into the error itself raised with its full traceback, for a bug report:
 what training and evaluation show with ``hydra.verbose``. A DataLoader worker killed by a signal
-is out of memory when it is SIGKILL (the RAM) or SIGBUS (shared memory), else a crash with a line
-of its own (:func:`worker_crash`)."""
+is out of memory when it is SIGKILL (the RAM) or SIGBUS (shared memory), a crash with a line of
+its own when it is SIGSEGV, SIGFPE, ... (:func:`worker_crash`), else (SIGTERM: a stop) raised."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ from npbgpp_core.memory import (
 
 __all__ = [
     "add_debug_flag", "is_out_of_memory", "memory_error", "out_of_memory_exit", "reset", "run_command", "step",
-    "worker_crash", "OUT_OF_MEMORY_LINE",
+    "worker_crash", "CRASH_SIGNALS", "OUT_OF_MEMORY_LINE",
 ]
 
 # The start of the line a command writes with :func:`memory_error`: ``stage`` finds its training
@@ -99,19 +99,31 @@ def _sentence(text: str) -> str:
     return text[0].upper() + text[1:]
 
 
+# The signals a process gets from its own fault (native code's crash: a bad address, a division by
+# zero, an illegal instruction, abort()). SIGBUS is shared memory's (memory.shared_memory_worker),
+# SIGKILL the RAM's; any other (SIGTERM, SIGHUP, SIGINT, SIGQUIT) was sent to the worker, most often
+# a stop sent to the whole process group (timeout, docker stop, a terminal), not a crash.
+CRASH_SIGNALS = tuple(getattr(signal, n) for n in ("SIGSEGV", "SIGFPE", "SIGILL", "SIGABRT", "SIGTRAP", "SIGSYS")
+                      if hasattr(signal, n))
+
+
 def worker_crash(exc: BaseException) -> str | None:
     """The one-line message (without ``error: ``) for ``exc`` when it is torch's error for a
-    DataLoader worker killed by a signal other than memory running out (:func:`is_out_of_memory`:
-    SIGKILL, SIGBUS), e.g. SIGSEGV or SIGFPE from native code the data loading calls; None
-    otherwise. The crash happened in the worker process, so this one has no traceback of it (torch's
-    text says only that the worker exited): the line names the signal and says how to see where
-    it happens, with the data loaded in this process."""
+    DataLoader worker killed by a crash's signal (:data:`CRASH_SIGNALS`: SIGSEGV, SIGFPE, ...
+    from native code the data loading calls); None otherwise, for memory running out
+    (:func:`is_out_of_memory`) and for a signal sent to the worker (SIGTERM: a stop, whose error
+    is raised as it is). The crash happened in the worker process, so this one has no traceback
+    of it (torch's text says only that the worker exited): the line names the signal and says how
+    to see where it happens, with the data loaded in this process."""
     died = worker_signal(exc)
     if died is None or is_out_of_memory(exc):
         return None
     link, name = died
-    number = next((s.name for s in signal.Signals if signal.strsignal(s) == name), "")  # "SIGSEGV"
-    what = first_line(link).split(". ")[0].rstrip(".") + (f", {number}" if number else "")
+    # torch names the signal as the C library's strsignal does, which signal.strsignal calls
+    crash = next((s for s in CRASH_SIGNALS if signal.strsignal(s) == name), None)
+    if crash is None:
+        return None
+    what = f"{first_line(link).split('. ')[0].rstrip('.')}, {crash.name}"
     fewer = _FEWER_WORKERS or "load the data without worker processes"
     return (f"a DataLoader worker crashed while {_DOING} ({what}): the error is in that process, which leaves no "
             f"traceback here (its own message, if any, is above). {_sentence(fewer)} and run it again with "

@@ -233,6 +233,9 @@ class _DyingDataset(torch.utils.data.Dataset):
         import resource
 
         if self.kill is not None:
+            import faulthandler
+
+            faulthandler.disable()  # pytest's, inherited: its dump of this worker's stack is noise here
             resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a bus error dumps core: not into the test's folder
             if sys.platform.startswith("linux"):  # nor to a core_pattern pipe (which ignores the limit)
                 import ctypes
@@ -299,7 +302,8 @@ def test_a_dataloader_worker_killed_is_out_of_host_memory_with_the_workers_advic
 
 
 @pytest.mark.parametrize("kill, name", [(signal.SIGSEGV, "Segmentation fault"),
-                                        (signal.SIGFPE, "Floating point exception")])
+                                        (signal.SIGFPE, "Floating point exception"),
+                                        (signal.SIGABRT, "Aborted")])
 def test_a_dataloader_worker_crashed_by_another_signal_is_one_line_naming_it(kill, name):
     """A real worker killed by SIGSEGV or SIGFPE (native code's crash, not memory): one line
     naming the signal, no traceback, exit 1 (a failure, not bad input), how to see where it
@@ -329,6 +333,24 @@ def test_a_dataloader_worker_crashed_by_another_signal_is_one_line_naming_it(kil
         "Load the data without worker processes and run it again with python -X faulthandler to see where it fails")
     assert oom.worker_crash(RuntimeError("DataLoader worker (pid(s) 7) exited unexpectedly")) is None
     assert oom.worker_crash(_loader_error(signal.SIGKILL)) is None  # out of memory: memory_error's
+
+
+@pytest.mark.parametrize("kill", [signal.SIGTERM, signal.SIGHUP])
+def test_a_dataloader_worker_stopped_by_a_signal_sent_to_it_is_no_crash(kill):
+    """A real worker killed by SIGTERM or SIGHUP (a stop sent to the whole process group: timeout,
+    docker stop, a closed terminal, the training process stopping too) is neither native code's
+    crash nor memory running out: no crash line, torch's error raised as it is, as before the
+    crash line existed; nor is a worker's SIGINT or SIGQUIT (a terminal's Ctrl-C and quit keys), by torch's text."""
+    exc = _loader_error(kill)
+    assert str(exc.__cause__).endswith(f"is killed by signal: {signal.strsignal(kill)}. ")
+    assert not oom.is_out_of_memory(exc) and oom.worker_crash(exc) is None
+    lines: list[str] = []
+    with pytest.raises(RuntimeError) as raised:
+        oom.out_of_memory_exit(exc, "cuda", "", write=lines.append)
+    assert raised.value is exc and lines == []
+    for sent in (signal.SIGINT, signal.SIGQUIT):
+        text = RuntimeError(f"DataLoader worker (pid 7) is killed by signal: {signal.strsignal(sent)}. ")
+        assert oom.worker_crash(text) is None and not oom.is_out_of_memory(text)
 
 
 def test_a_dataloader_worker_killed_by_a_bus_error_is_out_of_shared_memory_with_its_own_advice():
