@@ -171,6 +171,45 @@ def test_render_out_of_memory_loading_the_bundle_names_its_size(scene_and_bundle
                     "fewer points (export --max-points)"), line
 
 
+def _no_memory(*args, **kwargs):
+    raise MemoryError(HOST_OOM)
+
+
+@pytest.mark.parametrize("command", ["export-weights", "average-weights", "capture-sfm"])
+def test_the_weights_and_sfm_commands_out_of_memory_are_one_line_and_with_debug_the_error(command, tmp_path,
+                                                                                           monkeypatch, capsys):
+    """export-weights, average-weights and capture-sfm out of memory (injected where they read):
+    one line naming the step and what to do, exit 2, nothing written (oom.run_command; they
+    raised the MemoryError before); --debug raises it."""
+    from headless_train import capture_sfm, checkpoints, export_weights
+    from npbgpp_core import pretrained
+
+    more = "Run it on a computer with more memory"  # they have no advice of their own
+
+    monkeypatch.chdir(tmp_path)
+    if command == "export-weights":
+        monkeypatch.setattr(checkpoints, "load_checkpoint_file", lambda path: {})
+        monkeypatch.setattr(export_weights, "weights_from_checkpoint", _no_memory)
+        main, argv = export_weights.main, ["--checkpoint", "last.ckpt", "--out", "w.safetensors"]
+        line = f"error: out of host memory (RAM) while exporting the weights of last.ckpt ({HOST_OOM}). {more}"
+    elif command == "average-weights":
+        from headless_train import average_weights
+
+        monkeypatch.setattr(pretrained, "read_weights", _no_memory)
+        main, argv = average_weights.main, ["--out", "m.safetensors", "a.safetensors", "b.safetensors"]
+        line = f"error: out of host memory (RAM) while averaging 2 weights files ({HOST_OOM}). {more}"
+    else:
+        monkeypatch.setattr(capture_sfm, "capture_sfm", _no_memory)
+        main, argv = capture_sfm.main, ["photos", "model"]
+        line = (f"capture-sfm: out of host memory (RAM) while recovering a model from the photos of photos "
+                f"({HOST_OOM}). Lower --max-side or use fewer photos (--every), or r{more[1:]}")
+    assert main(argv) == 2
+    assert capsys.readouterr().err == line + "\n"
+    with pytest.raises(MemoryError, match="Unable to allocate"):
+        main(argv + ["--debug"])
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_gpu_that_is_full_is_named_and_the_cpu_advised():
     """torch's CUDA OutOfMemoryError (several lines): the GPU's memory, its first line, the
     step's advice and the command's way to the CPU; the CPU allocator's failure and a
