@@ -10,8 +10,8 @@ and :func:`reset` starts a command afresh). The advice names the command's own o
 full); the figures it quotes come from :mod:`npbgpp_core.memory`, which the add-on's messages
 quote too.
 
-Every command outside Hydra ends through :func:`run_command`: a refusal (bad input) or running
-out of memory is one line and exit status 2, and ``--debug`` (:func:`add_debug_flag`, the same in
+Every command outside Hydra but check-corpus ends through :func:`run_command`: a refusal (bad
+input) or running out of memory is one line and exit status 2, and ``--debug`` (:func:`add_debug_flag`, the same in
 export, fit, render, stage, prepare-capture, export-weights, average-weights and capture-sfm)
 turns each such end into the error itself raised with its full traceback, for a bug report:
 what training and evaluation show with ``hydra.verbose``. A DataLoader worker killed by a signal
