@@ -78,7 +78,7 @@ def memory_error(exc: BaseException, device: str, gpu_fix: str = "--device cpu")
     worker = shared_memory_worker(exc)
     if worker is not None:  # workers hand batches over in /dev/shm: that ran out, not the RAM
         why = (f"{first_line(worker).split('. ')[0]}: the DataLoader's workers pass their batches through shared "
-               "memory, /dev/shm, and it is full")
+               "memory, /dev/shm, and a bus error there most often means it is full")
         fewer = _FEWER_WORKERS or "load the data without worker processes"
         return f"out of shared memory (/dev/shm) while {_DOING} ({why}). {_sentence(fewer)}, {SHARED_MEMORY_FIX}"
     worker = killed_worker(exc)

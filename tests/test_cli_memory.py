@@ -415,7 +415,8 @@ def test_a_dataloader_worker_killed_by_a_bus_error_is_out_of_shared_memory_with_
     oom.step("training", training_memory_advice(container), workers_memory_advice(container),
              fewer_workers_advice(container))
     line = (f"out of shared memory (/dev/shm) while training (DataLoader worker (pid {pid}) is killed by signal: Bus "
-            "error: the DataLoader's workers pass their batches through shared memory, /dev/shm, and it is full). "
+            "error: the DataLoader's workers pass their batches through shared memory, /dev/shm, and a bus error "
+            "there most often means it is full). "
             "Lower dataloader.num_workers (now 8; 0 loads the data in the training process, with no worker), or give "
             "the system more shared memory (/dev/shm; a Docker container: docker run --shm-size=8g)")
     assert oom.memory_error(exc, "cuda", "") == line
