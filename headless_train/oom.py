@@ -119,8 +119,9 @@ def worker_crash(exc: BaseException) -> str | None:
     if died is None or is_out_of_memory(exc):
         return None
     link, name = died
-    # torch names the signal as the C library's strsignal does, which signal.strsignal calls
-    crash = next((s for s in CRASH_SIGNALS if signal.strsignal(s) == name), None)
+    # torch names the signal as the C library's strsignal does, which signal.strsignal calls (macOS's
+    # "Segmentation fault: 11": the name before the colon, as worker_signal reads torch's)
+    crash = next((s for s in CRASH_SIGNALS if (signal.strsignal(s) or "").split(":")[0] == name), None)
     if crash is None:
         return None
     what = f"{first_line(link).split('. ')[0].rstrip('.')}, {crash.name}"

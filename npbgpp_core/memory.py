@@ -27,15 +27,16 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 # torch's report of a DataLoader worker that died of a signal: "DataLoader worker (pid 123) is
 # killed by signal: Killed. " (DataLoader.cpp; the C library's name of the signal: "Killed" for
-# SIGKILL, "Bus error" for SIGBUS, which adds a sentence about shared memory, "Segmentation fault").
-_WORKER_SIGNAL = re.compile(r"DataLoader worker \(pid \d+\) is killed by signal: ([^.]+)\.")
+# SIGKILL, "Bus error" for SIGBUS, which adds a sentence about shared memory, "Segmentation fault";
+# macOS's appends the number, "Killed: 9": the name is what comes before the colon).
+_WORKER_SIGNAL = re.compile(r"DataLoader worker \(pid \d+\) is killed by signal: ([^.:]+)[^.]*\.")
 
 
 def worker_signal(exc: BaseException) -> tuple[BaseException, str] | None:
     """torch's RuntimeError saying a DataLoader worker was killed by a signal, when ``exc`` is
     it or was raised from it (torch's loader raises "DataLoader worker (pid(s) 123) exited
-    unexpectedly" from it), with the signal's name as torch wrote it ("Killed", "Bus error");
-    None otherwise."""
+    unexpectedly" from it), with the signal's name as torch wrote it ("Killed", "Bus error",
+    without macOS's ": 9"); None otherwise."""
     link: BaseException | None = exc
     seen: set[int] = set()
     while link is not None and id(link) not in seen:

@@ -340,6 +340,26 @@ def test_a_dataloader_worker_killed_is_out_of_host_memory_with_the_workers_advic
     assert killed_worker(RuntimeError("DataLoader worker (pid 7) is killed by signal: Terminated. ")) is None
 
 
+def test_torch_s_worker_text_with_macos_signal_numbers_reads_alike():
+    """macOS's C library names a signal with its number ("Killed: 9", "Bus error: 10"), which
+    torch's worker error quotes: the same readings as Linux's names (torch's exact text with
+    macOS's names: no Mac here to kill a real worker on)."""
+    from npbgpp_core.memory import killed_worker, shared_memory_worker
+
+    killed = RuntimeError("DataLoader worker (pid 7) is killed by signal: Killed: 9. ")
+    assert killed_worker(killed) is killed and oom.is_out_of_memory(killed)
+    bus = RuntimeError("DataLoader worker (pid 7) is killed by signal: Bus error: 10. It is possible that "
+                       "dataloader's workers are out of shared memory. Please try to raise your shared memory limit.")
+    assert shared_memory_worker(bus) is bus and killed_worker(bus) is None
+    oom.reset()
+    segv = RuntimeError("DataLoader worker (pid 7) is killed by signal: Segmentation fault: 11. ")
+    assert not oom.is_out_of_memory(segv) and oom.worker_crash(segv).startswith(
+        "a DataLoader worker crashed while starting (DataLoader worker (pid 7) is killed by signal: Segmentation "
+        "fault: 11, SIGSEGV): ")
+    term = RuntimeError("DataLoader worker (pid 7) is killed by signal: Terminated: 15. ")
+    assert oom.worker_crash(term) is None and not oom.is_out_of_memory(term)
+
+
 @pytest.mark.parametrize("kill, name", [(signal.SIGSEGV, "Segmentation fault"),
                                         (signal.SIGFPE, "Floating point exception"),
                                         (signal.SIGABRT, "Aborted")])
