@@ -580,13 +580,16 @@ def test_stage_names_its_own_options_when_training_ran_out_of_memory(tmp_path, m
 
     root = make_dataset(str(tmp_path / "data"), ("sceneA",))
 
-    def child(cmd, log, *args, **kwargs):
-        log.write("[2026-12-01 06:50:00,000][headless_train][ERROR] - error: out of host memory (RAM) while training "
-                  "(MemoryError). Lower dataloader.batch_size (now 1), ...\n")
-        log.flush()
-        return 2, False, None
+    def child_logging(line: str):
+        """A training child that logs ``error: line`` (as cli.hydra_main does) and exits 2."""
+        def child(cmd, log, *args, **kwargs):
+            log.write(f"[2026-12-01 06:50:00,000][headless_train][ERROR] - error: {line}\n")
+            log.flush()
+            return 2, False, None
+        return child
 
-    monkeypatch.setattr(stage, "run_child", child)
+    monkeypatch.setattr(stage, "run_child", child_logging(
+        "out of host memory (RAM) while training (MemoryError). Lower dataloader.batch_size (now 1), ..."))
     work = str(tmp_path / "work")
     assert stage.main(["--corpus", root, "--work", work, "--dry-run", "--views", "2"]) == 2
     err = capsys.readouterr().err
@@ -596,28 +599,18 @@ def test_stage_names_its_own_options_when_training_ran_out_of_memory(tmp_path, m
 
     # a DataLoader worker of the child killed (memory.killed_worker's line): --workers first (a dry
     # run's child trains without workers, so 0 here)
-    def worker_killed(cmd, log, *args, **kwargs):
-        log.write("[2026-12-01 06:50:00,000][headless_train][ERROR] - error: out of host memory (RAM) while training "
-                  "(DataLoader worker (pid 12) is killed by signal: Killed: most often ...). Lower "
-                  "dataloader.num_workers (now 8; ...)\n")
-        log.flush()
-        return 2, False, None
-
-    monkeypatch.setattr(stage, "run_child", worker_killed)
+    monkeypatch.setattr(stage, "run_child", child_logging(
+        "out of host memory (RAM) while training (DataLoader worker (pid 12) is killed by signal: Killed: most often "
+        "...). Lower dataloader.num_workers (now 8; ...)"))
     assert stage.main(["--corpus", root, "--work", work, "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert ("; it ran out of host memory: lower --workers (now 0), --batch (now 1), --crop (now 16) or --views "
             "(now 3), or give --override datasets.cache_images=false") in err, err
 
     # a worker of the child killed by a bus error (memory.shared_memory_worker's line): shared memory, no cache advice
-    def worker_bus_error(cmd, log, *args, **kwargs):
-        log.write("[2026-12-01 06:50:00,000][headless_train][ERROR] - error: out of shared memory (/dev/shm) while "
-                  "training (DataLoader worker (pid 12) is killed by signal: Bus error: the DataLoader's ...). Lower "
-                  "dataloader.num_workers (now 8; ...)\n")
-        log.flush()
-        return 2, False, None
-
-    monkeypatch.setattr(stage, "run_child", worker_bus_error)
+    monkeypatch.setattr(stage, "run_child", child_logging(
+        "out of shared memory (/dev/shm) while training (DataLoader worker (pid 12) is killed by signal: Bus error: "
+        "the DataLoader's ...). Lower dataloader.num_workers (now 8; ...)"))
     assert stage.main(["--corpus", root, "--work", work, "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert ("; it ran out of shared memory: lower --workers (now 0), --batch (now 1), --crop (now 16) or --views "
