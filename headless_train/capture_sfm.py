@@ -5,6 +5,12 @@ photo, exhaustive or sequential matching, incremental mapping). ``OUT_DIR`` gets
 photos), ``database.db`` (features and matches) and ``sfm.json`` (versions, options,
 counts, timings): the input of ``prepare-capture``.
 
+``--single-camera`` means one lens: the copies of one size (width x height) share one
+camera, and each other size (a phone capture's other orientation) gets one camera of its
+own, so no photo is dropped for its size. ``--drop-other-sizes`` keeps the old rule (one
+camera, COLMAP skips photos of another size than the first photo's), which the project's
+validation capture ``flowerpot`` was made with (``bench/captures.json``).
+
 pycolmap is optional (not in requirements.txt) and imported only here; ``prepare-capture``
 accepts any COLMAP model, e.g. one made with the COLMAP GUI, instead."""
 
@@ -25,6 +31,8 @@ PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
 SIFT_MAX_FEATURES = 4096
 CAMERA_MODEL = "SIMPLE_RADIAL"
 MIN_REGISTERED = 3
+# --single-camera's two rules for copies of another size than the first photo's
+OTHER_SIZES = ("camera", "drop")  # a camera per size; skipped by COLMAP (the rule before 2026-12-01)
 MISSING_PYCOLMAP = (
     "capture-sfm needs pycolmap, an optional dependency that is not installed here: "
     "`pip install pycolmap` into this environment, or into a separate one and run "
@@ -84,43 +92,64 @@ def read_upright(path: str) -> tuple[Any, int]:
         raise CaptureSfmError(f"{path}: cannot be read as a photo ({exc})") from None
 
 
-def downscale_photos(photos: list[str], img_dir: str, max_side: int) -> None:
-    """JPEG (q95) copies, upright by their EXIF orientation, at most ``max_side`` px."""
+def downscale_photos(photos: list[str], img_dir: str, max_side: int) -> dict[str, tuple[int, int]]:
+    """JPEG (q95) copies, upright by their EXIF orientation, at most ``max_side`` px; returns
+    each copy's name and (width, height) in the order of ``photos``."""
     from PIL import Image
 
     os.makedirs(img_dir, exist_ok=True)
+    sizes = {}
     for p in photos:
         im, _ = read_upright(p)
         im.thumbnail((max_side, max_side), Image.LANCZOS)
-        im.save(os.path.join(img_dir, os.path.splitext(os.path.basename(p))[0] + ".jpg"), quality=95)
+        name = os.path.splitext(os.path.basename(p))[0] + ".jpg"
+        im.save(os.path.join(img_dir, name), quality=95)
+        sizes[name] = im.size
+    return sizes
 
 
-def _not_imported(db: str, img_dir: str) -> list[str]:
-    """Copies in ``img_dir`` that feature extraction left out of the database."""
+def size_groups(sizes: dict[str, tuple[int, int]]) -> dict[str, list[str]]:
+    """Copy names by size ("WxH"), the sizes in the order their first photo comes in ``sizes``
+    (so the first photo's size, the one the old rule kept, comes first and gets camera 1)."""
+    groups: dict[str, list[str]] = {}
+    for name, (w, h) in sizes.items():
+        groups.setdefault(f"{w}x{h}", []).append(name)
+    return groups
+
+
+def _imported(db: str) -> dict[str, int]:
+    """Copy name -> camera id of every photo feature extraction put into the database."""
     con = sqlite3.connect(db)
     try:
-        names = {row[0] for row in con.execute("SELECT name FROM images")}
+        return dict(con.execute("SELECT name, camera_id FROM images"))
     finally:
         con.close()
-    return sorted(set(os.listdir(img_dir)) - names)
 
 
-def _size(path: str) -> str:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return f"{im.width}x{im.height}"
+def _cameras_of_sizes(groups: dict[str, list[str]], imported: dict[str, int]) -> str:
+    """"1600x1200: 49 photos, camera 1; 1200x1600: 31 photos, camera 2" (imported photos only)."""
+    parts = []
+    for size, names in groups.items():
+        ids = sorted({imported[n] for n in names if n in imported})
+        if ids:
+            parts.append(f"{size}: {sum(n in imported for n in names)} photos, camera "
+                         + ", ".join(str(i) for i in ids))
+    return "; ".join(parts)
 
 
 def _log(msg: str) -> None:
     print(f"capture-sfm: {msg}", flush=True)
 
 
-def capture_sfm(raw: str, out: str, max_side: int = 1600, every: int = 1, threads: int = 1,
-                single_camera: bool = False, sequential: int = 0, overwrite: bool = False) -> dict[str, Any]:
+def capture_sfm(raw: str, out: str, max_side: int = 1600, every: int = 1, threads: int = -1,
+                single_camera: bool = False, sequential: int = 0, overwrite: bool = False,
+                other_sizes: str = "camera") -> dict[str, Any]:
     """Build ``out`` (atomically) from the photos in ``raw``; returns what ``sfm.json`` records.
     ``sequential`` > 0 matches each photo with the next ``sequential`` ones (quadratic
-    overlap, no loop detection) instead of with all photos."""
+    overlap, no loop detection) instead of with all photos. ``threads``: pycolmap's CPU
+    threads, -1 all cores. ``other_sizes`` (with ``single_camera``): "camera" gives the
+    copies of each size one shared camera, "drop" keeps the old rule (one camera, photos of
+    another size than the first one's skipped by COLMAP) for models that must be reproduced."""
     from npbgpp_core.atomic import atomic_directory, holds
 
     if holds(out, raw):  # --overwrite replaced the photo folder with the model built from it
@@ -130,6 +159,13 @@ def capture_sfm(raw: str, out: str, max_side: int = 1600, every: int = 1, thread
         raise CaptureSfmError(f"--max-side must be >= 16 px, got {max_side}")
     if sequential < 0:
         raise CaptureSfmError(f"--sequential must be >= 0 (0: exhaustive matching), got {sequential}")
+    if threads < 1 and threads != -1:
+        raise CaptureSfmError(f"--threads must be >= 1, or -1 for all cores, got {threads}")
+    if other_sizes not in OTHER_SIZES:
+        raise CaptureSfmError(f"other_sizes must be one of {OTHER_SIZES}, got {other_sizes!r}")
+    if other_sizes == "drop" and not single_camera:  # without one camera no size is dropped
+        raise CaptureSfmError("--drop-other-sizes applies only with --single-camera (without it every photo "
+                              "has its own camera, whatever its size): add --single-camera or leave it out")
     photos = list_photos(raw, every)
     if len(photos) < MIN_REGISTERED:
         raise CaptureSfmError(f"{raw}: {len(photos)} photo(s) selected, at least {MIN_REGISTERED} are needed")
@@ -137,19 +173,21 @@ def capture_sfm(raw: str, out: str, max_side: int = 1600, every: int = 1, thread
         with atomic_directory(out, overwrite=overwrite) as tmp:
             pycolmap = import_pycolmap()
             return _reconstruct(pycolmap, photos, tmp, raw, out, max_side, every, threads, single_camera,
-                                sequential)
+                                sequential, other_sizes)
     except FileExistsError as exc:
         raise CaptureSfmError(str(exc)) from None
 
 
 def _reconstruct(pycolmap: Any, photos: list[str], tmp: str, raw: str, out: str, max_side: int, every: int,
-                 threads: int, single_camera: bool, sequential: int) -> dict[str, Any]:
+                 threads: int, single_camera: bool, sequential: int, other_sizes: str) -> dict[str, Any]:
     t0 = time.time()
     seconds: dict[str, float] = {}
     img_dir = os.path.join(tmp, "images")
-    downscale_photos(photos, img_dir, max_side)
+    groups = size_groups(downscale_photos(photos, img_dir, max_side))
+    per_size = {size: len(names) for size, names in groups.items()}
     seconds["downscale"] = time.time() - t0
-    _log(f"{len(photos)} photos downscaled to <= {max_side} px ({seconds['downscale']:.0f}s)")
+    _log(f"{len(photos)} photos downscaled to <= {max_side} px ({seconds['downscale']:.0f}s): "
+         + ", ".join(f"{n} of {size}" for size, n in per_size.items()))
 
     db = os.path.join(tmp, "database.db")
     ext = pycolmap.FeatureExtractionOptions()
@@ -158,18 +196,31 @@ def _reconstruct(pycolmap: Any, photos: list[str], tmp: str, raw: str, out: str,
     ext.sift.max_num_features = SIFT_MAX_FEATURES
     reader = pycolmap.ImageReaderOptions()
     reader.camera_model = CAMERA_MODEL
-    mode = pycolmap.CameraMode.SINGLE if single_camera else pycolmap.CameraMode.AUTO
-    pycolmap.extract_features(db, img_dir, camera_mode=mode, reader_options=reader, extraction_options=ext,
-                              device=pycolmap.Device.cpu)
+    if single_camera and other_sizes == "camera":
+        # One extraction per size: COLMAP's SINGLE mode makes one camera per call and skips
+        # images of another size than its first, so each call gets the copies of one size
+        # (the flat images/ folder stays as prepare-capture reads it; PER_FOLDER would need
+        # a subfolder per size).
+        for names in groups.values():
+            pycolmap.extract_features(db, img_dir, image_names=names, camera_mode=pycolmap.CameraMode.SINGLE,
+                                      reader_options=reader, extraction_options=ext, device=pycolmap.Device.cpu)
+    else:  # one camera per photo (AUTO), or the old rule: one camera, other sizes skipped by COLMAP
+        mode = pycolmap.CameraMode.SINGLE if single_camera else pycolmap.CameraMode.AUTO
+        pycolmap.extract_features(db, img_dir, camera_mode=mode, reader_options=reader, extraction_options=ext,
+                                  device=pycolmap.Device.cpu)
     seconds["features"] = time.time() - t0 - sum(seconds.values())
-    _log(f"features extracted ({seconds['features']:.0f}s)")
-    not_imported = _not_imported(db, img_dir)
-    if not_imported:
-        # COLMAP skips such photos with only a log line (e.g. --single-camera with mixed sizes).
-        sizes = sorted({_size(os.path.join(img_dir, n)) for n in os.listdir(img_dir)})
-        _log(f"WARNING: {len(not_imported)} of {len(photos)} photos were not imported by COLMAP "
-             f"(copies sizes {', '.join(sizes)}; --single-camera needs one size): {', '.join(not_imported[:5])}"
-             + (" ..." if len(not_imported) > 5 else ""))
+    imported = _imported(db)
+    cameras = len(set(imported.values()))
+    _log(f"features extracted ({seconds['features']:.0f}s): {cameras} camera(s) for {len(imported)} photos"
+         + (": " + _cameras_of_sizes(groups, imported) if single_camera
+            else " (one per photo without --single-camera)"))
+    not_imported = sorted(set(os.listdir(img_dir)) - set(imported))
+    if not_imported:  # COLMAP skips a photo it cannot use with only a line in its own log
+        kept = [size for size, names in groups.items() if any(n in imported for n in names)]
+        why = (f"copies sizes {', '.join(per_size)}; --drop-other-sizes keeps one camera, of size {', '.join(kept)}"
+               if single_camera and other_sizes == "drop" else "see COLMAP's log above")
+        _log(f"WARNING: {len(not_imported)} of {len(photos)} photos were not imported by COLMAP ({why}): "
+             f"{', '.join(not_imported[:5])}" + (" ..." if len(not_imported) > 5 else ""))
     if len(photos) - len(not_imported) < MIN_REGISTERED:
         raise CaptureSfmError(f"{raw}: only {len(photos) - len(not_imported)} photos could be imported "
                               f"({len(not_imported)} skipped by COLMAP, see its log), at least {MIN_REGISTERED} "
@@ -215,15 +266,19 @@ def _reconstruct(pycolmap: Any, photos: list[str], tmp: str, raw: str, out: str,
         "pycolmap_version": pycolmap.__version__,
         "raw": os.path.abspath(raw),
         "options": {"max_side": max_side, "every": every, "threads": threads, "single_camera": single_camera,
+                    "other_sizes": other_sizes if single_camera else None,
                     "matching": f"sequential (overlap {sequential}, quadratic)" if sequential else "exhaustive",
                     "sequential": sequential, "camera_model": CAMERA_MODEL,
                     "sift_max_num_features": SIFT_MAX_FEATURES, "device": "cpu"},
         "images": len(photos),
+        "photos_per_size": per_size,
+        "cameras": cameras,
         "photos_not_imported": not_imported,
         "registered_images": int(best.num_reg_images()),
         "points": int(best.num_points3D()),
         "mean_reprojection_error_px": float(best.compute_mean_reprojection_error()),
         "models": models,
+        "model_cameras": _model_cameras(best),
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
     }
     with open(os.path.join(tmp, "sfm.json"), "w") as f:
@@ -233,14 +288,32 @@ def _reconstruct(pycolmap: Any, photos: list[str], tmp: str, raw: str, out: str,
     return record
 
 
+def _model_cameras(rec: Any) -> list[dict[str, Any]]:
+    """The model's cameras: id, size, COLMAP model and parameters, and how many registered
+    photos use each (what tells whether the sizes' focal lengths agree, as one lens's do)."""
+    used: dict[int, int] = {}
+    for img in rec.images.values():
+        if img.has_pose:
+            used[img.camera_id] = used.get(img.camera_id, 0) + 1
+    return [{"camera_id": int(cid), "size": f"{cam.width}x{cam.height}", "model": cam.model.name,
+             "params": [float(x) for x in cam.params], "registered_images": used.get(cid, 0)}
+            for cid, cam in sorted(rec.cameras.items())]
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m headless_train capture-sfm", description=__doc__.split("\n\n")[0])
     p.add_argument("raw", help="folder of photos (.jpg/.jpeg/.png)")
     p.add_argument("out", help="output folder (written atomically): images/, sparse/0/, database.db, sfm.json")
     p.add_argument("--max-side", type=int, default=1600, help="longer side of the copies in pixels (default 1600)")
     p.add_argument("--every", type=int, default=1, help="use every N-th photo in name order (default 1)")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads for pycolmap (default 1; -1: all)")
-    p.add_argument("--single-camera", action="store_true", help="all photos share one camera (same lens, zoom)")
+    p.add_argument("--threads", type=int, default=-1,
+                   help="CPU threads for pycolmap (default -1: all cores; the project's benchmarks pass 1)")
+    p.add_argument("--single-camera", action="store_true",
+                   help="one lens and zoom: the photos of one size share one camera, each other size (the other "
+                        "orientation) gets one shared camera of its own (default: a camera per photo)")
+    p.add_argument("--drop-other-sizes", action="store_true",
+                   help="with --single-camera, the rule before 2026-12-01: ONE camera, and COLMAP skips every photo "
+                        "whose size differs from the first photo's (kept to reproduce models made so)")
     p.add_argument("--sequential", type=int, default=0, metavar="OVERLAP",
                    help="match each photo with the next OVERLAP ones (video-like order) instead of all pairs")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -256,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
              "lower --max-side or use fewer photos (--every), or run it on a computer with more memory")
 
     def body() -> int:
-        capture_sfm(a.raw, a.out, a.max_side, a.every, a.threads, a.single_camera, a.sequential, a.overwrite)
+        capture_sfm(a.raw, a.out, a.max_side, a.every, a.threads, a.single_camera, a.sequential, a.overwrite,
+                    "drop" if a.drop_other_sizes else "camera")
         return 0
 
     return oom.run_command(body, (CaptureSfmError,), a.debug, "cpu", gpu_fix="", prefix="capture-sfm: ")

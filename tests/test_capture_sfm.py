@@ -207,17 +207,150 @@ def test_real_run_sequential_with_every(tmp_path, capsys):
     pytest.importorskip("pycolmap", reason="pycolmap (optional) is not installed in this environment")
     raw, out = tmp_path / "raw", tmp_path / "out"
     _render_room(raw, n_views=10)
-    with Image.open(raw / "view_08.png") as im:  # one portrait photo: a shared camera cannot hold it
+    with Image.open(raw / "view_08.png") as im:  # one portrait photo: the old rule's one camera cannot hold it
         im.transpose(Image.Transpose.ROTATE_90).save(raw / "view_08.png")
-    rc = cs.main([str(raw), str(out), "--max-side", "200", "--every", "2", "--sequential", "2", "--single-camera"])
+    rc = cs.main([str(raw), str(out), "--max-side", "200", "--every", "2", "--sequential", "2", "--single-camera",
+                  "--drop-other-sizes"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert "WARNING: 1 of 5 photos were not imported" in captured.out and "150x200" in captured.out
+    assert "--drop-other-sizes keeps one camera, of size 200x150" in captured.out
     record = json.loads((out / "sfm.json").read_text())
     assert record["images"] == 5 and record["options"]["matching"].startswith("sequential (overlap 2")
+    assert record["options"]["other_sizes"] == "drop" and record["cameras"] == 1
+    assert record["photos_per_size"] == {"200x150": 4, "150x200": 1}
     assert record["photos_not_imported"] == ["view_08.jpg"] and record["registered_images"] <= 4
     with Image.open(out / "images" / "view_02.jpg") as im:
         assert im.size == (200, 150)
+
+
+PORTRAIT = (1, 4, 6, 9)  # the views turned portrait (a phone held upright): 4 of 10, among the landscape ones
+
+
+def _render_room_both_orientations(raw) -> np.ndarray:
+    """_render_room's 10 views with PORTRAIT turned a quarter counter-clockwise: the same lens
+    (f = 280 px) rolled 90 degrees about its axis, a 240x320 photo (no mirror: SIFT would not
+    match a transposed one, and no camera takes one)."""
+    truth = _render_room(raw, n_views=10)
+    for i in PORTRAIT:
+        with Image.open(raw / f"view_{i:02d}.png") as im:
+            im.transpose(Image.Transpose.ROTATE_90).save(raw / f"view_{i:02d}.png")
+    return truth
+
+
+def test_single_camera_gives_each_orientation_one_camera(tmp_path, capsys):
+    """--single-camera with portrait and landscape photos of one lens: every photo imported and
+    registered, one camera per size whose focal lengths agree with each other and with the
+    renderer's; before, the 4 portrait photos were skipped by COLMAP."""
+    pycolmap = pytest.importorskip("pycolmap", reason="pycolmap (optional) is not installed in this environment")
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    truth = _render_room_both_orientations(raw)
+    rc = cs.main([str(raw), str(out), "--max-side", "320", "--single-camera", "--threads", "1"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "WARNING" not in captured.out
+    assert "2 camera(s) for 10 photos: 320x240: 6 photos, camera 1; 240x320: 4 photos, camera 2" in captured.out
+    record = json.loads((out / "sfm.json").read_text())
+    assert record["images"] == 10 and record["photos_not_imported"] == [] and record["cameras"] == 2
+    assert record["photos_per_size"] == {"320x240": 6, "240x320": 4}
+    assert record["options"]["other_sizes"] == "camera" and record["options"]["threads"] == 1
+    rec = pycolmap.Reconstruction(str(out / "sparse" / "0"))
+    assert record["registered_images"] == rec.num_reg_images() == 10
+    sizes = {(c.width, c.height): c for c in rec.cameras.values()}
+    assert sorted(sizes) == [(240, 320), (320, 240)]
+    f_land, f_port = sizes[(320, 240)].params[0], sizes[(240, 320)].params[0]
+    assert abs(f_land - 280.0) < 3.0 and abs(f_port - 280.0) < 3.0 and abs(f_land - f_port) < 3.0
+    assert [(c["size"], c["registered_images"]) for c in record["model_cameras"]] == [("320x240", 6),
+                                                                                       ("240x320", 4)]
+    assert [c["params"][0] for c in record["model_cameras"]] == [f_land, f_port]
+    for img in rec.images.values():
+        cam = rec.cameras[img.camera_id]
+        assert (cam.width, cam.height) == ((240, 320) if int(img.name[5:7]) in PORTRAIT else (320, 240)), img.name
+    names = [img.name for img in rec.images.values()]
+    got = np.array([img.projection_center() for img in rec.images.values()])
+    assert _similarity_residual(got, truth[[int(n[5:7]) for n in names]]) < 0.02  # 2 cm, as above
+
+    # The old rule (--drop-other-sizes, pinned for the validation capture flowerpot): one
+    # camera, the first photo's size; COLMAP skips the 4 portrait photos.
+    old = tmp_path / "old"
+    rc = cs.main([str(raw), str(old), "--max-side", "320", "--single-camera", "--drop-other-sizes", "--threads", "1"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "WARNING: 4 of 10 photos were not imported" in captured.out
+    record = json.loads((old / "sfm.json").read_text())
+    assert record["photos_not_imported"] == [f"view_{i:02d}.jpg" for i in PORTRAIT] and record["cameras"] == 1
+    assert record["registered_images"] <= 6 and [c["size"] for c in record["model_cameras"]] == ["320x240"]
+
+
+def test_drop_other_sizes_needs_single_camera_and_threads_are_checked(tmp_path, capsys):
+    """Bad combinations exit with status 2 before anything is read (no pycolmap needed)."""
+    raw = tmp_path / "raw"
+    _photos(raw, 3)
+    rc, err = _run([str(raw), str(tmp_path / "out"), "--drop-other-sizes"], capsys)
+    assert rc == 2 and "--drop-other-sizes applies only with --single-camera" in err
+    for bad in ("0", "-2"):
+        rc, err = _run([str(raw), str(tmp_path / "out"), "--threads", bad], capsys)
+        assert rc == 2 and f"--threads must be >= 1, or -1 for all cores, got {bad}" in err
+    with pytest.raises(cs.CaptureSfmError, match="other_sizes must be one of"):
+        cs.capture_sfm(str(raw), str(tmp_path / "out"), single_camera=True, other_sizes="keep")
+    assert _leftovers(tmp_path) == []
+
+
+def test_cli_defaults_and_new_flags_reach_capture_sfm(tmp_path, monkeypatch):
+    """--threads defaults to all cores (-1); --single-camera alone asks for a camera per size,
+    with --drop-other-sizes for the old rule."""
+    calls = []
+    monkeypatch.setattr(cs, "capture_sfm", lambda *a, **k: calls.append(a))
+    assert cs.main(["raw", "out"]) == 0
+    assert cs.main(["raw", "out", "--single-camera"]) == 0
+    assert cs.main(["raw", "out", "--single-camera", "--drop-other-sizes", "--threads", "1"]) == 0
+    assert [(c[4], c[5], c[8]) for c in calls] == [(-1, False, "camera"), (-1, True, "camera"), (1, True, "drop")]
+
+
+def test_prepare_capture_takes_a_camera_per_orientation(tmp_path):
+    """What capture-sfm --single-camera now writes for a phone capture, a model with a landscape
+    and a portrait SIMPLE_RADIAL camera of one lens, prepares: each photo at its own orientation,
+    its pinhole camera hand-computed, every point on its own colour in every view."""
+    pytest.importorskip("hydra", reason="prepare-capture's stack (torch, hydra) is not installed here")
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_capture_import import K1, F, H, W, _focal_scale, _hits, write_capture
+
+    from npbgpp_core.datasets import load_scene
+    from npbgpp_core.datasets.capture import prepare_capture
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    pts, cols = write_capture(str(src), n_views=4)
+    # Views 2 and 4 (image ids) turned a quarter counter-clockwise: a point at (x, y) of the
+    # W x H photo is at (y, W - x) of the H x W one, i.e. camera axes (X, Y, Z) -> (Y, -X, Z)
+    # (rotation -90 degrees about Z, quaternion (cos 45, 0, 0, -sin 45)) and principal point
+    # (H/2, W/2); the radial distortion depends on the radius only, so k1 is the same.
+    roll = np.array([[0.0, 1.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    lines = (src / "sparse" / "0" / "images.txt").read_text().split("\n")
+    for k, line in enumerate(lines):
+        tok = line.split()
+        if tok and int(tok[0]) in (2, 4):
+            t = roll @ np.array([float(x) for x in tok[5:8]])
+            lines[k] = f"{tok[0]} {np.sqrt(0.5)} 0 0 {-np.sqrt(0.5)} {t[0]} {t[1]} {t[2]} 2 {tok[9]}"
+            photo = src / "images" / tok[9]
+            with Image.open(photo) as im:
+                im.transpose(Image.Transpose.ROTATE_90).save(photo, quality=98)
+    (src / "sparse" / "0" / "images.txt").write_text("\n".join(lines))
+    with open(src / "sparse" / "0" / "cameras.txt", "a") as f:
+        f.write(f"2 SIMPLE_RADIAL {H} {W} {F} {H / 2} {W / 2} {K1}\n")
+
+    summary = prepare_capture(str(src), str(dst), max_size=120)
+    assert summary["images"] == 4 and summary["image_sizes"] == ["120x90", "90x120"]
+    scene = load_scene(str(dst))
+    s = _focal_scale(59.5, 44.5, 100.0)  # as test_capture_import's landscape camera: the short side binds
+    for i, v in enumerate(scene.views):  # in name order: view_00 .. view_03
+        K, R, t = v.camera.to_opencv()
+        portrait = i in (1, 3)
+        with Image.open(v.image_path) as im:
+            assert im.size == ((90, 120) if portrait else (120, 90))
+        centre = (44.5, 59.5) if portrait else (59.5, 44.5)
+        np.testing.assert_allclose(K, [[100 * s, 0, centre[0]], [0, 100 * s, centre[1]], [0, 0, 1]], atol=1e-4)
+        np.testing.assert_allclose(R, roll if portrait else np.eye(3), atol=1e-6)
+    assert _hits(scene, pts, cols) > 0.97
 
 
 def test_a_photo_over_pils_limit_is_named_with_its_pixels(tmp_path, monkeypatch):
