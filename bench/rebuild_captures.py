@@ -62,6 +62,7 @@ class RebuildError(RuntimeError):
 
 def load_manifest(path: str | os.PathLike = MANIFEST) -> list[dict[str, Any]]:
     """The manifest's capture entries (checked for the keys the rebuild reads)."""
+    from headless_train.capture_sfm import OTHER_SIZES  # sfm.other_sizes: --single-camera's rules
     with open(path) as f:
         entries = json.load(f)["captures"]
     for e in entries:
@@ -72,6 +73,10 @@ def load_manifest(path: str | os.PathLike = MANIFEST) -> list[dict[str, Any]]:
             raise RebuildError(f"{path}: capture {e['name']}: use must be one of {USES}, got {e['use']!r}")
         if e.get("sparse") is None and "sfm" not in e:
             raise RebuildError(f"{path}: capture {e['name']} has neither a sparse model path nor sfm options")
+        other = e.get("sfm", {}).get("other_sizes", "camera")
+        if other not in OTHER_SIZES:
+            raise RebuildError(f"{path}: capture {e['name']}: sfm.other_sizes must be one of {OTHER_SIZES}, "
+                               f"got {other!r}")
     return entries
 
 
@@ -145,7 +150,9 @@ def _photo_count(folder: str) -> int:
 
 
 def run_capture_sfm(raw: str, out: str, options: dict[str, Any], python: str) -> None:
-    """``python -m headless_train capture-sfm`` with the manifest's options (one thread)."""
+    """``python -m headless_train capture-sfm`` with the manifest's options (one thread, as every
+    recorded run); ``other_sizes: "drop"`` is the rule a capture was made with before
+    --single-camera gave each photo size a camera of its own (``--drop-other-sizes``)."""
     cmd = [python, "-m", "headless_train", "capture-sfm", raw, out, "--threads", "1"]
     if "max_side" in options:
         cmd += ["--max-side", str(options["max_side"])]
@@ -153,6 +160,8 @@ def run_capture_sfm(raw: str, out: str, options: dict[str, Any], python: str) ->
         cmd += ["--every", str(options["every"])]
     if options.get("single_camera"):
         cmd.append("--single-camera")
+    if options.get("other_sizes", "camera") == "drop":
+        cmd.append("--drop-other-sizes")
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     print("  " + " ".join(cmd), flush=True)
     if subprocess.run(cmd, env=env).returncode != 0:

@@ -61,6 +61,8 @@ def test_manifest_matches_the_model_card_table():
             assert opts.get("max_side") == (int(side.group(1)) if side else None), name
             every = re.search(r"--every (\d+)", card_opts)
             assert opts.get("every", 1) == (int(every.group(1)) if every else 1), name
+            # a model made under the old --single-camera rule (photos of another size skipped) says so
+            assert (opts.get("other_sizes") == "drop") == ("`other_sizes: drop`" in taken), name
         for path in (e["images"], e.get("sparse") or ""):
             assert path.rstrip("/") in taken.replace("`", "") or path.split("/")[-1] in taken, (name, path)
         assert e["name"] in {"skull", "lund", "socketed_axe"} or e["use"] == "validation"
@@ -143,6 +145,38 @@ def test_missing_snapshot_commit_path_or_blob_is_named(tmp_path, capsys, change,
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not os.path.exists(os.path.join(out, "cap")) and not os.path.exists(os.path.join(out, "cap.partial"))
+
+
+@pytest.mark.parametrize("options, tail", [
+    ({"single_camera": True, "other_sizes": "drop"}, ["--single-camera", "--drop-other-sizes"]),
+    ({"single_camera": True, "other_sizes": "camera"}, ["--single-camera"]),
+    ({"single_camera": True}, ["--single-camera"]),
+    ({"max_side": 1200, "every": 4}, ["--max-side", "1200", "--every", "4"]),
+])
+def test_manifest_sfm_options_reach_the_capture_sfm_command(monkeypatch, options, tail):
+    """The manifest's sfm options become capture-sfm's flags, always with one thread (every
+    recorded run used one; capture-sfm's own default is all cores)."""
+    calls = []
+
+    def fake_run(cmd, env):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(rc.subprocess, "run", fake_run)
+    rc.run_capture_sfm("raw", "out", options, "py")
+    assert calls == [["py", "-m", "headless_train", "capture-sfm", "raw", "out", "--threads", "1", *tail]]
+
+
+def test_manifest_pins_flowerpot_to_the_old_single_camera_rule(tmp_path):
+    """flowerpot's 49 images came from --single-camera dropping its 31 landscape photos: the
+    manifest keeps that rule; an unknown other_sizes is refused when the manifest is read."""
+    entries = {e["name"]: e for e in rc.load_manifest()}
+    assert entries["flowerpot"]["sfm"] == {"single_camera": True, "other_sizes": "drop"}
+    assert [n for n, e in entries.items() if "other_sizes" in e.get("sfm", {})] == ["flowerpot"]
+    man = _manifest(tmp_path, _entry("0" * 40, sparse=None, sfm={"single_camera": True, "other_sizes": "keep"}))
+    with pytest.raises(rc.RebuildError, match=r"capture cap: sfm.other_sizes must be one of \('camera', 'drop'\), "
+                                              "got 'keep'"):
+        rc.load_manifest(man)
 
 
 def test_unknown_name_is_refused(tmp_path, capsys):
