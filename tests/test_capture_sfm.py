@@ -282,6 +282,50 @@ def test_single_camera_gives_each_orientation_one_camera(tmp_path, capsys):
     assert record["registered_images"] <= 6 and [c["size"] for c in record["model_cameras"]] == ["320x240"]
 
 
+def test_sequential_matching_pairs_neighbours_by_name_across_sizes(tmp_path, capsys):
+    """--single-camera extracts one size at a time, so COLMAP numbers the photos size by size;
+    --sequential must still pair each photo with its next ones in name order, whatever their
+    size: three sizes (landscape, portrait, a centred 300x240 crop), names with a space and a
+    non-ASCII letter, every photo registered, each in a camera of its own copy's size."""
+    pytest.importorskip("pycolmap", reason="pycolmap (optional) is not installed in this environment")
+    import sqlite3
+
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    _render_room_both_orientations(raw)
+    for i in (3, 7):  # a third size, same lens and centre
+        with Image.open(raw / f"view_{i:02d}.png") as im:
+            im.crop((10, 0, 310, 240)).save(raw / f"view_{i:02d}.png")
+    os.rename(raw / "view_05.png", raw / "vue 05 é.png")  # sorts last
+    rc = cs.main([str(raw), str(out), "--max-side", "320", "--single-camera", "--sequential", "2",
+                  "--threads", "1"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    record = json.loads((out / "sfm.json").read_text())
+    assert record["photos_per_size"] == {"320x240": 4, "240x320": 4, "300x240": 2} and record["cameras"] == 3
+    assert record["photos_not_imported"] == [] and record["registered_images"] == 10
+    con = sqlite3.connect(out / "database.db")
+    try:
+        cams = {cid: (w, h) for cid, w, h in con.execute("SELECT camera_id, width, height FROM cameras")}
+        images = {iid: (name, cid) for iid, name, cid in con.execute("SELECT image_id, name, camera_id FROM images")}
+        pair_ids = [pid for (pid,) in con.execute("SELECT pair_id FROM matches")]
+    finally:
+        con.close()
+    for name, cid in images.values():
+        with Image.open(out / "images" / name) as im:
+            assert im.size == cams[cid], name
+    by_name = sorted(name for name, _ in images.values())
+    by_id = [images[i][0] for i in sorted(images)]
+    assert by_id != by_name  # numbered size by size: an order by id would pair other photos
+    # COLMAP's pair id: id1 * 2147483647 + id2 (id1 < id2)
+    pairs = {frozenset((images[p // 2147483647][0], images[p % 2147483647][0])) for p in pair_ids}
+    expected = {frozenset((by_name[k], by_name[k + d])) for d in (1, 2) for k in range(len(by_name) - d)}
+    assert pairs == expected
+    size = {name: cams[cid] for name, cid in images.values()}
+    # sizes in name order L P L C P P C L P L: 8 of the 9 next-photo pairs and 6 of the 8
+    # second-next ones join two sizes
+    assert sum(len({size[n] for n in pair}) == 2 for pair in pairs) == 14
+
+
 def test_drop_other_sizes_needs_single_camera_and_threads_are_checked(tmp_path, capsys):
     """Bad combinations exit with status 2 before anything is read (no pycolmap needed)."""
     raw = tmp_path / "raw"
