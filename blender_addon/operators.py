@@ -13,9 +13,9 @@ import numpy as np
 from bpy.props import BoolProperty, FloatProperty, IntProperty, StringProperty
 
 from npbgpp_core.protocol import (
+    ADDON_PHOTO_SIZE,
     AGGREGATE_MAX_SIDE,
     AGGREGATE_MIN_SIDE,
-    AGGREGATE_RENDER_MAX_SIDE,
     photo_size_for_render,
 )
 
@@ -571,18 +571,53 @@ def photo_size_note(max_side: int, largest_side: int) -> str:
         return ""
     # "larger than": in a dataset of mixed sizes the smaller photos were read as they are
     return (f" Photos larger than {max_side} px read at {max_side} px long side (originals up to {largest_side}; "
-            "Photo Size, 0 reads them at their own size).")
+            f"{ADDON_PHOTO_SIZE}: Own Size reads them at their own size).")
 
 
 def default_photo_size(scene: Any) -> int:
-    """Aggregate's Photo Size when none was given: the long side F12 renders ``scene`` at (Resolution
-    times %, as the engine's camera reads it), at least AGGREGATE_MAX_SIDE and at most
-    AGGREGATE_RENDER_MAX_SIDE (``protocol.photo_size_for_render``, the rule bench_big_photos follows
-    too). Descriptors read from photos smaller than the render lost up to 0.52 dB (BENCHMARKS.md
-    "Renders above 2048 px"), so a large render raises the cap by itself; smaller renders keep the
-    constant's time and memory, and the upper bound keeps 48-MP photos from being read whole unasked."""
+    """Aggregate's Photo Size Follow Render (the scene setting's default, :func:`scene_photo_size`): the
+    long side F12 renders ``scene`` at (Resolution times %, as the engine's camera reads it), at least
+    AGGREGATE_MAX_SIDE and at most AGGREGATE_RENDER_MAX_SIDE (``protocol.photo_size_for_render``, the
+    rule bench_big_photos follows too). Descriptors read from photos smaller than the render lost up to
+    0.52 dB (BENCHMARKS.md "Renders above 2048 px"), so a large render raises the cap by itself; smaller
+    renders keep the constant's time and memory, and the upper bound keeps 48-MP photos from being read
+    whole unasked."""
     r = scene.render
     return photo_size_for_render(*render_size(r.resolution_x, r.resolution_y, r.resolution_percentage))
+
+
+def scene_photo_size(scene: Any) -> int:
+    """The Photo Size Aggregate reads ``scene``'s photos at (AggregateBegin.max_side; 0: each at its own
+    size) by the scene's setting (``scene.npbgpp.photo_size_mode``): Follow Render, the default and a
+    .blend's without the setting, :func:`default_photo_size`; Own Size 0; Fixed its Long Side. The one
+    reading of the setting: the operator, its dialog, the panel and their texts use it."""
+    s = scene.npbgpp
+    if s.photo_size_mode == "OWN":
+        return 0
+    if s.photo_size_mode == "FIXED":
+        return s.photo_size
+    return default_photo_size(scene)
+
+
+def photo_size_text(scene: Any) -> str:
+    """What the panel and Aggregate's dialog say Aggregate will read ``scene``'s photos at, e.g.
+    "Photo Size: Follow Render (3840 px)" (:func:`scene_photo_size`)."""
+    s = scene.npbgpp
+    mode = s.bl_rna.properties["photo_size_mode"].enum_items[s.photo_size_mode].name
+    side = scene_photo_size(scene)
+    return f"Photo Size: {mode} ({f'{side} px' if side else 'each photo as it is'})"
+
+
+def draw_photo_size(layout: Any, scene: Any) -> None:
+    """The scene's Photo Size setting in ``layout`` (the Data panel, Aggregate's dialog): the mode, then
+    the Long Side when Fixed, else the size the mode resolves to, which the mode alone does not show."""
+    s = scene.npbgpp
+    col = layout.column()
+    col.prop(s, "photo_size_mode")
+    if s.photo_size_mode == "FIXED":
+        col.prop(s, "photo_size")
+    else:
+        col.label(text=photo_size_text(scene), icon="INFO")
 
 
 def aggregate_cloud(s: Any) -> tuple[str, str]:
@@ -636,16 +671,11 @@ class NPBGPP_OT_aggregate(_WorkerStepJob, bpy.types.Operator):
     max_side: IntProperty(  # type: ignore[valid-type]
         # min 0 (own size) with 1..15 refused in _begin: Blender's min cannot say "0 or at least 16"
         # SKIP_SAVE: a run from the UI would start from the last run's value, which counts as set
-        # (is_property_set), and the default would stop following the render (default_photo_size)
+        # (is_property_set), and would win over the scene's setting (_photo_size)
         name="Photo Size", default=AGGREGATE_MAX_SIDE, min=0, soft_max=8192, subtype="PIXEL", options={"SKIP_SAVE"},
-        description=f"Unless set, the long side F12 renders at (Resolution times %), at least {AGGREGATE_MAX_SIDE} "
-                    f"and at most {AGGREGATE_RENDER_MAX_SIDE}. "
-                    f"Read each photo at most this long side in pixels (larger ones shrunk with their cameras, "
-                    f"smaller ones as they are; the bundle records it). Aggregate's time and memory grow with the "
-                    f"pixels read: 20 photos of 11 megapixels (4032 px) took 3.6 GiB on a CPU at their own size, "
-                    f"2.9 GiB and 4x less time at 2048 (BENCHMARKS.md). Rendering larger than this side, raise it "
-                    f"to the render's size: descriptors from photos read at half the render's size lost up to 0.52 dB, "
-                    f"at three quarters up to 0.23 dB. "
+        description=f"For scripts: unless set, the scene's Photo Size ({ADDON_PHOTO_SIZE}, saved with the "
+                    f".blend); set, it wins over that for this run. Read each photo at most this long side in pixels "
+                    f"(larger ones shrunk with their cameras, smaller ones as they are; the bundle records it). "
                     f"0: each photo at its own size; else at least {AGGREGATE_MIN_SIDE}",
     )
 
@@ -684,9 +714,9 @@ class NPBGPP_OT_aggregate(_WorkerStepJob, bpy.types.Operator):
     def _begin(self, context: Any) -> Progress | None:
         from npbgpp_core import protocol as P
 
-        self._follow_render(context)
+        max_side = self._photo_size(context)
         try:  # here, not in the worker: no worker started (or dataset read) for a size nothing can mean
-            P.check_aggregate_max_side(self.max_side)
+            P.check_aggregate_max_side(max_side)
         except ValueError as exc:
             self.report({"ERROR"}, f"Aggregate: {exc}.")
             return None
@@ -704,7 +734,7 @@ class NPBGPP_OT_aggregate(_WorkerStepJob, bpy.types.Operator):
             dataset, weights, s.dataset_format or None, s.device, self.max_points, s.up_axis, s.dataset_undistort,
             s.dataset_allow_external_paths, domain or "auto",
             resolved(s, s.dataset_points), pc_name=resolved(s, s.dataset_cloud),  # Dataset Points cleared: this one
-            max_side=self.max_side,
+            max_side=max_side,
         ), context)
         if started is None:
             return None
@@ -751,18 +781,34 @@ class NPBGPP_OT_aggregate(_WorkerStepJob, bpy.types.Operator):
             self.report({"WARNING"}, self._cloud_note + ".")
         return {"FINISHED"}
 
-    def _follow_render(self, context: Any) -> None:
-        """Photo Size not given (by the user, a script or the dialog): the scene's default_photo_size.
-        Set as a value, so the dialog and file browser show what will be used, and a run that follows
-        keeps it (it is then set)."""
-        if not self.properties.is_property_set("max_side"):
-            self.max_side = default_photo_size(context.scene)
+    def _photo_size(self, context: Any) -> int:
+        """The Photo Size this run reads photos at: ``max_side`` when set (a script's
+        ``bpy.ops.npbgpp.aggregate(max_side=1024)``), which wins, else the scene's setting
+        (:func:`scene_photo_size`), read when the job starts, so an edit in the dialog counts."""
+        if self.properties.is_property_set("max_side"):
+            return self.max_side
+        return scene_photo_size(context.scene)
+
+    def draw(self, context: Any) -> None:
+        """The options dialog (and the file browser's side panel): the scene's Photo Size setting
+        itself, so that a size chosen here stays set (saved with the .blend, shown in the panel); a
+        ``max_side`` a script gave, which wins over it, in its place. (A draw of its own replaces
+        Blender's, which also left the Bundle path out of the file browser's panel.)"""
+        layout = self.layout
+        layout.use_property_split = True
+        space = getattr(context, "space_data", None)
+        if space is None or space.type != "FILE_BROWSER":  # the browser has its own path field
+            layout.prop(self, "filepath")
+        layout.prop(self, "max_points")
+        if self.properties.is_property_set("max_side"):
+            layout.prop(self, "max_side")
+        else:
+            draw_photo_size(layout, context.scene)
 
     def invoke(self, context: Any, event: Any) -> set[str]:
         inputs = self._inputs(context)
         if inputs is None:
             return {"CANCELLED"}
-        self._follow_render(context)  # before the file browser or the dialog, which show it
         if ask_for_output(self, context, inputs[2], ".npbgpp"):  # ask where the bundle goes
             return {"RUNNING_MODAL"}
         return self._ask_options(context)

@@ -5,7 +5,15 @@ from __future__ import annotations
 import bpy
 from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, PointerProperty, StringProperty
 
-from npbgpp_core.protocol import AUTO_AVERAGE_HIGH_SIDE, AUTO_AVERAGE_LOW_SIDE, FIT_CHECK_COMBINE, WHOLE_VIEW_STEPS
+from npbgpp_core.protocol import (
+    AGGREGATE_MAX_SIDE,
+    AGGREGATE_MIN_SIDE,
+    AGGREGATE_RENDER_MAX_SIDE,
+    AUTO_AVERAGE_HIGH_SIDE,
+    AUTO_AVERAGE_LOW_SIDE,
+    FIT_CHECK_COMBINE,
+    WHOLE_VIEW_STEPS,
+)
 
 # Blender 5.0 refuses "//" in a file path setting unless it says it resolves it (else each
 # set warns); these settings are stored relative by blend_paths and read with
@@ -219,6 +227,28 @@ class NPBGPPSceneSettings(bpy.types.PropertyGroup):
     )
     dataset_format: StringProperty(  # type: ignore[valid-type]
         name="Dataset Format", default="", description="Format of the imported dataset (empty: detected)",
+    )
+    photo_size_mode: EnumProperty(  # type: ignore[valid-type]
+        # numbered: a .blend stores the number; one saved before this setting stores none and reads
+        # the default, Follow Render, which was Aggregate's rule then (operators.scene_photo_size)
+        name="Photo Size", default="FOLLOW_RENDER",
+        items=(
+            ("FOLLOW_RENDER", "Follow Render", "The long side F12 renders at (Resolution times %), at least "
+             f"{AGGREGATE_MAX_SIDE} and at most {AGGREGATE_RENDER_MAX_SIDE} px", 0),
+            ("OWN", "Own Size", "Each photo at its own size (slowest, most memory)", 1),
+            ("FIXED", "Fixed", "At most the Long Side given below", 2),
+        ),
+        description="The long side, in pixels, Aggregate Descriptors reads each photo at most (larger ones shrunk "
+        "with their cameras, smaller ones as they are; the bundle records it). Aggregate's time and memory grow "
+        "with the pixels read: 20 photos of 11 megapixels (4032 px) took 3.6 GiB on a CPU at their own size, 2.9 "
+        "GiB and 4x less time at 2048 (BENCHMARKS.md); descriptors from photos read at half the render's size "
+        "lost up to 0.52 dB, at three quarters up to 0.23 dB. Out of memory: a Fixed size below the largest "
+        "photo's. A script's bpy.ops.npbgpp.aggregate(max_side=...) wins over it for that run",
+    )
+    photo_size: IntProperty(  # type: ignore[valid-type]
+        name="Long Side", default=AGGREGATE_MAX_SIDE, min=AGGREGATE_MIN_SIDE, soft_max=8192, subtype="PIXEL",
+        description="Photo Size Fixed: Aggregate Descriptors reads each photo at most this long side in pixels "
+        f"(at least {AGGREGATE_MIN_SIDE}: smaller photos hold too few pixels to aggregate)",
     )
     point_size: IntProperty(  # type: ignore[valid-type]
         name="Point Size", default=1, min=1, max=15,

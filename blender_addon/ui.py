@@ -69,6 +69,9 @@ class RENDER_PT_npbgpp_data(_NPBGPPPanel, bpy.types.Panel):
             row.prop(s, "dataset_cloud")
         if s.dataset_no_cloud and not s.dataset_points:
             layout.label(text="The dataset has no point cloud: Densify Points makes one", icon="INFO")
+        from .operators import draw_photo_size
+
+        draw_photo_size(layout, context.scene)  # Aggregate's, which its dialog shows too
         layout.prop(s, "up_axis")
         layout.prop(s, "fit_upright")
         layout.prop(s, "fit_check_view")

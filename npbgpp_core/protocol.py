@@ -88,18 +88,18 @@ def auto_check_recipes(long_side: int) -> tuple[tuple[str, ...], str]:
 # (BENCHMARKS.md "Aggregating from smaller photos": mean +0.05 / -0.03 dB, worst -0.28). Renders up to 2048 px
 # lose nothing at this cap (it leaves their photos at the render's size: "... at 2048 px"); renders above it of
 # bigger photos do: 12-13 MP photos aggregated at 2048 lost up to 0.52 dB rendered at their own size, at 3072 up
-# to 0.23 (BENCHMARKS.md "Renders above 2048 px"), so the add-on's Photo Size, when the user sets none, follows
+# to 0.23 (BENCHMARKS.md "Renders above 2048 px"), so the add-on's Photo Size, by default (Follow Render), follows
 # the render's long side above this cap (up to AGGREGATE_RENDER_MAX_SIDE below); the cap stays for renders up to
 # 2048 px, for time and memory (own size took 4.9x the time). The add-on's property, the READMEs and the tests
 # read this one number.
 AGGREGATE_MAX_SIDE = 2048
-# The most the add-on's Photo Size follows the render by itself when the user sets none
+# The most the add-on's Photo Size follows the render by itself (Follow Render, the default)
 # (blender_addon.operators.default_photo_size): 4K renders (3840) and 12-MP phone photos (4032-4080 px) are
 # read at their size, about 3.6 GiB for 20 photos of 11 MP on a CPU (BENCHMARKS.md "Aggregate at own size in
 # tiles"); photos of 3840x2160 decode in tiles too (the extractor's TILE_ABOVE_SIDE), 1.2 GiB an extractor
 # call, 3.8 whole (BENCHMARKS.md "The extractor at the render sizes Photo Size now follows"); a
 # 48-MP photo (8064 px) would take ~6.6 GiB and 86 s an extractor call there, so larger renders or photos need
-# Photo Size set (0: own size).
+# Photo Size set (Fixed, or Own Size; a script's max_side 0).
 AGGREGATE_RENDER_MAX_SIDE = 4096
 # The smallest long side an aggregation reads photos at (below it a photo is a few encoder cells: nothing
 # to aggregate); Photo Size, export --max-side and bench_quality --aggregate-max-side refuse less (0 aside).
@@ -107,7 +107,7 @@ AGGREGATE_MIN_SIDE = 16
 
 
 def photo_size_for_render(width: int, height: int) -> int:
-    """Aggregate's Photo Size when none is given, for a render of ``width`` x ``height`` pixels:
+    """Aggregate's Photo Size Follow Render (the add-on's default), for a render of ``width`` x ``height``:
     its long side, at least :data:`AGGREGATE_MAX_SIDE` and at most :data:`AGGREGATE_RENDER_MAX_SIDE`.
     The one rule of the add-on's default (``operators.default_photo_size``, with the size F12
     renders at) and of ``bench/bench_big_photos.py run``'s (with the render Import Dataset sets)."""
@@ -136,6 +136,12 @@ def check_aggregate_max_side(value: Any, what: str = "Photo Size") -> int | None
         raise ValueError(f"{what} must be 0 (each photo at its own size) or a whole number of pixels of at least "
                          f"{AGGREGATE_MIN_SIDE}, got {value!r}")
     return int(value)
+
+
+# Where the add-on's Photo Size lives: a scene setting (saved with the .blend) in the panel Render Properties >
+# NPBG++ > Data, which the worker's out-of-memory advice to the add-on's Aggregate names (tests check it against
+# the panel's labels and the setting's name).
+ADDON_PHOTO_SIZE = "Render Properties > NPBG++ > Data > Photo Size"
 
 
 # Frame.note while the service compiles a fused refiner's kernels (text for the user; the

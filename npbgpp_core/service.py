@@ -376,7 +376,8 @@ class RenderService:
         """What runs out of memory in Aggregate and Fit is the photos' pixels (BENCHMARKS.md, A user's
         capture with big photos), not a frame's: the advice names the largest photo. Aggregate reads
         each photo at most at its Photo Size (AggregateBegin.max_side), so it first says to lower that
-        (``headless_train export``: --max-side); Fit reads every photo at its own size, so it names a
+        (where the add-on keeps it, :data:`protocol.ADDON_PHOTO_SIZE`; ``headless_train export``:
+        --max-side); Fit reads every photo at its own size, so it names a
         copy of the dataset with smaller photos (which it needs aggregated again: a bundle fits the
         dataset it was aggregated from), as Aggregate does after Photo Size. Aggregate's start
         (AggregateBegin) aggregates no photo (AggregateView does): it reads the dataset, its cloud and
@@ -404,12 +405,14 @@ class RenderService:
         if size is not None and cap is not None:
             h, w = fit_long_side(size, cap)
             photos += f", read at {w}x{h}" if (h, w) != tuple(size) else ", read at its own size"
-        read = f"at most {cap} px on the long side (Photo Size {cap})" if cap else "at its own size (Photo Size 0)"
+        read = (f"at most {cap} px on the long side (Photo Size {cap})" if cap else
+                "at its own size (Photo Size Own Size)")
         # a smaller Photo Size only below the side the largest photo is read at, and none at the least
-        # one (export's rule: P.photo_size_bound)
+        # one (export's rule: P.photo_size_bound); named where the add-on keeps it (a scene setting)
         below = P.photo_size_bound(getattr(job, "largest_side", None) or None, cap)
         smaller = f"set a Photo Size below {below}" if below is not None else ""
-        smaller += " in its options (headless_train export: --max-side), or " if smaller else ""
+        smaller += (f" ({P.ADDON_PHOTO_SIZE}: Fixed; headless_train export: --max-side), or "
+                    if smaller else "")
         return (f"out of memory on {device} while aggregating descriptors ({first}).{photos and photos + '.'} "
                 f"Aggregate Descriptors reads every photo {read}; its memory grows with those pixels "
                 f"({AGGREGATE_PHOTOS_MEMORY}): {smaller}" + copy.format(again="") + gpu_full_hint(device))

@@ -5492,7 +5492,8 @@ def test_aggregate_photo_size_reaches_the_worker_and_the_report(scene, capfd, mo
     small = scene["dir"] / "small.npbgpp"
     assert bpy.ops.npbgpp.aggregate(filepath=str(small), max_side=16) == {"FINISHED"}
     assert sides[-1] == 16
-    assert "Photos larger than 16 px read at 16 px long side (originals up to 32; Photo Size" in capfd.readouterr().out
+    assert ("Photos larger than 16 px read at 16 px long side (originals up to 32; Render Properties > NPBG++ > Data > "
+            "Photo Size: Own Size reads them at their own size)") in capfd.readouterr().out
     assert NeuralScene.load(str(small)).metadata["aggregate_max_side"] == 16
     bad = scene["dir"] / "bad.npbgpp"
     with pytest.raises(RuntimeError, match=re.escape("Aggregate: Photo Size must be 0 (each photo at its own size) or "
@@ -5511,7 +5512,7 @@ def test_aggregate_photo_size_follows_the_render_size_unless_given(scene, monkey
     AGGREGATE_RENDER_MAX_SIDE (4096: an 8064-px render reads at 4096), and the bundle records it; a
     Photo Size given, the constant's own value included, is used as is (0: own size).
     The property skips Blender's last-used values (SKIP_SAVE): from the UI those count as given, and
-    the default would stay the first render's size (bpy.ops calls never reuse them)."""
+    would win over the scene's Photo Size setting (bpy.ops calls never reuse them)."""
     from npbgpp_core.scene import NeuralScene
 
     sc = scene["scene"]
@@ -5532,42 +5533,133 @@ def test_aggregate_photo_size_follows_the_render_size_unless_given(scene, monkey
     assert bpy.ops.npbgpp.aggregate.get_rna_type().properties["max_side"].is_skip_save
 
 
-def test_aggregate_dialog_shows_the_photo_size_it_will_use(addon):
-    """In a window (invoke), Photo Size not given is set to the render's long side before the options
-    dialog opens, so the dialog shows the value OK will use; one given (a script's max_side, or an
-    earlier dialog) is left as it is. (bpy without a window runs no invoke: the operator's Python side
-    is a stand-in, the scene Blender's.) Without a Bundle path in an unsaved .blend, the file browser
-    opens first and shows it too."""
+def test_aggregate_reads_the_scene_photo_size_setting_unless_max_side_is_given(scene, monkeypatch):
+    """Photo Size is a scene setting (scene.npbgpp): Follow Render, its default, asks the worker for the
+    render's long side (3840x2160 -> 3840, at 50% 2048, 8064x6048 -> 4096, the AGGREGATE_RENDER_MAX_SIDE
+    cap); Fixed for its Long Side (1024); Own Size for 0 (each photo at its own size); the bundle records
+    it. A script's max_side wins over the setting for its run and leaves it as it was. The Long Side
+    takes no value Aggregate refuses: Blender raises 8 to the least, 16."""
+    from npbgpp_core.scene import NeuralScene
+
+    sc = scene["scene"]
+    s = sc.npbgpp
+    _import_nerf_dataset(scene)
+    sides = _record_photo_sizes(monkeypatch)
+    assert s.photo_size_mode == "FOLLOW_RENDER"
+    cases = [((3840, 2160, 100), "FOLLOW_RENDER", {}, 3840), ((3840, 2160, 50), "FOLLOW_RENDER", {}, 2048),
+             ((8064, 6048, 100), "FOLLOW_RENDER", {}, 4096), ((3840, 2160, 100), "FIXED", {}, 1024),
+             ((3840, 2160, 100), "OWN", {}, 0), ((3840, 2160, 100), "FIXED", {"max_side": 2048}, 2048),
+             ((3840, 2160, 100), "FIXED", {"max_side": 0}, 0), ((1920, 1080, 100), "OWN", {"max_side": 640}, 640)]
+    s.photo_size = 1024
+    for k, (resolution, mode, given, expected) in enumerate(cases):
+        sc.render.resolution_x, sc.render.resolution_y, sc.render.resolution_percentage = resolution
+        s.photo_size_mode = mode
+        out = scene["dir"] / f"setting{k}.npbgpp"
+        assert bpy.ops.npbgpp.aggregate(filepath=str(out), **given) == {"FINISHED"}
+        assert sides[-1] == expected, (resolution, mode, given)
+        assert NeuralScene.load(str(out)).metadata["aggregate_max_side"] == (expected or None)
+        assert (s.photo_size_mode, s.photo_size) == (mode, 1024)  # a script's max_side leaves the setting
+    assert len(sides) == len(cases)
+    s.photo_size = 8
+    assert s.photo_size == 16
+
+
+def test_the_panel_and_aggregate_s_dialog_show_the_scene_photo_size(scene):
+    """Render Properties > NPBG++ > Data shows Photo Size with the size Aggregate will read at
+    ("Photo Size: Follow Render (3840 px)"), the Long Side field when Fixed; Aggregate's options
+    dialog (its draw: bpy without a window runs no invoke, so the operator's Python side is a
+    stand-in, the scene Blender's) draws the same scene setting, so a size chosen there is the scene's
+    (the run reads it when it starts), and a script's max_side, which wins, in its place. invoke no
+    longer sets max_side. protocol.ADDON_PHOTO_SIZE, which the worker's advice names, is the panel's
+    path and the setting's name."""
     from types import SimpleNamespace
 
+    from npbgpp_core.protocol import ADDON_PHOTO_SIZE
+
     ops = sys.modules[f"{MODULE}.operators"]
-    bpy.ops.wm.read_homefile(use_empty=True)
-    sc = bpy.context.scene
+    sc = scene["scene"]
+    s = sc.npbgpp
     sc.render.resolution_x, sc.render.resolution_y, sc.render.resolution_percentage = 2160, 3840, 100
-    shown: list[int] = []
+    layout = _drawn()
+    assert "photo_size_mode" in layout.props and "photo_size" not in layout.props
+    assert "Photo Size: Follow Render (3840 px)" in layout.labels
+    sc.render.resolution_percentage = 50
+    assert "Photo Size: Follow Render (2048 px)" in _drawn().labels
+    s.photo_size_mode, s.photo_size = "FIXED", 1024
+    layout = _drawn()
+    assert layout.props.index("photo_size") == layout.props.index("photo_size_mode") + 1
+    assert not [text for text in layout.labels if text.startswith("Photo Size")]
+    s.photo_size_mode = "OWN"
+    assert "Photo Size: Own Size (each photo as it is)" in _drawn().labels
+    panel, data = bpy.types.RENDER_PT_npbgpp, bpy.types.RENDER_PT_npbgpp_data
+    assert (panel.bl_context, data.bl_parent_id) == ("render", "RENDER_PT_npbgpp")
+    name = type(s).bl_rna.properties["photo_size_mode"].name
+    assert ADDON_PHOTO_SIZE == f"Render Properties > {panel.bl_label} > {data.bl_label} > {name}"
 
-    def dialog(operator: object, confirm_text: str = "") -> set[str]:
-        shown.append(operator.max_side)
-        return {"RUNNING_MODAL"}
-
-    context = SimpleNamespace(scene=sc, window=object(), window_manager=SimpleNamespace(invoke_props_dialog=dialog))
-    for given, expected in ((None, 3840), (1024, 1024), (0, 0)):
-        op = SimpleNamespace(filepath="x.npbgpp", _asked=False, bl_label="Aggregate Descriptors",
-                             max_side=ops.AGGREGATE_MAX_SIDE if given is None else given,
-                             properties=SimpleNamespace(is_property_set=lambda name, given=given: given is not None),
-                             _inputs=lambda context: ("w.pt", "", "dataset"))
-        # (a no-op where the operator has none, so that the test fails on the value shown)
-        op._follow_render = getattr(ops.NPBGPP_OT_aggregate, "_follow_render", lambda self, context: None).__get__(op)
-        op._ask_options = ops._WorkerStepJob._ask_options.__get__(op)
-        assert ops.NPBGPP_OT_aggregate.invoke(op, context, None) == {"RUNNING_MODAL"}
-        assert shown[-1] == expected and op._asked
-    # no Bundle path and an unsaved .blend: the file browser opens first, showing the same value
-    assert not bpy.data.filepath
-    context.window_manager.fileselect_add = lambda operator: shown.append(("browser", operator.max_side))
-    op.filepath, op.max_side = "", ops.AGGREGATE_MAX_SIDE
-    op.properties = SimpleNamespace(is_property_set=lambda name: False)
+    # the dialog: invoke opens it without setting max_side; its draw is the scene's setting
+    s.photo_size_mode = "FOLLOW_RENDER"
+    sc.render.resolution_percentage = 100
+    opened: list[object] = []
+    context = SimpleNamespace(scene=sc, window=object(), window_manager=SimpleNamespace(
+        invoke_props_dialog=lambda operator, confirm_text="": opened.append(operator) or {"RUNNING_MODAL"}))
+    given: dict[str, int] = {}
+    op = SimpleNamespace(filepath="x.npbgpp", max_points=0, max_side=ops.AGGREGATE_MAX_SIDE, _asked=False,
+                         bl_label="Aggregate Descriptors", layout=None,
+                         properties=SimpleNamespace(is_property_set=lambda name: name in given),
+                         _inputs=lambda context: ("w.pt", "", "dataset"))
+    op._ask_options = ops._WorkerStepJob._ask_options.__get__(op)
+    op._photo_size = ops.NPBGPP_OT_aggregate._photo_size.__get__(op)
     assert ops.NPBGPP_OT_aggregate.invoke(op, context, None) == {"RUNNING_MODAL"}
-    assert shown[-1] == ("browser", 3840) and op.filepath == "dataset.npbgpp"
+    assert opened == [op] and op._asked and op.max_side == ops.AGGREGATE_MAX_SIDE
+    op.layout = _Layout()
+    ops.NPBGPP_OT_aggregate.draw(op, context)
+    assert op.layout.props == ["filepath", "max_points", "photo_size_mode"]
+    assert op.layout.labels == ["Photo Size: Follow Render (3840 px)"]
+    assert op._photo_size(context) == 3840
+    s.photo_size_mode, s.photo_size = "FIXED", 1024  # the user's choice in the dialog
+    op.layout = _Layout()
+    ops.NPBGPP_OT_aggregate.draw(op, context)
+    assert op.layout.props == ["filepath", "max_points", "photo_size_mode", "photo_size"]
+    assert op._photo_size(context) == 1024
+    op.layout = _Layout()  # the file browser's side panel: its own path field, not the Bundle's again
+    ops.NPBGPP_OT_aggregate.draw(op, SimpleNamespace(scene=sc, space_data=SimpleNamespace(type="FILE_BROWSER")))
+    assert op.layout.props == ["max_points", "photo_size_mode", "photo_size"]
+    given["max_side"] = op.max_side = 512  # bpy.ops.npbgpp.aggregate("INVOKE_DEFAULT", max_side=512)
+    op.layout = _Layout()
+    ops.NPBGPP_OT_aggregate.draw(op, context)
+    assert op.layout.props == ["filepath", "max_points", "max_side"] and op._photo_size(context) == 512
+
+
+def test_the_photo_size_setting_is_saved_with_the_blend_and_undone(scene):
+    """The scene's Photo Size survives a save and reload of the .blend (Fixed 1024, Own Size); a scene
+    that never set it, as in a .blend saved before the setting existed, reads back Follow Render
+    and follows its render (3840 px). A change is undone and redone as any property's (Blender's
+    undo steps, as the UI pushes one after each edit)."""
+    ops = sys.modules[f"{MODULE}.operators"]
+    sc = scene["scene"]
+    sc.npbgpp.photo_size_mode, sc.npbgpp.photo_size = "FIXED", 1024
+    own = bpy.data.scenes.new("own")
+    own.npbgpp.photo_size_mode = "OWN"
+    untouched = bpy.data.scenes.new("untouched")
+    untouched.npbgpp.up_axis = "POS_Z"  # other settings stored, Photo Size never set
+    untouched.render.resolution_x, untouched.render.resolution_y = 3840, 2160
+    assert not untouched.npbgpp.is_property_set("photo_size_mode")
+    name = sc.name
+    blend = str(scene["dir"] / "photo_size.blend")
+    assert bpy.ops.wm.save_as_mainfile(filepath=blend) == {"FINISHED"}
+    bpy.ops.wm.read_homefile(use_empty=True)
+    assert bpy.ops.wm.open_mainfile(filepath=blend) == {"FINISHED"}
+    read = {n: (bpy.data.scenes[n].npbgpp.photo_size_mode, ops.scene_photo_size(bpy.data.scenes[n]))
+            for n in (name, "own", "untouched")}
+    assert read == {name: ("FIXED", 1024), "own": ("OWN", 0), "untouched": ("FOLLOW_RENDER", 3840)}
+    assert bpy.data.scenes["untouched"].npbgpp.up_axis == "POS_Z"
+    assert bpy.ops.ed.undo_push(message="before") == {"FINISHED"}
+    bpy.data.scenes[name].npbgpp.photo_size = 512
+    assert bpy.ops.ed.undo_push(message="Photo Size") == {"FINISHED"}
+    assert bpy.ops.ed.undo() == {"FINISHED"}
+    assert bpy.data.scenes[name].npbgpp.photo_size == 1024
+    assert bpy.ops.ed.redo() == {"FINISHED"}
+    assert bpy.data.scenes[name].npbgpp.photo_size == 512
 
 
 def test_import_of_a_copied_dataset_keeps_its_bundle(scene, capfd, monkeypatch):
@@ -6002,7 +6094,7 @@ def _aggregate_stand_in(agg_op, out: str, **overrides):
     for name in ("_job", "_cancel_request", "_cancel_note"):
         setattr(op, name, getattr(agg_op, name))
     for name in ("_inputs", "_begin", "_step", "_progress", "_finish", "_request", "_cancel_quietly",
-                 "_already_running", "_drop_after_error", "_follow_render"):
+                 "_already_running", "_drop_after_error", "_photo_size"):
         setattr(op, name, getattr(agg_op, name).__get__(op))
     return op
 
@@ -6233,7 +6325,7 @@ def test_aggregate_after_the_file_browser_runs_as_the_modal_job(scene):
     for name in ("_job", "_cancel_request", "_cancel_note"):
         setattr(op, name, getattr(agg_op, name))
     for name in ("_inputs", "_begin", "_step", "_progress", "_finish", "_request", "_cancel_quietly",
-                 "_already_running", "_drop_after_error", "_start_job", "_follow_render"):
+                 "_already_running", "_drop_after_error", "_start_job", "_photo_size"):
         setattr(op, name, getattr(agg_op, name).__get__(op))
     browser = SimpleNamespace(fileselect_add=lambda o: calls.append("browser"))
     assert ops_module.ask_for_output(op, SimpleNamespace(window_manager=browser), str(scene["dir"] / "nerf2"),

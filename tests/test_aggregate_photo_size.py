@@ -218,20 +218,20 @@ def test_export_refuses_a_max_side_below_16(folder, tmp_path, capsys, bad):
 
 def test_out_of_memory_in_aggregate_first_suggests_a_smaller_photo_size(folder, monkeypatch):
     """Out of memory while aggregating names the largest photo, the size it was read at, and first a
-    Photo Size below that size (export: --max-side), then a copy with smaller photos; at Photo Size 0
-    it says the photos were read at their own size; at the least Photo Size (16, which Aggregate
-    refuses to go below) it suggests only the copy, as export does at --max-side 16."""
+    Photo Size below that size, named where the add-on keeps it (the scene setting in Render Properties >
+    NPBG++ > Data; export: --max-side), then a copy with smaller photos; at Photo Size 0 (Own Size) it
+    says the photos were read at their own size; at the least Photo Size (16, which Aggregate refuses to
+    go below) it suggests only the copy, as export does at --max-side 16."""
     service = RenderService()
     for cap, read, smaller in (
             (16, "The largest photo is 32x32 pixels, read at 16x16. Aggregate Descriptors reads every photo at most "
                  "16 px on the long side (Photo Size 16)", None),
             (24, "The largest photo is 32x32 pixels, read at 24x24. Aggregate Descriptors reads every photo at most "
-                 "24 px on the long side (Photo Size 24)", "set a Photo Size below 24 in its options"),
+                 "24 px on the long side (Photo Size 24)", "set a Photo Size below 24"),
             (0, "The largest photo is 32x32 pixels. Aggregate Descriptors reads every photo at its own size (Photo "
-                "Size 0)", "set a Photo Size below 32 in its options"),
+                "Size Own Size)", "set a Photo Size below 32"),
             (2048, "The largest photo is 32x32 pixels, read at its own size. Aggregate Descriptors reads every "
-                   "photo at most 2048 px on the long side (Photo Size 2048)", "set a Photo Size below 32 in its "
-                   "options")):
+                   "photo at most 2048 px on the long side (Photo Size 2048)", "set a Photo Size below 32")):
         assert isinstance(service.handle(P.AggregateBegin(folder, "", device="CPU", max_side=cap)),
                           P.AggregationStarted)
 
@@ -249,7 +249,8 @@ def test_out_of_memory_in_aggregate_first_suggests_a_smaller_photo_size(folder, 
             assert "): import a copy of the dataset with smaller photos" in advice, advice
         else:
             assert advice.index(smaller) < advice.index("prepare-capture"), advice
-            assert f"{smaller} (headless_train export: --max-side), or import a copy" in advice, advice
+            assert (f"{smaller} (Render Properties > NPBG++ > Data > Photo Size: Fixed; headless_train export: "
+                    "--max-side), or import a copy") in advice, advice
         assert "--max-size 2048" in advice
         assert service.handle(P.AggregateCancel()) == P.Done()
 
