@@ -687,7 +687,7 @@ class NPBGPP_OT_aggregate(_WorkerStepJob, bpy.types.Operator):
     _network: str = ""  # the weights file the worker uses, and the domain that chose it
     _cloud_note: str = ""  # the worker's warning that the cloud misses the dataset's reconstruction
     _held_out: str = ""  # held_out_note of the dataset's split
-    _photo_size: str = ""  # photo_size_note of the Photo Size the worker applied
+    _photo_size_note: str = ""  # photo_size_note of the Photo Size the worker applied
 
     def _inputs(self, context: Any) -> tuple[str, str, str] | None:
         """(weights, domain, dataset) or None (reported); see :func:`network_choice`."""
@@ -742,7 +742,7 @@ class NPBGPP_OT_aggregate(_WorkerStepJob, bpy.types.Operator):
         self._network = os.path.basename(started.weights) + (f" ({started.domain})" if started.domain else "")
         self._cloud_note = started.cloud_note
         self._held_out = held_out_note(started.views, started.dataset_views)
-        self._photo_size = photo_size_note(started.max_side, started.largest_side)
+        self._photo_size_note = photo_size_note(started.max_side, started.largest_side)
         return self._progress()
 
     def _step(self) -> Progress:
@@ -774,7 +774,7 @@ class NPBGPP_OT_aggregate(_WorkerStepJob, bpy.types.Operator):
         if unseen:  # before the Saved line, which the status bar shows last
             self.report({"INFO"}, unseen)
         self.report({"INFO"}, f"Saved {reply.points} points {cloud} ({reply.valid} seen by the photos) to {self._out}, "
-                              f"up axis ({up}), network {self._network}.{self._photo_size}{note}{self._held_out}")
+                              f"up axis ({up}), network {self._network}.{self._photo_size_note}{note}{self._held_out}")
         if unchecked:
             self.report({"WARNING"}, unchecked)
         if self._cloud_note:
