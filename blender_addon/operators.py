@@ -796,8 +796,10 @@ class NPBGPP_OT_aggregate(_WorkerStepJob, bpy.types.Operator):
         Blender's, which also left the Bundle path out of the file browser's panel.)"""
         layout = self.layout
         layout.use_property_split = True
-        space = getattr(context, "space_data", None)
-        if space is None or space.type != "FILE_BROWSER":  # the browser has its own path field
+        # the file browser asking for the Bundle (ask_for_output) has its own path field, and Blender's
+        # draw of its side panel leaves the path out; a dialog opened over a File Browser editor
+        # (Quick Favorites there) is not that browser: it has no operator of its own
+        if getattr(getattr(context, "space_data", None), "active_operator", None) is None:
             layout.prop(self, "filepath")
         layout.prop(self, "max_points")
         if self.properties.is_property_set("max_side"):
