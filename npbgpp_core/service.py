@@ -406,7 +406,7 @@ class RenderService:
             h, w = fit_long_side(size, cap)
             photos += f", read at {w}x{h}" if (h, w) != tuple(size) else ", read at its own size"
         read = (f"at most {cap} px on the long side (Photo Size {cap})" if cap else
-                "at its own size (Photo Size Own Size)")
+                "at its own size (Photo Size: Own Size)")
         # a smaller Photo Size only below the side the largest photo is read at, and none at the least
         # one (export's rule: P.photo_size_bound); named where the add-on keeps it (a scene setting)
         below = P.photo_size_bound(getattr(job, "largest_side", None) or None, cap)

@@ -229,7 +229,7 @@ def test_out_of_memory_in_aggregate_first_suggests_a_smaller_photo_size(folder, 
             (24, "The largest photo is 32x32 pixels, read at 24x24. Aggregate Descriptors reads every photo at most "
                  "24 px on the long side (Photo Size 24)", "set a Photo Size below 24"),
             (0, "The largest photo is 32x32 pixels. Aggregate Descriptors reads every photo at its own size (Photo "
-                "Size Own Size)", "set a Photo Size below 32"),
+                "Size: Own Size)", "set a Photo Size below 32"),
             (2048, "The largest photo is 32x32 pixels, read at its own size. Aggregate Descriptors reads every "
                    "photo at most 2048 px on the long side (Photo Size 2048)", "set a Photo Size below 32")):
         assert isinstance(service.handle(P.AggregateBegin(folder, "", device="CPU", max_side=cap)),
