@@ -26,7 +26,7 @@ size: it costs what such photos cost, not what they would score.
 on its defaults (``blender_addon/operators.py``, ``render_job.py``, ``properties.py``):
 ``AggregateBegin`` with no weights, Network Auto and Photo Size at the add-on's default after
 Import Dataset (:func:`addon_photo_size`: Import Dataset sets the render to the size most photos
-have, and Photo Size, unset, is that render's long side clamped to 2048-4096 px,
+have, and Photo Size, Follow Render by default, is that render's long side clamped to 2048-4096 px,
 ``protocol.photo_size_for_render``, the add-on's own rule; so photos of 1920 px are read at 2048,
 of 4032 at their own size; ``--photo-size`` gives another, 2048 the default before the add-on's
 followed the render, 0 each photo at its own size, what the section's first figures ran, before
@@ -229,7 +229,7 @@ def extractor_call(width: int, height: int, decode: str = "auto") -> dict[str, A
 
 
 def addon_photo_size(data: Any) -> int:
-    """The add-on's Photo Size, unset, after Import Dataset of ``data`` (a loaded scene): the
+    """The add-on's Photo Size, Follow Render (its default), after Import Dataset of ``data`` (a loaded scene): the
     render Import Dataset sets, the size most photos have (``image_size.most_common_size``, as
     ``importers.render_photo_size``), through the add-on's rule (``protocol.photo_size_for_render``)."""
     from npbgpp_core.image_size import most_common_size
