@@ -280,6 +280,8 @@ class _DyingDataset(torch.utils.data.Dataset):
                 import ctypes
 
                 ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0
+            if self.kill not in (signal.SIGKILL, signal.SIGSTOP):  # inherited dispositions: nohup ignores SIGHUP
+                signal.signal(self.kill, signal.SIG_DFL)
             os.kill(os.getpid(), self.kill)
         os._exit(3)
 
