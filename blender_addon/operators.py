@@ -600,17 +600,18 @@ def scene_photo_size(scene: Any) -> int:
 
 
 def photo_size_text(scene: Any) -> str:
-    """What the panel and Aggregate's dialog say Aggregate will read ``scene``'s photos at, e.g.
-    "Photo Size: Follow Render (3840 px)" (:func:`scene_photo_size`)."""
-    s = scene.npbgpp
-    mode = s.bl_rna.properties["photo_size_mode"].enum_items[s.photo_size_mode].name
+    """What the panel and Aggregate's dialog say, under the Photo Size menu, Aggregate will read
+    ``scene``'s photos at (:func:`scene_photo_size`): only what the menu does not show, the size
+    Follow Render resolves to ("Reads photos at up to 3840 px long side"), or what Own Size costs."""
     side = scene_photo_size(scene)
-    return f"Photo Size: {mode} ({f'{side} px' if side else 'each photo as it is'})"
+    if side:
+        return f"Reads photos at up to {side} px long side"
+    return "Reads every photo at full size: slowest, most memory"
 
 
 def draw_photo_size(layout: Any, scene: Any) -> None:
     """The scene's Photo Size setting in ``layout`` (the Data panel, Aggregate's dialog): the mode, then
-    the Long Side when Fixed, else the size the mode resolves to, which the mode alone does not show."""
+    the Long Side when Fixed, else a line that says what the mode alone does not (:func:`photo_size_text`)."""
     s = scene.npbgpp
     col = layout.column()
     col.prop(s, "photo_size_mode")

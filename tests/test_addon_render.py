@@ -5566,7 +5566,8 @@ def test_aggregate_reads_the_scene_photo_size_setting_unless_max_side_is_given(s
 
 def test_the_panel_and_aggregate_s_dialog_show_the_scene_photo_size(scene):
     """Render Properties > NPBG++ > Data shows Photo Size with the size Aggregate will read at
-    ("Photo Size: Follow Render (3840 px)"), the Long Side field when Fixed; Aggregate's options
+    under its menu ("Reads photos at up to 3840 px long side": the size, which the menu does not say, not
+    the menu's own name again), the Long Side field when Fixed; Aggregate's options
     dialog (its draw: bpy without a window runs no invoke, so the operator's Python side is a
     stand-in, the scene Blender's) draws the same scene setting, so a size chosen there is the scene's
     (the run reads it when it starts), and a script's max_side, which wins, in its place. invoke no
@@ -5582,15 +5583,16 @@ def test_the_panel_and_aggregate_s_dialog_show_the_scene_photo_size(scene):
     sc.render.resolution_x, sc.render.resolution_y, sc.render.resolution_percentage = 2160, 3840, 100
     layout = _drawn()
     assert "photo_size_mode" in layout.props and "photo_size" not in layout.props
-    assert "Photo Size: Follow Render (3840 px)" in layout.labels
+    assert "Reads photos at up to 3840 px long side" in layout.labels
+    assert not [text for text in layout.labels if "Follow Render" in text or "Photo Size" in text]
     sc.render.resolution_percentage = 50
-    assert "Photo Size: Follow Render (2048 px)" in _drawn().labels
+    assert "Reads photos at up to 2048 px long side" in _drawn().labels
     s.photo_size_mode, s.photo_size = "FIXED", 1024
     layout = _drawn()
     assert layout.props.index("photo_size") == layout.props.index("photo_size_mode") + 1
-    assert not [text for text in layout.labels if text.startswith("Photo Size")]
+    assert not [text for text in layout.labels if text.startswith("Reads")]
     s.photo_size_mode = "OWN"
-    assert "Photo Size: Own Size (each photo as it is)" in _drawn().labels
+    assert "Reads every photo at full size: slowest, most memory" in _drawn().labels
     panel, data = bpy.types.RENDER_PT_npbgpp, bpy.types.RENDER_PT_npbgpp_data
     assert (panel.bl_context, data.bl_parent_id) == ("render", "RENDER_PT_npbgpp")
     name = type(s).bl_rna.properties["photo_size_mode"].name
@@ -5614,7 +5616,7 @@ def test_the_panel_and_aggregate_s_dialog_show_the_scene_photo_size(scene):
     op.layout = _Layout()
     ops.NPBGPP_OT_aggregate.draw(op, context)
     assert op.layout.props == ["filepath", "max_points", "photo_size_mode"]
-    assert op.layout.labels == ["Photo Size: Follow Render (3840 px)"]
+    assert op.layout.labels == ["Reads photos at up to 3840 px long side"]
     assert op._photo_size(context) == 3840
     s.photo_size_mode, s.photo_size = "FIXED", 1024  # the user's choice in the dialog
     op.layout = _Layout()
