@@ -83,8 +83,8 @@ def library_images(folder: str, held: int, inputs: list[int], all_views: list[in
     """The npbgpp_core pipeline's image of view ``held`` at the photo's size, aggregated from
     ``all_views`` (as the add-on does) and from ``inputs`` (bench_quality's split), each photo read
     at the long side ``max_side`` the add-on's Aggregate read it at (its bundle's ``aggregate_max_side``:
-    Photo Size unset follows the render, so photos above 2048 px are not read at the constant; None:
-    own size); and, from
+    its Photo Size, Follow Render by default, follows the render, so photos above 2048 px are not read at
+    the constant; None: own size); and, from
     ``all_views``, through the camera the add-on derived from the Blender camera object
     (``blender_camera``: K, R, t, near, far), with and without its clip range."""
     import torch

@@ -291,8 +291,8 @@ def test_out_of_memory_before_any_photo_is_read_names_the_cloud_and_max_points(f
     (8064, 6048, 4096), (4097, 4097, 4096),  # 48 MP and anything above 4096: 4096
 ])
 def test_photo_size_for_render_by_hand(width, height, side):
-    """The one rule of Photo Size left unset (the add-on's operators.default_photo_size, with the
-    size F12 renders at, and bench_big_photos run's): the render's long side within 2048-4096."""
+    """The one rule of Photo Size Follow Render, the add-on's default (its operators.default_photo_size,
+    with the size F12 renders at, and bench_big_photos run's): the render's long side within 2048-4096."""
     assert P.photo_size_for_render(width, height) == side
 
 
