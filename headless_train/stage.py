@@ -165,6 +165,16 @@ def train_overrides(args: argparse.Namespace, run_dir: str, seed: str | None, re
     return o + list(args.override)
 
 
+def child_debug(args: argparse.Namespace) -> list[str]:
+    """The training child's part of ``--debug``: ``hydra.verbose=headless_train``, so the traceback of
+    the error it ends with in one line (out of memory, a worker's crash) is in train.log too, unless an
+    ``--override`` sets hydra.verbose itself. Not an override of the run (stage.json does not record
+    it): a resumed call without --debug trains the same."""
+    if not args.debug or any(override_key(o) == "hydra.verbose" for o in args.override):
+        return []
+    return ["hydra.verbose=headless_train"]
+
+
 def checkpoint_state(path: str) -> tuple[int, dict[str, Any]]:
     """(step, headless_train metadata) of the run's last.ckpt, read with
     ``weights_only=True`` so that a planted pickle payload never runs; StageError naming
@@ -424,11 +434,16 @@ OPTION_KEYS = {
 OPTIMISER_OVERRIDES = {"system.background_lr_scale": 1.0}
 
 
+def override_key(override: str) -> str:
+    """The config key a Hydra override sets (``+key=v``, ``~key``, ``key = v``: ``key``)."""
+    return override.split("=", 1)[0].lstrip("+~").strip()
+
+
 def _override_value(overrides: list[str], key: str, default: float) -> str:
     """The value the last ``--override`` of ``key`` sets (``default`` when none does), written
     as a number when it reads as one (``10`` and ``10.0`` are one value)."""
     values = [o.split("=", 1)[1].strip() for o in overrides
-              if "=" in o and o.split("=", 1)[0].lstrip("+~").strip() == key]
+              if "=" in o and override_key(o) == key]
     value = values[-1] if values else default
     try:
         return f"{float(value):g}"
@@ -440,7 +455,7 @@ def check_override_keys(overrides: list[str]) -> None:
     """StageError for an ``--override`` of a key that an option sets (:data:`OPTION_KEYS`),
     naming the option to use instead."""
     for o in overrides:
-        key = o.split("=", 1)[0].lstrip("+~").strip()
+        key = override_key(o)
         if key in OPTION_KEYS:
             raise StageError(f"--override {o}: {key} is set by {OPTION_KEYS[key]}; give that option instead "
                              "(stage.json records the options, and a resumed call keeps or checks them)")
@@ -675,7 +690,7 @@ def run_stage(args: argparse.Namespace) -> dict[str, Any]:
         seed = seed_checkpoint(weights, os.path.join(work, "seed.ckpt"), up)
     max_steps = start_step + args.dry_steps if args.dry_run else 10**9
     overrides = train_overrides(args, run_dir, seed, resume, max_steps)
-    cmd = [sys.executable, "-m", "headless_train", *overrides]
+    cmd = [sys.executable, "-m", "headless_train", *overrides, *child_debug(args)]
     log_path = os.path.join(work, "train.log")
     os.makedirs(work, exist_ok=True)
     # from here to the record a stop signal is held (run_child passes one held before it on, and

@@ -51,3 +51,38 @@ def test_a_bad_input_is_one_line_and_with_debug_the_error_raised_where_it_happen
     assert capsys.readouterr().err == ""
     assert os.listdir(tmp_path) == []
 
+
+
+def test_stage_debug_runs_its_training_child_with_hydra_verbose(tmp_path, monkeypatch):
+    """`stage --debug`'s training child: the error it ends with in one line (out of memory, a
+    DataLoader worker's crash) is written with its traceback into train.log only with
+    hydra.verbose=headless_train (cli.hydra_main), so --debug passes that to the child, as it passes
+    --debug to its export; without --debug, or with an --override of hydra.verbose, none is added.
+    The child here (stage.run_child) records its command and fails as an out-of-memory child does."""
+    import sys
+
+    from _train_fixtures import make_dataset
+
+    from headless_train import stage
+
+    root = make_dataset(str(tmp_path / "data"), ("sceneA",))
+    commands: list[list[str]] = []
+
+    def child(cmd, log, *args, **kwargs):
+        commands.append(cmd)
+        log.write("[2026-12-01 06:50:00,000][headless_train][ERROR] - error: out of host memory (RAM) while "
+                  "training (MemoryError). Lower dataloader.batch_size (now 1), ...\n")
+        log.flush()
+        return 2, False, None
+
+    monkeypatch.setattr(stage, "run_child", child)
+    for k, (extra, verbose) in enumerate((([], []), (["--debug"], ["hydra.verbose=headless_train"]),
+                                          (["--debug", "--override", "hydra.verbose=true"], ["hydra.verbose=true"]))):
+        argv = ["--corpus", root, "--work", str(tmp_path / f"work{k}"), "--dry-run", *extra]
+        if "--debug" in extra:
+            with pytest.raises(stage.StageError, match="training wrote no"):
+                stage.main(argv)
+        else:
+            assert stage.main(argv) == 2
+        assert commands[-1][:3] == [sys.executable, "-m", "headless_train"]
+        assert [o for o in commands[-1] if o.startswith("hydra.verbose")] == verbose, extra

@@ -519,6 +519,9 @@ def hydra_runs(tmp_path_factory) -> dict[str, tuple[str, str, str]]:
                     "datasets.train_num_samples=3", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
                     "trainer.limit_val_batches=0", "datasets.train_image_size=16", "dataloader.num_workers=1",
                     "datasets.cache_images=true"],
+        # last: Hydra leaves the headless_train logger at DEBUG after the run
+        "evaluation_verbose": [f"hydra.run.dir={tmp / 'eval_verbose'}", *scene, "system=npbgpp_sphere",
+                               "eval_only=true", "datasets.input_view_max_side=64", "hydra.verbose=headless_train"],
     }
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
     proc = subprocess.run([sys.executable, "-c", _HYDRA_OOM, json.dumps(list(runs.values()))], env=env,
@@ -554,6 +557,20 @@ def test_evaluation_out_of_memory_on_the_gpu_advises_the_cpu(hydra_runs):
         "evaluation renders each held-out view whole at its own size: evaluate on a computer with more memory, or "
         "aggregate smaller input views with datasets.input_view_max_side (below 64), or trainer.gpus=0 (the CPU) "
         "when the GPU is the one that is full"), err[-2000:]
+
+
+def test_hydra_verbose_writes_the_traceback_of_the_one_line_end_into_the_run_s_log(hydra_runs):
+    """What the README and stage --debug rely on: with hydra.verbose=headless_train the error a
+    training or evaluation run ends with in one line is in the run's log with its traceback; the
+    line on stderr is the same as without it, and without it the log has no traceback."""
+    code, err, run_dir = hydra_runs["evaluation_verbose"]
+    assert code == "2" and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == hydra_runs["evaluation"][1].strip().splitlines()[-1]
+    with open(os.path.join(run_dir, "headless_train.log"), encoding="utf-8") as f:
+        logged = f.read()
+    assert "Traceback (most recent call last)" in logged and "torch.OutOfMemoryError: CUDA out of memory" in logged
+    with open(os.path.join(hydra_runs["evaluation"][2], "headless_train.log"), encoding="utf-8") as f:
+        assert "Traceback" not in f.read()
 
 
 def test_training_whose_dataloader_worker_is_killed_names_the_workers(hydra_runs):
