@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from headless_train.capture_sfm import PHOTO_SUFFIXES  # noqa: E402  (what capture-sfm counts as a photo)
+from headless_train.capture_sfm import is_photo  # noqa: E402  (what capture-sfm counts as a photo)
 
 MANIFEST = ROOT / "bench" / "captures.json"
 USES = ("training", "validation")
@@ -146,7 +146,7 @@ def extract_folder(git_dir: str, repo: str, commit: str, folder: str, dst: str, 
 
 
 def _photo_count(folder: str) -> int:
-    return sum(1 for n in os.listdir(folder) if os.path.splitext(n)[1].lower() in PHOTO_SUFFIXES)
+    return sum(1 for n in os.listdir(folder) if is_photo(n))
 
 
 def run_capture_sfm(raw: str, out: str, options: dict[str, Any], python: str) -> None:
@@ -204,8 +204,7 @@ def sfm_source(entry: dict[str, Any], git_dir: str, sfm_dir: str, work: str,
     raw = os.path.join(work, "originals")
     shutil.rmtree(raw, ignore_errors=True)
     info["originals"] = extract_folder(git_dir, repo, commit, entry["images"], raw, entry.get("image_pattern", "*"))
-    by_stem = {os.path.splitext(n)[0]: n for n in os.listdir(raw)
-               if os.path.splitext(n)[1].lower() in PHOTO_SUFFIXES}
+    by_stem = {os.path.splitext(n)[0]: n for n in os.listdir(raw) if is_photo(n)}
     src = os.path.join(work, "from_originals")
     shutil.rmtree(src, ignore_errors=True)
     os.makedirs(os.path.join(src, "images"))

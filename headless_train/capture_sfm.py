@@ -54,14 +54,19 @@ def import_pycolmap() -> Any:
     return pycolmap
 
 
+def is_photo(name: str) -> bool:
+    """Whether a file named ``name`` is a photo capture-sfm takes (:data:`PHOTO_SUFFIXES`, any case):
+    the one rule, which bench/rebuild_captures.py counts and matches photos by too."""
+    return os.path.splitext(name)[1].lower() in PHOTO_SUFFIXES
+
+
 def list_photos(raw: str, every: int = 1) -> list[str]:
     """Every ``every``-th photo (.jpg/.jpeg/.png, any case) of ``raw`` in name order."""
     if not os.path.isdir(raw):
         raise CaptureSfmError(f"{raw}: no such folder of photos")
     if every < 1:
         raise CaptureSfmError(f"--every must be >= 1, got {every}")
-    names = sorted(n for n in os.listdir(raw)
-                   if os.path.splitext(n)[1].lower() in PHOTO_SUFFIXES and os.path.isfile(os.path.join(raw, n)))
+    names = sorted(n for n in os.listdir(raw) if is_photo(n) and os.path.isfile(os.path.join(raw, n)))
     if not names:
         raise CaptureSfmError(f"{raw}: holds no photos ({', '.join(PHOTO_SUFFIXES)})")
     names = names[::every]

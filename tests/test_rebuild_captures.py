@@ -427,11 +427,11 @@ def test_an_unreadable_original_is_a_clear_error(tmp_path, capsys):
 
 
 def test_a_photo_is_what_capture_sfm_takes(tmp_path):
-    """The rebuild counts and matches photos by capture-sfm's own rule (one PHOTO_SUFFIXES, any
-    case): the folders it checks are the ones capture-sfm reads."""
+    """The rebuild counts and matches photos by capture-sfm's own rule (capture_sfm.is_photo: one
+    PHOTO_SUFFIXES, any case): the folders it checks are the ones capture-sfm reads."""
     from headless_train import capture_sfm
 
-    assert rc.PHOTO_SUFFIXES is capture_sfm.PHOTO_SUFFIXES
+    assert rc.is_photo is capture_sfm.is_photo
     for name in ("a.JPG", "b.jpeg", "c.png", "d.txt", "e.tif", "f.heic"):
         (tmp_path / name).write_bytes(b"x")
     assert rc._photo_count(str(tmp_path)) == len(capture_sfm.list_photos(str(tmp_path))) == 3
