@@ -5507,10 +5507,11 @@ def test_aggregate_photo_size_reaches_the_worker_and_the_report(scene, capfd, mo
 
 
 def test_aggregate_photo_size_follows_the_render_size_unless_given(scene, monkeypatch):
-    """Photo Size not given: Aggregate reads photos at the long side F12 renders at (Resolution times %,
+    """The scene's Photo Size at its default, Follow Render, and no max_side given: Aggregate reads photos
+    at the long side F12 renders at (Resolution times %,
     Blender's integer maths: 4097 at 75% is 3072), at least AGGREGATE_MAX_SIDE (2048) and at most
     AGGREGATE_RENDER_MAX_SIDE (4096: an 8064-px render reads at 4096), and the bundle records it; a
-    Photo Size given, the constant's own value included, is used as is (0: own size).
+    max_side given, the constant's own value included, is used as is (0: own size).
     The property skips Blender's last-used values (SKIP_SAVE): from the UI those count as given, and
     would win over the scene's Photo Size setting (bpy.ops calls never reuse them)."""
     from npbgpp_core.scene import NeuralScene
@@ -5535,8 +5536,8 @@ def test_aggregate_photo_size_follows_the_render_size_unless_given(scene, monkey
 
 def test_aggregate_reads_the_scene_photo_size_setting_unless_max_side_is_given(scene, monkeypatch):
     """Photo Size is a scene setting (scene.npbgpp): Follow Render, its default, asks the worker for the
-    render's long side (3840x2160 -> 3840, at 50% 2048, 8064x6048 -> 4096, the AGGREGATE_RENDER_MAX_SIDE
-    cap); Fixed for its Long Side (1024); Own Size for 0 (each photo at its own size); the bundle records
+    render's long side (3840x2160 -> 3840; its bounds: the test above, which runs on the default);
+    Fixed for its Long Side (1024); Own Size for 0 (each photo at its own size); the bundle records
     it. A script's max_side wins over the setting for its run and leaves it as it was. The Long Side
     takes no value Aggregate refuses: Blender raises 8 to the least, 16."""
     from npbgpp_core.scene import NeuralScene
@@ -5546,8 +5547,7 @@ def test_aggregate_reads_the_scene_photo_size_setting_unless_max_side_is_given(s
     _import_nerf_dataset(scene)
     sides = _record_photo_sizes(monkeypatch)
     assert s.photo_size_mode == "FOLLOW_RENDER"
-    cases = [((3840, 2160, 100), "FOLLOW_RENDER", {}, 3840), ((3840, 2160, 50), "FOLLOW_RENDER", {}, 2048),
-             ((8064, 6048, 100), "FOLLOW_RENDER", {}, 4096), ((3840, 2160, 100), "FIXED", {}, 1024),
+    cases = [((3840, 2160, 100), "FOLLOW_RENDER", {}, 3840), ((3840, 2160, 100), "FIXED", {}, 1024),
              ((3840, 2160, 100), "OWN", {}, 0), ((3840, 2160, 100), "FIXED", {"max_side": 2048}, 2048),
              ((3840, 2160, 100), "FIXED", {"max_side": 0}, 0), ((1920, 1080, 100), "OWN", {"max_side": 640}, 640)]
     s.photo_size = 1024
