@@ -37,12 +37,14 @@ from npbgpp_core.memory import (
 
 __all__ = [
     "add_debug_flag", "is_out_of_memory", "memory_error", "out_of_memory_exit", "reset", "run_command", "step",
-    "worker_crash", "CRASH_SIGNALS", "OUT_OF_MEMORY_LINE",
+    "worker_crash", "CRASH_SIGNALS", "OUT_OF_MEMORY_LINE", "WORKER_CRASH_LINE",
 ]
 
 # The start of the line a command writes with :func:`memory_error`: ``stage`` finds its training
 # child's in the training log by it (anywhere in a line: a logged one starts with the time and logger).
 OUT_OF_MEMORY_LINE = re.compile(r"error: out of (host|GPU|shared) memory\b")
+# The start of :func:`worker_crash`'s line as a command writes it, which ``stage`` finds likewise.
+WORKER_CRASH_LINE = re.compile(r"error: a DataLoader worker crashed while\b")
 
 # What to do about too little shared memory, after the step's way to fewer workers.
 SHARED_MEMORY_FIX = "or give the system more shared memory (/dev/shm; a Docker container: docker run --shm-size=8g)"

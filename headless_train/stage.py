@@ -165,14 +165,17 @@ def train_overrides(args: argparse.Namespace, run_dir: str, seed: str | None, re
     return o + list(args.override)
 
 
-def child_debug(args: argparse.Namespace) -> list[str]:
-    """The training child's part of ``--debug``: ``hydra.verbose=headless_train``, so the traceback of
-    the error it ends with in one line (out of memory, a worker's crash) is in train.log too, unless an
-    ``--override`` sets hydra.verbose itself. Not an override of the run (stage.json does not record
-    it): a resumed call without --debug trains the same."""
-    if not args.debug or any(override_key(o) == "hydra.verbose" for o in args.override):
-        return []
-    return ["hydra.verbose=headless_train"]
+def child_command(args: argparse.Namespace, overrides: list[str]) -> list[str]:
+    """The training child's command: ``python -m headless_train`` with ``overrides``; with ``--debug``
+    under ``python -X faulthandler`` (native code crashing, in training or a DataLoader worker, writes
+    the Python stack where it happened into train.log) and with ``hydra.verbose=headless_train`` (the
+    traceback of the out-of-memory or worker-crash line it ends with), unless an ``--override`` sets
+    hydra.verbose itself. Neither is an override of the run (stage.json does not record them): a
+    resumed call without --debug trains the same."""
+    if not args.debug:
+        return [sys.executable, "-m", "headless_train", *overrides]
+    verbose = [] if any(override_key(o) == "hydra.verbose" for o in args.override) else ["hydra.verbose=headless_train"]
+    return [sys.executable, "-X", "faulthandler", "-m", "headless_train", *overrides, *verbose]
 
 
 def checkpoint_state(path: str) -> tuple[int, dict[str, Any]]:
@@ -690,7 +693,7 @@ def run_stage(args: argparse.Namespace) -> dict[str, Any]:
         seed = seed_checkpoint(weights, os.path.join(work, "seed.ckpt"), up)
     max_steps = start_step + args.dry_steps if args.dry_run else 10**9
     overrides = train_overrides(args, run_dir, seed, resume, max_steps)
-    cmd = [sys.executable, "-m", "headless_train", *overrides, *child_debug(args)]
+    cmd = child_command(args, overrides)
     log_path = os.path.join(work, "train.log")
     os.makedirs(work, exist_ok=True)
     # from here to the record a stop signal is held (run_child passes one held before it on, and
@@ -834,8 +837,10 @@ def memory_note(log_path: str, start: int, overrides: list[str], rc: int | None 
     error line (:mod:`headless_train.oom`'s, naming config keys) at the end of this call's part
     of the log (from ``start``: an earlier call's is not this one's), or a SIGKILL the stage did
     not send (``stopped_here``: its own stop and its kill after the grace time), on Linux most
-    often the kernel's out-of-memory killer, which leaves no line."""
-    from .oom import OUT_OF_MEMORY_LINE, SHARED_MEMORY_FIX
+    often the kernel's out-of-memory killer, which leaves no line. A DataLoader worker's crash
+    line (:data:`headless_train.oom.WORKER_CRASH_LINE`: native code, not memory) gets the stage's
+    way to where it fails instead."""
+    from .oom import OUT_OF_MEMORY_LINE, SHARED_MEMORY_FIX, WORKER_CRASH_LINE
 
     try:
         with open(log_path, "rb") as f:
@@ -857,6 +862,10 @@ def memory_note(log_path: str, start: int, overrides: list[str], rc: int | None 
     elif rc == -getattr(signal, "SIGKILL", 9) and not stopped_here:
         note = ("; it was killed (SIGKILL), most often by the system's out-of-memory killer when training needs more "
                 f"memory than this computer has (on Linux the system log says so: journalctl -k or dmesg): {advice}")
+    elif any(WORKER_CRASH_LINE.search(line) for line in tail):
+        return (f"; a DataLoader worker crashed (native code, not memory): call again with --debug (training then runs "
+                f"under python -X faulthandler, which writes where it crashed into the log), with --workers 0 (now "
+                f"{values.get('dataloader.num_workers', '?')}) to crash in the training process itself")
     else:
         return ""
     if (found is None or found[1] == "host") and values.get("datasets.cache_images") == "true":

@@ -53,12 +53,13 @@ def test_a_bad_input_is_one_line_and_with_debug_the_error_raised_where_it_happen
 
 
 
-def test_stage_debug_runs_its_training_child_with_hydra_verbose(tmp_path, monkeypatch):
+def test_stage_debug_runs_its_training_child_with_hydra_verbose_and_faulthandler(tmp_path, monkeypatch):
     """`stage --debug`'s training child: the error it ends with in one line (out of memory, a
     DataLoader worker's crash) is written with its traceback into train.log only with
-    hydra.verbose=headless_train (cli.hydra_main), so --debug passes that to the child, as it passes
-    --debug to its export; without --debug, or with an --override of hydra.verbose, none is added.
-    The child here (stage.run_child) records its command and fails as an out-of-memory child does."""
+    hydra.verbose=headless_train (cli.hydra_main), and native code's crash leaves a Python stack only
+    under python -X faulthandler, so --debug gives the child both, as it passes --debug to its export;
+    without --debug neither, and with an --override of hydra.verbose that one. The child here
+    (stage.run_child) records its command and fails as an out-of-memory child does."""
     import sys
 
     from _train_fixtures import make_dataset
@@ -78,11 +79,12 @@ def test_stage_debug_runs_its_training_child_with_hydra_verbose(tmp_path, monkey
     monkeypatch.setattr(stage, "run_child", child)
     for k, (extra, verbose) in enumerate((([], []), (["--debug"], ["hydra.verbose=headless_train"]),
                                           (["--debug", "--override", "hydra.verbose=true"], ["hydra.verbose=true"]))):
+        python = [sys.executable, "-X", "faulthandler"] if extra else [sys.executable]
         argv = ["--corpus", root, "--work", str(tmp_path / f"work{k}"), "--dry-run", *extra]
         if "--debug" in extra:
             with pytest.raises(stage.StageError, match="training wrote no"):
                 stage.main(argv)
         else:
             assert stage.main(argv) == 2
-        assert commands[-1][:3] == [sys.executable, "-m", "headless_train"]
+        assert commands[-1][:len(python) + 2] == [*python, "-m", "headless_train"]
         assert [o for o in commands[-1] if o.startswith("hydra.verbose")] == verbose, extra

@@ -636,6 +636,17 @@ def test_stage_names_its_own_options_when_training_ran_out_of_memory(tmp_path, m
             "(now 3), or give the system more shared memory (/dev/shm; a Docker container: docker run "
             "--shm-size=8g); see ") in err, err
 
+    # a worker of the child crashed (oom.worker_crash's line, exit 1): not memory; --debug's faulthandler and --workers
+    monkeypatch.setattr(stage, "run_child", child_logging(
+        "a DataLoader worker crashed while training (DataLoader worker (pid 12) is killed by signal: Segmentation "
+        "fault, SIGSEGV): the error is in that process, ... Lower dataloader.num_workers (now 8; ...)"))
+    assert stage.main(["--corpus", root, "--work", work, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert ("; a DataLoader worker crashed (native code, not memory): call again with --debug (training then runs "
+            "under python -X faulthandler, which writes where it crashed into the log), with --workers 0 (now 0) to "
+            "crash in the training process itself; see ") in err, err
+    assert "ran out of" not in err
+
     # a SIGKILL the stage did not send (Linux's out-of-memory killer), the earlier call's line above in the log
     def killed(cmd, log, *args, **kwargs):
         return -9, False, None
