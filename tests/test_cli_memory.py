@@ -607,45 +607,39 @@ def test_stage_names_its_own_options_when_training_ran_out_of_memory(tmp_path, m
             return 2, False, None
         return child
 
-    monkeypatch.setattr(stage, "run_child", child_logging(
-        "out of host memory (RAM) while training (MemoryError). Lower dataloader.batch_size (now 1), ..."))
     work = str(tmp_path / "work")
-    assert stage.main(["--corpus", root, "--work", work, "--dry-run", "--views", "2"]) == 2
-    err = capsys.readouterr().err
-    assert (f"training wrote no {work}/run/checkpoints/last.ckpt (exit code 2); it ran out of host memory: lower "
-            "--batch (now 1), --crop (now 16) or --views (now 2), or give --override datasets.cache_images=false "
-            "(the stage keeps every view decoded in memory); see ") in err, err
-
-    # a DataLoader worker of the child killed (memory.killed_worker's line): --workers first (a dry
-    # run's child trains without workers, so 0 here)
-    monkeypatch.setattr(stage, "run_child", child_logging(
-        "out of host memory (RAM) while training (DataLoader worker (pid 12) is killed by signal: Killed: most often "
-        "...). Lower dataloader.num_workers (now 8; ...)"))
-    assert stage.main(["--corpus", root, "--work", work, "--dry-run"]) == 2
-    err = capsys.readouterr().err
-    assert ("; it ran out of host memory: lower --workers (now 0), --batch (now 1), --crop (now 16) or --views "
-            "(now 3), or give --override datasets.cache_images=false") in err, err
-
-    # a worker of the child killed by a bus error (memory.shared_memory_worker's line): shared memory, no cache advice
-    monkeypatch.setattr(stage, "run_child", child_logging(
-        "out of shared memory (/dev/shm) while training (DataLoader worker (pid 12) is killed by signal: Bus error: "
-        "the DataLoader's ...). Lower dataloader.num_workers (now 8; ...)"))
-    assert stage.main(["--corpus", root, "--work", work, "--dry-run"]) == 2
-    err = capsys.readouterr().err
-    assert ("; it ran out of shared memory: lower --workers (now 0), --batch (now 1), --crop (now 16) or --views "
-            "(now 3), or give the system more shared memory (/dev/shm; a Docker container: docker run "
-            "--shm-size=8g); see ") in err, err
-
-    # a worker of the child crashed (oom.worker_crash's line, exit 1): not memory; --debug's faulthandler and --workers
-    monkeypatch.setattr(stage, "run_child", child_logging(
-        "a DataLoader worker crashed while training (DataLoader worker (pid 12) is killed by signal: Segmentation "
-        "fault, SIGSEGV): the error is in that process, ... Lower dataloader.num_workers (now 8; ...)"))
-    assert stage.main(["--corpus", root, "--work", work, "--dry-run"]) == 2
-    err = capsys.readouterr().err
-    assert ("; a DataLoader worker crashed (native code, not memory): call again with --debug (training then runs "
-            "under python -X faulthandler, which writes where it crashed into the log), with --workers 0 (now 0) to "
-            "crash in the training process itself; see ") in err, err
-    assert "ran out of" not in err
+    # (the child's line, the stage's options beyond the corpus, work and --dry-run, what the stage says)
+    cases = [
+        ("out of host memory (RAM) while training (MemoryError). Lower dataloader.batch_size (now 1), ...",
+         ["--views", "2"],
+         f"training wrote no {work}/run/checkpoints/last.ckpt (exit code 2); it ran out of host memory: lower "
+         "--batch (now 1), --crop (now 16) or --views (now 2), or give --override datasets.cache_images=false "
+         "(the stage keeps every view decoded in memory); see "),
+        # a DataLoader worker of the child killed (memory.killed_worker's line): --workers first (a dry
+        # run's child trains without workers, so 0 here)
+        ("out of host memory (RAM) while training (DataLoader worker (pid 12) is killed by signal: Killed: most often "
+         "...). Lower dataloader.num_workers (now 8; ...)", [],
+         "; it ran out of host memory: lower --workers (now 0), --batch (now 1), --crop (now 16) or --views "
+         "(now 3), or give --override datasets.cache_images=false"),
+        # a worker killed by a bus error (memory.shared_memory_worker's line): shared memory, no cache advice
+        ("out of shared memory (/dev/shm) while training (DataLoader worker (pid 12) is killed by signal: Bus error: "
+         "the DataLoader's ...). Lower dataloader.num_workers (now 8; ...)", [],
+         "; it ran out of shared memory: lower --workers (now 0), --batch (now 1), --crop (now 16) or --views "
+         "(now 3), or give the system more shared memory (/dev/shm; a Docker container: docker run "
+         "--shm-size=8g); see "),
+        # a worker crashed (oom.worker_crash's line, exit 1): not memory; --debug's faulthandler and --workers
+        ("a DataLoader worker crashed while training (DataLoader worker (pid 12) is killed by signal: Segmentation "
+         "fault, SIGSEGV): the error is in that process, ... Lower dataloader.num_workers (now 8; ...)", [],
+         "; a DataLoader worker crashed (native code, not memory): call again with --debug (training then runs "
+         "under python -X faulthandler, which writes where it crashed into the log), with --workers 0 (now 0) to "
+         "crash in the training process itself; see "),
+    ]
+    for line, options, said in cases:
+        monkeypatch.setattr(stage, "run_child", child_logging(line))
+        assert stage.main(["--corpus", root, "--work", work, "--dry-run", *options]) == 2
+        err = capsys.readouterr().err
+        assert said in err, err
+        assert ("ran out of" in err) == line.startswith("out of"), err
 
     # a SIGKILL the stage did not send (Linux's out-of-memory killer), the earlier call's line above in the log
     def killed(cmd, log, *args, **kwargs):
