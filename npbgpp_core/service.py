@@ -405,8 +405,10 @@ class RenderService:
         if size is not None and cap is not None:
             h, w = fit_long_side(size, cap)
             photos += f", read at {w}x{h}" if (h, w) != tuple(size) else ", read at its own size"
-        read = (f"at most {cap} px on the long side (Photo Size {cap})" if cap else
-                "at its own size (Photo Size: Own Size)")
+        # the setting as the add-on shows it (Follow Render / Own Size / Fixed resolve to a side), named
+        # so that a user finds it: "Photo Size 2048" read as a menu item the panel does not have
+        read = (f"at most {cap} px on the long side (the Photo Size setting's {cap} px)" if cap else
+                "at its own size (the Photo Size setting's Own Size)")
         # a smaller Photo Size only below the side the largest photo is read at, and none at the least
         # one (export's rule: P.photo_size_bound); named where the add-on keeps it (a scene setting)
         below = P.photo_size_bound(getattr(job, "largest_side", None) or None, cap)

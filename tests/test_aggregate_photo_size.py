@@ -225,13 +225,14 @@ def test_out_of_memory_in_aggregate_first_suggests_a_smaller_photo_size(folder, 
     service = RenderService()
     for cap, read, smaller in (
             (16, "The largest photo is 32x32 pixels, read at 16x16. Aggregate Descriptors reads every photo at most "
-                 "16 px on the long side (Photo Size 16)", None),
+                 "16 px on the long side (the Photo Size setting's 16 px)", None),
             (24, "The largest photo is 32x32 pixels, read at 24x24. Aggregate Descriptors reads every photo at most "
-                 "24 px on the long side (Photo Size 24)", "set a Photo Size below 24"),
-            (0, "The largest photo is 32x32 pixels. Aggregate Descriptors reads every photo at its own size (Photo "
-                "Size: Own Size)", "set a Photo Size below 32"),
+                 "24 px on the long side (the Photo Size setting's 24 px)", "set a Photo Size below 24"),
+            (0, "The largest photo is 32x32 pixels. Aggregate Descriptors reads every photo at its own size (the "
+                "Photo Size setting's Own Size)", "set a Photo Size below 32"),
             (2048, "The largest photo is 32x32 pixels, read at its own size. Aggregate Descriptors reads every "
-                   "photo at most 2048 px on the long side (Photo Size 2048)", "set a Photo Size below 32")):
+                   "photo at most 2048 px on the long side (the Photo Size setting's 2048 px)",
+                   "set a Photo Size below 32")):
         assert isinstance(service.handle(P.AggregateBegin(folder, "", device="CPU", max_side=cap)),
                           P.AggregationStarted)
 
