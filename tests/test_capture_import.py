@@ -499,3 +499,33 @@ def test_prepare_capture_out_of_memory_is_one_line_and_writes_nothing(tmp_path, 
     with pytest.raises(MemoryError, match="Unable to allocate 1.60 GiB"):
         main([src, "--out", out, "--debug"])
     assert sorted(os.listdir(tmp_path)) == ["src"]
+
+
+def test_prepare_capture_reads_photos_as_float_pixels_bit_for_bit(tmp_path, monkeypatch):
+    """Undistortion reads each 8-bit photo through datasets.images.float_pixels, the one conversion of
+    8-bit pixels, which on every level k is bit for bit the float32(k) / 255 prepare-capture computed
+    itself before (so its undistorted photos are unchanged)."""
+    import torch
+
+    import npbgpp_core.datasets.capture as capture
+    from npbgpp_core.datasets.images import float_pixels
+
+    levels = np.arange(256, dtype=np.uint8)
+    by_hand = np.asarray(levels, dtype=np.float32) / 255.0  # the former arithmetic (float32 in numpy < 2 too)
+    assert by_hand.dtype == np.float32
+    got = float_pixels(torch.from_numpy(levels.copy()))
+    assert got.dtype == torch.float32
+    np.testing.assert_array_equal(got.numpy().view(np.uint32), by_hand.view(np.uint32))
+
+    seen = []
+
+    def spy(pixels):
+        seen.append((pixels.dtype, tuple(pixels.shape)))
+        return float_pixels(pixels)
+
+    monkeypatch.setattr(capture, "float_pixels", spy)
+    src = str(tmp_path / "src")
+    write_capture(src, n_views=2)
+    summary = prepare_capture(src, str(tmp_path / "out"), max_size=120)
+    assert summary["undistorted_images"] == 2
+    assert seen == [(torch.uint8, (3, 90, 120))] * 2

@@ -56,7 +56,7 @@ from .colmap import (
 )
 from .distortion import view_cameras
 from .errors import DatasetError
-from .images import eight_bit_levels, open_image
+from .images import eight_bit_levels, float_pixels, open_image
 
 _MODEL_ID = {name: i for i, (name, _) in CAMERA_MODELS.items()}
 USES = ("train", "validation")
@@ -222,7 +222,9 @@ def prepare_capture(
             cam, target = view_cameras(K, dist, np.eye(3), np.zeros(3), (ch, cw), (nh, nw), path,
                                        f"{sparse} cameras: camera {cam_id} ({model})")
             if dist is not None:
-                arr = torch.from_numpy(np.asarray(photo, dtype=np.float32) / 255.0).permute(2, 0, 1)
+                # the one conversion of 8-bit pixels: bit for bit the float32 division by 255 this wrote
+                # itself (test_capture_import checks every level)
+                arr = float_pixels(torch.from_numpy(np.array(photo)).permute(2, 0, 1))
                 arr = undistort(arr, cam, dist, target)
                 photo = Image.fromarray(eight_bit_levels(arr).permute(1, 2, 0).numpy())
                 undistorted += 1
