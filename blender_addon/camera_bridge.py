@@ -16,7 +16,7 @@ rows top-down as in OpenCV.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -44,6 +44,42 @@ def pixel_aspect(fy_over_fx: float) -> tuple[float, float]:
     """Blender's Pixel Aspect (X, Y) whose pixels have ``fy_over_fx`` (X / Y = fy/fx: the
     lens is fx's); the smaller side is 1, as Blender keeps both at 1 or more."""
     return (fy_over_fx, 1.0) if fy_over_fx >= 1.0 else (1.0, 1.0 / fy_over_fx)
+
+
+# Where the button that sets the render to the scene camera's photo (operators.NPBGPP_OT_use_camera_photo_size,
+# in ui.RENDER_PT_npbgpp_format) is, as the framing notes name it (a test checks it against the panels' labels).
+USE_PHOTO_SIZE_BUTTON = "Output Properties > Format > NPBG++ > Use Camera's Photo Size"
+
+
+class PhotoFormat(NamedTuple):
+    """The render format that shows a dataset camera's photo as taken: its photo's size and
+    the fy/fx of the pixels it was made for (1: square)."""
+
+    width: int
+    height: int
+    fy_over_fx: float
+
+    @property
+    def pixel_aspect(self) -> tuple[float, float]:
+        """Blender's Pixel Aspect (X, Y) of these pixels (:func:`pixel_aspect`)."""
+        return pixel_aspect(self.fy_over_fx)
+
+
+def photo_format(camera: Any) -> PhotoFormat | None:
+    """The :class:`PhotoFormat` of a camera Import Dataset Folder made: its photo's width, height
+    in the custom property ``npbgpp_image_size``, the fy/fx it is made for in ``npbgpp_fy_over_fx``
+    (absent: square); None for another camera (or a property edited to nonsense). The one reading
+    of those properties: F12's framing note and the Use Camera's Photo Size button use it."""
+    size = camera.get("npbgpp_image_size")
+    try:
+        if size is None or len(size) != 2 or min(size) <= 0:
+            return None
+        fy_over_fx = float(camera.get("npbgpp_fy_over_fx", 1.0)) or 1.0
+    except (TypeError, ValueError):  # a user's edit of the custom property (a string, a number)
+        return None
+    if fy_over_fx <= 0:
+        return None
+    return PhotoFormat(int(size[0]), int(size[1]), fy_over_fx)
 
 
 def multilayer_exr_note(scene: Any) -> str:

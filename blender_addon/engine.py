@@ -13,11 +13,12 @@ from npbgpp_core.protocol import DEPTH
 from . import frames
 from .app_handlers import add_handlers, remove_handlers
 from .camera_bridge import (
+    USE_PHOTO_SIZE_BUTTON,
     CameraGeometry,
     clip_note_text,
     clipped,
     multilayer_exr_note,
-    pixel_aspect,
+    photo_format,
     scene_camera_geometry,
 )
 from .colour import colour_note
@@ -196,19 +197,18 @@ class NPBGPPRenderEngine(bpy.types.RenderEngine):
 
 
 def framing_note(camera: bpy.types.Object, scene: bpy.types.Scene) -> str:
-    """For a camera Import Dataset Folder made (its photo's width, height in
-    ``npbgpp_image_size``; in ``npbgpp_fy_over_fx`` the fy/fx it is made for, when not
-    square: the one every view shares, or its photo's own, importers.shared_fy_over_fx): why
-    its render does not show the photo's framing, when the render's shape (resolution times
-    pixel aspect) differs from the photo's field of view (w / fx by
-    h / fy, the photo's shape times fy/fx), else "". Blender has one resolution and pixel
-    aspect for all cameras: a portrait photo among landscape ones needs the resolution
-    changed, a photo with fy != fx the pixel aspect (X / Y = fy / fx: the lens is fx's)."""
-    size = camera.get("npbgpp_image_size")
-    if size is None or len(size) != 2 or min(size) <= 0:
+    """For a camera Import Dataset Folder made (:func:`photo_format`: its photo's size and the fy/fx
+    it is made for, when not square: the one every view shares, or its photo's own,
+    importers.shared_fy_over_fx): why its render does not show the photo's framing, when the
+    render's shape (resolution times pixel aspect) differs from the photo's field of view (w / fx
+    by h / fy, the photo's shape times fy/fx), else "". Blender has one resolution and pixel
+    aspect for all cameras: a portrait photo among landscape ones needs the resolution changed, a
+    photo with fy != fx the pixel aspect (X / Y = fy / fx: the lens is fx's); the note names the
+    button that sets both (:data:`USE_PHOTO_SIZE_BUTTON`)."""
+    fmt = photo_format(camera)
+    if fmt is None:
         return ""
-    w, h = int(size[0]), int(size[1])
-    fy_over_fx = float(camera.get("npbgpp_fy_over_fx", 1.0)) or 1.0
+    w, h, fy_over_fx = fmt
     r = scene.render
     shape = (r.resolution_x * r.pixel_aspect_x) / (r.resolution_y * r.pixel_aspect_y)
     if abs(shape * h / (w * fy_over_fx) - 1.0) <= 1e-3:
@@ -216,12 +216,12 @@ def framing_note(camera: bpy.types.Object, scene: bpy.types.Scene) -> str:
     if abs(fy_over_fx - 1.0) <= 1e-6:
         return (f"the camera {camera.name!r} was imported for a {w}x{h} photo, but the render is {r.resolution_x}x"
                 f"{r.resolution_y}: it does not show the photo's framing (set Output Properties > Format > "
-                f"Resolution to {w}x{h}, or any size of that shape)")
-    ax, ay = pixel_aspect(fy_over_fx)
+                f"Resolution to {w}x{h}, or any size of that shape; {USE_PHOTO_SIZE_BUTTON} sets it)")
+    ax, ay = fmt.pixel_aspect
     return (f"the camera {camera.name!r} was imported for a {w}x{h} photo with fy/fx {fy_over_fx:.4f}, but the "
             f"render is {r.resolution_x}x{r.resolution_y} with Pixel Aspect {r.pixel_aspect_x:g}:"
             f"{r.pixel_aspect_y:g}: it does not show the photo's framing (set Output Properties > Format > Resolution "
-            f"to {w}x{h} and Pixel Aspect X to {ax:.4f}, Y to {ay:.4f})")
+            f"to {w}x{h} and Pixel Aspect X to {ax:.4f}, Y to {ay:.4f}; {USE_PHOTO_SIZE_BUTTON} sets both)")
 
 
 # The part of the points in view a camera's clip range may remove before a rendered

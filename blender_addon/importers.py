@@ -18,6 +18,7 @@ from .blend_paths import resolved, stored
 from .camera_bridge import (
     BLENDER_TO_OPENCV,
     MULTILAYER_EXR_NOTE,
+    USE_PHOTO_SIZE_BUTTON,
     bounding_sphere,
     clip_range_covering,
     pixel_aspect,
@@ -255,8 +256,8 @@ def framing_warning(views: list, size: tuple[int, int], aspect: float | None = N
     if other:
         vh, vw = _photo_size(other[0])
         has = "has a photo" if len(other) == 1 else "have photos"
-        parts.append(f"{len(other)} {has} of another size (e.g. {other[0].name} is {vw}x{vh}; set the resolution to "
-                     "a camera's photo size to render it)")
+        parts.append(f"{len(other)} {has} of another size (e.g. {other[0].name} is {vw}x{vh}; to render one, make it "
+                     f"the scene camera and click {USE_PHOTO_SIZE_BUTTON})")
     if stretched:
         worst_ratio, worst = max(stretched, key=lambda rv: abs(rv[0] - 1.0))
         if len(stretched) == 1:
@@ -270,7 +271,8 @@ def framing_warning(views: list, size: tuple[int, int], aspect: float | None = N
                     f"it; {MULTILAYER_EXR_NOTE})")
         else:
             cure = ("no one Pixel Aspect frames every view (X / Y = fy/fx frames one: "
-                    f"{worst.name} takes {_aspect_text(worst_ratio)}; F12 through such a camera names its own)")
+                    f"{worst.name} takes {_aspect_text(worst_ratio)}; F12 through such a camera names its own, "
+                    f"and {USE_PHOTO_SIZE_BUTTON} sets it)")
         parts.append(f"{which}: at square pixels their renders are stretched against the photo by that ratio, and "
                      + cure)
     count = len({id(v) for v in other} | {id(v) for _, v in stretched})

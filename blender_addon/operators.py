@@ -20,7 +20,7 @@ from npbgpp_core.protocol import (
 )
 
 from .blend_paths import linked_library, resolved, stored
-from .camera_bridge import render_size
+from .camera_bridge import photo_format, render_size
 
 # Network setting -> the data domain of the bundled NPBG++ file (npbgpp_core.pretrained);
 # "auto": the worker detects it from the dataset (npbgpp_core.datasets.scene_domain).
@@ -1212,7 +1212,42 @@ class NPBGPP_OT_stop_worker(bpy.types.Operator):
         return {"FINISHED"}
 
 
-CLASSES = (NPBGPP_OT_aggregate, NPBGPP_OT_densify, NPBGPP_OT_fit, NPBGPP_OT_export_dataset, NPBGPP_OT_stop_worker)
+class NPBGPP_OT_use_camera_photo_size(bpy.types.Operator):
+    """Set the render's Resolution (and Pixel Aspect) to the scene camera's photo, so that F12 through it shows
+    the photo's framing; Resolution % is kept"""
+
+    bl_idname = "npbgpp.use_camera_photo_size"
+    bl_label = "Use Camera's Photo Size"
+    bl_options = {"REGISTER", "UNDO"}  # a scene setting: Ctrl+Z gives the former size back
+
+    @classmethod
+    def poll(cls, context: Any) -> bool:
+        scene = getattr(context, "scene", None)
+        camera = scene.camera if scene is not None else None
+        if camera is None:
+            cls.poll_message_set("The scene has no camera")
+            return False
+        if photo_format(camera) is None:
+            cls.poll_message_set(f"The scene camera {camera.name!r} has no photo: only cameras Import Dataset "
+                                 "Folder made know theirs (npbgpp_image_size)")
+            return False
+        return True
+
+    def execute(self, context: Any) -> set[str]:
+        scene = context.scene
+        fmt = photo_format(scene.camera)
+        r = scene.render
+        # the arithmetic F12's framing note names (engine.framing_note): the photo's size, its pixels' aspect
+        r.resolution_x, r.resolution_y = fmt.width, fmt.height
+        r.pixel_aspect_x, r.pixel_aspect_y = fmt.pixel_aspect
+        aspect = "" if fmt.fy_over_fx == 1.0 else f", Pixel Aspect X {r.pixel_aspect_x:.4f}, Y {r.pixel_aspect_y:.4f}"
+        self.report({"INFO"}, f"Resolution {fmt.width}x{fmt.height}{aspect}: the photo of {scene.camera.name!r}")
+        warn_linked_scene(self, scene, "Resolution")
+        return {"FINISHED"}
+
+
+CLASSES = (NPBGPP_OT_aggregate, NPBGPP_OT_densify, NPBGPP_OT_fit, NPBGPP_OT_export_dataset, NPBGPP_OT_stop_worker,
+           NPBGPP_OT_use_camera_photo_size)
 
 
 def menu_export(self: Any, context: Any) -> None:

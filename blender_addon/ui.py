@@ -115,6 +115,18 @@ class RENDER_PT_npbgpp_performance(_NPBGPPPanel, bpy.types.Panel):
         layout.operator("npbgpp.stop_worker", icon="CANCEL")
 
 
+class RENDER_PT_npbgpp_format(_NPBGPPPanel, bpy.types.Panel):
+    """Output Properties > Format > NPBG++: beside the Resolution that F12's framing note asks for,
+    the button that sets it to the scene camera's photo (camera_bridge.USE_PHOTO_SIZE_BUTTON)."""
+
+    bl_label = "NPBG++"
+    bl_context = "output"
+    bl_parent_id = "RENDER_PT_format"
+
+    def draw(self, context: Any) -> None:
+        self.layout.operator("npbgpp.use_camera_photo_size", icon="CAMERA_DATA")
+
+
 class VIEWLAYER_PT_npbgpp_passes(bpy.types.Panel):
     """View Layer > Passes > Data for NPBG++ (its parent is Blender's Passes panel)."""
 
@@ -138,7 +150,8 @@ class VIEWLAYER_PT_npbgpp_passes(bpy.types.Panel):
         col.label(text="The NPBG Points pass is always written", icon="INFO")
 
 
-CLASSES = (RENDER_PT_npbgpp, RENDER_PT_npbgpp_data, RENDER_PT_npbgpp_performance, VIEWLAYER_PT_npbgpp_passes)
+CLASSES = (RENDER_PT_npbgpp, RENDER_PT_npbgpp_data, RENDER_PT_npbgpp_performance, RENDER_PT_npbgpp_format,
+           VIEWLAYER_PT_npbgpp_passes)
 
 
 register, unregister = bpy.utils.register_classes_factory(CLASSES)

@@ -1896,11 +1896,10 @@ def test_import_widens_the_3d_views_clip_range(scene, capfd, how, scale):
     assert import_module(f"{MODULE}.importers").widen_view_clips(None, no_window, pts) == 0
 
 
-def test_import_dataset_warns_of_views_blender_cannot_frame(scene, capfd):
-    """Blender has one render resolution and square pixels: cameras of photos of another
-    size (portrait among landscape, as in a phone capture) or with fy != fx rendered another
-    framing than their photo without a word. F12 through a camera whose photo has another
-    shape than the render says so (the camera's npbgpp_image_size)."""
+def _mixed_dataset(scene: dict) -> Any:
+    """A NeRF-style dataset folder of four views, written for ``scene`` (its points): a portrait
+    photo (train/r_0, 24x32) first among three landscape ones (32x24), of which train/r_2 has
+    fy/fx 1.08 and train/r_3 fy/fx 1.005 (0.06 px at its edges: not a framing anyone sees)."""
     import json
 
     from PIL import Image
@@ -1923,6 +1922,15 @@ def test_import_dataset_warns_of_views_blender_cannot_frame(scene, capfd):
                        "fl_y": 30.0 * fy_scale, "cx": w / 2, "cy": h / 2, "w": w, "h": h})
     (root / "transforms_train.json").write_text(json.dumps({"frames": frames}))
     save_ply(str(root / "points3d.ply"), scene["points"], scene["colors"])
+    return root
+
+
+def test_import_dataset_warns_of_views_blender_cannot_frame(scene, capfd):
+    """Blender has one render resolution and square pixels: cameras of photos of another
+    size (portrait among landscape, as in a phone capture) or with fy != fx rendered another
+    framing than their photo without a word. F12 through a camera whose photo has another
+    shape than the render says so (the camera's npbgpp_image_size)."""
+    root = _mixed_dataset(scene)
     capfd.readouterr()
     assert bpy.ops.import_scene.npbgpp_dataset(directory=str(root)) == {"FINISHED"}
     warnings = [line for line in capfd.readouterr().out.splitlines() if line.startswith("Warning: ")]
@@ -1991,6 +1999,85 @@ def test_import_dataset_warns_of_views_blender_cannot_frame(scene, capfd):
     # Blender's 0..1 spans pixel edges, OpenCV's pixel centres are integers: half a pixel apart
     np.testing.assert_allclose(got[:, 0] * 32 - 0.5, uv.numpy()[seen, 0], atol=1e-3)
     np.testing.assert_allclose((1.0 - got[:, 1]) * 24 - 0.5, uv.numpy()[seen, 1], atol=1e-3)
+
+
+def test_use_camera_photo_size_frames_the_scene_camera_photo(scene, capfd):
+    """Output Properties > Format > NPBG++ > Use Camera's Photo Size sets the render to the scene
+    camera's photo (Resolution, and the Pixel Aspect of a camera made for fy != fx), keeping
+    Resolution %: F12's framing note, the independent check, then has nothing to say; Ctrl+Z
+    gives the former size back; Photo Size's Follow Render follows the new size. The import's
+    warning and F12's note name the button where it is; it is greyed out, with why, for a
+    camera Import Dataset did not make, or no camera."""
+    engine = sys.modules[f"{MODULE}.engine"]
+    bridge = sys.modules[f"{MODULE}.camera_bridge"]
+    ops = sys.modules[f"{MODULE}.operators"]
+    button = bridge.USE_PHOTO_SIZE_BUTTON
+    panel, op = bpy.types.RENDER_PT_npbgpp_format, bpy.types.NPBGPP_OT_use_camera_photo_size
+    assert (panel.bl_context, panel.bl_parent_id) == ("output", "RENDER_PT_format")  # Output Properties' tab
+    assert button == f"Output Properties > {bpy.types.RENDER_PT_format.bl_label} > {panel.bl_label} > {op.bl_label}"
+    assert _drawn("RENDER_PT_npbgpp_format").operators == ["npbgpp.use_camera_photo_size"]
+    capfd.readouterr()
+    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(_mixed_dataset(scene))) == {"FINISHED"}
+    warning = next(line for line in capfd.readouterr().out.splitlines() if line.startswith("Warning: "))
+    assert (f"(e.g. train/r_0 is 24x32; to render one, make it the scene camera and click {button})"
+            in warning), warning
+    sc = bpy.context.scene
+    assert panel.poll(bpy.context)  # NPBG++ is the engine
+    portrait = bpy.data.objects["train/r_0"]
+    sc.camera = portrait
+    sc.render.resolution_percentage = 50
+    assert (sc.render.resolution_x, sc.render.resolution_y) == (32, 24)
+    assert engine.framing_note(portrait, sc).endswith(f"or any size of that shape; {button} sets it)")
+    assert bpy.ops.ed.undo_push(message="before") == {"FINISHED"}
+    assert bpy.ops.npbgpp.use_camera_photo_size.poll()
+    assert bpy.ops.npbgpp.use_camera_photo_size() == {"FINISHED"}
+    r = sc.render
+    assert (r.resolution_x, r.resolution_y, r.resolution_percentage, r.pixel_aspect_x, r.pixel_aspect_y) == \
+        (24, 32, 50, 1.0, 1.0)
+    assert engine.framing_note(portrait, sc) == "" and engine.framing_note(bpy.data.objects["train/r_1"], sc)
+    # Blender pushes the undo step of an UNDO operator in a window; bpy without one has no undo stack of
+    # its own, so the test pushes it as Blender would
+    assert bpy.ops.npbgpp.use_camera_photo_size.bl_options == {"REGISTER", "UNDO"}
+    assert bpy.ops.ed.undo_push(message=op.bl_label) == {"FINISHED"}
+    assert bpy.ops.ed.undo() == {"FINISHED"}
+    sc = bpy.context.scene  # undo gives Blender new data: the old references are gone
+    portrait, r = bpy.data.objects["train/r_0"], sc.render
+    assert (r.resolution_x, r.resolution_y, r.resolution_percentage) == (32, 24, 50)
+    assert sc.camera == portrait and engine.framing_note(portrait, sc)
+
+    # fy/fx 1.08: the note's Pixel Aspect too, from the same arithmetic
+    sc.camera = stretched = bpy.data.objects["train/r_2"]
+    note = engine.framing_note(stretched, sc)
+    assert note.endswith(f"Pixel Aspect X to 1.0800, Y to 1.0000; {button} sets both)"), note
+    assert bpy.ops.npbgpp.use_camera_photo_size() == {"FINISHED"}
+    r = sc.render
+    assert (r.resolution_x, r.resolution_y, r.resolution_percentage, r.pixel_aspect_y) == (32, 24, 50, 1.0)
+    assert r.pixel_aspect_x == pytest.approx(1.08) and engine.framing_note(stretched, sc) == ""
+    # and back to a square-pixel camera: the pixel aspect goes back to square too
+    sc.camera = portrait
+    assert bpy.ops.npbgpp.use_camera_photo_size() == {"FINISHED"}
+    assert (r.resolution_x, r.resolution_y, r.pixel_aspect_x, r.pixel_aspect_y) == (24, 32, 1.0, 1.0)
+
+    # Follow Render reads the new render size: a 12-MP portrait photo's camera (its property as the import writes it)
+    sc.render.resolution_percentage = 100
+    big = bpy.data.objects.new("big", portrait.data)
+    sc.collection.objects.link(big)
+    big["npbgpp_image_size"] = [3024, 4032]
+    sc.camera = big
+    assert ops.photo_size_text(sc) == "Reads photos at up to 2048 px long side"
+    assert bpy.ops.npbgpp.use_camera_photo_size() == {"FINISHED"}
+    assert (r.resolution_x, r.resolution_y) == (3024, 4032)
+    assert "Reads photos at up to 4032 px long side" in _drawn().labels
+
+    # greyed out, and why, without a photo
+    no_photo = "The scene camera 'Cam' has no photo: only cameras Import Dataset Folder made know theirs"
+    for camera, why in ((bpy.data.objects["Cam"], no_photo + " (npbgpp_image_size)"),
+                        (None, "The scene has no camera")):
+        sc.camera = camera
+        assert not bpy.ops.npbgpp.use_camera_photo_size.poll()
+        with pytest.raises(RuntimeError, match=re.escape(why)):
+            bpy.ops.npbgpp.use_camera_photo_size()
+    assert (r.resolution_x, r.resolution_y) == (3024, 4032)
 
 
 def test_import_dataset_framing_warning_counts_each_cause(addon):
@@ -4717,6 +4804,7 @@ class _Layout:
         if parent is None:
             self.props: list[str] = []
             self.labels: list[str] = []
+            self.operators: list[str] = []
             self.states: dict[str, tuple[bool, bool]] = {}
         self.use_property_split = self.use_property_decorate = False
         self.active = self.enabled = True
@@ -4741,7 +4829,7 @@ class _Layout:
         self.root.labels.append(text)
 
     def operator(self, idname, **kwargs) -> None:
-        pass
+        self.root.operators.append(idname)
 
 
 def _drawn(panel: str = "RENDER_PT_npbgpp_data", layout: Any = None, context: Any = None) -> Any:
