@@ -28,7 +28,10 @@ noisier) of
 
 Images are resized so their long side is at most ``--max-side`` (default 256) to keep a
 2-core CPU run short (``--aggregate-max-side N``: NPBG++ aggregates the input photos at long side
-N, scoring stays at ``--max-side``). Writes ``<out>.json`` and ``<out>.md``; ``--record`` appends the
+N, scoring stays at ``--max-side``). Each scene's JSON records the held-out views' sizes as scored
+(``held_out_sizes``: each distinct ``[h, w]`` with its number of views, as a capture with portrait and
+landscape photos has two; ``size`` is the first held-out view's, as before). Writes ``<out>.json`` and
+``<out>.md``; ``--record`` appends the
 table to BENCHMARKS.md. ``--group NAME=SCENE,SCENE`` adds a mean row over those scenes;
 ``--table REPORT.json`` prints the table of an earlier report (with its groups) without
 evaluating anything.
@@ -350,6 +353,17 @@ def split_views(scene) -> tuple[list[int], list[int]]:
     return inputs, held
 
 
+def held_out_sizes(cameras: list[Any]) -> list[dict[str, Any]]:
+    """The distinct sizes ``[h, w]`` of the held-out views' ``cameras`` (as scored, after
+    ``--max-side``), each with its number of views, the most common first (ties: the first
+    seen): a phone capture's portrait and landscape photos are two sizes, which the report's
+    ``size`` (the first held-out view's, kept for older readers) does not show."""
+    from collections import Counter
+
+    counts = Counter(tuple(int(n) for n in camera.image_size) for camera in cameras)
+    return [{"size": list(hw), "views": n} for hw, n in counts.most_common()]
+
+
 def raw_points(points, colors, camera, fill):
     """Nearest-point colours (3, H, W); ``fill`` where no point lands."""
     import torch
@@ -419,7 +433,8 @@ def evaluate_scene(folder: str, args: argparse.Namespace, weights: dict[str, str
     result: dict[str, Any] = {
         "scene": os.path.basename(os.path.normpath(folder)), "folder": os.path.abspath(folder),
         "format": scene.format, "points": int(points.shape[0]), "input_views": len(inputs),
-        "held_out_views": len(held), "size": list(test_cams[0].image_size), "load_s": load_s, "methods": {},
+        "held_out_views": len(held), "size": list(test_cams[0].image_size),
+        "held_out_sizes": held_out_sizes(test_cams), "load_s": load_s, "methods": {},
         "aggregate_sizes": [list(im.shape[-2:]) for im in agg_images],
     }
     m = result["methods"]

@@ -55,6 +55,28 @@ def test_baselines_match_hand_computed_psnr(tmp_path):
     assert r["methods"]["mean_image"]["sharpness"] < 1.0  # an average of other views is blurry
 
 
+def test_report_records_every_held_out_size(tmp_path):
+    """A scene whose held-out photos have two sizes (a portrait and landscape capture's) records both,
+    with their counts, the most common first; ``size`` stays the first held-out view's (older readers);
+    the scores are of every held-out view at its own size, as before."""
+    from PIL import Image
+
+    folder = make_tiny_scene(str(tmp_path / "s"), views=6, size=32, splits=(3, 0, 3))
+    scene = load_scene(folder)
+    path = scene.views[scene.test[1]].image_path
+    Image.open(path).resize((32, 24)).save(path)  # 32 wide, 24 high
+    r = evaluate_scene(folder, parse_args(["--scenes", folder, "--methods", "mean_color"]), {})
+    assert r["held_out_views"] == 3 and r["size"] == [32, 32]
+    assert r["held_out_sizes"] == [{"size": [32, 32], "views": 2}, {"size": [24, 32], "views": 1}]
+    scene = load_scene(folder)
+    mean_rgb = torch.stack([scene.load_image(i) for i in (0, 1, 2)]).mean(dim=(0, 2, 3)).view(3, 1, 1)
+    by_hand = [-10 * math.log10(float(((scene.load_image(i) - mean_rgb) ** 2).mean())) for i in scene.test]
+    assert [tuple(scene.load_image(i).shape[-2:]) for i in scene.test] == [(32, 32), (24, 32), (32, 32)]
+    for got, want in zip(r["methods"]["mean_color"]["psnr_views"], by_hand, strict=True):
+        assert math.isclose(got, want, rel_tol=1e-4)
+    json.dumps(r)  # the report is written as JSON
+
+
 def brute_energy(image: torch.Tensor) -> float:
     """Mean squared neighbour difference (horizontal and vertical pairs together)."""
     x = image.double()
