@@ -68,8 +68,12 @@ class PhotoFormat(NamedTuple):
 def photo_format(camera: Any) -> PhotoFormat | None:
     """The :class:`PhotoFormat` of a camera Import Dataset Folder made: its photo's width, height
     in the custom property ``npbgpp_image_size``, the fy/fx it is made for in ``npbgpp_fy_over_fx``
-    (absent: square); None for another camera (or a property edited to nonsense). The one reading
-    of those properties: F12's framing note and the Use Camera's Photo Size button use it."""
+    (absent: square); None for another camera, an object that is not a camera (Blender lets any
+    be the scene camera, and copying custom properties carries these) or a property edited to
+    nonsense. The one reading of those properties: F12's framing note and the Use Camera's Photo
+    Size button use it."""
+    if camera.type != "CAMERA":  # F12 refuses it (scene_camera_geometry): no photo frames it
+        return None
     size = camera.get("npbgpp_image_size")
     try:
         if size is None or len(size) != 2 or min(size) <= 0:

@@ -1227,6 +1227,10 @@ class NPBGPP_OT_use_camera_photo_size(bpy.types.Operator):
         if camera is None:
             cls.poll_message_set("The scene has no camera")
             return False
+        if camera.type != "CAMERA":  # what F12 says of it too (camera_bridge.scene_camera_geometry)
+            cls.poll_message_set(f"The scene camera {camera.name!r} is not a camera object (its type is "
+                                 f"{camera.type})")
+            return False
         if photo_format(camera) is None:
             cls.poll_message_set(f"The scene camera {camera.name!r} has no photo: only cameras Import Dataset "
                                  "Folder made know theirs (npbgpp_image_size)")

@@ -1251,7 +1251,9 @@ def test_scene_camera_that_is_not_a_camera_refused(scene):
 
 def _residue() -> dict:
     names = {"NPBGPPRenderEngine", "NPBGPPSceneSettings", "NPBGPPPreferences", "RENDER_PT_npbgpp",
-             "IMPORT_SCENE_OT_npbgpp_ply", "NPBGPP_OT_aggregate"}
+             "IMPORT_SCENE_OT_npbgpp_ply", "NPBGPP_OT_aggregate",
+             # a panel of ours under Blender's own Output > Format (bl_parent_id), and its button
+             "RENDER_PT_npbgpp_format", "NPBGPP_OT_use_camera_photo_size"}
     menu = bpy.types.TOPBAR_MT_file_import
     draw_funcs = getattr(menu.draw, "_draw_funcs", [])
     return {
@@ -1277,7 +1279,8 @@ def test_operators_that_change_the_scene_are_undo_steps(addon):
     (e.g. Import Dataset) and redo lost the bundle they set. (bpy without a window has no
     undo stack, so the flag Blender reads is what can be checked.)"""
     changes_scene = ("IMPORT_SCENE_OT_npbgpp_ply", "IMPORT_SCENE_OT_npbgpp_bundle", "IMPORT_SCENE_OT_npbgpp_dataset",
-                     "NPBGPP_OT_points_from_meshes", "NPBGPP_OT_densify", "NPBGPP_OT_aggregate", "NPBGPP_OT_fit")
+                     "NPBGPP_OT_points_from_meshes", "NPBGPP_OT_densify", "NPBGPP_OT_aggregate", "NPBGPP_OT_fit",
+                     "NPBGPP_OT_use_camera_photo_size")
     assert [name for name in changes_scene if "UNDO" not in getattr(bpy.types, name).bl_options] == []
 
 
@@ -2069,9 +2072,15 @@ def test_use_camera_photo_size_frames_the_scene_camera_photo(scene, capfd):
     assert (r.resolution_x, r.resolution_y) == (3024, 4032)
     assert "Reads photos at up to 4032 px long side" in _drawn().labels
 
-    # greyed out, and why, without a photo
+    # greyed out, and why, without a photo, or for an object that is not a camera (Blender lets any be the
+    # scene camera; F12 refuses it) though it carries a dataset camera's properties (copying custom properties)
+    empty = bpy.data.objects.new("Empty", None)
+    sc.collection.objects.link(empty)
+    empty["npbgpp_image_size"], empty["npbgpp_fy_over_fx"] = [24, 32], 1.08
+    assert engine.framing_note(empty, sc) == ""
     no_photo = "The scene camera 'Cam' has no photo: only cameras Import Dataset Folder made know theirs"
     for camera, why in ((bpy.data.objects["Cam"], no_photo + " (npbgpp_image_size)"),
+                        (empty, "The scene camera 'Empty' is not a camera object (its type is EMPTY)"),
                         (None, "The scene has no camera")):
         sc.camera = camera
         assert not bpy.ops.npbgpp.use_camera_photo_size.poll()
