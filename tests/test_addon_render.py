@@ -2056,6 +2056,12 @@ def test_use_camera_photo_size_frames_the_scene_camera_photo(scene, capfd):
     r = sc.render
     assert (r.resolution_x, r.resolution_y, r.resolution_percentage, r.pixel_aspect_y) == (32, 24, 50, 1.0)
     assert r.pixel_aspect_x == pytest.approx(1.08) and engine.framing_note(stretched, sc) == ""
+    # fy < fx (a photo made for fy/fx 1 / 1.08): Blender's Pixel Aspect is at least 1, so Y takes 1.08
+    stretched["npbgpp_fy_over_fx"] = 1 / 1.08
+    assert engine.framing_note(stretched, sc).endswith(f"Pixel Aspect X to 1.0000, Y to 1.0800; {button} sets both)")
+    assert bpy.ops.npbgpp.use_camera_photo_size() == {"FINISHED"}
+    assert (r.resolution_x, r.resolution_y, r.pixel_aspect_x) == (32, 24, 1.0)
+    assert r.pixel_aspect_y == pytest.approx(1.08) and engine.framing_note(stretched, sc) == ""
     # and back to a square-pixel camera: the pixel aspect goes back to square too
     sc.camera = portrait
     assert bpy.ops.npbgpp.use_camera_photo_size() == {"FINISHED"}
@@ -2087,6 +2093,23 @@ def test_use_camera_photo_size_frames_the_scene_camera_photo(scene, capfd):
         with pytest.raises(RuntimeError, match=re.escape(why)):
             bpy.ops.npbgpp.use_camera_photo_size()
     assert (r.resolution_x, r.resolution_y) == (3024, 4032)
+
+
+def test_use_camera_photo_size_on_a_linked_scene_says_it_lasts_until_reload(scene, capfd):
+    """Use Camera's Photo Size on a scene linked from another .blend: Blender lets the Resolution be set
+    here, but saves a linked scene in its library, so the button sets it and warns, naming the library
+    (as Aggregate's Bundle does, warn_linked_scene)."""
+    assert bpy.ops.import_scene.npbgpp_dataset(directory=str(_mixed_dataset(scene))) == {"FINISHED"}
+    scene["scene"].camera = bpy.data.objects["train/r_0"]  # the portrait photo among landscape ones
+    name, lib, linked = _linked_scene(scene["scene"], scene["dir"] / "lib_photo_size.blend")
+    assert (linked.render.resolution_x, linked.render.resolution_y) == (32, 24)
+    capfd.readouterr()
+    with bpy.context.temp_override(scene=linked, view_layer=linked.view_layers[0]):
+        assert bpy.ops.npbgpp.use_camera_photo_size() == {"FINISHED"}
+    said = capfd.readouterr().out
+    assert (linked.render.resolution_x, linked.render.resolution_y) == (24, 32)
+    assert (f"Warning: The scene '{name}' is linked from {lib}: its Resolution changed here only until this file "
+            "is reloaded") in said, said
 
 
 def test_import_dataset_framing_warning_counts_each_cause(addon):
