@@ -270,9 +270,10 @@ def framing_warning(views: list, size: tuple[int, int], aspect: float | None = N
             cure = (f"Pixel Aspect {_aspect_text(shared)} frames every view (Import Dataset's Set Pixel Aspect sets "
                     f"it; {MULTILAYER_EXR_NOTE})")
         else:
+            button = "the same button" if other else USE_PHOTO_SIZE_BUTTON  # its path once per warning
             cure = ("no one Pixel Aspect frames every view (X / Y = fy/fx frames one: "
                     f"{worst.name} takes {_aspect_text(worst_ratio)}; F12 through such a camera names its own, "
-                    f"and {USE_PHOTO_SIZE_BUTTON} sets it)")
+                    f"and {button} sets it)")
         parts.append(f"{which}: at square pixels their renders are stretched against the photo by that ratio, and "
                      + cure)
     count = len({id(v) for v in other} | {id(v) for _, v in stretched})

@@ -2024,6 +2024,8 @@ def test_use_camera_photo_size_frames_the_scene_camera_photo(scene, capfd):
     warning = next(line for line in capfd.readouterr().out.splitlines() if line.startswith("Warning: "))
     assert (f"(e.g. train/r_0 is 24x32; to render one, make it the scene camera and click {button})"
             in warning), warning
+    # the stretched camera's cure is the same button: its path is said once (the warning is long already)
+    assert warning.count(button) == 1 and "names its own, and the same button sets it)" in warning, warning
     sc = bpy.context.scene
     assert panel.poll(bpy.context)  # NPBG++ is the engine
     portrait = bpy.data.objects["train/r_0"]
@@ -2144,6 +2146,10 @@ def test_import_dataset_framing_warning_counts_each_cause(addon):
     assert importers.shared_fy_over_fx(views) == 1.0
     text = importers.framing_warning(views, (24, 32))
     assert "no one Pixel Aspect frames every view (X / Y = fy/fx frames one: C takes X 1.0000, Y 1.0638" in text
+    # without a photo of another size, the stretched cameras' cure names the button's whole path
+    text = importers.framing_warning(views[1:3], (24, 32))
+    button = sys.modules[f"{MODULE}.camera_bridge"].USE_PHOTO_SIZE_BUTTON
+    assert "of another size" not in text and f"names its own, and {button} sets it)" in text, text
     assert importers.framing_warning([view("D", 24, 32, 1.03)], (24, 32)) == ""
     # B and E imported with Set Pixel Aspect off (square pixels): both counted, the aspect that frames them named
     text = importers.framing_warning([view("B", 24, 32, 1.05), view("E", 24, 32, 1.05)], (24, 32), 1.0)
