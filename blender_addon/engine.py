@@ -213,15 +213,20 @@ def framing_note(camera: bpy.types.Object, scene: bpy.types.Scene) -> str:
     shape = (r.resolution_x * r.pixel_aspect_x) / (r.resolution_y * r.pixel_aspect_y)
     if abs(shape * h / (w * fy_over_fx) - 1.0) <= 1e-3:
         return ""
+    # the button reads the scene camera; F12 over a 3D View with a Local Camera renders through that
+    # one (RenderEngine.camera_override), which the button then does not see
+    # (in a render the camera is the depsgraph's evaluated copy: compared as the originals)
+    is_scene_camera = scene.camera is not None and camera.original == scene.camera.original
+    once = "" if is_scene_camera else " once the camera is the scene camera"
     if abs(fy_over_fx - 1.0) <= 1e-6:
         return (f"the camera {camera.name!r} was imported for a {w}x{h} photo, but the render is {r.resolution_x}x"
                 f"{r.resolution_y}: it does not show the photo's framing (set Output Properties > Format > "
-                f"Resolution to {w}x{h}, or any size of that shape; {USE_PHOTO_SIZE_BUTTON} sets it)")
+                f"Resolution to {w}x{h}, or any size of that shape; {USE_PHOTO_SIZE_BUTTON} sets it{once})")
     ax, ay = fmt.pixel_aspect
     return (f"the camera {camera.name!r} was imported for a {w}x{h} photo with fy/fx {fy_over_fx:.4f}, but the "
             f"render is {r.resolution_x}x{r.resolution_y} with Pixel Aspect {r.pixel_aspect_x:g}:"
             f"{r.pixel_aspect_y:g}: it does not show the photo's framing (set Output Properties > Format > Resolution "
-            f"to {w}x{h} and Pixel Aspect X to {ax:.4f}, Y to {ay:.4f}; {USE_PHOTO_SIZE_BUTTON} sets both)")
+            f"to {w}x{h} and Pixel Aspect X to {ax:.4f}, Y to {ay:.4f}; {USE_PHOTO_SIZE_BUTTON} sets both{once})")
 
 
 # The part of the points in view a camera's clip range may remove before a rendered

@@ -444,6 +444,8 @@ def test_animation_through_many_cameras_notes_one_and_sums_up_the_rest(scene, ca
     assert all((scene["dir"] / f"many_{f:04d}.png").is_file() for f in range(1, 5))
     assert out.count("Warning: NPBG++: the camera 'train/r_0' was imported for a 24x32 photo") == 1, out
     assert out.count("was imported for a") == 1, out
+    # the markers made it the scene camera: the note's button reads it as it is
+    assert "Use Camera's Photo Size sets it)" in out and "once the camera is the scene camera" not in out, out
     assert out.count("Info: NPBG++: the camera 'train/r_0''s clip range") == 1, out
     assert out.count("s clip range (") == 1, out
     names = "'train/r_0', 'train/r_1', 'train/r_2', 'train/r_3'"
@@ -1956,6 +1958,7 @@ def test_import_dataset_warns_of_views_blender_cannot_frame(scene, capfd):
     out = capfd.readouterr().out
     assert (f"Warning: NPBG++: the camera '{portrait.name}' was imported for a 24x32 photo, but the render is 32x24: "
             "it does not show the photo's framing (set Output Properties > Format > Resolution to 24x32") in out, out
+    assert "Use Camera's Photo Size sets it)" in out and "once the camera is the scene camera" not in out, out
     # an animation says it once, not on every frame; the next render job says it again
     sc.frame_start, sc.frame_end = 1, 3
     sc.render.filepath = str(scene["dir"] / "portrait_anim_")
@@ -2033,6 +2036,11 @@ def test_use_camera_photo_size_frames_the_scene_camera_photo(scene, capfd):
     sc.render.resolution_percentage = 50
     assert (sc.render.resolution_x, sc.render.resolution_y) == (32, 24)
     assert engine.framing_note(portrait, sc).endswith(f"or any size of that shape; {button} sets it)")
+    # F12 over a 3D View with a Local Camera renders through that one (camera_override; bpy without a window
+    # has no 3D View to show it): the button reads the scene camera, so the note says to make it that first
+    sc.camera = bpy.data.objects["train/r_1"]
+    assert engine.framing_note(portrait, sc).endswith(f"; {button} sets it once the camera is the scene camera)")
+    sc.camera = portrait
     assert bpy.ops.ed.undo_push(message="before") == {"FINISHED"}
     assert bpy.ops.npbgpp.use_camera_photo_size.poll()
     assert bpy.ops.npbgpp.use_camera_photo_size() == {"FINISHED"}
