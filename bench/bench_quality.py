@@ -166,6 +166,12 @@ FIT_KNOBS = (
     ("--check-combine", str, "with --check-recipes of 2 or more: choose (default) keeps the recipe scoring best on "
      "the kept photo; average the mean of every recipe's fitted state, scored there and checked as usual "
      "(fit_coefficients' check_combine; the mixes are recorded either way)"),
+    ("--photo-exposure", on_off_arg, "on: each input photo's crops are compared with the render through a "
+     "per-channel gain and offset of that photo, learned with the fit, mean gain 1 and offset 0 over the photos, "
+     "never applied to a render (fit_coefficients' photo_exposure; default off); the fitted values' range is "
+     "recorded as coefficients_ft's exposure"),
+    ("--lr-exposure", float, "with --photo-exposure on: its Adam's learning rate (default "
+     "npbgpp_core.fitting.PHOTO_EXPOSURE_LR)"),
     ("--whole-max-side", int, "with a whole recipe in --check-recipes: the long side in pixels its steps see the "
      "photos shrunk to (larger ones only; the kept photo is still scored at its own size; fit_coefficients' "
      "whole_max_side, default npbgpp_core.protocol.WHOLE_VIEW_MAX_SIDE)"),
@@ -501,6 +507,8 @@ def evaluate_scene(folder: str, args: argparse.Namespace, weights: dict[str, str
         else:
             preds = [fit.model.render(agg.points, c) for c in test_cams]
         m["coefficients_ft"] = {**scores(preds), "fit_s": fit.seconds, "steps": fit.steps}
+        if fit.exposure is not None:  # the per-photo corrections' range (never applied to preds)
+            m["coefficients_ft"]["exposure"] = fit.exposure.summary()
         if auto:  # what the size rule decided (None: no check applied, the plain fit)
             m["coefficients_ft"]["recipes_by_size"] = by_size
         if fit.check is not None:

@@ -67,6 +67,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    "(default); average keeps the element-wise mean of every recipe's fit, scored and checked there "
                    "as usual (see BENCHMARKS.md); given without --check-recipes: no recipes (the plain check), as "
                    "before the size rule")
+    p.add_argument("--photo-exposure", action="store_true",
+                   help="learn a per-channel gain and offset for each training photo, applied to the render in "
+                   "the fit's loss only (mean gain 1, offset 0 over the photos), so that photos of different "
+                   "exposure do not pull the shared scene; the bundle renders without them, its metadata records "
+                   "their range (off by default: measured on one capture, BENCHMARKS.md)")
     oom.add_debug_flag(p)
     return p.parse_args(argv)
 
@@ -117,7 +122,7 @@ def fit(args: argparse.Namespace) -> str:
     # choose is the plain check, average refused)
     job = BundleFit(args.bundle, scene, args.steps, args.weights, "", device, check_view=args.check_view,
                     check_tolerance=args.check_tolerance, check_recipes=args.check_recipes,
-                    check_combine=args.check_combine)
+                    check_combine=args.check_combine, photo_exposure=args.photo_exposure)
     # a checked fit counts its two scoring renders as steps (and a choosing check every recipe's
     # steps); the line names a scoring render while it runs
     # (BundleFit.doing: a full-size photo's render can take as long as many fitting steps)
@@ -149,6 +154,11 @@ def fit(args: argparse.Namespace) -> str:
     else:
         print(f"fitted {views}, {job.result.steps} steps in {job.result.seconds:.1f} s ({loss})", file=sys.stderr)
     print(job.outcome(), file=sys.stderr)
+    if job.result.exposure is not None:
+        e = job.result.exposure.summary()
+        print(f"per-photo exposure (in the fit's loss only): gains {min(e['gain_min']):.3f}-{max(e['gain_max']):.3f}, "
+              f"offsets {min(e['offset_min']) * 255:+.1f} to {max(e['offset_max']) * 255:+.1f} /255 over "
+              f"{e['photos']} photos", file=sys.stderr)
     return os.path.abspath(args.out)
 
 

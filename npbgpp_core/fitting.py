@@ -57,6 +57,13 @@ FIT_WARMUP_STEPS = 20
 # default long side; BENCHMARKS.md "Short fits at the photos' own size"). Photos no larger are
 # fitted as they are throughout.
 FIT_COARSE_SIDE = 256
+# photo_exposure (opt-in, off by default: on flowerpot it did not give back what darkening its
+# bright photos by hand did): each input photo's rendered crop is given a per-channel gain and
+# offset before its loss, so that photos of different exposure do not pull the shared scene
+# (BENCHMARKS.md "An opt-in per-photo exposure term in the 200-step fit"). Its own Adam at this
+# rate: a photo is in ~6 of a 70-photo fit's 400 crops, and Adam's momentum moves its row ~30x the
+# rate after each; at 1e-2 the offsets reached +-50/255 and the fit lost 0.2-2.6 dB there.
+PHOTO_EXPOSURE_LR = 1e-3
 
 # Whether the users' fits (scene_fit.BundleFit: the add-on's Fit to Photos, headless_train fit;
 # and bench_quality, which scores what they run) keep one input view apart and keep the unfitted
@@ -417,6 +424,7 @@ class FitResult:
     check: FitCheck | None = None
     candidate_states: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     unfitted_state: dict[str, torch.Tensor] | None = None
+    exposure: PhotoExposure | None = None  # photo_exposure's fitted corrections, one per fitted photo
 
     @property
     def steps(self) -> int:
@@ -549,6 +557,13 @@ def random_crop(
 ) -> tuple[torch.Tensor, torch.Tensor | None, Camera]:
     """One random view's random ``crop`` x ``crop`` window (the whole image when ``crop`` is
     None or not smaller): image (1, 3, h, w), mask (1, 1, h, w) or None, its camera."""
+    return random_crop_of(views, rng, crop)[1:]
+
+
+def random_crop_of(
+    views: FitViews, rng: np.random.Generator, crop: int | None
+) -> tuple[int, torch.Tensor, torch.Tensor | None, Camera]:
+    """:func:`random_crop` with the index of the view it came from first (the same draws)."""
     k = int(rng.integers(len(views.cameras)))
     camera = views.cameras[k]
     h, w = views.canvas
@@ -557,7 +572,7 @@ def random_crop(
     image, mask = views.image(k, top, left, ch, cw), views.mask(k, top, left, ch, cw)
     if (ch, cw) != (h, w):
         camera = camera.cropped(top, left, ch, cw)
-    return image[None], (None if mask is None else mask[None]), camera
+    return k, image[None], (None if mask is None else mask[None]), camera
 
 
 def npbg_optimizers(
@@ -573,12 +588,59 @@ def npbg_optimizers(
 
 def npbg_step_loss(
     model: NPBG, points: torch.Tensor, camera: Camera, target: torch.Tensor, mask: torch.Tensor | None,
-    loss_fn: LossFn,
+    loss_fn: LossFn, correction: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One training step's loss of the NPBG recipes: ``model``'s raw (unclamped) RGB from
-    ``camera`` against ``target`` (1, 3, h, w) with ``mask`` (1, 1, h, w) or None."""
+    ``camera`` against ``target`` (1, 3, h, w) with ``mask`` (1, 1, h, w) or None.
+    ``correction`` (gain, offset), 3 values each: the target photo's exposure applied to the
+    render before the loss (``photo_exposure``), never to a render anyone sees."""
     pred = model.render_raw(points, camera)[:3].unsqueeze(0)
+    if correction is not None:
+        gain, offset = correction
+        pred = pred * gain.view(1, 3, 1, 1) + offset.view(1, 3, 1, 1)  # gain x render + offset
     return loss_fn(pred, target, mask)
+
+
+class PhotoExposure(torch.nn.Module):
+    """A per-photo colour correction of the fit (``photo_exposure``): for each of ``count``
+    input photos a gain and an offset per channel, identity at the start. Its mean gain is held
+    at 1 and mean offset at 0 over the photos (the stored values are centred when read): a shift
+    shared by every photo is the scene's colour, which the correction must not take from it;
+    it only explains how the photos differ from one another. An L2 pull to identity would need a
+    weight, and short of a large one it still lets part of a shared shift into every correction."""
+
+    def __init__(self, count: int, device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        self.gain = torch.nn.Parameter(torch.zeros(count, 3, device=device))  # centred: gain - 1
+        self.offset = torch.nn.Parameter(torch.zeros(count, 3, device=device))
+
+    def values(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gains, offsets), (count, 3) each, of ``gain x render + offset``: mean gain 1 and mean
+        offset 0 over the photos. Learned as a gain about mid-grey (the stored offset is the shift
+        at 0.5): about 0, a gain and an offset both move a photo's mean, and Adam, stepping each
+        alike, matched the mean and left the contrast off (tests/test_fit_exposure.py's scene,
+        300 steps at rate 2e-3: largest gain error 0.10 about 0, 0.06 about mid-grey)."""
+        gain = 1.0 + self.gain - self.gain.mean(0)
+        shift = self.offset - self.offset.mean(0)
+        return gain, shift + 0.5 * (1.0 - gain)
+
+    def of(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Photo ``k``'s (gain, offset), 3 values each."""
+        gains, offsets = self.values()
+        return gains[k], offsets[k]
+
+    def summary(self) -> dict[str, Any]:
+        """What a fit's metadata records: that the term was used, and its fitted values' range per
+        channel (R, G, B; offsets in 0-1 colour units)."""
+        with torch.no_grad():
+            gains, offsets = (v.detach().cpu() for v in self.values())
+
+        def rounded(t: torch.Tensor) -> list[float]:
+            return [round(float(x), 4) for x in t]
+
+        return {"photo_exposure": True, "photos": int(gains.shape[0]),
+                "gain_min": rounded(gains.min(0).values), "gain_max": rounded(gains.max(0).values),
+                "offset_min": rounded(offsets.min(0).values), "offset_max": rounded(offsets.max(0).values)}
 
 
 LOSS_WEIGHTS = ("gradient_weight", "laplacian_weight", "perceptual_weight", "fft_weight")
@@ -676,8 +738,12 @@ class FitRecipe:
     average_from: float = 1.0
     coarse_fraction: float = 0.0
     coarse_side: int = FIT_COARSE_SIDE
+    photo_exposure: bool = False
+    lr_exposure: float = PHOTO_EXPOSURE_LR
 
     def __post_init__(self) -> None:
+        if not isinstance(self.photo_exposure, bool):
+            raise ValueError(f"photo_exposure must be True or False, got {self.photo_exposure!r}")
         if self.train_refiner not in REFINER_PARTS:
             raise ValueError(f"train_refiner must be one of {REFINER_PARTS}, got {self.train_refiner!r}")
         if self.schedule not in SCHEDULES:
@@ -695,7 +761,7 @@ class FitRecipe:
         coarse_side_value(self.coarse_side)
         if self.descriptor_decay < 0:
             raise ValueError(f"descriptor_decay must be >= 0, got {self.descriptor_decay}")
-        for name in ("lr_descriptors", "lr_refiner", "lr_background"):
+        for name in ("lr_descriptors", "lr_refiner", "lr_background", "lr_exposure"):
             value = getattr(self, name)
             if value is not None and not value >= 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
@@ -1157,6 +1223,9 @@ def _fit_steps(
         p.requires_grad_(False)
     ref_opt = torch.optim.Adam(trained, lr=recipe.lr_refiner) if trained else None
     optims = [desc_opt] + ([ref_opt] if ref_opt is not None else [])
+    exposure = PhotoExposure(len(views.cameras), device) if recipe.photo_exposure else None
+    if exposure is not None:  # its own Adam (see PHOTO_EXPOSURE_LR), on the same schedule
+        optims.append(torch.optim.Adam(exposure.parameters(), lr=recipe.lr_exposure))
     base = [[g["lr"] for g in o.param_groups] for o in optims]
     start_desc = model.descriptors.detach().clone() if recipe.descriptor_decay > 0 else None
     averaged = [model.descriptors, *extra, *trained]
@@ -1164,7 +1233,7 @@ def _fit_steps(
     first_averaged = int(recipe.average_from * steps) if recipe.average_from < 1.0 else steps
     coarse_steps = round(recipe.coarse_fraction * steps)
     coarse_views = downsized_fit_views(views, recipe.coarse_side) if coarse_steps else views
-    result = FitResult(model)
+    result = FitResult(model, exposure=exposure)
     model.train()
     busy = 0.0
     start = time.perf_counter()
@@ -1178,10 +1247,11 @@ def _fit_steps(
                 o.zero_grad(set_to_none=True)
             total = 0.0
             for _ in range(recipe.crops_per_step):
-                image, mask, camera = random_crop(coarse_views if step < coarse_steps else views, rng, crop)
+                k, image, mask, camera = random_crop_of(coarse_views if step < coarse_steps else views, rng, crop)
                 image = image.to(device)
                 mask = None if mask is None else mask.to(device)
-                loss = npbg_step_loss(model, points, camera.to(device), image, mask, loss_fn)
+                loss = npbg_step_loss(model, points, camera.to(device), image, mask, loss_fn,
+                                      None if exposure is None else exposure.of(k))
                 if not bool(torch.isfinite(loss)):
                     raise FloatingPointError(f"fitting loss became {float(loss)} at step {result.steps}")
                 (loss / recipe.crops_per_step).backward()
@@ -1253,6 +1323,8 @@ def coefficients_recipe(
     check_recipes: Sequence[str] = (),
     check_combine: str = FIT_CHECK_COMBINE,
     whole_max_side: int | None = WHOLE_VIEW_MAX_SIDE,
+    photo_exposure: bool = False,
+    lr_exposure: float = PHOTO_EXPOSURE_LR,
 ) -> CoefficientsRecipe:
     """The :class:`FitRecipe` of :func:`fit_coefficients` for its keywords (same names and
     defaults) with the check's tolerance and recipe names (:class:`CoefficientsRecipe`); raises
@@ -1269,7 +1341,8 @@ def coefficients_recipe(
                                              check_combine=check_combine)
     cap = whole_max_side_value(whole_max_side)
     recipe = FitRecipe(lr_coefficients, lr_refiner, lr_background, train_refiner, crops_per_step, warmup_steps,
-                       schedule, coefficient_decay, coefficient_optimizer, average_from, coarse_fraction, coarse_side)
+                       schedule, coefficient_decay, coefficient_optimizer, average_from, coarse_fraction, coarse_side,
+                       photo_exposure, lr_exposure)
     return CoefficientsRecipe(recipe, tolerance, recipes, str(check_combine), cap)
 
 
@@ -1308,6 +1381,8 @@ def fit_coefficients(
     whole_max_side: int | None = WHOLE_VIEW_MAX_SIDE,
     keep_candidates: bool = False,
     aggregate_max_side: int | None = None,
+    photo_exposure: bool = False,
+    lr_exposure: float = PHOTO_EXPOSURE_LR,
 ) -> FitResult:
     """coefficients_ft: fine-tune ``aggregated``'s coefficients and a copy of ``model``'s
     refiner on ``views`` for ``steps`` steps; ``model`` itself is not changed. The result's
@@ -1452,7 +1527,15 @@ def fit_coefficients(
     like with like. The fit itself and the check's scores stay at the photos' own size.
     ``keep_candidates`` (for benchmarks): the result's ``candidate_states`` hold each recipe's
     fitted state (CPU), to score the ones not chosen, and ``unfitted_state`` the state they all
-    started from, to score mixes of them (:func:`average_states`)."""
+    started from, to score mixes of them (:func:`average_states`).
+    ``photo_exposure`` (opt-in, off by default): the loss of each crop compares the render with a
+    per-channel gain and offset of its photo applied (:class:`PhotoExposure`: identity at the start,
+    mean gain 1 and mean offset 0 over the fitted photos, its own Adam at ``lr_exposure``),
+    so that photos of different exposure do not pull the shared coefficients and refiner toward
+    their brightness. The corrections are never applied to a render: not the fitted model's, not
+    the check's (the kept photo has none of its own: the check scores the uncorrected render
+    against it, before and after, as without the term), not a saved bundle's. ``exposure`` of the
+    result holds them (:meth:`PhotoExposure.summary` for metadata)."""
     return run_fit(_coefficients_steps(**locals()))
 
 
@@ -1478,7 +1561,7 @@ def _coefficients_steps(
     laplacian_weight: float, perceptual_weight: float, fft_weight: float, background_rows: int | None,
     aligned: bool, coarse_fraction: float, coarse_side: int, check_view: bool, fair_check: bool,
     check_tolerance: float, check_recipes: Sequence[str], check_combine: str, whole_max_side: int | None,
-    keep_candidates: bool, aggregate_max_side: int | None,
+    keep_candidates: bool, aggregate_max_side: int | None, photo_exposure: bool, lr_exposure: float,
 ) -> Generator[int, None, FitResult]:
     """The model, loss and recipe of :func:`fit_coefficients` (every argument checked
     here, before a step runs) and its fitting loop, not started yet."""
@@ -1492,7 +1575,7 @@ def _coefficients_steps(
         lr_coefficients, lr_refiner, lr_background, train_refiner, crops_per_step, warmup_steps, schedule,
         coefficient_decay, coefficient_optimizer, gradient_weight, average_from, laplacian_weight, perceptual_weight,
         fft_weight, background_rows, aligned, coarse_fraction, coarse_side, check_view, fair_check, check_tolerance,
-        check_recipes, check_combine, whole_max_side)
+        check_recipes, check_combine, whole_max_side, photo_exposure, lr_exposure)
     if not isinstance(keep_candidates, bool):
         raise ValueError(f"keep_candidates must be True or False, got {keep_candidates!r}")
     from .protocol import check_aggregate_max_side

@@ -151,13 +151,17 @@ class BundleFit:
     none recorded: the photos' own size), as the bundle was (undistorted photos of 8-bit files as
     the fit holds them, rounded to 8 bits: within 1/510 of Aggregate's); a fit that loses there saves the
     source bundle, as without it. None: :data:`~npbgpp_core.fitting.FIT_FAIR_CHECK` when checked.
-    The fit itself fits the photos at their own size, whatever the bundle records."""
+    The fit itself fits the photos at their own size, whatever the bundle records.
+
+    ``photo_exposure`` (off by default): the fit's per-photo gain and offset in the loss
+    (:class:`~npbgpp_core.fitting.PhotoExposure`); the saved bundle renders without them, its
+    metadata's ``fit["exposure"]`` says it was used and the fitted values' range."""
 
     def __init__(self, bundle_path: str, data: Any, steps: int = DEFAULT_STEPS, weights: str = "",
                  domain: str = "", device: str = "cpu", aligned: bool | None = None,
                  check_view: bool | None = None, fair_check: bool | None = None,
                  check_tolerance: float | None = None, check_recipes: Sequence[str] | None = None,
-                 check_combine: str | None = None) -> None:
+                 check_combine: str | None = None, photo_exposure: bool = False) -> None:
         from .datasets import scene_domain
         from .fitting import (
             CHECK_TOLERANCE_DB,
@@ -185,7 +189,8 @@ class BundleFit:
         # whole-view cap is the library's, WHOLE_VIEW_MAX_SIDE)
         recipe, check_tolerance, check_recipes, check_combine, _ = coefficients_recipe(
             check_view=check_view, fair_check=fair_check, check_tolerance=check_tolerance, check_recipes=check_recipes,
-            check_combine=check_combine)
+            check_combine=check_combine, photo_exposure=photo_exposure)
+        self.photo_exposure = photo_exposure
         self.bundle_path = os.fspath(bundle_path)
         bundle = NeuralScene.load(self.bundle_path)
         if bundle.kind != "npbgpp":
@@ -245,7 +250,8 @@ class BundleFit:
         self._fit = iter_fit_coefficients(model, aggregated, views, self.steps, check_view=check_view,
                                           fair_check=fair_check, check_tolerance=check_tolerance,
                                           check_recipes=check_recipes, check_combine=check_combine,
-                                          aggregate_max_side=self.aggregate_max_side, **options)
+                                          aggregate_max_side=self.aggregate_max_side,
+                                          photo_exposure=photo_exposure, **options)
         self.done = 0
         self.result: Any = None  # the FitResult once finished
 
@@ -296,6 +302,8 @@ class BundleFit:
             fit["check"] = check
         if self.recipes_by_size is not None:
             fit["recipes_by_size"] = self.recipes_by_size
+        if self.result.exposure is not None:  # used in the fit's loss only; the bundle renders without it
+            fit["exposure"] = self.result.exposure.summary()
         meta = {**self.bundle.metadata, "fit": fit}
         if check is not None and check["kept"] == "unfitted":
             # the fit lost to no fit on the photo kept apart: the source bundle itself, which
@@ -380,7 +388,7 @@ def fit_bundle(bundle_path: str, dataset: Any, out: str, steps: int = DEFAULT_ST
                domain: str = "", device: str = "cpu", aligned: bool | None = None,
                check_view: bool | None = None, fair_check: bool | None = None,
                check_tolerance: float | None = None, check_recipes: Sequence[str] | None = None,
-               check_combine: str | None = None) -> Any:
+               check_combine: str | None = None, photo_exposure: bool = False) -> Any:
     """Fit ``bundle_path`` to ``dataset`` (a folder or a loaded SceneData) and save the
     fitted bundle to ``out``; returns the :class:`~npbgpp_core.fitting.FitResult`. See
     :class:`BundleFit` (``aligned``: None is :data:`~npbgpp_core.fitting.FIT_ALIGNED`;
@@ -395,7 +403,7 @@ def fit_bundle(bundle_path: str, dataset: Any, out: str, steps: int = DEFAULT_ST
     data = (load_scene(os.fspath(dataset), require_points=False) if isinstance(dataset, (str, os.PathLike))
             else dataset)
     job = BundleFit(bundle_path, data, steps, weights, domain, device, aligned, check_view, fair_check,
-                    check_tolerance, check_recipes, check_combine)
+                    check_tolerance, check_recipes, check_combine, photo_exposure)
     while not job.step():
         pass
     job.save(out)
