@@ -554,16 +554,10 @@ def coarse_side_value(value: Any, name: str = "coarse_side") -> int:
 
 def random_crop(
     views: FitViews, rng: np.random.Generator, crop: int | None
-) -> tuple[torch.Tensor, torch.Tensor | None, Camera]:
-    """One random view's random ``crop`` x ``crop`` window (the whole image when ``crop`` is
-    None or not smaller): image (1, 3, h, w), mask (1, 1, h, w) or None, its camera."""
-    return random_crop_of(views, rng, crop)[1:]
-
-
-def random_crop_of(
-    views: FitViews, rng: np.random.Generator, crop: int | None
 ) -> tuple[int, torch.Tensor, torch.Tensor | None, Camera]:
-    """:func:`random_crop` with the index of the view it came from first (the same draws)."""
+    """One random view's random ``crop`` x ``crop`` window (the whole image when ``crop`` is
+    None or not smaller): the view's index (photo_exposure's correction is per photo), image
+    (1, 3, h, w), mask (1, 1, h, w) or None, its camera."""
     k = int(rng.integers(len(views.cameras)))
     camera = views.cameras[k]
     h, w = views.canvas
@@ -1247,7 +1241,7 @@ def _fit_steps(
                 o.zero_grad(set_to_none=True)
             total = 0.0
             for _ in range(recipe.crops_per_step):
-                k, image, mask, camera = random_crop_of(coarse_views if step < coarse_steps else views, rng, crop)
+                k, image, mask, camera = random_crop(coarse_views if step < coarse_steps else views, rng, crop)
                 image = image.to(device)
                 mask = None if mask is None else mask.to(device)
                 loss = npbg_step_loss(model, points, camera.to(device), image, mask, loss_fn,

@@ -190,7 +190,6 @@ class BundleFit:
         recipe, check_tolerance, check_recipes, check_combine, _ = coefficients_recipe(
             check_view=check_view, fair_check=fair_check, check_tolerance=check_tolerance, check_recipes=check_recipes,
             check_combine=check_combine, photo_exposure=photo_exposure)
-        self.photo_exposure = photo_exposure
         self.bundle_path = os.fspath(bundle_path)
         bundle = NeuralScene.load(self.bundle_path)
         if bundle.kind != "npbgpp":

@@ -285,7 +285,7 @@ def hand_written_fit(model, agg, views_of_step: list[FitViews], crop: int, seed:
     adam = torch.optim.Adam(ref.refiner.parameters(), lr=1e-3)
     rng = np.random.default_rng(seed)
     for views in views_of_step:
-        image, _, cam = random_crop(views, rng, crop)
+        _, image, _, cam = random_crop(views, rng, crop)
         loss = multiscale_l1(ref.render_raw(agg.points, cam)[:3][None], image, None, (1, 2, 4))
         rms.zero_grad()
         adam.zero_grad()
