@@ -81,8 +81,8 @@ def memory_error(exc: BaseException, device: str, gpu_fix: str = "--device cpu")
     if worker is not None:  # workers hand batches over in /dev/shm: that ran out, not the RAM
         why = (f"{first_line(worker).split('. ')[0]}: the DataLoader's workers pass their batches through shared "
                "memory, /dev/shm, and a bus error there most often means it is full")
-        fewer = _FEWER_WORKERS or "load the data without worker processes"
-        return f"out of shared memory (/dev/shm) while {_DOING} ({why}). {_sentence(fewer)}, {SHARED_MEMORY_FIX}"
+        return (f"out of shared memory (/dev/shm) while {_DOING} ({why}). {_sentence(_fewer_workers())}, "
+                f"{SHARED_MEMORY_FIX}")
     worker = killed_worker(exc)
     if worker is not None:  # the computer's memory: a worker process killed by the system
         why = (f"{first_line(worker).rstrip('. ')}: most often the system's out-of-memory killer; on Linux "
@@ -95,6 +95,11 @@ def memory_error(exc: BaseException, device: str, gpu_fix: str = "--device cpu")
     if gpu and gpu_fix:
         advice += f", or {gpu_fix} when the GPU is the one that is full"
     return f"out of {what} while {_DOING} ({first_line(exc)}). {_sentence(advice)}"
+
+
+def _fewer_workers() -> str:
+    """The step's way to fewer DataLoader workers (:func:`step`), or the general one."""
+    return _FEWER_WORKERS or "load the data without worker processes"
 
 
 def _sentence(text: str) -> str:
@@ -127,9 +132,8 @@ def worker_crash(exc: BaseException) -> str | None:
     if crash is None:
         return None
     what = f"{first_line(link).split('. ')[0].rstrip('.')}, {crash.name}"
-    fewer = _FEWER_WORKERS or "load the data without worker processes"
     return (f"a DataLoader worker crashed while {_DOING} ({what}): the error is in that process, which leaves no "
-            f"traceback here (its own message, if any, is above). {_sentence(fewer)} and run it again with "
+            f"traceback here (its own message, if any, is above). {_sentence(_fewer_workers())} and run it again with "
             "python -X faulthandler to see where it fails")
 
 
