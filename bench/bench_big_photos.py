@@ -424,7 +424,9 @@ def main(argv: list[str] | None = None) -> int:
         extractor.TILE_ABOVE_SIDE = sys.maxsize
     data = load_scene(a.dataset, require_points=False, **({"undistort": True} if a.undistort else {}))
     size = f"{max(data.views[0].camera.image_size)} px"
-    reports = run_stages(a.dataset, a.work, a.stages.split(","), size, a.photo_size, a.undistort, a.max_views)
+    # the add-on's default from the dataset read here, not read again inside the timed Aggregate stage
+    photo_size = addon_photo_size(data) if a.photo_size is None else a.photo_size
+    reports = run_stages(a.dataset, a.work, a.stages.split(","), size, photo_size, a.undistort, a.max_views)
     if a.json:
         with open(a.json, "a") as f:
             for r in reports:
